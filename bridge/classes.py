@@ -1,0 +1,57 @@
+"""The QuPath classes pdl1-bridge writes, with their colours (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PathClassSpec:
+    """A QuPath class name and its RGB colour."""
+
+    name: str
+    rgb: tuple[int, int, int]
+
+    @property
+    def names(self) -> list[str]:
+        """QuPath's derived-class parts: ``"Tumor: Positive"`` -> ``["Tumor", "Positive"]``."""
+        return [part.strip() for part in self.name.split(":")]
+
+
+PDL1_POSITIVE = PathClassSpec("PD-L1 positive", (200, 80, 0))
+PDL1_FN_CANDIDATE = PathClassSpec("PD-L1 FN candidate", (230, 0, 230))
+PDL1_ANALYSIS = PathClassSpec("PD-L1 analysis", (0, 150, 200))
+TUMOR_POSITIVE = PathClassSpec("Tumor: Positive", (200, 50, 50))
+TUMOR_NEGATIVE = PathClassSpec("Tumor: Negative", (90, 90, 180))
+OTHER = PathClassSpec("Other", (255, 200, 0))
+
+ALL_CLASSES: tuple[PathClassSpec, ...] = (
+    PDL1_POSITIVE,
+    PDL1_FN_CANDIDATE,
+    PDL1_ANALYSIS,
+    TUMOR_POSITIVE,
+    TUMOR_NEGATIVE,
+    OTHER,
+)
+BY_NAME = {c.name: c for c in ALL_CLASSES}
+
+
+def argb_to_rgb(packed: int) -> tuple[int, int, int]:
+    """QuPath stores colours as signed packed ARGB ints (``classes.json``).
+
+    >>> argb_to_rgb(-3670016)
+    (200, 0, 0)
+    """
+    value = packed & 0xFFFFFFFF
+    return (value >> 16) & 0xFF, (value >> 8) & 0xFF, value & 0xFF
+
+
+def rgb_to_argb(rgb: tuple[int, int, int]) -> int:
+    """Inverse of :func:`argb_to_rgb`, opaque.
+
+    >>> rgb_to_argb((200, 0, 0))
+    -3670016
+    """
+    r, g, b = rgb
+    value = (0xFF << 24) | (r << 16) | (g << 8) | b
+    return value - (1 << 32) if value >= 1 << 31 else value

@@ -1,0 +1,209 @@
+"""QuPath GeoJSON (0.4+ flavour): build, validate, write (streaming) and read features.
+
+What QuPath's reader accepts (DESIGN.md §4): every Feature has a uuid4 ``id``, a geometry,
+and ``properties.objectType``; a classification always carries a ``color``; derived classes
+use ``names``; measurements are finite numbers (NaN/inf are left out, never written).
+Geometry is shapely inside ``bridge``; dicts exist only here, at the file/HTTP edge.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import shapely
+from shapely.geometry.base import BaseGeometry
+
+from bridge.classes import BY_NAME, PathClassSpec
+from inference.errors import Pdl1Error
+
+OBJECT_TYPES = ("annotation", "detection", "tile", "cell")
+_GEOMETRY_TYPES = ("Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon")
+
+
+class GeoJsonError(Pdl1Error, ValueError):
+    """A feature QuPath's GeoJSON reader would reject."""
+
+
+@dataclass(frozen=True)
+class QuPathObject:
+    """One QuPath object as read from or written to GeoJSON."""
+
+    geometry: BaseGeometry
+    object_type: str
+    classification: str | None = None
+    measurements: dict[str, float] = field(default_factory=dict)
+    name: str | None = None
+    locked: bool = False
+    id: str | None = None
+    color: tuple[int, int, int] | None = None
+
+
+def classification_json(name: str, rgb: tuple[int, int, int] | None = None) -> dict[str, Any]:
+    """QuPath's classification object for a class name; derived classes get ``names``.
+
+    >>> classification_json("Tumor: Positive")
+    {'names': ['Tumor', 'Positive'], 'color': [200, 50, 50]}
+    """
+    spec = BY_NAME.get(name)
+    if rgb is None:
+        if spec is None:
+            raise GeoJsonError(
+                f"class {name!r} has no colour; QuPath's reader throws on a classification without "
+                "one: pass rgb=(r, g, b)"
+            )
+        rgb = spec.rgb
+    parts = PathClassSpec(name, rgb).names
+    out: dict[str, Any] = {"names": parts} if len(parts) > 1 else {"name": name}
+    out["color"] = [int(c) for c in rgb]
+    return out
+
+
+def finite_measurements(measurements: Mapping[str, float]) -> dict[str, float]:
+    """Measurements as plain floats, leaving out NaN and infinities (QuPath shows missing as NaN)."""
+    out = {}
+    for key, value in measurements.items():
+        number = float(value)
+        if math.isfinite(number):
+            out[str(key)] = number
+    return out
+
+
+def to_feature(obj: QuPathObject) -> dict[str, Any]:
+    """Build a QuPath GeoJSON Feature dict from a :class:`QuPathObject`."""
+    if obj.object_type not in OBJECT_TYPES:
+        raise GeoJsonError(f"objectType must be one of {OBJECT_TYPES}, got {obj.object_type!r}")
+    properties: dict[str, Any] = {"objectType": obj.object_type}
+    if obj.name is not None:
+        properties["name"] = obj.name
+    if obj.classification is not None:
+        properties["classification"] = classification_json(obj.classification, obj.color)
+    if obj.locked:
+        properties["isLocked"] = True
+    measurements = finite_measurements(obj.measurements)
+    if measurements:
+        properties["measurements"] = measurements
+    return {
+        "type": "Feature",
+        "id": obj.id or str(uuid.uuid4()),
+        "geometry": shapely.geometry.mapping(obj.geometry),
+        "properties": properties,
+    }
+
+
+def validate_feature(feature: Mapping[str, Any]) -> None:
+    """Raise :class:`GeoJsonError` naming the problem if QuPath could not read ``feature``."""
+    if feature.get("type") != "Feature":
+        raise GeoJsonError(f"expected type 'Feature', got {feature.get('type')!r}")
+    fid = feature.get("id")
+    try:
+        uuid.UUID(str(fid))
+    except ValueError as err:
+        raise GeoJsonError(f"feature id must be a UUID string, got {fid!r}") from err
+    geometry = feature.get("geometry")
+    if not isinstance(geometry, Mapping) or geometry.get("type") not in _GEOMETRY_TYPES:
+        raise GeoJsonError(f"feature {fid}: geometry must be one of {_GEOMETRY_TYPES}, got {geometry!r:.80}")
+    _check_coordinates(geometry.get("coordinates"), fid)
+    props = feature.get("properties")
+    if not isinstance(props, Mapping):
+        raise GeoJsonError(f"feature {fid}: properties missing")
+    if props.get("objectType") not in OBJECT_TYPES:
+        raise GeoJsonError(f"feature {fid}: objectType must be one of {OBJECT_TYPES}, got {props.get('objectType')!r}")
+    cls = props.get("classification")
+    if cls is not None:
+        if not isinstance(cls, Mapping) or not ("name" in cls or "names" in cls):
+            raise GeoJsonError(f"feature {fid}: classification needs 'name' or 'names', got {cls!r}")
+        color = cls.get("color")
+        rgb_ok = isinstance(color, list) and len(color) == 3
+        if not (rgb_ok and all(isinstance(c, int) and 0 <= c <= 255 for c in color)):
+            raise GeoJsonError(
+                f"feature {fid}: classification {cls!r} needs 'color': [r, g, b] (QuPath throws without it)"
+            )
+    for key, value in (props.get("measurements") or {}).items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise GeoJsonError(f"feature {fid}: measurement {key!r} must be a finite number, got {value!r}")
+    if props.get("objectType") == "cell" and "nucleusGeometry" not in feature:
+        raise GeoJsonError(f"feature {fid}: a cell carries 'nucleusGeometry' at the top level of the Feature")
+
+
+def _check_coordinates(coords: Any, fid: Any) -> None:
+    stack = [coords]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list | tuple):
+            if item and all(isinstance(v, int | float) and not isinstance(v, bool) for v in item):
+                if not all(math.isfinite(v) for v in item):
+                    raise GeoJsonError(f"feature {fid}: coordinates must be finite, got {item}")
+            else:
+                stack.extend(item)
+        else:
+            raise GeoJsonError(f"feature {fid}: malformed coordinates near {item!r}")
+
+
+def write_features(path: str | Path, features: Iterable[Mapping[str, Any]]) -> int:
+    """Stream features into a FeatureCollection file, validating each; returns the count.
+
+    Written to a temporary file beside ``path`` and renamed at the end, so a failure
+    leaves no half-written file (an earlier one stays as it was).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    count = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write('{"type":"FeatureCollection","features":[\n')
+            for feature in features:
+                validate_feature(feature)
+                if count:
+                    fh.write(",\n")
+                fh.write(json.dumps(feature, ensure_ascii=False, allow_nan=False, separators=(",", ":")))
+                count += 1
+            fh.write("\n]}\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return count
+
+
+def from_feature(feature: Mapping[str, Any]) -> QuPathObject:
+    """Parse one QuPath GeoJSON feature (as QuPath 0.4+ writes them)."""
+    validate_feature(feature)
+    props = feature["properties"]
+    cls = props.get("classification")
+    name = None
+    color = None
+    if cls is not None:
+        name = ": ".join(cls["names"]) if "names" in cls else cls["name"]
+        color = tuple(cls["color"])
+    return QuPathObject(
+        geometry=shapely.geometry.shape(feature["geometry"]),
+        object_type=props["objectType"],
+        classification=name,
+        measurements={k: float(v) for k, v in (props.get("measurements") or {}).items()},
+        name=props.get("name"),
+        locked=bool(props.get("isLocked", False)),
+        id=str(feature["id"]),
+        color=color,
+    )
+
+
+def read_features(path: str | Path) -> Iterator[QuPathObject]:
+    """Read a QuPath GeoJSON file: a FeatureCollection, a list of features, or one feature."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if isinstance(data, Mapping) and data.get("type") == "FeatureCollection":
+        items = data.get("features", [])
+    elif isinstance(data, list):
+        items = data
+    else:
+        items = [data]
+    for item in items:
+        yield from_feature(item)

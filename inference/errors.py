@@ -1,0 +1,36 @@
+"""Exceptions of pdl1-bridge.
+
+Every error the product raises derives from :class:`Pdl1Error`, and also from the
+built-in exception that fits, so callers can catch either (``except FileNotFoundError``
+still works for a missing slide). Messages say what was expected, what came, and the fix.
+"""
+
+from __future__ import annotations
+
+
+class Pdl1Error(Exception):
+    """Base class of every pdl1-bridge error."""
+
+
+class SlideNotFoundError(Pdl1Error, FileNotFoundError):
+    """The slide file does not exist."""
+
+
+class SlideFormatError(Pdl1Error, ValueError):
+    """The file exists but no reader could open it as an image."""
+
+
+class MissingMppError(Pdl1Error, ValueError):
+    """The slide does not state its microns per pixel and none was given."""
+
+
+class RoiError(Pdl1Error, ValueError):
+    """A region of interest is invalid or lies outside the image."""
+
+
+class ModelFileError(Pdl1Error, ValueError):
+    """A model folder, manifest or weight file is missing, corrupt or of the wrong kind."""
+
+
+class TruthNotFoundError(Pdl1Error, FileNotFoundError):
+    """No phantom truth lies beside a slide that is to be evaluated."""

@@ -1,0 +1,332 @@
+"""Open whole-slide images and read RGB regions at a requested resolution.
+
+OpenSlide handles the pyramidal formats (SVS, generic tiled TIFF, NDPI, MRXS, ...);
+small plain TIFF/PNG images are read whole. Everything downstream sees a :class:`Slide`,
+whose pixels come through the small :class:`RegionReader` protocol, so tests and the
+service's pixel uploads can pass a numpy-backed :class:`ArrayReader`.
+
+Positions are (x, y) in level-0 pixels, sizes (width, height), as in openslide.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from inference.errors import MissingMppError, SlideFormatError, SlideNotFoundError
+
+# A plausible range for microns per pixel: below it the number is a misread tag, above
+# it (72 dpi defaults give ~353 µm) the file carries a screen resolution, not a scan.
+MPP_PLAUSIBLE_RANGE = (0.05, 50.0)
+# Images opened without OpenSlide are read whole; beyond this they need a pyramidal format.
+MAX_PLAIN_IMAGE_PX = 20_000 * 20_000
+BACKGROUND_RGB = (255, 255, 255)
+
+
+class RegionReader(Protocol):
+    """What the pipeline needs from an image: levels and RGB regions."""
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]: ...
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]: ...
+
+    def read_region(self, location_xy: tuple[int, int], level: int, size_wh: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 array (height, width, 3); pixels outside the image are white."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Mpp:
+    """Microns per pixel at level 0 and where the number came from."""
+
+    x: float
+    y: float
+    source: str
+
+    @property
+    def mean(self) -> float:
+        return (self.x + self.y) / 2
+
+
+class ArrayReader:
+    """A single-level :class:`RegionReader` over an RGB numpy array."""
+
+    def __init__(self, rgb: np.ndarray):
+        if rgb.ndim != 3 or rgb.shape[2] not in (3, 4) or rgb.dtype != np.uint8:
+            raise SlideFormatError(
+                f"expected an RGB(A) uint8 image of shape (height, width, 3|4), got {rgb.dtype} {rgb.shape}"
+            )
+        self._rgb = np.ascontiguousarray(rgb[..., :3])
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return ((self._rgb.shape[1], self._rgb.shape[0]),)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return (1.0,)
+
+    def read_region(self, location_xy: tuple[int, int], level: int, size_wh: tuple[int, int]) -> np.ndarray:
+        if level != 0:
+            raise ValueError(f"an ArrayReader has only level 0, got level {level}")
+        x, y = location_xy
+        w, h = size_wh
+        out = np.full((h, w, 3), BACKGROUND_RGB, dtype=np.uint8)
+        img_h, img_w = self._rgb.shape[:2]
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, img_w), min(y + h, img_h)
+        if x1 > x0 and y1 > y0:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._rgb[y0:y1, x0:x1]
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class OpenSlideReader:
+    """:class:`RegionReader` over ``openslide.OpenSlide``; thread-safe, releases the GIL while reading."""
+
+    def __init__(self, osr):  # osr: openslide.OpenSlide
+        self._osr = osr
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return tuple(self._osr.level_dimensions)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return tuple(float(d) for d in self._osr.level_downsamples)
+
+    @property
+    def properties(self) -> dict[str, str]:
+        return dict(self._osr.properties)
+
+    def read_region(self, location_xy: tuple[int, int], level: int, size_wh: tuple[int, int]) -> np.ndarray:
+        rgba = np.asarray(self._osr.read_region(location_xy, level, size_wh))
+        # OpenSlide returns premultiplied RGBA with alpha 0 outside the scanned area:
+        # composite onto white so "outside" looks like glass, not black tissue.
+        rgb = rgba[..., :3]
+        alpha = rgba[..., 3]
+        if alpha.min() == 255:
+            return np.ascontiguousarray(rgb)
+        a = alpha[..., None].astype(np.uint16)
+        return (rgb + ((255 - a) * 255 + 127) // 255).clip(0, 255).astype(np.uint8)
+
+    def close(self) -> None:
+        self._osr.close()
+
+
+class Slide:
+    """An opened image with its pyramid and calibration.
+
+    Use :func:`open_slide` to open a file; construct directly to wrap any :class:`RegionReader`.
+    """
+
+    def __init__(self, reader: RegionReader, *, mpp: Mpp, path: Path | None = None):
+        if not (MPP_PLAUSIBLE_RANGE[0] <= mpp.mean <= MPP_PLAUSIBLE_RANGE[1]):
+            raise MissingMppError(
+                f"{path or 'image'}: microns per pixel {mpp.mean:g} (from {mpp.source}) is outside the "
+                f"plausible range {MPP_PLAUSIBLE_RANGE}; pass the scanner's value with --mpp"
+            )
+        self.reader = reader
+        self.mpp = mpp
+        self.path = path
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) at level 0."""
+        return self.reader.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.reader.level_dimensions)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self.reader.level_dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self.reader.level_downsamples
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The coarsest level whose downsample does not exceed ``downsample`` (1 % slack)."""
+        best = 0
+        for level, level_ds in enumerate(self.level_downsamples):
+            if level_ds <= downsample * 1.01 and level_ds >= self.level_downsamples[best]:
+                best = level
+        return best
+
+    def read_region(self, location_xy: tuple[int, int], level: int, size_wh: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 (height, width, 3) at a pyramid level; ``location_xy`` in level-0 px."""
+        return self.reader.read_region(location_xy, level, size_wh)
+
+    def read_region_at_mpp(self, location_xy: tuple[int, int], size_wh: tuple[int, int], *, mpp: float) -> np.ndarray:
+        """Read ``size_wh`` output pixels at ``mpp`` µm/px, starting at level-0 ``location_xy``.
+
+        The coarsest pyramid level that is at least as fine as ``mpp`` is read and the
+        rest is resampled (area averaging when shrinking, bilinear when enlarging).
+        """
+        w, h = size_wh
+        if w <= 0 or h <= 0:
+            raise ValueError(f"region size must be positive, got {size_wh}")
+        downsample = mpp / self.mpp.mean
+        level = self.best_level_for_downsample(downsample)
+        level_ds = self.level_downsamples[level]
+        scale = downsample / level_ds  # level px per output px
+        level_w, level_h = max(1, math.ceil(w * scale - 1e-6)), max(1, math.ceil(h * scale - 1e-6))
+        rgb = self.reader.read_region(location_xy, level, (level_w, level_h))
+        if (level_w, level_h) == (w, h):
+            return rgb
+        resample = Image.Resampling.BOX if scale > 1 else Image.Resampling.BILINEAR
+        return np.asarray(Image.fromarray(rgb).resize((w, h), resample=resample))
+
+    def thumbnail(self, *, mpp: float) -> np.ndarray:
+        """The whole image at ``mpp`` µm/px as RGB uint8."""
+        downsample = mpp / self.mpp.mean
+        width, height = self.dimensions
+        size = (max(1, round(width / downsample)), max(1, round(height / downsample)))
+        return self.read_region_at_mpp((0, 0), size, mpp=mpp)
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        w, h = self.dimensions
+        return f"Slide({self.path}, {w}x{h}, levels={self.level_count}, mpp={self.mpp.mean:g})"
+
+
+def _mpp_from_resolution(x_res: float, y_res: float, unit: str) -> tuple[float, float] | None:
+    factor = {"centimeter": 10_000.0, "inch": 25_400.0}.get(unit.lower())
+    if factor is None or x_res <= 0 or y_res <= 0:
+        return None
+    return factor / x_res, factor / y_res
+
+
+def _openslide_mpp(props: dict[str, str]) -> Mpp | None:
+    try:
+        return Mpp(float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"]), "openslide.mpp-x/y")
+    except (KeyError, ValueError):
+        pass
+    try:
+        pair = _mpp_from_resolution(
+            float(props["tiff.XResolution"]), float(props["tiff.YResolution"]), props["tiff.ResolutionUnit"]
+        )
+    except (KeyError, ValueError):
+        return None
+    return Mpp(*pair, "TIFF resolution tags") if pair else None
+
+
+def _read_plain_image(path: Path) -> tuple[np.ndarray, Mpp | None]:
+    """Read a small non-pyramidal TIFF/PNG/JPEG whole, with its resolution if stated."""
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                if page.shape[0] * page.shape[1] > MAX_PLAIN_IMAGE_PX:
+                    raise SlideFormatError(
+                        f"{path}: {page.shape[1]}x{page.shape[0]} px is too large to read whole; "
+                        "convert it to a pyramidal tiled TIFF (e.g. with `vips tiffsave --tile --pyramid`)"
+                    )
+                rgb = page.asarray()
+                tags = page.tags
+                mpp = None
+                if "XResolution" in tags and "ResolutionUnit" in tags:
+                    xr, yr = tags["XResolution"].value, tags["YResolution"].value
+                    unit = {2: "inch", 3: "centimeter"}.get(int(tags["ResolutionUnit"].value), "none")
+                    pair = _mpp_from_resolution(xr[0] / xr[1], yr[0] / yr[1], unit)
+                    mpp = Mpp(*pair, "TIFF resolution tags") if pair else None
+        except SlideFormatError:
+            raise
+        except Exception as err:
+            raise SlideFormatError(f"{path}: not a readable TIFF ({err})") from err
+    else:
+        try:
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_PLAIN_IMAGE_PX:
+                    raise SlideFormatError(f"{path}: {im.width}x{im.height} px is too large to read whole")
+                rgb = np.asarray(im.convert("RGB"))
+                dpi = im.info.get("dpi")
+        except SlideFormatError:
+            raise
+        except Exception as err:
+            raise SlideFormatError(
+                f"{path}: neither OpenSlide nor Pillow can read it ({err}); expected a whole-slide "
+                "format (SVS, NDPI, MRXS, tiled TIFF, ...) or a small TIFF/PNG/JPEG"
+            ) from err
+        mpp = None
+        if dpi and dpi[0] > 0 and dpi[1] > 0:
+            mpp = Mpp(25_400.0 / dpi[0], 25_400.0 / dpi[1], "image dpi")
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[..., None], 3, axis=2)
+    if rgb.dtype != np.uint8:
+        raise SlideFormatError(f"{path}: expected 8-bit RGB pixels, got {rgb.dtype}")
+    return rgb, mpp
+
+
+def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
+    """Open an image file.
+
+    Parameters
+    ----------
+    path
+        A whole-slide file OpenSlide reads, or a small TIFF/PNG/JPEG.
+    mpp
+        Microns per pixel at level 0. Overrides the file's own value; required when
+        the file states none.
+
+    Raises
+    ------
+    SlideNotFoundError, SlideFormatError, MissingMppError
+    """
+    import openslide
+
+    path = Path(path)
+    if not path.is_file():
+        raise SlideNotFoundError(
+            f"slide not found: {path} (no such file; check the path, or relink the image in QuPath if it moved)"
+        )
+    try:
+        osr = openslide.OpenSlide(path)
+    except openslide.OpenSlideUnsupportedFormatError:
+        rgb, file_mpp = _read_plain_image(path)
+        reader: RegionReader = ArrayReader(rgb)
+    except openslide.OpenSlideError as err:
+        raise SlideFormatError(f"{path}: OpenSlide cannot read it: {err}") from err
+    else:
+        reader = OpenSlideReader(osr)
+        file_mpp = _openslide_mpp(dict(osr.properties))
+    if mpp is not None:
+        if mpp <= 0:
+            reader.close()
+            raise MissingMppError(f"--mpp must be positive, got {mpp}")
+        resolved = Mpp(mpp, mpp, "user")
+    elif file_mpp is None:
+        reader.close()
+        raise MissingMppError(
+            f"{path}: the file does not state microns per pixel (no openslide.mpp-x, no TIFF "
+            "resolution tags); pass the scanner's value with --mpp, e.g. --mpp 0.25 for 40x"
+        )
+    else:
+        resolved = file_mpp
+    try:
+        return Slide(reader, mpp=resolved, path=path)
+    except MissingMppError:
+        reader.close()
+        raise

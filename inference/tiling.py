@@ -1,0 +1,196 @@
+"""Tile grids over a region of interest and the Gaussian weights that blend them.
+
+Pure functions on numbers and arrays, apart from the model runner (as nnU-Net's
+``compute_steps_for_sliding_window`` and ``compute_gaussian``). A tile is addressed by its
+level-0 origin (x, y); its size is given in model pixels and in level-0 pixels through the
+grid's ``downsample`` (level-0 px per model px).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import shapely
+from shapely.geometry import MultiPolygon, Polygon, box
+from shapely.geometry.base import BaseGeometry
+
+from inference.errors import RoiError
+
+
+def compute_steps(extent_px: int, *, tile_px: int, max_step_px: int) -> list[int]:
+    """Start offsets of tiles that cover ``extent_px`` with steps of at most ``max_step_px``.
+
+    The steps are spread evenly so the first tile starts at 0 and the last ends at the
+    extent (when the extent is at least one tile), as nnU-Net does.
+
+    >>> compute_steps(1000, tile_px=512, max_step_px=256)
+    [0, 244, 488]
+    >>> compute_steps(300, tile_px=512, max_step_px=256)
+    [0]
+    """
+    if tile_px <= 0 or max_step_px <= 0:
+        raise ValueError(f"tile_px and max_step_px must be positive, got {tile_px}, {max_step_px}")
+    if extent_px <= tile_px:
+        return [0]
+    n = math.ceil((extent_px - tile_px) / max_step_px) + 1
+    actual = (extent_px - tile_px) / (n - 1)
+    return [round(actual * i) for i in range(n)]
+
+
+@lru_cache(maxsize=8)
+def _gaussian_weights(tile_size_px: int, sigma_scale: float) -> np.ndarray:
+    centre = (tile_size_px - 1) / 2
+    sigma = tile_size_px * sigma_scale
+    axis = np.exp(-0.5 * ((np.arange(tile_size_px) - centre) / sigma) ** 2)
+    weights = np.outer(axis, axis).astype(np.float32)
+    weights /= weights.max()
+    # No zero weights: a pixel covered only by tile corners must still get a prediction.
+    weights = np.maximum(weights, weights[weights > 0].min(), dtype=np.float32)
+    weights.setflags(write=False)
+    return weights
+
+
+def gaussian_weights(tile_size_px: int, *, sigma_scale: float = 1 / 8) -> np.ndarray:
+    """Importance map for blending overlapping tiles: float32 (tile, tile), max 1, all > 0.
+
+    ``sigma = tile_size_px * sigma_scale`` (nnU-Net uses 1/8). The array is cached and read-only.
+
+    >>> w = gaussian_weights(64)
+    >>> w.shape, float(w.max()), bool((w > 0).all())
+    ((64, 64), 1.0, True)
+    """
+    return _gaussian_weights(int(tile_size_px), float(sigma_scale))
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Tiles to run, in deterministic row-major order.
+
+    Attributes
+    ----------
+    origins_xy
+        int64 (N, 2): level-0 top-left corner of each tile.
+    tile_size_px
+        Tile edge in model pixels.
+    downsample
+        Level-0 pixels per model pixel.
+    bounds_xy
+        (x0, y0, x1, y1) level-0 box the grid covers.
+    """
+
+    origins_xy: np.ndarray
+    tile_size_px: int
+    downsample: float
+    bounds_xy: tuple[int, int, int, int]
+
+    @property
+    def tile_size_level0_px(self) -> int:
+        return math.ceil(self.tile_size_px * self.downsample)
+
+    def __len__(self) -> int:
+        return len(self.origins_xy)
+
+
+def validate_roi(roi: BaseGeometry, *, image_size_wh: tuple[int, int]) -> Polygon | MultiPolygon:
+    """Check a level-0 ROI polygon and clip it to the image.
+
+    Raises :class:`RoiError` for a geometry that is not a (multi)polygon, is invalid
+    (self-intersecting, ...), is empty, or lies outside the image.
+    """
+    if not isinstance(roi, Polygon | MultiPolygon):
+        raise RoiError(f"ROI must be a Polygon or MultiPolygon in level-0 pixels, got {roi.geom_type}")
+    if roi.is_empty:
+        raise RoiError("ROI is empty")
+    if not roi.is_valid:
+        reason = shapely.is_valid_reason(roi)
+        raise RoiError(
+            f"ROI geometry is invalid ({reason}); fix it in QuPath (e.g. Objects > Annotations > "
+            "Simplify shape) or pass a valid polygon"
+        )
+    width, height = image_size_wh
+    clipped = roi.intersection(box(0, 0, width, height))
+    if clipped.is_empty or clipped.area <= 0:
+        x0, y0, x1, y1 = (round(v) for v in roi.bounds)
+        raise RoiError(
+            f"ROI ({x0}, {y0})-({x1}, {y1}) lies outside the image of {width}x{height} px; "
+            "ROI coordinates must be level-0 pixels of this image"
+        )
+    if isinstance(clipped, Polygon | MultiPolygon):
+        return clipped
+    polys = [g for g in getattr(clipped, "geoms", []) if isinstance(g, Polygon)]
+    return MultiPolygon(polys)
+
+
+def rasterize_polygon(geometry: BaseGeometry, *, shape_hw: tuple[int, int], downsample: float) -> np.ndarray:
+    """bool mask (height, width) of the pixels of a ``downsample`` grid whose centres lie in ``geometry``."""
+    h, w = shape_hw
+    ys, xs = np.mgrid[0:h, 0:w]
+    return shapely.contains_xy(geometry, (xs + 0.5) * downsample, (ys + 0.5) * downsample)
+
+
+def tile_grid(
+    *,
+    image_size_wh: tuple[int, int],
+    tile_size_px: int,
+    overlap_px: int,
+    downsample: float,
+    roi: BaseGeometry | None = None,
+    tissue_mask: np.ndarray | None = None,
+    tissue_downsample: float | None = None,
+) -> TileGrid:
+    """Tiles of ``tile_size_px`` model px, overlapping by at least ``overlap_px``, over an ROI.
+
+    Parameters
+    ----------
+    image_size_wh
+        Level-0 (width, height) of the image.
+    tile_size_px, overlap_px
+        Tile edge and minimal overlap, in model pixels.
+    downsample
+        Level-0 pixels per model pixel (model mpp / slide mpp).
+    roi
+        Level-0 polygon; the whole image when None. Validated with :func:`validate_roi`.
+    tissue_mask, tissue_downsample
+        Optional bool mask of tissue with its level-0 px per mask px. Tiles that touch no
+        tissue pixel (inside the ROI) are skipped, so every tissue pixel stays covered.
+    """
+    if overlap_px < 0 or overlap_px >= tile_size_px:
+        raise ValueError(f"overlap_px must be in [0, tile_size_px), got {overlap_px} for tile {tile_size_px}")
+    width, height = image_size_wh
+    area = validate_roi(roi, image_size_wh=image_size_wh) if roi is not None else box(0, 0, width, height)
+    bx0, by0, bx1, by1 = area.bounds
+    bx0, by0 = math.floor(bx0), math.floor(by0)
+    bx1, by1 = math.ceil(bx1), math.ceil(by1)
+    tile_l0 = math.ceil(tile_size_px * downsample)
+    step_l0 = max(1, math.floor((tile_size_px - overlap_px) * downsample))
+    xs = [bx0 + s for s in compute_steps(bx1 - bx0, tile_px=tile_l0, max_step_px=step_l0)]
+    ys = [by0 + s for s in compute_steps(by1 - by0, tile_px=tile_l0, max_step_px=step_l0)]
+    origins = np.array([(x, y) for y in ys for x in xs], dtype=np.int64).reshape(-1, 2)
+
+    if tissue_mask is not None:
+        if tissue_downsample is None or tissue_downsample <= 0:
+            raise ValueError("tissue_downsample (level-0 px per mask px) is required with tissue_mask")
+        wanted = tissue_mask.astype(bool)
+        if roi is not None:
+            wanted = wanted & rasterize_polygon(area, shape_hw=wanted.shape, downsample=tissue_downsample)
+        # Summed-area table: the count of wanted mask pixels under each tile in O(1).
+        sat = np.pad(wanted.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+        mh, mw = wanted.shape
+        c0 = np.clip(np.floor(origins[:, 0] / tissue_downsample).astype(np.int64), 0, mw)
+        r0 = np.clip(np.floor(origins[:, 1] / tissue_downsample).astype(np.int64), 0, mh)
+        c1 = np.clip(np.ceil((origins[:, 0] + tile_l0) / tissue_downsample).astype(np.int64), 0, mw)
+        r1 = np.clip(np.ceil((origins[:, 1] + tile_l0) / tissue_downsample).astype(np.int64), 0, mh)
+        counts = sat[r1, c1] - sat[r0, c1] - sat[r1, c0] + sat[r0, c0]
+        origins = origins[counts > 0]
+    elif roi is not None:
+        tiles = shapely.box(origins[:, 0], origins[:, 1], origins[:, 0] + tile_l0, origins[:, 1] + tile_l0)
+        origins = origins[shapely.intersects(tiles, area)]
+    return TileGrid(
+        origins_xy=origins,
+        tile_size_px=tile_size_px,
+        downsample=float(downsample),
+        bounds_xy=(bx0, by0, bx1, by1),
+    )

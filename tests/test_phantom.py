@@ -1,0 +1,131 @@
+import hashlib
+
+import numpy as np
+import openslide
+import pytest
+
+from inference.phantom import (
+    NUCLEUS_CLASSES,
+    PhantomScene,
+    PhantomSpec,
+    load_truth,
+    pyramid_downsamples,
+    truth_dir_for,
+    write_phantom,
+)
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
+    a = write_phantom(tmp_path / "a" / "s.svs", PhantomSpec(1024, 1024, seed=5))
+    b = write_phantom(tmp_path / "b" / "s.svs", PhantomSpec(1024, 1024, seed=5))
+    c = write_phantom(tmp_path / "c" / "s.svs", PhantomSpec(1024, 1024, seed=6))
+    assert _sha(a.slide_path) == _sha(b.slide_path)
+    assert _sha(a.nuclei_csv_path) == _sha(b.nuclei_csv_path)
+    assert _sha(a.mask_path) == _sha(b.mask_path)
+    assert _sha(a.slide_path) != _sha(c.slide_path)
+
+
+def test_openslide_reads_mpp_and_levels(phantom_svs):
+    osr = openslide.OpenSlide(phantom_svs)
+    assert osr.properties["openslide.vendor"] == "aperio"
+    assert float(osr.properties["openslide.mpp-x"]) == 0.5
+    assert float(osr.properties["aperio.MPP"]) == 0.5
+    assert osr.level_count == len(pyramid_downsamples(2048, 2048)) == 2
+    assert osr.properties["tiff.ImageDescription"].startswith("Aperio")
+
+
+def test_rendering_is_seamless_across_tiles():
+    scene = PhantomScene(PhantomSpec(1024, 1024, seed=3, shift=0.6))
+    whole = scene.render(256, 256, 256, 256)
+    quads = [[scene.render(256 + x, 256 + y, 128, 128) for x in (0, 128)] for y in (0, 128)]
+    tiled = np.concatenate([np.concatenate(row, axis=1) for row in quads], axis=0)
+    assert np.abs(whole.astype(int) - tiled.astype(int)).max() <= 1
+
+
+def test_levels_agree_with_level_zero(phantom_svs):
+    osr = openslide.OpenSlide(phantom_svs)
+    l0 = np.asarray(osr.read_region((0, 0), 0, (2048, 2048)).convert("RGB"), np.float64)
+    l1 = np.asarray(osr.read_region((0, 0), 1, (512, 512)).convert("RGB"), np.float64)
+    box = l0.reshape(512, 4, 512, 4, 3).mean(axis=(1, 3))
+    assert np.abs(box - l1).mean() < 8  # same scene, rendered at the level's resolution
+
+
+@pytest.mark.parametrize("tps", [0.5, 30, 70])
+def test_truth_tps_is_as_asked(tmp_path, tps):
+    truth = write_phantom(tmp_path / "t.svs", PhantomSpec(2048, 2048, seed=4, tps_percent=tps))
+    counts = truth.summary["nuclei_counts"]
+    assert counts["Tumor: Positive"] + counts["Tumor: Negative"] > 1000
+    assert truth.summary["tps_percent"] == pytest.approx(tps, abs=1.0)
+
+
+def test_tps_zero_has_no_positive_nuclei_or_region(tmp_path):
+    truth = write_phantom(tmp_path / "z.tif", PhantomSpec(1024, 1024, seed=2, tps_percent=0))
+    assert truth.summary["nuclei_counts"]["Tumor: Positive"] == 0
+    assert truth.summary["mask_positive_fraction"] == 0
+
+
+def test_truth_is_consistent_with_the_scene(phantom_svs):
+    truth = load_truth(phantom_svs)
+    scene = PhantomScene(PhantomSpec(**truth.summary["spec"]))
+    xs, ys = truth.nuclei_xy[:, 0], truth.nuclei_xy[:, 1]
+    tissue, tumour, positive = scene.zones(xs, ys)
+    assert tissue.all(), "every nucleus lies in tissue"
+    cls = truth.nuclei_class
+    assert (positive == (cls == NUCLEUS_CLASSES.index("Tumor: Positive"))).all()
+    assert (tumour[cls != NUCLEUS_CLASSES.index("Other")]).all()
+    # Positive nuclei sit in the truth mask (nearest mask pixel, away from its edges).
+    ds = truth.mask_downsample
+    rows = np.clip((ys // ds).astype(int), 0, truth.positive_mask.shape[0] - 1)
+    cols = np.clip((xs // ds).astype(int), 0, truth.positive_mask.shape[1] - 1)
+    in_mask = truth.positive_mask[rows, cols] == 1
+    assert in_mask[cls == 0].mean() > 0.97
+    assert in_mask[cls == 1].mean() < 0.03
+
+
+def test_positive_and_negative_nests_differ_in_morphology_not_colour_code():
+    scene = PhantomScene(PhantomSpec(2048, 2048, seed=1, tps_percent=50))
+    nuc = scene.nuclei(0, 0, 2048, 2048)
+    pos, neg = nuc["cls"] == 0, nuc["cls"] == 1
+    area = np.pi * nuc["a"] * nuc["b"]
+    assert area[pos].mean() > 1.5 * area[neg].mean()
+    assert (nuc["b"] / nuc["a"])[pos].mean() < 0.8 < (nuc["b"] / nuc["a"])[neg].mean()
+    # Mean stain of positive and negative nest regions stays close (no colour code).
+    xs = np.arange(0, 2048, 4) + 2.0
+    _, tumour, positive = scene.zones(xs[None, :], xs[:, None])
+    rgb = scene.render(0, 0, 512, 512, 4).astype(float)
+    diff = np.abs(rgb[positive].mean(0) - rgb[tumour & ~positive].mean(0))
+    assert diff.max() < 30
+
+
+def test_shift_changes_appearance_but_not_truth():
+    base = PhantomScene(PhantomSpec(1024, 1024, seed=9))
+    shifted = PhantomScene(PhantomSpec(1024, 1024, seed=9, shift=1.0))
+    assert shifted.stains.jpeg_quality < base.stains.jpeg_quality
+    a = base.render(0, 0, 256, 256).astype(float)
+    b = shifted.render(0, 0, 256, 256).astype(float)
+    assert np.abs(a - b).mean() > 5
+    na, nb = base.nuclei(0, 0, 1024, 1024), shifted.nuclei(0, 0, 1024, 1024)
+    np.testing.assert_array_equal(na["cls"], nb["cls"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"width_px": 100}, "width_px"), ({"tps_percent": 120}, "tps_percent"), ({"shift": 2}, "shift")],
+)
+def test_spec_validation(kwargs, match):
+    args = {"width_px": 1024, "height_px": 1024, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        PhantomSpec(**args)
+
+
+def test_only_svs_or_tiff(tmp_path):
+    with pytest.raises(ValueError, match=r"\.svs or \.tif"):
+        write_phantom(tmp_path / "x.png", PhantomSpec(1024, 1024))
+
+
+def test_truth_dir_naming(tmp_path):
+    assert truth_dir_for(tmp_path / "slide.svs") == tmp_path / "slide.truth"

@@ -1,0 +1,121 @@
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from shapely.geometry import Point, Polygon
+
+from bridge.classes import argb_to_rgb, rgb_to_argb
+from bridge.qupath_geojson import (
+    GeoJsonError,
+    QuPathObject,
+    classification_json,
+    read_features,
+    to_feature,
+    validate_feature,
+    write_features,
+)
+
+
+def test_reads_what_qupath_044_writes(fixtures_dir):
+    objs = list(read_features(fixtures_dir / "objects-written-by-qupath-0.4.4.geojson"))
+    assert len(objs) == 25
+    kinds = [o.object_type for o in objs]
+    assert kinds.count("annotation") == 4 and kinds.count("detection") == 20 and kinds.count("tile") == 1
+    tumour = next(o for o in objs if o.name == "Tumor ROI")
+    assert tumour.classification == "Tumor" and tumour.color == (200, 0, 0)
+    points = next(o for o in objs if o.name == "points")
+    assert points.locked and points.classification is None
+    derived = {o.classification for o in objs if o.object_type == "detection"}
+    assert derived == {"Tumor: Positive", "Tumor: Negative"}
+
+
+def test_our_features_match_qupath_keys(fixtures_dir):
+    written = json.loads((fixtures_dir / "objects-written-by-qupath-0.4.4.geojson").read_text())["features"]
+    qupath_point = next(
+        f for f in written if f["properties"].get("classification", {}).get("names") == ["Tumor", "Positive"]
+    )
+    ours = to_feature(QuPathObject(Point(465, 500), "detection", "Tumor: Positive", {"Class probability": 0.9}))
+    assert ours.keys() == qupath_point.keys()
+    assert ours["properties"].keys() == qupath_point["properties"].keys()
+    assert ours["properties"]["classification"] == qupath_point["properties"]["classification"]
+
+
+def test_round_trip(tmp_path):
+    objs = [
+        QuPathObject(Polygon([(0, 0), (10, 0), (10, 10)]), "annotation", "PD-L1 positive", {"Area µm^2": 12.5}),
+        QuPathObject(Point(3, 4), "detection", "Tumor: Negative", {"Class probability": 0.75}),
+        QuPathObject(Polygon([(0, 0), (4, 0), (4, 4), (0, 4)]), "tile", None, {"Predictive entropy": 0.3}),
+        QuPathObject(Point(1, 1), "annotation", None, name="note", locked=True),
+    ]
+    n = write_features(tmp_path / "o.geojson", (to_feature(o) for o in objs))
+    back = list(read_features(tmp_path / "o.geojson"))
+    assert n == 4
+    for a, b in zip(objs, back, strict=True):
+        assert a.geometry.equals(b.geometry)
+        assert (a.object_type, a.classification, a.measurements, a.name, a.locked) == (
+            b.object_type,
+            b.classification,
+            b.measurements,
+            b.name,
+            b.locked,
+        )
+
+
+def test_nan_and_inf_measurements_are_left_out():
+    feature = to_feature(QuPathObject(Point(0, 0), "detection", "Other", {"a": math.nan, "b": math.inf, "c": 1}))
+    assert feature["properties"]["measurements"] == {"c": 1.0}
+
+
+def test_unknown_class_without_colour_is_refused():
+    with pytest.raises(GeoJsonError, match="no colour"):
+        classification_json("Mystery")
+    assert classification_json("Mystery", (1, 2, 3)) == {"name": "Mystery", "color": [1, 2, 3]}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda f: f["properties"]["classification"].pop("color"), "color"),
+        (lambda f: f["properties"]["measurements"].update(x="NaN"), "finite number"),
+        (lambda f: f.update(id="not-a-uuid"), "UUID"),
+        (lambda f: f["properties"].update(objectType="blob"), "objectType"),
+        (lambda f: f["geometry"].update(coordinates=[math.nan, 1.0]), "finite"),
+    ],
+)
+def test_validator_rejects_what_qupath_cannot_read(mutate, match):
+    feature = to_feature(QuPathObject(Point(1, 2), "detection", "Tumor: Positive", {"p": 0.5}))
+    mutate(feature)
+    with pytest.raises(GeoJsonError, match=match):
+        validate_feature(feature)
+
+
+def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path):
+    path = tmp_path / "o.geojson"
+    write_features(path, [to_feature(QuPathObject(Point(0, 0), "detection", "Other"))])
+    before = path.read_bytes()
+
+    def broken():
+        yield to_feature(QuPathObject(Point(0, 0), "detection", "Other"))
+        yield {"type": "Feature"}
+
+    with pytest.raises(GeoJsonError):
+        write_features(path, broken())
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["o.geojson"]
+
+
+def test_class_colours_as_qupath_packs_them(fixtures_dir):
+    classes = json.loads((fixtures_dir / "qupath-0.4.4-project/classifiers/classes.json").read_text())
+    rgb = {c["name"]: argb_to_rgb(c["color"]) for c in classes["pathClasses"]}
+    assert rgb["Tumor"] == (200, 0, 0)
+    assert rgb["PD-L1 positive"] == (200, 80, 0)
+    for c in classes["pathClasses"]:
+        assert rgb_to_argb(argb_to_rgb(c["color"])) == c["color"]
+
+
+def test_geojson_module_does_not_import_torch():
+    code = "import sys, bridge.qupath_geojson, bridge.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,128 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from inference.errors import MissingMppError, SlideFormatError, SlideNotFoundError
+from inference.phantom import PhantomSpec, write_phantom
+from inference.slide import ArrayReader, Mpp, Slide, open_slide
+
+
+def test_phantom_svs_opens_with_mpp_and_all_levels(phantom_svs):
+    with open_slide(phantom_svs) as slide:
+        assert slide.dimensions == (2048, 2048)
+        assert slide.level_count == 2
+        assert slide.level_downsamples == pytest.approx((1.0, 4.0))
+        assert slide.mpp.mean == pytest.approx(0.5)
+        assert slide.mpp.source == "openslide.mpp-x/y"
+        assert slide.reader.properties["openslide.vendor"] == "aperio"
+
+
+def test_generic_tiled_tiff_gets_mpp_from_resolution_tags(tmp_path):
+    path = tmp_path / "g.tif"
+    write_phantom(path, PhantomSpec(1024, 1536, seed=2, mpp=0.25))
+    with open_slide(path) as slide:
+        assert slide.dimensions == (1024, 1536)
+        assert slide.level_count == 2
+        assert slide.mpp.mean == pytest.approx(0.25, rel=1e-4)
+
+
+@pytest.mark.parametrize(("downsample", "level"), [(1.0, 0), (3.9, 0), (4.0, 1), (8.0, 1), (0.5, 0)])
+def test_best_level_for_downsample(phantom_svs, downsample, level):
+    with open_slide(phantom_svs) as slide:
+        assert slide.best_level_for_downsample(downsample) == level
+
+
+def test_read_at_level_mpp_is_the_level_itself(phantom_svs):
+    with open_slide(phantom_svs) as slide:
+        direct = slide.read_region((256, 512), 1, (100, 80))
+        at_mpp = slide.read_region_at_mpp((256, 512), (100, 80), mpp=2.0)
+    assert at_mpp.shape == (80, 100, 3)
+    np.testing.assert_array_equal(direct, at_mpp)
+
+
+def test_read_between_levels_resamples_from_the_finer_level(phantom_svs):
+    with open_slide(phantom_svs) as slide:
+        full = slide.read_region((0, 0), 0, (256, 256)).astype(np.float64)
+        half = slide.read_region_at_mpp((0, 0), (128, 128), mpp=1.0).astype(np.float64)
+    box = full.reshape(128, 2, 128, 2, 3).mean(axis=(1, 3))
+    assert half.shape == (128, 128, 3)
+    assert np.abs(half - box).max() <= 1.0
+
+
+def test_outside_the_image_reads_as_white_glass(phantom_svs):
+    with open_slide(phantom_svs) as slide:
+        rgb = slide.read_region_at_mpp((2000, 2000), (100, 100), mpp=0.5)
+    assert (rgb[60:, 60:] == 255).all()
+
+
+def test_real_aperio_slide(cmu_svs):
+    with open_slide(cmu_svs) as slide:
+        assert slide.dimensions == (2220, 2967)
+        assert slide.mpp.mean == pytest.approx(0.499, abs=1e-3)
+        thumb = slide.thumbnail(mpp=4.0)
+        assert thumb.shape == (round(2967 * 0.499 / 4), round(2220 * 0.499 / 4), 3)
+        # Real H&E: a good part of the region is clearly stained.
+        assert (thumb.astype(int).max(axis=2) - thumb.min(axis=2) > 40).mean() > 0.1
+
+
+def test_missing_file_names_the_path(tmp_path):
+    missing = tmp_path / "nope.svs"
+    with pytest.raises(SlideNotFoundError, match=r"slide not found: .*nope\.svs"):
+        open_slide(missing)
+    with pytest.raises(FileNotFoundError):
+        open_slide(missing)
+
+
+def test_unreadable_format(tmp_path):
+    bad = tmp_path / "corrupt.svs"
+    bad.write_bytes(b"this is not a slide" * 100)
+    with pytest.raises(SlideFormatError, match=r"corrupt\.svs"):
+        open_slide(bad)
+
+
+def test_png_without_mpp_needs_mpp_option(tmp_path):
+    path = tmp_path / "small.png"
+    Image.fromarray(np.full((64, 80, 3), 200, np.uint8)).save(path)
+    with pytest.raises(MissingMppError, match="--mpp"):
+        open_slide(path)
+    with open_slide(path, mpp=0.5) as slide:
+        assert slide.dimensions == (80, 64)
+        assert slide.mpp == Mpp(0.5, 0.5, "user")
+
+
+def test_plain_tiff_with_resolution_tags(tmp_path):
+    path = tmp_path / "plain.tif"
+    pixels = np.zeros((40, 50, 3), np.uint8)
+    tifffile.imwrite(path, pixels, resolution=(40000, 40000), resolutionunit="CENTIMETER")
+    with open_slide(path) as slide:
+        assert slide.mpp.mean == pytest.approx(0.25)
+        assert slide.dimensions == (50, 40)
+
+
+def test_screen_resolution_is_not_taken_for_a_scan(tmp_path):
+    path = tmp_path / "screen.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(path, dpi=(72, 72))
+    with pytest.raises(MissingMppError, match="plausible range"):
+        open_slide(path)
+
+
+def test_array_reader_rejects_non_rgb():
+    with pytest.raises(SlideFormatError, match="RGB"):
+        ArrayReader(np.zeros((4, 4), np.uint8))
+
+
+def test_slide_over_array_reader_resamples():
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[:, 4:] = 200
+    slide = Slide(ArrayReader(rgb), mpp=Mpp(1.0, 1.0, "test"))
+    out = slide.read_region_at_mpp((0, 0), (4, 4), mpp=2.0)
+    np.testing.assert_array_equal(out[:, :2], 0)
+    np.testing.assert_array_equal(out[:, 2:], 200)
+
+
+def test_open_slide_accepts_str_paths(phantom_svs):
+    with open_slide(str(phantom_svs)) as slide:
+        assert isinstance(slide.path, Path)

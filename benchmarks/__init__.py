@@ -103,9 +103,10 @@ def print_results(title: str, bench: Benchmark, results: list[Result], console: 
 
 
 def _registry() -> dict[str, type[Benchmark]]:
+    from benchmarks.seg_inference import SegInference
     from benchmarks.tile_read import TileRead
 
-    return {"tile_read": TileRead}
+    return {"tile_read": TileRead, "seg_inference": SegInference}
 
 
 class _LazyRegistry(dict):

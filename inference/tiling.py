@@ -73,6 +73,8 @@ class TileGrid:
     ----------
     origins_xy
         int64 (N, 2): level-0 top-left corner of each tile.
+    origins_model_px
+        int64 (N, 2): the same corners in model pixels (level-0 px / downsample).
     tile_size_px
         Tile edge in model pixels.
     downsample
@@ -82,6 +84,7 @@ class TileGrid:
     """
 
     origins_xy: np.ndarray
+    origins_model_px: np.ndarray
     tile_size_px: int
     downsample: float
     bounds_xy: tuple[int, int, int, int]
@@ -140,6 +143,7 @@ def tile_grid(
     roi: BaseGeometry | None = None,
     tissue_mask: np.ndarray | None = None,
     tissue_downsample: float | None = None,
+    align_px: int = 1,
 ) -> TileGrid:
     """Tiles of ``tile_size_px`` model px, overlapping by at least ``overlap_px``, over an ROI.
 
@@ -156,19 +160,30 @@ def tile_grid(
     tissue_mask, tissue_downsample
         Optional bool mask of tissue with its level-0 px per mask px. Tiles that touch no
         tissue pixel (inside the ROI) are skipped, so every tissue pixel stays covered.
+    align_px
+        Tile origins in model px are multiples of this (so tiles pool onto a coarser map
+        grid exactly); ``tile_size_px`` must be a multiple of it.
     """
     if overlap_px < 0 or overlap_px >= tile_size_px:
         raise ValueError(f"overlap_px must be in [0, tile_size_px), got {overlap_px} for tile {tile_size_px}")
+    if align_px < 1 or tile_size_px % align_px:
+        raise ValueError(f"tile_size_px {tile_size_px} must be a multiple of align_px {align_px}")
     width, height = image_size_wh
     area = validate_roi(roi, image_size_wh=image_size_wh) if roi is not None else box(0, 0, width, height)
-    bx0, by0, bx1, by1 = area.bounds
-    bx0, by0 = math.floor(bx0), math.floor(by0)
-    bx1, by1 = math.ceil(bx1), math.ceil(by1)
+    # The grid is laid out in model px (aligned cells), then mapped to level-0 px.
+    x0, y0, x1, y1 = area.bounds
+    cx0, cy0 = math.floor(x0 / downsample / align_px), math.floor(y0 / downsample / align_px)
+    cx1, cy1 = math.ceil(x1 / downsample / align_px), math.ceil(y1 / downsample / align_px)
+    tile_cells = tile_size_px // align_px
+    step_cells = max(1, (tile_size_px - overlap_px) // align_px)
+    xs = [(cx0 + s) * align_px for s in compute_steps(cx1 - cx0, tile_px=tile_cells, max_step_px=step_cells)]
+    ys = [(cy0 + s) * align_px for s in compute_steps(cy1 - cy0, tile_px=tile_cells, max_step_px=step_cells)]
+    gx, gy = np.meshgrid(np.asarray(xs, np.int64), np.asarray(ys, np.int64))
+    origins_model = np.column_stack([gx.ravel(), gy.ravel()])  # row-major: y outer, x inner
+    origins = np.round(origins_model * downsample).astype(np.int64)
     tile_l0 = math.ceil(tile_size_px * downsample)
-    step_l0 = max(1, math.floor((tile_size_px - overlap_px) * downsample))
-    xs = [bx0 + s for s in compute_steps(bx1 - bx0, tile_px=tile_l0, max_step_px=step_l0)]
-    ys = [by0 + s for s in compute_steps(by1 - by0, tile_px=tile_l0, max_step_px=step_l0)]
-    origins = np.array([(x, y) for y in ys for x in xs], dtype=np.int64).reshape(-1, 2)
+    bx0, by0 = round(cx0 * align_px * downsample), round(cy0 * align_px * downsample)
+    bx1, by1 = round(cx1 * align_px * downsample), round(cy1 * align_px * downsample)
 
     if tissue_mask is not None:
         if tissue_downsample is None or tissue_downsample <= 0:
@@ -184,12 +199,15 @@ def tile_grid(
         c1 = np.clip(np.ceil((origins[:, 0] + tile_l0) / tissue_downsample).astype(np.int64), 0, mw)
         r1 = np.clip(np.ceil((origins[:, 1] + tile_l0) / tissue_downsample).astype(np.int64), 0, mh)
         counts = sat[r1, c1] - sat[r0, c1] - sat[r1, c0] + sat[r0, c0]
-        origins = origins[counts > 0]
+        keep = counts > 0
     elif roi is not None:
         tiles = shapely.box(origins[:, 0], origins[:, 1], origins[:, 0] + tile_l0, origins[:, 1] + tile_l0)
-        origins = origins[shapely.intersects(tiles, area)]
+        keep = shapely.intersects(tiles, area)
+    else:
+        keep = np.ones(len(origins), bool)
     return TileGrid(
-        origins_xy=origins,
+        origins_xy=origins[keep],
+        origins_model_px=origins_model[keep],
         tile_size_px=tile_size_px,
         downsample=float(downsample),
         bounds_xy=(bx0, by0, bx1, by1),

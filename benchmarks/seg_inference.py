@@ -1,0 +1,82 @@
+"""End-to-end segmentation ensemble throughput on a phantom slide: ours (M=1, M=5) vs a naive baseline."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks import Benchmark, Case
+from inference.ensemble import Ensemble, Precision, demo_model_dir
+from inference.phantom import PhantomSpec, write_phantom
+from inference.segment import SegmentConfig, segment_slide
+from inference.slide import open_slide
+from inference.tissue import tissue_mask_for_slide
+
+
+class SegInference(Benchmark):
+    """Segmentation ensemble Mpx/s (level-0 px of the slide) for M=1 and M=5 vs naive member-by-member."""
+
+    unit = "Mpx/s"
+    repeats = 2
+
+    def setup(self, *, quick: bool) -> None:
+        self.size_px = 2048 if quick else 4096
+        self.tmp = Path(tempfile.mkdtemp(prefix="pdl1-bench-"))
+        path = self.tmp / "bench.svs"
+        write_phantom(path, PhantomSpec(self.size_px, self.size_px, seed=77))
+        self.slide = open_slide(path)
+        self.tissue = tissue_mask_for_slide(self.slide)
+        demo = Ensemble.load(demo_model_dir("seg"), task="segmentation", device=self.device_name())
+        # M=5 from the demo's members (repeated if it has fewer): speed does not depend on the weights.
+        members = [demo.members[i % len(demo.members)] for i in range(5)]
+        self.ensembles = {m: Ensemble(demo.manifest, members[:m], folder=demo.folder, device=demo.device)
+                          for m in (1, 5)}
+        self.config = SegmentConfig(batch_size=8, read_workers=2)
+        self.precision = Precision.choose(self.config.precision, demo.device)
+
+    @staticmethod
+    def device_name() -> str:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def mpx(self) -> float:
+        return self.size_px**2 / 1e6
+
+    def _ours(self, m: int) -> float:
+        segment_slide(self.slide, self.ensembles[m], tissue=self.tissue, config=self.config)
+        return self.mpx
+
+    def _naive(self) -> float:
+        # Members one after another, one tile at a time, reading in the calling thread.
+        naive = SegmentConfig(batch_size=1, read_workers=0, precision="fp32")
+        ens5 = self.ensembles[5]
+        for member in ens5.members:
+            single = Ensemble(ens5.manifest, [member], folder=ens5.folder, device=ens5.device)
+            segment_slide(self.slide, single, tissue=self.tissue, config=naive)
+        return self.mpx
+
+    def cases(self) -> list[Case]:
+        return [
+            Case("naive M=5 (member by member, batch 1, no read-ahead)", self._naive, baseline=True),
+            Case("ours M=1", lambda: self._ours(1)),
+            Case("ours M=5", lambda: self._ours(5)),
+        ]
+
+    def conditions(self) -> dict[str, str]:
+        m = self.ensembles[1].manifest
+        return {
+            "device": str(self.ensembles[1].device),
+            "precision": "bf16 autocast" if self.precision.autocast_dtype else "fp32",
+            "torch threads": str(torch.get_num_threads()),
+            "slide": f"phantom {self.size_px}x{self.size_px} px at 0.5 µm/px, tissue only",
+            "model": f"{m.name} {m.architecture} {m.architecture_kwargs['features']}",
+            "tiles": f"{m.tile_size_px} px at {m.input_mpp} µm/px, overlap {self.config.overlap_fraction}",
+            "batch": str(self.config.batch_size),
+        }
+
+    def teardown(self) -> None:
+        self.slide.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,87 @@
+"""SlideResult -> QuPath objects, per the object contract (DESIGN.md §3).
+
+Pure data in, :class:`~bridge.qupath_geojson.QuPathObject` out; the same objects go to paquo
+or to GeoJSON. Every object this tool creates is recognisable by its class (or, for tiles,
+by its name), so a re-run can replace them and leave everything else alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from shapely.geometry import box
+
+from bridge.classes import PDL1_ANALYSIS, PDL1_POSITIVE
+from bridge.qupath_geojson import QuPathObject
+from inference.results import RegionStats, SlideResult
+
+TILE_NAME = "PD-L1 uncertainty"
+OWN_ANNOTATION_CLASSES = frozenset({PDL1_POSITIVE.name, "PD-L1 FN candidate"})
+OWN_DETECTION_CLASSES = frozenset({"Tumor: Positive", "Tumor: Negative", "Other"})
+
+
+def region_measurements(region: RegionStats) -> dict[str, float]:
+    out = {
+        "Area µm^2": region.area_um2,
+        "PD-L1 probability mean": region.prob_mean,
+        "Predictive entropy mean": region.predictive_entropy_mean,
+        "Expected entropy mean": region.expected_entropy_mean,
+        "Mutual information mean": region.mutual_information_mean,
+        "Probability std mean": region.prob_std_mean,
+    }
+    if region.sua_score is not None:
+        out["SUA score"] = region.sua_score
+    return out
+
+
+def parent_measurements(result: SlideResult) -> dict[str, float]:
+    """Summary measurements for the analysed parent annotation."""
+    analysed = result.analysed_area_um2
+    out = {
+        "PD-L1: Positive area µm^2": result.positive_area_um2,
+        "PD-L1: Positive area %": 100 * result.positive_area_um2 / analysed if analysed > 0 else float("nan"),
+    }
+    for key, name in (
+        ("predictive_entropy_mean", "PD-L1: Predictive entropy mean"),
+        ("mutual_information_mean", "PD-L1: Mutual information mean"),
+    ):
+        value = result.summary.get(key)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def region_objects(result: SlideResult) -> Iterator[QuPathObject]:
+    for region in result.regions:
+        yield QuPathObject(region.polygon, "annotation", PDL1_POSITIVE.name, region_measurements(region))
+
+
+def tile_objects(result: SlideResult) -> Iterator[QuPathObject]:
+    for t in result.tiles:
+        yield QuPathObject(
+            box(t.x, t.y, t.x + t.width, t.y + t.height),
+            "tile",
+            None,
+            {
+                "PD-L1 probability": t.prob,
+                "Predictive entropy": t.predictive_entropy,
+                "Expected entropy": t.expected_entropy,
+                "Mutual information": t.mutual_information,
+                "Probability std": t.prob_std,
+                "Tissue fraction": t.tissue_fraction,
+            },
+            name=TILE_NAME,
+        )
+
+
+def analysis_annotation(result: SlideResult) -> QuPathObject:
+    """The ``PD-L1 analysis`` parent created when the pathologist drew no ROI: the whole image."""
+    geometry = box(0, 0, result.image_width_px, result.image_height_px)
+    return QuPathObject(geometry, "annotation", PDL1_ANALYSIS.name, parent_measurements(result), name="PD-L1 analysis")
+
+
+def result_objects(result: SlideResult, *, include_tiles: bool = True) -> Iterator[QuPathObject]:
+    """All child objects of one result, in the order QuPath should add them."""
+    yield from region_objects(result)
+    if include_tiles:
+        yield from tile_objects(result)

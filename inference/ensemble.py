@@ -1,0 +1,127 @@
+"""Load a model folder into torch modules and run its members on a batch of tiles."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from inference.errors import ModelFileError
+from inference.manifest import Manifest, read_manifest
+from inference.unet import build_model
+
+log = logging.getLogger(__name__)
+
+
+def demo_model_dir(kind: str) -> Path:
+    """Folder of a shipped demo model: ``kind`` is ``"seg"`` or ``"nuclei"``."""
+    return Path(str(resources.files("inference") / "demo_models" / kind))
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` picks the first CUDA GPU when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+    return dev
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass(frozen=True)
+class Precision:
+    autocast_dtype: torch.dtype | None
+
+    @classmethod
+    def choose(cls, name: str, device: torch.device) -> Precision:
+        if name == "fp32":
+            return cls(None)
+        if name == "bf16":
+            return cls(torch.bfloat16)
+        if name != "auto":
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {name!r}")
+        if device.type == "cuda" or cpu_supports_bf16():
+            return cls(torch.bfloat16)
+        return cls(None)
+
+
+class Ensemble:
+    """The members of a model folder, loaded once, in eval mode on one device."""
+
+    def __init__(self, manifest: Manifest, members: list[nn.Module], *, folder: Path, device: torch.device):
+        self.manifest = manifest
+        self.members = members
+        self.folder = folder
+        self.device = device
+        norm = manifest.normalization
+        self._mean = torch.tensor(norm["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(norm["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+    @classmethod
+    def load(cls, folder: str | Path, *, task: str, device: str | torch.device = "cpu") -> Ensemble:
+        folder = Path(folder)
+        manifest = read_manifest(folder, task=task, verify=True)
+        dev = resolve_device(device) if isinstance(device, str) else device
+        members = []
+        for member in manifest.members:
+            path = folder / member.file
+            try:
+                model = build_model(manifest.architecture, manifest.architecture_kwargs)
+            except (KeyError, TypeError) as err:
+                raise ModelFileError(
+                    f"{folder / 'manifest.json'}: architecture {manifest.architecture!r} with "
+                    f"{manifest.architecture_kwargs} cannot be built ({err})"
+                ) from err
+            try:
+                state = load_file(path)
+                model.load_state_dict(state, strict=True)
+            except (SafetensorError, RuntimeError, OSError) as err:
+                raise ModelFileError(
+                    f"{path}: weights do not fit {manifest.architecture} {manifest.architecture_kwargs}: "
+                    f"{str(err).splitlines()[0]}"
+                ) from err
+            members.append(model.to(dev).eval())
+        log.info("loaded %s %s (%d members) on %s", manifest.name, manifest.version, len(members), dev)
+        return cls(manifest, members, folder=folder, device=dev)
+
+    @classmethod
+    def from_members(cls, manifest: Manifest, members: list[nn.Module], *, device: str = "cpu") -> Ensemble:
+        """Wrap in-memory modules (training, tests) without files."""
+        dev = resolve_device(device)
+        return cls(manifest, [m.to(dev).eval() for m in members], folder=Path("."), device=dev)
+
+    def normalize(self, batch_uint8: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 normalised as the manifest says."""
+        x = batch_uint8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self._mean) / self._std
+
+    @torch.inference_mode()
+    def member_probs(self, batch_uint8: np.ndarray | torch.Tensor, *, precision: Precision) -> torch.Tensor:
+        """Softmax of every member: (M, B, C, H, W) float32 on the device."""
+        batch = torch.from_numpy(batch_uint8) if isinstance(batch_uint8, np.ndarray) else batch_uint8
+        x = self.normalize(batch)
+        out = []
+        for model in self.members:
+            if precision.autocast_dtype is not None:
+                with torch.autocast(self.device.type, dtype=precision.autocast_dtype):
+                    logits = model(x)
+            else:
+                logits = model(x)
+            out.append(torch.softmax(logits.float(), dim=1))
+        return torch.stack(out)

@@ -1,0 +1,142 @@
+"""Model folders: a ``manifest.json`` plus one safetensors file per member, checked by sha256.
+
+No pickle anywhere: ``torch.load`` of an untrusted file is code execution, safetensors is not.
+The manifest carries what inference needs to use the weights correctly (architecture,
+input MPP, tile size, normalisation, class names, thresholds) and where they came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from inference.errors import ModelFileError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Member:
+    """One ensemble member: its weight file, checksum and provenance."""
+
+    file: str
+    sha256: str
+    cycle: int
+    epoch: int
+    learning_rate: float
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a model folder holds.
+
+    ``task`` is ``"segmentation"`` or ``"nuclei"``; ``thresholds`` holds the calibrated numbers
+    (``segmentation``; SUA's ``sua_lower``, ``sua_upper``, ``sua_threshold``, ...).
+    """
+
+    name: str
+    version: str
+    task: str
+    architecture: str
+    architecture_kwargs: dict[str, Any]
+    input_mpp: float
+    tile_size_px: int
+    normalization: dict[str, list[float]]
+    class_names: list[str]
+    members: list[Member]
+    thresholds: dict[str, float] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False)
+
+    def with_thresholds(self, **thresholds: float) -> Manifest:
+        return replace(self, thresholds={**self.thresholds, **thresholds})
+
+    @property
+    def checksum(self) -> str:
+        """sha256 over the members' checksums: one id for the whole ensemble."""
+        return hashlib.sha256("".join(m.sha256 for m in self.members).encode()).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+_REQUIRED = (
+    "name",
+    "version",
+    "task",
+    "architecture",
+    "architecture_kwargs",
+    "input_mpp",
+    "tile_size_px",
+    "normalization",
+    "class_names",
+    "members",
+)
+
+
+def read_manifest(folder: str | Path, *, task: str | None = None, verify: bool = True) -> Manifest:
+    """Read and check a model folder's manifest; with ``verify``, check every member's sha256.
+
+    Raises :class:`ModelFileError` naming the file for a missing folder or manifest, malformed
+    JSON, missing keys, a task other than ``task``, a missing member or a checksum mismatch.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise ModelFileError(
+            f"{path}: no model manifest; a model folder holds {MANIFEST_NAME} and its members' .safetensors "
+            "files (train one with `pdl1 train`, or leave --model out to use the shipped demo)"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelFileError(f"{path}: not valid JSON ({err})") from err
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        raise ModelFileError(f"{path}: manifest lacks {', '.join(missing)}")
+    if raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise ModelFileError(f"{path}: format_version {raw['format_version']} is newer than this pdl1-bridge reads")
+    try:
+        members = [Member(**m) for m in raw.pop("members")]
+        manifest = Manifest(members=members, **raw)
+    except TypeError as err:
+        raise ModelFileError(f"{path}: unexpected manifest fields ({err})") from err
+    if task is not None and manifest.task != task:
+        raise ModelFileError(f"{path}: a {manifest.task!r} model, but a {task!r} model is needed here")
+    if not manifest.members:
+        raise ModelFileError(f"{path}: lists no members")
+    if verify:
+        for member in manifest.members:
+            file = folder / member.file
+            if not file.is_file():
+                raise ModelFileError(f"{file}: member listed in {path} is missing")
+            actual = sha256_file(file)
+            if actual != member.sha256:
+                raise ModelFileError(
+                    f"{file}: sha256 {actual[:12]}… does not match the manifest's {member.sha256[:12]}…; "
+                    "the file is corrupt or was replaced: restore it or retrain"
+                )
+    return manifest
+
+
+def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / MANIFEST_NAME
+    tmp = path.with_suffix(".json.part")
+    tmp.write_text(manifest.to_json())
+    tmp.replace(path)
+    return path

@@ -1,0 +1,156 @@
+"""The pipeline call: one image (and optional ROI) in, one :class:`SlideResult` out.
+
+This and the result dataclasses are all that ``bridge`` uses of ``inference``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from shapely.geometry import box
+from shapely.geometry.base import BaseGeometry
+
+from inference.ensemble import Ensemble, demo_model_dir
+from inference.regions import positive_regions, resample_mask, uncertainty_tiles
+from inference.results import ModelInfo, SlideResult
+from inference.segment import SegmentConfig, segment_slide
+from inference.slide import Slide, open_slide
+from inference.tiling import validate_roi
+from inference.tissue import TissueMask, tissue_mask_for_slide
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Options of one analysis; built at the edges (CLI, service, batch) and passed down.
+
+    Attributes
+    ----------
+    seg_model_dir
+        Segmentation ensemble folder; the shipped demo when None.
+    device
+        ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+    mpp
+        Overrides the slide's microns per pixel (required for slides that state none).
+    use_tissue
+        Analyse only detected tissue inside the ROI.
+    threshold
+        Segmentation threshold on the ensemble-mean probability; the manifest's when None.
+    min_region_area_um2
+        Positive islands smaller than this are dropped.
+    uncertainty_tile_um
+        Edge of the uncertainty grid tiles.
+    """
+
+    seg_model_dir: str | None = None
+    device: str = "auto"
+    mpp: float | None = None
+    use_tissue: bool = True
+    tissue_mpp: float = 8.0
+    threshold: float | None = None
+    min_region_area_um2: float = 200.0
+    uncertainty_tile_um: float = 64.0
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+
+    def digest(self) -> str:
+        """Short hash of the configuration, recorded with every result."""
+        payload = json.dumps(asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class Models:
+    """Models loaded once and reused across images (the service keeps one)."""
+
+    def __init__(self, config: PipelineConfig):
+        folder = config.seg_model_dir or demo_model_dir("seg")
+        self.seg = Ensemble.load(folder, task="segmentation", device=config.device)
+
+    @property
+    def seg_info(self) -> ModelInfo:
+        m = self.seg.manifest
+        return ModelInfo(m.name, m.version, m.checksum, len(m.members))
+
+
+def analyse_slide(
+    image: str | Path | Slide,
+    *,
+    models: Models,
+    config: PipelineConfig,
+    roi: BaseGeometry | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> SlideResult:
+    """Analyse the ROI (level-0 polygon; the whole tissue when None) of one image."""
+    slide = image if isinstance(image, Slide) else open_slide(image, mpp=config.mpp)
+    try:
+        return _analyse(
+            slide, models=models, config=config, roi=roi, on_progress=on_progress, should_cancel=should_cancel
+        )
+    finally:
+        if not isinstance(image, Slide):
+            slide.close()
+
+
+def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> SlideResult:
+    width, height = slide.dimensions
+    if roi is not None:
+        roi = validate_roi(roi, image_size_wh=(width, height))
+    tissue: TissueMask | None = tissue_mask_for_slide(slide, mpp=config.tissue_mpp) if config.use_tissue else None
+    maps = segment_slide(
+        slide,
+        models.seg,
+        roi=roi,
+        tissue=tissue,
+        config=config.segment,
+        on_progress=on_progress,
+        should_cancel=should_cancel,
+    )
+    manifest = models.seg.manifest
+    threshold = config.threshold if config.threshold is not None else manifest.thresholds.get("segmentation", 0.5)
+    if tissue is not None:
+        tissue_on_map = resample_mask(
+            tissue.mask, tissue.downsample, shape_hw=maps.shape, origin_xy=maps.origin_xy, downsample=maps.downsample
+        )
+    else:
+        tissue_on_map = np.ones(maps.shape, bool)
+    analysed = tissue_on_map & maps.covered
+    regions = positive_regions(maps, threshold=threshold, min_area_um2=config.min_region_area_um2)
+    tiles = uncertainty_tiles(maps, tissue_on_map, tile_um=config.uncertainty_tile_um)
+    px_area_um2 = maps.mpp**2
+    positive = (np.asarray(maps.prob) >= threshold) & analysed
+    analysed_area = float(analysed.sum() * px_area_um2)
+    area = roi if roi is not None else box(0, 0, width, height)
+    summary = {
+        "threshold": threshold,
+        "predictive_entropy_mean": float(np.asarray(maps.predictive_entropy)[analysed].mean())
+        if analysed.any()
+        else None,
+        "mutual_information_mean": float(np.asarray(maps.mutual_information)[analysed].mean())
+        if analysed.any()
+        else None,
+        "roi_area_um2": float(area.area * (maps.mpp / maps.downsample) ** 2),
+        "tissue_fraction": float(tissue.fraction) if tissue is not None else None,
+    }
+    return SlideResult(
+        image_path=str(slide.path) if slide.path else "",
+        image_width_px=width,
+        image_height_px=height,
+        mpp=slide.mpp.mean,
+        run_id=str(uuid.uuid4()),
+        config_hash=config.digest(),
+        seg_model=models.seg_info,
+        maps=maps,
+        regions=regions,
+        tiles=tiles,
+        positive_area_um2=float(positive.sum() * px_area_um2),
+        analysed_area_um2=analysed_area,
+        summary=summary,
+    )

@@ -1,0 +1,123 @@
+"""From maps to things a pathologist sees: region polygons and uncertainty grid tiles."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from inference.results import RegionStats, UncertaintyMaps, UncertaintyTile
+from inference.vectorize import mask_to_polygons
+
+_MAP_FIELDS = ("prob", "predictive_entropy", "expected_entropy", "mutual_information", "prob_std")
+
+
+def level0_mpp(maps: UncertaintyMaps) -> float:
+    return maps.mpp / maps.downsample
+
+
+def region_stats(
+    maps: UncertaintyMaps,
+    mask: np.ndarray,
+    *,
+    min_area_um2: float,
+    simplify_px: float = 1.0,
+    scores: dict[int, float] | None = None,
+) -> tuple[RegionStats, ...]:
+    """Vectorise ``mask`` (bool, on the maps' grid) into regions with the map means over each one.
+
+    Islands under ``min_area_um2`` are dropped. ``scores`` (label -> SUA score) is for candidates.
+    """
+    min_area_px = min_area_um2 / maps.mpp**2
+    polygons, labels = mask_to_polygons(
+        mask, downsample=maps.downsample, origin_xy=maps.origin_xy, min_area_px=min_area_px, simplify_px=simplify_px
+    )
+    if not polygons:
+        return ()
+    n = len(polygons) + 1
+    flat = labels.ravel()
+    counts = np.bincount(flat, minlength=n).astype(np.float64)
+    means = {
+        name: np.bincount(flat, weights=np.asarray(getattr(maps, name)).ravel(), minlength=n) / np.maximum(counts, 1)
+        for name in _MAP_FIELDS
+    }
+    mpp0 = level0_mpp(maps)
+    return tuple(
+        RegionStats(
+            polygon=poly,
+            area_um2=float(poly.area * mpp0**2),
+            prob_mean=float(means["prob"][i]),
+            predictive_entropy_mean=float(means["predictive_entropy"][i]),
+            expected_entropy_mean=float(means["expected_entropy"][i]),
+            mutual_information_mean=float(means["mutual_information"][i]),
+            prob_std_mean=float(means["prob_std"][i]),
+            sua_score=None if scores is None else scores.get(i),
+        )
+        for i, poly in enumerate(polygons, start=1)
+    )
+
+
+def positive_regions(
+    maps: UncertaintyMaps, *, threshold: float, min_area_um2: float = 200.0, simplify_px: float = 1.0
+) -> tuple[RegionStats, ...]:
+    """Regions where the ensemble-mean probability is at least ``threshold``."""
+    return region_stats(
+        maps, (np.asarray(maps.prob) >= threshold) & maps.covered, min_area_um2=min_area_um2, simplify_px=simplify_px
+    )
+
+
+def uncertainty_tiles(
+    maps: UncertaintyMaps, tissue_on_map: np.ndarray, *, tile_um: float = 64.0
+) -> tuple[UncertaintyTile, ...]:
+    """Mean map values over square cells of ``tile_um`` (covered pixels only); cells without tissue are left out.
+
+    ``tissue_on_map`` is a bool mask of tissue on the maps' grid.
+    """
+    cell = max(1, round(tile_um / maps.mpp))
+    h, w = maps.shape
+    hc, wc = -(-h // cell), -(-w // cell)
+
+    def block_sum(a: np.ndarray) -> np.ndarray:
+        padded = np.zeros((hc * cell, wc * cell), np.float64)
+        padded[:h, :w] = a
+        return padded.reshape(hc, cell, wc, cell).sum(axis=(1, 3))
+
+    covered = np.asarray(maps.covered)
+    n_cov = block_sum(covered)
+    tissue = block_sum(tissue_on_map & covered)
+    sums = {name: block_sum(np.where(covered, getattr(maps, name), 0.0)) for name in _MAP_FIELDS}
+    size0 = cell * maps.downsample
+    out = []
+    for r, c in zip(*np.nonzero(tissue > 0), strict=True):
+        k = n_cov[r, c]
+        out.append(
+            UncertaintyTile(
+                x=maps.origin_xy[0] + c * size0,
+                y=maps.origin_xy[1] + r * size0,
+                width=size0,
+                height=size0,
+                prob=float(sums["prob"][r, c] / k),
+                predictive_entropy=float(sums["predictive_entropy"][r, c] / k),
+                expected_entropy=float(sums["expected_entropy"][r, c] / k),
+                mutual_information=float(sums["mutual_information"][r, c] / k),
+                prob_std=float(sums["prob_std"][r, c] / k),
+                tissue_fraction=float(tissue[r, c] / (cell * cell)),
+            )
+        )
+    return tuple(out)
+
+
+def resample_mask(
+    mask: np.ndarray,
+    mask_downsample: float,
+    *,
+    shape_hw: tuple[int, int],
+    origin_xy: tuple[float, float],
+    downsample: float,
+) -> np.ndarray:
+    """Nearest-neighbour sample of a level-0-anchored mask onto another grid (origin, downsample, shape)."""
+    h, w = shape_hw
+    ys = ((origin_xy[1] + (np.arange(h) + 0.5) * downsample) / mask_downsample).astype(np.int64)
+    xs = ((origin_xy[0] + (np.arange(w) + 0.5) * downsample) / mask_downsample).astype(np.int64)
+    inside_y = (ys >= 0) & (ys < mask.shape[0])
+    inside_x = (xs >= 0) & (xs < mask.shape[1])
+    out = mask[np.clip(ys, 0, mask.shape[0] - 1)][:, np.clip(xs, 0, mask.shape[1] - 1)]
+    return out & inside_y[:, None] & inside_x[None, :]

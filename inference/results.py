@@ -1,0 +1,99 @@
+"""What the pipeline hands to ``bridge``: frozen dataclasses of numpy arrays, shapely geometry and numbers.
+
+Nothing here imports torch; this is the whole of what crosses the inference/bridge line.
+Geometry is in level-0 pixels of the image; areas carry their unit in the name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from shapely.geometry import MultiPolygon, Polygon
+
+from inference.uncertainty import MAP_NAMES
+
+
+@dataclass(frozen=True)
+class UncertaintyMaps:
+    """Per-pixel maps on a grid of ``downsample`` level-0 px per map px, starting at ``origin_xy``.
+
+    All maps are float32 (height, width); ``covered`` is False where no tile predicted
+    (outside the ROI/tissue), and the maps hold 0 there. Large maps may be memory-mapped.
+    """
+
+    prob: np.ndarray
+    predictive_entropy: np.ndarray
+    expected_entropy: np.ndarray
+    mutual_information: np.ndarray
+    prob_std: np.ndarray
+    covered: np.ndarray
+    origin_xy: tuple[float, float]
+    downsample: float
+    mpp: float
+    member_prob: np.ndarray | None = None  # (M, height, width) when asked for
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in MAP_NAMES}
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.prob.shape
+
+
+@dataclass(frozen=True)
+class RegionStats:
+    """A predicted region (or SUA candidate) with the means of the maps over its pixels."""
+
+    polygon: Polygon | MultiPolygon
+    area_um2: float
+    prob_mean: float
+    predictive_entropy_mean: float
+    expected_entropy_mean: float
+    mutual_information_mean: float
+    prob_std_mean: float
+    sua_score: float | None = None
+
+
+@dataclass(frozen=True)
+class UncertaintyTile:
+    """One cell of the uncertainty grid: level-0 box and the means of the maps inside it."""
+
+    x: float
+    y: float
+    width: float
+    height: float
+    prob: float
+    predictive_entropy: float
+    expected_entropy: float
+    mutual_information: float
+    prob_std: float
+    tissue_fraction: float
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    sha256: str
+    members: int
+
+
+@dataclass(frozen=True)
+class SlideResult:
+    """Everything one analysis of one image produced, with its provenance (DESIGN.md §2)."""
+
+    image_path: str
+    image_width_px: int
+    image_height_px: int
+    mpp: float
+    run_id: str
+    config_hash: str
+    seg_model: ModelInfo
+    maps: UncertaintyMaps
+    regions: tuple[RegionStats, ...]
+    tiles: tuple[UncertaintyTile, ...]
+    positive_area_um2: float
+    analysed_area_um2: float
+    summary: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,298 @@
+"""Sliding-window ensemble segmentation with uncertainty maps.
+
+As nnU-Net's predictor: tiles are read ahead on a thread pool, batched, run through every
+member under ``torch.inference_mode``, weighted by a Gaussian importance map, added into
+fp32 accumulators and divided once at the end (checked finite). Per tile and pixel the
+ensemble statistics of :mod:`inference.uncertainty` are computed from member
+probabilities, then blended; so an ensemble of identical members has zero mutual
+information, and overlapping tiles never count as extra members.
+
+Maps are pooled to ``map_downsample`` model px per map px while accumulating; beyond
+``max_in_memory_mb`` the accumulators live in a memory-mapped scratch file, so memory does
+not grow with slide size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from shapely.geometry.base import BaseGeometry
+
+from inference.ensemble import Ensemble, Precision
+from inference.readahead import read_ahead
+from inference.results import UncertaintyMaps
+from inference.slide import Slide
+from inference.tiling import TileGrid, gaussian_weights, rasterize_polygon, tile_grid, validate_roi
+from inference.tissue import TissueMask
+from inference.uncertainty import ensemble_stats
+
+log = logging.getLogger(__name__)
+
+# Accumulator channels: weight, prob, predictive entropy, expected entropy, prob std, and
+# mutual information (filled at the end); then optionally one positive probability per member.
+_N_ACC = 6
+_STRIP_ROWS = 512
+
+
+class Cancelled(Exception):  # noqa: N818 - reads as what happened
+    """Raised between batches when ``should_cancel()`` answers True."""
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """How to run the sliding window.
+
+    Attributes
+    ----------
+    map_downsample
+        Model px per map px (the maps' resolution is ``input_mpp * map_downsample`` µm/px).
+    overlap_fraction
+        Minimal overlap of neighbouring tiles as a fraction of the tile (nnU-Net uses 0.5).
+    batch_size
+        Tiles per forward pass (all members see the same batch).
+    read_workers
+        Threads reading tiles ahead; 0 reads in the calling thread.
+    precision
+        ``auto`` (bf16 autocast on CUDA and on CPUs with native bf16), ``fp32`` or ``bf16``.
+    max_in_memory_mb
+        Accumulators larger than this go to a memory-mapped scratch file.
+    member_maps
+        Also keep each member's blended positive probability (for evaluation).
+    """
+
+    map_downsample: int = 4
+    overlap_fraction: float = 0.25
+    batch_size: int = 8
+    read_workers: int = 2
+    precision: str = "auto"
+    max_in_memory_mb: float = 512.0
+    scratch_dir: Path | None = None
+    member_maps: bool = False
+
+    def __post_init__(self) -> None:
+        if self.map_downsample < 1:
+            raise ValueError(f"map_downsample must be >= 1, got {self.map_downsample}")
+        if not 0 <= self.overlap_fraction < 1:
+            raise ValueError(f"overlap_fraction must be in [0, 1), got {self.overlap_fraction}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def _allocate(
+    shape: tuple[int, ...], config: SegmentConfig, *, dtype=np.float32, name: str = "acc"
+) -> tuple[np.ndarray, Path | None]:
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    if nbytes <= config.max_in_memory_mb * 2**20:
+        return np.zeros(shape, dtype), None
+    scratch = Path(tempfile.mkdtemp(prefix="pdl1-maps-", dir=config.scratch_dir))
+    log.info("%s of %.0f MB memory-mapped in %s", name, nbytes / 2**20, scratch)
+    return np.lib.format.open_memmap(scratch / f"{name}.npy", mode="w+", dtype=dtype, shape=shape), scratch
+
+
+def accumulate_tile_stats(
+    acc: np.ndarray, stats: torch.Tensor, weights: torch.Tensor, cells_xy: np.ndarray, *, map_downsample: int
+) -> None:
+    """Add Gaussian-weighted, pooled per-tile statistics into the accumulators in place.
+
+    ``stats`` (B, K, T, T) holds prob, predictive entropy, expected entropy and prob std,
+    then optionally one positive probability per member; they go to ``acc`` channels 1-4 and
+    6 onwards (see :func:`finish_maps`), the pooled weight to channel 0. ``weights`` is the
+    (T, T) importance map and ``cells_xy`` (B, 2) the tiles' top-left map cells.
+    """
+    f = map_downsample
+    w = weights.to(stats.device)
+    weighted = stats * w
+    if f > 1:
+        weighted = F.avg_pool2d(weighted, f)
+        w = F.avg_pool2d(w[None, None], f)[0, 0]
+    pooled = weighted.cpu().numpy()
+    w_cells = w.cpu().numpy()
+    tile_h, tile_w = w_cells.shape
+    _, acc_h, acc_w = acc.shape
+    for (cx, cy), tile_stats in zip(cells_xy, pooled, strict=True):
+        # Tiles can reach past the map edge; only the part inside is kept.
+        hh, ww = min(tile_h, acc_h - cy), min(tile_w, acc_w - cx)
+        if hh <= 0 or ww <= 0:
+            continue
+        acc[0, cy : cy + hh, cx : cx + ww] += w_cells[:hh, :ww]
+        acc[1:5, cy : cy + hh, cx : cx + ww] += tile_stats[:4, :hh, :ww]
+        if len(tile_stats) > 4:
+            acc[_N_ACC:, cy : cy + hh, cx : cx + ww] += tile_stats[4:, :hh, :ww]
+
+
+def finish_maps(
+    acc: np.ndarray,
+    covered: np.ndarray,
+    *,
+    origin_xy: tuple[float, float],
+    downsample: float,
+    mpp: float,
+    valid: np.ndarray | None,
+) -> UncertaintyMaps:
+    """Divide the weighted sums by the weights once, in place and in row strips; derive mutual information.
+
+    ``acc`` channels: weight, prob, predictive entropy, expected entropy, prob std, (mutual
+    information, written here), then optionally one positive probability per member.
+    ``covered`` (bool, same grid) is filled here. Working in strips keeps memory-mapped maps
+    out of core.
+    """
+    height = acc.shape[1]
+    for r0 in range(0, height, _STRIP_ROWS):
+        rows = slice(r0, min(r0 + _STRIP_ROWS, height))
+        weight = acc[0, rows]
+        cov = weight > 0
+        if valid is not None:
+            cov &= valid[rows]
+        covered[rows] = cov
+        safe = np.where(cov, weight, 1.0).astype(np.float32)
+        for c in (1, 2, 3, 4, *range(_N_ACC, acc.shape[0])):
+            values = acc[c, rows]
+            np.divide(values, safe, out=values)
+            values[~cov] = 0.0
+            if not np.isfinite(values).all():
+                raise FloatingPointError(f"non-finite values in map channel {c}; the model produced inf/NaN")
+        acc[5, rows] = np.maximum(acc[2, rows] - acc[3, rows], 0.0)
+    return UncertaintyMaps(
+        prob=acc[1],
+        predictive_entropy=acc[2],
+        expected_entropy=acc[3],
+        mutual_information=acc[5],
+        prob_std=acc[4],
+        covered=covered,
+        origin_xy=origin_xy,
+        downsample=downsample,
+        mpp=mpp,
+        member_prob=acc[_N_ACC:] if acc.shape[0] > _N_ACC else None,
+    )
+
+
+def plan_tiles(
+    slide: Slide,
+    ensemble: Ensemble,
+    *,
+    roi: BaseGeometry | None,
+    tissue: TissueMask | None,
+    config: SegmentConfig,
+) -> TileGrid:
+    manifest = ensemble.manifest
+    tile = manifest.tile_size_px
+    overlap = round(tile * config.overlap_fraction / config.map_downsample) * config.map_downsample
+    return tile_grid(
+        image_size_wh=slide.dimensions,
+        tile_size_px=tile,
+        overlap_px=min(overlap, tile - config.map_downsample),
+        downsample=manifest.input_mpp / slide.mpp.mean,
+        roi=roi,
+        tissue_mask=None if tissue is None else tissue.mask,
+        tissue_downsample=None if tissue is None else tissue.downsample,
+        align_px=config.map_downsample,
+    )
+
+
+def segment_slide(
+    slide: Slide,
+    ensemble: Ensemble,
+    *,
+    roi: BaseGeometry | None = None,
+    tissue: TissueMask | None = None,
+    config: SegmentConfig | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> UncertaintyMaps:
+    """Run the ensemble over the ROI (or the tissue, or the whole image) of ``slide``.
+
+    Returns maps on a grid of ``input_mpp * map_downsample`` µm/px covering the tiles'
+    bounds; pixels outside the ROI and tissue are not ``covered``.
+    """
+    config = config or SegmentConfig()
+    manifest = ensemble.manifest
+    tile = manifest.tile_size_px
+    f = config.map_downsample
+    if tile % f:
+        raise ValueError(f"the model's tile size {tile} is not a multiple of map_downsample {f}")
+    if roi is not None:
+        roi = validate_roi(roi, image_size_wh=slide.dimensions)
+    grid = plan_tiles(slide, ensemble, roi=roi, tissue=tissue, config=config)
+    model_ds = grid.downsample
+    width, height = slide.dimensions
+    bx0, by0, bx1, by1 = grid.bounds_xy
+    cell0_x, cell0_y = round(bx0 / model_ds / f), round(by0 / model_ds / f)
+    map_w = max(1, math.ceil(min(bx1, width) / model_ds / f) - cell0_x)
+    map_h = max(1, math.ceil(min(by1, height) / model_ds / f) - cell0_y)
+    origin_xy = (cell0_x * f * model_ds, cell0_y * f * model_ds)
+    n_channels = _N_ACC + (len(ensemble.members) if config.member_maps else 0)
+    acc, scratch = _allocate((n_channels, map_h, map_w), config)
+    covered, scratch_cov = _allocate((map_h, map_w), config, dtype=bool, name="covered")
+
+    precision = Precision.choose(config.precision, ensemble.device)
+    weights = torch.from_numpy(np.array(gaussian_weights(tile)))
+    total = len(grid)
+    log.info(
+        "segmenting %s: %d tiles of %d px at %.3g µm/px, %d members",
+        slide.path,
+        total,
+        tile,
+        manifest.input_mpp,
+        len(ensemble.members),
+    )
+
+    def read(index: int) -> np.ndarray:
+        x, y = grid.origins_xy[index]
+        return slide.read_region_at_mpp((int(x), int(y)), (tile, tile), mpp=manifest.input_mpp)
+
+    done = 0
+    batch_idx: list[int] = []
+    batch_px: list[np.ndarray] = []
+
+    def flush() -> None:
+        nonlocal done
+        probs = ensemble.member_probs(np.stack(batch_px), precision=precision)
+        stats = ensemble_stats(probs)[:, [0, 1, 2, 4]]
+        if config.member_maps:
+            stats = torch.cat([stats, probs[:, :, 1].transpose(0, 1)], dim=1)
+        cells = grid.origins_model_px[batch_idx] // f - np.array([cell0_x, cell0_y])
+        accumulate_tile_stats(acc, stats, weights, cells, map_downsample=f)
+        done += len(batch_idx)
+        batch_idx.clear()
+        batch_px.clear()
+        if on_progress is not None:
+            on_progress(done, total)
+
+    if on_progress is not None:
+        on_progress(0, total)
+    for index, pixels in read_ahead(read, range(total), workers=config.read_workers, max_pending=2 * config.batch_size):
+        batch_idx.append(index)
+        batch_px.append(pixels)
+        if len(batch_idx) == config.batch_size:
+            if should_cancel is not None and should_cancel():
+                raise Cancelled(f"cancelled after {done} of {total} tiles")
+            flush()
+    if batch_idx:
+        flush()
+
+    valid = None
+    map_ds = model_ds * f
+    if roi is not None:
+        shifted = _shift(roi, -origin_xy[0], -origin_xy[1])
+        valid = rasterize_polygon(shifted, shape_hw=(map_h, map_w), downsample=map_ds)
+    maps = finish_maps(acc, covered, origin_xy=origin_xy, downsample=map_ds, mpp=manifest.input_mpp * f, valid=valid)
+    for folder in (scratch, scratch_cov):
+        if folder is not None:
+            weakref.finalize(maps, shutil.rmtree, folder, True)
+    return maps
+
+
+def _shift(geom: BaseGeometry, dx: float, dy: float) -> BaseGeometry:
+    from shapely import affinity
+
+    return affinity.translate(geom, dx, dy)

@@ -1,0 +1,336 @@
+"""Train a segmentation ensemble the nnUNet-B way: cyclic cosine learning rate, members at the low ends.
+
+One network is trained with cosine annealing and warm restarts. At the low-learning-rate end
+of every cycle it sits in a different mode of the loss surface; the weights saved there are
+samples that approximate the posterior, and their mean softmax is the prediction.
+
+Data are phantom slides with their truth (``<stem>.truth/positive_mask.tif``): each slide is
+read whole at the model's input MPP, and class-balanced patches are drawn from it.
+Training is seeded and resumable: a checkpoint (safetensors + JSON, no pickle) is written
+after every epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from safetensors.torch import load_file, save_file
+
+from inference import __version__
+from inference.augment import augment_batch
+from inference.manifest import Manifest, Member, sha256_file, write_manifest
+from inference.phantom import load_truth
+from inference.slide import open_slide
+from inference.tissue import detect_tissue
+from inference.unet import PlainConvUNet
+
+log = logging.getLogger(__name__)
+
+# ImageNet-free normalisation: the phantom/H&E mean and spread, fixed so members agree.
+NORMALIZATION = {"mean": [0.78, 0.62, 0.78], "std": [0.15, 0.18, 0.12]}
+CLASS_NAMES = ["background", "PD-L1 positive"]
+
+
+@dataclass(frozen=True)
+class SegTrainConfig:
+    """Everything that defines a training run (recorded in the manifest).
+
+    The learning rate follows ``lr_min + (lr_max - lr_min) * (1 + cos(pi * t / T)) / 2`` within
+    each cycle of ``epochs_per_cycle`` epochs, restarting at ``lr_max``. The last
+    ``members_per_cycle`` epochs of each cycle (the low end) each give a member; with
+    ``drop_first_cycle`` the first cycle's members (not yet converged) are left out.
+    ``optimizer`` is ``sgd`` (Nesterov momentum 0.99, as nnU-Net) or ``adamw``.
+    """
+
+    slides: tuple[str, ...]
+    out_dir: str
+    name: str = "pdl1-seg"
+    version: str = "1"
+    input_mpp: float = 2.0
+    patch_px: int = 128
+    tile_size_px: int = 256
+    features: tuple[int, ...] = (8, 16, 32, 64)
+    batch_size: int = 16
+    cycles: int = 5
+    epochs_per_cycle: int = 4
+    iterations_per_epoch: int = 40
+    members_per_cycle: int = 1
+    drop_first_cycle: bool = True
+    optimizer: str = "adamw"
+    lr_max: float = 3e-3
+    lr_min: float = 3e-5
+    weight_decay: float = 1e-4
+    positive_fraction: float = 0.5
+    threshold: float = 0.5
+    seed: int = 0
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if not 1 <= self.members_per_cycle <= self.epochs_per_cycle:
+            raise ValueError("members_per_cycle must be between 1 and epochs_per_cycle")
+        if self.drop_first_cycle and self.cycles < 2:
+            raise ValueError("drop_first_cycle needs at least 2 cycles")
+        divisor = 2 ** (len(self.features) - 1)
+        if self.patch_px % divisor or self.tile_size_px % divisor:
+            raise ValueError(
+                f"patch_px and tile_size_px must be multiples of {divisor} for {len(self.features)} stages"
+            )
+        if not self.slides:
+            raise ValueError("no training slides given")
+
+    @property
+    def total_epochs(self) -> int:
+        return self.cycles * self.epochs_per_cycle
+
+
+def learning_rate(config: SegTrainConfig, epoch: int, iteration: int) -> float:
+    """Cosine annealing with warm restarts, per iteration."""
+    t = (epoch % config.epochs_per_cycle) * config.iterations_per_epoch + iteration
+    period = config.epochs_per_cycle * config.iterations_per_epoch
+    return config.lr_min + (config.lr_max - config.lr_min) * (1 + math.cos(math.pi * t / period)) / 2
+
+
+def is_member_epoch(config: SegTrainConfig, epoch: int) -> bool:
+    cycle, within = divmod(epoch, config.epochs_per_cycle)
+    if config.drop_first_cycle and cycle == 0:
+        return False
+    return within >= config.epochs_per_cycle - config.members_per_cycle
+
+
+@dataclass
+class _SlideData:
+    name: str
+    rgb: np.ndarray  # uint8 (H, W, 3) at input_mpp
+    mask: np.ndarray  # uint8 (H, W)
+    positive_idx: np.ndarray  # flat indices of valid positive centres
+    tissue_idx: np.ndarray
+    summary: dict
+
+
+def load_training_slide(path: str | Path, *, input_mpp: float, patch_px: int) -> _SlideData:
+    """Read a phantom slide whole at ``input_mpp`` with its truth mask on the same grid."""
+    truth = load_truth(path)
+    with open_slide(path) as slide:
+        rgb = slide.thumbnail(mpp=input_mpp)
+        ds = input_mpp / slide.mpp.mean
+    h, w = rgb.shape[:2]
+    ys = np.minimum(((np.arange(h) + 0.5) * ds / truth.mask_downsample).astype(int), truth.positive_mask.shape[0] - 1)
+    xs = np.minimum(((np.arange(w) + 0.5) * ds / truth.mask_downsample).astype(int), truth.positive_mask.shape[1] - 1)
+    mask = truth.positive_mask[ys][:, xs].astype(np.uint8)
+    tissue = detect_tissue(rgb)
+    half = patch_px // 2
+    valid = np.zeros((h, w), bool)
+    valid[half : h - half, half : w - half] = True
+    return _SlideData(
+        name=Path(path).name,
+        rgb=rgb,
+        mask=mask,
+        positive_idx=np.flatnonzero(valid & (mask == 1)),
+        tissue_idx=np.flatnonzero(valid & tissue),
+        summary=truth.summary,
+    )
+
+
+def sample_batch(
+    data: list[_SlideData], rng: np.random.Generator, *, batch_size: int, patch_px: int, positive_fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class-balanced patches: ``positive_fraction`` centred on positive pixels, the rest on tissue."""
+    images = np.empty((batch_size, patch_px, patch_px, 3), np.uint8)
+    masks = np.empty((batch_size, patch_px, patch_px), np.uint8)
+    half = patch_px // 2
+    for i in range(batch_size):
+        d = data[int(rng.integers(len(data)))]
+        pool = d.positive_idx if (rng.random() < positive_fraction and d.positive_idx.size) else d.tissue_idx
+        if pool.size == 0:
+            pool = np.arange(d.mask.size)
+        r, c = divmod(int(pool[rng.integers(pool.size)]), d.mask.shape[1])
+        r = min(max(r, half), d.mask.shape[0] - half)
+        c = min(max(c, half), d.mask.shape[1] - half)
+        images[i] = d.rgb[r - half : r + half, c - half : c + half]
+        masks[i] = d.mask[r - half : r + half, c - half : c + half]
+    return images, masks
+
+
+def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy + soft Dice of the positive class (nnU-Net's compound loss, 2 classes)."""
+    ce = F.cross_entropy(logits, target)
+    p = torch.softmax(logits, dim=1)[:, 1]
+    t = (target == 1).float()
+    inter = (p * t).sum()
+    soft_dice = (2 * inter + 1) / (p.sum() + t.sum() + 1)
+    return ce + (1 - soft_dice)
+
+
+def _optimizer(config: SegTrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=config.lr_max, momentum=0.99, nesterov=True, weight_decay=config.weight_decay
+        )
+    return torch.optim.AdamW(model.parameters(), lr=config.lr_max, weight_decay=config.weight_decay)
+
+
+# ---------------------------------------------------------------- checkpoints (no pickle)
+
+
+def _save_checkpoint(folder: Path, model, optimizer, *, epoch: int, rng: np.random.Generator, members: list) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt_state = optimizer.state_dict()
+    scalars: dict[str, dict[str, float]] = {}
+    for idx, state in opt_state["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.ndim > 0:
+                tensors[f"opt.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = float(value)
+    tensors["torch_rng"] = torch.get_rng_state()
+    save_file(tensors, str(folder / "state.safetensors.part"))
+    (folder / "state.safetensors.part").replace(folder / "state.safetensors")
+    meta = {
+        "epoch": epoch,
+        "numpy_rng": rng.bit_generator.state,
+        "members": members,
+        "opt_scalars": scalars,
+        "param_groups": opt_state["param_groups"],
+    }
+    (folder / "state.json.part").write_text(json.dumps(meta))
+    (folder / "state.json.part").replace(folder / "state.json")
+
+
+def _load_checkpoint(folder: Path, model, optimizer, rng: np.random.Generator) -> tuple[int, list]:
+    tensors = load_file(str(folder / "state.safetensors"))
+    meta = json.loads((folder / "state.json").read_text())
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for idx, values in meta["opt_scalars"].items():
+        for name, value in values.items():
+            state.setdefault(int(idx), {})[name] = torch.tensor(value)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["torch_rng"])
+    rng.bit_generator.state = meta["numpy_rng"]
+    return int(meta["epoch"]), meta["members"]
+
+
+def _save_member(out_dir: Path, model: torch.nn.Module, index: int) -> tuple[str, str]:
+    name = f"member_{index:02d}.safetensors"
+    # fp16 on disk keeps the shipped demo small; weights are cast back to fp32 on load.
+    state = {
+        k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in model.state_dict().items()
+    }
+    # One metadata key only: safetensors writes metadata in hash-map order, which would make
+    # the bytes (and sha256) of identical weights differ between runs.
+    save_file(state, str(out_dir / name), metadata={"format": "pt"})
+    return name, sha256_file(out_dir / name)
+
+
+def train_segmentation(
+    config: SegTrainConfig,
+    *,
+    resume: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Manifest:
+    """Train and write an ensemble folder (``config.out_dir``); returns its manifest."""
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    device = torch.device(config.device)
+    data = [load_training_slide(p, input_mpp=config.input_mpp, patch_px=config.patch_px) for p in config.slides]
+    arch_kwargs = {"in_channels": 3, "n_classes": 2, "features": list(config.features), "n_conv_per_stage": 2}
+    model = PlainConvUNet(**{**arch_kwargs, "features": tuple(config.features)}).to(device)
+    optimizer = _optimizer(config, model)
+    ckpt = out_dir / "checkpoint"
+    start_epoch, members = 0, []
+    if resume and (ckpt / "state.json").is_file():
+        last, members = _load_checkpoint(ckpt, model, optimizer, rng)
+        start_epoch = last + 1
+        log.info("resuming at epoch %d with %d members", start_epoch, len(members))
+    mean = torch.tensor(NORMALIZATION["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(NORMALIZATION["std"], device=device).view(1, 3, 1, 1)
+    total = config.total_epochs * config.iterations_per_epoch
+    for epoch in range(start_epoch, config.total_epochs):
+        model.train()
+        losses = []
+        for it in range(config.iterations_per_epoch):
+            lr = learning_rate(config, epoch, it)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images, masks = sample_batch(
+                data,
+                rng,
+                batch_size=config.batch_size,
+                patch_px=config.patch_px,
+                positive_fraction=config.positive_fraction,
+            )
+            images, masks = augment_batch(images, masks, rng)
+            x = (torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255 - mean) / std
+            y = torch.from_numpy(masks.astype(np.int64)).to(device)
+            loss = seg_loss(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+            optimizer.step()
+            losses.append(loss.item())
+            if on_progress is not None:
+                on_progress(epoch * config.iterations_per_epoch + it + 1, total)
+        log.info("epoch %d loss %.4f lr %.2e", epoch, float(np.mean(losses)), lr)
+        if is_member_epoch(config, epoch):
+            name, digest = _save_member(out_dir, model, len(members))
+            members.append(
+                {
+                    "file": name,
+                    "sha256": digest,
+                    "cycle": epoch // config.epochs_per_cycle,
+                    "epoch": epoch,
+                    "learning_rate": lr,
+                    "train_loss": float(np.mean(losses)),
+                }
+            )
+        _save_checkpoint(ckpt, model, optimizer, epoch=epoch, rng=rng, members=members)
+
+    manifest = Manifest(
+        name=config.name,
+        version=config.version,
+        task="segmentation",
+        architecture="PlainConvUNet",
+        architecture_kwargs=arch_kwargs,
+        input_mpp=config.input_mpp,
+        tile_size_px=config.tile_size_px,
+        normalization=NORMALIZATION,
+        class_names=CLASS_NAMES,
+        members=[Member(**{k: m[k] for k in ("file", "sha256", "cycle", "epoch", "learning_rate")}) for m in members],
+        thresholds={"segmentation": config.threshold},
+        training={
+            "config": {k: v for k, v in asdict(config).items() if k != "out_dir"},
+            "data": [
+                {
+                    "slide": d.name,
+                    "seed": d.summary["spec"]["seed"],
+                    "tps_percent": d.summary["spec"]["tps_percent"],
+                    "shift": d.summary["spec"]["shift"],
+                    "size_px": [d.summary["spec"]["width_px"], d.summary["spec"]["height_px"]],
+                    "positive_fraction": float(d.mask.mean()),
+                }
+                for d in data
+            ],
+            "final_losses": [m["train_loss"] for m in members],
+            "producer": f"pdl1-bridge {__version__}",
+        },
+    )
+    write_manifest(out_dir, manifest)
+    return manifest

@@ -1,0 +1,75 @@
+"""A 2D U-Net shaped like nnU-Net's PlainConvUNet, in plain torch.
+
+Each stage is ``n_conv`` x (conv 3x3 -> InstanceNorm -> LeakyReLU); the first conv of every
+stage after the first has stride 2 (no pooling); the decoder upsamples with transposed
+convolutions, concatenates the skip, and runs the same conv blocks. RGB in, ``n_classes``
+logits out at the input resolution.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ConvBlock(nn.Sequential):
+    def __init__(self, in_ch: int, out_ch: int, *, n_conv: int, first_stride: int):
+        layers: list[nn.Module] = []
+        for i in range(n_conv):
+            layers += [
+                nn.Conv2d(in_ch if i == 0 else out_ch, out_ch, 3, stride=first_stride if i == 0 else 1, padding=1),
+                nn.InstanceNorm2d(out_ch, affine=True, eps=1e-5),
+                nn.LeakyReLU(0.01, inplace=True),
+            ]
+        super().__init__(*layers)
+
+
+class PlainConvUNet(nn.Module):
+    """U-Net with ``len(features)`` stages; the input edge must be divisible by ``2 ** (stages - 1)``."""
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 3,
+        n_classes: int = 2,
+        features: tuple[int, ...] = (16, 32, 64, 128),
+        n_conv_per_stage: int = 2,
+    ):
+        super().__init__()
+        if len(features) < 2:
+            raise ValueError(f"a U-Net needs at least 2 stages, got features={features}")
+        self.features = tuple(features)
+        self.encoder = nn.ModuleList()
+        ch = in_channels
+        for i, f in enumerate(features):
+            self.encoder.append(ConvBlock(ch, f, n_conv=n_conv_per_stage, first_stride=1 if i == 0 else 2))
+            ch = f
+        self.up = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        for f_skip in reversed(features[:-1]):
+            self.up.append(nn.ConvTranspose2d(ch, f_skip, 2, stride=2))
+            self.decoder.append(ConvBlock(2 * f_skip, f_skip, n_conv=n_conv_per_stage, first_stride=1))
+            ch = f_skip
+        self.head = nn.Conv2d(ch, n_classes, 1)
+
+    @property
+    def divisor(self) -> int:
+        return 2 ** (len(self.features) - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for stage in self.encoder:
+            x = stage(x)
+            skips.append(x)
+        for up, block, skip in zip(self.up, self.decoder, reversed(skips[:-1]), strict=True):
+            x = block(torch.cat([up(x), skip], dim=1))
+        return self.head(x)
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"PlainConvUNet": PlainConvUNet}
+
+
+def build_model(architecture: str, kwargs: dict) -> nn.Module:
+    """Instantiate a registered architecture by name; unknown names raise ``KeyError``."""
+    cls = ARCHITECTURES[architecture]
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})

@@ -1,0 +1,66 @@
+"""Small models and slides for tests: pointwise ensembles make tiling maths checkable exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from inference.ensemble import Ensemble
+from inference.manifest import Manifest, Member
+from inference.slide import ArrayReader, Mpp, Slide
+
+
+class PointwiseNet(nn.Module):
+    """1x1 convolution RGB -> 2 logits: translation-equivariant, so tiling must not matter."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.as_tensor(weight, dtype=torch.float32).view(2, 3, 1, 1))
+            self.conv.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+    def probs_np(self, rgb: np.ndarray, manifest: Manifest) -> np.ndarray:
+        x = (rgb.astype(np.float64) / 255 - manifest.normalization["mean"]) / manifest.normalization["std"]
+        w = self.conv.weight.detach().numpy().reshape(2, 3).astype(np.float64)
+        logits = x @ w.T + self.conv.bias.detach().numpy()
+        e = np.exp(logits - logits.max(-1, keepdims=True))
+        return np.moveaxis(e / e.sum(-1, keepdims=True), -1, 0)  # (2, H, W)
+
+
+def pointwise_members(n: int, *, seed: int = 0, identical: bool = False) -> list[PointwiseNet]:
+    rng = np.random.default_rng(seed)
+    base_w, base_b = rng.normal(0, 1, (2, 3)), rng.normal(0, 0.5, 2)
+    out = []
+    for _ in range(n):
+        if identical:
+            out.append(PointwiseNet(base_w, base_b))
+        else:
+            out.append(PointwiseNet(base_w + rng.normal(0, 0.7, (2, 3)), base_b + rng.normal(0, 0.3, 2)))
+    return out
+
+
+def make_manifest(*, tile_size_px: int = 64, input_mpp: float = 1.0, n_members: int = 1) -> Manifest:
+    return Manifest(
+        name="test", version="0", task="segmentation", architecture="Pointwise", architecture_kwargs={},
+        input_mpp=input_mpp, tile_size_px=tile_size_px,
+        normalization={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+        class_names=["background", "PD-L1 positive"],
+        members=[Member(f"m{i}.safetensors", "0" * 64, 0, i, 0.0) for i in range(n_members)],
+        thresholds={"segmentation": 0.5},
+    )
+
+
+def pointwise_ensemble(n: int, *, tile_size_px: int = 64, identical: bool = False, seed: int = 0) -> Ensemble:
+    members = pointwise_members(n, seed=seed, identical=identical)
+    return Ensemble.from_members(make_manifest(tile_size_px=tile_size_px, n_members=n), members, device="cpu")
+
+
+def random_slide(width: int, height: int, *, mpp: float = 1.0, seed: int = 0) -> Slide:
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Slide(ArrayReader(rgb), mpp=Mpp(mpp, mpp, "test"))

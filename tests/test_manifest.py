@@ -1,0 +1,129 @@
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from inference.ensemble import Ensemble, demo_model_dir
+from inference.errors import ModelFileError
+from inference.manifest import Manifest, Member, read_manifest, sha256_file, write_manifest
+from inference.train_seg import NORMALIZATION, _save_member
+from inference.unet import PlainConvUNet
+
+ROOT = Path(__file__).resolve().parents[1]
+KWARGS = {"in_channels": 3, "n_classes": 2, "features": [4, 8], "n_conv_per_stage": 1}
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    torch.manual_seed(0)
+    members = []
+    for i in range(2):
+        name, digest = _save_member(tmp_path, PlainConvUNet(features=(4, 8), n_conv_per_stage=1), i)
+        members.append(Member(name, digest, cycle=i + 1, epoch=i, learning_rate=1e-5))
+    write_manifest(tmp_path, Manifest(
+        name="t", version="1", task="segmentation", architecture="PlainConvUNet", architecture_kwargs=KWARGS,
+        input_mpp=2.0, tile_size_px=64, normalization=NORMALIZATION, class_names=["bg", "pos"], members=members,
+        thresholds={"segmentation": 0.5},
+    ))
+    return tmp_path
+
+
+def _edit_manifest(folder: Path, **changes) -> None:
+    raw = json.loads((folder / "manifest.json").read_text())
+    raw.update(changes)
+    (folder / "manifest.json").write_text(json.dumps(raw))
+
+
+def test_loads_and_verifies(model_dir):
+    ens = Ensemble.load(model_dir, task="segmentation")
+    assert len(ens.members) == 2
+    assert ens.manifest.members[1].cycle == 2
+    assert all(p.dtype == torch.float32 for p in ens.members[0].parameters())
+
+
+def test_checksum_mismatch_names_the_file(model_dir):
+    member = model_dir / "member_01.safetensors"
+    data = bytearray(member.read_bytes())
+    data[-1] ^= 0xFF
+    member.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match=r"member_01\.safetensors: sha256 .* does not match"):
+        Ensemble.load(model_dir, task="segmentation")
+
+
+def test_missing_member(model_dir):
+    (model_dir / "member_00.safetensors").unlink()
+    with pytest.raises(ModelFileError, match=r"member_00\.safetensors: member listed in .* is missing"):
+        read_manifest(model_dir)
+
+
+def test_wrong_architecture_names_the_file(model_dir):
+    _edit_manifest(model_dir, architecture_kwargs={**KWARGS, "features": [8, 16]})
+    with pytest.raises(ModelFileError, match=r"member_00\.safetensors: weights do not fit PlainConvUNet"):
+        Ensemble.load(model_dir, task="segmentation")
+
+
+def test_unknown_architecture(model_dir):
+    _edit_manifest(model_dir, architecture="ResNet9000")
+    with pytest.raises(ModelFileError, match="ResNet9000.*cannot be built"):
+        Ensemble.load(model_dir, task="segmentation")
+
+
+def test_wrong_task(model_dir):
+    with pytest.raises(ModelFileError, match="a 'segmentation' model, but a 'nuclei' model is needed"):
+        read_manifest(model_dir, task="nuclei")
+
+
+def test_no_manifest(tmp_path):
+    with pytest.raises(ModelFileError, match="no model manifest"):
+        read_manifest(tmp_path)
+
+
+def test_malformed_manifest(model_dir):
+    (model_dir / "manifest.json").write_text("{not json")
+    with pytest.raises(ModelFileError, match="not valid JSON"):
+        read_manifest(model_dir)
+
+
+def test_manifest_missing_keys(model_dir):
+    raw = json.loads((model_dir / "manifest.json").read_text())
+    del raw["input_mpp"]
+    (model_dir / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelFileError, match="lacks input_mpp"):
+        read_manifest(model_dir)
+
+
+def test_a_pickle_is_refused_even_with_the_right_checksum(model_dir):
+    member = model_dir / "member_00.safetensors"
+    torch.save(PlainConvUNet(features=(4, 8), n_conv_per_stage=1).state_dict(), member)
+    _edit_manifest(model_dir, members=[
+        {**m, "sha256": sha256_file(model_dir / m["file"])}
+        for m in json.loads((model_dir / "manifest.json").read_text())["members"]
+    ])
+    with pytest.raises(ModelFileError, match=r"member_00\.safetensors"):
+        Ensemble.load(model_dir, task="segmentation")
+
+
+def test_no_pickle_loading_anywhere_in_the_code():
+    for path in [*ROOT.joinpath("inference").rglob("*.py"), *ROOT.joinpath("bridge").rglob("*.py")]:
+        text = path.read_text()
+        assert "torch.load(" not in text and "import pickle" not in text, path
+
+
+def test_thresholds_are_updated_without_touching_members(model_dir):
+    m = read_manifest(model_dir)
+    m2 = m.with_thresholds(sua_threshold=0.3)
+    assert m2.thresholds == {"segmentation": 0.5, "sua_threshold": 0.3}
+    assert m2.members == m.members and dataclasses.is_dataclass(m2)
+
+
+def test_shipped_demo_ensemble():
+    folder = demo_model_dir("seg")
+    manifest = read_manifest(folder, task="segmentation", verify=True)
+    assert len(manifest.members) >= 4
+    assert manifest.architecture == "PlainConvUNet"
+    assert {m.cycle for m in manifest.members} == set(range(1, len(manifest.members) + 1))
+    size_mb = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
+    assert size_mb < 5
+    assert manifest.training["data"], "the manifest summarises its training data"

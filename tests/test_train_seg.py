@@ -1,0 +1,88 @@
+import hashlib
+
+import numpy as np
+import pytest
+
+from inference.ensemble import Ensemble
+from inference.phantom import PhantomSpec, write_phantom
+from inference.train_seg import SegTrainConfig, is_member_epoch, learning_rate, train_segmentation
+
+
+def _cfg(**kw):
+    base = dict(slides=("x.svs",), out_dir="unused", cycles=3, epochs_per_cycle=4, iterations_per_epoch=10,
+                lr_max=1e-2, lr_min=1e-4)
+    return SegTrainConfig(**{**base, **kw})
+
+
+def test_cosine_schedule_restarts_each_cycle():
+    cfg = _cfg()
+    assert learning_rate(cfg, 0, 0) == pytest.approx(1e-2)
+    assert learning_rate(cfg, 3, 9) == pytest.approx(1e-4, abs=2e-4)
+    assert learning_rate(cfg, 4, 0) == pytest.approx(1e-2)  # warm restart
+    lrs = [learning_rate(cfg, e, i) for e in range(4) for i in range(10)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_members_come_from_the_low_lr_end():
+    cfg = _cfg(members_per_cycle=2)
+    members = [e for e in range(cfg.total_epochs) if is_member_epoch(cfg, e)]
+    assert members == [6, 7, 10, 11]  # first cycle dropped; last two epochs of each other cycle
+    keep_first = _cfg(drop_first_cycle=False)
+    assert [e for e in range(12) if is_member_epoch(keep_first, e)] == [3, 7, 11]
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"optimizer": "rmsprop"}, "optimizer"),
+    ({"members_per_cycle": 9}, "members_per_cycle"),
+    ({"cycles": 1}, "at least 2 cycles"),
+    ({"patch_px": 100}, "multiples of 8"),
+    ({"slides": ()}, "no training slides"),
+])
+def test_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _cfg(**kw)
+
+
+@pytest.fixture(scope="module")
+def small_phantom(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train") / "s.svs"
+    write_phantom(path, PhantomSpec(1024, 1024, seed=21, tps_percent=50))
+    return str(path)
+
+
+def _tiny(small_phantom, out, **kw):
+    return SegTrainConfig(slides=(small_phantom,), out_dir=str(out), cycles=2, epochs_per_cycle=2,
+                          iterations_per_epoch=2, batch_size=2, patch_px=32, tile_size_px=64, features=(4, 8),
+                          optimizer=kw.pop("optimizer", "adamw"), seed=3, **kw)
+
+
+def _digests(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("member_*"))}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_training_writes_a_loadable_verified_ensemble(small_phantom, tmp_path, optimizer):
+    manifest = train_segmentation(_tiny(small_phantom, tmp_path, optimizer=optimizer))
+    assert [m.cycle for m in manifest.members] == [1]
+    assert manifest.members[0].epoch == 3
+    assert manifest.training["data"][0]["seed"] == 21
+    ens = Ensemble.load(tmp_path, task="segmentation")
+    probs = ens.member_probs(np.zeros((1, 64, 64, 3), np.uint8), precision=__import__(
+        "inference.ensemble", fromlist=["Precision"]).Precision(None))
+    assert probs.shape == (1, 1, 2, 64, 64)
+
+
+def test_same_seed_same_members_and_resume_after_a_crash(small_phantom, tmp_path):
+    train_segmentation(_tiny(small_phantom, tmp_path / "a"))
+    crashed = {"calls": 0}
+
+    def crash(done, total):
+        crashed["calls"] += 1
+        if done == 5:  # in the middle of epoch 2, after the epoch-1 checkpoint
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_segmentation(_tiny(small_phantom, tmp_path / "b"), on_progress=crash)
+    train_segmentation(_tiny(small_phantom, tmp_path / "b"), resume=True)
+    assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
+    assert len(_digests(tmp_path / "a")) == 1

@@ -12,7 +12,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from rich.console import Console
 from rich.table import Table
@@ -20,10 +20,11 @@ from rich.table import Table
 
 @dataclass
 class Case:
-    """One timed variant: ``run()`` does the work once and returns the units processed."""
+    """One timed variant: ``run()`` does the work once and returns the units processed
+    (or a pair: units and secondary units, e.g. Mpx and nuclei)."""
 
     label: str
-    run: Callable[[], float]
+    run: Callable[[], float | tuple[float, float]]
     baseline: bool = False
 
 
@@ -33,7 +34,7 @@ class Result:
     seconds: list[float]
     units: float
     baseline: bool
-    extra: dict[str, str] = field(default_factory=dict)
+    secondary_units: float | None = None
 
     @property
     def best_s(self) -> float:
@@ -48,6 +49,7 @@ class Benchmark:
     """Base class: subclasses set ``unit`` and implement ``setup`` and ``cases``."""
 
     unit = "Mpx/s"
+    secondary_unit: str | None = None
     repeats = 3
 
     def setup(self, *, quick: bool) -> None:  # pragma: no cover - overridden
@@ -71,12 +73,13 @@ def run_cases(bench: Benchmark) -> list[Result]:
     results = []
     for case in bench.cases():
         case.run()  # warm-up: caches, thread pools, lazy imports
-        seconds, units = [], 0.0
+        seconds, out = [], 0.0
         for _ in range(bench.repeats):
             t0 = time.perf_counter()
-            units = case.run()
+            out = case.run()
             seconds.append(time.perf_counter() - t0)
-        results.append(Result(case.label, seconds, units, case.baseline))
+        units, secondary = out if isinstance(out, tuple) else (out, None)
+        results.append(Result(case.label, seconds, units, case.baseline, secondary))
     return results
 
 
@@ -86,13 +89,19 @@ def print_results(title: str, bench: Benchmark, results: list[Result], console: 
     table = Table(title=title)
     table.add_column("case")
     table.add_column(bench.unit, justify="right")
+    if bench.secondary_unit:
+        table.add_column(bench.secondary_unit, justify="right")
     table.add_column("best s", justify="right")
     table.add_column("median s", justify="right")
     table.add_column(f"x {baseline.label}", justify="right")
     for r in results:
+        secondary = []
+        if bench.secondary_unit:
+            secondary = ["" if r.secondary_units is None else f"{r.secondary_units / r.best_s:.0f}"]
         table.add_row(
             r.label + (" (baseline)" if r.baseline else ""),
             f"{r.rate:.2f}",
+            *secondary,
             f"{r.best_s:.3f}",
             f"{statistics.median(r.seconds):.3f}",
             f"{r.rate / baseline.rate:.2f}",
@@ -103,10 +112,11 @@ def print_results(title: str, bench: Benchmark, results: list[Result], console: 
 
 
 def _registry() -> dict[str, type[Benchmark]]:
+    from benchmarks.nuclei_inference import NucleiInference
     from benchmarks.seg_inference import SegInference
     from benchmarks.tile_read import TileRead
 
-    return {"tile_read": TileRead, "seg_inference": SegInference}
+    return {"tile_read": TileRead, "seg_inference": SegInference, "nuclei_inference": NucleiInference}
 
 
 class _LazyRegistry(dict):

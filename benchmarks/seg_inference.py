@@ -32,8 +32,9 @@ class SegInference(Benchmark):
         demo = Ensemble.load(demo_model_dir("seg"), task="segmentation", device=self.device_name())
         # M=5 from the demo's members (repeated if it has fewer): speed does not depend on the weights.
         members = [demo.members[i % len(demo.members)] for i in range(5)]
-        self.ensembles = {m: Ensemble(demo.manifest, members[:m], folder=demo.folder, device=demo.device)
-                          for m in (1, 5)}
+        self.ensembles = {
+            m: Ensemble(demo.manifest, members[:m], folder=demo.folder, device=demo.device) for m in (1, 5)
+        }
         self.config = SegmentConfig(batch_size=8, read_workers=2)
         self.precision = Precision.choose(self.config.precision, demo.device)
 

@@ -211,6 +211,107 @@ def eval_seg(
         raise _fail(err) from err
 
 
+@train_app.command("nuclei")
+def train_nuclei_cmd(
+    slides: Annotated[list[Path], typer.Argument(help="Phantom slides with truth beside them (pdl1 phantom).")],
+    out: Annotated[Path, typer.Option(help="Model folder to write (manifest + members).")],
+    cycles: Annotated[int, typer.Option(min=1, help="Cosine cycles (warm restarts).")] = 3,
+    epochs_per_cycle: Annotated[int, typer.Option(min=1)] = 3,
+    iterations: Annotated[int, typer.Option(min=1, help="Iterations per epoch.")] = 40,
+    members_per_cycle: Annotated[int, typer.Option(min=1)] = 1,
+    drop_first_cycle: Annotated[bool, typer.Option(help="Leave out the first cycle's members.")] = True,
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
+    lr_max: Annotated[float, typer.Option(min=0)] = 3e-3,
+    batch_size: Annotated[int, typer.Option(min=1)] = 12,
+    patch_px: Annotated[int, typer.Option(min=16, help="Training patch edge in model px (even).")] = 96,
+    width: Annotated[int, typer.Option(min=4, help="Backbone channels.")] = 32,
+    sigma_um: Annotated[float, typer.Option(min=0.1, help="Gaussian target sigma, µm.")] = 1.5,
+    input_mpp: Annotated[float, typer.Option(min=0.1, help="Model input resolution, µm/px.")] = 1.0,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint if present.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train the point-based nuclei classifier (Tumor: Positive / Tumor: Negative / Other) from truth points."""
+    from bridge.progress import progress_bar
+    from inference.train_nuclei import NucleiTrainConfig, train_nuclei
+
+    try:
+        config = NucleiTrainConfig(
+            slides=tuple(str(s) for s in slides),
+            out_dir=str(out),
+            cycles=cycles,
+            epochs_per_cycle=epochs_per_cycle,
+            iterations_per_epoch=iterations,
+            members_per_cycle=members_per_cycle,
+            drop_first_cycle=drop_first_cycle,
+            optimizer=optimizer,
+            lr_max=lr_max,
+            lr_min=lr_max / 100,
+            batch_size=batch_size,
+            patch_px=patch_px,
+            width=width,
+            sigma_um=sigma_um,
+            input_mpp=input_mpp,
+            seed=seed,
+            device=device,
+        )
+        with progress_bar("training", enabled=progress) as on_progress:
+            manifest = train_nuclei(config, resume=resume, on_progress=on_progress)
+    except (Pdl1Error, ValueError, OSError) as err:
+        raise _fail(err) from err
+    typer.echo(
+        f"wrote {out}: {len(manifest.members)} members "
+        + ", ".join(f"{m.file} (cycle {m.cycle}, epoch {m.epoch})" for m in manifest.members)
+    )
+
+
+@eval_app.command("nuclei")
+def eval_nuclei(
+    slides: Annotated[list[Path], typer.Argument(help="Phantom slides with truth beside them.")],
+    model: Annotated[Path | None, typer.Option(help="Nuclei model folder; the shipped demo if omitted.")] = None,
+    radius_um: Annotated[float, typer.Option(min=0.1, help="Matching radius; pairs beyond it never match.")] = 3.0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Precision, recall and F1 (overall and per class) and the TPS error of each slide."""
+    from rich.table import Table
+
+    from bridge.progress import progress_bar
+    from inference.ensemble import Ensemble, demo_model_dir
+    from inference.evaluate import evaluate_nuclei
+
+    out = Console()
+    try:
+        ensemble = Ensemble.load(model or demo_model_dir("nuclei"), task="nuclei", device=device)
+        table = Table(title=f"nuclei vs truth (match within {radius_um} µm)")
+        for col in ("slide", "class", "precision", "recall", "F1", "TPS pred", "TPS truth", "TPS error"):
+            table.add_column(col, justify="left" if col in ("slide", "class") else "right")
+        for slide in slides:
+            with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
+                r = evaluate_nuclei(slide, ensemble, radius_um=radius_um, on_progress=on_progress)
+            err = r.tps_abs_error
+
+            def pct(t) -> str:
+                return "n/a" if t.percent is None else f"{t.percent:.1f}% ({t.category})"
+
+            rows = [("all", r.overall), *zip(r.class_names, r.per_class, strict=True)]
+            for i, (name, sc) in enumerate(rows):
+                table.add_row(
+                    slide.name if i == 0 else "",
+                    name,
+                    f"{sc.precision:.3f}",
+                    f"{sc.recall:.3f}",
+                    f"{sc.f1:.3f}",
+                    pct(r.tps_pred) if i == 0 else "",
+                    pct(r.tps_truth) if i == 0 else "",
+                    ("n/a" if err is None else f"{err:.1f}") if i == 0 else "",
+                )
+        out.print(table)
+    except (Pdl1Error, ValueError, OSError) as err:
+        raise _fail(err) from err
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo slide and results.")] = Path("pdl1-demo"),

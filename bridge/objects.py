@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from shapely.geometry import box
+from shapely.geometry import Point, box
 
 from bridge.classes import PDL1_ANALYSIS, PDL1_POSITIVE
 from bridge.qupath_geojson import QuPathObject
@@ -37,7 +37,13 @@ def region_measurements(region: RegionStats) -> dict[str, float]:
 def parent_measurements(result: SlideResult) -> dict[str, float]:
     """Summary measurements for the analysed parent annotation."""
     analysed = result.analysed_area_um2
-    out = {
+    out: dict[str, float] = {}
+    if result.nuclei is not None:
+        for name in ("Tumor: Positive", "Tumor: Negative", "Other"):
+            out[f"PD-L1: Num {name}"] = float(result.nuclei.count(name))
+    if result.tps is not None and result.tps.percent is not None:
+        out["PD-L1: TPS %"] = result.tps.percent
+    out |= {
         "PD-L1: Positive area µm^2": result.positive_area_um2,
         "PD-L1: Positive area %": 100 * result.positive_area_um2 / analysed if analysed > 0 else float("nan"),
     }
@@ -74,6 +80,24 @@ def tile_objects(result: SlideResult) -> Iterator[QuPathObject]:
         )
 
 
+def nucleus_objects(result: SlideResult) -> Iterator[QuPathObject]:
+    """Nuclei as point detections with their class and scores."""
+    nuclei = result.nuclei
+    if nuclei is None:
+        return
+    names = nuclei.class_names
+    for i in range(len(nuclei)):
+        measurements = {
+            "Class probability": float(nuclei.class_prob[i]),
+            "PD-L1 positive probability": float(nuclei.positive_prob[i]),
+        }
+        if nuclei.entropy is not None:
+            measurements["Predictive entropy"] = float(nuclei.entropy[i])
+        yield QuPathObject(
+            Point(float(nuclei.xy[i, 0]), float(nuclei.xy[i, 1])), "detection", names[int(nuclei.cls[i])], measurements
+        )
+
+
 def analysis_annotation(result: SlideResult) -> QuPathObject:
     """The ``PD-L1 analysis`` parent created when the pathologist drew no ROI: the whole image."""
     geometry = box(0, 0, result.image_width_px, result.image_height_px)
@@ -85,3 +109,4 @@ def result_objects(result: SlideResult, *, include_tiles: bool = True) -> Iterat
     yield from region_objects(result)
     if include_tiles:
         yield from tile_objects(result)
+    yield from nucleus_objects(result)

@@ -10,7 +10,9 @@ import numpy as np
 
 from inference.ensemble import Ensemble
 from inference.metrics import auroc, dice
-from inference.phantom import load_truth
+from inference.nuclei import NucleiConfig, detect_nuclei
+from inference.phantom import NUCLEUS_CLASSES, load_truth
+from inference.points import DetectionScores, Tps, detection_scores, tumour_proportion_score
 from inference.regions import resample_mask
 from inference.results import UncertaintyMaps
 from inference.segment import SegmentConfig, segment_slide
@@ -113,3 +115,54 @@ def evaluate_segmentation(
         maps, truth, tissue_on_map & maps.covered, threshold=thr, slide=Path(slide_path).name
     )
     return result, maps
+
+
+@dataclass(frozen=True)
+class NucleiEvaluation:
+    """Detection and TPS results of one slide."""
+
+    slide: str
+    radius_um: float
+    overall: DetectionScores
+    per_class: tuple[DetectionScores, ...]
+    class_names: tuple[str, ...]
+    tps_pred: Tps
+    tps_truth: Tps
+
+    @property
+    def tps_abs_error(self) -> float | None:
+        if self.tps_pred.percent is None or self.tps_truth.percent is None:
+            return None
+        return abs(self.tps_pred.percent - self.tps_truth.percent)
+
+
+def evaluate_nuclei(
+    slide_path: str | Path,
+    ensemble: Ensemble,
+    *,
+    radius_um: float = 3.0,
+    config: NucleiConfig | None = None,
+    mpp: float | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> NucleiEvaluation:
+    """Detect nuclei in a phantom slide's tissue and score them against the truth points."""
+    truth = load_truth(slide_path)
+    with open_slide(slide_path, mpp=mpp) as slide:
+        tissue = tissue_mask_for_slide(slide)
+        nuclei = detect_nuclei(slide, ensemble, tissue=tissue, config=config, on_progress=on_progress)
+        radius_px = radius_um / slide.mpp.mean
+    names = nuclei.class_names
+    truth_cls = np.array([names.index(NUCLEUS_CLASSES[c]) for c in truth.nuclei_class], np.int64)
+    overall, per_class = detection_scores(
+        nuclei.xy, nuclei.cls, truth.nuclei_xy, truth_cls, radius=radius_px, n_classes=len(names)
+    )
+    pos, neg = names.index("Tumor: Positive"), names.index("Tumor: Negative")
+    return NucleiEvaluation(
+        slide=Path(slide_path).name,
+        radius_um=radius_um,
+        overall=overall,
+        per_class=tuple(per_class),
+        class_names=names,
+        tps_pred=tumour_proportion_score(nuclei.count(names[pos]), nuclei.count(names[neg])),
+        tps_truth=tumour_proportion_score(int((truth_cls == pos).sum()), int((truth_cls == neg).sum())),
+    )

@@ -18,6 +18,8 @@ from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
 from inference.ensemble import Ensemble, demo_model_dir
+from inference.nuclei import NucleiConfig, detect_nuclei
+from inference.points import tumour_proportion_score
 from inference.regions import positive_regions, resample_mask, uncertainty_tiles
 from inference.results import ModelInfo, SlideResult
 from inference.segment import SegmentConfig, segment_slide
@@ -34,8 +36,10 @@ class PipelineConfig:
 
     Attributes
     ----------
-    seg_model_dir
-        Segmentation ensemble folder; the shipped demo when None.
+    seg_model_dir, nuclei_model_dir
+        Model folders; the shipped demos when None.
+    run_nuclei
+        Detect and classify nuclei (and so compute TPS).
     device
         ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
     mpp
@@ -51,6 +55,8 @@ class PipelineConfig:
     """
 
     seg_model_dir: str | None = None
+    nuclei_model_dir: str | None = None
+    run_nuclei: bool = True
     device: str = "auto"
     mpp: float | None = None
     use_tissue: bool = True
@@ -59,6 +65,7 @@ class PipelineConfig:
     min_region_area_um2: float = 200.0
     uncertainty_tile_um: float = 64.0
     segment: SegmentConfig = field(default_factory=SegmentConfig)
+    nuclei: NucleiConfig = field(default_factory=NucleiConfig)
 
     def digest(self) -> str:
         """Short hash of the configuration, recorded with every result."""
@@ -72,11 +79,19 @@ class Models:
     def __init__(self, config: PipelineConfig):
         folder = config.seg_model_dir or demo_model_dir("seg")
         self.seg = Ensemble.load(folder, task="segmentation", device=config.device)
+        self.nuclei: Ensemble | None = None
+        if config.run_nuclei:
+            folder = config.nuclei_model_dir or demo_model_dir("nuclei")
+            self.nuclei = Ensemble.load(folder, task="nuclei", device=config.device)
+
+    @staticmethod
+    def info(ensemble: Ensemble) -> ModelInfo:
+        m = ensemble.manifest
+        return ModelInfo(m.name, m.version, m.checksum, len(m.members))
 
     @property
     def seg_info(self) -> ModelInfo:
-        m = self.seg.manifest
-        return ModelInfo(m.name, m.version, m.checksum, len(m.members))
+        return self.info(self.seg)
 
 
 def analyse_slide(
@@ -104,15 +119,46 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
     if roi is not None:
         roi = validate_roi(roi, image_size_wh=(width, height))
     tissue: TissueMask | None = tissue_mask_for_slide(slide, mpp=config.tissue_mpp) if config.use_tissue else None
+    seg_tiles = nuclei_tiles = 0
+
+    def progress(part: str) -> Callable[[int, int], None] | None:
+        # One bar over both models: segmentation tiles first, then nuclei tiles.
+        if on_progress is None:
+            return None
+
+        def report(done: int, total: int) -> None:
+            nonlocal seg_tiles, nuclei_tiles
+            if part == "seg":
+                seg_tiles = total
+                on_progress(done, total + nuclei_tiles)
+            else:
+                nuclei_tiles = total
+                on_progress(seg_tiles + done, seg_tiles + total)
+
+        return report
+
     maps = segment_slide(
         slide,
         models.seg,
         roi=roi,
         tissue=tissue,
         config=config.segment,
-        on_progress=on_progress,
+        on_progress=progress("seg"),
         should_cancel=should_cancel,
     )
+    nuclei = None
+    tps = None
+    if models.nuclei is not None:
+        nuclei = detect_nuclei(
+            slide,
+            models.nuclei,
+            roi=roi,
+            tissue=tissue,
+            config=config.nuclei,
+            on_progress=progress("nuclei"),
+            should_cancel=should_cancel,
+        )
+        tps = tumour_proportion_score(nuclei.count("Tumor: Positive"), nuclei.count("Tumor: Negative"))
     manifest = models.seg.manifest
     threshold = config.threshold if config.threshold is not None else manifest.thresholds.get("segmentation", 0.5)
     if tissue is not None:
@@ -152,5 +198,8 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
         tiles=tiles,
         positive_area_um2=float(positive.sum() * px_area_um2),
         analysed_area_um2=analysed_area,
+        nuclei=nuclei,
+        nuclei_model=None if models.nuclei is None else models.info(models.nuclei),
+        tps=tps,
         summary=summary,
     )

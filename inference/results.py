@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from shapely.geometry import MultiPolygon, Polygon
 
+from inference.points import Tps
 from inference.uncertainty import MAP_NAMES
 
 
@@ -73,6 +74,42 @@ class UncertaintyTile:
 
 
 @dataclass(frozen=True)
+class Nuclei:
+    """Detected nuclei: one point each, level-0 px.
+
+    ``cls`` indexes ``class_names`` (``Tumor: Positive``, ``Tumor: Negative``, ``Other``);
+    ``class_prob`` is the probability of the chosen class, ``positive_prob`` the PD-L1
+    positive probability among tumour classes, ``entropy`` the predictive entropy of the
+    class distribution (None unless the nuclei model is an ensemble).
+    """
+
+    xy: np.ndarray
+    cls: np.ndarray
+    score: np.ndarray
+    class_prob: np.ndarray
+    positive_prob: np.ndarray
+    entropy: np.ndarray | None
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.xy)
+
+    def count(self, name: str) -> int:
+        return int((self.cls == self.class_names.index(name)).sum())
+
+    def subset(self, keep: np.ndarray) -> Nuclei:
+        return Nuclei(
+            self.xy[keep],
+            self.cls[keep],
+            self.score[keep],
+            self.class_prob[keep],
+            self.positive_prob[keep],
+            None if self.entropy is None else self.entropy[keep],
+            self.class_names,
+        )
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     version: str
@@ -96,4 +133,7 @@ class SlideResult:
     tiles: tuple[UncertaintyTile, ...]
     positive_area_um2: float
     analysed_area_um2: float
+    nuclei: Nuclei | None = None
+    nuclei_model: ModelInfo | None = None
+    tps: Tps | None = None
     summary: dict[str, Any] = field(default_factory=dict)

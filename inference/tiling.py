@@ -81,6 +81,8 @@ class TileGrid:
         Level-0 pixels per model pixel.
     bounds_xy
         (x0, y0, x1, y1) level-0 box the grid covers.
+    steps_x_model_px, steps_y_model_px
+        Every column's and row's origin in model px, skipped tiles included.
     """
 
     origins_xy: np.ndarray
@@ -88,6 +90,28 @@ class TileGrid:
     tile_size_px: int
     downsample: float
     bounds_xy: tuple[int, int, int, int]
+    steps_x_model_px: tuple[int, ...] = ()
+    steps_y_model_px: tuple[int, ...] = ()
+
+    def cores_model_px(self) -> np.ndarray:
+        """float64 (N, 4) x0, y0, x1, y1 of the region each tile owns, in model px.
+
+        Cores split the grid at the midpoints between neighbouring tile centres, so they
+        partition the plane: a detection is kept by exactly one tile, the one whose centre
+        is nearest along each axis (the outermost cores extend to infinity).
+        """
+
+        def bounds(steps: tuple[int, ...], origins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            s = np.asarray(steps, np.float64)
+            mids = (s[:-1] + s[1:]) / 2 + self.tile_size_px / 2
+            lo = np.concatenate([[-np.inf], mids])
+            hi = np.concatenate([mids, [np.inf]])
+            idx = np.searchsorted(s, origins)
+            return lo[idx], hi[idx]
+
+        x0, x1 = bounds(self.steps_x_model_px, self.origins_model_px[:, 0])
+        y0, y1 = bounds(self.steps_y_model_px, self.origins_model_px[:, 1])
+        return np.column_stack([x0, y0, x1, y1])
 
     @property
     def tile_size_level0_px(self) -> int:
@@ -211,4 +235,6 @@ def tile_grid(
         tile_size_px=tile_size_px,
         downsample=float(downsample),
         bounds_xy=(bx0, by0, bx1, by1),
+        steps_x_model_px=tuple(int(v) for v in xs),
+        steps_y_model_px=tuple(int(v) for v in ys),
     )

@@ -12,9 +12,7 @@ after every epoch.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,11 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from safetensors.torch import load_file, save_file
 
 from inference import __version__
 from inference.augment import augment_batch
-from inference.manifest import Manifest, Member, sha256_file, write_manifest
+from inference.cyclic import (
+    is_member_epoch,
+    learning_rate,
+    load_checkpoint,
+    make_optimizer,
+    save_checkpoint,
+    save_member,
+)
+from inference.manifest import Manifest, Member, write_manifest
 from inference.phantom import load_truth
 from inference.slide import open_slide
 from inference.tissue import detect_tissue
@@ -94,20 +99,6 @@ class SegTrainConfig:
         return self.cycles * self.epochs_per_cycle
 
 
-def learning_rate(config: SegTrainConfig, epoch: int, iteration: int) -> float:
-    """Cosine annealing with warm restarts, per iteration."""
-    t = (epoch % config.epochs_per_cycle) * config.iterations_per_epoch + iteration
-    period = config.epochs_per_cycle * config.iterations_per_epoch
-    return config.lr_min + (config.lr_max - config.lr_min) * (1 + math.cos(math.pi * t / period)) / 2
-
-
-def is_member_epoch(config: SegTrainConfig, epoch: int) -> bool:
-    cycle, within = divmod(epoch, config.epochs_per_cycle)
-    if config.drop_first_cycle and cycle == 0:
-        return False
-    return within >= config.epochs_per_cycle - config.members_per_cycle
-
-
 @dataclass
 class _SlideData:
     name: str
@@ -172,72 +163,6 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ce + (1 - soft_dice)
 
 
-def _optimizer(config: SegTrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=config.lr_max, momentum=0.99, nesterov=True, weight_decay=config.weight_decay
-        )
-    return torch.optim.AdamW(model.parameters(), lr=config.lr_max, weight_decay=config.weight_decay)
-
-
-# ---------------------------------------------------------------- checkpoints (no pickle)
-
-
-def _save_checkpoint(folder: Path, model, optimizer, *, epoch: int, rng: np.random.Generator, members: list) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    opt_state = optimizer.state_dict()
-    scalars: dict[str, dict[str, float]] = {}
-    for idx, state in opt_state["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value) and value.ndim > 0:
-                tensors[f"opt.{idx}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[key] = float(value)
-    tensors["torch_rng"] = torch.get_rng_state()
-    save_file(tensors, str(folder / "state.safetensors.part"))
-    (folder / "state.safetensors.part").replace(folder / "state.safetensors")
-    meta = {
-        "epoch": epoch,
-        "numpy_rng": rng.bit_generator.state,
-        "members": members,
-        "opt_scalars": scalars,
-        "param_groups": opt_state["param_groups"],
-    }
-    (folder / "state.json.part").write_text(json.dumps(meta))
-    (folder / "state.json.part").replace(folder / "state.json")
-
-
-def _load_checkpoint(folder: Path, model, optimizer, rng: np.random.Generator) -> tuple[int, list]:
-    tensors = load_file(str(folder / "state.safetensors"))
-    meta = json.loads((folder / "state.json").read_text())
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    for idx, values in meta["opt_scalars"].items():
-        for name, value in values.items():
-            state.setdefault(int(idx), {})[name] = torch.tensor(value)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["torch_rng"])
-    rng.bit_generator.state = meta["numpy_rng"]
-    return int(meta["epoch"]), meta["members"]
-
-
-def _save_member(out_dir: Path, model: torch.nn.Module, index: int) -> tuple[str, str]:
-    name = f"member_{index:02d}.safetensors"
-    # fp16 on disk keeps the shipped demo small; weights are cast back to fp32 on load.
-    state = {
-        k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in model.state_dict().items()
-    }
-    # One metadata key only: safetensors writes metadata in hash-map order, which would make
-    # the bytes (and sha256) of identical weights differ between runs.
-    save_file(state, str(out_dir / name), metadata={"format": "pt"})
-    return name, sha256_file(out_dir / name)
-
-
 def train_segmentation(
     config: SegTrainConfig,
     *,
@@ -253,11 +178,11 @@ def train_segmentation(
     data = [load_training_slide(p, input_mpp=config.input_mpp, patch_px=config.patch_px) for p in config.slides]
     arch_kwargs = {"in_channels": 3, "n_classes": 2, "features": list(config.features), "n_conv_per_stage": 2}
     model = PlainConvUNet(**{**arch_kwargs, "features": tuple(config.features)}).to(device)
-    optimizer = _optimizer(config, model)
+    optimizer = make_optimizer(config, model)
     ckpt = out_dir / "checkpoint"
     start_epoch, members = 0, []
     if resume and (ckpt / "state.json").is_file():
-        last, members = _load_checkpoint(ckpt, model, optimizer, rng)
+        last, members = load_checkpoint(ckpt, model, optimizer, rng)
         start_epoch = last + 1
         log.info("resuming at epoch %d with %d members", start_epoch, len(members))
     mean = torch.tensor(NORMALIZATION["mean"], device=device).view(1, 3, 1, 1)
@@ -290,7 +215,7 @@ def train_segmentation(
                 on_progress(epoch * config.iterations_per_epoch + it + 1, total)
         log.info("epoch %d loss %.4f lr %.2e", epoch, float(np.mean(losses)), lr)
         if is_member_epoch(config, epoch):
-            name, digest = _save_member(out_dir, model, len(members))
+            name, digest = save_member(out_dir, model, len(members))
             members.append(
                 {
                     "file": name,
@@ -301,7 +226,7 @@ def train_segmentation(
                     "train_loss": float(np.mean(losses)),
                 }
             )
-        _save_checkpoint(ckpt, model, optimizer, epoch=epoch, rng=rng, members=members)
+        save_checkpoint(ckpt, model, optimizer, epoch=epoch, rng=rng, members=members)
 
     manifest = Manifest(
         name=config.name,

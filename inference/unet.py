@@ -66,10 +66,10 @@ class PlainConvUNet(nn.Module):
         return self.head(x)
 
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"PlainConvUNet": PlainConvUNet}
-
-
 def build_model(architecture: str, kwargs: dict) -> nn.Module:
     """Instantiate a registered architecture by name; unknown names raise ``KeyError``."""
-    cls = ARCHITECTURES[architecture]
+    from inference.nuclei_model import DilatedResFCN
+
+    architectures: dict[str, type[nn.Module]] = {"PlainConvUNet": PlainConvUNet, "DilatedResFCN": DilatedResFCN}
+    cls = architectures[architecture]
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})

@@ -46,8 +46,13 @@ def pointwise_members(n: int, *, seed: int = 0, identical: bool = False) -> list
 
 def make_manifest(*, tile_size_px: int = 64, input_mpp: float = 1.0, n_members: int = 1) -> Manifest:
     return Manifest(
-        name="test", version="0", task="segmentation", architecture="Pointwise", architecture_kwargs={},
-        input_mpp=input_mpp, tile_size_px=tile_size_px,
+        name="test",
+        version="0",
+        task="segmentation",
+        architecture="Pointwise",
+        architecture_kwargs={},
+        input_mpp=input_mpp,
+        tile_size_px=tile_size_px,
         normalization={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
         class_names=["background", "PD-L1 positive"],
         members=[Member(f"m{i}.safetensors", "0" * 64, 0, i, 0.0) for i in range(n_members)],

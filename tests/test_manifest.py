@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from inference.cyclic import save_member as _save_member
 from inference.ensemble import Ensemble, demo_model_dir
 from inference.errors import ModelFileError
 from inference.manifest import Manifest, Member, read_manifest, sha256_file, write_manifest
-from inference.train_seg import NORMALIZATION, _save_member
+from inference.train_seg import NORMALIZATION
 from inference.unet import PlainConvUNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,11 +23,22 @@ def model_dir(tmp_path) -> Path:
     for i in range(2):
         name, digest = _save_member(tmp_path, PlainConvUNet(features=(4, 8), n_conv_per_stage=1), i)
         members.append(Member(name, digest, cycle=i + 1, epoch=i, learning_rate=1e-5))
-    write_manifest(tmp_path, Manifest(
-        name="t", version="1", task="segmentation", architecture="PlainConvUNet", architecture_kwargs=KWARGS,
-        input_mpp=2.0, tile_size_px=64, normalization=NORMALIZATION, class_names=["bg", "pos"], members=members,
-        thresholds={"segmentation": 0.5},
-    ))
+    write_manifest(
+        tmp_path,
+        Manifest(
+            name="t",
+            version="1",
+            task="segmentation",
+            architecture="PlainConvUNet",
+            architecture_kwargs=KWARGS,
+            input_mpp=2.0,
+            tile_size_px=64,
+            normalization=NORMALIZATION,
+            class_names=["bg", "pos"],
+            members=members,
+            thresholds={"segmentation": 0.5},
+        ),
+    )
     return tmp_path
 
 
@@ -66,7 +78,7 @@ def test_wrong_architecture_names_the_file(model_dir):
 
 def test_unknown_architecture(model_dir):
     _edit_manifest(model_dir, architecture="ResNet9000")
-    with pytest.raises(ModelFileError, match="ResNet9000.*cannot be built"):
+    with pytest.raises(ModelFileError, match=r"ResNet9000.*cannot be built"):
         Ensemble.load(model_dir, task="segmentation")
 
 
@@ -97,10 +109,13 @@ def test_manifest_missing_keys(model_dir):
 def test_a_pickle_is_refused_even_with_the_right_checksum(model_dir):
     member = model_dir / "member_00.safetensors"
     torch.save(PlainConvUNet(features=(4, 8), n_conv_per_stage=1).state_dict(), member)
-    _edit_manifest(model_dir, members=[
-        {**m, "sha256": sha256_file(model_dir / m["file"])}
-        for m in json.loads((model_dir / "manifest.json").read_text())["members"]
-    ])
+    _edit_manifest(
+        model_dir,
+        members=[
+            {**m, "sha256": sha256_file(model_dir / m["file"])}
+            for m in json.loads((model_dir / "manifest.json").read_text())["members"]
+        ],
+    )
     with pytest.raises(ModelFileError, match=r"member_00\.safetensors"):
         Ensemble.load(model_dir, task="segmentation")
 

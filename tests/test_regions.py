@@ -93,11 +93,14 @@ def test_resample_mask_nearest():
     np.testing.assert_array_equal(outside, [[True, False], [False, False]])
 
 
-@pytest.mark.parametrize(("pred", "truth", "d", "j"), [
-    ([1, 1, 0, 0], [1, 0, 1, 0], 0.5, 1 / 3),
-    ([0, 0], [0, 0], 1.0, 1.0),
-    ([1, 1], [0, 0], 0.0, 0.0),
-])
+@pytest.mark.parametrize(
+    ("pred", "truth", "d", "j"),
+    [
+        ([1, 1, 0, 0], [1, 0, 1, 0], 0.5, 1 / 3),
+        ([0, 0], [0, 0], 1.0, 1.0),
+        ([1, 1], [0, 0], 0.0, 0.0),
+    ],
+)
 def test_dice_and_iou_by_hand(pred, truth, d, j):
     assert dice(np.array(pred, bool), np.array(truth, bool)) == pytest.approx(d)
     assert iou(np.array(pred, bool), np.array(truth, bool)) == pytest.approx(j)

@@ -43,10 +43,14 @@ def test_pooled_maps_are_gaussian_weighted_cell_means():
 @pytest.mark.parametrize(("tile", "overlap"), [(64, 0.25), (32, 0.5), (128, 0.0)])
 def test_many_tiles_give_the_same_maps_as_one_tile(tile, overlap):
     slide = random_slide(300, 200, seed=5)
-    one = segment_slide(slide, pointwise_ensemble(3, tile_size_px=512),
-                        config=SegmentConfig(map_downsample=1, read_workers=0))
-    many = segment_slide(slide, pointwise_ensemble(3, tile_size_px=tile),
-                         config=SegmentConfig(map_downsample=1, overlap_fraction=overlap, batch_size=3))
+    one = segment_slide(
+        slide, pointwise_ensemble(3, tile_size_px=512), config=SegmentConfig(map_downsample=1, read_workers=0)
+    )
+    many = segment_slide(
+        slide,
+        pointwise_ensemble(3, tile_size_px=tile),
+        config=SegmentConfig(map_downsample=1, overlap_fraction=overlap, batch_size=3),
+    )
     assert many.shape == one.shape == (200, 300)
     for name in ("prob", "predictive_entropy", "expected_entropy", "mutual_information", "prob_std"):
         np.testing.assert_allclose(getattr(many, name), getattr(one, name), atol=3e-5, err_msg=name)
@@ -54,8 +58,11 @@ def test_many_tiles_give_the_same_maps_as_one_tile(tile, overlap):
 
 def test_identical_members_give_zero_mutual_information():
     slide = random_slide(200, 150, seed=8)
-    maps = segment_slide(slide, pointwise_ensemble(5, tile_size_px=64, identical=True),
-                         config=SegmentConfig(map_downsample=2, overlap_fraction=0.5))
+    maps = segment_slide(
+        slide,
+        pointwise_ensemble(5, tile_size_px=64, identical=True),
+        config=SegmentConfig(map_downsample=2, overlap_fraction=0.5),
+    )
     assert maps.covered.all()
     assert np.abs(maps.mutual_information).max() < 1e-6
     assert np.abs(maps.prob_std).max() < 1e-6
@@ -63,15 +70,21 @@ def test_identical_members_give_zero_mutual_information():
 
 
 def test_mutual_information_never_negative_and_ensemble_disagrees():
-    maps = segment_slide(random_slide(128, 128, seed=9), pointwise_ensemble(5, tile_size_px=64),
-                         config=SegmentConfig(map_downsample=2, overlap_fraction=0.5))
+    maps = segment_slide(
+        random_slide(128, 128, seed=9),
+        pointwise_ensemble(5, tile_size_px=64),
+        config=SegmentConfig(map_downsample=2, overlap_fraction=0.5),
+    )
     assert (maps.mutual_information >= 0).all()
     assert maps.mutual_information.max() > 0.01
 
 
 def test_member_maps_average_to_the_ensemble_mean():
-    maps = segment_slide(random_slide(96, 96, seed=4), pointwise_ensemble(3, tile_size_px=32),
-                         config=SegmentConfig(map_downsample=2, member_maps=True))
+    maps = segment_slide(
+        random_slide(96, 96, seed=4),
+        pointwise_ensemble(3, tile_size_px=32),
+        config=SegmentConfig(map_downsample=2, member_maps=True),
+    )
     assert maps.member_prob.shape == (3, 48, 48)
     np.testing.assert_allclose(maps.member_prob.mean(axis=0), maps.prob, atol=1e-5)
 
@@ -79,8 +92,7 @@ def test_member_maps_average_to_the_ensemble_mean():
 def test_roi_limits_maps_and_coverage():
     slide = random_slide(400, 400, seed=1)
     roi = box(100, 120, 220, 260)
-    maps = segment_slide(slide, pointwise_ensemble(2, tile_size_px=32), roi=roi,
-                         config=SegmentConfig(map_downsample=2))
+    maps = segment_slide(slide, pointwise_ensemble(2, tile_size_px=32), roi=roi, config=SegmentConfig(map_downsample=2))
     x0, y0 = maps.origin_xy
     assert x0 <= 100 and y0 <= 120
     assert x0 + maps.shape[1] * maps.downsample >= 220
@@ -90,8 +102,12 @@ def test_roi_limits_maps_and_coverage():
 
 def test_cancel_between_batches():
     with pytest.raises(Cancelled, match="cancelled after"):
-        segment_slide(random_slide(256, 256), pointwise_ensemble(2, tile_size_px=32),
-                      config=SegmentConfig(batch_size=2), should_cancel=lambda: True)
+        segment_slide(
+            random_slide(256, 256),
+            pointwise_ensemble(2, tile_size_px=32),
+            config=SegmentConfig(batch_size=2),
+            should_cancel=lambda: True,
+        )
 
 
 class _VirtualSlideReader:
@@ -133,12 +149,15 @@ def test_bad_config():
     with pytest.raises(ValueError, match="map_downsample"):
         SegmentConfig(map_downsample=0)
     with pytest.raises(ValueError, match="not a multiple of map_downsample"):
-        segment_slide(random_slide(64, 64), pointwise_ensemble(1, tile_size_px=30),
-                      config=SegmentConfig(map_downsample=4))
+        segment_slide(
+            random_slide(64, 64), pointwise_ensemble(1, tile_size_px=30), config=SegmentConfig(map_downsample=4)
+        )
 
 
 def test_inference_mode_leaves_no_grad():
     ens = pointwise_ensemble(1)
-    probs = ens.member_probs(np.zeros((1, 8, 8, 3), np.uint8), precision=__import__(
-        "inference.ensemble", fromlist=["Precision"]).Precision(None))
+    probs = ens.member_probs(
+        np.zeros((1, 8, 8, 3), np.uint8),
+        precision=__import__("inference.ensemble", fromlist=["Precision"]).Precision(None),
+    )
     assert not probs.requires_grad and probs.dtype == torch.float32

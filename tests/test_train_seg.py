@@ -1,16 +1,25 @@
 import hashlib
+import itertools
 
 import numpy as np
 import pytest
 
+from inference.cyclic import is_member_epoch, learning_rate
 from inference.ensemble import Ensemble
 from inference.phantom import PhantomSpec, write_phantom
-from inference.train_seg import SegTrainConfig, is_member_epoch, learning_rate, train_segmentation
+from inference.train_seg import SegTrainConfig, train_segmentation
 
 
 def _cfg(**kw):
-    base = dict(slides=("x.svs",), out_dir="unused", cycles=3, epochs_per_cycle=4, iterations_per_epoch=10,
-                lr_max=1e-2, lr_min=1e-4)
+    base = dict(
+        slides=("x.svs",),
+        out_dir="unused",
+        cycles=3,
+        epochs_per_cycle=4,
+        iterations_per_epoch=10,
+        lr_max=1e-2,
+        lr_min=1e-4,
+    )
     return SegTrainConfig(**{**base, **kw})
 
 
@@ -20,7 +29,7 @@ def test_cosine_schedule_restarts_each_cycle():
     assert learning_rate(cfg, 3, 9) == pytest.approx(1e-4, abs=2e-4)
     assert learning_rate(cfg, 4, 0) == pytest.approx(1e-2)  # warm restart
     lrs = [learning_rate(cfg, e, i) for e in range(4) for i in range(10)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
 
 
 def test_members_come_from_the_low_lr_end():
@@ -31,13 +40,16 @@ def test_members_come_from_the_low_lr_end():
     assert [e for e in range(12) if is_member_epoch(keep_first, e)] == [3, 7, 11]
 
 
-@pytest.mark.parametrize(("kw", "match"), [
-    ({"optimizer": "rmsprop"}, "optimizer"),
-    ({"members_per_cycle": 9}, "members_per_cycle"),
-    ({"cycles": 1}, "at least 2 cycles"),
-    ({"patch_px": 100}, "multiples of 8"),
-    ({"slides": ()}, "no training slides"),
-])
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"members_per_cycle": 9}, "members_per_cycle"),
+        ({"cycles": 1}, "at least 2 cycles"),
+        ({"patch_px": 100}, "multiples of 8"),
+        ({"slides": ()}, "no training slides"),
+    ],
+)
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         _cfg(**kw)
@@ -51,9 +63,20 @@ def small_phantom(tmp_path_factory):
 
 
 def _tiny(small_phantom, out, **kw):
-    return SegTrainConfig(slides=(small_phantom,), out_dir=str(out), cycles=2, epochs_per_cycle=2,
-                          iterations_per_epoch=2, batch_size=2, patch_px=32, tile_size_px=64, features=(4, 8),
-                          optimizer=kw.pop("optimizer", "adamw"), seed=3, **kw)
+    return SegTrainConfig(
+        slides=(small_phantom,),
+        out_dir=str(out),
+        cycles=2,
+        epochs_per_cycle=2,
+        iterations_per_epoch=2,
+        batch_size=2,
+        patch_px=32,
+        tile_size_px=64,
+        features=(4, 8),
+        optimizer=kw.pop("optimizer", "adamw"),
+        seed=3,
+        **kw,
+    )
 
 
 def _digests(folder):
@@ -67,8 +90,10 @@ def test_training_writes_a_loadable_verified_ensemble(small_phantom, tmp_path, o
     assert manifest.members[0].epoch == 3
     assert manifest.training["data"][0]["seed"] == 21
     ens = Ensemble.load(tmp_path, task="segmentation")
-    probs = ens.member_probs(np.zeros((1, 64, 64, 3), np.uint8), precision=__import__(
-        "inference.ensemble", fromlist=["Precision"]).Precision(None))
+    probs = ens.member_probs(
+        np.zeros((1, 64, 64, 3), np.uint8),
+        precision=__import__("inference.ensemble", fromlist=["Precision"]).Precision(None),
+    )
     assert probs.shape == (1, 1, 2, 64, 64)
 
 

@@ -1,0 +1,183 @@
+"""Nuclei detection over a slide: tiled FCN heatmaps, max-pool NMS, one point per nucleus.
+
+Each tile's heatmaps (mean of the members' sigmoids) are peak-picked with a max-pool of
+radius ``nms_radius_um`` on the max over classes; a peak keeps the class of the largest
+heatmap there. A tile keeps only peaks inside its core (cores partition the grid, so the
+overlap is seen twice but counted once), and a final radius NMS across all tiles removes a
+nucleus found on both sides of a core boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import shapely
+import torch
+import torch.nn.functional as F  # noqa: N812
+from shapely.geometry.base import BaseGeometry
+
+from inference.ensemble import Ensemble, Precision
+from inference.points import radius_nms
+from inference.readahead import read_ahead
+from inference.results import Nuclei
+from inference.segment import Cancelled
+from inference.slide import Slide
+from inference.tiling import tile_grid, validate_roi
+from inference.tissue import TissueMask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NucleiConfig:
+    """How to run nuclei detection.
+
+    Attributes
+    ----------
+    nms_radius_um
+        Peaks closer than this are one nucleus.
+    min_score
+        Smallest heatmap peak that counts as a nucleus.
+    overlap_px
+        Tile overlap in model px; at least twice the receptive context you want at seams.
+    """
+
+    nms_radius_um: float = 2.5
+    min_score: float = 0.3
+    overlap_px: int = 32
+    batch_size: int = 8
+    read_workers: int = 2
+    precision: str = "auto"
+
+
+def heatmap_peaks(heat: torch.Tensor, *, radius_px: int, min_score: float) -> tuple[torch.Tensor, ...]:
+    """Max-pool NMS on a batch of heatmaps (B, C, H, W) -> (b, y, x) index tensors of peaks."""
+    top = heat.max(dim=1).values
+    pooled = F.max_pool2d(top[:, None], 2 * radius_px + 1, stride=1, padding=radius_px)[:, 0]
+    return torch.nonzero((top == pooled) & (top >= min_score), as_tuple=True)
+
+
+def class_probabilities(values: np.ndarray) -> np.ndarray:
+    """Normalise per-class heatmap values at a peak (N, C) into a class distribution."""
+    return values / np.clip(values.sum(axis=1, keepdims=True), 1e-12, None)
+
+
+def detect_nuclei(
+    slide: Slide,
+    ensemble: Ensemble,
+    *,
+    roi: BaseGeometry | None = None,
+    tissue: TissueMask | None = None,
+    config: NucleiConfig | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> Nuclei:
+    """Find nuclei in the ROI (or tissue, or whole image); positions in level-0 px."""
+    config = config or NucleiConfig()
+    manifest = ensemble.manifest
+    names = tuple(manifest.class_names)
+    if roi is not None:
+        roi = validate_roi(roi, image_size_wh=slide.dimensions)
+    tile = manifest.tile_size_px
+    downsample = manifest.input_mpp / slide.mpp.mean
+    # Tiles reach past the ROI by half the overlap, so nuclei on its boundary keep their context.
+    grid_area = None if roi is None else roi.buffer(config.overlap_px / 2 * downsample, join_style="mitre")
+    grid = tile_grid(
+        image_size_wh=slide.dimensions,
+        tile_size_px=tile,
+        overlap_px=min(config.overlap_px, tile - 2),
+        downsample=downsample,
+        roi=grid_area,
+        tissue_mask=None if tissue is None else tissue.mask,
+        tissue_downsample=None if tissue is None else tissue.downsample,
+        align_px=2,
+    )
+    cores = grid.cores_model_px()
+    radius_px = max(1, round(config.nms_radius_um / manifest.input_mpp))
+    precision = Precision.choose(config.precision, ensemble.device)
+    pos_i, neg_i = names.index("Tumor: Positive"), names.index("Tumor: Negative")
+    total = len(grid)
+    xy_parts, val_parts, ent_parts = [], [], []
+
+    def read(index: int) -> np.ndarray:
+        x, y = grid.origins_xy[index]
+        return slide.read_region_at_mpp((int(x), int(y)), (tile, tile), mpp=manifest.input_mpp)
+
+    batch: list[tuple[int, np.ndarray]] = []
+    done = 0
+
+    def flush() -> None:
+        nonlocal done
+        idx = np.array([i for i, _ in batch])
+        heat_members = torch.sigmoid(_member_logits(ensemble, np.stack([p for _, p in batch]), precision))
+        heat = heat_members.mean(dim=0)
+        b, y, x = heatmap_peaks(heat, radius_px=radius_px, min_score=config.min_score)
+        values = heat[b, :, y, x].cpu().numpy().astype(np.float64)
+        b_np, y_np, x_np = b.cpu().numpy(), y.cpu().numpy(), x.cpu().numpy()
+        gx = grid.origins_model_px[idx[b_np], 0] + x_np + 0.5
+        gy = grid.origins_model_px[idx[b_np], 1] + y_np + 0.5
+        core = cores[idx[b_np]]
+        own = (gx >= core[:, 0]) & (gx < core[:, 2]) & (gy >= core[:, 1]) & (gy < core[:, 3])
+        xy_parts.append(np.column_stack([gx[own], gy[own]]) * grid.downsample)
+        val_parts.append(values[own])
+        if len(ensemble.members) > 1:
+            # (B, H, W, M, C) indexed by peak -> (N, M, C)
+            member_vals = heat_members.permute(1, 3, 4, 0, 2)[b, y, x].cpu().numpy().astype(np.float64)[own]
+            p_members = member_vals / np.clip(member_vals.sum(axis=2, keepdims=True), 1e-12, None)
+            p_mean = p_members.mean(axis=1)
+            ent_parts.append(-(p_mean * np.log(np.clip(p_mean, 1e-12, None))).sum(axis=1))
+        done += len(batch)
+        batch.clear()
+        if on_progress is not None:
+            on_progress(done, total)
+
+    if on_progress is not None:
+        on_progress(0, total)
+    for index, pixels in read_ahead(read, range(total), workers=config.read_workers, max_pending=2 * config.batch_size):
+        batch.append((index, pixels))
+        if len(batch) == config.batch_size:
+            if should_cancel is not None and should_cancel():
+                raise Cancelled(f"cancelled after {done} of {total} tiles")
+            flush()
+    if batch:
+        flush()
+
+    xy = np.concatenate(xy_parts) if xy_parts else np.zeros((0, 2))
+    values = np.concatenate(val_parts) if val_parts else np.zeros((0, len(names)))
+    entropy = np.concatenate(ent_parts) if ent_parts else None
+    score = values.max(axis=1) if len(values) else np.zeros(0)
+    keep = radius_nms(xy, score, radius=config.nms_radius_um / slide.mpp.mean)
+    width, height = slide.dimensions
+    inside = (xy[keep, 0] >= 0) & (xy[keep, 0] < width) & (xy[keep, 1] >= 0) & (xy[keep, 1] < height)
+    keep = keep[inside]
+    if roi is not None:
+        keep = keep[shapely.contains_xy(roi, xy[keep, 0], xy[keep, 1])]
+    probs = class_probabilities(values[keep])
+    cls = probs.argmax(axis=1) if len(keep) else np.zeros(0, np.int64)
+    tumour = probs[:, pos_i] + probs[:, neg_i]
+    log.info("%d nuclei in %d tiles", len(keep), total)
+    return Nuclei(
+        xy=xy[keep],
+        cls=cls.astype(np.int64),
+        score=score[keep],
+        class_prob=probs[np.arange(len(keep)), cls] if len(keep) else np.zeros(0),
+        positive_prob=np.where(tumour > 0, probs[:, pos_i] / np.clip(tumour, 1e-12, None), 0.0),
+        entropy=None if entropy is None else entropy[keep],
+        class_names=names,
+    )
+
+
+@torch.inference_mode()
+def _member_logits(ensemble: Ensemble, batch: np.ndarray, precision: Precision) -> torch.Tensor:
+    x = ensemble.normalize(torch.from_numpy(batch))
+    out = []
+    for model in ensemble.members:
+        if precision.autocast_dtype is not None:
+            with torch.autocast(ensemble.device.type, dtype=precision.autocast_dtype):
+                out.append(model(x).float())
+        else:
+            out.append(model(x))
+    return torch.stack(out)

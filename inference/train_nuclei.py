@@ -1,0 +1,239 @@
+"""Train the point-supervised nuclei FCN from annotated points (phantom truth ``nuclei.csv``).
+
+Targets are unit-peak Gaussians (``sigma_um``) at each nucleus on its class's heatmap; the
+loss is CenterNet's penalty-reduced focal loss on the sigmoid heatmaps. Patches are centred
+on nuclei of a class drawn uniformly, so rare classes are seen as often as common ones.
+Cyclic training as the segmentation ensemble: with several members, each nucleus also gets
+a predictive entropy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from inference import __version__
+from inference.augment import augment_batch
+from inference.cyclic import (
+    is_member_epoch,
+    learning_rate,
+    load_checkpoint,
+    make_optimizer,
+    save_checkpoint,
+    save_member,
+)
+from inference.manifest import Manifest, Member, write_manifest
+from inference.nuclei_model import DilatedResFCN
+from inference.phantom import NUCLEUS_CLASSES, load_truth
+from inference.points import gaussian_targets
+from inference.slide import open_slide
+from inference.train_seg import NORMALIZATION
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NucleiTrainConfig:
+    """A nuclei training run (recorded in the manifest); schedule fields as :class:`SegTrainConfig`."""
+
+    slides: tuple[str, ...]
+    out_dir: str
+    name: str = "pdl1-nuclei"
+    version: str = "1"
+    input_mpp: float = 1.0
+    patch_px: int = 96
+    tile_size_px: int = 256
+    width: int = 32
+    dilations: tuple[int, ...] = (1, 2, 4, 8)
+    sigma_um: float = 1.5
+    batch_size: int = 12
+    cycles: int = 3
+    epochs_per_cycle: int = 3
+    iterations_per_epoch: int = 40
+    members_per_cycle: int = 1
+    drop_first_cycle: bool = True
+    optimizer: str = "adamw"
+    lr_max: float = 3e-3
+    lr_min: float = 3e-5
+    weight_decay: float = 1e-4
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if self.patch_px % 2 or self.tile_size_px % 2:
+            raise ValueError("patch_px and tile_size_px must be even (the FCN works at stride 2 inside)")
+        if self.drop_first_cycle and self.cycles < 2:
+            raise ValueError("drop_first_cycle needs at least 2 cycles")
+        if not self.slides:
+            raise ValueError("no training slides given")
+
+    @property
+    def total_epochs(self) -> int:
+        return self.cycles * self.epochs_per_cycle
+
+
+@dataclass
+class _NucleiData:
+    name: str
+    rgb: np.ndarray  # uint8 at input_mpp
+    xy: np.ndarray  # (N, 2) model px
+    cls: np.ndarray
+    summary: dict
+
+
+def load_nuclei_slide(path: str | Path, *, input_mpp: float) -> _NucleiData:
+    truth = load_truth(path)
+    with open_slide(path) as slide:
+        rgb = slide.thumbnail(mpp=input_mpp)
+        ds = input_mpp / slide.mpp.mean
+    return _NucleiData(Path(path).name, rgb, truth.nuclei_xy / ds - 0.5, truth.nuclei_class, truth.summary)
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss (alpha 2, beta 4), normalised by the number of peaks."""
+    p = torch.sigmoid(logits).clamp(1e-4, 1 - 1e-4)
+    pos = target.eq(1).float()
+    neg_weight = (1 - target).pow(4)
+    pos_loss = (torch.log(p) * (1 - p).pow(2) * pos).sum()
+    neg_loss = (torch.log(1 - p) * p.pow(2) * neg_weight * (1 - pos)).sum()
+    return -(pos_loss + neg_loss) / pos.sum().clamp_min(1.0)
+
+
+def sample_nuclei_batch(
+    data: list[_NucleiData], rng: np.random.Generator, *, batch_size: int, patch_px: int, sigma_px: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Patches centred near a nucleus of a uniformly drawn class, with (H, W, C) Gaussian targets."""
+    n_classes = len(NUCLEUS_CLASSES)
+    images = np.empty((batch_size, patch_px, patch_px, 3), np.uint8)
+    targets = np.empty((batch_size, patch_px, patch_px, n_classes), np.float32)
+    half = patch_px // 2
+    for i in range(batch_size):
+        d = data[int(rng.integers(len(data)))]
+        h, w = d.rgb.shape[:2]
+        wanted = int(rng.integers(n_classes))
+        pool = np.flatnonzero(d.cls == wanted)
+        if pool.size == 0:
+            pool = np.arange(len(d.cls))
+        cx, cy = d.xy[pool[rng.integers(pool.size)]] + rng.uniform(-half / 2, half / 2, 2)
+        x0 = int(np.clip(round(cx) - half, 0, w - patch_px))
+        y0 = int(np.clip(round(cy) - half, 0, h - patch_px))
+        images[i] = d.rgb[y0 : y0 + patch_px, x0 : x0 + patch_px]
+        near = (
+            (d.xy[:, 0] >= x0 - 5)
+            & (d.xy[:, 0] < x0 + patch_px + 5)
+            & (d.xy[:, 1] >= y0 - 5)
+            & (d.xy[:, 1] < y0 + patch_px + 5)
+        )
+        t = gaussian_targets(
+            np.round(d.xy[near] - (x0, y0)),
+            d.cls[near],
+            shape_hw=(patch_px, patch_px),
+            n_classes=n_classes,
+            sigma_px=sigma_px,
+        )
+        targets[i] = np.moveaxis(t, 0, -1)
+    return images, targets
+
+
+def train_nuclei(
+    config: NucleiTrainConfig, *, resume: bool = False, on_progress: Callable[[int, int], None] | None = None
+) -> Manifest:
+    """Train and write a nuclei model folder (``config.out_dir``); returns its manifest."""
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    device = torch.device(config.device)
+    data = [load_nuclei_slide(p, input_mpp=config.input_mpp) for p in config.slides]
+    arch_kwargs = {
+        "in_channels": 3,
+        "n_classes": len(NUCLEUS_CLASSES),
+        "width": config.width,
+        "dilations": list(config.dilations),
+    }
+    model = DilatedResFCN(**{**arch_kwargs, "dilations": tuple(config.dilations)}).to(device)
+    optimizer = make_optimizer(config, model)
+    ckpt = out_dir / "checkpoint"
+    start_epoch, members = 0, []
+    if resume and (ckpt / "state.json").is_file():
+        last, members = load_checkpoint(ckpt, model, optimizer, rng)
+        start_epoch = last + 1
+    mean = torch.tensor(NORMALIZATION["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(NORMALIZATION["std"], device=device).view(1, 3, 1, 1)
+    sigma_px = config.sigma_um / config.input_mpp
+    total = config.total_epochs * config.iterations_per_epoch
+    lr = config.lr_max
+    for epoch in range(start_epoch, config.total_epochs):
+        model.train()
+        losses = []
+        for it in range(config.iterations_per_epoch):
+            lr = learning_rate(config, epoch, it)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images, targets = sample_nuclei_batch(
+                data, rng, batch_size=config.batch_size, patch_px=config.patch_px, sigma_px=sigma_px
+            )
+            images, targets = augment_batch(images, targets, rng)
+            x = (torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255 - mean) / std
+            y = torch.from_numpy(np.ascontiguousarray(targets)).to(device).permute(0, 3, 1, 2)
+            loss = focal_loss(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+            optimizer.step()
+            losses.append(loss.item())
+            if on_progress is not None:
+                on_progress(epoch * config.iterations_per_epoch + it + 1, total)
+        log.info("epoch %d loss %.4f lr %.2e", epoch, float(np.mean(losses)), lr)
+        if is_member_epoch(config, epoch):
+            name, digest = save_member(out_dir, model, len(members))
+            members.append(
+                {
+                    "file": name,
+                    "sha256": digest,
+                    "cycle": epoch // config.epochs_per_cycle,
+                    "epoch": epoch,
+                    "learning_rate": lr,
+                    "train_loss": float(np.mean(losses)),
+                }
+            )
+        save_checkpoint(ckpt, model, optimizer, epoch=epoch, rng=rng, members=members)
+
+    manifest = Manifest(
+        name=config.name,
+        version=config.version,
+        task="nuclei",
+        architecture="DilatedResFCN",
+        architecture_kwargs=arch_kwargs,
+        input_mpp=config.input_mpp,
+        tile_size_px=config.tile_size_px,
+        normalization=NORMALIZATION,
+        class_names=list(NUCLEUS_CLASSES),
+        members=[Member(**{k: m[k] for k in ("file", "sha256", "cycle", "epoch", "learning_rate")}) for m in members],
+        thresholds={"min_score": 0.3, "nms_radius_um": 2.5},
+        extra={"output_stride": DilatedResFCN.output_stride, "sigma_um": config.sigma_um},
+        training={
+            "config": {k: v for k, v in asdict(config).items() if k != "out_dir"},
+            "data": [
+                {
+                    "slide": d.name,
+                    "seed": d.summary["spec"]["seed"],
+                    "tps_percent": d.summary["spec"]["tps_percent"],
+                    "shift": d.summary["spec"]["shift"],
+                    "nuclei": len(d.cls),
+                }
+                for d in data
+            ],
+            "final_losses": [m["train_loss"] for m in members],
+            "producer": f"pdl1-bridge {__version__}",
+        },
+    )
+    write_manifest(out_dir, manifest)
+    return manifest

@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from inference.ensemble import Ensemble
+from inference.manifest import Manifest, Member
+from inference.nuclei import NucleiConfig, detect_nuclei
+from inference.phantom import NUCLEUS_CLASSES
+from inference.points import match_points
+from inference.slide import ArrayReader, Mpp, Slide
+
+COLOURS = [(0, 255, 255), (255, 0, 255), (255, 255, 0)]  # class c: channel c dark
+
+
+class DotDetector(nn.Module):
+    """Turns coloured dots into heatmap peaks: translation-equivariant, exact at any tiling."""
+
+    def __init__(self):
+        super().__init__()
+        self.blur = nn.Conv2d(3, 3, 5, padding=2, groups=3, bias=False)
+        g = torch.exp(-((torch.arange(5) - 2.0) ** 2) / 2)
+        k = torch.outer(g, g)
+        with torch.no_grad():
+            self.blur.weight.copy_((k / k.max()).expand(3, 1, 5, 5))
+
+    def forward(self, x):
+        darkness = 1 - (x * 0.25 + 0.5)  # undo normalisation (mean 0.5, std 0.25)
+        return 1.5 * self.blur(darkness) - 4.0  # unsaturated: the dot centre is the unique peak
+
+
+def dot_ensemble(tile: int) -> Ensemble:
+    manifest = Manifest(
+        name="dots",
+        version="0",
+        task="nuclei",
+        architecture="x",
+        architecture_kwargs={},
+        input_mpp=1.0,
+        tile_size_px=tile,
+        normalization={"mean": [0.5] * 3, "std": [0.25] * 3},
+        class_names=list(NUCLEUS_CLASSES),
+        members=[Member("m", "0" * 64, 0, 0, 0.0)],
+    )
+    return Ensemble.from_members(manifest, [DotDetector()], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def dotted_slide():
+    rng = np.random.default_rng(0)
+    w, h = 400, 300
+    rgb = np.full((h, w, 3), 255, np.uint8)
+    points, classes = [], []
+    candidates = rng.uniform(4, [w - 4, h - 4], (4000, 2))
+    # Dots right on the seams of a 64 px grid too.
+    seams = np.array([[x, y] for x in (60, 61.5, 62, 63, 64, 112.5) for y in (30, 90, 150)], float)
+    for p in np.concatenate([seams, candidates]):
+        if all(np.hypot(*(p - q)) >= 9 for q in points):
+            points.append(p)
+            classes.append(int(rng.integers(3)))
+    for (x, y), c in zip(points, classes, strict=True):
+        rgb[int(y) - 1 : int(y) + 2, int(x) - 1 : int(x) + 2] = COLOURS[c]
+    centres = np.floor(np.array(points)) + 0.5
+    return Slide(ArrayReader(rgb), mpp=Mpp(1.0, 1.0, "test")), centres, np.array(classes)
+
+
+@pytest.mark.parametrize(("tile", "overlap"), [(64, 16), (96, 32), (512, 16)])
+def test_each_nucleus_found_once_across_tile_seams(dotted_slide, tile, overlap):
+    slide, centres, classes = dotted_slide
+    nuclei = detect_nuclei(
+        slide,
+        dot_ensemble(tile),
+        config=NucleiConfig(overlap_px=overlap, read_workers=0, nms_radius_um=2.5, min_score=0.5),
+    )
+    assert len(nuclei) == len(centres), "no double counts, no lost nuclei"
+    m = match_points(nuclei.xy, centres, radius=0.01)  # exactly at the dot centres
+    assert len(m.pred_index) == len(centres)
+    np.testing.assert_array_equal(nuclei.cls[m.pred_index], classes[m.truth_index])
+    assert (nuclei.class_prob > 0.8).all()
+    assert nuclei.entropy is None  # a single model, not an ensemble
+
+
+def test_ensemble_gives_entropy_and_roi_limits(dotted_slide):
+    from shapely.geometry import box
+
+    slide, centres, _ = dotted_slide
+    ens = dot_ensemble(64)
+    ens2 = Ensemble(ens.manifest, [ens.members[0], DotDetector()], folder=ens.folder, device=ens.device)
+    roi = box(0, 0, 200, 150)
+    nuclei = detect_nuclei(slide, ens2, roi=roi, config=NucleiConfig(overlap_px=16, min_score=0.5))
+    inside = (centres[:, 0] < 200) & (centres[:, 1] < 150)
+    assert len(nuclei) == inside.sum()
+    assert nuclei.entropy is not None and (nuclei.entropy >= 0).all()
+    assert nuclei.count("Tumor: Positive") + nuclei.count("Tumor: Negative") + nuclei.count("Other") == len(nuclei)

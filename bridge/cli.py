@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from inference import __version__
 from inference.errors import Pdl1Error
@@ -93,8 +94,21 @@ def phantom(
     )
 
 
+class _DefaultSuiteGroup(TyperGroup):
+    """``pdl1 eval SLIDE...`` runs the ``suite`` subcommand; ``pdl1 eval seg|nuclei ...`` the others."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["suite", *args]
+        return super().parse_args(ctx, args)
+
+
 train_app = typer.Typer(help="Train models on phantom slides with truth.", no_args_is_help=True)
-eval_app = typer.Typer(help="Evaluate models on phantom slides against their truth.", no_args_is_help=True)
+eval_app = typer.Typer(
+    cls=_DefaultSuiteGroup,
+    no_args_is_help=True,
+    help="Evaluate on phantom slides against their truth. `pdl1 eval SLIDE... --out DIR` runs the full suite.",
+)
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 
@@ -312,82 +326,387 @@ def eval_nuclei(
         raise _fail(err) from err
 
 
+@eval_app.command("suite")
+def eval_suite(
+    slides: Annotated[list[Path], typer.Argument(help="Phantom slides with truth beside them.")],
+    out: Annotated[Path, typer.Option(help="Report folder: metrics.csv and PNG plots.")],
+    model: Annotated[Path | None, typer.Option(help="Segmentation ensemble; the shipped demo if omitted.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Segmentation, calibration and uncertainty metrics, and SUA against the pixel baseline, per slide."""
+    from rich.table import Table
+
+    from bridge.eval_report import rows, slide_uncertainty_correlation, write_report
+    from bridge.progress import progress_bar
+    from inference.ensemble import Ensemble, demo_model_dir
+    from inference.evaluate import evaluate_slide_suite
+    from inference.pipeline import PipelineConfig, review_rule_for, sua_params_for
+
+    console_out = Console()
+    try:
+        ensemble = Ensemble.load(model or demo_model_dir("seg"), task="segmentation", device=device)
+        manifest = ensemble.manifest
+        upper = manifest.thresholds.get("segmentation", 0.5)
+        sua = sua_params_for(manifest, PipelineConfig(), upper=upper)
+        pixel_threshold = manifest.thresholds.get("pixel_baseline_threshold", sua.threshold)
+        evaluations = []
+        for slide in slides:
+            with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
+                evaluations.append(
+                    evaluate_slide_suite(
+                        slide,
+                        ensemble,
+                        sua=sua,
+                        pixel_threshold=pixel_threshold,
+                        review=review_rule_for(manifest),
+                        on_progress=on_progress,
+                    )
+                )
+        written = write_report(evaluations, out)
+    except (Pdl1Error, ValueError, OSError) as err:
+        raise _fail(err) from err
+    table = Table(
+        title=f"evaluation ({manifest.name} {manifest.version}, SUA on {sua.uncertainty}/{sua.aggregation}, "
+        f"NPR [{sua.lower:g}, {sua.upper:g}), threshold {sua.threshold:.3g})"
+    )
+    shown = (
+        "slide",
+        "shift",
+        "dice",
+        "ece",
+        "brier",
+        "auroc_entropy_error",
+        "mean_entropy",
+        "needs_review",
+        "sua_candidates",
+        "sua_f05",
+        "baseline_f05",
+        "sua_fncr",
+        "baseline_fncr",
+    )
+    for col in shown:
+        table.add_column(col.replace("_", " "), justify="left" if col == "slide" else "right")
+    for row in rows(evaluations):
+        table.add_row(*(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in shown))
+    console_out.print(table)
+    console_out.print(f"Spearman(slide mean entropy, 1 - Dice) = {slide_uncertainty_correlation(evaluations):.3f}")
+    for e in evaluations:
+        better = e.sua.f05 > e.baseline.f05 and e.sua.fncr > e.baseline.fncr
+        console_out.print(
+            f"{e.slide}: SUA F0.5 {e.sua.f05:.3f} vs pixel baseline {e.baseline.f05:.3f}; "
+            f"FNCR {e.sua.fncr:.3f} vs {e.baseline.fncr:.3f} -> "
+            + ("SUA better on both" if better else "SUA not better on both")
+        )
+    console_out.print(f"report: {', '.join(str(p) for p in written.values())}")
+
+
+@app.command()
+def calibrate(
+    slides: Annotated[list[Path], typer.Argument(help="Validation phantom slides with truth (not the test slides).")],
+    model: Annotated[
+        Path | None, typer.Option(help="Segmentation ensemble to calibrate; the shipped demo if omitted.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write a calibrated copy here instead of updating --model.")] = None,
+    min_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0.5, max=1.0, help="An NPR is a false negative when this share of its pixels is truly positive."
+        ),
+    ] = 0.9,
+    uncertainty: Annotated[
+        str, typer.Option(help="predictive_entropy, mutual_information or prob_std.")
+    ] = "predictive_entropy",
+    aggregation: Annotated[str, typer.Option(help="mean or p90.")] = "mean",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Choose SUA's threshold and lower bound (max F0.5) and the "needs review" rule; write them to the manifest."""
+    import dataclasses
+    import shutil
+
+    from bridge.progress import progress_bar
+    from inference.ensemble import Ensemble, demo_model_dir
+    from inference.evaluate import calibrate_ensemble
+    from inference.manifest import write_manifest
+
+    if model is None and out is None:
+        raise typer.BadParameter(
+            "the shipped demo is read-only: pass --out DIR for a calibrated copy", param_hint="--out"
+        )
+    source = model or demo_model_dir("seg")
+    try:
+        ensemble = Ensemble.load(source, task="segmentation", device=device)
+        with progress_bar("calibrating", enabled=progress) as on_progress:
+            cal, review = calibrate_ensemble(
+                slides,
+                ensemble,
+                uncertainty=uncertainty,
+                aggregation=aggregation,
+                min_fraction=min_fraction,
+                on_progress=on_progress,
+            )
+        target = out or source
+        if out is not None and Path(out).resolve() != Path(source).resolve():
+            shutil.copytree(source, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint"))
+        m = ensemble.manifest.with_thresholds(
+            sua_lower=cal.params.lower,
+            sua_upper=cal.params.upper,
+            sua_threshold=cal.params.threshold,
+            pixel_baseline_threshold=cal.pixel_threshold,
+            **review,
+        )
+        m = dataclasses.replace(
+            m,
+            extra={
+                **m.extra,
+                "sua": {
+                    "uncertainty": uncertainty,
+                    "aggregation": aggregation,
+                    "min_fraction": min_fraction,
+                    "calibrated_on": [p.name for p in slides],
+                    "f05": cal.f05,
+                    "pixel_baseline_f05": cal.pixel_f05,
+                    "nprs": cal.n_regions,
+                    "false_negative_nprs": cal.n_false_negative,
+                },
+            },
+        )
+        write_manifest(target, m)
+    except (Pdl1Error, ValueError, OSError) as err:
+        raise _fail(err) from err
+    typer.echo(
+        f"SUA: NPR [{cal.params.lower:g}, {cal.params.upper:g}), {uncertainty}/{aggregation} > "
+        f"{cal.params.threshold:.4g} (F0.5 {cal.f05:.3f} on {cal.n_regions} NPRs, "
+        f"{cal.n_false_negative} false negative)"
+    )
+    typer.echo(
+        f"pixel baseline threshold {cal.pixel_threshold:.4g} (pixel F0.5 {cal.pixel_f05:.3f}); "
+        f"needs review at mean entropy >= {review['review_entropy']:.3f} or candidates >= "
+        f"{review['review_candidate_area_pct']}% of tissue"
+    )
+    typer.echo(f"wrote {Path(target) / 'manifest.json'}")
+
+
+def _pipeline_config(
+    device: str,
+    seg_model: Path | None,
+    nuclei_model: Path | None,
+    mpp: float | None,
+    no_nuclei: bool = False,
+    refine: bool = False,
+):
+    from inference.pipeline import PipelineConfig
+
+    return PipelineConfig(
+        seg_model_dir=None if seg_model is None else str(seg_model),
+        nuclei_model_dir=None if nuclei_model is None else str(nuclei_model),
+        run_nuclei=not no_nuclei,
+        device=device,
+        mpp=mpp,
+        refine_with_sua=refine,
+    )
+
+
+def _outcome_table(outcomes) -> None:
+    from rich.table import Table
+
+    table = Table(title="pdl1 run")
+    for col in ("image", "state", "TPS %", "category", "positive area %", "uncertainty", "candidates", "time s"):
+        table.add_column(col, justify="left" if col in ("image", "state", "category") else "right")
+    for o in outcomes:
+
+        def num(v, fmt=".1f"):
+            return "" if v is None else format(v, fmt)
+
+        flag = "" if o.uncertainty_flag is None else ("needs review" if o.uncertainty_flag else "ok")
+        table.add_row(
+            o.name,
+            o.state if o.state != "failed" else "[red]failed[/red]",
+            num(o.tps_percent),
+            o.tps_category or "",
+            num(o.positive_area_pct),
+            flag,
+            num(o.candidates, "d"),
+            num(o.seconds),
+        )
+    Console().print(table)
+    for o in outcomes:
+        if o.error:
+            console.print(f"[red]{o.name}:[/red] {o.error}")
+
+
+def _run_with_progress(inputs, run_config, *, progress: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from bridge.run import run_batch
+
+    if not progress:
+        return run_batch(inputs, run_config)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+    ) as bar:
+        images = bar.add_task("images", total=None)
+        tiles = bar.add_task("tiles", total=None)
+
+        def on_image(i: int, n: int, name: str) -> None:
+            bar.update(images, completed=i, total=n, description=f"images ({name})")
+            bar.reset(tiles)
+
+        def on_tiles(done: int, total: int) -> None:
+            bar.update(tiles, completed=done, total=total)
+
+        outcomes = run_batch(inputs, run_config, on_image=on_image, on_tiles=on_tiles)
+        bar.update(images, completed=len(outcomes))
+    return outcomes
+
+
+@app.command()
+def run(
+    inputs: Annotated[list[Path], typer.Argument(help="A QuPath project (folder or .qpproj), or slide files.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder for plain slides (one GeoJSON + summary each).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Skip images a previous run finished.")] = False,
+    report: Annotated[bool, typer.Option(help="Write the HTML/CSV report afterwards.")] = False,
+    target_class: Annotated[
+        list[str] | None, typer.Option("--class", help="Analyse annotations of this class (repeatable; needs QuPath).")
+    ] = None,
+    target_name: Annotated[
+        list[str] | None, typer.Option("--name", help="Analyse annotations with this name (repeatable; needs QuPath).")
+    ] = None,
+    search_dir: Annotated[
+        list[Path] | None, typer.Option(help="Where to look for slides that moved (repeatable).")
+    ] = None,
+    qupath: Annotated[
+        str,
+        typer.Option(help="auto: write into the project via paquo when QuPath is found, else sidecars; never; always."),
+    ] = "auto",
+    seg_model: Annotated[
+        Path | None, typer.Option(help="Segmentation ensemble folder (default: shipped demo).")
+    ] = None,
+    nuclei_model: Annotated[Path | None, typer.Option(help="Nuclei model folder (default: shipped demo).")] = None,
+    no_nuclei: Annotated[bool, typer.Option(help="Skip nuclei and TPS.")] = False,
+    refine: Annotated[bool, typer.Option(help="Also report positive area with SUA candidates merged in.")] = False,
+    mpp: Annotated[float | None, typer.Option(min=0.05, help="Microns per pixel for slides that state none.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Analyse every image: segmentation ensemble + uncertainty + SUA + nuclei, then write to QuPath.
+
+    Exits non-zero when any image failed; the others are finished and written all the same.
+    """
+    from bridge.run import RunConfig, iter_failed
+
+    if qupath not in ("auto", "never", "always"):
+        raise typer.BadParameter("expected auto, never or always", param_hint="--qupath")
+    try:
+        run_config = RunConfig(
+            pipeline=_pipeline_config(device, seg_model, nuclei_model, mpp, no_nuclei, refine),
+            out=out,
+            resume=resume,
+            qupath=qupath,
+            target_classes=tuple(target_class or ()),
+            target_names=tuple(target_name or ()),
+            search_dirs=tuple(search_dir or ()),
+        )
+        outcomes = _run_with_progress(inputs, run_config, progress=progress)
+    except (Pdl1Error, ValueError, OSError) as err:
+        raise _fail(err) from err
+    _outcome_table(outcomes)
+    if report:
+        from bridge.report import write_report
+
+        html_path, _ = write_report(inputs[0] if out is None else out)
+        typer.echo(f"report: {html_path}")
+    if any(True for _ in iter_failed(outcomes)):
+        raise typer.Exit(code=1)
+
+
+@app.command("init-project")
+def init_project(
+    folder: Annotated[Path, typer.Argument(help="New, empty project folder.")],
+    slides: Annotated[list[Path], typer.Argument(help="Slides to add.")],
+    qupath: Annotated[
+        str, typer.Option(help="auto: create through paquo when QuPath is found; never; always.")
+    ] = "auto",
+) -> None:
+    """Create a QuPath project with the PD-L1 classes (and colours), the Groovy scripts and a default config."""
+    from bridge.init_project import init_project_files, init_project_qupath
+    from bridge.qupath import qupath_available
+
+    try:
+        ok, why = qupath_available() if qupath != "never" else (False, "")
+        if qupath == "always" and not ok:
+            raise _fail(Pdl1Error(why))
+        qpproj = init_project_qupath(folder, slides) if ok else init_project_files(folder, slides)
+    except (Pdl1Error, ValueError, OSError) as err:
+        raise _fail(err) from err
+    typer.echo(f"created {qpproj} with {len(slides)} images" + ("" if ok else " (written without QuPath)"))
+
+
+@app.command("report")
+def report_cmd(
+    source: Annotated[Path, typer.Argument(help="A project run by `pdl1 run`, or its --out folder for slides.")],
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: SOURCE/pdl1/report).")] = None,
+) -> None:
+    """HTML and CSV report with per-image thumbnails overlaid with regions, uncertainty and candidates."""
+    from bridge.report import write_report
+
+    try:
+        html_path, csv_path = write_report(source, out)
+    except (Pdl1Error, ValueError, OSError) as err:
+        raise _fail(err) from err
+    typer.echo(f"wrote {html_path} and {csv_path}")
+
+
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the demo slide and results.")] = Path("pdl1-demo"),
+    out: Annotated[Path, typer.Option(help="Folder for the demo slide, project and report.")] = Path("pdl1-demo"),
     size: Annotated[int, typer.Option(min=1024, max=100_000, help="Phantom edge length in px.")] = 4096,
     seed: Annotated[int, typer.Option(min=0, help="Phantom seed (the demo models never saw 7).")] = 7,
     tps: Annotated[float, typer.Option(min=0, max=100)] = 40.0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Phantom slide -> shipped demo ensemble -> QuPath GeoJSON + summary, scored against the truth."""
+    """Phantom slide -> QuPath project -> run (shipped demo models) -> report, scored against the truth."""
     import json
+    import shutil
 
-    from bridge.objects import analysis_annotation, result_objects
+    from bridge.init_project import init_project_files
     from bridge.phantom_truth import write_truth_geojson
     from bridge.progress import progress_bar
-    from bridge.qupath_geojson import to_feature, write_features
-    from inference.evaluate import evaluate_segmentation_maps, seg_truth_on_maps
+    from bridge.report import write_report
+    from bridge.run import RunConfig
     from inference.phantom import PhantomSpec, truth_dir_for, write_phantom
-    from inference.pipeline import Models, PipelineConfig, analyse_slide
-    from inference.regions import resample_mask
-    from inference.slide import open_slide
-    from inference.tissue import tissue_mask_for_slide
 
-    slide_path = out / "phantom.svs"
+    slide_path = out / "slides" / "phantom.svs"
+    project = out / "project"
     try:
         if not (truth_dir_for(slide_path) / "truth.json").is_file():
             with progress_bar("phantom slide", enabled=progress) as on_progress:
                 write_phantom(slide_path, PhantomSpec(size, size, seed=seed, tps_percent=tps), on_progress=on_progress)
             write_truth_geojson(truth_dir_for(slide_path))
-        config = PipelineConfig(device=device)
-        models = Models(config)
-        with progress_bar("segmentation ensemble", enabled=progress) as on_progress:
-            result = analyse_slide(slide_path, models=models, config=config, on_progress=on_progress)
-        geojson = out / "phantom.geojson"
-        n = write_features(geojson, (to_feature(o) for o in [analysis_annotation(result), *result_objects(result)]))
-        maps = result.maps
-        truth = seg_truth_on_maps(slide_path, maps)
-        with open_slide(slide_path) as slide:
-            tissue = tissue_mask_for_slide(slide)
-        region = (
-            resample_mask(
-                tissue.mask,
-                tissue.downsample,
-                shape_hw=maps.shape,
-                origin_xy=maps.origin_xy,
-                downsample=maps.downsample,
-            )
-            & maps.covered
-        )
-        scores = evaluate_segmentation_maps(maps, truth, region, threshold=result.summary["threshold"])
-        summary = {
-            "slide": str(slide_path),
-            "run_id": result.run_id,
-            "model": result.seg_model.name,
-            "model_sha256": result.seg_model.sha256,
-            "regions": len(result.regions),
-            "tiles": len(result.tiles),
-            "positive_area_um2": result.positive_area_um2,
-            "analysed_area_um2": result.analysed_area_um2,
-            "dice_vs_truth": scores.dice_ensemble,
-            "auroc_entropy_error": scores.auroc_entropy_error,
-            "config_hash": result.config_hash,
-        }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if project.exists():
+            shutil.rmtree(project)  # the demo's own folder: a fresh project every time
+        init_project_files(project, [slide_path])
+        run_config = RunConfig(pipeline=_pipeline_config(device, None, None, None), qupath="never")
+        outcomes = _run_with_progress([project], run_config, progress=progress)
+        html_path, _ = write_report(project)
     except (Pdl1Error, ValueError, OSError) as err:
         raise _fail(err) from err
-    typer.echo(
-        f"wrote {geojson} ({n} QuPath objects: {len(result.regions)} PD-L1 positive regions, "
-        f"{len(result.tiles)} uncertainty tiles) and {out / 'summary.json'}"
-    )
-    area_pct = 100 * result.positive_area_um2 / max(result.analysed_area_um2, 1e-9)
-    typer.echo(
-        f"positive area {area_pct:.1f}% of analysed tissue; Dice vs truth {scores.dice_ensemble:.3f}; "
-        f"AUROC entropy->error {scores.auroc_entropy_error:.3f}"
-    )
-    typer.echo(f"open {slide_path} in QuPath and drag {geojson.name} onto it to see the result")
+    _outcome_table(outcomes)
+    truth = json.loads((truth_dir_for(slide_path) / "truth.json").read_text())
+    done = [o for o in outcomes if o.state == "done"]
+    if done and done[0].tps_percent is not None:
+        typer.echo(
+            f"TPS {done[0].tps_percent:.1f}% vs truth {truth['tps_percent']:.1f}% "
+            f"(error {abs(done[0].tps_percent - truth['tps_percent']):.1f} points)"
+        )
+    typer.echo(f"QuPath project: {project / 'project.qpproj'} (open it, then run scripts/pdl1_import_results.groovy)")
+    typer.echo(f"report: {html_path}")
+    if len(done) != len(outcomes):
+        raise typer.Exit(code=1)
 
 
 @app.command()

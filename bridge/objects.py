@@ -11,13 +11,40 @@ from collections.abc import Iterator
 
 from shapely.geometry import Point, box
 
-from bridge.classes import PDL1_ANALYSIS, PDL1_POSITIVE
+from bridge.classes import PDL1_ANALYSIS, PDL1_FN_CANDIDATE, PDL1_POSITIVE
 from bridge.qupath_geojson import QuPathObject
 from inference.results import RegionStats, SlideResult
 
 TILE_NAME = "PD-L1 uncertainty"
-OWN_ANNOTATION_CLASSES = frozenset({PDL1_POSITIVE.name, "PD-L1 FN candidate"})
+OWN_ANNOTATION_CLASSES = frozenset({PDL1_POSITIVE.name, PDL1_FN_CANDIDATE.name})
 OWN_DETECTION_CLASSES = frozenset({"Tumor: Positive", "Tumor: Negative", "Other"})
+
+
+# Signature measurements: objects carrying them were written by this tool. A pathologist's own
+# "PD-L1 positive" annotation or QuPath's own cell detections never have them, so a re-run can
+# replace exactly what an earlier run wrote.
+OWN_ANNOTATION_SIGNATURE = "PD-L1 probability mean"
+OWN_DETECTION_SIGNATURE = "PD-L1 positive probability"
+
+
+def is_own_object(object_type: str, classification: str | None, name: str | None, measurement_names) -> bool:
+    """True for objects an earlier run of this tool created (and a re-run replaces).
+
+    >>> is_own_object("annotation", "PD-L1 positive", None, ["Area µm^2", "PD-L1 probability mean"])
+    True
+    >>> is_own_object("annotation", "PD-L1 positive", "drawn by hand", [])
+    False
+    >>> is_own_object("detection", "Tumor: Positive", None, ["Nucleus: Area"])
+    False
+    """
+    names = set(measurement_names)
+    if object_type == "tile":
+        return name == TILE_NAME
+    if object_type == "annotation":
+        return classification in OWN_ANNOTATION_CLASSES and OWN_ANNOTATION_SIGNATURE in names
+    if object_type in ("detection", "cell"):
+        return classification in OWN_DETECTION_CLASSES and OWN_DETECTION_SIGNATURE in names
+    return False
 
 
 def region_measurements(region: RegionStats) -> dict[str, float]:
@@ -44,6 +71,8 @@ def parent_measurements(result: SlideResult) -> dict[str, float]:
     if result.tps is not None and result.tps.percent is not None:
         out["PD-L1: TPS %"] = result.tps.percent
     out |= {
+        "PD-L1: SUA candidates": float(len(result.candidates)),
+        "PD-L1: Uncertainty flag": 1.0 if result.uncertainty_flag else 0.0,
         "PD-L1: Positive area µm^2": result.positive_area_um2,
         "PD-L1: Positive area %": 100 * result.positive_area_um2 / analysed if analysed > 0 else float("nan"),
     }
@@ -60,6 +89,11 @@ def parent_measurements(result: SlideResult) -> dict[str, float]:
 def region_objects(result: SlideResult) -> Iterator[QuPathObject]:
     for region in result.regions:
         yield QuPathObject(region.polygon, "annotation", PDL1_POSITIVE.name, region_measurements(region))
+
+
+def candidate_objects(result: SlideResult) -> Iterator[QuPathObject]:
+    for c in result.candidates:
+        yield QuPathObject(c.polygon, "annotation", PDL1_FN_CANDIDATE.name, region_measurements(c))
 
 
 def tile_objects(result: SlideResult) -> Iterator[QuPathObject]:
@@ -107,6 +141,7 @@ def analysis_annotation(result: SlideResult) -> QuPathObject:
 def result_objects(result: SlideResult, *, include_tiles: bool = True) -> Iterator[QuPathObject]:
     """All child objects of one result, in the order QuPath should add them."""
     yield from region_objects(result)
+    yield from candidate_objects(result)
     if include_tiles:
         yield from tile_objects(result)
     yield from nucleus_objects(result)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from inference.ensemble import Ensemble
-from inference.metrics import auroc, dice
+from inference.metrics import auprc, auroc, brier, dice, ece, fbeta_score, iou
 from inference.nuclei import NucleiConfig, detect_nuclei
 from inference.phantom import NUCLEUS_CLASSES, load_truth
 from inference.points import DetectionScores, Tps, detection_scores, tumour_proportion_score
@@ -17,6 +17,17 @@ from inference.regions import resample_mask
 from inference.results import UncertaintyMaps
 from inference.segment import SegmentConfig, segment_slide
 from inference.slide import open_slide
+from inference.sua import (
+    Calibration,
+    ConversionScores,
+    SuaParams,
+    calibrate,
+    conversion_scores,
+    find_candidates,
+    npr_is_false_negative,
+    pixel_baseline,
+    region_scores,
+)
 from inference.tissue import tissue_mask_for_slide
 
 
@@ -166,3 +177,129 @@ def evaluate_nuclei(
         tps_pred=tumour_proportion_score(nuclei.count(names[pos]), nuclei.count(names[neg])),
         tps_truth=tumour_proportion_score(int((truth_cls == pos).sum()), int((truth_cls == neg).sum())),
     )
+
+
+@dataclass(frozen=True)
+class SlideEvaluation:
+    """Everything the evaluation suite measures on one slide, with the arrays its plots need."""
+
+    slide: str
+    shift: float
+    seg: SegEvaluation
+    iou: float
+    f1: float
+    ece: float
+    brier: float
+    auprc_entropy_error: float
+    mean_entropy: float
+    sua: ConversionScores
+    baseline: ConversionScores
+    npr_scores: np.ndarray  # aggregated uncertainty per NPR
+    npr_is_fn: np.ndarray  # truth label per NPR
+    candidates: int
+    needs_review: bool
+    maps: UncertaintyMaps
+    truth: np.ndarray
+    region: np.ndarray
+    candidate_mask: np.ndarray
+
+
+def evaluate_slide_suite(
+    slide_path: str | Path,
+    ensemble: Ensemble,
+    *,
+    sua: SuaParams,
+    pixel_threshold: float,
+    review: dict[str, float],
+    min_fraction: float = 0.9,
+    config: SegmentConfig | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> SlideEvaluation:
+    """Segmentation, calibration, uncertainty ranking and SUA vs the pixel baseline on one phantom slide."""
+    seg, maps = evaluate_segmentation(slide_path, ensemble, config=config, threshold=sua.upper, on_progress=on_progress)
+    truth = seg_truth_on_maps(slide_path, maps)
+    with open_slide(slide_path) as slide:
+        tissue = tissue_mask_for_slide(slide)
+    region = resample_mask(
+        tissue.mask, tissue.downsample, shape_hw=maps.shape, origin_xy=maps.origin_xy, downsample=maps.downsample
+    ) & np.asarray(maps.covered)
+    prob = np.asarray(maps.prob)
+    pred = prob >= sua.upper
+    candidates, cand_mask = find_candidates(maps, sua, valid=region)
+    base_mask = pixel_baseline(
+        maps, lower=sua.lower, upper=sua.upper, threshold=pixel_threshold, uncertainty=sua.uncertainty, valid=region
+    )
+    predicted_negative = ~pred & region
+    labels, n, scores = region_scores(maps, sua, valid=region)
+    wrong = (pred != truth)[region]
+    pe = np.asarray(maps.predictive_entropy)
+    mean_pe = float(pe[region].mean())
+    cand_area = sum(c.area_um2 for c in candidates)
+    analysed_um2 = float(region.sum() * maps.mpp**2)
+    return SlideEvaluation(
+        slide=Path(slide_path).name,
+        shift=float(load_truth(slide_path).summary["spec"]["shift"]),
+        seg=seg,
+        iou=iou(pred[region], truth[region]),
+        f1=fbeta_score(pred[region], truth[region], beta=1.0),
+        ece=ece(prob[region], truth[region]),
+        brier=brier(prob[region], truth[region]),
+        auprc_entropy_error=auprc(pe[region], wrong),
+        mean_entropy=mean_pe,
+        sua=conversion_scores(cand_mask, truth, predicted_negative),
+        baseline=conversion_scores(base_mask, truth, predicted_negative),
+        npr_scores=scores,
+        npr_is_fn=npr_is_false_negative(labels, n, truth, min_fraction=min_fraction),
+        candidates=len(candidates),
+        needs_review=bool(
+            mean_pe >= review["review_entropy"]
+            or 100 * cand_area / max(analysed_um2, 1e-9) >= review["review_candidate_area_pct"]
+        ),
+        maps=maps,
+        truth=truth,
+        region=region,
+        candidate_mask=cand_mask,
+    )
+
+
+def calibrate_ensemble(
+    slides: list[str | Path],
+    ensemble: Ensemble,
+    *,
+    lowers: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3),
+    uncertainty: str = "predictive_entropy",
+    aggregation: str = "mean",
+    min_fraction: float = 0.9,
+    good_dice: float = 0.85,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[Calibration, dict[str, float]]:
+    """Calibrate SUA (F0.5 on validation NPRs) and the slide "needs review" entropy limit.
+
+    The entropy limit lies midway between the highest mean entropy of a slide with Dice at
+    least ``good_dice`` and the lowest of a slide below it (10 % above the highest good one
+    when all slides are good).
+    """
+    upper = ensemble.manifest.thresholds.get("segmentation", 0.5)
+    inputs, slide_stats = [], []
+    for path in slides:
+        seg, maps = evaluate_segmentation(path, ensemble, threshold=upper, on_progress=on_progress)
+        truth = seg_truth_on_maps(path, maps)
+        with open_slide(path) as slide:
+            tissue = tissue_mask_for_slide(slide)
+        region = resample_mask(
+            tissue.mask, tissue.downsample, shape_hw=maps.shape, origin_xy=maps.origin_xy, downsample=maps.downsample
+        ) & np.asarray(maps.covered)
+        inputs.append((maps, truth, region))
+        slide_stats.append((seg.dice_ensemble, float(np.asarray(maps.predictive_entropy)[region].mean())))
+    cal = calibrate(
+        inputs, upper=upper, lowers=lowers, uncertainty=uncertainty, aggregation=aggregation, min_fraction=min_fraction
+    )
+    good = [pe for d, pe in slide_stats if d >= good_dice]
+    bad = [pe for d, pe in slide_stats if d < good_dice]
+    if good and bad:
+        limit = (max(good) + min(bad)) / 2
+    elif good:
+        limit = max(good) * 1.1
+    else:
+        limit = min(bad) * 0.9
+    return cal, {"review_entropy": float(limit), "review_candidate_area_pct": 2.0}

@@ -18,12 +18,14 @@ from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
 from inference.ensemble import Ensemble, demo_model_dir
+from inference.manifest import Manifest
 from inference.nuclei import NucleiConfig, detect_nuclei
 from inference.points import tumour_proportion_score
 from inference.regions import positive_regions, resample_mask, uncertainty_tiles
 from inference.results import ModelInfo, SlideResult
 from inference.segment import SegmentConfig, segment_slide
 from inference.slide import Slide, open_slide
+from inference.sua import SuaParams, find_candidates
 from inference.tiling import validate_roi
 from inference.tissue import TissueMask, tissue_mask_for_slide
 
@@ -52,6 +54,10 @@ class PipelineConfig:
         Positive islands smaller than this are dropped.
     uncertainty_tile_um
         Edge of the uncertainty grid tiles.
+    run_sua, sua_lower, sua_threshold, sua_uncertainty, sua_aggregation
+        SUA false-negative candidates; None takes the manifest's calibrated value.
+    refine_with_sua
+        Also report the positive area with the candidates merged in (beside, not instead of, the plain one).
     """
 
     seg_model_dir: str | None = None
@@ -64,6 +70,12 @@ class PipelineConfig:
     threshold: float | None = None
     min_region_area_um2: float = 200.0
     uncertainty_tile_um: float = 64.0
+    run_sua: bool = True
+    sua_lower: float | None = None
+    sua_threshold: float | None = None
+    sua_uncertainty: str | None = None
+    sua_aggregation: str | None = None
+    refine_with_sua: bool = False
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     nuclei: NucleiConfig = field(default_factory=NucleiConfig)
 
@@ -71,6 +83,31 @@ class PipelineConfig:
         """Short hash of the configuration, recorded with every result."""
         payload = json.dumps(asdict(self), sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+DEFAULT_REVIEW_RULE = {"review_entropy": 0.45, "review_candidate_area_pct": 2.0}
+
+
+def sua_params_for(manifest: Manifest, config: PipelineConfig, *, upper: float) -> SuaParams:
+    """SUA numbers: the config's overrides, else the manifest's calibration, else the defaults."""
+    t = manifest.thresholds
+    saved = manifest.extra.get("sua", {})
+    defaults = SuaParams(upper=upper)
+    return SuaParams(
+        lower=config.sua_lower if config.sua_lower is not None else t.get("sua_lower", defaults.lower),
+        upper=upper,
+        threshold=config.sua_threshold
+        if config.sua_threshold is not None
+        else t.get("sua_threshold", defaults.threshold),
+        uncertainty=config.sua_uncertainty or saved.get("uncertainty", defaults.uncertainty),
+        aggregation=config.sua_aggregation or saved.get("aggregation", defaults.aggregation),
+        min_area_um2=config.min_region_area_um2,
+    )
+
+
+def review_rule_for(manifest: Manifest) -> dict[str, float]:
+    """The slide-level "needs review" rule: mean predictive entropy or SUA candidate area at or above a limit."""
+    return {key: float(manifest.thresholds.get(key, value)) for key, value in DEFAULT_REVIEW_RULE.items()}
 
 
 class Models:
@@ -174,17 +211,30 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
     positive = (np.asarray(maps.prob) >= threshold) & analysed
     analysed_area = float(analysed.sum() * px_area_um2)
     area = roi if roi is not None else box(0, 0, width, height)
+    sua = sua_params_for(manifest, config, upper=threshold)
+    candidates, candidate_mask = find_candidates(maps, sua, valid=analysed) if config.run_sua else ((), None)
+    mean_pe = float(np.asarray(maps.predictive_entropy)[analysed].mean()) if analysed.any() else None
+    review = review_rule_for(manifest)
+    candidate_area = float(sum(c.area_um2 for c in candidates))
+    flag = bool(
+        (mean_pe is not None and mean_pe >= review["review_entropy"])
+        or (analysed_area > 0 and 100 * candidate_area / analysed_area >= review["review_candidate_area_pct"])
+    )
     summary = {
+        "sua": asdict(sua),
+        "review_rule": review,
+        "candidate_area_um2": candidate_area,
         "threshold": threshold,
-        "predictive_entropy_mean": float(np.asarray(maps.predictive_entropy)[analysed].mean())
-        if analysed.any()
-        else None,
+        "predictive_entropy_mean": mean_pe,
         "mutual_information_mean": float(np.asarray(maps.mutual_information)[analysed].mean())
         if analysed.any()
         else None,
         "roi_area_um2": float(area.area * (maps.mpp / maps.downsample) ** 2),
         "tissue_fraction": float(tissue.fraction) if tissue is not None else None,
     }
+    if config.refine_with_sua and candidate_mask is not None:
+        # Reported beside the unrefined numbers, never instead of them.
+        summary["positive_area_refined_um2"] = float(((positive | candidate_mask) & analysed).sum() * px_area_um2)
     return SlideResult(
         image_path=str(slide.path) if slide.path else "",
         image_width_px=width,
@@ -201,5 +251,7 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
         nuclei=nuclei,
         nuclei_model=None if models.nuclei is None else models.info(models.nuclei),
         tps=tps,
+        candidates=candidates,
+        uncertainty_flag=flag,
         summary=summary,
     )

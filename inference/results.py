@@ -136,4 +136,6 @@ class SlideResult:
     nuclei: Nuclei | None = None
     nuclei_model: ModelInfo | None = None
     tps: Tps | None = None
+    candidates: tuple[RegionStats, ...] = ()
+    uncertainty_flag: bool = False
     summary: dict[str, Any] = field(default_factory=dict)

@@ -17,9 +17,17 @@ from inference.sua import (
 
 def _maps(prob, pe, *, mpp=8.0, ds=16.0):
     z = np.zeros(prob.shape, np.float32)
-    return UncertaintyMaps(prob=prob.astype(np.float32), predictive_entropy=pe.astype(np.float32),
-                           expected_entropy=z, mutual_information=pe.astype(np.float32) / 2, prob_std=z,
-                           covered=np.ones(prob.shape, bool), origin_xy=(0.0, 0.0), downsample=ds, mpp=mpp)
+    return UncertaintyMaps(
+        prob=prob.astype(np.float32),
+        predictive_entropy=pe.astype(np.float32),
+        expected_entropy=z,
+        mutual_information=pe.astype(np.float32) / 2,
+        prob_std=z,
+        covered=np.ones(prob.shape, bool),
+        origin_xy=(0.0, 0.0),
+        downsample=ds,
+        mpp=mpp,
+    )
 
 
 def test_npr_bounds_lower_inclusive_upper_exclusive():

@@ -1,0 +1,151 @@
+"""The evaluation report folder: a table (CSV and printed) and PNG plots.
+
+Plots: reliability diagram, histograms of aggregated NPR uncertainty for false-negative vs
+true-negative NPRs (as Fig. 4 of the SUA paper), and per-slide thumbnails overlaid with the
+probability, the uncertainty and the SUA candidates.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from inference.evaluate import SlideEvaluation
+from inference.metrics import reliability, spearman
+
+COLUMNS = (
+    "slide",
+    "shift",
+    "dice",
+    "iou",
+    "f1",
+    "ece",
+    "brier",
+    "auroc_entropy_error",
+    "auroc_mi_error",
+    "auprc_entropy_error",
+    "mean_entropy",
+    "needs_review",
+    "sua_candidates",
+    "sua_f05",
+    "sua_fncr",
+    "sua_recall",
+    "baseline_f05",
+    "baseline_fncr",
+    "baseline_recall",
+)
+
+
+def rows(evaluations: Sequence[SlideEvaluation]) -> list[dict[str, object]]:
+    out = []
+    for e in evaluations:
+        out.append(
+            {
+                "slide": e.slide,
+                "shift": e.shift,
+                "dice": e.seg.dice_ensemble,
+                "iou": e.iou,
+                "f1": e.f1,
+                "ece": e.ece,
+                "brier": e.brier,
+                "auroc_entropy_error": e.seg.auroc_entropy_error,
+                "auroc_mi_error": e.seg.auroc_mi_error,
+                "auprc_entropy_error": e.auprc_entropy_error,
+                "mean_entropy": e.mean_entropy,
+                "needs_review": int(e.needs_review),
+                "sua_candidates": e.candidates,
+                "sua_f05": e.sua.f05,
+                "sua_fncr": e.sua.fncr,
+                "sua_recall": e.sua.recall,
+                "baseline_f05": e.baseline.f05,
+                "baseline_fncr": e.baseline.fncr,
+                "baseline_recall": e.baseline.recall,
+            }
+        )
+    return out
+
+
+def write_report(evaluations: Sequence[SlideEvaluation], out_dir: str | Path) -> dict[str, Path]:
+    """Write ``metrics.csv`` and the PNG plots into ``out_dir``; returns what was written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    table = rows(evaluations)
+    with (out / "metrics.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in table:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    written["metrics"] = out / "metrics.csv"
+
+    # Reliability diagram over all slides (tissue pixels).
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for e in evaluations:
+        conf, freq, counts = reliability(np.asarray(e.maps.prob)[e.region], e.truth[e.region], bins=10)
+        ok = counts > 0
+        ax.plot(conf[ok], freq[ok], "o-", label=f"{e.slide} (ECE {e.ece:.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="mean predicted PD-L1 probability", ylabel="observed positive fraction", title="Reliability")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png", dpi=120)
+    plt.close(fig)
+    written["reliability"] = out / "reliability.png"
+
+    # Aggregated uncertainty of false-negative vs true-negative NPRs.
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fn = np.concatenate([e.npr_scores[e.npr_is_fn] for e in evaluations]) if evaluations else np.zeros(0)
+    tn = np.concatenate([e.npr_scores[~e.npr_is_fn] for e in evaluations]) if evaluations else np.zeros(0)
+    bins = np.linspace(0, max(float(np.max(np.concatenate([fn, tn, [0.01]]))), 0.01), 30)
+    ax.hist(tn, bins=bins, alpha=0.6, label=f"true-negative NPRs ({len(tn)})", density=True)
+    ax.hist(fn, bins=bins, alpha=0.6, label=f"false-negative NPRs ({len(fn)})", density=True)
+    ax.set(xlabel="aggregated uncertainty per NPR", ylabel="density", title="SUA: NPR uncertainty")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "npr_uncertainty_hist.png", dpi=120)
+    plt.close(fig)
+    written["npr_hist"] = out / "npr_uncertainty_hist.png"
+
+    for e in evaluations:
+        fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
+        prob = np.where(e.region, e.maps.prob, np.nan)
+        pe = np.where(e.region, e.maps.predictive_entropy, np.nan)
+        axes[0].imshow(e.truth, cmap="Greys", vmin=0, vmax=1)
+        axes[0].set_title("truth: PD-L1 positive")
+        axes[1].imshow(prob, cmap="magma", vmin=0, vmax=1)
+        axes[1].set_title("ensemble mean probability")
+        axes[2].imshow(pe, cmap="viridis", vmin=0, vmax=np.log(2))
+        axes[2].set_title("predictive entropy")
+        overlay = np.zeros((*e.truth.shape, 3))
+        overlay[..., 0] = (np.asarray(e.maps.prob) >= 0.5) & e.region
+        overlay[..., 1] = e.truth
+        overlay[..., 2] = e.candidate_mask
+        axes[3].imshow(overlay)
+        axes[3].set_title("red pred, green truth, blue SUA")
+        for a in axes:
+            a.set_axis_off()
+        fig.suptitle(
+            f"{e.slide}: Dice {e.seg.dice_ensemble:.3f}, {e.candidates} SUA candidates"
+            + (", needs review" if e.needs_review else "")
+        )
+        fig.tight_layout()
+        path = out / f"{Path(e.slide).stem}_overlay.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written[f"overlay:{e.slide}"] = path
+    return written
+
+
+def slide_uncertainty_correlation(evaluations: Sequence[SlideEvaluation]) -> float:
+    """Spearman correlation of slide mean entropy with 1 - Dice (does uncertainty track error?)."""
+    return spearman(
+        np.array([e.mean_entropy for e in evaluations]), np.array([1 - e.seg.dice_ensemble for e in evaluations])
+    )

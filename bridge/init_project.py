@@ -1,0 +1,126 @@
+"""``pdl1 init-project``: a new QuPath project with the PD-L1 classes, scripts and config.
+
+With QuPath, paquo creates it. Without, the project files are written as QuPath 0.4.4 writes
+them (``project.qpproj``, ``classifiers/classes.json``, ``data/<id>/server.json``; checked
+against a project saved by a real QuPath), which QuPath 0.4.4 to 0.6 open; QuPath creates each
+``data.qpdata`` when the image is first saved.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from bridge.project import ProjectError, path_to_uri, write_json_atomic
+from inference.slide import open_slide
+from project_templates import PDL1_TEMPLATE
+from qupath_scripts import script_paths
+
+QUPATH_FORMAT_VERSION = "0.4.4"
+_OPENSLIDE_BUILDER = "qupath.lib.images.servers.openslide.OpenslideServerBuilder"
+
+
+def server_metadata(slide_path: Path) -> dict:
+    """The ``metadata`` block QuPath stores for an OpenSlide image (as in the 0.4.4 fixture)."""
+    with open_slide(slide_path) as slide:
+        width, height = slide.dimensions
+        levels = [
+            {"downsample": float(ds), "width": w, "height": h}
+            for ds, (w, h) in zip(slide.level_downsamples, slide.level_dimensions, strict=True)
+        ]
+        mpp = slide.mpp
+    return {
+        "name": slide_path.name,
+        "width": width,
+        "height": height,
+        "sizeZ": 1,
+        "sizeT": 1,
+        "channelType": "DEFAULT",
+        "isRGB": True,
+        "pixelType": "UINT8",
+        "levels": levels,
+        "channels": [
+            {"name": "Red", "color": -65536},
+            {"name": "Green", "color": -16711936},
+            {"name": "Blue", "color": -16776961},
+        ],
+        "pixelCalibration": {
+            "pixelWidth": {"value": mpp.x, "unit": "µm"},
+            "pixelHeight": {"value": mpp.y, "unit": "µm"},
+            "zSpacing": {"value": 1.0, "unit": "z-slice"},
+            "timeUnit": "SECONDS",
+            "timepoints": [],
+        },
+        "magnification": round(10 / mpp.mean, 1),
+        "preferredTileWidth": 256,
+        "preferredTileHeight": 256,
+    }
+
+
+def _copy_template(folder: Path) -> None:
+    scripts = folder / "scripts"
+    scripts.mkdir(parents=True, exist_ok=True)
+    for script in script_paths():
+        shutil.copy2(script, scripts / script.name)
+    shutil.copy2(PDL1_TEMPLATE / "config.toml", folder / "pdl1-config.toml")
+
+
+def init_project_files(folder: str | Path, slides: list[Path]) -> Path:
+    """Write a new project without QuPath; refuses a folder that already holds one."""
+    folder = Path(folder)
+    qpproj = folder / "project.qpproj"
+    if qpproj.exists():
+        raise ProjectError(f"{qpproj} exists; init-project creates new projects only")
+    if folder.exists() and any(folder.iterdir()):
+        raise ProjectError(f"{folder} is not empty; QuPath wants a new, empty folder for a project")
+    missing = [str(s) for s in slides if not Path(s).is_file()]
+    if missing:
+        raise ProjectError(f"slides not found: {', '.join(missing)}")
+    images = []
+    metadata = [server_metadata(Path(s)) for s in slides]  # opens every slide first: fail before writing
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (slide, meta) in enumerate(zip(slides, metadata, strict=True), start=1):
+        uri = path_to_uri(slide)
+        builder = {"providerClassName": _OPENSLIDE_BUILDER, "uri": uri, "args": [], "metadata": meta}
+        images.append(
+            {
+                "serverBuilder": {"builderType": "uri", **builder},
+                "entryID": i,
+                "randomizedName": str(uuid.uuid4()),
+                "imageName": Path(slide).name,
+                "metadata": {},
+            }
+        )
+        write_json_atomic(folder / "data" / str(i) / "server.json", builder)
+    now = int(time.time() * 1000)
+    (folder / "classifiers").mkdir(exist_ok=True)
+    shutil.copy2(PDL1_TEMPLATE / "classes.json", folder / "classifiers" / "classes.json")
+    _copy_template(folder)
+    write_json_atomic(
+        qpproj,
+        {
+            "version": QUPATH_FORMAT_VERSION,
+            "createTimestamp": now,
+            "modifyTimestamp": now,
+            "uri": path_to_uri(qpproj),
+            "lastID": len(images),
+            "images": images,
+        },
+    )
+    return qpproj
+
+
+def init_project_qupath(folder: str | Path, slides: list[Path]) -> Path:
+    """Create the project through paquo (QuPath present)."""
+    from bridge import qupath
+
+    folder = Path(folder)
+    with qupath.open_project(folder, mode="x") as project:
+        qupath.ensure_classes(project)
+        for slide in slides:
+            qupath.add_image(project, Path(slide))
+        project.save()
+    _copy_template(folder)
+    return folder / "project.qpproj"

@@ -1,0 +1,193 @@
+"""``pdl1 report``: HTML and CSV over a project's (or output folder's) results, with overlay thumbnails.
+
+Built from the files every run writes (QuPath GeoJSON + summary JSON per image), so it works
+with and without QuPath. Thumbnails show the slide with PD-L1 positive regions (orange),
+SUA false-negative candidates (magenta) and the predictive entropy of the uncertainty tiles.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bridge.project import PDL1_DIR, ProjectError, find_project_file, locate_image, read_project
+from bridge.qupath_geojson import read_features
+from inference.slide import open_slide
+
+COLUMNS = (
+    "image",
+    "tps_percent",
+    "tps_category",
+    "positive_area_pct",
+    "uncertainty_flag",
+    "sua_candidates",
+    "tumor_positive",
+    "tumor_negative",
+    "other",
+    "run_id",
+)
+
+
+@dataclass(frozen=True)
+class ReportItem:
+    image_name: str
+    slide: Path | None
+    geojson: Path
+    summary: dict
+
+
+def collect(source: Path) -> list[ReportItem]:
+    """Results of a project (``<project>/pdl1/<entry>/``) or of a plain-slides output folder."""
+    items = []
+    try:
+        qpproj = find_project_file(source)
+    except ProjectError:  # not a project: a plain-slides output folder
+        qpproj = None
+    if qpproj is not None:
+        info = read_project(qpproj)
+        for entry in info.entries:
+            folder = info.folder / PDL1_DIR / entry.entry_id
+            if not (folder / "summary.json").is_file():
+                continue
+            try:
+                slide = locate_image(entry, project_folder=info.folder)
+            except FileNotFoundError:
+                slide = None
+            items.append(
+                ReportItem(
+                    entry.image_name,
+                    slide,
+                    folder / "objects.geojson",
+                    json.loads((folder / "summary.json").read_text()),
+                )
+            )
+        return items
+    for summary_path in sorted(Path(source).glob("*.summary.json")):
+        summary = json.loads(summary_path.read_text())
+        image = Path(summary["image"])
+        items.append(
+            ReportItem(
+                image.name,
+                image if image.is_file() else None,
+                summary_path.with_name(summary_path.name.replace(".summary.json", ".geojson")),
+                summary,
+            )
+        )
+    return items
+
+
+def _thumbnail(item: ReportItem, out: Path, *, max_px: int = 900) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Polygon as MplPolygon
+    from matplotlib.patches import Rectangle
+
+    if item.slide is None:
+        return None
+    with open_slide(item.slide, mpp=item.summary.get("mpp")) as slide:
+        width, height = slide.dimensions
+        mpp = slide.mpp.mean * max(width, height) / max_px
+        thumb = slide.thumbnail(mpp=mpp)
+    scale = thumb.shape[1] / width
+    fig, ax = plt.subplots(figsize=(thumb.shape[1] / 100, thumb.shape[0] / 100), dpi=100)
+    ax.imshow(thumb)
+    tiles, entropy, regions, candidates = [], [], [], []
+    for obj in read_features(item.geojson):
+        if obj.object_type == "tile":
+            x0, y0, x1, y1 = obj.geometry.bounds
+            tiles.append(Rectangle((x0 * scale, y0 * scale), (x1 - x0) * scale, (y1 - y0) * scale))
+            entropy.append(obj.measurements.get("Predictive entropy", 0.0))
+        elif obj.object_type == "annotation" and obj.classification in ("PD-L1 positive", "PD-L1 FN candidate"):
+            polys = getattr(obj.geometry, "geoms", [obj.geometry])
+            target = regions if obj.classification == "PD-L1 positive" else candidates
+            for poly in polys:
+                target.append(MplPolygon(np.asarray(poly.exterior.coords) * scale, closed=True))
+    if tiles:
+        pc = PatchCollection(tiles, cmap="viridis", alpha=0.35, linewidths=0)
+        pc.set_array(np.asarray(entropy))
+        pc.set_clim(0, np.log(2))
+        ax.add_collection(pc)
+    ax.add_collection(PatchCollection(regions, facecolor="none", edgecolor=(1.0, 0.5, 0.0), linewidths=1.2))
+    ax.add_collection(PatchCollection(candidates, facecolor="none", edgecolor=(0.9, 0.0, 0.9), linewidths=1.5))
+    ax.set_axis_off()
+    fig.subplots_adjust(0, 0, 1, 1)
+    path = out / f"{Path(item.image_name).stem}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Path, Path]:
+    """Write ``report.html`` and ``report.csv`` (default: ``<source>/pdl1/report/``); returns both paths."""
+    source = Path(source)
+    items = collect(source)
+    base = source if source.is_dir() else source.parent
+    out = Path(out) if out is not None else base / PDL1_DIR / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for item in items:
+        s = item.summary
+        nuclei = s.get("nuclei", {})
+        rows.append(
+            {
+                "image": item.image_name,
+                "tps_percent": s.get("tps_percent"),
+                "tps_category": s.get("tps_category"),
+                "positive_area_pct": s.get("positive_area_pct"),
+                "uncertainty_flag": int(bool(s.get("uncertainty_flag"))),
+                "sua_candidates": s.get("sua_candidates"),
+                "tumor_positive": nuclei.get("Tumor: Positive"),
+                "tumor_negative": nuclei.get("Tumor: Negative"),
+                "other": nuclei.get("Other"),
+                "run_id": s.get("run_id"),
+                "thumbnail": _thumbnail(item, out),
+            }
+        )
+    csv_path = out / "report.csv"
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    html_path = out / "report.html"
+    html_path.write_text(_html(rows), encoding="utf-8")
+    return html_path, csv_path
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def _html(rows: list[dict]) -> str:
+    body = []
+    for r in rows:
+        thumb = (
+            f'<img src="{html.escape(r["thumbnail"].name)}" alt="overlay of {html.escape(r["image"])}">'
+            if r["thumbnail"]
+            else "<p>slide not found: no thumbnail</p>"
+        )
+        flag = "needs review" if r["uncertainty_flag"] else "ok"
+        body.append(
+            f"<section><h2>{html.escape(r['image'])}</h2><table>"
+            f"<tr><th>TPS</th><td>{_fmt(r['tps_percent'])}% ({html.escape(_fmt(r['tps_category']))})</td></tr>"
+            f"<tr><th>PD-L1 positive area</th><td>{_fmt(r['positive_area_pct'])}% of analysed tissue</td></tr>"
+            f"<tr><th>Uncertainty</th><td>{flag}; {_fmt(r['sua_candidates'])} SUA false-negative candidates</td></tr>"
+            f"<tr><th>Nuclei</th><td>{_fmt(r['tumor_positive'])} positive, {_fmt(r['tumor_negative'])} negative "
+            f"tumour, {_fmt(r['other'])} other</td></tr></table>{thumb}</section>"
+        )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>pdl1-bridge report</title><style>"
+        "body{font-family:sans-serif;margin:2em}section{margin-bottom:2em}th{text-align:left;padding-right:1em}"
+        "img{max-width:900px;border:1px solid #ccc}</style></head><body><h1>PD-L1 report</h1>"
+        "<p>Orange: predicted PD-L1 positive regions. Magenta: SUA false-negative candidates for review. "
+        "Shading: predictive entropy of the uncertainty tiles (dark = certain).</p>" + "".join(body) + "</body></html>"
+    )

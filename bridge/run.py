@@ -1,0 +1,341 @@
+"""Batch runs over QuPath projects or plain slides: targets -> pipeline -> write, image by image.
+
+A failed image is recorded with its error and the batch goes on; finished images are kept
+in a status file so ``--resume`` skips them; every output is written through a temporary
+file and renamed, so a crash never leaves half a file. With QuPath (paquo) the results go
+into the project's hierarchy (each touched ``data.qpdata`` backed up first and restored on
+failure); without it they go to GeoJSON sidecars that ``qupath_scripts/pdl1_import_results.groovy``
+imports, and for plain slides to ``OUT/<stem>.geojson``.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shapely.geometry import box
+
+from bridge.objects import analysis_annotation, parent_measurements, result_objects
+from bridge.project import (
+    PDL1_DIR,
+    ProjectEntry,
+    ProjectError,
+    RunStatus,
+    locate_image,
+    read_project,
+    sidecar_dir,
+    write_json_atomic,
+)
+from bridge.qupath_geojson import to_feature, write_features
+from inference import __version__
+from inference.errors import Pdl1Error
+from inference.pipeline import Models, PipelineConfig, analyse_slide
+from inference.results import SlideResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A batch run, built at the edge (CLI, service) and passed down.
+
+    ``qupath``: ``auto`` writes into the project through paquo when QuPath is installed and
+    sidecars otherwise; ``never`` always writes sidecars; ``always`` fails without QuPath.
+    ``target_classes``/``target_names`` choose annotations to analyse (QuPath needed); with
+    none, each image's tissue is analysed under a ``PD-L1 analysis`` annotation.
+    """
+
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    out: Path | None = None
+    resume: bool = False
+    qupath: str = "auto"
+    target_classes: tuple[str, ...] = ()
+    target_names: tuple[str, ...] = ()
+    search_dirs: tuple[Path, ...] = ()
+    include_tiles: bool = True
+
+
+@dataclass(frozen=True)
+class ImageOutcome:
+    """What happened to one image; the closing table shows these."""
+
+    key: str
+    name: str
+    state: str  # done, failed or skipped
+    seconds: float = 0.0
+    tps_percent: float | None = None
+    tps_category: str | None = None
+    positive_area_pct: float | None = None
+    uncertainty_flag: bool | None = None
+    candidates: int | None = None
+    error: str | None = None
+    run_id: str | None = None
+    outputs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Job:
+    key: str
+    name: str
+    image: Path | None
+    entry: ProjectEntry | None
+    error: Exception | None = None
+
+
+def entry_metadata(result: SlideResult) -> dict[str, str]:
+    """Project entry metadata (strings), DESIGN.md §3."""
+    tps = result.tps
+    return {
+        "PD-L1 TPS %": "" if tps is None or tps.percent is None else f"{tps.percent:.1f}",
+        "PD-L1 TPS category": "" if tps is None else tps.category,
+        "PD-L1 model": f"{result.seg_model.name} {result.seg_model.version} ({result.seg_model.sha256[:12]})",
+        "PD-L1 run": result.run_id,
+    }
+
+
+def summary_of(result: SlideResult, *, entry_id: str | None, run_config: RunConfig) -> dict[str, Any]:
+    """The per-image summary JSON: numbers, metadata and provenance."""
+    tps = result.tps
+    analysed = result.analysed_area_um2
+    return {
+        "entry_id": entry_id,
+        "image": result.image_path,
+        "image_size_px": [result.image_width_px, result.image_height_px],
+        "mpp": result.mpp,
+        "run_id": result.run_id,
+        "config_hash": result.config_hash,
+        "tps_percent": None if tps is None else tps.percent,
+        "tps_category": None if tps is None else tps.category,
+        "nuclei": {}
+        if result.nuclei is None
+        else {n: result.nuclei.count(n) for n in ("Tumor: Positive", "Tumor: Negative", "Other")},
+        "positive_area_um2": result.positive_area_um2,
+        "positive_area_pct": 100 * result.positive_area_um2 / analysed if analysed > 0 else None,
+        "analysed_area_um2": analysed,
+        "uncertainty_flag": result.uncertainty_flag,
+        "sua_candidates": len(result.candidates),
+        "regions": len(result.regions),
+        "parent_measurements": {k: v for k, v in parent_measurements(result).items() if v == v},
+        "metadata": entry_metadata(result),
+        "details": result.summary,
+        "provenance": {
+            "pdl1_bridge": __version__,
+            "python": platform.python_version(),
+            "seg_model": asdict(result.seg_model),
+            "nuclei_model": None if result.nuclei_model is None else asdict(result.nuclei_model),
+            "pipeline_config": asdict(run_config.pipeline),
+        },
+    }
+
+
+def write_result_files(
+    result: SlideResult, geojson: Path, summary: Path, *, entry_id: str | None, run_config: RunConfig
+) -> None:
+    """The QuPath GeoJSON (parent + children) and the summary JSON, each written atomically."""
+    features = (
+        to_feature(o)
+        for o in [analysis_annotation(result), *result_objects(result, include_tiles=run_config.include_tiles)]
+    )
+    write_features(geojson, features)
+    write_json_atomic(summary, summary_of(result, entry_id=entry_id, run_config=run_config))
+
+
+def _jobs(inputs: list[Path], config: RunConfig) -> tuple[list[_Job], Path | None, Path]:
+    """Images to run, the project (if any) and the folder that keeps the run status."""
+    if len(inputs) == 1 and (inputs[0].is_dir() or inputs[0].suffix == ".qpproj"):
+        info = read_project(inputs[0])
+        jobs = []
+        for entry in info.entries:
+            try:
+                image = locate_image(entry, project_folder=info.folder, search_dirs=config.search_dirs)
+                jobs.append(_Job(entry.entry_id, entry.image_name, image, entry))
+            except Pdl1Error as err:
+                jobs.append(_Job(entry.entry_id, entry.image_name, None, entry, err))
+        return jobs, info.path, info.folder
+    if config.out is None:
+        raise ProjectError("plain slides need --out DIR for their GeoJSON and summaries")
+    for path in inputs:
+        if path.suffix == ".qpproj" or path.is_dir():
+            raise ProjectError(f"{path}: give one project, or slide files, not both")
+    stems = [p.stem for p in inputs]
+    if len(set(stems)) != len(stems):
+        raise ProjectError("two slides share a file name; their outputs would overwrite each other")
+    return [_Job(p.stem, p.name, p, None) for p in inputs], None, config.out
+
+
+def _use_qupath(config: RunConfig, project: Path | None) -> bool:
+    if project is None or config.qupath == "never":
+        if config.target_classes or config.target_names:
+            raise ProjectError("annotation targets (--class/--name) need a QuPath project")
+        return False
+    from bridge.qupath import qupath_available
+
+    ok, why = qupath_available()
+    if config.qupath == "always" and not ok:
+        raise ProjectError(why)
+    if not ok and (config.target_classes or config.target_names):
+        raise ProjectError(
+            "annotation targets (--class/--name) are read from data.qpdata, which only QuPath reads: " + why
+        )
+    if not ok:
+        log.warning(
+            "QuPath not found: writing GeoJSON sidecars under %s/ and analysing whole images; "
+            "import them with qupath_scripts/pdl1_import_results.groovy",
+            PDL1_DIR,
+        )
+    return ok
+
+
+def run_batch(
+    inputs: list[Path],
+    config: RunConfig,
+    *,
+    on_image: Callable[[int, int, str], None] | None = None,
+    on_tiles: Callable[[int, int], None] | None = None,
+    models: Models | None = None,
+) -> list[ImageOutcome]:
+    """Analyse every image; never stops at a failed one. Returns one outcome per image."""
+    jobs, project, status_folder = _jobs(inputs, config)
+    use_qupath = _use_qupath(config, project)
+    status = RunStatus(status_folder)
+    models = models or Models(config.pipeline)
+    outcomes: list[ImageOutcome] = []
+    qp_session = _QuPathSession(project) if use_qupath else None
+    try:
+        for i, job in enumerate(jobs):
+            if on_image is not None:
+                on_image(i, len(jobs), job.name)
+            if config.resume and status.is_done(job.key):
+                outcomes.append(ImageOutcome(job.key, job.name, "skipped"))
+                continue
+            t0 = time.perf_counter()
+            try:
+                if job.error is not None:
+                    raise job.error
+                outcome = _run_one(job, config, models, project, status_folder, qp_session, on_tiles, t0)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as err:  # one image's failure must not stop the batch; it is recorded and reported
+                log.debug("image %s failed:\n%s", job.name, traceback.format_exc())
+                message = f"{type(err).__name__}: {err}"
+                outcome = ImageOutcome(job.key, job.name, "failed", time.perf_counter() - t0, error=message)
+                status.record(job.key, state="failed", error=message, image=job.name)
+            else:
+                status.record(job.key, state="done", image=job.name, run_id=outcome.run_id, seconds=outcome.seconds)
+            outcomes.append(outcome)
+    finally:
+        if qp_session is not None:
+            qp_session.close()
+    return outcomes
+
+
+def _run_one(job, config, models, project, status_folder, qp_session, on_tiles, t0) -> ImageOutcome:
+    if qp_session is not None:
+        results = qp_session.analyse_and_write(job, config, models, on_tiles)
+    else:
+        results = [analyse_slide(job.image, models=models, config=config.pipeline, on_progress=on_tiles)]
+    result = results[0]
+    if project is not None:
+        folder = sidecar_dir(status_folder, job.key)
+        geojson, summary = folder / "objects.geojson", folder / "summary.json"
+    else:
+        geojson, summary = status_folder / f"{job.key}.geojson", status_folder / f"{job.key}.summary.json"
+    write_result_files(result, geojson, summary, entry_id=job.key if project is not None else None, run_config=config)
+    analysed = result.analysed_area_um2
+    return ImageOutcome(
+        key=job.key,
+        name=job.name,
+        state="done",
+        seconds=time.perf_counter() - t0,
+        tps_percent=None if result.tps is None else result.tps.percent,
+        tps_category=None if result.tps is None else result.tps.category,
+        positive_area_pct=100 * result.positive_area_um2 / analysed if analysed > 0 else None,
+        uncertainty_flag=result.uncertainty_flag,
+        candidates=len(result.candidates),
+        run_id=result.run_id,
+        outputs=(str(geojson), str(summary)),
+    )
+
+
+class _QuPathSession:
+    """Writes into a project through paquo: only the driver process does this (one JVM, no threads)."""
+
+    def __init__(self, project: Path):
+        from bridge import qupath
+
+        self.qp = qupath
+        self._cm = qupath.open_project(project, mode="r+")
+        self.project = self._cm.__enter__()
+        qupath.ensure_classes(self.project)
+
+    def _entry(self, entry_id: str):
+        for entry in self.project.images:
+            if str(entry.entry_id) == str(entry_id):
+                return entry
+        raise ProjectError(f"entry {entry_id} not in the project any more")
+
+    def analyse_and_write(self, job: _Job, config: RunConfig, models: Models, on_tiles) -> list[SlideResult]:
+        from bridge.objects import result_objects as children
+
+        entry = self._entry(job.key)
+        targets = self.qp.annotation_targets(entry, classes=config.target_classes, names=config.target_names)
+        results: list[tuple[Any, SlideResult]] = []
+        if targets:
+            for ann in targets:
+                results.append(
+                    (
+                        ann,
+                        analyse_slide(
+                            job.image, models=models, config=config.pipeline, roi=ann.roi, on_progress=on_tiles
+                        ),
+                    )
+                )
+        elif config.target_classes or config.target_names:
+            raise ProjectError(
+                f"{job.name}: no annotation of class {config.target_classes} or name {config.target_names}"
+            )
+        else:
+            result = analyse_slide(job.image, models=models, config=config.pipeline, on_progress=on_tiles)
+            results.append((None, result))
+        backup = self.qp.backup_data(entry)
+        try:
+            for ann, result in results:
+                parent = ann or self.qp.find_or_create_analysis_parent(
+                    entry, box(0, 0, result.image_width_px, result.image_height_px)
+                )
+                self.qp.write_children(
+                    entry, parent, children(result, include_tiles=config.include_tiles), parent_measurements(result)
+                )
+            merged = _merge_metadata([r for _, r in results])
+            for key, value in merged.items():
+                entry.metadata[key] = value
+            self.qp.save_entries(self.project, [entry])
+        except BaseException:
+            self.qp.restore_data(entry, backup)
+            raise
+        return [r for _, r in results]
+
+    def close(self) -> None:
+        self._cm.__exit__(None, None, None)
+
+
+def _merge_metadata(results: list[SlideResult]) -> dict[str, str]:
+    """Entry metadata over all analysed parents: TPS from the summed nuclei counts."""
+    from inference.points import tumour_proportion_score
+
+    meta = entry_metadata(results[0])
+    if len(results) > 1 and all(r.tps is not None for r in results):
+        tps = tumour_proportion_score(sum(r.tps.positive for r in results), sum(r.tps.negative for r in results))
+        meta["PD-L1 TPS %"] = "" if tps.percent is None else f"{tps.percent:.1f}"
+        meta["PD-L1 TPS category"] = tps.category
+    return meta
+
+
+def iter_failed(outcomes: list[ImageOutcome]) -> Iterator[ImageOutcome]:
+    return (o for o in outcomes if o.state == "failed")

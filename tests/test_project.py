@@ -1,0 +1,108 @@
+import json
+import shutil
+from pathlib import Path, PureWindowsPath
+
+import pytest
+
+from bridge.init_project import init_project_files
+from bridge.project import (
+    ImageMovedError,
+    ProjectError,
+    RunStatus,
+    locate_image,
+    read_project,
+    uri_to_path,
+)
+
+
+def test_reads_the_project_qupath_044_wrote(fixtures_dir):
+    info = read_project(fixtures_dir / "qupath-0.4.4-project")
+    assert info.version == "0.4.4"
+    (entry,) = info.entries
+    assert entry.entry_id == "1" and entry.image_name == "CMU-1-Small-Region.svs"
+    assert entry.metadata == {"case": "CMU-1"}
+    assert entry.path == PureWindowsPath("C:/Slides/CMU-1-Small-Region.svs")
+
+
+def test_a_project_from_a_windows_pc_finds_its_slide_again(fixtures_dir, tmp_path, cmu_svs):
+    project = tmp_path / "project"
+    shutil.copytree(fixtures_dir / "qupath-0.4.4-project", project)
+    entry = read_project(project).entries[0]
+    with pytest.raises(ImageMovedError, match=r"has moved: not at C:\\Slides.*--search-dir"):
+        locate_image(entry, project_folder=project)
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(cmu_svs, slides / "CMU-1-Small-Region.svs")
+    assert locate_image(entry, project_folder=project, search_dirs=(slides,)) == slides / "CMU-1-Small-Region.svs"
+
+
+def test_reading_is_read_only(fixtures_dir, tmp_path):
+    project = tmp_path / "p"
+    shutil.copytree(fixtures_dir / "qupath-0.4.4-project", project)
+    before = {p: p.read_bytes() for p in project.rglob("*") if p.is_file()}
+    read_project(project)
+    assert before == {p: p.read_bytes() for p in project.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(("content", "match"), [
+    ("{broken", "not valid JSON"),
+    ('{"images": {}}', "not a QuPath project"),
+    ('{"images": [{"imageName": "x"}]}', "image #0 lacks 'serverBuilder'"),
+])
+def test_malformed_projects_say_what_is_wrong(tmp_path, content, match):
+    (tmp_path / "project.qpproj").write_text(content)
+    with pytest.raises(ProjectError, match=match):
+        read_project(tmp_path)
+
+
+def test_no_project_here(tmp_path):
+    with pytest.raises(ProjectError, match="no QuPath project here"):
+        read_project(tmp_path)
+
+
+def test_uri_forms():
+    assert uri_to_path("file:/home/u/a%20b.svs").as_posix() == "/home/u/a b.svs"
+    assert str(uri_to_path("file://server/share/x.svs")) == "\\\\server\\share\\x.svs"
+    with pytest.raises(ProjectError, match="only file: image URIs"):
+        uri_to_path("https://example.org/x.svs")
+
+
+def test_init_project_without_qupath_matches_what_qupath_writes(fixtures_dir, tmp_path, phantom_svs):
+    qpproj = init_project_files(tmp_path / "new", [phantom_svs])
+    ours = json.loads(qpproj.read_text())
+    theirs = json.loads((fixtures_dir / "qupath-0.4.4-project" / "project.qpproj").read_text())
+    assert ours.keys() == theirs.keys()
+    assert ours["images"][0].keys() == theirs["images"][0].keys()
+    ob, tb = ours["images"][0]["serverBuilder"], theirs["images"][0]["serverBuilder"]
+    assert ob.keys() == tb.keys() and ob["providerClassName"] == tb["providerClassName"]
+    assert ob["metadata"].keys() == tb["metadata"].keys()
+    assert ob["metadata"]["pixelCalibration"]["pixelWidth"] == {"value": 0.5, "unit": "µm"}
+    assert [lv["downsample"] for lv in ob["metadata"]["levels"]] == [1.0, 4.0]
+    server = json.loads((tmp_path / "new" / "data" / "1" / "server.json").read_text())
+    their_server = json.loads((fixtures_dir / "qupath-0.4.4-project" / "data" / "1" / "server.json").read_text())
+    assert server.keys() == their_server.keys()
+    entry = read_project(qpproj).entries[0]
+    assert Path(entry.path) == phantom_svs.resolve()
+    classes = json.loads((tmp_path / "new" / "classifiers" / "classes.json").read_text())
+    assert "PD-L1 FN candidate" in {c["name"] for c in classes["pathClasses"]}
+    assert (tmp_path / "new" / "scripts" / "pdl1_import_results.groovy").is_file()
+
+
+def test_init_project_refuses_to_overwrite(tmp_path, phantom_svs):
+    init_project_files(tmp_path / "p", [phantom_svs])
+    with pytest.raises(ProjectError, match="exists"):
+        init_project_files(tmp_path / "p", [phantom_svs])
+
+
+def test_init_project_with_a_missing_slide_writes_nothing(tmp_path):
+    with pytest.raises(ProjectError, match="slides not found"):
+        init_project_files(tmp_path / "p", [tmp_path / "nope.svs"])
+    assert not (tmp_path / "p").exists()
+
+
+def test_run_status_round_trip(tmp_path):
+    status = RunStatus(tmp_path)
+    status.record("1", state="done", image="a")
+    status.record("2", state="failed", error="x")
+    again = RunStatus(tmp_path)
+    assert again.is_done("1") and not again.is_done("2") and not again.is_done("3")

@@ -1,0 +1,139 @@
+"""Batch runs without QuPath: plain slides, projects with sidecars, failures, resume."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bridge.init_project import init_project_files
+from bridge.objects import is_own_object
+from bridge.project import ProjectError, RunStatus
+from bridge.qupath_geojson import read_features
+from bridge.report import write_report
+from bridge.run import RunConfig, run_batch
+from inference.phantom import PhantomSpec, write_phantom
+from inference.pipeline import Models, PipelineConfig
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "qupath_scripts"
+CONTRACT_PARENT = {
+    "PD-L1: Num Tumor: Positive", "PD-L1: Num Tumor: Negative", "PD-L1: Num Other", "PD-L1: TPS %",
+    "PD-L1: Positive area µm^2", "PD-L1: Positive area %", "PD-L1: Predictive entropy mean",
+    "PD-L1: Mutual information mean", "PD-L1: SUA candidates", "PD-L1: Uncertainty flag",
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return Models(PipelineConfig(device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("slides")
+    paths = []
+    for seed, tps in ((31, 60), (32, 10)):
+        path = folder / f"s{seed}.svs"
+        write_phantom(path, PhantomSpec(1536, 1536, seed=seed, tps_percent=tps))
+        paths.append(path)
+    return paths
+
+
+def _config(**kw):
+    return RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="never", **kw)
+
+
+def test_plain_slides_write_valid_geojson_and_a_failed_slide_does_not_stop_the_batch(tmp_path, slides, models):
+    corrupt = tmp_path / "corrupt.svs"
+    corrupt.write_bytes(b"not a slide")
+    inputs = [slides[0], corrupt, slides[1]]
+    outcomes = run_batch(inputs, _config(out=tmp_path / "out"), models=models)
+    assert [o.state for o in outcomes] == ["done", "failed", "done"]
+    assert "corrupt.svs" in outcomes[1].error and "SlideFormatError" in outcomes[1].error
+    objs = list(read_features(tmp_path / "out" / "s31.geojson"))
+    parent = objs[0]
+    assert parent.classification == "PD-L1 analysis" and parent.name == "PD-L1 analysis"
+    assert CONTRACT_PARENT <= set(parent.measurements)
+    kinds = {(o.object_type, o.classification) for o in objs[1:]}
+    assert ("annotation", "PD-L1 positive") in kinds and ("tile", None) in kinds
+    assert {c for t, c in kinds if t == "detection"} <= {"Tumor: Positive", "Tumor: Negative", "Other"}
+    assert all(is_own_object(o.object_type, o.classification, o.name, o.measurements) for o in objs[1:])
+    tile = next(o for o in objs if o.object_type == "tile")
+    assert set(tile.measurements) == {"PD-L1 probability", "Predictive entropy", "Expected entropy",
+                                      "Mutual information", "Probability std", "Tissue fraction"}
+    nucleus = next(o for o in objs if o.object_type == "detection")
+    assert {"Class probability", "PD-L1 positive probability"} <= set(nucleus.measurements)
+    summary = json.loads((tmp_path / "out" / "s31.summary.json").read_text())
+    assert summary["metadata"]["PD-L1 TPS category"] in ("<1%", "1-49%", ">=50%", "insufficient tumour cells")
+    assert summary["provenance"]["seg_model"]["sha256"] == models.seg_info.sha256
+
+
+def test_project_sidecars_resume_after_a_crash_and_moved_slide(tmp_path, slides, models):
+    project = tmp_path / "project"
+    work = tmp_path / "work"
+    work.mkdir()
+    copies = [Path(shutil.copy(s, work / s.name)) for s in slides]
+    for s in slides:
+        shutil.copytree(s.with_name(s.stem + ".truth"), work / (s.stem + ".truth"))
+    moved = work / "moved.svs"
+    shutil.copy(slides[0], moved)
+    init_project_files(project, [*copies, moved])
+    moved.unlink()
+
+    calls = {"n": 0}
+
+    def crash_in_second_image(done, total):
+        if calls.setdefault("image", 0) == 1 and done > 0:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+
+    def on_image(i, n, name):
+        calls["image"] = i
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch([project], _config(), models=models, on_image=on_image, on_tiles=crash_in_second_image)
+    status = RunStatus(project)
+    assert status.is_done("1") and not status.is_done("2")
+    assert not (project / "pdl1" / "2" / "objects.geojson").exists()  # nothing half-written
+
+    outcomes = run_batch([project], _config(resume=True), models=models)
+    assert [o.state for o in outcomes] == ["skipped", "done", "failed"]
+    assert "has moved" in outcomes[2].error
+    for entry in ("1", "2"):
+        objs = list(read_features(project / "pdl1" / entry / "objects.geojson"))
+        assert objs[0].classification == "PD-L1 analysis"
+    html_path, csv_path = write_report(project)
+    assert "s31.svs" in html_path.read_text() and csv_path.read_text().count("\n") == 3
+    assert (html_path.parent / "s31.png").is_file()
+
+
+def test_project_with_no_images(tmp_path, models):
+    (tmp_path / "project.qpproj").write_text(json.dumps({"version": "0.4.4", "images": []}))
+    assert run_batch([tmp_path], _config(), models=models) == []
+
+
+def test_annotation_targets_need_qupath(tmp_path, slides, models):
+    with pytest.raises(ProjectError, match="need a QuPath project"):
+        run_batch([slides[0]], _config(out=tmp_path, target_classes=("Tumor",)), models=models)
+
+
+def test_plain_slides_need_out(slides, models):
+    with pytest.raises(ProjectError, match="--out"):
+        run_batch([slides[0]], _config(), models=models)
+
+
+def test_import_script_uses_the_same_names_as_the_writer():
+    script = (SCRIPTS / "pdl1_import_results.groovy").read_text()
+    from bridge.objects import OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE, TILE_NAME
+
+    for needle in (OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE, TILE_NAME, "PD-L1 analysis",
+                   "PD-L1 positive", "PD-L1 FN candidate", "Tumor: Positive", "Tumor: Negative", '"pdl1"',
+                   "objects.geojson", "summary.json"):
+        assert needle in script, needle
+    # Only scripting API that works on QuPath 0.4.4 to 0.6 (DESIGN.md §5).
+    for banned in ("parseObjectsFromGeoJSON", "setClassification", "getClassification", "removeObject(",
+                   "removeAllObjects", "removeDetections", "removeAnnotations", "getLogger", "addPathObjects",
+                   "putMeasurement"):
+        assert banned not in script, banned
+    assert re.search(r"removeObjects\([^,]+, true\)", script)

@@ -35,6 +35,7 @@ class Result:
     units: float
     baseline: bool
     secondary_units: float | None = None
+    extra: dict[str, str] | None = None
 
     @property
     def best_s(self) -> float:
@@ -50,7 +51,12 @@ class Benchmark:
 
     unit = "Mpx/s"
     secondary_unit: str | None = None
+    extra_columns: tuple[str, ...] = ()
     repeats = 3
+
+    def extra(self, label: str) -> dict[str, str]:
+        """Per-case figures that are not rates (peak memory, latency), shown as extra columns."""
+        return {}
 
     def setup(self, *, quick: bool) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -79,7 +85,7 @@ def run_cases(bench: Benchmark) -> list[Result]:
             out = case.run()
             seconds.append(time.perf_counter() - t0)
         units, secondary = out if isinstance(out, tuple) else (out, None)
-        results.append(Result(case.label, seconds, units, case.baseline, secondary))
+        results.append(Result(case.label, seconds, units, case.baseline, secondary, bench.extra(case.label)))
     return results
 
 
@@ -94,6 +100,8 @@ def print_results(title: str, bench: Benchmark, results: list[Result], console: 
     table.add_column("best s", justify="right")
     table.add_column("median s", justify="right")
     table.add_column(f"x {baseline.label}", justify="right")
+    for col in bench.extra_columns:
+        table.add_column(col, justify="right")
     for r in results:
         secondary = []
         if bench.secondary_unit:
@@ -105,6 +113,7 @@ def print_results(title: str, bench: Benchmark, results: list[Result], console: 
             f"{r.best_s:.3f}",
             f"{statistics.median(r.seconds):.3f}",
             f"{r.rate / baseline.rate:.2f}",
+            *[(r.extra or {}).get(col, "") for col in bench.extra_columns],
         )
     console.print(table)
     conditions = {"machine": machine_description(), **bench.conditions()}
@@ -114,9 +123,17 @@ def print_results(title: str, bench: Benchmark, results: list[Result], console: 
 def _registry() -> dict[str, type[Benchmark]]:
     from benchmarks.nuclei_inference import NucleiInference
     from benchmarks.seg_inference import SegInference
+    from benchmarks.service_roi import ServiceRoi
     from benchmarks.tile_read import TileRead
+    from benchmarks.write_nuclei import WriteNuclei
 
-    return {"tile_read": TileRead, "seg_inference": SegInference, "nuclei_inference": NucleiInference}
+    return {
+        "tile_read": TileRead,
+        "seg_inference": SegInference,
+        "nuclei_inference": NucleiInference,
+        "write_nuclei": WriteNuclei,
+        "service_roi": ServiceRoi,
+    }
 
 
 class _LazyRegistry(dict):

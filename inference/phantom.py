@@ -10,7 +10,10 @@ The scene, coarsest first:
 * tumour nests are PD-L1 positive or negative by zone. The two differ by morphology
   visible in H&E, as nnUNet-B learns PD-L1 from H&E: positive nests have larger, oval,
   vesicular nuclei (pale chromatin, dark rim, nucleolus) in granular cytoplasm; negative
-  nests have small, round, dense hyperchromatic nuclei. There is no colour code;
+  nests have small, round, dense hyperchromatic nuclei. There is no colour code. As in real
+  tissue, expression shows only partly in morphology: a smooth "morphology strength" field
+  makes about a third of the positive area subtle (intermediate morphology), which is where
+  a model misses positives and where its uncertainty should rise;
 * nuclei on jittered lattices: tumour nuclei (class from their zone) and sparse stromal
   spindle cells and lymphocytes (``Other``).
 
@@ -192,6 +195,7 @@ class PhantomScene:
         self.tumour_threshold = float(np.quantile(tumour_values, 1 - _TUMOUR_FRACTION_OF_TISSUE))
         self.positive_threshold = self._positive_threshold()
         self.stains = self._stains(np.random.default_rng([spec.seed, 11]))
+        self.morph_field = _smooth_field(np.random.default_rng([spec.seed, 13]), cells, 150 / um_per_cell)
 
     # -- zones ------------------------------------------------------------------------
     def zones(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -200,6 +204,11 @@ class PhantomScene:
         tumour = tissue & (_sample(self.tumour_field, xs, ys) > self.tumour_threshold)
         positive = tumour & (_sample(self.positive_field, xs, ys) > self.positive_threshold)
         return tissue, tumour, positive
+
+    def strength(self, xs: np.ndarray, ys: np.ndarray, positive: np.ndarray) -> np.ndarray:
+        """Morphology strength in [0, 1]: 0 is negative morphology, 1 fully positive; 0 outside positive nests."""
+        s = np.clip(0.8 + 0.35 * _sample(self.morph_field, xs, ys), 0.35, 1.0)
+        return np.where(positive, s, 0.0)
 
     def _positive_threshold(self) -> float:
         """Quantile of the positive field over all tumour nuclei, so TPS is as requested."""
@@ -257,23 +266,25 @@ class PhantomScene:
     def nuclei(self, x0: float, y0: float, w: float, h: float) -> dict[str, np.ndarray]:
         """Nuclei whose centre lies in the level-0 box: positions, class, shape and texture."""
         seed = self.spec.seed
-        out: dict[str, list[np.ndarray]] = {k: [] for k in ("x", "y", "cls", "a", "b", "angle", "kind")}
+        out: dict[str, list[np.ndarray]] = {k: [] for k in ("x", "y", "cls", "a", "b", "angle", "kind", "s")}
         tum = self._lattice(x0, y0, w, h, "tumour")
         tissue, tumour, positive = self.zones(tum["x"], tum["y"])
         keep = tumour & (_hash_uniform(seed, 3, tum["i"], tum["j"]) < 0.93)
         ii, jj = tum["i"][keep], tum["j"][keep]
         pos = positive[keep]
+        strength = self.strength(tum["x"][keep], tum["y"][keep], pos)
         u = _hash_uniform(seed, 4, ii, jj)
         v = _hash_uniform(seed, 5, ii, jj)
-        radius_um = np.where(pos, 3.9 + 1.4 * u, 2.7 + 0.8 * u)
-        ratio = np.where(pos, 0.62 + 0.2 * v, 0.86 + 0.14 * v)
+        radius_um = (1 - strength) * (2.7 + 0.8 * u) + strength * (3.9 + 1.4 * u)
+        ratio = (1 - strength) * (0.86 + 0.14 * v) + strength * (0.62 + 0.2 * v)
         out["x"].append(tum["x"][keep])
         out["y"].append(tum["y"][keep])
         out["cls"].append(np.where(pos, POSITIVE, NEGATIVE))
         out["a"].append(radius_um)
         out["b"].append(radius_um * ratio)
         out["angle"].append(_hash_uniform(seed, 6, ii, jj) * np.pi)
-        out["kind"].append(np.where(pos, 1, 0))  # 1 vesicular, 0 dense
+        out["kind"].append(np.zeros(keep.sum(), np.int64))  # tumour: dense..vesicular by strength
+        out["s"].append(strength)
 
         st = self._lattice(x0, y0, w, h, "stroma")
         tissue, tumour, _ = self.zones(st["x"], st["y"])
@@ -288,6 +299,7 @@ class PhantomScene:
         out["b"].append(np.where(lympho, 2.0 + 0.4 * u, 1.2 + 0.3 * u))
         out["angle"].append(np.where(lympho, u * np.pi, self.fibre_angle + (u - 0.5) * 0.6))
         out["kind"].append(np.where(lympho, 2, 3))  # 2 lymphocyte, 3 spindle
+        out["s"].append(np.zeros(keep.sum()))
         return {k: np.concatenate(v) for k, v in out.items()}
 
     # -- rendering --------------------------------------------------------------------
@@ -326,9 +338,10 @@ class PhantomScene:
         stroma = tissue & ~tumour
         eosin += stroma * (0.32 + 0.30 * fibres + 0.15 * grain)
         haem += stroma * 0.03
-        neg_nest = tumour & ~positive
-        eosin += neg_nest * (0.22 + 0.06 * gran + 0.10 * grain)
-        eosin += positive * (0.30 + 0.16 * gran + 0.12 * grain)
+        strength = self.strength(xg, yg, positive)
+        neg_eosin = 0.22 + 0.06 * gran + 0.10 * grain
+        pos_eosin = 0.30 + 0.16 * gran + 0.12 * grain
+        eosin += tumour * ((1 - strength) * neg_eosin + strength * pos_eosin)
         haem += tumour * 0.05
         eosin += ~tissue * (0.015 * grain)
 
@@ -371,13 +384,14 @@ class PhantomScene:
         edge_um = max(ds * mpp, 0.4)
         inside = 1 / (1 + np.exp(-np.clip((1 - r) * b / edge_um * 2.5, -30, 30)))
         kind = nuc["kind"][:, None, None]
+        strength = nuc["s"][:, None, None]
         rim = np.exp(-(((r - 0.85) / 0.13) ** 2))
         nucleolus = np.exp(-((u - 0.25 * a) ** 2 + (v + 0.1 * b) ** 2) / (2 * (0.16 * b) ** 2 + 1e-6))
         fine = math.exp(-((ds * mpp / 1.0) ** 2))  # vesicular detail fades when downsampled
         vesicular = inside * (0.55 + fine * (0.45 * rim + 0.9 * nucleolus - 0.15)) + (1 - fine) * 0.1 * inside
         density = np.select(
-            [kind == 0, kind == 1, kind == 2, kind == 3],
-            [inside * 1.35, vesicular * 0.95, inside * 1.55, inside * 1.1],
+            [kind == 0, kind == 2, kind == 3],
+            [(1 - strength) * inside * 1.35 + strength * vesicular * 0.95, inside * 1.55, inside * 1.1],
         )
         ok = (row >= 0) & (row < h) & (col >= 0) & (col < w)
         flat = (row * w + col)[ok]

@@ -176,7 +176,13 @@ def train_segmentation(
     rng = np.random.default_rng(config.seed)
     device = torch.device(config.device)
     data = [load_training_slide(p, input_mpp=config.input_mpp, patch_px=config.patch_px) for p in config.slides]
-    arch_kwargs = {"in_channels": 3, "n_classes": 2, "features": list(config.features), "n_conv_per_stage": 2}
+    arch_kwargs = {
+        "in_channels": 3,
+        "n_classes": 2,
+        "features": list(config.features),
+        "n_conv_per_stage": 2,
+        "norm": "batch",
+    }
     model = PlainConvUNet(**{**arch_kwargs, "features": tuple(config.features)}).to(device)
     optimizer = make_optimizer(config, model)
     ckpt = out_dir / "checkpoint"

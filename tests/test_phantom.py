@@ -101,6 +101,14 @@ def test_positive_and_negative_nests_differ_in_morphology_not_colour_code():
     assert diff.max() < 30
 
 
+def test_some_positive_nests_are_subtle_like_real_pd_l1():
+    scene = PhantomScene(PhantomSpec(4096, 4096, seed=101, tps_percent=50))
+    nuc = scene.nuclei(0, 0, 4096, 4096)
+    pos = nuc["cls"] == 0
+    assert 0.1 < (nuc["s"][pos] < 0.6).mean() < 0.7  # intermediate morphology exists, but is not the rule
+    assert nuc["s"][pos].min() >= 0.35 and nuc["s"][~pos].max() == 0.0
+
+
 def test_shift_changes_appearance_but_not_truth():
     base = PhantomScene(PhantomSpec(1024, 1024, seed=9))
     shifted = PhantomScene(PhantomSpec(1024, 1024, seed=9, shift=1.0))

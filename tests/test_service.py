@@ -1,0 +1,266 @@
+"""The service end to end through a real uvicorn on loopback."""
+
+import io
+import os
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+from bridge.qupath_geojson import validate_feature
+from bridge.service import ServiceSettings, create_app
+from inference.phantom import PhantomSpec, write_phantom
+from inference.pipeline import Models, PipelineConfig
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "qupath_scripts"
+TOKEN = "s3cret"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def slides_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("allowed")
+    write_phantom(root / "small.svs", PhantomSpec(1024, 1024, seed=41, tps_percent=50))
+    write_phantom(root / "big.svs", PhantomSpec(4096, 4096, seed=42, tps_percent=30))
+    return root
+
+
+@pytest.fixture(scope="module")
+def models():
+    return Models(PipelineConfig(device="cpu"))
+
+
+def _serve(settings, models):
+    app = create_app(settings, models=models)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    return server, thread
+
+
+@pytest.fixture(scope="module")
+def service(slides_root, models):
+    settings = ServiceSettings(port=_free_port(), allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"),
+                               max_request_bytes=4 * 2**20)
+    server, thread = _serve(settings, models)
+    with httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=60) as client:
+        yield client
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _wait(client, job_id, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get(f"/v1/jobs/{job_id}").json()
+        if status["state"] in ("done", "failed", "cancelled"):
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish: {status}")
+
+
+def test_health_and_models(service):
+    health = service.get("/v1/health").json()
+    assert health["status"] == "ok" and health["device"] == "cpu"
+    assert {m["task"] for m in health["models"]} == {"segmentation", "nuclei"}
+    assert service.get("/v1/models").json() == health["models"]
+
+
+def test_submit_poll_result_is_valid_qupath_geojson(service, slides_root):
+    roi = {"type": "Polygon", "coordinates": [[[100, 100], [900, 100], [900, 900], [100, 900], [100, 100]]]}
+    r = service.post("/v1/jobs", json={"image": (slides_root / "small.svs").as_uri(), "roi": roi, "mpp": 0.5})
+    assert r.status_code == 202
+    accepted = r.json()
+    assert accepted["status_url"] == f"/v1/jobs/{accepted['job_id']}"
+    status = _wait(service, accepted["job_id"])
+    assert status["state"] == "done" and status["progress"] == 1.0 and status["tiles_total"] > 0
+    result = service.get(accepted["result_url"]).json()
+    assert result["type"] == "FeatureCollection" and result["features"]
+    for feature in result["features"]:
+        validate_feature(feature)
+    meta = result["pdl1"]
+    assert meta["total"] == len(result["features"]) and meta["next_offset"] is None
+    assert "PD-L1: TPS %" in meta["parent_measurements"]
+    assert meta["metadata"]["PD-L1 run"] == meta["run_id"]
+    points = [f["geometry"]["coordinates"] for f in result["features"] if f["geometry"]["type"] == "Point"]
+    assert points and all(100 <= x <= 900 and 100 <= y <= 900 for x, y in points)
+    # Paging: two pages hold the same features as one.
+    first = service.get(accepted["result_url"], params={"limit": 5}).json()
+    assert len(first["features"]) == 5 and first["pdl1"]["next_offset"] == 5
+    rest = service.get(accepted["result_url"], params={"offset": 5}).json()
+    assert [f["id"] for f in first["features"] + rest["features"]] != []
+    assert len(first["features"]) + len(rest["features"]) == meta["total"]
+
+
+def test_outputs_select_what_comes_back(service, slides_root):
+    r = service.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "outputs": ["uncertainty_tiles"]})
+    job_id = r.json()["job_id"]
+    assert _wait(service, job_id)["state"] == "done"
+    kinds = {f["properties"]["objectType"] for f in service.get(f"/v1/jobs/{job_id}/result").json()["features"]}
+    assert kinds == {"tile"}
+
+
+def test_cancel_stops_a_running_job(service, slides_root):
+    job_id = service.post("/v1/jobs", json={"image": str(slides_root / "big.svs")}).json()["job_id"]
+    deadline = time.time() + 60
+    while service.get(f"/v1/jobs/{job_id}").json()["state"] == "queued" and time.time() < deadline:
+        time.sleep(0.05)
+    assert service.delete(f"/v1/jobs/{job_id}").json()["state"] in ("cancelling", "cancelled")
+    assert _wait(service, job_id)["state"] == "cancelled"
+    r = service.get(f"/v1/jobs/{job_id}/result")
+    assert r.status_code == 409 and "cancelled" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(("body", "status", "match"), [
+    ({"image": "/etc/passwd"}, 403, "outside the folders"),
+    ({"image": "{root}/missing.svs"}, 404, "image not found"),
+    ({"image": "{root}/small.svs", "roi": {"type": "Point", "coordinates": [1, 2]}}, 422, "Polygon or MultiPolygon"),
+    ({"image": "{root}/small.svs", "outputs": ["everything"]}, 422, "outputs"),
+    ({"image": "{root}/small.svs", "mpp": -1}, 422, "mpp"),
+    ({"roi": None}, 422, "image"),
+    ({"image": "{root}/small.svs", "model": "other"}, 409, "unknown model"),
+])
+def test_bad_requests_say_what_is_wrong(service, slides_root, body, status, match):
+    body = {k: v.replace("{root}", str(slides_root)) if isinstance(v, str) else v for k, v in body.items()}
+    r = service.post("/v1/jobs", json=body)
+    assert r.status_code == status, r.text
+    assert re.search(match, r.json()["detail"])
+
+
+def test_invalid_roi_fails_the_job_with_a_message(service, slides_root):
+    bowtie = {"type": "Polygon", "coordinates": [[[0, 0], [500, 500], [500, 0], [0, 500], [0, 0]]]}
+    job_id = service.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "roi": bowtie}).json()["job_id"]
+    status = _wait(service, job_id)
+    assert status["state"] == "failed" and "invalid" in status["error"]
+
+
+def test_symlink_out_of_the_allowed_root_is_refused(service, slides_root, tmp_path):
+    outside = tmp_path / "outside.svs"
+    outside.write_bytes((slides_root / "small.svs").read_bytes())
+    link = slides_root / "link.svs"
+    link.symlink_to(outside)
+    try:
+        r = service.post("/v1/jobs", json={"image": str(link)})
+        assert r.status_code == 403
+    finally:
+        link.unlink()
+
+
+def test_unknown_job_and_result_before_done(service):
+    assert service.get("/v1/jobs/nope").status_code == 404
+    assert "no job" in service.get("/v1/jobs/nope/result").json()["detail"]
+
+
+def test_request_size_limit(service):
+    r = service.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=b"0" * (5 * 2**20))
+    assert r.status_code == 413
+
+
+def test_pixel_upload_maps_back_to_level0(service, slides_root):
+    from inference.slide import open_slide
+
+    with open_slide(slides_root / "small.svs") as slide:
+        rgb = slide.read_region((200, 300), 0, (512, 512))
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    r = service.post("/v1/jobs/pixels", params={"mpp": 0.5, "origin_x": 200, "origin_y": 300,
+                                                 "outputs": ["nuclei"]}, content=buf.getvalue())
+    assert r.status_code == 202
+    job_id = r.json()["job_id"]
+    assert _wait(service, job_id)["state"] == "done"
+    features = service.get(f"/v1/jobs/{job_id}/result").json()["features"]
+    points = np.array([f["geometry"]["coordinates"] for f in features])
+    assert len(points) and points[:, 0].min() >= 200 and points[:, 1].min() >= 300 and points.max() <= 812
+
+
+def test_two_clients_at_once(service, slides_root):
+    results = {}
+
+    def client(name):
+        with httpx.Client(base_url=service.base_url, timeout=60) as c:
+            body = {"image": str(slides_root / "small.svs"), "outputs": ["regions"]}
+            job_id = c.post("/v1/jobs", json=body).json()["job_id"]
+            results[name] = _wait(c, job_id)["state"]
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {"a": "done", "b": "done"}
+
+
+def test_openapi_is_served(service):
+    schema = service.get("/openapi.json").json()
+    assert "/v1/jobs" in schema["paths"]
+
+
+def test_token_is_required_when_set(slides_root, models):
+    settings = ServiceSettings(port=_free_port(), token=TOKEN, allow_roots=(slides_root,),
+                               pipeline=PipelineConfig(device="cpu"))
+    server, thread = _serve(settings, models)
+    try:
+        base = f"http://127.0.0.1:{settings.port}"
+        assert httpx.get(f"{base}/v1/health").status_code == 401
+        assert httpx.get(f"{base}/v1/health", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(f"{base}/v1/health", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_non_loopback_bind_needs_a_token(tmp_path):
+    with pytest.raises(ValueError, match="--token"):
+        ServiceSettings(host="0.0.0.0", allow_roots=(tmp_path,))
+    ServiceSettings(host="0.0.0.0", token="t", allow_roots=(tmp_path,))
+    with pytest.raises(ValueError, match="allow-root"):
+        ServiceSettings()
+
+
+def test_every_endpoint_and_key_the_scripts_use_exists(service):
+    schema = service.get("/openapi.json").json()
+    paths = {re.sub(r"\{[^}]+\}", "{}", p): set(v) for p, v in schema["paths"].items()}
+    script = (SCRIPTS / "pdl1_analyze.groovy").read_text()
+    used = set(re.findall(r'"(/v1/[^"$]*)', script))
+    assert used, "the script calls the service"
+    for path in used:
+        assert path.rstrip("/") in {p.split("{}")[0].rstrip("/") for p in paths}, path
+    components = schema["components"]["schemas"]
+    request_keys = set(components["JobRequest"]["properties"])
+    status_keys = set(components["JobStatus"]["properties"])
+    accepted_keys = set(components["JobAccepted"]["properties"])
+    for key in re.findall(r'body\.put\("(\w+)"', script):
+        assert key in request_keys, key
+    for key in re.findall(r'status\.get\("(\w+)"\)', script):
+        assert key in status_keys, key
+    for key in re.findall(r'accepted\.get\("(\w+)"\)', script):
+        assert key in accepted_keys, key
+    for key in re.findall(r'pdl1\.get\("(\w+)"\)', script):
+        assert key in {"total", "offset", "next_offset", "parent_measurements", "metadata", "run_id"}, key
+
+
+@pytest.mark.skipif(not os.environ.get("PDL1_GROOVY_LINT"), reason="set PDL1_GROOVY_LINT to npm-groovy-lint's path")
+def test_groovy_scripts_compile_with_groovy4():
+    import subprocess
+
+    for script in SCRIPTS.glob("*.groovy"):
+        out = subprocess.run([os.environ["PDL1_GROOVY_LINT"], "--failon", "error", "--noserver", "--output", "txt",
+                              str(script)], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr

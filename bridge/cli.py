@@ -27,6 +27,13 @@ console = Console(stderr=True)
 log = logging.getLogger("bridge")
 
 
+def _stdout() -> Console:
+    """Tables go to stdout; piped or captured output gets a width that keeps class names on one line."""
+    import sys
+
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
 @app.callback()
 def main(
     log_level: Annotated[
@@ -193,7 +200,7 @@ def eval_seg(
     from inference.ensemble import Ensemble, demo_model_dir
     from inference.evaluate import evaluate_segmentation
 
-    out = Console()
+    out = _stdout()
     try:
         ensemble = Ensemble.load(model or demo_model_dir("seg"), task="segmentation", device=device)
         for slide in slides:
@@ -295,7 +302,7 @@ def eval_nuclei(
     from inference.ensemble import Ensemble, demo_model_dir
     from inference.evaluate import evaluate_nuclei
 
-    out = Console()
+    out = _stdout()
     try:
         ensemble = Ensemble.load(model or demo_model_dir("nuclei"), task="nuclei", device=device)
         table = Table(title=f"nuclei vs truth (match within {radius_um} µm)")
@@ -343,7 +350,7 @@ def eval_suite(
     from inference.evaluate import evaluate_slide_suite
     from inference.pipeline import PipelineConfig, review_rule_for, sua_params_for
 
-    console_out = Console()
+    console_out = _stdout()
     try:
         ensemble = Ensemble.load(model or demo_model_dir("seg"), task="segmentation", device=device)
         manifest = ensemble.manifest
@@ -363,7 +370,15 @@ def eval_suite(
                         on_progress=on_progress,
                     )
                 )
-        written = write_report(evaluations, out)
+        provenance = {
+            "command": "pdl1 eval", "slides": [str(s) for s in slides], "pdl1_bridge": __version__,
+            "model": {"name": manifest.name, "version": manifest.version, "sha256": manifest.checksum,
+                      "folder": str(ensemble.folder)},
+            "sua": {"lower": sua.lower, "upper": sua.upper, "threshold": sua.threshold,
+                    "uncertainty": sua.uncertainty, "aggregation": sua.aggregation},
+            "pixel_baseline_threshold": pixel_threshold,
+        }
+        written = write_report(evaluations, out, provenance=provenance)
     except (Pdl1Error, ValueError, OSError) as err:
         raise _fail(err) from err
     table = Table(
@@ -530,7 +545,7 @@ def _outcome_table(outcomes) -> None:
             num(o.candidates, "d"),
             num(o.seconds),
         )
-    Console().print(table)
+    _stdout().print(table)
     for o in outcomes:
         if o.error:
             console.print(f"[red]{o.name}:[/red] {o.error}")
@@ -559,6 +574,24 @@ def _run_with_progress(inputs, run_config, *, progress: bool):
         outcomes = run_batch(inputs, run_config, on_image=on_image, on_tiles=on_tiles)
         bar.update(images, completed=len(outcomes))
     return outcomes
+
+
+def _run_ray_with_progress(inputs, run_config, *, address, progress: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from bridge.engine_ray import run_batch_ray
+
+    if not progress:
+        return run_batch_ray(inputs, run_config, address=address)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+    ) as bar:
+        images = bar.add_task("images (ray)", total=None)
+
+        def on_image(done: int, n: int, name: str) -> None:
+            bar.update(images, completed=done, total=n, description=f"images (ray; last: {name})")
+
+        return run_batch_ray(inputs, run_config, address=address, on_image=on_image)
 
 
 @app.command()
@@ -590,6 +623,12 @@ def run(
     refine: Annotated[bool, typer.Option(help="Also report positive area with SUA candidates merged in.")] = False,
     mpp: Annotated[float | None, typer.Option(min=0.05, help="Microns per pixel for slides that state none.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    engine: Annotated[
+        str, typer.Option(help="local (this process) or ray (one task per image on a Ray cluster).")
+    ] = "local",
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster: auto, or ray://HOST:PORT; a local one when omitted.")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Analyse every image: segmentation ensemble + uncertainty + SUA + nuclei, then write to QuPath.
@@ -600,6 +639,10 @@ def run(
 
     if qupath not in ("auto", "never", "always"):
         raise typer.BadParameter("expected auto, never or always", param_hint="--qupath")
+    if engine not in ("local", "ray"):
+        raise typer.BadParameter("expected local or ray", param_hint="--engine")
+    if address is not None and engine != "ray":
+        raise typer.BadParameter("--address goes with --engine ray", param_hint="--address")
     try:
         run_config = RunConfig(
             pipeline=_pipeline_config(device, seg_model, nuclei_model, mpp, no_nuclei, refine),
@@ -610,7 +653,10 @@ def run(
             target_names=tuple(target_name or ()),
             search_dirs=tuple(search_dir or ()),
         )
-        outcomes = _run_with_progress(inputs, run_config, progress=progress)
+        if engine == "ray":
+            outcomes = _run_ray_with_progress(inputs, run_config, address=address, progress=progress)
+        else:
+            outcomes = _run_with_progress(inputs, run_config, progress=progress)
     except (Pdl1Error, ValueError, OSError) as err:
         raise _fail(err) from err
     _outcome_table(outcomes)

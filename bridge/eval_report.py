@@ -8,6 +8,7 @@ probability, the uncertainty and the SUA candidates.
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -68,8 +69,10 @@ def rows(evaluations: Sequence[SlideEvaluation]) -> list[dict[str, object]]:
     return out
 
 
-def write_report(evaluations: Sequence[SlideEvaluation], out_dir: str | Path) -> dict[str, Path]:
-    """Write ``metrics.csv`` and the PNG plots into ``out_dir``; returns what was written."""
+def write_report(
+    evaluations: Sequence[SlideEvaluation], out_dir: str | Path, *, provenance: dict | None = None
+) -> dict[str, Path]:
+    """Write ``metrics.csv``, the PNG plots and ``provenance.json`` into ``out_dir``; returns what was written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,6 +88,9 @@ def write_report(evaluations: Sequence[SlideEvaluation], out_dir: str | Path) ->
         for row in table:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     written["metrics"] = out / "metrics.csv"
+    if provenance is not None:
+        (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
+        written["provenance"] = out / "provenance.json"
 
     # Reliability diagram over all slides (tissue pixels).
     fig, ax = plt.subplots(figsize=(4.5, 4.5))

@@ -116,11 +116,12 @@ def restore_data(entry: Any, backup: Path | None) -> None:
 
 
 def _own_children(parent: Any) -> list[Any]:
+    wrap = _paquo()["annotation"]  # any paquo object wrapper reads names across QuPath versions
     out = []
     for child in parent.java_object.getChildObjectsAsArray():
         cls = child.getPathClass()
         kind = "tile" if child.isTile() else "annotation" if child.isAnnotation() else "detection"
-        names = [str(n) for n in child.getMeasurementList().getMeasurementNames()]
+        names = list(wrap(child).measurements)
         name = child.getName()
         if is_own_object(
             kind, None if cls is None else str(cls.toString()), None if name is None else str(name), names

@@ -135,15 +135,14 @@ def summary_of(result: SlideResult, *, entry_id: str | None, run_config: RunConf
 
 
 def write_result_files(
-    result: SlideResult, geojson: Path, summary: Path, *, entry_id: str | None, run_config: RunConfig
+    result: SlideResult, geojson: Path, summary_path: Path, summary: dict[str, Any], *, include_tiles: bool = True
 ) -> None:
     """The QuPath GeoJSON (parent + children) and the summary JSON, each written atomically."""
     features = (
-        to_feature(o)
-        for o in [analysis_annotation(result), *result_objects(result, include_tiles=run_config.include_tiles)]
+        to_feature(o) for o in [analysis_annotation(result), *result_objects(result, include_tiles=include_tiles)]
     )
     write_features(geojson, features)
-    write_json_atomic(summary, summary_of(result, entry_id=entry_id, run_config=run_config))
+    write_json_atomic(summary_path, summary)
 
 
 def _jobs(inputs: list[Path], config: RunConfig) -> tuple[list[_Job], Path | None, Path]:
@@ -241,25 +240,35 @@ def _run_one(job, config, models, project, status_folder, qp_session, on_tiles, 
     else:
         results = [analyse_slide(job.image, models=models, config=config.pipeline, on_progress=on_tiles)]
     result = results[0]
+    geojson, summary = output_paths(job.key, project, status_folder)
+    summary_data = summary_of(result, entry_id=job.key if project is not None else None, run_config=config)
+    write_result_files(result, geojson, summary, summary_data, include_tiles=config.include_tiles)
+    return outcome_from_summary(job.key, job.name, summary_data, time.perf_counter() - t0, (geojson, summary))
+
+
+def output_paths(key: str, project: Path | None, status_folder: Path) -> tuple[Path, Path]:
+    """Where an image's GeoJSON and summary go: sidecars of a project entry, or ``OUT/<stem>.*``."""
     if project is not None:
-        folder = sidecar_dir(status_folder, job.key)
-        geojson, summary = folder / "objects.geojson", folder / "summary.json"
-    else:
-        geojson, summary = status_folder / f"{job.key}.geojson", status_folder / f"{job.key}.summary.json"
-    write_result_files(result, geojson, summary, entry_id=job.key if project is not None else None, run_config=config)
-    analysed = result.analysed_area_um2
+        folder = sidecar_dir(status_folder, key)
+        return folder / "objects.geojson", folder / "summary.json"
+    return status_folder / f"{key}.geojson", status_folder / f"{key}.summary.json"
+
+
+def outcome_from_summary(
+    key: str, name: str, summary: dict[str, Any], seconds: float, outputs: tuple[Path, Path]
+) -> ImageOutcome:
     return ImageOutcome(
-        key=job.key,
-        name=job.name,
+        key=key,
+        name=name,
         state="done",
-        seconds=time.perf_counter() - t0,
-        tps_percent=None if result.tps is None else result.tps.percent,
-        tps_category=None if result.tps is None else result.tps.category,
-        positive_area_pct=100 * result.positive_area_um2 / analysed if analysed > 0 else None,
-        uncertainty_flag=result.uncertainty_flag,
-        candidates=len(result.candidates),
-        run_id=result.run_id,
-        outputs=(str(geojson), str(summary)),
+        seconds=seconds,
+        tps_percent=summary["tps_percent"],
+        tps_category=summary["tps_category"],
+        positive_area_pct=summary["positive_area_pct"],
+        uncertainty_flag=summary["uncertainty_flag"],
+        candidates=summary["sua_candidates"],
+        run_id=summary["run_id"],
+        outputs=tuple(str(p) for p in outputs),
     )
 
 
@@ -320,6 +329,26 @@ class _QuPathSession:
             self.qp.restore_data(entry, backup)
             raise
         return [r for _, r in results]
+
+    def write_sidecar(self, key: str, geojson: Path, summary: Path) -> None:
+        """Put a worker's sidecar (parent first, then children) into the entry: the driver's job."""
+        import json
+
+        from bridge.qupath_geojson import read_features
+
+        entry = self._entry(key)
+        objects = list(read_features(geojson))
+        parent_obj, children = objects[0], objects[1:]
+        backup = self.qp.backup_data(entry)
+        try:
+            parent = self.qp.find_or_create_analysis_parent(entry, parent_obj.geometry)
+            self.qp.write_children(entry, parent, children, parent_obj.measurements)
+            for k, v in json.loads(summary.read_text())["metadata"].items():
+                entry.metadata[k] = v
+            self.qp.save_entries(self.project, [entry])
+        except BaseException:
+            self.qp.restore_data(entry, backup)
+            raise
 
     def close(self) -> None:
         self._cm.__exit__(None, None, None)

@@ -106,7 +106,7 @@ def test_some_positive_nests_are_subtle_like_real_pd_l1():
     nuc = scene.nuclei(0, 0, 4096, 4096)
     pos = nuc["cls"] == 0
     assert 0.1 < (nuc["s"][pos] < 0.6).mean() < 0.7  # intermediate morphology exists, but is not the rule
-    assert nuc["s"][pos].min() >= 0.35 and nuc["s"][~pos].max() == 0.0
+    assert nuc["s"][pos].min() >= 0.35 - 1e-6 and nuc["s"][~pos].max() == 0.0  # float32 field
 
 
 def test_shift_changes_appearance_but_not_truth():

@@ -44,11 +44,14 @@ def test_reading_is_read_only(fixtures_dir, tmp_path):
     assert before == {p: p.read_bytes() for p in project.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize(("content", "match"), [
-    ("{broken", "not valid JSON"),
-    ('{"images": {}}', "not a QuPath project"),
-    ('{"images": [{"imageName": "x"}]}', "image #0 lacks 'serverBuilder'"),
-])
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("{broken", "not valid JSON"),
+        ('{"images": {}}', "not a QuPath project"),
+        ('{"images": [{"imageName": "x"}]}', "image #0 lacks 'serverBuilder'"),
+    ],
+)
 def test_malformed_projects_say_what_is_wrong(tmp_path, content, match):
     (tmp_path / "project.qpproj").write_text(content)
     with pytest.raises(ProjectError, match=match):

@@ -18,9 +18,16 @@ from inference.pipeline import Models, PipelineConfig
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "qupath_scripts"
 CONTRACT_PARENT = {
-    "PD-L1: Num Tumor: Positive", "PD-L1: Num Tumor: Negative", "PD-L1: Num Other", "PD-L1: TPS %",
-    "PD-L1: Positive area µm^2", "PD-L1: Positive area %", "PD-L1: Predictive entropy mean",
-    "PD-L1: Mutual information mean", "PD-L1: SUA candidates", "PD-L1: Uncertainty flag",
+    "PD-L1: Num Tumor: Positive",
+    "PD-L1: Num Tumor: Negative",
+    "PD-L1: Num Other",
+    "PD-L1: TPS %",
+    "PD-L1: Positive area µm^2",
+    "PD-L1: Positive area %",
+    "PD-L1: Predictive entropy mean",
+    "PD-L1: Mutual information mean",
+    "PD-L1: SUA candidates",
+    "PD-L1: Uncertainty flag",
 }
 
 
@@ -60,8 +67,14 @@ def test_plain_slides_write_valid_geojson_and_a_failed_slide_does_not_stop_the_b
     assert {c for t, c in kinds if t == "detection"} <= {"Tumor: Positive", "Tumor: Negative", "Other"}
     assert all(is_own_object(o.object_type, o.classification, o.name, o.measurements) for o in objs[1:])
     tile = next(o for o in objs if o.object_type == "tile")
-    assert set(tile.measurements) == {"PD-L1 probability", "Predictive entropy", "Expected entropy",
-                                      "Mutual information", "Probability std", "Tissue fraction"}
+    assert set(tile.measurements) == {
+        "PD-L1 probability",
+        "Predictive entropy",
+        "Expected entropy",
+        "Mutual information",
+        "Probability std",
+        "Tissue fraction",
+    }
     nucleus = next(o for o in objs if o.object_type == "detection")
     assert {"Class probability", "PD-L1 positive probability"} <= set(nucleus.measurements)
     summary = json.loads((tmp_path / "out" / "s31.summary.json").read_text())
@@ -127,13 +140,32 @@ def test_import_script_uses_the_same_names_as_the_writer():
     script = (SCRIPTS / "pdl1_import_results.groovy").read_text()
     from bridge.objects import OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE, TILE_NAME
 
-    for needle in (OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE, TILE_NAME, "PD-L1 analysis",
-                   "PD-L1 positive", "PD-L1 FN candidate", "Tumor: Positive", "Tumor: Negative", '"pdl1"',
-                   "objects.geojson", "summary.json"):
+    for needle in (
+        OWN_ANNOTATION_SIGNATURE,
+        OWN_DETECTION_SIGNATURE,
+        TILE_NAME,
+        "PD-L1 analysis",
+        "PD-L1 positive",
+        "PD-L1 FN candidate",
+        "Tumor: Positive",
+        "Tumor: Negative",
+        '"pdl1"',
+        "objects.geojson",
+        "summary.json",
+    ):
         assert needle in script, needle
     # Only scripting API that works on QuPath 0.4.4 to 0.6 (DESIGN.md §5).
-    for banned in ("parseObjectsFromGeoJSON", "setClassification", "getClassification", "removeObject(",
-                   "removeAllObjects", "removeDetections", "removeAnnotations", "getLogger", "addPathObjects",
-                   "putMeasurement"):
+    for banned in (
+        "parseObjectsFromGeoJSON",
+        "setClassification",
+        "getClassification",
+        "removeObject(",
+        "removeAllObjects",
+        "removeDetections",
+        "removeAnnotations",
+        "getLogger",
+        "addPathObjects",
+        "putMeasurement",
+    ):
         assert banned not in script, banned
     assert re.search(r"removeObjects\([^,]+, true\)", script)

@@ -57,8 +57,12 @@ def _serve(settings, models):
 
 @pytest.fixture(scope="module")
 def service(slides_root, models):
-    settings = ServiceSettings(port=_free_port(), allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"),
-                               max_request_bytes=4 * 2**20)
+    settings = ServiceSettings(
+        port=_free_port(),
+        allow_roots=(slides_root,),
+        pipeline=PipelineConfig(device="cpu"),
+        max_request_bytes=4 * 2**20,
+    )
     server, thread = _serve(settings, models)
     with httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=60) as client:
         yield client
@@ -128,15 +132,22 @@ def test_cancel_stops_a_running_job(service, slides_root):
     assert r.status_code == 409 and "cancelled" in r.json()["detail"]
 
 
-@pytest.mark.parametrize(("body", "status", "match"), [
-    ({"image": "/etc/passwd"}, 403, "outside the folders"),
-    ({"image": "{root}/missing.svs"}, 404, "image not found"),
-    ({"image": "{root}/small.svs", "roi": {"type": "Point", "coordinates": [1, 2]}}, 422, "Polygon or MultiPolygon"),
-    ({"image": "{root}/small.svs", "outputs": ["everything"]}, 422, "outputs"),
-    ({"image": "{root}/small.svs", "mpp": -1}, 422, "mpp"),
-    ({"roi": None}, 422, "image"),
-    ({"image": "{root}/small.svs", "model": "other"}, 409, "unknown model"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "match"),
+    [
+        ({"image": "/etc/passwd"}, 403, "outside the folders"),
+        ({"image": "{root}/missing.svs"}, 404, "image not found"),
+        (
+            {"image": "{root}/small.svs", "roi": {"type": "Point", "coordinates": [1, 2]}},
+            422,
+            "Polygon or MultiPolygon",
+        ),
+        ({"image": "{root}/small.svs", "outputs": ["everything"]}, 422, "outputs"),
+        ({"image": "{root}/small.svs", "mpp": -1}, 422, "mpp"),
+        ({"roi": None}, 422, "image"),
+        ({"image": "{root}/small.svs", "model": "other"}, 409, "unknown model"),
+    ],
+)
 def test_bad_requests_say_what_is_wrong(service, slides_root, body, status, match):
     body = {k: v.replace("{root}", str(slides_root)) if isinstance(v, str) else v for k, v in body.items()}
     r = service.post("/v1/jobs", json=body)
@@ -180,8 +191,11 @@ def test_pixel_upload_maps_back_to_level0(service, slides_root):
         rgb = slide.read_region((200, 300), 0, (512, 512))
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
-    r = service.post("/v1/jobs/pixels", params={"mpp": 0.5, "origin_x": 200, "origin_y": 300,
-                                                 "outputs": ["nuclei"]}, content=buf.getvalue())
+    r = service.post(
+        "/v1/jobs/pixels",
+        params={"mpp": 0.5, "origin_x": 200, "origin_y": 300, "outputs": ["nuclei"]},
+        content=buf.getvalue(),
+    )
     assert r.status_code == 202
     job_id = r.json()["job_id"]
     assert _wait(service, job_id)["state"] == "done"
@@ -213,8 +227,9 @@ def test_openapi_is_served(service):
 
 
 def test_token_is_required_when_set(slides_root, models):
-    settings = ServiceSettings(port=_free_port(), token=TOKEN, allow_roots=(slides_root,),
-                               pipeline=PipelineConfig(device="cpu"))
+    settings = ServiceSettings(
+        port=_free_port(), token=TOKEN, allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu")
+    )
     server, thread = _serve(settings, models)
     try:
         base = f"http://127.0.0.1:{settings.port}"
@@ -261,6 +276,10 @@ def test_groovy_scripts_compile_with_groovy4():
     import subprocess
 
     for script in SCRIPTS.glob("*.groovy"):
-        out = subprocess.run([os.environ["PDL1_GROOVY_LINT"], "--failon", "error", "--noserver", "--output", "txt",
-                              str(script)], capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [os.environ["PDL1_GROOVY_LINT"], "--failon", "error", "--noserver", "--output", "txt", str(script)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stdout + out.stderr

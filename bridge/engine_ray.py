@@ -1,0 +1,118 @@
+"""``pdl1 run --engine ray``: one Ray task per image, on a local or remote Ray cluster.
+
+Workers analyse an image and write its GeoJSON + summary (sidecars, or ``OUT/<stem>.*``); they
+never touch the QuPath project. The driver alone writes into the project (one JVM, no
+concurrent writers), records status for ``--resume``, and reports progress and the same
+outcomes as the local engine. A task whose worker dies is retried; an image that fails is
+recorded and the batch goes on. Tasks ask for a GPU when the cluster has them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bridge.project import ProjectError, RunStatus
+from bridge.run import (
+    ImageOutcome,
+    RunConfig,
+    _jobs,
+    _QuPathSession,
+    _use_qupath,
+    outcome_from_summary,
+    output_paths,
+    summary_of,
+    write_result_files,
+)
+
+log = logging.getLogger(__name__)
+_MODELS: dict[str, Any] = {}  # per worker process: models load once, not per image
+
+
+def analyse_to_files(image: str, geojson: str, summary: str, entry_id: str | None, config: RunConfig) -> dict:
+    """Runs in a Ray worker: analyse one image and write its files; returns the summary dict."""
+    from inference.pipeline import Models, analyse_slide
+
+    key = config.pipeline.digest()
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = Models(config.pipeline)
+    result = analyse_slide(image, models=_MODELS[key], config=config.pipeline)
+    data = summary_of(result, entry_id=entry_id, run_config=config)
+    write_result_files(result, Path(geojson), Path(summary), data, include_tiles=config.include_tiles)
+    return data
+
+
+def run_batch_ray(
+    inputs: list[Path],
+    config: RunConfig,
+    *,
+    address: str | None = None,
+    on_image: Callable[[int, int, str], None] | None = None,
+    max_retries: int = 2,
+) -> list[ImageOutcome]:
+    """Analyse every image as a Ray task; outcomes in input order."""
+    try:
+        import ray
+    except ImportError as err:
+        raise ProjectError("--engine ray needs Ray: pip install 'pdl1-bridge[ray]'") from err
+    if config.target_classes or config.target_names:
+        raise ProjectError("annotation targets (--class/--name) run with the local engine only, for now")
+    jobs, project, status_folder = _jobs(inputs, config)
+    use_qupath = _use_qupath(config, project)
+    status = RunStatus(status_folder)
+    if not ray.is_initialized():
+        ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    task = ray.remote(num_gpus=gpus, max_retries=max_retries, retry_exceptions=False)(analyse_to_files)
+
+    outcomes: dict[str, ImageOutcome] = {}
+    pending: dict[Any, tuple[Any, float, tuple[Path, Path]]] = {}
+    for job in jobs:
+        if config.resume and status.is_done(job.key):
+            outcomes[job.key] = ImageOutcome(job.key, job.name, "skipped")
+        elif job.error is not None:
+            message = f"{type(job.error).__name__}: {job.error}"
+            outcomes[job.key] = ImageOutcome(job.key, job.name, "failed", error=message)
+            status.record(job.key, state="failed", error=message, image=job.name)
+        else:
+            paths = output_paths(job.key, project, status_folder)
+            ref = task.remote(
+                str(job.image), str(paths[0]), str(paths[1]), job.key if project is not None else None, config
+            )
+            pending[ref] = (job, time.perf_counter(), paths)
+
+    qp_session = _QuPathSession(project) if use_qupath else None
+    try:
+        finished = len(outcomes)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            ref = ready[0]
+            job, t0, paths = pending.pop(ref)
+            try:
+                summary = ray.get(ref)
+                if qp_session is not None:
+                    qp_session.write_sidecar(job.key, *paths)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as err:  # recorded per image; the batch goes on
+                cause = getattr(err, "cause", None) or err
+                message = f"{type(cause).__name__}: {cause}"
+                log.debug("image %s failed:\n%s", job.name, traceback.format_exc())
+                outcomes[job.key] = ImageOutcome(job.key, job.name, "failed", time.perf_counter() - t0, error=message)
+                status.record(job.key, state="failed", error=message, image=job.name)
+            else:
+                outcome = outcome_from_summary(job.key, job.name, summary, time.perf_counter() - t0, paths)
+                outcomes[job.key] = outcome
+                status.record(job.key, state="done", image=job.name, run_id=outcome.run_id, seconds=outcome.seconds)
+            finished += 1
+            if on_image is not None:
+                on_image(finished, len(jobs), job.name)
+    finally:
+        if qp_session is not None:
+            qp_session.close()
+    return [outcomes[job.key] for job in jobs]

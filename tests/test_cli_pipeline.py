@@ -1,0 +1,89 @@
+"""The pipeline commands end to end on small phantoms with the shipped demo models."""
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from bridge.cli import app
+from inference.phantom import PhantomSpec, write_phantom
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    path = folder / "c.svs"
+    write_phantom(path, PhantomSpec(1536, 1536, seed=61, tps_percent=45))
+    return path
+
+
+def test_eval_seg_prints_ensemble_and_members(small):
+    result = runner.invoke(app, ["eval", "seg", str(small), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "Dice, ensemble" in result.output and "Dice, member 4" in result.output
+    assert "ensemble Dice >= every member's" in result.output
+    assert "AUROC predictive entropy -> error" in result.output
+
+
+def test_eval_nuclei_prints_f1_and_tps(small):
+    result = runner.invoke(app, ["eval", "nuclei", str(small), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "Tumor: Positive" in result.output and "TPS" in result.output
+
+
+def test_eval_suite_writes_a_report(small, tmp_path):
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["eval", str(small), "--out", str(out), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert rows[0]["slide"] == "c.svs" and 0 <= float(rows[0]["dice"]) <= 1
+    for name in ("reliability.png", "npr_uncertainty_hist.png", "c_overlay.png", "provenance.json"):
+        assert (out / name).is_file(), name
+    assert "SUA F0.5" in result.output
+
+
+def test_calibrate_writes_thresholds_into_a_copy(small, tmp_path):
+    result = runner.invoke(app, ["calibrate", str(small), "--out", str(tmp_path / "cal"), "--device", "cpu",
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "cal" / "manifest.json").read_text())
+    for key in ("sua_lower", "sua_upper", "sua_threshold", "pixel_baseline_threshold", "review_entropy"):
+        assert key in manifest["thresholds"], key
+    assert manifest["extra"]["sua"]["calibrated_on"] == ["c.svs"]
+    refused = runner.invoke(app, ["calibrate", str(small)])
+    assert refused.exit_code == 2 and "read-only" in refused.output
+
+
+def test_run_plain_slides_with_a_failure_exits_1_and_reports(small, tmp_path):
+    missing = tmp_path / "gone.svs"
+    result = runner.invoke(app, ["run", str(small), str(missing), "--out", str(tmp_path / "out"), "--device", "cpu",
+                                 "--no-progress", "--report"])
+    assert result.exit_code == 1, result.output
+    assert "failed" in result.output and "gone.svs" in result.output
+    assert (tmp_path / "out" / "c.geojson").is_file()
+    assert (tmp_path / "out" / "pdl1" / "report" / "report.html").is_file()
+
+
+def test_run_usage_errors(small, tmp_path):
+    result = runner.invoke(app, ["run", str(small), "--address", "auto", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--engine ray" in result.output
+    result = runner.invoke(app, ["run", str(small), "--qupath", "maybe", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--out", str(out), "--size", "1536", "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (out / "project" / "project.qpproj").is_file()
+    assert (out / "project" / "pdl1" / "1" / "objects.geojson").is_file()
+    assert (out / "project" / "pdl1" / "report" / "report.html").is_file()
+    assert "vs truth" in result.output
+
+
+def test_serve_refuses_a_public_bind_without_token(tmp_path):
+    result = runner.invoke(app, ["serve", "--host", "0.0.0.0", "--allow-root", str(tmp_path)])
+    assert result.exit_code == 2 and "--token" in result.output

@@ -1,0 +1,47 @@
+"""The Ray engine against a local Ray cluster: same outcomes as the local engine, failures isolated."""
+
+import json
+
+import pytest
+
+from bridge.run import RunConfig, run_batch
+from inference.phantom import PhantomSpec, write_phantom
+from inference.pipeline import PipelineConfig
+
+ray = pytest.importorskip("ray", reason="the Ray engine needs the 'ray' extra: pip install 'pdl1-bridge[ray]'")
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_engine_matches_local_and_isolates_failures(tmp_path, local_cluster):
+    from bridge.engine_ray import run_batch_ray
+
+    slides = []
+    for seed, tps in ((51, 40), (52, 70)):
+        path = tmp_path / f"r{seed}.svs"
+        write_phantom(path, PhantomSpec(1024, 1024, seed=seed, tps_percent=tps))
+        slides.append(path)
+    corrupt = tmp_path / "bad.svs"
+    corrupt.write_bytes(b"nope")
+    inputs = [slides[0], corrupt, slides[1]]
+    config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="never", out=tmp_path / "ray")
+    seen = []
+    outcomes = run_batch_ray(inputs, config, on_image=lambda done, n, name: seen.append((done, n)))
+    assert [o.state for o in outcomes] == ["done", "failed", "done"]
+    assert "SlideFormatError" in outcomes[1].error and "bad.svs" in outcomes[1].error
+    assert seen[-1] == (3, 3)
+    local = run_batch(inputs, RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="never", out=tmp_path / "local"))
+    for a, b in zip(outcomes, local, strict=True):
+        assert a.state == b.state and a.tps_percent == b.tps_percent and a.candidates == b.candidates
+    summary = json.loads((tmp_path / "ray" / "r51.summary.json").read_text())
+    assert summary["provenance"]["pdl1_bridge"]
+
+    again = run_batch_ray(
+        inputs, RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="never", out=tmp_path / "ray", resume=True)
+    )
+    assert [o.state for o in again] == ["skipped", "failed", "skipped"]

@@ -1,0 +1,121 @@
+"""Against a real QuPath through paquo: run when PAQUO_QUPATH_DIR points at an installation.
+
+Create a project with paquo, add the pathologist's own annotations, run, reopen and check classes,
+colours, measurements, counts, parent/child placement and metadata; run again and check nothing is
+duplicated and the pathologist's own objects are untouched.
+"""
+
+import pytest
+from shapely.geometry import box
+
+from bridge.classes import ALL_CLASSES
+from bridge.init_project import init_project_qupath
+from bridge.run import RunConfig, run_batch
+from inference.pipeline import Models, PipelineConfig
+
+pytestmark = pytest.mark.qupath
+
+
+@pytest.fixture(scope="module")
+def models():
+    return Models(PipelineConfig(device="cpu"))
+
+
+def _snapshot(project_dir):
+    from paquo.projects import QuPathProject
+
+    with QuPathProject(project_dir, mode="r") as qp:
+        classes = {c.id: (c.color.to_rgb() if c.color is not None else None) for c in qp.path_classes}
+        entry = qp.images[0]
+        hierarchy = entry.hierarchy
+        tumour = next(a for a in hierarchy.annotations if a.name == "Tumor ROI")
+        by_hand = [a for a in hierarchy.annotations if a.name == "drawn by hand"]
+        own_regions = [
+            a
+            for a in hierarchy.annotations
+            if a.path_class is not None and a.path_class.id == "PD-L1 positive" and a.name != "drawn by hand"
+        ]
+        detections = [d for d in hierarchy.detections if d.path_class is not None]
+        return {
+            "classes": classes,
+            "tumour_measurements": dict(tumour.measurements),
+            "by_hand": [(a.name, dict(a.measurements), a.roi.bounds) for a in by_hand],
+            "regions": len(own_regions),
+            "region_parents": {r.parent.name for r in own_regions},
+            "nuclei": len(
+                [d for d in detections if d.path_class.id in ("Tumor: Positive", "Tumor: Negative", "Other")]
+            ),
+            "nucleus_parents": {d.parent.name for d in detections[:50]},
+            "tiles": len(hierarchy.tiles),
+            "metadata": dict(entry.metadata),
+            "nucleus_measurements": set(detections[0].measurements) if detections else set(),
+        }
+
+
+def test_run_writes_into_a_real_project_and_rerun_replaces_only_its_own(tmp_path, phantom_svs, models):
+    from paquo.classes import QuPathPathClass
+    from paquo.projects import QuPathProject
+
+    project_dir = tmp_path / "qp"
+    init_project_qupath(project_dir, [phantom_svs])
+    with QuPathProject(project_dir, mode="r+") as qp:
+        hierarchy = qp.images[0].hierarchy
+        tumour = hierarchy.add_annotation(roi=box(200, 200, 1800, 1800), path_class=QuPathPathClass("Tumor"))
+        tumour.name = "Tumor ROI"
+        mine = hierarchy.add_annotation(roi=box(300, 300, 420, 420), path_class=QuPathPathClass("PD-L1 positive"))
+        mine.name = "drawn by hand"
+
+    config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="always", target_classes=("Tumor",))
+    first = run_batch([project_dir], config, models=models)
+    assert [o.state for o in first] == ["done"], first
+    snap = _snapshot(project_dir)
+
+    for spec in ALL_CLASSES:
+        assert snap["classes"][spec.name] == spec.rgb
+    for key in (
+        "PD-L1: TPS %",
+        "PD-L1: Num Tumor: Positive",
+        "PD-L1: Positive area %",
+        "PD-L1: Uncertainty flag",
+        "PD-L1: SUA candidates",
+    ):
+        assert key in snap["tumour_measurements"], key
+    assert snap["regions"] > 0 and snap["region_parents"] == {"Tumor ROI"}
+    assert snap["nuclei"] > 100 and snap["nucleus_parents"] == {"Tumor ROI"}
+    assert snap["tiles"] > 0
+    assert {"Class probability", "PD-L1 positive probability"} <= snap["nucleus_measurements"]
+    assert snap["metadata"]["PD-L1 TPS category"] in ("<1%", "1-49%", ">=50%")
+    assert snap["metadata"]["PD-L1 run"] == first[0].run_id
+    assert snap["by_hand"] == [("drawn by hand", {}, (300.0, 300.0, 420.0, 420.0))]
+
+    second = run_batch([project_dir], config, models=models)
+    assert [o.state for o in second] == ["done"]
+    again = _snapshot(project_dir)
+    assert again["nuclei"] == snap["nuclei"] and again["regions"] == snap["regions"] and again["tiles"] == snap["tiles"]
+    assert again["by_hand"] == snap["by_hand"]
+    assert again["metadata"]["PD-L1 run"] == second[0].run_id != first[0].run_id
+
+
+def test_whole_image_run_creates_one_analysis_parent(tmp_path, phantom_svs, models):
+    from paquo.projects import QuPathProject
+
+    project_dir = tmp_path / "qp"
+    init_project_qupath(project_dir, [phantom_svs])
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="always")
+    for _ in range(2):
+        assert [o.state for o in run_batch([project_dir], config, models=models)] == ["done"]
+    with QuPathProject(project_dir, mode="r") as qp:
+        parents = [a for a in qp.images[0].hierarchy.annotations if a.name == "PD-L1 analysis"]
+        assert len(parents) == 1
+        assert "PD-L1: Positive area %" in parents[0].measurements
+
+
+def test_read_only_use_leaves_the_project_bytes_unchanged(tmp_path, phantom_svs):
+    from bridge import qupath
+
+    project_dir = tmp_path / "qp"
+    init_project_qupath(project_dir, [phantom_svs])
+    before = {p: p.read_bytes() for p in project_dir.rglob("*") if p.is_file()}
+    with qupath.open_project(project_dir, mode="r") as project:
+        assert len(project.images) == 1
+    assert before == {p: p.read_bytes() for p in project_dir.rglob("*") if p.is_file()}

@@ -53,6 +53,7 @@ class Benchmark:
     secondary_unit: str | None = None
     extra_columns: tuple[str, ...] = ()
     repeats = 3
+    warmup = True  # long end-to-end cases skip it: their first run is representative
 
     def extra(self, label: str) -> dict[str, str]:
         """Per-case figures that are not rates (peak memory, latency), shown as extra columns."""
@@ -78,7 +79,8 @@ def machine_description() -> str:
 def run_cases(bench: Benchmark) -> list[Result]:
     results = []
     for case in bench.cases():
-        case.run()  # warm-up: caches, thread pools, lazy imports
+        if bench.warmup:
+            case.run()  # warm-up: caches, thread pools, lazy imports
         seconds, out = [], 0.0
         for _ in range(bench.repeats):
             t0 = time.perf_counter()

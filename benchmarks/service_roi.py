@@ -25,6 +25,7 @@ class ServiceRoi(Benchmark):
     unit = "jobs/min"
     extra_columns = ("mean latency s", "max latency s")
     repeats = 1
+    warmup = False
 
     def setup(self, *, quick: bool) -> None:
         self.roi_px = 1024 if quick else 2048

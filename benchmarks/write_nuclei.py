@@ -23,6 +23,7 @@ class WriteNuclei(Benchmark):
     unit = "k objects/s"
     extra_columns = ("peak MB",)
     repeats = 1
+    warmup = False
 
     def setup(self, *, quick: bool) -> None:
         self.n = 100_000 if quick else 1_000_000

@@ -161,3 +161,24 @@ def test_inference_mode_leaves_no_grad():
         precision=__import__("inference.ensemble", fromlist=["Precision"]).Precision(None),
     )
     assert not probs.requires_grad and probs.dtype == torch.float32
+
+
+def test_demo_ensemble_maps_do_not_depend_on_tiling(phantom_svs):
+    """The shipped U-Net (BatchNorm, so no per-tile statistics): small tiles give the big tile's maps."""
+    import dataclasses
+
+    from inference.ensemble import Ensemble, demo_model_dir
+    from inference.slide import open_slide
+
+    ens = Ensemble.load(demo_model_dir("seg"), task="segmentation", device="cpu")
+    big = Ensemble(dataclasses.replace(ens.manifest, tile_size_px=1024), ens.members, folder=ens.folder,
+                   device=ens.device)
+    with open_slide(phantom_svs) as slide:
+        one = segment_slide(slide, big, config=SegmentConfig(read_workers=0))
+        many = segment_slide(slide, ens, config=SegmentConfig(read_workers=0))
+    inner = (slice(8, -8), slice(8, -8))  # away from the image edge, where tiles pad differently
+    for name in ("prob", "predictive_entropy", "mutual_information"):
+        diff = np.abs(getattr(one, name) - getattr(many, name))[inner]
+        # Zero padding at tile borders is the only difference left: tiny on average, small at worst.
+        assert diff.mean() < 0.002 and diff.max() < 0.1, (name, diff.mean(), diff.max())
+    assert ((one.prob >= 0.5) == (many.prob >= 0.5)).mean() > 0.999

@@ -7,7 +7,9 @@ cycles; checkpoints are safetensors + JSON (no pickle), so a crashed run resumes
 from __future__ import annotations
 
 import json
+import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -16,6 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from inference.manifest import sha256_file
+
+log = logging.getLogger(__name__)
 
 
 class CyclicSchedule(Protocol):
@@ -104,3 +108,64 @@ def save_member(out_dir: Path, model: torch.nn.Module, index: int) -> tuple[str,
     # the bytes (and sha256) of identical weights differ between runs.
     save_file(state, str(out_dir / name), metadata={"format": "pt"})
     return name, sha256_file(out_dir / name)
+
+
+def train_cyclic(
+    config: CyclicSchedule,
+    model: torch.nn.Module,
+    *,
+    out_dir: Path,
+    rng: np.random.Generator,
+    next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    total_epochs: int,
+    resume: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[dict]:
+    """The shared training loop: cosine restarts, members at the low ends, a checkpoint every epoch.
+
+    ``next_batch()`` draws (inputs, targets) on the model's device using ``rng`` (whose state is
+    checkpointed, so a resumed run draws the same batches). Returns the member records
+    (file, sha256, cycle, epoch, learning rate, training loss).
+    """
+    optimizer = make_optimizer(config, model)
+    ckpt = out_dir / "checkpoint"
+    start_epoch, members = 0, []
+    if resume and (ckpt / "state.json").is_file():
+        last, members = load_checkpoint(ckpt, model, optimizer, rng)
+        start_epoch = last + 1
+        log.info("resuming at epoch %d with %d members", start_epoch, len(members))
+    total = total_epochs * config.iterations_per_epoch
+    lr = config.lr_max
+    for epoch in range(start_epoch, total_epochs):
+        model.train()
+        losses = []
+        for it in range(config.iterations_per_epoch):
+            lr = learning_rate(config, epoch, it)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = next_batch()
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+            optimizer.step()
+            losses.append(loss.item())
+            if on_progress is not None:
+                on_progress(epoch * config.iterations_per_epoch + it + 1, total)
+        mean_loss = float(np.mean(losses))
+        log.info("epoch %d loss %.4f lr %.2e", epoch, mean_loss, lr)
+        if is_member_epoch(config, epoch):
+            name, digest = save_member(out_dir, model, len(members))
+            members.append(
+                {
+                    "file": name,
+                    "sha256": digest,
+                    "cycle": epoch // config.epochs_per_cycle,
+                    "epoch": epoch,
+                    "learning_rate": lr,
+                    "train_loss": mean_loss,
+                }
+            )
+        save_checkpoint(ckpt, model, optimizer, epoch=epoch, rng=rng, members=members)
+    return members

@@ -13,7 +13,7 @@ from inference.metrics import auprc, auroc, brier, dice, ece, fbeta_score, iou
 from inference.nuclei import NucleiConfig, detect_nuclei
 from inference.phantom import NUCLEUS_CLASSES, load_truth
 from inference.points import DetectionScores, Tps, detection_scores, tumour_proportion_score
-from inference.regions import resample_mask
+from inference.regions import mask_on_maps
 from inference.results import UncertaintyMaps
 from inference.segment import SegmentConfig, segment_slide
 from inference.slide import open_slide
@@ -53,13 +53,7 @@ class SegEvaluation:
 def seg_truth_on_maps(slide_path: str | Path, maps: UncertaintyMaps) -> np.ndarray:
     """The phantom's positive mask sampled onto the maps' grid (bool)."""
     truth = load_truth(slide_path)
-    return resample_mask(
-        truth.positive_mask.astype(bool),
-        truth.mask_downsample,
-        shape_hw=maps.shape,
-        origin_xy=maps.origin_xy,
-        downsample=maps.downsample,
-    )
+    return mask_on_maps(truth.positive_mask.astype(bool), truth.mask_downsample, maps)
 
 
 def evaluate_segmentation_maps(
@@ -117,9 +111,7 @@ def evaluate_segmentation(
     with open_slide(slide_path, mpp=mpp) as slide:
         tissue = tissue_mask_for_slide(slide)
         maps = segment_slide(slide, ensemble, tissue=tissue, config=config, on_progress=on_progress)
-    tissue_on_map = resample_mask(
-        tissue.mask, tissue.downsample, shape_hw=maps.shape, origin_xy=maps.origin_xy, downsample=maps.downsample
-    )
+    tissue_on_map = mask_on_maps(tissue.mask, tissue.downsample, maps)
     thr = threshold if threshold is not None else ensemble.manifest.thresholds.get("segmentation", 0.5)
     truth = seg_truth_on_maps(slide_path, maps)
     result = evaluate_segmentation_maps(
@@ -220,9 +212,7 @@ def evaluate_slide_suite(
     truth = seg_truth_on_maps(slide_path, maps)
     with open_slide(slide_path) as slide:
         tissue = tissue_mask_for_slide(slide)
-    region = resample_mask(
-        tissue.mask, tissue.downsample, shape_hw=maps.shape, origin_xy=maps.origin_xy, downsample=maps.downsample
-    ) & np.asarray(maps.covered)
+    region = mask_on_maps(tissue.mask, tissue.downsample, maps) & np.asarray(maps.covered)
     prob = np.asarray(maps.prob)
     pred = prob >= sua.upper
     candidates, cand_mask = find_candidates(maps, sua, valid=region)
@@ -286,9 +276,7 @@ def calibrate_ensemble(
         truth = seg_truth_on_maps(path, maps)
         with open_slide(path) as slide:
             tissue = tissue_mask_for_slide(slide)
-        region = resample_mask(
-            tissue.mask, tissue.downsample, shape_hw=maps.shape, origin_xy=maps.origin_xy, downsample=maps.downsample
-        ) & np.asarray(maps.covered)
+        region = mask_on_maps(tissue.mask, tissue.downsample, maps) & np.asarray(maps.covered)
         inputs.append((maps, truth, region))
         slide_stats.append((seg.dice_ensemble, float(np.asarray(maps.predictive_entropy)[region].mean())))
     cal = calibrate(

@@ -21,7 +21,7 @@ from inference.ensemble import Ensemble, demo_model_dir
 from inference.manifest import Manifest
 from inference.nuclei import NucleiConfig, detect_nuclei
 from inference.points import tumour_proportion_score
-from inference.regions import positive_regions, resample_mask, uncertainty_tiles
+from inference.regions import mask_on_maps, positive_regions, uncertainty_tiles
 from inference.results import ModelInfo, SlideResult
 from inference.segment import SegmentConfig, segment_slide
 from inference.slide import Slide, open_slide
@@ -199,9 +199,7 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
     manifest = models.seg.manifest
     threshold = config.threshold if config.threshold is not None else manifest.thresholds.get("segmentation", 0.5)
     if tissue is not None:
-        tissue_on_map = resample_mask(
-            tissue.mask, tissue.downsample, shape_hw=maps.shape, origin_xy=maps.origin_xy, downsample=maps.downsample
-        )
+        tissue_on_map = mask_on_maps(tissue.mask, tissue.downsample, maps)
     else:
         tissue_on_map = np.ones(maps.shape, bool)
     analysed = tissue_on_map & maps.covered

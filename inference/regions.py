@@ -121,3 +121,10 @@ def resample_mask(
     inside_x = (xs >= 0) & (xs < mask.shape[1])
     out = mask[np.clip(ys, 0, mask.shape[0] - 1)][:, np.clip(xs, 0, mask.shape[1] - 1)]
     return out & inside_y[:, None] & inside_x[None, :]
+
+
+def mask_on_maps(mask: np.ndarray, mask_downsample: float, maps: UncertaintyMaps) -> np.ndarray:
+    """A level-0-anchored bool mask (tissue, truth) sampled onto the maps' grid."""
+    return resample_mask(
+        mask, mask_downsample, shape_hw=maps.shape, origin_xy=maps.origin_xy, downsample=maps.downsample
+    )

@@ -23,14 +23,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from inference import __version__
 from inference.augment import augment_batch
-from inference.cyclic import (
-    is_member_epoch,
-    learning_rate,
-    load_checkpoint,
-    make_optimizer,
-    save_checkpoint,
-    save_member,
-)
+from inference.cyclic import train_cyclic
 from inference.manifest import Manifest, Member, write_manifest
 from inference.phantom import load_truth
 from inference.slide import open_slide
@@ -184,55 +177,32 @@ def train_segmentation(
         "norm": "batch",
     }
     model = PlainConvUNet(**{**arch_kwargs, "features": tuple(config.features)}).to(device)
-    optimizer = make_optimizer(config, model)
-    ckpt = out_dir / "checkpoint"
-    start_epoch, members = 0, []
-    if resume and (ckpt / "state.json").is_file():
-        last, members = load_checkpoint(ckpt, model, optimizer, rng)
-        start_epoch = last + 1
-        log.info("resuming at epoch %d with %d members", start_epoch, len(members))
     mean = torch.tensor(NORMALIZATION["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(NORMALIZATION["std"], device=device).view(1, 3, 1, 1)
-    total = config.total_epochs * config.iterations_per_epoch
-    for epoch in range(start_epoch, config.total_epochs):
-        model.train()
-        losses = []
-        for it in range(config.iterations_per_epoch):
-            lr = learning_rate(config, epoch, it)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images, masks = sample_batch(
-                data,
-                rng,
-                batch_size=config.batch_size,
-                patch_px=config.patch_px,
-                positive_fraction=config.positive_fraction,
-            )
-            images, masks = augment_batch(images, masks, rng)
-            x = (torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255 - mean) / std
-            y = torch.from_numpy(masks.astype(np.int64)).to(device)
-            loss = seg_loss(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
-            optimizer.step()
-            losses.append(loss.item())
-            if on_progress is not None:
-                on_progress(epoch * config.iterations_per_epoch + it + 1, total)
-        log.info("epoch %d loss %.4f lr %.2e", epoch, float(np.mean(losses)), lr)
-        if is_member_epoch(config, epoch):
-            name, digest = save_member(out_dir, model, len(members))
-            members.append(
-                {
-                    "file": name,
-                    "sha256": digest,
-                    "cycle": epoch // config.epochs_per_cycle,
-                    "epoch": epoch,
-                    "learning_rate": lr,
-                    "train_loss": float(np.mean(losses)),
-                }
-            )
-        save_checkpoint(ckpt, model, optimizer, epoch=epoch, rng=rng, members=members)
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        images, masks = sample_batch(
+            data,
+            rng,
+            batch_size=config.batch_size,
+            patch_px=config.patch_px,
+            positive_fraction=config.positive_fraction,
+        )
+        images, masks = augment_batch(images, masks, rng)
+        x = (torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255 - mean) / std
+        return x, torch.from_numpy(masks.astype(np.int64)).to(device)
+
+    members = train_cyclic(
+        config,
+        model,
+        out_dir=out_dir,
+        rng=rng,
+        next_batch=next_batch,
+        loss_fn=seg_loss,
+        total_epochs=config.total_epochs,
+        resume=resume,
+        on_progress=on_progress,
+    )
 
     manifest = Manifest(
         name=config.name,

@@ -111,3 +111,26 @@ def test_same_seed_same_members_and_resume_after_a_crash(small_phantom, tmp_path
     train_segmentation(_tiny(small_phantom, tmp_path / "b"), resume=True)
     assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
     assert len(_digests(tmp_path / "a")) == 1
+
+
+def test_nuclei_training_is_resumable_and_loadable(small_phantom, tmp_path):
+    from inference.train_nuclei import NucleiTrainConfig, train_nuclei
+
+    def cfg(out):
+        return NucleiTrainConfig(slides=(small_phantom,), out_dir=str(out), cycles=2, epochs_per_cycle=2,
+                                 iterations_per_epoch=2, batch_size=2, patch_px=32, tile_size_px=64, width=8,
+                                 dilations=(1, 2), seed=5)
+
+    manifest = train_nuclei(cfg(tmp_path / "a"))
+    assert manifest.task == "nuclei" and [m.cycle for m in manifest.members] == [1]
+
+    def crash(done, total):
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_nuclei(cfg(tmp_path / "b"), on_progress=crash)
+    train_nuclei(cfg(tmp_path / "b"), resume=True)
+    assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
+    ens = Ensemble.load(tmp_path / "a", task="nuclei")
+    assert ens.manifest.class_names == ["Tumor: Positive", "Tumor: Negative", "Other"]

@@ -109,7 +109,8 @@ def _thumbnail(item: ReportItem, out: Path, *, max_px: int = 900) -> Path | None
             polys = getattr(obj.geometry, "geoms", [obj.geometry])
             target = regions if obj.classification == "PD-L1 positive" else candidates
             for poly in polys:
-                target.append(MplPolygon(np.asarray(poly.exterior.coords) * scale, closed=True))
+                for ring in (poly.exterior, *poly.interiors):  # holes are outlined too
+                    target.append(MplPolygon(np.asarray(ring.coords) * scale, closed=True))
     if tiles:
         pc = PatchCollection(tiles, cmap="viridis", alpha=0.35, linewidths=0)
         pc.set_array(np.asarray(entropy))

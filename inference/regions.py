@@ -14,17 +14,38 @@ def level0_mpp(maps: UncertaintyMaps) -> float:
     return maps.mpp / maps.downsample
 
 
+def label_means(maps: UncertaintyMaps, labels: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """Mean of every map over each label 0..n of ``labels`` (an int image on the maps' grid)."""
+    flat = labels.ravel()
+    counts = np.maximum(np.bincount(flat, minlength=n + 1).astype(np.float64), 1)
+    return {
+        name: np.bincount(flat, weights=np.asarray(getattr(maps, name)).ravel(), minlength=n + 1) / counts
+        for name in _MAP_FIELDS
+    }
+
+
+def region_from(
+    polygon, means: dict[str, np.ndarray], label: int, maps: UncertaintyMaps, *, sua_score: float | None = None
+) -> RegionStats:
+    """A :class:`RegionStats` for ``label`` with its level-0 polygon and map means."""
+    return RegionStats(
+        polygon=polygon,
+        area_um2=float(polygon.area * level0_mpp(maps) ** 2),
+        prob_mean=float(means["prob"][label]),
+        predictive_entropy_mean=float(means["predictive_entropy"][label]),
+        expected_entropy_mean=float(means["expected_entropy"][label]),
+        mutual_information_mean=float(means["mutual_information"][label]),
+        prob_std_mean=float(means["prob_std"][label]),
+        sua_score=sua_score,
+    )
+
+
 def region_stats(
-    maps: UncertaintyMaps,
-    mask: np.ndarray,
-    *,
-    min_area_um2: float,
-    simplify_px: float = 1.0,
-    scores: dict[int, float] | None = None,
+    maps: UncertaintyMaps, mask: np.ndarray, *, min_area_um2: float, simplify_px: float = 1.0
 ) -> tuple[RegionStats, ...]:
     """Vectorise ``mask`` (bool, on the maps' grid) into regions with the map means over each one.
 
-    Islands under ``min_area_um2`` are dropped. ``scores`` (label -> SUA score) is for candidates.
+    Islands under ``min_area_um2`` are dropped.
     """
     min_area_px = min_area_um2 / maps.mpp**2
     polygons, labels = mask_to_polygons(
@@ -32,27 +53,8 @@ def region_stats(
     )
     if not polygons:
         return ()
-    n = len(polygons) + 1
-    flat = labels.ravel()
-    counts = np.bincount(flat, minlength=n).astype(np.float64)
-    means = {
-        name: np.bincount(flat, weights=np.asarray(getattr(maps, name)).ravel(), minlength=n) / np.maximum(counts, 1)
-        for name in _MAP_FIELDS
-    }
-    mpp0 = level0_mpp(maps)
-    return tuple(
-        RegionStats(
-            polygon=poly,
-            area_um2=float(poly.area * mpp0**2),
-            prob_mean=float(means["prob"][i]),
-            predictive_entropy_mean=float(means["predictive_entropy"][i]),
-            expected_entropy_mean=float(means["expected_entropy"][i]),
-            mutual_information_mean=float(means["mutual_information"][i]),
-            prob_std_mean=float(means["prob_std"][i]),
-            sua_score=None if scores is None else scores.get(i),
-        )
-        for i, poly in enumerate(polygons, start=1)
-    )
+    means = label_means(maps, labels, len(polygons))
+    return tuple(region_from(poly, means, i, maps) for i, poly in enumerate(polygons, start=1))
 
 
 def positive_regions(

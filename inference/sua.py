@@ -20,6 +20,7 @@ import numpy as np
 from shapely.ops import unary_union
 from skimage.measure import label as sk_label
 
+from inference.regions import label_means, region_from
 from inference.results import RegionStats, UncertaintyMaps
 from inference.vectorize import mask_to_polygons
 
@@ -118,32 +119,15 @@ def find_candidates(
     min_px = params.min_area_um2 / maps.mpp**2
     flagged = np.flatnonzero((scores > params.threshold) & (counts >= min_px)) + 1
     mask = np.isin(labels, flagged)
-    mpp0 = maps.mpp / maps.downsample
+    means = label_means(maps, labels, n)
     candidates = []
-    means = {
-        name: aggregate(np.asarray(getattr(maps, name)), labels, n)
-        for name in ("prob", "predictive_entropy", "expected_entropy", "mutual_information", "prob_std")
-    }
     for k in flagged[np.argsort(-scores[flagged - 1], kind="stable")]:
         rows, cols = np.nonzero(labels == k)
         r0, c0 = rows.min(), cols.min()
         crop = labels[r0 : rows.max() + 1, c0 : cols.max() + 1] == k
         origin = (maps.origin_xy[0] + c0 * maps.downsample, maps.origin_xy[1] + r0 * maps.downsample)
         polys, _ = mask_to_polygons(crop, downsample=maps.downsample, origin_xy=origin, simplify_px=0.5)
-        polygon = unary_union(polys)
-        i = k - 1
-        candidates.append(
-            RegionStats(
-                polygon=polygon,
-                area_um2=float(polygon.area * mpp0**2),
-                prob_mean=float(means["prob"][i]),
-                predictive_entropy_mean=float(means["predictive_entropy"][i]),
-                expected_entropy_mean=float(means["expected_entropy"][i]),
-                mutual_information_mean=float(means["mutual_information"][i]),
-                prob_std_mean=float(means["prob_std"][i]),
-                sua_score=float(scores[i]),
-            )
-        )
+        candidates.append(region_from(unary_union(polys), means, int(k), maps, sua_score=float(scores[k - 1])))
     return tuple(candidates), mask
 
 

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 
 class CyclicSchedule(Protocol):
+    slides: tuple[str, ...]
+    cycles: int
     epochs_per_cycle: int
     iterations_per_epoch: int
     members_per_cycle: int
@@ -31,6 +33,21 @@ class CyclicSchedule(Protocol):
     lr_min: float
     optimizer: str
     weight_decay: float
+
+    @property
+    def total_epochs(self) -> int: ...
+
+
+def check_schedule(config: CyclicSchedule) -> None:
+    """Raise ``ValueError`` for a schedule that cannot run (shared by both trainers' configs)."""
+    if config.optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"optimizer must be sgd or adamw, got {config.optimizer!r}")
+    if not 1 <= config.members_per_cycle <= config.epochs_per_cycle:
+        raise ValueError("members_per_cycle must be between 1 and epochs_per_cycle")
+    if config.drop_first_cycle and config.cycles < 2:
+        raise ValueError("drop_first_cycle needs at least 2 cycles")
+    if not config.slides:
+        raise ValueError("no training slides given")
 
 
 def learning_rate(config: CyclicSchedule, epoch: int, iteration: int) -> float:
@@ -118,7 +135,6 @@ def train_cyclic(
     rng: np.random.Generator,
     next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    total_epochs: int,
     resume: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> list[dict]:
@@ -135,6 +151,7 @@ def train_cyclic(
         last, members = load_checkpoint(ckpt, model, optimizer, rng)
         start_epoch = last + 1
         log.info("resuming at epoch %d with %d members", start_epoch, len(members))
+    total_epochs = config.total_epochs
     total = total_epochs * config.iterations_per_epoch
     lr = config.lr_max
     for epoch in range(start_epoch, total_epochs):

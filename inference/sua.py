@@ -234,18 +234,27 @@ def calibrate(
     )
 
 
-def _best_threshold(scores: np.ndarray, positive: np.ndarray) -> tuple[float, float]:
-    """Threshold t (flag = score > t) maximising F0.5 of ``positive``; candidates are midpoints of sorted scores."""
+def _best_threshold(
+    scores: np.ndarray, positive: np.ndarray, *, candidates: np.ndarray | None = None, total_positive: int | None = None
+) -> tuple[float, float]:
+    """Threshold t (flag = score > t) maximising F0.5 of ``positive``.
+
+    ``candidates`` default to the midpoints of the sorted scores; ``total_positive`` (default: the
+    positives among ``scores``) counts positives the scores never reach, which stay missed.
+    """
     if len(scores) == 0:
         return float("inf"), 0.0
-    values = np.unique(scores)
-    candidates = np.concatenate([[values[0] - 1e-9], (values[:-1] + values[1:]) / 2, [values[-1]]])
-    best_t, best_f = float(candidates[-1]), 0.0
-    total_pos = int(positive.sum())
+    fallback = float("inf")  # flags nothing when no threshold finds a positive
+    if candidates is None:
+        values = np.unique(scores)
+        candidates = np.concatenate([[values[0] - 1e-9], (values[:-1] + values[1:]) / 2, [values[-1]]])
+        fallback = float(candidates[-1])  # the highest score: flags nothing, and stays finite in the manifest
+    total = int(positive.sum()) if total_positive is None else total_positive
+    best_t, best_f = fallback, 0.0
     for t in candidates:
         flag = scores > t
         tp = int((flag & positive).sum())
-        f = fbeta(tp, int(flag.sum()) - tp, total_pos - tp)
+        f = fbeta(tp, int(flag.sum()) - tp, total - tp)
         if f > best_f:
             best_t, best_f = float(t), f
     return best_t, best_f
@@ -260,18 +269,11 @@ def calibrate_pixel_baseline(slides, *, lower: float, upper: float, uncertainty:
         values.append(np.asarray(getattr(maps, uncertainty))[m])
         fn_px.append(truth[m])
     v = np.concatenate(values)
-    t = np.concatenate(fn_px).astype(bool)
-    total_fn = sum(int((truth & (np.asarray(maps.prob) < upper) & valid).sum()) for maps, truth, valid in slides)
     if len(v) == 0:
         return float("inf"), 0.0
-    best_t, best_f = float("inf"), 0.0
-    for thr in np.unique(np.quantile(v, np.linspace(0, 1, 65)[:-1])):
-        flag = v > thr
-        tp = int((flag & t).sum())
-        f = fbeta(tp, int(flag.sum()) - tp, total_fn - tp)
-        if f > best_f:
-            best_t, best_f = float(thr), f
-    return best_t, best_f
+    total_fn = sum(int((truth & (np.asarray(maps.prob) < upper) & valid).sum()) for maps, truth, valid in slides)
+    candidates = np.unique(np.quantile(v, np.linspace(0, 1, 65)[:-1]))
+    return _best_threshold(v, np.concatenate(fn_px).astype(bool), candidates=candidates, total_positive=total_fn)
 
 
 @dataclass(frozen=True)

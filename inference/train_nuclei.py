@@ -19,7 +19,7 @@ import torch
 
 from inference import __version__
 from inference.augment import augment_batch
-from inference.cyclic import train_cyclic
+from inference.cyclic import check_schedule, train_cyclic
 from inference.manifest import Manifest, Member, write_manifest
 from inference.nuclei_model import DilatedResFCN
 from inference.phantom import NUCLEUS_CLASSES, load_truth
@@ -58,14 +58,9 @@ class NucleiTrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
+        check_schedule(self)
         if self.patch_px % 2 or self.tile_size_px % 2:
             raise ValueError("patch_px and tile_size_px must be even (the FCN works at stride 2 inside)")
-        if self.drop_first_cycle and self.cycles < 2:
-            raise ValueError("drop_first_cycle needs at least 2 cycles")
-        if not self.slides:
-            raise ValueError("no training slides given")
 
     @property
     def total_epochs(self) -> int:
@@ -171,7 +166,6 @@ def train_nuclei(
         rng=rng,
         next_batch=next_batch,
         loss_fn=focal_loss,
-        total_epochs=config.total_epochs,
         resume=resume,
         on_progress=on_progress,
     )

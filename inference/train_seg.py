@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from inference import __version__
 from inference.augment import augment_batch
-from inference.cyclic import train_cyclic
+from inference.cyclic import check_schedule, train_cyclic
 from inference.manifest import Manifest, Member, write_manifest
 from inference.phantom import load_truth
 from inference.slide import open_slide
@@ -70,22 +70,14 @@ class SegTrainConfig:
     threshold: float = 0.5
     seed: int = 0
     device: str = "cpu"
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
-        if not 1 <= self.members_per_cycle <= self.epochs_per_cycle:
-            raise ValueError("members_per_cycle must be between 1 and epochs_per_cycle")
-        if self.drop_first_cycle and self.cycles < 2:
-            raise ValueError("drop_first_cycle needs at least 2 cycles")
+        check_schedule(self)
         divisor = 2 ** (len(self.features) - 1)
         if self.patch_px % divisor or self.tile_size_px % divisor:
             raise ValueError(
                 f"patch_px and tile_size_px must be multiples of {divisor} for {len(self.features)} stages"
             )
-        if not self.slides:
-            raise ValueError("no training slides given")
 
     @property
     def total_epochs(self) -> int:
@@ -199,7 +191,6 @@ def train_segmentation(
         rng=rng,
         next_batch=next_batch,
         loss_fn=seg_loss,
-        total_epochs=config.total_epochs,
         resume=resume,
         on_progress=on_progress,
     )

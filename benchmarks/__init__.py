@@ -7,9 +7,11 @@ the conditions (device, tile size, batch size, MPP) the figures hold for.
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ class Case:
     label: str
     run: Callable[[], float | tuple[float, float]]
     baseline: bool = False
+    warmup: bool = True  # False for long cases whose first run is representative
 
 
 @dataclass
@@ -79,7 +82,7 @@ def machine_description() -> str:
 def run_cases(bench: Benchmark) -> list[Result]:
     results = []
     for case in bench.cases():
-        if bench.warmup:
+        if bench.warmup and case.warmup:
             case.run()  # warm-up: caches, thread pools, lazy imports
         seconds, out = [], 0.0
         for _ in range(bench.repeats):
@@ -87,7 +90,10 @@ def run_cases(bench: Benchmark) -> list[Result]:
             out = case.run()
             seconds.append(time.perf_counter() - t0)
         units, secondary = out if isinstance(out, tuple) else (out, None)
-        results.append(Result(case.label, seconds, units, case.baseline, secondary, bench.extra(case.label)))
+        result = Result(case.label, seconds, units, case.baseline, secondary, bench.extra(case.label))
+        results.append(result)
+        # A line per case as it finishes, so a long run that is cut short still shows what it measured.
+        print(f"  {case.label}: {result.rate:.2f} {bench.unit}, best {result.best_s:.3f} s", file=sys.stderr)
     return results
 
 
@@ -122,47 +128,39 @@ def print_results(title: str, bench: Benchmark, results: list[Result], console: 
     console.print(", ".join(f"{k}: {v}" for k, v in conditions.items()))
 
 
-def _registry() -> dict[str, type[Benchmark]]:
-    from benchmarks.nuclei_inference import NucleiInference
-    from benchmarks.seg_inference import SegInference
-    from benchmarks.service_roi import ServiceRoi
-    from benchmarks.tile_read import TileRead
-    from benchmarks.write_nuclei import WriteNuclei
-
-    return {
-        "tile_read": TileRead,
-        "seg_inference": SegInference,
-        "nuclei_inference": NucleiInference,
-        "write_nuclei": WriteNuclei,
-        "service_roi": ServiceRoi,
-    }
+# name -> "module:Class"; a benchmark is imported only when it runs, so one whose optional
+# dependency (uvicorn, nnunetv2) is missing does not stop the others.
+_REGISTRY: dict[str, str] = {
+    "tile_read": "benchmarks.tile_read:TileRead",
+    "seg_inference": "benchmarks.seg_inference:SegInference",
+    "nuclei_inference": "benchmarks.nuclei_inference:NucleiInference",
+    "write_nuclei": "benchmarks.write_nuclei:WriteNuclei",
+    "service_roi": "benchmarks.service_roi:ServiceRoi",
+    "seg_gpu": "benchmarks.seg_gpu:SegGpu",
+    "nnunet_predictor": "benchmarks.nnunet_predictor:NnunetPredictor",
+}
 
 
-class _LazyRegistry(dict):
-    def _load(self) -> None:
-        if not super().__len__():
-            self.update(_registry())
-
-    def items(self):
-        self._load()
-        return super().items()
-
-    def __getitem__(self, key):
-        self._load()
-        return super().__getitem__(key)
-
-    def __contains__(self, key):
-        self._load()
-        return super().__contains__(key)
+def benchmark_class(name: str) -> type[Benchmark]:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(_REGISTRY)}")
+    module, cls = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
-BENCHMARKS: dict[str, type[Benchmark]] = _LazyRegistry()
+def list_benchmarks() -> list[tuple[str, str]]:
+    """(name, first docstring line) of every benchmark, or why it cannot be imported here."""
+    rows = []
+    for name in _REGISTRY:
+        try:
+            rows.append((name, benchmark_class(name).__doc__.strip().splitlines()[0]))
+        except ImportError as err:
+            rows.append((name, f"(cannot be imported here: {err})"))
+    return rows
 
 
 def run_benchmark(name: str, *, quick: bool = False) -> list[Result]:
-    if name not in BENCHMARKS:
-        raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(k for k, _ in BENCHMARKS.items())}")
-    bench = BENCHMARKS[name]()
+    bench = benchmark_class(name)()
     bench.setup(quick=quick)
     try:
         results = run_cases(bench)

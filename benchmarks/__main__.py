@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import BENCHMARKS, run_benchmark
+from benchmarks import list_benchmarks, run_benchmark
 
 
 def main() -> None:
@@ -13,10 +13,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller inputs, for a smoke run")
     args = parser.parse_args()
     if not args.name:
-        for key, cls in BENCHMARKS.items():
-            print(f"{key:20s} {cls.__doc__.strip().splitlines()[0]}")
+        for key, doc in list_benchmarks():
+            print(f"{key:20s} {doc}")
         return
-    run_benchmark(args.name, quick=args.quick)
+    try:
+        run_benchmark(args.name, quick=args.quick)
+    except (KeyError, RuntimeError) as err:  # unknown name, or a benchmark this machine cannot run
+        parser.exit(2, f"error: {err}\n")
 
 
 if __name__ == "__main__":

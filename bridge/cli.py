@@ -77,6 +77,14 @@ def phantom(
         float, typer.Option(min=0, max=1, help="Domain shift: stain, colour, blur and JPEG quality.")
     ] = 0.0,
     mpp: Annotated[float, typer.Option(min=0.1, max=2.0, help="Microns per level-0 pixel.")] = 0.5,
+    weak_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            max=0.95,
+            help="Fraction of the positive area that expresses weakly (faint morphology, still positive).",
+        ),
+    ] = 0.0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Write a phantom H&E slide with its PD-L1 truth beside it (OUT stem + '.truth/')."""
@@ -85,7 +93,9 @@ def phantom(
     from inference.phantom import PhantomSpec, write_phantom
 
     try:
-        spec = PhantomSpec(size, height or size, seed=seed, mpp=mpp, tps_percent=tps, shift=shift)
+        spec = PhantomSpec(
+            size, height or size, seed=seed, mpp=mpp, tps_percent=tps, shift=shift, weak_fraction=weak_fraction
+        )
         with progress_bar(f"phantom {out.name}", enabled=progress) as on_progress:
             truth = write_phantom(out, spec, on_progress=on_progress)
         write_truth_geojson(truth.truth_dir)
@@ -201,11 +211,13 @@ def eval_seg(
     from inference.evaluate import evaluate_segmentation
 
     out = _stdout()
+    results = []
     try:
         ensemble = Ensemble.load(model or demo_model_dir("seg"), task="segmentation", device=device)
         for slide in slides:
             with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
                 result, _ = evaluate_segmentation(slide, ensemble, threshold=threshold, on_progress=on_progress)
+            results.append(result)
             table = Table(title=f"{slide.name}: segmentation vs truth ({result.pixels} tissue px)")
             table.add_column("metric")
             table.add_column("value", justify="right")
@@ -230,6 +242,40 @@ def eval_seg(
             )
     except (Pdl1Error, ValueError, OSError) as err:
         raise _fail(err) from err
+    if len(results) > 1 and all(r.dice_members for r in results):
+        _print_dice_summary(results, out)
+
+
+def _print_dice_summary(results, out) -> None:
+    """Per-slide gaps, then Dice over all slides: the mean of per-slide Dice and pooled pixels."""
+    from rich.table import Table
+
+    from inference.evaluate import pooled_dice
+
+    n = min(len(r.dice_members) for r in results)
+    table = Table(title=f"Dice over {len(results)} slides: ensemble vs each of its {n} members")
+    table.add_column("slides")
+    table.add_column("ensemble", justify="right")
+    for i in range(n):
+        table.add_column(f"member {i}", justify="right")
+    table.add_column("ensemble - best member", justify="right")
+
+    def row(label: str, ens: float, members: tuple[float, ...]) -> None:
+        table.add_row(label, f"{ens:.4f}", *(f"{d:.4f}" for d in members), f"{ens - max(members):+.4f}")
+
+    for r in results:
+        row(r.slide, r.dice_ensemble, r.dice_members[:n])
+    mean_members = tuple(sum(r.dice_members[i] for r in results) / len(results) for i in range(n))
+    mean_ens = sum(r.dice_ensemble for r in results) / len(results)
+    row("mean of slides", mean_ens, mean_members)
+    pooled_ens, pooled_members = pooled_dice(results)
+    row("pooled pixels", pooled_ens, pooled_members)
+    out.print(table)
+    wins = sum(r.dice_ensemble >= max(r.dice_members) for r in results)
+    out.print(
+        f"ensemble Dice >= every member's: {wins} of {len(results)} slides; mean of slides "
+        f"{'yes' if mean_ens >= max(mean_members) else 'no'}; pooled {'yes' if pooled_ens >= max(pooled_members) else 'no'}"
+    )
 
 
 @train_app.command("nuclei")
@@ -371,11 +417,22 @@ def eval_suite(
                     )
                 )
         provenance = {
-            "command": "pdl1 eval", "slides": [str(s) for s in slides], "pdl1_bridge": __version__,
-            "model": {"name": manifest.name, "version": manifest.version, "sha256": manifest.checksum,
-                      "folder": str(ensemble.folder)},
-            "sua": {"lower": sua.lower, "upper": sua.upper, "threshold": sua.threshold,
-                    "uncertainty": sua.uncertainty, "aggregation": sua.aggregation},
+            "command": "pdl1 eval",
+            "slides": [str(s) for s in slides],
+            "pdl1_bridge": __version__,
+            "model": {
+                "name": manifest.name,
+                "version": manifest.version,
+                "sha256": manifest.checksum,
+                "folder": str(ensemble.folder),
+            },
+            "sua": {
+                "lower": sua.lower,
+                "upper": sua.upper,
+                "threshold": sua.threshold,
+                "uncertainty": sua.uncertainty,
+                "aggregation": sua.aggregation,
+            },
             "pixel_baseline_threshold": pixel_threshold,
         }
         written = write_report(evaluations, out, provenance=provenance)
@@ -394,6 +451,7 @@ def eval_suite(
         "auroc_entropy_error",
         "mean_entropy",
         "needs_review",
+        "fn_pct",
         "sua_candidates",
         "sua_f05",
         "baseline_f05",
@@ -412,6 +470,7 @@ def eval_suite(
             f"{e.slide}: SUA F0.5 {e.sua.f05:.3f} vs pixel baseline {e.baseline.f05:.3f}; "
             f"FNCR {e.sua.fncr:.3f} vs {e.baseline.fncr:.3f} -> "
             + ("SUA better on both" if better else "SUA not better on both")
+            + f" ({e.sua.false_negative_px} false-negative map px to find)"
         )
     console_out.print(f"report: {', '.join(str(p) for p in written.values())}")
 
@@ -433,6 +492,13 @@ def calibrate(
         str, typer.Option(help="predictive_entropy, mutual_information or prob_std.")
     ] = "predictive_entropy",
     aggregation: Annotated[str, typer.Option(help="mean or p90.")] = "mean",
+    objective: Annotated[
+        str,
+        typer.Option(
+            help="pixels: F0.5 over the pixels of flagged NPRs (the unit SUA is compared with the baseline in); "
+            "regions: each NPR counts once."
+        ),
+    ] = "pixels",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
@@ -459,6 +525,7 @@ def calibrate(
                 uncertainty=uncertainty,
                 aggregation=aggregation,
                 min_fraction=min_fraction,
+                objective=objective,
                 on_progress=on_progress,
             )
         target = out or source
@@ -479,6 +546,7 @@ def calibrate(
                     "uncertainty": uncertainty,
                     "aggregation": aggregation,
                     "min_fraction": min_fraction,
+                    "objective": objective,
                     "calibrated_on": [p.name for p in slides],
                     "f05": cal.f05,
                     "pixel_baseline_f05": cal.pixel_f05,
@@ -492,7 +560,7 @@ def calibrate(
         raise _fail(err) from err
     typer.echo(
         f"SUA: NPR [{cal.params.lower:g}, {cal.params.upper:g}), {uncertainty}/{aggregation} > "
-        f"{cal.params.threshold:.4g} (F0.5 {cal.f05:.3f} on {cal.n_regions} NPRs, "
+        f"{cal.params.threshold:.4g} ({objective} F0.5 {cal.f05:.3f} on {cal.n_regions} NPRs, "
         f"{cal.n_false_negative} false negative)"
     )
     typer.echo(
@@ -510,8 +578,13 @@ def _pipeline_config(
     mpp: float | None,
     no_nuclei: bool = False,
     refine: bool = False,
+    *,
+    batch_size: int = 8,
+    read_workers: int | None = None,
+    compile_members: bool = False,
 ):
     from inference.pipeline import PipelineConfig
+    from inference.segment import SegmentConfig
 
     return PipelineConfig(
         seg_model_dir=None if seg_model is None else str(seg_model),
@@ -520,6 +593,7 @@ def _pipeline_config(
         device=device,
         mpp=mpp,
         refine_with_sua=refine,
+        segment=SegmentConfig(batch_size=batch_size, read_workers=read_workers, compile=compile_members),
     )
 
 
@@ -629,6 +703,17 @@ def run(
     address: Annotated[
         str | None, typer.Option(help="Ray cluster: auto, or ray://HOST:PORT; a local one when omitted.")
     ] = None,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Segmentation tiles per forward pass (all members see each batch).")
+    ] = 8,
+    read_workers: Annotated[
+        int | None,
+        typer.Option(min=0, help="Threads reading tiles ahead; default 2 on the CPU, all cores but two on CUDA."),
+    ] = None,
+    compile_members: Annotated[
+        bool,
+        typer.Option("--compile", help="torch.compile the segmentation members (pays off on GPUs for long batches)."),
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Analyse every image: segmentation ensemble + uncertainty + SUA + nuclei, then write to QuPath.
@@ -645,7 +730,17 @@ def run(
         raise typer.BadParameter("--address goes with --engine ray", param_hint="--address")
     try:
         run_config = RunConfig(
-            pipeline=_pipeline_config(device, seg_model, nuclei_model, mpp, no_nuclei, refine),
+            pipeline=_pipeline_config(
+                device,
+                seg_model,
+                nuclei_model,
+                mpp,
+                no_nuclei,
+                refine,
+                batch_size=batch_size,
+                read_workers=read_workers,
+                compile_members=compile_members,
+            ),
             out=out,
             resume=resume,
             qupath=qupath,
@@ -805,15 +900,15 @@ def bench(
     quick: Annotated[bool, typer.Option(help="Smaller inputs, for a smoke run.")] = False,
 ) -> None:
     """Run a benchmark from benchmarks/ and print its table with ratios against its baseline."""
-    from benchmarks import BENCHMARKS, run_benchmark
+    from benchmarks import list_benchmarks, run_benchmark
 
     if name == "list":
-        for key, bench_cls in BENCHMARKS.items():
-            typer.echo(f"{key:20s} {bench_cls.__doc__.strip().splitlines()[0]}")
+        for key, doc in list_benchmarks():
+            typer.echo(f"{key:20s} {doc}")
         return
     try:
         run_benchmark(name, quick=quick)
-    except KeyError as err:
+    except (KeyError, RuntimeError) as err:  # unknown name, or a benchmark this machine cannot run
         raise _fail(err) from err
 
 

@@ -48,6 +48,29 @@ class SegEvaluation:
     mi_wrong_mean: float
     mi_right_mean: float
     mi_min: float
+    # (2 |pred & truth|, |pred| + |truth|) of the ensemble and of each member, for pooled Dice.
+    dice_terms_ensemble: tuple[int, int] = (0, 0)
+    dice_terms_members: tuple[tuple[int, int], ...] = ()
+
+
+def _dice_terms(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int]:
+    return int(2 * np.count_nonzero(pred & truth)), int(np.count_nonzero(pred) + np.count_nonzero(truth))
+
+
+def pooled_dice(evaluations: list[SegEvaluation]) -> tuple[float, tuple[float, ...]]:
+    """Dice of the ensemble and of each member over the tissue pixels of all slides together.
+
+    Each slide weighs by its pixels, as if the slides were one image; the mean of per-slide
+    Dice instead weighs every slide the same.
+    """
+
+    def ratio(terms: list[tuple[int, int]]) -> float:
+        num, den = sum(t[0] for t in terms), sum(t[1] for t in terms)
+        return 1.0 if den == 0 else num / den
+
+    n_members = min(len(e.dice_terms_members) for e in evaluations)
+    members = tuple(ratio([e.dice_terms_members[i] for e in evaluations]) for i in range(n_members))
+    return ratio([e.dice_terms_ensemble for e in evaluations]), members
 
 
 def seg_truth_on_maps(slide_path: str | Path, maps: UncertaintyMaps) -> np.ndarray:
@@ -68,9 +91,8 @@ def evaluate_segmentation_maps(
     wrong = pred != t
     pe = np.asarray(maps.predictive_entropy)[region]
     mi = np.asarray(maps.mutual_information)[region]
-    members = (
-        () if maps.member_prob is None else tuple(dice(np.asarray(m)[region] >= threshold, t) for m in maps.member_prob)
-    )
+    member_preds = [] if maps.member_prob is None else [np.asarray(m)[region] >= threshold for m in maps.member_prob]
+    members = tuple(dice(mp, t) for mp in member_preds)
 
     def mean(a: np.ndarray) -> float:
         return float(a.mean()) if a.size else float("nan")
@@ -89,6 +111,8 @@ def evaluate_segmentation_maps(
         mi_wrong_mean=mean(mi[wrong]),
         mi_right_mean=mean(mi[~wrong]),
         mi_min=float(np.asarray(maps.mutual_information)[np.asarray(maps.covered)].min()),
+        dice_terms_ensemble=_dice_terms(pred, t),
+        dice_terms_members=tuple(_dice_terms(mp, t) for mp in member_preds),
     )
 
 
@@ -260,6 +284,7 @@ def calibrate_ensemble(
     uncertainty: str = "predictive_entropy",
     aggregation: str = "mean",
     min_fraction: float = 0.9,
+    objective: str = "pixels",
     good_dice: float = 0.85,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Calibration, dict[str, float]]:
@@ -280,7 +305,13 @@ def calibrate_ensemble(
         inputs.append((maps, truth, region))
         slide_stats.append((seg.dice_ensemble, float(np.asarray(maps.predictive_entropy)[region].mean())))
     cal = calibrate(
-        inputs, upper=upper, lowers=lowers, uncertainty=uncertainty, aggregation=aggregation, min_fraction=min_fraction
+        inputs,
+        upper=upper,
+        lowers=lowers,
+        uncertainty=uncertainty,
+        aggregation=aggregation,
+        min_fraction=min_fraction,
+        objective=objective,
     )
     good = [pe for d, pe in slide_stats if d >= good_dice]
     bad = [pe for d, pe in slide_stats if d < good_dice]

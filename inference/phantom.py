@@ -13,7 +13,9 @@ The scene, coarsest first:
   nests have small, round, dense hyperchromatic nuclei. There is no colour code. As in real
   tissue, expression shows only partly in morphology: a smooth "morphology strength" field
   makes about a third of the positive area subtle (intermediate morphology), which is where
-  a model misses positives and where its uncertainty should rise;
+  a model misses positives and where its uncertainty should rise. ``weak_fraction`` adds
+  weakly expressing patches (faint positive morphology, strength 0.15-0.45): whole positive
+  areas that a model trained on clear cases tends to miss, the false negatives SUA is for;
 * nuclei on jittered lattices: tumour nuclei (class from their zone) and sparse stromal
   spindle cells and lymphocytes (``Other``).
 
@@ -74,6 +76,9 @@ class PhantomSpec:
         TIFF tile edge.
     truth_downsample
         Level-0 px per pixel of the truth mask.
+    weak_fraction
+        About this fraction of the positive area expresses weakly: patches of faint positive
+        morphology (still positive in the truth), where models miss positives.
     """
 
     width_px: int
@@ -84,6 +89,7 @@ class PhantomSpec:
     shift: float = 0.0
     tile_size_px: int = 256
     truth_downsample: int = 8
+    weak_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("width_px", "height_px"):
@@ -94,6 +100,8 @@ class PhantomSpec:
             raise ValueError(f"tps_percent must be in [0, 100], got {self.tps_percent}")
         if not 0 <= self.shift <= 1:
             raise ValueError(f"shift must be in [0, 1], got {self.shift}")
+        if not 0 <= self.weak_fraction < 1:
+            raise ValueError(f"weak_fraction must be in [0, 1), got {self.weak_fraction}")
         if not 0.1 <= self.mpp <= 2.0:
             raise ValueError(f"mpp must be in [0.1, 2.0], got {self.mpp}")
         if self.tile_size_px % 16 or self.tile_size_px < 64:
@@ -196,6 +204,9 @@ class PhantomScene:
         self.positive_threshold = self._positive_threshold()
         self.stains = self._stains(np.random.default_rng([spec.seed, 11]))
         self.morph_field = _smooth_field(np.random.default_rng([spec.seed, 13]), cells, 150 / um_per_cell)
+        # Own stream, so a phantom without weak patches is the same bytes as before they existed.
+        self.weak_field = _smooth_field(np.random.default_rng([spec.seed, 17]), cells, 100 / um_per_cell)
+        self.weak_threshold = self._weak_threshold()
 
     # -- zones ------------------------------------------------------------------------
     def zones(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -207,8 +218,23 @@ class PhantomScene:
 
     def strength(self, xs: np.ndarray, ys: np.ndarray, positive: np.ndarray) -> np.ndarray:
         """Morphology strength in [0, 1]: 0 is negative morphology, 1 fully positive; 0 outside positive nests."""
-        s = np.clip(0.8 + 0.35 * _sample(self.morph_field, xs, ys), 0.35, 1.0)
+        morph = _sample(self.morph_field, xs, ys)
+        s = np.clip(0.8 + 0.35 * morph, 0.35, 1.0)
+        if self.spec.weak_fraction > 0:
+            weak = _sample(self.weak_field, xs, ys) > self.weak_threshold
+            s = np.where(weak, np.clip(0.3 + 0.1 * morph, 0.15, 0.45), s)
         return np.where(positive, s, 0.0)
+
+    def _weak_threshold(self) -> float:
+        """Quantile of the weak field over the positive cells, so ``weak_fraction`` of them are weak."""
+        if self.spec.weak_fraction <= 0:
+            return math.inf
+        in_tissue = self.tissue_field > self.tissue_threshold
+        positive = (
+            in_tissue & (self.tumour_field > self.tumour_threshold) & (self.positive_field > self.positive_threshold)
+        )
+        values = self.weak_field[positive] if positive.any() else self.weak_field.ravel()
+        return float(np.quantile(values, 1 - self.spec.weak_fraction))
 
     def _positive_threshold(self) -> float:
         """Quantile of the positive field over all tumour nuclei, so TPS is as requested."""

@@ -9,15 +9,19 @@ information, and overlapping tiles never count as extra members.
 
 Maps are pooled to ``map_downsample`` model px per map px while accumulating; beyond
 ``max_in_memory_mb`` the accumulators live in a memory-mapped scratch file, so memory does
-not grow with slide size.
+not grow with slide size. On CUDA the fp32 accumulators stay on the device while they fit in
+``max_device_mb`` (nothing is copied back per batch, so the GPU never waits for the host) and
+are copied to the host maps in strips once, at the end.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import tempfile
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,7 +65,8 @@ class SegmentConfig:
     batch_size
         Tiles per forward pass (all members see the same batch).
     read_workers
-        Threads reading tiles ahead; 0 reads in the calling thread.
+        Threads reading tiles ahead; 0 reads in the calling thread; ``None`` picks two on
+        the CPU (the model needs the cores) and all cores but two (at most 16) on CUDA.
     precision
         ``auto`` (bf16 autocast on CUDA and on CPUs with native bf16), ``fp32`` or ``bf16``.
     max_in_memory_mb
@@ -70,17 +75,22 @@ class SegmentConfig:
         Also keep each member's blended positive probability (for evaluation).
     compile
         Run the members through ``torch.compile`` (pays off on GPUs for whole slides).
+    accumulate_on
+        ``auto`` (on the device when it is CUDA and the accumulators fit in
+        ``max_device_mb``), ``host`` or ``device``.
     """
 
     map_downsample: int = 4
     overlap_fraction: float = 0.25
     batch_size: int = 8
-    read_workers: int = 2
+    read_workers: int | None = None
     precision: str = "auto"
     max_in_memory_mb: float = 512.0
+    max_device_mb: float = 4096.0
     scratch_dir: Path | None = None
     member_maps: bool = False
     compile: bool = False
+    accumulate_on: str = "auto"
 
     def __post_init__(self) -> None:
         if self.map_downsample < 1:
@@ -89,6 +99,38 @@ class SegmentConfig:
             raise ValueError(f"overlap_fraction must be in [0, 1), got {self.overlap_fraction}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.read_workers is not None and self.read_workers < 0:
+            raise ValueError(f"read_workers must be >= 0 (or None for automatic), got {self.read_workers}")
+        if self.accumulate_on not in ("auto", "host", "device"):
+            raise ValueError(f"accumulate_on must be 'auto', 'host' or 'device', got {self.accumulate_on!r}")
+
+    def workers_for(self, device: torch.device) -> int:
+        """The read-ahead threads to use on ``device`` (see ``read_workers``)."""
+        if self.read_workers is not None:
+            return self.read_workers
+        cpus = os.cpu_count() or 2
+        # On CUDA the cores are free for decoding (OpenSlide releases the GIL); keep two for
+        # the inference loop and the driver.
+        return min(16, max(2, cpus - 2)) if device.type == "cuda" else 2
+
+
+@dataclass
+class SegmentProfile:
+    """Where the wall time of one :func:`segment_slide` call went; filled in when passed.
+
+    ``read_wait_s`` is the time the inference loop waited for tiles: near zero means
+    reading kept the model busy, a large share means reading starved it.
+    """
+
+    tiles: int = 0
+    read_workers: int = 0
+    accumulate_on: str = ""
+    read_wait_s: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def read_wait_fraction(self) -> float:
+        return self.read_wait_s / self.wall_s if self.wall_s > 0 else 0.0
 
 
 def _allocate(
@@ -103,14 +145,20 @@ def _allocate(
 
 
 def accumulate_tile_stats(
-    acc: np.ndarray, stats: torch.Tensor, weights: torch.Tensor, cells_xy: np.ndarray, *, map_downsample: int
+    acc: np.ndarray | torch.Tensor,
+    stats: torch.Tensor,
+    weights: torch.Tensor,
+    cells_xy: np.ndarray,
+    *,
+    map_downsample: int,
 ) -> None:
     """Add Gaussian-weighted, pooled per-tile statistics into the accumulators in place.
 
     ``stats`` (B, K, T, T) holds prob, predictive entropy, expected entropy and prob std,
     then optionally one positive probability per member; they go to ``acc`` channels 1-4 and
     6 onwards (see :func:`finish_maps`), the pooled weight to channel 0. ``weights`` is the
-    (T, T) importance map and ``cells_xy`` (B, 2) the tiles' top-left map cells.
+    (T, T) importance map and ``cells_xy`` (B, 2) the tiles' top-left map cells. ``acc`` is a
+    host array, or a tensor on the same device as ``stats`` (then nothing leaves the device).
     """
     f = map_downsample
     w = weights.to(stats.device)
@@ -118,8 +166,10 @@ def accumulate_tile_stats(
     if f > 1:
         weighted = F.avg_pool2d(weighted, f)
         w = F.avg_pool2d(w[None, None], f)[0, 0]
-    pooled = weighted.cpu().numpy()
-    w_cells = w.cpu().numpy()
+    if isinstance(acc, torch.Tensor):
+        pooled, w_cells = weighted.to(acc.device), w.to(acc.device)
+    else:
+        pooled, w_cells = weighted.cpu().numpy(), w.cpu().numpy()
     tile_h, tile_w = w_cells.shape
     _, acc_h, acc_w = acc.shape
     for (cx, cy), tile_stats in zip(cells_xy, pooled, strict=True):
@@ -211,12 +261,15 @@ def segment_slide(
     config: SegmentConfig | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    profile: SegmentProfile | None = None,
 ) -> UncertaintyMaps:
     """Run the ensemble over the ROI (or the tissue, or the whole image) of ``slide``.
 
     Returns maps on a grid of ``input_mpp * map_downsample`` µm/px covering the tiles'
-    bounds; pixels outside the ROI and tissue are not ``covered``.
+    bounds; pixels outside the ROI and tissue are not ``covered``. ``profile``, when given,
+    receives the time spent waiting for tiles.
     """
+    started = time.perf_counter()
     config = config or SegmentConfig()
     manifest = ensemble.manifest
     tile = manifest.tile_size_px
@@ -236,6 +289,8 @@ def segment_slide(
     n_channels = _N_ACC + (len(ensemble.members) if config.member_maps else 0)
     acc, scratch = _allocate((n_channels, map_h, map_w), config)
     covered, scratch_cov = _allocate((map_h, map_w), config, dtype=bool, name="covered")
+    device_acc = _device_accumulators(acc.shape, ensemble.device, config)
+    acc_place = "host" if device_acc is None else f"device ({device_acc.device})"
 
     precision = Precision.choose(config.precision, ensemble.device)
     if config.compile:
@@ -266,7 +321,7 @@ def segment_slide(
         if config.member_maps:
             stats = torch.cat([stats, probs[:, :, 1].transpose(0, 1)], dim=1)
         cells = grid.origins_model_px[batch_idx] // f - np.array([cell0_x, cell0_y])
-        accumulate_tile_stats(acc, stats, weights, cells, map_downsample=f)
+        accumulate_tile_stats(acc if device_acc is None else device_acc, stats, weights, cells, map_downsample=f)
         done += len(batch_idx)
         batch_idx.clear()
         batch_px.clear()
@@ -275,15 +330,29 @@ def segment_slide(
 
     if on_progress is not None:
         on_progress(0, total)
-    for index, pixels in read_ahead(read, range(total), workers=config.read_workers, max_pending=2 * config.batch_size):
-        batch_idx.append(index)
-        batch_px.append(pixels)
-        if len(batch_idx) == config.batch_size:
-            if should_cancel is not None and should_cancel():
-                raise Cancelled(f"cancelled after {done} of {total} tiles")
-            flush()
+    workers = config.workers_for(ensemble.device)
+    tiles = read_ahead(read, range(total), workers=workers, max_pending=max(2 * config.batch_size, 2 * workers))
+    read_wait_s = 0.0
+    try:
+        while True:
+            waited = time.perf_counter()
+            item = next(tiles, None)
+            read_wait_s += time.perf_counter() - waited
+            if item is None:
+                break
+            batch_idx.append(item[0])
+            batch_px.append(item[1])
+            if len(batch_idx) == config.batch_size:
+                if should_cancel is not None and should_cancel():
+                    raise Cancelled(f"cancelled after {done} of {total} tiles")
+                flush()
+    finally:
+        tiles.close()  # stops pending reads at once on an error or a cancel
     if batch_idx:
         flush()
+    if device_acc is not None:
+        _copy_to_host(device_acc, acc)
+        del device_acc
 
     valid = None
     map_ds = model_ds * f
@@ -294,7 +363,32 @@ def segment_slide(
     for folder in (scratch, scratch_cov):
         if folder is not None:
             weakref.finalize(maps, shutil.rmtree, folder, True)
+    wall_s = time.perf_counter() - started
+    log.info(
+        "segmented %d tiles in %.1f s; waited %.1f s for tiles (%d read threads)", total, wall_s, read_wait_s, workers
+    )
+    if profile is not None:
+        profile.tiles, profile.read_workers = total, workers
+        profile.accumulate_on = acc_place
+        profile.read_wait_s, profile.wall_s = read_wait_s, wall_s
     return maps
+
+
+def _device_accumulators(shape: tuple[int, ...], device: torch.device, config: SegmentConfig) -> torch.Tensor | None:
+    """fp32 accumulators on the model's device, or None to accumulate into the host arrays."""
+    if config.accumulate_on == "host":
+        return None
+    nbytes = math.prod(shape) * 4
+    if config.accumulate_on == "auto" and (device.type != "cuda" or nbytes > config.max_device_mb * 2**20):
+        return None
+    return torch.zeros(shape, dtype=torch.float32, device=device)
+
+
+def _copy_to_host(device_acc: torch.Tensor, acc: np.ndarray) -> None:
+    # Row strips keep the pinned staging buffer small when the host maps are memory-mapped.
+    for r0 in range(0, device_acc.shape[1], _STRIP_ROWS):
+        rows = slice(r0, min(r0 + _STRIP_ROWS, device_acc.shape[1]))
+        acc[:, rows] = device_acc[:, rows].cpu().numpy()
 
 
 def _shift(geom: BaseGeometry, dx: float, dy: float) -> BaseGeometry:

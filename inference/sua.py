@@ -8,7 +8,8 @@ aggregate exceeds ``threshold`` is a false-negative candidate for the pathologis
 
 The baseline of the paper thresholds the pixel uncertainty over the same pixels.
 Calibration picks the threshold (and lower bound) maximising F0.5 for "this NPR is a false
-negative" on validation slides with truth.
+negative" on validation slides with truth, in pixels (the unit SUA and the baseline are
+compared in) or counting each NPR once.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from inference.vectorize import mask_to_polygons
 
 UNCERTAINTY_MAPS = ("predictive_entropy", "mutual_information", "prob_std")
 AGGREGATIONS = ("mean", "p90")
+CALIBRATION_OBJECTIVES = ("pixels", "regions")
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,7 @@ class Calibration:
     n_false_negative: int
     pixel_threshold: float
     pixel_f05: float
+    objective: str = "pixels"
 
 
 def calibrate(
@@ -185,31 +188,50 @@ def calibrate(
     aggregation: str = "mean",
     min_fraction: float = 0.9,
     min_area_um2: float = 200.0,
+    objective: str = "pixels",
 ) -> Calibration:
-    """Choose ``lower`` and the SUA threshold maximising region-level F0.5 over validation slides.
+    """Choose ``lower`` and the SUA threshold maximising F0.5 for "this NPR is a false negative".
 
     ``slides`` holds (maps, truth bool mask on the maps' grid, valid bool mask) per slide.
-    The pixel baseline's threshold is chosen the same way on pixel-level F0.5 (converted pixels
-    vs false-negative pixels), so both methods are compared at their best.
+
+    ``objective="pixels"`` (default) scores a flagged NPR by its pixels: its truly positive
+    pixels are recovered false negatives, the rest false alarms, and every false-negative pixel
+    of the slides counts towards recall. This is the unit in which SUA is compared with the
+    pixel baseline, and a large missed nest outweighs a speck. ``"regions"`` counts every NPR
+    once, as a false negative when at least ``min_fraction`` of its pixels are truly positive.
+
+    The pixel baseline's threshold is chosen on pixel-level F0.5 the same way, so both methods
+    are compared at their best. Ties keep the first ``lower``.
     """
+    if objective not in CALIBRATION_OBJECTIVES:
+        raise ValueError(f"objective must be one of {CALIBRATION_OBJECTIVES}, got {objective!r}")
     best: tuple[float, float, float] | None = None
     best_stats = (0, 0)
+    total_fn_px = sum(int((truth & (np.asarray(maps.prob) < upper) & valid).sum()) for maps, truth, valid in slides)
     for lower in lowers:
         if lower >= upper:
             continue
         params = SuaParams(
             lower=lower, upper=upper, uncertainty=uncertainty, aggregation=aggregation, min_area_um2=min_area_um2
         )
-        all_scores, all_fn = [], []
+        all_scores, all_fn, all_area, all_pos = [], [], [], []
         for maps, truth, valid in slides:
             labels, n, scores = region_scores(maps, params, valid=valid)
             counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+            positive = np.bincount(labels.ravel(), weights=truth.ravel().astype(np.float64), minlength=n + 1)[1:]
             big = counts >= min_area_um2 / maps.mpp**2
             all_scores.append(scores[big])
             all_fn.append(npr_is_false_negative(labels, n, truth, min_fraction=min_fraction)[big])
+            all_area.append(counts[big])
+            all_pos.append(positive[big])
         scores = np.concatenate(all_scores)
         is_fn = np.concatenate(all_fn)
-        threshold, f = _best_threshold(scores, is_fn)
+        if objective == "pixels":
+            threshold, f = _best_threshold(
+                scores, np.concatenate(all_pos), flag_weights=np.concatenate(all_area), total_positive=total_fn_px
+            )
+        else:
+            threshold, f = _best_threshold(scores, is_fn.astype(np.float64))
         if best is None or f > best[2]:
             best = (lower, threshold, f)
             best_stats = (len(scores), int(is_fn.sum()))
@@ -231,16 +253,25 @@ def calibrate(
         best_stats[1],
         pix_thr,
         pix_f,
+        objective,
     )
 
 
 def _best_threshold(
-    scores: np.ndarray, positive: np.ndarray, *, candidates: np.ndarray | None = None, total_positive: int | None = None
+    scores: np.ndarray,
+    hits: np.ndarray,
+    *,
+    candidates: np.ndarray | None = None,
+    total_positive: float | None = None,
+    flag_weights: np.ndarray | None = None,
 ) -> tuple[float, float]:
-    """Threshold t (flag = score > t) maximising F0.5 of ``positive``.
+    """Threshold t (flag = score > t) maximising F0.5.
 
-    ``candidates`` default to the midpoints of the sorted scores; ``total_positive`` (default: the
-    positives among ``scores``) counts positives the scores never reach, which stay missed.
+    Flagging item i finds ``hits[i]`` positives (1/0 for a yes/no item, a pixel count for a
+    region) at the cost of ``flag_weights[i]`` flagged units (default 1), so the false alarms are
+    ``flag_weights[i] - hits[i]``. ``total_positive`` (default: the sum of ``hits``) counts
+    positives the scores never reach, which stay missed. ``candidates`` default to the midpoints
+    of the sorted scores.
     """
     if len(scores) == 0:
         return float("inf"), 0.0
@@ -249,12 +280,14 @@ def _best_threshold(
         values = np.unique(scores)
         candidates = np.concatenate([[values[0] - 1e-9], (values[:-1] + values[1:]) / 2, [values[-1]]])
         fallback = float(candidates[-1])  # the highest score: flags nothing, and stays finite in the manifest
-    total = int(positive.sum()) if total_positive is None else total_positive
+    hits = np.asarray(hits, np.float64)
+    cost = np.ones(len(scores)) if flag_weights is None else np.asarray(flag_weights, np.float64)
+    total = float(hits.sum()) if total_positive is None else float(total_positive)
     best_t, best_f = fallback, 0.0
     for t in candidates:
         flag = scores > t
-        tp = int((flag & positive).sum())
-        f = fbeta(tp, int(flag.sum()) - tp, total - tp)
+        tp = float(hits[flag].sum())
+        f = fbeta(tp, float(cost[flag].sum()) - tp, total - tp)
         if f > best_f:
             best_t, best_f = float(t), f
     return best_t, best_f
@@ -273,7 +306,7 @@ def calibrate_pixel_baseline(slides, *, lower: float, upper: float, uncertainty:
         return float("inf"), 0.0
     total_fn = sum(int((truth & (np.asarray(maps.prob) < upper) & valid).sum()) for maps, truth, valid in slides)
     candidates = np.unique(np.quantile(v, np.linspace(0, 1, 65)[:-1]))
-    return _best_threshold(v, np.concatenate(fn_px).astype(bool), candidates=candidates, total_positive=total_fn)
+    return _best_threshold(v, np.concatenate(fn_px), candidates=candidates, total_positive=total_fn)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,14 @@ def test_eval_seg_prints_ensemble_and_members(small):
     assert "AUROC predictive entropy -> error" in result.output
 
 
+def test_eval_seg_sums_up_several_slides(small):
+    result = runner.invoke(app, ["eval", "seg", str(small), str(small), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "Dice over 2 slides" in result.output
+    assert "mean of slides" in result.output and "pooled pixels" in result.output
+    assert "of 2 slides; mean of slides" in result.output
+
+
 def test_eval_nuclei_prints_f1_and_tps(small):
     result = runner.invoke(app, ["eval", "nuclei", str(small), "--device", "cpu", "--no-progress"])
     assert result.exit_code == 0, result.output
@@ -46,8 +54,9 @@ def test_eval_suite_writes_a_report(small, tmp_path):
 
 
 def test_calibrate_writes_thresholds_into_a_copy(small, tmp_path):
-    result = runner.invoke(app, ["calibrate", str(small), "--out", str(tmp_path / "cal"), "--device", "cpu",
-                                 "--no-progress"])
+    result = runner.invoke(
+        app, ["calibrate", str(small), "--out", str(tmp_path / "cal"), "--device", "cpu", "--no-progress"]
+    )
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "cal" / "manifest.json").read_text())
     for key in ("sua_lower", "sua_upper", "sua_threshold", "pixel_baseline_threshold", "review_entropy"):
@@ -59,8 +68,20 @@ def test_calibrate_writes_thresholds_into_a_copy(small, tmp_path):
 
 def test_run_plain_slides_with_a_failure_exits_1_and_reports(small, tmp_path):
     missing = tmp_path / "gone.svs"
-    result = runner.invoke(app, ["run", str(small), str(missing), "--out", str(tmp_path / "out"), "--device", "cpu",
-                                 "--no-progress", "--report"])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            str(small),
+            str(missing),
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--report",
+        ],
+    )
     assert result.exit_code == 1, result.output
     assert "failed" in result.output and "gone.svs" in result.output
     assert (tmp_path / "out" / "c.geojson").is_file()
@@ -85,5 +106,17 @@ def test_demo_runs_end_to_end(tmp_path):
 
 
 def test_serve_refuses_a_public_bind_without_token(tmp_path):
+    pytest.importorskip("uvicorn", reason="needs the 'serve' extra (without it serve says so and exits 1)")
     result = runner.invoke(app, ["serve", "--host", "0.0.0.0", "--allow-root", str(tmp_path)])
     assert result.exit_code == 2 and "--token" in result.output
+
+
+def test_run_speed_options_reach_the_segmentation_config():
+    from bridge.cli import _pipeline_config
+
+    default = _pipeline_config("cpu", None, None, None).segment
+    assert (default.batch_size, default.read_workers, default.compile) == (8, None, False)
+    config = _pipeline_config("cpu", None, None, None, batch_size=32, read_workers=0, compile_members=True)
+    assert (config.segment.batch_size, config.segment.read_workers, config.segment.compile) == (32, 0, True)
+    result = runner.invoke(app, ["run", "nowhere.svs", "--batch-size", "0"])
+    assert result.exit_code == 2 and "batch-size" in result.output

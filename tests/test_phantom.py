@@ -3,6 +3,7 @@ import hashlib
 import numpy as np
 import openslide
 import pytest
+from scipy import ndimage as ndi
 
 from inference.phantom import (
     NUCLEUS_CLASSES,
@@ -109,6 +110,27 @@ def test_some_positive_nests_are_subtle_like_real_pd_l1():
     assert nuc["s"][pos].min() >= 0.35 - 1e-6 and nuc["s"][~pos].max() == 0.0  # float32 field
 
 
+def test_weak_expression_fades_morphology_but_keeps_truth():
+    base = PhantomScene(PhantomSpec(4096, 4096, seed=101, tps_percent=50))
+    weak = PhantomScene(PhantomSpec(4096, 4096, seed=101, tps_percent=50, weak_fraction=0.3))
+    nb, nw = base.nuclei(0, 0, 4096, 4096), weak.nuclei(0, 0, 4096, 4096)
+    np.testing.assert_array_equal(nb["cls"], nw["cls"])  # the truth does not move
+    pos = nb["cls"] == 0
+    faded = nw["s"][pos] < nb["s"][pos] - 1e-6
+    assert 0.15 < faded.mean() < 0.45  # about the asked fraction of positive nuclei
+    assert nw["s"][pos][faded].max() <= 0.45 + 1e-6 and nw["s"][pos].min() >= 0.15 - 1e-6
+    assert np.array_equal(nw["s"][pos][~faded], nb["s"][pos][~faded])
+    # Outside positive nests nothing changes: the weak field has its own random stream.
+    ys, xs = np.mgrid[0:4096:64, 0:4096:64] + 32.0
+    # (3 px of margin: at downsample 64 a nucleus drawn near a nest reaches that far; a nest
+    # smaller than a pixel can still tint a neighbour by one grey level.)
+    outside = ~ndi.binary_dilation(base.zones(xs, ys)[2], iterations=3)
+    assert outside.mean() > 0.3
+    a, b = base.render(0, 0, 64, 64, downsample=64), weak.render(0, 0, 64, 64, downsample=64)
+    np.testing.assert_allclose(a[outside], b[outside], atol=1)
+    assert (a[outside] != b[outside]).mean() < 0.01
+
+
 def test_shift_changes_appearance_but_not_truth():
     base = PhantomScene(PhantomSpec(1024, 1024, seed=9))
     shifted = PhantomScene(PhantomSpec(1024, 1024, seed=9, shift=1.0))
@@ -122,7 +144,12 @@ def test_shift_changes_appearance_but_not_truth():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"width_px": 100}, "width_px"), ({"tps_percent": 120}, "tps_percent"), ({"shift": 2}, "shift")],
+    [
+        ({"width_px": 100}, "width_px"),
+        ({"tps_percent": 120}, "tps_percent"),
+        ({"shift": 2}, "shift"),
+        ({"weak_fraction": 1.0}, "weak_fraction"),
+    ],
 )
 def test_spec_validation(kwargs, match):
     args = {"width_px": 1024, "height_px": 1024, **kwargs}

@@ -5,7 +5,7 @@ import pytest
 import torch
 from shapely.geometry import box
 
-from inference.segment import Cancelled, SegmentConfig, segment_slide
+from inference.segment import Cancelled, SegmentConfig, SegmentProfile, segment_slide
 from inference.slide import Mpp, Slide
 from inference.tiling import gaussian_weights
 from inference.tissue import TissueMask
@@ -21,7 +21,8 @@ def _direct(ensemble, rgb):
 def test_one_tile_maps_equal_direct_computation():
     slide = random_slide(64, 64)
     ens = pointwise_ensemble(4, tile_size_px=64)
-    maps = segment_slide(slide, ens, config=SegmentConfig(map_downsample=1, read_workers=0))
+    # fp32: on a CPU with native bf16, auto precision would autocast
+    maps = segment_slide(slide, ens, config=SegmentConfig(map_downsample=1, read_workers=0, precision="fp32"))
     ref = _direct(ens, slide.read_region((0, 0), 0, (64, 64)))
     for name, value in maps.as_dict().items():
         np.testing.assert_allclose(value, ref[name], atol=2e-5, err_msg=name)
@@ -31,7 +32,7 @@ def test_one_tile_maps_equal_direct_computation():
 def test_pooled_maps_are_gaussian_weighted_cell_means():
     slide = random_slide(64, 64, seed=3)
     ens = pointwise_ensemble(3, tile_size_px=64, seed=2)
-    maps = segment_slide(slide, ens, config=SegmentConfig(map_downsample=4, read_workers=0))
+    maps = segment_slide(slide, ens, config=SegmentConfig(map_downsample=4, read_workers=0, precision="fp32"))
     ref = _direct(ens, slide.read_region((0, 0), 0, (64, 64)))
     w = gaussian_weights(64).astype(np.float64)
     pooled_w = w.reshape(16, 4, 16, 4).sum(axis=(1, 3))
@@ -145,9 +146,46 @@ def test_memory_stays_bounded_on_a_huge_slide(tmp_path):
     assert not maps.covered[2000:2100, 2000:2100].any()
 
 
+@pytest.mark.parametrize("member_maps", [False, True])
+def test_device_accumulators_give_the_host_maps(member_maps):
+    # The GPU path keeps the accumulators on the model's device; on this CPU that is a torch
+    # tensor instead of a numpy array, which exercises the same code.
+    slide = random_slide(300, 220, seed=11)
+    ens = pointwise_ensemble(3, tile_size_px=64, seed=4)
+    common = {"map_downsample": 2, "batch_size": 3, "member_maps": member_maps, "read_workers": 2}
+    host_profile, device_profile = SegmentProfile(), SegmentProfile()
+    host = segment_slide(slide, ens, config=SegmentConfig(accumulate_on="host", **common), profile=host_profile)
+    dev = segment_slide(slide, ens, config=SegmentConfig(accumulate_on="device", **common), profile=device_profile)
+    assert host_profile.accumulate_on == "host" and device_profile.accumulate_on.startswith("device")
+    for name, value in host.as_dict().items():
+        np.testing.assert_allclose(getattr(dev, name), value, atol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(dev.covered, host.covered)
+    if member_maps:
+        np.testing.assert_allclose(dev.member_prob, host.member_prob, atol=1e-6)
+
+
+def test_profile_reports_tiles_and_read_wait():
+    profile = SegmentProfile()
+    segment_slide(
+        random_slide(256, 256), pointwise_ensemble(2, tile_size_px=64), config=SegmentConfig(), profile=profile
+    )
+    assert profile.tiles > 1 and profile.read_workers == 2  # automatic on the CPU
+    assert 0 <= profile.read_wait_s <= profile.wall_s and 0 <= profile.read_wait_fraction <= 1
+
+
+def test_read_workers_automatic_per_device():
+    assert SegmentConfig().workers_for(torch.device("cpu")) == 2
+    assert 2 <= SegmentConfig().workers_for(torch.device("cuda")) <= 16
+    assert SegmentConfig(read_workers=5).workers_for(torch.device("cuda")) == 5
+
+
 def test_bad_config():
     with pytest.raises(ValueError, match="map_downsample"):
         SegmentConfig(map_downsample=0)
+    with pytest.raises(ValueError, match="accumulate_on"):
+        SegmentConfig(accumulate_on="gpu")
+    with pytest.raises(ValueError, match="read_workers"):
+        SegmentConfig(read_workers=-1)
     with pytest.raises(ValueError, match="not a multiple of map_downsample"):
         segment_slide(
             random_slide(64, 64), pointwise_ensemble(1, tile_size_px=30), config=SegmentConfig(map_downsample=4)
@@ -171,8 +209,9 @@ def test_demo_ensemble_maps_do_not_depend_on_tiling(phantom_svs):
     from inference.slide import open_slide
 
     ens = Ensemble.load(demo_model_dir("seg"), task="segmentation", device="cpu")
-    big = Ensemble(dataclasses.replace(ens.manifest, tile_size_px=1024), ens.members, folder=ens.folder,
-                   device=ens.device)
+    big = Ensemble(
+        dataclasses.replace(ens.manifest, tile_size_px=1024), ens.members, folder=ens.folder, device=ens.device
+    )
     with open_slide(phantom_svs) as slide:
         one = segment_slide(slide, big, config=SegmentConfig(read_workers=0))
         many = segment_slide(slide, ens, config=SegmentConfig(read_workers=0))

@@ -110,6 +110,30 @@ def test_calibration_picks_the_f05_maximum():
     assert len(cands) == 1
 
 
+def test_calibration_objective_pixels_weighs_a_large_nest_over_specks():
+    """One large missed nest (moderately uncertain), three negative specks and one small missed
+    speck (both more uncertain). Counting regions, flagging the small speck alone is best
+    (F0.5 0.83 vs 0.45 for all); counting pixels, flagging everything is (0.81 vs 0.36)."""
+    prob = np.zeros((20, 20))
+    pe = np.full((20, 20), 0.05)
+    truth = np.zeros((20, 20), bool)
+    prob[1:7, 1:7], pe[1:7, 1:7], truth[1:7, 1:7] = 0.4, 0.5, True
+    for r, c in [(10, 1), (10, 5), (15, 1)]:
+        prob[r : r + 2, c : c + 2], pe[r : r + 2, c : c + 2] = 0.3, 0.6
+    prob[15:17, 15:17], pe[15:17, 15:17], truth[15:17, 15:17] = 0.4, 0.65, True
+    maps, valid = _maps(prob, pe), np.ones((20, 20), bool)
+    by_regions = calibrate([(maps, truth, valid)], upper=0.5, lowers=(0.25,), min_area_um2=0, objective="regions")
+    assert 0.6 < by_regions.params.threshold < 0.65 and by_regions.f05 == pytest.approx(1.25 / 1.5)
+    assert (by_regions.n_regions, by_regions.n_false_negative) == (5, 2)
+    by_pixels = calibrate([(maps, truth, valid)], upper=0.5, lowers=(0.25,), min_area_um2=0, objective="pixels")
+    assert by_pixels.params.threshold < 0.5 and by_pixels.f05 == pytest.approx(50 / 62)
+    assert by_pixels.objective == "pixels"
+    _, flagged = find_candidates(maps, by_pixels.params)
+    assert flagged.sum() == 52
+    with pytest.raises(ValueError, match="objective"):
+        calibrate([(maps, truth, valid)], upper=0.5, objective="area")
+
+
 def test_conversion_scores_by_hand():
     truth = np.array([1, 1, 1, 0, 0], bool)
     predicted_negative = np.array([1, 1, 0, 1, 1], bool)

@@ -117,9 +117,19 @@ def test_nuclei_training_is_resumable_and_loadable(small_phantom, tmp_path):
     from inference.train_nuclei import NucleiTrainConfig, train_nuclei
 
     def cfg(out):
-        return NucleiTrainConfig(slides=(small_phantom,), out_dir=str(out), cycles=2, epochs_per_cycle=2,
-                                 iterations_per_epoch=2, batch_size=2, patch_px=32, tile_size_px=64, width=8,
-                                 dilations=(1, 2), seed=5)
+        return NucleiTrainConfig(
+            slides=(small_phantom,),
+            out_dir=str(out),
+            cycles=2,
+            epochs_per_cycle=2,
+            iterations_per_epoch=2,
+            batch_size=2,
+            patch_px=32,
+            tile_size_px=64,
+            width=8,
+            dilations=(1, 2),
+            seed=5,
+        )
 
     manifest = train_nuclei(cfg(tmp_path / "a"))
     assert manifest.task == "nuclei" and [m.cycle for m in manifest.members] == [1]

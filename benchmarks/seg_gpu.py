@@ -1,0 +1,210 @@
+"""Segmentation ensemble on a CUDA GPU: M=1, 5 and 8, GPU utilisation and read wait, vs a naive baseline.
+
+Two member sizes: the shipped demo U-Net (what ``pdl1 run`` uses) and an nnU-Net-sized
+PlainConvUNet (features 32..512, 512 px tiles at 1 µm/px, random weights: speed does not
+depend on them), on which the GPU, not reading, sets the pace. For every case the table
+shows the mean GPU utilisation NVML reported while it ran, the share of wall time the
+inference loop waited for tiles (reading starving the GPU), and its wall time against M=1
+of the same model. "read only" runs the same tile reads with no model: the ceiling reading
+puts on every other row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks import Benchmark, Case
+from inference.ensemble import Ensemble, Precision, demo_model_dir
+from inference.phantom import PhantomSpec, write_phantom
+from inference.readahead import read_ahead
+from inference.segment import SegmentConfig, SegmentProfile, plan_tiles, segment_slide
+from inference.slide import open_slide
+from inference.tissue import tissue_mask_for_slide
+from inference.unet import build_model
+
+BIG_FEATURES = (32, 64, 128, 256, 512, 512)
+
+
+class _UtilisationSampler:
+    """Mean GPU utilisation (NVML, percent) over a block of work, sampled every 50 ms."""
+
+    def __init__(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            index = torch.cuda.current_device()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self._read = lambda: pynvml.nvmlDeviceGetUtilizationRates(self._handle).gpu
+        except Exception:
+            self._read = None
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+
+    def __enter__(self) -> _UtilisationSampler:
+        self.samples = []
+        self._stop.clear()
+        if self._read is not None:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.05):
+            self.samples.append(float(self._read()))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._read is not None:
+            self._thread.join()
+
+    @property
+    def mean(self) -> str:
+        return f"{statistics.fmean(self.samples):.0f}" if self.samples else ""
+
+
+class SegGpu(Benchmark):
+    """Segmentation ensemble on CUDA: Mpx/s for M=1, 5, 8, GPU utilisation and read wait vs naive M=5."""
+
+    unit = "Mpx/s"
+    repeats = 2
+    extra_columns = ("GPU busy %", "read wait %", "time / M=1")
+
+    def setup(self, *, quick: bool) -> None:
+        if not torch.cuda.is_available():
+            raise RuntimeError("seg_gpu needs a CUDA GPU (torch sees none); on the CPU run seg_inference")
+        self.device = torch.device("cuda")
+        self.size_px = 4096 if quick else 12288
+        self.tmp = Path(tempfile.mkdtemp(prefix="pdl1-bench-"))
+        path = self.tmp / "bench.svs"
+        write_phantom(path, PhantomSpec(self.size_px, self.size_px, seed=77))
+        self.slide = open_slide(path)
+        self.tissue = tissue_mask_for_slide(self.slide)
+        demo = Ensemble.load(demo_model_dir("seg"), task="segmentation", device=self.device)
+        big_manifest = dataclasses.replace(
+            demo.manifest,
+            name="nnU-Net-sized",
+            architecture_kwargs={**demo.manifest.architecture_kwargs, "features": list(BIG_FEATURES)},
+            tile_size_px=512,
+            input_mpp=1.0,
+        )
+        torch.manual_seed(0)
+        big_members = [
+            build_model(big_manifest.architecture, big_manifest.architecture_kwargs).to(self.device).eval()
+            for _ in range(8)
+        ]
+        self.members = {"demo": [demo.members[i % len(demo.members)] for i in range(8)], "big": big_members}
+        self.manifests = {"demo": demo.manifest, "big": big_manifest}
+        self.batch = {"demo": 32, "big": 16}
+        self.sampler = _UtilisationSampler()
+        self.extras: dict[str, dict[str, str]] = {}
+        self.wall_m1: dict[str, float] = {}
+        self._compiled: dict[tuple[str, int], Ensemble] = {}
+        self.precision = Precision.choose("auto", self.device)
+
+    def _ensemble(self, model: str, m: int, *, compiled: bool = False) -> Ensemble:
+        if compiled:  # compiled once; the warm-up run pays for the compilation
+            key = (model, m)
+            if key not in self._compiled:
+                self._compiled[key] = self._ensemble(model, m).compile()
+            return self._compiled[key]
+        return Ensemble(self.manifests[model], self.members[model][:m], folder=Path("."), device=self.device)
+
+    @property
+    def mpx(self) -> float:
+        return self.size_px**2 / 1e6
+
+    def _run(self, label: str, model: str, m: int, *, compiled: bool = False) -> float:
+        config = SegmentConfig(batch_size=self.batch[model])
+        ens = self._ensemble(model, m, compiled=compiled)
+        profile = SegmentProfile()
+        with self.sampler:
+            t0 = time.perf_counter()
+            segment_slide(self.slide, ens, tissue=self.tissue, config=config, profile=profile)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        if m == 1 and not compiled:
+            self.wall_m1[model] = wall
+        ratio = f"{wall / self.wall_m1[model]:.2f}" if model in self.wall_m1 else ""
+        self.extras[label] = {
+            "GPU busy %": self.sampler.mean,
+            "read wait %": f"{100 * profile.read_wait_fraction:.0f}",
+            "time / M=1": ratio,
+        }
+        return self.mpx
+
+    def _naive(self, label: str) -> float:
+        # Member after member, one tile per forward pass, reading in the calling thread, fp32,
+        # maps accumulated on the host: the shape of a straightforward first implementation.
+        naive = SegmentConfig(batch_size=1, read_workers=0, precision="fp32", accumulate_on="host")
+        profile = SegmentProfile()
+        with self.sampler:
+            for member in self.members["big"][:5]:
+                single = Ensemble(self.manifests["big"], [member], folder=Path("."), device=self.device)
+                segment_slide(self.slide, single, tissue=self.tissue, config=naive, profile=profile)
+        self.extras[label] = {"GPU busy %": self.sampler.mean}
+        return self.mpx
+
+    def _read_only(self, label: str, model: str) -> float:
+        manifest = self.manifests[model]
+        ens = self._ensemble(model, 1)
+        config = SegmentConfig(batch_size=self.batch[model])
+        grid = plan_tiles(self.slide, ens, roi=None, tissue=self.tissue, config=config)
+        tile = manifest.tile_size_px
+
+        def read(index: int) -> np.ndarray:
+            x, y = grid.origins_xy[index]
+            return self.slide.read_region_at_mpp((int(x), int(y)), (tile, tile), mpp=manifest.input_mpp)
+
+        workers = config.workers_for(self.device)
+        for _ in read_ahead(read, range(len(grid)), workers=workers, max_pending=2 * workers):
+            pass
+        self.extras[label] = {"read wait %": "100"}
+        return self.mpx
+
+    def cases(self) -> list[Case]:
+        naive = "naive M=5 nnU-Net-sized (member by member, batch 1, no read-ahead, fp32)"
+        cases = []
+        for model, name in (("demo", "demo U-Net"), ("big", "nnU-Net-sized")):
+            label = f"read only, {name} tiles"
+            cases.append(Case(label, lambda label=label, model=model: self._read_only(label, model)))
+            for m in (1, 5, 8):
+                label = f"ours M={m}, {name}"
+                cases.append(Case(label, lambda label=label, model=model, m=m: self._run(label, model, m)))
+        label = "ours M=5, nnU-Net-sized, torch.compile"
+        cases.append(Case(label, lambda: self._run(label, "big", 5, compiled=True)))
+        # Last, so that CUDA and cuDNN start-up were paid by the warm-ups before; no warm-up of its own.
+        cases.append(Case(naive, lambda: self._naive(naive), baseline=True, warmup=False))
+        return cases
+
+    def extra(self, label: str) -> dict[str, str]:
+        return self.extras.get(label, {})
+
+    def conditions(self) -> dict[str, str]:
+        demo, big = self.manifests["demo"], self.manifests["big"]
+        workers = SegmentConfig().workers_for(self.device)
+        return {
+            "device": torch.cuda.get_device_name(self.device),
+            "torch": torch.__version__,
+            "precision": "bf16 autocast, fp32 accumulators on the GPU" if self.precision.autocast_dtype else "fp32",
+            "slide": f"phantom {self.size_px}x{self.size_px} px at 0.5 µm/px, tissue only",
+            "demo U-Net": f"{demo.architecture_kwargs['features']}, {demo.tile_size_px} px at {demo.input_mpp} µm/px, "
+            f"batch {self.batch['demo']}",
+            "nnU-Net-sized": f"{list(BIG_FEATURES)}, {big.tile_size_px} px at {big.input_mpp} µm/px, "
+            f"batch {self.batch['big']}",
+            "read threads": str(workers),
+            "overlap": str(SegmentConfig().overlap_fraction),
+        }
+
+    def teardown(self) -> None:
+        self.slide.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)

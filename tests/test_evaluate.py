@@ -1,0 +1,46 @@
+"""Segmentation evaluation: per-slide and pooled Dice of the ensemble and its members."""
+
+import numpy as np
+import pytest
+
+from inference.evaluate import evaluate_segmentation_maps, pooled_dice
+from inference.results import UncertaintyMaps
+
+
+def _maps(prob: np.ndarray, members: list[np.ndarray]) -> UncertaintyMaps:
+    z = np.zeros(prob.shape, np.float32)
+    return UncertaintyMaps(
+        prob=prob.astype(np.float32),
+        predictive_entropy=z,
+        expected_entropy=z,
+        mutual_information=z,
+        prob_std=z,
+        covered=np.ones(prob.shape, bool),
+        origin_xy=(0.0, 0.0),
+        downsample=1.0,
+        mpp=2.0,
+        member_prob=np.stack(members).astype(np.float32),
+    )
+
+
+def test_pooled_dice_weighs_slides_by_pixels_and_differs_from_the_mean():
+    region = np.ones((1, 10), bool)
+    # Slide a: truth 4 px; the ensemble finds 4, member 0 finds 2, member 1 finds 4 plus 4 false ones.
+    truth_a = np.array([[1, 1, 1, 1, 0, 0, 0, 0, 0, 0]], bool)
+    ens_a = truth_a.astype(float)
+    m0_a = np.array([[1, 1, 0, 0, 0, 0, 0, 0, 0, 0]], float)
+    m1_a = np.array([[1, 1, 1, 1, 1, 1, 1, 1, 0, 0]], float)
+    # Slide b: truth 1 px, found by member 1 only.
+    truth_b = np.array([[1, 0, 0, 0, 0, 0, 0, 0, 0, 0]], bool)
+    ens_b = np.zeros((1, 10))
+    m0_b = np.zeros((1, 10))
+    m1_b = truth_b.astype(float)
+    a = evaluate_segmentation_maps(_maps(ens_a, [m0_a, m1_a]), truth_a, region, threshold=0.5)
+    b = evaluate_segmentation_maps(_maps(ens_b, [m0_b, m1_b]), truth_b, region, threshold=0.5)
+    assert a.dice_ensemble == 1.0 and a.dice_members == pytest.approx((4 / 6, 8 / 12))
+    assert b.dice_ensemble == 0.0 and b.dice_members == (0.0, 1.0)
+    ens, members = pooled_dice([a, b])
+    # Ensemble: 2*4 / (4 + 5); member 0: 2*2 / (2 + 5); member 1: 2*(4+1) / (8+1 + 5).
+    assert ens == pytest.approx(8 / 9)
+    assert members == pytest.approx((4 / 7, 10 / 14))
+    assert (a.dice_ensemble + b.dice_ensemble) / 2 == 0.5  # the mean of slides tells another story

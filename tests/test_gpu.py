@@ -1,0 +1,46 @@
+"""The CUDA path: maps from the GPU match the CPU's. Skipped where torch sees no GPU (CI)."""
+
+import numpy as np
+import pytest
+import torch
+
+from inference.ensemble import Ensemble, demo_model_dir
+from inference.segment import SegmentConfig, SegmentProfile, segment_slide
+from inference.slide import open_slide
+from tests.helpers import pointwise_ensemble, random_slide
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; torch sees none"),
+]
+
+
+def _on_cuda(ens: Ensemble) -> Ensemble:
+    return Ensemble(ens.manifest, [m.to("cuda") for m in ens.members], folder=ens.folder, device=torch.device("cuda"))
+
+
+def test_gpu_maps_equal_cpu_maps_in_fp32():
+    slide = random_slide(400, 300, seed=21)
+    cpu = pointwise_ensemble(3, tile_size_px=64, seed=5)
+    config = SegmentConfig(map_downsample=2, batch_size=4, precision="fp32", member_maps=True)
+    ref = segment_slide(slide, cpu, config=config)
+    profile = SegmentProfile()
+    gpu = segment_slide(slide, _on_cuda(pointwise_ensemble(3, tile_size_px=64, seed=5)), config=config, profile=profile)
+    assert profile.accumulate_on.startswith("device (cuda")  # auto keeps the accumulators on the GPU
+    for name, value in ref.as_dict().items():
+        np.testing.assert_allclose(getattr(gpu, name), value, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(gpu.member_prob, ref.member_prob, atol=1e-5)
+    np.testing.assert_array_equal(gpu.covered, ref.covered)
+
+
+def test_demo_ensemble_bf16_on_gpu_agrees_with_cpu(phantom_svs):
+    with open_slide(phantom_svs) as slide:
+        cpu = segment_slide(slide, Ensemble.load(demo_model_dir("seg"), task="segmentation"))
+        gpu_ens = Ensemble.load(demo_model_dir("seg"), task="segmentation", device="cuda")
+        gpu = segment_slide(slide, gpu_ens, config=SegmentConfig(precision="bf16", compile=False))
+    covered = cpu.covered
+    assert (gpu.covered == covered).all()
+    same_class = ((gpu.prob >= 0.5) == (cpu.prob >= 0.5))[covered].mean()
+    assert same_class > 0.995
+    assert np.abs(gpu.prob - cpu.prob)[covered].mean() < 0.01
+    assert (gpu.mutual_information >= 0).all()

@@ -19,7 +19,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from benchmarks import Benchmark, Case
@@ -28,6 +27,7 @@ from inference.phantom import PhantomSpec, write_phantom
 from inference.readahead import read_ahead
 from inference.segment import SegmentConfig, SegmentProfile, plan_tiles, segment_slide
 from inference.slide import open_slide
+from inference.tiling import grid_tile_reader
 from inference.tissue import tissue_mask_for_slide
 from inference.unet import build_model
 
@@ -159,12 +159,7 @@ class SegGpu(Benchmark):
         ens = self._ensemble(model, 1)
         config = SegmentConfig(batch_size=self.batch[model])
         grid = plan_tiles(self.slide, ens, roi=None, tissue=self.tissue, config=config)
-        tile = manifest.tile_size_px
-
-        def read(index: int) -> np.ndarray:
-            x, y = grid.origins_xy[index]
-            return self.slide.read_region_at_mpp((int(x), int(y)), (tile, tile), mpp=manifest.input_mpp)
-
+        read = grid_tile_reader(self.slide, grid, mpp=manifest.input_mpp)
         workers = config.workers_for(self.device)
         for _ in read_ahead(read, range(len(grid)), workers=workers, max_pending=2 * workers):
             pass

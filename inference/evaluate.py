@@ -49,8 +49,8 @@ class SegEvaluation:
     mi_right_mean: float
     mi_min: float
     # (2 |pred & truth|, |pred| + |truth|) of the ensemble and of each member, for pooled Dice.
-    dice_terms_ensemble: tuple[int, int] = (0, 0)
-    dice_terms_members: tuple[tuple[int, int], ...] = ()
+    dice_terms_ensemble: tuple[int, int]
+    dice_terms_members: tuple[tuple[int, int], ...]
 
 
 def _dice_terms(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int]:

@@ -25,7 +25,7 @@ from inference.readahead import read_ahead
 from inference.results import Nuclei
 from inference.segment import Cancelled
 from inference.slide import Slide
-from inference.tiling import tile_grid, validate_roi
+from inference.tiling import grid_tile_reader, tile_grid, validate_roi
 from inference.tissue import TissueMask
 
 log = logging.getLogger(__name__)
@@ -102,9 +102,7 @@ def detect_nuclei(
     total = len(grid)
     xy_parts, val_parts, ent_parts = [], [], []
 
-    def read(index: int) -> np.ndarray:
-        x, y = grid.origins_xy[index]
-        return slide.read_region_at_mpp((int(x), int(y)), (tile, tile), mpp=manifest.input_mpp)
+    read = grid_tile_reader(slide, grid, mpp=manifest.input_mpp)
 
     batch: list[tuple[int, np.ndarray]] = []
     done = 0

@@ -36,7 +36,7 @@ from inference.ensemble import Ensemble, Precision
 from inference.readahead import read_ahead
 from inference.results import UncertaintyMaps
 from inference.slide import Slide
-from inference.tiling import TileGrid, gaussian_weights, rasterize_polygon, tile_grid, validate_roi
+from inference.tiling import TileGrid, gaussian_weights, grid_tile_reader, rasterize_polygon, tile_grid, validate_roi
 from inference.tissue import TissueMask
 from inference.uncertainty import ensemble_stats
 
@@ -306,9 +306,7 @@ def segment_slide(
         len(ensemble.members),
     )
 
-    def read(index: int) -> np.ndarray:
-        x, y = grid.origins_xy[index]
-        return slide.read_region_at_mpp((int(x), int(y)), (tile, tile), mpp=manifest.input_mpp)
+    read = grid_tile_reader(slide, grid, mpp=manifest.input_mpp)
 
     done = 0
     batch_idx: list[int] = []
@@ -385,7 +383,7 @@ def _device_accumulators(shape: tuple[int, ...], device: torch.device, config: S
 
 
 def _copy_to_host(device_acc: torch.Tensor, acc: np.ndarray) -> None:
-    # Row strips keep the pinned staging buffer small when the host maps are memory-mapped.
+    # Row strips: one strip's host copy at a time, so memory-mapped maps are never held whole.
     for r0 in range(0, device_acc.shape[1], _STRIP_ROWS):
         rows = slice(r0, min(r0 + _STRIP_ROWS, device_acc.shape[1]))
         acc[:, rows] = device_acc[:, rows].cpu().numpy()

@@ -9,8 +9,10 @@ grid's ``downsample`` (level-0 px per model px).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import shapely
@@ -18,6 +20,9 @@ from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
 from inference.errors import RoiError
+
+if TYPE_CHECKING:
+    from inference.slide import Slide
 
 
 def compute_steps(extent_px: int, *, tile_px: int, max_step_px: int) -> list[int]:
@@ -238,3 +243,14 @@ def tile_grid(
         steps_x_model_px=tuple(int(v) for v in xs),
         steps_y_model_px=tuple(int(v) for v in ys),
     )
+
+
+def grid_tile_reader(slide: Slide, grid: TileGrid, *, mpp: float) -> Callable[[int], np.ndarray]:
+    """``read(index)``: the (T, T, 3) uint8 pixels of tile ``index`` of ``grid``, read at ``mpp`` µm/px."""
+    tile = grid.tile_size_px
+
+    def read(index: int) -> np.ndarray:
+        x, y = grid.origins_xy[index]
+        return slide.read_region_at_mpp((int(x), int(y)), (tile, tile), mpp=mpp)
+
+    return read

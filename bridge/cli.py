@@ -140,19 +140,28 @@ def _features(text: str) -> tuple[int, ...]:
     return values
 
 
+RESTART_LR_HELP = "Learning rate at each warm restart after the first cycle (0: as --lr-max)."
+FIRST_CYCLE_HELP = "Length of the first cycle in epochs (0: as --epochs-per-cycle); a long first cycle converges before members are kept."
+
+
 @train_app.command("seg")
 def train_seg(
     slides: Annotated[list[Path], typer.Argument(help="Phantom slides with truth beside them (pdl1 phantom).")],
     out: Annotated[Path, typer.Option(help="Model folder to write (manifest + members).")],
     cycles: Annotated[int, typer.Option(min=1, help="Cosine cycles (warm restarts).")] = 5,
     epochs_per_cycle: Annotated[int, typer.Option(min=1)] = 4,
+    first_cycle_epochs: Annotated[int, typer.Option(min=0, help=FIRST_CYCLE_HELP)] = 0,
     iterations: Annotated[int, typer.Option(min=1, help="Iterations per epoch.")] = 40,
     members_per_cycle: Annotated[int, typer.Option(min=1, help="Members from the low-LR end of each cycle.")] = 1,
     drop_first_cycle: Annotated[bool, typer.Option(help="Leave out the first cycle's members.")] = True,
     optimizer: Annotated[str, typer.Option(help="adamw, or sgd (Nesterov momentum 0.99, as nnU-Net).")] = "adamw",
-    lr_max: Annotated[float, typer.Option(min=0, help="Learning rate at the start of each cycle.")] = 3e-3,
+    lr_max: Annotated[float, typer.Option(min=0, help="Learning rate at the start of the first cycle.")] = 3e-3,
+    restart_lr: Annotated[float, typer.Option(min=0, help=RESTART_LR_HELP)] = 0.0,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     patch_px: Annotated[int, typer.Option(min=16, help="Training patch edge in model px.")] = 128,
+    positive_fraction: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of patches centred on positive pixels (class balance).")
+    ] = 0.5,
     features: Annotated[str, typer.Option(help="U-Net stage widths.")] = "8,16,32,64",
     input_mpp: Annotated[float, typer.Option(min=0.1, help="Model input resolution, µm/px.")] = 2.0,
     seed: Annotated[int, typer.Option(min=0)] = 0,
@@ -170,14 +179,17 @@ def train_seg(
             out_dir=str(out),
             cycles=cycles,
             epochs_per_cycle=epochs_per_cycle,
+            first_cycle_epochs=first_cycle_epochs,
             iterations_per_epoch=iterations,
             members_per_cycle=members_per_cycle,
             drop_first_cycle=drop_first_cycle,
             optimizer=optimizer,
             lr_max=lr_max,
+            restart_lr=restart_lr,
             lr_min=lr_max / 100,
             batch_size=batch_size,
             patch_px=patch_px,
+            positive_fraction=positive_fraction,
             features=_features(features),
             input_mpp=input_mpp,
             seed=seed,
@@ -284,11 +296,13 @@ def train_nuclei_cmd(
     out: Annotated[Path, typer.Option(help="Model folder to write (manifest + members).")],
     cycles: Annotated[int, typer.Option(min=1, help="Cosine cycles (warm restarts).")] = 3,
     epochs_per_cycle: Annotated[int, typer.Option(min=1)] = 3,
+    first_cycle_epochs: Annotated[int, typer.Option(min=0, help=FIRST_CYCLE_HELP)] = 0,
     iterations: Annotated[int, typer.Option(min=1, help="Iterations per epoch.")] = 40,
     members_per_cycle: Annotated[int, typer.Option(min=1)] = 1,
     drop_first_cycle: Annotated[bool, typer.Option(help="Leave out the first cycle's members.")] = True,
     optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
     lr_max: Annotated[float, typer.Option(min=0)] = 3e-3,
+    restart_lr: Annotated[float, typer.Option(min=0, help=RESTART_LR_HELP)] = 0.0,
     batch_size: Annotated[int, typer.Option(min=1)] = 12,
     patch_px: Annotated[int, typer.Option(min=16, help="Training patch edge in model px (even).")] = 96,
     width: Annotated[int, typer.Option(min=4, help="Backbone channels.")] = 32,
@@ -309,11 +323,13 @@ def train_nuclei_cmd(
             out_dir=str(out),
             cycles=cycles,
             epochs_per_cycle=epochs_per_cycle,
+            first_cycle_epochs=first_cycle_epochs,
             iterations_per_epoch=iterations,
             members_per_cycle=members_per_cycle,
             drop_first_cycle=drop_first_cycle,
             optimizer=optimizer,
             lr_max=lr_max,
+            restart_lr=restart_lr,
             lr_min=lr_max / 100,
             batch_size=batch_size,
             patch_px=patch_px,

@@ -26,16 +26,15 @@ class CyclicSchedule(Protocol):
     slides: tuple[str, ...]
     cycles: int
     epochs_per_cycle: int
+    first_cycle_epochs: int
     iterations_per_epoch: int
     members_per_cycle: int
     drop_first_cycle: bool
     lr_max: float
+    restart_lr: float
     lr_min: float
     optimizer: str
     weight_decay: float
-
-    @property
-    def total_epochs(self) -> int: ...
 
 
 def check_schedule(config: CyclicSchedule) -> None:
@@ -44,24 +43,49 @@ def check_schedule(config: CyclicSchedule) -> None:
         raise ValueError(f"optimizer must be sgd or adamw, got {config.optimizer!r}")
     if not 1 <= config.members_per_cycle <= config.epochs_per_cycle:
         raise ValueError("members_per_cycle must be between 1 and epochs_per_cycle")
+    if config.first_cycle_epochs and config.first_cycle_epochs < config.members_per_cycle:
+        raise ValueError("first_cycle_epochs must be 0 (as epochs_per_cycle) or at least members_per_cycle")
     if config.drop_first_cycle and config.cycles < 2:
         raise ValueError("drop_first_cycle needs at least 2 cycles")
+    if config.restart_lr and not config.lr_min < config.restart_lr <= config.lr_max:
+        raise ValueError("restart_lr must be 0 (as lr_max) or between lr_min and lr_max")
     if not config.slides:
         raise ValueError("no training slides given")
 
 
+def total_epochs(config: CyclicSchedule) -> int:
+    """Epochs of the whole run: the first cycle, then ``cycles - 1`` cycles of ``epochs_per_cycle``."""
+    first = config.first_cycle_epochs or config.epochs_per_cycle
+    return first + (config.cycles - 1) * config.epochs_per_cycle
+
+
+def cycle_of(config: CyclicSchedule, epoch: int) -> tuple[int, int, int]:
+    """(cycle, epoch within that cycle, the cycle's length in epochs) of a 0-based ``epoch``."""
+    first = config.first_cycle_epochs or config.epochs_per_cycle
+    if epoch < first:
+        return 0, epoch, first
+    cycle, within = divmod(epoch - first, config.epochs_per_cycle)
+    return cycle + 1, within, config.epochs_per_cycle
+
+
 def learning_rate(config: CyclicSchedule, epoch: int, iteration: int) -> float:
-    """Cosine annealing with warm restarts, per iteration."""
-    t = (epoch % config.epochs_per_cycle) * config.iterations_per_epoch + iteration
-    period = config.epochs_per_cycle * config.iterations_per_epoch
-    return config.lr_min + (config.lr_max - config.lr_min) * (1 + math.cos(math.pi * t / period)) / 2
+    """Cosine annealing with warm restarts, per iteration.
+
+    The first cycle starts at ``lr_max``, every later one at ``restart_lr`` (0: ``lr_max``);
+    a lower restart keeps later members near the converged first solution.
+    """
+    cycle, within, length = cycle_of(config, epoch)
+    t = within * config.iterations_per_epoch + iteration
+    period = length * config.iterations_per_epoch
+    high = config.lr_max if cycle == 0 or not config.restart_lr else config.restart_lr
+    return config.lr_min + (high - config.lr_min) * (1 + math.cos(math.pi * t / period)) / 2
 
 
 def is_member_epoch(config: CyclicSchedule, epoch: int) -> bool:
-    cycle, within = divmod(epoch, config.epochs_per_cycle)
+    cycle, within, length = cycle_of(config, epoch)
     if config.drop_first_cycle and cycle == 0:
         return False
-    return within >= config.epochs_per_cycle - config.members_per_cycle
+    return within >= length - config.members_per_cycle
 
 
 def make_optimizer(config: CyclicSchedule, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -151,10 +175,10 @@ def train_cyclic(
         last, members = load_checkpoint(ckpt, model, optimizer, rng)
         start_epoch = last + 1
         log.info("resuming at epoch %d with %d members", start_epoch, len(members))
-    total_epochs = config.total_epochs
-    total = total_epochs * config.iterations_per_epoch
+    n_epochs = total_epochs(config)
+    total = n_epochs * config.iterations_per_epoch
     lr = config.lr_max
-    for epoch in range(start_epoch, total_epochs):
+    for epoch in range(start_epoch, n_epochs):
         model.train()
         losses = []
         for it in range(config.iterations_per_epoch):
@@ -178,7 +202,7 @@ def train_cyclic(
                 {
                     "file": name,
                     "sha256": digest,
-                    "cycle": epoch // config.epochs_per_cycle,
+                    "cycle": cycle_of(config, epoch)[0],
                     "epoch": epoch,
                     "learning_rate": lr,
                     "train_loss": mean_loss,

@@ -110,7 +110,21 @@ class OpenSlideReader:
         return dict(self._osr.properties)
 
     def read_region(self, location_xy: tuple[int, int], level: int, size_wh: tuple[int, int]) -> np.ndarray:
-        rgba = np.asarray(self._osr.read_region(location_xy, level, size_wh))
+        return self._to_rgb(np.asarray(self._osr.read_region(location_xy, level, size_wh)))
+
+    def read_region_reduced(
+        self, location_xy: tuple[int, int], level: int, size_wh: tuple[int, int], factor: int
+    ) -> np.ndarray:
+        """``read_region`` box-averaged by the integer ``factor`` (``size_wh`` in level px).
+
+        Pillow's ``reduce`` runs on the decoded image before it becomes a numpy array, so
+        only 1/factor² of the pixels are converted: at factor 2 this halves the time spent
+        after decoding, which matters when reading, not the GPU, sets the pace.
+        """
+        return self._to_rgb(np.asarray(self._osr.read_region(location_xy, level, size_wh).reduce(factor)))
+
+    @staticmethod
+    def _to_rgb(rgba: np.ndarray) -> np.ndarray:
         # OpenSlide returns premultiplied RGBA with alpha 0 outside the scanned area:
         # composite onto white so "outside" looks like glass, not black tissue.
         rgb = rgba[..., :3]
@@ -183,6 +197,10 @@ class Slide:
         level_ds = self.level_downsamples[level]
         scale = downsample / level_ds  # level px per output px
         level_w, level_h = max(1, math.ceil(w * scale - 1e-6)), max(1, math.ceil(h * scale - 1e-6))
+        factor = round(scale)
+        if factor >= 2 and abs(scale - factor) < 1e-6 and isinstance(self.reader, OpenSlideReader):
+            # An integer step (0.5 µm/px read at 1 µm/px): the same box average, done before conversion.
+            return self.reader.read_region_reduced(location_xy, level, (w * factor, h * factor), factor)
         rgb = self.reader.read_region(location_xy, level, (level_w, level_h))
         if (level_w, level_h) == (w, h):
             return rgb

@@ -19,7 +19,7 @@ import torch
 
 from inference import __version__
 from inference.augment import augment_batch
-from inference.cyclic import check_schedule, train_cyclic
+from inference.cyclic import check_schedule, total_epochs, train_cyclic
 from inference.manifest import Manifest, Member, write_manifest
 from inference.nuclei_model import DilatedResFCN
 from inference.phantom import NUCLEUS_CLASSES, load_truth
@@ -47,11 +47,13 @@ class NucleiTrainConfig:
     batch_size: int = 12
     cycles: int = 3
     epochs_per_cycle: int = 3
+    first_cycle_epochs: int = 0
     iterations_per_epoch: int = 40
     members_per_cycle: int = 1
     drop_first_cycle: bool = True
     optimizer: str = "adamw"
     lr_max: float = 3e-3
+    restart_lr: float = 0.0
     lr_min: float = 3e-5
     weight_decay: float = 1e-4
     seed: int = 0
@@ -64,7 +66,7 @@ class NucleiTrainConfig:
 
     @property
     def total_epochs(self) -> int:
-        return self.cycles * self.epochs_per_cycle
+        return total_epochs(self)
 
 
 @dataclass

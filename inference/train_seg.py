@@ -23,7 +23,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from inference import __version__
 from inference.augment import augment_batch
-from inference.cyclic import check_schedule, train_cyclic
+from inference.cyclic import check_schedule, total_epochs, train_cyclic
 from inference.manifest import Manifest, Member, write_manifest
 from inference.phantom import load_truth
 from inference.slide import open_slide
@@ -41,10 +41,13 @@ CLASS_NAMES = ["background", "PD-L1 positive"]
 class SegTrainConfig:
     """Everything that defines a training run (recorded in the manifest).
 
-    The learning rate follows ``lr_min + (lr_max - lr_min) * (1 + cos(pi * t / T)) / 2`` within
-    each cycle of ``epochs_per_cycle`` epochs, restarting at ``lr_max``. The last
-    ``members_per_cycle`` epochs of each cycle (the low end) each give a member; with
-    ``drop_first_cycle`` the first cycle's members (not yet converged) are left out.
+    The learning rate follows ``lr_min + (high - lr_min) * (1 + cos(pi * t / T)) / 2`` within
+    each cycle: the first lasts ``first_cycle_epochs`` (0: ``epochs_per_cycle``) from
+    ``high = lr_max``, every later one ``epochs_per_cycle`` from ``high = restart_lr``
+    (0: ``lr_max``). The last ``members_per_cycle`` epochs of each cycle (the low end) each
+    give a member; with ``drop_first_cycle`` the first cycle's members are left out. A long
+    first cycle and a lower restart make every member a converged model, so their mean beats
+    each of them instead of averaging in weaker early snapshots.
     ``optimizer`` is ``sgd`` (Nesterov momentum 0.99, as nnU-Net) or ``adamw``.
     """
 
@@ -59,11 +62,13 @@ class SegTrainConfig:
     batch_size: int = 16
     cycles: int = 5
     epochs_per_cycle: int = 4
+    first_cycle_epochs: int = 0
     iterations_per_epoch: int = 40
     members_per_cycle: int = 1
     drop_first_cycle: bool = True
     optimizer: str = "adamw"
     lr_max: float = 3e-3
+    restart_lr: float = 0.0
     lr_min: float = 3e-5
     weight_decay: float = 1e-4
     positive_fraction: float = 0.5
@@ -81,7 +86,7 @@ class SegTrainConfig:
 
     @property
     def total_epochs(self) -> int:
-        return self.cycles * self.epochs_per_cycle
+        return total_epochs(self)
 
 
 @dataclass

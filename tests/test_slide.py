@@ -52,6 +52,24 @@ def test_read_between_levels_resamples_from_the_finer_level(phantom_svs):
     assert np.abs(half - box).max() <= 1.0
 
 
+def test_integer_and_fractional_steps_agree_with_an_area_resize(phantom_svs):
+    # 1 µm/px from 0.5 takes the reduce-before-conversion path; 0.75 µm/px the general resize.
+    with open_slide(phantom_svs) as slide:
+        full = slide.read_region((512, 256), 0, (300, 300))
+        for mpp, out_px in ((1.0, 150), (1.5, 100), (0.75, 200)):
+            got = slide.read_region_at_mpp((512, 256), (out_px, out_px), mpp=mpp).astype(int)
+            ref = np.asarray(Image.fromarray(full).resize((out_px, out_px), Image.Resampling.BOX)).astype(int)
+            assert got.shape == (out_px, out_px, 3)
+            assert np.abs(got - ref).max() <= 1, mpp
+
+
+def test_reduced_reads_outside_the_image_are_white_glass(phantom_svs):
+    with open_slide(phantom_svs) as slide:
+        w, h = slide.dimensions
+        rgb = slide.read_region_at_mpp((w - 100, h - 100), (100, 100), mpp=1.0)
+    assert (rgb[50:, 50:] == 255).all() and (rgb[:50, :50] != 255).any()
+
+
 def test_outside_the_image_reads_as_white_glass(phantom_svs):
     with open_slide(phantom_svs) as slide:
         rgb = slide.read_region_at_mpp((2000, 2000), (100, 100), mpp=0.5)

@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from inference.cyclic import is_member_epoch, learning_rate
+from inference.cyclic import cycle_of, is_member_epoch, learning_rate
 from inference.ensemble import Ensemble
 from inference.phantom import PhantomSpec, write_phantom
 from inference.train_seg import SegTrainConfig, train_segmentation
@@ -40,6 +40,26 @@ def test_members_come_from_the_low_lr_end():
     assert [e for e in range(12) if is_member_epoch(keep_first, e)] == [3, 7, 11]
 
 
+def test_a_long_first_cycle_converges_before_the_first_member():
+    cfg = _cfg(first_cycle_epochs=8)  # 8 + 4 + 4 epochs
+    assert cfg.total_epochs == 16
+    assert learning_rate(cfg, 7, 9) == pytest.approx(1e-4, abs=2e-4)  # end of the long first cycle
+    assert learning_rate(cfg, 8, 0) == pytest.approx(1e-2)  # first restart after 8 epochs, not 4
+    assert learning_rate(cfg, 3, 9) > 4e-3  # mid-way down the first cycle, not at its low end
+    assert [e for e in range(cfg.total_epochs) if is_member_epoch(cfg, e)] == [11, 15]
+    assert cycle_of(cfg, 11) == (1, 3, 4)
+    keep_first = _cfg(first_cycle_epochs=8, drop_first_cycle=False)
+    assert [e for e in range(keep_first.total_epochs) if is_member_epoch(keep_first, e)] == [7, 11, 15]
+
+
+def test_later_cycles_restart_at_restart_lr():
+    cfg = _cfg(first_cycle_epochs=8, restart_lr=2e-3)
+    assert learning_rate(cfg, 0, 0) == pytest.approx(1e-2)
+    assert learning_rate(cfg, 8, 0) == pytest.approx(2e-3)
+    assert learning_rate(cfg, 12, 0) == pytest.approx(2e-3)
+    assert learning_rate(cfg, 11, 9) == pytest.approx(1e-4, abs=1e-4)
+
+
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
@@ -48,6 +68,8 @@ def test_members_come_from_the_low_lr_end():
         ({"cycles": 1}, "at least 2 cycles"),
         ({"patch_px": 100}, "multiples of 8"),
         ({"slides": ()}, "no training slides"),
+        ({"first_cycle_epochs": 1, "members_per_cycle": 2}, "first_cycle_epochs"),
+        ({"restart_lr": 5e-2}, "restart_lr"),
     ],
 )
 def test_config_errors(kw, match):
@@ -95,6 +117,15 @@ def test_training_writes_a_loadable_verified_ensemble(small_phantom, tmp_path, o
         precision=__import__("inference.ensemble", fromlist=["Precision"]).Precision(None),
     )
     assert probs.shape == (1, 1, 2, 64, 64)
+
+
+def test_long_first_cycle_is_trained_and_recorded(small_phantom, tmp_path):
+    manifest = train_segmentation(_tiny(small_phantom, tmp_path, first_cycle_epochs=3, restart_lr=1e-3))
+    member = manifest.members[0]
+    assert (member.cycle, member.epoch) == (1, 4)  # 3 epochs of first cycle, then a 2-epoch cycle
+    assert member.learning_rate < 1e-3 / 5  # the low end of a cycle that restarted at 1e-3
+    config = manifest.training["config"]
+    assert (config["first_cycle_epochs"], config["restart_lr"]) == (3, 1e-3)
 
 
 def test_same_seed_same_members_and_resume_after_a_crash(small_phantom, tmp_path):

@@ -125,14 +125,15 @@ class OpenSlideReader:
 
     @staticmethod
     def _to_rgb(rgba: np.ndarray) -> np.ndarray:
-        # OpenSlide returns premultiplied RGBA with alpha 0 outside the scanned area:
-        # composite onto white so "outside" looks like glass, not black tissue.
+        # openslide-python returns straight (not premultiplied) RGBA, alpha 0 outside the scanned
+        # area and partial where a reduced pixel straddles its edge: composite onto white so
+        # "outside" looks like glass, not black tissue.
         rgb = rgba[..., :3]
         alpha = rgba[..., 3]
         if alpha.min() == 255:
             return np.ascontiguousarray(rgb)
-        a = alpha[..., None].astype(np.uint16)
-        return (rgb + ((255 - a) * 255 + 127) // 255).clip(0, 255).astype(np.uint8)
+        a = alpha[..., None].astype(np.uint32)
+        return ((rgb * a + (255 - a) * 255 + 127) // 255).astype(np.uint8)
 
     def close(self) -> None:
         self._osr.close()

@@ -70,6 +70,17 @@ def test_reduced_reads_outside_the_image_are_white_glass(phantom_svs):
     assert (rgb[50:, 50:] == 255).all() and (rgb[:50, :50] != 255).any()
 
 
+def test_openslide_alpha_is_composited_onto_white():
+    from inference.slide import OpenSlideReader
+
+    rgba = np.array([[[200, 100, 50, 255], [0, 0, 0, 0], [200, 100, 50, 128]]], np.uint8)
+    rgb = OpenSlideReader._to_rgb(rgba).astype(int)
+    assert rgb[0, 0].tolist() == [200, 100, 50]  # opaque: as scanned
+    assert rgb[0, 1].tolist() == [255, 255, 255]  # outside: glass
+    # half transparent (straight alpha): half the colour, half white
+    np.testing.assert_allclose(rgb[0, 2], [227.5, 177.3, 152.2], atol=1)
+
+
 def test_outside_the_image_reads_as_white_glass(phantom_svs):
     with open_slide(phantom_svs) as slide:
         rgb = slide.read_region_at_mpp((2000, 2000), (100, 100), mpp=0.5)

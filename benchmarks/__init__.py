@@ -10,11 +10,14 @@ from __future__ import annotations
 import importlib
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -73,6 +76,34 @@ class Benchmark:
 
     def teardown(self) -> None:
         pass
+
+
+class PhantomSlideBenchmark(Benchmark):
+    """A benchmark over a phantom SVS that ``setup`` writes to a temporary folder (removed in teardown)."""
+
+    size_px = 0
+    tmp: Path | None = None
+    slide = None  # inference.slide.Slide once opened
+    tissue = None  # its inference.tissue.TissueMask
+
+    def open_phantom(self, size_px: int, *, seed: int) -> None:
+        """Write a ``size_px``² phantom with ``seed``, open it and find its tissue."""
+        from inference.phantom import PhantomSpec, write_phantom
+        from inference.slide import open_slide
+        from inference.tissue import tissue_mask_for_slide
+
+        self.size_px = size_px
+        self.tmp = Path(tempfile.mkdtemp(prefix="pdl1-bench-"))
+        path = self.tmp / "bench.svs"
+        write_phantom(path, PhantomSpec(size_px, size_px, seed=seed))
+        self.slide = open_slide(path)
+        self.tissue = tissue_mask_for_slide(self.slide)
+
+    def teardown(self) -> None:
+        if self.slide is not None:
+            self.slide.close()
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def machine_description() -> str:

@@ -2,36 +2,24 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import torch
 from skimage.feature import peak_local_max
 
-from benchmarks import Benchmark, Case
+from benchmarks import Case, PhantomSlideBenchmark
 from inference.ensemble import Ensemble, Precision, demo_model_dir
 from inference.nuclei import NucleiConfig, _member_logits, detect_nuclei, heatmap_peaks
-from inference.phantom import PhantomSpec, write_phantom
-from inference.slide import open_slide
 from inference.tiling import tile_grid
-from inference.tissue import tissue_mask_for_slide
 
 
-class NucleiInference(Benchmark):
+class NucleiInference(PhantomSlideBenchmark):
     """Nuclei: peak finding Mpx/s and nuclei/s (ours vs skimage.peak_local_max), and end to end."""
 
     unit = "Mpx/s"
     secondary_unit = "nuclei/s"
 
     def setup(self, *, quick: bool) -> None:
-        self.size_px = 2048 if quick else 4096
-        self.tmp = Path(tempfile.mkdtemp(prefix="pdl1-bench-"))
-        path = self.tmp / "bench.svs"
-        write_phantom(path, PhantomSpec(self.size_px, self.size_px, seed=78))
-        self.slide = open_slide(path)
-        self.tissue = tissue_mask_for_slide(self.slide)
+        self.open_phantom(2048 if quick else 4096, seed=78)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.ensemble = Ensemble.load(demo_model_dir("nuclei"), task="nuclei", device=device)
         self.config = NucleiConfig()
@@ -98,7 +86,3 @@ class NucleiInference(Benchmark):
             "tile": f"{m.tile_size_px} px",
             "heatmaps": f"{self.heat_mpx:.1f} Mpx, NMS radius {self.radius_px} px",
         }
-
-    def teardown(self) -> None:
-        self.slide.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -12,23 +12,18 @@ puts on every other row.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks import Benchmark, Case
+from benchmarks import Case, PhantomSlideBenchmark
 from inference.ensemble import Ensemble, Precision, demo_model_dir
-from inference.phantom import PhantomSpec, write_phantom
 from inference.readahead import read_ahead
 from inference.segment import SegmentConfig, SegmentProfile, plan_tiles, segment_slide
-from inference.slide import open_slide
 from inference.tiling import grid_tile_reader
-from inference.tissue import tissue_mask_for_slide
 from inference.unet import build_model
 
 BIG_FEATURES = (32, 64, 128, 256, 512, 512)
@@ -72,7 +67,7 @@ class _UtilisationSampler:
         return f"{statistics.fmean(self.samples):.0f}" if self.samples else ""
 
 
-class SegGpu(Benchmark):
+class SegGpu(PhantomSlideBenchmark):
     """Segmentation ensemble on CUDA: Mpx/s for M=1, 5, 8, GPU utilisation and read wait vs naive M=5."""
 
     unit = "Mpx/s"
@@ -83,12 +78,7 @@ class SegGpu(Benchmark):
         if not torch.cuda.is_available():
             raise RuntimeError("seg_gpu needs a CUDA GPU (torch sees none); on the CPU run seg_inference")
         self.device = torch.device("cuda")
-        self.size_px = 4096 if quick else 12288
-        self.tmp = Path(tempfile.mkdtemp(prefix="pdl1-bench-"))
-        path = self.tmp / "bench.svs"
-        write_phantom(path, PhantomSpec(self.size_px, self.size_px, seed=77))
-        self.slide = open_slide(path)
-        self.tissue = tissue_mask_for_slide(self.slide)
+        self.open_phantom(4096 if quick else 12288, seed=77)
         demo = Ensemble.load(demo_model_dir("seg"), task="segmentation", device=self.device)
         big_manifest = dataclasses.replace(
             demo.manifest,
@@ -199,7 +189,3 @@ class SegGpu(Benchmark):
             "read threads": str(workers),
             "overlap": str(SegmentConfig().overlap_fraction),
         }
-
-    def teardown(self) -> None:
-        self.slide.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)

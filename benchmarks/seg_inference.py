@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
-
 import torch
 
-from benchmarks import Benchmark, Case
+from benchmarks import Case, PhantomSlideBenchmark
 from inference.ensemble import Ensemble, Precision, demo_model_dir
-from inference.phantom import PhantomSpec, write_phantom
 from inference.segment import SegmentConfig, segment_slide
-from inference.slide import open_slide
-from inference.tissue import tissue_mask_for_slide
 
 
-class SegInference(Benchmark):
+class SegInference(PhantomSlideBenchmark):
     """Segmentation ensemble Mpx/s (level-0 px of the slide) for M=1 and M=5 vs naive member-by-member."""
 
     unit = "Mpx/s"
     repeats = 2
 
     def setup(self, *, quick: bool) -> None:
-        self.size_px = 2048 if quick else 4096
-        self.tmp = Path(tempfile.mkdtemp(prefix="pdl1-bench-"))
-        path = self.tmp / "bench.svs"
-        write_phantom(path, PhantomSpec(self.size_px, self.size_px, seed=77))
-        self.slide = open_slide(path)
-        self.tissue = tissue_mask_for_slide(self.slide)
+        self.open_phantom(2048 if quick else 4096, seed=77)
         demo = Ensemble.load(demo_model_dir("seg"), task="segmentation", device=self.device_name())
         # M=5 from the demo's members (repeated if it has fewer): speed does not depend on the weights.
         members = [demo.members[i % len(demo.members)] for i in range(5)]
@@ -77,7 +65,3 @@ class SegInference(Benchmark):
             "tiles": f"{m.tile_size_px} px at {m.input_mpp} µm/px, overlap {self.config.overlap_fraction}",
             "batch": str(self.config.batch_size),
         }
-
-    def teardown(self) -> None:
-        self.slide.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)

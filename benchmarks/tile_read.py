@@ -6,21 +6,15 @@ the reader did before; ours box-reduces the decoded image first (``Slide.read_re
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
-
 import numpy as np
 from PIL import Image
 
-from benchmarks import Benchmark, Case
-from inference.phantom import PhantomSpec, write_phantom
+from benchmarks import Case, PhantomSlideBenchmark
 from inference.readahead import read_ahead
-from inference.slide import open_slide
 from inference.tiling import tile_grid
 
 
-class TileRead(Benchmark):
+class TileRead(PhantomSlideBenchmark):
     """Tile read throughput (Mpx/s) from a phantom SVS: one thread vs read-ahead."""
 
     unit = "Mpx/s"
@@ -28,11 +22,7 @@ class TileRead(Benchmark):
     read_mpp = 1.0  # a resampled read (level 0 at 0.5 µm/px, box-averaged by 2)
 
     def setup(self, *, quick: bool) -> None:
-        self.size_px = 4096 if quick else 8192
-        self.tmp = Path(tempfile.mkdtemp(prefix="pdl1-bench-"))
-        path = self.tmp / "bench.svs"
-        write_phantom(path, PhantomSpec(self.size_px, self.size_px, seed=3))
-        self.slide = open_slide(path)
+        self.open_phantom(4096 if quick else 8192, seed=3)
         self.grid = tile_grid(
             image_size_wh=self.slide.dimensions,
             tile_size_px=self.tile_size_px,
@@ -74,7 +64,3 @@ class TileRead(Benchmark):
             "slide": f"phantom SVS {self.size_px}x{self.size_px} px, JPEG",
             "tiles": f"{len(self.grid)} x {self.tile_size_px} px at {self.read_mpp} µm/px",
         }
-
-    def teardown(self) -> None:
-        self.slide.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -53,15 +53,18 @@ def check_schedule(config: CyclicSchedule) -> None:
         raise ValueError("no training slides given")
 
 
+def _first_cycle_epochs(config: CyclicSchedule) -> int:
+    return config.first_cycle_epochs or config.epochs_per_cycle
+
+
 def total_epochs(config: CyclicSchedule) -> int:
     """Epochs of the whole run: the first cycle, then ``cycles - 1`` cycles of ``epochs_per_cycle``."""
-    first = config.first_cycle_epochs or config.epochs_per_cycle
-    return first + (config.cycles - 1) * config.epochs_per_cycle
+    return _first_cycle_epochs(config) + (config.cycles - 1) * config.epochs_per_cycle
 
 
 def cycle_of(config: CyclicSchedule, epoch: int) -> tuple[int, int, int]:
     """(cycle, epoch within that cycle, the cycle's length in epochs) of a 0-based ``epoch``."""
-    first = config.first_cycle_epochs or config.epochs_per_cycle
+    first = _first_cycle_epochs(config)
     if epoch < first:
         return 0, epoch, first
     cycle, within = divmod(epoch - first, config.epochs_per_cycle)
@@ -71,8 +74,7 @@ def cycle_of(config: CyclicSchedule, epoch: int) -> tuple[int, int, int]:
 def learning_rate(config: CyclicSchedule, epoch: int, iteration: int) -> float:
     """Cosine annealing with warm restarts, per iteration.
 
-    The first cycle starts at ``lr_max``, every later one at ``restart_lr`` (0: ``lr_max``);
-    a lower restart keeps later members near the converged first solution.
+    The first cycle starts at ``lr_max``, every later one at ``restart_lr`` (0: ``lr_max``).
     """
     cycle, within, length = cycle_of(config, epoch)
     t = within * config.iterations_per_epoch + iteration

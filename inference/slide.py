@@ -197,11 +197,11 @@ class Slide:
         level = self.best_level_for_downsample(downsample)
         level_ds = self.level_downsamples[level]
         scale = downsample / level_ds  # level px per output px
-        level_w, level_h = max(1, math.ceil(w * scale - 1e-6)), max(1, math.ceil(h * scale - 1e-6))
         factor = round(scale)
         if factor >= 2 and abs(scale - factor) < 1e-6 and isinstance(self.reader, OpenSlideReader):
             # An integer step (0.5 µm/px read at 1 µm/px): the same box average, done before conversion.
             return self.reader.read_region_reduced(location_xy, level, (w * factor, h * factor), factor)
+        level_w, level_h = max(1, math.ceil(w * scale - 1e-6)), max(1, math.ceil(h * scale - 1e-6))
         rgb = self.reader.read_region(location_xy, level, (level_w, level_h))
         if (level_w, level_h) == (w, h):
             return rgb

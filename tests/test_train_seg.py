@@ -84,16 +84,15 @@ def small_phantom(tmp_path_factory):
     return str(path)
 
 
+# A run of seconds shared by the seg and nuclei trainer tests: member at epoch 3 (cycle 1).
+TINY_SCHEDULE = dict(cycles=2, epochs_per_cycle=2, iterations_per_epoch=2, batch_size=2, patch_px=32, tile_size_px=64)
+
+
 def _tiny(small_phantom, out, **kw):
     return SegTrainConfig(
         slides=(small_phantom,),
         out_dir=str(out),
-        cycles=2,
-        epochs_per_cycle=2,
-        iterations_per_epoch=2,
-        batch_size=2,
-        patch_px=32,
-        tile_size_px=64,
+        **TINY_SCHEDULE,
         features=(4, 8),
         optimizer=kw.pop("optimizer", "adamw"),
         seed=3,
@@ -151,12 +150,7 @@ def test_nuclei_training_is_resumable_and_loadable(small_phantom, tmp_path):
         return NucleiTrainConfig(
             slides=(small_phantom,),
             out_dir=str(out),
-            cycles=2,
-            epochs_per_cycle=2,
-            iterations_per_epoch=2,
-            batch_size=2,
-            patch_px=32,
-            tile_size_px=64,
+            **TINY_SCHEDULE,
             width=8,
             dilations=(1, 2),
             seed=5,

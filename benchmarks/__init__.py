@@ -85,6 +85,7 @@ class PhantomSlideBenchmark(Benchmark):
     tmp: Path | None = None
     slide = None  # inference.slide.Slide once opened
     tissue = None  # its inference.tissue.TissueMask
+    _openslide_only = None
 
     def open_phantom(self, size_px: int, *, seed: int) -> None:
         """Write a ``size_px``² phantom with ``seed``, open it and find its tissue."""
@@ -99,9 +100,21 @@ class PhantomSlideBenchmark(Benchmark):
         self.slide = open_slide(path)
         self.tissue = tissue_mask_for_slide(self.slide)
 
+    def openslide_only(self):
+        """The same phantom with every pixel read through OpenSlide (no direct tile decoding)."""
+        import openslide
+
+        from inference.slide import OpenSlideReader, Slide
+
+        if self._openslide_only is None:
+            reader = OpenSlideReader(openslide.OpenSlide(self.slide.path))
+            self._openslide_only = Slide(reader, mpp=self.slide.mpp, path=self.slide.path)
+        return self._openslide_only
+
     def teardown(self) -> None:
-        if self.slide is not None:
-            self.slide.close()
+        for slide in (self.slide, self._openslide_only):
+            if slide is not None:
+                slide.close()
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
 

@@ -21,9 +21,8 @@ import torch
 
 from benchmarks import Case, PhantomSlideBenchmark
 from inference.ensemble import Ensemble, Precision, demo_model_dir
-from inference.readahead import read_ahead
 from inference.segment import SegmentConfig, SegmentProfile, plan_tiles, segment_slide
-from inference.tiling import grid_tile_reader
+from inference.tiling import read_grid_tiles
 from inference.unet import build_model
 
 BIG_FEATURES = (32, 64, 128, 256, 512, 512)
@@ -113,16 +112,28 @@ class SegGpu(PhantomSlideBenchmark):
     def mpx(self) -> float:
         return self.size_px**2 / 1e6
 
-    def _run(self, label: str, model: str, m: int, *, compiled: bool = False) -> float:
+    def _run(
+        self,
+        label: str,
+        model: str,
+        m: int,
+        *,
+        compiled: bool = False,
+        block_tiles: int | None = None,
+        openslide_only: bool = False,
+    ) -> float:
         config = SegmentConfig(batch_size=self.batch[model])
+        if block_tiles is not None:
+            config = dataclasses.replace(config, read_block_tiles=block_tiles)
+        slide = self.openslide_only() if openslide_only else self.slide
         ens = self._ensemble(model, m, compiled=compiled)
         profile = SegmentProfile()
         with self.sampler:
             t0 = time.perf_counter()
-            segment_slide(self.slide, ens, tissue=self.tissue, config=config, profile=profile)
+            segment_slide(slide, ens, tissue=self.tissue, config=config, profile=profile)
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
-        if m == 1 and not compiled:
+        if m == 1 and not compiled and block_tiles is None and not openslide_only:
             self.wall_m1[model] = wall
         ratio = f"{wall / self.wall_m1[model]:.2f}" if model in self.wall_m1 else ""
         self.extras[label] = {
@@ -144,14 +155,22 @@ class SegGpu(PhantomSlideBenchmark):
         self.extras[label] = {"GPU busy %": self.sampler.mean}
         return self.mpx
 
-    def _read_only(self, label: str, model: str) -> float:
+    def _read_only(
+        self, label: str, model: str, *, block_tiles: int | None = None, openslide_only: bool = False
+    ) -> float:
         manifest = self.manifests[model]
         ens = self._ensemble(model, 1)
         config = SegmentConfig(batch_size=self.batch[model])
         grid = plan_tiles(self.slide, ens, roi=None, tissue=self.tissue, config=config)
-        read = grid_tile_reader(self.slide, grid, mpp=manifest.input_mpp)
-        workers = config.workers_for(self.device)
-        for _ in read_ahead(read, range(len(grid)), workers=workers, max_pending=2 * workers):
+        tiles = read_grid_tiles(
+            self.openslide_only() if openslide_only else self.slide,
+            grid,
+            mpp=manifest.input_mpp,
+            workers=config.workers_for(self.device),
+            block_tiles=config.read_block_tiles if block_tiles is None else block_tiles,
+            max_pending_tiles=2 * config.batch_size,
+        )
+        for _ in tiles:
             pass
         self.extras[label] = {"read wait %": "100"}
         return self.mpx
@@ -165,8 +184,24 @@ class SegGpu(PhantomSlideBenchmark):
             for m in (1, 5, 8):
                 label = f"ours M={m}, {name}"
                 cases.append(Case(label, lambda label=label, model=model, m=m: self._run(label, model, m)))
+        # The reader before: every tile on its own through OpenSlide; then direct decoding alone.
+        for label, openslide_only in (
+            ("read only, nnU-Net-sized tiles, OpenSlide, per-tile reads (before)", True),
+            ("read only, nnU-Net-sized tiles, direct, per-tile reads", False),
+        ):
+            cases.append(
+                Case(
+                    label,
+                    lambda label=label, o=openslide_only: self._read_only(
+                        label, "big", block_tiles=1, openslide_only=o
+                    ),
+                )
+            )
+        label = "ours M=1, nnU-Net-sized, OpenSlide, per-tile reads (before)"
+        # label=label: each case keeps its own label (a plain closure would see the last one).
+        cases.append(Case(label, lambda label=label: self._run(label, "big", 1, block_tiles=1, openslide_only=True)))
         label = "ours M=5, nnU-Net-sized, torch.compile"
-        cases.append(Case(label, lambda: self._run(label, "big", 5, compiled=True)))
+        cases.append(Case(label, lambda label=label: self._run(label, "big", 5, compiled=True)))
         # Last, so that CUDA and cuDNN start-up were paid by the warm-ups before; no warm-up of its own.
         cases.append(Case(naive, lambda: self._naive(naive), baseline=True, warmup=False))
         return cases
@@ -187,5 +222,7 @@ class SegGpu(PhantomSlideBenchmark):
             "nnU-Net-sized": f"{list(BIG_FEATURES)}, {big.tile_size_px} px at {big.input_mpp} µm/px, "
             f"batch {self.batch['big']}",
             "read threads": str(workers),
+            "reads": f"JPEG tiles decoded directly, blocks of {SegmentConfig().read_block_tiles}x"
+            f"{SegmentConfig().read_block_tiles} tiles",
             "overlap": str(SegmentConfig().overlap_fraction),
         }

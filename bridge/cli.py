@@ -724,7 +724,9 @@ def run(
     ] = 8,
     read_workers: Annotated[
         int | None,
-        typer.Option(min=0, help="Threads reading tiles ahead; default 2 on the CPU, all cores but two on CUDA."),
+        typer.Option(
+            min=0, help="Threads reading tiles ahead; default 2 on the CPU, all cores but two (at most 12) on CUDA."
+        ),
     ] = None,
     compile_members: Annotated[
         bool,

@@ -21,11 +21,10 @@ from shapely.geometry.base import BaseGeometry
 
 from inference.ensemble import Ensemble, Precision
 from inference.points import radius_nms
-from inference.readahead import read_ahead
 from inference.results import Nuclei
 from inference.segment import Cancelled
 from inference.slide import Slide
-from inference.tiling import grid_tile_reader, tile_grid, validate_roi
+from inference.tiling import read_grid_tiles, tile_grid, validate_roi
 from inference.tissue import TissueMask
 
 log = logging.getLogger(__name__)
@@ -43,6 +42,11 @@ class NucleiConfig:
         Smallest heatmap peak that counts as a nucleus.
     overlap_px
         Tile overlap in model px; at least twice the receptive context you want at seams.
+    read_workers
+        Threads reading tiles ahead; 0 reads in the calling thread.
+    read_block_tiles
+        Tiles read together as one region, per side (overlapping pixels are decoded once);
+        1 reads every tile on its own.
     """
 
     nms_radius_um: float = 2.5
@@ -50,6 +54,7 @@ class NucleiConfig:
     overlap_px: int = 32
     batch_size: int = 8
     read_workers: int = 2
+    read_block_tiles: int = 3
     precision: str = "auto"
 
 
@@ -102,8 +107,6 @@ def detect_nuclei(
     total = len(grid)
     xy_parts, val_parts, ent_parts = [], [], []
 
-    read = grid_tile_reader(slide, grid, mpp=manifest.input_mpp)
-
     batch: list[tuple[int, np.ndarray]] = []
     done = 0
 
@@ -134,12 +137,23 @@ def detect_nuclei(
 
     if on_progress is not None:
         on_progress(0, total)
-    for index, pixels in read_ahead(read, range(total), workers=config.read_workers, max_pending=2 * config.batch_size):
-        batch.append((index, pixels))
-        if len(batch) == config.batch_size:
-            if should_cancel is not None and should_cancel():
-                raise Cancelled(f"cancelled after {done} of {total} tiles")
-            flush()
+    tiles = read_grid_tiles(
+        slide,
+        grid,
+        mpp=manifest.input_mpp,
+        workers=config.read_workers,
+        block_tiles=config.read_block_tiles,
+        max_pending_tiles=2 * config.batch_size,
+    )
+    try:
+        for index, pixels in tiles:
+            batch.append((index, pixels))
+            if len(batch) == config.batch_size:
+                if should_cancel is not None and should_cancel():
+                    raise Cancelled(f"cancelled after {done} of {total} tiles")
+                flush()
+    finally:
+        tiles.close()  # stops pending reads at once on an error or a cancel
     if batch:
         flush()
 

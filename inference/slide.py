@@ -1,6 +1,7 @@
 """Open whole-slide images and read RGB regions at a requested resolution.
 
-OpenSlide handles the pyramidal formats (SVS, generic tiled TIFF, NDPI, MRXS, ...);
+OpenSlide handles the pyramidal formats (SVS, generic tiled TIFF, NDPI, MRXS, ...), with
+the tiles of SVS and tiled TIFF levels decoded directly (:mod:`inference.tiff_tiles`);
 small plain TIFF/PNG images are read whole. Everything downstream sees a :class:`Slide`,
 whose pixels come through the small :class:`RegionReader` protocol, so tests and the
 service's pixel uploads can pass a numpy-backed :class:`ArrayReader`.
@@ -329,7 +330,9 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
     except openslide.OpenSlideError as err:
         raise SlideFormatError(f"{path}: OpenSlide cannot read it: {err}") from err
     else:
-        reader = OpenSlideReader(osr)
+        from inference.tiff_tiles import TiffTileReader  # imports this module
+
+        reader = TiffTileReader.open(osr, path)
         file_mpp = _openslide_mpp(dict(osr.properties))
     if mpp is not None:
         if mpp <= 0:

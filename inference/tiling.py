@@ -9,7 +9,7 @@ grid's ``downsample`` (level-0 px per model px).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -20,6 +20,7 @@ from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
 from inference.errors import RoiError
+from inference.readahead import read_ahead
 
 if TYPE_CHECKING:
     from inference.slide import Slide
@@ -95,8 +96,8 @@ class TileGrid:
     tile_size_px: int
     downsample: float
     bounds_xy: tuple[int, int, int, int]
-    steps_x_model_px: tuple[int, ...] = ()
-    steps_y_model_px: tuple[int, ...] = ()
+    steps_x_model_px: tuple[int, ...]
+    steps_y_model_px: tuple[int, ...]
 
     def cores_model_px(self) -> np.ndarray:
         """float64 (N, 4) x0, y0, x1, y1 of the region each tile owns, in model px.
@@ -245,12 +246,72 @@ def tile_grid(
     )
 
 
-def grid_tile_reader(slide: Slide, grid: TileGrid, *, mpp: float) -> Callable[[int], np.ndarray]:
-    """``read(index)``: the (T, T, 3) uint8 pixels of tile ``index`` of ``grid``, read at ``mpp`` µm/px."""
+def tile_blocks(grid: TileGrid, *, block_tiles: int) -> list[np.ndarray]:
+    """``grid``'s tile indices grouped into blocks of at most ``block_tiles`` x ``block_tiles`` neighbours.
+
+    Blocks come in row-major order, and so do the tiles inside each block. ``block_tiles=1``
+    gives one tile per block, in grid order.
+
+    >>> grid = tile_grid(image_size_wh=(1000, 600), tile_size_px=200, overlap_px=0, downsample=1.0)
+    >>> [b.tolist() for b in tile_blocks(grid, block_tiles=2)]
+    [[0, 1, 5, 6], [2, 3, 7, 8], [4, 9], [10, 11], [12, 13], [14]]
+    """
+    if block_tiles < 1:
+        raise ValueError(f"block_tiles must be >= 1, got {block_tiles}")
+    if len(grid) == 0:
+        return []
+    # Column and row of each tile in the full grid, skipped tiles included, so a block only
+    # ever holds tiles that are neighbours on the slide.
+    col = np.searchsorted(np.asarray(grid.steps_x_model_px), grid.origins_model_px[:, 0])
+    row = np.searchsorted(np.asarray(grid.steps_y_model_px), grid.origins_model_px[:, 1])
+    block = (row // block_tiles) * (len(grid.steps_x_model_px) // block_tiles + 1) + col // block_tiles
+    order = np.lexsort((col, row, block))
+    return np.split(order, np.flatnonzero(np.diff(block[order])) + 1)
+
+
+def grid_block_reader(slide: Slide, grid: TileGrid, *, mpp: float) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """``read(indices)``: the (T, T, 3) uint8 pixels of those tiles of ``grid``, from one region read.
+
+    Neighbouring tiles overlap, and a slide's compressed tiles rarely line up with ours, so
+    reading a block of tiles as one region decodes each slide pixel about once instead of
+    once per tile that covers it. The block is read on the model's pixel grid (its origin is
+    a tile origin) and the tiles are views into it, so every tile gets the same pixels as a
+    read of its own wherever the step from the pyramid level is an integer.
+    """
     tile = grid.tile_size_px
 
-    def read(index: int) -> np.ndarray:
-        x, y = grid.origins_xy[index]
-        return slide.read_region_at_mpp((int(x), int(y)), (tile, tile), mpp=mpp)
+    def read(indices: np.ndarray) -> list[np.ndarray]:
+        origins = grid.origins_model_px[indices]
+        x0, y0 = (int(v) for v in origins.min(axis=0))
+        x1, y1 = (int(v) + tile for v in origins.max(axis=0))
+        location = (round(x0 * grid.downsample), round(y0 * grid.downsample))
+        pixels = slide.read_region_at_mpp(location, (x1 - x0, y1 - y0), mpp=mpp)
+        return [pixels[y - y0 : y - y0 + tile, x - x0 : x - x0 + tile] for x, y in origins.tolist()]
 
     return read
+
+
+def read_grid_tiles(
+    slide: Slide,
+    grid: TileGrid,
+    *,
+    mpp: float,
+    workers: int,
+    block_tiles: int = 1,
+    max_pending_tiles: int = 16,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(index, pixels)`` for every tile of ``grid``, read ahead on ``workers`` threads.
+
+    Tiles are read in blocks of up to ``block_tiles`` x ``block_tiles`` (:func:`grid_block_reader`)
+    and come in block order (:func:`tile_blocks`); ``block_tiles=1`` reads them one by one in
+    grid order. About ``max_pending_tiles`` tiles (never fewer than ``workers`` blocks) wait
+    in memory at most. Closing the iterator early cancels the pending reads.
+    """
+    blocks = tile_blocks(grid, block_tiles=block_tiles)
+    pending = max(workers, 1, math.ceil(max_pending_tiles / block_tiles**2))
+    reads = read_ahead(grid_block_reader(slide, grid, mpp=mpp), blocks, workers=workers, max_pending=pending)
+    try:
+        for indices, pixels in reads:
+            yield from zip(indices.tolist(), pixels, strict=True)
+    finally:
+        reads.close()

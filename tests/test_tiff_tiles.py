@@ -1,0 +1,99 @@
+"""Direct tile decoding for SVS / tiled TIFF must give OpenSlide's pixels."""
+
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import openslide
+import pytest
+import tifffile
+
+from inference.errors import SlideFormatError
+from inference.slide import OpenSlideReader, open_slide
+from inference.tiff_tiles import OPENSLIDE_ONLY_ENV, TiffTileReader
+
+
+def _regions(level_dimensions, level_downsamples, *, n: int, seed: int):
+    """Random regions on whole level pixels, some hanging over the image's edges."""
+    rng = np.random.default_rng(seed)
+    for level, (width, height) in enumerate(level_dimensions):
+        ds = level_downsamples[level]
+        for _ in range(n):
+            w, h = (int(v) for v in rng.integers(1, 400, 2))
+            x, y = int(rng.integers(-w // 2, width)), int(rng.integers(-h // 2, height))
+            yield (round(x * ds), round(y * ds)), level, (w, h)
+
+
+def _assert_same_as_openslide(path, *, n: int = 12):
+    with open_slide(path) as slide:
+        reader = slide.reader
+        assert isinstance(reader, TiffTileReader)
+        assert reader.direct_levels == tuple(range(slide.level_count))
+        plain = OpenSlideReader(openslide.OpenSlide(path))
+        try:
+            for location, level, size in _regions(slide.level_dimensions, slide.level_downsamples, n=n, seed=0):
+                ours = reader.read_region(location, level, size)
+                assert ours.shape == (size[1], size[0], 3) and ours.dtype == np.uint8
+                np.testing.assert_array_equal(ours, plain.read_region(location, level, size), err_msg=f"{location}")
+        finally:
+            plain.close()
+
+
+def test_phantom_svs_decodes_to_openslides_pixels_at_every_level(phantom_svs):
+    # The phantom's tiles are YCbCr JPEG, 256 px, three levels.
+    _assert_same_as_openslide(phantom_svs)
+
+
+def test_real_aperio_slide_decodes_to_openslides_pixels(cmu_svs):
+    # A scanner's file: RGB JPEG with shared JPEG tables, 240 px tiles, edge tiles padded.
+    _assert_same_as_openslide(cmu_svs)
+
+
+def test_reduced_reads_match_openslide_inside_the_image(phantom_svs):
+    with open_slide(phantom_svs) as slide:
+        plain = OpenSlideReader(openslide.OpenSlide(phantom_svs))
+        try:
+            for location in ((0, 0), (300, 512), (1000, 1466)):
+                ours = slide.reader.read_region_reduced(location, 0, (512, 512), 2)
+                np.testing.assert_array_equal(ours, plain.read_region_reduced(location, 0, (512, 512), 2))
+        finally:
+            plain.close()
+
+
+def test_threads_read_the_same_pixels(phantom_svs):
+    with open_slide(phantom_svs) as slide:
+        regions = list(_regions(slide.level_dimensions, slide.level_downsamples, n=20, seed=1))
+        alone = [slide.read_region(*r) for r in regions]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda r: slide.read_region(*r), regions))
+    for a, b in zip(alone, together, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_level_it_cannot_decode_is_read_by_openslide(phantom_svs, monkeypatch):
+    with open_slide(phantom_svs) as slide:
+        reader = slide.reader
+        wanted = reader.read_region((512, 512), 1, (200, 100))
+        monkeypatch.delitem(reader._levels, 1)
+        assert 1 not in reader.direct_levels and 0 in reader.direct_levels
+        np.testing.assert_array_equal(reader.read_region((512, 512), 1, (200, 100)), wanted)
+
+
+def test_environment_switch_reads_through_openslide_only(phantom_svs, monkeypatch):
+    monkeypatch.setenv(OPENSLIDE_ONLY_ENV, "1")
+    with open_slide(phantom_svs) as slide:
+        assert type(slide.reader) is OpenSlideReader
+
+
+def test_a_damaged_tile_names_the_file_and_tile(phantom_svs, tmp_path):
+    damaged = tmp_path / "damaged.svs"
+    shutil.copy(phantom_svs, damaged)
+    with tifffile.TiffFile(damaged) as tif:
+        offset = tif.pages[0].dataoffsets[0]
+    with damaged.open("r+b") as fh:  # overwrite the first tile's JPEG header
+        fh.seek(offset)
+        fh.write(b"\0" * 64)
+    with open_slide(damaged) as slide:
+        with pytest.raises(SlideFormatError, match=r"damaged\.svs: tile 0 of level 0 cannot be decoded"):
+            slide.read_region((0, 0), 0, (64, 64))
+        slide.read_region((1024, 1024), 0, (64, 64))  # the rest of the slide still reads

@@ -13,7 +13,6 @@ import numpy as np
 from PIL import Image
 
 from benchmarks import Case, PhantomSlideBenchmark
-from inference.readahead import read_ahead
 from inference.tiling import read_grid_tiles, tile_grid
 
 
@@ -46,8 +45,8 @@ class TileRead(PhantomSlideBenchmark):
         return np.asarray(Image.fromarray(rgb).resize((self.tile_size_px, self.tile_size_px), box))
 
     def _baseline(self) -> float:
-        for _ in read_ahead(self._read_convert_then_resize, self.grid.origins_xy, workers=0):
-            pass
+        for origin in self.grid.origins_xy:
+            self._read_convert_then_resize(origin)
         return self.mpx
 
     def _run(self, workers: int, block_tiles: int, *, openslide_only: bool = False) -> float:

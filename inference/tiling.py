@@ -99,6 +99,12 @@ class TileGrid:
     steps_x_model_px: tuple[int, ...]
     steps_y_model_px: tuple[int, ...]
 
+    def columns_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """int64 (N,) column and row of each tile in the full grid, skipped tiles included."""
+        col = np.searchsorted(np.asarray(self.steps_x_model_px), self.origins_model_px[:, 0])
+        row = np.searchsorted(np.asarray(self.steps_y_model_px), self.origins_model_px[:, 1])
+        return col, row
+
     def cores_model_px(self) -> np.ndarray:
         """float64 (N, 4) x0, y0, x1, y1 of the region each tile owns, in model px.
 
@@ -107,16 +113,16 @@ class TileGrid:
         is nearest along each axis (the outermost cores extend to infinity).
         """
 
-        def bounds(steps: tuple[int, ...], origins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        def bounds(steps: tuple[int, ...], idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             s = np.asarray(steps, np.float64)
             mids = (s[:-1] + s[1:]) / 2 + self.tile_size_px / 2
             lo = np.concatenate([[-np.inf], mids])
             hi = np.concatenate([mids, [np.inf]])
-            idx = np.searchsorted(s, origins)
             return lo[idx], hi[idx]
 
-        x0, x1 = bounds(self.steps_x_model_px, self.origins_model_px[:, 0])
-        y0, y1 = bounds(self.steps_y_model_px, self.origins_model_px[:, 1])
+        col, row = self.columns_rows()
+        x0, x1 = bounds(self.steps_x_model_px, col)
+        y0, y1 = bounds(self.steps_y_model_px, row)
         return np.column_stack([x0, y0, x1, y1])
 
     @property
@@ -260,10 +266,9 @@ def tile_blocks(grid: TileGrid, *, block_tiles: int) -> list[np.ndarray]:
         raise ValueError(f"block_tiles must be >= 1, got {block_tiles}")
     if len(grid) == 0:
         return []
-    # Column and row of each tile in the full grid, skipped tiles included, so a block only
-    # ever holds tiles that are neighbours on the slide.
-    col = np.searchsorted(np.asarray(grid.steps_x_model_px), grid.origins_model_px[:, 0])
-    row = np.searchsorted(np.asarray(grid.steps_y_model_px), grid.origins_model_px[:, 1])
+    # Positions in the full grid, skipped tiles included, so a block only ever holds tiles
+    # that are neighbours on the slide.
+    col, row = grid.columns_rows()
     block = (row // block_tiles) * (len(grid.steps_x_model_px) // block_tiles + 1) + col // block_tiles
     order = np.lexsort((col, row, block))
     return np.split(order, np.flatnonzero(np.diff(block[order])) + 1)

@@ -148,10 +148,21 @@ def test_bad_overlap():
         tile_grid(image_size_wh=(100, 100), tile_size_px=32, overlap_px=32, downsample=1.0)
 
 
-def _grid_position(grid):
-    col = np.searchsorted(grid.steps_x_model_px, grid.origins_model_px[:, 0])
-    row = np.searchsorted(grid.steps_y_model_px, grid.origins_model_px[:, 1])
-    return col, row
+def test_columns_rows_count_skipped_tiles():
+    full = tile_grid(image_size_wh=(1000, 600), tile_size_px=200, overlap_px=0, downsample=1.0)
+    col, row = full.columns_rows()
+    assert col.tolist() == [i % 5 for i in range(15)] and row.tolist() == [i // 5 for i in range(15)]
+    tissue = np.zeros((6, 10), bool)
+    tissue[5, 9] = True  # only the bottom-right tile is kept
+    sparse = tile_grid(
+        image_size_wh=(1000, 600),
+        tile_size_px=200,
+        overlap_px=0,
+        downsample=1.0,
+        tissue_mask=tissue,
+        tissue_downsample=100.0,
+    )
+    assert [c.tolist() for c in sparse.columns_rows()] == [[4], [2]]
 
 
 @pytest.mark.parametrize("block_tiles", [1, 2, 3, 5])
@@ -172,7 +183,7 @@ def test_blocks_hold_every_tile_once_and_only_neighbours(block_tiles):
     blocks = tile_blocks(grid, block_tiles=block_tiles)
     flat = np.concatenate(blocks)
     assert sorted(flat.tolist()) == list(range(len(grid)))
-    col, row = _grid_position(grid)
+    col, row = grid.columns_rows()
     for block in blocks:
         assert col[block].max() - col[block].min() < block_tiles
         assert row[block].max() - row[block].min() < block_tiles

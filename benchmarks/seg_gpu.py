@@ -121,10 +121,9 @@ class SegGpu(PhantomSlideBenchmark):
         compiled: bool = False,
         block_tiles: int | None = None,
         openslide_only: bool = False,
+        readers_average: bool = False,
     ) -> float:
-        config = SegmentConfig(batch_size=self.batch[model])
-        if block_tiles is not None:
-            config = dataclasses.replace(config, read_block_tiles=block_tiles)
+        config = self._config(model, block_tiles=block_tiles, readers_average=readers_average)
         slide = self.openslide_only() if openslide_only else self.slide
         ens = self._ensemble(model, m, compiled=compiled)
         profile = SegmentProfile()
@@ -133,7 +132,7 @@ class SegGpu(PhantomSlideBenchmark):
             segment_slide(slide, ens, tissue=self.tissue, config=config, profile=profile)
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
-        if m == 1 and not compiled and block_tiles is None and not openslide_only:
+        if m == 1 and not compiled and block_tiles is None and not openslide_only and not readers_average:
             self.wall_m1[model] = wall
         ratio = f"{wall / self.wall_m1[model]:.2f}" if model in self.wall_m1 else ""
         self.extras[label] = {
@@ -155,20 +154,34 @@ class SegGpu(PhantomSlideBenchmark):
         self.extras[label] = {"GPU busy %": self.sampler.mean}
         return self.mpx
 
+    def _config(self, model: str, *, block_tiles: int | None, readers_average: bool) -> SegmentConfig:
+        config = SegmentConfig(batch_size=self.batch[model], reduce_on_device=False if readers_average else None)
+        return config if block_tiles is None else dataclasses.replace(config, read_block_tiles=block_tiles)
+
     def _read_only(
-        self, label: str, model: str, *, block_tiles: int | None = None, openslide_only: bool = False
+        self,
+        label: str,
+        model: str,
+        *,
+        block_tiles: int | None = None,
+        openslide_only: bool = False,
+        readers_average: bool = False,
     ) -> float:
         manifest = self.manifests[model]
         ens = self._ensemble(model, 1)
-        config = SegmentConfig(batch_size=self.batch[model])
+        config = self._config(model, block_tiles=block_tiles, readers_average=readers_average)
         grid = plan_tiles(self.slide, ens, roi=None, tissue=self.tissue, config=config)
+        # What segment_slide reads: the level's pixels where the GPU averages them.
+        reduction = self.slide.integer_reduction(manifest.input_mpp)
+        box_factor = 1 if readers_average or reduction is None else reduction[1]
         tiles = read_grid_tiles(
             self.openslide_only() if openslide_only else self.slide,
             grid,
             mpp=manifest.input_mpp,
             workers=config.workers_for(self.device),
-            block_tiles=config.read_block_tiles if block_tiles is None else block_tiles,
+            block_tiles=config.read_block_tiles,
             max_pending_tiles=2 * config.batch_size,
+            box_factor=box_factor,
         )
         for _ in tiles:
             pass
@@ -184,22 +197,33 @@ class SegGpu(PhantomSlideBenchmark):
             for m in (1, 5, 8):
                 label = f"ours M={m}, {name}"
                 cases.append(Case(label, lambda label=label, model=model, m=m: self._run(label, model, m)))
-        # The reader before: every tile on its own through OpenSlide; then direct decoding alone.
-        for label, openslide_only in (
-            ("read only, nnU-Net-sized tiles, OpenSlide, per-tile reads (before)", True),
-            ("read only, nnU-Net-sized tiles, direct, per-tile reads", False),
-        ):
-            cases.append(
-                Case(
-                    label,
-                    lambda label=label, o=openslide_only: self._read_only(
-                        label, "big", block_tiles=1, openslide_only=o
-                    ),
-                )
-            )
-        label = "ours M=1, nnU-Net-sized, OpenSlide, per-tile reads (before)"
+        # The readers before (same run): 3 x 3 blocks averaged by the reading threads; and the
+        # first reader, every tile on its own through OpenSlide.
         # label=label: each case keeps its own label (a plain closure would see the last one).
-        cases.append(Case(label, lambda label=label: self._run(label, "big", 1, block_tiles=1, openslide_only=True)))
+        before = "readers average (before)"
+        first = "OpenSlide, per-tile reads, readers average (first reader)"
+        label = f"read only, nnU-Net-sized tiles, {before}"
+        cases.append(Case(label, lambda label=label: self._read_only(label, "big", readers_average=True)))
+        label = f"read only, nnU-Net-sized tiles, {first}"
+        cases.append(
+            Case(
+                label,
+                lambda label=label: self._read_only(
+                    label, "big", block_tiles=1, openslide_only=True, readers_average=True
+                ),
+            )
+        )
+        label = f"ours M=1, nnU-Net-sized, {before}"
+        cases.append(Case(label, lambda label=label: self._run(label, "big", 1, readers_average=True)))
+        label = f"ours M=1, nnU-Net-sized, {first}"
+        cases.append(
+            Case(
+                label,
+                lambda label=label: self._run(
+                    label, "big", 1, block_tiles=1, openslide_only=True, readers_average=True
+                ),
+            )
+        )
         label = "ours M=5, nnU-Net-sized, torch.compile"
         cases.append(Case(label, lambda label=label: self._run(label, "big", 5, compiled=True)))
         # Last, so that CUDA and cuDNN start-up were paid by the warm-ups before; no warm-up of its own.
@@ -223,6 +247,6 @@ class SegGpu(PhantomSlideBenchmark):
             f"batch {self.batch['big']}",
             "read threads": str(workers),
             "reads": f"JPEG tiles decoded directly, blocks of {SegmentConfig().read_block_tiles}x"
-            f"{SegmentConfig().read_block_tiles} tiles",
+            f"{SegmentConfig().read_block_tiles} tiles; level 0 averaged to 1 µm/px on the GPU (nnU-Net-sized)",
             "overlap": str(SegmentConfig().overlap_fraction),
         }

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: N812
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
@@ -106,16 +107,19 @@ class Ensemble:
         dev = resolve_device(device)
         return cls(manifest, [m.to(dev).eval() for m in members], folder=Path("."), device=dev)
 
-    def normalize(self, batch_uint8: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 normalised as the manifest says.
+    def normalize(self, batch_uint8: torch.Tensor, *, box_factor: int = 1) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, 3, H / box_factor, W / box_factor) float32 normalised as the manifest says.
 
-        On CUDA the uint8 batch goes through pinned memory, so the copy is asynchronous and
-        the next batch can be read while this one runs.
+        ``box_factor`` > 1 averages boxes of that many pixels per side on the device first (see
+        ``SegmentConfig.reduce_on_device``). On CUDA the uint8 batch goes through pinned
+        memory, so the copy is asynchronous and the next batch can be read while this one runs.
         """
         if self.device.type == "cuda" and not batch_uint8.is_pinned():
             batch_uint8 = batch_uint8.pin_memory()
-        x = batch_uint8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        return (x - self._mean) / self._std
+        x = batch_uint8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        if box_factor > 1:
+            x = F.avg_pool2d(x, box_factor)
+        return (x.div_(255.0) - self._mean) / self._std
 
     def compile(self) -> Ensemble:
         """The same ensemble with ``torch.compile``d members (worth it on GPUs for long runs)."""
@@ -123,10 +127,12 @@ class Ensemble:
         return Ensemble(self.manifest, compiled, folder=self.folder, device=self.device)
 
     @torch.inference_mode()
-    def member_probs(self, batch_uint8: np.ndarray | torch.Tensor, *, precision: Precision) -> torch.Tensor:
-        """Softmax of every member: (M, B, C, H, W) float32 on the device."""
+    def member_probs(
+        self, batch_uint8: np.ndarray | torch.Tensor, *, precision: Precision, box_factor: int = 1
+    ) -> torch.Tensor:
+        """Softmax of every member: (M, B, C, H, W) float32 on the device (H, W after ``box_factor``)."""
         batch = torch.from_numpy(batch_uint8) if isinstance(batch_uint8, np.ndarray) else batch_uint8
-        x = self.normalize(batch)
+        x = self.normalize(batch, box_factor=box_factor)
         out = []
         for model in self.members:
             if precision.autocast_dtype is not None:

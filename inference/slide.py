@@ -194,13 +194,11 @@ class Slide:
         w, h = size_wh
         if w <= 0 or h <= 0:
             raise ValueError(f"region size must be positive, got {size_wh}")
-        downsample = mpp / self.mpp.mean
-        level = self.best_level_for_downsample(downsample)
-        level_ds = self.level_downsamples[level]
-        scale = downsample / level_ds  # level px per output px
-        factor = round(scale)
-        if factor >= 2 and abs(scale - factor) < 1e-6 and isinstance(self.reader, OpenSlideReader):
+        level, scale = self._level_for(mpp)
+        reduction = self.integer_reduction(mpp)
+        if reduction is not None and isinstance(self.reader, OpenSlideReader):
             # An integer step (0.5 µm/px read at 1 µm/px): the same box average, done before conversion.
+            factor = reduction[1]
             return self.reader.read_region_reduced(location_xy, level, (w * factor, h * factor), factor)
         level_w, level_h = max(1, math.ceil(w * scale - 1e-6)), max(1, math.ceil(h * scale - 1e-6))
         rgb = self.reader.read_region(location_xy, level, (level_w, level_h))
@@ -208,6 +206,22 @@ class Slide:
             return rgb
         resample = Image.Resampling.BOX if scale > 1 else Image.Resampling.BILINEAR
         return np.asarray(Image.fromarray(rgb).resize((w, h), resample=resample))
+
+    def integer_reduction(self, mpp: float) -> tuple[int, int] | None:
+        """``(level, factor)`` when reading at ``mpp`` averages ``factor`` x ``factor`` boxes of a level.
+
+        That is when ``mpp`` is an integer multiple (2 or more) of the chosen level's µm/px,
+        as reading a 0.5 µm/px slide at 1 µm/px; otherwise None.
+        """
+        level, scale = self._level_for(mpp)
+        factor = round(scale)
+        return (level, factor) if factor >= 2 and abs(scale - factor) < 1e-6 else None
+
+    def _level_for(self, mpp: float) -> tuple[int, float]:
+        # The level to read for ``mpp`` µm/px, and its px per output px.
+        downsample = mpp / self.mpp.mean
+        level = self.best_level_for_downsample(downsample)
+        return level, downsample / self.level_downsamples[level]
 
     def thumbnail(self, *, mpp: float) -> np.ndarray:
         """The whole image at ``mpp`` µm/px as RGB uint8."""

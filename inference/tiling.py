@@ -274,7 +274,9 @@ def tile_blocks(grid: TileGrid, *, block_tiles: int) -> list[np.ndarray]:
     return np.split(order, np.flatnonzero(np.diff(block[order])) + 1)
 
 
-def grid_block_reader(slide: Slide, grid: TileGrid, *, mpp: float) -> Callable[[np.ndarray], list[np.ndarray]]:
+def grid_block_reader(
+    slide: Slide, grid: TileGrid, *, mpp: float, box_factor: int = 1
+) -> Callable[[np.ndarray], list[np.ndarray]]:
     """``read(indices)``: the (T, T, 3) uint8 pixels of those tiles of ``grid``, from one region read.
 
     Neighbouring tiles overlap, and a slide's compressed tiles rarely line up with ours, so
@@ -282,16 +284,32 @@ def grid_block_reader(slide: Slide, grid: TileGrid, *, mpp: float) -> Callable[[
     once per tile that covers it. The block is read on the model's pixel grid (its origin is
     a tile origin) and the tiles are views into it, so every tile gets the same pixels as a
     read of its own wherever the step from the pyramid level is an integer.
+
+    ``box_factor`` > 1 leaves the box averaging to the caller: the tiles come as the
+    (T * box_factor)² pixels of the pyramid level that ``mpp`` averages (it must be that
+    level's integer step, :meth:`Slide.integer_reduction`).
     """
     tile = grid.tile_size_px
+    f = box_factor
+    if f > 1:
+        reduction = slide.integer_reduction(mpp)
+        if reduction is None or reduction[1] != f:
+            raise ValueError(f"box_factor {f} is not the integer step of reading {slide} at {mpp:g} µm/px")
+        level = reduction[0]
 
     def read(indices: np.ndarray) -> list[np.ndarray]:
         origins = grid.origins_model_px[indices]
         x0, y0 = (int(v) for v in origins.min(axis=0))
         x1, y1 = (int(v) + tile for v in origins.max(axis=0))
         location = (round(x0 * grid.downsample), round(y0 * grid.downsample))
-        pixels = slide.read_region_at_mpp(location, (x1 - x0, y1 - y0), mpp=mpp)
-        return [pixels[y - y0 : y - y0 + tile, x - x0 : x - x0 + tile] for x, y in origins.tolist()]
+        if f > 1:
+            pixels = slide.read_region(location, level, ((x1 - x0) * f, (y1 - y0) * f))
+        else:
+            pixels = slide.read_region_at_mpp(location, (x1 - x0, y1 - y0), mpp=mpp)
+        cut = tile * f
+        return [
+            pixels[(y - y0) * f : (y - y0) * f + cut, (x - x0) * f : (x - x0) * f + cut] for x, y in origins.tolist()
+        ]
 
     return read
 
@@ -304,17 +322,20 @@ def read_grid_tiles(
     workers: int,
     block_tiles: int = 1,
     max_pending_tiles: int = 16,
+    box_factor: int = 1,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(index, pixels)`` for every tile of ``grid``, read ahead on ``workers`` threads.
 
     Tiles are read in blocks of up to ``block_tiles`` x ``block_tiles`` (:func:`grid_block_reader`)
     and come in block order (:func:`tile_blocks`); ``block_tiles=1`` reads them one by one in
     grid order. About ``max_pending_tiles`` tiles (never fewer than ``workers`` blocks) wait
-    in memory at most. Closing the iterator early cancels the pending reads.
+    in memory at most. ``box_factor`` > 1 yields the pyramid level's pixels for the caller to
+    box-average (:func:`grid_block_reader`). Closing the iterator early cancels the pending reads.
     """
     blocks = tile_blocks(grid, block_tiles=block_tiles)
     pending = max(workers, 1, math.ceil(max_pending_tiles / block_tiles**2))
-    reads = read_ahead(grid_block_reader(slide, grid, mpp=mpp), blocks, workers=workers, max_pending=pending)
+    reader = grid_block_reader(slide, grid, mpp=mpp, box_factor=box_factor)
+    reads = read_ahead(reader, blocks, workers=workers, max_pending=pending)
     try:
         for indices, pixels in reads:
             yield from zip(indices.tolist(), pixels, strict=True)

@@ -44,3 +44,24 @@ def test_demo_ensemble_bf16_on_gpu_agrees_with_cpu(phantom_svs):
     assert same_class > 0.995
     assert np.abs(gpu.prob - cpu.prob)[covered].mean() < 0.01
     assert (gpu.mutual_information >= 0).all()
+
+
+def test_level_pixels_averaged_on_the_gpu_give_the_cpu_maps(phantom_svs):
+    """A 1 µm/px model on the 0.5 µm/px phantom: on CUDA the GPU averages level 0 (automatic)."""
+    import dataclasses
+
+    def at_1um(device: str) -> Ensemble:
+        ens = Ensemble.load(demo_model_dir("seg"), task="segmentation", device=device)
+        manifest = dataclasses.replace(ens.manifest, input_mpp=1.0)
+        return Ensemble(manifest, ens.members, folder=ens.folder, device=ens.device)
+
+    cpu, gpu = at_1um("cpu"), at_1um("cuda")
+    profile = SegmentProfile()
+    config = SegmentConfig(precision="fp32")
+    with open_slide(phantom_svs) as slide:
+        ref = segment_slide(slide, cpu, config=config)
+        out = segment_slide(slide, gpu, config=config, profile=profile)
+    assert profile.box_factor == 2
+    for name in ("prob", "predictive_entropy", "mutual_information"):
+        diff = np.abs(getattr(out, name) - getattr(ref, name))
+        assert diff.mean() < 1e-3 and diff.max() < 0.05, (name, diff.mean(), diff.max())

@@ -221,3 +221,27 @@ def test_demo_ensemble_maps_do_not_depend_on_tiling(phantom_svs):
         # Zero padding at tile borders is the only difference left: tiny on average, small at worst.
         assert diff.mean() < 0.002 and diff.max() < 0.1, (name, diff.mean(), diff.max())
     assert ((one.prob >= 0.5) == (many.prob >= 0.5)).mean() > 0.999
+
+
+def test_averaging_on_the_device_gives_the_readers_maps(phantom_svs):
+    """A 1 µm/px model on a 0.5 µm/px slide: the level-0 pixels averaged by torch, or by the readers."""
+    import dataclasses
+
+    from inference.ensemble import Ensemble, demo_model_dir
+    from inference.slide import open_slide
+
+    ens = Ensemble.load(demo_model_dir("seg"), task="segmentation", device="cpu")
+    ens = Ensemble(dataclasses.replace(ens.manifest, input_mpp=1.0), ens.members, folder=ens.folder, device=ens.device)
+    maps, profiles = {}, {}
+    with open_slide(phantom_svs) as slide:
+        for on_device in (True, False):
+            profiles[on_device] = SegmentProfile()
+            config = SegmentConfig(reduce_on_device=on_device, precision="fp32")
+            maps[on_device] = segment_slide(slide, ens, config=config, profile=profiles[on_device])
+    assert (profiles[True].box_factor, profiles[False].box_factor) == (2, 1)
+    assert SegmentConfig().reduce_on_device is None  # automatic: on CUDA
+    np.testing.assert_array_equal(maps[True].covered, maps[False].covered)
+    for name in ("prob", "predictive_entropy", "mutual_information"):
+        # The readers round each mean to uint8 (at most 0.5/255 off): the maps barely move.
+        diff = np.abs(getattr(maps[True], name) - getattr(maps[False], name))
+        assert diff.mean() < 1e-3 and diff.max() < 0.05, (name, diff.mean(), diff.max())

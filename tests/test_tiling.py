@@ -205,6 +205,23 @@ def test_block_reads_give_each_tile_its_own_read(phantom_svs):
         np.testing.assert_array_equal(pixels, single[index])
 
 
+def test_box_factor_reads_give_the_level_pixels_that_average_to_the_tiles(phantom_svs):
+    # 0.5 µm/px read at 1 µm/px: with box_factor 2 every tile comes as its 2x2-larger patch
+    # of level 0, whose box means are the reduced tile's pixels before rounding to uint8.
+    with open_slide(phantom_svs) as slide:
+        assert slide.integer_reduction(1.0) == (0, 2)
+        grid = tile_grid(image_size_wh=slide.dimensions, tile_size_px=96, overlap_px=24, downsample=2.0)
+        reduced = dict(read_grid_tiles(slide, grid, mpp=1.0, workers=2, block_tiles=3))
+        level = list(read_grid_tiles(slide, grid, mpp=1.0, workers=2, block_tiles=3, box_factor=2))
+        with pytest.raises(ValueError, match="box_factor 4 is not the integer step"):
+            read_grid_tiles(slide, grid, mpp=1.0, workers=0, box_factor=4).__next__()
+    assert sorted(i for i, _ in level) == sorted(reduced)
+    for index, pixels in level:
+        assert pixels.shape == (192, 192, 3)
+        means = pixels.astype(np.float64).reshape(96, 2, 96, 2, 3).mean(axis=(1, 3))
+        assert np.abs(means - reduced[index]).max() <= 0.5 + 1e-9, index
+
+
 def test_block_reads_at_a_fractional_step_stay_close_to_tile_reads():
     # Smooth stain-like texture (features of ~20 px): 0.5 -> 0.8 µm/px resamples each tile
     # on its own phase, a block once as a whole, so they may differ by interpolation only

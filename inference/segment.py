@@ -74,9 +74,9 @@ class SegmentConfig:
     reduce_on_device
         Where the model's µm/px is an integer multiple (2 to 4) of a pyramid level's (a
         0.5 µm/px slide for a 1 µm/px model), send that level's pixels to the device and
-        average them there, instead of on the reading threads: averaging is about a third
-        of a reader's work per pixel, a GPU does it in microseconds. The model then sees
-        the exact box mean rather than the mean rounded to uint8 (within 0.5/255).
+        average them there (one pooling kernel per batch) instead of on the reading
+        threads, where averaging is about a quarter of the work per pixel. The model then
+        sees the exact box mean rather than the mean rounded to uint8 (within 0.5/255).
         ``None`` does so on CUDA.
     precision
         ``auto`` (bf16 autocast on CUDA and on CPUs with native bf16), ``fp32`` or ``bf16``.

@@ -195,10 +195,9 @@ class Slide:
         if w <= 0 or h <= 0:
             raise ValueError(f"region size must be positive, got {size_wh}")
         level, scale = self._level_for(mpp)
-        reduction = self.integer_reduction(mpp)
-        if reduction is not None and isinstance(self.reader, OpenSlideReader):
+        factor = _integer_step(scale)
+        if factor is not None and isinstance(self.reader, OpenSlideReader):
             # An integer step (0.5 µm/px read at 1 µm/px): the same box average, done before conversion.
-            factor = reduction[1]
             return self.reader.read_region_reduced(location_xy, level, (w * factor, h * factor), factor)
         level_w, level_h = max(1, math.ceil(w * scale - 1e-6)), max(1, math.ceil(h * scale - 1e-6))
         rgb = self.reader.read_region(location_xy, level, (level_w, level_h))
@@ -214,8 +213,8 @@ class Slide:
         as reading a 0.5 µm/px slide at 1 µm/px; otherwise None.
         """
         level, scale = self._level_for(mpp)
-        factor = round(scale)
-        return (level, factor) if factor >= 2 and abs(scale - factor) < 1e-6 else None
+        factor = _integer_step(scale)
+        return None if factor is None else (level, factor)
 
     def _level_for(self, mpp: float) -> tuple[int, float]:
         # The level to read for ``mpp`` µm/px, and its px per output px.
@@ -242,6 +241,12 @@ class Slide:
     def __repr__(self) -> str:
         w, h = self.dimensions
         return f"Slide({self.path}, {w}x{h}, levels={self.level_count}, mpp={self.mpp.mean:g})"
+
+
+def _integer_step(scale: float) -> int | None:
+    # Level px per output px when that is a whole number of 2 or more, else None.
+    factor = round(scale)
+    return factor if factor >= 2 and abs(scale - factor) < 1e-6 else None
 
 
 def _mpp_from_resolution(x_res: float, y_res: float, unit: str) -> tuple[float, float] | None:

@@ -307,9 +307,8 @@ def grid_block_reader(
         else:
             pixels = slide.read_region_at_mpp(location, (x1 - x0, y1 - y0), mpp=mpp)
         cut = tile * f
-        return [
-            pixels[(y - y0) * f : (y - y0) * f + cut, (x - x0) * f : (x - x0) * f + cut] for x, y in origins.tolist()
-        ]
+        offsets = ((origins - (x0, y0)) * f).tolist()  # in px of the region read
+        return [pixels[dy : dy + cut, dx : dx + cut] for dx, dy in offsets]
 
     return read
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from torch import nn
 
-from inference.ensemble import Ensemble
+from inference.ensemble import Ensemble, demo_model_dir
 from inference.manifest import Manifest, Member
 from inference.slide import ArrayReader, Mpp, Slide
 
@@ -63,6 +65,13 @@ def make_manifest(*, tile_size_px: int = 64, input_mpp: float = 1.0, n_members: 
 def pointwise_ensemble(n: int, *, tile_size_px: int = 64, identical: bool = False, seed: int = 0) -> Ensemble:
     members = pointwise_members(n, seed=seed, identical=identical)
     return Ensemble.from_members(make_manifest(tile_size_px=tile_size_px, n_members=n), members, device="cpu")
+
+
+def demo_seg_ensemble(*, device: str = "cpu", **manifest_changes) -> Ensemble:
+    """The shipped demo segmentation ensemble, with ``manifest_changes`` (tile size, µm/px) applied."""
+    ens = Ensemble.load(demo_model_dir("seg"), task="segmentation", device=device)
+    manifest = dataclasses.replace(ens.manifest, **manifest_changes)
+    return Ensemble(manifest, ens.members, folder=ens.folder, device=ens.device)
 
 
 def random_slide(width: int, height: int, *, mpp: float = 1.0, seed: int = 0) -> Slide:

@@ -7,7 +7,7 @@ import torch
 from inference.ensemble import Ensemble, demo_model_dir
 from inference.segment import SegmentConfig, SegmentProfile, segment_slide
 from inference.slide import open_slide
-from tests.helpers import pointwise_ensemble, random_slide
+from tests.helpers import demo_seg_ensemble, pointwise_ensemble, random_slide
 
 pytestmark = [
     pytest.mark.cuda,
@@ -48,14 +48,7 @@ def test_demo_ensemble_bf16_on_gpu_agrees_with_cpu(phantom_svs):
 
 def test_level_pixels_averaged_on_the_gpu_give_the_cpu_maps(phantom_svs):
     """A 1 µm/px model on the 0.5 µm/px phantom: on CUDA the GPU averages level 0 (automatic)."""
-    import dataclasses
-
-    def at_1um(device: str) -> Ensemble:
-        ens = Ensemble.load(demo_model_dir("seg"), task="segmentation", device=device)
-        manifest = dataclasses.replace(ens.manifest, input_mpp=1.0)
-        return Ensemble(manifest, ens.members, folder=ens.folder, device=ens.device)
-
-    cpu, gpu = at_1um("cpu"), at_1um("cuda")
+    cpu, gpu = demo_seg_ensemble(input_mpp=1.0), demo_seg_ensemble(device="cuda", input_mpp=1.0)
     profile = SegmentProfile()
     config = SegmentConfig(precision="fp32")
     with open_slide(phantom_svs) as slide:

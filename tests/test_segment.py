@@ -10,7 +10,7 @@ from inference.slide import Mpp, Slide
 from inference.tiling import gaussian_weights
 from inference.tissue import TissueMask
 from inference.uncertainty import ensemble_stats_np
-from tests.helpers import pointwise_ensemble, random_slide
+from tests.helpers import demo_seg_ensemble, pointwise_ensemble, random_slide
 
 
 def _direct(ensemble, rgb):
@@ -203,15 +203,10 @@ def test_inference_mode_leaves_no_grad():
 
 def test_demo_ensemble_maps_do_not_depend_on_tiling(phantom_svs):
     """The shipped U-Net (BatchNorm, so no per-tile statistics): small tiles give the big tile's maps."""
-    import dataclasses
-
-    from inference.ensemble import Ensemble, demo_model_dir
     from inference.slide import open_slide
 
-    ens = Ensemble.load(demo_model_dir("seg"), task="segmentation", device="cpu")
-    big = Ensemble(
-        dataclasses.replace(ens.manifest, tile_size_px=1024), ens.members, folder=ens.folder, device=ens.device
-    )
+    ens = demo_seg_ensemble()
+    big = demo_seg_ensemble(tile_size_px=1024)
     with open_slide(phantom_svs) as slide:
         one = segment_slide(slide, big, config=SegmentConfig(read_workers=0))
         many = segment_slide(slide, ens, config=SegmentConfig(read_workers=0))
@@ -225,13 +220,9 @@ def test_demo_ensemble_maps_do_not_depend_on_tiling(phantom_svs):
 
 def test_averaging_on_the_device_gives_the_readers_maps(phantom_svs):
     """A 1 µm/px model on a 0.5 µm/px slide: the level-0 pixels averaged by torch, or by the readers."""
-    import dataclasses
-
-    from inference.ensemble import Ensemble, demo_model_dir
     from inference.slide import open_slide
 
-    ens = Ensemble.load(demo_model_dir("seg"), task="segmentation", device="cpu")
-    ens = Ensemble(dataclasses.replace(ens.manifest, input_mpp=1.0), ens.members, folder=ens.folder, device=ens.device)
+    ens = demo_seg_ensemble(input_mpp=1.0)
     maps, profiles = {}, {}
     with open_slide(phantom_svs) as slide:
         for on_device in (True, False):

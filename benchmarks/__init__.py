@@ -176,6 +176,7 @@ def print_results(title: str, bench: Benchmark, results: list[Result], console: 
 # dependency (uvicorn, nnunetv2) is missing does not stop the others.
 _REGISTRY: dict[str, str] = {
     "tile_read": "benchmarks.tile_read:TileRead",
+    "jpeg_decode": "benchmarks.jpeg_decode:JpegDecode",
     "seg_inference": "benchmarks.seg_inference:SegInference",
     "nuclei_inference": "benchmarks.nuclei_inference:NucleiInference",
     "write_nuclei": "benchmarks.write_nuclei:WriteNuclei",

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import imagecodecs
@@ -32,6 +33,30 @@ DIRECT_VENDORS = frozenset({"aperio", "generic-tiff"})
 DIRECT_COMPRESSIONS = frozenset({1, 5, 7, 8, 32946})
 # Set to 1 to read every pixel through OpenSlide (a way out if a file decodes differently).
 OPENSLIDE_ONLY_ENV = "PDL1_OPENSLIDE_ONLY"
+
+_SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
+# APP14 "Adobe", version 100, no flags, transform 0: the three components are RGB, not YCbCr.
+_ADOBE_NO_TRANSFORM = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+
+
+def standalone_jpeg(tile: bytes, tables: bytes | None, *, rgb: bool) -> bytes:
+    """A TIFF JPEG tile as a complete JPEG file that any decoder reads with no side information.
+
+    TIFF stores JPEG tiles abbreviated: the quantisation and Huffman tables they share sit
+    once in the page's JPEGTables tag (itself SOI, tables, EOI), and a tile's stream starts
+    at its own SOI. ``rgb`` marks tiles whose samples are RGB (Aperio's: photometric RGB, no
+    JFIF marker); decoders take three-component JPEG for YCbCr unless an Adobe marker says
+    there is no colour transform, so one is added. Decoders that get each tile on its own
+    (a GPU's batched JPEG decoder) need this; libjpeg-turbo is instead told both things apart.
+    """
+    if tile[:2] != _SOI:
+        raise ValueError(f"a JPEG tile starts with SOI (ffd8), this one with {tile[:2].hex() or 'nothing'}")
+    head = _SOI + (_ADOBE_NO_TRANSFORM if rgb else b"")
+    if tables:
+        if tables[:2] != _SOI or tables[-2:] != _EOI:
+            raise ValueError("JPEGTables must be an abbreviated table stream (SOI ... EOI)")
+        head += tables[2:-2]
+    return head + tile[2:]
 
 
 class _TiledLevel:
@@ -68,6 +93,16 @@ class _TiledLevel:
             return pixels
         pixels, _, _ = self._decode_page(data, index, jpegtables=self.jpegtables)
         return pixels[0]  # (1, tile_h, tile_w, 3) -> (tile_h, tile_w, 3)
+
+    @property
+    def is_jpeg(self) -> bool:
+        return self._jpeg
+
+    def standalone_jpeg(self, data: bytes) -> bytes:
+        """Tile bytes ``data`` as a complete JPEG file (:func:`standalone_jpeg`); JPEG levels only."""
+        if not self._jpeg:
+            raise ValueError("this level's tiles are not JPEG-compressed")
+        return standalone_jpeg(data, self.jpegtables, rgb=self._jpeg_colorspace == 2)
 
     @staticmethod
     def supported(page) -> bool:
@@ -148,6 +183,20 @@ class TiffTileReader(OpenSlideReader):
         if level not in self._levels:
             return super().read_region_reduced(location_xy, level, size_wh, factor)
         return np.asarray(Image.fromarray(self.read_region(location_xy, level, size_wh)).reduce(factor))
+
+    def jpeg_tiles(self, level: int) -> Iterator[tuple[int, bytes]]:
+        """``(index, complete JPEG file)`` of every stored tile of a direct JPEG level, in file order.
+
+        For decoders that take each tile as a file of its own (:func:`standalone_jpeg`);
+        tiles the scanner never wrote (glass) are left out.
+        """
+        tiled = self._levels.get(level)
+        if tiled is None or not tiled.is_jpeg:
+            raise ValueError(f"level {level} of {self.path} is not a JPEG level decoded here")
+        for index in np.argsort(tiled.offsets, kind="stable").tolist():
+            count = int(tiled.byte_counts[index])
+            if count:
+                yield index, tiled.standalone_jpeg(self._pread(count, int(tiled.offsets[index])))
 
     def _tile(self, level: int, index: int) -> np.ndarray | None:
         tiled = self._levels[level]

@@ -97,3 +97,70 @@ def test_a_damaged_tile_names_the_file_and_tile(phantom_svs, tmp_path):
         with pytest.raises(SlideFormatError, match=r"damaged\.svs: tile 0 of level 0 cannot be decoded"):
             slide.read_region((0, 0), 0, (64, 64))
         slide.read_region((1024, 1024), 0, (64, 64))  # the rest of the slide still reads
+
+
+def _assert_standalone_tiles_decode_alone(path) -> int:
+    # A GPU decoder gets each tile as a file of its own: no JPEGTables, no colour space hint.
+    # Two decoders that are told nothing (imagecodecs and Pillow) must give the tiles' pixels.
+    import io
+
+    import imagecodecs
+    from PIL import Image
+
+    with open_slide(path) as slide:
+        reader = slide.reader
+        n = 0
+        for index, stream in reader.jpeg_tiles(0):
+            expected = reader._tile(0, index)
+            np.testing.assert_array_equal(imagecodecs.jpeg8_decode(stream), expected)
+            np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(stream)).convert("RGB")), expected)
+            n += 1
+    return n
+
+
+def test_standalone_jpeg_tiles_of_a_phantom_decode_with_no_side_information(phantom_svs):
+    with open_slide(phantom_svs) as slide:
+        level = slide.reader._levels[0]
+        expected = int(np.count_nonzero(level.byte_counts))
+    assert _assert_standalone_tiles_decode_alone(phantom_svs) == expected
+
+
+def test_standalone_jpeg_tiles_of_a_real_aperio_slide_decode_with_no_side_information(cmu_svs):
+    # Aperio's tiles are abbreviated (tables in the JPEGTables tag) and hold RGB samples.
+    assert _assert_standalone_tiles_decode_alone(cmu_svs) > 0
+
+
+def test_standalone_jpeg_needs_the_adobe_marker_for_rgb_tiles(cmu_svs):
+    import imagecodecs
+
+    from inference.tiff_tiles import standalone_jpeg
+
+    with open_slide(cmu_svs) as slide:
+        reader = slide.reader
+        level = reader._levels[0]
+        index = int(np.argmax(level.byte_counts))
+        data = reader._pread(int(level.byte_counts[index]), int(level.offsets[index]))
+        expected = reader._tile(0, index)
+    as_ycbcr = imagecodecs.jpeg8_decode(standalone_jpeg(data, level.jpegtables, rgb=False))
+    assert np.abs(as_ycbcr.astype(int) - expected).max() > 50  # read as YCbCr: wrong colours
+    with pytest.raises(imagecodecs.Jpeg8Error):
+        imagecodecs.jpeg8_decode(data)  # and without the tables it does not decode at all
+
+
+def test_standalone_jpeg_refuses_what_is_not_a_jpeg_tile():
+    from inference.tiff_tiles import standalone_jpeg
+
+    with pytest.raises(ValueError, match="starts with SOI"):
+        standalone_jpeg(b"\x89PNG", None, rgb=False)
+    with pytest.raises(ValueError, match="JPEGTables"):
+        standalone_jpeg(b"\xff\xd8\xff\xd9", b"\x00\x01", rgb=True)
+
+
+def test_jpeg_tiles_refuses_a_level_that_is_not_jpeg(tmp_path):
+    path = tmp_path / "lzw.tif"
+    rgb = np.random.default_rng(0).integers(0, 255, (512, 512, 3), np.uint8)
+    tifffile.imwrite(path, rgb, tile=(256, 256), compression="lzw", photometric="rgb")
+    with open_slide(path, mpp=0.5) as slide:
+        assert isinstance(slide.reader, TiffTileReader)
+        with pytest.raises(ValueError, match="not a JPEG level"):
+            next(slide.reader.jpeg_tiles(0))

@@ -26,7 +26,7 @@ import imagecodecs
 import numpy as np
 import torch
 
-from benchmarks import Benchmark, Case
+from benchmarks import Case, PhantomSlideBenchmark
 from inference.slide import open_slide
 from inference.tiff_tiles import TiffTileReader
 
@@ -34,34 +34,28 @@ SLIDE_ENV = "PDL1_BENCH_SLIDE"
 _MODEL_BATCHES = 20
 
 
-class JpegDecode(Benchmark):
+class JpegDecode(PhantomSlideBenchmark):
     """JPEG tile decode Mpx/s: libjpeg-turbo on 1 and N CPU threads vs nvImageCodec backends on the GPU."""
 
     unit = "Mpx/s"
     extra_columns = ("max |diff|", "model slowdown")
 
     def setup(self, *, quick: bool) -> None:
-        import tempfile
-
-        from inference.phantom import PhantomSpec, write_phantom
-
-        self.tmp: Path | None = None
         path = os.environ.get(SLIDE_ENV)
         if path is None:
-            self.tmp = Path(tempfile.mkdtemp(prefix="pdl1-bench-"))
-            path = str(self.tmp / "bench.svs")
-            write_phantom(path, PhantomSpec(*(2 * (4096 if quick else 8192,)), seed=77))
-        with open_slide(path) as slide:
-            reader = slide.reader
-            if not isinstance(reader, TiffTileReader) or 0 not in reader.direct_levels:
-                raise RuntimeError(f"{path}: level 0 is not a tiled TIFF level decoded here (see inference.tiff_tiles)")
-            self.level = reader._levels[0]
-            if not self.level.is_jpeg:
-                raise RuntimeError(f"{path}: level 0 is not JPEG-compressed")
-            self.streams = list(reader.jpeg_tiles(0))
-            offsets, counts = self.level.offsets, self.level.byte_counts
-            self.stored = [(i, reader._pread(int(counts[i]), int(offsets[i]))) for i, _ in self.streams]
-            self.slide_name = f"{Path(path).name}, {slide.dimensions[0]}x{slide.dimensions[1]} px"
+            self.open_phantom(4096 if quick else 8192, seed=77)
+        else:
+            self.slide = open_slide(path)
+        reader = self.slide.reader
+        if not isinstance(reader, TiffTileReader) or 0 not in reader.direct_levels:
+            raise RuntimeError(f"{self.slide.path}: level 0 is not a tiled TIFF level inference.tiff_tiles decodes")
+        self.level = reader._levels[0]
+        if not self.level.is_jpeg:
+            raise RuntimeError(f"{self.slide.path}: level 0 is not JPEG-compressed")
+        self.streams = list(reader.jpeg_tiles(0))
+        self.stored = [(i, reader.tile_bytes(0, i)) for i, _ in self.streams]
+        width, height = self.slide.dimensions
+        self.slide_name = f"{Path(self.slide.path).name}, {width}x{height} px"
         self.reference = {i: self.level.decode(data, i) for i, data in self.stored}
         self.threads = min(12, max(2, (os.cpu_count() or 2) - 2))  # segment's reading threads on CUDA
         self.extras: dict[str, dict[str, str]] = {}
@@ -205,12 +199,6 @@ class JpegDecode(Benchmark):
         if self.gpu:
             conditions["model"] = f"PlainConvUNet features 32..512, {_MODEL_BATCHES} batches of 16 x 512² px, bf16"
         return conditions
-
-    def teardown(self) -> None:
-        import shutil
-
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _nvimgcodec():

@@ -73,7 +73,7 @@ class _TiledLevel:
         self.byte_counts = np.asarray(page.databytecounts, np.int64)
         self.jpegtables = page.jpegtables
         self._decode_page = page.decode
-        self._jpeg = int(page.compression) == 7
+        self.is_jpeg = int(page.compression) == 7
         # JPEG tiles of photometric RGB without a JFIF marker (Aperio's) hold RGB, not YCbCr.
         self._jpeg_colorspace = 2 if int(page.photometric) == 2 and not page.is_jfif else None
         if len(self.offsets) != self.tiles_across * self.tiles_down:
@@ -81,7 +81,7 @@ class _TiledLevel:
 
     def decode(self, data: bytes, index: int) -> np.ndarray:
         """(tile_h, tile_w, 3) uint8 pixels of tile ``index`` from its stored bytes."""
-        if self._jpeg:
+        if self.is_jpeg:
             # imagecodecs directly: tifffile's generic decode adds Python work per tile, and
             # with many reading threads that time is spent holding the GIL (measured on 14
             # threads: 280 vs 620 Mpx/s of decoded tiles).
@@ -94,13 +94,9 @@ class _TiledLevel:
         pixels, _, _ = self._decode_page(data, index, jpegtables=self.jpegtables)
         return pixels[0]  # (1, tile_h, tile_w, 3) -> (tile_h, tile_w, 3)
 
-    @property
-    def is_jpeg(self) -> bool:
-        return self._jpeg
-
     def standalone_jpeg(self, data: bytes) -> bytes:
         """Tile bytes ``data`` as a complete JPEG file (:func:`standalone_jpeg`); JPEG levels only."""
-        if not self._jpeg:
+        if not self.is_jpeg:
             raise ValueError("this level's tiles are not JPEG-compressed")
         return standalone_jpeg(data, self.jpegtables, rgb=self._jpeg_colorspace == 2)
 
@@ -194,18 +190,22 @@ class TiffTileReader(OpenSlideReader):
         if tiled is None or not tiled.is_jpeg:
             raise ValueError(f"level {level} of {self.path} is not a JPEG level decoded here")
         for index in np.argsort(tiled.offsets, kind="stable").tolist():
-            count = int(tiled.byte_counts[index])
-            if count:
-                yield index, tiled.standalone_jpeg(self._pread(count, int(tiled.offsets[index])))
+            data = self.tile_bytes(level, index)
+            if data is not None:
+                yield index, tiled.standalone_jpeg(data)
 
-    def _tile(self, level: int, index: int) -> np.ndarray | None:
+    def tile_bytes(self, level: int, index: int) -> bytes | None:
+        """Tile ``index`` of a direct level as stored in the file; None for a tile never written."""
         tiled = self._levels[level]
         count = int(tiled.byte_counts[index])
-        if count == 0:
+        return None if count == 0 else self._pread(count, int(tiled.offsets[index]))
+
+    def _tile(self, level: int, index: int) -> np.ndarray | None:
+        data = self.tile_bytes(level, index)
+        if data is None:
             return None
-        data = self._pread(count, int(tiled.offsets[index]))
         try:
-            return tiled.decode(data, index)
+            return self._levels[level].decode(data, index)
         except Exception as err:
             raise SlideFormatError(
                 f"{self.path}: tile {index} of level {level} cannot be decoded ({type(err).__name__}: {err}); "

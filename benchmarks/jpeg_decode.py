@@ -10,7 +10,8 @@ stream, over their time alone).
 
 Tiles: level 0 of a phantom SVS (YCbCr JPEG, tables in every tile) or, with
 ``PDL1_BENCH_SLIDE=PATH``, of that slide (Aperio: abbreviated RGB JPEG with shared tables).
-The GPU gets each tile as a file of its own (:func:`inference.tiff_tiles.standalone_jpeg`).
+The GPU gets each tile as a file of its own (:func:`inference.tiff_tiles.standalone_jpeg`),
+decoded as the pipeline decodes it (:class:`inference.gpu_decode.NvImageCodecDecoder`).
 CPU rows run anywhere; GPU rows need CUDA and ``nvidia-nvimgcodec-cu12`` or ``-cu13``.
 """
 
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from benchmarks import Case, PhantomSlideBenchmark
+from inference.gpu_decode import NvImageCodecDecoder, nvimgcodec_available
 from inference.slide import open_slide
 from inference.tiff_tiles import TiffTileReader
 
@@ -49,7 +51,7 @@ class JpegDecode(PhantomSlideBenchmark):
         reader = self.slide.reader
         if not isinstance(reader, TiffTileReader) or 0 not in reader.direct_levels:
             raise RuntimeError(f"{self.slide.path}: level 0 is not a tiled TIFF level inference.tiff_tiles decodes")
-        self.level = reader._levels[0]
+        self.level = reader.tiled_level(0)
         if not self.level.is_jpeg:
             raise RuntimeError(f"{self.slide.path}: level 0 is not JPEG-compressed")
         self.streams = list(reader.jpeg_tiles(0))
@@ -59,8 +61,8 @@ class JpegDecode(PhantomSlideBenchmark):
         self.reference = {i: self.level.decode(data, i) for i, data in self.stored}
         self.threads = min(12, max(2, (os.cpu_count() or 2) - 2))  # segment's reading threads on CUDA
         self.extras: dict[str, dict[str, str]] = {}
-        self.gpu = torch.cuda.is_available() and _nvimgcodec() is not None
-        self._decoders: dict[str | None, object] = {}
+        self.gpu = torch.cuda.is_available() and nvimgcodec_available()
+        self._decoders: dict[str | None, NvImageCodecDecoder] = {}
         if self.gpu:
             self._setup_model()
 
@@ -92,22 +94,21 @@ class JpegDecode(PhantomSlideBenchmark):
         return self.mpx
 
     # GPU -----------------------------------------------------------------------------------
-    def _decoder(self, kind: str | None):
+    def _decoder(self, kind: str | None) -> NvImageCodecDecoder:
         if kind not in self._decoders:
-            nvimgcodec = _nvimgcodec()
-            backends = None if kind is None else [nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, kind))]
-            self._decoders[kind] = nvimgcodec.Decoder() if backends is None else nvimgcodec.Decoder(backends=backends)
+            self._decoders[kind] = NvImageCodecDecoder(torch.device("cuda"), backend=kind)
         return self._decoders[kind]
 
-    def _gpu_batch(self, decoder, start: int, batch: int, stream: torch.cuda.Stream) -> list[torch.Tensor]:
-        # Decoded on ``stream``: nvImageCodec orders its work before the stream's next work,
-        # and the tensors wrap the decoded images without a copy.
+    def _gpu_batch(
+        self, decoder: NvImageCodecDecoder, start: int, batch: int, stream: torch.cuda.Stream
+    ) -> list[torch.Tensor]:
+        # Decoded as the pipeline decodes (inference.gpu_decode), on ``stream``.
         data = [s for _, s in self.streams[start : start + batch]]
         with torch.cuda.stream(stream):
-            images = decoder.decode(data, cuda_stream=stream.cuda_stream)
-            if any(image is None for image in images):
-                raise RuntimeError(f"nvImageCodec could not decode some of tiles {start}..{start + len(data) - 1}")
-            return [torch.as_tensor(image, device="cuda") for image in images]
+            tiles = decoder(data, self.level.jpeg_rgb)
+        if any(tile is None for tile in tiles):
+            raise RuntimeError(f"nvImageCodec could not decode some of tiles {start}..{start + len(data) - 1}")
+        return tiles
 
     def _gpu(self, label: str, kind: str | None, batch: int) -> float:
         decoder = self._decoder(kind)
@@ -199,11 +200,3 @@ class JpegDecode(PhantomSlideBenchmark):
         if self.gpu:
             conditions["model"] = f"PlainConvUNet features 32..512, {_MODEL_BATCHES} batches of 16 x 512² px, bf16"
         return conditions
-
-
-def _nvimgcodec():
-    try:
-        from nvidia import nvimgcodec
-    except ImportError:
-        return None
-    return nvimgcodec

@@ -6,7 +6,9 @@ depend on them), on which the GPU, not reading, sets the pace. For every case th
 shows the mean GPU utilisation NVML reported while it ran, the share of wall time the
 inference loop waited for tiles (reading starving the GPU), and its wall time against M=1
 of the same model. "read only" runs the same tile reads with no model: the ceiling reading
-puts on every other row.
+puts on every other row. With nvImageCodec installed the GPU decodes the JPEG tiles
+(``SegmentConfig.read_on_device``); rows marked "JPEG decoded on the CPU (before)" read as
+without it, in the same run.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import torch
 
 from benchmarks import Case, PhantomSlideBenchmark
 from inference.ensemble import Ensemble, Precision, demo_model_dir
-from inference.segment import SegmentConfig, SegmentProfile, plan_tiles, segment_slide
-from inference.tiling import read_grid_tiles
+from inference.gpu_decode import nvimgcodec_available
+from inference.segment import SegmentConfig, SegmentProfile, plan_reads, plan_tiles, segment_slide
 from inference.unet import build_model
 
 BIG_FEATURES = (32, 64, 128, 256, 512, 512)
@@ -112,27 +114,16 @@ class SegGpu(PhantomSlideBenchmark):
     def mpx(self) -> float:
         return self.size_px**2 / 1e6
 
-    def _run(
-        self,
-        label: str,
-        model: str,
-        m: int,
-        *,
-        compiled: bool = False,
-        block_tiles: int | None = None,
-        openslide_only: bool = False,
-        readers_average: bool = False,
-    ) -> float:
-        config = self._config(model, block_tiles=block_tiles, readers_average=readers_average)
-        slide = self.openslide_only() if openslide_only else self.slide
+    def _run(self, label: str, model: str, m: int, *, compiled: bool = False, cpu_decoding: bool = False) -> float:
+        config = self._config(model, cpu_decoding=cpu_decoding)
         ens = self._ensemble(model, m, compiled=compiled)
         profile = SegmentProfile()
         with self.sampler:
             t0 = time.perf_counter()
-            segment_slide(slide, ens, tissue=self.tissue, config=config, profile=profile)
+            segment_slide(self.slide, ens, tissue=self.tissue, config=config, profile=profile)
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
-        if m == 1 and not compiled and block_tiles is None and not openslide_only and not readers_average:
+        if m == 1 and not (compiled or cpu_decoding):
             self.wall_m1[model] = wall
         ratio = f"{wall / self.wall_m1[model]:.2f}" if model in self.wall_m1 else ""
         self.extras[label] = {
@@ -154,77 +145,38 @@ class SegGpu(PhantomSlideBenchmark):
         self.extras[label] = {"GPU busy %": self.sampler.mean}
         return self.mpx
 
-    def _config(self, model: str, *, block_tiles: int | None, readers_average: bool) -> SegmentConfig:
-        config = SegmentConfig(batch_size=self.batch[model], reduce_on_device=False if readers_average else None)
-        return config if block_tiles is None else dataclasses.replace(config, read_block_tiles=block_tiles)
+    def _config(self, model: str, *, cpu_decoding: bool = False) -> SegmentConfig:
+        return SegmentConfig(batch_size=self.batch[model], read_on_device=False if cpu_decoding else None)
 
-    def _read_only(
-        self,
-        label: str,
-        model: str,
-        *,
-        block_tiles: int | None = None,
-        openslide_only: bool = False,
-        readers_average: bool = False,
-    ) -> float:
-        manifest = self.manifests[model]
+    def _read_only(self, label: str, model: str, *, cpu_decoding: bool = False) -> float:
+        # What segment_slide reads, with no model.
+        config = self._config(model, cpu_decoding=cpu_decoding)
         ens = self._ensemble(model, 1)
-        config = self._config(model, block_tiles=block_tiles, readers_average=readers_average)
         grid = plan_tiles(self.slide, ens, roi=None, tissue=self.tissue, config=config)
-        # What segment_slide reads: the level's pixels where the GPU averages them.
-        reduction = self.slide.integer_reduction(manifest.input_mpp)
-        box_factor = 1 if readers_average or reduction is None else reduction[1]
-        tiles = read_grid_tiles(
-            self.openslide_only() if openslide_only else self.slide,
-            grid,
-            mpp=manifest.input_mpp,
-            workers=config.workers_for(self.device),
-            block_tiles=config.read_block_tiles,
-            max_pending_tiles=2 * config.batch_size,
-            box_factor=box_factor,
-        )
-        for _ in tiles:
+        reads = plan_reads(self.slide, grid, mpp=ens.manifest.input_mpp, device=self.device, config=config)
+        for _ in reads.tiles():
             pass
+        torch.cuda.synchronize()
         self.extras[label] = {"read wait %": "100"}
         return self.mpx
 
     def cases(self) -> list[Case]:
         naive = "naive M=5 nnU-Net-sized (member by member, batch 1, no read-ahead, fp32)"
+        cpu = "JPEG decoded on the CPU (before)"
         cases = []
+        # label=label: each case keeps its own label (a plain closure would see the last one).
         for model, name in (("demo", "demo U-Net"), ("big", "nnU-Net-sized")):
             label = f"read only, {name} tiles"
             cases.append(Case(label, lambda label=label, model=model: self._read_only(label, model)))
+            label = f"read only, {name} tiles, {cpu}"
+            cases.append(Case(label, lambda label=label, model=model: self._read_only(label, model, cpu_decoding=True)))
             for m in (1, 5, 8):
                 label = f"ours M={m}, {name}"
                 cases.append(Case(label, lambda label=label, model=model, m=m: self._run(label, model, m)))
-        # The readers before (same run): 3 x 3 blocks averaged by the reading threads; and the
-        # first reader, every tile on its own through OpenSlide.
-        # label=label: each case keeps its own label (a plain closure would see the last one).
-        before = "readers average (before)"
-        first = "OpenSlide, per-tile reads, readers average (first reader)"
-        label = f"read only, nnU-Net-sized tiles, {before}"
-        cases.append(Case(label, lambda label=label: self._read_only(label, "big", readers_average=True)))
-        label = f"read only, nnU-Net-sized tiles, {first}"
-        cases.append(
-            Case(
-                label,
-                lambda label=label: self._read_only(
-                    label, "big", block_tiles=1, openslide_only=True, readers_average=True
-                ),
-            )
-        )
-        label = f"ours M=1, nnU-Net-sized, {before}"
-        cases.append(Case(label, lambda label=label: self._run(label, "big", 1, readers_average=True)))
-        label = f"ours M=1, nnU-Net-sized, {first}"
-        cases.append(
-            Case(
-                label,
-                lambda label=label: self._run(
-                    label, "big", 1, block_tiles=1, openslide_only=True, readers_average=True
-                ),
-            )
-        )
-        label = "ours M=5, nnU-Net-sized, torch.compile"
+        for m in (1, 5):
+            label = f"ours M={m}, nnU-Net-sized, {cpu}"
+            cases.append(Case(label, lambda label=label, m=m: self._run(label, "big", m, cpu_decoding=True)))
+        label = "ours M=5, nnU-Net-sized, `torch.compile`"
         cases.append(Case(label, lambda label=label: self._run(label, "big", 5, compiled=True)))
         # Last, so that CUDA and cuDNN start-up were paid by the warm-ups before; no warm-up of its own.
         cases.append(Case(naive, lambda: self._naive(naive), baseline=True, warmup=False))
@@ -235,7 +187,8 @@ class SegGpu(PhantomSlideBenchmark):
 
     def conditions(self) -> dict[str, str]:
         demo, big = self.manifests["demo"], self.manifests["big"]
-        workers = SegmentConfig().workers_for(self.device)
+        on_device = nvimgcodec_available()
+        workers = SegmentConfig().workers_for(self.device, decoding_on_device=on_device)
         return {
             "device": torch.cuda.get_device_name(self.device),
             "torch": torch.__version__,
@@ -246,7 +199,8 @@ class SegGpu(PhantomSlideBenchmark):
             "nnU-Net-sized": f"{list(BIG_FEATURES)}, {big.tile_size_px} px at {big.input_mpp} µm/px, "
             f"batch {self.batch['big']}",
             "read threads": str(workers),
-            "reads": f"JPEG tiles decoded directly, blocks of {SegmentConfig().read_block_tiles}x"
-            f"{SegmentConfig().read_block_tiles} tiles; level 0 averaged to 1 µm/px on the GPU (nnU-Net-sized)",
+            "reads": ("JPEG tiles decoded on the GPU (nvImageCodec)" if on_device else "JPEG tiles decoded directly")
+            + f", blocks of {SegmentConfig().read_block_tiles}x{SegmentConfig().read_block_tiles} tiles; "
+            "level 0 averaged to 1 µm/px on the GPU (nnU-Net-sized)",
             "overlap": str(SegmentConfig().overlap_fraction),
         }

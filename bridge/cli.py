@@ -598,6 +598,7 @@ def _pipeline_config(
     batch_size: int = 8,
     read_workers: int | None = None,
     compile_members: bool = False,
+    gpu_decode: bool | None = None,
 ):
     from inference.pipeline import PipelineConfig
     from inference.segment import SegmentConfig
@@ -609,7 +610,9 @@ def _pipeline_config(
         device=device,
         mpp=mpp,
         refine_with_sua=refine,
-        segment=SegmentConfig(batch_size=batch_size, read_workers=read_workers, compile=compile_members),
+        segment=SegmentConfig(
+            batch_size=batch_size, read_workers=read_workers, compile=compile_members, read_on_device=gpu_decode
+        ),
     )
 
 
@@ -725,13 +728,24 @@ def run(
     read_workers: Annotated[
         int | None,
         typer.Option(
-            min=0, help="Threads reading tiles ahead; default 2 on the CPU, all cores but two (at most 12) on CUDA."
+            min=0,
+            help="Threads reading tiles ahead; default 2 on the CPU; on CUDA 2 when the GPU decodes, "
+            "else all cores but two (at most 12).",
         ),
     ] = None,
     compile_members: Annotated[
         bool,
         typer.Option("--compile", help="torch.compile the segmentation members (pays off on GPUs for long batches)."),
     ] = False,
+    gpu_decode: Annotated[
+        bool | None,
+        typer.Option(
+            "--gpu-decode/--cpu-decode",
+            help="Decode the slides' JPEG tiles on the GPU (nvImageCodec, the gpu-cu12/gpu-cu13 extra) or on "
+            "the CPU. Default: on the GPU wherever possible.",
+            show_default=False,
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Analyse every image: segmentation ensemble + uncertainty + SUA + nuclei, then write to QuPath.
@@ -758,6 +772,7 @@ def run(
                 batch_size=batch_size,
                 read_workers=read_workers,
                 compile_members=compile_members,
+                gpu_decode=gpu_decode,
             ),
             out=out,
             resume=resume,

@@ -112,9 +112,10 @@ class Ensemble:
 
         ``box_factor`` > 1 averages boxes of that many pixels per side on the device first (see
         ``SegmentConfig.reduce_on_device``). On CUDA the uint8 batch goes through pinned
-        memory, so the copy is asynchronous and the next batch can be read while this one runs.
+        memory, so the copy is asynchronous and the next batch can be read while this one runs;
+        a batch already on the device (decoded there) stays where it is.
         """
-        if self.device.type == "cuda" and not batch_uint8.is_pinned():
+        if self.device.type == "cuda" and not batch_uint8.is_cuda and not batch_uint8.is_pinned():
             batch_uint8 = batch_uint8.pin_memory()
         x = batch_uint8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         if box_factor > 1:

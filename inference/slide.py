@@ -194,7 +194,7 @@ class Slide:
         w, h = size_wh
         if w <= 0 or h <= 0:
             raise ValueError(f"region size must be positive, got {size_wh}")
-        level, scale = self._level_for(mpp)
+        level, scale = self.level_for_mpp(mpp)
         factor = _integer_step(scale)
         if factor is not None and isinstance(self.reader, OpenSlideReader):
             # An integer step (0.5 µm/px read at 1 µm/px): the same box average, done before conversion.
@@ -212,12 +212,12 @@ class Slide:
         That is when ``mpp`` is an integer multiple (2 or more) of the chosen level's µm/px,
         as reading a 0.5 µm/px slide at 1 µm/px; otherwise None.
         """
-        level, scale = self._level_for(mpp)
+        level, scale = self.level_for_mpp(mpp)
         factor = _integer_step(scale)
         return None if factor is None else (level, factor)
 
-    def _level_for(self, mpp: float) -> tuple[int, float]:
-        # The level to read for ``mpp`` µm/px, and its px per output px.
+    def level_for_mpp(self, mpp: float) -> tuple[int, float]:
+        """The pyramid level that reading at ``mpp`` µm/px reads, and its px per output px."""
         downsample = mpp / self.mpp.mean
         level = self.best_level_for_downsample(downsample)
         return level, downsample / self.level_downsamples[level]

@@ -16,6 +16,7 @@ import math
 import os
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import imagecodecs
@@ -59,7 +60,18 @@ def standalone_jpeg(tile: bytes, tables: bytes | None, *, rgb: bool) -> bytes:
     return head + tile[2:]
 
 
-class _TiledLevel:
+@dataclass(frozen=True)
+class TilePaste:
+    """Where the part of stored tile ``index`` that a region covers goes in that region."""
+
+    index: int
+    tile_rows: slice
+    tile_cols: slice
+    region_rows: slice
+    region_cols: slice
+
+
+class TiledLevel:
     """One pyramid level stored as a tiled RGB TIFF page: where its tiles are and how to decode them."""
 
     def __init__(self, page) -> None:  # page: tifffile.TiffPage
@@ -75,7 +87,7 @@ class _TiledLevel:
         self._decode_page = page.decode
         self.is_jpeg = int(page.compression) == 7
         # JPEG tiles of photometric RGB without a JFIF marker (Aperio's) hold RGB, not YCbCr.
-        self._jpeg_colorspace = 2 if int(page.photometric) == 2 and not page.is_jfif else None
+        self.jpeg_rgb = self.is_jpeg and int(page.photometric) == 2 and not page.is_jfif
         if len(self.offsets) != self.tiles_across * self.tiles_down:
             raise ValueError(f"{len(self.offsets)} tiles for a {self.tiles_across} x {self.tiles_down} grid")
 
@@ -86,7 +98,7 @@ class _TiledLevel:
             # with many reading threads that time is spent holding the GIL (measured on 14
             # threads: 280 vs 620 Mpx/s of decoded tiles).
             pixels = imagecodecs.jpeg8_decode(
-                data, tables=self.jpegtables, colorspace=self._jpeg_colorspace, outcolorspace=2
+                data, tables=self.jpegtables, colorspace=2 if self.jpeg_rgb else None, outcolorspace=2
             )
             if pixels.shape != (self.tile_h, self.tile_w, 3):
                 raise ValueError(f"decoded a {pixels.shape} tile, expected {(self.tile_h, self.tile_w, 3)}")
@@ -98,7 +110,7 @@ class _TiledLevel:
         """Tile bytes ``data`` as a complete JPEG file (:func:`standalone_jpeg`); JPEG levels only."""
         if not self.is_jpeg:
             raise ValueError("this level's tiles are not JPEG-compressed")
-        return standalone_jpeg(data, self.jpegtables, rgb=self._jpeg_colorspace == 2)
+        return standalone_jpeg(data, self.jpegtables, rgb=self.jpeg_rgb)
 
     @staticmethod
     def supported(page) -> bool:
@@ -122,7 +134,7 @@ class TiffTileReader(OpenSlideReader):
     rounded to the nearest one).
     """
 
-    def __init__(self, osr, path: Path, levels: dict[int, _TiledLevel]) -> None:
+    def __init__(self, osr, path: Path, levels: dict[int, TiledLevel]) -> None:
         super().__init__(osr)
         self.path = path
         self._levels = levels
@@ -150,28 +162,51 @@ class TiffTileReader(OpenSlideReader):
         """Levels decoded here rather than by OpenSlide."""
         return tuple(sorted(self._levels))
 
+    def tiled_level(self, level: int) -> TiledLevel:
+        """How direct ``level`` is stored (tile size, compression); KeyError for other levels."""
+        return self._levels[level]
+
     def read_region(self, location_xy: tuple[int, int], level: int, size_wh: tuple[int, int]) -> np.ndarray:
-        tiled = self._levels.get(level)
-        if tiled is None:
+        if level not in self._levels:
             return super().read_region(location_xy, level, size_wh)
+        w, h = size_wh
+        out = np.full((h, w, 3), BACKGROUND_RGB, np.uint8)
+        for paste in self.region_pastes(location_xy, level, size_wh):
+            tile = self._tile(level, paste.index)
+            if tile is not None:  # None: a tile the scanner never wrote, glass
+                out[paste.region_rows, paste.region_cols] = tile[paste.tile_rows, paste.tile_cols]
+        return out
+
+    def region_pastes(self, location_xy: tuple[int, int], level: int, size_wh: tuple[int, int]) -> list[TilePaste]:
+        """The stored tiles of direct ``level`` that a region read covers, and where each goes.
+
+        ``location_xy`` is in level-0 px (rounded to the nearest level pixel, as :meth:`read_region`),
+        ``size_wh`` in level px. Pixels outside the level are in no paste: they stay background.
+        """
+        tiled = self._levels[level]
         ds = self.level_downsamples[level]
         x, y = round(location_xy[0] / ds), round(location_xy[1] / ds)
         w, h = size_wh
-        out = np.full((h, w, 3), BACKGROUND_RGB, np.uint8)
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + w, tiled.width), min(y + h, tiled.height)
+        pastes: list[TilePaste] = []
         if x1 <= x0 or y1 <= y0:
-            return out
+            return pastes
         for row in range(y0 // tiled.tile_h, (y1 - 1) // tiled.tile_h + 1):
             for col in range(x0 // tiled.tile_w, (x1 - 1) // tiled.tile_w + 1):
-                tile = self._tile(level, row * tiled.tiles_across + col)
-                if tile is None:
-                    continue  # a tile the scanner never wrote: glass
                 tx, ty = col * tiled.tile_w, row * tiled.tile_h
                 sx0, sy0 = max(x0, tx), max(y0, ty)
                 sx1, sy1 = min(x1, tx + tiled.tile_w), min(y1, ty + tiled.tile_h)
-                out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - ty : sy1 - ty, sx0 - tx : sx1 - tx]
-        return out
+                pastes.append(
+                    TilePaste(
+                        index=row * tiled.tiles_across + col,
+                        tile_rows=slice(sy0 - ty, sy1 - ty),
+                        tile_cols=slice(sx0 - tx, sx1 - tx),
+                        region_rows=slice(sy0 - y, sy1 - y),
+                        region_cols=slice(sx0 - x, sx1 - x),
+                    )
+                )
+        return pastes
 
     def read_region_reduced(
         self, location_xy: tuple[int, int], level: int, size_wh: tuple[int, int], factor: int
@@ -231,15 +266,15 @@ class TiffTileReader(OpenSlideReader):
         super().close()
 
 
-def _match_levels(path: Path, level_dimensions: tuple[tuple[int, int], ...]) -> dict[int, _TiledLevel]:
+def _match_levels(path: Path, level_dimensions: tuple[tuple[int, int], ...]) -> dict[int, TiledLevel]:
     """The OpenSlide levels that are a tiled RGB TIFF page of exactly their size."""
     import tifffile
 
-    levels: dict[int, _TiledLevel] = {}
+    levels: dict[int, TiledLevel] = {}
     with tifffile.TiffFile(path) as tif:
         pages = [page for page in tif.pages if page.is_tiled]
         for level, (width, height) in enumerate(level_dimensions):
             page = next((p for p in pages if (p.imagewidth, p.imagelength) == (width, height)), None)
-            if page is not None and _TiledLevel.supported(page):
-                levels[level] = _TiledLevel(page)
+            if page is not None and TiledLevel.supported(page):
+                levels[level] = TiledLevel(page)
     return levels

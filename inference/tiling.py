@@ -9,7 +9,7 @@ grid's ``downsample`` (level-0 px per model px).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -23,7 +23,12 @@ from inference.errors import RoiError
 from inference.readahead import read_ahead
 
 if TYPE_CHECKING:
+    import torch
+
     from inference.slide import Slide
+
+    # A tile's (H, W, 3) uint8 pixels: on the host, or on the model's device when the GPU decodes.
+    TilePixels = np.ndarray | torch.Tensor
 
 
 def compute_steps(extent_px: int, *, tile_px: int, max_step_px: int) -> list[int]:
@@ -274,6 +279,37 @@ def tile_blocks(grid: TileGrid, *, block_tiles: int) -> list[np.ndarray]:
     return np.split(order, np.flatnonzero(np.diff(block[order])) + 1)
 
 
+@dataclass(frozen=True)
+class BlockRegion:
+    """The one region read for a block of tiles (:func:`block_region`).
+
+    ``location_xy`` is in level-0 px; ``size_wh`` and every ``offsets_xy`` (a tile's top-left)
+    are in px of the region read, each tile ``cut_px`` px square.
+    """
+
+    location_xy: tuple[int, int]
+    size_wh: tuple[int, int]
+    offsets_xy: list[tuple[int, int]]
+    cut_px: int
+
+
+def block_region(grid: TileGrid, indices: np.ndarray, *, box_factor: int = 1) -> BlockRegion:
+    """The region that holds tiles ``indices`` of ``grid``, on the model's pixel grid (its origin a tile's).
+
+    ``box_factor`` > 1 measures the region in px of the level the caller box-averages.
+    """
+    tile, f = grid.tile_size_px, box_factor
+    origins = grid.origins_model_px[indices]
+    x0, y0 = (int(v) for v in origins.min(axis=0))
+    x1, y1 = (int(v) + tile for v in origins.max(axis=0))
+    return BlockRegion(
+        location_xy=(round(x0 * grid.downsample), round(y0 * grid.downsample)),
+        size_wh=((x1 - x0) * f, (y1 - y0) * f),
+        offsets_xy=[(int(dx), int(dy)) for dx, dy in (origins - (x0, y0)) * f],
+        cut_px=tile * f,
+    )
+
+
 def grid_block_reader(
     slide: Slide, grid: TileGrid, *, mpp: float, box_factor: int = 1
 ) -> Callable[[np.ndarray], list[np.ndarray]]:
@@ -289,7 +325,6 @@ def grid_block_reader(
     (T * box_factor)² pixels of the pyramid level that ``mpp`` averages (it must be that
     level's integer step, :meth:`Slide.integer_reduction`).
     """
-    tile = grid.tile_size_px
     f = box_factor
     if f > 1:
         reduction = slide.integer_reduction(mpp)
@@ -298,17 +333,13 @@ def grid_block_reader(
         level = reduction[0]
 
     def read(indices: np.ndarray) -> list[np.ndarray]:
-        origins = grid.origins_model_px[indices]
-        x0, y0 = (int(v) for v in origins.min(axis=0))
-        x1, y1 = (int(v) + tile for v in origins.max(axis=0))
-        location = (round(x0 * grid.downsample), round(y0 * grid.downsample))
+        region = block_region(grid, indices, box_factor=f)
         if f > 1:
-            pixels = slide.read_region(location, level, ((x1 - x0) * f, (y1 - y0) * f))
+            pixels = slide.read_region(region.location_xy, level, region.size_wh)
         else:
-            pixels = slide.read_region_at_mpp(location, (x1 - x0, y1 - y0), mpp=mpp)
-        cut = tile * f
-        offsets = ((origins - (x0, y0)) * f).tolist()  # in px of the region read
-        return [pixels[dy : dy + cut, dx : dx + cut] for dx, dy in offsets]
+            pixels = slide.read_region_at_mpp(region.location_xy, region.size_wh, mpp=mpp)
+        cut = region.cut_px
+        return [pixels[dy : dy + cut, dx : dx + cut] for dx, dy in region.offsets_xy]
 
     return read
 
@@ -322,18 +353,21 @@ def read_grid_tiles(
     block_tiles: int = 1,
     max_pending_tiles: int = 16,
     box_factor: int = 1,
-) -> Iterator[tuple[int, np.ndarray]]:
+    block_reader: Callable[[np.ndarray], Sequence[TilePixels]] | None = None,
+) -> Iterator[tuple[int, TilePixels]]:
     """Yield ``(index, pixels)`` for every tile of ``grid``, read ahead on ``workers`` threads.
 
     Tiles are read in blocks of up to ``block_tiles`` x ``block_tiles`` (:func:`grid_block_reader`)
     and come in block order (:func:`tile_blocks`); ``block_tiles=1`` reads them one by one in
     grid order. About ``max_pending_tiles`` tiles (never fewer than ``workers`` blocks) wait
     in memory at most. ``box_factor`` > 1 yields the pyramid level's pixels for the caller to
-    box-average (:func:`grid_block_reader`). Closing the iterator early cancels the pending reads.
+    box-average (:func:`grid_block_reader`). ``block_reader`` replaces the reader of
+    :func:`grid_block_reader` (one that decodes on the GPU: :class:`inference.gpu_decode.DeviceBlockReader`).
+    Closing the iterator early cancels the pending reads.
     """
     blocks = tile_blocks(grid, block_tiles=block_tiles)
     pending = max(workers, 1, math.ceil(max_pending_tiles / block_tiles**2))
-    reader = grid_block_reader(slide, grid, mpp=mpp, box_factor=box_factor)
+    reader = block_reader or grid_block_reader(slide, grid, mpp=mpp, box_factor=box_factor)
     reads = read_ahead(reader, blocks, workers=workers, max_pending=pending)
     try:
         for indices, pixels in reads:

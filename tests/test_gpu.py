@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from inference.ensemble import Ensemble, demo_model_dir
+from inference.gpu_decode import DeviceBlockReader, nvimgcodec_available
 from inference.segment import SegmentConfig, SegmentProfile, segment_slide
 from inference.slide import open_slide
+from inference.tiling import grid_block_reader, tile_blocks, tile_grid
 from tests.helpers import demo_seg_ensemble, pointwise_ensemble, random_slide
 
 pytestmark = [
@@ -57,4 +59,55 @@ def test_level_pixels_averaged_on_the_gpu_give_the_cpu_maps(phantom_svs):
     assert profile.box_factor == 2
     for name in ("prob", "predictive_entropy", "mutual_information"):
         diff = np.abs(getattr(out, name) - getattr(ref, name))
+        assert diff.mean() < 1e-3 and diff.max() < 0.05, (name, diff.mean(), diff.max())
+
+
+# Tiles decoded on the GPU (nvImageCodec, SegmentConfig.read_on_device) ----------------------
+
+needs_nvimgcodec = pytest.mark.skipif(
+    not nvimgcodec_available(), reason="needs nvImageCodec (the gpu-cu12 or gpu-cu13 extra)"
+)
+
+
+def _nvimgcodec_blocks_equal_cpu(slide, *, mpp: float, box_factor: int, tile_px: int = 256) -> None:
+    grid = tile_grid(
+        image_size_wh=slide.dimensions, tile_size_px=tile_px, overlap_px=64, downsample=mpp / slide.mpp.mean
+    )
+    cpu = grid_block_reader(slide, grid, mpp=mpp, box_factor=box_factor)
+    device = DeviceBlockReader(slide, grid, mpp=mpp, box_factor=box_factor, device=torch.device("cuda"))
+    exact = device.decode.backend == "HW_GPU_ONLY"
+    for indices in tile_blocks(grid, block_tiles=3):
+        for ours, theirs in zip(device(indices), cpu(indices), strict=True):
+            assert ours.is_cuda
+            diff = np.abs(ours.cpu().numpy().astype(np.int16) - theirs)
+            # The hardware decoder gives libjpeg-turbo's pixels; CUDA decoding within a few grey levels.
+            assert diff.max() <= (0 if exact else 4) and diff.mean() < 0.5, (diff.max(), diff.mean())
+
+
+@needs_nvimgcodec
+def test_nvimgcodec_decodes_the_phantoms_tiles_to_the_cpu_readers_pixels(phantom_svs):
+    with open_slide(phantom_svs) as slide:
+        _nvimgcodec_blocks_equal_cpu(slide, mpp=1.0, box_factor=2)
+
+
+@needs_nvimgcodec
+def test_nvimgcodec_decodes_a_real_aperio_slides_rgb_tiles_to_the_cpu_readers_pixels(cmu_svs):
+    with open_slide(cmu_svs) as slide:
+        _nvimgcodec_blocks_equal_cpu(slide, mpp=slide.mpp.mean, box_factor=1, tile_px=200)
+
+
+@needs_nvimgcodec
+def test_maps_read_on_the_device_equal_the_maps_read_on_the_cpu(phantom_svs):
+    gpu = demo_seg_ensemble(device="cuda", input_mpp=1.0)
+    on_device, on_cpu = SegmentProfile(), SegmentProfile()
+    with open_slide(phantom_svs) as slide:
+        ours = segment_slide(slide, gpu, config=SegmentConfig(precision="fp32"), profile=on_device)
+        ref = segment_slide(slide, gpu, config=SegmentConfig(precision="fp32", read_on_device=False), profile=on_cpu)
+    assert on_device.read_on_device and not on_cpu.read_on_device
+    covered = ref.covered
+    assert (ours.covered == covered).all()
+    assert ((ours.prob >= 0.5) == (ref.prob >= 0.5))[covered].mean() > 0.999
+    # Decoded with CUDA, pixels may differ from libjpeg-turbo's by a few grey levels.
+    for name, value in ref.as_dict().items():
+        diff = np.abs(getattr(ours, name) - value)[covered]
         assert diff.mean() < 1e-3 and diff.max() < 0.05, (name, diff.mean(), diff.max())

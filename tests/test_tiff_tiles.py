@@ -120,7 +120,7 @@ def _assert_standalone_tiles_decode_alone(path) -> int:
 
 def test_standalone_jpeg_tiles_of_a_phantom_decode_with_no_side_information(phantom_svs):
     with open_slide(phantom_svs) as slide:
-        level = slide.reader._levels[0]
+        level = slide.reader.tiled_level(0)
         expected = int(np.count_nonzero(level.byte_counts))
     assert _assert_standalone_tiles_decode_alone(phantom_svs) == expected
 
@@ -137,7 +137,7 @@ def test_standalone_jpeg_needs_the_adobe_marker_for_rgb_tiles(cmu_svs):
 
     with open_slide(cmu_svs) as slide:
         reader = slide.reader
-        level = reader._levels[0]
+        level = reader.tiled_level(0)
         index = int(np.argmax(level.byte_counts))
         data = reader.tile_bytes(0, index)
         expected = reader._tile(0, index)

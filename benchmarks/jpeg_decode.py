@@ -29,6 +29,7 @@ import torch
 
 from benchmarks import Case, PhantomSlideBenchmark
 from inference.gpu_decode import NvImageCodecDecoder, nvimgcodec_available
+from inference.segment import SegmentConfig
 from inference.slide import open_slide
 from inference.tiff_tiles import TiffTileReader
 
@@ -59,7 +60,8 @@ class JpegDecode(PhantomSlideBenchmark):
         width, height = self.slide.dimensions
         self.slide_name = f"{Path(self.slide.path).name}, {width}x{height} px"
         self.reference = {i: self.level.decode(data, i) for i, data in self.stored}
-        self.threads = min(12, max(2, (os.cpu_count() or 2) - 2))  # segment's reading threads on CUDA
+        # As many threads as segment_slide reads with on CUDA when the CPU decodes.
+        self.threads = SegmentConfig(read_on_device=False).workers_for(torch.device("cuda"))
         self.extras: dict[str, dict[str, str]] = {}
         self.gpu = torch.cuda.is_available() and nvimgcodec_available()
         self._decoders: dict[str | None, NvImageCodecDecoder] = {}

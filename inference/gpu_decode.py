@@ -51,7 +51,7 @@ class NvImageCodecDecoder:
     nvImageCodec decoders take long to create (they start their own threads), so they are
     kept for the life of the process and lent to one call at a time. ``backend`` (or
     ``PDL1_NVIMGCODEC_BACKEND``) limits them to one nvImageCodec backend, e.g. the hardware
-    decoder of A100/H100-class GPUs (``HW_GPU_ONLY``, pixels identical to libjpeg-turbo's);
+    decoder of A100/H100-class GPUs (``HW_GPU_ONLY``: within 1 grey level of libjpeg-turbo's pixels);
     otherwise nvImageCodec picks per batch, and pixels may differ from libjpeg-turbo's by a
     few grey levels where it decodes with CUDA.
     """
@@ -166,24 +166,29 @@ class DeviceBlockReader:
         # The tiles cover a rectangle of the level, row by row: one copy lays them out as a
         # mosaic, and the region is a view into it unless it reaches past the level's edges.
         # (A paste per tile costs a kernel launch and Python work per tile, in the hot loop.)
-        if pastes:
-            first, last = pastes[0], pastes[-1]
-            across = last.index % self.tiled.tiles_across - first.index % self.tiled.tiles_across + 1
-            th, tw = self.tiled.tile_h, self.tiled.tile_w
-            mosaic = torch.stack(tiles).view(len(tiles) // across, across, th, tw, 3)
-            mosaic = mosaic.permute(0, 2, 1, 3, 4).reshape(len(tiles) // across * th, across * tw, 3)
-            rows = slice(first.region_rows.start, last.region_rows.stop)
-            cols = slice(first.region_cols.start, last.region_cols.stop)
-            inside = mosaic[
-                first.tile_rows.start : first.tile_rows.start + rows.stop - rows.start,
-                first.tile_cols.start : first.tile_cols.start + cols.stop - cols.start,
-            ]
-            if inside.shape[:2] == (height, width):
-                return inside
+        if not pastes:  # the region lies wholly outside the level
+            return self._background_block(width=width, height=height)
+        first, last = pastes[0], pastes[-1]
+        across = last.index % self.tiled.tiles_across - first.index % self.tiled.tiles_across + 1
+        down = len(tiles) // across
+        th, tw = self.tiled.tile_h, self.tiled.tile_w
+        mosaic = torch.stack(tiles).view(down, across, th, tw, 3)
+        mosaic = mosaic.permute(0, 2, 1, 3, 4).reshape(down * th, across * tw, 3)
+        rows = slice(first.region_rows.start, last.region_rows.stop)
+        cols = slice(first.region_cols.start, last.region_cols.stop)
+        inside = mosaic[
+            first.tile_rows.start : first.tile_rows.start + rows.stop - rows.start,
+            first.tile_cols.start : first.tile_cols.start + cols.stop - cols.start,
+        ]
+        if inside.shape[:2] == (height, width):
+            return inside
+        block = self._background_block(width=width, height=height)
+        block[rows, cols] = inside
+        return block
+
+    def _background_block(self, *, width: int, height: int) -> torch.Tensor:
         block = torch.empty((height, width, 3), dtype=torch.uint8, device=self.device)
         block[:] = self._background
-        if pastes:
-            block[rows, cols] = inside
         return block
 
     def _glass_tile(self) -> torch.Tensor:

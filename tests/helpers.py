@@ -11,6 +11,7 @@ from torch import nn
 from inference.ensemble import Ensemble, demo_model_dir
 from inference.manifest import Manifest, Member
 from inference.slide import ArrayReader, Mpp, Slide
+from inference.tiling import TileGrid, grid_block_reader, tile_blocks, tile_grid
 
 
 class PointwiseNet(nn.Module):
@@ -78,3 +79,41 @@ def random_slide(width: int, height: int, *, mpp: float = 1.0, seed: int = 0) ->
     rng = np.random.default_rng(seed)
     rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     return Slide(ArrayReader(rgb), mpp=Mpp(mpp, mpp, "test"))
+
+
+def whole_image_grid(slide: Slide, *, mpp: float, tile_px: int = 256) -> TileGrid:
+    """Tiles over the whole image at ``mpp``, overlapping by 64 px, the last ones hanging over its right and bottom."""
+    return tile_grid(
+        image_size_wh=slide.dimensions, tile_size_px=tile_px, overlap_px=64, downsample=mpp / slide.mpp.mean
+    )
+
+
+def assert_device_blocks_match_cpu(
+    slide: Slide,
+    *,
+    mpp: float,
+    box_factor: int,
+    device: torch.device,
+    decode=None,
+    max_diff: int = 0,
+    tile_px: int = 256,
+    block_tiles: int = 3,
+) -> int:
+    """Every block of :class:`DeviceBlockReader` against the CPU reader's; returns how many blocks.
+
+    ``max_diff`` is the largest grey-level difference allowed (0: the same pixels); the mean
+    difference must stay under 0.5 either way.
+    """
+    from inference.gpu_decode import DeviceBlockReader
+
+    grid = whole_image_grid(slide, mpp=mpp, tile_px=tile_px)
+    cpu = grid_block_reader(slide, grid, mpp=mpp, box_factor=box_factor)
+    reader = DeviceBlockReader(slide, grid, mpp=mpp, box_factor=box_factor, device=device, decode=decode)
+    blocks = tile_blocks(grid, block_tiles=block_tiles)
+    for indices in blocks:
+        for ours, theirs in zip(reader(indices), cpu(indices), strict=True):
+            assert isinstance(ours, torch.Tensor) and ours.dtype == torch.uint8 and ours.device.type == device.type
+            assert tuple(ours.shape) == theirs.shape
+            diff = np.abs(ours.cpu().numpy().astype(np.int16) - theirs)
+            assert diff.max() <= max_diff and diff.mean() < 0.5, (diff.max(), diff.mean())
+    return len(blocks)

@@ -1,15 +1,16 @@
 """The CUDA path: maps from the GPU match the CPU's. Skipped where torch sees no GPU (CI)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from inference.ensemble import Ensemble, demo_model_dir
-from inference.gpu_decode import DeviceBlockReader, nvimgcodec_available
+from inference.gpu_decode import BACKEND_ENV, nvimgcodec_available
 from inference.segment import SegmentConfig, SegmentProfile, segment_slide
 from inference.slide import open_slide
-from inference.tiling import grid_block_reader, tile_blocks, tile_grid
-from tests.helpers import demo_seg_ensemble, pointwise_ensemble, random_slide
+from tests.helpers import assert_device_blocks_match_cpu, demo_seg_ensemble, pointwise_ensemble, random_slide
 
 pytestmark = [
     pytest.mark.cuda,
@@ -70,18 +71,17 @@ needs_nvimgcodec = pytest.mark.skipif(
 
 
 def _nvimgcodec_blocks_equal_cpu(slide, *, mpp: float, box_factor: int, tile_px: int = 256) -> None:
-    grid = tile_grid(
-        image_size_wh=slide.dimensions, tile_size_px=tile_px, overlap_px=64, downsample=mpp / slide.mpp.mean
+    # Measured on the H100: the hardware decoder within 1 grey level of libjpeg-turbo's pixels
+    # (at a few pixels of the phantom), CUDA decoding within 3.
+    hardware = os.environ.get(BACKEND_ENV) == "HW_GPU_ONLY"
+    assert_device_blocks_match_cpu(
+        slide,
+        mpp=mpp,
+        box_factor=box_factor,
+        device=torch.device("cuda"),
+        max_diff=1 if hardware else 4,
+        tile_px=tile_px,
     )
-    cpu = grid_block_reader(slide, grid, mpp=mpp, box_factor=box_factor)
-    device = DeviceBlockReader(slide, grid, mpp=mpp, box_factor=box_factor, device=torch.device("cuda"))
-    exact = device.decode.backend == "HW_GPU_ONLY"
-    for indices in tile_blocks(grid, block_tiles=3):
-        for ours, theirs in zip(device(indices), cpu(indices), strict=True):
-            assert ours.is_cuda
-            diff = np.abs(ours.cpu().numpy().astype(np.int16) - theirs)
-            # The hardware decoder gives libjpeg-turbo's pixels; CUDA decoding within a few grey levels.
-            assert diff.max() <= (0 if exact else 4) and diff.mean() < 0.5, (diff.max(), diff.mean())
 
 
 @needs_nvimgcodec

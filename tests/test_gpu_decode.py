@@ -13,8 +13,8 @@ from inference.errors import SlideFormatError
 from inference.gpu_decode import DeviceBlockReader, device_decoded_level
 from inference.segment import SegmentConfig, SegmentProfile, segment_slide
 from inference.slide import open_slide
-from inference.tiling import grid_block_reader, read_grid_tiles, tile_blocks, tile_grid
-from tests.helpers import demo_seg_ensemble, random_slide
+from inference.tiling import grid_block_reader, read_grid_tiles, tile_blocks
+from tests.helpers import assert_device_blocks_match_cpu, demo_seg_ensemble, random_slide, whole_image_grid
 
 
 def _cpu_decode(files, rgb):
@@ -22,25 +22,16 @@ def _cpu_decode(files, rgb):
     return [torch.from_numpy(imagecodecs.jpeg8_decode(f)) for f in files]
 
 
-def _grid(slide, *, mpp, tile_px=256):
-    # Tiles over the whole image, the last ones hanging over its right and bottom edges.
-    return tile_grid(
-        image_size_wh=slide.dimensions, tile_size_px=tile_px, overlap_px=64, downsample=mpp / slide.mpp.mean
-    )
-
-
 def _assert_same_blocks(slide, *, mpp, box_factor, block_tiles=3, tile_px=256):
-    grid = _grid(slide, mpp=mpp, tile_px=tile_px)
-    cpu = grid_block_reader(slide, grid, mpp=mpp, box_factor=box_factor)
-    device = DeviceBlockReader(
-        slide, grid, mpp=mpp, box_factor=box_factor, device=torch.device("cpu"), decode=_cpu_decode
+    return assert_device_blocks_match_cpu(
+        slide,
+        mpp=mpp,
+        box_factor=box_factor,
+        device=torch.device("cpu"),
+        decode=_cpu_decode,
+        tile_px=tile_px,
+        block_tiles=block_tiles,
     )
-    blocks = tile_blocks(grid, block_tiles=block_tiles)
-    for indices in blocks:
-        for ours, theirs in zip(device(indices), cpu(indices), strict=True):
-            assert isinstance(ours, torch.Tensor) and ours.dtype == torch.uint8
-            np.testing.assert_array_equal(ours.numpy(), theirs)
-    return len(blocks)
 
 
 def test_blocks_assembled_from_standalone_tiles_equal_the_cpu_readers(phantom_svs):
@@ -63,7 +54,7 @@ def test_a_tile_never_written_reads_as_glass(phantom_svs, monkeypatch):
         reader = slide.reader
         stored = reader.tile_bytes
         monkeypatch.setattr(reader, "tile_bytes", lambda level, index: None if index == 9 else stored(level, index))
-        grid = _grid(slide, mpp=0.5, tile_px=512)
+        grid = whole_image_grid(slide, mpp=0.5, tile_px=512)
         device = DeviceBlockReader(slide, grid, mpp=0.5, box_factor=1, device=torch.device("cpu"), decode=_cpu_decode)
         first_block = tile_blocks(grid, block_tiles=3)[0]
         first = device(first_block)[0].numpy()
@@ -75,7 +66,7 @@ def test_a_tile_never_written_reads_as_glass(phantom_svs, monkeypatch):
 
 def test_a_tile_the_decoder_gives_up_on_names_the_file_and_tile(phantom_svs):
     with open_slide(phantom_svs) as slide:
-        grid = _grid(slide, mpp=0.5)
+        grid = whole_image_grid(slide, mpp=0.5)
         failing = DeviceBlockReader(
             slide,
             grid,
@@ -90,7 +81,7 @@ def test_a_tile_the_decoder_gives_up_on_names_the_file_and_tile(phantom_svs):
 
 def test_read_grid_tiles_hands_over_the_device_readers_tiles_in_order(phantom_svs):
     with open_slide(phantom_svs) as slide:
-        grid = _grid(slide, mpp=1.0)
+        grid = whole_image_grid(slide, mpp=1.0)
         device = DeviceBlockReader(slide, grid, mpp=1.0, box_factor=2, device=torch.device("cpu"), decode=_cpu_decode)
         ours = list(read_grid_tiles(slide, grid, mpp=1.0, workers=2, block_tiles=2, box_factor=2, block_reader=device))
         theirs = list(read_grid_tiles(slide, grid, mpp=1.0, workers=2, block_tiles=2, box_factor=2))
@@ -109,7 +100,9 @@ def test_which_reads_the_device_can_decode(phantom_svs, tmp_path):
         assert device_decoded_level(slide, 1.0, box_factor=1) is None  # the box is the readers'
         assert device_decoded_level(slide, 0.7, box_factor=1) is None  # resampled
         with pytest.raises(ValueError, match="no JPEG level read as it is or by that box"):
-            DeviceBlockReader(slide, _grid(slide, mpp=0.7), mpp=0.7, box_factor=1, device=torch.device("cpu"))
+            DeviceBlockReader(
+                slide, whole_image_grid(slide, mpp=0.7), mpp=0.7, box_factor=1, device=torch.device("cpu")
+            )
     assert device_decoded_level(random_slide(300, 200, seed=1), 1.0, box_factor=1) is None  # not a TIFF
     lzw = tmp_path / "lzw.tif"
     tifffile.imwrite(lzw, np.zeros((512, 512, 3), np.uint8), tile=(256, 256), compression="lzw", photometric="rgb")
@@ -137,7 +130,7 @@ def test_automatic_device_decoding_falls_back_to_the_cpu_when_nvimgcodec_does_no
     monkeypatch.setattr(segment, "DeviceBlockReader", broken)
     cuda = torch.device("cuda")  # never used: the reader fails before touching it
     with open_slide(phantom_svs) as slide:
-        grid = _grid(slide, mpp=0.5)
+        grid = whole_image_grid(slide, mpp=0.5)
         reads = segment.plan_reads(slide, grid, mpp=0.5, device=cuda, config=SegmentConfig(reduce_on_device=False))
         assert not reads.on_device  # the JPEG tiles are decoded on the CPU, as without nvImageCodec
         with pytest.raises(ValueError, match=r"nvImageCodec did not start \(RuntimeError: Could not create decoder"):

@@ -164,6 +164,10 @@ def train_seg(
     ] = 0.5,
     features: Annotated[str, typer.Option(help="U-Net stage widths.")] = "8,16,32,64",
     input_mpp: Annotated[float, typer.Option(min=0.1, help="Model input resolution, µm/px.")] = 2.0,
+    stain_jitter: Annotated[
+        str,
+        typer.Option(help="Colour augmentation: light (HED scale) or strong (also stain vectors and a colour cast)."),
+    ] = "light",
     seed: Annotated[int, typer.Option(min=0)] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint if present.")] = False,
@@ -192,6 +196,7 @@ def train_seg(
             positive_fraction=positive_fraction,
             features=_features(features),
             input_mpp=input_mpp,
+            stain_jitter=stain_jitter,
             seed=seed,
             device=device,
         )
@@ -215,7 +220,7 @@ def eval_seg(
     threshold: Annotated[float | None, typer.Option(min=0, max=1, help="Override the manifest's threshold.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Dice of the ensemble and of every member, and AUROC of uncertainty for pixel errors."""
+    """Dice of the ensemble and of every member, and AUROC of uncertainty for pixel errors, on the truth's grid."""
     from rich.table import Table
 
     from bridge.progress import progress_bar
@@ -228,9 +233,11 @@ def eval_seg(
         ensemble = Ensemble.load(model or demo_model_dir("seg"), task="segmentation", device=device)
         for slide in slides:
             with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
-                result, _ = evaluate_segmentation(slide, ensemble, threshold=threshold, on_progress=on_progress)
+                result, maps = evaluate_segmentation(slide, ensemble, threshold=threshold, on_progress=on_progress)
             results.append(result)
-            table = Table(title=f"{slide.name}: segmentation vs truth ({result.pixels} tissue px)")
+            table = Table(
+                title=f"{slide.name}: segmentation vs truth ({result.pixels} tissue px at {maps.mpp:g} µm/px)"
+            )
             table.add_column("metric")
             table.add_column("value", justify="right")
             table.add_row("Dice, ensemble", f"{result.dice_ensemble:.4f}")

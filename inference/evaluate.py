@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +116,19 @@ def evaluate_segmentation_maps(
     )
 
 
+def truth_map_downsample(truth_mpp: float, input_mpp: float) -> int:
+    """Model px per map px for scoring against a truth of ``truth_mpp`` µm/px.
+
+    The truth's own grid when a truth pixel is a whole number of model pixels, otherwise the
+    coarsest grid finer than the truth's (the model's own when the truth is finer than the model).
+
+    Scoring coarser maps samples one truth pixel out of several, off the map pixel's centre (an
+    8 µm map over a 4 µm truth reads the truth 2 µm right of and below each centre), which
+    moves every boundary by a fraction of a pixel and makes Dice depend on the grid.
+    """
+    return max(1, int(truth_mpp / input_mpp + 1e-6))
+
+
 def evaluate_segmentation(
     slide_path: str | Path,
     ensemble: Ensemble,
@@ -125,14 +138,19 @@ def evaluate_segmentation(
     mpp: float | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[SegEvaluation, UncertaintyMaps]:
-    """Segment a phantom slide's tissue with per-member maps and score it against its truth."""
-    config = config or SegmentConfig()
-    if not config.member_maps:
-        from dataclasses import replace
+    """Segment a phantom slide's tissue with per-member maps and score it against its truth.
 
-        config = replace(config, member_maps=True)
-    load_truth(slide_path)  # fail early, before inference, when there is no truth
+    Without a ``config`` the maps are made on the truth's own grid (:func:`truth_map_downsample`),
+    so every map pixel is scored against the one truth pixel it covers.
+    """
+    truth_downsample = load_truth(slide_path).mask_downsample  # fail early, before inference, without truth
     with open_slide(slide_path, mpp=mpp) as slide:
+        if config is None:
+            config = SegmentConfig(
+                map_downsample=truth_map_downsample(truth_downsample * slide.mpp.mean, ensemble.manifest.input_mpp)
+            )
+        if not config.member_maps:
+            config = replace(config, member_maps=True)
         tissue = tissue_mask_for_slide(slide)
         maps = segment_slide(slide, ensemble, tissue=tissue, config=config, on_progress=on_progress)
     tissue_on_map = mask_on_maps(tissue.mask, tissue.downsample, maps)
@@ -231,7 +249,12 @@ def evaluate_slide_suite(
     config: SegmentConfig | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> SlideEvaluation:
-    """Segmentation, calibration, uncertainty ranking and SUA vs the pixel baseline on one phantom slide."""
+    """Segmentation, calibration, uncertainty ranking and SUA vs the pixel baseline on one phantom slide.
+
+    Scored on the maps ``pdl1 run`` makes (``config``, by default :class:`SegmentConfig`'s grid),
+    since that is where SUA's calibrated thresholds are applied.
+    """
+    config = config or SegmentConfig()
     seg, maps = evaluate_segmentation(slide_path, ensemble, config=config, threshold=sua.upper, on_progress=on_progress)
     truth = seg_truth_on_maps(slide_path, maps)
     with open_slide(slide_path) as slide:
@@ -297,7 +320,10 @@ def calibrate_ensemble(
     upper = ensemble.manifest.thresholds.get("segmentation", 0.5)
     inputs, slide_stats = [], []
     for path in slides:
-        seg, maps = evaluate_segmentation(path, ensemble, threshold=upper, on_progress=on_progress)
+        # On the pipeline's grid, where the thresholds will be applied (not the truth's finer one).
+        seg, maps = evaluate_segmentation(
+            path, ensemble, config=SegmentConfig(), threshold=upper, on_progress=on_progress
+        )
         truth = seg_truth_on_maps(path, maps)
         with open_slide(path) as slide:
             tissue = tissue_mask_for_slide(slide)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from inference import __version__
-from inference.augment import augment_batch
+from inference.augment import STAIN_JITTERS, augment_batch
 from inference.cyclic import check_schedule, total_epochs, train_cyclic
 from inference.manifest import Manifest, Member, write_manifest
 from inference.phantom import load_truth
@@ -72,12 +72,15 @@ class SegTrainConfig:
     lr_min: float = 3e-5
     weight_decay: float = 1e-4
     positive_fraction: float = 0.5
+    stain_jitter: str = "light"
     threshold: float = 0.5
     seed: int = 0
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         check_schedule(self)
+        if self.stain_jitter not in STAIN_JITTERS:
+            raise ValueError(f"stain_jitter must be one of {', '.join(STAIN_JITTERS)}, got {self.stain_jitter!r}")
         divisor = 2 ** (len(self.features) - 1)
         if self.patch_px % divisor or self.tile_size_px % divisor:
             raise ValueError(
@@ -185,7 +188,7 @@ def train_segmentation(
             patch_px=config.patch_px,
             positive_fraction=config.positive_fraction,
         )
-        images, masks = augment_batch(images, masks, rng)
+        images, masks = augment_batch(images, masks, rng, jitter=STAIN_JITTERS[config.stain_jitter])
         x = (torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255 - mean) / std
         return x, torch.from_numpy(masks.astype(np.int64)).to(device)
 

@@ -70,6 +70,7 @@ def test_later_cycles_restart_at_restart_lr():
         ({"slides": ()}, "no training slides"),
         ({"first_cycle_epochs": 1, "members_per_cycle": 2}, "first_cycle_epochs"),
         ({"restart_lr": 5e-2}, "restart_lr"),
+        ({"stain_jitter": "heavy"}, "stain_jitter must be one of light, strong"),
     ],
 )
 def test_config_errors(kw, match):
@@ -125,6 +126,14 @@ def test_long_first_cycle_is_trained_and_recorded(small_phantom, tmp_path):
     assert member.learning_rate < 1e-3 / 5  # the low end of a cycle that restarted at 1e-3
     config = manifest.training["config"]
     assert (config["first_cycle_epochs"], config["restart_lr"]) == (3, 1e-3)
+
+
+def test_strong_stain_jitter_trains_other_members_and_is_recorded(small_phantom, tmp_path):
+    light = train_segmentation(_tiny(small_phantom, tmp_path / "light"))
+    strong = train_segmentation(_tiny(small_phantom, tmp_path / "strong", stain_jitter="strong"))
+    assert light.training["config"]["stain_jitter"] == "light"
+    assert strong.training["config"]["stain_jitter"] == "strong"
+    assert light.members[0].sha256 != strong.members[0].sha256
 
 
 def test_same_seed_same_members_and_resume_after_a_crash(small_phantom, tmp_path):

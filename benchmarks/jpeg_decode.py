@@ -150,21 +150,27 @@ class JpegDecode(PhantomSlideBenchmark):
         # runs _MODEL_BATCHES forward passes; the rate is the tiles it decoded meanwhile.
         decoder = self._decoder(kind)
         stop, decoded = threading.Event(), [0]
+        errors: list[BaseException] = []
         stream = torch.cuda.Stream()
 
         def decode_loop() -> None:
             start = 0
-            while not stop.is_set():
-                tiles = self._gpu_batch(decoder, start, 64, stream)
-                stream.synchronize()
-                decoded[0] += len(tiles)
-                start = (start + 64) % len(self.streams)
+            try:
+                while not stop.is_set():
+                    tiles = self._gpu_batch(decoder, start, 64, stream)
+                    stream.synchronize()
+                    decoded[0] += len(tiles)
+                    start = (start + 64) % len(self.streams)
+            except BaseException as err:  # reported by the case below, not lost as a thread traceback
+                errors.append(err)
 
         thread = threading.Thread(target=decode_loop, daemon=True)
         thread.start()
         model_s = self._timed_forward()
         stop.set()
         thread.join()
+        if errors:
+            raise RuntimeError(f"{label}: the decoder failed while the model ran beside it") from errors[0]
         self.extras[label] = {"model slowdown": f"{model_s / self.model_alone_s:.2f}"}
         return decoded[0] * self.level.tile_w * self.level.tile_h / 1e6
 

@@ -11,7 +11,7 @@ import numpy as np
 from inference.ensemble import Ensemble
 from inference.metrics import auprc, auroc, brier, dice, ece, fbeta_score, iou
 from inference.nuclei import NucleiConfig, detect_nuclei
-from inference.phantom import NUCLEUS_CLASSES, load_truth
+from inference.phantom import NUCLEUS_CLASSES, PhantomTruthData, load_truth
 from inference.points import DetectionScores, Tps, detection_scores, tumour_proportion_score
 from inference.regions import mask_on_maps
 from inference.results import UncertaintyMaps
@@ -75,7 +75,10 @@ def pooled_dice(evaluations: list[SegEvaluation]) -> tuple[float, tuple[float, .
 
 def seg_truth_on_maps(slide_path: str | Path, maps: UncertaintyMaps) -> np.ndarray:
     """The phantom's positive mask sampled onto the maps' grid (bool)."""
-    truth = load_truth(slide_path)
+    return _positive_on_maps(load_truth(slide_path), maps)
+
+
+def _positive_on_maps(truth: PhantomTruthData, maps: UncertaintyMaps) -> np.ndarray:
     return mask_on_maps(truth.positive_mask.astype(bool), truth.mask_downsample, maps)
 
 
@@ -143,19 +146,18 @@ def evaluate_segmentation(
     Without a ``config`` the maps are made on the truth's own grid (:func:`truth_map_downsample`),
     so every map pixel is scored against the one truth pixel it covers.
     """
-    truth_downsample = load_truth(slide_path).mask_downsample  # fail early, before inference, without truth
+    truth_data = load_truth(slide_path)  # fail early, before inference, without truth
     with open_slide(slide_path, mpp=mpp) as slide:
         if config is None:
-            config = SegmentConfig(
-                map_downsample=truth_map_downsample(truth_downsample * slide.mpp.mean, ensemble.manifest.input_mpp)
-            )
+            truth_mpp = truth_data.mask_downsample * slide.mpp.mean
+            config = SegmentConfig(map_downsample=truth_map_downsample(truth_mpp, ensemble.manifest.input_mpp))
         if not config.member_maps:
             config = replace(config, member_maps=True)
         tissue = tissue_mask_for_slide(slide)
         maps = segment_slide(slide, ensemble, tissue=tissue, config=config, on_progress=on_progress)
     tissue_on_map = mask_on_maps(tissue.mask, tissue.downsample, maps)
     thr = threshold if threshold is not None else ensemble.manifest.thresholds.get("segmentation", 0.5)
-    truth = seg_truth_on_maps(slide_path, maps)
+    truth = _positive_on_maps(truth_data, maps)
     result = evaluate_segmentation_maps(
         maps, truth, tissue_on_map & maps.covered, threshold=thr, slide=Path(slide_path).name
     )

@@ -180,6 +180,8 @@ def train_segmentation(
     mean = torch.tensor(NORMALIZATION["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(NORMALIZATION["std"], device=device).view(1, 3, 1, 1)
 
+    jitter = STAIN_JITTERS[config.stain_jitter]
+
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
         images, masks = sample_batch(
             data,
@@ -188,7 +190,7 @@ def train_segmentation(
             patch_px=config.patch_px,
             positive_fraction=config.positive_fraction,
         )
-        images, masks = augment_batch(images, masks, rng, jitter=STAIN_JITTERS[config.stain_jitter])
+        images, masks = augment_batch(images, masks, rng, jitter=jitter)
         x = (torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255 - mean) / std
         return x, torch.from_numpy(masks.astype(np.int64)).to(device)
 

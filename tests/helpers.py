@@ -63,9 +63,12 @@ def make_manifest(*, tile_size_px: int = 64, input_mpp: float = 1.0, n_members: 
     )
 
 
-def pointwise_ensemble(n: int, *, tile_size_px: int = 64, identical: bool = False, seed: int = 0) -> Ensemble:
+def pointwise_ensemble(
+    n: int, *, tile_size_px: int = 64, input_mpp: float = 1.0, identical: bool = False, seed: int = 0
+) -> Ensemble:
     members = pointwise_members(n, seed=seed, identical=identical)
-    return Ensemble.from_members(make_manifest(tile_size_px=tile_size_px, n_members=n), members, device="cpu")
+    manifest = make_manifest(tile_size_px=tile_size_px, input_mpp=input_mpp, n_members=n)
+    return Ensemble.from_members(manifest, members, device="cpu")
 
 
 def demo_seg_ensemble(*, device: str = "cpu", **manifest_changes) -> Ensemble:

@@ -1,11 +1,8 @@
 """Segmentation evaluation: per-slide and pooled Dice of the ensemble and its members."""
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 
-from inference.ensemble import Ensemble
 from inference.evaluate import (
     evaluate_segmentation,
     evaluate_segmentation_maps,
@@ -67,16 +64,10 @@ def test_scoring_maps_sit_on_the_truth_grid_or_finer(truth_mpp, input_mpp, expec
     assert truth_map_downsample(truth_mpp, input_mpp) == expected
 
 
-def _demo_shaped_pointwise() -> Ensemble:
-    ensemble = pointwise_ensemble(2, tile_size_px=64)
-    manifest = replace(ensemble.manifest, input_mpp=2.0)
-    return Ensemble(manifest, ensemble.members, folder=ensemble.folder, device=ensemble.device)
-
-
 def test_eval_seg_scores_a_phantom_on_its_truth_grid(phantom_svs):
     # A 2 µm/px model over a 0.5 µm/px phantom whose truth is at downsample 8 (4 µm): the maps
     # must come out at 4 µm with their pixels on the truth's pixels.
-    result, maps = evaluate_segmentation(phantom_svs, _demo_shaped_pointwise())
+    result, maps = evaluate_segmentation(phantom_svs, pointwise_ensemble(2, input_mpp=2.0))
     truth = load_truth(phantom_svs)
     assert maps.downsample == truth.mask_downsample == 8
     assert maps.origin_xy[0] % 8 == 0 and maps.origin_xy[1] % 8 == 0
@@ -87,7 +78,7 @@ def test_the_suite_scores_sua_on_the_grid_pdl1_run_uses(phantom_svs):
     # SUA's thresholds are calibrated and applied on the pipeline's maps, not the truth's grid.
     suite = evaluate_slide_suite(
         phantom_svs,
-        _demo_shaped_pointwise(),
+        pointwise_ensemble(2, input_mpp=2.0),
         sua=SuaParams(),
         pixel_threshold=0.4,
         review={"review_entropy": 1.0, "review_candidate_area_pct": 100.0},

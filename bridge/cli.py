@@ -168,6 +168,9 @@ def train_seg(
         str,
         typer.Option(help="Colour augmentation: light (HED scale) or strong (also stain vectors and a colour cast)."),
     ] = "light",
+    loss: Annotated[
+        str, typer.Option(help="ce+dice (nnU-Net's compound loss) or ce (cross-entropy alone, calibrated).")
+    ] = "ce+dice",
     seed: Annotated[int, typer.Option(min=0)] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint if present.")] = False,
@@ -197,6 +200,7 @@ def train_seg(
             features=_features(features),
             input_mpp=input_mpp,
             stain_jitter=stain_jitter,
+            loss=loss,
             seed=seed,
             device=device,
         )

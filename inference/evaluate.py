@@ -73,15 +73,6 @@ def pooled_dice(evaluations: list[SegEvaluation]) -> tuple[float, tuple[float, .
     return ratio([e.dice_terms_ensemble for e in evaluations]), members
 
 
-def seg_truth_on_maps(slide_path: str | Path, maps: UncertaintyMaps) -> np.ndarray:
-    """The phantom's positive mask sampled onto the maps' grid (bool)."""
-    return _positive_on_maps(load_truth(slide_path), maps)
-
-
-def _positive_on_maps(truth: PhantomTruthData, maps: UncertaintyMaps) -> np.ndarray:
-    return mask_on_maps(truth.positive_mask.astype(bool), truth.mask_downsample, maps)
-
-
 def evaluate_segmentation_maps(
     maps: UncertaintyMaps, truth: np.ndarray, region: np.ndarray, *, threshold: float, slide: str = ""
 ) -> SegEvaluation:
@@ -146,6 +137,32 @@ def evaluate_segmentation(
     Without a ``config`` the maps are made on the truth's own grid (:func:`truth_map_downsample`),
     so every map pixel is scored against the one truth pixel it covers.
     """
+    scored = _segment_against_truth(
+        slide_path, ensemble, config=config, threshold=threshold, mpp=mpp, on_progress=on_progress
+    )
+    return scored.seg, scored.maps
+
+
+@dataclass(frozen=True)
+class _ScoredSlide:
+    """One phantom slide segmented and scored, with what the suite and calibration reuse."""
+
+    seg: SegEvaluation
+    maps: UncertaintyMaps
+    truth_data: PhantomTruthData
+    truth: np.ndarray  # bool, the positive mask on the maps' grid
+    region: np.ndarray  # bool, analysed tissue on the maps' grid
+
+
+def _segment_against_truth(
+    slide_path: str | Path,
+    ensemble: Ensemble,
+    *,
+    config: SegmentConfig | None,
+    threshold: float | None,
+    mpp: float | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> _ScoredSlide:
     truth_data = load_truth(slide_path)  # fail early, before inference, without truth
     with open_slide(slide_path, mpp=mpp) as slide:
         if config is None:
@@ -155,13 +172,11 @@ def evaluate_segmentation(
             config = replace(config, member_maps=True)
         tissue = tissue_mask_for_slide(slide)
         maps = segment_slide(slide, ensemble, tissue=tissue, config=config, on_progress=on_progress)
-    tissue_on_map = mask_on_maps(tissue.mask, tissue.downsample, maps)
+    region = mask_on_maps(tissue.mask, tissue.downsample, maps) & np.asarray(maps.covered)
     thr = threshold if threshold is not None else ensemble.manifest.thresholds.get("segmentation", 0.5)
-    truth = _positive_on_maps(truth_data, maps)
-    result = evaluate_segmentation_maps(
-        maps, truth, tissue_on_map & maps.covered, threshold=thr, slide=Path(slide_path).name
-    )
-    return result, maps
+    truth = mask_on_maps(truth_data.positive_mask.astype(bool), truth_data.mask_downsample, maps)
+    seg = evaluate_segmentation_maps(maps, truth, region, threshold=thr, slide=Path(slide_path).name)
+    return _ScoredSlide(seg=seg, maps=maps, truth_data=truth_data, truth=truth, region=region)
 
 
 @dataclass(frozen=True)
@@ -256,12 +271,10 @@ def evaluate_slide_suite(
     Scored on the maps ``pdl1 run`` makes (``config``, by default :class:`SegmentConfig`'s grid),
     since that is where SUA's calibrated thresholds are applied.
     """
-    config = config or SegmentConfig()
-    seg, maps = evaluate_segmentation(slide_path, ensemble, config=config, threshold=sua.upper, on_progress=on_progress)
-    truth = seg_truth_on_maps(slide_path, maps)
-    with open_slide(slide_path) as slide:
-        tissue = tissue_mask_for_slide(slide)
-    region = mask_on_maps(tissue.mask, tissue.downsample, maps) & np.asarray(maps.covered)
+    scored = _segment_against_truth(
+        slide_path, ensemble, config=config or SegmentConfig(), threshold=sua.upper, on_progress=on_progress
+    )
+    seg, maps, truth, region = scored.seg, scored.maps, scored.truth, scored.region
     prob = np.asarray(maps.prob)
     pred = prob >= sua.upper
     candidates, cand_mask = find_candidates(maps, sua, valid=region)
@@ -277,7 +290,7 @@ def evaluate_slide_suite(
     analysed_um2 = float(region.sum() * maps.mpp**2)
     return SlideEvaluation(
         slide=Path(slide_path).name,
-        shift=float(load_truth(slide_path).summary["spec"]["shift"]),
+        shift=float(scored.truth_data.summary["spec"]["shift"]),
         seg=seg,
         iou=iou(pred[region], truth[region]),
         f1=fbeta_score(pred[region], truth[region], beta=1.0),
@@ -323,15 +336,9 @@ def calibrate_ensemble(
     inputs, slide_stats = [], []
     for path in slides:
         # On the pipeline's grid, where the thresholds will be applied (not the truth's finer one).
-        seg, maps = evaluate_segmentation(
-            path, ensemble, config=SegmentConfig(), threshold=upper, on_progress=on_progress
-        )
-        truth = seg_truth_on_maps(path, maps)
-        with open_slide(path) as slide:
-            tissue = tissue_mask_for_slide(slide)
-        region = mask_on_maps(tissue.mask, tissue.downsample, maps) & np.asarray(maps.covered)
-        inputs.append((maps, truth, region))
-        slide_stats.append((seg.dice_ensemble, float(np.asarray(maps.predictive_entropy)[region].mean())))
+        s = _segment_against_truth(path, ensemble, config=SegmentConfig(), threshold=upper, on_progress=on_progress)
+        inputs.append((s.maps, s.truth, s.region))
+        slide_stats.append((s.seg.dice_ensemble, float(np.asarray(s.maps.predictive_entropy)[s.region].mean())))
     cal = calibrate(
         inputs,
         upper=upper,

@@ -48,7 +48,8 @@ class SegTrainConfig:
     give a member; with ``drop_first_cycle`` the first cycle's members are left out. A long
     first cycle lets the network converge before the first member is kept (measured effects
     on the demo data are in the README).
-    ``optimizer`` is ``sgd`` (Nesterov momentum 0.99, as nnU-Net) or ``adamw``.
+    ``optimizer`` is ``sgd`` (Nesterov momentum 0.99, as nnU-Net) or ``adamw``; ``loss`` is
+    ``ce+dice`` (nnU-Net's compound loss) or ``ce`` (cross-entropy alone).
     """
 
     slides: tuple[str, ...]
@@ -73,6 +74,7 @@ class SegTrainConfig:
     weight_decay: float = 1e-4
     positive_fraction: float = 0.5
     stain_jitter: str = "light"
+    loss: str = "ce+dice"
     threshold: float = 0.5
     seed: int = 0
     device: str = "cpu"
@@ -81,6 +83,8 @@ class SegTrainConfig:
         check_schedule(self)
         if self.stain_jitter not in STAIN_JITTERS:
             raise ValueError(f"stain_jitter must be one of {', '.join(STAIN_JITTERS)}, got {self.stain_jitter!r}")
+        if self.loss not in SEG_LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(SEG_LOSSES)}, got {self.loss!r}")
         divisor = 2 ** (len(self.features) - 1)
         if self.patch_px % divisor or self.tile_size_px % divisor:
             raise ValueError(
@@ -156,6 +160,14 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ce + (1 - soft_dice)
 
 
+def ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy alone: a proper scoring rule, so members' probabilities stay calibrated."""
+    return F.cross_entropy(logits, target)
+
+
+SEG_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"ce+dice": seg_loss, "ce": ce_loss}
+
+
 def train_segmentation(
     config: SegTrainConfig,
     *,
@@ -200,7 +212,7 @@ def train_segmentation(
         out_dir=out_dir,
         rng=rng,
         next_batch=next_batch,
-        loss_fn=seg_loss,
+        loss_fn=SEG_LOSSES[config.loss],
         resume=resume,
         on_progress=on_progress,
     )

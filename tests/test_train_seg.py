@@ -3,11 +3,12 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 
 from inference.cyclic import cycle_of, is_member_epoch, learning_rate
 from inference.ensemble import Ensemble
 from inference.phantom import PhantomSpec, write_phantom
-from inference.train_seg import SegTrainConfig, train_segmentation
+from inference.train_seg import SegTrainConfig, ce_loss, seg_loss, train_segmentation
 
 
 def _cfg(**kw):
@@ -71,6 +72,7 @@ def test_later_cycles_restart_at_restart_lr():
         ({"first_cycle_epochs": 1, "members_per_cycle": 2}, "first_cycle_epochs"),
         ({"restart_lr": 5e-2}, "restart_lr"),
         ({"stain_jitter": "heavy"}, "stain_jitter must be one of light, strong"),
+        ({"loss": "dice"}, r"loss must be one of ce\+dice, ce"),
     ],
 )
 def test_config_errors(kw, match):
@@ -128,12 +130,23 @@ def test_long_first_cycle_is_trained_and_recorded(small_phantom, tmp_path):
     assert (config["first_cycle_epochs"], config["restart_lr"]) == (3, 1e-3)
 
 
-def test_strong_stain_jitter_trains_other_members_and_is_recorded(small_phantom, tmp_path):
-    light = train_segmentation(_tiny(small_phantom, tmp_path / "light"))
-    strong = train_segmentation(_tiny(small_phantom, tmp_path / "strong", stain_jitter="strong"))
-    assert light.training["config"]["stain_jitter"] == "light"
-    assert strong.training["config"]["stain_jitter"] == "strong"
-    assert light.members[0].sha256 != strong.members[0].sha256
+@pytest.mark.parametrize(("key", "value"), [("stain_jitter", "strong"), ("loss", "ce")])
+def test_another_augmentation_or_loss_trains_other_members_and_is_recorded(small_phantom, tmp_path, key, value):
+    default = train_segmentation(_tiny(small_phantom, tmp_path / "default"))
+    other = train_segmentation(_tiny(small_phantom, tmp_path / "other", **{key: value}))
+    assert default.training["config"][key] == SegTrainConfig.__dataclass_fields__[key].default
+    assert other.training["config"][key] == value
+    assert default.members[0].sha256 != other.members[0].sha256
+
+
+def test_losses():
+    logits = torch.tensor([[[[2.0, -1.0]], [[-2.0, 3.0]]]])  # (1, 2 classes, 1, 2)
+    target = torch.tensor([[[0, 1]]])
+    ce = ce_loss(logits, target)
+    assert ce.item() == pytest.approx(-np.log(1 / (1 + np.exp(-4.0))), rel=1e-5)
+    p = torch.softmax(logits, 1)[0, 1, 0]  # positive-class probabilities of the 2 pixels
+    soft_dice = (2 * p[1] + 1) / (p.sum() + 1 + 1)
+    assert seg_loss(logits, target).item() == pytest.approx(ce.item() + 1 - soft_dice.item(), rel=1e-5)
 
 
 def test_same_seed_same_members_and_resume_after_a_crash(small_phantom, tmp_path):

@@ -150,19 +150,18 @@ def sample_batch(
     return images, masks
 
 
+def ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy alone: a proper scoring rule, so members' probabilities stay calibrated."""
+    return F.cross_entropy(logits, target)
+
+
 def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy + soft Dice of the positive class (nnU-Net's compound loss, 2 classes)."""
-    ce = F.cross_entropy(logits, target)
     p = torch.softmax(logits, dim=1)[:, 1]
     t = (target == 1).float()
     inter = (p * t).sum()
     soft_dice = (2 * inter + 1) / (p.sum() + t.sum() + 1)
-    return ce + (1 - soft_dice)
-
-
-def ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy alone: a proper scoring rule, so members' probabilities stay calibrated."""
-    return F.cross_entropy(logits, target)
+    return ce_loss(logits, target) + (1 - soft_dice)
 
 
 SEG_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"ce+dice": seg_loss, "ce": ce_loss}

@@ -130,6 +130,16 @@ app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 
 
+def _lr_peak(optimizer: str, lr_max: float | None) -> float:
+    """``--lr-max``, or the optimizer's default peak when it is not given (an unknown optimizer is
+    refused by the training config)."""
+    if lr_max is not None:
+        return lr_max
+    from inference.cyclic import DEFAULT_LR_MAX
+
+    return DEFAULT_LR_MAX.get(optimizer, DEFAULT_LR_MAX["adamw"])
+
+
 def _features(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
@@ -141,6 +151,7 @@ def _features(text: str) -> tuple[int, ...]:
 
 
 RESTART_LR_HELP = "Learning rate at each warm restart after the first cycle (0: as --lr-max)."
+LR_MAX_HELP = "Learning rate at the start of the first cycle (default: 0.01 for sgd, as nnU-Net; 0.003 for adamw)."
 FIRST_CYCLE_HELP = "Length of the first cycle in epochs (0: as --epochs-per-cycle); a long first cycle converges before members are kept."
 
 
@@ -155,7 +166,7 @@ def train_seg(
     members_per_cycle: Annotated[int, typer.Option(min=1, help="Members from the low-LR end of each cycle.")] = 1,
     drop_first_cycle: Annotated[bool, typer.Option(help="Leave out the first cycle's members.")] = True,
     optimizer: Annotated[str, typer.Option(help="adamw, or sgd (Nesterov momentum 0.99, as nnU-Net).")] = "adamw",
-    lr_max: Annotated[float, typer.Option(min=0, help="Learning rate at the start of the first cycle.")] = 3e-3,
+    lr_max: Annotated[float | None, typer.Option(min=0, help=LR_MAX_HELP, show_default=False)] = None,
     restart_lr: Annotated[float, typer.Option(min=0, help=RESTART_LR_HELP)] = 0.0,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     patch_px: Annotated[int, typer.Option(min=16, help="Training patch edge in model px.")] = 128,
@@ -180,6 +191,7 @@ def train_seg(
     from bridge.progress import progress_bar
     from inference.train_seg import SegTrainConfig, train_segmentation
 
+    lr_peak = _lr_peak(optimizer, lr_max)
     try:
         config = SegTrainConfig(
             slides=tuple(str(s) for s in slides),
@@ -191,9 +203,9 @@ def train_seg(
             members_per_cycle=members_per_cycle,
             drop_first_cycle=drop_first_cycle,
             optimizer=optimizer,
-            lr_max=lr_max,
+            lr_max=lr_peak,
             restart_lr=restart_lr,
-            lr_min=lr_max / 100,
+            lr_min=lr_peak / 100,
             batch_size=batch_size,
             patch_px=patch_px,
             positive_fraction=positive_fraction,
@@ -312,7 +324,7 @@ def train_nuclei_cmd(
     members_per_cycle: Annotated[int, typer.Option(min=1)] = 1,
     drop_first_cycle: Annotated[bool, typer.Option(help="Leave out the first cycle's members.")] = True,
     optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
-    lr_max: Annotated[float, typer.Option(min=0)] = 3e-3,
+    lr_max: Annotated[float | None, typer.Option(min=0, help=LR_MAX_HELP, show_default=False)] = None,
     restart_lr: Annotated[float, typer.Option(min=0, help=RESTART_LR_HELP)] = 0.0,
     batch_size: Annotated[int, typer.Option(min=1)] = 12,
     patch_px: Annotated[int, typer.Option(min=16, help="Training patch edge in model px (even).")] = 96,
@@ -328,6 +340,7 @@ def train_nuclei_cmd(
     from bridge.progress import progress_bar
     from inference.train_nuclei import NucleiTrainConfig, train_nuclei
 
+    lr_peak = _lr_peak(optimizer, lr_max)
     try:
         config = NucleiTrainConfig(
             slides=tuple(str(s) for s in slides),
@@ -339,9 +352,9 @@ def train_nuclei_cmd(
             members_per_cycle=members_per_cycle,
             drop_first_cycle=drop_first_cycle,
             optimizer=optimizer,
-            lr_max=lr_max,
+            lr_max=lr_peak,
             restart_lr=restart_lr,
-            lr_min=lr_max / 100,
+            lr_min=lr_peak / 100,
             batch_size=batch_size,
             patch_px=patch_px,
             width=width,

@@ -21,6 +21,10 @@ from inference.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
+#: Peak learning rate per optimizer when none is given: nnU-Net's 0.01 for SGD with Nesterov
+#: momentum; 3e-3 for AdamW, whose steps are already scaled per parameter.
+DEFAULT_LR_MAX = {"sgd": 1e-2, "adamw": 3e-3}
+
 
 class CyclicSchedule(Protocol):
     slides: tuple[str, ...]

@@ -48,8 +48,9 @@ class SegTrainConfig:
     give a member; with ``drop_first_cycle`` the first cycle's members are left out. A long
     first cycle lets the network converge before the first member is kept (measured effects
     on the demo data are in the README).
-    ``optimizer`` is ``sgd`` (Nesterov momentum 0.99, as nnU-Net) or ``adamw``; ``loss`` is
-    ``ce+dice`` (nnU-Net's compound loss) or ``ce`` (cross-entropy alone).
+    ``optimizer`` is ``sgd`` (Nesterov momentum 0.99, as nnU-Net) or ``adamw``; the rates are
+    used as given (``pdl1 train`` takes ``cyclic.DEFAULT_LR_MAX`` for the optimizer and a hundredth
+    of it as ``lr_min``). ``loss`` is ``ce+dice`` (nnU-Net's compound loss) or ``ce`` (cross-entropy alone).
     """
 
     slides: tuple[str, ...]

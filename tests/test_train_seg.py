@@ -139,6 +139,24 @@ def test_another_augmentation_or_loss_trains_other_members_and_is_recorded(small
     assert default.members[0].sha256 != other.members[0].sha256
 
 
+@pytest.mark.parametrize(
+    ("args", "lr_max"), [(["--optimizer", "sgd"], 1e-2), (["--optimizer", "adamw"], 3e-3), (["--lr-max", "0.02"], 0.02)]
+)
+def test_cli_learning_rate_defaults_to_the_optimizers_peak(small_phantom, tmp_path, args, lr_max):
+    from typer.testing import CliRunner
+
+    from bridge.cli import app
+
+    tiny = ["--cycles", "2", "--epochs-per-cycle", "2", "--iterations", "2", "--batch-size", "2", "--patch-px", "32"]
+    out = tmp_path / "m"
+    result = CliRunner().invoke(
+        app, ["train", "seg", small_phantom, "--out", str(out), *tiny, "--features", "4,8", "--no-progress", *args]
+    )
+    assert result.exit_code == 0, result.output
+    config = Ensemble.load(out, task="segmentation").manifest.training["config"]
+    assert (config["lr_max"], config["lr_min"]) == pytest.approx((lr_max, lr_max / 100))
+
+
 def test_losses():
     logits = torch.tensor([[[[2.0, -1.0]], [[-2.0, 3.0]]]])  # (1, 2 classes, 1, 2)
     target = torch.tensor([[[0, 1]]])

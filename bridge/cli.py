@@ -130,14 +130,14 @@ app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 
 
-def _lr_peak(optimizer: str, lr_max: float | None) -> float:
-    """``--lr-max``, or the optimizer's default peak when it is not given (an unknown optimizer is
-    refused by the training config)."""
-    if lr_max is not None:
-        return lr_max
-    from inference.cyclic import DEFAULT_LR_MAX
+def _lr_range(optimizer: str, lr_max: float | None) -> tuple[float, float]:
+    """(peak, floor) of the cyclic schedule: ``--lr-max`` or the optimizer's default peak, and a
+    hundredth of it (an unknown optimizer is refused by the training config)."""
+    if lr_max is None:
+        from inference.cyclic import DEFAULT_LR_MAX
 
-    return DEFAULT_LR_MAX.get(optimizer, DEFAULT_LR_MAX["adamw"])
+        lr_max = DEFAULT_LR_MAX.get(optimizer, DEFAULT_LR_MAX["adamw"])
+    return lr_max, lr_max / 100
 
 
 def _features(text: str) -> tuple[int, ...]:
@@ -191,7 +191,7 @@ def train_seg(
     from bridge.progress import progress_bar
     from inference.train_seg import SegTrainConfig, train_segmentation
 
-    lr_peak = _lr_peak(optimizer, lr_max)
+    lr_peak, lr_floor = _lr_range(optimizer, lr_max)
     try:
         config = SegTrainConfig(
             slides=tuple(str(s) for s in slides),
@@ -205,7 +205,7 @@ def train_seg(
             optimizer=optimizer,
             lr_max=lr_peak,
             restart_lr=restart_lr,
-            lr_min=lr_peak / 100,
+            lr_min=lr_floor,
             batch_size=batch_size,
             patch_px=patch_px,
             positive_fraction=positive_fraction,
@@ -340,7 +340,7 @@ def train_nuclei_cmd(
     from bridge.progress import progress_bar
     from inference.train_nuclei import NucleiTrainConfig, train_nuclei
 
-    lr_peak = _lr_peak(optimizer, lr_max)
+    lr_peak, lr_floor = _lr_range(optimizer, lr_max)
     try:
         config = NucleiTrainConfig(
             slides=tuple(str(s) for s in slides),
@@ -354,7 +354,7 @@ def train_nuclei_cmd(
             optimizer=optimizer,
             lr_max=lr_peak,
             restart_lr=restart_lr,
-            lr_min=lr_peak / 100,
+            lr_min=lr_floor,
             batch_size=batch_size,
             patch_px=patch_px,
             width=width,

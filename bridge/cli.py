@@ -183,8 +183,16 @@ def train_seg(
         str, typer.Option(help="ce+dice (nnU-Net's compound loss) or ce (cross-entropy alone, calibrated).")
     ] = "ce+dice",
     seed: Annotated[int, typer.Option(min=0)] = 0,
+    chains: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Independent cyclic runs pooled into one ensemble; chain k is seeded SEED+k and written to "
+            "OUT/chain_k. Time grows with the number of chains.",
+        ),
+    ] = 1,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
-    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint if present.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoints under OUT if present.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train a segmentation ensemble the nnUNet-B way (cyclic LR, members at the low ends)."""
@@ -214,6 +222,7 @@ def train_seg(
             stain_jitter=stain_jitter,
             loss=loss,
             seed=seed,
+            chains=chains,
             device=device,
         )
         with progress_bar("training", enabled=progress) as on_progress:
@@ -257,8 +266,11 @@ def eval_seg(
             table.add_column("metric")
             table.add_column("value", justify="right")
             table.add_row("Dice, ensemble", f"{result.dice_ensemble:.4f}")
+            members = ensemble.manifest.members
+            pooled = len({m.chain for m in members}) > 1
             for i, d in enumerate(result.dice_members):
-                table.add_row(f"Dice, member {i}", f"{d:.4f}")
+                origin = f" (chain {members[i].chain}, cycle {members[i].cycle})" if pooled else ""
+                table.add_row(f"Dice, member {i}{origin}", f"{d:.4f}")
             table.add_row("AUROC predictive entropy -> error", f"{result.auroc_entropy_error:.4f}")
             table.add_row("AUROC mutual information -> error", f"{result.auroc_mi_error:.4f}")
             table.add_row(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from inference.errors import ModelFileError
@@ -21,13 +21,18 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class Member:
-    """One ensemble member: its weight file, checksum and provenance."""
+    """One ensemble member: its weight file, checksum and provenance.
+
+    ``file`` is relative to the model folder (``chain_1/member_00.safetensors`` when several
+    training chains were pooled); ``chain`` is the chain it came from (0 for a single run).
+    """
 
     file: str
     sha256: str
     cycle: int
     epoch: int
     learning_rate: float
+    chain: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,13 @@ def read_manifest(folder: str | Path, *, task: str | None = None, verify: bool =
         raise ModelFileError(f"{path}: a {manifest.task!r} model, but a {task!r} model is needed here")
     if not manifest.members:
         raise ModelFileError(f"{path}: lists no members")
+    for member in manifest.members:
+        rel = PurePosixPath(member.file)
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise ModelFileError(
+                f"{path}: member file {member.file!r} is not a path inside the model folder; "
+                "members are named relative to it, e.g. member_00.safetensors"
+            )
     if verify:
         for member in manifest.members:
             file = folder / member.file

@@ -2,7 +2,9 @@
 
 One network is trained with cosine annealing and warm restarts. At the low-learning-rate end
 of every cycle it sits in a different mode of the loss surface; the weights saved there are
-samples that approximate the posterior, and their mean softmax is the prediction.
+samples that approximate the posterior, and their mean softmax is the prediction. With
+``chains > 1`` several such runs start from different seeds (as several MCMC chains do) and
+their members are pooled: one trajectory's checkpoints share its errors, independent ones do not.
 
 Data are phantom slides with their truth (``<stem>.truth/positive_mask.tif``): each slide is
 read whole at the model's input MPP, and class-balanced patches are drawn from it.
@@ -51,6 +53,9 @@ class SegTrainConfig:
     ``optimizer`` is ``sgd`` (Nesterov momentum 0.99, as nnU-Net) or ``adamw``; the rates are
     used as given (``pdl1 train`` takes ``cyclic.DEFAULT_LR_MAX`` for the optimizer and a hundredth
     of it as ``lr_min``). ``loss`` is ``ce+dice`` (nnU-Net's compound loss) or ``ce`` (cross-entropy alone).
+    ``chains`` independent runs of this schedule are trained one after another, chain ``k`` seeded
+    with ``seed + k`` (so chain ``k`` is exactly the single-chain run with that seed) and written to
+    ``out_dir/chain_k``; the ensemble holds every chain's members.
     """
 
     slides: tuple[str, ...]
@@ -78,10 +83,13 @@ class SegTrainConfig:
     loss: str = "ce+dice"
     threshold: float = 0.5
     seed: int = 0
+    chains: int = 1
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         check_schedule(self)
+        if self.chains < 1:
+            raise ValueError(f"chains must be at least 1, got {self.chains}")
         if self.stain_jitter not in STAIN_JITTERS:
             raise ValueError(f"stain_jitter must be one of {', '.join(STAIN_JITTERS)}, got {self.stain_jitter!r}")
         if self.loss not in SEG_LOSSES:
@@ -174,11 +182,13 @@ def train_segmentation(
     resume: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Manifest:
-    """Train and write an ensemble folder (``config.out_dir``); returns its manifest."""
+    """Train and write an ensemble folder (``config.out_dir``); returns its manifest.
+
+    The manifest is written only once every chain has finished, so an interrupted run writes none
+    (nothing loads as a partial ensemble); ``resume`` continues from the chains' checkpoints.
+    """
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
     device = torch.device(config.device)
     data = [load_training_slide(p, input_mpp=config.input_mpp, patch_px=config.patch_px) for p in config.slides]
     arch_kwargs = {
@@ -188,34 +198,30 @@ def train_segmentation(
         "n_conv_per_stage": 2,
         "norm": "batch",
     }
-    model = PlainConvUNet(**{**arch_kwargs, "features": tuple(config.features)}).to(device)
-    mean = torch.tensor(NORMALIZATION["mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(NORMALIZATION["std"], device=device).view(1, 3, 1, 1)
+    steps_per_chain = config.total_epochs * config.iterations_per_epoch
+    members: list[dict] = []
+    for chain in range(config.chains):
+        chain_dir = out_dir if config.chains == 1 else out_dir / f"chain_{chain}"
+        chain_dir.mkdir(exist_ok=True)
+        progress = None
+        if on_progress is not None:
+            offset = chain * steps_per_chain
 
-    jitter = STAIN_JITTERS[config.stain_jitter]
+            def progress(done: int, _total: int, offset: int = offset) -> None:
+                on_progress(offset + done, config.chains * steps_per_chain)
 
-    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        images, masks = sample_batch(
+        records = _train_chain(
+            config,
             data,
-            rng,
-            batch_size=config.batch_size,
-            patch_px=config.patch_px,
-            positive_fraction=config.positive_fraction,
+            arch_kwargs,
+            seed=config.seed + chain,
+            out_dir=chain_dir,
+            device=device,
+            resume=resume,
+            on_progress=progress,
         )
-        images, masks = augment_batch(images, masks, rng, jitter=jitter)
-        x = (torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255 - mean) / std
-        return x, torch.from_numpy(masks.astype(np.int64)).to(device)
-
-    members = train_cyclic(
-        config,
-        model,
-        out_dir=out_dir,
-        rng=rng,
-        next_batch=next_batch,
-        loss_fn=SEG_LOSSES[config.loss],
-        resume=resume,
-        on_progress=on_progress,
-    )
+        prefix = "" if config.chains == 1 else f"{chain_dir.name}/"
+        members += [{**r, "file": prefix + r["file"], "chain": chain} for r in records]
 
     manifest = Manifest(
         name=config.name,
@@ -227,7 +233,9 @@ def train_segmentation(
         tile_size_px=config.tile_size_px,
         normalization=NORMALIZATION,
         class_names=CLASS_NAMES,
-        members=[Member(**{k: m[k] for k in ("file", "sha256", "cycle", "epoch", "learning_rate")}) for m in members],
+        members=[
+            Member(**{k: m[k] for k in ("file", "sha256", "cycle", "epoch", "learning_rate", "chain")}) for m in members
+        ],
         thresholds={"segmentation": config.threshold},
         training={
             "config": {k: v for k, v in asdict(config).items() if k != "out_dir"},
@@ -248,3 +256,46 @@ def train_segmentation(
     )
     write_manifest(out_dir, manifest)
     return manifest
+
+
+def _train_chain(
+    config: SegTrainConfig,
+    data: list[_SlideData],
+    arch_kwargs: dict,
+    *,
+    seed: int,
+    out_dir: Path,
+    device: torch.device,
+    resume: bool,
+    on_progress: Callable[[int, int], None] | None,
+) -> list[dict]:
+    """One cyclic run from its own seed: initial weights, patch draws and augmentation all follow it."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = PlainConvUNet(**{**arch_kwargs, "features": tuple(config.features)}).to(device)
+    mean = torch.tensor(NORMALIZATION["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(NORMALIZATION["std"], device=device).view(1, 3, 1, 1)
+    jitter = STAIN_JITTERS[config.stain_jitter]
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        images, masks = sample_batch(
+            data,
+            rng,
+            batch_size=config.batch_size,
+            patch_px=config.patch_px,
+            positive_fraction=config.positive_fraction,
+        )
+        images, masks = augment_batch(images, masks, rng, jitter=jitter)
+        x = (torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255 - mean) / std
+        return x, torch.from_numpy(masks.astype(np.int64)).to(device)
+
+    return train_cyclic(
+        config,
+        model,
+        out_dir=out_dir,
+        rng=rng,
+        next_batch=next_batch,
+        loss_fn=SEG_LOSSES[config.loss],
+        resume=resume,
+        on_progress=on_progress,
+    )

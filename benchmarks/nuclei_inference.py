@@ -22,6 +22,7 @@ class NucleiInference(PhantomSlideBenchmark):
         self.open_phantom(2048 if quick else 4096, seed=78)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.ensemble = Ensemble.load(demo_model_dir("nuclei"), task="nuclei", device=device)
+        self.unfolded = Ensemble.load(demo_model_dir("nuclei"), task="nuclei", device=device, fold_bn=False)
         self.config = NucleiConfig()
         m = self.ensemble.manifest
         self.radius_px = max(1, round(self.config.nms_radius_um / m.input_mpp))
@@ -66,8 +67,9 @@ class NucleiInference(PhantomSlideBenchmark):
                 n += len(classes)
         return self.heat_mpx, n
 
-    def _end_to_end(self) -> tuple[float, float]:
-        nuclei = detect_nuclei(self.slide, self.ensemble, tissue=self.tissue, config=self.config)
+    def _end_to_end(self, *, fold_bn: bool = True) -> tuple[float, float]:
+        ensemble = self.ensemble if fold_bn else self.unfolded
+        nuclei = detect_nuclei(self.slide, ensemble, tissue=self.tissue, config=self.config)
         return self.size_px**2 / 1e6, len(nuclei)
 
     def cases(self) -> list[Case]:
@@ -75,6 +77,7 @@ class NucleiInference(PhantomSlideBenchmark):
             Case("peak finding: skimage peak_local_max", self._skimage, baseline=True),
             Case("peak finding: ours (max-pool NMS)", self._ours_nms),
             Case("end to end: ours (read + FCN + NMS), level-0 Mpx", self._end_to_end),
+            Case("end to end, BatchNorm not folded (before)", lambda: self._end_to_end(fold_bn=False)),
         ]
 
     def conditions(self) -> dict[str, str]:

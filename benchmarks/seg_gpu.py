@@ -13,6 +13,7 @@ installed the GPU decodes the JPEG tiles (``SegmentConfig.read_on_device``); row
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import statistics
 import threading
@@ -23,6 +24,7 @@ import torch
 
 from benchmarks import Case, PhantomSlideBenchmark
 from inference.ensemble import Ensemble, Precision, demo_model_dir
+from inference.fusion import fold_batchnorm
 from inference.gpu_decode import nvimgcodec_available
 from inference.segment import SegmentConfig, SegmentProfile, plan_reads, plan_tiles, segment_slide
 from inference.unet import build_model
@@ -93,9 +95,17 @@ class SegGpu(PhantomSlideBenchmark):
             build_model(big_manifest.architecture, big_manifest.architecture_kwargs).to(self.device).eval()
             for _ in range(8)
         ]
-        self.members = {"demo": [demo.members[i % len(demo.members)] for i in range(8)], "big": big_members}
-        self.manifests = {"demo": demo.manifest, "big": big_manifest}
-        self.batch = {"demo": 32, "big": 16}
+        # As Ensemble.load does; "big-bn" keeps the BatchNorms for the rows that measure folding.
+        unfolded = [copy.deepcopy(m) for m in big_members[:5]]
+        for member in big_members:
+            fold_batchnorm(member)
+        self.members = {
+            "demo": [demo.members[i % len(demo.members)] for i in range(8)],
+            "big": big_members,
+            "big-bn": unfolded,
+        }
+        self.manifests = {"demo": demo.manifest, "big": big_manifest, "big-bn": big_manifest}
+        self.batch = {"demo": 32, "big": 16, "big-bn": 16}
         self.sampler = _UtilisationSampler()
         self.extras: dict[str, dict[str, str]] = {}
         self.wall_m1: dict[tuple[str, bool], float] = {}  # (model, compiled): M=1 wall time
@@ -140,7 +150,7 @@ class SegGpu(PhantomSlideBenchmark):
         naive = SegmentConfig(batch_size=1, read_workers=0, precision="fp32", accumulate_on="host")
         profile = SegmentProfile()
         with self.sampler:
-            for member in self.members["big"][:5]:
+            for member in self.members["big-bn"]:
                 single = Ensemble(self.manifests["big"], [member], folder=Path("."), device=self.device)
                 segment_slide(self.slide, single, tissue=self.tissue, config=naive, profile=profile)
         self.extras[label] = {"GPU busy %": self.sampler.mean}
@@ -177,6 +187,9 @@ class SegGpu(PhantomSlideBenchmark):
         for m in (1, 5):
             label = f"ours M={m}, nnU-Net-sized, {cpu}"
             cases.append(Case(label, lambda label=label, m=m: self._run(label, "big", m, cpu_decoding=True)))
+        for m in (1, 5):  # "time / M=1" of these is against unfolded M=1
+            label = f"ours M={m}, nnU-Net-sized, BatchNorm not folded (before)"
+            cases.append(Case(label, lambda label=label, m=m: self._run(label, "big-bn", m)))
         for m in (1, 5, 8):  # "time / M=1" of these is against compiled M=1
             label = f"ours M={m}, nnU-Net-sized, `torch.compile`"
             cases.append(Case(label, lambda label=label, m=m: self._run(label, "big", m, compiled=True)))

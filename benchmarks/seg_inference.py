@@ -18,11 +18,18 @@ class SegInference(PhantomSlideBenchmark):
     def setup(self, *, quick: bool) -> None:
         self.open_phantom(2048 if quick else 4096, seed=77)
         demo = Ensemble.load(demo_model_dir("seg"), task="segmentation", device=self.device_name())
+        unfolded = Ensemble.load(demo_model_dir("seg"), task="segmentation", device=demo.device, fold_bn=False)
         # M=5 from the demo's members (repeated if it has fewer): speed does not depend on the weights.
         members = [demo.members[i % len(demo.members)] for i in range(5)]
         self.ensembles = {
             m: Ensemble(demo.manifest, members[:m], folder=demo.folder, device=demo.device) for m in (1, 5)
         }
+        self.unfolded = Ensemble(
+            demo.manifest,
+            [unfolded.members[i % len(demo.members)] for i in range(5)],
+            folder=demo.folder,
+            device=demo.device,
+        )
         self.config = SegmentConfig(batch_size=8, read_workers=2)
         self.precision = Precision.choose(self.config.precision, demo.device)
 
@@ -34,8 +41,9 @@ class SegInference(PhantomSlideBenchmark):
     def mpx(self) -> float:
         return self.size_px**2 / 1e6
 
-    def _ours(self, m: int) -> float:
-        segment_slide(self.slide, self.ensembles[m], tissue=self.tissue, config=self.config)
+    def _ours(self, m: int, *, fold_bn: bool = True) -> float:
+        ensemble = self.ensembles[m] if fold_bn else self.unfolded
+        segment_slide(self.slide, ensemble, tissue=self.tissue, config=self.config)
         return self.mpx
 
     def _naive(self) -> float:
@@ -52,6 +60,7 @@ class SegInference(PhantomSlideBenchmark):
             Case("naive M=5 (member by member, batch 1, no read-ahead)", self._naive, baseline=True),
             Case("ours M=1", lambda: self._ours(1)),
             Case("ours M=5", lambda: self._ours(5)),
+            Case("ours M=5, BatchNorm not folded (before)", lambda: self._ours(5, fold_bn=False)),
         ]
 
     def conditions(self) -> dict[str, str]:

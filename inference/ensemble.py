@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from inference.errors import ModelFileError
+from inference.fusion import fold_batchnorm
 from inference.manifest import Manifest, read_manifest
 from inference.unet import build_model
 
@@ -75,11 +76,19 @@ class Ensemble:
         self._std = torch.tensor(norm["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
     @classmethod
-    def load(cls, folder: str | Path, *, task: str, device: str | torch.device = "cpu") -> Ensemble:
+    def load(
+        cls, folder: str | Path, *, task: str, device: str | torch.device = "cpu", fold_bn: bool = True
+    ) -> Ensemble:
+        """Load and verify a model folder; ``fold_bn`` folds BatchNorms into their convolutions.
+
+        Folding gives the same outputs to float32 rounding in less time (``benchmarks/README.md``);
+        ``fold_bn=False`` keeps the members as trained.
+        """
         folder = Path(folder)
         manifest = read_manifest(folder, task=task, verify=True)
         dev = resolve_device(device) if isinstance(device, str) else device
         members = []
+        n_folded = 0
         for member in manifest.members:
             path = folder / member.file
             try:
@@ -97,8 +106,17 @@ class Ensemble:
                     f"{path}: weights do not fit {manifest.architecture} {manifest.architecture_kwargs}: "
                     f"{str(err).splitlines()[0]}"
                 ) from err
-            members.append(model.to(dev).eval())
-        log.info("loaded %s %s (%d members) on %s", manifest.name, manifest.version, len(members), dev)
+            model.eval()
+            n_folded = fold_batchnorm(model) if fold_bn else 0
+            members.append(model.to(dev))
+        log.info(
+            "loaded %s %s (%d members, %d BatchNorms folded each) on %s",
+            manifest.name,
+            manifest.version,
+            len(members),
+            n_folded,
+            dev,
+        )
         return cls(manifest, members, folder=folder, device=dev)
 
     @classmethod

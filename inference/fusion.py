@@ -20,13 +20,14 @@ def fold_batchnorm(model: nn.Module) -> int:
 
     The BatchNorm is replaced by ``nn.Identity``, so the folded model no longer fits the
     original ``state_dict`` and must not be trained or saved. Only models in eval mode are
-    folded (a training-mode BatchNorm normalises by the batch's own statistics). Returns the
-    number of layers folded.
+    folded (a training-mode BatchNorm normalises by the batch's own statistics), and each
+    convolution must be used only where it stands (no weights shared with another layer).
+    Returns the number of layers folded.
     """
-    if model.training:
+    if any(m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
         raise ValueError("fold_batchnorm needs a model in eval mode (call model.eval() first); it is for inference")
     folded = 0
-    for seq in model.modules():
+    for seq in list(model.modules()):
         if not isinstance(seq, nn.Sequential):
             continue
         names = list(seq._modules)

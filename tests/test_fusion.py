@@ -63,6 +63,10 @@ def test_instance_norm_is_left_alone():
 def test_a_model_in_training_mode_is_refused():
     with pytest.raises(ValueError, match="eval mode"):
         fold_batchnorm(PlainConvUNet(features=(8, 16)))
+    partly = PlainConvUNet(features=(8, 16)).eval()
+    partly.decoder.train()  # a BatchNorm deep inside still normalises by the batch
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(partly)
 
 
 def test_loaded_demo_members_are_folded_and_agree_with_the_trained_weights():

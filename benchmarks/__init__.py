@@ -15,12 +15,15 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from rich.console import Console
 from rich.table import Table
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -117,6 +120,11 @@ class PhantomSlideBenchmark(Benchmark):
                 slide.close()
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def cycled(members: Sequence[T], m: int) -> list[T]:
+    """``m`` members taken in turn from ``members`` (repeated if it has fewer): speed does not depend on weights."""
+    return [members[i % len(members)] for i in range(m)]
 
 
 def machine_description() -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks import Benchmark, Case
+from benchmarks import Benchmark, Case, cycled
 from inference.ensemble import Ensemble, Precision, demo_model_dir
 from inference.phantom import PhantomSpec, write_phantom
 from inference.segment import SegmentConfig, segment_slide
@@ -82,8 +82,7 @@ class NnunetPredictor(Benchmark):
     def setup(self, *, quick: bool) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         demo = Ensemble.load(demo_model_dir("seg"), task="segmentation", device=str(self.device))
-        members = [demo.members[i % len(demo.members)] for i in range(MEMBERS)]
-        self.ensemble = Ensemble(demo.manifest, members, folder=demo.folder, device=demo.device)
+        self.ensemble = Ensemble(demo.manifest, cycled(demo.members, MEMBERS), folder=demo.folder, device=demo.device)
         m = demo.manifest
         self.tile_px = m.tile_size_px
         size_px = 4096 if quick else 8192
@@ -102,7 +101,7 @@ class NnunetPredictor(Benchmark):
         # Ensemble.load folds them; both compute the same function. nnU-Net loads each member's
         # weights into one module in turn.
         trained = Ensemble.load(demo_model_dir("seg"), task="segmentation", device=str(self.device), fold_bn=False)
-        nets = [trained.members[i % len(trained.members)] for i in range(MEMBERS)]
+        nets = cycled(trained.members, MEMBERS)
         states = [{k: v.detach().clone() for k, v in net.state_dict().items()} for net in nets]
         network = copy.deepcopy(nets[0])
         self.predictors = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks import Case, PhantomSlideBenchmark
+from benchmarks import Case, PhantomSlideBenchmark, cycled
 from inference.ensemble import Ensemble, Precision, demo_model_dir
 from inference.segment import SegmentConfig, segment_slide
 
@@ -18,18 +18,12 @@ class SegInference(PhantomSlideBenchmark):
     def setup(self, *, quick: bool) -> None:
         self.open_phantom(2048 if quick else 4096, seed=77)
         demo = Ensemble.load(demo_model_dir("seg"), task="segmentation", device=self.device_name())
-        unfolded = Ensemble.load(demo_model_dir("seg"), task="segmentation", device=demo.device, fold_bn=False)
-        # M=5 from the demo's members (repeated if it has fewer): speed does not depend on the weights.
-        members = [demo.members[i % len(demo.members)] for i in range(5)]
+        trained = Ensemble.load(demo_model_dir("seg"), task="segmentation", device=demo.device, fold_bn=False)
+        # (M, BatchNorms folded) -> M of the demo's members, folded as Ensemble.load does or as trained.
         self.ensembles = {
-            m: Ensemble(demo.manifest, members[:m], folder=demo.folder, device=demo.device) for m in (1, 5)
+            (m, fold_bn): Ensemble(ens.manifest, cycled(ens.members, m), folder=ens.folder, device=ens.device)
+            for m, fold_bn, ens in ((1, True, demo), (5, True, demo), (5, False, trained))
         }
-        self.unfolded = Ensemble(
-            demo.manifest,
-            [unfolded.members[i % len(demo.members)] for i in range(5)],
-            folder=demo.folder,
-            device=demo.device,
-        )
         self.config = SegmentConfig(batch_size=8, read_workers=2)
         self.precision = Precision.choose(self.config.precision, demo.device)
 
@@ -42,14 +36,13 @@ class SegInference(PhantomSlideBenchmark):
         return self.size_px**2 / 1e6
 
     def _ours(self, m: int, *, fold_bn: bool = True) -> float:
-        ensemble = self.ensembles[m] if fold_bn else self.unfolded
-        segment_slide(self.slide, ensemble, tissue=self.tissue, config=self.config)
+        segment_slide(self.slide, self.ensembles[m, fold_bn], tissue=self.tissue, config=self.config)
         return self.mpx
 
     def _naive(self) -> float:
         # Members one after another, one tile at a time, reading in the calling thread.
         naive = SegmentConfig(batch_size=1, read_workers=0, precision="fp32")
-        ens5 = self.ensembles[5]
+        ens5 = self.ensembles[5, True]
         for member in ens5.members:
             single = Ensemble(ens5.manifest, [member], folder=ens5.folder, device=ens5.device)
             segment_slide(self.slide, single, tissue=self.tissue, config=naive)
@@ -64,9 +57,9 @@ class SegInference(PhantomSlideBenchmark):
         ]
 
     def conditions(self) -> dict[str, str]:
-        m = self.ensembles[1].manifest
+        m = self.ensembles[1, True].manifest
         return {
-            "device": str(self.ensembles[1].device),
+            "device": str(self.ensembles[1, True].device),
             "precision": "bf16 autocast" if self.precision.autocast_dtype else "fp32",
             "torch threads": str(torch.get_num_threads()),
             "slide": f"phantom {self.size_px}x{self.size_px} px at 0.5 µm/px, tissue only",

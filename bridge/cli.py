@@ -934,6 +934,12 @@ def serve(
         Path | None, typer.Option(help="Folder with seg/ and nuclei/ model folders (default: shipped demo).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    keep_results: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Results of this many finished jobs are held for clients to fetch; older ones are released."
+        ),
+    ] = 16,
 ) -> None:
     """Start the HTTP service the QuPath scripts call (FastAPI + uvicorn; OpenAPI at /docs)."""
     try:
@@ -954,6 +960,7 @@ def serve(
             token=token,
             allow_roots=tuple(allow_root or (Path.cwd(),)),
             pipeline=_pipeline_config(device, seg, nuclei, None),
+            keep_results=keep_results,
         )
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--host/--token/--allow-root") from err

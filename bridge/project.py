@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from bridge.atomic import replace_atomically
 from inference.errors import Pdl1Error
 
 PDL1_DIR = "pdl1"
@@ -147,15 +147,8 @@ def locate_image(entry: ProjectEntry, *, project_folder: Path, search_dirs: tupl
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON through a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replace_atomically(path) as fh:
+        json.dump(data, fh, indent=2, allow_nan=False)
 
 
 class RunStatus:

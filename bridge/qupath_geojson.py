@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from typing import Any
 import shapely
 from shapely.geometry.base import BaseGeometry
 
+from bridge.atomic import replace_atomically
 from bridge.classes import BY_NAME, PathClassSpec
 from inference.errors import Pdl1Error
 
@@ -154,23 +153,16 @@ def write_features(path: str | Path, features: Iterable[Mapping[str, Any]]) -> i
     leaves no half-written file (an earlier one stays as it was).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write('{"type":"FeatureCollection","features":[\n')
-            for feature in features:
-                validate_feature(feature)
-                if count:
-                    fh.write(",\n")
-                fh.write(json.dumps(feature, ensure_ascii=False, allow_nan=False, separators=(",", ":")))
-                count += 1
-            fh.write("\n]}\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replace_atomically(path) as fh:
+        fh.write('{"type":"FeatureCollection","features":[\n')
+        for feature in features:
+            validate_feature(feature)
+            if count:
+                fh.write(",\n")
+            fh.write(json.dumps(feature, ensure_ascii=False, allow_nan=False, separators=(",", ":")))
+            count += 1
+        fh.write("\n]}\n")
     return count
 
 

@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,10 @@ class JobStateError(Pdl1Error, ValueError):
     """The job is not in a state that allows this (e.g. result of a running job)."""
 
 
+class ResultReleasedError(Pdl1Error, LookupError):
+    """A finished job whose result the service no longer holds."""
+
+
 @dataclass(frozen=True)
 class ServiceSettings:
     """How the service runs; built by the CLI (or by tests) and never read from the environment below it."""
@@ -75,8 +80,11 @@ class ServiceSettings:
     max_request_bytes: int = 64 * 2**20
     max_upload_px: int = 8192 * 8192
     max_page: int = 200_000
+    keep_results: int = 16
 
     def __post_init__(self) -> None:
+        if self.keep_results < 1:
+            raise ValueError(f"--keep-results must be at least 1, got {self.keep_results}")
         if self.host not in LOOPBACK and not self.token:
             raise ValueError(
                 f"binding {self.host} exposes the service beyond this machine: pass --token (every request "
@@ -154,7 +162,8 @@ class Job:
     roi: BaseGeometry | None
     mpp: float | None
     outputs: tuple[str, ...]
-    slide: Slide | None = None  # for uploaded pixels
+    slide: Slide | None = None  # uploaded pixels, dropped once the job has finished
+    uploaded: bool = False
     origin_xy: tuple[float, float] = (0.0, 0.0)
     scale: float = 1.0
     state: str = "queued"
@@ -166,12 +175,14 @@ class Job:
     started: float | None = None
     finished: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    released: bool = False
 
     def status(self) -> JobStatus:
         progress = 1.0 if self.state == "done" else (self.tiles_done / self.tiles_total if self.tiles_total else 0.0)
+        state = "cancelling" if self.state == "running" and self.cancel.is_set() else self.state
         return JobStatus(
             job_id=self.id,
-            state=self.state,
+            state=state,
             progress=round(progress, 4),
             tiles_done=self.tiles_done,
             tiles_total=self.tiles_total,
@@ -183,13 +194,25 @@ class Job:
         )
 
 
-class Worker:
-    """The one thread that runs inference; jobs wait in a FIFO queue."""
+# Finished jobs whose records (state, error; no result) are kept; older ones are forgotten.
+KEEP_RECORDS = 1000
 
-    def __init__(self, models: Models, pipeline: PipelineConfig):
+
+class Worker:
+    """The one thread that runs inference; jobs wait in a FIFO queue.
+
+    A service runs for weeks, so it must not grow with every slide it has analysed: the
+    results of the newest ``keep_results`` finished jobs are held (a client fetches its
+    result within seconds of ``done``), older ones are released, and the records of all but
+    the newest :data:`KEEP_RECORDS` finished jobs are forgotten.
+    """
+
+    def __init__(self, models: Models, pipeline: PipelineConfig, *, keep_results: int = 16):
         self.models = models
         self.pipeline = pipeline
+        self.keep_results = keep_results
         self.jobs: dict[str, Job] = {}
+        self.finished: deque[str] = deque()  # ids, oldest first
         self.queue: queue.Queue[str | None] = queue.Queue()
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._loop, name="pdl1-worker", daemon=True)
@@ -204,12 +227,35 @@ class Worker:
         with self.lock:
             job = self.jobs.get(job_id)
         if job is None:
-            raise JobNotFoundError(f"no job {job_id!r} (jobs live until the service restarts)")
+            raise JobNotFoundError(
+                f"no job {job_id!r}: never submitted, deleted, or older than the last {KEEP_RECORDS} finished "
+                "jobs (jobs do not survive a restart of the service)"
+            )
         return job
+
+    def forget(self, job_id: str) -> bool:
+        """Drop a finished job and its result (the client has what it needs); False if it has not finished."""
+        with self.lock:
+            if job_id not in self.finished:
+                return False
+            self.finished.remove(job_id)
+            job = self.jobs.pop(job_id)
+        job.result = None
+        return True
 
     def stop(self) -> None:
         self.queue.put(None)
         self.thread.join(timeout=30)
+
+    def _retire(self, job: Job) -> None:
+        with self.lock:
+            self.finished.append(job.id)
+            for old_id in list(self.finished)[: -self.keep_results]:
+                old = self.jobs[old_id]
+                if old.result is not None:
+                    old.result, old.released = None, True
+            while len(self.finished) > KEEP_RECORDS:
+                del self.jobs[self.finished.popleft()]
 
     def _loop(self) -> None:
         while True:
@@ -217,11 +263,11 @@ class Worker:
             if job_id is None:
                 return
             job = self.get(job_id)
-            if job.cancel.is_set():
-                job.state, job.finished = "cancelled", time.time()
-                continue
-            job.state, job.started = "running", time.time()
             try:
+                if job.cancel.is_set():
+                    job.state = "cancelled"
+                    continue
+                job.state, job.started = "running", time.time()
                 job.result = self._run(job)
                 job.state = "done"
             except Cancelled:
@@ -233,6 +279,8 @@ class Worker:
                 job.finished = time.time()
                 if job.slide is not None:
                     job.slide.close()
+                    job.slide = None
+                self._retire(job)
 
     def _run(self, job: Job) -> SlideResult:
         from dataclasses import replace
@@ -287,6 +335,7 @@ _STATUS = {
     MissingMppError: 422,
     RoiError: 422,
     JobStateError: 409,
+    ResultReleasedError: 410,
 }
 
 
@@ -296,7 +345,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.models = models or Models(settings.pipeline)
-        app.state.worker = Worker(app.state.models, settings.pipeline)
+        app.state.worker = Worker(app.state.models, settings.pipeline, keep_results=settings.keep_results)
         yield
         app.state.worker.stop()
 
@@ -420,6 +469,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
             mpp=mpp,
             outputs=tuple(dict.fromkeys(outputs)),
             slide=slide,
+            uploaded=True,
             origin_xy=(origin_x, origin_y),
             scale=downsample,
         )
@@ -430,12 +480,11 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         return w.get(job_id).status()
 
     @app.delete("/v1/jobs/{job_id}")
-    def cancel(job_id: str, w: Worker = Depends(worker)) -> JobStatus:
+    def cancel_or_forget(job_id: str, w: Worker = Depends(worker)) -> JobStatus:
+        """Cancel a queued or running job; forget a finished one and release its result."""
         job = w.get(job_id)
-        if job.state in ("queued", "running"):
-            job.cancel.set()
-            if job.state == "running":
-                job.state = "cancelling"
+        if not w.forget(job_id):
+            job.cancel.set()  # only the worker changes a job's state
         return job.status()
 
     @app.get("/v1/jobs/{job_id}/result")
@@ -448,14 +497,20 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         """QuPath GeoJSON FeatureCollection of the job's objects, in pages; ``pdl1`` holds the parent's
         measurements, the entry metadata and ``next_offset`` (null on the last page)."""
         job = w.get(job_id)
-        if job.state != "done" or job.result is None:
+        result = job.result  # read once: the worker may release it meanwhile
+        if result is None and job.released:
+            raise ResultReleasedError(
+                f"job {job_id}'s result was released: the service holds the results of the last "
+                f"{settings.keep_results} finished jobs (--keep-results); submit the job again"
+            )
+        if job.state != "done" or result is None:
             raise JobStateError(f"job {job_id} is {job.state}, not done" + (f": {job.error}" if job.error else ""))
-        objects = _result_objects(job)
+        objects = _result_objects(result, job.outputs)
         page = min(limit or settings.max_page, settings.max_page)
         chunk = objects[offset : offset + page]
         next_offset = offset + page if offset + page < len(objects) else None
         features = [to_feature(_placed(o, job)) for o in chunk]
-        measurements = {k: v for k, v in parent_measurements(job.result).items() if math.isfinite(v)}
+        measurements = {k: v for k, v in parent_measurements(result).items() if math.isfinite(v)}
         return JSONResponse(
             {
                 "type": "FeatureCollection",
@@ -465,8 +520,8 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
                     "offset": offset,
                     "next_offset": next_offset,
                     "parent_measurements": measurements,
-                    "metadata": entry_metadata(job.result),
-                    "run_id": job.result.run_id,
+                    "metadata": entry_metadata(result),
+                    "run_id": result.run_id,
                 },
             }
         )
@@ -474,23 +529,22 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
     return app
 
 
-def _result_objects(job: Job) -> list:
-    result = job.result
+def _result_objects(result: SlideResult, outputs: tuple[str, ...]) -> list:
     objs = []
-    if "regions" in job.outputs:
+    if "regions" in outputs:
         objs += list(region_objects(result))
-    if "sua" in job.outputs:
+    if "sua" in outputs:
         objs += list(candidate_objects(result))
-    if "uncertainty_tiles" in job.outputs:
+    if "uncertainty_tiles" in outputs:
         objs += list(tile_objects(result))
-    if "nuclei" in job.outputs:
+    if "nuclei" in outputs:
         objs += list(nucleus_objects(result))
     return objs
 
 
 def _placed(obj, job: Job):
     """Uploaded pixels: map region coordinates back to the image's level-0 px."""
-    if job.slide is None:
+    if not job.uploaded:
         return obj
     from dataclasses import replace
 

@@ -163,6 +163,7 @@ for (parent in targets) {
         def next = pdl1.get("next_offset")
         offset = next == null ? null : (next as int)
     }
+    send(request(statusPath).DELETE().build())  // the result is here now: let the service release it
     def old = parent.getChildObjects().findAll { isOwn(it) }
     if (!old.isEmpty())
         removeObjects(old, true)

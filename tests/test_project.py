@@ -1,5 +1,7 @@
 import json
+import os
 import shutil
+import stat
 from pathlib import Path, PureWindowsPath
 
 import pytest
@@ -89,6 +91,29 @@ def test_init_project_without_qupath_matches_what_qupath_writes(fixtures_dir, tm
     classes = json.loads((tmp_path / "new" / "classifiers" / "classes.json").read_text())
     assert "PD-L1 FN candidate" in {c["name"] for c in classes["pathClasses"]}
     assert (tmp_path / "new" / "scripts" / "pdl1_import_results.groovy").is_file()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_a_new_project_is_readable_by_colleagues_as_the_umask_allows(tmp_path, phantom_svs):
+    # A lab's projects live on shared drives: files written by the bridge must get the usual
+    # permissions, not the owner-only ones of a temporary file.
+    old = os.umask(0o022)
+    try:
+        qpproj = init_project_files(tmp_path / "p", [phantom_svs])
+    finally:
+        os.umask(old)
+    for path in (qpproj, tmp_path / "p/data/1/server.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_rewriting_the_run_status_keeps_its_permissions(tmp_path):
+    status = RunStatus(tmp_path)
+    status.record("1", state="failed", error="x")
+    status.path.chmod(0o660)
+    status.record("1", state="done", image="a")
+    assert stat.S_IMODE(status.path.stat().st_mode) == 0o660
+    assert RunStatus(tmp_path).is_done("1")
 
 
 def test_init_project_refuses_to_overwrite(tmp_path, phantom_svs):

@@ -1,5 +1,7 @@
 import json
 import math
+import os
+import stat
 import subprocess
 import sys
 
@@ -100,10 +102,16 @@ def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path):
         yield to_feature(QuPathObject(Point(0, 0), "detection", "Other"))
         yield {"type": "Feature"}
 
+    path.chmod(0o640)
     with pytest.raises(GeoJsonError):
         write_features(path, broken())
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["o.geojson"]
+    # A successful rewrite replaces the file and keeps the permissions it had.
+    write_features(path, [])
+    assert json.loads(path.read_text())["features"] == []
+    if os.name == "posix":
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
 
 
 def test_class_colours_as_qupath_packs_them(fixtures_dir):

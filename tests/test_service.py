@@ -221,6 +221,41 @@ def test_two_clients_at_once(service, slides_root):
     assert results == {"a": "done", "b": "done"}
 
 
+def test_delete_forgets_a_finished_job(service, slides_root):
+    job_id = service.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "outputs": ["regions"]}).json()[
+        "job_id"
+    ]
+    assert _wait(service, job_id)["state"] == "done"
+    assert service.get(f"/v1/jobs/{job_id}/result").status_code == 200
+    assert service.delete(f"/v1/jobs/{job_id}").json()["state"] == "done"
+    assert service.get(f"/v1/jobs/{job_id}").status_code == 404
+    assert service.get(f"/v1/jobs/{job_id}/result").status_code == 404
+
+
+def test_a_long_running_service_keeps_only_recent_results(slides_root, models, monkeypatch):
+    # Weeks of slides must not pile up in memory: with --keep-results 1 and room for two
+    # records, the oldest of three jobs is forgotten and the middle one's result released.
+    monkeypatch.setattr("bridge.service.KEEP_RECORDS", 2)
+    settings = ServiceSettings(
+        port=_free_port(), allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"), keep_results=1
+    )
+    server, thread = _serve(settings, models)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=60) as client:
+            body = {"image": str(slides_root / "small.svs"), "outputs": ["regions"]}
+            ids = [client.post("/v1/jobs", json=body).json()["job_id"] for _ in range(3)]
+            for job_id in ids:
+                assert _wait(client, job_id)["state"] == "done"
+            assert client.get(f"/v1/jobs/{ids[0]}").status_code == 404
+            assert client.get(f"/v1/jobs/{ids[1]}").json()["state"] == "done"
+            released = client.get(f"/v1/jobs/{ids[1]}/result")
+            assert released.status_code == 410 and "--keep-results" in released.json()["detail"]
+            assert client.get(f"/v1/jobs/{ids[2]}/result").json()["type"] == "FeatureCollection"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def test_openapi_is_served(service):
     schema = service.get("/openapi.json").json()
     assert "/v1/jobs" in schema["paths"]
@@ -247,6 +282,8 @@ def test_non_loopback_bind_needs_a_token(tmp_path):
     ServiceSettings(host="0.0.0.0", token="t", allow_roots=(tmp_path,))
     with pytest.raises(ValueError, match="allow-root"):
         ServiceSettings()
+    with pytest.raises(ValueError, match="--keep-results"):
+        ServiceSettings(allow_roots=(tmp_path,), keep_results=0)
 
 
 def test_every_endpoint_and_key_the_scripts_use_exists(service):

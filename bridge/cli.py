@@ -52,6 +52,15 @@ def _fail(err: Exception) -> typer.Exit:
     return typer.Exit(code=1)
 
 
+_TRAINING_KEPT = "{out} holds a checkpoint of the last finished epoch; the same command with --resume goes on from it"
+
+
+def _interrupted(what_is_kept: str) -> typer.Exit:
+    """Ctrl-C: say what survived and how to go on, then exit 130 as a shell expects."""
+    console.print(f"[yellow]interrupted:[/yellow] {what_is_kept}")
+    return typer.Exit(code=130)
+
+
 @app.command()
 def version() -> None:
     """Print the version of pdl1-bridge and of the libraries it runs on."""
@@ -229,6 +238,8 @@ def train_seg(
             manifest = train_segmentation(config, resume=resume, on_progress=on_progress)
     except (Pdl1Error, ValueError, OSError) as err:
         raise _fail(err) from err
+    except KeyboardInterrupt:
+        raise _interrupted(_TRAINING_KEPT.format(out=out)) from None
     typer.echo(
         f"wrote {out}: {len(manifest.members)} members "
         + ", ".join(f"{m.file} (cycle {m.cycle}, epoch {m.epoch})" for m in manifest.members)
@@ -379,6 +390,8 @@ def train_nuclei_cmd(
             manifest = train_nuclei(config, resume=resume, on_progress=on_progress)
     except (Pdl1Error, ValueError, OSError) as err:
         raise _fail(err) from err
+    except KeyboardInterrupt:
+        raise _interrupted(_TRAINING_KEPT.format(out=out)) from None
     typer.echo(
         f"wrote {out}: {len(manifest.members)} members "
         + ", ".join(f"{m.file} (cycle {m.cycle}, epoch {m.epoch})" for m in manifest.members)
@@ -823,6 +836,11 @@ def run(
             outcomes = _run_with_progress(inputs, run_config, progress=progress)
     except (Pdl1Error, ValueError, OSError) as err:
         raise _fail(err) from err
+    except KeyboardInterrupt:
+        # Each image is written and recorded as it finishes, so stopping loses only the one in progress.
+        raise _interrupted(
+            "the images finished before it are written; run the same command with --resume to do the rest"
+        ) from None
     _outcome_table(outcomes)
     if report:
         from bridge.report import write_report

@@ -1,7 +1,8 @@
 """Cyclic training shared by the segmentation and nuclei trainers (nnUNet-B's checkpoint ensembles).
 
 Cosine annealing with warm restarts; members are saved at the low-learning-rate end of
-cycles; checkpoints are safetensors + JSON (no pickle), so a crashed run resumes exactly.
+cycles; a checkpoint is one safetensors file (no pickle) holding the weights, the optimizer,
+the random states and the epoch, so a crashed run resumes exactly.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from inference.manifest import sha256_file
@@ -102,7 +104,15 @@ def make_optimizer(config: CyclicSchedule, model: torch.nn.Module) -> torch.opti
     return torch.optim.AdamW(model.parameters(), lr=config.lr_max, weight_decay=config.weight_decay)
 
 
+CHECKPOINT_FILE = "state.safetensors"
+
+
 def save_checkpoint(folder: Path, model, optimizer, *, epoch: int, rng: np.random.Generator, members: list) -> None:
+    """Write the training state as one file, renamed into place.
+
+    One file and one rename: with the tensors and the epoch in separate files, an interrupt
+    between their two renames would resume one epoch's weights as the next epoch's.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     opt_state = optimizer.state_dict()
@@ -114,8 +124,6 @@ def save_checkpoint(folder: Path, model, optimizer, *, epoch: int, rng: np.rando
             else:
                 scalars.setdefault(str(idx), {})[key] = float(value)
     tensors["torch_rng"] = torch.get_rng_state()
-    save_file(tensors, str(folder / "state.safetensors.part"))
-    (folder / "state.safetensors.part").replace(folder / "state.safetensors")
     meta = {
         "epoch": epoch,
         "numpy_rng": rng.bit_generator.state,
@@ -123,13 +131,23 @@ def save_checkpoint(folder: Path, model, optimizer, *, epoch: int, rng: np.rando
         "opt_scalars": scalars,
         "param_groups": opt_state["param_groups"],
     }
-    (folder / "state.json.part").write_text(json.dumps(meta))
-    (folder / "state.json.part").replace(folder / "state.json")
+    part = folder / (CHECKPOINT_FILE + ".part")
+    save_file(tensors, str(part), metadata={"pdl1": json.dumps(meta)})
+    part.replace(folder / CHECKPOINT_FILE)
+    (folder / "state.json").unlink(missing_ok=True)  # left by a version that wrote two files
+
+
+def _checkpoint_meta(folder: Path) -> dict:
+    with safe_open(str(folder / CHECKPOINT_FILE), framework="pt") as fh:
+        text = (fh.metadata() or {}).get("pdl1")
+    if text is None:  # written by a version that kept the state beside the tensors
+        text = (folder / "state.json").read_text()
+    return json.loads(text)
 
 
 def load_checkpoint(folder: Path, model, optimizer, rng: np.random.Generator) -> tuple[int, list]:
-    tensors = load_file(str(folder / "state.safetensors"))
-    meta = json.loads((folder / "state.json").read_text())
+    tensors = load_file(str(folder / CHECKPOINT_FILE))
+    meta = _checkpoint_meta(folder)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict] = {}
     for key, value in tensors.items():
@@ -177,7 +195,7 @@ def train_cyclic(
     optimizer = make_optimizer(config, model)
     ckpt = out_dir / "checkpoint"
     start_epoch, members = 0, []
-    if resume and (ckpt / "state.json").is_file():
+    if resume and (ckpt / CHECKPOINT_FILE).is_file():
         last, members = load_checkpoint(ckpt, model, optimizer, rng)
         start_epoch = last + 1
         log.info("resuming at epoch %d with %d members", start_epoch, len(members))

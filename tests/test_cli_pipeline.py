@@ -120,3 +120,30 @@ def test_run_speed_options_reach_the_segmentation_config():
     assert (config.segment.batch_size, config.segment.read_workers, config.segment.compile) == (32, 0, True)
     result = runner.invoke(app, ["run", "nowhere.svs", "--batch-size", "0"])
     assert result.exit_code == 2 and "batch-size" in result.output
+
+
+def test_an_interrupted_run_keeps_what_it_finished_and_resumes(small, tmp_path, monkeypatch):
+    import bridge.run
+
+    real = bridge.run.analyse_slide
+    calls = []
+
+    def stopped_at_the_second_image(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bridge.run, "analyse_slide", stopped_at_the_second_image)
+    second = tmp_path / "d.svs"
+    second.symlink_to(small)
+    out = tmp_path / "out"
+    args = ["run", str(small), str(second), "--out", str(out), "--no-nuclei", "--device", "cpu", "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 130 and "--resume" in result.output, result.output
+    assert (out / "c.geojson").is_file() and not (out / "d.geojson").exists()
+
+    monkeypatch.setattr(bridge.run, "analyse_slide", real)
+    result = runner.invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "skipped" in result.output and (out / "d.geojson").is_file()

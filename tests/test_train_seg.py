@@ -1,10 +1,13 @@
 import hashlib
 import itertools
+import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from inference.cyclic import cycle_of, is_member_epoch, learning_rate
 from inference.ensemble import Ensemble
@@ -164,6 +167,28 @@ def test_cli_learning_rate_defaults_to_the_optimizers_peak(small_phantom, tmp_pa
     assert (config["lr_max"], config["lr_min"]) == pytest.approx((lr_max, lr_max / 100))
 
 
+def test_cli_ctrl_c_says_how_to_resume_and_resume_finishes(small_phantom, tmp_path, monkeypatch):
+    import inference.cyclic
+
+    real, saved = inference.cyclic.save_checkpoint, []
+
+    def interrupted_after_the_second_epoch(*args, **kwargs):
+        real(*args, **kwargs)
+        saved.append(kwargs["epoch"])
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(inference.cyclic, "save_checkpoint", interrupted_after_the_second_epoch)
+    result = _train_seg_cli(small_phantom, tmp_path / "m")
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output and "--resume" in result.output
+    monkeypatch.setattr(inference.cyclic, "save_checkpoint", real)
+    result = _train_seg_cli(small_phantom, tmp_path / "m", "--resume")
+    assert result.exit_code == 0, result.output
+    assert _train_seg_cli(small_phantom, tmp_path / "whole").exit_code == 0
+    assert _digests(tmp_path / "m") == _digests(tmp_path / "whole") != {}
+
+
 def test_losses():
     logits = torch.tensor([[[[2.0, -1.0]], [[-2.0, 3.0]]]])  # (1, 2 classes, 1, 2)
     target = torch.tensor([[[0, 1]]])
@@ -185,9 +210,34 @@ def test_same_seed_same_members_and_resume_after_a_crash(small_phantom, tmp_path
 
     with pytest.raises(KeyboardInterrupt):
         train_segmentation(_tiny(small_phantom, tmp_path / "b"), on_progress=crash)
+    # The whole state is one file, so no interrupt can pair one epoch's weights with another's epoch.
+    ckpt = tmp_path / "b" / "checkpoint"
+    assert [p.name for p in ckpt.iterdir()] == ["state.safetensors"]
+    with safe_open(str(ckpt / "state.safetensors"), framework="pt") as fh:
+        assert json.loads(fh.metadata()["pdl1"])["epoch"] == 1
     train_segmentation(_tiny(small_phantom, tmp_path / "b"), resume=True)
     assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
     assert len(_digests(tmp_path / "a")) == 1
+
+
+def test_resumes_a_checkpoint_written_as_two_files(small_phantom, tmp_path):
+    # Earlier versions kept the epoch, optimizer scalars and random states in state.json.
+    train_segmentation(_tiny(small_phantom, tmp_path / "a"))
+
+    def crash(done, total):
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_segmentation(_tiny(small_phantom, tmp_path / "b"), on_progress=crash)
+    ckpt = tmp_path / "b" / "checkpoint"
+    tensors = load_file(str(ckpt / "state.safetensors"))
+    with safe_open(str(ckpt / "state.safetensors"), framework="pt") as fh:
+        (ckpt / "state.json").write_text(fh.metadata()["pdl1"])
+    save_file(tensors, str(ckpt / "state.safetensors"))
+    train_segmentation(_tiny(small_phantom, tmp_path / "b"), resume=True)
+    assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
+    assert not (ckpt / "state.json").exists()
 
 
 def test_chains_pool_independent_runs_each_equal_to_its_single_run(small_phantom, tmp_path):

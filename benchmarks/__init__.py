@@ -189,6 +189,7 @@ _REGISTRY: dict[str, str] = {
     "nuclei_inference": "benchmarks.nuclei_inference:NucleiInference",
     "write_nuclei": "benchmarks.write_nuclei:WriteNuclei",
     "service_roi": "benchmarks.service_roi:ServiceRoi",
+    "result_pages": "benchmarks.result_pages:ResultPages",
     "seg_gpu": "benchmarks.seg_gpu:SegGpu",
     "nnunet_predictor": "benchmarks.nnunet_predictor:NnunetPredictor",
 }

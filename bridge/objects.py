@@ -7,13 +7,13 @@ by its name), so a re-run can replace them and leave everything else alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 
 from shapely.geometry import Point, box
 
 from bridge.classes import PDL1_ANALYSIS, PDL1_FN_CANDIDATE, PDL1_POSITIVE
 from bridge.qupath_geojson import QuPathObject
-from inference.results import RegionStats, SlideResult
+from inference.results import Nuclei, RegionStats, SlideResult, UncertaintyTile
 
 TILE_NAME = "PD-L1 uncertainty"
 OWN_ANNOTATION_CLASSES = frozenset({PDL1_POSITIVE.name, PDL1_FN_CANDIDATE.name})
@@ -86,50 +86,90 @@ def parent_measurements(result: SlideResult) -> dict[str, float]:
     return out
 
 
+def region_object(region: RegionStats) -> QuPathObject:
+    return QuPathObject(region.polygon, "annotation", PDL1_POSITIVE.name, region_measurements(region))
+
+
+def candidate_object(candidate: RegionStats) -> QuPathObject:
+    return QuPathObject(candidate.polygon, "annotation", PDL1_FN_CANDIDATE.name, region_measurements(candidate))
+
+
+def tile_object(t: UncertaintyTile) -> QuPathObject:
+    return QuPathObject(
+        box(t.x, t.y, t.x + t.width, t.y + t.height),
+        "tile",
+        None,
+        {
+            "PD-L1 probability": t.prob,
+            "Predictive entropy": t.predictive_entropy,
+            "Expected entropy": t.expected_entropy,
+            "Mutual information": t.mutual_information,
+            "Probability std": t.prob_std,
+            "Tissue fraction": t.tissue_fraction,
+        },
+        name=TILE_NAME,
+    )
+
+
+def nucleus_object(nuclei: Nuclei, i: int) -> QuPathObject:
+    """Nucleus ``i`` as a point detection with its class and scores."""
+    measurements = {
+        "Class probability": float(nuclei.class_prob[i]),
+        "PD-L1 positive probability": float(nuclei.positive_prob[i]),
+    }
+    if nuclei.entropy is not None:
+        measurements["Predictive entropy"] = float(nuclei.entropy[i])
+    xy = nuclei.xy[i]
+    return QuPathObject(
+        Point(float(xy[0]), float(xy[1])), "detection", nuclei.class_names[int(nuclei.cls[i])], measurements
+    )
+
+
 def region_objects(result: SlideResult) -> Iterator[QuPathObject]:
-    for region in result.regions:
-        yield QuPathObject(region.polygon, "annotation", PDL1_POSITIVE.name, region_measurements(region))
+    return map(region_object, result.regions)
 
 
 def candidate_objects(result: SlideResult) -> Iterator[QuPathObject]:
-    for c in result.candidates:
-        yield QuPathObject(c.polygon, "annotation", PDL1_FN_CANDIDATE.name, region_measurements(c))
+    return map(candidate_object, result.candidates)
 
 
 def tile_objects(result: SlideResult) -> Iterator[QuPathObject]:
-    for t in result.tiles:
-        yield QuPathObject(
-            box(t.x, t.y, t.x + t.width, t.y + t.height),
-            "tile",
-            None,
-            {
-                "PD-L1 probability": t.prob,
-                "Predictive entropy": t.predictive_entropy,
-                "Expected entropy": t.expected_entropy,
-                "Mutual information": t.mutual_information,
-                "Probability std": t.prob_std,
-                "Tissue fraction": t.tissue_fraction,
-            },
-            name=TILE_NAME,
-        )
+    return map(tile_object, result.tiles)
 
 
 def nucleus_objects(result: SlideResult) -> Iterator[QuPathObject]:
     """Nuclei as point detections with their class and scores."""
     nuclei = result.nuclei
     if nuclei is None:
-        return
-    names = nuclei.class_names
-    for i in range(len(nuclei)):
-        measurements = {
-            "Class probability": float(nuclei.class_prob[i]),
-            "PD-L1 positive probability": float(nuclei.positive_prob[i]),
-        }
-        if nuclei.entropy is not None:
-            measurements["Predictive entropy"] = float(nuclei.entropy[i])
-        yield QuPathObject(
-            Point(float(nuclei.xy[i, 0]), float(nuclei.xy[i, 1])), "detection", names[int(nuclei.cls[i])], measurements
-        )
+        return iter(())
+    return (nucleus_object(nuclei, i) for i in range(len(nuclei)))
+
+
+def object_page(
+    result: SlideResult, outputs: Collection[str], offset: int, limit: int
+) -> tuple[list[QuPathObject], int]:
+    """Objects ``offset`` to ``offset + limit`` of the chosen outputs, and their total.
+
+    The order is regions, SUA candidates, uncertainty tiles, nuclei. Only the page's objects
+    are built: a whole slide has hundreds of thousands of nuclei, and building them all for
+    each page made fetching a result quadratic in its size.
+    """
+    nuclei = result.nuclei
+    kinds: list[tuple[int, Callable[[int], QuPathObject]]] = []
+    if "regions" in outputs:
+        kinds.append((len(result.regions), lambda i: region_object(result.regions[i])))
+    if "sua" in outputs:
+        kinds.append((len(result.candidates), lambda i: candidate_object(result.candidates[i])))
+    if "uncertainty_tiles" in outputs:
+        kinds.append((len(result.tiles), lambda i: tile_object(result.tiles[i])))
+    if "nuclei" in outputs and nuclei is not None:
+        kinds.append((len(nuclei), lambda i: nucleus_object(nuclei, i)))
+    page: list[QuPathObject] = []
+    start, stop = offset, offset + limit  # in the running index over all kinds
+    for count, build in kinds:
+        page += [build(i) for i in range(max(start, 0), min(stop, count))]
+        start, stop = start - count, stop - count
+    return page, sum(count for count, _ in kinds)
 
 
 def analysis_annotation(result: SlideResult) -> QuPathObject:

@@ -30,13 +30,7 @@ from pydantic import BaseModel, Field, field_validator
 from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
 
-from bridge.objects import (
-    candidate_objects,
-    nucleus_objects,
-    parent_measurements,
-    region_objects,
-    tile_objects,
-)
+from bridge.objects import object_page, parent_measurements
 from bridge.project import uri_to_path
 from bridge.qupath_geojson import to_feature
 from bridge.run import entry_metadata
@@ -505,10 +499,9 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
             )
         if job.state != "done" or result is None:
             raise JobStateError(f"job {job_id} is {job.state}, not done" + (f": {job.error}" if job.error else ""))
-        objects = _result_objects(result, job.outputs)
         page = min(limit or settings.max_page, settings.max_page)
-        chunk = objects[offset : offset + page]
-        next_offset = offset + page if offset + page < len(objects) else None
+        chunk, total = object_page(result, job.outputs, offset, page)
+        next_offset = offset + page if offset + page < total else None
         features = [to_feature(_placed(o, job)) for o in chunk]
         measurements = {k: v for k, v in parent_measurements(result).items() if math.isfinite(v)}
         return JSONResponse(
@@ -516,7 +509,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
                 "type": "FeatureCollection",
                 "features": features,
                 "pdl1": {
-                    "total": len(objects),
+                    "total": total,
                     "offset": offset,
                     "next_offset": next_offset,
                     "parent_measurements": measurements,
@@ -527,19 +520,6 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         )
 
     return app
-
-
-def _result_objects(result: SlideResult, outputs: tuple[str, ...]) -> list:
-    objs = []
-    if "regions" in outputs:
-        objs += list(region_objects(result))
-    if "sua" in outputs:
-        objs += list(candidate_objects(result))
-    if "uncertainty_tiles" in outputs:
-        objs += list(tile_objects(result))
-    if "nuclei" in outputs:
-        objs += list(nucleus_objects(result))
-    return objs
 
 
 def _placed(obj, job: Job):

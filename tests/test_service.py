@@ -105,12 +105,23 @@ def test_submit_poll_result_is_valid_qupath_geojson(service, slides_root):
     assert meta["metadata"]["PD-L1 run"] == meta["run_id"]
     points = [f["geometry"]["coordinates"] for f in result["features"] if f["geometry"]["type"] == "Point"]
     assert points and all(100 <= x <= 900 and 100 <= y <= 900 for x, y in points)
-    # Paging: two pages hold the same features as one.
-    first = service.get(accepted["result_url"], params={"limit": 5}).json()
-    assert len(first["features"]) == 5 and first["pdl1"]["next_offset"] == 5
-    rest = service.get(accepted["result_url"], params={"offset": 5}).json()
-    assert [f["id"] for f in first["features"] + rest["features"]] != []
-    assert len(first["features"]) + len(rest["features"]) == meta["total"]
+    # Paging: pages that cut across regions, candidates, tiles and nuclei hold the same
+    # features, in the same order, as one page (ids are fresh uuids per request).
+    kinds = [f["properties"]["objectType"] for f in result["features"]]
+    assert {"annotation", "tile", "detection"} <= set(kinds)
+    pages, offset = [], 0
+    while offset is not None:
+        page = service.get(accepted["result_url"], params={"offset": offset, "limit": 7}).json()
+        assert page["pdl1"]["total"] == meta["total"] and len(page["features"]) <= 7
+        pages += page["features"]
+        offset = page["pdl1"]["next_offset"]
+
+    def without_id(features):
+        return [{k: v for k, v in f.items() if k != "id"} for f in features]
+
+    assert without_id(pages) == without_id(result["features"])
+    beyond = service.get(accepted["result_url"], params={"offset": meta["total"] + 10}).json()
+    assert beyond["features"] == [] and beyond["pdl1"]["next_offset"] is None
 
 
 def test_outputs_select_what_comes_back(service, slides_root):

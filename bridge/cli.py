@@ -845,8 +845,11 @@ def run(
     if report:
         from bridge.report import write_report
 
-        html_path, _ = write_report(inputs[0] if out is None else out)
-        typer.echo(f"report: {html_path}")
+        try:
+            html_path, _ = write_report(inputs[0] if out is None else out)
+            typer.echo(f"report: {html_path}")
+        except (Pdl1Error, OSError) as err:  # e.g. every image failed: the table above says why
+            console.print(f"[yellow]no report:[/yellow] {err}")
     if any(True for _ in iter_failed(outcomes)):
         raise typer.Exit(code=1)
 

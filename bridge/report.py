@@ -129,7 +129,14 @@ def _thumbnail(item: ReportItem, out: Path, *, max_px: int = 900) -> Path | None
 def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.csv`` (default: ``<source>/pdl1/report/``); returns both paths."""
     source = Path(source)
+    if not source.exists():
+        raise ProjectError(f"{source}: no such project or output folder")
     items = collect(source)
+    if not items:
+        raise ProjectError(
+            f"no results under {source}: expected <project>/{PDL1_DIR}/<entry>/summary.json or "
+            "<out>/<slide>.summary.json, which `pdl1 run PROJECT` or `pdl1 run SLIDES... --out DIR` write"
+        )
     base = source if source.is_dir() else source.parent
     out = Path(out) if out is not None else base / PDL1_DIR / "report"
     out.mkdir(parents=True, exist_ok=True)

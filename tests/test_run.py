@@ -169,3 +169,12 @@ def test_import_script_uses_the_same_names_as_the_writer():
     ):
         assert banned not in script, banned
     assert re.search(r"removeObjects\([^,]+, true\)", script)
+
+
+def test_a_report_of_nothing_is_refused_and_writes_nothing(tmp_path):
+    with pytest.raises(ProjectError, match="no such project"):
+        write_report(tmp_path / "typo")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ProjectError, match="pdl1 run PROJECT"):
+        write_report(tmp_path / "empty")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["empty"]

@@ -7,12 +7,17 @@ by its name), so a re-run can replace them and leave everything else alone.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections.abc import Callable, Collection, Iterator
+from typing import Any
 
+import numpy as np
+from shapely import affinity
 from shapely.geometry import Point, box
 
 from bridge.classes import PDL1_ANALYSIS, PDL1_FN_CANDIDATE, PDL1_POSITIVE
-from bridge.qupath_geojson import QuPathObject
+from bridge.qupath_geojson import QuPathObject, point_features, to_feature
 from inference.results import Nuclei, RegionStats, SlideResult, UncertaintyTile
 
 TILE_NAME = "PD-L1 uncertainty"
@@ -111,17 +116,36 @@ def tile_object(t: UncertaintyTile) -> QuPathObject:
     )
 
 
+def _nucleus_measurements(nuclei: Nuclei) -> dict[str, np.ndarray]:
+    columns = {"Class probability": nuclei.class_prob, "PD-L1 positive probability": nuclei.positive_prob}
+    if nuclei.entropy is not None:
+        columns["Predictive entropy"] = nuclei.entropy
+    return columns
+
+
 def nucleus_object(nuclei: Nuclei, i: int) -> QuPathObject:
     """Nucleus ``i`` as a point detection with its class and scores."""
-    measurements = {
-        "Class probability": float(nuclei.class_prob[i]),
-        "PD-L1 positive probability": float(nuclei.positive_prob[i]),
-    }
-    if nuclei.entropy is not None:
-        measurements["Predictive entropy"] = float(nuclei.entropy[i])
+    measurements = {name: float(column[i]) for name, column in _nucleus_measurements(nuclei).items()}
     xy = nuclei.xy[i]
     return QuPathObject(
         Point(float(xy[0]), float(xy[1])), "detection", nuclei.class_names[int(nuclei.cls[i])], measurements
+    )
+
+
+def nucleus_features(
+    nuclei: Nuclei, start: int = 0, stop: int | None = None, *, scale: float = 1.0, origin_xy=(0.0, 0.0)
+) -> Iterator[dict[str, Any]]:
+    """GeoJSON features of nuclei ``start:stop``, as ``to_feature(nucleus_object(...))`` gives them, from the arrays.
+
+    ``scale`` and ``origin_xy`` map the points to level-0 px (``x * scale + origin_x``) when
+    the result is of an uploaded region.
+    """
+    keep = slice(start, stop)
+    return point_features(
+        nuclei.xy[keep] * scale + np.asarray(origin_xy, np.float64),
+        nuclei.class_names,
+        nuclei.cls[keep],
+        {name: column[keep] for name, column in _nucleus_measurements(nuclei).items()},
     )
 
 
@@ -145,31 +169,62 @@ def nucleus_objects(result: SlideResult) -> Iterator[QuPathObject]:
     return (nucleus_object(nuclei, i) for i in range(len(nuclei)))
 
 
-def object_page(
-    result: SlideResult, outputs: Collection[str], offset: int, limit: int
-) -> tuple[list[QuPathObject], int]:
-    """Objects ``offset`` to ``offset + limit`` of the chosen outputs, and their total.
+def feature_page(
+    result: SlideResult,
+    outputs: Collection[str],
+    offset: int,
+    limit: int,
+    *,
+    scale: float = 1.0,
+    origin_xy: tuple[float, float] = (0.0, 0.0),
+) -> tuple[list[dict[str, Any]], int]:
+    """GeoJSON features ``offset`` to ``offset + limit`` of the chosen outputs, and their total.
 
-    The order is regions, SUA candidates, uncertainty tiles, nuclei. Only the page's objects
+    The order is regions, SUA candidates, uncertainty tiles, nuclei. Only the page's features
     are built: a whole slide has hundreds of thousands of nuclei, and building them all for
-    each page made fetching a result quadratic in its size.
+    each page made fetching a result quadratic in its size. ``scale`` and ``origin_xy`` map
+    the geometry of an uploaded region's result to the image's level-0 px.
     """
+
+    def feature(obj: QuPathObject) -> dict[str, Any]:
+        if (scale, *origin_xy) != (1.0, 0.0, 0.0):
+            obj = dataclasses.replace(
+                obj, geometry=affinity.affine_transform(obj.geometry, [scale, 0, 0, scale, *origin_xy])
+            )
+        return to_feature(obj)
+
     nuclei = result.nuclei
-    kinds: list[tuple[int, Callable[[int], QuPathObject]]] = []
-    if "regions" in outputs:
-        kinds.append((len(result.regions), lambda i: region_object(result.regions[i])))
-    if "sua" in outputs:
-        kinds.append((len(result.candidates), lambda i: candidate_object(result.candidates[i])))
-    if "uncertainty_tiles" in outputs:
-        kinds.append((len(result.tiles), lambda i: tile_object(result.tiles[i])))
+    kinds: list[tuple[int, Callable[[int, int], Iterator[dict[str, Any]]]]] = []
+    for name, items, build in (
+        ("regions", result.regions, region_object),
+        ("sua", result.candidates, candidate_object),
+        ("uncertainty_tiles", result.tiles, tile_object),
+    ):
+        if name in outputs:
+            kinds.append((len(items), lambda a, b, items=items, build=build: (feature(build(x)) for x in items[a:b])))
     if "nuclei" in outputs and nuclei is not None:
-        kinds.append((len(nuclei), lambda i: nucleus_object(nuclei, i)))
-    page: list[QuPathObject] = []
+        kinds.append((len(nuclei), lambda a, b: nucleus_features(nuclei, a, b, scale=scale, origin_xy=origin_xy)))
+    page: list[dict[str, Any]] = []
     start, stop = offset, offset + limit  # in the running index over all kinds
-    for count, build in kinds:
-        page += [build(i) for i in range(max(start, 0), min(stop, count))]
+    for count, build_range in kinds:
+        if max(start, 0) < min(stop, count):
+            page += build_range(max(start, 0), min(stop, count))
         start, stop = start - count, stop - count
     return page, sum(count for count, _ in kinds)
+
+
+def result_features(result: SlideResult, *, include_tiles: bool = True) -> Iterator[dict[str, Any]]:
+    """The GeoJSON of one result, streamed: the ``PD-L1 analysis`` parent first, then its children."""
+    objects = itertools.chain(
+        (analysis_annotation(result),),
+        region_objects(result),
+        candidate_objects(result),
+        tile_objects(result) if include_tiles else (),
+    )
+    features = map(to_feature, objects)
+    if result.nuclei is None:
+        return features
+    return itertools.chain(features, nucleus_features(result.nuclei))
 
 
 def analysis_annotation(result: SlideResult) -> QuPathObject:

@@ -21,7 +21,7 @@ from typing import Any
 
 from shapely.geometry import box
 
-from bridge.objects import analysis_annotation, parent_measurements, result_objects
+from bridge.objects import parent_measurements, result_features
 from bridge.project import (
     PDL1_DIR,
     ProjectEntry,
@@ -32,7 +32,7 @@ from bridge.project import (
     sidecar_dir,
     write_json_atomic,
 )
-from bridge.qupath_geojson import to_feature, write_features
+from bridge.qupath_geojson import write_features
 from inference import __version__
 from inference.errors import Pdl1Error
 from inference.pipeline import Models, PipelineConfig, analyse_slide
@@ -138,10 +138,7 @@ def write_result_files(
     result: SlideResult, geojson: Path, summary_path: Path, summary: dict[str, Any], *, include_tiles: bool = True
 ) -> None:
     """The QuPath GeoJSON (parent + children) and the summary JSON, each written atomically."""
-    features = (
-        to_feature(o) for o in [analysis_annotation(result), *result_objects(result, include_tiles=include_tiles)]
-    )
-    write_features(geojson, features)
+    write_features(geojson, result_features(result, include_tiles=include_tiles))
     write_json_atomic(summary_path, summary)
 
 

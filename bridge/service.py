@@ -30,9 +30,8 @@ from pydantic import BaseModel, Field, field_validator
 from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
 
-from bridge.objects import object_page, parent_measurements
+from bridge.objects import feature_page, parent_measurements
 from bridge.project import uri_to_path
-from bridge.qupath_geojson import to_feature
 from bridge.run import entry_metadata
 from inference import __version__
 from inference.errors import MissingMppError, Pdl1Error, RoiError, SlideFormatError, SlideNotFoundError
@@ -157,7 +156,6 @@ class Job:
     mpp: float | None
     outputs: tuple[str, ...]
     slide: Slide | None = None  # uploaded pixels, dropped once the job has finished
-    uploaded: bool = False
     origin_xy: tuple[float, float] = (0.0, 0.0)
     scale: float = 1.0
     state: str = "queued"
@@ -463,7 +461,6 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
             mpp=mpp,
             outputs=tuple(dict.fromkeys(outputs)),
             slide=slide,
-            uploaded=True,
             origin_xy=(origin_x, origin_y),
             scale=downsample,
         )
@@ -500,9 +497,8 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         if job.state != "done" or result is None:
             raise JobStateError(f"job {job_id} is {job.state}, not done" + (f": {job.error}" if job.error else ""))
         page = min(limit or settings.max_page, settings.max_page)
-        chunk, total = object_page(result, job.outputs, offset, page)
+        features, total = feature_page(result, job.outputs, offset, page, scale=job.scale, origin_xy=job.origin_xy)
         next_offset = offset + page if offset + page < total else None
-        features = [to_feature(_placed(o, job)) for o in chunk]
         measurements = {k: v for k, v in parent_measurements(result).items() if math.isfinite(v)}
         return JSONResponse(
             {
@@ -520,15 +516,3 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         )
 
     return app
-
-
-def _placed(obj, job: Job):
-    """Uploaded pixels: map region coordinates back to the image's level-0 px."""
-    if not job.uploaded:
-        return obj
-    from dataclasses import replace
-
-    from shapely import affinity
-
-    geom = affinity.affine_transform(obj.geometry, [job.scale, 0, 0, job.scale, *job.origin_xy])
-    return replace(obj, geometry=geom)

@@ -61,6 +61,10 @@ class ResultReleasedError(Pdl1Error, LookupError):
     """A finished job whose result the service no longer holds."""
 
 
+class RequestTooLargeError(Pdl1Error, ValueError):
+    """A request body over the service's limit."""
+
+
 @dataclass(frozen=True)
 class ServiceSettings:
     """How the service runs; built by the CLI (or by tests) and never read from the environment below it."""
@@ -328,6 +332,7 @@ _STATUS = {
     RoiError: 422,
     JobStateError: 409,
     ResultReleasedError: 410,
+    RequestTooLargeError: 413,
 }
 
 
@@ -441,11 +446,17 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         """Upload a PNG or TIFF region for images the service cannot open itself."""
         from PIL import Image
 
-        body = await request.body()
-        if len(body) > settings.max_request_bytes:
-            raise JobStateError(f"upload of {len(body)} bytes is over the limit of {settings.max_request_bytes}")
+        # Read up to the limit only: a chunked upload states no length for the middleware to check.
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > settings.max_request_bytes:
+                raise RequestTooLargeError(
+                    f"upload of more than {settings.max_request_bytes} bytes is over the limit; "
+                    "send a smaller region or a lower resolution (downsample)"
+                )
         try:
-            with Image.open(io.BytesIO(body)) as im:
+            with Image.open(io.BytesIO(bytes(body))) as im:
                 if im.width * im.height > settings.max_upload_px:
                     raise SlideFormatError(f"upload of {im.width}x{im.height} px is over {settings.max_upload_px} px")
                 rgb = np.asarray(im.convert("RGB"))

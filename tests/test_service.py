@@ -194,6 +194,13 @@ def test_request_size_limit(service):
     r = service.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=b"0" * (5 * 2**20))
     assert r.status_code == 413
 
+    def chunked():  # no Content-Length: the limit must hold while reading
+        for _ in range(5):
+            yield b"0" * 2**20
+
+    r = service.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=chunked())
+    assert r.status_code == 413 and "over the limit" in r.json()["detail"]
+
 
 def test_pixel_upload_maps_back_to_level0(service, slides_root):
     from inference.slide import open_slide

@@ -133,7 +133,12 @@ def nucleus_object(nuclei: Nuclei, i: int) -> QuPathObject:
 
 
 def nucleus_features(
-    nuclei: Nuclei, start: int = 0, stop: int | None = None, *, scale: float = 1.0, origin_xy=(0.0, 0.0)
+    nuclei: Nuclei,
+    start: int = 0,
+    stop: int | None = None,
+    *,
+    scale: float = 1.0,
+    origin_xy: tuple[float, float] = (0.0, 0.0),
 ) -> Iterator[dict[str, Any]]:
     """GeoJSON features of nuclei ``start:stop``, as ``to_feature(nucleus_object(...))`` gives them, from the arrays.
 

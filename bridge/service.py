@@ -13,6 +13,7 @@ import io
 import logging
 import math
 import queue
+import secrets
 import threading
 import time
 import uuid
@@ -355,7 +356,9 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if settings.token and request.headers.get("authorization") != f"Bearer {settings.token}":
+        # compare_digest: the time taken must not tell how much of a guessed token was right.
+        sent = request.headers.get("authorization", "").encode()
+        if settings.token and not secrets.compare_digest(sent, f"Bearer {settings.token}".encode()):
             return JSONResponse({"detail": "missing or wrong token: send 'Authorization: Bearer <token>'"}, 401)
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:

@@ -9,6 +9,7 @@ bodies are size-limited.
 
 from __future__ import annotations
 
+import inspect
 import io
 import logging
 import math
@@ -337,6 +338,15 @@ _STATUS = {
 }
 
 
+def streamed_body_limit(limit: int) -> dict[str, int]:
+    """FastAPI's own limit on streamed bodies where it has one (newer FastAPI, Starlette >= 1.6).
+
+    ``guard`` refuses a stated Content-Length over the limit on any version; a chunked body
+    states none, and only a limit that counts the bytes as they are read can stop it.
+    """
+    return {"max_body_size": limit} if "max_body_size" in inspect.signature(FastAPI).parameters else {}
+
+
 def create_app(settings: ServiceSettings, *, models: Models | None = None) -> FastAPI:
     """The FastAPI app; ``models`` may be passed in (tests), else they load in the lifespan."""
 
@@ -352,6 +362,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         version=__version__,
         lifespan=lifespan,
         description="Uncertainty-aware PD-L1 analysis for QuPath. Submit a job, poll it, fetch QuPath GeoJSON.",
+        **streamed_body_limit(settings.max_request_bytes),
     )
 
     @app.middleware("http")

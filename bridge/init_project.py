@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 from bridge.project import ProjectError, path_to_uri, write_json_atomic
+from inference.errors import MissingMppError
 from inference.slide import open_slide
 from project_templates import PDL1_TEMPLATE
 from qupath_scripts import script_paths
@@ -79,7 +80,16 @@ def init_project_files(folder: str | Path, slides: list[Path]) -> Path:
     if missing:
         raise ProjectError(f"slides not found: {', '.join(missing)}")
     images = []
-    metadata = [server_metadata(Path(s)) for s in slides]  # opens every slide first: fail before writing
+    metadata = []
+    for slide in slides:  # open every slide first: fail before writing
+        try:
+            metadata.append(server_metadata(Path(slide)))
+        except MissingMppError as err:
+            raise ProjectError(
+                f"{slide} states no microns per pixel, which a project entry written without QuPath must carry; "
+                "create the project with QuPath installed (`pdl1 init-project --qupath always`) or in QuPath, and "
+                "give the scanner's value when analysing (`pdl1 run PROJECT --mpp 0.25` for 40x)"
+            ) from err
     folder.mkdir(parents=True, exist_ok=True)
     for i, (slide, meta) in enumerate(zip(slides, metadata, strict=True), start=1):
         uri = path_to_uri(slide)

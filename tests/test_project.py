@@ -128,6 +128,17 @@ def test_init_project_with_a_missing_slide_writes_nothing(tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+def test_init_project_with_a_slide_without_mpp_says_what_to_do_and_writes_nothing(tmp_path, phantom_svs):
+    import numpy as np
+    import tifffile
+
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, np.zeros((512, 512, 3), np.uint8), tile=(256, 256))
+    with pytest.raises(ProjectError, match=r"no microns per pixel.*--qupath always.*--mpp"):
+        init_project_files(tmp_path / "p", [phantom_svs, plain])
+    assert not (tmp_path / "p").exists()
+
+
 def test_run_status_round_trip(tmp_path):
     status = RunStatus(tmp_path)
     status.record("1", state="done", image="a")

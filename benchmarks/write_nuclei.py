@@ -36,7 +36,7 @@ def objects():
                            {"Class probability": float(q), "PD-L1 positive probability": float(q)})
 
 t0 = time.perf_counter()
-if mode == "ours":
+if mode == "objects":
     write_features(out, (to_feature(o) for o in objects()))
 elif mode == "arrays":
     write_features(out, point_features(xy, classes, cls, {"Class probability": p, "PD-L1 positive probability": p}))
@@ -64,26 +64,29 @@ class WriteNuclei(Benchmark):
         self.tmp = Path(tempfile.mkdtemp(prefix="pdl1-bench-"))
         self.peaks: dict[str, float] = {}
 
-    def _child(self, mode: str) -> float:
+    def _child(self, label: str, mode: str) -> float:
         out = subprocess.run(
             [sys.executable, "-c", _CHILD, str(self.n), mode, str(self.tmp / f"{mode}.geojson")],
             capture_output=True,
             text=True,
             check=True,
         )
-        self.peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+        self.peaks[label] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
         return self.n / 1000
 
     def cases(self) -> list[Case]:
+        cases = (
+            ("geojson lib, whole FeatureCollection in memory", "baseline"),
+            ("streaming, validated, atomic; one QuPathObject per nucleus", "objects"),
+            ("ours: the same, features straight from the arrays", "arrays"),
+        )
         return [
-            Case("geojson lib, whole FeatureCollection in memory", lambda: self._child("baseline"), baseline=True),
-            Case("streaming, validated, atomic; one QuPathObject per nucleus", lambda: self._child("ours")),
-            Case("ours: the same, features straight from the arrays", lambda: self._child("arrays")),
+            Case(label, lambda label=label, mode=mode: self._child(label, mode), baseline=mode == "baseline")
+            for label, mode in cases
         ]
 
     def extra(self, label: str) -> dict[str, str]:
-        mode = "baseline" if label.startswith("geojson") else "arrays" if label.startswith("ours") else "ours"
-        return {"peak RSS MB": f"{self.peaks.get(mode, float('nan')):.0f}"}
+        return {"peak RSS MB": f"{self.peaks.get(label, float('nan')):.0f}"}
 
     def conditions(self) -> dict[str, str]:
         return {

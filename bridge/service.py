@@ -470,7 +470,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
                     "send a smaller region or a lower resolution (downsample)"
                 )
         try:
-            with Image.open(io.BytesIO(bytes(body))) as im:
+            with Image.open(io.BytesIO(body)) as im:
                 if im.width * im.height > settings.max_upload_px:
                     raise SlideFormatError(f"upload of {im.width}x{im.height} px is over {settings.max_upload_px} px")
                 rgb = np.asarray(im.convert("RGB"))

@@ -751,7 +751,8 @@ def run(
         list[str] | None, typer.Option("--name", help="Analyse annotations with this name (repeatable; needs QuPath).")
     ] = None,
     search_dir: Annotated[
-        list[Path] | None, typer.Option(help="Where to look for slides that moved (repeatable).")
+        list[Path] | None,
+        typer.Option(help="Folder to search, with its subfolders, for slides that moved (repeatable)."),
     ] = None,
     qupath: Annotated[
         str,

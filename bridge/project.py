@@ -49,10 +49,21 @@ class ProjectInfo:
     path: Path  # the .qpproj file
     version: str | None
     entries: tuple[ProjectEntry, ...]
+    saved_uri: str | None = None  # where QuPath last saved the project (its "uri"), None if unstated
 
     @property
     def folder(self) -> Path:
         return self.path.parent
+
+    @property
+    def saved_folder(self) -> PurePosixPath | PureWindowsPath | None:
+        """The project's folder when QuPath last saved it: where it was made, if it has moved since."""
+        if not self.saved_uri:
+            return None
+        try:
+            return uri_to_path(self.saved_uri).parent
+        except ProjectError:
+            return None
 
 
 def uri_to_path(uri: str) -> PurePosixPath | PureWindowsPath:
@@ -116,7 +127,8 @@ def read_project(path: str | Path) -> ProjectInfo:
             )
         except (KeyError, TypeError) as err:
             raise ProjectError(f"{qpproj}: image #{i} lacks {err} (expected entryID and serverBuilder.uri)") from err
-    return ProjectInfo(qpproj, raw.get("version"), tuple(entries))
+    saved_uri = raw.get("uri")
+    return ProjectInfo(qpproj, raw.get("version"), tuple(entries), saved_uri if isinstance(saved_uri, str) else None)
 
 
 def _nested_uri(builder: dict[str, Any]) -> str:
@@ -127,21 +139,109 @@ def _nested_uri(builder: dict[str, Any]) -> str:
     raise KeyError("uri")
 
 
-def locate_image(entry: ProjectEntry, *, project_folder: Path, search_dirs: tuple[Path, ...] = ()) -> Path:
-    """The entry's image on this machine: its URI, else the same file name in the project folder,
-    its parent, or ``search_dirs`` (a project made on a pathologist's PC and opened elsewhere)."""
+def moved_with_project(
+    image: PurePosixPath | PureWindowsPath, saved_folder: PurePosixPath | PureWindowsPath, folder: Path
+) -> Path | None:
+    """Where an image lies now if it moved together with its project: its path relative to the folder
+    the project was saved in, taken from the folder the project is in now (what QuPath's *Check project
+    URIs* suggests). None when the two stated paths share no root (another drive).
+
+    >>> moved_with_project(PureWindowsPath("C:/Study/slides/a.svs"), PureWindowsPath("C:/Study/project"),
+    ...                    Path("/data/Study/project"))
+    PosixPath('/data/Study/slides/a.svs')
+    """
+    if type(image) is not type(saved_folder) or not image.is_absolute():
+        return None
+    windows = isinstance(image, PureWindowsPath)
+
+    def key(part: str) -> str:
+        return part.casefold() if windows else part  # Windows paths ignore case
+
+    if key(image.anchor) != key(saved_folder.anchor):
+        return None
+    common = 0
+    for a, b in zip(image.parts[:-1], saved_folder.parts, strict=False):
+        if key(a) != key(b):
+            break
+        common += 1
+    relative = [os.pardir] * (len(saved_folder.parts) - common) + list(image.parts[common:])
+    return Path(os.path.normpath(folder.joinpath(*relative)))
+
+
+class ImageSearch:
+    """Folders to look through, to any depth (as deep as QuPath's own search: 8), for images that are not
+    where their project says. Each folder is listed once, on first need, so a batch of moved images costs
+    one walk; hidden folders are skipped."""
+
+    MAX_DEPTH = 8
+
+    def __init__(self, folders: tuple[Path, ...] = ()):
+        self.folders = tuple(Path(f) for f in folders)
+        self._by_name: dict[str, list[Path]] | None = None
+
+    def matches(self, name: str) -> list[Path]:
+        if self._by_name is None:
+            self._by_name = {}
+            for folder in self.folders:
+                self._index(folder, self.MAX_DEPTH)
+        return self._by_name.get(name, [])
+
+    def _index(self, folder: Path, depth: int) -> None:
+        assert self._by_name is not None
+        try:
+            children = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:  # unreadable or missing: nothing found there
+            return
+        for child in children:
+            if child.name.startswith("."):
+                continue
+            if child.is_file():
+                self._by_name.setdefault(child.name, []).append(Path(child.path))
+            elif child.is_dir() and depth > 1:
+                self._index(Path(child.path), depth - 1)
+
+
+def locate_image(
+    entry: ProjectEntry,
+    *,
+    project_folder: Path,
+    saved_folder: PurePosixPath | PureWindowsPath | None = None,
+    search: ImageSearch | None = None,
+) -> Path:
+    """The entry's image on this machine, for a project made on a pathologist's PC and opened elsewhere.
+
+    In this order: its URI; the same place relative to the project, if the project was saved in
+    ``saved_folder`` and moved with its slides; the same file name anywhere under ``search``'s folders
+    (refused if two files there share it); the project folder or its parent. A path found elsewhere is
+    made absolute (symbolic links kept), since it is recorded in the run's summaries.
+    """
     original = entry.path
     if (os.name == "nt") == isinstance(original, PureWindowsPath) and Path(str(original)).is_file():
         return Path(str(original))
+    if saved_folder is not None:
+        moved = moved_with_project(original, saved_folder, Path(os.path.abspath(project_folder)))
+        if moved is not None and moved.is_file():
+            return moved
     name = original.name
-    for folder in (*search_dirs, project_folder, project_folder.parent):
-        candidate = Path(folder) / name
+    search = search or ImageSearch()
+    found = search.matches(name)
+    if len(found) > 1:
+        raise ImageMovedError(
+            f"image of entry {entry.entry_id} ({entry.image_name}) has moved, and {len(found)} files under "
+            f"--search-dir are called {name}: {', '.join(map(str, found))}; pass the --search-dir that holds "
+            "only the right one (or fix the URI in QuPath)"
+        )
+    if found:
+        return Path(os.path.abspath(found[0]))
+    for folder in (project_folder, project_folder.parent):
+        candidate = folder / name
         if candidate.is_file():
-            return candidate
-    looked = ", ".join(str(d) for d in (*search_dirs, project_folder, project_folder.parent))
+            return Path(os.path.abspath(candidate))
+    looked = [*(f"{d} (and below)" for d in search.folders), str(project_folder), str(project_folder.parent)]
+    relative = "" if saved_folder is None else " nor at the same place relative to the project,"
     raise ImageMovedError(
-        f"image of entry {entry.entry_id} ({entry.image_name}) has moved: not at {original} and no {name} in "
-        f"{looked}; pass --search-dir with the folder that holds it (or fix the URI in QuPath)"
+        f"image of entry {entry.entry_id} ({entry.image_name}) has moved: not at {original},{relative} and no "
+        f"{name} in {', '.join(looked)}; pass --search-dir with a folder that holds it (or fix the URI in QuPath)"
     )
 
 

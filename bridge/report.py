@@ -55,7 +55,7 @@ def collect(source: Path) -> list[ReportItem]:
             if not (folder / "summary.json").is_file():
                 continue
             try:
-                slide = locate_image(entry, project_folder=info.folder)
+                slide = locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder)
             except FileNotFoundError:
                 slide = None
             items.append(

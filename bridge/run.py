@@ -24,6 +24,7 @@ from shapely.geometry import box
 from bridge.objects import parent_measurements, result_features
 from bridge.project import (
     PDL1_DIR,
+    ImageSearch,
     ProjectEntry,
     ProjectError,
     RunStatus,
@@ -147,12 +148,24 @@ def _jobs(inputs: list[Path], config: RunConfig) -> tuple[list[_Job], Path | Non
     if len(inputs) == 1 and (inputs[0].is_dir() or inputs[0].suffix == ".qpproj"):
         info = read_project(inputs[0])
         jobs = []
+        search = ImageSearch(config.search_dirs)
         for entry in info.entries:
             try:
-                image = locate_image(entry, project_folder=info.folder, search_dirs=config.search_dirs)
+                image = locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder, search=search)
                 jobs.append(_Job(entry.entry_id, entry.image_name, image, entry))
             except Pdl1Error as err:
                 jobs.append(_Job(entry.entry_id, entry.image_name, None, entry, err))
+        elsewhere = [j for j in jobs if j.image is not None and j.entry and str(j.image) != str(j.entry.path)]
+        if elsewhere:
+            log.warning(
+                "%d of %d images are not where the project says and were found elsewhere (first: %s at %s; each "
+                "summary.json names the file analysed); QuPath's File > Project... > Check project URIs fixes "
+                "the project",
+                len(elsewhere),
+                len(jobs),
+                elsewhere[0].name,
+                elsewhere[0].image,
+            )
         return jobs, info.path, info.folder
     if config.out is None:
         raise ProjectError("plain slides need --out DIR for their GeoJSON and summaries")

@@ -2,16 +2,19 @@ import json
 import os
 import shutil
 import stat
-from pathlib import Path, PureWindowsPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pytest
 
 from bridge.init_project import init_project_files
 from bridge.project import (
     ImageMovedError,
+    ImageSearch,
+    ProjectEntry,
     ProjectError,
     RunStatus,
     locate_image,
+    moved_with_project,
     read_project,
     uri_to_path,
 )
@@ -29,13 +32,89 @@ def test_reads_the_project_qupath_044_wrote(fixtures_dir):
 def test_a_project_from_a_windows_pc_finds_its_slide_again(fixtures_dir, tmp_path, cmu_svs):
     project = tmp_path / "project"
     shutil.copytree(fixtures_dir / "qupath-0.4.4-project", project)
-    entry = read_project(project).entries[0]
+    info = read_project(project)
+    entry = info.entries[0]
     with pytest.raises(ImageMovedError, match=r"has moved: not at C:\\Slides.*--search-dir"):
-        locate_image(entry, project_folder=project)
-    slides = tmp_path / "slides"
-    slides.mkdir()
+        locate_image(entry, project_folder=project, saved_folder=info.saved_folder)
+    slides = tmp_path / "archive" / "2026" / "CMU"
+    slides.mkdir(parents=True)
     shutil.copy(cmu_svs, slides / "CMU-1-Small-Region.svs")
-    assert locate_image(entry, project_folder=project, search_dirs=(slides,)) == slides / "CMU-1-Small-Region.svs"
+    # --search-dir looks in subfolders too, as QuPath's own search does
+    search = ImageSearch((tmp_path / "archive",))
+    assert locate_image(entry, project_folder=project, search=search) == slides / "CMU-1-Small-Region.svs"
+
+
+def test_a_windows_drive_copied_whole_keeps_the_project_finding_its_slides(fixtures_dir, tmp_path, cmu_svs):
+    # The fixture was saved as C:/Users/pathology/QuPath/pdl1-example with its slide in C:/Slides; the drive
+    # is now mounted (or copied) at drive/: the slide is where QuPath's "Check project URIs" would look.
+    drive = tmp_path / "drive"
+    project = drive / "Users" / "pathology" / "QuPath" / "pdl1-example"
+    shutil.copytree(fixtures_dir / "qupath-0.4.4-project", project)
+    (drive / "Slides").mkdir()
+    shutil.copy(cmu_svs, drive / "Slides" / "CMU-1-Small-Region.svs")
+    info = read_project(project)
+    assert info.saved_folder == PureWindowsPath("C:/Users/pathology/QuPath/pdl1-example")
+    found = locate_image(info.entries[0], project_folder=info.folder, saved_folder=info.saved_folder)
+    assert found == drive / "Slides" / "CMU-1-Small-Region.svs"
+
+
+def test_a_study_folder_moved_whole_finds_its_slides_by_their_place(tmp_path, phantom_svs):
+    study = tmp_path / "study"
+    (study / "slides" / "batch 1").mkdir(parents=True)
+    shutil.copy(phantom_svs, study / "slides" / "batch 1" / "case.svs")
+    init_project_files(study / "project", [study / "slides" / "batch 1" / "case.svs"])
+    # a slide of the same name elsewhere must not be taken instead of the one beside the project
+    (tmp_path / "other").mkdir()
+    shutil.copy(phantom_svs, tmp_path / "other" / "case.svs")
+    moved = tmp_path / "server" / "study"
+    moved.parent.mkdir()
+    study.rename(moved)
+    info = read_project(moved / "project")
+    assert info.saved_folder == PurePosixPath(study / "project")
+    search = ImageSearch((tmp_path / "other",))
+    found = locate_image(info.entries[0], project_folder=info.folder, saved_folder=info.saved_folder, search=search)
+    assert found == moved / "slides" / "batch 1" / "case.svs"
+
+
+def test_moved_with_project_follows_the_relative_place_and_needs_a_shared_root():
+    saved = PureWindowsPath("C:/Users/p/QuPath/study")
+    assert moved_with_project(
+        PureWindowsPath("c:/users/P/slides/a.svs"), saved, Path("/mnt/c/Users/p/QuPath/study")
+    ) == (Path("/mnt/c/Users/p/slides/a.svs"))
+    assert moved_with_project(PureWindowsPath("D:/Slides/a.svs"), saved, Path("/x/study")) is None
+    assert moved_with_project(PurePosixPath("/data/a.svs"), saved, Path("/x/study")) is None
+    assert moved_with_project(PurePosixPath("/data/study/a.svs"), PurePosixPath("/data/study"), Path("/srv/s")) == (
+        Path("/srv/s/a.svs")
+    )
+
+
+def test_search_dir_refuses_two_slides_of_one_name_and_skips_hidden_folders(tmp_path):
+    entry = ProjectEntry("3", "case.svs", "file:/gone/case.svs")
+    root = tmp_path / "slides"
+    for folder in ("a", ".snapshot/a", "b/c"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "case.svs").write_bytes(b"x")
+    with pytest.raises(
+        ImageMovedError, match=r"2 files under --search-dir are called case.svs: \S+/a/case.svs, \S+/b/c/case"
+    ):
+        locate_image(entry, project_folder=tmp_path / "p", search=ImageSearch((root,)))
+    assert locate_image(entry, project_folder=tmp_path / "p", search=ImageSearch((root / "b",))) == (
+        root / "b" / "c" / "case.svs"
+    )
+
+
+def test_search_dir_goes_as_deep_as_qupath_and_no_deeper(tmp_path):
+    entry = ProjectEntry("1", "deep.svs", "file:/gone/deep.svs")
+    folder = tmp_path / "s"
+    for _ in range(ImageSearch.MAX_DEPTH - 1):
+        folder = folder / "d"
+    folder.mkdir(parents=True)
+    (folder / "deep.svs").write_bytes(b"x")
+    assert (
+        locate_image(entry, project_folder=tmp_path / "p", search=ImageSearch((tmp_path / "s",))) == folder / "deep.svs"
+    )
+    with pytest.raises(ImageMovedError, match=r"no deep.svs in \S+ \(and below\)"):
+        locate_image(entry, project_folder=tmp_path / "p", search=ImageSearch((tmp_path,)))
 
 
 def test_reading_is_read_only(fixtures_dir, tmp_path):

@@ -121,6 +121,22 @@ def test_project_sidecars_resume_after_a_crash_and_moved_slide(tmp_path, slides,
     assert (html_path.parent / "s31.png").is_file()
 
 
+def test_a_study_folder_moved_to_a_server_runs_and_says_where_its_slides_were_found(tmp_path, slides, models, caplog):
+    study = tmp_path / "study"
+    (study / "slides").mkdir(parents=True)
+    shutil.copy(slides[0], study / "slides" / "s31.svs")
+    init_project_files(study / "project", [study / "slides" / "s31.svs"])
+    server = tmp_path / "server"
+    server.mkdir()
+    study.rename(server / "study")
+    with caplog.at_level("WARNING", logger="bridge.run"):
+        (outcome,) = run_batch([server / "study" / "project"], _config(), models=models)
+    assert outcome.state == "done"
+    summary = json.loads((server / "study" / "project" / "pdl1" / "1" / "summary.json").read_text())
+    assert summary["image"] == str(server / "study" / "slides" / "s31.svs")
+    assert "1 of 1 images are not where the project says" in caplog.text and "Check project URIs" in caplog.text
+
+
 def test_project_with_no_images(tmp_path, models):
     (tmp_path / "project.qpproj").write_text(json.dumps({"version": "0.4.4", "images": []}))
     assert run_batch([tmp_path], _config(), models=models) == []

@@ -33,7 +33,14 @@ log = logging.getLogger(__name__)
 _MODELS: dict[str, Any] = {}  # per worker process: models load once, not per image
 
 
-def analyse_to_files(image: str, geojson: str, summary: str, entry_id: str | None, config: RunConfig) -> dict:
+def analyse_to_files(
+    image: str,
+    geojson: str,
+    summary: str,
+    entry_id: str | None,
+    config: RunConfig,
+    image_size_px: tuple[int, int] | None = None,
+) -> dict:
     """Runs in a Ray worker: analyse one image and write its files; returns the summary dict."""
     from inference.pipeline import Models, analyse_slide
 
@@ -41,7 +48,7 @@ def analyse_to_files(image: str, geojson: str, summary: str, entry_id: str | Non
     if key not in _MODELS:
         _MODELS.clear()
         _MODELS[key] = Models(config.pipeline)
-    result = analyse_slide(image, models=_MODELS[key], config=config.pipeline)
+    result = analyse_slide(image, models=_MODELS[key], config=config.pipeline, image_size_px=image_size_px)
     data = summary_of(result, entry_id=entry_id, run_config=config)
     write_result_files(result, Path(geojson), Path(summary), data, include_tiles=config.include_tiles)
     return data
@@ -82,7 +89,12 @@ def run_batch_ray(
         else:
             paths = output_paths(job.key, project, status_folder)
             ref = task.remote(
-                str(job.image), str(paths[0]), str(paths[1]), job.key if project is not None else None, config
+                str(job.image),
+                str(paths[0]),
+                str(paths[1]),
+                job.key if project is not None else None,
+                config,
+                job.size_px,
             )
             pending[ref] = (job, time.perf_counter(), paths)
 

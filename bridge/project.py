@@ -37,6 +37,8 @@ class ProjectEntry:
     image_name: str
     uri: str
     metadata: dict[str, str] = field(default_factory=dict)
+    size_px: tuple[int, int] | None = None  # (width, height) as QuPath shows the image, when stated
+    not_analysable: str | None = None  # why the file cannot stand for the image QuPath shows, if it cannot
 
     @property
     def path(self) -> PurePosixPath | PureWindowsPath:
@@ -115,28 +117,60 @@ def read_project(path: str | Path) -> ProjectInfo:
     entries = []
     for i, image in enumerate(raw.get("images", [])):
         try:
-            builder = image["serverBuilder"]
-            uri = builder.get("uri") or _nested_uri(builder)
+            outer = image["serverBuilder"]
+            builder, not_analysable = file_builder(outer)
+            if builder is None and not_analysable is None:
+                raise KeyError("uri")
+            meta = (builder or {}).get("metadata") or {}
+            width, height = meta.get("width"), meta.get("height")
             entries.append(
                 ProjectEntry(
                     entry_id=str(image["entryID"]),
                     image_name=str(image.get("imageName", f"image {image['entryID']}")),
-                    uri=str(uri),
+                    uri=str(builder["uri"]) if builder is not None else "",
                     metadata={str(k): str(v) for k, v in (image.get("metadata") or {}).items()},
+                    size_px=(width, height) if isinstance(width, int) and isinstance(height, int) else None,
+                    not_analysable=not_analysable,
                 )
             )
-        except (KeyError, TypeError) as err:
+        except (KeyError, TypeError, AttributeError) as err:
             raise ProjectError(f"{qpproj}: image #{i} lacks {err} (expected entryID and serverBuilder.uri)") from err
     saved_uri = raw.get("uri")
     return ProjectInfo(qpproj, raw.get("version"), tuple(entries), saved_uri if isinstance(saved_uri, str) else None)
 
 
-def _nested_uri(builder: dict[str, Any]) -> str:
-    # Rotated/sparse servers wrap the original builder.
-    inner = builder.get("builder") or builder.get("serverBuilder")
-    if isinstance(inner, dict):
-        return inner.get("uri") or _nested_uri(inner)
-    raise KeyError("uri")
+def file_builder(builder: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """The server builder that names the image file, and why that file, read as it is, is not the image
+    QuPath shows (None when it is).
+
+    QuPath wraps the file's builder in others when it shows the image rotated, cropped, with its channels
+    changed or combined from several files; results computed on the file would then land in the wrong
+    place. Only a pyramid QuPath builds on the fly, or a rotation of none, leaves the pixels in place.
+    A file's ``--series N`` (a Bio-Formats multi-image file) other than 0 is another image than the one
+    pdl1's readers open.
+
+    >>> file_builder({"builderType": "rotated", "rotation": "ROTATE_180", "builder": {"uri": "file:/a.svs"}})
+    ({'uri': 'file:/a.svs'}, 'QuPath shows it rotated (ROTATE_180)')
+    """
+    why: str | None = None
+    while True:
+        kind = builder.get("builderType", "uri")
+        if kind == "uri":
+            if not isinstance(builder.get("uri"), str):
+                raise KeyError("uri")
+            args = [str(a) for a in builder.get("args") or []]
+            if why is None and "--series" in args[:-1] and args[args.index("--series") + 1] != "0":
+                why = f"it is series {args[args.index('--series') + 1]} of a multi-image file"
+            return builder, why
+        if kind == "rotated":
+            if builder.get("rotation", "ROTATE_NONE") != "ROTATE_NONE":
+                why = why or f"QuPath shows it rotated ({builder.get('rotation')})"
+        elif kind != "pyramidize":
+            why = why or f"QuPath shows it through a '{kind}' server (cropped, transformed or combined from files)"
+        inner = builder.get("builder") or builder.get("serverBuilder")
+        if not isinstance(inner, dict):
+            return None, why
+        builder = inner
 
 
 def moved_with_project(

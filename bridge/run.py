@@ -88,6 +88,11 @@ class _Job:
     entry: ProjectEntry | None
     error: Exception | None = None
 
+    @property
+    def size_px(self) -> tuple[int, int] | None:
+        """The image's size as the project states it: the file must open at that size."""
+        return None if self.entry is None else self.entry.size_px
+
 
 def entry_metadata(result: SlideResult) -> dict[str, str]:
     """Project entry metadata (strings), DESIGN.md §3."""
@@ -151,6 +156,12 @@ def _jobs(inputs: list[Path], config: RunConfig) -> tuple[list[_Job], Path | Non
         search = ImageSearch(config.search_dirs)
         for entry in info.entries:
             try:
+                if entry.not_analysable:
+                    raise ProjectError(
+                        f"{entry.image_name}: {entry.not_analysable}, and pdl1 reads the file as it is, so results "
+                        "would land in the wrong place; add the file to the project without that (or export the "
+                        "image as OME-TIFF from QuPath and add the export)"
+                    )
                 image = locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder, search=search)
                 jobs.append(_Job(entry.entry_id, entry.image_name, image, entry))
             except Pdl1Error as err:
@@ -248,7 +259,11 @@ def _run_one(job, config, models, project, status_folder, qp_session, on_tiles, 
     if qp_session is not None:
         results = qp_session.analyse_and_write(job, config, models, on_tiles)
     else:
-        results = [analyse_slide(job.image, models=models, config=config.pipeline, on_progress=on_tiles)]
+        results = [
+            analyse_slide(
+                job.image, models=models, config=config.pipeline, on_progress=on_tiles, image_size_px=job.size_px
+            )
+        ]
     result = results[0]
     geojson, summary = output_paths(job.key, project, status_folder)
     summary_data = summary_of(result, entry_id=job.key if project is not None else None, run_config=config)
@@ -311,7 +326,12 @@ class _QuPathSession:
                     (
                         ann,
                         analyse_slide(
-                            job.image, models=models, config=config.pipeline, roi=ann.roi, on_progress=on_tiles
+                            job.image,
+                            models=models,
+                            config=config.pipeline,
+                            roi=ann.roi,
+                            on_progress=on_tiles,
+                            image_size_px=job.size_px,
                         ),
                     )
                 )
@@ -320,7 +340,9 @@ class _QuPathSession:
                 f"{job.name}: no annotation of class {config.target_classes} or name {config.target_names}"
             )
         else:
-            result = analyse_slide(job.image, models=models, config=config.pipeline, on_progress=on_tiles)
+            result = analyse_slide(
+                job.image, models=models, config=config.pipeline, on_progress=on_tiles, image_size_px=job.size_px
+            )
             results.append((None, result))
         backup = self.qp.backup_data(entry)
         try:

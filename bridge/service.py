@@ -28,7 +28,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, PositiveInt, field_validator
 from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
 
@@ -104,6 +104,12 @@ class JobRequest(BaseModel):
         default=None, description="GeoJSON Polygon/MultiPolygon in level-0 px; omit for the whole tissue."
     )
     mpp: float | None = Field(default=None, gt=0, le=50, description="Microns per pixel QuPath reports.")
+    image_size_px: tuple[PositiveInt, PositiveInt] | None = Field(
+        default=None,
+        description="Width and height at which QuPath shows the image; an image file that opens at another "
+        "size (another scene of a multi-image file, a cropped view) is refused, since the ROI and the results "
+        "would not line up.",
+    )
     outputs: list[Literal["regions", "uncertainty_tiles", "sua", "nuclei"]] = Field(default=list(OUTPUTS))
     model: str = Field(default="default", description="Model set; only 'default' (the loaded models) for now.")
 
@@ -161,6 +167,7 @@ class Job:
     roi: BaseGeometry | None
     mpp: float | None
     outputs: tuple[str, ...]
+    image_size_px: tuple[int, int] | None = None
     slide: Slide | None = None  # uploaded pixels, dropped once the job has finished
     origin_xy: tuple[float, float] = (0.0, 0.0)
     scale: float = 1.0
@@ -301,6 +308,7 @@ class Worker:
             roi=job.roi,
             on_progress=on_progress,
             should_cancel=job.cancel.is_set,
+            image_size_px=job.image_size_px,
         )
 
 
@@ -444,6 +452,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
             roi=parse_roi(req.roi),
             mpp=req.mpp,
             outputs=tuple(dict.fromkeys(req.outputs)),
+            image_size_px=req.image_size_px,
         )
         return accept(job, w)
 

@@ -18,6 +18,7 @@ from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
 from inference.ensemble import Ensemble, demo_model_dir
+from inference.errors import SlideFormatError
 from inference.manifest import Manifest
 from inference.nuclei import NucleiConfig, detect_nuclei
 from inference.points import tumour_proportion_score
@@ -139,10 +140,23 @@ def analyse_slide(
     roi: BaseGeometry | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    image_size_px: tuple[int, int] | None = None,
 ) -> SlideResult:
-    """Analyse the ROI (level-0 polygon; the whole tissue when None) of one image."""
+    """Analyse the ROI (level-0 polygon; the whole tissue when None) of one image.
+
+    ``image_size_px`` is the (width, height) at which the caller (QuPath) shows the image: ROIs and results
+    are in that frame, so a file that opens at another size is refused rather than analysed in the wrong one.
+    """
     slide = image if isinstance(image, Slide) else open_slide(image, mpp=config.mpp)
     try:
+        if image_size_px is not None and tuple(image_size_px) != slide.dimensions:
+            w, h = image_size_px
+            raise SlideFormatError(
+                f"{slide.path or 'image'}: QuPath shows this image at {w} x {h} px, but the file opens here at "
+                f"{slide.dimensions[0]} x {slide.dimensions[1]} px, so results would not line up. The QuPath image "
+                "is probably another series or scene of a multi-image file (pdl1 reads a file's first image); "
+                "export it from QuPath as OME-TIFF (File > Export images...) and analyse that file"
+            )
         return _analyse(
             slide, models=models, config=config, roi=roi, on_progress=on_progress, should_cancel=should_cancel
         )

@@ -92,15 +92,49 @@ class ArrayReader:
         pass
 
 
-class OpenSlideReader:
-    """:class:`RegionReader` over ``openslide.OpenSlide``; thread-safe, releases the GIL while reading."""
+def qupath_frame(properties: dict[str, str], full_wh: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where QuPath's OpenSlide reader puts its (0, 0), in OpenSlide level-0 px, and the size it shows.
 
-    def __init__(self, osr):  # osr: openslide.OpenSlide
-        self._osr = osr
+    Slides with a scanned-area bounding box (``openslide.bounds-*``: MRXS and others) are shown by
+    QuPath cropped to it when both its width and height differ from the full image's, and their reads
+    are offset by its corner in any case; QuPath's objects are in that frame, so ours must be too.
+
+    >>> qupath_frame({}, (1000, 800))
+    ((0, 0), (1000, 800))
+    >>> bounds = {"openslide.bounds-x": "40", "openslide.bounds-y": "30",
+    ...           "openslide.bounds-width": "900", "openslide.bounds-height": "700"}
+    >>> qupath_frame(bounds, (1000, 800))
+    ((40, 30), (900, 700))
+    """
+    try:
+        x, y, w, h = (int(properties[f"openslide.bounds-{k}"]) for k in ("x", "y", "width", "height"))
+    except (KeyError, ValueError):  # QuPath, too, ignores bounds it cannot parse as integers
+        return (0, 0), full_wh
+    cropped = w != full_wh[0] and h != full_wh[1]
+    return (x, y), ((w, h) if cropped else full_wh)
+
+
+class OpenSlideReader:
+    """:class:`RegionReader` over ``openslide.OpenSlide``; thread-safe, releases the GIL while reading.
+
+    ``origin_xy`` and ``size_wh`` give the frame the reader shows, in level-0 px of the file (see
+    :func:`qupath_frame`); by default the whole image.
+    """
+
+    def __init__(self, osr, *, origin_xy: tuple[int, int] = (0, 0), size_wh: tuple[int, int] | None = None):
+        self._osr = osr  # an openslide.OpenSlide
+        self._origin = origin_xy
+        full = tuple((int(w), int(h)) for w, h in osr.level_dimensions)
+        if size_wh is None or tuple(size_wh) == full[0]:
+            self._dimensions = full
+        else:  # levels of the cropped frame, sized as QuPath sizes them
+            w0, h0 = size_wh
+            coarser = tuple((max(1, int(w0 / ds)), max(1, int(h0 / ds))) for ds in self.level_downsamples[1:])
+            self._dimensions = ((w0, h0), *coarser)
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return tuple(self._osr.level_dimensions)
+        return self._dimensions
 
     @property
     def level_downsamples(self) -> tuple[float, ...]:
@@ -111,7 +145,10 @@ class OpenSlideReader:
         return dict(self._osr.properties)
 
     def read_region(self, location_xy: tuple[int, int], level: int, size_wh: tuple[int, int]) -> np.ndarray:
-        return self._to_rgb(np.asarray(self._osr.read_region(location_xy, level, size_wh)))
+        return self._to_rgb(np.asarray(self._osr.read_region(self._in_file(location_xy), level, size_wh)))
+
+    def _in_file(self, location_xy: tuple[int, int]) -> tuple[int, int]:
+        return location_xy[0] + self._origin[0], location_xy[1] + self._origin[1]
 
     def read_region_reduced(
         self, location_xy: tuple[int, int], level: int, size_wh: tuple[int, int], factor: int
@@ -122,7 +159,8 @@ class OpenSlideReader:
         only 1/factor² of the pixels are converted: at factor 2 this halves the time spent
         after decoding, which matters when reading, not the GPU, sets the pace.
         """
-        return self._to_rgb(np.asarray(self._osr.read_region(location_xy, level, size_wh).reduce(factor)))
+        region = self._osr.read_region(self._in_file(location_xy), level, size_wh)
+        return self._to_rgb(np.asarray(region.reduce(factor)))
 
     @staticmethod
     def _to_rgb(rgba: np.ndarray) -> np.ndarray:
@@ -351,7 +389,12 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
     else:
         from inference.tiff_tiles import TiffTileReader  # imports this module
 
-        reader = TiffTileReader.open(osr, path)
+        full_wh = tuple(osr.level_dimensions[0])
+        origin_xy, size_wh = qupath_frame(dict(osr.properties), full_wh)
+        if (origin_xy, size_wh) == ((0, 0), full_wh):
+            reader = TiffTileReader.open(osr, path)
+        else:  # a scanned-area box: read in QuPath's frame (its formats are not decoded directly anyway)
+            reader = OpenSlideReader(osr, origin_xy=origin_xy, size_wh=size_wh)
         file_mpp = _openslide_mpp(dict(osr.properties))
     if mpp is not None:
         if mpp <= 0:

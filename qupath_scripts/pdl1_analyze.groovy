@@ -12,6 +12,7 @@
  * Edit the settings below: where the service runs, its token, what to compute.
  */
 import qupath.lib.common.GeneralTools
+import qupath.lib.images.servers.TransformingImageServer
 import qupath.lib.io.GsonTools
 import qupath.lib.io.PathIO
 import qupath.lib.objects.PathObject
@@ -43,6 +44,14 @@ if (imageData == null) {
     return
 }
 def server = imageData.getServer()
+// The service reads the image file as it is: a view QuPath rotates, crops or builds from several files
+// would put the ROI and the results in the wrong place.
+if (server instanceof TransformingImageServer || server.getURIs().size() != 1) {
+    println "pdl1: QuPath shows this image through a ${server.getClass().getSimpleName()} (rotated, cropped or " +
+            "combined from files); the service reads files as they are, so results would land in the wrong place. " +
+            "Add the file to the project without the transform, or export the image as OME-TIFF and analyse that."
+    return
+}
 def imagePath = GeneralTools.toPath(server.getURIs()[0])
 if (imagePath == null) {
     println "pdl1: this image is not a local file; the service can only open files (use the pixel upload API)"
@@ -112,6 +121,7 @@ for (parent in targets) {
     body.put("image", imagePath.toString())
     body.put("roi", wholeImage ? null : gson.fromJson(gson.toJson(parent.getROI().getGeometry()), Map.class))
     body.put("mpp", Double.isNaN(mpp) ? null : mpp)
+    body.put("image_size_px", [server.getWidth(), server.getHeight()])
     body.put("outputs", OUTPUTS)
     body.put("model", MODEL)
     def accepted = send(request("/v1/jobs").header("Content-Type", "application/json")

@@ -117,6 +117,49 @@ def test_search_dir_goes_as_deep_as_qupath_and_no_deeper(tmp_path):
         locate_image(entry, project_folder=tmp_path / "p", search=ImageSearch((tmp_path,)))
 
 
+def _builder(uri: str, *, args: tuple[str, ...] = (), size: tuple[int, int] = (2000, 1000)) -> dict:
+    # What QuPath writes for a file read as it is (see the fixture), trimmed to what matters here.
+    meta = {"width": size[0], "height": size[1], "levels": [{"downsample": 1.0, "width": size[0], "height": size[1]}]}
+    return {"builderType": "uri", "providerClassName": "x", "uri": uri, "args": list(args), "metadata": meta}
+
+
+def test_entries_qupath_shows_transformed_are_marked_not_analysable_and_the_rest_read(tmp_path):
+    images = [
+        _builder("file:/s/plain.svs"),
+        {"builderType": "rotated", "rotation": "ROTATE_90", "builder": _builder("file:/s/turned.svs")},
+        {"builderType": "rotated", "rotation": "ROTATE_NONE", "builder": _builder("file:/s/unturned.svs")},
+        {"builderType": "pyramidize", "builder": _builder("file:/s/flat.tif")},
+        {"builderType": "cropped", "region": {}, "builder": _builder("file:/s/part.svs")},
+        {"builderType": "sparse", "regions": []},
+        _builder("file:/s/scenes.czi", args=("--series", "2")),
+        _builder("file:/s/first.czi", args=("--series", "0")),
+    ]
+    raw = {
+        "version": "0.5.1",
+        "images": [{"entryID": i + 1, "imageName": f"i{i}", "serverBuilder": b} for i, b in enumerate(images)],
+    }
+    (tmp_path / "project.qpproj").write_text(json.dumps(raw))
+    entries = read_project(tmp_path).entries
+    assert [e.not_analysable for e in entries] == [
+        None,
+        "QuPath shows it rotated (ROTATE_90)",
+        None,
+        None,
+        "QuPath shows it through a 'cropped' server (cropped, transformed or combined from files)",
+        "QuPath shows it through a 'sparse' server (cropped, transformed or combined from files)",
+        "it is series 2 of a multi-image file",
+        None,
+    ]
+    uris = ["file:/s/plain.svs", "file:/s/turned.svs", "file:/s/unturned.svs", "file:/s/flat.tif"]
+    assert [e.uri for e in entries][:4] == uris
+    assert entries[0].size_px == (2000, 1000) and entries[5].uri == "" and entries[5].size_px is None
+
+
+def test_the_fixture_states_its_image_size(fixtures_dir):
+    (entry,) = read_project(fixtures_dir / "qupath-0.4.4-project").entries
+    assert entry.size_px == (2220, 2967) and entry.not_analysable is None
+
+
 def test_reading_is_read_only(fixtures_dir, tmp_path):
     project = tmp_path / "p"
     shutil.copytree(fixtures_dir / "qupath-0.4.4-project", project)

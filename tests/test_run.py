@@ -137,6 +137,26 @@ def test_a_study_folder_moved_to_a_server_runs_and_says_where_its_slides_were_fo
     assert "1 of 1 images are not where the project says" in caplog.text and "Check project URIs" in caplog.text
 
 
+def test_entries_whose_file_is_not_the_image_qupath_shows_fail_alone(tmp_path, slides, models):
+    project = tmp_path / "project"
+    init_project_files(project, [slides[0], slides[0], slides[1]])
+    qpproj = project / "project.qpproj"
+    raw = json.loads(qpproj.read_text())
+    # entry 2: rotated in QuPath; entry 3: QuPath states another size (as for one scene of a multi-image file)
+    raw["images"][1]["serverBuilder"] = {
+        "builderType": "rotated",
+        "rotation": "ROTATE_180",
+        "builder": raw["images"][1]["serverBuilder"],
+    }
+    raw["images"][2]["serverBuilder"]["metadata"]["width"] = 1024
+    qpproj.write_text(json.dumps(raw))
+    outcomes = run_batch([project], _config(), models=models)
+    assert [o.state for o in outcomes] == ["done", "failed", "failed"]
+    assert "rotated (ROTATE_180)" in outcomes[1].error and "wrong place" in outcomes[1].error
+    assert "QuPath shows this image at 1024 x 1536 px, but the file opens here at 1536 x 1536 px" in outcomes[2].error
+    assert not (project / "pdl1" / "2").exists() and not (project / "pdl1" / "3" / "objects.geojson").exists()
+
+
 def test_project_with_no_images(tmp_path, models):
     (tmp_path / "project.qpproj").write_text(json.dumps({"version": "0.4.4", "images": []}))
     assert run_batch([tmp_path], _config(), models=models) == []

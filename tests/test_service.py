@@ -173,6 +173,18 @@ def test_invalid_roi_fails_the_job_with_a_message(service, slides_root):
     assert status["state"] == "failed" and "invalid" in status["error"]
 
 
+def test_an_image_qupath_shows_at_another_size_is_refused_not_misplaced(service, slides_root):
+    small = str(slides_root / "small.svs")
+    job_id = service.post("/v1/jobs", json={"image": small, "image_size_px": [1024, 512]}).json()["job_id"]
+    status = _wait(service, job_id)
+    assert status["state"] == "failed"
+    assert "QuPath shows this image at 1024 x 512 px, but the file opens here at 1024 x 1024 px" in status["error"]
+    ok = service.post("/v1/jobs", json={"image": small, "image_size_px": [1024, 1024], "outputs": ["regions"]})
+    assert _wait(service, ok.json()["job_id"])["state"] == "done"
+    r = service.post("/v1/jobs", json={"image": small, "image_size_px": [0, 5]})
+    assert r.status_code == 422 and "image_size_px" in r.json()["detail"]
+
+
 def test_symlink_out_of_the_allowed_root_is_refused(service, slides_root, tmp_path):
     outside = tmp_path / "outside.svs"
     outside.write_bytes((slides_root / "small.svs").read_bytes())

@@ -7,7 +7,7 @@ from PIL import Image
 
 from inference.errors import MissingMppError, SlideFormatError, SlideNotFoundError
 from inference.phantom import PhantomSpec, write_phantom
-from inference.slide import ArrayReader, Mpp, Slide, open_slide
+from inference.slide import ArrayReader, Mpp, OpenSlideReader, Slide, open_slide, qupath_frame
 
 
 def test_phantom_svs_opens_with_mpp_and_all_levels(phantom_svs):
@@ -155,3 +155,48 @@ def test_slide_over_array_reader_resamples():
 def test_open_slide_accepts_str_paths(phantom_svs):
     with open_slide(str(phantom_svs)) as slide:
         assert isinstance(slide.path, Path)
+
+
+def _bounds(*xywh: int) -> dict[str, str]:
+    return {f"openslide.bounds-{k}": str(v) for k, v in zip(("x", "y", "width", "height"), xywh, strict=True)}
+
+
+class _ScannedAreaBox:
+    """An OpenSlide handle that states a scanned-area box, as MRXS files (which cannot be made here) do."""
+
+    def __init__(self, osr, box_xywh):
+        self._osr = osr
+        self.properties = {**osr.properties, **_bounds(*box_xywh)}
+
+    def __getattr__(self, name):
+        return getattr(self._osr, name)
+
+
+def test_qupath_frame_crops_only_when_width_and_height_both_differ():
+    assert qupath_frame(_bounds(40, 30, 900, 700), (1000, 800)) == ((40, 30), (900, 700))
+    # QuPath offsets its reads by the corner even when it keeps the full size
+    assert qupath_frame(_bounds(40, 0, 900, 800), (1000, 800)) == ((40, 0), (1000, 800))
+    unparsable = {**_bounds(40, 30, 900, 700), "openslide.bounds-x": "4.5"}
+    assert qupath_frame(unparsable, (1000, 800)) == ((0, 0), (1000, 800))
+
+
+def test_a_slide_with_a_scanned_area_box_is_read_in_qupaths_frame(phantom_svs, monkeypatch):
+    import openslide
+
+    box = (300, 200, 1500, 1700)
+    full = OpenSlideReader(openslide.OpenSlide(phantom_svs))
+    real_open = openslide.OpenSlide
+    monkeypatch.setattr(openslide, "OpenSlide", lambda path: _ScannedAreaBox(real_open(path), box))
+    with open_slide(phantom_svs) as slide:
+        # QuPath shows this slide as 1500 x 1700 px; its (0, 0) is the box's corner
+        assert slide.dimensions == (1500, 1700)
+        assert slide.level_dimensions[1] == (375, 425)
+        np.testing.assert_array_equal(slide.read_region((0, 0), 0, (96, 64)), full.read_region((300, 200), 0, (96, 64)))
+        np.testing.assert_array_equal(
+            slide.read_region((400, 40), 1, (32, 32)), full.read_region((700, 240), 1, (32, 32))
+        )
+        # the fast path for integer steps reads the same place
+        np.testing.assert_array_equal(
+            slide.read_region_at_mpp((100, 100), (48, 48), mpp=1.0),
+            full.read_region_reduced((400, 300), 0, (96, 96), 2),
+        )

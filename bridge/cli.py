@@ -764,7 +764,12 @@ def run(
     nuclei_model: Annotated[Path | None, typer.Option(help="Nuclei model folder (default: shipped demo).")] = None,
     no_nuclei: Annotated[bool, typer.Option(help="Skip nuclei and TPS.")] = False,
     refine: Annotated[bool, typer.Option(help="Also report positive area with SUA candidates merged in.")] = False,
-    mpp: Annotated[float | None, typer.Option(min=0.05, help="Microns per pixel for slides that state none.")] = None,
+    mpp: Annotated[
+        float | None,
+        typer.Option(
+            min=0.05, help="Microns per pixel of every image, instead of what the project or the files state."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     engine: Annotated[
         str, typer.Option(help="local (this process) or ray (one task per image on a Ray cluster).")

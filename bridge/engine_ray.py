@@ -40,6 +40,7 @@ def analyse_to_files(
     entry_id: str | None,
     config: RunConfig,
     image_size_px: tuple[int, int] | None = None,
+    image_mpp: float | None = None,
 ) -> dict:
     """Runs in a Ray worker: analyse one image and write its files; returns the summary dict."""
     from inference.pipeline import Models, analyse_slide
@@ -48,7 +49,9 @@ def analyse_to_files(
     if key not in _MODELS:
         _MODELS.clear()
         _MODELS[key] = Models(config.pipeline)
-    result = analyse_slide(image, models=_MODELS[key], config=config.pipeline, image_size_px=image_size_px)
+    result = analyse_slide(
+        image, models=_MODELS[key], config=config.pipeline, image_size_px=image_size_px, image_mpp=image_mpp
+    )
     data = summary_of(result, entry_id=entry_id, run_config=config)
     write_result_files(result, Path(geojson), Path(summary), data, include_tiles=config.include_tiles)
     return data
@@ -95,6 +98,7 @@ def run_batch_ray(
                 job.key if project is not None else None,
                 config,
                 job.size_px,
+                job.mpp,
             )
             pending[ref] = (job, time.perf_counter(), paths)
 

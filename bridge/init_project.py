@@ -87,8 +87,9 @@ def init_project_files(folder: str | Path, slides: list[Path]) -> Path:
         except MissingMppError as err:
             raise ProjectError(
                 f"{slide} states no microns per pixel, which a project entry written without QuPath must carry; "
-                "create the project with QuPath installed (`pdl1 init-project --qupath always`) or in QuPath, and "
-                "give the scanner's value when analysing (`pdl1 run PROJECT --mpp 0.25` for 40x)"
+                "create the project with QuPath installed (`pdl1 init-project --qupath always`) or in QuPath and set "
+                "the pixel size there (pdl1 run uses what the project saves), or give the scanner's value when "
+                "analysing (`pdl1 run PROJECT --mpp 0.25` for 40x)"
             ) from err
     folder.mkdir(parents=True, exist_ok=True)
     for i, (slide, meta) in enumerate(zip(slides, metadata, strict=True), start=1):

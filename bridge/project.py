@@ -38,6 +38,7 @@ class ProjectEntry:
     uri: str
     metadata: dict[str, str] = field(default_factory=dict)
     size_px: tuple[int, int] | None = None  # (width, height) as QuPath shows the image, when stated
+    mpp: float | None = None  # µm/px of QuPath's calibration (the file's, or what a user set), when in µm
     not_analysable: str | None = None  # why the file cannot stand for the image QuPath shows, if it cannot
 
     @property
@@ -130,6 +131,7 @@ def read_project(path: str | Path) -> ProjectInfo:
                     uri=str(builder["uri"]) if builder is not None else "",
                     metadata={str(k): str(v) for k, v in (image.get("metadata") or {}).items()},
                     size_px=(width, height) if isinstance(width, int) and isinstance(height, int) else None,
+                    mpp=calibration_um(meta),
                     not_analysable=not_analysable,
                 )
             )
@@ -137,6 +139,34 @@ def read_project(path: str | Path) -> ProjectInfo:
             raise ProjectError(f"{qpproj}: image #{i} lacks {err} (expected entryID and serverBuilder.uri)") from err
     saved_uri = raw.get("uri")
     return ProjectInfo(qpproj, raw.get("version"), tuple(entries), saved_uri if isinstance(saved_uri, str) else None)
+
+
+_MICRONS = {"µm", "μm", "um", "micron", "microns"}  # QuPath writes µm; the others are its aliases
+
+
+def calibration_um(metadata: dict[str, Any]) -> float | None:
+    """Mean µm/px of a server builder's ``pixelCalibration``, None when it is not in microns (uncalibrated).
+
+    >>> calibration_um({"pixelCalibration": {"pixelWidth": {"value": 0.25, "unit": "µm"},
+    ...                                      "pixelHeight": {"value": 0.27, "unit": "µm"}}})
+    0.26
+    >>> calibration_um({"pixelCalibration": {"pixelWidth": {"value": 1.0, "unit": "px"},
+    ...                                      "pixelHeight": {"value": 1.0, "unit": "px"}}}) is None
+    True
+    """
+    calibration = metadata.get("pixelCalibration")
+    if not isinstance(calibration, dict):
+        return None
+    sizes = []
+    for key in ("pixelWidth", "pixelHeight"):
+        size = calibration.get(key)
+        if not isinstance(size, dict) or str(size.get("unit", "")).strip() not in _MICRONS:
+            return None
+        value = size.get("value")
+        if not isinstance(value, int | float) or not value > 0:
+            return None
+        sizes.append(float(value))
+    return (sizes[0] + sizes[1]) / 2
 
 
 def file_builder(builder: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:

@@ -93,6 +93,23 @@ class _Job:
         """The image's size as the project states it: the file must open at that size."""
         return None if self.entry is None else self.entry.size_px
 
+    @property
+    def mpp(self) -> float | None:
+        """µm/px of the project's calibration (a user may have set it in QuPath), if it states one."""
+        return None if self.entry is None else self.entry.mpp
+
+    def analyse(self, models: Models, config: RunConfig, on_tiles=None, *, roi: Any = None) -> SlideResult:
+        """The pipeline call for this image, in the frame and calibration its project states."""
+        return analyse_slide(
+            self.image,
+            models=models,
+            config=config.pipeline,
+            roi=roi,
+            on_progress=on_tiles,
+            image_size_px=self.size_px,
+            image_mpp=self.mpp,
+        )
+
 
 def entry_metadata(result: SlideResult) -> dict[str, str]:
     """Project entry metadata (strings), DESIGN.md §3."""
@@ -259,11 +276,7 @@ def _run_one(job, config, models, project, status_folder, qp_session, on_tiles, 
     if qp_session is not None:
         results = qp_session.analyse_and_write(job, config, models, on_tiles)
     else:
-        results = [
-            analyse_slide(
-                job.image, models=models, config=config.pipeline, on_progress=on_tiles, image_size_px=job.size_px
-            )
-        ]
+        results = [job.analyse(models, config, on_tiles)]
     result = results[0]
     geojson, summary = output_paths(job.key, project, status_folder)
     summary_data = summary_of(result, entry_id=job.key if project is not None else None, run_config=config)
@@ -322,28 +335,13 @@ class _QuPathSession:
         results: list[tuple[Any, SlideResult]] = []
         if targets:
             for ann in targets:
-                results.append(
-                    (
-                        ann,
-                        analyse_slide(
-                            job.image,
-                            models=models,
-                            config=config.pipeline,
-                            roi=ann.roi,
-                            on_progress=on_tiles,
-                            image_size_px=job.size_px,
-                        ),
-                    )
-                )
+                results.append((ann, job.analyse(models, config, on_tiles, roi=ann.roi)))
         elif config.target_classes or config.target_names:
             raise ProjectError(
                 f"{job.name}: no annotation of class {config.target_classes} or name {config.target_names}"
             )
         else:
-            result = analyse_slide(
-                job.image, models=models, config=config.pipeline, on_progress=on_tiles, image_size_px=job.size_px
-            )
-            results.append((None, result))
+            results.append((None, job.analyse(models, config, on_tiles)))
         backup = self.qp.backup_data(entry)
         try:
             for ann, result in results:

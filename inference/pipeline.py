@@ -141,13 +141,21 @@ def analyse_slide(
     on_progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     image_size_px: tuple[int, int] | None = None,
+    image_mpp: float | None = None,
 ) -> SlideResult:
     """Analyse the ROI (level-0 polygon; the whole tissue when None) of one image.
 
     ``image_size_px`` is the (width, height) at which the caller (QuPath) shows the image: ROIs and results
     are in that frame, so a file that opens at another size is refused rather than analysed in the wrong one.
+    ``image_mpp`` is the µm/px the caller has for the image (QuPath's calibration, which a user may have
+    set); it is used instead of the file's own value, and ``config.mpp`` instead of both.
     """
-    slide = image if isinstance(image, Slide) else open_slide(image, mpp=config.mpp)
+    if isinstance(image, Slide):
+        slide = image
+    elif config.mpp is not None:
+        slide = open_slide(image, mpp=config.mpp)
+    else:
+        slide = open_slide(image, mpp=image_mpp, mpp_source="QuPath project")
     try:
         if image_size_px is not None and tuple(image_size_px) != slide.dimensions:
             w, h = image_size_px

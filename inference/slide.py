@@ -357,7 +357,7 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, Mpp | None]:
     return rgb, mpp
 
 
-def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
+def open_slide(path: str | Path, *, mpp: float | None = None, mpp_source: str = "user") -> Slide:
     """Open an image file.
 
     Parameters
@@ -367,6 +367,8 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
     mpp
         Microns per pixel at level 0. Overrides the file's own value; required when
         the file states none.
+    mpp_source
+        Where ``mpp`` comes from, for messages ("user", "QuPath project").
 
     Raises
     ------
@@ -400,7 +402,7 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
         if mpp <= 0:
             reader.close()
             raise MissingMppError(f"--mpp must be positive, got {mpp}")
-        resolved = Mpp(mpp, mpp, "user")
+        resolved = Mpp(mpp, mpp, mpp_source)
     elif file_mpp is None:
         reader.close()
         raise MissingMppError(

@@ -158,6 +158,7 @@ def test_entries_qupath_shows_transformed_are_marked_not_analysable_and_the_rest
 def test_the_fixture_states_its_image_size(fixtures_dir):
     (entry,) = read_project(fixtures_dir / "qupath-0.4.4-project").entries
     assert entry.size_px == (2220, 2967) and entry.not_analysable is None
+    assert entry.mpp == pytest.approx(0.499)
 
 
 def test_reading_is_read_only(fixtures_dir, tmp_path):

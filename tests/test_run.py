@@ -157,6 +157,24 @@ def test_entries_whose_file_is_not_the_image_qupath_shows_fail_alone(tmp_path, s
     assert not (project / "pdl1" / "2").exists() and not (project / "pdl1" / "3" / "objects.geojson").exists()
 
 
+def test_the_pixel_size_set_in_qupath_is_used_and_mpp_overrides_it(tmp_path, slides, models):
+    project = tmp_path / "project"
+    init_project_files(project, [slides[0]])  # the file states 0.5 µm/px
+    qpproj = project / "project.qpproj"
+    raw = json.loads(qpproj.read_text())
+    calibration = raw["images"][0]["serverBuilder"]["metadata"]["pixelCalibration"]
+    calibration["pixelWidth"]["value"] = calibration["pixelHeight"]["value"] = 0.25  # as "Set pixel size" saves it
+    qpproj.write_text(json.dumps(raw))
+
+    def mpp_of_run(config: RunConfig) -> float:
+        (outcome,) = run_batch([project], config, models=models)
+        assert outcome.state == "done", outcome.error
+        return json.loads((project / "pdl1" / "1" / "summary.json").read_text())["mpp"]
+
+    assert mpp_of_run(_config()) == pytest.approx(0.25)
+    assert mpp_of_run(RunConfig(pipeline=PipelineConfig(device="cpu", mpp=0.4), qupath="never")) == pytest.approx(0.4)
+
+
 def test_project_with_no_images(tmp_path, models):
     (tmp_path / "project.qpproj").write_text(json.dumps({"version": "0.4.4", "images": []}))
     assert run_batch([tmp_path], _config(), models=models) == []

@@ -28,6 +28,7 @@ from bridge.run import (
     summary_of,
     write_result_files,
 )
+from bridge.run_lock import run_lock
 
 log = logging.getLogger(__name__)
 _MODELS: dict[str, Any] = {}  # per worker process: models load once, not per image
@@ -74,61 +75,64 @@ def run_batch_ray(
         raise ProjectError("annotation targets (--class/--name) run with the local engine only, for now")
     jobs, project, status_folder = _jobs(inputs, config)
     use_qupath = _use_qupath(config, project)
-    status = RunStatus(status_folder)
-    if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    task = ray.remote(num_gpus=gpus, max_retries=max_retries, retry_exceptions=False)(analyse_to_files)
+    with run_lock(status_folder):
+        status = RunStatus(status_folder)
+        if not ray.is_initialized():
+            ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        task = ray.remote(num_gpus=gpus, max_retries=max_retries, retry_exceptions=False)(analyse_to_files)
 
-    outcomes: dict[str, ImageOutcome] = {}
-    pending: dict[Any, tuple[Any, float, tuple[Path, Path]]] = {}
-    for job in jobs:
-        if config.resume and status.is_done(job.key):
-            outcomes[job.key] = ImageOutcome(job.key, job.name, "skipped")
-        elif job.error is not None:
-            message = f"{type(job.error).__name__}: {job.error}"
-            outcomes[job.key] = ImageOutcome(job.key, job.name, "failed", error=message)
-            status.record(job.key, state="failed", error=message, image=job.name)
-        else:
-            paths = output_paths(job.key, project, status_folder)
-            ref = task.remote(
-                str(job.image),
-                str(paths[0]),
-                str(paths[1]),
-                job.key if project is not None else None,
-                config,
-                job.size_px,
-                job.mpp,
-            )
-            pending[ref] = (job, time.perf_counter(), paths)
-
-    qp_session = _QuPathSession(project) if use_qupath else None
-    try:
-        finished = len(outcomes)
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            ref = ready[0]
-            job, t0, paths = pending.pop(ref)
-            try:
-                summary = ray.get(ref)
-                if qp_session is not None:
-                    qp_session.write_sidecar(job.key, *paths)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as err:  # recorded per image; the batch goes on
-                cause = getattr(err, "cause", None) or err
-                message = f"{type(cause).__name__}: {cause}"
-                log.debug("image %s failed:\n%s", job.name, traceback.format_exc())
-                outcomes[job.key] = ImageOutcome(job.key, job.name, "failed", time.perf_counter() - t0, error=message)
+        outcomes: dict[str, ImageOutcome] = {}
+        pending: dict[Any, tuple[Any, float, tuple[Path, Path]]] = {}
+        for job in jobs:
+            if config.resume and status.is_done(job.key):
+                outcomes[job.key] = ImageOutcome(job.key, job.name, "skipped")
+            elif job.error is not None:
+                message = f"{type(job.error).__name__}: {job.error}"
+                outcomes[job.key] = ImageOutcome(job.key, job.name, "failed", error=message)
                 status.record(job.key, state="failed", error=message, image=job.name)
             else:
-                outcome = outcome_from_summary(job.key, job.name, summary, time.perf_counter() - t0, paths)
-                outcomes[job.key] = outcome
-                status.record(job.key, state="done", image=job.name, run_id=outcome.run_id, seconds=outcome.seconds)
-            finished += 1
-            if on_image is not None:
-                on_image(finished, len(jobs), job.name)
-    finally:
-        if qp_session is not None:
-            qp_session.close()
-    return [outcomes[job.key] for job in jobs]
+                paths = output_paths(job.key, project, status_folder)
+                ref = task.remote(
+                    str(job.image),
+                    str(paths[0]),
+                    str(paths[1]),
+                    job.key if project is not None else None,
+                    config,
+                    job.size_px,
+                    job.mpp,
+                )
+                pending[ref] = (job, time.perf_counter(), paths)
+
+        qp_session = _QuPathSession(project) if use_qupath else None
+        try:
+            finished = len(outcomes)
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                ref = ready[0]
+                job, t0, paths = pending.pop(ref)
+                try:
+                    summary = ray.get(ref)
+                    if qp_session is not None:
+                        qp_session.write_sidecar(job.key, *paths)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as err:  # recorded per image; the batch goes on
+                    cause = getattr(err, "cause", None) or err
+                    message = f"{type(cause).__name__}: {cause}"
+                    log.debug("image %s failed:\n%s", job.name, traceback.format_exc())
+                    outcomes[job.key] = ImageOutcome(
+                        job.key, job.name, "failed", time.perf_counter() - t0, error=message
+                    )
+                    status.record(job.key, state="failed", error=message, image=job.name)
+                else:
+                    outcome = outcome_from_summary(job.key, job.name, summary, time.perf_counter() - t0, paths)
+                    outcomes[job.key] = outcome
+                    status.record(job.key, state="done", image=job.name, run_id=outcome.run_id, seconds=outcome.seconds)
+                finished += 1
+                if on_image is not None:
+                    on_image(finished, len(jobs), job.name)
+        finally:
+            if qp_session is not None:
+                qp_session.close()
+        return [outcomes[job.key] for job in jobs]

@@ -319,6 +319,7 @@ class RunStatus:
     """Per-image status of batch runs, kept in ``<project>/pdl1/status.json`` for ``--resume``."""
 
     def __init__(self, folder: Path):
+        self.folder = folder  # the project folder, or a plain-slides run's --out
         self.path = folder / PDL1_DIR / STATUS_FILE
         self.images: dict[str, dict[str, Any]] = {}
         if self.path.is_file():

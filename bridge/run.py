@@ -34,6 +34,7 @@ from bridge.project import (
     write_json_atomic,
 )
 from bridge.qupath_geojson import write_features
+from bridge.run_lock import run_lock
 from inference import __version__
 from inference.errors import Pdl1Error
 from inference.pipeline import Models, PipelineConfig, analyse_slide
@@ -240,35 +241,41 @@ def run_batch(
     """Analyse every image; never stops at a failed one. Returns one outcome per image."""
     jobs, project, status_folder = _jobs(inputs, config)
     use_qupath = _use_qupath(config, project)
-    status = RunStatus(status_folder)
-    models = models or Models(config.pipeline)
+    with run_lock(status_folder):
+        status = RunStatus(status_folder)
+        qp_session = _QuPathSession(project) if use_qupath else None
+        try:
+            return _run_jobs(
+                jobs, config, models or Models(config.pipeline), project, status, qp_session, on_image, on_tiles
+            )
+        finally:
+            if qp_session is not None:
+                qp_session.close()
+
+
+def _run_jobs(jobs, config, models, project, status, qp_session, on_image, on_tiles) -> list[ImageOutcome]:
     outcomes: list[ImageOutcome] = []
-    qp_session = _QuPathSession(project) if use_qupath else None
-    try:
-        for i, job in enumerate(jobs):
-            if on_image is not None:
-                on_image(i, len(jobs), job.name)
-            if config.resume and status.is_done(job.key):
-                outcomes.append(ImageOutcome(job.key, job.name, "skipped"))
-                continue
-            t0 = time.perf_counter()
-            try:
-                if job.error is not None:
-                    raise job.error
-                outcome = _run_one(job, config, models, project, status_folder, qp_session, on_tiles, t0)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as err:  # one image's failure must not stop the batch; it is recorded and reported
-                log.debug("image %s failed:\n%s", job.name, traceback.format_exc())
-                message = f"{type(err).__name__}: {err}"
-                outcome = ImageOutcome(job.key, job.name, "failed", time.perf_counter() - t0, error=message)
-                status.record(job.key, state="failed", error=message, image=job.name)
-            else:
-                status.record(job.key, state="done", image=job.name, run_id=outcome.run_id, seconds=outcome.seconds)
-            outcomes.append(outcome)
-    finally:
-        if qp_session is not None:
-            qp_session.close()
+    for i, job in enumerate(jobs):
+        if on_image is not None:
+            on_image(i, len(jobs), job.name)
+        if config.resume and status.is_done(job.key):
+            outcomes.append(ImageOutcome(job.key, job.name, "skipped"))
+            continue
+        t0 = time.perf_counter()
+        try:
+            if job.error is not None:
+                raise job.error
+            outcome = _run_one(job, config, models, project, status.folder, qp_session, on_tiles, t0)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as err:  # one image's failure must not stop the batch; it is recorded and reported
+            log.debug("image %s failed:\n%s", job.name, traceback.format_exc())
+            message = f"{type(err).__name__}: {err}"
+            outcome = ImageOutcome(job.key, job.name, "failed", time.perf_counter() - t0, error=message)
+            status.record(job.key, state="failed", error=message, image=job.name)
+        else:
+            status.record(job.key, state="done", image=job.name, run_id=outcome.run_id, seconds=outcome.seconds)
+        outcomes.append(outcome)
     return outcomes
 
 

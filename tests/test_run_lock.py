@@ -1,0 +1,66 @@
+"""One pdl1 run per project: a second is refused, naming the first; a dead run's lock is taken over."""
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from bridge.project import ProjectError
+from bridge.run import RunConfig, run_batch
+from bridge.run_lock import run_lock
+from inference.pipeline import PipelineConfig
+
+
+def _lock_file(folder, **holder):
+    path = folder / "pdl1" / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"host": socket.gethostname(), "started": "2026-11-23 09:00:00", **holder}))
+    return path
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_second_run_is_refused_while_the_first_runs_and_nothing_is_written(tmp_path, phantom_svs):
+    out = tmp_path / "out"
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
+        try:
+            _lock_file(out, pid=other.pid)
+            config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="never", out=out)
+            refused = rf"another pdl1 run is writing here \(pid {other.pid} on .*run.lock"
+            with pytest.raises(ProjectError, match=refused):
+                run_batch([phantom_svs], config)
+        finally:
+            other.kill()
+    assert sorted(p.name for p in out.rglob("*")) == ["pdl1", "run.lock"]
+
+
+def test_the_lock_is_released_when_the_run_ends_or_fails(tmp_path):
+    with run_lock(tmp_path) as path:
+        assert json.loads(path.read_text())["pid"] > 0
+        with pytest.raises(ProjectError, match="another pdl1 run"), run_lock(tmp_path):
+            pass
+    assert not path.exists()
+    with pytest.raises(KeyboardInterrupt), run_lock(tmp_path):
+        raise KeyboardInterrupt
+    assert not path.exists()
+
+
+def test_a_lock_left_by_a_run_that_died_here_is_taken_over(tmp_path):
+    _lock_file(tmp_path, pid=_dead_pid())
+    with run_lock(tmp_path) as path:
+        assert json.loads(path.read_text())["command"]
+    assert not path.exists()
+
+
+def test_a_lock_from_another_machine_is_not_second_guessed(tmp_path):
+    path = _lock_file(tmp_path, pid=_dead_pid(), host="scanner-pc-07")
+    theirs = r"pid \d+ on scanner-pc-07 since 2026-11-23 09:00:00.*delete"
+    with pytest.raises(ProjectError, match=theirs), run_lock(tmp_path):
+        pass
+    assert path.exists()  # still theirs

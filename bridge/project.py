@@ -180,7 +180,7 @@ def file_builder(builder: dict[str, Any]) -> tuple[dict[str, Any] | None, str | 
     pdl1's readers open.
 
     >>> file_builder({"builderType": "rotated", "rotation": "ROTATE_180", "builder": {"uri": "file:/a.svs"}})
-    ({'uri': 'file:/a.svs'}, 'QuPath shows it rotated (ROTATE_180)')
+    ({'uri': 'file:/a.svs'}, 'QuPath shows it rotated (ROTATE_180); pdl1 reads the file unrotated')
     """
     why: str | None = None
     while True:
@@ -190,13 +190,13 @@ def file_builder(builder: dict[str, Any]) -> tuple[dict[str, Any] | None, str | 
                 raise KeyError("uri")
             args = [str(a) for a in builder.get("args") or []]
             if why is None and "--series" in args[:-1] and args[args.index("--series") + 1] != "0":
-                why = f"it is series {args[args.index('--series') + 1]} of a multi-image file"
+                why = f"it is series {args[args.index('--series') + 1]} of a multi-image file; pdl1 reads the first"
             return builder, why
         if kind == "rotated":
             if builder.get("rotation", "ROTATE_NONE") != "ROTATE_NONE":
-                why = why or f"QuPath shows it rotated ({builder.get('rotation')})"
+                why = why or f"QuPath shows it rotated ({builder.get('rotation')}); pdl1 reads the file unrotated"
         elif kind != "pyramidize":
-            why = why or f"QuPath shows it through a '{kind}' server (cropped, transformed or combined from files)"
+            why = why or f"QuPath shows it through a '{kind}' server (cropped, transformed or made of several files)"
         inner = builder.get("builder") or builder.get("serverBuilder")
         if not isinstance(inner, dict):
             return None, why

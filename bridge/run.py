@@ -176,9 +176,8 @@ def _jobs(inputs: list[Path], config: RunConfig) -> tuple[list[_Job], Path | Non
             try:
                 if entry.not_analysable:
                     raise ProjectError(
-                        f"{entry.image_name}: {entry.not_analysable}, and pdl1 reads the file as it is, so results "
-                        "would land in the wrong place; add the file to the project without that (or export the "
-                        "image as OME-TIFF from QuPath and add the export)"
+                        f"{entry.image_name}: {entry.not_analysable}, so results would land in the wrong place; add "
+                        "the file to the project as it is, or export the image from QuPath as OME-TIFF and add that"
                     )
                 image = locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder, search=search)
                 jobs.append(_Job(entry.entry_id, entry.image_name, image, entry))

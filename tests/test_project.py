@@ -142,12 +142,12 @@ def test_entries_qupath_shows_transformed_are_marked_not_analysable_and_the_rest
     entries = read_project(tmp_path).entries
     assert [e.not_analysable for e in entries] == [
         None,
-        "QuPath shows it rotated (ROTATE_90)",
+        "QuPath shows it rotated (ROTATE_90); pdl1 reads the file unrotated",
         None,
         None,
-        "QuPath shows it through a 'cropped' server (cropped, transformed or combined from files)",
-        "QuPath shows it through a 'sparse' server (cropped, transformed or combined from files)",
-        "it is series 2 of a multi-image file",
+        "QuPath shows it through a 'cropped' server (cropped, transformed or made of several files)",
+        "QuPath shows it through a 'sparse' server (cropped, transformed or made of several files)",
+        "it is series 2 of a multi-image file; pdl1 reads the first",
         None,
     ]
     uris = ["file:/s/plain.svs", "file:/s/turned.svs", "file:/s/unturned.svs", "file:/s/flat.tif"]

@@ -20,6 +20,7 @@ from bridge.project import ProjectError, RunStatus
 from bridge.run import (
     ImageOutcome,
     RunConfig,
+    _Job,
     _jobs,
     _QuPathSession,
     _use_qupath,
@@ -34,25 +35,15 @@ log = logging.getLogger(__name__)
 _MODELS: dict[str, Any] = {}  # per worker process: models load once, not per image
 
 
-def analyse_to_files(
-    image: str,
-    geojson: str,
-    summary: str,
-    entry_id: str | None,
-    config: RunConfig,
-    image_size_px: tuple[int, int] | None = None,
-    image_mpp: float | None = None,
-) -> dict:
+def analyse_to_files(job: _Job, geojson: str, summary: str, entry_id: str | None, config: RunConfig) -> dict:
     """Runs in a Ray worker: analyse one image and write its files; returns the summary dict."""
-    from inference.pipeline import Models, analyse_slide
+    from inference.pipeline import Models
 
     key = config.pipeline.digest()
     if key not in _MODELS:
         _MODELS.clear()
         _MODELS[key] = Models(config.pipeline)
-    result = analyse_slide(
-        image, models=_MODELS[key], config=config.pipeline, image_size_px=image_size_px, image_mpp=image_mpp
-    )
+    result = job.analyse(_MODELS[key], config)
     data = summary_of(result, entry_id=entry_id, run_config=config)
     write_result_files(result, Path(geojson), Path(summary), data, include_tiles=config.include_tiles)
     return data
@@ -93,15 +84,7 @@ def run_batch_ray(
                 status.record(job.key, state="failed", error=message, image=job.name)
             else:
                 paths = output_paths(job.key, project, status_folder)
-                ref = task.remote(
-                    str(job.image),
-                    str(paths[0]),
-                    str(paths[1]),
-                    job.key if project is not None else None,
-                    config,
-                    job.size_px,
-                    job.mpp,
-                )
+                ref = task.remote(job, str(paths[0]), str(paths[1]), job.key if project is not None else None, config)
                 pending[ref] = (job, time.perf_counter(), paths)
 
         qp_session = _QuPathSession(project) if use_qupath else None

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from shapely.geometry import box
+from shapely.geometry.base import BaseGeometry
 
 from bridge.objects import parent_measurements, result_features
 from bridge.project import (
@@ -99,8 +100,16 @@ class _Job:
         """µm/px of the project's calibration (a user may have set it in QuPath), if it states one."""
         return None if self.entry is None else self.entry.mpp
 
-    def analyse(self, models: Models, config: RunConfig, on_tiles=None, *, roi: Any = None) -> SlideResult:
-        """The pipeline call for this image, in the frame and calibration its project states."""
+    def analyse(
+        self,
+        models: Models,
+        config: RunConfig,
+        on_tiles: Callable[[int, int], None] | None = None,
+        *,
+        roi: BaseGeometry | None = None,
+    ) -> SlideResult:
+        """The pipeline call for this image (local engine, QuPath session and Ray workers alike), in the
+        frame and calibration its project states."""
         return analyse_slide(
             self.image,
             models=models,

@@ -45,3 +45,23 @@ def test_ray_engine_matches_local_and_isolates_failures(tmp_path, local_cluster)
         inputs, RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="never", out=tmp_path / "ray", resume=True)
     )
     assert [o.state for o in again] == ["skipped", "failed", "skipped"]
+
+
+def test_ray_workers_analyse_in_the_frame_and_calibration_the_project_states(tmp_path, local_cluster):
+    from bridge.engine_ray import run_batch_ray
+    from bridge.init_project import init_project_files
+
+    slide = tmp_path / "p.svs"
+    write_phantom(slide, PhantomSpec(1024, 1024, seed=53, tps_percent=40))  # 0.5 µm/px
+    project = tmp_path / "project"
+    init_project_files(project, [slide, slide])
+    qpproj = project / "project.qpproj"
+    raw = json.loads(qpproj.read_text())
+    calibration = raw["images"][0]["serverBuilder"]["metadata"]["pixelCalibration"]
+    calibration["pixelWidth"]["value"] = calibration["pixelHeight"]["value"] = 0.25
+    raw["images"][1]["serverBuilder"]["metadata"]["height"] = 512
+    qpproj.write_text(json.dumps(raw))
+    outcomes = run_batch_ray([project], RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="never"))
+    assert [o.state for o in outcomes] == ["done", "failed"]
+    assert json.loads((project / "pdl1" / "1" / "summary.json").read_text())["mpp"] == 0.25
+    assert "QuPath shows this image at 1024 x 512 px" in outcomes[1].error

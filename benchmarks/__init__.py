@@ -86,15 +86,16 @@ class PhantomSlideBenchmark(Benchmark):
 
     size_px = 0
     tmp: Path | None = None
-    slide = None  # inference.slide.Slide once opened
-    tissue = None  # its inference.tissue.TissueMask
+    slide = None  # inference.slides.slide.Slide once opened
+    tissue = None  # its inference.slides.tissue.TissueMask
     _openslide_only = None
 
     def open_phantom(self, size_px: int, *, seed: int) -> None:
         """Write a ``size_px``² phantom with ``seed``, open it and find its tissue."""
-        from inference.phantom import PhantomSpec, write_phantom
-        from inference.slide import open_slide
-        from inference.tissue import tissue_mask_for_slide
+        from inference.phantom.pyramid import write_phantom
+        from inference.phantom.scene import PhantomSpec
+        from inference.slides.slide import open_slide
+        from inference.slides.tissue import tissue_mask_for_slide
 
         self.size_px = size_px
         self.tmp = Path(tempfile.mkdtemp(prefix="pdl1-bench-"))
@@ -107,7 +108,8 @@ class PhantomSlideBenchmark(Benchmark):
         """The same phantom with every pixel read through OpenSlide (no direct tile decoding)."""
         import openslide
 
-        from inference.slide import OpenSlideReader, Slide
+        from inference.slides.openslide_reader import OpenSlideReader
+        from inference.slides.slide import Slide
 
         if self._openslide_only is None:
             reader = OpenSlideReader(openslide.OpenSlide(self.slide.path))

@@ -10,8 +10,8 @@ stream, over their time alone).
 
 Tiles: level 0 of a phantom SVS (YCbCr JPEG, tables in every tile) or, with
 ``PDL1_BENCH_SLIDE=PATH``, of that slide (Aperio: abbreviated RGB JPEG with shared tables).
-The GPU gets each tile as a file of its own (:func:`inference.tiff_tiles.standalone_jpeg`),
-decoded as the pipeline decodes it (:class:`inference.gpu_decode.NvImageCodecDecoder`).
+The GPU gets each tile as a file of its own (:func:`inference.slides.tiff_tiles.standalone_jpeg`),
+decoded as the pipeline decodes it (:class:`inference.slides.gpu_decode.NvImageCodecDecoder`).
 CPU rows run anywhere; GPU rows need CUDA and ``nvidia-nvimgcodec-cu12`` or ``-cu13``.
 """
 
@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from benchmarks import Case, PhantomSlideBenchmark
-from inference.gpu_decode import NvImageCodecDecoder, nvimgcodec_available
-from inference.segment import SegmentConfig
-from inference.slide import open_slide
-from inference.tiff_tiles import TiffTileReader
+from inference.analysis.segment import SegmentConfig
+from inference.slides.gpu_decode import NvImageCodecDecoder, nvimgcodec_available
+from inference.slides.slide import open_slide
+from inference.slides.tiff_tiles import TiffTileReader
 
 SLIDE_ENV = "PDL1_BENCH_SLIDE"
 _MODEL_BATCHES = 20
@@ -51,7 +51,9 @@ class JpegDecode(PhantomSlideBenchmark):
             self.slide = open_slide(path)
         reader = self.slide.reader
         if not isinstance(reader, TiffTileReader) or 0 not in reader.direct_levels:
-            raise RuntimeError(f"{self.slide.path}: level 0 is not a tiled TIFF level inference.tiff_tiles decodes")
+            raise RuntimeError(
+                f"{self.slide.path}: level 0 is not a tiled TIFF level inference.slides.tiff_tiles decodes"
+            )
         self.level = reader.tiled_level(0)
         if not self.level.is_jpeg:
             raise RuntimeError(f"{self.slide.path}: level 0 is not JPEG-compressed")
@@ -104,7 +106,7 @@ class JpegDecode(PhantomSlideBenchmark):
     def _gpu_batch(
         self, decoder: NvImageCodecDecoder, start: int, batch: int, stream: torch.cuda.Stream
     ) -> list[torch.Tensor]:
-        # Decoded as the pipeline decodes (inference.gpu_decode), on ``stream``.
+        # Decoded as the pipeline decodes (inference.slides.gpu_decode), on ``stream``.
         data = [s for _, s in self.streams[start : start + batch]]
         with torch.cuda.stream(stream):
             tiles = decoder(data, self.level.jpeg_rgb)
@@ -125,7 +127,7 @@ class JpegDecode(PhantomSlideBenchmark):
 
     def _setup_model(self) -> None:
         from benchmarks.seg_gpu import BIG_FEATURES
-        from inference.unet import build_model
+        from inference.models.unet import build_model
 
         torch.manual_seed(0)
         kwargs = {"in_channels": 3, "n_classes": 2, "features": list(BIG_FEATURES), "n_conv_per_stage": 2}

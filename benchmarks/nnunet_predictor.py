@@ -30,10 +30,12 @@ import numpy as np
 import torch
 
 from benchmarks import Benchmark, Case, cycled
-from inference.ensemble import Ensemble, Precision, demo_model_dir
-from inference.phantom import PhantomSpec, write_phantom
-from inference.segment import SegmentConfig, segment_slide
-from inference.slide import ArrayReader, Mpp, Slide, open_slide
+from inference.analysis.segment import SegmentConfig, segment_slide
+from inference.models.ensemble import Ensemble, Precision, demo_model_dir
+from inference.phantom.pyramid import write_phantom
+from inference.phantom.scene import PhantomSpec
+from inference.slides.reader import ArrayReader
+from inference.slides.slide import Mpp, Slide, open_slide
 
 MEMBERS = 5
 INSTALL_HINT = (

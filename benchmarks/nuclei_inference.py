@@ -7,9 +7,9 @@ import torch
 from skimage.feature import peak_local_max
 
 from benchmarks import Case, PhantomSlideBenchmark
-from inference.ensemble import Ensemble, Precision, demo_model_dir
-from inference.nuclei import NucleiConfig, _member_logits, detect_nuclei, heatmap_peaks
-from inference.tiling import tile_grid
+from inference.analysis.nuclei import NucleiConfig, _member_logits, detect_nuclei, heatmap_peaks
+from inference.analysis.tiling import tile_grid
+from inference.models.ensemble import Ensemble, Precision, demo_model_dir
 
 
 class NucleiInference(PhantomSlideBenchmark):

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from benchmarks import Case, PhantomSlideBenchmark, cycled
-from inference.ensemble import Ensemble, Precision, demo_model_dir
-from inference.fusion import fold_batchnorm
-from inference.gpu_decode import nvimgcodec_available
-from inference.segment import SegmentConfig, SegmentProfile, plan_reads, plan_tiles, segment_slide
-from inference.unet import build_model
+from inference.analysis.segment import SegmentConfig, SegmentProfile, plan_reads, plan_tiles, segment_slide
+from inference.models.ensemble import Ensemble, Precision, demo_model_dir
+from inference.models.fusion import fold_batchnorm
+from inference.models.unet import build_model
+from inference.slides.gpu_decode import nvimgcodec_available
 
 BIG_FEATURES = (32, 64, 128, 256, 512, 512)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from benchmarks import Case, PhantomSlideBenchmark, cycled
-from inference.ensemble import Ensemble, Precision, demo_model_dir
-from inference.segment import SegmentConfig, segment_slide
+from inference.analysis.segment import SegmentConfig, segment_slide
+from inference.models.ensemble import Ensemble, Precision, demo_model_dir
 
 
 class SegInference(PhantomSlideBenchmark):

@@ -15,7 +15,8 @@ import uvicorn
 
 from benchmarks import Benchmark, Case
 from bridge.service import ServiceSettings, create_app
-from inference.phantom import PhantomSpec, write_phantom
+from inference.phantom.pyramid import write_phantom
+from inference.phantom.scene import PhantomSpec
 from inference.pipeline import Models, PipelineConfig
 
 

@@ -3,7 +3,7 @@
 Tiles overlap as the segmentation's do (a quarter of the tile). The baseline reads every
 tile on its own through OpenSlide, converts the region to a numpy array and then box-resizes
 it, as the reader did first. Then: OpenSlide with the box reduce before conversion; the
-JPEG tiles decoded directly (``inference.tiff_tiles``); block reads (``read_grid_tiles``),
+JPEG tiles decoded directly (``inference.slides.tiff_tiles``); block reads (``read_grid_tiles``),
 which decode the overlap between neighbouring tiles once; and read-ahead threads.
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks import Case, PhantomSlideBenchmark
-from inference.tiling import read_grid_tiles, tile_grid
+from inference.analysis.tiling import read_grid_tiles, tile_grid
 
 
 class TileRead(PhantomSlideBenchmark):

@@ -37,7 +37,7 @@ _MODELS: dict[str, Any] = {}  # per worker process: models load once, not per im
 
 def analyse_to_files(job: _Job, geojson: str, summary: str, entry_id: str | None, config: RunConfig) -> dict:
     """Runs in a Ray worker: analyse one image and write its files; returns the summary dict."""
-    from inference.pipeline import Models
+    from inference import Models
 
     key = config.pipeline.digest()
     if key not in _MODELS:

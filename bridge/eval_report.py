@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inference.evaluate import SlideEvaluation
-from inference.metrics import reliability, spearman
+from inference import SlideEvaluation, reliability, spearman
 
 COLUMNS = (
     "slide",

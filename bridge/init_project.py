@@ -14,8 +14,7 @@ import uuid
 from pathlib import Path
 
 from bridge.project import ProjectError, path_to_uri, write_json_atomic
-from inference.errors import MissingMppError
-from inference.slide import open_slide
+from inference import MissingMppError, open_slide
 from project_templates import PDL1_TEMPLATE
 from qupath_scripts import script_paths
 

@@ -18,7 +18,7 @@ from shapely.geometry import Point, box
 
 from bridge.classes import PDL1_ANALYSIS, PDL1_FN_CANDIDATE, PDL1_POSITIVE
 from bridge.qupath_geojson import QuPathObject, point_features, to_feature
-from inference.results import Nuclei, RegionStats, SlideResult, UncertaintyTile
+from inference import Nuclei, RegionStats, SlideResult, UncertaintyTile
 
 TILE_NAME = "PD-L1 uncertainty"
 OWN_ANNOTATION_CLASSES = frozenset({PDL1_POSITIVE.name, PDL1_FN_CANDIDATE.name})

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from bridge.atomic import replace_atomically
-from inference.errors import Pdl1Error
+from inference import Pdl1Error
 
 PDL1_DIR = "pdl1"
 STATUS_FILE = "status.json"

@@ -19,7 +19,7 @@ from shapely.geometry.base import BaseGeometry
 from bridge.classes import ALL_CLASSES, PDL1_ANALYSIS, PathClassSpec
 from bridge.objects import TILE_NAME, is_own_object
 from bridge.qupath_geojson import QuPathObject
-from inference.errors import Pdl1Error
+from inference import Pdl1Error
 
 log = logging.getLogger(__name__)
 BACKUP_SUFFIX = ".pdl1-backup"

@@ -22,7 +22,7 @@ from shapely.geometry.base import BaseGeometry
 
 from bridge.atomic import replace_atomically
 from bridge.classes import BY_NAME, PathClassSpec
-from inference.errors import Pdl1Error
+from inference import Pdl1Error
 
 OBJECT_TYPES = ("annotation", "detection", "tile", "cell")
 _POINT_CHUNK = 4096

@@ -17,7 +17,7 @@ import numpy as np
 
 from bridge.project import PDL1_DIR, ProjectError, find_project_file, locate_image, read_project
 from bridge.qupath_geojson import read_features
-from inference.slide import open_slide
+from inference import open_slide
 
 COLUMNS = (
     "image",

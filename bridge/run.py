@@ -36,10 +36,7 @@ from bridge.project import (
 )
 from bridge.qupath_geojson import write_features
 from bridge.run_lock import run_lock
-from inference import __version__
-from inference.errors import Pdl1Error
-from inference.pipeline import Models, PipelineConfig, analyse_slide
-from inference.results import SlideResult
+from inference import Models, Pdl1Error, PipelineConfig, SlideResult, __version__, analyse_slide
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +398,7 @@ class _QuPathSession:
 
 def _merge_metadata(results: list[SlideResult]) -> dict[str, str]:
     """Entry metadata over all analysed parents: TPS from the summed nuclei counts."""
-    from inference.points import tumour_proportion_score
+    from inference import tumour_proportion_score
 
     meta = entry_metadata(results[0])
     if len(results) > 1 and all(r.tps is not None for r in results):

@@ -35,12 +35,22 @@ from shapely.geometry.base import BaseGeometry
 from bridge.objects import feature_page, parent_measurements
 from bridge.project import uri_to_path
 from bridge.run import entry_metadata
-from inference import __version__
-from inference.errors import MissingMppError, Pdl1Error, RoiError, SlideFormatError, SlideNotFoundError
-from inference.pipeline import Models, PipelineConfig, analyse_slide
-from inference.results import SlideResult
-from inference.segment import Cancelled
-from inference.slide import ArrayReader, Mpp, Slide
+from inference import (
+    ArrayReader,
+    Cancelled,
+    MissingMppError,
+    Models,
+    Mpp,
+    Pdl1Error,
+    PipelineConfig,
+    RoiError,
+    Slide,
+    SlideFormatError,
+    SlideNotFoundError,
+    SlideResult,
+    __version__,
+    analyse_slide,
+)
 
 log = logging.getLogger(__name__)
 OUTPUTS = ("regions", "uncertainty_tiles", "sua", "nuclei")

@@ -1,6 +1,96 @@
 """Pixels in, ``SlideResult`` out: slide reading, tiling, models and uncertainty.
 
-Nothing here knows about QuPath, paquo, HTTP or GeoJSON (see DESIGN.md §1).
+Nothing here knows about QuPath, paquo, HTTP or GeoJSON (see DESIGN.md §1). ``bridge``
+uses only the names below (``from inference import analyse_slide``); each is imported from
+its module on first use, so ``import inference`` stays cheap and loads no torch.
+
+Subpackages, by concern:
+
+* :mod:`inference.slides`: reading images (reader protocol, OpenSlide, direct TIFF tiles,
+  GPU decoding, read-ahead, tissue detection);
+* :mod:`inference.models`: manifests, safetensors members, networks, ensembles;
+* :mod:`inference.analysis`: tiling, sliding-window ensembles, uncertainty, regions, SUA,
+  nuclei and points;
+* :mod:`inference.training`: cyclic (nnUNet-B) training of both models;
+* :mod:`inference.evaluation`: scoring against truth, calibration, metrics;
+* :mod:`inference.phantom`: phantom slides with known truth.
+
+Beside them: :mod:`inference.pipeline` (the one call from a slide to a result),
+:mod:`inference.results` (what crosses into ``bridge``) and :mod:`inference.errors`.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+# Public name -> the module that defines it.
+_PUBLIC = {
+    # the pipeline call and its configuration
+    "Models": "inference.pipeline",
+    "PipelineConfig": "inference.pipeline",
+    "analyse_slide": "inference.pipeline",
+    "review_rule_for": "inference.pipeline",
+    "sua_params_for": "inference.pipeline",
+    "SegmentConfig": "inference.analysis.segment",
+    "tumour_proportion_score": "inference.analysis.points",
+    # results
+    "SlideResult": "inference.results",
+    "Nuclei": "inference.results",
+    "RegionStats": "inference.results",
+    "UncertaintyTile": "inference.results",
+    # errors
+    "Pdl1Error": "inference.errors",
+    "SlideNotFoundError": "inference.errors",
+    "SlideFormatError": "inference.errors",
+    "MissingMppError": "inference.errors",
+    "RoiError": "inference.errors",
+    "ModelFileError": "inference.errors",
+    "TruthNotFoundError": "inference.errors",
+    "Cancelled": "inference.errors",
+    # images
+    "open_slide": "inference.slides.slide",
+    "Slide": "inference.slides.slide",
+    "Mpp": "inference.slides.slide",
+    "ArrayReader": "inference.slides.reader",
+    # models
+    "Ensemble": "inference.models.ensemble",
+    "demo_model_dir": "inference.models.ensemble",
+    "write_manifest": "inference.models.manifest",
+    # training
+    "DEFAULT_LR_MAX": "inference.training.cyclic",
+    "SegTrainConfig": "inference.training.train_seg",
+    "train_segmentation": "inference.training.train_seg",
+    "NucleiTrainConfig": "inference.training.train_nuclei",
+    "train_nuclei": "inference.training.train_nuclei",
+    # evaluation
+    "SlideEvaluation": "inference.evaluation.evaluate",
+    "evaluate_segmentation": "inference.evaluation.evaluate",
+    "evaluate_nuclei": "inference.evaluation.evaluate",
+    "evaluate_slide_suite": "inference.evaluation.evaluate",
+    "calibrate_ensemble": "inference.evaluation.evaluate",
+    "pooled_dice": "inference.evaluation.evaluate",
+    "reliability": "inference.evaluation.metrics",
+    "spearman": "inference.evaluation.metrics",
+    # phantoms
+    "PhantomSpec": "inference.phantom.scene",
+    "write_phantom": "inference.phantom.pyramid",
+    "truth_dir_for": "inference.phantom.truth",
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'inference' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next lookup is a plain module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -34,3 +34,7 @@ class ModelFileError(Pdl1Error, ValueError):
 
 class TruthNotFoundError(Pdl1Error, FileNotFoundError):
     """No phantom truth lies beside a slide that is to be evaluated."""
+
+
+class Cancelled(Exception):  # noqa: N818 - reads as what happened; not an error, so not a Pdl1Error
+    """Raised between batches when ``should_cancel()`` answers True."""

@@ -17,18 +17,18 @@ import numpy as np
 from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
-from inference.ensemble import Ensemble, demo_model_dir
+from inference.analysis.nuclei import NucleiConfig, detect_nuclei
+from inference.analysis.points import tumour_proportion_score
+from inference.analysis.regions import mask_on_maps, positive_regions, uncertainty_tiles
+from inference.analysis.segment import SegmentConfig, segment_slide
+from inference.analysis.sua import SuaParams, find_candidates
+from inference.analysis.tiling import validate_roi
 from inference.errors import SlideFormatError
-from inference.manifest import Manifest
-from inference.nuclei import NucleiConfig, detect_nuclei
-from inference.points import tumour_proportion_score
-from inference.regions import mask_on_maps, positive_regions, uncertainty_tiles
+from inference.models.ensemble import Ensemble, demo_model_dir
+from inference.models.manifest import Manifest
 from inference.results import ModelInfo, SlideResult
-from inference.segment import SegmentConfig, segment_slide
-from inference.slide import Slide, open_slide
-from inference.sua import SuaParams, find_candidates
-from inference.tiling import validate_roi
-from inference.tissue import TissueMask, tissue_mask_for_slide
+from inference.slides.slide import Slide, open_slide
+from inference.slides.tissue import TissueMask, tissue_mask_for_slide
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,22 @@ from typing import Any
 import numpy as np
 from shapely.geometry import MultiPolygon, Polygon
 
-from inference.points import Tps
-from inference.uncertainty import MAP_NAMES
+# The maps of an ensemble, in the channel order of inference.analysis.uncertainty.ensemble_stats.
+MAP_NAMES = ("prob", "predictive_entropy", "expected_entropy", "mutual_information", "prob_std")
+
+
+@dataclass(frozen=True)
+class Tps:
+    """Tumour proportion score of one analysed region."""
+
+    positive: int
+    negative: int
+    percent: float | None
+    category: str
+
+    @property
+    def tumour(self) -> int:
+        return self.positive + self.negative
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from inference.phantom import PhantomSpec, write_phantom
+from inference.phantom.pyramid import write_phantom
+from inference.phantom.scene import PhantomSpec
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 CACHE = Path(os.environ.get("PDL1_TEST_CACHE", Path.home() / ".cache" / "pdl1-bridge-tests"))

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import numpy as np
 import torch
 from torch import nn
 
-from inference.ensemble import Ensemble, demo_model_dir
-from inference.manifest import Manifest, Member
-from inference.slide import ArrayReader, Mpp, Slide
-from inference.tiling import TileGrid, grid_block_reader, tile_blocks, tile_grid
+from inference.analysis.tiling import TileGrid, block_region, grid_block_reader, tile_blocks, tile_grid
+from inference.models.ensemble import Ensemble, demo_model_dir
+from inference.models.manifest import Manifest, Member
+from inference.slides.reader import ArrayReader
+from inference.slides.slide import Mpp, Slide
 
 
 class PointwiseNet(nn.Module):
@@ -107,11 +109,12 @@ def assert_device_blocks_match_cpu(
     ``max_diff`` is the largest grey-level difference allowed (0: the same pixels); the mean
     difference must stay under 0.5 either way.
     """
-    from inference.gpu_decode import DeviceBlockReader
+    from inference.slides.gpu_decode import DeviceBlockReader
 
     grid = whole_image_grid(slide, mpp=mpp, tile_px=tile_px)
     cpu = grid_block_reader(slide, grid, mpp=mpp, box_factor=box_factor)
-    reader = DeviceBlockReader(slide, grid, mpp=mpp, box_factor=box_factor, device=device, decode=decode)
+    regions = partial(block_region, grid, box_factor=box_factor)
+    reader = DeviceBlockReader(slide, regions, mpp=mpp, box_factor=box_factor, device=device, decode=decode)
     blocks = tile_blocks(grid, block_tiles=block_tiles)
     for indices in blocks:
         for ours, theirs in zip(reader(indices), cpu(indices), strict=True):

@@ -2,19 +2,20 @@
 
 import numpy as np
 
-from inference.augment import (
+from inference.phantom.render import render
+from inference.phantom.scene import PhantomScene, PhantomSpec
+from inference.training.augment import (
     LIGHT_STAIN_JITTER,
     STRONG_STAIN_JITTER,
     augment_batch,
     hed_jitter,
     stain_jitter,
 )
-from inference.phantom import PhantomScene, PhantomSpec
 
 
 def _patch() -> np.ndarray:
     scene = PhantomScene(PhantomSpec(2048, 2048, seed=5, tps_percent=50))
-    return scene.render(600, 600, 128, 128, downsample=4.0)
+    return render(scene, 600, 600, 128, 128, downsample=4.0)
 
 
 def test_light_jitter_is_the_hed_jitter_the_shipped_nuclei_model_was_trained_with():

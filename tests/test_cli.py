@@ -2,7 +2,7 @@ import json
 
 from typer.testing import CliRunner
 
-from bridge.cli import app
+from bridge.cli.app import app
 from bridge.qupath_geojson import read_features
 
 runner = CliRunner()

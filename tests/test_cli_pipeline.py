@@ -6,8 +6,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from bridge.cli import app
-from inference.phantom import PhantomSpec, write_phantom
+from bridge.cli.app import app
+from inference.phantom.pyramid import write_phantom
+from inference.phantom.scene import PhantomSpec
 
 runner = CliRunner()
 
@@ -112,11 +113,11 @@ def test_serve_refuses_a_public_bind_without_token(tmp_path):
 
 
 def test_run_speed_options_reach_the_segmentation_config():
-    from bridge.cli import _pipeline_config
+    from bridge.cli.common import pipeline_config
 
-    default = _pipeline_config("cpu", None, None, None).segment
+    default = pipeline_config("cpu", None, None, None).segment
     assert (default.batch_size, default.read_workers, default.compile) == (8, None, False)
-    config = _pipeline_config("cpu", None, None, None, batch_size=32, read_workers=0, compile_members=True)
+    config = pipeline_config("cpu", None, None, None, batch_size=32, read_workers=0, compile_members=True)
     assert (config.segment.batch_size, config.segment.read_workers, config.segment.compile) == (32, 0, True)
     result = runner.invoke(app, ["run", "nowhere.svs", "--batch-size", "0"])
     assert result.exit_code == 2 and "batch-size" in result.output

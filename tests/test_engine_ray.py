@@ -5,7 +5,8 @@ import json
 import pytest
 
 from bridge.run import RunConfig, run_batch
-from inference.phantom import PhantomSpec, write_phantom
+from inference.phantom.pyramid import write_phantom
+from inference.phantom.scene import PhantomSpec
 from inference.pipeline import PipelineConfig
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs the 'ray' extra: pip install 'pdl1-bridge[ray]'")

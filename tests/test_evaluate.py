@@ -3,17 +3,17 @@
 import numpy as np
 import pytest
 
-from inference.evaluate import (
+from inference.analysis.segment import SegmentConfig
+from inference.analysis.sua import SuaParams
+from inference.evaluation.evaluate import (
     evaluate_segmentation,
     evaluate_segmentation_maps,
     evaluate_slide_suite,
     pooled_dice,
     truth_map_downsample,
 )
-from inference.phantom import load_truth
+from inference.phantom.truth import load_truth
 from inference.results import UncertaintyMaps
-from inference.segment import SegmentConfig
-from inference.sua import SuaParams
 from tests.helpers import pointwise_ensemble
 
 

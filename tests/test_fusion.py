@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from inference.ensemble import Ensemble, Precision, demo_model_dir
-from inference.fusion import fold_batchnorm
-from inference.nuclei_model import DilatedResFCN
-from inference.unet import PlainConvUNet, build_model
+from inference.models.ensemble import Ensemble, Precision, demo_model_dir
+from inference.models.fusion import fold_batchnorm
+from inference.models.nuclei_model import DilatedResFCN
+from inference.models.unet import PlainConvUNet, build_model
 
 
 def _with_trained_statistics(model: nn.Module, seed: int) -> nn.Module:

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from inference.ensemble import Ensemble, demo_model_dir
-from inference.gpu_decode import BACKEND_ENV, nvimgcodec_available
-from inference.segment import SegmentConfig, SegmentProfile, segment_slide
-from inference.slide import open_slide
+from inference.analysis.segment import SegmentConfig, SegmentProfile, segment_slide
+from inference.models.ensemble import Ensemble, demo_model_dir
+from inference.slides.gpu_decode import BACKEND_ENV, nvimgcodec_available
+from inference.slides.slide import open_slide
 from tests.helpers import assert_device_blocks_match_cpu, demo_seg_ensemble, pointwise_ensemble, random_slide
 
 pytestmark = [

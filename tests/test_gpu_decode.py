@@ -4,22 +4,28 @@ The block assembly is checked on the CPU with a decoder that takes each tile as 
 its own, as the GPU's does; nvImageCodec itself is checked where CUDA and it are present.
 """
 
+from functools import partial
+
 import imagecodecs
 import numpy as np
 import pytest
 import torch
 
+from inference.analysis.segment import SegmentConfig, SegmentProfile, segment_slide
+from inference.analysis.tiling import block_region, grid_block_reader, read_grid_tiles, tile_blocks
 from inference.errors import SlideFormatError
-from inference.gpu_decode import DeviceBlockReader, device_decoded_level
-from inference.segment import SegmentConfig, SegmentProfile, segment_slide
-from inference.slide import open_slide
-from inference.tiling import grid_block_reader, read_grid_tiles, tile_blocks
+from inference.slides.gpu_decode import DeviceBlockReader, device_decoded_level
+from inference.slides.slide import open_slide
 from tests.helpers import assert_device_blocks_match_cpu, demo_seg_ensemble, random_slide, whole_image_grid
 
 
 def _cpu_decode(files, rgb):
     # Each tile alone, told nothing: the Adobe marker of standalone_jpeg carries ``rgb``.
     return [torch.from_numpy(imagecodecs.jpeg8_decode(f)) for f in files]
+
+
+def _regions(grid, box_factor=1):
+    return partial(block_region, grid, box_factor=box_factor)
 
 
 def _assert_same_blocks(slide, *, mpp, box_factor, block_tiles=3, tile_px=256):
@@ -55,7 +61,9 @@ def test_a_tile_never_written_reads_as_glass(phantom_svs, monkeypatch):
         stored = reader.tile_bytes
         monkeypatch.setattr(reader, "tile_bytes", lambda level, index: None if index == 9 else stored(level, index))
         grid = whole_image_grid(slide, mpp=0.5, tile_px=512)
-        device = DeviceBlockReader(slide, grid, mpp=0.5, box_factor=1, device=torch.device("cpu"), decode=_cpu_decode)
+        device = DeviceBlockReader(
+            slide, _regions(grid), mpp=0.5, box_factor=1, device=torch.device("cpu"), decode=_cpu_decode
+        )
         first_block = tile_blocks(grid, block_tiles=3)[0]
         first = device(first_block)[0].numpy()
         np.testing.assert_array_equal(first, grid_block_reader(slide, grid, mpp=0.5)(first_block)[0])
@@ -69,7 +77,7 @@ def test_a_tile_the_decoder_gives_up_on_names_the_file_and_tile(phantom_svs):
         grid = whole_image_grid(slide, mpp=0.5)
         failing = DeviceBlockReader(
             slide,
-            grid,
+            _regions(grid),
             mpp=0.5,
             box_factor=1,
             device=torch.device("cpu"),
@@ -82,7 +90,9 @@ def test_a_tile_the_decoder_gives_up_on_names_the_file_and_tile(phantom_svs):
 def test_read_grid_tiles_hands_over_the_device_readers_tiles_in_order(phantom_svs):
     with open_slide(phantom_svs) as slide:
         grid = whole_image_grid(slide, mpp=1.0)
-        device = DeviceBlockReader(slide, grid, mpp=1.0, box_factor=2, device=torch.device("cpu"), decode=_cpu_decode)
+        device = DeviceBlockReader(
+            slide, _regions(grid, 2), mpp=1.0, box_factor=2, device=torch.device("cpu"), decode=_cpu_decode
+        )
         ours = list(read_grid_tiles(slide, grid, mpp=1.0, workers=2, block_tiles=2, box_factor=2, block_reader=device))
         theirs = list(read_grid_tiles(slide, grid, mpp=1.0, workers=2, block_tiles=2, box_factor=2))
     assert [i for i, _ in ours] == [i for i, _ in theirs] and len(ours) == len(grid)
@@ -101,7 +111,7 @@ def test_which_reads_the_device_can_decode(phantom_svs, tmp_path):
         assert device_decoded_level(slide, 0.7, box_factor=1) is None  # resampled
         with pytest.raises(ValueError, match="no JPEG level read as it is or by that box"):
             DeviceBlockReader(
-                slide, whole_image_grid(slide, mpp=0.7), mpp=0.7, box_factor=1, device=torch.device("cpu")
+                slide, _regions(whole_image_grid(slide, mpp=0.7)), mpp=0.7, box_factor=1, device=torch.device("cpu")
             )
     assert device_decoded_level(random_slide(300, 200, seed=1), 1.0, box_factor=1) is None  # not a TIFF
     lzw = tmp_path / "lzw.tif"
@@ -121,7 +131,7 @@ def test_asking_for_device_decoding_where_it_cannot_be_done_says_why(phantom_svs
 
 def test_automatic_device_decoding_falls_back_to_the_cpu_when_nvimgcodec_does_not_start(phantom_svs, monkeypatch):
     # nvImageCodec built for another CUDA than torch's fails when its first decoder starts.
-    from inference import segment
+    from inference.analysis import segment
 
     def broken(*args, **kwargs):
         raise RuntimeError("Could not create decoder")

@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference.cyclic import save_member as _save_member
-from inference.ensemble import Ensemble, demo_model_dir
 from inference.errors import ModelFileError
-from inference.manifest import Manifest, Member, read_manifest, sha256_file, write_manifest
-from inference.train_seg import NORMALIZATION
-from inference.unet import PlainConvUNet
+from inference.models.ensemble import Ensemble, demo_model_dir
+from inference.models.manifest import Manifest, Member, read_manifest, sha256_file, write_manifest
+from inference.models.unet import PlainConvUNet
+from inference.training.cyclic import save_member as _save_member
+from inference.training.train_seg import NORMALIZATION
 
 ROOT = Path(__file__).resolve().parents[1]
 KWARGS = {"in_channels": 3, "n_classes": 2, "features": [4, 8], "n_conv_per_stage": 1}

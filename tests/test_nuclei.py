@@ -3,12 +3,13 @@ import pytest
 import torch
 from torch import nn
 
-from inference.ensemble import Ensemble
-from inference.manifest import Manifest, Member
-from inference.nuclei import NucleiConfig, detect_nuclei
-from inference.phantom import NUCLEUS_CLASSES
-from inference.points import match_points
-from inference.slide import ArrayReader, Mpp, Slide
+from inference.analysis.nuclei import NucleiConfig, detect_nuclei
+from inference.analysis.points import match_points
+from inference.models.ensemble import Ensemble
+from inference.models.manifest import Manifest, Member
+from inference.phantom.truth import NUCLEUS_CLASSES
+from inference.slides.reader import ArrayReader
+from inference.slides.slide import Mpp, Slide
 
 COLOURS = [(0, 255, 255), (255, 0, 255), (255, 255, 0)]  # class c: channel c dark
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from inference.points import (
+from inference.analysis.points import (
     INSUFFICIENT,
     detection_scores,
     gaussian_targets,

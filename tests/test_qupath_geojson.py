@@ -124,6 +124,6 @@ def test_class_colours_as_qupath_packs_them(fixtures_dir):
 
 
 def test_geojson_module_does_not_import_torch():
-    code = "import sys, bridge.qupath_geojson, bridge.cli; print('torch' in sys.modules)"
+    code = "import sys, bridge.qupath_geojson, bridge.cli.app; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

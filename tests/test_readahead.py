@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from inference.readahead import read_ahead
+from inference.slides.readahead import read_ahead
 
 
 @pytest.mark.parametrize("workers", [0, 1, 3])

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 from shapely.geometry import box
 
-from inference.metrics import auroc, dice, iou
-from inference.regions import positive_regions, resample_mask, uncertainty_tiles
+from inference.analysis.regions import positive_regions, resample_mask, uncertainty_tiles
+from inference.analysis.vectorize import mask_to_polygons
+from inference.evaluation.metrics import auroc, dice, iou
 from inference.results import UncertaintyMaps
-from inference.vectorize import mask_to_polygons
 
 
 def _maps(prob, **kw):

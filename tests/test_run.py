@@ -13,7 +13,8 @@ from bridge.project import ProjectError, RunStatus
 from bridge.qupath_geojson import read_features
 from bridge.report import write_report
 from bridge.run import RunConfig, run_batch
-from inference.phantom import PhantomSpec, write_phantom
+from inference.phantom.pyramid import write_phantom
+from inference.phantom.scene import PhantomSpec
 from inference.pipeline import Models, PipelineConfig
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "qupath_scripts"

@@ -5,11 +5,12 @@ import pytest
 import torch
 from shapely.geometry import box
 
-from inference.segment import Cancelled, SegmentConfig, SegmentProfile, segment_slide
-from inference.slide import Mpp, Slide
-from inference.tiling import gaussian_weights
-from inference.tissue import TissueMask
-from inference.uncertainty import ensemble_stats_np
+from inference.analysis.segment import SegmentConfig, SegmentProfile, segment_slide
+from inference.analysis.tiling import gaussian_weights
+from inference.analysis.uncertainty import ensemble_stats_np
+from inference.errors import Cancelled
+from inference.slides.slide import Mpp, Slide
+from inference.slides.tissue import TissueMask
 from tests.helpers import demo_seg_ensemble, pointwise_ensemble, random_slide
 
 
@@ -196,14 +197,14 @@ def test_inference_mode_leaves_no_grad():
     ens = pointwise_ensemble(1)
     probs = ens.member_probs(
         np.zeros((1, 8, 8, 3), np.uint8),
-        precision=__import__("inference.ensemble", fromlist=["Precision"]).Precision(None),
+        precision=__import__("inference.models.ensemble", fromlist=["Precision"]).Precision(None),
     )
     assert not probs.requires_grad and probs.dtype == torch.float32
 
 
 def test_demo_ensemble_maps_do_not_depend_on_tiling(phantom_svs):
     """The shipped U-Net (BatchNorm, so no per-tile statistics): small tiles give the big tile's maps."""
-    from inference.slide import open_slide
+    from inference.slides.slide import open_slide
 
     ens = demo_seg_ensemble()
     big = demo_seg_ensemble(tile_size_px=1024)
@@ -220,7 +221,7 @@ def test_demo_ensemble_maps_do_not_depend_on_tiling(phantom_svs):
 
 def test_averaging_on_the_device_gives_the_readers_maps(phantom_svs):
     """A 1 µm/px model on a 0.5 µm/px slide: the level-0 pixels averaged by torch, or by the readers."""
-    from inference.slide import open_slide
+    from inference.slides.slide import open_slide
 
     ens = demo_seg_ensemble(input_mpp=1.0)
     maps, profiles = {}, {}

@@ -16,7 +16,8 @@ from PIL import Image
 
 from bridge.qupath_geojson import validate_feature
 from bridge.service import ServiceSettings, create_app, streamed_body_limit
-from inference.phantom import PhantomSpec, write_phantom
+from inference.phantom.pyramid import write_phantom
+from inference.phantom.scene import PhantomSpec
 from inference.pipeline import Models, PipelineConfig
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "qupath_scripts"
@@ -226,7 +227,7 @@ def test_a_streamed_json_body_over_the_limit_is_refused(service):
 
 
 def test_pixel_upload_maps_back_to_level0(service, slides_root):
-    from inference.slide import open_slide
+    from inference.slides.slide import open_slide
 
     with open_slide(slides_root / "small.svs") as slide:
         rgb = slide.read_region((200, 300), 0, (512, 512))

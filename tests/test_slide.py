@@ -6,8 +6,11 @@ import tifffile
 from PIL import Image
 
 from inference.errors import MissingMppError, SlideFormatError, SlideNotFoundError
-from inference.phantom import PhantomSpec, write_phantom
-from inference.slide import ArrayReader, Mpp, OpenSlideReader, Slide, open_slide, qupath_frame
+from inference.phantom.pyramid import write_phantom
+from inference.phantom.scene import PhantomSpec
+from inference.slides.openslide_reader import OpenSlideReader, qupath_frame
+from inference.slides.reader import ArrayReader
+from inference.slides.slide import Mpp, Slide, open_slide
 
 
 def test_phantom_svs_opens_with_mpp_and_all_levels(phantom_svs):
@@ -71,7 +74,7 @@ def test_reduced_reads_outside_the_image_are_white_glass(phantom_svs):
 
 
 def test_openslide_alpha_is_composited_onto_white():
-    from inference.slide import OpenSlideReader
+    from inference.slides.openslide_reader import OpenSlideReader
 
     rgba = np.array([[[200, 100, 50, 255], [0, 0, 0, 0], [200, 100, 50, 128]]], np.uint8)
     rgb = OpenSlideReader._to_rgb(rgba).astype(int)

@@ -1,9 +1,7 @@
 import numpy as np
 import pytest
 
-from inference.metrics import auprc, brier, ece, fbeta_score, reliability, spearman
-from inference.results import UncertaintyMaps
-from inference.sua import (
+from inference.analysis.sua import (
     SuaParams,
     aggregate,
     calibrate,
@@ -13,6 +11,8 @@ from inference.sua import (
     npr_is_false_negative,
     pixel_baseline,
 )
+from inference.evaluation.metrics import auprc, brier, ece, fbeta_score, reliability, spearman
+from inference.results import UncertaintyMaps
 
 
 def _maps(prob, pe, *, mpp=8.0, ds=16.0):

@@ -9,8 +9,9 @@ import pytest
 import tifffile
 
 from inference.errors import SlideFormatError
-from inference.slide import OpenSlideReader, open_slide
-from inference.tiff_tiles import OPENSLIDE_ONLY_ENV, TiffTileReader
+from inference.slides.openslide_reader import OpenSlideReader
+from inference.slides.slide import open_slide
+from inference.slides.tiff_tiles import OPENSLIDE_ONLY_ENV, TiffTileReader
 
 
 def _regions(level_dimensions, level_downsamples, *, n: int, seed: int):
@@ -133,7 +134,7 @@ def test_standalone_jpeg_tiles_of_a_real_aperio_slide_decode_with_no_side_inform
 def test_standalone_jpeg_needs_the_adobe_marker_for_rgb_tiles(cmu_svs):
     import imagecodecs
 
-    from inference.tiff_tiles import standalone_jpeg
+    from inference.slides.tiff_tiles import standalone_jpeg
 
     with open_slide(cmu_svs) as slide:
         reader = slide.reader
@@ -148,7 +149,7 @@ def test_standalone_jpeg_needs_the_adobe_marker_for_rgb_tiles(cmu_svs):
 
 
 def test_standalone_jpeg_refuses_what_is_not_a_jpeg_tile():
-    from inference.tiff_tiles import standalone_jpeg
+    from inference.slides.tiff_tiles import standalone_jpeg
 
     with pytest.raises(ValueError, match="starts with SOI"):
         standalone_jpeg(b"\x89PNG", None, rgb=False)

@@ -2,9 +2,7 @@ import numpy as np
 import pytest
 from shapely.geometry import LineString, Polygon, box
 
-from inference.errors import RoiError
-from inference.slide import ArrayReader, Mpp, Slide, open_slide
-from inference.tiling import (
+from inference.analysis.tiling import (
     compute_steps,
     gaussian_weights,
     rasterize_polygon,
@@ -13,6 +11,9 @@ from inference.tiling import (
     tile_grid,
     validate_roi,
 )
+from inference.errors import RoiError
+from inference.slides.reader import ArrayReader
+from inference.slides.slide import Mpp, Slide, open_slide
 from tests.helpers import random_slide
 
 

@@ -1,8 +1,8 @@
 import numpy as np
 
-from inference.phantom import PhantomScene, PhantomSpec
-from inference.slide import open_slide
-from inference.tissue import detect_tissue, tissue_mask_for_slide
+from inference.phantom.scene import PhantomScene, PhantomSpec
+from inference.slides.slide import open_slide
+from inference.slides.tissue import detect_tissue, tissue_mask_for_slide
 
 
 def test_blank_glass_has_no_tissue():

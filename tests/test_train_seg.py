@@ -9,10 +9,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from inference.cyclic import cycle_of, is_member_epoch, learning_rate
-from inference.ensemble import Ensemble
-from inference.phantom import PhantomSpec, write_phantom
-from inference.train_seg import SegTrainConfig, ce_loss, seg_loss, train_segmentation
+from inference.models.ensemble import Ensemble
+from inference.phantom.pyramid import write_phantom
+from inference.phantom.scene import PhantomSpec
+from inference.training.cyclic import cycle_of, is_member_epoch, learning_rate
+from inference.training.train_seg import SegTrainConfig, ce_loss, seg_loss, train_segmentation
 
 
 def _cfg(**kw):
@@ -121,7 +122,7 @@ def test_training_writes_a_loadable_verified_ensemble(small_phantom, tmp_path, o
     ens = Ensemble.load(tmp_path, task="segmentation")
     probs = ens.member_probs(
         np.zeros((1, 64, 64, 3), np.uint8),
-        precision=__import__("inference.ensemble", fromlist=["Precision"]).Precision(None),
+        precision=__import__("inference.models.ensemble", fromlist=["Precision"]).Precision(None),
     )
     assert probs.shape == (1, 1, 2, 64, 64)
 
@@ -148,7 +149,7 @@ def _train_seg_cli(small_phantom, out, *args):
     """`pdl1 train seg` on a schedule of a few seconds, plus the options a test adds."""
     from typer.testing import CliRunner
 
-    from bridge.cli import app
+    from bridge.cli.app import app
 
     tiny = ["--cycles", "2", "--epochs-per-cycle", "2", "--iterations", "2", "--batch-size", "2", "--patch-px", "32"]
     return CliRunner().invoke(
@@ -168,9 +169,9 @@ def test_cli_learning_rate_defaults_to_the_optimizers_peak(small_phantom, tmp_pa
 
 
 def test_cli_ctrl_c_says_how_to_resume_and_resume_finishes(small_phantom, tmp_path, monkeypatch):
-    import inference.cyclic
+    import inference.training.cyclic
 
-    real, saved = inference.cyclic.save_checkpoint, []
+    real, saved = inference.training.cyclic.save_checkpoint, []
 
     def interrupted_after_the_second_epoch(*args, **kwargs):
         real(*args, **kwargs)
@@ -178,11 +179,11 @@ def test_cli_ctrl_c_says_how_to_resume_and_resume_finishes(small_phantom, tmp_pa
         if len(saved) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(inference.cyclic, "save_checkpoint", interrupted_after_the_second_epoch)
+    monkeypatch.setattr(inference.training.cyclic, "save_checkpoint", interrupted_after_the_second_epoch)
     result = _train_seg_cli(small_phantom, tmp_path / "m")
     assert result.exit_code == 130, result.output
     assert "interrupted" in result.output and "--resume" in result.output
-    monkeypatch.setattr(inference.cyclic, "save_checkpoint", real)
+    monkeypatch.setattr(inference.training.cyclic, "save_checkpoint", real)
     result = _train_seg_cli(small_phantom, tmp_path / "m", "--resume")
     assert result.exit_code == 0, result.output
     assert _train_seg_cli(small_phantom, tmp_path / "whole").exit_code == 0
@@ -276,7 +277,7 @@ def test_an_interrupted_chained_run_writes_no_manifest_and_resumes_to_the_same_m
 def test_cli_chains_option(small_phantom, tmp_path):
     from typer.testing import CliRunner
 
-    from bridge.cli import app
+    from bridge.cli.app import app
 
     out = tmp_path / "m"
     result = _train_seg_cli(small_phantom, out, "--chains", "2")
@@ -289,7 +290,7 @@ def test_cli_chains_option(small_phantom, tmp_path):
 
 
 def test_nuclei_training_is_resumable_and_loadable(small_phantom, tmp_path):
-    from inference.train_nuclei import NucleiTrainConfig, train_nuclei
+    from inference.training.train_nuclei import NucleiTrainConfig, train_nuclei
 
     def cfg(out):
         return NucleiTrainConfig(

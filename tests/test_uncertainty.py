@@ -4,7 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inference.uncertainty import MAP_NAMES, ensemble_stats, ensemble_stats_np, entropy_np
+from inference.analysis.uncertainty import ensemble_stats, ensemble_stats_np, entropy_np
+from inference.results import MAP_NAMES
 
 
 def _dirichlet(rng, m, b, c, h, w, alpha=1.0):

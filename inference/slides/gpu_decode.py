@@ -7,7 +7,7 @@ compressed bytes; the GPU decodes a block's tiles in one batch, the block is ass
 the device and the model's tiles are views into it, so no pixel crosses host memory.
 
 Used where the model reads a directly decoded JPEG level of a TIFF slide as it is or by an
-integer box (:meth:`inference.slide.Slide.integer_reduction` with ``reduce_on_device``);
+integer box (:meth:`inference.slides.slide.Slide.integer_reduction` with ``reduce_on_device``);
 everything else reads on the CPU as before. Needs ``nvidia-nvimgcodec-cu12`` or ``-cu13``
 (the ``gpu-cu12`` or ``gpu-cu13`` extra) for the CUDA of the installed torch.
 """
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from inference.errors import SlideFormatError
-from inference.slide import BACKGROUND_RGB, Slide
-from inference.tiff_tiles import TiffTileReader, TilePaste
-from inference.tiling import TileGrid, block_region
+from inference.slides.reader import BACKGROUND_RGB, BlockRegion
+from inference.slides.slide import Slide
+from inference.slides.tiff_tiles import TiffTileReader, TilePaste
 
 # nvImageCodec backends to allow (a BackendKind name, e.g. HW_GPU_ONLY); unset: all of them.
 BACKEND_ENV = "PDL1_NVIMGCODEC_BACKEND"
@@ -103,7 +103,10 @@ class NvImageCodecDecoder:
 
 
 class DeviceBlockReader:
-    """``read(indices)`` as :func:`inference.tiling.grid_block_reader`, decoding on ``decode``'s device.
+    """``read(indices)`` as :func:`inference.analysis.tiling.grid_block_reader`, decoding on ``decode``'s device.
+
+    ``regions(indices)`` gives the region that holds those tiles (the tiling's ``block_region``
+    of its grid, at ``box_factor``).
 
     Returns the tiles as (T, T, 3) uint8 views into the block assembled on the device, with
     the same pixels as the CPU reader wherever the decoder's equal libjpeg-turbo's. On CUDA
@@ -115,7 +118,7 @@ class DeviceBlockReader:
     def __init__(
         self,
         slide: Slide,
-        grid: TileGrid,
+        regions: Callable[[np.ndarray], BlockRegion],
         *,
         mpp: float,
         box_factor: int,
@@ -130,7 +133,7 @@ class DeviceBlockReader:
         self.reader: TiffTileReader = slide.reader
         self.level = level
         self.tiled = self.reader.tiled_level(level)
-        self.grid, self.box_factor, self.device = grid, box_factor, device
+        self.regions, self.box_factor, self.device = regions, box_factor, device
         self.decode = decode if decode is not None else NvImageCodecDecoder(device)
         self._background = torch.tensor(BACKGROUND_RGB, dtype=torch.uint8, device=device)
         self._local = threading.local()
@@ -144,7 +147,7 @@ class DeviceBlockReader:
         return stream
 
     def __call__(self, indices: np.ndarray) -> list[torch.Tensor]:
-        region = block_region(self.grid, indices, box_factor=self.box_factor)
+        region = self.regions(indices)
         width, height = region.size_wh
         pastes = self.reader.region_pastes(region.location_xy, self.level, region.size_wh)
         stored = [self.reader.tile_bytes(self.level, paste.index) for paste in pastes]

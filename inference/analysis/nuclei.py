@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from shapely.geometry.base import BaseGeometry
 
-from inference.ensemble import Ensemble, Precision
-from inference.points import radius_nms
+from inference.analysis.points import radius_nms
+from inference.analysis.tiling import read_grid_tiles, tile_grid, validate_roi
+from inference.errors import Cancelled
+from inference.models.ensemble import Ensemble, Precision
 from inference.results import Nuclei
-from inference.segment import Cancelled
-from inference.slide import Slide
-from inference.tiling import read_grid_tiles, tile_grid, validate_roi
-from inference.tissue import TissueMask
+from inference.slides.slide import Slide
+from inference.slides.tissue import TissueMask
 
 log = logging.getLogger(__name__)
 

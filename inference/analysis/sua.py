@@ -21,9 +21,9 @@ import numpy as np
 from shapely.ops import unary_union
 from skimage.measure import label as sk_label
 
-from inference.regions import label_means, region_from
+from inference.analysis.regions import label_means, region_from
+from inference.analysis.vectorize import mask_to_polygons
 from inference.results import RegionStats, UncertaintyMaps
-from inference.vectorize import mask_to_polygons
 
 UNCERTAINTY_MAPS = ("predictive_entropy", "mutual_information", "prob_std")
 AGGREGATIONS = ("mean", "p90")

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from inference.errors import SlideFormatError
-from inference.slide import BACKGROUND_RGB, OpenSlideReader
+from inference.slides.reader import BACKGROUND_RGB, ReducingReader
 
 log = logging.getLogger(__name__)
 
@@ -125,37 +125,50 @@ class TiledLevel:
         )
 
 
-class TiffTileReader(OpenSlideReader):
-    """:class:`OpenSlideReader` that decodes tiled TIFF levels itself; thread-safe.
+class TiffTileReader:
+    """:class:`~inference.slides.reader.RegionReader` that decodes tiled TIFF levels itself; thread-safe.
 
-    Use :meth:`open`, which falls back to a plain :class:`OpenSlideReader` for other
-    formats. Pixels equal OpenSlide's wherever a region starts on a whole level pixel
-    (OpenSlide interpolates a region that starts between level pixels; here it is
-    rounded to the nearest one).
+    Levels, downsamples, properties and every level it does not decode come from ``fallback``
+    (the OpenSlide reader of the same file). Use :meth:`open`, which returns ``fallback``
+    itself for other formats. Pixels equal OpenSlide's wherever a region starts on a whole
+    level pixel (OpenSlide interpolates a region that starts between level pixels; here it
+    is rounded to the nearest one).
     """
 
-    def __init__(self, osr, path: Path, levels: dict[int, TiledLevel]) -> None:
-        super().__init__(osr)
+    def __init__(self, fallback: ReducingReader, path: Path, levels: dict[int, TiledLevel]) -> None:
+        self._fallback = fallback
         self.path = path
         self._levels = levels
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         self._lock = threading.Lock()  # only for platforms without os.pread
 
     @classmethod
-    def open(cls, osr, path: Path) -> OpenSlideReader:
-        """The fastest reader for an opened ``openslide.OpenSlide``: direct where possible."""
+    def open(cls, fallback: ReducingReader, path: Path) -> ReducingReader:
+        """The fastest reader for a file ``fallback`` (its OpenSlide reader) reads: direct where possible."""
         if os.environ.get(OPENSLIDE_ONLY_ENV, "") not in ("", "0"):
-            return OpenSlideReader(osr)
-        if osr.properties.get("openslide.vendor") not in DIRECT_VENDORS:
-            return OpenSlideReader(osr)
+            return fallback
+        if fallback.properties.get("openslide.vendor") not in DIRECT_VENDORS:
+            return fallback
         try:
-            levels = _match_levels(path, tuple(osr.level_dimensions))
+            levels = _match_levels(path, fallback.level_dimensions)
         except Exception as err:  # any file tifffile cannot parse simply stays with OpenSlide
             log.debug("%s: decoding through OpenSlide (%s)", path, err)
-            return OpenSlideReader(osr)
+            return fallback
         if 0 not in levels:
-            return OpenSlideReader(osr)
-        return cls(osr, path, levels)
+            return fallback
+        return cls(fallback, path, levels)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._fallback.level_dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._fallback.level_downsamples
+
+    @property
+    def properties(self) -> dict[str, str]:
+        return self._fallback.properties
 
     @property
     def direct_levels(self) -> tuple[int, ...]:
@@ -168,7 +181,7 @@ class TiffTileReader(OpenSlideReader):
 
     def read_region(self, location_xy: tuple[int, int], level: int, size_wh: tuple[int, int]) -> np.ndarray:
         if level not in self._levels:
-            return super().read_region(location_xy, level, size_wh)
+            return self._fallback.read_region(location_xy, level, size_wh)
         w, h = size_wh
         out = np.full((h, w, 3), BACKGROUND_RGB, np.uint8)
         for paste in self.region_pastes(location_xy, level, size_wh):
@@ -212,7 +225,7 @@ class TiffTileReader(OpenSlideReader):
         self, location_xy: tuple[int, int], level: int, size_wh: tuple[int, int], factor: int
     ) -> np.ndarray:
         if level not in self._levels:
-            return super().read_region_reduced(location_xy, level, size_wh, factor)
+            return self._fallback.read_region_reduced(location_xy, level, size_wh, factor)
         return np.asarray(Image.fromarray(self.read_region(location_xy, level, size_wh)).reduce(factor))
 
     def jpeg_tiles(self, level: int) -> Iterator[tuple[int, bytes]]:
@@ -263,7 +276,7 @@ class TiffTileReader(OpenSlideReader):
 
     def close(self) -> None:
         os.close(self._fd)
-        super().close()
+        self._fallback.close()
 
 
 def _match_levels(path: Path, level_dimensions: tuple[tuple[int, int], ...]) -> dict[int, TiledLevel]:

@@ -54,7 +54,7 @@ def detect_tissue(rgb: np.ndarray, *, min_object_px: int = 16, max_hole_px: int 
 
 
 def tissue_mask_for_slide(slide, *, mpp: float = 8.0) -> TissueMask:
-    """Detect tissue on a thumbnail of ``slide`` (an :class:`inference.slide.Slide`) at ``mpp``."""
+    """Detect tissue on a thumbnail of ``slide`` (an :class:`inference.slides.slide.Slide`) at ``mpp``."""
     thumb = slide.thumbnail(mpp=mpp)
     width, _ = slide.dimensions
     return TissueMask(mask=detect_tissue(thumb), downsample=width / thumb.shape[1])

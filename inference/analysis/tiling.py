@@ -20,12 +20,13 @@ from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
 from inference.errors import RoiError
-from inference.readahead import read_ahead
+from inference.slides.readahead import read_ahead
+from inference.slides.reader import BlockRegion
 
 if TYPE_CHECKING:
     import torch
 
-    from inference.slide import Slide
+    from inference.slides.slide import Slide
 
     # A tile's (H, W, 3) uint8 pixels: on the host, or on the model's device when the GPU decodes.
     TilePixels = np.ndarray | torch.Tensor
@@ -279,20 +280,6 @@ def tile_blocks(grid: TileGrid, *, block_tiles: int) -> list[np.ndarray]:
     return np.split(order, np.flatnonzero(np.diff(block[order])) + 1)
 
 
-@dataclass(frozen=True)
-class BlockRegion:
-    """The one region read for a block of tiles (:func:`block_region`).
-
-    ``location_xy`` is in level-0 px; ``size_wh`` and every ``offsets_xy`` (a tile's top-left)
-    are in px of the region read, each tile ``cut_px`` px square.
-    """
-
-    location_xy: tuple[int, int]
-    size_wh: tuple[int, int]
-    offsets_xy: list[tuple[int, int]]
-    cut_px: int
-
-
 def block_region(grid: TileGrid, indices: np.ndarray, *, box_factor: int = 1) -> BlockRegion:
     """The region that holds tiles ``indices`` of ``grid``, on the model's pixel grid (its origin a tile's).
 
@@ -362,7 +349,7 @@ def read_grid_tiles(
     grid order. About ``max_pending_tiles`` tiles (never fewer than ``workers`` blocks) wait
     in memory at most. ``box_factor`` > 1 yields the pyramid level's pixels for the caller to
     box-average (:func:`grid_block_reader`). ``block_reader`` replaces the reader of
-    :func:`grid_block_reader` (one that decodes on the GPU: :class:`inference.gpu_decode.DeviceBlockReader`).
+    :func:`grid_block_reader` (one that decodes on the GPU: :class:`inference.slides.gpu_decode.DeviceBlockReader`).
     Closing the iterator early cancels the pending reads.
     """
     blocks = tile_blocks(grid, block_tiles=block_tiles)

@@ -10,7 +10,7 @@ Members are combined as probabilities, never as logits. For member probabilities
 * std over members of the positive-class probability
 
 Entropies are in nats. The torch functions run per tile on the device; the sliding window
-blends their outputs with Gaussian weights (see :mod:`inference.segment`).
+blends their outputs with Gaussian weights (see :mod:`inference.analysis.segment`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 EPS = 1e-12
-MAP_NAMES = ("prob", "predictive_entropy", "expected_entropy", "mutual_information", "prob_std")
 
 
 def entropy_np(p: np.ndarray, *, axis: int) -> np.ndarray:
@@ -49,7 +48,7 @@ def ensemble_stats_np(member_probs: np.ndarray, *, positive_class: int = 1) -> d
 def ensemble_stats(member_probs: torch.Tensor, *, positive_class: int = 1) -> torch.Tensor:
     """Per-pixel ensemble statistics of a batch: (M, B, C, H, W) probabilities -> (B, 5, H, W) fp32.
 
-    Channels follow :data:`MAP_NAMES`. Computed in fp32 whatever the input dtype.
+    Channels follow :data:`inference.results.MAP_NAMES`. Computed in fp32 whatever the input dtype.
     """
     p = member_probs.float()
     mean = p.mean(dim=0)

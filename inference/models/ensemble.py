@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from inference.errors import ModelFileError
-from inference.fusion import fold_batchnorm
-from inference.manifest import Manifest, read_manifest
-from inference.unet import build_model
+from inference.models.fusion import fold_batchnorm
+from inference.models.manifest import Manifest, read_manifest
+from inference.models.unet import build_model
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from inference.analysis.vectorize import mask_to_polygons
 from inference.results import RegionStats, UncertaintyMaps, UncertaintyTile
-from inference.vectorize import mask_to_polygons
 
 _MAP_FIELDS = ("prob", "predictive_entropy", "expected_entropy", "mutual_information", "prob_std")
 

@@ -3,7 +3,7 @@
 As nnU-Net's predictor: tiles are read ahead on a thread pool, batched, run through every
 member under ``torch.inference_mode``, weighted by a Gaussian importance map, added into
 fp32 accumulators and divided once at the end (checked finite). Per tile and pixel the
-ensemble statistics of :mod:`inference.uncertainty` are computed from member
+ensemble statistics of :mod:`inference.analysis.uncertainty` are computed from member
 probabilities, then blended; so an ensemble of identical members has zero mutual
 information, and overlapping tiles never count as extra members.
 
@@ -25,6 +25,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +33,22 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from shapely.geometry.base import BaseGeometry
 
-from inference.ensemble import Ensemble, Precision
-from inference.gpu_decode import DeviceBlockReader, claim_tiles, device_decoded_level, nvimgcodec_available
+from inference.analysis.tiling import (
+    TileGrid,
+    block_region,
+    gaussian_weights,
+    rasterize_polygon,
+    read_grid_tiles,
+    tile_grid,
+    validate_roi,
+)
+from inference.analysis.uncertainty import ensemble_stats
+from inference.errors import Cancelled
+from inference.models.ensemble import Ensemble, Precision
 from inference.results import UncertaintyMaps
-from inference.slide import Slide
-from inference.tiling import TileGrid, gaussian_weights, rasterize_polygon, read_grid_tiles, tile_grid, validate_roi
-from inference.tissue import TissueMask
-from inference.uncertainty import ensemble_stats
+from inference.slides.gpu_decode import DeviceBlockReader, claim_tiles, device_decoded_level, nvimgcodec_available
+from inference.slides.slide import Slide
+from inference.slides.tissue import TissueMask
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +62,6 @@ _MAX_DEVICE_BOX = 4
 # them decoded and waits for its own CUDA stream. On the H100 (12288² phantom, level 0 for
 # a 1 µm/px model) 2 threads read fastest: 636 Mpx/s vs 438 with 1 and 329 with 3.
 _DEVICE_READ_WORKERS = 2
-
-
-class Cancelled(Exception):  # noqa: N818 - reads as what happened
-    """Raised between batches when ``should_cancel()`` answers True."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,7 @@ class SegmentConfig:
         ``None`` does so on CUDA.
     read_on_device
         Decode the slide's JPEG tiles on the CUDA device and assemble the blocks there
-        (:mod:`inference.gpu_decode`, nvImageCodec): the reading threads only read the
+        (:mod:`inference.slides.gpu_decode`, nvImageCodec): the reading threads only read the
         compressed bytes. Possible where the model reads a JPEG level that the direct TIFF
         reader decodes, as it is or by the device's box (``reduce_on_device``). ``None``
         does so wherever possible on CUDA with nvImageCodec installed; ``True`` requires it
@@ -434,7 +440,7 @@ class TileReads:
         return self.device_reader is not None
 
     def tiles(self) -> Iterator[tuple[int, np.ndarray | torch.Tensor]]:
-        """``(index, pixels)`` of every tile, read ahead (:func:`inference.tiling.read_grid_tiles`)."""
+        """``(index, pixels)`` of every tile, read ahead (:func:`inference.analysis.tiling.read_grid_tiles`)."""
         return read_grid_tiles(
             self.slide,
             self.grid,
@@ -494,7 +500,8 @@ def _device_block_reader(
         )
     if why_not is None:
         try:
-            return DeviceBlockReader(slide, grid, mpp=mpp, box_factor=box_factor, device=device)
+            regions = partial(block_region, grid, box_factor=box_factor)
+            return DeviceBlockReader(slide, regions, mpp=mpp, box_factor=box_factor, device=device)
         except (RuntimeError, OSError) as err:  # e.g. nvImageCodec built for another CUDA than torch's
             why_not = f"nvImageCodec did not start ({type(err).__name__}: {err})"
             if not config.read_on_device:

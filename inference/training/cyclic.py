@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from inference.manifest import sha256_file
+from inference.models.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 

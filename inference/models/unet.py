@@ -82,7 +82,7 @@ class PlainConvUNet(nn.Module):
 
 def build_model(architecture: str, kwargs: dict) -> nn.Module:
     """Instantiate a registered architecture by name; unknown names raise ``KeyError``."""
-    from inference.nuclei_model import DilatedResFCN
+    from inference.models.nuclei_model import DilatedResFCN
 
     architectures: dict[str, type[nn.Module]] = {"PlainConvUNet": PlainConvUNet, "DilatedResFCN": DilatedResFCN}
     cls = architectures[architecture]

@@ -13,6 +13,8 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from inference.results import Tps
+
 INSUFFICIENT = "insufficient tumour cells"
 MIN_TUMOUR_NUCLEI = 100
 
@@ -162,20 +164,6 @@ def detection_scores(
         tp = int(((pred_cls[m.pred_index] == c) & (truth_cls[m.truth_index] == c)).sum())
         per_class.append(DetectionScores(tp, int((pred_cls == c).sum()) - tp, int((truth_cls == c).sum()) - tp))
     return overall, per_class
-
-
-@dataclass(frozen=True)
-class Tps:
-    """Tumour proportion score of one analysed region."""
-
-    positive: int
-    negative: int
-    percent: float | None
-    category: str
-
-    @property
-    def tumour(self) -> int:
-        return self.positive + self.negative
 
 
 def tps_category(percent: float) -> str:

@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from inference import __version__
-from inference.augment import STAIN_JITTERS, augment_batch
-from inference.cyclic import check_schedule, total_epochs, train_cyclic
-from inference.manifest import Manifest, Member, write_manifest
-from inference.phantom import load_truth
-from inference.slide import open_slide
-from inference.tissue import detect_tissue
-from inference.unet import PlainConvUNet
+from inference.models.manifest import Manifest, Member, write_manifest
+from inference.models.unet import PlainConvUNet
+from inference.phantom.truth import load_truth
+from inference.slides.slide import open_slide
+from inference.slides.tissue import detect_tissue
+from inference.training.augment import STAIN_JITTERS, augment_batch
+from inference.training.cyclic import check_schedule, total_epochs, train_cyclic
 
 log = logging.getLogger(__name__)
 

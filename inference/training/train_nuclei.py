@@ -18,14 +18,14 @@ import numpy as np
 import torch
 
 from inference import __version__
-from inference.augment import augment_batch
-from inference.cyclic import check_schedule, total_epochs, train_cyclic
-from inference.manifest import Manifest, Member, write_manifest
-from inference.nuclei_model import DilatedResFCN
-from inference.phantom import NUCLEUS_CLASSES, load_truth
-from inference.points import gaussian_targets
-from inference.slide import open_slide
-from inference.train_seg import NORMALIZATION
+from inference.analysis.points import gaussian_targets
+from inference.models.manifest import Manifest, Member, write_manifest
+from inference.models.nuclei_model import DilatedResFCN
+from inference.phantom.truth import NUCLEUS_CLASSES, load_truth
+from inference.slides.slide import open_slide
+from inference.training.augment import augment_batch
+from inference.training.cyclic import check_schedule, total_epochs, train_cyclic
+from inference.training.train_seg import NORMALIZATION
 
 log = logging.getLogger(__name__)
 

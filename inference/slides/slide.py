@@ -1,7 +1,7 @@
 """Open whole-slide images and read RGB regions at a requested resolution.
 
 OpenSlide handles the pyramidal formats (SVS, generic tiled TIFF, NDPI, MRXS, ...), with
-the tiles of SVS and tiled TIFF levels decoded directly (:mod:`inference.tiff_tiles`);
+the tiles of SVS and tiled TIFF levels decoded directly (:mod:`inference.slides.tiff_tiles`);
 small plain TIFF/PNG images are read whole. Everything downstream sees a :class:`Slide`,
 whose pixels come through the small :class:`RegionReader` protocol, so tests and the
 service's pixel uploads can pass a numpy-backed :class:`ArrayReader`.
@@ -14,35 +14,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
 from inference.errors import MissingMppError, SlideFormatError, SlideNotFoundError
+from inference.slides.openslide_reader import OpenSlideReader, qupath_frame
+from inference.slides.reader import ArrayReader, ReducingReader, RegionReader
+from inference.slides.tiff_tiles import TiffTileReader
 
 # A plausible range for microns per pixel: below it the number is a misread tag, above
 # it (72 dpi defaults give ~353 µm) the file carries a screen resolution, not a scan.
 MPP_PLAUSIBLE_RANGE = (0.05, 50.0)
 # Images opened without OpenSlide are read whole; beyond this they need a pyramidal format.
 MAX_PLAIN_IMAGE_PX = 20_000 * 20_000
-BACKGROUND_RGB = (255, 255, 255)
-
-
-class RegionReader(Protocol):
-    """What the pipeline needs from an image: levels and RGB regions."""
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]: ...
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]: ...
-
-    def read_region(self, location_xy: tuple[int, int], level: int, size_wh: tuple[int, int]) -> np.ndarray:
-        """RGB uint8 array (height, width, 3); pixels outside the image are white."""
-        ...
-
-    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -56,126 +41,6 @@ class Mpp:
     @property
     def mean(self) -> float:
         return (self.x + self.y) / 2
-
-
-class ArrayReader:
-    """A single-level :class:`RegionReader` over an RGB numpy array."""
-
-    def __init__(self, rgb: np.ndarray):
-        if rgb.ndim != 3 or rgb.shape[2] not in (3, 4) or rgb.dtype != np.uint8:
-            raise SlideFormatError(
-                f"expected an RGB(A) uint8 image of shape (height, width, 3|4), got {rgb.dtype} {rgb.shape}"
-            )
-        self._rgb = np.ascontiguousarray(rgb[..., :3])
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return ((self._rgb.shape[1], self._rgb.shape[0]),)
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return (1.0,)
-
-    def read_region(self, location_xy: tuple[int, int], level: int, size_wh: tuple[int, int]) -> np.ndarray:
-        if level != 0:
-            raise ValueError(f"an ArrayReader has only level 0, got level {level}")
-        x, y = location_xy
-        w, h = size_wh
-        out = np.full((h, w, 3), BACKGROUND_RGB, dtype=np.uint8)
-        img_h, img_w = self._rgb.shape[:2]
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, img_w), min(y + h, img_h)
-        if x1 > x0 and y1 > y0:
-            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._rgb[y0:y1, x0:x1]
-        return out
-
-    def close(self) -> None:
-        pass
-
-
-def qupath_frame(properties: dict[str, str], full_wh: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Where QuPath's OpenSlide reader puts its (0, 0), in OpenSlide level-0 px, and the size it shows.
-
-    Slides with a scanned-area bounding box (``openslide.bounds-*``: MRXS and others) are shown by
-    QuPath cropped to it when both its width and height differ from the full image's, and their reads
-    are offset by its corner in any case; QuPath's objects are in that frame, so ours must be too.
-
-    >>> qupath_frame({}, (1000, 800))
-    ((0, 0), (1000, 800))
-    >>> bounds = {"openslide.bounds-x": "40", "openslide.bounds-y": "30",
-    ...           "openslide.bounds-width": "900", "openslide.bounds-height": "700"}
-    >>> qupath_frame(bounds, (1000, 800))
-    ((40, 30), (900, 700))
-    """
-    try:
-        x, y, w, h = (int(properties[f"openslide.bounds-{k}"]) for k in ("x", "y", "width", "height"))
-    except (KeyError, ValueError):  # QuPath, too, ignores bounds it cannot parse as integers
-        return (0, 0), full_wh
-    cropped = w != full_wh[0] and h != full_wh[1]
-    return (x, y), ((w, h) if cropped else full_wh)
-
-
-class OpenSlideReader:
-    """:class:`RegionReader` over ``openslide.OpenSlide``; thread-safe, releases the GIL while reading.
-
-    ``origin_xy`` and ``size_wh`` give the frame the reader shows, in level-0 px of the file (see
-    :func:`qupath_frame`); by default the whole image.
-    """
-
-    def __init__(self, osr, *, origin_xy: tuple[int, int] = (0, 0), size_wh: tuple[int, int] | None = None):
-        self._osr = osr  # an openslide.OpenSlide
-        self._origin = origin_xy
-        full = tuple((int(w), int(h)) for w, h in osr.level_dimensions)
-        if size_wh is None or tuple(size_wh) == full[0]:
-            self._dimensions = full
-        else:  # levels of the cropped frame, sized as QuPath sizes them
-            w0, h0 = size_wh
-            coarser = tuple((max(1, int(w0 / ds)), max(1, int(h0 / ds))) for ds in self.level_downsamples[1:])
-            self._dimensions = ((w0, h0), *coarser)
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._dimensions
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return tuple(float(d) for d in self._osr.level_downsamples)
-
-    @property
-    def properties(self) -> dict[str, str]:
-        return dict(self._osr.properties)
-
-    def read_region(self, location_xy: tuple[int, int], level: int, size_wh: tuple[int, int]) -> np.ndarray:
-        return self._to_rgb(np.asarray(self._osr.read_region(self._in_file(location_xy), level, size_wh)))
-
-    def _in_file(self, location_xy: tuple[int, int]) -> tuple[int, int]:
-        return location_xy[0] + self._origin[0], location_xy[1] + self._origin[1]
-
-    def read_region_reduced(
-        self, location_xy: tuple[int, int], level: int, size_wh: tuple[int, int], factor: int
-    ) -> np.ndarray:
-        """``read_region`` box-averaged by the integer ``factor`` (``size_wh`` in level px).
-
-        Pillow's ``reduce`` runs on the decoded image before it becomes a numpy array, so
-        only 1/factor² of the pixels are converted: at factor 2 this halves the time spent
-        after decoding, which matters when reading, not the GPU, sets the pace.
-        """
-        region = self._osr.read_region(self._in_file(location_xy), level, size_wh)
-        return self._to_rgb(np.asarray(region.reduce(factor)))
-
-    @staticmethod
-    def _to_rgb(rgba: np.ndarray) -> np.ndarray:
-        # openslide-python returns straight (not premultiplied) RGBA, alpha 0 outside the scanned
-        # area and partial where a reduced pixel straddles its edge: composite onto white so
-        # "outside" looks like glass, not black tissue.
-        rgb = rgba[..., :3]
-        alpha = rgba[..., 3]
-        if alpha.min() == 255:
-            return np.ascontiguousarray(rgb)
-        a = alpha[..., None].astype(np.uint32)
-        return ((rgb * a + (255 - a) * 255 + 127) // 255).astype(np.uint8)
-
-    def close(self) -> None:
-        self._osr.close()
 
 
 class Slide:
@@ -234,7 +99,7 @@ class Slide:
             raise ValueError(f"region size must be positive, got {size_wh}")
         level, scale = self.level_for_mpp(mpp)
         factor = _integer_step(scale)
-        if factor is not None and isinstance(self.reader, OpenSlideReader):
+        if factor is not None and isinstance(self.reader, ReducingReader):
             # An integer step (0.5 µm/px read at 1 µm/px): the same box average, done before conversion.
             return self.reader.read_region_reduced(location_xy, level, (w * factor, h * factor), factor)
         level_w, level_h = max(1, math.ceil(w * scale - 1e-6)), max(1, math.ceil(h * scale - 1e-6))
@@ -389,12 +254,10 @@ def open_slide(path: str | Path, *, mpp: float | None = None, mpp_source: str = 
     except openslide.OpenSlideError as err:
         raise SlideFormatError(f"{path}: OpenSlide cannot read it: {err}") from err
     else:
-        from inference.tiff_tiles import TiffTileReader  # imports this module
-
         full_wh = tuple(osr.level_dimensions[0])
         origin_xy, size_wh = qupath_frame(dict(osr.properties), full_wh)
         if (origin_xy, size_wh) == ((0, 0), full_wh):
-            reader = TiffTileReader.open(osr, path)
+            reader = TiffTileReader.open(OpenSlideReader(osr), path)
         else:  # a scanned-area box: read in QuPath's frame (its formats are not decoded directly anyway)
             reader = OpenSlideReader(osr, origin_xy=origin_xy, size_wh=size_wh)
         file_mpp = _openslide_mpp(dict(osr.properties))

@@ -8,16 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from inference.ensemble import Ensemble
-from inference.metrics import auprc, auroc, brier, dice, ece, fbeta_score, iou
-from inference.nuclei import NucleiConfig, detect_nuclei
-from inference.phantom import NUCLEUS_CLASSES, PhantomTruthData, load_truth
-from inference.points import DetectionScores, Tps, detection_scores, tumour_proportion_score
-from inference.regions import mask_on_maps
-from inference.results import UncertaintyMaps
-from inference.segment import SegmentConfig, segment_slide
-from inference.slide import open_slide
-from inference.sua import (
+from inference.analysis.nuclei import NucleiConfig, detect_nuclei
+from inference.analysis.points import DetectionScores, detection_scores, tumour_proportion_score
+from inference.analysis.regions import mask_on_maps
+from inference.analysis.segment import SegmentConfig, segment_slide
+from inference.analysis.sua import (
     Calibration,
     ConversionScores,
     SuaParams,
@@ -28,7 +23,12 @@ from inference.sua import (
     pixel_baseline,
     region_scores,
 )
-from inference.tissue import tissue_mask_for_slide
+from inference.evaluation.metrics import auprc, auroc, brier, dice, ece, fbeta_score, iou
+from inference.models.ensemble import Ensemble
+from inference.phantom.truth import NUCLEUS_CLASSES, PhantomTruthData, load_truth
+from inference.results import Tps, UncertaintyMaps
+from inference.slides.slide import open_slide
+from inference.slides.tissue import tissue_mask_for_slide
 
 
 @dataclass(frozen=True)

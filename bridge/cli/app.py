@@ -1,0 +1,66 @@
+"""The ``pdl1`` Typer app: the ``--log-level`` callback, ``version``, and every command and sub-app registered.
+
+Importing this module is cheap: models, torch and slide readers load inside the commands.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+from bridge.cli import demo, evaluate, run, serve, train
+from inference import __version__
+
+app = typer.Typer(
+    name="pdl1",
+    help="Uncertainty-aware PD-L1 deep learning for QuPath: phantom data, models, batch runs and the service.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def main(
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="Logging level: DEBUG, INFO, WARNING or ERROR.")
+    ] = "WARNING",
+) -> None:
+    """Uncertainty-aware PD-L1 deep learning for QuPath."""
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def version() -> None:
+    """Print the version of pdl1-bridge and of the libraries it runs on."""
+    import platform
+
+    import numpy
+    import openslide
+
+    typer.echo(f"pdl1-bridge {__version__}")
+    typer.echo(
+        f"python {platform.python_version()}, numpy {numpy.__version__}, openslide {openslide.__library_version__}"
+    )
+
+
+# The order here is the order of `pdl1 --help`; the sub-apps are listed after the commands.
+app.command("phantom")(demo.phantom)
+app.command("calibrate")(evaluate.calibrate)
+app.command("run")(run.run)
+app.command("init-project")(run.init_project)
+app.command("report")(run.report_cmd)
+app.command("demo")(demo.demo)
+app.command("serve")(serve.serve)
+app.command("bench")(demo.bench)
+app.add_typer(train.app, name="train")
+app.add_typer(evaluate.app, name="eval")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,109 @@
+"""Helpers several ``pdl1`` commands share: consoles, exits, the pipeline config and the batch run with its progress."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def stdout() -> Console:
+    """Tables go to stdout; piped or captured output gets a width that keeps class names on one line."""
+    import sys
+
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def fail(err: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/red] {err}")
+    return typer.Exit(code=1)
+
+
+def interrupted(what_is_kept: str) -> typer.Exit:
+    """Ctrl-C: say what survived and how to go on, then exit 130 as a shell expects."""
+    console.print(f"[yellow]interrupted:[/yellow] {what_is_kept}")
+    return typer.Exit(code=130)
+
+
+def pipeline_config(
+    device: str,
+    seg_model: Path | None,
+    nuclei_model: Path | None,
+    mpp: float | None,
+    no_nuclei: bool = False,
+    refine: bool = False,
+    *,
+    batch_size: int = 8,
+    read_workers: int | None = None,
+    compile_members: bool = False,
+    gpu_decode: bool | None = None,
+):
+    from inference import PipelineConfig, SegmentConfig
+
+    return PipelineConfig(
+        seg_model_dir=None if seg_model is None else str(seg_model),
+        nuclei_model_dir=None if nuclei_model is None else str(nuclei_model),
+        run_nuclei=not no_nuclei,
+        device=device,
+        mpp=mpp,
+        refine_with_sua=refine,
+        segment=SegmentConfig(
+            batch_size=batch_size, read_workers=read_workers, compile=compile_members, read_on_device=gpu_decode
+        ),
+    )
+
+
+def outcome_table(outcomes) -> None:
+    from rich.table import Table
+
+    table = Table(title="pdl1 run")
+    for col in ("image", "state", "TPS %", "category", "positive area %", "uncertainty", "candidates", "time s"):
+        table.add_column(col, justify="left" if col in ("image", "state", "category") else "right")
+    for o in outcomes:
+
+        def num(v, fmt=".1f"):
+            return "" if v is None else format(v, fmt)
+
+        flag = "" if o.uncertainty_flag is None else ("needs review" if o.uncertainty_flag else "ok")
+        table.add_row(
+            o.name,
+            o.state if o.state != "failed" else "[red]failed[/red]",
+            num(o.tps_percent),
+            o.tps_category or "",
+            num(o.positive_area_pct),
+            flag,
+            num(o.candidates, "d"),
+            num(o.seconds),
+        )
+    stdout().print(table)
+    for o in outcomes:
+        if o.error:
+            console.print(f"[red]{o.name}:[/red] {o.error}")
+
+
+def run_with_progress(inputs, run_config, *, progress: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from bridge.run import run_batch
+
+    if not progress:
+        return run_batch(inputs, run_config)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+    ) as bar:
+        images = bar.add_task("images", total=None)
+        tiles = bar.add_task("tiles", total=None)
+
+        def on_image(i: int, n: int, name: str) -> None:
+            bar.update(images, completed=i, total=n, description=f"images ({name})")
+            bar.reset(tiles)
+
+        def on_tiles(done: int, total: int) -> None:
+            bar.update(tiles, completed=done, total=total)
+
+        outcomes = run_batch(inputs, run_config, on_image=on_image, on_tiles=on_tiles)
+        bar.update(images, completed=len(outcomes))
+    return outcomes

@@ -1,0 +1,120 @@
+"""``pdl1 phantom``, ``pdl1 demo`` and ``pdl1 bench``: phantom data, the end-to-end demo, benchmarks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bridge.cli.common import fail, outcome_table, pipeline_config, run_with_progress
+from inference import Pdl1Error
+
+
+def phantom(
+    out: Annotated[Path, typer.Argument(help="Slide to write: .svs (Aperio-style) or .tif (generic tiled TIFF).")],
+    size: Annotated[int, typer.Option(min=1024, max=100_000, help="Edge length in level-0 px.")] = 8192,
+    height: Annotated[int | None, typer.Option(min=1024, max=100_000, help="Height in px when not square.")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed; the same seed gives the same bytes.")] = 1,
+    tps: Annotated[float, typer.Option(min=0, max=100, help="Wanted tumour proportion score, %.")] = 30.0,
+    shift: Annotated[
+        float, typer.Option(min=0, max=1, help="Domain shift: stain, colour, blur and JPEG quality.")
+    ] = 0.0,
+    mpp: Annotated[float, typer.Option(min=0.1, max=2.0, help="Microns per level-0 pixel.")] = 0.5,
+    weak_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            max=0.95,
+            help="Fraction of the positive area that expresses weakly (faint morphology, still positive).",
+        ),
+    ] = 0.0,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Write a phantom H&E slide with its PD-L1 truth beside it (OUT stem + '.truth/')."""
+    from bridge.phantom_truth import write_truth_geojson
+    from bridge.progress import progress_bar
+    from inference import PhantomSpec, write_phantom
+
+    try:
+        spec = PhantomSpec(
+            size, height or size, seed=seed, mpp=mpp, tps_percent=tps, shift=shift, weak_fraction=weak_fraction
+        )
+        with progress_bar(f"phantom {out.name}", enabled=progress) as on_progress:
+            truth = write_phantom(out, spec, on_progress=on_progress)
+        write_truth_geojson(truth.truth_dir)
+    except (Pdl1Error, ValueError, OSError) as err:
+        raise fail(err) from err
+    counts = truth.summary["nuclei_counts"]
+    tps_truth = truth.summary["tps_percent"]
+    typer.echo(f"wrote {out} ({spec.width_px}x{spec.height_px} px, {spec.mpp} µm/px, levels {truth.summary['levels']})")
+    typer.echo(
+        f"truth in {truth.truth_dir}: "
+        + ", ".join(f"{k} {v}" for k, v in counts.items())
+        + (f", TPS {tps_truth:.1f}%" if tps_truth is not None else ", no tumour nuclei")
+    )
+
+
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo slide, project and report.")] = Path("pdl1-demo"),
+    size: Annotated[int, typer.Option(min=1024, max=100_000, help="Phantom edge length in px.")] = 4096,
+    seed: Annotated[int, typer.Option(min=0, help="Phantom seed (the demo models never saw 7).")] = 7,
+    tps: Annotated[float, typer.Option(min=0, max=100)] = 40.0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Phantom slide -> QuPath project -> run (shipped demo models) -> report, scored against the truth."""
+    import json
+    import shutil
+
+    from bridge.init_project import init_project_files
+    from bridge.phantom_truth import write_truth_geojson
+    from bridge.progress import progress_bar
+    from bridge.report import write_report
+    from bridge.run import RunConfig
+    from inference import PhantomSpec, truth_dir_for, write_phantom
+
+    slide_path = out / "slides" / "phantom.svs"
+    project = out / "project"
+    try:
+        if not (truth_dir_for(slide_path) / "truth.json").is_file():
+            with progress_bar("phantom slide", enabled=progress) as on_progress:
+                write_phantom(slide_path, PhantomSpec(size, size, seed=seed, tps_percent=tps), on_progress=on_progress)
+            write_truth_geojson(truth_dir_for(slide_path))
+        if project.exists():
+            shutil.rmtree(project)  # the demo's own folder: a fresh project every time
+        init_project_files(project, [slide_path])
+        run_config = RunConfig(pipeline=pipeline_config(device, None, None, None), qupath="never")
+        outcomes = run_with_progress([project], run_config, progress=progress)
+        html_path, _ = write_report(project)
+    except (Pdl1Error, ValueError, OSError) as err:
+        raise fail(err) from err
+    outcome_table(outcomes)
+    truth = json.loads((truth_dir_for(slide_path) / "truth.json").read_text())
+    done = [o for o in outcomes if o.state == "done"]
+    if done and done[0].tps_percent is not None:
+        typer.echo(
+            f"TPS {done[0].tps_percent:.1f}% vs truth {truth['tps_percent']:.1f}% "
+            f"(error {abs(done[0].tps_percent - truth['tps_percent']):.1f} points)"
+        )
+    typer.echo(f"QuPath project: {project / 'project.qpproj'} (open it, then run scripts/pdl1_import_results.groovy)")
+    typer.echo(f"report: {html_path}")
+    if len(done) != len(outcomes):
+        raise typer.Exit(code=1)
+
+
+def bench(
+    name: Annotated[str, typer.Argument(help="Benchmark to run; 'list' shows them.")] = "list",
+    quick: Annotated[bool, typer.Option(help="Smaller inputs, for a smoke run.")] = False,
+) -> None:
+    """Run a benchmark from benchmarks/ and print its table with ratios against its baseline."""
+    from benchmarks import list_benchmarks, run_benchmark
+
+    if name == "list":
+        for key, doc in list_benchmarks():
+            typer.echo(f"{key:20s} {doc}")
+        return
+    try:
+        run_benchmark(name, quick=quick)
+    except (KeyError, RuntimeError) as err:  # unknown name, or a benchmark this machine cannot run
+        raise fail(err) from err

@@ -1,0 +1,356 @@
+"""``pdl1 eval`` (``seg``, ``nuclei``, ``suite``) and ``pdl1 calibrate``: scores against phantom truth, and SUA's calibration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from typer.core import TyperGroup
+
+from bridge.cli.common import fail, stdout
+from inference import Pdl1Error, __version__
+
+
+class _DefaultSuiteGroup(TyperGroup):
+    """``pdl1 eval SLIDE...`` runs the ``suite`` subcommand; ``pdl1 eval seg|nuclei ...`` the others."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["suite", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=_DefaultSuiteGroup,
+    no_args_is_help=True,
+    help="Evaluate on phantom slides against their truth. `pdl1 eval SLIDE... --out DIR` runs the full suite.",
+)
+
+
+@app.command("seg")
+def eval_seg(
+    slides: Annotated[list[Path], typer.Argument(help="Phantom slides with truth beside them.")],
+    model: Annotated[
+        Path | None, typer.Option(help="Segmentation ensemble folder; the shipped demo if omitted.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    threshold: Annotated[float | None, typer.Option(min=0, max=1, help="Override the manifest's threshold.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Dice of the ensemble and of every member, and AUROC of uncertainty for pixel errors, on the truth's grid."""
+    from rich.table import Table
+
+    from bridge.progress import progress_bar
+    from inference import Ensemble, demo_model_dir, evaluate_segmentation
+
+    out = stdout()
+    results = []
+    try:
+        ensemble = Ensemble.load(model or demo_model_dir("seg"), task="segmentation", device=device)
+        members = ensemble.manifest.members
+        pooled = len({m.chain for m in members}) > 1
+        for slide in slides:
+            with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
+                result, maps = evaluate_segmentation(slide, ensemble, threshold=threshold, on_progress=on_progress)
+            results.append(result)
+            table = Table(
+                title=f"{slide.name}: segmentation vs truth ({result.pixels} tissue px at {maps.mpp:g} µm/px)"
+            )
+            table.add_column("metric")
+            table.add_column("value", justify="right")
+            table.add_row("Dice, ensemble", f"{result.dice_ensemble:.4f}")
+            for i, d in enumerate(result.dice_members):
+                origin = f" (chain {members[i].chain}, cycle {members[i].cycle})" if pooled else ""
+                table.add_row(f"Dice, member {i}{origin}", f"{d:.4f}")
+            table.add_row("AUROC predictive entropy -> error", f"{result.auroc_entropy_error:.4f}")
+            table.add_row("AUROC mutual information -> error", f"{result.auroc_mi_error:.4f}")
+            table.add_row(
+                "predictive entropy, wrong / right",
+                f"{result.entropy_wrong_mean:.4f} / {result.entropy_right_mean:.4f}",
+            )
+            table.add_row(
+                "mutual information, wrong / right", f"{result.mi_wrong_mean:.4f} / {result.mi_right_mean:.4f}"
+            )
+            table.add_row("mutual information, min", f"{result.mi_min:.2e}")
+            out.print(table)
+            best = max(result.dice_members, default=float("nan"))
+            verdict = "yes" if result.dice_ensemble >= best else "no"
+            out.print(
+                f"ensemble Dice >= every member's: {verdict} ({result.dice_ensemble:.4f} vs best member {best:.4f})"
+            )
+    except (Pdl1Error, ValueError, OSError) as err:
+        raise fail(err) from err
+    if len(results) > 1 and all(r.dice_members for r in results):
+        _print_dice_summary(results, out)
+
+
+def _print_dice_summary(results, out) -> None:
+    """Per-slide gaps, then Dice over all slides: the mean of per-slide Dice and pooled pixels."""
+    from rich.table import Table
+
+    from inference import pooled_dice
+
+    n = min(len(r.dice_members) for r in results)
+    table = Table(title=f"Dice over {len(results)} slides: ensemble vs each of its {n} members")
+    table.add_column("slides")
+    table.add_column("ensemble", justify="right")
+    for i in range(n):
+        table.add_column(f"member {i}", justify="right")
+    table.add_column("ensemble - best member", justify="right")
+
+    def row(label: str, ens: float, members: tuple[float, ...]) -> None:
+        table.add_row(label, f"{ens:.4f}", *(f"{d:.4f}" for d in members), f"{ens - max(members):+.4f}")
+
+    for r in results:
+        row(r.slide, r.dice_ensemble, r.dice_members[:n])
+    mean_members = tuple(sum(r.dice_members[i] for r in results) / len(results) for i in range(n))
+    mean_ens = sum(r.dice_ensemble for r in results) / len(results)
+    row("mean of slides", mean_ens, mean_members)
+    pooled_ens, pooled_members = pooled_dice(results)
+    row("pooled pixels", pooled_ens, pooled_members)
+    out.print(table)
+    wins = sum(r.dice_ensemble >= max(r.dice_members) for r in results)
+    out.print(
+        f"ensemble Dice >= every member's: {wins} of {len(results)} slides; mean of slides "
+        f"{'yes' if mean_ens >= max(mean_members) else 'no'}; pooled {'yes' if pooled_ens >= max(pooled_members) else 'no'}"
+    )
+
+
+@app.command("nuclei")
+def eval_nuclei(
+    slides: Annotated[list[Path], typer.Argument(help="Phantom slides with truth beside them.")],
+    model: Annotated[Path | None, typer.Option(help="Nuclei model folder; the shipped demo if omitted.")] = None,
+    radius_um: Annotated[float, typer.Option(min=0.1, help="Matching radius; pairs beyond it never match.")] = 3.0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Precision, recall and F1 (overall and per class) and the TPS error of each slide."""
+    from rich.table import Table
+
+    from bridge.progress import progress_bar
+    from inference import Ensemble, demo_model_dir, evaluate_nuclei
+
+    out = stdout()
+    try:
+        ensemble = Ensemble.load(model or demo_model_dir("nuclei"), task="nuclei", device=device)
+        table = Table(title=f"nuclei vs truth (match within {radius_um} µm)")
+        for col in ("slide", "class", "precision", "recall", "F1", "TPS pred", "TPS truth", "TPS error"):
+            table.add_column(col, justify="left" if col in ("slide", "class") else "right")
+        for slide in slides:
+            with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
+                r = evaluate_nuclei(slide, ensemble, radius_um=radius_um, on_progress=on_progress)
+            err = r.tps_abs_error
+
+            def pct(t) -> str:
+                return "n/a" if t.percent is None else f"{t.percent:.1f}% ({t.category})"
+
+            rows = [("all", r.overall), *zip(r.class_names, r.per_class, strict=True)]
+            for i, (name, sc) in enumerate(rows):
+                table.add_row(
+                    slide.name if i == 0 else "",
+                    name,
+                    f"{sc.precision:.3f}",
+                    f"{sc.recall:.3f}",
+                    f"{sc.f1:.3f}",
+                    pct(r.tps_pred) if i == 0 else "",
+                    pct(r.tps_truth) if i == 0 else "",
+                    ("n/a" if err is None else f"{err:.1f}") if i == 0 else "",
+                )
+        out.print(table)
+    except (Pdl1Error, ValueError, OSError) as err:
+        raise fail(err) from err
+
+
+@app.command("suite")
+def eval_suite(
+    slides: Annotated[list[Path], typer.Argument(help="Phantom slides with truth beside them.")],
+    out: Annotated[Path, typer.Option(help="Report folder: metrics.csv and PNG plots.")],
+    model: Annotated[Path | None, typer.Option(help="Segmentation ensemble; the shipped demo if omitted.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Segmentation, calibration and uncertainty metrics, and SUA against the pixel baseline, per slide."""
+    from rich.table import Table
+
+    from bridge.eval_report import rows, slide_uncertainty_correlation, write_report
+    from bridge.progress import progress_bar
+    from inference import (
+        Ensemble,
+        PipelineConfig,
+        demo_model_dir,
+        evaluate_slide_suite,
+        review_rule_for,
+        sua_params_for,
+    )
+
+    console_out = stdout()
+    try:
+        ensemble = Ensemble.load(model or demo_model_dir("seg"), task="segmentation", device=device)
+        manifest = ensemble.manifest
+        upper = manifest.thresholds.get("segmentation", 0.5)
+        sua = sua_params_for(manifest, PipelineConfig(), upper=upper)
+        pixel_threshold = manifest.thresholds.get("pixel_baseline_threshold", sua.threshold)
+        evaluations = []
+        for slide in slides:
+            with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
+                evaluations.append(
+                    evaluate_slide_suite(
+                        slide,
+                        ensemble,
+                        sua=sua,
+                        pixel_threshold=pixel_threshold,
+                        review=review_rule_for(manifest),
+                        on_progress=on_progress,
+                    )
+                )
+        provenance = {
+            "command": "pdl1 eval",
+            "slides": [str(s) for s in slides],
+            "pdl1_bridge": __version__,
+            "model": {
+                "name": manifest.name,
+                "version": manifest.version,
+                "sha256": manifest.checksum,
+                "folder": str(ensemble.folder),
+            },
+            "sua": {
+                "lower": sua.lower,
+                "upper": sua.upper,
+                "threshold": sua.threshold,
+                "uncertainty": sua.uncertainty,
+                "aggregation": sua.aggregation,
+            },
+            "pixel_baseline_threshold": pixel_threshold,
+        }
+        written = write_report(evaluations, out, provenance=provenance)
+    except (Pdl1Error, ValueError, OSError) as err:
+        raise fail(err) from err
+    table = Table(
+        title=f"evaluation ({manifest.name} {manifest.version}, SUA on {sua.uncertainty}/{sua.aggregation}, "
+        f"NPR [{sua.lower:g}, {sua.upper:g}), threshold {sua.threshold:.3g})"
+    )
+    shown = (
+        "slide",
+        "shift",
+        "dice",
+        "ece",
+        "brier",
+        "auroc_entropy_error",
+        "mean_entropy",
+        "needs_review",
+        "fn_pct",
+        "sua_candidates",
+        "sua_f05",
+        "baseline_f05",
+        "sua_fncr",
+        "baseline_fncr",
+    )
+    for col in shown:
+        table.add_column(col.replace("_", " "), justify="left" if col == "slide" else "right")
+    for row in rows(evaluations):
+        table.add_row(*(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in shown))
+    console_out.print(table)
+    console_out.print(f"Spearman(slide mean entropy, 1 - Dice) = {slide_uncertainty_correlation(evaluations):.3f}")
+    for e in evaluations:
+        better = e.sua.f05 > e.baseline.f05 and e.sua.fncr > e.baseline.fncr
+        console_out.print(
+            f"{e.slide}: SUA F0.5 {e.sua.f05:.3f} vs pixel baseline {e.baseline.f05:.3f}; "
+            f"FNCR {e.sua.fncr:.3f} vs {e.baseline.fncr:.3f} -> "
+            + ("SUA better on both" if better else "SUA not better on both")
+            + f" ({e.sua.false_negative_px} false-negative map px to find)"
+        )
+    console_out.print(f"report: {', '.join(str(p) for p in written.values())}")
+
+
+def calibrate(
+    slides: Annotated[list[Path], typer.Argument(help="Validation phantom slides with truth (not the test slides).")],
+    model: Annotated[
+        Path | None, typer.Option(help="Segmentation ensemble to calibrate; the shipped demo if omitted.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write a calibrated copy here instead of updating --model.")] = None,
+    min_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0.5, max=1.0, help="An NPR is a false negative when this share of its pixels is truly positive."
+        ),
+    ] = 0.9,
+    uncertainty: Annotated[
+        str, typer.Option(help="predictive_entropy, mutual_information or prob_std.")
+    ] = "predictive_entropy",
+    aggregation: Annotated[str, typer.Option(help="mean or p90.")] = "mean",
+    objective: Annotated[
+        str,
+        typer.Option(
+            help="pixels: F0.5 over the pixels of flagged NPRs (the unit SUA is compared with the baseline in); "
+            "regions: each NPR counts once."
+        ),
+    ] = "pixels",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Choose SUA's threshold and lower bound (max F0.5) and the "needs review" rule; write them to the manifest."""
+    import dataclasses
+    import shutil
+
+    from bridge.progress import progress_bar
+    from inference import Ensemble, calibrate_ensemble, demo_model_dir, write_manifest
+
+    if model is None and out is None:
+        raise typer.BadParameter(
+            "the shipped demo is read-only: pass --out DIR for a calibrated copy", param_hint="--out"
+        )
+    source = model or demo_model_dir("seg")
+    try:
+        ensemble = Ensemble.load(source, task="segmentation", device=device)
+        with progress_bar("calibrating", enabled=progress) as on_progress:
+            cal, review = calibrate_ensemble(
+                slides,
+                ensemble,
+                uncertainty=uncertainty,
+                aggregation=aggregation,
+                min_fraction=min_fraction,
+                objective=objective,
+                on_progress=on_progress,
+            )
+        target = out or source
+        if out is not None and Path(out).resolve() != Path(source).resolve():
+            shutil.copytree(source, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint"))
+        m = ensemble.manifest.with_thresholds(
+            sua_lower=cal.params.lower,
+            sua_upper=cal.params.upper,
+            sua_threshold=cal.params.threshold,
+            pixel_baseline_threshold=cal.pixel_threshold,
+            **review,
+        )
+        m = dataclasses.replace(
+            m,
+            extra={
+                **m.extra,
+                "sua": {
+                    "uncertainty": uncertainty,
+                    "aggregation": aggregation,
+                    "min_fraction": min_fraction,
+                    "objective": objective,
+                    "calibrated_on": [p.name for p in slides],
+                    "f05": cal.f05,
+                    "pixel_baseline_f05": cal.pixel_f05,
+                    "nprs": cal.n_regions,
+                    "false_negative_nprs": cal.n_false_negative,
+                },
+            },
+        )
+        write_manifest(target, m)
+    except (Pdl1Error, ValueError, OSError) as err:
+        raise fail(err) from err
+    typer.echo(
+        f"SUA: NPR [{cal.params.lower:g}, {cal.params.upper:g}), {uncertainty}/{aggregation} > "
+        f"{cal.params.threshold:.4g} ({objective} F0.5 {cal.f05:.3f} on {cal.n_regions} NPRs, "
+        f"{cal.n_false_negative} false negative)"
+    )
+    typer.echo(
+        f"pixel baseline threshold {cal.pixel_threshold:.4g} (pixel F0.5 {cal.pixel_f05:.3f}); "
+        f"needs review at mean entropy >= {review['review_entropy']:.3f} or candidates >= "
+        f"{review['review_candidate_area_pct']}% of tissue"
+    )
+    typer.echo(f"wrote {Path(target) / 'manifest.json'}")

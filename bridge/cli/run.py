@@ -1,0 +1,187 @@
+"""``pdl1 run``, ``pdl1 report`` and ``pdl1 init-project``: batch analysis into QuPath projects and its report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bridge.cli.common import console, fail, interrupted, outcome_table, pipeline_config, run_with_progress
+from inference import Pdl1Error
+
+
+def _run_ray_with_progress(inputs, run_config, *, address, progress: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from bridge.engine_ray import run_batch_ray
+
+    if not progress:
+        return run_batch_ray(inputs, run_config, address=address)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+    ) as bar:
+        images = bar.add_task("images (ray)", total=None)
+
+        def on_image(done: int, n: int, name: str) -> None:
+            bar.update(images, completed=done, total=n, description=f"images (ray; last: {name})")
+
+        return run_batch_ray(inputs, run_config, address=address, on_image=on_image)
+
+
+def run(
+    inputs: Annotated[list[Path], typer.Argument(help="A QuPath project (folder or .qpproj), or slide files.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder for plain slides (one GeoJSON + summary each).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Skip images a previous run finished.")] = False,
+    report: Annotated[bool, typer.Option(help="Write the HTML/CSV report afterwards.")] = False,
+    target_class: Annotated[
+        list[str] | None, typer.Option("--class", help="Analyse annotations of this class (repeatable; needs QuPath).")
+    ] = None,
+    target_name: Annotated[
+        list[str] | None, typer.Option("--name", help="Analyse annotations with this name (repeatable; needs QuPath).")
+    ] = None,
+    search_dir: Annotated[
+        list[Path] | None,
+        typer.Option(help="Folder to search, with its subfolders, for slides that moved (repeatable)."),
+    ] = None,
+    qupath: Annotated[
+        str,
+        typer.Option(help="auto: write into the project via paquo when QuPath is found, else sidecars; never; always."),
+    ] = "auto",
+    seg_model: Annotated[
+        Path | None, typer.Option(help="Segmentation ensemble folder (default: shipped demo).")
+    ] = None,
+    nuclei_model: Annotated[Path | None, typer.Option(help="Nuclei model folder (default: shipped demo).")] = None,
+    no_nuclei: Annotated[bool, typer.Option(help="Skip nuclei and TPS.")] = False,
+    refine: Annotated[bool, typer.Option(help="Also report positive area with SUA candidates merged in.")] = False,
+    mpp: Annotated[
+        float | None,
+        typer.Option(
+            min=0.05, help="Microns per pixel of every image, instead of what the project or the files state."
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    engine: Annotated[
+        str, typer.Option(help="local (this process) or ray (one task per image on a Ray cluster).")
+    ] = "local",
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster: auto, or ray://HOST:PORT; a local one when omitted.")
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Segmentation tiles per forward pass (all members see each batch).")
+    ] = 8,
+    read_workers: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Threads reading tiles ahead; default 2 on the CPU; on CUDA 2 when the GPU decodes, "
+            "else all cores but two (at most 12).",
+        ),
+    ] = None,
+    compile_members: Annotated[
+        bool,
+        typer.Option("--compile", help="torch.compile the segmentation members (pays off on GPUs for long batches)."),
+    ] = False,
+    gpu_decode: Annotated[
+        bool | None,
+        typer.Option(
+            "--gpu-decode/--cpu-decode",
+            help="Decode the slides' JPEG tiles on the GPU (nvImageCodec, the gpu-cu12/gpu-cu13 extra) or on "
+            "the CPU. Default: on the GPU wherever possible.",
+            show_default=False,
+        ),
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Analyse every image: segmentation ensemble + uncertainty + SUA + nuclei, then write to QuPath.
+
+    Exits non-zero when any image failed; the others are finished and written all the same.
+    """
+    from bridge.run import RunConfig, iter_failed
+
+    if qupath not in ("auto", "never", "always"):
+        raise typer.BadParameter("expected auto, never or always", param_hint="--qupath")
+    if engine not in ("local", "ray"):
+        raise typer.BadParameter("expected local or ray", param_hint="--engine")
+    if address is not None and engine != "ray":
+        raise typer.BadParameter("--address goes with --engine ray", param_hint="--address")
+    try:
+        run_config = RunConfig(
+            pipeline=pipeline_config(
+                device,
+                seg_model,
+                nuclei_model,
+                mpp,
+                no_nuclei,
+                refine,
+                batch_size=batch_size,
+                read_workers=read_workers,
+                compile_members=compile_members,
+                gpu_decode=gpu_decode,
+            ),
+            out=out,
+            resume=resume,
+            qupath=qupath,
+            target_classes=tuple(target_class or ()),
+            target_names=tuple(target_name or ()),
+            search_dirs=tuple(search_dir or ()),
+        )
+        if engine == "ray":
+            outcomes = _run_ray_with_progress(inputs, run_config, address=address, progress=progress)
+        else:
+            outcomes = run_with_progress(inputs, run_config, progress=progress)
+    except (Pdl1Error, ValueError, OSError) as err:
+        raise fail(err) from err
+    except KeyboardInterrupt:
+        # Each image is written and recorded as it finishes, so stopping loses only the one in progress.
+        raise interrupted(
+            "the images finished before it are written; run the same command with --resume to do the rest"
+        ) from None
+    outcome_table(outcomes)
+    if report:
+        from bridge.report import write_report
+
+        try:
+            html_path, _ = write_report(inputs[0] if out is None else out)
+            typer.echo(f"report: {html_path}")
+        except (Pdl1Error, OSError) as err:  # e.g. every image failed: the table above says why
+            console.print(f"[yellow]no report:[/yellow] {err}")
+    if any(True for _ in iter_failed(outcomes)):
+        raise typer.Exit(code=1)
+
+
+def init_project(
+    folder: Annotated[Path, typer.Argument(help="New, empty project folder.")],
+    slides: Annotated[list[Path], typer.Argument(help="Slides to add.")],
+    qupath: Annotated[
+        str, typer.Option(help="auto: create through paquo when QuPath is found; never; always.")
+    ] = "auto",
+) -> None:
+    """Create a QuPath project with the PD-L1 classes (and colours), the Groovy scripts and a default config."""
+    from bridge.init_project import init_project_files, init_project_qupath
+    from bridge.qupath import qupath_available
+
+    try:
+        ok, why = qupath_available() if qupath != "never" else (False, "")
+        if qupath == "always" and not ok:
+            raise fail(Pdl1Error(why))
+        qpproj = init_project_qupath(folder, slides) if ok else init_project_files(folder, slides)
+    except (Pdl1Error, ValueError, OSError) as err:
+        raise fail(err) from err
+    typer.echo(f"created {qpproj} with {len(slides)} images" + ("" if ok else " (written without QuPath)"))
+
+
+def report_cmd(
+    source: Annotated[Path, typer.Argument(help="A project run by `pdl1 run`, or its --out folder for slides.")],
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: SOURCE/pdl1/report).")] = None,
+) -> None:
+    """HTML and CSV report with per-image thumbnails overlaid with regions, uncertainty and candidates."""
+    from bridge.report import write_report
+
+    try:
+        html_path, csv_path = write_report(source, out)
+    except (Pdl1Error, ValueError, OSError) as err:
+        raise fail(err) from err
+    typer.echo(f"wrote {html_path} and {csv_path}")

@@ -1,0 +1,1 @@
+"""Scoring models against truth: per-slide evaluation, calibration, and the metrics they use."""

@@ -1,0 +1,1 @@
+"""Model files and networks: manifests, safetensors members, the U-Net, the nuclei FCN, ensembles."""

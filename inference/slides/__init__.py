@@ -1,0 +1,1 @@
+"""Reading images: the reader protocol, OpenSlide and direct TIFF tiles, GPU decoding, read-ahead, tissue."""

@@ -1,0 +1,1 @@
+"""Training ensembles the nnUNet-B way: cyclic schedules, augmentation, segmentation and nuclei training."""

@@ -47,6 +47,7 @@ _PUBLIC = {
     "SlideFormatError": "inference.errors",
     "MissingMppError": "inference.errors",
     "RoiError": "inference.errors",
+    "ResolutionError": "inference.errors",
     "ModelFileError": "inference.errors",
     "TruthNotFoundError": "inference.errors",
     "Cancelled": "inference.errors",

@@ -24,6 +24,10 @@ class MissingMppError(Pdl1Error, ValueError):
     """The slide does not state its microns per pixel and none was given."""
 
 
+class ResolutionError(Pdl1Error, ValueError):
+    """The image's pixels are too coarse for a model: reading it at the model's µm/px would enlarge it."""
+
+
 class RoiError(Pdl1Error, ValueError):
     """A region of interest is invalid or lies outside the image."""
 

@@ -177,6 +177,10 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
     width, height = slide.dimensions
     if roi is not None:
         roi = validate_roi(roi, image_size_wh=(width, height))
+    # Before anything reads pixels: an image too coarse for a model is refused, never enlarged whole.
+    slide.require_resolution(models.seg.manifest.input_mpp, reader="the segmentation model")
+    if models.nuclei is not None:
+        slide.require_resolution(models.nuclei.manifest.input_mpp, reader="the nuclei model")
     tissue: TissueMask | None = tissue_mask_for_slide(slide, mpp=config.tissue_mpp) if config.use_tissue else None
     seg_tiles = nuclei_tiles = 0
 

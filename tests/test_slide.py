@@ -5,7 +5,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from inference.errors import MissingMppError, SlideFormatError, SlideNotFoundError
+from inference.errors import MissingMppError, ResolutionError, SlideFormatError, SlideNotFoundError
 from inference.phantom.pyramid import write_phantom
 from inference.phantom.scene import PhantomSpec
 from inference.slides.openslide_reader import OpenSlideReader, qupath_frame
@@ -118,11 +118,25 @@ def test_unreadable_format(tmp_path):
 def test_png_without_mpp_needs_mpp_option(tmp_path):
     path = tmp_path / "small.png"
     Image.fromarray(np.full((64, 80, 3), 200, np.uint8)).save(path)
-    with pytest.raises(MissingMppError, match="--mpp"):
+    with pytest.raises(MissingMppError, match="--mpp") as err:
         open_slide(path)
+    message = str(err.value)
+    # Named once, and the advice fits a picture from a camera, not only a slide scanner.
+    assert message.count("small.png") == 1
+    assert "a plain PNG file states no microns per pixel" in message and "camera" in message
     with open_slide(path, mpp=0.5) as slide:
         assert slide.dimensions == (80, 64)
-        assert slide.mpp == Mpp(0.5, 0.5, "user")
+        assert slide.mpp == Mpp(0.5, 0.5, "--mpp")
+
+
+def test_a_slide_without_mpp_asks_for_the_scanners_value(tmp_path):
+    path = tmp_path / "nompp.tif"
+    pixels = np.zeros((512, 512, 3), np.uint8)
+    tifffile.imwrite(path, pixels, tile=(256, 256), photometric="rgb")  # tiled: OpenSlide opens it
+    with pytest.raises(MissingMppError) as err:
+        open_slide(path)
+    assert str(err.value).count("nompp.tif") == 1
+    assert "the slide states no microns per pixel" in str(err.value) and "scanner" in str(err.value)
 
 
 def test_plain_tiff_with_resolution_tags(tmp_path):
@@ -203,3 +217,29 @@ def test_a_slide_with_a_scanned_area_box_is_read_in_qupaths_frame(phantom_svs, m
             slide.read_region_at_mpp((100, 100), (48, 48), mpp=1.0),
             full.read_region_reduced((400, 300), 0, (96, 96), 2),
         )
+
+
+class _CountingReader(ArrayReader):
+    def __init__(self, rgb):
+        super().__init__(rgb)
+        self.read_px: list[int] = []
+
+    def read_region(self, location_xy, level, size_wh):
+        self.read_px.append(size_wh[0] * size_wh[1])
+        return super().read_region(location_xy, level, size_wh)
+
+
+def test_a_thumbnail_never_enlarges_the_image():
+    reader = _CountingReader(np.zeros((100, 120, 3), np.uint8))
+    slide = Slide(reader, mpp=Mpp(50, 50, "--mpp"))  # a wrong --mpp 50 on a 120 px wide image
+    thumb = slide.thumbnail(mpp=8.0)  # the tissue detector's resolution: 6.25 times finer
+    assert thumb.shape == (100, 120, 3)
+    assert max(reader.read_px) == 100 * 120
+    assert slide.thumbnail(mpp=100.0).shape == (50, 60, 3)  # shrinking is as before
+
+
+def test_reading_a_whole_image_for_a_model_is_refused_beyond_twice_its_pixels():
+    slide = Slide(ArrayReader(np.zeros((64, 64, 3), np.uint8)), mpp=Mpp(2.0, 2.0, "test"))
+    assert slide.whole_at_mpp(1.0, reader="the nuclei model").shape == (128, 128, 3)  # 2x: allowed
+    with pytest.raises(ResolutionError, match=r"the nuclei model reads 0\.5 µm/px: it would enlarge the image 4 times"):
+        slide.whole_at_mpp(0.5, reader="the nuclei model")

@@ -80,7 +80,11 @@ def outcome_table(outcomes) -> None:
         )
     stdout().print(table)
     for o in outcomes:
-        if o.error:
+        if not o.error:
+            continue
+        if o.name in o.error:  # our errors name their file already: say it once
+            console.print(o.error, markup=False, highlight=False)
+        else:
             console.print(f"[red]{o.name}:[/red] {o.error}")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from inference.errors import MissingMppError, SlideFormatError, SlideNotFoundError
+from inference.errors import MissingMppError, ResolutionError, SlideFormatError, SlideNotFoundError
 from inference.slides.openslide_reader import OpenSlideReader, qupath_frame
 from inference.slides.reader import ArrayReader, ReducingReader, RegionReader
 from inference.slides.tiff_tiles import TiffTileReader
@@ -26,6 +26,10 @@ from inference.slides.tiff_tiles import TiffTileReader
 # A plausible range for microns per pixel: below it the number is a misread tag, above
 # it (72 dpi defaults give ~353 µm) the file carries a screen resolution, not a scan.
 MPP_PLAUSIBLE_RANGE = (0.05, 50.0)
+# A model reads at its own µm/px; an image whose pixels are coarser than that by more than this
+# factor would be enlarged into detail the model never saw (and a 2048 px image stated at 50 µm/px,
+# read at 1 µm/px, is 2,500 times its own pixels).
+MAX_ENLARGEMENT = 2.0
 # Images opened without OpenSlide are read whole; beyond this they need a pyramidal format.
 MAX_PLAIN_IMAGE_PX = 20_000 * 20_000
 
@@ -126,11 +130,40 @@ class Slide:
         return level, downsample / self.level_downsamples[level]
 
     def thumbnail(self, *, mpp: float) -> np.ndarray:
-        """The whole image at ``mpp`` µm/px as RGB uint8."""
+        """The whole image at ``mpp`` µm/px as RGB uint8, or at its own µm/px where that is coarser.
+
+        A whole image is never enlarged: at a coarse stated pixel size (a wrong ``--mpp``) that
+        would hold many times the image in memory. The caller takes the scale from the shape.
+        """
+        return self._whole(max(mpp, self.mpp.mean))
+
+    def whole_at_mpp(self, mpp: float, *, reader: str) -> np.ndarray:
+        """The whole image at exactly ``mpp`` µm/px (as a model reads it) as RGB uint8.
+
+        Refused (:meth:`require_resolution`) where that enlarges it beyond :data:`MAX_ENLARGEMENT`.
+        """
+        self.require_resolution(mpp, reader=reader)
+        return self._whole(mpp)
+
+    def _whole(self, mpp: float) -> np.ndarray:
         downsample = mpp / self.mpp.mean
         width, height = self.dimensions
         size = (max(1, round(width / downsample)), max(1, round(height / downsample)))
         return self.read_region_at_mpp((0, 0), size, mpp=mpp)
+
+    def require_resolution(self, mpp: float, *, reader: str) -> None:
+        """Raise :class:`ResolutionError` where reading at ``mpp`` enlarges the image more than :data:`MAX_ENLARGEMENT`.
+
+        ``reader`` names what reads at ``mpp`` ("the segmentation model"), for the message.
+        """
+        enlargement = self.mpp.mean / mpp
+        if enlargement > MAX_ENLARGEMENT:
+            raise ResolutionError(
+                f"{self.path or 'image'}: its pixels are {self.mpp.mean:g} µm (from {self.mpp.source}), but "
+                f"{reader} reads {mpp:g} µm/px: it would enlarge the image {enlargement:.3g} times (at most "
+                f"{MAX_ENLARGEMENT:g} is allowed). Check the pixel size: a wrong --mpp or QuPath calibration is the "
+                "usual cause; 0.25 µm/px is 40x, 0.5 is 20x. An image truly this coarse cannot be analysed"
+            )
 
     def close(self) -> None:
         self.reader.close()
@@ -222,7 +255,24 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, Mpp | None]:
     return rgb, mpp
 
 
-def open_slide(path: str | Path, *, mpp: float | None = None, mpp_source: str = "user") -> Slide:
+def _no_mpp_message(path: Path, *, whole_slide: bool) -> str:
+    """What to do about an image that states no pixel size: scanners and cameras differ."""
+    if whole_slide:
+        source = "the slide states no microns per pixel (no openslide.mpp-x, no TIFF resolution tags)"
+        value = "the scanner's µm/px: 0.25 at 40x, 0.5 at 20x"
+    else:
+        source = f"a plain {path.suffix.lstrip('.').upper() or 'image'} file states no microns per pixel"
+        value = (
+            "the µm/px of the scanner or camera it came from (for a microscope camera: its sensor pixel size "
+            "divided by the total magnification, e.g. 3.45 µm / 20 = 0.17)"
+        )
+    return (
+        f"{path}: {source}. Give {value}, with --mpp, or set the pixel size in QuPath "
+        "(Image tab: Pixel width/height) and analyse the project"
+    )
+
+
+def open_slide(path: str | Path, *, mpp: float | None = None, mpp_source: str = "--mpp") -> Slide:
     """Open an image file.
 
     Parameters
@@ -233,7 +283,7 @@ def open_slide(path: str | Path, *, mpp: float | None = None, mpp_source: str = 
         Microns per pixel at level 0. Overrides the file's own value; required when
         the file states none.
     mpp_source
-        Where ``mpp`` comes from, for messages ("user", "QuPath project").
+        Where ``mpp`` comes from, for messages ("--mpp", "QuPath project").
 
     Raises
     ------
@@ -251,6 +301,7 @@ def open_slide(path: str | Path, *, mpp: float | None = None, mpp_source: str = 
     except openslide.OpenSlideUnsupportedFormatError:
         rgb, file_mpp = _read_plain_image(path)
         reader: RegionReader = ArrayReader(rgb)
+        whole_slide = False
     except openslide.OpenSlideError as err:
         raise SlideFormatError(f"{path}: OpenSlide cannot read it: {err}") from err
     else:
@@ -261,6 +312,7 @@ def open_slide(path: str | Path, *, mpp: float | None = None, mpp_source: str = 
         else:  # a scanned-area box: read in QuPath's frame (its formats are not decoded directly anyway)
             reader = OpenSlideReader(osr, origin_xy=origin_xy, size_wh=size_wh)
         file_mpp = _openslide_mpp(dict(osr.properties))
+        whole_slide = True
     if mpp is not None:
         if mpp <= 0:
             reader.close()
@@ -268,10 +320,7 @@ def open_slide(path: str | Path, *, mpp: float | None = None, mpp_source: str = 
         resolved = Mpp(mpp, mpp, mpp_source)
     elif file_mpp is None:
         reader.close()
-        raise MissingMppError(
-            f"{path}: the file does not state microns per pixel (no openslide.mpp-x, no TIFF "
-            "resolution tags); pass the scanner's value with --mpp, e.g. --mpp 0.25 for 40x"
-        )
+        raise MissingMppError(_no_mpp_message(path, whole_slide=whole_slide))
     else:
         resolved = file_mpp
     try:

@@ -81,7 +81,7 @@ class _NucleiData:
 def load_nuclei_slide(path: str | Path, *, input_mpp: float) -> _NucleiData:
     truth = load_truth(path)
     with open_slide(path) as slide:
-        rgb = slide.thumbnail(mpp=input_mpp)
+        rgb = slide.whole_at_mpp(input_mpp, reader="nuclei training")
         ds = input_mpp / slide.mpp.mean
     return _NucleiData(Path(path).name, rgb, truth.nuclei_xy / ds - 0.5, truth.nuclei_class, truth.summary)
 

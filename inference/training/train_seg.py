@@ -119,7 +119,7 @@ def load_training_slide(path: str | Path, *, input_mpp: float, patch_px: int) ->
     """Read a phantom slide whole at ``input_mpp`` with its truth mask on the same grid."""
     truth = load_truth(path)
     with open_slide(path) as slide:
-        rgb = slide.thumbnail(mpp=input_mpp)
+        rgb = slide.whole_at_mpp(input_mpp, reader="segmentation training")
         ds = input_mpp / slide.mpp.mean
     h, w = rgb.shape[:2]
     ys = np.minimum(((np.arange(h) + 0.5) * ds / truth.mask_downsample).astype(int), truth.positive_mask.shape[0] - 1)

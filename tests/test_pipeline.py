@@ -1,0 +1,44 @@
+"""analyse_slide's checks before it reads pixels."""
+
+import numpy as np
+import pytest
+
+from inference.errors import ResolutionError
+from inference.pipeline import Models, PipelineConfig, analyse_slide
+from inference.slides.reader import ArrayReader
+from inference.slides.slide import Mpp, Slide
+
+
+class _RecordingReader(ArrayReader):
+    def __init__(self, rgb):
+        super().__init__(rgb)
+        self.reads = 0
+
+    def read_region(self, location_xy, level, size_wh):
+        self.reads += 1
+        return super().read_region(location_xy, level, size_wh)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return Models(PipelineConfig(device="cpu"))
+
+
+@pytest.mark.parametrize(
+    ("mpp", "which"),
+    [(50.0, "the segmentation model reads 2 µm/px"), (2.5, "the nuclei model reads 1 µm/px")],
+)
+def test_an_image_too_coarse_for_a_model_is_refused_before_any_pixel_is_read(models, mpp, which):
+    # `--mpp 50` on a 2048 px image once had the tissue detector enlarge it to 12800 px square (GBs).
+    reader = _RecordingReader(np.full((2048, 2048, 3), 230, np.uint8))
+    slide = Slide(reader, mpp=Mpp(mpp, mpp, "--mpp"))
+    with pytest.raises(ResolutionError, match=which):
+        analyse_slide(slide, models=models, config=PipelineConfig(device="cpu"))
+    assert reader.reads == 0
+
+
+def test_without_the_nuclei_model_only_the_segmentation_models_resolution_counts():
+    seg_only = Models(PipelineConfig(device="cpu", run_nuclei=False))
+    slide = Slide(ArrayReader(np.full((1024, 1024, 3), 230, np.uint8)), mpp=Mpp(2.5, 2.5, "--mpp"))
+    result = analyse_slide(slide, models=seg_only, config=PipelineConfig(device="cpu", run_nuclei=False))
+    assert result.mpp == 2.5 and result.nuclei is None

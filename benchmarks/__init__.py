@@ -194,6 +194,7 @@ _REGISTRY: dict[str, str] = {
     "result_pages": "benchmarks.result_pages:ResultPages",
     "seg_gpu": "benchmarks.seg_gpu:SegGpu",
     "nnunet_predictor": "benchmarks.nnunet_predictor:NnunetPredictor",
+    "allocator": "benchmarks.allocator:Allocator",
 }
 
 

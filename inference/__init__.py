@@ -51,6 +51,8 @@ _PUBLIC = {
     "ModelFileError": "inference.errors",
     "TruthNotFoundError": "inference.errors",
     "Cancelled": "inference.errors",
+    # the process
+    "tune_allocator": "inference.allocator",
     # images
     "open_slide": "inference.slides.slide",
     "Slide": "inference.slides.slide",

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from bridge.cli import demo, evaluate, run, serve, train
-from inference import __version__
+from inference import __version__, tune_allocator
 
 app = typer.Typer(
     name="pdl1",
@@ -33,6 +33,7 @@ def main(
     if not isinstance(level, int):
         raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    tune_allocator()  # before any model runs: tile buffers stay in the process (inference.allocator)
 
 
 @app.command()

@@ -26,6 +26,8 @@ from bridge.run import (
     _use_qupath,
     outcome_from_summary,
     output_paths,
+    remove_orphan_parts,
+    resume_skips,
     summary_of,
     write_result_files,
 )
@@ -67,6 +69,7 @@ def run_batch_ray(
     jobs, project, status_folder = _jobs(inputs, config)
     use_qupath = _use_qupath(config, project)
     with run_lock(status_folder):
+        remove_orphan_parts(status_folder, plain_slides=project is None)
         status = RunStatus(status_folder)
         if not ray.is_initialized():
             ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
@@ -76,7 +79,7 @@ def run_batch_ray(
         outcomes: dict[str, ImageOutcome] = {}
         pending: dict[Any, tuple[Any, float, tuple[Path, Path]]] = {}
         for job in jobs:
-            if config.resume and status.is_done(job.key):
+            if config.resume and resume_skips(job, status, project, written_by_qupath=use_qupath):
                 outcomes[job.key] = ImageOutcome(job.key, job.name, "skipped")
             elif job.error is not None:
                 message = f"{type(job.error).__name__}: {job.error}"

@@ -8,18 +8,20 @@ against a project saved by a real QuPath), which QuPath 0.4.4 to 0.6 open; QuPat
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 import uuid
 from pathlib import Path
 
 from bridge.project import ProjectError, path_to_uri, write_json_atomic
-from inference import MissingMppError, open_slide
+from inference import MissingMppError, Pdl1Error, open_slide
 from project_templates import PDL1_TEMPLATE
 from qupath_scripts import script_paths
 
 QUPATH_FORMAT_VERSION = "0.4.4"
 _OPENSLIDE_BUILDER = "qupath.lib.images.servers.openslide.OpenslideServerBuilder"
+log = logging.getLogger(__name__)
 
 
 def server_metadata(slide_path: Path) -> dict:
@@ -67,31 +69,70 @@ def _copy_template(folder: Path) -> None:
     shutil.copy2(PDL1_TEMPLATE / "config.toml", folder / "pdl1-config.toml")
 
 
-def init_project_files(folder: str | Path, slides: list[Path]) -> Path:
-    """Write a new project without QuPath; refuses a folder that already holds one."""
-    folder = Path(folder)
+def settle_slides(slides: list[Path], problems: dict[Path, str], *, skip_unreadable: bool) -> list[Path]:
+    """The slides to add, once every one has been checked: all of them, or with ``skip_unreadable`` the
+    readable ones (the others named in a warning). Refuses, before anything is created, when any slide
+    cannot be added and skipping was not asked for, or when none can."""
+    if not problems:
+        return list(slides)
+    listed = "; ".join(f"{slide}: {why}" for slide, why in problems.items())
+    kept = [s for s in slides if Path(s) not in problems]
+    if not kept:
+        raise ProjectError(f"none of the {len(slides)} slides can be added, so nothing was created: {listed}")
+    if not skip_unreadable:
+        raise ProjectError(
+            f"{len(problems)} of {len(slides)} slides cannot be added, so nothing was created: {listed}; fix or "
+            f"leave them out, or pass --skip-unreadable to create the project with the {len(kept)} that can"
+        )
+    log.warning("left out %d of %d slides that cannot be added: %s", len(problems), len(slides), listed)
+    return kept
+
+
+def _check_slides(slides: list[Path]) -> tuple[dict[Path, dict], dict[Path, str]]:
+    """Every slide opened before anything is written: the metadata of those that open, why the others do not."""
+    metadata: dict[Path, dict] = {}
+    problems: dict[Path, str] = {}
+    for slide in map(Path, slides):
+        if not slide.is_file():
+            problems[slide] = "slide not found"
+            continue
+        try:
+            metadata[slide] = server_metadata(slide)
+        except MissingMppError:
+            problems[slide] = (
+                "states no microns per pixel, which a project entry written without QuPath must carry; create the "
+                "project with QuPath installed (`pdl1 init-project --qupath always`) or in QuPath and set the pixel "
+                "size there (pdl1 run uses what the project saves), or give the scanner's value when analysing "
+                "(`pdl1 run PROJECT --mpp 0.25` for 40x)"
+            )
+        except (Pdl1Error, OSError, ValueError) as err:  # collected: every slide is checked, then all are reported
+            problems[slide] = f"cannot be read ({err})"
+    return metadata, problems
+
+
+def _refuse_existing(folder: Path) -> None:
     qpproj = folder / "project.qpproj"
     if qpproj.exists():
         raise ProjectError(f"{qpproj} exists; init-project creates new projects only")
     if folder.exists() and any(folder.iterdir()):
         raise ProjectError(f"{folder} is not empty; QuPath wants a new, empty folder for a project")
-    missing = [str(s) for s in slides if not Path(s).is_file()]
-    if missing:
-        raise ProjectError(f"slides not found: {', '.join(missing)}")
+
+
+def init_project_files(folder: str | Path, slides: list[Path], *, skip_unreadable: bool = False) -> Path:
+    """Write a new project without QuPath; refuses a folder that already holds one.
+
+    Every slide is opened first; nothing is written unless all can be added (or, with
+    ``skip_unreadable``, the readable ones are added and the others named in a warning).
+    """
+    folder = Path(folder)
+    qpproj = folder / "project.qpproj"
+    _refuse_existing(folder)
+    metadata, problems = _check_slides(slides)
+    slides = settle_slides(slides, problems, skip_unreadable=skip_unreadable)
     images = []
-    metadata = []
-    for slide in slides:  # open every slide first: fail before writing
-        try:
-            metadata.append(server_metadata(Path(slide)))
-        except MissingMppError as err:
-            raise ProjectError(
-                f"{slide} states no microns per pixel, which a project entry written without QuPath must carry; "
-                "create the project with QuPath installed (`pdl1 init-project --qupath always`) or in QuPath and set "
-                "the pixel size there (pdl1 run uses what the project saves), or give the scanner's value when "
-                "analysing (`pdl1 run PROJECT --mpp 0.25` for 40x)"
-            ) from err
     folder.mkdir(parents=True, exist_ok=True)
-    for i, (slide, meta) in enumerate(zip(slides, metadata, strict=True), start=1):
+    for i, slide in enumerate(slides, start=1):
+        meta = metadata[Path(slide)]
         uri = path_to_uri(slide)
         builder = {"providerClassName": _OPENSLIDE_BUILDER, "uri": uri, "args": [], "metadata": meta}
         images.append(
@@ -122,15 +163,35 @@ def init_project_files(folder: str | Path, slides: list[Path]) -> Path:
     return qpproj
 
 
-def init_project_qupath(folder: str | Path, slides: list[Path]) -> Path:
-    """Create the project through paquo (QuPath present)."""
+def init_project_qupath(folder: str | Path, slides: list[Path], *, skip_unreadable: bool = False) -> Path:
+    """Create the project through paquo (QuPath present).
+
+    QuPath tries every slide first, in a throwaway project, so a slide it cannot open leaves no partial
+    project behind (one the next init-project could not open); with ``skip_unreadable`` the readable
+    ones are added and the others named in a warning. Should adding fail anyway, what was created is
+    removed again.
+    """
     from bridge import qupath
 
     folder = Path(folder)
-    with qupath.open_project(folder, mode="x") as project:
-        qupath.ensure_classes(project)
-        for slide in slides:
-            qupath.add_image(project, Path(slide))
-        project.save()
-    _copy_template(folder)
+    _refuse_existing(folder)
+    slides = settle_slides(slides, qupath.unaddable_images(slides), skip_unreadable=skip_unreadable)
+    existed = folder.exists()
+    try:
+        with qupath.open_project(folder, mode="x") as project:
+            qupath.ensure_classes(project)
+            for slide in slides:
+                qupath.add_image(project, Path(slide))
+            project.save()
+        _copy_template(folder)
+    except BaseException:
+        if existed:  # it was empty (checked above): empty it again
+            for child in folder.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     return folder / "project.qpproj"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -23,6 +24,10 @@ STATUS_FILE = "status.json"
 
 class ProjectError(Pdl1Error, ValueError):
     """A QuPath project is missing, malformed or cannot be written."""
+
+
+class DamagedDataError(ProjectError):
+    """An entry's ``data.qpdata`` is empty, cut short or not QuPath data (a kill or a full disk during a save)."""
 
 
 class ImageMovedError(Pdl1Error, FileNotFoundError):
@@ -98,12 +103,42 @@ def path_to_uri(path: str | Path) -> str:
 
 
 def find_project_file(path: str | Path) -> Path:
-    """``project.qpproj`` itself, or the one inside a project folder."""
+    """``project.qpproj`` itself, or the one inside a project folder.
+
+    QuPath saves the project file as ``project.qpproj.tmp``, moves the old one to ``.backup`` and then
+    renames the ``.tmp`` into place: a save killed in between leaves no ``project.qpproj`` but a whole
+    copy beside it, which the error names with the command that restores it.
+    """
     path = Path(path)
     candidate = path / "project.qpproj" if path.is_dir() else path
     if not candidate.is_file():
+        if path.is_dir() or path.suffix == ".qpproj":
+            restorable = _restorable_project_files(candidate)
+            if restorable:
+                best, images = restorable[0]
+                older = "".join(f"; or the older {p.name} ({n} images)" for p, n in restorable[1:])
+                raise ProjectError(
+                    f"{candidate} is missing, but {best} is a whole QuPath project file ({images} images): a save "
+                    f"was interrupted before QuPath renamed it into place; restore it with "
+                    f"`mv '{best}' '{candidate}'`{older}, then run again"
+                )
         raise ProjectError(f"{path}: no QuPath project here (expected a project folder or its project.qpproj)")
     return candidate
+
+
+def _restorable_project_files(qpproj: Path) -> list[tuple[Path, int]]:
+    """QuPath's ``.tmp`` (newest) and ``.backup`` of a missing project file that read as a project,
+    with their image counts."""
+    found = []
+    for suffix in (".tmp", ".backup"):
+        copy = qpproj.with_name(qpproj.name + suffix)
+        try:
+            raw = json.loads(copy.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # absent, unreadable or cut short: not a copy to restore
+            continue
+        if isinstance(raw, dict) and isinstance(raw.get("images"), list):
+            found.append((copy, len(raw["images"])))
+    return found
 
 
 def read_project(path: str | Path) -> ProjectInfo:
@@ -306,6 +341,59 @@ def locate_image(
     raise ImageMovedError(
         f"image of entry {entry.entry_id} ({entry.image_name}) has moved: not at {original},{relative} and no "
         f"{name} in {', '.join(looked)}; pass --search-dir with a folder that holds it (or fix the URI in QuPath)"
+    )
+
+
+# A data.qpdata is a Java serialisation stream (QuPath's ObjectOutputStream): it starts with the
+# stream magic and version, 0xACED 0x0005 (then "Data file version N" in the files QuPath 0.4.4 writes).
+QPDATA_HEADER = b"\xac\xed\x00\x05"
+QPDATA_BACKUP_SUFFIX = ".pdl1-backup"
+
+
+def qpdata_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole QuPath ``data.qpdata`` (None when it reads and starts as one).
+
+    Only the header can be checked without QuPath, so this catches what kills and full disks leave:
+    an empty or cut-short file, one that cannot be read, or one that is not a Java serialisation stream.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(len(QPDATA_HEADER))
+    except FileNotFoundError:
+        return "it is missing"
+    except OSError as err:
+        return f"it cannot be read ({err.strerror or err})"
+    if size == 0:
+        return "it is empty (0 bytes)"
+    if size <= len(QPDATA_HEADER):
+        return f"it is cut short ({size} bytes, not more than the {len(QPDATA_HEADER)}-byte header)"
+    if head != QPDATA_HEADER:
+        return f"it does not start as QuPath data (0x{head.hex().upper()} instead of 0xACED0005)"
+    return None
+
+
+def check_qpdata(data: Path, *, image_name: str) -> None:
+    """Raise :class:`DamagedDataError` when an entry's existing ``data.qpdata`` is damaged, naming the
+    pdl1 backup beside it (if that one is whole) and how to put it back."""
+    problem = qpdata_problem(data)
+    if problem is None or not data.exists():
+        return
+    backup = data.with_name(data.name + QPDATA_BACKUP_SUFFIX)
+    if qpdata_problem(backup) is None:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(backup.stat().st_mtime))
+        fix = (
+            f"the pdl1 backup {backup} (made {when}, before pdl1 last wrote this image) is whole: restore it "
+            f"with `cp '{backup}' '{data}'`, then run again"
+        )
+    else:
+        fix = (
+            f"there is no whole pdl1 backup beside it ({backup.name}: {qpdata_problem(backup)}); restore "
+            f"{data.name} from your own backups, or open the image in QuPath to see what it can recover"
+        )
+    raise DamagedDataError(
+        f"{image_name}: {data} is damaged, {problem}; pdl1 leaves it (and its backup) alone rather than "
+        f"write over the pathologist's objects; {fix}"
     )
 
 

@@ -8,7 +8,10 @@ the paquo 0.9 API that works on QuPath 0.4.4 to 0.6.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,11 +21,11 @@ from shapely.geometry.base import BaseGeometry
 
 from bridge.classes import ALL_CLASSES, PDL1_ANALYSIS, PathClassSpec
 from bridge.objects import TILE_NAME, is_own_object
+from bridge.project import QPDATA_BACKUP_SUFFIX, ProjectError, check_qpdata, qpdata_problem
 from bridge.qupath_geojson import QuPathObject
 from inference import Pdl1Error
 
 log = logging.getLogger(__name__)
-BACKUP_SUFFIX = ".pdl1-backup"
 
 
 class QuPathUnavailableError(Pdl1Error, RuntimeError):
@@ -101,18 +104,47 @@ def annotation_targets(entry: Any, *, classes: tuple[str, ...] = (), names: tupl
 
 
 def backup_data(entry: Any) -> Path | None:
-    """Copy the entry's ``data.qpdata`` aside before writing; returns the backup (None when new)."""
+    """Copy the entry's ``data.qpdata`` aside before writing; returns the backup (None when new).
+
+    A damaged ``data.qpdata`` (what a kill during QuPath's save leaves) raises
+    :class:`~bridge.project.DamagedDataError` before anything reads or replaces it, so the last whole
+    backup survives. The copy goes through a temporary file that must read back whole before it
+    replaces the backup: a full disk leaves the old backup as it was.
+    """
     data = Path(entry.entry_path) / "data.qpdata"
-    if not data.is_file():
+    if not data.exists():
         return None
-    backup = data.with_name(data.name + BACKUP_SUFFIX)
-    shutil.copy2(data, backup)
+    check_qpdata(data, image_name=str(entry.image_name))
+    backup = data.with_name(data.name + QPDATA_BACKUP_SUFFIX)
+    _copy_checked(data, backup)
     return backup
 
 
+def _copy_checked(source: Path, target: Path) -> None:
+    """Copy ``source`` over ``target`` only once the copy is on disk, as long as the source, and reads
+    as QuPath data; else ``target`` is left as it was."""
+    tmp = target.with_name(f"{target.name}.{secrets.token_hex(6)}.part")
+    try:
+        shutil.copy2(source, tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        problem = qpdata_problem(tmp)
+        if problem is None and tmp.stat().st_size != source.stat().st_size:
+            problem = f"it has {tmp.stat().st_size} bytes of {source.stat().st_size}"
+        if problem is not None:
+            raise ProjectError(
+                f"the copy of {source} did not read back whole ({problem}); {target} was left as it was; "
+                "check the disk (full?) and run again"
+            )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def restore_data(entry: Any, backup: Path | None) -> None:
-    if backup is not None and backup.is_file():
-        shutil.copy2(backup, backup.with_name("data.qpdata"))
+    """Put the backup made by :func:`backup_data` back, if it is whole (never a damaged one over the data)."""
+    if backup is not None and qpdata_problem(backup) is None:
+        _copy_checked(backup, backup.with_name("data.qpdata"))
 
 
 def _own_children(parent: Any) -> list[Any]:
@@ -185,10 +217,38 @@ def add_image(project: Any, slide: Path) -> Any:
     return project.add_image(slide, image_type=QuPathImageType.BRIGHTFIELD_H_E)
 
 
-def save_entries(project: Any, entries: Iterable[Any]) -> None:
-    """Save only the touched entries, then the project file (not every image, which is slow)."""
+def unaddable_images(slides: Iterable[Path]) -> dict[Path, str]:
+    """The slides QuPath cannot add to a project, each with QuPath's reason.
+
+    Each is added to a throwaway project in a temporary folder, exactly as the real one will add it
+    (server builder, image size, thumbnail), so a project is only created once all of them can be.
+    """
+    problems: dict[Path, str] = {}
+    with tempfile.TemporaryDirectory(prefix="pdl1-check-") as tmp, open_project(Path(tmp) / "check", mode="x") as trial:
+        for slide in map(Path, slides):
+            if not slide.is_file():
+                problems[slide] = "slide not found"
+                continue
+            try:
+                add_image(trial, slide)
+            except Exception as err:  # collected and reported: QuPath's reasons come as OSError or Java exceptions
+                problems[slide] = f"QuPath cannot add it ({type(err).__name__}: {err})"
+    return problems
+
+
+def save_entries(entries: Iterable[Any]) -> None:
+    """Save the touched entries' ``data.qpdata`` only (not every image, which is slow).
+
+    The project file, which holds the entries' metadata, is saved apart by :func:`save_project`:
+    rewriting it after every image multiplies the moments a kill can catch QuPath between writing
+    ``project.qpproj.tmp`` and renaming it into place.
+    """
     for entry in entries:
         entry.save()
+
+
+def save_project(project: Any) -> None:
+    """Save ``project.qpproj`` (entries, their metadata, the class list) without the images."""
     project.save(images=False)
 
 
@@ -205,5 +265,7 @@ __all__ = [
     "qupath_available",
     "restore_data",
     "save_entries",
+    "save_project",
+    "unaddable_images",
     "write_children",
 ]

@@ -1,8 +1,9 @@
 """Batch runs over QuPath projects or plain slides: targets -> pipeline -> write, image by image.
 
 A failed image is recorded with its error and the batch goes on; finished images are kept
-in a status file so ``--resume`` skips them; every output is written through a temporary
-file and renamed, so a crash never leaves half a file. With QuPath (paquo) the results go
+in a status file so ``--resume`` skips them (once it has checked that what they left is whole);
+every output is written through a temporary file and renamed, so a crash never leaves half a file,
+and the next run removes the temporary files a killed one left. With QuPath (paquo) the results go
 into the project's hierarchy (each touched ``data.qpdata`` backed up first and restored on
 failure); without it they go to GeoJSON sidecars that ``qupath_scripts/pdl1_import_results.groovy``
 imports, and for plain slides to ``OUT/<stem>.geojson``.
@@ -10,8 +11,10 @@ imports, and for plain slides to ``OUT/<stem>.geojson``.
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
+import re
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -30,6 +33,7 @@ from bridge.project import (
     ProjectError,
     RunStatus,
     locate_image,
+    qpdata_problem,
     read_project,
     sidecar_dir,
     write_json_atomic,
@@ -247,6 +251,7 @@ def run_batch(
     jobs, project, status_folder = _jobs(inputs, config)
     use_qupath = _use_qupath(config, project)
     with run_lock(status_folder):
+        remove_orphan_parts(status_folder, plain_slides=project is None)
         status = RunStatus(status_folder)
         qp_session = _QuPathSession(project) if use_qupath else None
         try:
@@ -258,12 +263,42 @@ def run_batch(
                 qp_session.close()
 
 
+_PART = re.compile(r".+\.[0-9a-f]{12}\.part")  # bridge.atomic's temporary files: <name>.<12 hex>.part
+
+
+def remove_orphan_parts(folder: Path, *, plain_slides: bool) -> list[Path]:
+    """Remove the temporary ``*.part`` files a killed run left in this run's own output folders.
+
+    Called with the run lock held, so no other run of this folder is writing them. Only the files
+    :func:`bridge.atomic.replace_atomically` names are removed, and only where runs write: ``pdl1/``
+    (status, sidecars) and, for plain slides, the ``--out`` folder itself; ``pdl1/report`` is left
+    to ``pdl1 report``, which takes no lock.
+    """
+    pdl1 = folder / PDL1_DIR
+    candidates = [p for p in pdl1.rglob("*.part") if (pdl1 / "report") not in p.parents]
+    if plain_slides:
+        candidates += folder.glob("*.part")
+    removed = []
+    for path in sorted(candidates):
+        if _PART.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        log.warning(
+            "removed %d unfinished file(s) an interrupted run left (first: %s); the files they were to replace "
+            "are as that run left them",
+            len(removed),
+            removed[0],
+        )
+    return removed
+
+
 def _run_jobs(jobs, config, models, project, status, qp_session, on_image, on_tiles) -> list[ImageOutcome]:
     outcomes: list[ImageOutcome] = []
     for i, job in enumerate(jobs):
         if on_image is not None:
             on_image(i, len(jobs), job.name)
-        if config.resume and status.is_done(job.key):
+        if config.resume and resume_skips(job, status, project, written_by_qupath=qp_session is not None):
             outcomes.append(ImageOutcome(job.key, job.name, "skipped"))
             continue
         t0 = time.perf_counter()
@@ -296,6 +331,44 @@ def _run_one(job, config, models, project, status_folder, qp_session, on_tiles, 
     return outcome_from_summary(job.key, job.name, summary_data, time.perf_counter() - t0, (geojson, summary))
 
 
+def resume_skips(job: _Job, status: RunStatus, project: Path | None, *, written_by_qupath: bool) -> bool:
+    """Whether ``--resume`` may skip this image: recorded done, and what the run wrote is there and reads.
+
+    ``status.json`` says an image was done; a kill or a full disk afterwards can still have damaged what
+    it wrote, so that is checked here, and an image whose results are not whole is analysed again with a
+    warning that says why.
+    """
+    if not status.is_done(job.key):
+        return False
+    why = _results_problem(job, status, project, written_by_qupath=written_by_qupath)
+    if why is None:
+        return True
+    log.warning("%s: recorded as done by an earlier run, but %s; analysing it again", job.name, why)
+    return False
+
+
+def _results_problem(job: _Job, status: RunStatus, project: Path | None, *, written_by_qupath: bool) -> str | None:
+    geojson, summary = output_paths(job.key, project, status.folder)
+    for path in (geojson, summary):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return f"{path} is missing"
+        except (OSError, ValueError) as err:  # cut short, empty or unreadable
+            return f"{path} does not read ({err})"
+        if path == geojson and not (isinstance(data, dict) and data.get("features")):
+            return f"{path} holds no features"
+    if written_by_qupath and project is not None:
+        data_file = project.parent / "data" / job.key / "data.qpdata"
+        problem = qpdata_problem(data_file)
+        if problem is not None:
+            return f"its QuPath data {data_file} is not whole: {problem}"
+        saved_run = None if job.entry is None else job.entry.metadata.get("PD-L1 run")
+        if saved_run != status.images[job.key].get("run_id"):
+            return "project.qpproj was not saved after it (the run was stopped), so its PD-L1 metadata is missing"
+    return None
+
+
 def output_paths(key: str, project: Path | None, status_folder: Path) -> tuple[Path, Path]:
     """Where an image's GeoJSON and summary go: sidecars of a project entry, or ``OUT/<stem>.*``."""
     if project is not None:
@@ -325,12 +398,15 @@ def outcome_from_summary(
 class _QuPathSession:
     """Writes into a project through paquo: only the driver process does this (one JVM, no threads)."""
 
+    SAVE_PROJECT_EVERY = 25  # images between saves of project.qpproj (entries' data is saved per image)
+
     def __init__(self, project: Path):
         from bridge import qupath
 
         self.qp = qupath
         self._cm = qupath.open_project(project, mode="r+")
         self.project = self._cm.__enter__()
+        self._unsaved = 0  # entries written since project.qpproj was last saved
         qupath.ensure_classes(self.project)
 
     def _entry(self, entry_id: str):
@@ -343,6 +419,8 @@ class _QuPathSession:
         from bridge.objects import result_objects as children
 
         entry = self._entry(job.key)
+        # Before QuPath reads the hierarchy: it would read a damaged data.qpdata as an empty one.
+        backup = self.qp.backup_data(entry)
         targets = self.qp.annotation_targets(entry, classes=config.target_classes, names=config.target_names)
         results: list[tuple[Any, SlideResult]] = []
         if targets:
@@ -354,7 +432,6 @@ class _QuPathSession:
             )
         else:
             results.append((None, job.analyse(models, config, on_tiles)))
-        backup = self.qp.backup_data(entry)
         try:
             for ann, result in results:
                 parent = ann or self.qp.find_or_create_analysis_parent(
@@ -366,16 +443,15 @@ class _QuPathSession:
             merged = _merge_metadata([r for _, r in results])
             for key, value in merged.items():
                 entry.metadata[key] = value
-            self.qp.save_entries(self.project, [entry])
+            self.qp.save_entries([entry])
         except BaseException:
             self.qp.restore_data(entry, backup)
             raise
+        self._written()
         return [r for _, r in results]
 
     def write_sidecar(self, key: str, geojson: Path, summary: Path) -> None:
         """Put a worker's sidecar (parent first, then children) into the entry: the driver's job."""
-        import json
-
         from bridge.qupath_geojson import read_features
 
         entry = self._entry(key)
@@ -387,13 +463,29 @@ class _QuPathSession:
             self.qp.write_children(entry, parent, children, parent_obj.measurements)
             for k, v in json.loads(summary.read_text())["metadata"].items():
                 entry.metadata[k] = v
-            self.qp.save_entries(self.project, [entry])
+            self.qp.save_entries([entry])
         except BaseException:
             self.qp.restore_data(entry, backup)
             raise
+        self._written()
+
+    def _written(self) -> None:
+        """An entry's data is saved; its metadata reaches project.qpproj every SAVE_PROJECT_EVERY images
+        and at the end (``--resume`` runs again the images whose metadata a kill kept from it)."""
+        self._unsaved += 1
+        if self._unsaved >= self.SAVE_PROJECT_EVERY:
+            self.save_project()
+
+    def save_project(self) -> None:
+        if self._unsaved:
+            self.qp.save_project(self.project)
+            self._unsaved = 0
 
     def close(self) -> None:
-        self._cm.__exit__(None, None, None)
+        try:
+            self.save_project()  # also after Ctrl-C: the images finished before it keep their metadata
+        finally:
+            self._cm.__exit__(None, None, None)
 
 
 def _merge_metadata(results: list[SlideResult]) -> dict[str, str]:

@@ -3,7 +3,9 @@
 Two runs writing one project would interleave their run status and, through paquo, their
 ``data.qpdata`` writes; the second run is refused instead, naming the first. The lock is a file
 created exclusively (``<folder>/pdl1/run.lock``, holding who made it) and removed when the run ends,
-also on Ctrl-C. A lock left by a run that died on this machine is taken over; one from another
+also on Ctrl-C. Its content is written to a temporary file first and hard-linked into place, so a
+full disk fails the run with no lock left behind. A lock left by a run that died on this machine is
+taken over, and so is an empty or unreadable one older than a minute; a whole one from another
 machine is not guessed about.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import sys
 import time
@@ -22,6 +25,7 @@ from typing import Any
 from bridge.project import PDL1_DIR, ProjectError
 
 LOCK_FILE = "run.lock"
+STALE_UNREADABLE_S = 60.0  # an empty or unreadable lock older than this is left by a run that died
 
 
 def _alive(pid: int) -> bool:
@@ -44,6 +48,55 @@ def _holder(path: Path) -> dict[str, Any]:
     return holder if isinstance(holder, dict) else {}
 
 
+def _write_holder(folder: Path, me: dict[str, Any]) -> Path:
+    """The lock's content in a temporary file of its own, on disk before it can become the lock."""
+    tmp = folder / f"{LOCK_FILE}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "x", encoding="utf-8") as fh:
+            json.dump(me, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _place(tmp: Path, path: Path) -> None:
+    """Make ``tmp`` the lock, or raise FileExistsError: a hard link is atomic and exclusive, so the lock
+    never exists without its content. Where hard links are refused (some network or FAT drives) it is
+    created exclusively and written in one call, and removed again if that write fails."""
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links on this drive
+        pass
+    data = tmp.read_bytes()
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, data)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+
+
+def _stale(path: Path, holder: dict[str, Any], host: str) -> bool:
+    """A lock nobody holds: its run died on this machine, or it is empty or unreadable and old (a run
+    that died before writing it; one writing it right now would have finished within the minute)."""
+    pid = holder.get("pid")
+    if holder:
+        return holder.get("host") == host and isinstance(pid, int) and not _alive(pid)
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return True
+    return age > STALE_UNREADABLE_S
+
+
 @contextmanager
 def run_lock(folder: Path) -> Iterator[Path]:
     """Hold ``<folder>/pdl1/run.lock`` for the duration; :class:`ProjectError` if another run holds it."""
@@ -55,24 +108,40 @@ def run_lock(folder: Path) -> Iterator[Path]:
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(sys.argv),
     }
-    for attempt in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _holder(path)
-            pid = holder.get("pid")
-            stale = holder.get("host") == me["host"] and isinstance(pid, int) and not _alive(pid)
-            if stale and attempt == 0:
-                path.unlink(missing_ok=True)  # its run died without cleaning up
-                continue
-            who = f"pid {pid} on {holder.get('host', '?')} since {holder.get('started', '?')}" if holder else "?"
-            raise ProjectError(
-                f"{folder}: another pdl1 run is writing here ({who}); wait for it to finish, or delete {path} "
-                "if that run is no longer going"
-            ) from None
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(me, fh)
-        break
+    try:
+        tmp = _write_holder(path.parent, me)
+    except OSError as err:
+        raise ProjectError(
+            f"{path}: cannot write the run lock ({err.strerror or err}); nothing was started or left behind; "
+            "free some space on that drive (or fix its permissions) and run again"
+        ) from err
+    try:
+        for attempt in range(2):
+            try:
+                _place(tmp, path)
+            except FileExistsError:
+                holder = _holder(path)
+                if attempt == 0 and _stale(path, holder, me["host"]):
+                    path.unlink(missing_ok=True)  # its run died without cleaning up
+                    continue
+                pid = holder.get("pid")
+                who = (
+                    f"pid {pid} on {holder.get('host', '?')} since {holder.get('started', '?')}"
+                    if holder
+                    else "an empty or unreadable lock, less than a minute old"
+                )
+                raise ProjectError(
+                    f"{folder}: another pdl1 run is writing here ({who}); wait for it to finish, or delete {path} "
+                    "if that run is no longer going"
+                ) from None
+            except OSError as err:
+                raise ProjectError(
+                    f"{path}: cannot create the run lock ({err.strerror or err}); free some space on that drive "
+                    "(or fix its permissions) and run again"
+                ) from err
+            break
+    finally:
+        tmp.unlink(missing_ok=True)
     try:
         yield path
     finally:

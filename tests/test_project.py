@@ -8,6 +8,7 @@ import pytest
 
 from bridge.init_project import init_project_files
 from bridge.project import (
+    QPDATA_HEADER,
     ImageMovedError,
     ImageSearch,
     ProjectEntry,
@@ -15,6 +16,7 @@ from bridge.project import (
     RunStatus,
     locate_image,
     moved_with_project,
+    qpdata_problem,
     read_project,
     uri_to_path,
 )
@@ -246,7 +248,7 @@ def test_init_project_refuses_to_overwrite(tmp_path, phantom_svs):
 
 
 def test_init_project_with_a_missing_slide_writes_nothing(tmp_path):
-    with pytest.raises(ProjectError, match="slides not found"):
+    with pytest.raises(ProjectError, match=r"nope\.svs: slide not found"):
         init_project_files(tmp_path / "p", [tmp_path / "nope.svs"])
     assert not (tmp_path / "p").exists()
 
@@ -268,3 +270,67 @@ def test_run_status_round_trip(tmp_path):
     status.record("2", state="failed", error="x")
     again = RunStatus(tmp_path)
     assert again.is_done("1") and not again.is_done("2") and not again.is_done("3")
+
+
+def test_a_project_file_lost_in_an_interrupted_save_is_named_with_how_to_restore_it(fixtures_dir, tmp_path):
+    project = tmp_path / "p"
+    shutil.copytree(fixtures_dir / "qupath-0.4.4-project", project)
+    qpproj = project / "project.qpproj"
+    whole = qpproj.read_text()
+    (project / "project.qpproj.backup").write_text(whole)
+    qpproj.rename(project / "project.qpproj.tmp")  # QuPath wrote .tmp, moved the old file to .backup, then died
+    tmp = project / "project.qpproj.tmp"
+    expected = (
+        rf"project\.qpproj is missing, but {tmp} is a whole QuPath project file \(1 images\).*`mv '{tmp}' '{qpproj}'`"
+    )
+    for where in (project, qpproj):
+        with pytest.raises(ProjectError, match=expected + r"; or the older project\.qpproj\.backup"):
+            read_project(where)
+    tmp.write_text(whole[: len(whole) // 2])  # killed while writing the .tmp: only the backup is whole
+    with pytest.raises(ProjectError, match=rf"but {project / 'project.qpproj.backup'} is a whole"):
+        read_project(project)
+    (project / "project.qpproj.backup").unlink()
+    with pytest.raises(ProjectError, match="no QuPath project here"):
+        read_project(project)
+
+
+def test_qpdata_problems_are_the_damage_kills_and_full_disks_leave(fixtures_dir, tmp_path):
+    real = next((fixtures_dir / "qupath-0.4.4-labels" / "project" / "data").glob("*/data.qpdata"))
+    assert real.read_bytes()[:4] == QPDATA_HEADER and qpdata_problem(real) is None
+    path = tmp_path / "data.qpdata"
+    for content, problem in (
+        (b"", "empty"),
+        (QPDATA_HEADER, "cut short"),
+        (b'{"not": "java"}', "does not start as QuPath data"),
+    ):
+        path.write_bytes(content)
+        assert problem in qpdata_problem(path)
+    assert "missing" in qpdata_problem(tmp_path / "none.qpdata")
+
+
+def test_init_project_checks_every_slide_first_and_creates_nothing_unless_all_can_be_added(tmp_path, phantom_svs):
+    corrupt = tmp_path / "corrupt.svs"
+    corrupt.write_bytes(b"not a slide")
+    missing = tmp_path / "missing.svs"
+    refused = (
+        r"2 of 3 slides cannot be added, so nothing was created: "
+        r".*corrupt\.svs: cannot be read.*missing\.svs: slide not found.*--skip-unreadable"
+    )
+    with pytest.raises(ProjectError, match=refused):
+        init_project_files(tmp_path / "p", [phantom_svs, corrupt, missing])
+    assert not (tmp_path / "p").exists()
+    qpproj = init_project_files(tmp_path / "p", [phantom_svs])  # the next init-project starts clean
+    assert [e.image_name for e in read_project(qpproj).entries] == ["p1.svs"]
+
+
+def test_init_project_can_add_the_readable_slides_and_name_the_others(tmp_path, phantom_svs, caplog):
+    corrupt = tmp_path / "corrupt.svs"
+    corrupt.write_bytes(b"not a slide")
+    with caplog.at_level("WARNING", logger="bridge.init_project"):
+        qpproj = init_project_files(tmp_path / "p", [corrupt, phantom_svs], skip_unreadable=True)
+    assert [e.image_name for e in read_project(qpproj).entries] == ["p1.svs"]
+    assert read_project(qpproj).entries[0].entry_id == "1"
+    assert "left out 1 of 2 slides" in caplog.text and "corrupt.svs" in caplog.text
+    with pytest.raises(ProjectError, match="none of the 1 slides can be added"):
+        init_project_files(tmp_path / "q", [corrupt], skip_unreadable=True)
+    assert not (tmp_path / "q").exists()

@@ -5,11 +5,15 @@ colours, measurements, counts, parent/child placement and metadata; run again an
 duplicated and the pathologist's own objects are untouched.
 """
 
+import shutil
+from pathlib import Path
+
 import pytest
 from shapely.geometry import box
 
 from bridge.classes import ALL_CLASSES
 from bridge.init_project import init_project_qupath
+from bridge.project import ProjectError, read_project
 from bridge.run import RunConfig, run_batch
 from inference.pipeline import Models, PipelineConfig
 
@@ -119,3 +123,61 @@ def test_read_only_use_leaves_the_project_bytes_unchanged(tmp_path, phantom_svs)
     with qupath.open_project(project_dir, mode="r") as project:
         assert len(project.images) == 1
     assert before == {p: p.read_bytes() for p in project_dir.rglob("*") if p.is_file()}
+
+
+def test_init_project_creates_nothing_when_qupath_cannot_add_a_slide(tmp_path, phantom_svs):
+    from paquo.projects import QuPathProject
+
+    corrupt = tmp_path / "corrupt.svs"
+    corrupt.write_bytes(b"not a slide")
+    folder = tmp_path / "qp"
+    refused = r"1 of 2 slides cannot be added, so nothing was created: .*corrupt\.svs: QuPath cannot add it.*--skip"
+    with pytest.raises(ProjectError, match=refused):
+        init_project_qupath(folder, [phantom_svs, corrupt])
+    assert not folder.exists()
+    init_project_qupath(folder, [phantom_svs])  # the next init-project is not blocked by a partial project
+    with QuPathProject(folder, mode="r") as qp:
+        assert len(qp.images) == 1
+
+
+def test_init_project_through_qupath_can_leave_out_the_slides_it_cannot_add(tmp_path, phantom_svs, caplog):
+    corrupt = tmp_path / "corrupt.svs"
+    corrupt.write_bytes(b"not a slide")
+    with caplog.at_level("WARNING", logger="bridge.init_project"):
+        qpproj = init_project_qupath(tmp_path / "qp", [corrupt, phantom_svs], skip_unreadable=True)
+    assert [Path(e.path).name for e in read_project(qpproj).entries] == [phantom_svs.name]
+    assert "left out 1 of 2 slides" in caplog.text and "corrupt.svs" in caplog.text
+
+
+def test_a_damaged_data_file_fails_alone_keeps_its_backup_and_the_project_is_saved_once(
+    tmp_path, phantom_svs, models, monkeypatch
+):
+    from paquo.projects import QuPathProject
+
+    second = tmp_path / "second.svs"
+    shutil.copy(phantom_svs, second)
+    project_dir = tmp_path / "qp"
+    init_project_qupath(project_dir, [phantom_svs, second])
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="always")
+    saves = []
+    real_save = QuPathProject.save
+
+    def counted_save(self, images=True):
+        saves.append(images)
+        return real_save(self, images=images)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(QuPathProject, "save", counted_save)
+        assert [o.state for o in run_batch([project_dir], config, models=models)] == ["done", "done"]
+    assert saves == [False]  # project.qpproj once for the run, not after each image
+
+    assert [o.state for o in run_batch([project_dir], config, models=models)] == ["done", "done"]
+    data = project_dir / "data" / "1" / "data.qpdata"
+    backup = data.with_name("data.qpdata.pdl1-backup")
+    good = backup.read_bytes()
+    assert good[:4] == b"\xac\xed\x00\x05"
+    data.write_bytes(b"")  # what a kill during QuPath's save left
+    outcomes = run_batch([project_dir], config, models=models)
+    assert [o.state for o in outcomes] == ["failed", "done"]
+    assert "is damaged, it is empty (0 bytes)" in outcomes[0].error and f"`cp '{backup}' '{data}'`" in outcomes[0].error
+    assert backup.read_bytes() == good and data.read_bytes() == b""

@@ -9,7 +9,7 @@ import pytest
 
 from bridge.init_project import init_project_files
 from bridge.objects import is_own_object
-from bridge.project import ProjectError, RunStatus
+from bridge.project import DamagedDataError, ProjectError, RunStatus, read_project
 from bridge.qupath_geojson import read_features
 from bridge.report import write_report
 from bridge.run import RunConfig, run_batch
@@ -233,3 +233,168 @@ def test_a_report_of_nothing_is_refused_and_writes_nothing(tmp_path):
     with pytest.raises(ProjectError, match="pdl1 run PROJECT"):
         write_report(tmp_path / "empty")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["empty"]
+
+
+def test_resume_runs_again_a_done_image_whose_files_were_damaged_and_says_why(tmp_path, slides, models, caplog):
+    out = tmp_path / "out"
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never", out=out)
+    assert [o.state for o in run_batch(slides, config, models=models)] == ["done", "done"]
+    (out / "s31.geojson").write_text('{"type":"FeatureCollection","features":[\n{"type":')  # a kill mid-write
+    (out / "s32.summary.json").unlink()
+    resume = RunConfig(pipeline=config.pipeline, qupath="never", out=out, resume=True)
+    with caplog.at_level("WARNING", logger="bridge.run"):
+        again = run_batch(slides, resume, models=models)
+    assert [o.state for o in again] == ["done", "done"]
+    assert re.search(r"s31\.svs: recorded as done by an earlier run, but .*s31\.geojson does not read", caplog.text)
+    assert re.search(r"s32\.svs: recorded as done .*/s32\.summary\.json is missing; analysing it again", caplog.text)
+    assert len(list(read_features(out / "s31.geojson"))) > 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bridge.run"):
+        assert [o.state for o in run_batch(slides, resume, models=models)] == ["skipped", "skipped"]
+    assert "recorded as done" not in caplog.text
+
+
+def test_orphan_part_files_of_a_killed_run_are_removed_from_its_own_folders_only(tmp_path, caplog):
+    out = tmp_path / "out"
+    corrupt = tmp_path / "c.svs"
+    corrupt.write_bytes(b"not a slide")
+    orphans = [
+        out / "c.geojson.0123456789ab.part",
+        out / "pdl1" / "status.json.a1b2c3d4e5f6.part",
+        out / "pdl1" / "7" / "objects.geojson.bbbbbbbbbbbb.part",
+    ]
+    kept = [
+        out / "notes.part",  # not a name bridge.atomic makes
+        out / "elsewhere" / "x.geojson.dddddddddddd.part",  # not where a plain-slides run writes
+        out / "pdl1" / "report" / "report.html.cccccccccccc.part",  # pdl1 report's, which takes no lock
+    ]
+    for path in orphans + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("half")
+    with caplog.at_level("WARNING", logger="bridge.run"):
+        (outcome,) = run_batch([corrupt], _config(out=out))
+    assert outcome.state == "failed"
+    assert [p for p in orphans if p.exists()] == []
+    assert all(p.exists() for p in kept)
+    assert "removed 3 unfinished file(s) an interrupted run left" in caplog.text
+
+
+# Writing into a project through QuPath, with paquo's objects replaced by fakes that save as QuPath does:
+# what the bridge does around them (backups, resume, when the project file is saved) needs no QuPath.
+
+
+class _FakeEntry:
+    def __init__(self, folder: Path, image: dict, qpdata: bytes):
+        self.entry_id = str(image["entryID"])
+        self.image_name = image["imageName"]
+        self.entry_path = folder / "data" / self.entry_id
+        self.metadata: dict[str, str] = dict(image["metadata"])
+        self.qpdata = qpdata
+
+    def save(self) -> None:  # QuPath writes the entry's objects
+        (self.entry_path / "data.qpdata").write_bytes(self.qpdata)
+
+
+class _FakeProject:
+    def __init__(self, folder: Path, qpdata: bytes):
+        self.qpproj = folder / "project.qpproj"
+        self.images = [_FakeEntry(folder, i, qpdata) for i in json.loads(self.qpproj.read_text())["images"]]
+        self.saves = 0
+
+    def save(self, images: bool = True) -> None:  # QuPath rewrites project.qpproj with the entries' metadata
+        assert not images
+        self.saves += 1
+        raw = json.loads(self.qpproj.read_text())
+        for image, entry in zip(raw["images"], self.images, strict=True):
+            image["metadata"] = entry.metadata
+        self.qpproj.write_text(json.dumps(raw))
+
+
+@pytest.fixture
+def fake_qupath(monkeypatch, fixtures_dir):
+    """paquo's side faked; returns the hierarchy reads and the projects opened."""
+    from contextlib import contextmanager
+
+    from bridge import qupath
+
+    qpdata = next((fixtures_dir / "qupath-0.4.4-labels" / "project" / "data").glob("*/data.qpdata")).read_bytes()
+    seen: dict = {"read": [], "projects": [], "qpdata": qpdata}
+
+    @contextmanager
+    def open_project(path, *, mode="r+"):
+        seen["projects"].append(_FakeProject(Path(path).parent, qpdata))  # as run passes it: the .qpproj
+        yield seen["projects"][-1]
+
+    def annotation_targets(entry, *, classes=(), names=()):
+        seen["read"].append(entry.entry_id)  # QuPath reads data.qpdata here
+        return []
+
+    monkeypatch.setattr(qupath, "qupath_available", lambda: (True, ""))
+    monkeypatch.setattr(qupath, "open_project", open_project)
+    monkeypatch.setattr(qupath, "ensure_classes", lambda project: None)
+    monkeypatch.setattr(qupath, "annotation_targets", annotation_targets)
+    monkeypatch.setattr(qupath, "find_or_create_analysis_parent", lambda entry, geometry: object())
+    monkeypatch.setattr(qupath, "write_children", lambda entry, parent, objects, measurements: 0)
+    return seen
+
+
+def test_through_qupath_a_damaged_entry_keeps_its_backup_and_resume_checks_what_it_skips(
+    tmp_path, slides, models, fake_qupath, caplog
+):
+    project = tmp_path / "project"
+    init_project_files(project, [slides[0], slides[1], slides[0]])
+    data = project / "data" / "1" / "data.qpdata"
+    data.write_bytes(fake_qupath["qpdata"])  # the pathologist's annotations
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="always")
+    first = run_batch([project], config, models=models)
+    assert [o.state for o in first] == ["done", "done", "done"]
+    # project.qpproj is saved once for the run, not after every image
+    assert fake_qupath["projects"][0].saves == 1
+    assert [e.metadata["PD-L1 run"] for e in read_project(project).entries] == [o.run_id for o in first]
+    backup = data.with_name("data.qpdata.pdl1-backup")
+    assert backup.read_bytes() == fake_qupath["qpdata"]
+
+    data.write_bytes(b"")  # killed while QuPath saved entry 1
+    raw = json.loads((project / "project.qpproj").read_text())
+    raw["images"][1]["metadata"] = {}  # killed before project.qpproj took entry 2's metadata
+    (project / "project.qpproj").write_text(json.dumps(raw))
+    fake_qupath["read"].clear()
+    with caplog.at_level("WARNING", logger="bridge.run"):
+        again = run_batch([project], RunConfig(pipeline=config.pipeline, qupath="always", resume=True), models=models)
+    assert [o.state for o in again] == ["failed", "done", "skipped"]
+    assert "s31.svs: recorded as done by an earlier run, but its QuPath data" in caplog.text
+    assert "it is empty (0 bytes); analysing it again" in caplog.text
+    assert "s32.svs: recorded as done by an earlier run, but project.qpproj was not saved after it" in caplog.text
+    assert "is damaged, it is empty (0 bytes)" in again[0].error
+    assert f"the pdl1 backup {backup}" in again[0].error and f"`cp '{backup}' '{data}'`" in again[0].error
+    assert backup.read_bytes() == fake_qupath["qpdata"]  # the good backup survives
+    assert data.read_bytes() == b"" and fake_qupath["read"] == ["2"]  # QuPath never read the damaged file
+
+
+def test_a_backup_is_only_replaced_by_a_copy_that_reads_back_whole(tmp_path, fixtures_dir, monkeypatch):
+    from types import SimpleNamespace
+
+    from bridge import qupath
+
+    good = next((fixtures_dir / "qupath-0.4.4-labels" / "project" / "data").glob("*/data.qpdata")).read_bytes()
+    entry = SimpleNamespace(entry_path=tmp_path, image_name="he-1357.svs")
+    data = tmp_path / "data.qpdata"
+    data.write_bytes(good)
+    backup = qupath.backup_data(entry)
+    assert backup.read_bytes() == good
+    for damaged in (b"", b"\xac\xed", b"PK\x03\x04 a zip, not QuPath data"):
+        data.write_bytes(damaged)
+        with pytest.raises(DamagedDataError, match=rf"is damaged.*the pdl1 backup {backup} .* is whole"):
+            qupath.backup_data(entry)
+        assert backup.read_bytes() == good
+    qupath.restore_data(entry, backup)
+    assert data.read_bytes() == good
+
+    data.write_bytes(good[:-100] + b"\x00" * 100)  # a newer state, copied onto a full disk:
+    monkeypatch.setattr(qupath.shutil, "copy2", lambda src, dst: Path(dst).write_bytes(Path(src).read_bytes()[:9]))
+    with pytest.raises(ProjectError, match=r"did not read back whole \(it has 9 bytes of \d+\).*left as it was"):
+        qupath.backup_data(entry)
+    assert backup.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == [
+        "data.qpdata",
+        "data.qpdata.pdl1-backup",
+    ]

@@ -1,9 +1,12 @@
 """One pdl1 run per project: a second is refused, naming the first; a dead run's lock is taken over."""
 
+import errno
 import json
+import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -64,3 +67,32 @@ def test_a_lock_from_another_machine_is_not_second_guessed(tmp_path):
     with pytest.raises(ProjectError, match=theirs), run_lock(tmp_path):
         pass
     assert path.exists()  # still theirs
+
+
+def test_a_full_disk_leaves_no_lock_behind(tmp_path, monkeypatch):
+    def disk_full(obj, fh, *args, **kwargs):
+        fh.write("{")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    full = r"cannot write the run lock \(No space left on device\).*free some space"
+    with monkeypatch.context() as patch:
+        patch.setattr(json, "dump", disk_full)
+        with pytest.raises(ProjectError, match=full), run_lock(tmp_path):
+            pass
+    assert list((tmp_path / "pdl1").iterdir()) == []
+    with run_lock(tmp_path) as path:  # the next run is not blocked
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("content", ["", '{"pid": 12'])
+def test_an_empty_or_unreadable_lock_is_taken_over_once_a_minute_old(tmp_path, content):
+    path = tmp_path / "pdl1" / "run.lock"
+    path.parent.mkdir()
+    path.write_text(content)
+    with pytest.raises(ProjectError, match="an empty or unreadable lock, less than a minute old"), run_lock(tmp_path):
+        pass  # a run may be writing it this instant
+    old = time.time() - 61
+    os.utime(path, (old, old))
+    with run_lock(tmp_path) as taken:
+        assert json.loads(taken.read_text())["pid"] == os.getpid()
+    assert not path.exists()

@@ -158,19 +158,38 @@ def init_project(
     qupath: Annotated[
         str, typer.Option(help="auto: create through paquo when QuPath is found; never; always.")
     ] = "auto",
+    skip_unreadable: Annotated[
+        bool,
+        typer.Option(
+            help="Add the slides that can be read and name the others, instead of creating nothing when one "
+            "cannot be read."
+        ),
+    ] = False,
 ) -> None:
-    """Create a QuPath project with the PD-L1 classes (and colours), the Groovy scripts and a default config."""
+    """Create a QuPath project with the PD-L1 classes (and colours), the Groovy scripts and a default config.
+
+    Every slide is checked first: the project is created only when all can be added (or, with
+    --skip-unreadable, with those that can).
+    """
     from bridge.init_project import init_project_files, init_project_qupath
+    from bridge.project import read_project
     from bridge.qupath import qupath_available
 
     try:
         ok, why = qupath_available() if qupath != "never" else (False, "")
         if qupath == "always" and not ok:
             raise fail(Pdl1Error(why))
-        qpproj = init_project_qupath(folder, slides) if ok else init_project_files(folder, slides)
+        make = init_project_qupath if ok else init_project_files
+        qpproj = make(folder, slides, skip_unreadable=skip_unreadable)
+        added = len(read_project(qpproj).entries)
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
-    typer.echo(f"created {qpproj} with {len(slides)} images" + ("" if ok else " (written without QuPath)"))
+    count = (
+        f"{added} images"
+        if added == len(slides)
+        else f"{added} of {len(slides)} images (the warning names those left out)"
+    )
+    typer.echo(f"created {qpproj} with {count}" + ("" if ok else " (written without QuPath)"))
 
 
 def report_cmd(

@@ -24,6 +24,7 @@ from bridge.run import (
     _jobs,
     _QuPathSession,
     _use_qupath,
+    failure_message,
     outcome_from_summary,
     output_paths,
     remove_orphan_parts,
@@ -39,10 +40,11 @@ _MODELS: dict[str, Any] = {}  # per worker process: models load once, not per im
 
 def analyse_to_files(job: _Job, geojson: str, summary: str, entry_id: str | None, config: RunConfig) -> dict:
     """Runs in a Ray worker: analyse one image and write its files; returns the summary dict."""
-    from inference import Models
+    from inference import Models, tune_allocator
 
     key = config.pipeline.digest()
     if key not in _MODELS:
+        tune_allocator()  # a worker is a process of its own: as the CLI does for pdl1 run
         _MODELS.clear()
         _MODELS[key] = Models(config.pipeline)
     result = job.analyse(_MODELS[key], config)
@@ -82,7 +84,7 @@ def run_batch_ray(
             if config.resume and resume_skips(job, status, project, written_by_qupath=use_qupath):
                 outcomes[job.key] = ImageOutcome(job.key, job.name, "skipped")
             elif job.error is not None:
-                message = f"{type(job.error).__name__}: {job.error}"
+                message = failure_message(job.error)
                 outcomes[job.key] = ImageOutcome(job.key, job.name, "failed", error=message)
                 status.record(job.key, state="failed", error=message, image=job.name)
             else:
@@ -105,7 +107,7 @@ def run_batch_ray(
                     raise
                 except Exception as err:  # recorded per image; the batch goes on
                     cause = getattr(err, "cause", None) or err
-                    message = f"{type(cause).__name__}: {cause}"
+                    message = failure_message(cause)
                     log.debug("image %s failed:\n%s", job.name, traceback.format_exc())
                     outcomes[job.key] = ImageOutcome(
                         job.key, job.name, "failed", time.perf_counter() - t0, error=message

@@ -310,13 +310,25 @@ def _run_jobs(jobs, config, models, project, status, qp_session, on_image, on_ti
             raise
         except Exception as err:  # one image's failure must not stop the batch; it is recorded and reported
             log.debug("image %s failed:\n%s", job.name, traceback.format_exc())
-            message = f"{type(err).__name__}: {err}"
+            message = failure_message(err)
             outcome = ImageOutcome(job.key, job.name, "failed", time.perf_counter() - t0, error=message)
             status.record(job.key, state="failed", error=message, image=job.name)
         else:
             status.record(job.key, state="done", image=job.name, run_id=outcome.run_id, seconds=outcome.seconds)
         outcomes.append(outcome)
     return outcomes
+
+
+def failure_message(err: BaseException) -> str:
+    """What a user reads about a failed image: our errors say what and how to fix it in their message;
+    a foreign error needs its class to mean anything (``KeyError: 'x'``).
+
+    >>> failure_message(Pdl1Error("slide.svs: not found"))
+    'slide.svs: not found'
+    >>> failure_message(KeyError("x"))
+    "KeyError: 'x'"
+    """
+    return str(err) if isinstance(err, Pdl1Error) else f"{type(err).__name__}: {err}"
 
 
 def _run_one(job, config, models, project, status_folder, qp_session, on_tiles, t0) -> ImageOutcome:

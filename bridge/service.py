@@ -3,34 +3,45 @@
 Submit -> 202 + job id -> poll -> result. One inference worker thread owns the device and runs
 jobs in order; models load once at start-up. Security: loopback by default; any other bind
 needs a token, which every request must then carry (``Authorization: Bearer ...``); images
-are opened only under ``--allow-root`` folders (symlinks resolved, so no escape); request
-bodies are size-limited.
+are opened only under ``--allow-root`` folders, checked when a job is submitted and again on
+the file the worker opens (symlinks resolved, so no escape, also not by a folder swapped for a
+symlink while the job waited); request bodies are size-limited and the queue is bounded
+(uploads wait compressed). Every input error answers 4xx with a JSON ``detail``.
 """
 
 from __future__ import annotations
 
-import inspect
+import errno
 import io
 import logging
 import math
+import os
 import queue
 import secrets
+import shutil
+import tempfile
 import threading
 import time
 import uuid
 from collections import deque
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, PositiveInt, field_validator
+from shapely.errors import ShapelyError
 from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bridge.objects import feature_page, parent_measurements
 from bridge.project import uri_to_path
@@ -50,6 +61,7 @@ from inference import (
     SlideResult,
     __version__,
     analyse_slide,
+    open_slide,
 )
 
 log = logging.getLogger(__name__)
@@ -77,6 +89,14 @@ class RequestTooLargeError(Pdl1Error, ValueError):
     """A request body over the service's limit."""
 
 
+class ImagePathError(Pdl1Error, ValueError):
+    """An image path the file system cannot use (NUL byte, too long, a symlink loop)."""
+
+
+class QueueFullError(Pdl1Error, RuntimeError):
+    """As many jobs wait as ``--max-queued`` allows."""
+
+
 @dataclass(frozen=True)
 class ServiceSettings:
     """How the service runs; built by the CLI (or by tests) and never read from the environment below it."""
@@ -90,10 +110,13 @@ class ServiceSettings:
     max_upload_px: int = 8192 * 8192
     max_page: int = 200_000
     keep_results: int = 16
+    max_queued: int = 16
 
     def __post_init__(self) -> None:
         if self.keep_results < 1:
             raise ValueError(f"--keep-results must be at least 1, got {self.keep_results}")
+        if self.max_queued < 1:
+            raise ValueError(f"--max-queued must be at least 1, got {self.max_queued}")
         if self.host not in LOOPBACK and not self.token:
             raise ValueError(
                 f"binding {self.host} exposes the service beyond this machine: pass --token (every request "
@@ -113,7 +136,9 @@ class JobRequest(BaseModel):
     roi: dict[str, Any] | None = Field(
         default=None, description="GeoJSON Polygon/MultiPolygon in level-0 px; omit for the whole tissue."
     )
-    mpp: float | None = Field(default=None, gt=0, le=50, description="Microns per pixel QuPath reports.")
+    mpp: float | None = Field(
+        default=None, gt=0, le=50, allow_inf_nan=False, description="Microns per pixel QuPath reports."
+    )
     image_size_px: tuple[PositiveInt, PositiveInt] | None = Field(
         default=None,
         description="Width and height at which QuPath shows the image; an image file that opens at another "
@@ -128,7 +153,31 @@ class JobRequest(BaseModel):
     def _roi_is_geometry(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None and value.get("type") not in ("Polygon", "MultiPolygon"):
             raise ValueError(f"roi must be a GeoJSON Polygon or MultiPolygon geometry, got type {value.get('type')!r}")
+        if value is not None:
+            bad = _first_non_finite(value.get("coordinates"))
+            if bad is not None:
+                raise ValueError(
+                    f"roi coordinates must be finite numbers, got {bad!r}; send the ROI's vertices in level-0 px"
+                )
         return value
+
+
+def _first_non_finite(coordinates: Any) -> Any:
+    """The first number in nested GeoJSON coordinates that is NaN or infinite (JSON may carry ``NaN``)."""
+    stack = [coordinates]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, float) and not math.isfinite(item):
+            return item
+    return None
+
+
+class ErrorDetail(BaseModel):
+    """What every error answer carries: what was expected, what came, and the fix."""
+
+    detail: str
 
 
 class JobAccepted(BaseModel):
@@ -178,7 +227,9 @@ class Job:
     mpp: float | None
     outputs: tuple[str, ...]
     image_size_px: tuple[int, int] | None = None
-    slide: Slide | None = None  # uploaded pixels, dropped once the job has finished
+    # An uploaded PNG/TIFF as sent: decoded only when the job starts (8192² RGB is 200 MB, the
+    # PNG often well under 1 MB), dropped when the job starts or is cancelled.
+    upload: bytes | None = None
     origin_xy: tuple[float, float] = (0.0, 0.0)
     scale: float = 1.0
     state: str = "queued"
@@ -219,13 +270,24 @@ class Worker:
     A service runs for weeks, so it must not grow with every slide it has analysed: the
     results of the newest ``keep_results`` finished jobs are held (a client fetches its
     result within seconds of ``done``), older ones are released, and the records of all but
-    the newest :data:`KEEP_RECORDS` finished jobs are forgotten.
+    the newest :data:`KEEP_RECORDS` finished jobs are forgotten. At most ``max_queued`` jobs
+    wait; uploads wait compressed.
     """
 
-    def __init__(self, models: Models, pipeline: PipelineConfig, *, keep_results: int = 16):
+    def __init__(
+        self,
+        models: Models,
+        pipeline: PipelineConfig,
+        *,
+        allow_roots: tuple[Path, ...],
+        keep_results: int = 16,
+        max_queued: int = 16,
+    ):
         self.models = models
         self.pipeline = pipeline
+        self.allow_roots = allow_roots
         self.keep_results = keep_results
+        self.max_queued = max_queued
         self.jobs: dict[str, Job] = {}
         self.finished: deque[str] = deque()  # ids, oldest first
         self.queue: queue.Queue[str | None] = queue.Queue()
@@ -235,6 +297,13 @@ class Worker:
 
     def submit(self, job: Job) -> None:
         with self.lock:
+            # A cancelled job still in the queue holds nothing (its upload is dropped) and does not count.
+            waiting = sum(j.state == "queued" and not j.cancel.is_set() for j in self.jobs.values())
+            if waiting >= self.max_queued:
+                raise QueueFullError(
+                    f"{waiting} jobs are waiting, the most this service queues (--max-queued {self.max_queued}); "
+                    "retry when one has finished, or cancel one you no longer need (DELETE /v1/jobs/{id})"
+                )
             self.jobs[job.id] = job
         self.queue.put(job.id)
 
@@ -247,6 +316,11 @@ class Worker:
                 "jobs (jobs do not survive a restart of the service)"
             )
         return job
+
+    def cancel(self, job: Job) -> None:
+        """Ask a queued or running job to stop; a queued upload's bytes go at once, not when its turn comes."""
+        job.cancel.set()  # only the worker changes a job's state
+        job.upload = None
 
     def forget(self, job_id: str) -> bool:
         """Drop a finished job and its result (the client has what it needs); False if it has not finished."""
@@ -292,14 +366,10 @@ class Worker:
                 job.state, job.error = "failed", f"{type(err).__name__}: {err}"
             finally:
                 job.finished = time.time()
-                if job.slide is not None:
-                    job.slide.close()
-                    job.slide = None
+                job.upload = None
                 self._retire(job)
 
     def _run(self, job: Job) -> SlideResult:
-        from dataclasses import replace
-
         config = replace(
             self.pipeline,
             mpp=job.mpp,
@@ -310,37 +380,185 @@ class Worker:
         def on_progress(done: int, total: int) -> None:
             job.tiles_done, job.tiles_total = done, total
 
-        image = job.slide if job.slide is not None else job.image
-        return analyse_slide(
-            image,
-            models=self.models,
-            config=config,
-            roi=job.roi,
-            on_progress=on_progress,
-            should_cancel=job.cancel.is_set,
-            image_size_px=job.image_size_px,
-        )
+        if job.upload is not None:
+            body, job.upload = job.upload, None
+            slide_context = decoded_upload(body, mpp=config.mpp)
+        else:
+            slide_context = open_allowed(Path(job.image), self.allow_roots, mpp=config.mpp)
+        with slide_context as slide:
+            return analyse_slide(
+                slide,
+                models=self.models,
+                config=config,
+                roi=job.roi,
+                on_progress=on_progress,
+                should_cancel=job.cancel.is_set,
+                image_size_px=job.image_size_px,
+            )
 
 
 # ------------------------------------------------------------------------------------ app
 
 
-def check_allowed(path: Path, roots: tuple[Path, ...]) -> Path:
-    """The real path of ``path`` if it lies under one of ``roots`` (symlinks resolved), else 403."""
-    real = path.resolve()
-    for root in roots:
-        if real.is_relative_to(root.resolve()):
-            return real
-    raise PathNotAllowedError(
+def _unusable_path(path: object, err: Exception) -> ImagePathError:
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    shown = str(path)
+    if len(shown) > 200:
+        shown = f"{shown[:100]}...{shown[-60:]} ({len(shown)} characters)"
+    return ImagePathError(
+        f"image path {shown!r} cannot be used: {reason}; send the path (or file: URI) of an image file "
+        "under an --allow-root folder"
+    )
+
+
+def _under(real: Path, roots: tuple[Path, ...]) -> bool:
+    return any(real.is_relative_to(root.resolve()) for root in roots)
+
+
+def _not_allowed(path: Path, roots: tuple[Path, ...]) -> PathNotAllowedError:
+    return PathNotAllowedError(
         f"{path} is outside the folders this service may open ({', '.join(str(r) for r in roots)}); "
         "start it with --allow-root for that folder"
     )
 
 
+def _changed(real: Path) -> PathNotAllowedError:
+    return PathNotAllowedError(
+        f"{real} changed while it was being opened (a file or folder on its path was replaced); only files "
+        "under the --allow-root folders are opened: submit the job again"
+    )
+
+
+def check_allowed(path: Path, roots: tuple[Path, ...]) -> Path:
+    """The real path of ``path`` if it lies under one of ``roots`` (symlinks resolved), else 403.
+
+    A path the file system cannot take (NUL byte, name too long, symlink loop) is a 422, not a crash.
+    """
+    try:
+        real = path.resolve()
+    except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: a symlink loop before Python 3.13
+        raise _unusable_path(path, err) from err
+    if not _under(real, roots):
+        raise _not_allowed(path, roots)
+    return real
+
+
 def image_path(image: str) -> Path:
     if image.startswith("file:"):
-        return Path(str(uri_to_path(image)))
+        try:
+            return Path(str(uri_to_path(image)))
+        except ValueError as err:  # urlparse: e.g. an unclosed IPv6 bracket in the host
+            if isinstance(err, Pdl1Error):
+                raise
+            raise _unusable_path(image, err) from err
     return Path(image)
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError) as err:
+        raise _unusable_path(path, err) from err
+
+
+# OpenSlide finds these formats' other files beside the one named, so they are opened by name.
+_MULTI_FILE_SUFFIXES = frozenset({".mrxs", ".vms", ".vmu", ".dcm"})
+
+
+@contextmanager
+def open_allowed(path: Path, roots: tuple[Path, ...], *, mpp: float | None) -> Iterator[Slide]:
+    """Open an image under ``roots``, checking the file actually opened, not only its name.
+
+    The check at submission is not enough: a folder swapped for a symlink while the job waited
+    leads elsewhere. So the path is resolved and checked again here, opened once, and the open
+    file (its ``/proc/self/fd`` link on Linux) must still lie under a root. On Linux the reader
+    then opens that very file, through a private link to the descriptor that keeps the file's
+    name (readers look at suffixes); elsewhere, and for multi-file formats, it opens the checked
+    name and the file found there afterwards must be the one checked.
+    """
+    real = check_allowed(path, roots)
+    try:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError as err:
+        raise SlideNotFoundError(f"image not found: {real} (it was there when the job was submitted)") from err
+    except OSError as err:
+        if err.errno != errno.ELOOP:  # e.g. no permission to read it
+            raise _unusable_path(real, err) from err
+        raise _changed(real) from err  # O_NOFOLLOW: the last part became a symlink after it was resolved
+    link_dir: str | None = None
+    slide: Slide | None = None
+    try:
+        proc = Path(f"/proc/self/fd/{fd}")
+        opened = Path(os.readlink(proc)) if proc.is_symlink() else real
+        if not _under(opened, roots):
+            raise _not_allowed(opened, roots)
+        if proc.is_symlink() and real.suffix.lower() not in _MULTI_FILE_SUFFIXES:
+            link_dir = tempfile.mkdtemp(prefix="pdl1-open-")  # mode 0700: no one else can swap the link
+            source = Path(link_dir) / real.name
+            source.symlink_to(proc)
+        else:
+            source = real
+        slide = open_slide(source, mpp=mpp)
+        if source == real and not os.path.samestat(os.stat(real), os.fstat(fd)):
+            raise _changed(real)
+        slide.path = real  # messages and provenance name the image, not the private link
+        yield slide
+    finally:
+        if slide is not None:
+            slide.close()
+        os.close(fd)
+        if link_dir is not None:
+            shutil.rmtree(link_dir, ignore_errors=True)
+
+
+def check_upload(body: bytes, *, mpp: float, max_px: int) -> None:
+    """Refuse, before it queues, an upload that is no image, too large, or at an implausible MPP.
+
+    Only the header is read here; the pixels are decoded when the job starts.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(body)) as im:
+            width, height = im.size
+    except Exception as err:  # PIL raises several types for unreadable headers; all mean the same here
+        raise SlideFormatError(
+            f"body is not a PNG/TIFF image ({type(err).__name__}: {err}); send the region's PNG or TIFF bytes"
+        ) from err
+    if width * height > max_px:
+        raise SlideFormatError(
+            f"upload of {width}x{height} px is over {max_px} px; send a smaller region or a lower resolution "
+            "(downsample)"
+        )
+    # Slide checks the MPP's plausible range; a 1-px stand-in runs that check without the pixels.
+    try:
+        Slide(ArrayReader(np.zeros((1, 1, 3), np.uint8)), mpp=Mpp(mpp, mpp, "upload")).close()
+    except MissingMppError as err:
+        raise MissingMppError(
+            f"upload: {err} (for an upload: the mpp query parameter, in µm per uploaded pixel)"
+        ) from err
+
+
+@contextmanager
+def decoded_upload(body: bytes, *, mpp: float | None) -> Iterator[Slide]:
+    """The uploaded region as a slide, decoded now that its job runs."""
+    from PIL import Image
+
+    if mpp is None:
+        raise ValueError("an upload needs its mpp")  # the endpoint requires it; a bug if missing
+    try:
+        with Image.open(io.BytesIO(body)) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except Exception as err:  # a header that read but pixels that do not (truncated, corrupt)
+        raise SlideFormatError(
+            f"the uploaded image cannot be decoded ({type(err).__name__}: {err}); send a complete PNG or TIFF"
+        ) from err
+    del body
+    slide = Slide(ArrayReader(rgb), mpp=Mpp(mpp, mpp, "upload"))
+    try:
+        yield slide
+    finally:
+        slide.close()
 
 
 _STATUS = {
@@ -350,19 +568,61 @@ _STATUS = {
     SlideFormatError: 422,
     MissingMppError: 422,
     RoiError: 422,
+    ImagePathError: 422,
     JobStateError: 409,
     ResultReleasedError: 410,
     RequestTooLargeError: 413,
+    QueueFullError: 429,
 }
 
 
-def streamed_body_limit(limit: int) -> dict[str, int]:
-    """FastAPI's own limit on streamed bodies where it has one (newer FastAPI, Starlette >= 1.6).
+class BodyLimit:
+    """Refuses a request body over ``limit`` bytes while it is read, so a chunked body (no
+    Content-Length) is stopped too; the 413 is the service's JSON error like any other."""
 
-    ``guard`` refuses a stated Content-Length over the limit on any version; a chunked body
-    states none, and only a limit that counts the bytes as they are read can stop it.
-    """
-    return {"max_body_size": limit} if "max_body_size" in inspect.signature(FastAPI).parameters else {}
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    # HTTPException: FastAPI passes it on from body parsing (anything else becomes a 400).
+                    raise HTTPException(413, detail=too_large(f"more than {self.limit}", self.limit))
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def too_large(size: str, limit: int) -> str:
+    return (
+        f"request body of {size} bytes is over the limit of {limit}; "
+        "send a smaller region or a lower resolution (downsample)"
+    )
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for error answers: each is the service's JSON ``detail``."""
+    meaning = {
+        401: "Missing or wrong token.",
+        403: "The image lies outside the --allow-root folders.",
+        404: "No such image or job.",
+        409: "The job is not in a state that allows this (e.g. not done yet), or an unknown model.",
+        410: "The job's result was released (--keep-results).",
+        413: "The request body is over the limit.",
+        422: "The request is malformed or names an image that cannot be analysed.",
+        429: "The queue is full (--max-queued); retry later.",
+    }
+    return {code: {"model": ErrorDetail, "description": meaning[code]} for code in codes}
 
 
 def create_app(settings: ServiceSettings, *, models: Models | None = None) -> FastAPI:
@@ -371,7 +631,13 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.models = models or Models(settings.pipeline)
-        app.state.worker = Worker(app.state.models, settings.pipeline, keep_results=settings.keep_results)
+        app.state.worker = Worker(
+            app.state.models,
+            settings.pipeline,
+            allow_roots=settings.allow_roots,
+            keep_results=settings.keep_results,
+            max_queued=settings.max_queued,
+        )
         yield
         app.state.worker.stop()
 
@@ -379,21 +645,38 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         title="pdl1-bridge",
         version=__version__,
         lifespan=lifespan,
-        description="Uncertainty-aware PD-L1 analysis for QuPath. Submit a job, poll it, fetch QuPath GeoJSON.",
-        **streamed_body_limit(settings.max_request_bytes),
+        description="Uncertainty-aware PD-L1 analysis for QuPath. Submit a job, poll it, fetch QuPath GeoJSON. "
+        "Every error answers a JSON object whose `detail` says what was expected, what came, and the fix.",
+        responses=_errors(401) if settings.token else None,
     )
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+
+    def allowed_methods(scope: Scope) -> list[str]:
+        """Methods some route serves at this path (Starlette's own 405 names only the first route's)."""
+        methods = {"OPTIONS"}
+        for route in app.router.routes:
+            match, _ = route.matches({**scope, "method": "GET"})
+            if match != Match.NONE and getattr(route, "methods", None):
+                methods |= set(route.methods)
+        return sorted(methods)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         # compare_digest: the time taken must not tell how much of a guessed token was right.
         sent = request.headers.get("authorization", "").encode()
         if settings.token and not secrets.compare_digest(sent, f"Bearer {settings.token}".encode()):
-            return JSONResponse({"detail": "missing or wrong token: send 'Authorization: Bearer <token>'"}, 401)
+            return JSONResponse(
+                {"detail": "missing or wrong token: send 'Authorization: Bearer <token>'"},
+                401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
-            return JSONResponse(
-                {"detail": f"request body of {length} bytes is over the limit of {settings.max_request_bytes}"}, 413
-            )
+            return JSONResponse({"detail": too_large(length, settings.max_request_bytes)}, 413)
+        if request.method == "OPTIONS":
+            methods = allowed_methods(request.scope)
+            if len(methods) > 1:
+                return Response(status_code=204, headers={"Allow": ", ".join(methods)})
         return await call_next(request)
 
     @app.exception_handler(Pdl1Error)
@@ -405,6 +688,21 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
     async def validation_error(request: Request, err: RequestValidationError):
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
         return JSONResponse({"detail": f"bad request: {problems}"}, 422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException):
+        headers = dict(err.headers or {})
+        if err.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request.scope))
+        return JSONResponse({"detail": err.detail}, err.status_code, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def last_resort(request: Request, err: Exception):
+        # A bug, not bad input (those are 4xx above): still a JSON answer; the traceback goes to the log.
+        return JSONResponse(
+            {"detail": f"internal error ({type(err).__name__}); the service log has the details, please report it"},
+            500,
+        )
 
     def worker() -> Worker:
         return app.state.worker
@@ -446,15 +744,19 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
             return None
         try:
             return shape(roi)
-        except (ValueError, TypeError, KeyError, AttributeError) as err:
+        except (ShapelyError, ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
             raise RoiError(f"roi is not a readable GeoJSON geometry: {err}") from err
 
-    @app.post("/v1/jobs", status_code=202, responses={202: {"model": JobAccepted}})
+    @app.post(
+        "/v1/jobs",
+        status_code=202,
+        responses={202: {"model": JobAccepted}, **_errors(403, 404, 409, 413, 422, 429)},
+    )
     def submit(req: JobRequest, w: Worker = Depends(worker)) -> JSONResponse:
         if req.model != "default":
             raise JobStateError(f"unknown model {req.model!r}; this service has 'default' (see /v1/models)")
         path = check_allowed(image_path(req.image), settings.allow_roots)
-        if not path.is_file():
+        if not _is_file(path):
             raise SlideNotFoundError(f"image not found: {path}")
         job = Job(
             id=uuid.uuid4().hex,
@@ -466,63 +768,60 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         )
         return accept(job, w)
 
-    @app.post("/v1/jobs/pixels", status_code=202, responses={202: {"model": JobAccepted}})
+    @app.post(
+        "/v1/jobs/pixels",
+        status_code=202,
+        responses={202: {"model": JobAccepted}, **_errors(413, 422, 429)},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {m: {"schema": {"type": "string", "format": "binary"}} for m in ("image/png", "image/tiff")},
+            }
+        },
+    )
     async def submit_pixels(
         request: Request,
-        mpp: float = Query(gt=0, le=50, description="Microns per pixel of the uploaded region."),
-        origin_x: float = Query(0.0, description="Level-0 x of the region's top-left corner."),
-        origin_y: float = Query(0.0, description="Level-0 y of the region's top-left corner."),
-        downsample: float = Query(1.0, gt=0, description="Level-0 px per uploaded px."),
+        mpp: float = Query(gt=0, le=50, allow_inf_nan=False, description="Microns per pixel of the uploaded region."),
+        origin_x: float = Query(0.0, allow_inf_nan=False, description="Level-0 x of the region's top-left corner."),
+        origin_y: float = Query(0.0, allow_inf_nan=False, description="Level-0 y of the region's top-left corner."),
+        downsample: float = Query(1.0, gt=0, allow_inf_nan=False, description="Level-0 px per uploaded px."),
         outputs: list[Literal["regions", "uncertainty_tiles", "sua", "nuclei"]] = Query(list(OUTPUTS)),
         w: Worker = Depends(worker),
-    ) -> JSONResponse:
+    ) -> Response:
         """Upload a PNG or TIFF region for images the service cannot open itself."""
-        from PIL import Image
-
-        # Read up to the limit only: a chunked upload states no length for the middleware to check.
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > settings.max_request_bytes:
-                raise RequestTooLargeError(
-                    f"upload of more than {settings.max_request_bytes} bytes is over the limit; "
-                    "send a smaller region or a lower resolution (downsample)"
-                )
+        # BodyLimit stops the read past max_request_bytes, stated length or not.
         try:
-            with Image.open(io.BytesIO(body)) as im:
-                if im.width * im.height > settings.max_upload_px:
-                    raise SlideFormatError(f"upload of {im.width}x{im.height} px is over {settings.max_upload_px} px")
-                rgb = np.asarray(im.convert("RGB"))
-        except SlideFormatError:
-            raise
-        except Exception as err:
-            raise SlideFormatError(f"body is not a PNG/TIFF image: {err}") from err
-        slide = Slide(ArrayReader(rgb), mpp=Mpp(mpp, mpp, "upload"))
+            body = await request.body()
+        except ClientDisconnect:  # nobody is left to answer; one line, not a traceback
+            log.info("client %s disconnected during an upload; nothing queued", request.client)
+            return Response(status_code=400)
+        check_upload(body, mpp=mpp, max_px=settings.max_upload_px)
         job = Job(
             id=uuid.uuid4().hex,
             image="upload",
             roi=None,
             mpp=mpp,
             outputs=tuple(dict.fromkeys(outputs)),
-            slide=slide,
+            upload=body,
             origin_xy=(origin_x, origin_y),
             scale=downsample,
         )
         return accept(job, w)
 
-    @app.get("/v1/jobs/{job_id}")
+    @app.get("/v1/jobs/{job_id}", responses=_errors(404, 422))
     def job_status(job_id: str, w: Worker = Depends(worker)) -> JobStatus:
         return w.get(job_id).status()
 
-    @app.delete("/v1/jobs/{job_id}")
+    @app.delete("/v1/jobs/{job_id}", responses=_errors(404, 422))
     def cancel_or_forget(job_id: str, w: Worker = Depends(worker)) -> JobStatus:
-        """Cancel a queued or running job; forget a finished one and release its result."""
+        """Cancel a queued or running job (a queued upload is freed at once); forget a finished one and
+        release its result."""
         job = w.get(job_id)
         if not w.forget(job_id):
-            job.cancel.set()  # only the worker changes a job's state
+            w.cancel(job)
         return job.status()
 
-    @app.get("/v1/jobs/{job_id}/result")
+    @app.get("/v1/jobs/{job_id}/result", responses=_errors(404, 409, 410, 422))
     def result(
         job_id: str,
         offset: int = Query(0, ge=0, description="Index of the first feature of this page."),

@@ -15,7 +15,22 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs --token.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8765,
     token: Annotated[
-        str | None, typer.Option(help="Shared secret every request must send as 'Authorization: Bearer TOKEN'.")
+        str | None,
+        typer.Option(
+            envvar="PDL1_TOKEN",
+            show_envvar=True,
+            help="Shared secret every request must send as 'Authorization: Bearer TOKEN'. On the command line "
+            "it shows in `ps`; prefer PDL1_TOKEN or --token-file.",
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="File whose content (surrounding whitespace stripped) is the token; instead of --token.",
+        ),
     ] = None,
     allow_root: Annotated[
         list[Path] | None,
@@ -31,6 +46,14 @@ def serve(
             min=1, help="Results of this many finished jobs are held for clients to fetch; older ones are released."
         ),
     ] = 16,
+    max_queued: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Jobs that may wait for the worker; more are refused with 429 until one finishes. A queued "
+            "upload holds its compressed bytes (at most the 64 MB request limit).",
+        ),
+    ] = 16,
 ) -> None:
     """Start the HTTP service the QuPath scripts call (FastAPI + uvicorn; OpenAPI at /docs)."""
     try:
@@ -39,6 +62,14 @@ def serve(
         from bridge.service import ServiceSettings, create_app
     except ImportError as err:
         raise fail(Pdl1Error(f"the service needs the 'serve' extra: pip install 'pdl1-bridge[serve]' ({err})")) from err
+    if token is not None and token_file is not None:
+        raise typer.BadParameter(
+            "give the token one way: --token (or PDL1_TOKEN) or --token-file, not both", param_hint="--token-file"
+        )
+    if token_file is not None:
+        token = token_file.read_text().strip()
+        if not token:
+            raise typer.BadParameter(f"{token_file} is empty; write the token into it", param_hint="--token-file")
     seg = nuclei = None
     if models is not None:
         seg, nuclei = models / "seg", models / "nuclei"
@@ -50,6 +81,7 @@ def serve(
             allow_roots=tuple(allow_root or (Path.cwd(),)),
             pipeline=pipeline_config(device, seg, nuclei, None),
             keep_results=keep_results,
+            max_queued=max_queued,
         )
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--host/--token/--allow-root") from err

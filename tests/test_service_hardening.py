@@ -1,0 +1,405 @@
+"""The service against hostile or odd input (issue #30): every input error is a 4xx with a JSON
+``detail``, the queue is bounded, a folder swapped for a symlink while a job waits does not lead
+out of --allow-root, and the OpenAPI schema says what the service answers."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+from typer.testing import CliRunner
+
+import bridge.service
+import inference.pipeline
+from bridge.service import ServiceSettings, create_app
+from inference.phantom.pyramid import write_phantom
+from inference.phantom.scene import PhantomSpec
+from inference.pipeline import Models, PipelineConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(predicate, what: str, timeout: float = 60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"waited {timeout} s for {what}")
+
+
+@pytest.fixture(scope="module")
+def slides_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("allowed")
+    write_phantom(root / "small.svs", PhantomSpec(1024, 1024, seed=41, tps_percent=50))
+    (root / "loop").symlink_to(root / "loop")
+    return root
+
+
+@pytest.fixture(scope="module")
+def models():
+    return Models(PipelineConfig(device="cpu"))
+
+
+class Served:
+    """A service on loopback with its app (for the worker's state) and a client."""
+
+    def __init__(self, settings: ServiceSettings, models: Models):
+        self.app = create_app(settings, models=models)
+        # log_config=None: uvicorn's loggers propagate, so caplog sees what it logs.
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_level="info", log_config=None)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        _wait_for(lambda: self.server.started, "uvicorn to start", 30)
+        self.port = settings.port
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=60)
+
+    @property
+    def worker(self) -> bridge.service.Worker:
+        return self.app.state.worker
+
+    def wait(self, job_id: str) -> dict:
+        def finished():
+            status = self.client.get(f"/v1/jobs/{job_id}").json()
+            return status if status["state"] in ("done", "failed", "cancelled") else None
+
+        return _wait_for(finished, f"job {job_id} to finish", 120)
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def service(slides_root, models):
+    settings = ServiceSettings(
+        port=_free_port(), allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"), max_request_bytes=2**20
+    )
+    served = Served(settings, models)
+    yield served
+    served.close()
+
+
+@pytest.fixture
+def held_worker(monkeypatch):
+    """The worker blocks inside the first analysis until the test sets the returned event."""
+    gate = threading.Event()
+    analyse = bridge.service.analyse_slide
+
+    def held(*args, **kwargs):
+        if not gate.wait(60):
+            raise AssertionError("the test never released the worker")
+        return analyse(*args, **kwargs)
+
+    monkeypatch.setattr(bridge.service, "analyse_slide", held)
+    yield gate
+    gate.set()
+
+
+def _png(size: int = 64) -> bytes:
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------- 2: input errors are 4xx
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "{root}/a\x00b.svs",
+        "{uri}%00",
+        "{root}/loop",
+        "{root}/" + "x" * 300,
+        "{root}/" + "/".join(["y" * 200] * 25),
+        "file://[::1/x.svs",
+    ],
+    ids=["nul-in-path", "nul-in-uri", "symlink-loop", "name-too-long", "path-too-long", "unparsable-uri"],
+)
+def test_a_path_the_file_system_cannot_take_is_a_422(service, slides_root, image):
+    image = image.replace("{root}", str(slides_root)).replace("{uri}", (slides_root / "small.svs").as_uri())
+    r = service.client.post("/v1/jobs", json={"image": image})
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert "cannot be used" in r.json()["detail"] and "--allow-root" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("vertex", [0, -1])
+def test_an_roi_with_a_non_finite_vertex_is_a_422(service, slides_root, bad, vertex):
+    ring = ["[0, 0]", "[500, 0]", "[500, 500]", "[0, 0]"]
+    ring[vertex] = f"[{bad}, 0]"
+    roi = f'{{"type": "Polygon", "coordinates": [[{", ".join(ring)}]]}}'
+    body = f'{{"image": "{slides_root / "small.svs"}", "roi": {roi}}}'
+    r = service.client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert "roi coordinates must be finite numbers" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("param", "value"),
+    [("origin_x", "nan"), ("origin_y", "inf"), ("origin_x", "-inf"), ("downsample", "inf"), ("mpp", "nan")],
+)
+def test_a_pixel_upload_with_a_non_finite_number_is_a_422(service, param, value):
+    r = service.client.post("/v1/jobs/pixels", params={"mpp": 0.5, param: value}, content=_png())
+    assert r.status_code == 422, r.text
+    assert r.json() == {"detail": f"bad request: query.{param}: Input should be a finite number"}
+
+
+def test_a_pixel_upload_at_an_implausible_mpp_says_which_parameter(service):
+    r = service.client.post("/v1/jobs/pixels", params={"mpp": 1e-9}, content=_png())
+    assert r.status_code == 422
+    assert "the mpp query parameter" in r.json()["detail"]
+
+
+def test_a_bug_still_answers_json(service, slides_root, monkeypatch):
+    def broken(uri):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(bridge.service, "uri_to_path", broken)
+    r = service.client.post("/v1/jobs", json={"image": (slides_root / "small.svs").as_uri()})
+    assert r.status_code == 500
+    assert r.json() == {"detail": "internal error (KeyError); the service log has the details, please report it"}
+
+
+# ------------------------------------------------------------------- 3: a bounded queue
+
+
+def test_queued_uploads_wait_compressed_the_queue_is_bounded_and_cancel_frees(slides_root, models, held_worker):
+    settings = ServiceSettings(
+        port=_free_port(), allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"), max_queued=2
+    )
+    served = Served(settings, models)
+    try:
+        client, png = served.client, _png()
+        params = {"mpp": 0.5, "outputs": ["regions"]}
+        running = client.post("/v1/jobs/pixels", params=params, content=png).json()["job_id"]
+        _wait_for(lambda: client.get(f"/v1/jobs/{running}").json()["state"] == "running", "the first job to start")
+        queued = [client.post("/v1/jobs/pixels", params=params, content=png) for _ in range(2)]
+        assert [r.status_code for r in queued] == [202, 202]
+        ids = [r.json()["job_id"] for r in queued]
+        for job_id in ids:  # the PNG as sent, not 64x64x3 decoded pixels
+            assert served.worker.get(job_id).upload == png
+        full = client.post("/v1/jobs", json={"image": str(slides_root / "small.svs")})
+        assert full.status_code == 429
+        assert full.json()["detail"].startswith("2 jobs are waiting, the most this service queues (--max-queued 2)")
+        assert client.delete(f"/v1/jobs/{ids[0]}").status_code == 200
+        assert served.worker.get(ids[0]).upload is None  # freed now, not when its turn comes
+        again = client.post("/v1/jobs/pixels", params=params, content=png)
+        assert again.status_code == 202
+        held_worker.set()
+        states = [served.wait(j)["state"] for j in (running, ids[0], ids[1], again.json()["job_id"])]
+        assert states == ["done", "cancelled", "done", "done"]
+        assert all(job.upload is None for job in served.worker.jobs.values())
+    finally:
+        served.close()
+
+
+def test_max_queued_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="--max-queued must be at least 1, got 0"):
+        ServiceSettings(allow_roots=(tmp_path,), max_queued=0)
+
+
+# ------------------------------------------------------------------- 4: symlink swap while queued
+
+
+def test_a_folder_swapped_for_a_symlink_while_queued_is_not_followed(
+    service, slides_root, tmp_path, held_worker, monkeypatch
+):
+    inside = slides_root / "cases"
+    inside.mkdir()
+    (inside / "case.svs").write_bytes((slides_root / "small.svs").read_bytes())
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "case.svs").write_bytes((slides_root / "small.svs").read_bytes())
+    opened: list[str] = []
+    from inference.slides.slide import open_slide
+
+    def recording(path, **kwargs):
+        opened.append(str(Path(path).resolve()))
+        return open_slide(path, **kwargs)
+
+    for module in (bridge.service, inference.pipeline):  # whichever opens the image records it
+        monkeypatch.setattr(module, "open_slide", recording, raising=False)
+    try:
+        client = service.client
+        first = client.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "outputs": ["regions"]})
+        first_id = first.json()["job_id"]
+        _wait_for(lambda: client.get(f"/v1/jobs/{first_id}").json()["state"] == "running", "the first job to start")
+        r = client.post("/v1/jobs", json={"image": str(inside / "case.svs"), "outputs": ["regions"]})
+        assert r.status_code == 202  # inside the root when submitted
+        inside.rename(slides_root / "cases-old")
+        inside.symlink_to(outside)
+        held_worker.set()
+        status = service.wait(r.json()["job_id"])
+        assert status["state"] == "failed"
+        assert status["error"].startswith(f"PathNotAllowedError: {inside / 'case.svs'} is outside the folders")
+        assert "--allow-root" in status["error"]
+        assert not any(p.startswith(str(outside)) for p in opened)
+        assert service.wait(first_id)["state"] == "done"
+    finally:
+        inside.unlink(missing_ok=True)
+
+
+def test_the_worker_reads_the_file_it_checked(slides_root, tmp_path):
+    # The reader opens the checked file through its descriptor, under the image's own name.
+    with bridge.service.open_allowed(slides_root / "small.svs", (slides_root,), mpp=None) as slide:
+        assert slide.path == (slides_root / "small.svs").resolve()
+        assert slide.dimensions == (1024, 1024)
+    with (
+        pytest.raises(bridge.service.PathNotAllowedError, match="--allow-root"),
+        bridge.service.open_allowed(slides_root / "small.svs", (tmp_path,), mpp=None),
+    ):
+        pass
+
+
+# ------------------------------------------------------------------- 5: the answers and the schema
+
+
+def test_options_and_405_name_every_method_of_a_path(service):
+    r = service.client.request("OPTIONS", "/v1/jobs/abc")
+    assert r.status_code == 204 and r.headers["allow"] == "DELETE, GET, OPTIONS"
+    r = service.client.put("/v1/jobs/abc")
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, OPTIONS"
+    assert r.json() == {"detail": "Method Not Allowed"}
+
+
+def test_every_413_is_the_services_json(service):
+    def chunked():
+        for _ in range(3):
+            yield b" " * 2**20
+
+    answers = [
+        service.client.post("/v1/jobs", content=chunked(), headers={"Content-Type": "application/json"}),
+        service.client.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=chunked()),
+        service.client.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=b"0" * (3 * 2**20)),
+    ]
+    for r in answers:
+        assert r.status_code == 413 and r.headers["content-type"] == "application/json"
+        assert re.fullmatch(
+            r"request body of (more than )?\d+ bytes is over the limit of 1048576; send a smaller region or a "
+            r"lower resolution \(downsample\)",
+            r.json()["detail"],
+        ), r.text
+
+
+def test_openapi_documents_the_error_answers(service):
+    schema = service.client.get("/openapi.json").json()
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    assert schema["components"]["schemas"]["ErrorDetail"]["properties"] == {
+        "detail": {"type": "string", "title": "Detail"}
+    }
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            for code, answer in operation["responses"].items():
+                if code.startswith("4"):
+                    ref = answer["content"]["application/json"]["schema"]["$ref"]
+                    assert ref == "#/components/schemas/ErrorDetail", (path, method, code)
+    submit = schema["paths"]["/v1/jobs"]["post"]["responses"]
+    assert {"403", "404", "409", "413", "422", "429"} <= set(submit)
+    assert {"413", "422", "429"} <= set(schema["paths"]["/v1/jobs/pixels"]["post"]["responses"])
+
+
+def test_a_client_gone_mid_upload_is_one_log_line(service, caplog):
+    caplog.set_level(logging.INFO)
+    with socket.create_connection(("127.0.0.1", service.port)) as s:
+        s.sendall(b"POST /v1/jobs/pixels?mpp=0.5 HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100)
+    _wait_for(
+        lambda: any("disconnected during an upload" in r.getMessage() for r in caplog.records),
+        "the service to log the disconnect",
+        30,
+    )
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def test_401_says_bearer(slides_root, models):
+    settings = ServiceSettings(
+        port=_free_port(), token="s3cret", allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu")
+    )
+    served = Served(settings, models)
+    try:
+        r = served.client.get("/v1/health")
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.json() == {"detail": "missing or wrong token: send 'Authorization: Bearer <token>'"}
+        schema = served.client.get("/openapi.json", headers={"Authorization": "Bearer s3cret"}).json()
+        assert "401" in schema["paths"]["/v1/health"]["get"]["responses"]
+    finally:
+        served.close()
+
+
+# ------------------------------------------------------------------- 5: the token off the command line
+
+
+@pytest.fixture
+def started(monkeypatch):
+    """What `pdl1 serve` would start: its settings, without binding a port."""
+    import uvicorn as uvicorn_module
+
+    got: dict = {}
+
+    def fake_create_app(settings, **kwargs):
+        got["settings"] = settings
+        return object()
+
+    monkeypatch.setattr(bridge.service, "create_app", fake_create_app)
+    monkeypatch.setattr(uvicorn_module, "run", lambda *args, **kwargs: None)
+    monkeypatch.delenv("PDL1_TOKEN", raising=False)
+    return got
+
+
+def _serve(args: list[str], env: dict[str, str] | None = None):
+    from bridge.cli.app import app
+
+    result = CliRunner().invoke(app, ["serve", *args], env=env)
+    return result, " ".join(result.output.replace("│", " ").split())
+
+
+def test_the_token_can_come_from_the_environment_or_a_file(started, tmp_path):
+    result, _ = _serve(["--allow-root", str(tmp_path), "--host", "0.0.0.0"], env={"PDL1_TOKEN": "from-env"})
+    assert result.exit_code == 0, result.output
+    assert started["settings"].token == "from-env"
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    result, _ = _serve(["--allow-root", str(tmp_path), "--host", "0.0.0.0", "--token-file", str(token_file)])
+    assert result.exit_code == 0, result.output
+    assert started["settings"].token == "from-file"
+    result, _ = _serve(["--allow-root", str(tmp_path), "--max-queued", "3"])
+    assert result.exit_code == 0 and started["settings"].max_queued == 3
+
+
+@pytest.mark.parametrize("from_env", [False, True])
+def test_token_and_token_file_together_is_a_usage_error(started, tmp_path, from_env):
+    token_file = tmp_path / "token"
+    token_file.write_text("t")
+    args = ["--allow-root", str(tmp_path), "--token-file", str(token_file)]
+    env = {"PDL1_TOKEN": "t"} if from_env else None
+    result, output = _serve(args if from_env else [*args, "--token", "t"], env=env)
+    assert result.exit_code == 2
+    assert "give the token one way: --token (or PDL1_TOKEN) or --token-file, not both" in output
+    assert "settings" not in started
+
+
+def test_an_empty_token_file_is_a_usage_error(started, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("\n")
+    result, output = _serve(["--allow-root", str(tmp_path), "--token-file", str(token_file)])
+    assert result.exit_code == 2 and "is empty; write the token into it" in output

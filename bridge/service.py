@@ -45,7 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bridge.objects import feature_page, parent_measurements
 from bridge.project import uri_to_path
-from bridge.run import entry_metadata
+from bridge.run import entry_metadata, failure_message
 from inference import (
     ArrayReader,
     Cancelled,
@@ -363,7 +363,7 @@ class Worker:
                 job.state = "cancelled"
             except Exception as err:  # reported to the client as the job's error, never swallowed
                 log.exception("job %s failed", job.id)
-                job.state, job.error = "failed", f"{type(err).__name__}: {err}"
+                job.state, job.error = "failed", failure_message(err)
             finally:
                 job.finished = time.time()
                 job.upload = None
@@ -498,7 +498,7 @@ def open_allowed(path: Path, roots: tuple[Path, ...], *, mpp: float | None) -> I
             source.symlink_to(proc)
         else:
             source = real
-        slide = open_slide(source, mpp=mpp)
+        slide = open_slide(source, mpp=mpp, mpp_source="the request's mpp")
         if source == real and not os.path.samestat(os.stat(real), os.fstat(fd)):
             raise _changed(real)
         slide.path = real  # messages and provenance name the image, not the private link
@@ -532,7 +532,7 @@ def check_upload(body: bytes, *, mpp: float, max_px: int) -> None:
         )
     # Slide checks the MPP's plausible range; a 1-px stand-in runs that check without the pixels.
     try:
-        Slide(ArrayReader(np.zeros((1, 1, 3), np.uint8)), mpp=Mpp(mpp, mpp, "upload")).close()
+        Slide(ArrayReader(np.zeros((1, 1, 3), np.uint8)), mpp=Mpp(mpp, mpp, "the upload's mpp")).close()
     except MissingMppError as err:
         raise MissingMppError(
             f"upload: {err} (for an upload: the mpp query parameter, in µm per uploaded pixel)"
@@ -554,7 +554,7 @@ def decoded_upload(body: bytes, *, mpp: float | None) -> Iterator[Slide]:
             f"the uploaded image cannot be decoded ({type(err).__name__}: {err}); send a complete PNG or TIFF"
         ) from err
     del body
-    slide = Slide(ArrayReader(rgb), mpp=Mpp(mpp, mpp, "upload"))
+    slide = Slide(ArrayReader(rgb), mpp=Mpp(mpp, mpp, "the upload's mpp"))
     try:
         yield slide
     finally:

@@ -186,6 +186,15 @@ def test_an_image_qupath_shows_at_another_size_is_refused_not_misplaced(service,
     assert r.status_code == 422 and "image_size_px" in r.json()["detail"]
 
 
+def test_a_pixel_size_the_models_cannot_use_fails_the_job_without_filling_memory(service, slides_root):
+    # mpp 50 on a 400 x 400 px ROI once grew the server to 23.6 GB (the whole image enlarged for tissue).
+    roi = {"type": "Polygon", "coordinates": [[[0, 0], [400, 0], [400, 400], [0, 400], [0, 0]]]}
+    body = {"image": str(slides_root / "small.svs"), "roi": roi, "mpp": 50}
+    status = _wait(service, service.post("/v1/jobs", json=body).json()["job_id"], timeout=30)
+    assert status["state"] == "failed"
+    assert "its pixels are 50 µm (from the request's mpp), but the segmentation model reads 2 µm/px" in status["error"]
+
+
 def test_symlink_out_of_the_allowed_root_is_refused(service, slides_root, tmp_path):
     outside = tmp_path / "outside.svs"
     outside.write_bytes((slides_root / "small.svs").read_bytes())

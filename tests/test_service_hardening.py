@@ -252,7 +252,7 @@ def test_a_folder_swapped_for_a_symlink_while_queued_is_not_followed(
         held_worker.set()
         status = service.wait(r.json()["job_id"])
         assert status["state"] == "failed"
-        assert status["error"].startswith(f"PathNotAllowedError: {inside / 'case.svs'} is outside the folders")
+        assert status["error"].startswith(f"{inside / 'case.svs'} is outside the folders")
         assert "--allow-root" in status["error"]
         assert not any(p.startswith(str(outside)) for p in opened)
         assert service.wait(first_id)["state"] == "done"

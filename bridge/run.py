@@ -38,6 +38,7 @@ from bridge.project import (
     sidecar_dir,
     write_json_atomic,
 )
+from bridge.project_config import ProjectConfig
 from bridge.qupath_geojson import write_features
 from bridge.run_lock import run_lock
 from inference import Models, Pdl1Error, PipelineConfig, SlideResult, __version__, analyse_slide
@@ -52,7 +53,8 @@ class RunConfig:
     ``qupath``: ``auto`` writes into the project through paquo when QuPath is installed and
     sidecars otherwise; ``never`` always writes sidecars; ``always`` fails without QuPath.
     ``target_classes``/``target_names`` choose annotations to analyse (QuPath needed); with
-    none, each image's tissue is analysed under a ``PD-L1 analysis`` annotation.
+    none, each image's tissue is analysed under a ``PD-L1 analysis`` annotation. ``settings``: the
+    project config with the command line over it, which each summary records (None: not recorded).
     """
 
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -63,6 +65,7 @@ class RunConfig:
     target_names: tuple[str, ...] = ()
     search_dirs: tuple[Path, ...] = ()
     include_tiles: bool = True
+    settings: ProjectConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,7 @@ def summary_of(result: SlideResult, *, entry_id: str | None, run_config: RunConf
             "seg_model": asdict(result.seg_model),
             "nuclei_model": None if result.nuclei_model is None else asdict(result.nuclei_model),
             "pipeline_config": asdict(run_config.pipeline),
+            "settings": None if run_config.settings is None else run_config.settings.run_record(),
         },
     }
 
@@ -219,7 +223,10 @@ def _jobs(inputs: list[Path], config: RunConfig) -> tuple[list[_Job], Path | Non
 def _use_qupath(config: RunConfig, project: Path | None) -> bool:
     if project is None or config.qupath == "never":
         if config.target_classes or config.target_names:
-            raise ProjectError("annotation targets (--class/--name) need a QuPath project")
+            raise ProjectError(
+                "annotation targets (--class/--name, or target_classes/target_names in pdl1-config.toml) need a QuPath "
+                "project; for whole images leave them out (or run with --no-config)"
+            )
         return False
     from bridge.qupath import qupath_available
 
@@ -228,7 +235,8 @@ def _use_qupath(config: RunConfig, project: Path | None) -> bool:
         raise ProjectError(why)
     if not ok and (config.target_classes or config.target_names):
         raise ProjectError(
-            "annotation targets (--class/--name) are read from data.qpdata, which only QuPath reads: " + why
+            "annotation targets (--class/--name, or target_classes/target_names in pdl1-config.toml) are read from "
+            "data.qpdata, which only QuPath reads: " + why
         )
     if not ok:
         log.warning(

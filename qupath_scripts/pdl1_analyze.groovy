@@ -1,18 +1,19 @@
 /*
- * pdl1_analyze.groovy - PD-L1 analysis with uncertainty from a running `pdl1 serve` (QuPath 0.4.4, 0.5, 0.6).
+ * pdl1_analyze.groovy - PD-L1 analysis with uncertainty from a running `pdl1 serve` (QuPath 0.4.4 to 0.7).
  *
- * Analyses the selected annotations; if none are selected, all annotations of TARGET_CLASS;
- * if that is null too, the whole image (under a "PD-L1 analysis" annotation). Results go under
+ * Analyses the selected annotations; if none are selected, all annotations of the target classes or
+ * names; if there are none, the whole image (under a "PD-L1 analysis" annotation). Results go under
  * each analysed annotation, replacing what an earlier pdl1-bridge run put there; nothing else
  * is touched. Stop the script (or close QuPath) and the job is cancelled on the server.
  *
- * Works from the script editor, "Run for project", and headless:
- *   QuPath script -p project.qpproj -s pdl1_analyze.groovy --save
+ * Settings: the project's pdl1-config.toml (beside project.qpproj; `pdl1 init-project` writes it, and
+ * `pdl1 run` reads the same file) when there is one: [service] url, token, model and [analysis] outputs,
+ * target_classes, target_names. Without it, the settings block below.
  *
- * Edit the settings below: where the service runs, its token, what to compute.
+ * Works from the script editor, "Run for project", and headless (-s is --save: write each image's data):
+ *   QuPath script -p project.qpproj -s pdl1_analyze.groovy
  */
 import qupath.lib.common.GeneralTools
-import qupath.lib.images.servers.TransformingImageServer
 import qupath.lib.io.GsonTools
 import qupath.lib.io.PathIO
 import qupath.lib.objects.PathObject
@@ -23,12 +24,13 @@ import java.net.http.HttpRequest
 import java.net.http.HttpResponse
 import java.time.Duration
 
-// ---- settings ----------------------------------------------------------------------------
+// ---- settings (used where the project has no pdl1-config.toml) ----------------------------
 def SERVER_URL = "http://127.0.0.1:8765"      // where `pdl1 serve` listens
 def TOKEN = ""                                // the --token the service was started with, if any
 def MODEL = "default"
 def OUTPUTS = ["regions", "uncertainty_tiles", "sua", "nuclei"]
-def TARGET_CLASS = null                       // e.g. "Tumor" to analyse every Tumor annotation
+def TARGET_CLASSES = []                       // e.g. ["Tumor"] to analyse every Tumor annotation
+def TARGET_NAMES = []                         // e.g. ["core 1"]
 def PAGE_SIZE = 50000                         // features per result page
 def POLL_MS = 1000
 // ------------------------------------------------------------------------------------------
@@ -37,19 +39,274 @@ def ANALYSIS_CLASS = "PD-L1 analysis"
 def OWN_ANNOTATION_CLASSES = ["PD-L1 positive", "PD-L1 FN candidate"]
 def OWN_DETECTION_CLASSES = ["Tumor: Positive", "Tumor: Negative", "Other"]
 def TILE_NAME = "PD-L1 uncertainty"
+def CONFIG_NAME = "pdl1-config.toml"
+
+// ---- helpers: plain Groovy, no QuPath classes (tests/test_groovy_scripts.py runs this part) ----
+// pdl1-config.toml, read with the little TOML this needs: [tables], key = "string", 'string', number,
+// true/false, and arrays of those (also over several lines). Returns [values: ["table.key": value],
+// lines: ["table.key": line]]; anything else is refused naming the file and the line.
+def readToml = { File file ->
+    def values = new LinkedHashMap<String, Object>()
+    def lines = new LinkedHashMap<String, Integer>()
+    def fail = { int n, String what -> throw new IllegalArgumentException("${file}, line ${n}: ${what}".toString()) }
+    // The text before a comment, strings kept whole.
+    def uncommented = { String line ->
+        def quote = null
+        for (int k = 0; k < line.length(); k++) {
+            def c = line.charAt(k)
+            if (quote == null && c == '#' as char)
+                return line.substring(0, k)
+            if (quote == null && (c == '"' as char || c == '\'' as char))
+                quote = c
+            else if (quote == '"' as char && c == '\\' as char)
+                k++
+            else if (quote != null && c == quote)
+                quote = null
+        }
+        return line
+    }
+    // One value starting at text[p]: [value, index after it].
+    def scalar = { String text, int p, int n ->
+        def c = text.charAt(p)
+        if (text.startsWith('"""', p) || text.startsWith("'''", p))
+            fail(n, "multi-line strings are not read here; keep the string on one line")
+        if (c == '"' as char) {
+            def out = new StringBuilder()
+            int k = p + 1
+            while (k < text.length() && text.charAt(k) != '"' as char) {
+                def ch = text.charAt(k)
+                if (ch == '\\' as char && k + 1 < text.length()) {
+                    def e = text.charAt(k + 1)
+                    def simple = ['n': '\n', 't': '\t', 'r': '\r', 'b': '\b', 'f': '\f', '"': '"', '\\': '\\']
+                    if (simple.containsKey(e as String)) {
+                        out.append(simple[e as String])
+                        k += 2
+                    } else if ((e == 'u' as char || e == 'U' as char) && k + (e == 'u' as char ? 6 : 10) <= text.length()) {
+                        int len = e == 'u' as char ? 4 : 8
+                        out.appendCodePoint(Integer.parseInt(text.substring(k + 2, k + 2 + len), 16))
+                        k += 2 + len
+                    } else {
+                        fail(n, "unknown escape \\${e} in a string")
+                    }
+                } else {
+                    out.append(ch)
+                    k++
+                }
+            }
+            if (k >= text.length())
+                fail(n, "a string without its closing \"")
+            return [out.toString(), k + 1]
+        }
+        if (c == '\'' as char) {
+            int end = text.indexOf('\'', p + 1)
+            if (end < 0)
+                fail(n, "a string without its closing '")
+            return [text.substring(p + 1, end), end + 1]
+        }
+        def m = (text.substring(p) =~ /^[^,\]\s]+/)
+        def word = m.find() ? m.group() : ""
+        if (word == "true" || word == "false")
+            return [word == "true", p + word.length()]
+        if (word ==~ /[+-]?\d[\d_]*/)
+            return [Long.parseLong(word.replace("_", "")), p + word.length()]
+        if (word ==~ /[+-]?\d[\d_]*(\.\d[\d_]*)?([eE][+-]?\d+)?/)
+            return [Double.parseDouble(word.replace("_", "")), p + word.length()]
+        fail(n, "expected a string in quotes, a number, true/false or an array, got `${text.substring(p).trim()}`")
+    }
+    def value = { String text, int n ->
+        int p = 0
+        def skip = { while (p < text.length() && Character.isWhitespace(text.charAt(p))) p++ }
+        skip()
+        if (p >= text.length())
+            fail(n, "a key without a value")
+        def result
+        if (text.charAt(p) == '[' as char) {
+            result = []
+            p++
+            skip()
+            while (p < text.length() && text.charAt(p) != ']' as char) {
+                if (text.charAt(p) == '[' as char)
+                    fail(n, "arrays of arrays are not read here")
+                def item = scalar(text, p, n)
+                result << item[0]
+                p = item[1] as int
+                skip()
+                if (p < text.length() && text.charAt(p) == ',' as char) {
+                    p++
+                    skip()
+                } else if (p >= text.length() || text.charAt(p) != ']' as char) {
+                    fail(n, "expected , or ] in the array")
+                }
+            }
+            if (p >= text.length())
+                fail(n, "an array without its closing ]")
+            p++
+        } else {
+            def item = scalar(text, p, n)
+            result = item[0]
+            p = item[1] as int
+        }
+        skip()
+        if (p < text.length())
+            fail(n, "unexpected `${text.substring(p)}` after the value")
+        return result
+    }
+    def table = ""
+    def seenTables = [] as Set
+    def all = file.getText("UTF-8").split("\r?\n", -1)
+    int i = 0
+    while (i < all.length) {
+        int n = i + 1
+        def line = uncommented(all[i]).trim()
+        i++
+        if (line.isEmpty())
+            continue
+        if (line.startsWith("[")) {
+            def header = (line =~ /^\[\s*([A-Za-z0-9_-]+)\s*\]$/)
+            if (!header.matches())
+                fail(n, "expected a table header such as [service], got `${line}`")
+            table = header.group(1)
+            if (!seenTables.add(table))
+                fail(n, "[${table}] appears twice")
+            lines["[" + table + "]"] = n
+            continue
+        }
+        def kv = (line =~ /^([A-Za-z0-9_-]+|"[^"]*")\s*=(.*)$/)
+        if (!kv.matches())
+            fail(n, "expected key = value, got `${line}`")
+        def key = kv.group(1).replace('"', '')
+        def text = kv.group(2)
+        // An array may go on over the next lines, until its brackets close.
+        def depth = { String t ->
+            int d = 0
+            def quote = null
+            for (int k = 0; k < t.length(); k++) {
+                def c = t.charAt(k)
+                if (quote == null && (c == '"' as char || c == '\'' as char))
+                    quote = c
+                else if (quote == '"' as char && c == '\\' as char)
+                    k++
+                else if (quote != null && c == quote)
+                    quote = null
+                else if (quote == null && c == '[' as char)
+                    d++
+                else if (quote == null && c == ']' as char)
+                    d--
+            }
+            return d
+        }
+        while (depth(text) > 0 && i < all.length) {
+            text += " " + uncommented(all[i])
+            i++
+        }
+        def full = table.isEmpty() ? key : table + "." + key
+        if (values.containsKey(full))
+            fail(n, "${key} is set twice")
+        values[full] = value(text, n)
+        lines[full] = n
+    }
+    return [values: values, lines: lines]
+}
+
+// The keys pdl1-config.toml may hold and what each must be (bridge/project_config.py checks the same).
+def CONFIG_KEYS = [
+    "service.url": "a string", "service.token": "a string", "service.model": "a string",
+    "analysis.device": "a string", "analysis.outputs": "an array of strings",
+    "analysis.target_classes": "an array of strings", "analysis.target_names": "an array of strings",
+    "analysis.uncertainty_tile_um": "a number", "analysis.min_region_area_um2": "a number",
+    "models.segmentation": "a string", "models.nuclei": "a string",
+]
+def KNOWN_OUTPUTS = ["regions", "uncertainty_tiles", "sua", "nuclei"]
+def readPdl1Config = { File file ->
+    def toml = readToml(file)
+    def tables = CONFIG_KEYS.keySet().collect { it.split("\\.")[0] } as LinkedHashSet
+    toml.lines.each { key, n ->
+        if (key.startsWith("[") && !(key[1..-2] in tables))
+            throw new IllegalArgumentException("${file}, line ${n}: unknown table ${key}; expected ${tables.collect { '[' + it + ']' }.join(', ')}".toString())
+    }
+    toml.values.each { key, value ->
+        def where = "${file}, line ${toml.lines[key]}: ${key}"
+        if (!CONFIG_KEYS.containsKey(key))
+            throw new IllegalArgumentException("${where}: unknown key; pdl1-config.toml holds ${CONFIG_KEYS.keySet().join(', ')}".toString())
+        def expected = CONFIG_KEYS[key]
+        def ok = expected == "a string" ? value instanceof String :
+                expected == "a number" ? (value instanceof Number) :
+                value instanceof List && value.every { it instanceof String }
+        if (!ok)
+            throw new IllegalArgumentException("${where}: expected ${expected}, got ${value.inspect()}".toString())
+        if (key == "analysis.outputs" && !value.every { it in KNOWN_OUTPUTS })
+            throw new IllegalArgumentException("${where}: expected some of ${KNOWN_OUTPUTS.join(', ')}, got ${value.inspect()}".toString())
+    }
+    return toml.values
+}
+
+// Why QuPath shows this image other than its file, read as it is, would show it; null when it does not.
+// Decided by what the server is on every QuPath version: no class is imported that 0.4.4 lacks
+// (TiledTransformingImageServer is 0.6+ and is not a TransformingImageServer).
+def transformedBy = { server ->
+    def name = server.getClass().getSimpleName()
+    for (def c = server.getClass(); c != null; c = c.getSuperclass()) {
+        if (c.getSimpleName().contains("Transforming"))
+            return "a ${name} (a ${c.getSimpleName()}: rotated, cropped, flipped or otherwise transformed)".toString()
+    }
+    def uris = server.getURIs()
+    if (uris.size() != 1)
+        return "a ${name} made from ${uris.size()} files".toString()
+    def builder = server.getBuilder()
+    def kind = builder == null ? null : builder.getClass().getSimpleName()
+    if (kind != null && !(kind in ["DefaultImageServerBuilder", "PyramidGeneratingServerBuilder"]))
+        return "a ${name} built by a ${kind}".toString()
+    return null
+}
+
+// Entry metadata: the entry's own map where it has one (QuPath 0.6+: getMetadata() returns it, mutable),
+// else putMetadataValue (0.4.4 and 0.5; deprecated since 0.6).
+def putEntryMetadata = { entry, Map values ->
+    def map = entry.metaClass.respondsTo(entry, "getMetadata") ? entry.getMetadata() : null
+    if (map instanceof Map) {
+        values.each { key, value -> map.put(key as String, value as String) }
+        return "getMetadata"
+    }
+    values.each { key, value -> entry.putMetadataValue(key as String, value as String) }
+    return "putMetadataValue"
+}
+// ---- end of helpers ------------------------------------------------------------------------
 
 def imageData = getCurrentImageData()
 if (imageData == null) {
     println "pdl1: open an image first"
     return
 }
+
+// The project's pdl1-config.toml, when there is one, replaces the settings block.
+def project = getProject()
+def projectFile = project == null ? null : project.getPath()
+def configFile = projectFile == null ? null : projectFile.getParent().resolve(CONFIG_NAME).toFile()
+if (configFile != null && configFile.isFile()) {
+    def config
+    try {
+        config = readPdl1Config(configFile)
+    } catch (IllegalArgumentException e) {
+        println "pdl1: ${e.getMessage()}; fix ${CONFIG_NAME} (project_templates/pdl1/config.toml shows every key)"
+        return
+    }
+    SERVER_URL = config.getOrDefault("service.url", SERVER_URL)
+    TOKEN = config.getOrDefault("service.token", TOKEN)
+    MODEL = config.getOrDefault("service.model", MODEL)
+    OUTPUTS = config.getOrDefault("analysis.outputs", OUTPUTS)
+    TARGET_CLASSES = config.getOrDefault("analysis.target_classes", TARGET_CLASSES)
+    TARGET_NAMES = config.getOrDefault("analysis.target_names", TARGET_NAMES)
+    println "pdl1: settings from ${configFile}"
+}
+
 def server = imageData.getServer()
 // The service reads the image file as it is: a view QuPath rotates, crops or builds from several files
 // would put the ROI and the results in the wrong place.
-if (server instanceof TransformingImageServer || server.getURIs().size() != 1) {
-    println "pdl1: QuPath shows this image through a ${server.getClass().getSimpleName()} (rotated, cropped or " +
-            "combined from files); the service reads files as they are, so results would land in the wrong place. " +
-            "Add the file to the project without the transform, or export the image as OME-TIFF and analyse that."
+def transformed = transformedBy(server)
+if (transformed != null) {
+    println "pdl1: QuPath shows this image through ${transformed}; the service reads files as they are, so " +
+            "results would land in the wrong place. Add the file to the project without the transform, or export " +
+            "the image as OME-TIFF and analyse that."
     return
 }
 def imagePath = GeneralTools.toPath(server.getURIs()[0])
@@ -92,8 +349,11 @@ def isOwn = { PathObject obj ->
 // What to analyse.
 def hierarchy = imageData.getHierarchy()
 def targets = getSelectedObjects().findAll { it.isAnnotation() && !isOwn(it) }
-if (targets.isEmpty() && TARGET_CLASS != null)
-    targets = hierarchy.getAnnotationObjects().findAll { it.getPathClass() != null && it.getPathClass().toString() == TARGET_CLASS }
+if (targets.isEmpty() && !(TARGET_CLASSES.isEmpty() && TARGET_NAMES.isEmpty()))
+    targets = hierarchy.getAnnotationObjects().findAll {
+        !isOwn(it) && ((it.getPathClass() != null && it.getPathClass().toString() in TARGET_CLASSES) ||
+                (it.getName() != null && it.getName() in TARGET_NAMES))
+    }
 def wholeImage = targets.isEmpty()
 if (wholeImage) {
     def existing = hierarchy.getAnnotationObjects().find {
@@ -115,6 +375,7 @@ try {
 }
 
 def entry = getProjectEntry()
+def metadataWritten = false
 def done = 0
 for (parent in targets) {
     def body = new LinkedHashMap()
@@ -180,10 +441,21 @@ for (parent in targets) {
     parent.addChildObjects(objects)
     def ml = parent.getMeasurementList()
     pdl1.get("parent_measurements").each { name, value -> ml.put(name as String, value as double) }
-    if (entry != null)
-        pdl1.get("metadata").each { key, value -> entry.putMetadataValue(key as String, value as String) }
+    if (entry != null) {
+        putEntryMetadata(entry, pdl1.get("metadata"))
+        metadataWritten = true
+    }
     done++
     println "pdl1: ${objects.size()} objects under ${parent.getName() ?: parent.getPathClass() ?: 'annotation'}"
 }
 fireHierarchyUpdate()
+// QuPath 0.4.4 does not save the project after a headless script (0.6+ does): save the entry metadata now.
+if (metadataWritten && project != null) {
+    try {
+        project.syncChanges()
+    } catch (IOException e) {
+        println "pdl1: the entry metadata is set but ${project.getPath()} could not be saved (${e.getMessage()}); " +
+                "save the project from QuPath"
+    }
+}
 println "pdl1: analysed ${done} of ${targets.size()} regions of ${server.getMetadata().getName()}"

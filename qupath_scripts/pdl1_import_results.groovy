@@ -1,5 +1,5 @@
 /*
- * pdl1_import_results.groovy - import pdl1-bridge batch results into QuPath (0.4.4, 0.5, 0.6).
+ * pdl1_import_results.groovy - import pdl1-bridge batch results into QuPath (0.4.4 to 0.7).
  *
  * `pdl1 run PROJECT` without QuPath writes, for each image, <project>/pdl1/<entryID>/objects.geojson
  * (a "PD-L1 analysis" annotation with its measurements, then its children: PD-L1 positive regions,
@@ -8,7 +8,7 @@
  * pdl1-bridge run wrote and leaving every other object alone.
  *
  * Run it for the whole project: Automate > Project scripts (or Script editor) > Run for project,
- * or headless: QuPath script -p project.qpproj -s pdl1_import_results.groovy --save
+ * or headless (-s is --save: write each image's data): QuPath script -p project.qpproj -s pdl1_import_results.groovy
  *
  * Nothing to edit below unless you moved the results folder.
  */
@@ -23,6 +23,20 @@ def OWN_ANNOTATION_CLASSES = ["PD-L1 positive", "PD-L1 FN candidate"]
 def OWN_DETECTION_CLASSES = ["Tumor: Positive", "Tumor: Negative", "Other"]
 def TILE_NAME = "PD-L1 uncertainty"
 // ------------------------------------------------------------------------------------------
+
+// ---- helpers: plain Groovy, no QuPath classes (tests/test_groovy_scripts.py runs this part) ----
+// Entry metadata: the entry's own map where it has one (QuPath 0.6+: getMetadata() returns it, mutable),
+// else putMetadataValue (0.4.4 and 0.5; deprecated since 0.6).
+def putEntryMetadata = { entry, Map values ->
+    def map = entry.metaClass.respondsTo(entry, "getMetadata") ? entry.getMetadata() : null
+    if (map instanceof Map) {
+        values.each { key, value -> map.put(key as String, value as String) }
+        return "getMetadata"
+    }
+    values.each { key, value -> entry.putMetadataValue(key as String, value as String) }
+    return "putMetadataValue"
+}
+// ---- end of helpers ------------------------------------------------------------------------
 
 def project = getProject()
 def entry = getProjectEntry()
@@ -84,7 +98,15 @@ def summaryFile = new File(folder, "summary.json")
 if (summaryFile.isFile()) {
     def summary = GsonTools.getInstance().fromJson(summaryFile.getText("UTF-8"), Map.class)
     def metadata = summary.get("metadata")
-    if (metadata != null)
-        metadata.each { key, value -> entry.putMetadataValue(key as String, value as String) }
+    if (metadata != null) {
+        putEntryMetadata(entry, metadata)
+        // QuPath 0.4.4 does not save the project after a headless script (0.6+ does): save the metadata now.
+        try {
+            project.syncChanges()
+        } catch (IOException e) {
+            println "pdl1: the entry metadata is set but ${project.getPath()} could not be saved (${e.getMessage()}); " +
+                    "save the project from QuPath"
+        }
+    }
 }
 println "pdl1: imported ${children.size()} objects under '${ANALYSIS_CLASS}' for ${entry.getImageName()}"

@@ -1,5 +1,5 @@
 /*
- * pdl1_setup_classes.groovy - add the pdl1-bridge classes (with their colours) to the project (QuPath 0.4.4-0.6).
+ * pdl1_setup_classes.groovy - add the pdl1-bridge classes (with their colours) to the project (QuPath 0.4.4 to 0.7).
  *
  * Run once per project (Script editor > Run). Existing classes are kept; missing ones are added.
  * The colours match what pdl1-bridge writes (bridge/classes.py).

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from bridge.cli.app import app
@@ -55,3 +56,137 @@ def test_bench_lists_benchmarks():
 def test_bad_log_level():
     result = runner.invoke(app, ["--log-level", "LOUD", "version"])
     assert result.exit_code == 2
+
+
+# ---- pdl1 run: defaults from the project's pdl1-config.toml, options over them ------------------------------------
+
+
+@pytest.fixture
+def captured_run(monkeypatch):
+    """`pdl1 run` up to the batch: the RunConfig it builds, without analysing anything."""
+    import bridge.cli.run
+
+    seen = []
+
+    def fake_run(inputs, run_config, *, progress):
+        seen.append(run_config)
+        return []
+
+    monkeypatch.setattr(bridge.cli.run, "run_with_progress", fake_run)
+    return seen
+
+
+def _project(tmp_path, config_text=None):
+    (tmp_path / "project.qpproj").write_text(json.dumps({"version": "0.4.4", "images": []}))
+    if config_text is not None:
+        (tmp_path / "pdl1-config.toml").write_text(config_text)
+    return tmp_path
+
+
+CONFIG = """
+[analysis]
+device = "cpu"
+outputs = ["regions", "sua"]
+target_classes = ["Tumor"]
+target_names = ["core 1"]
+uncertainty_tile_um = 32
+min_region_area_um2 = 50
+[models]
+segmentation = "models/seg"
+nuclei = "/abs/nuclei"
+"""
+
+
+def test_run_takes_its_defaults_from_the_projects_config(tmp_path, captured_run):
+    project = _project(tmp_path, CONFIG)
+    result = runner.invoke(app, ["run", str(project / "project.qpproj"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    (config,) = captured_run
+    assert config.pipeline.device == "cpu"
+    assert config.pipeline.seg_model_dir == str(project / "models" / "seg")
+    assert config.pipeline.nuclei_model_dir == "/abs/nuclei"
+    assert config.pipeline.run_nuclei is False and config.pipeline.run_sua is True
+    assert config.pipeline.uncertainty_tile_um == 32.0 and config.pipeline.min_region_area_um2 == 50.0
+    assert config.target_classes == ("Tumor",) and config.target_names == ("core 1",)
+    assert config.include_tiles is False
+    assert config.settings.path == project / "pdl1-config.toml"
+
+
+def test_run_options_override_the_config(tmp_path, captured_run):
+    project = _project(tmp_path, CONFIG)
+    args = ["run", str(project), "--no-progress", "--device", "cuda:1", "--class", "Stroma", "--class", "Tumor"]
+    args += ["--output", "nuclei", "--output", "uncertainty_tiles", "--seg-model", "elsewhere"]
+    args += ["--uncertainty-tile-um", "16", "--min-region-area-um2", "0"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (config,) = captured_run
+    assert config.pipeline.device == "cuda:1"
+    assert config.target_classes == ("Stroma", "Tumor")
+    assert config.target_names == ("core 1",)  # not given: the config's
+    assert config.pipeline.run_nuclei is True and config.pipeline.run_sua is False and config.include_tiles
+    assert config.pipeline.seg_model_dir == "elsewhere"
+    assert config.pipeline.nuclei_model_dir == "/abs/nuclei"
+    assert config.pipeline.uncertainty_tile_um == 16.0 and config.pipeline.min_region_area_um2 == 0.0
+    assert config.settings.source_of("device") == "command line"
+    assert config.settings.source_of("target_names") == str(project / "pdl1-config.toml")
+
+
+def test_run_without_a_config_uses_the_built_in_defaults(tmp_path, captured_run):
+    project = _project(tmp_path)
+    assert runner.invoke(app, ["run", str(project), "--no-progress", "--no-nuclei"]).exit_code == 0
+    (tmp_path / "b").mkdir()
+    result = runner.invoke(app, ["run", str(_project(tmp_path / "b", CONFIG)), "--no-progress", "--no-config"])
+    assert result.exit_code == 0, result.output
+    plain, ignored = captured_run
+    for config in (plain, ignored):
+        assert config.pipeline.device == "auto" and config.pipeline.seg_model_dir is None
+        assert config.target_classes == () and config.include_tiles and config.pipeline.run_sua
+        assert config.pipeline.uncertainty_tile_um == 64.0 and config.pipeline.min_region_area_um2 == 200.0
+        assert config.settings.path is None
+    assert plain.pipeline.run_nuclei is False and plain.settings.outputs == ("regions", "uncertainty_tiles", "sua")
+    assert ignored.pipeline.run_nuclei is True
+
+
+def test_run_reads_a_config_given_with_config_also_for_slides(tmp_path, captured_run):
+    config_file = tmp_path / "lab.toml"
+    config_file.write_text('[analysis]\ndevice = "cpu"\n')
+    slide = tmp_path / "a.svs"
+    result = runner.invoke(app, ["run", str(slide), "--out", str(tmp_path / "o"), "--config", str(config_file)])
+    assert result.exit_code == 0, result.output
+    assert captured_run[0].pipeline.device == "cpu"
+    assert captured_run[0].settings.path == config_file
+
+
+@pytest.mark.parametrize(
+    "args, code, match",
+    [
+        (["--output", "tiles"], 2, "expected some of regions, uncertainty_tiles, sua, nuclei, got 'tiles'"),
+        (["--device", "gpu"], 2, "expected auto, cpu, cuda or cuda:N, got 'gpu'"),
+        (["--uncertainty-tile-um", "0"], 2, "expected a number above 0"),
+        (["--config", "x.toml", "--no-config"], 2, "--config and --no-config exclude each other"),
+        (["--output", "regions", "--refine"], 2, "--refine merges the SUA candidates in"),
+    ],
+)
+def test_run_refuses_bad_settings_options(tmp_path, captured_run, args, code, match):
+    result = runner.invoke(app, ["run", str(_project(tmp_path)), "--no-progress", *args])
+    assert result.exit_code == code, result.output
+    assert match in " ".join(result.output.replace("│", " ").split())
+    assert captured_run == []
+
+
+def test_run_stops_at_a_malformed_config_naming_file_line_and_key(tmp_path, captured_run):
+    project = _project(tmp_path, '[analysis]\ndevice = "cpu"\nouputs = ["regions"]\n')
+    result = runner.invoke(app, ["run", str(project), "--no-progress"])
+    assert result.exit_code == 1
+    out = " ".join(result.output.split())
+    assert "pdl1-config.toml, line 3: [analysis] ouputs: unknown key" in out
+    assert captured_run == []
+
+
+def test_run_help_says_where_defaults_come_from():
+    result = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.replace("│", " ").split())
+    for option in ("--device", "--seg-model", "--nuclei-model", "--class", "--name", "--output"):
+        assert option in text
+    assert text.count("Default: from pdl1-config.toml") >= 8

@@ -18,7 +18,9 @@ def stdout() -> Console:
 
 
 def fail(err: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {err}")
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(str(err))}")  # messages quote files: "[analysis]" is no markup
     return typer.Exit(code=1)
 
 

@@ -2,13 +2,47 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from bridge.cli.common import console, fail, interrupted, outcome_table, pipeline_config, run_with_progress
+from bridge.project_config import ProjectConfig, config_path_for, problem_with, read_project_config
 from inference import Pdl1Error
+
+_OPTION_OF = {
+    "device": "--device",
+    "outputs": "--output",
+    "target_classes": "--class",
+    "target_names": "--name",
+    "uncertainty_tile_um": "--uncertainty-tile-um",
+    "min_region_area_um2": "--min-region-area-um2",
+    "seg_model": "--seg-model",
+    "nuclei_model": "--nuclei-model",
+}
+
+
+def _settings(
+    inputs: list[Path], config: Path | None, *, no_config: bool, given: dict[str, object], no_nuclei: bool
+) -> ProjectConfig:
+    """The run's settings: the options given, over the project's pdl1-config.toml (or --config), over the
+    built-in defaults."""
+    path = None if no_config else config or config_path_for(inputs)
+    settings = (ProjectConfig() if path is None else read_project_config(path)).with_overrides(**given)
+    if path is not None:
+        console.print(f"settings: {path} (options given here override it)", soft_wrap=True, markup=False)
+    if no_nuclei and "nuclei" in settings.outputs:
+        settings = settings.with_overrides(outputs=[o for o in settings.outputs if o != "nuclei"])
+    if "regions" not in settings.outputs:
+        console.print(
+            f"[yellow]note:[/yellow] the outputs ({settings.source_of('outputs')}) leave out regions; pdl1 run "
+            "writes them all the same, since the analysed annotation's positive-area measurements describe them",
+            soft_wrap=True,
+            highlight=False,
+        )
+    return settings
 
 
 def _run_ray_with_progress(inputs, run_config, *, address, progress: bool):
@@ -37,11 +71,39 @@ def run(
     resume: Annotated[bool, typer.Option(help="Skip images a previous run finished.")] = False,
     report: Annotated[bool, typer.Option(help="Write the HTML/CSV report afterwards.")] = False,
     target_class: Annotated[
-        list[str] | None, typer.Option("--class", help="Analyse annotations of this class (repeatable; needs QuPath).")
+        list[str] | None,
+        typer.Option(
+            "--class",
+            help="Analyse annotations of this class (repeatable; needs QuPath). Default: from pdl1-config.toml "
+            "(target_classes), else none: the whole tissue of each image.",
+        ),
     ] = None,
     target_name: Annotated[
-        list[str] | None, typer.Option("--name", help="Analyse annotations with this name (repeatable; needs QuPath).")
+        list[str] | None,
+        typer.Option(
+            "--name",
+            help="Analyse annotations with this name (repeatable; needs QuPath). Default: from pdl1-config.toml "
+            "(target_names), else none.",
+        ),
     ] = None,
+    output: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="What to compute and write: regions, uncertainty_tiles, sua, nuclei (repeatable; the regions "
+            "are always written). Default: from pdl1-config.toml (outputs), else all four.",
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="Settings file to take defaults from. Default: pdl1-config.toml beside the project, if there "
+            "is one; options given here override it.",
+            dir_okay=False,
+        ),
+    ] = None,
+    no_config: Annotated[
+        bool, typer.Option("--no-config", help="Ignore pdl1-config.toml: built-in defaults and these options only.")
+    ] = False,
     search_dir: Annotated[
         list[Path] | None,
         typer.Option(help="Folder to search, with its subfolders, for slides that moved (repeatable)."),
@@ -51,10 +113,33 @@ def run(
         typer.Option(help="auto: write into the project via paquo when QuPath is found, else sidecars; never; always."),
     ] = "auto",
     seg_model: Annotated[
-        Path | None, typer.Option(help="Segmentation ensemble folder (default: shipped demo).")
+        Path | None,
+        typer.Option(
+            help="Segmentation ensemble folder. Default: from pdl1-config.toml (models.segmentation), else the "
+            "shipped demo."
+        ),
     ] = None,
-    nuclei_model: Annotated[Path | None, typer.Option(help="Nuclei model folder (default: shipped demo).")] = None,
-    no_nuclei: Annotated[bool, typer.Option(help="Skip nuclei and TPS.")] = False,
+    nuclei_model: Annotated[
+        Path | None,
+        typer.Option(
+            help="Nuclei model folder. Default: from pdl1-config.toml (models.nuclei), else the shipped demo."
+        ),
+    ] = None,
+    no_nuclei: Annotated[bool, typer.Option(help="Skip nuclei and TPS (takes nuclei out of the outputs).")] = False,
+    uncertainty_tile_um: Annotated[
+        float | None,
+        typer.Option(
+            help="Edge of the uncertainty tiles in µm. Default: from pdl1-config.toml, else 64.",
+        ),
+    ] = None,
+    min_region_area_um2: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Positive regions and SUA candidates smaller than this (µm²) are dropped. Default: from "
+            "pdl1-config.toml, else 200.",
+        ),
+    ] = None,
     refine: Annotated[bool, typer.Option(help="Also report positive area with SUA candidates merged in.")] = False,
     mpp: Annotated[
         float | None,
@@ -62,7 +147,10 @@ def run(
             min=0.05, help="Microns per pixel of every image, instead of what the project or the files state."
         ),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[
+        str | None,
+        typer.Option(help="auto, cpu, cuda or cuda:N. Default: from pdl1-config.toml (analysis.device), else auto."),
+    ] = None,
     engine: Annotated[
         str, typer.Option(help="local (this process) or ray (one task per image on a Ray cluster).")
     ] = "local",
@@ -97,6 +185,8 @@ def run(
 ) -> None:
     """Analyse every image: segmentation ensemble + uncertainty + SUA + nuclei, then write to QuPath.
 
+    Models, targets, outputs and device default to the project's pdl1-config.toml; options override it.
+
     Exits non-zero when any image failed; the others are finished and written all the same.
     """
     from bridge.run import RunConfig, iter_failed
@@ -107,26 +197,57 @@ def run(
         raise typer.BadParameter("expected local or ray", param_hint="--engine")
     if address is not None and engine != "ray":
         raise typer.BadParameter("--address goes with --engine ray", param_hint="--address")
+    if config is not None and no_config:
+        raise typer.BadParameter("--config and --no-config exclude each other; give one", param_hint="--config")
+    given = {
+        "device": device,
+        "outputs": output,
+        "target_classes": target_class,
+        "target_names": target_name,
+        "uncertainty_tile_um": uncertainty_tile_um,
+        "min_region_area_um2": min_region_area_um2,
+        "seg_model": seg_model,
+        "nuclei_model": nuclei_model,
+    }
+    for name, value in given.items():
+        problem = None if value is None else problem_with(name, value)
+        if problem is not None:
+            raise typer.BadParameter(problem, param_hint=_OPTION_OF[name])
     try:
-        run_config = RunConfig(
-            pipeline=pipeline_config(
-                device,
-                seg_model,
-                nuclei_model,
+        settings = _settings(inputs, config, no_config=no_config, given=given, no_nuclei=no_nuclei)
+        if refine and "sua" not in settings.outputs:
+            raise typer.BadParameter(
+                f"--refine merges the SUA candidates in, but the outputs ({settings.source_of('outputs')}) leave "
+                "sua out; add --output sua or drop --refine",
+                param_hint="--refine",
+            )
+        pipeline = replace(
+            pipeline_config(
+                settings.device,
+                settings.seg_model,
+                settings.nuclei_model,
                 mpp,
-                no_nuclei,
+                "nuclei" not in settings.outputs,
                 refine,
                 batch_size=batch_size,
                 read_workers=read_workers,
                 compile_members=compile_members,
                 gpu_decode=gpu_decode,
             ),
+            run_sua="sua" in settings.outputs,
+            uncertainty_tile_um=settings.uncertainty_tile_um,
+            min_region_area_um2=settings.min_region_area_um2,
+        )
+        run_config = RunConfig(
+            pipeline=pipeline,
             out=out,
             resume=resume,
             qupath=qupath,
-            target_classes=tuple(target_class or ()),
-            target_names=tuple(target_name or ()),
+            target_classes=settings.target_classes,
+            target_names=settings.target_names,
             search_dirs=tuple(search_dir or ()),
+            include_tiles="uncertainty_tiles" in settings.outputs,
+            settings=settings,
         )
         if engine == "ray":
             outcomes = _run_ray_with_progress(inputs, run_config, address=address, progress=progress)

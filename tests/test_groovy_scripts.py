@@ -1,0 +1,242 @@
+"""The Groovy scripts' own logic, run with the Groovy 4 that npm-groovy-lint ships (QuPath runs Groovy 4).
+
+pdl1_analyze.groovy keeps what can run without QuPath between two marker lines: the pdl1-config.toml
+reader, the transformed-view check and the entry-metadata write. These tests run that part with fake
+QuPath objects, and check the reader against tomllib and bridge.project_config on the same files.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from bridge.project_config import SCHEMA, ConfigError, read_project_config
+from project_templates import PDL1_TEMPLATE
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "qupath_scripts"
+ANALYZE = SCRIPTS / "pdl1_analyze.groovy"
+IMPORT = SCRIPTS / "pdl1_import_results.groovy"
+BEGIN = "// ---- helpers: plain Groovy"
+END = "// ---- end of helpers"
+
+
+def _groovy_classpath() -> str | None:
+    lint = os.environ.get("PDL1_GROOVY_LINT")
+    if not lint or shutil.which("java") is None:
+        return None
+    node_modules = Path(lint).expanduser().absolute().parent.parent
+    jars = sorted((node_modules / "npm-groovy-lint" / "lib" / "java" / "groovy" / "lib").glob("*.jar"))
+    return os.pathsep.join(map(str, jars)) if any(j.name.startswith("groovy-4") for j in jars) else None
+
+
+CLASSPATH = _groovy_classpath()
+needs_groovy = pytest.mark.skipif(
+    CLASSPATH is None,
+    reason="set PDL1_GROOVY_LINT to npm-groovy-lint's path (its Groovy 4 jars run these) and have java",
+)
+
+
+def helpers(script: Path = ANALYZE) -> str:
+    text = script.read_text()
+    start, end = text.index(BEGIN), text.index(END)
+    return text[start:end]
+
+
+def run_groovy(tmp_path: Path, driver: str, script: Path = ANALYZE) -> list:
+    """A script's helpers, then ``driver`` (which prints one JSON line per result); the parsed lines."""
+    path = tmp_path / "driver.groovy"
+    path.write_text("import groovy.json.JsonOutput\n" + helpers(script) + "\n" + driver)
+    out = subprocess.run(
+        ["java", "-cp", CLASSPATH, "groovy.ui.GroovyMain", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith(("{", "["))]
+
+
+def read_with_groovy(tmp_path: Path, files: list[Path]) -> list[dict]:
+    listed = ", ".join(json.dumps(str(f)) for f in files)
+    driver = f"""
+for (name in [{listed}]) {{
+    try {{
+        println JsonOutput.toJson([ok: readPdl1Config(new File(name))])
+    }} catch (IllegalArgumentException e) {{
+        println JsonOutput.toJson([error: e.getMessage()])
+    }}
+}}
+"""
+    return run_groovy(tmp_path, driver)
+
+
+def flat(data: dict) -> dict:
+    return {f"{table}.{key}": value for table, keys in data.items() for key, value in keys.items()}
+
+
+def test_the_helpers_use_no_qupath_class_and_the_script_imports_none_missing_on_0_4_4():
+    part = helpers()
+    assert "qupath." not in part
+    script = ANALYZE.read_text()
+    imports = set(re.findall(r"^import (\S+)", script, flags=re.M))
+    # TiledTransformingImageServer (0.6+) would fail the whole script at compile time on 0.4.4.
+    assert imports <= {
+        "qupath.lib.common.GeneralTools",
+        "qupath.lib.io.GsonTools",
+        "qupath.lib.io.PathIO",
+        "qupath.lib.objects.PathObject",
+        "java.net.URI",
+        "java.net.http.HttpClient",
+        "java.net.http.HttpRequest",
+        "java.net.http.HttpResponse",
+        "java.time.Duration",
+    }, imports
+    assert "instanceof TransformingImageServer" not in script
+
+
+def test_the_groovy_reader_knows_the_keys_python_knows():
+    keys = set(re.findall(r'"(\w+\.\w+)": "(?:a string|a number|an array of strings)"', helpers()))
+    assert keys == {f"{t}.{k}" for t, ks in SCHEMA.items() for k in ks}
+
+
+@needs_groovy
+def test_the_groovy_reader_reads_what_tomllib_reads(tmp_path):
+    rich = tmp_path / "rich.toml"
+    rich.write_text(
+        "# a comment\n"
+        "[service]\n"
+        "url = 'http://10.0.0.2:8765/#x'   # literal string with a hash\n"
+        'token = "t\\"ok\\\\en\\u00e9"\n'
+        "[analysis]\n"
+        "outputs = [\n"
+        '    "regions",  # the positive regions\n'
+        '    "nuclei",\n'
+        "]\n"
+        'target_classes = ["Tumor", "Stroma [core]"]\n'
+        "target_names=[]\n"
+        "uncertainty_tile_um = 32\n"
+        "min_region_area_um2 = 1_000.5\n"
+    )
+    (template, rich_read) = read_with_groovy(tmp_path, [PDL1_TEMPLATE / "config.toml", rich])
+    assert template == {"ok": flat(tomllib.loads((PDL1_TEMPLATE / "config.toml").read_text()))}
+    assert rich_read == {"ok": flat(tomllib.loads(rich.read_text()))}
+    read_project_config(rich)  # and bridge reads it too
+
+
+BAD = {
+    "not_toml.toml": ('[service]\nurl = "http://x"\n\n[analysis]\ndevice = auto\n', 5),
+    "open_array.toml": ('[analysis]\noutputs = ["regions",\n', 2),
+    "open_string.toml": ('[service]\nurl = "http://x\n', 2),
+    "unknown_table.toml": ("[service]\nurl = 'x'\n[anaylsis]\ndevice = 'cpu'\n", 3),
+    "unknown_key.toml": ('[analysis]\ndevice = "cpu"\ntarget_class = ["Tumor"]\n', 3),
+    "outside_table.toml": ('device = "cpu"\n', 1),
+    "string_not_array.toml": ('[analysis]\noutputs = "regions"\n', 2),
+    "numbers_not_strings.toml": ("[analysis]\ntarget_classes = [1, 2]\n", 2),
+    "string_not_number.toml": ('[analysis]\nuncertainty_tile_um = "64"\n', 2),
+    "number_not_string.toml": ("[service]\ntoken = 1234\n", 2),
+    "unknown_output.toml": ('[analysis]\noutputs = ["regions", "tiles"]\n', 2),
+    "twice.toml": ('[service]\nurl = "a"\nurl = "b"\n', 3),
+}
+
+
+@needs_groovy
+def test_the_groovy_reader_refuses_what_bridge_refuses_naming_file_and_line(tmp_path):
+    files = []
+    for name, (text, _) in BAD.items():
+        (tmp_path / name).write_text(text)
+        files.append(tmp_path / name)
+    results = read_with_groovy(tmp_path, files)
+    for path, result in zip(files, results, strict=True):
+        line = BAD[path.name][1]
+        with pytest.raises(ConfigError):
+            read_project_config(path)
+        assert "error" in result, (path.name, result)
+        assert result["error"].startswith(f"{path}, line {line}: "), (path.name, result["error"])
+
+
+@needs_groovy
+def test_transformed_views_are_recognised_on_every_version(tmp_path):
+    driver = """
+class TransformingImageServer { }                       // QuPath 0.4.4-0.7: rotated, cropped, affine...
+class TiledTransformingImageServer { }                  // QuPath 0.6+: not a TransformingImageServer
+class AbstractTileableImageServer { }
+class DefaultImageServerBuilder { }
+class PyramidGeneratingServerBuilder { }
+class SparseImageServerBuilder { }
+class Server {
+    List uris = [new URI("file:/slides/a.svs")]
+    def builder = new DefaultImageServerBuilder()
+    Collection getURIs() { uris }
+    def getBuilder() { builder }
+}
+class OpenslideImageServer extends Server { }
+class RotatedImageServer extends TransformingImageServer {
+    Collection getURIs() { [new URI("file:/slides/a.svs")] }
+    def getBuilder() { null }
+}
+class FlippedTiledServer extends TiledTransformingImageServer {
+    Collection getURIs() { [new URI("file:/slides/a.svs")] }
+    def getBuilder() { new DefaultImageServerBuilder() }
+}
+class SparseImageServer extends Server { }
+def plain = new OpenslideImageServer()
+def pyramid = new OpenslideImageServer(builder: new PyramidGeneratingServerBuilder())
+def sparse = new SparseImageServer(uris: [new URI("file:/a.tif"), new URI("file:/b.tif")])
+def oneFileSparse = new SparseImageServer(builder: new SparseImageServerBuilder())
+for (server in [plain, pyramid, new RotatedImageServer(), new FlippedTiledServer(), sparse, oneFileSparse])
+    println JsonOutput.toJson([transformed: transformedBy(server)])
+"""
+    results = [r["transformed"] for r in run_groovy(tmp_path, driver)]
+    assert results[:2] == [None, None]
+    assert "TransformingImageServer" in results[2]
+    assert "TiledTransformingImageServer" in results[3]
+    assert "2 files" in results[4]
+    assert "SparseImageServerBuilder" in results[5]
+
+
+@needs_groovy
+@pytest.mark.parametrize("script", [ANALYZE, IMPORT], ids=lambda p: p.name)
+def test_entry_metadata_goes_into_the_entrys_map_where_it_has_one(tmp_path, script):
+    driver = """
+class OldEntry {                                        // QuPath 0.4.4, 0.5: no getMetadata()
+    Map stored = [:]
+    String putMetadataValue(String key, String value) { stored.put(key, value) }
+}
+class NewEntry {                                        // QuPath 0.6+: getMetadata() is the entry's mutable map
+    Map metadata = new java.util.concurrent.ConcurrentHashMap()
+    Map getMetadata() { metadata }
+    String putMetadataValue(String key, String value) { throw new IllegalStateException("deprecated call used") }
+}
+def values = ["PD-L1 TPS %": "12.5", "PD-L1 run": "r1"]
+def old = new OldEntry()
+def now = new NewEntry()
+println JsonOutput.toJson([how: putEntryMetadata(old, values), stored: old.stored])
+println JsonOutput.toJson([how: putEntryMetadata(now, values), stored: now.metadata])
+"""
+    old, new = run_groovy(tmp_path, driver, script)
+    assert old == {"how": "putMetadataValue", "stored": {"PD-L1 TPS %": "12.5", "PD-L1 run": "r1"}}
+    assert new == {"how": "getMetadata", "stored": {"PD-L1 TPS %": "12.5", "PD-L1 run": "r1"}}
+
+
+@pytest.mark.parametrize("script", [ANALYZE, IMPORT], ids=lambda p: p.name)
+def test_metadata_is_written_through_the_helper_and_the_project_synced(script):
+    text = script.read_text()
+    body = text.replace(helpers(script), "")
+    # putMetadataValue (deprecated since 0.6) only as the helper's fallback for entries without getMetadata().
+    assert "putMetadataValue" not in body
+    assert "putEntryMetadata(entry, " in body
+    # QuPath 0.4.4 does not save the project after a headless script: the script syncs it after the metadata,
+    # only where there is a project.
+    sync = body.index("project.syncChanges()")
+    assert body.index("putEntryMetadata(entry, ") < sync
+    assert re.search(r"project (==|!=) null", body[:sync])
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS.glob("*.groovy")), ids=lambda p: p.name)
+def test_headers_name_qupath_0_7_and_the_usage_line_passes_save_once(script):
+    header = script.read_text().split("*/")[0]
+    assert "0.7" in header
+    for usage in re.findall(r"QuPath script .*", header):
+        assert "--save" not in usage and usage.count(" -s ") == 1, usage

@@ -47,6 +47,7 @@ from bridge.objects import feature_page, parent_measurements
 from bridge.project import uri_to_path
 from bridge.run import entry_metadata, failure_message
 from inference import (
+    MPP_PLAUSIBLE_RANGE,
     ArrayReader,
     Cancelled,
     MissingMppError,
@@ -67,6 +68,10 @@ from inference import (
 log = logging.getLogger(__name__)
 OUTPUTS = ("regions", "uncertainty_tiles", "sua", "nuclei")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# Bounds on where an uploaded region sits and how it was scaled: QuPath's images are at most 2^31 px a side,
+# and a region sent at a coarser downsample than this holds nothing a model can use.
+MAX_COORDINATE_PX = 2.0**31
+MAX_DOWNSAMPLE = 4096.0
 
 
 class PathNotAllowedError(Pdl1Error, PermissionError):
@@ -132,12 +137,25 @@ class ServiceSettings:
 class JobRequest(BaseModel):
     """An analysis of one image (or of its ROI)."""
 
-    image: str = Field(description="Image path or file: URI, as QuPath's server reports it.")
+    image: str = Field(
+        min_length=1,
+        description="Image path or file: URI, as QuPath's server reports it.",
+        json_schema_extra={"pattern": "^[^\\u0000]+$"},  # what _image_has_no_nul checks, for clients and fuzzers
+    )
     roi: dict[str, Any] | None = Field(
-        default=None, description="GeoJSON Polygon/MultiPolygon in level-0 px; omit for the whole tissue."
+        default=None,
+        description="GeoJSON Polygon/MultiPolygon in level-0 px; omit for the whole tissue.",
+        json_schema_extra={
+            "required": ["type", "coordinates"],
+            "properties": {"type": {"enum": ["Polygon", "MultiPolygon"]}, "coordinates": {"type": "array"}},
+        },
     )
     mpp: float | None = Field(
-        default=None, gt=0, le=50, allow_inf_nan=False, description="Microns per pixel QuPath reports."
+        default=None,
+        ge=MPP_PLAUSIBLE_RANGE[0],
+        le=MPP_PLAUSIBLE_RANGE[1],
+        allow_inf_nan=False,
+        description="Microns per pixel QuPath reports.",
     )
     image_size_px: tuple[PositiveInt, PositiveInt] | None = Field(
         default=None,
@@ -147,6 +165,16 @@ class JobRequest(BaseModel):
     )
     outputs: list[Literal["regions", "uncertainty_tiles", "sua", "nuclei"]] = Field(default=list(OUTPUTS))
     model: str = Field(default="default", description="Model set; only 'default' (the loaded models) for now.")
+
+    @field_validator("image")
+    @classmethod
+    def _image_has_no_nul(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError(
+                f"image path {value!r} cannot be used: it holds a NUL byte, which no file system takes in a name; "
+                "send the path (or file: URI) of an image file under an --allow-root folder"
+            )
+        return value
 
     @field_validator("roi")
     @classmethod
@@ -245,7 +273,8 @@ class Job:
 
     def status(self) -> JobStatus:
         progress = 1.0 if self.state == "done" else (self.tiles_done / self.tiles_total if self.tiles_total else 0.0)
-        state = "cancelling" if self.state == "running" and self.cancel.is_set() else self.state
+        # Asked to stop but not yet stopped by the worker (queued jobs stop when their turn comes).
+        state = "cancelling" if self.state in ("queued", "running") and self.cancel.is_set() else self.state
         return JobStatus(
             job_id=self.id,
             state=state,
@@ -613,6 +642,7 @@ def too_large(size: str, limit: int) -> str:
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for error answers: each is the service's JSON ``detail``."""
     meaning = {
+        400: "The body is not JSON.",
         401: "Missing or wrong token.",
         403: "The image lies outside the --allow-root folders.",
         404: "No such image or job.",
@@ -652,13 +682,18 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
 
     def allowed_methods(scope: Scope) -> list[str]:
-        """Methods some route serves at this path (Starlette's own 405 names only the first route's)."""
-        methods = {"OPTIONS"}
+        """Methods some route serves at this path (Starlette's own 405 names only the first route's).
+
+        A fixed path (``/v1/jobs/pixels``) is not also the templated one it happens to fit
+        (``/v1/jobs/{job_id}``): where a route matches without path parameters, only such routes count.
+        """
+        matched: list[tuple[set[str], bool]] = []
         for route in app.router.routes:
-            match, _ = route.matches({**scope, "method": "GET"})
+            match, child = route.matches({**scope, "method": "GET"})
             if match != Match.NONE and getattr(route, "methods", None):
-                methods |= set(route.methods)
-        return sorted(methods)
+                matched.append((set(route.methods), bool(child.get("path_params"))))
+        fixed = [methods for methods, templated in matched if not templated]
+        return sorted({"OPTIONS"}.union(*(fixed or [m for m, _ in matched])))
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -750,7 +785,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
     @app.post(
         "/v1/jobs",
         status_code=202,
-        responses={202: {"model": JobAccepted}, **_errors(403, 404, 409, 413, 422, 429)},
+        responses={202: {"model": JobAccepted}, **_errors(400, 403, 404, 409, 413, 422, 429)},
     )
     def submit(req: JobRequest, w: Worker = Depends(worker)) -> JSONResponse:
         if req.model != "default":
@@ -781,10 +816,29 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
     )
     async def submit_pixels(
         request: Request,
-        mpp: float = Query(gt=0, le=50, allow_inf_nan=False, description="Microns per pixel of the uploaded region."),
-        origin_x: float = Query(0.0, allow_inf_nan=False, description="Level-0 x of the region's top-left corner."),
-        origin_y: float = Query(0.0, allow_inf_nan=False, description="Level-0 y of the region's top-left corner."),
-        downsample: float = Query(1.0, gt=0, allow_inf_nan=False, description="Level-0 px per uploaded px."),
+        mpp: float = Query(
+            ge=MPP_PLAUSIBLE_RANGE[0],
+            le=MPP_PLAUSIBLE_RANGE[1],
+            allow_inf_nan=False,
+            description="Microns per pixel of the uploaded region.",
+        ),
+        origin_x: float = Query(
+            0.0,
+            ge=-MAX_COORDINATE_PX,
+            le=MAX_COORDINATE_PX,
+            allow_inf_nan=False,
+            description="Level-0 x of the region's top-left corner.",
+        ),
+        origin_y: float = Query(
+            0.0,
+            ge=-MAX_COORDINATE_PX,
+            le=MAX_COORDINATE_PX,
+            allow_inf_nan=False,
+            description="Level-0 y of the region's top-left corner.",
+        ),
+        downsample: float = Query(
+            1.0, gt=0, le=MAX_DOWNSAMPLE, allow_inf_nan=False, description="Level-0 px per uploaded px."
+        ),
         outputs: list[Literal["regions", "uncertainty_tiles", "sua", "nuclei"]] = Query(list(OUTPUTS)),
         w: Worker = Depends(worker),
     ) -> Response:

@@ -57,6 +57,7 @@ _PUBLIC = {
     "open_slide": "inference.slides.slide",
     "Slide": "inference.slides.slide",
     "Mpp": "inference.slides.slide",
+    "MPP_PLAUSIBLE_RANGE": "inference.slides.slide",
     "ArrayReader": "inference.slides.reader",
     # models
     "Ensemble": "inference.models.ensemble",

@@ -168,7 +168,14 @@ def test_a_pixel_upload_with_a_non_finite_number_is_a_422(service, param, value)
 def test_a_pixel_upload_at_an_implausible_mpp_says_which_parameter(service):
     r = service.client.post("/v1/jobs/pixels", params={"mpp": 1e-9}, content=_png())
     assert r.status_code == 422
-    assert "the mpp query parameter" in r.json()["detail"]
+    assert r.json() == {"detail": "bad request: query.mpp: Input should be greater than or equal to 0.05"}
+
+
+@pytest.mark.parametrize(("param", "value"), [("origin_x", 3e9), ("origin_y", -3e9), ("downsample", 1e16)])
+def test_a_pixel_upload_placed_beyond_any_image_is_a_422(service, param, value):
+    r = service.client.post("/v1/jobs/pixels", params={"mpp": 0.5, param: value}, content=_png())
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith(f"bad request: query.{param}: Input should be")
 
 
 def test_a_bug_still_answers_json(service, slides_root, monkeypatch):
@@ -281,6 +288,19 @@ def test_options_and_405_name_every_method_of_a_path(service):
     r = service.client.put("/v1/jobs/abc")
     assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, OPTIONS"
     assert r.json() == {"detail": "Method Not Allowed"}
+    # A fixed path is not also the templated one it fits: /v1/jobs/pixels is not a job id.
+    r = service.client.request("OPTIONS", "/v1/jobs/pixels")
+    assert r.status_code == 204 and r.headers["allow"] == "OPTIONS, POST"
+
+
+def test_a_queued_job_asked_to_stop_says_cancelling_until_the_worker_stops_it(service, held_worker):
+    client, params = service.client, {"mpp": 0.5, "outputs": ["regions"]}
+    running = client.post("/v1/jobs/pixels", params=params, content=_png()).json()["job_id"]
+    _wait_for(lambda: client.get(f"/v1/jobs/{running}").json()["state"] == "running", "the first job to start")
+    queued = client.post("/v1/jobs/pixels", params=params, content=_png()).json()["job_id"]
+    assert client.delete(f"/v1/jobs/{queued}").json()["state"] == "cancelling"
+    held_worker.set()
+    assert service.wait(queued)["state"] == "cancelled"
 
 
 def test_every_413_is_the_services_json(service):

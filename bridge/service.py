@@ -390,7 +390,10 @@ class Worker:
                 job.state = "done"
             except Cancelled:
                 job.state = "cancelled"
-            except Exception as err:  # reported to the client as the job's error, never swallowed
+            except Pdl1Error as err:  # what the input was wrong with: the client gets it; one log line
+                log.warning("job %s failed: %s", job.id, err)
+                job.state, job.error = "failed", failure_message(err)
+            except Exception as err:  # a bug: the client gets the error, the log its traceback
                 log.exception("job %s failed", job.id)
                 job.state, job.error = "failed", failure_message(err)
             finally:

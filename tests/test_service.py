@@ -186,12 +186,17 @@ def test_an_image_qupath_shows_at_another_size_is_refused_not_misplaced(service,
     assert r.status_code == 422 and "image_size_px" in r.json()["detail"]
 
 
-def test_a_pixel_size_the_models_cannot_use_fails_the_job_without_filling_memory(service, slides_root):
+def test_a_pixel_size_the_models_cannot_use_fails_the_job_without_filling_memory(service, slides_root, caplog):
     # mpp 50 on a 400 x 400 px ROI once grew the server to 23.6 GB (the whole image enlarged for tissue).
     roi = {"type": "Polygon", "coordinates": [[[0, 0], [400, 0], [400, 400], [0, 400], [0, 0]]]}
     body = {"image": str(slides_root / "small.svs"), "roi": roi, "mpp": 50}
-    status = _wait(service, service.post("/v1/jobs", json=body).json()["job_id"], timeout=30)
+    with caplog.at_level("WARNING", logger="bridge.service"):
+        job_id = service.post("/v1/jobs", json=body).json()["job_id"]
+        status = _wait(service, job_id, timeout=30)
     assert status["state"] == "failed"
+    # Bad input, not a bug: one line in the log, no traceback.
+    [record] = [r for r in caplog.records if job_id in r.getMessage()]
+    assert record.levelname == "WARNING" and record.exc_info is None
     assert "its pixels are 50 µm (from the request's mpp), but the segmentation model reads 2 µm/px" in status["error"]
 
 

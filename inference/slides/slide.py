@@ -160,7 +160,7 @@ class Slide:
         if enlargement > MAX_ENLARGEMENT:
             raise ResolutionError(
                 f"{self.path or 'image'}: its pixels are {self.mpp.mean:g} µm (from {self.mpp.source}), but "
-                f"{reader} reads {mpp:g} µm/px: it would enlarge the image {enlargement:.3g} times (at most "
+                f"{reader} reads {mpp:g} µm/px: it would enlarge the image {enlargement:.6g} times (at most "
                 f"{MAX_ENLARGEMENT:g} is allowed). Check the pixel size: a wrong --mpp or QuPath calibration is the "
                 "usual cause; 0.25 µm/px is 40x, 0.5 is 20x. An image truly this coarse cannot be analysed"
             )

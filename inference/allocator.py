@@ -3,9 +3,9 @@
 glibc serves allocations above a moving threshold with fresh ``mmap`` pages and returns freed
 memory at the top of the heap to the kernel. A sliding window allocates and frees the same
 large activation buffers for every tile, so each tile pays for those pages again: on the 2-CPU
-machine an 8192² ``pdl1 run`` took 1.3 million minor page faults and most of its system time
-there. Serving every buffer up to glibc's largest mmap threshold from the heap, and keeping freed
-heap memory, removes nearly all of it (see benchmarks/README.md, ``allocator``) for about 30 MB of RSS.
+machine an 8192² analysis took 1.6 million minor page faults and 2.8 s of system time. Serving
+every buffer up to glibc's largest mmap threshold from the heap, and keeping freed heap memory,
+leaves 0.12 million and 0.3 s, 1.16x faster for 13 MB more peak RSS (benchmarks/README.md, ``allocator``).
 
 Process-wide, so called once by the programs (the CLI, the service, Ray workers), never by the
 library functions themselves.

@@ -178,9 +178,11 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
     if roi is not None:
         roi = validate_roi(roi, image_size_wh=(width, height))
     # Before anything reads pixels: an image too coarse for a model is refused, never enlarged whole.
+    # Models hold a nuclei ensemble when loaded for it; a job may still leave nuclei out (config.run_nuclei).
+    nuclei_model = models.nuclei if config.run_nuclei else None
     slide.require_resolution(models.seg.manifest.input_mpp, reader="the segmentation model")
-    if models.nuclei is not None:
-        slide.require_resolution(models.nuclei.manifest.input_mpp, reader="the nuclei model")
+    if nuclei_model is not None:
+        slide.require_resolution(nuclei_model.manifest.input_mpp, reader="the nuclei model")
     tissue: TissueMask | None = tissue_mask_for_slide(slide, mpp=config.tissue_mpp) if config.use_tissue else None
     seg_tiles = nuclei_tiles = 0
 
@@ -211,10 +213,10 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
     )
     nuclei = None
     tps = None
-    if models.nuclei is not None:
+    if nuclei_model is not None:
         nuclei = detect_nuclei(
             slide,
-            models.nuclei,
+            nuclei_model,
             roi=roi,
             tissue=tissue,
             config=config.nuclei,
@@ -273,7 +275,7 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
         positive_area_um2=float(positive.sum() * px_area_um2),
         analysed_area_um2=analysed_area,
         nuclei=nuclei,
-        nuclei_model=None if models.nuclei is None else models.info(models.nuclei),
+        nuclei_model=None if nuclei_model is None else models.info(nuclei_model),
         tps=tps,
         candidates=candidates,
         uncertainty_flag=flag,

@@ -37,8 +37,10 @@ def test_an_image_too_coarse_for_a_model_is_refused_before_any_pixel_is_read(mod
     assert reader.reads == 0
 
 
-def test_without_the_nuclei_model_only_the_segmentation_models_resolution_counts():
-    seg_only = Models(PipelineConfig(device="cpu", run_nuclei=False))
+def test_a_job_without_nuclei_neither_runs_nor_needs_the_nuclei_model(models):
+    # The service loads both models once; a job that leaves nuclei out must not run them (nor be refused
+    # for a pixel size only the nuclei model cannot use).
+    assert models.nuclei is not None
     slide = Slide(ArrayReader(np.full((1024, 1024, 3), 230, np.uint8)), mpp=Mpp(2.5, 2.5, "--mpp"))
-    result = analyse_slide(slide, models=seg_only, config=PipelineConfig(device="cpu", run_nuclei=False))
-    assert result.mpp == 2.5 and result.nuclei is None
+    result = analyse_slide(slide, models=models, config=PipelineConfig(device="cpu", run_nuclei=False))
+    assert result.mpp == 2.5 and result.nuclei is None and result.nuclei_model is None

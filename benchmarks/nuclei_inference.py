@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from skimage.feature import peak_local_max
@@ -67,9 +69,10 @@ class NucleiInference(PhantomSlideBenchmark):
                 n += len(classes)
         return self.heat_mpx, n
 
-    def _end_to_end(self, *, fold_bn: bool = True) -> tuple[float, float]:
+    def _end_to_end(self, *, fold_bn: bool = True, batch_size: int | None = None) -> tuple[float, float]:
         ensemble = self.ensemble if fold_bn else self.unfolded
-        nuclei = detect_nuclei(self.slide, ensemble, tissue=self.tissue, config=self.config)
+        config = self.config if batch_size is None else replace(self.config, batch_size=batch_size)
+        nuclei = detect_nuclei(self.slide, ensemble, tissue=self.tissue, config=config)
         return self.size_px**2 / 1e6, len(nuclei)
 
     def cases(self) -> list[Case]:
@@ -78,6 +81,7 @@ class NucleiInference(PhantomSlideBenchmark):
             Case("peak finding: ours (max-pool NMS)", self._ours_nms),
             Case("end to end: ours (read + FCN + NMS), level-0 Mpx", self._end_to_end),
             Case("end to end, BatchNorm not folded (before)", lambda: self._end_to_end(fold_bn=False)),
+            Case("end to end, 8 tiles per pass (the CPU's before)", lambda: self._end_to_end(batch_size=8)),
         ]
 
     def conditions(self) -> dict[str, str]:
@@ -87,5 +91,6 @@ class NucleiInference(PhantomSlideBenchmark):
             "slide": f"phantom {self.size_px}x{self.size_px} px at 0.5 µm/px, tissue only",
             "model": f"{m.name} {m.architecture} ({len(m.members)} members), {m.input_mpp} µm/px",
             "tile": f"{m.tile_size_px} px",
+            "batch": str(self.config.batch_for(self.ensemble.device)),
             "heatmaps": f"{self.heat_mpx:.1f} Mpx, NMS radius {self.radius_px} px",
         }

@@ -35,6 +35,7 @@ _PUBLIC = {
     "review_rule_for": "inference.pipeline",
     "sua_params_for": "inference.pipeline",
     "SegmentConfig": "inference.analysis.segment",
+    "NucleiConfig": "inference.analysis.nuclei",
     "tumour_proportion_score": "inference.analysis.points",
     # results
     "SlideResult": "inference.results",

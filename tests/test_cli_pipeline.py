@@ -121,6 +121,22 @@ def test_run_speed_options_reach_the_segmentation_config():
     assert (config.segment.batch_size, config.segment.read_workers, config.segment.compile) == (32, 0, True)
     result = runner.invoke(app, ["run", "nowhere.svs", "--batch-size", "0"])
     assert result.exit_code == 2 and "batch-size" in result.output
+    assert pipeline_config("cpu", None, None, None).nuclei.batch_size is None  # the device's
+    assert pipeline_config("cpu", None, None, None, nuclei_batch_size=4).nuclei.batch_size == 4
+    result = runner.invoke(app, ["run", "nowhere.svs", "--nuclei-batch-size", "0"])
+    assert result.exit_code == 2 and "nuclei-batch-size" in result.output
+
+
+def test_nuclei_batch_size_follows_the_device_unless_given():
+    import torch
+
+    from inference.analysis.nuclei import NucleiConfig
+
+    assert NucleiConfig().batch_for(torch.device("cpu")) == 2
+    assert NucleiConfig().batch_for(torch.device("cuda")) == 8
+    assert NucleiConfig(batch_size=5).batch_for(torch.device("cpu")) == 5
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        NucleiConfig(batch_size=0)
 
 
 def test_an_interrupted_run_keeps_what_it_finished_and_resumes(small, tmp_path, monkeypatch):

@@ -39,11 +39,12 @@ def pipeline_config(
     refine: bool = False,
     *,
     batch_size: int = 8,
+    nuclei_batch_size: int | None = None,
     read_workers: int | None = None,
     compile_members: bool = False,
     gpu_decode: bool | None = None,
 ):
-    from inference import PipelineConfig, SegmentConfig
+    from inference import NucleiConfig, PipelineConfig, SegmentConfig
 
     return PipelineConfig(
         seg_model_dir=None if seg_model is None else str(seg_model),
@@ -55,6 +56,7 @@ def pipeline_config(
         segment=SegmentConfig(
             batch_size=batch_size, read_workers=read_workers, compile=compile_members, read_on_device=gpu_decode
         ),
+        nuclei=NucleiConfig(batch_size=nuclei_batch_size),
     )
 
 

@@ -279,6 +279,32 @@ def test_orphan_part_files_of_a_killed_run_are_removed_from_its_own_folders_only
     assert "removed 3 unfinished file(s) an interrupted run left" in caplog.text
 
 
+def test_a_projects_orphans_include_backup_copies_and_stale_lock_holders(tmp_path):
+    import os
+    import time
+
+    from bridge.run import remove_orphan_parts
+
+    project = tmp_path / "project"
+    orphans = [
+        project / "data" / "3" / "data.qpdata.pdl1-backup.0123456789ab.part",  # a backup being copied
+        project / "data" / "3" / "data.qpdata.abcdefabcdef.part",  # a restore being copied
+        project / "pdl1" / "run.lock.4242.0a1b2c3d.tmp",  # a holder written, never linked (a minute old)
+    ]
+    kept = [
+        project / "data" / "3" / "server.json.0123456789ab.part",  # not a file pdl1 copies there
+        project / "pdl1" / "run.lock.4343.0a1b2c3d.tmp",  # another run's, written this instant
+        project / "data.qpdata.0123456789ab.part",  # not in an entry's folder
+    ]
+    for path in orphans + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("half")
+    old = time.time() - 120
+    os.utime(orphans[2], (old, old))
+    assert sorted(remove_orphan_parts(project, plain_slides=False)) == sorted(orphans)
+    assert all(p.exists() for p in kept)
+
+
 # Writing into a project through QuPath, with paquo's objects replaced by fakes that save as QuPath does:
 # what the bridge does around them (backups, resume, when the project file is saved) needs no QuPath.
 

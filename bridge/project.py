@@ -45,6 +45,12 @@ class ProjectEntry:
     size_px: tuple[int, int] | None = None  # (width, height) as QuPath shows the image, when stated
     mpp: float | None = None  # µm/px of QuPath's calibration (the file's, or what a user set), when in µm
     not_analysable: str | None = None  # why the file cannot stand for the image QuPath shows, if it cannot
+    image_type: str | None = None  # QuPath's image type (BRIGHTFIELD_H_E, ...), when its data states one
+
+    @property
+    def stain(self) -> str | None:
+        """The stain QuPath's image type says ("H&E", "H-DAB" or "other"); None when unset."""
+        return stain_of_image_type(self.image_type)
 
     @property
     def path(self) -> PurePosixPath | PureWindowsPath:
@@ -168,12 +174,45 @@ def read_project(path: str | Path) -> ProjectInfo:
                     size_px=(width, height) if isinstance(width, int) and isinstance(height, int) else None,
                     mpp=calibration_um(meta),
                     not_analysable=not_analysable,
+                    image_type=image_type_of(qpproj.parent / "data" / str(image["entryID"])),
                 )
             )
         except (KeyError, TypeError, AttributeError) as err:
             raise ProjectError(f"{qpproj}: image #{i} lacks {err} (expected entryID and serverBuilder.uri)") from err
     saved_uri = raw.get("uri")
     return ProjectInfo(qpproj, raw.get("version"), tuple(entries), saved_uri if isinstance(saved_uri, str) else None)
+
+
+# QuPath's ImageData.ImageType -> the stain a model is trained on (inference's manifest ``stain``).
+IMAGE_TYPE_STAINS = {
+    "BRIGHTFIELD_H_E": "H&E",
+    "BRIGHTFIELD_H_DAB": "H-DAB",
+    "BRIGHTFIELD_OTHER": "other",
+    "FLUORESCENCE": "other",
+    "OTHER": "other",
+}
+
+
+def stain_of_image_type(image_type: str | None) -> str | None:
+    """The stain of a QuPath image type; None for UNSET or none.
+
+    >>> stain_of_image_type("BRIGHTFIELD_H_DAB"), stain_of_image_type("UNSET")
+    ('H-DAB', None)
+    """
+    return IMAGE_TYPE_STAINS.get(image_type or "")
+
+
+def image_type_of(entry_folder: Path) -> str | None:
+    """QuPath's image type of an entry, from the ``summary.json`` QuPath writes beside its ``data.qpdata``.
+
+    None when the entry was never saved with data (QuPath writes the file then), or the file does not read.
+    """
+    try:
+        summary = json.loads((entry_folder / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    image_type = summary.get("imageType") if isinstance(summary, dict) else None
+    return image_type if isinstance(image_type, str) else None
 
 
 _MICRONS = {"µm", "μm", "um", "micron", "microns"}  # QuPath writes µm; the others are its aliases

@@ -55,6 +55,8 @@ class RunConfig:
     ``target_classes``/``target_names`` choose annotations to analyse (QuPath needed); with
     none, each image's tissue is analysed under a ``PD-L1 analysis`` annotation. ``settings``: the
     project config with the command line over it, which each summary records (None: not recorded).
+    ``stain``: the stain of every image ("H&E", "H-DAB"), over what QuPath's image types say (None:
+    theirs, and unchecked where the project states none).
     """
 
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -66,6 +68,7 @@ class RunConfig:
     search_dirs: tuple[Path, ...] = ()
     include_tiles: bool = True
     settings: ProjectConfig | None = None
+    stain: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ class _Job:
     ) -> SlideResult:
         """The pipeline call for this image (local engine, QuPath session and Ray workers alike), in the
         frame and calibration its project states."""
+        stain, source = self.stain(config)
         return analyse_slide(
             self.image,
             models=models,
@@ -122,7 +126,17 @@ class _Job:
             on_progress=on_tiles,
             image_size_px=self.size_px,
             image_mpp=self.mpp,
+            image_stain=stain,
+            image_stain_source=source,
         )
+
+    def stain(self, config: RunConfig) -> tuple[str | None, str]:
+        """The image's stain and where that comes from: ``--stain``, else QuPath's image type."""
+        if config.stain is not None:
+            return config.stain, "--stain"
+        if self.entry is None or self.entry.stain is None:
+            return None, ""
+        return self.entry.stain, f"QuPath's image type {self.entry.image_type}"
 
 
 def entry_metadata(result: SlideResult) -> dict[str, str]:

@@ -44,7 +44,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bridge.objects import feature_page, parent_measurements
-from bridge.project import uri_to_path
+from bridge.project import stain_of_image_type, uri_to_path
 from bridge.run import entry_metadata, failure_message
 from inference import (
     MPP_PLAUSIBLE_RANGE,
@@ -163,6 +163,13 @@ class JobRequest(BaseModel):
         "size (another scene of a multi-image file, a cropped view) is refused, since the ROI and the results "
         "would not line up.",
     )
+    image_type: (
+        Literal["BRIGHTFIELD_H_E", "BRIGHTFIELD_H_DAB", "BRIGHTFIELD_OTHER", "FLUORESCENCE", "OTHER", "UNSET"] | None
+    ) = Field(
+        default=None,
+        description="QuPath's image type; an image of another stain than the models were trained on is refused "
+        "(UNSET or omitted: not checked).",
+    )
     outputs: list[Literal["regions", "uncertainty_tiles", "sua", "nuclei"]] = Field(default=list(OUTPUTS))
     model: str = Field(default="default", description="Model set; only 'default' (the loaded models) for now.")
 
@@ -255,6 +262,7 @@ class Job:
     mpp: float | None
     outputs: tuple[str, ...]
     image_size_px: tuple[int, int] | None = None
+    image_type: str | None = None  # QuPath's, as the request stated it
     # An uploaded PNG/TIFF as sent: decoded only when the job starts (8192² RGB is 200 MB, the
     # PNG often well under 1 MB), dropped when the job starts or is cancelled.
     upload: bytes | None = None
@@ -426,6 +434,8 @@ class Worker:
                 on_progress=on_progress,
                 should_cancel=job.cancel.is_set,
                 image_size_px=job.image_size_px,
+                image_stain=stain_of_image_type(job.image_type),
+                image_stain_source=f"QuPath's image type {job.image_type}",
             )
 
 
@@ -803,6 +813,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
             mpp=req.mpp,
             outputs=tuple(dict.fromkeys(req.outputs)),
             image_size_px=req.image_size_px,
+            image_type=req.image_type,
         )
         return accept(job, w)
 

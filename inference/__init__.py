@@ -49,6 +49,7 @@ _PUBLIC = {
     "MissingMppError": "inference.errors",
     "RoiError": "inference.errors",
     "ResolutionError": "inference.errors",
+    "StainError": "inference.errors",
     "ModelFileError": "inference.errors",
     "TruthNotFoundError": "inference.errors",
     "Cancelled": "inference.errors",

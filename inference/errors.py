@@ -28,6 +28,10 @@ class ResolutionError(Pdl1Error, ValueError):
     """The image's pixels are too coarse for a model: reading it at the model's µm/px would enlarge it."""
 
 
+class StainError(Pdl1Error, ValueError):
+    """The image is of another stain than a model was trained on (an H&E model on a PD-L1 immunostain)."""
+
+
 class RoiError(Pdl1Error, ValueError):
     """A region of interest is invalid or lies outside the image."""
 

@@ -23,7 +23,7 @@ from inference.analysis.regions import mask_on_maps, positive_regions, uncertain
 from inference.analysis.segment import SegmentConfig, segment_slide
 from inference.analysis.sua import SuaParams, find_candidates
 from inference.analysis.tiling import validate_roi
-from inference.errors import SlideFormatError
+from inference.errors import SlideFormatError, StainError
 from inference.models.ensemble import Ensemble, demo_model_dir
 from inference.models.manifest import Manifest
 from inference.results import ModelInfo, SlideResult
@@ -142,6 +142,8 @@ def analyse_slide(
     should_cancel: Callable[[], bool] | None = None,
     image_size_px: tuple[int, int] | None = None,
     image_mpp: float | None = None,
+    image_stain: str | None = None,
+    image_stain_source: str = "QuPath's image type",
 ) -> SlideResult:
     """Analyse the ROI (level-0 polygon; the whole tissue when None) of one image.
 
@@ -149,7 +151,11 @@ def analyse_slide(
     are in that frame, so a file that opens at another size is refused rather than analysed in the wrong one.
     ``image_mpp`` is the µm/px the caller has for the image (QuPath's calibration, which a user may have
     set); it is used instead of the file's own value, and ``config.mpp`` instead of both.
+    ``image_stain`` is the stain the caller knows the image to have ("H&E", "H-DAB" or "other", from
+    ``image_stain_source``); a model trained on another stain is never run on it. None: not known (not checked).
     """
+    name = image.path if isinstance(image, Slide) else image
+    _check_stain(name or "image", image_stain, image_stain_source, models=models, config=config)
     if isinstance(image, Slide):
         slide = image
     elif config.mpp is not None:
@@ -171,6 +177,24 @@ def analyse_slide(
     finally:
         if not isinstance(image, Slide):
             slide.close()
+
+
+def _check_stain(name, stain: str | None, source: str, *, models: Models, config: PipelineConfig) -> None:
+    """Refuse an image whose known stain is not the one each model to run was trained on."""
+    if stain is None:
+        return
+    used = [("segmentation", models.seg)]
+    if config.run_nuclei and models.nuclei is not None:
+        used.append(("nuclei", models.nuclei))
+    for task, ensemble in used:
+        trained_on = ensemble.manifest.stain
+        if stain != trained_on:
+            raise StainError(
+                f"{name}: the image is {stain} ({source}), but the {task} model {ensemble.manifest.name!r} was "
+                f"trained on {trained_on} and runs on nothing else. If the image is {trained_on}, set its image "
+                "type in QuPath (Image tab: Image type) or pass --stain to say so; otherwise it needs a model "
+                f"trained on {stain}"
+            )
 
 
 def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> SlideResult:

@@ -383,6 +383,8 @@ for (parent in targets) {
     body.put("roi", wholeImage ? null : gson.fromJson(gson.toJson(parent.getROI().getGeometry()), Map.class))
     body.put("mpp", Double.isNaN(mpp) ? null : mpp)
     body.put("image_size_px", [server.getWidth(), server.getHeight()])
+    // The stain as QuPath knows it (Image tab: Image type): the service runs no model on another stain.
+    body.put("image_type", imageData.getImageType()?.name())
     body.put("outputs", OUTPUTS)
     body.put("model", MODEL)
     def accepted = send(request("/v1/jobs").header("Content-Type", "application/json")

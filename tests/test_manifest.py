@@ -96,6 +96,22 @@ def test_a_manifest_from_before_chains_reads_as_chain_0(model_dir):
     assert [m.chain for m in read_manifest(model_dir).members] == [0, 0]
 
 
+def test_a_manifest_states_its_stain_and_one_from_before_was_h_and_e(model_dir):
+    raw = json.loads((model_dir / "manifest.json").read_text())
+    assert read_manifest(model_dir).stain == "H&E"
+    raw.pop("stain", None)
+    (model_dir / "manifest.json").write_text(json.dumps(raw))
+    assert read_manifest(model_dir).stain == "H&E"  # every model before the field was trained on H&E
+    raw["stain"] = "IHC"
+    (model_dir / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelFileError, match=r"stain 'IHC' is not one a model can be trained on here"):
+        read_manifest(model_dir)
+
+
+def test_the_shipped_demo_models_state_h_and_e():
+    assert {read_manifest(demo_model_dir(k), verify=False).stain for k in ("seg", "nuclei")} == {"H&E"}
+
+
 def test_wrong_task(model_dir):
     with pytest.raises(ModelFileError, match="a 'segmentation' model, but a 'nuclei' model is needed"):
         read_manifest(model_dir, task="nuclei")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from inference.errors import ResolutionError
+from inference.errors import ResolutionError, StainError
 from inference.pipeline import Models, PipelineConfig, analyse_slide
 from inference.slides.reader import ArrayReader
 from inference.slides.slide import Mpp, Slide
@@ -44,3 +44,14 @@ def test_a_job_without_nuclei_neither_runs_nor_needs_the_nuclei_model(models):
     slide = Slide(ArrayReader(np.full((1024, 1024, 3), 230, np.uint8)), mpp=Mpp(2.5, 2.5, "--mpp"))
     result = analyse_slide(slide, models=models, config=PipelineConfig(device="cpu", run_nuclei=False))
     assert result.mpp == 2.5 and result.nuclei is None and result.nuclei_model is None
+
+
+@pytest.mark.parametrize("stain", ["H-DAB", "other"])
+def test_an_image_of_another_stain_is_refused_before_any_pixel_is_read(models, stain):
+    reader = _RecordingReader(np.full((1024, 1024, 3), 230, np.uint8))
+    slide = Slide(reader, mpp=Mpp(0.5, 0.5, "test"))
+    with pytest.raises(StainError, match=rf"the image is {stain} \(--stain\), but the segmentation model"):
+        analyse_slide(
+            slide, models=models, config=PipelineConfig(device="cpu"), image_stain=stain, image_stain_source="--stain"
+        )
+    assert reader.reads == 0

@@ -424,3 +424,18 @@ def test_a_backup_is_only_replaced_by_a_copy_that_reads_back_whole(tmp_path, fix
         "data.qpdata",
         "data.qpdata.pdl1-backup",
     ]
+
+
+def test_an_entry_qupath_types_as_an_immunostain_is_not_analysed_by_the_h_and_e_models(tmp_path, models, fixtures_dir):
+    # The labelled fixture holds one slide twice: entry 1 typed H&E, entry 2 BRIGHTFIELD_H_DAB (QuPath 0.4.4's files).
+    study = tmp_path / "study"
+    shutil.copytree(fixtures_dir / "qupath-0.4.4-labels" / "project", study / "project")
+    shutil.copy(fixtures_dir / "qupath-0.4.4-labels" / "he-1357.svs", study / "he-1357.svs")
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never")
+    first, second = run_batch([study / "project"], config, models=models)
+    assert (first.state, second.state) == ("done", "failed")
+    assert "the image is H-DAB (QuPath's image type BRIGHTFIELD_H_DAB), but the segmentation model" in second.error
+    assert "trained on H&E and runs on nothing else" in second.error
+    # The user says otherwise (the type was set by mistake): --stain wins, and both are analysed.
+    told = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never", stain="H&E")
+    assert [o.state for o in run_batch([study / "project"], told, models=models)] == ["done", "done"]

@@ -200,6 +200,18 @@ def test_a_pixel_size_the_models_cannot_use_fails_the_job_without_filling_memory
     assert "its pixels are 50 µm (from the request's mpp), but the segmentation model reads 2 µm/px" in status["error"]
 
 
+def test_an_image_qupath_types_as_an_immunostain_is_refused_by_the_h_and_e_models(service, slides_root):
+    small = str(slides_root / "small.svs")
+    job_id = service.post("/v1/jobs", json={"image": small, "image_type": "BRIGHTFIELD_H_DAB"}).json()["job_id"]
+    status = _wait(service, job_id)
+    assert status["state"] == "failed"
+    assert "the image is H-DAB (QuPath's image type BRIGHTFIELD_H_DAB), but the segmentation model" in status["error"]
+    body = {"image": small, "image_type": "BRIGHTFIELD_H_E", "outputs": ["regions"]}
+    assert _wait(service, service.post("/v1/jobs", json=body).json()["job_id"])["state"] == "done"
+    r = service.post("/v1/jobs", json={"image": small, "image_type": "H&E"})
+    assert r.status_code == 422 and "image_type" in r.json()["detail"]
+
+
 def test_symlink_out_of_the_allowed_root_is_refused(service, slides_root, tmp_path):
     outside = tmp_path / "outside.svs"
     outside.write_bytes((slides_root / "small.svs").read_bytes())

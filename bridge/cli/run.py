@@ -12,6 +12,9 @@ from bridge.cli.common import console, fail, interrupted, outcome_table, pipelin
 from bridge.project_config import ProjectConfig, config_path_for, problem_with, read_project_config
 from inference import Pdl1Error
 
+# --stain's words -> the stain a model manifest names.
+STAIN_OPTION = {"he": "H&E", "ihc": "H-DAB"}
+
 _OPTION_OF = {
     "device": "--device",
     "outputs": "--output",
@@ -147,6 +150,14 @@ def run(
             min=0.05, help="Microns per pixel of every image, instead of what the project or the files state."
         ),
     ] = None,
+    stain: Annotated[
+        str | None,
+        typer.Option(
+            help="The stain of every image: he (H&E) or ihc (PD-L1 IHC, haematoxylin-DAB), instead of QuPath's "
+            "image types. The models run only on the stain they were trained on (the demo models: H&E). "
+            "Default: each image's type in the project; unchecked where it is unset.",
+        ),
+    ] = None,
     device: Annotated[
         str | None,
         typer.Option(help="auto, cpu, cuda or cuda:N. Default: from pdl1-config.toml (analysis.device), else auto."),
@@ -197,6 +208,8 @@ def run(
 
     if qupath not in ("auto", "never", "always"):
         raise typer.BadParameter("expected auto, never or always", param_hint="--qupath")
+    if stain is not None and stain not in STAIN_OPTION:
+        raise typer.BadParameter(f"expected he or ihc, got {stain!r}", param_hint="--stain")
     if engine not in ("local", "ray"):
         raise typer.BadParameter("expected local or ray", param_hint="--engine")
     if address is not None and engine != "ray":
@@ -253,6 +266,7 @@ def run(
             search_dirs=tuple(search_dir or ()),
             include_tiles="uncertainty_tiles" in settings.outputs,
             settings=settings,
+            stain=None if stain is None else STAIN_OPTION[stain],
         )
         if engine == "ray":
             outcomes = _run_ray_with_progress(inputs, run_config, address=address, progress=progress)

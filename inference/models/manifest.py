@@ -16,6 +16,9 @@ from typing import Any
 from inference.errors import ModelFileError
 
 MANIFEST_NAME = "manifest.json"
+# The stains a model can be trained on, as QuPath names brightfield image types: H&E, and the
+# haematoxylin-DAB of an immunostain (PD-L1 IHC).
+STAINS = ("H&E", "H-DAB")
 FORMAT_VERSION = 1
 
 
@@ -40,7 +43,9 @@ class Manifest:
     """What a model folder holds.
 
     ``task`` is ``"segmentation"`` or ``"nuclei"``; ``thresholds`` holds the calibrated numbers
-    (``segmentation``; SUA's ``sua_lower``, ``sua_upper``, ``sua_threshold``, ...).
+    (``segmentation``; SUA's ``sua_lower``, ``sua_upper``, ``sua_threshold``, ...). ``stain`` is the
+    stain of the images it was trained on (:data:`STAINS`); a model runs on no other. Manifests
+    written before the field existed were all trained on H&E phantoms, which is its default.
     """
 
     name: str
@@ -56,6 +61,7 @@ class Manifest:
     thresholds: dict[str, float] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    stain: str = "H&E"
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -119,6 +125,10 @@ def read_manifest(folder: str | Path, *, task: str | None = None, verify: bool =
         manifest = Manifest(members=members, **raw)
     except TypeError as err:
         raise ModelFileError(f"{path}: unexpected manifest fields ({err})") from err
+    if manifest.stain not in STAINS:
+        raise ModelFileError(
+            f"{path}: stain {manifest.stain!r} is not one a model can be trained on here; expected one of {STAINS}"
+        )
     if task is not None and manifest.task != task:
         raise ModelFileError(f"{path}: a {manifest.task!r} model, but a {task!r} model is needed here")
     if not manifest.members:

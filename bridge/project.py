@@ -413,11 +413,15 @@ def qpdata_problem(path: Path) -> str | None:
 
 
 def check_qpdata(data: Path, *, image_name: str) -> None:
-    """Raise :class:`DamagedDataError` when an entry's existing ``data.qpdata`` is damaged, naming the
-    pdl1 backup beside it (if that one is whole) and how to put it back."""
+    """Raise :class:`DamagedDataError` when an entry's existing ``data.qpdata`` is damaged (its header
+    says so), naming the pdl1 backup beside it (if that one is whole) and how to put it back."""
     problem = qpdata_problem(data)
-    if problem is None or not data.exists():
-        return
+    if problem is not None and data.exists():
+        raise damaged_data_error(data, image_name=image_name, problem=problem)
+
+
+def damaged_data_error(data: Path, *, image_name: str, problem: str) -> DamagedDataError:
+    """The error for a damaged ``data.qpdata``: what is wrong, and the whole backup to restore (if any)."""
     backup = data.with_name(data.name + QPDATA_BACKUP_SUFFIX)
     if qpdata_problem(backup) is None:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(backup.stat().st_mtime))
@@ -430,7 +434,7 @@ def check_qpdata(data: Path, *, image_name: str) -> None:
             f"there is no whole pdl1 backup beside it ({backup.name}: {qpdata_problem(backup)}); restore "
             f"{data.name} from your own backups, or open the image in QuPath to see what it can recover"
         )
-    raise DamagedDataError(
+    return DamagedDataError(
         f"{image_name}: {data} is damaged, {problem}; pdl1 leaves it (and its backup) alone rather than "
         f"write over the pathologist's objects; {fix}"
     )

@@ -21,7 +21,7 @@ from shapely.geometry.base import BaseGeometry
 
 from bridge.classes import ALL_CLASSES, PDL1_ANALYSIS, PathClassSpec
 from bridge.objects import TILE_NAME, is_own_object
-from bridge.project import QPDATA_BACKUP_SUFFIX, ProjectError, check_qpdata, qpdata_problem
+from bridge.project import QPDATA_BACKUP_SUFFIX, ProjectError, check_qpdata, damaged_data_error, qpdata_problem
 from bridge.qupath_geojson import QuPathObject
 from inference import Pdl1Error
 
@@ -106,15 +106,22 @@ def annotation_targets(entry: Any, *, classes: tuple[str, ...] = (), names: tupl
 def backup_data(entry: Any) -> Path | None:
     """Copy the entry's ``data.qpdata`` aside before writing; returns the backup (None when new).
 
-    A damaged ``data.qpdata`` (what a kill during QuPath's save leaves) raises
-    :class:`~bridge.project.DamagedDataError` before anything reads or replaces it, so the last whole
-    backup survives. The copy goes through a temporary file that must read back whole before it
-    replaces the backup: a full disk leaves the old backup as it was.
+    A damaged ``data.qpdata`` (what a kill during QuPath's save leaves: empty, a bad header, or cut
+    short so that QuPath cannot read it) raises :class:`~bridge.project.DamagedDataError` before it
+    can replace the backup, so the last whole backup survives. The copy goes through a temporary file
+    that must read back whole before it replaces the backup: a full disk leaves the old backup as it was.
     """
     data = Path(entry.entry_path) / "data.qpdata"
     if not data.exists():
         return None
     check_qpdata(data, image_name=str(entry.image_name))
+    # The header is all that can be checked without QuPath; a file cut short after it (a kill during
+    # the save) passes, so QuPath reads it whole here, before it may replace the last good backup.
+    try:
+        entry.hierarchy  # noqa: B018 - paquo reads data.qpdata on first access
+    except Exception as err:  # paquo passes Java's reasons on as various exceptions
+        problem = f"QuPath cannot read it ({err})"
+        raise damaged_data_error(data, image_name=str(entry.image_name), problem=problem) from err
     backup = data.with_name(data.name + QPDATA_BACKUP_SUFFIX)
     _copy_checked(data, backup)
     return backup

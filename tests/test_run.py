@@ -320,6 +320,13 @@ class _FakeEntry:
     def save(self) -> None:  # QuPath writes the entry's objects
         (self.entry_path / "data.qpdata").write_bytes(self.qpdata)
 
+    @property
+    def hierarchy(self) -> object:  # QuPath reads data.qpdata whole, or fails as Java's reader does
+        data = (self.entry_path / "data.qpdata").read_bytes()
+        if len(data) < len(self.qpdata):
+            raise OSError("java.io.EOFException")
+        return object()
+
 
 class _FakeProject:
     def __init__(self, folder: Path, qpdata: bytes):
@@ -396,6 +403,14 @@ def test_through_qupath_a_damaged_entry_keeps_its_backup_and_resume_checks_what_
     assert backup.read_bytes() == fake_qupath["qpdata"]  # the good backup survives
     assert data.read_bytes() == b"" and fake_qupath["read"] == ["2"]  # QuPath never read the damaged file
 
+    # Cut short after a whole header (the header check passes): QuPath cannot read it, so it is not backed up.
+    good = fake_qupath["qpdata"]
+    data.write_bytes(good[: len(good) // 2])
+    (cut,) = run_batch([project], RunConfig(pipeline=config.pipeline, qupath="always"), models=models)[:1]
+    assert cut.state == "failed" and "is damaged, QuPath cannot read it (java.io.EOFException)" in cut.error
+    assert f"`cp '{backup}' '{data}'`" in cut.error
+    assert backup.read_bytes() == good and data.read_bytes() == good[: len(good) // 2]
+
 
 def test_a_backup_is_only_replaced_by_a_copy_that_reads_back_whole(tmp_path, fixtures_dir, monkeypatch):
     from types import SimpleNamespace
@@ -403,7 +418,7 @@ def test_a_backup_is_only_replaced_by_a_copy_that_reads_back_whole(tmp_path, fix
     from bridge import qupath
 
     good = next((fixtures_dir / "qupath-0.4.4-labels" / "project" / "data").glob("*/data.qpdata")).read_bytes()
-    entry = SimpleNamespace(entry_path=tmp_path, image_name="he-1357.svs")
+    entry = SimpleNamespace(entry_path=tmp_path, image_name="he-1357.svs", hierarchy=object())  # QuPath read it
     data = tmp_path / "data.qpdata"
     data.write_bytes(good)
     backup = qupath.backup_data(entry)

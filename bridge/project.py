@@ -153,7 +153,14 @@ def read_project(path: str | Path) -> ProjectInfo:
     try:
         raw = json.loads(qpproj.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ProjectError(f"{qpproj}: not valid JSON ({err}); is the project half-written or corrupt?") from err
+        restorable = _restorable_project_files(qpproj)
+        fix = (
+            f"{restorable[0][0]} is a whole copy ({restorable[0][1]} images): restore it with "
+            f"`cp '{restorable[0][0]}' '{qpproj}'`, then run again"
+            if restorable
+            else "is the project half-written or corrupt?"
+        )
+        raise ProjectError(f"{qpproj}: not valid JSON ({err}); {fix}") from err
     if not isinstance(raw, dict) or not isinstance(raw.get("images", []), list):
         raise ProjectError(f"{qpproj}: not a QuPath project (no 'images' list)")
     entries = []

@@ -294,6 +294,21 @@ def test_a_project_file_lost_in_an_interrupted_save_is_named_with_how_to_restore
         read_project(project)
 
 
+def test_a_project_file_cut_short_names_a_whole_copy_beside_it(fixtures_dir, tmp_path):
+    project = tmp_path / "p"
+    shutil.copytree(fixtures_dir / "qupath-0.4.4-project", project)
+    qpproj = project / "project.qpproj"
+    whole = qpproj.read_text()
+    (project / "project.qpproj.backup").write_text(whole)
+    qpproj.write_text("")  # a kill or a full disk while something other than QuPath's save wrote it
+    backup = project / "project.qpproj.backup"
+    with pytest.raises(ProjectError, match=rf"not valid JSON .*{backup} is a whole copy \(1 images\).*`cp '{backup}'"):
+        read_project(project)
+    backup.unlink()
+    with pytest.raises(ProjectError, match=r"not valid JSON .*half-written or corrupt"):
+        read_project(project)
+
+
 def test_qpdata_problems_are_the_damage_kills_and_full_disks_leave(fixtures_dir, tmp_path):
     real = next((fixtures_dir / "qupath-0.4.4-labels" / "project" / "data").glob("*/data.qpdata"))
     assert real.read_bytes()[:4] == QPDATA_HEADER and qpdata_problem(real) is None

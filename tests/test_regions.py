@@ -85,6 +85,21 @@ def test_uncertainty_tiles_average_covered_pixels_and_report_tissue():
     assert other.tissue_fraction == pytest.approx(0.5)
 
 
+def test_uncertainty_tiles_stop_at_the_image_edge():
+    # Maps of 8 x 8 px at 16 level-0 px each (128 x 128) over an image of 100 x 76 px: the sliding window's
+    # last tiles hang over the edge, the uncertainty grid must not (QuPath would show tiles off the image).
+    prob = np.full((8, 8), 0.25, np.float32)
+    prob[:, 6:] = 0.9  # what the models say about the white padding past x = 96
+    tiles = uncertainty_tiles(_maps(prob), np.ones((8, 8), bool), tile_um=32.0, image_size_wh=(100, 76))
+    boxes = sorted((t.x, t.y, t.width, t.height) for t in tiles)
+    assert boxes == [(0, 0, 64, 64), (0, 64, 64, 12), (64, 0, 36, 64), (64, 64, 36, 12)]
+    # Only map pixels whose centre lies in the image count: of columns 4-7 (centres 72, 88, 104, 120) two.
+    right = next(t for t in tiles if (t.x, t.y) == (64, 0))
+    assert right.prob == pytest.approx(0.25) and right.tissue_fraction == 1.0
+    without = uncertainty_tiles(_maps(prob), np.ones((8, 8), bool), tile_um=32.0)  # the grid as it was
+    assert max(t.x + t.width for t in without) == 128
+
+
 def test_resample_mask_nearest():
     mask = np.array([[1, 0], [0, 1]], bool)
     out = resample_mask(mask, 10.0, shape_hw=(4, 4), origin_xy=(0, 0), downsample=5.0)

@@ -67,11 +67,24 @@ def positive_regions(
 
 
 def uncertainty_tiles(
-    maps: UncertaintyMaps, tissue_on_map: np.ndarray, *, tile_um: float = 64.0
+    maps: UncertaintyMaps,
+    tissue_on_map: np.ndarray,
+    *,
+    tile_um: float = 64.0,
+    image_size_wh: tuple[int, int] | None = None,
 ) -> tuple[UncertaintyTile, ...]:
     """Mean map values over square cells of ``tile_um`` (covered pixels only); cells without tissue are left out.
 
-    ``tissue_on_map`` is a bool mask of tissue on the maps' grid.
+    ``tissue_on_map`` is a bool mask of tissue on the maps' grid. With ``image_size_wh`` (level-0 px) the
+    cells are clipped to the image: the last ones of a row or column are cut at its edge, and map pixels
+    whose centre lies outside it (the sliding window's last tiles hang over the edge) count for nothing.
+
+    >>> from inference.results import UncertaintyMaps
+    >>> z = np.zeros((4, 4), np.float32)
+    >>> maps = UncertaintyMaps(z + 0.5, z, z, z, z, np.ones((4, 4), bool), (0.0, 0.0), 16.0, 8.0)
+    >>> [(t.x, t.width, t.height) for t in uncertainty_tiles(maps, np.ones((4, 4), bool), tile_um=32.0,
+    ...                                                        image_size_wh=(40, 64))]
+    [(0.0, 40.0, 64.0)]
     """
     cell = max(1, round(tile_um / maps.mpp))
     h, w = maps.shape
@@ -83,25 +96,41 @@ def uncertainty_tiles(
         return padded.reshape(hc, cell, wc, cell).sum(axis=(1, 3))
 
     covered = np.asarray(maps.covered)
+    x0, y0 = maps.origin_xy
+    ds = maps.downsample
+    if image_size_wh is not None:
+        centres_x = x0 + (np.arange(w) + 0.5) * ds
+        centres_y = y0 + (np.arange(h) + 0.5) * ds
+        inside_x = (centres_x >= 0) & (centres_x < image_size_wh[0])
+        inside_y = (centres_y >= 0) & (centres_y < image_size_wh[1])
+        covered = covered & inside_y[:, None] & inside_x[None, :]
+        in_image = block_sum(np.broadcast_to(inside_y[:, None] & inside_x[None, :], (h, w)))
+    else:
+        in_image = np.full((hc, wc), float(cell * cell))
     n_cov = block_sum(covered)
     tissue = block_sum(tissue_on_map & covered)
     sums = {name: block_sum(np.where(covered, getattr(maps, name), 0.0)) for name in _MAP_FIELDS}
-    size0 = cell * maps.downsample
+    size0 = cell * ds
     out = []
     for r, c in zip(*np.nonzero(tissue > 0), strict=True):
         k = n_cov[r, c]
+        left, top = float(x0 + c * size0), float(y0 + r * size0)
+        right, bottom = left + size0, top + size0
+        if image_size_wh is not None:
+            left, top = max(left, 0.0), max(top, 0.0)
+            right, bottom = min(right, float(image_size_wh[0])), min(bottom, float(image_size_wh[1]))
         out.append(
             UncertaintyTile(
-                x=maps.origin_xy[0] + c * size0,
-                y=maps.origin_xy[1] + r * size0,
-                width=size0,
-                height=size0,
+                x=left,
+                y=top,
+                width=right - left,
+                height=bottom - top,
                 prob=float(sums["prob"][r, c] / k),
                 predictive_entropy=float(sums["predictive_entropy"][r, c] / k),
                 expected_entropy=float(sums["expected_entropy"][r, c] / k),
                 mutual_information=float(sums["mutual_information"][r, c] / k),
                 prob_std=float(sums["prob_std"][r, c] / k),
-                tissue_fraction=float(tissue[r, c] / (cell * cell)),
+                tissue_fraction=float(tissue[r, c] / in_image[r, c]),
             )
         )
     return tuple(out)

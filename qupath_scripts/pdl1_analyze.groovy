@@ -49,21 +49,31 @@ def readToml = { File file ->
     def values = new LinkedHashMap<String, Object>()
     def lines = new LinkedHashMap<String, Integer>()
     def fail = { int n, String what -> throw new IllegalArgumentException("${file}, line ${n}: ${what}".toString()) }
-    // The text before a comment, strings kept whole.
-    def uncommented = { String line ->
+    // Outside strings: where a comment starts (-1: none) and how many [ are still open before it.
+    def scan = { String t ->
+        int d = 0
         def quote = null
-        for (int k = 0; k < line.length(); k++) {
-            def c = line.charAt(k)
+        for (int k = 0; k < t.length(); k++) {
+            def c = t.charAt(k)
             if (quote == null && c == '#' as char)
-                return line.substring(0, k)
+                return [k, d]
             if (quote == null && (c == '"' as char || c == '\'' as char))
                 quote = c
             else if (quote == '"' as char && c == '\\' as char)
                 k++
             else if (quote != null && c == quote)
                 quote = null
+            else if (quote == null && c == '[' as char)
+                d++
+            else if (quote == null && c == ']' as char)
+                d--
         }
-        return line
+        return [-1, d]
+    }
+    // The text before a comment, strings kept whole.
+    def uncommented = { String line ->
+        int at = scan(line)[0] as int
+        return at < 0 ? line : line.substring(0, at)
     }
     // One value starting at text[p]: [value, index after it].
     def scalar = { String text, int p, int n ->
@@ -176,26 +186,8 @@ def readToml = { File file ->
             fail(n, "expected key = value, got `${line}`")
         def key = kv.group(1).replace('"', '')
         def text = kv.group(2)
-        // An array may go on over the next lines, until its brackets close.
-        def depth = { String t ->
-            int d = 0
-            def quote = null
-            for (int k = 0; k < t.length(); k++) {
-                def c = t.charAt(k)
-                if (quote == null && (c == '"' as char || c == '\'' as char))
-                    quote = c
-                else if (quote == '"' as char && c == '\\' as char)
-                    k++
-                else if (quote != null && c == quote)
-                    quote = null
-                else if (quote == null && c == '[' as char)
-                    d++
-                else if (quote == null && c == ']' as char)
-                    d--
-            }
-            return d
-        }
-        while (depth(text) > 0 && i < all.length) {
+        // An array may go on over the next lines, until its brackets close (comments are already cut off).
+        while ((scan(text)[1] as int) > 0 && i < all.length) {
             text += " " + uncommented(all[i])
             i++
         }

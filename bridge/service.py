@@ -45,6 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bridge.objects import feature_page, parent_measurements
 from bridge.project import stain_of_image_type, uri_to_path
+from bridge.project_config import OUTPUTS
 from bridge.run import entry_metadata, failure_message
 from inference import (
     MPP_PLAUSIBLE_RANGE,
@@ -66,7 +67,6 @@ from inference import (
 )
 
 log = logging.getLogger(__name__)
-OUTPUTS = ("regions", "uncertainty_tiles", "sua", "nuclei")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # Bounds on where an uploaded region sits and how it was scaled: QuPath's images are at most 2^31 px a side,
 # and a region sent at a coarser downsample than this holds nothing a model can use.

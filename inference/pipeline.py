@@ -179,13 +179,20 @@ def analyse_slide(
             slide.close()
 
 
+def _nuclei_model(models: Models, config: PipelineConfig) -> Ensemble | None:
+    """The nuclei ensemble this analysis runs: Models hold one when loaded for it, and a job may still
+    leave nuclei out (``config.run_nuclei``; the service loads both models once)."""
+    return models.nuclei if config.run_nuclei else None
+
+
 def _check_stain(name, stain: str | None, source: str, *, models: Models, config: PipelineConfig) -> None:
     """Refuse an image whose known stain is not the one each model to run was trained on."""
     if stain is None:
         return
     used = [("segmentation", models.seg)]
-    if config.run_nuclei and models.nuclei is not None:
-        used.append(("nuclei", models.nuclei))
+    nuclei_model = _nuclei_model(models, config)
+    if nuclei_model is not None:
+        used.append(("nuclei", nuclei_model))
     for task, ensemble in used:
         trained_on = ensemble.manifest.stain
         if stain != trained_on:
@@ -202,8 +209,7 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
     if roi is not None:
         roi = validate_roi(roi, image_size_wh=(width, height))
     # Before anything reads pixels: an image too coarse for a model is refused, never enlarged whole.
-    # Models hold a nuclei ensemble when loaded for it; a job may still leave nuclei out (config.run_nuclei).
-    nuclei_model = models.nuclei if config.run_nuclei else None
+    nuclei_model = _nuclei_model(models, config)
     slide.require_resolution(models.seg.manifest.input_mpp, reader="the segmentation model")
     if nuclei_model is not None:
         slide.require_resolution(nuclei_model.manifest.input_mpp, reader="the nuclei model")

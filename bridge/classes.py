@@ -24,6 +24,15 @@ PDL1_ANALYSIS = PathClassSpec("PD-L1 analysis", (0, 150, 200))
 TUMOR_POSITIVE = PathClassSpec("Tumor: Positive", (200, 50, 50))
 TUMOR_NEGATIVE = PathClassSpec("Tumor: Negative", (90, 90, 180))
 OTHER = PathClassSpec("Other", (255, 200, 0))
+# PD-L1 IHC cells. Positive tumour cells carry their membrane intensity as QuPath's graded classes, so
+# QuPath's own "Positive %" of the parent is the TPS and its "H-score" ours. Immune cells end in neither
+# "Positive" nor "Negative": QuPath would count them into "Positive %" (CPS has its own measurement).
+TUMOR_1PLUS = PathClassSpec("Tumor: 1+", (255, 215, 0))
+TUMOR_2PLUS = PathClassSpec("Tumor: 2+", (225, 150, 50))
+TUMOR_3PLUS = PathClassSpec("Tumor: 3+", (200, 50, 50))
+IMMUNE_POSITIVE = PathClassSpec("Immune cells: PD-L1 positive", (160, 60, 160))
+IMMUNE_NEGATIVE = PathClassSpec("Immune cells: PD-L1 negative", (60, 160, 160))
+INTENSITY_CLASSES = (TUMOR_1PLUS, TUMOR_2PLUS, TUMOR_3PLUS)
 
 ALL_CLASSES: tuple[PathClassSpec, ...] = (
     PDL1_POSITIVE,
@@ -32,6 +41,11 @@ ALL_CLASSES: tuple[PathClassSpec, ...] = (
     TUMOR_POSITIVE,
     TUMOR_NEGATIVE,
     OTHER,
+    TUMOR_1PLUS,
+    TUMOR_2PLUS,
+    TUMOR_3PLUS,
+    IMMUNE_POSITIVE,
+    IMMUNE_NEGATIVE,
 )
 BY_NAME = {c.name: c for c in ALL_CLASSES}
 

@@ -16,13 +16,25 @@ import numpy as np
 from shapely import affinity
 from shapely.geometry import Point, box
 
-from bridge.classes import PDL1_ANALYSIS, PDL1_FN_CANDIDATE, PDL1_POSITIVE
+from bridge.classes import (
+    IMMUNE_NEGATIVE,
+    IMMUNE_POSITIVE,
+    INTENSITY_CLASSES,
+    OTHER,
+    PDL1_ANALYSIS,
+    PDL1_FN_CANDIDATE,
+    PDL1_POSITIVE,
+    TUMOR_NEGATIVE,
+    TUMOR_POSITIVE,
+)
 from bridge.qupath_geojson import QuPathObject, point_features, to_feature
 from inference import Nuclei, RegionStats, SlideResult, UncertaintyTile
 
 TILE_NAME = "PD-L1 uncertainty"
 OWN_ANNOTATION_CLASSES = frozenset({PDL1_POSITIVE.name, PDL1_FN_CANDIDATE.name})
-OWN_DETECTION_CLASSES = frozenset({"Tumor: Positive", "Tumor: Negative", "Other"})
+OWN_DETECTION_CLASSES = frozenset(
+    c.name for c in (TUMOR_POSITIVE, TUMOR_NEGATIVE, OTHER, *INTENSITY_CLASSES, IMMUNE_POSITIVE, IMMUNE_NEGATIVE)
+)
 
 
 # Signature measurements: objects carrying them were written by this tool. A pathologist's own
@@ -70,13 +82,22 @@ def parent_measurements(result: SlideResult) -> dict[str, float]:
     """Summary measurements for the analysed parent annotation."""
     analysed = result.analysed_area_um2
     out: dict[str, float] = {}
-    if result.nuclei is not None:
-        for name in ("Tumor: Positive", "Tumor: Negative", "Other"):
-            out[f"PD-L1: Num {name}"] = float(result.nuclei.count(name))
+    nuclei = result.nuclei
+    if nuclei is not None:
+        for name in nuclei.class_names:
+            out[f"PD-L1: Num {name}"] = float(nuclei.count(name))
+        if nuclei.intensity is not None:
+            for grade, spec in enumerate(INTENSITY_CLASSES, start=1):
+                out[f"PD-L1: Num {spec.name}"] = float((nuclei.intensity == grade).sum())
     if result.tps is not None and result.tps.percent is not None:
         out["PD-L1: TPS %"] = result.tps.percent
+    if result.cps is not None and result.cps.percent is not None:
+        out["PD-L1: CPS"] = result.cps.percent
+    if result.summary.get("h_score") is not None:
+        out["PD-L1: H-score"] = result.summary["h_score"]
+    if result.maps is not None:
+        out["PD-L1: SUA candidates"] = float(len(result.candidates))
     out |= {
-        "PD-L1: SUA candidates": float(len(result.candidates)),
         "PD-L1: Uncertainty flag": 1.0 if result.uncertainty_flag else 0.0,
         "PD-L1: Positive area µm^2": result.positive_area_um2,
         "PD-L1: Positive area %": 100 * result.positive_area_um2 / analysed if analysed > 0 else float("nan"),
@@ -84,6 +105,7 @@ def parent_measurements(result: SlideResult) -> dict[str, float]:
     for key, name in (
         ("predictive_entropy_mean", "PD-L1: Predictive entropy mean"),
         ("mutual_information_mean", "PD-L1: Mutual information mean"),
+        ("nuclei_entropy_mean", "PD-L1: Nuclei entropy mean"),
     ):
         value = result.summary.get(key)
         if value is not None:
@@ -120,16 +142,31 @@ def _nucleus_measurements(nuclei: Nuclei) -> dict[str, np.ndarray]:
     columns = {"Class probability": nuclei.class_prob, "PD-L1 positive probability": nuclei.positive_prob}
     if nuclei.entropy is not None:
         columns["Predictive entropy"] = nuclei.entropy
+    if nuclei.membrane_dab_od is not None:
+        columns["DAB membrane OD mean"] = nuclei.membrane_dab_od
     return columns
+
+
+def qupath_classes(nuclei: Nuclei) -> tuple[tuple[str, ...], np.ndarray]:
+    """The QuPath class names and each nucleus's index into them.
+
+    An IHC result's positive tumour cells take QuPath's graded classes ``Tumor: 1+``/``2+``/``3+`` by
+    their membrane intensity; every other nucleus keeps its model class.
+    """
+    if nuclei.intensity is None:
+        return nuclei.class_names, nuclei.cls
+    names = (*nuclei.class_names, *(c.name for c in INTENSITY_CLASSES))
+    positive = nuclei.cls == nuclei.class_names.index(TUMOR_POSITIVE.name)
+    graded = len(nuclei.class_names) - 1 + np.clip(nuclei.intensity, 1, 3)
+    return names, np.where(positive, graded, nuclei.cls)
 
 
 def nucleus_object(nuclei: Nuclei, i: int) -> QuPathObject:
     """Nucleus ``i`` as a point detection with its class and scores."""
     measurements = {name: float(column[i]) for name, column in _nucleus_measurements(nuclei).items()}
     xy = nuclei.xy[i]
-    return QuPathObject(
-        Point(float(xy[0]), float(xy[1])), "detection", nuclei.class_names[int(nuclei.cls[i])], measurements
-    )
+    names, cls = qupath_classes(nuclei)
+    return QuPathObject(Point(float(xy[0]), float(xy[1])), "detection", names[int(cls[i])], measurements)
 
 
 def nucleus_features(
@@ -146,10 +183,11 @@ def nucleus_features(
     the result is of an uploaded region.
     """
     keep = slice(start, stop)
+    names, cls = qupath_classes(nuclei)
     return point_features(
         nuclei.xy[keep] * scale + np.asarray(origin_xy, np.float64),
-        nuclei.class_names,
-        nuclei.cls[keep],
+        names,
+        cls[keep],
         {name: column[keep] for name, column in _nucleus_measurements(nuclei).items()},
     )
 

@@ -47,7 +47,11 @@ SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "uncertainty_tile_um": (_NUMBER, "uncertainty_tile_um"),
         "min_region_area_um2": (_NUMBER, "min_region_area_um2"),
     },
-    "models": {"segmentation": (_STRING, "seg_model"), "nuclei": (_STRING, "nuclei_model")},
+    "models": {
+        "segmentation": (_STRING, "seg_model"),
+        "nuclei": (_STRING, "nuclei_model"),
+        "ihc_nuclei": (_STRING, "ihc_model"),
+    },
 }
 _KEY_OF = {attr: f"{table}.{key}" for table, keys in SCHEMA.items() for key, (_, attr) in keys.items()}
 # What `pdl1 run` uses (and records); the service keys are the Groovy scripts' (the token is never recorded).
@@ -99,6 +103,7 @@ class ProjectConfig:
     min_region_area_um2: float = 200.0
     seg_model: Path | None = None
     nuclei_model: Path | None = None
+    ihc_model: Path | None = None
     from_file: frozenset[str] = field(default=frozenset(), compare=False)
     from_command_line: frozenset[str] = field(default=frozenset(), compare=False)
 
@@ -193,7 +198,7 @@ def read_project_config(path: str | Path) -> ProjectConfig:
             problem = problem_with(attr, values[attr])
             if problem is not None:
                 raise ConfigError(f"{where}: {problem}")
-    for attr in ("seg_model", "nuclei_model"):
+    for attr in ("seg_model", "nuclei_model", "ihc_model"):
         if attr in values:
             values[attr] = None if values[attr] == "" else path.parent / Path(values[attr]).expanduser()
     return ProjectConfig(path=path, **values, from_file=frozenset(values))

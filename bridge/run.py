@@ -142,12 +142,18 @@ class _Job:
 def entry_metadata(result: SlideResult) -> dict[str, str]:
     """Project entry metadata (strings), DESIGN.md §3."""
     tps = result.tps
-    return {
+    model = result.seg_model or result.nuclei_model
+    out = {
         "PD-L1 TPS %": "" if tps is None or tps.percent is None else f"{tps.percent:.1f}",
         "PD-L1 TPS category": "" if tps is None else tps.category,
-        "PD-L1 model": f"{result.seg_model.name} {result.seg_model.version} ({result.seg_model.sha256[:12]})",
+        "PD-L1 model": "" if model is None else f"{model.name} {model.version} ({model.sha256[:12]})",
         "PD-L1 run": result.run_id,
     }
+    if result.cps is not None:
+        out["PD-L1 CPS"] = "" if result.cps.percent is None else f"{result.cps.percent:.1f}"
+    if result.stain != "H&E":
+        out["PD-L1 stain"] = result.stain
+    return out
 
 
 def summary_of(result: SlideResult, *, entry_id: str | None, run_config: RunConfig) -> dict[str, Any]:
@@ -163,9 +169,10 @@ def summary_of(result: SlideResult, *, entry_id: str | None, run_config: RunConf
         "config_hash": result.config_hash,
         "tps_percent": None if tps is None else tps.percent,
         "tps_category": None if tps is None else tps.category,
-        "nuclei": {}
-        if result.nuclei is None
-        else {n: result.nuclei.count(n) for n in ("Tumor: Positive", "Tumor: Negative", "Other")},
+        "stain": result.stain,
+        "stain_source": result.stain_source,
+        "cps": None if result.cps is None else result.cps.percent,
+        "nuclei": {} if result.nuclei is None else {n: result.nuclei.count(n) for n in result.nuclei.class_names},
         "positive_area_um2": result.positive_area_um2,
         "positive_area_pct": 100 * result.positive_area_um2 / analysed if analysed > 0 else None,
         "analysed_area_um2": analysed,
@@ -178,7 +185,7 @@ def summary_of(result: SlideResult, *, entry_id: str | None, run_config: RunConf
         "provenance": {
             "pdl1_bridge": __version__,
             "python": platform.python_version(),
-            "seg_model": asdict(result.seg_model),
+            "seg_model": None if result.seg_model is None else asdict(result.seg_model),
             "nuclei_model": None if result.nuclei_model is None else asdict(result.nuclei_model),
             "pipeline_config": asdict(run_config.pipeline),
             "settings": None if run_config.settings is None else run_config.settings.run_record(),

@@ -10,22 +10,24 @@ import json
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import shapely
 from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
-from inference.analysis.nuclei import NucleiConfig, detect_nuclei
-from inference.analysis.points import tumour_proportion_score
+from inference.analysis.ihc import IMMUNE_POSITIVE, combined_positive_score, h_score
+from inference.analysis.nuclei import NucleiConfig, detect_nuclei, intensity_limits_od
+from inference.analysis.points import INSUFFICIENT, MIN_TUMOUR_NUCLEI, tumour_proportion_score
 from inference.analysis.regions import mask_on_maps, positive_regions, uncertainty_tiles
 from inference.analysis.segment import SegmentConfig, segment_slide
 from inference.analysis.sua import SuaParams, find_candidates
 from inference.analysis.tiling import validate_roi
 from inference.errors import SlideFormatError, StainError
 from inference.models.ensemble import Ensemble, demo_model_dir
-from inference.models.manifest import Manifest
+from inference.models.manifest import STAINS, Manifest
 from inference.results import ModelInfo, SlideResult
 from inference.slides.slide import Slide, open_slide
 from inference.slides.tissue import TissueMask, tissue_mask_for_slide
@@ -40,9 +42,11 @@ class PipelineConfig:
     Attributes
     ----------
     seg_model_dir, nuclei_model_dir
-        Model folders; the shipped demos when None.
+        H&E model folders; the shipped demos when None.
+    ihc_model_dir
+        The PD-L1 IHC nuclei model folder (cells of an H-DAB image); the shipped demo when None.
     run_nuclei
-        Detect and classify nuclei (and so compute TPS).
+        Detect and classify nuclei (and so compute TPS) on H&E; an IHC image is always scored by its cells.
     device
         ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
     mpp
@@ -63,6 +67,7 @@ class PipelineConfig:
 
     seg_model_dir: str | None = None
     nuclei_model_dir: str | None = None
+    ihc_model_dir: str | None = None
     run_nuclei: bool = True
     device: str = "auto"
     mpp: float | None = None
@@ -87,6 +92,11 @@ class PipelineConfig:
 
 
 DEFAULT_REVIEW_RULE = {"review_entropy": 0.45, "review_candidate_area_pct": 2.0}
+# An IHC slide is flagged for review when its cells' mean ensemble entropy (nats, of the class distribution)
+# reaches this, unless the model's manifest states a calibrated limit.
+DEFAULT_IHC_REVIEW_ENTROPY = 0.35
+# Positive tumour cells stand for this much tissue around their centre (µm) in the IHC positive area.
+IHC_CELL_RADIUS_UM = 8.0
 
 
 def sua_params_for(manifest: Manifest, config: PipelineConfig, *, upper: float) -> SuaParams:
@@ -112,7 +122,10 @@ def review_rule_for(manifest: Manifest) -> dict[str, float]:
 
 
 class Models:
-    """Models loaded once and reused across images (the service keeps one)."""
+    """Models loaded once and reused across images (the service keeps one).
+
+    The H&E models load at once; the PD-L1 IHC nuclei model on the first IHC image (:meth:`ihc`).
+    """
 
     def __init__(self, config: PipelineConfig):
         folder = config.seg_model_dir or demo_model_dir("seg")
@@ -121,6 +134,15 @@ class Models:
         if config.run_nuclei:
             folder = config.nuclei_model_dir or demo_model_dir("nuclei")
             self.nuclei = Ensemble.load(folder, task="nuclei", device=config.device)
+        self._ihc_folder = config.ihc_model_dir or demo_model_dir("nuclei-ihc")
+        self._device = config.device
+        self._ihc: Ensemble | None = None
+
+    def ihc(self) -> Ensemble:
+        """The PD-L1 IHC nuclei ensemble, loaded (and checked) on first use."""
+        if self._ihc is None:
+            self._ihc = Ensemble.load(self._ihc_folder, task="nuclei", device=self._device)
+        return self._ihc
 
     @staticmethod
     def info(ensemble: Ensemble) -> ModelInfo:
@@ -156,6 +178,7 @@ def analyse_slide(
     """
     name = image.path if isinstance(image, Slide) else image
     _check_stain(name or "image", image_stain, image_stain_source, models=models, config=config)
+    analyse = _analyse_ihc if image_stain == "H-DAB" else _analyse
     if isinstance(image, Slide):
         slide = image
     elif config.mpp is not None:
@@ -171,9 +194,10 @@ def analyse_slide(
                 "is probably another series or scene of a multi-image file (pdl1 reads a file's first image); "
                 "export it from QuPath as OME-TIFF (File > Export images...) and analyse that file"
             )
-        return _analyse(
+        result = analyse(
             slide, models=models, config=config, roi=roi, on_progress=on_progress, should_cancel=should_cancel
         )
+        return replace(result, stain=image_stain or "H&E", stain_source=image_stain_source if image_stain else "")
     finally:
         if not isinstance(image, Slide):
             slide.close()
@@ -186,13 +210,26 @@ def _nuclei_model(models: Models, config: PipelineConfig) -> Ensemble | None:
 
 
 def _check_stain(name, stain: str | None, source: str, *, models: Models, config: PipelineConfig) -> None:
-    """Refuse an image whose known stain is not the one each model to run was trained on."""
+    """Refuse an image whose known stain is not the one each model to run was trained on.
+
+    An H-DAB image runs the IHC nuclei model, an H&E image the segmentation and nuclei models;
+    an image of any other stain runs none.
+    """
     if stain is None:
         return
-    used = [("segmentation", models.seg)]
-    nuclei_model = _nuclei_model(models, config)
-    if nuclei_model is not None:
-        used.append(("nuclei", nuclei_model))
+    if stain not in STAINS:
+        raise StainError(
+            f"{name}: the image is {stain} ({source}); pdl1-bridge analyses H&E (the segmentation ensemble and "
+            "a predicted TPS) and PD-L1 IHC (H-DAB: TPS and CPS from its cells), nothing else. If the image is "
+            "one of those, set its image type in QuPath (Image tab: Image type) or pass --stain he|ihc"
+        )
+    if stain == "H-DAB":
+        used = [("PD-L1 IHC nuclei", models.ihc())]
+    else:
+        used = [("segmentation", models.seg)]
+        nuclei_model = _nuclei_model(models, config)
+        if nuclei_model is not None:
+            used.append(("nuclei", nuclei_model))
     for task, ensemble in used:
         trained_on = ensemble.manifest.stain
         if stain != trained_on:
@@ -311,3 +348,88 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
         uncertainty_flag=flag,
         summary=summary,
     )
+
+
+def _analyse_ihc(slide, *, models, config, roi, on_progress, should_cancel) -> SlideResult:
+    """A PD-L1 IHC image: its cells found and classed by the IHC nuclei ensemble; TPS, CPS and intensity."""
+    width, height = slide.dimensions
+    if roi is not None:
+        roi = validate_roi(roi, image_size_wh=(width, height))
+    ensemble = models.ihc()
+    manifest = ensemble.manifest
+    slide.require_resolution(manifest.input_mpp, reader="the PD-L1 IHC nuclei model")
+    tissue: TissueMask | None = tissue_mask_for_slide(slide, mpp=config.tissue_mpp) if config.use_tissue else None
+    nuclei = detect_nuclei(
+        slide,
+        ensemble,
+        roi=roi,
+        tissue=tissue,
+        config=config.nuclei,
+        on_progress=on_progress,
+        should_cancel=should_cancel,
+    )
+    positive, negative = nuclei.count("Tumor: Positive"), nuclei.count("Tumor: Negative")
+    tps = tumour_proportion_score(positive, negative)
+    immune_positive = nuclei.count(IMMUNE_POSITIVE) if IMMUNE_POSITIVE in nuclei.class_names else 0
+    cps = combined_positive_score(positive, immune_positive, positive + negative)
+    area = roi if roi is not None else box(0, 0, width, height)
+    px_um2 = slide.mpp.mean**2
+    analysed_px = tissue_area_px(tissue, area) if tissue is not None else float(area.area)
+    analysed_area = analysed_px * px_um2
+    pos_xy = nuclei.xy[nuclei.cls == nuclei.class_names.index("Tumor: Positive")]
+    positive_area = cells_area_px(pos_xy, radius_px=IHC_CELL_RADIUS_UM / slide.mpp.mean, within=area) * px_um2
+    tumour_cells = np.isin(nuclei.cls, [nuclei.class_names.index(n) for n in ("Tumor: Positive", "Tumor: Negative")])
+    grades = nuclei.intensity[tumour_cells] if nuclei.intensity is not None else np.zeros(0)
+    mean_entropy = float(nuclei.entropy.mean()) if nuclei.entropy is not None and len(nuclei) else None
+    limit = float(manifest.thresholds.get("review_nuclei_entropy", DEFAULT_IHC_REVIEW_ENTROPY))
+    reasons = []
+    if tps.category == INSUFFICIENT:
+        reasons.append({"reason": "fewer than 100 tumour cells", "value": tps.tumour, "limit": MIN_TUMOUR_NUCLEI})
+    if mean_entropy is not None and mean_entropy >= limit:
+        reasons.append({"reason": "nuclei uncertainty", "value": mean_entropy, "limit": limit})
+    summary = {
+        "nuclei_entropy_mean": mean_entropy,
+        "review_reasons": reasons,
+        "h_score": h_score(grades),
+        "intensity_counts": {f"{g}+": int((grades == g).sum()) for g in (1, 2, 3)},
+        "intensity_limits_od": list(intensity_limits_od(manifest)),
+        "positive_area_source": f"positive tumour cells, {IHC_CELL_RADIUS_UM:g} µm around each",
+        "roi_area_um2": float(area.area) * px_um2,
+        "tissue_fraction": float(tissue.fraction) if tissue is not None else None,
+    }
+    return SlideResult(
+        image_path=str(slide.path) if slide.path else "",
+        image_width_px=width,
+        image_height_px=height,
+        mpp=slide.mpp.mean,
+        run_id=str(uuid.uuid4()),
+        config_hash=config.digest(),
+        seg_model=None,
+        maps=None,
+        regions=(),
+        tiles=(),
+        positive_area_um2=positive_area,
+        analysed_area_um2=analysed_area,
+        nuclei=nuclei,
+        nuclei_model=models.info(ensemble),
+        tps=tps,
+        cps=cps,
+        uncertainty_flag=bool(reasons),
+        summary=summary,
+    )
+
+
+def tissue_area_px(tissue: TissueMask, area: BaseGeometry) -> float:
+    """Level-0 px² of detected tissue inside ``area`` (tissue pixels whose centre lies in it)."""
+    rows, cols = np.nonzero(tissue.mask)
+    ds = tissue.downsample
+    inside = shapely.contains_xy(area, (cols + 0.5) * ds, (rows + 0.5) * ds)
+    return float(inside.sum()) * ds * ds
+
+
+def cells_area_px(xy: np.ndarray, *, radius_px: float, within: BaseGeometry) -> float:
+    """Level-0 px² covered by discs of ``radius_px`` around the points, inside ``within``."""
+    if len(xy) == 0:
+        return 0.0
+    cover = shapely.union_all(shapely.buffer(shapely.points(xy), radius_px, quad_segs=4))
+    return float(cover.intersection(within).area)

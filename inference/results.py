@@ -31,6 +31,16 @@ class Tps:
 
 
 @dataclass(frozen=True)
+class Cps:
+    """Combined positive score of a PD-L1 IHC: stained tumour and immune cells per 100 tumour cells, max 100."""
+
+    positive_tumour: int
+    positive_immune: int
+    tumour: int
+    percent: float | None
+
+
+@dataclass(frozen=True)
 class UncertaintyMaps:
     """Per-pixel maps on a grid of ``downsample`` level-0 px per map px, starting at ``origin_xy``.
 
@@ -91,10 +101,13 @@ class UncertaintyTile:
 class Nuclei:
     """Detected nuclei: one point each, level-0 px.
 
-    ``cls`` indexes ``class_names`` (``Tumor: Positive``, ``Tumor: Negative``, ``Other``);
+    ``cls`` indexes ``class_names`` (an H&E model's ``Tumor: Positive``, ``Tumor: Negative``,
+    ``Other``; a PD-L1 IHC model adds ``Immune cells: PD-L1 positive`` and ``... negative``);
     ``class_prob`` is the probability of the chosen class, ``positive_prob`` the PD-L1
     positive probability among tumour classes, ``entropy`` the predictive entropy of the
-    class distribution (None unless the nuclei model is an ensemble).
+    class distribution (None unless the nuclei model is an ensemble). On an IHC image
+    ``membrane_dab_od`` is each cell's mean DAB optical density on its membrane ring and
+    ``intensity`` its grade (0, or 1+/2+/3+ for a positive tumour cell); None on H&E.
     """
 
     xy: np.ndarray
@@ -104,6 +117,8 @@ class Nuclei:
     positive_prob: np.ndarray
     entropy: np.ndarray | None
     class_names: tuple[str, ...]
+    membrane_dab_od: np.ndarray | None = None
+    intensity: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.xy)
@@ -120,6 +135,8 @@ class Nuclei:
             self.positive_prob[keep],
             None if self.entropy is None else self.entropy[keep],
             self.class_names,
+            None if self.membrane_dab_od is None else self.membrane_dab_od[keep],
+            None if self.intensity is None else self.intensity[keep],
         )
 
 
@@ -133,7 +150,13 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class SlideResult:
-    """Everything one analysis of one image produced, with its provenance (DESIGN.md §2)."""
+    """Everything one analysis of one image produced, with its provenance (DESIGN.md §2).
+
+    ``stain`` is the stain the image was analysed as (``H&E`` or ``H-DAB``) and ``stain_source``
+    where that came from. An H&E analysis has the segmentation ensemble's ``maps``, regions and
+    tiles; a PD-L1 IHC analysis scores cells only: ``seg_model`` and ``maps`` are None, ``regions``
+    and ``tiles`` empty, and ``cps`` is set.
+    """
 
     image_path: str
     image_width_px: int
@@ -141,8 +164,8 @@ class SlideResult:
     mpp: float
     run_id: str
     config_hash: str
-    seg_model: ModelInfo
-    maps: UncertaintyMaps
+    seg_model: ModelInfo | None
+    maps: UncertaintyMaps | None
     regions: tuple[RegionStats, ...]
     tiles: tuple[UncertaintyTile, ...]
     positive_area_um2: float
@@ -153,3 +176,6 @@ class SlideResult:
     candidates: tuple[RegionStats, ...] = ()
     uncertainty_flag: bool = False
     summary: dict[str, Any] = field(default_factory=dict)
+    stain: str = "H&E"
+    stain_source: str = ""
+    cps: Cps | None = None

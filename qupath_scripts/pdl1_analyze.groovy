@@ -206,7 +206,7 @@ def CONFIG_KEYS = [
     "analysis.device": "a string", "analysis.outputs": "an array of strings",
     "analysis.target_classes": "an array of strings", "analysis.target_names": "an array of strings",
     "analysis.uncertainty_tile_um": "a number", "analysis.min_region_area_um2": "a number",
-    "models.segmentation": "a string", "models.nuclei": "a string",
+    "models.segmentation": "a string", "models.nuclei": "a string", "models.ihc_nuclei": "a string",
 ]
 def KNOWN_OUTPUTS = ["regions", "uncertainty_tiles", "sua", "nuclei"]
 def readPdl1Config = { File file ->

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from inference.errors import ResolutionError, StainError
+from inference.models.ensemble import demo_model_dir
 from inference.pipeline import Models, PipelineConfig, analyse_slide
 from inference.slides.reader import ArrayReader
 from inference.slides.slide import Mpp, Slide
@@ -46,12 +47,21 @@ def test_a_job_without_nuclei_neither_runs_nor_needs_the_nuclei_model(models):
     assert result.mpp == 2.5 and result.nuclei is None and result.nuclei_model is None
 
 
-@pytest.mark.parametrize("stain", ["H-DAB", "other"])
-def test_an_image_of_another_stain_is_refused_before_any_pixel_is_read(models, stain):
+def test_an_image_of_no_stain_the_product_knows_is_refused_before_any_pixel_is_read(models):
     reader = _RecordingReader(np.full((1024, 1024, 3), 230, np.uint8))
     slide = Slide(reader, mpp=Mpp(0.5, 0.5, "test"))
-    with pytest.raises(StainError, match=rf"the image is {stain} \(--stain\), but the segmentation model"):
+    with pytest.raises(StainError, match=r"the image is other \(--stain\); pdl1-bridge analyses H&E .* and PD-L1 IHC"):
         analyse_slide(
-            slide, models=models, config=PipelineConfig(device="cpu"), image_stain=stain, image_stain_source="--stain"
+            slide, models=models, config=PipelineConfig(device="cpu"), image_stain="other", image_stain_source="--stain"
         )
+    assert reader.reads == 0
+
+
+def test_an_ihc_image_never_runs_a_model_trained_on_h_and_e(models):
+    reader = _RecordingReader(np.full((1024, 1024, 3), 230, np.uint8))
+    slide = Slide(reader, mpp=Mpp(0.5, 0.5, "test"))
+    config = PipelineConfig(device="cpu", ihc_model_dir=str(demo_model_dir("nuclei")))
+    ihc_models = Models(config)
+    with pytest.raises(StainError, match=r"the image is H-DAB \(--stain\), but the PD-L1 IHC nuclei model "):
+        analyse_slide(slide, models=ihc_models, config=config, image_stain="H-DAB", image_stain_source="--stain")
     assert reader.reads == 0

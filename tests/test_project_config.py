@@ -123,6 +123,7 @@ def test_command_line_values_go_over_the_file_and_the_record_says_where_each_cam
         "analysis.min_region_area_um2": "built-in default",
         "models.segmentation": "built-in default",
         "models.nuclei": "built-in default",
+        "models.ihc_nuclei": "built-in default",
     }
     assert "secret" not in json.dumps(record)  # the service token is the scripts' business, never recorded
 

@@ -43,12 +43,14 @@ def pipeline_config(
     read_workers: int | None = None,
     compile_members: bool = False,
     gpu_decode: bool | None = None,
+    ihc_model: Path | None = None,
 ):
     from inference import NucleiConfig, PipelineConfig, SegmentConfig
 
     return PipelineConfig(
         seg_model_dir=None if seg_model is None else str(seg_model),
         nuclei_model_dir=None if nuclei_model is None else str(nuclei_model),
+        ihc_model_dir=None if ihc_model is None else str(ihc_model),
         run_nuclei=not no_nuclei,
         device=device,
         mpp=mpp,

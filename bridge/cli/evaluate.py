@@ -1,4 +1,4 @@
-"""``pdl1 eval`` (``seg``, ``nuclei``, ``suite``) and ``pdl1 calibrate``: scores against phantom truth, and SUA's calibration."""
+"""``pdl1 eval`` (``seg``, ``nuclei``, ``ihc``, ``suite``) and ``pdl1 calibrate``: scores against phantom truth, and SUA's calibration."""
 
 from __future__ import annotations
 
@@ -158,6 +158,63 @@ def eval_nuclei(
                     ("n/a" if err is None else f"{err:.1f}") if i == 0 else "",
                 )
         out.print(table)
+    except (Pdl1Error, ValueError, OSError) as err:
+        raise fail(err) from err
+
+
+@app.command("ihc")
+def eval_ihc(
+    slides: Annotated[list[Path], typer.Argument(help="Phantom PD-L1 IHC slides (pdl1 phantom --ihc) with truth.")],
+    model: Annotated[Path | None, typer.Option(help="IHC nuclei model folder; the shipped demo if omitted.")] = None,
+    radius_um: Annotated[float, typer.Option(min=0.1, help="Matching radius; pairs beyond it never match.")] = 3.0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """TPS and CPS against the truth (error, cut-off category), nuclei F1 and intensity agreement, per IHC slide."""
+    from rich.table import Table
+
+    from bridge.progress import progress_bar
+    from inference import Ensemble, demo_model_dir, evaluate_nuclei
+
+    out = stdout()
+    try:
+        ensemble = Ensemble.load(model or demo_model_dir("nuclei-ihc"), task="nuclei", device=device)
+        table = Table(title=f"PD-L1 IHC vs truth ({ensemble.manifest.name}; nuclei matched within {radius_um} µm)")
+        columns = ("slide", "TPS pred", "TPS truth", "TPS error", "category", "CPS pred", "CPS truth", "CPS error")
+        for col in (*columns, "F1", "intensity agreement", "entropy mean"):
+            table.add_column(col, justify="left" if col == "slide" else "right")
+        results = []
+        for slide in slides:
+            with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
+                r = evaluate_nuclei(slide, ensemble, radius_um=radius_um, on_progress=on_progress)
+            results.append(r)
+
+            def num(value: float | None, digits: int = 1) -> str:
+                return "n/a" if value is None else f"{value:.{digits}f}"
+
+            table.add_row(
+                slide.name,
+                num(r.tps_pred.percent),
+                num(r.tps_truth.percent),
+                num(r.tps_abs_error),
+                "right" if r.category_right else f"WRONG ({r.tps_pred.category} vs {r.tps_truth.category})",
+                num(None if r.cps_pred is None else r.cps_pred.percent),
+                num(None if r.cps_truth is None else r.cps_truth.percent),
+                num(r.cps_abs_error),
+                f"{r.overall.f1:.3f}",
+                num(r.intensity_agreement, 3),
+                num(r.nuclei_entropy_mean, 3),
+            )
+        out.print(table)
+        tps_errors = [r.tps_abs_error for r in results if r.tps_abs_error is not None]
+        cps_errors = [r.cps_abs_error for r in results if r.cps_abs_error is not None]
+        if tps_errors:
+            out.print(
+                f"TPS mean absolute error {sum(tps_errors) / len(tps_errors):.2f} points (max {max(tps_errors):.2f}); "
+                f"category right on {sum(r.category_right for r in results)} of {len(results)} slides"
+                + (f"; CPS mean absolute error {sum(cps_errors) / len(cps_errors):.2f}" if cps_errors else "")
+                + f"; nuclei F1 min {min(r.overall.f1 for r in results):.3f}"
+            )
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
 

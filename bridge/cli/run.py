@@ -24,6 +24,7 @@ _OPTION_OF = {
     "min_region_area_um2": "--min-region-area-um2",
     "seg_model": "--seg-model",
     "nuclei_model": "--nuclei-model",
+    "ihc_model": "--ihc-model",
 }
 
 
@@ -128,6 +129,13 @@ def run(
             help="Nuclei model folder. Default: from pdl1-config.toml (models.nuclei), else the shipped demo."
         ),
     ] = None,
+    ihc_model: Annotated[
+        Path | None,
+        typer.Option(
+            help="PD-L1 IHC nuclei model folder, run on H-DAB images. Default: from pdl1-config.toml "
+            "(models.ihc_nuclei), else the shipped demo."
+        ),
+    ] = None,
     no_nuclei: Annotated[bool, typer.Option(help="Skip nuclei and TPS (takes nuclei out of the outputs).")] = False,
     uncertainty_tile_um: Annotated[
         float | None,
@@ -225,6 +233,7 @@ def run(
         "min_region_area_um2": min_region_area_um2,
         "seg_model": seg_model,
         "nuclei_model": nuclei_model,
+        "ihc_model": ihc_model,
     }
     for name, value in given.items():
         problem = None if value is None else problem_with(name, value)
@@ -251,6 +260,7 @@ def run(
                 read_workers=read_workers,
                 compile_members=compile_members,
                 gpu_decode=gpu_decode,
+                ihc_model=settings.ihc_model,
             ),
             run_sua="sua" in settings.outputs,
             uncertainty_tile_um=settings.uncertainty_tile_um,

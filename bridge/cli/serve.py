@@ -37,7 +37,11 @@ def serve(
         typer.Option(help="Folder whose images may be opened (repeatable; default: the current folder)."),
     ] = None,
     models: Annotated[
-        Path | None, typer.Option(help="Folder with seg/ and nuclei/ model folders (default: shipped demo).")
+        Path | None,
+        typer.Option(
+            help="Folder with seg/ and nuclei/ (H&E) and nuclei-ihc/ (PD-L1 IHC) model folders, as the shipped "
+            "demo's (default: the shipped demo)."
+        ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     keep_results: Annotated[
@@ -70,16 +74,16 @@ def serve(
         token = token_file.read_text().strip()
         if not token:
             raise typer.BadParameter(f"{token_file} is empty; write the token into it", param_hint="--token-file")
-    seg = nuclei = None
+    seg = nuclei = ihc = None
     if models is not None:
-        seg, nuclei = models / "seg", models / "nuclei"
+        seg, nuclei, ihc = models / "seg", models / "nuclei", models / "nuclei-ihc"
     try:
         settings = ServiceSettings(
             host=host,
             port=port,
             token=token,
             allow_roots=tuple(allow_root or (Path.cwd(),)),
-            pipeline=pipeline_config(device, seg, nuclei, None),
+            pipeline=pipeline_config(device, seg, nuclei, None, ihc_model=ihc),
             keep_results=keep_results,
             max_queued=max_queued,
         )

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from inference.analysis.ihc import IMMUNE_POSITIVE, combined_positive_score
 from inference.analysis.nuclei import NucleiConfig, detect_nuclei
-from inference.analysis.points import DetectionScores, detection_scores, tumour_proportion_score
+from inference.analysis.points import DetectionScores, detection_scores, match_points, tumour_proportion_score
 from inference.analysis.regions import mask_on_maps
 from inference.analysis.segment import SegmentConfig, segment_slide
 from inference.analysis.sua import (
@@ -25,8 +26,8 @@ from inference.analysis.sua import (
 )
 from inference.evaluation.metrics import auprc, auroc, brier, dice, ece, fbeta_score, iou
 from inference.models.ensemble import Ensemble
-from inference.phantom.truth import NUCLEUS_CLASSES, PhantomTruthData, load_truth
-from inference.results import Tps, UncertaintyMaps
+from inference.phantom.truth import PhantomTruthData, load_truth
+from inference.results import Cps, Tps, UncertaintyMaps
 from inference.slides.slide import open_slide
 from inference.slides.tissue import tissue_mask_for_slide
 
@@ -181,7 +182,12 @@ def _segment_against_truth(
 
 @dataclass(frozen=True)
 class NucleiEvaluation:
-    """Detection and TPS results of one slide."""
+    """Detection, TPS (and on an IHC slide CPS and intensity) results of one slide.
+
+    ``intensity_agreement`` is the share of matched true positive tumour cells whose grade
+    (1+/2+/3+) the prediction gives too; ``nuclei_entropy_mean`` the mean ensemble entropy of the
+    detected nuclei (None for a single model).
+    """
 
     slide: str
     radius_um: float
@@ -190,12 +196,27 @@ class NucleiEvaluation:
     class_names: tuple[str, ...]
     tps_pred: Tps
     tps_truth: Tps
+    stain: str = "H&E"
+    cps_pred: Cps | None = None
+    cps_truth: Cps | None = None
+    intensity_agreement: float | None = None
+    nuclei_entropy_mean: float | None = None
 
     @property
     def tps_abs_error(self) -> float | None:
         if self.tps_pred.percent is None or self.tps_truth.percent is None:
             return None
         return abs(self.tps_pred.percent - self.tps_truth.percent)
+
+    @property
+    def cps_abs_error(self) -> float | None:
+        if self.cps_pred is None or self.cps_truth is None or None in (self.cps_pred.percent, self.cps_truth.percent):
+            return None
+        return abs(self.cps_pred.percent - self.cps_truth.percent)
+
+    @property
+    def category_right(self) -> bool:
+        return self.tps_pred.category == self.tps_truth.category
 
 
 def evaluate_nuclei(
@@ -207,18 +228,42 @@ def evaluate_nuclei(
     mpp: float | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> NucleiEvaluation:
-    """Detect nuclei in a phantom slide's tissue and score them against the truth points."""
+    """Detect nuclei in a phantom slide's tissue and score them against the truth points.
+
+    The truth's classes are matched to the model's by name, so a model of the other stain (H&E
+    classes against an IHC truth) is refused with both lists.
+    """
     truth = load_truth(slide_path)
+    names = tuple(ensemble.manifest.class_names)
+    missing = [n for n in truth.class_names if n not in names]
+    if missing:
+        raise ValueError(
+            f"{slide_path}: the truth has classes {list(truth.class_names)} but the model "
+            f"{ensemble.manifest.name!r} ({ensemble.manifest.stain}) knows {list(names)}: evaluate an "
+            f"{truth.summary.get('stain', 'H&E')} slide with a model trained on that stain"
+        )
     with open_slide(slide_path, mpp=mpp) as slide:
         tissue = tissue_mask_for_slide(slide)
         nuclei = detect_nuclei(slide, ensemble, tissue=tissue, config=config, on_progress=on_progress)
         radius_px = radius_um / slide.mpp.mean
-    names = nuclei.class_names
-    truth_cls = np.array([names.index(NUCLEUS_CLASSES[c]) for c in truth.nuclei_class], np.int64)
+    truth_cls = np.array([names.index(truth.class_names[c]) for c in truth.nuclei_class], np.int64)
     overall, per_class = detection_scores(
         nuclei.xy, nuclei.cls, truth.nuclei_xy, truth_cls, radius=radius_px, n_classes=len(names)
     )
     pos, neg = names.index("Tumor: Positive"), names.index("Tumor: Negative")
+    t_pos, t_neg = int((truth_cls == pos).sum()), int((truth_cls == neg).sum())
+    cps_pred = cps_truth = agreement = None
+    if IMMUNE_POSITIVE in names:
+        immune = names.index(IMMUNE_POSITIVE)
+        p_pos, p_neg = nuclei.count(names[pos]), nuclei.count(names[neg])
+        cps_pred = combined_positive_score(p_pos, nuclei.count(IMMUNE_POSITIVE), p_pos + p_neg)
+        cps_truth = combined_positive_score(t_pos, int((truth_cls == immune).sum()), t_pos + t_neg)
+        if nuclei.intensity is not None:
+            match = match_points(nuclei.xy, truth.nuclei_xy, radius=radius_px)
+            both = (truth_cls[match.truth_index] == pos) & (nuclei.cls[match.pred_index] == pos)
+            if both.any():
+                graded = nuclei.intensity[match.pred_index[both]] == truth.nuclei_intensity[match.truth_index[both]]
+                agreement = float(graded.mean())
     return NucleiEvaluation(
         slide=Path(slide_path).name,
         radius_um=radius_um,
@@ -226,7 +271,12 @@ def evaluate_nuclei(
         per_class=tuple(per_class),
         class_names=names,
         tps_pred=tumour_proportion_score(nuclei.count(names[pos]), nuclei.count(names[neg])),
-        tps_truth=tumour_proportion_score(int((truth_cls == pos).sum()), int((truth_cls == neg).sum())),
+        tps_truth=tumour_proportion_score(t_pos, t_neg),
+        stain=truth.summary.get("stain", "H&E"),
+        cps_pred=cps_pred,
+        cps_truth=cps_truth,
+        intensity_agreement=agreement,
+        nuclei_entropy_mean=None if nuclei.entropy is None or not len(nuclei) else float(nuclei.entropy.mean()),
     )
 
 

@@ -18,10 +18,12 @@ import numpy as np
 import torch
 
 from inference import __version__
+from inference.analysis.ihc import DEFAULT_INTENSITY_LIMITS_OD, annulus_means, dab_density
+from inference.analysis.nuclei import MEMBRANE_RING_UM
 from inference.analysis.points import gaussian_targets
 from inference.models.manifest import Manifest, Member, write_manifest
 from inference.models.nuclei_model import DilatedResFCN
-from inference.phantom.truth import NUCLEUS_CLASSES, load_truth
+from inference.phantom.truth import load_truth
 from inference.slides.slide import open_slide
 from inference.training.augment import augment_batch
 from inference.training.cyclic import check_schedule, total_epochs, train_cyclic
@@ -76,6 +78,12 @@ class _NucleiData:
     xy: np.ndarray  # (N, 2) model px
     cls: np.ndarray
     summary: dict
+    class_names: tuple[str, ...]
+    intensity: np.ndarray  # (N,) truth grade 0-3
+
+    @property
+    def stain(self) -> str:
+        return self.summary.get("stain", "H&E")
 
 
 def load_nuclei_slide(path: str | Path, *, input_mpp: float) -> _NucleiData:
@@ -83,7 +91,53 @@ def load_nuclei_slide(path: str | Path, *, input_mpp: float) -> _NucleiData:
     with open_slide(path) as slide:
         rgb = slide.whole_at_mpp(input_mpp, reader="nuclei training")
         ds = input_mpp / slide.mpp.mean
-    return _NucleiData(Path(path).name, rgb, truth.nuclei_xy / ds - 0.5, truth.nuclei_class, truth.summary)
+    return _NucleiData(
+        Path(path).name,
+        rgb,
+        truth.nuclei_xy / ds - 0.5,
+        truth.nuclei_class,
+        truth.summary,
+        tuple(truth.class_names),
+        truth.nuclei_intensity,
+    )
+
+
+def _one_kind(data: list[_NucleiData]) -> tuple[tuple[str, ...], str]:
+    """The class names and stain all training slides share; mixing H&E and IHC truth is refused."""
+    kinds = {(d.class_names, d.stain) for d in data}
+    if len(kinds) > 1:
+        listing = "; ".join(f"{d.name}: {d.stain}, {len(d.class_names)} classes" for d in data)
+        raise ValueError(
+            f"the training slides are of different stains or classes ({listing}); a model is trained on one "
+            "stain: train the H&E and the PD-L1 IHC nuclei models separately"
+        )
+    return next(iter(kinds))
+
+
+def calibrate_intensity_limits(data: list[_NucleiData], *, ring_px: tuple[float, float]) -> dict[str, float]:
+    """Membrane DAB OD limits of 2+ and 3+ from the training truth: midway between the grades' medians.
+
+    The 1+ limit stays QuPath's default: any staining of a cell the model calls positive is at least 1+.
+    """
+    values: dict[int, list[np.ndarray]] = {1: [], 2: [], 3: []}
+    for d in data:
+        dab = dab_density(d.rgb)
+        membrane = annulus_means(dab, d.xy + 0.5, inner_px=ring_px[0], outer_px=ring_px[1])
+        for grade in values:
+            values[grade].append(membrane[d.intensity == grade])
+    medians = {g: float(np.nanmedian(np.concatenate(v))) if sum(map(len, v)) else None for g, v in values.items()}
+    if None in medians.values() or not medians[1] < medians[2] < medians[3]:
+        raise ValueError(
+            f"cannot calibrate the 1+/2+/3+ limits: the training slides' membrane DAB medians by grade are {medians}; "
+            "they need cells of every grade whose membranes darken with the grade"
+        )
+    return {
+        "intensity_1plus_od": DEFAULT_INTENSITY_LIMITS_OD[0],
+        "intensity_2plus_od": (medians[1] + medians[2]) / 2,
+        "intensity_3plus_od": (medians[2] + medians[3]) / 2,
+        "membrane_inner_um": MEMBRANE_RING_UM[0],
+        "membrane_outer_um": MEMBRANE_RING_UM[1],
+    }
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -100,7 +154,7 @@ def sample_nuclei_batch(
     data: list[_NucleiData], rng: np.random.Generator, *, batch_size: int, patch_px: int, sigma_px: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Patches centred near a nucleus of a uniformly drawn class, with (H, W, C) Gaussian targets."""
-    n_classes = len(NUCLEUS_CLASSES)
+    n_classes = len(data[0].class_names)
     images = np.empty((batch_size, patch_px, patch_px, 3), np.uint8)
     targets = np.empty((batch_size, patch_px, patch_px, n_classes), np.float32)
     half = patch_px // 2
@@ -142,9 +196,14 @@ def train_nuclei(
     rng = np.random.default_rng(config.seed)
     device = torch.device(config.device)
     data = [load_nuclei_slide(p, input_mpp=config.input_mpp) for p in config.slides]
+    class_names, stain = _one_kind(data)
+    thresholds = {"min_score": 0.3, "nms_radius_um": 2.5}
+    if stain == "H-DAB":
+        ring_px = (MEMBRANE_RING_UM[0] / config.input_mpp, MEMBRANE_RING_UM[1] / config.input_mpp)
+        thresholds |= calibrate_intensity_limits(data, ring_px=ring_px)
     arch_kwargs = {
         "in_channels": 3,
-        "n_classes": len(NUCLEUS_CLASSES),
+        "n_classes": len(class_names),
         "width": config.width,
         "dilations": list(config.dilations),
     }
@@ -181,9 +240,10 @@ def train_nuclei(
         input_mpp=config.input_mpp,
         tile_size_px=config.tile_size_px,
         normalization=NORMALIZATION,
-        class_names=list(NUCLEUS_CLASSES),
+        class_names=list(class_names),
         members=[Member(**{k: m[k] for k in ("file", "sha256", "cycle", "epoch", "learning_rate")}) for m in members],
-        thresholds={"min_score": 0.3, "nms_radius_um": 2.5},
+        thresholds=thresholds,
+        stain=stain,
         extra={"output_stride": DilatedResFCN.output_stride, "sigma_um": config.sigma_um},
         training={
             "config": {k: v for k, v in asdict(config).items() if k != "out_dir"},

@@ -7,7 +7,7 @@ its module on first use, so ``import inference`` stays cheap and loads no torch.
 Subpackages, by concern:
 
 * :mod:`inference.slides`: reading images (reader protocol, OpenSlide, direct TIFF tiles,
-  GPU decoding, read-ahead, tissue detection);
+  GPU decoding, read-ahead, tissue and stain detection);
 * :mod:`inference.models`: manifests, safetensors members, networks, ensembles;
 * :mod:`inference.analysis`: tiling, sliding-window ensembles, uncertainty, regions, SUA,
   nuclei and points;
@@ -61,6 +61,9 @@ _PUBLIC = {
     "Mpp": "inference.slides.slide",
     "MPP_PLAUSIBLE_RANGE": "inference.slides.slide",
     "ArrayReader": "inference.slides.reader",
+    "StainEstimate": "inference.slides.stain_detect",
+    "detect_stain": "inference.slides.stain_detect",
+    "detect_slide_stain": "inference.slides.stain_detect",
     # models
     "Ensemble": "inference.models.ensemble",
     "demo_model_dir": "inference.models.ensemble",

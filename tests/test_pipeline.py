@@ -14,9 +14,11 @@ class _RecordingReader(ArrayReader):
     def __init__(self, rgb):
         super().__init__(rgb)
         self.reads = 0
+        self.largest_read_wh = (0, 0)
 
     def read_region(self, location_xy, level, size_wh):
         self.reads += 1
+        self.largest_read_wh = max(self.largest_read_wh, tuple(size_wh))
         return super().read_region(location_xy, level, size_wh)
 
 
@@ -34,8 +36,12 @@ def test_an_image_too_coarse_for_a_model_is_refused_before_any_pixel_is_read(mod
     reader = _RecordingReader(np.full((2048, 2048, 3), 230, np.uint8))
     slide = Slide(reader, mpp=Mpp(mpp, mpp, "--mpp"))
     with pytest.raises(ResolutionError, match=which):
-        analyse_slide(slide, models=models, config=PipelineConfig(device="cpu"))
+        analyse_slide(slide, models=models, config=PipelineConfig(device="cpu"), image_stain="H&E")
     assert reader.reads == 0
+    # Unstated, the stain is told from a thumbnail first (never enlarged: at most the image's own pixels).
+    with pytest.raises(ResolutionError, match=which):
+        analyse_slide(slide, models=models, config=PipelineConfig(device="cpu"))
+    assert reader.reads == 1 and max(reader.largest_read_wh) <= 2048
 
 
 def test_a_job_without_nuclei_neither_runs_nor_needs_the_nuclei_model(models):

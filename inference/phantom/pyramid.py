@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from inference import __version__
-from inference.phantom.render import render
+from inference.phantom.ihc import IhcScene, IhcSpec
+from inference.phantom.render import render, render_ihc
 from inference.phantom.scene import PhantomScene, PhantomSpec
-from inference.phantom.truth import PhantomTruth, TruthWriter
+from inference.phantom.truth import IHC_NUCLEUS_CLASSES, PhantomTruth, TruthWriter
 
 # render_tile(x0, y0, width, height, downsample) -> RGB uint8 (height, width, 3) of a level's tile.
 RenderTile = Callable[[int, int, int, int, int], np.ndarray]
@@ -140,4 +141,55 @@ def write_phantom(
         spec=asdict(spec),
         levels=levels,
         jpeg_quality=scene.stains.jpeg_quality,
+    )
+
+
+def write_ihc_phantom(
+    path: str | Path,
+    spec: PhantomSpec,
+    ihc: IhcSpec | None = None,
+    *,
+    paired_with: str | Path | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> PhantomTruth:
+    """Write the PD-L1 IHC (haematoxylin-DAB) section of ``spec``'s tissue and its truth.
+
+    The slide is a consecutive section of the H&E that :func:`write_phantom` writes for the same
+    ``spec`` (see :mod:`inference.phantom.ihc`); ``paired_with`` names that H&E slide in the truth.
+    Its ``truth.json`` adds ``cps``, ``intensity_counts`` and the ``transform`` from IHC to H&E
+    level-0 px (read by :func:`~inference.phantom.ihc.ihc_to_he_points`); ``nuclei.csv`` adds each
+    nucleus's ``intensity`` and ``pattern``.
+    """
+    path = check_slide_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ihc = ihc or IhcSpec()
+    scene = IhcScene(spec, ihc)
+    tile, tds = spec.tile_size_px, spec.truth_downsample
+    w0, h0 = spec.width_px, spec.height_px
+    truth = TruthWriter(path, width_px=w0, height_px=h0, mask_downsample=tds, classes=IHC_NUCLEUS_CLASSES, ihc=True)
+
+    def on_level0_tile(x0: int, y0: int) -> None:
+        nuc = scene.nuclei(x0, y0, min(tile, w0 - x0), min(tile, h0 - y0))
+        truth.add_nuclei(nuc["x"], nuc["y"], nuc["cls"], nuc["intensity"], nuc["pattern"])
+        truth.add_mask(x0, y0, scene.positive_mask(x0, y0, tile // tds, tile // tds, tds))
+
+    with truth:
+        levels = write_pyramid(
+            path,
+            spec,
+            lambda x0, y0, w, h, ds: render_ihc(scene, x0, y0, w, h, ds),
+            jpeg_quality=scene.stains.jpeg_quality,
+            on_level0_tile=on_level0_tile,
+            on_progress=on_progress,
+        )
+    return truth.finish(
+        generator=f"pdl1-bridge {__version__} inference.phantom",
+        spec=asdict(spec),
+        levels=levels,
+        jpeg_quality=scene.stains.jpeg_quality,
+        extra={
+            "ihc_spec": asdict(ihc),
+            "paired_with": Path(paired_with).name if paired_with is not None else None,
+            "transform": scene.transform.to_dict(),
+        },
     )

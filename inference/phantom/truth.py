@@ -104,9 +104,7 @@ class TruthWriter:
             raise ValueError("an IHC truth needs each nucleus's intensity and pattern, got None")
         self.intensity_counts += np.bincount(intensity, minlength=4)[:4]
         patterns = [IHC_PATTERNS[p] for p in pattern]
-        self._writer.writerows(
-            zip(np.round(xs, 2), np.round(ys, 2), names, intensity.tolist(), patterns, strict=True)
-        )
+        self._writer.writerows(zip(np.round(xs, 2), np.round(ys, 2), names, intensity.tolist(), patterns, strict=True))
 
     def add_mask(self, x0_px: int, y0_px: int, mask: np.ndarray) -> None:
         """A positive-mask tile whose top-left lies at level-0 (``x0_px``, ``y0_px``); cut at the image edge."""

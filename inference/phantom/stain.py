@@ -76,7 +76,7 @@ def ihc_stains_for(rng: np.random.Generator, shift: float) -> IhcStains:
         h_scale=float(rng.uniform(0.9, 1.1) * (1 + rng.uniform(-0.4, 0.4) * shift)),
         dab_scale=float(rng.uniform(0.9, 1.1) * (1 + rng.uniform(-0.35, 0.35) * shift)),
         background_dab=float(rng.uniform(0.01, 0.04) + rng.uniform(0.0, 0.12) * shift),
-        cast_rgb=rng.normal(0, 2 + 18 * shift, 3),  # a little less than H&E's: brown must stay brown
+        cast_rgb=rng.normal(0, 2 + 12 * shift, 3),  # half the H&E's: brown must stay brown
         blur_um=1.2 * shift,
         jpeg_quality=round(92 - 50 * shift),
     )

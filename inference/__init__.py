@@ -87,6 +87,13 @@ _PUBLIC = {
     "PhantomSpec": "inference.phantom.scene",
     "write_phantom": "inference.phantom.pyramid",
     "truth_dir_for": "inference.phantom.truth",
+    "IhcSpec": "inference.phantom.ihc",
+    "write_ihc_phantom": "inference.phantom.pyramid",
+    "ihc_to_he_points": "inference.phantom.ihc",
+    "load_truth": "inference.phantom.truth",
+    "PhantomTruthData": "inference.phantom.truth",
+    "NUCLEUS_CLASSES": "inference.phantom.truth",
+    "IHC_NUCLEUS_CLASSES": "inference.phantom.truth",
 }
 
 __all__ = ["__version__", *_PUBLIC]

@@ -29,30 +29,66 @@ def phantom(
             help="Fraction of the positive area that expresses weakly (faint morphology, still positive).",
         ),
     ] = 0.0,
+    ihc: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write the PD-L1 IHC (haematoxylin-DAB) consecutive section of the same tissue here "
+            "(.svs or .tif), with its truth beside it."
+        ),
+    ] = None,
+    immune_positive: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            max=1,
+            help="With --ihc: mean share of PD-L1 positive immune cells (varies in space); 0.3 when not given.",
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Write a phantom H&E slide with its PD-L1 truth beside it (OUT stem + '.truth/')."""
+    """Write a phantom H&E slide with its PD-L1 truth beside it (OUT stem + '.truth/').
+
+    With --ihc, also the PD-L1 IHC section of the same tissue (rotated, shifted and deformed as a
+    consecutive section) with its truth (TPS, CPS, intensities, the transform to the H&E).
+    """
     from bridge.phantom_truth import write_truth_geojson
     from bridge.progress import progress_bar
-    from inference import PhantomSpec, write_phantom
+    from inference import IhcSpec, PhantomSpec, write_ihc_phantom, write_phantom
 
+    if immune_positive is not None and ihc is None:
+        raise typer.BadParameter("--immune-positive sets the IHC section's immune cells: add --ihc OUT_IHC.svs")
+    if ihc is not None and ihc.resolve().with_suffix("") == out.resolve().with_suffix(""):
+        raise typer.BadParameter(f"--ihc {ihc} would share its truth folder with {out}: give it another name")
     try:
         spec = PhantomSpec(
             size, height or size, seed=seed, mpp=mpp, tps_percent=tps, shift=shift, weak_fraction=weak_fraction
         )
+        ihc_spec = IhcSpec(immune_positive_fraction=0.3 if immune_positive is None else immune_positive)
         with progress_bar(f"phantom {out.name}", enabled=progress) as on_progress:
             truth = write_phantom(out, spec, on_progress=on_progress)
         write_truth_geojson(truth.truth_dir)
+        ihc_truth = None
+        if ihc is not None:
+            with progress_bar(f"phantom IHC {ihc.name}", enabled=progress) as on_progress:
+                ihc_truth = write_ihc_phantom(ihc, spec, ihc_spec, paired_with=out, on_progress=on_progress)
+            write_truth_geojson(ihc_truth.truth_dir)
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
-    counts = truth.summary["nuclei_counts"]
-    tps_truth = truth.summary["tps_percent"]
-    typer.echo(f"wrote {out} ({spec.width_px}x{spec.height_px} px, {spec.mpp} µm/px, levels {truth.summary['levels']})")
-    typer.echo(
-        f"truth in {truth.truth_dir}: "
-        + ", ".join(f"{k} {v}" for k, v in counts.items())
-        + (f", TPS {tps_truth:.1f}%" if tps_truth is not None else ", no tumour nuclei")
-    )
+    for path, written in ((out, truth), (ihc, ihc_truth)):
+        if written is None:
+            continue
+        summary = written.summary
+        tps_truth, cps = summary["tps_percent"], summary.get("cps")
+        typer.echo(
+            f"wrote {path} ({summary['stain']}, {spec.width_px}x{spec.height_px} px, {spec.mpp} µm/px, "
+            f"levels {summary['levels']})"
+        )
+        typer.echo(
+            f"truth in {written.truth_dir}: "
+            + ", ".join(f"{k} {v}" for k, v in summary["nuclei_counts"].items())
+            + (f", TPS {tps_truth:.1f}%" if tps_truth is not None else ", no tumour nuclei")
+            + (f", CPS {cps:.1f}" if cps is not None else "")
+        )
 
 
 def demo(

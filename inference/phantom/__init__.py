@@ -24,6 +24,11 @@ the requested one up to rounding. Truth lies beside the slide in ``<stem>.truth/
 ``truth.json`` (summary), ``positive_mask.tif`` (uint8 0/1 at ``truth_downsample``) and
 ``nuclei.csv`` (``x_px,y_px,class``, level-0 pixel centres).
 
+The PD-L1 IHC (haematoxylin-DAB) of the same tissue is a consecutive section of it
+(:mod:`~inference.phantom.ihc`: the section transform, the IHC cells and their staining),
+written by :func:`~inference.phantom.pyramid.write_ihc_phantom` with its own truth (TPS, CPS,
+intensities, patterns and the transform to the H&E).
+
 Modules: :mod:`~inference.phantom.scene` (the spec and the procedural scene: zones, nuclei),
 :mod:`~inference.phantom.stain` (stain vectors and how the scene's dyes become RGB),
 :mod:`~inference.phantom.render` (drawing a region), :mod:`~inference.phantom.pyramid`

@@ -10,9 +10,15 @@ from pathlib import Path
 import numpy as np
 
 from inference import __version__
-from inference.phantom.render import render
+from inference.phantom.ihc import IhcScene, IhcSpec
+from inference.phantom.render import render, render_ihc
 from inference.phantom.scene import PhantomScene, PhantomSpec
-from inference.phantom.truth import PhantomTruth, TruthWriter
+from inference.phantom.truth import IHC_NUCLEUS_CLASSES, PhantomTruth, TruthWriter
+
+# render_tile(x0, y0, width, height, downsample) -> RGB uint8 (height, width, 3) of a level's tile.
+RenderTile = Callable[[int, int, int, int, int], np.ndarray]
+# on_level0_tile(x0, y0): called once per level-0 tile as it is written (the truth is written there).
+Level0Hook = Callable[[int, int], None]
 
 
 def pyramid_downsamples(width_px: int, height_px: int) -> list[int]:
@@ -23,21 +29,24 @@ def pyramid_downsamples(width_px: int, height_px: int) -> list[int]:
     return out
 
 
-def _tiles(scene: PhantomScene, downsample: int, tile: int) -> Iterator[tuple[int, int, np.ndarray]]:
-    spec = scene.spec
-    lw, lh = math.ceil(spec.width_px / downsample), math.ceil(spec.height_px / downsample)
-    for ty in range(0, lh, tile):
-        for tx in range(0, lw, tile):
-            yield tx, ty, render(scene, tx * downsample, ty * downsample, tile, tile, downsample)
+def check_slide_path(path: str | Path) -> Path:
+    """``path`` as a Path if it names a slide a phantom can be written as (.svs, .tif, .tiff)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".svs", ".tif", ".tiff"):
+        raise ValueError(f"phantom slides are written as .svs or .tif/.tiff, got {path.name!r}")
+    return path
 
 
-def write_phantom(
-    path: str | Path,
+def write_pyramid(
+    path: Path,
     spec: PhantomSpec,
+    render_tile: RenderTile,
     *,
+    jpeg_quality: int,
+    on_level0_tile: Level0Hook,
     on_progress: Callable[[int, int], None] | None = None,
-) -> PhantomTruth:
-    """Write a pyramidal phantom slide and its truth.
+) -> list[int]:
+    """Write the levels of a phantom slide tile by tile; returns the level downsamples.
 
     ``.svs`` writes an Aperio-style SVS (ImageDescription ``Aperio ...|MPP = ...``, JPEG
     tiles, levels at downsample 4); ``.tif``/``.tiff`` a generic tiled TIFF whose levels are
@@ -46,46 +55,36 @@ def write_phantom(
     """
     import tifffile
 
-    path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in (".svs", ".tif", ".tiff"):
-        raise ValueError(f"phantom slides are written as .svs or .tif/.tiff, got {path.name!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scene = PhantomScene(spec)
     tile = spec.tile_size_px
     levels = pyramid_downsamples(spec.width_px, spec.height_px)
     level_sizes = [(math.ceil(spec.width_px / d), math.ceil(spec.height_px / d)) for d in levels]
     total = sum(math.ceil(w / tile) * math.ceil(h / tile) for w, h in level_sizes)
     done = 0
-
-    tds = spec.truth_downsample
-    truth = TruthWriter(path, width_px=spec.width_px, height_px=spec.height_px, mask_downsample=tds)
     res_per_cm = 10_000.0 / spec.mpp
-    quality = scene.stains.jpeg_quality
     w0, h0 = spec.width_px, spec.height_px
     bigtiff = w0 * h0 > 15_000 * 15_000
 
-    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tif, truth:
+    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tif:
         for level, (ds, (lw, lh)) in enumerate(zip(levels, level_sizes, strict=True)):
 
-            def level_tiles(ds: int = ds, level: int = level) -> Iterator[np.ndarray]:
+            def level_tiles(ds: int = ds, level: int = level, lw: int = lw, lh: int = lh) -> Iterator[np.ndarray]:
                 nonlocal done
-                for tx, ty, rgb in _tiles(scene, ds, tile):
-                    if level == 0:
-                        x0, y0 = tx, ty
-                        nuc = scene.nuclei(x0, y0, min(tile, w0 - x0), min(tile, h0 - y0))
-                        truth.add_nuclei(nuc["x"], nuc["y"], nuc["cls"])
-                        truth.add_mask(x0, y0, scene.positive_mask(x0, y0, tile // tds, tile // tds, tds))
-                    done += 1
-                    if on_progress is not None:
-                        on_progress(done, total)
-                    yield rgb
+                for ty in range(0, lh, tile):
+                    for tx in range(0, lw, tile):
+                        rgb = render_tile(tx * ds, ty * ds, tile, tile, ds)
+                        if level == 0:
+                            on_level0_tile(tx, ty)
+                        done += 1
+                        if on_progress is not None:
+                            on_progress(done, total)
+                        yield rgb
 
             if suffix == ".svs":
                 if level == 0:
                     description = (
                         f"Aperio Image Library v12.0.15 \n{w0}x{h0} [0,0 {w0}x{h0}] ({tile}x{tile}) "
-                        f"JPEG/RGB Q={quality}|AppMag = {round(10 / spec.mpp)}|MPP = {spec.mpp}"
+                        f"JPEG/RGB Q={jpeg_quality}|AppMag = {round(10 / spec.mpp)}|MPP = {spec.mpp}"
                         f"|Filename = {path.stem}|pdl1-bridge phantom seed = {spec.seed}"
                     )
                 else:
@@ -99,17 +98,98 @@ def write_phantom(
                 tile=(tile, tile),
                 photometric="rgb",
                 compression="jpeg",
-                compressionargs={"level": quality},
+                compressionargs={"level": jpeg_quality},
                 description=description,
                 resolution=(res_per_cm / ds, res_per_cm / ds),
                 resolutionunit="CENTIMETER",
                 subfiletype=0 if level == 0 else 1,
                 metadata=None,
             )
+    return levels
 
+
+def write_phantom(
+    path: str | Path,
+    spec: PhantomSpec,
+    *,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> PhantomTruth:
+    """Write a pyramidal phantom H&E slide and its truth (see :func:`write_pyramid` for the formats)."""
+    path = check_slide_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scene = PhantomScene(spec)
+    tile, tds = spec.tile_size_px, spec.truth_downsample
+    w0, h0 = spec.width_px, spec.height_px
+    truth = TruthWriter(path, width_px=w0, height_px=h0, mask_downsample=tds)
+
+    def on_level0_tile(x0: int, y0: int) -> None:
+        nuc = scene.nuclei(x0, y0, min(tile, w0 - x0), min(tile, h0 - y0))
+        truth.add_nuclei(nuc["x"], nuc["y"], nuc["cls"])
+        truth.add_mask(x0, y0, scene.positive_mask(x0, y0, tile // tds, tile // tds, tds))
+
+    with truth:
+        levels = write_pyramid(
+            path,
+            spec,
+            lambda x0, y0, w, h, ds: render(scene, x0, y0, w, h, ds),
+            jpeg_quality=scene.stains.jpeg_quality,
+            on_level0_tile=on_level0_tile,
+            on_progress=on_progress,
+        )
     return truth.finish(
         generator=f"pdl1-bridge {__version__} inference.phantom",
         spec=asdict(spec),
         levels=levels,
-        jpeg_quality=quality,
+        jpeg_quality=scene.stains.jpeg_quality,
+    )
+
+
+def write_ihc_phantom(
+    path: str | Path,
+    spec: PhantomSpec,
+    ihc: IhcSpec | None = None,
+    *,
+    paired_with: str | Path | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> PhantomTruth:
+    """Write the PD-L1 IHC (haematoxylin-DAB) section of ``spec``'s tissue and its truth.
+
+    The slide is a consecutive section of the H&E that :func:`write_phantom` writes for the same
+    ``spec`` (see :mod:`inference.phantom.ihc`); ``paired_with`` names that H&E slide in the truth.
+    Its ``truth.json`` adds ``cps``, ``intensity_counts`` and the ``transform`` from IHC to H&E
+    level-0 px (read by :func:`~inference.phantom.ihc.ihc_to_he_points`); ``nuclei.csv`` adds each
+    nucleus's ``intensity`` and ``pattern``.
+    """
+    path = check_slide_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ihc = ihc or IhcSpec()
+    scene = IhcScene(spec, ihc)
+    tile, tds = spec.tile_size_px, spec.truth_downsample
+    w0, h0 = spec.width_px, spec.height_px
+    truth = TruthWriter(path, width_px=w0, height_px=h0, mask_downsample=tds, classes=IHC_NUCLEUS_CLASSES, ihc=True)
+
+    def on_level0_tile(x0: int, y0: int) -> None:
+        nuc = scene.nuclei(x0, y0, min(tile, w0 - x0), min(tile, h0 - y0))
+        truth.add_nuclei(nuc["x"], nuc["y"], nuc["cls"], nuc["intensity"], nuc["pattern"])
+        truth.add_mask(x0, y0, scene.positive_mask(x0, y0, tile // tds, tile // tds, tds))
+
+    with truth:
+        levels = write_pyramid(
+            path,
+            spec,
+            lambda x0, y0, w, h, ds: render_ihc(scene, x0, y0, w, h, ds),
+            jpeg_quality=scene.stains.jpeg_quality,
+            on_level0_tile=on_level0_tile,
+            on_progress=on_progress,
+        )
+    return truth.finish(
+        generator=f"pdl1-bridge {__version__} inference.phantom",
+        spec=asdict(spec),
+        levels=levels,
+        jpeg_quality=scene.stains.jpeg_quality,
+        extra={
+            "ihc_spec": asdict(ihc),
+            "paired_with": Path(paired_with).name if paired_with is not None else None,
+            "transform": scene.transform.to_dict(),
+        },
     )

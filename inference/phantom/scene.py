@@ -19,8 +19,8 @@ from inference.phantom.truth import NEGATIVE, OTHER, POSITIVE
 COARSE_DS = 32  # level-0 px per scene-field cell
 _TISSUE_FRACTION = 0.55
 _TUMOUR_FRACTION_OF_TISSUE = 0.5
-_TUMOUR_SPACING_UM = 10.0
-_STROMA_SPACING_UM = 16.0
+TUMOUR_SPACING_UM = 10.0
+STROMA_SPACING_UM = 16.0
 MAX_NUCLEUS_RADIUS_UM = 5.5
 
 
@@ -117,6 +117,24 @@ def sample_field(grid: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray
     return top * (1 - fy) + bottom * fy
 
 
+def jittered_lattice(
+    seed: int, stream: int, spacing_px: float, x0: float, y0: float, w: float, h: float
+) -> dict[str, np.ndarray]:
+    """Points of a jittered square lattice whose centre lies in the box: ``x``, ``y`` and lattice indices ``i``, ``j``.
+
+    Each point is a function of (seed, stream, i, j) only, so any box gives the same points where boxes overlap.
+    """
+    s = spacing_px
+    i0, i1 = math.floor(x0 / s) - 1, math.ceil((x0 + w) / s) + 1
+    j0, j1 = math.floor(y0 / s) - 1, math.ceil((y0 + h) / s) + 1
+    jj, ii = np.mgrid[j0:j1, i0:i1]
+    ii, jj = ii.ravel(), jj.ravel()
+    xs = (ii + 0.5 + 0.6 * (hash_uniform(seed, stream, ii, jj, 0) - 0.5)) * s
+    ys = (jj + 0.5 + 0.6 * (hash_uniform(seed, stream, ii, jj, 1) - 0.5)) * s
+    inside = (xs >= x0) & (xs < x0 + w) & (ys >= y0) & (ys < y0 + h)
+    return {"x": xs[inside], "y": ys[inside], "i": ii[inside], "j": jj[inside]}
+
+
 class PhantomScene:
     """The procedural scene of one phantom; :meth:`render` draws any region at any downsample."""
 
@@ -196,17 +214,8 @@ class PhantomScene:
     # -- nuclei -----------------------------------------------------------------------
     def _lattice(self, x0: float, y0: float, w: float, h: float, kind: str) -> dict[str, np.ndarray]:
         """Jittered lattice points (candidate nucleus centres) whose centre lies in the box."""
-        spacing_um, stream = (_TUMOUR_SPACING_UM, 1) if kind == "tumour" else (_STROMA_SPACING_UM, 2)
-        s = spacing_um / self.spec.mpp
-        i0, i1 = math.floor(x0 / s) - 1, math.ceil((x0 + w) / s) + 1
-        j0, j1 = math.floor(y0 / s) - 1, math.ceil((y0 + h) / s) + 1
-        jj, ii = np.mgrid[j0:j1, i0:i1]
-        ii, jj = ii.ravel(), jj.ravel()
-        seed = self.spec.seed
-        xs = (ii + 0.5 + 0.6 * (hash_uniform(seed, stream, ii, jj, 0) - 0.5)) * s
-        ys = (jj + 0.5 + 0.6 * (hash_uniform(seed, stream, ii, jj, 1) - 0.5)) * s
-        inside = (xs >= x0) & (xs < x0 + w) & (ys >= y0) & (ys < y0 + h)
-        return {"x": xs[inside], "y": ys[inside], "i": ii[inside], "j": jj[inside]}
+        spacing_um, stream = (TUMOUR_SPACING_UM, 1) if kind == "tumour" else (STROMA_SPACING_UM, 2)
+        return jittered_lattice(self.spec.seed, stream, spacing_um / self.spec.mpp, x0, y0, w, h)
 
     def nuclei(self, x0: float, y0: float, w: float, h: float) -> dict[str, np.ndarray]:
         """Nuclei whose centre lies in the level-0 box: positions, class, shape and texture."""

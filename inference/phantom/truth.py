@@ -1,7 +1,9 @@
 """Truth of a phantom: nucleus classes, the truth folder beside the slide, writing and reading it.
 
 ``<stem>.truth/`` holds ``truth.json`` (summary), ``positive_mask.tif`` (uint8 0/1 at the mask
-downsample) and ``nuclei.csv`` (``x_px,y_px,class``, level-0 pixel centres).
+downsample) and ``nuclei.csv`` (``x_px,y_px,class``, level-0 pixel centres). An IHC phantom's
+``nuclei.csv`` adds ``intensity`` (0 to 3) and ``pattern`` (complete, partial, cytoplasmic, none);
+its classes are :data:`IHC_NUCLEUS_CLASSES` and its ``truth.json`` names them (``"classes"``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,19 @@ from inference.errors import TruthNotFoundError
 
 NUCLEUS_CLASSES = ("Tumor: Positive", "Tumor: Negative", "Other")
 POSITIVE, NEGATIVE, OTHER = 0, 1, 2
+
+# PD-L1 IHC (haematoxylin-DAB) phantoms: tumour and immune cells scored apart (TPS, CPS).
+IHC_NUCLEUS_CLASSES = (
+    "Tumor: Positive",
+    "Tumor: Negative",
+    "Immune cells: PD-L1 positive",
+    "Immune cells: PD-L1 negative",
+    "Other",
+)
+IHC_TUMOUR_POSITIVE, IHC_TUMOUR_NEGATIVE, IHC_IMMUNE_POSITIVE, IHC_IMMUNE_NEGATIVE, IHC_OTHER = range(5)
+# Staining pattern of an IHC nucleus's cell: index into this tuple.
+IHC_PATTERNS = ("none", "complete", "partial", "cytoplasmic")
+PATTERN_NONE, PATTERN_COMPLETE, PATTERN_PARTIAL, PATTERN_CYTOPLASMIC = range(4)
 
 
 @dataclass(frozen=True)
@@ -42,25 +57,54 @@ class TruthWriter:
     Use as a context manager around the drawing, then :meth:`finish`.
     """
 
-    def __init__(self, slide_path: Path, *, width_px: int, height_px: int, mask_downsample: int) -> None:
+    def __init__(
+        self,
+        slide_path: Path,
+        *,
+        width_px: int,
+        height_px: int,
+        mask_downsample: int,
+        classes: tuple[str, ...] = NUCLEUS_CLASSES,
+        ihc: bool = False,
+    ) -> None:
         self.slide_path = slide_path
+        self.classes = classes
+        self.ihc = ihc
         self.truth_dir = truth_dir_for(slide_path)
         self.truth_dir.mkdir(parents=True, exist_ok=True)
         self.mask_downsample = mask_downsample
         self.mask = np.zeros((-(-height_px // mask_downsample), -(-width_px // mask_downsample)), np.uint8)
-        self.counts = np.zeros(len(NUCLEUS_CLASSES), np.int64)
+        self.counts = np.zeros(len(classes), np.int64)
+        self.intensity_counts = np.zeros(4, np.int64)  # IHC: cells scored 0, 1+, 2+, 3+
         self.nuclei_csv = self.truth_dir / "nuclei.csv"
         self._fh = self.nuclei_csv.open("w", newline="")
         self._writer = csv.writer(self._fh)
-        self._writer.writerow(["x_px", "y_px", "class"])
+        self._writer.writerow(["x_px", "y_px", "class", "intensity", "pattern"] if ihc else ["x_px", "y_px", "class"])
 
-    def add_nuclei(self, xs: np.ndarray, ys: np.ndarray, classes: np.ndarray) -> None:
-        """Nuclei with level-0 centres ``xs``, ``ys`` and class indices into :data:`NUCLEUS_CLASSES`."""
-        for cls in range(len(NUCLEUS_CLASSES)):
+    def add_nuclei(
+        self,
+        xs: np.ndarray,
+        ys: np.ndarray,
+        classes: np.ndarray,
+        intensity: np.ndarray | None = None,
+        pattern: np.ndarray | None = None,
+    ) -> None:
+        """Nuclei with level-0 centres ``xs``, ``ys`` and class indices into the writer's classes.
+
+        An IHC writer also takes each nucleus's ``intensity`` (0 to 3) and ``pattern`` (index into
+        :data:`IHC_PATTERNS`).
+        """
+        for cls in range(len(self.classes)):
             self.counts[cls] += int((classes == cls).sum())
-        self._writer.writerows(
-            zip(np.round(xs, 2), np.round(ys, 2), [NUCLEUS_CLASSES[c] for c in classes], strict=True)
-        )
+        names = [self.classes[c] for c in classes]
+        if not self.ihc:
+            self._writer.writerows(zip(np.round(xs, 2), np.round(ys, 2), names, strict=True))
+            return
+        if intensity is None or pattern is None:
+            raise ValueError("an IHC truth needs each nucleus's intensity and pattern, got None")
+        self.intensity_counts += np.bincount(intensity, minlength=4)[:4]
+        patterns = [IHC_PATTERNS[p] for p in pattern]
+        self._writer.writerows(zip(np.round(xs, 2), np.round(ys, 2), names, intensity.tolist(), patterns, strict=True))
 
     def add_mask(self, x0_px: int, y0_px: int, mask: np.ndarray) -> None:
         """A positive-mask tile whose top-left lies at level-0 (``x0_px``, ``y0_px``); cut at the image edge."""
@@ -74,28 +118,54 @@ class TruthWriter:
     def __exit__(self, *exc) -> None:
         self._fh.close()
 
-    def finish(self, *, generator: str, spec: dict, levels: list[int], jpeg_quality: int) -> PhantomTruth:
-        """Write the mask and ``truth.json`` once every tile is in; the arguments describe the slide."""
+    def finish(
+        self, *, generator: str, spec: dict, levels: list[int], jpeg_quality: int, extra: dict | None = None
+    ) -> PhantomTruth:
+        """Write the mask and ``truth.json`` once every tile is in; the arguments describe the slide.
+
+        ``extra`` adds entries to ``truth.json`` (an IHC slide's pairing and transform).
+        """
         import tifffile
 
         self._fh.close()
         mask_path = self.truth_dir / "positive_mask.tif"
         tifffile.imwrite(mask_path, self.mask, compression="zlib", metadata=None)
         counts = self.counts
-        tumour = counts[POSITIVE] + counts[NEGATIVE]
+        tumour = counts[POSITIVE] + counts[NEGATIVE]  # the first two classes of both kinds
         summary = {
             "generator": generator,
             "spec": spec,
             "slide": self.slide_path.name,
+            "stain": "H-DAB" if self.ihc else "H&E",
+            "classes": list(self.classes),
             "levels": levels,
             "mask_downsample": self.mask_downsample,
             "mask_positive_fraction": float(self.mask.mean()),
-            "nuclei_counts": {name: int(counts[i]) for i, name in enumerate(NUCLEUS_CLASSES)},
+            "nuclei_counts": {name: int(counts[i]) for i, name in enumerate(self.classes)},
             "tps_percent": float(100 * counts[POSITIVE] / tumour) if tumour else None,
             "jpeg_quality": jpeg_quality,
         }
+        if self.ihc:
+            summary["cps"] = combined_positive_score(
+                int(counts[IHC_TUMOUR_POSITIVE]), int(counts[IHC_IMMUNE_POSITIVE]), int(tumour)
+            )
+            summary["intensity_counts"] = {f"{i}+": int(self.intensity_counts[i]) for i in (1, 2, 3)}
+        summary.update(extra or {})
         (self.truth_dir / "truth.json").write_text(json.dumps(summary, indent=2))
         return PhantomTruth(self.slide_path, self.truth_dir, mask_path, self.nuclei_csv, summary)
+
+
+def combined_positive_score(tumour_positive: int, immune_positive: int, tumour: int) -> float | None:
+    """CPS: PD-L1 positive tumour and immune cells per 100 tumour cells, capped at 100; None without tumour.
+
+    >>> combined_positive_score(30, 15, 100)
+    45.0
+    >>> combined_positive_score(80, 40, 100)
+    100.0
+    """
+    if tumour <= 0:
+        return None
+    return float(min(100.0, 100.0 * (tumour_positive + immune_positive) / tumour))
 
 
 @dataclass(frozen=True)
@@ -105,8 +175,10 @@ class PhantomTruthData:
     positive_mask: np.ndarray  # uint8 (h, w) at mask_downsample
     mask_downsample: float
     nuclei_xy: np.ndarray  # float64 (N, 2), level-0 px
-    nuclei_class: np.ndarray  # int64 (N,), index into NUCLEUS_CLASSES
+    nuclei_class: np.ndarray  # int64 (N,), index into class_names
     summary: dict
+    class_names: tuple[str, ...] = NUCLEUS_CLASSES  # truth.json's "classes"; H&E's for older truth
+    nuclei_intensity: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # int64 (N,), 0-3 (IHC)
 
 
 def load_truth(slide_path: str | Path) -> PhantomTruthData:
@@ -122,16 +194,25 @@ def load_truth(slide_path: str | Path) -> PhantomTruthData:
         )
     summary = json.loads(summary_path.read_text())
     mask = tifffile.imread(truth_dir / "positive_mask.tif")
-    names = {name: i for i, name in enumerate(NUCLEUS_CLASSES)}
-    xy, cls = [], []
+    class_names = tuple(summary.get("classes", NUCLEUS_CLASSES))
+    names = {name: i for i, name in enumerate(class_names)}
+    xy, cls, intensity = [], [], []
     with (truth_dir / "nuclei.csv").open() as fh:
         for row in csv.DictReader(fh):
             xy.append((float(row["x_px"]), float(row["y_px"])))
+            if row["class"] not in names:
+                raise ValueError(
+                    f"{truth_dir / 'nuclei.csv'}: class {row['class']!r} is not one of truth.json's "
+                    f"classes {class_names}; rewrite the truth with `pdl1 phantom`"
+                )
             cls.append(names[row["class"]])
+            intensity.append(int(row.get("intensity") or 0))
     return PhantomTruthData(
         positive_mask=mask,
         mask_downsample=float(summary["mask_downsample"]),
         nuclei_xy=np.array(xy, np.float64).reshape(-1, 2),
         nuclei_class=np.array(cls, np.int64),
         summary=summary,
+        class_names=class_names,
+        nuclei_intensity=np.array(intensity, np.int64),
     )

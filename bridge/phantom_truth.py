@@ -11,12 +11,6 @@ from shapely.geometry import Point
 
 from bridge.qupath_geojson import QuPathObject, to_feature, write_features
 
-# Colours of the IHC phantom's immune classes, which pdl1-bridge's own results do not use (bridge.classes).
-_TRUTH_COLOURS = {
-    "Immune cells: PD-L1 positive": (160, 90, 20),
-    "Immune cells: PD-L1 negative": (70, 160, 200),
-}
-
 
 def _nucleus_features(nuclei_csv: Path) -> Iterator[dict[str, Any]]:
     with nuclei_csv.open(newline="") as fh:
@@ -32,7 +26,6 @@ def _nucleus_features(nuclei_csv: Path) -> Iterator[dict[str, Any]]:
                     classification=cls,
                     measurements=measurements,
                     name=row.get("pattern"),
-                    color=_TRUTH_COLOURS.get(cls),
                 )
             )
 

@@ -56,7 +56,8 @@ class RunConfig:
     none, each image's tissue is analysed under a ``PD-L1 analysis`` annotation. ``settings``: the
     project config with the command line over it, which each summary records (None: not recorded).
     ``stain``: the stain of every image ("H&E", "H-DAB"), over what QuPath's image types say (None:
-    theirs, and unchecked where the project states none).
+    theirs, and the image's colour where the project states none). ``compare_pairs``: after the run, pair
+    each case's H&E with its PD-L1 IHC and compare them (``pairs.json``, see :mod:`bridge.pairs`).
     """
 
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -69,6 +70,7 @@ class RunConfig:
     include_tiles: bool = True
     settings: ProjectConfig | None = None
     stain: str | None = None
+    compare_pairs: bool = True
 
 
 @dataclass(frozen=True)
@@ -284,12 +286,42 @@ def run_batch(
         status = RunStatus(status_folder)
         qp_session = _QuPathSession(project) if use_qupath else None
         try:
-            return _run_jobs(
+            outcomes = _run_jobs(
                 jobs, config, models or Models(config.pipeline), project, status, qp_session, on_image, on_tiles
             )
         finally:
             if qp_session is not None:
                 qp_session.close()
+        if config.compare_pairs:
+            _compare_pairs(jobs, outcomes, project, status.folder)
+        return outcomes
+
+
+def _compare_pairs(jobs: list[_Job], outcomes: list[ImageOutcome], project: Path | None, folder: Path) -> None:
+    """Pair the run's analysed images by case and compare each H&E with its PD-L1 IHC (bridge.pairs)."""
+    from bridge.pairs import CaseImage, case_of, write_pair_comparisons
+
+    images = []
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        geojson, summary_path = output_paths(job.key, project, folder)
+        if outcome.state not in ("done", "skipped") or not summary_path.is_file() or not geojson.is_file():
+            continue
+        summary = json.loads(summary_path.read_text())
+        images.append(
+            CaseImage(
+                key=job.key,
+                name=job.name,
+                image=Path(summary["image"]),
+                case=case_of(job.name, None if job.entry is None else job.entry.metadata),
+                stain=summary.get("stain", "H&E"),
+                summary_path=summary_path,
+                geojson_path=geojson,
+                mpp=summary["mpp"],
+            )
+        )
+    path = write_pair_comparisons(images, folder)
+    if path is not None:
+        log.info("pair comparisons: %s", path)
 
 
 _PART = re.compile(r".+\.[0-9a-f]{12}\.part")  # bridge.atomic's and the backups' temporary files: <name>.<12 hex>.part

@@ -922,6 +922,8 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
                     "parent_measurements": measurements,
                     "metadata": entry_metadata(result),
                     "run_id": result.run_id,
+                    "stain": result.stain,
+                    "review_reasons": result.summary.get("review_reasons", []),
                 },
             }
         )

@@ -37,7 +37,8 @@ def POLL_MS = 1000
 
 def ANALYSIS_CLASS = "PD-L1 analysis"
 def OWN_ANNOTATION_CLASSES = ["PD-L1 positive", "PD-L1 FN candidate"]
-def OWN_DETECTION_CLASSES = ["Tumor: Positive", "Tumor: Negative", "Other"]
+def OWN_DETECTION_CLASSES = ["Tumor: Positive", "Tumor: Negative", "Other", "Tumor: 1+", "Tumor: 2+", "Tumor: 3+",
+        "Immune cells: PD-L1 positive", "Immune cells: PD-L1 negative"]
 def TILE_NAME = "PD-L1 uncertainty"
 def CONFIG_NAME = "pdl1-config.toml"
 
@@ -441,6 +442,10 @@ for (parent in targets) {
     }
     done++
     println "pdl1: ${objects.size()} objects under ${parent.getName() ?: parent.getPathClass() ?: 'annotation'}"
+    // Why a result needs a pathologist's look, each with its value and limit (the flag says only that it does).
+    (pdl1.get("review_reasons") ?: []).each { r ->
+        println "pdl1: review: ${r.get('reason')} (${r.get('value')}, limit ${r.get('limit')})"
+    }
 }
 fireHierarchyUpdate()
 // QuPath 0.4.4 does not save the project after a headless script (0.6+ does): save the entry metadata now.

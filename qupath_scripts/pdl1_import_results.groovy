@@ -20,7 +20,8 @@ import qupath.lib.objects.PathObject
 def RESULTS_FOLDER = "pdl1"          // relative to the project folder
 def ANALYSIS_CLASS = "PD-L1 analysis"
 def OWN_ANNOTATION_CLASSES = ["PD-L1 positive", "PD-L1 FN candidate"]
-def OWN_DETECTION_CLASSES = ["Tumor: Positive", "Tumor: Negative", "Other"]
+def OWN_DETECTION_CLASSES = ["Tumor: Positive", "Tumor: Negative", "Other", "Tumor: 1+", "Tumor: 2+", "Tumor: 3+",
+        "Immune cells: PD-L1 positive", "Immune cells: PD-L1 negative"]
 def TILE_NAME = "PD-L1 uncertainty"
 // ------------------------------------------------------------------------------------------
 

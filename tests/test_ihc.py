@@ -1,9 +1,14 @@
 """PD-L1 IHC scoring: DAB unmixing, membrane rings, grades, CPS, H-score, and the QuPath classes they become."""
 
+import json
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from bridge.objects import parent_measurements, qupath_classes, result_features
+from bridge.classes import ALL_CLASSES, argb_to_rgb
+from bridge.objects import OWN_DETECTION_CLASSES, parent_measurements, qupath_classes, result_features
 from inference.analysis.ihc import (
     DAB_OD,
     HAEMATOXYLIN_OD,
@@ -139,6 +144,23 @@ def test_the_parent_of_an_ihc_result_carries_tps_cps_h_score_and_grade_counts_bu
 def test_the_geojson_of_an_ihc_result_has_graded_cells_with_their_membrane_dab():
     features = list(result_features(_ihc_result()))
     cells = [f for f in features if f["properties"]["objectType"] == "detection"]
-    names = [": ".join(c["properties"]["classification"]["names"]) for c in cells]
+    classes = [c["properties"]["classification"] for c in cells]
+    names = [": ".join(c["names"]) if "names" in c else c["name"] for c in classes]
     assert names[:3] == ["Tumor: 1+", "Tumor: 2+", "Tumor: 3+"]
     assert cells[2]["properties"]["measurements"]["DAB membrane OD mean"] == pytest.approx(0.8)
+
+
+def test_the_project_template_and_the_setup_script_hold_every_class_the_product_writes():
+    root = Path(__file__).resolve().parents[1]
+    template = json.loads((root / "project_templates/pdl1/classes.json").read_text())["pathClasses"]
+    assert [(c["name"], argb_to_rgb(c["color"])) for c in template] == [(c.name, c.rgb) for c in ALL_CLASSES]
+    groovy = (root / "qupath_scripts/pdl1_setup_classes.groovy").read_text()
+    rows = re.findall(r'\["([^"]+)", (\d+), (\d+), (\d+)\]', groovy)
+    assert [(n, (int(r), int(g), int(b))) for n, r, g, b in rows] == [(c.name, c.rgb) for c in ALL_CLASSES]
+
+
+@pytest.mark.parametrize("script", ["pdl1_analyze.groovy", "pdl1_import_results.groovy"])
+def test_the_groovy_scripts_replace_every_detection_class_the_product_writes(script):
+    text = (Path(__file__).resolve().parents[1] / "qupath_scripts" / script).read_text()
+    listed = re.search(r"def OWN_DETECTION_CLASSES = \[(.*?)\]", text, re.S).group(1)
+    assert set(re.findall(r'"([^"]+)"', listed)) == OWN_DETECTION_CLASSES

@@ -145,7 +145,11 @@ def train_nuclei_cmd(
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint if present.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Train the point-based nuclei classifier (Tumor: Positive / Tumor: Negative / Other) from truth points."""
+    """Train the point-based nuclei classifier from truth points, on the stain of the slides given.
+
+    H&E phantoms: Tumor: Positive / Tumor: Negative / Other. PD-L1 IHC phantoms (pdl1 phantom --ihc): also
+    Immune cells: PD-L1 positive / negative, and the 2+/3+ membrane DAB limits calibrated on the truth.
+    """
     from bridge.progress import progress_bar
     from inference import NucleiTrainConfig, train_nuclei
 

@@ -38,7 +38,7 @@ class NucleiTrainConfig:
 
     slides: tuple[str, ...]
     out_dir: str
-    name: str = "pdl1-nuclei"
+    name: str | None = None
     version: str = "1"
     input_mpp: float = 1.0
     patch_px: int = 96
@@ -232,7 +232,7 @@ def train_nuclei(
     )
 
     manifest = Manifest(
-        name=config.name,
+        name=config.name or ("pdl1-nuclei-ihc" if stain == "H-DAB" else "pdl1-nuclei"),
         version=config.version,
         task="nuclei",
         architecture="DilatedResFCN",

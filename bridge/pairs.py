@@ -1,0 +1,172 @@
+"""Cases with an H&E and a PD-L1 IHC of the same block: paired, registered and compared after a run.
+
+A case is named by the entry metadata key ``case`` (QuPath: the entry's metadata, e.g. set with
+*Project > Edit metadata*); where an entry has none, or for plain slides, by the file name with a
+trailing stain word taken off (``B12_HE.svs`` and ``B12_PD-L1.svs`` are case ``B12``). A case with
+exactly one analysed H&E and one analysed IHC is compared: the IHC is registered to the H&E, its
+positive tumour cells are mapped onto it, and the H&E's prediction is set against the IHC's
+measurement (:func:`inference.compare_pair`). The comparisons go to ``pairs.json`` beside the run
+status; a case that cannot be compared says why there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from shapely.geometry import Polygon, box
+from shapely.ops import unary_union
+
+from bridge.classes import INTENSITY_CLASSES, PDL1_POSITIVE, TUMOR_POSITIVE
+from bridge.objects import TILE_NAME
+from bridge.project import write_json_atomic
+from bridge.qupath_geojson import read_features
+from inference import Pdl1Error, compare_pair, open_slide, register_slides
+
+log = logging.getLogger(__name__)
+
+CASE_KEY = "case"
+PAIRS_FILE = "pairs.json"
+# A trailing stain word in a file name: what is left names the case.
+_STAIN_SUFFIX = re.compile(r"^(?P<case>.+?)[ _.-]+(?:h&e|he|hande|ihc|pd-?l1|pdl1|22c3|sp263|sp142|28-8|dab)$", re.I)
+_POSITIVE_CELL_CLASSES = frozenset({TUMOR_POSITIVE.name, *(c.name for c in INTENSITY_CLASSES)})
+
+
+@dataclass(frozen=True)
+class CaseImage:
+    """One analysed image of a run, as pairing sees it."""
+
+    key: str
+    name: str
+    image: Path
+    case: str | None
+    stain: str
+    summary_path: Path
+    geojson_path: Path
+    mpp: float
+
+
+def case_of(name: str, metadata: dict[str, str] | None, *, key: str = CASE_KEY) -> str | None:
+    """The case an image belongs to: its metadata's ``key``, else its file name without a stain word.
+
+    >>> case_of("B12_HE.svs", None), case_of("B12 PD-L1.ndpi", None), case_of("slide.svs", None)
+    ('B12', 'B12', None)
+    >>> case_of("anything.svs", {"case": "C7"})
+    'C7'
+    """
+    if metadata and metadata.get(key):
+        return str(metadata[key])
+    stem = Path(name).stem
+    match = _STAIN_SUFFIX.match(stem)
+    return match.group("case") if match else None
+
+
+def pair_cases(images: Iterable[CaseImage]) -> tuple[dict[str, tuple[CaseImage, CaseImage]], dict[str, str]]:
+    """Cases with one H&E and one IHC image, and for every other case that has either, why it is not paired."""
+    by_case: dict[str, list[CaseImage]] = {}
+    for image in images:
+        if image.case is not None:
+            by_case.setdefault(image.case, []).append(image)
+    pairs: dict[str, tuple[CaseImage, CaseImage]] = {}
+    problems: dict[str, str] = {}
+    for case, members in sorted(by_case.items()):
+        he = [m for m in members if m.stain == "H&E"]
+        ihc = [m for m in members if m.stain == "H-DAB"]
+        if len(he) == 1 and len(ihc) == 1:
+            pairs[case] = (he[0], ihc[0])
+        elif he or ihc:
+            names = ", ".join(f"{m.name} ({m.stain})" for m in members)
+            problems[case] = (
+                f"case {case!r} has {len(he)} H&E and {len(ihc)} PD-L1 IHC images analysed ({names}); a pair is one "
+                f"of each: give each case its own '{CASE_KEY}' metadata value"
+            )
+    return pairs, problems
+
+
+def _read_he(geojson: Path) -> tuple[Any, np.ndarray, np.ndarray]:
+    regions, boxes, entropy = [], [], []
+    for obj in read_features(geojson):
+        if obj.object_type == "annotation" and obj.classification == PDL1_POSITIVE.name:
+            regions.append(obj.geometry)
+        elif obj.object_type == "tile" and obj.name == TILE_NAME and "Predictive entropy" in obj.measurements:
+            boxes.append(obj.geometry.bounds)
+            entropy.append(obj.measurements["Predictive entropy"])
+    return unary_union(regions), np.array(boxes, np.float64).reshape(-1, 4), np.array(entropy, np.float64)
+
+
+def _read_ihc_positive_cells(geojson: Path) -> np.ndarray:
+    xy = [
+        (obj.geometry.x, obj.geometry.y)
+        for obj in read_features(geojson)
+        if obj.object_type == "detection" and obj.classification in _POSITIVE_CELL_CLASSES
+    ]
+    return np.array(xy, np.float64).reshape(-1, 2)
+
+
+def compare_case(he: CaseImage, ihc: CaseImage, *, registration_mpp: float = 8.0) -> dict[str, Any]:
+    """Register the IHC to the H&E and compare them; the record that goes into ``pairs.json``."""
+    with open_slide(he.image, mpp=he.mpp) as he_slide, open_slide(ihc.image, mpp=ihc.mpp) as ihc_slide:
+        registration = register_slides(he_slide, ihc_slide, mpp=registration_mpp)
+        he_size, ihc_size = he_slide.dimensions, ihc_slide.dimensions
+    record: dict[str, Any] = {
+        "he": {"key": he.key, "image": he.name},
+        "ihc": {"key": ihc.key, "image": ihc.name},
+        "registration": {
+            "ok": registration.ok,
+            "reason": registration.reason,
+            "error_um": registration.error_um,
+            "tissue_dice": registration.dice,
+            "angle_deg": registration.angle_deg,
+            "matrix_ihc_to_he": np.asarray(registration.matrix).tolist(),
+        },
+    }
+    if not registration.ok:
+        record["comparison"] = None
+        record["why_not_compared"] = f"registration failed: {registration.reason}"
+        return record
+    he_summary = json.loads(he.summary_path.read_text())
+    ihc_summary = json.loads(ihc.summary_path.read_text())
+    he_positive, tile_boxes, tile_entropy = _read_he(he.geojson_path)
+    cells = registration.apply(_read_ihc_positive_cells(ihc.geojson_path))
+    # Compared where both sections lie: the H&E image and the IHC image's outline mapped onto it.
+    corners = registration.apply(np.array([[0, 0], [ihc_size[0], 0], [ihc_size[0], ihc_size[1]], [0, ihc_size[1]]]))
+    compared = box(0, 0, *he_size).intersection(Polygon(corners))
+    comparison = compare_pair(
+        he_positive=he_positive,
+        ihc_positive_xy_on_he=cells,
+        compared_area=compared,
+        mpp_he=he_summary["mpp"],
+        tile_boxes=tile_boxes,
+        tile_entropy=tile_entropy,
+        tps_he_predicted=he_summary.get("tps_percent"),
+        tps_ihc=ihc_summary.get("tps_percent"),
+    )
+    record["comparison"] = {
+        **asdict(comparison),
+        "tps_difference": comparison.tps_difference,
+        "uncertainty_higher_where_they_disagree": comparison.uncertainty_higher_where_they_disagree,
+    }
+    return record
+
+
+def write_pair_comparisons(images: list[CaseImage], folder: Path) -> Path | None:
+    """Pair the run's images by case, compare each pair and write ``folder/pairs.json``; None without cases."""
+    pairs, problems = pair_cases(images)
+    if not pairs and not problems:
+        return None
+    records: dict[str, Any] = {case: {"why_not_compared": why} for case, why in problems.items()}
+    for case, (he, ihc) in pairs.items():
+        try:
+            records[case] = compare_case(he, ihc)
+        except (Pdl1Error, OSError, ValueError) as err:  # one case's failure leaves the others compared
+            log.warning("case %s: not compared: %s", case, err)
+            records[case] = {"he": {"image": he.name}, "ihc": {"image": ihc.name}, "why_not_compared": str(err)}
+    path = folder / PAIRS_FILE
+    write_json_atomic(path, {"case_key": CASE_KEY, "cases": records})
+    return path

@@ -1,0 +1,110 @@
+"""Pairing a case's H&E with its PD-L1 IHC, and comparing prediction with measurement on the H&E."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from shapely.geometry import Polygon, box
+
+from bridge.pairs import CaseImage, case_of, pair_cases
+from inference.analysis.pairs import compare_pair
+
+
+def _image(name: str, stain: str, case: str | None) -> CaseImage:
+    return CaseImage(name, name, Path(name), case, stain, Path(f"{name}.json"), Path(f"{name}.geojson"), 0.5)
+
+
+@pytest.mark.parametrize(
+    ("name", "case"),
+    [
+        ("B12_HE.svs", "B12"),
+        ("B12-H&E.tif", "B12"),
+        ("B12 PD-L1.ndpi", "B12"),
+        ("b12_pdl1.svs", "b12"),
+        ("B12_22C3.svs", "B12"),
+        ("B12.ihc.svs", "B12"),
+        ("HE.svs", None),
+        ("slide_7.svs", None),
+        ("theory.svs", None),
+    ],
+)
+def test_the_case_comes_from_the_file_name_without_its_stain_word(name, case):
+    assert case_of(name, None) == case
+
+
+def test_the_case_metadata_wins_over_the_file_name():
+    assert case_of("B12_HE.svs", {"case": "patient 4"}) == "patient 4"
+    assert case_of("B12_HE.svs", {"case": ""}) == "B12"
+    assert case_of("B12_HE.svs", {"block": "X"}, key="block") == "X"
+
+
+def test_a_case_pairs_one_he_with_one_ihc_and_says_why_it_cannot_otherwise():
+    images = [
+        _image("A_HE.svs", "H&E", "A"),
+        _image("A_PDL1.svs", "H-DAB", "A"),
+        _image("B_HE.svs", "H&E", "B"),
+        _image("B2_HE.svs", "H&E", "B"),
+        _image("B_PDL1.svs", "H-DAB", "B"),
+        _image("C_HE.svs", "H&E", "C"),
+        _image("loose.svs", "H&E", None),
+    ]
+    pairs, problems = pair_cases(images)
+    assert list(pairs) == ["A"]
+    assert [p.name for p in pairs["A"]] == ["A_HE.svs", "A_PDL1.svs"]
+    assert "case 'B' has 2 H&E and 1 PD-L1 IHC images" in problems["B"]
+    assert "case 'C' has 1 H&E and 0 PD-L1 IHC" in problems["C"]
+    assert None not in problems
+
+
+def test_compare_pair_measures_agreement_and_where_the_uncertainty_is():
+    area = box(0, 0, 1000, 1000)
+    he_positive = box(0, 0, 500, 1000)  # left half predicted positive
+    # IHC positive cells fill the left half up to x = 700: the strip 500-700 is where they disagree.
+    xs, ys = np.meshgrid(np.arange(10, 700, 10.0), np.arange(10, 1000, 10.0))
+    cells = np.column_stack([xs.ravel(), ys.ravel()])
+    boxes = np.array([[x, y, x + 100, y + 100] for y in range(0, 1000, 100) for x in range(0, 1000, 100)], float)
+    centre_x = boxes[:, 0] + 50
+    entropy = np.where((centre_x > 500) & (centre_x < 700), 0.6, 0.1)
+    c = compare_pair(
+        he_positive=he_positive,
+        ihc_positive_xy_on_he=cells,
+        compared_area=area,
+        mpp_he=0.5,
+        tile_boxes=boxes,
+        tile_entropy=entropy,
+        tps_he_predicted=50.0,
+        tps_ihc=70.0,
+        cell_radius_um=8.0,
+    )
+    assert c.positive_area_he_um2 == pytest.approx(500 * 1000 * 0.25)
+    assert c.positive_area_ihc_um2 == pytest.approx(716 * 1000 * 0.25, rel=0.02)  # up to x = 700 + 16 px
+    assert c.dice == pytest.approx(2 * 500 / (500 + 716), rel=0.02)
+    assert c.tps_difference == -20.0
+    assert c.tiles_disagree == 20 and c.tiles_agree == 80
+    assert c.entropy_disagree == pytest.approx(0.6) and c.entropy_agree == pytest.approx(0.1)
+    assert c.uncertainty_higher_where_they_disagree
+
+
+def test_compare_pair_counts_only_the_compared_area_and_handles_an_empty_ihc():
+    c = compare_pair(
+        he_positive=Polygon(),
+        ihc_positive_xy_on_he=np.zeros((0, 2)),
+        compared_area=box(0, 0, 10, 10),
+        mpp_he=1.0,
+        tile_boxes=np.zeros((0, 4)),
+        tile_entropy=np.zeros(0),
+        tps_he_predicted=None,
+        tps_ihc=0.0,
+    )
+    assert c.dice is None and c.tps_difference is None and c.uncertainty_higher_where_they_disagree is None
+    with pytest.raises(ValueError, match=r"\(N, 2\)"):
+        compare_pair(
+            he_positive=Polygon(),
+            ihc_positive_xy_on_he=np.zeros(4),
+            compared_area=box(0, 0, 10, 10),
+            mpp_he=1.0,
+            tile_boxes=np.zeros((0, 4)),
+            tile_entropy=np.zeros(0),
+            tps_he_predicted=None,
+            tps_ihc=None,
+        )

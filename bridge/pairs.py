@@ -2,7 +2,8 @@
 
 A case is named by the entry metadata key ``case`` (QuPath: the entry's metadata, e.g. set with
 *Project > Edit metadata*); where an entry has none, or for plain slides, by the file name with a
-trailing stain word taken off (``B12_HE.svs`` and ``B12_PD-L1.svs`` are case ``B12``). A case with
+leading or trailing stain word taken off (``B12_HE.svs``, ``B12_PD-L1.svs`` and ``ihc_B12.svs`` are case
+``B12``). A case with
 exactly one analysed H&E and one analysed IHC is compared: the IHC is registered to the H&E, its
 positive tumour cells are mapped onto it, and the H&E's prediction is set against the IHC's
 measurement (:func:`inference.compare_pair`). The comparisons go to ``pairs.json`` beside the run
@@ -33,8 +34,10 @@ log = logging.getLogger(__name__)
 
 CASE_KEY = "case"
 PAIRS_FILE = "pairs.json"
-# A trailing stain word in a file name: what is left names the case.
-_STAIN_SUFFIX = re.compile(r"^(?P<case>.+?)[ _.-]+(?:h&e|he|hande|ihc|pd-?l1|pdl1|22c3|sp263|sp142|28-8|dab)$", re.I)
+# A stain word leading or trailing a file name: what is left names the case.
+_STAIN_WORD = r"(?:h&e|he|hande|ihc|pd-?l1|22c3|sp263|sp142|28-8|dab)"
+_STAIN_SUFFIX = re.compile(rf"^(?P<case>.+?)[ _.-]+{_STAIN_WORD}$", re.I)
+_STAIN_PREFIX = re.compile(rf"^{_STAIN_WORD}[ _.-]+(?P<case>.+)$", re.I)
 _POSITIVE_CELL_CLASSES = frozenset({TUMOR_POSITIVE.name, *(c.name for c in INTENSITY_CLASSES)})
 
 
@@ -63,7 +66,7 @@ def case_of(name: str, metadata: dict[str, str] | None, *, key: str = CASE_KEY) 
     if metadata and metadata.get(key):
         return str(metadata[key])
     stem = Path(name).stem
-    match = _STAIN_SUFFIX.match(stem)
+    match = _STAIN_SUFFIX.match(stem) or _STAIN_PREFIX.match(stem)
     return match.group("case") if match else None
 
 

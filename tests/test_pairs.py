@@ -23,6 +23,8 @@ def _image(name: str, stain: str, case: str | None) -> CaseImage:
         ("b12_pdl1.svs", "b12"),
         ("B12_22C3.svs", "B12"),
         ("B12.ihc.svs", "B12"),
+        ("ihc_231.svs", "231"),
+        ("HE_B12.svs", "B12"),
         ("HE.svs", None),
         ("slide_7.svs", None),
         ("theory.svs", None),

@@ -10,7 +10,7 @@ Subpackages, by concern:
   GPU decoding, read-ahead, tissue and stain detection);
 * :mod:`inference.models`: manifests, safetensors members, networks, ensembles;
 * :mod:`inference.analysis`: tiling, sliding-window ensembles, uncertainty, regions, SUA,
-  nuclei and points;
+  nuclei and points, registration of an IHC section to its H&E;
 * :mod:`inference.training`: cyclic (nnUNet-B) training of both models;
 * :mod:`inference.evaluation`: scoring against truth, calibration, metrics;
 * :mod:`inference.phantom`: phantom slides with known truth.
@@ -37,6 +37,9 @@ _PUBLIC = {
     "SegmentConfig": "inference.analysis.segment",
     "NucleiConfig": "inference.analysis.nuclei",
     "tumour_proportion_score": "inference.analysis.points",
+    "Registration": "inference.analysis.registration",
+    "register_pair": "inference.analysis.registration",
+    "register_slides": "inference.analysis.registration",
     # results
     "SlideResult": "inference.results",
     "Nuclei": "inference.results",

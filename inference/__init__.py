@@ -40,6 +40,9 @@ _PUBLIC = {
     "Registration": "inference.analysis.registration",
     "register_pair": "inference.analysis.registration",
     "register_slides": "inference.analysis.registration",
+    "PairComparison": "inference.analysis.pairs",
+    "compare_pair": "inference.analysis.pairs",
+    "Cps": "inference.results",
     # results
     "SlideResult": "inference.results",
     "Nuclei": "inference.results",
@@ -81,6 +84,7 @@ _PUBLIC = {
     "SlideEvaluation": "inference.evaluation.evaluate",
     "evaluate_segmentation": "inference.evaluation.evaluate",
     "evaluate_nuclei": "inference.evaluation.evaluate",
+    "evaluate_registration": "inference.evaluation.evaluate",
     "evaluate_slide_suite": "inference.evaluation.evaluate",
     "calibrate_ensemble": "inference.evaluation.evaluate",
     "pooled_dice": "inference.evaluation.evaluate",

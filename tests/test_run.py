@@ -441,16 +441,25 @@ def test_a_backup_is_only_replaced_by_a_copy_that_reads_back_whole(tmp_path, fix
     ]
 
 
-def test_an_entry_qupath_types_as_an_immunostain_is_not_analysed_by_the_h_and_e_models(tmp_path, models, fixtures_dir):
-    # The labelled fixture holds one slide twice: entry 1 typed H&E, entry 2 BRIGHTFIELD_H_DAB (QuPath 0.4.4's files).
+def test_an_entry_qupath_types_as_an_immunostain_runs_the_ihc_model_and_is_flagged_when_its_colour_disagrees(
+    tmp_path, models, fixtures_dir
+):
+    # The labelled fixture holds one slide twice: entry 1 typed H&E, entry 2 BRIGHTFIELD_H_DAB (QuPath 0.4.4's
+    # files); the pixels are an H&E phantom's.
     study = tmp_path / "study"
     shutil.copytree(fixtures_dir / "qupath-0.4.4-labels" / "project", study / "project")
     shutil.copy(fixtures_dir / "qupath-0.4.4-labels" / "he-1357.svs", study / "he-1357.svs")
     config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never")
     first, second = run_batch([study / "project"], config, models=models)
-    assert (first.state, second.state) == ("done", "failed")
-    assert "the image is H-DAB (QuPath's image type BRIGHTFIELD_H_DAB), but the segmentation model" in second.error
-    assert "trained on H&E and runs on nothing else" in second.error
-    # The user says otherwise (the type was set by mistake): --stain wins, and both are analysed.
+    assert (first.state, second.state) == ("done", "done")
+    summaries = [json.loads(Path(o.outputs[1]).read_text()) for o in (first, second)]
+    assert [s["stain"] for s in summaries] == ["H&E", "H-DAB"]
+    assert summaries[1]["stain_source"] == "QuPath's image type BRIGHTFIELD_H_DAB"
+    assert summaries[1]["provenance"]["seg_model"] is None and summaries[1]["cps"] is not None
+    reasons = [r["reason"] for r in summaries[1]["details"]["review_reasons"]]
+    assert "stain: QuPath's image type BRIGHTFIELD_H_DAB says H-DAB, the colour says H&E" in reasons
+    assert second.uncertainty_flag
+    # The user says otherwise (the type was set by mistake): --stain wins, and both are analysed as H&E.
     told = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never", stain="H&E")
-    assert [o.state for o in run_batch([study / "project"], told, models=models)] == ["done", "done"]
+    outcomes = run_batch([study / "project"], told, models=models)
+    assert [json.loads(Path(o.outputs[1]).read_text())["stain"] for o in outcomes] == ["H&E", "H&E"]

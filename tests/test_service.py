@@ -200,12 +200,22 @@ def test_a_pixel_size_the_models_cannot_use_fails_the_job_without_filling_memory
     assert "its pixels are 50 µm (from the request's mpp), but the segmentation model reads 2 µm/px" in status["error"]
 
 
-def test_an_image_qupath_types_as_an_immunostain_is_refused_by_the_h_and_e_models(service, slides_root):
-    small = str(slides_root / "small.svs")
-    job_id = service.post("/v1/jobs", json={"image": small, "image_type": "BRIGHTFIELD_H_DAB"}).json()["job_id"]
-    status = _wait(service, job_id)
-    assert status["state"] == "failed"
-    assert "the image is H-DAB (QuPath's image type BRIGHTFIELD_H_DAB), but the segmentation model" in status["error"]
+def test_an_image_qupath_types_as_an_immunostain_is_scored_by_the_ihc_model_and_flagged_when_its_colour_disagrees(
+    service, slides_root
+):
+    small = str(slides_root / "small.svs")  # an H&E phantom that QuPath says is an immunostain
+    body = {"image": small, "image_type": "BRIGHTFIELD_H_DAB", "outputs": ["nuclei"]}
+    job_id = service.post("/v1/jobs", json=body).json()["job_id"]
+    assert _wait(service, job_id)["state"] == "done"
+    pdl1 = service.get(f"/v1/jobs/{job_id}/result").json()["pdl1"]
+    assert pdl1["stain"] == "H-DAB" and "PD-L1: CPS" in pdl1["parent_measurements"]
+    reasons = [r["reason"] for r in pdl1["review_reasons"]]
+    assert "stain: QuPath's image type BRIGHTFIELD_H_DAB says H-DAB, the colour says H&E" in reasons
+    assert pdl1["parent_measurements"]["PD-L1: Uncertainty flag"] == 1.0
+    # An image of no stain pdl1-bridge knows is refused, naming what it analyses.
+    fluorescence = service.post("/v1/jobs", json={"image": small, "image_type": "FLUORESCENCE"}).json()["job_id"]
+    status = _wait(service, fluorescence)
+    assert status["state"] == "failed" and "pdl1-bridge analyses H&E" in status["error"]
     body = {"image": small, "image_type": "BRIGHTFIELD_H_E", "outputs": ["regions"]}
     assert _wait(service, service.post("/v1/jobs", json=body).json()["job_id"])["state"] == "done"
     r = service.post("/v1/jobs", json={"image": small, "image_type": "H&E"})
@@ -372,7 +382,16 @@ def test_every_endpoint_and_key_the_scripts_use_exists(service):
     for key in re.findall(r'accepted\.get\("(\w+)"\)', script):
         assert key in accepted_keys, key
     for key in re.findall(r'pdl1\.get\("(\w+)"\)', script):
-        assert key in {"total", "offset", "next_offset", "parent_measurements", "metadata", "run_id"}, key
+        assert key in {
+            "total",
+            "offset",
+            "next_offset",
+            "parent_measurements",
+            "metadata",
+            "run_id",
+            "stain",
+            "review_reasons",
+        }, key
 
 
 @pytest.mark.skipif(not os.environ.get("PDL1_GROOVY_LINT"), reason="set PDL1_GROOVY_LINT to npm-groovy-lint's path")

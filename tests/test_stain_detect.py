@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from skimage import data
@@ -15,12 +13,7 @@ from inference.slides.slide import Mpp, Slide, open_slide
 from inference.slides.stain_detect import DETECTED_STAINS, HAEMATOXYLIN_OD, StainEstimate, detect_stain
 from tests import stain_images as si
 
-FIXTURES = Path("/work/shared/fixtures")
-REAL_HE = [
-    FIXTURES / "real-he-hgsc-stroma" / "hgsc_stroma.svs",
-    FIXTURES / "qupath-0.4.4-labels" / "he-1357.svs",  # QuPath entry 2 types it H-DAB; its pixels are H&E
-    Path("/tmp/real/cmu_small_region.svs"),
-]
+REAL_HE = ["real-he-hgsc-stroma/hgsc_stroma.svs", "qupath-0.4.4-labels/he-1357.svs", "cmu"]
 
 
 def test_the_stain_names_are_the_models():
@@ -39,10 +32,10 @@ def test_real_immunostain_is_h_dab():
     assert estimate.dab_fraction > 0.3 and estimate.eosin_fraction < 0.05
 
 
-@pytest.mark.parametrize("path", REAL_HE, ids=lambda p: p.name)
-def test_real_he_slides_are_he(path):
-    if not path.is_file():
-        pytest.skip(f"{path} is not on this machine")
+# he-1357.svs: QuPath's entry 2 of the labels fixture types it H-DAB; its pixels are H&E.
+@pytest.mark.parametrize("name", REAL_HE)
+def test_real_he_slides_are_he(name, request):
+    path = request.getfixturevalue("cmu_svs") if name == "cmu" else request.getfixturevalue("fixtures_dir") / name
     with open_slide(path) as slide:
         estimate = inference.detect_slide_stain(slide)
     assert estimate.stain == "H&E", estimate.reason

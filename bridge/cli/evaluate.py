@@ -1,4 +1,4 @@
-"""``pdl1 eval`` (``seg``, ``nuclei``, ``ihc``, ``suite``) and ``pdl1 calibrate``: scores against phantom truth, and SUA's calibration."""
+"""``pdl1 eval`` (``seg``, ``nuclei``, ``ihc``, ``registration``, ``suite``) and ``pdl1 calibrate``: scores against phantom truth, and SUA's calibration."""
 
 from __future__ import annotations
 
@@ -215,6 +215,46 @@ def eval_ihc(
                 + (f"; CPS mean absolute error {sum(cps_errors) / len(cps_errors):.2f}" if cps_errors else "")
                 + f"; nuclei F1 min {min(r.overall.f1 for r in results):.3f}"
             )
+    except (Pdl1Error, ValueError, OSError) as err:
+        raise fail(err) from err
+
+
+@app.command("registration")
+def eval_registration(
+    slides: Annotated[
+        list[Path], typer.Argument(help="Phantom PD-L1 IHC slides written with --ihc; each is registered to its H&E.")
+    ],
+    mpp: Annotated[float, typer.Option(min=1.0, max=64.0, help="Resolution registered at, µm/px.")] = 8.0,
+) -> None:
+    """Registration error of each IHC onto its H&E against the true section transform (median, p90, max µm)."""
+    from rich.table import Table
+
+    from inference import evaluate_registration
+
+    out = stdout()
+    try:
+        table = Table(title=f"IHC -> H&E registration at {mpp:g} µm/px vs the true transform")
+        for col in ("IHC", "H&E", "median µm", "p90 µm", "max µm", "estimated µm", "angle °", "ok"):
+            table.add_column(col, justify="left" if col in ("IHC", "H&E", "ok") else "right")
+        medians = []
+        for slide in slides:
+            r = evaluate_registration(slide, mpp=mpp)
+            medians.append(r.error_median_um)
+            table.add_row(
+                r.ihc_slide,
+                r.he_slide,
+                f"{r.error_median_um:.1f}",
+                f"{r.error_p90_um:.1f}",
+                f"{r.error_max_um:.1f}",
+                f"{r.estimated_error_um:.1f}",
+                f"{r.angle_deg:.2f}",
+                "yes" if r.ok else f"no: {r.reason}",
+            )
+        out.print(table)
+        ordered = sorted(medians)
+        out.print(
+            f"median of the slides' median errors {ordered[len(ordered) // 2]:.1f} µm; worst {ordered[-1]:.1f} µm"
+        )
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
 

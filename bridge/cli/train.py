@@ -140,6 +140,10 @@ def train_nuclei_cmd(
     width: Annotated[int, typer.Option(min=4, help="Backbone channels.")] = 32,
     sigma_um: Annotated[float, typer.Option(min=0.1, help="Gaussian target sigma, µm.")] = 1.5,
     input_mpp: Annotated[float, typer.Option(min=0.1, help="Model input resolution, µm/px.")] = 1.0,
+    stain_jitter: Annotated[
+        str,
+        typer.Option(help="Colour augmentation: light (HED scale) or strong (also stain vectors and a colour cast)."),
+    ] = "light",
     seed: Annotated[int, typer.Option(min=0)] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint if present.")] = False,
@@ -173,6 +177,7 @@ def train_nuclei_cmd(
             width=width,
             sigma_um=sigma_um,
             input_mpp=input_mpp,
+            stain_jitter=stain_jitter,
             seed=seed,
             device=device,
         )

@@ -47,8 +47,16 @@ def dab_density(rgb: np.ndarray) -> np.ndarray:
     return np.maximum(od @ _UNMIX.astype(np.float32)[:, 1], 0.0)
 
 
-def annulus_means(image: np.ndarray, centres_xy: np.ndarray, *, inner_px: float, outer_px: float) -> np.ndarray:
-    """Mean of ``image`` (H, W) over the ring ``inner_px <= r <= outer_px`` around each centre (N, 2).
+def annulus_means(
+    image: np.ndarray,
+    centres_xy: np.ndarray,
+    *,
+    inner_px: float,
+    outer_px: float,
+    percentile: float | None = None,
+) -> np.ndarray:
+    """Mean (or ``percentile``) of ``image`` (H, W) over the ring ``inner_px <= r <= outer_px`` around each
+    centre (N, 2).
 
     Pixels of the ring outside the image are left out; a centre whose ring lies wholly outside gets NaN.
 
@@ -70,6 +78,12 @@ def annulus_means(image: np.ndarray, centres_xy: np.ndarray, *, inner_px: float,
     dist = np.hypot(cols + 0.5 - centres_xy[:, 0, None, None], rows + 0.5 - centres_xy[:, 1, None, None])
     h, w = image.shape
     use = (dist >= inner_px) & (dist <= outer_px) & (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    if percentile is not None:
+        ring = np.where(use, image[np.clip(rows, 0, h - 1), np.clip(cols, 0, w - 1)], np.nan).reshape(n, -1)
+        out = np.full(n, np.nan)
+        some = use.reshape(n, -1).any(axis=1)
+        out[some] = np.nanpercentile(ring[some], percentile, axis=1)
+        return out
     values = np.where(use, image[np.clip(rows, 0, h - 1), np.clip(cols, 0, w - 1)], 0.0)
     count = use.sum(axis=(1, 2))
     with np.errstate(invalid="ignore", divide="ignore"):

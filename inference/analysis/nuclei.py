@@ -36,8 +36,12 @@ log = logging.getLogger(__name__)
 CPU_BATCH = 2
 CUDA_BATCH = 8
 # The membrane of a tumour cell lies about this far from its nucleus centre (µm): the ring where an IHC
-# cell's DAB is measured (a 10 µm cell with a 3-4 µm nucleus).
-MEMBRANE_RING_UM = (3.0, 6.5)
+# cell's DAB is measured (a 10 µm cell with a 3-4 µm nucleus), as this percentile of the ring's pixels, so
+# a partial ring or a neighbour's cytoplasm does not dilute it. Chosen on the training phantoms
+# (train/ihc_123: grades right for 91 % of true positive cells at their true centres, against 82 % for
+# the mean over 3-6.5 µm); real cells vary in size more than phantom cells.
+MEMBRANE_RING_UM = (3.5, 5.5)
+MEMBRANE_PERCENTILE = 75.0
 
 
 @dataclass(frozen=True)
@@ -235,12 +239,18 @@ def intensity_limits_od(manifest) -> tuple[float, float, float]:
 def _membrane_dab(
     batch: list[tuple[int, np.ndarray]], b: np.ndarray, x: np.ndarray, y: np.ndarray, ring_px: tuple[float, float]
 ) -> np.ndarray:
-    """Mean membrane DAB OD of each peak (tile ``b``, model px ``x``, ``y``) in its own tile's pixels."""
+    """Membrane DAB OD (the ring's 75th percentile) of each peak (tile ``b``, model px ``x``, ``y``), from its tile."""
     out = np.full(len(b), np.nan)
     for tile in np.unique(b):
         at = b == tile
         centres = np.column_stack([x[at] + 0.5, y[at] + 0.5])
-        out[at] = annulus_means(dab_density(batch[tile][1]), centres, inner_px=ring_px[0], outer_px=ring_px[1])
+        out[at] = annulus_means(
+            dab_density(batch[tile][1]),
+            centres,
+            inner_px=ring_px[0],
+            outer_px=ring_px[1],
+            percentile=MEMBRANE_PERCENTILE,
+        )
     return out
 
 

@@ -12,6 +12,7 @@ from inference.analysis.ihc import IMMUNE_POSITIVE, combined_positive_score
 from inference.analysis.nuclei import NucleiConfig, detect_nuclei
 from inference.analysis.points import DetectionScores, detection_scores, match_points, tumour_proportion_score
 from inference.analysis.regions import mask_on_maps
+from inference.analysis.registration import register_slides
 from inference.analysis.segment import SegmentConfig, segment_slide
 from inference.analysis.sua import (
     Calibration,
@@ -26,6 +27,7 @@ from inference.analysis.sua import (
 )
 from inference.evaluation.metrics import auprc, auroc, brier, dice, ece, fbeta_score, iou
 from inference.models.ensemble import Ensemble
+from inference.phantom.ihc import ihc_to_he_points
 from inference.phantom.truth import PhantomTruthData, load_truth
 from inference.results import Cps, Tps, UncertaintyMaps
 from inference.slides.slide import open_slide
@@ -277,6 +279,50 @@ def evaluate_nuclei(
         cps_truth=cps_truth,
         intensity_agreement=agreement,
         nuclei_entropy_mean=None if nuclei.entropy is None or not len(nuclei) else float(nuclei.entropy.mean()),
+    )
+
+
+@dataclass(frozen=True)
+class RegistrationEvaluation:
+    """How far the registration of a phantom IHC onto its H&E lands from the true section transform.
+
+    Errors are measured at the IHC's true cell centres mapped both ways (µm on the H&E).
+    """
+
+    he_slide: str
+    ihc_slide: str
+    error_median_um: float
+    error_p90_um: float
+    error_max_um: float
+    estimated_error_um: float  # the registration's own, truth-free estimate
+    angle_deg: float
+    ok: bool
+    reason: str
+
+
+def evaluate_registration(ihc_slide_path: str | Path, *, mpp: float = 8.0) -> RegistrationEvaluation:
+    """Register a phantom IHC (``pdl1 phantom --ihc``) onto the H&E it was written with and score it."""
+    ihc_path = Path(ihc_slide_path)
+    truth = load_truth(ihc_path)
+    partner = truth.summary.get("paired_with")
+    if partner is None:
+        raise ValueError(f"{ihc_path}: its truth names no paired H&E; pass an IHC phantom written with --ihc")
+    he_path = ihc_path.with_name(partner)
+    with open_slide(he_path) as he_slide, open_slide(ihc_path) as ihc_slide:
+        registration = register_slides(he_slide, ihc_slide, mpp=mpp)
+        mpp_he = he_slide.mpp.mean
+    xy = truth.nuclei_xy
+    error_um = np.hypot(*(registration.apply(xy) - ihc_to_he_points(truth.summary, xy)).T) * mpp_he
+    return RegistrationEvaluation(
+        he_slide=he_path.name,
+        ihc_slide=ihc_path.name,
+        error_median_um=float(np.median(error_um)),
+        error_p90_um=float(np.percentile(error_um, 90)),
+        error_max_um=float(error_um.max()),
+        estimated_error_um=float(registration.error_um),
+        angle_deg=float(registration.angle_deg),
+        ok=bool(registration.ok),
+        reason=registration.reason,
     )
 
 

@@ -19,13 +19,15 @@ import torch
 
 from inference import __version__
 from inference.analysis.ihc import DEFAULT_INTENSITY_LIMITS_OD, annulus_means, dab_density
-from inference.analysis.nuclei import MEMBRANE_RING_UM
+from inference.analysis.nuclei import MEMBRANE_PERCENTILE, MEMBRANE_RING_UM, detect_nuclei
 from inference.analysis.points import gaussian_targets
+from inference.models.ensemble import Ensemble
 from inference.models.manifest import Manifest, Member, write_manifest
 from inference.models.nuclei_model import DilatedResFCN
 from inference.phantom.truth import load_truth
 from inference.slides.slide import open_slide
-from inference.training.augment import augment_batch
+from inference.slides.tissue import tissue_mask_for_slide
+from inference.training.augment import STAIN_JITTERS, augment_batch
 from inference.training.cyclic import check_schedule, total_epochs, train_cyclic
 from inference.training.train_seg import NORMALIZATION
 
@@ -58,11 +60,14 @@ class NucleiTrainConfig:
     restart_lr: float = 0.0
     lr_min: float = 3e-5
     weight_decay: float = 1e-4
+    stain_jitter: str = "light"
     seed: int = 0
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         check_schedule(self)
+        if self.stain_jitter not in STAIN_JITTERS:
+            raise ValueError(f"stain_jitter must be one of {', '.join(STAIN_JITTERS)}, got {self.stain_jitter!r}")
         if self.patch_px % 2 or self.tile_size_px % 2:
             raise ValueError("patch_px and tile_size_px must be even (the FCN works at stride 2 inside)")
 
@@ -117,12 +122,15 @@ def _one_kind(data: list[_NucleiData]) -> tuple[tuple[str, ...], str]:
 def calibrate_intensity_limits(data: list[_NucleiData], *, ring_px: tuple[float, float]) -> dict[str, float]:
     """Membrane DAB OD limits of 2+ and 3+ from the training truth: midway between the grades' medians.
 
-    The 1+ limit stays QuPath's default: any staining of a cell the model calls positive is at least 1+.
+    The 1+ limit stays QuPath's default (at most the 2+ limit): any staining of a cell the model calls
+    positive is at least 1+.
     """
     values: dict[int, list[np.ndarray]] = {1: [], 2: [], 3: []}
     for d in data:
         dab = dab_density(d.rgb)
-        membrane = annulus_means(dab, d.xy + 0.5, inner_px=ring_px[0], outer_px=ring_px[1])
+        membrane = annulus_means(
+            dab, d.xy + 0.5, inner_px=ring_px[0], outer_px=ring_px[1], percentile=MEMBRANE_PERCENTILE
+        )
         for grade in values:
             values[grade].append(membrane[d.intensity == grade])
     medians = {g: float(np.nanmedian(np.concatenate(v))) if sum(map(len, v)) else None for g, v in values.items()}
@@ -131,9 +139,11 @@ def calibrate_intensity_limits(data: list[_NucleiData], *, ring_px: tuple[float,
             f"cannot calibrate the 1+/2+/3+ limits: the training slides' membrane DAB medians by grade are {medians}; "
             "they need cells of every grade whose membranes darken with the grade"
         )
+    limit_2plus = (medians[1] + medians[2]) / 2
     return {
-        "intensity_1plus_od": DEFAULT_INTENSITY_LIMITS_OD[0],
-        "intensity_2plus_od": (medians[1] + medians[2]) / 2,
+        # Not above the 2+ limit: the membranes of these slides may be fainter than QuPath's default expects.
+        "intensity_1plus_od": min(DEFAULT_INTENSITY_LIMITS_OD[0], limit_2plus),
+        "intensity_2plus_od": limit_2plus,
         "intensity_3plus_od": (medians[2] + medians[3]) / 2,
         "membrane_inner_um": MEMBRANE_RING_UM[0],
         "membrane_outer_um": MEMBRANE_RING_UM[1],
@@ -216,7 +226,7 @@ def train_nuclei(
         images, targets = sample_nuclei_batch(
             data, rng, batch_size=config.batch_size, patch_px=config.patch_px, sigma_px=sigma_px
         )
-        images, targets = augment_batch(images, targets, rng)
+        images, targets = augment_batch(images, targets, rng, jitter=STAIN_JITTERS[config.stain_jitter])
         x = (torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255 - mean) / std
         return x, torch.from_numpy(np.ascontiguousarray(targets)).to(device).permute(0, 3, 1, 2)
 
@@ -262,4 +272,25 @@ def train_nuclei(
         },
     )
     write_manifest(out_dir, manifest)
+    if stain == "H-DAB" and len(members) > 1:
+        limit = review_entropy_limit(out_dir, config.slides, device=config.device)
+        manifest = manifest.with_thresholds(review_nuclei_entropy=limit)
+        write_manifest(out_dir, manifest)
     return manifest
+
+
+# An IHC slide needs review when its cells' mean ensemble entropy passes the training slides' highest by this
+# factor: above anything the model was sure of in its own domain.
+REVIEW_ENTROPY_MARGIN = 1.1
+
+
+def review_entropy_limit(model_dir: str | Path, slides: tuple[str, ...], *, device: str = "cpu") -> float:
+    """The review limit of an IHC nuclei ensemble: its training slides' highest mean nuclei entropy x margin."""
+    ensemble = Ensemble.load(model_dir, task="nuclei", device=device)
+    means = []
+    for path in slides:
+        with open_slide(path) as slide:
+            nuclei = detect_nuclei(slide, ensemble, tissue=tissue_mask_for_slide(slide))
+        if nuclei.entropy is not None and len(nuclei):
+            means.append(float(nuclei.entropy.mean()))
+    return max(means) * REVIEW_ENTROPY_MARGIN

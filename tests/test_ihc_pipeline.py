@@ -1,0 +1,71 @@
+"""A PD-L1 IHC image end to end: told from its colour, scored by its cells with the shipped IHC ensemble,
+written for QuPath, and compared with the H&E of the same block."""
+
+import json
+
+import pytest
+
+from bridge.run import RunConfig, run_batch
+from inference import Models, PipelineConfig, analyse_slide
+from inference.errors import StainError
+from inference.phantom.truth import load_truth
+
+
+@pytest.fixture(scope="module")
+def models():
+    return Models(PipelineConfig(device="cpu"))
+
+
+def test_an_ihc_phantom_is_told_from_its_colour_and_scored_close_to_its_truth(models, ihc_pair):
+    _, ihc = ihc_pair
+    truth = load_truth(ihc).summary
+    result = analyse_slide(ihc, models=models, config=PipelineConfig(device="cpu"))
+    assert result.stain == "H-DAB" and result.stain_source.startswith("its colour")
+    assert result.seg_model is None and result.maps is None and result.tiles == ()
+    assert result.nuclei_model.name == "pdl1-nuclei-ihc"
+    assert abs(result.tps.percent - truth["tps_percent"]) <= 5
+    assert abs(result.cps.percent - truth["cps"]) <= 5
+    nuclei = result.nuclei
+    positive = nuclei.cls == nuclei.class_names.index("Tumor: Positive")
+    assert set(nuclei.intensity[positive]) <= {1, 2, 3} and not nuclei.intensity[~positive].any()
+    # Brighter membranes grade higher: the DAB of 3+ cells lies above that of 1+ cells.
+    assert nuclei.membrane_dab_od[nuclei.intensity == 3].mean() > nuclei.membrane_dab_od[nuclei.intensity == 1].mean()
+    assert result.summary["h_score"] > 0 and result.summary["stain_from_colour"]["stain"] == "H-DAB"
+
+
+def test_the_h_and_e_of_the_pair_is_told_from_its_colour_too(models, ihc_pair):
+    he, _ = ihc_pair
+    result = analyse_slide(he, models=models, config=PipelineConfig(device="cpu", run_nuclei=False))
+    assert result.stain == "H&E" and result.maps is not None and result.cps is None
+
+
+def test_a_stated_stain_is_obeyed_but_a_colour_that_contradicts_it_is_a_review_reason(models, ihc_pair):
+    # Stated stains are obeyed (the pathologist may know better), but a clear contradiction is a review reason.
+    he, _ = ihc_pair
+    result = analyse_slide(
+        he, models=models, config=PipelineConfig(device="cpu"), image_stain="H-DAB", image_stain_source="--stain"
+    )
+    assert result.stain == "H-DAB" and result.uncertainty_flag
+    assert any(r["reason"].startswith("stain: --stain says H-DAB") for r in result.summary["review_reasons"])
+    with pytest.raises(StainError, match="pdl1-bridge analyses H&E"):
+        analyse_slide(he, models=models, config=PipelineConfig(device="cpu"), image_stain="other")
+
+
+def test_a_run_over_a_case_analyses_each_image_on_its_path_and_compares_the_pair(models, ihc_pair, tmp_path):
+    he, ihc = ihc_pair
+    outcomes = run_batch([he, ihc], RunConfig(out=tmp_path / "out", qupath="never"), models=models)
+    assert [o.state for o in outcomes] == ["done", "done"]
+    summaries = [json.loads((tmp_path / "out" / f"{p.stem}.summary.json").read_text()) for p in (he, ihc)]
+    assert [s["stain"] for s in summaries] == ["H&E", "H-DAB"]
+    geojson = (tmp_path / "out" / "ihc_271.geojson").read_text()
+    assert '"names":["Tumor","2+"]' in geojson and '"names":["Immune cells","PD-L1 positive"]' in geojson
+    pairs = json.loads((tmp_path / "out" / "pairs.json").read_text())
+    case = pairs["cases"]["271"]
+    assert case["he"]["image"] == "he_271.svs" and case["ihc"]["image"] == "ihc_271.svs"
+    assert case["registration"]["ok"], case["registration"]["reason"]
+    assert case["registration"]["error_um"] < 30
+    comparison = case["comparison"]
+    assert comparison["tps_ihc"] == pytest.approx(summaries[1]["tps_percent"])
+    assert comparison["tps_he_predicted"] == pytest.approx(summaries[0]["tps_percent"])
+    # The H&E ensemble and the IHC cells find the same positive nests (the IHC truth's are the H&E's).
+    assert comparison["dice"] > 0.6

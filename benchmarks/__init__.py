@@ -90,9 +90,10 @@ class PhantomSlideBenchmark(Benchmark):
     tissue = None  # its inference.slides.tissue.TissueMask
     _openslide_only = None
 
-    def open_phantom(self, size_px: int, *, seed: int) -> None:
-        """Write a ``size_px``² phantom with ``seed``, open it and find its tissue."""
-        from inference.phantom.pyramid import write_phantom
+    def open_phantom(self, size_px: int, *, seed: int, ihc: bool = False) -> None:
+        """Write a ``size_px``² phantom with ``seed`` (its PD-L1 IHC section with ``ihc``), open it and find
+        its tissue."""
+        from inference.phantom.pyramid import write_ihc_phantom, write_phantom
         from inference.phantom.scene import PhantomSpec
         from inference.slides.slide import open_slide
         from inference.slides.tissue import tissue_mask_for_slide
@@ -100,7 +101,7 @@ class PhantomSlideBenchmark(Benchmark):
         self.size_px = size_px
         self.tmp = Path(tempfile.mkdtemp(prefix="pdl1-bench-"))
         path = self.tmp / "bench.svs"
-        write_phantom(path, PhantomSpec(size_px, size_px, seed=seed))
+        (write_ihc_phantom if ihc else write_phantom)(path, PhantomSpec(size_px, size_px, seed=seed))
         self.slide = open_slide(path)
         self.tissue = tissue_mask_for_slide(self.slide)
 
@@ -189,6 +190,7 @@ _REGISTRY: dict[str, str] = {
     "jpeg_decode": "benchmarks.jpeg_decode:JpegDecode",
     "seg_inference": "benchmarks.seg_inference:SegInference",
     "nuclei_inference": "benchmarks.nuclei_inference:NucleiInference",
+    "ihc_nuclei": "benchmarks.ihc_nuclei:IhcNuclei",
     "write_nuclei": "benchmarks.write_nuclei:WriteNuclei",
     "service_roi": "benchmarks.service_roi:ServiceRoi",
     "result_pages": "benchmarks.result_pages:ResultPages",

@@ -6,7 +6,7 @@ leading or trailing stain word taken off (``B12_HE.svs``, ``B12_PD-L1.svs`` and 
 ``B12``). A case with
 exactly one analysed H&E and one analysed IHC is compared: the IHC is registered to the H&E, its
 positive tumour cells are mapped onto it, and the H&E's prediction is set against the IHC's
-measurement (:func:`inference.compare_pair`). The comparisons go to ``pairs.json`` beside the run
+measurement (:func:`inference.compare_pair`). The comparisons go to ``pdl1/pairs.json`` beside the run
 status; a case that cannot be compared says why there.
 """
 
@@ -26,7 +26,7 @@ from shapely.ops import unary_union
 
 from bridge.classes import INTENSITY_CLASSES, PDL1_POSITIVE, TUMOR_POSITIVE
 from bridge.objects import TILE_NAME
-from bridge.project import write_json_atomic
+from bridge.project import PDL1_DIR, write_json_atomic
 from bridge.qupath_geojson import read_features
 from inference import Pdl1Error, compare_pair, open_slide, register_slides
 
@@ -159,7 +159,8 @@ def compare_case(he: CaseImage, ihc: CaseImage, *, registration_mpp: float = 8.0
 
 
 def write_pair_comparisons(images: list[CaseImage], folder: Path) -> Path | None:
-    """Pair the run's images by case, compare each pair and write ``folder/pairs.json``; None without cases."""
+    """Pair the run's images by case, compare each pair and write ``folder/pdl1/pairs.json`` (beside the run
+    status; ``folder`` is the project folder or a plain-slides run's ``--out``); None without cases."""
     pairs, problems = pair_cases(images)
     if not pairs and not problems:
         return None
@@ -170,6 +171,6 @@ def write_pair_comparisons(images: list[CaseImage], folder: Path) -> Path | None
         except (Pdl1Error, OSError, ValueError) as err:  # one case's failure leaves the others compared
             log.warning("case %s: not compared: %s", case, err)
             records[case] = {"he": {"image": he.name}, "ihc": {"image": ihc.name}, "why_not_compared": str(err)}
-    path = folder / PAIRS_FILE
+    path = folder / PDL1_DIR / PAIRS_FILE
     write_json_atomic(path, {"case_key": CASE_KEY, "cases": records})
     return path

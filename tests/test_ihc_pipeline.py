@@ -59,7 +59,7 @@ def test_a_run_over_a_case_analyses_each_image_on_its_path_and_compares_the_pair
     assert [s["stain"] for s in summaries] == ["H&E", "H-DAB"]
     geojson = (tmp_path / "out" / "ihc_271.geojson").read_text()
     assert '"names":["Tumor","2+"]' in geojson and '"names":["Immune cells","PD-L1 positive"]' in geojson
-    pairs = json.loads((tmp_path / "out" / "pairs.json").read_text())
+    pairs = json.loads((tmp_path / "out" / "pdl1" / "pairs.json").read_text())
     case = pairs["cases"]["271"]
     assert case["he"]["image"] == "he_271.svs" and case["ihc"]["image"] == "ihc_271.svs"
     assert case["registration"]["ok"], case["registration"]["reason"]
@@ -69,3 +69,18 @@ def test_a_run_over_a_case_analyses_each_image_on_its_path_and_compares_the_pair
     assert comparison["tps_he_predicted"] == pytest.approx(summaries[0]["tps_percent"])
     # The H&E ensemble and the IHC cells find the same positive nests (the IHC truth's are the H&E's).
     assert comparison["dice"] > 0.6
+
+
+def test_a_project_made_without_qupath_with_a_case_of_both_stains_is_run_and_compared(models, ihc_pair, tmp_path):
+    from bridge.init_project import init_project_files
+
+    he, ihc = ihc_pair
+    project = tmp_path / "project"
+    init_project_files(project, [he, ihc])
+    # No image types in a project QuPath never opened: the colour tells the stains, the file names the case.
+    outcomes = run_batch([project], RunConfig(qupath="never"), models=models)
+    assert [o.state for o in outcomes] == ["done", "done"]
+    stains = [json.loads((project / "pdl1" / o.key / "summary.json").read_text())["stain"] for o in outcomes]
+    assert stains == ["H&E", "H-DAB"]
+    pairs = json.loads((project / "pdl1" / "pairs.json").read_text())["cases"]
+    assert list(pairs) == ["271"] and pairs["271"]["comparison"]["dice"] > 0.6

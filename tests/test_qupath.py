@@ -181,3 +181,35 @@ def test_a_damaged_data_file_fails_alone_keeps_its_backup_and_the_project_is_sav
     assert [o.state for o in outcomes] == ["failed", "done"]
     assert "is damaged, it is empty (0 bytes)" in outcomes[0].error and f"`cp '{backup}' '{data}'`" in outcomes[0].error
     assert backup.read_bytes() == good and data.read_bytes() == b""
+
+
+def test_a_case_of_an_h_and_e_and_its_ihc_is_analysed_each_on_its_path_and_compared(tmp_path, ihc_pair, models):
+    import json
+
+    from paquo.images import QuPathImageType
+    from paquo.projects import QuPathProject
+
+    he, ihc = ihc_pair
+    project_dir = tmp_path / "qp"
+    init_project_qupath(project_dir, [he, ihc])
+    with QuPathProject(project_dir, mode="r+") as qp:
+        for entry, image_type in zip(
+            qp.images, (QuPathImageType.BRIGHTFIELD_H_E, QuPathImageType.BRIGHTFIELD_H_DAB), strict=True
+        ):
+            entry.image_type = image_type
+            entry.metadata["case"] = "case A"
+    outcomes = run_batch(
+        [project_dir], RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="always"), models=models
+    )
+    assert [o.state for o in outcomes] == ["done", "done"], outcomes
+    with QuPathProject(project_dir, mode="r") as qp:
+        he_entry, ihc_entry = qp.images
+        assert "PD-L1 stain" not in he_entry.metadata and "PD-L1 CPS" not in he_entry.metadata
+        assert ihc_entry.metadata["PD-L1 stain"] == "H-DAB" and ihc_entry.metadata["PD-L1 CPS"]
+        classes = {d.path_class.id for d in ihc_entry.hierarchy.detections if d.path_class is not None}
+        assert {"Tumor: 1+", "Tumor: 2+", "Tumor: 3+", "Tumor: Negative"} <= classes
+        assert "Tumor: Positive" not in classes
+        parent = next(a for a in ihc_entry.hierarchy.annotations if a.name == "PD-L1 analysis")
+        assert "PD-L1: CPS" in parent.measurements and "PD-L1: SUA candidates" not in parent.measurements
+    pairs = json.loads((project_dir / "pdl1" / "pairs.json").read_text())["cases"]
+    assert pairs["case A"]["registration"]["ok"] and pairs["case A"]["comparison"]["dice"] > 0.6

@@ -94,6 +94,36 @@ def outcome_table(outcomes) -> None:
             console.print(f"[red]{o.name}:[/red] {o.error}")
 
 
+def pairs_table(path) -> None:
+    """The cases a run compared (``pdl1/pairs.json``): H&E-predicted against IHC-measured, per case."""
+    import json
+
+    from rich.table import Table
+
+    cases = json.loads(path.read_text())["cases"]
+    table = Table(title=f"H&E vs PD-L1 IHC, per case ({path})")
+    for col in ("case", "TPS H&E (predicted)", "TPS IHC", "Dice", "registration µm", "entropy disagree / agree"):
+        table.add_column(col, justify="left" if col == "case" else "right")
+    for case, record in cases.items():
+        c = record.get("comparison")
+        if not c:
+            table.add_row(case, record.get("why_not_compared", ""), "", "", "", "")
+            continue
+
+        def num(v, fmt=".1f"):
+            return "n/a" if v is None else format(v, fmt)
+
+        table.add_row(
+            case,
+            num(c["tps_he_predicted"]),
+            num(c["tps_ihc"]),
+            num(c["dice"], ".3f"),
+            num(record["registration"]["error_um"]),
+            f"{num(c['entropy_disagree'], '.3f')} / {num(c['entropy_agree'], '.3f')}",
+        )
+    stdout().print(table)
+
+
 def run_with_progress(inputs, run_config, *, progress: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from bridge.cli.common import console, fail, interrupted, outcome_table, pipeline_config, run_with_progress
+from bridge.cli.common import (
+    console,
+    fail,
+    interrupted,
+    outcome_table,
+    pairs_table,
+    pipeline_config,
+    run_with_progress,
+)
 from bridge.project_config import ProjectConfig, config_path_for, problem_with, read_project_config
 from inference import Pdl1Error
 
@@ -239,6 +248,7 @@ def run(
         problem = None if value is None else problem_with(name, value)
         if problem is not None:
             raise typer.BadParameter(problem, param_hint=_OPTION_OF[name])
+    started = time.time()
     try:
         settings = _settings(inputs, config, no_config=no_config, given=given, no_nuclei=no_nuclei)
         if refine and "sua" not in settings.outputs:
@@ -290,6 +300,10 @@ def run(
             "the images finished before it are written; run the same command with --resume to do the rest"
         ) from None
     outcome_table(outcomes)
+    folder = out if out is not None else (inputs[0] if inputs[0].is_dir() else inputs[0].parent)
+    pairs = folder / "pdl1" / "pairs.json"
+    if pairs.is_file() and pairs.stat().st_mtime >= started:
+        pairs_table(pairs)
     if report:
         from bridge.report import write_report
 

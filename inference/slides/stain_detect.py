@@ -26,7 +26,7 @@ H&E has eosin over its tissue. Known weak spots (benchmarks/stain_detect.py meas
 * an additive colour cast hidden by glass clipped at 255 bends the OD of the palest tissue
   green-ward, so with few brown cells the second extreme is that bend (H&E again);
 * at ``--shift`` 0.5 and more (stain vectors perturbed by N(0, 0.15-0.28) per component) either
-  stain can tip, either way: 16 of 92 written tuning phantoms (seeds 100-179) are wrong, and
+  stain can tip, either way: 14 of 120 written tuning phantoms (seeds 100-179) are wrong, and
   two held-out H&E phantoms (``he_233``, ``he_235``) are right by under 2°;
 * an immunostain with no DAB but a noisy counterstain reads as H&E.
 

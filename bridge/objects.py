@@ -31,6 +31,11 @@ from bridge.qupath_geojson import QuPathObject, point_features, to_feature
 from inference import Nuclei, RegionStats, SlideResult, UncertaintyTile
 
 TILE_NAME = "PD-L1 uncertainty"
+# The TPS of an H&E is a prediction (from morphology, by the nuclei ensemble); the TPS of a PD-L1 IHC is
+# the measured score. Their measurement names say which.
+PREDICTED_TPS = "PD-L1: Predicted TPS % (H&E)"
+PREDICTED_TPS_LOW = "PD-L1: Predicted TPS low % (H&E)"
+PREDICTED_TPS_HIGH = "PD-L1: Predicted TPS high % (H&E)"
 OWN_ANNOTATION_CLASSES = frozenset({PDL1_POSITIVE.name, PDL1_FN_CANDIDATE.name})
 OWN_DETECTION_CLASSES = frozenset(
     c.name for c in (TUMOR_POSITIVE, TUMOR_NEGATIVE, OTHER, *INTENSITY_CLASSES, IMMUNE_POSITIVE, IMMUNE_NEGATIVE)
@@ -90,7 +95,14 @@ def parent_measurements(result: SlideResult) -> dict[str, float]:
             for grade, spec in enumerate(INTENSITY_CLASSES, start=1):
                 out[f"PD-L1: Num {spec.name}"] = float((nuclei.intensity == grade).sum())
     if result.tps is not None and result.tps.percent is not None:
-        out["PD-L1: TPS %"] = result.tps.percent
+        if result.stain == "H-DAB":
+            out["PD-L1: TPS %"] = result.tps.percent
+        else:
+            # Predicted from H&E: named so nobody takes it for the score of a PD-L1 immunostain.
+            out[PREDICTED_TPS] = result.tps.percent
+            for key, name in (("tps_low", PREDICTED_TPS_LOW), ("tps_high", PREDICTED_TPS_HIGH)):
+                if result.summary.get(key) is not None:
+                    out[name] = result.summary[key]
     if result.cps is not None and result.cps.percent is not None:
         out["PD-L1: CPS"] = result.cps.percent
     if result.summary.get("h_score") is not None:

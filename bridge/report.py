@@ -15,16 +15,20 @@ from pathlib import Path
 
 import numpy as np
 
+from bridge.pairs import PAIRS_FILE
 from bridge.project import PDL1_DIR, ProjectError, find_project_file, locate_image, read_project
 from bridge.qupath_geojson import read_features
 from inference import open_slide
 
 COLUMNS = (
     "image",
+    "stain",
     "tps_percent",
     "tps_category",
+    "cps",
     "positive_area_pct",
     "uncertainty_flag",
+    "review_reasons",
     "sua_candidates",
     "tumor_positive",
     "tumor_negative",
@@ -147,8 +151,16 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
         rows.append(
             {
                 "image": item.image_name,
+                "stain": s.get("stain", "H&E"),
                 "tps_percent": s.get("tps_percent"),
                 "tps_category": s.get("tps_category"),
+                "tps_low": s.get("details", {}).get("tps_low"),
+                "tps_high": s.get("details", {}).get("tps_high"),
+                "cps": s.get("cps"),
+                "review_reasons": "; ".join(
+                    f"{r['reason']} ({_fmt(r['value'])}, limit {_fmt(r['limit'])})"
+                    for r in s.get("details", {}).get("review_reasons", [])
+                ),
                 "positive_area_pct": s.get("positive_area_pct"),
                 "uncertainty_flag": int(bool(s.get("uncertainty_flag"))),
                 "sua_candidates": s.get("sua_candidates"),
@@ -165,7 +177,9 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
         writer.writeheader()
         writer.writerows(rows)
     html_path = out / "report.html"
-    html_path.write_text(_html(rows), encoding="utf-8")
+    pairs_path = base / PDL1_DIR / PAIRS_FILE
+    pairs = json.loads(pairs_path.read_text())["cases"] if pairs_path.is_file() else {}
+    html_path.write_text(_html(rows, pairs), encoding="utf-8")
     return html_path, csv_path
 
 
@@ -175,7 +189,46 @@ def _fmt(value) -> str:
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
-def _html(rows: list[dict]) -> str:
+def _fmt3(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _tps_row(r: dict) -> str:
+    if r["stain"] == "H-DAB":
+        return (
+            f"<tr><th>TPS (PD-L1 IHC)</th><td>{_fmt(r['tps_percent'])}% ({html.escape(_fmt(r['tps_category']))})"
+            f"</td></tr><tr><th>CPS</th><td>{_fmt(r['cps'])}</td></tr>"
+        )
+    spread = "" if r["tps_low"] is None else f"; members {_fmt(r['tps_low'])}-{_fmt(r['tps_high'])}%"
+    return (
+        f"<tr><th>Predicted TPS (H&amp;E)</th><td>{_fmt(r['tps_percent'])}% "
+        f"({html.escape(_fmt(r['tps_category']))}{spread}); a prediction from morphology, not an IHC score</td></tr>"
+    )
+
+
+def _pairs_html(pairs: dict) -> str:
+    if not pairs:
+        return ""
+    rows = []
+    for case, record in pairs.items():
+        c = record.get("comparison")
+        if not c:
+            why = html.escape(record.get("why_not_compared", ""))
+            rows.append(f"<tr><td>{html.escape(case)}</td><td colspan='5'>{why}</td></tr>")
+            continue
+        rows.append(
+            f"<tr><td>{html.escape(case)}</td><td>{_fmt(c['tps_he_predicted'])}</td><td>{_fmt(c['tps_ihc'])}</td>"
+            f"<td>{_fmt3(c['dice'])}</td><td>{_fmt(record['registration']['error_um'])}</td>"
+            f"<td>{_fmt3(c['entropy_disagree'])} / {_fmt3(c['entropy_agree'])}</td></tr>"
+        )
+    return (
+        "<section><h2>H&amp;E vs PD-L1 IHC, per case</h2><table><tr><th>case</th><th>predicted TPS (H&amp;E)</th>"
+        "<th>TPS (IHC)</th><th>Dice of positive areas</th><th>registration error µm (estimated)</th>"
+        "<th>H&amp;E entropy where they disagree / agree</th></tr>" + "".join(rows) + "</table></section>"
+    )
+
+
+def _html(rows: list[dict], pairs: dict | None = None) -> str:
     body = []
     for r in rows:
         thumb = (
@@ -186,7 +239,8 @@ def _html(rows: list[dict]) -> str:
         flag = "needs review" if r["uncertainty_flag"] else "ok"
         body.append(
             f"<section><h2>{html.escape(r['image'])}</h2><table>"
-            f"<tr><th>TPS</th><td>{_fmt(r['tps_percent'])}% ({html.escape(_fmt(r['tps_category']))})</td></tr>"
+            + _tps_row(r)
+            + f"<tr><th>Review</th><td>{html.escape(r['review_reasons'] or 'no reason')}</td></tr>"
             f"<tr><th>PD-L1 positive area</th><td>{_fmt(r['positive_area_pct'])}% of analysed tissue</td></tr>"
             f"<tr><th>Uncertainty</th><td>{flag}; {_fmt(r['sua_candidates'])} SUA false-negative candidates</td></tr>"
             f"<tr><th>Nuclei</th><td>{_fmt(r['tumor_positive'])} positive, {_fmt(r['tumor_negative'])} negative "
@@ -197,5 +251,8 @@ def _html(rows: list[dict]) -> str:
         "body{font-family:sans-serif;margin:2em}section{margin-bottom:2em}th{text-align:left;padding-right:1em}"
         "img{max-width:900px;border:1px solid #ccc}</style></head><body><h1>PD-L1 report</h1>"
         "<p>Orange: predicted PD-L1 positive regions. Magenta: SUA false-negative candidates for review. "
-        "Shading: predictive entropy of the uncertainty tiles (dark = certain).</p>" + "".join(body) + "</body></html>"
+        "Shading: predictive entropy of the uncertainty tiles (dark = certain).</p>"
+        + "".join(body)
+        + _pairs_html(pairs or {})
+        + "</body></html>"
     )

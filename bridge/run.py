@@ -141,13 +141,21 @@ class _Job:
         return self.entry.stain, f"QuPath's image type {self.entry.image_type}"
 
 
+def tps_metadata_keys(stain: str) -> tuple[str, str]:
+    """The entry metadata keys of the TPS and its category: measured on an IHC, predicted on an H&E."""
+    if stain == "H-DAB":
+        return "PD-L1 TPS %", "PD-L1 TPS category"
+    return "PD-L1 Predicted TPS % (H&E)", "PD-L1 Predicted TPS category (H&E)"
+
+
 def entry_metadata(result: SlideResult) -> dict[str, str]:
     """Project entry metadata (strings), DESIGN.md §3."""
     tps = result.tps
     model = result.seg_model or result.nuclei_model
+    percent_key, category_key = tps_metadata_keys(result.stain)
     out = {
-        "PD-L1 TPS %": "" if tps is None or tps.percent is None else f"{tps.percent:.1f}",
-        "PD-L1 TPS category": "" if tps is None else tps.category,
+        percent_key: "" if tps is None or tps.percent is None else f"{tps.percent:.1f}",
+        category_key: "" if tps is None else tps.category,
         "PD-L1 model": "" if model is None else f"{model.name} {model.version} ({model.sha256[:12]})",
         "PD-L1 run": result.run_id,
     }
@@ -583,8 +591,9 @@ def _merge_metadata(results: list[SlideResult]) -> dict[str, str]:
     meta = entry_metadata(results[0])
     if len(results) > 1 and all(r.tps is not None for r in results):
         tps = tumour_proportion_score(sum(r.tps.positive for r in results), sum(r.tps.negative for r in results))
-        meta["PD-L1 TPS %"] = "" if tps.percent is None else f"{tps.percent:.1f}"
-        meta["PD-L1 TPS category"] = tps.category
+        percent_key, category_key = tps_metadata_keys(results[0].stain)
+        meta[percent_key] = "" if tps.percent is None else f"{tps.percent:.1f}"
+        meta[category_key] = tps.category
     return meta
 
 

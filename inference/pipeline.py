@@ -361,6 +361,7 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
             should_cancel=should_cancel,
         )
         tps = tumour_proportion_score(nuclei.count("Tumor: Positive"), nuclei.count("Tumor: Negative"))
+    member_tps = [] if nuclei is None else [t for t in nuclei.member_tps() if t is not None]
     manifest = models.seg.manifest
     threshold = config.threshold if config.threshold is not None else manifest.thresholds.get("segmentation", 0.5)
     if tissue is not None:
@@ -390,6 +391,10 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
     flag = bool(reasons)
     summary = {
         "review_reasons": reasons,
+        # On H&E the TPS is predicted from morphology; the members' own TPS give its spread.
+        "tps_members": member_tps,
+        "tps_low": min(member_tps) if member_tps else None,
+        "tps_high": max(member_tps) if member_tps else None,
         "sua": asdict(sua),
         "review_rule": review,
         "candidate_area_um2": candidate_area,

@@ -108,6 +108,7 @@ class Nuclei:
     class distribution (None unless the nuclei model is an ensemble). On an IHC image
     ``membrane_dab_od`` is each cell's mean DAB optical density on its membrane ring and
     ``intensity`` its grade (0, or 1+/2+/3+ for a positive tumour cell); None on H&E.
+    ``member_cls`` (N, M) is each ensemble member's own class of each nucleus (None for one model).
     """
 
     xy: np.ndarray
@@ -119,6 +120,7 @@ class Nuclei:
     class_names: tuple[str, ...]
     membrane_dab_od: np.ndarray | None = None
     intensity: np.ndarray | None = None
+    member_cls: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.xy)
@@ -137,7 +139,19 @@ class Nuclei:
             self.class_names,
             None if self.membrane_dab_od is None else self.membrane_dab_od[keep],
             None if self.intensity is None else self.intensity[keep],
+            None if self.member_cls is None else self.member_cls[keep],
         )
+
+    def member_tps(self) -> list[float | None]:
+        """Each ensemble member's own TPS (%) over these nuclei: the spread of the score (empty for one model)."""
+        if self.member_cls is None:
+            return []
+        pos, neg = self.class_names.index("Tumor: Positive"), self.class_names.index("Tumor: Negative")
+        out: list[float | None] = []
+        for m in range(self.member_cls.shape[1]):
+            p, n = int((self.member_cls[:, m] == pos).sum()), int((self.member_cls[:, m] == neg).sum())
+            out.append(100.0 * p / (p + n) if p + n else None)
+        return out
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ def test_run_writes_into_a_real_project_and_rerun_replaces_only_its_own(tmp_path
     for spec in ALL_CLASSES:
         assert snap["classes"][spec.name] == spec.rgb
     for key in (
-        "PD-L1: TPS %",
+        "PD-L1: Predicted TPS % (H&E)",
         "PD-L1: Num Tumor: Positive",
         "PD-L1: Positive area %",
         "PD-L1: Uncertainty flag",

@@ -22,7 +22,9 @@ CONTRACT_PARENT = {
     "PD-L1: Num Tumor: Positive",
     "PD-L1: Num Tumor: Negative",
     "PD-L1: Num Other",
-    "PD-L1: TPS %",
+    "PD-L1: Predicted TPS % (H&E)",
+    "PD-L1: Predicted TPS low % (H&E)",
+    "PD-L1: Predicted TPS high % (H&E)",
     "PD-L1: Positive area µm^2",
     "PD-L1: Positive area %",
     "PD-L1: Predictive entropy mean",
@@ -79,7 +81,8 @@ def test_plain_slides_write_valid_geojson_and_a_failed_slide_does_not_stop_the_b
     nucleus = next(o for o in objs if o.object_type == "detection")
     assert {"Class probability", "PD-L1 positive probability"} <= set(nucleus.measurements)
     summary = json.loads((tmp_path / "out" / "s31.summary.json").read_text())
-    assert summary["metadata"]["PD-L1 TPS category"] in ("<1%", "1-49%", ">=50%", "insufficient tumour cells")
+    assert "PD-L1 TPS %" not in summary["metadata"]  # an H&E's TPS is a prediction, named as one
+    assert summary["metadata"]["PD-L1 Predicted TPS category (H&E)"] in ("<1%", "1-49%", ">=50%", "insufficient tumour cells")
     assert summary["provenance"]["seg_model"]["sha256"] == models.seg_info.sha256
 
 

@@ -102,7 +102,8 @@ def test_submit_poll_result_is_valid_qupath_geojson(service, slides_root):
         validate_feature(feature)
     meta = result["pdl1"]
     assert meta["total"] == len(result["features"]) and meta["next_offset"] is None
-    assert "PD-L1: TPS %" in meta["parent_measurements"]
+    assert "PD-L1: Predicted TPS % (H&E)" in meta["parent_measurements"]
+    assert "PD-L1: TPS %" not in meta["parent_measurements"]  # the measured score is an immunostain's
     assert meta["metadata"]["PD-L1 run"] == meta["run_id"]
     points = [f["geometry"]["coordinates"] for f in result["features"] if f["geometry"]["type"] == "Point"]
     assert points and all(100 <= x <= 900 and 100 <= y <= 900 for x, y in points)

@@ -134,7 +134,7 @@ def detect_nuclei(
     pos_i, neg_i = names.index("Tumor: Positive"), names.index("Tumor: Negative")
     ring_px = membrane_ring_px(manifest) if manifest.stain == "H-DAB" else None
     total = len(grid)
-    xy_parts, val_parts, ent_parts, dab_parts = [], [], [], []
+    xy_parts, val_parts, ent_parts, dab_parts, member_parts = [], [], [], [], []
 
     batch: list[tuple[int, np.ndarray]] = []
     done = 0
@@ -160,6 +160,7 @@ def detect_nuclei(
             member_vals = heat_members.permute(1, 3, 4, 0, 2)[b, y, x].cpu().numpy().astype(np.float64)[own]
             p_members = member_vals / np.clip(member_vals.sum(axis=2, keepdims=True), 1e-12, None)
             p_mean = p_members.mean(axis=1)
+            member_parts.append(p_members.argmax(axis=2).astype(np.int8))
             ent_parts.append(-(p_mean * np.log(np.clip(p_mean, 1e-12, None))).sum(axis=1))
         done += len(batch)
         batch.clear()
@@ -191,6 +192,7 @@ def detect_nuclei(
     xy = np.concatenate(xy_parts) if xy_parts else np.zeros((0, 2))
     values = np.concatenate(val_parts) if val_parts else np.zeros((0, len(names)))
     entropy = np.concatenate(ent_parts) if ent_parts else None
+    member_cls = np.concatenate(member_parts) if member_parts else None
     dab = np.concatenate(dab_parts) if dab_parts else (np.zeros(0) if ring_px is not None else None)
     score = values.max(axis=1) if len(values) else np.zeros(0)
     keep = radius_nms(xy, score, radius=config.nms_radius_um / slide.mpp.mean)
@@ -219,6 +221,7 @@ def detect_nuclei(
         class_names=names,
         membrane_dab_od=membrane,
         intensity=intensity,
+        member_cls=None if member_cls is None else member_cls[keep],
     )
 
 

@@ -33,6 +33,8 @@ TUMOR_3PLUS = PathClassSpec("Tumor: 3+", (200, 50, 50))
 IMMUNE_POSITIVE = PathClassSpec("Immune cells: PD-L1 positive", (160, 60, 160))
 IMMUNE_NEGATIVE = PathClassSpec("Immune cells: PD-L1 negative", (60, 160, 160))
 INTENSITY_CLASSES = (TUMOR_1PLUS, TUMOR_2PLUS, TUMOR_3PLUS)
+# The IHC's positive tumour area registered onto its H&E (pairs): the measured truth beside the prediction.
+PDL1_IHC_POSITIVE = PathClassSpec("PD-L1 IHC positive (registered)", (120, 60, 0))
 
 ALL_CLASSES: tuple[PathClassSpec, ...] = (
     PDL1_POSITIVE,
@@ -46,6 +48,7 @@ ALL_CLASSES: tuple[PathClassSpec, ...] = (
     TUMOR_3PLUS,
     IMMUNE_POSITIVE,
     IMMUNE_NEGATIVE,
+    PDL1_IHC_POSITIVE,
 )
 BY_NAME = {c.name: c for c in ALL_CLASSES}
 

@@ -24,16 +24,18 @@ import numpy as np
 from shapely.geometry import Polygon, box
 from shapely.ops import unary_union
 
-from bridge.classes import INTENSITY_CLASSES, PDL1_POSITIVE, TUMOR_POSITIVE
+from bridge.classes import INTENSITY_CLASSES, PDL1_IHC_POSITIVE, PDL1_POSITIVE, TUMOR_POSITIVE
 from bridge.objects import TILE_NAME
 from bridge.project import PDL1_DIR, write_json_atomic
-from bridge.qupath_geojson import read_features
-from inference import Pdl1Error, compare_pair, open_slide, register_slides
+from bridge.qupath_geojson import QuPathObject, read_features, to_feature, write_features
+from inference import Pdl1Error, cells_area, compare_pair, open_slide, register_slides
 
 log = logging.getLogger(__name__)
 
 CASE_KEY = "case"
 PAIRS_FILE = "pairs.json"
+PAIRS_DIR = "pairs"  # <folder>/pdl1/pairs/<H&E key>.ihc_positive.geojson: the IHC's positive area on the H&E
+IHC_CELL_RADIUS_UM = 8.0  # as the IHC analysis's positive area (inference.pipeline)
 # A stain word leading or trailing a file name: what is left names the case.
 _STAIN_WORD = r"(?:h&e|he|hande|ihc|pd-?l1|22c3|sp263|sp142|28-8|dab)"
 _STAIN_SUFFIX = re.compile(rf"^(?P<case>.+?)[ _.-]+{_STAIN_WORD}$", re.I)
@@ -112,8 +114,15 @@ def _read_ihc_positive_cells(geojson: Path) -> np.ndarray:
     return np.array(xy, np.float64).reshape(-1, 2)
 
 
-def compare_case(he: CaseImage, ihc: CaseImage, *, registration_mpp: float = 8.0) -> dict[str, Any]:
-    """Register the IHC to the H&E and compare them; the record that goes into ``pairs.json``."""
+def compare_case(
+    he: CaseImage, ihc: CaseImage, *, registration_mpp: float = 8.0, labels_dir: Path | None = None
+) -> dict[str, Any]:
+    """Register the IHC to the H&E and compare them; the record that goes into ``pairs.json``.
+
+    With ``labels_dir``, the IHC's positive tumour area mapped onto the H&E is also written there as QuPath
+    GeoJSON (one ``PD-L1 IHC positive (registered)`` annotation in H&E level-0 px), to import onto the H&E
+    or to train from.
+    """
     with open_slide(he.image, mpp=he.mpp) as he_slide, open_slide(ihc.image, mpp=ihc.mpp) as ihc_slide:
         registration = register_slides(he_slide, ihc_slide, mpp=registration_mpp)
         he_size, ihc_size = he_slide.dimensions, ihc_slide.dimensions
@@ -149,7 +158,21 @@ def compare_case(he: CaseImage, ihc: CaseImage, *, registration_mpp: float = 8.0
         tile_entropy=tile_entropy,
         tps_he_predicted=he_summary.get("tps_percent"),
         tps_ihc=ihc_summary.get("tps_percent"),
+        cell_radius_um=IHC_CELL_RADIUS_UM,
     )
+    if labels_dir is not None:
+        area = cells_area(cells, radius_px=IHC_CELL_RADIUS_UM / he_summary["mpp"]).intersection(compared)
+        labels = labels_dir / f"{he.key}.ihc_positive.geojson"
+        labels_dir.mkdir(parents=True, exist_ok=True)
+        obj = QuPathObject(
+            area,
+            "annotation",
+            PDL1_IHC_POSITIVE.name,
+            {"Area µm^2": comparison.positive_area_ihc_um2},
+            name=f"{ihc.name} registered (est. error {registration.error_um:.0f} µm)",
+        )
+        write_features(labels, [] if area.is_empty else [to_feature(obj)])
+        record["ihc_positive_on_he"] = str(labels)
     record["comparison"] = {
         **asdict(comparison),
         "tps_difference": comparison.tps_difference,
@@ -167,7 +190,7 @@ def write_pair_comparisons(images: list[CaseImage], folder: Path) -> Path | None
     records: dict[str, Any] = {case: {"why_not_compared": why} for case, why in problems.items()}
     for case, (he, ihc) in pairs.items():
         try:
-            records[case] = compare_case(he, ihc)
+            records[case] = compare_case(he, ihc, labels_dir=folder / PDL1_DIR / PAIRS_DIR)
         except (Pdl1Error, OSError, ValueError) as err:  # one case's failure leaves the others compared
             log.warning("case %s: not compared: %s", case, err)
             records[case] = {"he": {"image": he.name}, "ihc": {"image": ihc.name}, "why_not_compared": str(err)}

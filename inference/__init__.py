@@ -42,6 +42,7 @@ _PUBLIC = {
     "register_slides": "inference.analysis.registration",
     "PairComparison": "inference.analysis.pairs",
     "compare_pair": "inference.analysis.pairs",
+    "cells_area": "inference.analysis.pairs",
     "Cps": "inference.results",
     # results
     "SlideResult": "inference.results",

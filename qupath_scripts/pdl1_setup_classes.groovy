@@ -19,6 +19,7 @@ def CLASSES = [
     ["Tumor: 3+", 200, 50, 50],
     ["Immune cells: PD-L1 positive", 160, 60, 160],
     ["Immune cells: PD-L1 negative", 60, 160, 160],
+    ["PD-L1 IHC positive (registered)", 120, 60, 0],
 ]
 // ------------------------------------------------------------------------------------------
 

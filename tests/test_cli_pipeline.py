@@ -105,7 +105,10 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (out / "project" / "project.qpproj").is_file()
     assert (out / "project" / "pdl1" / "1" / "objects.geojson").is_file()
     assert (out / "project" / "pdl1" / "report" / "report.html").is_file()
-    assert "vs truth" in result.output
+    assert "predicted TPS (H&E)" in result.output and "TPS (PD-L1 IHC)" in result.output
+    # The two sections are one case, compared after the run.
+    pairs = json.loads((out / "project" / "pdl1" / "pairs.json").read_text())["cases"]
+    assert list(pairs) == ["phantom"] and pairs["phantom"]["comparison"] is not None
 
 
 def test_serve_refuses_a_public_bind_without_token(tmp_path):

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from bridge.qupath_geojson import read_features
 from bridge.run import RunConfig, run_batch
 from inference import Models, PipelineConfig, analyse_slide
 from inference.errors import StainError
@@ -69,6 +70,10 @@ def test_a_run_over_a_case_analyses_each_image_on_its_path_and_compares_the_pair
     assert comparison["tps_he_predicted"] == pytest.approx(summaries[0]["tps_percent"])
     # The H&E ensemble and the IHC cells find the same positive nests (the IHC truth's are the H&E's).
     assert comparison["dice"] > 0.6
+    # The IHC's positive area on the H&E, for QuPath and as a training label.
+    (label,) = read_features(case["ihc_positive_on_he"])
+    assert label.classification == "PD-L1 IHC positive (registered)" and label.object_type == "annotation"
+    assert label.geometry.area * 0.25 == pytest.approx(comparison["positive_area_ihc_um2"], rel=1e-6)
 
 
 def test_a_project_made_without_qupath_with_a_case_of_both_stains_is_run_and_compared(models, ihc_pair, tmp_path):

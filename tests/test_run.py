@@ -82,7 +82,12 @@ def test_plain_slides_write_valid_geojson_and_a_failed_slide_does_not_stop_the_b
     assert {"Class probability", "PD-L1 positive probability"} <= set(nucleus.measurements)
     summary = json.loads((tmp_path / "out" / "s31.summary.json").read_text())
     assert "PD-L1 TPS %" not in summary["metadata"]  # an H&E's TPS is a prediction, named as one
-    assert summary["metadata"]["PD-L1 Predicted TPS category (H&E)"] in ("<1%", "1-49%", ">=50%", "insufficient tumour cells")
+    assert summary["metadata"]["PD-L1 Predicted TPS category (H&E)"] in (
+        "<1%",
+        "1-49%",
+        ">=50%",
+        "insufficient tumour cells",
+    )
     assert summary["provenance"]["seg_model"]["sha256"] == models.seg_info.sha256
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from bridge.cli.common import fail, outcome_table, pipeline_config, run_with_progress
+from bridge.cli.common import fail, outcome_table, pairs_table, pipeline_config, run_with_progress
 from inference import Pdl1Error
 
 
@@ -92,14 +92,18 @@ def phantom(
 
 
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the demo slide, project and report.")] = Path("pdl1-demo"),
+    out: Annotated[Path, typer.Option(help="Folder for the demo slides, project and report.")] = Path("pdl1-demo"),
     size: Annotated[int, typer.Option(min=1024, max=100_000, help="Phantom edge length in px.")] = 4096,
     seed: Annotated[int, typer.Option(min=0, help="Phantom seed (the demo models never saw 7).")] = 7,
     tps: Annotated[float, typer.Option(min=0, max=100)] = 40.0,
+    ihc: Annotated[
+        bool, typer.Option(help="Also the PD-L1 IHC of the same tissue: scored by its cells, compared with the H&E.")
+    ] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Phantom slide -> QuPath project -> run (shipped demo models) -> report, scored against the truth."""
+    """Phantom H&E (and its PD-L1 IHC) -> QuPath project -> run (shipped demo models) -> report, scored
+    against the truth."""
     import json
     import shutil
 
@@ -108,34 +112,47 @@ def demo(
     from bridge.progress import progress_bar
     from bridge.report import write_report
     from bridge.run import RunConfig
-    from inference import PhantomSpec, truth_dir_for, write_phantom
+    from inference import PhantomSpec, truth_dir_for, write_ihc_phantom, write_phantom
 
-    slide_path = out / "slides" / "phantom.svs"
+    # The file names make the two one case (a trailing stain word names the stain, the rest the case).
+    he_path = out / "slides" / "phantom_HE.svs"
+    ihc_path = out / "slides" / "phantom_IHC.svs"
     project = out / "project"
+    spec = PhantomSpec(size, size, seed=seed, tps_percent=tps)
     try:
-        if not (truth_dir_for(slide_path) / "truth.json").is_file():
-            with progress_bar("phantom slide", enabled=progress) as on_progress:
-                write_phantom(slide_path, PhantomSpec(size, size, seed=seed, tps_percent=tps), on_progress=on_progress)
-            write_truth_geojson(truth_dir_for(slide_path))
+        if not (truth_dir_for(he_path) / "truth.json").is_file():
+            with progress_bar("phantom H&E", enabled=progress) as on_progress:
+                write_phantom(he_path, spec, on_progress=on_progress)
+            write_truth_geojson(truth_dir_for(he_path))
+        if ihc and not (truth_dir_for(ihc_path) / "truth.json").is_file():
+            with progress_bar("phantom PD-L1 IHC", enabled=progress) as on_progress:
+                write_ihc_phantom(ihc_path, spec, paired_with=he_path, on_progress=on_progress)
+            write_truth_geojson(truth_dir_for(ihc_path))
         if project.exists():
             shutil.rmtree(project)  # the demo's own folder: a fresh project every time
-        init_project_files(project, [slide_path])
+        init_project_files(project, [he_path, ihc_path] if ihc else [he_path])
         run_config = RunConfig(pipeline=pipeline_config(device, None, None, None), qupath="never")
         outcomes = run_with_progress([project], run_config, progress=progress)
         html_path, _ = write_report(project)
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
     outcome_table(outcomes)
-    truth = json.loads((truth_dir_for(slide_path) / "truth.json").read_text())
-    done = [o for o in outcomes if o.state == "done"]
-    if done and done[0].tps_percent is not None:
-        typer.echo(
-            f"TPS {done[0].tps_percent:.1f}% vs truth {truth['tps_percent']:.1f}% "
-            f"(error {abs(done[0].tps_percent - truth['tps_percent']):.1f} points)"
-        )
+    pairs = project / "pdl1" / "pairs.json"
+    if pairs.is_file():
+        pairs_table(pairs)
+    labels = ("predicted TPS (H&E)", "TPS (PD-L1 IHC)")
+    for outcome, path, what in zip(
+        outcomes, (he_path, ihc_path)[: len(outcomes)], labels[: len(outcomes)], strict=True
+    ):
+        truth = json.loads((truth_dir_for(path) / "truth.json").read_text())
+        if outcome.state == "done" and outcome.tps_percent is not None:
+            typer.echo(
+                f"{what} {outcome.tps_percent:.1f}% vs truth {truth['tps_percent']:.1f}% "
+                f"(error {abs(outcome.tps_percent - truth['tps_percent']):.1f} points)"
+            )
     typer.echo(f"QuPath project: {project / 'project.qpproj'} (open it, then run scripts/pdl1_import_results.groovy)")
     typer.echo(f"report: {html_path}")
-    if len(done) != len(outcomes):
+    if any(o.state != "done" for o in outcomes):
         raise typer.Exit(code=1)
 
 

@@ -56,6 +56,17 @@ class PairComparison:
         return self.entropy_disagree > self.entropy_agree
 
 
+def cells_area(xy: np.ndarray, *, radius_px: float) -> BaseGeometry:
+    """The area of cells at points (N, 2): the union of discs of ``radius_px`` around them (empty for none).
+
+    An IHC's positive tumour area is its positive tumour cells' area; mapped onto the H&E it is the label a
+    model of the H&E can learn from.
+    """
+    if len(xy) == 0:
+        return shapely.Polygon()
+    return shapely.union_all(shapely.buffer(shapely.points(xy), radius_px, quad_segs=4))
+
+
 def compare_pair(
     *,
     he_positive: BaseGeometry,
@@ -83,11 +94,7 @@ def compare_pair(
     if ihc_positive_xy_on_he.ndim != 2 or ihc_positive_xy_on_he.shape[1:] != (2,):
         raise ValueError(f"IHC positive cells must be (N, 2) x, y, got shape {ihc_positive_xy_on_he.shape}")
     he = shapely.make_valid(he_positive).intersection(compared_area)
-    if len(ihc_positive_xy_on_he):
-        discs = shapely.buffer(shapely.points(ihc_positive_xy_on_he), cell_radius_um / mpp_he, quad_segs=4)
-        ihc = shapely.union_all(discs).intersection(compared_area)
-    else:
-        ihc = shapely.Polygon()
+    ihc = cells_area(ihc_positive_xy_on_he, radius_px=cell_radius_um / mpp_he).intersection(compared_area)
     px_um2 = mpp_he**2
     both = he.intersection(ihc).area
     total = he.area + ihc.area

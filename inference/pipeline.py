@@ -19,7 +19,7 @@ from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
 from inference.analysis.ihc import IMMUNE_POSITIVE, combined_positive_score, h_score
-from inference.analysis.nuclei import NucleiConfig, detect_nuclei, intensity_limits_od
+from inference.analysis.nuclei import NucleiConfig, detect_nuclei, intensity_limits_od, pdl1_from_maps
 from inference.analysis.points import INSUFFICIENT, MIN_TUMOUR_NUCLEI, tumour_proportion_score
 from inference.analysis.regions import mask_on_maps, positive_regions, uncertainty_tiles
 from inference.analysis.segment import SegmentConfig, segment_slide
@@ -339,12 +339,14 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
 
         return report
 
+    # With nuclei, each member's map is kept: the members' own calls at the nuclei give the TPS its spread.
+    segment_config = replace(config.segment, member_maps=True) if nuclei_model is not None else config.segment
     maps = segment_slide(
         slide,
         models.seg,
         roi=roi,
         tissue=tissue,
-        config=config.segment,
+        config=segment_config,
         on_progress=progress("seg"),
         should_cancel=should_cancel,
     )
@@ -360,10 +362,15 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
             on_progress=progress("nuclei"),
             should_cancel=should_cancel,
         )
-        tps = tumour_proportion_score(nuclei.count("Tumor: Positive"), nuclei.count("Tumor: Negative"))
-    member_tps = [] if nuclei is None else [t for t in nuclei.member_tps() if t is not None]
     manifest = models.seg.manifest
     threshold = config.threshold if config.threshold is not None else manifest.thresholds.get("segmentation", 0.5)
+    if nuclei is not None:
+        # What H&E shows (tumour or other) from the nuclei model; PD-L1 from the ensemble's maps.
+        nuclei = pdl1_from_maps(nuclei, maps, threshold=threshold)
+        tps = tumour_proportion_score(nuclei.count("Tumor: Positive"), nuclei.count("Tumor: Negative"))
+    member_tps = [] if nuclei is None else [t for t in nuclei.member_tps() if t is not None]
+    if maps.member_prob is not None and not config.segment.member_maps:
+        maps = replace(maps, member_prob=None)  # kept for the nuclei only
     if tissue is not None:
         tissue_on_map = mask_on_maps(tissue.mask, tissue.downsample, maps)
     else:
@@ -391,7 +398,8 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
     flag = bool(reasons)
     summary = {
         "review_reasons": reasons,
-        # On H&E the TPS is predicted from morphology; the members' own TPS give its spread.
+        # On H&E the TPS is predicted (tumour nuclei called by the ensemble's maps); each member's own map
+        # gives its own TPS, their spread.
         "tps_members": member_tps,
         "tps_low": min(member_tps) if member_tps else None,
         "tps_high": max(member_tps) if member_tps else None,

@@ -109,6 +109,9 @@ class Nuclei:
     ``membrane_dab_od`` is each cell's mean DAB optical density on its membrane ring and
     ``intensity`` its grade (0, or 1+/2+/3+ for a positive tumour cell); None on H&E.
     ``member_cls`` (N, M) is each ensemble member's own class of each nucleus (None for one model).
+    On H&E a tumour nucleus's PD-L1 call comes from the segmentation ensemble's maps
+    (:func:`inference.analysis.nuclei.pdl1_from_maps`): ``positive_prob`` is the map's probability there,
+    ``member_cls`` the members' calls and ``pdl1_entropy`` the map's predictive entropy (NaN elsewhere).
     """
 
     xy: np.ndarray
@@ -121,6 +124,7 @@ class Nuclei:
     membrane_dab_od: np.ndarray | None = None
     intensity: np.ndarray | None = None
     member_cls: np.ndarray | None = None
+    pdl1_entropy: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.xy)
@@ -140,6 +144,7 @@ class Nuclei:
             None if self.membrane_dab_od is None else self.membrane_dab_od[keep],
             None if self.intensity is None else self.intensity[keep],
             None if self.member_cls is None else self.member_cls[keep],
+            None if self.pdl1_entropy is None else self.pdl1_entropy[keep],
         )
 
     def member_tps(self) -> list[float | None]:

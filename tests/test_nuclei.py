@@ -3,11 +3,12 @@ import pytest
 import torch
 from torch import nn
 
-from inference.analysis.nuclei import NucleiConfig, detect_nuclei
+from inference.analysis.nuclei import NucleiConfig, detect_nuclei, pdl1_from_maps
 from inference.analysis.points import match_points
 from inference.models.ensemble import Ensemble
 from inference.models.manifest import Manifest, Member
 from inference.phantom.truth import NUCLEUS_CLASSES
+from inference.results import Nuclei, UncertaintyMaps
 from inference.slides.reader import ArrayReader
 from inference.slides.slide import Mpp, Slide
 
@@ -93,3 +94,31 @@ def test_ensemble_gives_entropy_and_roi_limits(dotted_slide):
     assert len(nuclei) == inside.sum()
     assert nuclei.entropy is not None and (nuclei.entropy >= 0).all()
     assert nuclei.count("Tumor: Positive") + nuclei.count("Tumor: Negative") + nuclei.count("Other") == len(nuclei)
+
+
+def test_h_and_e_nuclei_take_their_pdl1_call_from_the_ensemble_maps_and_each_member_its_own():
+    prob = np.zeros((4, 4), np.float32)
+    prob[:, 2:] = 0.9  # right half positive
+    member = np.stack([prob, np.where(prob > 0, 0.4, 0.0).astype(np.float32)])  # member 2 says negative
+    zeros = np.zeros_like(prob)
+    covered = np.ones((4, 4), bool)
+    covered[3, :] = False
+    maps = UncertaintyMaps(prob, zeros + 0.1, zeros, zeros, zeros, covered, (0.0, 0.0), 10.0, 1.0, member)
+    names = ("Tumor: Positive", "Tumor: Negative", "Other")
+    # Morphology said: positive, positive, negative, other, positive (off the covered maps).
+    nuclei = Nuclei(
+        xy=np.array([[5.0, 5.0], [25.0, 5.0], [35.0, 15.0], [35.0, 25.0], [5.0, 35.0]]),
+        cls=np.array([0, 0, 1, 2, 0]),
+        score=np.ones(5),
+        class_prob=np.array([0.8, 0.8, 0.6, 0.9, 0.7]),
+        positive_prob=np.array([0.8, 0.8, 0.4, 0.0, 0.7]),
+        entropy=None,
+        class_names=names,
+    )
+    out = pdl1_from_maps(nuclei, maps, threshold=0.5)
+    assert out.cls.tolist() == [1, 0, 0, 2, 0]  # maps decide tumour nuclei; other and uncovered keep theirs
+    assert out.positive_prob.tolist() == pytest.approx([0.0, 0.9, 0.9, 0.0, 0.7])
+    assert out.member_cls[:, 0].tolist() == [1, 0, 0, 2, 0] and out.member_cls[:, 1].tolist() == [1, 1, 1, 2, 0]
+    assert out.member_tps() == pytest.approx([75.0, 25.0])
+    assert out.class_prob[1] == pytest.approx(1.0 * 0.9)  # P(tumour) 0.8/0.8, times the map's 0.9
+    assert np.isnan(out.pdl1_entropy[3]) and out.pdl1_entropy[1] == pytest.approx(0.1)

@@ -1,4 +1,4 @@
-"""``pdl1 eval`` (``seg``, ``nuclei``, ``ihc``, ``registration``, ``suite``) and ``pdl1 calibrate``: scores against phantom truth, and SUA's calibration."""
+"""``pdl1 eval`` (``seg``, ``nuclei``, ``tps``, ``ihc``, ``registration``, ``suite``) and ``pdl1 calibrate``: scores against phantom truth, and SUA's calibration."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from bridge.cli.common import fail, stdout
+from bridge.cli.common import fail, pipeline_config, stdout
 from inference import Pdl1Error, __version__
 
 
@@ -215,6 +215,63 @@ def eval_ihc(
                 + (f"; CPS mean absolute error {sum(cps_errors) / len(cps_errors):.2f}" if cps_errors else "")
                 + f"; nuclei F1 min {min(r.overall.f1 for r in results):.3f}"
             )
+    except (Pdl1Error, ValueError, OSError) as err:
+        raise fail(err) from err
+
+
+@app.command("tps")
+def eval_tps(
+    slides: Annotated[list[Path], typer.Argument(help="Phantom H&E slides with truth beside them.")],
+    seg_model: Annotated[Path | None, typer.Option(help="Segmentation ensemble; the shipped demo if omitted.")] = None,
+    nuclei_model: Annotated[Path | None, typer.Option(help="H&E nuclei model; the shipped demo if omitted.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """The predicted TPS of H&E slides as pdl1 run gives it (nuclei typed by the nuclei model, PD-L1 from the
+    ensemble's maps), against the truth: error, cut-off category, the members' range and the review flag."""
+    from rich.table import Table
+
+    from inference import Models, analyse_slide, load_truth, tumour_proportion_score
+
+    out = stdout()
+    try:
+        config = pipeline_config(device, seg_model, nuclei_model, None)
+        models = Models(config)
+        table = Table(title="predicted TPS (H&E) vs truth")
+        for col in ("slide", "shift", "truth", "predicted", "error", "members' range", "truth in range", "category"):
+            table.add_column(col, justify="left" if col == "slide" else "right")
+        table.add_column("review")
+        errors, inside, right = [], 0, 0
+        for slide in slides:
+            truth = load_truth(slide).summary
+            r = analyse_slide(slide, models=models, config=config, image_stain="H&E", image_stain_source="eval")
+            low, high = r.summary.get("tps_low"), r.summary.get("tps_high")
+            err = abs(r.tps.percent - truth["tps_percent"])
+            errors.append(err)
+            within = low is not None and low <= truth["tps_percent"] <= high
+            inside += within
+            good = (
+                r.tps.category
+                == tumour_proportion_score(
+                    truth["nuclei_counts"]["Tumor: Positive"], truth["nuclei_counts"]["Tumor: Negative"]
+                ).category
+            )
+            right += good
+            table.add_row(
+                slide.name,
+                f"{truth['spec']['shift']:g}",
+                f"{truth['tps_percent']:.1f}",
+                f"{r.tps.percent:.1f}",
+                f"{err:.1f}",
+                "n/a" if low is None else f"{low:.1f}-{high:.1f}",
+                "yes" if within else "no",
+                "right" if good else f"WRONG ({r.tps.category})",
+                "; ".join(x["reason"] for x in r.summary.get("review_reasons", [])) or "ok",
+            )
+        out.print(table)
+        out.print(
+            f"mean absolute error {sum(errors) / len(errors):.2f} points (max {max(errors):.2f}); category right "
+            f"on {right} of {len(errors)}; truth within the members' range on {inside} of {len(errors)}"
+        )
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
 

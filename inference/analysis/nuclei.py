@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import shapely
@@ -24,7 +24,7 @@ from inference.analysis.points import radius_nms
 from inference.analysis.tiling import read_grid_tiles, tile_grid, validate_roi
 from inference.errors import Cancelled
 from inference.models.ensemble import Ensemble, Precision
-from inference.results import Nuclei
+from inference.results import Nuclei, UncertaintyMaps
 from inference.slides.slide import Slide
 from inference.slides.tissue import TissueMask
 
@@ -268,3 +268,44 @@ def _member_logits(ensemble: Ensemble, batch: np.ndarray, precision: Precision) 
         else:
             out.append(model(x))
     return torch.stack(out)
+
+
+def pdl1_from_maps(nuclei: Nuclei, maps: UncertaintyMaps, *, threshold: float) -> Nuclei:
+    """H&E nuclei whose PD-L1 call comes from the segmentation ensemble's maps at their position.
+
+    The nuclei model says what H&E shows, tumour or other; whether a tumour nucleus is PD-L1 positive is the
+    ensemble-mean probability at its map pixel (``>= threshold``), and each member's own map gives that
+    member's call (``member_cls``, so :meth:`Nuclei.member_tps` is the spread of the predicted TPS; needs
+    ``member_prob``). ``positive_prob`` becomes the map's probability, ``pdl1_entropy`` its predictive
+    entropy, ``class_prob`` the nuclei model's probability of tumour times the map's of the call. A tumour
+    nucleus off the maps' covered pixels keeps the nuclei model's own call.
+    """
+    names = nuclei.class_names
+    pos, neg = names.index("Tumor: Positive"), names.index("Tumor: Negative")
+    tumour = np.isin(nuclei.cls, [pos, neg])
+    h, w = maps.shape
+    col = np.floor((nuclei.xy[:, 0] - maps.origin_xy[0]) / maps.downsample).astype(np.int64)
+    row = np.floor((nuclei.xy[:, 1] - maps.origin_xy[1]) / maps.downsample).astype(np.int64)
+    on_map = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+    col, row = np.clip(col, 0, w - 1), np.clip(row, 0, h - 1)
+    use = tumour & on_map & np.asarray(maps.covered)[row, col]
+    prob = np.asarray(maps.prob)[row, col].astype(np.float64)
+    cls = np.where(use, np.where(prob >= threshold, pos, neg), nuclei.cls)
+    # The nuclei model's P(tumour) = P(its class) / P(that class among tumour classes).
+    share = np.where(nuclei.cls == pos, nuclei.positive_prob, 1 - nuclei.positive_prob)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p_tumour = np.clip(np.where(share > 0, nuclei.class_prob / share, 0.0), 0, 1)
+    class_prob = np.where(use, p_tumour * np.where(cls == pos, prob, 1 - prob), nuclei.class_prob)
+    member_cls = None
+    if maps.member_prob is not None:
+        member_prob = np.stack([np.asarray(m)[row, col] for m in maps.member_prob], axis=1)
+        member_cls = np.where(use[:, None], np.where(member_prob >= threshold, pos, neg), cls[:, None])
+        member_cls = member_cls.astype(np.int8)
+    return replace(
+        nuclei,
+        cls=cls.astype(np.int64),
+        class_prob=class_prob,
+        positive_prob=np.where(use, prob, nuclei.positive_prob),
+        member_cls=member_cls,
+        pdl1_entropy=np.where(use, np.asarray(maps.predictive_entropy)[row, col], np.nan),
+    )

@@ -167,8 +167,9 @@ class JobRequest(BaseModel):
         Literal["BRIGHTFIELD_H_E", "BRIGHTFIELD_H_DAB", "BRIGHTFIELD_OTHER", "FLUORESCENCE", "OTHER", "UNSET"] | None
     ) = Field(
         default=None,
-        description="QuPath's image type; an image of another stain than the models were trained on is refused "
-        "(UNSET or omitted: not checked).",
+        description="QuPath's image type: BRIGHTFIELD_H_E runs the H&E models (segmentation ensemble, SUA, "
+        "predicted TPS), BRIGHTFIELD_H_DAB the PD-L1 IHC nuclei ensemble (TPS, CPS); other types are refused. "
+        "UNSET or omitted: the stain is told from the image's colour.",
     )
     outputs: list[Literal["regions", "uncertainty_tiles", "sua", "nuclei"]] = Field(default=list(OUTPUTS))
     model: str = Field(default="default", description="Model set; only 'default' (the loaded models) for now.")

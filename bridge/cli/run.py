@@ -170,9 +170,10 @@ def run(
     stain: Annotated[
         str | None,
         typer.Option(
-            help="The stain of every image: he (H&E) or ihc (PD-L1 IHC, haematoxylin-DAB), instead of QuPath's "
-            "image types. The models run only on the stain they were trained on (the demo models: H&E). "
-            "Default: each image's type in the project; unchecked where it is unset.",
+            help="The stain of every image: he (H&E: segmentation ensemble, SUA, predicted TPS) or ihc (PD-L1 "
+            "IHC, haematoxylin-DAB: its cells scored, TPS and CPS), instead of QuPath's image types. The models "
+            "run only on the stain they were trained on. Default: each image's type in the project, else the "
+            "stain told from its colour.",
         ),
     ] = None,
     device: Annotated[

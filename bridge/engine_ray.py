@@ -20,6 +20,7 @@ from bridge.project import ProjectError, RunStatus
 from bridge.run import (
     ImageOutcome,
     RunConfig,
+    _compare_pairs,
     _Job,
     _jobs,
     _QuPathSession,
@@ -123,4 +124,7 @@ def run_batch_ray(
         finally:
             if qp_session is not None:
                 qp_session.close()
-        return [outcomes[job.key] for job in jobs]
+        ordered = [outcomes[job.key] for job in jobs]
+        if config.compare_pairs:
+            _compare_pairs(jobs, ordered, project, status_folder)
+        return ordered

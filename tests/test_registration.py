@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from inference.analysis.registration import Registration, register_pair, register_slides
+from inference.analysis.registration import Registration, register_pair, register_slides, tissue_mask
 from inference.slides.reader import ArrayReader
 from inference.slides.slide import Mpp, Slide, open_slide
 from tests.registration_pairs import make_pair, render_he
@@ -91,6 +91,20 @@ def test_unrelated_sections_are_not_ok(he5, he7):
     reg = register_pair(fixed, moving, mpp=MPP)
     assert not reg.ok
     assert "same block" in reg.reason
+
+
+def test_tissue_mask_is_not_fooled_by_tinted_glass():
+    # Yellowish glass beside blue tissue (a colour cast on a strongly shifted stain): each channel's
+    # brightest value comes from other pixels (blue from the tissue), so taking those as the glass
+    # colour put the glass itself above the density threshold, and the whole image was "tissue".
+    rng = np.random.default_rng(0)
+    rgb = np.full((120, 160, 3), (250.0, 246.0, 224.0)) + rng.normal(0, 1.5, (120, 160, 3))
+    rgb[30:90, 40:120] = np.array([120.0, 150.0, 252.0]) + rng.normal(0, 12.0, (60, 80, 3))
+    rgb = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+    mask = tissue_mask(rgb, mpp=MPP)
+    assert mask[30:90, 40:120].all()
+    assert not mask[:25].any() and not mask[95:].any()  # the glass is not tissue
+    assert mask.sum() < 1.1 * 60 * 80  # a ring of a px or so, from the smoothing of the density
 
 
 def test_no_tissue_is_not_ok_with_a_reason(he5):

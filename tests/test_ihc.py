@@ -164,3 +164,22 @@ def test_the_groovy_scripts_replace_every_detection_class_the_product_writes(scr
     text = (Path(__file__).resolve().parents[1] / "qupath_scripts" / script).read_text()
     listed = re.search(r"def OWN_DETECTION_CLASSES = \[(.*?)\]", text, re.S).group(1)
     assert set(re.findall(r'"([^"]+)"', listed)) == OWN_DETECTION_CLASSES
+
+
+def test_the_ring_percentile_is_numpys_nanpercentile_of_the_ring_pixels():
+    rng = np.random.default_rng(0)
+    image = rng.random((64, 64)).astype(np.float32)
+    centres = np.vstack([rng.uniform(-4, 68, (200, 2)), [[-50.0, -50.0]]])
+    got = annulus_means(image, centres, inner_px=3.5, outer_px=5.5, percentile=75)
+    offs = np.arange(-6, 7)
+    dy, dx = np.meshgrid(offs, offs, indexing="ij")
+    cols = np.floor(centres[:, 0]).astype(int)[:, None, None] + dx
+    rows = np.floor(centres[:, 1]).astype(int)[:, None, None] + dy
+    dist = np.hypot(cols + 0.5 - centres[:, 0, None, None], rows + 0.5 - centres[:, 1, None, None])
+    use = (dist >= 3.5) & (dist <= 5.5) & (rows >= 0) & (rows < 64) & (cols >= 0) & (cols < 64)
+    ring = np.where(use, image[np.clip(rows, 0, 63), np.clip(cols, 0, 63)], np.nan).reshape(len(centres), -1)
+    expected = np.full(len(centres), np.nan)
+    some = use.reshape(len(centres), -1).any(axis=1)
+    expected[some] = np.nanpercentile(ring[some], 75, axis=1)
+    assert np.isnan(got[-1]) and np.isnan(expected[-1])
+    np.testing.assert_allclose(got, expected, atol=1e-6)

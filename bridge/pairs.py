@@ -28,14 +28,13 @@ from bridge.classes import INTENSITY_CLASSES, PDL1_IHC_POSITIVE, PDL1_POSITIVE, 
 from bridge.objects import TILE_NAME
 from bridge.project import PDL1_DIR, write_json_atomic
 from bridge.qupath_geojson import QuPathObject, read_features, to_feature, write_features
-from inference import Pdl1Error, cells_area, compare_pair, open_slide, register_slides
+from inference import IHC_CELL_RADIUS_UM, Pdl1Error, cells_area, compare_pair, open_slide, register_slides
 
 log = logging.getLogger(__name__)
 
 CASE_KEY = "case"
 PAIRS_FILE = "pairs.json"
 PAIRS_DIR = "pairs"  # <folder>/pdl1/pairs/<H&E key>.ihc_positive.geojson: the IHC's positive area on the H&E
-IHC_CELL_RADIUS_UM = 8.0  # as the IHC analysis's positive area (inference.pipeline)
 # A stain word leading or trailing a file name: what is left names the case.
 _STAIN_WORD = r"(?:h&e|he|hande|ihc|pd-?l1|22c3|sp263|sp142|28-8|dab)"
 _STAIN_SUFFIX = re.compile(rf"^(?P<case>.+?)[ _.-]+{_STAIN_WORD}$", re.I)

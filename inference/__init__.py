@@ -43,6 +43,7 @@ _PUBLIC = {
     "PairComparison": "inference.analysis.pairs",
     "compare_pair": "inference.analysis.pairs",
     "cells_area": "inference.analysis.pairs",
+    "IHC_CELL_RADIUS_UM": "inference.analysis.pairs",
     "Cps": "inference.results",
     # results
     "SlideResult": "inference.results",

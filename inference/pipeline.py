@@ -20,6 +20,7 @@ from shapely.geometry.base import BaseGeometry
 
 from inference.analysis.ihc import IMMUNE_POSITIVE, combined_positive_score, h_score
 from inference.analysis.nuclei import NucleiConfig, detect_nuclei, intensity_limits_od, pdl1_from_maps
+from inference.analysis.pairs import IHC_CELL_RADIUS_UM, cells_area
 from inference.analysis.points import INSUFFICIENT, MIN_TUMOUR_NUCLEI, tumour_proportion_score
 from inference.analysis.regions import mask_on_maps, positive_regions, uncertainty_tiles
 from inference.analysis.segment import SegmentConfig, segment_slide
@@ -103,8 +104,6 @@ DEFAULT_IHC_REVIEW_ENTROPY = 0.35
 # A stated stain (QuPath's image type, --stain) the colour contradicts by at least this margin (degrees of
 # the detector's deciding angle) is a review reason; weaker calls are not worth a pathologist's look.
 STAIN_DISAGREEMENT_MARGIN_DEG = 10.0
-# Positive tumour cells stand for this much tissue around their centre (µm) in the IHC positive area.
-IHC_CELL_RADIUS_UM = 8.0
 
 
 def sua_params_for(manifest: Manifest, config: PipelineConfig, *, upper: float) -> SuaParams:
@@ -465,7 +464,8 @@ def _analyse_ihc(slide, *, models, config, roi, on_progress, should_cancel) -> S
     analysed_px = tissue_area_px(tissue, area) if tissue is not None else float(area.area)
     analysed_area = analysed_px * px_um2
     pos_xy = nuclei.xy[nuclei.cls == nuclei.class_names.index("Tumor: Positive")]
-    positive_area = cells_area_px(pos_xy, radius_px=IHC_CELL_RADIUS_UM / slide.mpp.mean, within=area) * px_um2
+    cells = cells_area(pos_xy, radius_px=IHC_CELL_RADIUS_UM / slide.mpp.mean)
+    positive_area = float(cells.intersection(area).area) * px_um2
     tumour_cells = np.isin(nuclei.cls, [nuclei.class_names.index(n) for n in ("Tumor: Positive", "Tumor: Negative")])
     grades = nuclei.intensity[tumour_cells] if nuclei.intensity is not None else np.zeros(0)
     mean_entropy = float(nuclei.entropy.mean()) if nuclei.entropy is not None and len(nuclei) else None
@@ -513,11 +513,3 @@ def tissue_area_px(tissue: TissueMask, area: BaseGeometry) -> float:
     ds = tissue.downsample
     inside = shapely.contains_xy(area, (cols + 0.5) * ds, (rows + 0.5) * ds)
     return float(inside.sum()) * ds * ds
-
-
-def cells_area_px(xy: np.ndarray, *, radius_px: float, within: BaseGeometry) -> float:
-    """Level-0 px² covered by discs of ``radius_px`` around the points, inside ``within``."""
-    if len(xy) == 0:
-        return 0.0
-    cover = shapely.union_all(shapely.buffer(shapely.points(xy), radius_px, quad_segs=4))
-    return float(cover.intersection(within).area)

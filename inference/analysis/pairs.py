@@ -13,6 +13,9 @@ import numpy as np
 import shapely
 from shapely.geometry.base import BaseGeometry
 
+# A positive tumour cell of an IHC stands for this much tissue around its centre (µm): its positive area.
+IHC_CELL_RADIUS_UM = 8.0
+
 
 @dataclass(frozen=True)
 class PairComparison:
@@ -77,7 +80,7 @@ def compare_pair(
     tile_entropy: np.ndarray,
     tps_he_predicted: float | None,
     tps_ihc: float | None,
-    cell_radius_um: float = 8.0,
+    cell_radius_um: float = IHC_CELL_RADIUS_UM,
 ) -> PairComparison:
     """Compare one case on the H&E: ``he_positive`` (predicted positive regions), the IHC's positive tumour
     cells already mapped to H&E px, within ``compared_area`` (the H&E's analysed tissue, or the overlap of

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -78,21 +79,36 @@ def _draw_nuclei(
     mpp = scene.spec.mpp
     reach = MAX_NUCLEUS_RADIUS_UM / mpp + 2 * ds
     nuc = scene.nuclei(ox - reach, oy - reach, w * ds + 2 * reach, h * ds + 2 * reach)
-    n = len(nuc["x"])
-    if n == 0:
+    if len(nuc["x"]) == 0:
         return
     half = math.ceil(MAX_NUCLEUS_RADIUS_UM / mpp / ds) + 2
-    chunk = max(1, _PATCH_BUDGET // (2 * half + 1) ** 2)
-    density = np.zeros(h * w)
-    covered = np.zeros(h * w)
-    for start in range(0, n, chunk):
-        part = {key: values[start : start + chunk] for key, values in nuc.items()}
-        flat, part_density, part_inside = _nucleus_patches(part, ox, oy, w, h, ds, mpp, half)
-        density += np.bincount(flat, weights=part_density, minlength=h * w)
-        covered += np.bincount(flat, weights=part_inside, minlength=h * w)
-    haem += density.reshape(h, w).astype(np.float32)
+    density, covered = _summed_patches(
+        nuc, lambda part: _nucleus_patches(part, ox, oy, w, h, ds, mpp, half), half=half, shape_hw=(h, w)
+    )
+    haem += density.astype(np.float32)
     # Nuclei displace cytoplasm: less eosin under them.
-    eosin *= 1 - 0.6 * np.clip(covered.reshape(h, w), 0, 1).astype(np.float32)
+    eosin *= 1 - 0.6 * np.clip(covered, 0, 1).astype(np.float32)
+
+
+def _summed_patches(
+    items: dict[str, np.ndarray],
+    patches: Callable[[dict[str, np.ndarray]], tuple[np.ndarray, ...]],
+    *,
+    half: int,
+    shape_hw: tuple[int, int],
+) -> list[np.ndarray]:
+    """Each channel of the items' pixel patches summed into a (h, w) image, :data:`_PATCH_BUDGET` patch
+    pixels at a time; ``patches(part)`` gives the flat pixel index and one weight array per channel."""
+    h, w = shape_hw
+    chunk = max(1, _PATCH_BUDGET // (2 * half + 1) ** 2)
+    sums: list[np.ndarray] = []
+    for start in range(0, len(items["x"]), chunk):
+        flat, *weights = patches({key: values[start : start + chunk] for key, values in items.items()})
+        if not sums:
+            sums = [np.zeros(h * w) for _ in weights]
+        for total, weight in zip(sums, weights, strict=True):
+            total += np.bincount(flat, weights=weight, minlength=h * w)
+    return [total.reshape(h, w) for total in sums]
 
 
 def _nucleus_patches(
@@ -177,20 +193,14 @@ def _draw_ihc_cells(
     mpp = scene.spec.mpp
     reach = MAX_CELL_RADIUS_UM / mpp + 2 * ds
     cells = scene.nuclei(ox - reach, oy - reach, w * ds + 2 * reach, h * ds + 2 * reach)
-    n = len(cells["x"])
-    if n == 0:
+    if len(cells["x"]) == 0:
         return
     half = math.ceil(MAX_CELL_RADIUS_UM / mpp / ds) + 2
-    chunk = max(1, _PATCH_BUDGET // (2 * half + 1) ** 2)
-    haem_sum = np.zeros(h * w)
-    dab_sum = np.zeros(h * w)
-    for start in range(0, n, chunk):
-        part = {key: values[start : start + chunk] for key, values in cells.items()}
-        flat, part_haem, part_dab = _ihc_cell_patches(part, ox, oy, w, h, ds, mpp, half)
-        haem_sum += np.bincount(flat, weights=part_haem, minlength=h * w)
-        dab_sum += np.bincount(flat, weights=part_dab, minlength=h * w)
-    haem += haem_sum.reshape(h, w).astype(np.float32)
-    dab += dab_sum.reshape(h, w).astype(np.float32)
+    haem_sum, dab_sum = _summed_patches(
+        cells, lambda part: _ihc_cell_patches(part, ox, oy, w, h, ds, mpp, half), half=half, shape_hw=(h, w)
+    )
+    haem += haem_sum.astype(np.float32)
+    dab += dab_sum.astype(np.float32)
 
 
 _RING_SIGMA_UM = 0.5  # membrane ring: Gaussian profile across the membrane, about 1 µm at half maximum

@@ -104,6 +104,9 @@ DEFAULT_IHC_REVIEW_ENTROPY = 0.35
 # A stated stain (QuPath's image type, --stain) the colour contradicts by at least this margin (degrees of
 # the detector's deciding angle) is a review reason; weaker calls are not worth a pathologist's look.
 STAIN_DISAGREEMENT_MARGIN_DEG = 10.0
+# A stain told from the colour alone by less than this margin is a review reason: held-out phantoms at shift
+# 0.4-0.8 were told right by 0.1-1.4° (benchmarks/stain_detect.py); state the stain in QuPath to be sure.
+WEAK_STAIN_MARGIN_DEG = 5.0
 
 
 def sua_params_for(manifest: Manifest, config: PipelineConfig, *, upper: float) -> SuaParams:
@@ -239,6 +242,14 @@ def analyse_slide(
                     "reason": f"stain: {image_stain_source} says {image_stain}, the colour says {colour.stain}",
                     "value": colour.margin_deg,
                     "limit": STAIN_DISAGREEMENT_MARGIN_DEG,
+                }
+            )
+        if image_stain is None and colour.stain in STAINS and colour.margin_deg < WEAK_STAIN_MARGIN_DEG:
+            reasons.append(
+                {
+                    "reason": f"stain told from the colour ({colour.stain}) by a weak margin: state it in QuPath",
+                    "value": colour.margin_deg,
+                    "limit": WEAK_STAIN_MARGIN_DEG,
                 }
             )
     summary["review_reasons"] = reasons

@@ -89,3 +89,25 @@ def test_a_project_made_without_qupath_with_a_case_of_both_stains_is_run_and_com
     assert stains == ["H&E", "H-DAB"]
     pairs = json.loads((project / "pdl1" / "pairs.json").read_text())["cases"]
     assert list(pairs) == ["271"] and pairs["271"]["comparison"]["dice"] > 0.6
+
+
+def test_a_stain_told_from_the_colour_by_a_weak_margin_is_a_review_reason(models, ihc_pair, monkeypatch):
+    import dataclasses
+
+    from inference import pipeline
+    from inference.slides.stain_detect import detect_slide_stain
+
+    he, _ = ihc_pair
+
+    def weak(slide, *, mpp):
+        return dataclasses.replace(detect_slide_stain(slide, mpp=mpp), margin_deg=2.0)
+
+    monkeypatch.setattr(pipeline, "detect_slide_stain", weak)
+    result = analyse_slide(he, models=models, config=PipelineConfig(device="cpu", run_nuclei=False))
+    reasons = {r["reason"]: r for r in result.summary["review_reasons"]}
+    weak_reason = reasons["stain told from the colour (H&E) by a weak margin: state it in QuPath"]
+    assert weak_reason["value"] == 2.0 and weak_reason["limit"] == pipeline.WEAK_STAIN_MARGIN_DEG
+    assert result.uncertainty_flag
+    # Stated, the stain is not questioned for a weak colour call.
+    stated = analyse_slide(he, models=models, config=PipelineConfig(device="cpu", run_nuclei=False), image_stain="H&E")
+    assert not any("weak margin" in r["reason"] for r in stated.summary["review_reasons"])

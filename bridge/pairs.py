@@ -72,7 +72,8 @@ def case_of(name: str, metadata: dict[str, str] | None, *, key: str = CASE_KEY) 
 
 
 def pair_cases(images: Iterable[CaseImage]) -> tuple[dict[str, tuple[CaseImage, CaseImage]], dict[str, str]]:
-    """Cases with one H&E and one IHC image, and for every other case that has either, why it is not paired."""
+    """Cases with one H&E and one IHC image, and for every case with both stains but not one of each, why it
+    is not paired. A case of one stain only (an H&E-only study named ``*_HE``) is no pair and says nothing."""
     by_case: dict[str, list[CaseImage]] = {}
     for image in images:
         if image.case is not None:
@@ -84,7 +85,7 @@ def pair_cases(images: Iterable[CaseImage]) -> tuple[dict[str, tuple[CaseImage, 
         ihc = [m for m in members if m.stain == "H-DAB"]
         if len(he) == 1 and len(ihc) == 1:
             pairs[case] = (he[0], ihc[0])
-        elif he or ihc:
+        elif he and ihc:
             names = ", ".join(f"{m.name} ({m.stain})" for m in members)
             problems[case] = (
                 f"case {case!r} has {len(he)} H&E and {len(ihc)} PD-L1 IHC images analysed ({names}); a pair is one "

@@ -183,9 +183,12 @@ def compare_case(
 
 def write_pair_comparisons(images: list[CaseImage], folder: Path) -> Path | None:
     """Pair the run's images by case, compare each pair and write ``folder/pdl1/pairs.json`` (beside the run
-    status; ``folder`` is the project folder or a plain-slides run's ``--out``); None without cases."""
+    status; ``folder`` is the project folder or a plain-slides run's ``--out``); None without cases, and
+    then an earlier run's ``pairs.json`` is removed."""
     pairs, problems = pair_cases(images)
+    path = folder / PDL1_DIR / PAIRS_FILE
     if not pairs and not problems:
+        path.unlink(missing_ok=True)  # an earlier run's cases are not this run's
         return None
     records: dict[str, Any] = {case: {"why_not_compared": why} for case, why in problems.items()}
     for case, (he, ihc) in pairs.items():
@@ -194,6 +197,5 @@ def write_pair_comparisons(images: list[CaseImage], folder: Path) -> Path | None
         except (Pdl1Error, OSError, ValueError) as err:  # one case's failure leaves the others compared
             log.warning("case %s: not compared: %s", case, err)
             records[case] = {"he": {"image": he.name}, "ihc": {"image": ihc.name}, "why_not_compared": str(err)}
-    path = folder / PDL1_DIR / PAIRS_FILE
     write_json_atomic(path, {"case_key": CASE_KEY, "cases": records})
     return path

@@ -84,3 +84,18 @@ def test_the_suite_scores_sua_on_the_grid_pdl1_run_uses(phantom_svs):
         review={"review_entropy": 1.0, "review_candidate_area_pct": 100.0},
     )
     assert suite.maps.downsample == 2.0 / 0.5 * SegmentConfig().map_downsample
+
+
+def test_uncertainty_is_scored_beside_a_probability_and_a_boundary_baseline():
+    # The prediction is the left half; the truth reaches one pixel further: every error is on the boundary.
+    prob = np.zeros((20, 20), np.float32)
+    prob[:, :10] = 0.9
+    prob[:, 10] = 0.45  # the missed column sits just under the threshold
+    truth = np.zeros((20, 20), bool)
+    truth[:, :11] = True
+    region = np.ones((20, 20), bool)
+    e = evaluate_segmentation_maps(_maps(prob, [prob, prob]), truth, region, threshold=0.5)
+    assert e.auroc_boundary_distance_error == pytest.approx(1.0, abs=0.05)
+    assert e.auroc_prob_margin_error == pytest.approx(1.0)
+    # The maps' entropy is flat here: it finds nothing the baselines do not.
+    assert e.auroc_entropy_error == pytest.approx(0.5)

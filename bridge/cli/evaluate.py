@@ -66,6 +66,14 @@ def eval_seg(
             table.add_row("AUROC predictive entropy -> error", f"{result.auroc_entropy_error:.4f}")
             table.add_row("AUROC mutual information -> error", f"{result.auroc_mi_error:.4f}")
             table.add_row(
+                "  baseline: AUROC closeness of the mean probability to the threshold -> error",
+                f"{result.auroc_prob_margin_error:.4f}",
+            )
+            table.add_row(
+                "  baseline: AUROC closeness to the predicted boundary -> error",
+                f"{result.auroc_boundary_distance_error:.4f}",
+            )
+            table.add_row(
                 "predictive entropy, wrong / right",
                 f"{result.entropy_wrong_mean:.4f} / {result.entropy_right_mean:.4f}",
             )
@@ -83,6 +91,17 @@ def eval_seg(
         raise fail(err) from err
     if len(results) > 1 and all(r.dice_members for r in results):
         _print_dice_summary(results, out)
+    if results:
+
+        def beats(r, auroc: float) -> bool:
+            return auroc > max(r.auroc_prob_margin_error, r.auroc_boundary_distance_error)
+
+        out.print(
+            f"uncertainty against its baselines (AUROC for pixel errors above both the mean probability's "
+            f"closeness to the threshold and the distance to the predicted boundary): predictive entropy on "
+            f"{sum(beats(r, r.auroc_entropy_error) for r in results)} of {len(results)} slides, mutual "
+            f"information on {sum(beats(r, r.auroc_mi_error) for r in results)}"
+        )
 
 
 def _print_dice_summary(results, out) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from inference.analysis.ihc import IMMUNE_POSITIVE, combined_positive_score
 from inference.analysis.nuclei import NucleiConfig, detect_nuclei
@@ -51,6 +52,11 @@ class SegEvaluation:
     mi_wrong_mean: float
     mi_right_mean: float
     mi_min: float
+    # Two baselines any uncertainty must beat to be worth its compute (as the ValUES framework asks): how
+    # well errors are found by the mean probability's closeness to the threshold (no ensemble needed), and
+    # by the distance to the predicted boundary (no model output at all: errors sit on edges).
+    auroc_prob_margin_error: float
+    auroc_boundary_distance_error: float
     # (2 |pred & truth|, |pred| + |truth|) of the ensemble and of each member, for pooled Dice.
     dice_terms_ensemble: tuple[int, int]
     dice_terms_members: tuple[tuple[int, int], ...]
@@ -94,6 +100,9 @@ def evaluate_segmentation_maps(
     def mean(a: np.ndarray) -> float:
         return float(a.mean()) if a.size else float("nan")
 
+    full = np.asarray(maps.prob) >= threshold
+    # px to the nearest pixel of the other side of the predicted boundary, on the whole grid.
+    boundary_px = np.where(full, ndi.distance_transform_edt(full), ndi.distance_transform_edt(~full))[region]
     return SegEvaluation(
         slide=slide,
         threshold=threshold,
@@ -108,6 +117,8 @@ def evaluate_segmentation_maps(
         mi_wrong_mean=mean(mi[wrong]),
         mi_right_mean=mean(mi[~wrong]),
         mi_min=float(np.asarray(maps.mutual_information)[np.asarray(maps.covered)].min()),
+        auroc_prob_margin_error=auroc(-np.abs(prob - threshold), wrong),
+        auroc_boundary_distance_error=auroc(-boundary_px, wrong),
         dice_terms_ensemble=_dice_terms(pred, t),
         dice_terms_members=tuple(_dice_terms(mp, t) for mp in member_preds),
     )

@@ -32,7 +32,7 @@ from inference.models.manifest import STAINS, Manifest
 from inference.results import ModelInfo, SlideResult
 from inference.slides.slide import Slide, open_slide
 from inference.slides.stain_detect import MIN_TISSUE_PX, StainEstimate, detect_slide_stain
-from inference.slides.tissue import TissueMask, tissue_mask_for_slide
+from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, TissueMask, tissue_mask_for_slide
 
 log = logging.getLogger(__name__)
 
@@ -456,7 +456,9 @@ def _analyse_ihc(slide, *, models, config, roi, on_progress, should_cancel) -> S
         roi = validate_roi(roi, image_size_wh=(width, height))
     ensemble = models.ihc()
     manifest = ensemble.manifest
-    tissue: TissueMask | None = tissue_mask_for_slide(slide, mpp=config.tissue_mpp) if config.use_tissue else None
+    tissue: TissueMask | None = None
+    if config.use_tissue:  # by optical density: a pale counterstain has little saturation
+        tissue = tissue_mask_for_slide(slide, mpp=config.tissue_mpp, method=TISSUE_METHOD_OF_STAIN["H-DAB"])
     nuclei = detect_nuclei(
         slide,
         ensemble,

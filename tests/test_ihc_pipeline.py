@@ -111,3 +111,29 @@ def test_a_stain_told_from_the_colour_by_a_weak_margin_is_a_review_reason(models
     # Stated, the stain is not questioned for a weak colour call.
     stated = analyse_slide(he, models=models, config=PipelineConfig(device="cpu", run_nuclei=False), image_stain="H&E")
     assert not any("weak margin" in r["reason"] for r in stated.summary["review_reasons"])
+
+
+def test_ihc_tissue_is_found_by_optical_density_and_keeps_what_saturation_loses(ihc_pair):
+    import numpy as np
+
+    from inference import PhantomSpec, open_slide
+    from inference.phantom.ihc import IhcScene, IhcSpec
+    from inference.slides.tissue import tissue_mask_for_slide
+
+    _, ihc = ihc_pair
+    truth = load_truth(ihc).summary
+    scene = IhcScene(PhantomSpec(**truth["spec"]), IhcSpec(**truth["ihc_spec"]))
+    with open_slide(ihc) as slide:
+        by_od = tissue_mask_for_slide(slide, method="od")
+        by_saturation = tissue_mask_for_slide(slide, method="saturation")
+        with pytest.raises(ValueError, match="tissue method must be one of"):
+            tissue_mask_for_slide(slide, method="colour")
+    ds = by_od.downsample
+    h, w = by_od.mask.shape
+    tissue = scene.zones(((np.arange(w) + 0.5) * ds)[None, :], ((np.arange(h) + 0.5) * ds)[:, None])[0]
+
+    def recall(mask):
+        return (mask & tissue).sum() / tissue.sum()
+
+    assert recall(by_od.mask) > 0.99 > recall(by_saturation.mask)
+    assert (by_od.mask & tissue).sum() / by_od.mask.sum() > 0.9

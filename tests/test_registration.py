@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from inference.analysis.registration import Registration, register_pair, register_slides, tissue_mask
+from inference.analysis.registration import Registration, register_pair, register_slides
 from inference.slides.reader import ArrayReader
 from inference.slides.slide import Mpp, Slide, open_slide
+from inference.slides.tissue import tissue_mask
 from tests.registration_pairs import make_pair, render_he
 
 SOURCE_MPP = 4.0  # the phantom is rendered at 4 µm/px, warped there, and reduced to 8 µm/px

@@ -39,17 +39,12 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 from scipy import signal
-from skimage import morphology
 from skimage.color import rgb2hed
 from skimage.transform import downscale_local_mean
 
-from inference.slides.tissue import detect_tissue
+from inference.slides.tissue import tissue_mask
 
 # Plausibility of a registration of two sections of one block.
-MIN_TISSUE_OD = 0.12  # summed over R, G, B (natural log); glass is about 0.04, a pale counterstain 0.15
-MAX_HOLE_UM2 = 150.0**2  # holes and specks of tissue smaller than this are filled or dropped
-GLASS_BIN = 8  # colour bins (levels per channel) in which the glass colour is the commonest one
-MIN_GLASS_LEVEL = 200.0  # per channel
 MIN_TISSUE_PX = 64  # fewer tissue pixels than this (at the working resolution) is "no tissue"
 MIN_DICE = 0.80  # tissue overlap after registration
 MIN_STRUCTURE_NCC = 0.60  # correlation of the haematoxylin density after registration (see the module doc)
@@ -164,41 +159,6 @@ def _check_rgb(rgb: np.ndarray, name: str) -> np.ndarray:
     if min(arr.shape[:2]) < 16:
         raise ValueError(f"{name}: expected at least 16 x 16 px, got {arr.shape[1]} x {arr.shape[0]}")
     return arr
-
-
-def tissue_mask(rgb: np.ndarray, *, mpp: float) -> np.ndarray:
-    """bool tissue mask for either stain: saturated (:func:`detect_tissue`) or absorbing light.
-
-    An IHC with a pale counterstain and strong DAB splits :func:`detect_tissue`'s Otsu threshold
-    between DAB and the rest, so tissue is also where the optical density (summed over R, G, B,
-    against the glass colour of :func:`_glass_rgb`) exceeds :data:`MIN_TISSUE_OD`.
-    """
-    img = rgb.astype(np.float32)
-    glass = _glass_rgb(img)
-    od = np.clip(-np.log((img + 1) / (glass + 1)), 0, None).sum(axis=2)
-    mask = detect_tissue(rgb) | (ndi.gaussian_filter(od, 1.0) > MIN_TISSUE_OD)
-    mask = ndi.binary_opening(mask, structure=np.ones((3, 3)))
-    max_px = max(round(MAX_HOLE_UM2 / mpp**2), 1)
-    mask = morphology.remove_small_holes(mask, max_size=max_px)
-    return morphology.remove_small_objects(mask, max_size=max_px)
-
-
-def _glass_rgb(img: np.ndarray) -> np.ndarray:
-    """Colour of the glass: the commonest colour among the brighter half of the pixels.
-
-    Glass is one even colour, tissue a texture of many, so the commonest colour (in bins of
-    :data:`GLASS_BIN` levels) is glass even where a colour cast makes it darker, by its sum
-    over R, G, B, than the palest tissue. Never darker than :data:`MIN_GLASS_LEVEL` per channel,
-    so that an image with no glass does not take its tissue for glass.
-    """
-    flat = img.reshape(-1, 3)
-    total = flat.sum(axis=1)
-    bright = flat[total >= np.median(total)]
-    bins = (bright // GLASS_BIN).astype(np.int64)
-    keys = (bins[:, 0] * 256 + bins[:, 1]) * 256 + bins[:, 2]
-    values, counts = np.unique(keys, return_counts=True)
-    glass = np.median(bright[keys == values[np.argmax(counts)]], axis=0)
-    return np.maximum(glass, MIN_GLASS_LEVEL)
 
 
 def _features(rgb: np.ndarray, *, mpp: float) -> _Features:

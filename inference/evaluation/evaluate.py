@@ -32,7 +32,7 @@ from inference.phantom.ihc import ihc_to_he_points
 from inference.phantom.truth import PhantomTruthData, load_truth
 from inference.results import Cps, Tps, UncertaintyMaps
 from inference.slides.slide import open_slide
-from inference.slides.tissue import tissue_mask_for_slide
+from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
 
 
 @dataclass(frozen=True)
@@ -256,7 +256,8 @@ def evaluate_nuclei(
             f"{truth.summary.get('stain', 'H&E')} slide with a model trained on that stain"
         )
     with open_slide(slide_path, mpp=mpp) as slide:
-        tissue = tissue_mask_for_slide(slide)
+        # The tissue the pipeline analyses for this stain.
+        tissue = tissue_mask_for_slide(slide, method=TISSUE_METHOD_OF_STAIN[ensemble.manifest.stain])
         nuclei = detect_nuclei(slide, ensemble, tissue=tissue, config=config, on_progress=on_progress)
         radius_px = radius_um / slide.mpp.mean
     truth_cls = np.array([names.index(truth.class_names[c]) for c in truth.nuclei_class], np.int64)

@@ -11,6 +11,15 @@ from skimage import filters, morphology
 # Saturation below this is glass or dust whatever Otsu says: keeps an all-background
 # image from splitting its noise into "tissue".
 MIN_SATURATION = 0.05
+MIN_TISSUE_OD = 0.12  # summed over R, G, B (natural log); glass is about 0.04, a pale counterstain 0.15
+MAX_HOLE_UM2 = 150.0**2  # holes and specks of tissue smaller than this are filled or dropped
+GLASS_BIN = 8  # colour bins (levels per channel) in which the glass colour is the commonest one
+MIN_GLASS_LEVEL = 200.0  # per channel
+# How each stain's tissue is found. A PD-L1 IHC's pale counterstain has little saturation: on held-out IHC
+# phantoms saturation kept 45-88 % of the tissue (88-100 % of the tumour), optical density 99.7-100 %
+# (precision 0.95-0.97 against 0.997-1.0). H&E keeps saturation until its evaluations are re-measured (#32).
+TISSUE_METHODS = ("saturation", "od")
+TISSUE_METHOD_OF_STAIN = {"H&E": "saturation", "H-DAB": "od"}
 
 
 @dataclass(frozen=True)
@@ -53,8 +62,50 @@ def detect_tissue(rgb: np.ndarray, *, min_object_px: int = 16, max_hole_px: int 
     return mask
 
 
-def tissue_mask_for_slide(slide, *, mpp: float = 8.0) -> TissueMask:
-    """Detect tissue on a thumbnail of ``slide`` (an :class:`inference.slides.slide.Slide`) at ``mpp``."""
+def tissue_mask(rgb: np.ndarray, *, mpp: float) -> np.ndarray:
+    """bool tissue mask for either stain: saturated (:func:`detect_tissue`) or absorbing light.
+
+    An IHC with a pale counterstain and strong DAB splits :func:`detect_tissue`'s Otsu threshold
+    between DAB and the rest, so tissue is also where the optical density (summed over R, G, B,
+    against the glass colour of :func:`_glass_rgb`) exceeds :data:`MIN_TISSUE_OD`.
+    """
+    img = rgb.astype(np.float32)
+    glass = _glass_rgb(img)
+    od = np.clip(-np.log((img + 1) / (glass + 1)), 0, None).sum(axis=2)
+    mask = detect_tissue(rgb) | (ndi.gaussian_filter(od, 1.0) > MIN_TISSUE_OD)
+    mask = ndi.binary_opening(mask, structure=np.ones((3, 3)))
+    max_px = max(round(MAX_HOLE_UM2 / mpp**2), 1)
+    mask = morphology.remove_small_holes(mask, max_size=max_px)
+    return morphology.remove_small_objects(mask, max_size=max_px)
+
+
+def _glass_rgb(img: np.ndarray) -> np.ndarray:
+    """Colour of the glass: the commonest colour among the brighter half of the pixels.
+
+    Glass is one even colour, tissue a texture of many, so the commonest colour (in bins of
+    :data:`GLASS_BIN` levels) is glass even where a colour cast makes it darker, by its sum
+    over R, G, B, than the palest tissue. Never darker than :data:`MIN_GLASS_LEVEL` per channel,
+    so that an image with no glass does not take its tissue for glass.
+    """
+    flat = img.reshape(-1, 3)
+    total = flat.sum(axis=1)
+    bright = flat[total >= np.median(total)]
+    bins = (bright // GLASS_BIN).astype(np.int64)
+    keys = (bins[:, 0] * 256 + bins[:, 1]) * 256 + bins[:, 2]
+    values, counts = np.unique(keys, return_counts=True)
+    glass = np.median(bright[keys == values[np.argmax(counts)]], axis=0)
+    return np.maximum(glass, MIN_GLASS_LEVEL)
+
+
+def tissue_mask_for_slide(slide, *, mpp: float = 8.0, method: str = "saturation") -> TissueMask:
+    """Detect tissue on a thumbnail of ``slide`` (an :class:`inference.slides.slide.Slide`) at ``mpp``.
+
+    ``method``: ``saturation`` (:func:`detect_tissue`) or ``od`` (:func:`tissue_mask`, which also keeps
+    pale, grey, blue and brown tissue); :data:`TISSUE_METHOD_OF_STAIN` says which each stain takes.
+    """
+    if method not in TISSUE_METHODS:
+        raise ValueError(f"tissue method must be one of {TISSUE_METHODS}, got {method!r}")
     thumb = slide.thumbnail(mpp=mpp)
-    width, _ = slide.dimensions
-    return TissueMask(mask=detect_tissue(thumb), downsample=width / thumb.shape[1])
+    downsample = slide.dimensions[0] / thumb.shape[1]
+    mask = tissue_mask(thumb, mpp=slide.mpp.mean * downsample) if method == "od" else detect_tissue(thumb)
+    return TissueMask(mask=mask, downsample=downsample)

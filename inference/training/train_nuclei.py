@@ -26,7 +26,7 @@ from inference.models.manifest import Manifest, Member, write_manifest
 from inference.models.nuclei_model import DilatedResFCN
 from inference.phantom.truth import load_truth
 from inference.slides.slide import open_slide
-from inference.slides.tissue import tissue_mask_for_slide
+from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
 from inference.training.augment import STAIN_JITTERS, augment_batch
 from inference.training.cyclic import check_schedule, total_epochs, train_cyclic
 from inference.training.train_seg import NORMALIZATION
@@ -290,7 +290,8 @@ def review_entropy_limit(model_dir: str | Path, slides: tuple[str, ...], *, devi
     means = []
     for path in slides:
         with open_slide(path) as slide:
-            nuclei = detect_nuclei(slide, ensemble, tissue=tissue_mask_for_slide(slide))
+            tissue = tissue_mask_for_slide(slide, method=TISSUE_METHOD_OF_STAIN[ensemble.manifest.stain])
+            nuclei = detect_nuclei(slide, ensemble, tissue=tissue)
         if nuclei.entropy is not None and len(nuclei):
             means.append(float(nuclei.entropy.mean()))
     return max(means) * REVIEW_ENTROPY_MARGIN

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bridge.classes import INTENSITY_CLASSES
 from bridge.pairs import PAIRS_FILE
 from bridge.project import PDL1_DIR, ProjectError, find_project_file, locate_image, read_project
 from bridge.qupath_geojson import read_features
@@ -85,6 +86,10 @@ def collect(source: Path) -> list[ReportItem]:
     return items
 
 
+# Positive tumour cells of an IHC on its thumbnail: yellow 1+, orange 2+, red 3+ (their QuPath colours).
+_GRADE_COLOURS = {c.name: tuple(v / 255 for v in c.rgb) for c in INTENSITY_CLASSES}
+
+
 def _thumbnail(item: ReportItem, out: Path, *, max_px: int = 900) -> Path | None:
     import matplotlib
 
@@ -104,8 +109,11 @@ def _thumbnail(item: ReportItem, out: Path, *, max_px: int = 900) -> Path | None
     fig, ax = plt.subplots(figsize=(thumb.shape[1] / 100, thumb.shape[0] / 100), dpi=100)
     ax.imshow(thumb)
     tiles, entropy, regions, candidates = [], [], [], []
+    graded: dict[str, list[tuple[float, float]]] = {}  # an IHC's positive tumour cells, by grade
     for obj in read_features(item.geojson):
-        if obj.object_type == "tile":
+        if obj.object_type == "detection" and obj.classification in _GRADE_COLOURS:
+            graded.setdefault(obj.classification, []).append((obj.geometry.x * scale, obj.geometry.y * scale))
+        elif obj.object_type == "tile":
             x0, y0, x1, y1 = obj.geometry.bounds
             tiles.append(Rectangle((x0 * scale, y0 * scale), (x1 - x0) * scale, (y1 - y0) * scale))
             entropy.append(obj.measurements.get("Predictive entropy", 0.0))
@@ -122,6 +130,9 @@ def _thumbnail(item: ReportItem, out: Path, *, max_px: int = 900) -> Path | None
         ax.add_collection(pc)
     ax.add_collection(PatchCollection(regions, facecolor="none", edgecolor=(1.0, 0.5, 0.0), linewidths=1.2))
     ax.add_collection(PatchCollection(candidates, facecolor="none", edgecolor=(0.9, 0.0, 0.9), linewidths=1.5))
+    for name, points in graded.items():
+        xy = np.asarray(points)
+        ax.scatter(xy[:, 0], xy[:, 1], s=1.5, c=[_GRADE_COLOURS[name]], linewidths=0)
     ax.set_axis_off()
     fig.subplots_adjust(0, 0, 1, 1)
     path = out / f"{Path(item.image_name).stem}.png"
@@ -250,8 +261,9 @@ def _html(rows: list[dict], pairs: dict | None = None) -> str:
         "<!doctype html><html><head><meta charset='utf-8'><title>pdl1-bridge report</title><style>"
         "body{font-family:sans-serif;margin:2em}section{margin-bottom:2em}th{text-align:left;padding-right:1em}"
         "img{max-width:900px;border:1px solid #ccc}</style></head><body><h1>PD-L1 report</h1>"
-        "<p>Orange: predicted PD-L1 positive regions. Magenta: SUA false-negative candidates for review. "
-        "Shading: predictive entropy of the uncertainty tiles (dark = certain).</p>"
+        "<p>H&amp;E: orange outlines are predicted PD-L1 positive regions, magenta SUA false-negative candidates "
+        "for review, the shading the predictive entropy of the uncertainty tiles (dark = certain). PD-L1 IHC: "
+        "dots are positive tumour cells, yellow 1+, orange 2+, red 3+.</p>"
         + "".join(body)
         + _pairs_html(pairs or {})
         + "</body></html>"

@@ -89,6 +89,8 @@ class ImageOutcome:
     error: str | None = None
     run_id: str | None = None
     outputs: tuple[str, ...] = ()
+    stain: str | None = None
+    stain_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -488,6 +490,8 @@ def outcome_from_summary(
         candidates=summary["sua_candidates"],
         run_id=summary["run_id"],
         outputs=tuple(str(p) for p in outputs),
+        stain=summary.get("stain"),
+        stain_source=summary.get("stain_source"),
     )
 
 

@@ -66,18 +66,27 @@ def outcome_table(outcomes) -> None:
     from rich.table import Table
 
     table = Table(title="pdl1 run")
-    for col in ("image", "state", "TPS %", "category", "positive area %", "uncertainty", "candidates", "time s"):
-        table.add_column(col, justify="left" if col in ("image", "state", "category") else "right")
+    columns = ("image", "state", "stain", "TPS %", "category", "positive area %", "uncertainty", "candidates", "time s")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("image", "state", "stain", "category") else "right")
     for o in outcomes:
 
         def num(v, fmt=".1f"):
             return "" if v is None else format(v, fmt)
 
         flag = "" if o.uncertainty_flag is None else ("needs review" if o.uncertainty_flag else "ok")
+        # A stain told from the colour is marked: a wrong call sends an image down the other stain's path.
+        stain = (
+            ""
+            if o.stain is None
+            else o.stain + (" (colour)" if (o.stain_source or "").startswith("its colour") else "")
+        )
+        tps = num(o.tps_percent) + (" (pred.)" if o.stain == "H&E" and o.tps_percent is not None else "")
         table.add_row(
             o.name,
             o.state if o.state != "failed" else "[red]failed[/red]",
-            num(o.tps_percent),
+            stain,
+            tps,
             o.tps_category or "",
             num(o.positive_area_pct),
             flag,

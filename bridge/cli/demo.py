@@ -46,7 +46,7 @@ def phantom(
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Write a phantom H&E slide with its PD-L1 truth beside it (OUT stem + '.truth/').
+    """Write a phantom H&E slide (and with --ihc its PD-L1 IHC) with the truth beside it (stem + '.truth/').
 
     With --ihc, also the PD-L1 IHC section of the same tissue (rotated, shifted and deformed as a
     consecutive section) with its truth (TPS, CPS, intensities, the transform to the H&E).

@@ -216,7 +216,7 @@ def run(
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Analyse every image: segmentation ensemble + uncertainty + SUA + nuclei, then write to QuPath.
+    """Analyse every image on its stain's path (H&E: ensemble, SUA, predicted TPS; IHC: TPS, CPS), write to QuPath.
 
     Models, targets, outputs and device default to the project's pdl1-config.toml; options override it.
 
@@ -361,7 +361,7 @@ def report_cmd(
     source: Annotated[Path, typer.Argument(help="A project run by `pdl1 run`, or its --out folder for slides.")],
     out: Annotated[Path | None, typer.Option(help="Report folder (default: SOURCE/pdl1/report).")] = None,
 ) -> None:
-    """HTML and CSV report with per-image thumbnails overlaid with regions, uncertainty and candidates."""
+    """HTML and CSV report: per-image thumbnails with the results overlaid, review reasons, and the cases."""
     from bridge.report import write_report
 
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -177,10 +177,18 @@ def qupath_classes(nuclei: Nuclei) -> tuple[tuple[str, ...], np.ndarray]:
 
 def nucleus_object(nuclei: Nuclei, i: int) -> QuPathObject:
     """Nucleus ``i`` as a point detection with its class and scores."""
-    measurements = {name: float(column[i]) for name, column in _nucleus_measurements(nuclei).items()}
-    xy = nuclei.xy[i]
+    return next(_nucleus_objects(nuclei, range(i, i + 1)))
+
+
+def _nucleus_objects(nuclei: Nuclei, indices: Iterable[int]) -> Iterator[QuPathObject]:
+    # The classes and columns are worked out once for all nuclei, not once per nucleus (an IHC result's
+    # graded classes are arrays over every nucleus).
     names, cls = qupath_classes(nuclei)
-    return QuPathObject(Point(float(xy[0]), float(xy[1])), "detection", names[int(cls[i])], measurements)
+    columns = _nucleus_measurements(nuclei)
+    for i in indices:
+        x, y = nuclei.xy[i]
+        measurements = {name: float(column[i]) for name, column in columns.items()}
+        yield QuPathObject(Point(float(x), float(y)), "detection", names[int(cls[i])], measurements)
 
 
 def nucleus_features(
@@ -223,7 +231,7 @@ def nucleus_objects(result: SlideResult) -> Iterator[QuPathObject]:
     nuclei = result.nuclei
     if nuclei is None:
         return iter(())
-    return (nucleus_object(nuclei, i) for i in range(len(nuclei)))
+    return _nucleus_objects(nuclei, range(len(nuclei)))
 
 
 def feature_page(

@@ -521,8 +521,13 @@ def _analyse_ihc(slide, *, models, config, roi, on_progress, should_cancel) -> S
 
 
 def tissue_area_px(tissue: TissueMask, area: BaseGeometry) -> float:
-    """Level-0 px² of detected tissue inside ``area`` (tissue pixels whose centre lies in it)."""
-    rows, cols = np.nonzero(tissue.mask)
+    """Level-0 px² of detected tissue inside ``area`` (tissue pixels whose centre lies in it).
+
+    Only the mask pixels within the area's bounds are tested: a whole slide's mask has tens of millions.
+    """
     ds = tissue.downsample
-    inside = shapely.contains_xy(area, (cols + 0.5) * ds, (rows + 0.5) * ds)
+    x0, y0, x1, y1 = area.bounds
+    r0, c0 = max(int(y0 // ds), 0), max(int(x0 // ds), 0)
+    rows, cols = np.nonzero(tissue.mask[r0 : int(y1 // ds) + 1, c0 : int(x1 // ds) + 1])
+    inside = shapely.contains_xy(area, (cols + c0 + 0.5) * ds, (rows + r0 + 0.5) * ds)
     return float(inside.sum()) * ds * ds

@@ -183,3 +183,24 @@ def test_the_ring_percentile_is_numpys_nanpercentile_of_the_ring_pixels():
     expected[some] = np.nanpercentile(ring[some], 75, axis=1)
     assert np.isnan(got[-1]) and np.isnan(expected[-1])
     np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_tissue_area_counts_the_tissue_pixels_whose_centre_lies_in_the_area():
+    from shapely.geometry import Polygon, box
+
+    from inference.pipeline import tissue_area_px
+    from inference.slides.tissue import TissueMask
+
+    mask = np.zeros((30, 40), bool)
+    mask[10:20, 5:25] = True  # 200 pixels of 8 x 8 level-0 px
+    tissue = TissueMask(mask, 8.0)
+    assert tissue_area_px(tissue, box(0, 0, 320, 240)) == 200 * 64
+    assert tissue_area_px(tissue, box(0, 0, 15 * 8, 240)) == 10 * 10 * 64  # columns 5-14
+    assert tissue_area_px(tissue, box(-100, -100, 8, 8)) == 0
+    triangle = Polygon([(40, 80), (200, 80), (40, 160)])  # half of a 20 x 10 block, by pixel centres
+    rows, cols = np.nonzero(mask)
+    expected = sum(
+        Polygon(triangle).contains(Polygon(box(c * 8 + 3.9, r * 8 + 3.9, c * 8 + 4.1, r * 8 + 4.1)))
+        for r, c in zip(rows, cols, strict=True)
+    )
+    assert tissue_area_px(tissue, triangle) == expected * 64

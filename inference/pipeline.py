@@ -428,12 +428,7 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
         # Reported beside the unrefined numbers, never instead of them.
         summary["positive_area_refined_um2"] = float(((positive | candidate_mask) & analysed).sum() * px_area_um2)
     return SlideResult(
-        image_path=str(slide.path) if slide.path else "",
-        image_width_px=width,
-        image_height_px=height,
-        mpp=slide.mpp.mean,
-        run_id=str(uuid.uuid4()),
-        config_hash=config.digest(),
+        **_identity(slide, config),
         seg_model=models.seg_info,
         maps=maps,
         regions=regions,
@@ -499,12 +494,7 @@ def _analyse_ihc(slide, *, models, config, roi, on_progress, should_cancel) -> S
         "tissue_fraction": float(tissue.fraction) if tissue is not None else None,
     }
     return SlideResult(
-        image_path=str(slide.path) if slide.path else "",
-        image_width_px=width,
-        image_height_px=height,
-        mpp=slide.mpp.mean,
-        run_id=str(uuid.uuid4()),
-        config_hash=config.digest(),
+        **_identity(slide, config),
         seg_model=None,
         maps=None,
         regions=(),
@@ -518,6 +508,19 @@ def _analyse_ihc(slide, *, models, config, roi, on_progress, should_cancel) -> S
         uncertainty_flag=bool(reasons),
         summary=summary,
     )
+
+
+def _identity(slide: Slide, config: PipelineConfig) -> dict:
+    """The fields every SlideResult of this slide and configuration starts with; a new run id each time."""
+    width, height = slide.dimensions
+    return {
+        "image_path": str(slide.path) if slide.path else "",
+        "image_width_px": width,
+        "image_height_px": height,
+        "mpp": slide.mpp.mean,
+        "run_id": str(uuid.uuid4()),
+        "config_hash": config.digest(),
+    }
 
 
 def tissue_area_px(tissue: TissueMask, area: BaseGeometry) -> float:

@@ -118,30 +118,8 @@ def write_phantom(
     path = check_slide_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     scene = PhantomScene(spec)
-    tile, tds = spec.tile_size_px, spec.truth_downsample
-    w0, h0 = spec.width_px, spec.height_px
-    truth = TruthWriter(path, width_px=w0, height_px=h0, mask_downsample=tds)
-
-    def on_level0_tile(x0: int, y0: int) -> None:
-        nuc = scene.nuclei(x0, y0, min(tile, w0 - x0), min(tile, h0 - y0))
-        truth.add_nuclei(nuc["x"], nuc["y"], nuc["cls"])
-        truth.add_mask(x0, y0, scene.positive_mask(x0, y0, tile // tds, tile // tds, tds))
-
-    with truth:
-        levels = write_pyramid(
-            path,
-            spec,
-            lambda x0, y0, w, h, ds: render(scene, x0, y0, w, h, ds),
-            jpeg_quality=scene.stains.jpeg_quality,
-            on_level0_tile=on_level0_tile,
-            on_progress=on_progress,
-        )
-    return truth.finish(
-        generator=f"pdl1-bridge {__version__} inference.phantom",
-        spec=asdict(spec),
-        levels=levels,
-        jpeg_quality=scene.stains.jpeg_quality,
-    )
+    truth = TruthWriter(path, width_px=spec.width_px, height_px=spec.height_px, mask_downsample=spec.truth_downsample)
+    return _write_scene(path, spec, scene, render, truth, on_progress=on_progress)
 
 
 def write_ihc_phantom(
@@ -164,20 +142,48 @@ def write_ihc_phantom(
     path.parent.mkdir(parents=True, exist_ok=True)
     ihc = ihc or IhcSpec()
     scene = IhcScene(spec, ihc)
+    truth = TruthWriter(
+        path,
+        width_px=spec.width_px,
+        height_px=spec.height_px,
+        mask_downsample=spec.truth_downsample,
+        classes=IHC_NUCLEUS_CLASSES,
+        ihc=True,
+    )
+    extra = {
+        "ihc_spec": asdict(ihc),
+        "paired_with": Path(paired_with).name if paired_with is not None else None,
+        "transform": scene.transform.to_dict(),
+    }
+    return _write_scene(path, spec, scene, render_ihc, truth, on_progress=on_progress, extra=extra)
+
+
+def _write_scene(
+    path: Path,
+    spec: PhantomSpec,
+    scene: PhantomScene | IhcScene,
+    draw: Callable[..., np.ndarray],
+    truth: TruthWriter,
+    *,
+    on_progress: Callable[[int, int], None] | None,
+    extra: dict | None = None,
+) -> PhantomTruth:
+    """Draw ``scene`` with ``draw`` into the pyramid at ``path`` while ``truth`` takes its level-0 tiles'
+    nuclei (with an IHC's intensity and pattern) and positive mask."""
     tile, tds = spec.tile_size_px, spec.truth_downsample
     w0, h0 = spec.width_px, spec.height_px
-    truth = TruthWriter(path, width_px=w0, height_px=h0, mask_downsample=tds, classes=IHC_NUCLEUS_CLASSES, ihc=True)
 
     def on_level0_tile(x0: int, y0: int) -> None:
         nuc = scene.nuclei(x0, y0, min(tile, w0 - x0), min(tile, h0 - y0))
-        truth.add_nuclei(nuc["x"], nuc["y"], nuc["cls"], nuc["intensity"], nuc["pattern"])
+        graded = (nuc["intensity"], nuc["pattern"]) if truth.ihc else ()
+        truth.add_nuclei(nuc["x"], nuc["y"], nuc["cls"], *graded)
         truth.add_mask(x0, y0, scene.positive_mask(x0, y0, tile // tds, tile // tds, tds))
 
     with truth:
         levels = write_pyramid(
             path,
             spec,
-            lambda x0, y0, w, h, ds: render_ihc(scene, x0, y0, w, h, ds),
+            lambda x0, y0, w, h, ds: draw(scene, x0, y0, w, h, ds),
             jpeg_quality=scene.stains.jpeg_quality,
             on_level0_tile=on_level0_tile,
             on_progress=on_progress,
@@ -187,9 +193,5 @@ def write_ihc_phantom(
         spec=asdict(spec),
         levels=levels,
         jpeg_quality=scene.stains.jpeg_quality,
-        extra={
-            "ihc_spec": asdict(ihc),
-            "paired_with": Path(paired_with).name if paired_with is not None else None,
-            "transform": scene.transform.to_dict(),
-        },
+        extra=extra,
     )

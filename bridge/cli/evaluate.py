@@ -136,6 +136,16 @@ def _print_dice_summary(results, out) -> None:
     )
 
 
+def _nuclei_evaluations(slides: list[Path], ensemble, *, radius_um: float, progress: bool):
+    """Each slide with its :func:`inference.evaluate_nuclei` result, a progress bar per slide."""
+    from bridge.progress import progress_bar
+    from inference import evaluate_nuclei
+
+    for slide in slides:
+        with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
+            yield slide, evaluate_nuclei(slide, ensemble, radius_um=radius_um, on_progress=on_progress)
+
+
 @app.command("nuclei")
 def eval_nuclei(
     slides: Annotated[list[Path], typer.Argument(help="Phantom slides with truth beside them.")],
@@ -147,8 +157,7 @@ def eval_nuclei(
     """Precision, recall and F1 (overall and per class) and the TPS error of each slide."""
     from rich.table import Table
 
-    from bridge.progress import progress_bar
-    from inference import Ensemble, demo_model_dir, evaluate_nuclei
+    from inference import Ensemble, demo_model_dir
 
     out = stdout()
     try:
@@ -156,9 +165,7 @@ def eval_nuclei(
         table = Table(title=f"nuclei vs truth (match within {radius_um} µm)")
         for col in ("slide", "class", "precision", "recall", "F1", "TPS pred", "TPS truth", "TPS error"):
             table.add_column(col, justify="left" if col in ("slide", "class") else "right")
-        for slide in slides:
-            with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
-                r = evaluate_nuclei(slide, ensemble, radius_um=radius_um, on_progress=on_progress)
+        for slide, r in _nuclei_evaluations(slides, ensemble, radius_um=radius_um, progress=progress):
             err = r.tps_abs_error
 
             def pct(t) -> str:
@@ -192,8 +199,7 @@ def eval_ihc(
     """TPS and CPS against the truth (error, cut-off category), nuclei F1 and intensity agreement, per IHC slide."""
     from rich.table import Table
 
-    from bridge.progress import progress_bar
-    from inference import Ensemble, demo_model_dir, evaluate_nuclei
+    from inference import Ensemble, demo_model_dir
 
     out = stdout()
     try:
@@ -203,9 +209,7 @@ def eval_ihc(
         for col in (*columns, "F1", "intensity agreement", "entropy mean"):
             table.add_column(col, justify="left" if col == "slide" else "right")
         results = []
-        for slide in slides:
-            with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
-                r = evaluate_nuclei(slide, ensemble, radius_um=radius_um, on_progress=on_progress)
+        for slide, r in _nuclei_evaluations(slides, ensemble, radius_um=radius_um, progress=progress):
             results.append(r)
 
             def num(value: float | None, digits: int = 1) -> str:

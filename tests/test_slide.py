@@ -243,3 +243,19 @@ def test_reading_a_whole_image_for_a_model_is_refused_beyond_twice_its_pixels():
     assert slide.whole_at_mpp(1.0, reader="the nuclei model").shape == (128, 128, 3)  # 2x: allowed
     with pytest.raises(ResolutionError, match=r"the nuclei model reads 0\.5 µm/px: it would enlarge the image 4 times"):
         slide.whole_at_mpp(0.5, reader="the nuclei model")
+
+
+def test_the_last_thumbnail_is_read_once_and_kept_read_only():
+    class Counting(ArrayReader):
+        reads = 0
+
+        def read_region(self, location_xy, level, size_wh):
+            Counting.reads += 1
+            return super().read_region(location_xy, level, size_wh)
+
+    slide = Slide(Counting(np.full((256, 256, 3), 200, np.uint8)), mpp=Mpp(1.0, 1.0, "test"))
+    first = slide.thumbnail(mpp=8.0)
+    assert slide.thumbnail(mpp=8.0) is first and Counting.reads == 1  # the stain, then the tissue: one read
+    with pytest.raises(ValueError, match="read-only"):
+        first[0, 0] = 0
+    assert slide.thumbnail(mpp=4.0).shape == (64, 64, 3) and Counting.reads == 2

@@ -62,6 +62,7 @@ class Slide:
         self.reader = reader
         self.mpp = mpp
         self.path = path
+        self._thumbnail: tuple[float, np.ndarray] | None = None  # the last one read: (mpp, read-only RGB)
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -134,8 +135,15 @@ class Slide:
 
         A whole image is never enlarged: at a coarse stated pixel size (a wrong ``--mpp``) that
         would hold many times the image in memory. The caller takes the scale from the shape.
+        The last thumbnail is kept, read-only: an analysis tells the stain and finds the tissue on the
+        same one, and a whole slide's is read from disk once.
         """
-        return self._whole(max(mpp, self.mpp.mean))
+        mpp = max(mpp, self.mpp.mean)
+        if self._thumbnail is None or self._thumbnail[0] != mpp:
+            image = self._whole(mpp)
+            image.flags.writeable = False
+            self._thumbnail = (mpp, image)
+        return self._thumbnail[1]
 
     def whole_at_mpp(self, mpp: float, *, reader: str) -> np.ndarray:
         """The whole image at exactly ``mpp`` µm/px (as a model reads it) as RGB uint8.

@@ -19,11 +19,13 @@ from bridge.classes import INTENSITY_CLASSES
 from bridge.pairs import PAIRS_FILE
 from bridge.project import PDL1_DIR, ProjectError, find_project_file, locate_image, read_project
 from bridge.qupath_geojson import read_features
-from inference import open_slide
+from inference import demo_model_checksums, open_slide
 
 COLUMNS = (
     "image",
     "stain",
+    "mpp",
+    "analysed_at",
     "tps_percent",
     "tps_category",
     "cps",
@@ -35,6 +37,7 @@ COLUMNS = (
     "tumor_negative",
     "other",
     "run_id",
+    "models",
 )
 
 
@@ -135,6 +138,11 @@ def _thumbnail(item: ReportItem, out: Path, *, max_px: int = 900) -> Path | None
         ax.scatter(xy[:, 0], xy[:, 1], s=1.5, c=[_GRADE_COLOURS[name]], linewidths=0)
     ax.set_axis_off()
     fig.subplots_adjust(0, 0, 1, 1)
+    if tiles:  # the entropy's colour scale, inside the picture's top-left corner
+        bar = ax.inset_axes((0.02, 0.93, 0.3, 0.025))
+        fig.colorbar(pc, cax=bar, orientation="horizontal")
+        bar.set_title("predictive entropy (nats), 0 to ln 2", fontsize=7, pad=2)
+        bar.tick_params(labelsize=6)
     path = out / f"{Path(item.image_name).stem}.png"
     fig.savefig(path)
     plt.close(fig)
@@ -156,13 +164,21 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
     out = Path(out) if out is not None else base / PDL1_DIR / "report"
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    demo_checksums = set(demo_model_checksums().values())
     for item in items:
         s = item.summary
         nuclei = s.get("nuclei", {})
+        provenance = s.get("provenance", {})
+        models = [provenance.get(k) for k in ("seg_model", "nuclei_model")]
+        models = [m for m in models if isinstance(m, dict)]
         rows.append(
             {
                 "image": item.image_name,
                 "stain": s.get("stain", "H&E"),
+                "mpp": s.get("mpp"),
+                "analysed_at": provenance.get("analysed_at"),
+                "models": "; ".join(_model_label(m, demo_checksums) for m in models),
+                "demo_models": any(m.get("sha256") in demo_checksums for m in models),
                 "tps_percent": s.get("tps_percent"),
                 "tps_category": s.get("tps_category"),
                 "tps_low": s.get("details", {}).get("tps_low"),
@@ -192,6 +208,20 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
     pairs = json.loads(pairs_path.read_text())["cases"] if pairs_path.is_file() else {}
     html_path.write_text(_html(rows, pairs), encoding="utf-8")
     return html_path, csv_path
+
+
+def _model_label(model: dict, demo_checksums: set[str]) -> str:
+    demo = " (shipped demo, phantom-trained)" if model.get("sha256") in demo_checksums else ""
+    return (
+        f"{model.get('name')} {model.get('version')}, {model.get('members')} members, "
+        f"sha256 {str(model.get('sha256'))[:12]}{demo}"
+    )
+
+
+def _mpp_text(mpp) -> str:
+    if isinstance(mpp, list | tuple) and mpp:
+        mpp = mpp[0] if len(set(mpp)) == 1 else "/".join(f"{v:.3g}" for v in mpp)
+    return f"{mpp:.3g} µm/px" if isinstance(mpp, float | int) else html.escape(str(mpp or "n/a"))
 
 
 def _fmt(value) -> str:
@@ -239,6 +269,19 @@ def _pairs_html(pairs: dict) -> str:
     )
 
 
+def _demo_warning(rows: list[dict]) -> str:
+    demo = [r["image"] for r in rows if r.get("demo_models")]
+    if not demo:
+        return ""
+    return (
+        "<p class='warn'><b>Demo models.</b> "
+        f"{len(demo)} of {len(rows)} images were analysed with the shipped demo models, which were trained on "
+        "phantom slides the product generates, never on real tissue: on real slides their PD-L1 calls mean "
+        "nothing. Train on your own labelled slides (README: <i>Train on your own slides</i>) before reading "
+        "these numbers.</p>"
+    )
+
+
 def _html(rows: list[dict], pairs: dict | None = None) -> str:
     body = []
     for r in rows:
@@ -252,6 +295,8 @@ def _html(rows: list[dict], pairs: dict | None = None) -> str:
             f"<section><h2>{html.escape(r['image'])}</h2><table>"
             + _tps_row(r)
             + f"<tr><th>Review</th><td>{html.escape(r['review_reasons'] or 'no reason')}</td></tr>"
+            f"<tr><th>Image</th><td>{_mpp_text(r['mpp'])}; analysed {html.escape(r['analysed_at'] or 'n/a')}</td></tr>"
+            f"<tr><th>Models</th><td>{html.escape(r['models'] or 'n/a')}</td></tr>"
             f"<tr><th>PD-L1 positive area</th><td>{_fmt(r['positive_area_pct'])}% of analysed tissue</td></tr>"
             f"<tr><th>Uncertainty</th><td>{flag}; {_fmt(r['sua_candidates'])} SUA false-negative candidates</td></tr>"
             f"<tr><th>Nuclei</th><td>{_fmt(r['tumor_positive'])} positive, {_fmt(r['tumor_negative'])} negative "
@@ -260,8 +305,10 @@ def _html(rows: list[dict], pairs: dict | None = None) -> str:
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>pdl1-bridge report</title><style>"
         "body{font-family:sans-serif;margin:2em}section{margin-bottom:2em}th{text-align:left;padding-right:1em}"
-        "img{max-width:900px;border:1px solid #ccc}</style></head><body><h1>PD-L1 report</h1>"
-        "<p>H&amp;E: orange outlines are predicted PD-L1 positive regions, magenta SUA false-negative candidates "
+        "img{max-width:900px;border:1px solid #ccc}.warn{background:#fff3cd;border:1px solid #d39e00;padding:.6em}"
+        "</style></head><body><h1>PD-L1 report</h1>"
+        + _demo_warning(rows)
+        + "<p>H&amp;E: orange outlines are predicted PD-L1 positive regions, magenta SUA false-negative candidates "
         "for review, the shading the predictive entropy of the uncertainty tiles (dark = certain). PD-L1 IHC: "
         "dots are positive tumour cells, yellow 1+, orange 2+, red 3+.</p>"
         + "".join(body)

@@ -76,6 +76,7 @@ _PUBLIC = {
     "Ensemble": "inference.models.ensemble",
     "demo_model_dir": "inference.models.ensemble",
     "write_manifest": "inference.models.manifest",
+    "demo_model_checksums": "inference.models.manifest",
     # training
     "DEFAULT_LR_MAX": "inference.training.cyclic",
     "SegTrainConfig": "inference.training.train_seg",
@@ -92,6 +93,9 @@ _PUBLIC = {
     "pooled_dice": "inference.evaluation.evaluate",
     "reliability": "inference.evaluation.metrics",
     "spearman": "inference.evaluation.metrics",
+    "aurc": "inference.evaluation.metrics",
+    "e_aurc": "inference.evaluation.metrics",
+    "risk_coverage": "inference.evaluation.metrics",
     # phantoms
     "PhantomSpec": "inference.phantom.scene",
     "write_phantom": "inference.phantom.pyramid",

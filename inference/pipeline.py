@@ -330,7 +330,9 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
     if roi is not None:
         roi = validate_roi(roi, image_size_wh=(width, height))
     nuclei_model = _nuclei_model(models, config)
-    tissue: TissueMask | None = tissue_mask_for_slide(slide, mpp=config.tissue_mpp) if config.use_tissue else None
+    tissue: TissueMask | None = None
+    if config.use_tissue:
+        tissue = tissue_mask_for_slide(slide, mpp=config.tissue_mpp, method=TISSUE_METHOD_OF_STAIN["H&E"])
     seg_tiles = nuclei_tiles = 0
 
     def progress(part: str) -> Callable[[int, int], None] | None:

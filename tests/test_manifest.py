@@ -172,3 +172,13 @@ def test_shipped_demo_ensemble():
     size_mb = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
     assert size_mb < 5
     assert manifest.training["data"], "the manifest summarises its training data"
+
+
+def test_the_shipped_demo_models_are_known_by_checksum():
+    from inference import demo_model_checksums, demo_model_dir
+    from inference.models.manifest import read_manifest
+
+    checksums = demo_model_checksums()
+    assert set(checksums) == {"seg", "nuclei", "nuclei-ihc"}
+    for kind, checksum in checksums.items():
+        assert checksum == read_manifest(demo_model_dir(kind)).checksum

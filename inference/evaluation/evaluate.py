@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +31,7 @@ from inference.evaluation.metrics import auprc, auroc, brier, dice, ece, fbeta_s
 from inference.models.ensemble import Ensemble
 from inference.phantom.ihc import ihc_to_he_points
 from inference.phantom.truth import PhantomTruthData, load_truth
+from inference.phantom.truth_tissue import truth_tissue_mask
 from inference.results import Cps, Tps, UncertaintyMaps
 from inference.slides.slide import open_slide
 from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
@@ -37,7 +39,13 @@ from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slid
 
 @dataclass(frozen=True)
 class SegEvaluation:
-    """Pixel-level results of one slide, inside detected tissue."""
+    """Pixel-level results of one slide, over the truth's tissue.
+
+    Scored over the tissue the truth holds, not the tissue the product found: tissue the product's
+    detector dropped was never analysed, and counts as predicted negative with zero uncertainty
+    (``tissue_recall`` says how much of the truth's tissue was analysed, ``tissue_precision`` how
+    much of the analysed area was tissue).
+    """
 
     slide: str
     threshold: float
@@ -60,6 +68,8 @@ class SegEvaluation:
     # (2 |pred & truth|, |pred| + |truth|) of the ensemble and of each member, for pooled Dice.
     dice_terms_ensemble: tuple[int, int]
     dice_terms_members: tuple[tuple[int, int], ...]
+    tissue_recall: float = float("nan")
+    tissue_precision: float = float("nan")
 
 
 def _dice_terms(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int]:
@@ -165,7 +175,8 @@ class _ScoredSlide:
     maps: UncertaintyMaps
     truth_data: PhantomTruthData
     truth: np.ndarray  # bool, the positive mask on the maps' grid
-    region: np.ndarray  # bool, analysed tissue on the maps' grid
+    region: np.ndarray  # bool, the truth's tissue on the maps' grid: what is scored
+    analysed: np.ndarray  # bool, the tissue the product found and analysed, on the maps' grid
 
 
 def _segment_against_truth(
@@ -184,13 +195,20 @@ def _segment_against_truth(
             config = SegmentConfig(map_downsample=truth_map_downsample(truth_mpp, ensemble.manifest.input_mpp))
         if not config.member_maps:
             config = replace(config, member_maps=True)
-        tissue = tissue_mask_for_slide(slide)
+        tissue = tissue_mask_for_slide(slide, method=TISSUE_METHOD_OF_STAIN[ensemble.manifest.stain])
         maps = segment_slide(slide, ensemble, tissue=tissue, config=config, on_progress=on_progress)
-    region = mask_on_maps(tissue.mask, tissue.downsample, maps) & np.asarray(maps.covered)
+    analysed = mask_on_maps(tissue.mask, tissue.downsample, maps) & np.asarray(maps.covered)
+    region = mask_on_maps(truth_tissue_mask(truth_data), truth_data.mask_downsample, maps)
     thr = threshold if threshold is not None else ensemble.manifest.thresholds.get("segmentation", 0.5)
-    truth = mask_on_maps(truth_data.positive_mask.astype(bool), truth_data.mask_downsample, maps)
+    truth = mask_on_maps(truth_data.positive_mask.astype(bool), truth_data.mask_downsample, maps) & region
     seg = evaluate_segmentation_maps(maps, truth, region, threshold=thr, slide=Path(slide_path).name)
-    return _ScoredSlide(seg=seg, maps=maps, truth_data=truth_data, truth=truth, region=region)
+    overlap = np.count_nonzero(analysed & region)
+    seg = replace(
+        seg,
+        tissue_recall=overlap / max(np.count_nonzero(region), 1),
+        tissue_precision=overlap / max(np.count_nonzero(analysed), 1),
+    )
+    return _ScoredSlide(seg=seg, maps=maps, truth_data=truth_data, truth=truth, region=region, analysed=analysed)
 
 
 @dataclass(frozen=True)
@@ -338,6 +356,11 @@ def evaluate_registration(ihc_slide_path: str | Path, *, mpp: float = 8.0) -> Re
     )
 
 
+# A slide whose predicted positive area is off by more than this share of the true one is a failure the
+# review must catch (#32's target: catch >= 90 % of them at <= 20 % false alarms on the others).
+FAILED_AREA_ERROR = 0.25
+
+
 @dataclass(frozen=True)
 class SlideEvaluation:
     """Everything the evaluation suite measures on one slide, with the arrays its plots need."""
@@ -361,6 +384,21 @@ class SlideEvaluation:
     truth: np.ndarray
     region: np.ndarray
     candidate_mask: np.ndarray
+    mean_mi: float = float("nan")  # over the analysed tissue, as mean_entropy
+    candidate_area_pct: float = float("nan")  # SUA candidates' area per analysed tissue area
+    positive_area_um2: float = float("nan")  # predicted positive, over the truth's tissue
+    truth_positive_area_um2: float = float("nan")
+
+    @property
+    def positive_area_error(self) -> float:
+        """|predicted - true| positive area over the true one (inf when the truth has none but some is predicted)."""
+        if self.truth_positive_area_um2 > 0:
+            return abs(self.positive_area_um2 - self.truth_positive_area_um2) / self.truth_positive_area_um2
+        return 0.0 if self.positive_area_um2 == 0 else math.inf
+
+    def failed(self, *, max_area_error: float = FAILED_AREA_ERROR) -> bool:
+        """The slide's result is wrong: its positive area is off by more than ``max_area_error`` of the truth's."""
+        return self.positive_area_error > max_area_error
 
 
 def evaluate_slide_suite(
@@ -382,20 +420,24 @@ def evaluate_slide_suite(
     scored = _segment_against_truth(
         slide_path, ensemble, config=config or SegmentConfig(), threshold=sua.upper, on_progress=on_progress
     )
-    seg, maps, truth, region = scored.seg, scored.maps, scored.truth, scored.region
+    seg, maps, truth, region, analysed = scored.seg, scored.maps, scored.truth, scored.region, scored.analysed
     prob = np.asarray(maps.prob)
     pred = prob >= sua.upper
-    candidates, cand_mask = find_candidates(maps, sua, valid=region)
+    # Candidates can only lie where the product looked; what they are scored against is all the
+    # truth's tissue the product calls negative, unanalysed tissue included.
+    candidates, cand_mask = find_candidates(maps, sua, valid=analysed)
     base_mask = pixel_baseline(
-        maps, lower=sua.lower, upper=sua.upper, threshold=pixel_threshold, uncertainty=sua.uncertainty, valid=region
+        maps, lower=sua.lower, upper=sua.upper, threshold=pixel_threshold, uncertainty=sua.uncertainty, valid=analysed
     )
     predicted_negative = ~pred & region
-    labels, n, scores = region_scores(maps, sua, valid=region)
+    labels, n, scores = region_scores(maps, sua, valid=analysed)
     wrong = (pred != truth)[region]
     pe = np.asarray(maps.predictive_entropy)
-    mean_pe = float(pe[region].mean())
+    mean_pe = float(pe[analysed].mean()) if analysed.any() else 0.0  # what pdl1 run's review sees
+    mi = np.asarray(maps.mutual_information)
+    mean_mi = float(mi[analysed].mean()) if analysed.any() else 0.0
     cand_area = sum(c.area_um2 for c in candidates)
-    analysed_um2 = float(region.sum() * maps.mpp**2)
+    analysed_um2 = float(analysed.sum() * maps.mpp**2)
     return SlideEvaluation(
         slide=Path(slide_path).name,
         shift=float(scored.truth_data.summary["spec"]["shift"]),
@@ -419,6 +461,10 @@ def evaluate_slide_suite(
         truth=truth,
         region=region,
         candidate_mask=cand_mask,
+        mean_mi=mean_mi,
+        candidate_area_pct=100 * cand_area / max(analysed_um2, 1e-9),
+        positive_area_um2=float(np.count_nonzero(pred & region) * maps.mpp**2),
+        truth_positive_area_um2=float(np.count_nonzero(truth) * maps.mpp**2),
     )
 
 
@@ -445,8 +491,8 @@ def calibrate_ensemble(
     for path in slides:
         # On the pipeline's grid, where the thresholds will be applied (not the truth's finer one).
         s = _segment_against_truth(path, ensemble, config=SegmentConfig(), threshold=upper, on_progress=on_progress)
-        inputs.append((s.maps, s.truth, s.region))
-        slide_stats.append((s.seg.dice_ensemble, float(np.asarray(s.maps.predictive_entropy)[s.region].mean())))
+        inputs.append((s.maps, s.truth, s.analysed))
+        slide_stats.append((s.seg.dice_ensemble, float(np.asarray(s.maps.predictive_entropy)[s.analysed].mean())))
     cal = calibrate(
         inputs,
         upper=upper,

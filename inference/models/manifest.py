@@ -162,3 +162,22 @@ def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
     tmp.write_text(manifest.to_json())
     tmp.replace(path)
     return path
+
+
+# The shipped demo models (folders of inference/demo_models), trained on phantoms only.
+DEMO_MODEL_KINDS = ("seg", "nuclei", "nuclei-ihc")
+
+
+def demo_model_checksums() -> dict[str, str]:
+    """:attr:`Manifest.checksum` of each shipped demo model, by kind: tells a result made with one.
+
+    Reads only the manifests (no torch, no weights), so reports can say which models were demos.
+    """
+    from importlib import resources
+
+    out = {}
+    for kind in DEMO_MODEL_KINDS:
+        folder = Path(str(resources.files("inference") / "demo_models" / kind))
+        if (folder / MANIFEST_NAME).is_file():
+            out[kind] = read_manifest(folder, verify=False).checksum
+    return out

@@ -90,6 +90,7 @@ _PUBLIC = {
     "evaluate_registration": "inference.evaluation.evaluate",
     "evaluate_slide_suite": "inference.evaluation.evaluate",
     "calibrate_ensemble": "inference.evaluation.evaluate",
+    "REVIEW_NEVER": "inference.evaluation.evaluate",
     "pooled_dice": "inference.evaluation.evaluate",
     "reliability": "inference.evaluation.metrics",
     "spearman": "inference.evaluation.metrics",

@@ -28,6 +28,7 @@ from inference.analysis.sua import (
     region_scores,
 )
 from inference.evaluation.metrics import auprc, auroc, brier, dice, ece, fbeta_score, iou
+from inference.evaluation.review import TARGET_CATCH, TARGET_FALSE_ALARM, ReviewFit, fit_review_limits
 from inference.models.ensemble import Ensemble
 from inference.phantom.ihc import ihc_to_he_points
 from inference.phantom.truth import PhantomTruthData, load_truth
@@ -468,6 +469,25 @@ def evaluate_slide_suite(
     )
 
 
+@dataclass(frozen=True)
+class ReviewCalibration:
+    """The "needs review" limits fitted on validation slides (:func:`fit_review_limits`), or why not.
+
+    ``limits`` is None when the slides hold no failure or no correct slide (nothing to fit on); the
+    manifest's limits then stay. ``slides`` holds per slide (name, mean entropy, SUA candidate area %,
+    positive-area error, failed).
+    """
+
+    limits: dict[str, float] | None
+    fit: ReviewFit | None
+    note: str
+    slides: tuple[tuple[str, float, float, float, bool], ...]
+
+
+# A limit no slide reaches: a QC score the fitted rule does not use (JSON has no infinity).
+REVIEW_NEVER = 1e9
+
+
 def calibrate_ensemble(
     slides: list[str | Path],
     ensemble: Ensemble,
@@ -477,24 +497,25 @@ def calibrate_ensemble(
     aggregation: str = "mean",
     min_fraction: float = 0.9,
     objective: str = "pixels",
-    good_dice: float = 0.85,
+    max_area_error: float = FAILED_AREA_ERROR,
     on_progress: Callable[[int, int], None] | None = None,
-) -> tuple[Calibration, dict[str, float]]:
-    """Calibrate SUA (F0.5 on validation NPRs) and the slide "needs review" entropy limit.
+) -> tuple[Calibration, ReviewCalibration]:
+    """Calibrate SUA (F0.5 on validation NPRs), then the slide "needs review" limits to #32's target.
 
-    The entropy limit lies midway between the highest mean entropy of a slide with Dice at
-    least ``good_dice`` and the lowest of a slide below it (10 % above the highest good one
-    when all slides are good).
+    A validation slide failed when its predicted positive area (over the truth's tissue) is off by
+    more than ``max_area_error`` of the true one. The review flags a slide whose mean predictive
+    entropy or SUA candidate area (with the SUA just calibrated) reaches its limit; the limits catch
+    as many failures as they can with false alarms on at most 20 % of the correct slides.
     """
     upper = ensemble.manifest.thresholds.get("segmentation", 0.5)
-    inputs, slide_stats = [], []
+    scored = []
     for path in slides:
         # On the pipeline's grid, where the thresholds will be applied (not the truth's finer one).
-        s = _segment_against_truth(path, ensemble, config=SegmentConfig(), threshold=upper, on_progress=on_progress)
-        inputs.append((s.maps, s.truth, s.analysed))
-        slide_stats.append((s.seg.dice_ensemble, float(np.asarray(s.maps.predictive_entropy)[s.analysed].mean())))
+        scored.append(
+            _segment_against_truth(path, ensemble, config=SegmentConfig(), threshold=upper, on_progress=on_progress)
+        )
     cal = calibrate(
-        inputs,
+        [(s.maps, s.truth, s.analysed) for s in scored],
         upper=upper,
         lowers=lowers,
         uncertainty=uncertainty,
@@ -502,12 +523,36 @@ def calibrate_ensemble(
         min_fraction=min_fraction,
         objective=objective,
     )
-    good = [pe for d, pe in slide_stats if d >= good_dice]
-    bad = [pe for d, pe in slide_stats if d < good_dice]
-    if good and bad:
-        limit = (max(good) + min(bad)) / 2
-    elif good:
-        limit = max(good) * 1.1
-    else:
-        limit = min(bad) * 0.9
-    return cal, {"review_entropy": float(limit), "review_candidate_area_pct": 2.0}
+    rows = []
+    for path, s in zip(slides, scored, strict=True):
+        analysed = s.analysed
+        mean_pe = float(np.asarray(s.maps.predictive_entropy)[analysed].mean()) if analysed.any() else 0.0
+        candidates, _ = find_candidates(s.maps, cal.params, valid=analysed)
+        analysed_um2 = float(analysed.sum() * s.maps.mpp**2)
+        cand_pct = 100 * sum(c.area_um2 for c in candidates) / max(analysed_um2, 1e-9)
+        pred_px = np.count_nonzero((np.asarray(s.maps.prob) >= upper) & s.region)
+        true_px = np.count_nonzero(s.truth)
+        error = abs(pred_px - true_px) / true_px if true_px else (0.0 if pred_px == 0 else math.inf)
+        rows.append((Path(path).name, mean_pe, cand_pct, error, error > max_area_error))
+    failed = np.array([r[4] for r in rows], bool)
+    if failed.all() or not failed.any():
+        note = (
+            f"{int(failed.sum())} of {len(rows)} validation slides failed (positive area off by more than "
+            f"{max_area_error:.0%}): the review limits need both failed and correct slides, so the model's "
+            "limits stay; add slides with stain shifts beyond training, weak expression or extreme TPS"
+        )
+        return cal, ReviewCalibration(limits=None, fit=None, note=note, slides=tuple(rows))
+    fit = fit_review_limits(
+        {
+            "review_entropy": np.array([r[1] for r in rows]),
+            "review_candidate_area_pct": np.array([r[2] for r in rows]),
+        },
+        failed,
+    )
+    limits = {k: min(v, REVIEW_NEVER) for k, v in fit.limits.items()}
+    note = (
+        f"caught {fit.catch:.0%} of {fit.failures} failed slides with false alarms on {fit.false_alarm:.0%} of "
+        f"{fit.successes} others (target: at least {TARGET_CATCH:.0%} at most {TARGET_FALSE_ALARM:.0%}: "
+        f"{'met' if fit.met else 'NOT met'}), on the slides it was fitted on"
+    )
+    return cal, ReviewCalibration(limits=limits, fit=fit, note=note, slides=tuple(rows))

@@ -76,6 +76,7 @@ _PUBLIC = {
     "Ensemble": "inference.models.ensemble",
     "demo_model_dir": "inference.models.ensemble",
     "write_manifest": "inference.models.manifest",
+    "import_nnunet": "inference.models.nnunet_import",
     # training
     "DEFAULT_LR_MAX": "inference.training.cyclic",
     "SegTrainConfig": "inference.training.train_seg",

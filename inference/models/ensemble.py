@@ -11,12 +11,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, load_model
 from torch import nn
 
 from inference.errors import ModelFileError
 from inference.models.fusion import fold_batchnorm
 from inference.models.manifest import Manifest, read_manifest
+from inference.models.nnunet_network import is_nnunet_architecture
 from inference.models.unet import build_model
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,11 @@ class Ensemble:
                     f"{manifest.architecture_kwargs} cannot be built ({err})"
                 ) from err
             try:
-                state = load_file(path)
-                model.load_state_dict(state, strict=True)
+                if is_nnunet_architecture(manifest.architecture):
+                    # nnU-Net's conv blocks hold each convolution under two names; the file keeps one.
+                    load_model(model, path, strict=True, device="cpu")
+                else:
+                    model.load_state_dict(load_file(path), strict=True)
             except (SafetensorError, RuntimeError, OSError) as err:
                 raise ModelFileError(
                     f"{path}: weights do not fit {manifest.architecture} {manifest.architecture_kwargs}: "
@@ -146,10 +150,10 @@ class Ensemble:
         return Ensemble(self.manifest, compiled, folder=self.folder, device=self.device)
 
     @torch.inference_mode()
-    def member_probs(
+    def member_logits(
         self, batch_uint8: np.ndarray | torch.Tensor, *, precision: Precision, box_factor: int = 1
     ) -> torch.Tensor:
-        """Softmax of every member: (M, B, C, H, W) float32 on the device (H, W after ``box_factor``)."""
+        """Logits of every member: (M, B, C, H, W) float32 on the device (H, W after ``box_factor``)."""
         batch = torch.from_numpy(batch_uint8) if isinstance(batch_uint8, np.ndarray) else batch_uint8
         x = self.normalize(batch, box_factor=box_factor)
         out = []
@@ -159,5 +163,12 @@ class Ensemble:
                     logits = model(x)
             else:
                 logits = model(x)
-            out.append(torch.softmax(logits.float(), dim=1))
+            out.append(logits.float())
         return torch.stack(out)
+
+    @torch.inference_mode()
+    def member_probs(
+        self, batch_uint8: np.ndarray | torch.Tensor, *, precision: Precision, box_factor: int = 1
+    ) -> torch.Tensor:
+        """Softmax of every member: (M, B, C, H, W) float32 on the device (H, W after ``box_factor``)."""
+        return torch.softmax(self.member_logits(batch_uint8, precision=precision, box_factor=box_factor), dim=2)

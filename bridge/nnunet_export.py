@@ -23,6 +23,7 @@ from typing import Protocol
 
 import numpy as np
 from PIL import Image
+from scipy.ndimage import distance_transform_edt
 
 from inference import load_truth, open_slide
 
@@ -52,10 +53,14 @@ class PhantomTruthLabels:
 
     The truth mask is coarser or finer than the export grid; an exported pixel whose area the
     mask covers by more than ``purity`` one way or the other gets that class, a mixed one is
-    left unlabelled (nnU-Net ignores it) instead of being guessed.
+    left unlabelled (nnU-Net ignores it) instead of being guessed. ``margin_px`` also leaves the
+    pixels within that many exported pixels of a class boundary unlabelled, as a pathologist's
+    annotations stay inside regions and leave their edges: sparse labels, the kind nnU-Net v2
+    trains on with its ignore label.
     """
 
     purity: float = 0.99
+    margin_px: int = 0
     class_names: tuple[str, ...] = ("background", "PD-L1 positive")
 
     def regions(self, slide_path: Path, *, case_size_um: float) -> list[tuple[int, int, int, int]]:
@@ -80,8 +85,12 @@ class PhantomTruthLabels:
         # Fraction of each exported pixel that is positive: the mask box resampled by area.
         fraction = np.asarray(Image.fromarray(crop).resize(size_wh, resample=Image.Resampling.BOX))
         out = np.full(fraction.shape, UNLABELLED, np.uint8)
-        out[fraction >= self.purity] = 1
-        out[fraction <= 1 - self.purity] = 0
+        for value, mask in ((1, fraction >= self.purity), (0, fraction <= 1 - self.purity)):
+            if self.margin_px > 0:
+                # Distance to the nearest pixel of another class (or of an undecided one); the case's own
+                # edge is no boundary.
+                mask = distance_transform_edt(mask) > self.margin_px
+            out[mask] = value
         return out
 
 

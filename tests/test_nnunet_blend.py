@@ -48,13 +48,21 @@ def _reference(members, manifest, rgb: np.ndarray, *, tile: int) -> dict[str, np
     return ensemble_stats_np(np.stack(probs))
 
 
-def test_nnunet_blend_equals_nnunets_predictor_by_hand():
+@pytest.mark.parametrize("accumulate_on", ["host", "device"])  # "device" on the CPU: the GPU path's tensors
+def test_nnunet_blend_equals_nnunets_predictor_by_hand(accumulate_on):
     tile = 32
     members = _instance_norm_members(2)
     manifest = dataclasses.replace(make_manifest(tile_size_px=tile, n_members=2), extra={"blend": "nnunet"})
     ens = Ensemble.from_members(manifest, members)
     slide = random_slide(90, 70, seed=4)
-    config = SegmentConfig(map_downsample=1, overlap_fraction=0.5, read_workers=0, precision="fp32", batch_size=3)
+    config = SegmentConfig(
+        map_downsample=1,
+        overlap_fraction=0.5,
+        read_workers=0,
+        precision="fp32",
+        batch_size=3,
+        accumulate_on=accumulate_on,
+    )
     maps = segment_slide(slide, ens, config=config)
     ref = _reference(members, manifest, slide.read_region((0, 0), 0, (90, 70)), tile=tile)
     for name, value in maps.as_dict().items():

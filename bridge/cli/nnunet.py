@@ -90,18 +90,32 @@ def export_nnunet_cmd(
     test: Annotated[
         list[Path] | None, typer.Option("--test", help="Slides to predict, written to imagesTs/ (repeatable).")
     ] = None,
+    margin_px: Annotated[
+        int,
+        typer.Option(
+            "--ignore-margin-px",
+            min=0,
+            max=256,
+            help="Leave pixels this close to a class boundary unlabelled (ignore).",
+        ),
+    ] = 0,
 ) -> None:
     """Write an nnU-Net v2 raw dataset: imagesTr/, labelsTr/ (with nnU-Net's ignore label), dataset.json, cases.json.
 
-    Labels come from phantom truth here; pixels the truth does not decide (mixed at --mpp) get the
-    ignore label. cases.json maps every case to its slide and level-0 region. Train it as the
+    Labels come from phantom truth here; pixels the truth does not decide (mixed at --mpp), and
+    with --ignore-margin-px those near a class boundary, get the ignore label. cases.json maps every case to its slide and level-0 region. Train it as the
     README's "nnU-Net v2" section says, then `pdl1 import nnunet`.
     """
     from bridge.nnunet_export import PhantomTruthLabels, export_nnunet_dataset
 
     try:
         summary = export_nnunet_dataset(
-            slides, out, source=PhantomTruthLabels(), mpp=mpp, case_size_px=case_px, test_slides=test or []
+            slides,
+            out,
+            source=PhantomTruthLabels(margin_px=margin_px),
+            mpp=mpp,
+            case_size_px=case_px,
+            test_slides=test or [],
         )
     except (Pdl1Error, OSError, ValueError) as err:
         raise fail(err) from err

@@ -108,3 +108,19 @@ def test_nnunet_gaussian_equals_nnunets(tile):
 
     theirs = compute_gaussian((tile, tile), 1 / 8, 10, device=torch.device("cpu")).float().numpy()
     np.testing.assert_array_equal(nnunet_gaussian_weights(tile), theirs)
+
+
+def test_unknown_blend_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from inference.errors import ModelFileError
+    from inference.models.manifest import read_manifest, sha256_file, write_manifest
+
+    save_file({"w": torch.zeros(1)}, tmp_path / "m0.safetensors")
+    manifest = make_manifest()
+    member = dataclasses.replace(
+        manifest.members[0], file="m0.safetensors", sha256=sha256_file(tmp_path / "m0.safetensors")
+    )
+    write_manifest(tmp_path, dataclasses.replace(manifest, members=[member], extra={"blend": "logit-mean"}))
+    with pytest.raises(ModelFileError, match="blend 'logit-mean' is not one of"):
+        read_manifest(tmp_path)

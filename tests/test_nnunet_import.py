@@ -270,3 +270,32 @@ def test_layer_outside_torch_nn_is_refused():
     }
     with pytest.raises(ModelFileError, match=r"nonlin='os\.system': only torch\.nn layer classes"):
         build_nnunet_network(PLAIN, kwargs)
+
+
+@needs_dna
+def test_cli_imports_folds_and_says_what_it_took(tmp_path):
+    net = _network(PLAIN)
+    folder = _results(tmp_path, checkpoints={"checkpoint_final.pth": _checkpoint(net.state_dict(), epoch=7)})
+    fold_1 = folder / "fold_1"
+    fold_1.mkdir()
+    torch.save(_checkpoint(net.state_dict(), epoch=9), fold_1 / "checkpoint_final.pth")
+    out = tmp_path / "model"
+    result = CliRunner().invoke(app, ["import", "nnunet", str(folder), "--out", str(out), "--mpp", "0.5"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "2 members (PlainConvUNet, 64 px tiles at 0.5 µm/px" in text
+    assert "fold_1/checkpoint_final.pth (fold 1, epoch 9)" in text
+    manifest = read_manifest(out)
+    assert [m.chain for m in manifest.members] == [0, 1] and manifest.blend == "nnunet"
+    only = CliRunner().invoke(
+        app, ["import", "nnunet", str(folder), "--out", str(tmp_path / "m1"), "--mpp", "1", "--folds", "1"]
+    )
+    assert only.exit_code == 0, only.output
+    assert [m.epoch for m in read_manifest(tmp_path / "m1").members] == [9]
+
+
+def test_cli_reports_a_refusal(tmp_path):
+    folder = _results(tmp_path, plans=_plans(architecture="my_lab.nets.FancyUNet"))
+    result = CliRunner().invoke(app, ["import", "nnunet", str(folder), "--out", str(tmp_path / "m"), "--mpp", "2"])
+    assert result.exit_code == 1
+    assert "FancyUNet" in result.output and "error" in result.output

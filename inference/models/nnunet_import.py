@@ -332,7 +332,9 @@ def import_nnunet(
             ) from err
         file = _MEMBER_FILE.format(i)
         _save_network(network, out / file)
-        fold = int(ckpt.fold) if ckpt.fold.isdigit() else 0
+        # The fold is the folder's (what --folds chose; nnU-Net names them fold_K, K a number or "all").
+        fold_name = ckpt.path.parent.name.removeprefix("fold_")
+        fold = int(fold_name) if fold_name.isdigit() else 0
         members.append(
             Member(
                 file=file,
@@ -348,7 +350,7 @@ def import_nnunet(
                 "file": file,
                 "checkpoint": str(ckpt.path.relative_to(folder)),
                 "checkpoint_sha256": sha256_file(ckpt.path),
-                "fold": ckpt.fold,
+                "fold": fold_name,
                 "epoch": ckpt.epoch,
                 "learning_rate": ckpt.learning_rate if math.isfinite(ckpt.learning_rate) else None,
                 "trainer": ckpt.trainer,

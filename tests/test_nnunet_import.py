@@ -257,6 +257,16 @@ def test_weights_of_another_network_are_refused(tmp_path):
     folder = _results(tmp_path, checkpoints={"checkpoint_final.pth": _checkpoint(state, epoch=1)})
     with pytest.raises(ModelFileError, match=r"checkpoint_final\.pth: weights do not fit .*PlainConvUNet"):
         import_nnunet(folder, tmp_path / "model", mpp=2.0)
+    assert not (tmp_path / "model").exists()
+
+
+@needs_dna
+def test_an_existing_model_folder_is_not_overwritten(tmp_path):
+    folder = _results(tmp_path, checkpoints={"checkpoint_final.pth": _checkpoint(_network().state_dict(), epoch=1)})
+    import_nnunet(folder, tmp_path / "model", mpp=2.0)
+    with pytest.raises(ModelFileError, match="already holds a model"):
+        import_nnunet(folder, tmp_path / "model", mpp=1.0)
+    assert read_manifest(tmp_path / "model").input_mpp == 2.0
 
 
 def test_layer_outside_torch_nn_is_refused():

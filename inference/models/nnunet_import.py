@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from inference.errors import ModelFileError
-from inference.models.manifest import STAINS, Manifest, Member, sha256_file, write_manifest
+from inference.models.manifest import MANIFEST_NAME, STAINS, Manifest, Member, sha256_file, write_manifest
 from inference.models.nnunet_network import build_nnunet_network, check_nnunet_architecture
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,13 @@ def _numpy_scalar_globals() -> list[Any]:
     nnU-Net's logs hold numpy floats (Dice per class); these are plain numbers, so they are let
     through beside torch's own allow-list. Anything else (a class, a function) is still refused.
     """
-    core = getattr(np, "_core", None) or np.core
-    allowed: list[Any] = [core.multiarray.scalar, np.dtype]
+    scalar = np.float64(0.0).__reduce__()[0]  # numpy's scalar reconstructor, whatever module holds it
+    # numpy 2 names it numpy._core.multiarray.scalar, numpy 1 numpy.core...: checkpoints hold either.
+    allowed: list[Any] = [
+        (scalar, "numpy._core.multiarray.scalar"),
+        (scalar, "numpy.core.multiarray.scalar"),
+        np.dtype,
+    ]
     for name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType"):
         dtype_cls = getattr(getattr(np, "dtypes", None), name, None)
         if dtype_cls is not None:
@@ -277,6 +282,8 @@ def import_nnunet(
         raise ModelFileError(f"stain {stain!r} is not one of {STAINS}")
     if not folder.is_dir():
         raise ModelFileError(f"{folder}: no such folder; pass nnUNet_results/DatasetNNN_NAME/TRAINER__PLANS__CONFIG")
+    if (out / MANIFEST_NAME).exists():
+        raise ModelFileError(f"{out}: already holds a model ({MANIFEST_NAME}); choose another --out or remove it")
     plans_path, dataset_path = folder / "plans.json", folder / "dataset.json"
     plans, dataset = _read_json(plans_path), _read_json(dataset_path)
     paths = _choose_checkpoints(folder, folds=folds, checkpoints=checkpoints or ["checkpoint_final.pth"])
@@ -319,9 +326,9 @@ def import_nnunet(
         "arch_kwargs": arch.get("arch_kwargs", {}),
         "arch_kwargs_requires_import": list(arch.get("_kw_requires_import", [])),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    members, provenance = [], []
-    for i, ckpt in enumerate(loaded):
+    # Every member is checked before anything is written: a refusal leaves no half-written model folder.
+    networks = []
+    for ckpt in loaded:
         network = build_nnunet_network(architecture, kwargs)
         try:
             network.load_state_dict(ckpt.weights, strict=True)
@@ -330,6 +337,10 @@ def import_nnunet(
                 f"{ckpt.path}: weights do not fit {plans_path}'s {architecture.rsplit('.', 1)[-1]}: "
                 f"{str(err).splitlines()[0]}"
             ) from err
+        networks.append(network)
+    out.mkdir(parents=True, exist_ok=True)
+    members, provenance = [], []
+    for i, (ckpt, network) in enumerate(zip(loaded, networks, strict=True)):
         file = _MEMBER_FILE.format(i)
         _save_network(network, out / file)
         # The fold is the folder's (what --folds chose; nnU-Net names them fold_K, K a number or "all").

@@ -5,7 +5,9 @@ member under ``torch.inference_mode``, weighted by a Gaussian importance map, ad
 fp32 accumulators and divided once at the end (checked finite). Per tile and pixel the
 ensemble statistics of :mod:`inference.analysis.uncertainty` are computed from member
 probabilities, then blended; so an ensemble of identical members has zero mutual
-information, and overlapping tiles never count as extra members.
+information, and overlapping tiles never count as extra members. Imported nnU-Net members
+(``Manifest.blend == "nnunet"``) are blended as nnU-Net's predictor blends them instead: each
+member's logits with nnU-Net's Gaussian, the softmax and statistics taken once at the end.
 
 Maps are pooled to ``map_downsample`` model px per map px while accumulating; beyond
 ``max_in_memory_mb`` the accumulators live in a memory-mapped scratch file, so memory does

@@ -17,6 +17,8 @@ What the manifest records and why:
   own statistics, which a slide analysed in tiles does not have; they are refused.
 * ``tile_size_px``: the configuration's patch size (square; the sliding window's tiles).
 * ``class_names`` in label order (the ``ignore`` label is no output) and ``extra.positive_class``.
+* ``extra.blend = "nnunet"``: the sliding window blends these members as nnU-Net's predictor does
+  (see :mod:`inference.analysis.segment`).
 """
 
 from __future__ import annotations

@@ -95,6 +95,37 @@ class PhantomTruthLabels:
 
 
 @dataclass(frozen=True)
+class ExportImage:
+    """An image to export: its file and, for a QuPath project's image, its entry id and name."""
+
+    path: Path
+    entry_id: str | None = None
+    image_name: str | None = None
+
+
+def project_images(project: Path, *, test_names: Sequence[str] = ()) -> tuple[list[ExportImage], list[ExportImage]]:
+    """A QuPath project's images (read without QuPath), split into training and ``test_names`` (image names).
+
+    Raises :class:`bridge.project.ProjectError` for an unknown test name or an image that cannot be exported.
+    """
+    from bridge.project import ImageSearch, ProjectError, locate_image, read_project
+
+    info = read_project(project)
+    names = {e.image_name for e in info.entries}
+    unknown = sorted(set(test_names) - names)
+    if unknown:
+        raise ProjectError(f"{info.path}: no image named {unknown[0]!r} to predict; its images are {sorted(names)}")
+    train, test = [], []
+    for entry in info.entries:
+        if entry.not_analysable:
+            raise ProjectError(f"{entry.image_name}: {entry.not_analysable}; export the image as it is in the file")
+        path = locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder, search=ImageSearch())
+        image = ExportImage(Path(path), entry.entry_id, entry.image_name)
+        (test if entry.image_name in test_names else train).append(image)
+    return train, test
+
+
+@dataclass(frozen=True)
 class ExportSummary:
     """What :func:`export_nnunet_dataset` wrote."""
 
@@ -106,21 +137,21 @@ class ExportSummary:
 
 
 def export_nnunet_dataset(
-    slides: Sequence[Path],
+    slides: Sequence[Path | ExportImage],
     out_dir: Path,
     *,
     source: LabelSource,
     mpp: float,
     case_size_px: int = 512,
-    test_slides: Sequence[Path] = (),
+    test_slides: Sequence[Path | ExportImage] = (),
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ExportSummary:
     """Write an nnU-Net v2 raw dataset of ``slides``' labelled regions at ``mpp`` µm/px.
 
-    Each region of ``case_size_px`` px (at ``mpp``) is a case ``<slide stem>_<n>``; ``test_slides``
+    Each region of ``case_size_px`` px (at ``mpp``) is a case ``<file stem>_<n>``; ``test_slides``
     go to ``imagesTs/`` cut the same way, without labels. ``out_dir`` must be named
-    ``DatasetNNN_NAME``, as nnU-Net requires. Raises ``ValueError`` for a bad name or size and
-    ``FileExistsError`` when ``out_dir`` already holds a dataset.
+    ``DatasetNNN_NAME``, as nnU-Net requires. Raises ``ValueError`` for a bad name or size or two
+    images of one file stem, and ``FileExistsError`` when ``out_dir`` already holds a dataset.
     """
     out_dir = Path(out_dir)
     if not _DATASET_DIR.match(out_dir.name):
@@ -131,18 +162,23 @@ def export_nnunet_dataset(
         raise ValueError(f"case_size_px must be at least 32, got {case_size_px}")
     if (out_dir / "dataset.json").exists():
         raise FileExistsError(f"{out_dir}: already holds a dataset.json; choose a new DatasetNNN_NAME or remove it")
+    images = [i if isinstance(i, ExportImage) else ExportImage(Path(i)) for i in slides]
+    tests = [i if isinstance(i, ExportImage) else ExportImage(Path(i)) for i in test_slides]
+    stems = [i.path.stem for i in images + tests]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"two images share a file name ({sorted(stems)}); their cases would overwrite each other")
     names = list(source.class_names)
     ignore = len(names)
     case_size_um = case_size_px * mpp
     for sub in ("imagesTr", "labelsTr") + (("imagesTs",) if test_slides else ()):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    work = [(p, True) for p in slides] + [(p, False) for p in test_slides]
-    planned = [(p, train, source.regions(Path(p), case_size_um=case_size_um)) for p, train in work]
+    work = [(i, True) for i in images] + [(i, False) for i in tests]
+    planned = [(i, train, source.regions(i.path, case_size_um=case_size_um)) for i, train in work]
     total = sum(len(r) for _, _, r in planned)
     mapping: dict[str, dict] = {}
     labelled = positive = pixels = done = 0
-    for path, train, regions in planned:
-        path = Path(path)
+    for image, train, regions in planned:
+        path = image.path
         with open_slide(path) as slide:
             for n, region in enumerate(regions):
                 x, y, w, h = region
@@ -165,6 +201,7 @@ def export_nnunet_dataset(
                     pixels += labels.size
                 mapping[case] = {
                     "slide": str(path.resolve()),
+                    **({"entry_id": image.entry_id, "image_name": image.image_name} if image.entry_id else {}),
                     "region_xywh": list(region),
                     "mpp": mpp,
                     "split": "train" if train else "test",

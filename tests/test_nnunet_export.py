@@ -103,3 +103,26 @@ def test_nnunets_integrity_check_accepts_the_dataset(phantoms, tmp_path):
         [phantoms[0]], out, source=PhantomTruthLabels(margin_px=2), mpp=2.0, case_size_px=64, test_slides=[phantoms[1]]
     )
     verify_dataset_integrity(str(out), num_processes=1)  # raises on what nnU-Net would reject
+
+
+def test_cli_export_of_a_project_maps_cases_to_entries(phantoms, tmp_path):
+    from bridge.init_project import init_project_files
+
+    project = init_project_files(tmp_path / "project", list(phantoms))
+    out = tmp_path / "Dataset781_Project"
+    args = ["export", "nnunet", str(project.parent), "--out", str(out), "--case-px", "128", "--test", "b.svs"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    cases = json.loads((out / "cases.json").read_text())
+    assert {c["image_name"] for c in cases.values() if c["split"] == "train"} == {"a.svs"}
+    assert {c["image_name"] for c in cases.values() if c["split"] == "test"} == {"b.svs"}
+    assert all(c["entry_id"] for c in cases.values())
+    unknown = CliRunner().invoke(app, [*args[:-1], "c.svs"])
+    assert unknown.exit_code == 1 and "no image named 'c.svs'" in unknown.output
+
+
+def test_cli_refuses_a_project_with_slides(phantoms, tmp_path):
+    result = CliRunner().invoke(
+        app, ["export", "nnunet", str(tmp_path), str(phantoms[0]), "--out", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 2 and "one project, or slide files" in " ".join(result.output.split())

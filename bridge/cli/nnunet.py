@@ -79,7 +79,12 @@ def import_nnunet_cmd(
 
 @export_app.command("nnunet")
 def export_nnunet_cmd(
-    slides: Annotated[list[Path], typer.Argument(help="Phantom slides with their truth beside them (<slide>.truth/).")],
+    images: Annotated[
+        list[Path],
+        typer.Argument(
+            help="A QuPath project (folder or .qpproj) or slide files, phantoms with their truth beside them."
+        ),
+    ],
     out: Annotated[
         Path, typer.Option("--out", help="nnUNet_raw/DatasetNNN_NAME to write (three digits, then a name).")
     ],
@@ -88,7 +93,11 @@ def export_nnunet_cmd(
         int, typer.Option("--case-px", min=32, max=8192, help="Edge of each case (tile) in px at --mpp.")
     ] = 512,
     test: Annotated[
-        list[Path] | None, typer.Option("--test", help="Slides to predict, written to imagesTs/ (repeatable).")
+        list[str] | None,
+        typer.Option(
+            "--test",
+            help="Images to predict, written to imagesTs/ (repeatable): slide files, or a project's image names.",
+        ),
     ] = None,
     margin_px: Annotated[
         int,
@@ -102,20 +111,28 @@ def export_nnunet_cmd(
 ) -> None:
     """Write an nnU-Net v2 raw dataset: imagesTr/, labelsTr/ (with nnU-Net's ignore label), dataset.json, cases.json.
 
-    Labels come from phantom truth here; pixels the truth does not decide (mixed at --mpp), and
-    with --ignore-margin-px those near a class boundary, get the ignore label. cases.json maps every case to its slide and level-0 region. Train it as the
-    README's "nnU-Net v2" section says, then `pdl1 import nnunet`.
+    Takes a QuPath project's images (read without QuPath) or slide files. Labels come from phantom
+    truth (<slide>.truth/) here; pixels the truth does not decide (mixed at --mpp), and with
+    --ignore-margin-px those near a class boundary, get the ignore label. cases.json maps every
+    case to its image (and project entry) and level-0 region. Train it as the README's nnU-Net
+    section says, then `pdl1 import nnunet`.
     """
-    from bridge.nnunet_export import PhantomTruthLabels, export_nnunet_dataset
+    from bridge.nnunet_export import PhantomTruthLabels, export_nnunet_dataset, project_images
 
+    if len(images) > 1 and any(p.is_dir() or p.suffix == ".qpproj" for p in images):
+        raise typer.BadParameter("give one project, or slide files, not both", param_hint="IMAGES")
     try:
+        if images[0].is_dir() or images[0].suffix == ".qpproj":
+            train, tests = project_images(images[0], test_names=test or [])
+        else:
+            train, tests = list(images), [Path(t) for t in test or []]
         summary = export_nnunet_dataset(
-            slides,
+            train,
             out,
             source=PhantomTruthLabels(margin_px=margin_px),
             mpp=mpp,
             case_size_px=case_px,
-            test_slides=test or [],
+            test_slides=tests,
         )
     except (Pdl1Error, OSError, ValueError) as err:
         raise fail(err) from err

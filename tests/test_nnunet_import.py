@@ -309,3 +309,45 @@ def test_cli_reports_a_refusal(tmp_path):
     result = CliRunner().invoke(app, ["import", "nnunet", str(folder), "--out", str(tmp_path / "m"), "--mpp", "2"])
     assert result.exit_code == 1
     assert "FancyUNet" in result.output and "error" in result.output
+
+
+CT_PROPERTIES = {
+    str(c): {"mean": 150.0 + c, "std": 30.0, "percentile_00_5": 40.0 + c, "percentile_99_5": 230.0 - c}
+    for c in range(3)
+}
+
+
+def _nnunet_normalised(rgb: np.ndarray, scheme: str) -> np.ndarray:
+    """(B, 3, H, W) float32 as nnU-Net's preprocessing normalises each channel (its classes when installed)."""
+    x = rgb.transpose(0, 3, 1, 2).astype(np.float32)
+    if importlib.util.find_spec("nnunetv2") is not None:
+        from nnunetv2.preprocessing.normalization import default_normalization_schemes as schemes
+
+        cls = getattr(schemes, scheme)
+        return np.stack(
+            [np.stack([cls(False, CT_PROPERTIES[str(c)]).run(x[b, c].copy()) for c in range(3)]) for b in range(len(x))]
+        )
+    if scheme == "RGBTo01Normalization":
+        return x / 255.0
+    if scheme == "NoNormalization":
+        return x
+    out = np.empty_like(x)
+    for c in range(3):
+        p = CT_PROPERTIES[str(c)]
+        out[:, c] = (np.clip(x[:, c], p["percentile_00_5"], p["percentile_99_5"]) - p["mean"]) / p["std"]
+    return out
+
+
+@needs_dna
+@pytest.mark.parametrize("scheme", ["RGBTo01Normalization", "NoNormalization", "CTNormalization"])
+def test_normalisation_is_nnunets(tmp_path, scheme):
+    plans = _plans(norm=scheme)
+    plans["foreground_intensity_properties_per_channel"] = CT_PROPERTIES
+    folder = _results(
+        tmp_path, plans=plans, checkpoints={"checkpoint_final.pth": _checkpoint(_network().state_dict(), epoch=1)}
+    )
+    import_nnunet(folder, tmp_path / "model", mpp=2.0)
+    ensemble = Ensemble.load(tmp_path / "model", task="segmentation")
+    rgb = np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    ours = ensemble.normalize(torch.from_numpy(rgb)).numpy()
+    np.testing.assert_allclose(ours, _nnunet_normalised(rgb, scheme), rtol=1e-5, atol=1e-5)

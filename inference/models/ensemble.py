@@ -75,6 +75,15 @@ class Ensemble:
         norm = manifest.normalization
         self._mean = torch.tensor(norm["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(norm["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        # Optional per-channel bounds on x / 255 before the affine map (nnU-Net's CTNormalization clips so).
+        self._clip = (
+            (
+                torch.tensor(norm["clip_min"], dtype=torch.float32, device=device).view(1, 3, 1, 1),
+                torch.tensor(norm["clip_max"], dtype=torch.float32, device=device).view(1, 3, 1, 1),
+            )
+            if "clip_min" in norm
+            else None
+        )
 
     @classmethod
     def load(
@@ -132,6 +141,9 @@ class Ensemble:
     def normalize(self, batch_uint8: torch.Tensor, *, box_factor: int = 1) -> torch.Tensor:
         """(B, H, W, 3) uint8 -> (B, 3, H / box_factor, W / box_factor) float32 normalised as the manifest says.
 
+        ``(clip(x / 255, clip_min, clip_max) - mean) / std`` per channel; the clip only where the
+        manifest's normalisation has ``clip_min`` and ``clip_max``.
+
         ``box_factor`` > 1 averages boxes of that many pixels per side on the device first (see
         ``SegmentConfig.reduce_on_device``). On CUDA the uint8 batch goes through pinned
         memory, so the copy is asynchronous and the next batch can be read while this one runs;
@@ -142,7 +154,10 @@ class Ensemble:
         x = batch_uint8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         if box_factor > 1:
             x = F.avg_pool2d(x, box_factor)
-        return (x.div_(255.0) - self._mean) / self._std
+        x = x.div_(255.0)
+        if self._clip is not None:
+            x = torch.clamp(x, self._clip[0], self._clip[1])
+        return (x - self._mean) / self._std
 
     def compile(self) -> Ensemble:
         """The same ensemble with ``torch.compile``d members (worth it on GPUs for long runs)."""

@@ -13,8 +13,9 @@ What the manifest records and why:
   the caller states the µm/px the training tiles were cut at.
 * ``normalization``: nnU-Net's scheme per channel, as a per-channel ``(x / 255 - mean) / std``
   that the ensemble applies (``RGBTo01Normalization``: mean 0, std 1; ``NoNormalization``: std
-  1/255). nnU-Net's ``ZScoreNormalization`` and ``RescaleTo01Normalization`` use each image's
-  own statistics, which a slide analysed in tiles does not have; they are refused.
+  1/255; ``CTNormalization``: clipped to the plans' foreground percentiles, then their mean and
+  std). nnU-Net's ``ZScoreNormalization`` and ``RescaleTo01Normalization`` use each image's own
+  statistics, which a slide analysed in tiles does not have; they are refused.
 * ``tile_size_px``: the configuration's patch size (square; the sliding window's tiles).
 * ``class_names`` in label order (the ``ignore`` label is no output) and ``extra.positive_class``.
 * ``extra.blend = "nnunet"``: the sliding window blends these members as nnU-Net's predictor does
@@ -191,11 +192,26 @@ def _check_configuration(config: dict[str, Any], name: str, plans: dict[str, Any
     check_nnunet_architecture(arch["network_class_name"])
 
 
-def _normalization(schemes: list[str], *, channels: int, plans_path: Path) -> dict[str, list[float]]:
+def _normalization(
+    schemes: list[str], intensities: dict[str, Any], *, channels: int, plans_path: Path
+) -> dict[str, list[float]]:
+    """nnU-Net's per-channel schemes as the ensemble's ``(clip(x / 255) - mean) / std``, all on x / 255."""
     if len(schemes) != channels:
         raise ModelFileError(f"{plans_path}: {len(schemes)} normalization_schemes for {channels} input channels")
-    mean, std = [], []
-    for scheme in schemes:
+    mean, std, low, high = [], [], [], []
+    for channel, scheme in enumerate(schemes):
+        if scheme == "CTNormalization":
+            # Clip to the training foreground's 0.5 and 99.5 percentiles, then its mean and std (global numbers).
+            props = intensities.get(str(channel))
+            if not props:
+                raise ModelFileError(f"{plans_path}: CTNormalization without foreground intensity properties")
+            mean.append(float(props["mean"]) / 255.0)
+            std.append(max(float(props["std"]), 1e-8) / 255.0)
+            low.append(float(props["percentile_00_5"]) / 255.0)
+            high.append(float(props["percentile_99_5"]) / 255.0)
+            continue
+        low.append(0.0)  # x / 255 of uint8 pixels lies in [0, 1]: no clip
+        high.append(1.0)
         if scheme not in _FIXED_NORMALIZATION:
             raise ModelFileError(
                 f"{plans_path}: normalization {scheme!r} cannot be imported: it normalises each image by its own "
@@ -205,6 +221,8 @@ def _normalization(schemes: list[str], *, channels: int, plans_path: Path) -> di
         m, s = _FIXED_NORMALIZATION[scheme]
         mean.append(m)
         std.append(s)
+    if "CTNormalization" in schemes:
+        return {"mean": mean, "std": std, "clip_min": low, "clip_max": high}
     return {"mean": mean, "std": std}
 
 
@@ -312,7 +330,12 @@ def import_nnunet(
     channels = len(dataset.get("channel_names", {}))
     if channels != 3:
         raise ModelFileError(f"{dataset_path}: {channels} input channels; the slides give RGB (3 channels)")
-    normalization = _normalization(config.get("normalization_schemes", []), channels=channels, plans_path=plans_path)
+    normalization = _normalization(
+        config.get("normalization_schemes", []),
+        plans.get("foreground_intensity_properties_per_channel", {}),
+        channels=channels,
+        plans_path=plans_path,
+    )
     class_names = _labels(dataset, dataset_path=dataset_path)
     if positive_label is None:
         others = [c for c in class_names if c != "background"]

@@ -49,9 +49,7 @@ def import_nnunet_cmd(
 ) -> None:
     """Import an nnU-Net v2 2D model: its checkpoints become the members of a segmentation ensemble.
 
-    Checkpoints are read with torch's restricted unpickler (tensors and plain data only) and only
-    their network weights are kept. Building the network needs the nnunet extra
-    (dynamic_network_architectures). Use the result with `pdl1 run --seg-model OUT`.
+    Checkpoints are read with torch's restricted unpickler (tensors and plain data only) and only their network weights are kept. Building the network needs the nnunet extra (dynamic_network_architectures). Use the result with `pdl1 run --seg-model OUT`.
     """
     from inference import import_nnunet
 
@@ -111,11 +109,7 @@ def export_nnunet_cmd(
 ) -> None:
     """Write an nnU-Net v2 raw dataset: imagesTr/, labelsTr/ (with nnU-Net's ignore label), dataset.json, cases.json.
 
-    Takes a QuPath project's images (read without QuPath) or slide files. Labels come from phantom
-    truth (<slide>.truth/) here; pixels the truth does not decide (mixed at --mpp), and with
-    --ignore-margin-px those near a class boundary, get the ignore label. cases.json maps every
-    case to its image (and project entry) and level-0 region. Train it as the README's nnU-Net
-    section says, then `pdl1 import nnunet`.
+    Takes a QuPath project's images (read without QuPath) or slide files. Labels come from phantom truth (<slide>.truth/) here; pixels the truth does not decide (mixed at --mpp), and with --ignore-margin-px those near a class boundary, get the ignore label. cases.json maps every case to its image (and project entry) and level-0 region. Train it as the README's nnU-Net section says, then `pdl1 import nnunet`.
     """
     from bridge.nnunet_export import PhantomTruthLabels, export_nnunet_dataset, project_images
 

@@ -351,3 +351,21 @@ def test_normalisation_is_nnunets(tmp_path, scheme):
     rgb = np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
     ours = ensemble.normalize(torch.from_numpy(rgb)).numpy()
     np.testing.assert_allclose(ours, _nnunet_normalised(rgb, scheme), rtol=1e-5, atol=1e-5)
+
+
+def test_without_the_extra_the_error_names_it(monkeypatch):
+    import importlib
+
+    from inference.models import nnunet_network
+
+    original = importlib.import_module
+
+    def no_dna(name, *args):
+        if name.startswith("dynamic_network_architectures"):
+            raise ImportError(f"No module named {name!r}")
+        return original(name, *args)
+
+    monkeypatch.setattr(nnunet_network.importlib, "import_module", no_dna)
+    kwargs = {"input_channels": 3, "num_classes": 2, "arch_kwargs": {}, "arch_kwargs_requires_import": []}
+    with pytest.raises(ModelFileError, match=r"needs the nnunet extra: pip install 'pdl1-bridge\[nnunet\]'"):
+        nnunet_network.build_nnunet_network(PLAIN, kwargs)

@@ -177,6 +177,8 @@ def run(work: Path, *, epochs: int, iterations: int, size_px: int) -> dict:
         figures["training s"] = round(time.perf_counter() - t0, 1)
 
     model_dir = work / "model"
+    shutil.rmtree(model_dir, ignore_errors=True)  # a rerun imports again (the importer keeps an existing model)
+    shutil.rmtree(work / "run", ignore_errors=True)
     manifest = import_nnunet(results, model_dir, mpp=MPP, checkpoints=ckpts, folds=["0"])
     figures["imported"] = {
         "members": [(m.file, m.epoch) for m in manifest.members],

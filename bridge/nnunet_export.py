@@ -1,11 +1,12 @@
 """nnU-Net v2 raw datasets written from labelled slides (``pdl1 export nnunet``).
 
 A dataset is ``DatasetNNN_NAME/`` with ``imagesTr/CASE_0000.png`` (RGB tiles at one µm/px),
-``labelsTr/CASE.png`` (uint8 labels), ``dataset.json``, optional ``imagesTs/`` and ``cases.json``,
-which maps every case back to its slide and level-0 region. Pixels a label source says nothing
-about get nnU-Net's ``ignore`` label (the highest label value), so nnU-Net v2 trains on sparse
-labels. The channels are named ``rgb_to_0_1`` so nnU-Net normalises them as ``x / 255`` (a fixed
-map that ``pdl1 import nnunet`` can carry over; its default z-score is per image).
+``labelsTr/CASE.png`` (uint8 labels), ``dataset.json``, optional ``imagesTs/``, ``cases.json``,
+which maps every case back to its slide and level-0 region, and ``pdl1_export.json`` (how it was
+written). Pixels a label source says nothing about get nnU-Net's ``ignore`` label (the highest label
+value), so nnU-Net v2 trains on sparse labels. The channels are named ``rgb_to_0_1`` so nnU-Net
+normalises them as ``x / 255`` (a fixed map that ``pdl1 import nnunet`` can carry over; its default
+z-score is per image).
 
 Labels come through :class:`LabelSource`. The one here reads phantom truth (``<slide>.truth/``);
 a source reading QuPath annotations fits the same protocol.
@@ -17,7 +18,8 @@ import json
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
@@ -25,7 +27,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import distance_transform_edt
 
-from inference import load_truth, open_slide
+from inference import __version__, load_truth, open_slide
 
 UNLABELLED = 255  # what a label source returns where it says nothing; written as nnU-Net's ignore label
 _DATASET_DIR = re.compile(r"^Dataset\d{3}_[A-Za-z0-9_-]+$")
@@ -221,6 +223,17 @@ def export_nnunet_dataset(
     }
     (out_dir / "dataset.json").write_text(json.dumps(dataset, indent=2))
     (out_dir / "cases.json").write_text(json.dumps(mapping, indent=2))
+    provenance = {
+        "pdl1_bridge": __version__,
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "mpp": mpp,
+        "case_size_px": case_size_px,
+        "label_source": {"kind": type(source).__name__, **(asdict(source) if is_dataclass(source) else {})},
+        "ignore_label": ignore,
+        "training_images": [str(i.path.resolve()) for i in images],
+        "test_images": [str(i.path.resolve()) for i in tests],
+    }
+    (out_dir / "pdl1_export.json").write_text(json.dumps(provenance, indent=2))
     return ExportSummary(
         folder=out_dir,
         training_cases=training,

@@ -43,6 +43,14 @@ def test_dataset_layout_labels_and_mapping(phantoms, tmp_path):
     assert cases["a_0001"]["region_xywh"] == [512, 0, 512, 512]
     assert cases["a_0002"]["region_xywh"] == [0, 512, 512, 512]
     assert cases["b_0000"]["split"] == "test"
+    provenance = json.loads((out / "pdl1_export.json").read_text())
+    assert provenance["label_source"] == {
+        "kind": "PhantomTruthLabels",
+        "purity": 0.99,
+        "margin_px": 0,
+        "class_names": ["background", "PD-L1 positive"],
+    }
+    assert (provenance["mpp"], provenance["case_size_px"], provenance["ignore_label"]) == (2.0, 128, 2)
 
     # The truth mask is at 8 level-0 px (4 µm/px): every exported 2 µm pixel lies inside one truth pixel,
     # so the labels are the mask, each pixel doubled, and no pixel is undecided.

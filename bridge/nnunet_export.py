@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
@@ -47,6 +48,13 @@ class LabelSource(Protocol):
     ) -> np.ndarray:
         """uint8 (height, width) labels of the region at ``size_wh`` px; :data:`UNLABELLED` where unknown."""
         ...
+
+
+@lru_cache(maxsize=2)
+def _truth_mask(slide_path: Path) -> tuple[np.ndarray, float]:
+    """A phantom's positive mask and its downsample, read once for all the cases of a slide."""
+    truth = load_truth(slide_path)
+    return truth.positive_mask, truth.mask_downsample
 
 
 @dataclass(frozen=True)
@@ -78,12 +86,11 @@ class PhantomTruthLabels:
     def labels(
         self, slide_path: Path, region_xywh: tuple[int, int, int, int], *, size_wh: tuple[int, int]
     ) -> np.ndarray:
-        truth = load_truth(slide_path)
+        mask, ds = _truth_mask(Path(slide_path))
         x, y, w, h = region_xywh
-        ds = truth.mask_downsample
         x0, y0 = math.floor(x / ds), math.floor(y / ds)
         x1, y1 = math.ceil((x + w) / ds), math.ceil((y + h) / ds)
-        crop = truth.positive_mask[y0:y1, x0:x1].astype(np.float32)
+        crop = mask[y0:y1, x0:x1].astype(np.float32)
         # Fraction of each exported pixel that is positive: the mask box resampled by area.
         fraction = np.asarray(Image.fromarray(crop).resize(size_wh, resample=Image.Resampling.BOX))
         out = np.full(fraction.shape, UNLABELLED, np.uint8)

@@ -77,6 +77,7 @@ _PUBLIC = {
     "demo_model_dir": "inference.models.ensemble",
     "write_manifest": "inference.models.manifest",
     "demo_model_checksums": "inference.models.manifest",
+    "import_nnunet": "inference.models.nnunet_import",
     # training
     "DEFAULT_LR_MAX": "inference.training.cyclic",
     "SegTrainConfig": "inference.training.train_seg",

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from bridge.cli import demo, evaluate, run, serve, train
+from bridge.cli import demo, evaluate, nnunet, run, serve, train
 from inference import __version__, tune_allocator
 
 app = typer.Typer(
@@ -61,6 +61,8 @@ app.command("serve")(serve.serve)
 app.command("bench")(demo.bench)
 app.add_typer(train.app, name="train")
 app.add_typer(evaluate.app, name="eval")
+app.add_typer(nnunet.import_app, name="import")
+app.add_typer(nnunet.export_app, name="export")
 
 
 if __name__ == "__main__":  # pragma: no cover

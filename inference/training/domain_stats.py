@@ -127,3 +127,19 @@ def write_domain_stats(model_dir: str | Path, stats: DomainStats) -> Path:
     """Store ``stats`` in ``model_dir``'s manifest (rewritten whole; the weights are not touched)."""
     manifest = read_manifest(model_dir, verify=False)
     return write_manifest(model_dir, with_domain_stats(manifest, stats))
+
+
+def write_training_domain_stats(
+    model_dir: str | Path, slides: Sequence[str | Path], *, device: str = "cpu"
+) -> Manifest:
+    """After training: the statistics of the training slides, limits by leaving one slide out, in the manifest.
+
+    Training never fails for them: where they cannot be computed (slides too small for two tiles), the
+    manifest stays without (the guard then says "not measured") and a warning says why.
+    """
+    try:
+        stats = compute_domain_stats(model_dir, slides, device=device)
+    except ValueError as err:
+        log.warning("%s: no domain statistics (%s); compute them later with `pdl1 domain-stats`", model_dir, err)
+        return read_manifest(model_dir, verify=False)
+    return read_manifest(write_domain_stats(model_dir, stats).parent, verify=False)

@@ -22,14 +22,14 @@ from inference.analysis.ihc import DEFAULT_INTENSITY_LIMITS_OD, annulus_means, d
 from inference.analysis.nuclei import MEMBRANE_PERCENTILE, MEMBRANE_RING_UM, detect_nuclei
 from inference.analysis.points import gaussian_targets
 from inference.models.ensemble import Ensemble
-from inference.models.manifest import Manifest, Member, read_manifest, write_manifest
+from inference.models.manifest import Manifest, Member, write_manifest
 from inference.models.nuclei_model import DilatedResFCN
 from inference.phantom.truth import load_truth
 from inference.slides.slide import open_slide
 from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
 from inference.training.augment import STAIN_JITTERS, augment_batch
 from inference.training.cyclic import check_schedule, total_epochs, train_cyclic
-from inference.training.domain_stats import compute_domain_stats, write_domain_stats
+from inference.training.domain_stats import write_training_domain_stats
 from inference.training.train_seg import NORMALIZATION
 
 log = logging.getLogger(__name__)
@@ -279,8 +279,7 @@ def train_nuclei(
         write_manifest(out_dir, manifest)
     # The domain guard's statistics of these slides, limits by leaving one slide out (pdl1 domain-stats
     # recomputes them with held-out slides).
-    stats = compute_domain_stats(out_dir, config.slides, device=config.device)
-    return read_manifest(write_domain_stats(out_dir, stats).parent, verify=False)
+    return write_training_domain_stats(out_dir, config.slides, device=config.device)
 
 
 # An IHC slide needs review when its cells' mean ensemble entropy passes the training slides' highest by this

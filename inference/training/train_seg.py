@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from inference import __version__
-from inference.models.manifest import Manifest, Member, read_manifest, write_manifest
+from inference.models.manifest import Manifest, Member, write_manifest
 from inference.models.unet import PlainConvUNet
 from inference.phantom.truth import load_truth
 from inference.slides.slide import open_slide
 from inference.slides.tissue import detect_tissue
 from inference.training.augment import STAIN_JITTERS, augment_batch
 from inference.training.cyclic import check_schedule, total_epochs, train_cyclic
-from inference.training.domain_stats import compute_domain_stats, write_domain_stats
+from inference.training.domain_stats import write_training_domain_stats
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +255,7 @@ def train_segmentation(
     write_manifest(out_dir, manifest)
     # The domain guard's statistics of these slides, limits by leaving one slide out (pdl1 domain-stats
     # recomputes them with held-out slides).
-    stats = compute_domain_stats(out_dir, config.slides, device=config.device)
-    return read_manifest(write_domain_stats(out_dir, stats).parent, verify=False)
+    return write_training_domain_stats(out_dir, config.slides, device=config.device)
 
 
 def _offset_progress(on_progress: Callable[[int, int], None], offset: int, total: int) -> Callable[[int, int], None]:

@@ -18,7 +18,9 @@ class DomainGuard(PhantomSlideBenchmark):
     """An H&E analysis (segmentation M=5, SUA, nuclei) and a PD-L1 IHC analysis, each with and without the guard."""
 
     unit = "Mpx/s"
-    extra_columns = ("guard adds",)
+    # CPU seconds of the process (all its threads): on a machine shared with other work the wall time
+    # swings by more than the guard costs, the CPU time the analysis itself used much less.
+    extra_columns = ("best CPU s", "guard adds (wall)", "guard adds (CPU)")
 
     def setup(self, *, quick: bool) -> None:
         size, seed = (2048 if quick else 4096), 83
@@ -30,13 +32,15 @@ class DomainGuard(PhantomSlideBenchmark):
         self.models = Models(self.config)
         self.models.ihc()  # loaded before timing, as the service holds it
         self.best_s: dict[str, float] = {}
+        self.best_cpu_s: dict[str, float] = {}
 
     def _run(self, label: str, slide, stain: str, *, guard: bool) -> float:
         config = replace(self.config, domain_guard=guard)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = analyse_slide(slide, models=self.models, config=config, image_stain=stain)
-        seconds = time.perf_counter() - t0
+        seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
         self.best_s[label] = min(seconds, self.best_s.get(label, float("inf")))
+        self.best_cpu_s[label] = min(cpu_s, self.best_cpu_s.get(label, float("inf")))
         if guard and result.summary["domain"]["out_of_domain_score"] is None:
             raise RuntimeError(f"the guard measured nothing: {result.summary['domain']['why_not']}")
         return self.size_px**2 / 1e6
@@ -54,10 +58,12 @@ class DomainGuard(PhantomSlideBenchmark):
 
     def extra(self, label: str) -> dict[str, str]:
         # Best against best of the same stain without the guard (measured just before).
-        if not label.endswith(", guard"):
-            return {}
-        base = self.best_s.get(label.replace(", guard", ", no guard"))
-        return {"guard adds": f"{100 * (self.best_s[label] / base - 1):+.1f} %"} if base else {}
+        out = {"best CPU s": f"{self.best_cpu_s[label]:.2f}"}
+        base = label.replace(", guard", ", no guard")
+        if label.endswith(", guard") and base in self.best_s:
+            out["guard adds (wall)"] = f"{100 * (self.best_s[label] / self.best_s[base] - 1):+.1f} %"
+            out["guard adds (CPU)"] = f"{100 * (self.best_cpu_s[label] / self.best_cpu_s[base] - 1):+.1f} %"
+        return out
 
     def conditions(self) -> dict[str, str]:
         seg, ihc = self.models.seg.manifest, self.models.ihc().manifest

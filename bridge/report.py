@@ -32,6 +32,8 @@ COLUMNS = (
     "positive_area_pct",
     "uncertainty_flag",
     "review_reasons",
+    "out_of_domain_score",
+    "stain_distance_deg",
     "sua_candidates",
     "tumor_positive",
     "tumor_negative",
@@ -190,6 +192,9 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
                 ),
                 "positive_area_pct": s.get("positive_area_pct"),
                 "uncertainty_flag": int(bool(s.get("uncertainty_flag"))),
+                "out_of_domain_score": (s.get("details", {}).get("domain") or {}).get("out_of_domain_score"),
+                "stain_distance_deg": (s.get("details", {}).get("domain") or {}).get("stain_distance_deg"),
+                "domain": _domain_text(s.get("details", {}).get("domain")),
                 "sua_candidates": s.get("sua_candidates"),
                 "tumor_positive": nuclei.get("Tumor: Positive"),
                 "tumor_negative": nuclei.get("Tumor: Negative"),
@@ -222,6 +227,26 @@ def _mpp_text(mpp) -> str:
     if isinstance(mpp, list | tuple) and mpp:
         mpp = mpp[0] if len(set(mpp)) == 1 else "/".join(f"{v:.3g}" for v in mpp)
     return f"{mpp:.3g} µm/px" if isinstance(mpp, float | int) else html.escape(str(mpp or "n/a"))
+
+
+def _domain_text(domain: dict | None) -> str:
+    """How far the image lies from the training domain of the model that analysed it, with the limits."""
+    if not domain:
+        return "not measured (a run before the domain guard, or the guard switched off)"
+    if domain.get("out_of_domain_score") is None:
+        return f"not measured: {domain.get('why_not') or 'no tiles'}"
+    score, limit = domain["out_of_domain_score"], domain.get("limit")
+    deg, deg_limit = domain.get("stain_distance_deg"), domain.get("stain_limit_deg")
+    over = (limit is not None and score >= limit) or (deg is not None and deg_limit is not None and deg >= deg_limit)
+    return (
+        f"{'OUT of' if over else 'within'} the training domain of {domain.get('model')}: out-of-domain score "
+        f"{score:.2f} (limit {_fmt2(limit)}; 1 = like the training tiles), stain distance {_fmt2(deg)}° "
+        f"(limit {_fmt2(deg_limit)}°)"
+    )
+
+
+def _fmt2(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _fmt(value) -> str:
@@ -297,6 +322,7 @@ def _html(rows: list[dict], pairs: dict | None = None) -> str:
             + f"<tr><th>Review</th><td>{html.escape(r['review_reasons'] or 'no reason')}</td></tr>"
             f"<tr><th>Image</th><td>{_mpp_text(r['mpp'])}; analysed {html.escape(r['analysed_at'] or 'n/a')}</td></tr>"
             f"<tr><th>Models</th><td>{html.escape(r['models'] or 'n/a')}</td></tr>"
+            f"<tr><th>Training domain</th><td>{html.escape(r['domain'])}</td></tr>"
             f"<tr><th>PD-L1 positive area</th><td>{_fmt(r['positive_area_pct'])}% of analysed tissue</td></tr>"
             f"<tr><th>Uncertainty</th><td>{flag}; {_fmt(r['sua_candidates'])} SUA false-negative candidates</td></tr>"
             f"<tr><th>Nuclei</th><td>{_fmt(r['tumor_positive'])} positive, {_fmt(r['tumor_negative'])} negative "

@@ -84,6 +84,8 @@ _PUBLIC = {
     "train_segmentation": "inference.training.train_seg",
     "NucleiTrainConfig": "inference.training.train_nuclei",
     "train_nuclei": "inference.training.train_nuclei",
+    "compute_domain_stats": "inference.training.domain_stats",
+    "write_domain_stats": "inference.training.domain_stats",
     # evaluation
     "SlideEvaluation": "inference.evaluation.evaluate",
     "evaluate_segmentation": "inference.evaluation.evaluate",

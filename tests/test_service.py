@@ -395,6 +395,7 @@ def test_every_endpoint_and_key_the_scripts_use_exists(service):
             "run_id",
             "stain",
             "review_reasons",
+            "domain",
         }, key
 
 

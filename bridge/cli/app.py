@@ -53,6 +53,7 @@ def version() -> None:
 # The order here is the order of `pdl1 --help`; the sub-apps are listed after the commands.
 app.command("phantom")(demo.phantom)
 app.command("calibrate")(evaluate.calibrate)
+app.command("domain-stats")(train.domain_stats)
 app.command("run")(run.run)
 app.command("init-project")(run.init_project)
 app.command("report")(run.report_cmd)

@@ -29,6 +29,7 @@ from inference.slides.slide import open_slide
 from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
 from inference.training.augment import STAIN_JITTERS, augment_batch
 from inference.training.cyclic import check_schedule, total_epochs, train_cyclic
+from inference.training.domain_stats import write_training_domain_stats
 from inference.training.train_seg import NORMALIZATION
 
 log = logging.getLogger(__name__)
@@ -276,7 +277,9 @@ def train_nuclei(
         limit = review_entropy_limit(out_dir, config.slides, device=config.device)
         manifest = manifest.with_thresholds(review_nuclei_entropy=limit)
         write_manifest(out_dir, manifest)
-    return manifest
+    # The domain guard's statistics of these slides, limits by leaving one slide out (pdl1 domain-stats
+    # recomputes them with held-out slides).
+    return write_training_domain_stats(out_dir, config.slides, device=config.device)
 
 
 # An IHC slide needs review when its cells' mean ensemble entropy passes the training slides' highest by this

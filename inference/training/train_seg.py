@@ -31,6 +31,7 @@ from inference.slides.slide import open_slide
 from inference.slides.tissue import detect_tissue
 from inference.training.augment import STAIN_JITTERS, augment_batch
 from inference.training.cyclic import check_schedule, total_epochs, train_cyclic
+from inference.training.domain_stats import write_training_domain_stats
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,9 @@ def train_segmentation(
         },
     )
     write_manifest(out_dir, manifest)
-    return manifest
+    # The domain guard's statistics of these slides, limits by leaving one slide out (pdl1 domain-stats
+    # recomputes them with held-out slides).
+    return write_training_domain_stats(out_dir, config.slides, device=config.device)
 
 
 def _offset_progress(on_progress: Callable[[int, int], None], offset: int, total: int) -> Callable[[int, int], None]:

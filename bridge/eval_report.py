@@ -22,6 +22,8 @@ QC_SCORES = {
     "mean_entropy": "mean predictive entropy over the analysed tissue",
     "mean_mi": "mean mutual information over the analysed tissue",
     "candidate_area_pct": "SUA candidate area, % of the analysed tissue",
+    "out_of_domain_score": "the domain guard's out-of-domain score (network features)",
+    "stain_distance_deg": "the domain guard's stain distance from the training stains",
 }
 
 COLUMNS = (
@@ -43,6 +45,8 @@ COLUMNS = (
     "mean_entropy",
     "mean_mi",
     "candidate_area_pct",
+    "out_of_domain_score",
+    "stain_distance_deg",
     "positive_area_error",
     "failed",
     "needs_review",
@@ -81,6 +85,8 @@ def rows(evaluations: Sequence[SlideEvaluation]) -> list[dict[str, object]]:
                 "mean_entropy": e.mean_entropy,
                 "mean_mi": e.mean_mi,
                 "candidate_area_pct": e.candidate_area_pct,
+                "out_of_domain_score": e.out_of_domain_score,
+                "stain_distance_deg": e.stain_distance_deg,
                 "positive_area_error": e.positive_area_error,
                 "failed": int(e.failed()),
                 "needs_review": int(e.needs_review),
@@ -127,6 +133,8 @@ def failure_detection(evaluations: Sequence[SlideEvaluation]) -> list[dict[str, 
     out = []
     for name, meaning in QC_SCORES.items():
         scores = np.array([getattr(e, name) for e in evaluations], np.float64)
+        if np.isnan(scores).all():  # not measured (e.g. a model without domain statistics)
+            continue
         out.append(
             {
                 "score": name,
@@ -196,6 +204,8 @@ def write_report(
     fig, ax = plt.subplots(figsize=(5, 4))
     for name in QC_SCORES:
         scores = np.array([getattr(e, name) for e in evaluations], np.float64)
+        if np.isnan(scores).all():
+            continue
         coverage, risk = risk_coverage(scores, failures)
         ax.plot(coverage, risk, "o-", ms=3, label=f"{name} (AURC {aurc(scores, failures):.3f})")
     if failures.size:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from inference.analysis.domain import feature_score, slide_stain, stain_distance_deg, stats_of_manifest
 from inference.analysis.ihc import IMMUNE_POSITIVE, combined_positive_score
 from inference.analysis.nuclei import NucleiConfig, detect_nuclei
 from inference.analysis.points import DetectionScores, detection_scores, match_points, tumour_proportion_score
@@ -30,11 +32,13 @@ from inference.analysis.sua import (
 from inference.evaluation.metrics import auprc, auroc, brier, dice, ece, fbeta_score, iou
 from inference.evaluation.review import TARGET_CATCH, TARGET_FALSE_ALARM, ReviewFit, fit_review_limits
 from inference.models.ensemble import Ensemble
+from inference.models.features import capture_tile_features
 from inference.phantom.ihc import ihc_to_he_points
 from inference.phantom.truth import PhantomTruthData, load_truth
 from inference.phantom.truth_tissue import truth_tissue_mask
 from inference.results import Cps, Tps, UncertaintyMaps
 from inference.slides.slide import open_slide
+from inference.slides.stain_detect import detect_slide_stain
 from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
 
 
@@ -178,6 +182,8 @@ class _ScoredSlide:
     truth: np.ndarray  # bool, the positive mask on the maps' grid
     region: np.ndarray  # bool, the truth's tissue on the maps' grid: what is scored
     analysed: np.ndarray  # bool, the tissue the product found and analysed, on the maps' grid
+    out_of_domain_score: float = float("nan")  # the domain guard's, NaN where the model has no statistics
+    stain_distance_deg: float = float("nan")
 
 
 def _segment_against_truth(
@@ -197,7 +203,16 @@ def _segment_against_truth(
         if not config.member_maps:
             config = replace(config, member_maps=True)
         tissue = tissue_mask_for_slide(slide, method=TISSUE_METHOD_OF_STAIN[ensemble.manifest.stain])
-        maps = segment_slide(slide, ensemble, tissue=tissue, config=config, on_progress=on_progress)
+        stats, _ = stats_of_manifest(ensemble.manifest.extra)
+        with capture_tile_features(ensemble) if stats is not None else nullcontext() as captured:
+            maps = segment_slide(slide, ensemble, tissue=tissue, config=config, on_progress=on_progress)
+        ood = stain_deg = math.nan
+        if stats is not None:  # the domain guard's two scores, as pdl1 run computes them
+            score = feature_score(captured.array(), stats)
+            ood = math.nan if score is None else score
+            colour = detect_slide_stain(slide)
+            deg = stain_distance_deg(slide_stain(colour, slide.thumbnail(mpp=8.0)), stats)
+            stain_deg = math.nan if deg is None else deg
     analysed = mask_on_maps(tissue.mask, tissue.downsample, maps) & np.asarray(maps.covered)
     region = mask_on_maps(truth_tissue_mask(truth_data), truth_data.mask_downsample, maps)
     thr = threshold if threshold is not None else ensemble.manifest.thresholds.get("segmentation", 0.5)
@@ -209,7 +224,16 @@ def _segment_against_truth(
         tissue_recall=overlap / max(np.count_nonzero(region), 1),
         tissue_precision=overlap / max(np.count_nonzero(analysed), 1),
     )
-    return _ScoredSlide(seg=seg, maps=maps, truth_data=truth_data, truth=truth, region=region, analysed=analysed)
+    return _ScoredSlide(
+        seg=seg,
+        maps=maps,
+        truth_data=truth_data,
+        truth=truth,
+        region=region,
+        analysed=analysed,
+        out_of_domain_score=ood,
+        stain_distance_deg=stain_deg,
+    )
 
 
 @dataclass(frozen=True)
@@ -389,6 +413,8 @@ class SlideEvaluation:
     candidate_area_pct: float = float("nan")  # SUA candidates' area per analysed tissue area
     positive_area_um2: float = float("nan")  # predicted positive, over the truth's tissue
     truth_positive_area_um2: float = float("nan")
+    out_of_domain_score: float = float("nan")  # the domain guard's scores (NaN: the model has no statistics)
+    stain_distance_deg: float = float("nan")
 
     @property
     def positive_area_error(self) -> float:
@@ -466,6 +492,8 @@ def evaluate_slide_suite(
         candidate_area_pct=100 * cand_area / max(analysed_um2, 1e-9),
         positive_area_um2=float(np.count_nonzero(pred & region) * maps.mpp**2),
         truth_positive_area_um2=float(np.count_nonzero(truth) * maps.mpp**2),
+        out_of_domain_score=scored.out_of_domain_score,
+        stain_distance_deg=scored.stain_distance_deg,
     )
 
 

@@ -82,6 +82,11 @@ _PUBLIC = {
     "train_segmentation": "inference.training.train_seg",
     "NucleiTrainConfig": "inference.training.train_nuclei",
     "train_nuclei": "inference.training.train_nuclei",
+    "SlideLabels": "inference.training.labels",
+    "IGNORE_LABEL": "inference.training.labels",
+    "labels_digest": "inference.training.labels",
+    "region_target": "inference.training.labels",
+    "nuclei_known_mask": "inference.training.labels",
     # evaluation
     "SlideEvaluation": "inference.evaluation.evaluate",
     "evaluate_segmentation": "inference.evaluation.evaluate",

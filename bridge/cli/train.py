@@ -1,4 +1,5 @@
-"""``pdl1 train``: the sub-app that trains segmentation ensembles and nuclei models on phantom slides."""
+"""``pdl1 train``: the sub-app that trains segmentation ensembles and nuclei models on phantom slides,
+and nuclei models on a lab's own QuPath labels (a project, or GeoJSON exports beside slides)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import typer
 from bridge.cli.common import fail, interrupted
 from inference import Pdl1Error
 
-app = typer.Typer(help="Train models on phantom slides with truth.", no_args_is_help=True)
+app = typer.Typer(
+    help="Train models on phantom slides with truth, or nuclei models on your own QuPath labels.", no_args_is_help=True
+)
 
 _TRAINING_KEPT = "{out} holds a checkpoint of the last finished epoch; the same command with --resume goes on from it"
 
@@ -122,9 +125,62 @@ def train_seg(
     )
 
 
+def _is_project(path: Path) -> bool:
+    return path.suffix == ".qpproj" or (path.is_dir() and (path / "project.qpproj").is_file())
+
+
+# The nuclei model's architecture the shipped demo has: --init defaults to it when the run's matches.
+_DEMO_NUCLEI_ARCH = {"width": 32, "dilations": (1, 2, 4, 8), "input_mpp": 1.0}
+
+
+def _nuclei_labels(
+    sources: list[Path],
+    *,
+    geojson: list[Path],
+    entries: list[str],
+    from_review: bool,
+    class_map: list[str],
+    qupath: str,
+) -> list:
+    """The SlideLabels of a project, or of slides each with its GeoJSON (in order); [] for phantom slides."""
+    from bridge.labels import LabelRules, parse_class_map, read_geojson_labels, read_project_labels
+    from inference import NUCLEUS_CLASSES, open_slide
+
+    rules = LabelRules(
+        class_names=tuple(NUCLEUS_CLASSES), class_map=parse_class_map(class_map), from_review=from_review
+    )
+    projects = [s for s in sources if _is_project(s)]
+    if projects:
+        if len(sources) != 1 or geojson:
+            raise typer.BadParameter("give one QuPath project alone (its entries are the slides), without --labels")
+        return read_project_labels(projects[0], rules=rules, entries=tuple(entries), qupath=qupath)
+    if entries:
+        raise typer.BadParameter("--entries chooses entries of a QuPath project; the sources are slides")
+    if not geojson:
+        if from_review or class_map:
+            raise typer.BadParameter("--from-review and --class-map apply to QuPath labels (a project or --labels)")
+        return []
+    if len(geojson) != len(sources):
+        raise typer.BadParameter(
+            f"--labels gives one GeoJSON per slide, in the slides' order: got {len(geojson)} for {len(sources)} slides"
+        )
+    out = []
+    for slide_path, labels_path in zip(sources, geojson, strict=True):
+        with open_slide(slide_path) as slide:
+            size = tuple(slide.dimensions)
+        out.append(read_geojson_labels(labels_path, slide=slide_path, image_size_px=size, rules=rules))
+    return out
+
+
 @app.command("nuclei")
 def train_nuclei_cmd(
-    slides: Annotated[list[Path], typer.Argument(help="Phantom slides with truth beside them (pdl1 phantom).")],
+    slides: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Phantom slides with truth beside them (pdl1 phantom); or a QuPath project (its labels); "
+            "or slides with --labels."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Model folder to write (manifest + members).")],
     cycles: Annotated[int, typer.Option(min=1, help="Cosine cycles (warm restarts).")] = 3,
     epochs_per_cycle: Annotated[int, typer.Option(min=1)] = 3,
@@ -148,19 +204,72 @@ def train_nuclei_cmd(
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint if present.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    labels: Annotated[
+        list[Path] | None,
+        typer.Option("--labels", help="A QuPath GeoJSON export per slide, in the slides' order (your labels)."),
+    ] = None,
+    entries: Annotated[
+        list[str] | None, typer.Option("--entries", help="Project entries to train on (ID or image name; all).")
+    ] = None,
+    from_review: Annotated[
+        bool, typer.Option(help="Use pdl1 results a person reclassified (PD-L1 positive / negative) as labels.")
+    ] = False,
+    class_map: Annotated[
+        list[str] | None,
+        typer.Option(help="LABEL=MODEL: train points of class LABEL as the model's class MODEL ('LABEL=': leave out)."),
+    ] = None,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            help="Model folder to fine-tune from (its last member), or 'none'. Default: the shipped demo nuclei "
+            "model for your labels when the architecture matches; from scratch for phantoms.",
+            show_default=False,
+        ),
+    ] = None,
+    known_radius_um: Annotated[
+        float, typer.Option(min=0.5, help="Your labels: pixels this near a marked point have a known target.")
+    ] = 6.0,
+    qupath: Annotated[str, typer.Option(help="Read a project through QuPath: auto, always or never.")] = "auto",
 ) -> None:
     """Train the point-based nuclei classifier from truth points, on the stain of the slides given.
 
     H&E phantoms: Tumor: Positive / Tumor: Negative / Other. PD-L1 IHC phantoms (pdl1 phantom --ihc): also
     Immune cells: PD-L1 positive / negative, and the 2+/3+ membrane DAB limits calibrated on the truth.
+    Your own labels (a QuPath project, or --labels GeoJSON per slide): H&E, the H&E classes; points of
+    other classes need --class-map; see the README, "Train on your own slides".
     """
     from bridge.progress import progress_bar
     from inference import NucleiTrainConfig, train_nuclei
 
+    if qupath not in ("auto", "always", "never"):
+        raise typer.BadParameter(f"--qupath must be auto, always or never, got {qupath!r}")
     lr_peak, lr_floor = _lr_range(optimizer, lr_max)
     try:
+        slide_labels = _nuclei_labels(
+            slides,
+            geojson=labels or [],
+            entries=entries or [],
+            from_review=from_review,
+            class_map=class_map or [],
+            qupath=qupath,
+        )
+        init_model = None if init in (None, "none") else init
+        if init is None and slide_labels:
+            arch = {"width": width, "dilations": (1, 2, 4, 8), "input_mpp": input_mpp}
+            if arch == _DEMO_NUCLEI_ARCH:
+                from inference import demo_model_dir
+
+                init_model = str(demo_model_dir("nuclei"))
+        for lab in slide_labels:
+            used = ", ".join(f"{k} {v}" for k, v in lab.counts.items())
+            typer.echo(f"{lab.source or lab.slide}: {used}")
+        sources = [lab.slide for lab in slide_labels] if slide_labels else [str(s) for s in slides]
+        from bridge.labels import label_summary
+
         config = NucleiTrainConfig(
-            slides=tuple(str(s) for s in slides),
+            slides=tuple(sources),
+            init_model=init_model,
+            known_radius_um=known_radius_um,
             out_dir=str(out),
             cycles=cycles,
             epochs_per_cycle=epochs_per_cycle,
@@ -182,7 +291,13 @@ def train_nuclei_cmd(
             device=device,
         )
         with progress_bar("training", enabled=progress) as on_progress:
-            manifest = train_nuclei(config, resume=resume, on_progress=on_progress)
+            manifest = train_nuclei(
+                config,
+                labels=slide_labels,
+                label_sources=label_summary(slide_labels) if slide_labels else None,
+                resume=resume,
+                on_progress=on_progress,
+            )
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
     except KeyboardInterrupt:

@@ -1,0 +1,155 @@
+"""Training on a lab's own labels: the masked loss, sparse batches, fine-tuning, and `pdl1 train nuclei` end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+import torch
+from typer.testing import CliRunner
+
+from bridge.cli.app import app
+from bridge.labels import LabelRules, export_path, labels_from_objects
+from bridge.qupath_geojson import QuPathObject
+from inference import ModelFileError, demo_model_dir
+from inference.models.nuclei_model import DilatedResFCN
+from inference.training.train_nuclei import (
+    _NucleiData,
+    focal_loss,
+    init_weights,
+    masked_focal_loss,
+    sample_nuclei_batch,
+)
+
+runner = CliRunner()
+TINY = ["--cycles", "2", "--epochs-per-cycle", "1", "--iterations", "1", "--batch-size", "2", "--patch-px", "32"]
+HE_CLASSES = ("Tumor: Positive", "Tumor: Negative", "Other")
+
+
+def test_the_masked_loss_ignores_unknown_pixels_and_equals_the_focal_loss_where_all_are_known():
+    rng = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, generator=rng)
+    heat = torch.zeros(2, 3, 8, 8)
+    heat[0, 1, 2, 2] = 1.0
+    heat[0, 1, 2, 3] = 0.6
+    known = torch.ones(2, 1, 8, 8)
+    everything = masked_focal_loss(logits, torch.cat([heat, known], 1))
+    assert torch.isclose(everything, focal_loss(logits, heat))
+    known[:, :, 5:, :] = 0  # the bottom rows are not labels: whatever is predicted there costs nothing
+    before = masked_focal_loss(logits, torch.cat([heat, known], 1))
+    changed = logits.clone()
+    changed[:, :, 5:, :] = 9.0
+    assert torch.isclose(masked_focal_loss(changed, torch.cat([heat, known], 1)), before)
+    assert not torch.isclose(focal_loss(changed, heat), focal_loss(logits, heat))
+
+
+def test_sparse_batches_carry_the_known_mask_as_their_last_channel():
+    known = np.zeros((64, 64), bool)
+    known[:, :32] = True
+    d = _NucleiData(
+        "s",
+        np.full((64, 64, 3), 200, np.uint8),
+        np.array([[10.0, 10.0]]),
+        np.array([2]),
+        {},
+        HE_CLASSES,
+        np.zeros(1, np.int64),
+        known,
+    )
+    images, targets = sample_nuclei_batch([d], np.random.default_rng(0), batch_size=4, patch_px=32, sigma_px=1.5)
+    assert images.shape == (4, 32, 32, 3) and targets.shape == (4, 32, 32, 4)
+    for t in targets:
+        # A crop of the mask (known where x < 32): every row alike, up to the rotations and flips.
+        mask = t[..., 3]
+        assert set(np.unique(mask)) <= {0.0, 1.0}
+        assert (mask == mask[:1]).all() or (mask == mask[:, :1]).all()
+    assert targets[..., 3].any() and not targets[..., 3].all()
+
+
+def test_fine_tuning_refuses_a_model_of_other_classes():
+    kwargs = {"in_channels": 3, "n_classes": 3, "width": 32, "dilations": [1, 2, 4, 8]}
+    model = DilatedResFCN(**{**kwargs, "dilations": (1, 2, 4, 8)})
+    sha = init_weights(model, demo_model_dir("nuclei"), arch_kwargs=kwargs, class_names=HE_CLASSES)
+    assert sha == json.loads((demo_model_dir("nuclei") / "manifest.json").read_text())["members"][-1]["sha256"]
+    with pytest.raises(ModelFileError, match=r"--init has the classes .*--class-map"):
+        init_weights(model, demo_model_dir("nuclei"), arch_kwargs=kwargs, class_names=("a", "b", "c"))
+    with pytest.raises(ModelFileError, match=r"--init needs a DilatedResFCN with .*'width': 16"):
+        init_weights(model, demo_model_dir("nuclei"), arch_kwargs={**kwargs, "width": 16}, class_names=HE_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def labelled(fixtures_dir) -> Path:
+    return fixtures_dir / "qupath-0.4.4-labels"
+
+
+@pytest.mark.slow
+def test_pdl1_train_nuclei_on_a_slide_and_its_geojson_records_the_labels(labelled, tmp_path):
+    out = tmp_path / "model"
+    geojson = labelled / "objects-labelled-by-pathologist-0.4.4.geojson"
+    args = ["train", "nuclei", str(labelled / "he-1357.svs"), "--labels", str(geojson), "--out", str(out)]
+    result = runner.invoke(app, [*args, *TINY, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "points: Tumor: Positive 440" in result.output
+    training = json.loads((out / "manifest.json").read_text())["training"]
+    (record,) = training["data"]
+    assert record["source"] == str(geojson)
+    assert record["counts"]["points: Other"] == 91
+    assert len(record["labels_sha256"]) == 64
+    demo = json.loads((demo_model_dir("nuclei") / "manifest.json").read_text())
+    assert training["init"]["member_sha256"] == demo["members"][-1]["sha256"]  # the demo by default
+
+
+@pytest.mark.slow
+def test_pdl1_train_nuclei_on_a_project_from_its_exports_from_scratch(labelled, tmp_path):
+    shutil.copytree(labelled / "project", tmp_path / "project")
+    (tmp_path / "he-1357.svs").symlink_to(labelled / "he-1357.svs")
+    exported = export_path(tmp_path / "project", "1")
+    exported.parent.mkdir(parents=True)
+    features = json.loads((labelled / "objects-labelled-by-pathologist-0.4.4.geojson").read_text())["features"]
+    exported.write_text(json.dumps(features))
+    out = tmp_path / "model"
+    args = ["train", "nuclei", str(tmp_path / "project"), "--entries", "1", "--qupath", "never", "--init", "none"]
+    result = runner.invoke(app, [*args, "--out", str(out), *TINY, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    training = json.loads((out / "manifest.json").read_text())["training"]
+    assert training["init"] is None
+    assert "entry 1 (he-1357.svs)" in training["data"][0]["source"]
+    assert training["config"]["slides"] == [str(tmp_path / "he-1357.svs")]
+
+
+def test_pdl1_train_nuclei_usage_errors(labelled, tmp_path):
+    slide = str(labelled / "he-1357.svs")
+    result = runner.invoke(app, ["train", "nuclei", slide, slide, "--labels", slide, "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2
+    assert "one GeoJSON per slide" in result.output
+    result = runner.invoke(app, ["train", "nuclei", slide, "--entries", "1", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2
+    assert "--entries chooses entries of a QuPath project" in result.output
+    bad = tmp_path / "bad.geojson"
+    bad.write_text(json.dumps([_point_feature(5000, 10)]))
+    result = runner.invoke(app, ["train", "nuclei", slide, "--labels", str(bad), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 1
+    assert "1 of 1 points lie outside the 2048 x 2048 px image" in " ".join(result.output.split())
+
+
+def _point_feature(x: float, y: float) -> dict:
+    return {
+        "type": "Feature",
+        "id": "0f8fad5b-d9cb-469f-a165-70867728950e",
+        "geometry": {"type": "Point", "coordinates": [x, y]},
+        "properties": {"objectType": "annotation", "classification": {"name": "Other", "color": [255, 200, 0]}},
+    }
+
+
+def test_labels_for_training_keep_their_classes_in_the_model_s_order():
+    labels = labels_from_objects(
+        [QuPathObject(shapely.MultiPoint([(1, 1)]), "annotation", "Tumor: Negative")],
+        slide="s",
+        image_size_px=(10, 10),
+        rules=LabelRules(HE_CLASSES),
+    )
+    assert labels.class_names == HE_CLASSES and labels.points_class.tolist() == [1]

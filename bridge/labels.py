@@ -64,6 +64,7 @@ class LabelRules:
     class_names: tuple[str, ...] = ()  # the nuclei classes a point may take (the model's)
     class_map: Mapping[str, str | None] | None = None  # label class -> model class (None: not a label)
     from_review: bool = False
+    points: bool = True  # False: a segmentation run, which counts points as skipped instead of reading them
 
 
 def export_path(project_folder: Path, entry_id: str) -> Path:
@@ -155,6 +156,9 @@ def labels_from_objects(
         elif isinstance(geometry, Point | MultiPoint) and cls is not None:
             target = class_map.get(cls, cls if cls in rules.class_names else "")
             pts = [geometry] if isinstance(geometry, Point) else list(geometry.geoms)
+            if not rules.points:
+                counts["skipped: points (a segmentation run)"] += len(pts)
+                continue
             if target is None:
                 counts[f"skipped: points of {cls} (mapped to none)"] += len(pts)
                 continue

@@ -17,10 +17,10 @@ from bridge.labels import LabelRules, export_path, labels_from_objects
 from bridge.qupath_geojson import QuPathObject
 from inference import ModelFileError, demo_model_dir
 from inference.models.nuclei_model import DilatedResFCN
+from inference.training.cyclic import init_weights
 from inference.training.train_nuclei import (
     _NucleiData,
     focal_loss,
-    init_weights,
     masked_focal_loss,
     sample_nuclei_batch,
 )
@@ -73,12 +73,15 @@ def test_sparse_batches_carry_the_known_mask_as_their_last_channel():
 def test_fine_tuning_refuses_a_model_of_other_classes():
     kwargs = {"in_channels": 3, "n_classes": 3, "width": 32, "dilations": [1, 2, 4, 8]}
     model = DilatedResFCN(**{**kwargs, "dilations": (1, 2, 4, 8)})
-    sha = init_weights(model, demo_model_dir("nuclei"), arch_kwargs=kwargs, class_names=HE_CLASSES)
+    common = {"task": "nuclei", "architecture": "DilatedResFCN"}
+    sha = init_weights(model, demo_model_dir("nuclei"), **common, arch_kwargs=kwargs, class_names=HE_CLASSES)
     assert sha == json.loads((demo_model_dir("nuclei") / "manifest.json").read_text())["members"][-1]["sha256"]
     with pytest.raises(ModelFileError, match=r"--init has the classes .*--class-map"):
-        init_weights(model, demo_model_dir("nuclei"), arch_kwargs=kwargs, class_names=("a", "b", "c"))
+        init_weights(model, demo_model_dir("nuclei"), **common, arch_kwargs=kwargs, class_names=("a", "b", "c"))
     with pytest.raises(ModelFileError, match=r"--init needs a DilatedResFCN with .*'width': 16"):
-        init_weights(model, demo_model_dir("nuclei"), arch_kwargs={**kwargs, "width": 16}, class_names=HE_CLASSES)
+        init_weights(
+            model, demo_model_dir("nuclei"), **common, arch_kwargs={**kwargs, "width": 16}, class_names=HE_CLASSES
+        )
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +156,41 @@ def test_labels_for_training_keep_their_classes_in_the_model_s_order():
         rules=LabelRules(HE_CLASSES),
     )
     assert labels.class_names == HE_CLASSES and labels.points_class.tolist() == [1]
+
+
+def test_segmentation_losses_leave_unlabelled_pixels_out_and_are_unchanged_on_full_truth():
+    from inference import IGNORE_LABEL
+    from inference.training.train_seg import ce_loss, seg_loss
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 2, 6, 6, generator=gen)
+    target = torch.randint(0, 2, (2, 6, 6), generator=gen)
+    full = torch.nn.functional.cross_entropy(logits, target)
+    assert torch.isclose(ce_loss(logits, target), full)
+    sparse = target.clone()
+    sparse[:, :3] = IGNORE_LABEL
+    before = seg_loss(logits, sparse)
+    changed = logits.clone()
+    changed[:, :, :3] = -changed[:, :, :3] * 5  # anything where there are no labels
+    assert torch.isclose(seg_loss(changed, sparse), before)
+    assert ce_loss(logits, torch.full_like(target, IGNORE_LABEL)).item() == 0.0  # a batch with no labels
+
+
+@pytest.mark.slow
+def test_pdl1_train_seg_on_a_slide_and_its_geojson_with_reviewed_candidates(labelled, tmp_path):
+    out = tmp_path / "seg"
+    geojson = labelled / "objects-labelled-by-pathologist-0.4.4.geojson"
+    args = ["train", "seg", str(labelled / "he-1357.svs"), "--labels", str(geojson), "--from-review"]
+    result = runner.invoke(app, [*args, "--out", str(out), *TINY, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    (record,) = json.loads((out / "manifest.json").read_text())["training"]["data"]
+    assert record["counts"]["reviewed: PD-L1 positive"] == 1
+    assert record["counts"]["skipped: points (a segmentation run)"] == 1252
+    # Labelled: the two regions and the drawn areas at 2 µm/px (the fixture is 0.5 µm/px: 4x), less Ignore*.
+    assert 0.1 < record["labelled_px"] / 512**2 < 0.6
+    assert 0 < record["positive_fraction_of_labelled"] < 0.5
+    demo = json.loads((demo_model_dir("seg") / "manifest.json").read_text())
+    assert (
+        json.loads((out / "manifest.json").read_text())["training"]["init"]["member_sha256"]
+        == (demo["members"][-1]["sha256"])
+    )

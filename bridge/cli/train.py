@@ -40,12 +40,22 @@ def _features(text: str) -> tuple[int, ...]:
 
 RESTART_LR_HELP = "Learning rate at each warm restart after the first cycle (0: as --lr-max)."
 LR_MAX_HELP = "Learning rate at the start of the first cycle (default: 0.01 for sgd, as nnU-Net; 0.003 for adamw)."
+_LABELS_HELP = "A QuPath GeoJSON export per slide, in the slides' order (your labels)."
+_ENTRIES_HELP = "Project entries to train on (ID or image name; all)."
+_FROM_REVIEW_HELP = "Use pdl1 results a person reclassified (PD-L1 positive / negative) as labels."
+_QUPATH_HELP = "Read a project through QuPath: auto, always or never."
 FIRST_CYCLE_HELP = "Length of the first cycle in epochs (0: as --epochs-per-cycle); a long first cycle converges before members are kept."
 
 
 @app.command("seg")
 def train_seg(
-    slides: Annotated[list[Path], typer.Argument(help="Phantom slides with truth beside them (pdl1 phantom).")],
+    slides: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Phantom slides with truth beside them (pdl1 phantom); or a QuPath project (its labels); "
+            "or slides with --labels."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Model folder to write (manifest + members).")],
     cycles: Annotated[int, typer.Option(min=1, help="Cosine cycles (warm restarts).")] = 5,
     epochs_per_cycle: Annotated[int, typer.Option(min=1)] = 4,
@@ -82,15 +92,48 @@ def train_seg(
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoints under OUT if present.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    labels: Annotated[list[Path] | None, typer.Option("--labels", help=_LABELS_HELP)] = None,
+    entries: Annotated[list[str] | None, typer.Option("--entries", help=_ENTRIES_HELP)] = None,
+    from_review: Annotated[bool, typer.Option(help=_FROM_REVIEW_HELP)] = False,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            help="Model folder whose last member every chain starts from, or 'none'. Default: the shipped demo "
+            "segmentation ensemble for your labels when the architecture matches; from scratch for phantoms.",
+            show_default=False,
+        ),
+    ] = None,
+    qupath: Annotated[str, typer.Option(help=_QUPATH_HELP)] = "auto",
 ) -> None:
-    """Train a segmentation ensemble the nnUNet-B way (cyclic LR, members at the low ends)."""
+    """Train a segmentation ensemble the nnUNet-B way (cyclic LR, members at the low ends).
+
+    On phantom truth, or on your own region labels (a QuPath project, or --labels GeoJSON per slide):
+    see the README, "Train on your own slides".
+    """
+    from bridge.labels import label_summary
     from bridge.progress import progress_bar
     from inference import SegTrainConfig, train_segmentation
 
     lr_peak, lr_floor = _lr_range(optimizer, lr_max)
     try:
+        slide_labels = _read_labels(
+            slides,
+            geojson=labels or [],
+            entries=entries or [],
+            from_review=from_review,
+            class_map=[],
+            qupath=qupath,
+            points=False,
+        )
+        _echo_counts(slide_labels)
+        init_model = None if init in (None, "none") else init
+        if init is None and slide_labels and (_features(features), input_mpp) == _DEMO_SEG_ARCH:
+            from inference import demo_model_dir
+
+            init_model = str(demo_model_dir("seg"))
         config = SegTrainConfig(
-            slides=tuple(str(s) for s in slides),
+            slides=tuple(lab.slide for lab in slide_labels) if slide_labels else tuple(str(s) for s in slides),
+            init_model=init_model,
             out_dir=str(out),
             cycles=cycles,
             epochs_per_cycle=epochs_per_cycle,
@@ -114,7 +157,13 @@ def train_seg(
             device=device,
         )
         with progress_bar("training", enabled=progress) as on_progress:
-            manifest = train_segmentation(config, resume=resume, on_progress=on_progress)
+            manifest = train_segmentation(
+                config,
+                labels=slide_labels,
+                label_sources=label_summary(slide_labels) if slide_labels else None,
+                resume=resume,
+                on_progress=on_progress,
+            )
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
     except KeyboardInterrupt:
@@ -129,11 +178,12 @@ def _is_project(path: Path) -> bool:
     return path.suffix == ".qpproj" or (path.is_dir() and (path / "project.qpproj").is_file())
 
 
-# The nuclei model's architecture the shipped demo has: --init defaults to it when the run's matches.
+# The shipped demo models' architectures: --init defaults to the demo when the run's matches.
 _DEMO_NUCLEI_ARCH = {"width": 32, "dilations": (1, 2, 4, 8), "input_mpp": 1.0}
+_DEMO_SEG_ARCH = ((8, 16, 32, 64), 2.0)
 
 
-def _nuclei_labels(
+def _read_labels(
     sources: list[Path],
     *,
     geojson: list[Path],
@@ -141,13 +191,22 @@ def _nuclei_labels(
     from_review: bool,
     class_map: list[str],
     qupath: str,
+    points: bool,
 ) -> list:
-    """The SlideLabels of a project, or of slides each with its GeoJSON (in order); [] for phantom slides."""
+    """The SlideLabels of a project, or of slides each with its GeoJSON (in order); [] for phantom slides.
+
+    ``points``: a nuclei run (the H&E nuclei classes); else a segmentation run, which reads the areas only.
+    """
     from bridge.labels import LabelRules, parse_class_map, read_geojson_labels, read_project_labels
     from inference import NUCLEUS_CLASSES, open_slide
 
+    if qupath not in ("auto", "always", "never"):
+        raise typer.BadParameter(f"--qupath must be auto, always or never, got {qupath!r}")
     rules = LabelRules(
-        class_names=tuple(NUCLEUS_CLASSES), class_map=parse_class_map(class_map), from_review=from_review
+        class_names=tuple(NUCLEUS_CLASSES) if points else (),
+        class_map=parse_class_map(class_map),
+        from_review=from_review,
+        points=points,
     )
     projects = [s for s in sources if _is_project(s)]
     if projects:
@@ -170,6 +229,13 @@ def _nuclei_labels(
             size = tuple(slide.dimensions)
         out.append(read_geojson_labels(labels_path, slide=slide_path, image_size_px=size, rules=rules))
     return out
+
+
+def _echo_counts(slide_labels: list) -> None:
+    """What each label source gave: nothing is trained on silently dropped data."""
+    for lab in slide_labels:
+        used = ", ".join(f"{k} {v}" for k, v in lab.counts.items())
+        typer.echo(f"{lab.source or lab.slide}: {used}")
 
 
 @app.command("nuclei")
@@ -204,16 +270,9 @@ def train_nuclei_cmd(
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint if present.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    labels: Annotated[
-        list[Path] | None,
-        typer.Option("--labels", help="A QuPath GeoJSON export per slide, in the slides' order (your labels)."),
-    ] = None,
-    entries: Annotated[
-        list[str] | None, typer.Option("--entries", help="Project entries to train on (ID or image name; all).")
-    ] = None,
-    from_review: Annotated[
-        bool, typer.Option(help="Use pdl1 results a person reclassified (PD-L1 positive / negative) as labels.")
-    ] = False,
+    labels: Annotated[list[Path] | None, typer.Option("--labels", help=_LABELS_HELP)] = None,
+    entries: Annotated[list[str] | None, typer.Option("--entries", help=_ENTRIES_HELP)] = None,
+    from_review: Annotated[bool, typer.Option(help=_FROM_REVIEW_HELP)] = False,
     class_map: Annotated[
         list[str] | None,
         typer.Option(help="LABEL=MODEL: train points of class LABEL as the model's class MODEL ('LABEL=': leave out)."),
@@ -229,7 +288,7 @@ def train_nuclei_cmd(
     known_radius_um: Annotated[
         float, typer.Option(min=0.5, help="Your labels: pixels this near a marked point have a known target.")
     ] = 6.0,
-    qupath: Annotated[str, typer.Option(help="Read a project through QuPath: auto, always or never.")] = "auto",
+    qupath: Annotated[str, typer.Option(help=_QUPATH_HELP)] = "auto",
 ) -> None:
     """Train the point-based nuclei classifier from truth points, on the stain of the slides given.
 
@@ -241,17 +300,16 @@ def train_nuclei_cmd(
     from bridge.progress import progress_bar
     from inference import NucleiTrainConfig, train_nuclei
 
-    if qupath not in ("auto", "always", "never"):
-        raise typer.BadParameter(f"--qupath must be auto, always or never, got {qupath!r}")
     lr_peak, lr_floor = _lr_range(optimizer, lr_max)
     try:
-        slide_labels = _nuclei_labels(
+        slide_labels = _read_labels(
             slides,
             geojson=labels or [],
             entries=entries or [],
             from_review=from_review,
             class_map=class_map or [],
             qupath=qupath,
+            points=True,
         )
         init_model = None if init in (None, "none") else init
         if init is None and slide_labels:
@@ -260,9 +318,7 @@ def train_nuclei_cmd(
                 from inference import demo_model_dir
 
                 init_model = str(demo_model_dir("nuclei"))
-        for lab in slide_labels:
-            used = ", ".join(f"{k} {v}" for k, v in lab.counts.items())
-            typer.echo(f"{lab.source or lab.slide}: {used}")
+        _echo_counts(slide_labels)
         sources = [lab.slide for lab in slide_labels] if slide_labels else [str(s) for s in slides]
         from bridge.labels import label_summary
 

@@ -21,21 +21,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from inference import __version__
 from inference.analysis.ihc import DEFAULT_INTENSITY_LIMITS_OD, annulus_means, dab_density
 from inference.analysis.nuclei import MEMBRANE_PERCENTILE, MEMBRANE_RING_UM, detect_nuclei
 from inference.analysis.points import gaussian_targets
-from inference.errors import ModelFileError
 from inference.models.ensemble import Ensemble
-from inference.models.manifest import Manifest, Member, read_manifest, write_manifest
+from inference.models.manifest import Manifest, Member, write_manifest
 from inference.models.nuclei_model import DilatedResFCN
 from inference.phantom.truth import load_truth
 from inference.slides.slide import open_slide
 from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
 from inference.training.augment import STAIN_JITTERS, augment_batch
-from inference.training.cyclic import check_schedule, total_epochs, train_cyclic
+from inference.training.cyclic import check_schedule, init_weights, total_epochs, train_cyclic
 from inference.training.labels import SlideLabels, labels_digest, nuclei_known_mask
 from inference.training.train_seg import NORMALIZATION
 
@@ -255,25 +253,6 @@ def sample_nuclei_batch(
     return images, targets
 
 
-def init_weights(model: torch.nn.Module, folder: str | Path, *, arch_kwargs: dict, class_names: Sequence[str]) -> str:
-    """Load the last member of a nuclei model folder (checksums verified) into ``model``; returns its sha256."""
-    manifest = read_manifest(folder, task="nuclei", verify=True)
-    if manifest.architecture != "DilatedResFCN" or manifest.architecture_kwargs != arch_kwargs:
-        raise ModelFileError(
-            f"{folder}: --init needs a DilatedResFCN with {arch_kwargs}, this is {manifest.architecture} with "
-            f"{manifest.architecture_kwargs}; train with its width and dilations, or from scratch (--init none)"
-        )
-    if list(manifest.class_names) != list(class_names):
-        raise ModelFileError(
-            f"{folder}: --init has the classes {manifest.class_names}, the labels {list(class_names)}; "
-            "map the label classes onto the model's (--class-map) or train from scratch (--init none)"
-        )
-    member = manifest.members[-1]
-    state = load_file(Path(folder) / member.file)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
-    return member.sha256
-
-
 def train_nuclei(
     config: NucleiTrainConfig,
     *,
@@ -316,7 +295,14 @@ def train_nuclei(
     model = DilatedResFCN(**{**arch_kwargs, "dilations": tuple(config.dilations)})
     init_sha256 = None
     if config.init_model is not None:
-        init_sha256 = init_weights(model, config.init_model, arch_kwargs=arch_kwargs, class_names=class_names)
+        init_sha256 = init_weights(
+            model,
+            config.init_model,
+            task="nuclei",
+            architecture="DilatedResFCN",
+            arch_kwargs=arch_kwargs,
+            class_names=class_names,
+        )
     model = model.to(device)
     mean = torch.tensor(NORMALIZATION["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(NORMALIZATION["std"], device=device).view(1, 3, 1, 1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -340,6 +341,29 @@ def read_project_labels(
             labels = replace(labels, source=f"{source} from {exported}")
         out.append(labels)
     return out
+
+
+def _names_of(lab: SlideLabels) -> set[str]:
+    """What ``--val-entries`` may call a slide: its path, file name, and its project entry's ID and image name."""
+    names = {lab.slide, Path(lab.slide).name}
+    entry = re.search(r" entry (\S+) \((.*?)\)", lab.source)
+    if entry:
+        names |= {entry.group(1), entry.group(2)}
+    return names
+
+
+def split_validation(labels: Sequence[SlideLabels], val: Sequence[str]) -> tuple[list[SlideLabels], list[SlideLabels]]:
+    """(training, validation) by slide, never by tile: the slides named in ``val`` (entry ID, image name
+    or file name) are held out whole."""
+    wanted = set(val)
+    held = [lab for lab in labels if _names_of(lab) & wanted]
+    train = [lab for lab in labels if not _names_of(lab) & wanted]
+    unknown = wanted - set().union(*(_names_of(lab) for lab in held)) if held else wanted
+    if unknown:
+        raise LabelError(f"--val-entries names {', '.join(sorted(unknown))}, which no labelled slide is")
+    if not train:
+        raise LabelError("every labelled slide is held out for validation: leave at least one to train on")
+    return train, held
 
 
 def parse_class_map(items: Iterable[str]) -> dict[str, str | None]:

@@ -95,6 +95,8 @@ _PUBLIC = {
     "evaluate_slide_suite": "inference.evaluation.evaluate",
     "calibrate_ensemble": "inference.evaluation.evaluate",
     "pooled_dice": "inference.evaluation.evaluate",
+    "score_nuclei_on_labels": "inference.evaluation.labelled",
+    "LabelledNucleiScore": "inference.evaluation.labelled",
     "reliability": "inference.evaluation.metrics",
     "spearman": "inference.evaluation.metrics",
     # phantoms

@@ -194,3 +194,25 @@ def test_pdl1_train_seg_on_a_slide_and_its_geojson_with_reviewed_candidates(labe
         json.loads((out / "manifest.json").read_text())["training"]["init"]["member_sha256"]
         == (demo["members"][-1]["sha256"])
     )
+
+
+@pytest.mark.slow
+def test_pdl1_train_nuclei_holds_validation_slides_out_whole_and_scores_them(labelled, tmp_path):
+    geojson = labelled / "objects-labelled-by-pathologist-0.4.4.geojson"
+    for name in ("he-a.svs", "he-b.svs"):
+        (tmp_path / name).symlink_to(labelled / "he-1357.svs")
+    out = tmp_path / "model"
+    args = ["train", "nuclei", str(tmp_path / "he-a.svs"), str(tmp_path / "he-b.svs")]
+    args += ["--labels", str(geojson), "--labels", str(geojson), "--val-entries", "he-b.svs", "--init", "none"]
+    result = runner.invoke(app, [*args, "--out", str(out), *TINY, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    training = json.loads((out / "manifest.json").read_text())["training"]
+    assert training["config"]["slides"] == [str(tmp_path / "he-a.svs")]  # the held-out slide is not trained on
+    (row,) = json.loads((out / "validation.json").read_text())["slides"]
+    assert row["slide"] == str(tmp_path / "he-b.svs")
+    assert row["n_labelled"] == 1252  # every marked nucleus lies in the exhaustive region
+    assert 0 <= row["f1"] <= 1
+    assert "validation " + str(tmp_path / "he-b.svs") + ": 1252 marked nuclei" in " ".join(result.output.split())
+    bad = runner.invoke(app, [*args[:-4], "--val-entries", "nope.svs", "--out", str(out), *TINY])
+    assert bad.exit_code == 1
+    assert "--val-entries names nope.svs, which no labelled slide is" in " ".join(bad.output.split())

@@ -289,6 +289,14 @@ def train_nuclei_cmd(
         float, typer.Option(min=0.5, help="Your labels: pixels this near a marked point have a known target.")
     ] = 6.0,
     qupath: Annotated[str, typer.Option(help=_QUPATH_HELP)] = "auto",
+    val_entries: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--val-entries",
+            help="Your labels: slides held out whole (entry ID, image name or file name), scored after training "
+            "(detection F1 within 3 µm in their 'all nuclei marked' regions; OUT/validation.json).",
+        ),
+    ] = None,
 ) -> None:
     """Train the point-based nuclei classifier from truth points, on the stain of the slides given.
 
@@ -305,12 +313,17 @@ def train_nuclei_cmd(
         slide_labels = _read_labels(
             slides,
             geojson=labels or [],
-            entries=entries or [],
+            entries=[*entries, *(val_entries or [])] if entries else [],
             from_review=from_review,
             class_map=class_map or [],
             qupath=qupath,
             points=True,
         )
+        if val_entries and not slide_labels:
+            raise typer.BadParameter("--val-entries holds out slides of your labels; phantom truth has none")
+        from bridge.labels import split_validation
+
+        slide_labels, held_out = split_validation(slide_labels, val_entries or [])
         init_model = None if init in (None, "none") else init
         if init is None and slide_labels:
             arch = {"width": width, "dilations": (1, 2, 4, 8), "input_mpp": input_mpp}
@@ -354,6 +367,7 @@ def train_nuclei_cmd(
                 resume=resume,
                 on_progress=on_progress,
             )
+        validation = _validate_nuclei(out, held_out, device=device) if held_out else []
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
     except KeyboardInterrupt:
@@ -362,3 +376,30 @@ def train_nuclei_cmd(
         f"wrote {out}: {len(manifest.members)} members "
         + ", ".join(f"{m.file} (cycle {m.cycle}, epoch {m.epoch})" for m in manifest.members)
     )
+    for row in validation:
+        typer.echo(
+            f"validation {row['slide']}: {row['n_labelled']} marked nuclei, {row['n_predicted']} found, "
+            f"precision {_fmt(row['precision'])}, recall {_fmt(row['recall'])}, F1 {_fmt(row['f1'])}"
+        )
+
+
+def _fmt(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.3f}"
+
+
+def _validate_nuclei(out: Path, held_out: list, *, device: str) -> list[dict]:
+    """Score the new model on the held-out slides; written to OUT/validation.json beside the manifest."""
+    from dataclasses import asdict
+
+    from bridge.labels import label_summary
+    from bridge.project import write_json_atomic
+    from inference import score_nuclei_on_labels
+
+    scores = score_nuclei_on_labels(out, held_out, radius_um=3.0, device=device)
+    # precision is undefined (NaN) when nothing was found: null in JSON, which allows no NaN
+    rows = [
+        {k: None if isinstance(v, float) and v != v else v for k, v in (asdict(s) | summary).items()}
+        for s, summary in zip(scores, label_summary(held_out), strict=True)
+    ]
+    write_json_atomic(out / "validation.json", {"radius_um": 3.0, "slides": rows})
+    return rows

@@ -1,0 +1,63 @@
+"""Scores against a lab's own labels (validation slides held out of training, by slide)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import shapely
+
+from inference.analysis.nuclei import NucleiConfig, detect_nuclei
+from inference.analysis.points import detection_scores
+from inference.models.ensemble import Ensemble
+from inference.slides.slide import open_slide
+from inference.training.labels import SlideLabels
+
+
+@dataclass(frozen=True)
+class LabelledNucleiScore:
+    """Detection within ``radius_um`` of a slide's marked nuclei, inside its exhaustively marked regions."""
+
+    slide: str
+    n_labelled: int
+    n_predicted: int
+    precision: float
+    recall: float
+    f1: float
+
+
+def score_nuclei_on_labels(
+    model_dir: str | Path,
+    labels: Sequence[SlideLabels],
+    *,
+    radius_um: float = 3.0,
+    config: NucleiConfig | None = None,
+    device: str = "cpu",
+) -> list[LabelledNucleiScore]:
+    """Per slide: the nuclei model's class-agnostic detection F1 against the labels' points.
+
+    Only inside training regions whose nuclei are all marked (``exhaustive``): elsewhere an unmarked
+    nucleus says nothing, so a detection there could not be called wrong. Points under ``Ignore*``
+    were left out of the labels; predictions there are left out too.
+    """
+    ensemble = Ensemble.load(model_dir, task="nuclei", device=device)
+    out = []
+    for lab in labels:
+        regions = [r for r, e in zip(lab.training_regions, lab.exhaustive, strict=True) if e]
+        if not regions:
+            raise ValueError(
+                f"{lab.source or lab.slide}: validation needs a training region with every nucleus marked "
+                "(its name containing 'all nuclei marked'); this slide has none"
+            )
+        area = shapely.union_all(regions).difference(lab.ignore)
+        with open_slide(lab.slide) as slide:
+            nuclei = detect_nuclei(slide, ensemble, roi=area, config=config)
+            mpp = slide.mpp.mean
+        pred = nuclei.xy  # detect_nuclei keeps only nuclei inside the ROI
+        truth = lab.points_xy[shapely.contains_xy(area, lab.points_xy[:, 0], lab.points_xy[:, 1])]
+        zeros_p, zeros_t = np.zeros(len(pred), np.int64), np.zeros(len(truth), np.int64)
+        s, _ = detection_scores(pred, zeros_p, truth, zeros_t, radius=radius_um / mpp, n_classes=1)
+        out.append(LabelledNucleiScore(lab.slide, len(truth), len(pred), s.precision, s.recall, s.f1))
+    return out

@@ -31,10 +31,10 @@ import shapely
 
 from bridge.labels import LabelRules, labels_from_objects, parse_class_map
 from bridge.qupath_geojson import QuPathObject, read_features
-from inference.analysis.nuclei import detect_nuclei
 from inference.analysis.points import DetectionScores, detection_scores
 from inference.evaluation.baselines import LogParams, log_nuclei
-from inference.models.ensemble import Ensemble, demo_model_dir
+from inference.evaluation.labelled import score_nuclei_on_labels
+from inference.models.ensemble import demo_model_dir
 from inference.phantom.truth import NUCLEUS_CLASSES
 from inference.slides.slide import open_slide
 from inference.training.train_nuclei import NucleiTrainConfig, train_nuclei
@@ -97,11 +97,21 @@ def strip_with_points(truth_xy: np.ndarray, n: int | None, *, width_px: int, hei
     return (0, 0, width_px, int(np.ceil(y + 1)))
 
 
+def _labels(objects: list[QuPathObject], box: tuple, *, rules: LabelRules, size: tuple[int, int]):
+    """The points in ``box`` under one ``Training region (all nuclei marked)``, as a QuPath export gives them."""
+    region = QuPathObject(shapely.box(*box), "annotation", "Training region", {}, "Training region (all nuclei marked)")
+    kept = [o for o in objects if _in_box(np.array([[o.geometry.x, o.geometry.y]]), box)[0]]
+    return labels_from_objects(
+        [region, *kept], slide=str(SLIDE), image_size_px=size, rules=rules, source=f"{POINTS} in {box}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.real_tile_labels", description=__doc__.splitlines()[0])
     parser.add_argument("--points", default="25,50,100,all", help="training point counts, comma-separated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iterations", type=int, default=20, help="iterations per epoch of the fine-tuning")
+    parser.add_argument("--sigma-um", type=float, default=2.5, help="Gaussian target sigma (pdl1 train --sigma-um)")
     parser.add_argument("--no-scratch", action="store_true", help="leave out the from-scratch run")
     args = parser.parse_args()
     counts = [None if c == "all" else int(c) for c in args.points.split(",")]
@@ -130,20 +140,19 @@ def main() -> None:
         )
     )
 
-    roi = shapely.box(*test_box)
+    rules = LabelRules(class_names=tuple(NUCLEUS_CLASSES), class_map=parse_class_map(CLASS_MAP))
+    # The test half as a validation slide is: one region with every nucleus marked (pdl1 train --val-entries).
+    test_labels = _labels(objects, test_box, rules=rules, size=(width, height))
 
     def evaluate(model_dir: Path) -> DetectionScores:
-        ensemble = Ensemble.load(model_dir, task="nuclei")
-        with open_slide(SLIDE) as slide:
-            nuclei = detect_nuclei(slide, ensemble, roi=roi)
-        return _score(nuclei.xy, test_truth, radius_px=radius_px)
+        (s,) = score_nuclei_on_labels(model_dir, [test_labels], radius_um=RADIUS_UM)
+        return DetectionScores(s.n_matched, s.n_predicted - s.n_matched, s.n_labelled - s.n_matched)
 
     t0 = time.perf_counter()
     rows.append(
         ("shipped phantom-trained nuclei ensemble", 0, evaluate(demo_model_dir("nuclei")), time.perf_counter() - t0)
     )
 
-    rules = LabelRules(class_names=tuple(NUCLEUS_CLASSES), class_map=parse_class_map(CLASS_MAP))
     runs = [(n, True) for n in counts] + ([] if args.no_scratch else [(None, False)])
     with tempfile.TemporaryDirectory() as tmp:
         for n, fine_tune in runs:
@@ -168,6 +177,7 @@ def main() -> None:
                 epochs_per_cycle=2,
                 iterations_per_epoch=args.iterations,
                 batch_size=8,
+                sigma_um=args.sigma_um,
                 lr_max=1e-3 if fine_tune else 3e-3,
                 lr_min=1e-5 if fine_tune else 3e-5,
                 seed=args.seed,

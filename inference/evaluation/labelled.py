@@ -23,6 +23,7 @@ class LabelledNucleiScore:
     slide: str
     n_labelled: int
     n_predicted: int
+    n_matched: int
     precision: float
     recall: float
     f1: float
@@ -59,5 +60,5 @@ def score_nuclei_on_labels(
         truth = lab.points_xy[shapely.contains_xy(area, lab.points_xy[:, 0], lab.points_xy[:, 1])]
         zeros_p, zeros_t = np.zeros(len(pred), np.int64), np.zeros(len(truth), np.int64)
         s, _ = detection_scores(pred, zeros_p, truth, zeros_t, radius=radius_um / mpp, n_classes=1)
-        out.append(LabelledNucleiScore(lab.slide, len(truth), len(pred), s.precision, s.recall, s.f1))
+        out.append(LabelledNucleiScore(lab.slide, len(truth), len(pred), s.tp, s.precision, s.recall, s.f1))
     return out

@@ -34,7 +34,7 @@ import shapely
 from shapely.geometry import MultiPoint, Point, Polygon
 from shapely.geometry.base import BaseGeometry
 
-from bridge.classes import PDL1_FN_CANDIDATE, PDL1_POSITIVE
+from bridge.classes import IGNORE, PDL1_FN_CANDIDATE, PDL1_NEGATIVE, PDL1_POSITIVE, TRAINING_REGION
 from bridge.objects import OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE
 from bridge.project import ProjectEntry, ProjectInfo, locate_image, read_project
 from bridge.qupath_geojson import QuPathObject, read_features
@@ -42,10 +42,9 @@ from inference import Pdl1Error, SlideLabels
 
 log = logging.getLogger(__name__)
 
-TRAINING_REGION = "Training region"
 POSITIVE = PDL1_POSITIVE.name
-NEGATIVE = "PD-L1 negative"
-IGNORE_PREFIX = "Ignore"
+NEGATIVE = PDL1_NEGATIVE.name
+IGNORE_PREFIX = IGNORE.name.rstrip("*")  # QuPath's Ignore*, and any class a lab names Ignore...
 EXHAUSTIVE_MARK = "all nuclei marked"
 SUA_SIGNATURE = "SUA score"
 #: Where ``pdl1_export_labels.groovy`` writes an entry's objects, under the project folder.
@@ -144,7 +143,7 @@ def labels_from_objects(
             counts[f"reviewed: {cls}"] += 1
             continue
         geometry = obj.geometry
-        if cls == TRAINING_REGION:
+        if cls == TRAINING_REGION.name:
             exhaustive = EXHAUSTIVE_MARK in (obj.name or "").lower()
             regions.append((_area(geometry, what), exhaustive))
             counts["training regions (all nuclei marked)" if exhaustive else "training regions"] += 1

@@ -248,3 +248,38 @@ def test_labels_digest_ignores_object_order():
     )
     assert labels_digest(moved) != labels_digest(first)
     assert np.array_equal(first.points_xy, [[1, 1], [2, 2]])
+
+
+def test_validation_slides_are_held_out_whole_by_entry_id_image_name_or_file_name():
+    from bridge.labels import split_validation
+    from inference import SlideLabels
+
+    def lab(slide, source=""):
+        return SlideLabels(slide, (10, 10), positive=shapely.box(0, 0, 2, 2), source=source)
+
+    a = lab("/s/a.svs", "/p/project.qpproj entry 1 (A.svs) from /p/pdl1/labels/1.geojson")
+    b = lab("/s/b.svs", "/p/project.qpproj entry 2 (B.svs) through QuPath")
+    c = lab("/s/c.svs", "/s/c.geojson")
+    for names in (["2"], ["B.svs"], ["b.svs"]):
+        assert split_validation([a, b, c], names) == ([a, c], [b])
+    assert split_validation([a, b, c], ["c.svs", "1"]) == ([b], [a, c])
+    with pytest.raises(LabelError, match="--val-entries names 7, which no labelled slide is"):
+        split_validation([a, b], ["7"])
+    with pytest.raises(LabelError, match="every labelled slide is held out"):
+        split_validation([a], ["a.svs"])
+
+
+def test_validation_needs_a_region_with_every_nucleus_marked():
+    from inference import SlideLabels, demo_model_dir, score_nuclei_on_labels
+
+    sparse = SlideLabels(
+        "s.svs",
+        (10, 10),
+        (shapely.box(0, 0, 5, 5),),
+        (False,),
+        points_xy=np.array([[1.0, 1]]),
+        points_class=np.array([2]),
+        class_names=HE_CLASSES,
+    )
+    with pytest.raises(ValueError, match="validation needs a training region with every nucleus marked"):
+        score_nuclei_on_labels(demo_model_dir("nuclei"), [sparse])

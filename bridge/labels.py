@@ -11,6 +11,9 @@ slides"):
   (any class starting with ``Ignore``) areas are never labels.
 * Points of a nucleus class (multi-point annotations, as QuPath's Points tool makes them, or point
   detections) are nuclei labels; a class the model does not have must be mapped (``class_map``).
+* A paired IHC's ``PD-L1 IHC positive (registered)`` area (``pdl1/pairs/<H&E key>.ihc_positive.geojson``)
+  with ``ihc_band_um``: the whole image is a training region, the area positive, and a band of that
+  width on either side of its edge is ignored.
 * Objects pdl1-bridge wrote (its signature measurements) are not labels while they are as it wrote
   them. A candidate or predicted region a person reclassified ``PD-L1 positive`` or ``PD-L1 negative``
   is a label with ``from_review``; without it, it is skipped and counted.
@@ -34,7 +37,14 @@ import shapely
 from shapely.geometry import MultiPoint, Point, Polygon
 from shapely.geometry.base import BaseGeometry
 
-from bridge.classes import IGNORE, PDL1_FN_CANDIDATE, PDL1_NEGATIVE, PDL1_POSITIVE, TRAINING_REGION
+from bridge.classes import (
+    IGNORE,
+    PDL1_FN_CANDIDATE,
+    PDL1_IHC_POSITIVE,
+    PDL1_NEGATIVE,
+    PDL1_POSITIVE,
+    TRAINING_REGION,
+)
 from bridge.objects import OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE
 from bridge.project import ProjectEntry, ProjectInfo, locate_image, read_project
 from bridge.qupath_geojson import QuPathObject, read_features
@@ -65,6 +75,9 @@ class LabelRules:
     class_map: Mapping[str, str | None] | None = None  # label class -> model class (None: not a label)
     from_review: bool = False
     points: bool = True  # False: a segmentation run, which counts points as skipped instead of reading them
+    # Paired IHC: the registered IHC positive area labels the whole H&E, a band this wide around its edge ignored
+    # (registration is never exact); None: such an area is skipped.
+    ihc_band_um: float | None = None
 
 
 def export_path(project_folder: Path, entry_id: str) -> Path:
@@ -103,8 +116,11 @@ def labels_from_objects(
     rules: LabelRules,
     project_classes: frozenset[str] | None = None,
     source: str = "",
+    mpp: float | None = None,
 ) -> SlideLabels:
     """The labels of one image from its QuPath objects (see the module docstring for the rules).
+
+    ``mpp``: the image's µm/px, needed only for the band of a paired IHC area.
 
     ``project_classes``: the project's class list; a label object of a class not in it is refused
     (an export from another project). Raises :class:`LabelError` for an entry without labels, points
@@ -117,6 +133,7 @@ def labels_from_objects(
     positive: list[BaseGeometry] = []
     negative: list[BaseGeometry] = []
     ignore: list[BaseGeometry] = []
+    ihc: list[BaseGeometry] = []
     xy: list[tuple[float, float]] = []
     point_cls: list[int] = []
     unknown_point_classes: Counter[str] = Counter()
@@ -150,6 +167,12 @@ def labels_from_objects(
         elif cls in (POSITIVE, NEGATIVE) and not isinstance(geometry, Point | MultiPoint):
             (positive if cls == POSITIVE else negative).append(_area(geometry, what))
             counts[f"areas: {cls}"] += 1
+        elif cls == PDL1_IHC_POSITIVE.name:
+            if rules.ihc_band_um is None:
+                counts["skipped: paired IHC area (use --ihc-band-um)"] += 1
+                continue
+            ihc.append(_area(geometry, what))
+            counts["paired IHC positive areas"] += 1
         elif _is_ignore(cls):
             ignore.append(_area(geometry, what))
             counts["areas: ignore"] += 1
@@ -186,6 +209,15 @@ def labels_from_objects(
             f"(first at x={first[0]:.1f}, y={first[1]:.1f}); are the labels from another image or downsampled? "
             "Export them again from this image"
         )
+    if ihc:
+        if mpp is None:
+            raise LabelError(f"{where}: a paired IHC area needs the image's µm/px for its band; pass the slide's MPP")
+        area = _union(ihc)
+        band = area.boundary.buffer(rules.ihc_band_um / mpp)
+        # The whole image is labelled: IHC positive is positive, the rest negative, the edge band not a label.
+        regions.append((shapely.box(0, 0, *image_size_px), False))
+        positive.append(area)
+        ignore.append(band)
     ignore_area = _union(ignore)
     if len(points) and not ignore_area.is_empty:
         in_ignore = shapely.contains_xy(ignore_area, points[:, 0], points[:, 1])
@@ -233,8 +265,10 @@ def read_geojson_labels(
     image_size_px: tuple[int, int],
     rules: LabelRules,
     project_classes: frozenset[str] | None = None,
+    mpp: float | None = None,
 ) -> SlideLabels:
-    """Labels from a QuPath GeoJSON export (QuPath's *Export objects*, or ``pdl1_export_labels.groovy``)."""
+    """Labels from a QuPath GeoJSON export (QuPath's *Export objects*, ``pdl1_export_labels.groovy``, or the
+    ``pdl1/pairs/<H&E key>.ihc_positive.geojson`` of a paired IHC)."""
     path = Path(path)
     if not path.is_file():
         raise LabelError(f"{path}: no such GeoJSON file; export the image's objects from QuPath as GeoJSON")
@@ -251,6 +285,7 @@ def read_geojson_labels(
         rules=rules,
         project_classes=project_classes,
         source=str(path),
+        mpp=mpp,
     )
 
 
@@ -325,6 +360,7 @@ def read_project_labels(
                 rules=rules,
                 project_classes=classes,
                 source=source + " through QuPath",
+                mpp=entry.mpp,
             )
         else:
             exported = export_path(info.folder, entry.entry_id)
@@ -335,7 +371,7 @@ def read_project_labels(
                     "or set PAQUO_QUPATH_DIR"
                 )
             labels = read_geojson_labels(
-                exported, slide=slide, image_size_px=entry.size_px, rules=rules, project_classes=classes
+                exported, slide=slide, image_size_px=entry.size_px, rules=rules, project_classes=classes, mpp=entry.mpp
             )
             labels = replace(labels, source=f"{source} from {exported}")
         out.append(labels)

@@ -283,3 +283,23 @@ def test_validation_needs_a_region_with_every_nucleus_marked():
     )
     with pytest.raises(ValueError, match="validation needs a training region with every nucleus marked"):
         score_nuclei_on_labels(demo_model_dir("nuclei"), [sparse])
+
+
+def test_a_paired_ihc_area_labels_the_whole_he_with_a_band_around_its_edge_ignored(tmp_path):
+    from bridge.classes import PDL1_IHC_POSITIVE
+    from bridge.qupath_geojson import to_feature, write_features
+
+    # As bridge/pairs.py writes pdl1/pairs/<H&E key>.ihc_positive.geojson.
+    path = tmp_path / "he_1.ihc_positive.geojson"
+    area = QuPathObject(shapely.box(100, 100, 300, 300), "annotation", PDL1_IHC_POSITIVE.name, {"Area µm^2": 1e4})
+    write_features(path, [to_feature(area)])
+    rules = LabelRules((), points=False, ihc_band_um=10.0)
+    labels = read_geojson_labels(path, slide="he_1.svs", image_size_px=(400, 400), rules=rules, mpp=0.5)
+    assert labels.counts == {"paired IHC positive areas": 1}
+    target = region_target(labels, shape_hw=(400, 400), downsample=1)
+    assert target[200, 200] == 1 and target[10, 10] == 0 and target[390, 200] == 0
+    # 10 µm at 0.5 µm/px: 20 px either side of the edge at x = 100 are not labels.
+    assert (target[200, 81:119] == IGNORE_LABEL).all()
+    assert target[200, 78] == 0 and target[200, 122] == 1
+    with pytest.raises(LabelError, match=r"no labels \(skipped: paired IHC area \(use --ihc-band-um\): 1\)"):
+        read_geojson_labels(path, slide="he_1.svs", image_size_px=(400, 400), rules=LabelRules(()), mpp=0.5)

@@ -104,6 +104,15 @@ def train_seg(
         ),
     ] = None,
     qupath: Annotated[str, typer.Option(help=_QUPATH_HELP)] = "auto",
+    ihc_band_um: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="Train on a paired IHC's registered positive area (pdl1/pairs/<H&E>.ihc_positive.geojson as "
+            "--labels): the whole H&E is labelled, a band this wide around the area's edge ignored.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Train a segmentation ensemble the nnUNet-B way (cyclic LR, members at the low ends).
 
@@ -124,6 +133,7 @@ def train_seg(
             class_map=[],
             qupath=qupath,
             points=False,
+            ihc_band_um=ihc_band_um,
         )
         _echo_counts(slide_labels)
         init_model = None if init in (None, "none") else init
@@ -192,6 +202,7 @@ def _read_labels(
     class_map: list[str],
     qupath: str,
     points: bool,
+    ihc_band_um: float | None = None,
 ) -> list:
     """The SlideLabels of a project, or of slides each with its GeoJSON (in order); [] for phantom slides.
 
@@ -207,6 +218,7 @@ def _read_labels(
         class_map=parse_class_map(class_map),
         from_review=from_review,
         points=points,
+        ihc_band_um=ihc_band_um,
     )
     projects = [s for s in sources if _is_project(s)]
     if projects:
@@ -226,8 +238,8 @@ def _read_labels(
     out = []
     for slide_path, labels_path in zip(sources, geojson, strict=True):
         with open_slide(slide_path) as slide:
-            size = tuple(slide.dimensions)
-        out.append(read_geojson_labels(labels_path, slide=slide_path, image_size_px=size, rules=rules))
+            size, mpp = tuple(slide.dimensions), slide.mpp.mean
+        out.append(read_geojson_labels(labels_path, slide=slide_path, image_size_px=size, rules=rules, mpp=mpp))
     return out
 
 

@@ -97,6 +97,8 @@ _PUBLIC = {
     "pooled_dice": "inference.evaluation.evaluate",
     "score_nuclei_on_labels": "inference.evaluation.labelled",
     "LabelledNucleiScore": "inference.evaluation.labelled",
+    "score_regions_on_labels": "inference.evaluation.labelled",
+    "LabelledRegionScore": "inference.evaluation.labelled",
     "reliability": "inference.evaluation.metrics",
     "spearman": "inference.evaluation.metrics",
     # phantoms

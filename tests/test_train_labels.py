@@ -216,3 +216,22 @@ def test_pdl1_train_nuclei_holds_validation_slides_out_whole_and_scores_them(lab
     bad = runner.invoke(app, [*args[:-4], "--val-entries", "nope.svs", "--out", str(out), *TINY])
     assert bad.exit_code == 1
     assert "--val-entries names nope.svs, which no labelled slide is" in " ".join(bad.output.split())
+
+
+@pytest.mark.slow
+def test_pdl1_train_seg_scores_held_out_slides_over_their_labelled_pixels(labelled, tmp_path):
+    geojson = labelled / "objects-labelled-by-pathologist-0.4.4.geojson"
+    for name in ("he-a.svs", "he-b.svs"):
+        (tmp_path / name).symlink_to(labelled / "he-1357.svs")
+    out = tmp_path / "seg"
+    args = ["train", "seg", str(tmp_path / "he-a.svs"), str(tmp_path / "he-b.svs")]
+    args += ["--labels", str(geojson), "--labels", str(geojson), "--val-entries", "he-b.svs"]
+    result = runner.invoke(app, [*args, "--out", str(out), *TINY, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads((out / "validation.json").read_text())["slides"]
+    assert row["slide"] == str(tmp_path / "he-b.svs")
+    (trained,) = json.loads((out / "manifest.json").read_text())["training"]["data"]
+    # The same labels on the same grid (2 µm/px), counted where the ensemble predicted: at most the trained px.
+    assert 0.9 * trained["labelled_px"] < row["labelled_px"] <= trained["labelled_px"]
+    assert row["dice"] is None or 0 <= row["dice"] <= 1
+    assert f"validation {tmp_path / 'he-b.svs'}: {row['labelled_px']} labelled px" in " ".join(result.output.split())

@@ -104,6 +104,14 @@ def train_seg(
         ),
     ] = None,
     qupath: Annotated[str, typer.Option(help=_QUPATH_HELP)] = "auto",
+    val_entries: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--val-entries",
+            help="Your labels: slides held out whole (entry ID, image name or file name), scored after training "
+            "(Dice over their labelled pixels; OUT/validation.json).",
+        ),
+    ] = None,
     ihc_band_um: Annotated[
         float | None,
         typer.Option(
@@ -128,13 +136,18 @@ def train_seg(
         slide_labels = _read_labels(
             slides,
             geojson=labels or [],
-            entries=entries or [],
+            entries=[*entries, *(val_entries or [])] if entries else [],
             from_review=from_review,
             class_map=[],
             qupath=qupath,
             points=False,
             ihc_band_um=ihc_band_um,
         )
+        if val_entries and not slide_labels:
+            raise typer.BadParameter("--val-entries holds out slides of your labels; phantom truth has none")
+        from bridge.labels import split_validation
+
+        slide_labels, held_out = split_validation(slide_labels, val_entries or [])
         _echo_counts(slide_labels)
         init_model = None if init in (None, "none") else init
         if init is None and slide_labels and (_features(features), input_mpp) == _DEMO_SEG_ARCH:
@@ -174,6 +187,7 @@ def train_seg(
                 resume=resume,
                 on_progress=on_progress,
             )
+        validation = _validate(out, held_out, device=device, task="segmentation") if held_out else []
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
     except KeyboardInterrupt:
@@ -182,6 +196,11 @@ def train_seg(
         f"wrote {out}: {len(manifest.members)} members "
         + ", ".join(f"{m.file} (cycle {m.cycle}, epoch {m.epoch})" for m in manifest.members)
     )
+    for row in validation:
+        typer.echo(
+            f"validation {row['slide']}: {row['labelled_px']} labelled px, {row['positive_px']} positive, "
+            f"{row['predicted_px']} predicted positive, Dice {_fmt(row['dice'])}"
+        )
 
 
 def _is_project(path: Path) -> bool:
@@ -379,7 +398,7 @@ def train_nuclei_cmd(
                 resume=resume,
                 on_progress=on_progress,
             )
-        validation = _validate_nuclei(out, held_out, device=device) if held_out else []
+        validation = _validate(out, held_out, device=device, task="nuclei") if held_out else []
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
     except KeyboardInterrupt:
@@ -399,19 +418,24 @@ def _fmt(value: float | None) -> str:
     return "undefined" if value is None else f"{value:.3f}"
 
 
-def _validate_nuclei(out: Path, held_out: list, *, device: str) -> list[dict]:
+def _validate(out: Path, held_out: list, *, device: str, task: str) -> list[dict]:
     """Score the new model on the held-out slides; written to OUT/validation.json beside the manifest."""
     from dataclasses import asdict
 
     from bridge.labels import label_summary
     from bridge.project import write_json_atomic
-    from inference import score_nuclei_on_labels
+    from inference import score_nuclei_on_labels, score_regions_on_labels
 
-    scores = score_nuclei_on_labels(out, held_out, radius_um=3.0, device=device)
+    if task == "nuclei":
+        scores = score_nuclei_on_labels(out, held_out, radius_um=3.0, device=device)
+    else:
+        scores = score_regions_on_labels(out, held_out, device=device)
     # precision is undefined (NaN) when nothing was found: null in JSON, which allows no NaN
     rows = [
         {k: None if isinstance(v, float) and v != v else v for k, v in (asdict(s) | summary).items()}
         for s, summary in zip(scores, label_summary(held_out), strict=True)
     ]
-    write_json_atomic(out / "validation.json", {"radius_um": 3.0, "slides": rows})
+    write_json_atomic(
+        out / "validation.json", {"task": task, "slides": rows} | ({"radius_um": 3.0} if task == "nuclei" else {})
+    )
     return rows

@@ -11,9 +11,10 @@ import shapely
 
 from inference.analysis.nuclei import NucleiConfig, detect_nuclei
 from inference.analysis.points import detection_scores
+from inference.analysis.segment import SegmentConfig, segment_slide
 from inference.models.ensemble import Ensemble
 from inference.slides.slide import open_slide
-from inference.training.labels import SlideLabels
+from inference.training.labels import IGNORE_LABEL, SlideLabels, region_target
 
 
 @dataclass(frozen=True)
@@ -61,4 +62,45 @@ def score_nuclei_on_labels(
         zeros_p, zeros_t = np.zeros(len(pred), np.int64), np.zeros(len(truth), np.int64)
         s, _ = detection_scores(pred, zeros_p, truth, zeros_t, radius=radius_um / mpp, n_classes=1)
         out.append(LabelledNucleiScore(lab.slide, len(truth), len(pred), s.tp, s.precision, s.recall, s.f1))
+    return out
+
+
+@dataclass(frozen=True)
+class LabelledRegionScore:
+    """A segmentation ensemble against a slide's region labels, over its labelled map pixels only."""
+
+    slide: str
+    labelled_px: int  # map pixels (the ensemble's input MPP) that are labels
+    positive_px: int  # of those, labelled positive
+    predicted_px: int  # of those, predicted positive (mean probability at the ensemble's threshold)
+    dice: float  # NaN when neither labels nor prediction hold a positive pixel
+
+
+def score_regions_on_labels(
+    model_dir: str | Path, labels: Sequence[SlideLabels], *, device: str = "cpu"
+) -> list[LabelledRegionScore]:
+    """Per slide: Dice of the ensemble's thresholded mean probability against the region labels.
+
+    Only over labelled pixels (inside training regions, drawn areas; not ``Ignore*``): elsewhere a
+    prediction can be neither right nor wrong. The ensemble runs only over the labels' bounds.
+    """
+    ensemble = Ensemble.load(model_dir, task="segmentation", device=device)
+    threshold = ensemble.manifest.thresholds.get("segmentation", 0.5)
+    out = []
+    for lab in labels:
+        labelled = shapely.union_all([*lab.training_regions, lab.positive, lab.negative])
+        if labelled.is_empty:
+            raise ValueError(f"{lab.source or lab.slide}: validation needs region labels; this slide has none")
+        with open_slide(lab.slide) as slide:
+            # Maps at the ensemble's own resolution (map_downsample 1), the grid it was trained on.
+            maps = segment_slide(
+                slide, ensemble, roi=shapely.box(*labelled.bounds), config=SegmentConfig(map_downsample=1)
+            )
+        target = region_target(lab, shape_hw=maps.shape, downsample=maps.downsample, origin_xy=maps.origin_xy)
+        known = (target != IGNORE_LABEL) & np.asarray(maps.covered)
+        truth = target[known] == 1
+        pred = np.asarray(maps.prob)[known] >= threshold
+        denom = int(truth.sum() + pred.sum())
+        dice = 2 * int((truth & pred).sum()) / denom if denom else float("nan")
+        out.append(LabelledRegionScore(lab.slide, int(known.sum()), int(truth.sum()), int(pred.sum()), dice))
     return out

@@ -87,10 +87,17 @@ def labels_digest(labels: SlideLabels) -> str:
     return h.hexdigest()
 
 
-def rasterize(geometry: BaseGeometry, *, shape_hw: tuple[int, int], downsample: float) -> np.ndarray:
+def rasterize(
+    geometry: BaseGeometry,
+    *,
+    shape_hw: tuple[int, int],
+    downsample: float,
+    origin_xy: tuple[float, float] = (0.0, 0.0),
+) -> np.ndarray:
     """Pixels of a grid at ``downsample`` whose centres lie in ``geometry`` (holes left out).
 
-    Pixel (row, col) has its centre at ((col + 0.5) * downsample, (row + 0.5) * downsample) in level 0.
+    Pixel (row, col) has its centre at (origin_x + (col + 0.5) * downsample, origin_y + (row + 0.5) *
+    downsample) in level 0 (a map's grid starts at its ``origin_xy``).
 
     >>> rasterize(shapely.box(0, 0, 4, 2), shape_hw=(3, 3), downsample=2).astype(int).tolist()
     [[1, 1, 0], [0, 0, 0], [0, 0, 0]]
@@ -99,9 +106,9 @@ def rasterize(geometry: BaseGeometry, *, shape_hw: tuple[int, int], downsample: 
     for poly in getattr(geometry, "geoms", [geometry]):
         if poly.is_empty or not isinstance(poly, Polygon):
             continue
-        out |= _fill(np.asarray(poly.exterior.coords), shape_hw, downsample)
+        out |= _fill(np.asarray(poly.exterior.coords) - origin_xy, shape_hw, downsample)
         for hole in poly.interiors:
-            out &= ~_fill(np.asarray(hole.coords), shape_hw, downsample)
+            out &= ~_fill(np.asarray(hole.coords) - origin_xy, shape_hw, downsample)
     return out
 
 
@@ -112,19 +119,28 @@ def _fill(ring_xy: np.ndarray, shape_hw: tuple[int, int], downsample: float) -> 
     return mask
 
 
-def region_target(labels: SlideLabels, *, shape_hw: tuple[int, int], downsample: float) -> np.ndarray:
+def region_target(
+    labels: SlideLabels,
+    *,
+    shape_hw: tuple[int, int],
+    downsample: float,
+    origin_xy: tuple[float, float] = (0.0, 0.0),
+) -> np.ndarray:
     """uint8 (H, W) segmentation target: 1 positive, 0 negative, :data:`IGNORE_LABEL` not a label.
+
+    On the grid of :func:`rasterize` (``downsample`` level-0 px per pixel, starting at ``origin_xy``).
 
     >>> lab = SlideLabels("s", (8, 8), (shapely.box(0, 0, 8, 4),), (False,), positive=shapely.box(0, 0, 4, 4))
     >>> region_target(lab, shape_hw=(2, 2), downsample=4).tolist()
     [[1, 0], [255, 255]]
     """
+    grid = {"shape_hw": shape_hw, "downsample": downsample, "origin_xy": origin_xy}
     target = np.full(shape_hw, IGNORE_LABEL, np.uint8)
     for region in labels.training_regions:
-        target[rasterize(region, shape_hw=shape_hw, downsample=downsample)] = 0
-    target[rasterize(labels.positive, shape_hw=shape_hw, downsample=downsample)] = 1
-    target[rasterize(labels.negative, shape_hw=shape_hw, downsample=downsample)] = 0
-    target[rasterize(labels.ignore, shape_hw=shape_hw, downsample=downsample)] = IGNORE_LABEL
+        target[rasterize(region, **grid)] = 0
+    target[rasterize(labels.positive, **grid)] = 1
+    target[rasterize(labels.negative, **grid)] = 0
+    target[rasterize(labels.ignore, **grid)] = IGNORE_LABEL
     return target
 
 

@@ -1,5 +1,5 @@
 """``pdl1 train``: the sub-app that trains segmentation ensembles and nuclei models on phantom slides,
-and nuclei models on a lab's own QuPath labels (a project, or GeoJSON exports beside slides)."""
+or on a lab's own QuPath labels (a project, or GeoJSON exports beside slides: ``bridge.labels``)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import typer
 from bridge.cli.common import fail, interrupted
 from inference import Pdl1Error
 
-app = typer.Typer(
-    help="Train models on phantom slides with truth, or nuclei models on your own QuPath labels.", no_args_is_help=True
-)
+app = typer.Typer(help="Train models on phantom slides with truth, or on your own QuPath labels.", no_args_is_help=True)
 
 _TRAINING_KEPT = "{out} holds a checkpoint of the last finished epoch; the same command with --resume goes on from it"
 
@@ -247,8 +245,10 @@ def _read_labels(
     if entries:
         raise typer.BadParameter("--entries chooses entries of a QuPath project; the sources are slides")
     if not geojson:
-        if from_review or class_map:
-            raise typer.BadParameter("--from-review and --class-map apply to QuPath labels (a project or --labels)")
+        if from_review or class_map or ihc_band_um is not None:
+            raise typer.BadParameter(
+                "--from-review, --class-map and --ihc-band-um apply to QuPath labels (a project or --labels)"
+            )
         return []
     if len(geojson) != len(sources):
         raise typer.BadParameter(

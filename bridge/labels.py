@@ -85,6 +85,9 @@ def export_path(project_folder: Path, entry_id: str) -> Path:
     return project_folder / EXPORT_FOLDER / f"{entry_id}.geojson"
 
 
+_AREA_CLASSES = frozenset({TRAINING_REGION.name, POSITIVE, NEGATIVE, PDL1_IHC_POSITIVE.name})
+
+
 def _is_ignore(cls: str | None) -> bool:
     return cls is not None and cls.startswith(IGNORE_PREFIX)
 
@@ -120,11 +123,11 @@ def labels_from_objects(
 ) -> SlideLabels:
     """The labels of one image from its QuPath objects (see the module docstring for the rules).
 
-    ``mpp``: the image's µm/px, needed only for the band of a paired IHC area.
-
-    ``project_classes``: the project's class list; a label object of a class not in it is refused
-    (an export from another project). Raises :class:`LabelError` for an entry without labels, points
-    outside the image, an unknown point class, and overlapping positive and negative labels.
+    ``project_classes``: the project's class list; a label (an area of a label class, or points) of a
+    class not in it is refused (an export from another project); other objects' classes are not checked.
+    ``mpp``: the image's µm/px, needed only for the band of a paired IHC area. Raises :class:`LabelError`
+    for an entry without labels, points outside the image, an unknown point class, and overlapping
+    positive and negative labels.
     """
     where = source or slide
     class_map = dict(rules.class_map or {})
@@ -140,7 +143,10 @@ def labels_from_objects(
     for obj in objects:
         cls = obj.classification
         what = f"{where}: {obj.object_type} {obj.name or obj.id or ''} ({cls or 'unclassified'})"
-        if project_classes is not None and cls is not None and cls not in project_classes:
+        is_label = cls is not None and (
+            cls in _AREA_CLASSES or _is_ignore(cls) or isinstance(obj.geometry, Point | MultiPoint)
+        )
+        if project_classes is not None and is_label and cls not in project_classes:
             raise LabelError(
                 f"{what}: class {cls!r} is not in the project's class list ({', '.join(sorted(project_classes))}); "
                 "is this export from another project? Add the class in QuPath or export again"

@@ -159,7 +159,7 @@ def test_overlapping_positive_and_negative_labels_are_refused():
 def test_a_class_not_in_the_project_is_refused():
     with pytest.raises(LabelError, match=r"class 'Tumour' is not in the project's class list"):
         labels_from_objects(
-            [_obj(shapely.box(0, 0, 10, 10), "Tumour")],
+            [_obj(shapely.box(0, 0, 10, 10), "Stroma"), _obj(shapely.MultiPoint([(1, 1)]), "Tumour")],
             slide="s.svs",
             image_size_px=(100, 100),
             rules=RULES,

@@ -106,6 +106,15 @@ def _labels(objects: list[QuPathObject], box: tuple, *, rules: LabelRules, size:
     )
 
 
+class _Rows(list):
+    """The table's rows, each printed as it comes, so a long run shows (and keeps) what it has measured."""
+
+    def append(self, row: tuple[str, int, DetectionScores, float]) -> None:
+        what, n_points, s, seconds = row
+        print(f"| {what} | {n_points} | {s.precision:.3f} | {s.recall:.3f} | {s.f1:.3f} | {seconds:.0f} |", flush=True)
+        super().append(row)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.real_tile_labels", description=__doc__.splitlines()[0])
     parser.add_argument("--points", default="25,50,100,all", help="training point counts, comma-separated")
@@ -126,7 +135,14 @@ def main() -> None:
     test_box = (SPLIT_X_PX, 0, width, height)
     test_truth = all_xy[_in_box(all_xy, test_box)]
     radius_px = RADIUS_UM / mpp
-    rows: list[tuple[str, int, DetectionScores, float]] = []
+    print(
+        f"hgsc_stroma.svs: {width} x {height} px at {mpp} µm/px; test half x >= {SPLIT_X_PX} px holds "
+        f"{len(test_truth)} points; detection F1 within {RADIUS_UM} µm",
+        flush=True,
+    )
+    print("| detector | training points | precision | recall | F1 | time s |")
+    print("|---|---|---|---|---|---|", flush=True)
+    rows = _Rows()
 
     t0 = time.perf_counter()
     params = tune_log(rgb, all_xy, mpp=mpp, box=train_box)
@@ -187,15 +203,6 @@ def main() -> None:
             scores = evaluate(out)
             what = "fine-tuned from the shipped ensemble" if fine_tune else "trained from scratch (same schedule)"
             rows.append((f"{what}, strip y < {box[3]} px", len(labels.points_class), scores, time.perf_counter() - t0))
-
-    print(
-        f"hgsc_stroma.svs: {width} x {height} px at {mpp} µm/px; test half x >= {SPLIT_X_PX} px holds "
-        f"{len(test_truth)} points; detection F1 within {RADIUS_UM} µm"
-    )
-    print("| detector | training points | precision | recall | F1 | time s |")
-    print("|---|---|---|---|---|---|")
-    for what, n_points, s, seconds in rows:
-        print(f"| {what} | {n_points} | {s.precision:.3f} | {s.recall:.3f} | {s.f1:.3f} | {seconds:.0f} |")
 
 
 if __name__ == "__main__":

@@ -396,6 +396,8 @@ def _names_of(lab: SlideLabels) -> set[str]:
 def split_validation(labels: Sequence[SlideLabels], val: Sequence[str]) -> tuple[list[SlideLabels], list[SlideLabels]]:
     """(training, validation) by slide, never by tile: the slides named in ``val`` (entry ID, image name
     or file name) are held out whole."""
+    if not val:
+        return list(labels), []
     wanted = set(val)
     held = [lab for lab in labels if _names_of(lab) & wanted]
     train = [lab for lab in labels if not _names_of(lab) & wanted]

@@ -303,3 +303,9 @@ def test_a_paired_ihc_area_labels_the_whole_he_with_a_band_around_its_edge_ignor
     assert target[200, 78] == 0 and target[200, 122] == 1
     with pytest.raises(LabelError, match=r"no labels \(skipped: paired IHC area \(use --ihc-band-um\): 1\)"):
         read_geojson_labels(path, slide="he_1.svs", image_size_px=(400, 400), rules=LabelRules(()), mpp=0.5)
+
+
+def test_without_validation_entries_every_slide_trains_and_phantoms_pass_through():
+    from bridge.labels import split_validation
+
+    assert split_validation([], []) == ([], [])

@@ -197,6 +197,7 @@ _REGISTRY: dict[str, str] = {
     "seg_gpu": "benchmarks.seg_gpu:SegGpu",
     "nnunet_predictor": "benchmarks.nnunet_predictor:NnunetPredictor",
     "allocator": "benchmarks.allocator:Allocator",
+    "domain_guard": "benchmarks.domain_guard:DomainGuard",
 }
 
 

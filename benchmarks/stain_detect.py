@@ -33,7 +33,16 @@ HELD_OUT_SEEDS = (201, 202, 203, 204, 205)
 
 
 def _row(name: str, truth: str, estimate, seconds: float, note: str = "") -> tuple:
-    return (name, truth, estimate.stain, estimate.margin_deg, estimate.second_hue_deg, seconds, note)
+    return (
+        name,
+        truth,
+        estimate.stain,
+        estimate.margin_deg,
+        estimate.second_hue_deg,
+        estimate.stain_angle_deg,
+        seconds,
+        note,
+    )
 
 
 def _slide_row(path: Path, truth: str, note: str = "") -> tuple:
@@ -122,12 +131,14 @@ def main() -> None:
     rows.append(_array_row("dark fluorescence", "other", si.dark_fluorescence(rng)))
     rows.append(_array_row("blank", "other", si.blank()))
 
-    print(f"{'image':40s} {'truth':6s} {'found':6s} {'margin°':>8s} {'hue°':>7s} {'ms':>7s}  note")
+    print(f"{'image':40s} {'truth':6s} {'found':6s} {'margin°':>8s} {'hue°':>7s} {'apart°':>7s} {'ms':>7s}  note")
     wrong = 0
-    for name, truth, found, margin, hue, seconds, note in rows:
+    for name, truth, found, margin, hue, apart, seconds, note in rows:
         mark = "" if found == truth else "  WRONG"
         wrong += found != truth
-        print(f"{name:40s} {truth:6s} {found:6s} {margin:8.1f} {hue:7.1f} {seconds * 1e3:7.1f}  {note}{mark}")
+        print(
+            f"{name:40s} {truth:6s} {found:6s} {margin:8.1f} {hue:7.1f} {apart:7.1f} {seconds * 1e3:7.1f}  {note}{mark}"
+        )
     groups: dict[str, list[bool]] = {}
     for name, truth, found, *_rest, note in rows:
         key = re.sub(r"_\d+\.svs$", "", name) if name.startswith(("he_", "ihc_")) else re.sub(r"\(.*", "", name)

@@ -1,33 +1,54 @@
 """The evaluation report folder: a table (CSV and printed) and PNG plots.
 
-Plots: reliability diagram, histograms of aggregated NPR uncertainty for false-negative vs
-true-negative NPRs (as Fig. 4 of the SUA paper), and per-slide thumbnails overlaid with the
-probability, the uncertainty and the SUA candidates.
+Plots: reliability diagram, risk-coverage curves of the slide QC scores, histograms of aggregated
+NPR uncertainty for false-negative vs true-negative NPRs (as Fig. 4 of the SUA paper), and
+per-slide thumbnails overlaid with the probability, the uncertainty and the SUA candidates.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from inference import SlideEvaluation, reliability, spearman
+from inference import SlideEvaluation, aurc, e_aurc, reliability, risk_coverage, spearman
+
+# Slide-level QC scores whose failure detection the suite measures (higher = less trusted), and what each is.
+QC_SCORES = {
+    "mean_entropy": "mean predictive entropy over the analysed tissue",
+    "mean_mi": "mean mutual information over the analysed tissue",
+    "candidate_area_pct": "SUA candidate area, % of the analysed tissue",
+    "out_of_domain_score": "the domain guard's out-of-domain score (network features)",
+    "stain_distance_deg": "the domain guard's stain distance from the training stains",
+}
 
 COLUMNS = (
     "slide",
     "shift",
+    "tissue_recall",
     "dice",
+    "ensemble_rank",
+    "members",
     "iou",
     "f1",
     "ece",
     "brier",
     "auroc_entropy_error",
     "auroc_mi_error",
+    "auroc_prob_margin_error",
+    "auroc_boundary_distance_error",
     "auprc_entropy_error",
     "mean_entropy",
+    "mean_mi",
+    "candidate_area_pct",
+    "out_of_domain_score",
+    "stain_distance_deg",
+    "positive_area_error",
+    "failed",
     "needs_review",
     "fn_px",
     "fn_pct",
@@ -48,15 +69,26 @@ def rows(evaluations: Sequence[SlideEvaluation]) -> list[dict[str, object]]:
             {
                 "slide": e.slide,
                 "shift": e.shift,
+                "tissue_recall": e.seg.tissue_recall,
                 "dice": e.seg.dice_ensemble,
+                "ensemble_rank": ensemble_rank(e),
+                "members": len(e.seg.dice_members),
                 "iou": e.iou,
                 "f1": e.f1,
                 "ece": e.ece,
                 "brier": e.brier,
                 "auroc_entropy_error": e.seg.auroc_entropy_error,
                 "auroc_mi_error": e.seg.auroc_mi_error,
+                "auroc_prob_margin_error": e.seg.auroc_prob_margin_error,
+                "auroc_boundary_distance_error": e.seg.auroc_boundary_distance_error,
                 "auprc_entropy_error": e.auprc_entropy_error,
                 "mean_entropy": e.mean_entropy,
+                "mean_mi": e.mean_mi,
+                "candidate_area_pct": e.candidate_area_pct,
+                "out_of_domain_score": e.out_of_domain_score,
+                "stain_distance_deg": e.stain_distance_deg,
+                "positive_area_error": e.positive_area_error,
+                "failed": int(e.failed()),
                 "needs_review": int(e.needs_review),
                 "fn_px": e.sua.false_negative_px,
                 "fn_pct": 100 * e.sua.false_negative_px / max(int(e.region.sum()), 1),
@@ -69,6 +101,64 @@ def rows(evaluations: Sequence[SlideEvaluation]) -> list[dict[str, object]]:
                 "baseline_recall": e.baseline.recall,
             }
         )
+    return out
+
+
+def ensemble_rank(e: SlideEvaluation) -> int:
+    """1 + the number of members whose Dice beats the ensemble's on this slide (1: no member is better)."""
+    return 1 + sum(d > e.seg.dice_ensemble for d in e.seg.dice_members)
+
+
+def ensemble_vs_members(evaluations: Sequence[SlideEvaluation]) -> dict[str, object]:
+    """Mean Dice over slides of the ensemble and of each member, the ensemble's rank per slide and its wins."""
+    n = min((len(e.seg.dice_members) for e in evaluations), default=0)
+    ranks = [ensemble_rank(e) for e in evaluations]
+    return {
+        "ensemble_mean_dice": float(np.mean([e.seg.dice_ensemble for e in evaluations])) if evaluations else math.nan,
+        "member_mean_dice": [float(np.mean([e.seg.dice_members[i] for e in evaluations])) for i in range(n)],
+        "ranks": ranks,
+        "wins": sum(r == 1 for r in ranks),
+        "slides": len(evaluations),
+    }
+
+
+def failure_detection(evaluations: Sequence[SlideEvaluation]) -> list[dict[str, object]]:
+    """AURC and E-AURC of each slide QC score (:data:`QC_SCORES`) for the slides that failed.
+
+    Beside each: the AURC of a random score (the failure rate) and of a perfect one, and how the
+    review flag the run applies does at its own limits: failures caught, false alarms.
+    """
+    failures = np.array([e.failed() for e in evaluations], bool)
+    flagged = np.array([e.needs_review for e in evaluations], bool)
+    out = []
+    for name, meaning in QC_SCORES.items():
+        scores = np.array([getattr(e, name) for e in evaluations], np.float64)
+        if np.isnan(scores).all():  # not measured (e.g. a model without domain statistics)
+            continue
+        out.append(
+            {
+                "score": name,
+                "meaning": meaning,
+                "aurc": aurc(scores, failures),
+                "e_aurc": e_aurc(scores, failures),
+                "random_aurc": float(failures.mean()) if failures.size else math.nan,
+                "optimal_aurc": aurc(failures.astype(np.float64), failures),
+            }
+        )
+    out.append(
+        {
+            "score": "needs_review",
+            "meaning": "the review flag pdl1 run sets (its limits from the manifest)",
+            "aurc": aurc(flagged.astype(np.float64), failures),
+            "e_aurc": e_aurc(flagged.astype(np.float64), failures),
+            "random_aurc": float(failures.mean()) if failures.size else math.nan,
+            "optimal_aurc": aurc(failures.astype(np.float64), failures),
+            "caught": int((flagged & failures).sum()),
+            "failures": int(failures.sum()),
+            "false_alarms": int((flagged & ~failures).sum()),
+            "successes": int((~failures).sum()),
+        }
+    )
     return out
 
 
@@ -108,6 +198,25 @@ def write_report(
     fig.savefig(out / "reliability.png", dpi=120)
     plt.close(fig)
     written["reliability"] = out / "reliability.png"
+
+    # Risk-coverage of each slide QC score: failures among the slides it would trust most.
+    failures = np.array([e.failed() for e in evaluations], bool)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name in QC_SCORES:
+        scores = np.array([getattr(e, name) for e in evaluations], np.float64)
+        if np.isnan(scores).all():
+            continue
+        coverage, risk = risk_coverage(scores, failures)
+        ax.plot(coverage, risk, "o-", ms=3, label=f"{name} (AURC {aurc(scores, failures):.3f})")
+    if failures.size:
+        coverage, risk = risk_coverage(failures.astype(np.float64), failures)
+        ax.plot(coverage, risk, "k--", lw=0.8, label=f"perfect (AURC {risk.mean():.3f})")
+    ax.set(xlabel="coverage (slides accepted)", ylabel="risk (failed share of accepted)", title="Slide QC")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "risk_coverage.png", dpi=120)
+    plt.close(fig)
+    written["risk_coverage"] = out / "risk_coverage.png"
 
     # Aggregated uncertainty of false-negative vs true-negative NPRs.
     fig, ax = plt.subplots(figsize=(5, 3.5))

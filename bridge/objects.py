@@ -36,6 +36,9 @@ TILE_NAME = "PD-L1 uncertainty"
 PREDICTED_TPS = "PD-L1: Predicted TPS % (H&E)"
 PREDICTED_TPS_LOW = "PD-L1: Predicted TPS low % (H&E)"
 PREDICTED_TPS_HIGH = "PD-L1: Predicted TPS high % (H&E)"
+# How far the image lies from the training domain of the model that analysed it (inference.analysis.domain).
+OUT_OF_DOMAIN_SCORE = "PD-L1: Out of domain score"
+STAIN_DISTANCE = "PD-L1: Stain distance deg"
 OWN_ANNOTATION_CLASSES = frozenset({PDL1_POSITIVE.name, PDL1_FN_CANDIDATE.name})
 OWN_DETECTION_CLASSES = frozenset(
     c.name for c in (TUMOR_POSITIVE, TUMOR_NEGATIVE, OTHER, *INTENSITY_CLASSES, IMMUNE_POSITIVE, IMMUNE_NEGATIVE)
@@ -114,6 +117,11 @@ def parent_measurements(result: SlideResult) -> dict[str, float]:
         "PD-L1: Positive area µm^2": result.positive_area_um2,
         "PD-L1: Positive area %": 100 * result.positive_area_um2 / analysed if analysed > 0 else float("nan"),
     }
+    domain = result.summary.get("domain") or {}
+    # Left out when not measured (a model without domain statistics): QuPath shows it as missing.
+    for key, name in (("out_of_domain_score", OUT_OF_DOMAIN_SCORE), ("stain_distance_deg", STAIN_DISTANCE)):
+        if domain.get(key) is not None:
+            out[name] = float(domain[key])
     for key, name in (
         ("predictive_entropy_mean", "PD-L1: Predictive entropy mean"),
         ("mutual_information_mean", "PD-L1: Mutual information mean"),

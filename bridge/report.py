@@ -19,22 +19,27 @@ from bridge.classes import INTENSITY_CLASSES
 from bridge.pairs import PAIRS_FILE
 from bridge.project import PDL1_DIR, ProjectError, find_project_file, locate_image, read_project
 from bridge.qupath_geojson import read_features
-from inference import open_slide
+from inference import demo_model_checksums, open_slide
 
 COLUMNS = (
     "image",
     "stain",
+    "mpp",
+    "analysed_at",
     "tps_percent",
     "tps_category",
     "cps",
     "positive_area_pct",
     "uncertainty_flag",
     "review_reasons",
+    "out_of_domain_score",
+    "stain_distance_deg",
     "sua_candidates",
     "tumor_positive",
     "tumor_negative",
     "other",
     "run_id",
+    "models",
 )
 
 
@@ -135,6 +140,11 @@ def _thumbnail(item: ReportItem, out: Path, *, max_px: int = 900) -> Path | None
         ax.scatter(xy[:, 0], xy[:, 1], s=1.5, c=[_GRADE_COLOURS[name]], linewidths=0)
     ax.set_axis_off()
     fig.subplots_adjust(0, 0, 1, 1)
+    if tiles:  # the entropy's colour scale, inside the picture's top-left corner
+        bar = ax.inset_axes((0.02, 0.93, 0.3, 0.025))
+        fig.colorbar(pc, cax=bar, orientation="horizontal")
+        bar.set_title("predictive entropy (nats), 0 to ln 2", fontsize=7, pad=2)
+        bar.tick_params(labelsize=6)
     path = out / f"{Path(item.image_name).stem}.png"
     fig.savefig(path)
     plt.close(fig)
@@ -156,13 +166,21 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
     out = Path(out) if out is not None else base / PDL1_DIR / "report"
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    demo_checksums = set(demo_model_checksums().values())
     for item in items:
         s = item.summary
         nuclei = s.get("nuclei", {})
+        provenance = s.get("provenance", {})
+        models = [provenance.get(k) for k in ("seg_model", "nuclei_model")]
+        models = [m for m in models if isinstance(m, dict)]
         rows.append(
             {
                 "image": item.image_name,
                 "stain": s.get("stain", "H&E"),
+                "mpp": s.get("mpp"),
+                "analysed_at": provenance.get("analysed_at"),
+                "models": "; ".join(_model_label(m, demo_checksums) for m in models),
+                "demo_models": any(m.get("sha256") in demo_checksums for m in models),
                 "tps_percent": s.get("tps_percent"),
                 "tps_category": s.get("tps_category"),
                 "tps_low": s.get("details", {}).get("tps_low"),
@@ -174,6 +192,9 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
                 ),
                 "positive_area_pct": s.get("positive_area_pct"),
                 "uncertainty_flag": int(bool(s.get("uncertainty_flag"))),
+                "out_of_domain_score": (s.get("details", {}).get("domain") or {}).get("out_of_domain_score"),
+                "stain_distance_deg": (s.get("details", {}).get("domain") or {}).get("stain_distance_deg"),
+                "domain": _domain_text(s.get("details", {}).get("domain")),
                 "sua_candidates": s.get("sua_candidates"),
                 "tumor_positive": nuclei.get("Tumor: Positive"),
                 "tumor_negative": nuclei.get("Tumor: Negative"),
@@ -192,6 +213,40 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
     pairs = json.loads(pairs_path.read_text())["cases"] if pairs_path.is_file() else {}
     html_path.write_text(_html(rows, pairs), encoding="utf-8")
     return html_path, csv_path
+
+
+def _model_label(model: dict, demo_checksums: set[str]) -> str:
+    demo = " (shipped demo, phantom-trained)" if model.get("sha256") in demo_checksums else ""
+    return (
+        f"{model.get('name')} {model.get('version')}, {model.get('members')} members, "
+        f"sha256 {str(model.get('sha256'))[:12]}{demo}"
+    )
+
+
+def _mpp_text(mpp) -> str:
+    if isinstance(mpp, list | tuple) and mpp:
+        mpp = mpp[0] if len(set(mpp)) == 1 else "/".join(f"{v:.3g}" for v in mpp)
+    return f"{mpp:.3g} µm/px" if isinstance(mpp, float | int) else html.escape(str(mpp or "n/a"))
+
+
+def _domain_text(domain: dict | None) -> str:
+    """How far the image lies from the training domain of the model that analysed it, with the limits."""
+    if not domain:
+        return "not measured (a run before the domain guard, or the guard switched off)"
+    if domain.get("out_of_domain_score") is None:
+        return f"not measured: {domain.get('why_not') or 'no tiles'}"
+    score, limit = domain["out_of_domain_score"], domain.get("limit")
+    deg, deg_limit = domain.get("stain_distance_deg"), domain.get("stain_limit_deg")
+    over = (limit is not None and score >= limit) or (deg is not None and deg_limit is not None and deg >= deg_limit)
+    return (
+        f"{'OUT of' if over else 'within'} the training domain of {domain.get('model')}: out-of-domain score "
+        f"{score:.2f} (limit {_fmt2(limit)}; 1 = like the training tiles), stain distance {_fmt2(deg)}° "
+        f"(limit {_fmt2(deg_limit)}°)"
+    )
+
+
+def _fmt2(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _fmt(value) -> str:
@@ -239,6 +294,19 @@ def _pairs_html(pairs: dict) -> str:
     )
 
 
+def _demo_warning(rows: list[dict]) -> str:
+    demo = [r["image"] for r in rows if r.get("demo_models")]
+    if not demo:
+        return ""
+    return (
+        "<p class='warn'><b>Demo models.</b> "
+        f"{len(demo)} of {len(rows)} images were analysed with the shipped demo models, which were trained on "
+        "phantom slides the product generates, never on real tissue: on real slides their PD-L1 calls mean "
+        "nothing. Train on your own labelled slides (README: <i>Train on your own slides</i>) before reading "
+        "these numbers.</p>"
+    )
+
+
 def _html(rows: list[dict], pairs: dict | None = None) -> str:
     body = []
     for r in rows:
@@ -252,6 +320,9 @@ def _html(rows: list[dict], pairs: dict | None = None) -> str:
             f"<section><h2>{html.escape(r['image'])}</h2><table>"
             + _tps_row(r)
             + f"<tr><th>Review</th><td>{html.escape(r['review_reasons'] or 'no reason')}</td></tr>"
+            f"<tr><th>Image</th><td>{_mpp_text(r['mpp'])}; analysed {html.escape(r['analysed_at'] or 'n/a')}</td></tr>"
+            f"<tr><th>Models</th><td>{html.escape(r['models'] or 'n/a')}</td></tr>"
+            f"<tr><th>Training domain</th><td>{html.escape(r['domain'])}</td></tr>"
             f"<tr><th>PD-L1 positive area</th><td>{_fmt(r['positive_area_pct'])}% of analysed tissue</td></tr>"
             f"<tr><th>Uncertainty</th><td>{flag}; {_fmt(r['sua_candidates'])} SUA false-negative candidates</td></tr>"
             f"<tr><th>Nuclei</th><td>{_fmt(r['tumor_positive'])} positive, {_fmt(r['tumor_negative'])} negative "
@@ -260,8 +331,10 @@ def _html(rows: list[dict], pairs: dict | None = None) -> str:
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>pdl1-bridge report</title><style>"
         "body{font-family:sans-serif;margin:2em}section{margin-bottom:2em}th{text-align:left;padding-right:1em}"
-        "img{max-width:900px;border:1px solid #ccc}</style></head><body><h1>PD-L1 report</h1>"
-        "<p>H&amp;E: orange outlines are predicted PD-L1 positive regions, magenta SUA false-negative candidates "
+        "img{max-width:900px;border:1px solid #ccc}.warn{background:#fff3cd;border:1px solid #d39e00;padding:.6em}"
+        "</style></head><body><h1>PD-L1 report</h1>"
+        + _demo_warning(rows)
+        + "<p>H&amp;E: orange outlines are predicted PD-L1 positive regions, magenta SUA false-negative candidates "
         "for review, the shading the predictive entropy of the uncertainty tiles (dark = certain). PD-L1 IHC: "
         "dots are positive tumour cells, yellow 1+, orange 2+, red 3+.</p>"
         + "".join(body)

@@ -19,6 +19,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,7 @@ def summary_of(result: SlideResult, *, entry_id: str | None, run_config: RunConf
         "metadata": entry_metadata(result),
         "details": result.summary,
         "provenance": {
+            "analysed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "pdl1_bridge": __version__,
             "python": platform.python_version(),
             "seg_model": None if result.seg_model is None else asdict(result.seg_model),

@@ -925,6 +925,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
                     "run_id": result.run_id,
                     "stain": result.stain,
                     "review_reasons": result.summary.get("review_reasons", []),
+                    "domain": result.summary.get("domain"),
                 },
             }
         )

@@ -76,6 +76,8 @@ _PUBLIC = {
     "Ensemble": "inference.models.ensemble",
     "demo_model_dir": "inference.models.ensemble",
     "write_manifest": "inference.models.manifest",
+    "demo_model_checksums": "inference.models.manifest",
+    "import_nnunet": "inference.models.nnunet_import",
     # training
     "DEFAULT_LR_MAX": "inference.training.cyclic",
     "SegTrainConfig": "inference.training.train_seg",
@@ -87,6 +89,8 @@ _PUBLIC = {
     "labels_digest": "inference.training.labels",
     "region_target": "inference.training.labels",
     "nuclei_known_mask": "inference.training.labels",
+    "compute_domain_stats": "inference.training.domain_stats",
+    "write_domain_stats": "inference.training.domain_stats",
     # evaluation
     "SlideEvaluation": "inference.evaluation.evaluate",
     "evaluate_segmentation": "inference.evaluation.evaluate",
@@ -94,6 +98,7 @@ _PUBLIC = {
     "evaluate_registration": "inference.evaluation.evaluate",
     "evaluate_slide_suite": "inference.evaluation.evaluate",
     "calibrate_ensemble": "inference.evaluation.evaluate",
+    "REVIEW_NEVER": "inference.evaluation.evaluate",
     "pooled_dice": "inference.evaluation.evaluate",
     "score_nuclei_on_labels": "inference.evaluation.labelled",
     "LabelledNucleiScore": "inference.evaluation.labelled",
@@ -101,6 +106,9 @@ _PUBLIC = {
     "LabelledRegionScore": "inference.evaluation.labelled",
     "reliability": "inference.evaluation.metrics",
     "spearman": "inference.evaluation.metrics",
+    "aurc": "inference.evaluation.metrics",
+    "e_aurc": "inference.evaluation.metrics",
+    "risk_coverage": "inference.evaluation.metrics",
     # phantoms
     "PhantomSpec": "inference.phantom.scene",
     "write_phantom": "inference.phantom.pyramid",

@@ -10,6 +10,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import shapely
 from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
+from inference.analysis.domain import DomainAssessment, assess_domain, slide_stain, stats_of_manifest
 from inference.analysis.ihc import IMMUNE_POSITIVE, combined_positive_score, h_score
 from inference.analysis.nuclei import NucleiConfig, detect_nuclei, intensity_limits_od, pdl1_from_maps
 from inference.analysis.pairs import IHC_CELL_RADIUS_UM, cells_area
@@ -28,6 +30,7 @@ from inference.analysis.sua import SuaParams, find_candidates
 from inference.analysis.tiling import validate_roi
 from inference.errors import SlideFormatError, StainError
 from inference.models.ensemble import Ensemble, demo_model_dir
+from inference.models.features import capture_tile_features
 from inference.models.manifest import STAINS, Manifest
 from inference.results import ModelInfo, SlideResult
 from inference.slides.slide import Slide, open_slide
@@ -68,6 +71,10 @@ class PipelineConfig:
     detect_stain
         Tell the stain from the image's colour: it decides the analysis where the caller states none, and a
         stated stain the colour clearly contradicts is a review reason.
+    domain_guard
+        Score the image against the training domain of the model that analyses it (the segmentation
+        ensemble on H&E, the IHC nuclei ensemble on H-DAB; :mod:`inference.analysis.domain`): out of the
+        domain is a review reason. A model whose manifest has no domain statistics is "not measured".
     """
 
     seg_model_dir: str | None = None
@@ -88,6 +95,7 @@ class PipelineConfig:
     sua_aggregation: str | None = None
     refine_with_sua: bool = False
     detect_stain: bool = True
+    domain_guard: bool = True
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     nuclei: NucleiConfig = field(default_factory=NucleiConfig)
 
@@ -217,9 +225,15 @@ def analyse_slide(
                 _check_stain(name or "image", stain, stain_source, models=models, config=config)
             _require_resolution(slide, stain, models=models, config=config)
         analyse = _analyse_ihc if stain == "H-DAB" else _analyse
-        result = analyse(
-            slide, models=models, config=config, roi=roi, on_progress=on_progress, should_cancel=should_cancel
-        )
+        # The model whose training domain the image is judged against: the one that makes the call.
+        guarded = (models.ihc() if stain == "H-DAB" else models.seg) if config.domain_guard else None
+        with capture_tile_features(guarded) if guarded is not None else nullcontext() as captured:
+            result = analyse(
+                slide, models=models, config=config, roi=roi, on_progress=on_progress, should_cancel=should_cancel
+            )
+        domain = None
+        if guarded is not None:
+            domain = _assess_domain(slide, guarded, captured.array(), colour, tissue_mpp=config.tissue_mpp)
     finally:
         if not isinstance(image, Slide):
             slide.close()
@@ -252,6 +266,9 @@ def analyse_slide(
                     "limit": WEAK_STAIN_MARGIN_DEG,
                 }
             )
+    if domain is not None:
+        summary["domain"] = domain.summary()
+        reasons.extend(domain.reasons)
     summary["review_reasons"] = reasons
     return replace(
         result,
@@ -260,6 +277,21 @@ def analyse_slide(
         summary=summary,
         uncertainty_flag=result.uncertainty_flag or bool(reasons),
     )
+
+
+def _assess_domain(
+    slide: Slide, ensemble: Ensemble, features: np.ndarray, colour: StainEstimate | None, *, tissue_mpp: float
+) -> DomainAssessment:
+    """The image against ``ensemble``'s training domain: its tiles' features (captured during the analysis)
+    and its stain on the whole-image thumbnail the stain and tissue were found on (cached, no new read)."""
+    manifest = ensemble.manifest
+    stats, why_not = stats_of_manifest(manifest.extra)
+    if stats is None:
+        return replace(assess_domain(None, None, None, model=manifest.name), why_not=why_not)
+    if colour is None:  # the colour was not looked at for the stain: for the guard it is
+        colour = detect_slide_stain(slide, mpp=tissue_mpp)
+    stain = slide_stain(colour, slide.thumbnail(mpp=tissue_mpp))
+    return assess_domain(features, stain, stats, model=manifest.name)
 
 
 def _require_resolution(slide: Slide, stain: str | None, *, models: Models, config: PipelineConfig) -> None:
@@ -330,7 +362,9 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
     if roi is not None:
         roi = validate_roi(roi, image_size_wh=(width, height))
     nuclei_model = _nuclei_model(models, config)
-    tissue: TissueMask | None = tissue_mask_for_slide(slide, mpp=config.tissue_mpp) if config.use_tissue else None
+    tissue: TissueMask | None = None
+    if config.use_tissue:
+        tissue = tissue_mask_for_slide(slide, mpp=config.tissue_mpp, method=TISSUE_METHOD_OF_STAIN["H&E"])
     seg_tiles = nuclei_tiles = 0
 
     def progress(part: str) -> Callable[[int, int], None] | None:

@@ -446,6 +446,13 @@ for (parent in targets) {
     (pdl1.get("review_reasons") ?: []).each { r ->
         println "pdl1: review: ${r.get('reason')} (${r.get('value')}, limit ${r.get('limit')})"
     }
+    // How far the image lies from what the model was trained on (over a limit, it is a review reason above).
+    def domain = pdl1.get("domain")
+    if (domain != null && domain.get("out_of_domain_score") != null)
+        println "pdl1: out-of-domain score ${domain.get('out_of_domain_score')} (limit ${domain.get('limit')}), " +
+                "stain distance ${domain.get('stain_distance_deg')} deg (limit ${domain.get('stain_limit_deg')})"
+    else if (domain != null)
+        println "pdl1: out-of-domain score not measured: ${domain.get('why_not')}"
 }
 fireHierarchyUpdate()
 // QuPath 0.4.4 does not save the project after a headless script (0.6+ does): save the entry metadata now.

@@ -104,7 +104,10 @@ def test_demo_runs_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     assert (out / "project" / "project.qpproj").is_file()
     assert (out / "project" / "pdl1" / "1" / "objects.geojson").is_file()
-    assert (out / "project" / "pdl1" / "report" / "report.html").is_file()
+    report = (out / "project" / "pdl1" / "report" / "report.html").read_text()
+    # The shipped demo models are named as such, with their checksums, MPP and date of analysis.
+    assert "Demo models." in report and "shipped demo, phantom-trained" in report
+    assert "pdl1-seg 1, 5 members, sha256" in report and "µm/px; analysed 20" in report
     assert "predicted TPS (H&E)" in result.output and "TPS (PD-L1 IHC)" in result.output
     # The two sections are one case, compared after the run.
     pairs = json.loads((out / "project" / "pdl1" / "pairs.json").read_text())["cases"]

@@ -99,3 +99,34 @@ def test_uncertainty_is_scored_beside_a_probability_and_a_boundary_baseline():
     assert e.auroc_prob_margin_error == pytest.approx(1.0)
     # The maps' entropy is flat here: it finds nothing the baselines do not.
     assert e.auroc_entropy_error == pytest.approx(0.5)
+
+
+def test_the_suite_scores_over_the_truths_tissue_and_measures_failure_detection(phantom_svs):
+    import dataclasses
+
+    from bridge.eval_report import ensemble_rank, ensemble_vs_members, failure_detection
+
+    e = evaluate_slide_suite(
+        phantom_svs,
+        pointwise_ensemble(2, input_mpp=2.0),
+        sua=SuaParams(),
+        pixel_threshold=0.4,
+        review={"review_entropy": 1.0, "review_candidate_area_pct": 100.0},
+    )
+    assert e.seg.tissue_recall > 0.98 and 0.8 < e.seg.tissue_precision <= 1.0
+    assert e.truth_positive_area_um2 > 0 and not (e.truth & ~e.region).any()
+    assert ensemble_rank(e) == 1 + sum(d > e.seg.dice_ensemble for d in e.seg.dice_members)
+    # Four slides by hand: two failed (area off by 50 % and 100 %), caught by entropy but not by MI.
+    truth_area = e.truth_positive_area_um2
+    slides = [
+        dataclasses.replace(e, positive_area_um2=truth_area * f, mean_entropy=h, mean_mi=m, needs_review=r)
+        for f, h, m, r in [(1.0, 0.1, 0.9, False), (1.1, 0.2, 0.8, True), (1.5, 0.8, 0.1, True), (2.0, 0.9, 0.2, False)]
+    ]
+    assert [s.failed() for s in slides] == [False, False, True, True]
+    rows = {d["score"]: d for d in failure_detection(slides)}
+    assert rows["mean_entropy"]["e_aurc"] == pytest.approx(0.0)
+    assert rows["mean_mi"]["aurc"] > rows["mean_mi"]["random_aurc"] > rows["mean_entropy"]["aurc"]
+    flag = rows["needs_review"]
+    assert (flag["caught"], flag["failures"], flag["false_alarms"], flag["successes"]) == (1, 2, 1, 2)
+    versus = ensemble_vs_members(slides)
+    assert versus["slides"] == 4 and len(versus["member_mean_dice"]) == 2

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -150,9 +151,17 @@ def test_a_pickle_is_refused_even_with_the_right_checksum(model_dir):
         Ensemble.load(model_dir, task="segmentation")
 
 
+# The one place a pickle is read: nnU-Net checkpoints, through torch's restricted unpickler (issue #34).
+RESTRICTED_LOADER = ROOT / "inference" / "models" / "nnunet_import.py"
+
+
 def test_no_pickle_loading_anywhere_in_the_code():
     for path in [*ROOT.joinpath("inference").rglob("*.py"), *ROOT.joinpath("bridge").rglob("*.py")]:
         text = path.read_text()
+        if path == RESTRICTED_LOADER:
+            calls = re.findall(r"torch\.load\(([^)]*)\)", text)
+            assert calls and all("weights_only=True" in call for call in calls), path
+            continue
         assert "torch.load(" not in text and "import pickle" not in text, path
 
 
@@ -172,3 +181,13 @@ def test_shipped_demo_ensemble():
     size_mb = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
     assert size_mb < 5
     assert manifest.training["data"], "the manifest summarises its training data"
+
+
+def test_the_shipped_demo_models_are_known_by_checksum():
+    from inference import demo_model_checksums, demo_model_dir
+    from inference.models.manifest import read_manifest
+
+    checksums = demo_model_checksums()
+    assert set(checksums) == {"seg", "nuclei", "nuclei-ihc"}
+    for kind, checksum in checksums.items():
+        assert checksum == read_manifest(demo_model_dir(kind)).checksum

@@ -127,6 +127,7 @@ def test_project_sidecars_resume_after_a_crash_and_moved_slide(tmp_path, slides,
         assert objs[0].classification == "PD-L1 analysis"
     html_path, csv_path = write_report(project)
     assert "s31.svs" in html_path.read_text() and csv_path.read_text().count("\n") == 3
+    assert "Demo models." in html_path.read_text()  # Models(...) without folders: the shipped demos
     assert (html_path.parent / "s31.png").is_file()
 
 
@@ -471,3 +472,14 @@ def test_an_entry_qupath_types_as_an_immunostain_runs_the_ihc_model_and_is_flagg
     told = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never", stain="H&E")
     outcomes = run_batch([study / "project"], told, models=models)
     assert [json.loads(Path(o.outputs[1]).read_text())["stain"] for o in outcomes] == ["H&E", "H&E"]
+
+
+def test_the_report_warns_only_about_demo_models(tmp_path):
+    from bridge.report import _demo_warning, _model_label
+
+    demo = {"name": "pdl1-seg", "version": "1", "members": 5, "sha256": "d" * 64}
+    own = {"name": "lab-seg", "version": "3", "members": 4, "sha256": "e" * 64}
+    assert "shipped demo" in _model_label(demo, {"d" * 64}) and "shipped demo" not in _model_label(own, {"d" * 64})
+    assert _demo_warning([{"image": "a.svs", "demo_models": False}]) == ""
+    warning = _demo_warning([{"image": "a.svs", "demo_models": True}, {"image": "b.svs", "demo_models": False}])
+    assert "1 of 2 images" in warning and "phantom" in warning

@@ -119,6 +119,9 @@ def test_training_writes_a_loadable_verified_ensemble(small_phantom, tmp_path, o
     assert [m.cycle for m in manifest.members] == [1]
     assert manifest.members[0].epoch == 3
     assert manifest.training["data"][0]["seed"] == 21
+    # The domain guard's statistics of the one training slide: measured, but no slide left out to set limits on.
+    domain = manifest.extra["domain"]
+    assert domain["train_tiles"] > 0 and domain["feature_limit"] is None and domain["slides"][0]["slide"]
     ens = Ensemble.load(tmp_path, task="segmentation")
     probs = ens.member_probs(
         np.zeros((1, 64, 64, 3), np.uint8),

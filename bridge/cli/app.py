@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from bridge.cli import demo, evaluate, run, serve, train
+from bridge.cli import demo, evaluate, nnunet, run, serve, train
 from inference import __version__, tune_allocator
 
 app = typer.Typer(
@@ -53,6 +53,7 @@ def version() -> None:
 # The order here is the order of `pdl1 --help`; the sub-apps are listed after the commands.
 app.command("phantom")(demo.phantom)
 app.command("calibrate")(evaluate.calibrate)
+app.command("domain-stats")(train.domain_stats)
 app.command("run")(run.run)
 app.command("init-project")(run.init_project)
 app.command("report")(run.report_cmd)
@@ -61,6 +62,8 @@ app.command("serve")(serve.serve)
 app.command("bench")(demo.bench)
 app.add_typer(train.app, name="train")
 app.add_typer(evaluate.app, name="eval")
+app.add_typer(nnunet.import_app, name="import")
+app.add_typer(nnunet.export_app, name="export")
 
 
 if __name__ == "__main__":  # pragma: no cover

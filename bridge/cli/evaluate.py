@@ -55,10 +55,12 @@ def eval_seg(
                 result, maps = evaluate_segmentation(slide, ensemble, threshold=threshold, on_progress=on_progress)
             results.append(result)
             table = Table(
-                title=f"{slide.name}: segmentation vs truth ({result.pixels} tissue px at {maps.mpp:g} µm/px)"
+                title=f"{slide.name}: segmentation vs truth ({result.pixels} truth tissue px at {maps.mpp:g} µm/px)"
             )
             table.add_column("metric")
             table.add_column("value", justify="right")
+            table.add_row("tissue recall (truth's tissue analysed)", f"{result.tissue_recall:.3f}")
+            table.add_row("tissue precision (analysed area that is tissue)", f"{result.tissue_precision:.3f}")
             table.add_row("Dice, ensemble", f"{result.dice_ensemble:.4f}")
             for i, d in enumerate(result.dice_members):
                 origin = f" (chain {members[i].chain}, cycle {members[i].cycle})" if pooled else ""
@@ -347,10 +349,23 @@ def eval_suite(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Segmentation, calibration and uncertainty metrics, and SUA against the pixel baseline, per slide."""
+    """Segmentation, calibration and uncertainty metrics, and SUA against the pixel baseline, per slide.
+
+    Scored over the truth's tissue (tissue recall printed). Then: the ensemble against its members
+    (mean over slides, rank per slide, wins); slide failure detection (a failure: positive area off by
+    more than 25 %) of each QC score as AURC / E-AURC, and the review flag's catches and false alarms;
+    pixel-error AUROC of entropy and mutual information against their two baselines; SUA against the
+    pixel baseline, wins counted.
+    """
     from rich.table import Table
 
-    from bridge.eval_report import rows, slide_uncertainty_correlation, write_report
+    from bridge.eval_report import (
+        ensemble_vs_members,
+        failure_detection,
+        rows,
+        slide_uncertainty_correlation,
+        write_report,
+    )
     from bridge.progress import progress_bar
     from inference import (
         Ensemble,
@@ -410,7 +425,11 @@ def eval_suite(
     shown = (
         "slide",
         "shift",
+        "tissue_recall",
         "dice",
+        "ensemble_rank",
+        "positive_area_error",
+        "failed",
         "ece",
         "brier",
         "auroc_entropy_error",
@@ -429,14 +448,53 @@ def eval_suite(
         table.add_row(*(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in shown))
     console_out.print(table)
     console_out.print(f"Spearman(slide mean entropy, 1 - Dice) = {slide_uncertainty_correlation(evaluations):.3f}")
+    versus = ensemble_vs_members(evaluations)
+    members = ", ".join(f"{d:.4f}" for d in versus["member_mean_dice"])
+    console_out.print(
+        f"ensemble vs members: mean Dice over slides {versus['ensemble_mean_dice']:.4f} vs members [{members}]; "
+        f"ensemble best on {versus['wins']} of {versus['slides']} slides (its rank per slide: "
+        f"{' '.join(str(r) for r in versus['ranks'])})"
+    )
+    detection = Table(title="slide failure detection (failure: positive area off by > 25 %; AURC lower is better)")
+    for col in ("QC score", "AURC", "E-AURC", "random", "perfect"):
+        detection.add_column(col, justify="left" if col == "QC score" else "right")
+    detections = failure_detection(evaluations)
+    for d in detections:
+        detection.add_row(
+            d["score"], f"{d['aurc']:.3f}", f"{d['e_aurc']:.3f}", f"{d['random_aurc']:.3f}", f"{d['optimal_aurc']:.3f}"
+        )
+    flag = detections[-1]  # the review flag's row comes last
+    console_out.print(detection)
+    console_out.print(
+        f"review flag: caught {flag['caught']} of {flag['failures']} failed slides; "
+        f"false alarms on {flag['false_alarms']} of {flag['successes']} others"
+    )
+    ent = sum(
+        e.seg.auroc_entropy_error > max(e.seg.auroc_prob_margin_error, e.seg.auroc_boundary_distance_error)
+        for e in evaluations
+    )
+    mi = sum(
+        e.seg.auroc_mi_error > max(e.seg.auroc_prob_margin_error, e.seg.auroc_boundary_distance_error)
+        for e in evaluations
+    )
+    console_out.print(
+        "pixel errors found better than both baselines (mean probability's closeness to the threshold, "
+        f"distance to the predicted boundary): predictive entropy on {ent}, mutual information on {mi} "
+        f"of {len(evaluations)} slides"
+    )
+    sua_wins = 0
     for e in evaluations:
         better = e.sua.f05 > e.baseline.f05 and e.sua.fncr > e.baseline.fncr
+        sua_wins += better
         console_out.print(
             f"{e.slide}: SUA F0.5 {e.sua.f05:.3f} vs pixel baseline {e.baseline.f05:.3f}; "
             f"FNCR {e.sua.fncr:.3f} vs {e.baseline.fncr:.3f} -> "
             + ("SUA better on both" if better else "SUA not better on both")
             + f" ({e.sua.false_negative_px} false-negative map px to find)"
         )
+    console_out.print(
+        f"SUA better than the pixel baseline on both F0.5 and FNCR: {sua_wins} of {len(evaluations)} slides"
+    )
     console_out.print(f"report: {', '.join(str(p) for p in written.values())}")
 
 
@@ -466,7 +524,13 @@ def calibrate(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Choose SUA's threshold and lower bound (max F0.5) and the "needs review" rule; write them to the manifest."""
+    """Choose SUA's threshold and lower bound (max F0.5) and the "needs review" rule; write them to the manifest.
+
+    The review limits (mean entropy, SUA candidate area) are fitted to catch at least 90 % of the
+    validation slides that failed (positive area off by more than 25 %) at no more than 20 % false
+    alarms on the others; the search's ROC and the chosen point are printed. Slides without both
+    failures and correct results leave the model's review limits as they are.
+    """
     import dataclasses
     import shutil
 
@@ -481,7 +545,7 @@ def calibrate(
     try:
         ensemble = Ensemble.load(source, task="segmentation", device=device)
         with progress_bar("calibrating", enabled=progress) as on_progress:
-            cal, review = calibrate_ensemble(
+            cal, review_cal = calibrate_ensemble(
                 slides,
                 ensemble,
                 uncertainty=uncertainty,
@@ -498,7 +562,7 @@ def calibrate(
             sua_upper=cal.params.upper,
             sua_threshold=cal.params.threshold,
             pixel_baseline_threshold=cal.pixel_threshold,
-            **review,
+            **(review_cal.limits or {}),
         )
         m = dataclasses.replace(
             m,
@@ -515,6 +579,12 @@ def calibrate(
                     "nprs": cal.n_regions,
                     "false_negative_nprs": cal.n_false_negative,
                 },
+                "review": {
+                    "calibrated_on": [p.name for p in slides],
+                    "note": review_cal.note,
+                    "catch": None if review_cal.fit is None else review_cal.fit.catch,
+                    "false_alarm": None if review_cal.fit is None else review_cal.fit.false_alarm,
+                },
             },
         )
         write_manifest(target, m)
@@ -525,9 +595,23 @@ def calibrate(
         f"{cal.params.threshold:.4g} ({objective} F0.5 {cal.f05:.3f} on {cal.n_regions} NPRs, "
         f"{cal.n_false_negative} false negative)"
     )
+    typer.echo(f"pixel baseline threshold {cal.pixel_threshold:.4g} (pixel F0.5 {cal.pixel_f05:.3f})")
+    for name, mean_pe, cand_pct, error, failed in review_cal.slides:
+        typer.echo(
+            f"  {name}: mean entropy {mean_pe:.3f}, SUA candidates {cand_pct:.2f}% of tissue, positive area off by "
+            f"{error:.0%}{' (failed)' if failed else ''}"
+        )
+    if review_cal.fit is not None:
+        roc = ", ".join(f"({fa:.2f}, {c:.2f})" for fa, c in review_cal.fit.roc)
+        typer.echo(f"review ROC (false-alarm rate, catch rate) of the best rule at each false-alarm count: {roc}")
+    from inference import REVIEW_NEVER, review_rule_for
+
+    def limit(what: str, value: float, unit: str = "") -> str:
+        return f"{what} never" if value >= REVIEW_NEVER else f"{what} >= {value:.4g}{unit}"
+
+    rule = review_rule_for(m)
     typer.echo(
-        f"pixel baseline threshold {cal.pixel_threshold:.4g} (pixel F0.5 {cal.pixel_f05:.3f}); "
-        f"needs review at mean entropy >= {review['review_entropy']:.3f} or candidates >= "
-        f"{review['review_candidate_area_pct']}% of tissue"
+        f"needs review at {limit('mean entropy', rule['review_entropy'])} or "
+        f"{limit('SUA candidate area', rule['review_candidate_area_pct'], '% of tissue')}: {review_cal.note}"
     )
     typer.echo(f"wrote {Path(target) / 'manifest.json'}")

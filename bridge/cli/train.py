@@ -439,3 +439,63 @@ def _validate(out: Path, held_out: list, *, device: str, task: str) -> list[dict
         out / "validation.json", {"task": task, "slides": rows} | ({"radius_um": 3.0} if task == "nuclei" else {})
     )
     return rows
+
+
+def domain_stats(
+    model: Annotated[Path, typer.Argument(help="Model folder whose manifest gets the statistics.")],
+    slides: Annotated[list[Path], typer.Argument(help="The slides the model was trained on.")],
+    held_out: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="In-domain slides not trained on, to calibrate the limits on (repeatable; a quoted glob such "
+            "as 'held/he_2*.svs' is expanded). Without: each training slide against the others' statistics.",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write a copy of the model with the statistics here.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Compute a model's training-domain statistics (the domain guard) and write them into its manifest.
+
+    Runs member 0 over each slide as an analysis does, keeping its feature layers' channel means and stds
+    per tile and each slide's stain vectors and tissue OD; the out-of-domain score and stain distance limits
+    are calibrated on --held-out slides. The weights and their checksums are not touched.
+    """
+    import glob
+    import shutil
+
+    from bridge.progress import progress_bar
+    from inference import compute_domain_stats, write_domain_stats
+
+    held: list[str] = []
+    for pattern in held_out or []:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise typer.BadParameter(f"{pattern!r} matches no file", param_hint="--held-out")
+        held += matches
+    try:
+        with progress_bar("domain statistics", enabled=progress) as on_progress:
+            stats = compute_domain_stats(model, slides, held_out=held, device=device, on_progress=on_progress)
+        target = model
+        if out is not None and out.resolve() != model.resolve():
+            shutil.copytree(model, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint"))
+            target = out
+        path = write_domain_stats(target, stats)
+    except (Pdl1Error, ValueError, OSError) as err:
+        raise fail(err) from err
+    cal = stats.calibration
+    typer.echo(
+        f"wrote {path}: {stats.train_tiles} training tiles of {len(stats.slides)} slides, "
+        f"{len(stats.features.components)} of {stats.features.dim} feature directions; out-of-domain score "
+        f"limit {_num(stats.feature_limit)}, stain distance limit {_num(stats.stain_limit_deg)}°"
+    )
+    for row in cal.get("slides", []):
+        typer.echo(
+            f"  {row['slide']}: out-of-domain score {_num(row['score'])}, stain distance "
+            f"{_num(row['stain_distance_deg'])}°"
+        )
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"  # n/a: not calibrated, or not measured

@@ -5,7 +5,9 @@ member under ``torch.inference_mode``, weighted by a Gaussian importance map, ad
 fp32 accumulators and divided once at the end (checked finite). Per tile and pixel the
 ensemble statistics of :mod:`inference.analysis.uncertainty` are computed from member
 probabilities, then blended; so an ensemble of identical members has zero mutual
-information, and overlapping tiles never count as extra members.
+information, and overlapping tiles never count as extra members. Imported nnU-Net members
+(``Manifest.blend == "nnunet"``) are blended as nnU-Net's predictor blends them instead: each
+member's logits with nnU-Net's Gaussian, the softmax and statistics taken once at the end.
 
 Maps are pooled to ``map_downsample`` model px per map px while accumulating; beyond
 ``max_in_memory_mb`` the accumulators live in a memory-mapped scratch file, so memory does
@@ -37,6 +39,7 @@ from inference.analysis.tiling import (
     TileGrid,
     block_region,
     gaussian_weights,
+    nnunet_gaussian_weights,
     rasterize_polygon,
     read_grid_tiles,
     tile_grid,
@@ -224,6 +227,64 @@ def accumulate_tile_stats(
             acc[_N_ACC:, cy : cy + hh, cx : cx + ww] += tile_stats[4:, :hh, :ww]
 
 
+def accumulate_tile_values(
+    acc: np.ndarray | torch.Tensor,
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    cells_xy: np.ndarray,
+    *,
+    map_downsample: int,
+) -> None:
+    """Add Gaussian-weighted, pooled per-tile ``values`` (B, K, T, T) into ``acc`` channels 1..K, the weight into 0.
+
+    The plain weighted sum nnU-Net's predictor makes of its logits; otherwise as
+    :func:`accumulate_tile_stats`.
+    """
+    f = map_downsample
+    w = weights.to(values.device)
+    weighted = values * w
+    if f > 1:
+        weighted = F.avg_pool2d(weighted, f)
+        w = F.avg_pool2d(w[None, None], f)[0, 0]
+    if isinstance(acc, torch.Tensor):
+        pooled, w_cells = weighted.to(acc.device), w.to(acc.device)
+    else:
+        pooled, w_cells = weighted.cpu().numpy(), w.cpu().numpy()
+    tile_h, tile_w = w_cells.shape
+    _, acc_h, acc_w = acc.shape
+    k = values.shape[1]
+    for (cx, cy), tile_values in zip(cells_xy, pooled, strict=True):
+        hh, ww = min(tile_h, acc_h - cy), min(tile_w, acc_w - cx)
+        if hh <= 0 or ww <= 0:
+            continue
+        acc[0, cy : cy + hh, cx : cx + ww] += w_cells[:hh, :ww]
+        acc[1 : 1 + k, cy : cy + hh, cx : cx + ww] += tile_values[:, :hh, :ww]
+
+
+def stats_from_logits(
+    logit_acc: np.ndarray, out: np.ndarray, *, members: int, positive_class: int, member_maps: bool
+) -> None:
+    """Blended member logits -> the weighted statistics :func:`finish_maps` divides, strip by strip.
+
+    ``logit_acc`` holds the weight, then ``members`` x C weighted logits (:func:`accumulate_tile_values`);
+    ``out`` gets the layout of :func:`accumulate_tile_stats` (statistics times weight). Each member's
+    softmax is taken of its blended logits, as nnU-Net's predictor does.
+    """
+    classes = (logit_acc.shape[0] - 1) // members
+    height = logit_acc.shape[1]
+    for r0 in range(0, height, _STRIP_ROWS):
+        rows = slice(r0, min(r0 + _STRIP_ROWS, height))
+        weight = np.asarray(logit_acc[0, rows])
+        safe = np.where(weight > 0, weight, 1.0).astype(np.float32)
+        logits = np.asarray(logit_acc[1:, rows]) / safe
+        probs = torch.softmax(torch.from_numpy(logits.reshape(members, classes, *weight.shape)), dim=1)
+        stats = ensemble_stats(probs[:, None], positive_class=positive_class)[0, [0, 1, 2, 4]].numpy()
+        out[0, rows] = weight
+        out[1:5, rows] = stats * weight
+        if member_maps:
+            out[_N_ACC:, rows] = probs[:, positive_class].numpy() * weight
+
+
 def finish_maps(
     acc: np.ndarray,
     covered: np.ndarray,
@@ -328,7 +389,11 @@ def segment_slide(
     map_h = max(1, math.ceil(min(by1, height) / model_ds / f) - cell0_y)
     origin_xy = (cell0_x * f * model_ds, cell0_y * f * model_ds)
     n_channels = _N_ACC + (len(ensemble.members) if config.member_maps else 0)
-    acc, scratch = _allocate((n_channels, map_h, map_w), config)
+    # nnU-Net's blending (imported nnU-Net models): each member's logits are summed, the statistics come after.
+    blend_logits = manifest.blend == "nnunet"
+    n_members, n_classes = len(ensemble.members), len(manifest.class_names)
+    acc_channels = 1 + n_members * n_classes if blend_logits else n_channels
+    acc, scratch = _allocate((acc_channels, map_h, map_w), config)
     covered, scratch_cov = _allocate((map_h, map_w), config, dtype=bool, name="covered")
     device_acc = _device_accumulators(acc.shape, ensemble.device, config)
     acc_place = "host" if device_acc is None else f"device ({device_acc.device})"
@@ -336,7 +401,8 @@ def segment_slide(
     precision = Precision.choose(config.precision, ensemble.device)
     if config.compile:
         ensemble = ensemble.compile()
-    weights = torch.from_numpy(np.array(gaussian_weights(tile)))
+    weights = torch.from_numpy(np.array(nnunet_gaussian_weights(tile) if blend_logits else gaussian_weights(tile)))
+    positive = manifest.positive_class
     total = len(grid)
     log.info(
         "segmenting %s: %d tiles of %d px at %.3g µm/px, %d members",
@@ -353,12 +419,19 @@ def segment_slide(
 
     def flush() -> None:
         nonlocal done
-        probs = ensemble.member_probs(_stack(batch_px, ensemble.device), precision=precision, box_factor=box_factor)
-        stats = ensemble_stats(probs)[:, [0, 1, 2, 4]]
-        if config.member_maps:
-            stats = torch.cat([stats, probs[:, :, 1].transpose(0, 1)], dim=1)
+        batch = _stack(batch_px, ensemble.device)
         cells = grid.origins_model_px[batch_idx] // f - np.array([cell0_x, cell0_y])
-        accumulate_tile_stats(acc if device_acc is None else device_acc, stats, weights, cells, map_downsample=f)
+        target = acc if device_acc is None else device_acc
+        if blend_logits:
+            logits = ensemble.member_logits(batch, precision=precision, box_factor=box_factor)
+            values = logits.transpose(0, 1).flatten(1, 2)  # (B, M * C, T, T), member-major
+            accumulate_tile_values(target, values, weights, cells, map_downsample=f)
+        else:
+            probs = ensemble.member_probs(batch, precision=precision, box_factor=box_factor)
+            stats = ensemble_stats(probs, positive_class=positive)[:, [0, 1, 2, 4]]
+            if config.member_maps:
+                stats = torch.cat([stats, probs[:, :, positive].transpose(0, 1)], dim=1)
+            accumulate_tile_stats(target, stats, weights, cells, map_downsample=f)
         done += len(batch_idx)
         batch_idx.clear()
         batch_px.clear()
@@ -391,6 +464,14 @@ def segment_slide(
     if device_acc is not None:
         _copy_to_host(device_acc, acc)
         del device_acc
+
+    if blend_logits:
+        logit_acc, scratch_logits = acc, scratch
+        acc, scratch = _allocate((n_channels, map_h, map_w), config)
+        stats_from_logits(logit_acc, acc, members=n_members, positive_class=positive, member_maps=config.member_maps)
+        del logit_acc
+        if scratch_logits is not None:
+            shutil.rmtree(scratch_logits, ignore_errors=True)
 
     valid = None
     map_ds = model_ds * f

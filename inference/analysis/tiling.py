@@ -77,6 +77,37 @@ def gaussian_weights(tile_size_px: int, *, sigma_scale: float = 1 / 8) -> np.nda
     return _gaussian_weights(int(tile_size_px), float(sigma_scale))
 
 
+@lru_cache(maxsize=8)
+def _nnunet_gaussian_weights(tile_size_px: int, sigma_scale: float) -> np.ndarray:
+    centre = tile_size_px // 2
+    sigma = tile_size_px * sigma_scale
+    radius = int(4.0 * sigma + 0.5)  # scipy's gaussian_filter truncates its kernel at 4 sigma
+    offset = np.arange(tile_size_px) - centre
+    axis = np.where(np.abs(offset) <= radius, np.exp(-0.5 * (offset / sigma) ** 2), 0.0)
+    weights = np.outer(axis, axis)
+    # nnU-Net's predictor holds the map in float16, scaled to a maximum of 10.
+    weights = (weights / weights.max() * 10).astype(np.float16)
+    weights[weights == 0] = weights[weights > 0].min()
+    weights = weights.astype(np.float32)
+    weights.setflags(write=False)
+    return weights
+
+
+def nnunet_gaussian_weights(tile_size_px: int, *, sigma_scale: float = 1 / 8) -> np.ndarray:
+    """nnU-Net v2's importance map, as its predictor computes and stores it: float32 (tile, tile), max 10.
+
+    It differs from :func:`gaussian_weights` in what nnU-Net does: the centre is the pixel
+    ``tile // 2`` (not the tile's middle), the kernel is cut at 4 sigma, and the values are
+    rounded to float16. Imported nnU-Net members are blended with it, so that their maps are
+    nnU-Net's. The array is cached and read-only.
+
+    >>> w = nnunet_gaussian_weights(64)
+    >>> float(w.max()), float(w[32, 32]), bool((w > 0).all())
+    (10.0, 10.0, True)
+    """
+    return _nnunet_gaussian_weights(int(tile_size_px), float(sigma_scale))
+
+
 @dataclass(frozen=True)
 class TileGrid:
     """Tiles to run, in deterministic row-major order.

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from inference.analysis.domain import feature_score, slide_stain, stain_distance_deg, stats_of_manifest
 from inference.analysis.ihc import IMMUNE_POSITIVE, combined_positive_score
 from inference.analysis.nuclei import NucleiConfig, detect_nuclei
 from inference.analysis.points import DetectionScores, detection_scores, match_points, tumour_proportion_score
@@ -27,17 +30,27 @@ from inference.analysis.sua import (
     region_scores,
 )
 from inference.evaluation.metrics import auprc, auroc, brier, dice, ece, fbeta_score, iou
+from inference.evaluation.review import TARGET_CATCH, TARGET_FALSE_ALARM, ReviewFit, fit_review_limits
 from inference.models.ensemble import Ensemble
+from inference.models.features import capture_tile_features
 from inference.phantom.ihc import ihc_to_he_points
 from inference.phantom.truth import PhantomTruthData, load_truth
+from inference.phantom.truth_tissue import truth_tissue_mask
 from inference.results import Cps, Tps, UncertaintyMaps
 from inference.slides.slide import open_slide
+from inference.slides.stain_detect import detect_slide_stain
 from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
 
 
 @dataclass(frozen=True)
 class SegEvaluation:
-    """Pixel-level results of one slide, inside detected tissue."""
+    """Pixel-level results of one slide, over the truth's tissue.
+
+    Scored over the tissue the truth holds, not the tissue the product found: tissue the product's
+    detector dropped was never analysed, and counts as predicted negative with zero uncertainty
+    (``tissue_recall`` says how much of the truth's tissue was analysed, ``tissue_precision`` how
+    much of the analysed area was tissue).
+    """
 
     slide: str
     threshold: float
@@ -60,6 +73,8 @@ class SegEvaluation:
     # (2 |pred & truth|, |pred| + |truth|) of the ensemble and of each member, for pooled Dice.
     dice_terms_ensemble: tuple[int, int]
     dice_terms_members: tuple[tuple[int, int], ...]
+    tissue_recall: float = float("nan")
+    tissue_precision: float = float("nan")
 
 
 def _dice_terms(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int]:
@@ -165,7 +180,10 @@ class _ScoredSlide:
     maps: UncertaintyMaps
     truth_data: PhantomTruthData
     truth: np.ndarray  # bool, the positive mask on the maps' grid
-    region: np.ndarray  # bool, analysed tissue on the maps' grid
+    region: np.ndarray  # bool, the truth's tissue on the maps' grid: what is scored
+    analysed: np.ndarray  # bool, the tissue the product found and analysed, on the maps' grid
+    out_of_domain_score: float = float("nan")  # the domain guard's, NaN where the model has no statistics
+    stain_distance_deg: float = float("nan")
 
 
 def _segment_against_truth(
@@ -184,13 +202,38 @@ def _segment_against_truth(
             config = SegmentConfig(map_downsample=truth_map_downsample(truth_mpp, ensemble.manifest.input_mpp))
         if not config.member_maps:
             config = replace(config, member_maps=True)
-        tissue = tissue_mask_for_slide(slide)
-        maps = segment_slide(slide, ensemble, tissue=tissue, config=config, on_progress=on_progress)
-    region = mask_on_maps(tissue.mask, tissue.downsample, maps) & np.asarray(maps.covered)
+        tissue = tissue_mask_for_slide(slide, method=TISSUE_METHOD_OF_STAIN[ensemble.manifest.stain])
+        stats, _ = stats_of_manifest(ensemble.manifest.extra)
+        with capture_tile_features(ensemble) if stats is not None else nullcontext() as captured:
+            maps = segment_slide(slide, ensemble, tissue=tissue, config=config, on_progress=on_progress)
+        ood = stain_deg = math.nan
+        if stats is not None:  # the domain guard's two scores, as pdl1 run computes them
+            score = feature_score(captured.array(), stats)
+            ood = math.nan if score is None else score
+            colour = detect_slide_stain(slide)
+            deg = stain_distance_deg(slide_stain(colour, slide.thumbnail(mpp=8.0)), stats)
+            stain_deg = math.nan if deg is None else deg
+    analysed = mask_on_maps(tissue.mask, tissue.downsample, maps) & np.asarray(maps.covered)
+    region = mask_on_maps(truth_tissue_mask(truth_data), truth_data.mask_downsample, maps)
     thr = threshold if threshold is not None else ensemble.manifest.thresholds.get("segmentation", 0.5)
-    truth = mask_on_maps(truth_data.positive_mask.astype(bool), truth_data.mask_downsample, maps)
+    truth = mask_on_maps(truth_data.positive_mask.astype(bool), truth_data.mask_downsample, maps) & region
     seg = evaluate_segmentation_maps(maps, truth, region, threshold=thr, slide=Path(slide_path).name)
-    return _ScoredSlide(seg=seg, maps=maps, truth_data=truth_data, truth=truth, region=region)
+    overlap = np.count_nonzero(analysed & region)
+    seg = replace(
+        seg,
+        tissue_recall=overlap / max(np.count_nonzero(region), 1),
+        tissue_precision=overlap / max(np.count_nonzero(analysed), 1),
+    )
+    return _ScoredSlide(
+        seg=seg,
+        maps=maps,
+        truth_data=truth_data,
+        truth=truth,
+        region=region,
+        analysed=analysed,
+        out_of_domain_score=ood,
+        stain_distance_deg=stain_deg,
+    )
 
 
 @dataclass(frozen=True)
@@ -338,6 +381,11 @@ def evaluate_registration(ihc_slide_path: str | Path, *, mpp: float = 8.0) -> Re
     )
 
 
+# A slide whose predicted positive area is off by more than this share of the true one is a failure the
+# review must catch (#32's target: catch >= 90 % of them at <= 20 % false alarms on the others).
+FAILED_AREA_ERROR = 0.25
+
+
 @dataclass(frozen=True)
 class SlideEvaluation:
     """Everything the evaluation suite measures on one slide, with the arrays its plots need."""
@@ -361,6 +409,23 @@ class SlideEvaluation:
     truth: np.ndarray
     region: np.ndarray
     candidate_mask: np.ndarray
+    mean_mi: float = float("nan")  # over the analysed tissue, as mean_entropy
+    candidate_area_pct: float = float("nan")  # SUA candidates' area per analysed tissue area
+    positive_area_um2: float = float("nan")  # predicted positive, over the truth's tissue
+    truth_positive_area_um2: float = float("nan")
+    out_of_domain_score: float = float("nan")  # the domain guard's scores (NaN: the model has no statistics)
+    stain_distance_deg: float = float("nan")
+
+    @property
+    def positive_area_error(self) -> float:
+        """|predicted - true| positive area over the true one (inf when the truth has none but some is predicted)."""
+        if self.truth_positive_area_um2 > 0:
+            return abs(self.positive_area_um2 - self.truth_positive_area_um2) / self.truth_positive_area_um2
+        return 0.0 if self.positive_area_um2 == 0 else math.inf
+
+    def failed(self, *, max_area_error: float = FAILED_AREA_ERROR) -> bool:
+        """The slide's result is wrong: its positive area is off by more than ``max_area_error`` of the truth's."""
+        return self.positive_area_error > max_area_error
 
 
 def evaluate_slide_suite(
@@ -382,20 +447,24 @@ def evaluate_slide_suite(
     scored = _segment_against_truth(
         slide_path, ensemble, config=config or SegmentConfig(), threshold=sua.upper, on_progress=on_progress
     )
-    seg, maps, truth, region = scored.seg, scored.maps, scored.truth, scored.region
+    seg, maps, truth, region, analysed = scored.seg, scored.maps, scored.truth, scored.region, scored.analysed
     prob = np.asarray(maps.prob)
     pred = prob >= sua.upper
-    candidates, cand_mask = find_candidates(maps, sua, valid=region)
+    # Candidates can only lie where the product looked; what they are scored against is all the
+    # truth's tissue the product calls negative, unanalysed tissue included.
+    candidates, cand_mask = find_candidates(maps, sua, valid=analysed)
     base_mask = pixel_baseline(
-        maps, lower=sua.lower, upper=sua.upper, threshold=pixel_threshold, uncertainty=sua.uncertainty, valid=region
+        maps, lower=sua.lower, upper=sua.upper, threshold=pixel_threshold, uncertainty=sua.uncertainty, valid=analysed
     )
     predicted_negative = ~pred & region
-    labels, n, scores = region_scores(maps, sua, valid=region)
+    labels, n, scores = region_scores(maps, sua, valid=analysed)
     wrong = (pred != truth)[region]
     pe = np.asarray(maps.predictive_entropy)
-    mean_pe = float(pe[region].mean())
+    mean_pe = float(pe[analysed].mean()) if analysed.any() else 0.0  # what pdl1 run's review sees
+    mi = np.asarray(maps.mutual_information)
+    mean_mi = float(mi[analysed].mean()) if analysed.any() else 0.0
     cand_area = sum(c.area_um2 for c in candidates)
-    analysed_um2 = float(region.sum() * maps.mpp**2)
+    analysed_um2 = float(analysed.sum() * maps.mpp**2)
     return SlideEvaluation(
         slide=Path(slide_path).name,
         shift=float(scored.truth_data.summary["spec"]["shift"]),
@@ -419,7 +488,32 @@ def evaluate_slide_suite(
         truth=truth,
         region=region,
         candidate_mask=cand_mask,
+        mean_mi=mean_mi,
+        candidate_area_pct=100 * cand_area / max(analysed_um2, 1e-9),
+        positive_area_um2=float(np.count_nonzero(pred & region) * maps.mpp**2),
+        truth_positive_area_um2=float(np.count_nonzero(truth) * maps.mpp**2),
+        out_of_domain_score=scored.out_of_domain_score,
+        stain_distance_deg=scored.stain_distance_deg,
     )
+
+
+@dataclass(frozen=True)
+class ReviewCalibration:
+    """The "needs review" limits fitted on validation slides (:func:`fit_review_limits`), or why not.
+
+    ``limits`` is None when the slides hold no failure or no correct slide (nothing to fit on); the
+    manifest's limits then stay. ``slides`` holds per slide (name, mean entropy, SUA candidate area %,
+    positive-area error, failed).
+    """
+
+    limits: dict[str, float] | None
+    fit: ReviewFit | None
+    note: str
+    slides: tuple[tuple[str, float, float, float, bool], ...]
+
+
+# A limit no slide reaches: a QC score the fitted rule does not use (JSON has no infinity).
+REVIEW_NEVER = 1e9
 
 
 def calibrate_ensemble(
@@ -431,24 +525,25 @@ def calibrate_ensemble(
     aggregation: str = "mean",
     min_fraction: float = 0.9,
     objective: str = "pixels",
-    good_dice: float = 0.85,
+    max_area_error: float = FAILED_AREA_ERROR,
     on_progress: Callable[[int, int], None] | None = None,
-) -> tuple[Calibration, dict[str, float]]:
-    """Calibrate SUA (F0.5 on validation NPRs) and the slide "needs review" entropy limit.
+) -> tuple[Calibration, ReviewCalibration]:
+    """Calibrate SUA (F0.5 on validation NPRs), then the slide "needs review" limits to #32's target.
 
-    The entropy limit lies midway between the highest mean entropy of a slide with Dice at
-    least ``good_dice`` and the lowest of a slide below it (10 % above the highest good one
-    when all slides are good).
+    A validation slide failed when its predicted positive area (over the truth's tissue) is off by
+    more than ``max_area_error`` of the true one. The review flags a slide whose mean predictive
+    entropy or SUA candidate area (with the SUA just calibrated) reaches its limit; the limits catch
+    as many failures as they can with false alarms on at most 20 % of the correct slides.
     """
     upper = ensemble.manifest.thresholds.get("segmentation", 0.5)
-    inputs, slide_stats = [], []
+    scored = []
     for path in slides:
         # On the pipeline's grid, where the thresholds will be applied (not the truth's finer one).
-        s = _segment_against_truth(path, ensemble, config=SegmentConfig(), threshold=upper, on_progress=on_progress)
-        inputs.append((s.maps, s.truth, s.region))
-        slide_stats.append((s.seg.dice_ensemble, float(np.asarray(s.maps.predictive_entropy)[s.region].mean())))
+        scored.append(
+            _segment_against_truth(path, ensemble, config=SegmentConfig(), threshold=upper, on_progress=on_progress)
+        )
     cal = calibrate(
-        inputs,
+        [(s.maps, s.truth, s.analysed) for s in scored],
         upper=upper,
         lowers=lowers,
         uncertainty=uncertainty,
@@ -456,12 +551,36 @@ def calibrate_ensemble(
         min_fraction=min_fraction,
         objective=objective,
     )
-    good = [pe for d, pe in slide_stats if d >= good_dice]
-    bad = [pe for d, pe in slide_stats if d < good_dice]
-    if good and bad:
-        limit = (max(good) + min(bad)) / 2
-    elif good:
-        limit = max(good) * 1.1
-    else:
-        limit = min(bad) * 0.9
-    return cal, {"review_entropy": float(limit), "review_candidate_area_pct": 2.0}
+    rows = []
+    for path, s in zip(slides, scored, strict=True):
+        analysed = s.analysed
+        mean_pe = float(np.asarray(s.maps.predictive_entropy)[analysed].mean()) if analysed.any() else 0.0
+        candidates, _ = find_candidates(s.maps, cal.params, valid=analysed)
+        analysed_um2 = float(analysed.sum() * s.maps.mpp**2)
+        cand_pct = 100 * sum(c.area_um2 for c in candidates) / max(analysed_um2, 1e-9)
+        pred_px = np.count_nonzero((np.asarray(s.maps.prob) >= upper) & s.region)
+        true_px = np.count_nonzero(s.truth)
+        error = abs(pred_px - true_px) / true_px if true_px else (0.0 if pred_px == 0 else math.inf)
+        rows.append((Path(path).name, mean_pe, cand_pct, error, error > max_area_error))
+    failed = np.array([r[4] for r in rows], bool)
+    if failed.all() or not failed.any():
+        note = (
+            f"{int(failed.sum())} of {len(rows)} validation slides failed (positive area off by more than "
+            f"{max_area_error:.0%}): the review limits need both failed and correct slides, so the model's "
+            "limits stay; add slides with stain shifts beyond training, weak expression or extreme TPS"
+        )
+        return cal, ReviewCalibration(limits=None, fit=None, note=note, slides=tuple(rows))
+    fit = fit_review_limits(
+        {
+            "review_entropy": np.array([r[1] for r in rows]),
+            "review_candidate_area_pct": np.array([r[2] for r in rows]),
+        },
+        failed,
+    )
+    limits = {k: min(v, REVIEW_NEVER) for k, v in fit.limits.items()}
+    note = (
+        f"caught {fit.catch:.0%} of {fit.failures} failed slides with false alarms on {fit.false_alarm:.0%} of "
+        f"{fit.successes} others (target: at least {TARGET_CATCH:.0%} at most {TARGET_FALSE_ALARM:.0%}: "
+        f"{'met' if fit.met else 'NOT met'}), on the slides it was fitted on"
+    )
+    return cal, ReviewCalibration(limits=limits, fit=fit, note=note, slides=tuple(rows))

@@ -116,3 +116,60 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     if len(x) < 3:
         return float("nan")
     return float(spearmanr(x, y).statistic)
+
+
+def risk_coverage(scores: np.ndarray, failures: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Selective risk at each coverage when cases are accepted from the lowest score (most trusted) up.
+
+    ``scores``: a QC score per case, higher meaning less trusted; ``failures``: bool per case. Returns
+    (coverage, risk): after accepting the k most trusted cases, coverage k/n and the share of failures
+    among them. Tied scores are accepted together (a rule cannot split them), so ties cost their mean.
+
+    >>> cov, risk = risk_coverage(np.array([0.1, 0.2, 0.9]), np.array([False, False, True]))
+    >>> risk.round(3).tolist()
+    [0.0, 0.0, 0.333]
+    """
+    scores = np.asarray(scores, np.float64)
+    failures = np.asarray(failures, bool)
+    if scores.shape != failures.shape or scores.ndim != 1:
+        raise ValueError(f"expected two 1-D arrays of one length, got {scores.shape} and {failures.shape}")
+    n = scores.size
+    if n == 0:
+        return np.zeros(0), np.zeros(0)
+    order = np.argsort(scores, kind="stable")
+    s, f = scores[order], failures[order].astype(np.float64)
+    cum = np.cumsum(f)
+    # Within a run of tied scores every prefix gets the run's mean failure rate added in proportion.
+    _, start, counts = np.unique(s, return_index=True, return_counts=True)
+    for i, c in zip(start, counts, strict=True):
+        if c > 1:
+            before = cum[i - 1] if i > 0 else 0.0
+            cum[i : i + c] = before + (cum[i + c - 1] - before) * np.arange(1, c + 1) / c
+    k = np.arange(1, n + 1)
+    return k / n, cum / k
+
+
+def aurc(scores: np.ndarray, failures: np.ndarray) -> float:
+    """Area under the risk-coverage curve (mean selective risk over coverages 1/n..1); lower is better.
+
+    As the ValUES framework scores failure detection: a QC score that ranks every failure last gets
+    the optimal AURC (:func:`e_aurc` subtracts it); a random one about the failure rate.
+
+    >>> round(aurc(np.array([0.1, 0.2, 0.9]), np.array([False, False, True])), 4)
+    0.1111
+    """
+    _, risk = risk_coverage(scores, failures)
+    return float(risk.mean()) if risk.size else float("nan")
+
+
+def e_aurc(scores: np.ndarray, failures: np.ndarray) -> float:
+    """Excess AURC: :func:`aurc` minus that of a score ranking every failure after every success (0 is perfect).
+
+    >>> e_aurc(np.array([0.1, 0.2, 0.9]), np.array([False, False, True]))
+    0.0
+    """
+    failures = np.asarray(failures, bool)
+    if failures.size == 0:
+        return float("nan")
+    optimal = aurc(failures.astype(np.float64), failures)
+    return aurc(scores, failures) - optimal

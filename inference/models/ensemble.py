@@ -11,12 +11,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, load_model
 from torch import nn
 
 from inference.errors import ModelFileError
 from inference.models.fusion import fold_batchnorm
 from inference.models.manifest import Manifest, read_manifest
+from inference.models.nnunet_network import is_nnunet_architecture
 from inference.models.unet import build_model
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,15 @@ class Ensemble:
         norm = manifest.normalization
         self._mean = torch.tensor(norm["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(norm["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        # Optional per-channel bounds on x / 255 before the affine map (nnU-Net's CTNormalization clips so).
+        self._clip = (
+            (
+                torch.tensor(norm["clip_min"], dtype=torch.float32, device=device).view(1, 3, 1, 1),
+                torch.tensor(norm["clip_max"], dtype=torch.float32, device=device).view(1, 3, 1, 1),
+            )
+            if "clip_min" in norm
+            else None
+        )
 
     @classmethod
     def load(
@@ -99,8 +109,11 @@ class Ensemble:
                     f"{manifest.architecture_kwargs} cannot be built ({err})"
                 ) from err
             try:
-                state = load_file(path)
-                model.load_state_dict(state, strict=True)
+                if is_nnunet_architecture(manifest.architecture):
+                    # nnU-Net's conv blocks hold each convolution under two names; the file keeps one.
+                    load_model(model, path, strict=True, device="cpu")
+                else:
+                    model.load_state_dict(load_file(path), strict=True)
             except (SafetensorError, RuntimeError, OSError) as err:
                 raise ModelFileError(
                     f"{path}: weights do not fit {manifest.architecture} {manifest.architecture_kwargs}: "
@@ -128,6 +141,9 @@ class Ensemble:
     def normalize(self, batch_uint8: torch.Tensor, *, box_factor: int = 1) -> torch.Tensor:
         """(B, H, W, 3) uint8 -> (B, 3, H / box_factor, W / box_factor) float32 normalised as the manifest says.
 
+        ``(clip(x / 255, clip_min, clip_max) - mean) / std`` per channel; the clip only where the
+        manifest's normalisation has ``clip_min`` and ``clip_max``.
+
         ``box_factor`` > 1 averages boxes of that many pixels per side on the device first (see
         ``SegmentConfig.reduce_on_device``). On CUDA the uint8 batch goes through pinned
         memory, so the copy is asynchronous and the next batch can be read while this one runs;
@@ -138,7 +154,10 @@ class Ensemble:
         x = batch_uint8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         if box_factor > 1:
             x = F.avg_pool2d(x, box_factor)
-        return (x.div_(255.0) - self._mean) / self._std
+        x = x.div_(255.0)
+        if self._clip is not None:
+            x = torch.clamp(x, self._clip[0], self._clip[1])
+        return (x - self._mean) / self._std
 
     def compile(self) -> Ensemble:
         """The same ensemble with ``torch.compile``d members (worth it on GPUs for long runs)."""
@@ -146,10 +165,10 @@ class Ensemble:
         return Ensemble(self.manifest, compiled, folder=self.folder, device=self.device)
 
     @torch.inference_mode()
-    def member_probs(
+    def member_logits(
         self, batch_uint8: np.ndarray | torch.Tensor, *, precision: Precision, box_factor: int = 1
     ) -> torch.Tensor:
-        """Softmax of every member: (M, B, C, H, W) float32 on the device (H, W after ``box_factor``)."""
+        """Logits of every member: (M, B, C, H, W) float32 on the device (H, W after ``box_factor``)."""
         batch = torch.from_numpy(batch_uint8) if isinstance(batch_uint8, np.ndarray) else batch_uint8
         x = self.normalize(batch, box_factor=box_factor)
         out = []
@@ -159,5 +178,12 @@ class Ensemble:
                     logits = model(x)
             else:
                 logits = model(x)
-            out.append(torch.softmax(logits.float(), dim=1))
+            out.append(logits.float())
         return torch.stack(out)
+
+    @torch.inference_mode()
+    def member_probs(
+        self, batch_uint8: np.ndarray | torch.Tensor, *, precision: Precision, box_factor: int = 1
+    ) -> torch.Tensor:
+        """Softmax of every member: (M, B, C, H, W) float32 on the device (H, W after ``box_factor``)."""
+        return torch.softmax(self.member_logits(batch_uint8, precision=precision, box_factor=box_factor), dim=2)

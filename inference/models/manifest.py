@@ -20,6 +20,8 @@ MANIFEST_NAME = "manifest.json"
 # haematoxylin-DAB of an immunostain (PD-L1 IHC).
 STAINS = ("H&E", "H-DAB")
 FORMAT_VERSION = 1
+# How overlapping tiles are blended (Manifest.blend).
+BLENDS = ("probabilities", "nnunet")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,24 @@ class Manifest:
 
     def with_thresholds(self, **thresholds: float) -> Manifest:
         return replace(self, thresholds={**self.thresholds, **thresholds})
+
+    @property
+    def positive_class(self) -> int:
+        """Index of the PD-L1 positive class among the outputs: ``extra["positive_class"]``, else 1.
+
+        The product's own models put it at 1; an imported nnU-Net model records its label there.
+        """
+        return int(self.extra.get("positive_class", 1))
+
+    @property
+    def blend(self) -> str:
+        """How the sliding window blends overlapping tiles: ``extra["blend"]``, else ``"probabilities"``.
+
+        ``"probabilities"``: the ensemble statistics of each tile are blended (this product's
+        models). ``"nnunet"``: each member's logits are blended with nnU-Net's Gaussian and the
+        softmax taken after, as nnU-Net's predictor does (imported nnU-Net models).
+        """
+        return str(self.extra.get("blend", "probabilities"))
 
     @property
     def checksum(self) -> str:
@@ -129,6 +149,8 @@ def read_manifest(folder: str | Path, *, task: str | None = None, verify: bool =
         raise ModelFileError(
             f"{path}: stain {manifest.stain!r} is not one a model can be trained on here; expected one of {STAINS}"
         )
+    if manifest.blend not in BLENDS:
+        raise ModelFileError(f"{path}: blend {manifest.blend!r} is not one of {BLENDS}")
     if task is not None and manifest.task != task:
         raise ModelFileError(f"{path}: a {manifest.task!r} model, but a {task!r} model is needed here")
     if not manifest.members:
@@ -162,3 +184,22 @@ def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
     tmp.write_text(manifest.to_json())
     tmp.replace(path)
     return path
+
+
+# The shipped demo models (folders of inference/demo_models), trained on phantoms only.
+DEMO_MODEL_KINDS = ("seg", "nuclei", "nuclei-ihc")
+
+
+def demo_model_checksums() -> dict[str, str]:
+    """:attr:`Manifest.checksum` of each shipped demo model, by kind: tells a result made with one.
+
+    Reads only the manifests (no torch, no weights), so reports can say which models were demos.
+    """
+    from importlib import resources
+
+    out = {}
+    for kind in DEMO_MODEL_KINDS:
+        folder = Path(str(resources.files("inference") / "demo_models" / kind))
+        if (folder / MANIFEST_NAME).is_file():
+            out[kind] = read_manifest(folder, verify=False).checksum
+    return out

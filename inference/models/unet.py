@@ -81,8 +81,16 @@ class PlainConvUNet(nn.Module):
 
 
 def build_model(architecture: str, kwargs: dict) -> nn.Module:
-    """Instantiate a registered architecture by name; unknown names raise ``KeyError``."""
+    """Instantiate a registered architecture by name; unknown names raise ``KeyError``.
+
+    nnU-Net v2 networks (class paths ``dynamic_network_architectures....``) are built by
+    :func:`inference.models.nnunet_network.build_nnunet_network`.
+    """
+    from inference.models.nnunet_network import build_nnunet_network, is_nnunet_architecture
     from inference.models.nuclei_model import DilatedResFCN
+
+    if is_nnunet_architecture(architecture):
+        return build_nnunet_network(architecture, kwargs)
 
     architectures: dict[str, type[nn.Module]] = {"PlainConvUNet": PlainConvUNet, "DilatedResFCN": DilatedResFCN}
     cls = architectures[architecture]

@@ -18,21 +18,29 @@ shifted H&E phantoms, where the share of tissue that looks "eosin-like" against 
 reference vectors does not. The boundary :data:`DAB_HUE_DEG` was set on phantoms of seeds 1-5
 and the real images. An image whose OD cloud holds one stain only (the two extremes within
 :data:`MIN_STAIN_ANGLE_DEG`) of haematoxylin's colour is taken as a DAB-negative immunostain:
-H&E has eosin over its tissue. Known weak spots (benchmarks/stain_detect.py measures them):
+H&E has eosin over its tissue.
 
-* "larger red share is haematoxylin" fails when a green-heavy counterstain and a
-  haematoxylin+DAB mixture have nearly equal red shares (IHC phantoms with few DAB cells, e.g.
-  ``ihc_232``: TPS 3, shift 0.2): the real haematoxylin then looks like eosin and it reads as H&E;
-* an additive colour cast hidden by glass clipped at 255 bends the OD of the palest tissue
-  green-ward, so with few brown cells the second extreme is that bend (H&E again);
-* at ``--shift`` 0.5 and more (stain vectors perturbed by N(0, 0.15-0.28) per component) either
-  stain can tip, either way: 14 of 120 written tuning phantoms (seeds 100-179) are wrong, and
-  two held-out H&E phantoms (``he_233``, ``he_235``) are right by under 2°;
-* an immunostain with no DAB but a noisy counterstain reads as H&E.
+The image is smoothed by one pixel first (:data:`DENOISE_SIGMA_PX`): JPEG noise in pale tissue
+otherwise supplies the 1 % extremes, and an immunostain with few brown cells read as H&E. On
+the written phantoms (``benchmarks/stain_detect.py``) that took the wrong calls from 16 to 7
+of 151 on the tuning sets and from 8 to 3 of 80 on a fresh held-out set (seeds 400-439, 2048 px,
+TPS 0.5-90, shift 0-0.96, never looked at while tuning); the real images stay right. Known weak
+spots:
+
+* an IHC with few brown cells (TPS 3-5 %) at ``--shift`` 0.6 and more: the DAB extreme is
+  still lost among the counterstain's extremes (``ihc_403``, ``ihc_413``, ``ihc_424`` of that set);
+* stain vectors the phantom's shift perturbs past what colour can tell (N(0, 0.15-0.28) per
+  component at shift 0.5-1): an eosin leaning blue of its haematoxylin beyond :data:`DAB_HUE_DEG`
+  (``he_103``, ``he_108``, ``he_164`` of the tuning sets, wrong even with their true vectors), a
+  haematoxylin within 8° of the DAB (``ihc_176``);
+* an immunostain with no DAB but a noisy counterstain can read as H&E.
 
 Tried and not better on tuning phantoms (seeds 100-199): extremes from denser tissue only
-(summed OD 0.4-1.0), choosing haematoxylin by where the tissue mass lies when the red shares
-tie, and the hue change from palest to darkest tissue alone (it misreads the real slides).
+(summed OD 0.4-1.0), extremes weighted by optical density, the background from the brightest
+5-20 % instead of 1 %, choosing haematoxylin by where the tissue mass lies when the red shares
+tie, the hue change from palest to darkest tissue alone (it misreads the real slides), and the
+nearer of the reference eosin and DAB after removing haematoxylin (6 wrong instead of 7, but a
+held-out H&E lost).
 
 Numpy only: the numbers it decided on come back in :class:`StainEstimate`.
 """
@@ -43,6 +51,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage as ndi
 
 # What comes back in StainEstimate.stain. The first two are inference.models.manifest.STAINS
 # (slides imports no models; a test keeps the two spellings equal).
@@ -65,10 +74,18 @@ DARK_MEDIAN = 70.0
 # 90 % of tissue pixels' OD within this angle of grey (R = G = B): no colour to tell stains by
 # (not the median pixel: haematoxylin + DAB together is nearly grey).
 GREY_ANGLE_DEG = 4.0
+# Gaussian smoothing (pixels of the judged image, 8 µm at the default resolution) before the OD
+# cloud is built: JPEG's quantisation noise (quality 42-92 in the phantoms, ~70 in Aperio scans)
+# scatters the OD direction of pale pixels, and Macenko's 1 % extremes then catch that noise instead
+# of a rare stain (DAB of an immunostain with TPS of a few per cent read as H&E). One pixel averages
+# it out; stain areas are many pixels wide at 8 µm/px, so their colour stays.
+DENOISE_SIGMA_PX = 1.0
 # Percentile of the OD angles taken as each stain's extreme (Macenko's alpha).
 EXTREME_PERCENTILE = 1.0
-# The two extremes closer than this: one stain only.
-MIN_STAIN_ANGLE_DEG = 8.0
+# The two extremes closer than this: one stain only. Smoothed DAB-free immunostains: 2.0-3.7° (one 6.8°);
+# two-stain phantoms from 8.3°. It was 8 before the smoothing, which narrows the cloud: a fresh set (seeds
+# 300-339) then lost two IHCs at 6.1° and 7.9° to "one stain"; seeds 400-439 were drawn after this was set.
+MIN_STAIN_ANGLE_DEG = 6.0
 # The second stain's residual hue (degrees, see _residual_hue_deg) above which it is DAB, below eosin.
 DAB_HUE_DEG = 55.0
 # One stain only: haematoxylin-like when its red share of OD is at least this (eosin ~0.06, DAB ~0.17).
@@ -182,7 +199,7 @@ def detect_stain(rgb: np.ndarray, *, tissue: np.ndarray | None = None) -> StainE
     if tissue is not None and np.shape(tissue) != rgb.shape[:2]:
         raise ValueError(f"tissue mask shape {np.shape(tissue)} differs from the image's {rgb.shape[:2]}")
 
-    px = rgb.reshape(-1, 3).astype(np.float64)
+    px = _denoised(rgb).reshape(-1, 3)
     brightness = px.mean(axis=1)
     median_brightness = float(np.median(brightness))
     bright = px[brightness >= np.quantile(brightness, BACKGROUND_QUANTILE)]
@@ -265,6 +282,12 @@ def detect_stain(rgb: np.ndarray, *, tissue: np.ndarray | None = None) -> StainE
         ),
         **numbers,
     )
+
+
+def _denoised(rgb: np.ndarray) -> np.ndarray:
+    """``rgb`` as float64, Gaussian-smoothed by :data:`DENOISE_SIGMA_PX` within each channel."""
+    smooth = ndi.gaussian_filter(rgb.astype(np.float64), (DENOISE_SIGMA_PX, DENOISE_SIGMA_PX, 0), mode="nearest")
+    return np.round(smooth)
 
 
 def _fractions(od: np.ndarray, haem: np.ndarray) -> tuple[float, float]:

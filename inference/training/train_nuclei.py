@@ -34,6 +34,7 @@ from inference.slides.slide import open_slide
 from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
 from inference.training.augment import STAIN_JITTERS, augment_batch
 from inference.training.cyclic import check_schedule, init_weights, total_epochs, train_cyclic
+from inference.training.domain_stats import write_training_domain_stats
 from inference.training.labels import SlideLabels, labels_digest, nuclei_known_mask
 from inference.training.train_seg import NORMALIZATION
 
@@ -354,7 +355,9 @@ def train_nuclei(
         limit = review_entropy_limit(out_dir, config.slides, device=config.device)
         manifest = manifest.with_thresholds(review_nuclei_entropy=limit)
         write_manifest(out_dir, manifest)
-    return manifest
+    # The domain guard's statistics of these slides, limits by leaving one slide out (pdl1 domain-stats
+    # recomputes them with held-out slides).
+    return write_training_domain_stats(out_dir, config.slides, device=config.device)
 
 
 def _data_record(data: list[_NucleiData], labels: Sequence[SlideLabels], sources: list[dict] | None) -> list[dict]:

@@ -33,6 +33,7 @@ from inference.slides.slide import open_slide
 from inference.slides.tissue import detect_tissue
 from inference.training.augment import STAIN_JITTERS, augment_batch
 from inference.training.cyclic import check_schedule, init_weights, total_epochs, train_cyclic
+from inference.training.domain_stats import write_training_domain_stats
 from inference.training.labels import IGNORE_LABEL, SlideLabels, labels_digest, region_target
 
 log = logging.getLogger(__name__)
@@ -296,7 +297,9 @@ def train_segmentation(
         },
     )
     write_manifest(out_dir, manifest)
-    return manifest
+    # The domain guard's statistics of these slides, limits by leaving one slide out (pdl1 domain-stats
+    # recomputes them with held-out slides).
+    return write_training_domain_stats(out_dir, config.slides, device=config.device)
 
 
 def _data_record(data: list[_SlideData], labels: Sequence[SlideLabels], sources: list[dict] | None) -> list[dict]:

@@ -1,0 +1,136 @@
+"""``pdl1 import nnunet`` and ``pdl1 export nnunet``: nnU-Net v2 models in, nnU-Net v2 datasets out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bridge.cli.common import console, fail
+from inference import Pdl1Error
+
+import_app = typer.Typer(
+    help="Bring models trained elsewhere in as model folders of this product.", no_args_is_help=True
+)
+export_app = typer.Typer(help="Write training data for other tools.", no_args_is_help=True)
+
+
+@import_app.command("nnunet")
+def import_nnunet_cmd(
+    results_folder: Annotated[
+        Path,
+        typer.Argument(help="nnU-Net v2 trained-model folder: nnUNet_results/DatasetNNN_NAME/TRAINER__PLANS__2d."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Model folder to write (manifest + safetensors members).")],
+    mpp: Annotated[
+        float,
+        typer.Option(
+            "--mpp", min=0.05, max=64.0, help="µm/px of the training images (nnU-Net keeps no unit for 2D images)."
+        ),
+    ],
+    checkpoints: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--checkpoints",
+            help="Checkpoint file names taken from every fold, repeatable (nnUNet-B: several of one cyclic run). "
+            "Default checkpoint_final.pth.",
+        ),
+    ] = None,
+    folds: Annotated[
+        list[str] | None, typer.Option("--folds", help="Folds to take, repeatable (default: every fold_*).")
+    ] = None,
+    positive_label: Annotated[
+        str | None,
+        typer.Option("--positive-label", help="Label of the PD-L1 positive class (needed with more than 2 classes)."),
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Model name (default: the dataset's).")] = None,
+    stain: Annotated[str, typer.Option("--stain", help="Stain it was trained on: H&E or H-DAB.")] = "H&E",
+) -> None:
+    """Import an nnU-Net v2 2D model: its checkpoints become the members of a segmentation ensemble.
+
+    Checkpoints are read with torch's restricted unpickler (tensors and plain data only) and only their network weights are kept. Building the network needs the nnunet extra (dynamic_network_architectures). Use the result with `pdl1 run --seg-model OUT`.
+    """
+    from inference import import_nnunet
+
+    try:
+        manifest = import_nnunet(
+            results_folder,
+            out,
+            mpp=mpp,
+            checkpoints=checkpoints,
+            folds=folds,
+            positive_label=positive_label,
+            name=name,
+            stain=stain,
+        )
+    except (Pdl1Error, OSError) as err:
+        raise fail(err) from err
+    arch = manifest.architecture.rsplit(".", 1)[-1]
+    console.print(
+        f"{out}: {len(manifest.members)} members ({arch}, {manifest.tile_size_px} px tiles at {manifest.input_mpp:g} "
+        f"µm/px, classes {manifest.class_names}, positive {manifest.class_names[manifest.positive_class]!r})"
+    )
+    for member in manifest.training["members"]:
+        console.print(f"  {member['file']}: {member['checkpoint']} (fold {member['fold']}, epoch {member['epoch']})")
+
+
+@export_app.command("nnunet")
+def export_nnunet_cmd(
+    images: Annotated[
+        list[Path],
+        typer.Argument(
+            help="A QuPath project (folder or .qpproj) or slide files, phantoms with their truth beside them."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="nnUNet_raw/DatasetNNN_NAME to write (three digits, then a name).")
+    ],
+    mpp: Annotated[float, typer.Option("--mpp", min=0.05, max=64.0, help="µm/px of the exported tiles.")] = 2.0,
+    case_px: Annotated[
+        int, typer.Option("--case-px", min=32, max=8192, help="Edge of each case (tile) in px at --mpp.")
+    ] = 512,
+    test: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--test",
+            help="Images to predict, written to imagesTs/ (repeatable): slide files, or a project's image names.",
+        ),
+    ] = None,
+    margin_px: Annotated[
+        int,
+        typer.Option(
+            "--ignore-margin-px",
+            min=0,
+            max=256,
+            help="Leave pixels this close to a class boundary unlabelled (ignore).",
+        ),
+    ] = 0,
+) -> None:
+    """Write an nnU-Net v2 raw dataset: imagesTr/, labelsTr/ (with nnU-Net's ignore label), dataset.json, cases.json.
+
+    Takes a QuPath project's images (read without QuPath) or slide files. Labels come from phantom truth (<slide>.truth/) here; pixels the truth does not decide (mixed at --mpp), and with --ignore-margin-px those near a class boundary, get the ignore label. cases.json maps every case to its image (and project entry) and level-0 region. Train it as the README's nnU-Net section says, then `pdl1 import nnunet`.
+    """
+    from bridge.nnunet_export import PhantomTruthLabels, export_nnunet_dataset, project_images
+
+    if len(images) > 1 and any(p.is_dir() or p.suffix == ".qpproj" for p in images):
+        raise typer.BadParameter("give one project, or slide files, not both", param_hint="IMAGES")
+    try:
+        if images[0].is_dir() or images[0].suffix == ".qpproj":
+            train, tests = project_images(images[0], test_names=test or [])
+        else:
+            train, tests = list(images), [Path(t) for t in test or []]
+        summary = export_nnunet_dataset(
+            train,
+            out,
+            source=PhantomTruthLabels(margin_px=margin_px),
+            mpp=mpp,
+            case_size_px=case_px,
+            test_slides=tests,
+        )
+    except (Pdl1Error, OSError, ValueError) as err:
+        raise fail(err) from err
+    console.print(
+        f"{summary.folder}: {summary.training_cases} training cases, {summary.test_cases} test cases; "
+        f"{summary.labelled_fraction:.1%} of training pixels labelled, {summary.positive_fraction:.1%} of them positive"
+    )

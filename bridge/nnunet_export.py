@@ -1,0 +1,250 @@
+"""nnU-Net v2 raw datasets written from labelled slides (``pdl1 export nnunet``).
+
+A dataset is ``DatasetNNN_NAME/`` with ``imagesTr/CASE_0000.png`` (RGB tiles at one µm/px),
+``labelsTr/CASE.png`` (uint8 labels), ``dataset.json``, optional ``imagesTs/``, ``cases.json``,
+which maps every case back to its slide and level-0 region, and ``pdl1_export.json`` (how it was
+written). Pixels a label source says nothing about get nnU-Net's ``ignore`` label (the highest label
+value), so nnU-Net v2 trains on sparse labels. The channels are named ``rgb_to_0_1`` so nnU-Net
+normalises them as ``x / 255`` (a fixed map that ``pdl1 import nnunet`` can carry over; its default
+z-score is per image).
+
+Labels come through :class:`LabelSource`. The one here reads phantom truth (``<slide>.truth/``);
+a source reading QuPath annotations fits the same protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, is_dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+from scipy.ndimage import distance_transform_edt
+
+from inference import __version__, load_truth, open_slide
+
+UNLABELLED = 255  # what a label source returns where it says nothing; written as nnU-Net's ignore label
+_DATASET_DIR = re.compile(r"^Dataset\d{3}_[A-Za-z0-9_-]+$")
+
+
+class LabelSource(Protocol):
+    """Labels of slides' regions, one value per pixel at a given µm/px."""
+
+    class_names: tuple[str, ...]  # label values 0 .. K-1, "background" first
+
+    def regions(self, slide_path: Path, *, case_size_um: float) -> list[tuple[int, int, int, int]]:
+        """Level-0 (x, y, width, height) boxes of ``slide_path`` that carry labels."""
+        ...
+
+    def labels(
+        self, slide_path: Path, region_xywh: tuple[int, int, int, int], *, size_wh: tuple[int, int]
+    ) -> np.ndarray:
+        """uint8 (height, width) labels of the region at ``size_wh`` px; :data:`UNLABELLED` where unknown."""
+        ...
+
+
+@lru_cache(maxsize=2)
+def _truth_mask(slide_path: Path) -> tuple[np.ndarray, float]:
+    """A phantom's positive mask and its downsample, read once for all the cases of a slide."""
+    truth = load_truth(slide_path)
+    return truth.positive_mask, truth.mask_downsample
+
+
+@dataclass(frozen=True)
+class PhantomTruthLabels:
+    """Labels from phantom truth: ``PD-L1 positive`` where the truth mask is, background elsewhere.
+
+    The truth mask is coarser or finer than the export grid; an exported pixel whose area the
+    mask covers by more than ``purity`` one way or the other gets that class, a mixed one is
+    left unlabelled (nnU-Net ignores it) instead of being guessed. ``margin_px`` also leaves the
+    pixels within that many exported pixels of a class boundary unlabelled, as a pathologist's
+    annotations stay inside regions and leave their edges: sparse labels, the kind nnU-Net v2
+    trains on with its ignore label.
+    """
+
+    purity: float = 0.99
+    margin_px: int = 0
+    class_names: tuple[str, ...] = ("background", "PD-L1 positive")
+
+    def regions(self, slide_path: Path, *, case_size_um: float) -> list[tuple[int, int, int, int]]:
+        with open_slide(slide_path) as slide:
+            width, height = slide.dimensions
+            step = max(1, round(case_size_um / slide.mpp.mean))
+        return [
+            (x, y, min(step, width - x), min(step, height - y))
+            for y in range(0, height - step + 1, step)
+            for x in range(0, width - step + 1, step)
+        ]
+
+    def labels(
+        self, slide_path: Path, region_xywh: tuple[int, int, int, int], *, size_wh: tuple[int, int]
+    ) -> np.ndarray:
+        mask, ds = _truth_mask(Path(slide_path))
+        x, y, w, h = region_xywh
+        x0, y0 = math.floor(x / ds), math.floor(y / ds)
+        x1, y1 = math.ceil((x + w) / ds), math.ceil((y + h) / ds)
+        crop = mask[y0:y1, x0:x1].astype(np.float32)
+        # Fraction of each exported pixel that is positive: the mask box resampled by area.
+        fraction = np.asarray(Image.fromarray(crop).resize(size_wh, resample=Image.Resampling.BOX))
+        out = np.full(fraction.shape, UNLABELLED, np.uint8)
+        for value, mask in ((1, fraction >= self.purity), (0, fraction <= 1 - self.purity)):
+            if self.margin_px > 0:
+                # Distance to the nearest pixel of another class (or of an undecided one); the case's own
+                # edge is no boundary.
+                mask = distance_transform_edt(mask) > self.margin_px
+            out[mask] = value
+        return out
+
+
+@dataclass(frozen=True)
+class ExportImage:
+    """An image to export: its file and, for a QuPath project's image, its entry id and name."""
+
+    path: Path
+    entry_id: str | None = None
+    image_name: str | None = None
+
+
+def project_images(project: Path, *, test_names: Sequence[str] = ()) -> tuple[list[ExportImage], list[ExportImage]]:
+    """A QuPath project's images (read without QuPath), split into training and ``test_names`` (image names).
+
+    Raises :class:`bridge.project.ProjectError` for an unknown test name or an image that cannot be exported.
+    """
+    from bridge.project import ImageSearch, ProjectError, locate_image, read_project
+
+    info = read_project(project)
+    names = {e.image_name for e in info.entries}
+    unknown = sorted(set(test_names) - names)
+    if unknown:
+        raise ProjectError(f"{info.path}: no image named {unknown[0]!r} to predict; its images are {sorted(names)}")
+    train, test = [], []
+    for entry in info.entries:
+        if entry.not_analysable:
+            raise ProjectError(f"{entry.image_name}: {entry.not_analysable}; export the image as it is in the file")
+        path = locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder, search=ImageSearch())
+        image = ExportImage(Path(path), entry.entry_id, entry.image_name)
+        (test if entry.image_name in test_names else train).append(image)
+    return train, test
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    """What :func:`export_nnunet_dataset` wrote."""
+
+    folder: Path
+    training_cases: int
+    test_cases: int
+    labelled_fraction: float  # of training pixels, not the ignore label
+    positive_fraction: float  # of labelled training pixels
+
+
+def export_nnunet_dataset(
+    slides: Sequence[Path | ExportImage],
+    out_dir: Path,
+    *,
+    source: LabelSource,
+    mpp: float,
+    case_size_px: int = 512,
+    test_slides: Sequence[Path | ExportImage] = (),
+    on_progress: Callable[[int, int], None] | None = None,
+) -> ExportSummary:
+    """Write an nnU-Net v2 raw dataset of ``slides``' labelled regions at ``mpp`` µm/px.
+
+    Each region of ``case_size_px`` px (at ``mpp``) is a case ``<file stem>_<n>``; ``test_slides``
+    go to ``imagesTs/`` cut the same way, without labels. ``out_dir`` must be named
+    ``DatasetNNN_NAME``, as nnU-Net requires. Raises ``ValueError`` for a bad name or size or two
+    images of one file stem, and ``FileExistsError`` when ``out_dir`` already holds a dataset.
+    """
+    out_dir = Path(out_dir)
+    if not _DATASET_DIR.match(out_dir.name):
+        raise ValueError(
+            f"{out_dir.name!r}: nnU-Net datasets are named DatasetNNN_NAME (three digits), e.g. Dataset501_PDL1"
+        )
+    if case_size_px < 32:
+        raise ValueError(f"case_size_px must be at least 32, got {case_size_px}")
+    if (out_dir / "dataset.json").exists():
+        raise FileExistsError(f"{out_dir}: already holds a dataset.json; choose a new DatasetNNN_NAME or remove it")
+    images = [i if isinstance(i, ExportImage) else ExportImage(Path(i)) for i in slides]
+    tests = [i if isinstance(i, ExportImage) else ExportImage(Path(i)) for i in test_slides]
+    stems = [i.path.stem for i in images + tests]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"two images share a file name ({sorted(stems)}); their cases would overwrite each other")
+    names = list(source.class_names)
+    ignore = len(names)
+    case_size_um = case_size_px * mpp
+    for sub in ("imagesTr", "labelsTr") + (("imagesTs",) if test_slides else ()):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    work = [(i, True) for i in images] + [(i, False) for i in tests]
+    planned = [(i, train, source.regions(i.path, case_size_um=case_size_um)) for i, train in work]
+    total = sum(len(r) for _, _, r in planned)
+    mapping: dict[str, dict] = {}
+    labelled = positive = pixels = done = 0
+    for image, train, regions in planned:
+        path = image.path
+        with open_slide(path) as slide:
+            for n, region in enumerate(regions):
+                x, y, w, h = region
+                size_wh = (max(1, round(w * slide.mpp.mean / mpp)), max(1, round(h * slide.mpp.mean / mpp)))
+                case = f"{path.stem}_{n:04d}"
+                rgb = slide.read_region_at_mpp((x, y), size_wh, mpp=mpp)
+                Image.fromarray(rgb).save(out_dir / ("imagesTr" if train else "imagesTs") / f"{case}_0000.png")
+                if train:
+                    labels = source.labels(path, region, size_wh=size_wh)
+                    if labels.shape != rgb.shape[:2]:
+                        raise ValueError(f"{path}: label source gave {labels.shape} for an image of {rgb.shape[:2]}")
+                    known = labels != UNLABELLED
+                    if (labels[known] >= ignore).any():
+                        raise ValueError(f"{path}: label values beyond the {ignore} classes {names}")
+                    Image.fromarray(np.where(known, labels, ignore).astype(np.uint8)).save(
+                        out_dir / "labelsTr" / f"{case}.png"
+                    )
+                    labelled += int(known.sum())
+                    positive += int((labels == 1).sum())
+                    pixels += labels.size
+                mapping[case] = {
+                    "slide": str(path.resolve()),
+                    **({"entry_id": image.entry_id, "image_name": image.image_name} if image.entry_id else {}),
+                    "region_xywh": list(region),
+                    "mpp": mpp,
+                    "split": "train" if train else "test",
+                }
+                done += 1
+                if on_progress is not None:
+                    on_progress(done, total)
+    training = sum(1 for m in mapping.values() if m["split"] == "train")
+    dataset = {
+        "channel_names": {"0": "rgb_to_0_1", "1": "rgb_to_0_1", "2": "rgb_to_0_1"},
+        "labels": {**{name: i for i, name in enumerate(names)}, "ignore": ignore},
+        "numTraining": training,
+        "file_ending": ".png",
+        "name": out_dir.name.split("_", 1)[1],
+        "description": f"exported by pdl1-bridge at {mpp:g} µm/px; cases.json maps cases to slides",
+        "pdl1_mpp": mpp,
+    }
+    (out_dir / "dataset.json").write_text(json.dumps(dataset, indent=2))
+    (out_dir / "cases.json").write_text(json.dumps(mapping, indent=2))
+    provenance = {
+        "pdl1_bridge": __version__,
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "mpp": mpp,
+        "case_size_px": case_size_px,
+        "label_source": {"kind": type(source).__name__, **(asdict(source) if is_dataclass(source) else {})},
+        "ignore_label": ignore,
+        "training_images": [str(i.path.resolve()) for i in images],
+        "test_images": [str(i.path.resolve()) for i in tests],
+    }
+    (out_dir / "pdl1_export.json").write_text(json.dumps(provenance, indent=2))
+    return ExportSummary(
+        folder=out_dir,
+        training_cases=training,
+        test_cases=len(mapping) - training,
+        labelled_fraction=labelled / pixels if pixels else 0.0,
+        positive_fraction=positive / labelled if labelled else 0.0,
+    )

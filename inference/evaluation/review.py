@@ -1,0 +1,104 @@
+"""The slide "needs review" rule fitted to a stated target: catch failures, keep false alarms few.
+
+A slide is flagged when any of its QC scores reaches its limit (an OR of one-sided limits). Given
+validation slides that include failures, :func:`fit_review_limits` tries every combination of limits
+(each score's observed values, plus "never") and keeps the one that catches most failures with false
+alarms on at most ``max_false_alarm`` of the other slides; among equals, the fewest false alarms,
+then the highest limits. Pure numpy: what the slides were and what counts as a failure is the caller's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# #32's target: catch at least this share of failed slides ...
+TARGET_CATCH = 0.9
+# ... at no more than this share of false alarms on the slides that were right.
+TARGET_FALSE_ALARM = 0.2
+
+
+@dataclass(frozen=True)
+class ReviewFit:
+    """The chosen limits, how they did on the slides they were fitted on, and the ROC of the search.
+
+    ``roc`` holds (false-alarm rate, catch rate) of the best rule at each number of false alarms;
+    ``met`` says whether the chosen point reaches :data:`TARGET_CATCH` within the false-alarm budget.
+    """
+
+    limits: dict[str, float]
+    catch: float
+    false_alarm: float
+    failures: int
+    successes: int
+    roc: tuple[tuple[float, float], ...]
+    met: bool
+
+
+def flags(scores: dict[str, np.ndarray], limits: dict[str, float]) -> np.ndarray:
+    """bool per slide: any score at or above its limit (a limit of +inf never fires)."""
+    n = len(next(iter(scores.values()))) if scores else 0
+    out = np.zeros(n, bool)
+    for name, limit in limits.items():
+        out |= np.asarray(scores[name], np.float64) >= limit
+    return out
+
+
+def fit_review_limits(
+    scores: dict[str, np.ndarray],
+    failures: np.ndarray,
+    *,
+    max_false_alarm: float = TARGET_FALSE_ALARM,
+    target_catch: float = TARGET_CATCH,
+) -> ReviewFit:
+    """Limits for each score in ``scores`` (name -> value per slide; higher = less trusted).
+
+    >>> fit = fit_review_limits({"entropy": np.array([0.1, 0.2, 0.9, 0.3])}, np.array([0, 0, 1, 0], bool))
+    >>> fit.limits, fit.catch, fit.false_alarm
+    ({'entropy': 0.9}, 1.0, 0.0)
+    """
+    failures = np.asarray(failures, bool)
+    names = list(scores)
+    if not names:
+        raise ValueError("no QC scores to fit limits for")
+    arrays = {k: np.asarray(v, np.float64) for k, v in scores.items()}
+    if any(a.shape != failures.shape for a in arrays.values()):
+        raise ValueError("every score needs one value per slide, as failures has")
+    n_fail, n_ok = int(failures.sum()), int((~failures).sum())
+    if n_fail == 0 or n_ok == 0:
+        raise ValueError(
+            f"fitting review limits needs failed and correct slides; got {n_fail} failed and {n_ok} correct: "
+            "add validation slides with stain shifts beyond training, weak expression or extreme TPS"
+        )
+    # Candidate limits: each observed value (flag from it up), and +inf (this score never flags).
+    candidates = [np.unique(np.append(arrays[k][np.isfinite(arrays[k])], math.inf)) for k in names]
+    best_at: dict[int, tuple[int, tuple[float, ...]]] = {}  # false alarms -> (catches, limits)
+    for combo in itertools.product(*candidates):
+        flagged = np.zeros(failures.shape, bool)
+        for k, limit in zip(names, combo, strict=True):
+            flagged |= arrays[k] >= limit
+        caught, alarms = int((flagged & failures).sum()), int((flagged & ~failures).sum())
+        prev = best_at.get(alarms)
+        if prev is None or caught > prev[0] or (caught == prev[0] and combo > prev[1]):
+            best_at[alarms] = (caught, combo)
+    budget = math.floor(max_false_alarm * n_ok + 1e-9)
+    allowed = [(c, -a, combo) for a, (c, combo) in best_at.items() if a <= budget]
+    caught, neg_alarms, combo = max(allowed)
+    roc, top = [], -1
+    for alarms in sorted(best_at):
+        if best_at[alarms][0] > top:
+            top = best_at[alarms][0]
+            roc.append((alarms / n_ok, top / n_fail))
+    catch = caught / n_fail
+    return ReviewFit(
+        limits=dict(zip(names, (float(v) for v in combo), strict=True)),
+        catch=catch,
+        false_alarm=-neg_alarms / n_ok,
+        failures=n_fail,
+        successes=n_ok,
+        roc=tuple(roc),
+        met=catch >= target_catch,
+    )

@@ -1,0 +1,448 @@
+"""nnU-Net v2 trained-model folders -> model folders of this product (manifest + safetensors).
+
+An nnU-Net v2 results folder (``nnUNet_results/DatasetNNN_NAME/TRAINER__PLANS__CONFIGURATION``)
+holds ``plans.json``, ``dataset.json`` and ``fold_K/checkpoint_*.pth``. Each chosen checkpoint
+becomes one member: several checkpoints of one cyclic run (nnUNet-B), or one per fold (nnU-Net's
+own ensemble). Checkpoints are pickles; they are read with torch's restricted unpickler
+(``weights_only=True``), which builds tensors and plain data only, and only their network weights
+are kept. What the restricted unpickler refuses is refused, with the file named.
+
+What the manifest records and why:
+
+* ``input_mpp``: nnU-Net stores no unit for 2D RGB images (their spacing is 1 per pixel), so
+  the caller states the µm/px the training tiles were cut at.
+* ``normalization``: nnU-Net's scheme per channel, as a per-channel ``(x / 255 - mean) / std``
+  that the ensemble applies (``RGBTo01Normalization``: mean 0, std 1; ``NoNormalization``: std
+  1/255; ``CTNormalization``: clipped to the plans' foreground percentiles, then their mean and
+  std). nnU-Net's ``ZScoreNormalization`` and ``RescaleTo01Normalization`` use each image's own
+  statistics, which a slide analysed in tiles does not have; they are refused.
+* ``tile_size_px``: the configuration's patch size (square; the sliding window's tiles).
+* ``class_names`` in label order (the ``ignore`` label is no output) and ``extra.positive_class``.
+* ``extra.blend = "nnunet"``: the sliding window blends these members as nnU-Net's predictor does
+  (see :mod:`inference.analysis.segment`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from inference.errors import ModelFileError
+from inference.models.manifest import MANIFEST_NAME, STAINS, Manifest, Member, sha256_file, write_manifest
+from inference.models.nnunet_network import build_nnunet_network, check_nnunet_architecture
+
+log = logging.getLogger(__name__)
+
+# nnU-Net's normalisation schemes that are a fixed per-pixel map, as (mean, std) on x / 255.
+_FIXED_NORMALIZATION = {
+    "RGBTo01Normalization": (0.0, 1.0),
+    "NoNormalization": (0.0, 1.0 / 255.0),
+}
+_CONFIG_DIR = re.compile(r"^(?P<trainer>.+)__(?P<plans>.+)__(?P<configuration>.+)$")
+_MEMBER_FILE = "member_{:02d}.safetensors"
+
+
+def _numpy_scalar_globals() -> list[Any]:
+    """What a numpy float or int in a checkpoint's logs unpickles through: a scalar from dtype and bytes.
+
+    nnU-Net's logs hold numpy floats (Dice per class); these are plain numbers, so they are let
+    through beside torch's own allow-list. Anything else (a class, a function) is still refused.
+    """
+    scalar = np.float64(0.0).__reduce__()[0]  # numpy's scalar reconstructor, whatever module holds it
+    # numpy 2 names it numpy._core.multiarray.scalar, numpy 1 numpy.core...: checkpoints hold either.
+    allowed: list[Any] = [
+        (scalar, "numpy._core.multiarray.scalar"),
+        (scalar, "numpy.core.multiarray.scalar"),
+        np.dtype,
+    ]
+    for name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType"):
+        dtype_cls = getattr(getattr(np, "dtypes", None), name, None)
+        if dtype_cls is not None:
+            allowed.append(dtype_cls)
+    return allowed
+
+
+@dataclass(frozen=True)
+class NnunetCheckpoint:
+    """What is kept of one nnU-Net checkpoint: its network weights and where they came from."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    trainer: str
+    configuration: str
+    fold: str
+    epoch: int
+    learning_rate: float
+
+
+def load_nnunet_checkpoint(path: str | Path) -> NnunetCheckpoint:
+    """Read a ``checkpoint_*.pth`` with torch's restricted unpickler; keep its ``network_weights`` only.
+
+    Raises :class:`ModelFileError` naming the file when the restricted unpickler refuses it (a
+    pickle that would build anything but tensors and plain data), when it is no torch file, or
+    when it holds no tensor weights.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: checkpoint not found")
+    try:
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = _refusal_reason(str(err))
+        raise ModelFileError(
+            f"{path}: refused: the checkpoint holds more than tensors and plain data, and unpickling it "
+            f"could run code ({first}); a checkpoint written by nnU-Net v2's trainer holds only those. "
+            "If you trust it, load it in nnU-Net and save its network_weights again"
+        ) from err
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ModelFileError(f"{path}: not a readable torch checkpoint ({err})") from err
+    weights = raw.get("network_weights") if isinstance(raw, dict) else None
+    if not isinstance(weights, dict) or not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ModelFileError(
+            f"{path}: no network_weights of tensors; expected an nnU-Net v2 checkpoint "
+            "(a dict with 'network_weights', 'init_args', 'current_epoch', ...)"
+        )
+    init_args = raw.get("init_args") if isinstance(raw.get("init_args"), dict) else {}
+    lrs = (raw.get("logging") or {}).get("lrs") if isinstance(raw.get("logging"), dict) else None
+    epoch = int(raw.get("current_epoch", 0))
+    lr = float(lrs[min(epoch, len(lrs)) - 1]) if lrs and epoch > 0 else math.nan
+    # DDP training saves the module's own keys, but older checkpoints may carry its prefix.
+    clean = {k.removeprefix("module."): v for k, v in weights.items()}
+    return NnunetCheckpoint(
+        path=path,
+        weights=clean,
+        trainer=str(raw.get("trainer_name", "")),
+        configuration=str(init_args.get("configuration", "")),
+        fold=str(init_args.get("fold", "")),
+        epoch=epoch,
+        learning_rate=lr,
+    )
+
+
+def _refusal_reason(message: str) -> str:
+    """The line of torch's long refusal that names what was refused (``Unsupported global: ...``)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for line in lines:
+        if "WeightsUnpickler error" in line or "Unsupported global" in line:
+            return line.split("WeightsUnpickler error:")[-1].strip().split(". ")[0]
+    return lines[0] if lines else "refused by the restricted unpickler"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ModelFileError(
+            f"{path}: missing; an nnU-Net v2 trained-model folder holds plans.json, dataset.json and fold_*/ "
+            "(pass the TRAINER__PLANS__CONFIGURATION folder under nnUNet_results/DatasetNNN_NAME)"
+        )
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelFileError(f"{path}: not valid JSON ({err})") from err
+
+
+def resolve_configuration(plans: dict[str, Any], name: str, *, plans_path: Path) -> dict[str, Any]:
+    """A configuration of ``plans`` with what it ``inherits_from`` merged in, as nnU-Net's PlansManager does."""
+    configurations = plans.get("configurations", {})
+    if name not in configurations:
+        raise ModelFileError(f"{plans_path}: no configuration {name!r}; it has {sorted(configurations)}")
+    config = dict(configurations[name])
+    seen = {name}
+    while "inherits_from" in config:
+        parent = config.pop("inherits_from")
+        if parent in seen or parent not in configurations:
+            raise ModelFileError(f"{plans_path}: configuration {name!r} inherits from unknown or circular {parent!r}")
+        seen.add(parent)
+        config = {**configurations[parent], **config}
+    return config
+
+
+def _check_configuration(config: dict[str, Any], name: str, plans: dict[str, Any], *, plans_path: Path) -> None:
+    """Refuse what the sliding window cannot run: 3D, non-square patches, transposed axes, unknown networks."""
+    patch = list(config.get("patch_size", []))
+    if len(patch) != 2:
+        raise ModelFileError(
+            f"{plans_path}: configuration {name!r} is {len(patch)}D (patch size {patch}); only 2D "
+            "configurations run on slides here: train nnU-Net's '2d' configuration"
+        )
+    if patch[0] != patch[1]:
+        raise ModelFileError(
+            f"{plans_path}: patch size {patch} is not square; the sliding window runs square tiles "
+            "(set a square patch_size in the plans and train again)"
+        )
+    transpose = plans.get("transpose_forward", [0, 1, 2])
+    if list(transpose) != [0, 1, 2]:
+        raise ModelFileError(
+            f"{plans_path}: transpose_forward {transpose} is not the identity; such plans are not supported"
+        )
+    arch = config.get("architecture")
+    if not isinstance(arch, dict) or "network_class_name" not in arch:
+        raise ModelFileError(f"{plans_path}: configuration {name!r} names no architecture (nnU-Net v2.4+ plans)")
+    check_nnunet_architecture(arch["network_class_name"])
+
+
+def _normalization(
+    schemes: list[str], intensities: dict[str, Any], *, channels: int, plans_path: Path
+) -> dict[str, list[float]]:
+    """nnU-Net's per-channel schemes as the ensemble's ``(clip(x / 255) - mean) / std``, all on x / 255."""
+    if len(schemes) != channels:
+        raise ModelFileError(f"{plans_path}: {len(schemes)} normalization_schemes for {channels} input channels")
+    mean, std, low, high = [], [], [], []
+    for channel, scheme in enumerate(schemes):
+        if scheme == "CTNormalization":
+            # Clip to the training foreground's 0.5 and 99.5 percentiles, then its mean and std (global numbers).
+            props = intensities.get(str(channel))
+            if not props:
+                raise ModelFileError(f"{plans_path}: CTNormalization without foreground intensity properties")
+            mean.append(float(props["mean"]) / 255.0)
+            std.append(max(float(props["std"]), 1e-8) / 255.0)
+            low.append(float(props["percentile_00_5"]) / 255.0)
+            high.append(float(props["percentile_99_5"]) / 255.0)
+            continue
+        low.append(0.0)  # x / 255 of uint8 pixels lies in [0, 1]: no clip
+        high.append(1.0)
+        if scheme not in _FIXED_NORMALIZATION:
+            raise ModelFileError(
+                f"{plans_path}: normalization {scheme!r} cannot be imported: it normalises each image by its own "
+                "statistics, which a slide analysed tile by tile does not have; name the channels 'rgb_to_0_1' "
+                "in dataset.json (RGBTo01Normalization, what `pdl1 export nnunet` writes) and train again"
+            )
+        m, s = _FIXED_NORMALIZATION[scheme]
+        mean.append(m)
+        std.append(s)
+    if "CTNormalization" in schemes:
+        return {"mean": mean, "std": std, "clip_min": low, "clip_max": high}
+    return {"mean": mean, "std": std}
+
+
+def _labels(dataset: dict[str, Any], *, dataset_path: Path) -> list[str]:
+    """Output class names in label order; nnU-Net's ``ignore`` label is not an output."""
+    labels = dataset.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise ModelFileError(f"{dataset_path}: no 'labels'")
+    if dataset.get("regions_class_order") is not None or any(not isinstance(v, int) for v in labels.values()):
+        raise ModelFileError(
+            f"{dataset_path}: region-based labels cannot be imported; the ensemble needs one softmax over classes"
+        )
+    by_value = {v: k for k, v in labels.items() if k != "ignore"}
+    if sorted(by_value) != list(range(len(by_value))):
+        raise ModelFileError(f"{dataset_path}: labels {labels} are not consecutive from 0")
+    return [by_value[i] for i in range(len(by_value))]
+
+
+def _choose_checkpoints(folder: Path, *, folds: list[str] | None, checkpoints: list[str]) -> list[Path]:
+    fold_dirs = sorted(p for p in folder.glob("fold_*") if p.is_dir())
+    if folds:
+        wanted = [folder / f"fold_{f}" for f in folds]
+        missing = [p for p in wanted if not p.is_dir()]
+        if missing:
+            raise ModelFileError(f"{missing[0]}: no such fold; {folder} has {[p.name for p in fold_dirs]}")
+        fold_dirs = wanted
+    if not fold_dirs:
+        raise ModelFileError(f"{folder}: no fold_* folders; is this an nnU-Net v2 trained-model folder?")
+    paths = []
+    for fold_dir in fold_dirs:
+        for name in checkpoints:
+            path = fold_dir / name
+            if not path.is_file():
+                have = sorted(p.name for p in fold_dir.glob("*.pth"))
+                raise ModelFileError(f"{path}: checkpoint not found; {fold_dir} has {have}")
+            paths.append(path)
+    return paths
+
+
+def import_nnunet(
+    results_folder: str | Path,
+    out_dir: str | Path,
+    *,
+    mpp: float,
+    checkpoints: list[str] | None = None,
+    folds: list[str] | None = None,
+    positive_label: str | None = None,
+    name: str | None = None,
+    stain: str = "H&E",
+) -> Manifest:
+    """Import an nnU-Net v2 2D trained-model folder as a segmentation model folder; return its manifest.
+
+    Parameters
+    ----------
+    results_folder
+        ``nnUNet_results/DatasetNNN_NAME/TRAINER__PLANS__CONFIGURATION``.
+    out_dir
+        The model folder to write (manifest + one safetensors file per member).
+    mpp
+        µm per pixel of the images the model was trained on (nnU-Net keeps no unit for 2D images).
+    checkpoints
+        Checkpoint file names taken from every chosen fold (default ``checkpoint_final.pth``).
+    folds
+        Folds to take (default all ``fold_*``).
+    positive_label
+        The label of the PD-L1 positive class (default: the one label besides ``background`` when
+        there are two classes).
+    """
+    folder = Path(results_folder)
+    out = Path(out_dir)
+    if not (isinstance(mpp, int | float) and math.isfinite(mpp) and mpp > 0):
+        raise ModelFileError(
+            f"--mpp must be the training images' µm per pixel (a positive number), got {mpp!r}; "
+            "nnU-Net keeps no unit for 2D images"
+        )
+    if stain not in STAINS:
+        raise ModelFileError(f"stain {stain!r} is not one of {STAINS}")
+    if not folder.is_dir():
+        raise ModelFileError(f"{folder}: no such folder; pass nnUNet_results/DatasetNNN_NAME/TRAINER__PLANS__CONFIG")
+    if (out / MANIFEST_NAME).exists():
+        raise ModelFileError(f"{out}: already holds a model ({MANIFEST_NAME}); choose another --out or remove it")
+    plans_path, dataset_path = folder / "plans.json", folder / "dataset.json"
+    plans, dataset = _read_json(plans_path), _read_json(dataset_path)
+    paths = _choose_checkpoints(folder, folds=folds, checkpoints=checkpoints or ["checkpoint_final.pth"])
+    # nnU-Net names the folder TRAINER__PLANS__CONFIGURATION; a renamed folder is told by its checkpoints.
+    parsed = _CONFIG_DIR.match(folder.name)
+    if parsed and parsed["configuration"] in plans.get("configurations", {}):
+        configuration = parsed["configuration"]
+        config = resolve_configuration(plans, configuration, plans_path=plans_path)
+        _check_configuration(config, configuration, plans, plans_path=plans_path)
+        loaded = [load_nnunet_checkpoint(p) for p in paths]
+    else:
+        loaded = [load_nnunet_checkpoint(p) for p in paths]
+        configuration = loaded[0].configuration
+        config = resolve_configuration(plans, configuration, plans_path=plans_path)
+        _check_configuration(config, configuration, plans, plans_path=plans_path)
+    if any(c.configuration and c.configuration != configuration for c in loaded):
+        raise ModelFileError(
+            f"{folder}: checkpoints of configuration {sorted({c.configuration for c in loaded})}, the folder is "
+            f"{configuration!r}; one ensemble is of one configuration"
+        )
+    patch = list(config["patch_size"])
+    arch = config["architecture"]
+    architecture = arch["network_class_name"]
+    channels = len(dataset.get("channel_names", {}))
+    if channels != 3:
+        raise ModelFileError(f"{dataset_path}: {channels} input channels; the slides give RGB (3 channels)")
+    normalization = _normalization(
+        config.get("normalization_schemes", []),
+        plans.get("foreground_intensity_properties_per_channel", {}),
+        channels=channels,
+        plans_path=plans_path,
+    )
+    class_names = _labels(dataset, dataset_path=dataset_path)
+    if positive_label is None:
+        others = [c for c in class_names if c != "background"]
+        if len(class_names) != 2 or len(others) != 1:
+            raise ModelFileError(f"{dataset_path}: classes {class_names}: name the positive one with --positive-label")
+        positive_label = others[0]
+    if positive_label not in class_names:
+        raise ModelFileError(f"positive label {positive_label!r} is not one of {dataset_path}'s classes {class_names}")
+
+    kwargs = {
+        "input_channels": channels,
+        "num_classes": len(class_names),
+        "arch_kwargs": arch.get("arch_kwargs", {}),
+        "arch_kwargs_requires_import": list(arch.get("_kw_requires_import", [])),
+    }
+    # Every member is checked before anything is written: a refusal leaves no half-written model folder.
+    networks = []
+    for ckpt in loaded:
+        network = build_nnunet_network(architecture, kwargs)
+        try:
+            network.load_state_dict(ckpt.weights, strict=True)
+        except RuntimeError as err:
+            raise ModelFileError(
+                f"{ckpt.path}: weights do not fit {plans_path}'s {architecture.rsplit('.', 1)[-1]}: "
+                f"{str(err).splitlines()[0]}"
+            ) from err
+        networks.append(network)
+    out.mkdir(parents=True, exist_ok=True)
+    members, provenance = [], []
+    for i, (ckpt, network) in enumerate(zip(loaded, networks, strict=True)):
+        file = _MEMBER_FILE.format(i)
+        _save_network(network, out / file)
+        # The fold is the folder's (what --folds chose; nnU-Net names them fold_K, K a number or "all").
+        fold_name = ckpt.path.parent.name.removeprefix("fold_")
+        fold = int(fold_name) if fold_name.isdigit() else 0
+        members.append(
+            Member(
+                file=file,
+                sha256=sha256_file(out / file),
+                cycle=0,
+                epoch=ckpt.epoch,
+                learning_rate=ckpt.learning_rate if math.isfinite(ckpt.learning_rate) else 0.0,
+                chain=fold,
+            )
+        )
+        provenance.append(
+            {
+                "file": file,
+                "checkpoint": str(ckpt.path.relative_to(folder)),
+                "checkpoint_sha256": sha256_file(ckpt.path),
+                "fold": fold_name,
+                "epoch": ckpt.epoch,
+                "learning_rate": ckpt.learning_rate if math.isfinite(ckpt.learning_rate) else None,
+                "trainer": ckpt.trainer,
+            }
+        )
+    manifest = Manifest(
+        name=name or str(dataset.get("name") or plans.get("dataset_name") or folder.parent.name),
+        version=f"nnunet-{configuration}",
+        task="segmentation",
+        architecture=architecture,
+        architecture_kwargs=kwargs,
+        input_mpp=float(mpp),
+        tile_size_px=int(patch[0]),
+        normalization=normalization,
+        class_names=class_names,
+        members=members,
+        # Uncalibrated: argmax for two classes; `pdl1 calibrate` sets SUA's numbers on validation slides.
+        thresholds={"segmentation": 0.5},
+        training={
+            "source": "nnU-Net v2",
+            "nnunetv2_version": _installed_version("nnunetv2"),
+            "results_folder": str(folder.resolve()),
+            "dataset_name": plans.get("dataset_name"),
+            "plans_identifier": plans.get("plans_name"),
+            "configuration": configuration,
+            "trainer": loaded[0].trainer or (parsed["trainer"] if parsed else ""),
+            "normalization_schemes": config.get("normalization_schemes"),
+            "patch_size": patch,
+            "spacing": config.get("spacing"),
+            "members": provenance,
+        },
+        # Tiles are blended as nnU-Net's predictor blends them (each member's logits, its Gaussian).
+        extra={
+            "positive_class": class_names.index(positive_label),
+            "positive_label": positive_label,
+            "blend": "nnunet",
+        },
+        stain=stain,
+    )
+    write_manifest(out, manifest)
+    log.info("imported %d nnU-Net checkpoints from %s into %s", len(members), folder, out)
+    return manifest
+
+
+def _installed_version(package: str) -> str:
+    """nnU-Net writes no version into its results; record the one installed where the import ran."""
+    try:
+        return f"{metadata.version(package)} (installed where imported)"
+    except metadata.PackageNotFoundError:
+        return "not recorded by nnU-Net; not installed where imported"
+
+
+def _save_network(network: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_model
+
+    # save_model keeps one name of tensors nnU-Net's blocks hold twice (``conv`` and ``all_modules.0``).
+    tmp = path.with_suffix(".safetensors.part")
+    save_model(network, str(tmp))
+    tmp.replace(path)

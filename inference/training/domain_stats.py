@@ -1,0 +1,145 @@
+"""A model's training-domain statistics (:mod:`inference.analysis.domain`), computed from its training slides.
+
+Each slide goes through the same sliding window an analysis runs (the segmentation ensemble's, or the
+nuclei detector's for a nuclei model) with member 0 only, whose bottleneck the guard reads; its
+stain is estimated on the same 8 µm/px thumbnail the pipeline uses. The review limits are calibrated
+on in-domain slides the statistics did not see: held-out slides when given, else each training
+slide scored against the statistics of the others (leave one slide out).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from inference.analysis.domain import (
+    DomainStats,
+    SlideStain,
+    calibrate_limits,
+    feature_score,
+    fit_domain_stats,
+    slide_stain,
+    stain_distance_deg,
+)
+from inference.analysis.nuclei import detect_nuclei
+from inference.analysis.segment import segment_slide
+from inference.models.ensemble import Ensemble
+from inference.models.features import capture_tile_features, feature_layers
+from inference.models.manifest import Manifest, read_manifest, write_manifest
+from inference.slides.slide import open_slide
+from inference.slides.stain_detect import detect_slide_stain
+from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
+
+log = logging.getLogger(__name__)
+
+# The thumbnail's µm/px for stain and tissue, as PipelineConfig.tissue_mpp.
+TISSUE_MPP = 8.0
+
+
+def domain_sample(
+    path: str | Path, ensemble: Ensemble, *, tissue_mpp: float = TISSUE_MPP, mpp: float | None = None
+) -> tuple[np.ndarray, SlideStain]:
+    """One slide's tile features (N, D) from ``ensemble``'s member 0 and its stain, as an analysis sees them."""
+    manifest = ensemble.manifest
+    first = Ensemble(manifest, ensemble.members[:1], folder=ensemble.folder, device=ensemble.device)
+    with open_slide(path, mpp=mpp) as slide:
+        tissue = tissue_mask_for_slide(slide, mpp=tissue_mpp, method=TISSUE_METHOD_OF_STAIN[manifest.stain])
+        with capture_tile_features(first) as captured:
+            if manifest.task == "segmentation":
+                segment_slide(slide, first, tissue=tissue)
+            else:
+                detect_nuclei(slide, first, tissue=tissue)
+        stain = slide_stain(detect_slide_stain(slide, mpp=tissue_mpp), slide.thumbnail(mpp=tissue_mpp))
+    return captured.array(), stain
+
+
+def compute_domain_stats(
+    model_dir: str | Path,
+    train_slides: Sequence[str | Path],
+    *,
+    held_out: Sequence[str | Path] = (),
+    device: str = "cpu",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> DomainStats:
+    """The statistics of ``model_dir``'s training domain from ``train_slides``, with calibrated limits.
+
+    With ``held_out`` (in-domain slides not among ``train_slides``) the limits come from their scores;
+    without, from each training slide scored against the other training slides' statistics (one
+    training slide alone: no limits, so the guard measures but never flags).
+    """
+    manifest = read_manifest(model_dir)
+    ensemble = Ensemble.load(model_dir, task=manifest.task, device=device)
+    train_slides = list(dict.fromkeys(str(p) for p in train_slides))  # a slide listed twice counts once
+    held_out = [str(p) for p in held_out]
+    if not train_slides:
+        raise ValueError("domain statistics need the model's training slides; none were given")
+    overlap = {Path(p).resolve() for p in train_slides} & {Path(p).resolve() for p in held_out}
+    if overlap:
+        raise ValueError(
+            f"{sorted(str(p) for p in overlap)} are both training and held-out slides; the limits must be "
+            "calibrated on slides the statistics did not see"
+        )
+    layers = ", ".join(name for name, _ in feature_layers(ensemble.members[0]))
+    total = len(train_slides) + len(held_out)
+    samples = []
+    for i, path in enumerate([*train_slides, *held_out]):
+        samples.append(domain_sample(path, ensemble))
+        log.info("%s: %d tiles", path, len(samples[-1][0]))
+        if on_progress is not None:
+            on_progress(i + 1, total)
+    train, held = samples[: len(train_slides)], samples[len(train_slides) :]
+    names = [Path(p).name for p in train_slides]
+    stats = fit_domain_stats([f for f, _ in train], [s for _, s in train], slide_names=names, feature_layers=layers)
+    if not held_out and len(train) < 2:
+        log.warning("one training slide and no held-out slides: the domain limits are not calibrated")
+        return stats
+    if held_out:
+        scored = [(Path(p).name, f, s, stats) for p, (f, s) in zip(held_out, held, strict=True)]
+        how = "held-out in-domain slides"
+    else:
+        scored = []
+        for i, name in enumerate(names):
+            rest = [x for j, x in enumerate(train) if j != i]
+            others = fit_domain_stats([f for f, _ in rest], [s for _, s in rest])
+            scored.append((name, train[i][0], train[i][1], others))
+        how = "each training slide against the other training slides' statistics (leave one slide out)"
+    scores = [feature_score(f, st) for _, f, _, st in scored]
+    stains = [stain_distance_deg(s, st) for _, _, s, st in scored]
+    return calibrate_limits(
+        stats,
+        scores,
+        stains,
+        slide_names=[n for n, *_ in scored],
+        how=how,
+    )
+
+
+def with_domain_stats(manifest: Manifest, stats: DomainStats) -> Manifest:
+    """The manifest with ``stats`` under ``extra["domain"]``; members and checksums unchanged."""
+    return replace(manifest, extra={**manifest.extra, "domain": stats.to_dict()})
+
+
+def write_domain_stats(model_dir: str | Path, stats: DomainStats) -> Path:
+    """Store ``stats`` in ``model_dir``'s manifest (rewritten whole; the weights are not touched)."""
+    manifest = read_manifest(model_dir, verify=False)
+    return write_manifest(model_dir, with_domain_stats(manifest, stats))
+
+
+def write_training_domain_stats(
+    model_dir: str | Path, slides: Sequence[str | Path], *, device: str = "cpu"
+) -> Manifest:
+    """After training: the statistics of the training slides, limits by leaving one slide out, in the manifest.
+
+    Training never fails for them: where they cannot be computed (slides too small for two tiles), the
+    manifest stays without (the guard then says "not measured") and a warning says why.
+    """
+    try:
+        stats = compute_domain_stats(model_dir, slides, device=device)
+    except ValueError as err:
+        log.warning("%s: no domain statistics (%s); compute them later with `pdl1 domain-stats`", model_dir, err)
+        return read_manifest(model_dir, verify=False)
+    return read_manifest(write_domain_stats(model_dir, stats).parent, verify=False)

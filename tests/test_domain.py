@@ -1,0 +1,248 @@
+"""The domain guard: training-domain statistics, the out-of-domain score, its limit and reasons."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from bridge.objects import OUT_OF_DOMAIN_SCORE, STAIN_DISTANCE, parent_measurements
+from bridge.report import _domain_text
+from inference.analysis.domain import (
+    DomainStats,
+    FeatureModel,
+    SlideStain,
+    assess_domain,
+    calibrate_limits,
+    feature_distance,
+    feature_score,
+    fit_domain_stats,
+    fit_feature_model,
+    stain_distance_deg,
+    stats_of_manifest,
+    tissue_od_median,
+)
+from inference.models.ensemble import Ensemble, demo_model_dir
+from inference.models.features import capture_tile_features, feature_layers
+from inference.models.manifest import read_manifest, write_manifest
+from inference.models.nuclei_model import DilatedResFCN
+from inference.models.unet import PlainConvUNet
+from inference.pipeline import Models, PipelineConfig, analyse_slide
+from inference.results import SlideResult
+
+H = (0.65, 0.70, 0.29)
+E = (0.07, 0.99, 0.11)
+
+
+def _stats(*, limit: float | None = 2.0, stain_limit: float | None = 10.0) -> DomainStats:
+    """Training tiles: 2-d features N(0, 1) in the first direction only; stains H and E."""
+    model = FeatureModel(np.zeros(2), np.ones(2), np.array([[1.0, 0.0]]), np.array([1.0]), 0.01)
+    return DomainStats(model, 1.0, 100, H, E, (1.5, 2.5), feature_limit=limit, stain_limit_deg=stain_limit)
+
+
+def test_a_direction_the_training_tiles_never_varied_in_lies_far_away():
+    rng = np.random.default_rng(0)
+    train = np.column_stack([rng.normal(0, 1, 500), rng.normal(0, 1, 500), np.full(500, 3.0)])
+    model = fit_feature_model(train, n_components=2)
+    d = feature_distance(np.array([[1.0, 0.0, 3.0], [0.0, 0.0, 3.1]]), model)
+    # One sd along a trained direction is about 1; a tenth off in the constant channel is hundreds.
+    assert d[0] == pytest.approx(1.0, abs=0.1)
+    assert d[1] > 50
+
+
+def test_the_score_is_about_one_in_the_training_domain_and_grows_with_the_shift():
+    rng = np.random.default_rng(1)
+    cov = np.diag(np.linspace(0.2, 3.0, 12))
+    slides = [rng.multivariate_normal(np.zeros(12), cov, 40) for _ in range(5)]
+    stains = [SlideStain(H, E, 2.0)] * 5
+    stats = fit_domain_stats(slides, stains, n_components=6)
+    assert stats.train_tiles == 200 and len(stats.features.components) == 6
+    same = feature_score(rng.multivariate_normal(np.zeros(12), cov, 40), stats)
+    shifted = feature_score(rng.multivariate_normal(np.full(12, 2.0), cov, 40), stats)
+    assert 0.8 < same < 1.3 < 2 < shifted
+    assert feature_score(np.zeros((0, 12)), stats) is None
+
+
+def test_stain_distance_is_the_larger_angle_and_unmeasured_without_tissue():
+    stats = _stats()
+    assert stain_distance_deg(SlideStain(H, E, 2.0), stats) == pytest.approx(0.0, abs=1e-6)
+    dab = (0.27, 0.57, 0.78)
+    # cos = (0.0189 + 0.5643 + 0.0858) / (0.9986 * 1.0030) = 0.668: 48.1°
+    assert stain_distance_deg(SlideStain(H, dab, 2.0), stats) == pytest.approx(48.1, abs=0.05)
+    assert stain_distance_deg(SlideStain((math.nan,) * 3, (math.nan,) * 3, math.nan), stats) is None
+
+
+def test_the_limits_are_the_margin_over_the_highest_held_out_slide():
+    stats = calibrate_limits(
+        _stats(limit=None, stain_limit=None), [1.1, None, 1.6], [4.0, 3.0, None], slide_names=["a", "b", "c"], how="x"
+    )
+    assert stats.feature_limit == pytest.approx(1.25 * 1.6) and stats.stain_limit_deg == pytest.approx(1.25 * 4.0)
+    assert stats.calibration["slides"][1] == {"slide": "b", "score": None, "stain_distance_deg": 3.0}
+    with pytest.raises(ValueError, match="at least one in-domain slide"):
+        calibrate_limits(_stats(), [None], [None], slide_names=["a"], how="x")
+    with pytest.raises(ValueError, match="margin must be >= 1"):
+        calibrate_limits(_stats(), [1.0], [1.0], slide_names=["a"], how="x", margin=0.5)
+
+
+@pytest.mark.parametrize(
+    ("features", "stain", "reasons"),
+    [
+        (np.array([[0.5, 0.0], [1.0, 0.0], [1.5, 0.0]]), SlideStain(H, E, 2.0), []),
+        (np.array([[0.5, 0.1], [1.0, 0.3], [1.5, 0.5]]), SlideStain(H, E, 2.0), ["network features"]),
+        (np.array([[1.0, 0.0]]), SlideStain(H, (0.27, 0.57, 0.78), 2.0), ["stain vectors (degrees)"]),
+    ],
+)
+def test_a_review_reason_with_value_and_limit_appears_only_over_a_limit(features, stain, reasons):
+    a = assess_domain(features, stain, _stats(), model="m")
+    assert [r["reason"].split(": ")[-1] for r in a.reasons] == reasons
+    for r in a.reasons:
+        assert r["value"] >= r["limit"] and r["reason"].startswith("out of the training domain of m")
+    assert a.summary()["measured"] and a.tiles == len(features)
+
+
+def test_without_statistics_or_with_another_models_nothing_is_measured():
+    a = assess_domain(np.ones((3, 2)), SlideStain(H, E, 2.0), None, model="m")
+    assert a.score is None and a.reasons == () and "no domain statistics" in a.why_not
+    b = assess_domain(np.ones((3, 5)), SlideStain(H, E, 2.0), _stats(), model="m")
+    assert b.score is None and "the statistics hold 2" in b.why_not
+
+
+def test_statistics_survive_the_manifest_and_an_old_version_is_not_used():
+    stats = calibrate_limits(_stats(), [1.0], [2.0], slide_names=["a"], how="x")
+    raw = json.loads(json.dumps(stats.to_dict()))
+    back, why = stats_of_manifest({"domain": raw})
+    assert why == "" and back.feature_limit == stats.feature_limit and back.haematoxylin_od == H
+    np.testing.assert_allclose(back.features.components, stats.features.components)
+    assert stats_of_manifest({})[0] is None and "pdl1 domain-stats" in stats_of_manifest({})[1]
+    none, why = stats_of_manifest({"domain": {**raw, "version": 99}})
+    assert none is None and "version 99" in why
+
+
+def test_tissue_od_is_measured_on_tissue_only():
+    rgb = np.full((20, 20, 3), 240, np.uint8)
+    assert math.isnan(tissue_od_median(rgb))
+    rgb[:10] = (120, 60, 150)
+    assert tissue_od_median(rgb) == pytest.approx(-sum(math.log((c + 1) / 241) for c in (120, 60, 150)))
+
+
+@pytest.mark.parametrize(
+    ("model", "dim"),
+    [
+        (PlainConvUNet(features=(4, 8, 16)), 2 * (4 + 8 + 16)),
+        (DilatedResFCN(width=8, dilations=(1, 2)), 2 * (4 + 8 + 8)),
+    ],
+)
+def test_features_are_captured_per_tile_from_member_zero_and_the_hooks_go_away(model, dim):
+    from inference.models.manifest import Manifest
+
+    manifest = Manifest("t", "0", "segmentation", "x", {}, 1.0, 32, {"mean": [0.5] * 3, "std": [0.2] * 3}, [], [])
+    ens = Ensemble.from_members(manifest, [model, PlainConvUNet(features=(2, 4))], device="cpu")
+    batch = torch.randint(0, 255, (3, 32, 32, 3), dtype=torch.uint8)
+    with capture_tile_features(ens) as captured, torch.inference_mode():
+        ens.members[0](ens.normalize(batch))
+        ens.members[0](ens.normalize(batch[:2]))
+    assert captured.array().shape == (5, dim)
+    assert all(not m._forward_hooks for _, m in feature_layers(model))
+    with pytest.raises(ValueError, match="no known feature layers"):
+        feature_layers(torch.nn.Conv2d(3, 3, 1))
+
+
+def _result(domain: dict | None) -> SlideResult:
+    summary = {} if domain is None else {"domain": domain}
+    return SlideResult("x", 10, 10, 1.0, "r", "c", None, None, (), (), 0.0, 100.0, summary=summary)
+
+
+def test_the_parent_gets_the_score_only_when_measured():
+    measured = {"out_of_domain_score": 3.5, "limit": 2.6, "stain_distance_deg": 12.0, "stain_limit_deg": 24.0}
+    out = parent_measurements(_result({**measured, "model": "seg"}))
+    assert out[OUT_OF_DOMAIN_SCORE] == 3.5 and out[STAIN_DISTANCE] == 12.0
+    unmeasured = {"out_of_domain_score": None, "stain_distance_deg": None, "why_not": "no statistics"}
+    assert OUT_OF_DOMAIN_SCORE not in parent_measurements(_result(unmeasured))
+    assert OUT_OF_DOMAIN_SCORE not in parent_measurements(_result(None))
+    assert _domain_text({**measured, "model": "seg"}).startswith("OUT of the training domain of seg")
+    assert _domain_text(unmeasured) == "not measured: no statistics"
+
+
+@pytest.fixture(scope="module")
+def seg_without_stats(tmp_path_factory):
+    """A copy of the demo segmentation model whose manifest predates the guard (no domain statistics)."""
+    folder = tmp_path_factory.mktemp("seg-old") / "seg"
+    shutil.copytree(demo_model_dir("seg"), folder)
+    manifest = read_manifest(folder)
+    extra = {k: v for k, v in manifest.extra.items() if k != "domain"}
+    write_manifest(folder, dataclasses.replace(manifest, extra=extra))
+    return folder
+
+
+def test_the_shipped_models_carry_calibrated_statistics():
+    for kind in ("seg", "nuclei-ihc"):
+        stats, why = stats_of_manifest(read_manifest(demo_model_dir(kind)).extra)
+        assert why == "" and stats.feature_limit > 1 and stats.stain_limit_deg > 0
+        assert stats.calibration["how"] == "held-out in-domain slides"
+
+
+def test_an_analysis_scores_the_image_and_an_old_manifest_gives_not_measured(phantom_svs, seg_without_stats):
+    config = PipelineConfig(device="cpu", run_nuclei=False, run_sua=False)
+    result = analyse_slide(phantom_svs, models=Models(config), config=config)
+    domain = result.summary["domain"]
+    assert domain["measured"] and domain["tiles"] > 0 and math.isfinite(domain["out_of_domain_score"])
+    assert parent_measurements(result)[OUT_OF_DOMAIN_SCORE] == domain["out_of_domain_score"]
+
+    old = dataclasses.replace(config, seg_model_dir=str(seg_without_stats))
+    result = analyse_slide(phantom_svs, models=Models(old), config=old)
+    assert result.summary["domain"]["measured"] is False
+    assert "no domain statistics" in result.summary["domain"]["why_not"]
+    assert OUT_OF_DOMAIN_SCORE not in parent_measurements(result)
+
+    off = dataclasses.replace(config, domain_guard=False)
+    assert "domain" not in analyse_slide(phantom_svs, models=Models(off), config=off).summary
+
+
+def test_an_image_over_the_limit_is_flagged_with_the_reason(phantom_svs, seg_without_stats, tmp_path):
+    # The demo's statistics with limits below anything: this phantom is "out of the domain" on both.
+    folder = tmp_path / "seg"
+    shutil.copytree(seg_without_stats, folder)
+    shipped = read_manifest(demo_model_dir("seg")).extra["domain"]
+    manifest = read_manifest(folder)
+    domain = {**shipped, "feature_limit": 0.01, "stain_limit_deg": 0.0}
+    write_manifest(folder, dataclasses.replace(manifest, extra={**manifest.extra, "domain": domain}))
+    config = PipelineConfig(device="cpu", run_nuclei=False, run_sua=False, seg_model_dir=str(folder))
+    result = analyse_slide(phantom_svs, models=Models(config), config=config)
+    reasons = [r for r in result.summary["review_reasons"] if r["reason"].startswith("out of the training domain")]
+    assert [r["limit"] for r in reasons] == [0.01, 0.0]
+    assert reasons[0]["value"] == result.summary["domain"]["out_of_domain_score"]
+    assert result.uncertainty_flag and parent_measurements(result)["PD-L1: Uncertainty flag"] == 1.0
+
+
+def test_pdl1_domain_stats_writes_calibrated_statistics_and_leaves_the_weights(phantom_svs, tmp_path):
+    from typer.testing import CliRunner
+
+    from bridge.cli.app import app
+    from inference.phantom.pyramid import write_phantom
+    from inference.phantom.scene import PhantomSpec
+
+    held = tmp_path / "held" / "h2.svs"
+    held.parent.mkdir()
+    write_phantom(held, PhantomSpec(1024, 1024, seed=2, tps_percent=40))
+    before = read_manifest(demo_model_dir("seg"))
+    runner = CliRunner()
+    out = tmp_path / "seg"
+    args = ["domain-stats", str(demo_model_dir("seg")), str(phantom_svs), "--out", str(out), "--no-progress"]
+    result = runner.invoke(app, [*args, "--held-out", str(tmp_path / "held" / "*.svs")])
+    assert result.exit_code == 0, result.output
+    assert "h2.svs: out-of-domain score" in result.output
+    manifest = read_manifest(out)  # verifies every member's sha256
+    assert manifest.checksum == before.checksum
+    stats, why = stats_of_manifest(manifest.extra)
+    assert why == "" and stats.slides[0]["slide"] == "p1.svs"
+    assert stats.calibration["slides"][0]["slide"] == "h2.svs" and stats.feature_limit is not None
+    same = runner.invoke(app, [*args, "--held-out", str(phantom_svs)])
+    flat = " ".join(same.output.split())  # the console wraps long lines
+    assert same.exit_code == 1 and "are both training and held-out slides" in flat
+    nothing = runner.invoke(app, [*args, "--held-out", str(tmp_path / "none*.svs")])
+    assert nothing.exit_code == 2 and "matches no file" in " ".join(nothing.output.split())

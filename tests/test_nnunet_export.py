@@ -1,0 +1,136 @@
+"""nnU-Net v2 raw datasets from phantom truth (``pdl1 export nnunet``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from bridge.cli.app import app
+from bridge.nnunet_export import UNLABELLED, PhantomTruthLabels, export_nnunet_dataset
+from inference import PhantomSpec, load_truth, write_phantom
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("phantoms")
+    a, b = folder / "a.svs", folder / "b.svs"
+    write_phantom(a, PhantomSpec(1280, 1024, seed=11, tps_percent=60.0))
+    write_phantom(b, PhantomSpec(1024, 1024, seed=12))
+    return a, b
+
+
+def test_dataset_layout_labels_and_mapping(phantoms, tmp_path):
+    a, b = phantoms
+    out = tmp_path / "Dataset777_Test"
+    summary = export_nnunet_dataset([a], out, source=PhantomTruthLabels(), mpp=2.0, case_size_px=128, test_slides=[b])
+    # a: 1280 x 1024 level-0 px at 0.5 µm/px = 320 x 256 px at 2 µm/px: 2 x 2 whole cases of 128 px
+    # (the last 64 px columns make no whole case); b: 2 x 2.
+    assert (summary.training_cases, summary.test_cases) == (4, 4)
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert dataset["labels"] == {"background": 0, "PD-L1 positive": 1, "ignore": 2}
+    assert dataset["channel_names"] == {"0": "rgb_to_0_1", "1": "rgb_to_0_1", "2": "rgb_to_0_1"}
+    assert dataset["numTraining"] == 4 and dataset["file_ending"] == ".png"
+    assert sorted(p.name for p in (out / "imagesTr").iterdir()) == [f"a_{i:04d}_0000.png" for i in range(4)]
+    assert sorted(p.name for p in (out / "labelsTr").iterdir()) == [f"a_{i:04d}.png" for i in range(4)]
+    assert sorted(p.name for p in (out / "imagesTs").iterdir()) == [f"b_{i:04d}_0000.png" for i in range(4)]
+    cases = json.loads((out / "cases.json").read_text())
+    assert cases["a_0001"]["region_xywh"] == [512, 0, 512, 512]
+    assert cases["a_0002"]["region_xywh"] == [0, 512, 512, 512]
+    assert cases["b_0000"]["split"] == "test"
+    provenance = json.loads((out / "pdl1_export.json").read_text())
+    assert provenance["label_source"] == {
+        "kind": "PhantomTruthLabels",
+        "purity": 0.99,
+        "margin_px": 0,
+        "class_names": ["background", "PD-L1 positive"],
+    }
+    assert (provenance["mpp"], provenance["case_size_px"], provenance["ignore_label"]) == (2.0, 128, 2)
+
+    # The truth mask is at 8 level-0 px (4 µm/px): every exported 2 µm pixel lies inside one truth pixel,
+    # so the labels are the mask, each pixel doubled, and no pixel is undecided.
+    truth = load_truth(a)
+    assert truth.mask_downsample == 8
+    labels = np.asarray(Image.open(out / "labelsTr" / "a_0001.png"))
+    expect = truth.positive_mask[:64, 64:128].repeat(2, axis=0).repeat(2, axis=1)
+    np.testing.assert_array_equal(labels, expect)
+    assert 0 < labels.mean() < 1
+    image = np.asarray(Image.open(out / "imagesTr" / "a_0001_0000.png"))
+    assert image.shape == (128, 128, 3) and image.dtype == np.uint8
+
+
+def test_margin_leaves_boundaries_to_the_ignore_label(phantoms, tmp_path):
+    a, _ = phantoms
+    source = PhantomTruthLabels(margin_px=2)
+    region = (0, 0, 512, 512)
+    sparse = source.labels(a, region, size_wh=(128, 128))
+    dense = PhantomTruthLabels().labels(a, region, size_wh=(128, 128))
+    unlabelled = sparse == UNLABELLED
+    assert unlabelled.any() and not (dense == UNLABELLED).any()
+    np.testing.assert_array_equal(sparse[~unlabelled], dense[~unlabelled])
+    # Every pixel next to a class change in the dense labels is unlabelled.
+    edges = np.zeros_like(unlabelled)
+    edges[:, 1:] |= dense[:, 1:] != dense[:, :-1]
+    edges[1:, :] |= dense[1:, :] != dense[:-1, :]
+    assert unlabelled[edges].all()
+
+
+def test_refuses_a_name_nnunet_would_not_read(phantoms, tmp_path):
+    with pytest.raises(ValueError, match="DatasetNNN_NAME"):
+        export_nnunet_dataset([phantoms[0]], tmp_path / "PDL1", source=PhantomTruthLabels(), mpp=2.0)
+
+
+def test_refuses_to_overwrite_a_dataset(phantoms, tmp_path):
+    out = tmp_path / "Dataset778_Test"
+    export_nnunet_dataset([phantoms[1]], out, source=PhantomTruthLabels(), mpp=2.0, case_size_px=128)
+    with pytest.raises(FileExistsError, match=r"already holds a dataset\.json"):
+        export_nnunet_dataset([phantoms[1]], out, source=PhantomTruthLabels(), mpp=2.0, case_size_px=128)
+
+
+def test_cli_export(phantoms, tmp_path):
+    out = tmp_path / "Dataset779_Cli"
+    args = ["export", "nnunet", str(phantoms[1]), "--out", str(out), "--mpp", "2", "--case-px", "64"]
+    result = CliRunner().invoke(app, [*args, "--ignore-margin-px", "1"])
+    assert result.exit_code == 0, result.output
+    assert "16 training cases, 0 test cases" in " ".join(result.output.split())  # the console wraps
+    labels = np.concatenate([np.asarray(Image.open(p)).ravel() for p in (out / "labelsTr").iterdir()])
+    assert set(np.unique(labels)) <= {0, 1, 2}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nnunetv2") is None, reason="nnU-Net v2 not installed (benchmarks/README)")
+def test_nnunets_integrity_check_accepts_the_dataset(phantoms, tmp_path):
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    out = tmp_path / "Dataset780_Check"
+    export_nnunet_dataset(
+        [phantoms[0]], out, source=PhantomTruthLabels(margin_px=2), mpp=2.0, case_size_px=64, test_slides=[phantoms[1]]
+    )
+    verify_dataset_integrity(str(out), num_processes=1)  # raises on what nnU-Net would reject
+
+
+def test_cli_export_of_a_project_maps_cases_to_entries(phantoms, tmp_path):
+    from bridge.init_project import init_project_files
+
+    project = init_project_files(tmp_path / "project", list(phantoms))
+    out = tmp_path / "Dataset781_Project"
+    args = ["export", "nnunet", str(project.parent), "--out", str(out), "--case-px", "128", "--test", "b.svs"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    cases = json.loads((out / "cases.json").read_text())
+    assert {c["image_name"] for c in cases.values() if c["split"] == "train"} == {"a.svs"}
+    assert {c["image_name"] for c in cases.values() if c["split"] == "test"} == {"b.svs"}
+    assert all(c["entry_id"] for c in cases.values())
+    unknown = CliRunner().invoke(app, [*args[:-1], "c.svs"])
+    assert unknown.exit_code == 1 and "no image named 'c.svs'" in unknown.output
+
+
+def test_cli_refuses_a_project_with_slides(phantoms, tmp_path):
+    result = CliRunner().invoke(
+        app, ["export", "nnunet", str(tmp_path), str(phantoms[0]), "--out", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 2 and "one project, or slide files" in " ".join(result.output.split())

@@ -1,0 +1,371 @@
+"""Importing nnU-Net v2 trained-model folders (``pdl1 import nnunet``).
+
+The refusals need no nnU-Net package: checkpoints and plans are written here as nnU-Net v2
+writes them. Building the networks needs ``dynamic_network_architectures`` (the ``nnunet``
+extra); those tests skip without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bridge.cli.app import app
+from inference.errors import ModelFileError
+from inference.models.ensemble import Ensemble, Precision
+from inference.models.manifest import read_manifest
+from inference.models.nnunet_import import import_nnunet, load_nnunet_checkpoint
+
+HAS_DNA = importlib.util.find_spec("dynamic_network_architectures") is not None
+needs_dna = pytest.mark.skipif(
+    not HAS_DNA, reason="needs dynamic_network_architectures: pip install 'pdl1-bridge[nnunet]'"
+)
+
+PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+RESENC = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+IMPORTS = ["conv_op", "norm_op", "dropout_op", "nonlin"]
+
+
+def _arch_kwargs(architecture: str, *, stages: int = 3) -> dict:
+    kwargs = {
+        "n_stages": stages,
+        "features_per_stage": [4 * 2**i for i in range(stages)],
+        "conv_op": "torch.nn.modules.conv.Conv2d",
+        "kernel_sizes": [[3, 3]] * stages,
+        "strides": [[1, 1]] + [[2, 2]] * (stages - 1),
+        "n_conv_per_stage_decoder": [1] * (stages - 1),
+        "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+        "dropout_op": None,
+        "dropout_op_kwargs": None,
+        "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"inplace": True},
+    }
+    if architecture == RESENC:
+        kwargs["n_blocks_per_stage"] = [1, 2, 2][:stages]
+    else:
+        kwargs["n_conv_per_stage"] = [2] * stages
+    return kwargs
+
+
+def _plans(*, architecture: str = PLAIN, patch: list[int] | None = None, norm: str = "RGBTo01Normalization") -> dict:
+    config = {
+        "data_identifier": "nnUNetPlans_2d",
+        "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": 2,
+        "patch_size": patch or [64, 64],
+        "spacing": [1.0, 1.0],
+        "normalization_schemes": [norm] * 3,
+        "use_mask_for_norm": [False] * 3,
+        "architecture": {
+            "network_class_name": architecture,
+            "arch_kwargs": _arch_kwargs(architecture if architecture in (PLAIN, RESENC) else PLAIN),
+            "_kw_requires_import": IMPORTS,
+        },
+    }
+    return {
+        "dataset_name": "Dataset501_PDL1",
+        "plans_name": "nnUNetPlans",
+        "transpose_forward": [0, 1, 2],
+        "configurations": {"2d": config, "3d_fullres": {**config, "patch_size": [8, 64, 64]}},
+    }
+
+
+DATASET = {
+    "channel_names": {"0": "rgb_to_0_1", "1": "rgb_to_0_1", "2": "rgb_to_0_1"},
+    "labels": {"background": 0, "PD-L1 positive": 1, "ignore": 2},
+    "numTraining": 4,
+    "file_ending": ".png",
+}
+
+
+def _network(architecture: str = PLAIN) -> torch.nn.Module:
+    from inference.models.nnunet_network import build_nnunet_network
+
+    kwargs = {
+        "input_channels": 3,
+        "num_classes": 2,
+        "arch_kwargs": _arch_kwargs(architecture),
+        "arch_kwargs_requires_import": IMPORTS,
+    }
+    torch.manual_seed(3)
+    return build_nnunet_network(architecture, kwargs)
+
+
+def _checkpoint(weights: dict, *, epoch: int, configuration: str = "2d", **extra) -> dict:
+    """What nnUNetTrainer.save_checkpoint writes (numpy floats in the logs, a torch.device in init_args)."""
+    return {
+        "network_weights": weights,
+        "optimizer_state": {"state": {}, "param_groups": [{"lr": 0.01, "momentum": 0.99}]},
+        "grad_scaler_state": None,
+        "logging": {"lrs": [0.01, 0.005, 0.001][:epoch], "mean_fg_dice": [np.float64(0.5)] * epoch},
+        "_best_ema": np.float64(0.5),
+        "current_epoch": epoch,
+        "init_args": {"plans": {}, "configuration": configuration, "fold": 0, "device": torch.device("cpu")},
+        "trainer_name": "nnUNetTrainer",
+        "inference_allowed_mirroring_axes": (0, 1),
+        **extra,
+    }
+
+
+def _results(tmp_path: Path, *, plans: dict | None = None, config_name: str = "2d", checkpoints=None) -> Path:
+    folder = tmp_path / "Dataset501_PDL1" / f"nnUNetTrainer__nnUNetPlans__{config_name}"
+    (folder / "fold_0").mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans or _plans()))
+    (folder / "dataset.json").write_text(json.dumps(DATASET))
+    dummy = {"encoder.w": torch.zeros(2)}
+    for name, ckpt in (checkpoints or {"checkpoint_final.pth": _checkpoint(dummy, epoch=3)}).items():
+        torch.save(ckpt, folder / "fold_0" / name)
+    return folder
+
+
+class _RunsCode:
+    """Unpickling this calls ``Path.touch`` on a marker file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoint_with_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "checkpoint_final.pth"
+    torch.save(_checkpoint({"w": torch.zeros(1)}, epoch=1, payload=_RunsCode(marker)), path)
+    with pytest.raises(ModelFileError, match=r"checkpoint_final\.pth: refused: the checkpoint holds more than"):
+        load_nnunet_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_checkpoint_with_a_foreign_class_is_refused(tmp_path):
+    path = tmp_path / "c.pth"
+    torch.save(_checkpoint({"w": torch.zeros(1)}, epoch=1, extra_obj=Fraction(1, 3)), path)
+    with pytest.raises(ModelFileError, match=r"c\.pth: refused.*Fraction"):
+        load_nnunet_checkpoint(path)
+
+
+def test_checkpoint_keeps_only_network_weights(tmp_path):
+    path = tmp_path / "c.pth"
+    torch.save(_checkpoint({"module.a": torch.ones(2)}, epoch=2), path)
+    ckpt = load_nnunet_checkpoint(path)
+    assert list(ckpt.weights) == ["a"]
+    assert (ckpt.epoch, ckpt.fold, ckpt.configuration, ckpt.trainer) == (2, "0", "2d", "nnUNetTrainer")
+    assert ckpt.learning_rate == pytest.approx(0.005)
+
+
+def test_checkpoint_without_weights_is_refused(tmp_path):
+    path = tmp_path / "c.pth"
+    torch.save({"network_weights": {"a": [1, 2]}}, path)
+    with pytest.raises(ModelFileError, match="no network_weights of tensors"):
+        load_nnunet_checkpoint(path)
+
+
+def test_unknown_architecture_is_refused_by_name(tmp_path):
+    folder = _results(tmp_path, plans=_plans(architecture="my_lab.nets.FancyUNet"))
+    with pytest.raises(ModelFileError, match=r"'my_lab\.nets\.FancyUNet' is not one this product runs"):
+        import_nnunet(folder, tmp_path / "model", mpp=2.0)
+    assert not (tmp_path / "model").exists()
+
+
+def test_3d_configuration_is_refused(tmp_path):
+    folder = _results(tmp_path, config_name="3d_fullres")
+    with pytest.raises(ModelFileError, match=r"'3d_fullres' is 3D .*only 2D"):
+        import_nnunet(folder, tmp_path / "model", mpp=2.0)
+
+
+def test_3d_configuration_told_by_the_checkpoint_is_refused(tmp_path):
+    ckpt = _checkpoint({"w": torch.zeros(1)}, epoch=1, configuration="3d_fullres")
+    folder = _results(tmp_path, checkpoints={"checkpoint_final.pth": ckpt})
+    renamed = folder.rename(folder.with_name("renamed"))
+    with pytest.raises(ModelFileError, match="is 3D"):
+        import_nnunet(renamed, tmp_path / "model", mpp=2.0)
+
+
+def test_per_image_normalisation_is_refused(tmp_path):
+    folder = _results(tmp_path, plans=_plans(norm="ZScoreNormalization"))
+    with pytest.raises(ModelFileError, match=r"ZScoreNormalization.*rgb_to_0_1"):
+        import_nnunet(folder, tmp_path / "model", mpp=2.0)
+
+
+@pytest.mark.parametrize("mpp", [0.0, -1.0, float("nan")])
+def test_bad_mpp_is_refused(tmp_path, mpp):
+    with pytest.raises(ModelFileError, match="--mpp must be"):
+        import_nnunet(_results(tmp_path), tmp_path / "model", mpp=mpp)
+
+
+def test_cli_requires_mpp(tmp_path):
+    folder = _results(tmp_path)
+    result = CliRunner().invoke(app, ["import", "nnunet", str(folder), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2
+    assert "--mpp" in result.output and "Missing option" in result.output
+
+
+def test_missing_checkpoint_names_what_the_fold_has(tmp_path):
+    folder = _results(tmp_path)
+    with pytest.raises(ModelFileError, match=r"checkpoint_best\.pth: checkpoint not found.*checkpoint_final\.pth"):
+        import_nnunet(folder, tmp_path / "model", mpp=2.0, checkpoints=["checkpoint_best.pth"])
+
+
+@needs_dna
+@pytest.mark.parametrize("architecture", [PLAIN, RESENC])
+def test_imported_members_run_as_the_networks_do(tmp_path, architecture):
+    nets = []
+    ckpts = {}
+    for i, epoch in enumerate((2, 3)):
+        net = _network(architecture)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.05 * (i + 1) * torch.randn_like(p))
+        nets.append(net.eval())
+        ckpts[f"checkpoint_epoch_{epoch}.pth"] = _checkpoint(net.state_dict(), epoch=epoch)
+    folder = _results(tmp_path, plans=_plans(architecture=architecture), checkpoints=ckpts)
+    out = tmp_path / "model"
+    manifest = import_nnunet(folder, out, mpp=1.5, checkpoints=list(ckpts))
+    assert read_manifest(out).members == manifest.members
+    assert [m.epoch for m in manifest.members] == [2, 3]
+    assert (manifest.input_mpp, manifest.tile_size_px, manifest.class_names) == (
+        1.5,
+        64,
+        ["background", "PD-L1 positive"],
+    )
+    assert manifest.normalization == {"mean": [0.0] * 3, "std": [1.0] * 3}
+    assert manifest.training["members"][1]["checkpoint"] == "fold_0/checkpoint_epoch_3.pth"
+    assert manifest.training["plans_identifier"] == "nnUNetPlans"
+
+    ensemble = Ensemble.load(out, task="segmentation")
+    rgb = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    ours = ensemble.member_probs(rgb, precision=Precision(None))
+    x = torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255.0  # RGBTo01Normalization
+    with torch.no_grad():
+        theirs = torch.stack([torch.softmax(net(x), dim=1) for net in nets])
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+@needs_dna
+def test_weights_of_another_network_are_refused(tmp_path):
+    net = _network(PLAIN)
+    state = {k: v for k, v in net.state_dict().items() if "seg_layers" not in k}
+    folder = _results(tmp_path, checkpoints={"checkpoint_final.pth": _checkpoint(state, epoch=1)})
+    with pytest.raises(ModelFileError, match=r"checkpoint_final\.pth: weights do not fit .*PlainConvUNet"):
+        import_nnunet(folder, tmp_path / "model", mpp=2.0)
+    assert not (tmp_path / "model").exists()
+
+
+@needs_dna
+def test_an_existing_model_folder_is_not_overwritten(tmp_path):
+    folder = _results(tmp_path, checkpoints={"checkpoint_final.pth": _checkpoint(_network().state_dict(), epoch=1)})
+    import_nnunet(folder, tmp_path / "model", mpp=2.0)
+    with pytest.raises(ModelFileError, match="already holds a model"):
+        import_nnunet(folder, tmp_path / "model", mpp=1.0)
+    assert read_manifest(tmp_path / "model").input_mpp == 2.0
+
+
+def test_layer_outside_torch_nn_is_refused():
+    from inference.models.nnunet_network import build_nnunet_network
+
+    kwargs = {
+        "input_channels": 3,
+        "num_classes": 2,
+        "arch_kwargs": {**_arch_kwargs(PLAIN), "nonlin": "os.system"},
+        "arch_kwargs_requires_import": IMPORTS,
+    }
+    with pytest.raises(ModelFileError, match=r"nonlin='os\.system': only torch\.nn layer classes"):
+        build_nnunet_network(PLAIN, kwargs)
+
+
+@needs_dna
+def test_cli_imports_folds_and_says_what_it_took(tmp_path):
+    net = _network(PLAIN)
+    folder = _results(tmp_path, checkpoints={"checkpoint_final.pth": _checkpoint(net.state_dict(), epoch=7)})
+    fold_1 = folder / "fold_1"
+    fold_1.mkdir()
+    torch.save(_checkpoint(net.state_dict(), epoch=9), fold_1 / "checkpoint_final.pth")
+    out = tmp_path / "model"
+    result = CliRunner().invoke(app, ["import", "nnunet", str(folder), "--out", str(out), "--mpp", "0.5"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "2 members (PlainConvUNet, 64 px tiles at 0.5 µm/px" in text
+    assert "fold_1/checkpoint_final.pth (fold 1, epoch 9)" in text
+    manifest = read_manifest(out)
+    assert [m.chain for m in manifest.members] == [0, 1] and manifest.blend == "nnunet"
+    only = CliRunner().invoke(
+        app, ["import", "nnunet", str(folder), "--out", str(tmp_path / "m1"), "--mpp", "1", "--folds", "1"]
+    )
+    assert only.exit_code == 0, only.output
+    assert [m.epoch for m in read_manifest(tmp_path / "m1").members] == [9]
+
+
+def test_cli_reports_a_refusal(tmp_path):
+    folder = _results(tmp_path, plans=_plans(architecture="my_lab.nets.FancyUNet"))
+    result = CliRunner().invoke(app, ["import", "nnunet", str(folder), "--out", str(tmp_path / "m"), "--mpp", "2"])
+    assert result.exit_code == 1
+    assert "FancyUNet" in result.output and "error" in result.output
+
+
+CT_PROPERTIES = {
+    str(c): {"mean": 150.0 + c, "std": 30.0, "percentile_00_5": 40.0 + c, "percentile_99_5": 230.0 - c}
+    for c in range(3)
+}
+
+
+def _nnunet_normalised(rgb: np.ndarray, scheme: str) -> np.ndarray:
+    """(B, 3, H, W) float32 as nnU-Net's preprocessing normalises each channel (its classes when installed)."""
+    x = rgb.transpose(0, 3, 1, 2).astype(np.float32)
+    if importlib.util.find_spec("nnunetv2") is not None:
+        from nnunetv2.preprocessing.normalization import default_normalization_schemes as schemes
+
+        cls = getattr(schemes, scheme)
+        return np.stack(
+            [np.stack([cls(False, CT_PROPERTIES[str(c)]).run(x[b, c].copy()) for c in range(3)]) for b in range(len(x))]
+        )
+    if scheme == "RGBTo01Normalization":
+        return x / 255.0
+    if scheme == "NoNormalization":
+        return x
+    out = np.empty_like(x)
+    for c in range(3):
+        p = CT_PROPERTIES[str(c)]
+        out[:, c] = (np.clip(x[:, c], p["percentile_00_5"], p["percentile_99_5"]) - p["mean"]) / p["std"]
+    return out
+
+
+@needs_dna
+@pytest.mark.parametrize("scheme", ["RGBTo01Normalization", "NoNormalization", "CTNormalization"])
+def test_normalisation_is_nnunets(tmp_path, scheme):
+    plans = _plans(norm=scheme)
+    plans["foreground_intensity_properties_per_channel"] = CT_PROPERTIES
+    folder = _results(
+        tmp_path, plans=plans, checkpoints={"checkpoint_final.pth": _checkpoint(_network().state_dict(), epoch=1)}
+    )
+    import_nnunet(folder, tmp_path / "model", mpp=2.0)
+    ensemble = Ensemble.load(tmp_path / "model", task="segmentation")
+    rgb = np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    ours = ensemble.normalize(torch.from_numpy(rgb)).numpy()
+    np.testing.assert_allclose(ours, _nnunet_normalised(rgb, scheme), rtol=1e-5, atol=1e-5)
+
+
+def test_without_the_extra_the_error_names_it(monkeypatch):
+    import importlib
+
+    from inference.models import nnunet_network
+
+    original = importlib.import_module
+
+    def no_dna(name, *args):
+        if name.startswith("dynamic_network_architectures"):
+            raise ImportError(f"No module named {name!r}")
+        return original(name, *args)
+
+    monkeypatch.setattr(nnunet_network.importlib, "import_module", no_dna)
+    kwargs = {"input_channels": 3, "num_classes": 2, "arch_kwargs": {}, "arch_kwargs_requires_import": []}
+    with pytest.raises(ModelFileError, match=r"needs the nnunet extra: pip install 'pdl1-bridge\[nnunet\]'"):
+        nnunet_network.build_nnunet_network(PLAIN, kwargs)

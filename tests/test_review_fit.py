@@ -1,0 +1,46 @@
+"""The "needs review" limits fitted to catch failures within a false-alarm budget (hand-made slides)."""
+
+import numpy as np
+import pytest
+
+from inference.evaluation.review import fit_review_limits, flags
+
+
+def test_two_scores_catch_failures_neither_catches_alone():
+    # Slide 3 fails with high entropy, slide 4 with a large SUA candidate area; the rest are right.
+    entropy = np.array([0.10, 0.12, 0.11, 0.40, 0.13, 0.09])
+    area = np.array([0.5, 0.3, 0.4, 0.2, 6.0, 0.6])
+    failed = np.array([False, False, False, True, True, False])
+    fit = fit_review_limits({"entropy": entropy, "area": area}, failed)
+    assert fit.catch == 1.0 and fit.false_alarm == 0.0 and fit.met
+    assert fit.limits == {"entropy": 0.40, "area": 6.0}  # the highest limits that still catch both
+    assert flags({"entropy": entropy, "area": area}, fit.limits).tolist() == failed.tolist()
+
+
+def test_the_false_alarm_budget_is_kept_even_when_the_target_is_missed():
+    # The second failure hides among right slides: catching it costs 2 false alarms of 5 (40 %).
+    entropy = np.array([0.9, 0.5, 0.6, 0.7, 0.2, 0.3, 0.55])
+    failed = np.array([True, False, False, False, False, False, True])
+    fit = fit_review_limits({"entropy": entropy}, failed, max_false_alarm=0.2)
+    assert fit.false_alarm <= 0.2 and fit.catch == 0.5 and not fit.met
+    assert fit.limits["entropy"] == 0.9
+    # The ROC climbs to every failure caught, at the cost that takes.
+    assert fit.roc[0] == (0.0, 0.5) and fit.roc[-1] == (0.4, 1.0)
+
+
+def test_a_score_that_never_helps_is_switched_off():
+    entropy = np.array([0.1, 0.2, 0.9])
+    noise = np.array([5.0, 1.0, 2.0])  # highest on a right slide
+    fit = fit_review_limits({"entropy": entropy, "noise": noise}, np.array([False, False, True]))
+    assert fit.limits["noise"] == np.inf and fit.catch == 1.0 and fit.false_alarm == 0.0
+
+
+@pytest.mark.parametrize("failed", [[False, False, False], [True, True, True]])
+def test_fitting_needs_failed_and_correct_slides(failed):
+    with pytest.raises(ValueError, match="needs failed and correct slides"):
+        fit_review_limits({"entropy": np.array([0.1, 0.2, 0.3])}, np.array(failed))
+
+
+def test_scores_of_another_length_are_refused():
+    with pytest.raises(ValueError, match="one value per slide"):
+        fit_review_limits({"entropy": np.array([0.1, 0.2])}, np.array([True, False, False]))

@@ -35,6 +35,10 @@ IMMUNE_NEGATIVE = PathClassSpec("Immune cells: PD-L1 negative", (60, 160, 160))
 INTENSITY_CLASSES = (TUMOR_1PLUS, TUMOR_2PLUS, TUMOR_3PLUS)
 # The IHC's positive tumour area registered onto its H&E (pairs): the measured truth beside the prediction.
 PDL1_IHC_POSITIVE = PathClassSpec("PD-L1 IHC positive (registered)", (120, 60, 0))
+# A lab's own labels (bridge/labels.py): where regions are labelled, explicit negatives, and areas never to train on.
+TRAINING_REGION = PathClassSpec("Training region", (0, 160, 255))
+PDL1_NEGATIVE = PathClassSpec("PD-L1 negative", (90, 90, 200))
+IGNORE = PathClassSpec("Ignore*", (180, 180, 180))
 
 ALL_CLASSES: tuple[PathClassSpec, ...] = (
     PDL1_POSITIVE,
@@ -49,6 +53,9 @@ ALL_CLASSES: tuple[PathClassSpec, ...] = (
     IMMUNE_POSITIVE,
     IMMUNE_NEGATIVE,
     PDL1_IHC_POSITIVE,
+    TRAINING_REGION,
+    PDL1_NEGATIVE,
+    IGNORE,
 )
 BY_NAME = {c.name: c for c in ALL_CLASSES}
 

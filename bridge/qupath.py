@@ -276,3 +276,32 @@ __all__ = [
     "unaddable_images",
     "write_children",
 ]
+
+
+def read_entry_objects(
+    project_path: str | Path, entry_ids: Iterable[str] | None = None
+) -> dict[str, list[QuPathObject]]:
+    """Every annotation and detection of the project's entries (all, or ``entry_ids``), read-only.
+
+    Each object goes through QuPath's own GeoJSON writer (``to_geojson``, GsonTools), so what comes
+    back is exactly what ``pdl1_export_labels.groovy`` writes for the same entry: one reader of labels,
+    whichever way they arrive. Keys are entry IDs.
+    """
+    from bridge.qupath_geojson import from_feature
+
+    wanted = None if entry_ids is None else {str(e) for e in entry_ids}
+    out: dict[str, list[QuPathObject]] = {}
+    with open_project(project_path, mode="r") as project:
+        for entry in project.images:
+            entry_id = str(entry.entry_id)
+            if wanted is not None and entry_id not in wanted:
+                continue
+            hierarchy = entry.hierarchy
+            objects = []
+            for obj in [*hierarchy.annotations, *hierarchy.detections]:
+                feature = obj.to_geojson()
+                if "id" not in feature:  # a QuPath that leaves the id out of its JSON
+                    feature["id"] = str(obj.java_object.getID())
+                objects.append(from_feature(feature))
+            out[entry_id] = objects
+    return out

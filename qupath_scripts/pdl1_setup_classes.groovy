@@ -20,6 +20,9 @@ def CLASSES = [
     ["Immune cells: PD-L1 positive", 160, 60, 160],
     ["Immune cells: PD-L1 negative", 60, 160, 160],
     ["PD-L1 IHC positive (registered)", 120, 60, 0],
+    ["Training region", 0, 160, 255],
+    ["PD-L1 negative", 90, 90, 200],
+    ["Ignore*", 180, 180, 180],
 ]
 // ------------------------------------------------------------------------------------------
 

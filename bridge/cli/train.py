@@ -1,4 +1,5 @@
-"""``pdl1 train``: the sub-app that trains segmentation ensembles and nuclei models on phantom slides."""
+"""``pdl1 train``: the sub-app that trains segmentation ensembles and nuclei models on phantom slides,
+or on a lab's own QuPath labels (a project, or GeoJSON exports beside slides: ``bridge.labels``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import typer
 from bridge.cli.common import fail, interrupted
 from inference import Pdl1Error
 
-app = typer.Typer(help="Train models on phantom slides with truth.", no_args_is_help=True)
+app = typer.Typer(help="Train models on phantom slides with truth, or on your own QuPath labels.", no_args_is_help=True)
 
 _TRAINING_KEPT = "{out} holds a checkpoint of the last finished epoch; the same command with --resume goes on from it"
 
@@ -37,12 +38,22 @@ def _features(text: str) -> tuple[int, ...]:
 
 RESTART_LR_HELP = "Learning rate at each warm restart after the first cycle (0: as --lr-max)."
 LR_MAX_HELP = "Learning rate at the start of the first cycle (default: 0.01 for sgd, as nnU-Net; 0.003 for adamw)."
+_LABELS_HELP = "A QuPath GeoJSON export per slide, in the slides' order (your labels)."
+_ENTRIES_HELP = "Project entries to train on (ID or image name; all)."
+_FROM_REVIEW_HELP = "Use pdl1 results a person reclassified (PD-L1 positive / negative) as labels."
+_QUPATH_HELP = "Read a project through QuPath: auto, always or never."
 FIRST_CYCLE_HELP = "Length of the first cycle in epochs (0: as --epochs-per-cycle); a long first cycle converges before members are kept."
 
 
 @app.command("seg")
 def train_seg(
-    slides: Annotated[list[Path], typer.Argument(help="Phantom slides with truth beside them (pdl1 phantom).")],
+    slides: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Phantom slides with truth beside them (pdl1 phantom); or a QuPath project (its labels); "
+            "or slides with --labels."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Model folder to write (manifest + members).")],
     cycles: Annotated[int, typer.Option(min=1, help="Cosine cycles (warm restarts).")] = 5,
     epochs_per_cycle: Annotated[int, typer.Option(min=1)] = 4,
@@ -79,15 +90,71 @@ def train_seg(
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoints under OUT if present.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    labels: Annotated[list[Path] | None, typer.Option("--labels", help=_LABELS_HELP)] = None,
+    entries: Annotated[list[str] | None, typer.Option("--entries", help=_ENTRIES_HELP)] = None,
+    from_review: Annotated[bool, typer.Option(help=_FROM_REVIEW_HELP)] = False,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            help="Model folder whose last member every chain starts from, or 'none'. Default: the shipped demo "
+            "segmentation ensemble for your labels when the architecture matches; from scratch for phantoms.",
+            show_default=False,
+        ),
+    ] = None,
+    qupath: Annotated[str, typer.Option(help=_QUPATH_HELP)] = "auto",
+    val_entries: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--val-entries",
+            help="Your labels: slides held out whole (entry ID, image name or file name), scored after training "
+            "(Dice over their labelled pixels; OUT/validation.json).",
+        ),
+    ] = None,
+    ihc_band_um: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="Train on a paired IHC's registered positive area (pdl1/pairs/<H&E>.ihc_positive.geojson as "
+            "--labels): the whole H&E is labelled, a band this wide around the area's edge ignored.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Train a segmentation ensemble the nnUNet-B way (cyclic LR, members at the low ends)."""
+    """Train a segmentation ensemble the nnUNet-B way (cyclic LR, members at the low ends).
+
+    On phantom truth, or on your own region labels (a QuPath project, or --labels GeoJSON per slide):
+    see the README, "Train on your own slides".
+    """
+    from bridge.labels import label_summary
     from bridge.progress import progress_bar
     from inference import SegTrainConfig, train_segmentation
 
     lr_peak, lr_floor = _lr_range(optimizer, lr_max)
     try:
+        slide_labels = _read_labels(
+            slides,
+            geojson=labels or [],
+            entries=[*entries, *(val_entries or [])] if entries else [],
+            from_review=from_review,
+            class_map=[],
+            qupath=qupath,
+            points=False,
+            ihc_band_um=ihc_band_um,
+        )
+        if val_entries and not slide_labels:
+            raise typer.BadParameter("--val-entries holds out slides of your labels; phantom truth has none")
+        from bridge.labels import split_validation
+
+        slide_labels, held_out = split_validation(slide_labels, val_entries or [])
+        _echo_counts(slide_labels)
+        init_model = None if init in (None, "none") else init
+        if init is None and slide_labels and (_features(features), input_mpp) == _DEMO_SEG_ARCH:
+            from inference import demo_model_dir
+
+            init_model = str(demo_model_dir("seg"))
         config = SegTrainConfig(
-            slides=tuple(str(s) for s in slides),
+            slides=tuple(lab.slide for lab in slide_labels) if slide_labels else tuple(str(s) for s in slides),
+            init_model=init_model,
             out_dir=str(out),
             cycles=cycles,
             epochs_per_cycle=epochs_per_cycle,
@@ -111,7 +178,14 @@ def train_seg(
             device=device,
         )
         with progress_bar("training", enabled=progress) as on_progress:
-            manifest = train_segmentation(config, resume=resume, on_progress=on_progress)
+            manifest = train_segmentation(
+                config,
+                labels=slide_labels,
+                label_sources=label_summary(slide_labels) if slide_labels else None,
+                resume=resume,
+                on_progress=on_progress,
+            )
+        validation = _validate(out, held_out, device=device, task="segmentation") if held_out else []
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
     except KeyboardInterrupt:
@@ -120,11 +194,90 @@ def train_seg(
         f"wrote {out}: {len(manifest.members)} members "
         + ", ".join(f"{m.file} (cycle {m.cycle}, epoch {m.epoch})" for m in manifest.members)
     )
+    for row in validation:
+        typer.echo(
+            f"validation {row['slide']}: {row['labelled_px']} labelled px, {row['positive_px']} positive, "
+            f"{row['predicted_px']} predicted positive, Dice {_fmt(row['dice'])}"
+        )
+
+
+def _is_project(path: Path) -> bool:
+    return path.suffix == ".qpproj" or (path.is_dir() and (path / "project.qpproj").is_file())
+
+
+# The shipped demo models' architectures: --init defaults to the demo when the run's matches.
+_DEMO_NUCLEI_ARCH = {"width": 32, "dilations": (1, 2, 4, 8), "input_mpp": 1.0}
+_DEMO_SEG_ARCH = ((8, 16, 32, 64), 2.0)
+
+
+def _read_labels(
+    sources: list[Path],
+    *,
+    geojson: list[Path],
+    entries: list[str],
+    from_review: bool,
+    class_map: list[str],
+    qupath: str,
+    points: bool,
+    ihc_band_um: float | None = None,
+) -> list:
+    """The SlideLabels of a project, or of slides each with its GeoJSON (in order); [] for phantom slides.
+
+    ``points``: a nuclei run (the H&E nuclei classes); else a segmentation run, which reads the areas only.
+    """
+    from bridge.labels import LabelRules, parse_class_map, read_geojson_labels, read_project_labels
+    from inference import NUCLEUS_CLASSES, open_slide
+
+    if qupath not in ("auto", "always", "never"):
+        raise typer.BadParameter(f"--qupath must be auto, always or never, got {qupath!r}")
+    rules = LabelRules(
+        class_names=tuple(NUCLEUS_CLASSES) if points else (),
+        class_map=parse_class_map(class_map),
+        from_review=from_review,
+        points=points,
+        ihc_band_um=ihc_band_um,
+    )
+    projects = [s for s in sources if _is_project(s)]
+    if projects:
+        if len(sources) != 1 or geojson:
+            raise typer.BadParameter("give one QuPath project alone (its entries are the slides), without --labels")
+        return read_project_labels(projects[0], rules=rules, entries=tuple(entries), qupath=qupath)
+    if entries:
+        raise typer.BadParameter("--entries chooses entries of a QuPath project; the sources are slides")
+    if not geojson:
+        if from_review or class_map or ihc_band_um is not None:
+            raise typer.BadParameter(
+                "--from-review, --class-map and --ihc-band-um apply to QuPath labels (a project or --labels)"
+            )
+        return []
+    if len(geojson) != len(sources):
+        raise typer.BadParameter(
+            f"--labels gives one GeoJSON per slide, in the slides' order: got {len(geojson)} for {len(sources)} slides"
+        )
+    out = []
+    for slide_path, labels_path in zip(sources, geojson, strict=True):
+        with open_slide(slide_path) as slide:
+            size, mpp = tuple(slide.dimensions), slide.mpp.mean
+        out.append(read_geojson_labels(labels_path, slide=slide_path, image_size_px=size, rules=rules, mpp=mpp))
+    return out
+
+
+def _echo_counts(slide_labels: list) -> None:
+    """What each label source gave: nothing is trained on silently dropped data."""
+    for lab in slide_labels:
+        used = ", ".join(f"{k} {v}" for k, v in lab.counts.items())
+        typer.echo(f"{lab.source or lab.slide}: {used}")
 
 
 @app.command("nuclei")
 def train_nuclei_cmd(
-    slides: Annotated[list[Path], typer.Argument(help="Phantom slides with truth beside them (pdl1 phantom).")],
+    slides: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Phantom slides with truth beside them (pdl1 phantom); or a QuPath project (its labels); "
+            "or slides with --labels."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Model folder to write (manifest + members).")],
     cycles: Annotated[int, typer.Option(min=1, help="Cosine cycles (warm restarts).")] = 3,
     epochs_per_cycle: Annotated[int, typer.Option(min=1)] = 3,
@@ -148,19 +301,75 @@ def train_nuclei_cmd(
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint if present.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    labels: Annotated[list[Path] | None, typer.Option("--labels", help=_LABELS_HELP)] = None,
+    entries: Annotated[list[str] | None, typer.Option("--entries", help=_ENTRIES_HELP)] = None,
+    from_review: Annotated[bool, typer.Option(help=_FROM_REVIEW_HELP)] = False,
+    class_map: Annotated[
+        list[str] | None,
+        typer.Option(help="LABEL=MODEL: train points of class LABEL as the model's class MODEL ('LABEL=': leave out)."),
+    ] = None,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            help="Model folder to fine-tune from (its last member), or 'none'. Default: the shipped demo nuclei "
+            "model for your labels when the architecture matches; from scratch for phantoms.",
+            show_default=False,
+        ),
+    ] = None,
+    known_radius_um: Annotated[
+        float, typer.Option(min=0.5, help="Your labels: pixels this near a marked point have a known target.")
+    ] = 6.0,
+    qupath: Annotated[str, typer.Option(help=_QUPATH_HELP)] = "auto",
+    val_entries: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--val-entries",
+            help="Your labels: slides held out whole (entry ID, image name or file name), scored after training "
+            "(detection F1 within 3 µm in their 'all nuclei marked' regions; OUT/validation.json).",
+        ),
+    ] = None,
 ) -> None:
     """Train the point-based nuclei classifier from truth points, on the stain of the slides given.
 
     H&E phantoms: Tumor: Positive / Tumor: Negative / Other. PD-L1 IHC phantoms (pdl1 phantom --ihc): also
     Immune cells: PD-L1 positive / negative, and the 2+/3+ membrane DAB limits calibrated on the truth.
+    Your own labels (a QuPath project, or --labels GeoJSON per slide): H&E, the H&E classes; points of
+    other classes need --class-map; see the README, "Train on your own slides".
     """
     from bridge.progress import progress_bar
     from inference import NucleiTrainConfig, train_nuclei
 
     lr_peak, lr_floor = _lr_range(optimizer, lr_max)
     try:
+        slide_labels = _read_labels(
+            slides,
+            geojson=labels or [],
+            entries=[*entries, *(val_entries or [])] if entries else [],
+            from_review=from_review,
+            class_map=class_map or [],
+            qupath=qupath,
+            points=True,
+        )
+        if val_entries and not slide_labels:
+            raise typer.BadParameter("--val-entries holds out slides of your labels; phantom truth has none")
+        from bridge.labels import split_validation
+
+        slide_labels, held_out = split_validation(slide_labels, val_entries or [])
+        init_model = None if init in (None, "none") else init
+        if init is None and slide_labels:
+            arch = {"width": width, "dilations": (1, 2, 4, 8), "input_mpp": input_mpp}
+            if arch == _DEMO_NUCLEI_ARCH:
+                from inference import demo_model_dir
+
+                init_model = str(demo_model_dir("nuclei"))
+        _echo_counts(slide_labels)
+        sources = [lab.slide for lab in slide_labels] if slide_labels else [str(s) for s in slides]
+        from bridge.labels import label_summary
+
         config = NucleiTrainConfig(
-            slides=tuple(str(s) for s in slides),
+            slides=tuple(sources),
+            init_model=init_model,
+            known_radius_um=known_radius_um,
             out_dir=str(out),
             cycles=cycles,
             epochs_per_cycle=epochs_per_cycle,
@@ -182,7 +391,14 @@ def train_nuclei_cmd(
             device=device,
         )
         with progress_bar("training", enabled=progress) as on_progress:
-            manifest = train_nuclei(config, resume=resume, on_progress=on_progress)
+            manifest = train_nuclei(
+                config,
+                labels=slide_labels,
+                label_sources=label_summary(slide_labels) if slide_labels else None,
+                resume=resume,
+                on_progress=on_progress,
+            )
+        validation = _validate(out, held_out, device=device, task="nuclei") if held_out else []
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
     except KeyboardInterrupt:
@@ -191,6 +407,38 @@ def train_nuclei_cmd(
         f"wrote {out}: {len(manifest.members)} members "
         + ", ".join(f"{m.file} (cycle {m.cycle}, epoch {m.epoch})" for m in manifest.members)
     )
+    for row in validation:
+        typer.echo(
+            f"validation {row['slide']}: {row['n_labelled']} marked nuclei, {row['n_predicted']} found, "
+            f"precision {_fmt(row['precision'])}, recall {_fmt(row['recall'])}, F1 {_fmt(row['f1'])}"
+        )
+
+
+def _fmt(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.3f}"
+
+
+def _validate(out: Path, held_out: list, *, device: str, task: str) -> list[dict]:
+    """Score the new model on the held-out slides; written to OUT/validation.json beside the manifest."""
+    from dataclasses import asdict
+
+    from bridge.labels import label_summary
+    from bridge.project import write_json_atomic
+    from inference import score_nuclei_on_labels, score_regions_on_labels
+
+    if task == "nuclei":
+        scores = score_nuclei_on_labels(out, held_out, radius_um=3.0, device=device)
+    else:
+        scores = score_regions_on_labels(out, held_out, device=device)
+    # precision is undefined (NaN) when nothing was found: null in JSON, which allows no NaN
+    rows = [
+        {k: None if isinstance(v, float) and v != v else v for k, v in (asdict(s) | summary).items()}
+        for s, summary in zip(scores, label_summary(held_out), strict=True)
+    ]
+    write_json_atomic(
+        out / "validation.json", {"task": task, "slides": rows} | ({"radius_um": 3.0} if task == "nuclei" else {})
+    )
+    return rows
 
 
 def domain_stats(

@@ -19,7 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from inference.models.manifest import sha256_file
+from inference.errors import ModelFileError
+from inference.models.manifest import read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,36 @@ def make_optimizer(config: CyclicSchedule, model: torch.nn.Module) -> torch.opti
             model.parameters(), lr=config.lr_max, momentum=0.99, nesterov=True, weight_decay=config.weight_decay
         )
     return torch.optim.AdamW(model.parameters(), lr=config.lr_max, weight_decay=config.weight_decay)
+
+
+def init_weights(
+    model: torch.nn.Module,
+    folder: str | Path,
+    *,
+    task: str,
+    architecture: str,
+    arch_kwargs: dict,
+    class_names: list[str] | tuple[str, ...],
+) -> str:
+    """Start ``model`` from the last member of a model folder (fine-tuning); returns that member's sha256.
+
+    The folder's checksums are verified first; its architecture and classes must be the run's.
+    """
+    manifest = read_manifest(folder, task=task, verify=True)
+    if manifest.architecture != architecture or manifest.architecture_kwargs != arch_kwargs:
+        raise ModelFileError(
+            f"{folder}: --init needs a {architecture} with {arch_kwargs}, this is {manifest.architecture} with "
+            f"{manifest.architecture_kwargs}; train with its architecture, or from scratch (--init none)"
+        )
+    if list(manifest.class_names) != list(class_names):
+        raise ModelFileError(
+            f"{folder}: --init has the classes {manifest.class_names}, the labels {list(class_names)}; "
+            "map the label classes onto the model's (--class-map) or train from scratch (--init none)"
+        )
+    member = manifest.members[-1]
+    state = load_file(str(Path(folder) / member.file))  # fp16 on disk (save_member), fp32 to train
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
+    return member.sha256
 
 
 CHECKPOINT_FILE = "state.safetensors"

@@ -1,16 +1,21 @@
-"""Train the point-supervised nuclei FCN from annotated points (phantom truth ``nuclei.csv``).
+"""Train the point-supervised nuclei FCN from annotated points (phantom truth ``nuclei.csv``, or a lab's labels).
 
 Targets are unit-peak Gaussians (``sigma_um``) at each nucleus on its class's heatmap; the
 loss is CenterNet's penalty-reduced focal loss on the sigmoid heatmaps. Patches are centred
 on nuclei of a class drawn uniformly, so rare classes are seen as often as common ones.
 Cyclic training as the segmentation ensemble: with several members, each nucleus also gets
 a predictive entropy.
+
+A lab's own labels (:class:`~inference.training.labels.SlideLabels`) are sparse: the heatmap target is
+known only inside exhaustively marked training regions and near marked points, and the focal loss
+leaves every other pixel out (:func:`masked_focal_loss`). ``init_model`` fine-tunes from an existing
+ensemble's last member instead of random weights.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,8 +33,9 @@ from inference.phantom.truth import load_truth
 from inference.slides.slide import open_slide
 from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
 from inference.training.augment import STAIN_JITTERS, augment_batch
-from inference.training.cyclic import check_schedule, total_epochs, train_cyclic
+from inference.training.cyclic import check_schedule, init_weights, total_epochs, train_cyclic
 from inference.training.domain_stats import write_training_domain_stats
+from inference.training.labels import SlideLabels, labels_digest, nuclei_known_mask
 from inference.training.train_seg import NORMALIZATION
 
 log = logging.getLogger(__name__)
@@ -64,6 +70,9 @@ class NucleiTrainConfig:
     stain_jitter: str = "light"
     seed: int = 0
     device: str = "cpu"
+    init_model: str | None = None  # a nuclei model folder whose last member the training starts from
+    # Where a lab's labels are sparse: pixels within this radius of a marked point have a known target.
+    known_radius_um: float = 6.0
 
     def __post_init__(self) -> None:
         check_schedule(self)
@@ -86,6 +95,7 @@ class _NucleiData:
     summary: dict
     class_names: tuple[str, ...]
     intensity: np.ndarray  # (N,) truth grade 0-3
+    known: np.ndarray | None = None  # (H, W) bool where the target is known; None: everywhere (phantom truth)
 
     @property
     def stain(self) -> str:
@@ -105,6 +115,31 @@ def load_nuclei_slide(path: str | Path, *, input_mpp: float) -> _NucleiData:
         truth.summary,
         tuple(truth.class_names),
         truth.nuclei_intensity,
+    )
+
+
+def load_labelled_slide(labels: SlideLabels, *, input_mpp: float, known_radius_um: float) -> _NucleiData:
+    """A slide with a lab's point labels, read whole at ``input_mpp``, with the mask of known targets."""
+    with open_slide(labels.slide) as slide:
+        if tuple(slide.dimensions) != tuple(labels.image_size_px):
+            raise ValueError(
+                f"{labels.slide}: the labels are for a {labels.image_size_px[0]} x {labels.image_size_px[1]} px image "
+                f"but the file is {slide.dimensions[0]} x {slide.dimensions[1]} px; are they from another image?"
+            )
+        rgb = slide.whole_at_mpp(input_mpp, reader="nuclei training")
+        ds = input_mpp / slide.mpp.mean
+    known = nuclei_known_mask(labels, shape_hw=rgb.shape[:2], downsample=ds, radius_px=known_radius_um / input_mpp)
+    if not labels.has_points:
+        raise ValueError(f"{labels.source or labels.slide}: no nucleus points to train on")
+    return _NucleiData(
+        Path(labels.slide).name,
+        rgb,
+        labels.points_xy / ds - 0.5,
+        labels.points_class,
+        {"stain": "H&E"},
+        tuple(labels.class_names),
+        np.zeros(len(labels.points_class), np.int64),
+        known,
     )
 
 
@@ -161,13 +196,29 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -(pos_loss + neg_loss) / pos.sum().clamp_min(1.0)
 
 
+def masked_focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """:func:`focal_loss` over the pixels whose target is known: ``target``'s last channel is that mask."""
+    heat, known = target[:, :-1], target[:, -1:]
+    p = torch.sigmoid(logits).clamp(1e-4, 1 - 1e-4)
+    pos = heat.eq(1).float() * known
+    neg_weight = (1 - heat).pow(4) * known
+    pos_loss = (torch.log(p) * (1 - p).pow(2) * pos).sum()
+    neg_loss = (torch.log(1 - p) * p.pow(2) * neg_weight * (1 - pos)).sum()
+    return -(pos_loss + neg_loss) / pos.sum().clamp_min(1.0)
+
+
 def sample_nuclei_batch(
     data: list[_NucleiData], rng: np.random.Generator, *, batch_size: int, patch_px: int, sigma_px: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Patches centred near a nucleus of a uniformly drawn class, with (H, W, C) Gaussian targets."""
+    """Patches centred near a nucleus of a uniformly drawn class, with (H, W, C) Gaussian targets.
+
+    Slides with sparse labels (``known`` set) add a last target channel, 1 where the target is known,
+    and centre half their patches on a known pixel, so unmarked background is seen too.
+    """
     n_classes = len(data[0].class_names)
+    sparse = data[0].known is not None
     images = np.empty((batch_size, patch_px, patch_px, 3), np.uint8)
-    targets = np.empty((batch_size, patch_px, patch_px, n_classes), np.float32)
+    targets = np.empty((batch_size, patch_px, patch_px, n_classes + sparse), np.float32)
     half = patch_px // 2
     for i in range(batch_size):
         d = data[int(rng.integers(len(data)))]
@@ -177,6 +228,10 @@ def sample_nuclei_batch(
         if pool.size == 0:
             pool = np.arange(len(d.cls))
         cx, cy = d.xy[pool[rng.integers(pool.size)]] + rng.uniform(-half / 2, half / 2, 2)
+        if sparse and rng.random() < 0.5:
+            rows, cols = np.nonzero(d.known)
+            j = int(rng.integers(rows.size))
+            cx, cy = float(cols[j]), float(rows[j])
         x0 = int(np.clip(round(cx) - half, 0, w - patch_px))
         y0 = int(np.clip(round(cy) - half, 0, h - patch_px))
         images[i] = d.rgb[y0 : y0 + patch_px, x0 : x0 + patch_px]
@@ -193,20 +248,40 @@ def sample_nuclei_batch(
             n_classes=n_classes,
             sigma_px=sigma_px,
         )
-        targets[i] = np.moveaxis(t, 0, -1)
+        targets[i, ..., :n_classes] = np.moveaxis(t, 0, -1)
+        if sparse:
+            targets[i, ..., n_classes] = d.known[y0 : y0 + patch_px, x0 : x0 + patch_px]
     return images, targets
 
 
 def train_nuclei(
-    config: NucleiTrainConfig, *, resume: bool = False, on_progress: Callable[[int, int], None] | None = None
+    config: NucleiTrainConfig,
+    *,
+    labels: Sequence[SlideLabels] = (),
+    label_sources: list[dict] | None = None,
+    resume: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Manifest:
-    """Train and write a nuclei model folder (``config.out_dir``); returns its manifest."""
+    """Train and write a nuclei model folder (``config.out_dir``); returns its manifest.
+
+    Without ``labels`` the slides are phantoms with truth; with them, ``config.slides`` are the
+    labelled slides (in the same order) and training honours where the labels are sparse.
+    ``label_sources`` (project, entries, counts: ``bridge.labels.label_summary``) go into the manifest.
+    """
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     device = torch.device(config.device)
-    data = [load_nuclei_slide(p, input_mpp=config.input_mpp) for p in config.slides]
+    if labels:
+        if tuple(lab.slide for lab in labels) != tuple(config.slides):
+            raise ValueError("config.slides must be the labelled slides, in the order of the labels")
+        data = [
+            load_labelled_slide(lab, input_mpp=config.input_mpp, known_radius_um=config.known_radius_um)
+            for lab in labels
+        ]
+    else:
+        data = [load_nuclei_slide(p, input_mpp=config.input_mpp) for p in config.slides]
     class_names, stain = _one_kind(data)
     thresholds = {"min_score": 0.3, "nms_radius_um": 2.5}
     if stain == "H-DAB":
@@ -218,7 +293,18 @@ def train_nuclei(
         "width": config.width,
         "dilations": list(config.dilations),
     }
-    model = DilatedResFCN(**{**arch_kwargs, "dilations": tuple(config.dilations)}).to(device)
+    model = DilatedResFCN(**{**arch_kwargs, "dilations": tuple(config.dilations)})
+    init_sha256 = None
+    if config.init_model is not None:
+        init_sha256 = init_weights(
+            model,
+            config.init_model,
+            task="nuclei",
+            architecture="DilatedResFCN",
+            arch_kwargs=arch_kwargs,
+            class_names=class_names,
+        )
+    model = model.to(device)
     mean = torch.tensor(NORMALIZATION["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(NORMALIZATION["std"], device=device).view(1, 3, 1, 1)
     sigma_px = config.sigma_um / config.input_mpp
@@ -237,7 +323,7 @@ def train_nuclei(
         out_dir=out_dir,
         rng=rng,
         next_batch=next_batch,
-        loss_fn=focal_loss,
+        loss_fn=masked_focal_loss if labels else focal_loss,
         resume=resume,
         on_progress=on_progress,
     )
@@ -258,16 +344,8 @@ def train_nuclei(
         extra={"output_stride": DilatedResFCN.output_stride, "sigma_um": config.sigma_um},
         training={
             "config": {k: v for k, v in asdict(config).items() if k != "out_dir"},
-            "data": [
-                {
-                    "slide": d.name,
-                    "seed": d.summary["spec"]["seed"],
-                    "tps_percent": d.summary["spec"]["tps_percent"],
-                    "shift": d.summary["spec"]["shift"],
-                    "nuclei": len(d.cls),
-                }
-                for d in data
-            ],
+            "data": _data_record(data, labels, label_sources),
+            "init": None if init_sha256 is None else {"model": config.init_model, "member_sha256": init_sha256},
             "final_losses": [m["train_loss"] for m in members],
             "producer": f"pdl1-bridge {__version__}",
         },
@@ -280,6 +358,24 @@ def train_nuclei(
     # The domain guard's statistics of these slides, limits by leaving one slide out (pdl1 domain-stats
     # recomputes them with held-out slides).
     return write_training_domain_stats(out_dir, config.slides, device=config.device)
+
+
+def _data_record(data: list[_NucleiData], labels: Sequence[SlideLabels], sources: list[dict] | None) -> list[dict]:
+    if not labels:
+        return [
+            {
+                "slide": d.name,
+                "seed": d.summary["spec"]["seed"],
+                "tps_percent": d.summary["spec"]["tps_percent"],
+                "shift": d.summary["spec"]["shift"],
+                "nuclei": len(d.cls),
+            }
+            for d in data
+        ]
+    return sources or [
+        {"slide": lab.slide, "source": lab.source, "counts": dict(lab.counts), "labels_sha256": labels_digest(lab)}
+        for lab in labels
+    ]
 
 
 # An IHC slide needs review when its cells' mean ensemble entropy passes the training slides' highest by this

@@ -6,8 +6,10 @@ samples that approximate the posterior, and their mean softmax is the prediction
 ``chains > 1`` several such runs start from different seeds (as several MCMC chains do) and
 their members are pooled: one trajectory's checkpoints share its errors, independent ones do not.
 
-Data are phantom slides with their truth (``<stem>.truth/positive_mask.tif``): each slide is
-read whole at the model's input MPP, and class-balanced patches are drawn from it.
+Data are phantom slides with their truth (``<stem>.truth/positive_mask.tif``), or a lab's own
+region labels (:class:`~inference.training.labels.SlideLabels`): each slide is read whole at the
+model's input MPP, and class-balanced patches are drawn from it. Pixels that are not labels
+(:data:`~inference.training.labels.IGNORE_LABEL`) count in neither the cross-entropy nor the Dice.
 Training is seeded and resumable: a checkpoint (safetensors + JSON, no pickle) is written
 after every epoch.
 """
@@ -15,7 +17,7 @@ after every epoch.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,8 +32,9 @@ from inference.phantom.truth import load_truth
 from inference.slides.slide import open_slide
 from inference.slides.tissue import detect_tissue
 from inference.training.augment import STAIN_JITTERS, augment_batch
-from inference.training.cyclic import check_schedule, total_epochs, train_cyclic
+from inference.training.cyclic import check_schedule, init_weights, total_epochs, train_cyclic
 from inference.training.domain_stats import write_training_domain_stats
+from inference.training.labels import IGNORE_LABEL, SlideLabels, labels_digest, region_target
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,7 @@ class SegTrainConfig:
     seed: int = 0
     chains: int = 1
     device: str = "cpu"
+    init_model: str | None = None  # a segmentation model folder whose last member every chain starts from
 
     def __post_init__(self) -> None:
         check_schedule(self)
@@ -140,6 +144,38 @@ def load_training_slide(path: str | Path, *, input_mpp: float, patch_px: int) ->
     )
 
 
+def load_labelled_seg_slide(labels: SlideLabels, *, input_mpp: float, patch_px: int) -> _SlideData:
+    """A slide with a lab's region labels, read whole at ``input_mpp``; its mask holds :data:`IGNORE_LABEL`.
+
+    Patches are centred on labelled pixels only (positive ones for the positive share).
+    """
+    if not labels.has_regions:
+        raise ValueError(
+            f"{labels.source or labels.slide}: no region labels (Training region, PD-L1 positive or negative areas)"
+        )
+    with open_slide(labels.slide) as slide:
+        if tuple(slide.dimensions) != tuple(labels.image_size_px):
+            raise ValueError(
+                f"{labels.slide}: the labels are for a {labels.image_size_px[0]} x {labels.image_size_px[1]} px image "
+                f"but the file is {slide.dimensions[0]} x {slide.dimensions[1]} px; are they from another image?"
+            )
+        rgb = slide.whole_at_mpp(input_mpp, reader="segmentation training")
+        ds = input_mpp / slide.mpp.mean
+    h, w = rgb.shape[:2]
+    mask = region_target(labels, shape_hw=(h, w), downsample=ds)
+    half = patch_px // 2
+    valid = np.zeros((h, w), bool)
+    valid[half : h - half, half : w - half] = True
+    return _SlideData(
+        name=Path(labels.slide).name,
+        rgb=rgb,
+        mask=mask,
+        positive_idx=np.flatnonzero(valid & (mask == 1)),
+        tissue_idx=np.flatnonzero(valid & (mask != IGNORE_LABEL)),
+        summary={"labels": labels.source},
+    )
+
+
 def sample_batch(
     data: list[_SlideData], rng: np.random.Generator, *, batch_size: int, patch_px: int, positive_fraction: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -161,13 +197,19 @@ def sample_batch(
 
 
 def ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy alone: a proper scoring rule, so members' probabilities stay calibrated."""
-    return F.cross_entropy(logits, target)
+    """Cross-entropy alone: a proper scoring rule, so members' probabilities stay calibrated.
+
+    Pixels whose target is :data:`IGNORE_LABEL` are left out (a batch of them only costs 0).
+    """
+    if bool((target == IGNORE_LABEL).all()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, target, ignore_index=IGNORE_LABEL)
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy + soft Dice of the positive class (nnU-Net's compound loss, 2 classes)."""
-    p = torch.softmax(logits, dim=1)[:, 1]
+    """Cross-entropy + soft Dice of the positive class (nnU-Net's compound loss, 2 classes), over labelled pixels."""
+    known = (target != IGNORE_LABEL).float()
+    p = torch.softmax(logits, dim=1)[:, 1] * known
     t = (target == 1).float()
     inter = (p * t).sum()
     soft_dice = (2 * inter + 1) / (p.sum() + t.sum() + 1)
@@ -180,18 +222,27 @@ SEG_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"
 def train_segmentation(
     config: SegTrainConfig,
     *,
+    labels: Sequence[SlideLabels] = (),
+    label_sources: list[dict] | None = None,
     resume: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Manifest:
     """Train and write an ensemble folder (``config.out_dir``); returns its manifest.
 
     The manifest is written only once every chain has finished, so an interrupted run writes none
-    (nothing loads as a partial ensemble); ``resume`` continues from the chains' checkpoints.
+    (nothing loads as a partial ensemble); ``resume`` continues from the chains' checkpoints. With
+    ``labels`` (a lab's region labels), ``config.slides`` are the labelled slides in the same order;
+    ``label_sources`` go into the manifest.
     """
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(config.device)
-    data = [load_training_slide(p, input_mpp=config.input_mpp, patch_px=config.patch_px) for p in config.slides]
+    if labels:
+        if tuple(lab.slide for lab in labels) != tuple(config.slides):
+            raise ValueError("config.slides must be the labelled slides, in the order of the labels")
+        data = [load_labelled_seg_slide(lab, input_mpp=config.input_mpp, patch_px=config.patch_px) for lab in labels]
+    else:
+        data = [load_training_slide(p, input_mpp=config.input_mpp, patch_px=config.patch_px) for p in config.slides]
     arch_kwargs = {
         "in_channels": 3,
         "n_classes": 2,
@@ -237,17 +288,10 @@ def train_segmentation(
         thresholds={"segmentation": config.threshold},
         training={
             "config": {k: v for k, v in asdict(config).items() if k != "out_dir"},
-            "data": [
-                {
-                    "slide": d.name,
-                    "seed": d.summary["spec"]["seed"],
-                    "tps_percent": d.summary["spec"]["tps_percent"],
-                    "shift": d.summary["spec"]["shift"],
-                    "size_px": [d.summary["spec"]["width_px"], d.summary["spec"]["height_px"]],
-                    "positive_fraction": float(d.mask.mean()),
-                }
-                for d in data
-            ],
+            "data": _data_record(data, labels, label_sources),
+            "init": None
+            if config.init_model is None
+            else {"model": config.init_model, "member_sha256": members[0]["init_sha256"]},
             "final_losses": [m["train_loss"] for m in members],
             "producer": f"pdl1-bridge {__version__}",
         },
@@ -256,6 +300,31 @@ def train_segmentation(
     # The domain guard's statistics of these slides, limits by leaving one slide out (pdl1 domain-stats
     # recomputes them with held-out slides).
     return write_training_domain_stats(out_dir, config.slides, device=config.device)
+
+
+def _data_record(data: list[_SlideData], labels: Sequence[SlideLabels], sources: list[dict] | None) -> list[dict]:
+    if not labels:
+        return [
+            {
+                "slide": d.name,
+                "seed": d.summary["spec"]["seed"],
+                "tps_percent": d.summary["spec"]["tps_percent"],
+                "shift": d.summary["spec"]["shift"],
+                "size_px": [d.summary["spec"]["width_px"], d.summary["spec"]["height_px"]],
+                "positive_fraction": float(d.mask.mean()),
+            }
+            for d in data
+        ]
+    records = sources or [
+        {"slide": lab.slide, "source": lab.source, "counts": dict(lab.counts), "labels_sha256": labels_digest(lab)}
+        for lab in labels
+    ]
+    out = []
+    for record, d in zip(records, data, strict=True):
+        known = d.mask != IGNORE_LABEL
+        positive = float((d.mask[known] == 1).mean()) if known.any() else 0.0
+        out.append(record | {"labelled_px": int(known.sum()), "positive_fraction_of_labelled": positive})
+    return out
 
 
 def _offset_progress(on_progress: Callable[[int, int], None], offset: int, total: int) -> Callable[[int, int], None]:
@@ -281,7 +350,18 @@ def _train_chain(
     """One cyclic run from its own seed: initial weights, patch draws and augmentation all follow it."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = PlainConvUNet(**{**arch_kwargs, "features": tuple(config.features)}).to(device)
+    model = PlainConvUNet(**{**arch_kwargs, "features": tuple(config.features)})
+    init_sha256 = None
+    if config.init_model is not None:
+        init_sha256 = init_weights(
+            model,
+            config.init_model,
+            task="segmentation",
+            architecture="PlainConvUNet",
+            arch_kwargs=arch_kwargs,
+            class_names=CLASS_NAMES,
+        )
+    model = model.to(device)
     mean = torch.tensor(NORMALIZATION["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(NORMALIZATION["std"], device=device).view(1, 3, 1, 1)
     jitter = STAIN_JITTERS[config.stain_jitter]
@@ -298,7 +378,7 @@ def _train_chain(
         x = (torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255 - mean) / std
         return x, torch.from_numpy(masks.astype(np.int64)).to(device)
 
-    return train_cyclic(
+    records = train_cyclic(
         config,
         model,
         out_dir=out_dir,
@@ -308,3 +388,4 @@ def _train_chain(
         resume=resume,
         on_progress=on_progress,
     )
+    return [r | {"init_sha256": init_sha256} for r in records]

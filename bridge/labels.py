@@ -1,0 +1,439 @@
+"""A lab's own labels, read from QuPath: the same :class:`~inference.SlideLabels` from a project or GeoJSON.
+
+The objects a pathologist draws in QuPath become labels by their class (README "Train on your own
+slides"):
+
+* ``Training region`` annotations bound where regions are labelled: inside them, pixels under
+  ``PD-L1 positive`` are positive and the rest negative. A training region whose name contains
+  ``all nuclei marked`` (any case) declares every nucleus in it marked, so its unmarked pixels are
+  nuclei background; elsewhere unmarked pixels are not labels.
+* ``PD-L1 positive`` / ``PD-L1 negative`` areas drawn anywhere are positive / negative; ``Ignore*``
+  (any class starting with ``Ignore``) areas are never labels.
+* Points of a nucleus class (multi-point annotations, as QuPath's Points tool makes them, or point
+  detections) are nuclei labels; a class the model does not have must be mapped (``class_map``).
+* A paired IHC's ``PD-L1 IHC positive (registered)`` area (``pdl1/pairs/<H&E key>.ihc_positive.geojson``)
+  with ``ihc_band_um``: the whole image is a training region, the area positive, and a band of that
+  width on either side of its edge is ignored.
+* Objects pdl1-bridge wrote (its signature measurements) are not labels while they are as it wrote
+  them. A candidate or predicted region a person reclassified ``PD-L1 positive`` or ``PD-L1 negative``
+  is a label with ``from_review``; without it, it is skipped and counted.
+
+Everything else (lines, other classes, unclassified objects) is counted as skipped. Bad input raises
+:class:`LabelError` naming the entry, the object and the fix; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import shapely
+from shapely.geometry import MultiPoint, Point, Polygon
+from shapely.geometry.base import BaseGeometry
+
+from bridge.classes import (
+    IGNORE,
+    PDL1_FN_CANDIDATE,
+    PDL1_IHC_POSITIVE,
+    PDL1_NEGATIVE,
+    PDL1_POSITIVE,
+    TRAINING_REGION,
+)
+from bridge.objects import OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE
+from bridge.project import ProjectEntry, ProjectInfo, locate_image, read_project
+from bridge.qupath_geojson import QuPathObject, read_features
+from inference import Pdl1Error, SlideLabels
+
+log = logging.getLogger(__name__)
+
+POSITIVE = PDL1_POSITIVE.name
+NEGATIVE = PDL1_NEGATIVE.name
+IGNORE_PREFIX = IGNORE.name.rstrip("*")  # QuPath's Ignore*, and any class a lab names Ignore...
+EXHAUSTIVE_MARK = "all nuclei marked"
+SUA_SIGNATURE = "SUA score"
+#: Where ``pdl1_export_labels.groovy`` writes an entry's objects, under the project folder.
+EXPORT_FOLDER = Path("pdl1") / "labels"
+# Overlaps of positive and negative labels smaller than this (level-0 px^2) are drawing slack, not a contradiction.
+_OVERLAP_TOLERANCE_PX2 = 1.0
+
+
+class LabelError(Pdl1Error, ValueError):
+    """Labels that cannot be trained on: none, contradictory, outside the image, of an unknown class."""
+
+
+@dataclass(frozen=True)
+class LabelRules:
+    """How label objects are read: the model's nuclei classes, how other classes map onto them, review."""
+
+    class_names: tuple[str, ...] = ()  # the nuclei classes a point may take (the model's)
+    class_map: Mapping[str, str | None] | None = None  # label class -> model class (None: not a label)
+    from_review: bool = False
+    points: bool = True  # False: a segmentation run, which counts points as skipped instead of reading them
+    # Paired IHC: the registered IHC positive area labels the whole H&E, a band this wide around its edge ignored
+    # (registration is never exact); None: such an area is skipped.
+    ihc_band_um: float | None = None
+
+
+def export_path(project_folder: Path, entry_id: str) -> Path:
+    """The GeoJSON ``pdl1_export_labels.groovy`` writes for an entry."""
+    return project_folder / EXPORT_FOLDER / f"{entry_id}.geojson"
+
+
+_AREA_CLASSES = frozenset({TRAINING_REGION.name, POSITIVE, NEGATIVE, PDL1_IHC_POSITIVE.name})
+
+
+def _is_ignore(cls: str | None) -> bool:
+    return cls is not None and cls.startswith(IGNORE_PREFIX)
+
+
+def _tool_written_class(obj: QuPathObject) -> str | None:
+    """The class pdl1-bridge gave an object it wrote (by its signature measurements), else None."""
+    if obj.object_type == "annotation" and OWN_ANNOTATION_SIGNATURE in obj.measurements:
+        return PDL1_FN_CANDIDATE.name if SUA_SIGNATURE in obj.measurements else POSITIVE
+    if obj.object_type in ("detection", "cell") and OWN_DETECTION_SIGNATURE in obj.measurements:
+        return obj.classification or ""
+    return None
+
+
+def _area(geometry: BaseGeometry, where: str) -> BaseGeometry:
+    if not isinstance(geometry, Polygon | shapely.MultiPolygon) or geometry.is_empty:
+        raise LabelError(f"{where}: a label area must be a polygon, got {geometry.geom_type}; redraw it as an area")
+    return geometry if geometry.is_valid else shapely.make_valid(geometry)
+
+
+def _union(parts: list[BaseGeometry]) -> BaseGeometry:
+    return shapely.union_all(parts) if parts else Polygon()
+
+
+def labels_from_objects(
+    objects: Iterable[QuPathObject],
+    *,
+    slide: str,
+    image_size_px: tuple[int, int],
+    rules: LabelRules,
+    project_classes: frozenset[str] | None = None,
+    source: str = "",
+    mpp: float | None = None,
+) -> SlideLabels:
+    """The labels of one image from its QuPath objects (see the module docstring for the rules).
+
+    ``project_classes``: the project's class list; a label (an area of a label class, or points) of a
+    class not in it is refused (an export from another project); other objects' classes are not checked.
+    ``mpp``: the image's µm/px, needed only for the band of a paired IHC area. Raises :class:`LabelError`
+    for an entry without labels, points outside the image, an unknown point class, and overlapping
+    positive and negative labels.
+    """
+    where = source or slide
+    class_map = dict(rules.class_map or {})
+    counts: Counter[str] = Counter()
+    regions: list[tuple[BaseGeometry, bool]] = []
+    positive: list[BaseGeometry] = []
+    negative: list[BaseGeometry] = []
+    ignore: list[BaseGeometry] = []
+    ihc: list[BaseGeometry] = []
+    xy: list[tuple[float, float]] = []
+    point_cls: list[int] = []
+    unknown_point_classes: Counter[str] = Counter()
+    for obj in objects:
+        cls = obj.classification
+        what = f"{where}: {obj.object_type} {obj.name or obj.id or ''} ({cls or 'unclassified'})"
+        is_label = cls is not None and (
+            cls in _AREA_CLASSES or _is_ignore(cls) or isinstance(obj.geometry, Point | MultiPoint)
+        )
+        if project_classes is not None and is_label and cls not in project_classes:
+            raise LabelError(
+                f"{what}: class {cls!r} is not in the project's class list ({', '.join(sorted(project_classes))}); "
+                "is this export from another project? Add the class in QuPath or export again"
+            )
+        original = _tool_written_class(obj)
+        if original is not None:
+            if cls == original:
+                counts["skipped: pdl1 results as written (not reviewed)"] += 1
+                continue
+            if cls not in (POSITIVE, NEGATIVE) or obj.object_type != "annotation":
+                counts["skipped: reviewed pdl1 results of other classes"] += 1
+                continue
+            if not rules.from_review:
+                counts["skipped: reviewed pdl1 results (use --from-review)"] += 1
+                continue
+            (positive if cls == POSITIVE else negative).append(_area(obj.geometry, what))
+            counts[f"reviewed: {cls}"] += 1
+            continue
+        geometry = obj.geometry
+        if cls == TRAINING_REGION.name:
+            exhaustive = EXHAUSTIVE_MARK in (obj.name or "").lower()
+            regions.append((_area(geometry, what), exhaustive))
+            counts["training regions (all nuclei marked)" if exhaustive else "training regions"] += 1
+        elif cls in (POSITIVE, NEGATIVE) and not isinstance(geometry, Point | MultiPoint):
+            (positive if cls == POSITIVE else negative).append(_area(geometry, what))
+            counts[f"areas: {cls}"] += 1
+        elif cls == PDL1_IHC_POSITIVE.name:
+            if rules.ihc_band_um is None:
+                counts["skipped: paired IHC area (use --ihc-band-um)"] += 1
+                continue
+            ihc.append(_area(geometry, what))
+            counts["paired IHC positive areas"] += 1
+        elif _is_ignore(cls):
+            ignore.append(_area(geometry, what))
+            counts["areas: ignore"] += 1
+        elif isinstance(geometry, Point | MultiPoint) and cls is not None:
+            target = class_map.get(cls, cls if cls in rules.class_names else "")
+            pts = [geometry] if isinstance(geometry, Point) else list(geometry.geoms)
+            if not rules.points:
+                counts["skipped: points (a segmentation run)"] += len(pts)
+                continue
+            if target is None:
+                counts[f"skipped: points of {cls} (mapped to none)"] += len(pts)
+                continue
+            if target not in rules.class_names:
+                unknown_point_classes[cls] += len(pts)
+                continue
+            xy.extend((p.x, p.y) for p in pts)
+            point_cls.extend([rules.class_names.index(target)] * len(pts))
+        else:
+            counts[f"skipped: {obj.object_type} {geometry.geom_type} ({cls or 'unclassified'})"] += 1
+    if unknown_point_classes:
+        listing = ", ".join(f"{c} ({n} points)" for c, n in sorted(unknown_point_classes.items()))
+        raise LabelError(
+            f"{where}: points of classes the model does not have: {listing}; the model's classes are "
+            f"{', '.join(rules.class_names)}: map each with --class-map 'LABEL=MODEL' (or 'LABEL=' to leave it out)"
+        )
+    points = np.asarray(xy, np.float64).reshape(-1, 2)
+    classes = np.asarray(point_cls, np.int64)
+    width, height = image_size_px
+    outside = (points[:, 0] < 0) | (points[:, 1] < 0) | (points[:, 0] > width) | (points[:, 1] > height)
+    if outside.any():
+        first = points[np.flatnonzero(outside)[0]]
+        raise LabelError(
+            f"{where}: {int(outside.sum())} of {len(points)} points lie outside the {width} x {height} px image "
+            f"(first at x={first[0]:.1f}, y={first[1]:.1f}); are the labels from another image or downsampled? "
+            "Export them again from this image"
+        )
+    if ihc:
+        if mpp is None:
+            raise LabelError(f"{where}: a paired IHC area needs the image's µm/px for its band; pass the slide's MPP")
+        area = _union(ihc)
+        band = area.boundary.buffer(rules.ihc_band_um / mpp)
+        # The whole image is labelled: IHC positive is positive, the rest negative, the edge band not a label.
+        regions.append((shapely.box(0, 0, *image_size_px), False))
+        positive.append(area)
+        ignore.append(band)
+    ignore_area = _union(ignore)
+    if len(points) and not ignore_area.is_empty:
+        in_ignore = shapely.contains_xy(ignore_area, points[:, 0], points[:, 1])
+        points, classes = points[~in_ignore], classes[~in_ignore]
+        if in_ignore.any():
+            counts["skipped: points under Ignore*"] += int(in_ignore.sum())
+    for i, name in enumerate(rules.class_names):
+        if (classes == i).any():
+            counts[f"points: {name}"] += int((classes == i).sum())
+    pos_area, neg_area = _union(positive), _union(negative)
+    overlap = pos_area.intersection(neg_area)
+    if overlap.area > _OVERLAP_TOLERANCE_PX2:
+        x0, y0, x1, y1 = (round(v) for v in overlap.bounds)
+        raise LabelError(
+            f"{where}: PD-L1 positive and PD-L1 negative labels overlap by {overlap.area:.0f} px^2 "
+            f"(within x {x0}-{x1}, y {y0}-{y1}); a pixel cannot be both: fix one of them in QuPath"
+        )
+    labels = SlideLabels(
+        slide=slide,
+        image_size_px=(int(width), int(height)),
+        training_regions=tuple(r for r, _ in regions),
+        exhaustive=tuple(e for _, e in regions),
+        positive=pos_area,
+        negative=neg_area,
+        ignore=ignore_area,
+        points_xy=points,
+        points_class=classes,
+        class_names=tuple(rules.class_names),
+        counts=dict(sorted(counts.items())),
+        source=source,
+    )
+    if not labels.has_regions and not labels.has_points:
+        skipped = "; ".join(f"{k}: {v}" for k, v in labels.counts.items()) or "no objects"
+        raise LabelError(
+            f"{where}: no labels ({skipped}); draw 'Training region', 'PD-L1 positive' or 'PD-L1 negative' "
+            "areas or nucleus points, or leave the entry out (--entries)"
+        )
+    return labels
+
+
+def read_geojson_labels(
+    path: str | Path,
+    *,
+    slide: str | Path,
+    image_size_px: tuple[int, int],
+    rules: LabelRules,
+    project_classes: frozenset[str] | None = None,
+    mpp: float | None = None,
+) -> SlideLabels:
+    """Labels from a QuPath GeoJSON export (QuPath's *Export objects*, ``pdl1_export_labels.groovy``, or the
+    ``pdl1/pairs/<H&E key>.ihc_positive.geojson`` of a paired IHC)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LabelError(f"{path}: no such GeoJSON file; export the image's objects from QuPath as GeoJSON")
+    try:
+        objects = list(read_features(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LabelError(f"{path}: not JSON ({err}); export the objects again from QuPath as GeoJSON") from err
+    except Pdl1Error as err:
+        raise LabelError(f"{path}: {err}") from err
+    return labels_from_objects(
+        objects,
+        slide=str(slide),
+        image_size_px=image_size_px,
+        rules=rules,
+        project_classes=project_classes,
+        source=str(path),
+        mpp=mpp,
+    )
+
+
+def project_classes(project_folder: Path) -> frozenset[str] | None:
+    """The class names of ``classifiers/classes.json``, or None when the project has none."""
+    path = project_folder / "classifiers" / "classes.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return frozenset(str(c["name"]) for c in raw["pathClasses"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise LabelError(f"{path}: not QuPath's class list ({err}); save the project in QuPath again") from err
+
+
+def choose_entries(info: ProjectInfo, wanted: Sequence[str] = ()) -> list[ProjectEntry]:
+    """The entries named by ID or image name (all when none are named); an unknown name is refused."""
+    if not wanted:
+        return list(info.entries)
+    by_key = {e.entry_id: e for e in info.entries} | {e.image_name: e for e in info.entries}
+    missing = [w for w in wanted if w not in by_key]
+    if missing:
+        known = ", ".join(f"{e.entry_id} ({e.image_name})" for e in info.entries)
+        raise LabelError(f"{info.path}: no entry {', '.join(map(repr, missing))}; the project has {known}")
+    return [by_key[w] for w in dict.fromkeys(wanted)]
+
+
+def read_project_labels(
+    project: str | Path,
+    *,
+    rules: LabelRules,
+    entries: Sequence[str] = (),
+    qupath: str = "auto",
+    search_dirs: tuple[Path, ...] = (),
+) -> list[SlideLabels]:
+    """Labels of a project's entries: through QuPath (paquo) when it is installed, else from exports.
+
+    ``qupath``: ``auto`` (QuPath when paquo finds one), ``always`` or ``never``. Without QuPath each
+    entry's objects are read from ``pdl1/labels/<entry ID>.geojson`` in the project folder, which
+    ``qupath_scripts/pdl1_export_labels.groovy`` writes; the labels are the same either way.
+    """
+    from bridge.project import ImageSearch
+
+    info = read_project(project)
+    chosen = choose_entries(info, entries)
+    classes = project_classes(info.folder)
+    use_qupath = qupath == "always"
+    if qupath == "auto":
+        from bridge.qupath import qupath_available
+
+        use_qupath = qupath_available()[0]
+    objects_by_entry: dict[str, list[QuPathObject]] | None = None
+    if use_qupath:
+        from bridge.qupath import read_entry_objects
+
+        objects_by_entry = read_entry_objects(info.path, [e.entry_id for e in chosen])
+    search = ImageSearch(search_dirs)
+    out = []
+    for entry in chosen:
+        slide = locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder, search=search)
+        if entry.size_px is None:
+            raise LabelError(
+                f"{info.path}: entry {entry.entry_id} ({entry.image_name}) states no image size; "
+                "open it in QuPath and save the project"
+            )
+        source = f"{info.path} entry {entry.entry_id} ({entry.image_name})"
+        if objects_by_entry is not None:
+            labels = labels_from_objects(
+                objects_by_entry.get(entry.entry_id, []),
+                slide=str(slide),
+                image_size_px=entry.size_px,
+                rules=rules,
+                project_classes=classes,
+                source=source + " through QuPath",
+                mpp=entry.mpp,
+            )
+        else:
+            exported = export_path(info.folder, entry.entry_id)
+            if not exported.is_file():
+                raise LabelError(
+                    f"{source}: QuPath is not installed here and {exported} is missing; run "
+                    "qupath_scripts/pdl1_export_labels.groovy for the project in QuPath (Run for project), "
+                    "or set PAQUO_QUPATH_DIR"
+                )
+            labels = read_geojson_labels(
+                exported, slide=slide, image_size_px=entry.size_px, rules=rules, project_classes=classes, mpp=entry.mpp
+            )
+            labels = replace(labels, source=f"{source} from {exported}")
+        out.append(labels)
+    return out
+
+
+def _names_of(lab: SlideLabels) -> set[str]:
+    """What ``--val-entries`` may call a slide: its path, file name, and its project entry's ID and image name."""
+    names = {lab.slide, Path(lab.slide).name}
+    entry = re.search(r" entry (\S+) \((.*?)\)", lab.source)
+    if entry:
+        names |= {entry.group(1), entry.group(2)}
+    return names
+
+
+def split_validation(labels: Sequence[SlideLabels], val: Sequence[str]) -> tuple[list[SlideLabels], list[SlideLabels]]:
+    """(training, validation) by slide, never by tile: the slides named in ``val`` (entry ID, image name
+    or file name) are held out whole."""
+    if not val:
+        return list(labels), []
+    wanted = set(val)
+    held = [lab for lab in labels if _names_of(lab) & wanted]
+    train = [lab for lab in labels if not _names_of(lab) & wanted]
+    unknown = wanted - set().union(*(_names_of(lab) for lab in held)) if held else wanted
+    if unknown:
+        raise LabelError(f"--val-entries names {', '.join(sorted(unknown))}, which no labelled slide is")
+    if not train:
+        raise LabelError("every labelled slide is held out for validation: leave at least one to train on")
+    return train, held
+
+
+def parse_class_map(items: Iterable[str]) -> dict[str, str | None]:
+    """``LABEL=MODEL`` pairs (``LABEL=`` leaves that class out) as a dict.
+
+    >>> parse_class_map(["connective=Other", "neoplastic=Tumor: Negative", "junk="])
+    {'connective': 'Other', 'neoplastic': 'Tumor: Negative', 'junk': None}
+    """
+    out: dict[str, str | None] = {}
+    for item in items:
+        label, sep, target = item.partition("=")
+        if not sep or not label.strip():
+            raise LabelError(f"--class-map expects LABEL=MODEL (or LABEL= to leave it out), got {item!r}")
+        out[label.strip()] = target.strip() or None
+    return out
+
+
+def label_summary(labels: Sequence[SlideLabels]) -> list[dict]:
+    """Per slide: source, counts used and skipped, and the labels' sha256 (for manifests and reports)."""
+    from inference import labels_digest
+
+    return [
+        {
+            "slide": lab.slide,
+            "source": lab.source,
+            "counts": dict(lab.counts),
+            "labels_sha256": labels_digest(lab),
+        }
+        for lab in labels
+    ]

@@ -1,0 +1,175 @@
+"""A lab's own labels of one slide, and their training targets with an ignore value.
+
+:class:`SlideLabels` is what every label source gives (QuPath projects, GeoJSON exports; built in
+``bridge.labels``): plain shapely areas and point arrays in level-0 px, no QuPath objects. The
+functions here turn them into targets on a model's pixel grid, pure numpy/scikit-image:
+
+* regions (segmentation): inside a training region, ``PD-L1 positive`` areas are 1 and the rest 0;
+  drawn ``PD-L1 negative`` areas are 0 and drawn positive areas 1 wherever they lie; ``Ignore*``
+  areas and everything else are :data:`IGNORE_LABEL`;
+* nuclei: the marked points, and a mask of where the heatmap target is known: everywhere inside a
+  training region whose nuclei are all marked (``exhaustive``), elsewhere only near a marked point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import shapely
+from shapely.geometry import Polygon
+from shapely.geometry.base import BaseGeometry
+from skimage.draw import polygon as draw_polygon
+
+#: The value of a region target's pixel that is not a label (the loss leaves it out).
+IGNORE_LABEL = 255
+
+
+@dataclass(frozen=True)
+class SlideLabels:
+    """The labels of one slide, in level-0 px of the image as QuPath shows it.
+
+    ``training_regions`` and ``exhaustive`` run in parallel (``exhaustive[i]``: every nucleus of
+    region ``i`` is marked); ``positive``, ``negative`` and ``ignore`` are (multi)polygons, empty when
+    none were drawn; ``points_xy`` is (N, 2) float64 in xy order with ``points_class`` (N,) indexing
+    ``class_names``; ``counts`` says what was used and what was skipped, and why.
+    """
+
+    slide: str
+    image_size_px: tuple[int, int]
+    training_regions: tuple[BaseGeometry, ...] = ()
+    exhaustive: tuple[bool, ...] = ()
+    positive: BaseGeometry = field(default_factory=Polygon)
+    negative: BaseGeometry = field(default_factory=Polygon)
+    ignore: BaseGeometry = field(default_factory=Polygon)
+    points_xy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    points_class: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    class_names: tuple[str, ...] = ()
+    counts: Mapping[str, int] = field(default_factory=dict)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.training_regions) != len(self.exhaustive):
+            raise ValueError("training_regions and exhaustive must have the same length")
+        if self.points_xy.shape != (len(self.points_class), 2):
+            raise ValueError(f"points_xy must be (N, 2) with N = len(points_class), got {self.points_xy.shape}")
+
+    @property
+    def has_regions(self) -> bool:
+        """Whether the labels say anything about PD-L1 areas (segmentation targets)."""
+        return bool(self.training_regions) or not self.positive.is_empty or not self.negative.is_empty
+
+    @property
+    def has_points(self) -> bool:
+        return len(self.points_class) > 0
+
+
+def labels_digest(labels: SlideLabels) -> str:
+    """sha256 of the labels' content (geometry, points, classes), independent of object order and ids.
+
+    >>> a = SlideLabels("s.svs", (10, 10), positive=shapely.box(0, 0, 2, 2))
+    >>> labels_digest(a) == labels_digest(SlideLabels("s.svs", (10, 10), positive=shapely.box(0, 0, 2, 2)))
+    True
+    """
+    h = hashlib.sha256()
+    h.update(repr(tuple(labels.image_size_px)).encode())
+    regions = sorted(
+        (shapely.normalize(g).wkb_hex, e) for g, e in zip(labels.training_regions, labels.exhaustive, strict=True)
+    )
+    h.update(repr(regions).encode())
+    for geom in (labels.positive, labels.negative, labels.ignore):
+        h.update(shapely.normalize(geom).wkb_hex.encode() if not geom.is_empty else b"empty")
+    names = np.asarray(labels.class_names, dtype=object)[labels.points_class] if labels.has_points else []
+    rows = sorted(zip(np.round(labels.points_xy, 3).tolist(), list(names), strict=True))
+    h.update(repr(rows).encode())
+    return h.hexdigest()
+
+
+def rasterize(
+    geometry: BaseGeometry,
+    *,
+    shape_hw: tuple[int, int],
+    downsample: float,
+    origin_xy: tuple[float, float] = (0.0, 0.0),
+) -> np.ndarray:
+    """Pixels of a grid at ``downsample`` whose centres lie in ``geometry`` (holes left out).
+
+    Pixel (row, col) has its centre at (origin_x + (col + 0.5) * downsample, origin_y + (row + 0.5) *
+    downsample) in level 0 (a map's grid starts at its ``origin_xy``).
+
+    >>> rasterize(shapely.box(0, 0, 4, 2), shape_hw=(3, 3), downsample=2).astype(int).tolist()
+    [[1, 1, 0], [0, 0, 0], [0, 0, 0]]
+    """
+    out = np.zeros(shape_hw, bool)
+    for poly in getattr(geometry, "geoms", [geometry]):
+        if poly.is_empty or not isinstance(poly, Polygon):
+            continue
+        out |= _fill(np.asarray(poly.exterior.coords) - origin_xy, shape_hw, downsample)
+        for hole in poly.interiors:
+            out &= ~_fill(np.asarray(hole.coords) - origin_xy, shape_hw, downsample)
+    return out
+
+
+def _fill(ring_xy: np.ndarray, shape_hw: tuple[int, int], downsample: float) -> np.ndarray:
+    mask = np.zeros(shape_hw, bool)
+    rows, cols = draw_polygon(ring_xy[:, 1] / downsample - 0.5, ring_xy[:, 0] / downsample - 0.5, shape=shape_hw)
+    mask[rows, cols] = True
+    return mask
+
+
+def region_target(
+    labels: SlideLabels,
+    *,
+    shape_hw: tuple[int, int],
+    downsample: float,
+    origin_xy: tuple[float, float] = (0.0, 0.0),
+) -> np.ndarray:
+    """uint8 (H, W) segmentation target: 1 positive, 0 negative, :data:`IGNORE_LABEL` not a label.
+
+    On the grid of :func:`rasterize` (``downsample`` level-0 px per pixel, starting at ``origin_xy``).
+
+    >>> lab = SlideLabels("s", (8, 8), (shapely.box(0, 0, 8, 4),), (False,), positive=shapely.box(0, 0, 4, 4))
+    >>> region_target(lab, shape_hw=(2, 2), downsample=4).tolist()
+    [[1, 0], [255, 255]]
+    """
+    grid = {"shape_hw": shape_hw, "downsample": downsample, "origin_xy": origin_xy}
+    target = np.full(shape_hw, IGNORE_LABEL, np.uint8)
+    for region in labels.training_regions:
+        target[rasterize(region, **grid)] = 0
+    target[rasterize(labels.positive, **grid)] = 1
+    target[rasterize(labels.negative, **grid)] = 0
+    target[rasterize(labels.ignore, **grid)] = IGNORE_LABEL
+    return target
+
+
+def nuclei_known_mask(
+    labels: SlideLabels, *, shape_hw: tuple[int, int], downsample: float, radius_px: float
+) -> np.ndarray:
+    """bool (H, W): where a nuclei heatmap target is known.
+
+    Inside exhaustively marked training regions every pixel (an unmarked pixel there is background);
+    elsewhere only pixels within ``radius_px`` (model px) of a marked point; never under ``Ignore*``.
+
+    >>> lab = SlideLabels("s", (8, 8), points_xy=np.array([[1.0, 1.0]]), points_class=np.array([0]), class_names=("a",))
+    >>> nuclei_known_mask(lab, shape_hw=(4, 4), downsample=2, radius_px=1).astype(int).tolist()
+    [[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    """
+    known = np.zeros(shape_hw, bool)
+    for region, exhaustive in zip(labels.training_regions, labels.exhaustive, strict=True):
+        if exhaustive:
+            known |= rasterize(region, shape_hw=shape_hw, downsample=downsample)
+    if labels.has_points:
+        xy = labels.points_xy / downsample - 0.5  # model-px coordinates of pixel centres
+        r = int(np.ceil(radius_px))
+        offsets = np.arange(-r, r + 1)
+        dy, dx = np.meshgrid(offsets, offsets, indexing="ij")
+        disk = dy**2 + dx**2 <= radius_px**2
+        centres = np.round(xy).astype(np.int64)
+        rows = (centres[:, 1, None] + dy[disk][None, :]).ravel()
+        cols = (centres[:, 0, None] + dx[disk][None, :]).ravel()
+        inside = (rows >= 0) & (rows < shape_hw[0]) & (cols >= 0) & (cols < shape_hw[1])
+        known[rows[inside], cols[inside]] = True
+    known &= ~rasterize(labels.ignore, shape_hw=shape_hw, downsample=downsample)
+    return known

@@ -1,0 +1,46 @@
+/*
+ * pdl1_export_labels.groovy - export an image's labels for `pdl1 train ... PROJECT` (QuPath 0.4.4 to 0.7).
+ *
+ * Writes every annotation and detection of the open image, as QuPath's own GeoJSON, to
+ * <project>/pdl1/labels/<entryID>.geojson. `pdl1 train seg|nuclei PROJECT` reads these files where
+ * QuPath (paquo) is not installed, and reads the same objects through QuPath where it is: the labels
+ * are the same either way. What counts as a label (Training region, PD-L1 positive / negative,
+ * Ignore*, nucleus points) is decided in Python (bridge/labels.py), not here.
+ *
+ * Run it for the whole project: Automate > Project scripts (or Script editor) > Run for project,
+ * or headless (-s is --save: write each image's data): QuPath script -p project.qpproj -s pdl1_export_labels.groovy
+ *
+ * Nothing to edit below unless you want the files elsewhere.
+ */
+import java.nio.charset.StandardCharsets
+import java.nio.file.Files
+import java.nio.file.StandardCopyOption
+import qupath.lib.io.GsonTools
+
+// ---- settings ----------------------------------------------------------------------------
+def LABELS_FOLDER = "pdl1/labels"   // relative to the project folder (bridge/labels.py: EXPORT_FOLDER)
+// ------------------------------------------------------------------------------------------
+
+def project = getProject()
+def entry = getProjectEntry()
+if (project == null || entry == null) {
+    println "pdl1: open a project and an image first (this script exports per project entry)"
+    return
+}
+def folder = new File(project.getPath().getParent().toFile(), LABELS_FOLDER)
+folder.mkdirs()
+def target = new File(folder, entry.getID() + ".geojson")
+
+def hierarchy = getCurrentHierarchy()
+def objects = []
+objects.addAll(hierarchy.getAnnotationObjects())
+objects.addAll(hierarchy.getDetectionObjects())
+// One object at a time through QuPath's own GeoJSON writer (what paquo's to_geojson calls too).
+def gson = GsonTools.getInstance()
+def text = "[\n" + objects.collect { gson.toJson(it) }.join(",\n") + "\n]\n"
+
+// Written beside the target and renamed over it, so an interrupted export leaves the old file whole.
+def part = new File(folder, entry.getID() + ".geojson.part")
+Files.write(part.toPath(), text.getBytes(StandardCharsets.UTF_8))
+Files.move(part.toPath(), target.toPath(), StandardCopyOption.REPLACE_EXISTING, StandardCopyOption.ATOMIC_MOVE)
+println "pdl1: exported ${objects.size()} objects of ${entry.getImageName()} to ${target}"

@@ -1,0 +1,311 @@
+"""Label sources: a QuPath project's objects (GeoJSON exports, or through paquo) become the same SlideLabels."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+import tifffile
+
+from bridge.labels import (
+    LabelError,
+    LabelRules,
+    export_path,
+    labels_from_objects,
+    parse_class_map,
+    project_classes,
+    read_geojson_labels,
+    read_project_labels,
+)
+from bridge.qupath_geojson import QuPathObject
+from inference import IGNORE_LABEL, labels_digest, nuclei_known_mask, region_target
+
+HE_CLASSES = ("Tumor: Positive", "Tumor: Negative", "Other")
+RULES = LabelRules(class_names=HE_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def labelled(fixtures_dir) -> Path:
+    return fixtures_dir / "qupath-0.4.4-labels"
+
+
+def _fixture_labels(labelled: Path, rules: LabelRules = RULES):
+    return read_geojson_labels(
+        labelled / "objects-labelled-by-pathologist-0.4.4.geojson",
+        slide=labelled / "he-1357.svs",
+        image_size_px=(2048, 2048),
+        rules=rules,
+        project_classes=project_classes(labelled / "project"),
+    )
+
+
+def test_the_fixture_objects_become_labels_by_class(labelled):
+    labels = _fixture_labels(labelled)
+    assert labels.counts == {
+        "areas: PD-L1 negative": 1,
+        "areas: PD-L1 positive": 3,
+        "areas: ignore": 1,
+        "points: Other": 91,
+        "points: Tumor: Negative": 721,
+        "points: Tumor: Positive": 440,
+        "skipped: annotation LineString (unclassified)": 1,
+        "skipped: pdl1 results as written (not reviewed)": 1,
+        "skipped: reviewed pdl1 results (use --from-review)": 2,
+        "training regions": 1,
+        "training regions (all nuclei marked)": 1,
+    }
+    # The region named "... (all nuclei marked)" is the exhaustive one, the other is regions only.
+    assert labels.exhaustive == (True, False)
+    assert len(labels.points_xy) == 91 + 721 + 440
+    # Every point lies in the first (exhaustive) region, where the README says they were marked.
+    region = labels.training_regions[0]
+    assert shapely.contains_xy(region, labels.points_xy[:, 0], labels.points_xy[:, 1]).all()
+
+
+def test_reviewed_candidates_are_labels_only_with_from_review(labelled):
+    plain = _fixture_labels(labelled)
+    reviewed = _fixture_labels(labelled, LabelRules(HE_CLASSES, from_review=True))
+    assert reviewed.counts["reviewed: PD-L1 positive"] == 1
+    assert reviewed.counts["reviewed: PD-L1 negative"] == 1
+    assert reviewed.counts["skipped: pdl1 results as written (not reviewed)"] == 1  # the untouched candidate
+    # Each reviewed candidate (a 81.92 px square) adds its area to its side.
+    assert reviewed.positive.area - plain.positive.area == pytest.approx(81.92**2, rel=1e-6)
+    assert reviewed.negative.area - plain.negative.area == pytest.approx(81.92**2, rel=1e-6)
+    assert labels_digest(plain) != labels_digest(reviewed)
+
+
+def test_region_target_agrees_with_the_truth_the_positives_were_traced_from(labelled):
+    labels = _fixture_labels(labelled)
+    truth = tifffile.imread(labelled / "he-1357.truth" / "positive_mask.tif").astype(bool)  # downsample 8
+    target = region_target(labels, shape_hw=truth.shape, downsample=8)
+    inside = target != IGNORE_LABEL
+    # Labelled only inside the two regions and the drawn areas; the Ignore* area is out.
+    assert 0.1 < inside.mean() < 0.6
+    assert not inside[~_raster(labels, 8, truth.shape)].any()
+    agree = (target[inside] == 1) == truth[inside]
+    assert agree.mean() > 0.95
+    ignore = _ignore_raster(labels, truth.shape)
+    assert (target[ignore] == IGNORE_LABEL).all()
+
+
+def _raster(labels, downsample, shape):
+    from inference.training.labels import rasterize
+
+    every = shapely.union_all([*labels.training_regions, labels.positive, labels.negative])
+    return rasterize(every, shape_hw=shape, downsample=downsample)
+
+
+def _ignore_raster(labels, shape):
+    from inference.training.labels import rasterize
+
+    return rasterize(labels.ignore, shape_hw=shape, downsample=8)
+
+
+def test_nuclei_are_known_everywhere_in_the_exhaustive_region_and_only_near_points_elsewhere():
+    labels = labels_from_objects(
+        [
+            _obj(shapely.box(0, 0, 40, 40), "Training region", name="Training region (All nuclei marked)"),
+            _obj(shapely.box(60, 0, 100, 40), "Training region"),
+            _obj(shapely.MultiPoint([(10, 10), (80, 20)]), "Other"),
+        ],
+        slide="s.svs",
+        image_size_px=(100, 100),
+        rules=RULES,
+    )
+    known = nuclei_known_mask(labels, shape_hw=(100, 100), downsample=1, radius_px=3)
+    assert known[:40, :40].all()  # every pixel of the exhaustive region
+    assert known[20, 80] and known[20, 83] and not known[20, 84]  # near the marked point only
+    assert not known[5, 70]  # an unmarked pixel of the other region is not a label
+    assert known.sum() == 40 * 40 + 29  # the region and a radius-3 disk (29 px)
+
+
+def _obj(geometry, cls=None, *, name=None, measurements=None, object_type="annotation"):
+    return QuPathObject(geometry, object_type, cls, measurements or {}, name)
+
+
+def test_an_entry_without_labels_is_refused_with_what_it_holds():
+    with pytest.raises(LabelError, match=r"no labels \(skipped: annotation LineString \(unclassified\): 1\)"):
+        labels_from_objects(
+            [_obj(shapely.LineString([(0, 0), (5, 5)]))], slide="s.svs", image_size_px=(10, 10), rules=RULES
+        )
+
+
+def test_points_outside_the_image_are_refused():
+    with pytest.raises(
+        LabelError, match=r"1 of 2 points lie outside the 100 x 50 px image \(first at x=20.0, y=60.0\)"
+    ):
+        labels_from_objects(
+            [_obj(shapely.MultiPoint([(10, 10), (20, 60)]), "Other")],
+            slide="s.svs",
+            image_size_px=(100, 50),
+            rules=RULES,
+        )
+
+
+def test_overlapping_positive_and_negative_labels_are_refused():
+    with pytest.raises(LabelError, match=r"overlap by 25 px\^2 \(within x 5-10, y 5-10\)"):
+        labels_from_objects(
+            [_obj(shapely.box(0, 0, 10, 10), "PD-L1 positive"), _obj(shapely.box(5, 5, 20, 20), "PD-L1 negative")],
+            slide="s.svs",
+            image_size_px=(100, 100),
+            rules=RULES,
+        )
+
+
+def test_a_class_not_in_the_project_is_refused():
+    with pytest.raises(LabelError, match=r"class 'Tumour' is not in the project's class list"):
+        labels_from_objects(
+            [_obj(shapely.box(0, 0, 10, 10), "Stroma"), _obj(shapely.MultiPoint([(1, 1)]), "Tumour")],
+            slide="s.svs",
+            image_size_px=(100, 100),
+            rules=RULES,
+            project_classes=frozenset({"Training region", "PD-L1 positive"}),
+        )
+
+
+def test_point_classes_the_model_lacks_must_be_mapped():
+    objects = [_obj(shapely.MultiPoint([(1, 1), (2, 2)]), "connective"), _obj(shapely.Point(3, 3), "junk")]
+    with pytest.raises(LabelError, match=r"connective \(2 points\), junk \(1 points\).*--class-map"):
+        labels_from_objects(objects, slide="s.svs", image_size_px=(10, 10), rules=RULES)
+    rules = LabelRules(HE_CLASSES, class_map=parse_class_map(["connective=Other", "junk="]))
+    labels = labels_from_objects(objects, slide="s.svs", image_size_px=(10, 10), rules=rules)
+    assert labels.points_class.tolist() == [2, 2]
+    assert labels.counts["skipped: points of junk (mapped to none)"] == 1
+
+
+def test_points_under_ignore_are_left_out_and_counted():
+    labels = labels_from_objects(
+        [_obj(shapely.MultiPoint([(1, 1), (8, 8)]), "Other"), _obj(shapely.box(5, 5, 10, 10), "Ignore*")],
+        slide="s.svs",
+        image_size_px=(10, 10),
+        rules=RULES,
+    )
+    assert labels.points_xy.tolist() == [[1.0, 1.0]]
+    assert labels.counts["skipped: points under Ignore*"] == 1
+
+
+def test_a_bad_class_map_entry_is_a_usage_error():
+    with pytest.raises(LabelError, match="LABEL=MODEL"):
+        parse_class_map(["connective"])
+
+
+def _project_copy(labelled: Path, tmp_path: Path) -> Path:
+    """The fixture project beside its slide, as the project was made (the moved-project rule finds it)."""
+    shutil.copytree(labelled / "project", tmp_path / "project")
+    (tmp_path / "he-1357.svs").symlink_to(labelled / "he-1357.svs")
+    return tmp_path / "project"
+
+
+def test_a_project_without_qupath_reads_the_export_script_s_geojson_as_the_same_labels(labelled, tmp_path):
+    project = _project_copy(labelled, tmp_path)
+    exported = export_path(project, "1")
+    exported.parent.mkdir(parents=True)
+    # What the export script writes: QuPath's GeoJSON of the entry's objects, as a list of features.
+    features = json.loads((labelled / "objects-labelled-by-pathologist-0.4.4.geojson").read_text())["features"]
+    exported.write_text(json.dumps(features))
+    (labels,) = read_project_labels(project, rules=RULES, entries=["1"], qupath="never")
+    assert labels.slide == str(tmp_path / "he-1357.svs")
+    assert labels_digest(labels) == labels_digest(_fixture_labels(labelled))
+    assert "entry 1 (he-1357.svs)" in labels.source
+
+
+def test_a_project_entry_without_an_export_names_the_script(labelled, tmp_path):
+    project = _project_copy(labelled, tmp_path)
+    with pytest.raises(LabelError, match=r"entry 2 .*pdl1_export_labels.groovy"):
+        read_project_labels(project, rules=RULES, entries=["2"], qupath="never")
+    with pytest.raises(LabelError, match=r"no entry 'nope'; the project has 1 \(he-1357.svs\), 2"):
+        read_project_labels(project, rules=RULES, entries=["nope"], qupath="never")
+
+
+@pytest.mark.qupath
+def test_through_qupath_the_project_gives_the_labels_of_its_geojson(labelled, tmp_path):
+    project = _project_copy(labelled, tmp_path)
+    before = (project / "data" / "1" / "data.qpdata").read_bytes()
+    (labels,) = read_project_labels(project, rules=RULES, entries=["1"], qupath="always")
+    assert labels.counts == _fixture_labels(labelled).counts
+    assert labels_digest(labels) == labels_digest(_fixture_labels(labelled))
+    assert (project / "data" / "1" / "data.qpdata").read_bytes() == before  # read-only
+
+
+@pytest.mark.qupath
+def test_through_qupath_an_entry_without_labels_is_refused(labelled, tmp_path):
+    project = _project_copy(labelled, tmp_path)
+    with pytest.raises(LabelError, match=r"entry 2 .*no labels"):
+        read_project_labels(project, rules=RULES, entries=["2"], qupath="always")
+
+
+def test_labels_digest_ignores_object_order():
+    a = [_obj(shapely.box(0, 0, 4, 4), "PD-L1 positive"), _obj(shapely.MultiPoint([(1, 1), (2, 2)]), "Other")]
+    first = labels_from_objects(a, slide="s", image_size_px=(10, 10), rules=RULES)
+    second = labels_from_objects(a[::-1], slide="s", image_size_px=(10, 10), rules=RULES)
+    assert labels_digest(first) == labels_digest(second)
+    moved = labels_from_objects(
+        [a[0], _obj(shapely.MultiPoint([(1, 1), (2, 3)]), "Other")], slide="s", image_size_px=(10, 10), rules=RULES
+    )
+    assert labels_digest(moved) != labels_digest(first)
+    assert np.array_equal(first.points_xy, [[1, 1], [2, 2]])
+
+
+def test_validation_slides_are_held_out_whole_by_entry_id_image_name_or_file_name():
+    from bridge.labels import split_validation
+    from inference import SlideLabels
+
+    def lab(slide, source=""):
+        return SlideLabels(slide, (10, 10), positive=shapely.box(0, 0, 2, 2), source=source)
+
+    a = lab("/s/a.svs", "/p/project.qpproj entry 1 (A.svs) from /p/pdl1/labels/1.geojson")
+    b = lab("/s/b.svs", "/p/project.qpproj entry 2 (B.svs) through QuPath")
+    c = lab("/s/c.svs", "/s/c.geojson")
+    for names in (["2"], ["B.svs"], ["b.svs"]):
+        assert split_validation([a, b, c], names) == ([a, c], [b])
+    assert split_validation([a, b, c], ["c.svs", "1"]) == ([b], [a, c])
+    with pytest.raises(LabelError, match="--val-entries names 7, which no labelled slide is"):
+        split_validation([a, b], ["7"])
+    with pytest.raises(LabelError, match="every labelled slide is held out"):
+        split_validation([a], ["a.svs"])
+
+
+def test_validation_needs_a_region_with_every_nucleus_marked():
+    from inference import SlideLabels, demo_model_dir, score_nuclei_on_labels
+
+    sparse = SlideLabels(
+        "s.svs",
+        (10, 10),
+        (shapely.box(0, 0, 5, 5),),
+        (False,),
+        points_xy=np.array([[1.0, 1]]),
+        points_class=np.array([2]),
+        class_names=HE_CLASSES,
+    )
+    with pytest.raises(ValueError, match="validation needs a training region with every nucleus marked"):
+        score_nuclei_on_labels(demo_model_dir("nuclei"), [sparse])
+
+
+def test_a_paired_ihc_area_labels_the_whole_he_with_a_band_around_its_edge_ignored(tmp_path):
+    from bridge.classes import PDL1_IHC_POSITIVE
+    from bridge.qupath_geojson import to_feature, write_features
+
+    # As bridge/pairs.py writes pdl1/pairs/<H&E key>.ihc_positive.geojson.
+    path = tmp_path / "he_1.ihc_positive.geojson"
+    area = QuPathObject(shapely.box(100, 100, 300, 300), "annotation", PDL1_IHC_POSITIVE.name, {"Area µm^2": 1e4})
+    write_features(path, [to_feature(area)])
+    rules = LabelRules((), points=False, ihc_band_um=10.0)
+    labels = read_geojson_labels(path, slide="he_1.svs", image_size_px=(400, 400), rules=rules, mpp=0.5)
+    assert labels.counts == {"paired IHC positive areas": 1}
+    target = region_target(labels, shape_hw=(400, 400), downsample=1)
+    assert target[200, 200] == 1 and target[10, 10] == 0 and target[390, 200] == 0
+    # 10 µm at 0.5 µm/px: 20 px either side of the edge at x = 100 are not labels.
+    assert (target[200, 81:119] == IGNORE_LABEL).all()
+    assert target[200, 78] == 0 and target[200, 122] == 1
+    with pytest.raises(LabelError, match=r"no labels \(skipped: paired IHC area \(use --ihc-band-um\): 1\)"):
+        read_geojson_labels(path, slide="he_1.svs", image_size_px=(400, 400), rules=LabelRules(()), mpp=0.5)
+
+
+def test_without_validation_entries_every_slide_trains_and_phantoms_pass_through():
+    from bridge.labels import split_validation
+
+    assert split_validation([], []) == ([], [])

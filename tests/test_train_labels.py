@@ -1,0 +1,237 @@
+"""Training on a lab's own labels: the masked loss, sparse batches, fine-tuning, and `pdl1 train nuclei` end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+import torch
+from typer.testing import CliRunner
+
+from bridge.cli.app import app
+from bridge.labels import LabelRules, export_path, labels_from_objects
+from bridge.qupath_geojson import QuPathObject
+from inference import ModelFileError, demo_model_dir
+from inference.models.nuclei_model import DilatedResFCN
+from inference.training.cyclic import init_weights
+from inference.training.train_nuclei import (
+    _NucleiData,
+    focal_loss,
+    masked_focal_loss,
+    sample_nuclei_batch,
+)
+
+runner = CliRunner()
+TINY = ["--cycles", "2", "--epochs-per-cycle", "1", "--iterations", "1", "--batch-size", "2", "--patch-px", "32"]
+HE_CLASSES = ("Tumor: Positive", "Tumor: Negative", "Other")
+
+
+def test_the_masked_loss_ignores_unknown_pixels_and_equals_the_focal_loss_where_all_are_known():
+    rng = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, generator=rng)
+    heat = torch.zeros(2, 3, 8, 8)
+    heat[0, 1, 2, 2] = 1.0
+    heat[0, 1, 2, 3] = 0.6
+    known = torch.ones(2, 1, 8, 8)
+    everything = masked_focal_loss(logits, torch.cat([heat, known], 1))
+    assert torch.isclose(everything, focal_loss(logits, heat))
+    known[:, :, 5:, :] = 0  # the bottom rows are not labels: whatever is predicted there costs nothing
+    before = masked_focal_loss(logits, torch.cat([heat, known], 1))
+    changed = logits.clone()
+    changed[:, :, 5:, :] = 9.0
+    assert torch.isclose(masked_focal_loss(changed, torch.cat([heat, known], 1)), before)
+    assert not torch.isclose(focal_loss(changed, heat), focal_loss(logits, heat))
+
+
+def test_sparse_batches_carry_the_known_mask_as_their_last_channel():
+    known = np.zeros((64, 64), bool)
+    known[:, :32] = True
+    d = _NucleiData(
+        "s",
+        np.full((64, 64, 3), 200, np.uint8),
+        np.array([[10.0, 10.0]]),
+        np.array([2]),
+        {},
+        HE_CLASSES,
+        np.zeros(1, np.int64),
+        known,
+    )
+    images, targets = sample_nuclei_batch([d], np.random.default_rng(0), batch_size=4, patch_px=32, sigma_px=1.5)
+    assert images.shape == (4, 32, 32, 3) and targets.shape == (4, 32, 32, 4)
+    for t in targets:
+        # A crop of the mask (known where x < 32): every row alike, up to the rotations and flips.
+        mask = t[..., 3]
+        assert set(np.unique(mask)) <= {0.0, 1.0}
+        assert (mask == mask[:1]).all() or (mask == mask[:, :1]).all()
+    assert targets[..., 3].any() and not targets[..., 3].all()
+
+
+def test_fine_tuning_refuses_a_model_of_other_classes():
+    kwargs = {"in_channels": 3, "n_classes": 3, "width": 32, "dilations": [1, 2, 4, 8]}
+    model = DilatedResFCN(**{**kwargs, "dilations": (1, 2, 4, 8)})
+    common = {"task": "nuclei", "architecture": "DilatedResFCN"}
+    sha = init_weights(model, demo_model_dir("nuclei"), **common, arch_kwargs=kwargs, class_names=HE_CLASSES)
+    assert sha == json.loads((demo_model_dir("nuclei") / "manifest.json").read_text())["members"][-1]["sha256"]
+    with pytest.raises(ModelFileError, match=r"--init has the classes .*--class-map"):
+        init_weights(model, demo_model_dir("nuclei"), **common, arch_kwargs=kwargs, class_names=("a", "b", "c"))
+    with pytest.raises(ModelFileError, match=r"--init needs a DilatedResFCN with .*'width': 16"):
+        init_weights(
+            model, demo_model_dir("nuclei"), **common, arch_kwargs={**kwargs, "width": 16}, class_names=HE_CLASSES
+        )
+
+
+@pytest.fixture(scope="module")
+def labelled(fixtures_dir) -> Path:
+    return fixtures_dir / "qupath-0.4.4-labels"
+
+
+@pytest.mark.slow
+def test_pdl1_train_nuclei_on_a_slide_and_its_geojson_records_the_labels(labelled, tmp_path):
+    out = tmp_path / "model"
+    geojson = labelled / "objects-labelled-by-pathologist-0.4.4.geojson"
+    args = ["train", "nuclei", str(labelled / "he-1357.svs"), "--labels", str(geojson), "--out", str(out)]
+    result = runner.invoke(app, [*args, *TINY, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "points: Tumor: Positive 440" in result.output
+    training = json.loads((out / "manifest.json").read_text())["training"]
+    (record,) = training["data"]
+    assert record["source"] == str(geojson)
+    assert record["counts"]["points: Other"] == 91
+    assert len(record["labels_sha256"]) == 64
+    demo = json.loads((demo_model_dir("nuclei") / "manifest.json").read_text())
+    assert training["init"]["member_sha256"] == demo["members"][-1]["sha256"]  # the demo by default
+
+
+@pytest.mark.slow
+def test_pdl1_train_nuclei_on_a_project_from_its_exports_from_scratch(labelled, tmp_path):
+    shutil.copytree(labelled / "project", tmp_path / "project")
+    (tmp_path / "he-1357.svs").symlink_to(labelled / "he-1357.svs")
+    exported = export_path(tmp_path / "project", "1")
+    exported.parent.mkdir(parents=True)
+    features = json.loads((labelled / "objects-labelled-by-pathologist-0.4.4.geojson").read_text())["features"]
+    exported.write_text(json.dumps(features))
+    out = tmp_path / "model"
+    args = ["train", "nuclei", str(tmp_path / "project"), "--entries", "1", "--qupath", "never", "--init", "none"]
+    result = runner.invoke(app, [*args, "--out", str(out), *TINY, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    training = json.loads((out / "manifest.json").read_text())["training"]
+    assert training["init"] is None
+    assert "entry 1 (he-1357.svs)" in training["data"][0]["source"]
+    assert training["config"]["slides"] == [str(tmp_path / "he-1357.svs")]
+
+
+def test_pdl1_train_nuclei_usage_errors(labelled, tmp_path):
+    slide = str(labelled / "he-1357.svs")
+    result = runner.invoke(app, ["train", "nuclei", slide, slide, "--labels", slide, "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2
+    assert "one GeoJSON per slide" in result.output
+    result = runner.invoke(app, ["train", "nuclei", slide, "--entries", "1", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2
+    assert "--entries chooses entries of a QuPath project" in result.output
+    bad = tmp_path / "bad.geojson"
+    bad.write_text(json.dumps([_point_feature(5000, 10)]))
+    result = runner.invoke(app, ["train", "nuclei", slide, "--labels", str(bad), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 1
+    assert "1 of 1 points lie outside the 2048 x 2048 px image" in " ".join(result.output.split())
+
+
+def _point_feature(x: float, y: float) -> dict:
+    return {
+        "type": "Feature",
+        "id": "0f8fad5b-d9cb-469f-a165-70867728950e",
+        "geometry": {"type": "Point", "coordinates": [x, y]},
+        "properties": {"objectType": "annotation", "classification": {"name": "Other", "color": [255, 200, 0]}},
+    }
+
+
+def test_labels_for_training_keep_their_classes_in_the_model_s_order():
+    labels = labels_from_objects(
+        [QuPathObject(shapely.MultiPoint([(1, 1)]), "annotation", "Tumor: Negative")],
+        slide="s",
+        image_size_px=(10, 10),
+        rules=LabelRules(HE_CLASSES),
+    )
+    assert labels.class_names == HE_CLASSES and labels.points_class.tolist() == [1]
+
+
+def test_segmentation_losses_leave_unlabelled_pixels_out_and_are_unchanged_on_full_truth():
+    from inference import IGNORE_LABEL
+    from inference.training.train_seg import ce_loss, seg_loss
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 2, 6, 6, generator=gen)
+    target = torch.randint(0, 2, (2, 6, 6), generator=gen)
+    full = torch.nn.functional.cross_entropy(logits, target)
+    assert torch.isclose(ce_loss(logits, target), full)
+    sparse = target.clone()
+    sparse[:, :3] = IGNORE_LABEL
+    before = seg_loss(logits, sparse)
+    changed = logits.clone()
+    changed[:, :, :3] = -changed[:, :, :3] * 5  # anything where there are no labels
+    assert torch.isclose(seg_loss(changed, sparse), before)
+    assert ce_loss(logits, torch.full_like(target, IGNORE_LABEL)).item() == 0.0  # a batch with no labels
+
+
+@pytest.mark.slow
+def test_pdl1_train_seg_on_a_slide_and_its_geojson_with_reviewed_candidates(labelled, tmp_path):
+    out = tmp_path / "seg"
+    geojson = labelled / "objects-labelled-by-pathologist-0.4.4.geojson"
+    args = ["train", "seg", str(labelled / "he-1357.svs"), "--labels", str(geojson), "--from-review"]
+    result = runner.invoke(app, [*args, "--out", str(out), *TINY, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    (record,) = json.loads((out / "manifest.json").read_text())["training"]["data"]
+    assert record["counts"]["reviewed: PD-L1 positive"] == 1
+    assert record["counts"]["skipped: points (a segmentation run)"] == 1252
+    # Labelled: the two regions and the drawn areas at 2 µm/px (the fixture is 0.5 µm/px: 4x), less Ignore*.
+    assert 0.1 < record["labelled_px"] / 512**2 < 0.6
+    assert 0 < record["positive_fraction_of_labelled"] < 0.5
+    demo = json.loads((demo_model_dir("seg") / "manifest.json").read_text())
+    assert (
+        json.loads((out / "manifest.json").read_text())["training"]["init"]["member_sha256"]
+        == (demo["members"][-1]["sha256"])
+    )
+
+
+@pytest.mark.slow
+def test_pdl1_train_nuclei_holds_validation_slides_out_whole_and_scores_them(labelled, tmp_path):
+    geojson = labelled / "objects-labelled-by-pathologist-0.4.4.geojson"
+    for name in ("he-a.svs", "he-b.svs"):
+        (tmp_path / name).symlink_to(labelled / "he-1357.svs")
+    out = tmp_path / "model"
+    args = ["train", "nuclei", str(tmp_path / "he-a.svs"), str(tmp_path / "he-b.svs")]
+    args += ["--labels", str(geojson), "--labels", str(geojson), "--val-entries", "he-b.svs", "--init", "none"]
+    result = runner.invoke(app, [*args, "--out", str(out), *TINY, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    training = json.loads((out / "manifest.json").read_text())["training"]
+    assert training["config"]["slides"] == [str(tmp_path / "he-a.svs")]  # the held-out slide is not trained on
+    (row,) = json.loads((out / "validation.json").read_text())["slides"]
+    assert row["slide"] == str(tmp_path / "he-b.svs")
+    assert row["n_labelled"] == 1252  # every marked nucleus lies in the exhaustive region
+    assert 0 <= row["f1"] <= 1
+    assert "validation " + str(tmp_path / "he-b.svs") + ": 1252 marked nuclei" in " ".join(result.output.split())
+    bad = runner.invoke(app, [*args[:-4], "--val-entries", "nope.svs", "--out", str(out), *TINY])
+    assert bad.exit_code == 1
+    assert "--val-entries names nope.svs, which no labelled slide is" in " ".join(bad.output.split())
+
+
+@pytest.mark.slow
+def test_pdl1_train_seg_scores_held_out_slides_over_their_labelled_pixels(labelled, tmp_path):
+    geojson = labelled / "objects-labelled-by-pathologist-0.4.4.geojson"
+    for name in ("he-a.svs", "he-b.svs"):
+        (tmp_path / name).symlink_to(labelled / "he-1357.svs")
+    out = tmp_path / "seg"
+    args = ["train", "seg", str(tmp_path / "he-a.svs"), str(tmp_path / "he-b.svs")]
+    args += ["--labels", str(geojson), "--labels", str(geojson), "--val-entries", "he-b.svs"]
+    result = runner.invoke(app, [*args, "--out", str(out), *TINY, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads((out / "validation.json").read_text())["slides"]
+    assert row["slide"] == str(tmp_path / "he-b.svs")
+    (trained,) = json.loads((out / "manifest.json").read_text())["training"]["data"]
+    # The same labels on the same grid (2 µm/px), counted where the ensemble predicted: at most the trained px.
+    assert 0.9 * trained["labelled_px"] < row["labelled_px"] <= trained["labelled_px"]
+    assert row["dice"] is None or 0 <= row["dice"] <= 1
+    assert f"validation {tmp_path / 'he-b.svs'}: {row['labelled_px']} labelled px" in " ".join(result.output.split())

@@ -8,8 +8,9 @@ value), so nnU-Net v2 trains on sparse labels. The channels are named ``rgb_to_0
 normalises them as ``x / 255`` (a fixed map that ``pdl1 import nnunet`` can carry over; its default
 z-score is per image).
 
-Labels come through :class:`LabelSource`. The one here reads phantom truth (``<slide>.truth/``);
-a source reading QuPath annotations fits the same protocol.
+Labels come through :class:`LabelSource`: phantom truth (``<slide>.truth/``,
+:class:`PhantomTruthLabels`) or what a lab drew in QuPath (:class:`QuPathRegionLabels`, read by
+:mod:`bridge.labels` through QuPath or from its GeoJSON exports).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -28,7 +29,15 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import distance_transform_edt
 
-from inference import __version__, load_truth, open_slide
+from inference import (
+    IGNORE_LABEL,
+    SlideLabels,
+    __version__,
+    labels_digest,
+    load_truth,
+    open_slide,
+    region_target,
+)
 
 UNLABELLED = 255  # what a label source returns where it says nothing; written as nnU-Net's ignore label
 _DATASET_DIR = re.compile(r"^Dataset\d{3}_[A-Za-z0-9_-]+$")
@@ -101,6 +110,70 @@ class PhantomTruthLabels:
                 mask = distance_transform_edt(mask) > self.margin_px
             out[mask] = value
         return out
+
+
+@dataclass(frozen=True)
+class QuPathRegionLabels:
+    """Labels a lab drew in QuPath (:mod:`bridge.labels`: training regions, ``PD-L1 positive`` and
+    ``negative`` areas, ``Ignore*``), one :class:`inference.SlideLabels` per slide.
+
+    The cases are the training regions (or, without any, the bounds of the drawn areas) cut into
+    tiles of the case size; inside them the rules of ``pdl1 train seg`` apply (a training region's
+    pixels outside the positive areas are negative), and every pixel the labels do not decide gets
+    nnU-Net's ignore label, the way nnU-Net v2 trains on sparse annotations.
+    """
+
+    by_slide: Mapping[str, SlideLabels]
+    class_names: tuple[str, ...] = ("background", "PD-L1 positive")
+
+    def _labels(self, slide_path: Path) -> SlideLabels:
+        key = str(Path(slide_path).resolve())
+        for path, labels in self.by_slide.items():
+            if str(Path(path).resolve()) == key:
+                return labels
+        raise ValueError(f"{slide_path}: no QuPath labels were read for this image")
+
+    def regions(self, slide_path: Path, *, case_size_um: float) -> list[tuple[int, int, int, int]]:
+        labels = self._labels(slide_path)
+        with open_slide(slide_path) as slide:
+            step = max(1, round(case_size_um / slide.mpp.mean))
+            width, height = slide.dimensions
+        areas = list(labels.training_regions) or [g for g in (labels.positive, labels.negative) if not g.is_empty]
+        out = []
+        for area in areas:
+            left, top, right, bottom = area.bounds
+            x0, y0 = max(math.floor(left), 0), max(math.floor(top), 0)
+            x1, y1 = min(math.ceil(right), width), min(math.ceil(bottom), height)
+            for y in range(y0, y1, step):
+                for x in range(x0, x1, step):
+                    out.append((x, y, min(step, x1 - x), min(step, y1 - y)))
+        return out
+
+    def labels(
+        self, slide_path: Path, region_xywh: tuple[int, int, int, int], *, size_wh: tuple[int, int]
+    ) -> np.ndarray:
+        x, y, w, _ = region_xywh
+        target = region_target(
+            self._labels(slide_path), shape_hw=(size_wh[1], size_wh[0]), downsample=w / size_wh[0], origin_xy=(x, y)
+        )
+        return np.where(target == IGNORE_LABEL, UNLABELLED, target).astype(np.uint8)
+
+    def provenance(self) -> dict:
+        """Per slide: where its labels came from, what was used and skipped, and a sha256 of them."""
+        return {
+            "class_names": list(self.class_names),
+            "slides": {
+                path: {"source": lab.source, "counts": dict(lab.counts), "sha256": labels_digest(lab)}
+                for path, lab in self.by_slide.items()
+            },
+        }
+
+
+def _describe(source: LabelSource) -> dict:
+    """What a label source records in ``pdl1_export.json``: its own summary, else its fields."""
+    if hasattr(source, "provenance"):
+        return source.provenance()
+    return asdict(source) if is_dataclass(source) else {}
 
 
 @dataclass(frozen=True)
@@ -235,7 +308,7 @@ def export_nnunet_dataset(
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "mpp": mpp,
         "case_size_px": case_size_px,
-        "label_source": {"kind": type(source).__name__, **(asdict(source) if is_dataclass(source) else {})},
+        "label_source": {"kind": type(source).__name__, **_describe(source)},
         "ignore_label": ignore,
         "training_images": [str(i.path.resolve()) for i in images],
         "test_images": [str(i.path.resolve()) for i in tests],

@@ -309,3 +309,46 @@ def test_without_validation_entries_every_slide_trains_and_phantoms_pass_through
     from bridge.labels import split_validation
 
     assert split_validation([], []) == ([], [])
+
+
+def test_nnunet_export_takes_the_regions_drawn_in_a_project(labelled, tmp_path):
+    # The labelled fixture through the export script's GeoJSON: cases cut from its training regions, labels
+    # as pdl1 train seg reads them, every undecided pixel nnU-Net's ignore label.
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from bridge.cli.app import app
+
+    project = _project_copy(labelled, tmp_path)
+    exported = export_path(project, "1")
+    exported.parent.mkdir(parents=True)
+    features = json.loads((labelled / "objects-labelled-by-pathologist-0.4.4.geojson").read_text())["features"]
+    exported.write_text(json.dumps(features))
+    out = tmp_path / "Dataset601_LAB"
+    result = CliRunner().invoke(
+        app,
+        ["export", "nnunet", str(project), "--out", str(out), "--entries", "1", "--qupath", "never", "--mpp", "2"],
+    )
+    assert result.exit_code == 0, result.output
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert dataset["labels"] == {"background": 0, "PD-L1 positive": 1, "ignore": 2}
+    cases = json.loads((out / "cases.json").read_text())
+    assert cases and all(c["entry_id"] == "1" for c in cases.values())
+    values = np.concatenate([np.asarray(Image.open(p)).ravel() for p in sorted((out / "labelsTr").glob("*.png"))])
+    assert set(np.unique(values)) <= {0, 1, 2} and (values == 1).any() and (values == 0).any()
+    # Against the phantom's truth: labelled pixels agree where the pathologist traced it.
+    from inference import load_truth
+
+    truth = load_truth(labelled / "he-1357.svs")
+    agree = total = 0
+    for name, case in cases.items():
+        x, y, w, h = case["region_xywh"]
+        label = np.asarray(Image.open(out / "labelsTr" / f"{name}.png"))
+        ds = truth.mask_downsample
+        mask = truth.positive_mask[int(y // ds) : int((y + h) // ds), int(x // ds) : int((x + w) // ds)]
+        mask = np.asarray(Image.fromarray(mask * 255).resize(label.shape[::-1], Image.Resampling.NEAREST)) > 0
+        known = label != 2
+        agree += int(((label == 1) == mask)[known].sum())
+        total += int(known.sum())
+    assert total > 0 and agree / total > 0.9

@@ -103,27 +103,68 @@ def export_nnunet_cmd(
             "--ignore-margin-px",
             min=0,
             max=256,
-            help="Leave pixels this close to a class boundary unlabelled (ignore).",
+            help="Leave pixels this close to a class boundary unlabelled (ignore); phantom truth only.",
         ),
     ] = 0,
+    labels: Annotated[
+        str,
+        typer.Option(
+            help="qupath: the regions drawn in the project (training regions, PD-L1 positive/negative, Ignore*), "
+            "through QuPath or its pdl1/labels/ exports; truth: phantom truth beside each slide. "
+            "auto: qupath for a project, truth for slide files.",
+        ),
+    ] = "auto",
+    qupath: Annotated[
+        str, typer.Option(help="Read a project's labels through QuPath: auto, always or never (use the exports).")
+    ] = "auto",
+    entries: Annotated[
+        list[str] | None,
+        typer.Option("--entries", help="A project's entries to export (ID or image name; repeatable). Default: all."),
+    ] = None,
 ) -> None:
     """Write an nnU-Net v2 raw dataset: imagesTr/, labelsTr/ (with nnU-Net's ignore label), dataset.json, cases.json.
 
-    Takes a QuPath project's images (read without QuPath) or slide files. Labels come from phantom truth (<slide>.truth/) here; pixels the truth does not decide (mixed at --mpp), and with --ignore-margin-px those near a class boundary, get the ignore label. cases.json maps every case to its image (and project entry) and level-0 region. Train it as the README's nnU-Net section says, then `pdl1 import nnunet`.
+    Takes a QuPath project's images or slide files. A project's labels are the regions drawn in it (training regions, PD-L1 positive/negative areas, Ignore*; read through QuPath or from the pdl1/labels/ exports of qupath_scripts/pdl1_export_labels.groovy): pixels they do not decide get the ignore label. Slide files take phantom truth (<slide>.truth/): pixels the truth does not decide (mixed at --mpp), and with --ignore-margin-px those near a class boundary, get the ignore label. cases.json maps every case to its image (and project entry) and level-0 region. Train it as the README's nnU-Net section says, then `pdl1 import nnunet`.
     """
-    from bridge.nnunet_export import PhantomTruthLabels, export_nnunet_dataset, project_images
+    from bridge.nnunet_export import PhantomTruthLabels, QuPathRegionLabels, export_nnunet_dataset, project_images
 
     if len(images) > 1 and any(p.is_dir() or p.suffix == ".qpproj" for p in images):
         raise typer.BadParameter("give one project, or slide files, not both", param_hint="IMAGES")
+    if labels not in ("auto", "qupath", "truth"):
+        raise typer.BadParameter(f"expected auto, qupath or truth, got {labels!r}", param_hint="--labels")
+    if qupath not in ("auto", "always", "never"):
+        raise typer.BadParameter(f"expected auto, always or never, got {qupath!r}", param_hint="--qupath")
+    is_project = images[0].is_dir() or images[0].suffix == ".qpproj"
+    if labels == "qupath" and not is_project:
+        raise typer.BadParameter("QuPath labels come from a project: give the project", param_hint="--labels")
     try:
-        if images[0].is_dir() or images[0].suffix == ".qpproj":
+        if is_project:
             train, tests = project_images(images[0], test_names=test or [])
+            if entries:
+                train = [t for t in train if t.entry_id in entries or t.image_name in entries]
+                if not train:
+                    raise typer.BadParameter(f"no entry of the project is one of {entries}", param_hint="--entries")
         else:
             train, tests = list(images), [Path(t) for t in test or []]
+        if is_project and labels != "truth":
+            from bridge.labels import LabelRules, read_project_labels
+
+            test_ids = {t.entry_id for t in tests}
+            entries = tuple(t.entry_id for t in train if t.entry_id not in test_ids)
+            drawn = read_project_labels(images[0], rules=LabelRules(points=False), entries=entries, qupath=qupath)
+            source = QuPathRegionLabels({lab.slide: lab for lab in drawn if lab.has_regions})
+            unlabelled = [t for t in train if t.path.resolve() not in {Path(p).resolve() for p in source.by_slide}]
+            if unlabelled:
+                console.print(
+                    "no region labels (skipped): " + ", ".join(t.image_name or t.path.name for t in unlabelled)
+                )
+                train = [t for t in train if t not in unlabelled]
+        else:
+            source = PhantomTruthLabels(margin_px=margin_px)
         summary = export_nnunet_dataset(
             train,
             out,
-            source=PhantomTruthLabels(margin_px=margin_px),
+            source=source,
             mpp=mpp,
             case_size_px=case_px,
             test_slides=tests,

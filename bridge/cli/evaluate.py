@@ -94,16 +94,21 @@ def eval_seg(
     if len(results) > 1 and all(r.dice_members for r in results):
         _print_dice_summary(results, out)
     if results:
+        out.print(_uncertainty_vs_baselines(results))
 
-        def beats(r, auroc: float) -> bool:
-            return auroc > max(r.auroc_prob_margin_error, r.auroc_boundary_distance_error)
 
-        out.print(
-            f"uncertainty against its baselines (AUROC for pixel errors above both the mean probability's "
-            f"closeness to the threshold and the distance to the predicted boundary): predictive entropy on "
-            f"{sum(beats(r, r.auroc_entropy_error) for r in results)} of {len(results)} slides, mutual "
-            f"information on {sum(beats(r, r.auroc_mi_error) for r in results)}"
-        )
+def _uncertainty_vs_baselines(results) -> str:
+    """On how many slides (SegEvaluations) entropy and mutual information find pixel errors better than both baselines."""
+
+    def beats(r, auroc: float) -> bool:
+        return auroc > max(r.auroc_prob_margin_error, r.auroc_boundary_distance_error)
+
+    return (
+        f"uncertainty against its baselines (AUROC for pixel errors above both the mean probability's "
+        f"closeness to the threshold and the distance to the predicted boundary): predictive entropy on "
+        f"{sum(beats(r, r.auroc_entropy_error) for r in results)} of {len(results)} slides, mutual "
+        f"information on {sum(beats(r, r.auroc_mi_error) for r in results)}"
+    )
 
 
 def _print_dice_summary(results, out) -> None:
@@ -469,19 +474,7 @@ def eval_suite(
         f"review flag: caught {flag['caught']} of {flag['failures']} failed slides; "
         f"false alarms on {flag['false_alarms']} of {flag['successes']} others"
     )
-    ent = sum(
-        e.seg.auroc_entropy_error > max(e.seg.auroc_prob_margin_error, e.seg.auroc_boundary_distance_error)
-        for e in evaluations
-    )
-    mi = sum(
-        e.seg.auroc_mi_error > max(e.seg.auroc_prob_margin_error, e.seg.auroc_boundary_distance_error)
-        for e in evaluations
-    )
-    console_out.print(
-        "pixel errors found better than both baselines (mean probability's closeness to the threshold, "
-        f"distance to the predicted boundary): predictive entropy on {ent}, mutual information on {mi} "
-        f"of {len(evaluations)} slides"
-    )
+    console_out.print(_uncertainty_vs_baselines([e.seg for e in evaluations]))
     sua_wins = 0
     for e in evaluations:
         better = e.sua.f05 > e.baseline.f05 and e.sua.fncr > e.baseline.fncr

@@ -386,6 +386,13 @@ def evaluate_registration(ihc_slide_path: str | Path, *, mpp: float = 8.0) -> Re
 FAILED_AREA_ERROR = 0.25
 
 
+def area_error(predicted: float, true: float) -> float:
+    """|predicted - true| / true; 0 when both are 0, inf when only the truth is empty."""
+    if true > 0:
+        return abs(predicted - true) / true
+    return 0.0 if predicted == 0 else math.inf
+
+
 @dataclass(frozen=True)
 class SlideEvaluation:
     """Everything the evaluation suite measures on one slide, with the arrays its plots need."""
@@ -418,10 +425,8 @@ class SlideEvaluation:
 
     @property
     def positive_area_error(self) -> float:
-        """|predicted - true| positive area over the true one (inf when the truth has none but some is predicted)."""
-        if self.truth_positive_area_um2 > 0:
-            return abs(self.positive_area_um2 - self.truth_positive_area_um2) / self.truth_positive_area_um2
-        return 0.0 if self.positive_area_um2 == 0 else math.inf
+        """|predicted - true| positive area over the true one (see :func:`area_error`)."""
+        return area_error(self.positive_area_um2, self.truth_positive_area_um2)
 
     def failed(self, *, max_area_error: float = FAILED_AREA_ERROR) -> bool:
         """The slide's result is wrong: its positive area is off by more than ``max_area_error`` of the truth's."""
@@ -559,8 +564,7 @@ def calibrate_ensemble(
         analysed_um2 = float(analysed.sum() * s.maps.mpp**2)
         cand_pct = 100 * sum(c.area_um2 for c in candidates) / max(analysed_um2, 1e-9)
         pred_px = np.count_nonzero((np.asarray(s.maps.prob) >= upper) & s.region)
-        true_px = np.count_nonzero(s.truth)
-        error = abs(pred_px - true_px) / true_px if true_px else (0.0 if pred_px == 0 else math.inf)
+        error = area_error(float(pred_px), float(np.count_nonzero(s.truth)))
         rows.append((Path(path).name, mean_pe, cand_pct, error, error > max_area_error))
     failed = np.array([r[4] for r in rows], bool)
     if failed.all() or not failed.any():

@@ -118,7 +118,8 @@ def test_cli_export_of_a_project_maps_cases_to_entries(phantoms, tmp_path):
 
     project = init_project_files(tmp_path / "project", list(phantoms))
     out = tmp_path / "Dataset781_Project"
-    args = ["export", "nnunet", str(project.parent), "--out", str(out), "--case-px", "128", "--test", "b.svs"]
+    args = ["export", "nnunet", str(project.parent), "--out", str(out), "--case-px", "128", "--labels", "truth"]
+    args += ["--test", "b.svs"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     cases = json.loads((out / "cases.json").read_text())

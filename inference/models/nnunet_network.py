@@ -63,16 +63,17 @@ def build_nnunet_network(architecture: str, kwargs: dict[str, Any]) -> nn.Module
     or layer that is not accepted, and when ``dynamic_network_architectures`` is missing.
     """
     check_nnunet_architecture(architecture)
+    # The layers named in the plans are checked first: an unsafe name is refused whether or not the extra is here.
+    arch_kwargs = dict(kwargs["arch_kwargs"])
+    for key in kwargs.get("arch_kwargs_requires_import", []):
+        if arch_kwargs.get(key) is not None:
+            arch_kwargs[key] = _torch_layer(arch_kwargs[key], key=key)
     try:
         module = importlib.import_module(architecture.rpartition(".")[0])
     except ImportError as err:
         raise ModelFileError(
             f"{architecture.rsplit('.', 1)[-1]} is an nnU-Net network; building it needs the nnunet extra: {EXTRA_HINT}"
         ) from err
-    arch_kwargs = dict(kwargs["arch_kwargs"])
-    for key in kwargs.get("arch_kwargs_requires_import", []):
-        if arch_kwargs.get(key) is not None:
-            arch_kwargs[key] = _torch_layer(arch_kwargs[key], key=key)
     arch_kwargs["deep_supervision"] = False
     cls = getattr(module, architecture.rsplit(".", 1)[-1])
     return cls(input_channels=int(kwargs["input_channels"]), num_classes=int(kwargs["num_classes"]), **arch_kwargs)

@@ -227,13 +227,17 @@ def analyse_slide(
         analyse = _analyse_ihc if stain == "H-DAB" else _analyse
         # The model whose training domain the image is judged against: the one that makes the call.
         guarded = (models.ihc() if stain == "H-DAB" else models.seg) if config.domain_guard else None
-        with capture_tile_features(guarded) if guarded is not None else nullcontext() as captured:
+        # Features are captured only for a model with domain statistics: any other is "not measured"
+        # (its network may have no layers the guard knows, e.g. an imported nnU-Net), and costs nothing.
+        capture = guarded is not None and stats_of_manifest(guarded.manifest.extra)[0] is not None
+        with capture_tile_features(guarded) if capture else nullcontext() as captured:
             result = analyse(
                 slide, models=models, config=config, roi=roi, on_progress=on_progress, should_cancel=should_cancel
             )
         domain = None
         if guarded is not None:
-            domain = _assess_domain(slide, guarded, captured.array(), colour, tissue_mpp=config.tissue_mpp)
+            features = captured.array() if capture else None
+            domain = _assess_domain(slide, guarded, features, colour, tissue_mpp=config.tissue_mpp)
     finally:
         if not isinstance(image, Slide):
             slide.close()
@@ -280,7 +284,7 @@ def analyse_slide(
 
 
 def _assess_domain(
-    slide: Slide, ensemble: Ensemble, features: np.ndarray, colour: StainEstimate | None, *, tissue_mpp: float
+    slide: Slide, ensemble: Ensemble, features: np.ndarray | None, colour: StainEstimate | None, *, tissue_mpp: float
 ) -> DomainAssessment:
     """The image against ``ensemble``'s training domain: its tiles' features (captured during the analysis)
     and its stain on the whole-image thumbnail the stain and tissue were found on (cached, no new read)."""

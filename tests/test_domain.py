@@ -246,3 +246,16 @@ def test_pdl1_domain_stats_writes_calibrated_statistics_and_leaves_the_weights(p
     assert same.exit_code == 1 and "are both training and held-out slides" in flat
     nothing = runner.invoke(app, [*args, "--held-out", str(tmp_path / "none*.svs")])
     assert nothing.exit_code == 2 and "matches no file" in " ".join(nothing.output.split())
+
+
+def test_a_network_the_guard_cannot_read_runs_unmeasured(phantom_svs):
+    # An ensemble without domain statistics whose network has no layers the guard knows (as an imported
+    # nnU-Net's): the analysis runs, the domain is "not measured", no hooks are needed.
+    from tests.helpers import pointwise_ensemble
+
+    config = PipelineConfig(device="cpu", run_nuclei=False, run_sua=False)
+    models = Models(config)
+    models.seg = pointwise_ensemble(2, input_mpp=2.0)
+    result = analyse_slide(phantom_svs, models=models, config=config)
+    assert result.summary["domain"]["measured"] is False
+    assert "no domain statistics" in result.summary["domain"]["why_not"]

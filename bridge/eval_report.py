@@ -122,6 +122,17 @@ def ensemble_vs_members(evaluations: Sequence[SlideEvaluation]) -> dict[str, obj
     }
 
 
+def measured_qc_scores(evaluations: Sequence[SlideEvaluation]) -> dict[str, np.ndarray]:
+    """Each :data:`QC_SCORES` score per slide, leaving out those measured on no slide (e.g. a model without
+    domain statistics)."""
+    out = {}
+    for name in QC_SCORES:
+        scores = np.array([getattr(e, name) for e in evaluations], np.float64)
+        if not np.isnan(scores).all():
+            out[name] = scores
+    return out
+
+
 def failure_detection(evaluations: Sequence[SlideEvaluation]) -> list[dict[str, object]]:
     """AURC and E-AURC of each slide QC score (:data:`QC_SCORES`) for the slides that failed.
 
@@ -130,29 +141,23 @@ def failure_detection(evaluations: Sequence[SlideEvaluation]) -> list[dict[str, 
     """
     failures = np.array([e.failed() for e in evaluations], bool)
     flagged = np.array([e.needs_review for e in evaluations], bool)
-    out = []
-    for name, meaning in QC_SCORES.items():
-        scores = np.array([getattr(e, name) for e in evaluations], np.float64)
-        if np.isnan(scores).all():  # not measured (e.g. a model without domain statistics)
-            continue
-        out.append(
-            {
-                "score": name,
-                "meaning": meaning,
-                "aurc": aurc(scores, failures),
-                "e_aurc": e_aurc(scores, failures),
-                "random_aurc": float(failures.mean()) if failures.size else math.nan,
-                "optimal_aurc": aurc(failures.astype(np.float64), failures),
-            }
-        )
-    out.append(
+    bounds = {
+        "random_aurc": float(failures.mean()) if failures.size else math.nan,
+        "optimal_aurc": aurc(failures.astype(np.float64), failures),
+    }
+    rows = [*measured_qc_scores(evaluations).items(), ("needs_review", flagged.astype(np.float64))]
+    out = [
         {
-            "score": "needs_review",
-            "meaning": "the review flag pdl1 run sets (its limits from the manifest)",
-            "aurc": aurc(flagged.astype(np.float64), failures),
-            "e_aurc": e_aurc(flagged.astype(np.float64), failures),
-            "random_aurc": float(failures.mean()) if failures.size else math.nan,
-            "optimal_aurc": aurc(failures.astype(np.float64), failures),
+            "score": name,
+            "meaning": QC_SCORES.get(name, "the review flag pdl1 run sets (its limits from the manifest)"),
+            "aurc": aurc(scores, failures),
+            "e_aurc": e_aurc(scores, failures),
+            **bounds,
+        }
+        for name, scores in rows
+    ]
+    out[-1].update(
+        {
             "caught": int((flagged & failures).sum()),
             "failures": int(failures.sum()),
             "false_alarms": int((flagged & ~failures).sum()),
@@ -202,10 +207,7 @@ def write_report(
     # Risk-coverage of each slide QC score: failures among the slides it would trust most.
     failures = np.array([e.failed() for e in evaluations], bool)
     fig, ax = plt.subplots(figsize=(5, 4))
-    for name in QC_SCORES:
-        scores = np.array([getattr(e, name) for e in evaluations], np.float64)
-        if np.isnan(scores).all():
-            continue
+    for name, scores in measured_qc_scores(evaluations).items():
         coverage, risk = risk_coverage(scores, failures)
         ax.plot(coverage, risk, "o-", ms=3, label=f"{name} (AURC {aurc(scores, failures):.3f})")
     if failures.size:

@@ -63,6 +63,9 @@ class Benchmark:
     extra_columns: tuple[str, ...] = ()
     repeats = 3
     warmup = True  # long end-to-end cases skip it: their first run is representative
+    # Time the cases in rounds (each repeat runs every case once, in turn) instead of one case's
+    # repeats after another, so that a change in the machine's load falls on all cases alike.
+    interleave = False
 
     def extra(self, label: str) -> dict[str, str]:
         """Per-case figures that are not rates (peak memory, latency), shown as extra columns."""
@@ -135,8 +138,11 @@ def machine_description() -> str:
 
 
 def run_cases(bench: Benchmark) -> list[Result]:
+    cases = bench.cases()
+    if bench.interleave:
+        return _run_interleaved(bench, cases)
     results = []
-    for case in bench.cases():
+    for case in cases:
         if bench.warmup and case.warmup:
             case.run()  # warm-up: caches, thread pools, lazy imports
         seconds, out = [], 0.0
@@ -144,12 +150,31 @@ def run_cases(bench: Benchmark) -> list[Result]:
             t0 = time.perf_counter()
             out = case.run()
             seconds.append(time.perf_counter() - t0)
-        units, secondary = out if isinstance(out, tuple) else (out, None)
-        result = Result(case.label, seconds, units, case.baseline, secondary, bench.extra(case.label))
-        results.append(result)
-        # A line per case as it finishes, so a long run that is cut short still shows what it measured.
-        print(f"  {case.label}: {result.rate:.2f} {bench.unit}, best {result.best_s:.3f} s", file=sys.stderr)
+        results.append(_finished(bench, case, seconds, out))
     return results
+
+
+def _run_interleaved(bench: Benchmark, cases: list[Case]) -> list[Result]:
+    for case in cases:
+        if bench.warmup and case.warmup:
+            case.run()
+    seconds: list[list[float]] = [[] for _ in cases]
+    outs: list[float | tuple[float, float]] = [0.0] * len(cases)
+    for round_ in range(bench.repeats):
+        for i, case in enumerate(cases):
+            t0 = time.perf_counter()
+            outs[i] = case.run()
+            seconds[i].append(time.perf_counter() - t0)
+        print(f"  round {round_ + 1} of {bench.repeats} done", file=sys.stderr)
+    return [_finished(bench, case, s, out) for case, s, out in zip(cases, seconds, outs, strict=True)]
+
+
+def _finished(bench: Benchmark, case: Case, seconds: list[float], out: float | tuple[float, float]) -> Result:
+    units, secondary = out if isinstance(out, tuple) else (out, None)
+    result = Result(case.label, seconds, units, case.baseline, secondary, bench.extra(case.label))
+    # A line per case as it finishes, so a long run that is cut short still shows what it measured.
+    print(f"  {case.label}: {result.rate:.2f} {bench.unit}, best {result.best_s:.3f} s", file=sys.stderr)
+    return result
 
 
 def print_results(title: str, bench: Benchmark, results: list[Result], console: Console | None = None) -> None:
@@ -195,7 +220,9 @@ _REGISTRY: dict[str, str] = {
     "service_roi": "benchmarks.service_roi:ServiceRoi",
     "result_pages": "benchmarks.result_pages:ResultPages",
     "seg_gpu": "benchmarks.seg_gpu:SegGpu",
-    "nnunet_predictor": "benchmarks.nnunet_predictor:NnunetPredictor",
+    "peers": "benchmarks.peers:Peers",
+    "engines": "benchmarks.engines:Engines",
+    "run_profile": "benchmarks.run_profile:RunProfile",
     "allocator": "benchmarks.allocator:Allocator",
     "domain_guard": "benchmarks.domain_guard:DomainGuard",
 }

@@ -124,7 +124,7 @@ def test_run_speed_options_reach_the_segmentation_config():
     from bridge.cli.common import pipeline_config
 
     default = pipeline_config("cpu", None, None, None).segment
-    assert (default.batch_size, default.read_workers, default.compile) == (8, None, False)
+    assert (default.batch_size, default.read_workers, default.compile) == (None, None, False)  # the device's
     config = pipeline_config("cpu", None, None, None, batch_size=32, read_workers=0, compile_members=True)
     assert (config.segment.batch_size, config.segment.read_workers, config.segment.compile) == (32, 0, True)
     result = runner.invoke(app, ["run", "nowhere.svs", "--batch-size", "0"])
@@ -145,6 +145,18 @@ def test_nuclei_batch_size_follows_the_device_unless_given():
     assert NucleiConfig(batch_size=5).batch_for(torch.device("cpu")) == 5
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         NucleiConfig(batch_size=0)
+
+
+def test_segmentation_batch_size_follows_the_device_unless_given():
+    import torch
+
+    from inference.analysis.segment import CPU_BATCH, CUDA_BATCH, SegmentConfig
+
+    assert SegmentConfig().batch_for(torch.device("cpu")) == CPU_BATCH == 4
+    assert SegmentConfig().batch_for(torch.device("cuda")) == CUDA_BATCH == 8
+    assert SegmentConfig(batch_size=5).batch_for(torch.device("cpu")) == 5
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        SegmentConfig(batch_size=0)
 
 
 def test_an_interrupted_run_keeps_what_it_finished_and_resumes(small, tmp_path, monkeypatch):

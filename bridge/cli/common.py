@@ -38,7 +38,7 @@ def pipeline_config(
     no_nuclei: bool = False,
     refine: bool = False,
     *,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     nuclei_batch_size: int | None = None,
     read_workers: int | None = None,
     compile_members: bool = False,

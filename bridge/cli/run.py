@@ -187,8 +187,13 @@ def run(
         str | None, typer.Option(help="Ray cluster: auto, or ray://HOST:PORT; a local one when omitted.")
     ] = None,
     batch_size: Annotated[
-        int, typer.Option(min=1, help="Segmentation tiles per forward pass (all members see each batch).")
-    ] = 8,
+        int | None,
+        typer.Option(
+            min=1,
+            help="Segmentation tiles per forward pass (all members see each batch). "
+            "Default: 4 on the CPU, 8 on CUDA (measured).",
+        ),
+    ] = None,
     nuclei_batch_size: Annotated[
         int | None,
         typer.Option(min=1, help="Nuclei tiles per forward pass. Default: 2 on the CPU, 8 on CUDA (measured)."),

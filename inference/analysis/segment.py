@@ -65,6 +65,10 @@ _MAX_DEVICE_BOX = 4
 # them decoded and waits for its own CUDA stream. On the H100 (12288² phantom, level 0 for
 # a 1 µm/px model) 2 threads read fastest: 636 Mpx/s vs 438 with 1 and 329 with 3.
 _DEVICE_READ_WORKERS = 2
+# Tiles per forward pass by device (SegmentConfig.batch_for). On the CPU a batch of 8 tiles'
+# activations outgrows the caches: a member's forward pass per tile measured CPU_BATCH_NOTE.
+CPU_BATCH = 4
+CUDA_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,9 @@ class SegmentConfig:
     overlap_fraction
         Minimal overlap of neighbouring tiles as a fraction of the tile (nnU-Net uses 0.5).
     batch_size
-        Tiles per forward pass (all members see the same batch).
+        Tiles per forward pass (all members see the same batch); ``None`` picks
+        :data:`CPU_BATCH` on the CPU (the activations of a few tiles stay in the caches) and
+        :data:`CUDA_BATCH` on CUDA (see :meth:`batch_for`).
     read_workers
         Threads reading tiles ahead; 0 reads in the calling thread; ``None`` picks two on
         the CPU (the model needs the cores) and all cores but two (at most 12) on CUDA.
@@ -114,7 +120,7 @@ class SegmentConfig:
 
     map_downsample: int = 4
     overlap_fraction: float = 0.25
-    batch_size: int = 8
+    batch_size: int | None = None
     read_workers: int | None = None
     read_block_tiles: int = 3
     reduce_on_device: bool | None = None
@@ -132,14 +138,20 @@ class SegmentConfig:
             raise ValueError(f"map_downsample must be >= 1, got {self.map_downsample}")
         if not 0 <= self.overlap_fraction < 1:
             raise ValueError(f"overlap_fraction must be in [0, 1), got {self.overlap_fraction}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (or None for the device's), got {self.batch_size}")
         if self.read_workers is not None and self.read_workers < 0:
             raise ValueError(f"read_workers must be >= 0 (or None for automatic), got {self.read_workers}")
         if self.read_block_tiles < 1:
             raise ValueError(f"read_block_tiles must be >= 1, got {self.read_block_tiles}")
         if self.accumulate_on not in ("auto", "host", "device"):
             raise ValueError(f"accumulate_on must be 'auto', 'host' or 'device', got {self.accumulate_on!r}")
+
+    def batch_for(self, device: torch.device) -> int:
+        """Tiles per forward pass on ``device`` (see ``batch_size``)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return CUDA_BATCH if device.type == "cuda" else CPU_BATCH
 
     def workers_for(self, device: torch.device, *, decoding_on_device: bool = False) -> int:
         """The read-ahead threads to use on ``device`` (see ``read_workers``)."""
@@ -441,6 +453,7 @@ def segment_slide(
     if on_progress is not None:
         on_progress(0, total)
     reads = plan_reads(slide, grid, mpp=manifest.input_mpp, device=ensemble.device, config=config)
+    batch_size = config.batch_for(ensemble.device)
     box_factor = reads.box_factor
     tiles = reads.tiles()
     read_wait_s = 0.0
@@ -453,7 +466,7 @@ def segment_slide(
                 break
             batch_idx.append(item[0])
             batch_px.append(item[1])
-            if len(batch_idx) == config.batch_size:
+            if len(batch_idx) == batch_size:
                 if should_cancel is not None and should_cancel():
                     raise Cancelled(f"cancelled after {done} of {total} tiles")
                 flush()
@@ -546,7 +559,7 @@ def plan_reads(slide: Slide, grid: TileGrid, *, mpp: float, device: torch.device
         device_reader=device_reader,
         workers=config.workers_for(device, decoding_on_device=device_reader is not None),
         block_tiles=config.read_block_tiles,
-        max_pending_tiles=2 * config.batch_size,
+        max_pending_tiles=2 * config.batch_for(device),
     )
 
 

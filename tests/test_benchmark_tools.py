@@ -1,0 +1,59 @@
+"""The benchmark harness: interleaved rounds, FLOP counting and tile counting (not the timings)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from benchmarks import Benchmark, Case, run_cases
+
+
+class _Recorder(Benchmark):
+    repeats = 2
+
+    def __init__(self, interleave: bool):
+        self.interleave = interleave
+        self.calls: list[str] = []
+
+    def cases(self) -> list[Case]:
+        def run(name: str):
+            return lambda: self.calls.append(name) or 1.0
+
+        return [Case("a", run("a"), baseline=True), Case("b", run("b"))]
+
+
+def test_interleaved_cases_run_in_rounds_after_all_warmups():
+    bench = _Recorder(interleave=True)
+    results = run_cases(bench)
+    assert bench.calls == ["a", "b", "a", "b", "a", "b"]  # warm-ups, then one round per repeat
+    assert [r.label for r in results] == ["a", "b"] and all(len(r.seconds) == 2 for r in results)
+
+
+def test_cases_run_one_after_another_by_default():
+    bench = _Recorder(interleave=False)
+    run_cases(bench)
+    assert bench.calls == ["a", "a", "a", "b", "b", "b"]
+
+
+def test_conv_flops_count_every_multiply_add_of_a_known_network():
+    from benchmarks.peers import conv_flops_per_tile
+
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),  # 16x16 out, 8 ch, 3*9 MACs each
+        nn.Conv2d(8, 4, 1, stride=2),  # 8x8 out, 4 ch, 8 MACs each
+        nn.ConvTranspose2d(4, 2, 2, stride=2),  # 8x8 in, every input px to 2 ch x 4 px, 4 MACs each
+    )
+    expected = 2 * (16 * 16 * 8 * 3 * 9 + 8 * 8 * 4 * 8 + 8 * 8 * 4 * 2 * 4)
+    assert conv_flops_per_tile(net, 16) == expected
+
+
+def test_tile_counter_counts_batch_elements_per_network_call():
+    from benchmarks.peers import TileCounter
+
+    a, b = nn.Identity(), nn.Identity()
+    counter = TileCounter([a, b, a])  # a network listed twice is hooked once
+    a(torch.zeros(3, 1))
+    b(torch.zeros(2, 1))
+    a(torch.zeros(1, 1))
+    assert counter.take() == 6
+    assert counter.take() == 0

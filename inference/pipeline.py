@@ -35,7 +35,7 @@ from inference.models.manifest import STAINS, Manifest
 from inference.results import ModelInfo, SlideResult
 from inference.slides.slide import Slide, open_slide
 from inference.slides.stain_detect import MIN_TISSUE_PX, StainEstimate, detect_slide_stain
-from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, TissueMask, tissue_mask_for_slide
+from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, TissueMask, tissue_mask_for_slide, tissue_review_reasons
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +436,9 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
     review = review_rule_for(manifest)
     candidate_area = float(sum(c.area_um2 for c in candidates))
     candidate_pct = 100 * candidate_area / analysed_area if analysed_area > 0 else 0.0
-    reasons = []
+    reasons = tissue_reasons(tissue, roi)
+    if nuclei is not None and tps is not None and tps.category == INSUFFICIENT:
+        reasons.append({"reason": "fewer than 100 tumour cells", "value": tps.tumour, "limit": MIN_TUMOUR_NUCLEI})
     if mean_pe is not None and mean_pe >= review["review_entropy"]:
         reasons.append({"reason": "segmentation uncertainty", "value": mean_pe, "limit": review["review_entropy"]})
     if candidate_pct >= review["review_candidate_area_pct"]:
@@ -516,7 +518,7 @@ def _analyse_ihc(slide, *, models, config, roi, on_progress, should_cancel) -> S
     grades = nuclei.intensity[tumour_cells] if nuclei.intensity is not None else np.zeros(0)
     mean_entropy = float(nuclei.entropy.mean()) if nuclei.entropy is not None and len(nuclei) else None
     limit = float(manifest.thresholds.get("review_nuclei_entropy", DEFAULT_IHC_REVIEW_ENTROPY))
-    reasons = []
+    reasons = tissue_reasons(tissue, roi)
     if tps.category == INSUFFICIENT:
         reasons.append({"reason": "fewer than 100 tumour cells", "value": tps.tumour, "limit": MIN_TUMOUR_NUCLEI})
     if mean_entropy is not None and mean_entropy >= limit:
@@ -572,3 +574,20 @@ def tissue_area_px(tissue: TissueMask, area: BaseGeometry) -> float:
     rows, cols = np.nonzero(tissue.mask[r0 : int(y1 // ds) + 1, c0 : int(x1 // ds) + 1])
     inside = shapely.contains_xy(area, (cols + c0 + 0.5) * ds, (rows + r0 + 0.5) * ds)
     return float(inside.sum()) * ds * ds
+
+
+def tissue_reasons(tissue: TissueMask | None, roi: BaseGeometry | None) -> list[dict]:
+    """The suspect-tissue review reasons of the analysed area (the ROI's mask pixels, else all of them)."""
+    if tissue is None:
+        return []
+    within = None
+    if roi is not None:
+        # Only the mask pixels within the ROI's bounds are tested (as tissue_area_px).
+        ds = tissue.downsample
+        x0, y0, x1, y1 = roi.bounds
+        r0, c0 = max(int(y0 // ds), 0), max(int(x0 // ds), 0)
+        r1, c1 = min(int(y1 // ds) + 1, tissue.mask.shape[0]), min(int(x1 // ds) + 1, tissue.mask.shape[1])
+        rows, cols = np.mgrid[r0:r1, c0:c1]
+        within = np.zeros(tissue.mask.shape, bool)
+        within[r0:r1, c0:c1] = shapely.contains_xy(roi, (cols + 0.5) * ds, (rows + 0.5) * ds)
+    return tissue_review_reasons(tissue, within=within)

@@ -71,3 +71,45 @@ def test_an_ihc_image_never_runs_a_model_trained_on_h_and_e(models):
     with pytest.raises(StainError, match=r"the image is H-DAB \(--stain\), but the PD-L1 IHC nuclei model "):
         analyse_slide(slide, models=ihc_models, config=config, image_stain="H-DAB", image_stain_source="--stain")
     assert reader.reads == 0
+
+
+def test_a_tissue_detection_that_lost_pale_tissue_is_a_review_reason(models, tmp_path, monkeypatch):
+    # A stain-shifted H&E whose pale tissue the saturation detector loses (test_tissue.py): forced onto
+    # that detector, the result says so with value and limit and is flagged.
+    import inference.pipeline
+    from inference.phantom.pyramid import write_phantom
+    from inference.phantom.scene import PhantomSpec
+    from inference.slides.slide import open_slide
+    from inference.slides.tissue import MAX_FAINT_SHARE, tissue_mask_for_slide
+
+    path = tmp_path / "he.svs"
+    write_phantom(path, PhantomSpec(2048, 2048, seed=207, tps_percent=40, shift=0.7))
+    monkeypatch.setattr(
+        inference.pipeline,
+        "tissue_mask_for_slide",
+        lambda slide, mpp, method: tissue_mask_for_slide(slide, mpp=mpp, method="saturation"),
+    )
+    config = PipelineConfig(device="cpu", run_nuclei=False)
+    with open_slide(path) as slide:
+        result = analyse_slide(slide, models=models, config=config, image_stain="H&E")
+    (reason,) = [r for r in result.summary["review_reasons"] if r["reason"].startswith("suspect tissue detection")]
+    assert reason["value"] >= MAX_FAINT_SHARE == reason["limit"]
+    assert result.uncertainty_flag
+
+
+def test_an_h_and_e_roi_with_too_few_tumour_cells_for_a_tps_is_a_review_reason(models, phantom_svs):
+    import shapely
+
+    from inference.slides.slide import open_slide
+
+    with open_slide(phantom_svs) as slide:
+        result = analyse_slide(
+            slide,
+            models=models,
+            config=PipelineConfig(device="cpu"),
+            image_stain="H&E",
+            roi=shapely.box(0, 0, 160, 160),
+        )
+    (reason,) = [r for r in result.summary["review_reasons"] if r["reason"] == "fewer than 100 tumour cells"]
+    assert reason["value"] == result.tps.tumour < 100 == reason["limit"]
+    assert result.uncertainty_flag

@@ -2,7 +2,15 @@ import numpy as np
 
 from inference.phantom.scene import PhantomScene, PhantomSpec
 from inference.slides.slide import open_slide
-from inference.slides.tissue import detect_tissue, tissue_mask_for_slide
+from inference.slides.tissue import (
+    MAX_FAINT_SHARE,
+    MIN_TISSUE_FRACTION,
+    TissueMask,
+    detect_tissue,
+    faint_tissue,
+    tissue_mask_for_slide,
+    tissue_review_reasons,
+)
 
 
 def test_blank_glass_has_no_tissue():
@@ -44,6 +52,54 @@ def test_shifted_he_keeps_its_pale_tissue(tmp_path):
     assert TISSUE_METHOD_OF_STAIN["H&E"] == "od"
     assert recall("od") > 0.98
     assert recall("saturation") < 0.8
+    # What the saturation mask lost is faintly absorbing area outside it: a suspect tissue detection.
+    with open_slide(path) as slide:
+        lost = tissue_review_reasons(tissue_mask_for_slide(slide, mpp=4.0, method="saturation"))
+        kept = tissue_review_reasons(tissue_mask_for_slide(slide, mpp=4.0, method="od"))
+    assert [r["reason"] for r in lost] == [
+        "suspect tissue detection: faintly stained area left out (share of the tissue)"
+    ]
+    assert lost[0]["value"] >= MAX_FAINT_SHARE and kept == []
+
+
+def _glass_with_tissue(pale_od: float) -> tuple[np.ndarray, np.ndarray]:
+    """Glass (240) with a stained square on the left and a pale grey one of summed OD ``pale_od`` on the right."""
+    rng = np.random.default_rng(1)
+    rgb = (240 + rng.integers(-2, 3, (64, 96, 3))).astype(np.int16)
+    rgb[16:48, 8:40] = (150, 80, 140)
+    rgb[16:48, 56:88] = np.round(241 * np.exp(-pale_od / 3) - 1)
+    rgb = rgb.clip(0, 255).astype(np.uint8)
+    mask = np.zeros(rgb.shape[:2], bool)
+    mask[16:48, 8:40] = True  # a detector that kept only the stained square
+    return rgb, mask
+
+
+def test_faint_tissue_is_the_pale_area_a_mask_left_out_and_not_glass_noise():
+    rgb, mask = _glass_with_tissue(pale_od=0.09)
+    faint = faint_tissue(rgb, mask)
+    assert faint[20:44, 60:84].all() and not faint[:, :48].any()  # the pale square, not the stained one's edge
+    rgb, mask = _glass_with_tissue(pale_od=0.0)  # no pale tissue: glass and its noise only
+    assert not faint_tissue(rgb, mask).any()
+
+
+def test_suspect_tissue_reasons_with_value_and_limit():
+    rgb, mask = _glass_with_tissue(pale_od=0.09)
+    tissue = TissueMask(mask=mask, downsample=16.0, faint=faint_tissue(rgb, mask))
+    (reason,) = tissue_review_reasons(tissue)
+    assert reason["reason"].startswith("suspect tissue detection: faintly stained area")
+    assert reason["value"] > 0.8 and reason["limit"] == MAX_FAINT_SHARE  # the pale square is as large as the kept one
+    # Limited to an ROI around the stained square only, nothing was left out there.
+    roi = np.zeros(mask.shape, bool)
+    roi[:, :48] = True
+    assert tissue_review_reasons(tissue, within=roi) == []
+    # An ROI on glass: almost no tissue.
+    glass_only = np.zeros(mask.shape, bool)
+    glass_only[:, 90:] = True
+    (empty,) = tissue_review_reasons(tissue, within=glass_only)
+    assert empty["reason"] == "suspect tissue detection: almost no tissue found"
+    assert empty["value"] == 0.0 and empty["limit"] == MIN_TISSUE_FRACTION
+    # Not looked for (no faint mask): only the fraction is checked.
+    assert tissue_review_reasons(TissueMask(mask=mask, downsample=16.0)) == []
 
 
 def test_truth_tissue_is_redrawn_from_the_spec_for_both_stains(tmp_path):

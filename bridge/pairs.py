@@ -178,6 +178,9 @@ def compare_case(
         "tps_difference": comparison.tps_difference,
         "uncertainty_higher_where_they_disagree": comparison.uncertainty_higher_where_they_disagree,
     }
+    # The case's own reasons: the H&E's results were written before its IHC was scored, so they stay here
+    # (pairs.json, the run's table, the report) rather than in the H&E's measurements.
+    record["review_reasons"] = comparison.review_reasons()
     return record
 
 

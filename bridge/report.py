@@ -280,17 +280,22 @@ def _pairs_html(pairs: dict) -> str:
         c = record.get("comparison")
         if not c:
             why = html.escape(record.get("why_not_compared", ""))
-            rows.append(f"<tr><td>{html.escape(case)}</td><td colspan='5'>{why}</td></tr>")
+            rows.append(f"<tr><td>{html.escape(case)}</td><td colspan='6'>{why}</td></tr>")
             continue
+        reasons = record.get("review_reasons", [])
+        review = "; ".join(f"{r['reason']} ({_fmt(r['value'])} points, cut-off {_fmt(r['limit'])}%)" for r in reasons)
         rows.append(
             f"<tr><td>{html.escape(case)}</td><td>{_fmt(c['tps_he_predicted'])}</td><td>{_fmt(c['tps_ihc'])}</td>"
             f"<td>{_fmt3(c['dice'])}</td><td>{_fmt(record['registration']['error_um'])}</td>"
-            f"<td>{_fmt3(c['entropy_disagree'])} / {_fmt3(c['entropy_agree'])}</td></tr>"
+            f"<td>{_fmt3(c['entropy_disagree'])} / {_fmt3(c['entropy_agree'])}</td>"
+            f"<td>{html.escape(review) if review else 'ok'}</td></tr>"
         )
     return (
         "<section><h2>H&amp;E vs PD-L1 IHC, per case</h2><table><tr><th>case</th><th>predicted TPS (H&amp;E)</th>"
         "<th>TPS (IHC)</th><th>Dice of positive areas</th><th>registration error µm (estimated)</th>"
-        "<th>H&amp;E entropy where they disagree / agree</th></tr>" + "".join(rows) + "</table></section>"
+        "<th>H&amp;E entropy where they disagree / agree</th><th>review</th></tr>"
+        + "".join(rows)
+        + "</table></section>"
     )
 
 

@@ -70,6 +70,8 @@ def test_a_run_over_a_case_analyses_each_image_on_its_path_and_compares_the_pair
     assert comparison["tps_he_predicted"] == pytest.approx(summaries[0]["tps_percent"])
     # The H&E ensemble and the IHC cells find the same positive nests (the IHC truth's are the H&E's).
     assert comparison["dice"] > 0.6
+    # Both TPS of this case (truth 40 %) fall in 1-49 %: no case reason.
+    assert case["review_reasons"] == []
     # The IHC's positive area on the H&E, for QuPath and as a training label.
     (label,) = read_features(case["ihc_positive_on_he"])
     assert label.classification == "PD-L1 IHC positive (registered)" and label.object_type == "annotation"

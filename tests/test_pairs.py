@@ -109,3 +109,23 @@ def test_compare_pair_counts_only_the_compared_area_and_handles_an_empty_ihc():
             tps_he_predicted=None,
             tps_ihc=None,
         )
+
+
+@pytest.mark.parametrize(
+    ("predicted", "measured", "cutoff"),
+    [(45.0, 0.5, 1.0), (0.2, 3.0, 1.0), (60.0, 30.0, 50.0), (0.5, 80.0, 1.0)],
+)
+def test_a_case_whose_prediction_is_in_another_tps_category_than_its_ihc_needs_review(predicted, measured, cutoff):
+    from inference.analysis.pairs import PairComparison
+
+    c = PairComparison(predicted, measured, 0.0, 0.0, None, None, None, 0, 0)
+    (reason,) = c.review_reasons()
+    assert reason["value"] == pytest.approx(predicted - measured) and reason["limit"] == cutoff
+    assert reason["reason"].startswith("H&E-predicted TPS category")
+
+
+@pytest.mark.parametrize(("predicted", "measured"), [(40.0, 2.0), (0.1, 0.9), (55.0, 99.0), (None, 20.0), (3.0, None)])
+def test_a_case_in_the_same_tps_category_or_without_a_tps_has_no_reason(predicted, measured):
+    from inference.analysis.pairs import PairComparison
+
+    assert PairComparison(predicted, measured, 0.0, 0.0, None, None, None, 0, 0).review_reasons() == []

@@ -111,12 +111,21 @@ def pairs_table(path) -> None:
 
     cases = json.loads(path.read_text())["cases"]
     table = Table(title=f"H&E vs PD-L1 IHC, per case ({path})")
-    for col in ("case", "TPS H&E (predicted)", "TPS IHC", "Dice", "registration µm", "entropy disagree / agree"):
-        table.add_column(col, justify="left" if col == "case" else "right")
+    columns = (
+        "case",
+        "TPS H&E (predicted)",
+        "TPS IHC",
+        "Dice",
+        "registration µm",
+        "entropy disagree / agree",
+        "review",
+    )
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("case", "review") else "right")
     for case, record in cases.items():
         c = record.get("comparison")
         if not c:
-            table.add_row(case, record.get("why_not_compared", ""), "", "", "", "")
+            table.add_row(case, record.get("why_not_compared", ""), "", "", "", "", "")
             continue
 
         def num(v, fmt=".1f"):
@@ -129,6 +138,7 @@ def pairs_table(path) -> None:
             num(c["dice"], ".3f"),
             num(record["registration"]["error_um"]),
             f"{num(c['entropy_disagree'], '.3f')} / {num(c['entropy_agree'], '.3f')}",
+            "; ".join(r["reason"] for r in record.get("review_reasons", [])) or "ok",
         )
     stdout().print(table)
 

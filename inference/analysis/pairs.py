@@ -13,6 +13,8 @@ import numpy as np
 import shapely
 from shapely.geometry.base import BaseGeometry
 
+from inference.analysis.points import TPS_CUTOFFS_PERCENT, tps_category
+
 # A positive tumour cell of an IHC stands for this much tissue around its centre (µm): its positive area.
 IHC_CELL_RADIUS_UM = 8.0
 
@@ -57,6 +59,27 @@ class PairComparison:
         if self.entropy_disagree is None or self.entropy_agree is None:
             return None
         return self.entropy_disagree > self.entropy_agree
+
+    def review_reasons(self) -> list[dict]:
+        """The case's review reasons: the H&E's predicted TPS in another category than the IHC's measured one.
+
+        Value: the predicted minus the measured TPS (points); limit: the cut-off between the two categories
+        (1 or 50 %). The IHC is the measurement, so the H&E's prediction is what needs a look.
+        """
+        if self.tps_he_predicted is None or self.tps_ihc is None:
+            return []
+        predicted, measured = tps_category(self.tps_he_predicted), tps_category(self.tps_ihc)
+        if predicted == measured:
+            return []
+        low, high = sorted((self.tps_he_predicted, self.tps_ihc))
+        cutoff = next(c for c in TPS_CUTOFFS_PERCENT if low < c <= high)
+        return [
+            {
+                "reason": f"H&E-predicted TPS category ({predicted}) differs from the IHC's ({measured})",
+                "value": self.tps_he_predicted - self.tps_ihc,
+                "limit": cutoff,
+            }
+        ]
 
 
 def cells_area(xy: np.ndarray, *, radius_px: float) -> BaseGeometry:

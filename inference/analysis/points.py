@@ -166,15 +166,19 @@ def detection_scores(
     return overall, per_class
 
 
+TPS_CUTOFFS_PERCENT = (1.0, 50.0)  # the category boundaries of tps_category
+
+
 def tps_category(percent: float) -> str:
     """``<1%``, ``1-49%`` or ``>=50%`` (the PD-L1 22C3 NSCLC cut-offs).
 
     >>> [tps_category(p) for p in (0.5, 1.0, 49.9, 50.0)]
     ['<1%', '1-49%', '1-49%', '>=50%']
     """
-    if percent < 1:
+    low, high = TPS_CUTOFFS_PERCENT
+    if percent < low:
         return "<1%"
-    if percent < 50:
+    if percent < high:
         return "1-49%"
     return ">=50%"
 

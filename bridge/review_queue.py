@@ -46,7 +46,15 @@ from shapely.geometry.base import BaseGeometry
 
 from bridge.classes import IGNORE, PDL1_FN_CANDIDATE, PDL1_NEGATIVE, PDL1_POSITIVE, TRAINING_REGION
 from bridge.objects import is_own_object
-from bridge.project import PDL1_DIR, STATUS_FILE, ProjectEntry, ProjectError, find_project_file, read_project
+from bridge.project import (
+    PDL1_DIR,
+    STATUS_FILE,
+    ProjectEntry,
+    ProjectError,
+    ProjectInfo,
+    find_project_file,
+    read_project,
+)
 from bridge.qupath_geojson import QuPathObject, read_features
 from bridge.run_lock import run_lock
 from inference import Pdl1Error, __version__
@@ -334,6 +342,18 @@ def _entry_objects(
     return out
 
 
+def analysed_entries(info: ProjectInfo) -> list[ProjectEntry]:
+    """The entries ``pdl1 run`` left a summary of; a project without any is refused with what to do."""
+    pdl1 = info.folder / PDL1_DIR
+    found = [e for e in info.entries if (pdl1 / e.entry_id / "summary.json").is_file()]
+    if not found:
+        raise ReviewQueueError(
+            f"{info.path}: no results of `pdl1 run` to rank (expected {pdl1}/<entry ID>/summary.json); "
+            f"run `pdl1 run {info.folder}` first"
+        )
+    return found
+
+
 def build_queue(
     project: str | Path, *, regions_per_entry: int = 5, use_qupath: bool = False
 ) -> tuple[list[EntryItem], list[tuple[str, str, str]]]:
@@ -347,12 +367,7 @@ def build_queue(
         if (status_path.is_file())
         else {}
     )
-    found = [e for e in info.entries if (pdl1 / e.entry_id / "summary.json").is_file()]
-    if not found:
-        raise ReviewQueueError(
-            f"{info.path}: no results of `pdl1 run` to rank (expected {pdl1}/<entry ID>/summary.json); "
-            f"run `pdl1 run {info.folder}` first"
-        )
+    found = analysed_entries(info)
     not_ranked = []
     for entry in info.entries:
         if entry not in found:
@@ -520,6 +535,7 @@ def write_review_queue(
     if not source.exists():
         raise ReviewQueueError(f"{source}: no such project; give the folder holding project.qpproj")
     folder = find_project_file(source).parent
+    analysed_entries(read_project(folder))  # refused before the lock, which would create pdl1/
     use_qupath = False
     if qupath != "never":
         from bridge.qupath import qupath_available

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from bridge.cli.app import app
 from bridge.init_project import init_project_files
+from bridge.project import ProjectError
 from bridge.qupath_geojson import QuPathObject, to_feature, write_features
 from bridge.review_queue import RANK_KEY, SCORE_KEY, ReviewQueueError, write_review_queue
 from bridge.run import RunConfig, run_batch
@@ -168,9 +169,14 @@ def test_a_project_never_run_is_refused_with_what_to_do(tmp_path, slides):
     init_project_files(project, slides)
     with pytest.raises(ReviewQueueError, match=r"no results of `pdl1 run` to rank .* run `pdl1 run .*fresh` first"):
         write_review_queue(project, qupath="never")
-    assert not (project / "pdl1" / "review_queue.csv").exists()
+    assert not (project / "pdl1").exists()  # refused before anything is written, the run lock included
     with pytest.raises(ReviewQueueError, match="no such project"):
         write_review_queue(tmp_path / "nope", qupath="never")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "project.qpproj").write_text("{not json")
+    with pytest.raises(ProjectError, match=r"project.qpproj: not valid JSON .* half-written or corrupt"):
+        write_review_queue(tmp_path / "bad", qupath="never")
+    assert not (tmp_path / "bad" / "pdl1").exists()
 
 
 def test_a_damaged_summary_is_refused_and_nothing_is_written(project):

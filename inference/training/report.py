@@ -203,8 +203,8 @@ def _centres_from_labels(labels: SlideLabels, *, task: str, n: int) -> list[tupl
         shapely.union_all([regions, labels.negative]).difference(labels.positive).difference(labels.ignore),
         labels.positive.boundary,
     ]
-    points = [a.representative_point() if a.geom_type != "MultiLineString" else a.interpolate(0.5, True) for a in areas]
-    return [(p.x, p.y) for a, p in zip(areas, points, strict=True) if not a.is_empty][:n]
+    points = [a.representative_point() for a in areas if not a.is_empty]  # a point on each, lines included
+    return [(p.x, p.y) for p in points][:n]
 
 
 def _centres_from_truth(slide: str, *, task: str, n: int) -> list[tuple[float, float]]:

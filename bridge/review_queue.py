@@ -22,8 +22,8 @@ Entry score (higher: label first)::
 Region score, within an entry: the region's mean mutual information over the highest among all the
 project's regions (0 to 1), plus 0.5 for a SUA candidate (it crossed the calibrated SUA threshold: a
 likely false negative). Regions are SUA candidates, predicted positive regions and uncertainty tiles
-(at least half tissue); a region at least half inside labelled area is marked and ranked after every
-unlabelled one; a region mostly covered by a better-ranked one is left out.
+(at least half tissue); a region whose box is at least half inside labelled area is marked and ranked after every
+unlabelled one; a region whose box is mostly covered by a better-ranked one's is left out.
 """
 
 from __future__ import annotations

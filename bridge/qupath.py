@@ -273,6 +273,7 @@ __all__ = [
     "restore_data",
     "save_entries",
     "save_project",
+    "set_entry_metadata",
     "unaddable_images",
     "write_children",
 ]
@@ -305,3 +306,28 @@ def read_entry_objects(
                 objects.append(from_feature(feature))
             out[entry_id] = objects
     return out
+
+
+def set_entry_metadata(project_path: str | Path, values: dict[str, dict[str, str | None]]) -> None:
+    """Set (a string) or remove (None) entry metadata, by entry ID, and save ``project.qpproj`` only.
+
+    Entry metadata lives in the project file, so no ``data.qpdata`` is read or written; QuPath writes the
+    project file aside and renames it into place. An entry ID the project lacks is refused before anything
+    is set.
+    """
+    with open_project(project_path, mode="r+") as project:
+        by_id = {str(entry.entry_id): entry for entry in project.images}
+        missing = sorted(set(values) - set(by_id))
+        if missing:
+            raise ProjectError(
+                f"{project_path}: no entry {', '.join(missing)} any more; run `pdl1 run` on the project again"
+            )
+        for entry_id, keys in values.items():
+            metadata = by_id[entry_id].metadata
+            for key, value in keys.items():
+                if value is None:
+                    if key in metadata:
+                        del metadata[key]
+                else:
+                    metadata[key] = value
+        save_project(project)

@@ -374,3 +374,53 @@ def report_cmd(
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
     typer.echo(f"wrote {html_path} and {csv_path}")
+
+
+def review_queue_cmd(
+    project: Annotated[Path, typer.Argument(help="A QuPath project that `pdl1 run PROJECT` has analysed.")],
+    out: Annotated[
+        Path | None, typer.Option(help="CSV to write (default: PROJECT/pdl1/review_queue.csv).", show_default=False)
+    ] = None,
+    top: Annotated[
+        int | None,
+        typer.Option(min=1, help="List only the N best entries (metadata ranks them all).", show_default=False),
+    ] = None,
+    regions: Annotated[int, typer.Option(min=0, help="Regions listed per entry.")] = 5,
+    qupath: Annotated[
+        str, typer.Option(help="auto: write the entry metadata through paquo when QuPath is found; never; always.")
+    ] = "auto",
+) -> None:
+    """Rank entries and regions by what labelling them would teach the model (uncertainty, SUA, domain).
+
+    Writes a CSV with the entries best first, each followed by its regions (level-0 px boxes, centres in µm),
+    and sets the entry metadata 'PD-L1 review rank' and 'PD-L1 review score'. See the README for the score.
+    """
+    from rich.markup import escape
+    from rich.table import Table
+
+    from bridge.cli.common import stdout
+    from bridge.review_queue import write_review_queue
+
+    try:
+        queue = write_review_queue(project, out=out, top=top, regions_per_entry=regions, qupath=qupath)
+    except (Pdl1Error, ValueError, OSError) as err:
+        raise fail(err) from err
+    table = Table(title="review queue (label first at the top)")
+    for column in ("rank", "image", "score", "regions", "first region (x, y, w, h px)", "reasons"):
+        table.add_column(column)
+    shown = queue.entries[:top] if top else queue.entries
+    for rank, entry in enumerate(shown, start=1):
+        first = entry.regions[0] if entry.regions else None
+        where = "" if first is None else f"{first.kind} " + ", ".join(str(round(v)) for v in first.bounds_px)
+        table.add_row(
+            str(rank),
+            escape(entry.image),
+            f"{entry.score:.3f}",
+            str(len(entry.regions)),
+            where,
+            escape("; ".join(entry.reasons)),
+        )
+    stdout().print(table)
+    for entry_id, name, why in queue.not_ranked:
+        typer.echo(f"not ranked: {name} (entry {entry_id}): {why}")
+    typer.echo(f"wrote {queue.csv_path}; entry metadata in the {queue.metadata_written_to}")

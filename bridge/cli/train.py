@@ -186,6 +186,9 @@ def train_seg(
                 on_progress=on_progress,
             )
         validation = _validate(out, held_out, device=device, task="segmentation") if held_out else []
+        report = _training_report(
+            out, task="segmentation", labels=slide_labels, held_out=held_out, truth=config.slides, device=device
+        )
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
     except KeyboardInterrupt:
@@ -199,6 +202,7 @@ def train_seg(
             f"validation {row['slide']}: {row['labelled_px']} labelled px, {row['positive_px']} positive, "
             f"{row['predicted_px']} predicted positive, Dice {_fmt(row['dice'])}"
         )
+    typer.echo(report)
 
 
 def _is_project(path: Path) -> bool:
@@ -399,6 +403,9 @@ def train_nuclei_cmd(
                 on_progress=on_progress,
             )
         validation = _validate(out, held_out, device=device, task="nuclei") if held_out else []
+        report = _training_report(
+            out, task="nuclei", labels=slide_labels, held_out=held_out, truth=config.slides, device=device
+        )
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
     except KeyboardInterrupt:
@@ -412,10 +419,38 @@ def train_nuclei_cmd(
             f"validation {row['slide']}: {row['n_labelled']} marked nuclei, {row['n_predicted']} found, "
             f"precision {_fmt(row['precision'])}, recall {_fmt(row['recall'])}, F1 {_fmt(row['f1'])}"
         )
+    typer.echo(report)
 
 
 def _fmt(value: float | None) -> str:
     return "undefined" if value is None else f"{value:.3f}"
+
+
+def _training_report(out: Path, *, task: str, labels: list, held_out: list, truth: tuple[str, ...], device: str) -> str:
+    """Write OUT/training_report.html; the model is already written, so a failure here is a warning, not an error."""
+    from bridge.training_report import record_training_data, write_training_report
+
+    try:
+        record_training_data(
+            out, task=task, labels=labels, held_out=held_out, truth_slides=() if labels else truth, device=device
+        )
+        return f"training report: {write_training_report(out)}"
+    except (Pdl1Error, ValueError, OSError) as err:
+        return f"no training report ({err}); the model is complete; `pdl1 train report {out}` draws what is there"
+
+
+@app.command("report")
+def report_cmd(
+    out: Annotated[Path, typer.Argument(help="A model folder written by `pdl1 train seg` or `pdl1 train nuclei`.")],
+) -> None:
+    """Draw OUT/training_report.html again from a model folder: curves, validation, labels, example tiles."""
+    from bridge.training_report import write_training_report
+
+    try:
+        path = write_training_report(out)
+    except (Pdl1Error, ValueError, OSError) as err:
+        raise fail(err) from err
+    typer.echo(f"wrote {path}")
 
 
 def _validate(out: Path, held_out: list, *, device: str, task: str) -> list[dict]:

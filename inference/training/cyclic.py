@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from inference.errors import ModelFileError
 from inference.models.manifest import read_manifest, sha256_file
+from inference.training.report import HISTORY_FILE
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,16 @@ def init_weights(
 CHECKPOINT_FILE = "state.safetensors"
 
 
-def save_checkpoint(folder: Path, model, optimizer, *, epoch: int, rng: np.random.Generator, members: list) -> None:
+def save_checkpoint(
+    folder: Path,
+    model,
+    optimizer,
+    *,
+    epoch: int,
+    rng: np.random.Generator,
+    members: list,
+    history: list | None = None,
+) -> None:
     """Write the training state as one file, renamed into place.
 
     One file and one rename: with the tensors and the epoch in separate files, an interrupt
@@ -159,6 +169,7 @@ def save_checkpoint(folder: Path, model, optimizer, *, epoch: int, rng: np.rando
         "epoch": epoch,
         "numpy_rng": rng.bit_generator.state,
         "members": members,
+        "history": history or [],
         "opt_scalars": scalars,
         "param_groups": opt_state["param_groups"],
     }
@@ -194,6 +205,18 @@ def load_checkpoint(folder: Path, model, optimizer, rng: np.random.Generator) ->
     return int(meta["epoch"]), meta["members"]
 
 
+def checkpoint_history(folder: Path) -> list[dict]:
+    """The per-epoch history a checkpoint keeps ([] for one written before history was kept)."""
+    return list(_checkpoint_meta(folder).get("history", []))
+
+
+def write_history(out_dir: Path, history: list[dict]) -> None:
+    """``training_history.json``: one record per epoch (its loss and rate per iteration), renamed into place."""
+    part = out_dir / (HISTORY_FILE + ".part")
+    part.write_text(json.dumps({"epochs": history}), encoding="utf-8")
+    part.replace(out_dir / HISTORY_FILE)
+
+
 def save_member(out_dir: Path, model: torch.nn.Module, index: int) -> tuple[str, str]:
     name = f"member_{index:02d}.safetensors"
     # fp16 on disk keeps the shipped demo small; weights are cast back to fp32 on load.
@@ -221,13 +244,15 @@ def train_cyclic(
 
     ``next_batch()`` draws (inputs, targets) on the model's device using ``rng`` (whose state is
     checkpointed, so a resumed run draws the same batches). Returns the member records
-    (file, sha256, cycle, epoch, learning rate, training loss).
+    (file, sha256, cycle, epoch, learning rate, training loss). Every epoch's loss and learning rate,
+    per iteration, go into the checkpoint (so ``resume`` keeps them) and ``out_dir/training_history.json``.
     """
     optimizer = make_optimizer(config, model)
     ckpt = out_dir / "checkpoint"
-    start_epoch, members = 0, []
+    start_epoch, members, history = 0, [], []
     if resume and (ckpt / CHECKPOINT_FILE).is_file():
         last, members = load_checkpoint(ckpt, model, optimizer, rng)
+        history = [h for h in checkpoint_history(ckpt) if h["epoch"] <= last]
         start_epoch = last + 1
         log.info("resuming at epoch %d with %d members", start_epoch, len(members))
     n_epochs = total_epochs(config)
@@ -235,9 +260,10 @@ def train_cyclic(
     lr = config.lr_max
     for epoch in range(start_epoch, n_epochs):
         model.train()
-        losses = []
+        losses, rates = [], []
         for it in range(config.iterations_per_epoch):
             lr = learning_rate(config, epoch, it)
+            rates.append(lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = next_batch()
@@ -263,5 +289,15 @@ def train_cyclic(
                     "train_loss": mean_loss,
                 }
             )
-        save_checkpoint(ckpt, model, optimizer, epoch=epoch, rng=rng, members=members)
+        history.append(
+            {
+                "epoch": epoch,
+                "cycle": cycle_of(config, epoch)[0],
+                "loss": mean_loss,
+                "iteration_losses": losses,
+                "iteration_lrs": rates,
+            }
+        )
+        save_checkpoint(ckpt, model, optimizer, epoch=epoch, rng=rng, members=members, history=history)
+        write_history(out_dir, history)
     return members

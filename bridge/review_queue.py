@@ -1,0 +1,610 @@
+"""``pdl1 review-queue``: entries and regions ranked by what labelling them would teach the model most.
+
+Built from what an earlier ``pdl1 run`` left under ``<project>/pdl1/<entry>/`` (``summary.json`` and
+``objects.geojson``), so it works with and without QuPath; nothing is analysed again.
+
+Entry score (higher: label first)::
+
+    score = (U + S + D + R) * (1 - L)
+
+* ``U``: the entry's mean mutual information over its analysed tissue (on a PD-L1 IHC the nuclei model's
+  mean entropy) divided by the highest such mean among the project's entries of its stain (0 to 1).
+  Mutual information is the ensemble's epistemic uncertainty (BALD): the part labels can remove.
+* ``S``: the SUA candidate area in % of the analysed area over the model's review limit, at most 2:
+  possible false negatives, which a label settles.
+* ``D``: the larger of out-of-domain score / its limit and stain distance / its limit, at most 2
+  (0 where the domain guard did not measure): a slide unlike the training slides teaches most.
+* ``R``: 0.5 per review reason not already counted in ``S`` or ``D`` (segmentation or nuclei
+  uncertainty, a stain the colour contradicts, too few tumour cells).
+* ``L``: the share of the analysed area already labelled (``Training region``, ``PD-L1 positive`` /
+  ``PD-L1 negative`` areas a person drew, less ``Ignore*``): what is labelled teaches nothing new.
+
+Region score, within an entry: the region's mean mutual information over the highest among all the
+project's regions (0 to 1), plus 0.5 for a SUA candidate (it crossed the calibrated SUA threshold: a
+likely false negative). Regions are SUA candidates, predicted positive regions and uncertainty tiles
+(at least half tissue); a region whose box is at least half inside labelled area is marked and ranked after every
+unlabelled one; a region whose box is mostly covered by a better-ranked one's is left out.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import shapely
+from shapely.geometry.base import BaseGeometry
+
+from bridge.classes import IGNORE, PDL1_FN_CANDIDATE, PDL1_NEGATIVE, PDL1_POSITIVE, TRAINING_REGION
+from bridge.objects import is_own_object
+from bridge.project import (
+    PDL1_DIR,
+    STATUS_FILE,
+    ProjectEntry,
+    ProjectError,
+    ProjectInfo,
+    find_project_file,
+    read_project,
+)
+from bridge.qupath_geojson import QuPathObject, read_features
+from bridge.run_lock import run_lock
+from inference import Pdl1Error, __version__
+
+log = logging.getLogger(__name__)
+
+RANK_KEY = "PD-L1 review rank"
+SCORE_KEY = "PD-L1 review score"
+QUEUE_FILE = "review_queue.csv"
+PROVENANCE_FILE = "review_queue.json"
+
+# Formula constants (module docstring); recorded in the provenance file.
+CAP = 2.0  # S and D: one extreme number must not bury every other reason
+REASON_WEIGHT = 0.5
+CANDIDATE_BONUS = 0.5
+MIN_TILE_TISSUE = 0.5
+LABELLED_SHARE = 0.5  # a region at least this much inside labelled area counts as labelled
+OVERLAP_SHARE = 0.5  # a region this much covered by a better-ranked one is left out
+_COUNTED_ELSEWHERE = ("SUA candidate area", "out of the training domain")  # reasons S and D already weigh
+
+COLUMNS = (
+    "rank",
+    "region_rank",
+    "entry_id",
+    "image",
+    "kind",
+    "object_type",
+    "score",
+    "x_px",
+    "y_px",
+    "width_px",
+    "height_px",
+    "centre_x_um",
+    "centre_y_um",
+    "area_um2",
+    "mutual_information",
+    "labelled",
+    "reasons",
+)
+
+
+class ReviewQueueError(ProjectError):
+    """No results to rank, or results that do not read."""
+
+
+@dataclass(frozen=True)
+class ScoreParts:
+    """The terms of an entry's score (module docstring)."""
+
+    uncertainty: float  # U
+    sua: float  # S
+    domain: float  # D
+    reasons: float  # R
+    labelled_share: float  # L
+
+    @property
+    def score(self) -> float:
+        return (self.uncertainty + self.sua + self.domain + self.reasons) * (1 - self.labelled_share)
+
+
+@dataclass(frozen=True)
+class RegionItem:
+    """One place in an image to look at: level-0 px box, its score and why."""
+
+    kind: str  # "SUA candidate", "positive region" or "uncertainty tile"
+    object_type: str  # the QuPath object it is: annotation or tile
+    bounds_px: tuple[float, float, float, float]  # x, y, width, height at level 0
+    area_um2: float
+    mutual_information: float | None
+    score: float
+    labelled: bool
+    why: str
+
+
+@dataclass(frozen=True)
+class EntryItem:
+    entry_id: str
+    image: str
+    stain: str
+    mpp: float
+    score: float
+    parts: ScoreParts
+    mean_uncertainty: float | None
+    analysed_area_um2: float
+    reasons: tuple[str, ...]
+    regions: tuple[RegionItem, ...]
+    summary_path: Path
+    run_id: str | None
+
+
+@dataclass(frozen=True)
+class ReviewQueue:
+    """The ranked entries (best first), the entries without results and why, and what was written."""
+
+    entries: tuple[EntryItem, ...]
+    not_ranked: tuple[tuple[str, str, str], ...]  # (entry ID, image name, why)
+    csv_path: Path
+    metadata_written_to: str  # "QuPath project" or "summary.json sidecars"
+
+
+def _ratio(value: Any, limit: Any) -> float:
+    if not _finite(value) or not _finite(limit) or float(limit) <= 0:
+        return 0.0
+    return min(max(float(value), 0.0) / float(limit), CAP)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def entry_uncertainty(summary: dict) -> float | None:
+    """The number ``U`` is made of: mean mutual information (H&E) or mean nuclei entropy (IHC)."""
+    details = summary.get("details") or {}
+    key = "nuclei_entropy_mean" if summary.get("stain") == "H-DAB" else "mutual_information_mean"
+    value = details.get(key)
+    return float(value) if _finite(value) else None
+
+
+def score_parts(summary: dict, *, reference: float | None, labelled_share: float) -> ScoreParts:
+    """The score's terms for one summary; ``reference``: the highest entry uncertainty of its stain.
+
+    >>> s = {"analysed_area_um2": 1000.0, "details": {"mutual_information_mean": 0.02,
+    ...      "candidate_area_um2": 30.0, "review_rule": {"review_candidate_area_pct": 1.0},
+    ...      "review_reasons": [{"reason": "SUA candidate area %", "value": 3.0, "limit": 1.0},
+    ...                         {"reason": "segmentation uncertainty", "value": 0.3, "limit": 0.2}]}}
+    >>> p = score_parts(s, reference=0.04, labelled_share=0.25)
+    >>> (p.uncertainty, p.sua, p.domain, p.reasons, round(p.score, 3))
+    (0.5, 2.0, 0.0, 0.5, 2.25)
+    """
+    details = summary.get("details") or {}
+    u = entry_uncertainty(summary)
+    uncertainty = u / reference if u is not None and reference else 0.0
+    analysed = summary.get("analysed_area_um2")
+    candidate_pct = (
+        100 * float(details.get("candidate_area_um2") or 0.0) / float(analysed)
+        if _finite(analysed) and analysed > 0
+        else 0.0
+    )
+    sua = _ratio(candidate_pct, (details.get("review_rule") or {}).get("review_candidate_area_pct"))
+    domain_info = details.get("domain") or {}
+    domain = max(
+        _ratio(domain_info.get("out_of_domain_score"), domain_info.get("limit")),
+        _ratio(domain_info.get("stain_distance_deg"), domain_info.get("stain_limit_deg")),
+    )
+    others = [
+        r for r in details.get("review_reasons", []) if not str(r.get("reason", "")).startswith(_COUNTED_ELSEWHERE)
+    ]
+    return ScoreParts(uncertainty, sua, domain, REASON_WEIGHT * len(others), min(max(labelled_share, 0.0), 1.0))
+
+
+def labelled_area(objects: Iterable[QuPathObject]) -> BaseGeometry:
+    """The area a person labelled: training regions and drawn ``PD-L1 positive``/``negative`` areas, less
+    ``Ignore*`` (the label classes of :mod:`bridge.labels`); this tool's own results are not labels."""
+    keep: list[BaseGeometry] = []
+    ignore: list[BaseGeometry] = []
+    label_classes = (TRAINING_REGION.name, PDL1_POSITIVE.name, PDL1_NEGATIVE.name)
+    for obj in objects:
+        if obj.geometry.is_empty or obj.geometry.geom_type not in ("Polygon", "MultiPolygon"):
+            continue
+        if is_own_object(obj.object_type, obj.classification, obj.name, obj.measurements):
+            continue
+        geometry = obj.geometry if obj.geometry.is_valid else shapely.make_valid(obj.geometry)
+        if obj.classification in label_classes:
+            keep.append(geometry)
+        elif obj.classification is not None and obj.classification.startswith(IGNORE.name.rstrip("*")):
+            ignore.append(geometry)
+    if not keep:
+        return shapely.Polygon()
+    area = shapely.union_all(keep)
+    return area.difference(shapely.union_all(ignore)) if ignore else area
+
+
+def candidate_regions(objects: Iterable[QuPathObject], *, mpp: float) -> list[RegionItem]:
+    """Every region of a run's results worth a look, not yet scored (:func:`score_regions`) nor ranked."""
+    out = []
+    for obj in objects:
+        m = obj.measurements
+        if obj.object_type == "tile":
+            if m.get("Tissue fraction", 0.0) < MIN_TILE_TISSUE or "Mutual information" not in m:
+                continue
+            kind, mi, why = "uncertainty tile", m["Mutual information"], ""
+        elif obj.object_type == "annotation" and is_own_object(obj.object_type, obj.classification, obj.name, m):
+            mi = m.get("Mutual information mean")
+            if obj.classification == PDL1_FN_CANDIDATE.name:
+                kind, why = "SUA candidate", f"SUA score {m.get('SUA score', float('nan')):.3f}"
+            else:
+                kind, why = (
+                    "positive region",
+                    f"predictive entropy {m.get('Predictive entropy mean', float('nan')):.3f}",
+                )
+        else:
+            continue
+        x0, y0, x1, y1 = obj.geometry.bounds
+        area = m.get("Area µm^2", obj.geometry.area * mpp * mpp)
+        out.append(
+            RegionItem(
+                kind=kind,
+                object_type=obj.object_type,
+                bounds_px=(x0, y0, x1 - x0, y1 - y0),
+                area_um2=float(area),
+                mutual_information=float(mi) if _finite(mi) else None,
+                score=0.0,
+                labelled=False,
+                why=why,
+            )
+        )
+    return out
+
+
+def score_regions(regions: Sequence[RegionItem], *, reference: float | None) -> list[RegionItem]:
+    """Each region scored: mean mutual information over ``reference`` (the project's highest), plus the
+    SUA candidate bonus.
+
+    >>> tile = RegionItem("uncertainty tile", "tile", (0, 0, 8, 8), 16.0, 0.02, 0.0, False, "")
+    >>> [r.score for r in score_regions([tile, replace(tile, kind="SUA candidate")], reference=0.04)]
+    [0.5, 1.0]
+    """
+    return [
+        replace(
+            r,
+            score=(r.mutual_information / reference if r.mutual_information is not None and reference else 0.0)
+            + (CANDIDATE_BONUS if r.kind == "SUA candidate" else 0.0),
+        )
+        for r in regions
+    ]
+
+
+def rank_regions(
+    regions: Sequence[RegionItem], *, labelled: BaseGeometry, limit: int, geometries: dict[int, BaseGeometry]
+) -> list[RegionItem]:
+    """The best ``limit`` regions: unlabelled first, by score; overlapping duplicates left out."""
+    marked = []
+    for i, region in enumerate(regions):
+        geometry = geometries[i]
+        inside = (
+            not labelled.is_empty
+            and geometry.area > 0
+            and geometry.intersection(labelled).area >= LABELLED_SHARE * geometry.area
+        )
+        marked.append((i, replace(region, labelled=inside)))
+    marked.sort(key=lambda item: (item[1].labelled, -item[1].score))
+    chosen: list[tuple[int, RegionItem]] = []
+    for i, region in marked:
+        if len(chosen) >= limit:
+            break
+        geometry = geometries[i]
+        covered = any(
+            geometry.intersection(geometries[j]).area >= OVERLAP_SHARE * min(geometry.area, geometries[j].area)
+            for j, _ in chosen
+            if geometry.area > 0 and geometries[j].area > 0
+        )
+        if not covered:
+            chosen.append((i, region))
+    return [r for _, r in chosen]
+
+
+def _read_json(path: Path, fix: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ReviewQueueError(f"{path} does not read ({err}); {fix}") from err
+
+
+def _entry_objects(
+    info_folder: Path, entries: Sequence[ProjectEntry], qupath_objects: dict[str, list[QuPathObject]] | None
+) -> dict[str, tuple[list[QuPathObject], str]]:
+    """Each entry's own objects, for its labels: through QuPath, else the export of pdl1_export_labels.groovy."""
+    from bridge.labels import export_path
+
+    out: dict[str, tuple[list[QuPathObject], str]] = {}
+    for entry in entries:
+        if qupath_objects is not None:
+            out[entry.entry_id] = (qupath_objects.get(entry.entry_id, []), "QuPath")
+            continue
+        exported = export_path(info_folder, entry.entry_id)
+        if exported.is_file():
+            try:
+                out[entry.entry_id] = (list(read_features(exported)), str(exported))
+            except (ValueError, Pdl1Error) as err:
+                raise ReviewQueueError(
+                    f"{exported}: not a QuPath GeoJSON export ({err}); run pdl1_export_labels.groovy again"
+                ) from err
+        else:
+            out[entry.entry_id] = ([], "")
+    return out
+
+
+def analysed_entries(info: ProjectInfo) -> list[ProjectEntry]:
+    """The entries ``pdl1 run`` left a summary of; a project without any is refused with what to do."""
+    pdl1 = info.folder / PDL1_DIR
+    found = [e for e in info.entries if (pdl1 / e.entry_id / "summary.json").is_file()]
+    if not found:
+        raise ReviewQueueError(
+            f"{info.path}: no results of `pdl1 run` to rank (expected {pdl1}/<entry ID>/summary.json); "
+            f"run `pdl1 run {info.folder}` first"
+        )
+    return found
+
+
+def build_queue(
+    project: str | Path, *, regions_per_entry: int = 5, use_qupath: bool = False
+) -> tuple[list[EntryItem], list[tuple[str, str, str]]]:
+    """Rank a run project's entries and their regions; nothing is written. Returns (ranked, not ranked)."""
+    qpproj = find_project_file(project)
+    info = read_project(qpproj)
+    pdl1 = info.folder / PDL1_DIR
+    status_path = pdl1 / STATUS_FILE
+    status = (
+        _read_json(status_path, "delete it and run `pdl1 run PROJECT` again").get("images", {})
+        if (status_path.is_file())
+        else {}
+    )
+    found = analysed_entries(info)
+    not_ranked = []
+    for entry in info.entries:
+        if entry not in found:
+            state = status.get(entry.entry_id, {})
+            why = f"failed in the last run: {state.get('error')}" if state.get("state") == "failed" else "not analysed"
+            not_ranked.append((entry.entry_id, entry.image_name, why))
+    qupath_objects = None
+    if use_qupath:
+        from bridge.qupath import read_entry_objects
+
+        qupath_objects = read_entry_objects(info.path, [e.entry_id for e in found])
+    own = _entry_objects(info.folder, found, qupath_objects)
+    fix = "run `pdl1 run PROJECT --resume`, which analyses again an image whose results do not read"
+    summaries = {e.entry_id: _read_json(pdl1 / e.entry_id / "summary.json", fix) for e in found}
+    for entry_id, summary in summaries.items():
+        if not isinstance(summary, dict) or not _finite(summary.get("mpp")):
+            raise ReviewQueueError(f"{pdl1 / entry_id / 'summary.json'} is not a pdl1 summary (no mpp); {fix}")
+    references: dict[str, float] = {}
+    for summary in summaries.values():
+        u = entry_uncertainty(summary)
+        stain = summary.get("stain", "H&E")
+        if u is not None:
+            references[stain] = max(references.get(stain, 0.0), u)
+    region_lists: dict[str, list[RegionItem]] = {}
+    for entry in found:
+        geojson = pdl1 / entry.entry_id / "objects.geojson"
+        try:
+            objects = list(read_features(geojson)) if geojson.is_file() else []
+        except (ValueError, Pdl1Error) as err:
+            raise ReviewQueueError(f"{geojson} does not read ({err}); {fix}") from err
+        region_lists[entry.entry_id] = candidate_regions(objects, mpp=float(summaries[entry.entry_id]["mpp"]))
+    region_reference = max(
+        (r.mutual_information for rs in region_lists.values() for r in rs if r.mutual_information is not None),
+        default=None,
+    )
+    ranked = []
+    for entry in found:
+        summary = summaries[entry.entry_id]
+        mpp = float(summary["mpp"])
+        objects, label_source = own[entry.entry_id]
+        labelled = labelled_area(objects)
+        analysed_um2 = float(summary.get("analysed_area_um2") or 0.0)
+        share = min(labelled.area * mpp * mpp / analysed_um2, 1.0) if analysed_um2 > 0 else 0.0
+        stain = summary.get("stain", "H&E")
+        parts = score_parts(summary, reference=references.get(stain), labelled_share=share)
+        items = score_regions(region_lists[entry.entry_id], reference=region_reference)
+        geometries = {i: shapely.box(x, y, x + w, y + h) for i, (x, y, w, h) in enumerate(r.bounds_px for r in items)}
+        regions = rank_regions(items, labelled=labelled, limit=regions_per_entry, geometries=geometries)
+        reasons = [_reason_text(r) for r in (summary.get("details") or {}).get("review_reasons", [])]
+        if share > 0:
+            reasons.append(f"{100 * share:.0f}% of the analysed area already labelled ({label_source})")
+        ranked.append(
+            EntryItem(
+                entry_id=entry.entry_id,
+                image=entry.image_name,
+                stain=stain,
+                mpp=mpp,
+                score=parts.score,
+                parts=parts,
+                mean_uncertainty=entry_uncertainty(summary),
+                analysed_area_um2=analysed_um2,
+                reasons=tuple(reasons),
+                regions=tuple(regions),
+                summary_path=pdl1 / entry.entry_id / "summary.json",
+                run_id=summary.get("run_id"),
+            )
+        )
+    ranked.sort(key=lambda e: (-e.score, e.entry_id))
+    return ranked, not_ranked
+
+
+def _reason_text(reason: dict) -> str:
+    value, limit = reason.get("value"), reason.get("limit")
+    numbers = f" ({value:.3g}, limit {limit:.3g})" if _finite(value) and _finite(limit) else ""
+    return f"{reason.get('reason')}{numbers}"
+
+
+def queue_rows(entries: Sequence[EntryItem], *, top: int | None = None) -> list[dict[str, Any]]:
+    """CSV rows: each entry (best first), then its regions."""
+    rows = []
+    for rank, entry in enumerate(entries[:top] if top else entries, start=1):
+        p = entry.parts
+        terms = (
+            f"U {p.uncertainty:.3f} + S {p.sua:.3f} + D {p.domain:.3f} + R {p.reasons:.1f}, L {p.labelled_share:.2f}"
+        )
+        rows.append(
+            {
+                "rank": rank,
+                "region_rank": "",
+                "entry_id": entry.entry_id,
+                "image": entry.image,
+                "kind": "entry",
+                "object_type": "",
+                "score": f"{entry.score:.4f}",
+                "area_um2": f"{entry.analysed_area_um2:.0f}",
+                "mutual_information": "" if entry.mean_uncertainty is None else f"{entry.mean_uncertainty:.5f}",
+                "labelled": f"{p.labelled_share:.3f}",
+                "reasons": "; ".join([terms, *entry.reasons]),
+            }
+        )
+        for k, region in enumerate(entry.regions, start=1):
+            x, y, w, h = region.bounds_px
+            rows.append(
+                {
+                    "rank": rank,
+                    "region_rank": k,
+                    "entry_id": entry.entry_id,
+                    "image": entry.image,
+                    "kind": region.kind,
+                    "object_type": region.object_type,
+                    "score": f"{region.score:.4f}",
+                    "x_px": round(x),
+                    "y_px": round(y),
+                    "width_px": round(w),
+                    "height_px": round(h),
+                    "centre_x_um": f"{(x + w / 2) * entry.mpp:.1f}",
+                    "centre_y_um": f"{(y + h / 2) * entry.mpp:.1f}",
+                    "area_um2": f"{region.area_um2:.0f}",
+                    "mutual_information": ""
+                    if region.mutual_information is None
+                    else f"{region.mutual_information:.5f}",
+                    "labelled": int(region.labelled),
+                    "reasons": region.why,
+                }
+            )
+    return [{c: row.get(c, "") for c in COLUMNS} for row in rows]
+
+
+def entry_metadata(entries: Sequence[EntryItem]) -> dict[str, dict[str, str]]:
+    """Entry ID -> the review metadata (strings, as QuPath keeps them); rank 1 is labelled first."""
+    return {e.entry_id: {RANK_KEY: str(rank), SCORE_KEY: f"{e.score:.3f}"} for rank, e in enumerate(entries, start=1)}
+
+
+def _staged(path: Path, text: str) -> Path:
+    """``text`` written and flushed beside ``path``; renamed over it by :func:`_commit`."""
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.part")
+    with open(tmp, "x", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return tmp
+
+
+def write_review_queue(
+    project: str | Path,
+    *,
+    out: str | Path | None = None,
+    top: int | None = None,
+    regions_per_entry: int = 5,
+    qupath: str = "auto",
+) -> ReviewQueue:
+    """Rank, then write the CSV, its provenance JSON and every ranked entry's review metadata.
+
+    Metadata goes into the project through QuPath when it is installed (``qupath``: auto, always,
+    never), and always into each entry's ``summary.json`` ``metadata``, from which
+    ``pdl1_import_results.groovy`` sets it in QuPath. All of it is written or none: every file is
+    staged beside its target first, the QuPath project saved next, and only then are the staged
+    files renamed into place. Holds the project's run lock, so no ``pdl1 run`` writes meanwhile.
+    """
+    if qupath not in ("auto", "always", "never"):
+        raise ReviewQueueError(f"--qupath must be auto, always or never, got {qupath!r}")
+    if top is not None and top < 1:
+        raise ReviewQueueError(f"--top must be at least 1, got {top}")
+    source = Path(project)
+    if not source.exists():
+        raise ReviewQueueError(f"{source}: no such project; give the folder holding project.qpproj")
+    folder = find_project_file(source).parent
+    analysed_entries(read_project(folder))  # refused before the lock, which would create pdl1/
+    use_qupath = False
+    if qupath != "never":
+        from bridge.qupath import qupath_available
+
+        use_qupath, why = qupath_available()
+        if qupath == "always" and not use_qupath:
+            raise ReviewQueueError(why)
+    with run_lock(folder):
+        entries, not_ranked = build_queue(folder, regions_per_entry=regions_per_entry, use_qupath=use_qupath)
+        metadata = entry_metadata(entries)
+        csv_path = Path(out) if out is not None else folder / PDL1_DIR / QUEUE_FILE
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(queue_rows(entries, top=top))
+        provenance = {
+            "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "pdl1_bridge": __version__,
+            "project": str(find_project_file(folder)),
+            "arguments": {"top": top, "regions_per_entry": regions_per_entry, "qupath": qupath},
+            "formula": {
+                "entry": "(U + S + D + R) * (1 - L)",
+                "cap_S_D": CAP,
+                "reason_weight": REASON_WEIGHT,
+                "region": "MI / highest region MI + candidate bonus",
+                "candidate_bonus": CANDIDATE_BONUS,
+                "min_tile_tissue_fraction": MIN_TILE_TISSUE,
+                "labelled_share": LABELLED_SHARE,
+            },
+            "entries": [
+                {
+                    "entry_id": e.entry_id,
+                    "image": e.image,
+                    "rank": rank,
+                    "score": e.score,
+                    "parts": asdict(e.parts),
+                    "run_id": e.run_id,
+                }
+                for rank, e in enumerate(entries, start=1)
+            ],
+            "not_ranked": [{"entry_id": i, "image": n, "why": w} for i, n, w in not_ranked],
+        }
+        staged: list[tuple[Path, Path]] = []
+        try:
+            staged.append((_staged(csv_path, buffer.getvalue()), csv_path))
+            provenance_path = csv_path.with_name(csv_path.stem + ".json")
+            staged.append(
+                (_staged(provenance_path, json.dumps(provenance, indent=2, allow_nan=False)), provenance_path)
+            )
+            for entry in entries:
+                summary = _read_json(entry.summary_path, "run `pdl1 run PROJECT --resume`")
+                summary["metadata"] = {**summary.get("metadata", {}), **metadata[entry.entry_id]}
+                text = json.dumps(summary, indent=2, allow_nan=False)
+                staged.append((_staged(entry.summary_path, text), entry.summary_path))
+            if use_qupath:
+                from bridge.qupath import set_entry_metadata
+
+                stale = {entry_id: {RANK_KEY: None, SCORE_KEY: None} for entry_id, _, _ in not_ranked}
+                set_entry_metadata(find_project_file(folder), {**stale, **metadata})
+        except BaseException:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise
+        for tmp, target in staged:
+            os.replace(tmp, target)
+    return ReviewQueue(
+        entries=tuple(entries),
+        not_ranked=tuple(not_ranked),
+        csv_path=csv_path,
+        metadata_written_to="QuPath project" if use_qupath else "summary.json sidecars",
+    )

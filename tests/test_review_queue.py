@@ -1,0 +1,241 @@
+"""``pdl1 review-queue`` on a phantom project that ``pdl1 run`` analysed (without QuPath, and through it)."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import shapely
+from typer.testing import CliRunner
+
+from bridge.cli.app import app
+from bridge.init_project import init_project_files
+from bridge.project import ProjectError
+from bridge.qupath_geojson import QuPathObject, to_feature, write_features
+from bridge.review_queue import RANK_KEY, SCORE_KEY, ReviewQueueError, write_review_queue
+from bridge.run import RunConfig, run_batch
+from inference.phantom.pyramid import write_phantom
+from inference.phantom.scene import PhantomSpec
+from inference.pipeline import Models, PipelineConfig
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rq-slides")
+    paths = []
+    for seed, tps, shift in ((41, 60, 0.0), (42, 20, 0.6)):
+        path = folder / f"s{seed}.svs"
+        write_phantom(path, PhantomSpec(1536, 1536, seed=seed, tps_percent=tps, shift=shift))
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def run_project(tmp_path_factory, slides):
+    """Two analysed entries and a third whose slide moved away (the run records it as failed)."""
+    root = tmp_path_factory.mktemp("rq-project")
+    moved = root / "moved.svs"
+    shutil.copy(slides[0], moved)
+    project = root / "project"
+    init_project_files(project, [*slides, moved])
+    moved.unlink()
+    outcomes = run_batch(
+        [project], RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="never"), models=Models(PipelineConfig())
+    )
+    assert [o.state for o in outcomes] == ["done", "done", "failed"]
+    return project
+
+
+@pytest.fixture
+def project(run_project, tmp_path):
+    """A fresh copy per test (slides are referenced by absolute URIs, so the copy finds them)."""
+    return Path(shutil.copytree(run_project, tmp_path / "project"))
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _summary(project: Path, entry: str) -> dict:
+    return json.loads((project / "pdl1" / entry / "summary.json").read_text())
+
+
+def _expected_entry_score(summary: dict, reference: float, labelled_share: float = 0.0) -> float:
+    d = summary["details"]
+    u = d["mutual_information_mean"] / reference
+    s = min(
+        100 * d["candidate_area_um2"] / summary["analysed_area_um2"] / d["review_rule"]["review_candidate_area_pct"], 2
+    )
+    dom = d["domain"]
+    dd = min(max(dom["out_of_domain_score"] / dom["limit"], dom["stain_distance_deg"] / dom["stain_limit_deg"]), 2)
+    others = [r for r in d["review_reasons"] if not r["reason"].startswith(("SUA candidate", "out of the training"))]
+    return (u + s + dd + 0.5 * len(others)) * (1 - labelled_share)
+
+
+def test_entries_and_regions_are_ranked_by_the_documented_score_and_written(project):
+    queue = write_review_queue(project, qupath="never")
+    rows = _rows(project / "pdl1" / "review_queue.csv")
+    entries = [r for r in rows if r["kind"] == "entry"]
+    summaries = {e: _summary(project, e) for e in ("1", "2")}
+    reference = max(s["details"]["mutual_information_mean"] for s in summaries.values())
+    expected = {e: _expected_entry_score(s, reference) for e, s in summaries.items()}
+    assert [r["entry_id"] for r in entries] == sorted(expected, key=lambda e: -expected[e])
+    assert [r["rank"] for r in entries] == ["1", "2"]
+    for row in entries:
+        assert float(row["score"]) == pytest.approx(expected[row["entry_id"]], abs=1e-4)
+    # the moved slide failed in the run: not ranked, and said why
+    assert queue.not_ranked == (("3", "moved.svs", queue.not_ranked[0][2]),)
+    assert queue.not_ranked[0][2].startswith("failed in the last run:") and "moved" in queue.not_ranked[0][2]
+
+    regions = [r for r in rows if r["kind"] != "entry"]
+    assert regions and {r["kind"] for r in regions} <= {"SUA candidate", "positive region", "uncertainty tile"}
+    assert any(r["kind"] == "SUA candidate" for r in regions)
+    for row in regions:
+        x, y, w, h = (int(row[k]) for k in ("x_px", "y_px", "width_px", "height_px"))
+        assert min(x, y) >= 0 and w > 0 and h > 0 and x + w <= 1536 and y + h <= 1536
+        mpp = summaries[row["entry_id"]]["mpp"]
+        assert float(row["centre_x_um"]) == pytest.approx((x + w / 2) * mpp, abs=0.6)
+        bonus = 0.5 if row["kind"] == "SUA candidate" else 0.0
+        # the best region of the project has MI at the reference; the others are at most that
+        assert float(row["score"]) <= 1.0 + bonus + 1e-4
+        assert row["labelled"] == "0"
+    for entry in ("1", "2"):
+        scores = [float(r["score"]) for r in regions if r["entry_id"] == entry]
+        assert scores == sorted(scores, reverse=True) and len(scores) <= 5
+    top = max(regions, key=lambda r: float(r["mutual_information"]))
+    assert float(top["score"]) == pytest.approx(1.0 + (0.5 if top["kind"] == "SUA candidate" else 0.0), abs=1e-4)
+
+    # entry metadata goes where the import script reads it, beside what `pdl1 run` put there
+    for row in entries:
+        metadata = _summary(project, row["entry_id"])["metadata"]
+        assert metadata[RANK_KEY] == row["rank"]
+        assert float(metadata[SCORE_KEY]) == pytest.approx(float(row["score"]), abs=6e-4)
+        assert "PD-L1 run" in metadata
+    provenance = json.loads((project / "pdl1" / "review_queue.json").read_text())
+    assert [e["entry_id"] for e in provenance["entries"]] == [r["entry_id"] for r in entries]
+    assert not list((project / "pdl1").rglob("*.part"))
+
+
+def test_top_and_regions_limit_the_csv_but_every_entry_gets_its_rank(project, tmp_path):
+    out = tmp_path / "queue.csv"
+    write_review_queue(project, out=out, top=1, regions_per_entry=2, qupath="never")
+    rows = _rows(out)
+    assert rows[0]["kind"] == "entry" and {r["rank"] for r in rows} == {"1"}
+    assert len(rows) == 3
+    assert {_summary(project, e)["metadata"][RANK_KEY] for e in ("1", "2")} == {"1", "2"}
+
+
+def test_labelled_regions_are_marked_and_the_entry_down_ranked(project):
+    before = {r["entry_id"] + r["region_rank"]: r for r in _rows(_queue(project))}
+    first = before["11"]
+    x, y, w, h = (int(first[k]) for k in ("x_px", "y_px", "width_px", "height_px"))
+    # The pathologist drew a training region over the left half, and the model's best region of entry 1
+    training = shapely.union_all([shapely.box(0, 0, 768, 1536), shapely.box(x, y, x + w, y + h)])
+    export = project / "pdl1" / "labels" / "1.geojson"
+    export.parent.mkdir(parents=True)
+    objects = [
+        QuPathObject(training, "annotation", "Training region"),
+        # an Ignore* area within it is not labelled; this tool's own results never count as labels
+        QuPathObject(shapely.box(0, 0, 100, 100), "annotation", "Ignore*"),
+    ]
+    write_features(export, [to_feature(o) for o in objects])
+    after = {r["entry_id"] + r["region_rank"]: r for r in _rows(_queue(project))}
+    summary = _summary(project, "1")
+    labelled_um2 = (training.area - 100 * 100) * summary["mpp"] ** 2
+    share = min(labelled_um2 / summary["analysed_area_um2"], 1.0)
+    assert float(after["1"]["labelled"]) == pytest.approx(share, abs=1e-3)
+    assert float(after["1"]["score"]) == pytest.approx(float(before["1"]["score"]) * (1 - share), abs=2e-4)
+    assert "already labelled" in after["1"]["reasons"]
+    moved = [
+        r for r in after.values() if r["entry_id"] == "1" and r["x_px"] == first["x_px"] and r["y_px"] == first["y_px"]
+    ]
+    assert all(r["labelled"] == "1" for r in moved)
+    regions_1 = [after[k] for k in sorted(after) if k.startswith("1") and after[k]["region_rank"]]
+    flags = [r["labelled"] for r in sorted(regions_1, key=lambda r: int(r["region_rank"]))]
+    assert flags == sorted(flags)  # unlabelled first
+    assert after["11"]["labelled"] == "0"
+
+
+def _queue(project: Path) -> Path:
+    return write_review_queue(project, qupath="never").csv_path
+
+
+def test_a_project_never_run_is_refused_with_what_to_do(tmp_path, slides):
+    project = tmp_path / "fresh"
+    init_project_files(project, slides)
+    with pytest.raises(ReviewQueueError, match=r"no results of `pdl1 run` to rank .* run `pdl1 run .*fresh` first"):
+        write_review_queue(project, qupath="never")
+    assert not (project / "pdl1").exists()  # refused before anything is written, the run lock included
+    with pytest.raises(ReviewQueueError, match="no such project"):
+        write_review_queue(tmp_path / "nope", qupath="never")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "project.qpproj").write_text("{not json")
+    with pytest.raises(ProjectError, match=r"project.qpproj: not valid JSON .* half-written or corrupt"):
+        write_review_queue(tmp_path / "bad", qupath="never")
+    assert not (tmp_path / "bad" / "pdl1").exists()
+
+
+def test_a_damaged_summary_is_refused_and_nothing_is_written(project):
+    (project / "pdl1" / "2" / "summary.json").write_text('{"cut short')
+    before = (project / "pdl1" / "1" / "summary.json").read_bytes()
+    with pytest.raises(ReviewQueueError, match=r"pdl1/2/summary.json does not read .*--resume"):
+        write_review_queue(project, qupath="never")
+    assert (project / "pdl1" / "1" / "summary.json").read_bytes() == before
+    assert not (project / "pdl1" / "review_queue.csv").exists()
+
+
+def test_a_failure_while_writing_leaves_every_file_as_it_was(project, monkeypatch):
+    import bridge.review_queue as rq
+
+    before = {p: p.read_bytes() for p in (project / "pdl1").rglob("summary.json")}
+    staged = rq._staged
+    calls = {"n": 0}
+
+    def full_disk_at_the_fourth(path, text):
+        calls["n"] += 1
+        if calls["n"] == 4:  # csv, provenance, entry 1's summary staged: entry 2's fails
+            raise OSError(28, "No space left on device")
+        return staged(path, text)
+
+    monkeypatch.setattr(rq, "_staged", full_disk_at_the_fourth)
+    with pytest.raises(OSError, match="No space left"):
+        write_review_queue(project, qupath="never")
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (project / "pdl1" / "review_queue.csv").exists()
+    assert not list((project / "pdl1").rglob("*.part"))
+
+
+def test_the_cli_lists_the_command_and_prints_the_queue(project):
+    help_text = runner.invoke(app, ["--help"]).output
+    assert "review-queue" in help_text
+    result = runner.invoke(app, ["review-queue", str(project), "--qupath", "never", "--top", "1"])
+    assert result.exit_code == 0, result.output
+    assert "review queue" in result.output and "not ranked: moved.svs (entry 3)" in result.output
+    assert "entry metadata in the summary.json sidecars" in result.output
+    result = runner.invoke(app, ["review-queue", str(project), "--top", "0"])
+    assert result.exit_code == 2
+
+
+@pytest.mark.qupath
+def test_through_qupath_the_entries_get_their_rank_as_metadata(tmp_path, slides):
+    from paquo.projects import QuPathProject
+
+    from bridge.init_project import init_project_qupath
+
+    project = init_project_qupath(tmp_path / "qp", slides).parent
+    outcomes = run_batch(
+        [project], RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="always"), models=Models(PipelineConfig())
+    )
+    assert [o.state for o in outcomes] == ["done", "done"]
+    data_before = {p: p.read_bytes() for p in project.glob("data/*/data.qpdata")}
+    queue = write_review_queue(project, qupath="always")
+    assert queue.metadata_written_to == "QuPath project"
+    with QuPathProject(project / "project.qpproj", mode="r") as qp:
+        got = {str(e.entry_id): (e.metadata[RANK_KEY], e.metadata[SCORE_KEY]) for e in qp.images}
+    expected = {e.entry_id: (str(rank), f"{e.score:.3f}") for rank, e in enumerate(queue.entries, start=1)}
+    assert got == expected
+    assert {p: p.read_bytes() for p in data_before} == data_before  # metadata only: no data.qpdata rewritten

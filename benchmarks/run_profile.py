@@ -30,7 +30,7 @@ from pathlib import Path
 
 from benchmarks import Benchmark, Case
 
-SIZES = (2048, 4096, 8192, 16384)
+SIZES = (2048, 4096, 8192, 16384, 32768)
 PHASES = (
     "load models",
     "tissue",
@@ -127,7 +127,7 @@ def _child(slide: Path, out_json: Path) -> None:
 
 
 class RunProfile(Benchmark):
-    """pdl1 run on one phantom H&E per size (2k-16k px): phases, wall time, peak RSS (child processes)."""
+    """pdl1 run on one phantom H&E per size (2k-32k px): phases, wall time, peak RSS (child processes)."""
 
     unit = "Mpx/s"
     repeats = 1

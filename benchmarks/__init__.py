@@ -71,6 +71,10 @@ class Benchmark:
         """Per-case figures that are not rates (peak memory, latency), shown as extra columns."""
         return {}
 
+    def rate(self, result: Result) -> float:
+        """The case's throughput in ``unit``: units over the best time, unless a benchmark times inside its cases."""
+        return result.rate
+
     def setup(self, *, quick: bool) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
@@ -173,7 +177,7 @@ def _finished(bench: Benchmark, case: Case, seconds: list[float], out: float | t
     units, secondary = out if isinstance(out, tuple) else (out, None)
     result = Result(case.label, seconds, units, case.baseline, secondary, bench.extra(case.label))
     # A line per case as it finishes, so a long run that is cut short still shows what it measured.
-    print(f"  {case.label}: {result.rate:.2f} {bench.unit}, best {result.best_s:.3f} s", file=sys.stderr)
+    print(f"  {case.label}: {bench.rate(result):.2f} {bench.unit}, best {result.best_s:.3f} s", file=sys.stderr)
     return result
 
 
@@ -196,11 +200,11 @@ def print_results(title: str, bench: Benchmark, results: list[Result], console: 
             secondary = ["" if r.secondary_units is None else f"{r.secondary_units / r.best_s:.0f}"]
         table.add_row(
             r.label + (" (baseline)" if r.baseline else ""),
-            f"{r.rate:.2f}",
+            f"{bench.rate(r):.2f}",
             *secondary,
             f"{r.best_s:.3f}",
             f"{statistics.median(r.seconds):.3f}",
-            f"{r.rate / baseline.rate:.2f}",
+            f"{bench.rate(r) / bench.rate(baseline):.2f}",
             *[(r.extra or {}).get(col, "") for col in bench.extra_columns],
         )
     console.print(table)

@@ -66,7 +66,9 @@ _MAX_DEVICE_BOX = 4
 # a 1 µm/px model) 2 threads read fastest: 636 Mpx/s vs 438 with 1 and 329 with 3.
 _DEVICE_READ_WORKERS = 2
 # Tiles per forward pass by device (SegmentConfig.batch_for). On the CPU a batch of 8 tiles'
-# activations outgrows the caches: a member's forward pass per tile measured CPU_BATCH_NOTE.
+# activations outgrows the caches: one demo member's forward pass took 2.70 ms per tile at batch 4 and
+# 4.17 at batch 8 in bf16 autocast, 6.01 and 9.09 in fp32 (batch 1: 3.60 / 6.08, 2: 2.88 / 5.92;
+# `python -m benchmarks engines`, 2 CPUs, 2026-12-04).
 CPU_BATCH = 4
 CUDA_BATCH = 8
 

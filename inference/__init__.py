@@ -89,6 +89,12 @@ _PUBLIC = {
     "labels_digest": "inference.training.labels",
     "region_target": "inference.training.labels",
     "nuclei_known_mask": "inference.training.labels",
+    "PseudoLabelRule": "inference.training.pseudo",
+    "PseudoLabels": "inference.training.pseudo",
+    "PseudoTarget": "inference.training.pseudo",
+    "UnlabeledSlide": "inference.training.pseudo",
+    "pseudo_label_target": "inference.training.pseudo",
+    "pseudo_label_slides": "inference.training.pseudo",
     "compute_domain_stats": "inference.training.domain_stats",
     "write_domain_stats": "inference.training.domain_stats",
     # evaluation

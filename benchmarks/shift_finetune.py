@@ -11,22 +11,28 @@ before any run and never used by the shipped models):
   ``Training region`` annotations of ``--region-um`` µm centred on true tissue, with the true positive area
   inside each as ``PD-L1 positive`` annotations, read by ``bridge.labels`` as a QuPath export is;
 * unlabelled, shift 0.8: seeds 871-873 (TPS 40, 60, 20), for ``--unlabeled`` (pseudo-labels by the demo);
+  unlabelled, unshifted: seeds 874-876 (TPS 40, 60, 20), the same for the domain the demo was made for;
+* validation, to compare variants on: shift 0.8 seeds 881-882, unshifted 891-892 (TPS 30, 60);
 * held out, shift 0.8: seeds 851-854; held out, unshifted: seeds 861-864 (TPS 25, 45, 65, 35 both).
 
 Every run is ``pdl1 train seg`` (the same library call) from the demo ensemble (``--init`` default) with one
 schedule fixed beforehand: AdamW, lr 1e-3 to 1e-5, 4 cycles of 2 epochs (first dropped: 3 members),
 strong stain jitter, batch 16, 128 px patches. Each model is scored as ``pdl1 eval seg`` scores it (Dice
 of the thresholded ensemble mean against the truth, on the truth's grid), as the mean over the held-out
-slides of each domain. The held-out slides decide nothing: they are only scored.
+slides of each domain. The acceptance run (``3lab``) was fixed before any result; other runs are variants,
+to be compared on the validation slides. The held-out slides decide nothing: they are only scored. A model
+folder under ``--work`` trained with the same configuration is reused (its manifest records it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +55,16 @@ from inference.training.train_seg import SegTrainConfig, train_segmentation
 SHIFT = 0.8
 TRAIN = ((841, 30), (842, 50), (843, 70))
 UNLABELED = ((871, 40), (872, 60), (873, 20))
+UNLABELED_UNSHIFTED = ((874, 40), (875, 60), (876, 20))
+VALIDATION = ((30, 0), (60, 1))  # (TPS, index): seeds 881+i shifted, 891+i unshifted
 HELD_OUT = ((25, 0), (45, 1), (65, 2), (35, 3))  # (TPS, index): seeds 851+i shifted, 861+i unshifted
+# name: (what, labelled shifted slides, unlabelled shifted slides, unlabelled unshifted slides)
 RUNS = {
-    "3lab": ("sparse labels on 3 shifted slides (the acceptance run)", 3, 0),
-    "1lab": ("sparse labels on 1 shifted slide", 1, 0),
-    "1lab+3unl": ("sparse labels on 1 shifted slide + 3 unlabelled (--unlabeled)", 1, 3),
-    "3lab+3unl": ("sparse labels on 3 shifted slides + 3 unlabelled (--unlabeled)", 3, 3),
+    "3lab": ("sparse labels on 3 shifted slides (the acceptance run)", 3, 0, 0),
+    "1lab": ("sparse labels on 1 shifted slide", 1, 0, 0),
+    "1lab+3unl": ("sparse labels on 1 shifted slide + 3 unlabelled shifted (--unlabeled)", 1, 3, 0),
+    "3lab+3unl": ("sparse labels on 3 shifted slides + 3 unlabelled shifted (--unlabeled)", 3, 3, 0),
+    "3lab+3unl0": ("sparse labels on 3 shifted slides + 3 unlabelled unshifted (--unlabeled)", 3, 0, 3),
 }
 
 
@@ -62,6 +72,9 @@ RUNS = {
 class Phantoms:
     train: list[Path]
     unlabeled: list[Path]
+    unlabeled_unshifted: list[Path]
+    val_shifted: list[Path]
+    val_unshifted: list[Path]
     held_shifted: list[Path]
     held_unshifted: list[Path]
 
@@ -79,6 +92,9 @@ def make_phantoms(work: Path, *, size: int) -> Phantoms:
     return Phantoms(
         train=[phantom(f"train_{s}", s, t, SHIFT) for s, t in TRAIN],
         unlabeled=[phantom(f"unlabeled_{s}", s, t, SHIFT) for s, t in UNLABELED],
+        unlabeled_unshifted=[phantom(f"unlabeled_{s}", s, t, 0.0) for s, t in UNLABELED_UNSHIFTED],
+        val_shifted=[phantom(f"val_{881 + i}", 881 + i, t, SHIFT) for t, i in VALIDATION],
+        val_unshifted=[phantom(f"val_{891 + i}", 891 + i, t, 0.0) for t, i in VALIDATION],
         held_shifted=[phantom(f"held_{851 + i}", 851 + i, t, SHIFT) for t, i in HELD_OUT],
         held_unshifted=[phantom(f"held_{861 + i}", 861 + i, t, 0.0) for t, i in HELD_OUT],
     )
@@ -122,6 +138,25 @@ def mean_dice(model_dir: Path, slides: list[Path]) -> tuple[float, list[float]]:
     return float(np.mean(per_slide)), per_slide
 
 
+def train_or_reuse(config: SegTrainConfig, labels: list[SlideLabels]) -> tuple[dict, float | None]:
+    """(the manifest's training record, seconds trained; None when a folder of the same config was reused)."""
+    out = Path(config.out_dir)
+    wanted = json.loads(json.dumps({k: v for k, v in asdict(config).items() if k != "out_dir"}))
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        training = json.loads(manifest.read_text())["training"]
+        if training["config"] == wanted:
+            return training, None
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    train_segmentation(config, labels=labels)
+    seconds = time.perf_counter() - t0
+    return json.loads(manifest.read_text())["training"], seconds
+
+
+SETS = ("val_shifted", "val_unshifted", "held_shifted", "held_unshifted")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.shift_finetune", description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/pdl1-shift-finetune"), help="phantoms and models")
@@ -143,21 +178,36 @@ def main() -> None:
         for i, p in enumerate(phantoms.train)
     ]
     print(
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads default; phantoms "
-        f"{args.size}² px at 0.5 µm/px (model 2 µm/px); {args.regions} training regions of {args.region_um:g} µm "
-        f"per labelled slide ({', '.join(str(lab.counts) for lab in labels)}); {args.iterations} iterations per "
-        "epoch, batch 16, 128 px patches",
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; phantoms {args.size}² px at "
+        f"0.5 µm/px (model 2 µm/px); {args.regions} training regions of {args.region_um:g} µm per labelled slide "
+        f"({', '.join(str(dict(lab.counts)) for lab in labels)}); {args.iterations} iterations per epoch, "
+        "batch 16, 128 px patches. Dice: mean over slides; change: against the demo on the same slides",
         flush=True,
     )
-    print("| model | held-out Dice, shift 0.8 (4) | change | held-out Dice, unshifted (4) | change | train s |")
-    print("|---|---|---|---|---|---|", flush=True)
+    print(
+        "| model | validation, shift 0.8 (2) | validation, unshifted (2) | held-out, shift 0.8 (4) | change | "
+        "held-out, unshifted (4) | change | train s |"
+    )
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     demo = demo_model_dir("seg")
-    base_s, base_s_all = mean_dice(demo, phantoms.held_shifted)
-    base_u, base_u_all = mean_dice(demo, phantoms.held_unshifted)
-    print(f"| shipped demo ensemble | {base_s:.4f} | | {base_u:.4f} | | 0 |", flush=True)
-    per_slide = {"demo": (base_s_all, base_u_all)}
+    per_slide: dict[str, dict[str, list[float]]] = {}
+
+    def score(name: str, model_dir: Path) -> dict[str, float]:
+        means = {}
+        per_slide[name] = {}
+        for key in SETS:
+            means[key], per_slide[name][key] = mean_dice(model_dir, getattr(phantoms, key))
+        return means
+
+    base = score("demo", demo)
+    print(
+        f"| shipped demo ensemble | {base['val_shifted']:.4f} | {base['val_unshifted']:.4f} | "
+        f"{base['held_shifted']:.4f} | | {base['held_unshifted']:.4f} | | 0 |",
+        flush=True,
+    )
     for run in runs:
-        what, n_labelled, n_unlabeled = RUNS[run]
+        what, n_labelled, n_unl_shifted, n_unl_unshifted = RUNS[run]
+        unlabeled = [*phantoms.unlabeled[:n_unl_shifted], *phantoms.unlabeled_unshifted[:n_unl_unshifted]]
         out = args.work / f"model_{run}_seed{args.seed}"
         config = SegTrainConfig(
             slides=tuple(lab.slide for lab in labels[:n_labelled]),
@@ -173,31 +223,28 @@ def main() -> None:
             lr_min=1e-5,
             stain_jitter="strong",
             seed=args.seed,
-            unlabeled=tuple(UnlabeledSlide(str(p), name=p.name) for p in phantoms.unlabeled[:n_unlabeled]),
-            pseudo_model=str(demo) if n_unlabeled else None,
+            unlabeled=tuple(UnlabeledSlide(str(p), name=p.name) for p in unlabeled),
+            pseudo_model=str(demo) if unlabeled else None,
         )
-        t0 = time.perf_counter()
-        manifest = train_segmentation(config, labels=labels[:n_labelled])
-        seconds = time.perf_counter() - t0
-        pseudo = manifest.training.get("pseudo_labels")
-        for row in (pseudo or {}).get("slides", []):
+        training, seconds = train_or_reuse(config, labels[:n_labelled])
+        for row in (training.get("pseudo_labels") or {}).get("slides", []):
             print(
                 f"  pseudo-labels {row['name']}: {row['positive_px']} positive, {row['negative_px']} negative, "
                 f"left out {row['left_out_uncertain_px']} uncertain + {row['left_out_disagreement_px']} "
                 f"disagreeing of {row['tissue_px']} tissue px",
                 flush=True,
             )
-        d_s, d_s_all = mean_dice(out, phantoms.held_shifted)
-        d_u, d_u_all = mean_dice(out, phantoms.held_unshifted)
-        per_slide[run] = (d_s_all, d_u_all)
+        d = score(run, out)
+        took = "reused" if seconds is None else f"{seconds:.0f}"
         print(
-            f"| fine-tuned, {what} | {d_s:.4f} | {d_s - base_s:+.4f} | {d_u:.4f} | {d_u - base_u:+.4f} | "
-            f"{seconds:.0f} |",
+            f"| fine-tuned, {what} | {d['val_shifted']:.4f} | {d['val_unshifted']:.4f} | {d['held_shifted']:.4f} | "
+            f"{d['held_shifted'] - base['held_shifted']:+.4f} | {d['held_unshifted']:.4f} | "
+            f"{d['held_unshifted'] - base['held_unshifted']:+.4f} | {took} |",
             flush=True,
         )
-    print("per held-out slide (shifted 851-854; unshifted 861-864):")
-    for name, (shifted, unshifted) in per_slide.items():
-        print(f"  {name}: " + " ".join(f"{d:.3f}" for d in shifted) + " | " + " ".join(f"{d:.3f}" for d in unshifted))
+    print("per slide (validation 881-882 | 891-892; held out 851-854 | 861-864):")
+    for name, sets in per_slide.items():
+        print(f"  {name}: " + " | ".join(" ".join(f"{d:.3f}" for d in sets[key]) for key in SETS))
 
 
 if __name__ == "__main__":

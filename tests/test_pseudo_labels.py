@@ -203,3 +203,26 @@ def test_pdl1_train_seg_refuses_unlabeled_slides_it_cannot_pseudo_label(phantoms
     write_ihc_phantom(ihc, PhantomSpec(1024, 1024, seed=25, tps_percent=40))
     text = fails("--unlabeled", str(ihc))
     assert f"unlabelled slide {ihc} is H-DAB" in text and "was trained on H&E" in text
+
+
+def test_unlabeled_names_files_or_entries_of_the_project_trained_on(fixtures_dir, tmp_path):
+    import shutil
+
+    from bridge.labels import LabelError, unlabeled_slides
+
+    labelled = fixtures_dir / "qupath-0.4.4-labels"
+    shutil.copytree(labelled / "project", tmp_path / "project")
+    (tmp_path / "he-1357.svs").symlink_to(labelled / "he-1357.svs")
+    project = tmp_path / "project"
+    (entry,) = unlabeled_slides(["2"], project=project)
+    assert entry.path == str(tmp_path / "he-1357.svs")  # found beside the moved project
+    assert entry.name.endswith("entry 2 (he-1357.svs)")
+    assert entry.mpp is not None and abs(entry.mpp - 0.5) < 0.01  # QuPath's calibration comes along
+    (plain,) = unlabeled_slides([str(tmp_path / "he-1357.svs")])
+    assert (plain.path, plain.mpp, plain.stain) == (str(tmp_path / "he-1357.svs"), None, None)
+    with pytest.raises(LabelError, match=r"--unlabeled 9: no such file, and .* has no such entry; it has 1 \(he-"):
+        unlabeled_slides(["9"], project=project)
+    with pytest.raises(LabelError, match=r"--unlabeled 9: no such file\. Give slide files, or entries"):
+        unlabeled_slides(["9"])
+    with pytest.raises(LabelError, match=r"entry 2 .* is also a labelled training slide"):
+        unlabeled_slides(["2"], project=project, labelled=[str(labelled / "he-1357.svs")])

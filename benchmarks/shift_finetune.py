@@ -16,12 +16,13 @@ before any run and never used by the shipped models):
 * held out, shift 0.8: seeds 851-854; held out, unshifted: seeds 861-864 (TPS 25, 45, 65, 35 both).
 
 Every run is ``pdl1 train seg`` (the same library call) from the demo ensemble (``--init`` default) with one
-schedule fixed beforehand: AdamW, lr 1e-3 to 1e-5, 4 cycles of 2 epochs (first dropped: 3 members),
-strong stain jitter, batch 16, 128 px patches. Each model is scored as ``pdl1 eval seg`` scores it (Dice
-of the thresholded ensemble mean against the truth, on the truth's grid), as the mean over the held-out
-slides of each domain. The acceptance run (``3lab``) was fixed before any result; other runs are variants,
-to be compared on the validation slides. The held-out slides decide nothing: they are only scored. A model
-folder under ``--work`` trained with the same configuration is reused (its manifest records it).
+schedule fixed beforehand (``--optimizer`` and ``--lr-max`` change it): AdamW, lr 1e-3 to 1e-5, 4 cycles of
+2 epochs (first dropped: 3 members), strong stain jitter, batch 16, 128 px patches. Each model is scored as
+``pdl1 eval seg`` scores it (Dice of the thresholded ensemble mean against the truth, on the truth's grid),
+as the mean over the validation and the held-out slides of each domain. The acceptance run (``3lab``) was
+fixed before any result; other runs are variants, to be compared on the validation slides. The held-out
+slides decide nothing: they are only scored. A model folder under ``--work`` trained with the same
+configuration is reused (its manifest records it).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from inference.phantom.scene import PhantomSpec
 from inference.phantom.truth import load_truth, truth_dir_for
 from inference.phantom.truth_tissue import truth_tissue_mask
 from inference.slides.slide import open_slide
-from inference.training.labels import SlideLabels
+from inference.training.labels import SlideLabels, labels_digest
 from inference.training.pseudo import UnlabeledSlide
 from inference.training.train_seg import SegTrainConfig, train_segmentation
 
@@ -145,7 +146,8 @@ def train_or_reuse(config: SegTrainConfig, labels: list[SlideLabels]) -> tuple[d
     manifest = out / "manifest.json"
     if manifest.is_file():
         training = json.loads(manifest.read_text())["training"]
-        if training["config"] == wanted:
+        same_labels = [d.get("labels_sha256") for d in training["data"]] == [labels_digest(lab) for lab in labels]
+        if training["config"] == wanted and same_labels:
             return training, None
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -165,6 +167,9 @@ def main() -> None:
     parser.add_argument("--region-um", type=float, default=200.0, help="training region edge, µm")
     parser.add_argument("--iterations", type=int, default=20, help="iterations per epoch")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"))
+    parser.add_argument("--lr-max", type=float, default=1e-3, help="peak learning rate; the floor is a hundredth")
+    parser.add_argument("--positive-fraction", type=float, default=0.5, help="share of patches centred on positives")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
     args = parser.parse_args()
     runs = args.runs.split(",")
@@ -181,7 +186,9 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; phantoms {args.size}² px at "
         f"0.5 µm/px (model 2 µm/px); {args.regions} training regions of {args.region_um:g} µm per labelled slide "
         f"({', '.join(str(dict(lab.counts)) for lab in labels)}); {args.iterations} iterations per epoch, "
-        "batch 16, 128 px patches. Dice: mean over slides; change: against the demo on the same slides",
+        f"batch 16, 128 px patches, {args.optimizer} lr {args.lr_max:g} to {args.lr_max / 100:g}, positive fraction "
+        f"{args.positive_fraction:g}. Dice: mean over "
+        "slides; change: against the demo on the same slides",
         flush=True,
     )
     print(
@@ -208,7 +215,10 @@ def main() -> None:
     for run in runs:
         what, n_labelled, n_unl_shifted, n_unl_unshifted = RUNS[run]
         unlabeled = [*phantoms.unlabeled[:n_unl_shifted], *phantoms.unlabeled_unshifted[:n_unl_unshifted]]
-        out = args.work / f"model_{run}_seed{args.seed}"
+        out = args.work / (
+            f"model_{run}_seed{args.seed}_{args.optimizer}_{args.lr_max:g}_pf{args.positive_fraction:g}"
+            f"_r{args.regions}x{args.region_um:g}"
+        )
         config = SegTrainConfig(
             slides=tuple(lab.slide for lab in labels[:n_labelled]),
             out_dir=str(out),
@@ -218,10 +228,11 @@ def main() -> None:
             iterations_per_epoch=args.iterations,
             batch_size=16,
             patch_px=128,
-            optimizer="adamw",
-            lr_max=1e-3,
-            lr_min=1e-5,
+            optimizer=args.optimizer,
+            lr_max=args.lr_max,
+            lr_min=args.lr_max / 100,
             stain_jitter="strong",
+            positive_fraction=args.positive_fraction,
             seed=args.seed,
             unlabeled=tuple(UnlabeledSlide(str(p), name=p.name) for p in unlabeled),
             pseudo_model=str(demo) if unlabeled else None,

@@ -226,3 +226,24 @@ def test_unlabeled_names_files_or_entries_of_the_project_trained_on(fixtures_dir
         unlabeled_slides(["9"])
     with pytest.raises(LabelError, match=r"entry 2 .* is also a labelled training slide"):
         unlabeled_slides(["2"], project=project, labelled=[str(labelled / "he-1357.svs")])
+
+
+def test_a_pseudo_labelled_slide_carries_its_targets_offset_and_draws_patches_on_them(phantoms):
+    from inference import PseudoTarget, UnlabeledSlide
+    from inference.training.pseudo import PseudoLabels
+    from inference.training.train_seg import load_pseudo_slide
+
+    slide = UnlabeledSlide(str(phantoms / "unlabelled.svs"))
+    target = np.full((256, 256), IGNORE_LABEL, np.uint8)  # 1024² px at 0.5 µm/px, read at 2 µm/px
+    target[100:120, 100:140] = 1
+    target[2:12, 2:12] = 0  # within half a patch of the edge: a target, never a patch centre
+    counts = PseudoTarget(target, 900, 800, 100, 0, 0)
+    data = load_pseudo_slide(PseudoLabels(slide, target, 2.0, counts, 2.0, "H&E", "test"), input_mpp=2.0, patch_px=32)
+    assert data.rgb.shape == (256, 256, 3)
+    assert np.unique(data.mask).tolist() == [PSEUDO_OFFSET, PSEUDO_OFFSET + 1, IGNORE_LABEL]
+    assert (data.mask[100:120, 100:140] == PSEUDO_OFFSET + 1).all()
+    assert data.positive_idx.size == 800 and data.tissue_idx.size == 800  # the negatives lie at the edge
+    with pytest.raises(ValueError, match=r"pseudo-labels of \(128, 128\) px for an image read as \(256, 256\) px"):
+        load_pseudo_slide(
+            PseudoLabels(slide, target[:128, :128], 2.0, counts, 2.0, "H&E", "test"), input_mpp=2.0, patch_px=32
+        )

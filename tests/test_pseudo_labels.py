@@ -194,7 +194,8 @@ def test_pdl1_train_seg_refuses_unlabeled_slides_it_cannot_pseudo_label(phantoms
     assert "is also a labelled training slide" in fails("--unlabeled", str(phantoms / "labelled.svs"))
     broken = tmp_path / "broken.svs"
     broken.write_bytes(b"not an image")
-    assert "broken.svs" in fails("--unlabeled", str(broken))
+    text = fails("--unlabeled", str(broken))
+    assert f"unlabelled slide {broken}:" in text and "leave it out of --unlabeled" in text
     png = tmp_path / "no_mpp.png"
     Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(png)
     text = fails("--unlabeled", str(png))

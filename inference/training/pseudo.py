@@ -228,7 +228,7 @@ def pseudo_label_slides(
     not of the ensemble's stain, :class:`~inference.errors.ResolutionError` for one too coarse.
     """
     from inference.analysis.segment import SegmentConfig, segment_slide
-    from inference.errors import MissingMppError, StainError
+    from inference.errors import MissingMppError, SlideFormatError, SlideNotFoundError, StainError
     from inference.models.ensemble import Ensemble
     from inference.slides.slide import open_slide
     from inference.slides.stain_detect import detect_slide_stain
@@ -241,6 +241,10 @@ def pseudo_label_slides(
     for item in slides:  # every slide checked before the first is segmented
         try:
             slide = open_slide(item.path, mpp=item.mpp, mpp_source="QuPath project")
+        except (SlideNotFoundError, SlideFormatError) as err:
+            raise type(err)(
+                f"unlabelled slide {item.label}: {err}; leave it out of --unlabeled or fix the file"
+            ) from err
         except MissingMppError as err:
             raise MissingMppError(
                 f"unlabelled slide {item.label}: {err}. Pseudo-labels need the pixel size: give the slide as a "

@@ -48,7 +48,7 @@ from bridge.classes import (
 from bridge.objects import OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE
 from bridge.project import ProjectEntry, ProjectInfo, locate_image, read_project
 from bridge.qupath_geojson import QuPathObject, read_features
-from inference import Pdl1Error, SlideLabels
+from inference import Pdl1Error, SlideLabels, UnlabeledSlide
 
 log = logging.getLogger(__name__)
 
@@ -437,3 +437,49 @@ def label_summary(labels: Sequence[SlideLabels]) -> list[dict]:
         }
         for lab in labels
     ]
+
+
+def unlabeled_slides(
+    items: Sequence[str],
+    *,
+    project: Path | None = None,
+    labelled: Sequence[str] = (),
+    search_dirs: tuple[Path, ...] = (),
+) -> list[UnlabeledSlide]:
+    """What ``--unlabeled`` names: slide files, or entries (ID or image name) of the training ``project``.
+
+    An entry brings QuPath's calibration and image type along. A slide that is also among the
+    ``labelled`` ones is refused (it is either labelled or pseudo-labelled), as is a name that is
+    neither a file nor an entry.
+    """
+    from bridge.project import ImageSearch
+
+    info = read_project(project) if project is not None else None
+    by_key = {} if info is None else {e.entry_id: e for e in info.entries} | {e.image_name: e for e in info.entries}
+    out = []
+    for item in dict.fromkeys(items):
+        if Path(item).is_file():
+            out.append(UnlabeledSlide(path=str(item), name=str(item)))
+        elif info is not None and item in by_key:
+            entry = by_key[item]
+            slide = locate_image(
+                entry, project_folder=info.folder, saved_folder=info.saved_folder, search=ImageSearch(search_dirs)
+            )
+            name = f"{info.path} entry {entry.entry_id} ({entry.image_name})"
+            out.append(UnlabeledSlide(path=str(slide), mpp=entry.mpp, stain=entry.stain, name=name))
+        elif info is not None:
+            known = ", ".join(f"{e.entry_id} ({e.image_name})" for e in info.entries)
+            raise LabelError(f"--unlabeled {item}: no such file, and {info.path} has no such entry; it has {known}")
+        else:
+            raise LabelError(
+                f"--unlabeled {item}: no such file. Give slide files, or entries (ID or image name) of a QuPath "
+                "project that is the training source"
+            )
+    taken = {Path(p).resolve() for p in labelled}
+    for slide in out:
+        if Path(slide.path).resolve() in taken:
+            raise LabelError(
+                f"--unlabeled {slide.label} is also a labelled training slide; a slide is either labelled or "
+                "pseudo-labelled: leave it out of one"
+            )
+    return out

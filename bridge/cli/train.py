@@ -42,6 +42,10 @@ _LABELS_HELP = "A QuPath GeoJSON export per slide, in the slides' order (your la
 _ENTRIES_HELP = "Project entries to train on (ID or image name; all)."
 _FROM_REVIEW_HELP = "Use pdl1 results a person reclassified (PD-L1 positive / negative) as labels."
 _QUPATH_HELP = "Read a project through QuPath: auto, always or never."
+_UNLABELED_HELP = (
+    "Slides nobody labelled (files, or entries of the project trained on; repeatable): the --init ensemble "
+    "(the shipped demo ensemble when training from scratch) pseudo-labels their confident tissue pixels."
+)
 FIRST_CYCLE_HELP = "Length of the first cycle in epochs (0: as --epochs-per-cycle); a long first cycle converges before members are kept."
 
 
@@ -119,6 +123,24 @@ def train_seg(
             show_default=False,
         ),
     ] = None,
+    unlabeled: Annotated[list[str] | None, typer.Option("--unlabeled", help=_UNLABELED_HELP)] = None,
+    pseudo_margin: Annotated[
+        float,
+        typer.Option(
+            min=0.001,
+            max=0.499,
+            help="Pseudo-labels: positive where the ensemble's mean probability is >= 1 - this, negative where <= this.",
+        ),
+    ] = 0.1,
+    pseudo_mi_limit: Annotated[
+        float,
+        typer.Option(
+            min=0.0001, help="Pseudo-labels: only where the members' mutual information (nats) is below this."
+        ),
+    ] = 0.05,
+    pseudo_weight: Annotated[
+        float, typer.Option(min=0.01, max=1.0, help="Loss weight of a pseudo-labelled pixel (a label weighs 1).")
+    ] = 0.3,
 ) -> None:
     """Train a segmentation ensemble the nnUNet-B way (cyclic LR, members at the low ends).
 
@@ -131,6 +153,9 @@ def train_seg(
 
     lr_peak, lr_floor = _lr_range(optimizer, lr_max)
     try:
+        project = slides[0] if len(slides) == 1 and _is_project(slides[0]) else None
+        if project is not None and unlabeled and not entries:
+            entries = _entries_except(project, unlabeled)  # the project's other entries are the labelled ones
         slide_labels = _read_labels(
             slides,
             geojson=labels or [],
@@ -152,6 +177,19 @@ def train_seg(
             from inference import demo_model_dir
 
             init_model = str(demo_model_dir("seg"))
+        pseudo, teacher = _pseudo_labels(
+            unlabeled or [],
+            project=project,
+            labelled=[lab.slide for lab in slide_labels] if slide_labels else [str(s) for s in slides],
+            held_out=[lab.slide for lab in held_out],
+            init_model=init_model,
+            margin=pseudo_margin,
+            mi_limit=pseudo_mi_limit,
+            weight=pseudo_weight,
+            input_mpp=input_mpp,
+            device=device,
+            progress=progress,
+        )
         config = SegTrainConfig(
             slides=tuple(lab.slide for lab in slide_labels) if slide_labels else tuple(str(s) for s in slides),
             init_model=init_model,
@@ -176,12 +214,18 @@ def train_seg(
             seed=seed,
             chains=chains,
             device=device,
+            unlabeled=tuple(p.slide for p in pseudo),
+            pseudo_model=teacher,
+            pseudo_margin=pseudo_margin,
+            pseudo_mi_limit=pseudo_mi_limit,
+            pseudo_weight=pseudo_weight,
         )
         with progress_bar("training", enabled=progress) as on_progress:
             manifest = train_segmentation(
                 config,
                 labels=slide_labels,
                 label_sources=label_summary(slide_labels) if slide_labels else None,
+                pseudo=pseudo,
                 resume=resume,
                 on_progress=on_progress,
             )
@@ -203,6 +247,56 @@ def train_seg(
             f"{row['predicted_px']} predicted positive, Dice {_fmt(row['dice'])}"
         )
     typer.echo(report)
+
+
+def _entries_except(project: Path, unlabeled: list[str]) -> list[str]:
+    """IDs of the project's entries that ``--unlabeled`` does not name."""
+    from bridge.project import read_project
+
+    named = set(unlabeled)
+    return [e.entry_id for e in read_project(project).entries if not {e.entry_id, e.image_name} & named]
+
+
+def _pseudo_labels(
+    unlabeled: list[str],
+    *,
+    project: Path | None,
+    labelled: list[str],
+    held_out: list[str],
+    init_model: str | None,
+    margin: float,
+    mi_limit: float,
+    weight: float,
+    input_mpp: float,
+    device: str,
+    progress: bool,
+) -> tuple[list, str | None]:
+    """(pseudo-labels of the --unlabeled slides, the teacher model folder); each slide's counts printed."""
+    if not unlabeled:
+        return [], None
+    from bridge.labels import unlabeled_slides
+    from bridge.progress import progress_bar
+    from inference import PseudoLabelRule, demo_model_dir, pseudo_label_slides
+
+    items = unlabeled_slides(unlabeled, project=project, labelled=[*labelled, *held_out])
+    teacher = init_model or str(demo_model_dir("seg"))
+    rule = PseudoLabelRule(margin=margin, mi_limit=mi_limit, weight=weight)
+    with progress_bar("pseudo-labels", enabled=progress) as on_progress:
+        pseudo = pseudo_label_slides(
+            teacher, items, rule=rule, input_mpp=input_mpp, device=device, on_progress=on_progress
+        )
+    typer.echo(
+        f"pseudo-labels by {teacher}: mean probability >= {1 - margin:g} positive, <= {margin:g} negative, "
+        f"mutual information < {mi_limit:g}, weight {weight:g} (px at {pseudo[0].counts_mpp:g} µm/px)"
+    )
+    for p in pseudo:
+        c = p.counts
+        typer.echo(
+            f"{p.slide.label}: {c.tissue_px} tissue px, used {c.positive_px} positive and {c.negative_px} negative; "
+            f"left out {c.left_out_px} not confident ({c.uncertain_px} between the margins, {c.disagreement_px} "
+            "with the members disagreeing)"
+        )
+    return pseudo, teacher
 
 
 def _is_project(path: Path) -> bool:

@@ -10,6 +10,8 @@ Data are phantom slides with their truth (``<stem>.truth/positive_mask.tif``), o
 region labels (:class:`~inference.training.labels.SlideLabels`): each slide is read whole at the
 model's input MPP, and class-balanced patches are drawn from it. Pixels that are not labels
 (:data:`~inference.training.labels.IGNORE_LABEL`) count in neither the cross-entropy nor the Dice.
+Slides nobody labelled can add pseudo-labels (``unlabeled``, :mod:`inference.training.pseudo`): a
+teacher ensemble's confident tissue pixels, weighed ``pseudo_weight`` in the loss.
 Training is seeded and resumable: a checkpoint (safetensors + JSON, no pickle) is written
 after every epoch.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +38,16 @@ from inference.training.augment import STAIN_JITTERS, augment_batch
 from inference.training.cyclic import check_schedule, init_weights, total_epochs, train_cyclic
 from inference.training.domain_stats import write_training_domain_stats
 from inference.training.labels import IGNORE_LABEL, SlideLabels, labels_digest, region_target
+from inference.training.pseudo import PseudoLabelRule, PseudoLabels, UnlabeledSlide, pseudo_label_slides
 
 log = logging.getLogger(__name__)
 
 # ImageNet-free normalisation: the phantom/H&E mean and spread, fixed so members agree.
 NORMALIZATION = {"mean": [0.78, 0.62, 0.78], "std": [0.15, 0.18, 0.12]}
 CLASS_NAMES = ["background", "PD-L1 positive"]
+#: A pseudo-labelled pixel's target is its class plus this (2 negative, 3 positive) until the loss, which
+#: weighs it ``pseudo_weight``; labels are 0 and 1, :data:`IGNORE_LABEL` is no target.
+PSEUDO_OFFSET = 2
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,9 @@ class SegTrainConfig:
     ``chains`` independent runs of this schedule are trained one after another, chain ``k`` seeded
     with ``seed + k`` (so chain ``k`` is exactly the single-chain run with that seed) and written to
     ``out_dir/chain_k``; the ensemble holds every chain's members.
+    ``unlabeled`` slides are pseudo-labelled by the segmentation ensemble in ``pseudo_model`` (before
+    training; :func:`~inference.training.pseudo.pseudo_label_slides` with ``pseudo_margin`` and
+    ``pseudo_mi_limit``) and drawn from like the labelled ones, their targets weighing ``pseudo_weight``.
     """
 
     slides: tuple[str, ...]
@@ -90,9 +100,18 @@ class SegTrainConfig:
     chains: int = 1
     device: str = "cpu"
     init_model: str | None = None  # a segmentation model folder whose last member every chain starts from
+    unlabeled: tuple[UnlabeledSlide, ...] = ()
+    pseudo_model: str | None = None  # the teacher of the unlabelled slides' pseudo-labels
+    pseudo_margin: float = PseudoLabelRule.margin
+    pseudo_mi_limit: float = PseudoLabelRule.mi_limit
+    pseudo_weight: float = PseudoLabelRule.weight
 
     def __post_init__(self) -> None:
         check_schedule(self)
+        if self.unlabeled:
+            self.pseudo_rule  # noqa: B018  (checks the numbers)
+            if self.pseudo_model is None:
+                raise ValueError("unlabeled slides need pseudo_model, the ensemble that pseudo-labels them")
         if self.chains < 1:
             raise ValueError(f"chains must be at least 1, got {self.chains}")
         if self.stain_jitter not in STAIN_JITTERS:
@@ -108,6 +127,10 @@ class SegTrainConfig:
     @property
     def total_epochs(self) -> int:
         return total_epochs(self)
+
+    @property
+    def pseudo_rule(self) -> PseudoLabelRule:
+        return PseudoLabelRule(margin=self.pseudo_margin, mi_limit=self.pseudo_mi_limit, weight=self.pseudo_weight)
 
 
 @dataclass
@@ -176,6 +199,35 @@ def load_labelled_seg_slide(labels: SlideLabels, *, input_mpp: float, patch_px: 
     )
 
 
+def load_pseudo_slide(pseudo: PseudoLabels, *, input_mpp: float, patch_px: int) -> _SlideData:
+    """An unlabelled slide with its pseudo-labels (``PSEUDO_OFFSET`` + class; :data:`IGNORE_LABEL` elsewhere).
+
+    Patches are centred on pseudo-labelled pixels only (pseudo-positive ones for the positive share).
+    """
+    if pseudo.input_mpp != input_mpp:
+        raise ValueError(f"{pseudo.slide.label}: pseudo-labels at {pseudo.input_mpp} µm/px, training at {input_mpp}")
+    with open_slide(pseudo.slide.path, mpp=pseudo.slide.mpp, mpp_source="QuPath project") as slide:
+        rgb = slide.whole_at_mpp(input_mpp, reader="segmentation training")
+    h, w = rgb.shape[:2]
+    if pseudo.target.shape != (h, w):
+        raise ValueError(
+            f"{pseudo.slide.label}: pseudo-labels of {pseudo.target.shape} px for an image read as {(h, w)} px"
+        )
+    known = pseudo.target != IGNORE_LABEL
+    mask = np.where(known, pseudo.target + PSEUDO_OFFSET, IGNORE_LABEL).astype(np.uint8)
+    half = patch_px // 2
+    valid = np.zeros((h, w), bool)
+    valid[half : h - half, half : w - half] = True
+    return _SlideData(
+        name=Path(pseudo.slide.path).name,
+        rgb=rgb,
+        mask=mask,
+        positive_idx=np.flatnonzero(valid & (mask == PSEUDO_OFFSET + 1)),
+        tissue_idx=np.flatnonzero(valid & known),
+        summary=pseudo.summary(),
+    )
+
+
 def sample_batch(
     data: list[_SlideData], rng: np.random.Generator, *, batch_size: int, patch_px: int, positive_fraction: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -219,11 +271,52 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 SEG_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"ce+dice": seg_loss, "ce": ce_loss}
 
 
+def pixel_weights(target: torch.Tensor, *, pseudo_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class, weight) per pixel of a target holding labels (0, 1), pseudo-labels (``PSEUDO_OFFSET`` +
+    class) and :data:`IGNORE_LABEL`: labels weigh 1, pseudo-labels ``pseudo_weight``, the rest 0 (class 0)."""
+    ignore = target == IGNORE_LABEL
+    pseudo = (target >= PSEUDO_OFFSET) & ~ignore
+    cls = torch.where(pseudo, target - PSEUDO_OFFSET, target).masked_fill(ignore, 0)
+    weight = torch.where(pseudo, pseudo_weight, 1.0).masked_fill(ignore, 0.0)
+    return cls, weight
+
+
+def weighted_ce_loss(logits: torch.Tensor, target: torch.Tensor, *, pseudo_weight: float) -> torch.Tensor:
+    """Cross-entropy with pseudo-labelled pixels weighing ``pseudo_weight``, averaged over the target pixels.
+
+    Over the pixels that are labels or pseudo-labels (not their weights), so a batch of pseudo-labels
+    alone counts ``pseudo_weight`` of a labelled one; on labels alone this is :func:`ce_loss`.
+    """
+    cls, weight = pixel_weights(target, pseudo_weight=pseudo_weight)
+    n_known = int((target != IGNORE_LABEL).sum())
+    if n_known == 0:
+        return logits.sum() * 0.0
+    return (F.cross_entropy(logits, cls, reduction="none") * weight).sum() / n_known
+
+
+def weighted_seg_loss(logits: torch.Tensor, target: torch.Tensor, *, pseudo_weight: float) -> torch.Tensor:
+    """:func:`seg_loss` with pseudo-labels weighed ``pseudo_weight``: the weighted cross-entropy, and the
+    soft Dice over weighted pixels, scaled by the batch's mean weight (labels alone: :func:`seg_loss`)."""
+    cls, weight = pixel_weights(target, pseudo_weight=pseudo_weight)
+    n_known = int((target != IGNORE_LABEL).sum())
+    if n_known == 0:
+        return logits.sum() * 0.0
+    p = torch.softmax(logits, dim=1)[:, 1] * weight
+    t = (cls == 1).float() * weight
+    soft_dice = (2 * (p * (cls == 1)).sum() + 1) / (p.sum() + t.sum() + 1)
+    mean_weight = weight.sum() / n_known
+    return weighted_ce_loss(logits, target, pseudo_weight=pseudo_weight) + (1 - soft_dice) * mean_weight
+
+
+WEIGHTED_SEG_LOSSES = {"ce+dice": weighted_seg_loss, "ce": weighted_ce_loss}
+
+
 def train_segmentation(
     config: SegTrainConfig,
     *,
     labels: Sequence[SlideLabels] = (),
     label_sources: list[dict] | None = None,
+    pseudo: Sequence[PseudoLabels] | None = None,
     resume: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Manifest:
@@ -232,7 +325,8 @@ def train_segmentation(
     The manifest is written only once every chain has finished, so an interrupted run writes none
     (nothing loads as a partial ensemble); ``resume`` continues from the chains' checkpoints. With
     ``labels`` (a lab's region labels), ``config.slides`` are the labelled slides in the same order;
-    ``label_sources`` go into the manifest.
+    ``label_sources`` go into the manifest. ``pseudo``: the pseudo-labels of ``config.unlabeled``, in
+    their order, when the caller made them already (to show their counts); else they are made here.
     """
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -243,6 +337,8 @@ def train_segmentation(
         data = [load_labelled_seg_slide(lab, input_mpp=config.input_mpp, patch_px=config.patch_px) for lab in labels]
     else:
         data = [load_training_slide(p, input_mpp=config.input_mpp, patch_px=config.patch_px) for p in config.slides]
+    pseudo = _pseudo_labels(config, pseudo)
+    pseudo_data = [load_pseudo_slide(p, input_mpp=config.input_mpp, patch_px=config.patch_px) for p in pseudo]
     arch_kwargs = {
         "in_channels": 3,
         "n_classes": 2,
@@ -260,7 +356,7 @@ def train_segmentation(
             progress = _offset_progress(on_progress, chain * steps_per_chain, config.chains * steps_per_chain)
         records = _train_chain(
             config,
-            data,
+            [*data, *pseudo_data],
             arch_kwargs,
             seed=config.seed + chain,
             out_dir=chain_dir,
@@ -292,6 +388,7 @@ def train_segmentation(
             "init": None
             if config.init_model is None
             else {"model": config.init_model, "member_sha256": members[0]["init_sha256"]},
+            "pseudo_labels": _pseudo_record(config, pseudo) if pseudo else None,
             "final_losses": [m["train_loss"] for m in members],
             "producer": f"pdl1-bridge {__version__}",
         },
@@ -300,6 +397,39 @@ def train_segmentation(
     # The domain guard's statistics of these slides, limits by leaving one slide out (pdl1 domain-stats
     # recomputes them with held-out slides).
     return write_training_domain_stats(out_dir, config.slides, device=config.device)
+
+
+def _pseudo_labels(config: SegTrainConfig, given: Sequence[PseudoLabels] | None) -> list[PseudoLabels]:
+    if not config.unlabeled:
+        if given:
+            raise ValueError("pseudo-labels were given for a run without unlabeled slides")
+        return []
+    if given is None:
+        return pseudo_label_slides(
+            config.pseudo_model or "",
+            config.unlabeled,
+            rule=config.pseudo_rule,
+            input_mpp=config.input_mpp,
+            device=config.device,
+        )
+    if tuple(p.slide for p in given) != tuple(config.unlabeled):
+        raise ValueError("pseudo must be the pseudo-labels of config.unlabeled, in their order")
+    return list(given)
+
+
+def _pseudo_record(config: SegTrainConfig, pseudo: list[PseudoLabels]) -> dict:
+    """The teacher, the rule and per slide the pixels used per class and those left out (teacher's grid)."""
+    from inference.models.manifest import read_manifest
+
+    teacher = read_manifest(config.pseudo_model or "", task="segmentation", verify=False)
+    return {
+        "teacher": {"model": config.pseudo_model, "name": teacher.name, "checksum": teacher.checksum},
+        "teacher_mpp": teacher.input_mpp,
+        "margin": config.pseudo_margin,
+        "mi_limit": config.pseudo_mi_limit,
+        "weight": config.pseudo_weight,
+        "slides": [p.summary() for p in pseudo],
+    }
 
 
 def _data_record(data: list[_SlideData], labels: Sequence[SlideLabels], sources: list[dict] | None) -> list[dict]:
@@ -384,7 +514,9 @@ def _train_chain(
         out_dir=out_dir,
         rng=rng,
         next_batch=next_batch,
-        loss_fn=SEG_LOSSES[config.loss],
+        loss_fn=partial(WEIGHTED_SEG_LOSSES[config.loss], pseudo_weight=config.pseudo_weight)
+        if config.unlabeled
+        else SEG_LOSSES[config.loss],
         resume=resume,
         on_progress=on_progress,
     )

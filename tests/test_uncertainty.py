@@ -23,6 +23,19 @@ def test_torch_stats_match_numpy_reference():
             np.testing.assert_allclose(got[b, i], ref[name], atol=1e-5, err_msg=name)
 
 
+def test_torch_stats_match_numpy_on_channels_last_member_outputs():
+    # The members' outputs are channels-last, as the pipeline's are: the member axis then has odd strides.
+    rng = np.random.default_rng(3)
+    m, b = 5, 4
+    probs = _dirichlet(rng, m, b, 2, 16, 12).astype(np.float32)
+    strided = torch.from_numpy(probs.reshape(m * b, 2, 16, 12)).contiguous(memory_format=torch.channels_last)
+    got = ensemble_stats(strided.view(m, b, 2, 16, 12)).numpy()
+    for i in range(b):
+        ref = ensemble_stats_np(probs[:, i].astype(np.float64))
+        for c, name in enumerate(MAP_NAMES):
+            np.testing.assert_allclose(got[i, c], ref[name], atol=1e-5, err_msg=name)
+
+
 def test_hand_computed_two_members():
     # Member A says 0.9 positive, member B 0.1: mean 0.5, H(mean) = ln 2.
     probs = np.array([[0.1, 0.9], [0.9, 0.1]]).reshape(2, 2, 1, 1)

@@ -54,5 +54,8 @@ def ensemble_stats(member_probs: torch.Tensor, *, positive_class: int = 1) -> to
     mean = p.mean(dim=0)
     pe = -(mean * torch.log(mean.clamp_min(EPS))).sum(dim=1)
     ee = -(p * torch.log(p.clamp_min(EPS))).sum(dim=2).mean(dim=0)
-    std = p[:, :, positive_class].std(dim=0, unbiased=False)
+    # The population std written out: torch's std reduction over the member axis of these strided
+    # (channels-last) slices took 50 ms per batch of four 256² tiles, half of an M=1 run's time; this 1 ms.
+    positive = p[:, :, positive_class]
+    std = (positive - positive.mean(dim=0)).square_().mean(dim=0).sqrt_()
     return torch.stack([mean[:, positive_class], pe, ee, (pe - ee).clamp_min(0.0), std], dim=1)

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from bridge.cli.app import app
 from inference import IGNORE_LABEL, PseudoLabelRule, pseudo_label_target
+from inference.analysis.regions import resample_nearest
 from inference.phantom.pyramid import write_ihc_phantom, write_phantom
 from inference.phantom.scene import PhantomSpec
-from inference.training.pseudo import resample_nearest
 from inference.training.train_seg import (
     PSEUDO_OFFSET,
     ce_loss,

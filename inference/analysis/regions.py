@@ -136,6 +136,36 @@ def uncertainty_tiles(
     return tuple(out)
 
 
+def resample_nearest(
+    values: np.ndarray,
+    *,
+    downsample: float,
+    origin_xy: tuple[float, float],
+    shape_hw: tuple[int, int],
+    out_downsample: float,
+    out_origin_xy: tuple[float, float] = (0.0, 0.0),
+    fill: int | float | bool,
+) -> np.ndarray:
+    """``values`` (a grid of ``downsample`` level-0 px per pixel starting at ``origin_xy``) read at the pixel
+    centres of a grid of ``shape_hw`` pixels of ``out_downsample`` level-0 px starting at ``out_origin_xy``;
+    ``fill`` where those centres lie outside ``values``. Nearest neighbour: labels stay labels.
+
+    >>> resample_nearest(np.array([[1, 2], [3, 4]]), downsample=2, origin_xy=(2, 0), shape_hw=(2, 4),
+    ...                  out_downsample=1, fill=0).tolist()
+    [[0, 0, 1, 1], [0, 0, 1, 1]]
+    """
+    values = np.asarray(values)
+    y = out_origin_xy[1] + (np.arange(shape_hw[0]) + 0.5) * out_downsample
+    x = out_origin_xy[0] + (np.arange(shape_hw[1]) + 0.5) * out_downsample
+    rows = np.floor((y - origin_xy[1]) / downsample).astype(np.int64)
+    cols = np.floor((x - origin_xy[0]) / downsample).astype(np.int64)
+    inside_r = (rows >= 0) & (rows < values.shape[0])
+    inside_c = (cols >= 0) & (cols < values.shape[1])
+    out = np.full(shape_hw, fill, dtype=values.dtype)
+    out[np.ix_(inside_r, inside_c)] = values[np.ix_(rows[inside_r], cols[inside_c])]
+    return out
+
+
 def resample_mask(
     mask: np.ndarray,
     mask_downsample: float,
@@ -145,13 +175,15 @@ def resample_mask(
     downsample: float,
 ) -> np.ndarray:
     """Nearest-neighbour sample of a level-0-anchored mask onto another grid (origin, downsample, shape)."""
-    h, w = shape_hw
-    ys = ((origin_xy[1] + (np.arange(h) + 0.5) * downsample) / mask_downsample).astype(np.int64)
-    xs = ((origin_xy[0] + (np.arange(w) + 0.5) * downsample) / mask_downsample).astype(np.int64)
-    inside_y = (ys >= 0) & (ys < mask.shape[0])
-    inside_x = (xs >= 0) & (xs < mask.shape[1])
-    out = mask[np.clip(ys, 0, mask.shape[0] - 1)][:, np.clip(xs, 0, mask.shape[1] - 1)]
-    return out & inside_y[:, None] & inside_x[None, :]
+    return resample_nearest(
+        np.asarray(mask, bool),
+        downsample=mask_downsample,
+        origin_xy=(0.0, 0.0),
+        shape_hw=shape_hw,
+        out_downsample=downsample,
+        out_origin_xy=origin_xy,
+        fill=False,
+    )
 
 
 def mask_on_maps(mask: np.ndarray, mask_downsample: float, maps: UncertaintyMaps) -> np.ndarray:

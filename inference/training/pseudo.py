@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from inference.analysis.regions import resample_nearest
 from inference.training.labels import IGNORE_LABEL
 
 
@@ -131,36 +132,6 @@ def pseudo_label_target(
         uncertain_px=int((tissue & ~confident).sum()),
         disagreement_px=int((confident & ~agree).sum()),
     )
-
-
-def resample_nearest(
-    values: np.ndarray,
-    *,
-    downsample: float,
-    origin_xy: tuple[float, float],
-    shape_hw: tuple[int, int],
-    out_downsample: float,
-    out_origin_xy: tuple[float, float] = (0.0, 0.0),
-    fill: int | float | bool,
-) -> np.ndarray:
-    """``values`` (a grid of ``downsample`` level-0 px per pixel starting at ``origin_xy``) read at the pixel
-    centres of a grid of ``shape_hw`` pixels of ``out_downsample`` level-0 px starting at ``out_origin_xy``;
-    ``fill`` where those centres lie outside ``values``. Nearest neighbour: labels stay labels.
-
-    >>> resample_nearest(np.array([[1, 2], [3, 4]]), downsample=2, origin_xy=(2, 0), shape_hw=(2, 4),
-    ...                  out_downsample=1, fill=0).tolist()
-    [[0, 0, 1, 1], [0, 0, 1, 1]]
-    """
-    values = np.asarray(values)
-    y = out_origin_xy[1] + (np.arange(shape_hw[0]) + 0.5) * out_downsample
-    x = out_origin_xy[0] + (np.arange(shape_hw[1]) + 0.5) * out_downsample
-    rows = np.floor((y - origin_xy[1]) / downsample).astype(np.int64)
-    cols = np.floor((x - origin_xy[0]) / downsample).astype(np.int64)
-    inside_r = (rows >= 0) & (rows < values.shape[0])
-    inside_c = (cols >= 0) & (cols < values.shape[1])
-    out = np.full(shape_hw, fill, dtype=values.dtype)
-    out[np.ix_(inside_r, inside_c)] = values[np.ix_(rows[inside_r], cols[inside_c])]
-    return out
 
 
 @dataclass(frozen=True)

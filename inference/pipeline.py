@@ -564,30 +564,28 @@ def _identity(slide: Slide, config: PipelineConfig) -> dict:
 
 
 def tissue_area_px(tissue: TissueMask, area: BaseGeometry) -> float:
-    """Level-0 px² of detected tissue inside ``area`` (tissue pixels whose centre lies in it).
+    """Level-0 px² of detected tissue inside ``area`` (tissue pixels whose centre lies in it)."""
+    return float((tissue.mask & area_on_tissue_grid(tissue, area)).sum()) * tissue.downsample**2
 
-    Only the mask pixels within the area's bounds are tested: a whole slide's mask has tens of millions.
+
+def area_on_tissue_grid(tissue: TissueMask, area: BaseGeometry) -> np.ndarray:
+    """bool, the tissue mask's grid: the pixels whose centre lies in ``area``.
+
+    Only the pixels within the area's bounds are tested: a whole slide's mask has tens of millions.
     """
     ds = tissue.downsample
     x0, y0, x1, y1 = area.bounds
     r0, c0 = max(int(y0 // ds), 0), max(int(x0 // ds), 0)
-    rows, cols = np.nonzero(tissue.mask[r0 : int(y1 // ds) + 1, c0 : int(x1 // ds) + 1])
-    inside = shapely.contains_xy(area, (cols + c0 + 0.5) * ds, (rows + r0 + 0.5) * ds)
-    return float(inside.sum()) * ds * ds
+    r1, c1 = min(int(y1 // ds) + 1, tissue.mask.shape[0]), min(int(x1 // ds) + 1, tissue.mask.shape[1])
+    within = np.zeros(tissue.mask.shape, bool)
+    if r1 > r0 and c1 > c0:
+        rows, cols = np.mgrid[r0:r1, c0:c1]
+        within[r0:r1, c0:c1] = shapely.contains_xy(area, (cols + 0.5) * ds, (rows + 0.5) * ds)
+    return within
 
 
 def tissue_reasons(tissue: TissueMask | None, roi: BaseGeometry | None) -> list[dict]:
     """The suspect-tissue review reasons of the analysed area (the ROI's mask pixels, else all of them)."""
     if tissue is None:
         return []
-    within = None
-    if roi is not None:
-        # Only the mask pixels within the ROI's bounds are tested (as tissue_area_px).
-        ds = tissue.downsample
-        x0, y0, x1, y1 = roi.bounds
-        r0, c0 = max(int(y0 // ds), 0), max(int(x0 // ds), 0)
-        r1, c1 = min(int(y1 // ds) + 1, tissue.mask.shape[0]), min(int(x1 // ds) + 1, tissue.mask.shape[1])
-        rows, cols = np.mgrid[r0:r1, c0:c1]
-        within = np.zeros(tissue.mask.shape, bool)
-        within[r0:r1, c0:c1] = shapely.contains_xy(roi, (cols + 0.5) * ds, (rows + 0.5) * ds)
-    return tissue_review_reasons(tissue, within=within)
+    return tissue_review_reasons(tissue, within=None if roi is None else area_on_tissue_grid(tissue, roi))

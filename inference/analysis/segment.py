@@ -218,27 +218,10 @@ def accumulate_tile_stats(
     (T, T) importance map and ``cells_xy`` (B, 2) the tiles' top-left map cells. ``acc`` is a
     host array, or a tensor on the same device as ``stats`` (then nothing leaves the device).
     """
-    f = map_downsample
-    w = weights.to(stats.device)
-    weighted = stats * w
-    if f > 1:
-        weighted = F.avg_pool2d(weighted, f)
-        w = F.avg_pool2d(w[None, None], f)[0, 0]
-    if isinstance(acc, torch.Tensor):
-        pooled, w_cells = weighted.to(acc.device), w.to(acc.device)
-    else:
-        pooled, w_cells = weighted.cpu().numpy(), w.cpu().numpy()
-    tile_h, tile_w = w_cells.shape
-    _, acc_h, acc_w = acc.shape
-    for (cx, cy), tile_stats in zip(cells_xy, pooled, strict=True):
-        # Tiles can reach past the map edge; only the part inside is kept.
-        hh, ww = min(tile_h, acc_h - cy), min(tile_w, acc_w - cx)
-        if hh <= 0 or ww <= 0:
-            continue
-        acc[0, cy : cy + hh, cx : cx + ww] += w_cells[:hh, :ww]
-        acc[1:5, cy : cy + hh, cx : cx + ww] += tile_stats[:4, :hh, :ww]
-        if len(tile_stats) > 4:
-            acc[_N_ACC:, cy : cy + hh, cx : cx + ww] += tile_stats[4:, :hh, :ww]
+    targets = [(slice(0, 4), slice(1, 5))]
+    if stats.shape[1] > 4:
+        targets.append((slice(4, None), slice(_N_ACC, None)))
+    _accumulate(acc, stats, weights, cells_xy, map_downsample=map_downsample, targets=targets)
 
 
 def accumulate_tile_values(
@@ -254,6 +237,21 @@ def accumulate_tile_values(
     The plain weighted sum nnU-Net's predictor makes of its logits; otherwise as
     :func:`accumulate_tile_stats`.
     """
+    k = values.shape[1]
+    _accumulate(acc, values, weights, cells_xy, map_downsample=map_downsample, targets=[(slice(0, k), slice(1, 1 + k))])
+
+
+def _accumulate(
+    acc: np.ndarray | torch.Tensor,
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    cells_xy: np.ndarray,
+    *,
+    map_downsample: int,
+    targets: list[tuple[slice, slice]],
+) -> None:
+    """Weight ``values`` (B, K, T, T) by ``weights``, pool them by ``map_downsample`` and add each tile's
+    channels ``source`` into ``acc`` channels ``target`` for every (source, target) pair, the weight into 0."""
     f = map_downsample
     w = weights.to(values.device)
     weighted = values * w
@@ -266,13 +264,14 @@ def accumulate_tile_values(
         pooled, w_cells = weighted.cpu().numpy(), w.cpu().numpy()
     tile_h, tile_w = w_cells.shape
     _, acc_h, acc_w = acc.shape
-    k = values.shape[1]
-    for (cx, cy), tile_values in zip(cells_xy, pooled, strict=True):
+    for (cx, cy), tile in zip(cells_xy, pooled, strict=True):
+        # Tiles can reach past the map edge; only the part inside is kept.
         hh, ww = min(tile_h, acc_h - cy), min(tile_w, acc_w - cx)
         if hh <= 0 or ww <= 0:
             continue
         acc[0, cy : cy + hh, cx : cx + ww] += w_cells[:hh, :ww]
-        acc[1 : 1 + k, cy : cy + hh, cx : cx + ww] += tile_values[:, :hh, :ww]
+        for source, target in targets:
+            acc[target, cy : cy + hh, cx : cx + ww] += tile[source, :hh, :ww]
 
 
 def stats_from_logits(

@@ -163,10 +163,15 @@ def _validation_png(validation: dict, path: Path) -> None:
     for k, key in enumerate(keys):
         values = [np.nan if r.get(key) is None else r[key] for r in rows]
         ax.bar(np.arange(len(rows)) + k * width, values, width, label=key)
+    # Each member alone, as dots over the ensemble's bar of the same score (Dice, or F1).
+    members_key, bar = ("dice_members", 0) if validation["task"] == "segmentation" else ("f1_members", len(keys) - 1)
+    for i, r in enumerate(rows):
+        members = [np.nan if m is None else m for m in r.get(members_key) or []]
+        ax.plot([i + bar * width] * len(members), members, "k.", markersize=4, label="members" if i == 0 else None)
     ax.set_xticks(np.arange(len(rows)) + width * (len(keys) - 1) / 2, names, fontsize=7)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
-    ax.set_title("held-out slides: the ensemble's scores", fontsize=9)
+    ax.set_title("held-out slides: the ensemble's scores (dots: each member alone)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -285,14 +290,35 @@ def write_training_report(out: str | Path) -> Path:
         validation = _read_json(validation_path)
         _validation_png(validation, folder / "validation.png")
         if validation["task"] == "segmentation":
-            headers = ("slide", "labelled px", "positive px", "predicted px", "Dice")
+            headers = ("slide", "labelled px", "positive px", "predicted px", "Dice", "members' Dice", "rank")
             keys = ("labelled_px", "positive_px", "predicted_px", "dice")
+            members_key = "dice_members"
         else:
-            headers = ("slide", "marked nuclei", "found", "matched", "precision", "recall", "F1")
+            headers = ("slide", "marked nuclei", "found", "matched", "precision", "recall", "F1", "members' F1", "rank")
             keys = ("n_labelled", "n_predicted", "n_matched", "precision", "recall", "f1")
-        rows = [(Path(r["slide"]).name, *(_num(r.get(k)) for k in keys)) for r in validation["slides"]]
+            members_key = "f1_members"
+        rows = [
+            (
+                Path(r["slide"]).name,
+                *(_num(r.get(k)) for k in keys),
+                " / ".join(_num(m) for m in r.get(members_key) or []) or "-",
+                f"{r['rank']} of {len(r[members_key]) + 1}" if r.get("rank") else "-",
+            )
+            for r in validation["slides"]
+        ]
+        fit = validation.get("threshold_fit")
+        fit_note = (
+            ""
+            if not fit
+            else f"<p>Segmentation threshold {fit['before']:g} -> {fit['after']:g} (pooled Dice "
+            f"{_num(fit['dice_before'])} -> {_num(fit['dice_after'])}"
+            + ("" if fit["adopted"] else ", gain under 0.005: kept")
+            + "), fit on these slides: their scores here are not an independent estimate.</p>"
+        )
         sections.append(
-            "<h2>Validation (held-out slides)</h2><p>Scores of the whole ensemble (its mean prediction).</p>"
+            "<h2>Validation (held-out slides)</h2><p>Scores of the whole ensemble (its mean prediction) and of "
+            "each member alone; rank is the ensemble's place among its members (1: no member better).</p>"
+            + fit_note
             + _table(headers, rows)
             + f"<img src='{REPORT_DIR}/validation.png'>"
         )

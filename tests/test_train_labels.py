@@ -27,6 +27,7 @@ from inference.training.train_nuclei import (
 
 runner = CliRunner()
 TINY = ["--cycles", "2", "--epochs-per-cycle", "1", "--iterations", "1", "--batch-size", "2", "--patch-px", "32"]
+TINY_2_MEMBERS = ["--cycles", "3", *TINY[2:]]  # the first cycle is dropped: two members to score one by one
 HE_CLASSES = ("Tumor: Positive", "Tumor: Negative", "Other")
 
 
@@ -204,7 +205,7 @@ def test_pdl1_train_nuclei_holds_validation_slides_out_whole_and_scores_them(lab
     out = tmp_path / "model"
     args = ["train", "nuclei", str(tmp_path / "he-a.svs"), str(tmp_path / "he-b.svs")]
     args += ["--labels", str(geojson), "--labels", str(geojson), "--val-entries", "he-b.svs", "--init", "none"]
-    result = runner.invoke(app, [*args, "--out", str(out), *TINY, "--no-progress"])
+    result = runner.invoke(app, [*args, "--out", str(out), *TINY_2_MEMBERS, "--no-progress"])
     assert result.exit_code == 0, result.output
     training = json.loads((out / "manifest.json").read_text())["training"]
     assert training["config"]["slides"] == [str(tmp_path / "he-a.svs")]  # the held-out slide is not trained on
@@ -212,7 +213,12 @@ def test_pdl1_train_nuclei_holds_validation_slides_out_whole_and_scores_them(lab
     assert row["slide"] == str(tmp_path / "he-b.svs")
     assert row["n_labelled"] == 1252  # every marked nucleus lies in the exhaustive region
     assert 0 <= row["f1"] <= 1
+    n_members = len(json.loads((out / "manifest.json").read_text())["members"])
+    # Each member alone too, and the ensemble's place among them.
+    assert len(row["f1_members"]) == n_members == 2
+    assert all(0 <= f <= 1 for f in row["f1_members"]) and 1 <= row["rank"] <= n_members + 1
     assert "validation " + str(tmp_path / "he-b.svs") + ": 1252 marked nuclei" in " ".join(result.output.split())
+    assert f"(ensemble rank {row['rank']} of {n_members + 1})" in " ".join(result.output.split())
     bad = runner.invoke(app, [*args[:-4], "--val-entries", "nope.svs", "--out", str(out), *TINY])
     assert bad.exit_code == 1
     assert "--val-entries names nope.svs, which no labelled slide is" in " ".join(bad.output.split())
@@ -226,7 +232,7 @@ def test_pdl1_train_seg_scores_held_out_slides_over_their_labelled_pixels(labell
     out = tmp_path / "seg"
     args = ["train", "seg", str(tmp_path / "he-a.svs"), str(tmp_path / "he-b.svs")]
     args += ["--labels", str(geojson), "--labels", str(geojson), "--val-entries", "he-b.svs"]
-    result = runner.invoke(app, [*args, "--out", str(out), *TINY, "--no-progress"])
+    result = runner.invoke(app, [*args, "--out", str(out), *TINY_2_MEMBERS, "--no-progress"])
     assert result.exit_code == 0, result.output
     (row,) = json.loads((out / "validation.json").read_text())["slides"]
     assert row["slide"] == str(tmp_path / "he-b.svs")
@@ -235,3 +241,34 @@ def test_pdl1_train_seg_scores_held_out_slides_over_their_labelled_pixels(labell
     assert 0.9 * trained["labelled_px"] < row["labelled_px"] <= trained["labelled_px"]
     assert row["dice"] is None or 0 <= row["dice"] <= 1
     assert f"validation {tmp_path / 'he-b.svs'}: {row['labelled_px']} labelled px" in " ".join(result.output.split())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(row["dice_members"]) == len(manifest["members"]) > 1
+    # The threshold was fit on the held-out slide's labelled pixels and, where it gained, written to the manifest.
+    fit = json.loads((out / "validation.json").read_text())["threshold_fit"]
+    assert fit["labelled_px"] == row["labelled_px"] and fit["dice_after"] >= fit["dice_before"]
+    assert manifest["thresholds"].get("segmentation", 0.5) == (fit["after"] if fit["adopted"] else fit["before"])
+    assert f"segmentation threshold {fit['before']:g} -> {fit['after']:g}" in " ".join(result.output.split())
+
+
+def test_validation_scores_each_member_and_fits_the_threshold_on_pooled_labelled_pixels():
+    from inference import LabelledPixels, fit_threshold, score_labelled_pixels
+
+    truth = np.array([True] * 4 + [False] * 6)
+    prob = np.array([0.9, 0.45, 0.42, 0.41, 0.3, 0.2, 0.1, 0.1, 0.05, 0.44], np.float32)
+    members = np.stack([prob, np.where(truth, 0.8, 0.2), np.full_like(prob, 0.1)]).astype(np.float32)
+    a = LabelledPixels("a", truth, prob, members)
+    (s,) = score_labelled_pixels([a], threshold=0.5)
+    assert s.predicted_px == 1 and s.dice == pytest.approx(2 / 5)
+    assert s.dice_members == pytest.approx((2 / 5, 1.0, 0.0))
+    assert s.rank == 2  # one member (the perfect one) is better than the ensemble
+    fit = fit_threshold([a], current=0.5)
+    # Every t in (0.3, 0.41] finds the 4 positives with one false positive (0.44): Dice 8/9, the best; of the
+    # candidates there, the nearest to 0.5 (0.4) wins.
+    assert fit.adopted and fit.after == pytest.approx(0.4) and fit.dice_after == pytest.approx(8 / 9)
+    # Pooled: a second slide whose pixels all lie above 0.4 and are negative pulls the threshold up.
+    b = LabelledPixels("b", np.zeros(20, bool), np.full(20, 0.43, np.float32), np.zeros((0, 20), np.float32))
+    pooled = fit_threshold([a, b], current=0.5)
+    assert pooled.after > 0.43 and pooled.labelled_px == 30
+    # Too small a gain keeps the threshold.
+    kept = fit_threshold([a], current=0.4, min_gain=0.5)
+    assert not kept.adopted and kept.after == 0.4 and kept.dice_after == kept.dice_before

@@ -165,6 +165,7 @@ def test_own_labels_with_validation_show_the_held_out_scores_and_tiles(fixtures_
     assert slides[0]["points"] == expected and sum(expected.values()) > 0
     page = (out / "training_report.html").read_text()
     assert "Validation (held-out slides)" in page and (out / "training_report" / "validation.png").is_file()
+    assert "members&#x27; F1" in page or "members' F1" in page  # each member's held-out F1 beside the ensemble's
     with np.load(out / "training_report" / "examples.npz", allow_pickle=False) as data:
         meta = json.loads(str(data["meta"]))
         assert {m["role"] for m in meta} == {"validation"}

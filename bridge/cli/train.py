@@ -111,9 +111,16 @@ def train_seg(
         typer.Option(
             "--val-entries",
             help="Your labels: slides held out whole (entry ID, image name or file name), scored after training "
-            "(Dice over their labelled pixels; OUT/validation.json).",
+            "(Dice over their labelled pixels, the ensemble's and each member's; OUT/validation.json).",
         ),
     ] = None,
+    recalibrate: Annotated[
+        bool,
+        typer.Option(
+            help="With --val-entries: set the segmentation threshold to the one with the best Dice on the held-out "
+            "slides' labelled pixels (kept unless it gains at least 0.005; both printed).",
+        ),
+    ] = True,
     ihc_band_um: Annotated[
         float | None,
         typer.Option(
@@ -229,7 +236,11 @@ def train_seg(
                 resume=resume,
                 on_progress=on_progress,
             )
-        validation = _validate(out, held_out, device=device, task="segmentation") if held_out else []
+        validation, fit = (
+            _validate(out, held_out, device=device, task="segmentation", recalibrate=recalibrate)
+            if held_out
+            else ([], None)
+        )
         report = _training_report(
             out, task="segmentation", labels=slide_labels, held_out=held_out, truth=config.slides, device=device
         )
@@ -244,7 +255,14 @@ def train_seg(
     for row in validation:
         typer.echo(
             f"validation {row['slide']}: {row['labelled_px']} labelled px, {row['positive_px']} positive, "
-            f"{row['predicted_px']} predicted positive, Dice {_fmt(row['dice'])}"
+            f"{row['predicted_px']} predicted positive, Dice {_fmt(row['dice'])}{_members_text(row, 'dice_members')}"
+        )
+    if fit:
+        typer.echo(
+            f"segmentation threshold {fit['before']:g} -> {fit['after']:g} (pooled Dice on the held-out slides "
+            f"{_fmt(fit['dice_before'])} -> {_fmt(fit['dice_after'])}"
+            + ("" if fit["adopted"] else "; under 0.005 better, kept")
+            + "): fit on these slides, so their Dice above is not an independent estimate"
         )
     typer.echo(report)
 
@@ -496,7 +514,7 @@ def train_nuclei_cmd(
                 resume=resume,
                 on_progress=on_progress,
             )
-        validation = _validate(out, held_out, device=device, task="nuclei") if held_out else []
+        validation = _validate(out, held_out, device=device, task="nuclei")[0] if held_out else []
         report = _training_report(
             out, task="nuclei", labels=slide_labels, held_out=held_out, truth=config.slides, device=device
         )
@@ -512,12 +530,21 @@ def train_nuclei_cmd(
         typer.echo(
             f"validation {row['slide']}: {row['n_labelled']} marked nuclei, {row['n_predicted']} found, "
             f"precision {_fmt(row['precision'])}, recall {_fmt(row['recall'])}, F1 {_fmt(row['f1'])}"
+            f"{_members_text(row, 'f1_members')}"
         )
     typer.echo(report)
 
 
 def _fmt(value: float | None) -> str:
     return "undefined" if value is None else f"{value:.3f}"
+
+
+def _members_text(row: dict, key: str) -> str:
+    """ ", members 0.91 / 0.93 / 0.92 (ensemble rank 2 of 4)" for a validation row; "" for one model."""
+    members = row.get(key) or []
+    if not members:
+        return ""
+    return f", members {' / '.join(_fmt(m) for m in members)} (ensemble rank {row['rank']} of {len(members) + 1})"
 
 
 def _training_report(out: Path, *, task: str, labels: list, held_out: list, truth: tuple[str, ...], device: str) -> str:
@@ -547,27 +574,58 @@ def report_cmd(
     typer.echo(f"wrote {path}")
 
 
-def _validate(out: Path, held_out: list, *, device: str, task: str) -> list[dict]:
-    """Score the new model on the held-out slides; written to OUT/validation.json beside the manifest."""
+def _validate(
+    out: Path, held_out: list, *, device: str, task: str, recalibrate: bool = False
+) -> tuple[list[dict], dict | None]:
+    """Score the new model on the held-out slides (rows, and the threshold fit or None); OUT/validation.json.
+
+    Segmentation with ``recalibrate``: the threshold with the best pooled Dice on these slides' labelled
+    pixels goes into the manifest first (:func:`inference.fit_threshold`), and the slides are scored at it.
+    """
     from dataclasses import asdict
 
     from bridge.labels import label_summary
     from bridge.project import write_json_atomic
-    from inference import score_nuclei_on_labels, score_regions_on_labels
+    from inference import (
+        fit_threshold,
+        labelled_region_pixels,
+        read_manifest,
+        score_labelled_pixels,
+        score_nuclei_on_labels,
+        write_manifest,
+    )
 
+    extra: dict = {}
     if task == "nuclei":
         scores = score_nuclei_on_labels(out, held_out, radius_um=3.0, device=device)
+        extra["radius_um"] = 3.0
     else:
-        scores = score_regions_on_labels(out, held_out, device=device)
+        manifest = read_manifest(out, task="segmentation")
+        threshold = manifest.thresholds.get("segmentation", 0.5)
+        pixels = labelled_region_pixels(out, held_out, device=device)
+        if recalibrate:
+            fit = fit_threshold(pixels, current=threshold)
+            extra["threshold_fit"] = asdict(fit)
+            if fit.adopted:
+                write_manifest(out, manifest.with_thresholds(segmentation=fit.after))
+                threshold = fit.after
+        scores = score_labelled_pixels(pixels, threshold=threshold)
     # precision is undefined (NaN) when nothing was found: null in JSON, which allows no NaN
     rows = [
-        {k: None if isinstance(v, float) and v != v else v for k, v in (asdict(s) | summary).items()}
+        {k: _json_number(v) for k, v in (asdict(s) | {"rank": s.rank} | summary).items()}
         for s, summary in zip(scores, label_summary(held_out), strict=True)
     ]
-    write_json_atomic(
-        out / "validation.json", {"task": task, "slides": rows} | ({"radius_um": 3.0} if task == "nuclei" else {})
-    )
-    return rows
+    write_json_atomic(out / "validation.json", {"task": task, "slides": rows} | extra)
+    return rows, extra.get("threshold_fit")
+
+
+def _json_number(value):
+    """NaN (undefined precision or Dice) as None, inside tuples too: JSON has no NaN."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, tuple | list):
+        return [_json_number(v) for v in value]
+    return value
 
 
 def domain_stats(

@@ -13,6 +13,7 @@ from inference.analysis.nuclei import NucleiConfig, detect_nuclei
 from inference.analysis.points import detection_scores
 from inference.analysis.segment import SegmentConfig, segment_slide
 from inference.models.ensemble import Ensemble
+from inference.models.manifest import read_manifest
 from inference.slides.slide import open_slide
 from inference.training.labels import IGNORE_LABEL, SlideLabels, region_target
 
@@ -28,6 +29,14 @@ class LabelledNucleiScore:
     precision: float
     recall: float
     f1: float
+    f1_members: tuple[float, ...] = ()  # each member alone (its own heatmap peaks), same regions and radius
+
+    @property
+    def rank(self) -> int:
+        """The ensemble's place among its members by F1 (1: no member better); 0 when not measured."""
+        if not self.f1_members or self.f1 != self.f1:
+            return 0
+        return 1 + sum(f > self.f1 for f in self.f1_members)
 
 
 def score_nuclei_on_labels(
@@ -42,9 +51,11 @@ def score_nuclei_on_labels(
 
     Only inside training regions whose nuclei are all marked (``exhaustive``): elsewhere an unmarked
     nucleus says nothing, so a detection there could not be called wrong. Points under ``Ignore*``
-    were left out of the labels; predictions there are left out too.
+    were left out of the labels; predictions there are left out too. Each member of an ensemble is
+    also run alone (``f1_members``), so validation says whether the ensemble beats its members.
     """
     ensemble = Ensemble.load(model_dir, task="nuclei", device=device)
+    singles = [ensemble.member(i) for i in range(len(ensemble.members))] if len(ensemble.members) > 1 else []
     out = []
     for lab in labels:
         regions = [r for r, e in zip(lab.training_regions, lab.exhaustive, strict=True) if e]
@@ -54,15 +65,23 @@ def score_nuclei_on_labels(
                 "(its name containing 'all nuclei marked'); this slide has none"
             )
         area = shapely.union_all(regions).difference(lab.ignore)
-        with open_slide(lab.slide) as slide:
-            nuclei = detect_nuclei(slide, ensemble, roi=area, config=config)
-            mpp = slide.mpp.mean
-        pred = nuclei.xy  # detect_nuclei keeps only nuclei inside the ROI
         truth = lab.points_xy[shapely.contains_xy(area, lab.points_xy[:, 0], lab.points_xy[:, 1])]
-        zeros_p, zeros_t = np.zeros(len(pred), np.int64), np.zeros(len(truth), np.int64)
-        s, _ = detection_scores(pred, zeros_p, truth, zeros_t, radius=radius_um / mpp, n_classes=1)
-        out.append(LabelledNucleiScore(lab.slide, len(truth), len(pred), s.tp, s.precision, s.recall, s.f1))
+        with open_slide(lab.slide) as slide:
+            n_pred, s = _detect_and_match(slide, ensemble, area, truth, radius_um=radius_um, config=config)
+            members = tuple(
+                _detect_and_match(slide, single, area, truth, radius_um=radius_um, config=config)[1].f1
+                for single in singles
+            )
+        out.append(LabelledNucleiScore(lab.slide, len(truth), n_pred, s.tp, s.precision, s.recall, s.f1, members))
     return out
+
+
+def _detect_and_match(slide, model: Ensemble, area, truth_xy: np.ndarray, *, radius_um: float, config):
+    """(number found, class-agnostic detection scores) of ``model``'s nuclei in ``area`` against ``truth_xy``."""
+    pred = detect_nuclei(slide, model, roi=area, config=config).xy  # only nuclei inside the ROI
+    zeros_p, zeros_t = np.zeros(len(pred), np.int64), np.zeros(len(truth_xy), np.int64)
+    radius_px = radius_um / slide.mpp.mean
+    return len(pred), detection_scores(pred, zeros_p, truth_xy, zeros_t, radius=radius_px, n_classes=1)[0]
 
 
 @dataclass(frozen=True)
@@ -72,35 +91,155 @@ class LabelledRegionScore:
     slide: str
     labelled_px: int  # map pixels (the ensemble's input MPP) that are labels
     positive_px: int  # of those, labelled positive
-    predicted_px: int  # of those, predicted positive (mean probability at the ensemble's threshold)
+    predicted_px: int  # of those, predicted positive (mean probability at the threshold)
     dice: float  # NaN when neither labels nor prediction hold a positive pixel
+    dice_members: tuple[float, ...] = ()  # each member's own map at the same threshold
+    threshold: float = 0.5
+
+    @property
+    def rank(self) -> int:
+        """The ensemble's place among its members by Dice (1: no member better); 0 when not measured."""
+        if not self.dice_members or self.dice != self.dice:
+            return 0
+        return 1 + sum(d > self.dice for d in self.dice_members)
 
 
-def score_regions_on_labels(
+@dataclass(frozen=True)
+class LabelledPixels:
+    """One slide's labelled map pixels: the label, the ensemble's mean probability and each member's."""
+
+    slide: str
+    truth: np.ndarray  # bool (N,): labelled positive
+    prob: np.ndarray  # float32 (N,)
+    member_prob: np.ndarray  # float32 (M, N)
+
+
+@dataclass(frozen=True)
+class ThresholdFit:
+    """The segmentation threshold chosen on labelled validation pixels (pooled Dice over all slides)."""
+
+    before: float
+    after: float
+    dice_before: float
+    dice_after: float
+    labelled_px: int
+    adopted: bool  # False: the gain was under ``min_gain``, so the threshold stays
+
+
+def labelled_region_pixels(
     model_dir: str | Path, labels: Sequence[SlideLabels], *, device: str = "cpu"
-) -> list[LabelledRegionScore]:
-    """Per slide: Dice of the ensemble's thresholded mean probability against the region labels.
+) -> list[LabelledPixels]:
+    """Per slide: the ensemble's mean and per-member probabilities on the region labels' pixels.
 
-    Only over labelled pixels (inside training regions, drawn areas; not ``Ignore*``): elsewhere a
-    prediction can be neither right nor wrong. The ensemble runs only over the labels' bounds.
+    Only labelled pixels (inside training regions, drawn areas; not ``Ignore*``) that a tile
+    covered: elsewhere a prediction can be neither right nor wrong. The ensemble runs only over the
+    labels' bounds, at its own resolution (the grid it was trained on).
     """
     ensemble = Ensemble.load(model_dir, task="segmentation", device=device)
-    threshold = ensemble.manifest.thresholds.get("segmentation", 0.5)
     out = []
     for lab in labels:
         labelled = shapely.union_all([*lab.training_regions, lab.positive, lab.negative])
         if labelled.is_empty:
             raise ValueError(f"{lab.source or lab.slide}: validation needs region labels; this slide has none")
         with open_slide(lab.slide) as slide:
-            # Maps at the ensemble's own resolution (map_downsample 1), the grid it was trained on.
             maps = segment_slide(
-                slide, ensemble, roi=shapely.box(*labelled.bounds), config=SegmentConfig(map_downsample=1)
+                slide,
+                ensemble,
+                roi=shapely.box(*labelled.bounds),
+                config=SegmentConfig(map_downsample=1, member_maps=True),
             )
         target = region_target(lab, shape_hw=maps.shape, downsample=maps.downsample, origin_xy=maps.origin_xy)
         known = (target != IGNORE_LABEL) & np.asarray(maps.covered)
-        truth = target[known] == 1
-        pred = np.asarray(maps.prob)[known] >= threshold
-        denom = int(truth.sum() + pred.sum())
-        dice = 2 * int((truth & pred).sum()) / denom if denom else float("nan")
-        out.append(LabelledRegionScore(lab.slide, int(known.sum()), int(truth.sum()), int(pred.sum()), dice))
+        members = [] if maps.member_prob is None else list(maps.member_prob)
+        member_prob = [np.asarray(m)[known].astype(np.float32) for m in members]
+        out.append(
+            LabelledPixels(
+                lab.slide,
+                target[known] == 1,
+                np.asarray(maps.prob)[known].astype(np.float32),
+                np.stack(member_prob) if member_prob else np.zeros((0, int(known.sum())), np.float32),
+            )
+        )
     return out
+
+
+def _dice(truth: np.ndarray, pred: np.ndarray) -> float:
+    denom = int(truth.sum() + pred.sum())
+    return 2 * int((truth & pred).sum()) / denom if denom else float("nan")
+
+
+def score_labelled_pixels(pixels: Sequence[LabelledPixels], *, threshold: float) -> list[LabelledRegionScore]:
+    """Dice of the thresholded mean probability, and of each member's, per slide.
+
+    >>> px = LabelledPixels("s", np.array([True, True, False]), np.array([0.9, 0.4, 0.2]),
+    ...                     np.array([[0.9, 0.6, 0.1], [0.8, 0.2, 0.3]]))
+    >>> s, = score_labelled_pixels([px], threshold=0.5)
+    >>> round(s.dice, 3), tuple(round(d, 3) for d in s.dice_members), s.rank
+    (0.667, (1.0, 0.667), 2)
+    """
+    out = []
+    for px in pixels:
+        pred = px.prob >= threshold
+        out.append(
+            LabelledRegionScore(
+                px.slide,
+                int(px.truth.size),
+                int(px.truth.sum()),
+                int(pred.sum()),
+                _dice(px.truth, pred),
+                tuple(_dice(px.truth, m >= threshold) for m in px.member_prob),
+                threshold,
+            )
+        )
+    return out
+
+
+def fit_threshold(
+    pixels: Sequence[LabelledPixels],
+    *,
+    current: float,
+    candidates: Sequence[float] = tuple(np.round(np.arange(0.05, 0.951, 0.025), 3)),
+    min_gain: float = 0.005,
+) -> ThresholdFit:
+    """The threshold on the mean probability with the best Dice pooled over every slide's labelled pixels.
+
+    Adopted only when it beats ``current`` by at least ``min_gain``: a few validation slides should not
+    move a threshold for noise. Pooled, so a slide with more labelled pixels weighs more; among equal
+    scores the candidate nearest ``current`` wins.
+
+    >>> px = LabelledPixels("s", np.array([True, True, False, False]), np.array([0.45, 0.42, 0.1, 0.3]),
+    ...                     np.zeros((0, 4), np.float32))
+    >>> f = fit_threshold([px], current=0.5)
+    >>> f.adopted, f.after, round(f.dice_before, 2), f.dice_after
+    (True, 0.4, 0.0, 1.0)
+    """
+    truth = np.concatenate([p.truth for p in pixels]) if pixels else np.zeros(0, bool)
+    prob = np.concatenate([p.prob for p in pixels]) if pixels else np.zeros(0, np.float32)
+
+    def pooled(t: float) -> float:
+        d = _dice(truth, prob >= t)
+        return -1.0 if d != d else d
+
+    before = pooled(current)
+    scores = [(pooled(t), -abs(t - current), t) for t in candidates]
+    best, _, t_best = max(scores)
+    adopted = best >= before + min_gain
+    return ThresholdFit(
+        before=current,
+        after=float(t_best) if adopted else current,
+        dice_before=before,
+        dice_after=best if adopted else before,
+        labelled_px=int(truth.size),
+        adopted=adopted,
+    )
+
+
+def score_regions_on_labels(
+    model_dir: str | Path, labels: Sequence[SlideLabels], *, device: str = "cpu"
+) -> list[LabelledRegionScore]:
+    """Per slide: Dice of the ensemble's thresholded mean probability (and each member's) against the labels.
+
+    Only over labelled pixels, see :func:`labelled_region_pixels`; at the manifest's threshold.
+    """
+    threshold = read_manifest(model_dir, task="segmentation", verify=False).thresholds.get("segmentation", 0.5)
+    return score_labelled_pixels(labelled_region_pixels(model_dir, labels, device=device), threshold=threshold)

@@ -159,6 +159,15 @@ class Ensemble:
             x = torch.clamp(x, self._clip[0], self._clip[1])
         return (x - self._mean) / self._std
 
+    def member(self, index: int) -> Ensemble:
+        """Member ``index`` alone, as a one-member ensemble with the same manifest and normalisation.
+
+        For per-member scores (validation, evaluation): the manifest still lists every member.
+        """
+        if not 0 <= index < len(self.members):
+            raise IndexError(f"member {index} of an ensemble of {len(self.members)} (0 to {len(self.members) - 1})")
+        return Ensemble(self.manifest, [self.members[index]], folder=self.folder, device=self.device)
+
     def compile(self) -> Ensemble:
         """The same ensemble with ``torch.compile``d members (worth it on GPUs for long runs)."""
         compiled = [torch.compile(m) for m in self.members]

@@ -393,9 +393,37 @@ def _names_of(lab: SlideLabels) -> set[str]:
     return names
 
 
-def split_validation(labels: Sequence[SlideLabels], val: Sequence[str]) -> tuple[list[SlideLabels], list[SlideLabels]]:
+def split_validation(
+    labels: Sequence[SlideLabels], val: Sequence[str], *, fraction: float = 0.0, seed: int = 0
+) -> tuple[list[SlideLabels], list[SlideLabels]]:
     """(training, validation) by slide, never by tile: the slides named in ``val`` (entry ID, image name
-    or file name) are held out whole."""
+    or file name) are held out whole; or, without names, ``fraction`` of the slides (at least one, drawn
+    with ``seed``: the same labels and seed hold out the same slides).
+
+    >>> from inference import SlideLabels
+    >>> labs = [SlideLabels(slide=f"s{i}.svs", image_size_px=(10, 10)) for i in range(5)]
+    >>> train, held = split_validation(labs, [], fraction=0.4, seed=1)
+    >>> len(train), len(held), sorted(lab.slide for lab in held) == sorted(
+    ...     lab.slide for lab in split_validation(labs, [], fraction=0.4, seed=1)[1])
+    (3, 2, True)
+    """
+    if val and fraction:
+        raise LabelError("give --val-entries or --val-fraction, not both")
+    if fraction:
+        if not 0 < fraction < 1:
+            raise LabelError(f"--val-fraction must lie between 0 and 1 (a share of the slides), got {fraction:g}")
+        if len(labels) < 2:
+            raise LabelError(
+                f"--val-fraction holds out whole slides, and there is {len(labels)} labelled slide: label another "
+                "slide, or train without validation"
+            )
+        n_held = min(len(labels) - 1, max(1, round(fraction * len(labels))))
+        order = np.random.default_rng(seed).permutation(len(labels))
+        held_idx = set(order[:n_held].tolist())
+        return (
+            [lab for i, lab in enumerate(labels) if i not in held_idx],
+            [lab for i, lab in enumerate(labels) if i in held_idx],
+        )
     if not val:
         return list(labels), []
     wanted = set(val)

@@ -267,6 +267,17 @@ def test_validation_slides_are_held_out_whole_by_entry_id_image_name_or_file_nam
         split_validation([a, b], ["7"])
     with pytest.raises(LabelError, match="every labelled slide is held out"):
         split_validation([a], ["a.svs"])
+    # A share of the slides, whole: drawn by the seed, at least one held out and one kept.
+    train, held = split_validation([a, b, c], [], fraction=0.3, seed=0)
+    assert len(held) == 1 and sorted(map(id, train + held)) == sorted(map(id, [a, b, c]))
+    assert split_validation([a, b, c], [], fraction=0.3, seed=0) == (train, held)
+    draws = {split_validation([a, b, c], [], fraction=0.3, seed=s)[1][0].slide for s in range(20)}
+    assert len(draws) > 1  # the seed chooses
+    assert len(split_validation([a, b, c], [], fraction=0.9)[0]) == 1
+    with pytest.raises(LabelError, match="not both"):
+        split_validation([a, b], ["a.svs"], fraction=0.5)
+    with pytest.raises(LabelError, match="holds out whole slides, and there is 1 labelled slide"):
+        split_validation([a], [], fraction=0.5)
 
 
 def test_validation_needs_a_region_with_every_nucleus_marked():

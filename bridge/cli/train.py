@@ -114,6 +114,15 @@ def train_seg(
             "(Dice over their labelled pixels, the ensemble's and each member's; OUT/validation.json).",
         ),
     ] = None,
+    val_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            max=0.9,
+            help="Your labels: hold out this share of the labelled slides (whole slides, drawn with --seed; at least "
+            "one) instead of naming them with --val-entries.",
+        ),
+    ] = 0.0,
     recalibrate: Annotated[
         bool,
         typer.Option(
@@ -173,11 +182,13 @@ def train_seg(
             points=False,
             ihc_band_um=ihc_band_um,
         )
-        if val_entries and not slide_labels:
-            raise typer.BadParameter("--val-entries holds out slides of your labels; phantom truth has none")
+        if (val_entries or val_fraction) and not slide_labels:
+            raise typer.BadParameter(
+                "--val-entries and --val-fraction hold out slides of your labels; phantom truth has none"
+            )
         from bridge.labels import split_validation
 
-        slide_labels, held_out = split_validation(slide_labels, val_entries or [])
+        slide_labels, held_out = split_validation(slide_labels, val_entries or [], fraction=val_fraction, seed=seed)
         _echo_counts(slide_labels)
         init_model = None if init in (None, "none") else init
         if init is None and slide_labels and (_features(features), input_mpp) == _DEMO_SEG_ARCH:
@@ -444,6 +455,15 @@ def train_nuclei_cmd(
             "(detection F1 within 3 µm in their 'all nuclei marked' regions; OUT/validation.json).",
         ),
     ] = None,
+    val_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            max=0.9,
+            help="Your labels: hold out this share of the labelled slides (whole slides, drawn with --seed; at least "
+            "one) instead of naming them with --val-entries.",
+        ),
+    ] = 0.0,
 ) -> None:
     """Train the point-based nuclei classifier from truth points, on the stain of the slides given.
 
@@ -466,11 +486,13 @@ def train_nuclei_cmd(
             qupath=qupath,
             points=True,
         )
-        if val_entries and not slide_labels:
-            raise typer.BadParameter("--val-entries holds out slides of your labels; phantom truth has none")
+        if (val_entries or val_fraction) and not slide_labels:
+            raise typer.BadParameter(
+                "--val-entries and --val-fraction hold out slides of your labels; phantom truth has none"
+            )
         from bridge.labels import split_validation
 
-        slide_labels, held_out = split_validation(slide_labels, val_entries or [])
+        slide_labels, held_out = split_validation(slide_labels, val_entries or [], fraction=val_fraction, seed=seed)
         init_model = None if init in (None, "none") else init
         if init is None and slide_labels:
             arch = {"width": width, "dilations": (1, 2, 4, 8), "input_mpp": input_mpp}

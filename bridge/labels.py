@@ -16,7 +16,10 @@ slides"):
   width on either side of its edge is ignored.
 * Objects pdl1-bridge wrote (its signature measurements) are not labels while they are as it wrote
   them. A candidate or predicted region a person reclassified ``PD-L1 positive`` or ``PD-L1 negative``
-  is a label with ``from_review``; without it, it is skipped and counted.
+  is a label with ``from_review``; without it, it is skipped and counted. Where the last run's own
+  output is at hand (:class:`WrittenObjects`, a project's ``pdl1/<entry ID>/objects.geojson``), two more
+  review actions are labels with ``from_review``: a nucleus whose class a person changed is a point of
+  its new class, and a ``PD-L1 FN candidate`` a person deleted was dismissed, so its area is negative.
 
 Everything else (lines, other classes, unclassified objects) is counted as skipped. Bad input raises
 :class:`LabelError` naming the entry, the object and the fix; nothing is dropped silently.
@@ -30,10 +33,12 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import shapely
+from scipy.spatial import cKDTree
 from shapely.geometry import MultiPoint, Point, Polygon
 from shapely.geometry.base import BaseGeometry
 
@@ -46,7 +51,7 @@ from bridge.classes import (
     TRAINING_REGION,
 )
 from bridge.objects import OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE
-from bridge.project import ProjectEntry, ProjectInfo, locate_image, read_project
+from bridge.project import ProjectEntry, ProjectInfo, locate_image, read_project, sidecar_dir
 from bridge.qupath_geojson import QuPathObject, read_features
 from inference import Pdl1Error, SlideLabels, UnlabeledSlide
 
@@ -101,6 +106,76 @@ def _tool_written_class(obj: QuPathObject) -> str | None:
     return None
 
 
+# A nucleus of the last run's output and one in the image are the same where their points lie this close
+# (level-0 px): QuPath keeps the coordinates it imported.
+_SAME_NUCLEUS_PX = 1.0
+# A candidate of the last run's output is still in the image where one of the tool's annotations there
+# overlaps it by this IoU (the same polygon, whatever its class now).
+_SAME_CANDIDATE_IOU = 0.9
+
+
+@dataclass(frozen=True)
+class WrittenObjects:
+    """What the last ``pdl1 run`` wrote for an image: its nuclei (positions and classes) and FN candidates.
+
+    Read from the run's own GeoJSON (a project's ``pdl1/<entry ID>/objects.geojson``), so that a review
+    can be told from the tool's output: a nucleus's class as written, a candidate a person deleted.
+    """
+
+    nuclei_xy: np.ndarray  # (N, 2) level-0 px
+    nuclei_class: tuple[str, ...]
+    candidates: tuple[BaseGeometry, ...]
+
+    @classmethod
+    def from_objects(cls, objects: Iterable[QuPathObject]) -> WrittenObjects:
+        xy, names, candidates = [], [], []
+        for obj in objects:
+            original = _tool_written_class(obj)
+            if original is None:
+                continue
+            if obj.object_type in ("detection", "cell"):
+                point = obj.geometry.centroid
+                xy.append((point.x, point.y))
+                names.append(original)
+            elif original == PDL1_FN_CANDIDATE.name and obj.classification == original:
+                candidates.append(obj.geometry)
+        return cls(np.asarray(xy, np.float64).reshape(-1, 2), tuple(names), tuple(candidates))
+
+    @classmethod
+    def read(cls, path: str | Path) -> WrittenObjects:
+        """From a run's GeoJSON; a file that is not one names itself."""
+        try:
+            return cls.from_objects(read_features(Path(path)))
+        except (json.JSONDecodeError, UnicodeDecodeError, Pdl1Error) as err:
+            raise LabelError(
+                f"{path}: the last run's output is not readable GeoJSON ({err}); run `pdl1 run` on the project "
+                "again, or train without --from-review"
+            ) from err
+
+    @cached_property
+    def _tree(self) -> cKDTree:
+        return cKDTree(self.nuclei_xy)
+
+    def class_at(self, xy: tuple[float, float]) -> str | None:
+        """The class the run wrote for the nucleus at ``xy``; None when it wrote none there."""
+        if not len(self.nuclei_xy):
+            return None
+        distance, i = self._tree.query(xy, distance_upper_bound=_SAME_NUCLEUS_PX)
+        return self.nuclei_class[int(i)] if np.isfinite(distance) else None
+
+
+def _deleted_candidates(written: WrittenObjects, tool_annotations: list[BaseGeometry]) -> list[BaseGeometry]:
+    """The run's candidates no longer in the image: none of the tool's annotations there is the same polygon."""
+    tree = shapely.STRtree(tool_annotations)
+    gone = []
+    for cand in written.candidates:
+        near = [tool_annotations[i] for i in tree.query(cand)]
+        iou = max((cand.intersection(g).area / max(cand.union(g).area, 1e-9) for g in near), default=0.0)
+        if iou < _SAME_CANDIDATE_IOU:
+            gone.append(cand)
+    return gone
+
+
 def _area(geometry: BaseGeometry, where: str) -> BaseGeometry:
     if not isinstance(geometry, Polygon | shapely.MultiPolygon) or geometry.is_empty:
         raise LabelError(f"{where}: a label area must be a polygon, got {geometry.geom_type}; redraw it as an area")
@@ -120,8 +195,13 @@ def labels_from_objects(
     project_classes: frozenset[str] | None = None,
     source: str = "",
     mpp: float | None = None,
+    written: WrittenObjects | None = None,
 ) -> SlideLabels:
     """The labels of one image from its QuPath objects (see the module docstring for the rules).
+
+    ``written``: what the last run wrote for this image; with ``rules.from_review`` a reclassified nucleus
+    and a deleted FN candidate become labels (only while some of the run's annotations are still in the
+    image: an image cleared of them was not reviewed, and nothing of it is taken as dismissed).
 
     ``project_classes``: the project's class list; a label (an area of a label class, or points) of a
     class not in it is refused (an export from another project); other objects' classes are not checked.
@@ -140,6 +220,7 @@ def labels_from_objects(
     xy: list[tuple[float, float]] = []
     point_cls: list[int] = []
     unknown_point_classes: Counter[str] = Counter()
+    tool_annotations: list[BaseGeometry] = []
     for obj in objects:
         cls = obj.classification
         what = f"{where}: {obj.object_type} {obj.name or obj.id or ''} ({cls or 'unclassified'})"
@@ -152,7 +233,31 @@ def labels_from_objects(
                 "is this export from another project? Add the class in QuPath or export again"
             )
         original = _tool_written_class(obj)
+        if original is not None and obj.object_type != "annotation" and written is not None and rules.from_review:
+            point = obj.geometry.centroid
+            was = written.class_at((point.x, point.y))
+            if was is None:
+                counts["skipped: pdl1 nuclei not in the last run's output"] += 1
+                continue
+            if cls == was or cls is None:
+                counts["skipped: pdl1 results as written (not reviewed)"] += 1
+                continue
+            if not rules.points:
+                counts["skipped: reviewed nuclei (a segmentation run)"] += 1
+                continue
+            target = class_map.get(cls, cls if cls in rules.class_names else "")
+            if target is None:
+                counts[f"skipped: reviewed nuclei of {cls} (mapped to none)"] += 1
+            elif target not in rules.class_names:
+                unknown_point_classes[cls] += 1
+            else:
+                xy.append((point.x, point.y))
+                point_cls.append(rules.class_names.index(target))
+                counts["reviewed: nuclei reclassified"] += 1
+            continue
         if original is not None:
+            if obj.object_type == "annotation":
+                tool_annotations.append(obj.geometry)
             if cls == original:
                 counts["skipped: pdl1 results as written (not reviewed)"] += 1
                 continue
@@ -198,6 +303,15 @@ def labels_from_objects(
             point_cls.extend([rules.class_names.index(target)] * len(pts))
         else:
             counts[f"skipped: {obj.object_type} {geometry.geom_type} ({cls or 'unclassified'})"] += 1
+    if written is not None and rules.from_review and written.candidates:
+        if not tool_annotations:
+            counts["skipped: the last run's FN candidates (none of its annotations is in the image)"] += len(
+                written.candidates
+            )
+        else:
+            for gone in _deleted_candidates(written, tool_annotations):
+                negative.append(_area(gone, f"{where}: a deleted {PDL1_FN_CANDIDATE.name}"))
+                counts[f"reviewed: {PDL1_FN_CANDIDATE.name} deleted ({NEGATIVE})"] += 1
     if unknown_point_classes:
         listing = ", ".join(f"{c} ({n} points)" for c, n in sorted(unknown_point_classes.items()))
         raise LabelError(
@@ -272,6 +386,7 @@ def read_geojson_labels(
     rules: LabelRules,
     project_classes: frozenset[str] | None = None,
     mpp: float | None = None,
+    written: WrittenObjects | None = None,
 ) -> SlideLabels:
     """Labels from a QuPath GeoJSON export (QuPath's *Export objects*, ``pdl1_export_labels.groovy``, or the
     ``pdl1/pairs/<H&E key>.ihc_positive.geojson`` of a paired IHC)."""
@@ -292,6 +407,7 @@ def read_geojson_labels(
         project_classes=project_classes,
         source=str(path),
         mpp=mpp,
+        written=written,
     )
 
 
@@ -358,6 +474,8 @@ def read_project_labels(
                 "open it in QuPath and save the project"
             )
         source = f"{info.path} entry {entry.entry_id} ({entry.image_name})"
+        run_output = sidecar_dir(info.folder, entry.entry_id) / "objects.geojson"
+        written = WrittenObjects.read(run_output) if rules.from_review and run_output.is_file() else None
         if objects_by_entry is not None:
             labels = labels_from_objects(
                 objects_by_entry.get(entry.entry_id, []),
@@ -367,6 +485,7 @@ def read_project_labels(
                 project_classes=classes,
                 source=source + " through QuPath",
                 mpp=entry.mpp,
+                written=written,
             )
         else:
             exported = export_path(info.folder, entry.entry_id)
@@ -377,7 +496,13 @@ def read_project_labels(
                     "or set PAQUO_QUPATH_DIR"
                 )
             labels = read_geojson_labels(
-                exported, slide=slide, image_size_px=entry.size_px, rules=rules, project_classes=classes, mpp=entry.mpp
+                exported,
+                slide=slide,
+                image_size_px=entry.size_px,
+                rules=rules,
+                project_classes=classes,
+                mpp=entry.mpp,
+                written=written,
             )
             labels = replace(labels, source=f"{source} from {exported}")
         out.append(labels)

@@ -363,3 +363,96 @@ def test_nnunet_export_takes_the_regions_drawn_in_a_project(labelled, tmp_path):
         agree += int(((label == 1) == mask)[known].sum())
         total += int(known.sum())
     assert total > 0 and agree / total > 0.9
+
+
+def _nucleus(x, y, cls):
+    from bridge.objects import OWN_DETECTION_SIGNATURE
+
+    return _obj(shapely.Point(x, y), cls, measurements={OWN_DETECTION_SIGNATURE: 0.5}, object_type="detection")
+
+
+def _candidate(geometry, cls="PD-L1 FN candidate"):
+    from bridge.labels import SUA_SIGNATURE
+    from bridge.objects import OWN_ANNOTATION_SIGNATURE
+
+    return _obj(geometry, cls, measurements={OWN_ANNOTATION_SIGNATURE: 0.2, SUA_SIGNATURE: 0.4})
+
+
+def test_with_the_last_run_s_output_reclassified_nuclei_and_deleted_candidates_are_review_labels():
+    from bridge.labels import WrittenObjects
+
+    kept, dismissed = shapely.box(10, 10, 30, 30), shapely.box(60, 60, 80, 80)
+    written = WrittenObjects.from_objects(
+        [
+            _nucleus(5, 5, "Tumor: Positive"),
+            _nucleus(40.25, 7.5, "Tumor: Negative"),
+            _nucleus(90, 90, "Other"),
+            _candidate(kept),
+            _candidate(dismissed),
+        ]
+    )
+    assert len(written.nuclei_xy) == 3 and len(written.candidates) == 2
+    image = [
+        _nucleus(5, 5, "Tumor: Negative"),  # a person corrected it
+        _nucleus(40.25, 7.5, "Tumor: Negative"),  # as written
+        _nucleus(50, 50, "Tumor: Positive"),  # not in the run's output (another run's)
+        _candidate(kept, "PD-L1 positive"),  # reclassified: a confirmed miss
+        # the other candidate was deleted: dismissed
+    ]
+    review = LabelRules(class_names=HE_CLASSES, from_review=True)
+    labels = labels_from_objects(image, slide="s", image_size_px=(100, 100), rules=review, written=written)
+    assert labels.points_xy.tolist() == [[5.0, 5.0]] and labels.points_class.tolist() == [1]
+    assert labels.positive.equals(kept) and labels.negative.equals(dismissed)
+    assert labels.counts["reviewed: nuclei reclassified"] == 1
+    assert labels.counts["reviewed: PD-L1 FN candidate deleted (PD-L1 negative)"] == 1
+    assert labels.counts["skipped: pdl1 results as written (not reviewed)"] == 1
+    assert labels.counts["skipped: pdl1 nuclei not in the last run's output"] == 1
+    # Without --from-review none of it is a label; a segmentation run counts the corrected nuclei as skipped.
+    with pytest.raises(LabelError, match="no labels"):
+        labels_from_objects(image, slide="s", image_size_px=(100, 100), rules=RULES, written=written)
+    seg = LabelRules(from_review=True, points=False)
+    seg_labels = labels_from_objects(image, slide="s", image_size_px=(100, 100), rules=seg, written=written)
+    assert seg_labels.counts["skipped: reviewed nuclei (a segmentation run)"] == 1 and not seg_labels.has_points
+    # An image cleared of the run's annotations was not reviewed: its candidates are not taken as dismissed.
+    cleared = labels_from_objects(image[:1], slide="s", image_size_px=(100, 100), rules=review, written=written)
+    assert cleared.negative.is_empty
+    assert cleared.counts["skipped: the last run's FN candidates (none of its annotations is in the image)"] == 2
+    # A corrected class the model lacks needs a mapping, as drawn points do.
+    odd = [_nucleus(5, 5, "Stroma"), _candidate(kept, "PD-L1 positive")]
+    with pytest.raises(LabelError, match=r"Stroma \(1 points\).*--class-map"):
+        labels_from_objects(odd, slide="s", image_size_px=(100, 100), rules=review, written=written)
+
+
+@pytest.mark.parametrize("qupath", ["never", pytest.param("always", marks=pytest.mark.qupath)])
+def test_a_project_s_run_output_tells_which_candidate_a_pathologist_deleted(labelled, tmp_path, qupath):
+    from bridge.labels import WrittenObjects, _tool_written_class
+    from bridge.qupath_geojson import read_features, to_feature
+
+    project = _project_copy(labelled, tmp_path)
+    exported = export_path(project, "1")
+    exported.parent.mkdir(parents=True)
+    features = json.loads((labelled / "objects-labelled-by-pathologist-0.4.4.geojson").read_text())["features"]
+    exported.write_text(json.dumps(features))
+    # The run's own output: the fixture's three candidates as the tool wrote them, and a fourth the reviewer deleted.
+    objects = list(read_features(labelled / "objects-labelled-by-pathologist-0.4.4.geojson"))
+    written = [
+        QuPathObject(o.geometry, "annotation", "PD-L1 FN candidate", {**o.measurements, "SUA score": 0.3})
+        for o in objects
+        if _tool_written_class(o) is not None
+    ]
+    assert len(written) == 3
+    deleted = shapely.box(1700, 1700, 1760, 1760)
+    written.append(QuPathObject(deleted, "annotation", "PD-L1 FN candidate", dict(written[0].measurements)))
+    run_output = project / "pdl1" / "1" / "objects.geojson"
+    run_output.parent.mkdir(parents=True)
+    run_output.write_text(json.dumps({"type": "FeatureCollection", "features": [to_feature(o) for o in written]}))
+    assert len(WrittenObjects.read(run_output).candidates) == 4
+    review = LabelRules(class_names=HE_CLASSES, from_review=True)
+    (labels,) = read_project_labels(project, rules=review, entries=["1"], qupath=qupath)
+    assert labels.counts["reviewed: PD-L1 FN candidate deleted (PD-L1 negative)"] == 1
+    assert labels.negative.contains(deleted.centroid)
+    (plain,) = read_project_labels(project, rules=RULES, entries=["1"], qupath=qupath)
+    assert not plain.negative.contains(deleted.centroid)  # without --from-review nothing of the run is read
+    run_output.write_text("{not json")
+    with pytest.raises(LabelError, match="last run's output is not readable GeoJSON"):
+        read_project_labels(project, rules=review, entries=["1"], qupath=qupath)

@@ -40,7 +40,11 @@ RESTART_LR_HELP = "Learning rate at each warm restart after the first cycle (0: 
 LR_MAX_HELP = "Learning rate at the start of the first cycle (default: 0.01 for sgd, as nnU-Net; 0.003 for adamw)."
 _LABELS_HELP = "A QuPath GeoJSON export per slide, in the slides' order (your labels)."
 _ENTRIES_HELP = "Project entries to train on (ID or image name; all)."
-_FROM_REVIEW_HELP = "Use pdl1 results a person reclassified (PD-L1 positive / negative) as labels."
+_FROM_REVIEW_HELP = (
+    "Use what a person changed in pdl1 results as labels: regions and FN candidates reclassified PD-L1 positive / "
+    "negative; in a project (against the run's pdl1/<entry ID>/objects.geojson) also reclassified nuclei, and "
+    "deleted FN candidates as negative."
+)
 _QUPATH_HELP = "Read a project through QuPath: auto, always or never."
 _UNLABELED_HELP = (
     "Slides nobody labelled (files, or entries of the project trained on; repeatable): the --init ensemble "

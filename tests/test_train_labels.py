@@ -227,8 +227,8 @@ def test_pdl1_train_nuclei_holds_validation_slides_out_whole_and_scores_them(lab
 @pytest.mark.slow
 def test_pdl1_train_seg_scores_held_out_slides_over_their_labelled_pixels(labelled, tmp_path):
     geojson = labelled / "objects-labelled-by-pathologist-0.4.4.geojson"
-    for name in ("he-a.svs", "he-b.svs"):
-        (tmp_path / name).symlink_to(labelled / "he-1357.svs")
+    (tmp_path / "he-a.svs").symlink_to(labelled / "he-1357.svs")
+    shutil.copy(labelled / "he-1357.svs", tmp_path / "he-b.svs")  # another file: the domain guard's held-out slide
     out = tmp_path / "seg"
     args = ["train", "seg", str(tmp_path / "he-a.svs"), str(tmp_path / "he-b.svs")]
     args += ["--labels", str(geojson), "--labels", str(geojson), "--val-entries", "he-b.svs"]
@@ -248,6 +248,10 @@ def test_pdl1_train_seg_scores_held_out_slides_over_their_labelled_pixels(labell
     assert fit["labelled_px"] == row["labelled_px"] and fit["dice_after"] >= fit["dice_before"]
     assert manifest["thresholds"].get("segmentation", 0.5) == (fit["after"] if fit["adopted"] else fit["before"])
     assert f"segmentation threshold {fit['before']:g} -> {fit['after']:g}" in " ".join(result.output.split())
+    # The domain guard's limits were set on the validation slide, not by leaving training slides out.
+    calibration = manifest["extra"]["domain"]["calibration"]
+    assert calibration["how"] == "held-out in-domain slides"
+    assert [s["slide"] for s in calibration["slides"]] == ["he-b.svs"]
 
 
 def test_validation_scores_each_member_and_fits_the_threshold_on_pooled_labelled_pixels():

@@ -241,6 +241,7 @@ def train_seg(
             pseudo_margin=pseudo_margin,
             pseudo_mi_limit=pseudo_mi_limit,
             pseudo_weight=pseudo_weight,
+            validation_slides=tuple(lab.slide for lab in held_out),
         )
         with progress_bar("training", enabled=progress) as on_progress:
             manifest = train_segmentation(
@@ -531,6 +532,7 @@ def train_nuclei_cmd(
             stain_jitter=stain_jitter,
             seed=seed,
             device=device,
+            validation_slides=tuple(lab.slide for lab in held_out),
         )
         with progress_bar("training", enabled=progress) as on_progress:
             manifest = train_nuclei(

@@ -130,15 +130,22 @@ def write_domain_stats(model_dir: str | Path, stats: DomainStats) -> Path:
 
 
 def write_training_domain_stats(
-    model_dir: str | Path, slides: Sequence[str | Path], *, device: str = "cpu"
+    model_dir: str | Path, slides: Sequence[str | Path], *, held_out: Sequence[str | Path] = (), device: str = "cpu"
 ) -> Manifest:
-    """After training: the statistics of the training slides, limits by leaving one slide out, in the manifest.
+    """After training: the statistics of the training slides in the manifest, their limits calibrated on the
+    ``held_out`` validation slides (in-domain, not trained on), or without them by leaving one slide out.
 
     Training never fails for them: where they cannot be computed (slides too small for two tiles), the
     manifest stays without (the guard then says "not measured") and a warning says why.
     """
     try:
-        stats = compute_domain_stats(model_dir, slides, device=device)
+        try:
+            stats = compute_domain_stats(model_dir, slides, held_out=held_out, device=device)
+        except ValueError as err:
+            if not held_out:
+                raise
+            log.warning("%s: domain limits not set on the validation slides (%s); leaving one out", model_dir, err)
+            stats = compute_domain_stats(model_dir, slides, device=device)
     except ValueError as err:
         log.warning("%s: no domain statistics (%s); compute them later with `pdl1 domain-stats`", model_dir, err)
         return read_manifest(model_dir, verify=False)

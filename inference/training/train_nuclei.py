@@ -73,6 +73,8 @@ class NucleiTrainConfig:
     init_model: str | None = None  # a nuclei model folder whose last member the training starts from
     # Where a lab's labels are sparse: pixels within this radius of a marked point have a known target.
     known_radius_um: float = 6.0
+    # Slides held out whole for validation (not trained on): the domain guard's limits are calibrated on them.
+    validation_slides: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_schedule(self)
@@ -357,7 +359,7 @@ def train_nuclei(
         write_manifest(out_dir, manifest)
     # The domain guard's statistics of these slides, limits by leaving one slide out (pdl1 domain-stats
     # recomputes them with held-out slides).
-    return write_training_domain_stats(out_dir, config.slides, device=config.device)
+    return write_training_domain_stats(out_dir, config.slides, held_out=config.validation_slides, device=config.device)
 
 
 def _data_record(data: list[_NucleiData], labels: Sequence[SlideLabels], sources: list[dict] | None) -> list[dict]:

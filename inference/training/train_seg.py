@@ -105,6 +105,8 @@ class SegTrainConfig:
     pseudo_margin: float = PseudoLabelRule.margin
     pseudo_mi_limit: float = PseudoLabelRule.mi_limit
     pseudo_weight: float = PseudoLabelRule.weight
+    # Slides held out whole for validation (not trained on): the domain guard's limits are calibrated on them.
+    validation_slides: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_schedule(self)
@@ -396,7 +398,7 @@ def train_segmentation(
     write_manifest(out_dir, manifest)
     # The domain guard's statistics of these slides, limits by leaving one slide out (pdl1 domain-stats
     # recomputes them with held-out slides).
-    return write_training_domain_stats(out_dir, config.slides, device=config.device)
+    return write_training_domain_stats(out_dir, config.slides, held_out=config.validation_slides, device=config.device)
 
 
 def _pseudo_labels(config: SegTrainConfig, given: Sequence[PseudoLabels] | None) -> list[PseudoLabels]:

@@ -13,7 +13,9 @@ folder) and times the phases with wrappers around the functions that do them:
 - "other" is the rest of the analysis (tiling, NMS and nuclei classification, TPS, bookkeeping).
 
 The phantoms are written once in ``setup`` (not timed). Seconds per Mpx of tissue show whether
-time grows linearly with tissue area; peak RSS whether memory stays flat.
+time grows linearly with tissue area; peak RSS whether memory stays flat. The two largest sizes run
+again with ``RELEASE_EVERY_TILES = -1`` (freed memory kept in the process, as before the sliding windows
+handed it back), the measurement with and without.
 """
 
 from __future__ import annotations
@@ -61,11 +63,13 @@ def _timed(owner, name: str, phase: str, totals: dict[str, float], *, when=None)
     setattr(owner, name, wrapper)
 
 
-def _child(slide: Path, out_json: Path) -> None:
+def _child(slide: Path, out_json: Path, *, release_every_tiles: int | None = None) -> None:
     t_start = time.perf_counter()
-    from inference.allocator import tune_allocator
+    import inference.allocator as allocator
 
-    tune_allocator()
+    allocator.tune_allocator()
+    if release_every_tiles is not None:
+        allocator.RELEASE_EVERY_TILES = release_every_tiles
     import bridge.run
     import inference.analysis.nuclei as nuclei
     import inference.analysis.segment as segment
@@ -152,11 +156,10 @@ class RunProfile(Benchmark):
             self.slides[size] = path
         self.figures: dict[str, dict[str, str]] = {}
 
-    def _run(self, size: int, label: str) -> float:
+    def _run(self, size: int, label: str, *, release: bool = True) -> float:
         out = self.tmp / f"profile_{size}.json"
-        subprocess.run(
-            [sys.executable, "-m", "benchmarks.run_profile", "--child", str(self.slides[size]), str(out)], check=True
-        )
+        cmd = [sys.executable, "-m", "benchmarks.run_profile", "--child", str(self.slides[size]), str(out)]
+        subprocess.run(cmd + ([] if release else ["--release-every-tiles", "-1"]), check=True)
         figures = json.loads(out.read_text())
         phases = figures["phases"]
         shares = {k: f"{100 * phases.get(k, 0.0) / figures['wall_s']:.0f} %" for k in PHASES}
@@ -168,10 +171,15 @@ class RunProfile(Benchmark):
         return size * size / 1e6
 
     def cases(self) -> list[Case]:
-        return [
+        cases = [
             Case(self._label(size), (lambda size=size: self._run(size, self._label(size))), baseline=i == 0)
             for i, size in enumerate(self.sizes)
         ]
+        # The two largest again without handing freed memory back during the sliding windows.
+        for size in self.sizes[-2:]:
+            label = self._label(size) + ", no release"
+            cases.append(Case(label, lambda size=size, label=label: self._run(size, label, release=False)))
+        return cases
 
     def _label(self, size: int) -> str:
         return f"{size}x{size} ({self.tissue_mpx[size]:.0f} tissue Mpx)"
@@ -196,5 +204,6 @@ class RunProfile(Benchmark):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Child process of the run_profile benchmark.")
     parser.add_argument("--child", nargs=2, metavar=("SLIDE", "OUT_JSON"), required=True)
+    parser.add_argument("--release-every-tiles", type=int, default=None, help="-1: never hand freed memory back")
     args = parser.parse_args()
-    _child(Path(args.child[0]), Path(args.child[1]))
+    _child(Path(args.child[0]), Path(args.child[1]), release_every_tiles=args.release_every_tiles)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from shapely.geometry.base import BaseGeometry
 
+from inference.allocator import release_every
 from inference.analysis.ihc import DEFAULT_INTENSITY_LIMITS_OD, annulus_means, dab_density, intensity_grades
 from inference.analysis.points import radius_nms
 from inference.analysis.tiling import read_grid_tiles, tile_grid, validate_roi
@@ -162,6 +163,7 @@ def detect_nuclei(
             p_mean = p_members.mean(axis=1)
             member_parts.append(p_members.argmax(axis=2).astype(np.int8))
             ent_parts.append(-(p_mean * np.log(np.clip(p_mean, 1e-12, None))).sum(axis=1))
+        release_every(done, done + len(batch))
         done += len(batch)
         batch.clear()
         if on_progress is not None:
@@ -188,6 +190,7 @@ def detect_nuclei(
         tiles.close()  # stops pending reads at once on an error or a cancel
     if batch:
         flush()
+    release_every(done, done, finished=True)
 
     xy = np.concatenate(xy_parts) if xy_parts else np.zeros((0, 2))
     values = np.concatenate(val_parts) if val_parts else np.zeros((0, len(names)))

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from shapely.geometry.base import BaseGeometry
 
+from inference.allocator import release_every
 from inference.analysis.tiling import (
     TileGrid,
     block_region,
@@ -445,6 +446,7 @@ def segment_slide(
             if config.member_maps:
                 stats = torch.cat([stats, probs[:, :, positive].transpose(0, 1)], dim=1)
             accumulate_tile_stats(target, stats, weights, cells, map_downsample=f)
+        release_every(done, done + len(batch_idx))
         done += len(batch_idx)
         batch_idx.clear()
         batch_px.clear()
@@ -475,6 +477,7 @@ def segment_slide(
         tiles.close()  # stops pending reads at once on an error or a cancel
     if batch_idx:
         flush()
+    release_every(done, done, finished=True)
     if device_acc is not None:
         _copy_to_host(device_acc, acc)
         del device_acc

@@ -105,7 +105,8 @@ class PipelineConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-DEFAULT_REVIEW_RULE = {"review_entropy": 0.45, "review_candidate_area_pct": 2.0}
+# review_positive_area_pct flags at or below its limit (a share never below 0: -1 is "never"); the others at or above.
+DEFAULT_REVIEW_RULE = {"review_entropy": 0.45, "review_candidate_area_pct": 2.0, "review_positive_area_pct": -1.0}
 # An IHC slide is flagged for review when its cells' mean ensemble entropy (nats, of the class distribution)
 # reaches this, unless the model's manifest states a calibrated limit.
 DEFAULT_IHC_REVIEW_ENTROPY = 0.35
@@ -135,7 +136,8 @@ def sua_params_for(manifest: Manifest, config: PipelineConfig, *, upper: float) 
 
 
 def review_rule_for(manifest: Manifest) -> dict[str, float]:
-    """The slide-level "needs review" rule: mean predictive entropy or SUA candidate area at or above a limit."""
+    """The slide-level "needs review" rule: mean predictive entropy or SUA candidate area at or above a limit,
+    or the predicted positive area (% of the analysed tissue) at or below one."""
     return {key: float(manifest.thresholds.get(key, value)) for key, value in DEFAULT_REVIEW_RULE.items()}
 
 
@@ -444,6 +446,15 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
     if candidate_pct >= review["review_candidate_area_pct"]:
         reasons.append(
             {"reason": "SUA candidate area %", "value": candidate_pct, "limit": review["review_candidate_area_pct"]}
+        )
+    positive_pct = 100 * float(positive.sum() * px_area_um2) / analysed_area if analysed_area > 0 else 0.0
+    if analysed_area > 0 and positive_pct <= review["review_positive_area_pct"]:
+        reasons.append(
+            {
+                "reason": "small predicted positive area % (at or below the limit)",
+                "value": positive_pct,
+                "limit": review["review_positive_area_pct"],
+            }
         )
     flag = bool(reasons)
     summary = {

@@ -113,3 +113,31 @@ def test_an_h_and_e_roi_with_too_few_tumour_cells_for_a_tps_is_a_review_reason(m
     (reason,) = [r for r in result.summary["review_reasons"] if r["reason"] == "fewer than 100 tumour cells"]
     assert reason["value"] == result.tps.tumour < 100 == reason["limit"]
     assert result.uncertainty_flag
+
+
+def test_a_small_predicted_positive_area_is_a_review_reason_once_a_limit_is_calibrated(models, phantom_svs, tmp_path):
+    import dataclasses
+
+    from inference import Models
+    from inference.models.manifest import read_manifest, write_manifest
+    from inference.pipeline import DEFAULT_REVIEW_RULE
+    from inference.slides.slide import open_slide
+
+    assert DEFAULT_REVIEW_RULE["review_positive_area_pct"] < 0  # off unless pdl1 calibrate sets it
+    with open_slide(phantom_svs) as slide:
+        plain = analyse_slide(slide, models=models, config=PipelineConfig(device="cpu"), image_stain="H&E")
+    assert not [r for r in plain.summary["review_reasons"] if r["reason"].startswith("small predicted positive")]
+    # The demo segmentation model with a limit above this slide's positive share (a copy: the demo is read-only).
+    import shutil
+
+    from inference import demo_model_dir
+
+    seg = tmp_path / "seg"
+    shutil.copytree(demo_model_dir("seg"), seg)
+    manifest = read_manifest(seg)
+    write_manifest(seg, manifest.with_thresholds(review_positive_area_pct=100.0))
+    config = dataclasses.replace(PipelineConfig(device="cpu"), seg_model_dir=str(seg))
+    with open_slide(phantom_svs) as slide:
+        result = analyse_slide(slide, models=Models(config), config=config, image_stain="H&E")
+    (reason,) = [r for r in result.summary["review_reasons"] if r["reason"].startswith("small predicted positive")]
+    assert 0 < reason["value"] <= reason["limit"] == 100.0 and result.uncertainty_flag

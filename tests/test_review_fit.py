@@ -44,3 +44,19 @@ def test_fitting_needs_failed_and_correct_slides(failed):
 def test_scores_of_another_length_are_refused():
     with pytest.raises(ValueError, match="one value per slide"):
         fit_review_limits({"entropy": np.array([0.1, 0.2])}, np.array([True, False, False]))
+
+
+def test_a_small_predicted_positive_area_flags_at_or_below_its_limit():
+    # Slides 0 and 1 fail with (almost) nothing predicted positive, slide 4 with a high entropy.
+    positive = np.array([0.0, 0.3, 5.0, 12.0, 8.0, 1.5])
+    entropy = np.array([0.05, 0.06, 0.07, 0.05, 0.40, 0.06])
+    failed = np.array([True, True, False, False, True, False])
+    scores = {"review_entropy": entropy, "review_positive_area_pct": positive}
+    fit = fit_review_limits(scores, failed)
+    assert fit.catch == 1.0 and fit.false_alarm == 0.0
+    # The lowest positive-area limit that still catches both (flags least readily), the highest entropy one.
+    assert fit.limits == {"review_entropy": 0.40, "review_positive_area_pct": 0.3}
+    assert flags(scores, fit.limits).tolist() == failed.tolist()
+    # Switched off, such a score is -inf: it never flags.
+    never = fit_review_limits({"review_positive_area_pct": np.array([5.0, 0.1, 3.0])}, np.array([True, False, False]))
+    assert never.limits["review_positive_area_pct"] == -np.inf and never.catch == 0.0

@@ -589,22 +589,26 @@ def calibrate(
         f"{cal.n_false_negative} false negative)"
     )
     typer.echo(f"pixel baseline threshold {cal.pixel_threshold:.4g} (pixel F0.5 {cal.pixel_f05:.3f})")
-    for name, mean_pe, cand_pct, error, failed in review_cal.slides:
+    for name, mean_pe, cand_pct, error, failed, positive_pct in review_cal.slides:
         typer.echo(
-            f"  {name}: mean entropy {mean_pe:.3f}, SUA candidates {cand_pct:.2f}% of tissue, positive area off by "
-            f"{error:.0%}{' (failed)' if failed else ''}"
+            f"  {name}: mean entropy {mean_pe:.3f}, SUA candidates {cand_pct:.2f}% of tissue, predicted positive "
+            f"{positive_pct:.2f}% of tissue, positive area off by {error:.0%}{' (failed)' if failed else ''}"
         )
     if review_cal.fit is not None:
         roc = ", ".join(f"({fa:.2f}, {c:.2f})" for fa, c in review_cal.fit.roc)
         typer.echo(f"review ROC (false-alarm rate, catch rate) of the best rule at each false-alarm count: {roc}")
     from inference import REVIEW_NEVER, review_rule_for
 
-    def limit(what: str, value: float, unit: str = "") -> str:
+    def limit(what: str, value: float, unit: str = "", *, below: bool = False) -> str:
+        if below:
+            return f"{what} never" if value < 0 else f"{what} <= {value:.4g}{unit}"
         return f"{what} never" if value >= REVIEW_NEVER else f"{what} >= {value:.4g}{unit}"
 
     rule = review_rule_for(m)
     typer.echo(
         f"needs review at {limit('mean entropy', rule['review_entropy'])} or "
-        f"{limit('SUA candidate area', rule['review_candidate_area_pct'], '% of tissue')}: {review_cal.note}"
+        f"{limit('SUA candidate area', rule['review_candidate_area_pct'], '% of tissue')} or "
+        f"{limit('predicted positive area', rule['review_positive_area_pct'], '% of tissue', below=True)}: "
+        f"{review_cal.note}"
     )
     typer.echo(f"wrote {Path(target) / 'manifest.json'}")

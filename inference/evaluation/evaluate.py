@@ -30,7 +30,14 @@ from inference.analysis.sua import (
     region_scores,
 )
 from inference.evaluation.metrics import auprc, auroc, brier, dice, ece, fbeta_score, iou
-from inference.evaluation.review import TARGET_CATCH, TARGET_FALSE_ALARM, ReviewFit, fit_review_limits
+from inference.evaluation.review import (
+    FLAG_AT_OR_BELOW,
+    TARGET_CATCH,
+    TARGET_FALSE_ALARM,
+    ReviewFit,
+    fit_review_limits,
+    flags,
+)
 from inference.models.ensemble import Ensemble
 from inference.models.features import capture_tile_features
 from inference.phantom.ihc import ihc_to_he_points
@@ -470,6 +477,7 @@ def evaluate_slide_suite(
     mean_mi = float(mi[analysed].mean()) if analysed.any() else 0.0
     cand_area = sum(c.area_um2 for c in candidates)
     analysed_um2 = float(analysed.sum() * maps.mpp**2)
+    positive_pct = _positive_pct(pred, analysed)
     return SlideEvaluation(
         slide=Path(slide_path).name,
         shift=float(scored.truth_data.summary["spec"]["shift"]),
@@ -486,8 +494,18 @@ def evaluate_slide_suite(
         npr_is_fn=npr_is_false_negative(labels, n, truth, min_fraction=min_fraction),
         candidates=len(candidates),
         needs_review=bool(
-            mean_pe >= review["review_entropy"]
-            or 100 * cand_area / max(analysed_um2, 1e-9) >= review["review_candidate_area_pct"]
+            flags(
+                {
+                    "review_entropy": np.array([mean_pe]),
+                    "review_candidate_area_pct": np.array([100 * cand_area / max(analysed_um2, 1e-9)]),
+                    "review_positive_area_pct": np.array([positive_pct]),
+                },
+                {
+                    "review_entropy": review["review_entropy"],
+                    "review_candidate_area_pct": review["review_candidate_area_pct"],
+                    "review_positive_area_pct": review.get("review_positive_area_pct", NEVER_BELOW),
+                },
+            )[0]
         ),
         maps=maps,
         truth=truth,
@@ -502,23 +520,31 @@ def evaluate_slide_suite(
     )
 
 
+def _positive_pct(pred: np.ndarray, analysed: np.ndarray) -> float:
+    """The predicted positive area as a % of the analysed tissue, as ``pdl1 run``'s review sees it."""
+    n = int(np.count_nonzero(analysed))
+    return 100 * int(np.count_nonzero(pred & analysed)) / n if n else 0.0
+
+
 @dataclass(frozen=True)
 class ReviewCalibration:
     """The "needs review" limits fitted on validation slides (:func:`fit_review_limits`), or why not.
 
     ``limits`` is None when the slides hold no failure or no correct slide (nothing to fit on); the
     manifest's limits then stay. ``slides`` holds per slide (name, mean entropy, SUA candidate area %,
-    positive-area error, failed).
+    positive-area error, failed, predicted positive area %).
     """
 
     limits: dict[str, float] | None
     fit: ReviewFit | None
     note: str
-    slides: tuple[tuple[str, float, float, float, bool], ...]
+    slides: tuple[tuple[str, float, float, float, bool, float], ...]
 
 
-# A limit no slide reaches: a QC score the fitted rule does not use (JSON has no infinity).
+# A limit no slide reaches: a QC score the fitted rule does not use (JSON has no infinity) ...
 REVIEW_NEVER = 1e9
+# ... and for a score that flags at or below its limit (a share of the tissue is never below 0).
+NEVER_BELOW = -1.0
 
 
 def calibrate_ensemble(
@@ -537,7 +563,8 @@ def calibrate_ensemble(
 
     A validation slide failed when its predicted positive area (over the truth's tissue) is off by
     more than ``max_area_error`` of the true one. The review flags a slide whose mean predictive
-    entropy or SUA candidate area (with the SUA just calibrated) reaches its limit; the limits catch
+    entropy or SUA candidate area (with the SUA just calibrated) reaches its limit, or whose predicted
+    positive area (% of the analysed tissue) falls to its limit; the limits catch
     as many failures as they can with false alarms on at most 20 % of the correct slides.
     """
     upper = ensemble.manifest.thresholds.get("segmentation", 0.5)
@@ -563,9 +590,9 @@ def calibrate_ensemble(
         candidates, _ = find_candidates(s.maps, cal.params, valid=analysed)
         analysed_um2 = float(analysed.sum() * s.maps.mpp**2)
         cand_pct = 100 * sum(c.area_um2 for c in candidates) / max(analysed_um2, 1e-9)
-        pred_px = np.count_nonzero((np.asarray(s.maps.prob) >= upper) & s.region)
-        error = area_error(float(pred_px), float(np.count_nonzero(s.truth)))
-        rows.append((Path(path).name, mean_pe, cand_pct, error, error > max_area_error))
+        pred = np.asarray(s.maps.prob) >= upper
+        error = area_error(float(np.count_nonzero(pred & s.region)), float(np.count_nonzero(s.truth)))
+        rows.append((Path(path).name, mean_pe, cand_pct, error, error > max_area_error, _positive_pct(pred, analysed)))
     failed = np.array([r[4] for r in rows], bool)
     if failed.all() or not failed.any():
         note = (
@@ -578,10 +605,11 @@ def calibrate_ensemble(
         {
             "review_entropy": np.array([r[1] for r in rows]),
             "review_candidate_area_pct": np.array([r[2] for r in rows]),
+            "review_positive_area_pct": np.array([r[5] for r in rows]),
         },
         failed,
     )
-    limits = {k: min(v, REVIEW_NEVER) for k, v in fit.limits.items()}
+    limits = {k: max(v, NEVER_BELOW) if k in FLAG_AT_OR_BELOW else min(v, REVIEW_NEVER) for k, v in fit.limits.items()}
     note = (
         f"caught {fit.catch:.0%} of {fit.failures} failed slides with false alarms on {fit.false_alarm:.0%} of "
         f"{fit.successes} others (target: at least {TARGET_CATCH:.0%} at most {TARGET_FALSE_ALARM:.0%}: "

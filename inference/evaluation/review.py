@@ -4,7 +4,7 @@ A slide is flagged when any of its QC scores reaches its limit (an OR of one-sid
 validation slides that include failures, :func:`fit_review_limits` tries every combination of limits
 (each score's observed values, plus "never") and keeps the one that catches most failures with false
 alarms on at most ``max_false_alarm`` of the other slides; among equals, the fewest false alarms,
-then the highest limits. Pure numpy: what the slides were and what counts as a failure is the caller's.
+then the limits that flag least readily. Pure numpy: what the slides were and what counts as a failure is the caller's.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ import numpy as np
 TARGET_CATCH = 0.9
 # ... at no more than this share of false alarms on the slides that were right.
 TARGET_FALSE_ALARM = 0.2
+# QC scores that flag a slide at or *below* their limit (every other score flags at or above): a predicted
+# positive area so small that a few missed or extra cells move it by more than a quarter.
+FLAG_AT_OR_BELOW = frozenset({"review_positive_area_pct"})
 
 
 @dataclass(frozen=True)
@@ -39,12 +42,17 @@ class ReviewFit:
 
 
 def flags(scores: dict[str, np.ndarray], limits: dict[str, float]) -> np.ndarray:
-    """bool per slide: any score at or above its limit (a limit of +inf never fires)."""
+    """bool per slide: any score at or above its limit, or at or below it for :data:`FLAG_AT_OR_BELOW`
+    (a limit of +inf, or -inf for those, never fires)."""
     n = len(next(iter(scores.values()))) if scores else 0
     out = np.zeros(n, bool)
     for name, limit in limits.items():
-        out |= np.asarray(scores[name], np.float64) >= limit
+        out |= _flagged(name, np.asarray(scores[name], np.float64), limit)
     return out
+
+
+def _flagged(name: str, values: np.ndarray, limit: float) -> np.ndarray:
+    return values <= limit if name in FLAG_AT_OR_BELOW else values >= limit
 
 
 def fit_review_limits(
@@ -73,20 +81,27 @@ def fit_review_limits(
             f"fitting review limits needs failed and correct slides; got {n_fail} failed and {n_ok} correct: "
             "add validation slides with stain shifts beyond training, weak expression or extreme TPS"
         )
-    # Candidate limits: each observed value (flag from it up), and +inf (this score never flags).
-    candidates = [np.unique(np.append(arrays[k][np.isfinite(arrays[k])], math.inf)) for k in names]
-    best_at: dict[int, tuple[int, tuple[float, ...]]] = {}  # false alarms -> (catches, limits)
+    # Candidate limits: each observed value (flag from it up, or down), and +inf (-inf) where it never flags.
+    candidates = [
+        np.unique(np.append(arrays[k][np.isfinite(arrays[k])], -math.inf if k in FLAG_AT_OR_BELOW else math.inf))
+        for k in names
+    ]
+    # Among equal catches and false alarms the rule that flags least readily: the highest limits, the lowest
+    # for scores that flag below theirs.
+    strictness = np.array([-1.0 if k in FLAG_AT_OR_BELOW else 1.0 for k in names])
+    best_at: dict[int, tuple[int, tuple[float, ...], tuple[float, ...]]] = {}  # alarms -> (catches, key, limits)
     for combo in itertools.product(*candidates):
         flagged = np.zeros(failures.shape, bool)
         for k, limit in zip(names, combo, strict=True):
-            flagged |= arrays[k] >= limit
+            flagged |= _flagged(k, arrays[k], limit)
         caught, alarms = int((flagged & failures).sum()), int((flagged & ~failures).sum())
+        key = tuple(strictness * np.array(combo))
         prev = best_at.get(alarms)
-        if prev is None or caught > prev[0] or (caught == prev[0] and combo > prev[1]):
-            best_at[alarms] = (caught, combo)
+        if prev is None or caught > prev[0] or (caught == prev[0] and key > prev[1]):
+            best_at[alarms] = (caught, key, combo)
     budget = math.floor(max_false_alarm * n_ok + 1e-9)
-    allowed = [(c, -a, combo) for a, (c, combo) in best_at.items() if a <= budget]
-    caught, neg_alarms, combo = max(allowed)
+    allowed = [(c, -a, key, combo) for a, (c, key, combo) in best_at.items() if a <= budget]
+    caught, neg_alarms, _, combo = max(allowed)
     roc, top = [], -1
     for alarms in sorted(best_at):
         if best_at[alarms][0] > top:

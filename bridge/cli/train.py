@@ -46,6 +46,15 @@ _FROM_REVIEW_HELP = (
     "deleted FN candidates as negative."
 )
 _QUPATH_HELP = "Read a project through QuPath: auto, always or never."
+ValFraction = Annotated[
+    float,
+    typer.Option(
+        min=0,
+        max=0.9,
+        help="Your labels: hold out this share of the labelled slides (whole slides, drawn with --seed; at least "
+        "one) instead of naming them with --val-entries.",
+    ),
+]
 _UNLABELED_HELP = (
     "Slides nobody labelled (files, or entries of the project trained on; repeatable): the --init ensemble "
     "(the shipped demo ensemble when training from scratch) pseudo-labels their confident tissue pixels."
@@ -118,20 +127,12 @@ def train_seg(
             "(Dice over their labelled pixels, the ensemble's and each member's; OUT/validation.json).",
         ),
     ] = None,
-    val_fraction: Annotated[
-        float,
-        typer.Option(
-            min=0,
-            max=0.9,
-            help="Your labels: hold out this share of the labelled slides (whole slides, drawn with --seed; at least "
-            "one) instead of naming them with --val-entries.",
-        ),
-    ] = 0.0,
+    val_fraction: ValFraction = 0.0,
     recalibrate: Annotated[
         bool,
         typer.Option(
-            help="With --val-entries: set the segmentation threshold to the one with the best Dice on the held-out "
-            "slides' labelled pixels (kept unless it gains at least 0.005; both printed).",
+            help="With held-out slides: set the segmentation threshold to the one with the best Dice on their "
+            "labelled pixels (kept unless it gains at least 0.005; both printed).",
         ),
     ] = True,
     ihc_band_um: Annotated[
@@ -460,15 +461,7 @@ def train_nuclei_cmd(
             "(detection F1 within 3 µm in their 'all nuclei marked' regions; OUT/validation.json).",
         ),
     ] = None,
-    val_fraction: Annotated[
-        float,
-        typer.Option(
-            min=0,
-            max=0.9,
-            help="Your labels: hold out this share of the labelled slides (whole slides, drawn with --seed; at least "
-            "one) instead of naming them with --val-entries.",
-        ),
-    ] = 0.0,
+    val_fraction: ValFraction = 0.0,
 ) -> None:
     """Train the point-based nuclei classifier from truth points, on the stain of the slides given.
 

@@ -130,3 +130,29 @@ def test_the_suite_scores_over_the_truths_tissue_and_measures_failure_detection(
     assert (flag["caught"], flag["failures"], flag["false_alarms"], flag["successes"]) == (1, 2, 1, 2)
     versus = ensemble_vs_members(slides)
     assert versus["slides"] == 4 and len(versus["member_mean_dice"]) == 2
+
+
+@pytest.mark.slow
+def test_the_suite_s_review_flag_includes_the_domain_guard_s_reasons_as_pdl1_run_s_does(phantom_svs, tmp_path):
+    import dataclasses
+    import shutil
+
+    from inference.analysis.domain import stats_of_manifest
+    from inference.evaluation.evaluate import evaluate_slide_suite
+    from inference.models.ensemble import Ensemble, demo_model_dir
+    from inference.models.manifest import read_manifest, write_manifest
+    from inference.training.domain_stats import with_domain_stats
+
+    never = {"review_entropy": 1e9, "review_candidate_area_pct": 1e9}
+    demo = Ensemble.load(demo_model_dir("seg"), task="segmentation")
+    inside = evaluate_slide_suite(phantom_svs, demo, sua=SuaParams(), pixel_threshold=0.4, review=never)
+    assert not inside.needs_review  # an in-domain phantom, no other limit reachable
+    # The same model with an out-of-domain limit below any score: the slide is flagged for it alone.
+    seg = tmp_path / "seg"
+    shutil.copytree(demo_model_dir("seg"), seg)
+    manifest = read_manifest(seg)
+    stats, _ = stats_of_manifest(manifest.extra)
+    write_manifest(seg, with_domain_stats(manifest, dataclasses.replace(stats, feature_limit=0.0)))
+    strict = Ensemble.load(seg, task="segmentation")
+    flagged = evaluate_slide_suite(phantom_svs, strict, sua=SuaParams(), pixel_threshold=0.4, review=never)
+    assert flagged.needs_review and flagged.out_of_domain_score >= 0.0

@@ -60,3 +60,13 @@ def test_a_small_predicted_positive_area_flags_at_or_below_its_limit():
     # Switched off, such a score is -inf: it never flags.
     never = fit_review_limits({"review_positive_area_pct": np.array([5.0, 0.1, 3.0])}, np.array([True, False, False]))
     assert never.limits["review_positive_area_pct"] == -np.inf and never.catch == 0.0
+
+
+def test_slides_another_rule_flags_count_as_caught_and_as_false_alarms():
+    entropy = np.array([0.9, 0.1, 0.2, 0.1, 0.3])
+    failed = np.array([True, True, False, False, False])
+    domain = np.array([False, True, False, True, False])  # catches slide 1, false alarm on slide 3
+    fit = fit_review_limits({"entropy": entropy}, failed, already=domain, max_false_alarm=0.4)
+    assert fit.catch == 1.0 and fit.false_alarm == 1 / 3 and fit.limits == {"entropy": 0.9}
+    with pytest.raises(ValueError, match="already needs one value per slide"):
+        fit_review_limits({"entropy": entropy}, failed, already=domain[:2])

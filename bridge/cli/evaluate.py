@@ -589,10 +589,11 @@ def calibrate(
         f"{cal.n_false_negative} false negative)"
     )
     typer.echo(f"pixel baseline threshold {cal.pixel_threshold:.4g} (pixel F0.5 {cal.pixel_f05:.3f})")
-    for name, mean_pe, cand_pct, error, failed, positive_pct in review_cal.slides:
+    for name, mean_pe, cand_pct, error, failed, positive_pct, out_of_domain in review_cal.slides:
         typer.echo(
             f"  {name}: mean entropy {mean_pe:.3f}, SUA candidates {cand_pct:.2f}% of tissue, predicted positive "
-            f"{positive_pct:.2f}% of tissue, positive area off by {error:.0%}{' (failed)' if failed else ''}"
+            f"{positive_pct:.2f}% of tissue{', out of domain' if out_of_domain else ''}, positive area off by "
+            f"{error:.0%}{' (failed)' if failed else ''}"
         )
     if review_cal.fit is not None:
         roc = ", ".join(f"({fa:.2f}, {c:.2f})" for fa, c in review_cal.fit.roc)
@@ -608,7 +609,7 @@ def calibrate(
     typer.echo(
         f"needs review at {limit('mean entropy', rule['review_entropy'])} or "
         f"{limit('SUA candidate area', rule['review_candidate_area_pct'], '% of tissue')} or "
-        f"{limit('predicted positive area', rule['review_positive_area_pct'], '% of tissue', below=True)}: "
-        f"{review_cal.note}"
+        f"{limit('predicted positive area', rule['review_positive_area_pct'], '% of tissue', below=True)} "
+        f"or out of the training domain: {review_cal.note}"
     )
     typer.echo(f"wrote {Path(target) / 'manifest.json'}")

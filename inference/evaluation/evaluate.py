@@ -191,6 +191,7 @@ class _ScoredSlide:
     analysed: np.ndarray  # bool, the tissue the product found and analysed, on the maps' grid
     out_of_domain_score: float = float("nan")  # the domain guard's, NaN where the model has no statistics
     stain_distance_deg: float = float("nan")
+    out_of_domain: bool = False  # either score at its limit: pdl1 run's domain reasons, part of its review flag
 
 
 def _segment_against_truth(
@@ -240,6 +241,11 @@ def _segment_against_truth(
         analysed=analysed,
         out_of_domain_score=ood,
         stain_distance_deg=stain_deg,
+        out_of_domain=stats is not None
+        and (
+            (stats.feature_limit is not None and ood >= stats.feature_limit)
+            or (stats.stain_limit_deg is not None and stain_deg >= stats.stain_limit_deg)
+        ),
     )
 
 
@@ -493,8 +499,10 @@ def evaluate_slide_suite(
         npr_scores=scores,
         npr_is_fn=npr_is_false_negative(labels, n, truth, min_fraction=min_fraction),
         candidates=len(candidates),
+        # As pdl1 run flags the slide: the domain guard's reasons, or a QC score at its limit.
         needs_review=bool(
-            flags(
+            scored.out_of_domain
+            or flags(
                 {
                     "review_entropy": np.array([mean_pe]),
                     "review_candidate_area_pct": np.array([100 * cand_area / max(analysed_um2, 1e-9)]),
@@ -532,13 +540,13 @@ class ReviewCalibration:
 
     ``limits`` is None when the slides hold no failure or no correct slide (nothing to fit on); the
     manifest's limits then stay. ``slides`` holds per slide (name, mean entropy, SUA candidate area %,
-    positive-area error, failed, predicted positive area %).
+    positive-area error, failed, predicted positive area %, out of the domain guard's limits).
     """
 
     limits: dict[str, float] | None
     fit: ReviewFit | None
     note: str
-    slides: tuple[tuple[str, float, float, float, bool, float], ...]
+    slides: tuple[tuple[str, float, float, float, bool, float, bool], ...]
 
 
 # A limit no slide reaches: a QC score the fitted rule does not use (JSON has no infinity) ...
@@ -564,7 +572,8 @@ def calibrate_ensemble(
     A validation slide failed when its predicted positive area (over the truth's tissue) is off by
     more than ``max_area_error`` of the true one. The review flags a slide whose mean predictive
     entropy or SUA candidate area (with the SUA just calibrated) reaches its limit, or whose predicted
-    positive area (% of the analysed tissue) falls to its limit; the limits catch
+    positive area (% of the analysed tissue) falls to its limit, besides the slides the domain guard flags
+    (its limits are set on in-domain slides, ``pdl1 domain-stats``, and taken as they are); the limits catch
     as many failures as they can with false alarms on at most 20 % of the correct slides.
     """
     upper = ensemble.manifest.thresholds.get("segmentation", 0.5)
@@ -592,7 +601,17 @@ def calibrate_ensemble(
         cand_pct = 100 * sum(c.area_um2 for c in candidates) / max(analysed_um2, 1e-9)
         pred = np.asarray(s.maps.prob) >= upper
         error = area_error(float(np.count_nonzero(pred & s.region)), float(np.count_nonzero(s.truth)))
-        rows.append((Path(path).name, mean_pe, cand_pct, error, error > max_area_error, _positive_pct(pred, analysed)))
+        rows.append(
+            (
+                Path(path).name,
+                mean_pe,
+                cand_pct,
+                error,
+                error > max_area_error,
+                _positive_pct(pred, analysed),
+                s.out_of_domain,
+            )
+        )
     failed = np.array([r[4] for r in rows], bool)
     if failed.all() or not failed.any():
         note = (
@@ -608,6 +627,7 @@ def calibrate_ensemble(
             "review_positive_area_pct": np.array([r[5] for r in rows]),
         },
         failed,
+        already=np.array([r[6] for r in rows], bool),
     )
     limits = {k: max(v, NEVER_BELOW) if k in FLAG_AT_OR_BELOW else min(v, REVIEW_NEVER) for k, v in fit.limits.items()}
     note = (

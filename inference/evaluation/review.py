@@ -61,8 +61,11 @@ def fit_review_limits(
     *,
     max_false_alarm: float = TARGET_FALSE_ALARM,
     target_catch: float = TARGET_CATCH,
+    already: np.ndarray | None = None,
 ) -> ReviewFit:
-    """Limits for each score in ``scores`` (name -> value per slide; higher = less trusted).
+    """Limits for each score in ``scores`` (name -> value per slide; higher = less trusted, lower for
+    :data:`FLAG_AT_OR_BELOW`). ``already``: slides flagged whatever the limits (another rule's reasons,
+    such as the domain guard's); their catches and false alarms count in the fit.
 
     >>> fit = fit_review_limits({"entropy": np.array([0.1, 0.2, 0.9, 0.3])}, np.array([0, 0, 1, 0], bool))
     >>> fit.limits, fit.catch, fit.false_alarm
@@ -90,8 +93,11 @@ def fit_review_limits(
     # for scores that flag below theirs.
     strictness = np.array([-1.0 if k in FLAG_AT_OR_BELOW else 1.0 for k in names])
     best_at: dict[int, tuple[int, tuple[float, ...], tuple[float, ...]]] = {}  # alarms -> (catches, key, limits)
+    base = np.zeros(failures.shape, bool) if already is None else np.asarray(already, bool)
+    if base.shape != failures.shape:
+        raise ValueError("already needs one value per slide, as failures has")
     for combo in itertools.product(*candidates):
-        flagged = np.zeros(failures.shape, bool)
+        flagged = base.copy()
         for k, limit in zip(names, combo, strict=True):
             flagged |= _flagged(k, arrays[k], limit)
         caught, alarms = int((flagged & failures).sum()), int((flagged & ~failures).sum())

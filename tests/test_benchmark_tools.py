@@ -57,3 +57,13 @@ def test_tile_counter_counts_batch_elements_per_network_call():
     a(torch.zeros(1, 1))
     assert counter.take() == 6
     assert counter.take() == 0
+
+
+def test_the_review_phantoms_draw_their_tps_shift_and_weak_fraction_from_the_seed():
+    from benchmarks.review_phantoms import SHIFT_RANGE, TPS_RANGE, WEAK_RANGE, draw
+
+    assert draw(1600) == (2.83, 1.0, 0.11) == draw(1600)  # the README's validation set starts so
+    draws = [draw(seed) for seed in range(1600, 1660)]
+    assert all(TPS_RANGE[0] <= t <= TPS_RANGE[1] and 0 <= s <= 1 and 0 <= w <= 0.4 for t, s, w in draws)
+    assert SHIFT_RANGE == (0.0, 1.0) and WEAK_RANGE == (0.0, 0.4)
+    assert sum(t < 1 for t, _, _ in draws) >= 5  # log-uniform: low TPS, near the 1 % cut-off, is well represented

@@ -1,8 +1,10 @@
 """``analyse_slide`` end to end with glibc's default malloc vs the settings ``pdl1`` makes at start-up.
 
-The allocator is process-wide, so each case runs the same analysis in a child process, one with
-:func:`inference.allocator.tune_allocator` called first and one without; the child reports its own
-page faults, system time and peak RSS from the kernel's accounting.
+The allocator is process-wide, so each case runs the same analysis in a child process: glibc's defaults,
+:func:`inference.allocator.tune_allocator` called first with the sliding windows' hand-back of freed
+memory switched off (``RELEASE_EVERY_TILES = -1``), and ``pdl1``'s default (tuned, freed memory handed
+back every 64 tiles); the child reports its own page faults, system time and peak RSS from the kernel's
+accounting.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from benchmarks import Case, PhantomSlideBenchmark
 # The child: what `pdl1 run` does for one image, then its own figures as JSON.
 _CHILD = """
 import json, resource, sys
-if sys.argv[2] == "1":
-    from inference.allocator import tune_allocator
-    assert tune_allocator(), "mallopt refused"
+if sys.argv[2] != "0":
+    import inference.allocator as allocator
+    assert allocator.tune_allocator(), "mallopt refused"
+    if sys.argv[2] == "keep":
+        allocator.RELEASE_EVERY_TILES = -1  # freed memory stays in the process (before release_every)
 from inference.pipeline import Models, PipelineConfig, analyse_slide
 config = PipelineConfig(device="cpu")
 result = analyse_slide(sys.argv[1], models=Models(config), config=config)
@@ -34,6 +38,7 @@ class Allocator(PhantomSlideBenchmark):
     unit = "Mpx/s"
     secondary_unit = "nuclei/s"
     repeats = 3
+    interleave = True  # each round runs every case once: load from other jobs falls on all of them alike
     warmup = False  # every run is a fresh process
     extra_columns = ("minor faults", "system s", "peak RSS MB")
 
@@ -41,9 +46,10 @@ class Allocator(PhantomSlideBenchmark):
         self.open_phantom(4096 if quick else 8192, seed=11)
         self.usage: dict[str, list[dict]] = {}
 
-    def _child(self, label: str, *, tune: bool) -> tuple[float, float]:
+    def _child(self, label: str, *, tune: bool, release: bool = True) -> tuple[float, float]:
+        mode = ("1" if release else "keep") if tune else "0"
         out = subprocess.run(
-            [sys.executable, "-c", _CHILD, str(self.slide.path), "1" if tune else "0"],
+            [sys.executable, "-c", _CHILD, str(self.slide.path), mode],
             check=True,
             capture_output=True,
             text=True,
@@ -55,6 +61,10 @@ class Allocator(PhantomSlideBenchmark):
     def cases(self) -> list[Case]:
         return [
             Case("glibc defaults", lambda: self._child("glibc defaults", tune=False), baseline=True),
+            Case(
+                "tuned, freed memory kept",
+                lambda: self._child("tuned, freed memory kept", tune=True, release=False),
+            ),
             Case("tuned (pdl1's default)", lambda: self._child("tuned (pdl1's default)", tune=True)),
         ]
 

@@ -156,3 +156,24 @@ def test_the_suite_s_review_flag_includes_the_domain_guard_s_reasons_as_pdl1_run
     strict = Ensemble.load(seg, task="segmentation")
     flagged = evaluate_slide_suite(phantom_svs, strict, sua=SuaParams(), pixel_threshold=0.4, review=never)
     assert flagged.needs_review and flagged.out_of_domain_score >= 0.0
+
+
+@pytest.mark.slow
+def test_with_the_nuclei_the_suite_counts_a_wrong_tps_category_as_a_failure(phantom_svs):
+    import dataclasses
+
+    from inference.evaluation.evaluate import evaluate_slide_suite
+    from inference.models.ensemble import Ensemble, demo_model_dir
+
+    seg = Ensemble.load(demo_model_dir("seg"), task="segmentation")
+    nuclei = Ensemble.load(demo_model_dir("nuclei"), task="nuclei")
+    never = {"review_entropy": 1e9, "review_candidate_area_pct": 1e9}
+    e = evaluate_slide_suite(phantom_svs, seg, sua=SuaParams(), pixel_threshold=0.4, review=never, nuclei_model=nuclei)
+    assert e.tps_truth is not None and e.tps_predicted is not None
+    assert abs(e.tps_predicted - e.tps_truth) < 10  # an in-domain phantom: the demo's predicted TPS is close
+    assert not e.tps_category_wrong
+    # The same slide with its TPS in another category: a failure whatever its positive area.
+    moved = dataclasses.replace(e, tps_predicted=0.5 if e.tps_truth >= 1 else 30.0)
+    assert moved.tps_category_wrong and moved.failed() and moved.failed(max_area_error=1e9)
+    unmeasured = dataclasses.replace(e, tps_predicted=None)
+    assert not unmeasured.tps_category_wrong and unmeasured.failed(max_area_error=1e9) is False

@@ -351,15 +351,22 @@ def eval_suite(
     slides: Annotated[list[Path], typer.Argument(help="Phantom slides with truth beside them.")],
     out: Annotated[Path, typer.Option(help="Report folder: metrics.csv and PNG plots.")],
     model: Annotated[Path | None, typer.Option(help="Segmentation ensemble; the shipped demo if omitted.")] = None,
+    nuclei_model: Annotated[
+        str,
+        typer.Option(
+            help="Nuclei model for the predicted TPS, so a wrong TPS category counts as a failure (the shipped "
+            "demo's by default); 'none' judges the positive area alone.",
+        ),
+    ] = "demo",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Segmentation, calibration and uncertainty metrics, and SUA against the pixel baseline, per slide.
 
     Scored over the truth's tissue (tissue recall printed). Then: the ensemble against its members
-    (mean over slides, rank per slide, wins); slide failure detection (a failure: positive area off by
-    more than 25 %) of each QC score as AURC / E-AURC, and the review flag's catches and false alarms;
-    pixel-error AUROC of entropy and mutual information against their two baselines; SUA against the
+    (mean over slides, rank per slide, wins); slide failure detection (a failure: the predicted TPS in
+    the wrong category, or the positive area off by more than 25 %) of each QC score as AURC / E-AURC,
+    and the review flag's catches and false alarms; pixel-error AUROC of entropy and mutual information against their two baselines; SUA against the
     pixel baseline, wins counted.
     """
     from rich.table import Table
@@ -384,6 +391,7 @@ def eval_suite(
     console_out = stdout()
     try:
         ensemble = Ensemble.load(model or demo_model_dir("seg"), task="segmentation", device=device)
+        nuclei = _nuclei_model(nuclei_model, device)
         manifest = ensemble.manifest
         upper = manifest.thresholds.get("segmentation", 0.5)
         sua = sua_params_for(manifest, PipelineConfig(), upper=upper)
@@ -398,6 +406,7 @@ def eval_suite(
                         sua=sua,
                         pixel_threshold=pixel_threshold,
                         review=review_rule_for(manifest),
+                        nuclei_model=nuclei,
                         on_progress=on_progress,
                     )
                 )
@@ -460,7 +469,8 @@ def eval_suite(
         f"ensemble best on {versus['wins']} of {versus['slides']} slides (its rank per slide: "
         f"{' '.join(str(r) for r in versus['ranks'])})"
     )
-    detection = Table(title="slide failure detection (failure: positive area off by > 25 %; AURC lower is better)")
+    what = "TPS category wrong or positive area off by > 25 %" if nuclei is not None else "positive area off by > 25 %"
+    detection = Table(title=f"slide failure detection (failure: {what}; AURC lower is better)")
     for col in ("QC score", "AURC", "E-AURC", "random", "perfect"):
         detection.add_column(col, justify="left" if col == "QC score" else "right")
     detections = failure_detection(evaluations)
@@ -514,14 +524,22 @@ def calibrate(
             "regions: each NPR counts once."
         ),
     ] = "pixels",
+    nuclei_model: Annotated[
+        str,
+        typer.Option(
+            help="Nuclei model for the predicted TPS, so a wrong TPS category counts as a failure (the shipped "
+            "demo's by default); 'none' judges the positive area alone.",
+        ),
+    ] = "demo",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Choose SUA's threshold and lower bound (max F0.5) and the "needs review" rule; write them to the manifest.
 
-    The review limits (mean entropy, SUA candidate area) are fitted to catch at least 90 % of the
-    validation slides that failed (positive area off by more than 25 %) at no more than 20 % false
-    alarms on the others; the search's ROC and the chosen point are printed. Slides without both
+    The review limits (mean entropy, SUA candidate area, predicted positive area) are fitted to catch at
+    least 90 % of the validation slides that failed (predicted TPS in the wrong category, or positive area
+    off by more than 25 %) at no more than 20 % false alarms on the others, besides what the domain guard
+    flags; the search's ROC and the chosen point are printed. Slides without both
     failures and correct results leave the model's review limits as they are.
     """
     import dataclasses
@@ -537,10 +555,12 @@ def calibrate(
     source = model or demo_model_dir("seg")
     try:
         ensemble = Ensemble.load(source, task="segmentation", device=device)
+        nuclei = _nuclei_model(nuclei_model, device)
         with progress_bar("calibrating", enabled=progress) as on_progress:
             cal, review_cal = calibrate_ensemble(
                 slides,
                 ensemble,
+                nuclei_model=nuclei,
                 uncertainty=uncertainty,
                 aggregation=aggregation,
                 min_fraction=min_fraction,
@@ -613,3 +633,12 @@ def calibrate(
         f"or out of the training domain: {review_cal.note}"
     )
     typer.echo(f"wrote {Path(target) / 'manifest.json'}")
+
+
+def _nuclei_model(choice: str, device: str):
+    """The nuclei ensemble --nuclei-model names ('demo': the shipped one; 'none': None)."""
+    from inference import Ensemble, demo_model_dir
+
+    if choice == "none":
+        return None
+    return Ensemble.load(demo_model_dir("nuclei") if choice == "demo" else choice, task="nuclei", device=device)

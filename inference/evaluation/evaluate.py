@@ -13,8 +13,14 @@ from scipy import ndimage as ndi
 
 from inference.analysis.domain import feature_score, slide_stain, stain_distance_deg, stats_of_manifest
 from inference.analysis.ihc import IMMUNE_POSITIVE, combined_positive_score
-from inference.analysis.nuclei import NucleiConfig, detect_nuclei
-from inference.analysis.points import DetectionScores, detection_scores, match_points, tumour_proportion_score
+from inference.analysis.nuclei import NucleiConfig, detect_nuclei, pdl1_from_maps
+from inference.analysis.points import (
+    DetectionScores,
+    detection_scores,
+    match_points,
+    tps_category,
+    tumour_proportion_score,
+)
 from inference.analysis.regions import mask_on_maps
 from inference.analysis.registration import register_slides
 from inference.analysis.segment import SegmentConfig, segment_slide
@@ -46,7 +52,7 @@ from inference.phantom.truth_tissue import truth_tissue_mask
 from inference.results import Cps, Tps, UncertaintyMaps
 from inference.slides.slide import open_slide
 from inference.slides.stain_detect import detect_slide_stain
-from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
+from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, TissueMask, tissue_mask_for_slide
 
 
 @dataclass(frozen=True)
@@ -192,6 +198,7 @@ class _ScoredSlide:
     out_of_domain_score: float = float("nan")  # the domain guard's, NaN where the model has no statistics
     stain_distance_deg: float = float("nan")
     out_of_domain: bool = False  # either score at its limit: pdl1 run's domain reasons, part of its review flag
+    tissue: TissueMask | None = None  # what the product's tissue detection found (the nuclei are sought there)
 
 
 def _segment_against_truth(
@@ -241,6 +248,7 @@ def _segment_against_truth(
         analysed=analysed,
         out_of_domain_score=ood,
         stain_distance_deg=stain_deg,
+        tissue=tissue,
         out_of_domain=stats is not None
         and (
             (stats.feature_limit is not None and ood >= stats.feature_limit)
@@ -394,6 +402,20 @@ def evaluate_registration(ihc_slide_path: str | Path, *, mpp: float = 8.0) -> Re
     )
 
 
+def _predicted_tps(slide_path: str | Path, scored: _ScoredSlide, nuclei_model: Ensemble, *, threshold: float) -> float:
+    """The H&E's predicted TPS as ``pdl1 run`` makes it: tumour nuclei of the nuclei model in the product's
+    tissue, PD-L1 from the segmentation maps at their position (:func:`pdl1_from_maps`)."""
+    with open_slide(slide_path) as slide:
+        nuclei = detect_nuclei(slide, nuclei_model, tissue=scored.tissue)
+    nuclei = pdl1_from_maps(nuclei, scored.maps, threshold=threshold)
+    return tumour_proportion_score(nuclei.count("Tumor: Positive"), nuclei.count("Tumor: Negative")).percent
+
+
+def _truth_tps(scored: _ScoredSlide) -> float:
+    """The phantom's realised TPS (its truth's positive / all tumour nuclei)."""
+    return float(scored.truth_data.summary["tps_percent"])
+
+
 # A slide whose predicted positive area is off by more than this share of the true one is a failure the
 # review must catch (#32's target: catch >= 90 % of them at <= 20 % false alarms on the others).
 FAILED_AREA_ERROR = 0.25
@@ -435,6 +457,15 @@ class SlideEvaluation:
     truth_positive_area_um2: float = float("nan")
     out_of_domain_score: float = float("nan")  # the domain guard's scores (NaN: the model has no statistics)
     stain_distance_deg: float = float("nan")
+    tps_predicted: float | None = None  # with a nuclei model: pdl1 run's predicted TPS (H&E), % ...
+    tps_truth: float | None = None  # ... and the phantom's
+
+    @property
+    def tps_category_wrong(self) -> bool:
+        """The predicted TPS falls in another category (< 1 %, 1-49 %, >= 50 %) than the truth's; False unmeasured."""
+        if self.tps_predicted is None or self.tps_truth is None:
+            return False
+        return tps_category(self.tps_predicted) != tps_category(self.tps_truth)
 
     @property
     def positive_area_error(self) -> float:
@@ -442,8 +473,9 @@ class SlideEvaluation:
         return area_error(self.positive_area_um2, self.truth_positive_area_um2)
 
     def failed(self, *, max_area_error: float = FAILED_AREA_ERROR) -> bool:
-        """The slide's result is wrong: its positive area is off by more than ``max_area_error`` of the truth's."""
-        return self.positive_area_error > max_area_error
+        """The slide's result is wrong (#32): its TPS category is wrong (where the nuclei were run) or its
+        positive area is off by more than ``max_area_error`` of the truth's."""
+        return self.tps_category_wrong or self.positive_area_error > max_area_error
 
 
 def evaluate_slide_suite(
@@ -455,12 +487,14 @@ def evaluate_slide_suite(
     review: dict[str, float],
     min_fraction: float = 0.9,
     config: SegmentConfig | None = None,
+    nuclei_model: Ensemble | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> SlideEvaluation:
     """Segmentation, calibration, uncertainty ranking and SUA vs the pixel baseline on one phantom slide.
 
     Scored on the maps ``pdl1 run`` makes (``config``, by default :class:`SegmentConfig`'s grid),
-    since that is where SUA's calibrated thresholds are applied.
+    since that is where SUA's calibrated thresholds are applied. With ``nuclei_model``, also the
+    predicted TPS as ``pdl1 run`` makes it, so a wrong TPS category counts as a failure.
     """
     scored = _segment_against_truth(
         slide_path, ensemble, config=config or SegmentConfig(), threshold=sua.upper, on_progress=on_progress
@@ -525,6 +559,10 @@ def evaluate_slide_suite(
         truth_positive_area_um2=float(np.count_nonzero(truth) * maps.mpp**2),
         out_of_domain_score=scored.out_of_domain_score,
         stain_distance_deg=scored.stain_distance_deg,
+        tps_predicted=None
+        if nuclei_model is None
+        else _predicted_tps(slide_path, scored, nuclei_model, threshold=sua.upper),
+        tps_truth=None if nuclei_model is None else _truth_tps(scored),
     )
 
 
@@ -565,13 +603,15 @@ def calibrate_ensemble(
     min_fraction: float = 0.9,
     objective: str = "pixels",
     max_area_error: float = FAILED_AREA_ERROR,
+    nuclei_model: Ensemble | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Calibration, ReviewCalibration]:
     """Calibrate SUA (F0.5 on validation NPRs), then the slide "needs review" limits to #32's target.
 
     A validation slide failed when its predicted positive area (over the truth's tissue) is off by
-    more than ``max_area_error`` of the true one. The review flags a slide whose mean predictive
-    entropy or SUA candidate area (with the SUA just calibrated) reaches its limit, or whose predicted
+    more than ``max_area_error`` of the true one, or, with ``nuclei_model``, when its predicted TPS
+    (as ``pdl1 run`` makes it) falls in another category than the truth's. The review flags a slide whose
+    mean predictive entropy or SUA candidate area (with the SUA just calibrated) reaches its limit, or whose predicted
     positive area (% of the analysed tissue) falls to its limit, besides the slides the domain guard flags
     (its limits are set on in-domain slides, ``pdl1 domain-stats``, and taken as they are); the limits catch
     as many failures as they can with false alarms on at most 20 % of the correct slides.
@@ -601,13 +641,16 @@ def calibrate_ensemble(
         cand_pct = 100 * sum(c.area_um2 for c in candidates) / max(analysed_um2, 1e-9)
         pred = np.asarray(s.maps.prob) >= upper
         error = area_error(float(np.count_nonzero(pred & s.region)), float(np.count_nonzero(s.truth)))
+        wrong_category = nuclei_model is not None and tps_category(
+            _predicted_tps(path, s, nuclei_model, threshold=upper)
+        ) != tps_category(_truth_tps(s))
         rows.append(
             (
                 Path(path).name,
                 mean_pe,
                 cand_pct,
                 error,
-                error > max_area_error,
+                error > max_area_error or wrong_category,
                 _positive_pct(pred, analysed),
                 s.out_of_domain,
             )

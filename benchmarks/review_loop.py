@@ -30,8 +30,12 @@ false-negative area (µm², and its share of the true positive area), false-posi
 thresholded ensemble mean; and on the 8 µm maps of ``pdl1 run``: the SUA candidate area, with the demo's
 calibrated SUA numbers for every model (a fine-tuned model's manifest has no SUA calibration; ``pdl1 run``
 would use SUA's defaults, also reported) and the share of it truly positive. The acceptance run
-(``review``) was fixed first; the others are variants compared on the validation slides; the held-out slides
-decide nothing. A model folder under ``--work`` trained with the same configuration and labels is reused.
+(``review``) was fixed first; the others are variants compared on the validation slides, in three rounds (the
+first three runs; then four after they collapsed to "all positive"; then three from the second round's
+validation scores); the held-out slides decide nothing. The ``review+self...`` variants pseudo-label the
+review slides themselves, which ``pdl1 train seg`` refuses (a slide is labelled or pseudo-labelled): they
+measure what such an option would give, through the library call. A model folder under ``--work`` trained
+with the same configuration and labels is reused.
 """
 
 from __future__ import annotations
@@ -70,17 +74,62 @@ SHIFT = 0.5
 WEAK_FRACTION = 0.5
 REVIEW = ((971, 40), (972, 60), (973, 30))
 UNLABELED = ((974, 45), (975, 25), (976, 55))
+UNLABELED_NORMAL = ((977, 45), (978, 25), (979, 55))  # unshifted, no weak expression
 VALIDATION = ((991, 30), (992, 55))  # the domain
 VALIDATION_NORMAL = ((993, 30), (994, 55))  # unshifted, no weak expression
 HELD_OUT = ((981, 35), (982, 50), (983, 25), (984, 45))
 HELD_OUT_NORMAL = ((985, 35), (986, 50), (987, 25), (988, 45))
 #: A reviewer calls a candidate positive when more than this share of its area is truly positive.
 POSITIVE_SHARE = 0.5
-# name: (what, unlabelled slides of the domain, iterations per epoch as a multiple of --iterations)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One fine-tuning run: the review labels, and what a variant adds or changes."""
+
+    what: str
+    unlabeled: int = 0  # unlabelled slides of the domain (--unlabeled), pseudo-labelled by the demo
+    unlabeled_normal: int = 0  # unlabelled unshifted slides without weak expression
+    self_pseudo: bool = False  # the review slides themselves also pseudo-labelled (library only, see below)
+    iterations_times: int = 1
+    lr_max: float = 1e-3
+    pseudo_weight: float = 0.3
+
+
 RUNS = {
-    "review": ("SUA candidates of 3 slides reviewed (the acceptance run)", 0, 1),
-    "review+3unl": ("the same + 3 unlabelled slides of the domain (--unlabeled)", 3, 1),
-    "review-2x": ("the same labels, twice the iterations per epoch", 0, 2),
+    "review": RunSpec("SUA candidates of 3 slides reviewed (the acceptance run)"),
+    "review+3unl": RunSpec("the same + 3 unlabelled slides of the domain (--unlabeled)", unlabeled=3),
+    "review-2x": RunSpec("the same labels, twice the iterations per epoch", iterations_times=2),
+    # Second round, after the first three collapsed to "all positive" (chosen on the validation slides):
+    "review-lr1e-4": RunSpec("the same labels, lr 1e-4", lr_max=1e-4),
+    "review+3unl+3unl0": RunSpec(
+        "the same + 3 unlabelled slides of the domain and 3 unshifted", unlabeled=3, unlabeled_normal=3
+    ),
+    "review+3unl-w1": RunSpec(
+        "the same + 3 unlabelled slides of the domain, pseudo-weight 1", unlabeled=3, pseudo_weight=1.0
+    ),
+    "review+self": RunSpec("the same + the review slides' own confident pixels as pseudo-labels", self_pseudo=True),
+    # Third round, from the second's validation scores (pseudo-weight 1 held the unshifted slides best):
+    "review+3unl+3unl0-w1": RunSpec(
+        "the same + 3 unlabelled slides of the domain and 3 unshifted, pseudo-weight 1",
+        unlabeled=3,
+        unlabeled_normal=3,
+        pseudo_weight=1.0,
+    ),
+    "review+self+3unl+3unl0-w1": RunSpec(
+        "the same + the review slides' own, 3 of the domain and 3 unshifted pseudo-labelled, pseudo-weight 1",
+        unlabeled=3,
+        unlabeled_normal=3,
+        self_pseudo=True,
+        pseudo_weight=1.0,
+    ),
+    "review+3unl+3unl0-w1-lr1e-4": RunSpec(
+        "the same + 3 unlabelled slides of the domain and 3 unshifted, pseudo-weight 1, lr 1e-4",
+        unlabeled=3,
+        unlabeled_normal=3,
+        pseudo_weight=1.0,
+        lr_max=1e-4,
+    ),
 }
 SETS = ("val", "val_normal", "held", "held_normal")
 
@@ -89,6 +138,7 @@ SETS = ("val", "val_normal", "held", "held_normal")
 class Phantoms:
     review: list[Path]
     unlabeled: list[Path]
+    unlabeled_normal: list[Path]
     val: list[Path]
     val_normal: list[Path]
     held: list[Path]
@@ -108,6 +158,7 @@ def make_phantoms(work: Path, *, size: int) -> Phantoms:
     return Phantoms(
         review=[domain("review", s, t) for s, t in REVIEW],
         unlabeled=[domain("unlabeled", s, t) for s, t in UNLABELED],
+        unlabeled_normal=[normal("unlabeled", s, t) for s, t in UNLABELED_NORMAL],
         val=[domain("val", s, t) for s, t in VALIDATION],
         val_normal=[normal("val", s, t) for s, t in VALIDATION_NORMAL],
         held=[domain("held", s, t) for s, t in HELD_OUT],
@@ -293,33 +344,46 @@ def main() -> None:
 
     results = {"demo": score("demo", demo_ensemble)}
     for run in runs:
-        _, n_unlabeled, times = RUNS[run]
-        unlabeled = phantoms.unlabeled[:n_unlabeled]
+        spec = RUNS[run]
+        unlabeled = [
+            *phantoms.unlabeled[: spec.unlabeled],
+            *phantoms.unlabeled_normal[: spec.unlabeled_normal],
+            *(phantoms.review if spec.self_pseudo else []),
+        ]
+        iterations = args.iterations * spec.iterations_times
         config = SegTrainConfig(
             slides=tuple(lab.slide for lab in labels),
-            out_dir=str(args.work / f"model_{run}_it{args.iterations * times}"),
+            out_dir=str(args.work / f"model_{run}_it{iterations}"),
             init_model=str(demo),
             cycles=4,
             epochs_per_cycle=2,
-            iterations_per_epoch=args.iterations * times,
+            iterations_per_epoch=iterations,
             batch_size=16,
             patch_px=128,
             optimizer="sgd",
-            lr_max=1e-3,
-            lr_min=1e-5,
+            lr_max=spec.lr_max,
+            lr_min=spec.lr_max / 100,
             stain_jitter="strong",
             positive_fraction=0.5,
             seed=0,
+            pseudo_weight=spec.pseudo_weight,
             unlabeled=tuple(UnlabeledSlide(str(p), name=p.name) for p in unlabeled),
             pseudo_model=str(demo) if unlabeled else None,
         )
-        _, seconds = train_or_reuse(config, labels)
+        training, seconds = train_or_reuse(config, labels)
         training_seconds[run] = seconds
         print(f"  trained {run}: {'reused' if seconds is None else f'{seconds:.0f} s'}", flush=True)
+        for row in (training.get("pseudo_labels") or {}).get("slides", []):
+            print(
+                f"    pseudo-labels {row['name']}: {row['positive_px']} positive, {row['negative_px']} negative, "
+                f"left out {row['left_out_uncertain_px']} uncertain + {row['left_out_disagreement_px']} "
+                f"disagreeing of {row['tissue_px']} tissue px",
+                flush=True,
+            )
         results[run] = score(run, Ensemble.load(config.out_dir, task="segmentation"))
 
     def what(name: str) -> str:
-        return "shipped demo ensemble" if name == "demo" else f"fine-tuned: {RUNS[name][0]}"
+        return "shipped demo ensemble" if name == "demo" else f"fine-tuned: {RUNS[name].what}"
 
     print("\nheld out: the domain (4 slides) | unshifted without weak expression (4 slides); areas summed over slides")
     print(

@@ -80,15 +80,19 @@ class Phantoms:
     held_unshifted: list[Path]
 
 
+def phantom_at(path: Path, spec: PhantomSpec) -> Path:
+    """The phantom ``spec`` at ``path``, written unless its truth is already there (a second run reuses it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not (truth_dir_for(path) / "truth.json").is_file():
+        write_phantom(path, spec)
+    return path
+
+
 def make_phantoms(work: Path, *, size: int) -> Phantoms:
     """The phantoms of the module docstring under ``work`` (kept: a second run reuses them)."""
-    work.mkdir(parents=True, exist_ok=True)
 
     def phantom(name: str, seed: int, tps: int, shift: float) -> Path:
-        path = work / f"{name}.svs"
-        if not (truth_dir_for(path) / "truth.json").is_file():
-            write_phantom(path, PhantomSpec(size, size, seed=seed, tps_percent=tps, shift=shift))
-        return path
+        return phantom_at(work / f"{name}.svs", PhantomSpec(size, size, seed=seed, tps_percent=tps, shift=shift))
 
     return Phantoms(
         train=[phantom(f"train_{s}", s, t, SHIFT) for s, t in TRAIN],

@@ -276,3 +276,17 @@ def test_validation_scores_each_member_and_fits_the_threshold_on_pooled_labelled
     # Too small a gain keeps the threshold.
     kept = fit_threshold([a], current=0.4, min_gain=0.5)
     assert not kept.adopted and kept.after == 0.4 and kept.dice_after == kept.dice_before
+
+
+@pytest.mark.slow
+def test_region_labels_almost_all_one_class_are_trained_on_with_a_warning_naming_the_fix(labelled, tmp_path):
+    from bridge.qupath_geojson import QuPathObject, to_feature
+
+    positive_only = tmp_path / "positive.geojson"
+    area = QuPathObject(shapely.box(200, 200, 600, 600), "annotation", "PD-L1 positive")
+    positive_only.write_text(json.dumps({"type": "FeatureCollection", "features": [to_feature(area)]}))
+    args = ["train", "seg", str(labelled / "he-1357.svs"), "--labels", str(positive_only), "--out", str(tmp_path / "m")]
+    result = runner.invoke(app, [*args, *TINY, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "warning: 100% of the labelled area is positive" in text and "PD-L1 negative areas" in text

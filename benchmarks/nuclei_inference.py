@@ -28,6 +28,7 @@ class NucleiInference(PhantomSlideBenchmark):
         self.config = NucleiConfig()
         m = self.ensemble.manifest
         self.radius_px = max(1, round(self.config.nms_radius_um / m.input_mpp))
+        self.min_score = self.config.min_score_for(m)
         grid = tile_grid(
             image_size_wh=self.slide.dimensions,
             tile_size_px=m.tile_size_px,
@@ -51,7 +52,7 @@ class NucleiInference(PhantomSlideBenchmark):
     def _ours_nms(self) -> tuple[float, float]:
         n = 0
         for heat in self.heatmaps:
-            b, y, x = heatmap_peaks(heat, radius_px=self.radius_px, min_score=self.config.min_score)
+            b, y, x = heatmap_peaks(heat, radius_px=self.radius_px, min_score=self.min_score)
             classes = heat[b, :, y, x].argmax(dim=1)  # class at each peak, as detect_nuclei does
             n += len(classes)
         return self.heat_mpx, n
@@ -63,7 +64,7 @@ class NucleiInference(PhantomSlideBenchmark):
             for tile in arr:
                 top = tile.max(axis=0)
                 peaks = peak_local_max(
-                    top, min_distance=self.radius_px, threshold_abs=self.config.min_score, exclude_border=False
+                    top, min_distance=self.radius_px, threshold_abs=self.min_score, exclude_border=False
                 )
                 classes = tile[:, peaks[:, 0], peaks[:, 1]].argmax(axis=0)
                 n += len(classes)

@@ -310,8 +310,9 @@ def write_training_report(out: str | Path) -> Path:
         fit_note = (
             ""
             if not fit
-            else f"<p>Segmentation threshold {fit['before']:g} -> {fit['after']:g} (pooled Dice "
-            f"{_num(fit['dice_before'])} -> {_num(fit['dice_after'])}"
+            else f"<p>{'Peak' if fit.get('metric') == 'F1' else 'Segmentation'} threshold {fit['before']:g} -> "
+            f"{fit['after']:g} (pooled {fit.get('metric', 'Dice')} {_num(fit['score_before'])} -> "
+            f"{_num(fit['score_after'])}"
             + ("" if fit["adopted"] else ", gain under 0.005: kept")
             + "), fit on these slides: their scores here are not an independent estimate.</p>"
         )

@@ -219,6 +219,12 @@ def test_pdl1_train_nuclei_holds_validation_slides_out_whole_and_scores_them(lab
     assert all(0 <= f <= 1 for f in row["f1_members"]) and 1 <= row["rank"] <= n_members + 1
     assert "validation " + str(tmp_path / "he-b.svs") + ": 1252 marked nuclei" in " ".join(result.output.split())
     assert f"(ensemble rank {row['rank']} of {n_members + 1})" in " ".join(result.output.split())
+    # The peak threshold was fit on the held-out slide's marked nuclei and, where it gained, written to the manifest.
+    fit = json.loads((out / "validation.json").read_text())["threshold_fit"]
+    assert fit["metric"] == "F1" and fit["labelled"] == 1252 and fit["score_after"] >= fit["score_before"]
+    min_score = json.loads((out / "manifest.json").read_text())["thresholds"]["min_score"]
+    assert min_score == (fit["after"] if fit["adopted"] else fit["before"])
+    assert f"peak threshold {fit['before']:g} -> {fit['after']:g}" in " ".join(result.output.split())
     bad = runner.invoke(app, [*args[:-4], "--val-entries", "nope.svs", "--out", str(out), *TINY])
     assert bad.exit_code == 1
     assert "--val-entries names nope.svs, which no labelled slide is" in " ".join(bad.output.split())
@@ -245,7 +251,8 @@ def test_pdl1_train_seg_scores_held_out_slides_over_their_labelled_pixels(labell
     assert len(row["dice_members"]) == len(manifest["members"]) > 1
     # The threshold was fit on the held-out slide's labelled pixels and, where it gained, written to the manifest.
     fit = json.loads((out / "validation.json").read_text())["threshold_fit"]
-    assert fit["labelled_px"] == row["labelled_px"] and fit["dice_after"] >= fit["dice_before"]
+    assert fit["labelled"] == row["labelled_px"] and fit["score_after"] >= fit["score_before"]
+    assert fit["metric"] == "Dice"
     assert manifest["thresholds"].get("segmentation", 0.5) == (fit["after"] if fit["adopted"] else fit["before"])
     assert f"segmentation threshold {fit['before']:g} -> {fit['after']:g}" in " ".join(result.output.split())
     # The domain guard's limits were set on the validation slide, not by leaving training slides out.
@@ -268,14 +275,14 @@ def test_validation_scores_each_member_and_fits_the_threshold_on_pooled_labelled
     fit = fit_threshold([a], current=0.5)
     # Every t in (0.3, 0.41] finds the 4 positives with one false positive (0.44): Dice 8/9, the best; of the
     # candidates there, the nearest to 0.5 (0.4) wins.
-    assert fit.adopted and fit.after == pytest.approx(0.4) and fit.dice_after == pytest.approx(8 / 9)
+    assert fit.adopted and fit.after == pytest.approx(0.4) and fit.score_after == pytest.approx(8 / 9)
     # Pooled: a second slide whose pixels all lie above 0.4 and are negative pulls the threshold up.
     b = LabelledPixels("b", np.zeros(20, bool), np.full(20, 0.43, np.float32), np.zeros((0, 20), np.float32))
     pooled = fit_threshold([a, b], current=0.5)
-    assert pooled.after > 0.43 and pooled.labelled_px == 30
+    assert pooled.after > 0.43 and pooled.labelled == 30
     # Too small a gain keeps the threshold.
     kept = fit_threshold([a], current=0.4, min_gain=0.5)
-    assert not kept.adopted and kept.after == 0.4 and kept.dice_after == kept.dice_before
+    assert not kept.adopted and kept.after == 0.4 and kept.score_after == kept.score_before
 
 
 @pytest.mark.slow
@@ -290,3 +297,25 @@ def test_region_labels_almost_all_one_class_are_trained_on_with_a_warning_naming
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "warning: 100% of the labelled area is positive" in text and "PD-L1 negative areas" in text
+
+
+def test_nuclei_validation_scores_any_peak_threshold_from_one_detection_and_fits_it():
+    from inference import LabelledNuclei, fit_min_score, score_labelled_nuclei
+
+    truth = np.array([[10.0, 10], [30, 10], [50, 10], [70, 10]])
+    # Found: the four marked nuclei (scores 0.9, 0.6, 0.5, 0.25) and two spurious peaks (0.35, 0.2).
+    xy = np.array([[10.5, 10], [30, 11], [50, 9], [70, 10], [90, 10], [110, 10]])
+    score = np.array([0.9, 0.6, 0.5, 0.25, 0.35, 0.2])
+    member = (xy[:4], np.full(4, 0.9))  # a member that finds exactly the marked nuclei
+    n = LabelledNuclei("s", truth, xy, score, (member,), radius_px=3.0, floor=0.1)
+    (at_03,) = score_labelled_nuclei([n], min_score=0.3)
+    assert (at_03.n_predicted, at_03.n_matched) == (4, 3)  # 0.25 is missed, 0.35 is a false positive
+    assert at_03.f1 == pytest.approx(0.75) and at_03.f1_members == (1.0,) and at_03.rank == 2
+    (at_02,) = score_labelled_nuclei([n], min_score=0.2)
+    assert (at_02.n_predicted, at_02.n_matched) == (6, 4) and at_02.f1 == pytest.approx(0.8)
+    fit = fit_min_score([n], current=0.3)
+    # t in (0.2, 0.25] keeps all 4 with one false positive (F1 8/9), the best: (0.35, 0.5] keeps 3 and none (6/7).
+    assert fit.adopted and fit.after == pytest.approx(0.25) and fit.score_after == pytest.approx(8 / 9)
+    assert fit.metric == "F1" and fit.labelled == 4
+    with pytest.raises(ValueError, match=r"found at peak threshold 0\.1 and up"):
+        score_labelled_nuclei([n], min_score=0.05)

@@ -275,12 +275,7 @@ def train_seg(
             f"{row['predicted_px']} predicted positive, Dice {_fmt(row['dice'])}{_members_text(row, 'dice_members')}"
         )
     if fit:
-        typer.echo(
-            f"segmentation threshold {fit['before']:g} -> {fit['after']:g} (pooled Dice on the held-out slides "
-            f"{_fmt(fit['dice_before'])} -> {_fmt(fit['dice_after'])}"
-            + ("" if fit["adopted"] else "; under 0.005 better, kept")
-            + "): fit on these slides, so their Dice above is not an independent estimate"
-        )
+        _echo_fit(fit)
     typer.echo(report)
 
 
@@ -486,6 +481,13 @@ def train_nuclei_cmd(
         ),
     ] = None,
     val_fraction: ValFraction = 0.0,
+    recalibrate: Annotated[
+        bool,
+        typer.Option(
+            help="With held-out slides: set the peak threshold to the one with the best F1 on their marked nuclei "
+            "(kept unless it gains at least 0.005; both printed).",
+        ),
+    ] = True,
 ) -> None:
     """Train the point-based nuclei classifier from truth points, on the stain of the slides given.
 
@@ -559,7 +561,9 @@ def train_nuclei_cmd(
                 resume=resume,
                 on_progress=on_progress,
             )
-        validation = _validate(out, held_out, device=device, task="nuclei")[0] if held_out else []
+        validation, fit = (
+            _validate(out, held_out, device=device, task="nuclei", recalibrate=recalibrate) if held_out else ([], None)
+        )
         report = _training_report(
             out, task="nuclei", labels=slide_labels, held_out=held_out, truth=config.slides, device=device
         )
@@ -577,6 +581,8 @@ def train_nuclei_cmd(
             f"precision {_fmt(row['precision'])}, recall {_fmt(row['recall'])}, F1 {_fmt(row['f1'])}"
             f"{_members_text(row, 'f1_members')}"
         )
+    if fit:
+        _echo_fit(fit)
     typer.echo(report)
 
 
@@ -624,25 +630,39 @@ def _validate(
 ) -> tuple[list[dict], dict | None]:
     """Score the new model on the held-out slides (rows, and the threshold fit or None); OUT/validation.json.
 
-    Segmentation with ``recalibrate``: the threshold with the best pooled Dice on these slides' labelled
-    pixels goes into the manifest first (:func:`inference.fit_threshold`), and the slides are scored at it.
+    With ``recalibrate`` the threshold with the best pooled score on these slides goes into the manifest
+    first, and the slides are scored at it: a segmentation's on its mean probability (Dice over the labelled
+    pixels, :func:`inference.fit_threshold`), a nuclei model's peak threshold (F1 over the marked nuclei,
+    :func:`inference.fit_min_score`).
     """
     from dataclasses import asdict
 
     from bridge.labels import label_summary
     from bridge.project import write_json_atomic
     from inference import (
+        DEFAULT_MIN_SCORE,
+        fit_min_score,
         fit_threshold,
+        labelled_nuclei,
         labelled_region_pixels,
         read_manifest,
+        score_labelled_nuclei,
         score_labelled_pixels,
-        score_nuclei_on_labels,
         write_manifest,
     )
 
     extra: dict = {}
     if task == "nuclei":
-        scores = score_nuclei_on_labels(out, held_out, radius_um=3.0, device=device)
+        manifest = read_manifest(out, task="nuclei")
+        min_score = float(manifest.thresholds.get("min_score", DEFAULT_MIN_SCORE))
+        found = labelled_nuclei(out, held_out, radius_um=3.0, floor=min(min_score, 0.1), device=device)
+        if recalibrate:
+            fit = fit_min_score(found, current=min_score)
+            extra["threshold_fit"] = asdict(fit)
+            if fit.adopted:
+                write_manifest(out, manifest.with_thresholds(min_score=fit.after))
+                min_score = fit.after
+        scores = score_labelled_nuclei(found, min_score=min_score)
         extra["radius_um"] = 3.0
     else:
         manifest = read_manifest(out, task="segmentation")
@@ -662,6 +682,16 @@ def _validate(
     ]
     write_json_atomic(out / "validation.json", {"task": task, "slides": rows} | extra)
     return rows, extra.get("threshold_fit")
+
+
+def _echo_fit(fit: dict) -> None:
+    what = "peak threshold" if fit["metric"] == "F1" else "segmentation threshold"
+    typer.echo(
+        f"{what} {fit['before']:g} -> {fit['after']:g} (pooled {fit['metric']} on the held-out slides "
+        f"{_fmt(fit['score_before'])} -> {_fmt(fit['score_after'])}"
+        + ("" if fit["adopted"] else "; under 0.005 better, kept")
+        + f"): fit on these slides, so their {fit['metric']} above is not an independent estimate"
+    )
 
 
 def _json_number(value):

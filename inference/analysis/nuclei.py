@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 # took 8.0-8.2 s with 2 tiles per pass against 8.75 s with 8, the same nuclei.
 CPU_BATCH = 2
 CUDA_BATCH = 8
+# The heatmap peak that counts as a nucleus when neither the config nor the model states one.
+DEFAULT_MIN_SCORE = 0.3
 # The membrane of a tumour cell lies about this far from its nucleus centre (µm): the ring where an IHC
 # cell's DAB is measured (a 10 µm cell with a 3-4 µm nucleus), as this percentile of the ring's pixels, so
 # a partial ring or a neighbour's cytoplasm does not dilute it. Chosen on the training phantoms
@@ -54,7 +56,9 @@ class NucleiConfig:
     nms_radius_um
         Peaks closer than this are one nucleus.
     min_score
-        Smallest heatmap peak that counts as a nucleus.
+        Smallest heatmap peak that counts as a nucleus; ``None`` takes the model's (its manifest's
+        ``min_score``, which validation on a lab's own slides may have refitted; else
+        :data:`DEFAULT_MIN_SCORE`).
     overlap_px
         Tile overlap in model px; at least twice the receptive context you want at seams.
     read_workers
@@ -68,7 +72,7 @@ class NucleiConfig:
     """
 
     nms_radius_um: float = 2.5
-    min_score: float = 0.3
+    min_score: float | None = None
     overlap_px: int = 32
     batch_size: int | None = None
     read_workers: int = 2
@@ -84,6 +88,12 @@ class NucleiConfig:
         if self.batch_size is not None:
             return self.batch_size
         return CUDA_BATCH if device.type == "cuda" else CPU_BATCH
+
+    def min_score_for(self, manifest) -> float:
+        """The peak threshold on ``manifest``'s model (see ``min_score``)."""
+        if self.min_score is not None:
+            return self.min_score
+        return float(manifest.thresholds.get("min_score", DEFAULT_MIN_SCORE))
 
 
 def heatmap_peaks(heat: torch.Tensor, *, radius_px: int, min_score: float) -> tuple[torch.Tensor, ...]:
@@ -131,6 +141,7 @@ def detect_nuclei(
     cores = grid.cores_model_px()
     batch_size = config.batch_for(ensemble.device)
     radius_px = max(1, round(config.nms_radius_um / manifest.input_mpp))
+    min_score = config.min_score_for(manifest)
     precision = Precision.choose(config.precision, ensemble.device)
     pos_i, neg_i = names.index("Tumor: Positive"), names.index("Tumor: Negative")
     ring_px = membrane_ring_px(manifest) if manifest.stain == "H-DAB" else None
@@ -145,7 +156,7 @@ def detect_nuclei(
         idx = np.array([i for i, _ in batch])
         heat_members = torch.sigmoid(_member_logits(ensemble, np.stack([p for _, p in batch]), precision))
         heat = heat_members.mean(dim=0)
-        b, y, x = heatmap_peaks(heat, radius_px=radius_px, min_score=config.min_score)
+        b, y, x = heatmap_peaks(heat, radius_px=radius_px, min_score=min_score)
         values = heat[b, :, y, x].cpu().numpy().astype(np.float64)
         b_np, y_np, x_np = b.cpu().numpy(), y.cpu().numpy(), x.cpu().numpy()
         gx = grid.origins_model_px[idx[b_np], 0] + x_np + 0.5

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,23 +39,42 @@ class LabelledNucleiScore:
         return 1 + sum(f > self.f1 for f in self.f1_members)
 
 
-def score_nuclei_on_labels(
+@dataclass(frozen=True)
+class LabelledNuclei:
+    """One slide's nuclei found inside its exhaustively marked regions, with their peak scores, and its marks.
+
+    Found once at a low peak threshold (``floor``): detection at any higher threshold is the subset scoring
+    at least that (the peaks and their suppression do not depend on it), so thresholds can be compared
+    without running the model again.
+    """
+
+    slide: str
+    truth_xy: np.ndarray  # (N, 2) marked nuclei inside the regions, level-0 px
+    pred_xy: np.ndarray  # (P, 2) the ensemble's nuclei there
+    pred_score: np.ndarray  # (P,) their peak scores
+    member_pred: tuple[tuple[np.ndarray, np.ndarray], ...]  # each member alone: (xy, score)
+    radius_px: float  # the matching radius in level-0 px
+    floor: float
+
+
+def labelled_nuclei(
     model_dir: str | Path,
     labels: Sequence[SlideLabels],
     *,
     radius_um: float = 3.0,
     config: NucleiConfig | None = None,
+    floor: float = 0.1,
     device: str = "cpu",
-) -> list[LabelledNucleiScore]:
-    """Per slide: the nuclei model's class-agnostic detection F1 against the labels' points.
+) -> list[LabelledNuclei]:
+    """Per slide: the ensemble's (and each member's) nuclei at peak threshold ``floor`` against the marked points.
 
     Only inside training regions whose nuclei are all marked (``exhaustive``): elsewhere an unmarked
     nucleus says nothing, so a detection there could not be called wrong. Points under ``Ignore*``
-    were left out of the labels; predictions there are left out too. Each member of an ensemble is
-    also run alone (``f1_members``), so validation says whether the ensemble beats its members.
+    were left out of the labels; predictions there are left out too.
     """
     ensemble = Ensemble.load(model_dir, task="nuclei", device=device)
     singles = [ensemble.member(i) for i in range(len(ensemble.members))] if len(ensemble.members) > 1 else []
+    low = replace(config or NucleiConfig(), min_score=floor)
     out = []
     for lab in labels:
         regions = [r for r, e in zip(lab.training_regions, lab.exhaustive, strict=True) if e]
@@ -67,21 +86,94 @@ def score_nuclei_on_labels(
         area = shapely.union_all(regions).difference(lab.ignore)
         truth = lab.points_xy[shapely.contains_xy(area, lab.points_xy[:, 0], lab.points_xy[:, 1])]
         with open_slide(lab.slide) as slide:
-            n_pred, s = _detect_and_match(slide, ensemble, area, truth, radius_um=radius_um, config=config)
-            members = tuple(
-                _detect_and_match(slide, single, area, truth, radius_um=radius_um, config=config)[1].f1
-                for single in singles
+            found = [detect_nuclei(slide, model, roi=area, config=low) for model in (ensemble, *singles)]
+            radius_px = radius_um / slide.mpp.mean
+        out.append(
+            LabelledNuclei(
+                lab.slide,
+                truth,
+                found[0].xy,
+                found[0].score,
+                tuple((n.xy, n.score) for n in found[1:]),
+                radius_px,
+                floor,
             )
-        out.append(LabelledNucleiScore(lab.slide, len(truth), n_pred, s.tp, s.precision, s.recall, s.f1, members))
+        )
     return out
 
 
-def _detect_and_match(slide, model: Ensemble, area, truth_xy: np.ndarray, *, radius_um: float, config):
-    """(number found, class-agnostic detection scores) of ``model``'s nuclei in ``area`` against ``truth_xy``."""
-    pred = detect_nuclei(slide, model, roi=area, config=config).xy  # only nuclei inside the ROI
+def _match(xy: np.ndarray, score: np.ndarray, truth_xy: np.ndarray, radius_px: float, min_score: float):
+    keep = score >= min_score
+    pred = xy[keep]
     zeros_p, zeros_t = np.zeros(len(pred), np.int64), np.zeros(len(truth_xy), np.int64)
-    radius_px = radius_um / slide.mpp.mean
     return len(pred), detection_scores(pred, zeros_p, truth_xy, zeros_t, radius=radius_px, n_classes=1)[0]
+
+
+def score_labelled_nuclei(nuclei: Sequence[LabelledNuclei], *, min_score: float) -> list[LabelledNucleiScore]:
+    """Class-agnostic detection F1 at peak threshold ``min_score``, the ensemble's and each member's, per slide."""
+    out = []
+    for n in nuclei:
+        if min_score < n.floor:
+            raise ValueError(f"nuclei were found at peak threshold {n.floor:g} and up; {min_score:g} lies below")
+        n_pred, s = _match(n.pred_xy, n.pred_score, n.truth_xy, n.radius_px, min_score)
+        members = tuple(_match(xy, sc, n.truth_xy, n.radius_px, min_score)[1].f1 for xy, sc in n.member_pred)
+        out.append(LabelledNucleiScore(n.slide, len(n.truth_xy), n_pred, s.tp, s.precision, s.recall, s.f1, members))
+    return out
+
+
+def fit_min_score(
+    nuclei: Sequence[LabelledNuclei],
+    *,
+    current: float,
+    candidates: Sequence[float] = tuple(np.round(np.arange(0.1, 0.851, 0.05), 3)),
+    min_gain: float = 0.005,
+) -> ThresholdFit:
+    """The nuclei model's peak threshold with the best detection F1 pooled over every slide's marked nuclei.
+
+    Adopted only when it beats ``current`` by at least ``min_gain``; among equal scores the candidate
+    nearest ``current`` wins.
+    """
+
+    def pooled(t: float) -> float:
+        tp = fp = fn = 0
+        for n in nuclei:
+            s = _match(n.pred_xy, n.pred_score, n.truth_xy, n.radius_px, t)[1]
+            tp, fp, fn = tp + s.tp, fp + s.fp, fn + s.fn
+        return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else -1.0
+
+    floor = max((n.floor for n in nuclei), default=0.0)
+    before = pooled(current)
+    best, _, t_best = max((pooled(t), -abs(t - current), t) for t in candidates if t >= floor)
+    adopted = best >= before + min_gain
+    return ThresholdFit(
+        before=current,
+        after=float(t_best) if adopted else current,
+        score_before=before,
+        score_after=best if adopted else before,
+        labelled=sum(len(n.truth_xy) for n in nuclei),
+        adopted=adopted,
+        metric="F1",
+    )
+
+
+def score_nuclei_on_labels(
+    model_dir: str | Path,
+    labels: Sequence[SlideLabels],
+    *,
+    radius_um: float = 3.0,
+    config: NucleiConfig | None = None,
+    device: str = "cpu",
+) -> list[LabelledNucleiScore]:
+    """Per slide: the nuclei model's class-agnostic detection F1 against the labels' points, the ensemble's
+    and each member's (``f1_members``), at the config's peak threshold or else the model's.
+
+    See :func:`labelled_nuclei` for where it is scored.
+    """
+    min_score = (config or NucleiConfig()).min_score_for(read_manifest(model_dir, task="nuclei", verify=False))
+    found = labelled_nuclei(
+        model_dir, labels, radius_um=radius_um, config=config, floor=min(min_score, 0.1), device=device
+    )
+    return score_labelled_nuclei(found, min_score=min_score)
 
 
 @dataclass(frozen=True)
@@ -116,14 +208,16 @@ class LabelledPixels:
 
 @dataclass(frozen=True)
 class ThresholdFit:
-    """The segmentation threshold chosen on labelled validation pixels (pooled Dice over all slides)."""
+    """A threshold chosen on labelled validation slides: the segmentation's on its mean probability (pooled
+    Dice over the labelled pixels) or the nuclei model's peak threshold (pooled F1 over the marked nuclei)."""
 
     before: float
     after: float
-    dice_before: float
-    dice_after: float
-    labelled_px: int
+    score_before: float  # the pooled metric at ``before`` ...
+    score_after: float  # ... and at ``after``
+    labelled: int  # labelled pixels, or marked nuclei
     adopted: bool  # False: the gain was under ``min_gain``, so the threshold stays
+    metric: str = "Dice"
 
 
 def labelled_region_pixels(
@@ -210,7 +304,7 @@ def fit_threshold(
     >>> px = LabelledPixels("s", np.array([True, True, False, False]), np.array([0.45, 0.42, 0.1, 0.3]),
     ...                     np.zeros((0, 4), np.float32))
     >>> f = fit_threshold([px], current=0.5)
-    >>> f.adopted, f.after, round(f.dice_before, 2), f.dice_after
+    >>> f.adopted, f.after, round(f.score_before, 2), f.score_after
     (True, 0.4, 0.0, 1.0)
     """
     truth = np.concatenate([p.truth for p in pixels]) if pixels else np.zeros(0, bool)
@@ -227,9 +321,9 @@ def fit_threshold(
     return ThresholdFit(
         before=current,
         after=float(t_best) if adopted else current,
-        dice_before=before,
-        dice_after=best if adopted else before,
-        labelled_px=int(truth.size),
+        score_before=before,
+        score_after=best if adopted else before,
+        labelled=int(truth.size),
         adopted=adopted,
     )
 

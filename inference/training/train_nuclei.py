@@ -24,7 +24,7 @@ import torch
 
 from inference import __version__
 from inference.analysis.ihc import DEFAULT_INTENSITY_LIMITS_OD, annulus_means, dab_density
-from inference.analysis.nuclei import MEMBRANE_PERCENTILE, MEMBRANE_RING_UM, detect_nuclei
+from inference.analysis.nuclei import DEFAULT_MIN_SCORE, MEMBRANE_PERCENTILE, MEMBRANE_RING_UM, detect_nuclei
 from inference.analysis.points import gaussian_targets
 from inference.models.ensemble import Ensemble
 from inference.models.manifest import Manifest, Member, write_manifest
@@ -285,7 +285,7 @@ def train_nuclei(
     else:
         data = [load_nuclei_slide(p, input_mpp=config.input_mpp) for p in config.slides]
     class_names, stain = _one_kind(data)
-    thresholds = {"min_score": 0.3, "nms_radius_um": 2.5}
+    thresholds = {"min_score": DEFAULT_MIN_SCORE, "nms_radius_um": 2.5}
     if stain == "H-DAB":
         ring_px = (MEMBRANE_RING_UM[0] / config.input_mpp, MEMBRANE_RING_UM[1] / config.input_mpp)
         thresholds |= calibrate_intensity_limits(data, ring_px=ring_px)

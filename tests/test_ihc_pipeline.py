@@ -139,3 +139,45 @@ def test_ihc_tissue_is_found_by_optical_density_and_keeps_what_saturation_loses(
 
     assert recall(by_od.mask) > 0.99 > recall(by_saturation.mask)
     assert (by_od.mask & tissue).sum() / by_od.mask.sum() > 0.9
+
+
+@pytest.fixture(scope="module")
+def real_immunostain(tmp_path_factory):
+    """scikit-image's real DAB immunostain (512², IHC of colon) as a TIFF stating 0.5 µm/px."""
+    import tifffile
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("real") / "skimage_ihc.tif"
+    tifffile.imwrite(path, data.immunohistochemistry(), resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    return path
+
+
+def test_a_real_immunostain_goes_the_ihc_path_and_is_flagged_out_of_the_phantom_models_domain(models, real_immunostain):
+    result = analyse_slide(real_immunostain, models=models, config=PipelineConfig(device="cpu"))
+    assert result.stain == "H-DAB" and result.stain_source.startswith("its colour")
+    assert result.nuclei_model.name == "pdl1-nuclei-ihc" and result.maps is None
+    assert result.tps is not None and len(result.nuclei) > 100
+    # The shipped IHC model was trained on phantoms only: a real stain is out of its domain, and says so.
+    domain = result.summary["domain"]
+    assert domain["measured"] and domain["out_of_domain_score"] >= domain["limit"]
+    assert any(r["reason"].startswith("out of the training domain") for r in result.summary["review_reasons"])
+    assert result.uncertainty_flag
+
+
+def test_a_real_immunostain_stated_as_h_and_e_runs_as_stated_and_is_flagged_for_the_contradiction(
+    models, real_immunostain
+):
+    result = analyse_slide(real_immunostain, models=models, config=PipelineConfig(device="cpu"), image_stain="H&E")
+    assert result.stain == "H&E" and result.maps is not None  # the H&E models, as the person said
+    reasons = [r["reason"] for r in result.summary["review_reasons"]]
+    assert any("colour" in r for r in reasons), reasons
+    assert result.uncertainty_flag
+
+
+@pytest.mark.slow
+def test_the_real_aperio_h_and_e_goes_the_h_and_e_path_and_is_out_of_the_phantom_models_domain(models, cmu_svs):
+    result = analyse_slide(cmu_svs, models=models, config=PipelineConfig(device="cpu"))
+    assert result.stain == "H&E" and result.stain_source.startswith("its colour") and result.maps is not None
+    domain = result.summary["domain"]
+    assert domain["measured"] and domain["out_of_domain_score"] >= domain["limit"]
+    assert result.uncertainty_flag

@@ -259,3 +259,18 @@ def test_a_network_the_guard_cannot_read_runs_unmeasured(phantom_svs):
     result = analyse_slide(phantom_svs, models=models, config=config)
     assert result.summary["domain"]["measured"] is False
     assert "no domain statistics" in result.summary["domain"]["why_not"]
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channel_statistics_equal_torch_s_on_either_memory_layout(channels_last):
+    import torch
+
+    from inference.models.features import channel_std_mean
+
+    a = torch.randn(3, 16, 24, 20, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    if channels_last:
+        a = a.to(memory_format=torch.channels_last)
+    std, mean = channel_std_mean(a)
+    ref_std, ref_mean = torch.std_mean(a.contiguous(), dim=(2, 3))
+    assert std.shape == mean.shape == (3, 16)
+    assert torch.allclose(std, ref_std, rtol=1e-5) and torch.allclose(mean, ref_mean, rtol=1e-5, atol=1e-6)

@@ -34,6 +34,23 @@ def feature_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     )
 
 
+def channel_std_mean(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample and channel of (B, C, H, W): the std (unbiased) and mean over the pixels, as
+    ``torch.std_mean(a, dim=(2, 3))``.
+
+    On channels-last activations (the members run so) torch reduces over H and W by a slow strided path:
+    the nuclei FCN's full-resolution layers took 27 ms per batch of two 256² tiles and layer that way,
+    6 ms through a (B, pixels, C) view (one thread; the same values within 2e-7 relative).
+    """
+    if a.dim() != 4 or a.is_contiguous() or not a.is_contiguous(memory_format=torch.channels_last):
+        return torch.std_mean(a, dim=(2, 3))
+    b, c = a.shape[:2]
+    x = a.permute(0, 2, 3, 1).reshape(b, -1, c)  # a view: channels-last memory is (B, H, W, C)
+    mean = x.mean(dim=1)
+    var = (x - mean[:, None]).square_().sum(dim=1) / max(x.shape[1] - 1, 1)
+    return var.sqrt_(), mean
+
+
 class TileFeatures:
     """The features captured so far: per tile, each layer's channel means then channel stds, layer by layer."""
 
@@ -43,8 +60,7 @@ class TileFeatures:
 
     def add(self, layer: int, activations: torch.Tensor) -> None:
         # Kept on the device until asked for: no host copy (and no GPU sync) per batch.
-        a = activations.detach().float()
-        std, mean = torch.std_mean(a, dim=(2, 3))
+        std, mean = channel_std_mean(activations.detach().float())
         self._parts[layer].append(torch.cat([mean, std], dim=1))
 
     def array(self) -> np.ndarray:

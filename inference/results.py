@@ -129,6 +129,11 @@ class Nuclei:
     def __len__(self) -> int:
         return len(self.xy)
 
+    def tumour_xy(self) -> np.ndarray:
+        """(N, 2) positions of the tumour nuclei (``Tumor: Positive`` and ``Tumor: Negative``)."""
+        tumour = [self.class_names.index(c) for c in ("Tumor: Positive", "Tumor: Negative") if c in self.class_names]
+        return self.xy[np.isin(self.cls, tumour)]
+
     def count(self, name: str) -> int:
         return int((self.cls == self.class_names.index(name)).sum())
 

@@ -141,3 +141,26 @@ def test_a_small_predicted_positive_area_is_a_review_reason_once_a_limit_is_cali
         result = analyse_slide(slide, models=Models(config), config=config, image_stain="H&E")
     (reason,) = [r for r in result.summary["review_reasons"] if r["reason"].startswith("small predicted positive")]
     assert 0 < reason["value"] <= reason["limit"] == 100.0 and result.uncertainty_flag
+
+
+def test_positive_area_away_from_tumour_cells_is_measured_and_a_reason_over_its_limit(models, phantom_svs, tmp_path):
+    import dataclasses
+    import shutil
+
+    from inference import Models, demo_model_dir
+    from inference.models.manifest import read_manifest, write_manifest
+    from inference.slides.slide import open_slide
+
+    with open_slide(phantom_svs) as slide:
+        plain = analyse_slide(slide, models=models, config=PipelineConfig(device="cpu"), image_stain="H&E")
+    off = plain.summary["positive_off_tumour_pct"]
+    assert 0 <= off < 50  # a phantom's positive areas are tumour: the default limit (50 %) is not reached
+    assert not [r for r in plain.summary["review_reasons"] if "away from tumour" in r["reason"]]
+    seg = tmp_path / "seg"
+    shutil.copytree(demo_model_dir("seg"), seg)
+    write_manifest(seg, read_manifest(seg).with_thresholds(review_positive_off_tumour_pct=0.0))
+    config = dataclasses.replace(PipelineConfig(device="cpu"), seg_model_dir=str(seg))
+    with open_slide(phantom_svs) as slide:
+        result = analyse_slide(slide, models=Models(config), config=config, image_stain="H&E")
+    (reason,) = [r for r in result.summary["review_reasons"] if "away from tumour" in r["reason"]]
+    assert reason["value"] == result.summary["positive_off_tumour_pct"] >= reason["limit"] == 0.0

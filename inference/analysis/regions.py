@@ -191,3 +191,50 @@ def mask_on_maps(mask: np.ndarray, mask_downsample: float, maps: UncertaintyMaps
     return resample_mask(
         mask, mask_downsample, shape_hw=maps.shape, origin_xy=maps.origin_xy, downsample=maps.downsample
     )
+
+
+def share_away_from_points(
+    mask: np.ndarray, points_xy: np.ndarray, *, origin_xy: tuple[float, float], downsample: float, radius_px: float
+) -> float:
+    """The share of ``mask``'s pixels farther than ``radius_px`` (level-0 px) from every point, 0 for an empty mask.
+
+    ``mask`` is a map grid (``origin_xy``: its level-0 top-left, ``downsample``: level-0 px per map px);
+    ``points_xy`` (N, 2) level-0 px. Measured between pixel centres on the map grid, so to about a pixel.
+
+    >>> m = np.zeros((10, 10), bool); m[:, :5] = True        # the left half
+    >>> share_away_from_points(m, np.array([[10.0, 50.0]]), origin_xy=(0, 0), downsample=10, radius_px=25)
+    0.64
+    >>> share_away_from_points(m, np.zeros((0, 2)), origin_xy=(0, 0), downsample=10, radius_px=25)
+    1.0
+    """
+    from scipy import ndimage as ndi
+
+    n = int(np.count_nonzero(mask))
+    if n == 0:
+        return 0.0
+    seeds = np.ones(mask.shape, bool)  # False where a point lies
+    if len(points_xy):
+        col = np.floor((points_xy[:, 0] - origin_xy[0]) / downsample).astype(np.int64)
+        row = np.floor((points_xy[:, 1] - origin_xy[1]) / downsample).astype(np.int64)
+        inside = (row >= 0) & (row < mask.shape[0]) & (col >= 0) & (col < mask.shape[1])
+        seeds[row[inside], col[inside]] = False
+    if seeds.all():
+        return 1.0
+    distance_px = ndi.distance_transform_edt(seeds) * downsample
+    return float(np.count_nonzero(mask & (distance_px > radius_px))) / n
+
+
+# A positive map pixel counts as on tumour cells within this distance of a tumour nucleus (a cell or two).
+OFF_TUMOUR_UM = 15.0
+# Below this share of the analysed tissue predicted positive, the off-tumour share is a few map pixels' edges.
+OFF_TUMOUR_MIN_POSITIVE_PCT = 1.0
+
+
+def positive_off_tumour_pct(
+    positive: np.ndarray, tumour_xy: np.ndarray, maps: UncertaintyMaps, *, level0_mpp: float
+) -> float:
+    """% of the predicted positive map area (``positive``, on ``maps``' grid) farther than :data:`OFF_TUMOUR_UM`
+    from every tumour nucleus (``tumour_xy``, level-0 px): positive area the predicted TPS does not see."""
+    return 100 * share_away_from_points(
+        positive, tumour_xy, origin_xy=maps.origin_xy, downsample=maps.downsample, radius_px=OFF_TUMOUR_UM / level0_mpp
+    )

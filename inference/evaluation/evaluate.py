@@ -21,7 +21,7 @@ from inference.analysis.points import (
     tps_category,
     tumour_proportion_score,
 )
-from inference.analysis.regions import mask_on_maps
+from inference.analysis.regions import OFF_TUMOUR_MIN_POSITIVE_PCT, mask_on_maps, positive_off_tumour_pct
 from inference.analysis.registration import register_slides
 from inference.analysis.segment import SegmentConfig, segment_slide
 from inference.analysis.sua import (
@@ -402,13 +402,19 @@ def evaluate_registration(ihc_slide_path: str | Path, *, mpp: float = 8.0) -> Re
     )
 
 
-def _predicted_tps(slide_path: str | Path, scored: _ScoredSlide, nuclei_model: Ensemble, *, threshold: float) -> float:
-    """The H&E's predicted TPS as ``pdl1 run`` makes it: tumour nuclei of the nuclei model in the product's
-    tissue, PD-L1 from the segmentation maps at their position (:func:`pdl1_from_maps`)."""
+def _predicted_tps(
+    slide_path: str | Path, scored: _ScoredSlide, nuclei_model: Ensemble, *, threshold: float
+) -> tuple[float, float]:
+    """The H&E's predicted TPS as ``pdl1 run`` makes it (tumour nuclei of the nuclei model in the product's
+    tissue, PD-L1 from the segmentation maps at their position, :func:`pdl1_from_maps`), and the share of the
+    predicted positive area away from tumour cells (:func:`positive_off_tumour_pct`)."""
     with open_slide(slide_path) as slide:
         nuclei = detect_nuclei(slide, nuclei_model, tissue=scored.tissue)
+        mpp = slide.mpp.mean
     nuclei = pdl1_from_maps(nuclei, scored.maps, threshold=threshold)
-    return tumour_proportion_score(nuclei.count("Tumor: Positive"), nuclei.count("Tumor: Negative")).percent
+    tps = tumour_proportion_score(nuclei.count("Tumor: Positive"), nuclei.count("Tumor: Negative")).percent
+    positive = (np.asarray(scored.maps.prob) >= threshold) & scored.analysed
+    return tps, positive_off_tumour_pct(positive, nuclei.tumour_xy(), scored.maps, level0_mpp=mpp)
 
 
 def _truth_tps(scored: _ScoredSlide) -> float:
@@ -459,6 +465,7 @@ class SlideEvaluation:
     stain_distance_deg: float = float("nan")
     tps_predicted: float | None = None  # with a nuclei model: pdl1 run's predicted TPS (H&E), % ...
     tps_truth: float | None = None  # ... and the phantom's
+    positive_off_tumour_pct: float | None = None  # with a nuclei model: positive area away from tumour cells
 
     @property
     def tps_category_wrong(self) -> bool:
@@ -518,6 +525,14 @@ def evaluate_slide_suite(
     cand_area = sum(c.area_um2 for c in candidates)
     analysed_um2 = float(analysed.sum() * maps.mpp**2)
     positive_pct = _positive_pct(pred, analysed)
+    tps_predicted = off_tumour = None
+    if nuclei_model is not None:
+        tps_predicted, off_tumour = _predicted_tps(slide_path, scored, nuclei_model, threshold=sua.upper)
+    off_tumour_flag = (
+        off_tumour is not None
+        and positive_pct >= OFF_TUMOUR_MIN_POSITIVE_PCT
+        and off_tumour >= review.get("review_positive_off_tumour_pct", REVIEW_NEVER)
+    )
     return SlideEvaluation(
         slide=Path(slide_path).name,
         shift=float(scored.truth_data.summary["spec"]["shift"]),
@@ -536,6 +551,7 @@ def evaluate_slide_suite(
         # As pdl1 run flags the slide: the domain guard's reasons, or a QC score at its limit.
         needs_review=bool(
             scored.out_of_domain
+            or off_tumour_flag
             or flags(
                 {
                     "review_entropy": np.array([mean_pe]),
@@ -559,10 +575,9 @@ def evaluate_slide_suite(
         truth_positive_area_um2=float(np.count_nonzero(truth) * maps.mpp**2),
         out_of_domain_score=scored.out_of_domain_score,
         stain_distance_deg=scored.stain_distance_deg,
-        tps_predicted=None
-        if nuclei_model is None
-        else _predicted_tps(slide_path, scored, nuclei_model, threshold=sua.upper),
+        tps_predicted=tps_predicted,
         tps_truth=None if nuclei_model is None else _truth_tps(scored),
+        positive_off_tumour_pct=off_tumour,
     )
 
 
@@ -642,7 +657,7 @@ def calibrate_ensemble(
         pred = np.asarray(s.maps.prob) >= upper
         error = area_error(float(np.count_nonzero(pred & s.region)), float(np.count_nonzero(s.truth)))
         wrong_category = nuclei_model is not None and tps_category(
-            _predicted_tps(path, s, nuclei_model, threshold=upper)
+            _predicted_tps(path, s, nuclei_model, threshold=upper)[0]
         ) != tps_category(_truth_tps(s))
         rows.append(
             (

@@ -57,6 +57,7 @@ class Variant:
 # Fixed before any held-out result was looked at.
 VARIANTS = (
     Variant("w32-seed1", seed=1, note="the recipe re-run with seed 1: run-to-run spread"),
+    Variant("w32-seed2", seed=2, note="the recipe re-run with seed 2: run-to-run spread"),
     Variant("w16", width=16, note="half the width"),
     Variant("w24", width=24, note="three quarters of the width"),
     Variant("w32-1.5um", input_mpp=1.5, note="input at 1.5 µm/px (2.25x fewer px per nucleus)"),

@@ -11,10 +11,11 @@
    (:func:`inference.evaluate_nuclei`, F1 at 3 µm, TPS), and times ``detect_nuclei`` on one held-out
    slide for all of them interleaved (every round runs every model once, in turn), so that the load of
    other jobs falls on every row alike; ratios are against the shipped model in the same run.
-4. Prints a table and writes ``DIR/nuclei_arch.json``.
+4. Prints a table and writes ``DIR/nuclei_arch.json`` (with ``DIR/train/*.json``, ``DIR/eval/*.json`` and
+   ``DIR/speed.json``, which each ``--stage speed`` run replaces).
 
-Not a registry benchmark: it trains models. Set ``OMP_NUM_THREADS`` before it starts (the figures record
-torch's thread count).
+Not a registry benchmark: it trains models. Set ``OMP_NUM_THREADS`` before it starts (``speed.json`` records
+torch's thread count). The variants' training times are not comparable when other work shares the CPUs.
 """
 
 from __future__ import annotations
@@ -168,6 +169,9 @@ def evaluate(work: Path, name: str) -> dict:
             "f1": ev.overall.f1,
             "precision": ev.overall.precision,
             "recall": ev.overall.recall,
+            "class_f1": dict(zip(ev.class_names, (c.f1 for c in ev.per_class), strict=True)),
+            "tps_category_pred": ev.tps_pred.category,
+            "tps_category_truth": ev.tps_truth.category,
             "tps_pred": ev.tps_pred.percent,
             "tps_truth": ev.tps_truth.percent,
             "tps_abs_error": ev.tps_abs_error,
@@ -240,42 +244,57 @@ def measure_speed(work: Path, names: list[str], *, rounds: int) -> dict:
     return result
 
 
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
 def table(work: Path, names: list[str]) -> str:
-    """The markdown table of what ``work`` holds (rows without a file are left out)."""
+    """Two markdown tables of what ``work`` holds: F1 per held-out slide, and the summary per model."""
     speed = json.loads((work / "speed.json").read_text()) if (work / "speed.json").is_file() else {"models": {}}
-    lines = [
-        "| model | width | µm/px | train s | " + " | ".join(s for s, *_ in HELD_OUT) + " | mean F1 | ΔF1 | TPS MAE | "
-        "GFLOP / 256² tile (per member) | GFLOP / level-0 Mpx (all members) | ms / tissue Mpx | x shipped |",
+    slides = [s for s, *_ in HELD_OUT]
+    per_slide = ["| model | " + " | ".join(slides) + " | mean |", "|" + "---|" * (len(slides) + 2)]
+    summary = [
+        "| model | width | µm/px | train s | mean F1 | ΔF1 vs shipped | class F1 (macro) | TPS MAE | worst TPS error "
+        "| TPS categories right | GFLOP / 256² tile, one member | GFLOP / level-0 Mpx, all members "
+        "| ms / tissue Mpx | x shipped |",
+        "|" + "---|" * 14,
     ]
-    lines.append("|" + "---|" * (len(HELD_OUT) + 12))
     ref = None
     for n in names:
-        ev_file = work / "eval" / f"{n}.json"
-        ev = json.loads(ev_file.read_text()) if ev_file.is_file() else None
-        tr_file = work / "train" / f"{n}.json"
-        tr = json.loads(tr_file.read_text()) if tr_file.is_file() else None
-        sp = speed["models"].get(n)
-        f1s = [ev[s]["f1"] for s, *_ in HELD_OUT] if ev else []
-        mean_f1 = statistics.fmean(f1s) if f1s else None
-        if n == SHIPPED:
-            ref = mean_f1
-        errors = [ev[s]["tps_abs_error"] for s, *_ in HELD_OUT if ev and ev[s]["tps_abs_error"] is not None]
+        ev_file, tr_file = work / "eval" / f"{n}.json", work / "train" / f"{n}.json"
+        ev = json.loads(ev_file.read_text()) if ev_file.is_file() else {}
+        tr = json.loads(tr_file.read_text()) if tr_file.is_file() else {}
+        sp = speed["models"].get(n, {})
+        f1s = [ev[s]["f1"] for s in slides if s in ev]
+        mean_f1 = _mean(f1s) if len(f1s) == len(slides) else None
+        ref = mean_f1 if n == SHIPPED else ref
+        errors = [ev[s]["tps_abs_error"] for s in slides if s in ev and ev[s]["tps_abs_error"] is not None]
+        macro = [statistics.fmean(ev[s]["class_f1"].values()) for s in slides if "class_f1" in ev.get(s, {})]
+        right = sum(ev[s]["tps_category_pred"] == ev[s]["tps_category_truth"] for s in slides if s in ev)
+        per_slide.append(f"| {n} | " + " | ".join(_cell(ev.get(s, {}).get("f1"), ".4f") for s in slides))
+        per_slide[-1] += f" | {_cell(mean_f1, '.4f')} |"
         cells = [
             n,
-            str(sp["width"]) if sp else "",
-            f"{sp['input_mpp']:g}" if sp else "",
-            f"{tr['train_s']:.0f}" if tr else "",
-            *([f"{f:.4f}" for f in f1s] if f1s else [""] * len(HELD_OUT)),
-            f"{mean_f1:.4f}" if mean_f1 is not None else "",
-            f"{mean_f1 - ref:+.4f}" if mean_f1 is not None and ref is not None else "",
-            f"{statistics.fmean(errors):.2f}" if errors else "",
-            f"{sp['gflop_per_tile']:.2f}" if sp else "",
-            f"{sp['gflop_per_level0_mpx']:.2f}" if sp else "",
-            f"{sp['ms_per_tissue_mpx']:.0f}" if sp else "",
-            f"{sp['x_baseline']:.2f}" if sp else "",
+            str(sp.get("width", "")),
+            _cell(sp.get("input_mpp"), "g"),
+            _cell(tr.get("train_s"), ".0f"),
+            _cell(mean_f1, ".4f"),
+            _cell(None if mean_f1 is None or ref is None else mean_f1 - ref, "+.4f"),
+            _cell(_mean(macro) if len(macro) == len(slides) else None, ".4f"),
+            _cell(_mean(errors), ".2f"),
+            _cell(max(errors) if errors else None, ".1f"),
+            f"{right}/{len(slides)}" if ev else "",
+            _cell(sp.get("gflop_per_tile"), ".2f"),
+            _cell(sp.get("gflop_per_level0_mpx"), ".2f"),
+            _cell(sp.get("ms_per_tissue_mpx"), ".0f"),
+            _cell(sp.get("x_baseline"), ".2f"),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        summary.append("| " + " | ".join(cells) + " |")
+    return "\n".join(per_slide) + "\n\n" + "\n".join(summary)
 
 
 def main() -> None:

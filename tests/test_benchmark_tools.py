@@ -67,3 +67,18 @@ def test_the_review_phantoms_draw_their_tps_shift_and_weak_fraction_from_the_see
     assert all(TPS_RANGE[0] <= t <= TPS_RANGE[1] and 0 <= s <= 1 and 0 <= w <= 0.4 for t, s, w in draws)
     assert SHIFT_RANGE == (0.0, 1.0) and WEAK_RANGE == (0.0, 0.4)
     assert sum(t < 1 for t, _, _ in draws) >= 5  # log-uniform: low TPS, near the 1 % cut-off, is well represented
+
+
+def test_nuclei_arch_speed_rows_put_each_model_against_the_baseline_of_the_same_rounds():
+    import pytest
+
+    from benchmarks.nuclei_arch import speed_rows
+
+    rows = speed_rows({"shipped": [2.0, 2.4, 2.2], "w16": [1.0, 0.8, 1.2]}, tissue_mpx=4.0, baseline="shipped")
+    assert [(r.name, r.best_s, r.median_s) for r in rows] == [("shipped", 2.0, 2.2), ("w16", 0.8, 1.0)]
+    assert [r.ms_per_tissue_mpx for r in rows] == [500.0, 200.0]
+    assert [r.x_baseline for r in rows] == [1.0, 2.5]
+    with pytest.raises(ValueError, match="baseline 'w32' is not among"):
+        speed_rows({"w16": [1.0]}, tissue_mpx=4.0, baseline="w32")
+    with pytest.raises(ValueError, match="tissue_mpx must be > 0"):
+        speed_rows({"w16": [1.0]}, tissue_mpx=0.0, baseline="w16")

@@ -21,6 +21,14 @@ class _DefaultSuiteGroup(TyperGroup):
         return super().parse_args(ctx, args)
 
 
+NucleiModelOption = Annotated[
+    str,
+    typer.Option(
+        help="Nuclei model for the predicted TPS, so a wrong TPS category counts as a failure (the shipped "
+        "demo's by default); 'none' judges the positive area alone.",
+    ),
+]
+
 app = typer.Typer(
     cls=_DefaultSuiteGroup,
     no_args_is_help=True,
@@ -351,13 +359,7 @@ def eval_suite(
     slides: Annotated[list[Path], typer.Argument(help="Phantom slides with truth beside them.")],
     out: Annotated[Path, typer.Option(help="Report folder: metrics.csv and PNG plots.")],
     model: Annotated[Path | None, typer.Option(help="Segmentation ensemble; the shipped demo if omitted.")] = None,
-    nuclei_model: Annotated[
-        str,
-        typer.Option(
-            help="Nuclei model for the predicted TPS, so a wrong TPS category counts as a failure (the shipped "
-            "demo's by default); 'none' judges the positive area alone.",
-        ),
-    ] = "demo",
+    nuclei_model: NucleiModelOption = "demo",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
@@ -524,13 +526,7 @@ def calibrate(
             "regions: each NPR counts once."
         ),
     ] = "pixels",
-    nuclei_model: Annotated[
-        str,
-        typer.Option(
-            help="Nuclei model for the predicted TPS, so a wrong TPS category counts as a failure (the shipped "
-            "demo's by default); 'none' judges the positive area alone.",
-        ),
-    ] = "demo",
+    nuclei_model: NucleiModelOption = "demo",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:

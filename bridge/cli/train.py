@@ -648,7 +648,6 @@ def _validate(
         read_manifest,
         score_labelled_nuclei,
         score_labelled_pixels,
-        write_manifest,
     )
 
     extra: dict = {}
@@ -657,11 +656,7 @@ def _validate(
         min_score = float(manifest.thresholds.get("min_score", DEFAULT_MIN_SCORE))
         found = labelled_nuclei(out, held_out, radius_um=3.0, floor=min(min_score, 0.1), device=device)
         if recalibrate:
-            fit = fit_min_score(found, current=min_score)
-            extra["threshold_fit"] = asdict(fit)
-            if fit.adopted:
-                write_manifest(out, manifest.with_thresholds(min_score=fit.after))
-                min_score = fit.after
+            min_score = _adopt(fit_min_score(found, current=min_score), out, manifest, "min_score", extra)
         scores = score_labelled_nuclei(found, min_score=min_score)
         extra["radius_um"] = 3.0
     else:
@@ -669,11 +664,7 @@ def _validate(
         threshold = manifest.thresholds.get("segmentation", 0.5)
         pixels = labelled_region_pixels(out, held_out, device=device)
         if recalibrate:
-            fit = fit_threshold(pixels, current=threshold)
-            extra["threshold_fit"] = asdict(fit)
-            if fit.adopted:
-                write_manifest(out, manifest.with_thresholds(segmentation=fit.after))
-                threshold = fit.after
+            threshold = _adopt(fit_threshold(pixels, current=threshold), out, manifest, "segmentation", extra)
         scores = score_labelled_pixels(pixels, threshold=threshold)
     # precision is undefined (NaN) when nothing was found: null in JSON, which allows no NaN
     rows = [
@@ -682,6 +673,18 @@ def _validate(
     ]
     write_json_atomic(out / "validation.json", {"task": task, "slides": rows} | extra)
     return rows, extra.get("threshold_fit")
+
+
+def _adopt(fit, out: Path, manifest, key: str, extra: dict) -> float:
+    """Record a threshold fit in ``extra`` and, where it was adopted, write it to the manifest; the threshold now."""
+    from dataclasses import asdict
+
+    from inference import write_manifest
+
+    extra["threshold_fit"] = asdict(fit)
+    if fit.adopted:
+        write_manifest(out, manifest.with_thresholds(**{key: fit.after}))
+    return fit.after
 
 
 def _echo_fit(fit: dict) -> None:

@@ -18,6 +18,13 @@ from inference.slides.slide import open_slide
 from inference.training.labels import IGNORE_LABEL, SlideLabels, region_target
 
 
+def _rank(ensemble: float, members: Sequence[float]) -> int:
+    """1 + the members scoring above the ensemble; 0 without members or an undefined (NaN) score."""
+    if not members or ensemble != ensemble:
+        return 0
+    return 1 + sum(m > ensemble for m in members)
+
+
 @dataclass(frozen=True)
 class LabelledNucleiScore:
     """Detection within ``radius_um`` of a slide's marked nuclei, inside its exhaustively marked regions."""
@@ -34,9 +41,7 @@ class LabelledNucleiScore:
     @property
     def rank(self) -> int:
         """The ensemble's place among its members by F1 (1: no member better); 0 when not measured."""
-        if not self.f1_members or self.f1 != self.f1:
-            return 0
-        return 1 + sum(f > self.f1 for f in self.f1_members)
+        return _rank(self.f1, self.f1_members)
 
 
 @dataclass(frozen=True)
@@ -142,17 +147,23 @@ def fit_min_score(
         return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else -1.0
 
     floor = max((n.floor for n in nuclei), default=0.0)
-    before = pooled(current)
-    best, _, t_best = max((pooled(t), -abs(t - current), t) for t in candidates if t >= floor)
+    labelled = sum(len(n.truth_xy) for n in nuclei)
+    return _best_threshold(pooled, current, [t for t in candidates if t >= floor], min_gain, labelled, "F1")
+
+
+def _best_threshold(score, current: float, candidates, min_gain: float, labelled: int, metric: str) -> ThresholdFit:
+    """The candidate with the best ``score(t)`` (ties: the nearest ``current``), adopted if it gains ``min_gain``."""
+    before = score(current)
+    best, _, t_best = max((score(t), -abs(t - current), t) for t in candidates)
     adopted = best >= before + min_gain
     return ThresholdFit(
         before=current,
         after=float(t_best) if adopted else current,
         score_before=before,
         score_after=best if adopted else before,
-        labelled=sum(len(n.truth_xy) for n in nuclei),
+        labelled=labelled,
         adopted=adopted,
-        metric="F1",
+        metric=metric,
     )
 
 
@@ -191,9 +202,7 @@ class LabelledRegionScore:
     @property
     def rank(self) -> int:
         """The ensemble's place among its members by Dice (1: no member better); 0 when not measured."""
-        if not self.dice_members or self.dice != self.dice:
-            return 0
-        return 1 + sum(d > self.dice for d in self.dice_members)
+        return _rank(self.dice, self.dice_members)
 
 
 @dataclass(frozen=True)
@@ -314,18 +323,7 @@ def fit_threshold(
         d = _dice(truth, prob >= t)
         return -1.0 if d != d else d
 
-    before = pooled(current)
-    scores = [(pooled(t), -abs(t - current), t) for t in candidates]
-    best, _, t_best = max(scores)
-    adopted = best >= before + min_gain
-    return ThresholdFit(
-        before=current,
-        after=float(t_best) if adopted else current,
-        score_before=before,
-        score_after=best if adopted else before,
-        labelled=int(truth.size),
-        adopted=adopted,
-    )
+    return _best_threshold(pooled, current, candidates, min_gain, int(truth.size), "Dice")
 
 
 def score_regions_on_labels(

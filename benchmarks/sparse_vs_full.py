@@ -112,12 +112,28 @@ def known_pixels(labels: SlideLabels, *, input_mpp: float, mpp: float, known_rad
     return int(known.sum())
 
 
-def mean_f1(model_dir: Path, slides: list[Path]) -> tuple[float, list[float], list[float]]:
-    """(mean F1, per-slide F1, per-slide TPS absolute error) as ``pdl1 eval nuclei`` scores them."""
+@dataclass(frozen=True)
+class NucleiScores:
+    """Per slide, as ``pdl1 eval nuclei`` scores them: detection F1 (class-agnostic, the acceptance's),
+    the mean over classes of the class-aware F1, and the TPS absolute error (points)."""
+
+    f1: list[float]
+    class_f1_mean: list[float]
+    tps_abs_error: list[float | None]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.f1))
+
+
+def nuclei_scores(model_dir: Path, slides: list[Path]) -> NucleiScores:
     ensemble = Ensemble.load(model_dir, task="nuclei")
     results = [evaluate_nuclei(s, ensemble, radius_um=RADIUS_UM) for s in slides]
-    f1 = [r.overall.f1 for r in results]
-    return float(np.mean(f1)), f1, [r.tps_abs_error for r in results]
+    return NucleiScores(
+        f1=[r.overall.f1 for r in results],
+        class_f1_mean=[float(np.mean([c.f1 for c in r.per_class])) for r in results],
+        tps_abs_error=[r.tps_abs_error for r in results],
+    )
 
 
 def _seg_config(args: argparse.Namespace, out: Path, slides: tuple[str, ...]) -> SegTrainConfig:
@@ -198,8 +214,8 @@ def run_nuclei(args: argparse.Namespace, phantoms: Phantoms, mpp: float) -> dict
     for arm, labels in arms.items():
         config = _nuclei_config(args, args.work / f"nuclei_{arm}_{args.tag}", tuple(lab.slide for lab in labels))
         _, seconds = train_or_reuse(config, labels, train=train_nuclei)
-        val_mean, val, _ = mean_f1(Path(config.out_dir), phantoms.validation)
-        held_mean, held, tps_err = mean_f1(Path(config.out_dir), phantoms.held_out)
+        val = nuclei_scores(Path(config.out_dir), phantoms.validation)
+        held = nuclei_scores(Path(config.out_dir), phantoms.held_out)
         result[arm] = {
             "labels": [lab.source for lab in labels],
             "points": [len(lab.points_xy) for lab in labels],
@@ -208,11 +224,13 @@ def run_nuclei(args: argparse.Namespace, phantoms: Phantoms, mpp: float) -> dict
                 known_pixels(lab, input_mpp=config.input_mpp, mpp=mpp, known_radius_um=config.known_radius_um)
                 for lab in labels
             ),
-            "validation_f1": val,
-            "validation_mean": val_mean,
-            "held_out_f1": held,
-            "held_out_mean": held_mean,
-            "held_out_tps_abs_error": tps_err,
+            "validation_f1": val.f1,
+            "validation_mean": val.mean,
+            "validation_class_f1_mean": val.class_f1_mean,
+            "held_out_f1": held.f1,
+            "held_out_mean": held.mean,
+            "held_out_class_f1_mean": held.class_f1_mean,
+            "held_out_tps_abs_error": held.tps_abs_error,
             "train_seconds": seconds,
             "config": {k: v for k, v in asdict(config).items() if k != "out_dir"},
         }
@@ -285,6 +303,14 @@ def main() -> None:
         else:
             record["nuclei"] = run_nuclei(args, phantoms, mpp)
             _print_task("nuclei", "F1", record["nuclei"], "points")
+            for arm in ("full", "sparse"):
+                r = record["nuclei"][arm]
+                print(
+                    f"  nuclei {arm}, held out: class-aware F1 (mean of classes) "
+                    + " ".join(f"{v:.4f}" for v in r["held_out_class_f1_mean"])
+                    + f" (mean {np.mean(r['held_out_class_f1_mean']):.4f}); TPS absolute error "
+                    + " ".join("n/a" if v is None else f"{v:.1f}" for v in r["held_out_tps_abs_error"])
+                )
         out_json.write_text(json.dumps(record, indent=1))
     print(f"written {out_json}")
 

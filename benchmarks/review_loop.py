@@ -53,7 +53,7 @@ import numpy as np
 import shapely
 from shapely.geometry.base import BaseGeometry
 
-from benchmarks.shift_finetune import phantom_at, train_or_reuse
+from benchmarks.truth_labels import phantom_once, train_or_reuse
 from bridge.classes import BY_NAME, PDL1_FN_CANDIDATE, PDL1_NEGATIVE, PDL1_POSITIVE
 from bridge.labels import LabelRules, read_geojson_labels
 from bridge.qupath_geojson import QuPathObject, read_features, to_feature, write_features
@@ -150,10 +150,10 @@ def make_phantoms(work: Path, *, size: int) -> Phantoms:
 
     def domain(name: str, seed: int, tps: int) -> Path:
         spec = PhantomSpec(size, size, seed=seed, tps_percent=tps, shift=SHIFT, weak_fraction=WEAK_FRACTION)
-        return phantom_at(work / f"{name}_{seed}.svs", spec)
+        return phantom_once(work / f"{name}_{seed}.svs", spec)
 
     def normal(name: str, seed: int, tps: int) -> Path:
-        return phantom_at(work / f"{name}_{seed}.svs", PhantomSpec(size, size, seed=seed, tps_percent=tps))
+        return phantom_once(work / f"{name}_{seed}.svs", PhantomSpec(size, size, seed=seed, tps_percent=tps))
 
     return Phantoms(
         review=[domain("review", s, t) for s, t in REVIEW],

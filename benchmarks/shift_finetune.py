@@ -28,30 +28,19 @@ configuration is reused (its manifest records it).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import shutil
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import shapely
 
-from bridge.labels import LabelRules, labels_from_objects
-from bridge.qupath_geojson import QuPathObject
-from inference.analysis.vectorize import mask_to_polygons
+from benchmarks.truth_labels import phantom_once, sparse_truth_labels, train_or_reuse
 from inference.evaluation.evaluate import evaluate_segmentation
 from inference.models.ensemble import Ensemble, demo_model_dir
-from inference.phantom.pyramid import write_phantom
 from inference.phantom.scene import PhantomSpec
-from inference.phantom.truth import load_truth, truth_dir_for
-from inference.phantom.truth_tissue import truth_tissue_mask
-from inference.slides.slide import open_slide
-from inference.training.labels import SlideLabels, labels_digest
 from inference.training.pseudo import UnlabeledSlide
-from inference.training.train_seg import SegTrainConfig, train_segmentation
+from inference.training.train_seg import SegTrainConfig
 
 SHIFT = 0.8
 TRAIN = ((841, 30), (842, 50), (843, 70))
@@ -80,19 +69,11 @@ class Phantoms:
     held_unshifted: list[Path]
 
 
-def phantom_at(path: Path, spec: PhantomSpec) -> Path:
-    """The phantom ``spec`` at ``path``, written unless its truth is already there (a second run reuses it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not (truth_dir_for(path) / "truth.json").is_file():
-        write_phantom(path, spec)
-    return path
-
-
 def make_phantoms(work: Path, *, size: int) -> Phantoms:
     """The phantoms of the module docstring under ``work`` (kept: a second run reuses them)."""
 
     def phantom(name: str, seed: int, tps: int, shift: float) -> Path:
-        return phantom_at(work / f"{name}.svs", PhantomSpec(size, size, seed=seed, tps_percent=tps, shift=shift))
+        return phantom_once(work / f"{name}.svs", PhantomSpec(size, size, seed=seed, tps_percent=tps, shift=shift))
 
     return Phantoms(
         train=[phantom(f"train_{s}", s, t, SHIFT) for s, t in TRAIN],
@@ -105,59 +86,10 @@ def make_phantoms(work: Path, *, size: int) -> Phantoms:
     )
 
 
-def sparse_truth_labels(slide: Path, *, regions: int, region_um: float, seed: int) -> SlideLabels:
-    """``regions`` square training regions of ``region_um`` µm centred on true tissue (seeded), each with the
-    true positive area inside it drawn as ``PD-L1 positive``; read as a QuPath export of them is."""
-    truth = load_truth(slide)
-    with open_slide(slide) as s:
-        width, height = s.dimensions
-        mpp = s.mpp.mean
-    ds = truth.mask_downsample
-    tissue_rc = np.argwhere(truth_tissue_mask(truth))
-    rng = np.random.default_rng(seed)
-    half = region_um / mpp / 2
-    positive = shapely.union_all(mask_to_polygons(truth.positive_mask.astype(bool), downsample=ds)[0])
-    objects = []
-    for r, c in tissue_rc[rng.choice(len(tissue_rc), size=regions, replace=False)]:
-        cx = min(max((c + 0.5) * ds, half), width - half)
-        cy = min(max((r + 0.5) * ds, half), height - half)
-        box = shapely.box(cx - half, cy - half, cx + half, cy + half)
-        objects.append(QuPathObject(box, "annotation", "Training region"))
-        inside = positive.intersection(box)
-        for poly in getattr(inside, "geoms", [inside]):
-            if poly.geom_type == "Polygon" and not poly.is_empty:
-                objects.append(QuPathObject(poly, "annotation", "PD-L1 positive"))
-    return labels_from_objects(
-        objects,
-        slide=str(slide),
-        image_size_px=(width, height),
-        rules=LabelRules(points=False),
-        source=f"truth of {slide.name}, {regions} regions of {region_um:g} µm",
-        mpp=mpp,
-    )
-
-
 def mean_dice(model_dir: Path, slides: list[Path]) -> tuple[float, list[float]]:
     ensemble = Ensemble.load(model_dir, task="segmentation")
     per_slide = [evaluate_segmentation(s, ensemble)[0].dice_ensemble for s in slides]
     return float(np.mean(per_slide)), per_slide
-
-
-def train_or_reuse(config: SegTrainConfig, labels: list[SlideLabels]) -> tuple[dict, float | None]:
-    """(the manifest's training record, seconds trained; None when a folder of the same config was reused)."""
-    out = Path(config.out_dir)
-    wanted = json.loads(json.dumps({k: v for k, v in asdict(config).items() if k != "out_dir"}))
-    manifest = out / "manifest.json"
-    if manifest.is_file():
-        training = json.loads(manifest.read_text())["training"]
-        same_labels = [d.get("labels_sha256") for d in training["data"]] == [labels_digest(lab) for lab in labels]
-        if training["config"] == wanted and same_labels:
-            return training, None
-    shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    train_segmentation(config, labels=labels)
-    seconds = time.perf_counter() - t0
-    return json.loads(manifest.read_text())["training"], seconds
 
 
 SETS = ("val_shifted", "val_unshifted", "held_shifted", "held_unshifted")

@@ -25,7 +25,6 @@ from inference.analysis.nuclei import NucleiConfig, detect_nuclei, intensity_lim
 from inference.analysis.pairs import IHC_CELL_RADIUS_UM, cells_area
 from inference.analysis.points import INSUFFICIENT, MIN_TUMOUR_NUCLEI, tumour_proportion_score
 from inference.analysis.regions import (
-    OFF_TUMOUR_MIN_POSITIVE_PCT,
     mask_on_maps,
     positive_off_tumour_pct,
     positive_regions,
@@ -35,6 +34,7 @@ from inference.analysis.segment import SegmentConfig, segment_slide
 from inference.analysis.sua import SuaParams, find_candidates
 from inference.analysis.tiling import validate_roi
 from inference.errors import SlideFormatError, StainError
+from inference.evaluation.review import scores_at_limit, slide_review_scores
 from inference.models.ensemble import Ensemble, demo_model_dir
 from inference.models.features import capture_tile_features
 from inference.models.manifest import STAINS, Manifest
@@ -123,6 +123,13 @@ DEFAULT_REVIEW_RULE = {
     "review_positive_off_tumour_pct": 50.0,
 }
 
+# What each score of DEFAULT_REVIEW_RULE says when it is at its limit (a slide's review reason).
+REVIEW_REASONS = {
+    "review_entropy": "segmentation uncertainty",
+    "review_candidate_area_pct": "SUA candidate area %",
+    "review_positive_area_pct": "small predicted positive area % (at or below the limit)",
+    "review_positive_off_tumour_pct": "predicted positive area away from tumour cells % (the TPS does not see it)",
+}
 # An IHC slide is flagged for review when its cells' mean ensemble entropy (nats, of the class distribution)
 # reaches this, unless the model's manifest states a calibrated limit.
 DEFAULT_IHC_REVIEW_ENTROPY = 0.35
@@ -457,34 +464,22 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
     reasons = tissue_reasons(tissue, roi)
     if nuclei is not None and tps is not None and tps.category == INSUFFICIENT:
         reasons.append({"reason": "fewer than 100 tumour cells", "value": tps.tumour, "limit": MIN_TUMOUR_NUCLEI})
-    if mean_pe is not None and mean_pe >= review["review_entropy"]:
-        reasons.append({"reason": "segmentation uncertainty", "value": mean_pe, "limit": review["review_entropy"]})
-    if candidate_pct >= review["review_candidate_area_pct"]:
-        reasons.append(
-            {"reason": "SUA candidate area %", "value": candidate_pct, "limit": review["review_candidate_area_pct"]}
-        )
-    positive_pct = 100 * float(positive.sum() * px_area_um2) / analysed_area if analysed_area > 0 else 0.0
-    if analysed_area > 0 and positive_pct <= review["review_positive_area_pct"]:
-        reasons.append(
-            {
-                "reason": "small predicted positive area % (at or below the limit)",
-                "value": positive_pct,
-                "limit": review["review_positive_area_pct"],
-            }
-        )
+    positive_pct = 100 * float(positive.sum() * px_area_um2) / analysed_area if analysed_area > 0 else None
     off_tumour_pct = None
     if nuclei is not None:
         # The positive area the predicted TPS does not see: the maps call it positive, the nuclei model finds no
         # tumour cell there (stroma or immune cells called PD-L1 positive, or tumour the nuclei model missed).
         off_tumour_pct = positive_off_tumour_pct(positive, nuclei.tumour_xy(), maps, level0_mpp=slide.mpp.mean)
-        if positive_pct >= OFF_TUMOUR_MIN_POSITIVE_PCT and off_tumour_pct >= review["review_positive_off_tumour_pct"]:
-            reasons.append(
-                {
-                    "reason": "predicted positive area away from tumour cells % (the TPS does not see it)",
-                    "value": off_tumour_pct,
-                    "limit": review["review_positive_off_tumour_pct"],
-                }
-            )
+    scores = slide_review_scores(
+        mean_entropy=mean_pe,
+        candidate_area_pct=candidate_pct,
+        positive_area_pct=positive_pct,
+        positive_off_tumour_pct=off_tumour_pct,
+    )
+    reasons += [
+        {"reason": REVIEW_REASONS[key], "value": scores[key], "limit": review[key]}
+        for key in scores_at_limit(scores, review)
+    ]
     flag = bool(reasons)
     summary = {
         "review_reasons": reasons,

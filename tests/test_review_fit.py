@@ -70,3 +70,34 @@ def test_slides_another_rule_flags_count_as_caught_and_as_false_alarms():
     assert fit.catch == 1.0 and fit.false_alarm == 1 / 3 and fit.limits == {"entropy": 0.9}
     with pytest.raises(ValueError, match="already needs one value per slide"):
         fit_review_limits({"entropy": entropy}, failed, already=domain[:2])
+
+
+def test_pdl1_run_and_the_suite_take_their_review_scores_from_one_place():
+    from inference.evaluation.review import scores_at_limit, slide_review_scores
+
+    rule = {
+        "review_entropy": 0.45,
+        "review_candidate_area_pct": 2.0,
+        "review_positive_area_pct": 0.5,
+        "review_positive_off_tumour_pct": 50.0,
+    }
+    # The off-tumour share counts only with at least 1 % positive area: below, it measures a few pixels' edges.
+    specks = slide_review_scores(
+        mean_entropy=0.1, candidate_area_pct=0.0, positive_area_pct=0.8, positive_off_tumour_pct=90.0
+    )
+    assert "review_positive_off_tumour_pct" not in specks
+    assert scores_at_limit(specks, rule) == []
+    stroma = slide_review_scores(
+        mean_entropy=0.5, candidate_area_pct=3.0, positive_area_pct=40.0, positive_off_tumour_pct=87.0
+    )
+    assert scores_at_limit(stroma, rule) == [
+        "review_entropy",
+        "review_candidate_area_pct",
+        "review_positive_off_tumour_pct",
+    ]
+    # Nothing analysed: neither entropy nor positive share is a score; a score without a limit never flags.
+    empty = slide_review_scores(
+        mean_entropy=None, candidate_area_pct=0.0, positive_area_pct=None, positive_off_tumour_pct=None
+    )
+    assert empty == {"review_candidate_area_pct": 0.0}
+    assert scores_at_limit({"review_positive_area_pct": 0.1}, {"review_entropy": 0.45}) == []

@@ -21,7 +21,7 @@ from inference.analysis.points import (
     tps_category,
     tumour_proportion_score,
 )
-from inference.analysis.regions import OFF_TUMOUR_MIN_POSITIVE_PCT, mask_on_maps, positive_off_tumour_pct
+from inference.analysis.regions import mask_on_maps, positive_off_tumour_pct
 from inference.analysis.registration import register_slides
 from inference.analysis.segment import SegmentConfig, segment_slide
 from inference.analysis.sua import (
@@ -42,7 +42,8 @@ from inference.evaluation.review import (
     TARGET_FALSE_ALARM,
     ReviewFit,
     fit_review_limits,
-    flags,
+    scores_at_limit,
+    slide_review_scores,
 )
 from inference.models.ensemble import Ensemble
 from inference.models.features import capture_tile_features
@@ -528,10 +529,11 @@ def evaluate_slide_suite(
     tps_predicted = off_tumour = None
     if nuclei_model is not None:
         tps_predicted, off_tumour = _predicted_tps(slide_path, scored, nuclei_model, threshold=sua.upper)
-    off_tumour_flag = (
-        off_tumour is not None
-        and positive_pct >= OFF_TUMOUR_MIN_POSITIVE_PCT
-        and off_tumour >= review.get("review_positive_off_tumour_pct", REVIEW_NEVER)
+    qc_scores = slide_review_scores(
+        mean_entropy=mean_pe,
+        candidate_area_pct=100 * cand_area / max(analysed_um2, 1e-9),
+        positive_area_pct=positive_pct,
+        positive_off_tumour_pct=off_tumour,
     )
     return SlideEvaluation(
         slide=Path(slide_path).name,
@@ -549,22 +551,7 @@ def evaluate_slide_suite(
         npr_is_fn=npr_is_false_negative(labels, n, truth, min_fraction=min_fraction),
         candidates=len(candidates),
         # As pdl1 run flags the slide: the domain guard's reasons, or a QC score at its limit.
-        needs_review=bool(
-            scored.out_of_domain
-            or off_tumour_flag
-            or flags(
-                {
-                    "review_entropy": np.array([mean_pe]),
-                    "review_candidate_area_pct": np.array([100 * cand_area / max(analysed_um2, 1e-9)]),
-                    "review_positive_area_pct": np.array([positive_pct]),
-                },
-                {
-                    "review_entropy": review["review_entropy"],
-                    "review_candidate_area_pct": review["review_candidate_area_pct"],
-                    "review_positive_area_pct": review.get("review_positive_area_pct", NEVER_BELOW),
-                },
-            )[0]
-        ),
+        needs_review=scored.out_of_domain or bool(scores_at_limit(qc_scores, review)),
         maps=maps,
         truth=truth,
         region=region,

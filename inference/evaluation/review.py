@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from inference.analysis.regions import OFF_TUMOUR_MIN_POSITIVE_PCT
+
 # #32's target: catch at least this share of failed slides ...
 TARGET_CATCH = 0.9
 # ... at no more than this share of false alarms on the slides that were right.
@@ -49,6 +51,39 @@ def flags(scores: dict[str, np.ndarray], limits: dict[str, float]) -> np.ndarray
     for name, limit in limits.items():
         out |= _flagged(name, np.asarray(scores[name], np.float64), limit)
     return out
+
+
+def slide_review_scores(
+    *,
+    mean_entropy: float | None,
+    candidate_area_pct: float,
+    positive_area_pct: float | None,
+    positive_off_tumour_pct: float | None,
+) -> dict[str, float]:
+    """One H&E slide's values of the review rule's scores, keyed as the rule's limits (``review_...``).
+
+    A score that does not apply is left out: no entropy or positive share without analysed tissue, no
+    off-tumour share without nuclei or below :data:`OFF_TUMOUR_MIN_POSITIVE_PCT` of positive area (there it
+    measures a few map pixels' edges). ``pdl1 run`` and the evaluation suite flag from the same values.
+    """
+    scores = {} if mean_entropy is None else {"review_entropy": mean_entropy}
+    scores["review_candidate_area_pct"] = candidate_area_pct
+    if positive_area_pct is not None:
+        scores["review_positive_area_pct"] = positive_area_pct
+        if positive_off_tumour_pct is not None and positive_area_pct >= OFF_TUMOUR_MIN_POSITIVE_PCT:
+            scores["review_positive_off_tumour_pct"] = positive_off_tumour_pct
+    return scores
+
+
+def scores_at_limit(scores: dict[str, float], limits: dict[str, float]) -> list[str]:
+    """The names in ``scores`` at their limit in ``limits`` (at or below it for :data:`FLAG_AT_OR_BELOW`),
+    in ``scores``' order; a score without a limit never flags.
+
+    >>> scores_at_limit({"review_entropy": 0.5, "review_positive_area_pct": 0.2},
+    ...                 {"review_entropy": 0.45, "review_positive_area_pct": 0.3})
+    ['review_entropy', 'review_positive_area_pct']
+    """
+    return [k for k, v in scores.items() if k in limits and bool(_flagged(k, np.asarray(v), limits[k]))]
 
 
 def _flagged(name: str, values: np.ndarray, limit: float) -> np.ndarray:

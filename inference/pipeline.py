@@ -23,7 +23,12 @@ from inference.analysis.domain import DomainAssessment, assess_domain, slide_sta
 from inference.analysis.ihc import IMMUNE_POSITIVE, combined_positive_score, h_score
 from inference.analysis.nuclei import NucleiConfig, detect_nuclei, intensity_limits_od, pdl1_from_maps
 from inference.analysis.pairs import IHC_CELL_RADIUS_UM, cells_area
-from inference.analysis.points import INSUFFICIENT, MIN_TUMOUR_NUCLEI, tumour_proportion_score
+from inference.analysis.points import (
+    INSUFFICIENT,
+    MIN_TUMOUR_NUCLEI,
+    tps_member_disagreement,
+    tumour_proportion_score,
+)
 from inference.analysis.regions import (
     mask_on_maps,
     positive_off_tumour_pct,
@@ -116,11 +121,16 @@ class PipelineConfig:
 # tumour nucleus, which the predicted TPS does not see. Not fitted (phantoms cannot fail this way: their
 # positive areas are tumour); half the positive area, where 32 phantoms of shift 0-1 with >= 1 % positive area
 # reach 0-29 % and the real CMU H&E, called positive over its stroma, 87 %.
+# review_tps_member_disagreement: the share of ensemble members whose own TPS falls in another category (< 1 %,
+# 1-49 %, >= 50 %) than the ensemble's; at 0.4, two of five members. Not fitted: it says the category a pathologist
+# reads is not settled, which is a reason to look whatever a phantom set scores (one member of five across a
+# cut-off is common on correct slides near 1 %: 2 of 15 correct validation phantoms c1600-c1629).
 DEFAULT_REVIEW_RULE = {
     "review_entropy": 0.45,
     "review_candidate_area_pct": 2.0,
     "review_positive_area_pct": -1.0,
     "review_positive_off_tumour_pct": 50.0,
+    "review_tps_member_disagreement": 0.4,
 }
 
 # What each score of DEFAULT_REVIEW_RULE says when it is at its limit (a slide's review reason).
@@ -129,6 +139,7 @@ REVIEW_REASONS = {
     "review_candidate_area_pct": "SUA candidate area %",
     "review_positive_area_pct": "small predicted positive area % (at or below the limit)",
     "review_positive_off_tumour_pct": "predicted positive area away from tumour cells % (the TPS does not see it)",
+    "review_tps_member_disagreement": "ensemble members disagree on the TPS category (share of members)",
 }
 # An IHC slide is flagged for review when its cells' mean ensemble entropy (nats, of the class distribution)
 # reaches this, unless the model's manifest states a calibrated limit.
@@ -475,6 +486,7 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
         candidate_area_pct=candidate_pct,
         positive_area_pct=positive_pct,
         positive_off_tumour_pct=off_tumour_pct,
+        tps_member_disagreement=None if tps is None else tps_member_disagreement(tps.percent, member_tps),
     )
     reasons += [
         {"reason": REVIEW_REASONS[key], "value": scores[key], "limit": review[key]}
@@ -559,8 +571,17 @@ def _analyse_ihc(slide, *, models, config, roi, on_progress, should_cancel) -> S
         reasons.append({"reason": "fewer than 100 tumour cells", "value": tps.tumour, "limit": MIN_TUMOUR_NUCLEI})
     if mean_entropy is not None and mean_entropy >= limit:
         reasons.append({"reason": "nuclei uncertainty", "value": mean_entropy, "limit": limit})
+    member_tps = [t for t in nuclei.member_tps() if t is not None]
+    disagreement = tps_member_disagreement(tps.percent, member_tps)
+    key = "review_tps_member_disagreement"
+    disagreement_limit = float(manifest.thresholds.get(key, DEFAULT_REVIEW_RULE[key]))
+    if disagreement is not None and disagreement >= disagreement_limit:
+        reasons.append({"reason": REVIEW_REASONS[key], "value": disagreement, "limit": disagreement_limit})
     summary = {
         "nuclei_entropy_mean": mean_entropy,
+        "tps_members": member_tps,
+        "tps_low": min(member_tps) if member_tps else None,
+        "tps_high": max(member_tps) if member_tps else None,
         "review_reasons": reasons,
         "h_score": h_score(grades),
         "intensity_counts": {f"{g}+": int((grades == g).sum()) for g in (1, 2, 3)},

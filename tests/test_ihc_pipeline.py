@@ -181,3 +181,31 @@ def test_the_real_aperio_h_and_e_goes_the_h_and_e_path_and_is_out_of_the_phantom
     domain = result.summary["domain"]
     assert domain["measured"] and domain["out_of_domain_score"] >= domain["limit"]
     assert result.uncertainty_flag
+
+
+def test_ihc_members_that_disagree_on_the_tps_category_are_a_review_reason(ihc_pair, tmp_path):
+    import dataclasses
+    import shutil
+
+    from inference import demo_model_dir
+    from inference.analysis.points import tps_member_disagreement
+    from inference.models.manifest import read_manifest, write_manifest
+
+    _, ihc = ihc_pair
+    plain = analyse_slide(ihc, models=Models(PipelineConfig(device="cpu")), config=PipelineConfig(device="cpu"))
+    members = plain.summary["tps_members"]
+    assert len(members) == len(read_manifest(demo_model_dir("nuclei-ihc")).members) > 1
+    # Each member classes the cells alone; the ensemble (mean probabilities) need not lie inside their range.
+    assert plain.summary["tps_low"] == min(members) <= max(members) == plain.summary["tps_high"]
+    assert abs(plain.tps.percent - sum(members) / len(members)) < 5
+    # TPS 40 with members close together: one category, so no reason at the default limit (two of five).
+    assert tps_member_disagreement(plain.tps.percent, members) == 0.0
+    assert not [r for r in plain.summary["review_reasons"] if "disagree on the TPS category" in r["reason"]]
+    # With the limit at 0 the same slide is flagged, value and limit stated (a copy: the demo is read-only).
+    model = tmp_path / "ihc"
+    shutil.copytree(demo_model_dir("nuclei-ihc"), model)
+    write_manifest(model, read_manifest(model).with_thresholds(review_tps_member_disagreement=0.0))
+    config = dataclasses.replace(PipelineConfig(device="cpu"), ihc_model_dir=str(model))
+    result = analyse_slide(ihc, models=Models(config), config=config)
+    (reason,) = [r for r in result.summary["review_reasons"] if "disagree on the TPS category" in r["reason"]]
+    assert reason["value"] == 0.0 == reason["limit"] and result.uncertainty_flag

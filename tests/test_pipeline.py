@@ -164,3 +164,29 @@ def test_positive_area_away_from_tumour_cells_is_measured_and_a_reason_over_its_
         result = analyse_slide(slide, models=Models(config), config=config, image_stain="H&E")
     (reason,) = [r for r in result.summary["review_reasons"] if "away from tumour" in r["reason"]]
     assert reason["value"] == result.summary["positive_off_tumour_pct"] >= reason["limit"] == 0.0
+
+
+def test_members_that_disagree_on_the_predicted_tps_category_are_a_review_reason(models, phantom_svs, tmp_path):
+    import dataclasses
+    import shutil
+
+    from inference import Models, demo_model_dir
+    from inference.analysis.points import tps_member_disagreement
+    from inference.models.manifest import read_manifest, write_manifest
+    from inference.pipeline import DEFAULT_REVIEW_RULE
+    from inference.slides.slide import open_slide
+
+    assert DEFAULT_REVIEW_RULE["review_tps_member_disagreement"] == 0.4  # two of five members
+    with open_slide(phantom_svs) as slide:
+        plain = analyse_slide(slide, models=models, config=PipelineConfig(device="cpu"), image_stain="H&E")
+    disagreement = tps_member_disagreement(plain.tps.percent, plain.summary["tps_members"])
+    assert disagreement is not None and disagreement < 0.4
+    assert not [r for r in plain.summary["review_reasons"] if "disagree on the TPS category" in r["reason"]]
+    seg = tmp_path / "seg"
+    shutil.copytree(demo_model_dir("seg"), seg)
+    write_manifest(seg, read_manifest(seg).with_thresholds(review_tps_member_disagreement=0.0))
+    config = dataclasses.replace(PipelineConfig(device="cpu"), seg_model_dir=str(seg))
+    with open_slide(phantom_svs) as slide:
+        result = analyse_slide(slide, models=Models(config), config=config, image_stain="H&E")
+    (reason,) = [r for r in result.summary["review_reasons"] if "disagree on the TPS category" in r["reason"]]
+    assert reason["value"] == disagreement and reason["limit"] == 0.0 and result.uncertainty_flag

@@ -101,3 +101,33 @@ def test_pdl1_run_and_the_suite_take_their_review_scores_from_one_place():
     )
     assert empty == {"review_candidate_area_pct": 0.0}
     assert scores_at_limit({"review_positive_area_pct": 0.1}, {"review_entropy": 0.45}) == []
+
+
+def test_the_members_disagreement_on_the_tps_category_is_a_score_where_there_are_nuclei():
+    from inference.analysis.points import tps_member_disagreement
+    from inference.evaluation.review import scores_at_limit, slide_review_scores
+
+    rule = {"review_candidate_area_pct": 2.0, "review_tps_member_disagreement": 0.4}
+    # A predicted TPS of 1.07 % whose members read 0.65-1.41 %: two of five put it under the 1 % cut-off.
+    near_cutoff = tps_member_disagreement(1.07, [0.65, 0.9, 1.1, 1.2, 1.41])
+    assert near_cutoff == 0.4
+    scores = slide_review_scores(
+        mean_entropy=0.05,
+        candidate_area_pct=0.0,
+        positive_area_pct=2.0,
+        positive_off_tumour_pct=None,
+        tps_member_disagreement=near_cutoff,
+    )
+    assert scores_at_limit(scores, rule) == ["review_tps_member_disagreement"]
+    # One member of five across a cut-off is common near 1 % on correct slides: under the limit.
+    assert scores_at_limit({"review_tps_member_disagreement": 0.2}, rule) == []
+    # Both sides of 50 %, and members that agree.
+    assert tps_member_disagreement(58.0, [9.4, 30.0, 58.0, 70.0, 89.0]) == 0.4
+    assert tps_member_disagreement(20.0, [18.0, 19.0, 21.0, 22.0, 25.0]) == 0.0
+    # Nothing to compare: no TPS, or fewer than two members with one; then it is not a score.
+    assert tps_member_disagreement(None, [1.0, 2.0]) is None
+    assert tps_member_disagreement(5.0, [None, 4.0]) is None
+    without = slide_review_scores(
+        mean_entropy=0.05, candidate_area_pct=0.0, positive_area_pct=2.0, positive_off_tumour_pct=None
+    )
+    assert "review_tps_member_disagreement" not in without

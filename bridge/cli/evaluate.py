@@ -535,7 +535,8 @@ def calibrate(
     The review limits (mean entropy, SUA candidate area, predicted positive area) are fitted to catch at
     least 90 % of the validation slides that failed (predicted TPS in the wrong category, or positive area
     off by more than 25 %) at no more than 20 % false alarms on the others, besides what the domain guard
-    flags; the search's ROC and the chosen point are printed. Slides without both
+    flags and the slides whose ensemble members disagree on the TPS category (its limit is not fitted);
+    the search's ROC and the chosen point are printed. Slides without both
     failures and correct results leave the model's review limits as they are.
     """
     import dataclasses
@@ -605,10 +606,11 @@ def calibrate(
         f"{cal.n_false_negative} false negative)"
     )
     typer.echo(f"pixel baseline threshold {cal.pixel_threshold:.4g} (pixel F0.5 {cal.pixel_f05:.3f})")
-    for name, mean_pe, cand_pct, error, failed, positive_pct, out_of_domain in review_cal.slides:
+    for name, mean_pe, cand_pct, error, failed, positive_pct, out_of_domain, disagree in review_cal.slides:
         typer.echo(
             f"  {name}: mean entropy {mean_pe:.3f}, SUA candidates {cand_pct:.2f}% of tissue, predicted positive "
-            f"{positive_pct:.2f}% of tissue{', out of domain' if out_of_domain else ''}, positive area off by "
+            f"{positive_pct:.2f}% of tissue{', out of domain' if out_of_domain else ''}"
+            f"{', members disagree on the TPS category' if disagree else ''}, positive area off by "
             f"{error:.0%}{' (failed)' if failed else ''}"
         )
     if review_cal.fit is not None:
@@ -626,7 +628,8 @@ def calibrate(
         f"needs review at {limit('mean entropy', rule['review_entropy'])} or "
         f"{limit('SUA candidate area', rule['review_candidate_area_pct'], '% of tissue')} or "
         f"{limit('predicted positive area', rule['review_positive_area_pct'], '% of tissue', below=True)} "
-        f"or out of the training domain: {review_cal.note}"
+        f"or out of the training domain"
+        f"{' or members disagree on the TPS category' if nuclei is not None else ''}: {review_cal.note}"
     )
     typer.echo(f"wrote {Path(target) / 'manifest.json'}")
 

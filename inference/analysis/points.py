@@ -5,6 +5,7 @@ Pure functions on numpy arrays; point arrays are (N, 2) in (x, y) order.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,6 +182,24 @@ def tps_category(percent: float) -> str:
     if percent < high:
         return "1-49%"
     return ">=50%"
+
+
+def tps_member_disagreement(percent: float | None, member_percents: Sequence[float | None]) -> float | None:
+    """The share of ensemble members whose own TPS falls in another category (:func:`tps_category`) than
+    the ensemble's ``percent``: how far the members are from agreeing on the category a pathologist reads.
+
+    None where there is nothing to compare (no TPS, or fewer than two members with a TPS of their own).
+
+    >>> tps_member_disagreement(1.1, [0.6, 0.9, 1.2, 1.4, 1.3])
+    0.4
+    >>> tps_member_disagreement(30.0, [28.0, 31.0]), tps_member_disagreement(30.0, [28.0])
+    (0.0, None)
+    """
+    members = [m for m in member_percents if m is not None]
+    if percent is None or len(members) < 2:
+        return None
+    category = tps_category(percent)
+    return sum(tps_category(m) != category for m in members) / len(members)
 
 
 def tumour_proportion_score(positive: int, negative: int, *, min_tumour: int = MIN_TUMOUR_NUCLEI) -> Tps:

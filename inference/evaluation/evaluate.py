@@ -19,6 +19,7 @@ from inference.analysis.points import (
     detection_scores,
     match_points,
     tps_category,
+    tps_member_disagreement,
     tumour_proportion_score,
 )
 from inference.analysis.regions import mask_on_maps, positive_off_tumour_pct
@@ -50,6 +51,7 @@ from inference.models.features import capture_tile_features
 from inference.phantom.ihc import ihc_to_he_points
 from inference.phantom.truth import PhantomTruthData, load_truth
 from inference.phantom.truth_tissue import truth_tissue_mask
+from inference.pipeline import review_rule_for
 from inference.results import Cps, Tps, UncertaintyMaps
 from inference.slides.slide import open_slide
 from inference.slides.stain_detect import detect_slide_stain
@@ -405,17 +407,20 @@ def evaluate_registration(ihc_slide_path: str | Path, *, mpp: float = 8.0) -> Re
 
 def _predicted_tps(
     slide_path: str | Path, scored: _ScoredSlide, nuclei_model: Ensemble, *, threshold: float
-) -> tuple[float, float]:
+) -> tuple[float | None, float, float | None]:
     """The H&E's predicted TPS as ``pdl1 run`` makes it (tumour nuclei of the nuclei model in the product's
-    tissue, PD-L1 from the segmentation maps at their position, :func:`pdl1_from_maps`), and the share of the
-    predicted positive area away from tumour cells (:func:`positive_off_tumour_pct`)."""
+    tissue, PD-L1 from the segmentation maps at their position, :func:`pdl1_from_maps`), the share of the
+    predicted positive area away from tumour cells (:func:`positive_off_tumour_pct`), and the share of the
+    members whose own TPS is in another category (:func:`tps_member_disagreement`; the maps hold each
+    member's, :func:`_segment_against_truth`)."""
     with open_slide(slide_path) as slide:
         nuclei = detect_nuclei(slide, nuclei_model, tissue=scored.tissue)
         mpp = slide.mpp.mean
     nuclei = pdl1_from_maps(nuclei, scored.maps, threshold=threshold)
     tps = tumour_proportion_score(nuclei.count("Tumor: Positive"), nuclei.count("Tumor: Negative")).percent
     positive = (np.asarray(scored.maps.prob) >= threshold) & scored.analysed
-    return tps, positive_off_tumour_pct(positive, nuclei.tumour_xy(), scored.maps, level0_mpp=mpp)
+    off_tumour = positive_off_tumour_pct(positive, nuclei.tumour_xy(), scored.maps, level0_mpp=mpp)
+    return tps, off_tumour, tps_member_disagreement(tps, nuclei.member_tps())
 
 
 def _truth_tps(scored: _ScoredSlide) -> float:
@@ -467,6 +472,7 @@ class SlideEvaluation:
     tps_predicted: float | None = None  # with a nuclei model: pdl1 run's predicted TPS (H&E), % ...
     tps_truth: float | None = None  # ... and the phantom's
     positive_off_tumour_pct: float | None = None  # with a nuclei model: positive area away from tumour cells
+    tps_member_disagreement: float | None = None  # with a nuclei model: members' TPS in another category, share
 
     @property
     def tps_category_wrong(self) -> bool:
@@ -526,14 +532,15 @@ def evaluate_slide_suite(
     cand_area = sum(c.area_um2 for c in candidates)
     analysed_um2 = float(analysed.sum() * maps.mpp**2)
     positive_pct = _positive_pct(pred, analysed)
-    tps_predicted = off_tumour = None
+    tps_predicted = off_tumour = disagreement = None
     if nuclei_model is not None:
-        tps_predicted, off_tumour = _predicted_tps(slide_path, scored, nuclei_model, threshold=sua.upper)
+        tps_predicted, off_tumour, disagreement = _predicted_tps(slide_path, scored, nuclei_model, threshold=sua.upper)
     qc_scores = slide_review_scores(
         mean_entropy=mean_pe,
         candidate_area_pct=100 * cand_area / max(analysed_um2, 1e-9),
         positive_area_pct=positive_pct,
         positive_off_tumour_pct=off_tumour,
+        tps_member_disagreement=disagreement,
     )
     return SlideEvaluation(
         slide=Path(slide_path).name,
@@ -565,6 +572,7 @@ def evaluate_slide_suite(
         tps_predicted=tps_predicted,
         tps_truth=None if nuclei_model is None else _truth_tps(scored),
         positive_off_tumour_pct=off_tumour,
+        tps_member_disagreement=disagreement,
     )
 
 
@@ -580,13 +588,14 @@ class ReviewCalibration:
 
     ``limits`` is None when the slides hold no failure or no correct slide (nothing to fit on); the
     manifest's limits then stay. ``slides`` holds per slide (name, mean entropy, SUA candidate area %,
-    positive-area error, failed, predicted positive area %, out of the domain guard's limits).
+    positive-area error, failed, predicted positive area %, out of the domain guard's limits, the members'
+    disagreement on the TPS category at its limit).
     """
 
     limits: dict[str, float] | None
     fit: ReviewFit | None
     note: str
-    slides: tuple[tuple[str, float, float, float, bool, float, bool], ...]
+    slides: tuple[tuple[str, float, float, float, bool, float, bool, bool], ...]
 
 
 # A limit no slide reaches: a QC score the fitted rule does not use (JSON has no infinity) ...
@@ -616,9 +625,12 @@ def calibrate_ensemble(
     mean predictive entropy or SUA candidate area (with the SUA just calibrated) reaches its limit, or whose predicted
     positive area (% of the analysed tissue) falls to its limit, besides the slides the domain guard flags
     (its limits are set on in-domain slides, ``pdl1 domain-stats``, and taken as they are); the limits catch
-    as many failures as they can with false alarms on at most 20 % of the correct slides.
+    as many failures as they can with false alarms on at most 20 % of the correct slides. With
+    ``nuclei_model``, so do the slides whose ensemble members disagree on the TPS category at the rule's
+    limit (``review_tps_member_disagreement``, not fitted: it says the category is unsettled).
     """
     upper = ensemble.manifest.thresholds.get("segmentation", 0.5)
+    disagreement_limit = review_rule_for(ensemble.manifest)["review_tps_member_disagreement"]
     scored = []
     for path in slides:
         # On the pipeline's grid, where the thresholds will be applied (not the truth's finer one).
@@ -643,9 +655,11 @@ def calibrate_ensemble(
         cand_pct = 100 * sum(c.area_um2 for c in candidates) / max(analysed_um2, 1e-9)
         pred = np.asarray(s.maps.prob) >= upper
         error = area_error(float(np.count_nonzero(pred & s.region)), float(np.count_nonzero(s.truth)))
-        wrong_category = nuclei_model is not None and tps_category(
-            _predicted_tps(path, s, nuclei_model, threshold=upper)[0]
-        ) != tps_category(_truth_tps(s))
+        wrong_category = disagree = False
+        if nuclei_model is not None:
+            tps, _, disagreement = _predicted_tps(path, s, nuclei_model, threshold=upper)
+            wrong_category = tps_category(tps) != tps_category(_truth_tps(s))
+            disagree = disagreement is not None and disagreement >= disagreement_limit
         rows.append(
             (
                 Path(path).name,
@@ -655,6 +669,7 @@ def calibrate_ensemble(
                 error > max_area_error or wrong_category,
                 _positive_pct(pred, analysed),
                 s.out_of_domain,
+                disagree,
             )
         )
     failed = np.array([r[4] for r in rows], bool)
@@ -672,7 +687,7 @@ def calibrate_ensemble(
             "review_positive_area_pct": np.array([r[5] for r in rows]),
         },
         failed,
-        already=np.array([r[6] for r in rows], bool),
+        already=np.array([r[6] or r[7] for r in rows], bool),
     )
     limits = {k: max(v, NEVER_BELOW) if k in FLAG_AT_OR_BELOW else min(v, REVIEW_NEVER) for k, v in fit.limits.items()}
     note = (

@@ -59,12 +59,15 @@ def slide_review_scores(
     candidate_area_pct: float,
     positive_area_pct: float | None,
     positive_off_tumour_pct: float | None,
+    tps_member_disagreement: float | None = None,
 ) -> dict[str, float]:
     """One H&E slide's values of the review rule's scores, keyed as the rule's limits (``review_...``).
 
     A score that does not apply is left out: no entropy or positive share without analysed tissue, no
     off-tumour share without nuclei or below :data:`OFF_TUMOUR_MIN_POSITIVE_PCT` of positive area (there it
-    measures a few map pixels' edges). ``pdl1 run`` and the evaluation suite flag from the same values.
+    measures a few map pixels' edges), no members' disagreement on the TPS category without nuclei
+    (:func:`inference.analysis.points.tps_member_disagreement`). ``pdl1 run`` and the evaluation suite flag
+    from the same values.
     """
     scores = {} if mean_entropy is None else {"review_entropy": mean_entropy}
     scores["review_candidate_area_pct"] = candidate_area_pct
@@ -72,6 +75,8 @@ def slide_review_scores(
         scores["review_positive_area_pct"] = positive_area_pct
         if positive_off_tumour_pct is not None and positive_area_pct >= OFF_TUMOUR_MIN_POSITIVE_PCT:
             scores["review_positive_off_tumour_pct"] = positive_off_tumour_pct
+    if tps_member_disagreement is not None:
+        scores["review_tps_member_disagreement"] = tps_member_disagreement
     return scores
 
 

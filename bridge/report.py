@@ -260,12 +260,12 @@ def _fmt3(value: float | None) -> str:
 
 
 def _tps_row(r: dict) -> str:
+    spread = "" if r["tps_low"] is None else f"; members {_fmt(r['tps_low'])}-{_fmt(r['tps_high'])}%"
     if r["stain"] == "H-DAB":
         return (
-            f"<tr><th>TPS (PD-L1 IHC)</th><td>{_fmt(r['tps_percent'])}% ({html.escape(_fmt(r['tps_category']))})"
-            f"</td></tr><tr><th>CPS</th><td>{_fmt(r['cps'])}</td></tr>"
+            f"<tr><th>TPS (PD-L1 IHC)</th><td>{_fmt(r['tps_percent'])}% ({html.escape(_fmt(r['tps_category']))}"
+            f"{spread})</td></tr><tr><th>CPS</th><td>{_fmt(r['cps'])}</td></tr>"
         )
-    spread = "" if r["tps_low"] is None else f"; members {_fmt(r['tps_low'])}-{_fmt(r['tps_high'])}%"
     return (
         f"<tr><th>Predicted TPS (H&amp;E)</th><td>{_fmt(r['tps_percent'])}% "
         f"({html.escape(_fmt(r['tps_category']))}{spread}); a prediction from morphology, not an IHC score</td></tr>"

@@ -209,3 +209,13 @@ def test_ihc_members_that_disagree_on_the_tps_category_are_a_review_reason(ihc_p
     result = analyse_slide(ihc, models=Models(config), config=config)
     (reason,) = [r for r in result.summary["review_reasons"] if "disagree on the TPS category" in r["reason"]]
     assert reason["value"] == 0.0 == reason["limit"] and result.uncertainty_flag
+
+
+def test_the_report_shows_the_ihc_members_tps_range_as_for_h_and_e():
+    from bridge.report import _tps_row
+
+    row = {"stain": "H-DAB", "tps_percent": 12.0, "tps_category": "1-49%", "cps": 14.0}
+    assert "members 10.0-13.5%" in _tps_row(row | {"tps_low": 10.0, "tps_high": 13.5})
+    assert "members" not in _tps_row(row | {"tps_low": None, "tps_high": None})
+    he = _tps_row(row | {"stain": "H&E", "tps_low": 9.0, "tps_high": 15.0})
+    assert "Predicted TPS (H&amp;E)" in he and "members 9.0-15.0%" in he

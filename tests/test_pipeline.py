@@ -116,10 +116,6 @@ def test_an_h_and_e_roi_with_too_few_tumour_cells_for_a_tps_is_a_review_reason(m
 
 
 def test_a_small_predicted_positive_area_is_a_review_reason_once_a_limit_is_calibrated(models, phantom_svs, tmp_path):
-    import dataclasses
-
-    from inference import Models
-    from inference.models.manifest import read_manifest, write_manifest
     from inference.pipeline import DEFAULT_REVIEW_RULE
     from inference.slides.slide import open_slide
 
@@ -127,28 +123,13 @@ def test_a_small_predicted_positive_area_is_a_review_reason_once_a_limit_is_cali
     with open_slide(phantom_svs) as slide:
         plain = analyse_slide(slide, models=models, config=PipelineConfig(device="cpu"), image_stain="H&E")
     assert not [r for r in plain.summary["review_reasons"] if r["reason"].startswith("small predicted positive")]
-    # The demo segmentation model with a limit above this slide's positive share (a copy: the demo is read-only).
-    import shutil
-
-    from inference import demo_model_dir
-
-    seg = tmp_path / "seg"
-    shutil.copytree(demo_model_dir("seg"), seg)
-    manifest = read_manifest(seg)
-    write_manifest(seg, manifest.with_thresholds(review_positive_area_pct=100.0))
-    config = dataclasses.replace(PipelineConfig(device="cpu"), seg_model_dir=str(seg))
-    with open_slide(phantom_svs) as slide:
-        result = analyse_slide(slide, models=Models(config), config=config, image_stain="H&E")
+    # The demo segmentation model with a limit above this slide's positive share.
+    result = _analyse_with_seg_thresholds(phantom_svs, tmp_path, review_positive_area_pct=100.0)
     (reason,) = [r for r in result.summary["review_reasons"] if r["reason"].startswith("small predicted positive")]
     assert 0 < reason["value"] <= reason["limit"] == 100.0 and result.uncertainty_flag
 
 
 def test_positive_area_away_from_tumour_cells_is_measured_and_a_reason_over_its_limit(models, phantom_svs, tmp_path):
-    import dataclasses
-    import shutil
-
-    from inference import Models, demo_model_dir
-    from inference.models.manifest import read_manifest, write_manifest
     from inference.slides.slide import open_slide
 
     with open_slide(phantom_svs) as slide:
@@ -156,23 +137,13 @@ def test_positive_area_away_from_tumour_cells_is_measured_and_a_reason_over_its_
     off = plain.summary["positive_off_tumour_pct"]
     assert 0 <= off < 50  # a phantom's positive areas are tumour: the default limit (50 %) is not reached
     assert not [r for r in plain.summary["review_reasons"] if "away from tumour" in r["reason"]]
-    seg = tmp_path / "seg"
-    shutil.copytree(demo_model_dir("seg"), seg)
-    write_manifest(seg, read_manifest(seg).with_thresholds(review_positive_off_tumour_pct=0.0))
-    config = dataclasses.replace(PipelineConfig(device="cpu"), seg_model_dir=str(seg))
-    with open_slide(phantom_svs) as slide:
-        result = analyse_slide(slide, models=Models(config), config=config, image_stain="H&E")
+    result = _analyse_with_seg_thresholds(phantom_svs, tmp_path, review_positive_off_tumour_pct=0.0)
     (reason,) = [r for r in result.summary["review_reasons"] if "away from tumour" in r["reason"]]
     assert reason["value"] == result.summary["positive_off_tumour_pct"] >= reason["limit"] == 0.0
 
 
 def test_members_that_disagree_on_the_predicted_tps_category_are_a_review_reason(models, phantom_svs, tmp_path):
-    import dataclasses
-    import shutil
-
-    from inference import Models, demo_model_dir
     from inference.analysis.points import tps_member_disagreement
-    from inference.models.manifest import read_manifest, write_manifest
     from inference.pipeline import DEFAULT_REVIEW_RULE
     from inference.slides.slide import open_slide
 
@@ -182,11 +153,24 @@ def test_members_that_disagree_on_the_predicted_tps_category_are_a_review_reason
     disagreement = tps_member_disagreement(plain.tps.percent, plain.summary["tps_members"])
     assert disagreement is not None and disagreement < 0.4
     assert not [r for r in plain.summary["review_reasons"] if "disagree on the TPS category" in r["reason"]]
-    seg = tmp_path / "seg"
-    shutil.copytree(demo_model_dir("seg"), seg)
-    write_manifest(seg, read_manifest(seg).with_thresholds(review_tps_member_disagreement=0.0))
-    config = dataclasses.replace(PipelineConfig(device="cpu"), seg_model_dir=str(seg))
-    with open_slide(phantom_svs) as slide:
-        result = analyse_slide(slide, models=Models(config), config=config, image_stain="H&E")
+    result = _analyse_with_seg_thresholds(phantom_svs, tmp_path, review_tps_member_disagreement=0.0)
     (reason,) = [r for r in result.summary["review_reasons"] if "disagree on the TPS category" in r["reason"]]
     assert reason["value"] == disagreement and reason["limit"] == 0.0 and result.uncertainty_flag
+
+
+def _analyse_with_seg_thresholds(phantom_svs, tmp_path, **thresholds):
+    """``phantom_svs`` analysed as H&E by a copy of the demo segmentation model (the demo is read-only) whose
+    manifest states ``thresholds``."""
+    import dataclasses
+    import shutil
+
+    from inference import Models, demo_model_dir
+    from inference.models.manifest import read_manifest, write_manifest
+    from inference.slides.slide import open_slide
+
+    seg = tmp_path / "seg"
+    shutil.copytree(demo_model_dir("seg"), seg)
+    write_manifest(seg, read_manifest(seg).with_thresholds(**thresholds))
+    config = dataclasses.replace(PipelineConfig(device="cpu"), seg_model_dir=str(seg))
+    with open_slide(phantom_svs) as slide:
+        return analyse_slide(slide, models=Models(config), config=config, image_stain="H&E")

@@ -48,6 +48,7 @@ import torch
 
 from benchmarks.shift_finetune import mean_dice
 from benchmarks.truth_labels import (
+    PLACEMENTS,
     full_truth_labels,
     phantom_once,
     sparse_truth_labels,
@@ -171,7 +172,9 @@ def run_seg(args: argparse.Namespace, phantoms: Phantoms, mpp: float) -> dict:
     arms = {
         "full": [full_truth_labels(p) for p in phantoms.train],
         "sparse": [
-            sparse_truth_labels(p, regions=args.regions, region_um=args.region_um, seed=args.seed + i)
+            sparse_truth_labels(
+                p, regions=args.regions, region_um=args.region_um, seed=args.seed + i, placement=args.region_placement
+            )
             for i, p in enumerate(phantoms.train)
         ],
     }
@@ -265,6 +268,12 @@ def main() -> None:
     parser.add_argument("--tag", default="a", help="names the model folders of a variant")
     parser.add_argument("--regions", type=int, default=3, help="segmentation: training regions per slide")
     parser.add_argument("--region-um", type=float, default=200.0, help="segmentation: training region edge, µm")
+    parser.add_argument(
+        "--region-placement",
+        default="random",
+        choices=PLACEMENTS,
+        help="segmentation: regions on random tissue, or the first on a true positive pixel",
+    )
     parser.add_argument("--seg-iterations", type=int, default=40, help="segmentation: iterations per epoch")
     parser.add_argument(
         "--seg-first-epochs", type=int, default=24, help="segmentation: epochs of the dropped first cycle"

@@ -41,6 +41,10 @@ def phantom_once(path: Path, spec: PhantomSpec) -> Path:
     return path
 
 
+# How region_boxes places its squares.
+PLACEMENTS = ("random", "positive-first")
+
+
 def region_boxes(
     truth: PhantomTruthData,
     *,
@@ -49,15 +53,24 @@ def region_boxes(
     regions: int,
     region_um: float,
     rng: np.random.Generator,
+    placement: str = "random",
 ) -> list[shapely.Polygon]:
     """``regions`` squares of ``region_um`` µm (level-0 px) centred on distinct true tissue pixels, kept inside
-    the image (a square near the edge is moved in)."""
+    the image (a square near the edge is moved in). ``placement="positive-first"`` centres the first on a true
+    positive pixel (where the slide has one), as a person drawing a few regions makes sure one covers the
+    positive class; the rest stay random."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     width, height = image_size_px
     ds = truth.mask_downsample
     tissue_rc = np.argwhere(truth_tissue_mask(truth))
     half = region_um / mpp / 2
+    centres = tissue_rc[rng.choice(len(tissue_rc), size=regions, replace=False)]
+    positive_rc = np.argwhere(truth.positive_mask)
+    if placement == "positive-first" and len(positive_rc):
+        centres[0] = positive_rc[rng.integers(len(positive_rc))]
     boxes = []
-    for r, c in tissue_rc[rng.choice(len(tissue_rc), size=regions, replace=False)]:
+    for r, c in centres:
         cx = min(max((c + 0.5) * ds, half), width - half)
         cy = min(max((r + 0.5) * ds, half), height - half)
         boxes.append(shapely.box(cx - half, cy - half, cx + half, cy + half))
@@ -83,15 +96,21 @@ def _true_positive_area(truth: PhantomTruthData) -> shapely.Geometry:
     return shapely.union_all(mask_to_polygons(truth.positive_mask.astype(bool), downsample=truth.mask_downsample)[0])
 
 
-def sparse_truth_labels(slide: Path, *, regions: int, region_um: float, seed: int) -> SlideLabels:
-    """``regions`` square training regions of ``region_um`` µm centred on true tissue (seeded), each with the
-    true positive area inside it drawn as ``PD-L1 positive``; read as a QuPath export of them is."""
+def sparse_truth_labels(
+    slide: Path, *, regions: int, region_um: float, seed: int, placement: str = "random"
+) -> SlideLabels:
+    """``regions`` square training regions of ``region_um`` µm centred on true tissue (seeded; ``placement``
+    as :func:`region_boxes`), each with the true positive area inside it drawn as ``PD-L1 positive``; read as
+    a QuPath export of them is."""
     truth = load_truth(slide)
     size, mpp = _slide_geometry(slide)
     rng = np.random.default_rng(seed)
     positive = _true_positive_area(truth)
     objects = []
-    for box in region_boxes(truth, image_size_px=size, mpp=mpp, regions=regions, region_um=region_um, rng=rng):
+    boxes = region_boxes(
+        truth, image_size_px=size, mpp=mpp, regions=regions, region_um=region_um, rng=rng, placement=placement
+    )
+    for box in boxes:
         objects.append(QuPathObject(box, "annotation", "Training region"))
         objects += _positive_objects(positive, box)
     return labels_from_objects(
@@ -99,7 +118,8 @@ def sparse_truth_labels(slide: Path, *, regions: int, region_um: float, seed: in
         slide=str(slide),
         image_size_px=size,
         rules=LabelRules(points=False),
-        source=f"truth of {slide.name}, {regions} regions of {region_um:g} µm",
+        source=f"truth of {slide.name}, {regions} regions of {region_um:g} µm"
+        + ("" if placement == "random" else f", {placement}"),
         mpp=mpp,
     )
 

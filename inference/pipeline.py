@@ -573,10 +573,13 @@ def _analyse_ihc(slide, *, models, config, roi, on_progress, should_cancel) -> S
         reasons.append({"reason": "nuclei uncertainty", "value": mean_entropy, "limit": limit})
     member_tps = [t for t in nuclei.member_tps() if t is not None]
     disagreement = tps_member_disagreement(tps.percent, member_tps)
+    # The H&E rule's score and limit, applied as there (scores_at_limit).
     key = "review_tps_member_disagreement"
-    disagreement_limit = float(manifest.thresholds.get(key, DEFAULT_REVIEW_RULE[key]))
-    if disagreement is not None and disagreement >= disagreement_limit:
-        reasons.append({"reason": REVIEW_REASONS[key], "value": disagreement, "limit": disagreement_limit})
+    rule = {key: float(manifest.thresholds.get(key, DEFAULT_REVIEW_RULE[key]))}
+    scores = {} if disagreement is None else {key: disagreement}
+    reasons += [
+        {"reason": REVIEW_REASONS[k], "value": scores[k], "limit": rule[k]} for k in scores_at_limit(scores, rule)
+    ]
     summary = {
         "nuclei_entropy_mean": mean_entropy,
         "tps_members": member_tps,

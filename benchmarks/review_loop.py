@@ -53,7 +53,7 @@ import numpy as np
 import shapely
 from shapely.geometry.base import BaseGeometry
 
-from benchmarks.truth_labels import phantom_once, train_or_reuse
+from benchmarks.truth_labels import phantom_once, print_pseudo_labels, train_or_reuse
 from bridge.classes import BY_NAME, PDL1_FN_CANDIDATE, PDL1_NEGATIVE, PDL1_POSITIVE
 from bridge.labels import LabelRules, read_geojson_labels
 from bridge.qupath_geojson import QuPathObject, read_features, to_feature, write_features
@@ -373,13 +373,7 @@ def main() -> None:
         training, seconds = train_or_reuse(config, labels)
         training_seconds[run] = seconds
         print(f"  trained {run}: {'reused' if seconds is None else f'{seconds:.0f} s'}", flush=True)
-        for row in (training.get("pseudo_labels") or {}).get("slides", []):
-            print(
-                f"    pseudo-labels {row['name']}: {row['positive_px']} positive, {row['negative_px']} negative, "
-                f"left out {row['left_out_uncertain_px']} uncertain + {row['left_out_disagreement_px']} "
-                f"disagreeing of {row['tissue_px']} tissue px",
-                flush=True,
-            )
+        print_pseudo_labels(training, indent="    ")
         results[run] = score(run, Ensemble.load(config.out_dir, task="segmentation"))
 
     def what(name: str) -> str:

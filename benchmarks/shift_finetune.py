@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.truth_labels import phantom_once, sparse_truth_labels, train_or_reuse
+from benchmarks.truth_labels import phantom_once, print_pseudo_labels, sparse_truth_labels, train_or_reuse
 from inference.evaluation.evaluate import evaluate_segmentation
 from inference.models.ensemble import Ensemble, demo_model_dir
 from inference.phantom.scene import PhantomSpec
@@ -189,13 +189,7 @@ def main() -> None:
             pseudo_model=str(demo) if unlabeled else None,
         )
         training, seconds = train_or_reuse(config, labels[:n_labelled])
-        for row in (training.get("pseudo_labels") or {}).get("slides", []):
-            print(
-                f"  pseudo-labels {row['name']}: {row['positive_px']} positive, {row['negative_px']} negative, "
-                f"left out {row['left_out_uncertain_px']} uncertain + {row['left_out_disagreement_px']} "
-                f"disagreeing of {row['tissue_px']} tissue px",
-                flush=True,
-            )
+        print_pseudo_labels(training)
         d = score(run, out)
         took = "reused" if seconds is None else f"{seconds:.0f}"
         print(

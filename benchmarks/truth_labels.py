@@ -212,3 +212,15 @@ def train_or_reuse(
     train(config, labels=labels)
     seconds = time.perf_counter() - t0
     return json.loads(manifest.read_text())["training"], seconds
+
+
+def print_pseudo_labels(training: dict, *, indent: str = "  ") -> None:
+    """One line per pseudo-labelled slide of a training record (``train_or_reuse``'s first value): what
+    the teacher's confident pixels gave and what was left out."""
+    for row in (training.get("pseudo_labels") or {}).get("slides", []):
+        print(
+            f"{indent}pseudo-labels {row['name']}: {row['positive_px']} positive, {row['negative_px']} negative, "
+            f"left out {row['left_out_uncertain_px']} uncertain + {row['left_out_disagreement_px']} "
+            f"disagreeing of {row['tissue_px']} tissue px",
+            flush=True,
+        )

@@ -4,7 +4,8 @@
 ``OUT/c<seed>.svs`` with its truth, each seed drawing its own TPS (log-uniform over 0.5-90 %), stain shift
 (uniform over 0-1) and weak-expression fraction (uniform over 0-0.4) from ``numpy.random.default_rng(seed)``,
 the same files as ``pdl1 phantom OUT/c<seed>.svs --size 2048 --seed <seed> --tps .. --shift .. --weak-fraction ..``.
-Existing files are kept.
+Existing files are kept. ``--ihc`` also writes each case's PD-L1 IHC section, ``OUT/ihc_<seed>.svs``, as
+``pdl1 phantom ... --ihc OUT/ihc_<seed>.svs`` does (for ``pdl1 eval ihc``, whose review flag it checks).
 Then ``pdl1 calibrate OUT/c16*.svs --out MODEL`` and ``pdl1 eval suite OUT/c17*.svs --model MODEL`` (README,
 ``pdl1 calibrate``). Not a registry benchmark: it writes files.
 """
@@ -39,22 +40,28 @@ def _seeds(text: str) -> list[int]:
 
 
 def main() -> None:
-    from inference.phantom.pyramid import write_phantom
+    from inference.phantom.ihc import IhcSpec
+    from inference.phantom.pyramid import write_ihc_phantom, write_phantom
     from inference.phantom.scene import PhantomSpec
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.review_phantoms", description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--seeds", type=_seeds, required=True, help="FIRST-LAST, e.g. 1600-1629")
     parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--ihc", action="store_true", help="also write each case's PD-L1 IHC section")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         tps, shift, weak = draw(seed)
         path = args.out / f"c{seed}.svs"
+        spec = PhantomSpec(args.size, args.size, seed=seed, tps_percent=tps, shift=shift, weak_fraction=weak)
         if not path.is_file():
-            spec = PhantomSpec(args.size, args.size, seed=seed, tps_percent=tps, shift=shift, weak_fraction=weak)
             write_phantom(path, spec)
         print(f"{path}: TPS {tps} %, shift {shift}, weak fraction {weak}")
+        ihc = args.out / f"ihc_{seed}.svs"
+        if args.ihc and not ihc.is_file():
+            write_ihc_phantom(ihc, spec, IhcSpec(immune_positive_fraction=0.3), paired_with=path)
+            print(f"{ihc}: its PD-L1 IHC section")
 
 
 if __name__ == "__main__":

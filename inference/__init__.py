@@ -114,6 +114,7 @@ _PUBLIC = {
     "evaluate_slide_suite": "inference.evaluation.evaluate",
     "calibrate_ensemble": "inference.evaluation.evaluate",
     "REVIEW_NEVER": "inference.evaluation.evaluate",
+    "IHC_FAILED_TPS_ERROR": "inference.evaluation.evaluate",
     "pooled_dice": "inference.evaluation.evaluate",
     "score_nuclei_on_labels": "inference.evaluation.labelled",
     "LabelledNucleiScore": "inference.evaluation.labelled",

@@ -34,6 +34,7 @@ from inference.analysis.regions import (
     positive_off_tumour_pct,
     positive_regions,
     uncertainty_tiles,
+    unsettled_positive_area_pct,
 )
 from inference.analysis.segment import SegmentConfig, segment_slide
 from inference.analysis.sua import SuaParams, find_candidates
@@ -125,12 +126,16 @@ class PipelineConfig:
 # 1-49 %, >= 50 %) than the ensemble's; at 0.4, two of five members. Not fitted: it says the category a pathologist
 # reads is not settled, which is a reason to look whatever a phantom set scores (one member of five across a
 # cut-off is common on correct slides near 1 %: 2 of 15 correct validation phantoms c1600-c1629).
+# review_unsettled_positive_area_pct: the analysed area whose mean probability is within 0.2 of the threshold, as a
+# % of the predicted positive area (unsettled_positive_area_pct). Not fitted: at 50 % the positive area could be a
+# quarter larger or smaller, the error #32 counts as a failure.
 DEFAULT_REVIEW_RULE = {
     "review_entropy": 0.45,
     "review_candidate_area_pct": 2.0,
     "review_positive_area_pct": -1.0,
     "review_positive_off_tumour_pct": 50.0,
     "review_tps_member_disagreement": 0.4,
+    "review_unsettled_positive_area_pct": 50.0,
 }
 
 # What each score of DEFAULT_REVIEW_RULE says when it is at its limit (a slide's review reason).
@@ -140,6 +145,8 @@ REVIEW_REASONS = {
     "review_positive_area_pct": "small predicted positive area % (at or below the limit)",
     "review_positive_off_tumour_pct": "predicted positive area away from tumour cells % (the TPS does not see it)",
     "review_tps_member_disagreement": "ensemble members disagree on the TPS category (share of members)",
+    "review_unsettled_positive_area_pct": "unsettled positive area (probability within 0.2 of the threshold), % of "
+    "the predicted positive area",
 }
 # An IHC slide is flagged for review when its cells' mean ensemble entropy (nats, of the class distribution)
 # reaches this, unless the model's manifest states a calibrated limit.
@@ -481,12 +488,15 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
         # The positive area the predicted TPS does not see: the maps call it positive, the nuclei model finds no
         # tumour cell there (stroma or immune cells called PD-L1 positive, or tumour the nuclei model missed).
         off_tumour_pct = positive_off_tumour_pct(positive, nuclei.tumour_xy(), maps, level0_mpp=slide.mpp.mean)
+    # How far the positive area could move with calls near the threshold (a quarter either way at 50 %).
+    unsettled_pct = unsettled_positive_area_pct(maps.prob, analysed, threshold=threshold) if analysed.any() else None
     scores = slide_review_scores(
         mean_entropy=mean_pe,
         candidate_area_pct=candidate_pct,
         positive_area_pct=positive_pct,
         positive_off_tumour_pct=off_tumour_pct,
         tps_member_disagreement=None if tps is None else tps_member_disagreement(tps.percent, member_tps),
+        unsettled_positive_area_pct=unsettled_pct,
     )
     reasons += [
         {"reason": REVIEW_REASONS[key], "value": scores[key], "limit": review[key]}
@@ -496,6 +506,7 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
     summary = {
         "review_reasons": reasons,
         "positive_off_tumour_pct": off_tumour_pct,
+        "unsettled_positive_area_pct": unsettled_pct,
         # On H&E the TPS is predicted (tumour nuclei called by the ensemble's maps); each member's own map
         # gives its own TPS, their spread.
         "tps_members": member_tps,

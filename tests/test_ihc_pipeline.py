@@ -219,3 +219,36 @@ def test_the_report_shows_the_ihc_members_tps_range_as_for_h_and_e():
     assert "members" not in _tps_row(row | {"tps_low": None, "tps_high": None})
     he = _tps_row(row | {"stain": "H&E", "tps_low": 9.0, "tps_high": 15.0})
     assert "Predicted TPS (H&amp;E)" in he and "members 9.0-15.0%" in he
+
+
+def test_eval_ihc_scores_the_slide_and_counts_the_review_flag_against_failures(ihc_pair):
+    from typer.testing import CliRunner
+
+    from bridge.cli.app import app
+    from inference.analysis.points import tumour_proportion_score
+    from inference.evaluation.evaluate import NucleiEvaluation
+
+    _, ihc = ihc_pair
+    result = CliRunner().invoke(app, ["eval", "ihc", str(ihc), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "review" in result.output
+    # This in-domain slide is scored right (TPS 40) and not flagged: no failure to catch, no false alarm.
+    assert "caught 0 of 0 failed slides" in result.output and "false alarms on 0 of 1 others" in result.output
+    plain = CliRunner().invoke(app, ["eval", "ihc", str(ihc), "--no-review", "--device", "cpu", "--no-progress"])
+    assert plain.exit_code == 0 and "review flag" not in plain.output
+
+    # What counts as a failed IHC slide: the TPS category wrong, or the TPS more than 5 points off.
+    def scored(pred: tuple[int, int], truth: tuple[int, int]) -> NucleiEvaluation:
+        return NucleiEvaluation(
+            slide="s",
+            radius_um=3.0,
+            overall=None,
+            per_class=(),
+            class_names=(),
+            tps_pred=tumour_proportion_score(*pred),
+            tps_truth=tumour_proportion_score(*truth),
+        )
+
+    assert not scored((40, 60), (44, 56)).failed()  # 40 % for 44 %
+    assert scored((39, 61), (45, 55)).failed()  # 6 points off, same category
+    assert scored((1, 199), (1, 99)).failed()  # 0.5 % for 1 %: the category

@@ -158,6 +158,21 @@ def test_members_that_disagree_on_the_predicted_tps_category_are_a_review_reason
     assert reason["value"] == disagreement and reason["limit"] == 0.0 and result.uncertainty_flag
 
 
+def test_an_unsettled_positive_area_is_a_review_reason_at_its_limit(models, phantom_svs, tmp_path):
+    from inference.pipeline import DEFAULT_REVIEW_RULE
+    from inference.slides.slide import open_slide
+
+    assert DEFAULT_REVIEW_RULE["review_unsettled_positive_area_pct"] == 50.0  # a quarter either way
+    with open_slide(phantom_svs) as slide:
+        plain = analyse_slide(slide, models=models, config=PipelineConfig(device="cpu"), image_stain="H&E")
+    unsettled = plain.summary["unsettled_positive_area_pct"]
+    assert 0 < unsettled < 50  # this in-domain phantom's positive area is settled
+    assert not [r for r in plain.summary["review_reasons"] if r["reason"].startswith("unsettled positive area")]
+    result = _analyse_with_seg_thresholds(phantom_svs, tmp_path, review_unsettled_positive_area_pct=0.0)
+    (reason,) = [r for r in result.summary["review_reasons"] if r["reason"].startswith("unsettled positive area")]
+    assert reason["value"] == unsettled and reason["limit"] == 0.0 and result.uncertainty_flag
+
+
 def _analyse_with_seg_thresholds(phantom_svs, tmp_path, **thresholds):
     """``phantom_svs`` analysed as H&E by a copy of the demo segmentation model (the demo is read-only) whose
     manifest states ``thresholds``."""

@@ -131,3 +131,38 @@ def test_the_members_disagreement_on_the_tps_category_is_a_score_where_there_are
         mean_entropy=0.05, candidate_area_pct=0.0, positive_area_pct=2.0, positive_off_tumour_pct=None
     )
     assert "review_tps_member_disagreement" not in without
+
+
+def test_the_unsettled_share_of_the_positive_area_counts_calls_near_the_threshold():
+    from inference.analysis.regions import unsettled_positive_area_pct
+    from inference.evaluation.review import scores_at_limit, slide_review_scores
+
+    analysed = np.ones((1, 8), bool)
+    # Four pixels called positive, two of them by a hair (0.55, 0.69), and two just under (0.3, 0.45):
+    # four unsettled pixels on a positive area of four.
+    prob = np.array([[0.95, 0.9, 0.69, 0.55, 0.45, 0.3, 0.29, 0.0]])
+    assert unsettled_positive_area_pct(prob, analysed, threshold=0.5) == 100.0
+    # Settled calls on both sides: nothing unsettled.
+    assert unsettled_positive_area_pct(np.array([[0.95, 0.9, 0.1, 0.0]]), np.ones((1, 4), bool), threshold=0.5) == 0
+    # Only the analysed tissue counts; the band follows the model's threshold.
+    assert unsettled_positive_area_pct(prob, np.array([[1, 1, 1, 1, 0, 0, 0, 0]], bool), threshold=0.5) == 50.0
+    assert unsettled_positive_area_pct(prob, analysed, threshold=0.8) == 100 * 3 / 2
+    # No positive pixel: the unsettled ones are counted against one pixel, so a slide that is nearly
+    # positive somewhere still reaches the limit, and one with nothing near the threshold scores 0.
+    assert unsettled_positive_area_pct(np.array([[0.4, 0.1]]), np.ones((1, 2), bool), threshold=0.5) == 100.0
+    assert unsettled_positive_area_pct(np.zeros((2, 2)), np.ones((2, 2), bool), threshold=0.5) == 0.0
+
+    rule = {"review_unsettled_positive_area_pct": 50.0}
+    scores = slide_review_scores(
+        mean_entropy=0.05,
+        candidate_area_pct=0.0,
+        positive_area_pct=2.0,
+        positive_off_tumour_pct=None,
+        unsettled_positive_area_pct=50.0,
+    )
+    assert scores_at_limit(scores, rule) == ["review_unsettled_positive_area_pct"]
+    assert scores_at_limit({"review_unsettled_positive_area_pct": 49.9}, rule) == []
+    without = slide_review_scores(
+        mean_entropy=None, candidate_area_pct=0.0, positive_area_pct=None, positive_off_tumour_pct=None
+    )
+    assert "review_unsettled_positive_area_pct" not in without

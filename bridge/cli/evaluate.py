@@ -208,24 +208,39 @@ def eval_ihc(
     slides: Annotated[list[Path], typer.Argument(help="Phantom PD-L1 IHC slides (pdl1 phantom --ihc) with truth.")],
     model: Annotated[Path | None, typer.Option(help="IHC nuclei model folder; the shipped demo if omitted.")] = None,
     radius_um: Annotated[float, typer.Option(min=0.1, help="Matching radius; pairs beyond it never match.")] = 3.0,
+    review: Annotated[
+        bool, typer.Option(help="Also analyse each slide as pdl1 run does (stated H-DAB) for its review flag.")
+    ] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """TPS and CPS against the truth (error, cut-off category), nuclei F1 and intensity agreement, per IHC slide."""
+    """TPS and CPS against the truth (error, cut-off category), nuclei F1 and intensity agreement, per IHC slide.
+
+    With ``--review`` (default) each slide is also analysed as ``pdl1 run`` analyses an image QuPath types
+    H-DAB, and its review reasons are shown; a slide failed when its TPS is in the wrong category or off by
+    more than 5 points, and the flag's catches and false alarms are counted.
+    """
     from rich.table import Table
 
-    from inference import Ensemble, demo_model_dir
+    from inference import IHC_FAILED_TPS_ERROR, Ensemble, Models, analyse_slide, demo_model_dir
 
     out = stdout()
     try:
         ensemble = Ensemble.load(model or demo_model_dir("nuclei-ihc"), task="nuclei", device=device)
+        config = pipeline_config(device, None, None, None, no_nuclei=True, ihc_model=model) if review else None
+        models = Models(config) if config is not None else None
         table = Table(title=f"PD-L1 IHC vs truth ({ensemble.manifest.name}; nuclei matched within {radius_um} µm)")
         columns = ("slide", "TPS pred", "TPS truth", "TPS error", "category", "CPS pred", "CPS truth", "CPS error")
-        for col in (*columns, "F1", "intensity agreement", "entropy mean"):
-            table.add_column(col, justify="left" if col == "slide" else "right")
-        results = []
+        for col in (*columns, "F1", "intensity agreement", "entropy mean", *(("review",) if review else ())):
+            table.add_column(col, justify="left" if col in ("slide", "review") else "right")
+        results, flagged = [], []
         for slide, r in _nuclei_evaluations(slides, ensemble, radius_um=radius_um, progress=progress):
             results.append(r)
+            reasons = None
+            if models is not None:
+                run = analyse_slide(slide, models=models, config=config, image_stain="H-DAB", image_stain_source="eval")
+                reasons = [x["reason"] for x in run.summary["review_reasons"]]
+                flagged.append(run.uncertainty_flag)
 
             def num(value: float | None, digits: int = 1) -> str:
                 return "n/a" if value is None else f"{value:.{digits}f}"
@@ -242,6 +257,7 @@ def eval_ihc(
                 f"{r.overall.f1:.3f}",
                 num(r.intensity_agreement, 3),
                 num(r.nuclei_entropy_mean, 3),
+                *(() if reasons is None else ("; ".join(reasons) or "ok",)),
             )
         out.print(table)
         tps_errors = [r.tps_abs_error for r in results if r.tps_abs_error is not None]
@@ -252,6 +268,15 @@ def eval_ihc(
                 f"category right on {sum(r.category_right for r in results)} of {len(results)} slides"
                 + (f"; CPS mean absolute error {sum(cps_errors) / len(cps_errors):.2f}" if cps_errors else "")
                 + f"; nuclei F1 min {min(r.overall.f1 for r in results):.3f}"
+            )
+        if flagged:
+            failed = [r.failed() for r in results]
+            caught = sum(f and g for f, g in zip(failed, flagged, strict=True))
+            alarms = sum(g and not f for f, g in zip(failed, flagged, strict=True))
+            out.print(
+                f"review flag (as pdl1 run sets it): caught {caught} of {sum(failed)} failed slides (TPS in the "
+                f"wrong category or off by more than {IHC_FAILED_TPS_ERROR:g} points); false alarms on {alarms} of "
+                f"{len(failed) - sum(failed)} others"
             )
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
@@ -535,8 +560,8 @@ def calibrate(
     The review limits (mean entropy, SUA candidate area, predicted positive area) are fitted to catch at
     least 90 % of the validation slides that failed (predicted TPS in the wrong category, or positive area
     off by more than 25 %) at no more than 20 % false alarms on the others, besides what the domain guard
-    flags and the slides whose ensemble members disagree on the TPS category (its limit is not fitted);
-    the search's ROC and the chosen point are printed. Slides without both
+    flags, the slides whose ensemble members disagree on the TPS category and those whose unsettled share of
+    the positive area reaches its limit (these two limits are not fitted); the search's ROC and the chosen point are printed. Slides without both
     failures and correct results leave the model's review limits as they are.
     """
     import dataclasses
@@ -606,11 +631,12 @@ def calibrate(
         f"{cal.n_false_negative} false negative)"
     )
     typer.echo(f"pixel baseline threshold {cal.pixel_threshold:.4g} (pixel F0.5 {cal.pixel_f05:.3f})")
-    for name, mean_pe, cand_pct, error, failed, positive_pct, out_of_domain, disagree in review_cal.slides:
+    for name, mean_pe, cand_pct, error, failed, positive_pct, out_of_domain, disagree, unsettled in review_cal.slides:
         typer.echo(
             f"  {name}: mean entropy {mean_pe:.3f}, SUA candidates {cand_pct:.2f}% of tissue, predicted positive "
             f"{positive_pct:.2f}% of tissue{', out of domain' if out_of_domain else ''}"
-            f"{', members disagree on the TPS category' if disagree else ''}, positive area off by "
+            f"{', members disagree on the TPS category' if disagree else ''}"
+            f"{', positive area unsettled' if unsettled else ''}, positive area off by "
             f"{error:.0%}{' (failed)' if failed else ''}"
         )
     if review_cal.fit is not None:
@@ -628,6 +654,7 @@ def calibrate(
         f"needs review at {limit('mean entropy', rule['review_entropy'])} or "
         f"{limit('SUA candidate area', rule['review_candidate_area_pct'], '% of tissue')} or "
         f"{limit('predicted positive area', rule['review_positive_area_pct'], '% of tissue', below=True)} "
+        f"or {limit('unsettled positive area', rule['review_unsettled_positive_area_pct'], '% of the positive')} "
         f"or out of the training domain"
         f"{' or members disagree on the TPS category' if nuclei is not None else ''}: {review_cal.note}"
     )

@@ -238,3 +238,27 @@ def positive_off_tumour_pct(
     return 100 * share_away_from_points(
         positive, tumour_xy, origin_xy=maps.origin_xy, downsample=maps.downsample, radius_px=OFF_TUMOUR_UM / level0_mpp
     )
+
+
+# Half-width of the band of mean positive probability around the threshold counted as an unsettled call.
+UNSETTLED_PROB_BAND = 0.2
+
+
+def unsettled_positive_area_pct(
+    prob: np.ndarray, analysed: np.ndarray, *, threshold: float, band: float = UNSETTLED_PROB_BAND
+) -> float:
+    """The analysed area whose mean positive probability lies within ``band`` of ``threshold``, as a % of the
+    predicted positive area (probability >= ``threshold``, at least one map pixel).
+
+    How far the positive area could move if the ensemble were a little more or less sure: at 50 % it could be
+    a quarter larger or smaller, the error #32 counts as a failed slide.
+
+    >>> p = np.array([[0.9, 0.9, 0.6, 0.4, 0.1]])
+    >>> unsettled_positive_area_pct(p, np.ones_like(p, bool), threshold=0.5)
+    66.66666666666667
+    """
+    prob = np.asarray(prob)
+    analysed = np.asarray(analysed, bool)
+    unsettled = (prob >= threshold - band) & (prob < threshold + band) & analysed
+    positive = (prob >= threshold) & analysed
+    return 100 * int(np.count_nonzero(unsettled)) / max(int(np.count_nonzero(positive)), 1)

@@ -22,7 +22,7 @@ from inference.analysis.points import (
     tps_member_disagreement,
     tumour_proportion_score,
 )
-from inference.analysis.regions import mask_on_maps, positive_off_tumour_pct
+from inference.analysis.regions import mask_on_maps, positive_off_tumour_pct, unsettled_positive_area_pct
 from inference.analysis.registration import register_slides
 from inference.analysis.segment import SegmentConfig, segment_slide
 from inference.analysis.sua import (
@@ -260,6 +260,11 @@ def _segment_against_truth(
     )
 
 
+# An IHC slide whose TPS is off by more than this many points is a failure the review must catch, as is one whose
+# TPS falls in the wrong category (#31 asks every slide to be within 5 points).
+IHC_FAILED_TPS_ERROR = 5.0
+
+
 @dataclass(frozen=True)
 class NucleiEvaluation:
     """Detection, TPS (and on an IHC slide CPS and intensity) results of one slide.
@@ -297,6 +302,12 @@ class NucleiEvaluation:
     @property
     def category_right(self) -> bool:
         return self.tps_pred.category == self.tps_truth.category
+
+    def failed(self, *, max_tps_error: float = IHC_FAILED_TPS_ERROR) -> bool:
+        """The slide's TPS is wrong (#32 on the IHC, where the TPS is the result): in another category than the
+        truth's, or off by more than ``max_tps_error`` points (#31's bound for every slide)."""
+        error = self.tps_abs_error
+        return not self.category_right or (error is not None and error > max_tps_error)
 
 
 def evaluate_nuclei(
@@ -473,6 +484,7 @@ class SlideEvaluation:
     tps_truth: float | None = None  # ... and the phantom's
     positive_off_tumour_pct: float | None = None  # with a nuclei model: positive area away from tumour cells
     tps_member_disagreement: float | None = None  # with a nuclei model: members' TPS in another category, share
+    unsettled_positive_area_pct: float = float("nan")  # probability within 0.2 of the threshold, % of the positive
 
     @property
     def tps_category_wrong(self) -> bool:
@@ -532,6 +544,7 @@ def evaluate_slide_suite(
     cand_area = sum(c.area_um2 for c in candidates)
     analysed_um2 = float(analysed.sum() * maps.mpp**2)
     positive_pct = _positive_pct(pred, analysed)
+    unsettled = unsettled_positive_area_pct(prob, analysed, threshold=sua.upper)
     tps_predicted = off_tumour = disagreement = None
     if nuclei_model is not None:
         tps_predicted, off_tumour, disagreement = _predicted_tps(slide_path, scored, nuclei_model, threshold=sua.upper)
@@ -541,6 +554,7 @@ def evaluate_slide_suite(
         positive_area_pct=positive_pct,
         positive_off_tumour_pct=off_tumour,
         tps_member_disagreement=disagreement,
+        unsettled_positive_area_pct=unsettled,
     )
     return SlideEvaluation(
         slide=Path(slide_path).name,
@@ -573,6 +587,7 @@ def evaluate_slide_suite(
         tps_truth=None if nuclei_model is None else _truth_tps(scored),
         positive_off_tumour_pct=off_tumour,
         tps_member_disagreement=disagreement,
+        unsettled_positive_area_pct=unsettled,
     )
 
 
@@ -589,13 +604,13 @@ class ReviewCalibration:
     ``limits`` is None when the slides hold no failure or no correct slide (nothing to fit on); the
     manifest's limits then stay. ``slides`` holds per slide (name, mean entropy, SUA candidate area %,
     positive-area error, failed, predicted positive area %, out of the domain guard's limits, the members'
-    disagreement on the TPS category at its limit).
+    disagreement on the TPS category at its limit, the unsettled share of the positive area at its limit).
     """
 
     limits: dict[str, float] | None
     fit: ReviewFit | None
     note: str
-    slides: tuple[tuple[str, float, float, float, bool, float, bool, bool], ...]
+    slides: tuple[tuple[str, float, float, float, bool, float, bool, bool, bool], ...]
 
 
 # A limit no slide reaches: a QC score the fitted rule does not use (JSON has no infinity) ...
@@ -627,10 +642,13 @@ def calibrate_ensemble(
     (its limits are set on in-domain slides, ``pdl1 domain-stats``, and taken as they are); the limits catch
     as many failures as they can with false alarms on at most 20 % of the correct slides. With
     ``nuclei_model``, so do the slides whose ensemble members disagree on the TPS category at the rule's
-    limit (``review_tps_member_disagreement``, not fitted: it says the category is unsettled).
+    limit (``review_tps_member_disagreement``, not fitted: it says the category is unsettled), and the slides
+    whose unsettled share of the positive area is at the rule's limit (``review_unsettled_positive_area_pct``,
+    not fitted: its limit is the failure's own 25 % either way).
     """
     upper = ensemble.manifest.thresholds.get("segmentation", 0.5)
-    disagreement_limit = review_rule_for(ensemble.manifest)["review_tps_member_disagreement"]
+    rule = review_rule_for(ensemble.manifest)
+    disagreement_limit = rule["review_tps_member_disagreement"]
     scored = []
     for path in slides:
         # On the pipeline's grid, where the thresholds will be applied (not the truth's finer one).
@@ -654,6 +672,7 @@ def calibrate_ensemble(
         analysed_um2 = float(analysed.sum() * s.maps.mpp**2)
         cand_pct = 100 * sum(c.area_um2 for c in candidates) / max(analysed_um2, 1e-9)
         pred = np.asarray(s.maps.prob) >= upper
+        unsettled = unsettled_positive_area_pct(s.maps.prob, analysed, threshold=upper)
         error = area_error(float(np.count_nonzero(pred & s.region)), float(np.count_nonzero(s.truth)))
         wrong_category = disagree = False
         if nuclei_model is not None:
@@ -670,6 +689,7 @@ def calibrate_ensemble(
                 _positive_pct(pred, analysed),
                 s.out_of_domain,
                 disagree,
+                bool(analysed.any()) and unsettled >= rule["review_unsettled_positive_area_pct"],
             )
         )
     failed = np.array([r[4] for r in rows], bool)
@@ -687,7 +707,7 @@ def calibrate_ensemble(
             "review_positive_area_pct": np.array([r[5] for r in rows]),
         },
         failed,
-        already=np.array([r[6] or r[7] for r in rows], bool),
+        already=np.array([r[6] or r[7] or r[8] for r in rows], bool),
     )
     limits = {k: max(v, NEVER_BELOW) if k in FLAG_AT_OR_BELOW else min(v, REVIEW_NEVER) for k, v in fit.limits.items()}
     note = (

@@ -60,14 +60,16 @@ def slide_review_scores(
     positive_area_pct: float | None,
     positive_off_tumour_pct: float | None,
     tps_member_disagreement: float | None = None,
+    unsettled_positive_area_pct: float | None = None,
 ) -> dict[str, float]:
     """One H&E slide's values of the review rule's scores, keyed as the rule's limits (``review_...``).
 
     A score that does not apply is left out: no entropy or positive share without analysed tissue, no
     off-tumour share without nuclei or below :data:`OFF_TUMOUR_MIN_POSITIVE_PCT` of positive area (there it
     measures a few map pixels' edges), no members' disagreement on the TPS category without nuclei
-    (:func:`inference.analysis.points.tps_member_disagreement`). ``pdl1 run`` and the evaluation suite flag
-    from the same values.
+    (:func:`inference.analysis.points.tps_member_disagreement`), no unsettled share of the positive area
+    without analysed tissue (:func:`inference.analysis.regions.unsettled_positive_area_pct`). ``pdl1 run`` and
+    the evaluation suite flag from the same values.
     """
     scores = {} if mean_entropy is None else {"review_entropy": mean_entropy}
     scores["review_candidate_area_pct"] = candidate_area_pct
@@ -77,6 +79,8 @@ def slide_review_scores(
             scores["review_positive_off_tumour_pct"] = positive_off_tumour_pct
     if tps_member_disagreement is not None:
         scores["review_tps_member_disagreement"] = tps_member_disagreement
+    if unsettled_positive_area_pct is not None:
+        scores["review_unsettled_positive_area_pct"] = unsettled_positive_area_pct
     return scores
 
 

@@ -238,7 +238,9 @@ def eval_ihc(
             results.append(r)
             reasons = None
             if models is not None:
-                run = analyse_slide(slide, models=models, config=config, image_stain="H-DAB", image_stain_source="eval")
+                run = analyse_slide(
+                    slide, models=models, config=config, image_stain="H-DAB", image_stain_source="pdl1 eval ihc"
+                )
                 reasons = [x["reason"] for x in run.summary["review_reasons"]]
                 flagged.append(run.uncertainty_flag)
 
@@ -561,8 +563,9 @@ def calibrate(
     least 90 % of the validation slides that failed (predicted TPS in the wrong category, or positive area
     off by more than 25 %) at no more than 20 % false alarms on the others, besides what the domain guard
     flags, the slides whose ensemble members disagree on the TPS category and those whose unsettled share of
-    the positive area reaches its limit (these two limits are not fitted); the search's ROC and the chosen point are printed. Slides without both
-    failures and correct results leave the model's review limits as they are.
+    the positive area reaches its limit (these two limits are not fitted); the search's ROC and the chosen
+    point are printed. Slides without both failures and correct results leave the model's review limits as
+    they are.
     """
     import dataclasses
     import shutil

@@ -544,7 +544,8 @@ def evaluate_slide_suite(
     cand_area = sum(c.area_um2 for c in candidates)
     analysed_um2 = float(analysed.sum() * maps.mpp**2)
     positive_pct = _positive_pct(pred, analysed)
-    unsettled = unsettled_positive_area_pct(prob, analysed, threshold=sua.upper)
+    # As pdl1 run: no unsettled share without analysed tissue.
+    unsettled = unsettled_positive_area_pct(prob, analysed, threshold=sua.upper) if analysed.any() else None
     tps_predicted = off_tumour = disagreement = None
     if nuclei_model is not None:
         tps_predicted, off_tumour, disagreement = _predicted_tps(slide_path, scored, nuclei_model, threshold=sua.upper)
@@ -587,7 +588,7 @@ def evaluate_slide_suite(
         tps_truth=None if nuclei_model is None else _truth_tps(scored),
         positive_off_tumour_pct=off_tumour,
         tps_member_disagreement=disagreement,
-        unsettled_positive_area_pct=unsettled,
+        unsettled_positive_area_pct=math.nan if unsettled is None else unsettled,
     )
 
 

@@ -252,3 +252,31 @@ def test_eval_ihc_scores_the_slide_and_counts_the_review_flag_against_failures(i
     assert not scored((40, 60), (44, 56)).failed()  # 40 % for 44 %
     assert scored((39, 61), (45, 55)).failed()  # 6 points off, same category
     assert scored((1, 199), (1, 99)).failed()  # 0.5 % for 1 %: the category
+
+
+def test_eval_suite_scores_each_stain_and_counts_the_review_flag_over_both(ihc_pair, tmp_path):
+    import csv
+
+    from typer.testing import CliRunner
+
+    from bridge.cli.app import app
+
+    he, ihc = ihc_pair
+    out = tmp_path / "suite"
+    result = CliRunner().invoke(
+        app, ["eval", "suite", str(he), str(ihc), "--out", str(out), "--device", "cpu", "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    # The H&E goes the segmentation suite, the IHC its own table; then the flag over both stains.
+    (he_row,) = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
+    (ihc_row,) = list(csv.DictReader((out / "ihc_metrics.csv").read_text().splitlines()))
+    assert he_row["slide"] == he.name and ihc_row["slide"] == ihc.name
+    assert abs(float(ihc_row["tps_predicted"]) - float(ihc_row["tps_truth"])) <= 5 and ihc_row["failed"] == "0"
+    assert "review flag on PD-L1 IHC: caught 0 of 0 failed slides" in result.output
+    failed = [row["failed"] == "1" for row in (he_row, ihc_row)]
+    flagged = [row["needs_review"] == "1" for row in (he_row, ihc_row)]
+    caught = sum(f and g for f, g in zip(failed, flagged, strict=True))
+    alarms = sum(g and not f for f, g in zip(failed, flagged, strict=True))
+    both = f"review flag, both stains: caught {caught} of {sum(failed)} failed slides"
+    assert both in result.output
+    assert f"false alarms on {alarms} of {2 - sum(failed)} others" in result.output.split(both)[1]

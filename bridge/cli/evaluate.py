@@ -203,6 +203,35 @@ def eval_nuclei(
         raise fail(err) from err
 
 
+def _reviewed_ihc(slides: list[Path], ensemble, *, models, config, radius_um: float, progress: bool):
+    """Each IHC slide with its :func:`inference.evaluate_nuclei` result and, with ``models``, the review reasons
+    and flag of ``pdl1 run`` on it as an image QuPath types H-DAB (else None, None)."""
+    from inference import analyse_slide
+
+    for slide, r in _nuclei_evaluations(slides, ensemble, radius_um=radius_um, progress=progress):
+        if models is None:
+            yield slide, r, None, None
+            continue
+        run = analyse_slide(slide, models=models, config=config, image_stain="H-DAB", image_stain_source="pdl1 eval")
+        yield slide, r, [x["reason"] for x in run.summary["review_reasons"]], run.uncertainty_flag
+
+
+def _review_line(failed: list[bool], flagged: list[bool], what: str) -> str:
+    """'caught C of F failed slides (what); false alarms on A of O others'."""
+    caught = sum(f and g for f, g in zip(failed, flagged, strict=True))
+    alarms = sum(g and not f for f, g in zip(failed, flagged, strict=True))
+    return (
+        f"caught {caught} of {sum(failed)} failed slides ({what}); false alarms on {alarms} of "
+        f"{len(failed) - sum(failed)} others"
+    )
+
+
+def _ihc_failure() -> str:
+    from inference import IHC_FAILED_TPS_ERROR
+
+    return f"TPS in the wrong category or off by more than {IHC_FAILED_TPS_ERROR:g} points"
+
+
 @app.command("ihc")
 def eval_ihc(
     slides: Annotated[list[Path], typer.Argument(help="Phantom PD-L1 IHC slides (pdl1 phantom --ihc) with truth.")],
@@ -222,7 +251,7 @@ def eval_ihc(
     """
     from rich.table import Table
 
-    from inference import IHC_FAILED_TPS_ERROR, Ensemble, Models, analyse_slide, demo_model_dir
+    from inference import Ensemble, Models, demo_model_dir
 
     out = stdout()
     try:
@@ -234,15 +263,12 @@ def eval_ihc(
         for col in (*columns, "F1", "intensity agreement", "entropy mean", *(("review",) if review else ())):
             table.add_column(col, justify="left" if col in ("slide", "review") else "right")
         results, flagged = [], []
-        for slide, r in _nuclei_evaluations(slides, ensemble, radius_um=radius_um, progress=progress):
+        for slide, r, reasons, flag in _reviewed_ihc(
+            slides, ensemble, models=models, config=config, radius_um=radius_um, progress=progress
+        ):
             results.append(r)
-            reasons = None
-            if models is not None:
-                run = analyse_slide(
-                    slide, models=models, config=config, image_stain="H-DAB", image_stain_source="pdl1 eval ihc"
-                )
-                reasons = [x["reason"] for x in run.summary["review_reasons"]]
-                flagged.append(run.uncertainty_flag)
+            if flag is not None:
+                flagged.append(flag)
 
             def num(value: float | None, digits: int = 1) -> str:
                 return "n/a" if value is None else f"{value:.{digits}f}"
@@ -273,13 +299,7 @@ def eval_ihc(
             )
         if flagged:
             failed = [r.failed() for r in results]
-            caught = sum(f and g for f, g in zip(failed, flagged, strict=True))
-            alarms = sum(g and not f for f, g in zip(failed, flagged, strict=True))
-            out.print(
-                f"review flag (as pdl1 run sets it): caught {caught} of {sum(failed)} failed slides (TPS in the "
-                f"wrong category or off by more than {IHC_FAILED_TPS_ERROR:g} points); false alarms on {alarms} of "
-                f"{len(failed) - sum(failed)} others"
-            )
+            out.print(f"review flag (as pdl1 run sets it): {_review_line(failed, flagged, _ihc_failure())}")
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
 
@@ -383,42 +403,46 @@ def eval_registration(
 
 @app.command("suite")
 def eval_suite(
-    slides: Annotated[list[Path], typer.Argument(help="Phantom slides with truth beside them.")],
-    out: Annotated[Path, typer.Option(help="Report folder: metrics.csv and PNG plots.")],
+    slides: Annotated[
+        list[Path], typer.Argument(help="Phantom slides with truth beside them (H&E, and PD-L1 IHC from --ihc).")
+    ],
+    out: Annotated[Path, typer.Option(help="Report folder: metrics.csv (ihc_metrics.csv) and PNG plots.")],
     model: Annotated[Path | None, typer.Option(help="Segmentation ensemble; the shipped demo if omitted.")] = None,
     nuclei_model: NucleiModelOption = "demo",
+    ihc_model: Annotated[
+        Path | None, typer.Option(help="PD-L1 IHC nuclei ensemble for the IHC slides; the shipped demo if omitted.")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Segmentation, calibration and uncertainty metrics, and SUA against the pixel baseline, per slide.
+    """Segmentation, calibration and uncertainty metrics, and SUA against the pixel baseline, per H&E slide;
+    the TPS and the review flag per PD-L1 IHC slide.
 
-    Scored over the truth's tissue (tissue recall printed). Then: the ensemble against its members
-    (mean over slides, rank per slide, wins); slide failure detection (a failure: the predicted TPS in
-    the wrong category, or the positive area off by more than 25 %) of each QC score as AURC / E-AURC,
-    and the review flag's catches and false alarms; pixel-error AUROC of entropy and mutual information against their two baselines; SUA against the
-    pixel baseline, wins counted.
+    H&E slides are scored over the truth's tissue (tissue recall printed). Then: the ensemble against its
+    members (mean over slides, rank per slide, wins); slide failure detection (a failure: the predicted TPS in
+    the wrong category, or the positive area off by more than 25 %) of each QC score as AURC / E-AURC, and the
+    review flag's catches and false alarms; pixel-error AUROC of entropy and mutual information against their
+    two baselines; SUA against the pixel baseline, wins counted. Slides whose truth is a PD-L1 IHC
+    (``pdl1 phantom --ihc``) are analysed as ``pdl1 run`` analyses an image QuPath types H-DAB: TPS and CPS
+    against the truth and the review flag (a failure: the TPS in the wrong category or off by more than 5
+    points), then the flag's catches and false alarms over both stains.
     """
-    from rich.table import Table
-
-    from bridge.eval_report import (
-        ensemble_vs_members,
-        failure_detection,
-        rows,
-        slide_uncertainty_correlation,
-        write_report,
-    )
+    from bridge.eval_report import write_report
     from bridge.progress import progress_bar
     from inference import (
         Ensemble,
         PipelineConfig,
         demo_model_dir,
         evaluate_slide_suite,
+        load_truth,
         review_rule_for,
         sua_params_for,
     )
 
     console_out = stdout()
     try:
+        ihc_slides = [slide for slide in slides if load_truth(slide).summary.get("stain") == "H-DAB"]
+        he_slides = [slide for slide in slides if slide not in ihc_slides]
         ensemble = Ensemble.load(model or demo_model_dir("seg"), task="segmentation", device=device)
         nuclei = _nuclei_model(nuclei_model, device)
         manifest = ensemble.manifest
@@ -426,7 +450,7 @@ def eval_suite(
         sua = sua_params_for(manifest, PipelineConfig(), upper=upper)
         pixel_threshold = manifest.thresholds.get("pixel_baseline_threshold", sua.threshold)
         evaluations = []
-        for slide in slides:
+        for slide in he_slides:
             with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
                 evaluations.append(
                     evaluate_slide_suite(
@@ -439,9 +463,11 @@ def eval_suite(
                         on_progress=on_progress,
                     )
                 )
+        ihc = _suite_ihc(ihc_slides, out, ihc_model=ihc_model, device=device, progress=progress)
         provenance = {
             "command": "pdl1 eval",
-            "slides": [str(s) for s in slides],
+            "slides": [str(s) for s in he_slides],
+            "ihc_slides": [str(s) for s in ihc_slides],
             "pdl1_bridge": __version__,
             "model": {
                 "name": manifest.name,
@@ -458,9 +484,27 @@ def eval_suite(
             },
             "pixel_baseline_threshold": pixel_threshold,
         }
-        written = write_report(evaluations, out, provenance=provenance)
+        written = write_report(evaluations, out, provenance=provenance) if evaluations else {}
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
+    if evaluations:
+        _print_suite(console_out, evaluations, manifest=manifest, sua=sua, nuclei=nuclei, written=written)
+    if ihc is not None:
+        failed, flagged = _print_ihc(console_out, *ihc)
+        if evaluations:  # H&E failures and flags, then both stains together
+            failed = [e.failed() for e in evaluations] + failed
+            flagged = [e.needs_review for e in evaluations] + flagged
+            console_out.print(
+                f"review flag, both stains: {_review_line(failed, flagged, 'as defined for each stain above')}"
+            )
+
+
+def _print_suite(console_out, evaluations, *, manifest, sua, nuclei, written) -> None:
+    """The H&E half of ``pdl1 eval suite``'s printout."""
+    from rich.table import Table
+
+    from bridge.eval_report import ensemble_vs_members, failure_detection, rows, slide_uncertainty_correlation
+
     table = Table(
         title=f"evaluation ({manifest.name} {manifest.version}, SUA on {sua.uncertainty}/{sua.aggregation}, "
         f"NPR [{sua.lower:g}, {sua.upper:g}), threshold {sua.threshold:.3g})"
@@ -528,6 +572,68 @@ def eval_suite(
         f"SUA better than the pixel baseline on both F0.5 and FNCR: {sua_wins} of {len(evaluations)} slides"
     )
     console_out.print(f"report: {', '.join(str(p) for p in written.values())}")
+
+
+_IHC_COLUMNS = ("slide", "tps_predicted", "tps_truth", "tps_error", "category_right", "cps_predicted", "cps_truth")
+_IHC_COLUMNS += ("f1", "entropy_mean", "failed", "needs_review", "review_reasons")
+
+
+def _suite_ihc(slides: list[Path], out: Path, *, ihc_model: Path | None, device: str, progress: bool):
+    """The PD-L1 IHC slides of ``pdl1 eval suite``, each analysed as ``pdl1 run`` does and written to
+    ``out/ihc_metrics.csv``: (the model's name, a row per slide, the file), or None without IHC slides."""
+    import csv
+
+    from inference import Ensemble, Models, demo_model_dir
+
+    if not slides:
+        return None
+    ensemble = Ensemble.load(ihc_model or demo_model_dir("nuclei-ihc"), task="nuclei", device=device)
+    config = pipeline_config(device, None, None, None, no_nuclei=True, ihc_model=ihc_model)
+    models = Models(config)
+    records = []
+    for slide, r, reasons, flag in _reviewed_ihc(
+        slides, ensemble, models=models, config=config, radius_um=3.0, progress=progress
+    ):
+        records.append(
+            {
+                "slide": slide.name,
+                "tps_predicted": r.tps_pred.percent,
+                "tps_truth": r.tps_truth.percent,
+                "tps_error": r.tps_abs_error,
+                "category_right": int(r.category_right),
+                "cps_predicted": None if r.cps_pred is None else r.cps_pred.percent,
+                "cps_truth": None if r.cps_truth is None else r.cps_truth.percent,
+                "f1": r.overall.f1,
+                "entropy_mean": r.nuclei_entropy_mean,
+                "failed": int(r.failed()),
+                "needs_review": int(flag),
+                "review_reasons": "; ".join(reasons),
+            }
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    written = out / "ihc_metrics.csv"
+    with open(written, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=_IHC_COLUMNS)
+        writer.writeheader()
+        writer.writerows(records)
+    return ensemble.manifest.name, records, written
+
+
+def _print_ihc(console_out, model_name: str, records: list[dict], written: Path) -> tuple[list[bool], list[bool]]:
+    """The IHC half of ``pdl1 eval suite``'s printout; (failed, flagged) per slide."""
+    from rich.table import Table
+
+    table = Table(title=f"PD-L1 IHC slides ({model_name}): TPS and the review flag")
+    for col in _IHC_COLUMNS:
+        table.add_column(col.replace("_", " "), justify="left" if col in ("slide", "review_reasons") else "right")
+    for rec in records:
+        table.add_row(*("n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v) for v in rec.values()))
+    console_out.print(table)
+    failed = [bool(rec["failed"]) for rec in records]
+    flagged = [bool(rec["needs_review"]) for rec in records]
+    console_out.print(f"review flag on PD-L1 IHC: {_review_line(failed, flagged, _ihc_failure())}")
+    console_out.print(f"report: {written}")
+    return failed, flagged
 
 
 def calibrate(

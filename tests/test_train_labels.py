@@ -319,3 +319,20 @@ def test_nuclei_validation_scores_any_peak_threshold_from_one_detection_and_fits
     assert fit.metric == "F1" and fit.labelled == 4
     with pytest.raises(ValueError, match=r"found at peak threshold 0\.1 and up"):
         score_labelled_nuclei([n], min_score=0.05)
+
+
+def test_slides_whose_region_labels_hold_no_positive_area_are_named(capsys):
+    from bridge.cli.train import _echo_counts
+    from inference import SlideLabels
+
+    def labels(name: str, positive) -> SlideLabels:
+        return SlideLabels(name, (100, 100), (shapely.box(0, 0, 50, 50),), (False,), positive=positive)
+
+    with_positive = labels("a.svs", shapely.box(0, 0, 20, 20))
+    _echo_counts([with_positive, labels("b.svs", shapely.Polygon())], regions=True)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the labels of 1 of 2 slides hold no PD-L1 positive area (b.svs)" in err
+    # Every slide with positive area, or none at all (a negative case set): no note.
+    _echo_counts([with_positive, labels("c.svs", shapely.box(10, 10, 30, 30))], regions=True)
+    _echo_counts([labels("d.svs", shapely.Polygon())], regions=True)
+    assert "hold no PD-L1 positive area" not in capsys.readouterr().err

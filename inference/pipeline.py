@@ -30,6 +30,7 @@ from inference.analysis.points import (
     tumour_proportion_score,
 )
 from inference.analysis.regions import (
+    UNSETTLED_PROB_BAND,
     mask_on_maps,
     positive_off_tumour_pct,
     positive_regions,
@@ -145,8 +146,8 @@ REVIEW_REASONS = {
     "review_positive_area_pct": "small predicted positive area % (at or below the limit)",
     "review_positive_off_tumour_pct": "predicted positive area away from tumour cells % (the TPS does not see it)",
     "review_tps_member_disagreement": "ensemble members disagree on the TPS category (share of members)",
-    "review_unsettled_positive_area_pct": "unsettled positive area (probability within 0.2 of the threshold), % of "
-    "the predicted positive area",
+    "review_unsettled_positive_area_pct": f"unsettled positive area (probability within {UNSETTLED_PROB_BAND:g} of the "
+    "threshold), % of the predicted positive area",
 }
 # An IHC slide is flagged for review when its cells' mean ensemble entropy (nats, of the class distribution)
 # reaches this, unless the model's manifest states a calibrated limit.

@@ -648,8 +648,12 @@ def calibrate_ensemble(
     not fitted: its limit is the failure's own 25 % either way).
     """
     upper = ensemble.manifest.thresholds.get("segmentation", 0.5)
-    rule = review_rule_for(ensemble.manifest)
-    disagreement_limit = rule["review_tps_member_disagreement"]
+    # The limits taken as the manifest states them (pdl1 run's rule), not fitted here.
+    unfitted = {
+        key: value
+        for key, value in review_rule_for(ensemble.manifest).items()
+        if key in ("review_tps_member_disagreement", "review_unsettled_positive_area_pct")
+    }
     scored = []
     for path in slides:
         # On the pipeline's grid, where the thresholds will be applied (not the truth's finer one).
@@ -673,13 +677,25 @@ def calibrate_ensemble(
         analysed_um2 = float(analysed.sum() * s.maps.mpp**2)
         cand_pct = 100 * sum(c.area_um2 for c in candidates) / max(analysed_um2, 1e-9)
         pred = np.asarray(s.maps.prob) >= upper
-        unsettled = unsettled_positive_area_pct(s.maps.prob, analysed, threshold=upper)
         error = area_error(float(np.count_nonzero(pred & s.region)), float(np.count_nonzero(s.truth)))
-        wrong_category = disagree = False
+        wrong_category, disagreement = False, None
         if nuclei_model is not None:
             tps, _, disagreement = _predicted_tps(path, s, nuclei_model, threshold=upper)
             wrong_category = tps_category(tps) != tps_category(_truth_tps(s))
-            disagree = disagreement is not None and disagreement >= disagreement_limit
+        # The two unfitted scores, as pdl1 run computes them and flags at their limits.
+        at_limit = scores_at_limit(
+            slide_review_scores(
+                mean_entropy=mean_pe,
+                candidate_area_pct=cand_pct,
+                positive_area_pct=None,
+                positive_off_tumour_pct=None,
+                tps_member_disagreement=disagreement,
+                unsettled_positive_area_pct=unsettled_positive_area_pct(s.maps.prob, analysed, threshold=upper)
+                if analysed.any()
+                else None,
+            ),
+            unfitted,
+        )
         rows.append(
             (
                 Path(path).name,
@@ -689,8 +705,8 @@ def calibrate_ensemble(
                 error > max_area_error or wrong_category,
                 _positive_pct(pred, analysed),
                 s.out_of_domain,
-                disagree,
-                bool(analysed.any()) and unsettled >= rule["review_unsettled_positive_area_pct"],
+                "review_tps_member_disagreement" in at_limit,
+                "review_unsettled_positive_area_pct" in at_limit,
             )
         )
     failed = np.array([r[4] for r in rows], bool)

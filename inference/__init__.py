@@ -110,6 +110,7 @@ _PUBLIC = {
     "SlideEvaluation": "inference.evaluation.evaluate",
     "evaluate_segmentation": "inference.evaluation.evaluate",
     "evaluate_nuclei": "inference.evaluation.evaluate",
+    "score_nuclei_on_truth": "inference.evaluation.evaluate",
     "evaluate_registration": "inference.evaluation.evaluate",
     "evaluate_slide_suite": "inference.evaluation.evaluate",
     "calibrate_ensemble": "inference.evaluation.evaluate",

@@ -237,6 +237,14 @@ def test_eval_ihc_scores_the_slide_and_counts_the_review_flag_against_failures(i
     plain = CliRunner().invoke(app, ["eval", "ihc", str(ihc), "--no-review", "--device", "cpu", "--no-progress"])
     assert plain.exit_code == 0 and "review flag" not in plain.output
 
+    # With the review the pipeline's run detects the cells once and its nuclei are scored: the same cells and
+    # scores as evaluate_nuclei's own detection (every column but the review).
+    def cells(output: str) -> list[str]:
+        (row,) = [line for line in output.splitlines() if ihc.name in line]
+        return [c.strip() for c in row.split("│")[1:12]]
+
+    assert cells(result.output) == cells(plain.output)
+
     # What counts as a failed IHC slide: the TPS category wrong, or the TPS more than 5 points off.
     def scored(pred: tuple[int, int], truth: tuple[int, int]) -> NucleiEvaluation:
         return NucleiEvaluation(

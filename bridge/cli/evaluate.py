@@ -204,15 +204,31 @@ def eval_nuclei(
 
 
 def _reviewed_ihc(slides: list[Path], ensemble, *, models, config, radius_um: float, progress: bool):
-    """Each IHC slide with its :func:`inference.evaluate_nuclei` result and, with ``models``, the review reasons
-    and flag of ``pdl1 run`` on it as an image QuPath types H-DAB (else None, None)."""
-    from inference import analyse_slide
+    """Each IHC slide with its evaluation against the truth and, with ``models``, the review reasons and flag of
+    ``pdl1 run`` on it as an image QuPath types H-DAB (else None, None).
 
-    for slide, r in _nuclei_evaluations(slides, ensemble, radius_um=radius_um, progress=progress):
-        if models is None:
-            yield slide, r, None, None
-            continue
-        run = analyse_slide(slide, models=models, config=config, image_stain="H-DAB", image_stain_source="pdl1 eval")
+    With ``models`` the slide is analysed once, as ``pdl1 run`` does, and that run's own nuclei are scored
+    (the same tissue mask and detection settings as :func:`inference.evaluate_nuclei`, so the same cells)."""
+    from bridge.progress import progress_bar
+    from inference import analyse_slide, score_nuclei_on_truth
+
+    if models is None:
+        yield from (
+            (slide, r, None, None)
+            for slide, r in _nuclei_evaluations(slides, ensemble, radius_um=radius_um, progress=progress)
+        )
+        return
+    for slide in slides:
+        with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
+            run = analyse_slide(
+                slide,
+                models=models,
+                config=config,
+                image_stain="H-DAB",
+                image_stain_source="pdl1 eval",
+                on_progress=on_progress,
+            )
+        r = score_nuclei_on_truth(slide, run.nuclei, mpp_um=run.mpp, radius_um=radius_um)
         yield slide, r, [x["reason"] for x in run.summary["review_reasons"]], run.uncertainty_flag
 
 
@@ -255,9 +271,14 @@ def eval_ihc(
 
     out = stdout()
     try:
-        ensemble = Ensemble.load(model or demo_model_dir("nuclei-ihc"), task="nuclei", device=device)
         config = pipeline_config(device, None, None, None, no_nuclei=True, ihc_model=model) if review else None
         models = Models(config) if config is not None else None
+        # With the review the pipeline's own IHC ensemble detects the cells; else it is loaded here.
+        ensemble = (
+            models.ihc()
+            if models
+            else Ensemble.load(model or demo_model_dir("nuclei-ihc"), task="nuclei", device=device)
+        )
         table = Table(title=f"PD-L1 IHC vs truth ({ensemble.manifest.name}; nuclei matched within {radius_um} µm)")
         columns = ("slide", "TPS pred", "TPS truth", "TPS error", "category", "CPS pred", "CPS truth", "CPS error")
         for col in (*columns, "F1", "intensity agreement", "entropy mean", *(("review",) if review else ())):
@@ -583,13 +604,13 @@ def _suite_ihc(slides: list[Path], out: Path, *, ihc_model: Path | None, device:
     ``out/ihc_metrics.csv``: (the model's name, a row per slide, the file), or None without IHC slides."""
     import csv
 
-    from inference import Ensemble, Models, demo_model_dir
+    from inference import Models
 
     if not slides:
         return None
-    ensemble = Ensemble.load(ihc_model or demo_model_dir("nuclei-ihc"), task="nuclei", device=device)
     config = pipeline_config(device, None, None, None, no_nuclei=True, ihc_model=ihc_model)
     models = Models(config)
+    ensemble = models.ihc()
     records = []
     for slide, r, reasons, flag in _reviewed_ihc(
         slides, ensemble, models=models, config=config, radius_um=3.0, progress=progress

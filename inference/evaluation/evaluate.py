@@ -52,7 +52,7 @@ from inference.phantom.ihc import ihc_to_he_points
 from inference.phantom.truth import PhantomTruthData, load_truth
 from inference.phantom.truth_tissue import truth_tissue_mask
 from inference.pipeline import review_rule_for
-from inference.results import Cps, Tps, UncertaintyMaps
+from inference.results import Cps, Nuclei, Tps, UncertaintyMaps
 from inference.slides.slide import open_slide
 from inference.slides.stain_detect import detect_slide_stain
 from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, TissueMask, tissue_mask_for_slide
@@ -324,20 +324,38 @@ def evaluate_nuclei(
     The truth's classes are matched to the model's by name, so a model of the other stain (H&E
     classes against an IHC truth) is refused with both lists.
     """
-    truth = load_truth(slide_path)
-    names = tuple(ensemble.manifest.class_names)
-    missing = [n for n in truth.class_names if n not in names]
-    if missing:
-        raise ValueError(
-            f"{slide_path}: the truth has classes {list(truth.class_names)} but the model "
-            f"{ensemble.manifest.name!r} ({ensemble.manifest.stain}) knows {list(names)}: evaluate an "
-            f"{truth.summary.get('stain', 'H&E')} slide with a model trained on that stain"
-        )
+    _check_truth_classes(
+        slide_path,
+        load_truth(slide_path),
+        tuple(ensemble.manifest.class_names),
+        f"the model {ensemble.manifest.name!r} ({ensemble.manifest.stain})",
+    )
     with open_slide(slide_path, mpp=mpp) as slide:
         # The tissue the pipeline analyses for this stain.
         tissue = tissue_mask_for_slide(slide, method=TISSUE_METHOD_OF_STAIN[ensemble.manifest.stain])
         nuclei = detect_nuclei(slide, ensemble, tissue=tissue, config=config, on_progress=on_progress)
-        radius_px = radius_um / slide.mpp.mean
+        mpp_um = slide.mpp.mean
+    return score_nuclei_on_truth(slide_path, nuclei, mpp_um=mpp_um, radius_um=radius_um)
+
+
+def _check_truth_classes(slide_path: str | Path, truth: PhantomTruthData, names: tuple[str, ...], what: str) -> None:
+    missing = [n for n in truth.class_names if n not in names]
+    if missing:
+        raise ValueError(
+            f"{slide_path}: the truth has classes {list(truth.class_names)} but {what} knows {list(names)}: "
+            f"evaluate an {truth.summary.get('stain', 'H&E')} slide with a model trained on that stain"
+        )
+
+
+def score_nuclei_on_truth(
+    slide_path: str | Path, nuclei: Nuclei, *, mpp_um: float, radius_um: float = 3.0
+) -> NucleiEvaluation:
+    """Score nuclei already detected on a phantom slide (``detect_nuclei``, or ``SlideResult.nuclei`` of
+    ``analyse_slide`` on the whole slide) against its truth points; ``mpp_um`` is the slide's µm/px."""
+    truth = load_truth(slide_path)
+    names = tuple(nuclei.class_names)
+    _check_truth_classes(slide_path, truth, names, "the detections' model")
+    radius_px = radius_um / mpp_um
     truth_cls = np.array([names.index(truth.class_names[c]) for c in truth.nuclei_class], np.int64)
     overall, per_class = detection_scores(
         nuclei.xy, nuclei.cls, truth.nuclei_xy, truth_cls, radius=radius_px, n_classes=len(names)

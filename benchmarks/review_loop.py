@@ -32,10 +32,11 @@ calibrated SUA numbers for every model (a fine-tuned model's manifest has no SUA
 would use SUA's defaults, also reported) and the share of it truly positive. The acceptance run
 (``review``) was fixed first; the others are variants compared on the validation slides, in three rounds (the
 first three runs; then four after they collapsed to "all positive"; then three from the second round's
-validation scores); the held-out slides decide nothing. The ``review+self...`` variants pseudo-label the
-review slides themselves, which ``pdl1 train seg`` refuses (a slide is labelled or pseudo-labelled): they
-measure what such an option would give, through the library call. A model folder under ``--work`` trained
-with the same configuration and labels is reused.
+validation scores); the held-out slides decide nothing. The ``review+self...`` variants also pseudo-label the
+unlabelled rest of the review slides themselves, their labels winning (``pdl1 train seg --pseudo-label-rest``;
+before that option the library drew such a slide twice, labelled and pseudo-labelled, and the README's first
+figures for these rows were measured so); ``review+self-w1`` was added with the option. A model folder under
+``--work`` trained with the same configuration and labels is reused.
 """
 
 from __future__ import annotations
@@ -109,6 +110,11 @@ RUNS = {
         "the same + 3 unlabelled slides of the domain, pseudo-weight 1", unlabeled=3, pseudo_weight=1.0
     ),
     "review+self": RunSpec("the same + the review slides' own confident pixels as pseudo-labels", self_pseudo=True),
+    "review+self-w1": RunSpec(
+        "the same + the rest of the review slides pseudo-labelled, pseudo-weight 1 (--pseudo-label-rest)",
+        self_pseudo=True,
+        pseudo_weight=1.0,
+    ),
     # Third round, from the second's validation scores (pseudo-weight 1 held the unshifted slides best):
     "review+3unl+3unl0-w1": RunSpec(
         "the same + 3 unlabelled slides of the domain and 3 unshifted, pseudo-weight 1",

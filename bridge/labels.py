@@ -632,7 +632,7 @@ def unlabeled_slides(
     for slide in out:
         if Path(slide.path).resolve() in taken:
             raise LabelError(
-                f"--unlabeled {slide.label} is also a labelled training slide; a slide is either labelled or "
-                "pseudo-labelled: leave it out of one"
+                f"--unlabeled {slide.label} is also a labelled training slide: leave it out of --unlabeled (to "
+                "pseudo-label the unlabelled rest of every labelled slide, use --pseudo-label-rest)"
             )
     return out

@@ -248,3 +248,34 @@ def test_a_pseudo_labelled_slide_carries_its_targets_offset_and_draws_patches_on
         load_pseudo_slide(
             PseudoLabels(slide, target[:128, :128], 2.0, counts, 2.0, "H&E", "test"), input_mpp=2.0, patch_px=32
         )
+
+
+def test_a_labelled_slide_takes_pseudo_labels_on_its_rest_and_its_labels_win():
+    from inference.training.train_seg import _SlideData, with_pseudo_rest
+
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    labels = np.full((64, 64), IGNORE_LABEL, np.uint8)
+    labels[20:30, 20:30] = 1  # a reviewed positive area
+    labels[40:44, 40:44] = 0
+    pseudo = np.full((64, 64), IGNORE_LABEL, np.uint8)
+    pseudo[:, :32] = PSEUDO_OFFSET  # the teacher: confidently negative on the left half...
+    pseudo[50:60, 50:60] = PSEUDO_OFFSET + 1  # ...and positive here
+
+    def item(mask: np.ndarray, positive: int) -> _SlideData:
+        return _SlideData("s", rgb, mask, np.flatnonzero(mask == positive), np.flatnonzero(mask != N), {})
+
+    merged = with_pseudo_rest(item(labels, 1), item(pseudo, PSEUDO_OFFSET + 1), patch_px=8)
+    assert (merged.mask[20:30, 20:30] == 1).all()  # the label wins over the teacher's negative
+    assert (merged.mask[40:44, 40:44] == 0).all() and (merged.mask[50:60, 50:60] == PSEUDO_OFFSET + 1).all()
+    assert (merged.mask[0:20, 0:20] == PSEUDO_OFFSET).all() and (merged.mask[0:20, 40:64] == N).all()
+    # Positive patches stay on what a person labelled; other patches on any target pixel away from the edge.
+    assert set(merged.positive_idx.tolist()) == set(np.flatnonzero(labels == 1).tolist())
+    assert merged.tissue_idx.size == ((merged.mask != N)[4:60, 4:60]).sum()
+    # Without labelled positives the teacher's positives take the positive share.
+    no_positive = with_pseudo_rest(
+        item(np.where(labels == 1, N, labels), 1), item(pseudo, PSEUDO_OFFSET + 1), patch_px=8
+    )
+    assert set(no_positive.positive_idx.tolist()) <= set(np.flatnonzero(pseudo == PSEUDO_OFFSET + 1).tolist())
+    assert no_positive.positive_idx.size > 0
+    with pytest.raises(ValueError, match="labels on a"):
+        with_pseudo_rest(item(labels, 1), item(pseudo[:32], PSEUDO_OFFSET + 1), patch_px=8)

@@ -198,6 +198,29 @@ def test_pdl1_train_seg_on_a_slide_and_its_geojson_with_reviewed_candidates(labe
 
 
 @pytest.mark.slow
+def test_pdl1_train_seg_pseudo_labels_the_rest_of_reviewed_slides_when_asked(labelled, tmp_path):
+    out = tmp_path / "seg"
+    slide = str(labelled / "he-1357.svs")
+    geojson = labelled / "objects-labelled-by-pathologist-0.4.4.geojson"
+    args = ["train", "seg", slide, "--labels", str(geojson), "--from-review", "--pseudo-label-rest"]
+    result = runner.invoke(app, [*args, "--pseudo-weight", "1", "--out", str(out), *TINY, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    training = json.loads((out / "manifest.json").read_text())["training"]
+    # The labelled slide is trained on once, and its unlabelled rest was pseudo-labelled by the demo.
+    (record,) = training["data"]
+    assert record["counts"]["reviewed: PD-L1 positive"] == 1
+    (row,) = training["pseudo_labels"]["slides"]
+    assert row["slide"] == slide and row["positive_px"] + row["negative_px"] > 0
+    assert training["pseudo_labels"]["weight"] == 1.0 and training["pseudo_labels"]["teacher"]["name"] == "pdl1-seg"
+    assert f"{slide} (the rest of its labels):" in " ".join(result.output.split())
+    # Phantom truth labels every pixel: there is no rest to fill.
+    phantom = runner.invoke(
+        app, ["train", "seg", slide, "--pseudo-label-rest", "--out", str(tmp_path / "p"), *TINY, "--no-progress"]
+    )
+    assert phantom.exit_code != 0 and "phantom truth has none" in " ".join(phantom.output.split())
+
+
+@pytest.mark.slow
 def test_pdl1_train_nuclei_holds_validation_slides_out_whole_and_scores_them(labelled, tmp_path):
     geojson = labelled / "objects-labelled-by-pathologist-0.4.4.geojson"
     for name in ("he-a.svs", "he-b.svs"):

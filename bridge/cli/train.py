@@ -162,6 +162,14 @@ def train_seg(
     pseudo_weight: Annotated[
         float, typer.Option(min=0.01, max=1.0, help="Loss weight of a pseudo-labelled pixel (a label weighs 1).")
     ] = 0.3,
+    pseudo_label_rest: Annotated[
+        bool,
+        typer.Option(
+            help="Your labels: also pseudo-label the unlabelled rest of each labelled training slide (the labels "
+            "win; the teacher and rule as for --unlabeled). For labels that cover little of a slide, such as "
+            "reviewed results (--from-review).",
+        ),
+    ] = False,
 ) -> None:
     """Train a segmentation ensemble the nnUNet-B way (cyclic LR, members at the low ends).
 
@@ -200,8 +208,13 @@ def train_seg(
             from inference import demo_model_dir
 
             init_model = str(demo_model_dir("seg"))
+        if pseudo_label_rest and not slide_labels:
+            raise typer.BadParameter(
+                "--pseudo-label-rest fills the rest of your labelled slides; phantom truth has none"
+            )
         pseudo, teacher = _pseudo_labels(
             unlabeled or [],
+            rest=[lab.slide for lab in slide_labels] if pseudo_label_rest else [],
             project=project,
             labelled=[lab.slide for lab in slide_labels] if slide_labels else [str(s) for s in slides],
             held_out=[lab.slide for lab in held_out],
@@ -290,6 +303,7 @@ def _entries_except(project: Path, unlabeled: list[str]) -> list[str]:
 def _pseudo_labels(
     unlabeled: list[str],
     *,
+    rest: list[str],
     project: Path | None,
     labelled: list[str],
     held_out: list[str],
@@ -301,14 +315,17 @@ def _pseudo_labels(
     device: str,
     progress: bool,
 ) -> tuple[list, str | None]:
-    """(pseudo-labels of the --unlabeled slides, the teacher model folder); each slide's counts printed."""
-    if not unlabeled:
+    """(pseudo-labels of the --unlabeled slides and of the ``rest`` of labelled ones, the teacher model folder);
+    each slide's counts printed."""
+    if not unlabeled and not rest:
         return [], None
     from bridge.labels import unlabeled_slides
     from bridge.progress import progress_bar
-    from inference import PseudoLabelRule, demo_model_dir, pseudo_label_slides
+    from inference import PseudoLabelRule, UnlabeledSlide, demo_model_dir, pseudo_label_slides
 
     items = unlabeled_slides(unlabeled, project=project, labelled=[*labelled, *held_out])
+    # A labelled slide is read at its file's own µm/px, as its labels are (load_labelled_seg_slide).
+    items += [UnlabeledSlide(path=slide, name=f"{slide} (the rest of its labels)") for slide in rest]
     teacher = init_model or str(demo_model_dir("seg"))
     rule = PseudoLabelRule(margin=margin, mi_limit=mi_limit, weight=weight)
     with progress_bar("pseudo-labels", enabled=progress) as on_progress:
@@ -426,7 +443,8 @@ def _echo_counts(slide_labels: list, *, regions: bool = False) -> None:
         typer.echo(
             f"warning: {max(share, 1 - share):.0%} of the labelled area is {side}: a model trained on it learns to "
             f"call most tissue {side}. Label the other class too (PD-L1 {'negative' if side == 'positive' else 'positive'} "
-            "areas, or Training regions around ordinary tissue), or add --unlabeled slides of the same kind",
+            "areas, or Training regions around ordinary tissue), add --unlabeled slides of the same kind, or "
+            "--pseudo-label-rest to pseudo-label the rest of these slides",
             err=True,
         )
 

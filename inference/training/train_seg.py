@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -70,6 +70,9 @@ class SegTrainConfig:
     ``unlabeled`` slides are pseudo-labelled by the segmentation ensemble in ``pseudo_model`` (before
     training; :func:`~inference.training.pseudo.pseudo_label_slides` with ``pseudo_margin`` and
     ``pseudo_mi_limit``) and drawn from like the labelled ones, their targets weighing ``pseudo_weight``.
+    An ``unlabeled`` slide that is also a labelled one (a lab's labels, e.g. reviewed results) keeps its
+    labels and takes pseudo-labels on the rest of it (:func:`with_pseudo_rest`), so labels that cover
+    little of a slide do not leave the rest of it untaught.
     """
 
     slides: tuple[str, ...]
@@ -230,6 +233,32 @@ def load_pseudo_slide(pseudo: PseudoLabels, *, input_mpp: float, patch_px: int) 
     )
 
 
+def with_pseudo_rest(labelled: _SlideData, pseudo: _SlideData, *, patch_px: int) -> _SlideData:
+    """A labelled slide whose unlabelled pixels take the teacher's pseudo-labels; labels win where both exist.
+
+    The positive share of patches stays on the labelled positives (what a person taught), falling back on
+    the pseudo-positive pixels when the labels hold none; other patches are centred on any target pixel.
+    """
+    if labelled.mask.shape != pseudo.mask.shape:
+        raise ValueError(
+            f"{labelled.name}: labels on a {labelled.mask.shape} px grid but pseudo-labels on {pseudo.mask.shape}"
+        )
+    mask = np.where(labelled.mask != IGNORE_LABEL, labelled.mask, pseudo.mask).astype(np.uint8)
+    h, w = mask.shape
+    half = patch_px // 2
+    valid = np.zeros((h, w), bool)
+    valid[half : h - half, half : w - half] = True
+    positive = (
+        labelled.positive_idx if labelled.positive_idx.size else np.flatnonzero(valid & (mask == PSEUDO_OFFSET + 1))
+    )
+    return replace(
+        labelled,
+        mask=mask,
+        positive_idx=positive,
+        tissue_idx=np.flatnonzero(valid & (mask != IGNORE_LABEL)),
+    )
+
+
 def sample_batch(
     data: list[_SlideData], rng: np.random.Generator, *, batch_size: int, patch_px: int, positive_fraction: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -341,6 +370,14 @@ def train_segmentation(
         data = [load_training_slide(p, input_mpp=config.input_mpp, patch_px=config.patch_px) for p in config.slides]
     pseudo = _pseudo_labels(config, pseudo)
     pseudo_data = [load_pseudo_slide(p, input_mpp=config.input_mpp, patch_px=config.patch_px) for p in pseudo]
+    if labels:  # an unlabeled slide that is also labelled: its pseudo-labels fill the rest of its labelled item
+        rest = {Path(p.slide.path).resolve(): d for p, d in zip(pseudo, pseudo_data, strict=True)}
+        paths = [Path(s).resolve() for s in config.slides]
+        data = [
+            with_pseudo_rest(d, rest.pop(path), patch_px=config.patch_px) if path in rest else d
+            for path, d in zip(paths, data, strict=True)
+        ]
+        pseudo_data = list(rest.values())
     arch_kwargs = {
         "in_channels": 3,
         "n_classes": 2,

@@ -136,6 +136,22 @@ RUNS = {
         pseudo_weight=1.0,
         lr_max=1e-4,
     ),
+    # Fourth round, with --pseudo-label-rest, from the third's validation scores:
+    "review+self+3unl+3unl0-w1-lr1e-4": RunSpec(
+        "the same + the rest of the review slides, 3 of the domain and 3 unshifted pseudo-labelled, "
+        "pseudo-weight 1, lr 1e-4",
+        unlabeled=3,
+        unlabeled_normal=3,
+        self_pseudo=True,
+        pseudo_weight=1.0,
+        lr_max=1e-4,
+    ),
+    "review+self+3unl0-w1": RunSpec(
+        "the same + the rest of the review slides and 3 unshifted pseudo-labelled, pseudo-weight 1",
+        unlabeled_normal=3,
+        self_pseudo=True,
+        pseudo_weight=1.0,
+    ),
 }
 SETS = ("val", "val_normal", "held", "held_normal")
 

@@ -97,7 +97,9 @@ def rows(evaluations: Sequence[SlideEvaluation]) -> list[dict[str, object]]:
                 "tps_truth": math.nan if e.tps_truth is None else e.tps_truth,
                 "positive_off_tumour_pct": math.nan if e.positive_off_tumour_pct is None else e.positive_off_tumour_pct,
                 "tps_member_disagreement": math.nan if e.tps_member_disagreement is None else e.tps_member_disagreement,
-                "unsettled_positive_area_pct": e.unsettled_positive_area_pct,
+                "unsettled_positive_area_pct": math.nan
+                if e.unsettled_positive_area_pct is None
+                else e.unsettled_positive_area_pct,
                 "failed": int(e.failed()),
                 "needs_review": int(e.needs_review),
                 "fn_px": e.sua.false_negative_px,

@@ -490,7 +490,7 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
         # tumour cell there (stroma or immune cells called PD-L1 positive, or tumour the nuclei model missed).
         off_tumour_pct = positive_off_tumour_pct(positive, nuclei.tumour_xy(), maps, level0_mpp=slide.mpp.mean)
     # How far the positive area could move with calls near the threshold (a quarter either way at 50 %).
-    unsettled_pct = unsettled_positive_area_pct(maps.prob, analysed, threshold=threshold) if analysed.any() else None
+    unsettled_pct = unsettled_positive_area_pct(maps.prob, analysed, threshold=threshold)
     scores = slide_review_scores(
         mean_entropy=mean_pe,
         candidate_area_pct=candidate_pct,

@@ -151,6 +151,8 @@ def test_the_unsettled_share_of_the_positive_area_counts_calls_near_the_threshol
     # positive somewhere still reaches the limit, and one with nothing near the threshold scores 0.
     assert unsettled_positive_area_pct(np.array([[0.4, 0.1]]), np.ones((1, 2), bool), threshold=0.5) == 100.0
     assert unsettled_positive_area_pct(np.zeros((2, 2)), np.ones((2, 2), bool), threshold=0.5) == 0.0
+    # No analysed tissue: no share at all (pdl1 run and the suite leave the score out).
+    assert unsettled_positive_area_pct(np.full((2, 2), 0.5), np.zeros((2, 2), bool), threshold=0.5) is None
 
     rule = {"review_unsettled_positive_area_pct": 50.0}
     scores = slide_review_scores(

@@ -246,9 +246,9 @@ UNSETTLED_PROB_BAND = 0.2
 
 def unsettled_positive_area_pct(
     prob: np.ndarray, analysed: np.ndarray, *, threshold: float, band: float = UNSETTLED_PROB_BAND
-) -> float:
+) -> float | None:
     """The analysed area whose mean positive probability lies within ``band`` of ``threshold``, as a % of the
-    predicted positive area (probability >= ``threshold``, at least one map pixel).
+    predicted positive area (probability >= ``threshold``, at least one map pixel); None without analysed tissue.
 
     How far the positive area could move if the ensemble were a little more or less sure: at 50 % it could be
     a quarter larger or smaller, the error #32 counts as a failed slide.
@@ -259,6 +259,8 @@ def unsettled_positive_area_pct(
     """
     prob = np.asarray(prob)
     analysed = np.asarray(analysed, bool)
+    if not analysed.any():
+        return None
     unsettled = (prob >= threshold - band) & (prob < threshold + band) & analysed
     positive = (prob >= threshold) & analysed
     return 100 * int(np.count_nonzero(unsettled)) / max(int(np.count_nonzero(positive)), 1)

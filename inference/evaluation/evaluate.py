@@ -502,7 +502,7 @@ class SlideEvaluation:
     tps_truth: float | None = None  # ... and the phantom's
     positive_off_tumour_pct: float | None = None  # with a nuclei model: positive area away from tumour cells
     tps_member_disagreement: float | None = None  # with a nuclei model: members' TPS in another category, share
-    unsettled_positive_area_pct: float = float("nan")  # probability within 0.2 of the threshold, % of the positive
+    unsettled_positive_area_pct: float | None = None  # probability within 0.2 of the threshold, % of the positive
 
     @property
     def tps_category_wrong(self) -> bool:
@@ -562,8 +562,7 @@ def evaluate_slide_suite(
     cand_area = sum(c.area_um2 for c in candidates)
     analysed_um2 = float(analysed.sum() * maps.mpp**2)
     positive_pct = _positive_pct(pred, analysed)
-    # As pdl1 run: no unsettled share without analysed tissue.
-    unsettled = unsettled_positive_area_pct(prob, analysed, threshold=sua.upper) if analysed.any() else None
+    unsettled = unsettled_positive_area_pct(prob, analysed, threshold=sua.upper)
     tps_predicted = off_tumour = disagreement = None
     if nuclei_model is not None:
         tps_predicted, off_tumour, disagreement = _predicted_tps(slide_path, scored, nuclei_model, threshold=sua.upper)
@@ -606,7 +605,7 @@ def evaluate_slide_suite(
         tps_truth=None if nuclei_model is None else _truth_tps(scored),
         positive_off_tumour_pct=off_tumour,
         tps_member_disagreement=disagreement,
-        unsettled_positive_area_pct=math.nan if unsettled is None else unsettled,
+        unsettled_positive_area_pct=unsettled,
     )
 
 
@@ -708,9 +707,7 @@ def calibrate_ensemble(
                 positive_area_pct=None,
                 positive_off_tumour_pct=None,
                 tps_member_disagreement=disagreement,
-                unsettled_positive_area_pct=unsettled_positive_area_pct(s.maps.prob, analysed, threshold=upper)
-                if analysed.any()
-                else None,
+                unsettled_positive_area_pct=unsettled_positive_area_pct(s.maps.prob, analysed, threshold=upper),
             ),
             unfitted,
         )

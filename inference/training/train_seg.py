@@ -148,6 +148,15 @@ class _SlideData:
     summary: dict
 
 
+def _patch_centres(shape_hw: tuple[int, int], patch_px: int) -> np.ndarray:
+    """Where a patch of ``patch_px`` can be centred without leaving the slide (bool, ``shape_hw``)."""
+    h, w = shape_hw
+    half = patch_px // 2
+    valid = np.zeros((h, w), bool)
+    valid[half : h - half, half : w - half] = True
+    return valid
+
+
 def load_training_slide(path: str | Path, *, input_mpp: float, patch_px: int) -> _SlideData:
     """Read a phantom slide whole at ``input_mpp`` with its truth mask on the same grid."""
     truth = load_truth(path)
@@ -159,9 +168,7 @@ def load_training_slide(path: str | Path, *, input_mpp: float, patch_px: int) ->
     xs = np.minimum(((np.arange(w) + 0.5) * ds / truth.mask_downsample).astype(int), truth.positive_mask.shape[1] - 1)
     mask = truth.positive_mask[ys][:, xs].astype(np.uint8)
     tissue = detect_tissue(rgb)
-    half = patch_px // 2
-    valid = np.zeros((h, w), bool)
-    valid[half : h - half, half : w - half] = True
+    valid = _patch_centres((h, w), patch_px)
     return _SlideData(
         name=Path(path).name,
         rgb=rgb,
@@ -191,9 +198,7 @@ def load_labelled_seg_slide(labels: SlideLabels, *, input_mpp: float, patch_px: 
         ds = input_mpp / slide.mpp.mean
     h, w = rgb.shape[:2]
     mask = region_target(labels, shape_hw=(h, w), downsample=ds)
-    half = patch_px // 2
-    valid = np.zeros((h, w), bool)
-    valid[half : h - half, half : w - half] = True
+    valid = _patch_centres((h, w), patch_px)
     return _SlideData(
         name=Path(labels.slide).name,
         rgb=rgb,
@@ -220,9 +225,7 @@ def load_pseudo_slide(pseudo: PseudoLabels, *, input_mpp: float, patch_px: int) 
         )
     known = pseudo.target != IGNORE_LABEL
     mask = np.where(known, pseudo.target + PSEUDO_OFFSET, IGNORE_LABEL).astype(np.uint8)
-    half = patch_px // 2
-    valid = np.zeros((h, w), bool)
-    valid[half : h - half, half : w - half] = True
+    valid = _patch_centres((h, w), patch_px)
     return _SlideData(
         name=Path(pseudo.slide.path).name,
         rgb=rgb,
@@ -244,10 +247,7 @@ def with_pseudo_rest(labelled: _SlideData, pseudo: _SlideData, *, patch_px: int)
             f"{labelled.name}: labels on a {labelled.mask.shape} px grid but pseudo-labels on {pseudo.mask.shape}"
         )
     mask = np.where(labelled.mask != IGNORE_LABEL, labelled.mask, pseudo.mask).astype(np.uint8)
-    h, w = mask.shape
-    half = patch_px // 2
-    valid = np.zeros((h, w), bool)
-    valid[half : h - half, half : w - half] = True
+    valid = _patch_centres(mask.shape, patch_px)
     positive = (
         labelled.positive_idx if labelled.positive_idx.size else np.flatnonzero(valid & (mask == PSEUDO_OFFSET + 1))
     )

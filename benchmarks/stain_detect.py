@@ -159,6 +159,7 @@ def main() -> None:
     groups: dict[str, list[bool]] = {}
     for name, truth, found, *_rest, note in rows:
         key = re.sub(r"_\d+\.svs$", "", name) if name.startswith(("he_", "ihc_")) else re.sub(r"\(.*", "", name)
+        key = re.sub(r"^c\d+\.svs$", "c", key)  # benchmarks.review_phantoms names its H&E c<seed>.svs
         key += f" [{note.split(':')[0]}]" if ": TPS" in note else ""
         key += f" [{note}]" if note in ("tuned", "held out") else ""
         key += " no DAB" if "dab=0" in name or "no DAB" in name else ""

@@ -1,8 +1,11 @@
 """Exceptions of pdl1-bridge.
 
-Every error the product raises derives from :class:`Pdl1Error`, and also from the
-built-in exception that fits, so callers can catch either (``except FileNotFoundError``
-still works for a missing slide). Messages say what was expected, what came, and the fix.
+Every error about what a caller gave (a slide or image, a model folder, an ROI, a stain, phantom
+truth; in ``bridge``, a project, labels, a service request) derives from :class:`Pdl1Error`, and
+also from the built-in exception that fits, so callers can catch either (``except
+FileNotFoundError`` still works for a missing slide). An argument out of its range (an unknown
+device, a phantom file name without .svs or .tif) raises the built-in alone. Messages say what was
+expected, what came, and the fix.
 """
 
 from __future__ import annotations

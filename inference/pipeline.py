@@ -178,8 +178,11 @@ def sua_params_for(manifest: Manifest, config: PipelineConfig, *, upper: float) 
 
 
 def review_rule_for(manifest: Manifest) -> dict[str, float]:
-    """The slide-level "needs review" rule: mean predictive entropy or SUA candidate area at or above a limit,
-    or the predicted positive area (% of the analysed tissue) at or below one."""
+    """The slide-level "needs review" rule: the six limits of :data:`DEFAULT_REVIEW_RULE`, each the manifest's
+    calibrated value where it states one. A slide is flagged when a score reaches its limit: at or above it for
+    mean predictive entropy, SUA candidate area, positive area away from tumour cells, members' disagreement on
+    the TPS category and unsettled positive area; at or below it for the predicted positive area (% of the
+    analysed tissue)."""
     return {key: float(manifest.thresholds.get(key, value)) for key, value in DEFAULT_REVIEW_RULE.items()}
 
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from inference.analysis.registration import Registration, register_pair, register_slides
+from inference.errors import TruthNotFoundError
+from inference.evaluation.evaluate import evaluate_registration
 from inference.slides.reader import ArrayReader
 from inference.slides.slide import Mpp, Slide, open_slide
 from inference.slides.tissue import tissue_mask
@@ -180,3 +182,9 @@ def test_register_slides_of_a_phantom_file_with_itself_is_the_identity(phantom_s
     assert reg.ok, reg.reason
     np.testing.assert_allclose(reg.matrix[:, :2], np.eye(2), atol=0.01)
     np.testing.assert_allclose(reg.matrix[:, 2], 0.0, atol=2.0)  # level-0 px at 0.5 µm/px: 1 µm
+
+
+def test_evaluating_the_registration_of_an_unpaired_phantom_names_the_fix(phantom_svs):
+    # An H&E phantom's truth names no partner: an input error (Pdl1Error), not a bare ValueError.
+    with pytest.raises(TruthNotFoundError, match="names no paired H&E; pass an IHC phantom written with --ihc"):
+        evaluate_registration(phantom_svs)

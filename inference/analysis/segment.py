@@ -90,7 +90,8 @@ class SegmentConfig:
         :data:`CUDA_BATCH` on CUDA (see :meth:`batch_for`).
     read_workers
         Threads reading tiles ahead; 0 reads in the calling thread; ``None`` picks two on
-        the CPU (the model needs the cores) and all cores but two (at most 12) on CUDA.
+        the CPU (the model needs the cores) and all cores but two (at most 12) on CUDA, two
+        when the GPU decodes the tiles (:meth:`workers_for`).
     read_block_tiles
         Tiles read together as one region, per side (overlapping pixels are decoded once);
         1 reads every tile on its own.

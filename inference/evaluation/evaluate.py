@@ -36,6 +36,7 @@ from inference.analysis.sua import (
     pixel_baseline,
     region_scores,
 )
+from inference.errors import StainError, TruthNotFoundError
 from inference.evaluation.metrics import auprc, auroc, brier, dice, ece, fbeta_score, iou
 from inference.evaluation.review import (
     FLAG_AT_OR_BELOW,
@@ -341,7 +342,7 @@ def evaluate_nuclei(
 def _check_truth_classes(slide_path: str | Path, truth: PhantomTruthData, names: tuple[str, ...], what: str) -> None:
     missing = [n for n in truth.class_names if n not in names]
     if missing:
-        raise ValueError(
+        raise StainError(
             f"{slide_path}: the truth has classes {list(truth.class_names)} but {what} knows {list(names)}: "
             f"evaluate an {truth.summary.get('stain', 'H&E')} slide with a model trained on that stain"
         )
@@ -414,7 +415,7 @@ def evaluate_registration(ihc_slide_path: str | Path, *, mpp: float = 8.0) -> Re
     truth = load_truth(ihc_path)
     partner = truth.summary.get("paired_with")
     if partner is None:
-        raise ValueError(f"{ihc_path}: its truth names no paired H&E; pass an IHC phantom written with --ihc")
+        raise TruthNotFoundError(f"{ihc_path}: its truth names no paired H&E; pass an IHC phantom written with --ihc")
     he_path = ihc_path.with_name(partner)
     with open_slide(he_path) as he_slide, open_slide(ihc_path) as ihc_slide:
         registration = register_slides(he_slide, ihc_slide, mpp=mpp)

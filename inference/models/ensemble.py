@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def demo_model_dir(kind: str) -> Path:
-    """Folder of a shipped demo model: ``kind`` is ``"seg"`` or ``"nuclei"``."""
+    """Folder of a shipped demo model: ``kind`` is ``"seg"``, ``"nuclei"`` (H&E) or ``"nuclei-ihc"`` (PD-L1 IHC)."""
     return Path(str(resources.files("inference") / "demo_models" / kind))
 
 

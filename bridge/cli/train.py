@@ -195,13 +195,7 @@ def train_seg(
             points=False,
             ihc_band_um=ihc_band_um,
         )
-        if (val_entries or val_fraction) and not slide_labels:
-            raise typer.BadParameter(
-                "--val-entries and --val-fraction hold out slides of your labels; phantom truth has none"
-            )
-        from bridge.labels import split_validation
-
-        slide_labels, held_out = split_validation(slide_labels, val_entries or [], fraction=val_fraction, seed=seed)
+        slide_labels, held_out = _split_held_out(slide_labels, val_entries or [], val_fraction, seed=seed)
         _echo_counts(slide_labels, regions=True)
         init_model = None if init in (None, "none") else init
         if init is None and slide_labels and (_features(features), input_mpp) == _DEMO_SEG_ARCH:
@@ -266,30 +260,30 @@ def train_seg(
                 resume=resume,
                 on_progress=on_progress,
             )
-        validation, fit = (
-            _validate(out, held_out, device=device, task="segmentation", recalibrate=recalibrate)
-            if held_out
-            else ([], None)
-        )
-        report = _training_report(
-            out, task="segmentation", labels=slide_labels, held_out=held_out, truth=config.slides, device=device
+        validation, fit, report = _validate_and_report(
+            out,
+            task="segmentation",
+            labels=slide_labels,
+            held_out=held_out,
+            truth=config.slides,
+            device=device,
+            recalibrate=recalibrate,
         )
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
     except KeyboardInterrupt:
         raise interrupted(_TRAINING_KEPT.format(out=out)) from None
-    typer.echo(
-        f"wrote {out}: {len(manifest.members)} members "
-        + ", ".join(f"{m.file} (cycle {m.cycle}, epoch {m.epoch})" for m in manifest.members)
-    )
-    for row in validation:
-        typer.echo(
+    _echo_trained(
+        out,
+        manifest,
+        [
             f"validation {row['slide']}: {row['labelled_px']} labelled px, {row['positive_px']} positive, "
             f"{row['predicted_px']} predicted positive, Dice {_fmt(row['dice'])}{_members_text(row, 'dice_members')}"
-        )
-    if fit:
-        _echo_fit(fit)
-    typer.echo(report)
+            for row in validation
+        ],
+        fit,
+        report,
+    )
 
 
 def _entries_except(project: Path, unlabeled: list[str]) -> list[str]:
@@ -538,13 +532,7 @@ def train_nuclei_cmd(
             qupath=qupath,
             points=True,
         )
-        if (val_entries or val_fraction) and not slide_labels:
-            raise typer.BadParameter(
-                "--val-entries and --val-fraction hold out slides of your labels; phantom truth has none"
-            )
-        from bridge.labels import split_validation
-
-        slide_labels, held_out = split_validation(slide_labels, val_entries or [], fraction=val_fraction, seed=seed)
+        slide_labels, held_out = _split_held_out(slide_labels, val_entries or [], val_fraction, seed=seed)
         init_model = None if init in (None, "none") else init
         if init is None and slide_labels:
             arch = {"width": width, "dilations": (1, 2, 4, 8), "input_mpp": input_mpp}
@@ -589,26 +577,63 @@ def train_nuclei_cmd(
                 resume=resume,
                 on_progress=on_progress,
             )
-        validation, fit = (
-            _validate(out, held_out, device=device, task="nuclei", recalibrate=recalibrate) if held_out else ([], None)
-        )
-        report = _training_report(
-            out, task="nuclei", labels=slide_labels, held_out=held_out, truth=config.slides, device=device
+        validation, fit, report = _validate_and_report(
+            out,
+            task="nuclei",
+            labels=slide_labels,
+            held_out=held_out,
+            truth=config.slides,
+            device=device,
+            recalibrate=recalibrate,
         )
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
     except KeyboardInterrupt:
         raise interrupted(_TRAINING_KEPT.format(out=out)) from None
+    _echo_trained(
+        out,
+        manifest,
+        [
+            f"validation {row['slide']}: {row['n_labelled']} marked nuclei, {row['n_predicted']} found, "
+            f"precision {_fmt(row['precision'])}, recall {_fmt(row['recall'])}, F1 {_fmt(row['f1'])}"
+            f"{_members_text(row, 'f1_members')}"
+            for row in validation
+        ],
+        fit,
+        report,
+    )
+
+
+def _split_held_out(slide_labels: list, val_entries: list[str], val_fraction: float, *, seed: int) -> tuple[list, list]:
+    """(training labels, held-out labels): --val-entries or --val-fraction of your labels, by slide."""
+    if (val_entries or val_fraction) and not slide_labels:
+        raise typer.BadParameter(
+            "--val-entries and --val-fraction hold out slides of your labels; phantom truth has none"
+        )
+    from bridge.labels import split_validation
+
+    return split_validation(slide_labels, val_entries, fraction=val_fraction, seed=seed)
+
+
+def _validate_and_report(
+    out: Path, *, task: str, labels: list, held_out: list, truth: tuple[str, ...], device: str, recalibrate: bool
+) -> tuple[list[dict], dict | None, str]:
+    """After training: the held-out slides scored (:func:`_validate`) and the training report drawn."""
+    validation, fit = (
+        _validate(out, held_out, device=device, task=task, recalibrate=recalibrate) if held_out else ([], None)
+    )
+    report = _training_report(out, task=task, labels=labels, held_out=held_out, truth=truth, device=device)
+    return validation, fit, report
+
+
+def _echo_trained(out: Path, manifest, validation_lines: list[str], fit: dict | None, report: str) -> None:
+    """What a training run printed at its end: the members written, each held-out slide, the threshold fit, the report."""
     typer.echo(
         f"wrote {out}: {len(manifest.members)} members "
         + ", ".join(f"{m.file} (cycle {m.cycle}, epoch {m.epoch})" for m in manifest.members)
     )
-    for row in validation:
-        typer.echo(
-            f"validation {row['slide']}: {row['n_labelled']} marked nuclei, {row['n_predicted']} found, "
-            f"precision {_fmt(row['precision'])}, recall {_fmt(row['recall'])}, F1 {_fmt(row['f1'])}"
-            f"{_members_text(row, 'f1_members')}"
-        )
+    for line in validation_lines:
+        typer.echo(line)
     if fit:
         _echo_fit(fit)
     typer.echo(report)

@@ -51,6 +51,7 @@ from bridge.classes import (
     TRAINING_REGION,
 )
 from bridge.objects import OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE
+from bridge.pairs import IHC_NEEDS_REVIEW
 from bridge.project import ProjectEntry, ProjectInfo, locate_image, read_project, sidecar_dir
 from bridge.qupath_geojson import QuPathObject, read_features
 from inference import Pdl1Error, SlideLabels, UnlabeledSlide
@@ -66,6 +67,10 @@ SUA_SIGNATURE = "SUA score"
 EXPORT_FOLDER = Path("pdl1") / "labels"
 # Overlaps of positive and negative labels smaller than this (level-0 px^2) are drawing slack, not a contradiction.
 _OVERLAP_TOLERANCE_PX2 = 1.0
+
+
+# The count of paired IHC areas whose IHC's own analysis was flagged for review (pdl1 train warns of them).
+DOUBTFUL_IHC_COUNT = "paired IHC positive areas whose IHC analysis needs review"
 
 
 class LabelError(Pdl1Error, ValueError):
@@ -284,6 +289,8 @@ def labels_from_objects(
                 continue
             ihc.append(_area(geometry, what))
             counts["paired IHC positive areas"] += 1
+            if obj.measurements.get(IHC_NEEDS_REVIEW):  # the IHC it came from was flagged (bridge.pairs)
+                counts[DOUBTFUL_IHC_COUNT] += 1
         elif _is_ignore(cls):
             ignore.append(_area(geometry, what))
             counts["areas: ignore"] += 1

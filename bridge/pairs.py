@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 CASE_KEY = "case"
 PAIRS_FILE = "pairs.json"
 PAIRS_DIR = "pairs"  # <folder>/pdl1/pairs/<H&E key>.ihc_positive.geojson: the IHC's positive area on the H&E
+# A measurement of the registered IHC area: 1 where the IHC's own analysis needs review (bridge.labels counts it).
+IHC_NEEDS_REVIEW = "IHC needs review"
 # A stain word leading or trailing a file name: what is left names the case.
 _STAIN_WORD = r"(?:h&e|he|hande|ihc|pd-?l1|22c3|sp263|sp142|28-8|dab)"
 _STAIN_SUFFIX = re.compile(rf"^(?P<case>.+?)[ _.-]+{_STAIN_WORD}$", re.I)
@@ -144,6 +146,7 @@ def compare_case(
         return record
     he_summary = json.loads(he.summary_path.read_text())
     ihc_summary = json.loads(ihc.summary_path.read_text())
+    ihc_reasons = ihc_review_reasons(ihc_summary)
     he_positive, tile_boxes, tile_entropy = _read_he(he.geojson_path)
     cells = registration.apply(_read_ihc_positive_cells(ihc.geojson_path))
     # Compared where both sections lie: the H&E image and the IHC image's outline mapped onto it.
@@ -168,8 +171,9 @@ def compare_case(
             area,
             "annotation",
             PDL1_IHC_POSITIVE.name,
-            {"Area µm^2": comparison.positive_area_ihc_um2},
-            name=f"{ihc.name} registered (est. error {registration.error_um:.0f} µm)",
+            {"Area µm^2": comparison.positive_area_ihc_um2, IHC_NEEDS_REVIEW: float(bool(ihc_reasons))},
+            name=f"{ihc.name} registered (est. error {registration.error_um:.0f} µm)"
+            + ("; its IHC analysis needs review" if ihc_reasons else ""),
         )
         write_features(labels, [] if area.is_empty else [to_feature(obj)])
         record["ihc_positive_on_he"] = str(labels)
@@ -180,8 +184,25 @@ def compare_case(
     }
     # The case's own reasons: the H&E's results were written before its IHC was scored, so they stay here
     # (pairs.json, the run's table, the report) rather than in the H&E's measurements.
-    record["review_reasons"] = comparison.review_reasons()
+    record["review_reasons"] = comparison.review_reasons() + ihc_reasons
     return record
+
+
+def ihc_review_reasons(ihc_summary: dict[str, Any]) -> list[dict]:
+    """The case's reason when its IHC's own analysis is flagged: the measurement the H&E is set against, and
+    the labels its registered area gives, are then in doubt. [] when the IHC is not flagged."""
+    if not ihc_summary.get("uncertainty_flag"):
+        return []
+    own = [r.get("reason", "") for r in (ihc_summary.get("details") or {}).get("review_reasons", [])]
+    return [
+        {
+            "reason": "the IHC's own analysis needs review, so it is no sure reference ("
+            + ("; ".join(own) or "flagged")
+            + ")",
+            "value": None,
+            "limit": None,
+        }
+    ]
 
 
 def write_pair_comparisons(images: list[CaseImage], folder: Path) -> Path | None:

@@ -283,7 +283,12 @@ def _pairs_html(pairs: dict) -> str:
             rows.append(f"<tr><td>{html.escape(case)}</td><td colspan='6'>{why}</td></tr>")
             continue
         reasons = record.get("review_reasons", [])
-        review = "; ".join(f"{r['reason']} ({_fmt(r['value'])} points, cut-off {_fmt(r['limit'])}%)" for r in reasons)
+        review = "; ".join(
+            r["reason"]
+            if r.get("limit") is None
+            else f"{r['reason']} ({_fmt(r['value'])} points, cut-off {_fmt(r['limit'])}%)"
+            for r in reasons
+        )
         rows.append(
             f"<tr><td>{html.escape(case)}</td><td>{_fmt(c['tps_he_predicted'])}</td><td>{_fmt(c['tps_ihc'])}</td>"
             f"<td>{_fmt3(c['dice'])}</td><td>{_fmt(record['registration']['error_um'])}</td>"

@@ -113,6 +113,32 @@ def test_a_project_made_without_qupath_with_a_case_of_both_stains_is_run_and_com
     assert list(pairs) == ["271"] and pairs["271"]["comparison"]["dice"] > 0.6
 
 
+def test_a_case_whose_ihc_is_flagged_says_its_reference_is_in_doubt(models, fixtures_dir, tmp_path):
+    # The labels fixture: one H&E file in two entries of case phantom-1357, the second typed H-DAB in QuPath.
+    # Analysed as stated, that "IHC" is flagged (its colour says H&E), so the case is no sure comparison and
+    # its registered area no sure label.
+    import shutil
+
+    from bridge.pairs import IHC_NEEDS_REVIEW
+    from bridge.report import write_report
+
+    folder = tmp_path / "labels"
+    shutil.copytree(fixtures_dir / "qupath-0.4.4-labels", folder)
+    project = folder / "project"
+    outcomes = run_batch([project], RunConfig(qupath="never"), models=models)
+    assert [o.state for o in outcomes] == ["done", "done"]
+    ihc = json.loads((project / "pdl1" / "2" / "summary.json").read_text())
+    assert ihc["stain"] == "H-DAB" and ihc["uncertainty_flag"]
+    case = json.loads((project / "pdl1" / "pairs.json").read_text())["cases"]["phantom-1357"]
+    (reason,) = [r for r in case["review_reasons"] if r["reason"].startswith("the IHC's own analysis needs review")]
+    assert "stain: QuPath's image type BRIGHTFIELD_H_DAB says H-DAB, the colour says H&E" in reason["reason"]
+    (label,) = read_features(case["ihc_positive_on_he"])
+    assert label.measurements[IHC_NEEDS_REVIEW] == 1.0 and label.name.endswith("its IHC analysis needs review")
+    html_path, _ = write_report(project)
+    report = html_path.read_text()
+    assert "the IHC&#x27;s own analysis needs review" in report
+
+
 def test_a_stain_told_from_the_colour_by_a_weak_margin_is_a_review_reason(models, ihc_pair, monkeypatch):
     import dataclasses
 

@@ -314,6 +314,14 @@ def test_a_paired_ihc_area_labels_the_whole_he_with_a_band_around_its_edge_ignor
     assert target[200, 78] == 0 and target[200, 122] == 1
     with pytest.raises(LabelError, match=r"no labels \(skipped: paired IHC area \(use --ihc-band-um\): 1\)"):
         read_geojson_labels(path, slide="he_1.svs", image_size_px=(400, 400), rules=LabelRules(()), mpp=0.5)
+    # An area whose IHC was flagged in its run (bridge.pairs marks it) still labels, and is counted apart.
+    from bridge.labels import DOUBTFUL_IHC_COUNT
+    from bridge.pairs import IHC_NEEDS_REVIEW
+
+    doubtful = QuPathObject(area.geometry, "annotation", area.classification, {IHC_NEEDS_REVIEW: 1.0})
+    write_features(path, [to_feature(doubtful)])
+    labels = read_geojson_labels(path, slide="he_1.svs", image_size_px=(400, 400), rules=rules, mpp=0.5)
+    assert labels.counts == {"paired IHC positive areas": 1, DOUBTFUL_IHC_COUNT: 1}
 
 
 def test_without_validation_entries_every_slide_trains_and_phantoms_pass_through():

@@ -129,3 +129,17 @@ def test_a_case_in_the_same_tps_category_or_without_a_tps_has_no_reason(predicte
     from inference.analysis.pairs import PairComparison
 
     assert PairComparison(predicted, measured, 0.0, 0.0, None, None, None, 0, 0).review_reasons() == []
+
+
+def test_a_case_whose_ihc_was_flagged_in_its_run_names_why_its_reference_is_in_doubt():
+    from bridge.pairs import ihc_review_reasons
+
+    flagged = {
+        "uncertainty_flag": True,
+        "details": {"review_reasons": [{"reason": "nuclei uncertainty", "value": 0.7, "limit": 0.61}]},
+    }
+    (reason,) = ihc_review_reasons(flagged)
+    assert reason["reason"] == "the IHC's own analysis needs review, so it is no sure reference (nuclei uncertainty)"
+    assert reason["value"] is None and reason["limit"] is None
+    assert ihc_review_reasons({"uncertainty_flag": False, "details": {"review_reasons": []}}) == []
+    assert ihc_review_reasons({"uncertainty_flag": True})[0]["reason"].endswith("(flagged)")

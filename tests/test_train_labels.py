@@ -359,3 +359,22 @@ def test_slides_whose_region_labels_hold_no_positive_area_are_named(capsys):
     _echo_counts([with_positive, labels("c.svs", shapely.box(10, 10, 30, 30))], regions=True)
     _echo_counts([labels("d.svs", shapely.Polygon())], regions=True)
     assert "hold no PD-L1 positive area" not in capsys.readouterr().err
+
+
+def test_labels_from_a_paired_ihc_that_was_flagged_are_warned_of(capsys):
+    from bridge.cli.train import _echo_counts
+    from bridge.labels import DOUBTFUL_IHC_COUNT
+    from inference import SlideLabels
+
+    region = (shapely.box(0, 0, 100, 100),)
+    doubtful = SlideLabels(
+        "he_1.svs", (100, 100), region, (False,), positive=shapely.box(0, 0, 20, 20),
+        counts={"paired IHC positive areas": 1, DOUBTFUL_IHC_COUNT: 1},
+    )  # fmt: skip
+    sure = SlideLabels(
+        "he_2.svs", (100, 100), region, (False,), positive=shapely.box(0, 0, 20, 20),
+        counts={"paired IHC positive areas": 1},
+    )  # fmt: skip
+    _echo_counts([doubtful, sure], regions=True)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the paired IHC behind the labels of he_1.svs was flagged for review" in err and "he_2.svs" not in err

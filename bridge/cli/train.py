@@ -410,11 +410,20 @@ ONE_SIDED_LABELS = 0.9
 def _echo_counts(slide_labels: list, *, regions: bool = False) -> None:
     """What each label source gave: nothing is trained on silently dropped data. For a segmentation run
     (``regions``), a warning when the labelled area is almost all one class."""
+    from bridge.labels import DOUBTFUL_IHC_COUNT
     from inference import label_statistics
 
     for lab in slide_labels:
         used = ", ".join(f"{k} {v}" for k, v in lab.counts.items())
         typer.echo(f"{lab.source or lab.slide}: {used}")
+    doubtful = [str(lab.source or lab.slide) for lab in slide_labels if lab.counts.get(DOUBTFUL_IHC_COUNT)]
+    if doubtful:
+        typer.echo(
+            f"warning: the paired IHC behind the labels of {', '.join(doubtful)} was flagged for review in its run "
+            "(pdl1/pairs.json says why): its registered positive area may be wrong; check the IHC in QuPath, or "
+            "leave that slide out",
+            err=True,
+        )
     if not regions or not slide_labels:
         return
     stats = [label_statistics(lab) for lab in slide_labels]

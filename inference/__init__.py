@@ -81,6 +81,7 @@ _PUBLIC = {
     "import_nnunet": "inference.models.nnunet_import",
     # training
     "DEFAULT_LR_MAX": "inference.training.cyclic",
+    "check_out_dir": "inference.training.cyclic",
     "SegTrainConfig": "inference.training.train_seg",
     "train_segmentation": "inference.training.train_seg",
     "NucleiTrainConfig": "inference.training.train_nuclei",

@@ -138,6 +138,12 @@ def test_pdl1_train_nuclei_usage_errors(labelled, tmp_path):
     result = runner.invoke(app, ["train", "nuclei", slide, "--labels", str(bad), "--out", str(tmp_path / "m")])
     assert result.exit_code == 1
     assert "1 of 1 points lie outside the 2048 x 2048 px image" in " ".join(result.output.split())
+    # Said before any label is read: a model folder is not trained over, one cycle leaves no member.
+    demo = str(demo_model_dir("nuclei"))
+    result = runner.invoke(app, ["train", "nuclei", slide, "--labels", str(bad), "--out", demo])
+    assert result.exit_code == 1 and "already holds a model (manifest.json)" in " ".join(result.output.split())
+    result = runner.invoke(app, ["train", "seg", slide, "--cycles", "1", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2 and "--no-drop-first-cycle" in result.output
 
 
 def _point_feature(x: float, y: float) -> dict:

@@ -318,3 +318,11 @@ def test_nuclei_training_is_resumable_and_loadable(small_phantom, tmp_path):
     assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
     ens = Ensemble.load(tmp_path / "a", task="nuclei")
     assert ens.manifest.class_names == ["Tumor: Positive", "Tumor: Negative", "Other"]
+    # A finished model is never trained over: its members would be replaced under its old manifest.
+    before = _digests(tmp_path / "a")
+    with pytest.raises(FileExistsError, match=r"already holds a model \(manifest.json\).*--resume"):
+        train_nuclei(replace(cfg(tmp_path / "a"), seed=6))
+    assert _digests(tmp_path / "a") == before
+    # Resuming its own run is allowed (nothing left to train: the same members).
+    train_nuclei(cfg(tmp_path / "a"), resume=True)
+    assert _digests(tmp_path / "a") == before

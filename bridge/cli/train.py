@@ -181,6 +181,7 @@ def train_seg(
     from inference import SegTrainConfig, train_segmentation
 
     lr_peak, lr_floor = _lr_range(optimizer, lr_max)
+    _check_before_reading(out, resume=resume, cycles=cycles, drop_first_cycle=drop_first_cycle)
     try:
         project = slides[0] if len(slides) == 1 and _is_project(slides[0]) else None
         if project is not None and unlabeled and not entries:
@@ -531,6 +532,7 @@ def train_nuclei_cmd(
     from inference import NucleiTrainConfig, train_nuclei
 
     lr_peak, lr_floor = _lr_range(optimizer, lr_max)
+    _check_before_reading(out, resume=resume, cycles=cycles, drop_first_cycle=drop_first_cycle)
     try:
         slide_labels = _read_labels(
             slides,
@@ -611,6 +613,21 @@ def train_nuclei_cmd(
         fit,
         report,
     )
+
+
+def _check_before_reading(out: Path, *, resume: bool, cycles: int, drop_first_cycle: bool) -> None:
+    """What would otherwise fail only after the labels are read and the pseudo-labels made, said at once."""
+    from inference import check_out_dir
+
+    if drop_first_cycle and cycles < 2:
+        raise typer.BadParameter(
+            "--cycles 1 leaves no members with --drop-first-cycle (the default): give --cycles 2 or more, or "
+            "--no-drop-first-cycle"
+        )
+    try:
+        check_out_dir(out, resume=resume)
+    except OSError as err:
+        raise fail(err) from err
 
 
 def _split_held_out(slide_labels: list, val_entries: list[str], val_fraction: float, *, seed: int) -> tuple[list, list]:

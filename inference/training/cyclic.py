@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from inference.errors import ModelFileError
-from inference.models.manifest import read_manifest, sha256_file
+from inference.models.manifest import MANIFEST_NAME, read_manifest, sha256_file
 from inference.training.report import HISTORY_FILE
 
 log = logging.getLogger(__name__)
@@ -54,11 +54,38 @@ def check_schedule(config: CyclicSchedule) -> None:
     if config.first_cycle_epochs and config.first_cycle_epochs < config.members_per_cycle:
         raise ValueError("first_cycle_epochs must be 0 (as epochs_per_cycle) or at least members_per_cycle")
     if config.drop_first_cycle and config.cycles < 2:
-        raise ValueError("drop_first_cycle needs at least 2 cycles")
+        raise ValueError(
+            "drop_first_cycle (leaving out the first cycle's members) needs at least 2 cycles; in pdl1 train: "
+            "--cycles 2 or more, or --no-drop-first-cycle"
+        )
     if config.restart_lr and not config.lr_min < config.restart_lr <= config.lr_max:
         raise ValueError("restart_lr must be 0 (as lr_max) or between lr_min and lr_max")
     if not config.slides:
         raise ValueError("no training slides given")
+
+
+def check_out_dir(out_dir: str | Path, *, resume: bool) -> None:
+    """Refuse to train into a folder that already holds a model, unless resuming that folder's own run.
+
+    Members are written into the folder as training reaches them and the manifest only at the end, so
+    training over an existing model would replace its members one by one under its old manifest: an
+    interrupted run would leave neither model. Resuming is allowed where the folder's checkpoint exists
+    (the same run, continued).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir}: is a file; the model is written as a folder: give a new folder")
+    if not (out_dir / MANIFEST_NAME).is_file():
+        return
+    own_run = (out_dir / "checkpoint" / CHECKPOINT_FILE).is_file() or any(
+        out_dir.glob(f"chain_*/checkpoint/{CHECKPOINT_FILE}")  # a segmentation run of several chains
+    )
+    if resume and own_run:
+        return
+    raise FileExistsError(
+        f"{out_dir}: already holds a model ({MANIFEST_NAME}); training would overwrite its members. Give a new "
+        "folder, or delete this one first" + ("" if resume else " (to continue an interrupted run into it, --resume)")
+    )
 
 
 def _first_cycle_epochs(config: CyclicSchedule) -> int:

@@ -33,7 +33,7 @@ from inference.phantom.truth import load_truth
 from inference.slides.slide import open_slide
 from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
 from inference.training.augment import STAIN_JITTERS, augment_batch
-from inference.training.cyclic import check_schedule, init_weights, total_epochs, train_cyclic
+from inference.training.cyclic import check_out_dir, check_schedule, init_weights, total_epochs, train_cyclic
 from inference.training.domain_stats import write_training_domain_stats
 from inference.training.labels import SlideLabels, labels_digest, nuclei_known_mask
 from inference.training.train_seg import NORMALIZATION
@@ -271,6 +271,7 @@ def train_nuclei(
     ``label_sources`` (project, entries, counts: ``bridge.labels.label_summary``) go into the manifest.
     """
     out_dir = Path(config.out_dir)
+    check_out_dir(out_dir, resume=resume)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)

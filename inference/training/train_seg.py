@@ -35,7 +35,7 @@ from inference.phantom.truth import load_truth
 from inference.slides.slide import open_slide
 from inference.slides.tissue import detect_tissue
 from inference.training.augment import STAIN_JITTERS, augment_batch
-from inference.training.cyclic import check_schedule, init_weights, total_epochs, train_cyclic
+from inference.training.cyclic import check_out_dir, check_schedule, init_weights, total_epochs, train_cyclic
 from inference.training.domain_stats import write_training_domain_stats
 from inference.training.labels import IGNORE_LABEL, SlideLabels, labels_digest, region_target
 from inference.training.pseudo import PseudoLabelRule, PseudoLabels, UnlabeledSlide, pseudo_label_slides
@@ -360,6 +360,7 @@ def train_segmentation(
     their order, when the caller made them already (to show their counts); else they are made here.
     """
     out_dir = Path(config.out_dir)
+    check_out_dir(out_dir, resume=resume)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(config.device)
     if labels:

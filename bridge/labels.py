@@ -102,6 +102,26 @@ def _is_ignore(cls: str | None) -> bool:
     return cls is not None and cls.startswith(IGNORE_PREFIX)
 
 
+def _spelling(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def _label_class_meant(cls: str) -> str | None:
+    """The label class an area's class is a near miss of (``PDL1 positive``, ``training region``), else None.
+
+    Such an area is almost surely meant as a label; skipped, a positive area inside a training region would
+    train as negative. Spellings equal but for case, spaces and punctuation, or within one or two letters.
+    """
+    import difflib
+
+    wanted = {_spelling(c): c for c in (*_AREA_CLASSES, IGNORE.name)}
+    key = _spelling(cls)
+    if key in wanted:
+        return wanted[key]
+    close = difflib.get_close_matches(key, list(wanted), n=1, cutoff=0.85)
+    return wanted[close[0]] if close else None
+
+
 def _tool_written_class(obj: QuPathObject) -> str | None:
     """The class pdl1-bridge gave an object it wrote (by its signature measurements), else None."""
     if obj.object_type == "annotation" and OWN_ANNOTATION_SIGNATURE in obj.measurements:
@@ -185,6 +205,24 @@ def _area(geometry: BaseGeometry, where: str) -> BaseGeometry:
     if not isinstance(geometry, Polygon | shapely.MultiPolygon) or geometry.is_empty:
         raise LabelError(f"{where}: a label area must be a polygon, got {geometry.geom_type}; redraw it as an area")
     return geometry if geometry.is_valid else shapely.make_valid(geometry)
+
+
+# A label area may overhang the image by this share of its width or height (QuPath lets an annotation pass the
+# edge a little); farther, the labels are from another image or another scale.
+AREA_OVERHANG = 0.05
+
+
+def _check_areas_inside(where: str, areas: list[BaseGeometry], width: int, height: int) -> None:
+    """Refuse label areas far outside the image, as points outside it are refused."""
+    dx, dy = AREA_OVERHANG * width, AREA_OVERHANG * height
+    for area in areas:
+        x0, y0, x1, y1 = area.bounds
+        if x0 < -dx or y0 < -dy or x1 > width + dx or y1 > height + dy:
+            raise LabelError(
+                f"{where}: a label area spans x {x0:.0f} to {x1:.0f}, y {y0:.0f} to {y1:.0f} px, outside the "
+                f"{width} x {height} px image; are the labels from another image or downsampled? Export them "
+                "again from this image"
+            )
 
 
 def _union(parts: list[BaseGeometry]) -> BaseGeometry:
@@ -309,6 +347,13 @@ def labels_from_objects(
             xy.extend((p.x, p.y) for p in pts)
             point_cls.extend([rules.class_names.index(target)] * len(pts))
         else:
+            meant = _label_class_meant(cls) if cls is not None and obj.object_type == "annotation" else None
+            if meant is not None:
+                raise LabelError(
+                    f"{what}: class {cls!r} is not a label class; did you mean {meant!r}? Skipped, it would not "
+                    f"label anything (a positive area inside a training region would train as negative). Set its "
+                    f"class to {meant!r} in QuPath and export again, or give it a class that resembles none"
+                )
             counts[f"skipped: {obj.object_type} {geometry.geom_type} ({cls or 'unclassified'})"] += 1
     if written is not None and rules.from_review and written.candidates:
         if not tool_annotations:
@@ -329,6 +374,7 @@ def labels_from_objects(
     classes = np.asarray(point_cls, np.int64)
     width, height = image_size_px
     outside = (points[:, 0] < 0) | (points[:, 1] < 0) | (points[:, 0] > width) | (points[:, 1] > height)
+    _check_areas_inside(where, [g for g, _ in regions] + positive + negative + ignore + ihc, width, height)
     if outside.any():
         first = points[np.flatnonzero(outside)[0]]
         raise LabelError(

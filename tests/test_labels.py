@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -165,6 +166,38 @@ def test_a_class_not_in_the_project_is_refused():
             rules=RULES,
             project_classes=frozenset({"Training region", "PD-L1 positive"}),
         )
+
+
+NEAR_MISSES = [
+    ("PDL1 positive", "PD-L1 positive"),
+    ("training region", "Training region"),
+    ("PD-L1 negativ", "PD-L1 negative"),
+    ("PD_L1_Positive", "PD-L1 positive"),
+]
+
+
+@pytest.mark.parametrize("cls, meant", NEAR_MISSES)
+def test_an_area_whose_class_is_a_near_miss_of_a_label_class_is_refused_not_skipped(cls, meant):
+    # Skipped, a misspelled positive area inside a training region would silently train as negative.
+    objects = [_obj(shapely.box(0, 0, 50, 50), "Training region"), _obj(shapely.box(5, 5, 20, 20), cls)]
+    with pytest.raises(LabelError, match=rf"class {cls!r} is not a label class; did you mean {re.escape(repr(meant))}"):
+        labels_from_objects(objects, slide="s.svs", image_size_px=(100, 100), rules=RULES)
+    # Classes that resemble no label class are other annotations, skipped and counted.
+    others = [objects[0], _obj(shapely.box(5, 5, 20, 20), "Stroma"), _obj(shapely.box(30, 30, 40, 40), "Positive")]
+    labels = labels_from_objects(others, slide="s.svs", image_size_px=(100, 100), rules=RULES)
+    assert labels.counts["skipped: annotation Polygon (Stroma)"] == 1
+    assert labels.counts["skipped: annotation Polygon (Positive)"] == 1
+
+
+def test_label_areas_far_outside_the_image_are_refused():
+    # As from a 2048 px image used on a 1536 px one; a slight overhang past the edge is kept.
+    far = [_obj(shapely.box(1000, 1000, 2000, 2000), "Training region")]
+    with pytest.raises(LabelError, match=r"spans x 1000 to 2000, y 1000 to 2000 px, outside the 1536 x 1536 px"):
+        labels_from_objects(far, slide="s.svs", image_size_px=(1536, 1536), rules=RULES)
+    near = [_obj(shapely.box(1000, 1000, 1550, 1550), "Training region"),
+            _obj(shapely.box(1100, 1100, 1200, 1200), "PD-L1 positive")]  # fmt: skip
+    labels = labels_from_objects(near, slide="s.svs", image_size_px=(1536, 1536), rules=RULES)
+    assert labels.counts["training regions"] == 1
 
 
 def test_point_classes_the_model_lacks_must_be_mapped():

@@ -254,7 +254,7 @@ def test_pdl1_train_nuclei_holds_validation_slides_out_whole_and_scores_them(lab
     min_score = json.loads((out / "manifest.json").read_text())["thresholds"]["min_score"]
     assert min_score == (fit["after"] if fit["adopted"] else fit["before"])
     assert f"peak threshold {fit['before']:g} -> {fit['after']:g}" in " ".join(result.output.split())
-    bad = runner.invoke(app, [*args[:-4], "--val-entries", "nope.svs", "--out", str(out), *TINY])
+    bad = runner.invoke(app, [*args[:-4], "--val-entries", "nope.svs", "--out", str(tmp_path / "other"), *TINY])
     assert bad.exit_code == 1
     assert "--val-entries names nope.svs, which no labelled slide is" in " ".join(bad.output.split())
 

@@ -207,6 +207,8 @@ def _area(geometry: BaseGeometry, where: str) -> BaseGeometry:
     return geometry if geometry.is_valid else shapely.make_valid(geometry)
 
 
+# A colour call this clear (degrees of margin, as the pipeline's stain contradiction) makes a warning.
+STAIN_WARNING_MARGIN_DEG = 10.0
 # A label area may overhang the image by this share of its width or height (QuPath lets an annotation pass the
 # edge a little); farther, the labels are from another image or another scale.
 AREA_OVERHANG = 0.05
@@ -527,6 +529,14 @@ def read_project_labels(
                 "open it in QuPath and save the project"
             )
         source = f"{info.path} entry {entry.entry_id} ({entry.image_name})"
+        if entry.stain is not None and entry.stain != "H&E":
+            raise LabelError(
+                f"{source}: QuPath's image type {entry.image_type} says {entry.stain}; your own labels train the "
+                "H&E models (the segmentation ensemble and the H&E nuclei model). Leave the entry out with --entries, "
+                "or set its image type in QuPath (Image > Image type) if it is an H&E"
+            )
+        if entry.stain is None:
+            warn_unless_he(slide, source)
         run_output = sidecar_dir(info.folder, entry.entry_id) / "objects.geojson"
         written = WrittenObjects.read(run_output) if rules.from_review and run_output.is_file() else None
         if objects_by_entry is not None:
@@ -560,6 +570,26 @@ def read_project_labels(
             labels = replace(labels, source=f"{source} from {exported}")
         out.append(labels)
     return out
+
+
+def warn_unless_he(slide: str | Path, source: str) -> None:
+    """Warn when a slide whose stain nobody stated looks like another stain than H&E by its colour.
+
+    A warning, not a refusal: the colour can be wrong (README, stain detection), and without a QuPath image
+    type there is nothing to override it with. Stated stains are checked by :func:`read_project_labels`.
+    """
+    from inference import detect_slide_stain, open_slide
+
+    with open_slide(slide) as opened:
+        colour = detect_slide_stain(opened)
+    if colour.stain != "H&E" and colour.margin_deg >= STAIN_WARNING_MARGIN_DEG:
+        log.warning(
+            "%s: its colour says %s (%s), but your own labels train the H&E models; if it is a PD-L1 IHC or another "
+            "stain, leave it out; if it is an H&E, set its image type in QuPath to make that plain",
+            source,
+            colour.stain,
+            colour.reason,
+        )
 
 
 def _names_of(lab: SlideLabels) -> set[str]:

@@ -248,10 +248,30 @@ def test_a_project_without_qupath_reads_the_export_script_s_geojson_as_the_same_
 
 def test_a_project_entry_without_an_export_names_the_script(labelled, tmp_path):
     project = _project_copy(labelled, tmp_path)
-    with pytest.raises(LabelError, match=r"entry 2 .*pdl1_export_labels.groovy"):
-        read_project_labels(project, rules=RULES, entries=["2"], qupath="never")
+    with pytest.raises(LabelError, match=r"entry 1 .*pdl1_export_labels.groovy"):
+        read_project_labels(project, rules=RULES, entries=["1"], qupath="never")
     with pytest.raises(LabelError, match=r"no entry 'nope'; the project has 1 \(he-1357.svs\), 2"):
         read_project_labels(project, rules=RULES, entries=["nope"], qupath="never")
+
+
+def test_an_entry_qupath_types_as_another_stain_than_h_and_e_is_refused(labelled, tmp_path):
+    # Entry 2 is the same file typed BRIGHTFIELD_H_DAB: your own labels train the H&E models only.
+    project = _project_copy(labelled, tmp_path)
+    with pytest.raises(LabelError, match=r"entry 2 \(he-1357.svs\): QuPath's image type BRIGHTFIELD_H_DAB says H-DAB"):
+        read_project_labels(project, rules=RULES, entries=["2"], qupath="never")
+
+
+def test_a_slide_whose_colour_says_another_stain_is_warned_of(ihc_pair, caplog):
+    from bridge.labels import warn_unless_he
+
+    he, ihc = ihc_pair
+    with caplog.at_level("WARNING", logger="bridge.labels"):
+        warn_unless_he(he, "he_271.svs")
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="bridge.labels"):
+        warn_unless_he(ihc, "ihc_271.svs")
+    (record,) = caplog.records
+    assert record.getMessage().startswith("ihc_271.svs: its colour says H-DAB")
 
 
 @pytest.mark.qupath
@@ -267,6 +287,9 @@ def test_through_qupath_the_project_gives_the_labels_of_its_geojson(labelled, tm
 @pytest.mark.qupath
 def test_through_qupath_an_entry_without_labels_is_refused(labelled, tmp_path):
     project = _project_copy(labelled, tmp_path)
+    # Entry 2 (no labels) is typed H-DAB, which is refused first: typed H&E here, as if the lab had set it so.
+    summary = project / "data" / "2" / "summary.json"
+    summary.write_text(summary.read_text().replace("BRIGHTFIELD_H_DAB", "BRIGHTFIELD_H_E"))
     with pytest.raises(LabelError, match=r"entry 2 .*no labels"):
         read_project_labels(project, rules=RULES, entries=["2"], qupath="always")
 

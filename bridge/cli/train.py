@@ -365,7 +365,7 @@ def _read_labels(
 
     ``points``: a nuclei run (the H&E nuclei classes); else a segmentation run, which reads the areas only.
     """
-    from bridge.labels import LabelRules, parse_class_map, read_geojson_labels, read_project_labels
+    from bridge.labels import LabelRules, parse_class_map, read_geojson_labels, read_project_labels, warn_unless_he
     from inference import NUCLEUS_CLASSES, open_slide
 
     if qupath not in ("auto", "always", "never"):
@@ -398,6 +398,7 @@ def _read_labels(
     for slide_path, labels_path in zip(sources, geojson, strict=True):
         with open_slide(slide_path) as slide:
             size, mpp = tuple(slide.dimensions), slide.mpp.mean
+        warn_unless_he(slide_path, str(slide_path))
         out.append(read_geojson_labels(labels_path, slide=slide_path, image_size_px=size, rules=rules, mpp=mpp))
     return out
 

@@ -73,13 +73,16 @@ def test_missing_member(model_dir):
 
 def test_wrong_architecture_names_the_file(model_dir):
     _edit_manifest(model_dir, architecture_kwargs={**KWARGS, "features": [8, 16]})
-    with pytest.raises(ModelFileError, match=r"member_00\.safetensors: weights do not fit PlainConvUNet"):
+    with pytest.raises(ModelFileError, match=r"member_00\.safetensors: weights do not fit PlainConvUNet") as err:
         Ensemble.load(model_dir, task="segmentation")
+    # torch's first concrete complaint (a key or a shape) is kept, not only its header line.
+    assert "Error(s) in loading state_dict for PlainConvUNet: size mismatch for " in str(err.value)
+    assert "copy the whole folder again, or retrain" in str(err.value)
 
 
 def test_unknown_architecture(model_dir):
     _edit_manifest(model_dir, architecture="ResNet9000")
-    with pytest.raises(ModelFileError, match=r"ResNet9000.*cannot be built"):
+    with pytest.raises(ModelFileError, match=r"ResNet9000.*cannot be built.*builds PlainConvUNet, DilatedResFCN"):
         Ensemble.load(model_dir, task="segmentation")
 
 
@@ -121,6 +124,12 @@ def test_wrong_task(model_dir):
 def test_no_manifest(tmp_path):
     with pytest.raises(ModelFileError, match="no model manifest"):
         read_manifest(tmp_path)
+    with pytest.raises(ModelFileError, match="no such model folder"):
+        read_manifest(tmp_path / "nope")
+
+
+def test_the_manifest_itself_may_be_named_for_its_folder(model_dir):
+    assert read_manifest(model_dir / "manifest.json") == read_manifest(model_dir)
 
 
 def test_malformed_manifest(model_dir):

@@ -18,9 +18,17 @@ from inference.errors import ModelFileError
 from inference.models.fusion import fold_batchnorm
 from inference.models.manifest import Manifest, read_manifest
 from inference.models.nnunet_network import is_nnunet_architecture
-from inference.models.unet import build_model
+from inference.models.unet import KNOWN_ARCHITECTURES, build_model
 
 log = logging.getLogger(__name__)
+
+
+def _weights_error(err: Exception) -> str:
+    """What a failed load says, its first concrete complaint included (torch puts it under a header line)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return " ".join(lines[:2]) if lines[0].endswith(":") else "; ".join(lines[:2])
 
 
 def demo_model_dir(kind: str) -> Path:
@@ -106,7 +114,9 @@ class Ensemble:
             except (KeyError, TypeError) as err:
                 raise ModelFileError(
                     f"{folder / 'manifest.json'}: architecture {manifest.architecture!r} with "
-                    f"{manifest.architecture_kwargs} cannot be built ({err})"
+                    f"{manifest.architecture_kwargs} cannot be built ({err}); this pdl1-bridge builds "
+                    f"{', '.join(KNOWN_ARCHITECTURES)} and nnU-Net v2 networks (the nnunet extra): is the model "
+                    "from a newer pdl1-bridge?"
                 ) from err
             try:
                 if is_nnunet_architecture(manifest.architecture):
@@ -117,7 +127,8 @@ class Ensemble:
             except (SafetensorError, RuntimeError, OSError) as err:
                 raise ModelFileError(
                     f"{path}: weights do not fit {manifest.architecture} {manifest.architecture_kwargs}: "
-                    f"{str(err).splitlines()[0]}"
+                    f"{_weights_error(err)}; the manifest and its members are from different models: copy the "
+                    "whole folder again, or retrain"
                 ) from err
             model.eval()
             n_folded = fold_batchnorm(model) if fold_bn else 0

@@ -125,16 +125,26 @@ def read_manifest(folder: str | Path, *, task: str | None = None, verify: bool =
     JSON, missing keys, a task other than ``task``, a missing member or a checksum mismatch.
     """
     folder = Path(folder)
+    if folder.name == MANIFEST_NAME and folder.is_file():  # the manifest named instead of its folder
+        folder = folder.parent
     path = folder / MANIFEST_NAME
+    if not folder.exists():
+        raise ModelFileError(
+            f"{folder}: no such model folder; give the folder that holds {MANIFEST_NAME} and its members, or "
+            "leave the model option out to use the shipped demo"
+        )
     if not path.is_file():
         raise ModelFileError(
             f"{path}: no model manifest; a model folder holds {MANIFEST_NAME} and its members' .safetensors "
-            "files (train one with `pdl1 train`, or leave --model out to use the shipped demo)"
+            "files (train one with `pdl1 train`, or leave the model option out to use the shipped demo)"
         )
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelFileError(f"{path}: not valid JSON ({err})") from err
+        raise ModelFileError(
+            f"{path}: not valid JSON ({err}); the manifest was damaged (an interrupted copy?): copy the model "
+            "folder again, or retrain"
+        ) from err
     missing = [k for k in _REQUIRED if k not in raw]
     if missing:
         raise ModelFileError(f"{path}: manifest lacks {', '.join(missing)}")
@@ -166,7 +176,10 @@ def read_manifest(folder: str | Path, *, task: str | None = None, verify: bool =
         for member in manifest.members:
             file = folder / member.file
             if not file.is_file():
-                raise ModelFileError(f"{file}: member listed in {path} is missing")
+                raise ModelFileError(
+                    f"{file}: member listed in {path} is missing; copy the whole model folder again (every "
+                    "member the manifest lists), or retrain"
+                )
             actual = sha256_file(file)
             if actual != member.sha256:
                 raise ModelFileError(

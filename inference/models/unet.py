@@ -80,6 +80,10 @@ class PlainConvUNet(nn.Module):
         return self.head(x)
 
 
+# The architectures build_model knows by name (besides nnU-Net v2's class paths).
+KNOWN_ARCHITECTURES = ("PlainConvUNet", "DilatedResFCN")
+
+
 def build_model(architecture: str, kwargs: dict) -> nn.Module:
     """Instantiate a registered architecture by name; unknown names raise ``KeyError``.
 

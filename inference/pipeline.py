@@ -258,8 +258,10 @@ def analyse_slide(
             w, h = image_size_px
             raise SlideFormatError(
                 f"{slide.path or 'image'}: QuPath shows this image at {w} x {h} px, but the file opens here at "
-                f"{slide.dimensions[0]} x {slide.dimensions[1]} px, so results would not line up. The QuPath image "
-                "is probably another series or scene of a multi-image file (pdl1 reads a file's first image); "
+                f"{slide.dimensions[0]} x {slide.dimensions[1]} px, so results would not line up. Either the file "
+                "is not the one QuPath opened (replaced since it was added, or another file of that name found "
+                "elsewhere: point the entry at the right file with File > Project... > Check project URIs), or "
+                "QuPath shows another series or scene of a multi-image file (pdl1 reads a file's first image): "
                 "export it from QuPath as OME-TIFF (File > Export images...) and analyse that file"
             )
         # Before anything reads pixels: an image too coarse for a model is refused, never enlarged whole.

@@ -33,6 +33,15 @@ def test_phantom_writes_slide_and_truth(tmp_path):
     assert len(objs) == sum(summary["nuclei_counts"].values())
     assert {o.classification for o in objs} <= {"Tumor: Positive", "Tumor: Negative", "Other"}
     assert "TPS" in result.output
+    # Written once; replaced only when asked (the slide may be in a project, its truth scoring a run).
+    before = out.read_bytes()
+    again = runner.invoke(app, ["phantom", str(out), "--size", "1024", "--seed", "4", "--no-progress"])
+    assert again.exit_code == 2 and "exists already" in again.output and "--overwrite" in again.output
+    assert out.read_bytes() == before
+    replaced = runner.invoke(
+        app, ["phantom", str(out), "--size", "1024", "--seed", "4", "--overwrite", "--no-progress"]
+    )
+    assert replaced.exit_code == 0 and out.read_bytes() != before
 
 
 def test_phantom_rejects_out_of_range_options(tmp_path):

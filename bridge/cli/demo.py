@@ -44,6 +44,9 @@ def phantom(
             help="With --ihc: mean share of PD-L1 positive immune cells (varies in space); 0.3 when not given.",
         ),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace OUT (and the --ihc file) and their truth where they exist already.")
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Write a phantom H&E slide (and with --ihc its PD-L1 IHC) with the truth beside it (stem + '.truth/').
@@ -59,6 +62,13 @@ def phantom(
         raise typer.BadParameter("--immune-positive sets the IHC section's immune cells: add --ihc OUT_IHC.svs")
     if ihc is not None and ihc.resolve().with_suffix("") == out.resolve().with_suffix(""):
         raise typer.BadParameter(f"--ihc {ihc} would share its truth folder with {out}: give it another name")
+    existing = [p for p in (out, ihc) if p is not None and (p.exists() or p.with_suffix(".truth").exists())]
+    if existing and not overwrite:
+        # A slide may be in a project already; its truth may be scoring a run: replacing either is asked for.
+        raise typer.BadParameter(
+            f"{', '.join(map(str, existing))} (or its .truth folder) exists already: give another name, or "
+            "--overwrite to replace it"
+        )
     try:
         spec = PhantomSpec(
             size, height or size, seed=seed, mpp=mpp, tps_percent=tps, shift=shift, weak_fraction=weak_fraction

@@ -27,6 +27,7 @@ Everything else (lines, other classes, unclassified objects) is counted as skipp
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import re
@@ -112,8 +113,6 @@ def _label_class_meant(cls: str) -> str | None:
     Such an area is almost surely meant as a label; skipped, a positive area inside a training region would
     train as negative. Spellings equal but for case, spaces and punctuation, or within one or two letters.
     """
-    import difflib
-
     wanted = {_spelling(c): c for c in (*_AREA_CLASSES, IGNORE.name)}
     key = _spelling(cls)
     if key in wanted:

@@ -160,7 +160,7 @@ def test_own_labels_with_validation_show_the_held_out_scores_and_tiles(fixtures_
         ("he-b.svs", "validation"),
     ]
     rules = LabelRules(class_names=("Tumor: Positive", "Tumor: Negative", "Other"))
-    lab = read_geojson_labels(geojson, slide=tmp_path / "he-a.svs", image_size_px=(1500, 1500), rules=rules)
+    lab = read_geojson_labels(geojson, slide=tmp_path / "he-a.svs", image_size_px=(2048, 2048), rules=rules)
     expected = {k.removeprefix("points: "): v for k, v in lab.counts.items() if k.startswith("points: ")}
     assert slides[0]["points"] == expected and sum(expected.values()) > 0
     page = (out / "training_report.html").read_text()

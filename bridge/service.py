@@ -646,6 +646,16 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+def _token_sent(authorization: str, token: str) -> bool:
+    """Whether an ``Authorization`` header carries ``token`` as a Bearer credential.
+
+    The scheme is case-insensitive (RFC 7235: ``bearer`` is ``Bearer``); compare_digest, so the time taken
+    does not tell how much of a guessed token was right.
+    """
+    scheme, _, credentials = authorization.strip().partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(credentials.strip().encode(), token.encode())
+
+
 def too_large(size: str, limit: int) -> str:
     return (
         f"request body of {size} bytes is over the limit of {limit}; "
@@ -711,9 +721,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        # compare_digest: the time taken must not tell how much of a guessed token was right.
-        sent = request.headers.get("authorization", "").encode()
-        if settings.token and not secrets.compare_digest(sent, f"Bearer {settings.token}".encode()):
+        if settings.token and not _token_sent(request.headers.get("authorization", ""), settings.token):
             return JSONResponse(
                 {"detail": "missing or wrong token: send 'Authorization: Bearer <token>'"},
                 401,

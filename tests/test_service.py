@@ -352,6 +352,11 @@ def test_token_is_required_when_set(slides_root, models):
         assert httpx.get(f"{base}/v1/health").status_code == 401
         assert httpx.get(f"{base}/v1/health", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert httpx.get(f"{base}/v1/health", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        # The scheme is case-insensitive (RFC 7235); the token is not, and no other scheme carries it.
+        for header in (f"bearer {TOKEN}", f"BEARER {TOKEN}"):
+            assert httpx.get(f"{base}/v1/health", headers={"Authorization": header}).status_code == 200, header
+        for header in (f"Bearer {TOKEN.upper()}", f"Basic {TOKEN}", TOKEN, f"Bearer{TOKEN}"):
+            assert httpx.get(f"{base}/v1/health", headers={"Authorization": header}).status_code == 401, header
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -129,6 +129,14 @@ class ServiceSettings:
             )
         if not self.allow_roots:
             raise ValueError("no --allow-root: give the folders whose images the service may open")
+        for root in self.allow_roots:
+            # A root that is not there would refuse every image with 403 while the service looked healthy.
+            if not root.is_dir():
+                what = "is a file" if root.exists() else "does not exist"
+                raise ValueError(
+                    f"--allow-root {root} {what}; expected a folder on this machine that holds the images "
+                    "(check the path, or mount the share before starting the service)"
+                )
 
 
 # ------------------------------------------------------------------------------------ models

@@ -423,3 +423,15 @@ def test_an_empty_token_file_is_a_usage_error(started, tmp_path):
     token_file.write_text("\n")
     result, output = _serve(["--allow-root", str(tmp_path), "--token-file", str(token_file)])
     assert result.exit_code == 2 and "is empty; write the token into it" in output
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_an_allow_root_that_is_no_folder_is_a_usage_error(started, tmp_path, kind):
+    root = tmp_path / "slides"
+    if kind == "file":
+        root.write_text("not a folder")
+    result, output = _serve(["--allow-root", str(tmp_path), "--allow-root", str(root)])
+    assert result.exit_code == 2, result.output
+    what = "is a file" if kind == "file" else "does not exist"
+    assert f"--allow-root {root} {what}; expected a folder on this machine that holds the images" in output
+    assert "settings" not in started

@@ -389,6 +389,8 @@ def started(monkeypatch):
 def _serve(args: list[str], env: dict[str, str] | None = None):
     from bridge.cli.app import app
 
+    if "--port" not in args:  # not the default 8765, which another service on this machine may hold
+        args = [*args, "--port", str(_free_port())]
     result = CliRunner().invoke(app, ["serve", *args], env=env)
     return result, " ".join(result.output.replace("│", " ").split())
 
@@ -435,3 +437,16 @@ def test_an_allow_root_that_is_no_folder_is_a_usage_error(started, tmp_path, kin
     what = "is a file" if kind == "file" else "does not exist"
     assert f"--allow-root {root} {what}; expected a folder on this machine that holds the images" in output
     assert "settings" not in started
+
+
+def test_a_port_in_use_is_refused_before_the_models_load(started, tmp_path):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        result, output = _serve(["--allow-root", str(tmp_path), "--port", str(port)])
+    assert result.exit_code == 2, result.output
+    assert f"port {port} on 127.0.0.1 is already in use" in output and "choose a free port with --port" in output
+    assert "settings" not in started  # no app built, so no models loaded
+    result, _ = _serve(["--allow-root", str(tmp_path), "--port", str(port)])  # free again
+    assert result.exit_code == 0, result.output

@@ -89,7 +89,45 @@ def serve(
         )
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--host/--token/--allow-root") from err
+    check_port_free(host, port)  # before the models load (uvicorn binds after its start-up, then exits 3)
     console.print(
         f"pdl1 serve on http://{host}:{port} (images under {', '.join(str(r) for r in settings.allow_roots)})"
     )
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse at once an address the service could not bind, as a usage error naming the fix.
+
+    Binds every address ``host`` resolves to as asyncio's server will (SO_REUSEADDR: a port left in
+    TIME_WAIT by a service just stopped is free), then lets go.
+    """
+    import errno
+    import socket
+
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise typer.BadParameter(
+            f"{host!r} is no address of this machine ({err.strerror}); give an IP address or a host name that "
+            "resolves here, e.g. 127.0.0.1",
+            param_hint="--host",
+        ) from err
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    raise typer.BadParameter(
+                        f"port {port} on {host} is already in use (another pdl1 serve, or another program); "
+                        "stop that one or choose a free port with --port (and give the QuPath scripts the same "
+                        "port: service.url in pdl1-config.toml)",
+                        param_hint="--port",
+                    ) from err
+                raise typer.BadParameter(
+                    f"cannot bind {host} port {port}: {err.strerror}; choose another --port (ports below 1024 "
+                    "need administrator rights) or a --host of this machine",
+                    param_hint="--host/--port",
+                ) from err

@@ -11,6 +11,7 @@ symlink while the job waited); request bodies are size-limited and the queue is 
 
 from __future__ import annotations
 
+import difflib
 import errno
 import io
 import logging
@@ -34,7 +35,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field, PositiveInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 from shapely.errors import ShapelyError
 from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
@@ -144,6 +145,9 @@ class ServiceSettings:
 
 class JobRequest(BaseModel):
     """An analysis of one image (or of its ROI)."""
+
+    # A misspelt field (``roii``) must not be ignored: the whole slide would be analysed instead of the ROI.
+    model_config = ConfigDict(extra="forbid")
 
     image: str = Field(
         min_length=1,
@@ -671,6 +675,33 @@ def too_large(size: str, limit: int) -> str:
     )
 
 
+def _validation_problem(error: dict[str, Any], content_type: str | None) -> str:
+    """One of pydantic's validation errors as ``where: what``; for the mistakes a client makes by
+    accident (no JSON Content-Type, a body that is no object, a misspelt field) also what was expected."""
+    loc = tuple(error["loc"])
+    where = ".".join(str(p) for p in loc)
+    if loc == ("body",):
+        if error["type"] == "missing":
+            return 'body: empty; expected a JSON object such as {"image": "/path/to/slide.svs"}'
+        if isinstance(error.get("input"), bytes):  # FastAPI parses the body as JSON only when the header says so
+            return (
+                f"body: sent with Content-Type {content_type or '(none)'}; expected JSON with "
+                "'Content-Type: application/json': send that header"
+            )
+        if error["type"] == "model_attributes_type":
+            kinds = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+            return (
+                f"body: a JSON {kinds.get(type(error.get('input')), 'value')}; expected a JSON object such as "
+                '{"image": "/path/to/slide.svs"}'
+            )
+    if error["type"] == "extra_forbidden" and len(loc) == 2 and loc[0] == "body":
+        fields = list(JobRequest.model_fields)
+        close = difflib.get_close_matches(str(loc[1]), fields, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"{where}: unknown field {loc[1]!r}; {hint}the request's fields are {', '.join(fields)}"
+    return f"{where}: {error['msg']}"
+
+
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for error answers: each is the service's JSON ``detail``."""
     meaning = {
@@ -751,7 +782,8 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+        content_type = request.headers.get("content-type")
+        problems = "; ".join(_validation_problem(e, content_type) for e in err.errors())
         return JSONResponse({"detail": f"bad request: {problems}"}, 422)
 
     @app.exception_handler(HTTPException)

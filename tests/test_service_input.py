@@ -1,0 +1,100 @@
+"""The service's answers to input a client gets wrong by accident: each names what came, what was
+expected and the fix, at submission where it can be told then (not as a job that fails later)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from bridge.service import ServiceSettings, create_app
+from inference.phantom.pyramid import write_phantom
+from inference.phantom.scene import PhantomSpec
+from inference.pipeline import Models, PipelineConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def slides_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("allowed")
+    write_phantom(root / "small.svs", PhantomSpec(1024, 1024, seed=41, tps_percent=50))
+    return root
+
+
+@pytest.fixture(scope="module")
+def models():
+    return Models(PipelineConfig(device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def client(slides_root, models):
+    settings = ServiceSettings(port=_free_port(), allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings, models=models), host="127.0.0.1", port=settings.port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    with httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=60) as c:
+        yield c
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def wait(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get(f"/v1/jobs/{job_id}").json()
+        if status["state"] in ("done", "failed", "cancelled"):
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+# ------------------------------------------------------------------- the request body
+
+
+def test_a_misspelt_field_is_refused_not_ignored(client, slides_root):
+    # Ignored, 'roii' once had the whole slide analysed instead of the ROI.
+    roi = {"type": "Polygon", "coordinates": [[[0, 0], [100, 0], [100, 100], [0, 0]]]}
+    r = client.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "roii": roi})
+    assert r.status_code == 422
+    assert r.json() == {
+        "detail": "bad request: body.roii: unknown field 'roii'; did you mean 'roi'? the request's fields are "
+        "image, roi, mpp, image_size_px, image_type, outputs, model"
+    }
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain"])
+def test_a_json_body_without_its_content_type_says_so(client, slides_root, content_type):
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    r = client.post("/v1/jobs", content=json.dumps({"image": str(slides_root / "small.svs")}), headers=headers)
+    assert r.status_code == 422
+    assert r.json() == {
+        "detail": f"bad request: body: sent with Content-Type {content_type or '(none)'}; expected JSON with "
+        "'Content-Type: application/json': send that header"
+    }
+
+
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [("", 'empty; expected a JSON object such as {"image": "/path/to/slide.svs"}'), ("[1]", "a JSON array;")],
+)
+def test_a_body_that_is_no_json_object_says_what_is_expected(client, content, what):
+    r = client.post("/v1/jobs", content=content, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+    assert r.json()["detail"].startswith(f"bad request: body: {what}")

@@ -62,6 +62,7 @@ from inference import (
     SlideFormatError,
     SlideNotFoundError,
     SlideResult,
+    StainError,
     __version__,
     analyse_slide,
     open_slide,
@@ -623,6 +624,7 @@ _STATUS = {
     SlideFormatError: 422,
     MissingMppError: 422,
     RoiError: 422,
+    StainError: 422,
     ImagePathError: 422,
     JobStateError: 409,
     ResultReleasedError: 410,
@@ -855,6 +857,13 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         path = check_allowed(image_path(req.image), settings.allow_roots)
         if not _is_file(path):
             raise SlideNotFoundError(f"image not found: {path}")
+        if stain_of_image_type(req.image_type) == "other":  # no model runs on it: refused now, not as a failed job
+            raise StainError(
+                f"image_type {req.image_type}: pdl1-bridge analyses brightfield H&E (BRIGHTFIELD_H_E: the "
+                "segmentation ensemble and a predicted TPS) and PD-L1 IHC (BRIGHTFIELD_H_DAB: TPS and CPS from its "
+                "cells), nothing else. If the image is one of those, set its image type in QuPath (Image tab: Image "
+                "type) and run the script again"
+            )
         job = Job(
             id=uuid.uuid4().hex,
             image=str(path),

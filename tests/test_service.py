@@ -213,10 +213,16 @@ def test_an_image_qupath_types_as_an_immunostain_is_scored_by_the_ihc_model_and_
     reasons = [r["reason"] for r in pdl1["review_reasons"]]
     assert "stain: QuPath's image type BRIGHTFIELD_H_DAB says H-DAB, the colour says H&E" in reasons
     assert pdl1["parent_measurements"]["PD-L1: Uncertainty flag"] == 1.0
-    # An image of no stain pdl1-bridge knows is refused, naming what it analyses.
-    fluorescence = service.post("/v1/jobs", json={"image": small, "image_type": "FLUORESCENCE"}).json()["job_id"]
-    status = _wait(service, fluorescence)
-    assert status["state"] == "failed" and "pdl1-bridge analyses H&E" in status["error"]
+    # An image of no stain pdl1-bridge knows is refused at submission, naming what it analyses.
+    for image_type in ("FLUORESCENCE", "BRIGHTFIELD_OTHER", "OTHER"):
+        r = service.post("/v1/jobs", json={"image": small, "image_type": image_type})
+        assert r.status_code == 422, r.text
+        assert r.json() == {
+            "detail": f"image_type {image_type}: pdl1-bridge analyses brightfield H&E (BRIGHTFIELD_H_E: the "
+            "segmentation ensemble and a predicted TPS) and PD-L1 IHC (BRIGHTFIELD_H_DAB: TPS and CPS from its "
+            "cells), nothing else. If the image is one of those, set its image type in QuPath (Image tab: Image "
+            "type) and run the script again"
+        }
     body = {"image": small, "image_type": "BRIGHTFIELD_H_E", "outputs": ["regions"]}
     assert _wait(service, service.post("/v1/jobs", json=body).json()["job_id"])["state"] == "done"
     r = service.post("/v1/jobs", json={"image": small, "image_type": "H&E"})

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import queue
+import re
 import secrets
 import shutil
 import tempfile
@@ -32,12 +33,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import shapely
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 from shapely.errors import ShapelyError
-from shapely.geometry import shape
+from shapely.geometry import box, shape
 from shapely.geometry.base import BaseGeometry
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
@@ -209,6 +211,44 @@ class JobRequest(BaseModel):
                     f"roi coordinates must be finite numbers, got {bad!r}; send the ROI's vertices in level-0 px"
                 )
         return value
+
+
+def parse_roi(roi: dict[str, Any] | None, *, image_size_px: tuple[int, int] | None) -> BaseGeometry | None:
+    """The request's ROI as a geometry; one no analysis could use is refused now (422), not as a job that fails.
+
+    Unreadable, empty or invalid (self-intersecting, ...) is refused, and outside the image when the request
+    says the image's size (else the worker checks it against the file's).
+    """
+    if roi is None:
+        return None
+    kind = roi.get("type")
+    whole = "or omit roi to analyse the whole tissue"
+    try:
+        geometry = shape(roi)
+    except (ShapelyError, ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        raise RoiError(
+            f"roi is not a readable GeoJSON {kind} ({err}); expected rings of at least 4 [x, y] vertices in "
+            f"level-0 px, the first repeated last: send the annotation's outline as QuPath gives it, {whole}"
+        ) from err
+    if geometry.is_empty:
+        raise RoiError(f"roi is an empty {kind} (no vertices); send the annotation's outline in level-0 px, {whole}")
+    if not geometry.is_valid:
+        # shapely says "Self-intersection[250 250]": where, as the (x, y) a user can find in QuPath.
+        reason = re.sub(r"\[(\S+) (\S+)\]$", r" at (\1, \2)", shapely.is_valid_reason(geometry))
+        raise RoiError(
+            f"roi is not a valid {kind} ({reason}); expected an outline that does not cross or touch itself: "
+            f"redraw the annotation in QuPath, {whole}"
+        )
+    if image_size_px is not None:
+        width, height = image_size_px
+        if geometry.intersection(box(0, 0, width, height)).area <= 0:
+            x0, y0, x1, y1 = (round(v) for v in geometry.bounds)
+            raise RoiError(
+                f"roi ({x0}, {y0})-({x1}, {y1}) lies outside the image of {width} x {height} px (image_size_px); "
+                "expected level-0 px of this image, as QuPath's annotations are: send the ROI of an annotation "
+                f"on this image, {whole}"
+            )
+    return geometry
 
 
 def _first_non_finite(coordinates: Any) -> Any:
@@ -838,14 +878,6 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         )
         return JSONResponse(body.model_dump(), 202)
 
-    def parse_roi(roi: dict[str, Any] | None) -> BaseGeometry | None:
-        if roi is None:
-            return None
-        try:
-            return shape(roi)
-        except (ShapelyError, ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
-            raise RoiError(f"roi is not a readable GeoJSON geometry: {err}") from err
-
     @app.post(
         "/v1/jobs",
         status_code=202,
@@ -867,7 +899,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         job = Job(
             id=uuid.uuid4().hex,
             image=str(path),
-            roi=parse_roi(req.roi),
+            roi=parse_roi(req.roi, image_size_px=req.image_size_px),
             mpp=req.mpp,
             outputs=tuple(dict.fromkeys(req.outputs)),
             image_size_px=req.image_size_px,

@@ -168,11 +168,10 @@ def test_bad_requests_say_what_is_wrong(service, slides_root, body, status, matc
     assert re.search(match, r.json()["detail"])
 
 
-def test_invalid_roi_fails_the_job_with_a_message(service, slides_root):
+def test_invalid_roi_is_refused_at_submission(service, slides_root):
     bowtie = {"type": "Polygon", "coordinates": [[[0, 0], [500, 500], [500, 0], [0, 500], [0, 0]]]}
-    job_id = service.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "roi": bowtie}).json()["job_id"]
-    status = _wait(service, job_id)
-    assert status["state"] == "failed" and "invalid" in status["error"]
+    r = service.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "roi": bowtie})
+    assert r.status_code == 422 and "not a valid Polygon (Self-intersection at (250, 250))" in r.json()["detail"]
 
 
 def test_an_image_qupath_shows_at_another_size_is_refused_not_misplaced(service, slides_root):

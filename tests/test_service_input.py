@@ -98,3 +98,55 @@ def test_a_body_that_is_no_json_object_says_what_is_expected(client, content, wh
     r = client.post("/v1/jobs", content=content, headers={"Content-Type": "application/json"})
     assert r.status_code == 422
     assert r.json()["detail"].startswith(f"bad request: body: {what}")
+
+
+# ------------------------------------------------------------------- the ROI
+
+WHOLE = "or omit roi to analyse the whole tissue"
+
+
+@pytest.mark.parametrize(
+    ("roi", "detail"),
+    [
+        (
+            {"type": "Polygon", "coordinates": []},
+            f"roi is an empty Polygon (no vertices); send the annotation's outline in level-0 px, {WHOLE}",
+        ),
+        (
+            {"type": "MultiPolygon", "coordinates": [[[]]]},
+            f"roi is an empty MultiPolygon (no vertices); send the annotation's outline in level-0 px, {WHOLE}",
+        ),
+        (
+            {"type": "Polygon", "coordinates": [[[0, 0], [500, 500], [500, 0], [0, 500], [0, 0]]]},
+            "roi is not a valid Polygon (Self-intersection at (250, 250)); expected an outline that does not cross "
+            f"or touch itself: redraw the annotation in QuPath, {WHOLE}",
+        ),
+        (
+            {"type": "Polygon", "coordinates": [[[0, 0], [100, 100]]]},
+            "roi is not a readable GeoJSON Polygon (A linearring requires at least 4 coordinates.); expected rings "
+            "of at least 4 [x, y] vertices in level-0 px, the first repeated last: send the annotation's outline "
+            f"as QuPath gives it, {WHOLE}",
+        ),
+        (
+            {"type": "Polygon", "coordinates": [[[2000, 0], [2100, 0], [2100, 100], [2000, 0]]]},
+            "roi (2000, 0)-(2100, 100) lies outside the image of 1024 x 1024 px (image_size_px); expected level-0 "
+            "px of this image, as QuPath's annotations are: send the ROI of an annotation on this image, "
+            f"{WHOLE}",
+        ),
+    ],
+    ids=["empty", "empty-multi", "self-intersecting", "two-points", "outside"],
+)
+def test_an_roi_no_analysis_can_use_is_refused_at_submission(client, slides_root, roi, detail):
+    body = {"image": str(slides_root / "small.svs"), "roi": roi, "image_size_px": [1024, 1024]}
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json() == {"detail": detail}
+
+
+def test_an_roi_partly_outside_the_image_is_accepted(client, slides_root):
+    # QuPath's own ROIs may overhang the image; the analysis clips them.
+    roi = {"type": "Polygon", "coordinates": [[[900, 900], [1200, 900], [1200, 1200], [900, 900]]]}
+    body = {"image": str(slides_root / "small.svs"), "roi": roi, "image_size_px": [1024, 1024], "outputs": ["regions"]}
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 202, r.text
+    assert wait(client, r.json()["job_id"])["state"] == "done"

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, Literal
 
 import numpy as np
@@ -99,7 +99,8 @@ class RequestTooLargeError(Pdl1Error, ValueError):
 
 
 class ImagePathError(Pdl1Error, ValueError):
-    """An image path the file system cannot use (NUL byte, too long, a symlink loop)."""
+    """An image path the service cannot use: not absolute, not a file, or not one the file system takes
+    (NUL byte, too long, a symlink loop)."""
 
 
 class QueueFullError(Pdl1Error, RuntimeError):
@@ -550,6 +551,29 @@ def image_path(image: str) -> Path:
     return Path(image)
 
 
+def require_absolute(image: str, path: Path) -> Path:
+    """``path`` (of the request's ``image``) if it is absolute; a relative path would be resolved against the
+    service's working folder, and a URL or another machine's Windows path names nothing here."""
+    if path.is_absolute():
+        return path
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", image) and not image.startswith("file:"):
+        raise ImagePathError(
+            f"image {image!r} is a {image.split(':', 1)[0]}: URL; the service opens image files on its own "
+            "machine: send the file's absolute path there (or its file: URI), or upload the region's pixels "
+            "(POST /v1/jobs/pixels)"
+        )
+    if PureWindowsPath(str(path)).drive:
+        raise ImagePathError(
+            f"image path {image!r} is a Windows path, which the service's machine cannot open; expected the "
+            "absolute path at which that machine sees the file (for a share: under the folder it is mounted at), "
+            "or its file: URI"
+        )
+    raise ImagePathError(
+        f"image path {image!r} is relative; expected the absolute path of the image file on the service's "
+        "machine (e.g. /data/slides/case.svs) or its file: URI"
+    )
+
+
 def _is_file(path: Path) -> bool:
     try:
         return path.is_file()
@@ -886,9 +910,15 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
     def submit(req: JobRequest, w: Worker = Depends(worker)) -> JSONResponse:
         if req.model != "default":
             raise JobStateError(f"unknown model {req.model!r}; this service has 'default' (see /v1/models)")
-        path = check_allowed(image_path(req.image), settings.allow_roots)
+        requested = require_absolute(req.image, image_path(req.image))
+        path = check_allowed(requested, settings.allow_roots)
         if not _is_file(path):
-            raise SlideNotFoundError(f"image not found: {path}")
+            if path.is_dir():
+                raise ImagePathError(
+                    f"{requested} is a folder; expected an image file (e.g. a .svs, .ndpi or .tif): send the path "
+                    "of the image file itself"
+                )
+            raise SlideNotFoundError(f"image not found: {requested}")
         if stain_of_image_type(req.image_type) == "other":  # no model runs on it: refused now, not as a failed job
             raise StainError(
                 f"image_type {req.image_type}: pdl1-bridge analyses brightfield H&E (BRIGHTFIELD_H_E: the "

@@ -150,3 +150,36 @@ def test_an_roi_partly_outside_the_image_is_accepted(client, slides_root):
     r = client.post("/v1/jobs", json=body)
     assert r.status_code == 202, r.text
     assert wait(client, r.json()["job_id"])["state"] == "done"
+
+
+# ------------------------------------------------------------------- the image path
+
+
+def test_a_folder_is_not_an_image(client, slides_root):
+    (slides_root / "case-folder").mkdir(exist_ok=True)
+    for image in (str(slides_root / "case-folder"), (slides_root / "case-folder").as_uri()):
+        r = client.post("/v1/jobs", json={"image": image})
+        assert r.status_code == 422, r.text
+        assert r.json() == {
+            "detail": f"{slides_root / 'case-folder'} is a folder; expected an image file (e.g. a .svs, .ndpi or "
+            ".tif): send the path of the image file itself"
+        }
+
+
+@pytest.mark.parametrize(
+    ("image", "came"),
+    [
+        ("small.svs", "image path 'small.svs' is relative"),
+        ("./slides/small.svs", "image path './slides/small.svs' is relative"),
+        ("http://scanner.local/slides/small.svs", "image 'http://scanner.local/slides/small.svs' is a http: URL"),
+        ("C:\\Slides\\small.svs", "image path 'C:\\\\Slides\\\\small.svs' is a Windows path"),
+        ("file:/C:/Slides/small.svs", "image path 'file:/C:/Slides/small.svs' is a Windows path"),
+        ("\\\\server\\share\\small.svs", "image path '\\\\\\\\server\\\\share\\\\small.svs' is a Windows path"),
+    ],
+)
+def test_a_path_the_service_cannot_place_says_it_must_be_absolute_here(client, image, came):
+    r = client.post("/v1/jobs", json={"image": image})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail.startswith(f"{came}; ") or detail.startswith(f"{came}, "), detail
+    assert "absolute path" in detail and "file: URI" in detail and "outside the folders" not in detail

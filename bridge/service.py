@@ -636,11 +636,18 @@ def check_upload(body: bytes, *, mpp: float, max_px: int) -> None:
 
     Only the header is read here; the pixels are decoded when the job starts.
     """
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
+    expected = "expected the region's PNG or TIFF bytes (Content-Type: image/png or image/tiff)"
+    if not body:
+        raise SlideFormatError(f"the request body is empty; {expected}")
     try:
         with Image.open(io.BytesIO(body)) as im:
             width, height = im.size
+    except UnidentifiedImageError as err:  # its message names only the in-memory file object
+        raise SlideFormatError(
+            f"the request body ({len(body)} bytes, starting {body[:8]!r}) is not a PNG or TIFF image; {expected}"
+        ) from err
     except Exception as err:  # PIL raises several types for unreadable headers; all mean the same here
         raise SlideFormatError(
             f"body is not a PNG/TIFF image ({type(err).__name__}: {err}); send the region's PNG or TIFF bytes"

@@ -183,3 +183,22 @@ def test_a_path_the_service_cannot_place_says_it_must_be_absolute_here(client, i
     detail = r.json()["detail"]
     assert detail.startswith(f"{came}; ") or detail.startswith(f"{came}, "), detail
     assert "absolute path" in detail and "file: URI" in detail and "outside the folders" not in detail
+
+
+# ------------------------------------------------------------------- the pixel upload
+
+
+@pytest.mark.parametrize(
+    ("content", "came"),
+    [
+        (b"", "the request body is empty"),
+        (b"hello", "the request body (5 bytes, starting b'hello') is not a PNG or TIFF image"),
+    ],
+    ids=["empty", "text"],
+)
+def test_an_upload_that_is_no_image_says_what_is_expected(client, content, came):
+    r = client.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=content, headers={"Content-Type": "image/png"})
+    assert r.status_code == 422, r.text
+    assert r.json() == {
+        "detail": f"{came}; expected the region's PNG or TIFF bytes (Content-Type: image/png or image/tiff)"
+    }

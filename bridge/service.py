@@ -316,6 +316,7 @@ class Job:
     roi: BaseGeometry | None
     mpp: float | None
     outputs: tuple[str, ...]
+    image_as_sent: str | None = None  # the path as the client named it (a file: URI as its path), for messages
     image_size_px: tuple[int, int] | None = None
     image_type: str | None = None  # QuPath's, as the request stated it
     # An uploaded PNG/TIFF as sent: decoded only when the job starts (8192² RGB is 200 MB, the
@@ -479,7 +480,7 @@ class Worker:
             body, job.upload = job.upload, None
             slide_context = decoded_upload(body, mpp=config.mpp)
         else:
-            slide_context = open_allowed(Path(job.image), self.allow_roots, mpp=config.mpp)
+            slide_context = open_allowed(Path(job.image), self.allow_roots, mpp=config.mpp, shown=job.image_as_sent)
         with slide_context as slide:
             return analyse_slide(
                 slide,
@@ -585,8 +586,41 @@ def _is_file(path: Path) -> bool:
 _MULTI_FILE_SUFFIXES = frozenset({".mrxs", ".vms", ".vmu", ".dcm"})
 
 
+# inference's advice for an image without a usable pixel size is the command line's (--mpp); a QuPath user
+# sets it in QuPath, whence pdl1_analyze.groovy sends it with the job as its mpp.
+_CLI_NO_MPP = re.compile(
+    r"\. Give (?P<value>.+), with --mpp, or set the pixel size in QuPath \(.*?\) and analyse the project$", re.S
+)
+_CLI_MPP_RANGE = "; pass the scanner's value with --mpp"
+_SCANNER_MPP = "the scanner's µm/px (0.25 at 40x, 0.5 at 20x)"
+
+
+def _qupath_mpp_advice(value: str) -> str:
+    return (
+        f"set the pixel size in QuPath (Image tab: Pixel width/height) to {value}; pdl1_analyze.groovy sends it "
+        "with the job, so run the script again"
+    )
+
+
+def _as_sent(err: Pdl1Error, opened: tuple[Path, ...], shown: str) -> Pdl1Error:
+    """``err`` as the client should read it: naming the image as it sent it, not the files the worker
+    opened (a private link in a temporary folder), and with advice for QuPath instead of ``--mpp``."""
+    message = str(err)
+    for path in opened:
+        message = message.replace(str(path), shown)
+    if isinstance(err, MissingMppError):
+        if match := _CLI_NO_MPP.search(message):
+            advice = _qupath_mpp_advice(match["value"])
+            message = f"{message[: match.start()]}. {advice[0].upper()}{advice[1:]}"
+        elif message.endswith(_CLI_MPP_RANGE):
+            message = f"{message.removesuffix(_CLI_MPP_RANGE)}; {_qupath_mpp_advice(_SCANNER_MPP)}"
+    return err if message == str(err) else type(err)(message)
+
+
 @contextmanager
-def open_allowed(path: Path, roots: tuple[Path, ...], *, mpp: float | None) -> Iterator[Slide]:
+def open_allowed(
+    path: Path, roots: tuple[Path, ...], *, mpp: float | None, shown: str | None = None
+) -> Iterator[Slide]:
     """Open an image under ``roots``, checking the file actually opened, not only its name.
 
     The check at submission is not enough: a folder swapped for a symlink while the job waited
@@ -594,8 +628,10 @@ def open_allowed(path: Path, roots: tuple[Path, ...], *, mpp: float | None) -> I
     file (its ``/proc/self/fd`` link on Linux) must still lie under a root. On Linux the reader
     then opens that very file, through a private link to the descriptor that keeps the file's
     name (readers look at suffixes); elsewhere, and for multi-file formats, it opens the checked
-    name and the file found there afterwards must be the one checked.
+    name and the file found there afterwards must be the one checked. Errors, also those of the
+    analysis inside the ``with``, name the image as ``shown`` (the client's path; default ``path``).
     """
+    shown = str(path) if shown is None else shown
     real = check_allowed(path, roots)
     try:
         fd = os.open(real, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
@@ -607,6 +643,7 @@ def open_allowed(path: Path, roots: tuple[Path, ...], *, mpp: float | None) -> I
         raise _changed(real) from err  # O_NOFOLLOW: the last part became a symlink after it was resolved
     link_dir: str | None = None
     slide: Slide | None = None
+    source = real
     try:
         proc = Path(f"/proc/self/fd/{fd}")
         opened = Path(os.readlink(proc)) if proc.is_symlink() else real
@@ -621,8 +658,13 @@ def open_allowed(path: Path, roots: tuple[Path, ...], *, mpp: float | None) -> I
         slide = open_slide(source, mpp=mpp, mpp_source="the request's mpp")
         if source == real and not os.path.samestat(os.stat(real), os.fstat(fd)):
             raise _changed(real)
-        slide.path = real  # messages and provenance name the image, not the private link
+        slide.path = real  # provenance names the image, not the private link
         yield slide
+    except Pdl1Error as err:
+        translated = _as_sent(err, (source, real), shown)
+        if translated is err:
+            raise
+        raise translated from err
     finally:
         if slide is not None:
             slide.close()
@@ -936,6 +978,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         job = Job(
             id=uuid.uuid4().hex,
             image=str(path),
+            image_as_sent=str(requested),
             roi=parse_roi(req.roi, image_size_px=req.image_size_px),
             mpp=req.mpp,
             outputs=tuple(dict.fromkeys(req.outputs)),

@@ -3,14 +3,17 @@ expected and the fix, at submission where it can be told then (not as a job that
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 import uvicorn
+from PIL import Image
 
 from bridge.service import ServiceSettings, create_app
 from inference.phantom.pyramid import write_phantom
@@ -202,3 +205,50 @@ def test_an_upload_that_is_no_image_says_what_is_expected(client, content, came)
     assert r.json() == {
         "detail": f"{came}; expected the region's PNG or TIFF bytes (Content-Type: image/png or image/tiff)"
     }
+
+
+# ------------------------------------------------------------------- an image that does not open
+
+
+@pytest.fixture(scope="module")
+def unopenable(slides_root):
+    """Files under the allowed root that do not open as images; a link to the one without MPP."""
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(slides_root / "nompp.png")  # no dpi: no MPP
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(slides_root / "coarse.png", dpi=(254, 254))  # 100 µm/px
+    whole = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), np.uint8)).save(whole, format="PNG")
+    (slides_root / "truncated.png").write_bytes(whole.getvalue()[:3000])
+    (slides_root / "results.json").write_text('{"type": "FeatureCollection"}')
+    (slides_root / "linked.png").symlink_to(slides_root / "nompp.png")
+    return slides_root
+
+
+@pytest.mark.parametrize(
+    ("name", "after"),
+    [
+        (
+            "nompp.png",
+            ": a plain PNG file states no microns per pixel. Set the pixel size in QuPath (Image tab: Pixel "
+            "width/height) to the µm/px of the scanner or camera it came from (for a microscope camera: its sensor "
+            "pixel size divided by the total magnification, e.g. 3.45 µm / 20 = 0.17); pdl1_analyze.groovy sends "
+            "it with the job, so run the script again",
+        ),
+        ("linked.png", ": a plain PNG file states no microns per pixel. Set the pixel size in QuPath"),
+        (
+            "coarse.png",
+            ": microns per pixel 100 (from image dpi) is outside the plausible range (0.05, 50.0); set the pixel "
+            "size in QuPath (Image tab: Pixel width/height) to the scanner's µm/px (0.25 at 40x, 0.5 at 20x); "
+            "pdl1_analyze.groovy sends it with the job, so run the script again",
+        ),
+        ("truncated.png", ": neither OpenSlide nor Pillow can read it (image file is truncated); expected"),
+        ("results.json", ": neither OpenSlide nor Pillow can read it (cannot identify image file '{path}'); expected"),
+    ],
+)
+def test_an_image_that_does_not_open_is_named_as_the_client_sent_it(client, unopenable, name, after):
+    path = str(unopenable / name)
+    r = client.post("/v1/jobs", json={"image": path})
+    assert r.status_code == 202, r.text
+    status = wait(client, r.json()["job_id"])
+    assert status["state"] == "failed"
+    assert status["error"].startswith(path + after.replace("{path}", path)), status["error"]
+    assert "pdl1-open-" not in status["error"] and "--mpp" not in status["error"]

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PureWindowsPath
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import shapely
@@ -55,6 +55,7 @@ from inference import (
     ArrayReader,
     Cancelled,
     MissingMppError,
+    ModelFileError,
     Models,
     Mpp,
     Pdl1Error,
@@ -67,8 +68,13 @@ from inference import (
     StainError,
     __version__,
     analyse_slide,
+    demo_model_dir,
     open_slide,
+    read_manifest,
 )
+
+if TYPE_CHECKING:
+    from inference.models.manifest import Manifest  # read_manifest's answer, for annotations only
 
 log = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -297,6 +303,7 @@ class ModelDescription(BaseModel):
     sha256: str
     members: int
     input_mpp: float
+    stain: str = Field(description="The stain it was trained on and runs on: H&E, or H-DAB (PD-L1 IHC).")
 
 
 class Health(BaseModel):
@@ -790,6 +797,21 @@ def too_large(size: str, limit: int) -> str:
     )
 
 
+def ihc_manifest(pipeline: PipelineConfig) -> Manifest | None:
+    """The manifest of the PD-L1 IHC nuclei model the service would load, for listing it.
+
+    The model loads on the first H-DAB job (``Models.ihc``); its manifest is read now without hashing the
+    weights (the checksum is the manifest's), so listing it costs no start-up time. None, with a warning,
+    where it does not read: H&E jobs run as before, and an H-DAB job fails naming the problem.
+    """
+    folder = pipeline.ihc_model_dir or demo_model_dir("nuclei-ihc")
+    try:
+        return read_manifest(folder, task="nuclei", verify=False)
+    except ModelFileError as err:
+        log.warning("the PD-L1 IHC nuclei model is not listed, and H-DAB images will fail: %s", err)
+        return None
+
+
 def _validation_problem(error: dict[str, Any], content_type: str | None) -> str:
     """One of pydantic's validation errors as ``where: what``; for the mistakes a client makes by
     accident (no JSON Content-Type, a body that is no object, a misspelt field) also what was expected."""
@@ -839,6 +861,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.models = models or Models(settings.pipeline)
+        app.state.ihc_manifest = ihc_manifest(settings.pipeline)
         app.state.worker = Worker(
             app.state.models,
             settings.pipeline,
@@ -920,21 +943,25 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         return app.state.worker
 
     def describe() -> list[ModelDescription]:
-        out = []
-        for task, ens in (("segmentation", app.state.models.seg), ("nuclei", app.state.models.nuclei)):
-            if ens is not None:
-                m = ens.manifest
-                out.append(
-                    ModelDescription(
-                        task=task,
-                        name=m.name,
-                        version=m.version,
-                        sha256=m.checksum,
-                        members=len(m.members),
-                        input_mpp=m.input_mpp,
-                    )
-                )
-        return out
+        loaded = app.state.models
+        manifests = (
+            ("segmentation", loaded.seg.manifest),
+            ("nuclei", None if loaded.nuclei is None else loaded.nuclei.manifest),
+            ("nuclei", app.state.ihc_manifest),  # the PD-L1 IHC model's: its stain tells it apart
+        )
+        return [
+            ModelDescription(
+                task=task,
+                name=m.name,
+                version=m.version,
+                sha256=m.checksum,
+                members=len(m.members),
+                input_mpp=m.input_mpp,
+                stain=m.stain,
+            )
+            for task, m in manifests
+            if m is not None
+        ]
 
     @app.get("/v1/health")
     def health() -> Health:

@@ -82,9 +82,25 @@ def _wait(client, job_id, timeout=120):
 
 
 def test_health_and_models(service):
+    from inference import demo_model_dir, read_manifest
+
     health = service.get("/v1/health").json()
     assert health["status"] == "ok" and health["device"] == "cpu"
-    assert {m["task"] for m in health["models"]} == {"segmentation", "nuclei"}
+    assert [(m["task"], m["stain"]) for m in health["models"]] == [
+        ("segmentation", "H&E"),
+        ("nuclei", "H&E"),
+        ("nuclei", "H-DAB"),  # the PD-L1 IHC model, listed before its first job loads it
+    ]
+    ihc = read_manifest(demo_model_dir("nuclei-ihc"))
+    assert health["models"][2] == {
+        "task": "nuclei",
+        "name": ihc.name,
+        "version": ihc.version,
+        "sha256": ihc.checksum,
+        "members": len(ihc.members),
+        "input_mpp": ihc.input_mpp,
+        "stain": "H-DAB",
+    }
     assert service.get("/v1/models").json() == health["models"]
 
 

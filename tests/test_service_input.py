@@ -252,3 +252,25 @@ def test_an_image_that_does_not_open_is_named_as_the_client_sent_it(client, unop
     assert status["state"] == "failed"
     assert status["error"].startswith(path + after.replace("{path}", path)), status["error"]
     assert "pdl1-open-" not in status["error"] and "--mpp" not in status["error"]
+
+
+# ------------------------------------------------------------------- the models listed
+
+
+def test_listing_the_ihc_model_does_not_load_it(client, models, monkeypatch):
+    def loading():
+        raise AssertionError("listing the models loaded the IHC model's weights")
+
+    monkeypatch.setattr(models, "ihc", loading)
+    listed = client.get("/v1/models").json()
+    assert [m["name"] for m in listed if m["stain"] == "H-DAB"] == ["pdl1-nuclei-ihc"]
+
+
+def test_an_ihc_model_folder_that_does_not_read_is_not_listed_and_logged(tmp_path, caplog):
+    from bridge.service import ihc_manifest
+
+    with caplog.at_level("WARNING", logger="bridge.service"):
+        assert ihc_manifest(PipelineConfig(device="cpu", ihc_model_dir=str(tmp_path))) is None
+    [record] = caplog.records
+    assert record.getMessage().startswith("the PD-L1 IHC nuclei model is not listed, and H-DAB images will fail: ")
+    assert "no model manifest" in record.getMessage()

@@ -450,3 +450,11 @@ def test_a_port_in_use_is_refused_before_the_models_load(started, tmp_path):
     assert "settings" not in started  # no app built, so no models loaded
     result, _ = _serve(["--allow-root", str(tmp_path), "--port", str(port)])  # free again
     assert result.exit_code == 0, result.output
+
+
+def test_an_address_of_another_machine_is_refused_before_the_models_load(started, tmp_path):
+    # 192.0.2.1: TEST-NET-1 (RFC 5737), never an address of this machine.
+    result, output = _serve(["--allow-root", str(tmp_path), "--host", "192.0.2.1", "--token", "t"])
+    assert result.exit_code == 2, result.output
+    assert "cannot bind 192.0.2.1 port" in output and "a --host of this machine" in output
+    assert "settings" not in started

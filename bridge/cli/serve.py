@@ -99,8 +99,9 @@ def serve(
 def check_port_free(host: str, port: int) -> None:
     """Refuse at once an address the service could not bind, as a usage error naming the fix.
 
-    Binds every address ``host`` resolves to as asyncio's server will (SO_REUSEADDR: a port left in
-    TIME_WAIT by a service just stopped is free), then lets go.
+    Binds every address ``host`` resolves to as asyncio's server (uvicorn's) will, then lets go:
+    SO_REUSEADDR (a port left in TIME_WAIT by a service just stopped is free), IPv6 sockets IPv6-only,
+    and an address family this machine has not enabled skipped.
     """
     import errno
     import socket
@@ -113,11 +114,20 @@ def check_port_free(host: str, port: int) -> None:
             "resolves here, e.g. 127.0.0.1",
             param_hint="--host",
         ) from err
+    problem: OSError | None = None
+    bound = 0
     for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as sock:
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError:
+            continue  # this family is not supported here; asyncio skips it too
+        with sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 sock.bind(address)
+                bound += 1
             except OSError as err:
                 if err.errno == errno.EADDRINUSE:
                     raise typer.BadParameter(
@@ -126,8 +136,12 @@ def check_port_free(host: str, port: int) -> None:
                         "port: service.url in pdl1-config.toml)",
                         param_hint="--port",
                     ) from err
-                raise typer.BadParameter(
-                    f"cannot bind {host} port {port}: {err.strerror}; choose another --port (ports below 1024 "
-                    "need administrator rights) or a --host of this machine",
-                    param_hint="--host/--port",
-                ) from err
+                if err.errno != errno.EADDRNOTAVAIL:  # not available: the family is not enabled (asyncio skips it)
+                    problem = err
+    if problem is not None or not bound:
+        reason = problem.strerror if problem is not None else "no address of this machine"
+        raise typer.BadParameter(
+            f"cannot bind {host} port {port}: {reason}; choose another --port (ports below 1024 need "
+            "administrator rights) or a --host of this machine",
+            param_hint="--host/--port",
+        ) from problem

@@ -461,10 +461,19 @@ class RunStatus:
         self.path = folder / PDL1_DIR / STATUS_FILE
         self.images: dict[str, dict[str, Any]] = {}
         if self.path.is_file():
+            fix = "delete it to start over (`--resume` then analyses every image again)"
             try:
-                self.images = json.loads(self.path.read_text()).get("images", {})
-            except json.JSONDecodeError as err:
-                raise ProjectError(f"{self.path}: unreadable run status ({err}); delete it to start over") from err
+                raw = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:  # cut short, not UTF-8 or unreadable
+                raise ProjectError(f"{self.path}: unreadable run status ({err}); {fix}") from err
+            images = raw.get("images", {}) if isinstance(raw, dict) else None
+            # Checked whole here, so is_done and resume never meet a list or a string in its place.
+            if not isinstance(images, dict) or not all(isinstance(v, dict) for v in images.values()):
+                raise ProjectError(
+                    f'{self.path}: not a pdl1 run status (expected {{"images": {{KEY: {{"state": ...}}}}}}, got '
+                    f"{_shorten(raw)}); {fix}"
+                )
+            self.images = images
 
     def is_done(self, key: str) -> bool:
         return self.images.get(key, {}).get("state") == "done"
@@ -472,6 +481,16 @@ class RunStatus:
     def record(self, key: str, **fields: Any) -> None:
         self.images[key] = fields
         write_json_atomic(self.path, {"images": self.images})
+
+
+def _shorten(value: Any, limit: int = 60) -> str:
+    """A JSON value as an error message quotes it: its start only.
+
+    >>> _shorten({"images": [1]})
+    '{"images": [1]}'
+    """
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def sidecar_dir(project_folder: Path, entry_id: str) -> Path:

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import stat
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -349,3 +350,20 @@ def test_init_project_can_add_the_readable_slides_and_name_the_others(tmp_path, 
     with pytest.raises(ProjectError, match="none of the 1 slides can be added"):
         init_project_files(tmp_path / "q", [corrupt], skip_unreadable=True)
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"[1]", b'{"images": {"1": "x"}}', b'{"images": [1]}', b'{"images": {"1": {"state": "done"}}', b"\xff\xfe{}"],
+)
+def test_a_damaged_run_status_is_refused_naming_the_file_and_the_fix(tmp_path, content):
+    # Well-formed JSON of the wrong shape, cut short, or not UTF-8: the same error as any unreadable status.
+    path = tmp_path / "pdl1" / "status.json"
+    path.parent.mkdir()
+    path.write_bytes(content)
+    with pytest.raises(
+        ProjectError,
+        match=rf"{re.escape(str(path))}: (unreadable run status|not a pdl1 run status).*"
+        r"delete it to start over",
+    ):
+        RunStatus(tmp_path)

@@ -493,6 +493,18 @@ def _shorten(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def summary_problem(summary: Any) -> str | None:
+    """Why a JSON value read from a run's ``summary.json`` is not one (None when it is): what ``--resume``
+    and ``pdl1 report`` rely on is an object naming the image analysed and its µm/px.
+
+    >>> summary_problem([])
+    'is not a pdl1 summary (expected a JSON object with "image" and "mpp", got [])'
+    """
+    if isinstance(summary, dict) and isinstance(summary.get("image"), str) and "mpp" in summary:
+        return None
+    return f'is not a pdl1 summary (expected a JSON object with "image" and "mpp", got {_shorten(summary)})'
+
+
 def sidecar_dir(project_folder: Path, entry_id: str) -> Path:
     """Where batch runs without QuPath put an entry's results: ``<project>/pdl1/<entryID>/``."""
     return project_folder / PDL1_DIR / str(entry_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import html
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +18,11 @@ import numpy as np
 
 from bridge.classes import INTENSITY_CLASSES
 from bridge.pairs import PAIRS_FILE
-from bridge.project import PDL1_DIR, ProjectError, find_project_file, locate_image, read_project
+from bridge.project import PDL1_DIR, ProjectError, find_project_file, locate_image, read_project, summary_problem
 from bridge.qupath_geojson import read_features
-from inference import demo_model_checksums, open_slide
+from inference import Pdl1Error, demo_model_checksums, open_slide
+
+log = logging.getLogger(__name__)
 
 COLUMNS = (
     "image",
@@ -51,18 +54,27 @@ class ReportItem:
     summary: dict
 
 
-def collect(source: Path) -> list[ReportItem]:
-    """Results of a project (``<project>/pdl1/<entry>/``) or of a plain-slides output folder."""
+def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]:
+    """Results of a project (``<project>/pdl1/<entry>/``) or of a plain-slides output folder.
+
+    A damaged summary (cut short by a kill, or not a pdl1 summary) leaves its image out with a warning
+    that names the file and the fix, and the others are reported; ``left_out`` collects those warnings.
+    """
     items = []
+    left_out = [] if left_out is None else left_out
     try:
         qpproj = find_project_file(source)
     except ProjectError:  # not a project: a plain-slides output folder
         qpproj = None
     if qpproj is not None:
         info = read_project(qpproj)
+        fix = f"run {_rerun(source)}, which analyses again the images whose results are damaged"
         for entry in info.entries:
             folder = info.folder / PDL1_DIR / entry.entry_id
             if not (folder / "summary.json").is_file():
+                continue
+            summary = _read_summary(folder / "summary.json", fix, left_out)
+            if summary is None:
                 continue
             try:
                 slide = locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder)
@@ -73,12 +85,15 @@ def collect(source: Path) -> list[ReportItem]:
                     entry.image_name,
                     slide,
                     folder / "objects.geojson",
-                    json.loads((folder / "summary.json").read_text()),
+                    summary,
                 )
             )
         return items
+    fix = f"run {_rerun(source)}, which analyses again the slides whose results are damaged"
     for summary_path in sorted(Path(source).glob("*.summary.json")):
-        summary = json.loads(summary_path.read_text())
+        summary = _read_summary(summary_path, fix, left_out)
+        if summary is None:
+            continue
         image = Path(summary["image"])
         items.append(
             ReportItem(
@@ -89,6 +104,34 @@ def collect(source: Path) -> list[ReportItem]:
             )
         )
     return items
+
+
+def _rerun(source: Path) -> str:
+    """The command that writes a run's results again where they are damaged (``--resume`` checks them)."""
+    try:
+        find_project_file(source)
+    except ProjectError:
+        return f"the same `pdl1 run SLIDES... --out {source}` with --resume"
+    return f"`pdl1 run {source} --resume`"
+
+
+def _read_summary(path: Path, fix: str, left_out: list[str]) -> dict | None:
+    """A run's summary JSON, or None when it is damaged: then the warning names it and the fix."""
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # cut short, not UTF-8 or unreadable
+        problem: str | None = f"does not read ({err})"
+    else:
+        problem = summary_problem(summary)
+    if problem is None:
+        return summary
+    _leave_out(left_out, f"{path} {problem}, so its image is left out of the report; {fix}")
+    return None
+
+
+def _leave_out(left_out: list[str], message: str) -> None:
+    log.warning("%s", message)
+    left_out.append(message)
 
 
 # Positive tumour cells of an IHC on its thumbnail: yellow 1+, orange 2+, red 3+ (their QuPath colours).
@@ -156,7 +199,8 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
     source = Path(source)
     if not source.exists():
         raise ProjectError(f"{source}: no such project or output folder")
-    items = collect(source)
+    left_out: list[str] = []
+    items = collect(source, left_out)
     if not items:
         raise ProjectError(
             f"no results under {source}: expected <project>/{PDL1_DIR}/<entry>/summary.json or "
@@ -200,7 +244,7 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
                 "tumor_negative": nuclei.get("Tumor: Negative"),
                 "other": nuclei.get("Other"),
                 "run_id": s.get("run_id"),
-                "thumbnail": _thumbnail(item, out),
+                "thumbnail": _thumbnail_or_none(item, out, left_out),
             }
         )
     csv_path = out / "report.csv"
@@ -210,9 +254,36 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
         writer.writerows(rows)
     html_path = out / "report.html"
     pairs_path = base / PDL1_DIR / PAIRS_FILE
-    pairs = json.loads(pairs_path.read_text())["cases"] if pairs_path.is_file() else {}
-    html_path.write_text(_html(rows, pairs), encoding="utf-8")
+    pairs = _read_pairs(pairs_path, f"run {_rerun(source)}, which compares the cases again", left_out)
+    html_path.write_text(_html(rows, pairs, left_out), encoding="utf-8")
     return html_path, csv_path
+
+
+def _thumbnail_or_none(item: ReportItem, out: Path, left_out: list[str]) -> Path | None:
+    """The overlay thumbnail; None, with a warning, when the slide or the GeoJSON does not read (one image's
+    picture, not the report)."""
+    try:
+        return _thumbnail(item, out)
+    except (Pdl1Error, OSError, ValueError) as err:
+        _leave_out(left_out, f"{item.image_name}: no thumbnail ({err}); its numbers are reported")
+        return None
+
+
+def _read_pairs(path: Path, fix: str, left_out: list[str]) -> dict:
+    """The cases of ``pairs.json`` (none without one); none, with a warning, when it is damaged (every run
+    writes it again)."""
+    if not path.is_file():
+        return {}
+    try:
+        cases = json.loads(path.read_text(encoding="utf-8")).get("cases")
+    except (OSError, ValueError, AttributeError) as err:  # cut short, unreadable, or not a JSON object
+        problem = f"does not read ({err})" if not isinstance(err, AttributeError) else "is not a JSON object"
+    else:
+        if isinstance(cases, dict) and all(isinstance(c, dict) for c in cases.values()):
+            return cases
+        problem = 'holds no cases (expected {"cases": {CASE: {...}}})'
+    _leave_out(left_out, f"{path} {problem}, so the H&E vs IHC comparison is left out of the report; {fix}")
+    return {}
 
 
 def _model_label(model: dict, demo_checksums: set[str]) -> str:
@@ -317,7 +388,14 @@ def _demo_warning(rows: list[dict]) -> str:
     )
 
 
-def _html(rows: list[dict], pairs: dict | None = None) -> str:
+def _left_out_html(left_out: list[str]) -> str:
+    if not left_out:
+        return ""
+    items = "".join(f"<li>{html.escape(m)}</li>" for m in left_out)
+    return f"<div class='warn'><b>Left out of this report.</b><ul>{items}</ul></div>"
+
+
+def _html(rows: list[dict], pairs: dict | None = None, left_out: list[str] | None = None) -> str:
     body = []
     for r in rows:
         thumb = (
@@ -344,6 +422,7 @@ def _html(rows: list[dict], pairs: dict | None = None) -> str:
         "img{max-width:900px;border:1px solid #ccc}.warn{background:#fff3cd;border:1px solid #d39e00;padding:.6em}"
         "</style></head><body><h1>PD-L1 report</h1>"
         + _demo_warning(rows)
+        + _left_out_html(left_out or [])
         + "<p>H&amp;E: orange outlines are predicted PD-L1 positive regions, magenta SUA false-negative candidates "
         "for review, the shading the predictive entropy of the uncertainty tiles (dark = certain). PD-L1 IHC: "
         "dots are positive tumour cells, yellow 1+, orange 2+, red 3+.</p>"

@@ -37,6 +37,7 @@ from bridge.project import (
     qpdata_problem,
     read_project,
     sidecar_dir,
+    summary_problem,
     write_json_atomic,
 )
 from bridge.project_config import ProjectConfig
@@ -458,6 +459,8 @@ def _results_problem(job: _Job, status: RunStatus, project: Path | None, *, writ
             return f"{path} does not read ({err})"
         if path == geojson and not (isinstance(data, dict) and data.get("features")):
             return f"{path} holds no features"
+        if path == summary and summary_problem(data) is not None:
+            return f"{path} {summary_problem(data)}"
     if written_by_qupath and project is not None:
         data_file = project.parent / "data" / job.key / "data.qpdata"
         problem = qpdata_problem(data_file)

@@ -261,6 +261,10 @@ def test_resume_runs_again_a_done_image_whose_files_were_damaged_and_says_why(tm
     with caplog.at_level("WARNING", logger="bridge.run"):
         assert [o.state for o in run_batch(slides, resume, models=models)] == ["skipped", "skipped"]
     assert "recorded as done" not in caplog.text
+    (out / "s32.summary.json").write_text("[]")  # reads as JSON, but is no summary: pdl1 report leaves it out
+    with caplog.at_level("WARNING", logger="bridge.run"):
+        assert [o.state for o in run_batch(slides, resume, models=models)] == ["skipped", "done"]
+    assert re.search(r"s32\.svs: recorded as done .*s32\.summary\.json is not a pdl1 summary", caplog.text)
 
 
 def test_orphan_part_files_of_a_killed_run_are_removed_from_its_own_folders_only(tmp_path, caplog):

@@ -1,0 +1,72 @@
+"""``pdl1 report`` over damaged results: the damaged image (or the pairs section) is left out with a warning
+naming the file and the fix; the rest is reported."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bridge.report import write_report
+
+
+def _summary(image: Path) -> dict:
+    return {"image": str(image), "mpp": 0.5, "tps_percent": 12.5, "tps_category": "1-49%", "run_id": "r1"}
+
+
+def test_damaged_summaries_of_plain_slides_are_left_out_and_the_rest_reported(tmp_path, caplog):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.summary.json").write_text(json.dumps(_summary(tmp_path / "a.svs")))
+    (out / "b.summary.json").write_text("[]")  # well-formed, not a summary
+    (out / "c.summary.json").write_text('{"image": "c.svs",\n')  # a kill mid-write
+    with caplog.at_level("WARNING", logger="bridge.report"):
+        html_path, csv_path = write_report(out)
+    rows = csv_path.read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("a.svs,")
+    for name in ("b.summary.json", "c.summary.json"):
+        assert f"{out / name} " in caplog.text
+    assert "b.summary.json is not a pdl1 summary (expected a JSON object" in caplog.text
+    assert "c.summary.json does not read (" in caplog.text
+    assert f"run the same `pdl1 run SLIDES... --out {out}` with --resume" in caplog.text
+    assert "Left out of this report" in html_path.read_text() and "c.summary.json" in html_path.read_text()
+
+
+def _project(folder: Path, names: list[str]) -> None:
+    images = [
+        {"serverBuilder": {"builderType": "uri", "uri": f"file:{folder}/{n}"}, "entryID": i, "imageName": n}
+        for i, n in enumerate(names, start=1)
+    ]
+    folder.mkdir()
+    (folder / "project.qpproj").write_text(json.dumps({"version": "0.4.4", "images": images}))
+
+
+def test_a_truncated_summary_or_pairs_file_of_a_project_leaves_out_only_that_part(tmp_path, caplog):
+    project = tmp_path / "project"
+    _project(project, ["a.svs", "b.svs"])
+    for entry in ("1", "2"):
+        (project / "pdl1" / entry).mkdir(parents=True)
+    (project / "pdl1" / "1" / "summary.json").write_text(json.dumps(_summary(project / "a.svs")))
+    (project / "pdl1" / "2" / "summary.json").write_text('{\n  "e')  # cut short
+    (project / "pdl1" / "pairs.json").write_text('{"cases": {\n')
+    with caplog.at_level("WARNING", logger="bridge.report"):
+        html_path, csv_path = write_report(project)
+    assert [r.split(",")[0] for r in csv_path.read_text().splitlines()[1:]] == ["a.svs"]
+    fix = f"`pdl1 run {project} --resume`"
+    assert f"{project / 'pdl1' / '2' / 'summary.json'} does not read (" in caplog.text
+    assert f"its image is left out of the report; run {fix}, which analyses again" in caplog.text
+    assert (
+        f"{project / 'pdl1' / 'pairs.json'} does not read" in caplog.text and "compares the cases again" in caplog.text
+    )
+    assert "H&amp;E vs PD-L1 IHC, per case" not in html_path.read_text()
+
+
+@pytest.mark.parametrize("content", ["[]", '{"cases": [1]}', '{"cases": {"c1": "x"}}'])
+def test_a_pairs_file_of_the_wrong_shape_is_left_out(tmp_path, caplog, content):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.summary.json").write_text(json.dumps(_summary(tmp_path / "a.svs")))
+    (out / "pdl1").mkdir()
+    (out / "pdl1" / "pairs.json").write_text(content)
+    with caplog.at_level("WARNING", logger="bridge.report"):
+        write_report(out)
+    assert "pairs.json" in caplog.text and "comparison is left out of the report" in caplog.text

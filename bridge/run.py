@@ -245,15 +245,41 @@ def _jobs(inputs: list[Path], config: RunConfig) -> tuple[list[_Job], Path | Non
                 elsewhere[0].image,
             )
         return jobs, info.path, info.folder
+    projects = [p for p in inputs if p.suffix == ".qpproj" or p.is_dir()]
+    if len(projects) > 1:
+        raise ProjectError(
+            f"{len(projects)} projects given ({', '.join(map(str, projects))}); give one project per run: run "
+            "`pdl1 run PROJECT` once for each"
+        )
+    if projects:
+        raise ProjectError(f"{projects[0]}: give one project, or slide files, not both")
     if config.out is None:
+        missing = [p for p in inputs if not p.exists()]
+        if missing:  # a mistyped project path reads as a slide: say what is wrong with it
+            raise ProjectError(
+                f"{', '.join(map(str, missing))}: no such file or folder; check the path (a QuPath project folder "
+                "or its project.qpproj, or slide files with --out DIR)"
+            )
         raise ProjectError("plain slides need --out DIR for their GeoJSON and summaries")
-    for path in inputs:
-        if path.suffix == ".qpproj" or path.is_dir():
-            raise ProjectError(f"{path}: give one project, or slide files, not both")
-    stems = [p.stem for p in inputs]
-    if len(set(stems)) != len(stems):
-        raise ProjectError("two slides share a file name; their outputs would overwrite each other")
+    _refuse_shared_stems(inputs, config.out)
     return [_Job(p.stem, p.name, p, None) for p in inputs], None, config.out
+
+
+def _refuse_shared_stems(slides: list[Path], out: Path) -> None:
+    """Plain slides' outputs are named after their stems (``OUT/<stem>.geojson``): two with one stem would
+    overwrite each other's."""
+    by_stem: dict[str, list[Path]] = {}
+    for slide in slides:
+        by_stem.setdefault(slide.stem, []).append(slide)
+    for stem, same in by_stem.items():
+        if len(same) < 2:
+            continue
+        if len({str(p.absolute()) for p in same}) == 1:
+            raise ProjectError(f"{same[0]} is given {len(same)} times; give each slide once")
+        raise ProjectError(
+            f"{', '.join(map(str, same))} share the file name {stem!r}, so their outputs ({out / stem}.geojson and "
+            f".summary.json) would overwrite each other; rename one, or run them into different --out folders"
+        )
 
 
 def _use_qupath(config: RunConfig, project: Path | None) -> bool:

@@ -487,3 +487,26 @@ def test_the_report_warns_only_about_demo_models(tmp_path):
     assert _demo_warning([{"image": "a.svs", "demo_models": False}]) == ""
     warning = _demo_warning([{"image": "a.svs", "demo_models": True}, {"image": "b.svs", "demo_models": False}])
     assert "1 of 2 images" in warning and "phantom" in warning
+
+
+def test_a_mistyped_project_path_and_two_projects_say_what_is_wrong(tmp_path, models):
+    with pytest.raises(ProjectError, match=r"no/such/project: no such file or folder; check the path"):
+        run_batch([tmp_path / "no" / "such" / "project"], _config(), models=models)
+    for name in ("p1", "p2"):
+        (tmp_path / name).mkdir()
+    for out in (None, tmp_path / "out"):
+        with pytest.raises(ProjectError, match=r"2 projects given .*p1, .*p2\); give one project per run"):
+            run_batch([tmp_path / "p1", tmp_path / "p2"], _config(out=out), models=models)
+
+
+def test_slides_sharing_a_stem_are_named_with_the_fix(tmp_path, models):
+    slides = [tmp_path / n for n in ("a.png", "a.tif", "b.svs", "a.jpg")]
+    out = tmp_path / "out"
+    with pytest.raises(ProjectError) as err:
+        run_batch(slides, _config(out=out), models=models)
+    assert str(err.value) == (
+        f"{slides[0]}, {slides[1]}, {slides[3]} share the file name 'a', so their outputs ({out / 'a'}.geojson and "
+        ".summary.json) would overwrite each other; rename one, or run them into different --out folders"
+    )
+    with pytest.raises(ProjectError, match=r"b\.svs is given 2 times; give each slide once"):
+        run_batch([slides[2], slides[2]], _config(out=out), models=models)

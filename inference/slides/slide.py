@@ -11,6 +11,7 @@ Positions are (x, y) in level-0 pixels, sizes (width, height), as in openslide.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,10 @@ MPP_PLAUSIBLE_RANGE = (0.05, 50.0)
 MAX_ENLARGEMENT = 2.0
 # Images opened without OpenSlide are read whole; beyond this they need a pyramidal format.
 MAX_PLAIN_IMAGE_PX = 20_000 * 20_000
+# The first bytes of a TIFF (classic and BigTIFF, either byte order), and the whole-slide formats built on
+# TIFF: a file with either that no reader opens was most likely damaged on its way here.
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+TIFF_SLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".scn", ".bif", ".svslide", ".tif", ".tiff", ".qptiff"})
 
 
 @dataclass(frozen=True)
@@ -238,7 +243,10 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, Mpp | None]:
         except SlideFormatError:
             raise
         except Exception as err:
-            raise SlideFormatError(f"{path}: not a readable TIFF ({err})") from err
+            damage = damage_sign(path)
+            raise SlideFormatError(
+                f"{path}: not a readable TIFF ({err})" + ("" if damage is None else f"; {_damaged(damage)}")
+            ) from err
     else:
         try:
             with Image.open(path) as im:
@@ -249,10 +257,13 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, Mpp | None]:
         except SlideFormatError:
             raise
         except Exception as err:
-            raise SlideFormatError(
-                f"{path}: neither OpenSlide nor Pillow can read it ({err}); expected a whole-slide "
-                "format (SVS, NDPI, MRXS, tiled TIFF, ...) or a small TIFF/PNG/JPEG"
-            ) from err
+            damage = damage_sign(path)
+            expected = (
+                "expected a whole-slide format (SVS, NDPI, MRXS, tiled TIFF, ...) or a small TIFF/PNG/JPEG"
+                if damage is None
+                else _damaged(damage)
+            )
+            raise SlideFormatError(f"{path}: neither OpenSlide nor Pillow can read it ({err}); {expected}") from err
         mpp = None
         if dpi and dpi[0] > 0 and dpi[1] > 0:
             mpp = Mpp(25_400.0 / dpi[0], 25_400.0 / dpi[1], "image dpi")
@@ -261,6 +272,52 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, Mpp | None]:
     if rgb.dtype != np.uint8:
         raise SlideFormatError(f"{path}: expected 8-bit RGB pixels, got {rgb.dtype}")
     return rgb, mpp
+
+
+def damage_sign(path: Path) -> str | None:
+    """What shows that a file no reader opens is a damaged slide rather than another kind of file: a TIFF
+    whose image data runs past its end (a copy cut short), one whose structure does not read, or a
+    whole-slide name (.svs, ...) on a file that does not start as a TIFF. None when nothing shows it.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return None
+    suffix = path.suffix.lower()
+    if size == 0:
+        return "it is empty (0 bytes)"
+    if head not in TIFF_MAGIC:
+        return None if suffix not in TIFF_SLIDE_SUFFIXES else f"it does not start as a TIFF, as a {suffix} file does"
+    import tifffile
+
+    quiet = logging.getLogger("tifffile")  # it logs each broken page too; the message here says it once
+    was_disabled, quiet.disabled = quiet.disabled, True
+    try:
+        with tifffile.TiffFile(path) as tif:
+            end = max(
+                (
+                    offset + count
+                    for page in tif.pages
+                    for offset, count in zip(page.dataoffsets, page.databytecounts, strict=False)
+                ),
+                default=0,
+            )
+    except Exception as err:  # tifffile's errors on broken files are of many kinds
+        return f"it starts as a TIFF, but its TIFF structure does not read ({err})"
+    finally:
+        quiet.disabled = was_disabled
+    if end > size:
+        return f"its image data runs to byte {end:,}, but the file has {size:,} bytes"
+    return None
+
+
+def _damaged(sign: str) -> str:
+    return (
+        f"the file looks damaged or truncated, as an interrupted copy leaves it: {sign}; copy it again from the "
+        "scanner or the archive, and check that the copy has the original's size"
+    )
 
 
 def _no_mpp_message(path: Path, *, whole_slide: bool) -> str:
@@ -311,7 +368,10 @@ def open_slide(path: str | Path, *, mpp: float | None = None, mpp_source: str = 
         reader: RegionReader = ArrayReader(rgb)
         whole_slide = False
     except openslide.OpenSlideError as err:
-        raise SlideFormatError(f"{path}: OpenSlide cannot read it: {err}") from err
+        damage = damage_sign(path)
+        raise SlideFormatError(
+            f"{path}: OpenSlide cannot read it: {err}" + ("" if damage is None else f"; {_damaged(damage)}")
+        ) from err
     else:
         full_wh = tuple(osr.level_dimensions[0])
         origin_xy, size_wh = qupath_frame(dict(osr.properties), full_wh)

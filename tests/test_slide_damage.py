@@ -1,0 +1,50 @@
+"""A slide damaged on its way (a copy cut short, an empty file) is named as damaged, with the fix."""
+
+import pytest
+
+from inference import SlideFormatError, open_slide
+from inference.phantom.pyramid import write_phantom
+from inference.phantom.scene import PhantomSpec
+
+FIX = r"the file looks damaged or truncated, as an interrupted copy leaves it: .*; copy it again"
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    path = tmp_path_factory.mktemp("whole") / "w.svs"
+    write_phantom(path, PhantomSpec(1024, 1024, seed=3, tps_percent=20))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".svs", ".tif"])
+def test_a_slide_cut_short_by_an_interrupted_copy_is_named_as_such(tmp_path, whole, suffix):
+    data = whole.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: len(data) * 6 // 10])  # as `head -c` of 60 % leaves it
+    with pytest.raises(SlideFormatError, match=FIX + r"(.|\n)*") as err:
+        open_slide(cut)
+    assert f"but the file has {len(data) * 6 // 10:,} bytes" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "sign"),
+    [
+        ("empty.svs", b"", "it is empty"),
+        ("head.svs", None, "TIFF structure does not read"),
+        ("text.svs", b"not a slide", "does not start as a TIFF, as a .svs file does"),
+    ],
+)
+def test_empty_or_broken_whole_slide_files_are_named_as_damaged(tmp_path, whole, name, content, sign):
+    path = tmp_path / name
+    path.write_bytes(whole.read_bytes()[:100] if content is None else content)
+    with pytest.raises(SlideFormatError, match=FIX) as err:
+        open_slide(path)
+    assert sign in str(err.value) and "neither OpenSlide nor Pillow can read it" in str(err.value)
+
+
+def test_a_file_of_another_kind_is_not_called_damaged(tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_bytes(b"not a png")
+    with pytest.raises(SlideFormatError, match=r"expected a whole-slide format") as err:
+        open_slide(path)
+    assert "damaged" not in str(err.value)

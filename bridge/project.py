@@ -59,11 +59,22 @@ class ProjectEntry:
 
 
 @dataclass(frozen=True)
+class UnreadableEntry:
+    """An image of ``project.qpproj`` whose record lacks what is needed to find it (entryID, serverBuilder.uri)."""
+
+    index: int  # its place in the project's "images" list, from 0
+    entry_id: str | None
+    image_name: str
+    error: ProjectError  # what is missing, and the fix
+
+
+@dataclass(frozen=True)
 class ProjectInfo:
     path: Path  # the .qpproj file
     version: str | None
     entries: tuple[ProjectEntry, ...]
     saved_uri: str | None = None  # where QuPath last saved the project (its "uri"), None if unstated
+    unreadable: tuple[UnreadableEntry, ...] = ()  # only from read_project(..., unreadable_entries="keep")
 
     @property
     def folder(self) -> Path:
@@ -147,8 +158,22 @@ def _restorable_project_files(qpproj: Path) -> list[tuple[Path, int]]:
     return found
 
 
-def read_project(path: str | Path) -> ProjectInfo:
-    """Read a project's entries from its JSON; raises :class:`ProjectError` naming what is wrong."""
+# What to do about a project file that does not read as one and has no whole copy beside it.
+_RECREATE = (
+    "restore it from your own backups, or re-create the project: in QuPath (File > Project > Create project, then "
+    "Add images) or with `pdl1 init-project FOLDER SLIDES...`"
+)
+
+
+def read_project(path: str | Path, *, unreadable_entries: str = "raise") -> ProjectInfo:
+    """Read a project's entries from its JSON; raises :class:`ProjectError` naming what is wrong.
+
+    An image record without entryID or serverBuilder.uri raises too; with ``unreadable_entries="keep"``
+    it is left out of ``entries`` and kept in ``unreadable`` instead, so a batch can fail that image
+    alone and analyse the others.
+    """
+    if unreadable_entries not in ("raise", "keep"):
+        raise ValueError(f"unreadable_entries: expected 'raise' or 'keep', got {unreadable_entries!r}")
     qpproj = find_project_file(path)
     try:
         raw = json.loads(qpproj.read_text(encoding="utf-8"))
@@ -158,13 +183,18 @@ def read_project(path: str | Path) -> ProjectInfo:
             f"{restorable[0][0]} is a whole copy ({restorable[0][1]} images): restore it with "
             f"`cp '{restorable[0][0]}' '{qpproj}'`, then run again"
             if restorable
-            else "is the project half-written or corrupt?"
+            else "the project file is half-written or corrupt, and no whole copy lies beside it (QuPath's "
+            f"project.qpproj.backup or .tmp): {_RECREATE}"
         )
         raise ProjectError(f"{qpproj}: not valid JSON ({err}); {fix}") from err
-    if not isinstance(raw, dict) or not isinstance(raw.get("images", []), list):
-        raise ProjectError(f"{qpproj}: not a QuPath project (no 'images' list)")
+    problem = _not_a_project(raw)
+    if problem is not None:
+        raise ProjectError(
+            f"{qpproj}: not a QuPath project: {problem} (QuPath writes an 'images' list, empty or not); {_RECREATE}"
+        )
     entries = []
-    for i, image in enumerate(raw.get("images", [])):
+    unreadable = []
+    for i, image in enumerate(raw["images"]):
         try:
             outer = image["serverBuilder"]
             builder, not_analysable = file_builder(outer)
@@ -185,9 +215,42 @@ def read_project(path: str | Path) -> ProjectInfo:
                 )
             )
         except (KeyError, TypeError, AttributeError) as err:
-            raise ProjectError(f"{qpproj}: image #{i} lacks {err} (expected entryID and serverBuilder.uri)") from err
+            named = image.get("imageName") if isinstance(image, dict) else None
+            entry_id = image.get("entryID") if isinstance(image, dict) else None
+            name = f" ({named})" if isinstance(named, str) else ""
+            error = ProjectError(
+                f"{qpproj}: image #{i}{name} lacks {err} (expected entryID and serverBuilder.uri); remove it in "
+                "QuPath and add the image again (File > Project > Add images)"
+            )
+            if unreadable_entries == "raise":
+                raise error from err
+            unreadable.append(
+                UnreadableEntry(
+                    index=i,
+                    entry_id=None if entry_id is None else str(entry_id),
+                    image_name=named if isinstance(named, str) else f"image #{i}",
+                    error=error,
+                )
+            )
     saved_uri = raw.get("uri")
-    return ProjectInfo(qpproj, raw.get("version"), tuple(entries), saved_uri if isinstance(saved_uri, str) else None)
+    return ProjectInfo(
+        qpproj,
+        raw.get("version"),
+        tuple(entries),
+        saved_uri if isinstance(saved_uri, str) else None,
+        unreadable=tuple(unreadable),
+    )
+
+
+def _not_a_project(raw: Any) -> str | None:
+    """Why a project file's JSON is not a QuPath project's (None when it has its 'images' list)."""
+    if not isinstance(raw, dict):
+        return f"its JSON is {_shorten(raw)}, not an object"
+    if "images" not in raw:
+        return "it has no 'images' key"
+    if not isinstance(raw["images"], list):
+        return f"its 'images' is {_shorten(raw['images'])}, not a list"
+    return None
 
 
 # QuPath's ImageData.ImageType -> the stain a model is trained on (inference's manifest ``stain``).

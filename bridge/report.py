@@ -67,7 +67,7 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
     except ProjectError:  # not a project: a plain-slides output folder
         qpproj = None
     if qpproj is not None:
-        info = read_project(qpproj)
+        info = read_project(qpproj, unreadable_entries="keep")  # those have no results to report
         fix = f"run {_rerun(source)}, which analyses again the images whose results are damaged"
         for entry in info.entries:
             folder = info.folder / PDL1_DIR / entry.entry_id

@@ -219,7 +219,14 @@ def write_result_files(
 def _jobs(inputs: list[Path], config: RunConfig) -> tuple[list[_Job], Path | None, Path]:
     """Images to run, the project (if any) and the folder that keeps the run status."""
     if len(inputs) == 1 and (inputs[0].is_dir() or inputs[0].suffix == ".qpproj"):
-        info = read_project(inputs[0])
+        info = read_project(inputs[0], unreadable_entries="keep")
+        if not info.entries and not info.unreadable:
+            # An error, as for `pdl1 report` and `pdl1 review-queue` with nothing to do: a run that analyses
+            # nothing is most often the wrong project, and a script should not take it for a finished run.
+            raise ProjectError(
+                f"{info.path}: the project has no images, so there is nothing to analyse; add images in QuPath "
+                "(File > Project > Add images), or give the project that holds them"
+            )
         jobs = []
         search = ImageSearch(config.search_dirs)
         for entry in info.entries:
@@ -233,6 +240,9 @@ def _jobs(inputs: list[Path], config: RunConfig) -> tuple[list[_Job], Path | Non
                 jobs.append(_Job(entry.entry_id, entry.image_name, image, entry))
             except Pdl1Error as err:
                 jobs.append(_Job(entry.entry_id, entry.image_name, None, entry, err))
+        for broken in info.unreadable:  # each fails alone, in its place in the project's order
+            key = broken.entry_id if broken.entry_id is not None else f"#{broken.index}"
+            jobs.insert(broken.index, _Job(key, broken.image_name, None, None, broken.error))
         elsewhere = [j for j in jobs if j.image is not None and j.entry and str(j.image) != str(j.entry.path)]
         if elsewhere:
             log.warning(

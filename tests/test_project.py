@@ -176,8 +176,10 @@ def test_reading_is_read_only(fixtures_dir, tmp_path):
     ("content", "match"),
     [
         ("{broken", "not valid JSON"),
-        ('{"images": {}}', "not a QuPath project"),
-        ('{"images": [{"imageName": "x"}]}', "image #0 lacks 'serverBuilder'"),
+        ('{"images": {}}', r"not a QuPath project: its 'images' is \{\}, not a list"),
+        ("{}", r"not a QuPath project: it has no 'images' key .*re-create the project.*pdl1 init-project"),
+        ("[1]", r"not a QuPath project: its JSON is \[1\], not an object"),
+        ('{"images": [{"imageName": "x"}]}', r"image #0 \(x\) lacks 'serverBuilder'.*add the image again"),
     ],
 )
 def test_malformed_projects_say_what_is_wrong(tmp_path, content, match):
@@ -306,7 +308,11 @@ def test_a_project_file_cut_short_names_a_whole_copy_beside_it(fixtures_dir, tmp
     with pytest.raises(ProjectError, match=rf"not valid JSON .*{backup} is a whole copy \(1 images\).*`cp '{backup}'"):
         read_project(project)
     backup.unlink()
-    with pytest.raises(ProjectError, match=r"not valid JSON .*half-written or corrupt"):
+    with pytest.raises(
+        ProjectError,
+        match=r"not valid JSON .*half-written or corrupt, and no whole copy .*: restore it from your own "
+        r"backups, or re-create the project: in QuPath .* or with `pdl1 init-project FOLDER SLIDES...`",
+    ):
         read_project(project)
 
 
@@ -367,3 +373,16 @@ def test_a_damaged_run_status_is_refused_naming_the_file_and_the_fix(tmp_path, c
         r"delete it to start over",
     ):
         RunStatus(tmp_path)
+
+
+def test_an_image_record_without_its_server_can_be_kept_apart_from_the_readable_ones(tmp_path):
+    good = {"serverBuilder": {"builderType": "uri", "uri": "file:/s/a.svs"}, "entryID": 1, "imageName": "a.svs"}
+    broken = {"entryID": 2, "imageName": "b.svs"}  # no serverBuilder
+    (tmp_path / "project.qpproj").write_text(json.dumps({"images": [broken, good]}))
+    with pytest.raises(ProjectError, match=r"image #0 \(b\.svs\) lacks 'serverBuilder'"):
+        read_project(tmp_path)
+    info = read_project(tmp_path, unreadable_entries="keep")
+    assert [e.image_name for e in info.entries] == ["a.svs"]
+    (kept,) = info.unreadable
+    assert (kept.index, kept.entry_id, kept.image_name) == (0, "2", "b.svs")
+    assert "lacks 'serverBuilder'" in str(kept.error) and "add the image again" in str(kept.error)

@@ -185,9 +185,32 @@ def test_the_pixel_size_set_in_qupath_is_used_and_mpp_overrides_it(tmp_path, sli
     assert mpp_of_run(RunConfig(pipeline=PipelineConfig(device="cpu", mpp=0.4), qupath="never")) == pytest.approx(0.4)
 
 
-def test_project_with_no_images(tmp_path, models):
+def test_a_project_with_no_images_is_refused_as_nothing_to_analyse(tmp_path, models):
     (tmp_path / "project.qpproj").write_text(json.dumps({"version": "0.4.4", "images": []}))
-    assert run_batch([tmp_path], _config(), models=models) == []
+    with pytest.raises(ProjectError, match=r"project\.qpproj: the project has no images, so there is nothing"):
+        run_batch([tmp_path], _config(), models=models)
+    assert not (tmp_path / "pdl1").exists()
+
+
+def test_a_project_file_without_images_is_not_taken_for_an_empty_project(tmp_path, models):
+    (tmp_path / "project.qpproj").write_text("{}")
+    with pytest.raises(ProjectError, match=r"not a QuPath project: it has no 'images' key"):
+        run_batch([tmp_path], _config(), models=models)
+
+
+def test_an_entry_without_a_server_builder_fails_alone(tmp_path, slides, models):
+    project = tmp_path / "project"
+    init_project_files(project, [slides[0], slides[1]])
+    qpproj = project / "project.qpproj"
+    raw = json.loads(qpproj.read_text())
+    del raw["images"][0]["serverBuilder"]
+    qpproj.write_text(json.dumps(raw))
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never")
+    outcomes = run_batch([project], config, models=models)
+    assert [(o.name, o.state) for o in outcomes] == [("s31.svs", "failed"), ("s32.svs", "done")]
+    assert "image #0 (s31.svs) lacks 'serverBuilder'" in outcomes[0].error
+    assert "add the image again" in outcomes[0].error
+    assert not RunStatus(project).is_done("1") and RunStatus(project).is_done("2")
 
 
 def test_annotation_targets_need_qupath(tmp_path, slides, models):

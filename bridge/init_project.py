@@ -14,7 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bridge.project import ProjectError, path_to_uri, write_json_atomic
+from bridge.project import ProjectError, not_a_folder, path_to_uri, write_json_atomic
 from inference import MissingMppError, Pdl1Error, open_slide
 from project_templates import PDL1_TEMPLATE
 from qupath_scripts import script_paths
@@ -111,6 +111,9 @@ def _check_slides(slides: list[Path]) -> tuple[dict[Path, dict], dict[Path, str]
 
 
 def _refuse_existing(folder: Path) -> None:
+    problem = not_a_folder(folder)
+    if problem is not None:
+        raise ProjectError(f"{folder} {problem}; expected a folder for the new project (a new or empty one)")
     qpproj = folder / "project.qpproj"
     if qpproj.exists():
         raise ProjectError(f"{qpproj} exists; init-project creates new projects only")

@@ -510,6 +510,21 @@ def damaged_data_error(data: Path, *, image_name: str, problem: str) -> DamagedD
     )
 
 
+def not_a_folder(folder: Path) -> str | None:
+    """Why ``folder`` cannot be made or used as a folder: it, or a parent, is a file (a path mistyped, or
+    given in another's place); None when nothing is in the way. Said before a bare "Not a directory" is.
+
+    >>> not_a_folder(Path(__file__))
+    'is a file'
+    """
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if path.is_dir():
+                return None
+            return "is a file" if path == folder else f"lies under {path}, which is a file"
+    return None
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON through a temporary file and rename, so readers never see half a file."""
     with replace_atomically(path) as fh:

@@ -34,6 +34,7 @@ from bridge.project import (
     ProjectError,
     RunStatus,
     locate_image,
+    not_a_folder,
     qpdata_problem,
     read_project,
     sidecar_dir,
@@ -271,6 +272,12 @@ def _jobs(inputs: list[Path], config: RunConfig) -> tuple[list[_Job], Path | Non
                 "or its project.qpproj, or slide files with --out DIR)"
             )
         raise ProjectError("plain slides need --out DIR for their GeoJSON and summaries")
+    problem = not_a_folder(config.out)
+    if problem is not None:
+        raise ProjectError(
+            f"--out {config.out} {problem}; expected a folder for the GeoJSON and summaries (a new one, or an "
+            "earlier run's): give a folder path"
+        )
     _refuse_shared_stems(inputs, config.out)
     return [_Job(p.stem, p.name, p, None) for p in inputs], None, config.out
 

@@ -386,3 +386,12 @@ def test_an_image_record_without_its_server_can_be_kept_apart_from_the_readable_
     (kept,) = info.unreadable
     assert (kept.index, kept.entry_id, kept.image_name) == (0, "2", "b.svs")
     assert "lacks 'serverBuilder'" in str(kept.error) and "add the image again" in str(kept.error)
+
+
+def test_init_project_on_a_file_says_it_expected_a_folder(tmp_path, phantom_svs):
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(ProjectError, match=r"taken is a file; expected a folder for the new project"):
+        init_project_files(tmp_path / "taken", [phantom_svs])
+    with pytest.raises(ProjectError, match=r"taken/p lies under .*taken, which is a file; expected a folder"):
+        init_project_files(tmp_path / "taken" / "p", [phantom_svs])
+    assert (tmp_path / "taken").read_text() == "a file"

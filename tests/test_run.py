@@ -533,3 +533,11 @@ def test_slides_sharing_a_stem_are_named_with_the_fix(tmp_path, models):
     )
     with pytest.raises(ProjectError, match=r"b\.svs is given 2 times; give each slide once"):
         run_batch([slides[2], slides[2]], _config(out=out), models=models)
+
+
+def test_an_out_path_that_is_a_file_says_so(tmp_path, slides, models):
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(ProjectError, match=r"--out .*taken is a file; expected a folder"):
+        run_batch([slides[0]], _config(out=tmp_path / "taken"), models=models)
+    with pytest.raises(ProjectError, match=r"--out .*taken/sub lies under .*taken, which is a file; expected a folder"):
+        run_batch([slides[0]], _config(out=tmp_path / "taken" / "sub"), models=models)

@@ -14,6 +14,7 @@ is refused with the file, the line and what was expected.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from dataclasses import dataclass, field, replace
@@ -60,6 +61,14 @@ FROM_DEFAULT, FROM_COMMAND_LINE = "built-in default", "command line"
 
 
 _CHECKED = ("device", "outputs", "uncertainty_tile_um", "min_region_area_um2")
+# The numbers' ranges, the same for the file and the command line (both are checked by problem_with).
+# Below 16 µm an uncertainty tile holds a cell or two and a few pixels of the model's maps (at 2 µm/px), and
+# there are 16 times the default's number of them; above 4 mm one tile covers a whole biopsy. Positive regions
+# of more than 1 mm² are whole tumours: a smaller size limit than that is what anyone means.
+RANGES: dict[str, tuple[float, float, str]] = {
+    "uncertainty_tile_um": (16.0, 4096.0, "µm"),
+    "min_region_area_um2": (0.0, 1_000_000.0, "µm²"),
+}
 
 
 def problem_with(name: str, value: Any) -> str | None:
@@ -70,11 +79,23 @@ def problem_with(name: str, value: Any) -> str | None:
         unknown = [o for o in value if o not in OUTPUTS]
         if unknown:
             return f"expected some of {', '.join(OUTPUTS)}, got {', '.join(map(repr, unknown))}"
-    if name == "uncertainty_tile_um" and not value > 0:
-        return f"expected a number above 0, got {value}"
-    if name == "min_region_area_um2" and not value >= 0:
-        return f"expected a number of 0 or more, got {value}"
+    if name in RANGES:
+        low, high, unit = RANGES[name]
+        allowed = f"{_number(low)} to {_number(high)} {unit}"
+        if low > 0 and not value > 0:  # NaN too: TOML has nan and inf
+            return f"expected a number above 0 (a size from {allowed}), got {_number(value)}"
+        if not low <= value <= high:
+            return f"expected a number from {allowed}, got {_number(value)}"
     return None
+
+
+def _number(value: float) -> str:
+    """A number as a person writes it: 1,000,000 and 0.001, not 1e+06.
+
+    >>> _number(1e6), _number(0.001), _number(float("inf"))
+    ('1,000,000', '0.001', 'inf')
+    """
+    return f"{int(value):,}" if math.isfinite(value) and value == int(value) else f"{value:g}"
 
 
 class ConfigError(ProjectError):

@@ -89,6 +89,26 @@ def test_an_empty_file_is_the_defaults(tmp_path):
             "[analysis]\nuncertainty_tile_um = 0\n",
             r"line 2: \[analysis\] uncertainty_tile_um: expected a number above 0",
         ),
+        (
+            "[analysis]\nuncertainty_tile_um = 0.001\n",
+            r"line 2: \[analysis\] uncertainty_tile_um: expected a number from 16 to 4,096 µm, got 0\.001$",
+        ),
+        (
+            "[analysis]\nuncertainty_tile_um = inf\n",
+            r"uncertainty_tile_um: expected a number from 16 to 4,096 µm, got inf",
+        ),
+        (
+            "[analysis]\nuncertainty_tile_um = nan\n",
+            r"uncertainty_tile_um: expected a number above 0 \(a size from 16 to 4,096 µm\), got nan",
+        ),
+        (
+            "[analysis]\nmin_region_area_um2 = -1\n",
+            r"min_region_area_um2: expected a number from 0 to 1,000,000 µm², got -1",
+        ),
+        (
+            "[analysis]\nmin_region_area_um2 = 5e9\n",
+            r"min_region_area_um2: expected a number from 0 to 1,000,000 µm², got 5,000,000,000",
+        ),
     ],
 )
 def test_a_malformed_config_names_the_file_the_line_and_the_key(tmp_path, text, match):

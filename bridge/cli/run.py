@@ -149,15 +149,15 @@ def run(
     uncertainty_tile_um: Annotated[
         float | None,
         typer.Option(
-            help="Edge of the uncertainty tiles in µm. Default: from pdl1-config.toml, else 64.",
+            help="Edge of the uncertainty tiles in µm, 16 to 4,096. Default: from pdl1-config.toml, else 64.",
         ),
     ] = None,
     min_region_area_um2: Annotated[
         float | None,
         typer.Option(
             min=0.0,
-            help="Positive regions and SUA candidates smaller than this (µm²) are dropped. Default: from "
-            "pdl1-config.toml, else 200.",
+            help="Positive regions and SUA candidates smaller than this (µm², 0 to 1,000,000) are dropped. Default: "
+            "from pdl1-config.toml, else 200.",
         ),
     ] = None,
     refine: Annotated[bool, typer.Option(help="Also report positive area with SUA candidates merged in.")] = False,

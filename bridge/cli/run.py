@@ -38,16 +38,18 @@ _OPTION_OF = {
 
 
 def _settings(
-    inputs: list[Path], config: Path | None, *, no_config: bool, given: dict[str, object], no_nuclei: bool
+    inputs: list[Path], config: Path | None, *, no_config: bool, given: dict[str, object], nuclei: bool | None
 ) -> ProjectConfig:
     """The run's settings: the options given, over the project's pdl1-config.toml (or --config), over the
-    built-in defaults."""
+    built-in defaults; ``nuclei`` (--nuclei/--no-nuclei) puts nuclei into the outputs or takes it out."""
     path = None if no_config else config or config_path_for(inputs)
     settings = (ProjectConfig() if path is None else read_project_config(path)).with_overrides(**given)
     if path is not None:
         console.print(f"settings: {path} (options given here override it)", soft_wrap=True, markup=False)
-    if no_nuclei and "nuclei" in settings.outputs:
+    if nuclei is False and "nuclei" in settings.outputs:
         settings = settings.with_overrides(outputs=[o for o in settings.outputs if o != "nuclei"])
+    if nuclei and "nuclei" not in settings.outputs:
+        settings = settings.with_overrides(outputs=[*settings.outputs, "nuclei"])
     if "regions" not in settings.outputs:
         console.print(
             f"[yellow]note:[/yellow] the outputs ({settings.source_of('outputs')}) leave out regions; pdl1 run "
@@ -145,7 +147,15 @@ def run(
             "(models.ihc_nuclei), else the shipped demo."
         ),
     ] = None,
-    no_nuclei: Annotated[bool, typer.Option(help="Skip nuclei and TPS (takes nuclei out of the outputs).")] = False,
+    nuclei: Annotated[
+        bool | None,
+        typer.Option(
+            "--nuclei/--no-nuclei",
+            help="Find nuclei and score the TPS, or skip them: puts nuclei into the outputs, or takes it out. "
+            "Default: as the outputs say.",
+            show_default=False,
+        ),
+    ] = None,
     uncertainty_tile_um: Annotated[
         float | None,
         typer.Option(
@@ -256,7 +266,7 @@ def run(
             raise typer.BadParameter(problem, param_hint=_OPTION_OF[name])
     started = time.time()
     try:
-        settings = _settings(inputs, config, no_config=no_config, given=given, no_nuclei=no_nuclei)
+        settings = _settings(inputs, config, no_config=no_config, given=given, nuclei=nuclei)
         if refine and "sua" not in settings.outputs:
             raise typer.BadParameter(
                 f"--refine merges the SUA candidates in, but the outputs ({settings.source_of('outputs')}) leave "

@@ -99,11 +99,13 @@ def _check_slides(slides: list[Path]) -> tuple[dict[Path, dict], dict[Path, str]
         try:
             metadata[slide] = server_metadata(slide)
         except MissingMppError:
+            # Left out of the project (or nothing is created), so `pdl1 run PROJECT --mpp` would not reach it:
+            # the advice is what does.
             problems[slide] = (
                 "states no microns per pixel, which a project entry written without QuPath must carry; create the "
                 "project with QuPath installed (`pdl1 init-project --qupath always`) or in QuPath and set the pixel "
-                "size there (pdl1 run uses what the project saves), or give the scanner's value when analysing "
-                "(`pdl1 run PROJECT --mpp 0.25` for 40x)"
+                "size there (pdl1 run uses what the project saves), or analyse this slide on its own with the "
+                f"scanner's value: `pdl1 run '{slide}' --mpp 0.25 --out DIR` (0.25 at 40x, 0.5 at 20x)"
             )
         except (Pdl1Error, OSError, ValueError) as err:  # collected: every slide is checked, then all are reported
             problems[slide] = f"cannot be read ({err})"

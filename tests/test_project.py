@@ -262,9 +262,13 @@ def test_init_project_with_a_slide_without_mpp_says_what_to_do_and_writes_nothin
 
     plain = tmp_path / "plain.tif"
     tifffile.imwrite(plain, np.zeros((512, 512, 3), np.uint8), tile=(256, 256))
-    with pytest.raises(ProjectError, match=r"no microns per pixel.*--qupath always.*--mpp"):
+    with pytest.raises(ProjectError, match=r"no microns per pixel.*--qupath always.*--mpp") as err:
         init_project_files(tmp_path / "p", [phantom_svs, plain])
     assert not (tmp_path / "p").exists()
+    # The slide is not in the project, so the advice is to analyse it on its own, not `pdl1 run PROJECT --mpp`.
+    assert f"`pdl1 run '{plain}' --mpp 0.25 --out DIR`" in str(err.value) and "PROJECT --mpp" not in str(err.value)
+    init_project_files(tmp_path / "p", [phantom_svs, plain], skip_unreadable=True)
+    assert [e.image_name for e in read_project(tmp_path / "p").entries] == [phantom_svs.name]
 
 
 def test_run_status_round_trip(tmp_path):

@@ -48,10 +48,10 @@ from bridge.classes import IGNORE, PDL1_FN_CANDIDATE, PDL1_NEGATIVE, PDL1_POSITI
 from bridge.objects import is_own_object
 from bridge.project import (
     PDL1_DIR,
-    STATUS_FILE,
     ProjectEntry,
     ProjectError,
     ProjectInfo,
+    RunStatus,
     find_project_file,
     read_project,
 )
@@ -361,12 +361,7 @@ def build_queue(
     qpproj = find_project_file(project)
     info = read_project(qpproj)
     pdl1 = info.folder / PDL1_DIR
-    status_path = pdl1 / STATUS_FILE
-    status = (
-        _read_json(status_path, "delete it and run `pdl1 run PROJECT` again").get("images", {})
-        if (status_path.is_file())
-        else {}
-    )
+    status = RunStatus(info.folder).images  # checked whole: a damaged status is named with its fix
     found = analysed_entries(info)
     not_ranked = []
     for entry in info.entries:

@@ -94,6 +94,7 @@ class ImageOutcome:
     outputs: tuple[str, ...] = ()
     stain: str | None = None
     stain_source: str | None = None
+    review_reasons: tuple[str, ...] = ()  # why it needs review (the summary's reasons), for the closing lines
 
 
 @dataclass(frozen=True)
@@ -540,6 +541,9 @@ def outcome_from_summary(
         outputs=tuple(str(p) for p in outputs),
         stain=summary.get("stain"),
         stain_source=summary.get("stain_source"),
+        review_reasons=tuple(
+            str(r.get("reason", "")) for r in (summary.get("details") or {}).get("review_reasons", [])
+        ),
     )
 
 

@@ -89,6 +89,15 @@ def test_run_plain_slides_with_a_failure_exits_1_and_reports(small, tmp_path):
     assert (tmp_path / "out" / "pdl1" / "report" / "report.html").is_file()
 
 
+def test_run_says_why_an_image_needs_review_under_its_table(small, tmp_path):
+    # An H&E stated to be an immunostain is analysed as stated; why it is flagged is printed, not only "needs review".
+    result = runner.invoke(
+        app, ["run", str(small), "--stain", "ihc", "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "c.svs: needs review: stain: --stain says H-DAB, the colour says H&E" in " ".join(result.output.split())
+
+
 def test_run_usage_errors(small, tmp_path):
     result = runner.invoke(app, ["run", str(small), "--address", "auto", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--engine ray" in result.output

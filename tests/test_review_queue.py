@@ -188,6 +188,18 @@ def test_a_damaged_summary_is_refused_and_nothing_is_written(project):
     assert not (project / "pdl1" / "review_queue.csv").exists()
 
 
+def test_a_run_status_of_the_wrong_shape_is_refused_naming_it(project):
+    # Valid JSON, not a run status: named with its fix, not an AttributeError.
+    status = project / "pdl1" / "status.json"
+    before = status.read_bytes()
+    status.write_text("[1]")
+    try:
+        with pytest.raises(ProjectError, match=r"status.json: not a pdl1 run status .*delete it"):
+            write_review_queue(project, qupath="never")
+    finally:
+        status.write_bytes(before)
+
+
 def test_a_failure_while_writing_leaves_every_file_as_it_was(project, monkeypatch):
     import bridge.review_queue as rq
 

@@ -94,6 +94,11 @@ def outcome_table(outcomes) -> None:
             num(o.seconds),
         )
     stdout().print(table)
+    # Why each flagged image needs review, where a pathologist sees it (a stated stain its colour contradicts,
+    # an image outside the model's domain): the table's "needs review" alone says not where to look.
+    for o in outcomes:
+        if o.uncertainty_flag and o.review_reasons:
+            stdout().print(f"{o.name}: needs review: {'; '.join(o.review_reasons)}", markup=False, highlight=False)
     for o in outcomes:
         if not o.error:
             continue

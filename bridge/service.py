@@ -74,7 +74,7 @@ from inference import (
 )
 
 if TYPE_CHECKING:
-    from inference.models.manifest import Manifest  # read_manifest's answer, for annotations only
+    from inference import Manifest  # read_manifest's answer, for annotations only
 
 log = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

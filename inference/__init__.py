@@ -75,6 +75,7 @@ _PUBLIC = {
     # models
     "Ensemble": "inference.models.ensemble",
     "demo_model_dir": "inference.models.ensemble",
+    "Manifest": "inference.models.manifest",
     "read_manifest": "inference.models.manifest",
     "write_manifest": "inference.models.manifest",
     "demo_model_checksums": "inference.models.manifest",

@@ -3,7 +3,6 @@
 import io
 import os
 import re
-import socket
 import threading
 import time
 from pathlib import Path
@@ -11,23 +10,17 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
 from bridge.qupath_geojson import validate_feature
-from bridge.service import ServiceSettings, create_app
+from bridge.service import ServiceSettings
 from inference.phantom.pyramid import write_phantom
 from inference.phantom.scene import PhantomSpec
 from inference.pipeline import Models, PipelineConfig
+from tests.service_helpers import free_port, serve, wait_for_job
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "qupath_scripts"
 TOKEN = "s3cret"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,42 +36,19 @@ def models():
     return Models(PipelineConfig(device="cpu"))
 
 
-def _serve(settings, models):
-    app = create_app(settings, models=models)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        if time.time() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    return server, thread
-
-
 @pytest.fixture(scope="module")
 def service(slides_root, models):
     settings = ServiceSettings(
-        port=_free_port(),
+        port=free_port(),
         allow_roots=(slides_root,),
         pipeline=PipelineConfig(device="cpu"),
         max_request_bytes=4 * 2**20,
     )
-    server, thread = _serve(settings, models)
+    server, thread = serve(settings, models)
     with httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=60) as client:
         yield client
     server.should_exit = True
     thread.join(timeout=10)
-
-
-def _wait(client, job_id, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = client.get(f"/v1/jobs/{job_id}").json()
-        if status["state"] in ("done", "failed", "cancelled"):
-            return status
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not finish: {status}")
 
 
 def test_health_and_models(service):
@@ -110,7 +80,7 @@ def test_submit_poll_result_is_valid_qupath_geojson(service, slides_root):
     assert r.status_code == 202
     accepted = r.json()
     assert accepted["status_url"] == f"/v1/jobs/{accepted['job_id']}"
-    status = _wait(service, accepted["job_id"])
+    status = wait_for_job(service, accepted["job_id"])
     assert status["state"] == "done" and status["progress"] == 1.0 and status["tiles_total"] > 0
     result = service.get(accepted["result_url"]).json()
     assert result["type"] == "FeatureCollection" and result["features"]
@@ -145,7 +115,7 @@ def test_submit_poll_result_is_valid_qupath_geojson(service, slides_root):
 def test_outputs_select_what_comes_back(service, slides_root):
     r = service.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "outputs": ["uncertainty_tiles"]})
     job_id = r.json()["job_id"]
-    assert _wait(service, job_id)["state"] == "done"
+    assert wait_for_job(service, job_id)["state"] == "done"
     kinds = {f["properties"]["objectType"] for f in service.get(f"/v1/jobs/{job_id}/result").json()["features"]}
     assert kinds == {"tile"}
 
@@ -156,7 +126,7 @@ def test_cancel_stops_a_running_job(service, slides_root):
     while service.get(f"/v1/jobs/{job_id}").json()["state"] == "queued" and time.time() < deadline:
         time.sleep(0.05)
     assert service.delete(f"/v1/jobs/{job_id}").json()["state"] in ("cancelling", "cancelled")
-    assert _wait(service, job_id)["state"] == "cancelled"
+    assert wait_for_job(service, job_id)["state"] == "cancelled"
     r = service.get(f"/v1/jobs/{job_id}/result")
     assert r.status_code == 409 and "cancelled" in r.json()["detail"]
 
@@ -193,11 +163,11 @@ def test_invalid_roi_is_refused_at_submission(service, slides_root):
 def test_an_image_qupath_shows_at_another_size_is_refused_not_misplaced(service, slides_root):
     small = str(slides_root / "small.svs")
     job_id = service.post("/v1/jobs", json={"image": small, "image_size_px": [1024, 512]}).json()["job_id"]
-    status = _wait(service, job_id)
+    status = wait_for_job(service, job_id)
     assert status["state"] == "failed"
     assert "QuPath shows this image at 1024 x 512 px, but the file opens here at 1024 x 1024 px" in status["error"]
     ok = service.post("/v1/jobs", json={"image": small, "image_size_px": [1024, 1024], "outputs": ["regions"]})
-    assert _wait(service, ok.json()["job_id"])["state"] == "done"
+    assert wait_for_job(service, ok.json()["job_id"])["state"] == "done"
     r = service.post("/v1/jobs", json={"image": small, "image_size_px": [0, 5]})
     assert r.status_code == 422 and "image_size_px" in r.json()["detail"]
 
@@ -208,7 +178,7 @@ def test_a_pixel_size_the_models_cannot_use_fails_the_job_without_filling_memory
     body = {"image": str(slides_root / "small.svs"), "roi": roi, "mpp": 50}
     with caplog.at_level("WARNING", logger="bridge.service"):
         job_id = service.post("/v1/jobs", json=body).json()["job_id"]
-        status = _wait(service, job_id, timeout=30)
+        status = wait_for_job(service, job_id, timeout=30)
     assert status["state"] == "failed"
     # Bad input, not a bug: one line in the log, no traceback.
     [record] = [r for r in caplog.records if job_id in r.getMessage()]
@@ -222,7 +192,7 @@ def test_an_image_qupath_types_as_an_immunostain_is_scored_by_the_ihc_model_and_
     small = str(slides_root / "small.svs")  # an H&E phantom that QuPath says is an immunostain
     body = {"image": small, "image_type": "BRIGHTFIELD_H_DAB", "outputs": ["nuclei"]}
     job_id = service.post("/v1/jobs", json=body).json()["job_id"]
-    assert _wait(service, job_id)["state"] == "done"
+    assert wait_for_job(service, job_id)["state"] == "done"
     pdl1 = service.get(f"/v1/jobs/{job_id}/result").json()["pdl1"]
     assert pdl1["stain"] == "H-DAB" and "PD-L1: CPS" in pdl1["parent_measurements"]
     reasons = [r["reason"] for r in pdl1["review_reasons"]]
@@ -239,7 +209,7 @@ def test_an_image_qupath_types_as_an_immunostain_is_scored_by_the_ihc_model_and_
             "type) and run the script again"
         }
     body = {"image": small, "image_type": "BRIGHTFIELD_H_E", "outputs": ["regions"]}
-    assert _wait(service, service.post("/v1/jobs", json=body).json()["job_id"])["state"] == "done"
+    assert wait_for_job(service, service.post("/v1/jobs", json=body).json()["job_id"])["state"] == "done"
     r = service.post("/v1/jobs", json={"image": small, "image_type": "H&E"})
     assert r.status_code == 422 and "image_type" in r.json()["detail"]
 
@@ -297,7 +267,7 @@ def test_pixel_upload_maps_back_to_level0(service, slides_root):
     )
     assert r.status_code == 202
     job_id = r.json()["job_id"]
-    assert _wait(service, job_id)["state"] == "done"
+    assert wait_for_job(service, job_id)["state"] == "done"
     features = service.get(f"/v1/jobs/{job_id}/result").json()["features"]
     points = np.array([f["geometry"]["coordinates"] for f in features])
     assert len(points) and points[:, 0].min() >= 200 and points[:, 1].min() >= 300 and points.max() <= 812
@@ -310,7 +280,7 @@ def test_two_clients_at_once(service, slides_root):
         with httpx.Client(base_url=service.base_url, timeout=60) as c:
             body = {"image": str(slides_root / "small.svs"), "outputs": ["regions"]}
             job_id = c.post("/v1/jobs", json=body).json()["job_id"]
-            results[name] = _wait(c, job_id)["state"]
+            results[name] = wait_for_job(c, job_id)["state"]
 
     threads = [threading.Thread(target=client, args=(n,)) for n in ("a", "b")]
     for t in threads:
@@ -324,7 +294,7 @@ def test_delete_forgets_a_finished_job(service, slides_root):
     job_id = service.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "outputs": ["regions"]}).json()[
         "job_id"
     ]
-    assert _wait(service, job_id)["state"] == "done"
+    assert wait_for_job(service, job_id)["state"] == "done"
     assert service.get(f"/v1/jobs/{job_id}/result").status_code == 200
     assert service.delete(f"/v1/jobs/{job_id}").json()["state"] == "done"
     assert service.get(f"/v1/jobs/{job_id}").status_code == 404
@@ -336,9 +306,9 @@ def test_a_long_running_service_keeps_only_recent_results(slides_root, models, m
     # records, the oldest of three jobs is forgotten and the middle one's result released.
     monkeypatch.setattr("bridge.service.KEEP_RECORDS", 2)
     settings = ServiceSettings(
-        port=_free_port(), allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"), keep_results=1
+        port=free_port(), allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"), keep_results=1
     )
-    server, thread = _serve(settings, models)
+    server, thread = serve(settings, models)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=60) as client:
             body = {"image": str(slides_root / "small.svs"), "outputs": ["regions"]}
@@ -347,7 +317,7 @@ def test_a_long_running_service_keeps_only_recent_results(slides_root, models, m
                 # One after another: with three queued at once, the first could be forgotten before it
                 # was polled (a small job takes about a poll interval).
                 ids.append(client.post("/v1/jobs", json=body).json()["job_id"])
-                assert _wait(client, ids[-1])["state"] == "done"
+                assert wait_for_job(client, ids[-1])["state"] == "done"
             assert client.get(f"/v1/jobs/{ids[0]}").status_code == 404
             assert client.get(f"/v1/jobs/{ids[1]}").json()["state"] == "done"
             released = client.get(f"/v1/jobs/{ids[1]}/result")
@@ -365,9 +335,9 @@ def test_openapi_is_served(service):
 
 def test_token_is_required_when_set(slides_root, models):
     settings = ServiceSettings(
-        port=_free_port(), token=TOKEN, allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu")
+        port=free_port(), token=TOKEN, allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu")
     )
-    server, thread = _serve(settings, models)
+    server, thread = serve(settings, models)
     try:
         base = f"http://127.0.0.1:{settings.port}"
         assert httpx.get(f"{base}/v1/health").status_code == 401

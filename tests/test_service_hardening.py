@@ -25,12 +25,7 @@ from bridge.service import ServiceSettings, create_app
 from inference.phantom.pyramid import write_phantom
 from inference.phantom.scene import PhantomSpec
 from inference.pipeline import Models, PipelineConfig
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.service_helpers import free_port
 
 
 def _wait_for(predicate, what: str, timeout: float = 60):
@@ -90,7 +85,7 @@ class Served:
 @pytest.fixture(scope="module")
 def service(slides_root, models):
     settings = ServiceSettings(
-        port=_free_port(), allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"), max_request_bytes=2**20
+        port=free_port(), allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"), max_request_bytes=2**20
     )
     served = Served(settings, models)
     yield served
@@ -193,7 +188,7 @@ def test_a_bug_still_answers_json(service, slides_root, monkeypatch):
 
 def test_queued_uploads_wait_compressed_the_queue_is_bounded_and_cancel_frees(slides_root, models, held_worker):
     settings = ServiceSettings(
-        port=_free_port(), allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"), max_queued=2
+        port=free_port(), allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"), max_queued=2
     )
     served = Served(settings, models)
     try:
@@ -353,7 +348,7 @@ def test_a_client_gone_mid_upload_is_one_log_line(service, caplog):
 
 def test_401_says_bearer(slides_root, models):
     settings = ServiceSettings(
-        port=_free_port(), token="s3cret", allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu")
+        port=free_port(), token="s3cret", allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu")
     )
     served = Served(settings, models)
     try:
@@ -390,7 +385,7 @@ def _serve(args: list[str], env: dict[str, str] | None = None):
     from bridge.cli.app import app
 
     if "--port" not in args:  # not the default 8765, which another service on this machine may hold
-        args = [*args, "--port", str(_free_port())]
+        args = [*args, "--port", str(free_port())]
     result = CliRunner().invoke(app, ["serve", *args], env=env)
     return result, " ".join(result.output.replace("│", " ").split())
 

@@ -5,26 +5,17 @@ from __future__ import annotations
 
 import io
 import json
-import socket
-import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
-from bridge.service import ServiceSettings, create_app
+from bridge.service import ServiceSettings
 from inference.phantom.pyramid import write_phantom
 from inference.phantom.scene import PhantomSpec
 from inference.pipeline import Models, PipelineConfig
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.service_helpers import free_port, serve, wait_for_job
 
 
 @pytest.fixture(scope="module")
@@ -41,31 +32,12 @@ def models():
 
 @pytest.fixture(scope="module")
 def client(slides_root, models):
-    settings = ServiceSettings(port=_free_port(), allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"))
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, models=models), host="127.0.0.1", port=settings.port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        if time.time() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
+    settings = ServiceSettings(port=free_port(), allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"))
+    server, thread = serve(settings, models)
     with httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=60) as c:
         yield c
     server.should_exit = True
     thread.join(timeout=10)
-
-
-def wait(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = client.get(f"/v1/jobs/{job_id}").json()
-        if status["state"] in ("done", "failed", "cancelled"):
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not finish")
 
 
 # ------------------------------------------------------------------- the request body
@@ -152,7 +124,7 @@ def test_an_roi_partly_outside_the_image_is_accepted(client, slides_root):
     body = {"image": str(slides_root / "small.svs"), "roi": roi, "image_size_px": [1024, 1024], "outputs": ["regions"]}
     r = client.post("/v1/jobs", json=body)
     assert r.status_code == 202, r.text
-    assert wait(client, r.json()["job_id"])["state"] == "done"
+    assert wait_for_job(client, r.json()["job_id"])["state"] == "done"
 
 
 # ------------------------------------------------------------------- the image path
@@ -248,7 +220,7 @@ def test_an_image_that_does_not_open_is_named_as_the_client_sent_it(client, unop
     path = str(unopenable / name)
     r = client.post("/v1/jobs", json={"image": path})
     assert r.status_code == 202, r.text
-    status = wait(client, r.json()["job_id"])
+    status = wait_for_job(client, r.json()["job_id"])
     assert status["state"] == "failed"
     assert status["error"].startswith(path + after.replace("{path}", path)), status["error"]
     assert "pdl1-open-" not in status["error"] and "--mpp" not in status["error"]

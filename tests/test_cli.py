@@ -92,6 +92,14 @@ def _project(tmp_path, config_text=None):
     return tmp_path
 
 
+@pytest.mark.parametrize(("given", "stain"), [("ihc", "H-DAB"), ("IHC", "H-DAB"), ("HE", "H&E")])
+def test_stain_is_read_in_any_case(tmp_path, captured_run, given, stain):
+    result = runner.invoke(app, ["run", str(_project(tmp_path)), "--no-progress", "--no-config", "--stain", given])
+    assert result.exit_code == 0, result.output
+    (config,) = captured_run
+    assert config.stain == stain
+
+
 def test_help_reads_nuclei_or_no_nuclei():
     result = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
     assert "--nuclei" in result.output and "--no-nuclei" in result.output

@@ -241,6 +241,7 @@ def run(
 
     if qupath not in ("auto", "never", "always"):
         raise typer.BadParameter("expected auto, never or always", param_hint="--qupath")
+    stain = None if stain is None else stain.lower()  # HE and IHC as readily as he and ihc
     if stain is not None and stain not in STAIN_OPTION:
         raise typer.BadParameter(f"expected he or ihc, got {stain!r}", param_hint="--stain")
     if engine not in ("local", "ray"):

@@ -302,7 +302,8 @@ def rank_regions(
             break
         geometry = geometries[i]
         covered = any(
-            geometry.intersection(geometries[j]).area >= OVERLAP_SHARE * min(geometry.area, geometries[j].area)
+            # Its own area: a large region holding a small better one inside is another place to look, not a copy.
+            geometry.intersection(geometries[j]).area >= OVERLAP_SHARE * geometry.area
             for j, _ in chosen
             if geometry.area > 0 and geometries[j].area > 0
         )

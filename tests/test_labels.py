@@ -189,6 +189,16 @@ def test_an_area_whose_class_is_a_near_miss_of_a_label_class_is_refused_not_skip
     assert labels.counts["skipped: annotation Polygon (Positive)"] == 1
 
 
+def test_the_run_s_uncertainty_tiles_are_counted_as_its_results_not_as_other_objects():
+    from bridge.objects import TILE_NAME
+
+    tile = _obj(shapely.box(0, 0, 10, 10), name=TILE_NAME, measurements={"PD-L1 probability": 0.2}, object_type="tile")
+    labels = labels_from_objects(
+        [_obj(shapely.box(0, 0, 50, 50), "Training region"), tile], slide="s.svs", image_size_px=(100, 100), rules=RULES
+    )
+    assert labels.counts["skipped: pdl1 uncertainty tiles (results, never labels)"] == 1
+
+
 def test_label_areas_far_outside_the_image_are_refused():
     # As from a 2048 px image used on a 1536 px one; a slight overhang past the edge is kept.
     far = [_obj(shapely.box(1000, 1000, 2000, 2000), "Training region")]
@@ -370,6 +380,16 @@ def test_a_paired_ihc_area_labels_the_whole_he_with_a_band_around_its_edge_ignor
     assert target[200, 78] == 0 and target[200, 122] == 1
     with pytest.raises(LabelError, match=r"no labels \(skipped: paired IHC area \(use --ihc-band-um\): 1\)"):
         read_geojson_labels(path, slide="he_1.svs", image_size_px=(400, 400), rules=LabelRules(()), mpp=0.5)
+    # The area is positive cells' discs (8 µm around each): a gap narrower than two cells between them lies in a
+    # positive nest and is closed before the band is cut, so the band does not eat the nest from inside.
+    cells = shapely.union_all([shapely.Point(x, 200).buffer(16) for x in (100, 136, 172, 208, 244, 280)])
+    assert cells.area < shapely.box(84, 184, 296, 216).area  # gaps of a few px between the discs
+    write_features(path, [to_feature(QuPathObject(cells, "annotation", PDL1_IHC_POSITIVE.name, {}))])
+    nest = read_geojson_labels(
+        path, slide="he_1.svs", image_size_px=(400, 400), rules=LabelRules((), points=False, ihc_band_um=2.0), mpp=0.5
+    )
+    target = region_target(nest, shape_hw=(400, 400), downsample=1)
+    assert (target[200, 110:270] == 1).all()  # between the cells too; the band only at the nest's outer edge
     # An area whose IHC was flagged in its run (bridge.pairs marks it) still labels, and is counted apart.
     from bridge.labels import DOUBTFUL_IHC_COUNT
     from bridge.pairs import IHC_NEEDS_REVIEW

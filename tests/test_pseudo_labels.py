@@ -173,6 +173,8 @@ def test_pdl1_train_seg_with_unlabeled_records_the_pseudo_labels_it_used(phantom
     assert used + row["left_out_uncertain_px"] + row["left_out_disagreement_px"] == row["tissue_px"]
     assert training["config"]["unlabeled"][0]["path"] == str(phantoms / "unlabelled.svs")
     assert training["config"]["pseudo_weight"] == 0.5
+    share = row["tissue_px"] / 256**2
+    assert f"{row['tissue_px']} tissue px ({share:.0%} of the image" in " ".join(result.output.split())
     text = " ".join(result.output.split())
     assert f"used {row['positive_px']} positive and {row['negative_px']} negative" in text
     assert f"left out {row['left_out_uncertain_px'] + row['left_out_disagreement_px']} not confident" in text

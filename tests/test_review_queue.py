@@ -251,3 +251,21 @@ def test_through_qupath_the_entries_get_their_rank_as_metadata(tmp_path, slides)
     expected = {e.entry_id: (str(rank), f"{e.score:.3f}") for rank, e in enumerate(queue.entries, start=1)}
     assert got == expected
     assert {p: p.read_bytes() for p in data_before} == data_before  # metadata only: no data.qpdata rewritten
+
+
+def test_a_region_is_left_out_only_when_half_of_it_lies_under_a_better_one():
+    import shapely
+
+    from bridge.review_queue import RegionItem, rank_regions
+
+    def region(kind, score, geometry):
+        x0, y0, x1, y1 = geometry.bounds
+        return RegionItem(kind, "annotation", (x0, y0, x1 - x0, y1 - y0), geometry.area, 0.1, score, False, "")
+
+    tile = shapely.box(10, 10, 20, 20)  # the best, small, inside the large positive region
+    large = shapely.box(0, 0, 200, 200)
+    copy = shapely.box(12, 12, 22, 22)  # mostly under the tile: a duplicate
+    geometries = dict(enumerate([tile, large, copy]))
+    regions = [region("uncertainty tile", 0.9, tile), region("positive region", 0.5, large), region("tile", 0.4, copy)]
+    chosen = rank_regions(regions, labelled=shapely.Polygon(), limit=10, geometries=geometries)
+    assert [r.kind for r in chosen] == ["uncertainty tile", "positive region"]

@@ -247,6 +247,8 @@ def test_pdl1_train_nuclei_holds_validation_slides_out_whole_and_scores_them(lab
     assert len(row["f1_members"]) == n_members == 2
     assert all(0 <= f <= 1 for f in row["f1_members"]) and 1 <= row["rank"] <= n_members + 1
     assert "validation " + str(tmp_path / "he-b.svs") + ": 1252 marked nuclei" in " ".join(result.output.split())
+    # What the held-out slide's labels gave is printed before training, as the training slides' is.
+    assert "(held out, scored after training): " in result.output
     assert f"(ensemble rank {row['rank']} of {n_members + 1})" in " ".join(result.output.split())
     # The peak threshold was fit on the held-out slide's marked nuclei and, where it gained, written to the manifest.
     fit = json.loads((out / "validation.json").read_text())["threshold_fit"]

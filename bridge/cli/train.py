@@ -3,6 +3,7 @@ or on a lab's own QuPath labels (a project, or GeoJSON exports beside slides: ``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -197,7 +198,7 @@ def train_seg(
             ihc_band_um=ihc_band_um,
         )
         slide_labels, held_out = _split_held_out(slide_labels, val_entries or [], val_fraction, seed=seed)
-        _echo_counts(slide_labels, regions=True)
+        _echo_counts(slide_labels, held_out=held_out, regions=True)
         init_model = None if init in (None, "none") else init
         if init is None and slide_labels and (_features(features), input_mpp) == _DEMO_SEG_ARCH:
             from inference import demo_model_dir
@@ -334,7 +335,9 @@ def _pseudo_labels(
     for p in pseudo:
         c = p.counts
         typer.echo(
-            f"{p.slide.label}: {c.tissue_px} tissue px, used {c.positive_px} positive and {c.negative_px} negative; "
+            f"{p.slide.label}: {c.tissue_px} tissue px ({c.tissue_px / max(c.target.size, 1):.0%} of the image: "
+            f"glass taken for tissue would be pseudo-labelled negative), used {c.positive_px} positive and "
+            f"{c.negative_px} negative; "
             f"left out {c.left_out_px} not confident ({c.uncertain_px} between the margins, {c.disagreement_px} "
             "with the members disagreeing)"
         )
@@ -409,15 +412,18 @@ def _read_labels(
 ONE_SIDED_LABELS = 0.9
 
 
-def _echo_counts(slide_labels: list, *, regions: bool = False) -> None:
-    """What each label source gave: nothing is trained on silently dropped data. For a segmentation run
-    (``regions``), a warning when the labelled area is almost all one class."""
+def _echo_counts(slide_labels: list, *, held_out: Sequence = (), regions: bool = False) -> None:
+    """What each label source gave, the held-out slides' too: nothing is trained or scored on silently dropped
+    data. For a segmentation run (``regions``), a warning when the labelled area is almost all one class."""
     from bridge.labels import DOUBTFUL_IHC_COUNT
     from inference import label_statistics
 
     for lab in slide_labels:
         used = ", ".join(f"{k} {v}" for k, v in lab.counts.items())
         typer.echo(f"{lab.source or lab.slide}: {used}")
+    for lab in held_out:
+        used = ", ".join(f"{k} {v}" for k, v in lab.counts.items())
+        typer.echo(f"{lab.source or lab.slide} (held out, scored after training): {used}")
     doubtful = [str(lab.source or lab.slide) for lab in slide_labels if lab.counts.get(DOUBTFUL_IHC_COUNT)]
     if doubtful:
         typer.echo(
@@ -552,7 +558,7 @@ def train_nuclei_cmd(
                 from inference import demo_model_dir
 
                 init_model = str(demo_model_dir("nuclei"))
-        _echo_counts(slide_labels)
+        _echo_counts(slide_labels, held_out=held_out)
         sources = [lab.slide for lab in slide_labels] if slide_labels else [str(s) for s in slides]
         from bridge.labels import label_summary
 

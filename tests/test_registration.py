@@ -188,3 +188,18 @@ def test_evaluating_the_registration_of_an_unpaired_phantom_names_the_fix(phanto
     # An H&E phantom's truth names no partner: an input error (Pdl1Error), not a bare ValueError.
     with pytest.raises(TruthNotFoundError, match="names no paired H&E; pass an IHC phantom written with --ihc"):
         evaluate_registration(phantom_svs)
+
+
+def test_a_small_pair_is_registered_finer_than_8_um_per_px(tmp_path, monkeypatch):
+    # A 1 mm field is 128 px across at 8 µm/px: this 2048² pair registered there at 27.5 µm median error.
+    import inference.analysis.registration as registration
+    from inference.phantom.ihc import IhcSpec
+    from inference.phantom.pyramid import write_ihc_phantom, write_phantom
+    from inference.phantom.scene import PhantomSpec
+
+    spec = PhantomSpec(2048, 2048, seed=231, tps_percent=30)
+    he = write_phantom(tmp_path / "he_231.svs", spec)
+    write_ihc_phantom(tmp_path / "ihc_231.svs", spec, IhcSpec(immune_positive_fraction=0.3), paired_with=he.slide_path)
+    assert evaluate_registration(tmp_path / "ihc_231.svs").error_median_um <= 20.0
+    monkeypatch.setattr(registration, "MIN_REGISTRATION_PX", 1)  # as before: at 8 µm/px whatever the size
+    assert evaluate_registration(tmp_path / "ihc_231.svs").error_median_um > 20.0

@@ -84,7 +84,8 @@ def check_out_dir(out_dir: str | Path, *, resume: bool) -> None:
         return
     raise FileExistsError(
         f"{out_dir}: already holds a model ({MANIFEST_NAME}); training would overwrite its members. Give a new "
-        "folder, or delete this one first" + ("" if resume else " (to continue an interrupted run into it, --resume)")
+        "folder, or delete this one first"
+        + (" (--resume continues the run its checkpoint holds)" if own_run and not resume else "")
     )
 
 

@@ -335,9 +335,9 @@ def _pseudo_labels(
     for p in pseudo:
         c = p.counts
         typer.echo(
-            f"{p.slide.label}: {c.tissue_px} tissue px ({c.tissue_px / max(c.target.size, 1):.0%} of the image: "
-            f"glass taken for tissue would be pseudo-labelled negative), used {c.positive_px} positive and "
-            f"{c.negative_px} negative; "
+            # The share shows glass taken for tissue, which would become negative pseudo-labels.
+            f"{p.slide.label}: {c.tissue_px} tissue px ({c.tissue_px / max(c.target.size, 1):.0%} of the image), "
+            f"used {c.positive_px} positive and {c.negative_px} negative; "
             f"left out {c.left_out_px} not confident ({c.uncertain_px} between the margins, {c.disagreement_px} "
             "with the members disagreeing)"
         )

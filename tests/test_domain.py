@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -241,11 +242,31 @@ def test_pdl1_domain_stats_writes_calibrated_statistics_and_leaves_the_weights(p
     stats, why = stats_of_manifest(manifest.extra)
     assert why == "" and stats.slides[0]["slide"] == "p1.svs"
     assert stats.calibration["slides"][0]["slide"] == "h2.svs" and stats.feature_limit is not None
+    # A model is never written over: the copy goes to a new folder, renamed into place whole.
+    again = runner.invoke(app, [*args, "--held-out", str(held)])
+    assert again.exit_code == 2 and "is not empty (it may hold a model)" in re.sub(r"[│\s]+", " ", again.output)
+    assert read_manifest(out).extra == manifest.extra and not list(tmp_path.glob(".seg.part-*"))
+    args[4] = str(tmp_path / "seg2")
     same = runner.invoke(app, [*args, "--held-out", str(phantom_svs)])
     flat = " ".join(same.output.split())  # the console wraps long lines
     assert same.exit_code == 1 and "are both training and held-out slides" in flat
+    assert not (tmp_path / "seg2").exists() and not list(tmp_path.glob(".seg2.part-*"))
     nothing = runner.invoke(app, [*args, "--held-out", str(tmp_path / "none*.svs")])
     assert nothing.exit_code == 2 and "matches no file" in " ".join(nothing.output.split())
+
+
+def test_domain_statistics_refuse_slides_of_another_stain_and_say_when_too_few_tiles(ihc_pair, tmp_path):
+    from inference import StainError, compute_domain_stats
+    from inference.phantom.pyramid import write_phantom
+    from inference.phantom.scene import PhantomSpec
+
+    he, ihc = ihc_pair
+    with pytest.raises(StainError, match=r"ihc_271.svs: its truth .* says H-DAB, but .* is a model of H&E slides"):
+        compute_domain_stats(demo_model_dir("seg"), [he, ihc])
+    tiny = tmp_path / "tiny.svs"
+    write_phantom(tiny, PhantomSpec(1024, 1024, seed=5, tps_percent=40))
+    with pytest.raises(ValueError, match=r"too few tiles for domain statistics \(tiny.svs: 1 .*give larger slides"):
+        compute_domain_stats(demo_model_dir("seg"), [tiny])
 
 
 def test_a_network_the_guard_cannot_read_runs_unmeasured(phantom_svs):

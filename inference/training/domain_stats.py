@@ -9,6 +9,7 @@ slide scored against the statistics of the others (leave one slide out).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -27,6 +28,7 @@ from inference.analysis.domain import (
 )
 from inference.analysis.nuclei import detect_nuclei
 from inference.analysis.segment import segment_slide
+from inference.errors import StainError
 from inference.models.ensemble import Ensemble
 from inference.models.features import capture_tile_features, feature_layers
 from inference.models.manifest import Manifest, read_manifest, write_manifest
@@ -83,6 +85,8 @@ def compute_domain_stats(
             f"{sorted(str(p) for p in overlap)} are both training and held-out slides; the limits must be "
             "calibrated on slides the statistics did not see"
         )
+    for path in [*train_slides, *held_out]:
+        _check_stain(path, manifest.stain, model_dir)
     layers = ", ".join(name for name, _ in feature_layers(ensemble.members[0]))
     total = len(train_slides) + len(held_out)
     samples = []
@@ -93,6 +97,15 @@ def compute_domain_stats(
             on_progress(i + 1, total)
     train, held = samples[: len(train_slides)], samples[len(train_slides) :]
     names = [Path(p).name for p in train_slides]
+    _check_tiles(names, [len(f) for f, _ in train], leave_one_out=not held_out, model=manifest)
+    calibrated_on = len(held_out) if held_out else len(train)
+    if 1 < calibrated_on < MIN_CALIBRATION_SLIDES:
+        log.warning(
+            "the domain limits rest on %d slides: one odd slide sets them (limits of 100 and more were seen with "
+            "two); give at least %d --held-out slides",
+            calibrated_on,
+            MIN_CALIBRATION_SLIDES,
+        )
     stats = fit_domain_stats([f for f, _ in train], [s for _, s in train], slide_names=names, feature_layers=layers)
     if not held_out and len(train) < 2:
         log.warning("one training slide and no held-out slides: the domain limits are not calibrated")
@@ -116,6 +129,46 @@ def compute_domain_stats(
         slide_names=[n for n, *_ in scored],
         how=how,
     )
+
+
+# Fewer slides than this to calibrate the limits on draw a warning.
+MIN_CALIBRATION_SLIDES = 3
+# A colour call this clear against the model's stain refuses a slide that has no phantom truth to say its stain.
+STAIN_REFUSAL_MARGIN_DEG = 10.0
+
+
+def _check_stain(path: str | Path, stain: str, model_dir: str | Path) -> None:
+    """Refuse a slide of another stain than the model's: its statistics would make the guard wave anything
+    through (an H&E model given IHC slides set its limit at 252 against 2.6). A phantom's truth says its stain;
+    another slide is judged by its colour, refused only on a clear call."""
+    truth = Path(path).with_suffix(".truth") / "truth.json"
+    found, how = None, ""
+    if truth.is_file():
+        try:
+            found, how = json.loads(truth.read_text(encoding="utf-8")).get("stain"), f"its truth ({truth})"
+        except (OSError, ValueError, AttributeError):
+            found = None  # a damaged truth: the colour decides, as for any slide
+    if found is None:
+        with open_slide(path) as slide:
+            colour = detect_slide_stain(slide, mpp=TISSUE_MPP)
+        if colour.margin_deg >= STAIN_REFUSAL_MARGIN_DEG:
+            found, how = colour.stain, f"its colour ({colour.reason})"
+    if found is not None and found != stain:
+        raise StainError(
+            f"{path}: {how} says {found}, but {model_dir} is a model of {stain} slides; its domain statistics "
+            f"must come from {stain} slides it was trained on (and held-out ones of that stain)"
+        )
+
+
+def _check_tiles(names: Sequence[str], tiles: Sequence[int], *, leave_one_out: bool, model: Manifest) -> None:
+    """Enough tiles to fit statistics on: in all, and, leaving one slide out, in the others."""
+    short = sum(tiles) < 2 or (leave_one_out and len(tiles) > 1 and any(sum(tiles) - n < 2 for n in tiles))
+    if short:
+        counts = ", ".join(f"{n}: {t}" for n, t in zip(names, tiles, strict=True))
+        raise ValueError(
+            f"too few tiles for domain statistics ({counts} tiles of {model.tile_size_px} px at {model.input_mpp:g} "
+            "µm/px over tissue); give larger slides or more of them"
+        )
 
 
 def with_domain_stats(manifest: Manifest, stats: DomainStats) -> Manifest:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import secrets
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
@@ -32,11 +34,13 @@ from scipy.ndimage import distance_transform_edt
 from inference import (
     IGNORE_LABEL,
     SlideLabels,
+    TruthNotFoundError,
     __version__,
     labels_digest,
     load_truth,
     open_slide,
     region_target,
+    truth_dir_for,
 )
 
 UNLABELLED = 255  # what a label source returns where it says nothing; written as nnU-Net's ignore label
@@ -62,7 +66,17 @@ class LabelSource(Protocol):
 @lru_cache(maxsize=2)
 def _truth_mask(slide_path: Path) -> tuple[np.ndarray, float]:
     """A phantom's positive mask and its downsample, read once for all the cases of a slide."""
-    truth = load_truth(slide_path)
+    try:
+        truth = load_truth(slide_path)
+    except FileNotFoundError as err:  # TruthNotFoundError too: its message speaks of evaluation
+        truth_dir = truth_dir_for(slide_path)
+        missing = err.filename or truth_dir / "truth.json"
+        raise TruthNotFoundError(
+            f"{slide_path}: no phantom truth to take labels from ({missing} is missing); exporting slide files "
+            f"needs phantoms with their truth beside them ({truth_dir}/ with truth.json and positive_mask.tif, "
+            "as `pdl1 phantom` writes it). For slides a lab labelled, export their QuPath project "
+            "(--labels qupath), or leave this slide out"
+        ) from err
     return truth.positive_mask, truth.mask_downsample
 
 
@@ -218,6 +232,19 @@ class ExportSummary:
     positive_fraction: float  # of labelled training pixels
 
 
+def _case_labels(
+    source: LabelSource, path: Path, region: tuple[int, int, int, int], *, size_wh: tuple[int, int], names: list[str]
+) -> np.ndarray:
+    """The source's labels of one case, checked, with :data:`UNLABELLED` turned into nnU-Net's ignore label."""
+    labels = source.labels(path, region, size_wh=size_wh)
+    if labels.shape != (size_wh[1], size_wh[0]):
+        raise ValueError(f"{path}: label source gave {labels.shape} for an image of {(size_wh[1], size_wh[0])}")
+    known = labels != UNLABELLED
+    if (labels[known] >= len(names)).any():
+        raise ValueError(f"{path}: label values beyond the {len(names)} classes {names}")
+    return np.where(known, labels, len(names)).astype(np.uint8)
+
+
 def export_nnunet_dataset(
     slides: Sequence[Path | ExportImage],
     out_dir: Path,
@@ -232,8 +259,12 @@ def export_nnunet_dataset(
 
     Each region of ``case_size_px`` px (at ``mpp``) is a case ``<file stem>_<n>``; ``test_slides``
     go to ``imagesTs/`` cut the same way, without labels. ``out_dir`` must be named
-    ``DatasetNNN_NAME``, as nnU-Net requires. Raises ``ValueError`` for a bad name or size or two
-    images of one file stem, and ``FileExistsError`` when ``out_dir`` already holds a dataset.
+    ``DatasetNNN_NAME``, as nnU-Net requires, and be new or empty. Every slide is opened and every
+    training slide's labels read before anything is written, and the dataset is written into a
+    folder beside ``out_dir`` renamed into place at the end: an error leaves no half-written dataset.
+    Raises ``ValueError`` for a bad name or size or two images of one file stem, ``FileExistsError``
+    when ``out_dir`` is not empty, and the label source's errors (phantom truth:
+    :class:`inference.TruthNotFoundError` for a slide without its truth).
     """
     out_dir = Path(out_dir)
     if not _DATASET_DIR.match(out_dir.name):
@@ -244,6 +275,13 @@ def export_nnunet_dataset(
         raise ValueError(f"case_size_px must be at least 32, got {case_size_px}")
     if (out_dir / "dataset.json").exists():
         raise FileExistsError(f"{out_dir}: already holds a dataset.json; choose a new DatasetNNN_NAME or remove it")
+    # nnU-Net reads every file under imagesTr/ and labelsTr/: files left from an earlier export would join this one.
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        held = sorted(p.name for p in out_dir.iterdir())[:3] if out_dir.is_dir() else []
+        raise FileExistsError(
+            f"{out_dir}: exists and is not an empty folder (holds {held}); a dataset is written into a new or "
+            "empty folder: choose a new DatasetNNN_NAME or remove it"
+        )
     images = [i if isinstance(i, ExportImage) else ExportImage(Path(i)) for i in slides]
     tests = [i if isinstance(i, ExportImage) else ExportImage(Path(i)) for i in test_slides]
     stems = [i.path.stem for i in images + tests]
@@ -252,68 +290,85 @@ def export_nnunet_dataset(
     names = list(source.class_names)
     ignore = len(names)
     case_size_um = case_size_px * mpp
-    for sub in ("imagesTr", "labelsTr") + (("imagesTs",) if test_slides else ()):
-        (out_dir / sub).mkdir(parents=True, exist_ok=True)
     work = [(i, True) for i in images] + [(i, False) for i in tests]
-    planned = [(i, train, source.regions(i.path, case_size_um=case_size_um)) for i, train in work]
+    planned = []
+    for image, train in work:
+        regions = source.regions(image.path, case_size_um=case_size_um)
+        with open_slide(image.path) as slide:
+            slide_mpp = slide.mpp.mean
+        if train and regions:
+            # Reads the slide's labels (a phantom's whole truth mask) and checks one case: a slide without
+            # labels is refused here, before anything is written.
+            _, _, w, h = regions[0]
+            size_wh = (max(1, round(w * slide_mpp / mpp)), max(1, round(h * slide_mpp / mpp)))
+            _case_labels(source, image.path, regions[0], size_wh=size_wh, names=names)
+        planned.append((image, train, regions))
     total = sum(len(r) for _, _, r in planned)
-    mapping: dict[str, dict] = {}
-    labelled = positive = pixels = done = 0
-    for image, train, regions in planned:
-        path = image.path
-        with open_slide(path) as slide:
-            for n, region in enumerate(regions):
-                x, y, w, h = region
-                size_wh = (max(1, round(w * slide.mpp.mean / mpp)), max(1, round(h * slide.mpp.mean / mpp)))
-                case = f"{path.stem}_{n:04d}"
-                rgb = slide.read_region_at_mpp((x, y), size_wh, mpp=mpp)
-                Image.fromarray(rgb).save(out_dir / ("imagesTr" if train else "imagesTs") / f"{case}_0000.png")
-                if train:
-                    labels = source.labels(path, region, size_wh=size_wh)
-                    if labels.shape != rgb.shape[:2]:
-                        raise ValueError(f"{path}: label source gave {labels.shape} for an image of {rgb.shape[:2]}")
-                    known = labels != UNLABELLED
-                    if (labels[known] >= ignore).any():
-                        raise ValueError(f"{path}: label values beyond the {ignore} classes {names}")
-                    Image.fromarray(np.where(known, labels, ignore).astype(np.uint8)).save(
-                        out_dir / "labelsTr" / f"{case}.png"
-                    )
-                    labelled += int(known.sum())
-                    positive += int((labels == 1).sum())
-                    pixels += labels.size
-                mapping[case] = {
-                    "slide": str(path.resolve()),
-                    **({"entry_id": image.entry_id, "image_name": image.image_name} if image.entry_id else {}),
-                    "region_xywh": list(region),
-                    "mpp": mpp,
-                    "split": "train" if train else "test",
-                }
-                done += 1
-                if on_progress is not None:
-                    on_progress(done, total)
-    training = sum(1 for m in mapping.values() if m["split"] == "train")
-    dataset = {
-        "channel_names": {"0": "rgb_to_0_1", "1": "rgb_to_0_1", "2": "rgb_to_0_1"},
-        "labels": {**{name: i for i, name in enumerate(names)}, "ignore": ignore},
-        "numTraining": training,
-        "file_ending": ".png",
-        "name": out_dir.name.split("_", 1)[1],
-        "description": f"exported by pdl1-bridge at {mpp:g} µm/px; cases.json maps cases to slides",
-        "pdl1_mpp": mpp,
-    }
-    (out_dir / "dataset.json").write_text(json.dumps(dataset, indent=2))
-    (out_dir / "cases.json").write_text(json.dumps(mapping, indent=2))
-    provenance = {
-        "pdl1_bridge": __version__,
-        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "mpp": mpp,
-        "case_size_px": case_size_px,
-        "label_source": {"kind": type(source).__name__, **_describe(source)},
-        "ignore_label": ignore,
-        "training_images": [str(i.path.resolve()) for i in images],
-        "test_images": [str(i.path.resolve()) for i in tests],
-    }
-    (out_dir / "pdl1_export.json").write_text(json.dumps(provenance, indent=2))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside out_dir and renamed into place. The leading dot keeps it out of nnU-Net's view:
+    # nnU-Net finds dataset NNN by the prefix "DatasetNNN" among nnUNet_raw's folders.
+    tmp = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(6)}.part")
+    try:
+        for sub in ("imagesTr", "labelsTr") + (("imagesTs",) if test_slides else ()):
+            (tmp / sub).mkdir(parents=True)
+        mapping: dict[str, dict] = {}
+        labelled = positive = pixels = done = 0
+        for image, train, regions in planned:
+            path = image.path
+            with open_slide(path) as slide:
+                for n, region in enumerate(regions):
+                    x, y, w, h = region
+                    size_wh = (max(1, round(w * slide.mpp.mean / mpp)), max(1, round(h * slide.mpp.mean / mpp)))
+                    case = f"{path.stem}_{n:04d}"
+                    rgb = slide.read_region_at_mpp((x, y), size_wh, mpp=mpp)
+                    Image.fromarray(rgb).save(tmp / ("imagesTr" if train else "imagesTs") / f"{case}_0000.png")
+                    if train:
+                        labels = _case_labels(source, path, region, size_wh=size_wh, names=names)
+                        if labels.shape != rgb.shape[:2]:
+                            raise ValueError(f"{path}: labels of {labels.shape} for an image of {rgb.shape[:2]}")
+                        Image.fromarray(labels).save(tmp / "labelsTr" / f"{case}.png")
+                        labelled += int((labels != ignore).sum())
+                        positive += int((labels == 1).sum())
+                        pixels += labels.size
+                    mapping[case] = {
+                        "slide": str(path.resolve()),
+                        **({"entry_id": image.entry_id, "image_name": image.image_name} if image.entry_id else {}),
+                        "region_xywh": list(region),
+                        "mpp": mpp,
+                        "split": "train" if train else "test",
+                    }
+                    done += 1
+                    if on_progress is not None:
+                        on_progress(done, total)
+        training = sum(1 for m in mapping.values() if m["split"] == "train")
+        dataset = {
+            "channel_names": {"0": "rgb_to_0_1", "1": "rgb_to_0_1", "2": "rgb_to_0_1"},
+            "labels": {**{name: i for i, name in enumerate(names)}, "ignore": ignore},
+            "numTraining": training,
+            "file_ending": ".png",
+            "name": out_dir.name.split("_", 1)[1],
+            "description": f"exported by pdl1-bridge at {mpp:g} µm/px; cases.json maps cases to slides",
+            "pdl1_mpp": mpp,
+        }
+        (tmp / "dataset.json").write_text(json.dumps(dataset, indent=2))
+        (tmp / "cases.json").write_text(json.dumps(mapping, indent=2))
+        provenance = {
+            "pdl1_bridge": __version__,
+            "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "mpp": mpp,
+            "case_size_px": case_size_px,
+            "label_source": {"kind": type(source).__name__, **_describe(source)},
+            "ignore_label": ignore,
+            "training_images": [str(i.path.resolve()) for i in images],
+            "test_images": [str(i.path.resolve()) for i in tests],
+        }
+        (tmp / "pdl1_export.json").write_text(json.dumps(provenance, indent=2))
+        if out_dir.is_dir():
+            out_dir.rmdir()  # empty, as checked; fails if something was written into it meanwhile
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return ExportSummary(
         folder=out_dir,
         training_cases=training,

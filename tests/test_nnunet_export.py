@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 
 from bridge.cli.app import app
 from bridge.nnunet_export import UNLABELLED, PhantomTruthLabels, export_nnunet_dataset
-from inference import PhantomSpec, load_truth, write_phantom
+from inference import PhantomSpec, TruthNotFoundError, load_truth, write_phantom
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,83 @@ def test_refuses_to_overwrite_a_dataset(phantoms, tmp_path):
     export_nnunet_dataset([phantoms[1]], out, source=PhantomTruthLabels(), mpp=2.0, case_size_px=128)
     with pytest.raises(FileExistsError, match=r"already holds a dataset\.json"):
         export_nnunet_dataset([phantoms[1]], out, source=PhantomTruthLabels(), mpp=2.0, case_size_px=128)
+
+
+@pytest.fixture(scope="module")
+def without_labels(phantoms, tmp_path_factory) -> dict[str, Path]:
+    """A plain slide (no truth beside it) and a phantom whose truth lacks its positive mask."""
+    folder = tmp_path_factory.mktemp("unlabelled")
+    plain = folder / "plain.svs"
+    shutil.copyfile(phantoms[1], plain)
+    maskless = folder / "maskless.svs"
+    shutil.copyfile(phantoms[1], maskless)
+    shutil.copytree(phantoms[1].with_name("b.truth"), folder / "maskless.truth")
+    (folder / "maskless.truth" / "positive_mask.tif").unlink()
+    return {"plain": plain, "maskless": maskless}
+
+
+@pytest.mark.parametrize(
+    ("bad", "missing"), [("plain", r"plain\.truth[/\\]truth\.json"), ("maskless", r"positive_mask\.tif")]
+)
+def test_a_slide_without_labels_is_refused_before_anything_is_written(phantoms, without_labels, tmp_path, bad, missing):
+    out = tmp_path / "nnraw" / "Dataset506_A"
+    with pytest.raises(
+        TruthNotFoundError, match=rf"no phantom truth to take labels from \(.*{missing} is missing"
+    ) as err:
+        export_nnunet_dataset(
+            [phantoms[1], without_labels[bad]], out, source=PhantomTruthLabels(), mpp=2.0, case_size_px=128
+        )
+    assert "evaluation" not in str(err.value) and "--labels qupath" in str(err.value)
+    assert not (tmp_path / "nnraw").exists()
+    # The good slide alone then exports into the same folder, with its own cases only.
+    summary = export_nnunet_dataset([phantoms[1]], out, source=PhantomTruthLabels(), mpp=2.0, case_size_px=128)
+    assert sorted(p.name for p in (out / "imagesTr").iterdir()) == [f"b_{i:04d}_0000.png" for i in range(4)]
+    assert summary.training_cases == 4
+
+
+class _FailsOnTheThirdCall:
+    """Phantom truth labels that break on the second case written (the first call is the check before writing)."""
+
+    def __init__(self):
+        self.truth, self.calls = PhantomTruthLabels(), 0
+        self.class_names = self.truth.class_names
+
+    def regions(self, slide_path, *, case_size_um):
+        return self.truth.regions(slide_path, case_size_um=case_size_um)
+
+    def labels(self, slide_path, region_xywh, *, size_wh):
+        self.calls += 1
+        if self.calls == 3:
+            raise ValueError("label source broke")
+        return self.truth.labels(slide_path, region_xywh, size_wh=size_wh)
+
+
+def test_an_error_while_writing_leaves_no_half_written_dataset(phantoms, tmp_path):
+    out = tmp_path / "Dataset507_A"
+    out.mkdir()  # an empty folder is taken, and stays as it was after the error
+    with pytest.raises(ValueError, match="label source broke"):
+        export_nnunet_dataset([phantoms[1]], out, source=_FailsOnTheThirdCall(), mpp=2.0, case_size_px=128)
+    assert [p.name for p in tmp_path.iterdir()] == ["Dataset507_A"] and list(out.iterdir()) == []
+
+
+def test_refuses_a_folder_that_is_not_empty(phantoms, tmp_path):
+    out = tmp_path / "Dataset508_A"
+    (out / "imagesTr").mkdir(parents=True)
+    (out / "imagesTr" / "old_0000_0000.png").write_bytes(b"")
+    with pytest.raises(
+        FileExistsError, match=r"Dataset508_A: exists and is not an empty folder \(holds \['imagesTr'\]\)"
+    ):
+        export_nnunet_dataset([phantoms[1]], out, source=PhantomTruthLabels(), mpp=2.0, case_size_px=128)
+    assert [p.name for p in (out / "imagesTr").iterdir()] == ["old_0000_0000.png"]
+
+
+def test_cli_export_of_a_slide_without_truth_says_what_the_export_needs(phantoms, without_labels, tmp_path):
+    out = tmp_path / "Dataset509_A"
+    args = ["export", "nnunet", str(phantoms[1]), str(without_labels["plain"]), "--out", str(out), "--case-px", "128"]
+    result = CliRunner().invoke(app, args)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "no phantom truth to take labels from" in text, result.output
+    assert "evaluation" not in text and not out.exists()
 
 
 def test_cli_export(phantoms, tmp_path):

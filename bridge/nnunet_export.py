@@ -245,6 +245,21 @@ def _case_labels(
     return np.where(known, labels, len(names)).astype(np.uint8)
 
 
+def _refuse_a_slide_without_cases(path: Path, *, mpp: float, case_size_px: int) -> None:
+    """Raise ValueError for a slide that gives no case: smaller than one, or labels that bound none."""
+    with open_slide(path) as slide:
+        width, height = slide.dimensions
+        slide_mpp = slide.mpp.mean
+    at_mpp = (width * slide_mpp / mpp, height * slide_mpp / mpp)
+    if min(at_mpp) < case_size_px:
+        raise ValueError(
+            f"{path}: {width} x {height} px at {slide_mpp:g} µm/px is {at_mpp[0]:.0f} x {at_mpp[1]:.0f} px at "
+            f"{mpp:g} µm/px, smaller than one case of {case_size_px} px (--case-px): give a smaller --case-px "
+            "or --mpp, or leave the slide out"
+        )
+    raise ValueError(f"{path}: its labels bound no region to cut cases from; label a region or leave the slide out")
+
+
 def export_nnunet_dataset(
     slides: Sequence[Path | ExportImage],
     out_dir: Path,
@@ -262,7 +277,8 @@ def export_nnunet_dataset(
     ``DatasetNNN_NAME``, as nnU-Net requires, and be new or empty. Every slide is opened and every
     training slide's labels read before anything is written, and the dataset is written into a
     folder beside ``out_dir`` renamed into place at the end: an error leaves no half-written dataset.
-    Raises ``ValueError`` for a bad name or size or two images of one file stem, ``FileExistsError``
+    Raises ``ValueError`` for a bad name or size, two images of one file stem or a slide that gives
+    no case (smaller than one), ``FileExistsError``
     when ``out_dir`` is not empty, and the label source's errors (phantom truth:
     :class:`inference.TruthNotFoundError` for a slide without its truth).
     """
@@ -294,9 +310,11 @@ def export_nnunet_dataset(
     planned = []
     for image, train in work:
         regions = source.regions(image.path, case_size_um=case_size_um)
+        if not regions:  # an empty dataset would only fail later, in nnU-Net's planning
+            _refuse_a_slide_without_cases(image.path, mpp=mpp, case_size_px=case_size_px)
         with open_slide(image.path) as slide:
             slide_mpp = slide.mpp.mean
-        if train and regions:
+        if train:
             # Reads the slide's labels (a phantom's whole truth mask) and checks one case: a slide without
             # labels is refused here, before anything is written.
             _, _, w, h = regions[0]

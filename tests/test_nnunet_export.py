@@ -170,6 +170,16 @@ def test_cli_export_of_a_slide_without_truth_says_what_the_export_needs(phantoms
     assert "evaluation" not in text and not out.exists()
 
 
+def test_cli_refuses_a_slide_smaller_than_one_case(phantoms, tmp_path):
+    out = tmp_path / "Dataset510_A"
+    # b: 1024 x 1024 level-0 px at 0.5 µm/px = 256 x 256 px at 2 µm/px, under one case of 512 px.
+    result = CliRunner().invoke(app, ["export", "nnunet", str(phantoms[1]), "--out", str(out), "--case-px", "512"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert "1024 x 1024 px at 0.5 µm/px is 256 x 256 px at 2 µm/px, smaller than one case of 512 px (--case-px)" in text
+    assert not out.exists()
+
+
 def test_cli_export(phantoms, tmp_path):
     out = tmp_path / "Dataset779_Cli"
     args = ["export", "nnunet", str(phantoms[1]), "--out", str(out), "--mpp", "2", "--case-px", "64"]

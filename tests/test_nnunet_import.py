@@ -369,3 +369,83 @@ def test_without_the_extra_the_error_names_it(monkeypatch):
     kwargs = {"input_channels": 3, "num_classes": 2, "arch_kwargs": {}, "arch_kwargs_requires_import": []}
     with pytest.raises(ModelFileError, match=r"needs the nnunet extra: pip install 'pdl1-bridge\[nnunet\]'"):
         nnunet_network.build_nnunet_network(PLAIN, kwargs)
+
+
+def _set(plans: dict, path: str, value) -> dict:
+    """``plans`` with the entry at a dotted path (within the 2d configuration for ``2d.``) replaced."""
+    *parents, last = path.split(".")
+    node = plans
+    for key in parents:
+        node = node["configurations"]["2d"] if key == "2d" else node[key]
+    node[last] = value
+    return plans
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("configurations", [], r"'configurations' must be an object .*got a list"),
+        ("configurations.2d", 3, r"configuration '2d' must be an object .*got 3"),
+        ("transpose_forward", "xyz", r"'transpose_forward' must be a list"),
+        ("2d.patch_size", ["a", "a"], r"patch_size \['a', 'a'\] of configuration '2d' is not two positive integers"),
+        (
+            "2d.architecture.arch_kwargs",
+            [],
+            r"configuration '2d': architecture\.arch_kwargs must be an object .*got a list",
+        ),
+        (
+            "2d.architecture.network_class_name",
+            7,
+            r"configuration '2d': architecture\.network_class_name must be a string .*got 7",
+        ),
+        ("2d.normalization_schemes", "RGBTo01Normalization", r"normalization_schemes of configuration '2d' must be"),
+    ],
+)
+def test_plans_of_the_wrong_shape_are_refused_naming_the_entry(tmp_path, path, value, message):
+    folder = _results(tmp_path, plans=_set(_plans(), path, value))
+    with pytest.raises(ModelFileError, match=rf"plans\.json: {message}.*plan the dataset again"):
+        import_nnunet(folder, tmp_path / "model", mpp=2.0)
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("name", ["plans.json", "dataset.json"])
+def test_a_json_file_that_is_no_object_is_refused(tmp_path, name):
+    folder = _results(tmp_path)
+    (folder / name).write_text("[]")
+    result = CliRunner().invoke(app, ["import", "nnunet", str(folder), "--out", str(tmp_path / "m"), "--mpp", "2"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), text
+    assert f"{name}: expected a JSON object as nnU-Net v2 writes it, got a list" in text
+
+
+def test_a_layer_name_that_is_no_string_is_refused(tmp_path):
+    plans = _set(_plans(), "2d.architecture.arch_kwargs.conv_op", 3)
+    folder = _results(tmp_path, plans=plans)
+    with pytest.raises(ModelFileError, match=r"plans\.json \(configuration '2d'\): architecture argument conv_op=3"):
+        import_nnunet(folder, tmp_path / "model", mpp=2.0)
+
+
+@needs_dna
+@pytest.mark.parametrize(
+    ("key", "value", "error"),
+    [("n_stages", "three", "AssertionError: n_conv_per_stage must have"), ("kernel_sizes", [[3, 3]], "AssertionError")],
+)
+def test_arguments_the_network_refuses_are_a_model_file_error(tmp_path, key, value, error):
+    folder = _results(tmp_path, plans=_set(_plans(), f"2d.architecture.arch_kwargs.{key}", value))
+    args = ["import", "nnunet", str(folder), "--out", str(tmp_path / "m"), "--mpp", "2"]
+    result = CliRunner().invoke(app, args)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), text
+    assert f"plans.json (configuration '2d'): its arch_kwargs do not build a PlainConvUNet ({error}" in text
+    assert "plan the dataset again (nnUNetv2_plan_and_preprocess)" in text and not (tmp_path / "m").exists()
+
+
+def test_cli_reports_a_value_error(tmp_path, monkeypatch):
+    import inference
+
+    def refuses(*args, **kwargs):
+        raise ValueError("a value the import refuses")
+
+    monkeypatch.setattr(inference, "import_nnunet", refuses)
+    result = CliRunner().invoke(app, ["import", "nnunet", str(tmp_path), "--out", str(tmp_path / "m"), "--mpp", "2"])
+    assert result.exit_code == 1 and "error: a value the import refuses" in result.output

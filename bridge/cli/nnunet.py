@@ -64,7 +64,7 @@ def import_nnunet_cmd(
             name=name,
             stain=stain,
         )
-    except (Pdl1Error, OSError) as err:
+    except (Pdl1Error, OSError, ValueError) as err:
         raise fail(err) from err
     arch = manifest.architecture.rsplit(".", 1)[-1]
     console.print(

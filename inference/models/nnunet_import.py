@@ -147,30 +147,61 @@ def _read_json(path: Path) -> dict[str, Any]:
             "(pass the TRAINER__PLANS__CONFIGURATION folder under nnUNet_results/DatasetNNN_NAME)"
         )
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelFileError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ModelFileError(
+            f"{path}: expected a JSON object as nnU-Net v2 writes it, got {_json_kind(data)}; "
+            "copy the file again from the nnU-Net results folder"
+        )
+    return data
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, for messages: ``a list``, ``the string 'three'``."""
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, bool | int | float) or value is None:
+        return json.dumps(value)
+    return {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+
+
+def _expect(value: Any, kind: type, what: str, *, plans_path: Path) -> Any:
+    """``value`` if it is a ``kind``; else a :class:`ModelFileError` naming ``what`` in plans.json and the fix."""
+    if not isinstance(value, kind):
+        expected = {dict: "an object", list: "a list", str: "a string"}.get(kind, kind.__name__)
+        raise ModelFileError(
+            f"{plans_path}: {what} must be {expected} (as nnU-Net v2 writes it), got {_json_kind(value)}; "
+            "plan the dataset again (nnUNetv2_plan_and_preprocess) or copy plans.json again from the results folder"
+        )
+    return value
 
 
 def resolve_configuration(plans: dict[str, Any], name: str, *, plans_path: Path) -> dict[str, Any]:
     """A configuration of ``plans`` with what it ``inherits_from`` merged in, as nnU-Net's PlansManager does."""
-    configurations = plans.get("configurations", {})
+    configurations = _expect(plans.get("configurations", {}), dict, "'configurations'", plans_path=plans_path)
     if name not in configurations:
         raise ModelFileError(f"{plans_path}: no configuration {name!r}; it has {sorted(configurations)}")
-    config = dict(configurations[name])
+    config = dict(_expect(configurations[name], dict, f"configuration {name!r}", plans_path=plans_path))
     seen = {name}
     while "inherits_from" in config:
         parent = config.pop("inherits_from")
-        if parent in seen or parent not in configurations:
+        if not isinstance(parent, str) or parent in seen or parent not in configurations:
             raise ModelFileError(f"{plans_path}: configuration {name!r} inherits from unknown or circular {parent!r}")
         seen.add(parent)
-        config = {**configurations[parent], **config}
+        config = {**_expect(configurations[parent], dict, f"configuration {parent!r}", plans_path=plans_path), **config}
     return config
 
 
 def _check_configuration(config: dict[str, Any], name: str, plans: dict[str, Any], *, plans_path: Path) -> None:
     """Refuse what the sliding window cannot run: 3D, non-square patches, transposed axes, unknown networks."""
-    patch = list(config.get("patch_size", []))
+    patch = _expect(config.get("patch_size", []), list, f"patch_size of configuration {name!r}", plans_path=plans_path)
+    if len(patch) == 2 and not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in patch):
+        raise ModelFileError(
+            f"{plans_path}: patch_size {patch} of configuration {name!r} is not two positive integers; "
+            "plan the dataset again (nnUNetv2_plan_and_preprocess)"
+        )
     if len(patch) != 2:
         raise ModelFileError(
             f"{plans_path}: configuration {name!r} is {len(patch)}D (patch size {patch}); only 2D "
@@ -181,15 +212,36 @@ def _check_configuration(config: dict[str, Any], name: str, plans: dict[str, Any
             f"{plans_path}: patch size {patch} is not square; the sliding window runs square tiles "
             "(set a square patch_size in the plans and train again)"
         )
-    transpose = plans.get("transpose_forward", [0, 1, 2])
-    if list(transpose) != [0, 1, 2]:
+    transpose = _expect(plans.get("transpose_forward", [0, 1, 2]), list, "'transpose_forward'", plans_path=plans_path)
+    if transpose != [0, 1, 2]:
         raise ModelFileError(
             f"{plans_path}: transpose_forward {transpose} is not the identity; such plans are not supported"
         )
     arch = config.get("architecture")
     if not isinstance(arch, dict) or "network_class_name" not in arch:
         raise ModelFileError(f"{plans_path}: configuration {name!r} names no architecture (nnU-Net v2.4+ plans)")
-    check_nnunet_architecture(arch["network_class_name"])
+    what = f"configuration {name!r}: architecture"
+    check_nnunet_architecture(
+        _expect(arch["network_class_name"], str, f"{what}.network_class_name", plans_path=plans_path)
+    )
+    _expect(arch.get("arch_kwargs", {}), dict, f"{what}.arch_kwargs", plans_path=plans_path)
+    imports = _expect(arch.get("_kw_requires_import", []), list, f"{what}._kw_requires_import", plans_path=plans_path)
+    for key in imports:
+        _expect(key, str, f"each entry of {what}._kw_requires_import", plans_path=plans_path)
+    schemes = _expect(
+        config.get("normalization_schemes", []),
+        list,
+        f"normalization_schemes of configuration {name!r}",
+        plans_path=plans_path,
+    )
+    for scheme in schemes:
+        _expect(scheme, str, f"each of normalization_schemes of configuration {name!r}", plans_path=plans_path)
+    _expect(
+        plans.get("foreground_intensity_properties_per_channel", {}),
+        dict,
+        "'foreground_intensity_properties_per_channel'",
+        plans_path=plans_path,
+    )
 
 
 def _normalization(
@@ -205,10 +257,18 @@ def _normalization(
             props = intensities.get(str(channel))
             if not props:
                 raise ModelFileError(f"{plans_path}: CTNormalization without foreground intensity properties")
-            mean.append(float(props["mean"]) / 255.0)
-            std.append(max(float(props["std"]), 1e-8) / 255.0)
-            low.append(float(props["percentile_00_5"]) / 255.0)
-            high.append(float(props["percentile_99_5"]) / 255.0)
+            try:
+                numbers = [float(props[k]) for k in ("mean", "std", "percentile_00_5", "percentile_99_5")]
+            except (KeyError, TypeError, ValueError) as err:
+                raise ModelFileError(
+                    f"{plans_path}: foreground_intensity_properties_per_channel[{str(channel)!r}] needs the numbers "
+                    f"mean, std, percentile_00_5 and percentile_99_5, got {props!r}; plan the dataset again "
+                    "(nnUNetv2_plan_and_preprocess)"
+                ) from err
+            mean.append(numbers[0] / 255.0)
+            std.append(max(numbers[1], 1e-8) / 255.0)
+            low.append(numbers[2] / 255.0)
+            high.append(numbers[3] / 255.0)
             continue
         low.append(0.0)  # x / 255 of uint8 pixels lies in [0, 1]: no clip
         high.append(1.0)
@@ -309,7 +369,8 @@ def import_nnunet(
     paths = _choose_checkpoints(folder, folds=folds, checkpoints=checkpoints or ["checkpoint_final.pth"])
     # nnU-Net names the folder TRAINER__PLANS__CONFIGURATION; a renamed folder is told by its checkpoints.
     parsed = _CONFIG_DIR.match(folder.name)
-    if parsed and parsed["configuration"] in plans.get("configurations", {}):
+    configurations = _expect(plans.get("configurations", {}), dict, "'configurations'", plans_path=plans_path)
+    if parsed and parsed["configuration"] in configurations:
         configuration = parsed["configuration"]
         config = resolve_configuration(plans, configuration, plans_path=plans_path)
         _check_configuration(config, configuration, plans, plans_path=plans_path)
@@ -354,7 +415,7 @@ def import_nnunet(
     # Every member is checked before anything is written: a refusal leaves no half-written model folder.
     networks = []
     for ckpt in loaded:
-        network = build_nnunet_network(architecture, kwargs)
+        network = build_nnunet_network(architecture, kwargs, given_in=f"{plans_path} (configuration {configuration!r})")
         try:
             network.load_state_dict(ckpt.weights, strict=True)
         except RuntimeError as err:

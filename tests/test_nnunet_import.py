@@ -153,6 +153,56 @@ def test_checkpoint_with_a_foreign_class_is_refused(tmp_path):
         load_nnunet_checkpoint(path)
 
 
+def _damaged(kind: str, good: bytes) -> bytes:
+    """A checkpoint file as it arrives broken: empty, random bytes, cut short, a bit flipped, another zip."""
+    if kind == "empty":
+        return b""
+    if kind == "random":
+        return b"\x17" + np.random.default_rng(5).bytes(4095)  # not a pickle's 0x80, not a zip's "PK"
+    if kind == "truncated":
+        return good[: len(good) // 2]
+    if kind == "bit flipped":
+        middle = len(good) // 2  # inside the tensor's bytes, which torch does not check
+        return good[:middle] + bytes([good[middle] ^ 0xFF]) + good[middle + 1 :]
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("notes.txt", "not a checkpoint")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("kind", "why"),
+    [
+        ("empty", r"it is empty \(0 bytes\)"),
+        ("random", r"it is not a zip archive, as torch saves checkpoints \(its first bytes are b'\\x17"),
+        ("truncated", r"its zip archive has no end \(\d+ bytes\): the file was cut short"),
+        ("bit flipped", r"its member c/data/0 fails its CRC check"),
+        ("other zip", r"it is a zip archive without the data\.pkl torch writes"),
+    ],
+)
+def test_a_damaged_checkpoint_is_told_from_a_refused_one(tmp_path, kind, why):
+    path = tmp_path / "c.pth"
+    torch.save(_checkpoint({"w": torch.arange(4096, dtype=torch.float32)}, epoch=1), path)
+    path.write_bytes(_damaged(kind, path.read_bytes()))
+    with pytest.raises(
+        ModelFileError, match=rf"c\.pth: damaged or not a torch checkpoint: {why}.*; copy it again"
+    ) as err:
+        load_nnunet_checkpoint(path)
+    assert "refused" not in str(err.value) and "run code" not in str(err.value)
+
+
+def test_a_legacy_checkpoint_cut_short_is_damaged_not_a_traceback(tmp_path):
+    path = tmp_path / "c.pth"
+    torch.save(_checkpoint({"w": torch.zeros(3)}, epoch=1), path, _use_new_zipfile_serialization=False)
+    assert load_nnunet_checkpoint(path).epoch == 1  # torch's pickle format before 1.6 still loads
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ModelFileError, match=r"c\.pth: damaged or not a torch checkpoint: torch cannot read it \("):
+        load_nnunet_checkpoint(path)
+
+
 def test_checkpoint_keeps_only_network_weights(tmp_path):
     path = tmp_path / "c.pth"
     torch.save(_checkpoint({"module.a": torch.ones(2)}, epoch=2), path)

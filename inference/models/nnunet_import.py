@@ -29,6 +29,7 @@ import logging
 import math
 import pickle
 import re
+import struct
 import zipfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -89,13 +90,17 @@ class NnunetCheckpoint:
 def load_nnunet_checkpoint(path: str | Path) -> NnunetCheckpoint:
     """Read a ``checkpoint_*.pth`` with torch's restricted unpickler; keep its ``network_weights`` only.
 
-    Raises :class:`ModelFileError` naming the file when the restricted unpickler refuses it (a
-    pickle that would build anything but tensors and plain data), when it is no torch file, or
-    when it holds no tensor weights.
+    Raises :class:`ModelFileError` naming the file when it is damaged or no torch file (empty, cut
+    short, a zip member failing its CRC: told before anything is unpickled), when the restricted
+    unpickler refuses it (a pickle that would build anything but tensors and plain data), or when
+    it holds no tensor weights.
     """
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: checkpoint not found")
+    damaged = _why_not_a_torch_file(path)
+    if damaged is not None:
+        raise ModelFileError(f"{path}: damaged or not a torch checkpoint: {damaged}; {_COPY_AGAIN}")
     try:
         with torch.serialization.safe_globals(_numpy_scalar_globals()):
             raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -106,8 +111,23 @@ def load_nnunet_checkpoint(path: str | Path) -> NnunetCheckpoint:
             f"could run code ({first}); a checkpoint written by nnU-Net v2's trainer holds only those. "
             "If you trust it, load it in nnU-Net and save its network_weights again"
         ) from err
-    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile) as err:
-        raise ModelFileError(f"{path}: not a readable torch checkpoint ({err})") from err
+    # What is left is damage the checks above cannot see (an intact archive of wrong contents, a legacy
+    # pickle cut short): torch fails inside its reader with whatever error that part raises.
+    except (
+        RuntimeError,
+        OSError,
+        EOFError,
+        zipfile.BadZipFile,
+        IndexError,
+        KeyError,
+        ValueError,
+        TypeError,
+        struct.error,
+    ) as err:
+        raise ModelFileError(
+            f"{path}: damaged or not a torch checkpoint: torch cannot read it ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no detail'}); {_COPY_AGAIN}"
+        ) from err
     weights = raw.get("network_weights") if isinstance(raw, dict) else None
     if not isinstance(weights, dict) or not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise ModelFileError(
@@ -129,6 +149,40 @@ def load_nnunet_checkpoint(path: str | Path) -> NnunetCheckpoint:
         epoch=epoch,
         learning_rate=lr,
     )
+
+
+_COPY_AGAIN = "copy it again from the nnU-Net results folder (fold_K/ holds the checkpoints its trainer wrote)"
+
+
+def _why_not_a_torch_file(path: Path) -> str | None:
+    """Why ``path`` cannot be a torch checkpoint at all (empty, cut short, not a zip archive), or None.
+
+    torch saves checkpoints as zip archives whose members carry CRCs: checking them tells a damaged
+    file from one the restricted unpickler refuses, and unpickles nothing. A pickle (torch's legacy
+    format, before torch 1.6) has no such check and is left to the restricted unpickler.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        return "it is empty (0 bytes)"
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    if head[:1] == b"\x80":  # the PROTO opcode a pickle starts with
+        return None
+    if head != b"PK\x03\x04":
+        return f"it is not a zip archive, as torch saves checkpoints (its first bytes are {head!r})"
+    if not zipfile.is_zipfile(path):
+        return f"its zip archive has no end ({size} bytes): the file was cut short"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        return f"its zip archive is damaged ({err})"
+    if bad is not None:
+        return f"its member {bad} fails its CRC check"
+    if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return "it is a zip archive without the data.pkl torch writes"
+    return None
 
 
 def _refusal_reason(message: str) -> str:

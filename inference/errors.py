@@ -47,5 +47,9 @@ class TruthNotFoundError(Pdl1Error, FileNotFoundError):
     """No phantom truth lies beside a slide that is to be evaluated."""
 
 
+class TruthFormatError(Pdl1Error, ValueError):
+    """A phantom's truth folder is there but a file in it is missing, cut short or not in the written layout."""
+
+
 class Cancelled(Exception):  # noqa: N818 - reads as what happened; not an error, so not a Pdl1Error
     """Raised between batches when ``should_cancel()`` answers True."""

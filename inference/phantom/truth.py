@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inference.errors import TruthNotFoundError
+from inference.errors import TruthFormatError, TruthNotFoundError
 
 NUCLEUS_CLASSES = ("Tumor: Positive", "Tumor: Negative", "Other")
 POSITIVE, NEGATIVE, OTHER = 0, 1, 2
@@ -181,10 +181,16 @@ class PhantomTruthData:
     nuclei_intensity: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # int64 (N,), 0-3 (IHC)
 
 
-def load_truth(slide_path: str | Path) -> PhantomTruthData:
-    """Read the truth written beside a phantom slide by :func:`write_phantom`."""
-    import tifffile
+# What to do about truth that is there but damaged: the phantom writer makes all of it again.
+_REWRITE = "write the phantom again with `pdl1 phantom ... --overwrite`"
 
+
+def load_truth(slide_path: str | Path) -> PhantomTruthData:
+    """Read the truth written beside a phantom slide by :func:`write_phantom`.
+
+    Raises :class:`TruthNotFoundError` without ``truth.json`` and :class:`TruthFormatError` naming the file
+    when a file is missing, unreadable, cut short or holds fewer nuclei than ``truth.json`` counts.
+    """
     truth_dir = truth_dir_for(slide_path)
     summary_path = truth_dir / "truth.json"
     if not summary_path.is_file():
@@ -192,21 +198,19 @@ def load_truth(slide_path: str | Path) -> PhantomTruthData:
             f"no truth beside {slide_path}: expected {summary_path} (written by `pdl1 phantom`); "
             "evaluation needs a phantom slide or truth in that layout"
         )
-    summary = json.loads(summary_path.read_text())
-    mask = tifffile.imread(truth_dir / "positive_mask.tif")
+    summary = _read_summary(summary_path)
+    mask = _read_mask(truth_dir / "positive_mask.tif")
     class_names = tuple(summary.get("classes", NUCLEUS_CLASSES))
-    names = {name: i for i, name in enumerate(class_names)}
-    xy, cls, intensity = [], [], []
-    with (truth_dir / "nuclei.csv").open() as fh:
-        for row in csv.DictReader(fh):
-            xy.append((float(row["x_px"]), float(row["y_px"])))
-            if row["class"] not in names:
-                raise ValueError(
-                    f"{truth_dir / 'nuclei.csv'}: class {row['class']!r} is not one of truth.json's "
-                    f"classes {class_names}; rewrite the truth with `pdl1 phantom`"
-                )
-            cls.append(names[row["class"]])
-            intensity.append(int(row.get("intensity") or 0))
+    xy, cls, intensity = _read_nuclei(truth_dir / "nuclei.csv", class_names)
+    counts = summary.get("nuclei_counts")
+    # A csv cut at a line end still parses: only truth.json's counts show that nuclei are missing.
+    if isinstance(counts, dict) and all(isinstance(v, int) for v in counts.values()):
+        expected = sum(counts.values())
+        if len(cls) != expected:
+            raise TruthFormatError(
+                f"{truth_dir / 'nuclei.csv'}: {len(cls)} nuclei, but {summary_path} counts {expected} "
+                f"(nuclei_counts); the file is cut short or altered: {_REWRITE}"
+            )
     return PhantomTruthData(
         positive_mask=mask,
         mask_downsample=float(summary["mask_downsample"]),
@@ -216,3 +220,73 @@ def load_truth(slide_path: str | Path) -> PhantomTruthData:
         class_names=class_names,
         nuclei_intensity=np.array(intensity, np.int64),
     )
+
+
+def _read_summary(path: Path) -> dict:
+    """``truth.json`` as a dict with the keys evaluation reads."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TruthFormatError(f"{path}: not readable as JSON ({err}); {_REWRITE}") from err
+    if not isinstance(summary, dict):
+        raise TruthFormatError(
+            f"{path}: expected a JSON object with the phantom's summary, got a {type(summary).__name__}; {_REWRITE}"
+        )
+    if "mask_downsample" not in summary:
+        raise TruthFormatError(f"{path}: no 'mask_downsample' (the positive mask's scale); {_REWRITE}")
+    try:
+        if float(summary["mask_downsample"]) <= 0:
+            raise ValueError(summary["mask_downsample"])
+    except (TypeError, ValueError) as err:
+        raise TruthFormatError(
+            f"{path}: 'mask_downsample' must be a positive number, got {summary['mask_downsample']!r}; {_REWRITE}"
+        ) from err
+    classes = summary.get("classes", NUCLEUS_CLASSES)
+    if not isinstance(classes, list | tuple) or not all(isinstance(c, str) for c in classes):
+        raise TruthFormatError(f"{path}: 'classes' must be a list of class names, got {classes!r}; {_REWRITE}")
+    return summary
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    """``positive_mask.tif`` as a 2-D array."""
+    import tifffile
+
+    if not path.is_file():
+        raise TruthFormatError(f"{path}: missing (the truth's positive mask); {_REWRITE}")
+    try:
+        mask = tifffile.imread(path)
+    except Exception as err:  # tifffile raises many kinds (TiffFileError, ValueError, struct.error ...)
+        raise TruthFormatError(f"{path}: not a readable TIFF ({err}); {_REWRITE}") from err
+    if mask.ndim != 2:
+        raise TruthFormatError(f"{path}: expected a 2-D 0/1 mask, got shape {mask.shape}; {_REWRITE}")
+    return mask
+
+
+def _read_nuclei(path: Path, class_names: tuple[str, ...]) -> tuple[list, list, list]:
+    """``nuclei.csv``'s centres, class indices into ``class_names`` and intensities (0 without the column)."""
+    if not path.is_file():
+        raise TruthFormatError(f"{path}: missing (the truth's nuclei); {_REWRITE}")
+    names = {name: i for i, name in enumerate(class_names)}
+    xy, cls, intensity = [], [], []
+    try:
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            missing = [c for c in ("x_px", "y_px", "class") if c not in header]
+            if missing:
+                raise TruthFormatError(f"{path}: expected the columns x_px, y_px, class, got {header}; {_REWRITE}")
+            for line, row in enumerate(reader, start=2):
+                try:
+                    xy.append((float(row["x_px"]), float(row["y_px"])))
+                    intensity.append(int(row.get("intensity") or 0))
+                except (TypeError, ValueError) as err:
+                    raise TruthFormatError(f"{path}, line {line}: {row} is not a nucleus ({err}); {_REWRITE}") from err
+                if row["class"] not in names:
+                    raise TruthFormatError(
+                        f"{path}, line {line}: class {row['class']!r} is not one of truth.json's "
+                        f"classes {class_names}; {_REWRITE}"
+                    )
+                cls.append(names[row["class"]])
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise TruthFormatError(f"{path}: not readable as CSV ({err}); {_REWRITE}") from err
+    return xy, cls, intensity

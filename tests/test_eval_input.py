@@ -1,0 +1,85 @@
+"""Bad input to ``pdl1 eval`` and ``pdl1 calibrate``: damaged truth, mismatched stains, bad --out folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from inference.errors import Pdl1Error, TruthFormatError
+from inference.phantom.pyramid import write_phantom
+from inference.phantom.scene import PhantomSpec
+from inference.phantom.truth import load_truth, truth_dir_for
+
+
+@pytest.fixture(scope="module")
+def small_phantom(tmp_path_factory) -> Path:
+    """A 1024² H&E phantom with truth, copied by :func:`phantom_copy` before a test damages it."""
+    path = tmp_path_factory.mktemp("small") / "small.svs"
+    write_phantom(path, PhantomSpec(1024, 1024, seed=1, tps_percent=30))
+    return path
+
+
+@pytest.fixture
+def phantom_copy(small_phantom, tmp_path) -> Path:
+    slide = tmp_path / small_phantom.name
+    shutil.copy(small_phantom, slide)
+    shutil.copytree(truth_dir_for(small_phantom), truth_dir_for(slide))
+    return slide
+
+
+def _damage_json(text: str) -> str:
+    summary = json.loads(text)
+    del summary["mask_downsample"]
+    return json.dumps(summary)
+
+
+def _rename_header(text: str) -> str:
+    return text.replace("x_px", "x", 1)
+
+
+def _cut_at_line_end(text: str) -> str:
+    lines = text.splitlines(keepends=True)
+    return "".join(lines[: len(lines) // 2])
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "match"),
+    [
+        ("truth.json", _damage_json, r"truth\.json: no 'mask_downsample'"),
+        ("truth.json", lambda text: "[1, 2]", r"truth\.json: expected a JSON object .* got a list"),
+        ("truth.json", lambda text: text[:94], r"truth\.json: not readable as JSON"),
+        ("truth.json", lambda text: "", r"truth\.json: not readable as JSON"),
+        ("nuclei.csv", _rename_header, r"nuclei\.csv: expected the columns x_px, y_px, class"),
+        ("nuclei.csv", _cut_at_line_end, r"nuclei\.csv: \d+ nuclei, but .*truth\.json counts \d+"),
+        ("nuclei.csv", lambda text: text[: len(text) // 2], r"nuclei\.csv(, line \d+:|: \d+ nuclei)"),
+    ],
+)
+def test_damaged_truth_is_a_truth_error_naming_the_file_and_the_fix(phantom_copy, name, damage, match):
+    path = truth_dir_for(phantom_copy) / name
+    path.write_text(damage(path.read_text()))
+    with pytest.raises(TruthFormatError, match=match) as info:
+        load_truth(phantom_copy)
+    assert "pdl1 phantom ... --overwrite" in str(info.value)
+    assert isinstance(info.value, Pdl1Error) and isinstance(info.value, ValueError)
+
+
+def test_a_damaged_mask_is_a_truth_error(phantom_copy):
+    path = truth_dir_for(phantom_copy) / "positive_mask.tif"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(TruthFormatError, match=r"positive_mask\.tif: not a readable TIFF"):
+        load_truth(phantom_copy)
+
+
+@pytest.mark.parametrize("name", ["positive_mask.tif", "nuclei.csv"])
+def test_a_missing_truth_file_is_a_truth_error(phantom_copy, name):
+    (truth_dir_for(phantom_copy) / name).unlink()
+    with pytest.raises(TruthFormatError, match=rf"{name.replace('.', '[.]')}: missing .*--overwrite"):
+        load_truth(phantom_copy)
+
+
+def test_undamaged_truth_loads_with_every_nucleus_counted(phantom_copy):
+    truth = load_truth(phantom_copy)
+    assert len(truth.nuclei_class) == sum(truth.summary["nuclei_counts"].values())

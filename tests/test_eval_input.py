@@ -7,7 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from bridge.cli.app import app
 from inference.errors import Pdl1Error, TruthFormatError
 from inference.phantom.pyramid import write_phantom
 from inference.phantom.scene import PhantomSpec
@@ -83,3 +85,82 @@ def test_a_missing_truth_file_is_a_truth_error(phantom_copy, name):
 def test_undamaged_truth_loads_with_every_nucleus_counted(phantom_copy):
     truth = load_truth(phantom_copy)
     assert len(truth.nuclei_class) == sum(truth.summary["nuclei_counts"].values())
+
+
+# --- stains and batches: refused before any model runs --------------------------------------------------------
+
+runner = CliRunner()
+MODELS = Path(__file__).resolve().parents[1] / "inference" / "demo_models"
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    """A 1024² H&E phantom and its PD-L1 IHC section."""
+    from inference.phantom.pyramid import write_ihc_phantom
+
+    folder = tmp_path_factory.mktemp("pair")
+    spec = PhantomSpec(1024, 1024, seed=1, tps_percent=30)
+    he = write_phantom(folder / "he.svs", spec)
+    write_ihc_phantom(folder / "ihc.svs", spec, paired_with=he.slide_path)
+    return folder / "he.svs", folder / "ihc.svs"
+
+
+def _said(result) -> str:
+    return " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["eval", "ihc", "{he}", "--no-review"], "he.svs: the phantom is H&E (its truth.json's stain), but the PD-L1"),
+        (["eval", "ihc", "{he}"], "he.svs: the phantom is H&E (its truth.json's stain), but the PD-L1 IHC nuclei"),
+        (["eval", "nuclei", "{he}", "--model", str(MODELS / "nuclei-ihc")], "trained on H-DAB: score that model"),
+        (["eval", "seg", "{ihc}"], "ihc.svs: the phantom is H-DAB (its truth.json's stain), but the segmentation"),
+        (["eval", "tps", "{ihc}"], "ihc.svs: the phantom is H-DAB"),
+        (["eval", "registration", "{he}"], "but this evaluation takes H-DAB phantoms"),
+        (["calibrate", "{ihc}", "--out", "{tmp}/cal"], "ihc.svs: the phantom is H-DAB"),
+        (
+            ["eval", "{he}", "--out", "{tmp}/rep", "--nuclei-model", str(MODELS / "nuclei-ihc")],
+            "is a PD-L1 IHC (H-DAB) model, but the H&E slides needs an H&E model",
+        ),
+        (
+            ["eval", "ihc", "{ihc}", "--model", str(MODELS / "nuclei")],
+            "is an H&E model, but `pdl1 eval ihc` needs a PD-L1 IHC (H-DAB) model there: give one, or leave --model",
+        ),
+        (
+            ["eval", "{he}", "{ihc}", "--out", "{tmp}/rep", "--ihc-model", str(MODELS / "nuclei")],
+            "is an H&E model, but the PD-L1 IHC slides needs a PD-L1 IHC (H-DAB) model there",
+        ),
+        (
+            ["eval", "tps", "{he}", "--nuclei-model", str(MODELS / "nuclei-ihc")],
+            "is a PD-L1 IHC (H-DAB) model, but `pdl1 eval tps` needs an H&E model",
+        ),
+    ],
+)
+def test_a_model_of_another_stain_than_the_phantom_is_refused(pair, tmp_path, args, said):
+    he, ihc = pair
+    args = [a.format(he=he, ihc=ihc, tmp=tmp_path) for a in args]
+    options = (
+        [] if "registration" in args else ["--device", "cpu"] if "tps" in args else ["--device", "cpu", "--no-progress"]
+    )
+    result = runner.invoke(app, [*args, *options])
+    assert result.exit_code == 1, result.output
+    assert said in _said(result)
+    assert "QuPath" not in result.output and "--stain" not in result.output
+    assert not (tmp_path / "cal").exists() and not (tmp_path / "rep").exists()
+
+
+@pytest.mark.parametrize("command", [["seg"], ["nuclei"], ["tps"], []])
+def test_a_batch_with_bad_slides_fails_at_once_naming_each(pair, tmp_path, command):
+    he, _ = pair
+    plain = tmp_path / "plain.svs"
+    shutil.copy(he, plain)  # a slide without truth
+    out = ["--out", str(tmp_path / "rep")] if not command else []
+    slides = [str(he), str(plain), str(he), str(tmp_path / "other.svs")]
+    progress = [] if command == ["tps"] else ["--no-progress"]
+    result = runner.invoke(app, ["eval", *command, *slides, *out, "--device", "cpu", *progress])
+    assert result.exit_code == 1, result.output
+    said = _said(result)
+    assert "2 of 4 slides cannot be evaluated, so none was" in said
+    assert "no truth beside" in said and "plain.svs" in said and "other.svs" in said
+    assert "Dice" not in said and "F1" not in said  # nothing was scored

@@ -21,6 +21,30 @@ class _DefaultSuiteGroup(TyperGroup):
         return super().parse_args(ctx, args)
 
 
+_MODEL_OF_STAIN = {"H&E": "an H&E model", "H-DAB": "a PD-L1 IHC (H-DAB) model"}
+
+
+def _require_model_stain(manifest, stain: str, *, option: str, folder, command: str) -> None:
+    """Refuse a model of the wrong stain for its option before anything runs (the pipeline's own message would
+    advise QuPath's image type or --stain, which eval has not)."""
+    from inference import StainError
+
+    if manifest.stain != stain:
+        raise StainError(
+            f"{option} {folder}: {manifest.name!r} is {_MODEL_OF_STAIN.get(manifest.stain, manifest.stain)}, but "
+            f"{command} needs {_MODEL_OF_STAIN.get(stain, stain)} there: give one, or leave {option} out for the "
+            "shipped one"
+        )
+
+
+def _check_truths(slides: list[Path], models_by_stain: dict) -> list:
+    """Every slide's truth checked against its models before any runs: a bad slide fails the batch at once, named
+    with all the others (:func:`inference.evaluation.evaluate.check_truths`)."""
+    from inference.evaluation.evaluate import check_truths
+
+    return check_truths(slides, models_by_stain)
+
+
 NucleiModelOption = Annotated[
     str,
     typer.Option(
@@ -57,6 +81,7 @@ def eval_seg(
     try:
         ensemble = Ensemble.load(model or demo_model_dir("seg"), task="segmentation", device=device)
         members = ensemble.manifest.members
+        _check_truths(slides, {ensemble.manifest.stain: [("segmentation", ensemble.manifest)]})
         pooled = len({m.chain for m in members}) > 1
         for slide in slides:
             with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
@@ -177,6 +202,7 @@ def eval_nuclei(
     out = stdout()
     try:
         ensemble = Ensemble.load(model or demo_model_dir("nuclei"), task="nuclei", device=device)
+        _check_truths(slides, {ensemble.manifest.stain: [("nuclei", ensemble.manifest)]})
         table = Table(title=f"nuclei vs truth (match within {radius_um} µm)")
         for col in ("slide", "class", "precision", "recall", "F1", "TPS pred", "TPS truth", "TPS error"):
             table.add_column(col, justify="left" if col in ("slide", "class") else "right")
@@ -279,6 +305,9 @@ def eval_ihc(
             if models
             else Ensemble.load(model or demo_model_dir("nuclei-ihc"), task="nuclei", device=device)
         )
+        folder = model or demo_model_dir("nuclei-ihc")
+        _require_model_stain(ensemble.manifest, "H-DAB", option="--model", folder=folder, command="`pdl1 eval ihc`")
+        _check_truths(slides, {"H-DAB": [("PD-L1 IHC nuclei", ensemble.manifest)]})
         table = Table(title=f"PD-L1 IHC vs truth ({ensemble.manifest.name}; nuclei matched within {radius_um} µm)")
         columns = ("slide", "TPS pred", "TPS truth", "TPS error", "category", "CPS pred", "CPS truth", "CPS error")
         for col in (*columns, "F1", "intensity agreement", "entropy mean", *(("review",) if review else ())):
@@ -342,6 +371,9 @@ def eval_tps(
     try:
         config = pipeline_config(device, seg_model, nuclei_model, None)
         models = Models(config)
+        for option, m in (("--seg-model", models.seg), ("--nuclei-model", models.nuclei)):
+            _require_model_stain(m.manifest, "H&E", option=option, folder=m.folder, command="`pdl1 eval tps`")
+        _check_truths(slides, {"H&E": [("segmentation", models.seg.manifest), ("nuclei", models.nuclei.manifest)]})
         table = Table(title="predicted TPS (H&E) vs truth")
         for col in ("slide", "shift", "truth", "predicted", "error", "members' range", "truth in range", "category"):
             table.add_column(col, justify="left" if col == "slide" else "right")
@@ -399,6 +431,7 @@ def eval_registration(
         table = Table(title=f"IHC -> H&E registration at {mpp:g} µm/px vs the true transform")
         for col in ("IHC", "H&E", "median µm", "p90 µm", "max µm", "estimated µm", "angle °", "ok"):
             table.add_column(col, justify="left" if col in ("IHC", "H&E", "ok") else "right")
+        _check_truths(slides, {"H-DAB": []})
         medians = []
         for slide in slides:
             r = evaluate_registration(slide, mpp=mpp)
@@ -455,18 +488,31 @@ def eval_suite(
         PipelineConfig,
         demo_model_dir,
         evaluate_slide_suite,
-        load_truth,
+        read_manifest,
         review_rule_for,
         sua_params_for,
     )
 
     console_out = stdout()
     try:
-        ihc_slides = [slide for slide in slides if load_truth(slide).summary.get("stain") == "H-DAB"]
-        he_slides = [slide for slide in slides if slide not in ihc_slides]
         ensemble = Ensemble.load(model or demo_model_dir("seg"), task="segmentation", device=device)
         nuclei = _nuclei_model(nuclei_model, device)
         manifest = ensemble.manifest
+        he_models = [("segmentation", manifest)]
+        if nuclei is not None:
+            _require_model_stain(
+                nuclei.manifest, "H&E", option="--nuclei-model", folder=nuclei.folder, command="the H&E slides"
+            )
+            he_models.append(("nuclei", nuclei.manifest))
+        # The IHC model loads only for IHC slides; its manifest is read here to check it against them first.
+        ihc_folder = ihc_model or demo_model_dir("nuclei-ihc")
+        ihc_manifest = read_manifest(ihc_folder, task="nuclei", verify=False)
+        _require_model_stain(
+            ihc_manifest, "H-DAB", option="--ihc-model", folder=ihc_folder, command="the PD-L1 IHC slides"
+        )
+        truths = _check_truths(slides, {"H&E": he_models, "H-DAB": [("PD-L1 IHC nuclei", ihc_manifest)]})
+        ihc_slides = [slide for slide, t in zip(slides, truths, strict=True) if t.summary.get("stain") == "H-DAB"]
+        he_slides = [slide for slide in slides if slide not in ihc_slides]
         upper = manifest.thresholds.get("segmentation", 0.5)
         sua = sua_params_for(manifest, PipelineConfig(), upper=upper)
         pixel_threshold = manifest.thresholds.get("pixel_baseline_threshold", sua.threshold)

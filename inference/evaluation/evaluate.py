@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,7 +36,7 @@ from inference.analysis.sua import (
     pixel_baseline,
     region_scores,
 )
-from inference.errors import StainError, TruthNotFoundError
+from inference.errors import Pdl1Error, StainError, TruthNotFoundError
 from inference.evaluation.metrics import auprc, auroc, brier, dice, ece, fbeta_score, iou
 from inference.evaluation.review import (
     FLAG_AT_OR_BELOW,
@@ -49,6 +49,7 @@ from inference.evaluation.review import (
 )
 from inference.models.ensemble import Ensemble
 from inference.models.features import capture_tile_features
+from inference.models.manifest import Manifest
 from inference.phantom.ihc import ihc_to_he_points
 from inference.phantom.truth import PhantomTruthData, load_truth
 from inference.phantom.truth_tissue import truth_tissue_mask
@@ -156,6 +157,58 @@ def evaluate_segmentation_maps(
     )
 
 
+def truth_stain(truth: PhantomTruthData) -> str:
+    """The stain of the phantom a truth belongs to (``truth.json``'s ``stain``; older truth is H&E's)."""
+    return str(truth.summary.get("stain", "H&E"))
+
+
+def check_truth_stain(slide_path: str | Path, truth: PhantomTruthData, manifest: Manifest, role: str) -> None:
+    """Refuse to score a model of one stain against a phantom of another: it runs, and scores nonsense silently."""
+    stain = truth_stain(truth)
+    if manifest.stain != stain:
+        raise StainError(
+            f"{slide_path}: the phantom is {stain} (its truth.json's stain), but the {role} model "
+            f"{manifest.name!r} was trained on {manifest.stain}: score that model on {manifest.stain} phantoms, or "
+            f"give a {role} model trained on {stain}"
+        )
+
+
+def check_truths(
+    slides: Sequence[str | Path], models_by_stain: Mapping[str, Sequence[tuple[str, Manifest]]]
+) -> list[PhantomTruthData]:
+    """Load every slide's truth and check its stain against the models that will score it, before any model runs.
+
+    ``models_by_stain`` maps each phantom stain the evaluation takes to the (role, manifest) of the models that
+    score those slides. A bad slide (no truth, damaged truth, another stain) does not end a batch half-way: all
+    are named in one error (of their common class, else :class:`Pdl1Error`), so they can be fixed together.
+    """
+    truths, errors = [], []
+    for slide in slides:
+        try:
+            truth = load_truth(slide)
+            stain = truth_stain(truth)
+            if stain not in models_by_stain:
+                for role, manifest in (m for models in models_by_stain.values() for m in models):
+                    check_truth_stain(slide, truth, manifest, role)  # a model of another stain: says which
+                raise StainError(
+                    f"{slide}: the phantom is {stain} (its truth.json's stain), but this evaluation takes "
+                    f"{' or '.join(models_by_stain)} phantoms; give those (`pdl1 phantom --ihc` writes PD-L1 IHC ones)"
+                )
+            for role, manifest in models_by_stain[stain]:
+                check_truth_stain(slide, truth, manifest, role)
+            truths.append(truth)
+        except Pdl1Error as err:
+            errors.append(err)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        kinds = {type(err) for err in errors}
+        kind = kinds.pop() if len(kinds) == 1 else Pdl1Error
+        lines = "\n".join(f"  {err}" for err in errors)
+        raise kind(f"{len(errors)} of {len(slides)} slides cannot be evaluated, so none was:\n{lines}") from errors[0]
+    return truths
+
+
 def truth_map_downsample(truth_mpp: float, input_mpp: float) -> int:
     """Model px per map px for scoring against a truth of ``truth_mpp`` µm/px.
 
@@ -215,6 +268,7 @@ def _segment_against_truth(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> _ScoredSlide:
     truth_data = load_truth(slide_path)  # fail early, before inference, without truth
+    check_truth_stain(slide_path, truth_data, ensemble.manifest, "segmentation")
     with open_slide(slide_path, mpp=mpp) as slide:
         if config is None:
             truth_mpp = truth_data.mask_downsample * slide.mpp.mean
@@ -325,9 +379,11 @@ def evaluate_nuclei(
     The truth's classes are matched to the model's by name, so a model of the other stain (H&E
     classes against an IHC truth) is refused with both lists.
     """
+    truth = load_truth(slide_path)
+    check_truth_stain(slide_path, truth, ensemble.manifest, "nuclei")
     _check_truth_classes(
         slide_path,
-        load_truth(slide_path),
+        truth,
         tuple(ensemble.manifest.class_names),
         f"the model {ensemble.manifest.name!r} ({ensemble.manifest.stain})",
     )
@@ -443,6 +499,7 @@ def _predicted_tps(
     predicted positive area away from tumour cells (:func:`positive_off_tumour_pct`), and the share of the
     members whose own TPS is in another category (:func:`tps_member_disagreement`; the maps hold each
     member's, :func:`_segment_against_truth`)."""
+    check_truth_stain(slide_path, scored.truth_data, nuclei_model.manifest, "nuclei")
     with open_slide(slide_path) as slide:
         nuclei = detect_nuclei(slide, nuclei_model, tissue=scored.tissue)
         mpp = slide.mpp.mean
@@ -672,6 +729,10 @@ def calibrate_ensemble(
         for key, value in review_rule_for(ensemble.manifest).items()
         if key in ("review_tps_member_disagreement", "review_unsettled_positive_area_pct")
     }
+    scorers = [("segmentation", ensemble.manifest)]
+    if nuclei_model is not None:
+        scorers.append(("nuclei", nuclei_model.manifest))
+    check_truths(slides, {ensemble.manifest.stain: scorers})  # every slide, before the first is segmented
     scored = []
     for path in slides:
         # On the pipeline's grid, where the thresholds will be applied (not the truth's finer one).

@@ -106,7 +106,8 @@ def pair(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _said(result) -> str:
-    return " ".join(result.output.split())
+    """The output on one line, without the borders of a usage error's box."""
+    return " ".join(result.output.replace("│", " ").split())
 
 
 @pytest.mark.parametrize(
@@ -164,3 +165,70 @@ def test_a_batch_with_bad_slides_fails_at_once_naming_each(pair, tmp_path, comma
     assert "2 of 4 slides cannot be evaluated, so none was" in said
     assert "no truth beside" in said and "plain.svs" in said and "other.svs" in said
     assert "Dice" not in said and "F1" not in said  # nothing was scored
+
+
+# --- --out and the model calibrate writes -----------------------------------------------------------------------
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_computing(small_phantom, tmp_path):
+    file = tmp_path / "report.txt"
+    file.write_text("kept")
+    for command in (["eval"], ["calibrate"]):
+        result = runner.invoke(app, [*command, str(small_phantom), "--out", str(file), "--device", "cpu"])
+        assert result.exit_code == 2, result.output
+        assert "--out must be a folder" in _said(result)
+    assert file.read_text() == "kept"
+
+
+@pytest.fixture
+def model_copy(tmp_path) -> Path:
+    folder = tmp_path / "seg"
+    shutil.copytree(MODELS / "seg", folder)
+    return folder
+
+
+def test_calibrate_refuses_an_out_that_holds_a_model(small_phantom, model_copy, tmp_path):
+    before = (model_copy / "manifest.json").read_bytes()
+    result = runner.invoke(app, ["calibrate", str(small_phantom), "--out", str(model_copy), "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "already holds a model" in _said(result) and "give a new folder" in _said(result)
+    assert (model_copy / "manifest.json").read_bytes() == before
+
+
+def test_calibrate_refuses_a_model_it_cannot_write_before_computing(small_phantom, model_copy, monkeypatch):
+    import os
+
+    readable = os.access
+    # As a read-only model folder (root could write to a real one).
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.W_OK and readable(path, mode))
+    result = runner.invoke(app, ["calibrate", str(small_phantom), "--model", str(model_copy), "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "is not writable" in _said(result) and "pass --out DIR" in _said(result)
+
+
+def test_a_failed_calibrated_copy_leaves_no_half_written_folder(small_phantom, tmp_path, monkeypatch):
+    import inference
+
+    def broken(folder, manifest):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(inference, "write_manifest", broken)
+    out = tmp_path / "cal"
+    args = ["calibrate", str(small_phantom), "--out", str(out), "--nuclei-model", "none", "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_calibrate_says_what_was_kept_on_ctrl_c(small_phantom, model_copy, monkeypatch):
+    import inference
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inference, "calibrate_ensemble", interrupted)
+    before = (model_copy / "manifest.json").read_bytes()
+    result = runner.invoke(app, ["calibrate", str(small_phantom), "--model", str(model_copy), "--device", "cpu"])
+    assert result.exit_code == 130, result.output
+    assert "interrupted: nothing was written" in _said(result)
+    assert (model_copy / "manifest.json").read_bytes() == before

@@ -494,6 +494,7 @@ def eval_suite(
     )
 
     console_out = stdout()
+    _require_out_folder(out)
     try:
         ensemble = Ensemble.load(model or demo_model_dir("seg"), task="segmentation", device=device)
         nuclei = _nuclei_model(nuclei_model, device)
@@ -703,6 +704,65 @@ def _print_ihc(console_out, model_name: str, records: list[dict], written: Path)
     return failed, flagged
 
 
+def _require_out_folder(out: Path | None) -> None:
+    """--out names a folder: an existing file there would only fail at the end, after all the computing."""
+    if out is not None and out.exists() and not out.is_dir():
+        raise typer.BadParameter(
+            f"{out} is a file; --out must be a folder (a new one, or one that exists)", param_hint="--out"
+        )
+
+
+def _writable(folder: Path) -> bool:
+    """Whether ``folder`` (or a file) can be written, or its nearest existing parent where it does not exist yet."""
+    import os
+
+    folder = folder.absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return os.access(folder, os.W_OK | (os.X_OK if folder.is_dir() else 0))
+
+
+def _check_calibrate_target(source: Path, out: Path | None) -> None:
+    """Refuse, before any computing, a target calibrate could not write or would wrongly overwrite."""
+    _require_out_folder(out)
+    if out is None or out.resolve() == source.resolve():  # the model updated in place
+        if not _writable(source) or not _writable(source / "manifest.json"):
+            raise typer.BadParameter(
+                f"{source} is not writable, so its manifest cannot be updated; pass --out DIR for a calibrated copy",
+                param_hint="--model",
+            )
+        return
+    if (out / "manifest.json").exists():
+        raise typer.BadParameter(
+            f"{out} already holds a model ({out / 'manifest.json'}), which a calibrated copy would overwrite; "
+            "give a new folder, or calibrate that model in place with --model " + str(out),
+            param_hint="--out",
+        )
+    if out.is_dir() and any(out.iterdir()):
+        raise typer.BadParameter(f"{out} is not empty; give a new or empty folder for the calibrated copy", "--out")
+    if not _writable(out.parent):
+        raise typer.BadParameter(f"cannot write in {out.parent}; give a folder you can write to", param_hint="--out")
+
+
+def _write_calibrated_copy(source: Path, out: Path, manifest) -> None:
+    """The model with its new manifest, made in a temporary folder beside ``out`` and renamed into place, so an
+    interrupted or failed calibrate leaves no half-written model."""
+    import shutil
+    import tempfile
+
+    from inference import write_manifest
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
+    try:
+        shutil.copytree(source, part, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint", "*.part"))
+        write_manifest(part, manifest)
+        part.replace(out)  # replaces an empty --out folder too
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
+
+
 def calibrate(
     slides: Annotated[list[Path], typer.Argument(help="Validation phantom slides with truth (not the test slides).")],
     model: Annotated[
@@ -741,8 +801,8 @@ def calibrate(
     they are.
     """
     import dataclasses
-    import shutil
 
+    from bridge.cli.common import interrupted
     from bridge.progress import progress_bar
     from inference import Ensemble, calibrate_ensemble, demo_model_dir, write_manifest
 
@@ -750,7 +810,10 @@ def calibrate(
         raise typer.BadParameter(
             "the shipped demo is read-only: pass --out DIR for a calibrated copy", param_hint="--out"
         )
-    source = model or demo_model_dir("seg")
+    source = Path(model or demo_model_dir("seg"))
+    _check_calibrate_target(source, out)
+    in_place = out is None or out.resolve() == source.resolve()
+    target = source if in_place else out
     try:
         ensemble = Ensemble.load(source, task="segmentation", device=device)
         nuclei = _nuclei_model(nuclei_model, device)
@@ -765,9 +828,6 @@ def calibrate(
                 objective=objective,
                 on_progress=on_progress,
             )
-        target = out or source
-        if out is not None and Path(out).resolve() != Path(source).resolve():
-            shutil.copytree(source, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint"))
         m = ensemble.manifest.with_thresholds(
             sua_lower=cal.params.lower,
             sua_upper=cal.params.upper,
@@ -798,9 +858,14 @@ def calibrate(
                 },
             },
         )
-        write_manifest(target, m)
+        if in_place:
+            write_manifest(target, m)  # written beside and renamed over the old manifest
+        else:
+            _write_calibrated_copy(source, target, m)
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
+    except KeyboardInterrupt:
+        raise interrupted(f"nothing was written; {target} is as it was. Run pdl1 calibrate again") from None
     typer.echo(
         f"SUA: NPR [{cal.params.lower:g}, {cal.params.upper:g}), {uncertainty}/{aggregation} > "
         f"{cal.params.threshold:.4g} ({objective} F0.5 {cal.f05:.3f} on {cal.n_regions} NPRs, "

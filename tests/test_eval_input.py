@@ -232,3 +232,26 @@ def test_calibrate_says_what_was_kept_on_ctrl_c(small_phantom, model_copy, monke
     assert result.exit_code == 130, result.output
     assert "interrupted: nothing was written" in _said(result)
     assert (model_copy / "manifest.json").read_bytes() == before
+
+
+def test_calibrate_keeps_the_sua_thresholds_when_no_npr_is_a_false_negative(small_phantom, model_copy, monkeypatch):
+    import dataclasses
+
+    import inference
+
+    real = inference.calibrate_ensemble
+
+    def without_false_negatives(*args, **kwargs):
+        cal, review = real(*args, **kwargs)
+        return dataclasses.replace(cal, n_false_negative=0, f05=0.0), review
+
+    monkeypatch.setattr(inference, "calibrate_ensemble", without_false_negatives)
+    before = json.loads((model_copy / "manifest.json").read_text())
+    args = ["calibrate", str(small_phantom), "--model", str(model_copy), "--nuclei-model", "none", "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "SUA kept:" in _said(result) and "0 false negative), so the model's SUA thresholds stay" in _said(result)
+    after = json.loads((model_copy / "manifest.json").read_text())
+    for key in ("sua_lower", "sua_upper", "sua_threshold", "pixel_baseline_threshold"):
+        assert after["thresholds"].get(key) == before["thresholds"].get(key), key
+    assert after["extra"]["sua"]["not_refitted"]["false_negative_nprs"] == 0

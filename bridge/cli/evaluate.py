@@ -804,7 +804,8 @@ def calibrate(
 
     from bridge.cli.common import interrupted
     from bridge.progress import progress_bar
-    from inference import Ensemble, calibrate_ensemble, demo_model_dir, write_manifest
+    from inference import Ensemble, PipelineConfig, calibrate_ensemble, demo_model_dir, sua_params_for, write_manifest
+    from inference.evaluation.evaluate import sua_fitted
 
     if model is None and out is None:
         raise typer.BadParameter(
@@ -828,28 +829,46 @@ def calibrate(
                 objective=objective,
                 on_progress=on_progress,
             )
+        fitted = sua_fitted(cal)
+        kept = sua_params_for(ensemble.manifest, PipelineConfig(), upper=cal.params.upper)
+        sua_note = (
+            ""
+            if fitted
+            else f"nothing to fit ({cal.n_regions} NPRs, {cal.n_false_negative} false negative), so the model's SUA "
+            "thresholds stay; calibrate on slides whose predicted negative area misses positive tissue"
+        )
+        sua_calibration = {
+            "uncertainty": uncertainty,
+            "aggregation": aggregation,
+            "min_fraction": min_fraction,
+            "objective": objective,
+            "calibrated_on": [p.name for p in slides],
+            "f05": cal.f05,
+            "pixel_baseline_f05": cal.pixel_f05,
+            "nprs": cal.n_regions,
+            "false_negative_nprs": cal.n_false_negative,
+        }
         m = ensemble.manifest.with_thresholds(
-            sua_lower=cal.params.lower,
-            sua_upper=cal.params.upper,
-            sua_threshold=cal.params.threshold,
-            pixel_baseline_threshold=cal.pixel_threshold,
+            # Kept thresholds keep the uncertainty and aggregation they were fitted with (extra["sua"] stays too).
+            **(
+                {
+                    "sua_lower": cal.params.lower,
+                    "sua_upper": cal.params.upper,
+                    "sua_threshold": cal.params.threshold,
+                    "pixel_baseline_threshold": cal.pixel_threshold,
+                }
+                if fitted
+                else {}
+            ),
             **(review_cal.limits or {}),
         )
         m = dataclasses.replace(
             m,
             extra={
                 **m.extra,
-                "sua": {
-                    "uncertainty": uncertainty,
-                    "aggregation": aggregation,
-                    "min_fraction": min_fraction,
-                    "objective": objective,
-                    "calibrated_on": [p.name for p in slides],
-                    "f05": cal.f05,
-                    "pixel_baseline_f05": cal.pixel_f05,
-                    "nprs": cal.n_regions,
-                    "false_negative_nprs": cal.n_false_negative,
-                },
+                "sua": sua_calibration
+                if fitted
+                else {**m.extra.get("sua", {}), "not_refitted": {**sua_calibration, "note": sua_note}},
                 "review": {
                     "calibrated_on": [p.name for p in slides],
                     "note": review_cal.note,
@@ -866,12 +885,18 @@ def calibrate(
         raise fail(err) from err
     except KeyboardInterrupt:
         raise interrupted(f"nothing was written; {target} is as it was. Run pdl1 calibrate again") from None
-    typer.echo(
-        f"SUA: NPR [{cal.params.lower:g}, {cal.params.upper:g}), {uncertainty}/{aggregation} > "
-        f"{cal.params.threshold:.4g} ({objective} F0.5 {cal.f05:.3f} on {cal.n_regions} NPRs, "
-        f"{cal.n_false_negative} false negative)"
-    )
-    typer.echo(f"pixel baseline threshold {cal.pixel_threshold:.4g} (pixel F0.5 {cal.pixel_f05:.3f})")
+    if fitted:
+        typer.echo(
+            f"SUA: NPR [{cal.params.lower:g}, {cal.params.upper:g}), {uncertainty}/{aggregation} > "
+            f"{cal.params.threshold:.4g} ({objective} F0.5 {cal.f05:.3f} on {cal.n_regions} NPRs, "
+            f"{cal.n_false_negative} false negative)"
+        )
+        typer.echo(f"pixel baseline threshold {cal.pixel_threshold:.4g} (pixel F0.5 {cal.pixel_f05:.3f})")
+    else:
+        typer.echo(
+            f"SUA kept: NPR [{kept.lower:g}, {kept.upper:g}), {kept.uncertainty}/{kept.aggregation} > "
+            f"{kept.threshold:.4g}: {sua_note}"
+        )
     for name, mean_pe, cand_pct, error, failed, positive_pct, out_of_domain, disagree, unsettled in review_cal.slides:
         typer.echo(
             f"  {name}: mean entropy {mean_pe:.3f}, SUA candidates {cand_pct:.2f}% of tissue, predicted positive "

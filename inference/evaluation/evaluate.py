@@ -673,6 +673,15 @@ def _positive_pct(pred: np.ndarray, analysed: np.ndarray) -> float:
     return 100 * int(np.count_nonzero(pred & analysed)) / n if n else 0.0
 
 
+def sua_fitted(cal: Calibration) -> bool:
+    """Whether SUA's calibration found anything to fit: validation NPRs that are false negatives, some caught.
+
+    Without them every threshold scores F0.5 0 and the first candidate wins by default, so the model's SUA
+    thresholds should stay, as the review limits stay without failed slides (:class:`ReviewCalibration`).
+    """
+    return cal.n_false_negative > 0 and cal.f05 > 0
+
+
 @dataclass(frozen=True)
 class ReviewCalibration:
     """The "needs review" limits fitted on validation slides (:func:`fit_review_limits`), or why not.

@@ -254,4 +254,5 @@ def test_calibrate_keeps_the_sua_thresholds_when_no_npr_is_a_false_negative(smal
     after = json.loads((model_copy / "manifest.json").read_text())
     for key in ("sua_lower", "sua_upper", "sua_threshold", "pixel_baseline_threshold"):
         assert after["thresholds"].get(key) == before["thresholds"].get(key), key
-    assert after["extra"]["sua"]["not_refitted"]["false_negative_nprs"] == 0
+    assert after["extra"]["sua"]["false_negative_nprs"] == 0 and "stay" in after["extra"]["sua"]["thresholds_kept"]
+    assert after["extra"]["sua"]["kept_from"] == before["extra"]["sua"]

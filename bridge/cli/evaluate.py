@@ -849,7 +849,6 @@ def calibrate(
             "false_negative_nprs": cal.n_false_negative,
         }
         m = ensemble.manifest.with_thresholds(
-            # Kept thresholds keep the uncertainty and aggregation they were fitted with (extra["sua"] stays too).
             **(
                 {
                     "sua_lower": cal.params.lower,
@@ -868,7 +867,7 @@ def calibrate(
                 **m.extra,
                 "sua": sua_calibration
                 if fitted
-                else {**m.extra.get("sua", {}), "not_refitted": {**sua_calibration, "note": sua_note}},
+                else _kept_sua(ensemble.manifest.extra, sua_calibration, kept, sua_note),
                 "review": {
                     "calibrated_on": [p.name for p in slides],
                     "note": review_cal.note,
@@ -925,6 +924,19 @@ def calibrate(
         f"{' or members disagree on the TPS category' if nuclei is not None else ''}: {review_cal.note}"
     )
     typer.echo(f"wrote {Path(target) / 'manifest.json'}")
+
+
+def _kept_sua(extra: dict, record: dict, kept, note: str) -> dict:
+    """extra["sua"] of a calibration that kept the SUA thresholds: this run's record, with the uncertainty and
+    aggregation the kept thresholds apply to (pdl1 run reads them here) and where those thresholds came from."""
+    before = extra.get("sua", {})
+    return {
+        **record,
+        "uncertainty": kept.uncertainty,
+        "aggregation": kept.aggregation,
+        "thresholds_kept": note,
+        "kept_from": before.get("kept_from", before),
+    }
 
 
 def _nuclei_model(choice: str, device: str):

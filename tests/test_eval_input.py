@@ -141,9 +141,7 @@ def _said(result) -> str:
 def test_a_model_of_another_stain_than_the_phantom_is_refused(pair, tmp_path, args, said):
     he, ihc = pair
     args = [a.format(he=he, ihc=ihc, tmp=tmp_path) for a in args]
-    options = (
-        [] if "registration" in args else ["--device", "cpu"] if "tps" in args else ["--device", "cpu", "--no-progress"]
-    )
+    options = [] if "registration" in args else ["--device", "cpu", "--no-progress"]
     result = runner.invoke(app, [*args, *options])
     assert result.exit_code == 1, result.output
     assert said in _said(result)
@@ -158,8 +156,7 @@ def test_a_batch_with_bad_slides_fails_at_once_naming_each(pair, tmp_path, comma
     shutil.copy(he, plain)  # a slide without truth
     out = ["--out", str(tmp_path / "rep")] if not command else []
     slides = [str(he), str(plain), str(he), str(tmp_path / "other.svs")]
-    progress = [] if command == ["tps"] else ["--no-progress"]
-    result = runner.invoke(app, ["eval", *command, *slides, *out, "--device", "cpu", *progress])
+    result = runner.invoke(app, ["eval", *command, *slides, *out, "--device", "cpu", "--no-progress"])
     assert result.exit_code == 1, result.output
     said = _said(result)
     assert "2 of 4 slides cannot be evaluated, so none was" in said
@@ -256,3 +253,10 @@ def test_calibrate_keeps_the_sua_thresholds_when_no_npr_is_a_false_negative(smal
         assert after["thresholds"].get(key) == before["thresholds"].get(key), key
     assert after["extra"]["sua"]["false_negative_nprs"] == 0 and "stay" in after["extra"]["sua"]["thresholds_kept"]
     assert after["extra"]["sua"]["kept_from"] == before["extra"]["sua"]
+
+
+def test_eval_tps_shows_its_progress_or_not(pair):
+    he, _ = pair
+    result = runner.invoke(app, ["eval", "tps", str(he), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "predicted TPS (H&E) vs truth" in result.output

@@ -360,11 +360,13 @@ def eval_tps(
     seg_model: Annotated[Path | None, typer.Option(help="Segmentation ensemble; the shipped demo if omitted.")] = None,
     nuclei_model: Annotated[Path | None, typer.Option(help="H&E nuclei model; the shipped demo if omitted.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """The predicted TPS of H&E slides as pdl1 run gives it (nuclei typed by the nuclei model, PD-L1 from the
     ensemble's maps), against the truth: error, cut-off category, the members' range and the review flag."""
     from rich.table import Table
 
+    from bridge.progress import progress_bar
     from inference import Models, analyse_slide, load_truth, tumour_proportion_score
 
     out = stdout()
@@ -381,7 +383,15 @@ def eval_tps(
         errors, inside, right = [], 0, 0
         for slide in slides:
             truth = load_truth(slide).summary
-            r = analyse_slide(slide, models=models, config=config, image_stain="H&E", image_stain_source="eval")
+            with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
+                r = analyse_slide(
+                    slide,
+                    models=models,
+                    config=config,
+                    image_stain="H&E",
+                    image_stain_source="eval",
+                    on_progress=on_progress,
+                )
             low, high = r.summary.get("tps_low"), r.summary.get("tps_high")
             err = abs(r.tps.percent - truth["tps_percent"])
             errors.append(err)

@@ -116,6 +116,8 @@ _PUBLIC = {
     "evaluate_registration": "inference.evaluation.evaluate",
     "evaluate_slide_suite": "inference.evaluation.evaluate",
     "calibrate_ensemble": "inference.evaluation.evaluate",
+    "check_truths": "inference.evaluation.evaluate",
+    "sua_fitted": "inference.evaluation.evaluate",
     "REVIEW_NEVER": "inference.evaluation.evaluate",
     "IHC_FAILED_TPS_ERROR": "inference.evaluation.evaluate",
     "pooled_dice": "inference.evaluation.evaluate",

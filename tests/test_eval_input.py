@@ -122,7 +122,7 @@ def _said(result) -> str:
         (["calibrate", "{ihc}", "--out", "{tmp}/cal"], "ihc.svs: the phantom is H-DAB"),
         (
             ["eval", "{he}", "--out", "{tmp}/rep", "--nuclei-model", str(MODELS / "nuclei-ihc")],
-            "is a PD-L1 IHC (H-DAB) model, but the H&E slides needs an H&E model",
+            "is a PD-L1 IHC (H-DAB) model, but scoring the H&E slides needs an H&E model",
         ),
         (
             ["eval", "ihc", "{ihc}", "--model", str(MODELS / "nuclei")],
@@ -130,7 +130,7 @@ def _said(result) -> str:
         ),
         (
             ["eval", "{he}", "{ihc}", "--out", "{tmp}/rep", "--ihc-model", str(MODELS / "nuclei")],
-            "is an H&E model, but the PD-L1 IHC slides needs a PD-L1 IHC (H-DAB) model there",
+            "is an H&E model, but scoring the PD-L1 IHC slides needs a PD-L1 IHC (H-DAB) model there",
         ),
         (
             ["eval", "tps", "{he}", "--nuclei-model", str(MODELS / "nuclei-ihc")],

@@ -40,7 +40,7 @@ def _require_model_stain(manifest, stain: str, *, option: str, folder, command: 
 def _check_truths(slides: list[Path], models_by_stain: dict) -> list:
     """Every slide's truth checked against its models before any runs: a bad slide fails the batch at once, named
     with all the others (:func:`inference.evaluation.evaluate.check_truths`)."""
-    from inference.evaluation.evaluate import check_truths
+    from inference import check_truths
 
     return check_truths(slides, models_by_stain)
 
@@ -512,14 +512,14 @@ def eval_suite(
         he_models = [("segmentation", manifest)]
         if nuclei is not None:
             _require_model_stain(
-                nuclei.manifest, "H&E", option="--nuclei-model", folder=nuclei.folder, command="the H&E slides"
+                nuclei.manifest, "H&E", option="--nuclei-model", folder=nuclei.folder, command="scoring the H&E slides"
             )
             he_models.append(("nuclei", nuclei.manifest))
         # The IHC model loads only for IHC slides; its manifest is read here to check it against them first.
         ihc_folder = ihc_model or demo_model_dir("nuclei-ihc")
         ihc_manifest = read_manifest(ihc_folder, task="nuclei", verify=False)
         _require_model_stain(
-            ihc_manifest, "H-DAB", option="--ihc-model", folder=ihc_folder, command="the PD-L1 IHC slides"
+            ihc_manifest, "H-DAB", option="--ihc-model", folder=ihc_folder, command="scoring the PD-L1 IHC slides"
         )
         truths = _check_truths(slides, {"H&E": he_models, "H-DAB": [("PD-L1 IHC nuclei", ihc_manifest)]})
         ihc_slides = [slide for slide, t in zip(slides, truths, strict=True) if t.summary.get("stain") == "H-DAB"]
@@ -814,8 +814,15 @@ def calibrate(
 
     from bridge.cli.common import interrupted
     from bridge.progress import progress_bar
-    from inference import Ensemble, PipelineConfig, calibrate_ensemble, demo_model_dir, sua_params_for, write_manifest
-    from inference.evaluation.evaluate import sua_fitted
+    from inference import (
+        Ensemble,
+        PipelineConfig,
+        calibrate_ensemble,
+        demo_model_dir,
+        sua_fitted,
+        sua_params_for,
+        write_manifest,
+    )
 
     if model is None and out is None:
         raise typer.BadParameter(

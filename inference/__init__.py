@@ -108,6 +108,7 @@ _PUBLIC = {
     "ExampleTile": "inference.training.report",
     "example_tiles": "inference.training.report",
     "write_domain_stats": "inference.training.domain_stats",
+    "with_domain_stats": "inference.training.domain_stats",
     # evaluation
     "SlideEvaluation": "inference.evaluation.evaluate",
     "evaluate_segmentation": "inference.evaluation.evaluate",

@@ -244,7 +244,7 @@ def test_pdl1_domain_stats_writes_calibrated_statistics_and_leaves_the_weights(p
     assert stats.calibration["slides"][0]["slide"] == "h2.svs" and stats.feature_limit is not None
     # A model is never written over: the copy goes to a new folder, renamed into place whole.
     again = runner.invoke(app, [*args, "--held-out", str(held)])
-    assert again.exit_code == 2 and "is not empty (it may hold a model)" in re.sub(r"[│\s]+", " ", again.output)
+    assert again.exit_code == 2 and "already holds a model" in re.sub(r"[│\s]+", " ", again.output)
     assert read_manifest(out).extra == manifest.extra and not list(tmp_path.glob(".seg.part-*"))
     args[4] = str(tmp_path / "seg2")
     same = runner.invoke(app, [*args, "--held-out", str(phantom_svs)])

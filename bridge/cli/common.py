@@ -171,3 +171,56 @@ def run_with_progress(inputs, run_config, *, progress: bool):
         outcomes = run_batch(inputs, run_config, on_image=on_image, on_tiles=on_tiles)
         bar.update(images, completed=len(outcomes))
     return outcomes
+
+
+def _writable(path: Path) -> bool:
+    """Whether ``path`` (a folder or a file) can be written, or its nearest existing parent where it does not exist."""
+    import os
+
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return os.access(path, os.W_OK | (os.X_OK if path.is_dir() else 0))
+
+
+def check_model_target(source: Path, out: Path | None, *, what: str = "a calibrated copy") -> None:
+    """Refuse, before minutes of work, a model target that could not be written or would be wrongly overwritten:
+    ``source`` itself (``out`` None or the same folder: its manifest is rewritten in place) or a new ``out``."""
+    if out is not None and out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"{out} is a file; --out must be a folder for {what}", param_hint="--out")
+    if out is None or out.resolve() == source.resolve():
+        if not _writable(source) or not _writable(source / "manifest.json"):
+            raise typer.BadParameter(
+                f"{source} is not writable, so its manifest cannot be updated; pass --out DIR for {what}"
+            )
+        return
+    if (out / "manifest.json").exists():
+        raise typer.BadParameter(
+            f"{out} already holds a model ({out / 'manifest.json'}), which {what} would overwrite; give a new "
+            f"folder, or update that model in place by naming it as the model",
+            param_hint="--out",
+        )
+    if out.is_dir() and any(out.iterdir()):
+        raise typer.BadParameter(f"{out} is not empty; give a new or empty folder for {what}", param_hint="--out")
+    if not _writable(out.parent):
+        raise typer.BadParameter(f"cannot write in {out.parent}; give a folder you can write to", param_hint="--out")
+
+
+def write_model_copy(source: Path, out: Path, manifest) -> None:
+    """``source``'s model with ``manifest`` instead of its own, made in a temporary folder beside ``out`` and
+    renamed into place, so an interrupted or failed command leaves no half-written model (the checkpoint of
+    its training is left out)."""
+    import shutil
+    import tempfile
+
+    from inference import write_manifest
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
+    try:
+        shutil.copytree(source, part, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint", "*.part"))
+        write_manifest(part, manifest)
+        part.replace(out)  # replaces an empty --out folder too
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from bridge.cli.common import fail, pipeline_config, stdout
+from bridge.cli.common import check_model_target, fail, pipeline_config, stdout, write_model_copy
 from inference import Pdl1Error, __version__
 
 
@@ -722,57 +722,6 @@ def _require_out_folder(out: Path | None) -> None:
         )
 
 
-def _writable(folder: Path) -> bool:
-    """Whether ``folder`` (or a file) can be written, or its nearest existing parent where it does not exist yet."""
-    import os
-
-    folder = folder.absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return os.access(folder, os.W_OK | (os.X_OK if folder.is_dir() else 0))
-
-
-def _check_calibrate_target(source: Path, out: Path | None) -> None:
-    """Refuse, before any computing, a target calibrate could not write or would wrongly overwrite."""
-    _require_out_folder(out)
-    if out is None or out.resolve() == source.resolve():  # the model updated in place
-        if not _writable(source) or not _writable(source / "manifest.json"):
-            raise typer.BadParameter(
-                f"{source} is not writable, so its manifest cannot be updated; pass --out DIR for a calibrated copy",
-                param_hint="--model",
-            )
-        return
-    if (out / "manifest.json").exists():
-        raise typer.BadParameter(
-            f"{out} already holds a model ({out / 'manifest.json'}), which a calibrated copy would overwrite; "
-            "give a new folder, or calibrate that model in place with --model " + str(out),
-            param_hint="--out",
-        )
-    if out.is_dir() and any(out.iterdir()):
-        raise typer.BadParameter(f"{out} is not empty; give a new or empty folder for the calibrated copy", "--out")
-    if not _writable(out.parent):
-        raise typer.BadParameter(f"cannot write in {out.parent}; give a folder you can write to", param_hint="--out")
-
-
-def _write_calibrated_copy(source: Path, out: Path, manifest) -> None:
-    """The model with its new manifest, made in a temporary folder beside ``out`` and renamed into place, so an
-    interrupted or failed calibrate leaves no half-written model."""
-    import shutil
-    import tempfile
-
-    from inference import write_manifest
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    part = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
-    try:
-        shutil.copytree(source, part, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint", "*.part"))
-        write_manifest(part, manifest)
-        part.replace(out)  # replaces an empty --out folder too
-    except BaseException:
-        shutil.rmtree(part, ignore_errors=True)
-        raise
-
-
 def calibrate(
     slides: Annotated[list[Path], typer.Argument(help="Validation phantom slides with truth (not the test slides).")],
     model: Annotated[
@@ -829,7 +778,7 @@ def calibrate(
             "the shipped demo is read-only: pass --out DIR for a calibrated copy", param_hint="--out"
         )
     source = Path(model or demo_model_dir("seg"))
-    _check_calibrate_target(source, out)
+    check_model_target(source, out)
     in_place = out is None or out.resolve() == source.resolve()
     target = source if in_place else out
     try:
@@ -896,7 +845,7 @@ def calibrate(
         if in_place:
             write_manifest(target, m)  # written beside and renamed over the old manifest
         else:
-            _write_calibrated_copy(source, target, m)
+            write_model_copy(source, target, m)
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
     except KeyboardInterrupt:

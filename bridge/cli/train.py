@@ -3,14 +3,13 @@ or on a lab's own QuPath labels (a project, or GeoJSON exports beside slides: ``
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from bridge.cli.common import fail, interrupted
+from bridge.cli.common import check_model_target, fail, interrupted, write_model_copy
 from inference import Pdl1Error
 
 app = typer.Typer(help="Train models on phantom slides with truth, or on your own QuPath labels.", no_args_is_help=True)
@@ -817,10 +816,10 @@ def domain_stats(
     import glob
 
     from bridge.progress import progress_bar
-    from inference import compute_domain_stats, write_domain_stats
+    from inference import compute_domain_stats, read_manifest, with_domain_stats, write_domain_stats
 
     copy = out is not None and out.resolve() != model.resolve()
-    _check_writable_target(model, out if copy else None)
+    check_model_target(model, out, what="a copy with the statistics")
     held: list[str] = []
     for pattern in held_out or []:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
@@ -830,9 +829,8 @@ def domain_stats(
     try:
         with progress_bar("domain statistics", enabled=progress) as on_progress:
             stats = compute_domain_stats(model, slides, held_out=held, device=device, on_progress=on_progress)
-        if copy:
-            with _model_copy(model, out) as staged:  # renamed into place whole, or not at all
-                write_domain_stats(staged, stats)
+        if copy:  # renamed into place whole, or not at all
+            write_model_copy(model, out, with_domain_stats(read_manifest(model, verify=False), stats))
             path = out / "manifest.json"
         else:
             path = write_domain_stats(model, stats)
@@ -849,45 +847,6 @@ def domain_stats(
             f"  {row['slide']}: out-of-domain score {_num(row['score'])}, stain distance "
             f"{_num(row['stain_distance_deg'])}°"
         )
-
-
-def _check_writable_target(model: Path, out: Path | None) -> None:
-    """Said before minutes of work: an --out that would overwrite a model or is a file, or a model folder
-    (written in place) this user cannot write to."""
-    import os
-
-    if out is not None:
-        if out.exists() and not out.is_dir():
-            raise typer.BadParameter(f"{out} is a file; expected a new folder for the copy", param_hint="--out")
-        if (out / "manifest.json").exists() or (out.is_dir() and any(out.iterdir())):
-            raise typer.BadParameter(
-                f"{out} is not empty (it may hold a model); give a new folder for the copy", param_hint="--out"
-            )
-    elif model.is_dir() and not os.access(model, os.W_OK):
-        raise typer.BadParameter(
-            f"{model} is not writable by you, and its manifest would be rewritten in place: give --out DIR for a "
-            "copy with the statistics"
-        )
-
-
-@contextlib.contextmanager
-def _model_copy(model: Path, out: Path):
-    """A copy of ``model`` (its checkpoint left out) in a folder beside ``out``, renamed to ``out`` once the
-    block has written into it; removed if the block fails, so no half-written model is left."""
-    import shutil
-    import uuid
-
-    staged = out.parent / f".{out.name}.part-{uuid.uuid4().hex[:8]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        shutil.copytree(model, staged, ignore=shutil.ignore_patterns("checkpoint"))
-        yield staged
-        if out.is_dir():
-            out.rmdir()  # empty (checked before): replaced by the whole copy
-        staged.rename(out)
-    finally:
-        if staged.exists():
-            shutil.rmtree(staged, ignore_errors=True)
 
 
 def _num(value: float | None) -> str:

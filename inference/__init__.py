@@ -60,6 +60,7 @@ _PUBLIC = {
     "StainError": "inference.errors",
     "ModelFileError": "inference.errors",
     "TruthNotFoundError": "inference.errors",
+    "TruthFormatError": "inference.errors",
     "Cancelled": "inference.errors",
     # the process
     "tune_allocator": "inference.allocator",

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from bridge.cli.app import app
 from bridge.nnunet_export import UNLABELLED, PhantomTruthLabels, export_nnunet_dataset
-from inference import PhantomSpec, TruthNotFoundError, load_truth, write_phantom
+from inference import PhantomSpec, TruthFormatError, TruthNotFoundError, load_truth, write_phantom
 
 
 @pytest.fixture(scope="module")
@@ -107,17 +107,27 @@ def without_labels(phantoms, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize(
-    ("bad", "missing"), [("plain", r"plain\.truth[/\\]truth\.json"), ("maskless", r"positive_mask\.tif")]
+    ("bad", "error", "message"),
+    [
+        # No truth at all: what the export needs, not what evaluation needs.
+        (
+            "plain",
+            TruthNotFoundError,
+            r"no phantom truth to take labels from \(.*plain\.truth[/\\]truth\.json is missing",
+        ),
+        # Truth that lost its mask: named by load_truth, with the fix.
+        ("maskless", TruthFormatError, r"positive_mask\.tif: missing .*pdl1 phantom \.\.\. --overwrite"),
+    ],
 )
-def test_a_slide_without_labels_is_refused_before_anything_is_written(phantoms, without_labels, tmp_path, bad, missing):
+def test_a_slide_without_labels_is_refused_before_anything_is_written(
+    phantoms, without_labels, tmp_path, bad, error, message
+):
     out = tmp_path / "nnraw" / "Dataset506_A"
-    with pytest.raises(
-        TruthNotFoundError, match=rf"no phantom truth to take labels from \(.*{missing} is missing"
-    ) as err:
+    with pytest.raises(error, match=message) as err:
         export_nnunet_dataset(
             [phantoms[1], without_labels[bad]], out, source=PhantomTruthLabels(), mpp=2.0, case_size_px=128
         )
-    assert "evaluation" not in str(err.value) and "--labels qupath" in str(err.value)
+    assert "evaluation" not in str(err.value)
     assert not (tmp_path / "nnraw").exists()
     # The good slide alone then exports into the same folder, with its own cases only.
     summary = export_nnunet_dataset([phantoms[1]], out, source=PhantomTruthLabels(), mpp=2.0, case_size_px=128)

@@ -62,6 +62,12 @@ def test_bench_lists_benchmarks():
     assert "tile_read" in result.output
 
 
+def test_an_unknown_benchmark_is_named_with_the_known_ones():
+    result = runner.invoke(app, ["bench", "nosuch", "--quick"])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: unknown benchmark 'nosuch'; known: tile_read")  # not in quotes
+
+
 def test_bad_log_level():
     result = runner.invoke(app, ["--log-level", "LOUD", "version"])
     assert result.exit_code == 2

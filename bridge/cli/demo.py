@@ -179,5 +179,7 @@ def bench(
         return
     try:
         run_benchmark(name, quick=quick)
-    except (KeyError, RuntimeError) as err:  # unknown name, or a benchmark this machine cannot run
+    except KeyError as err:  # an unknown name: str(KeyError) would quote the message
+        raise fail(RuntimeError(err.args[0] if err.args else name)) from err
+    except RuntimeError as err:  # a benchmark this machine cannot run
         raise fail(err) from err

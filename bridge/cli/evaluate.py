@@ -389,7 +389,7 @@ def eval_tps(
                     models=models,
                     config=config,
                     image_stain="H&E",
-                    image_stain_source="eval",
+                    image_stain_source="pdl1 eval",
                     on_progress=on_progress,
                 )
             low, high = r.summary.get("tps_low"), r.summary.get("tps_high")

@@ -280,10 +280,13 @@ def write_training_report(out: str | Path) -> Path:
         )
         sections.append(f"<h2>Loss and learning rate</h2>{notes}<img src='{REPORT_DIR}/curves.png'>")
     else:
-        sections.append(
-            "<h2>Loss and learning rate</h2><p>No training_history.json: this model was trained before the "
-            "history was kept.</p>"
+        why = (
+            "it was trained by nnU-Net and imported (`pdl1 import nnunet`): nnU-Net's own progress.png and "
+            "training logs in its results folder show its curves"
+            if training.get("source") == "nnU-Net v2"
+            else "this model was trained before the history was kept"
         )
+        sections.append(f"<h2>Loss and learning rate</h2><p>No training_history.json: {html.escape(why)}.</p>")
 
     validation_path = out / "validation.json"
     if validation_path.is_file():

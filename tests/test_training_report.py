@@ -88,6 +88,20 @@ def test_report_of_a_folder_without_a_model_is_refused(tmp_path):
     assert "no manifest.json, so no trained model" in " ".join(result.output.split())
 
 
+def test_the_report_of_an_imported_nnunet_model_says_where_its_curves_are(tmp_path):
+    import shutil
+
+    from bridge.training_report import write_training_report
+    from inference import demo_model_dir
+
+    model = tmp_path / "imported"
+    shutil.copytree(demo_model_dir("seg"), model)
+    manifest = json.loads((model / "manifest.json").read_text())
+    (model / "manifest.json").write_text(json.dumps({**manifest, "training": {"source": "nnU-Net v2"}}))
+    page = write_training_report(model).read_text()
+    assert "trained by nnU-Net and imported" in page and "before the history was kept" not in page
+
+
 def test_resume_keeps_the_history_of_the_epochs_before_the_interrupt(phantom, tmp_path):
     def config(out):
         return SegTrainConfig(

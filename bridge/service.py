@@ -593,15 +593,8 @@ def _is_file(path: Path) -> bool:
 _MULTI_FILE_SUFFIXES = frozenset({".mrxs", ".vms", ".vmu", ".dcm"})
 
 
-# inference's advice for an image without a usable pixel size is the command line's (--mpp); a QuPath user
-# sets it in QuPath, whence pdl1_analyze.groovy sends it with the job as its mpp.
-_CLI_NO_MPP = re.compile(
-    r"\. Give (?P<value>.+), with --mpp, or set the pixel size in QuPath \(.*?\) and analyse the project$", re.S
-)
-_CLI_MPP_RANGE = "; pass the scanner's value with --mpp"
-_SCANNER_MPP = "the scanner's µm/px (0.25 at 40x, 0.5 at 20x)"
-
-
+# Where a QuPath user gives an image's µm/px (open_slide's mpp_advice): in QuPath, whence pdl1_analyze.groovy
+# sends it with the job as its mpp, not --mpp.
 def _qupath_mpp_advice(value: str) -> str:
     return (
         f"set the pixel size in QuPath (Image tab: Pixel width/height) to {value}; pdl1_analyze.groovy sends it "
@@ -611,16 +604,10 @@ def _qupath_mpp_advice(value: str) -> str:
 
 def _as_sent(err: Pdl1Error, opened: tuple[Path, ...], shown: str) -> Pdl1Error:
     """``err`` as the client should read it: naming the image as it sent it, not the files the worker
-    opened (a private link in a temporary folder), and with advice for QuPath instead of ``--mpp``."""
+    opened (a private link in a temporary folder)."""
     message = str(err)
     for path in opened:
         message = message.replace(str(path), shown)
-    if isinstance(err, MissingMppError):
-        if match := _CLI_NO_MPP.search(message):
-            advice = _qupath_mpp_advice(match["value"])
-            message = f"{message[: match.start()]}. {advice[0].upper()}{advice[1:]}"
-        elif message.endswith(_CLI_MPP_RANGE):
-            message = f"{message.removesuffix(_CLI_MPP_RANGE)}; {_qupath_mpp_advice(_SCANNER_MPP)}"
     return err if message == str(err) else type(err)(message)
 
 
@@ -662,7 +649,7 @@ def open_allowed(
             source.symlink_to(proc)
         else:
             source = real
-        slide = open_slide(source, mpp=mpp, mpp_source="the request's mpp")
+        slide = open_slide(source, mpp=mpp, mpp_source="the request's mpp", mpp_advice=_qupath_mpp_advice)
         if source == real and not os.path.samestat(os.stat(real), os.fstat(fd)):
             raise _changed(real)
         slide.path = real  # provenance names the image, not the private link

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,10 @@ MPP_PLAUSIBLE_RANGE = (0.05, 50.0)
 # factor would be enlarged into detail the model never saw (and a 2048 px image stated at 50 µm/px,
 # read at 1 µm/px, is 2,500 times its own pixels).
 MAX_ENLARGEMENT = 2.0
+# How a caller's user gives an image's µm/px: from what to give (e.g. SCANNER_MPP), the advice, in lower case
+# ("set it in QuPath to ..."); the service's users set it in QuPath, the command line's pass --mpp.
+MppAdvice = Callable[[str], str]
+SCANNER_MPP = "the scanner's µm/px (0.25 at 40x, 0.5 at 20x)"
 # Images opened without OpenSlide are read whole; beyond this they need a pyramidal format.
 MAX_PLAIN_IMAGE_PX = 20_000 * 20_000
 # The first bytes of a TIFF (classic and BigTIFF, either byte order), and the whole-slide formats built on
@@ -58,11 +63,14 @@ class Slide:
     Use :func:`open_slide` to open a file; construct directly to wrap any :class:`RegionReader`.
     """
 
-    def __init__(self, reader: RegionReader, *, mpp: Mpp, path: Path | None = None):
+    def __init__(
+        self, reader: RegionReader, *, mpp: Mpp, path: Path | None = None, mpp_advice: MppAdvice | None = None
+    ):
         if not (MPP_PLAUSIBLE_RANGE[0] <= mpp.mean <= MPP_PLAUSIBLE_RANGE[1]):
+            advice = "pass the scanner's value with --mpp" if mpp_advice is None else mpp_advice(SCANNER_MPP)
             raise MissingMppError(
                 f"{path or 'image'}: microns per pixel {mpp.mean:g} (from {mpp.source}) is outside the "
-                f"plausible range {MPP_PLAUSIBLE_RANGE}; pass the scanner's value with --mpp"
+                f"plausible range {MPP_PLAUSIBLE_RANGE}; {advice}"
             )
         self.reader = reader
         self.mpp = mpp
@@ -320,7 +328,7 @@ def _damaged(sign: str) -> str:
     )
 
 
-def _no_mpp_message(path: Path, *, whole_slide: bool) -> str:
+def _no_mpp_message(path: Path, *, whole_slide: bool, advice: MppAdvice | None = None) -> str:
     """What to do about an image that states no pixel size: scanners and cameras differ."""
     if whole_slide:
         source = "the slide states no microns per pixel (no openslide.mpp-x, no TIFF resolution tags)"
@@ -331,13 +339,18 @@ def _no_mpp_message(path: Path, *, whole_slide: bool) -> str:
             "the µm/px of the scanner or camera it came from (for a microscope camera: its sensor pixel size "
             "divided by the total magnification, e.g. 3.45 µm / 20 = 0.17)"
         )
+    if advice is not None:
+        told = advice(value)
+        return f"{path}: {source}. {told[:1].upper()}{told[1:]}"
     return (
         f"{path}: {source}. Give {value}, with --mpp, or set the pixel size in QuPath "
         "(Image tab: Pixel width/height) and analyse the project"
     )
 
 
-def open_slide(path: str | Path, *, mpp: float | None = None, mpp_source: str = "--mpp") -> Slide:
+def open_slide(
+    path: str | Path, *, mpp: float | None = None, mpp_source: str = "--mpp", mpp_advice: MppAdvice | None = None
+) -> Slide:
     """Open an image file.
 
     Parameters
@@ -349,6 +362,9 @@ def open_slide(path: str | Path, *, mpp: float | None = None, mpp_source: str = 
         the file states none.
     mpp_source
         Where ``mpp`` comes from, for messages ("--mpp", "QuPath project").
+    mpp_advice
+        How this caller's user gives an image's µm/px, for the messages that ask for it (see
+        :data:`MppAdvice`); None: the command line's (``--mpp``, or QuPath's calibration of a project).
 
     Raises
     ------
@@ -388,11 +404,11 @@ def open_slide(path: str | Path, *, mpp: float | None = None, mpp_source: str = 
         resolved = Mpp(mpp, mpp, mpp_source)
     elif file_mpp is None:
         reader.close()
-        raise MissingMppError(_no_mpp_message(path, whole_slide=whole_slide))
+        raise MissingMppError(_no_mpp_message(path, whole_slide=whole_slide, advice=mpp_advice))
     else:
         resolved = file_mpp
     try:
-        return Slide(reader, mpp=resolved, path=path)
+        return Slide(reader, mpp=resolved, path=path, mpp_advice=mpp_advice)
     except MissingMppError:
         reader.close()
         raise

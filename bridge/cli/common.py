@@ -173,6 +173,16 @@ def run_with_progress(inputs, run_config, *, progress: bool):
     return outcomes
 
 
+def require_out_folder(out: Path | None, *, what: str) -> None:
+    """--out names a folder (new, or one that exists): a file there, or above it, would only fail at the end,
+    after all the computing."""
+    from bridge.project import not_a_folder
+
+    problem = None if out is None else not_a_folder(out)
+    if problem is not None:
+        raise typer.BadParameter(f"{out} {problem}; --out must be a folder for {what}", param_hint="--out")
+
+
 def _writable(path: Path) -> bool:
     """Whether ``path`` (a folder or a file) can be written, or its nearest existing parent where it does not exist."""
     import os
@@ -186,8 +196,7 @@ def _writable(path: Path) -> bool:
 def check_model_target(source: Path, out: Path | None, *, what: str = "a calibrated copy") -> None:
     """Refuse, before minutes of work, a model target that could not be written or would be wrongly overwritten:
     ``source`` itself (``out`` None or the same folder: its manifest is rewritten in place) or a new ``out``."""
-    if out is not None and out.exists() and not out.is_dir():
-        raise typer.BadParameter(f"{out} is a file; --out must be a folder for {what}", param_hint="--out")
+    require_out_folder(out, what=what)
     if out is None or out.resolve() == source.resolve():
         if not _writable(source) or not _writable(source / "manifest.json"):
             raise typer.BadParameter(

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from bridge.cli.common import check_model_target, fail, pipeline_config, stdout, write_model_copy
+from bridge.cli.common import check_model_target, fail, pipeline_config, require_out_folder, stdout, write_model_copy
 from inference import Pdl1Error, __version__
 
 
@@ -504,7 +504,7 @@ def eval_suite(
     )
 
     console_out = stdout()
-    _require_out_folder(out)
+    require_out_folder(out, what="the report")
     try:
         ensemble = Ensemble.load(model or demo_model_dir("seg"), task="segmentation", device=device)
         nuclei = _nuclei_model(nuclei_model, device)
@@ -712,14 +712,6 @@ def _print_ihc(console_out, model_name: str, records: list[dict], written: Path)
     console_out.print(f"review flag on PD-L1 IHC: {_review_line(failed, flagged, _ihc_failure())}")
     console_out.print(f"report: {written}")
     return failed, flagged
-
-
-def _require_out_folder(out: Path | None) -> None:
-    """--out names a folder: an existing file there would only fail at the end, after all the computing."""
-    if out is not None and out.exists() and not out.is_dir():
-        raise typer.BadParameter(
-            f"{out} is a file; --out must be a folder (a new one, or one that exists)", param_hint="--out"
-        )
 
 
 def calibrate(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import uvicorn
@@ -20,18 +22,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(settings: ServiceSettings, models: Models) -> tuple[uvicorn.Server, threading.Thread]:
-    """Start the service in a thread; stop it with ``server.should_exit = True`` and ``thread.join()``."""
-    app = create_app(settings, models=models)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
+@contextmanager
+def served(settings: ServiceSettings, models: Models) -> Iterator[httpx.Client]:
+    """The service running in a thread on loopback for the block, with a client of it; stopped afterwards."""
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings, models=models), host="127.0.0.1", port=settings.port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        if time.time() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    return server, thread
+    try:
+        deadline = time.time() + 30
+        while not server.started:
+            if time.time() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        with httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=60) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:

@@ -17,7 +17,7 @@ from bridge.service import ServiceSettings
 from inference.phantom.pyramid import write_phantom
 from inference.phantom.scene import PhantomSpec
 from inference.pipeline import Models, PipelineConfig
-from tests.service_helpers import free_port, serve, wait_for_job
+from tests.service_helpers import free_port, served, wait_for_job
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "qupath_scripts"
 TOKEN = "s3cret"
@@ -44,11 +44,8 @@ def service(slides_root, models):
         pipeline=PipelineConfig(device="cpu"),
         max_request_bytes=4 * 2**20,
     )
-    server, thread = serve(settings, models)
-    with httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=60) as client:
+    with served(settings, models) as client:
         yield client
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 def test_health_and_models(service):
@@ -308,24 +305,19 @@ def test_a_long_running_service_keeps_only_recent_results(slides_root, models, m
     settings = ServiceSettings(
         port=free_port(), allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"), keep_results=1
     )
-    server, thread = serve(settings, models)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=60) as client:
-            body = {"image": str(slides_root / "small.svs"), "outputs": ["regions"]}
-            ids = []
-            for _ in range(3):
-                # One after another: with three queued at once, the first could be forgotten before it
-                # was polled (a small job takes about a poll interval).
-                ids.append(client.post("/v1/jobs", json=body).json()["job_id"])
-                assert wait_for_job(client, ids[-1])["state"] == "done"
-            assert client.get(f"/v1/jobs/{ids[0]}").status_code == 404
-            assert client.get(f"/v1/jobs/{ids[1]}").json()["state"] == "done"
-            released = client.get(f"/v1/jobs/{ids[1]}/result")
-            assert released.status_code == 410 and "--keep-results" in released.json()["detail"]
-            assert client.get(f"/v1/jobs/{ids[2]}/result").json()["type"] == "FeatureCollection"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with served(settings, models) as client:
+        body = {"image": str(slides_root / "small.svs"), "outputs": ["regions"]}
+        ids = []
+        for _ in range(3):
+            # One after another: with three queued at once, the first could be forgotten before it
+            # was polled (a small job takes about a poll interval).
+            ids.append(client.post("/v1/jobs", json=body).json()["job_id"])
+            assert wait_for_job(client, ids[-1])["state"] == "done"
+        assert client.get(f"/v1/jobs/{ids[0]}").status_code == 404
+        assert client.get(f"/v1/jobs/{ids[1]}").json()["state"] == "done"
+        released = client.get(f"/v1/jobs/{ids[1]}/result")
+        assert released.status_code == 410 and "--keep-results" in released.json()["detail"]
+        assert client.get(f"/v1/jobs/{ids[2]}/result").json()["type"] == "FeatureCollection"
 
 
 def test_openapi_is_served(service):
@@ -337,9 +329,8 @@ def test_token_is_required_when_set(slides_root, models):
     settings = ServiceSettings(
         port=free_port(), token=TOKEN, allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu")
     )
-    server, thread = serve(settings, models)
-    try:
-        base = f"http://127.0.0.1:{settings.port}"
+    with served(settings, models) as client:
+        base = str(client.base_url).rstrip("/")
         assert httpx.get(f"{base}/v1/health").status_code == 401
         assert httpx.get(f"{base}/v1/health", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert httpx.get(f"{base}/v1/health", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
@@ -348,9 +339,6 @@ def test_token_is_required_when_set(slides_root, models):
             assert httpx.get(f"{base}/v1/health", headers={"Authorization": header}).status_code == 200, header
         for header in (f"Bearer {TOKEN.upper()}", f"Basic {TOKEN}", TOKEN, f"Bearer{TOKEN}"):
             assert httpx.get(f"{base}/v1/health", headers={"Authorization": header}).status_code == 401, header
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_non_loopback_bind_needs_a_token(tmp_path):

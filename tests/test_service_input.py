@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,7 +14,7 @@ from bridge.service import ServiceSettings
 from inference.phantom.pyramid import write_phantom
 from inference.phantom.scene import PhantomSpec
 from inference.pipeline import Models, PipelineConfig
-from tests.service_helpers import free_port, serve, wait_for_job
+from tests.service_helpers import free_port, served, wait_for_job
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +32,8 @@ def models():
 @pytest.fixture(scope="module")
 def client(slides_root, models):
     settings = ServiceSettings(port=free_port(), allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"))
-    server, thread = serve(settings, models)
-    with httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=60) as c:
+    with served(settings, models) as c:
         yield c
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 # ------------------------------------------------------------------- the request body

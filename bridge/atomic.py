@@ -1,4 +1,4 @@
-"""Files replaced in one step: written beside the target, flushed to disk, then renamed over it."""
+"""Files and folders replaced in one step: written beside the target, then renamed over it."""
 
 from __future__ import annotations
 
@@ -33,4 +33,24 @@ def replace_atomically(path: Path) -> Iterator[TextIO]:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def folder_replaced_whole(path: Path) -> Iterator[Path]:
+    """A new folder to fill that becomes ``path`` (absent, or an empty folder) when the ``with`` block ends
+    without error; after an error (or a crash) the half-filled folder is gone and ``path`` is as it was.
+
+    Named with a leading dot, so tools that find folders by name (nnU-Net's ``DatasetNNN_*``) do not see it,
+    and made with ``mkdir``, not ``tempfile.mkdtemp``, whose folders only their owner may open (colleagues on a
+    shared drive would be locked out of the result, as with mkstemp above).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.part")
+    tmp.mkdir()
+    try:
+        yield tmp
+        os.replace(tmp, path)  # onto an empty folder too; a folder something was written into meanwhile stops it
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import secrets
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
@@ -31,6 +29,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import distance_transform_edt
 
+from bridge.atomic import folder_replaced_whole
 from inference import (
     IGNORE_LABEL,
     SlideLabels,
@@ -322,11 +321,9 @@ def export_nnunet_dataset(
             _case_labels(source, image.path, regions[0], size_wh=size_wh, names=names)
         planned.append((image, train, regions))
     total = sum(len(r) for _, _, r in planned)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside out_dir and renamed into place. The leading dot keeps it out of nnU-Net's view:
-    # nnU-Net finds dataset NNN by the prefix "DatasetNNN" among nnUNet_raw's folders.
-    tmp = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(6)}.part")
-    try:
+    # Written beside out_dir and renamed into place (hidden from nnU-Net, which finds dataset NNN by the prefix
+    # "DatasetNNN" among nnUNet_raw's folders).
+    with folder_replaced_whole(out_dir) as tmp:
         for sub in ("imagesTr", "labelsTr") + (("imagesTs",) if test_slides else ()):
             (tmp / sub).mkdir(parents=True)
         mapping: dict[str, dict] = {}
@@ -381,12 +378,6 @@ def export_nnunet_dataset(
             "test_images": [str(i.path.resolve()) for i in tests],
         }
         (tmp / "pdl1_export.json").write_text(json.dumps(provenance, indent=2))
-        if out_dir.is_dir():
-            out_dir.rmdir()  # empty, as checked; fails if something was written into it meanwhile
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportSummary(
         folder=out_dir,
         training_cases=training,

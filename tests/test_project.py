@@ -399,3 +399,21 @@ def test_init_project_on_a_file_says_it_expected_a_folder(tmp_path, phantom_svs)
     with pytest.raises(ProjectError, match=r"taken/p lies under .*taken, which is a file; expected a folder"):
         init_project_files(tmp_path / "taken" / "p", [phantom_svs])
     assert (tmp_path / "taken").read_text() == "a file"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_a_folder_written_whole_gets_the_umask_s_permissions_and_nothing_is_left_after_an_error(tmp_path):
+    # A calibrated model or an nnU-Net dataset lands on a shared drive too; mkdtemp would make it owner-only.
+    from bridge.atomic import folder_replaced_whole
+
+    old = os.umask(0o022)
+    try:
+        with folder_replaced_whole(tmp_path / "model") as part:
+            (part / "manifest.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755
+    with pytest.raises(RuntimeError), folder_replaced_whole(tmp_path / "other") as part:
+        (part / "half").write_text("x")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

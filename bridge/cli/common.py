@@ -220,16 +220,10 @@ def write_model_copy(source: Path, out: Path, manifest) -> None:
     renamed into place, so an interrupted or failed command leaves no half-written model (the checkpoint of
     its training is left out)."""
     import shutil
-    import tempfile
 
+    from bridge.atomic import folder_replaced_whole
     from inference import write_manifest
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    part = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
-    try:
+    with folder_replaced_whole(out) as part:
         shutil.copytree(source, part, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint", "*.part"))
         write_manifest(part, manifest)
-        part.replace(out)  # replaces an empty --out folder too
-    except BaseException:
-        shutil.rmtree(part, ignore_errors=True)
-        raise

@@ -251,10 +251,8 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, Mpp | None]:
         except SlideFormatError:
             raise
         except Exception as err:
-            damage = damage_sign(path)
-            raise SlideFormatError(
-                f"{path}: not a readable TIFF ({err})" + ("" if damage is None else f"; {_damaged(damage)}")
-            ) from err
+            damage = damage_advice(path)
+            raise SlideFormatError(f"{path}: not a readable TIFF ({err})" + (f"; {damage}" if damage else "")) from err
     else:
         try:
             with Image.open(path) as im:
@@ -265,11 +263,9 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, Mpp | None]:
         except SlideFormatError:
             raise
         except Exception as err:
-            damage = damage_sign(path)
             expected = (
-                "expected a whole-slide format (SVS, NDPI, MRXS, tiled TIFF, ...) or a small TIFF/PNG/JPEG"
-                if damage is None
-                else _damaged(damage)
+                damage_advice(path)
+                or "expected a whole-slide format (SVS, NDPI, MRXS, tiled TIFF, ...) or a small TIFF/PNG/JPEG"
             )
             raise SlideFormatError(f"{path}: neither OpenSlide nor Pillow can read it ({err}); {expected}") from err
         mpp = None
@@ -321,7 +317,12 @@ def damage_sign(path: Path) -> str | None:
     return None
 
 
-def _damaged(sign: str) -> str:
+def damage_advice(path: Path) -> str | None:
+    """For a file no reader opens: what says it looks damaged (:func:`damage_sign`) and the fix; None when
+    nothing shows it, and the message then says which formats are expected."""
+    sign = damage_sign(path)
+    if sign is None:
+        return None
     return (
         f"the file looks damaged or truncated, as an interrupted copy leaves it: {sign}; copy it again from the "
         "scanner or the archive, and check that the copy has the original's size"
@@ -384,10 +385,8 @@ def open_slide(
         reader: RegionReader = ArrayReader(rgb)
         whole_slide = False
     except openslide.OpenSlideError as err:
-        damage = damage_sign(path)
-        raise SlideFormatError(
-            f"{path}: OpenSlide cannot read it: {err}" + ("" if damage is None else f"; {_damaged(damage)}")
-        ) from err
+        damage = damage_advice(path)
+        raise SlideFormatError(f"{path}: OpenSlide cannot read it: {err}" + (f"; {damage}" if damage else "")) from err
     else:
         full_wh = tuple(osr.level_dimensions[0])
         origin_xy, size_wh = qupath_frame(dict(osr.properties), full_wh)

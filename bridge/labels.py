@@ -55,7 +55,7 @@ from bridge.objects import OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE, TI
 from bridge.pairs import IHC_NEEDS_REVIEW
 from bridge.project import ProjectEntry, ProjectInfo, locate_image, read_project, sidecar_dir
 from bridge.qupath_geojson import QuPathObject, read_features
-from inference import IHC_CELL_RADIUS_UM, Pdl1Error, SlideLabels, UnlabeledSlide
+from inference import IHC_CELL_RADIUS_UM, Pdl1Error, Slide, SlideLabels, UnlabeledSlide
 
 log = logging.getLogger(__name__)
 
@@ -577,16 +577,20 @@ def read_project_labels(
     return out
 
 
-def warn_unless_he(slide: str | Path, source: str) -> None:
-    """Warn when a slide whose stain nobody stated looks like another stain than H&E by its colour.
+def warn_unless_he(slide: str | Path | Slide, source: str) -> None:
+    """Warn when a slide (a path, or one already open) whose stain nobody stated looks like another stain than
+    H&E by its colour.
 
     A warning, not a refusal: the colour can be wrong (README, stain detection), and without a QuPath image
     type there is nothing to override it with. Stated stains are checked by :func:`read_project_labels`.
     """
     from inference import detect_slide_stain, open_slide
 
-    with open_slide(slide) as opened:
-        colour = detect_slide_stain(opened)
+    if isinstance(slide, Slide):
+        colour = detect_slide_stain(slide)
+    else:
+        with open_slide(slide) as opened:
+            colour = detect_slide_stain(opened)
     if colour.stain != "H&E" and colour.margin_deg >= STAIN_WARNING_MARGIN_DEG:
         log.warning(
             "%s: its colour says %s (%s), but your own labels train the H&E models; if it is a PD-L1 IHC or another "

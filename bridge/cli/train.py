@@ -401,7 +401,7 @@ def _read_labels(
     for slide_path, labels_path in zip(sources, geojson, strict=True):
         with open_slide(slide_path) as slide:
             size, mpp = tuple(slide.dimensions), slide.mpp.mean
-        warn_unless_he(slide_path, str(slide_path))
+            warn_unless_he(slide, str(slide_path))
         out.append(read_geojson_labels(labels_path, slide=slide_path, image_size_px=size, rules=rules, mpp=mpp))
     return out
 

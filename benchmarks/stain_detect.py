@@ -54,6 +54,7 @@ def _row(name: str, truth: str, estimate, seconds: float, note: str = "") -> tup
         estimate.margin_deg,
         estimate.second_hue_deg,
         estimate.stain_angle_deg,
+        estimate.red_gap_deg,
         seconds,
         note,
     )
@@ -148,13 +149,17 @@ def main() -> None:
     rows.append(_array_row("dark fluorescence", "other", si.dark_fluorescence(rng)))
     rows.append(_array_row("blank", "other", si.blank()))
 
-    print(f"{'image':40s} {'truth':6s} {'found':6s} {'margin°':>8s} {'hue°':>7s} {'apart°':>7s} {'ms':>7s}  note")
+    print(
+        f"{'image':40s} {'truth':6s} {'found':6s} {'margin°':>8s} {'hue°':>7s} {'apart°':>7s} {'red°':>6s} "
+        f"{'ms':>7s}  note"
+    )
     wrong = 0
-    for name, truth, found, margin, hue, apart, seconds, note in rows:
+    for name, truth, found, margin, hue, apart, red_gap, seconds, note in rows:
         mark = "" if found == truth else "  WRONG"
         wrong += found != truth
         print(
-            f"{name:40s} {truth:6s} {found:6s} {margin:8.1f} {hue:7.1f} {apart:7.1f} {seconds * 1e3:7.1f}  {note}{mark}"
+            f"{name:40s} {truth:6s} {found:6s} {margin:8.1f} {hue:7.1f} {apart:7.1f} {red_gap:6.1f} "
+            f"{seconds * 1e3:7.1f}  {note}{mark}"
         )
     groups: dict[str, list[bool]] = {}
     for name, truth, found, *_rest, note in rows:

@@ -103,3 +103,29 @@ def dark_fluorescence(rng: np.random.Generator, *, size_px: int = 128) -> np.nda
 def blank(*, size_px: int = 128, level: int = 242) -> np.ndarray:
     """Glass only."""
     return np.full((size_px, size_px, 3), level, np.uint8)
+
+
+def drawn_two_stains(
+    rng: np.random.Generator, h_od: np.ndarray, second_od: np.ndarray, *, eosin: bool, size_px: int = 256
+) -> np.ndarray:
+    """A drawn field of haematoxylin nuclei and a second stain of given OD vectors (unit length after).
+
+    ``eosin``: the second stain over all tissue (stroma and cytoplasm, as H&E); else DAB rings around a
+    tenth of the nuclei (a sparse PD-L1 stain).
+    """
+    h_vec, second_vec = h_od / np.linalg.norm(h_od), second_od / np.linalg.norm(second_od)
+    yy, xx = np.mgrid[0:size_px, 0:size_px]
+    tissue = ndi.gaussian_filter(rng.normal(0, 1, (size_px, size_px)), size_px / 8) > 0
+    nuclei = np.zeros((size_px, size_px))
+    rings = np.zeros((size_px, size_px))
+    for x, y in rng.uniform(0, size_px, (size_px * size_px // 60, 2)):
+        if not tissue[int(y), int(x)]:
+            continue
+        d2 = (xx - x) ** 2 + (yy - y) ** 2
+        nuclei += np.exp(-d2 / 4.0)
+        if rng.uniform() < 0.1:
+            rings += np.exp(-((np.sqrt(d2) - 3.5) ** 2) / 2.0)
+    h_conc = tissue * (0.1 + 0.9 * np.clip(nuclei, 0, 1.5))
+    second = 0.35 + 0.15 * ndi.gaussian_filter(rng.uniform(0, 1, (size_px, size_px)), 2) if eosin else 0.6 * rings
+    od = h_conc[..., None] * h_vec + (tissue * np.clip(second, 0, 1.5))[..., None] * second_vec
+    return to_rgb(od, background=240.0, rng=rng)

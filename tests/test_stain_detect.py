@@ -164,6 +164,39 @@ def test_jpeg_noise_in_pale_tissue_does_not_hide_sparse_dab(seed, tps, shift, tm
         thumbnail = slide.thumbnail(mpp=8.0)
     estimate = detect_stain(thumbnail)
     assert estimate.stain == "H-DAB", estimate.reason
-    assert estimate.margin_deg > 10
+    if seed == 517:  # its two extremes absorb red alike (0.6°): which is haematoxylin is weak, and so is the call
+        assert estimate.red_gap_deg < stain_detect.RED_TIE_DEG and estimate.margin_deg < 5
+    else:
+        assert estimate.margin_deg > 10
     monkeypatch.setattr(stain_detect, "DENOISE_SIGMA_PX", 1e-9)
     assert detect_stain(thumbnail).stain == "H&E"
+
+
+# A shifted haematoxylin can absorb red as little as its eosin (blue-heavy) or DAB (green-heavy): the phantoms'
+# --shift draws both (c2008, ihc_1811 of the review sets). Which extreme is haematoxylin is then a coin toss, and
+# the swapped pair reads as the other stain: these two were read wrong by 52° and 99°. Now flagged weak.
+@pytest.mark.parametrize(
+    ("h_od", "second_od", "eosin"),
+    [([0.40, 0.40, 0.82], [0.43, 0.90, 0.05], True), ([0.24, 0.89, 0.38], si.DAB_OD, False)],
+)
+def test_haematoxylin_as_red_as_the_second_stain_makes_a_weak_call(h_od, second_od, eosin):
+    from inference.slides import stain_detect
+
+    rgb = si.drawn_two_stains(np.random.default_rng(0), np.array(h_od), np.array(second_od), eosin=eosin)
+    estimate = detect_stain(rgb)
+    assert estimate.stain in ("H&E", "H-DAB"), estimate.reason
+    assert estimate.red_gap_deg < stain_detect.RED_TIE_DEG and "weak" in estimate.reason
+    assert estimate.margin_deg <= estimate.red_gap_deg < 5  # the pipeline's weak-margin review reason
+
+
+# Beside a red-heavy haematoxylin (ihc_1900, ihc_1908 of the review sets) DAB's residual hue falls from 89° to
+# about 57°, below the fixed boundary's reach: a DAB 5° off Ruifrok's read H&E by 7.5° (not flagged). Turned with
+# DAB's place the boundary says H-DAB; the two disagree, so the call is weak.
+def test_dab_beside_a_red_heavy_haematoxylin_is_a_weak_call():
+    rgb = si.drawn_two_stains(
+        np.random.default_rng(0), np.array([0.93, 0.27, 0.25]), np.array([0.32, 0.65, 0.68]), eosin=False
+    )
+    estimate = detect_stain(rgb)
+    assert estimate.stain == "H-DAB", estimate.reason
+    assert estimate.margin_deg == 0.0 and "weak" in estimate.reason
+    assert estimate.dab_hue_deg < 60

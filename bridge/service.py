@@ -848,6 +848,8 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.models = models or Models(settings.pipeline)
+        # The H&E models load now, as before the first job: a broken one stops the start-up with its message.
+        app.state.models.load_he()
         app.state.ihc_manifest = ihc_manifest(settings.pipeline)
         app.state.worker = Worker(
             app.state.models,

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -189,19 +190,34 @@ def review_rule_for(manifest: Manifest) -> dict[str, float]:
 class Models:
     """Models loaded once and reused across images (the service keeps one).
 
-    The H&E models load at once; the PD-L1 IHC nuclei model on the first IHC image (:meth:`ihc`).
+    Each loads (and is checked) on first use, so a broken model fails only the images that need it, with its
+    own message, and the others of a batch still finish: the segmentation and H&E nuclei models on the first
+    H&E image (:attr:`seg`, :attr:`nuclei`), the PD-L1 IHC nuclei model on the first IHC image (:meth:`ihc`).
+    A model that fails to load is tried again by the next image that needs it.
     """
 
     def __init__(self, config: PipelineConfig):
-        folder = config.seg_model_dir or demo_model_dir("seg")
-        self.seg = Ensemble.load(folder, task="segmentation", device=config.device)
-        self.nuclei: Ensemble | None = None
-        if config.run_nuclei:
-            folder = config.nuclei_model_dir or demo_model_dir("nuclei")
-            self.nuclei = Ensemble.load(folder, task="nuclei", device=config.device)
+        self._seg_folder = config.seg_model_dir or demo_model_dir("seg")
+        self._nuclei_folder = (config.nuclei_model_dir or demo_model_dir("nuclei")) if config.run_nuclei else None
         self._ihc_folder = config.ihc_model_dir or demo_model_dir("nuclei-ihc")
         self._device = config.device
         self._ihc: Ensemble | None = None
+
+    @cached_property
+    def seg(self) -> Ensemble:
+        """The H&E segmentation ensemble, loaded (and checked) on first use."""
+        return Ensemble.load(self._seg_folder, task="segmentation", device=self._device)
+
+    @cached_property
+    def nuclei(self) -> Ensemble | None:
+        """The H&E nuclei ensemble, loaded (and checked) on first use; None when loaded without nuclei."""
+        if self._nuclei_folder is None:
+            return None
+        return Ensemble.load(self._nuclei_folder, task="nuclei", device=self._device)
+
+    def load_he(self) -> None:
+        """Load the H&E models now rather than on the first H&E image (the service checks them at start-up)."""
+        _ = self.seg, self.nuclei
 
     def ihc(self) -> Ensemble:
         """The PD-L1 IHC nuclei ensemble, loaded (and checked) on first use."""

@@ -1,0 +1,94 @@
+"""A broken model fails only the images that need it: in a batch of both stains, the other stain's images
+still finish and are written, and each failed image says what is wrong with the model and how to fix it."""
+
+import json
+import shutil
+
+import pytest
+
+from bridge.run import RunConfig, run_batch
+from inference import ModelFileError, Models, PipelineConfig, demo_model_dir
+
+
+@pytest.fixture
+def broken_seg(tmp_path):
+    """The demo segmentation ensemble with one member's bytes changed after its manifest was written."""
+    folder = tmp_path / "seg-broken"
+    shutil.copytree(demo_model_dir("seg"), folder)
+    member = folder / "member_02.safetensors"
+    data = bytearray(member.read_bytes())
+    data[-1] ^= 0xFF
+    member.write_bytes(bytes(data))
+    return folder
+
+
+@pytest.fixture
+def broken_ihc(tmp_path):
+    """The demo PD-L1 IHC nuclei ensemble with a member file missing (an interrupted copy)."""
+    folder = tmp_path / "ihc-broken"
+    shutil.copytree(demo_model_dir("nuclei-ihc"), folder)
+    (folder / "member_01.safetensors").unlink()
+    return folder
+
+
+def _project(ihc_pair, tmp_path):
+    from bridge.init_project import init_project_files
+
+    return init_project_files(tmp_path / "project", list(ihc_pair)).parent
+
+
+def _summaries(project, outcomes) -> dict[str, dict | None]:
+    """Each image's written summary, or None where nothing was written."""
+    paths = {o.name: project / "pdl1" / o.key / "summary.json" for o in outcomes}
+    return {name: json.loads(p.read_text()) if p.is_file() else None for name, p in paths.items()}
+
+
+def test_models_load_nothing_until_an_image_needs_them(broken_seg, broken_ihc):
+    models = Models(PipelineConfig(device="cpu", seg_model_dir=str(broken_seg), ihc_model_dir=str(broken_ihc)))
+    with pytest.raises(ModelFileError, match=r"member_02\.safetensors: sha256 .* does not match"):
+        models.seg  # noqa: B018 (loading is the point)
+    with pytest.raises(ModelFileError, match=r"member_01\.safetensors: member listed in .* is missing"):
+        models.ihc()
+    assert Models(PipelineConfig(device="cpu", run_nuclei=False)).nuclei is None
+
+
+def test_a_broken_segmentation_model_fails_the_h_and_e_images_only(ihc_pair, broken_seg, tmp_path):
+    project = _project(ihc_pair, tmp_path)
+    config = PipelineConfig(device="cpu", seg_model_dir=str(broken_seg))
+    outcomes = run_batch([project], RunConfig(pipeline=config, qupath="never"))
+    assert [(o.name, o.state) for o in outcomes] == [("he_271.svs", "failed"), ("ihc_271.svs", "done")]
+    he = outcomes[0]
+    assert he.error.startswith(f"{broken_seg / 'member_02.safetensors'}: sha256 "), he.error
+    assert he.error.endswith("the file is corrupt or was replaced: restore it or retrain")
+    summaries = _summaries(project, outcomes)
+    assert summaries["he_271.svs"] is None
+    assert summaries["ihc_271.svs"]["stain"] == "H-DAB" and summaries["ihc_271.svs"]["tps_percent"] is not None
+    status = json.loads((project / "pdl1" / "status.json").read_text())["images"]
+    assert status[he.key]["state"] == "failed" and status[he.key]["error"] == he.error
+    assert status[outcomes[1].key]["state"] == "done"
+
+
+def test_a_broken_ihc_model_fails_the_ihc_images_only(ihc_pair, broken_ihc, tmp_path):
+    project = _project(ihc_pair, tmp_path)
+    config = PipelineConfig(device="cpu", ihc_model_dir=str(broken_ihc), run_nuclei=False, run_sua=False)
+    outcomes = run_batch([project], RunConfig(pipeline=config, qupath="never", compare_pairs=False))
+    assert [(o.name, o.state) for o in outcomes] == [("he_271.svs", "done"), ("ihc_271.svs", "failed")]
+    assert outcomes[1].error.startswith(f"{broken_ihc / 'member_01.safetensors'}: member listed in ")
+    assert "copy the whole model folder again" in outcomes[1].error
+    summaries = _summaries(project, outcomes)
+    assert summaries["he_271.svs"]["stain"] == "H&E" and summaries["ihc_271.svs"] is None
+
+
+def test_the_service_still_checks_the_h_and_e_models_at_start_up(broken_seg, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from bridge.service import ServiceSettings, create_app
+
+    settings = ServiceSettings(
+        allow_roots=(tmp_path,), pipeline=PipelineConfig(device="cpu", seg_model_dir=str(broken_seg))
+    )
+    with (
+        pytest.raises(ModelFileError, match=r"member_02\.safetensors: sha256 .* does not match"),
+        TestClient(create_app(settings)),
+    ):
+        pass

@@ -499,3 +499,53 @@ def test_cli_reports_a_value_error(tmp_path, monkeypatch):
     monkeypatch.setattr(inference, "import_nnunet", refuses)
     result = CliRunner().invoke(app, ["import", "nnunet", str(tmp_path), "--out", str(tmp_path / "m"), "--mpp", "2"])
     assert result.exit_code == 1 and "error: a value the import refuses" in result.output
+
+
+@needs_dna
+@pytest.mark.parametrize(
+    "stop", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["disk-full", "ctrl-c"]
+)
+def test_cli_import_stopped_while_writing_leaves_no_model_and_no_leftovers(tmp_path, monkeypatch, stop):
+    from inference.models import nnunet_import
+
+    net = _network(PLAIN)
+    folder = _results(tmp_path, checkpoints={"checkpoint_final.pth": _checkpoint(net.state_dict(), epoch=7)})
+    (folder / "fold_1").mkdir()
+    torch.save(_checkpoint(net.state_dict(), epoch=9), folder / "fold_1" / "checkpoint_final.pth")
+    saved = nnunet_import._save_network
+
+    def second_fails(network, path):
+        if path.name != "member_00.safetensors":
+            path.write_bytes(b"half a member")
+            raise stop
+        saved(network, path)
+
+    monkeypatch.setattr(nnunet_import, "_save_network", second_fails)
+    models = tmp_path / "models"
+    models.mkdir()
+    result = CliRunner().invoke(app, ["import", "nnunet", str(folder), "--out", str(models / "m"), "--mpp", "2"])
+    assert result.exit_code != 0
+    if isinstance(stop, OSError):
+        assert "error: [Errno 28] No space left on device" in result.output
+    assert list(models.iterdir()) == []
+
+
+@needs_dna
+def test_cli_import_refuses_a_non_empty_folder_or_a_file_before_any_work(tmp_path):
+    folder = _results(tmp_path, checkpoints={"checkpoint_final.pth": _checkpoint(_network().state_dict(), epoch=1)})
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    args = ["import", "nnunet", str(folder), "--mpp", "2", "--out"]
+    result = CliRunner().invoke(app, [*args, str(busy)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and f"{busy}: is not empty;" in text and "choose another --out or empty it" in text
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"] and not list(tmp_path.glob(".busy.*"))
+    result = CliRunner().invoke(app, [*args, str(busy / "notes.txt")])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "notes.txt: is a file; --out names the model folder" in text
+    # An empty folder (made for it beforehand) is filled.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert CliRunner().invoke(app, [*args, str(empty)]).exit_code == 0
+    assert len(read_manifest(empty).members) == 1

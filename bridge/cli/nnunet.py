@@ -51,19 +51,24 @@ def import_nnunet_cmd(
 
     Checkpoints are read with torch's restricted unpickler (tensors and plain data only) and only their network weights are kept. Building the network needs the nnunet extra (dynamic_network_architectures). Use the result with `pdl1 run --seg-model OUT`.
     """
+    from bridge.atomic import folder_replaced_whole
     from inference import import_nnunet
 
     try:
-        manifest = import_nnunet(
-            results_folder,
-            out,
-            mpp=mpp,
-            checkpoints=checkpoints,
-            folds=folds,
-            positive_label=positive_label,
-            name=name,
-            stain=stain,
-        )
+        # Written into a folder beside --out and renamed onto it when whole: a failure or Ctrl-C part way
+        # (a full disk, a member that will not save) leaves no half a model where `pdl1 run` would find it.
+        with folder_replaced_whole(out) as part:
+            manifest = import_nnunet(
+                results_folder,
+                out,
+                mpp=mpp,
+                checkpoints=checkpoints,
+                folds=folds,
+                positive_label=positive_label,
+                name=name,
+                stain=stain,
+                write_into=part,
+            )
     except (Pdl1Error, OSError, ValueError) as err:
         raise fail(err) from err
     arch = manifest.architecture.rsplit(".", 1)[-1]

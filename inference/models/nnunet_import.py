@@ -386,6 +386,7 @@ def import_nnunet(
     positive_label: str | None = None,
     name: str | None = None,
     stain: str = "H&E",
+    write_into: str | Path | None = None,
 ) -> Manifest:
     """Import an nnU-Net v2 2D trained-model folder as a segmentation model folder; return its manifest.
 
@@ -404,6 +405,10 @@ def import_nnunet(
     positive_label
         The label of the PD-L1 positive class (default: the one label besides ``background`` when
         there are two classes).
+    write_into
+        An empty folder to write the model into instead of ``out_dir`` itself, which the caller then renames
+        onto ``out_dir`` (``pdl1 import nnunet`` does, so that an interrupted import leaves no half a model);
+        ``out_dir`` must then be new or empty. Checked and named as ``out_dir`` all the same.
     """
     folder = Path(results_folder)
     out = Path(out_dir)
@@ -416,8 +421,15 @@ def import_nnunet(
         raise ModelFileError(f"stain {stain!r} is not one of {STAINS}")
     if not folder.is_dir():
         raise ModelFileError(f"{folder}: no such folder; pass nnUNet_results/DatasetNNN_NAME/TRAINER__PLANS__CONFIG")
+    if out.exists() and not out.is_dir():
+        raise ModelFileError(f"{out}: is a file; --out names the model folder to write: choose a new folder")
     if (out / MANIFEST_NAME).exists():
         raise ModelFileError(f"{out}: already holds a model ({MANIFEST_NAME}); choose another --out or remove it")
+    if write_into is not None and out.is_dir() and any(out.iterdir()):
+        raise ModelFileError(
+            f"{out}: is not empty; the model is written beside it and renamed onto it whole, which needs a new or "
+            "empty folder: choose another --out or empty it"
+        )
     plans_path, dataset_path = folder / "plans.json", folder / "dataset.json"
     plans, dataset = _read_json(plans_path), _read_json(dataset_path)
     paths = _choose_checkpoints(folder, folds=folds, checkpoints=checkpoints or ["checkpoint_final.pth"])
@@ -478,18 +490,19 @@ def import_nnunet(
                 f"{str(err).splitlines()[0]}"
             ) from err
         networks.append(network)
-    out.mkdir(parents=True, exist_ok=True)
+    target = out if write_into is None else Path(write_into)
+    target.mkdir(parents=True, exist_ok=True)
     members, provenance = [], []
     for i, (ckpt, network) in enumerate(zip(loaded, networks, strict=True)):
         file = _MEMBER_FILE.format(i)
-        _save_network(network, out / file)
+        _save_network(network, target / file)
         # The fold is the folder's (what --folds chose; nnU-Net names them fold_K, K a number or "all").
         fold_name = ckpt.path.parent.name.removeprefix("fold_")
         fold = int(fold_name) if fold_name.isdigit() else 0
         members.append(
             Member(
                 file=file,
-                sha256=sha256_file(out / file),
+                sha256=sha256_file(target / file),
                 cycle=0,
                 epoch=ckpt.epoch,
                 learning_rate=ckpt.learning_rate if math.isfinite(ckpt.learning_rate) else 0.0,
@@ -541,7 +554,7 @@ def import_nnunet(
         },
         stain=stain,
     )
-    write_manifest(out, manifest)
+    write_manifest(target, manifest)
     log.info("imported %d nnU-Net checkpoints from %s into %s", len(members), folder, out)
     return manifest
 

@@ -602,6 +602,15 @@ def _qupath_mpp_advice(value: str) -> str:
     )
 
 
+# Where an upload's client gives its µm/px: the request's mpp query parameter, per uploaded pixel (a region
+# read at a downsample has pixels that many times the scanner's).
+_UPLOAD_MPP_SOURCE = "the mpp query parameter"
+
+
+def _upload_mpp_advice(value: str) -> str:
+    return f"send as mpp the µm per uploaded pixel: {value} times the downsample the region was read at"
+
+
 def _as_sent(err: Pdl1Error, opened: tuple[Path, ...], shown: str) -> Pdl1Error:
     """``err`` as the client should read it: naming the image as it sent it, not the files the worker
     opened (a private link in a temporary folder)."""
@@ -694,12 +703,11 @@ def check_upload(body: bytes, *, mpp: float, max_px: int) -> None:
             "(downsample)"
         )
     # Slide checks the MPP's plausible range; a 1-px stand-in runs that check without the pixels.
-    try:
-        Slide(ArrayReader(np.zeros((1, 1, 3), np.uint8)), mpp=Mpp(mpp, mpp, "the upload's mpp")).close()
-    except MissingMppError as err:
-        raise MissingMppError(
-            f"upload: {err} (for an upload: the mpp query parameter, in µm per uploaded pixel)"
-        ) from err
+    Slide(
+        ArrayReader(np.zeros((1, 1, 3), np.uint8)),
+        mpp=Mpp(mpp, mpp, _UPLOAD_MPP_SOURCE),
+        mpp_advice=_upload_mpp_advice,
+    ).close()
 
 
 @contextmanager
@@ -717,7 +725,7 @@ def decoded_upload(body: bytes, *, mpp: float | None) -> Iterator[Slide]:
             f"the uploaded image cannot be decoded ({type(err).__name__}: {err}); send a complete PNG or TIFF"
         ) from err
     del body
-    slide = Slide(ArrayReader(rgb), mpp=Mpp(mpp, mpp, "the upload's mpp"))
+    slide = Slide(ArrayReader(rgb), mpp=Mpp(mpp, mpp, _UPLOAD_MPP_SOURCE), mpp_advice=_upload_mpp_advice)
     try:
         yield slide
     finally:

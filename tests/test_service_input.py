@@ -175,6 +175,58 @@ def test_an_upload_that_is_no_image_says_what_is_expected(client, content, came)
     }
 
 
+UPLOAD_ADVICE = (
+    "send as mpp the µm per uploaded pixel: the scanner's µm/px (0.25 at 40x, 0.5 at 20x) times the downsample "
+    "the region was read at"
+)
+
+
+def _png(size_px: int = 256) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size_px, size_px, 3), 200, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mpp", [100.0, 0.01])
+def test_an_upload_at_an_implausible_mpp_is_told_in_the_request_s_terms(mpp):
+    # The endpoint's own range refuses these first (query.mpp); check_upload says the same in its own words.
+    from bridge.service import check_upload
+    from inference import MissingMppError
+
+    with pytest.raises(MissingMppError) as caught:
+        check_upload(_png(), mpp=mpp, max_px=10**8)
+    assert str(caught.value) == (
+        f"image: microns per pixel {mpp:g} (from the mpp query parameter) is outside the plausible range "
+        f"(0.05, 50.0); {UPLOAD_ADVICE}"
+    )
+
+
+def test_an_upload_too_coarse_for_the_model_is_told_in_the_request_s_terms(client):
+    r = client.post("/v1/jobs/pixels", params={"mpp": 50}, content=_png())
+    assert r.status_code == 202, r.text
+    status = wait_for_job(client, r.json()["job_id"])
+    assert status["state"] == "failed"
+    assert status["error"] == (
+        "image: its pixels are 50 µm (from the mpp query parameter), but the segmentation model reads 2 µm/px: it "
+        "would enlarge the image 25 times (at most 2 is allowed). Check the pixel size; if it is wrong, "
+        f"{UPLOAD_ADVICE}. An image truly this coarse cannot be analysed"
+    )
+
+
+def test_an_image_too_coarse_for_the_model_is_told_in_qupath_s_terms(client, slides_root):
+    path = str(slides_root / "small.svs")
+    r = client.post("/v1/jobs", json={"image": path, "mpp": 40})
+    assert r.status_code == 202, r.text
+    status = wait_for_job(client, r.json()["job_id"])
+    assert status["state"] == "failed" and "--mpp" not in status["error"]
+    assert status["error"].startswith(f"{path}: its pixels are 40 µm (from the request's mpp), but the ")
+    assert status["error"].endswith(
+        "Check the pixel size; if it is wrong, set the pixel size in QuPath (Image tab: Pixel width/height) to the "
+        "scanner's µm/px (0.25 at 40x, 0.5 at 20x); pdl1_analyze.groovy sends it with the job, so run the script "
+        "again. An image truly this coarse cannot be analysed"
+    )
+
+
 # ------------------------------------------------------------------- an image that does not open
 
 

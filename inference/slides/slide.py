@@ -75,6 +75,7 @@ class Slide:
         self.reader = reader
         self.mpp = mpp
         self.path = path
+        self.mpp_advice = mpp_advice
         self._thumbnail: tuple[float, np.ndarray] | None = None  # the last one read: (mpp, read-only RGB)
 
     @property
@@ -179,11 +180,17 @@ class Slide:
         """
         enlargement = self.mpp.mean / mpp
         if enlargement > MAX_ENLARGEMENT:
+            if self.mpp_advice is None:
+                check = (
+                    "Check the pixel size: a wrong --mpp or QuPath calibration is the usual cause; 0.25 µm/px is "
+                    "40x, 0.5 is 20x"
+                )
+            else:
+                check = f"Check the pixel size; if it is wrong, {self.mpp_advice(SCANNER_MPP)}"
             raise ResolutionError(
                 f"{self.path or 'image'}: its pixels are {self.mpp.mean:g} µm (from {self.mpp.source}), but "
                 f"{reader} reads {mpp:g} µm/px: it would enlarge the image {enlargement:.6g} times (at most "
-                f"{MAX_ENLARGEMENT:g} is allowed). Check the pixel size: a wrong --mpp or QuPath calibration is the "
-                "usual cause; 0.25 µm/px is 40x, 0.5 is 20x. An image truly this coarse cannot be analysed"
+                f"{MAX_ENLARGEMENT:g} is allowed). {check}. An image truly this coarse cannot be analysed"
             )
 
     def close(self) -> None:

@@ -79,6 +79,20 @@ def _truth_mask(slide_path: Path) -> tuple[np.ndarray, float]:
     return truth.positive_mask, truth.mask_downsample
 
 
+def whole_image_regions(slide_path: Path, *, case_size_um: float) -> list[tuple[int, int, int, int]]:
+    """The image cut into cases of ``case_size_um`` (level-0 ``(x, y, width, height)``, row by row); a strip at
+    the right or bottom edge narrower than a case is left out. How phantoms and every test image are cut:
+    they need no drawn region to be cut from."""
+    with open_slide(slide_path) as slide:
+        width, height = slide.dimensions
+        step = max(1, round(case_size_um / slide.mpp.mean))
+    return [
+        (x, y, min(step, width - x), min(step, height - y))
+        for y in range(0, height - step + 1, step)
+        for x in range(0, width - step + 1, step)
+    ]
+
+
 @dataclass(frozen=True)
 class PhantomTruthLabels:
     """Labels from phantom truth: ``PD-L1 positive`` where the truth mask is, background elsewhere.
@@ -96,14 +110,7 @@ class PhantomTruthLabels:
     class_names: tuple[str, ...] = ("background", "PD-L1 positive")
 
     def regions(self, slide_path: Path, *, case_size_um: float) -> list[tuple[int, int, int, int]]:
-        with open_slide(slide_path) as slide:
-            width, height = slide.dimensions
-            step = max(1, round(case_size_um / slide.mpp.mean))
-        return [
-            (x, y, min(step, width - x), min(step, height - y))
-            for y in range(0, height - step + 1, step)
-            for x in range(0, width - step + 1, step)
-        ]
+        return whole_image_regions(slide_path, case_size_um=case_size_um)
 
     def labels(
         self, slide_path: Path, region_xywh: tuple[int, int, int, int], *, size_wh: tuple[int, int]
@@ -199,24 +206,41 @@ class ExportImage:
 
 
 def project_images(project: Path, *, test_names: Sequence[str] = ()) -> tuple[list[ExportImage], list[ExportImage]]:
-    """A QuPath project's images (read without QuPath), split into training and ``test_names`` (image names).
+    """A QuPath project's images (read without QuPath), split into training and ``test_names`` (image names
+    or entry IDs).
 
-    Raises :class:`bridge.project.ProjectError` for an unknown test name or an image that cannot be exported.
+    Raises :class:`bridge.project.ProjectError` for an unknown test name, a name several entries share (QuPath
+    allows that; the ID tells them apart) or an image that cannot be exported.
     """
     from bridge.project import ImageSearch, ProjectError, locate_image, read_project
 
     info = read_project(project)
-    names = {e.image_name for e in info.entries}
-    unknown = sorted(set(test_names) - names)
-    if unknown:
-        raise ProjectError(f"{info.path}: no image named {unknown[0]!r} to predict; its images are {sorted(names)}")
+    ids_of: dict[str, list[str]] = {}
+    for entry in info.entries:
+        ids_of.setdefault(entry.image_name, []).append(entry.entry_id)
+    test_ids = set()
+    for name in test_names:
+        if any(e.entry_id == name for e in info.entries):
+            test_ids.add(name)
+        elif name not in ids_of:
+            raise ProjectError(
+                f"{info.path}: no image named {name!r} to predict; its images are {sorted(ids_of)} (or give an "
+                "entry ID)"
+            )
+        elif len(ids_of[name]) > 1:
+            raise ProjectError(
+                f"{info.path}: {len(ids_of[name])} entries are named {name!r} (IDs {', '.join(ids_of[name])}); "
+                "give the ID of the one to predict with --test"
+            )
+        else:
+            test_ids.add(ids_of[name][0])
     train, test = [], []
     for entry in info.entries:
         if entry.not_analysable:
             raise ProjectError(f"{entry.image_name}: {entry.not_analysable}; export the image as it is in the file")
         path = locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder, search=ImageSearch())
         image = ExportImage(Path(path), entry.entry_id, entry.image_name)
-        (test if entry.image_name in test_names else train).append(image)
+        (test if entry.entry_id in test_ids else train).append(image)
     return train, test
 
 
@@ -272,7 +296,8 @@ def export_nnunet_dataset(
     """Write an nnU-Net v2 raw dataset of ``slides``' labelled regions at ``mpp`` µm/px.
 
     Each region of ``case_size_px`` px (at ``mpp``) is a case ``<file stem>_<n>``; ``test_slides``
-    go to ``imagesTs/`` cut the same way, without labels. ``out_dir`` must be named
+    go to ``imagesTs/`` without labels, each cut whole into cases (:func:`whole_image_regions`: an image to
+    predict has no labels to bound its regions). ``out_dir`` must be named
     ``DatasetNNN_NAME``, as nnU-Net requires, and be new or empty. Every slide is opened and every
     training slide's labels read before anything is written, and the dataset is written into a
     folder beside ``out_dir`` renamed into place at the end: an error leaves no half-written dataset.
@@ -298,6 +323,8 @@ def export_nnunet_dataset(
             "empty folder: choose a new DatasetNNN_NAME or remove it"
         )
     images = [i if isinstance(i, ExportImage) else ExportImage(Path(i)) for i in slides]
+    if not images:  # nnU-Net's planning would fail on it, later and less clearly
+        raise ValueError("no labelled image to train on: a dataset needs at least one (the test images are not enough)")
     tests = [i if isinstance(i, ExportImage) else ExportImage(Path(i)) for i in test_slides]
     stems = [i.path.stem for i in images + tests]
     if len(set(stems)) != len(stems):
@@ -308,7 +335,10 @@ def export_nnunet_dataset(
     work = [(i, True) for i in images] + [(i, False) for i in tests]
     planned = []
     for image, train in work:
-        regions = source.regions(image.path, case_size_um=case_size_um)
+        if train:
+            regions = source.regions(image.path, case_size_um=case_size_um)
+        else:
+            regions = whole_image_regions(image.path, case_size_um=case_size_um)
         if not regions:  # an empty dataset would only fail later, in nnU-Net's planning
             _refuse_a_slide_without_cases(image.path, mpp=mpp, case_size_px=case_size_px)
         with open_slide(image.path) as slide:

@@ -400,6 +400,68 @@ def test_a_paired_ihc_area_labels_the_whole_he_with_a_band_around_its_edge_ignor
     assert labels.counts == {"paired IHC positive areas": 1, DOUBTFUL_IHC_COUNT: 1}
 
 
+def _add_entry(project: Path, slide: Path, entry_id: int) -> None:
+    """An H&E entry for ``slide`` added to the fixture project as QuPath adds one (its entry and data folder)."""
+    import copy
+
+    qpproj = project / "project.qpproj"
+    data = json.loads(qpproj.read_text())
+    entry = copy.deepcopy(data["images"][0])
+    uri = f"file:///data/pathology/pdl1-labels/{slide.name}"  # where the project was made; the slide sits beside it
+    entry.update(entryID=entry_id, imageName=slide.name, randomizedName=f"{entry_id:08d}-0000-0000-0000-000000000000")
+    entry["metadata"] = {}
+    entry["serverBuilder"]["uri"] = uri
+    entry["serverBuilder"]["metadata"]["name"] = slide.name
+    data["images"].append(entry)
+    data["lastID"] = entry_id
+    qpproj.write_text(json.dumps(data))
+    folder = project / "data" / str(entry_id)
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps({"imageType": "BRIGHTFIELD_H_E", "hierarchy": {"nObjects": 0}}))
+
+
+def test_nnunet_export_of_a_project_cuts_its_test_images_whole_without_labels(labelled, tmp_path):
+    # `--test IMAGE` of a project labelled in QuPath: the image to predict has no drawn regions (nor needs
+    # any), so it is cut whole into imagesTs/; the training cases are the labelled entry's regions.
+    from typer.testing import CliRunner
+
+    from bridge.cli.app import app
+    from inference.phantom.pyramid import write_phantom
+    from inference.phantom.scene import PhantomSpec
+
+    project = _project_copy(labelled, tmp_path)
+    exported = export_path(project, "1")
+    exported.parent.mkdir(parents=True)
+    features = json.loads((labelled / "objects-labelled-by-pathologist-0.4.4.geojson").read_text())["features"]
+    exported.write_text(json.dumps(features))
+    write_phantom(tmp_path / "unseen.svs", PhantomSpec(2048, 2048, seed=77, tps_percent=20))
+    _add_entry(project, tmp_path / "unseen.svs", 3)
+    out = tmp_path / "Dataset602_LAB"
+    args = ["export", "nnunet", str(project), "--out", str(out), "--qupath", "never", "--mpp", "2"]
+    result = CliRunner().invoke(app, [*args, "--entries", "1", "--test", "unseen.svs"])
+    assert result.exit_code == 0, result.output
+    cases = json.loads((out / "cases.json").read_text())
+    by_split = {split: [c for c in cases.values() if c["split"] == split] for split in ("train", "test")}
+    assert [(c["entry_id"], c["image_name"]) for c in by_split["test"]] == [("3", "unseen.svs")]
+    assert by_split["test"][0]["region_xywh"] == [0, 0, 2048, 2048]  # 2048 px at 0.5 µm/px: one 512 px case at 2
+    assert {c["entry_id"] for c in by_split["train"]} == {"1"} and len(by_split["train"]) == 2
+    assert sorted(p.name for p in (out / "imagesTs").iterdir()) == ["unseen_0000_0000.png"]
+    assert len(list((out / "labelsTr").iterdir())) == 2
+    # Two entries of the fixture show one file under one name: --test asks which, by ID.
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "Dataset603_X"), "--test", "he-1357.svs"])
+    assert result.exit_code == 1
+    assert "2 entries are named 'he-1357.svs' (IDs 1, 2); give the ID of the one to predict with --test" in " ".join(
+        result.output.split()
+    )
+    # A test entry is no training entry: --entries naming only it says so.
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "Dataset604_X"), "--entries", "3", "--test", "3"])
+    assert result.exit_code == 2
+    assert "entry 3 (unseen.svs) is to be predicted (--test), so --entries leaves nothing to train on" in " ".join(
+        result.output.replace("│", " ").split()
+    )
+    assert not list(tmp_path.glob("*Dataset60[34]*"))
+
+
 def test_without_validation_entries_every_slide_trains_and_phantoms_pass_through():
     from bridge.labels import split_validation
 

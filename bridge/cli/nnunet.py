@@ -99,7 +99,8 @@ def export_nnunet_cmd(
         list[str] | None,
         typer.Option(
             "--test",
-            help="Images to predict, written to imagesTs/ (repeatable): slide files, or a project's image names.",
+            help="Images to predict, written to imagesTs/ whole (repeatable): slide files, or a project's image "
+            "names or entry IDs.",
         ),
     ] = None,
     margin_px: Annotated[
@@ -146,9 +147,23 @@ def export_nnunet_cmd(
         if is_project:
             train, tests = project_images(images[0], test_names=test or [])
             if entries:
-                train = [t for t in train if t.entry_id in entries or t.image_name in entries]
-                if not train:
-                    raise typer.BadParameter(f"no entry of the project is one of {entries}", param_hint="--entries")
+                chosen = [t for t in train if t.entry_id in entries or t.image_name in entries]
+                if not chosen:
+                    predicted = [t for t in tests if t.entry_id in entries or t.image_name in entries]
+                    raise typer.BadParameter(
+                        f"no entry of the project is one of {entries}"
+                        if not predicted
+                        else f"{', '.join(f'entry {t.entry_id} ({t.image_name})' for t in predicted)} is to be "
+                        "predicted (--test), so --entries leaves nothing to train on: name labelled entries to train on",
+                        param_hint="--entries",
+                    )
+                train = chosen
+            if not train:
+                raise typer.BadParameter(
+                    "--test takes every entry of the project, so nothing is left to train on: leave the labelled "
+                    "entries out of --test",
+                    param_hint="--test",
+                )
         else:
             train, tests = list(images), [Path(t) for t in test or []]
         if is_project and labels != "truth":

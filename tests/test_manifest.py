@@ -200,3 +200,19 @@ def test_the_shipped_demo_models_are_known_by_checksum():
     assert set(checksums) == {"seg", "nuclei", "nuclei-ihc"}
     for kind, checksum in checksums.items():
         assert checksum == read_manifest(demo_model_dir(kind)).checksum
+
+
+def test_model_members_get_the_permissions_of_any_new_file(tmp_path):
+    # safetensors writes owner-only files; a model on a shared drive must be readable as the umask allows.
+    import os
+
+    import torch
+
+    from inference.training.cyclic import save_member
+
+    (tmp_path / "new").touch()
+    expected = os.stat(tmp_path / "new").st_mode & 0o777
+    os.chmod(tmp_path / "new", 0o600)
+    name, _ = save_member(tmp_path, torch.nn.Linear(2, 1), 0)
+    assert os.stat(tmp_path / name).st_mode & 0o777 == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["member_00.safetensors", "new"]

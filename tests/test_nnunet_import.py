@@ -549,3 +549,14 @@ def test_cli_import_refuses_a_non_empty_folder_or_a_file_before_any_work(tmp_pat
     empty.mkdir()
     assert CliRunner().invoke(app, [*args, str(empty)]).exit_code == 0
     assert len(read_manifest(empty).members) == 1
+
+
+@needs_dna
+def test_imported_members_get_the_permissions_of_any_new_file(tmp_path):
+    import os
+
+    folder = _results(tmp_path, checkpoints={"checkpoint_final.pth": _checkpoint(_network().state_dict(), epoch=1)})
+    import_nnunet(folder, tmp_path / "model", mpp=2.0)
+    modes = {p.name: os.stat(p).st_mode & 0o777 for p in (tmp_path / "model").iterdir()}
+    assert set(modes) == {"manifest.json", "member_00.safetensors"}
+    assert modes["member_00.safetensors"] == modes["manifest.json"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
+import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -102,6 +104,21 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def give_new_file_mode(path: Path) -> None:
+    """Give ``path`` the permissions a file made here gets (the umask's), as every other file this product writes.
+
+    safetensors (0.8) writes its files readable by their owner only: a model trained or imported on a shared
+    drive would lock colleagues (and a service running as another user) out of its members.
+    """
+    probe = path.with_name(f"{path.name}.{secrets.token_hex(6)}.part")
+    with open(probe, "x"):
+        pass
+    try:
+        shutil.copymode(probe, path)
+    finally:
+        probe.unlink()
 
 
 _REQUIRED = (

@@ -40,7 +40,15 @@ import numpy as np
 import torch
 
 from inference.errors import ModelFileError
-from inference.models.manifest import MANIFEST_NAME, STAINS, Manifest, Member, sha256_file, write_manifest
+from inference.models.manifest import (
+    MANIFEST_NAME,
+    STAINS,
+    Manifest,
+    Member,
+    give_new_file_mode,
+    sha256_file,
+    write_manifest,
+)
 from inference.models.nnunet_network import build_nnunet_network, check_nnunet_architecture
 
 log = logging.getLogger(__name__)
@@ -573,4 +581,5 @@ def _save_network(network: torch.nn.Module, path: Path) -> None:
     # save_model keeps one name of tensors nnU-Net's blocks hold twice (``conv`` and ``all_modules.0``).
     tmp = path.with_suffix(".safetensors.part")
     save_model(network, str(tmp))
+    give_new_file_mode(tmp)
     tmp.replace(path)

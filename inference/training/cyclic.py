@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from inference.errors import ModelFileError
-from inference.models.manifest import MANIFEST_NAME, read_manifest, sha256_file
+from inference.models.manifest import MANIFEST_NAME, give_new_file_mode, read_manifest, sha256_file
 from inference.training.report import HISTORY_FILE
 
 log = logging.getLogger(__name__)
@@ -203,6 +203,7 @@ def save_checkpoint(
     }
     part = folder / (CHECKPOINT_FILE + ".part")
     save_file(tensors, str(part), metadata={"pdl1": json.dumps(meta)})
+    give_new_file_mode(part)
     part.replace(folder / CHECKPOINT_FILE)
     (folder / "state.json").unlink(missing_ok=True)  # left by a version that wrote two files
 
@@ -254,6 +255,7 @@ def save_member(out_dir: Path, model: torch.nn.Module, index: int) -> tuple[str,
     # One metadata key only: safetensors writes metadata in hash-map order, which would make
     # the bytes (and sha256) of identical weights differ between runs.
     save_file(state, str(out_dir / name), metadata={"format": "pt"})
+    give_new_file_mode(out_dir / name)
     return name, sha256_file(out_dir / name)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import secrets
 import shutil
@@ -39,12 +40,14 @@ def replace_atomically(path: Path) -> Iterator[TextIO]:
 @contextlib.contextmanager
 def folder_replaced_whole(path: Path) -> Iterator[Path]:
     """A new folder to fill that becomes ``path`` (absent, or an empty folder) when the ``with`` block ends
-    without error; after an error (or a crash) the half-filled folder is gone and ``path`` is as it was.
+    without error; after an error (or a crash) the half-filled folder is gone and ``path`` is as it was, and so
+    are the folders above it made for it (a refused `pdl1 import nnunet --out new/model` leaves no ``new/``).
 
     Named with a leading dot, so tools that find folders by name (nnU-Net's ``DatasetNNN_*``) do not see it,
     and made with ``mkdir``, not ``tempfile.mkdtemp``, whose folders only their owner may open (colleagues on a
     shared drive would be locked out of the result, as with mkstemp above).
     """
+    made = list(itertools.takewhile(lambda p: not p.exists(), (path.parent, *path.parent.parents)))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.part")
     tmp.mkdir()
@@ -53,4 +56,7 @@ def folder_replaced_whole(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)  # onto an empty folder too; a folder something was written into meanwhile stops it
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:  # deepest first; rmdir leaves one that something else was put into meanwhile
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise

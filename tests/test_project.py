@@ -417,3 +417,7 @@ def test_a_folder_written_whole_gets_the_umask_s_permissions_and_nothing_is_left
         (part / "half").write_text("x")
         raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    # The folders made above it go too; one that existed stays.
+    with pytest.raises(RuntimeError), folder_replaced_whole(tmp_path / "model" / "new" / "deeper" / "x"):
+        raise RuntimeError("refused")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["manifest.json", "model"]

@@ -1,9 +1,11 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from inference.analysis.nuclei import NucleiConfig, detect_nuclei, pdl1_from_maps
+from inference.analysis.nuclei import NucleiConfig, detect_nuclei, dihedral_mean, pdl1_from_maps
 from inference.analysis.points import match_points
 from inference.models.ensemble import Ensemble
 from inference.models.manifest import Manifest, Member
@@ -94,6 +96,53 @@ def test_ensemble_gives_entropy_and_roi_limits(dotted_slide):
     assert len(nuclei) == inside.sum()
     assert nuclei.entropy is not None and (nuclei.entropy >= 0).all()
     assert nuclei.count("Tumor: Positive") + nuclei.count("Tumor: Negative") + nuclei.count("Other") == len(nuclei)
+
+
+class ShiftedDotDetector(DotDetector):
+    """DotDetector whose peaks lie 1 px right of the dots: not equivariant under flips and rotations."""
+
+    def forward(self, x):
+        return torch.roll(super().forward(x), 1, dims=-1)
+
+
+def test_dihedral_mean_of_an_equivariant_model_is_the_model_and_symmetrises_one_that_is_not():
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 3, 12, 12)).astype(np.float32))
+    model = DotDetector()
+    with torch.no_grad():
+        torch.testing.assert_close(dihedral_mean(model, x), model(x))  # its kernel is symmetric
+        shifted = dihedral_mean(ShiftedDotDetector(), x)
+    # Any model's TTA heatmap of a transformed input is the transformed TTA heatmap.
+    with torch.no_grad():
+        torch.testing.assert_close(dihedral_mean(ShiftedDotDetector(), x.flip(-2)), shifted.flip(-2))
+        torch.testing.assert_close(
+            dihedral_mean(ShiftedDotDetector(), torch.rot90(x, 1, (-2, -1))), torch.rot90(shifted, 1, (-2, -1))
+        )
+
+
+def test_tta_finds_the_same_nuclei_with_an_equivariant_model_and_is_off_by_default(dotted_slide):
+    slide, centres, _ = dotted_slide
+    config = NucleiConfig(overlap_px=16, read_workers=0, min_score=0.5)
+    assert not config.tta
+    plain = detect_nuclei(slide, dot_ensemble(64), config=config)
+    assert len(plain) == len(centres)
+    tta = detect_nuclei(slide, dot_ensemble(64), config=replace(config, tta=True))
+    np.testing.assert_array_equal(tta.xy, plain.xy)
+    np.testing.assert_array_equal(tta.cls, plain.cls)
+    np.testing.assert_allclose(tta.score, plain.score, rtol=1e-5)
+
+
+def test_tta_averages_a_shifted_peak_back_onto_the_dot():
+    rgb = np.full((64, 64, 3), 255, np.uint8)
+    rgb[31:34, 31:34] = COLOURS[0]  # one dot, centre (32.5, 32.5)
+    slide = Slide(ArrayReader(rgb), mpp=Mpp(1.0, 1.0, "test"))
+    ens = dot_ensemble(64)
+    ens = Ensemble(ens.manifest, [ShiftedDotDetector()], folder=ens.folder, device=ens.device)
+    config = NucleiConfig(read_workers=0, min_score=0.2)
+    plain = detect_nuclei(slide, ens, config=config)
+    tta = detect_nuclei(slide, ens, config=replace(config, tta=True))
+    np.testing.assert_array_equal(plain.xy, [[33.5, 32.5]])  # 1 px right: the model's bias
+    np.testing.assert_array_equal(tta.xy, [[32.5, 32.5]])  # the 8 shifts cancel
+    assert tta.score[0] < plain.score[0]  # the mean of the shifted maps is flatter
 
 
 def test_h_and_e_nuclei_take_their_pdl1_call_from_the_ensemble_maps_and_each_member_its_own():

@@ -1,7 +1,8 @@
 """Real tissue: does fine-tuning on a lab's own points beat a textbook detector? (issue #33, acceptance)
 
 ``python -m benchmarks.real_tile_labels [--iterations 160] [--stain-jitter strong] [--sigma-um 1.5,2.5,3.5]
-[--lr-max 1e-3,3e-3] [--points all,100,50,25] [--seeds 0,1,2] [--cache inner.json] [--select-only]``
+[--lr-max 1e-3,3e-3] [--points all,100,50,25] [--seeds 0,1,2] [--cache inner.json] [--select-only]
+[--select-by strip] [--select-seeds 0] [--tta off] [--models DIR]``
 (the defaults: the README's second selection stage and its test runs)
 
 The one real labelled H&E at hand (``../shared/fixtures/real-he-hgsc-stroma``: 1500 x 1500 px at about
@@ -27,6 +28,14 @@ Detection F1 within 3 µm, class-agnostic. Labels pass through ``bridge.labels``
 export does; the fixture's classes (connective, inflammatory, neoplastic) are mapped onto the model's
 (Other, Other, Tumor: Negative). ``--cache`` keeps the selection's scores per candidate, so a later run
 (say, with more seeds) reuses them instead of training the candidates again. CPU minutes per model.
+
+A less noisy selection: ``--select-by cv2`` scores each candidate by 2-fold cross-validation within the
+training half instead (train on y < 750 px, score y >= 750 px, and the other way round: every training
+point is scored once), ``--select-seeds`` trains each fold with several seeds; the F1 and the threshold
+fit are pooled over folds and seeds. ``--tta off,on`` makes test-time augmentation (``NucleiConfig.tta``:
+the 8 flips and rotations) a candidate too, chosen on the training half with its own threshold; the test
+half then shows each final model with and without it. ``--models DIR`` keeps every model trained, and a
+later run scores the ones already there instead of training them again.
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ POINTS = FIXTURE / "hgsc_stroma_nuclei.geojson"
 CLASS_MAP = ("connective=Other", "inflammatory=Other", "neoplastic=Tumor: Negative")
 SPLIT_X_PX = 750
 INNER_SPLIT_Y_PX = 1000  # the training half's inner validation strip: y >= this (70 of its 192 points)
+CV_SPLIT_Y_PX = 750  # --select-by cv2: the training half's two folds (98 and 94 points)
 RADIUS_UM = 3.0
 LOG_GRID = {
     "min_sigma_um": (1.0, 1.5, 2.0, 3.0, 4.0),
@@ -162,6 +172,20 @@ def _config(setting: Setting, *, out: Path, seed: int) -> NucleiTrainConfig:
     )
 
 
+def _trained(setting: Setting, labels, *, out: Path, seed: int) -> tuple[Path, float]:
+    """The model fine-tuned as ``setting`` on ``labels`` in ``out``, and its training time (s); one there is kept."""
+    done = out / "train_seconds.json"
+    if not done.exists():
+        t0 = time.perf_counter()
+        train_nuclei(_config(setting, out=out, seed=seed), labels=[labels])
+        done.write_text(json.dumps(time.perf_counter() - t0))
+    return out, json.loads(done.read_text())
+
+
+def _slug(setting: Setting) -> str:
+    return f"it{setting.iterations}_{setting.stain_jitter}_s{setting.sigma_um:g}_lr{setting.lr_max:g}"
+
+
 def _scores(s) -> DetectionScores:
     return DetectionScores(s.n_matched, s.n_predicted - s.n_matched, s.n_labelled - s.n_matched)
 
@@ -182,9 +206,20 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the final models (the selection uses the first)")
     parser.add_argument("--cache", type=Path, help="JSON file keeping the selection's scores per candidate")
     parser.add_argument("--select-only", action="store_true", help="stop after the selection: the test half unseen")
+    parser.add_argument(
+        "--select-by",
+        choices=("strip", "cv2"),
+        default="strip",
+        help="strip: inner training part and validation strip; cv2: 2-fold cross-validation in the training half",
+    )
+    parser.add_argument("--select-seeds", help="seeds of the selection's models, pooled (default: the first seed)")
+    parser.add_argument("--tta", default="off", help="test-time augmentation candidates: off, on or off,on")
+    parser.add_argument("--models", type=Path, help="folder keeping every model trained, reused by later runs")
     args = parser.parse_args()
     counts = [None if c == "all" else int(c) for c in args.points.split(",")]
     seeds = _csv(args.seeds, int)
+    select_seeds = _csv(args.select_seeds, int) if args.select_seeds else seeds[:1]
+    ttas = [{"off": False, "on": True}[t] for t in args.tta.split(",")]
     settings = [
         Setting(*s)
         for s in itertools.product(
@@ -209,42 +244,73 @@ def main() -> None:
     val_box = (0, INNER_SPLIT_Y_PX, SPLIT_X_PX, height)
     test_box = (SPLIT_X_PX, 0, width, height)
     radius_px = RADIUS_UM / mpp
-    n_in = {name: int(_in_box(all_xy, box).sum()) for name, box in (("inner", inner_box), ("val", val_box))}
+    if args.select_by == "strip":
+        folds = [(inner_box, val_box)]
+        how = (
+            f"inner training part x < {SPLIT_X_PX}, y < {INNER_SPLIT_Y_PX} px, "
+            f"inner validation strip x < {SPLIT_X_PX}, y >= {INNER_SPLIT_Y_PX} px"
+        )
+    else:
+        top, bottom = (0, 0, SPLIT_X_PX, CV_SPLIT_Y_PX), (0, CV_SPLIT_Y_PX, SPLIT_X_PX, height)
+        folds = [(top, bottom), (bottom, top)]
+        how = f"2-fold cross-validation in the training half, folds y < {CV_SPLIT_Y_PX} px and y >= {CV_SPLIT_Y_PX} px"
+    n_fold = [(int(_in_box(all_xy, a).sum()), int(_in_box(all_xy, b).sum())) for a, b in folds]
+    n_train = "+".join(str(a) for a, _ in n_fold)
     print(
         f"hgsc_stroma.svs: {width} x {height} px at {mpp} µm/px; detection F1 within {RADIUS_UM} µm.\n"
-        f"Selection: inner training part x < {SPLIT_X_PX}, y < {INNER_SPLIT_Y_PX} px ({n_in['inner']} points), "
-        f"inner validation strip x < {SPLIT_X_PX}, y >= {INNER_SPLIT_Y_PX} px ({n_in['val']} points), seed {seeds[0]}",
+        f"Selection: {how} (training / validation points {n_fold}), seeds {select_seeds}",
         flush=True,
     )
     print("| detector | training points | precision | recall | F1 | peak threshold | time s |")
     print("|---|---|---|---|---|---|---|", flush=True)
 
     t0 = time.perf_counter()
-    params = tune_log(rgb, all_xy, mpp=mpp, box=inner_box)
-    s = _score(run_log(rgb, mpp=mpp, box=val_box, params=params), all_xy[_in_box(all_xy, val_box)], radius_px=radius_px)
+    log_scores, log_params = DetectionScores(0, 0, 0), []
+    for train_part, val_part in folds:
+        params = tune_log(rgb, all_xy, mpp=mpp, box=train_part)
+        got = _score(
+            run_log(rgb, mpp=mpp, box=val_part, params=params), all_xy[_in_box(all_xy, val_part)], radius_px=radius_px
+        )
+        log_scores = DetectionScores(log_scores.tp + got.tp, log_scores.fp + got.fp, log_scores.fn + got.fn)
+        log_params.append(str(params))
+    s = log_scores
     print(
-        f"| LoG, tuned on the inner training part {params} | {n_in['inner']} | {s.precision:.3f} | {s.recall:.3f} "
-        f"| {s.f1:.3f} | - | {time.perf_counter() - t0:.0f} |",
+        f"| LoG, tuned on {'the inner training part' if len(folds) == 1 else 'each fold'} {' / '.join(log_params)} "
+        f"| {n_train} | {s.precision:.3f} "
+        f"| {s.recall:.3f} | {s.f1:.3f} | - | {time.perf_counter() - t0:.0f} |",
         flush=True,
     )
 
-    inner_labels = _labels(objects, inner_box, rules=rules, size=size)
-    val_labels = _labels(objects, val_box, rules=rules, size=size)
-    chosen: tuple[float, Setting, float] | None = None
+    fold_labels = [
+        (_labels(objects, a, rules=rules, size=size), _labels(objects, b, rules=rules, size=size)) for a, b in folds
+    ]
+    # Per (setting, tta): the threshold fitted in the selection; the winner: the best pooled F1 there.
+    fitted: dict[tuple[Setting, bool], float] = {}
+    chosen: tuple[float, Setting, bool, float] | None = None
     with tempfile.TemporaryDirectory() as tmp:
-        for setting in settings:
-            key = json.dumps(asdict(setting) | {"seed": seeds[0], "inner_split_y_px": INNER_SPLIT_Y_PX})
+        models = args.models or Path(tmp)
+        for setting, tta in itertools.product(settings, ttas):
+            key = asdict(setting) | {"seed": select_seeds[0], "inner_split_y_px": INNER_SPLIT_Y_PX}
+            if args.select_by != "strip" or len(select_seeds) > 1 or tta:  # the earlier runs' keys stay valid
+                key |= {"select_by": args.select_by, "seeds": select_seeds, "tta": tta}
+            key = json.dumps(key)
             if key not in cache:
-                out = Path(tmp) / f"inner_{len(cache)}"
-                t0 = time.perf_counter()
-                train_nuclei(_config(setting, out=out, seed=seeds[0]), labels=[inner_labels])
-                found = labelled_nuclei(out, [val_labels], radius_um=RADIUS_UM, floor=0.1)
+                found, seconds = [], []
+                for (i, (train_labels, val_labels)), seed in itertools.product(enumerate(fold_labels), select_seeds):
+                    out = models / f"select_{args.select_by}{i}_seed{seed}_{_slug(setting)}"
+                    if args.select_by == "strip" and not args.models:
+                        out = Path(tmp) / f"inner_{len(cache)}_{seed}"
+                    model, took = _trained(setting, train_labels, out=out, seed=seed)
+                    seconds.append(took)
+                    config = NucleiConfig(tta=tta)
+                    found += labelled_nuclei(model, [val_labels], radius_um=RADIUS_UM, config=config, floor=0.1)
                 fit = fit_min_score(found, current=DEFAULT_MIN_SCORE)
-                rows = {
-                    f"{t:g}": asdict(_scores(score_labelled_nuclei(found, min_score=t)[0]))
-                    for t in sorted({DEFAULT_MIN_SCORE, fit.after})
-                }
-                cache[key] = {"min_score": fit.after, "scores": rows, "seconds": time.perf_counter() - t0}
+                rows = {}
+                for t in sorted({DEFAULT_MIN_SCORE, fit.after}):
+                    pooled = [_scores(x) for x in score_labelled_nuclei(found, min_score=t)]
+                    tp, fp, fn = (sum(getattr(x, f) for x in pooled) for f in ("tp", "fp", "fn"))
+                    rows[f"{t:g}"] = asdict(DetectionScores(tp, fp, fn))
+                cache[key] = {"min_score": fit.after, "scores": rows, "seconds": float(np.mean(seconds))}
                 if args.cache:
                     args.cache.write_text(json.dumps(cache, indent=1))
             got = cache[key]
@@ -252,15 +318,20 @@ def main() -> None:
                 s = DetectionScores(**scores)
                 how = "fitted here" if t == f"{got['min_score']:g}" else "model's"
                 print(
-                    f"| fine-tuned, {setting} | {n_in['inner']} | {s.precision:.3f} | {s.recall:.3f} | {s.f1:.3f} "
-                    f"| {float(t):g} ({how}) | {got['seconds']:.0f} |",
+                    f"| fine-tuned, {setting}{', TTA' if tta else ''} | {n_train} | {s.precision:.3f} "
+                    f"| {s.recall:.3f} | {s.f1:.3f} | {float(t):g} ({how}) | {got['seconds']:.0f} |",
                     flush=True,
                 )
             f1 = DetectionScores(**got["scores"][f"{got['min_score']:g}"]).f1
+            fitted[setting, tta] = got["min_score"]
             if chosen is None or f1 > chosen[0]:
-                chosen = (f1, setting, got["min_score"])
-    f1, setting, min_score = chosen
-    print(f"chosen on the inner validation strip: {setting}, peak threshold {min_score:g} (F1 {f1:.3f})", flush=True)
+                chosen = (f1, setting, tta, got["min_score"])
+    f1, setting, chosen_tta, min_score = chosen
+    print(
+        f"chosen on the training half: {setting}{', TTA' if chosen_tta else ''}, peak threshold {min_score:g} "
+        f"(F1 {f1:.3f})",
+        flush=True,
+    )
     if args.select_only:
         return
 
@@ -289,8 +360,9 @@ def main() -> None:
     # The test half as a validation slide is: one region with every nucleus marked.
     test_labels = _labels(objects, test_box, rules=rules, size=size)
 
-    def evaluate(model_dir: Path, threshold: float) -> DetectionScores:
-        found = labelled_nuclei(model_dir, [test_labels], radius_um=RADIUS_UM, floor=min(threshold, 0.1))
+    def evaluate(model_dir: Path, threshold: float, *, tta: bool = False) -> DetectionScores:
+        config = NucleiConfig(tta=tta)
+        found = labelled_nuclei(model_dir, [test_labels], radius_um=RADIUS_UM, config=config, floor=min(threshold, 0.1))
         return _scores(score_labelled_nuclei(found, min_score=threshold)[0])
 
     t0 = time.perf_counter()
@@ -306,16 +378,15 @@ def main() -> None:
         for n, seed in itertools.product(counts, seeds):
             box = strip_with_points(all_xy, n, width_px=SPLIT_X_PX, height_px=height)
             labels = _labels(objects, box, rules=rules, size=size)
-            out = Path(tmp) / f"n{n}_s{seed}"
-            t0 = time.perf_counter()
-            train_nuclei(_config(setting, out=out, seed=seed), labels=[labels])
-            row(
-                f"fine-tuned, {setting}, peak threshold {min_score:g}, strip y < {box[3]} px",
-                len(labels.points_class),
-                str(seed),
-                evaluate(out, min_score),
-                time.perf_counter() - t0,
-            )
+            out = (args.models or Path(tmp)) / f"n{n or 'all'}_seed{seed}_{_slug(setting)}"
+            model, seconds = _trained(setting, labels, out=out, seed=seed)
+            # Chosen first, then the other TTA candidates, each at its own threshold from the selection.
+            for tta in sorted(ttas, key=lambda t: t != chosen_tta):
+                threshold = fitted[setting, tta]
+                what = f"fine-tuned, {setting}, peak threshold {threshold:g}, strip y < {box[3]} px"
+                if len(ttas) > 1 or tta:
+                    what += f", TTA {'on' if tta else 'off'}{' (chosen)' if tta == chosen_tta else ''}"
+                row(what, len(labels.points_class), str(seed), evaluate(model, threshold, tta=tta), seconds)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.real_tile_labels [--iterations 160] [--stain-jitter strong] [--sigma-um 1.5,2.5,3.5]
 [--lr-max 1e-3,3e-3] [--points all,100,50,25] [--seeds 0,1,2] [--cache inner.json] [--select-only]
-[--select-by strip] [--select-seeds 0] [--tta off] [--models DIR]``
+[--select-by strip] [--select-seeds 0] [--tta off] [--cycles 3] [--models DIR]``
 (the defaults: the README's second selection stage and its test runs)
 
 The one real labelled H&E at hand (``../shared/fixtures/real-he-hgsc-stroma``: 1500 x 1500 px at about
@@ -11,9 +11,9 @@ made on the training half, which is cut again by y into an inner training part (
 validation strip:
 
 1. *Selection.* For each candidate setting (the product of the comma lists ``--iterations``,
-   ``--stain-jitter``, ``--sigma-um``, ``--lr-max``) the shipped nuclei ensemble is fine-tuned (``pdl1 train
-   nuclei ... --labels``: same code) on the inner training part's points, and scored on the inner validation
-   strip, where its peak threshold ``min_score`` is fitted too (:func:`inference.fit_min_score`, as ``pdl1
+   ``--stain-jitter``, ``--sigma-um``, ``--lr-max``, ``--cycles``) the shipped nuclei ensemble is fine-tuned
+   (``pdl1 train nuclei ... --labels``: same code) on the inner training part's points, and scored on the inner
+   validation strip, where its peak threshold ``min_score`` is fitted too (:func:`inference.fit_min_score`, as ``pdl1
    train --recalibrate`` does on held-out slides). The setting with the best inner-validation F1 wins, with
    its fitted threshold. The LoG baseline, tuned on the inner training part, is scored on the same strip.
 2. *Test, once per final model.* The winner is fine-tuned again on a strip of the whole training half
@@ -149,18 +149,27 @@ class Setting:
     stain_jitter: str
     sigma_um: float
     lr_max: float
+    cycles: int = 3  # the first cycle's member dropped: cycles - 1 members
 
     def __str__(self) -> str:
-        return f"{self.iterations} it/epoch, {self.stain_jitter} jitter, sigma {self.sigma_um:g} µm, lr {self.lr_max:g}"
+        more = "" if self.cycles == 3 else f", {self.cycles} cycles"
+        return (
+            f"{self.iterations} it/epoch, {self.stain_jitter} jitter, sigma {self.sigma_um:g} µm, "
+            f"lr {self.lr_max:g}{more}"
+        )
+
+    def key(self) -> dict:
+        """The fields naming this setting in ``--cache`` (the earlier runs' keys, without ``cycles``, stay valid)."""
+        return {k: v for k, v in asdict(self).items() if k != "cycles" or v != 3}
 
 
 def _config(setting: Setting, *, out: Path, seed: int) -> NucleiTrainConfig:
-    """Fine-tuning from the shipped ensemble: 3 cycles of 2 epochs, batch 8 (the first cycle's member dropped)."""
+    """Fine-tuning from the shipped ensemble: cycles of 2 epochs, batch 8 (the first cycle's member dropped)."""
     return NucleiTrainConfig(
         slides=(str(SLIDE),),
         out_dir=str(out),
         init_model=str(demo_model_dir("nuclei")),
-        cycles=3,
+        cycles=setting.cycles,
         epochs_per_cycle=2,
         iterations_per_epoch=setting.iterations,
         batch_size=8,
@@ -183,7 +192,8 @@ def _trained(setting: Setting, labels, *, out: Path, seed: int) -> tuple[Path, f
 
 
 def _slug(setting: Setting) -> str:
-    return f"it{setting.iterations}_{setting.stain_jitter}_s{setting.sigma_um:g}_lr{setting.lr_max:g}"
+    more = "" if setting.cycles == 3 else f"_c{setting.cycles}"
+    return f"it{setting.iterations}_{setting.stain_jitter}_s{setting.sigma_um:g}_lr{setting.lr_max:g}{more}"
 
 
 def _scores(s) -> DetectionScores:
@@ -202,6 +212,7 @@ def main() -> None:
         "--sigma-um", default="1.5,2.5,3.5", help="candidate Gaussian target sigmas (pdl1 train --sigma-um)"
     )
     parser.add_argument("--lr-max", default="1e-3,3e-3", help="candidate peak learning rates")
+    parser.add_argument("--cycles", default="3", help="candidate training cycles (members: one fewer)")
     parser.add_argument("--points", default="all,100,50,25", help="training point counts of the final models")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the final models (the selection uses the first)")
     parser.add_argument("--cache", type=Path, help="JSON file keeping the selection's scores per candidate")
@@ -227,6 +238,7 @@ def main() -> None:
             _csv(args.stain_jitter, str),
             _csv(args.sigma_um, float),
             _csv(args.lr_max, float),
+            _csv(args.cycles, int),
         )
     ]
     cache = json.loads(args.cache.read_text()) if args.cache and args.cache.exists() else {}
@@ -290,7 +302,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         models = args.models or Path(tmp)
         for setting, tta in itertools.product(settings, ttas):
-            key = asdict(setting) | {"seed": select_seeds[0], "inner_split_y_px": INNER_SPLIT_Y_PX}
+            key = setting.key() | {"seed": select_seeds[0], "inner_split_y_px": INNER_SPLIT_Y_PX}
             if args.select_by != "strip" or len(select_seeds) > 1 or tta:  # the earlier runs' keys stay valid
                 key |= {"select_by": args.select_by, "seeds": select_seeds, "tta": tta}
             key = json.dumps(key)

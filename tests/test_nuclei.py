@@ -122,7 +122,7 @@ def test_dihedral_mean_of_an_equivariant_model_is_the_model_and_symmetrises_one_
 def test_tta_finds_the_same_nuclei_with_an_equivariant_model_and_is_off_by_default(dotted_slide):
     slide, centres, _ = dotted_slide
     config = NucleiConfig(overlap_px=16, read_workers=0, min_score=0.5)
-    assert not config.tta
+    assert not config.tta_for(dot_ensemble(64).manifest)  # a model that does not ask for it: off
     plain = detect_nuclei(slide, dot_ensemble(64), config=config)
     assert len(plain) == len(centres)
     tta = detect_nuclei(slide, dot_ensemble(64), config=replace(config, tta=True))
@@ -143,6 +143,19 @@ def test_tta_averages_a_shifted_peak_back_onto_the_dot():
     np.testing.assert_array_equal(plain.xy, [[33.5, 32.5]])  # 1 px right: the model's bias
     np.testing.assert_array_equal(tta.xy, [[32.5, 32.5]])  # the 8 shifts cancel
     assert tta.score[0] < plain.score[0]  # the mean of the shifted maps is flatter
+
+
+def test_a_model_trained_with_tta_runs_with_it_unless_the_config_says_otherwise():
+    rgb = np.full((64, 64, 3), 255, np.uint8)
+    rgb[31:34, 31:34] = COLOURS[0]
+    slide = Slide(ArrayReader(rgb), mpp=Mpp(1.0, 1.0, "test"))
+    ens = dot_ensemble(64)
+    manifest = replace(ens.manifest, extra={**ens.manifest.extra, "tta": True})  # as `pdl1 train nuclei --tta`
+    ens = Ensemble(manifest, [ShiftedDotDetector()], folder=ens.folder, device=ens.device)
+    config = NucleiConfig(read_workers=0, min_score=0.2)
+    assert config.tta_for(manifest) and not replace(config, tta=False).tta_for(manifest)
+    np.testing.assert_array_equal(detect_nuclei(slide, ens, config=config).xy, [[32.5, 32.5]])
+    np.testing.assert_array_equal(detect_nuclei(slide, ens, config=replace(config, tta=False)).xy, [[33.5, 32.5]])
 
 
 def test_h_and_e_nuclei_take_their_pdl1_call_from_the_ensemble_maps_and_each_member_its_own():

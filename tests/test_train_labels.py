@@ -262,6 +262,36 @@ def test_pdl1_train_nuclei_holds_validation_slides_out_whole_and_scores_them(lab
 
 
 @pytest.mark.slow
+def test_pdl1_train_nuclei_tta_is_recorded_and_what_follows_training_measures_with_it(labelled, tmp_path):
+    from bridge.labels import read_geojson_labels
+    from inference import NucleiConfig, labelled_nuclei, read_manifest, score_labelled_nuclei
+
+    geojson = labelled / "objects-labelled-by-pathologist-0.4.4.geojson"
+    for name in ("he-a.svs", "he-b.svs"):
+        (tmp_path / name).symlink_to(labelled / "he-1357.svs")
+    out = tmp_path / "model"
+    args = ["train", "nuclei", str(tmp_path / "he-a.svs"), str(tmp_path / "he-b.svs")]
+    # From the shipped model (the default init), which finds nuclei here: TTA changes how many.
+    args += ["--labels", str(geojson), "--labels", str(geojson), "--val-entries", "he-b.svs"]
+    result = runner.invoke(app, [*args, "--out", str(out), "--tta", "--no-recalibrate", *TINY, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out, task="nuclei")
+    assert manifest.extra["tta"] is True and manifest.training["config"]["tta"] is True
+    assert NucleiConfig().tta_for(manifest)  # pdl1 run, the service and eval run it so unless told otherwise
+    (row,) = json.loads((out / "validation.json").read_text())["slides"]
+    held_out = read_geojson_labels(
+        geojson, slide=tmp_path / "he-b.svs", image_size_px=(2048, 2048), rules=LabelRules(HE_CLASSES)
+    )
+    min_score = float(manifest.thresholds["min_score"])
+
+    def found(tta: bool) -> int:
+        nuclei = labelled_nuclei(out, [held_out], config=NucleiConfig(tta=tta), floor=min_score)
+        return score_labelled_nuclei(nuclei, min_score=min_score)[0].n_predicted
+
+    assert row["n_predicted"] == found(True) != found(False)  # TTA changes what this model finds
+
+
+@pytest.mark.slow
 def test_pdl1_train_seg_scores_held_out_slides_over_their_labelled_pixels(labelled, tmp_path):
     geojson = labelled / "objects-labelled-by-pathologist-0.4.4.geojson"
     (tmp_path / "he-a.svs").symlink_to(labelled / "he-1357.svs")

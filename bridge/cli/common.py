@@ -44,6 +44,7 @@ def pipeline_config(
     compile_members: bool = False,
     gpu_decode: bool | None = None,
     ihc_model: Path | None = None,
+    nuclei_tta: bool | None = None,
 ):
     from inference import NucleiConfig, PipelineConfig, SegmentConfig
 
@@ -58,7 +59,7 @@ def pipeline_config(
         segment=SegmentConfig(
             batch_size=batch_size, read_workers=read_workers, compile=compile_members, read_on_device=gpu_decode
         ),
-        nuclei=NucleiConfig(batch_size=nuclei_batch_size),
+        nuclei=NucleiConfig(batch_size=nuclei_batch_size, tta=nuclei_tta),
     )
 
 

@@ -208,6 +208,15 @@ def run(
         int | None,
         typer.Option(min=1, help="Nuclei tiles per forward pass. Default: 2 on the CPU, 8 on CUDA (measured)."),
     ] = None,
+    nuclei_tta: Annotated[
+        bool | None,
+        typer.Option(
+            "--nuclei-tta/--no-nuclei-tta",
+            help="Nuclei models (H&E and IHC) average their heatmaps over the 8 flips and 90° rotations of each "
+            "tile: 8x their compute. Default: as each model's manifest says (pdl1 train nuclei --tta), else off.",
+            show_default=False,
+        ),
+    ] = None,
     read_workers: Annotated[
         int | None,
         typer.Option(
@@ -288,6 +297,7 @@ def run(
                 compile_members=compile_members,
                 gpu_decode=gpu_decode,
                 ihc_model=settings.ihc_model,
+                nuclei_tta=nuclei_tta,
             ),
             run_sua="sua" in settings.outputs,
             uncertainty_tile_um=settings.uncertainty_tile_um,

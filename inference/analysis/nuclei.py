@@ -71,7 +71,9 @@ class NucleiConfig:
         in the caches) and :data:`CUDA_BATCH` on CUDA.
     tta
         Test-time augmentation: each member's heatmaps are the mean over the 8 flips and 90° rotations
-        of every tile (:func:`dihedral_mean`), as nnU-Net's mirroring; 8 times the compute.
+        of every tile (:func:`dihedral_mean`), as nnU-Net's mirroring; 8 times the compute. ``None``
+        takes the model's (its manifest's ``extra["tta"]``, set by ``pdl1 train nuclei --tta`` so that
+        the peak threshold it fits is used as it was fitted; else off).
     """
 
     nms_radius_um: float = 2.5
@@ -81,7 +83,7 @@ class NucleiConfig:
     read_workers: int = 2
     read_block_tiles: int = 3
     precision: str = "auto"
-    tta: bool = False
+    tta: bool | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
@@ -92,6 +94,12 @@ class NucleiConfig:
         if self.batch_size is not None:
             return self.batch_size
         return CUDA_BATCH if device.type == "cuda" else CPU_BATCH
+
+    def tta_for(self, manifest) -> bool:
+        """Whether ``manifest``'s model runs with test-time augmentation (see ``tta``)."""
+        if self.tta is not None:
+            return self.tta
+        return bool(manifest.extra.get("tta", False))
 
     def min_score_for(self, manifest) -> float:
         """The peak threshold on ``manifest``'s model (see ``min_score``)."""
@@ -147,6 +155,7 @@ def detect_nuclei(
     radius_px = max(1, round(config.nms_radius_um / manifest.input_mpp))
     min_score = config.min_score_for(manifest)
     precision = Precision.choose(config.precision, ensemble.device)
+    tta = config.tta_for(manifest)
     pos_i, neg_i = names.index("Tumor: Positive"), names.index("Tumor: Negative")
     ring_px = membrane_ring_px(manifest) if manifest.stain == "H-DAB" else None
     total = len(grid)
@@ -158,7 +167,7 @@ def detect_nuclei(
     def flush() -> None:
         nonlocal done
         idx = np.array([i for i, _ in batch])
-        heat_members = _member_heatmaps(ensemble, np.stack([p for _, p in batch]), precision, tta=config.tta)
+        heat_members = _member_heatmaps(ensemble, np.stack([p for _, p in batch]), precision, tta=tta)
         heat = heat_members.mean(dim=0)
         b, y, x = heatmap_peaks(heat, radius_px=radius_px, min_score=min_score)
         values = heat[b, :, y, x].cpu().numpy().astype(np.float64)

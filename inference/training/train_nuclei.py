@@ -75,6 +75,9 @@ class NucleiTrainConfig:
     known_radius_um: float = 6.0
     # Slides held out whole for validation (not trained on): the domain guard's limits are calibrated on them.
     validation_slides: tuple[str, ...] = ()
+    # The model runs with test-time augmentation (manifest extra["tta"]; see NucleiConfig.tta): what follows
+    # training (the held-out scores, the peak threshold refitted on them, the IHC review limit) is measured with it.
+    tta: bool = False
 
     def __post_init__(self) -> None:
         check_schedule(self)
@@ -344,7 +347,8 @@ def train_nuclei(
         members=[Member(**{k: m[k] for k in ("file", "sha256", "cycle", "epoch", "learning_rate")}) for m in members],
         thresholds=thresholds,
         stain=stain,
-        extra={"output_stride": DilatedResFCN.output_stride, "sigma_um": config.sigma_um},
+        extra={"output_stride": DilatedResFCN.output_stride, "sigma_um": config.sigma_um}
+        | ({"tta": True} if config.tta else {}),
         training={
             "config": {k: v for k, v in asdict(config).items() if k != "out_dir"},
             "data": _data_record(data, labels, label_sources),

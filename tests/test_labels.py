@@ -243,13 +243,19 @@ def _project_copy(labelled: Path, tmp_path: Path) -> Path:
     return tmp_path / "project"
 
 
-def test_a_project_without_qupath_reads_the_export_script_s_geojson_as_the_same_labels(labelled, tmp_path):
+def _exported_project_copy(labelled: Path, tmp_path: Path) -> Path:
+    """:func:`_project_copy` with entry 1's labels where the export script writes them: QuPath's GeoJSON of the
+    entry's objects, as a list of features."""
     project = _project_copy(labelled, tmp_path)
     exported = export_path(project, "1")
     exported.parent.mkdir(parents=True)
-    # What the export script writes: QuPath's GeoJSON of the entry's objects, as a list of features.
     features = json.loads((labelled / "objects-labelled-by-pathologist-0.4.4.geojson").read_text())["features"]
     exported.write_text(json.dumps(features))
+    return project
+
+
+def test_a_project_without_qupath_reads_the_export_script_s_geojson_as_the_same_labels(labelled, tmp_path):
+    project = _exported_project_copy(labelled, tmp_path)
     (labels,) = read_project_labels(project, rules=RULES, entries=["1"], qupath="never")
     assert labels.slide == str(tmp_path / "he-1357.svs")
     assert labels_digest(labels) == labels_digest(_fixture_labels(labelled))
@@ -429,11 +435,7 @@ def test_nnunet_export_of_a_project_cuts_its_test_images_whole_without_labels(la
     from inference.phantom.pyramid import write_phantom
     from inference.phantom.scene import PhantomSpec
 
-    project = _project_copy(labelled, tmp_path)
-    exported = export_path(project, "1")
-    exported.parent.mkdir(parents=True)
-    features = json.loads((labelled / "objects-labelled-by-pathologist-0.4.4.geojson").read_text())["features"]
-    exported.write_text(json.dumps(features))
+    project = _exported_project_copy(labelled, tmp_path)
     write_phantom(tmp_path / "unseen.svs", PhantomSpec(2048, 2048, seed=77, tps_percent=20))
     _add_entry(project, tmp_path / "unseen.svs", 3)
     out = tmp_path / "Dataset602_LAB"
@@ -477,11 +479,7 @@ def test_nnunet_export_takes_the_regions_drawn_in_a_project(labelled, tmp_path):
 
     from bridge.cli.app import app
 
-    project = _project_copy(labelled, tmp_path)
-    exported = export_path(project, "1")
-    exported.parent.mkdir(parents=True)
-    features = json.loads((labelled / "objects-labelled-by-pathologist-0.4.4.geojson").read_text())["features"]
-    exported.write_text(json.dumps(features))
+    project = _exported_project_copy(labelled, tmp_path)
     out = tmp_path / "Dataset601_LAB"
     result = CliRunner().invoke(
         app,
@@ -574,11 +572,7 @@ def test_a_project_s_run_output_tells_which_candidate_a_pathologist_deleted(labe
     from bridge.labels import WrittenObjects, _tool_written_class
     from bridge.qupath_geojson import read_features, to_feature
 
-    project = _project_copy(labelled, tmp_path)
-    exported = export_path(project, "1")
-    exported.parent.mkdir(parents=True)
-    features = json.loads((labelled / "objects-labelled-by-pathologist-0.4.4.geojson").read_text())["features"]
-    exported.write_text(json.dumps(features))
+    project = _exported_project_copy(labelled, tmp_path)
     # The run's own output: the fixture's three candidates as the tool wrote them, and a fourth the reviewer deleted.
     objects = list(read_features(labelled / "objects-labelled-by-pathologist-0.4.4.geojson"))
     written = [

@@ -226,14 +226,19 @@ def test_pdl1_train_seg_pseudo_labels_the_rest_of_reviewed_slides_when_asked(lab
     assert phantom.exit_code != 0 and "phantom truth has none" in " ".join(phantom.output.split())
 
 
-@pytest.mark.slow
-def test_pdl1_train_nuclei_holds_validation_slides_out_whole_and_scores_them(labelled, tmp_path):
+def _nuclei_with_he_b_held_out(labelled: Path, tmp_path: Path) -> list[str]:
+    """`pdl1 train nuclei` arguments: the fixture's slide and labels twice, as he-a.svs and he-b.svs, he-b held out."""
     geojson = labelled / "objects-labelled-by-pathologist-0.4.4.geojson"
     for name in ("he-a.svs", "he-b.svs"):
         (tmp_path / name).symlink_to(labelled / "he-1357.svs")
-    out = tmp_path / "model"
     args = ["train", "nuclei", str(tmp_path / "he-a.svs"), str(tmp_path / "he-b.svs")]
-    args += ["--labels", str(geojson), "--labels", str(geojson), "--val-entries", "he-b.svs", "--init", "none"]
+    return [*args, "--labels", str(geojson), "--labels", str(geojson), "--val-entries", "he-b.svs"]
+
+
+@pytest.mark.slow
+def test_pdl1_train_nuclei_holds_validation_slides_out_whole_and_scores_them(labelled, tmp_path):
+    out = tmp_path / "model"
+    args = [*_nuclei_with_he_b_held_out(labelled, tmp_path), "--init", "none"]
     result = runner.invoke(app, [*args, "--out", str(out), *TINY_2_MEMBERS, "--no-progress"])
     assert result.exit_code == 0, result.output
     training = json.loads((out / "manifest.json").read_text())["training"]
@@ -267,12 +272,9 @@ def test_pdl1_train_nuclei_tta_is_recorded_and_what_follows_training_measures_wi
     from inference import NucleiConfig, labelled_nuclei, read_manifest, score_labelled_nuclei
 
     geojson = labelled / "objects-labelled-by-pathologist-0.4.4.geojson"
-    for name in ("he-a.svs", "he-b.svs"):
-        (tmp_path / name).symlink_to(labelled / "he-1357.svs")
     out = tmp_path / "model"
-    args = ["train", "nuclei", str(tmp_path / "he-a.svs"), str(tmp_path / "he-b.svs")]
     # From the shipped model (the default init), which finds nuclei here: TTA changes how many.
-    args += ["--labels", str(geojson), "--labels", str(geojson), "--val-entries", "he-b.svs"]
+    args = _nuclei_with_he_b_held_out(labelled, tmp_path)
     result = runner.invoke(app, [*args, "--out", str(out), "--tta", "--no-recalibrate", *TINY, "--no-progress"])
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out, task="nuclei")

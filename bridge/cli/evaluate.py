@@ -235,8 +235,7 @@ def _reviewed_ihc(slides: list[Path], ensemble, *, models, config, radius_um: fl
 
     With ``models`` the slide is analysed once, as ``pdl1 run`` does, and that run's own nuclei are scored
     (the same tissue mask and detection settings as :func:`inference.evaluate_nuclei`, so the same cells)."""
-    from bridge.progress import progress_bar
-    from inference import analyse_slide, score_nuclei_on_truth
+    from inference import score_nuclei_on_truth
 
     if models is None:
         yield from (
@@ -245,17 +244,25 @@ def _reviewed_ihc(slides: list[Path], ensemble, *, models, config, radius_um: fl
         )
         return
     for slide in slides:
-        with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
-            run = analyse_slide(
-                slide,
-                models=models,
-                config=config,
-                image_stain="H-DAB",
-                image_stain_source="pdl1 eval",
-                on_progress=on_progress,
-            )
+        run = _analysed_as(slide, "H-DAB", models=models, config=config, progress=progress)
         r = score_nuclei_on_truth(slide, run.nuclei, mpp_um=run.mpp, radius_um=radius_um)
         yield slide, r, [x["reason"] for x in run.summary["review_reasons"]], run.uncertainty_flag
+
+
+def _analysed_as(slide: Path, stain: str, *, models, config, progress: bool):
+    """``pdl1 run``'s analysis of an eval slide as an image QuPath types ``stain``, under a progress bar."""
+    from bridge.progress import progress_bar
+    from inference import analyse_slide
+
+    with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
+        return analyse_slide(
+            slide,
+            models=models,
+            config=config,
+            image_stain=stain,
+            image_stain_source="pdl1 eval",
+            on_progress=on_progress,
+        )
 
 
 def _review_line(failed: list[bool], flagged: list[bool], what: str) -> str:
@@ -366,8 +373,7 @@ def eval_tps(
     ensemble's maps), against the truth: error, cut-off category, the members' range and the review flag."""
     from rich.table import Table
 
-    from bridge.progress import progress_bar
-    from inference import Models, analyse_slide, load_truth, tumour_proportion_score
+    from inference import Models, load_truth, tumour_proportion_score
 
     out = stdout()
     try:
@@ -383,15 +389,7 @@ def eval_tps(
         errors, inside, right = [], 0, 0
         for slide in slides:
             truth = load_truth(slide).summary
-            with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
-                r = analyse_slide(
-                    slide,
-                    models=models,
-                    config=config,
-                    image_stain="H&E",
-                    image_stain_source="pdl1 eval",
-                    on_progress=on_progress,
-                )
+            r = _analysed_as(slide, "H&E", models=models, config=config, progress=progress)
             low, high = r.summary.get("tps_low"), r.summary.get("tps_high")
             err = abs(r.tps.percent - truth["tps_percent"])
             errors.append(err)

@@ -311,16 +311,11 @@ def dihedral_mean(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
 @torch.inference_mode()
 def _member_heatmaps(ensemble: Ensemble, batch: np.ndarray, precision: Precision, *, tta: bool) -> torch.Tensor:
     """Each member's heatmaps (M, B, C, H, W) of a (B, H, W, 3) uint8 batch; ``tta``: see :class:`NucleiConfig`."""
-    if not tta:
-        return torch.sigmoid(_member_logits(ensemble, batch, precision))
-    # Probabilities are averaged over the transforms as they are over the members.
     x = ensemble.normalize(torch.from_numpy(batch))
+    if not tta:
+        return torch.sigmoid(_forward(ensemble, x, precision))
+    # Probabilities are averaged over the transforms as they are over the members.
     return dihedral_mean(lambda t: torch.sigmoid(_forward(ensemble, t, precision)), x)
-
-
-@torch.inference_mode()
-def _member_logits(ensemble: Ensemble, batch: np.ndarray, precision: Precision) -> torch.Tensor:
-    return _forward(ensemble, ensemble.normalize(torch.from_numpy(batch)), precision)
 
 
 def _forward(ensemble: Ensemble, x: torch.Tensor, precision: Precision) -> torch.Tensor:

@@ -201,7 +201,6 @@ class Models:
         self._nuclei_folder = (config.nuclei_model_dir or demo_model_dir("nuclei")) if config.run_nuclei else None
         self._ihc_folder = config.ihc_model_dir or demo_model_dir("nuclei-ihc")
         self._device = config.device
-        self._ihc: Ensemble | None = None
 
     @cached_property
     def seg(self) -> Ensemble:
@@ -221,9 +220,11 @@ class Models:
 
     def ihc(self) -> Ensemble:
         """The PD-L1 IHC nuclei ensemble, loaded (and checked) on first use."""
-        if self._ihc is None:
-            self._ihc = Ensemble.load(self._ihc_folder, task="nuclei", device=self._device)
         return self._ihc
+
+    @cached_property
+    def _ihc(self) -> Ensemble:
+        return Ensemble.load(self._ihc_folder, task="nuclei", device=self._device)
 
     @staticmethod
     def info(ensemble: Ensemble) -> ModelInfo:

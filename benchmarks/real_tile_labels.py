@@ -283,7 +283,7 @@ def main() -> None:
         got = _score(
             run_log(rgb, mpp=mpp, box=val_part, params=params), all_xy[_in_box(all_xy, val_part)], radius_px=radius_px
         )
-        log_scores = DetectionScores(log_scores.tp + got.tp, log_scores.fp + got.fp, log_scores.fn + got.fn)
+        log_scores += got
         log_params.append(str(params))
     s = log_scores
     print(
@@ -319,9 +319,8 @@ def main() -> None:
                 fit = fit_min_score(found, current=DEFAULT_MIN_SCORE)
                 rows = {}
                 for t in sorted({DEFAULT_MIN_SCORE, fit.after}):
-                    pooled = [_scores(x) for x in score_labelled_nuclei(found, min_score=t)]
-                    tp, fp, fn = (sum(getattr(x, f) for x in pooled) for f in ("tp", "fp", "fn"))
-                    rows[f"{t:g}"] = asdict(DetectionScores(tp, fp, fn))
+                    pooled = sum(map(_scores, score_labelled_nuclei(found, min_score=t)), DetectionScores(0, 0, 0))
+                    rows[f"{t:g}"] = asdict(pooled)
                 cache[key] = {"min_score": fit.after, "scores": rows, "seconds": float(np.mean(seconds))}
                 if args.cache:
                     args.cache.write_text(json.dumps(cache, indent=1))

@@ -3,6 +3,7 @@ import pytest
 
 from inference.analysis.points import (
     INSUFFICIENT,
+    DetectionScores,
     detection_scores,
     gaussian_targets,
     match_points,
@@ -68,6 +69,9 @@ def test_detection_scores_by_hand():
     assert (per[0].tp, per[0].fp, per[0].fn) == (1, 0, 1)
     assert (per[1].tp, per[1].fp, per[1].fn) == (0, 1, 0)
     assert (per[2].tp, per[2].fp, per[2].fn) == (0, 1, 1)
+    # Pooled over classes (or slides) the counts add up, and F1 is of the pooled counts, not a mean of F1s.
+    pooled = sum(per, DetectionScores(0, 0, 0))
+    assert (pooled.tp, pooled.fp, pooled.fn) == (1, 2, 2) and pooled.f1 == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize(

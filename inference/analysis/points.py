@@ -147,6 +147,10 @@ class DetectionScores:
         denom = 2 * self.tp + self.fp + self.fn
         return 2 * self.tp / denom if denom else float("nan")
 
+    def __add__(self, other: DetectionScores) -> DetectionScores:
+        """Counts pooled over slides or regions: ``sum(scores, DetectionScores(0, 0, 0))``."""
+        return DetectionScores(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn)
+
 
 def detection_scores(
     pred_xy: np.ndarray,

@@ -10,7 +10,7 @@ import numpy as np
 import shapely
 
 from inference.analysis.nuclei import NucleiConfig, detect_nuclei
-from inference.analysis.points import detection_scores
+from inference.analysis.points import DetectionScores, detection_scores
 from inference.analysis.segment import SegmentConfig, segment_slide
 from inference.models.ensemble import Ensemble
 from inference.models.manifest import read_manifest
@@ -140,11 +140,9 @@ def fit_min_score(
     """
 
     def pooled(t: float) -> float:
-        tp = fp = fn = 0
-        for n in nuclei:
-            s = _match(n.pred_xy, n.pred_score, n.truth_xy, n.radius_px, t)[1]
-            tp, fp, fn = tp + s.tp, fp + s.fp, fn + s.fn
-        return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else -1.0
+        matched = (_match(n.pred_xy, n.pred_score, n.truth_xy, n.radius_px, t)[1] for n in nuclei)
+        s = sum(matched, DetectionScores(0, 0, 0))
+        return s.f1 if s.tp + s.fp + s.fn else -1.0
 
     floor = max((n.floor for n in nuclei), default=0.0)
     labelled = sum(len(n.truth_xy) for n in nuclei)

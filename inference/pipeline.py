@@ -193,7 +193,8 @@ class Models:
     Each loads (and is checked) on first use, so a broken model fails only the images that need it, with its
     own message, and the others of a batch still finish: the segmentation and H&E nuclei models on the first
     H&E image (:attr:`seg`, :attr:`nuclei`), the PD-L1 IHC nuclei model on the first IHC image (:meth:`ihc`).
-    A model that fails to load is tried again by the next image that needs it.
+    A model that fails to load is remembered: later images that need it get the same error without the
+    folder being read and hashed again (fix the folder, then start the run or the service again).
     """
 
     def __init__(self, config: PipelineConfig):
@@ -201,18 +202,31 @@ class Models:
         self._nuclei_folder = (config.nuclei_model_dir or demo_model_dir("nuclei")) if config.run_nuclei else None
         self._ihc_folder = config.ihc_model_dir or demo_model_dir("nuclei-ihc")
         self._device = config.device
+        self._failed: dict[str, Exception] = {}
+
+    def _load(self, key: str, folder: str | Path, task: str) -> Ensemble:
+        """Load a model folder once; a failure is kept and raised again for every later use."""
+        failure = self._failed.get(key)
+        if failure is not None:
+            # The traceback of the first failure is enough; re-raising would keep adding frames to it.
+            raise failure.with_traceback(None)
+        try:
+            return Ensemble.load(folder, task=task, device=self._device)
+        except Exception as err:
+            self._failed[key] = err
+            raise
 
     @cached_property
     def seg(self) -> Ensemble:
         """The H&E segmentation ensemble, loaded (and checked) on first use."""
-        return Ensemble.load(self._seg_folder, task="segmentation", device=self._device)
+        return self._load("seg", self._seg_folder, "segmentation")
 
     @cached_property
     def nuclei(self) -> Ensemble | None:
         """The H&E nuclei ensemble, loaded (and checked) on first use; None when loaded without nuclei."""
         if self._nuclei_folder is None:
             return None
-        return Ensemble.load(self._nuclei_folder, task="nuclei", device=self._device)
+        return self._load("nuclei", self._nuclei_folder, "nuclei")
 
     def load_he(self) -> None:
         """Load the H&E models now rather than on the first H&E image (the service checks them at start-up)."""
@@ -224,7 +238,7 @@ class Models:
 
     @cached_property
     def _ihc(self) -> Ensemble:
-        return Ensemble.load(self._ihc_folder, task="nuclei", device=self._device)
+        return self._load("ihc", self._ihc_folder, "nuclei")
 
     @staticmethod
     def info(ensemble: Ensemble) -> ModelInfo:

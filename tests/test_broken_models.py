@@ -68,6 +68,44 @@ def test_a_broken_segmentation_model_fails_the_h_and_e_images_only(ihc_pair, bro
     assert status[outcomes[1].key]["state"] == "done"
 
 
+def test_a_broken_model_is_read_once_per_run_and_each_image_gets_its_message(
+    ihc_pair, broken_seg, tmp_path, monkeypatch
+):
+    """The first H&E image that needs the broken model reads and hashes it; the later ones get the same
+    error without the folder being read again, and the IHC image still finishes."""
+    import inference.models.manifest as manifest_module
+
+    he, ihc = ihc_pair
+    second = tmp_path / "more" / "he_271_b.svs"
+    second.parent.mkdir()
+    shutil.copyfile(he, second)
+    third = tmp_path / "more" / "he_271_c.svs"
+    shutil.copyfile(he, third)
+    from bridge.init_project import init_project_files
+
+    project = init_project_files(tmp_path / "project", [he, second, third, ihc]).parent
+    hashed: list[str] = []
+    real_sha256 = manifest_module.sha256_file
+
+    def counting_sha256(path):
+        hashed.append(str(path))
+        return real_sha256(path)
+
+    monkeypatch.setattr(manifest_module, "sha256_file", counting_sha256)
+    config = PipelineConfig(device="cpu", seg_model_dir=str(broken_seg))
+    outcomes = run_batch([project], RunConfig(pipeline=config, qupath="never", compare_pairs=False))
+    states = {o.name: o.state for o in outcomes}
+    assert states == {"he_271.svs": "failed", "he_271_b.svs": "failed", "he_271_c.svs": "failed", "ihc_271.svs": "done"}
+    errors = {o.error for o in outcomes if o.state == "failed"}
+    assert len(errors) == 1, errors
+    (error,) = errors
+    assert error.startswith(f"{broken_seg / 'member_02.safetensors'}: sha256 "), error
+    assert error.endswith("the file is corrupt or was replaced: restore it or retrain")
+    # member_00..02 hashed once (the hash of member_02 fails); nothing of the folder read again after that.
+    seg_hashes = [p for p in hashed if p.startswith(str(broken_seg))]
+    assert seg_hashes == [str(broken_seg / f"member_0{i}.safetensors") for i in range(3)], seg_hashes
+
+
 def test_a_broken_ihc_model_fails_the_ihc_images_only(ihc_pair, broken_ihc, tmp_path):
     project = _project(ihc_pair, tmp_path)
     config = PipelineConfig(device="cpu", ihc_model_dir=str(broken_ihc), run_nuclei=False, run_sua=False)

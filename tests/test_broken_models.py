@@ -130,3 +130,32 @@ def test_the_service_still_checks_the_h_and_e_models_at_start_up(broken_seg, tmp
         TestClient(create_app(settings)),
     ):
         pass
+
+
+def test_pdl1_serve_with_a_broken_model_says_so_and_exits_before_the_server_starts(broken_seg, tmp_path):
+    """The message alone (no uvicorn start-up traceback before it) and exit code 1."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    models = tmp_path / "models"
+    shutil.copytree(broken_seg, models / "seg")
+    for name in ("nuclei", "nuclei-ihc"):
+        shutil.copytree(demo_model_dir(name), models / name)
+    with socket.socket() as sock:  # a port free now, so the port check passes
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cli = "from bridge.cli.app import app; app(prog_name='pdl1')"
+    args = ["serve", "--models", str(models), "--device", "cpu", "--port", str(port), "--allow-root", str(tmp_path)]
+    env = {**os.environ, "COLUMNS": "400"}
+    done = subprocess.run(
+        [sys.executable, "-c", cli, *args], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "Traceback" not in output and "Application startup failed" not in output, output
+    text = " ".join(output.split())
+    assert f"error: {models / 'seg' / 'member_02.safetensors'}: sha256 " in text, output
+    assert "the file is corrupt or was replaced: restore it or retrain" in text
+    assert "pdl1 serve on http://" not in text  # it never claimed to be serving

@@ -90,10 +90,18 @@ def serve(
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--host/--token/--allow-root") from err
     check_port_free(host, port)  # before the models load (uvicorn binds after its start-up, then exits 3)
+    from inference import Models
+
+    loaded = Models(settings.pipeline)
+    try:
+        # Here rather than in uvicorn's start-up, whose failure prints a traceback before the message.
+        loaded.load_he()
+    except Pdl1Error as err:
+        raise fail(err) from err
     console.print(
         f"pdl1 serve on http://{host}:{port} (images under {', '.join(str(r) for r in settings.allow_roots)})"
     )
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(settings, models=loaded), host=host, port=port, log_level="info")
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -204,10 +204,20 @@ def summary_of(result: SlideResult, *, entry_id: str | None, run_config: RunConf
             "python": platform.python_version(),
             "seg_model": None if result.seg_model is None else asdict(result.seg_model),
             "nuclei_model": None if result.nuclei_model is None else asdict(result.nuclei_model),
-            "pipeline_config": asdict(run_config.pipeline),
+            "pipeline_config": _pipeline_record(run_config, result),
             "settings": None if run_config.settings is None else run_config.settings.run_record(),
         },
     }
+
+
+def _pipeline_record(run_config: RunConfig, result: SlideResult) -> dict[str, Any]:
+    """The pipeline config as it ran: ``nuclei.tta`` is the value used (the config holds None where the model's
+    manifest decides) and ``nuclei.tta_source`` says whether the run's option or the manifest decided."""
+    record = asdict(run_config.pipeline)
+    if "nuclei_tta" in result.summary:  # the nuclei model ran
+        record["nuclei"]["tta"] = result.summary["nuclei_tta"]
+        record["nuclei"]["tta_source"] = result.summary["nuclei_tta_source"]
+    return record
 
 
 def write_result_files(

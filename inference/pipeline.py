@@ -560,6 +560,8 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
         "roi_area_um2": float(area.area * (maps.mpp / maps.downsample) ** 2),
         "tissue_fraction": float(tissue.fraction) if tissue is not None else None,
     }
+    if nuclei_model is not None:
+        summary.update(_nuclei_tta_record(config, nuclei_model.manifest))
     if config.refine_with_sua and candidate_mask is not None:
         # Reported beside the unrefined numbers, never instead of them.
         summary["positive_area_refined_um2"] = float(((positive | candidate_mask) & analysed).sum() * px_area_um2)
@@ -640,6 +642,7 @@ def _analyse_ihc(slide, *, models, config, roi, on_progress, should_cancel) -> S
         "positive_area_source": f"positive tumour cells, {IHC_CELL_RADIUS_UM:g} µm around each",
         "roi_area_um2": float(area.area) * px_um2,
         "tissue_fraction": float(tissue.fraction) if tissue is not None else None,
+        **_nuclei_tta_record(config, manifest),
     }
     return SlideResult(
         **_identity(slide, config),
@@ -656,6 +659,15 @@ def _analyse_ihc(slide, *, models, config, roi, on_progress, should_cancel) -> S
         uncertainty_flag=bool(reasons),
         summary=summary,
     )
+
+
+def _nuclei_tta_record(config: PipelineConfig, manifest: Manifest) -> dict[str, bool | str]:
+    """Whether the nuclei model ran with test-time augmentation, and what decided it (the run's option, else
+    the model's manifest): the config alone holds None when the manifest decides."""
+    return {
+        "nuclei_tta": config.nuclei.tta_for(manifest),
+        "nuclei_tta_source": "run option" if config.nuclei.tta is not None else "model manifest",
+    }
 
 
 def _identity(slide: Slide, config: PipelineConfig) -> dict:

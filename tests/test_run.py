@@ -541,3 +541,40 @@ def test_an_out_path_that_is_a_file_says_so(tmp_path, slides, models):
         run_batch([slides[0]], _config(out=tmp_path / "taken"), models=models)
     with pytest.raises(ProjectError, match=r"--out .*taken/sub lies under .*taken, which is a file; expected a folder"):
         run_batch([slides[0]], _config(out=tmp_path / "taken" / "sub"), models=models)
+
+
+@pytest.mark.parametrize(
+    ("manifest_tta", "option", "used", "source"),
+    [(True, None, True, "model manifest"), (True, False, False, "run option"), (None, None, False, "model manifest")],
+)
+def test_the_provenance_records_the_nuclei_tta_used_and_what_decided_it(tmp_path, manifest_tta, option, used, source):
+    """``--nuclei-tta`` left out lets the model's manifest decide: the provenance says what ran, never null."""
+    from dataclasses import replace
+
+    from inference import NucleiConfig, demo_model_dir
+    from inference.models.manifest import read_manifest, write_manifest
+    from inference.phantom.pyramid import write_ihc_phantom
+
+    nuclei = tmp_path / "nuclei"
+    shutil.copytree(demo_model_dir("nuclei"), nuclei)
+    if manifest_tta is not None:  # as `pdl1 train nuclei --tta` writes it
+        manifest = read_manifest(nuclei)
+        write_manifest(nuclei, replace(manifest, extra={**manifest.extra, "tta": manifest_tta}))
+    spec = PhantomSpec(1024, 1024, seed=33, tps_percent=40)
+    write_phantom(tmp_path / "he.svs", spec)
+    write_ihc_phantom(tmp_path / "ihc.svs", spec)
+    pipeline = PipelineConfig(device="cpu", nuclei_model_dir=str(nuclei), nuclei=NucleiConfig(tta=option))
+    outcomes = run_batch(
+        [tmp_path / "he.svs", tmp_path / "ihc.svs"],
+        RunConfig(pipeline=pipeline, qupath="never", out=tmp_path / "out", compare_pairs=False),
+    )
+    assert [(o.stain, o.state) for o in outcomes] == [("H&E", "done"), ("H-DAB", "done")], outcomes
+    he, ihc = (json.loads((tmp_path / "out" / f"{n}.summary.json").read_text()) for n in ("he", "ihc"))
+    recorded = he["provenance"]["pipeline_config"]["nuclei"]
+    assert (recorded["tta"], recorded["tta_source"]) == (used, source)
+    assert (he["details"]["nuclei_tta"], he["details"]["nuclei_tta_source"]) == (used, source)
+    # The IHC model's manifest states no TTA: off unless the option says so.
+    assert ihc["provenance"]["pipeline_config"]["nuclei"]["tta"] is bool(option)
+    assert ihc["provenance"]["pipeline_config"]["nuclei"]["tta_source"] == (
+        "run option" if option is not None else "model manifest"
+    )

@@ -233,3 +233,71 @@ def test_cli_refuses_a_project_with_slides(phantoms, tmp_path):
         app, ["export", "nnunet", str(tmp_path), str(phantoms[0]), "--out", str(tmp_path / "x")]
     )
     assert result.exit_code == 2 and "one project, or slide files" in " ".join(result.output.split())
+
+
+@pytest.mark.qupath
+def test_through_qupath_a_project_exports_its_drawn_regions_and_its_test_image_whole(phantoms, phantom_svs, tmp_path):
+    """`pdl1 export nnunet PROJECT --test ENTRY --qupath always`: a project made and labelled through paquo;
+    the labelled entries' regions become the training cases, the test entry is cut whole into imagesTs/,
+    and the project is only read."""
+    from paquo.projects import QuPathProject
+    from shapely.geometry import box
+
+    from bridge.classes import PDL1_NEGATIVE, PDL1_POSITIVE, TRAINING_REGION
+    from bridge.init_project import init_project_qupath
+    from bridge.qupath import path_class
+
+    a, b = phantoms  # a: 1280 x 1024 px, b: 1024 x 1024 px, both at 0.5 µm/px
+    project = tmp_path / "qp"
+    init_project_qupath(project, [phantom_svs, a, b])  # p1.svs: 2048 x 2048 px
+    with QuPathProject(project, mode="r+") as qp:  # leaving the block saves every entry
+        p1_entry, a_entry, b_entry = qp.images  # in the order added
+        ids = {"p1": str(p1_entry.entry_id), "a": str(a_entry.entry_id), "b": str(b_entry.entry_id)}
+        p1_entry.hierarchy.add_annotation(roi=box(0, 0, 1024, 1024), path_class=path_class(TRAINING_REGION))
+        p1_entry.hierarchy.add_annotation(roi=box(100, 100, 400, 400), path_class=path_class(PDL1_POSITIVE))
+        # No training region: the drawn area bounds the cases.
+        a_entry.hierarchy.add_annotation(roi=box(0, 0, 512, 512), path_class=path_class(PDL1_NEGATIVE))
+    data_before = {p: p.read_bytes() for p in sorted(project.glob("data/*/data.qpdata"))}
+    assert len(data_before) >= 2
+
+    out = tmp_path / "Dataset782_QuPath"
+    args = ["export", "nnunet", str(project), "--out", str(out), "--qupath", "always", "--mpp", "2"]
+    result = CliRunner().invoke(app, [*args, "--case-px", "128", "--test", ids["b"]])  # by entry ID
+    assert result.exit_code == 0, result.output
+    # 128 px at 2 µm/px = 512 level-0 px: p1's training region gives 2 x 2 cases, a's negative area one.
+    assert "5 training cases, 4 test cases" in " ".join(result.output.split()), result.output
+    assert sorted(p.name for p in (out / "imagesTr").iterdir()) == ["a_0000_0000.png"] + [
+        f"p1_{i:04d}_0000.png" for i in range(4)
+    ]
+    assert sorted(p.name for p in (out / "labelsTr").iterdir()) == ["a_0000.png"] + [
+        f"p1_{i:04d}.png" for i in range(4)
+    ]
+    assert json.loads((out / "dataset.json").read_text())["numTraining"] == 5
+    cases = json.loads((out / "cases.json").read_text())
+    assert {c["entry_id"] for c in cases.values() if c["split"] == "train"} == {ids["p1"], ids["a"]}
+    assert cases["p1_0000"]["slide"] == str(phantom_svs.resolve()) and cases["a_0000"]["slide"] == str(a.resolve())
+    assert cases["p1_0000"]["region_xywh"] == [0, 0, 512, 512] and cases["a_0000"]["region_xywh"] == [0, 0, 512, 512]
+
+    # The labels as drawn: positive under the PD-L1 positive area (level-0 100-400 = 25-100 px at 2 µm/px),
+    # negative in the rest of the training region and in the negative area; no pixel left to nnU-Net's ignore.
+    first = np.asarray(Image.open(out / "labelsTr" / "p1_0000.png"))
+    assert first.shape == (128, 128)
+    assert (first[26:99, 26:99] == 1).all() and (first[:24] == 0).all() and (first[101:] == 0).all()
+    for name in ("p1_0001", "p1_0002", "p1_0003", "a_0000"):
+        assert (np.asarray(Image.open(out / "labelsTr" / f"{name}.png")) == 0).all(), name
+
+    # The test image whole: b's 1024 x 1024 px cut into 2 x 2 cases that cover it, without labels.
+    test_cases = {n: c for n, c in cases.items() if c["split"] == "test"}
+    assert {(c["entry_id"], c["slide"]) for c in test_cases.values()} == {(ids["b"], str(b.resolve()))}
+    assert sorted(p.name for p in (out / "imagesTs").iterdir()) == [f"b_{i:04d}_0000.png" for i in range(4)]
+    assert sorted(tuple(c["region_xywh"]) for c in test_cases.values()) == [
+        (0, 0, 512, 512),
+        (0, 512, 512, 512),
+        (512, 0, 512, 512),
+        (512, 512, 512, 512),
+    ]
+    tile = np.asarray(Image.open(out / "imagesTs" / "b_0000_0000.png"))
+    assert tile.shape == (128, 128, 3) and tile.dtype == np.uint8
+    assert not any(n.startswith("b_") for n in (p.stem for p in (out / "labelsTr").iterdir()))
+    # Read-only: exporting changed no entry's data.
+    assert {p: p.read_bytes() for p in sorted(project.glob("data/*/data.qpdata"))} == data_before

@@ -56,6 +56,24 @@ def test_phantom_rejects_unknown_suffix(tmp_path):
     assert ".svs or .tif" in result.output
 
 
+def test_phantom_refuses_a_folder_or_a_file_in_the_way_as_a_usage_error(tmp_path):
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "notes").write_text("")
+    for out, said in (
+        (tmp_path / "slides", f"{tmp_path / 'slides'} is a folder; give the slide file to write, e.g. "),
+        (tmp_path / "notes" / "x.svs", f"{tmp_path / 'notes' / 'x.svs'}: its folder {tmp_path / 'notes'} is a file;"),
+        (tmp_path / "notes" / "a" / "x.svs", f"lies under {tmp_path / 'notes'}, which is a file; give a path in a"),
+    ):
+        args = ["phantom", str(out), "--size", "1024", "--overwrite", "--no-progress"]
+        result = runner.invoke(app, args, env={"COLUMNS": "300"})
+        text = " ".join(result.output.replace("│", " ").split())
+        assert result.exit_code == 2 and said in text, result.output
+        assert "Errno" not in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "slides"] and not any(
+        (tmp_path / "slides").iterdir()
+    )
+
+
 def test_bench_lists_benchmarks():
     result = runner.invoke(app, ["bench"])
     assert result.exit_code == 0

@@ -62,6 +62,21 @@ def phantom(
         raise typer.BadParameter("--immune-positive sets the IHC section's immune cells: add --ihc OUT_IHC.svs")
     if ihc is not None and ihc.resolve().with_suffix("") == out.resolve().with_suffix(""):
         raise typer.BadParameter(f"--ihc {ihc} would share its truth folder with {out}: give it another name")
+    from bridge.project import not_a_folder
+
+    for path, hint in ((out, "OUT"), (ihc, "--ihc")):
+        if path is None:
+            continue
+        if path.is_dir():  # --overwrite must never be the way past this
+            raise typer.BadParameter(
+                f"{path} is a folder; give the slide file to write, e.g. {path / 'phantom.svs'}", param_hint=hint
+            )
+        problem = not_a_folder(path.parent)
+        if problem is not None:  # said before mkdir's bare "[Errno 17] File exists"
+            raise typer.BadParameter(
+                f"{path}: its folder {path.parent} {problem}; give a path in a folder (a missing one is made)",
+                param_hint=hint,
+            )
     existing = [p for p in (out, ihc) if p is not None and (p.exists() or p.with_suffix(".truth").exists())]
     if existing and not overwrite:
         # A slide may be in a project already; its truth may be scoring a run: replacing either is asked for.

@@ -127,6 +127,8 @@ def find_project_file(path: str | Path) -> Path:
     copy beside it, which the error names with the command that restores it.
     """
     path = Path(path)
+    if path.is_file() and ".qpproj" not in path.name:  # a slide or a results file given in the project's place
+        raise ProjectError(f"{path}: a file, not a QuPath project; give the project's folder or its project.qpproj")
     candidate = path / "project.qpproj" if path.is_dir() else path
     if not candidate.is_file():
         if path.is_dir() or path.suffix == ".qpproj":

@@ -199,6 +199,11 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
     source = Path(source)
     if not source.exists():
         raise ProjectError(f"{source}: no such project or output folder")
+    if source.is_file() and ".qpproj" not in source.name:
+        raise ProjectError(
+            f"{source}: a file, not a project or a run's output folder; give the QuPath project (its folder or "
+            "project.qpproj) or the --out folder of `pdl1 run SLIDES... --out DIR`"
+        )
     left_out: list[str] = []
     items = collect(source, left_out)
     if not items:

@@ -530,8 +530,9 @@ def write_review_queue(
     source = Path(project)
     if not source.exists():
         raise ReviewQueueError(f"{source}: no such project; give the folder holding project.qpproj")
-    folder = find_project_file(source).parent
-    analysed_entries(read_project(folder))  # refused before the lock, which would create pdl1/
+    info = read_project(source)  # the project file given, not only a project.qpproj beside it
+    folder = info.folder
+    analysed_entries(info)  # refused before the lock, which would create pdl1/
     use_qupath = False
     if qupath != "never":
         from bridge.qupath import qupath_available

@@ -179,6 +179,26 @@ def test_a_project_never_run_is_refused_with_what_to_do(tmp_path, slides):
     assert not (tmp_path / "bad" / "pdl1").exists()
 
 
+def test_a_slide_or_a_damaged_project_file_given_as_the_project_is_named_as_such(tmp_path, slides):
+    # A slide in the project's place was read as a corrupt project file ("restore it from your own backups");
+    # a project file of another name was passed over for a project.qpproj beside it ("no QuPath project here").
+    slide = tmp_path / slides[0].name
+    shutil.copyfile(slides[0], slide)
+    (tmp_path / "copy.qpproj").write_text("{not json")
+    for given, said in (
+        (slide, f"{slide}: a file, not a QuPath project; give the project's folder or its project.qpproj"),
+        (tmp_path / "copy.qpproj", f"{tmp_path / 'copy.qpproj'}: not valid JSON"),
+    ):
+        result = runner.invoke(app, ["review-queue", str(given), "--qupath", "never"], env={"COLUMNS": "400"})
+        text = " ".join(result.output.split())
+        assert result.exit_code == 1 and text.startswith(f"error: {said}"), result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.qpproj", slide.name]  # no pdl1/ made
+    result = runner.invoke(app, ["report", str(slide)], env={"COLUMNS": "400"})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert text.startswith(f"error: {slide}: a file, not a project or a run's output folder; give the QuPath project")
+
+
 def test_a_damaged_summary_is_refused_and_nothing_is_written(project):
     (project / "pdl1" / "2" / "summary.json").write_text('{"cut short')
     before = (project / "pdl1" / "1" / "summary.json").read_bytes()

@@ -190,6 +190,26 @@ def test_cli_refuses_a_slide_smaller_than_one_case(phantoms, tmp_path):
     assert not out.exists()
 
 
+def test_cli_refuses_an_out_under_a_file_and_an_image_both_trained_on_and_predicted(phantoms, tmp_path):
+    # Each failed with a bare "[Errno 17] File exists" / "two images share a file name (['b', 'b'])".
+    (tmp_path / "notes").write_text("")
+    base = ["export", "nnunet", str(phantoms[1]), "--case-px", "128"]
+    under_file = CliRunner().invoke(
+        app, [*base, "--out", str(tmp_path / "notes" / "Dataset511_A")], env={"COLUMNS": "400"}
+    )
+    text = " ".join(under_file.output.replace("│", " ").split())
+    assert under_file.exit_code == 2, under_file.output
+    notes = tmp_path / "notes"
+    assert f"{notes / 'Dataset511_A'} lies under {notes}, which is a file; --out must be a folder" in text
+    same = CliRunner().invoke(
+        app, [*base, "--out", str(tmp_path / "Dataset512_A"), "--test", str(phantoms[1])], env={"COLUMNS": "400"}
+    )
+    text = " ".join(same.output.replace("│", " ").split())
+    assert same.exit_code == 2, same.output
+    assert f"{phantoms[1]} is given to train on and to predict (--test): an image is one or the other" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
 def test_cli_export(phantoms, tmp_path):
     out = tmp_path / "Dataset779_Cli"
     args = ["export", "nnunet", str(phantoms[1]), "--out", str(out), "--mpp", "2", "--case-px", "64"]

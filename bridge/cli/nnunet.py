@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from bridge.cli.common import console, fail
+from bridge.cli.common import console, fail, require_out_folder
 from inference import Pdl1Error
 
 import_app = typer.Typer(
@@ -140,7 +140,16 @@ def export_nnunet_cmd(
         raise typer.BadParameter(f"expected auto, qupath or truth, got {labels!r}", param_hint="--labels")
     if qupath not in ("auto", "always", "never"):
         raise typer.BadParameter(f"expected auto, always or never, got {qupath!r}", param_hint="--qupath")
+    require_out_folder(out, what="the nnU-Net dataset (nnUNet_raw/DatasetNNN_NAME)")
     is_project = images[0].is_dir() or images[0].suffix == ".qpproj"
+    if not is_project:
+        both = [t for t in test or [] if any(Path(t).resolve() == p.resolve() for p in images)]
+        if both:
+            raise typer.BadParameter(
+                f"{', '.join(both)} is given to train on and to predict (--test): an image is one or the other; "
+                "leave it out of one of them",
+                param_hint="--test",
+            )
     if labels == "qupath" and not is_project:
         raise typer.BadParameter("QuPath labels come from a project: give the project", param_hint="--labels")
     try:

@@ -190,6 +190,29 @@ def test_evaluating_the_registration_of_an_unpaired_phantom_names_the_fix(phanto
         evaluate_registration(phantom_svs)
 
 
+def test_evaluating_an_ihc_phantom_whose_h_and_e_is_not_beside_it_names_the_pair(tmp_path):
+    # It said "slide not found: he.svs (...; or relink the image in QuPath if it moved)".
+    from typer.testing import CliRunner
+
+    from bridge.cli.app import app
+    from inference.phantom.pyramid import write_ihc_phantom, write_phantom
+    from inference.phantom.scene import PhantomSpec
+
+    spec = PhantomSpec(1024, 1024, seed=5)
+    write_phantom(tmp_path / "pair" / "he.svs", spec)
+    write_ihc_phantom(tmp_path / "pair" / "ihc.svs", spec, paired_with=tmp_path / "pair" / "he.svs")
+    (tmp_path / "pair" / "he.svs").rename(tmp_path / "he.svs")
+    result = CliRunner().invoke(
+        app, ["eval", "registration", str(tmp_path / "pair" / "ihc.svs")], env={"COLUMNS": "400"}
+    )
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert text.startswith(
+        f"error: {tmp_path / 'pair' / 'he.svs'}: the H&E that ihc.svs was written with (its truth's paired_with) is "
+        "not beside it; keep the pair in one folder"
+    ), result.output
+
+
 def test_a_small_pair_is_registered_finer_than_8_um_per_px(tmp_path, monkeypatch):
     # A 1 mm field is 128 px across at 8 µm/px: this 2048² pair registered there at 27.5 µm median error.
     import inference.analysis.registration as registration

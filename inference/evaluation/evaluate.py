@@ -36,7 +36,7 @@ from inference.analysis.sua import (
     pixel_baseline,
     region_scores,
 )
-from inference.errors import Pdl1Error, StainError, TruthNotFoundError
+from inference.errors import Pdl1Error, SlideNotFoundError, StainError, TruthNotFoundError
 from inference.evaluation.metrics import auprc, auroc, brier, dice, ece, fbeta_score, iou
 from inference.evaluation.review import (
     FLAG_AT_OR_BELOW,
@@ -473,6 +473,11 @@ def evaluate_registration(ihc_slide_path: str | Path, *, mpp: float = 8.0) -> Re
     if partner is None:
         raise TruthNotFoundError(f"{ihc_path}: its truth names no paired H&E; pass an IHC phantom written with --ihc")
     he_path = ihc_path.with_name(partner)
+    if not he_path.is_file():
+        raise SlideNotFoundError(
+            f"{he_path}: the H&E that {ihc_path.name} was written with (its truth's paired_with) is not beside it; "
+            "keep the pair in one folder under the names `pdl1 phantom --ihc` gave them, or write them again"
+        )
     with open_slide(he_path) as he_slide, open_slide(ihc_path) as ihc_slide:
         registration = register_slides(he_slide, ihc_slide, mpp=mpp)
         mpp_he = he_slide.mpp.mean

@@ -271,6 +271,19 @@ def test_init_project_with_a_slide_without_mpp_says_what_to_do_and_writes_nothin
     assert [e.image_name for e in read_project(tmp_path / "p").entries] == [phantom_svs.name]
 
 
+def test_init_project_refuses_an_unknown_qupath_mode_before_making_anything(tmp_path, phantom_svs):
+    # "--qupath alway" made a project without QuPath (anything but never and always counted as auto).
+    from typer.testing import CliRunner
+
+    from bridge.cli.app import app
+
+    args = ["init-project", str(tmp_path / "p"), str(phantom_svs), "--qupath", "alway"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    assert "expected auto, never or always, got 'alway'" in " ".join(result.output.replace("│", " ").split())
+    assert not (tmp_path / "p").exists()
+
+
 def test_run_status_round_trip(tmp_path):
     status = RunStatus(tmp_path)
     status.record("1", state="done", image="a")

@@ -366,6 +366,8 @@ def init_project(
     from bridge.project import read_project
     from bridge.qupath import qupath_available
 
+    if qupath not in ("auto", "never", "always"):  # a mistyped "always" made a project without QuPath
+        raise typer.BadParameter(f"expected auto, never or always, got {qupath!r}", param_hint="--qupath")
     try:
         ok, why = qupath_available() if qupath != "never" else (False, "")
         if qupath == "always" and not ok:

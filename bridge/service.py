@@ -230,6 +230,12 @@ def parse_roi(roi: dict[str, Any] | None, *, image_size_px: tuple[int, int] | No
         return None
     kind = roi.get("type")
     whole = "or omit roi to analyse the whole tissue"
+    if "coordinates" not in roi:  # shape() would say only "('coordinates')"
+        raise RoiError(
+            f"roi is a GeoJSON {kind} without 'coordinates'; expected rings of at least 4 [x, y] vertices in "
+            f"level-0 px under 'coordinates', the first repeated last: send the annotation's outline as QuPath "
+            f"gives it, {whole}"
+        )
     try:
         geometry = shape(roi)
     except (ShapelyError, ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
@@ -826,6 +832,13 @@ def _validation_problem(error: dict[str, Any], content_type: str | None) -> str:
                 f"body: a JSON {kinds.get(type(error.get('input')), 'value')}; expected a JSON object such as "
                 '{"image": "/path/to/slide.svs"}'
             )
+    if error["type"] == "json_invalid" and loc[:1] == ("body",):  # FastAPI puts the character's index after "body"
+        at = f" at character {loc[1]}" if len(loc) == 2 else ""
+        reason = (error.get("ctx") or {}).get("error", error["msg"])
+        return (
+            f"body: not valid JSON ({reason}{at}); expected a JSON object such as "
+            '{"image": "/path/to/slide.svs"}: JSON takes double quotes around names and strings, and no trailing comma'
+        )
     if error["type"] == "extra_forbidden" and len(loc) == 2 and loc[0] == "body":
         fields = list(JobRequest.model_fields)
         close = difflib.get_close_matches(str(loc[1]), fields, n=1)
@@ -926,7 +939,14 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         headers = dict(err.headers or {})
         if err.status_code == 405:
             headers["Allow"] = ", ".join(allowed_methods(request.scope))
-        return JSONResponse({"detail": err.detail}, err.status_code, headers=headers)
+        detail = err.detail
+        cause = err.__cause__
+        if err.status_code == 400 and isinstance(cause, UnicodeDecodeError):  # FastAPI's "error parsing the body"
+            detail = (
+                f"body: not UTF-8 text ({cause.reason} at byte {cause.start}); expected a JSON object in UTF-8 "
+                'such as {"image": "/path/to/slide.svs"}: send the JSON encoded as UTF-8'
+            )
+        return JSONResponse({"detail": detail}, err.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def last_resort(request: Request, err: Exception):

@@ -71,6 +71,49 @@ def test_a_body_that_is_no_json_object_says_what_is_expected(client, content, wh
     assert r.json()["detail"].startswith(f"bad request: body: {what}")
 
 
+JSON_HINT = (
+    'expected a JSON object such as {"image": "/path/to/slide.svs"}: JSON takes double quotes around names and '
+    "strings, and no trailing comma"
+)
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "detail"),
+    [
+        (
+            b"{",
+            422,
+            f"bad request: body: not valid JSON (Expecting property name enclosed in double quotes at "
+            f"character 1); {JSON_HINT}",
+        ),
+        (
+            b'{"image": "/a.svs",}',
+            422,
+            "bad request: body: not valid JSON (Expecting property name enclosed in "
+            f"double quotes at character 19); {JSON_HINT}",
+        ),
+        (
+            b"{'image': '/a.svs'}",
+            422,
+            "bad request: body: not valid JSON (Expecting property name enclosed in "
+            f"double quotes at character 1); {JSON_HINT}",
+        ),
+        # Latin-1 bytes: FastAPI's own answer was "There was an error parsing the body".
+        (
+            b'{"image": "/d\xe9p\xf4t.svs"}'.decode("unicode_escape").encode("latin-1"),
+            400,
+            "body: not UTF-8 text "
+            '(invalid continuation byte at byte 13); expected a JSON object in UTF-8 such as {"image": '
+            '"/path/to/slide.svs"}: send the JSON encoded as UTF-8',
+        ),
+    ],
+    ids=["cut-short", "trailing-comma", "single-quotes", "latin-1"],
+)
+def test_a_body_that_is_no_json_says_where_and_why(client, content, status, detail):
+    r = client.post("/v1/jobs", content=content, headers={"Content-Type": "application/json"})
+    assert (r.status_code, r.json()) == (status, {"detail": detail})
+
+
 # ------------------------------------------------------------------- the ROI
 
 WHOLE = "or omit roi to analyse the whole tissue"
@@ -104,8 +147,14 @@ WHOLE = "or omit roi to analyse the whole tissue"
             "px of this image, as QuPath's annotations are: send the ROI of an annotation on this image, "
             f"{WHOLE}",
         ),
+        (
+            {"type": "Polygon"},
+            "roi is a GeoJSON Polygon without 'coordinates'; expected rings of at least 4 [x, y] vertices in "
+            "level-0 px under 'coordinates', the first repeated last: send the annotation's outline as QuPath "
+            f"gives it, {WHOLE}",
+        ),
     ],
-    ids=["empty", "empty-multi", "self-intersecting", "two-points", "outside"],
+    ids=["empty", "empty-multi", "self-intersecting", "two-points", "outside", "no-coordinates"],
 )
 def test_an_roi_no_analysis_can_use_is_refused_at_submission(client, slides_root, roi, detail):
     body = {"image": str(slides_root / "small.svs"), "roi": roi, "image_size_px": [1024, 1024]}

@@ -18,7 +18,15 @@ import numpy as np
 
 from bridge.classes import INTENSITY_CLASSES
 from bridge.pairs import PAIRS_FILE
-from bridge.project import PDL1_DIR, ProjectError, find_project_file, locate_image, read_project, summary_problem
+from bridge.project import (
+    PDL1_DIR,
+    ProjectError,
+    find_project_file,
+    locate_image,
+    not_a_folder,
+    read_project,
+    summary_problem,
+)
 from bridge.qupath_geojson import read_features
 from inference import Pdl1Error, demo_model_checksums, open_slide
 
@@ -204,6 +212,9 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
             f"{source}: a file, not a project or a run's output folder; give the QuPath project (its folder or "
             "project.qpproj) or the --out folder of `pdl1 run SLIDES... --out DIR`"
         )
+    problem = None if out is None else not_a_folder(Path(out))
+    if problem is not None:  # said before the thumbnails are drawn, and before a bare "[Errno 17] File exists"
+        raise ProjectError(f"--out {out} {problem}; the report is written into a folder (a missing one is made)")
     left_out: list[str] = []
     items = collect(source, left_out)
     if not items:

@@ -53,6 +53,7 @@ from bridge.project import (
     ProjectInfo,
     RunStatus,
     find_project_file,
+    not_a_folder,
     read_project,
 )
 from bridge.qupath_geojson import QuPathObject, read_features
@@ -530,6 +531,13 @@ def write_review_queue(
     source = Path(project)
     if not source.exists():
         raise ReviewQueueError(f"{source}: no such project; give the folder holding project.qpproj")
+    if out is not None:  # said now: staged files could not be renamed onto a folder, nor made under a file
+        out = Path(out)
+        if out.is_dir():
+            raise ReviewQueueError(f"--out {out} is a folder; give the CSV file to write, e.g. {out / QUEUE_FILE}")
+        problem = not_a_folder(out.parent)
+        if problem is not None:
+            raise ReviewQueueError(f"--out {out}: its folder {out.parent} {problem}; give a CSV path in a folder")
     info = read_project(source)  # the project file given, not only a project.qpproj beside it
     folder = info.folder
     analysed_entries(info)  # refused before the lock, which would create pdl1/

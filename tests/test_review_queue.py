@@ -199,6 +199,27 @@ def test_a_slide_or_a_damaged_project_file_given_as_the_project_is_named_as_such
     assert text.startswith(f"error: {slide}: a file, not a project or a run's output folder; give the QuPath project")
 
 
+def test_an_out_that_cannot_be_the_csv_or_the_report_folder_is_refused_before_anything_is_written(project, tmp_path):
+    # A folder as --out left the staged .part files behind after "[Errno 21] Is a directory"; a path under a
+    # file said only "[Errno 17] File exists" (report: "[Errno 20] Not a directory").
+    from bridge.report import write_report
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes").write_text("")
+    before = {p: p.read_bytes() for p in sorted((project / "pdl1").rglob("*")) if p.is_file()}
+    with pytest.raises(ReviewQueueError, match=r"--out .*folder is a folder; give the CSV file to write, e\.g\. "):
+        write_review_queue(project, out=tmp_path / "folder", qupath="never")
+    with pytest.raises(ReviewQueueError, match=r"--out .*notes.q\.csv: its folder .*notes is a file; give a CSV path"):
+        write_review_queue(project, out=tmp_path / "notes" / "q.csv", qupath="never")
+    with pytest.raises(ProjectError, match=r"--out .*notes.r lies under .*notes, which is a file; the report is "):
+        write_report(project, tmp_path / "notes" / "r")
+    with pytest.raises(ProjectError, match=r"--out .*notes is a file; the report is written into a folder"):
+        write_report(project, tmp_path / "notes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "notes", "project"]
+    assert not any((tmp_path / "folder").iterdir())
+    assert {p: p.read_bytes() for p in sorted((project / "pdl1").rglob("*")) if p.is_file()} == before
+
+
 def test_a_damaged_summary_is_refused_and_nothing_is_written(project):
     (project / "pdl1" / "2" / "summary.json").write_text('{"cut short')
     before = (project / "pdl1" / "1" / "summary.json").read_bytes()

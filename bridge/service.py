@@ -692,10 +692,20 @@ def check_upload(body: bytes, *, mpp: float, max_px: int) -> None:
     expected = "expected the region's PNG or TIFF bytes (Content-Type: image/png or image/tiff)"
     if not body:
         raise SlideFormatError(f"the request body is empty; {expected}")
+    rgb8 = (
+        "expected 8-bit RGB (or greyscale) pixels of a brightfield region, as QuPath shows it: export the region "
+        "as an 8-bit RGB PNG or TIFF"
+    )
     try:
         with Image.open(io.BytesIO(body)) as im:
             width, height = im.size
+            kind = _unconvertible_samples(im)
     except UnidentifiedImageError as err:  # its message names only the in-memory file object
+        if body[:4] in (b"II*\x00", b"MM\x00*"):  # TIFF, with samples Pillow does not decode (e.g. floating point)
+            raise SlideFormatError(
+                f"the request body ({len(body)} bytes) is a TIFF whose pixels cannot be decoded (floating-point or "
+                f"other samples it cannot read as colours); {rgb8}"
+            ) from err
         raise SlideFormatError(
             f"the request body ({len(body)} bytes, starting {body[:8]!r}) is not a PNG or TIFF image; {expected}"
         ) from err
@@ -703,6 +713,8 @@ def check_upload(body: bytes, *, mpp: float, max_px: int) -> None:
         raise SlideFormatError(
             f"body is not a PNG/TIFF image ({type(err).__name__}: {err}); send the region's PNG or TIFF bytes"
         ) from err
+    if kind is not None:  # converted to RGB, they would be clipped at 255: an image of white, analysed
+        raise SlideFormatError(f"the uploaded image has {kind}; {rgb8}")
     if width * height > max_px:
         raise SlideFormatError(
             f"upload of {width}x{height} px is over {max_px} px; send a smaller region or a lower resolution "
@@ -714,6 +726,17 @@ def check_upload(body: bytes, *, mpp: float, max_px: int) -> None:
         mpp=Mpp(mpp, mpp, _UPLOAD_MPP_SOURCE),
         mpp_advice=_upload_mpp_advice,
     ).close()
+
+
+def _unconvertible_samples(im: Any) -> str | None:
+    """What an opened upload holds when Pillow cannot turn it into RGB faithfully, else None: 16/32-bit and
+    floating-point samples (clipped at 255) and TIFFs of other than 1-4 channels (read as one)."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;"):
+        return f"{'floating-point' if im.mode == 'F' else '16- or 32-bit integer'} samples (Pillow mode {im.mode})"
+    channels = im.tag_v2.get(277) if im.format == "TIFF" else None  # SamplesPerPixel
+    if channels is not None and channels not in (1, 2, 3, 4):
+        return f"{channels} channels (a multiplexed or spectral image)"
+    return None
 
 
 @contextmanager

@@ -224,6 +224,47 @@ def test_an_upload_that_is_no_image_says_what_is_expected(client, content, came)
     }
 
 
+RGB8 = (
+    "expected 8-bit RGB (or greyscale) pixels of a brightfield region, as QuPath shows it: export the region as an "
+    "8-bit RGB PNG or TIFF"
+)
+
+
+def _encoded(array: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "PNG":
+        Image.fromarray(array).save(buf, format="PNG")
+    else:
+        import tifffile
+
+        tifffile.imwrite(buf, array, photometric="rgb" if array.ndim == 3 else "minisblack")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("array", "fmt", "came"),
+    [
+        # Converted to RGB these were clipped at 255 and a white image analysed, or refused as "not a TIFF".
+        (
+            np.full((64, 64), 40000, np.uint16),
+            "PNG",
+            "the uploaded image has 16- or 32-bit integer samples (Pillow mode I;16)",
+        ),
+        (
+            np.full((64, 64, 3), 0.5, np.float32),
+            "TIFF",
+            "the request body ({n} bytes) is a TIFF whose pixels cannot "
+            "be decoded (floating-point or other samples it cannot read as colours)",
+        ),
+    ],
+    ids=["16-bit-png", "float-tiff"],
+)
+def test_an_upload_of_other_than_8_bit_colour_is_refused_not_clipped(client, array, fmt, came):
+    content = _encoded(array, fmt)
+    r = client.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=content, headers={"Content-Type": "image/png"})
+    assert (r.status_code, r.json()) == (422, {"detail": f"{came.format(n=len(content))}; {RGB8}"})
+
+
 UPLOAD_ADVICE = (
     "send as mpp the µm per uploaded pixel: the scanner's µm/px (0.25 at 40x, 0.5 at 20x) times the downsample "
     "the region was read at"

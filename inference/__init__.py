@@ -145,6 +145,7 @@ _PUBLIC = {
     # phantoms
     "PhantomSpec": "inference.phantom.scene",
     "write_phantom": "inference.phantom.pyramid",
+    "check_slide_path": "inference.phantom.pyramid",
     "truth_dir_for": "inference.phantom.truth",
     "IhcSpec": "inference.phantom.ihc",
     "write_ihc_phantom": "inference.phantom.pyramid",

@@ -74,6 +74,14 @@ def test_phantom_refuses_a_folder_or_a_file_in_the_way_as_a_usage_error(tmp_path
     )
 
 
+def test_phantom_with_a_bad_ihc_name_writes_nothing(tmp_path):
+    # The H&E was written before the --ihc name was refused, and stood in the way of the next try.
+    args = ["phantom", str(tmp_path / "he.svs"), "--ihc", str(tmp_path / "ihc.png"), "--size", "1024", "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "phantom slides are written as .svs or .tif/.tiff, got 'ihc.png'" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bench_lists_benchmarks():
     result = runner.invoke(app, ["bench"])
     assert result.exit_code == 0

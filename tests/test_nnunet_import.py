@@ -530,6 +530,18 @@ def test_cli_import_stopped_while_writing_leaves_no_model_and_no_leftovers(tmp_p
     assert list(models.iterdir()) == []
 
 
+def test_cli_import_refuses_an_out_under_a_file_as_a_usage_error(tmp_path):
+    # It said only "[Errno 17] File exists: ..." (the folder beside --out could not be made).
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "model"
+    args = ["import", "nnunet", str(tmp_path), "--mpp", "2", "--out", str(out)]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2, result.output
+    assert f"{out}: its folder {tmp_path / 'notes.txt'} is a file; --out names the model folder to write" in text
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 @needs_dna
 def test_cli_import_refuses_a_non_empty_folder_or_a_file_before_any_work(tmp_path):
     folder = _results(tmp_path, checkpoints={"checkpoint_final.pth": _checkpoint(_network().state_dict(), epoch=1)})

@@ -63,6 +63,7 @@ def phantom(
     if ihc is not None and ihc.resolve().with_suffix("") == out.resolve().with_suffix(""):
         raise typer.BadParameter(f"--ihc {ihc} would share its truth folder with {out}: give it another name")
     from bridge.project import not_a_folder
+    from inference import check_slide_path
 
     for path, hint in ((out, "OUT"), (ihc, "--ihc")):
         if path is None:
@@ -71,6 +72,10 @@ def phantom(
             raise typer.BadParameter(
                 f"{path} is a folder; give the slide file to write, e.g. {path / 'phantom.svs'}", param_hint=hint
             )
+        try:  # both, before the H&E is written: a bad --ihc name left the H&E behind, in the way of the next try
+            check_slide_path(path)
+        except ValueError as err:
+            raise fail(err) from err
         problem = not_a_folder(path.parent)
         if problem is not None:  # said before mkdir's bare "[Errno 17] File exists"
             raise typer.BadParameter(

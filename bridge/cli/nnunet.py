@@ -52,8 +52,14 @@ def import_nnunet_cmd(
     Checkpoints are read with torch's restricted unpickler (tensors and plain data only) and only their network weights are kept. Building the network needs the nnunet extra (dynamic_network_architectures). Use the result with `pdl1 run --seg-model OUT`.
     """
     from bridge.atomic import folder_replaced_whole
+    from bridge.project import not_a_folder
     from inference import import_nnunet
 
+    problem = not_a_folder(out.parent)  # --out itself a file or a full folder is said with the import's own checks
+    if problem is not None:
+        raise typer.BadParameter(
+            f"{out}: its folder {out.parent} {problem}; --out names the model folder to write", param_hint="--out"
+        )
     try:
         # Written into a folder beside --out and renamed onto it when whole: a failure or Ctrl-C part way
         # (a full disk, a member that will not save) leaves no half a model where `pdl1 run` would find it.

@@ -159,3 +159,27 @@ def test_pdl1_serve_with_a_broken_model_says_so_and_exits_before_the_server_star
     assert f"error: {models / 'seg' / 'member_02.safetensors'}: sha256 " in text, output
     assert "the file is corrupt or was replaced: restore it or retrain" in text
     assert "pdl1 serve on http://" not in text  # it never claimed to be serving
+
+
+def test_pdl1_serve_with_a_device_it_cannot_use_says_so_before_the_server_starts(tmp_path):
+    """A misspelt --device was torch's traceback listing a dozen device types; a GPU this machine lacks was
+    uvicorn's start-up traceback."""
+    import socket
+
+    import torch
+    from typer.testing import CliRunner
+
+    from bridge.cli.app import app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = ["serve", "--port", str(port), "--allow-root", str(tmp_path), "--device"]
+    bogus = CliRunner().invoke(app, [*args, "gpu0"], env={"COLUMNS": "400"})
+    text = " ".join(bogus.output.replace("│", " ").split())
+    assert bogus.exit_code == 2 and "Invalid value for --device: expected auto, cpu, cuda or cuda:N, got 'gpu0'" in text
+    if not torch.cuda.is_available():
+        absent = CliRunner().invoke(app, [*args, "cuda"], env={"COLUMNS": "400"})
+        text = " ".join(absent.output.split())
+        assert absent.exit_code == 1, absent.output
+        assert text == "error: device 'cuda' asked for, but torch sees no CUDA GPU; use --device cpu", absent.output

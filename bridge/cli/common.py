@@ -46,8 +46,12 @@ def pipeline_config(
     ihc_model: Path | None = None,
     nuclei_tta: bool | None = None,
 ):
+    from bridge.project_config import problem_with
     from inference import NucleiConfig, PipelineConfig, SegmentConfig
 
+    problem = problem_with("device", device)
+    if problem is not None:  # torch's own error, at the first model load, lists a dozen device types
+        raise typer.BadParameter(problem, param_hint="--device")
     return PipelineConfig(
         seg_model_dir=None if seg_model is None else str(seg_model),
         nuclei_model_dir=None if nuclei_model is None else str(nuclei_model),

@@ -96,7 +96,7 @@ def serve(
     try:
         # Here rather than in uvicorn's start-up, whose failure prints a traceback before the message.
         loaded.load_he()
-    except Pdl1Error as err:
+    except (Pdl1Error, ValueError) as err:  # ValueError: a --device this machine does not have
         raise fail(err) from err
     console.print(
         f"pdl1 serve on http://{host}:{port} (images under {', '.join(str(r) for r in settings.allow_roots)})"

@@ -177,7 +177,7 @@ def test_pdl1_serve_with_a_device_it_cannot_use_says_so_before_the_server_starts
     args = ["serve", "--port", str(port), "--allow-root", str(tmp_path), "--device"]
     bogus = CliRunner().invoke(app, [*args, "gpu0"], env={"COLUMNS": "400"})
     text = " ".join(bogus.output.replace("│", " ").split())
-    assert bogus.exit_code == 2 and "Invalid value for --device: expected auto, cpu, cuda or cuda:N, got 'gpu0'" in text
+    assert bogus.exit_code == 2 and "--device': expected auto, cpu, cuda or cuda:N, got 'gpu0'" in text, bogus.output
     if not torch.cuda.is_available():
         absent = CliRunner().invoke(app, [*args, "cuda"], env={"COLUMNS": "400"})
         text = " ".join(absent.output.split())

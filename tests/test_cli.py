@@ -82,6 +82,26 @@ def test_phantom_with_a_bad_ihc_name_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("command", "device", "said"),
+    [
+        (["eval", "seg", "{slide}"], "gpu0", "expected auto, cpu, cuda or cuda:N, got 'gpu0'"),
+        (["eval", "tps", "{slide}"], "cuda0", "expected auto, cpu, cuda or cuda:N, got 'cuda0'"),
+        (["demo", "--out", "{out}", "--size", "1024"], "gpu", "expected auto, cpu, cuda or cuda:N, got 'gpu'"),
+        (["train", "seg", "{slide}", "--out", "{out}"], "auto", "expected cpu, cuda or cuda:N (training does not"),
+        (["train", "nuclei", "{slide}", "--out", "{out}"], "gpu0", "expected auto, cpu, cuda or cuda:N, got 'gpu0'"),
+    ],
+    ids=["eval-seg", "eval-tps", "demo", "train-seg-auto", "train-nuclei"],
+)
+def test_a_device_torch_cannot_take_is_a_usage_error_before_any_work(tmp_path, command, device, said):
+    # torch's "Expected one of cpu, cuda, ipu, xpu, ... device type" traceback, after the demo's phantoms were written.
+    args = [a.format(slide=tmp_path / "x.svs", out=tmp_path / "out") for a in command]
+    result = runner.invoke(app, [*args, "--device", device], env={"COLUMNS": "400"})
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and said in text, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bench_lists_benchmarks():
     result = runner.invoke(app, ["bench"])
     assert result.exit_code == 0

@@ -30,6 +30,24 @@ def interrupted(what_is_kept: str) -> typer.Exit:
     return typer.Exit(code=130)
 
 
+def check_device(value: str) -> str:
+    """A --device option's callback: a misspelt device is a usage error before any work, not torch's traceback
+    (listing a dozen device types) at the first model load."""
+    from bridge.project_config import problem_with
+
+    problem = problem_with("device", value)
+    if problem is not None:
+        raise typer.BadParameter(problem)
+    return value
+
+
+def check_training_device(value: str) -> str:
+    """A training command's --device callback: as :func:`check_device`, and training takes no ``auto``."""
+    if check_device(value) == "auto":
+        raise typer.BadParameter("expected cpu, cuda or cuda:N (training does not choose a device), got 'auto'")
+    return value
+
+
 def pipeline_config(
     device: str,
     seg_model: Path | None,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from bridge.cli.common import fail, outcome_table, pairs_table, pipeline_config, run_with_progress
+from bridge.cli.common import check_device, fail, outcome_table, pairs_table, pipeline_config, run_with_progress
 from inference import Pdl1Error
 
 
@@ -129,7 +129,7 @@ def demo(
     ihc: Annotated[
         bool, typer.Option(help="Also the PD-L1 IHC of the same tissue: scored by its cells, compared with the H&E.")
     ] = True,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", callback=check_device)] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Phantom H&E (and its PD-L1 IHC) -> QuPath project -> run (shipped demo models) -> report, scored

@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from bridge.cli.common import check_model_target, fail, pipeline_config, require_out_folder, stdout, write_model_copy
+from bridge.cli.common import (
+    check_device,
+    check_model_target,
+    fail,
+    pipeline_config,
+    require_out_folder,
+    stdout,
+    write_model_copy,
+)
 from inference import Pdl1Error, __version__
 
 
@@ -66,7 +74,7 @@ def eval_seg(
     model: Annotated[
         Path | None, typer.Option(help="Segmentation ensemble folder; the shipped demo if omitted.")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", callback=check_device)] = "auto",
     threshold: Annotated[float | None, typer.Option(min=0, max=1, help="Override the manifest's threshold.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -191,7 +199,7 @@ def eval_nuclei(
     slides: Annotated[list[Path], typer.Argument(help="Phantom slides with truth beside them.")],
     model: Annotated[Path | None, typer.Option(help="Nuclei model folder; the shipped demo if omitted.")] = None,
     radius_um: Annotated[float, typer.Option(min=0.1, help="Matching radius; pairs beyond it never match.")] = 3.0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", callback=check_device)] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Precision, recall and F1 (overall and per class) and the TPS error of each slide."""
@@ -289,7 +297,7 @@ def eval_ihc(
     review: Annotated[
         bool, typer.Option(help="Also analyse each slide as pdl1 run does (stated H-DAB) for its review flag.")
     ] = True,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", callback=check_device)] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """TPS and CPS against the truth (error, cut-off category), nuclei F1 and intensity agreement, per IHC slide.
@@ -366,7 +374,7 @@ def eval_tps(
     slides: Annotated[list[Path], typer.Argument(help="Phantom H&E slides with truth beside them.")],
     seg_model: Annotated[Path | None, typer.Option(help="Segmentation ensemble; the shipped demo if omitted.")] = None,
     nuclei_model: Annotated[Path | None, typer.Option(help="H&E nuclei model; the shipped demo if omitted.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", callback=check_device)] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """The predicted TPS of H&E slides as pdl1 run gives it (nuclei typed by the nuclei model, PD-L1 from the
@@ -474,7 +482,7 @@ def eval_suite(
     ihc_model: Annotated[
         Path | None, typer.Option(help="PD-L1 IHC nuclei ensemble for the IHC slides; the shipped demo if omitted.")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", callback=check_device)] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Segmentation, calibration and uncertainty metrics, and SUA against the pixel baseline, per H&E slide;
@@ -736,7 +744,7 @@ def calibrate(
         ),
     ] = "pixels",
     nuclei_model: NucleiModelOption = "demo",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", callback=check_device)] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Choose SUA's threshold and lower bound (max F0.5) and the "needs review" rule; write them to the manifest.

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from bridge.cli.common import console, fail, pipeline_config
+from bridge.cli.common import check_device, console, fail, pipeline_config
 from inference import Pdl1Error
 
 
@@ -43,7 +43,7 @@ def serve(
             "demo's (default: the shipped demo)."
         ),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", callback=check_device)] = "auto",
     keep_results: Annotated[
         int,
         typer.Option(

@@ -9,7 +9,14 @@ from typing import Annotated
 
 import typer
 
-from bridge.cli.common import check_model_target, fail, interrupted, write_model_copy
+from bridge.cli.common import (
+    check_device,
+    check_model_target,
+    check_training_device,
+    fail,
+    interrupted,
+    write_model_copy,
+)
 from inference import Pdl1Error
 
 app = typer.Typer(help="Train models on phantom slides with truth, or on your own QuPath labels.", no_args_is_help=True)
@@ -105,7 +112,7 @@ def train_seg(
             "OUT/chain_k. Time grows with the number of chains.",
         ),
     ] = 1,
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.", callback=check_training_device)] = "cpu",
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoints under OUT if present.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     labels: Annotated[list[Path] | None, typer.Option("--labels", help=_LABELS_HELP)] = None,
@@ -489,7 +496,7 @@ def train_nuclei_cmd(
         typer.Option(help="Colour augmentation: light (HED scale) or strong (also stain vectors and a colour cast)."),
     ] = "light",
     seed: Annotated[int, typer.Option(min=0)] = 0,
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.", callback=check_training_device)] = "cpu",
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint if present.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     labels: Annotated[list[Path] | None, typer.Option("--labels", help=_LABELS_HELP)] = None,
@@ -813,7 +820,7 @@ def domain_stats(
         ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Write a copy of the model with the statistics here.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", callback=check_device)] = "cpu",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Compute a model's training-domain statistics (the domain guard) and write them into its manifest.

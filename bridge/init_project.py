@@ -93,6 +93,9 @@ def _check_slides(slides: list[Path]) -> tuple[dict[Path, dict], dict[Path, str]
     metadata: dict[Path, dict] = {}
     problems: dict[Path, str] = {}
     for slide in map(Path, slides):
+        if slide.is_dir():  # slides/ given for slides/*.svs
+            problems[slide] = "a folder, not a slide file: give the slide files in it (e.g. FOLDER/*.svs)"
+            continue
         if not slide.is_file():
             problems[slide] = "slide not found"
             continue

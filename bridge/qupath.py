@@ -233,6 +233,9 @@ def unaddable_images(slides: Iterable[Path]) -> dict[Path, str]:
     problems: dict[Path, str] = {}
     with tempfile.TemporaryDirectory(prefix="pdl1-check-") as tmp, open_project(Path(tmp) / "check", mode="x") as trial:
         for slide in map(Path, slides):
+            if slide.is_dir():  # slides/ given for slides/*.svs
+                problems[slide] = "a folder, not a slide file: give the slide files in it (e.g. FOLDER/*.svs)"
+                continue
             if not slide.is_file():
                 problems[slide] = "slide not found"
                 continue

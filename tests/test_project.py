@@ -256,6 +256,14 @@ def test_init_project_with_a_missing_slide_writes_nothing(tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+def test_init_project_given_a_folder_of_slides_says_to_give_the_files(tmp_path):
+    # "slides: slide not found" for a folder that is there, full of slides.
+    (tmp_path / "slides").mkdir()
+    with pytest.raises(ProjectError, match=r"slides: a folder, not a slide file: give the slide files in it \(e\.g\. "):
+        init_project_files(tmp_path / "p", [tmp_path / "slides"])
+    assert not (tmp_path / "p").exists()
+
+
 def test_init_project_with_a_slide_without_mpp_says_what_to_do_and_writes_nothing(tmp_path, phantom_svs):
     import numpy as np
     import tifffile

@@ -140,6 +140,14 @@ def test_init_project_creates_nothing_when_qupath_cannot_add_a_slide(tmp_path, p
         assert len(qp.images) == 1
 
 
+def test_init_project_through_qupath_given_a_folder_of_slides_says_to_give_the_files(tmp_path, phantom_svs):
+    (tmp_path / "slides").mkdir()
+    refused = r"slides: a folder, not a slide file: give the slide files in it \(e\.g\. FOLDER/\*\.svs\)"
+    with pytest.raises(ProjectError, match=refused):
+        init_project_qupath(tmp_path / "qp", [phantom_svs, tmp_path / "slides"])
+    assert not (tmp_path / "qp").exists()
+
+
 def test_init_project_through_qupath_can_leave_out_the_slides_it_cannot_add(tmp_path, phantom_svs, caplog):
     corrupt = tmp_path / "corrupt.svs"
     corrupt.write_bytes(b"not a slide")

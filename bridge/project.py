@@ -119,6 +119,12 @@ def path_to_uri(path: str | Path) -> str:
     return "file:" + Path(path).resolve().as_uri()[len("file://") :]
 
 
+# Whole-slide and plain image files a folder given for a project may hold instead (to say so).
+_SLIDE_SUFFIXES = frozenset(
+    {".svs", ".ndpi", ".scn", ".bif", ".svslide", ".tif", ".tiff", ".qptiff", ".mrxs", ".vms", ".czi", ".vsi"}
+)
+
+
 def find_project_file(path: str | Path) -> Path:
     """``project.qpproj`` itself, or the one inside a project folder.
 
@@ -141,6 +147,14 @@ def find_project_file(path: str | Path) -> Path:
                     f"was interrupted before QuPath renamed it into place; restore it with "
                     f"`mv '{best}' '{candidate}'`{older}, then run again"
                 )
+        slides = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _SLIDE_SUFFIXES) if path.is_dir() else []
+        if slides:  # a folder of slides given for a project
+            shown = ", ".join(slides[:3]) + (f" and {len(slides) - 3} more" if len(slides) > 3 else "")
+            raise ProjectError(
+                f"{path}: no QuPath project here (expected a project folder or its project.qpproj), but slides "
+                f"({shown}): a folder of slides is no project; make one with `pdl1 init-project PROJECT "
+                f"{path}/*{Path(slides[0]).suffix}`, or give the slide files themselves where the command takes them"
+            )
         raise ProjectError(f"{path}: no QuPath project here (expected a project folder or its project.qpproj)")
     return candidate
 

@@ -15,6 +15,7 @@ from bridge.project import (
     ProjectEntry,
     ProjectError,
     RunStatus,
+    find_project_file,
     locate_image,
     moved_with_project,
     qpdata_problem,
@@ -254,6 +255,25 @@ def test_init_project_with_a_missing_slide_writes_nothing(tmp_path):
     with pytest.raises(ProjectError, match=r"nope\.svs: slide not found"):
         init_project_files(tmp_path / "p", [tmp_path / "nope.svs"])
     assert not (tmp_path / "p").exists()
+
+
+def test_a_folder_of_slides_given_for_a_project_is_told_apart_from_an_empty_folder(tmp_path):
+    # Both said "no QuPath project here"; a folder of slides is the common mix-up (`pdl1 run slides/`).
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "slides").mkdir()
+    for name in ("b.svs", "a.ndpi", "c.tif", "d.svs", "notes.txt"):
+        (tmp_path / "slides" / name).write_bytes(b"")
+    with pytest.raises(
+        ProjectError, match=r"empty: no QuPath project here \(expected a project folder or its project\.qpproj\)$"
+    ):
+        find_project_file(tmp_path / "empty")
+    with pytest.raises(ProjectError) as err:
+        read_project(tmp_path / "slides")
+    assert str(err.value) == (
+        f"{tmp_path / 'slides'}: no QuPath project here (expected a project folder or its project.qpproj), but slides "
+        f"(a.ndpi, b.svs, c.tif and 1 more): a folder of slides is no project; make one with `pdl1 init-project "
+        f"PROJECT {tmp_path / 'slides'}/*.ndpi`, or give the slide files themselves where the command takes them"
+    )
 
 
 def test_init_project_given_a_folder_of_slides_says_to_give_the_files(tmp_path):

@@ -354,6 +354,20 @@ def test_cli_imports_folds_and_says_what_it_took(tmp_path):
     assert [m.epoch for m in read_manifest(tmp_path / "m1").members] == [9]
 
 
+@needs_dna
+def test_cli_takes_pdl1_run_s_stain_words_and_refuses_others_by_name(tmp_path):
+    # "--stain ihc", as pdl1 run takes it, was refused as "stain 'ihc' is not one of ('H&E', 'H-DAB')".
+    folder = _results(tmp_path, checkpoints={"checkpoint_final.pth": _checkpoint(_network().state_dict(), epoch=1)})
+    args = ["import", "nnunet", str(folder), "--mpp", "0.5", "--out"]
+    result = CliRunner().invoke(app, [*args, str(tmp_path / "ihc"), "--stain", "ihc"])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "ihc").stain == "H-DAB"
+    result = CliRunner().invoke(app, [*args, str(tmp_path / "x"), "--stain", "DAB"], env={"COLUMNS": "400"})
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "expected H&E (or he) or H-DAB (or ihc), got 'DAB'" in text, result.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli_reports_a_refusal(tmp_path):
     folder = _results(tmp_path, plans=_plans(architecture="my_lab.nets.FancyUNet"))
     result = CliRunner().invoke(app, ["import", "nnunet", str(folder), "--out", str(tmp_path / "m"), "--mpp", "2"])

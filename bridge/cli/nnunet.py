@@ -45,7 +45,9 @@ def import_nnunet_cmd(
         typer.Option("--positive-label", help="Label of the PD-L1 positive class (needed with more than 2 classes)."),
     ] = None,
     name: Annotated[str | None, typer.Option("--name", help="Model name (default: the dataset's).")] = None,
-    stain: Annotated[str, typer.Option("--stain", help="Stain it was trained on: H&E or H-DAB.")] = "H&E",
+    stain: Annotated[
+        str, typer.Option("--stain", help="Stain it was trained on: H&E (or he) or H-DAB (or ihc, as pdl1 run's).")
+    ] = "H&E",
 ) -> None:
     """Import an nnU-Net v2 2D model: its checkpoints become the members of a segmentation ensemble.
 
@@ -55,6 +57,9 @@ def import_nnunet_cmd(
     from bridge.project import not_a_folder
     from inference import import_nnunet
 
+    manifest_stain = {"h&e": "H&E", "he": "H&E", "h-dab": "H-DAB", "ihc": "H-DAB"}.get(stain.lower())
+    if manifest_stain is None:  # pdl1 run --stain's words were refused with "not one of ('H&E', 'H-DAB')"
+        raise typer.BadParameter(f"expected H&E (or he) or H-DAB (or ihc), got {stain!r}", param_hint="--stain")
     problem = not_a_folder(out.parent)  # --out itself a file or a full folder is said with the import's own checks
     if problem is not None:
         raise typer.BadParameter(
@@ -72,7 +77,7 @@ def import_nnunet_cmd(
                 folds=folds,
                 positive_label=positive_label,
                 name=name,
-                stain=stain,
+                stain=manifest_stain,
                 write_into=part,
             )
     except (Pdl1Error, OSError, ValueError) as err:

@@ -605,8 +605,13 @@ def write_review_queue(
             for tmp, _ in staged:
                 tmp.unlink(missing_ok=True)
             raise
-        for tmp, target in staged:
-            os.replace(tmp, target)
+        for done, (tmp, target) in enumerate(staged):
+            try:
+                os.replace(tmp, target)
+            except BaseException:  # those not renamed yet are not left behind as .part files
+                for rest, _ in staged[done:]:
+                    rest.unlink(missing_ok=True)
+                raise
     return ReviewQueue(
         entries=tuple(entries),
         not_ranked=tuple(not_ranked),

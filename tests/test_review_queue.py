@@ -262,6 +262,24 @@ def test_a_failure_while_writing_leaves_every_file_as_it_was(project, monkeypatc
     assert not list((project / "pdl1").rglob("*.part"))
 
 
+def test_a_failure_while_renaming_leaves_no_staged_files_behind(project, monkeypatch):
+    import bridge.review_queue as rq
+
+    before = {p: p.read_bytes() for p in (project / "pdl1").rglob("summary.json")}
+    replace = rq.os.replace
+
+    def refused_for_the_csv(src, dst):
+        if Path(dst).name == "review_queue.csv":  # renamed first: nothing is replaced after it
+            raise PermissionError(13, "Permission denied", str(dst))
+        return replace(src, dst)
+
+    monkeypatch.setattr(rq.os, "replace", refused_for_the_csv)
+    with pytest.raises(PermissionError):
+        write_review_queue(project, qupath="never")
+    assert {p: p.read_bytes() for p in before} == before
+    assert not list((project / "pdl1").rglob("*.part"))  # the summaries' staged copies were left behind
+
+
 def test_the_cli_lists_the_command_and_prints_the_queue(project):
     help_text = runner.invoke(app, ["--help"]).output
     assert "review-queue" in help_text

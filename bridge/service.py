@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import errno
 import io
+import json
 import logging
 import math
 import os
@@ -215,7 +216,8 @@ class JobRequest(BaseModel):
             bad = _first_non_finite(value.get("coordinates"))
             if bad is not None:
                 raise ValueError(
-                    f"roi coordinates must be finite numbers, got {bad!r}; send the ROI's vertices in level-0 px"
+                    f"roi coordinates must be finite numbers, got {json.dumps(bad)}; send the ROI's vertices in "
+                    "level-0 px"
                 )
         return value
 
@@ -265,13 +267,14 @@ def parse_roi(roi: dict[str, Any] | None, *, image_size_px: tuple[int, int] | No
 
 
 def _first_non_finite(coordinates: Any) -> Any:
-    """The first number in nested GeoJSON coordinates that is NaN or infinite (JSON may carry ``NaN``)."""
+    """The first number in nested GeoJSON coordinates that is NaN or infinite (JSON may carry ``NaN``), or a
+    JSON ``true``/``false``, which shapely would take as 1 and 0."""
     stack = [coordinates]
     while stack:
         item = stack.pop()
         if isinstance(item, list):
             stack.extend(reversed(item))
-        elif isinstance(item, float) and not math.isfinite(item):
+        elif isinstance(item, bool) or (isinstance(item, float) and not math.isfinite(item)):
             return item
     return None
 

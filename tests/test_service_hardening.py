@@ -138,7 +138,7 @@ def test_a_path_the_file_system_cannot_take_is_a_422(service, slides_root, image
     assert "cannot be used" in r.json()["detail"] and "--allow-root" in r.json()["detail"]
 
 
-@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity", "true"])  # true: shapely took it for 1
 @pytest.mark.parametrize("vertex", [0, -1])
 def test_an_roi_with_a_non_finite_vertex_is_a_422(service, slides_root, bad, vertex):
     ring = ["[0, 0]", "[500, 0]", "[500, 500]", "[0, 0]"]
@@ -147,7 +147,7 @@ def test_an_roi_with_a_non_finite_vertex_is_a_422(service, slides_root, bad, ver
     body = f'{{"image": "{slides_root / "small.svs"}", "roi": {roi}}}'
     r = service.client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 422, r.text
-    assert "roi coordinates must be finite numbers" in r.json()["detail"]
+    assert f"roi coordinates must be finite numbers, got {bad}; " in r.json()["detail"]  # as the client wrote it
 
 
 @pytest.mark.parametrize(

@@ -585,6 +585,16 @@ def require_absolute(image: str, path: Path) -> Path:
             "absolute path at which that machine sees the file (for a share: under the folder it is mounted at), "
             "or its file: URI"
         )
+    if image.startswith("file:"):  # "is relative" would puzzle: it is a URI, one that names no absolute path
+        raise ImagePathError(
+            f"image URI {image!r} names no absolute path; expected a file: URI such as file:/data/slides/case.svs "
+            "(as QuPath's server reports it), or the absolute path of the image file on the service's machine"
+        )
+    if image.startswith("~"):
+        raise ImagePathError(
+            f"image path {image!r} starts with ~, which only a shell expands; expected the absolute path of the "
+            "image file on the service's machine (e.g. /home/NAME/slides/case.svs) or its file: URI"
+        )
     raise ImagePathError(
         f"image path {image!r} is relative; expected the absolute path of the image file on the service's "
         "machine (e.g. /data/slides/case.svs) or its file: URI"

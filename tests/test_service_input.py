@@ -195,6 +195,9 @@ def test_a_folder_is_not_an_image(client, slides_root):
         ("C:\\Slides\\small.svs", "image path 'C:\\\\Slides\\\\small.svs' is a Windows path"),
         ("file:/C:/Slides/small.svs", "image path 'file:/C:/Slides/small.svs' is a Windows path"),
         ("\\\\server\\share\\small.svs", "image path '\\\\\\\\server\\\\share\\\\small.svs' is a Windows path"),
+        # Both said "is relative".
+        ("file:slides/small.svs", "image URI 'file:slides/small.svs' names no absolute path"),
+        ("~/slides/small.svs", "image path '~/slides/small.svs' starts with ~, which only a shell expands"),
     ],
 )
 def test_a_path_the_service_cannot_place_says_it_must_be_absolute_here(client, image, came):

@@ -52,6 +52,7 @@ _PUBLIC = {
     "UncertaintyTile": "inference.results",
     # errors
     "Pdl1Error": "inference.errors",
+    "cuda_device_problem": "inference.devices",
     "SlideNotFoundError": "inference.errors",
     "SlideFormatError": "inference.errors",
     "MissingMppError": "inference.errors",

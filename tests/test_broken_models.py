@@ -162,11 +162,10 @@ def test_pdl1_serve_with_a_broken_model_says_so_and_exits_before_the_server_star
 
 
 def test_pdl1_serve_with_a_device_it_cannot_use_says_so_before_the_server_starts(tmp_path):
-    """A misspelt --device was torch's traceback listing a dozen device types; a GPU this machine lacks was
-    uvicorn's start-up traceback."""
+    """A misspelt --device was torch's traceback listing a dozen device types (a GPU this machine lacks, uvicorn's
+    start-up traceback: tests/test_cli.py)."""
     import socket
 
-    import torch
     from typer.testing import CliRunner
 
     from bridge.cli.app import app
@@ -178,8 +177,3 @@ def test_pdl1_serve_with_a_device_it_cannot_use_says_so_before_the_server_starts
     bogus = CliRunner().invoke(app, [*args, "gpu0"], env={"COLUMNS": "400"})
     text = " ".join(bogus.output.replace("│", " ").split())
     assert bogus.exit_code == 2 and "--device': expected auto, cpu, cuda or cuda:N, got 'gpu0'" in text, bogus.output
-    if not torch.cuda.is_available():
-        absent = CliRunner().invoke(app, [*args, "cuda"], env={"COLUMNS": "400"})
-        text = " ".join(absent.output.split())
-        assert absent.exit_code == 1, absent.output
-        assert text == "error: device 'cuda' asked for, but torch sees no CUDA GPU; use --device cpu", absent.output

@@ -102,6 +102,25 @@ def test_a_device_torch_cannot_take_is_a_usage_error_before_any_work(tmp_path, c
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["run", "{slide}", "--out", "{out}"], ["eval", "seg", "{slide}"], ["demo", "--out", "{out}"], ["serve"]],
+    ids=["run", "eval", "demo", "serve"],
+)
+def test_a_gpu_this_machine_lacks_is_a_usage_error_before_any_work(tmp_path, command):
+    # pdl1 run failed every image with "ValueError: device 'cuda' asked for, ...", serve with uvicorn's traceback.
+    import torch
+
+    device = f"cuda:{torch.cuda.device_count()}"  # one more than there are, on any machine
+    args = [a.format(slide=tmp_path / "x.svs", out=tmp_path / "out") for a in command]
+    result = runner.invoke(app, [*args, "--device", device], env={"COLUMNS": "400"})
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2, result.output
+    assert f"--device': {device!r} asked for, but " in text or f"--device: {device!r} asked for, but " in text, text
+    assert ("torch sees no CUDA GPU" if device == "cuda:0" else "CUDA GPU") in text
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bench_lists_benchmarks():
     result = runner.invoke(app, ["bench"])
     assert result.exit_code == 0
@@ -134,6 +153,8 @@ def captured_run(monkeypatch):
         return []
 
     monkeypatch.setattr(bridge.cli.run, "run_with_progress", fake_run)
+    # The run's settings are what is checked here, not whether this machine has the GPU they name.
+    monkeypatch.setattr("bridge.cli.common._absent_device", lambda device: None)
     return seen
 
 

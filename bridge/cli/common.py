@@ -35,10 +35,21 @@ def check_device(value: str) -> str:
     (listing a dozen device types) at the first model load."""
     from bridge.project_config import problem_with
 
-    problem = problem_with("device", value)
+    problem = problem_with("device", value) or _absent_device(value)
     if problem is not None:
         raise typer.BadParameter(problem)
     return value
+
+
+def _absent_device(device: str) -> str | None:
+    """Why a well-formed --device is not on this machine (a CUDA GPU torch does not see), else None; every
+    image of a run failed on it, and the service stopped with uvicorn's traceback."""
+    if not device.startswith("cuda"):
+        return None  # torch is not imported for the others
+    from inference import cuda_device_problem
+
+    problem = cuda_device_problem(device)
+    return None if problem is None else f"{device!r} asked for, but {problem}"
 
 
 def check_training_device(value: str) -> str:
@@ -67,7 +78,7 @@ def pipeline_config(
     from bridge.project_config import problem_with
     from inference import NucleiConfig, PipelineConfig, SegmentConfig
 
-    problem = problem_with("device", device)
+    problem = problem_with("device", device) or _absent_device(device)
     if problem is not None:  # torch's own error, at the first model load, lists a dozen device types
         raise typer.BadParameter(problem, param_hint="--device")
     return PipelineConfig(

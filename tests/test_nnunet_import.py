@@ -252,6 +252,16 @@ def test_bad_mpp_is_refused(tmp_path, mpp):
         import_nnunet(_results(tmp_path), tmp_path / "model", mpp=mpp)
 
 
+def test_a_file_given_as_the_results_folder_is_named_a_file(tmp_path):
+    # "no such folder" for a file that is there (a checkpoint or a slide given instead of its folder).
+    given = tmp_path / "checkpoint_final.pth"
+    given.write_bytes(b"x")
+    with pytest.raises(ModelFileError, match=r"checkpoint_final\.pth: a file, not a folder; pass nnUNet_results/"):
+        import_nnunet(given, tmp_path / "model", mpp=2.0)
+    with pytest.raises(ModelFileError, match="no such folder"):
+        import_nnunet(tmp_path / "absent", tmp_path / "model", mpp=2.0)
+
+
 def test_cli_requires_mpp(tmp_path):
     folder = _results(tmp_path)
     result = CliRunner().invoke(app, ["import", "nnunet", str(folder), "--out", str(tmp_path / "m")])

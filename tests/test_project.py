@@ -299,6 +299,17 @@ def test_init_project_with_a_slide_without_mpp_says_what_to_do_and_writes_nothin
     assert [e.image_name for e in read_project(tmp_path / "p").entries] == [phantom_svs.name]
 
 
+def test_init_project_counts_one_image_in_the_singular(tmp_path, phantom_svs):
+    from typer.testing import CliRunner
+
+    from bridge.cli.app import app
+
+    args = ["init-project", str(tmp_path / "p"), str(phantom_svs), "--qupath", "never"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "with 1 image (written without QuPath)" in result.output
+
+
 def test_init_project_refuses_an_unknown_qupath_mode_before_making_anything(tmp_path, phantom_svs):
     # "--qupath alway" made a project without QuPath (anything but never and always counted as auto).
     from typer.testing import CliRunner

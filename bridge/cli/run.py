@@ -378,7 +378,7 @@ def init_project(
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
     count = (
-        f"{added} images"
+        f"{added} image{'' if added == 1 else 's'}"
         if added == len(slides)
         else f"{added} of {len(slides)} images (the warning names those left out)"
     )

@@ -428,7 +428,8 @@ def import_nnunet(
     if stain not in STAINS:
         raise ModelFileError(f"stain {stain!r} is not one of {STAINS}")
     if not folder.is_dir():
-        raise ModelFileError(f"{folder}: no such folder; pass nnUNet_results/DatasetNNN_NAME/TRAINER__PLANS__CONFIG")
+        what = "a file, not a folder" if folder.exists() else "no such folder"
+        raise ModelFileError(f"{folder}: {what}; pass nnUNet_results/DatasetNNN_NAME/TRAINER__PLANS__CONFIG")
     if out.exists() and not out.is_dir():
         raise ModelFileError(f"{out}: is a file; --out names the model folder to write: choose a new folder")
     if (out / MANIFEST_NAME).exists():

@@ -67,6 +67,17 @@ _UNLABELED_HELP = (
     "Slides nobody labelled (files, or entries of the project trained on; repeatable): the --init ensemble "
     "(the shipped demo ensemble when training from scratch) pseudo-labels their confident tissue pixels."
 )
+_ANCHOR_HELP = (
+    "Fine-tuning: add L2-SP, A/2 * sum((w - w_init)^2) over the --init model's weights, to the loss, so the "
+    "weights move only as far as your labels pay for, against forgetting what they do not show (0: off; needs an "
+    "initial model). See the README for measured weights."
+)
+AnchorWeight = Annotated[float, typer.Option("--anchor-weight", min=0, help=_ANCHOR_HELP)]
+_FREEZE_BN_HELP = (
+    "Fine-tuning: BatchNorm keeps the --init model's running statistics instead of taking those of your slides' "
+    "patches, which the model would then apply to every slide (needs an initial model)."
+)
+FreezeBatchnorm = Annotated[bool, typer.Option("--freeze-batchnorm/--no-freeze-batchnorm", help=_FREEZE_BN_HELP)]
 FIRST_CYCLE_HELP = "Length of the first cycle in epochs (0: as --epochs-per-cycle); a long first cycle converges before members are kept."
 
 
@@ -178,6 +189,8 @@ def train_seg(
             "reviewed results (--from-review).",
         ),
     ] = False,
+    anchor_weight: AnchorWeight = 0.0,
+    freeze_batchnorm: FreezeBatchnorm = False,
 ) -> None:
     """Train a segmentation ensemble the nnUNet-B way (cyclic LR, members at the low ends).
 
@@ -211,6 +224,7 @@ def train_seg(
             from inference import demo_model_dir
 
             init_model = str(demo_model_dir("seg"))
+        _check_fine_tuning(anchor_weight, freeze_batchnorm, init_model)
         if pseudo_label_rest and not slide_labels:
             raise typer.BadParameter(
                 "--pseudo-label-rest fills the rest of your labelled slides; phantom truth has none"
@@ -259,6 +273,8 @@ def train_seg(
             pseudo_mi_limit=pseudo_mi_limit,
             pseudo_weight=pseudo_weight,
             validation_slides=tuple(lab.slide for lab in held_out),
+            anchor_weight=anchor_weight,
+            freeze_batchnorm=freeze_batchnorm,
         )
         with progress_bar("training", enabled=progress) as on_progress:
             manifest = train_segmentation(
@@ -542,6 +558,8 @@ def train_nuclei_cmd(
             "measure it so. On the real tile of the README it added 0.03 F1.",
         ),
     ] = False,
+    anchor_weight: AnchorWeight = 0.0,
+    freeze_batchnorm: FreezeBatchnorm = False,
 ) -> None:
     """Train the point-based nuclei classifier from truth points, on the stain of the slides given.
 
@@ -573,6 +591,7 @@ def train_nuclei_cmd(
                 from inference import demo_model_dir
 
                 init_model = str(demo_model_dir("nuclei"))
+        _check_fine_tuning(anchor_weight, freeze_batchnorm, init_model)
         _echo_counts(slide_labels, held_out=held_out)
         sources = [lab.slide for lab in slide_labels] if slide_labels else [str(s) for s in slides]
         from bridge.labels import label_summary
@@ -602,6 +621,8 @@ def train_nuclei_cmd(
             device=device,
             validation_slides=tuple(lab.slide for lab in held_out),
             tta=tta,
+            anchor_weight=anchor_weight,
+            freeze_batchnorm=freeze_batchnorm,
         )
         with progress_bar("training", enabled=progress) as on_progress:
             manifest = train_nuclei(
@@ -636,6 +657,22 @@ def train_nuclei_cmd(
         fit,
         report,
     )
+
+
+def _check_fine_tuning(anchor_weight: float, freeze_batchnorm: bool, init_model: str | None) -> None:
+    """--anchor-weight and --freeze-batchnorm hold on to the --init model: refused when training from scratch."""
+    scratch = (
+        "this run trains from scratch (--init none, or phantom truth without --init): give --init MODEL to fine-tune"
+    )
+    if anchor_weight and init_model is None:
+        raise typer.BadParameter(
+            f"{anchor_weight:g} holds the weights near the --init model's, and {scratch}, or leave the anchor at 0",
+            param_hint="--anchor-weight",
+        )
+    if freeze_batchnorm and init_model is None:
+        raise typer.BadParameter(
+            f"it keeps the --init model's BatchNorm statistics, and {scratch}", param_hint="--freeze-batchnorm"
+        )
 
 
 def _check_before_reading(out: Path, *, resume: bool, cycles: int, drop_first_cycle: bool) -> None:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from inference.errors import ModelFileError
 from inference.models.manifest import MANIFEST_NAME, give_new_file_mode, read_manifest, sha256_file
+from inference.training.anchor import WeightAnchor, freeze_batchnorm
 from inference.training.report import HISTORY_FILE
 
 log = logging.getLogger(__name__)
@@ -269,6 +270,8 @@ def train_cyclic(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     resume: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
+    anchor: WeightAnchor | None = None,
+    frozen_batchnorm: bool = False,
 ) -> list[dict]:
     """The shared training loop: cosine restarts, members at the low ends, a checkpoint every epoch.
 
@@ -276,6 +279,10 @@ def train_cyclic(
     checkpointed, so a resumed run draws the same batches). Returns the member records
     (file, sha256, cycle, epoch, learning rate, training loss). Every epoch's loss and learning rate,
     per iteration, go into the checkpoint (so ``resume`` keeps them) and ``out_dir/training_history.json``.
+    With ``anchor`` (L2-SP, fine-tuning) its penalty is added to every step's loss; the losses recorded are
+    ``loss_fn``'s alone (comparable with a run without it), each epoch's mean penalty beside them.
+    With ``frozen_batchnorm`` BatchNorm layers normalise with the model's running statistics as it came and
+    keep them (:func:`~inference.training.anchor.freeze_batchnorm`).
     """
     optimizer = make_optimizer(config, model)
     ckpt = out_dir / "checkpoint"
@@ -290,23 +297,31 @@ def train_cyclic(
     lr = config.lr_max
     for epoch in range(start_epoch, n_epochs):
         model.train()
-        losses, rates = [], []
+        if frozen_batchnorm:
+            freeze_batchnorm(model)
+        losses, rates, penalties = [], [], []
         for it in range(config.iterations_per_epoch):
             lr = learning_rate(config, epoch, it)
             rates.append(lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = next_batch()
-            loss = loss_fn(model(x), y)
+            loss = data_loss = loss_fn(model(x), y)
+            if anchor is not None:
+                penalty = anchor.penalty(model)
+                penalties.append(penalty.item())
+                loss = data_loss + penalty
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(data_loss.item())
             if on_progress is not None:
                 on_progress(epoch * config.iterations_per_epoch + it + 1, total)
         mean_loss = float(np.mean(losses))
         log.info("epoch %d loss %.4f lr %.2e", epoch, mean_loss, lr)
+        if penalties:
+            log.info("epoch %d anchor penalty %.4f", epoch, float(np.mean(penalties)))
         if is_member_epoch(config, epoch):
             name, digest = save_member(out_dir, model, len(members))
             members.append(
@@ -327,6 +342,7 @@ def train_cyclic(
                 "iteration_losses": losses,
                 "iteration_lrs": rates,
             }
+            | ({"anchor_penalty": float(np.mean(penalties))} if penalties else {})
         )
         save_checkpoint(ckpt, model, optimizer, epoch=epoch, rng=rng, members=members, history=history)
         write_history(out_dir, history)

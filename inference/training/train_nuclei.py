@@ -32,6 +32,7 @@ from inference.models.nuclei_model import DilatedResFCN
 from inference.phantom.truth import load_truth
 from inference.slides.slide import open_slide
 from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
+from inference.training.anchor import WeightAnchor, check_fine_tuning
 from inference.training.augment import STAIN_JITTERS, augment_batch
 from inference.training.cyclic import check_out_dir, check_schedule, init_weights, total_epochs, train_cyclic
 from inference.training.domain_stats import write_training_domain_stats
@@ -78,9 +79,12 @@ class NucleiTrainConfig:
     # The model runs with test-time augmentation (manifest extra["tta"]; see NucleiConfig.tta): what follows
     # training (the held-out scores, the peak threshold refitted on them, the IHC review limit) is measured with it.
     tta: bool = False
+    anchor_weight: float = 0.0  # L2-SP toward init_model's weights (as SegTrainConfig's); 0: off
+    freeze_batchnorm: bool = False  # fine-tuning: BatchNorm keeps init_model's statistics (as SegTrainConfig's)
 
     def __post_init__(self) -> None:
         check_schedule(self)
+        check_fine_tuning(self.anchor_weight, self.freeze_batchnorm, init_model=self.init_model)
         if self.stain_jitter not in STAIN_JITTERS:
             raise ValueError(f"stain_jitter must be one of {', '.join(STAIN_JITTERS)}, got {self.stain_jitter!r}")
         if self.patch_px % 2 or self.tile_size_px % 2:
@@ -311,6 +315,7 @@ def train_nuclei(
             class_names=class_names,
         )
     model = model.to(device)
+    anchor = WeightAnchor(model, weight=config.anchor_weight) if config.anchor_weight else None
     mean = torch.tensor(NORMALIZATION["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(NORMALIZATION["std"], device=device).view(1, 3, 1, 1)
     sigma_px = config.sigma_um / config.input_mpp
@@ -332,6 +337,8 @@ def train_nuclei(
         loss_fn=masked_focal_loss if labels else focal_loss,
         resume=resume,
         on_progress=on_progress,
+        anchor=anchor,
+        frozen_batchnorm=config.freeze_batchnorm,
     )
 
     manifest = Manifest(

@@ -34,6 +34,7 @@ from inference.models.unet import PlainConvUNet
 from inference.phantom.truth import load_truth
 from inference.slides.slide import open_slide
 from inference.slides.tissue import detect_tissue
+from inference.training.anchor import WeightAnchor, check_fine_tuning
 from inference.training.augment import STAIN_JITTERS, augment_batch
 from inference.training.cyclic import check_out_dir, check_schedule, init_weights, total_epochs, train_cyclic
 from inference.training.domain_stats import write_training_domain_stats
@@ -73,6 +74,12 @@ class SegTrainConfig:
     An ``unlabeled`` slide that is also a labelled one (a lab's labels, e.g. reviewed results) keeps its
     labels and takes pseudo-labels on the rest of it (:func:`with_pseudo_rest`), so labels that cover
     little of a slide do not leave the rest of it untaught.
+    ``anchor_weight`` > 0 (fine-tuning from ``init_model`` only) adds L2-SP,
+    ``anchor_weight / 2 * sum((w - w_init)^2)`` over the initial model's weights, to the loss
+    (:mod:`inference.training.anchor`): the weights move from the initial model only as far as the labels
+    pay for, against forgetting what they do not show. 0 is off. ``freeze_batchnorm`` (fine-tuning only)
+    keeps the initial model's BatchNorm statistics: updated, they become the fine-tuning patches' (one
+    domain's), which the network then applies to every slide; the anchor cannot hold them (not weights).
     """
 
     slides: tuple[str, ...]
@@ -110,9 +117,12 @@ class SegTrainConfig:
     pseudo_weight: float = PseudoLabelRule.weight
     # Slides held out whole for validation (not trained on): the domain guard's limits are calibrated on them.
     validation_slides: tuple[str, ...] = ()
+    anchor_weight: float = 0.0  # L2-SP toward init_model's weights; 0: off
+    freeze_batchnorm: bool = False  # fine-tuning: BatchNorm keeps init_model's running statistics (eval mode)
 
     def __post_init__(self) -> None:
         check_schedule(self)
+        check_fine_tuning(self.anchor_weight, self.freeze_batchnorm, init_model=self.init_model)
         if self.unlabeled:
             self.pseudo_rule  # noqa: B018  (checks the numbers)
             if self.pseudo_model is None:
@@ -532,6 +542,7 @@ def _train_chain(
             class_names=CLASS_NAMES,
         )
     model = model.to(device)
+    anchor = WeightAnchor(model, weight=config.anchor_weight) if config.anchor_weight else None
     mean = torch.tensor(NORMALIZATION["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(NORMALIZATION["std"], device=device).view(1, 3, 1, 1)
     jitter = STAIN_JITTERS[config.stain_jitter]
@@ -559,5 +570,7 @@ def _train_chain(
         else SEG_LOSSES[config.loss],
         resume=resume,
         on_progress=on_progress,
+        anchor=anchor,
+        frozen_batchnorm=config.freeze_batchnorm,
     )
     return [r | {"init_sha256": init_sha256} for r in records]

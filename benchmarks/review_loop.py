@@ -1,7 +1,7 @@
 """The review loop: a pathologist reclassifies the SUA candidates of 3 slides, the ensemble is fine-tuned on
 what they changed, and the false-negative area of held-out slides of that domain is measured (issue #33).
 
-``python -m benchmarks.review_loop [--work DIR] [--size 2048] [--iterations 20] [--runs ...]``
+``python -m benchmarks.review_loop [--work DIR] [--size 2048] [--iterations 20] [--runs ...] [--anchor-weight A]``
 
 Acceptance: reclassifying the SUA candidates (``PD-L1 FN candidate``) of 3 slides and retraining lowers the
 false-negative area on held-out slides of that domain. The domain is one where the shipped demo segmentation
@@ -36,7 +36,9 @@ validation scores); the held-out slides decide nothing. The ``review+self...`` v
 unlabelled rest of the review slides themselves, their labels winning (``pdl1 train seg --pseudo-label-rest``;
 before that option the library drew such a slide twice, labelled and pseudo-labelled, and the README's first
 figures for these rows were measured so); ``review+self-w1`` was added with the option. A model folder under
-``--work`` trained with the same configuration and labels is reused.
+``--work`` trained with the same configuration and labels is reused. ``--anchor-weight`` trains every run with
+L2-SP toward the demo's weights (``pdl1 train seg --anchor-weight``), against forgetting the unshifted slides;
+``--freeze-batchnorm`` keeps the demo's BatchNorm running statistics (``pdl1 train seg --freeze-batchnorm``).
 """
 
 from __future__ import annotations
@@ -324,7 +326,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048, help="phantom edge, level-0 px at 0.5 µm/px")
     parser.add_argument("--iterations", type=int, default=20, help="iterations per epoch")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
+    parser.add_argument(
+        "--anchor-weight", type=float, default=0.0, help="L2-SP toward the demo's weights for every run (0: off)"
+    )
+    parser.add_argument(
+        "--freeze-batchnorm", action="store_true", help="BatchNorm keeps the demo's running statistics for every run"
+    )
     args = parser.parse_args()
+    if not args.anchor_weight >= 0:
+        parser.error(f"--anchor-weight must be >= 0, got {args.anchor_weight:g}")
     runs = args.runs.split(",")
     unknown = [r for r in runs if r not in RUNS]
     if unknown:
@@ -375,7 +385,14 @@ def main() -> None:
         iterations = args.iterations * spec.iterations_times
         config = SegTrainConfig(
             slides=tuple(lab.slide for lab in labels),
-            out_dir=str(args.work / f"model_{run}_it{iterations}"),
+            out_dir=str(
+                args.work
+                / (
+                    f"model_{run}_it{iterations}"
+                    + (f"_anchor{args.anchor_weight:g}" if args.anchor_weight else "")
+                    + ("_bnfrozen" if args.freeze_batchnorm else "")
+                )
+            ),
             init_model=str(demo),
             cycles=4,
             epochs_per_cycle=2,
@@ -391,6 +408,8 @@ def main() -> None:
             pseudo_weight=spec.pseudo_weight,
             unlabeled=tuple(UnlabeledSlide(str(p), name=p.name) for p in unlabeled),
             pseudo_model=str(demo) if unlabeled else None,
+            anchor_weight=args.anchor_weight,
+            freeze_batchnorm=args.freeze_batchnorm,
         )
         training, seconds = train_or_reuse(config, labels)
         training_seconds[run] = seconds
@@ -399,7 +418,11 @@ def main() -> None:
         results[run] = score(run, Ensemble.load(config.out_dir, task="segmentation"))
 
     def what(name: str) -> str:
-        return "shipped demo ensemble" if name == "demo" else f"fine-tuned: {RUNS[name].what}"
+        if name == "demo":
+            return "shipped demo ensemble"
+        anchor = f", anchor {args.anchor_weight:g} (L2-SP)" if args.anchor_weight else ""
+        frozen = ", BatchNorm statistics frozen" if args.freeze_batchnorm else ""
+        return f"fine-tuned: {RUNS[name].what}{anchor}{frozen}"
 
     print("\nheld out: the domain (4 slides) | unshifted without weak expression (4 slides); areas summed over slides")
     print(

@@ -1,7 +1,7 @@
 """Fine-tuning the demo ensemble on a shifted stain domain, with and without pseudo-labels (issue #33).
 
 ``python -m benchmarks.shift_finetune [--work DIR] [--size 2048] [--iterations 20] [--seed 0] [--runs ...]
-[--shift 0.8] [--weak-fraction 0]``
+[--shift 0.8] [--weak-fraction 0] [--anchor-weight 0,...]``
 
 Acceptance: fine-tuning the shipped demo segmentation ensemble with sparse labels on 3 slides of a
 shifted stain domain (``pdl1 phantom --shift 0.8``) raises held-out Dice in that domain by >= 0.10 and
@@ -29,23 +29,34 @@ configuration is reused (its manifest records it).
 slides (same seeds) to another domain, for one where the demo actually fails: at shift 0.8 it already
 scores about 0.96, so +0.10 cannot be reached there. Such phantoms are named with the domain
 (``train_841_s0.5_w0.5.svs``); the unshifted ones stay as they are.
+
+``--anchor-weight`` (comma-separated) trains every run once per weight with L2-SP toward the demo's weights
+(``pdl1 train seg --anchor-weight``; 0: without, as before), against forgetting the unshifted domain;
+``--freeze-batchnorm`` keeps the demo's BatchNorm running statistics (``pdl1 train seg --freeze-batchnorm``). Each
+fine-tuned model's squared distance from the demo's weights, ``sum((w - w_demo)^2)``, and its last epoch's
+loss (and mean anchor penalty) are printed: the scale an anchor weight is chosen on.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors.torch import load_file
 
 from benchmarks.truth_labels import phantom_once, print_pseudo_labels, sparse_truth_labels, train_or_reuse
 from inference.evaluation.evaluate import evaluate_segmentation
 from inference.models.ensemble import Ensemble, demo_model_dir
+from inference.models.manifest import read_manifest
 from inference.phantom.scene import PhantomSpec
+from inference.training.anchor import squared_distance
 from inference.training.pseudo import UnlabeledSlide
+from inference.training.report import HISTORY_FILE
 from inference.training.train_seg import SegTrainConfig
 
 SHIFT = 0.8
@@ -107,6 +118,34 @@ def mean_dice(model_dir: Path, slides: list[Path]) -> tuple[float, list[float]]:
 SETS = ("val_shifted", "val_unshifted", "held_shifted", "held_unshifted")
 
 
+def _last_member(model_dir: Path) -> dict:
+    manifest = read_manifest(model_dir, verify=False)
+    state = load_file(str(model_dir / manifest.members[-1].file))
+    return {k: v.float() for k, v in state.items()}
+
+
+def weight_distances(model_dir: Path, init_dir: Path) -> list[float]:
+    """``sum((w - w_init)^2)`` over the parameters (not BatchNorm's running statistics) of each member of
+    ``model_dir`` from the last member of ``init_dir`` (the one fine-tuning started from)."""
+    from inference.models.unet import PlainConvUNet
+
+    manifest = read_manifest(model_dir, verify=False)
+    kwargs = manifest.architecture_kwargs
+    model = PlainConvUNet(**{**kwargs, "features": tuple(kwargs["features"])})
+    init = _last_member(init_dir)
+    out = []
+    for member in manifest.members:
+        state = load_file(str(model_dir / member.file))
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+        out.append(squared_distance(model, init))
+    return out
+
+
+def _last_epoch(model_dir: Path) -> dict:
+    history = json.loads((model_dir / HISTORY_FILE).read_text())["epochs"]
+    return history[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.shift_finetune", description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/pdl1-shift-finetune"), help="phantoms and models")
@@ -121,7 +160,28 @@ def main() -> None:
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
     parser.add_argument("--shift", type=float, default=SHIFT, help="the domain's stain shift")
     parser.add_argument("--weak-fraction", type=float, default=0.0, help="the domain's weakly expressing share")
+    parser.add_argument(
+        "--anchor-weight",
+        default="0",
+        help="L2-SP weights toward the demo's weights, comma-separated; every run is trained once per weight (0: off)",
+    )
+    parser.add_argument(
+        "--freeze-batchnorm",
+        action="store_true",
+        help="BatchNorm keeps the demo's running statistics while fine-tuning (pdl1 train seg --freeze-batchnorm)",
+    )
+    parser.add_argument(
+        "--validation-only",
+        action="store_true",
+        help="score the validation slides only (to choose among runs, e.g. anchor weights, with the held-out unseen)",
+    )
     args = parser.parse_args()
+    try:
+        anchors = [float(a) for a in args.anchor_weight.split(",")]
+    except ValueError:
+        parser.error(f"--anchor-weight: expected comma-separated numbers like 0,0.01,0.1, got {args.anchor_weight!r}")
+    if any(not a >= 0 for a in anchors):
+        parser.error(f"--anchor-weight: weights must be >= 0, got {args.anchor_weight!r}")
     runs = args.runs.split(",")
     unknown = [r for r in runs if r not in RUNS]
     if unknown:
@@ -150,10 +210,12 @@ def main() -> None:
     demo = demo_model_dir("seg")
     per_slide: dict[str, dict[str, list[float]]] = {}
 
+    sets = SETS[:2] if args.validation_only else SETS
+
     def score(name: str, model_dir: Path) -> dict[str, float]:
-        means = {}
-        per_slide[name] = {}
-        for key in SETS:
+        means = {key: float("nan") for key in SETS}
+        per_slide[name] = {key: [] for key in SETS}
+        for key in sets:
             means[key], per_slide[name][key] = mean_dice(model_dir, getattr(phantoms, key))
         return means
 
@@ -163,12 +225,15 @@ def main() -> None:
         f"{base['held_shifted']:.4f} | | {base['held_unshifted']:.4f} | | 0 |",
         flush=True,
     )
-    for run in runs:
+
+    def fine_tune(run: str, anchor_weight: float) -> None:
         what, n_labelled, n_unl_shifted, n_unl_unshifted = RUNS[run]
         unlabeled = [*phantoms.unlabeled[:n_unl_shifted], *phantoms.unlabeled_unshifted[:n_unl_unshifted]]
         out = args.work / (
             f"model_{run}_seed{args.seed}_{args.optimizer}_{args.lr_max:g}_pf{args.positive_fraction:g}"
             f"_r{args.regions}x{args.region_um:g}{phantoms.train[0].stem.removeprefix(f'train_{TRAIN[0][0]}')}"
+            + (f"_anchor{anchor_weight:g}" if anchor_weight else "")
+            + ("_bnfrozen" if args.freeze_batchnorm else "")
         )
         config = SegTrainConfig(
             slides=tuple(lab.slide for lab in labels[:n_labelled]),
@@ -187,21 +252,50 @@ def main() -> None:
             seed=args.seed,
             unlabeled=tuple(UnlabeledSlide(str(p), name=p.name) for p in unlabeled),
             pseudo_model=str(demo) if unlabeled else None,
+            anchor_weight=anchor_weight,
+            freeze_batchnorm=args.freeze_batchnorm,
         )
         training, seconds = train_or_reuse(config, labels[:n_labelled])
         print_pseudo_labels(training)
-        d = score(run, out)
+        label = (
+            run
+            + (f" anchor {anchor_weight:g}" if anchor_weight else "")
+            + (" BatchNorm frozen" if args.freeze_batchnorm else "")
+        )
+        last = _last_epoch(out)
+        distances = weight_distances(out, demo)
+        print(
+            f"  {label}: squared distance from the demo's weights per member "
+            + ", ".join(f"{d:.4g}" for d in distances)
+            + f"; last epoch loss {last['loss']:.4f}"
+            + (f", anchor penalty {last['anchor_penalty']:.4f}" if "anchor_penalty" in last else ""),
+            flush=True,
+        )
+        d = score(label, out)
+        what_anchor = (
+            what
+            + (f", anchor {anchor_weight:g} (L2-SP)" if anchor_weight else "")
+            + (", BatchNorm statistics frozen" if args.freeze_batchnorm else "")
+        )
         took = "reused" if seconds is None else f"{seconds:.0f}"
         print(
-            f"| fine-tuned, {what} | {d['val_shifted']:.4f} | {d['val_unshifted']:.4f} | {d['held_shifted']:.4f} | "
+            f"| fine-tuned, {what_anchor} | {d['val_shifted']:.4f} | {d['val_unshifted']:.4f} | "
+            f"{d['held_shifted']:.4f} | "
             f"{d['held_shifted'] - base['held_shifted']:+.4f} | {d['held_unshifted']:.4f} | "
             f"{d['held_unshifted'] - base['held_unshifted']:+.4f} | {took} |",
             flush=True,
         )
+
+    for run in runs:
+        for anchor_weight in anchors:
+            fine_tune(run, anchor_weight)
     print("per slide (validation 881-882 | 891-892; held out 851-854 | 861-864):")
-    for name, sets in per_slide.items():
-        print(f"  {name}: " + " | ".join(" ".join(f"{d:.3f}" for d in sets[key]) for key in SETS))
+    for name, scores in per_slide.items():
+        print(f"  {name}: " + " | ".join(" ".join(f"{d:.3f}" for d in scores[key]) for key in SETS))
 
 
 if __name__ == "__main__":
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     main()

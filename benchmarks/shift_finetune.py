@@ -55,7 +55,7 @@ from inference.models.ensemble import Ensemble, demo_model_dir
 from inference.models.manifest import read_manifest
 from inference.phantom.scene import PhantomSpec
 from inference.training.anchor import squared_distance
-from inference.training.pseudo import UnlabeledSlide
+from inference.training.pseudo import PseudoLabelRule, UnlabeledSlide
 from inference.training.report import HISTORY_FILE
 from inference.training.train_seg import SegTrainConfig
 
@@ -166,6 +166,12 @@ def main() -> None:
         help="L2-SP weights toward the demo's weights, comma-separated; every run is trained once per weight (0: off)",
     )
     parser.add_argument(
+        "--pseudo-weight",
+        type=float,
+        default=PseudoLabelRule.weight,
+        help="loss weight of a pseudo-labelled pixel (pdl1 train seg --pseudo-weight)",
+    )
+    parser.add_argument(
         "--freeze-batchnorm",
         action="store_true",
         help="BatchNorm keeps the demo's running statistics while fine-tuning (pdl1 train seg --freeze-batchnorm)",
@@ -234,6 +240,7 @@ def main() -> None:
             f"_r{args.regions}x{args.region_um:g}{phantoms.train[0].stem.removeprefix(f'train_{TRAIN[0][0]}')}"
             + (f"_anchor{anchor_weight:g}" if anchor_weight else "")
             + ("_bnfrozen" if args.freeze_batchnorm else "")
+            + (f"_pw{args.pseudo_weight:g}" if unlabeled and args.pseudo_weight != PseudoLabelRule.weight else "")
         )
         config = SegTrainConfig(
             slides=tuple(lab.slide for lab in labels[:n_labelled]),
@@ -252,6 +259,7 @@ def main() -> None:
             seed=args.seed,
             unlabeled=tuple(UnlabeledSlide(str(p), name=p.name) for p in unlabeled),
             pseudo_model=str(demo) if unlabeled else None,
+            pseudo_weight=args.pseudo_weight,
             anchor_weight=anchor_weight,
             freeze_batchnorm=args.freeze_batchnorm,
         )
@@ -276,6 +284,7 @@ def main() -> None:
             what
             + (f", anchor {anchor_weight:g} (L2-SP)" if anchor_weight else "")
             + (", BatchNorm statistics frozen" if args.freeze_batchnorm else "")
+            + (f", pseudo-weight {args.pseudo_weight:g}" if unlabeled else "")
         )
         took = "reused" if seconds is None else f"{seconds:.0f}"
         print(

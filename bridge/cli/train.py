@@ -70,7 +70,7 @@ _UNLABELED_HELP = (
 _ANCHOR_HELP = (
     "Fine-tuning: add L2-SP, A/2 * sum((w - w_init)^2) over the --init model's weights, to the loss, so the "
     "weights move only as far as your labels pay for, against forgetting what they do not show (0: off; needs an "
-    "initial model). See the README for measured weights."
+    'initial model). Measured in the README, "Fine-tuning against forgetting".'
 )
 AnchorWeight = Annotated[float, typer.Option("--anchor-weight", min=0, help=_ANCHOR_HELP)]
 _FREEZE_BN_HELP = (

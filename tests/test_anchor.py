@@ -89,6 +89,7 @@ def test_squared_distance_leaves_out_buffers_of_a_state_dict():
         (float("nan"), "demo", r"finite number >= 0 .*got nan"),
         (float("inf"), "demo", r"finite number >= 0 .*got inf"),
         ("0.1", "demo", r"finite number >= 0 .*got '0.1'"),
+        (True, "demo", r"finite number >= 0 .*got True"),
         (0.1, None, r"anchor_weight 0.1 holds the weights near an initial model's, and this run starts from scratch"),
     ],
 )
@@ -207,6 +208,22 @@ def test_an_anchored_run_stays_nearer_the_initial_weights_and_records_its_weight
     history = json.loads((tmp_path / "held" / "training_history.json").read_text())["epochs"]
     penalties = [h["anchor_penalty"] for h in history]
     assert len(penalties) == 4 and all(np.isfinite(penalties)) and penalties[-1] > 0
+
+
+def test_an_anchored_run_resumed_after_a_crash_anchors_to_the_initial_weights_not_the_checkpoints(
+    phantom, init_model, tmp_path
+):
+    kw = dict(anchor_weight=10.0, freeze_batchnorm=True)
+    train_segmentation(_finetune(phantom, init_model, tmp_path / "whole", **kw))
+
+    def crash(done, total):
+        if done == 5:  # in epoch 2, after the epoch-1 checkpoint
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_segmentation(_finetune(phantom, init_model, tmp_path / "resumed", **kw), on_progress=crash)
+    train_segmentation(_finetune(phantom, init_model, tmp_path / "resumed", **kw), resume=True)
+    assert _digests(tmp_path / "whole") == _digests(tmp_path / "resumed")
 
 
 def _stats(folder, member=-1):

@@ -49,7 +49,8 @@ def freeze_batchnorm(model: torch.nn.Module) -> None:
 def check_anchor_weight(anchor_weight: float, *, init_model: str | None) -> None:
     """Raise ``ValueError`` for an anchor weight that cannot be used: not a finite number >= 0, or > 0 without
     an initial model (from scratch there are no weights to hold on to)."""
-    if not (isinstance(anchor_weight, int | float) and math.isfinite(anchor_weight) and anchor_weight >= 0):
+    number = isinstance(anchor_weight, int | float) and not isinstance(anchor_weight, bool)
+    if not (number and math.isfinite(anchor_weight) and anchor_weight >= 0):
         raise ValueError(f"anchor_weight must be a finite number >= 0 (0: off), got {anchor_weight!r}")
     if anchor_weight > 0 and init_model is None:
         raise ValueError(

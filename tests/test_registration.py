@@ -6,7 +6,9 @@ import math
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from bridge.cli.app import app
 from inference.analysis.registration import Registration, register_pair, register_slides
 from inference.errors import TruthNotFoundError
 from inference.evaluation.evaluate import evaluate_registration
@@ -223,6 +225,13 @@ def test_a_small_pair_is_registered_finer_than_8_um_per_px(tmp_path, monkeypatch
     spec = PhantomSpec(2048, 2048, seed=231, tps_percent=30)
     he = write_phantom(tmp_path / "he_231.svs", spec)
     write_ihc_phantom(tmp_path / "ihc_231.svs", spec, IhcSpec(immune_positive_fraction=0.3), paired_with=he.slide_path)
-    assert evaluate_registration(tmp_path / "ihc_231.svs").error_median_um <= 20.0
+    finer = evaluate_registration(tmp_path / "ihc_231.svs")
+    assert finer.error_median_um <= 20.0
+    assert finer.registered_mpp == pytest.approx(2048 * 0.5 / registration.MIN_REGISTRATION_PX)  # what it ran at
+    # The table says at what µm/px each pair was registered (its title said the asked 8 µm/px alone).
+    result = CliRunner().invoke(app, ["eval", "registration", str(tmp_path / "ihc_231.svs")], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "small pairs finer" in result.output and "at µm/px" in result.output and " 4 " in result.output
     monkeypatch.setattr(registration, "MIN_REGISTRATION_PX", 1)  # as before: at 8 µm/px whatever the size
-    assert evaluate_registration(tmp_path / "ihc_231.svs").error_median_um > 20.0
+    coarse = evaluate_registration(tmp_path / "ihc_231.svs")
+    assert coarse.error_median_um > 20.0 and coarse.registered_mpp == 8.0

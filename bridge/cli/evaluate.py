@@ -444,8 +444,10 @@ def eval_registration(
 
     out = stdout()
     try:
-        table = Table(title=f"IHC -> H&E registration at {mpp:g} µm/px vs the true transform")
-        for col in ("IHC", "H&E", "median µm", "p90 µm", "max µm", "estimated µm", "angle °", "ok"):
+        table = Table(
+            title=f"IHC -> H&E registration vs the true transform (asked at {mpp:g} µm/px; small pairs finer)"
+        )
+        for col in ("IHC", "H&E", "at µm/px", "median µm", "p90 µm", "max µm", "estimated µm", "angle °", "ok"):
             table.add_column(col, justify="left" if col in ("IHC", "H&E", "ok") else "right")
         _check_truths(slides, {"H-DAB": []})
         medians = []
@@ -455,6 +457,7 @@ def eval_registration(
             table.add_row(
                 r.ihc_slide,
                 r.he_slide,
+                f"{r.registered_mpp:.3g}",
                 f"{r.error_median_um:.1f}",
                 f"{r.error_p90_um:.1f}",
                 f"{r.error_max_um:.1f}",

@@ -77,6 +77,9 @@ class Registration:
         Normalised cross-correlation of the haematoxylin density on tissue after registration.
     ok
         True when the result is plausible for two sections of one block; ``reason`` says why not.
+    registered_mpp
+        µm/px of the images the registration was computed on (:func:`register_slides` reads small
+        images finer than asked); NaN where not recorded.
     """
 
     matrix: np.ndarray
@@ -87,6 +90,7 @@ class Registration:
     structure_ncc: float
     ok: bool
     reason: str = ""
+    registered_mpp: float = math.nan
 
     @property
     def linear_um(self) -> np.ndarray:
@@ -136,6 +140,7 @@ class Registration:
             structure_ncc=self.structure_ncc,
             ok=self.ok,
             reason=self.reason,
+            registered_mpp=self.registered_mpp,
         )
 
 
@@ -475,4 +480,5 @@ def register_slides(fixed, moving, *, mpp: float = 8.0, **options) -> Registrati
         structure_ncc=reg.structure_ncc,
         ok=reg.ok,
         reason=reg.reason,
+        registered_mpp=work_mpp,
     )

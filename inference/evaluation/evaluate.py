@@ -463,6 +463,7 @@ class RegistrationEvaluation:
     angle_deg: float
     ok: bool
     reason: str
+    registered_mpp: float  # µm/px registered at: finer than asked for small images (register_slides)
 
 
 def evaluate_registration(ihc_slide_path: str | Path, *, mpp: float = 8.0) -> RegistrationEvaluation:
@@ -493,6 +494,7 @@ def evaluate_registration(ihc_slide_path: str | Path, *, mpp: float = 8.0) -> Re
         angle_deg=float(registration.angle_deg),
         ok=bool(registration.ok),
         reason=registration.reason,
+        registered_mpp=float(registration.registered_mpp),
     )
 
 

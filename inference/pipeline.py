@@ -187,6 +187,17 @@ def review_rule_for(manifest: Manifest) -> dict[str, float]:
     return {key: float(manifest.thresholds.get(key, value)) for key, value in DEFAULT_REVIEW_RULE.items()}
 
 
+def _folder_state(folder: str | Path) -> tuple:
+    """What a model folder's files are, by name, size and modification time: a change means it may load now."""
+    root = Path(folder)
+    try:
+        return tuple(
+            sorted((str(p.relative_to(root)), st.st_size, st.st_mtime_ns) for p in root.rglob("*") if (st := p.stat()))
+        )
+    except OSError:  # missing, or changing under us: compared as such
+        return ("unreadable", str(root))
+
+
 class Models:
     """Models loaded once and reused across images (the service keeps one).
 
@@ -194,7 +205,8 @@ class Models:
     own message, and the others of a batch still finish: the segmentation and H&E nuclei models on the first
     H&E image (:attr:`seg`, :attr:`nuclei`), the PD-L1 IHC nuclei model on the first IHC image (:meth:`ihc`).
     A model that fails to load is remembered: later images that need it get the same error without the
-    folder being read and hashed again (fix the folder, then start the run or the service again).
+    folder being read and hashed again, until a file in the folder changes (a service need not be restarted
+    once the folder is mended; a stat of its files is all each later image costs).
     """
 
     def __init__(self, config: PipelineConfig):
@@ -202,18 +214,19 @@ class Models:
         self._nuclei_folder = (config.nuclei_model_dir or demo_model_dir("nuclei")) if config.run_nuclei else None
         self._ihc_folder = config.ihc_model_dir or demo_model_dir("nuclei-ihc")
         self._device = config.device
-        self._failed: dict[str, Exception] = {}
+        self._failed: dict[str, tuple[Exception, tuple]] = {}
 
     def _load(self, key: str, folder: str | Path, task: str) -> Ensemble:
-        """Load a model folder once; a failure is kept and raised again for every later use."""
-        failure = self._failed.get(key)
-        if failure is not None:
+        """Load a model folder once; a failure is kept and raised again while the folder's files stay as they were."""
+        failed = self._failed.get(key)
+        state = _folder_state(folder)
+        if failed is not None and failed[1] == state:
             # The traceback of the first failure is enough; re-raising would keep adding frames to it.
-            raise failure.with_traceback(None)
+            raise failed[0].with_traceback(None)
         try:
             return Ensemble.load(folder, task=task, device=self._device)
         except Exception as err:
-            self._failed[key] = err
+            self._failed[key] = (err, state)
             raise
 
     @cached_property

@@ -177,3 +177,26 @@ def test_pdl1_serve_with_a_device_it_cannot_use_says_so_before_the_server_starts
     bogus = CliRunner().invoke(app, [*args, "gpu0"], env={"COLUMNS": "400"})
     text = " ".join(bogus.output.replace("│", " ").split())
     assert bogus.exit_code == 2 and "--device': expected auto, cpu, cuda or cuda:N, got 'gpu0'" in text, bogus.output
+
+
+def test_a_mended_model_folder_loads_without_a_restart(broken_ihc, monkeypatch):
+    """The failure is kept only while the folder's files stay as they were: a service whose IHC model was
+    broken loads it once the missing member is put back, without being restarted."""
+    import inference.pipeline as pipeline
+
+    loads: list[str] = []
+    real_load = pipeline.Ensemble.load
+
+    def counting_load(folder, **kwargs):
+        loads.append(str(folder))
+        return real_load(folder, **kwargs)
+
+    monkeypatch.setattr(pipeline.Ensemble, "load", counting_load)
+    models = Models(PipelineConfig(device="cpu", ihc_model_dir=str(broken_ihc)))
+    for _ in range(2):
+        with pytest.raises(ModelFileError, match=r"member_01\.safetensors"):
+            models.ihc()
+    assert len(loads) == 1  # the second image got the kept failure
+    shutil.copyfile(demo_model_dir("nuclei-ihc") / "member_01.safetensors", broken_ihc / "member_01.safetensors")
+    assert models.ihc().manifest.stain == "H-DAB"
+    assert len(loads) == 2

@@ -60,6 +60,8 @@ _PUBLIC = {
     "ResolutionError": "inference.errors",
     "StainError": "inference.errors",
     "ModelFileError": "inference.errors",
+    "RuntimeUnavailableError": "inference.errors",
+    "EngineExportError": "inference.errors",
     "TruthNotFoundError": "inference.errors",
     "TruthFormatError": "inference.errors",
     "Cancelled": "inference.errors",
@@ -77,6 +79,8 @@ _PUBLIC = {
     # models
     "Ensemble": "inference.models.ensemble",
     "demo_model_dir": "inference.models.ensemble",
+    "RUNTIMES": "inference.models.openvino_engine",
+    "check_runtime": "inference.models.openvino_engine",
     "Manifest": "inference.models.manifest",
     "read_manifest": "inference.models.manifest",
     "write_manifest": "inference.models.manifest",

@@ -43,6 +43,14 @@ class ModelFileError(Pdl1Error, ValueError):
     """A model folder, manifest or weight file is missing, corrupt or of the wrong kind."""
 
 
+class RuntimeUnavailableError(Pdl1Error, ImportError):
+    """A runtime for the members was asked for whose package is not installed (OpenVINO without its extra)."""
+
+
+class EngineExportError(Pdl1Error, RuntimeError):
+    """A member converted for another runtime (OpenVINO) does not give the PyTorch member's outputs."""
+
+
 class TruthNotFoundError(Pdl1Error, FileNotFoundError):
     """No phantom truth lies beside a slide that is to be evaluated."""
 

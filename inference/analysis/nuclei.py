@@ -25,6 +25,7 @@ from inference.analysis.points import radius_nms
 from inference.analysis.tiling import read_grid_tiles, tile_grid, validate_roi
 from inference.errors import Cancelled
 from inference.models.ensemble import Ensemble, Precision
+from inference.models.openvino_engine import validate_runtime
 from inference.results import Nuclei, UncertaintyMaps
 from inference.slides.slide import Slide
 from inference.slides.tissue import TissueMask
@@ -74,6 +75,8 @@ class NucleiConfig:
         of every tile (:func:`dihedral_mean`), as nnU-Net's mirroring; 8 times the compute. ``None``
         takes the model's (its manifest's ``extra["tta"]``, set by ``pdl1 train nuclei --tta`` so that
         the peak threshold it fits is used as it was fitted; else off).
+    runtime
+        What runs the members: ``torch``, ``openvino`` or ``auto``, as ``SegmentConfig.runtime``.
     """
 
     nms_radius_um: float = 2.5
@@ -84,10 +87,12 @@ class NucleiConfig:
     read_block_tiles: int = 3
     precision: str = "auto"
     tta: bool | None = None
+    runtime: str = "auto"
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (or None for the device's), got {self.batch_size}")
+        validate_runtime(self.runtime)
 
     def batch_for(self, device: torch.device) -> int:
         """Tiles per forward pass on ``device`` (see ``batch_size``)."""
@@ -155,6 +160,7 @@ def detect_nuclei(
     radius_px = max(1, round(config.nms_radius_um / manifest.input_mpp))
     min_score = config.min_score_for(manifest)
     precision = Precision.choose(config.precision, ensemble.device)
+    ensemble = ensemble.on_runtime(config.runtime, precision=precision)
     tta = config.tta_for(manifest)
     pos_i, neg_i = names.index("Tumor: Positive"), names.index("Tumor: Negative")
     ring_px = membrane_ring_px(manifest) if manifest.stain == "H-DAB" else None

@@ -49,6 +49,7 @@ from inference.analysis.tiling import (
 from inference.analysis.uncertainty import ensemble_stats
 from inference.errors import Cancelled
 from inference.models.ensemble import Ensemble, Precision
+from inference.models.openvino_engine import validate_runtime
 from inference.results import UncertaintyMaps
 from inference.slides.gpu_decode import DeviceBlockReader, claim_tiles, device_decoded_level, nvimgcodec_available
 from inference.slides.slide import Slide
@@ -117,6 +118,10 @@ class SegmentConfig:
         Also keep each member's blended positive probability (for evaluation).
     compile
         Run the members through ``torch.compile`` (pays off on GPUs for whole slides).
+    runtime
+        What runs the members: ``torch``, ``openvino`` (CPU only, the ``openvino`` extra; each member
+        converted once and cached, :mod:`inference.models.openvino_engine`) or ``auto`` (see
+        :func:`~inference.models.openvino_engine.resolve_runtime`).
     accumulate_on
         ``auto`` (on the device when it is CUDA and the accumulators fit in
         ``max_device_mb``), ``host`` or ``device``.
@@ -136,6 +141,7 @@ class SegmentConfig:
     member_maps: bool = False
     compile: bool = False
     accumulate_on: str = "auto"
+    runtime: str = "auto"
 
     def __post_init__(self) -> None:
         if self.map_downsample < 1:
@@ -150,6 +156,9 @@ class SegmentConfig:
             raise ValueError(f"read_block_tiles must be >= 1, got {self.read_block_tiles}")
         if self.accumulate_on not in ("auto", "host", "device"):
             raise ValueError(f"accumulate_on must be 'auto', 'host' or 'device', got {self.accumulate_on!r}")
+        validate_runtime(self.runtime)
+        if self.compile and self.runtime == "openvino":
+            raise ValueError("compile (torch.compile) and runtime 'openvino' exclude each other; give one")
 
     def batch_for(self, device: torch.device) -> int:
         """Tiles per forward pass on ``device`` (see ``batch_size``)."""
@@ -414,6 +423,7 @@ def segment_slide(
     acc_place = "host" if device_acc is None else f"device ({device_acc.device})"
 
     precision = Precision.choose(config.precision, ensemble.device)
+    ensemble = ensemble.on_runtime(config.runtime, precision=precision, compile_members=config.compile)
     if config.compile:
         ensemble = ensemble.compile()
     weights = torch.from_numpy(np.array(nnunet_gaussian_weights(tile) if blend_logits else gaussian_weights(tile)))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -29,6 +32,15 @@ def _weights_error(err: Exception) -> str:
     if not lines:
         return type(err).__name__
     return " ".join(lines[:2]) if lines[0].endswith(":") else "; ".join(lines[:2])
+
+
+def _state_digest(module: nn.Module) -> str:
+    """sha256 of a module's parameters and buffers, names and shapes included (a key for its converted copy)."""
+    h = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        h.update(f"{key}:{tuple(value.shape)}:{value.dtype}".encode())
+        h.update(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def demo_model_dir(kind: str) -> Path:
@@ -73,13 +85,34 @@ class Precision:
 
 
 class Ensemble:
-    """The members of a model folder, loaded once, in eval mode on one device."""
+    """The members of a model folder, loaded once, in eval mode on one device.
 
-    def __init__(self, manifest: Manifest, members: list[nn.Module], *, folder: Path, device: torch.device):
+    ``members`` are torch modules, or, in the ensemble :meth:`on_runtime` returns for OpenVINO, callables
+    taking and returning torch tensors as the modules do (``runtime`` says which). ``bn_folded`` says
+    whether :meth:`load` folded the BatchNorms; ``from_files`` whether the members came from ``folder``'s
+    files (whose sha256 name their converted copies) rather than from memory.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        members: list[nn.Module],
+        *,
+        folder: Path,
+        device: torch.device,
+        bn_folded: bool = False,
+        from_files: bool = False,
+        runtime: str = "torch",
+    ):
         self.manifest = manifest
         self.members = members
         self.folder = folder
         self.device = device
+        self.bn_folded = bn_folded
+        self.from_files = from_files
+        self.runtime = runtime
+        self._on_runtime: dict[tuple[str, bool], Ensemble] = {}
+        self._lock = threading.Lock()
         norm = manifest.normalization
         self._mean = torch.tensor(norm["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(norm["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
@@ -141,7 +174,7 @@ class Ensemble:
             n_folded,
             dev,
         )
-        return cls(manifest, members, folder=folder, device=dev)
+        return cls(manifest, members, folder=folder, device=dev, bn_folded=fold_bn, from_files=True)
 
     @classmethod
     def from_members(cls, manifest: Manifest, members: list[nn.Module], *, device: str = "cpu") -> Ensemble:
@@ -177,12 +210,91 @@ class Ensemble:
         """
         if not 0 <= index < len(self.members):
             raise IndexError(f"member {index} of an ensemble of {len(self.members)} (0 to {len(self.members) - 1})")
-        return Ensemble(self.manifest, [self.members[index]], folder=self.folder, device=self.device)
+        return Ensemble(
+            self.manifest,
+            [self.members[index]],
+            folder=self.folder,
+            device=self.device,
+            bn_folded=self.bn_folded,
+            runtime=self.runtime,
+        )
 
     def compile(self) -> Ensemble:
         """The same ensemble with ``torch.compile``d members (worth it on GPUs for long runs)."""
+        if self.runtime != "torch":
+            raise ValueError(f"torch.compile needs the torch members, not {self.runtime}'s")
         compiled = [torch.compile(m) for m in self.members]
-        return Ensemble(self.manifest, compiled, folder=self.folder, device=self.device)
+        return Ensemble(self.manifest, compiled, folder=self.folder, device=self.device, bn_folded=self.bn_folded)
+
+    def on_runtime(self, runtime: str, *, precision: Precision, compile_members: bool = False) -> Ensemble:
+        """This ensemble with its members run by ``runtime`` (``auto``, ``torch`` or ``openvino``; see
+        :func:`inference.models.openvino_engine.resolve_runtime`) in ``precision``.
+
+        ``torch`` is this ensemble. ``openvino`` converts each member once (or reads it from the cache,
+        :func:`~inference.models.openvino_engine.export_member`) and compiles it for the CPU in bf16
+        inference precision where ``precision`` autocasts to bf16, else f32; the result is kept on this
+        ensemble, so a service or a batch converts and compiles once per process.
+        """
+        from inference.models import openvino_engine as ove
+
+        chosen = ove.resolve_runtime(runtime, self.device, compile_members=compile_members)
+        if chosen == self.runtime:
+            return self
+        if self.runtime != "torch":
+            raise ValueError(f"an ensemble already on {self.runtime} cannot move to {chosen}")
+        bf16 = precision.autocast_dtype == torch.bfloat16
+        with self._lock:
+            done = self._on_runtime.get((chosen, bf16))
+            if done is None:
+                done = self._to_openvino(bf16=bf16)
+                self._on_runtime[(chosen, bf16)] = done
+        return done
+
+    def _to_openvino(self, *, bf16: bool) -> Ensemble:
+        from inference.models import openvino_engine as ove
+
+        m = self.manifest
+        started = time.perf_counter()
+        roots = ove.cache_roots(self.folder if self.from_files else None)
+        compiled, converted = [], 0
+        for i, module in enumerate(self.members):
+            if self.from_files:
+                spec = m.members[i]
+                name = f"{self.folder / spec.file} ({m.name} {m.version} member {i})"
+                key = ove.cache_key(
+                    member_sha256=spec.sha256,
+                    architecture=m.architecture,
+                    architecture_kwargs=m.architecture_kwargs,
+                    bn_folded=self.bn_folded,
+                    ov_version=ove.openvino_version(),
+                )
+            else:
+                # In memory (training, tests): no file names the weights, so the key is their own digest.
+                name = f"{m.name} {m.version} member {i} (in memory)"
+                key = ove.cache_key(
+                    member_sha256=_state_digest(module),
+                    architecture=m.architecture,
+                    architecture_kwargs=m.architecture_kwargs,
+                    bn_folded=self.bn_folded,
+                    ov_version=ove.openvino_version(),
+                )
+            ir = ove.export_member(module, name=name, key=key, roots=roots, tile_px=m.tile_size_px)
+            converted += ir.converted
+            compiled.append(ove.compile_ir(ir.folder, bf16=bf16, name=name))
+        log.info(
+            "%s %s on OpenVINO %s (%s inference precision): %d of %d members converted, the rest from the "
+            "cache; %.1f s",
+            m.name,
+            m.version,
+            ove.openvino_version(),
+            "bf16" if bf16 else "f32",
+            converted,
+            len(self.members),
+            time.perf_counter() - started,
+        )
+        return Ensemble(
+            m, compiled, folder=self.folder, device=self.device, bn_folded=self.bn_folded, runtime="openvino"
+        )
 
     @torch.inference_mode()
     def member_logits(

@@ -31,6 +31,8 @@ else:  # pragma: no cover - Python 3.10
 CONFIG_NAME = "pdl1-config.toml"
 OUTPUTS = ("regions", "uncertainty_tiles", "sua", "nuclei")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# What runs the models' members (SegmentConfig.runtime); checked here too, so a wrong word fails before a run.
+RUNTIMES = ("auto", "torch", "openvino")
 
 _STRING, _STRINGS, _NUMBER = "a string", "an array of strings", "a number"
 # Every key a config may hold: its table, its name, what its value must be, and the ProjectConfig field.
@@ -42,6 +44,7 @@ SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
     },
     "analysis": {
         "device": (_STRING, "device"),
+        "runtime": (_STRING, "runtime"),
         "outputs": (_STRINGS, "outputs"),
         "target_classes": (_STRINGS, "target_classes"),
         "target_names": (_STRINGS, "target_names"),
@@ -60,7 +63,7 @@ RUN_KEYS = tuple(attr for attr in _KEY_OF if not attr.startswith("service_"))
 FROM_DEFAULT, FROM_COMMAND_LINE = "built-in default", "command line"
 
 
-_CHECKED = ("device", "outputs", "uncertainty_tile_um", "min_region_area_um2")
+_CHECKED = ("device", "runtime", "outputs", "uncertainty_tile_um", "min_region_area_um2")
 # The numbers' ranges, the same for the file and the command line (both are checked by problem_with).
 # Below 16 µm an uncertainty tile holds a cell or two and a few pixels of the model's maps (at 2 µm/px), and
 # there are 16 times the default's number of them; above 4 mm one tile covers a whole biopsy. Positive regions
@@ -75,6 +78,8 @@ def problem_with(name: str, value: Any) -> str | None:
     """What is wrong with a run setting's value (ProjectConfig field name), or None; for the file and the CLI."""
     if name == "device" and not _DEVICE.fullmatch(value):
         return f"expected auto, cpu, cuda or cuda:N, got {value!r}"
+    if name == "runtime" and value not in RUNTIMES:
+        return f"expected {', '.join(RUNTIMES)}, got {value!r}"
     if name == "outputs":
         unknown = [o for o in value if o not in OUTPUTS]
         if unknown:
@@ -117,6 +122,7 @@ class ProjectConfig:
     service_token: str = ""
     service_model: str = "default"
     device: str = "auto"
+    runtime: str = "auto"
     outputs: tuple[str, ...] = OUTPUTS
     target_classes: tuple[str, ...] = ()
     target_names: tuple[str, ...] = ()

@@ -136,6 +136,7 @@ def test_command_line_values_go_over_the_file_and_the_record_says_where_each_cam
     assert record["values"]["models.segmentation"] is None
     assert record["from"] == {
         "analysis.device": str(path),
+        "analysis.runtime": "built-in default",
         "analysis.outputs": "command line",
         "analysis.target_classes": "built-in default",
         "analysis.target_names": "built-in default",

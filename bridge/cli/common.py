@@ -74,6 +74,7 @@ def pipeline_config(
     gpu_decode: bool | None = None,
     ihc_model: Path | None = None,
     nuclei_tta: bool | None = None,
+    runtime: str = "auto",
 ):
     from bridge.project_config import problem_with
     from inference import NucleiConfig, PipelineConfig, SegmentConfig
@@ -90,9 +91,13 @@ def pipeline_config(
         mpp=mpp,
         refine_with_sua=refine,
         segment=SegmentConfig(
-            batch_size=batch_size, read_workers=read_workers, compile=compile_members, read_on_device=gpu_decode
+            batch_size=batch_size,
+            read_workers=read_workers,
+            compile=compile_members,
+            read_on_device=gpu_decode,
+            runtime=runtime,
         ),
-        nuclei=NucleiConfig(batch_size=nuclei_batch_size, tta=nuclei_tta),
+        nuclei=NucleiConfig(batch_size=nuclei_batch_size, tta=nuclei_tta, runtime=runtime),
     )
 
 

@@ -26,6 +26,7 @@ STAIN_OPTION = {"he": "H&E", "ihc": "H-DAB"}
 
 _OPTION_OF = {
     "device": "--device",
+    "runtime": "--runtime",
     "outputs": "--output",
     "target_classes": "--class",
     "target_names": "--name",
@@ -190,6 +191,14 @@ def run(
         str | None,
         typer.Option(help="auto, cpu, cuda or cuda:N. Default: from pdl1-config.toml (analysis.device), else auto."),
     ] = None,
+    runtime: Annotated[
+        str | None,
+        typer.Option(
+            help="What runs the models' members: torch, openvino (CPU only; the openvino extra, each member "
+            "converted once and cached beside its model) or auto (torch on GPUs; on the CPU as measured, see "
+            "benchmarks/README.md). Default: from pdl1-config.toml (analysis.runtime), else auto.",
+        ),
+    ] = None,
     engine: Annotated[
         str, typer.Option(help="local (this process) or ray (one task per image on a Ray cluster).")
     ] = "local",
@@ -261,6 +270,7 @@ def run(
         raise typer.BadParameter("--config and --no-config exclude each other; give one", param_hint="--config")
     given = {
         "device": device,
+        "runtime": runtime,
         "outputs": output,
         "target_classes": target_class,
         "target_names": target_name,
@@ -298,11 +308,16 @@ def run(
                 gpu_decode=gpu_decode,
                 ihc_model=settings.ihc_model,
                 nuclei_tta=nuclei_tta,
+                runtime=settings.runtime,
             ),
             run_sua="sua" in settings.outputs,
             uncertainty_tile_um=settings.uncertainty_tile_um,
             min_region_area_um2=settings.min_region_area_um2,
         )
+        # A runtime this machine cannot give (OpenVINO not installed, or asked for on a GPU) fails here, not per image.
+        from inference import check_runtime
+
+        check_runtime(settings.runtime, settings.device, compile_members=compile_members)
         run_config = RunConfig(
             pipeline=pipeline,
             out=out,

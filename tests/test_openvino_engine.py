@@ -1,0 +1,298 @@
+"""The members' runtime: torch or OpenVINO (issue #35).
+
+The first half needs no OpenVINO (config checks, the missing-package error, the cache's key and
+checksums); the second converts two tiny one-member models (the demo networks cut to one member and
+64 px tiles) and skips without OpenVINO installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import inference.models.openvino_engine as ove
+from bridge.cli.app import app
+from bridge.project_config import RUNTIMES as CONFIG_RUNTIMES
+from bridge.project_config import problem_with
+from inference.analysis.nuclei import NucleiConfig, _member_heatmaps
+from inference.analysis.segment import SegmentConfig
+from inference.errors import EngineExportError, Pdl1Error, RuntimeUnavailableError
+from inference.models.ensemble import Ensemble, Precision, demo_model_dir
+from inference.models.manifest import read_manifest, write_manifest
+from tests.helpers import pointwise_ensemble
+
+CPU = torch.device("cpu")
+FP32 = Precision(None)
+
+
+# ---- without OpenVINO ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [SegmentConfig, NucleiConfig])
+def test_configs_refuse_an_unknown_runtime(config):
+    with pytest.raises(ValueError, match="runtime must be one of auto, torch, openvino, got 'onnx'"):
+        config(runtime="onnx")
+
+
+def test_compile_and_openvino_exclude_each_other():
+    with pytest.raises(ValueError, match="exclude each other"):
+        SegmentConfig(compile=True, runtime="openvino")
+
+
+def test_openvino_without_the_package_names_the_extra(monkeypatch):
+    monkeypatch.setattr(ove, "openvino_available", lambda: False)
+    with pytest.raises(RuntimeUnavailableError, match=r"pip install 'pdl1-bridge\[openvino\]'") as err:
+        ove.resolve_runtime("openvino", CPU)
+    assert isinstance(err.value, Pdl1Error) and isinstance(err.value, ImportError)
+    assert "--runtime torch" in str(err.value)
+    assert ove.resolve_runtime("auto", CPU) == "torch"
+
+
+def test_openvino_is_refused_on_cuda_and_auto_is_torch_there(monkeypatch):
+    monkeypatch.setattr(ove, "openvino_available", lambda: True)
+    with pytest.raises(ValueError, match="runs the members on the CPU, but the device is cuda:0"):
+        ove.resolve_runtime("openvino", torch.device("cuda:0"))
+    assert ove.resolve_runtime("auto", torch.device("cuda:0")) == "torch"
+
+
+@pytest.mark.parametrize(("auto", "compile_members", "expected"), [("openvino", False, "openvino"),
+                                                                  ("openvino", True, "torch"),
+                                                                  ("torch", False, "torch")])  # fmt: skip
+def test_auto_on_the_cpu_follows_the_measured_choice(monkeypatch, auto, compile_members, expected):
+    monkeypatch.setattr(ove, "openvino_available", lambda: True)
+    monkeypatch.setattr(ove, "AUTO_CPU_RUNTIME", auto)
+    assert ove.resolve_runtime("auto", CPU, compile_members=compile_members) == expected
+
+
+def test_torch_runtime_is_the_ensemble_itself():
+    ens = pointwise_ensemble(2)
+    assert ens.on_runtime("torch", precision=FP32) is ens
+    assert ens.on_runtime("auto", precision=FP32, compile_members=True) is ens
+
+
+def test_cache_key_changes_with_each_input():
+    base = {"member_sha256": "a" * 64, "architecture": "PlainConvUNet", "architecture_kwargs": {"features": [8, 16]},
+            "bn_folded": True, "ov_version": "2026.4.1"}  # fmt: skip
+    key = ove.cache_key(**base)
+    assert key == ove.cache_key(**base) and key.startswith("a" * 12 + "-")
+    changes = {"member_sha256": "b" * 64, "architecture": "DilatedResFCN", "architecture_kwargs": {"features": [8]},
+               "bn_folded": False, "ov_version": "2026.5.0"}  # fmt: skip
+    for name, value in changes.items():
+        assert ove.cache_key(**{**base, name: value}) != key, name
+
+
+def _fake_ir(folder):
+    folder.mkdir(parents=True)
+    (folder / "model.xml").write_text("<net/>")
+    (folder / "model.bin").write_bytes(bytes(range(16)))
+    sums = {n: ove.file_sha256(folder / n) for n in ("model.xml", "model.bin")}
+    (folder / "meta.json").write_text(json.dumps({"sha256": sums}))
+
+
+def test_cached_ir_checksums(tmp_path):
+    folder = tmp_path / "k"
+    _fake_ir(folder)
+    assert ove.cached_ir_problem(folder) is None
+    (folder / "model.bin").write_bytes(bytes(range(1, 17)))
+    assert "model.bin does not match the sha256 recorded in meta.json" in ove.cached_ir_problem(folder)
+    (folder / "model.xml").unlink()
+    assert "model.xml is missing" in ove.cached_ir_problem(folder)
+    (folder / "meta.json").write_text("{")
+    assert "meta.json is unreadable" in ove.cached_ir_problem(folder)
+    (folder / "meta.json").unlink()
+    assert "meta.json is missing" in ove.cached_ir_problem(folder)
+
+
+def test_cache_roots_beside_the_model_then_the_user_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert ove.cache_roots(tmp_path / "model") == [tmp_path / "model" / ".openvino", ove.user_cache_dir()]
+    assert ove.user_cache_dir() == tmp_path / "xdg" / "pdl1-bridge" / "openvino"
+    assert ove.cache_roots(None) == [ove.user_cache_dir()]
+
+
+def test_project_config_knows_the_same_runtimes():
+    assert CONFIG_RUNTIMES == ove.RUNTIMES
+    assert problem_with("runtime", "openvino") is None
+    assert problem_with("runtime", "onnx") == "expected auto, torch, openvino, got 'onnx'"
+
+
+def _project(tmp_path):
+    (tmp_path / "project.qpproj").write_text(json.dumps({"version": "0.4.4", "images": []}))
+    return tmp_path
+
+
+@pytest.fixture
+def captured_run(monkeypatch):
+    import bridge.cli.run
+
+    seen = []
+    monkeypatch.setattr(bridge.cli.run, "run_with_progress", lambda inputs, run_config, *, progress: seen.append(
+        run_config) or [])  # fmt: skip
+    return seen
+
+
+def test_cli_runtime_reaches_both_configs(tmp_path, captured_run):
+    args = ["run", str(_project(tmp_path)), "--no-progress", "--no-config", "--runtime", "torch", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (config,) = captured_run
+    assert config.pipeline.segment.runtime == "torch" and config.pipeline.nuclei.runtime == "torch"
+
+
+def test_cli_refuses_an_unknown_runtime(tmp_path, captured_run):
+    result = CliRunner().invoke(app, ["run", str(_project(tmp_path)), "--no-progress", "--no-config", "--runtime", "x"])
+    assert result.exit_code == 2 and "expected auto, torch, openvino, got 'x'" in result.output
+    assert not captured_run
+
+
+def test_cli_openvino_without_the_package_fails_before_any_image(tmp_path, captured_run, monkeypatch):
+    monkeypatch.setattr(ove, "openvino_available", lambda: False)
+    args = ["run", str(_project(tmp_path)), "--no-progress", "--no-config", "--runtime", "openvino", "--device", "cpu"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+    assert result.exit_code == 1 and "pip install 'pdl1-bridge[openvino]'" in " ".join(result.output.split())
+    assert not captured_run
+
+
+# ---- with OpenVINO -----------------------------------------------------------------------------------------------
+
+
+def _one_member_model(src_kind: str, dest, *, tile_px: int = 64):
+    """A copy of a demo model with its first member only and ``tile_px`` tiles (fast to convert and run)."""
+    shutil.copytree(demo_model_dir(src_kind), dest, ignore=shutil.ignore_patterns(".openvino", "member_0[1-9]*"))
+    manifest = read_manifest(dest, verify=False)
+    write_manifest(dest, dataclasses.replace(manifest, members=manifest.members[:1], tile_size_px=tile_px))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def ov():
+    return pytest.importorskip("openvino", reason="needs OpenVINO (pip install 'pdl1-bridge[openvino]')")
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "pdl1-bridge" / "openvino"
+
+
+def _count_conversions(monkeypatch, ov):
+    calls = []
+    real = ov.convert_model
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ov, "convert_model", counting)
+    return calls
+
+
+def _batch(seed: int = 0, n: int = 2, px: int = 64) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, px, px, 3), dtype=np.uint8)
+
+
+def test_seg_member_matches_torch_and_the_cache_is_reused(ov, tmp_path, isolated_cache, monkeypatch):
+    folder = _one_member_model("seg", tmp_path / "seg")
+    calls = _count_conversions(monkeypatch, ov)
+    ens = Ensemble.load(folder, task="segmentation", device="cpu")
+    on_ov = ens.on_runtime("openvino", precision=FP32)
+    assert on_ov.runtime == "openvino" and len(calls) == 1
+    assert ens.on_runtime("openvino", precision=FP32) is on_ov  # kept on the ensemble
+    x = _batch()
+    expected = ens.member_logits(x, precision=FP32)
+    got = on_ov.member_logits(x, precision=FP32)
+    assert got.shape == expected.shape == (1, 2, 2, 64, 64) and got.dtype == torch.float32
+    assert float((got - expected).abs().max()) <= 1e-4
+    # A larger tile and batch than converted with: dynamic shapes.
+    x = _batch(1, n=3, px=128)
+    assert float((on_ov.member_logits(x, precision=FP32) - ens.member_logits(x, precision=FP32)).abs().max()) <= 1e-4
+    (cached,) = (folder / ".openvino").iterdir()
+    assert sorted(p.name for p in cached.iterdir()) == ["meta.json", "model.bin", "model.xml"]
+    assert not isolated_cache.exists()
+    # A new process (a new Ensemble) reads the cache: no second conversion; bf16 compiles the same IR.
+    again = Ensemble.load(folder, task="segmentation", device="cpu").on_runtime(
+        "openvino", precision=Precision(torch.bfloat16)
+    )
+    assert len(calls) == 1
+    bf16 = again.member_logits(x, precision=Precision(torch.bfloat16))
+    assert float((bf16 - ens.member_logits(x, precision=FP32)).abs().max()) < 0.5
+
+
+def test_nuclei_member_matches_torch(ov, tmp_path, isolated_cache):
+    folder = _one_member_model("nuclei", tmp_path / "nuclei")
+    ens = Ensemble.load(folder, task="nuclei", device="cpu")
+    on_ov = ens.on_runtime("openvino", precision=FP32)
+    x = _batch(2)
+    for tta in (False, True):
+        expected = _member_heatmaps(ens, x, FP32, tta=tta)
+        got = _member_heatmaps(on_ov, x, FP32, tta=tta)
+        assert float((got - expected).abs().max()) <= 1e-4
+
+
+def test_a_tampered_cache_is_converted_again(ov, tmp_path, isolated_cache, monkeypatch, caplog):
+    folder = _one_member_model("seg", tmp_path / "seg")
+    Ensemble.load(folder, task="segmentation", device="cpu").on_runtime("openvino", precision=FP32)
+    (cached,) = (folder / ".openvino").iterdir()
+    data = bytearray((cached / "model.bin").read_bytes())
+    data[100] ^= 0xFF
+    (cached / "model.bin").write_bytes(bytes(data))
+    calls = _count_conversions(monkeypatch, ov)
+    with caplog.at_level(logging.WARNING, logger="inference.models.openvino_engine"):
+        ens = Ensemble.load(folder, task="segmentation", device="cpu")
+        on_ov = ens.on_runtime("openvino", precision=FP32)
+    assert len(calls) == 1
+    assert "model.bin does not match the sha256 recorded in meta.json" in caplog.text
+    assert "converting it again" in caplog.text
+    assert ove.cached_ir_problem(cached) is None
+    x = _batch(3)
+    assert float((on_ov.member_logits(x, precision=FP32) - ens.member_logits(x, precision=FP32)).abs().max()) <= 1e-4
+
+
+def test_an_unwritable_model_folder_falls_back_to_the_user_cache(ov, tmp_path, isolated_cache, monkeypatch):
+    folder = _one_member_model("seg", tmp_path / "seg")
+    # A file where the cache folder would go: nothing can be written beside the model, whoever runs the test
+    # (chmod does not stop root).
+    (folder / ".openvino").write_text("not a folder")
+    ens = Ensemble.load(folder, task="segmentation", device="cpu")
+    ens.on_runtime("openvino", precision=FP32)
+    (cached,) = isolated_cache.iterdir()
+    assert ove.cached_ir_problem(cached) is None
+    calls = _count_conversions(monkeypatch, ov)
+    Ensemble.load(folder, task="segmentation", device="cpu").on_runtime("openvino", precision=FP32)
+    assert not calls
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_model_folder_falls_back_to_the_user_cache(ov, tmp_path, isolated_cache):
+    folder = _one_member_model("seg", tmp_path / "seg")
+    folder.chmod(0o555)
+    try:
+        Ensemble.load(folder, task="segmentation", device="cpu").on_runtime("openvino", precision=FP32)
+    finally:
+        folder.chmod(0o755)
+    assert not (folder / ".openvino").exists() and len(list(isolated_cache.iterdir())) == 1
+
+
+def test_a_conversion_that_differs_is_refused_and_not_cached(ov, tmp_path, isolated_cache, monkeypatch):
+    folder = _one_member_model("seg", tmp_path / "seg")
+    monkeypatch.setattr(ove, "_max_difference", lambda *a, **k: 0.5)
+    ens = Ensemble.load(folder, task="segmentation", device="cpu")
+    with pytest.raises(EngineExportError, match=r"member_00.safetensors .* differs .* by 0.5 .* --runtime torch"):
+        ens.on_runtime("openvino", precision=FP32)
+    assert list((folder / ".openvino").iterdir()) == []
+
+
+def test_members_in_memory_convert_into_the_user_cache(ov, isolated_cache):
+    ens = pointwise_ensemble(2, tile_size_px=16)
+    on_ov = ens.on_runtime("openvino", precision=FP32)
+    x = _batch(4, px=16)
+    assert float((on_ov.member_probs(x, precision=FP32) - ens.member_probs(x, precision=FP32)).abs().max()) <= 1e-5
+    assert len(list(isolated_cache.iterdir())) == 2

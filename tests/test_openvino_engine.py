@@ -72,10 +72,14 @@ def test_auto_on_the_cpu_follows_the_measured_choice(monkeypatch, auto, compile_
     assert ove.resolve_runtime("auto", CPU, compile_members=compile_members) == expected
 
 
-def test_torch_runtime_is_the_ensemble_itself():
+def test_torch_runtime_is_the_ensemble_itself(monkeypatch):
     ens = pointwise_ensemble(2)
     assert ens.on_runtime("torch", precision=FP32) is ens
     assert ens.on_runtime("auto", precision=FP32, compile_members=True) is ens
+    # Members from memory (training, tests) stay on torch under auto: their weights change too often to convert.
+    monkeypatch.setattr(ove, "openvino_available", lambda: True)
+    monkeypatch.setattr(ove, "AUTO_CPU_RUNTIME", "openvino")
+    assert ens.on_runtime("auto", precision=FP32) is ens
 
 
 def test_cache_key_changes_with_each_input():
@@ -211,6 +215,8 @@ def test_seg_member_matches_torch_and_the_cache_is_reused(ov, tmp_path, isolated
     got = on_ov.member_logits(x, precision=FP32)
     assert got.shape == expected.shape == (1, 2, 2, 64, 64) and got.dtype == torch.float32
     assert float((got - expected).abs().max()) <= 1e-4
+    # One member alone (per-member evaluation) finds its own file's conversion.
+    assert ens.member(0).on_runtime("openvino", precision=FP32).runtime == "openvino" and len(calls) == 1
     # A larger tile and batch than converted with: dynamic shapes.
     x = _batch(1, n=3, px=128)
     assert float((on_ov.member_logits(x, precision=FP32) - ens.member_logits(x, precision=FP32)).abs().max()) <= 1e-4

@@ -19,7 +19,7 @@ from torch import nn
 
 from inference.errors import ModelFileError
 from inference.models.fusion import fold_batchnorm
-from inference.models.manifest import Manifest, read_manifest
+from inference.models.manifest import Manifest, Member, read_manifest
 from inference.models.nnunet_network import is_nnunet_architecture
 from inference.models.unet import KNOWN_ARCHITECTURES, build_model
 
@@ -89,8 +89,8 @@ class Ensemble:
 
     ``members`` are torch modules, or, in the ensemble :meth:`on_runtime` returns for OpenVINO, callables
     taking and returning torch tensors as the modules do (``runtime`` says which). ``bn_folded`` says
-    whether :meth:`load` folded the BatchNorms; ``from_files`` whether the members came from ``folder``'s
-    files (whose sha256 name their converted copies) rather than from memory.
+    whether :meth:`load` folded the BatchNorms; ``member_files`` the manifest's entry of each member when
+    they came from ``folder``'s files (their sha256 name the converted copies), None for members from memory.
     """
 
     def __init__(
@@ -101,7 +101,7 @@ class Ensemble:
         folder: Path,
         device: torch.device,
         bn_folded: bool = False,
-        from_files: bool = False,
+        member_files: list[Member] | None = None,
         runtime: str = "torch",
     ):
         self.manifest = manifest
@@ -109,7 +109,7 @@ class Ensemble:
         self.folder = folder
         self.device = device
         self.bn_folded = bn_folded
-        self.from_files = from_files
+        self.member_files = member_files
         self.runtime = runtime
         self._on_runtime: dict[tuple[str, bool], Ensemble] = {}
         self._lock = threading.Lock()
@@ -174,7 +174,7 @@ class Ensemble:
             n_folded,
             dev,
         )
-        return cls(manifest, members, folder=folder, device=dev, bn_folded=fold_bn, from_files=True)
+        return cls(manifest, members, folder=folder, device=dev, bn_folded=fold_bn, member_files=list(manifest.members))
 
     @classmethod
     def from_members(cls, manifest: Manifest, members: list[nn.Module], *, device: str = "cpu") -> Ensemble:
@@ -216,6 +216,7 @@ class Ensemble:
             folder=self.folder,
             device=self.device,
             bn_folded=self.bn_folded,
+            member_files=None if self.member_files is None else [self.member_files[index]],
             runtime=self.runtime,
         )
 
@@ -233,10 +234,13 @@ class Ensemble:
         ``torch`` is this ensemble. ``openvino`` converts each member once (or reads it from the cache,
         :func:`~inference.models.openvino_engine.export_member`) and compiles it for the CPU in bf16
         inference precision where ``precision`` autocasts to bf16, else f32; the result is kept on this
-        ensemble, so a service or a batch converts and compiles once per process.
+        ensemble, so a service or a batch converts and compiles once per process. ``auto`` keeps members
+        from memory (training, tests) on torch: their weights change too often to convert.
         """
         from inference.models import openvino_engine as ove
 
+        if runtime == "auto" and self.member_files is None:
+            runtime = "torch"
         chosen = ove.resolve_runtime(runtime, self.device, compile_members=compile_members)
         if chosen == self.runtime:
             return self
@@ -255,11 +259,11 @@ class Ensemble:
 
         m = self.manifest
         started = time.perf_counter()
-        roots = ove.cache_roots(self.folder if self.from_files else None)
+        roots = ove.cache_roots(None if self.member_files is None else self.folder)
         compiled, converted = [], 0
         for i, module in enumerate(self.members):
-            if self.from_files:
-                spec = m.members[i]
+            if self.member_files is not None:
+                spec = self.member_files[i]
                 name = f"{self.folder / spec.file} ({m.name} {m.version} member {i})"
                 key = ove.cache_key(
                     member_sha256=spec.sha256,
@@ -293,7 +297,13 @@ class Ensemble:
             time.perf_counter() - started,
         )
         return Ensemble(
-            m, compiled, folder=self.folder, device=self.device, bn_folded=self.bn_folded, runtime="openvino"
+            m,
+            compiled,
+            folder=self.folder,
+            device=self.device,
+            bn_folded=self.bn_folded,
+            member_files=self.member_files,
+            runtime="openvino",
         )
 
     @torch.inference_mode()

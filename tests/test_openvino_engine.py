@@ -302,3 +302,14 @@ def test_members_in_memory_convert_into_the_user_cache(ov, isolated_cache):
     x = _batch(4, px=16)
     assert float((on_ov.member_probs(x, precision=FP32) - ens.member_probs(x, precision=FP32)).abs().max()) <= 1e-5
     assert len(list(isolated_cache.iterdir())) == 2
+
+
+def test_auto_falls_back_to_torch_where_the_conversion_fails(ov, tmp_path, isolated_cache, monkeypatch, caplog):
+    folder = _one_member_model("seg", tmp_path / "seg")
+    monkeypatch.setattr(ove, "AUTO_CPU_RUNTIME", "openvino")
+    monkeypatch.setattr(ove, "_max_difference", lambda *a, **k: 0.5)
+    ens = Ensemble.load(folder, task="segmentation", device="cpu")
+    with caplog.at_level(logging.WARNING, logger="inference.models.ensemble"):
+        assert ens.on_runtime("auto", precision=FP32) is ens
+    assert "runtime auto: pdl1-seg 1 stays on torch, OpenVINO failed on it" in caplog.text
+    assert "differs from the PyTorch member by 0.5" in caplog.text

@@ -235,7 +235,8 @@ class Ensemble:
         :func:`~inference.models.openvino_engine.export_member`) and compiles it for the CPU in bf16
         inference precision where ``precision`` autocasts to bf16, else f32; the result is kept on this
         ensemble, so a service or a batch converts and compiles once per process. ``auto`` keeps members
-        from memory (training, tests) on torch: their weights change too often to convert.
+        from memory (training, tests) on torch, their weights change too often to convert, and falls back to
+        torch with a warning where the conversion fails; ``openvino`` raises then.
         """
         from inference.models import openvino_engine as ove
 
@@ -250,7 +251,19 @@ class Ensemble:
         with self._lock:
             done = self._on_runtime.get((chosen, bf16))
             if done is None:
-                done = self._to_openvino(bf16=bf16)
+                try:
+                    done = self._to_openvino(bf16=bf16)
+                except Exception as err:  # reported below, and only where the user left the choice to us
+                    if runtime != "auto":
+                        raise
+                    # A network OpenVINO cannot convert (or convert faithfully) runs as it always did.
+                    log.warning(
+                        "runtime auto: %s %s stays on torch, OpenVINO failed on it: %s",
+                        self.manifest.name,
+                        self.manifest.version,
+                        err,
+                    )
+                    done = self
                 self._on_runtime[(chosen, bf16)] = done
         return done
 

@@ -313,3 +313,18 @@ def test_auto_falls_back_to_torch_where_the_conversion_fails(ov, tmp_path, isola
         assert ens.on_runtime("auto", precision=FP32) is ens
     assert "runtime auto: pdl1-seg 1 stays on torch, OpenVINO failed on it" in caplog.text
     assert "differs from the PyTorch member by 0.5" in caplog.text
+
+
+def test_a_member_with_forward_hooks_stays_on_torch(ov, tmp_path, isolated_cache):
+    """The domain guard listens to member 0's layers (inference.models.features): OpenVINO would run no hooks."""
+    from inference.models.features import capture_tile_features
+
+    folder = _one_member_model("seg", tmp_path / "seg")
+    ens = Ensemble.load(folder, task="segmentation", device="cpu")
+    x = _batch(5)
+    with capture_tile_features(ens) as captured:
+        on_ov = ens.on_runtime("openvino", precision=FP32)
+        assert on_ov.members[0] is ens.members[0]
+        on_ov.member_logits(x, precision=FP32)
+    assert captured.array().shape[0] == 2
+    assert isinstance(ens.on_runtime("openvino", precision=FP32).members[0], ove.OpenVinoMember)  # hooks gone

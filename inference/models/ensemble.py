@@ -43,6 +43,13 @@ def _state_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _has_forward_hooks(member) -> bool:
+    """True when a hook listens to the forward pass of ``member`` or of one of its layers (a torch module)."""
+    if not isinstance(member, nn.Module):
+        return False
+    return any(m._forward_hooks or m._forward_pre_hooks for m in member.modules())
+
+
 def demo_model_dir(kind: str) -> Path:
     """Folder of a shipped demo model: ``kind`` is ``"seg"``, ``"nuclei"`` (H&E) or ``"nuclei-ihc"`` (PD-L1 IHC)."""
     return Path(str(resources.files("inference") / "demo_models" / kind))
@@ -111,7 +118,7 @@ class Ensemble:
         self.bn_folded = bn_folded
         self.member_files = member_files
         self.runtime = runtime
-        self._on_runtime: dict[tuple[str, bool], Ensemble] = {}
+        self._on_runtime: dict[tuple[str, bool, tuple[int, ...]], Ensemble] = {}
         self._lock = threading.Lock()
         norm = manifest.normalization
         self._mean = torch.tensor(norm["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
@@ -248,11 +255,14 @@ class Ensemble:
         if self.runtime != "torch":
             raise ValueError(f"an ensemble already on {self.runtime} cannot move to {chosen}")
         bf16 = precision.autocast_dtype == torch.bfloat16
+        # OpenVINO runs no forward hooks: a member someone listens to (the domain guard's tile features on
+        # member 0, inference.models.features) stays on torch, the others move.
+        listened = tuple(i for i, m in enumerate(self.members) if _has_forward_hooks(m))
         with self._lock:
-            done = self._on_runtime.get((chosen, bf16))
+            done = self._on_runtime.get((chosen, bf16, listened))
             if done is None:
                 try:
-                    done = self._to_openvino(bf16=bf16)
+                    done = self._to_openvino(bf16=bf16, keep_on_torch=listened)
                 except Exception as err:  # reported below, and only where the user left the choice to us
                     if runtime != "auto":
                         raise
@@ -264,10 +274,10 @@ class Ensemble:
                         err,
                     )
                     done = self
-                self._on_runtime[(chosen, bf16)] = done
+                self._on_runtime[(chosen, bf16, listened)] = done
         return done
 
-    def _to_openvino(self, *, bf16: bool) -> Ensemble:
+    def _to_openvino(self, *, bf16: bool, keep_on_torch: tuple[int, ...] = ()) -> Ensemble:
         from inference.models import openvino_engine as ove
 
         m = self.manifest
@@ -275,6 +285,9 @@ class Ensemble:
         roots = ove.cache_roots(None if self.member_files is None else self.folder)
         compiled, converted = [], 0
         for i, module in enumerate(self.members):
+            if i in keep_on_torch:
+                compiled.append(module)
+                continue
             if self.member_files is not None:
                 spec = self.member_files[i]
                 name = f"{self.folder / spec.file} ({m.name} {m.version} member {i})"
@@ -300,13 +313,14 @@ class Ensemble:
             compiled.append(ove.compile_ir(ir.folder, bf16=bf16, name=name))
         log.info(
             "%s %s on OpenVINO %s (%s inference precision): %d of %d members converted, the rest from the "
-            "cache; %.1f s",
+            "cache; %d kept on torch for their forward hooks; %.1f s",
             m.name,
             m.version,
             ove.openvino_version(),
             "bf16" if bf16 else "f32",
             converted,
-            len(self.members),
+            len(self.members) - len(keep_on_torch),
+            len(keep_on_torch),
             time.perf_counter() - started,
         )
         return Ensemble(

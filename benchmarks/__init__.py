@@ -226,6 +226,7 @@ _REGISTRY: dict[str, str] = {
     "seg_gpu": "benchmarks.seg_gpu:SegGpu",
     "peers": "benchmarks.peers:Peers",
     "engines": "benchmarks.engines:Engines",
+    "runtimes": "benchmarks.runtimes:Runtimes",
     "run_profile": "benchmarks.run_profile:RunProfile",
     "allocator": "benchmarks.allocator:Allocator",
     "domain_guard": "benchmarks.domain_guard:DomainGuard",

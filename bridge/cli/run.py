@@ -195,8 +195,9 @@ def run(
         str | None,
         typer.Option(
             help="What runs the models' members: torch, openvino (CPU only; the openvino extra, each member "
-            "converted once and cached beside its model) or auto (torch on GPUs; on the CPU as measured, see "
-            "benchmarks/README.md). Default: from pdl1-config.toml (analysis.runtime), else auto.",
+            "converted once and cached beside its model; measured faster on a CPU busy with other work, the same "
+            "on a quiet one) or auto (torch, as measured: benchmarks/README.md, runtimes). Default: from "
+            "pdl1-config.toml (analysis.runtime), else auto.",
         ),
     ] = None,
     engine: Annotated[

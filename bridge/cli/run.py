@@ -195,8 +195,8 @@ def run(
         str | None,
         typer.Option(
             help="What runs the models' members: torch, openvino (CPU only; the openvino extra, each member "
-            "converted once and cached beside its model; measured faster on a CPU busy with other work, the same "
-            "on a quiet one) or auto (torch, as measured: benchmarks/README.md, runtimes). Default: from "
+            "converted once and cached beside its model; measured faster on a CPU busy with other work, a little "
+            "slower on a quiet one) or auto (torch, as measured: benchmarks/README.md, runtimes). Default: from "
             "pdl1-config.toml (analysis.runtime), else auto.",
         ),
     ] = None,

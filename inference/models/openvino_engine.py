@@ -44,9 +44,9 @@ log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "torch", "openvino")
 # What runtime="auto" runs on the CPU when OpenVINO is installed (on CUDA always torch). Chosen by measuring a
-# whole `pdl1 run` of an 8192² phantom both ways (benchmarks/README.md, `runtimes`, 2026-12-05): on the
-# quietest runs the two tied (0.97x and 1.00x), so torch; OpenVINO was 1.4-4.9x faster only while other jobs
-# loaded the 2 CPUs (eager PyTorch's thread pool degrades there, OpenVINO's does not): opt in for such machines.
+# whole `pdl1 run` of an 8192² phantom both ways (benchmarks/README.md, `runtimes`, 2026-12-05): on a quiet
+# CPU OpenVINO was 0.93x torch, so torch; it was 1.4-4.9x faster only while other jobs loaded the 2 CPUs
+# (eager PyTorch's thread pool degrades there, OpenVINO's much less): opt in for such machines.
 AUTO_CPU_RUNTIME = "torch"
 INSTALL_HINT = "pip install 'pdl1-bridge[openvino]'"
 # Largest |OpenVINO f32 - PyTorch fp32| allowed on the check input of a fresh conversion.

@@ -9,7 +9,7 @@ import torch
 from skimage.feature import peak_local_max
 
 from benchmarks import Case, PhantomSlideBenchmark
-from inference.analysis.nuclei import NucleiConfig, _member_logits, detect_nuclei, heatmap_peaks
+from inference.analysis.nuclei import NucleiConfig, _member_heatmaps, detect_nuclei, heatmap_peaks
 from inference.analysis.tiling import tile_grid
 from inference.models.ensemble import Ensemble, Precision, demo_model_dir
 
@@ -46,7 +46,7 @@ class NucleiInference(PhantomSlideBenchmark):
                     for x, y in grid.origins_xy[i : i + 8]
                 ]
             )
-            self.heatmaps.append(torch.sigmoid(_member_logits(self.ensemble, tiles, precision)).mean(dim=0))
+            self.heatmaps.append(_member_heatmaps(self.ensemble, tiles, precision, tta=False).mean(dim=0))
         self.heat_mpx = sum(h.shape[0] * h.shape[2] * h.shape[3] for h in self.heatmaps) / 1e6
 
     def _ours_nms(self) -> tuple[float, float]:

@@ -92,7 +92,7 @@ def _child(slide: Path, out_json: Path, *, release_every_tiles: int | None = Non
     _timed(segment, "ensemble_stats", "blending + uncertainty maths", totals)
     _timed(segment, "stats_from_logits", "blending + uncertainty maths", totals)
     _timed(segment, "finish_maps", "blending + uncertainty maths", totals)
-    _timed(nuclei, "_member_logits", "nuclei forward", totals)
+    _timed(nuclei, "_forward", "nuclei forward", totals)
     _timed(pipeline, "positive_regions", "regions + tiles (vectorising)", totals)
     _timed(pipeline, "uncertainty_tiles", "regions + tiles (vectorising)", totals)
     _timed(pipeline, "find_candidates", "SUA", totals)

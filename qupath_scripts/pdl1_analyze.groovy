@@ -204,7 +204,7 @@ def readToml = { File file ->
 // The keys pdl1-config.toml may hold and what each must be (bridge/project_config.py checks the same).
 def CONFIG_KEYS = [
     "service.url": "a string", "service.token": "a string", "service.model": "a string",
-    "analysis.device": "a string", "analysis.outputs": "an array of strings",
+    "analysis.device": "a string", "analysis.runtime": "a string", "analysis.outputs": "an array of strings",
     "analysis.target_classes": "an array of strings", "analysis.target_names": "an array of strings",
     "analysis.uncertainty_tile_um": "a number", "analysis.min_region_area_um2": "a number",
     "models.segmentation": "a string", "models.nuclei": "a string", "models.ihc_nuclei": "a string",

@@ -230,6 +230,7 @@ _REGISTRY: dict[str, str] = {
     "run_profile": "benchmarks.run_profile:RunProfile",
     "allocator": "benchmarks.allocator:Allocator",
     "domain_guard": "benchmarks.domain_guard:DomainGuard",
+    "cpu_contention": "benchmarks.cpu_contention:CpuContention",
 }
 
 

@@ -67,6 +67,7 @@ _PUBLIC = {
     "Cancelled": "inference.errors",
     # the process
     "tune_allocator": "inference.allocator",
+    "tune_openmp": "inference.openmp",
     # images
     "open_slide": "inference.slides.slide",
     "Slide": "inference.slides.slide",

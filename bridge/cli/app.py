@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from bridge.cli import demo, evaluate, nnunet, run, serve, train
-from inference import __version__, tune_allocator
+from inference import __version__, tune_allocator, tune_openmp
 
 app = typer.Typer(
     name="pdl1",
@@ -34,6 +34,7 @@ def main(
         raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     tune_allocator()  # before any model runs: tile buffers stay in the process (inference.allocator)
+    tune_openmp()  # before torch loads: its threads stop spinning beside other busy processes (inference.openmp)
 
 
 @app.command()

@@ -83,6 +83,41 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # and a region sent at a coarser downsample than this holds nothing a model can use.
 MAX_COORDINATE_PX = 2.0**31
 MAX_DOWNSAMPLE = 4096.0
+# The most characters of a client's value (a path, a field name, a job id) an error answer repeats: a 100 kB path
+# comes back as its start and end, not whole.
+ECHO_LIMIT_CHARS = 200
+# And the most characters of any error answer's detail: a backstop for a message that repeats a value whole.
+MAX_DETAIL_CHARS = 4000
+
+
+def _shortened(text: str, limit_chars: int) -> str:
+    tail = limit_chars // 3
+    return f"{text[: limit_chars - tail - 1]}…{text[-tail:]}"
+
+
+def clipped(text: str, *, limit_chars: int = ECHO_LIMIT_CHARS) -> str:
+    """``text`` as an error message repeats it: whole up to ``limit_chars``, else its start and end around an
+    ellipsis, followed by its length, so a client sees which value it was without getting it all back.
+
+    >>> clipped("/data/" + "x" * 300 + ".svs", limit_chars=20)
+    '/data/xxxxxxx…xx.svs (310 characters)'
+    """
+    if len(text) <= limit_chars:
+        return text
+    return f"{_shortened(text, limit_chars)} ({len(text)} characters)"
+
+
+def quoted(text: str, *, limit_chars: int = ECHO_LIMIT_CHARS) -> str:
+    """``repr(text)`` for a message, shortened as :func:`clipped` does, with the length after the closing quote.
+
+    >>> quoted("abc")
+    "'abc'"
+    >>> quoted("/data/" + "x" * 300 + ".svs", limit_chars=20)
+    "'/data/xxxxxxx…xx.svs' (310 characters)"
+    """
+    if len(text) <= limit_chars:
+        return repr(text)
+    return f"{_shortened(text, limit_chars)!r} ({len(text)} characters)"
 
 
 class PathNotAllowedError(Pdl1Error, PermissionError):
@@ -202,8 +237,8 @@ class JobRequest(BaseModel):
     def _image_has_no_nul(cls, value: str) -> str:
         if "\x00" in value:
             raise ValueError(
-                f"image path {value!r} cannot be used: it holds a NUL byte, which no file system takes in a name; "
-                "send the path (or file: URI) of an image file under an --allow-root folder"
+                f"image path {quoted(value)} cannot be used: it holds a NUL byte, which no file system takes in a "
+                "name; send the path (or file: URI) of an image file under an --allow-root folder"
             )
         return value
 
@@ -211,7 +246,8 @@ class JobRequest(BaseModel):
     @classmethod
     def _roi_is_geometry(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None and value.get("type") not in ("Polygon", "MultiPolygon"):
-            raise ValueError(f"roi must be a GeoJSON Polygon or MultiPolygon geometry, got type {value.get('type')!r}")
+            kind = quoted(str(value.get("type")))
+            raise ValueError(f"roi must be a GeoJSON Polygon or MultiPolygon geometry, got type {kind}")
         if value is not None:
             bad = _first_non_finite(value.get("coordinates"))
             if bad is not None:
@@ -242,8 +278,9 @@ def parse_roi(roi: dict[str, Any] | None, *, image_size_px: tuple[int, int] | No
         geometry = shape(roi)
     except (ShapelyError, ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
         raise RoiError(
-            f"roi is not a readable GeoJSON {kind} ({err}); expected rings of at least 4 [x, y] vertices in "
-            f"level-0 px, the first repeated last: send the annotation's outline as QuPath gives it, {whole}"
+            f"roi is not a readable GeoJSON {kind} ({clipped(str(err))}); expected rings of at least 4 [x, y] "
+            "vertices in level-0 px, the first repeated last: send the annotation's outline as QuPath gives it, "
+            f"{whole}"
         ) from err
     if geometry.is_empty:
         raise RoiError(f"roi is an empty {kind} (no vertices); send the annotation's outline in level-0 px, {whole}")
@@ -421,7 +458,7 @@ class Worker:
             job = self.jobs.get(job_id)
         if job is None:
             raise JobNotFoundError(
-                f"no job {job_id!r}: never submitted, deleted, or older than the last {KEEP_RECORDS} finished "
+                f"no job {quoted(job_id)}: never submitted, deleted, or older than the last {KEEP_RECORDS} finished "
                 "jobs (jobs do not survive a restart of the service)"
             )
         return job
@@ -516,11 +553,8 @@ class Worker:
 
 def _unusable_path(path: object, err: Exception) -> ImagePathError:
     reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-    shown = str(path)
-    if len(shown) > 200:
-        shown = f"{shown[:100]}...{shown[-60:]} ({len(shown)} characters)"
     return ImagePathError(
-        f"image path {shown!r} cannot be used: {reason}; send the path (or file: URI) of an image file "
+        f"image path {quoted(str(path))} cannot be used: {reason}; send the path (or file: URI) of an image file "
         "under an --allow-root folder"
     )
 
@@ -531,15 +565,15 @@ def _under(real: Path, roots: tuple[Path, ...]) -> bool:
 
 def _not_allowed(path: Path, roots: tuple[Path, ...]) -> PathNotAllowedError:
     return PathNotAllowedError(
-        f"{path} is outside the folders this service may open ({', '.join(str(r) for r in roots)}); "
+        f"{clipped(str(path))} is outside the folders this service may open ({', '.join(str(r) for r in roots)}); "
         "start it with --allow-root for that folder"
     )
 
 
 def _changed(real: Path) -> PathNotAllowedError:
     return PathNotAllowedError(
-        f"{real} changed while it was being opened (a file or folder on its path was replaced); only files "
-        "under the --allow-root folders are opened: submit the job again"
+        f"{clipped(str(real))} changed while it was being opened (a file or folder on its path was replaced); "
+        "only files under the --allow-root folders are opened: submit the job again"
     )
 
 
@@ -575,28 +609,29 @@ def require_absolute(image: str, path: Path) -> Path:
         return path
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", image) and not image.startswith("file:"):
         raise ImagePathError(
-            f"image {image!r} is a {image.split(':', 1)[0]}: URL; the service opens image files on its own "
-            "machine: send the file's absolute path there (or its file: URI), or upload the region's pixels "
-            "(POST /v1/jobs/pixels)"
+            f"image {quoted(image)} is a {clipped(image.split(':', 1)[0], limit_chars=20)}: URL; the service opens "
+            "image files on its own machine: send the file's absolute path there (or its file: URI), or upload the "
+            "region's pixels (POST /v1/jobs/pixels)"
         )
     if PureWindowsPath(str(path)).drive:
         raise ImagePathError(
-            f"image path {image!r} is a Windows path, which the service's machine cannot open; expected the "
+            f"image path {quoted(image)} is a Windows path, which the service's machine cannot open; expected the "
             "absolute path at which that machine sees the file (for a share: under the folder it is mounted at), "
             "or its file: URI"
         )
     if image.startswith("file:"):  # "is relative" would puzzle: it is a URI, one that names no absolute path
         raise ImagePathError(
-            f"image URI {image!r} names no absolute path; expected a file: URI such as file:/data/slides/case.svs "
-            "(as QuPath's server reports it), or the absolute path of the image file on the service's machine"
+            f"image URI {quoted(image)} names no absolute path; expected a file: URI such as "
+            "file:/data/slides/case.svs (as QuPath's server reports it), or the absolute path of the image file on "
+            "the service's machine"
         )
     if image.startswith("~"):
         raise ImagePathError(
-            f"image path {image!r} starts with ~, which only a shell expands; expected the absolute path of the "
+            f"image path {quoted(image)} starts with ~, which only a shell expands; expected the absolute path of the "
             "image file on the service's machine (e.g. /home/NAME/slides/case.svs) or its file: URI"
         )
     raise ImagePathError(
-        f"image path {image!r} is relative; expected the absolute path of the image file on the service's "
+        f"image path {quoted(image)} is relative; expected the absolute path of the image file on the service's "
         "machine (e.g. /data/slides/case.svs) or its file: URI"
     )
 
@@ -853,7 +888,7 @@ def _validation_problem(error: dict[str, Any], content_type: str | None) -> str:
     """One of pydantic's validation errors as ``where: what``; for the mistakes a client makes by
     accident (no JSON Content-Type, a body that is no object, a misspelt field) also what was expected."""
     loc = tuple(error["loc"])
-    where = ".".join(str(p) for p in loc)
+    where = ".".join(clipped(str(p)) for p in loc)  # a field name is the client's too, and may be long
     if loc == ("body",):
         if error["type"] == "missing":
             return 'body: empty; expected a JSON object such as {"image": "/path/to/slide.svs"}'
@@ -879,7 +914,7 @@ def _validation_problem(error: dict[str, Any], content_type: str | None) -> str:
         fields = list(JobRequest.model_fields)
         close = difflib.get_close_matches(str(loc[1]), fields, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        return f"{where}: unknown field {loc[1]!r}; {hint}the request's fields are {', '.join(fields)}"
+        return f"{where}: unknown field {quoted(str(loc[1]))}; {hint}the request's fields are {', '.join(fields)}"
     return f"{where}: {error['msg']}"
 
 
@@ -962,13 +997,13 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
     @app.exception_handler(Pdl1Error)
     async def domain_error(request: Request, err: Pdl1Error):
         status = next((code for cls, code in _STATUS.items() if isinstance(err, cls)), 400)
-        return JSONResponse({"detail": str(err)}, status)
+        return JSONResponse({"detail": clipped(str(err), limit_chars=MAX_DETAIL_CHARS)}, status)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError):
         content_type = request.headers.get("content-type")
         problems = "; ".join(_validation_problem(e, content_type) for e in err.errors())
-        return JSONResponse({"detail": f"bad request: {problems}"}, 422)
+        return JSONResponse({"detail": clipped(f"bad request: {problems}", limit_chars=MAX_DETAIL_CHARS)}, 422)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException):
@@ -982,6 +1017,8 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
                 f"body: not UTF-8 text ({cause.reason} at byte {cause.start}); expected a JSON object in UTF-8 "
                 'such as {"image": "/path/to/slide.svs"}: send the JSON encoded as UTF-8'
             )
+        if isinstance(detail, str):
+            detail = clipped(detail, limit_chars=MAX_DETAIL_CHARS)
         return JSONResponse({"detail": detail}, err.status_code, headers=headers)
 
     @app.exception_handler(Exception)
@@ -1038,16 +1075,16 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
     )
     def submit(req: JobRequest, w: Worker = Depends(worker)) -> JSONResponse:
         if req.model != "default":
-            raise JobStateError(f"unknown model {req.model!r}; this service has 'default' (see /v1/models)")
+            raise JobStateError(f"unknown model {quoted(req.model)}; this service has 'default' (see /v1/models)")
         requested = require_absolute(req.image, image_path(req.image))
         path = check_allowed(requested, settings.allow_roots)
         if not _is_file(path):
             if path.is_dir():
                 raise ImagePathError(
-                    f"{requested} is a folder; expected an image file (e.g. a .svs, .ndpi or .tif): send the path "
-                    "of the image file itself"
+                    f"{clipped(str(requested))} is a folder; expected an image file (e.g. a .svs, .ndpi or .tif): "
+                    "send the path of the image file itself"
                 )
-            raise SlideNotFoundError(f"image not found: {requested}")
+            raise SlideNotFoundError(f"image not found: {clipped(str(requested))}")
         if stain_of_image_type(req.image_type) == "other":  # no model runs on it: refused now, not as a failed job
             raise StainError(
                 f"image_type {req.image_type}: pdl1-bridge analyses brightfield H&E (BRIGHTFIELD_H_E: the "

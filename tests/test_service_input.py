@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from bridge.service import ServiceSettings
+from inference.errors import RoiError
 from inference.phantom.pyramid import write_phantom
 from inference.phantom.scene import PhantomSpec
 from inference.pipeline import Models, PipelineConfig
@@ -206,6 +207,66 @@ def test_a_path_the_service_cannot_place_says_it_must_be_absolute_here(client, i
     detail = r.json()["detail"]
     assert detail.startswith(f"{came}; ") or detail.startswith(f"{came}, "), detail
     assert "absolute path" in detail and "file: URI" in detail and "outside the folders" not in detail
+
+
+LONG = "x" * 100_000  # a client's runaway value: the answer names it by its start, end and length
+
+
+@pytest.mark.parametrize(
+    ("request_", "status", "came", "fix"),
+    [
+        ({"image": LONG}, 422, "image path 'xxx", "is relative; expected the absolute path"),
+        ({"image": "{root}/" + LONG}, 422, "image path '{root}/xxx", "send the path (or file: URI)"),
+        ({"image": "/" + LONG}, 403, "/xxx", "start it with --allow-root"),
+        ({"image": "http://" + LONG}, 422, "image 'http://xxx", "send the file's absolute path"),
+        ({"image": "C:\\" + LONG}, 422, "image path 'C:\\\\xxx", "is a Windows path"),
+        ({"image": "file:" + LONG}, 422, "image URI 'file:xxx", "names no absolute path"),
+        ({"image": "~" + LONG}, 422, "image path '~xxx", "only a shell expands"),
+        ({"image": LONG + "\x00"}, 422, "bad request: body.image: Value error, image path 'xxx", "NUL byte"),
+        ({"image": "{root}/small.svs", LONG: 1}, 422, "bad request: body.xxx", "the request's fields are image"),
+        ({"image": "{root}/small.svs", "model": LONG}, 409, "unknown model 'xxx", "this service has 'default'"),
+        ({"image": "{root}/small.svs", "roi": {"type": LONG}}, 422, "bad request: body.roi", "Polygon or MultiPolygon"),
+        (
+            {"image": "{root}/small.svs", "roi": {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [LONG, 0]]]}},
+            422,
+            "roi is not a readable GeoJSON Polygon",
+            "send the annotation's outline",
+        ),
+    ],
+    ids=[
+        "relative", "too-long", "outside", "url", "windows", "file-uri", "tilde", "nul", "field", "model",
+        "roi-type", "roi-vertex",
+    ],
+)  # fmt: skip
+def test_a_long_value_is_not_echoed_whole(client, slides_root, request_, status, came, fix):
+    # A 100 kB path came back whole in the 422's detail (and twice for a field name).
+    request_ = {k: v.replace("{root}", str(slides_root)) if k == "image" else v for k, v in request_.items()}
+    r = client.post("/v1/jobs", json=request_)
+    assert r.status_code == status, r.text[:500]
+    detail = r.json()["detail"]
+    assert len(detail) < 1000, detail[:500]
+    assert detail.startswith(came.replace("{root}", str(slides_root))), detail
+    assert "…" in detail and "characters)" in detail and fix in detail, detail
+
+
+def test_a_long_job_id_is_not_echoed_whole(client):
+    r = client.get("/v1/jobs/" + "j" * 10_000)
+    assert r.status_code == 404
+    assert r.json() == {
+        "detail": f"no job {'j' * 133 + '…' + 'j' * 66!r} (10000 characters): never submitted, deleted, or older "
+        "than the last 1000 finished jobs (jobs do not survive a restart of the service)"
+    }
+
+
+def test_an_error_that_repeats_a_long_value_deeper_down_is_capped_too(client, slides_root, monkeypatch):
+    # The backstop for a message from below the service (a reader's, shapely's) that repeats a value whole.
+    def refuse(roi, *, image_size_px):
+        raise RoiError("roi: " + "y" * 50_000 + "; send another")
+
+    monkeypatch.setattr("bridge.service.parse_roi", refuse)
+    r = client.post("/v1/jobs", json={"image": str(slides_root / "small.svs")})
+    assert r.status_code == 422
+    assert r.json() == {"detail": f"roi: {'y' * 2661}…{'y' * 1319}; send another (50019 characters)"}
 
 
 # ------------------------------------------------------------------- the pixel upload

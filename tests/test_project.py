@@ -22,6 +22,8 @@ from bridge.project import (
     read_project,
     uri_to_path,
 )
+from inference.phantom.pyramid import write_phantom
+from inference.phantom.scene import PhantomSpec
 
 
 def test_reads_the_project_qupath_044_wrote(fixtures_dir):
@@ -308,6 +310,29 @@ def test_init_project_counts_one_image_in_the_singular(tmp_path, phantom_svs):
     result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output
     assert "with 1 image (written without QuPath)" in result.output
+
+
+def test_init_project_adds_a_slide_named_twice_once_and_says_so(tmp_path, phantom_svs):
+    # The same file named again, through a symlink or a '..' path, was a second entry of one image in QuPath.
+    from typer.testing import CliRunner
+
+    from bridge.cli.app import app
+
+    (tmp_path / "links").mkdir()
+    link = tmp_path / "links" / "again.svs"
+    link.symlink_to(phantom_svs)
+    dotdot = phantom_svs.parent / ".." / phantom_svs.parent.name / phantom_svs.name
+    other = tmp_path / "other.svs"
+    write_phantom(other, PhantomSpec(1024, 1024, seed=3, tps_percent=10))
+    slides = [phantom_svs, other, phantom_svs, link, dotdot]
+    args = ["init-project", str(tmp_path / "p"), *map(str, slides), "--qupath", "never"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert [e.image_name for e in read_project(tmp_path / "p").entries] == [phantom_svs.name, other.name]
+    assert f"note: {phantom_svs} is given twice; it is added once" in result.output
+    assert f"note: {phantom_svs} is given twice (as {link}); it is added once" in result.output
+    assert f"note: {phantom_svs} is given twice (as {dotdot}); it is added once" in result.output
+    assert "with 2 images (written without QuPath)" in result.output
 
 
 def test_init_project_refuses_an_unknown_qupath_mode_before_making_anything(tmp_path, phantom_svs):

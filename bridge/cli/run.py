@@ -361,7 +361,9 @@ def run(
 
 def init_project(
     folder: Annotated[Path, typer.Argument(help="New, empty project folder.")],
-    slides: Annotated[list[Path], typer.Argument(help="Slides to add.")],
+    slides: Annotated[
+        list[Path], typer.Argument(help="Slides to add; a file named twice (or through a symlink) is added once.")
+    ],
     qupath: Annotated[
         str, typer.Option(help="auto: create through paquo when QuPath is found; never; always.")
     ] = "auto",
@@ -378,12 +380,22 @@ def init_project(
     Every slide is checked first: the project is created only when all can be added (or, with
     --skip-unreadable, with those that can).
     """
-    from bridge.init_project import init_project_files, init_project_qupath
+    from rich.markup import escape
+
+    from bridge.init_project import distinct_slides, init_project_files, init_project_qupath
     from bridge.project import read_project
     from bridge.qupath import qupath_available
 
     if qupath not in ("auto", "never", "always"):  # a mistyped "always" made a project without QuPath
         raise typer.BadParameter(f"expected auto, never or always, got {qupath!r}", param_hint="--qupath")
+    # A slide named twice (a glob and one of its files, a symlink to it) was two entries of one image in QuPath.
+    slides, repeats = distinct_slides(slides)
+    for again, first in repeats.items():
+        also = "" if str(again) == str(first) else f" (as {again})"
+        console.print(
+            f"[yellow]note:[/yellow] {escape(str(first))} is given twice{escape(also)}; it is added once",
+            soft_wrap=True,
+        )
     try:
         ok, why = qupath_available() if qupath != "never" else (False, "")
         if qupath == "always" and not ok:

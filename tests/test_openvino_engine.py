@@ -165,6 +165,50 @@ def test_cli_openvino_without_the_package_fails_before_any_image(tmp_path, captu
     assert not captured_run
 
 
+@pytest.fixture
+def captured_serve(monkeypatch):
+    """What `pdl1 serve` would start (its settings), without binding a port or serving."""
+    import uvicorn
+
+    import bridge.service
+
+    seen = []
+    monkeypatch.setattr(bridge.service, "create_app", lambda settings, **kwargs: seen.append(settings) or object())
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    return seen
+
+
+def _serve(tmp_path, *args):
+    from tests.service_helpers import free_port
+
+    cli = ["serve", "--allow-root", str(tmp_path), "--port", str(free_port()), "--device", "cpu", *args]
+    result = CliRunner().invoke(app, cli, env={"COLUMNS": "300"})
+    return result, " ".join(result.output.replace("│", " ").split())
+
+
+@pytest.mark.parametrize("runtime", ["torch", "openvino", "auto"])
+def test_serve_runtime_reaches_both_configs(tmp_path, captured_serve, monkeypatch, runtime):
+    # pdl1 serve had no --runtime: its jobs always ran on auto, whatever pdl1 run was given.
+    monkeypatch.setattr(ove, "openvino_available", lambda: True)
+    result, _ = _serve(tmp_path, "--runtime", runtime)
+    assert result.exit_code == 0, result.output
+    (settings,) = captured_serve
+    assert settings.pipeline.segment.runtime == runtime and settings.pipeline.nuclei.runtime == runtime
+
+
+def test_serve_refuses_an_unknown_runtime(tmp_path, captured_serve):
+    result, text = _serve(tmp_path, "--runtime", "onnx")
+    assert result.exit_code == 2 and "--runtime': expected auto, torch, openvino, got 'onnx'" in text, text
+    assert not captured_serve
+
+
+def test_serve_openvino_without_the_package_fails_before_the_service_starts(tmp_path, captured_serve, monkeypatch):
+    monkeypatch.setattr(ove, "openvino_available", lambda: False)
+    result, text = _serve(tmp_path, "--runtime", "openvino")
+    assert result.exit_code == 1 and "pip install 'pdl1-bridge[openvino]'" in text, text
+    assert "pdl1 serve on http://" not in text and not captured_serve
+
+
 # ---- with OpenVINO -----------------------------------------------------------------------------------------------
 
 

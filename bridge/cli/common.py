@@ -52,6 +52,16 @@ def _absent_device(device: str) -> str | None:
     return None if problem is None else f"{device!r} asked for, but {problem}"
 
 
+def check_runtime_word(value: str) -> str:
+    """A --runtime option's callback: a word other than auto, torch or openvino is a usage error."""
+    from bridge.project_config import problem_with
+
+    problem = problem_with("runtime", value)
+    if problem is not None:
+        raise typer.BadParameter(problem)
+    return value
+
+
 def check_training_device(value: str) -> str:
     """A training command's --device callback: as :func:`check_device`, and training takes no ``auto``."""
     if check_device(value) == "auto":

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from bridge.cli.common import check_device, console, fail, pipeline_config
+from bridge.cli.common import check_device, check_runtime_word, console, fail, pipeline_config
 from inference import Pdl1Error
 
 
@@ -44,6 +44,16 @@ def serve(
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", callback=check_device)] = "auto",
+    runtime: Annotated[
+        str,
+        typer.Option(
+            help="What runs the models' members, as `pdl1 run --runtime`: torch, openvino (CPU only; the openvino "
+            "extra; each model's members are converted at its first job, or read from the cache beside the model; "
+            "measured faster on a CPU busy with other work, a little slower on a quiet one) or auto (torch, as "
+            "measured: benchmarks/README.md, runtimes).",
+            callback=check_runtime_word,
+        ),
+    ] = "auto",
     keep_results: Annotated[
         int,
         typer.Option(
@@ -83,14 +93,21 @@ def serve(
             port=port,
             token=token,
             allow_roots=tuple(allow_root or (Path.cwd(),)),
-            pipeline=pipeline_config(device, seg, nuclei, None, ihc_model=ihc),
+            pipeline=pipeline_config(device, seg, nuclei, None, ihc_model=ihc, runtime=runtime),
             keep_results=keep_results,
             max_queued=max_queued,
         )
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--host/--token/--allow-root") from err
+    from inference import Models, check_runtime
+
+    try:
+        # A runtime this machine cannot give (OpenVINO not installed, or asked for on a GPU) stops the start-up,
+        # not every job.
+        check_runtime(runtime, device)
+    except (Pdl1Error, ValueError) as err:
+        raise fail(err) from err
     check_port_free(host, port)  # before the models load (uvicorn binds after its start-up, then exits 3)
-    from inference import Models
 
     loaded = Models(settings.pipeline)
     try:

@@ -160,6 +160,18 @@ class ProjectConfig:
             return str(self.path)
         return FROM_DEFAULT
 
+    def where(self, name: str) -> str:
+        """A field's key as a message names it: in the file it came from, with the line (``FILE, line 16:
+        [analysis] device``), else the bare key (``analysis.device``)."""
+        if self.source_of(name) != str(self.path):
+            return _KEY_OF[name]
+        table, key = _KEY_OF[name].split(".", 1)
+        try:
+            line = _line_of(self.path.read_text(encoding="utf-8"), table, key)
+        except (OSError, UnicodeDecodeError):
+            line = "?"
+        return f"{self.path}, line {line}: [{table}] {key}"
+
     def run_record(self) -> dict[str, Any]:
         """For a run's summary: the file read, the values of the keys `pdl1 run` uses, and where each came from."""
         values = {}

@@ -200,3 +200,27 @@ def test_a_run_takes_the_projects_config_and_its_summary_records_file_and_values
     assert not any(o.object_type == "detection" for o in objects)
     assert summary["nuclei"] == {}
     assert f"settings: {config.absolute()}" in result.output
+
+
+def test_a_device_from_the_file_that_this_machine_lacks_names_the_file_not_the_option(tmp_path):
+    # It said "Invalid value for --device", an option the run was not given.
+    import torch
+
+    slide = tmp_path / "c1.svs"
+    write_phantom(slide, PhantomSpec(1024, 1024, seed=5, tps_percent=40))
+    project = tmp_path / "project"
+    init_project_files(project, [slide])
+    config = project / CONFIG_NAME
+    device = f"cuda:{torch.cuda.device_count()}"  # one more than there are, on any machine
+    config.write_text(TEMPLATE.read_text().replace('device = "auto"', f'device = "{device}"'))
+    line = next(n for n, text in enumerate(config.read_text().splitlines(), start=1) if text.startswith("device ="))
+    args = ["run", str(project), "--qupath", "never", "--no-progress"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert f"error: {config.absolute()}, line {line}: [analysis] device: {device!r} asked for, but " in text, text
+    assert text.endswith("change it in that file, or give --device, which overrides it"), text
+    assert "Invalid value" not in text and not (project / "pdl1").exists()
+    # --device overrides the file.
+    result = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output

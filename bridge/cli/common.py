@@ -62,6 +62,20 @@ def check_runtime_word(value: str) -> str:
     return value
 
 
+def check_device_from_file(settings) -> None:
+    """A device the project's config file names (a ``ProjectConfig``'s) but this machine lacks is the file's to
+    mend: named there, with its line, not as --device, which the run was not given."""
+    from bridge.project_config import FROM_COMMAND_LINE, FROM_DEFAULT, ConfigError
+
+    if settings.source_of("device") in (FROM_COMMAND_LINE, FROM_DEFAULT):
+        return  # --device is checked as it is parsed; auto is always there
+    problem = _absent_device(settings.device)
+    if problem is not None:
+        raise ConfigError(
+            f"{settings.where('device')}: {problem}; change it in that file, or give --device, which overrides it"
+        )
+
+
 def check_training_device(value: str) -> str:
     """A training command's --device callback: as :func:`check_device`, and training takes no ``auto``."""
     if check_device(value) == "auto":

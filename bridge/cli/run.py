@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from bridge.cli.common import (
+    check_device_from_file,
     console,
     fail,
     interrupted,
@@ -288,6 +289,7 @@ def run(
     started = time.time()
     try:
         settings = _settings(inputs, config, no_config=no_config, given=given, nuclei=nuclei)
+        check_device_from_file(settings)
         if refine and "sua" not in settings.outputs:
             raise typer.BadParameter(
                 f"--refine merges the SUA candidates in, but the outputs ({settings.source_of('outputs')}) leave "

@@ -13,6 +13,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,11 @@ _MODELS: dict[str, Any] = {}  # per worker process: models load once, not per im
 
 def analyse_to_files(job: _Job, geojson: str, summary: str, entry_id: str | None, config: RunConfig) -> dict:
     """Runs in a Ray worker: analyse one image and write its files; returns the summary dict."""
+    from bridge.user_dirs import openvino_cache_dir
     from inference import Models, tune_allocator
 
+    if config.pipeline.openvino_cache_dir is not None:  # the worker's own user cache, not the driver's
+        config = replace(config, pipeline=replace(config.pipeline, openvino_cache_dir=str(openvino_cache_dir())))
     key = config.pipeline.digest()
     if key not in _MODELS:
         tune_allocator()  # a worker is a process of its own: as the CLI does for pdl1 run

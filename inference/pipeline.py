@@ -89,6 +89,10 @@ class PipelineConfig:
         Score the image against the training domain of the model that analyses it (the segmentation
         ensemble on H&E, the IHC nuclei ensemble on H-DAB; :mod:`inference.analysis.domain`): out of the
         domain is a review reason. A model whose manifest has no domain statistics is "not measured".
+    openvino_cache_dir
+        Where OpenVINO conversions of members go when their model folder cannot be written (runtime
+        ``openvino``); None: beside the model only. The CLI and the service give the user's cache folder.
+        Not part of :meth:`digest`: where a conversion is cached changes no result.
     """
 
     seg_model_dir: str | None = None
@@ -112,10 +116,14 @@ class PipelineConfig:
     domain_guard: bool = True
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     nuclei: NucleiConfig = field(default_factory=NucleiConfig)
+    openvino_cache_dir: str | None = None
 
     def digest(self) -> str:
-        """Short hash of the configuration, recorded with every result."""
-        payload = json.dumps(asdict(self), sort_keys=True, default=str)
+        """Short hash of the configuration, recorded with every result (the cache folder left out: it is this
+        machine's, and changes no result)."""
+        settings = asdict(self)
+        del settings["openvino_cache_dir"]
+        payload = json.dumps(settings, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -214,6 +222,7 @@ class Models:
         self._nuclei_folder = (config.nuclei_model_dir or demo_model_dir("nuclei")) if config.run_nuclei else None
         self._ihc_folder = config.ihc_model_dir or demo_model_dir("nuclei-ihc")
         self._device = config.device
+        self._openvino_cache_dir = None if config.openvino_cache_dir is None else Path(config.openvino_cache_dir)
         self._failed: dict[str, tuple[Exception, tuple]] = {}
 
     def _load(self, key: str, folder: str | Path, task: str) -> Ensemble:
@@ -224,7 +233,7 @@ class Models:
             # The traceback of the first failure is enough; re-raising would keep adding frames to it.
             raise failed[0].with_traceback(None)
         try:
-            return Ensemble.load(folder, task=task, device=self._device)
+            return Ensemble.load(folder, task=task, device=self._device, openvino_cache_dir=self._openvino_cache_dir)
         except Exception as err:
             self._failed[key] = (err, state)
             raise

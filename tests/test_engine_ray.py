@@ -66,3 +66,24 @@ def test_ray_workers_analyse_in_the_frame_and_calibration_the_project_states(tmp
     assert [o.state for o in outcomes] == ["done", "failed"]
     assert json.loads((project / "pdl1" / "1" / "summary.json").read_text())["mpp"] == 0.25
     assert "QuPath shows this image at 1024 x 512 px" in outcomes[1].error
+
+
+def test_a_worker_caches_openvino_conversions_in_its_own_user_cache(tmp_path, monkeypatch):
+    # The user cache folder is read from the environment in bridge: on a Ray worker, the worker's, not the driver's.
+    from dataclasses import replace
+
+    from bridge.engine_ray import analyse_to_files
+
+    seen = []
+
+    class Job:
+        def analyse(self, models, config):
+            seen.append(config.pipeline.openvino_cache_dir)
+            raise RuntimeError("stop here")
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "worker"))
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", openvino_cache_dir="/home/driver/.cache/x"))
+    for given in (config, replace(config, pipeline=replace(config.pipeline, openvino_cache_dir=None))):
+        with pytest.raises(RuntimeError, match="stop here"):
+            analyse_to_files(Job(), str(tmp_path / "g"), str(tmp_path / "s"), None, given)
+    assert seen == [str(tmp_path / "worker" / "pdl1-bridge" / "openvino"), None]

@@ -116,10 +116,31 @@ def test_cached_ir_checksums(tmp_path):
 
 
 def test_cache_roots_beside_the_model_then_the_user_cache(tmp_path, monkeypatch):
+    # The inference library read XDG_CACHE_HOME itself; the user cache folder is now passed in (bridge reads it).
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "elsewhere"))
+    cache = tmp_path / "cache"
+    assert ove.cache_roots(tmp_path / "model", user_cache_dir=cache) == [tmp_path / "model" / ".openvino", cache]
+    assert ove.cache_roots(None, user_cache_dir=cache) == [cache]
+    assert ove.cache_roots(tmp_path / "model", user_cache_dir=None) == [tmp_path / "model" / ".openvino"]
+    assert not hasattr(ove, "user_cache_dir")
+
+
+def test_the_user_cache_folder_is_read_from_the_environment_in_bridge(tmp_path, monkeypatch):
+    from bridge.cli.common import pipeline_config
+    from bridge.user_dirs import openvino_cache_dir
+    from inference import Models
+
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert ove.cache_roots(tmp_path / "model") == [tmp_path / "model" / ".openvino", ove.user_cache_dir()]
-    assert ove.user_cache_dir() == tmp_path / "xdg" / "pdl1-bridge" / "openvino"
-    assert ove.cache_roots(None) == [ove.user_cache_dir()]
+    assert openvino_cache_dir() == tmp_path / "xdg" / "pdl1-bridge" / "openvino"
+    monkeypatch.setenv("XDG_CACHE_HOME", "")  # empty counts as unset, as the XDG specification says
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert openvino_cache_dir() == tmp_path / "home" / ".cache" / "pdl1-bridge" / "openvino"
+    # The CLI's (and the service's) config carries it to the loaded ensembles, outside the config's digest.
+    config = pipeline_config("cpu", None, None, None)
+    assert config.openvino_cache_dir == str(tmp_path / "home" / ".cache" / "pdl1-bridge" / "openvino")
+    assert config.digest() == dataclasses.replace(config, openvino_cache_dir=None).digest()
+    assert Models(config).seg.openvino_cache_dir == tmp_path / "home" / ".cache" / "pdl1-bridge" / "openvino"
+    assert Models(config).seg.member(0).openvino_cache_dir == Models(config).seg.openvino_cache_dir
 
 
 def test_project_config_knows_the_same_runtimes():
@@ -227,8 +248,10 @@ def ov():
 
 @pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    return tmp_path / "xdg" / "pdl1-bridge" / "openvino"
+    """The user cache folder the tests that need one pass; the environment's must not be used."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-this"))
+    yield tmp_path / "xdg" / "pdl1-bridge" / "openvino"
+    assert not (tmp_path / "not-this").exists()
 
 
 def _count_conversions(monkeypatch, ov):
@@ -311,13 +334,17 @@ def test_an_unwritable_model_folder_falls_back_to_the_user_cache(ov, tmp_path, i
     # A file where the cache folder would go: nothing can be written beside the model, whoever runs the test
     # (chmod does not stop root).
     (folder / ".openvino").write_text("not a folder")
-    ens = Ensemble.load(folder, task="segmentation", device="cpu")
+    ens = Ensemble.load(folder, task="segmentation", device="cpu", openvino_cache_dir=isolated_cache)
     ens.on_runtime("openvino", precision=FP32)
     (cached,) = isolated_cache.iterdir()
     assert ove.cached_ir_problem(cached) is None
     calls = _count_conversions(monkeypatch, ov)
-    Ensemble.load(folder, task="segmentation", device="cpu").on_runtime("openvino", precision=FP32)
+    again = Ensemble.load(folder, task="segmentation", device="cpu", openvino_cache_dir=isolated_cache)
+    again.on_runtime("openvino", precision=FP32)
     assert not calls
+    # Without a user cache folder there is nowhere to write: the error says what to do.
+    with pytest.raises(OSError, match=r"no writable folder .* give a writable user cache folder"):
+        Ensemble.load(folder, task="segmentation", device="cpu").on_runtime("openvino", precision=FP32)
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
@@ -325,7 +352,8 @@ def test_a_read_only_model_folder_falls_back_to_the_user_cache(ov, tmp_path, iso
     folder = _one_member_model("seg", tmp_path / "seg")
     folder.chmod(0o555)
     try:
-        Ensemble.load(folder, task="segmentation", device="cpu").on_runtime("openvino", precision=FP32)
+        ens = Ensemble.load(folder, task="segmentation", device="cpu", openvino_cache_dir=isolated_cache)
+        ens.on_runtime("openvino", precision=FP32)
     finally:
         folder.chmod(0o755)
     assert not (folder / ".openvino").exists() and len(list(isolated_cache.iterdir())) == 1
@@ -342,6 +370,7 @@ def test_a_conversion_that_differs_is_refused_and_not_cached(ov, tmp_path, isola
 
 def test_members_in_memory_convert_into_the_user_cache(ov, isolated_cache):
     ens = pointwise_ensemble(2, tile_size_px=16)
+    ens = Ensemble.from_members(ens.manifest, ens.members, openvino_cache_dir=isolated_cache)
     on_ov = ens.on_runtime("openvino", precision=FP32)
     x = _batch(4, px=16)
     assert float((on_ov.member_probs(x, precision=FP32) - ens.member_probs(x, precision=FP32)).abs().max()) <= 1e-5

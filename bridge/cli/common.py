@@ -101,6 +101,7 @@ def pipeline_config(
     runtime: str = "auto",
 ):
     from bridge.project_config import problem_with
+    from bridge.user_dirs import openvino_cache_dir
     from inference import NucleiConfig, PipelineConfig, SegmentConfig
 
     problem = problem_with("device", device) or _absent_device(device)
@@ -122,6 +123,7 @@ def pipeline_config(
             runtime=runtime,
         ),
         nuclei=NucleiConfig(batch_size=nuclei_batch_size, tta=nuclei_tta, runtime=runtime),
+        openvino_cache_dir=str(openvino_cache_dir()),
     )
 
 

@@ -98,6 +98,8 @@ class Ensemble:
     taking and returning torch tensors as the modules do (``runtime`` says which). ``bn_folded`` says
     whether :meth:`load` folded the BatchNorms; ``member_files`` the manifest's entry of each member when
     they came from ``folder``'s files (their sha256 name the converted copies), None for members from memory.
+    ``openvino_cache_dir`` is where :meth:`on_runtime` puts OpenVINO conversions that cannot go beside the
+    model (a read-only model folder, members from memory); None: beside the model only.
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class Ensemble:
         bn_folded: bool = False,
         member_files: list[Member] | None = None,
         runtime: str = "torch",
+        openvino_cache_dir: Path | None = None,
     ):
         self.manifest = manifest
         self.members = members
@@ -118,6 +121,7 @@ class Ensemble:
         self.bn_folded = bn_folded
         self.member_files = member_files
         self.runtime = runtime
+        self.openvino_cache_dir = openvino_cache_dir
         self._on_runtime: dict[tuple[str, bool, tuple[int, ...]], Ensemble] = {}
         self._lock = threading.Lock()
         norm = manifest.normalization
@@ -135,12 +139,18 @@ class Ensemble:
 
     @classmethod
     def load(
-        cls, folder: str | Path, *, task: str, device: str | torch.device = "cpu", fold_bn: bool = True
+        cls,
+        folder: str | Path,
+        *,
+        task: str,
+        device: str | torch.device = "cpu",
+        fold_bn: bool = True,
+        openvino_cache_dir: Path | None = None,
     ) -> Ensemble:
         """Load and verify a model folder; ``fold_bn`` folds BatchNorms into their convolutions.
 
         Folding gives the same outputs to float32 rounding in less time (``benchmarks/README.md``);
-        ``fold_bn=False`` keeps the members as trained.
+        ``fold_bn=False`` keeps the members as trained. ``openvino_cache_dir``: see the class.
         """
         folder = Path(folder)
         manifest = read_manifest(folder, task=task, verify=True)
@@ -181,13 +191,30 @@ class Ensemble:
             n_folded,
             dev,
         )
-        return cls(manifest, members, folder=folder, device=dev, bn_folded=fold_bn, member_files=list(manifest.members))
+        return cls(
+            manifest,
+            members,
+            folder=folder,
+            device=dev,
+            bn_folded=fold_bn,
+            member_files=list(manifest.members),
+            openvino_cache_dir=openvino_cache_dir,
+        )
 
     @classmethod
-    def from_members(cls, manifest: Manifest, members: list[nn.Module], *, device: str = "cpu") -> Ensemble:
-        """Wrap in-memory modules (training, tests) without files."""
+    def from_members(
+        cls,
+        manifest: Manifest,
+        members: list[nn.Module],
+        *,
+        device: str = "cpu",
+        openvino_cache_dir: Path | None = None,
+    ) -> Ensemble:
+        """Wrap in-memory modules (training, tests) without files; OpenVINO conversions of them go into
+        ``openvino_cache_dir`` (none without it)."""
         dev = resolve_device(device)
-        return cls(manifest, [m.to(dev).eval() for m in members], folder=Path("."), device=dev)
+        members = [m.to(dev).eval() for m in members]
+        return cls(manifest, members, folder=Path("."), device=dev, openvino_cache_dir=openvino_cache_dir)
 
     def normalize(self, batch_uint8: torch.Tensor, *, box_factor: int = 1) -> torch.Tensor:
         """(B, H, W, 3) uint8 -> (B, 3, H / box_factor, W / box_factor) float32 normalised as the manifest says.
@@ -225,6 +252,7 @@ class Ensemble:
             bn_folded=self.bn_folded,
             member_files=None if self.member_files is None else [self.member_files[index]],
             runtime=self.runtime,
+            openvino_cache_dir=self.openvino_cache_dir,
         )
 
     def compile(self) -> Ensemble:
@@ -232,7 +260,14 @@ class Ensemble:
         if self.runtime != "torch":
             raise ValueError(f"torch.compile needs the torch members, not {self.runtime}'s")
         compiled = [torch.compile(m) for m in self.members]
-        return Ensemble(self.manifest, compiled, folder=self.folder, device=self.device, bn_folded=self.bn_folded)
+        return Ensemble(
+            self.manifest,
+            compiled,
+            folder=self.folder,
+            device=self.device,
+            bn_folded=self.bn_folded,
+            openvino_cache_dir=self.openvino_cache_dir,
+        )
 
     def on_runtime(self, runtime: str, *, precision: Precision, compile_members: bool = False) -> Ensemble:
         """This ensemble with its members run by ``runtime`` (``auto``, ``torch`` or ``openvino``; see
@@ -282,7 +317,9 @@ class Ensemble:
 
         m = self.manifest
         started = time.perf_counter()
-        roots = ove.cache_roots(None if self.member_files is None else self.folder)
+        roots = ove.cache_roots(
+            None if self.member_files is None else self.folder, user_cache_dir=self.openvino_cache_dir
+        )
         compiled, converted = [], 0
         for i, module in enumerate(self.members):
             if i in keep_on_torch:
@@ -331,6 +368,7 @@ class Ensemble:
             bn_folded=self.bn_folded,
             member_files=self.member_files,
             runtime="openvino",
+            openvino_cache_dir=self.openvino_cache_dir,
         )
 
     @torch.inference_mode()

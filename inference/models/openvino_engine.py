@@ -9,8 +9,9 @@ A member is converted with ``openvino.convert_model`` from the module as loaded 
 folded where the ensemble folded them), with a dynamic batch and tile size, and saved as OpenVINO IR
 (``.xml`` + ``.bin``, float32 weights) in a folder named by :func:`cache_key`: the member's sha256 (from
 the manifest), its architecture, whether BatchNorms were folded, and the OpenVINO version. The folder goes
-beside the model (``<model>/.openvino/``) when the model folder is writable, else under the user's cache
-(:func:`user_cache_dir`). It is written under a temporary name and renamed into place, with a
+beside the model (``<model>/.openvino/``) when the model folder is writable, else under the user cache folder
+the caller passes (:func:`cache_roots`; the CLI and the service pass ``$XDG_CACHE_HOME/pdl1-bridge/openvino``).
+It is written under a temporary name and renamed into place, with a
 ``meta.json`` holding the sha256 of both IR files; a later load checks them and converts again (with a
 log line) when they do not match. A fresh conversion is compiled in f32 and run on a fixed input against
 the PyTorch member: more than :data:`EXPORT_TOLERANCE` apart is an :class:`~inference.errors.EngineExportError`.
@@ -113,13 +114,6 @@ def check_runtime(runtime: str, device: str, *, compile_members: bool = False) -
     return resolve_runtime(runtime, dev, compile_members=compile_members)
 
 
-def user_cache_dir() -> Path:
-    """Where converted members go when the model folder is read-only: ``$XDG_CACHE_HOME/pdl1-bridge/openvino``
-    (``~/.cache/pdl1-bridge/openvino`` without it), as the XDG base directory specification places caches."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "pdl1-bridge" / "openvino"
-
-
 def cache_key(
     *, member_sha256: str, architecture: str, architecture_kwargs: dict, bn_folded: bool, ov_version: str
 ) -> str:
@@ -174,10 +168,17 @@ def cached_ir_problem(folder: Path) -> str | None:
     return None
 
 
-def cache_roots(model_folder: Path | None) -> list[Path]:
-    """Where to look for and write converted members, in order: beside the model, then the user cache."""
+def cache_roots(model_folder: Path | None, *, user_cache_dir: Path | None) -> list[Path]:
+    """Where to look for and write converted members, in order: beside the model (None: members from memory),
+    then ``user_cache_dir`` (None: nowhere else).
+
+    >>> [p.as_posix() for p in cache_roots(Path("models/seg"), user_cache_dir=Path("cache"))]
+    ['models/seg/.openvino', 'cache']
+    >>> cache_roots(None, user_cache_dir=None)
+    []
+    """
     roots = [] if model_folder is None else [model_folder / CACHE_FOLDER]
-    return [*roots, user_cache_dir()]
+    return roots if user_cache_dir is None else [*roots, user_cache_dir]
 
 
 @dataclass(frozen=True)
@@ -240,7 +241,13 @@ def export_member(
             "converted %s to OpenVINO in %.1f s (max |diff| %.2g in f32), cached in %s", name, seconds, diff, final
         )
         return ConvertedMember(final, True, seconds)
-    raise OSError(f"{name}: no writable folder for its OpenVINO conversion ({'; '.join(problems)})")
+    if not roots:
+        problems.append("the members come from memory and no user cache folder was given")
+    raise OSError(
+        f"{name}: no writable folder for its OpenVINO conversion ({'; '.join(problems)}); make the model folder "
+        "writable, give a writable user cache folder (PipelineConfig.openvino_cache_dir; pdl1 uses "
+        "$XDG_CACHE_HOME/pdl1-bridge/openvino), or run with --runtime torch"
+    )
 
 
 def _write_checked(model, module: nn.Module, *, root: Path, key: str, name: str, tile_px: int, in_channels: int):

@@ -128,6 +128,20 @@ def test_no_manifest(tmp_path):
         read_manifest(tmp_path / "nope")
 
 
+def test_a_file_given_for_the_model_folder_says_so(tmp_path, model_dir):
+    # It said "slide.svs/manifest.json: no model manifest", a path that cannot exist.
+    (tmp_path / "slide.svs").write_text("x")
+    with pytest.raises(ModelFileError) as err:
+        read_manifest(tmp_path / "slide.svs")
+    assert str(err.value) == (
+        f"{tmp_path / 'slide.svs'} is a file, not a model folder; give the folder that holds manifest.json and its "
+        "members' .safetensors files, or leave the model option out to use the shipped demo"
+    )
+    member = next(model_dir.glob("*.safetensors"))
+    with pytest.raises(ModelFileError, match=rf"is a file, not a model folder; give its folder {model_dir}, if that"):
+        read_manifest(member)
+
+
 def test_the_manifest_itself_may_be_named_for_its_folder(model_dir):
     assert read_manifest(model_dir / "manifest.json") == read_manifest(model_dir)
 

@@ -150,6 +150,12 @@ def read_manifest(folder: str | Path, *, task: str | None = None, verify: bool =
             f"{folder}: no such model folder; give the folder that holds {MANIFEST_NAME} and its members, or "
             "leave the model option out to use the shipped demo"
         )
+    if folder.is_file():  # "text.svs/manifest.json: no model manifest" named a path that cannot exist
+        hint = f"its folder {folder.parent}, if that is the model, or " if folder.suffix == ".safetensors" else ""
+        raise ModelFileError(
+            f"{folder} is a file, not a model folder; give {hint}the folder that holds {MANIFEST_NAME} and its "
+            "members' .safetensors files, or leave the model option out to use the shipped demo"
+        )
     if not path.is_file():
         raise ModelFileError(
             f"{path}: no model manifest; a model folder holds {MANIFEST_NAME} and its members' .safetensors "

@@ -101,7 +101,14 @@ def _stale(path: Path, holder: dict[str, Any], host: str) -> bool:
 def run_lock(folder: Path) -> Iterator[Path]:
     """Hold ``<folder>/pdl1/run.lock`` for the duration; :class:`ProjectError` if another run holds it."""
     path = folder / PDL1_DIR / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a read-only folder or drive was "[Errno 30] Read-only file system: 'out'"
+        raise ProjectError(
+            f"{folder}: cannot write there ({err.strerror or err}: {err.filename}); nothing was started; the run "
+            f"writes its results and its lock under {path.parent}: give a folder you can write to (--out for "
+            "plain slides), or make this one writable"
+        ) from err
     me = {
         "pid": os.getpid(),
         "host": socket.gethostname(),

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +53,21 @@ def test_the_lock_is_released_when_the_run_ends_or_fails(tmp_path):
     with pytest.raises(KeyboardInterrupt), run_lock(tmp_path):
         raise KeyboardInterrupt
     assert not path.exists()
+
+
+def test_a_folder_that_cannot_be_written_says_so_before_anything_starts(tmp_path, monkeypatch):
+    # A read-only --out was "error: [Errno 30] Read-only file system: 'out'". Simulated: chmod does not stop root.
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(ProjectError) as err, run_lock(tmp_path / "out"):
+        pass
+    assert str(err.value) == (
+        f"{tmp_path / 'out'}: cannot write there (Read-only file system: {tmp_path / 'out' / 'pdl1'}); nothing was "
+        f"started; the run writes its results and its lock under {tmp_path / 'out' / 'pdl1'}: give a folder you can "
+        "write to (--out for plain slides), or make this one writable"
+    )
 
 
 def test_a_lock_left_by_a_run_that_died_here_is_taken_over(tmp_path):

@@ -1,4 +1,6 @@
+import errno
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -119,6 +121,36 @@ def test_a_gpu_this_machine_lacks_is_a_usage_error_before_any_work(tmp_path, com
     assert f"--device': {device!r} asked for, but " in text or f"--device: {device!r} asked for, but " in text, text
     assert ("torch sees no CUDA GPU" if device == "cuda:0" else "CUDA GPU") in text
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("code", "said"),
+    [
+        (errno.EROFS, "Read-only file system; the drive (or mount) is read-only: choose a folder on a writable one"),
+        (errno.EACCES, "Permission denied; you may not write (or read) there: choose a folder you can write to"),
+        (errno.ENOSPC, "No space left on device; the drive is full: free some space"),
+    ],
+    ids=["read-only", "no-permission", "full"],
+)
+def test_a_folder_the_command_cannot_write_is_explained(tmp_path, monkeypatch, code, said):
+    # It was "error: [Errno 30] Read-only file system: '.../p'" (simulated: chmod does not stop root).
+    from pathlib import Path
+
+    from inference.phantom.pyramid import write_phantom
+    from inference.phantom.scene import PhantomSpec
+
+    slide = tmp_path / "s.svs"
+    write_phantom(slide, PhantomSpec(1024, 1024, seed=2, tps_percent=10))
+
+    def refused(self, *args, **kwargs):
+        raise OSError(code, os.strerror(code), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    args = ["init-project", str(tmp_path / "p"), str(slide), "--qupath", "never"]
+    result = runner.invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"error: {tmp_path / 'p'}: {said}"), result.output
+    assert "Errno" not in result.output
 
 
 def test_bench_lists_benchmarks():

@@ -550,7 +550,7 @@ def test_cli_import_stopped_while_writing_leaves_no_model_and_no_leftovers(tmp_p
     result = CliRunner().invoke(app, ["import", "nnunet", str(folder), "--out", str(models / "m"), "--mpp", "2"])
     assert result.exit_code != 0
     if isinstance(stop, OSError):
-        assert "error: [Errno 28] No space left on device" in result.output
+        assert "error: No space left on device; the drive is full: free some space" in result.output
     assert list(models.iterdir()) == []
 
 

@@ -20,8 +20,41 @@ def stdout() -> Console:
 def fail(err: Exception) -> typer.Exit:
     from rich.markup import escape
 
-    console.print(f"[red]error:[/red] {escape(str(err))}")  # messages quote files: "[analysis]" is no markup
+    message = explained(err)
+    console.print(f"[red]error:[/red] {escape(message)}")  # messages quote files: "[analysis]" is no markup
     return typer.Exit(code=1)
+
+
+def explained(err: Exception) -> str:
+    """``err`` as a user reads it: an operating system's error (a read-only or full drive, a folder where a file
+    is expected, ...) names the file, what went wrong and what to do, not "[Errno 30] Read-only file system:
+    'out'"; any other error is its own message.
+
+    >>> import errno
+    >>> explained(OSError(errno.EROFS, "Read-only file system", "out/pdl1"))
+    'out/pdl1: Read-only file system; the drive (or mount) is read-only: choose a folder on a writable one'
+    >>> explained(ValueError("expected a number"))
+    'expected a number'
+    """
+    import errno
+
+    from inference import Pdl1Error
+
+    if not isinstance(err, OSError) or isinstance(err, Pdl1Error) or err.strerror is None:
+        return str(err)
+    what = {
+        errno.EACCES: "you may not write (or read) there: choose a folder you can write to, or fix its permissions",
+        errno.EPERM: "you may not write (or read) there: choose a folder you can write to, or fix its permissions",
+        errno.EROFS: "the drive (or mount) is read-only: choose a folder on a writable one",
+        errno.ENOSPC: "the drive is full: free some space, or choose a folder on another drive",
+        errno.EDQUOT: "your disk quota is used up: free some space, or choose a folder on another drive",
+        errno.ENOENT: "no such file or folder: check the path",
+        errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+        errno.EISDIR: "a folder is where a file was expected: give the file's path",
+        errno.ENAMETOOLONG: "the name is too long for the file system: choose a shorter path",
+    }.get(err.errno, "check the path and that the drive is there")
+    files = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+    return f"{files + ': ' if files else ''}{err.strerror}; {what}"
 
 
 def interrupted(what_is_kept: str) -> typer.Exit:

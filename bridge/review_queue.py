@@ -535,6 +535,11 @@ def write_review_queue(
         out = Path(out)
         if out.is_dir():
             raise ReviewQueueError(f"--out {out} is a folder; give the CSV file to write, e.g. {out / QUEUE_FILE}")
+        if out.suffix.lower() != ".csv":  # --out slide.svs replaced the slide with the queue
+            raise ReviewQueueError(
+                f"--out {out} does not end in .csv; give the CSV file to write, e.g. {out.with_suffix('.csv')} "
+                f"(its provenance goes beside it, as {out.with_suffix('.json').name})"
+            )
         problem = not_a_folder(out.parent)
         if problem is not None:
             raise ReviewQueueError(f"--out {out}: its folder {out.parent} {problem}; give a CSV path in a folder")

@@ -211,6 +211,12 @@ def test_an_out_that_cannot_be_the_csv_or_the_report_folder_is_refused_before_an
         write_review_queue(project, out=tmp_path / "folder", qupath="never")
     with pytest.raises(ReviewQueueError, match=r"--out .*notes.q\.csv: its folder .*notes is a file; give a CSV path"):
         write_review_queue(project, out=tmp_path / "notes" / "q.csv", qupath="never")
+    # --out naming a slide (or any other file than a CSV) replaced it with the queue.
+    (tmp_path / "folder" / "slide.svs").write_bytes(b"II*\x00 the slide")
+    with pytest.raises(ReviewQueueError, match=r"--out .*slide\.svs does not end in \.csv; give the CSV file to write"):
+        write_review_queue(project, out=tmp_path / "folder" / "slide.svs", qupath="never")
+    assert (tmp_path / "folder" / "slide.svs").read_bytes() == b"II*\x00 the slide"
+    (tmp_path / "folder" / "slide.svs").unlink()
     with pytest.raises(ProjectError, match=r"--out .*notes.r lies under .*notes, which is a file; the report is "):
         write_report(project, tmp_path / "notes" / "r")
     with pytest.raises(ProjectError, match=r"--out .*notes is a file; the report is written into a folder"):

@@ -75,6 +75,22 @@ def test_a_damaged_mask_is_a_truth_error(phantom_copy):
         load_truth(phantom_copy)
 
 
+def test_a_missing_slide_or_a_folder_is_named_as_such_not_as_missing_truth(tmp_path):
+    # Both said "no truth beside X", as if the slide were there.
+    with pytest.raises(Pdl1Error) as err:
+        load_truth(tmp_path / "nope.svs")
+    assert str(err.value) == (
+        f"{tmp_path / 'nope.svs'}: no such slide; give phantom slides written by `pdl1 phantom`, with their truth "
+        f"beside them ({tmp_path / 'nope.truth' / 'truth.json'})"
+    )
+    with pytest.raises(Pdl1Error) as err:
+        load_truth(tmp_path)
+    assert str(err.value) == (
+        f"{tmp_path} is a folder; evaluation takes phantom slide files with their truth beside them (written by "
+        f"`pdl1 phantom`): give the slides themselves, e.g. {tmp_path / '*.svs'}"
+    )
+
+
 @pytest.mark.parametrize("name", ["positive_mask.tif", "nuclei.csv"])
 def test_a_missing_truth_file_is_a_truth_error(phantom_copy, name):
     (truth_dir_for(phantom_copy) / name).unlink()

@@ -194,6 +194,18 @@ def load_truth(slide_path: str | Path) -> PhantomTruthData:
     truth_dir = truth_dir_for(slide_path)
     summary_path = truth_dir / "truth.json"
     if not summary_path.is_file():
+        slide = Path(slide_path)
+        # "no truth beside" a slide that is not there, or a project folder, put the blame on the truth.
+        if slide.is_dir():
+            raise TruthNotFoundError(
+                f"{slide} is a folder; evaluation takes phantom slide files with their truth beside them (written "
+                f"by `pdl1 phantom`): give the slides themselves, e.g. {slide / '*.svs'}"
+            )
+        if not slide.exists():
+            raise TruthNotFoundError(
+                f"{slide}: no such slide; give phantom slides written by `pdl1 phantom`, with their truth beside "
+                f"them ({summary_path})"
+            )
         raise TruthNotFoundError(
             f"no truth beside {slide_path}: expected {summary_path} (written by `pdl1 phantom`); "
             "evaluation needs a phantom slide or truth in that layout"

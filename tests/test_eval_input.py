@@ -76,6 +76,10 @@ def test_a_damaged_mask_is_a_truth_error(phantom_copy):
 
 
 def test_a_missing_slide_or_a_folder_is_named_as_such_not_as_missing_truth(tmp_path):
+    # Training reads truth too: the message is not evaluation's alone.
+    (tmp_path / "plain.svs").write_bytes(b"II*\x00")
+    with pytest.raises(Pdl1Error, match=r"no truth beside .*plain\.svs: .*; this command takes phantom slides"):
+        load_truth(tmp_path / "plain.svs")
     # Both said "no truth beside X", as if the slide were there.
     with pytest.raises(Pdl1Error) as err:
         load_truth(tmp_path / "nope.svs")
@@ -86,8 +90,8 @@ def test_a_missing_slide_or_a_folder_is_named_as_such_not_as_missing_truth(tmp_p
     with pytest.raises(Pdl1Error) as err:
         load_truth(tmp_path)
     assert str(err.value) == (
-        f"{tmp_path} is a folder; evaluation takes phantom slide files with their truth beside them (written by "
-        f"`pdl1 phantom`): give the slides themselves, e.g. {tmp_path / '*.svs'}"
+        f"{tmp_path} is a folder; give phantom slide files with their truth beside them (written by `pdl1 phantom`): "
+        f"the slides themselves, e.g. {tmp_path / '*.svs'}"
     )
 
 

@@ -198,8 +198,8 @@ def load_truth(slide_path: str | Path) -> PhantomTruthData:
         # "no truth beside" a slide that is not there, or a project folder, put the blame on the truth.
         if slide.is_dir():
             raise TruthNotFoundError(
-                f"{slide} is a folder; evaluation takes phantom slide files with their truth beside them (written "
-                f"by `pdl1 phantom`): give the slides themselves, e.g. {slide / '*.svs'}"
+                f"{slide} is a folder; give phantom slide files with their truth beside them (written by `pdl1 "
+                f"phantom`): the slides themselves, e.g. {slide / '*.svs'}"
             )
         if not slide.exists():
             raise TruthNotFoundError(
@@ -208,7 +208,7 @@ def load_truth(slide_path: str | Path) -> PhantomTruthData:
             )
         raise TruthNotFoundError(
             f"no truth beside {slide_path}: expected {summary_path} (written by `pdl1 phantom`); "
-            "evaluation needs a phantom slide or truth in that layout"
+            "this command takes phantom slides (or slides with truth in that layout)"
         )
     summary = _read_summary(summary_path)
     mask = _read_mask(truth_dir / "positive_mask.tif")

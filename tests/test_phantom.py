@@ -157,6 +157,16 @@ def test_only_svs_or_tiff(tmp_path):
         write_phantom(tmp_path / "x.png", PhantomSpec(1024, 1024))
 
 
+def test_a_name_with_non_ascii_letters_or_a_bar_is_written(tmp_path):
+    # "Fall ü.svs" failed with "TIFF strings must be 7-bit ASCII": the name goes into the Aperio description.
+    slide = tmp_path / "Schnitte mit Ümlaut" / "Fall ü|1.svs"
+    write_phantom(slide, PhantomSpec(1024, 1024, seed=3))
+    osr = openslide.OpenSlide(slide)
+    assert float(osr.properties["aperio.MPP"]) == 0.5
+    assert osr.properties["aperio.Filename"] == "Fall \\xfc_1"
+    assert load_truth(slide).positive_mask.any()
+
+
 def test_truth_dir_naming(tmp_path):
     assert truth_dir_for(tmp_path / "slide.svs") == tmp_path / "slide.truth"
 

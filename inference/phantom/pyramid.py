@@ -85,7 +85,7 @@ def write_pyramid(
                     description = (
                         f"Aperio Image Library v12.0.15 \n{w0}x{h0} [0,0 {w0}x{h0}] ({tile}x{tile}) "
                         f"JPEG/RGB Q={jpeg_quality}|AppMag = {round(10 / spec.mpp)}|MPP = {spec.mpp}"
-                        f"|Filename = {path.stem}|pdl1-bridge phantom seed = {spec.seed}"
+                        f"|Filename = {_aperio_value(path.stem)}|pdl1-bridge phantom seed = {spec.seed}"
                     )
                 else:
                     description = f"Aperio Image Library v12.0.15 \n{w0}x{h0} -> {lw}x{lh} - |"
@@ -106,6 +106,16 @@ def write_pyramid(
                 metadata=None,
             )
     return levels
+
+
+def _aperio_value(text: str) -> str:
+    """``text`` as a value of an Aperio ImageDescription, which TIFF keeps in 7-bit ASCII and which ``|`` splits:
+    other characters as Python escapes them, ``|`` as ``_``.
+
+    >>> _aperio_value("Fall 1|Schnitt ü")
+    'Fall 1_Schnitt \\\\xfc'
+    """
+    return text.replace("|", "_").encode("ascii", "backslashreplace").decode("ascii")
 
 
 def write_phantom(

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -193,3 +195,29 @@ def test_an_interrupted_run_keeps_what_it_finished_and_resumes(small, tmp_path, 
     result = runner.invoke(app, [*args, "--resume"])
     assert result.exit_code == 0, result.output
     assert "skipped" in result.output and (out / "d.geojson").is_file()
+
+
+def test_demo_replaces_only_its_own_project(tmp_path, monkeypatch):
+    # --out naming a folder whose project/ is someone's QuPath project deleted it ("a fresh project every time").
+    from bridge.cli.demo import _is_demo_project
+    from bridge.init_project import init_project_files
+
+    monkeypatch.chdir(tmp_path)
+    out = Path("work")  # relative, as the default pdl1-demo is
+    he, ihc = out / "slides" / "phantom_HE.svs", out / "slides" / "phantom_IHC.svs"
+    write_phantom(he, PhantomSpec(1024, 1024, seed=3))
+    init_project_files(out / "project", [he])
+    assert _is_demo_project(out / "project", (he, ihc))
+    theirs = tmp_path / "theirs.svs"
+    write_phantom(theirs, PhantomSpec(1024, 1024, seed=4))
+    shutil.rmtree(out / "project")
+    init_project_files(out / "project", [he, theirs])
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    result = runner.invoke(app, ["demo", "--out", str(out), "--size", "1024", "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert f"error: {out / 'project'} exists and is not a project `pdl1 demo` made" in text, text
+    assert text.endswith("give --out a new folder (or move that one away)")
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    result = runner.invoke(app, ["demo", "--out", str(theirs), "--no-progress"], env={"COLUMNS": "400"})
+    assert result.exit_code == 2 and "is a file; --out must be a folder" in result.output, result.output

@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from bridge.cli.common import check_device, fail, outcome_table, pairs_table, pipeline_config, run_with_progress
+from bridge.cli.common import (
+    check_device,
+    fail,
+    outcome_table,
+    pairs_table,
+    pipeline_config,
+    require_out_folder,
+    run_with_progress,
+)
 from inference import Pdl1Error
 
 
@@ -121,6 +129,18 @@ def phantom(
         )
 
 
+def _is_demo_project(project: Path, slides: tuple[Path, ...]) -> bool:
+    """Whether ``project`` is one an earlier ``pdl1 demo`` made there: a QuPath project of the demo's slides only."""
+    from bridge.project import read_project
+
+    try:
+        entries = read_project(project).entries
+        demo = {slide.resolve() for slide in slides}
+        return bool(entries) and all(Path(str(entry.path)).resolve() in demo for entry in entries)
+    except (Pdl1Error, OSError, ValueError):
+        return False
+
+
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo slides, project and report.")] = Path("pdl1-demo"),
     size: Annotated[int, typer.Option(min=1024, max=100_000, help="Phantom edge length in px.")] = 4096,
@@ -149,6 +169,15 @@ def demo(
     ihc_path = out / "slides" / "phantom_IHC.svs"
     project = out / "project"
     spec = PhantomSpec(size, size, seed=seed, tps_percent=tps)
+    require_out_folder(out, what="the demo's slides, project and report")
+    # The demo replaces its own project every time; --out naming a folder that holds another project deleted it.
+    if project.exists() and not _is_demo_project(project, (he_path, ihc_path)):
+        raise fail(
+            Pdl1Error(
+                f"{project} exists and is not a project `pdl1 demo` made (one of {he_path} and {ihc_path} only), "
+                "so the demo will not replace it; give --out a new folder (or move that one away)"
+            )
+        )
     try:
         if not (truth_dir_for(he_path) / "truth.json").is_file():
             with progress_bar("phantom H&E", enabled=progress) as on_progress:

@@ -453,3 +453,25 @@ def test_an_address_of_another_machine_is_refused_before_the_models_load(started
     assert result.exit_code == 2, result.output
     assert "cannot bind 192.0.2.1 port" in output and "a --host of this machine" in output
     assert "settings" not in started
+
+
+def test_a_models_option_that_is_no_folder_of_model_folders_is_a_usage_error(started, tmp_path):
+    # Each said only "MODELS/seg: no such model folder", after the port check.
+    from inference.models.ensemble import demo_model_dir
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    expected = (
+        "expected a folder holding seg/ and nuclei/ (H&E) and nuclei-ihc/ (PD-L1 IHC) model folders, as the shipped "
+        "demo's"
+    )
+    for models, came in [
+        (tmp_path / "file", "is a file"),
+        (tmp_path / "nope", "does not exist"),
+        (tmp_path / "empty", "holds no seg/ and nuclei/"),
+        (demo_model_dir("seg"), "holds no seg/ and nuclei/ (it is a model folder itself)"),
+    ]:
+        result, output = _serve(["--allow-root", str(tmp_path), "--models", str(models)], env={"COLUMNS": "400"})
+        assert result.exit_code == 2, output
+        assert f"--models: {models} {came}; {expected}" in output, output
+        assert "settings" not in started

@@ -86,6 +86,7 @@ def serve(
             raise typer.BadParameter(f"{token_file} is empty; write the token into it", param_hint="--token-file")
     seg = nuclei = ihc = None
     if models is not None:
+        check_models_folder(models)
         seg, nuclei, ihc = models / "seg", models / "nuclei", models / "nuclei-ihc"
     try:
         settings = ServiceSettings(
@@ -119,6 +120,23 @@ def serve(
         f"pdl1 serve on http://{host}:{port} (images under {', '.join(str(r) for r in settings.allow_roots)})"
     )
     uvicorn.run(create_app(settings, models=loaded), host=host, port=port, log_level="info")
+
+
+def check_models_folder(models: Path) -> None:
+    """--models names a folder holding the H&E models' folders: a file, or a model folder itself, said only
+    "MODELS/seg: no such model folder"."""
+    expected = (
+        "expected a folder holding seg/ and nuclei/ (H&E) and nuclei-ihc/ (PD-L1 IHC) model folders, as the "
+        "shipped demo's"
+    )
+    if not models.is_dir():
+        what = "is a file" if models.exists() else "does not exist"
+        raise typer.BadParameter(f"{models} {what}; {expected}", param_hint="--models")
+    missing = [name for name in ("seg", "nuclei") if not (models / name).is_dir()]
+    if missing:
+        itself = " (it is a model folder itself)" if (models / "manifest.json").is_file() else ""
+        listed = " and ".join(f"{name}/" for name in missing)
+        raise typer.BadParameter(f"{models} holds no {listed}{itself}; {expected}", param_hint="--models")
 
 
 def check_port_free(host: str, port: int) -> None:

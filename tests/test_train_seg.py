@@ -326,3 +326,22 @@ def test_nuclei_training_is_resumable_and_loadable(small_phantom, tmp_path):
     # Resuming its own run is allowed (nothing left to train: the same members).
     train_nuclei(cfg(tmp_path / "a"), resume=True)
     assert _digests(tmp_path / "a") == before
+
+
+@pytest.mark.parametrize("task", ["seg", "nuclei"])
+def test_a_patch_larger_than_a_slide_is_refused_naming_both(small_phantom, tmp_path, task):
+    # numpy said "could not broadcast input array from shape (256,256,3) into shape (512,512,3)", or, for a large
+    # --patch-px, ran out of memory with a traceback.
+    from typer.testing import CliRunner
+
+    from bridge.cli.app import app
+
+    tiny = ["--cycles", "2", "--epochs-per-cycle", "1", "--iterations", "1", "--batch-size", "1", "--patch-px", "1024"]
+    args = ["train", task, small_phantom, "--out", str(tmp_path / "m"), *tiny, "--no-progress"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    size, mpp = ("256 x 256", 2) if task == "seg" else ("512 x 512", 1)  # the 1024² phantom at each model's µm/px
+    assert result.exit_code == 1, result.output
+    assert " ".join(result.output.split()) == (
+        f"error: s.svs: {size} px at {mpp} µm/px (the model's input resolution) is smaller than one training patch "
+        "of 1024 px (--patch-px): give a smaller --patch-px, or leave out slides this small"
+    )

@@ -65,6 +65,25 @@ def check_schedule(config: CyclicSchedule) -> None:
         raise ValueError("no training slides given")
 
 
+def check_patch_fits(name: str, shape_hw: tuple[int, int], *, patch_px: int, input_mpp: float) -> None:
+    """Refuse a slide smaller than one training patch at the model's input resolution: no patch could be cut from
+    it (numpy said only "could not broadcast input array from shape (256,256,3) into shape (512,512,3)", or ran
+    out of memory for a huge --patch-px).
+
+    >>> check_patch_fits("a.svs", (256, 300), patch_px=128, input_mpp=2.0)
+    >>> check_patch_fits("a.svs", (256, 300), patch_px=512, input_mpp=2.0)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: a.svs: 300 x 256 px at 2 µm/px (the model's input resolution) is smaller than one training patch ...
+    """
+    h, w = shape_hw
+    if min(h, w) < patch_px:
+        raise ValueError(
+            f"{name}: {w} x {h} px at {input_mpp:g} µm/px (the model's input resolution) is smaller than one training "
+            f"patch of {patch_px} px (--patch-px): give a smaller --patch-px, or leave out slides this small"
+        )
+
+
 def check_out_dir(out_dir: str | Path, *, resume: bool) -> None:
     """Refuse to train into a folder that already holds a model, unless resuming that folder's own run.
 

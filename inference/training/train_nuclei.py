@@ -34,7 +34,14 @@ from inference.slides.slide import open_slide
 from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
 from inference.training.anchor import WeightAnchor, check_fine_tuning
 from inference.training.augment import STAIN_JITTERS, augment_batch
-from inference.training.cyclic import check_out_dir, check_schedule, init_weights, total_epochs, train_cyclic
+from inference.training.cyclic import (
+    check_out_dir,
+    check_patch_fits,
+    check_schedule,
+    init_weights,
+    total_epochs,
+    train_cyclic,
+)
 from inference.training.domain_stats import write_training_domain_stats
 from inference.training.labels import SlideLabels, labels_digest, nuclei_known_mask
 from inference.training.train_seg import NORMALIZATION
@@ -292,6 +299,8 @@ def train_nuclei(
         ]
     else:
         data = [load_nuclei_slide(p, input_mpp=config.input_mpp) for p in config.slides]
+    for d in data:
+        check_patch_fits(d.name, d.rgb.shape[:2], patch_px=config.patch_px, input_mpp=config.input_mpp)
     class_names, stain = _one_kind(data)
     thresholds = {"min_score": DEFAULT_MIN_SCORE, "nms_radius_um": 2.5}
     if stain == "H-DAB":

@@ -36,7 +36,14 @@ from inference.slides.slide import open_slide
 from inference.slides.tissue import detect_tissue
 from inference.training.anchor import WeightAnchor, check_fine_tuning
 from inference.training.augment import STAIN_JITTERS, augment_batch
-from inference.training.cyclic import check_out_dir, check_schedule, init_weights, total_epochs, train_cyclic
+from inference.training.cyclic import (
+    check_out_dir,
+    check_patch_fits,
+    check_schedule,
+    init_weights,
+    total_epochs,
+    train_cyclic,
+)
 from inference.training.domain_stats import write_training_domain_stats
 from inference.training.labels import IGNORE_LABEL, SlideLabels, labels_digest, region_target
 from inference.training.pseudo import PseudoLabelRule, PseudoLabels, UnlabeledSlide, pseudo_label_slides
@@ -379,8 +386,12 @@ def train_segmentation(
         data = [load_labelled_seg_slide(lab, input_mpp=config.input_mpp, patch_px=config.patch_px) for lab in labels]
     else:
         data = [load_training_slide(p, input_mpp=config.input_mpp, patch_px=config.patch_px) for p in config.slides]
+    for d in data:
+        check_patch_fits(d.name, d.mask.shape, patch_px=config.patch_px, input_mpp=config.input_mpp)
     pseudo = _pseudo_labels(config, pseudo)
     pseudo_data = [load_pseudo_slide(p, input_mpp=config.input_mpp, patch_px=config.patch_px) for p in pseudo]
+    for d in pseudo_data:
+        check_patch_fits(d.name, d.mask.shape, patch_px=config.patch_px, input_mpp=config.input_mpp)
     if labels:  # an unlabeled slide that is also labelled: its pseudo-labels fill the rest of its labelled item
         rest = {Path(p.slide.path).resolve(): d for p, d in zip(pseudo, pseudo_data, strict=True)}
         paths = [Path(s).resolve() for s in config.slides]

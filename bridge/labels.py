@@ -458,7 +458,7 @@ def read_geojson_labels(
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise LabelError(f"{path}: not JSON ({err}); export the objects again from QuPath as GeoJSON") from err
     except Pdl1Error as err:
-        raise LabelError(f"{path}: {err}") from err
+        raise LabelError(f"{path}: {err}; export the objects again from QuPath as GeoJSON") from err
     return labels_from_objects(
         objects,
         slide=str(slide),

@@ -235,7 +235,13 @@ def read_features(path: str | Path) -> Iterator[QuPathObject]:
         items = data.get("features", [])
     elif isinstance(data, list):
         items = data
-    else:
+    elif isinstance(data, Mapping) and data.get("type") == "Feature":
         items = [data]
+    else:  # any other JSON (a run's summary, a config) said "expected type 'Feature', got None"
+        kind = f"an object of type {data.get('type')!r}" if isinstance(data, Mapping) else type(data).__name__
+        raise GeoJsonError(
+            f"not GeoJSON objects: the file holds {kind}; expected a FeatureCollection, a list of features or one "
+            "Feature, as QuPath exports them"
+        )
     for item in items:
         yield from_feature(item)

@@ -128,6 +128,27 @@ def _obj(geometry, cls=None, *, name=None, measurements=None, object_type="annot
     return QuPathObject(geometry, object_type, cls, measurements or {}, name)
 
 
+@pytest.mark.parametrize(
+    ("content", "holds"),
+    [('{"tps": 30.1, "nuclei_counts": {}}', "an object of type None"), ("[]", None), ("5", "int")],
+    ids=["other-json", "empty-list", "number"],
+)
+def test_a_json_that_is_no_geojson_export_says_so(tmp_path, content, holds):
+    # A run's truth.json given as --labels said "expected type 'Feature', got None".
+    path = tmp_path / "truth.json"
+    path.write_text(content)
+    if holds is None:  # an empty list of features is GeoJSON: no labels in it
+        with pytest.raises(LabelError, match="no labels"):
+            read_geojson_labels(path, slide="s.svs", image_size_px=(10, 10), rules=RULES)
+        return
+    with pytest.raises(LabelError) as err:
+        read_geojson_labels(path, slide="s.svs", image_size_px=(10, 10), rules=RULES)
+    assert str(err.value) == (
+        f"{path}: not GeoJSON objects: the file holds {holds}; expected a FeatureCollection, a list of features or "
+        "one Feature, as QuPath exports them; export the objects again from QuPath as GeoJSON"
+    )
+
+
 def test_an_entry_without_labels_is_refused_with_what_it_holds():
     with pytest.raises(LabelError, match=r"no labels \(skipped: annotation LineString \(unclassified\): 1\)"):
         labels_from_objects(

@@ -79,7 +79,15 @@ def run_batch_ray(
         remove_orphan_parts(status_folder, plain_slides=project is None)
         status = RunStatus(status_folder)
         if not ray.is_initialized():
-            ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+            try:
+                ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+            except (ValueError, ConnectionError, RuntimeError) as err:  # Ray's own words name no fix
+                raise ProjectError(
+                    f"--address {address}: Ray cannot reach a cluster there ({err}); expected auto (a cluster "
+                    "started on this machine with `ray start --head`), HOST:PORT of its head node (port 6379) or "
+                    "ray://HOST:PORT (Ray Client, port 10001, the ray[client] extra), or leave --address out for a "
+                    "local cluster of this machine's cores"
+                ) from err
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         task = ray.remote(num_gpus=gpus, max_retries=max_retries, retry_exceptions=False)(analyse_to_files)
 

@@ -87,3 +87,25 @@ def test_a_worker_caches_openvino_conversions_in_its_own_user_cache(tmp_path, mo
         with pytest.raises(RuntimeError, match="stop here"):
             analyse_to_files(Job(), str(tmp_path / "g"), str(tmp_path / "s"), None, given)
     assert seen == [str(tmp_path / "worker" / "pdl1-bridge" / "openvino"), None]
+
+
+def test_an_address_ray_cannot_use_says_what_it_takes(tmp_path, monkeypatch):
+    # It said only Ray's "Invalid address format: 1.2.3.4" (or "Could not find any running Ray instance").
+    from bridge.engine_ray import run_batch_ray
+    from bridge.project import ProjectError
+
+    def refuses(address, **kwargs):
+        raise ValueError(f"Invalid address format: {address}")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuses)
+    slide = tmp_path / "s.svs"
+    write_phantom(slide, PhantomSpec(1024, 1024, seed=54, tps_percent=40))
+    config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="never", out=tmp_path / "out")
+    with pytest.raises(ProjectError) as err:
+        run_batch_ray([slide], config, address="1.2.3.4")
+    assert str(err.value).startswith(
+        "--address 1.2.3.4: Ray cannot reach a cluster there (Invalid address format: 1.2.3.4); expected auto (a "
+        "cluster started on this machine with `ray start --head`), HOST:PORT of its head node (port 6379) or "
+    )
+    assert not (tmp_path / "out" / "pdl1" / "run.lock").exists()

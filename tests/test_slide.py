@@ -129,6 +129,18 @@ def test_png_without_mpp_needs_mpp_option(tmp_path):
         assert slide.mpp == Mpp(0.5, 0.5, "--mpp")
 
 
+def test_a_png_of_more_than_8_bits_is_refused_not_clipped(tmp_path):
+    # A 16-bit PNG was clipped at 255 and analysed as white (the same TIFF, and the service's uploads, were refused).
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((64, 80), 4000, np.uint16)).save(path)
+    with pytest.raises(SlideFormatError) as err:
+        open_slide(path, mpp=0.5)
+    assert str(err.value) == (
+        f"{path}: expected 8-bit RGB pixels, got 16- or 32-bit integer samples (Pillow mode I;16), which would be "
+        "clipped; save the image as 8-bit RGB"
+    )
+
+
 def test_a_slide_without_mpp_asks_for_the_scanners_value(tmp_path):
     path = tmp_path / "nompp.tif"
     pixels = np.zeros((512, 512, 3), np.uint8)

@@ -265,6 +265,12 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, Mpp | None]:
             with Image.open(path) as im:
                 if im.width * im.height > MAX_PLAIN_IMAGE_PX:
                     raise SlideFormatError(f"{path}: {im.width}x{im.height} px is too large to read whole")
+                if im.mode in ("I", "F") or im.mode.startswith("I;"):  # convert("RGB") clips them at 255
+                    kind = "floating-point" if im.mode == "F" else "16- or 32-bit integer"
+                    raise SlideFormatError(
+                        f"{path}: expected 8-bit RGB pixels, got {kind} samples (Pillow mode {im.mode}), which would "
+                        "be clipped; save the image as 8-bit RGB"
+                    )
                 rgb = np.asarray(im.convert("RGB"))
                 dpi = im.info.get("dpi")
         except SlideFormatError:

@@ -232,6 +232,12 @@ def _jobs(inputs: list[Path], config: RunConfig) -> tuple[list[_Job], Path | Non
     """Images to run, the project (if any) and the folder that keeps the run status."""
     if len(inputs) == 1 and (inputs[0].is_dir() or inputs[0].suffix == ".qpproj"):
         info = read_project(inputs[0], unreadable_entries="keep")
+        if config.out is not None:  # it was ignored: the results went into the project, not where asked
+            raise ProjectError(
+                f"--out {config.out}: a project's results are written into the project ({info.folder / PDL1_DIR} and "
+                "its images' data), so --out is for plain slides only; leave it out, or give the slide files "
+                "themselves with --out (`pdl1 report PROJECT --out DIR` puts the report elsewhere)"
+            )
         if not info.entries and not info.unreadable:
             # An error, as for `pdl1 report` and `pdl1 review-queue` with nothing to do: a run that analyses
             # nothing is most often the wrong project, and a script should not take it for a finished run.

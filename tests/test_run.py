@@ -213,6 +213,20 @@ def test_an_entry_without_a_server_builder_fails_alone(tmp_path, slides, models)
     assert not RunStatus(project).is_done("1") and RunStatus(project).is_done("2")
 
 
+def test_out_with_a_project_is_refused_not_ignored(tmp_path, slides, models):
+    # The results went into the project while --out named another folder (and --report looked for them there).
+    project = tmp_path / "project"
+    init_project_files(project, [slides[0]])
+    with pytest.raises(ProjectError) as err:
+        run_batch([project], _config(out=tmp_path / "out"), models=models)
+    assert str(err.value) == (
+        f"--out {tmp_path / 'out'}: a project's results are written into the project ({project / 'pdl1'} and its "
+        "images' data), so --out is for plain slides only; leave it out, or give the slide files themselves with "
+        "--out (`pdl1 report PROJECT --out DIR` puts the report elsewhere)"
+    )
+    assert not (project / "pdl1").exists() and not (tmp_path / "out").exists()
+
+
 def test_annotation_targets_need_qupath(tmp_path, slides, models):
     with pytest.raises(ProjectError, match="need a QuPath project"):
         run_batch([slides[0]], _config(out=tmp_path, target_classes=("Tumor",)), models=models)

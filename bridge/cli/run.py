@@ -83,7 +83,11 @@ def _run_ray_with_progress(inputs, run_config, *, address, progress: bool):
 def run(
     inputs: Annotated[list[Path], typer.Argument(help="A QuPath project (folder or .qpproj), or slide files.")],
     out: Annotated[
-        Path | None, typer.Option(help="Output folder for plain slides (one GeoJSON + summary each).")
+        Path | None,
+        typer.Option(
+            help="Output folder for plain slides (one GeoJSON + summary each); a project's results go into the "
+            "project, so it takes none."
+        ),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Skip images a previous run finished.")] = False,
     report: Annotated[bool, typer.Option(help="Write the HTML/CSV report afterwards.")] = False,

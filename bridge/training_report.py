@@ -239,6 +239,8 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def write_training_report(out: str | Path) -> Path:
     """Draw and write ``OUT/training_report.html`` (pictures in ``OUT/training_report/``); returns its path."""
     out = Path(out)
+    if out.name == "manifest.json" and out.is_file():  # the manifest named for its folder, as read_manifest takes
+        out = out.parent
     manifest_path = out / "manifest.json"
     if not manifest_path.is_file():
         raise TrainingReportError(

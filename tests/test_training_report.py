@@ -82,6 +82,19 @@ def test_after_pdl1_train_seg_the_report_holds_the_curves_the_truth_per_class_an
     assert sorted(p.name for p in (out / "training_report").glob("*.png")) == pictures
 
 
+def test_the_report_takes_the_manifest_for_its_folder(tmp_path):
+    # "m/manifest.json: no manifest.json, so no trained model", of the manifest itself.
+    import shutil
+
+    from inference import demo_model_dir
+
+    model = tmp_path / "m"
+    shutil.copytree(demo_model_dir("seg"), model)
+    result = runner.invoke(app, ["train", "report", str(model / "manifest.json")])
+    assert result.exit_code == 0, result.output
+    assert (model / "training_report.html").is_file() and not (model / "manifest.json" / "training_report").exists()
+
+
 def test_report_of_a_folder_without_a_model_is_refused(tmp_path):
     result = runner.invoke(app, ["train", "report", str(tmp_path)])
     assert result.exit_code == 1

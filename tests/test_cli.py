@@ -76,6 +76,20 @@ def test_phantom_refuses_a_folder_or_a_file_in_the_way_as_a_usage_error(tmp_path
     )
 
 
+@pytest.mark.parametrize("name", ["x" * 300 + ".svs", "loop.svs"], ids=["too-long", "symlink-loop"])
+def test_phantom_to_a_name_the_file_system_refuses_says_so(tmp_path, name):
+    # A 300-character name was a traceback (OSError: [Errno 36] File name too long) from the folder check.
+    out = tmp_path / name
+    if name == "loop.svs":
+        out.symlink_to(tmp_path / "loop2.svs")
+        (tmp_path / "loop2.svs").symlink_to(out)
+    result = runner.invoke(app, ["phantom", str(out), "--size", "1024"], env={"COLUMNS": "400"})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    said = "the name is too long" if name != "loop.svs" else "a symbolic link on the path leads back to itself"
+    assert text.startswith(f"error: {out}: ") and said in text and "Traceback" not in text, text
+
+
 def test_phantom_with_a_bad_ihc_name_writes_nothing(tmp_path):
     # The H&E was written before the --ihc name was refused, and stood in the way of the next try.
     args = ["phantom", str(tmp_path / "he.svs"), "--ihc", str(tmp_path / "ihc.png"), "--size", "1024", "--no-progress"]

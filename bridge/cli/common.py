@@ -52,6 +52,7 @@ def explained(err: Exception) -> str:
         errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
         errno.EISDIR: "a folder is where a file was expected: give the file's path",
         errno.ENAMETOOLONG: "the name is too long for the file system: choose a shorter path",
+        errno.ELOOP: "a symbolic link on the path leads back to itself: fix or remove that link",
     }.get(err.errno, "check the path and that the drive is there")
     files = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
     return f"{files + ': ' if files else ''}{err.strerror}; {what}"

@@ -76,6 +76,12 @@ def phantom(
     for path, hint in ((out, "OUT"), (ihc, "--ihc")):
         if path is None:
             continue
+        try:
+            path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # a new file, or one under a file: said below
+        except OSError as err:  # a name too long for the file system was a traceback from is_dir()
+            raise fail(err) from err
         if path.is_dir():  # --overwrite must never be the way past this
             raise typer.BadParameter(
                 f"{path} is a folder; give the slide file to write, e.g. {path / 'phantom.svs'}", param_hint=hint

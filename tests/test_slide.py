@@ -108,6 +108,27 @@ def test_missing_file_names_the_path(tmp_path):
         open_slide(missing)
 
 
+def test_a_link_to_nothing_a_link_loop_or_a_folder_says_which(tmp_path):
+    # Each said "no such file; check the path", though the path was there: a link to a slide on a share that is
+    # not mounted is the usual case.
+    dangling = tmp_path / "moved.svs"
+    dangling.symlink_to("/mnt/scanner/case 1.svs")
+    loop = tmp_path / "loop.svs"
+    loop.symlink_to(tmp_path / "loop2.svs")
+    (tmp_path / "loop2.svs").symlink_to(loop)
+    (tmp_path / "case.svs").mkdir()
+    said = {
+        dangling: "a symbolic link to /mnt/scanner/case 1.svs, which does not exist: mount the share or restore "
+        "the slide it leads to, or relink the image in QuPath if it moved",
+        loop: "a symbolic link that leads back to itself: fix or remove that link",
+        tmp_path / "case.svs": "a folder, not a slide file; give the slide file in it",
+    }
+    for path, why in said.items():
+        with pytest.raises(SlideNotFoundError) as err:
+            open_slide(path)
+        assert str(err.value) == f"slide not found: {path} ({why})"
+
+
 def test_unreadable_format(tmp_path):
     bad = tmp_path / "corrupt.svs"
     bad.write_bytes(b"this is not a slide" * 100)

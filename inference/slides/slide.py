@@ -362,6 +362,26 @@ def _no_mpp_message(path: Path, *, whole_slide: bool, advice: MppAdvice | None =
     )
 
 
+def _why_not_a_file(path: Path) -> str:
+    """Why ``path`` names no slide file, and what to do: a folder, a link to nothing (a moved slide or a share not
+    mounted), a link that leads back to itself, or nothing at all."""
+    import os
+
+    if path.is_dir():
+        return "a folder, not a slide file; give the slide file in it"
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except FileNotFoundError:
+            return (
+                f"a symbolic link to {os.readlink(path)}, which does not exist: mount the share or restore the slide "
+                "it leads to, or relink the image in QuPath if it moved"
+            )
+        except (OSError, RuntimeError):  # RuntimeError: a loop, before Python 3.13
+            return "a symbolic link that leads back to itself: fix or remove that link"
+    return "no such file; check the path, or relink the image in QuPath if it moved"
+
+
 def open_slide(
     path: str | Path, *, mpp: float | None = None, mpp_source: str = "--mpp", mpp_advice: MppAdvice | None = None
 ) -> Slide:
@@ -388,9 +408,7 @@ def open_slide(
 
     path = Path(path)
     if not path.is_file():
-        raise SlideNotFoundError(
-            f"slide not found: {path} (no such file; check the path, or relink the image in QuPath if it moved)"
-        )
+        raise SlideNotFoundError(f"slide not found: {path} ({_why_not_a_file(path)})")
     try:
         osr = openslide.OpenSlide(path)
     except openslide.OpenSlideUnsupportedFormatError:

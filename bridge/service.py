@@ -246,8 +246,10 @@ class JobRequest(BaseModel):
     @classmethod
     def _roi_is_geometry(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None and value.get("type") not in ("Polygon", "MultiPolygon"):
-            kind = quoted(str(value.get("type")))
-            raise ValueError(f"roi must be a GeoJSON Polygon or MultiPolygon geometry, got type {kind}")
+            given = value.get("type")
+            shown = quoted(given) if isinstance(given, str) else clipped(json.dumps(given))
+            came = "no type" if given is None else f"type {shown}"
+            raise ValueError(f"roi must be a GeoJSON Polygon or MultiPolygon geometry, got {came}")
         if value is not None:
             bad = _first_non_finite(value.get("coordinates"))
             if bad is not None:

@@ -249,6 +249,24 @@ def test_a_long_value_is_not_echoed_whole(client, slides_root, request_, status,
     assert "…" in detail and "characters)" in detail and fix in detail, detail
 
 
+@pytest.mark.parametrize(
+    ("roi", "came"),
+    [
+        ({"coordinates": []}, "got no type"),
+        ({"type": 5}, "got type 5"),
+        ({"type": ["x"] * 100}, f"got type {json.dumps(['x'] * 100)[:133]}…{json.dumps(['x'] * 100)[-66:]} (500 "),
+    ],
+    ids=["none", "number", "long-list"],
+)
+def test_an_roi_type_that_is_no_string_is_shown_as_sent(client, slides_root, roi, came):
+    # A missing type read "got type None" (Python's word); a 100 kB array as type came back whole.
+    r = client.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "roi": roi})
+    assert r.status_code == 422
+    assert r.json()["detail"].startswith(
+        f"bad request: body.roi: Value error, roi must be a GeoJSON Polygon or MultiPolygon geometry, {came}"
+    ), r.json()
+
+
 def test_a_long_job_id_is_not_echoed_whole(client):
     r = client.get("/v1/jobs/" + "j" * 10_000)
     assert r.status_code == 404

@@ -169,6 +169,31 @@ def test_a_model_of_another_stain_than_the_phantom_is_refused(pair, tmp_path, ar
     assert not (tmp_path / "cal").exists() and not (tmp_path / "rep").exists()
 
 
+@pytest.mark.parametrize(
+    ("command", "slide", "said"),
+    [
+        (
+            ["ihc"],
+            "he",
+            "he.svs: the phantom is H&E (its truth.json's stain), but the PD-L1 IHC nuclei model 'pdl1-nuclei-ihc' was "
+            "trained on H-DAB: give H-DAB phantoms (`pdl1 phantom --ihc` writes PD-L1 IHC ones)",
+        ),
+        (
+            ["nuclei", "--model", str(MODELS / "nuclei-ihc")],
+            "he",
+            "he.svs: the phantom is H&E (its truth.json's stain), but the nuclei model 'pdl1-nuclei-ihc' was trained "
+            "on H-DAB: score that model on H-DAB phantoms, or give a nuclei model trained on H&E",
+        ),
+    ],
+)
+def test_a_phantom_of_a_stain_the_evaluation_does_not_take_asks_for_the_right_phantoms(pair, command, slide, said):
+    # It advised "give a PD-L1 IHC nuclei model trained on H&E", a model that does not exist.
+    path = pair[0] if slide == "he" else pair[1]
+    result = runner.invoke(app, ["eval", *command, str(path), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert _said(result).endswith(said), _said(result)
+
+
 @pytest.mark.parametrize("command", [["seg"], ["nuclei"], ["tps"], []])
 def test_a_batch_with_bad_slides_fails_at_once_naming_each(pair, tmp_path, command):
     he, _ = pair

@@ -166,10 +166,13 @@ def check_truth_stain(slide_path: str | Path, truth: PhantomTruthData, manifest:
     """Refuse to score a model of one stain against a phantom of another: it runs, and scores nonsense silently."""
     stain = truth_stain(truth)
     if manifest.stain != stain:
+        if role == "PD-L1 IHC nuclei":  # a role of one stain: "give one trained on H&E" advised what cannot be
+            advice = f"give {manifest.stain} phantoms (`pdl1 phantom --ihc` writes PD-L1 IHC ones)"
+        else:
+            advice = f"score that model on {manifest.stain} phantoms, or give a {role} model trained on {stain}"
         raise StainError(
             f"{slide_path}: the phantom is {stain} (its truth.json's stain), but the {role} model "
-            f"{manifest.name!r} was trained on {manifest.stain}: score that model on {manifest.stain} phantoms, or "
-            f"give a {role} model trained on {stain}"
+            f"{manifest.name!r} was trained on {manifest.stain}: {advice}"
         )
 
 

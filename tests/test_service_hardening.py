@@ -415,6 +415,21 @@ def test_token_and_token_file_together_is_a_usage_error(started, tmp_path, from_
     assert "settings" not in started
 
 
+def test_a_token_is_stripped_as_a_token_file_is_and_a_blank_one_is_no_token(started, tmp_path):
+    # "secret\n" (a file read into PDL1_TOKEN) was a token no client could send; "   " on a public address passed
+    # for a token, and the service refused every request.
+    public = ["--allow-root", str(tmp_path), "--host", "0.0.0.0"]
+    result, _ = _serve(public, env={"PDL1_TOKEN": "s3cret\n"})
+    assert result.exit_code == 0, result.output
+    assert started.pop("settings").token == "s3cret"
+    result, output = _serve([*public, "--token", "   "])
+    assert result.exit_code == 2, output
+    assert "--token (or PDL1_TOKEN) is blank; give the shared secret every request must send" in output
+    assert "settings" not in started
+    result, _ = _serve(["--allow-root", str(tmp_path)], env={"PDL1_TOKEN": " "})  # loopback: as if none were set
+    assert result.exit_code == 0 and started["settings"].token is None
+
+
 def test_an_empty_token_file_is_a_usage_error(started, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("\n")

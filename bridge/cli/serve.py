@@ -73,9 +73,19 @@ def serve(
     try:
         import uvicorn
 
-        from bridge.service import ServiceSettings, create_app
+        from bridge.service import LOOPBACK, ServiceSettings, create_app
     except ImportError as err:
         raise fail(Pdl1Error(f"the service needs the 'serve' extra: pip install 'pdl1-bridge[serve]' ({err})")) from err
+    if token is not None:
+        # As --token-file's: "secret\n" (a file read into PDL1_TOKEN) was a token no client could send, and a
+        # blank one passed for a token on a public address while every request was refused.
+        if not token.strip() and host not in LOOPBACK:
+            raise typer.BadParameter(
+                "--token (or PDL1_TOKEN) is blank; give the shared secret every request must send, or keep the "
+                "default --host 127.0.0.1",
+                param_hint="--token",
+            )
+        token = token.strip() or None
     if token is not None and token_file is not None:
         raise typer.BadParameter(
             "give the token one way: --token (or PDL1_TOKEN) or --token-file, not both", param_hint="--token-file"

@@ -133,6 +133,19 @@ RED_TIE_DEG = 5.0
 HAEMATOXYLIN_RED_SHARE = 0.3
 # A pixel counts toward the eosin or DAB fraction where that stain's OD exceeds this.
 STAIN_PRESENT_OD = 0.15
+# Where the tissue lies, not only its colour (issue #31): eosin fills stroma and cytoplasm, so where a tissue
+# holds least haematoxylin it holds most eosin; DAB marks cells, which hold haematoxylin too. Both stains'
+# concentrations are unmixed on the two extremes; a "DAB-like" second stain is taken for eosin when, over the
+# tissue, it falls as haematoxylin rises (correlation under SPREAD_CORRELATION_MAX) and it is dense where
+# haematoxylin is least (mean OD over the third of the tissue with least haematoxylin above
+# SPREAD_LOW_HAEM_OD_MIN), and colour called it by under SPREAD_COLOUR_MARGIN_DEG. The call is then weak (margin
+# 0): colour and structure disagree. Set on phantoms (seeds 1800-2029, 2500-2699, 3000-3059; see the docstring).
+# The real images at hand do not look like the phantoms here (the CMU H&E's correlation is +0.28, scikit-image's
+# immunostain +0.10): the rule only moves calls where both stats are as strong as a phantom's eosin.
+SPREAD_CORRELATION_MAX = -0.85
+SPREAD_LOW_HAEM_OD_MIN = 0.25
+SPREAD_LOW_HAEM_OD_MAX = 0.15
+SPREAD_COLOUR_MARGIN_DEG = 20.0
 
 
 @dataclass(frozen=True)
@@ -147,7 +160,10 @@ class StainEstimate:
     far the two extremes differ in red (:func:`_haematoxylin_first`). ``eosin_fraction`` and
     ``dab_fraction`` are shares of tissue pixels whose unmixing with the estimated haematoxylin
     and the reference eosin and DAB vectors puts more than :data:`STAIN_PRESENT_OD` of that stain
-    there: reported, not decisive.
+    there: reported, not decisive. ``spread_correlation`` is the correlation over tissue pixels of the
+    haematoxylin and second-stain concentrations (unmixed on the two extremes) and ``low_haem_second_od`` the
+    second stain's mean OD over the third of the tissue with least haematoxylin (:func:`_spread`): where
+    the tissue holds the second stain, which can turn a weak DAB-like call into H&E.
     """
 
     stain: str
@@ -164,6 +180,8 @@ class StainEstimate:
     stain_angle_deg: float
     eosin_fraction: float
     dab_fraction: float
+    spread_correlation: float = math.nan
+    low_haem_second_od: float = math.nan
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -299,6 +317,7 @@ def detect_stain(rgb: np.ndarray, *, tissue: np.ndarray | None = None) -> StainE
     hue = _residual_hue_deg(second, haem)
     dab_hue = _residual_hue_deg(DAB_OD, haem)
     eosin_fraction, dab_fraction = _fractions(od, haem)
+    spread_correlation, low_haem_second_od = _spread(od, haem, second)
     numbers = {
         "tissue_fraction": n_tissue / n_px,
         "tissue_px": n_tissue,
@@ -311,6 +330,8 @@ def detect_stain(rgb: np.ndarray, *, tissue: np.ndarray | None = None) -> StainE
         "stain_angle_deg": stain_angle,
         "eosin_fraction": eosin_fraction,
         "dab_fraction": dab_fraction,
+        "spread_correlation": spread_correlation,
+        "low_haem_second_od": low_haem_second_od,
     }
     if stain_angle < MIN_STAIN_ANGLE_DEG:
         mean = _unit(od.mean(axis=0))
@@ -345,15 +366,30 @@ def detect_stain(rgb: np.ndarray, *, tissue: np.ndarray | None = None) -> StainE
     which = f"redder by {red_gap:.1f}°" + (
         f" < {RED_TIE_DEG:g}°: which is which is weak" if red_gap < RED_TIE_DEG else ""
     )
-    return StainEstimate(
-        stain=stain,
-        margin_deg=min(hue_margin, red_gap) if red_gap < RED_TIE_DEG else hue_margin,
-        reason=(
-            f"second stain OD {_rounded(second)} is {name}: green-blue angle {hue:.1f}° beside haematoxylin "
-            f"{_rounded(haem)} ({which}), {where}"
-        ),
-        **numbers,
+    margin = min(hue_margin, red_gap) if red_gap < RED_TIE_DEG else hue_margin
+    reason = (
+        f"second stain OD {_rounded(second)} is {name}: green-blue angle {hue:.1f}° beside haematoxylin "
+        f"{_rounded(haem)} ({which}), {where}"
     )
+    if (
+        stain == HDAB
+        and margin < SPREAD_COLOUR_MARGIN_DEG
+        and spread_correlation < SPREAD_CORRELATION_MAX
+        and low_haem_second_od > SPREAD_LOW_HAEM_OD_MIN
+    ):
+        reason += (
+            f" (margin {margin:.1f}° < {SPREAD_COLOUR_MARGIN_DEG:g}°); but it lies as eosin does: it falls as "
+            f"haematoxylin rises (correlation {spread_correlation:.2f} < {SPREAD_CORRELATION_MAX:g}) and is dense "
+            f"where haematoxylin is least (OD {low_haem_second_od:.2f} > {SPREAD_LOW_HAEM_OD_MIN:g}): H&E, weak"
+        )
+        stain, margin = HE, 0.0
+    elif stain == HE and margin < SPREAD_COLOUR_MARGIN_DEG and low_haem_second_od < SPREAD_LOW_HAEM_OD_MAX:
+        reason += (
+            f" (margin {margin:.1f}° < {SPREAD_COLOUR_MARGIN_DEG:g}°); but it is faint where haematoxylin is least "
+            f"(OD {low_haem_second_od:.2f} < {SPREAD_LOW_HAEM_OD_MAX:g}), where eosin fills stroma: H-DAB, weak"
+        )
+        stain, margin = HDAB, 0.0
+    return StainEstimate(stain=stain, margin_deg=margin, reason=reason, **numbers)
 
 
 def _wrap_deg(angle: float) -> float:
@@ -396,6 +432,25 @@ def _fractions(od: np.ndarray, haem: np.ndarray) -> tuple[float, float]:
         return math.nan, math.nan
     conc = od @ np.linalg.inv(basis)
     return float((conc[:, 1] > STAIN_PRESENT_OD).mean()), float((conc[:, 2] > STAIN_PRESENT_OD).mean())
+
+
+def _spread(od: np.ndarray, haem: np.ndarray, second: np.ndarray) -> tuple[float, float]:
+    """(correlation of the two stains' concentrations, second stain's mean OD where haematoxylin is least).
+
+    ``od`` is float (N, 3) tissue pixels; the concentrations are its least-squares unmixing on the unit
+    vectors ``haem`` and ``second``, negative parts clipped; "least" is the third of the pixels with least
+    haematoxylin. NaN where either concentration is constant.
+    """
+    unmix = np.linalg.pinv(np.stack([haem, second])).astype(od.dtype)  # (3, 2)
+    h = np.clip(od @ unmix[:, 0], 0, None)
+    s = np.clip(od @ unmix[:, 1], 0, None)
+    low_mean = float(s[h <= np.quantile(h, 1 / 3)].mean())
+    h -= h.mean()  # in place, not np.corrcoef: a whole slide's thumbnail has millions of tissue pixels
+    s_centred = s - s.mean()
+    spread = math.sqrt(float(h @ h) * float(s_centred @ s_centred))
+    if spread == 0:
+        return math.nan, math.nan
+    return float(h @ s_centred) / spread, low_mean
 
 
 def _undecided(n_px: int, n_tissue: int, background_rgb: tuple[float, ...], reason: str) -> StainEstimate:

@@ -123,3 +123,27 @@ def test_run_profile_wraps_functions_the_product_has():
     assert len(wrapped) >= 10
     missing = [f"{owner}.{name}" for owner, name in wrapped if not hasattr(owners[owner], name)]
     assert not missing, missing
+
+
+def test_stain_structure_renders_the_thumbnails_the_written_review_phantoms_give(tmp_path):
+    """benchmarks.stain_structure renders review phantoms' 8 µm/px thumbnails without writing slides: the same
+    pixels as the slides benchmarks.review_phantoms writes, read as detect_slide_stain reads them."""
+    import numpy as np
+
+    from benchmarks.review_phantoms import draw
+    from benchmarks.stain_structure import rendered_thumbnails
+    from inference.phantom.ihc import IhcSpec
+    from inference.phantom.pyramid import write_ihc_phantom, write_phantom
+    from inference.phantom.scene import PhantomSpec
+    from inference.slides.slide import open_slide
+
+    seed = 3005
+    tps, shift, weak = draw(seed)
+    spec = PhantomSpec(1024, 1024, seed=seed, tps_percent=tps, shift=shift, weak_fraction=weak)
+    write_phantom(tmp_path / f"c{seed}.svs", spec)
+    write_ihc_phantom(tmp_path / f"ihc_{seed}.svs", spec, IhcSpec(immune_positive_fraction=0.3))
+    for name, truth, thumb, drawn_shift, _tps in rendered_thumbnails([seed], size_px=1024):
+        with open_slide(tmp_path / f"{name}.svs") as slide:
+            written = slide.thumbnail(mpp=8.0)
+        assert truth == ("H&E" if name.startswith("c") else "H-DAB") and drawn_shift == shift
+        np.testing.assert_array_equal(thumb, written)

@@ -200,3 +200,62 @@ def test_dab_beside_a_red_heavy_haematoxylin_is_a_weak_call():
     assert estimate.stain == "H-DAB", estimate.reason
     assert estimate.margin_deg == 0.0 and "weak" in estimate.reason
     assert estimate.dab_hue_deg < 60
+
+
+def _review_thumbnails(seed: int) -> dict[str, np.ndarray]:
+    """The 8 µm/px thumbnails of review phantom pair ``seed`` (benchmarks.review_phantoms --ihc), rendered."""
+    from benchmarks.stain_structure import rendered_thumbnails
+
+    return {name: thumb for name, _truth, thumb, _shift, _tps in rendered_thumbnails([seed])}
+
+
+def test_spread_of_a_stain_that_fills_what_haematoxylin_leaves():
+    from inference.slides.stain_detect import EOSIN_OD, _spread
+
+    # Stroma (haematoxylin 0.1, eosin 0.5) and tumour (0.6, 0.2), a pixel each in turn: eosin falls as
+    # haematoxylin rises (r = -1); the third with least haematoxylin is stroma, eosin OD 0.5 there.
+    conc = np.array([[0.1, 0.5], [0.6, 0.2]] * 30)
+    od = (conc @ np.stack([HAEMATOXYLIN_OD, EOSIN_OD])).astype(np.float32)
+    correlation, low_od = _spread(od, HAEMATOXYLIN_OD, EOSIN_OD)
+    assert correlation == pytest.approx(-1.0, abs=1e-5)
+    assert low_od == pytest.approx(0.5, abs=1e-5)
+    assert all(np.isnan(_spread(od[:1].repeat(5, axis=0), HAEMATOXYLIN_OD, EOSIN_OD)))
+
+
+# Development failures (issue #31): H&E review phantoms whose shifted eosin is as blue as DAB, read H-DAB by
+# 6-11° (not flagged). Their second stain lies as eosin does (falls as haematoxylin rises, dense where
+# haematoxylin is least): H&E, weak. Without the structural cue (its colour margin limit at 0) they read H-DAB.
+@pytest.mark.parametrize("seed", [3005, 3018, 2623])
+def test_an_eosin_as_blue_as_dab_is_told_by_where_it_lies(seed, monkeypatch):
+    from inference.slides import stain_detect
+
+    thumbnail = _review_thumbnails(seed)[f"c{seed}"]
+    estimate = detect_stain(thumbnail)
+    assert estimate.stain == "H&E", estimate.reason
+    assert estimate.margin_deg == 0.0 and "lies as eosin does" in estimate.reason
+    assert estimate.spread_correlation < stain_detect.SPREAD_CORRELATION_MAX
+    monkeypatch.setattr(stain_detect, "SPREAD_COLOUR_MARGIN_DEG", 0.0)
+    before = detect_stain(thumbnail)
+    assert before.stain == "H-DAB" and before.margin_deg >= 5
+
+
+# IHC review phantoms read H&E by colour (ihc_2698 by 13°, unflagged): their DAB is faint where haematoxylin is
+# least, where an H&E's eosin fills the stroma: H-DAB, weak.
+@pytest.mark.parametrize("seed", [2698, 3034])
+def test_a_second_stain_faint_where_haematoxylin_is_least_is_not_eosin(seed, monkeypatch):
+    from inference.slides import stain_detect
+
+    thumbnail = _review_thumbnails(seed)[f"ihc_{seed}"]
+    estimate = detect_stain(thumbnail)
+    assert estimate.stain == "H-DAB", estimate.reason
+    assert estimate.margin_deg == 0.0 and "faint where haematoxylin is least" in estimate.reason
+    monkeypatch.setattr(stain_detect, "SPREAD_COLOUR_MARGIN_DEG", 0.0)
+    assert detect_stain(thumbnail).stain == "H&E"
+
+
+def test_the_real_immunostain_does_not_lie_as_eosin():
+    from inference.slides import stain_detect
+
+    # Real images do not look like the phantoms here: scikit-image's DAB rises with haematoxylin a little.
+    estimate = detect_stain(data.immunohistochemistry())
+    assert estimate.spread_correlation > 0 > stain_detect.SPREAD_CORRELATION_MAX

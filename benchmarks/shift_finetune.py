@@ -50,10 +50,17 @@ import numpy as np
 from safetensors.torch import load_file
 
 from benchmarks.truth_labels import phantom_once, print_pseudo_labels, sparse_truth_labels, train_or_reuse
+from inference.analysis.domain import angle_deg, slide_stain, stats_of_manifest
+from inference.analysis.segment import SegmentConfig, plan_tiles
+from inference.analysis.tiling import read_grid_tiles
 from inference.evaluation.evaluate import evaluate_segmentation
+from inference.models.batchnorm_stats import adapt_batchnorm, batchnorm_state, with_batchnorm_state
 from inference.models.ensemble import Ensemble, demo_model_dir
 from inference.models.manifest import read_manifest
 from inference.phantom.scene import PhantomSpec
+from inference.slides.slide import open_slide
+from inference.slides.stain_detect import detect_slide_stain
+from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
 from inference.training.anchor import squared_distance
 from inference.training.pseudo import PseudoLabelRule, UnlabeledSlide
 from inference.training.report import HISTORY_FILE
@@ -65,6 +72,17 @@ UNLABELED = ((871, 40), (872, 60), (873, 20))
 UNLABELED_UNSHIFTED = ((874, 40), (875, 60), (876, 20))
 VALIDATION = ((30, 0), (60, 1))  # (TPS, index): seeds 881+i shifted, 891+i unshifted
 HELD_OUT = ((25, 0), (45, 1), (65, 2), (35, 3))  # (TPS, index): seeds 851+i shifted, 861+i unshifted
+# Held out at a low and a high TPS (--extremes): where statistics from one slide's own tiles lean most on
+# its share of positive tissue. (TPS, index): seeds 851+i shifted, 861+i unshifted.
+EXTREMES = ((5, 4), (90, 5))
+# BatchNorm statistics each model is scored with (--batchnorm-stats); see STATS_HELP.
+BATCHNORM_STATS = ("model", "slide", "demo", "domain")
+STATS_HELP = (
+    "model: the model's own running statistics; slide: re-estimated on each scored slide's own tissue tiles "
+    "(AdaBN); demo: the demo's (its last member's) put into every member; domain: re-estimated on the labelled "
+    "training slides' tiles for a slide whose stain vectors are nearer theirs than the demo's training stain, "
+    "the demo's otherwise"
+)
 # name: (what, labelled shifted slides, unlabelled shifted slides, unlabelled unshifted slides)
 RUNS = {
     "3lab": ("sparse labels on 3 shifted slides (the acceptance run)", 3, 0, 0),
@@ -84,9 +102,13 @@ class Phantoms:
     val_unshifted: list[Path]
     held_shifted: list[Path]
     held_unshifted: list[Path]
+    extreme_shifted: list[Path]
+    extreme_unshifted: list[Path]
 
 
-def make_phantoms(work: Path, *, size: int, shift: float = SHIFT, weak_fraction: float = 0.0) -> Phantoms:
+def make_phantoms(
+    work: Path, *, size: int, shift: float = SHIFT, weak_fraction: float = 0.0, extremes: bool = False
+) -> Phantoms:
     """The phantoms of the module docstring under ``work`` (kept: a second run reuses them); the domain's
     slides at ``shift`` and ``weak_fraction``, named with them unless they are the default domain."""
     tag = "" if (shift, weak_fraction) == (SHIFT, 0.0) else f"_s{shift:g}_w{weak_fraction:g}"
@@ -106,6 +128,8 @@ def make_phantoms(work: Path, *, size: int, shift: float = SHIFT, weak_fraction:
         val_unshifted=[phantom(f"val_{891 + i}", 891 + i, t, 0.0) for t, i in VALIDATION],
         held_shifted=[domain(f"held_{851 + i}", 851 + i, t) for t, i in HELD_OUT],
         held_unshifted=[phantom(f"held_{861 + i}", 861 + i, t, 0.0) for t, i in HELD_OUT],
+        extreme_shifted=[domain(f"held_{851 + i}", 851 + i, t) for t, i in EXTREMES] if extremes else [],
+        extreme_unshifted=[phantom(f"held_{861 + i}", 861 + i, t, 0.0) for t, i in EXTREMES] if extremes else [],
     )
 
 
@@ -115,7 +139,86 @@ def mean_dice(model_dir: Path, slides: list[Path]) -> tuple[float, list[float]]:
     return float(np.mean(per_slide)), per_slide
 
 
-SETS = ("val_shifted", "val_unshifted", "held_shifted", "held_unshifted")
+SETS = ("val_shifted", "val_unshifted", "held_shifted", "held_unshifted", "extreme_shifted", "extreme_unshifted")
+_TILES: dict[Path, list[np.ndarray]] = {}
+
+
+def slide_tile_batches(path: Path, ensemble: Ensemble, *, batch_tiles: int = 16) -> list[np.ndarray]:
+    """The tiles ``segment_slide`` analyses on ``path`` (its detected tissue, default grid), as (B, H, W, 3)
+    uint8 batches of up to ``batch_tiles``; kept for the next model (all models here share the tile grid)."""
+    if path not in _TILES:
+        with open_slide(path) as slide:
+            tissue = tissue_mask_for_slide(slide, method=TISSUE_METHOD_OF_STAIN[ensemble.manifest.stain])
+            grid = plan_tiles(slide, ensemble, roi=None, tissue=tissue, config=SegmentConfig())
+            tiles = [px for _, px in read_grid_tiles(slide, grid, mpp=ensemble.manifest.input_mpp, workers=0)]
+        _TILES[path] = [np.stack(tiles[i : i + batch_tiles]) for i in range(0, len(tiles), batch_tiles)]
+    return _TILES[path]
+
+
+def stain_of(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A slide's unit haematoxylin and second-stain OD vectors, as the domain guard measures them."""
+    with open_slide(path) as slide:
+        stain = slide_stain(detect_slide_stain(slide), slide.thumbnail(mpp=8.0))
+    return np.asarray(stain.haematoxylin_od), np.asarray(stain.second_od)
+
+
+def stain_distance(stain: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, np.ndarray]) -> float:
+    """The larger of the angles (degrees) between two stains' vectors, as ``stain_distance_deg``."""
+    return max(angle_deg(stain[0], reference[0]), angle_deg(stain[1], reference[1]))
+
+
+def mean_stain(stains: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    def unit(v: np.ndarray) -> np.ndarray:
+        return v / np.linalg.norm(v)
+
+    return unit(np.mean([s[0] for s in stains], axis=0)), unit(np.mean([s[1] for s in stains], axis=0))
+
+
+class StatsScorer:
+    """Dice of a model with each BatchNorm statistics variant (``BATCHNORM_STATS``) on lists of slides."""
+
+    def __init__(self, demo: Path, train_slides: list[Path]) -> None:
+        self.demo = demo
+        self.train_slides = train_slides
+        demo_ensemble = Ensemble.load(demo, task="segmentation", fold_bn=False)
+        self.demo_state = batchnorm_state(demo_ensemble.members[-1])
+        stats, why = stats_of_manifest(demo_ensemble.manifest.extra)
+        if stats is None:
+            raise ValueError(f"the domain variant needs the demo's training stain: {why}")
+        self.old_stain = (np.asarray(stats.haematoxylin_od), np.asarray(stats.second_od))
+        self.new_stain = mean_stain([stain_of(p) for p in train_slides])
+        self.assignments: dict[Path, tuple[bool, float, float]] = {}
+
+    def near_new_domain(self, path: Path) -> tuple[bool, float, float]:
+        """(nearer the labelled slides' stain than the demo's, distance to theirs, to the demo's), degrees."""
+        if path not in self.assignments:
+            stain = stain_of(path)
+            to_new, to_old = stain_distance(stain, self.new_stain), stain_distance(stain, self.old_stain)
+            self.assignments[path] = (to_new < to_old, to_new, to_old)
+        return self.assignments[path]
+
+    def dice(self, model_dir: Path, variant: str, slides: list[Path]) -> list[float]:
+        if variant == "model":
+            return mean_dice(model_dir, slides)[1]
+        unfolded = Ensemble.load(model_dir, task="segmentation", fold_bn=False)
+        demo_stats = None
+        if variant in ("demo", "domain"):
+            demo_stats = with_batchnorm_state(unfolded, self.demo_state)
+        if variant == "demo":
+            return [evaluate_segmentation(s, demo_stats)[0].dice_ensemble for s in slides]
+        if variant == "domain":
+            batches = [b for p in self.train_slides for b in slide_tile_batches(p, unfolded)]
+            domain_stats = adapt_batchnorm(unfolded, batches)
+            return [
+                evaluate_segmentation(s, domain_stats if self.near_new_domain(s)[0] else demo_stats)[0].dice_ensemble
+                for s in slides
+            ]
+        if variant == "slide":
+            return [
+                evaluate_segmentation(s, adapt_batchnorm(unfolded, slide_tile_batches(s, unfolded)))[0].dice_ensemble
+                for s in slides
+            ]
+        raise ValueError(f"unknown BatchNorm statistics {variant!r}; choose from {', '.join(BATCHNORM_STATS)}")
 
 
 def _last_member(model_dir: Path) -> dict:
@@ -177,6 +280,17 @@ def main() -> None:
         help="BatchNorm keeps the demo's running statistics while fine-tuning (pdl1 train seg --freeze-batchnorm)",
     )
     parser.add_argument(
+        "--batchnorm-stats",
+        default="model",
+        help=f"comma-separated BatchNorm statistics to score every model with, of {', '.join(BATCHNORM_STATS)}: "
+        + STATS_HELP,
+    )
+    parser.add_argument(
+        "--extremes",
+        action="store_true",
+        help="also score held-out slides at TPS 5 and 90 (seeds 855-856 in the domain, 865-866 unshifted)",
+    )
+    parser.add_argument(
         "--validation-only",
         action="store_true",
         help="score the validation slides only (to choose among runs, e.g. anchor weights, with the held-out unseen)",
@@ -192,8 +306,16 @@ def main() -> None:
     unknown = [r for r in runs if r not in RUNS]
     if unknown:
         parser.error(f"unknown runs {unknown}; choose from {', '.join(RUNS)}")
+    variants = args.batchnorm_stats.split(",")
+    unknown = [v for v in variants if v not in BATCHNORM_STATS]
+    if unknown:
+        parser.error(f"--batchnorm-stats: unknown {unknown}; choose from {', '.join(BATCHNORM_STATS)}")
+    if variants[0] != "model":
+        parser.error("--batchnorm-stats: give model first (every change is against the demo with its own statistics)")
 
-    phantoms = make_phantoms(args.work, size=args.size, shift=args.shift, weak_fraction=args.weak_fraction)
+    phantoms = make_phantoms(
+        args.work, size=args.size, shift=args.shift, weak_fraction=args.weak_fraction, extremes=args.extremes
+    )
     where = f"shift {args.shift:g}" + (f", weak {args.weak_fraction:g}" if args.weak_fraction else "")
     labels = [
         sparse_truth_labels(p, regions=args.regions, region_um=args.region_um, seed=args.seed + i)
@@ -209,28 +331,48 @@ def main() -> None:
         flush=True,
     )
     print(
-        f"| model | validation, {where} (2) | validation, unshifted (2) | held-out, {where} (4) | change | "
-        "held-out, unshifted (4) | change | train s |"
+        f"| model | BatchNorm statistics | validation, {where} (2) | validation, unshifted (2) | "
+        f"held-out, {where} (4) | change | held-out, unshifted (4) | change | train s |"
     )
-    print("|---|---|---|---|---|---|---|---|", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
     demo = demo_model_dir("seg")
     per_slide: dict[str, dict[str, list[float]]] = {}
+    scorer = StatsScorer(demo, phantoms.train) if variants != ["model"] else None
 
     sets = SETS[:2] if args.validation_only else SETS
 
-    def score(name: str, model_dir: Path) -> dict[str, float]:
+    def score_variant(name: str, model_dir: Path, variant: str) -> dict[str, float]:
         means = {key: float("nan") for key in SETS}
         per_slide[name] = {key: [] for key in SETS}
         for key in sets:
-            means[key], per_slide[name][key] = mean_dice(model_dir, getattr(phantoms, key))
+            slides = getattr(phantoms, key)
+            if not slides:
+                dice = []
+            elif scorer is not None:
+                dice = scorer.dice(model_dir, variant, slides)
+            else:
+                dice = mean_dice(model_dir, slides)[1]
+            per_slide[name][key] = dice
+            means[key] = float(np.mean(dice)) if dice else float("nan")
         return means
 
-    base = score("demo", demo)
-    print(
-        f"| shipped demo ensemble | {base['val_shifted']:.4f} | {base['val_unshifted']:.4f} | "
-        f"{base['held_shifted']:.4f} | | {base['held_unshifted']:.4f} | | 0 |",
-        flush=True,
-    )
+    base: dict[str, float] = {}
+
+    def score(name: str, model_dir: Path, *, took: str, fine_tuned: bool) -> None:
+        for variant in variants:
+            if variant in ("demo",) and not fine_tuned:
+                continue
+            d = score_variant(f"{name} [{variant}]", model_dir, variant)
+            if not base:
+                base.update(d)  # the demo with its own statistics: every change is against it
+            print(
+                f"| {name} | {variant} | {d['val_shifted']:.4f} | {d['val_unshifted']:.4f} | "
+                f"{d['held_shifted']:.4f} | {d['held_shifted'] - base['held_shifted']:+.4f} | "
+                f"{d['held_unshifted']:.4f} | {d['held_unshifted'] - base['held_unshifted']:+.4f} | {took} |",
+                flush=True,
+            )
+
+    score("shipped demo ensemble", demo, took="0", fine_tuned=False)
 
     def fine_tune(run: str, anchor_weight: float) -> None:
         what, n_labelled, n_unl_shifted, n_unl_unshifted = RUNS[run]
@@ -279,7 +421,6 @@ def main() -> None:
             + (f", anchor penalty {last['anchor_penalty']:.4f}" if "anchor_penalty" in last else ""),
             flush=True,
         )
-        d = score(label, out)
         what_anchor = (
             what
             + (f", anchor {anchor_weight:g} (L2-SP)" if anchor_weight else "")
@@ -287,18 +428,22 @@ def main() -> None:
             + (f", pseudo-weight {args.pseudo_weight:g}" if unlabeled else "")
         )
         took = "reused" if seconds is None else f"{seconds:.0f}"
-        print(
-            f"| fine-tuned, {what_anchor} | {d['val_shifted']:.4f} | {d['val_unshifted']:.4f} | "
-            f"{d['held_shifted']:.4f} | "
-            f"{d['held_shifted'] - base['held_shifted']:+.4f} | {d['held_unshifted']:.4f} | "
-            f"{d['held_unshifted'] - base['held_unshifted']:+.4f} | {took} |",
-            flush=True,
-        )
+        score(f"fine-tuned, {what_anchor}", out, took=took, fine_tuned=True)
 
     for run in runs:
         for anchor_weight in anchors:
             fine_tune(run, anchor_weight)
-    print("per slide (validation 881-882 | 891-892; held out 851-854 | 861-864):")
+    if scorer is not None:
+        print(
+            "stain distances (degrees) to the labelled slides' mean stain / the demo's training stain; * nearer theirs:"
+        )
+        for path, (near, to_new, to_old) in scorer.assignments.items():
+            print(f"  {path.name}: {to_new:.1f} / {to_old:.1f}{' *' if near else ''}")
+    print(
+        "per slide (validation 881-882 | 891-892; held out 851-854 | 861-864"
+        + ("; TPS 5, 90: 855-856 | 865-866" if args.extremes else "")
+        + "):"
+    )
     for name, scores in per_slide.items():
         print(f"  {name}: " + " | ".join(" ".join(f"{d:.3f}" for d in scores[key]) for key in SETS))
 

@@ -137,16 +137,17 @@ def test_a_folded_ensemble_is_refused():
         adapt_batchnorm(folded, [tiles(5)])
 
 
-def test_hooks_on_the_members_do_not_hear_the_estimation():
+def test_hooks_on_the_members_hear_the_prediction_not_the_estimation():
     ensemble = unet_ensemble()
     heard = []
-    handle = ensemble.members[0].register_forward_hook(lambda *_: heard.append(1))
+    handle = ensemble.members[0].register_forward_hook(lambda _m, x, _out: heard.append(x[0].shape[0]))
     try:
-        adapted = adapt_batchnorm(ensemble, [tiles(6)])
-        adapted.member_probs(tiles(6), precision=FP32)
+        adapted = adapt_batchnorm(ensemble, [tiles(6, n=3)])
+        assert heard == []
+        adapted.member_probs(tiles(6, n=2), precision=FP32)
     finally:
         handle.remove()
-    assert heard == []
+    assert heard == [2]
 
 
 def test_with_batchnorm_state_puts_one_members_statistics_into_all():

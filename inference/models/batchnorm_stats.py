@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -126,15 +127,24 @@ def _copies(ensemble: Ensemble) -> list[nn.Module]:
         )
     if ensemble.runtime != "torch" or not all(isinstance(m, nn.Module) for m in ensemble.members):
         raise ValueError(f"BatchNorm statistics can be replaced in torch members only, not {ensemble.runtime}'s")
-    copies = []
-    for member in ensemble.members:
-        twin = copy.deepcopy(member)
-        # A copy listens to nothing: hooks on the original (the domain guard's) must not see these passes.
-        for m in twin.modules():
+    return [copy.deepcopy(member) for member in ensemble.members]
+
+
+@contextmanager
+def _hooks_muted(members: list[nn.Module]) -> Iterator[None]:
+    """The members' forward hooks (copied with them: the domain guard's) silent inside, back afterwards."""
+    saved = []
+    for member in members:
+        for m in member.modules():
+            saved.append((m, dict(m._forward_hooks), dict(m._forward_pre_hooks)))
             m._forward_hooks.clear()
             m._forward_pre_hooks.clear()
-        copies.append(twin)
-    return copies
+    try:
+        yield
+    finally:
+        for m, hooks, pre_hooks in saved:
+            m._forward_hooks.update(hooks)
+            m._forward_pre_hooks.update(pre_hooks)
 
 
 def _wrap(ensemble: Ensemble, members: list[nn.Module], *, fold_bn: bool) -> Ensemble:
@@ -154,7 +164,8 @@ def adapt_batchnorm(
     here as the manifest says; ``box_factor`` as there), read once: every member sees each batch. ``ensemble``
     must be loaded unfolded (``fold_bn=False``) and on torch; it is left unchanged. The copy's BatchNorms are
     folded (``fold_bn``) for speed, so it cannot be re-estimated again; its members come from memory
-    (``member_files`` None).
+    (``member_files`` None). Forward hooks on the members (the domain guard's tile features) come with the
+    copies but hear only the copy's predictions, not the passes that estimate the statistics.
     """
     members = _copies(ensemble)
 
@@ -163,7 +174,8 @@ def adapt_batchnorm(
             tiles = torch.from_numpy(batch) if isinstance(batch, np.ndarray) else batch
             yield ensemble.normalize(tiles, box_factor=box_factor)
 
-    reestimate_batchnorm(_Members(members), normalised())
+    with _hooks_muted(members):
+        reestimate_batchnorm(_Members(members), normalised())
     return _wrap(ensemble, members, fold_bn=fold_bn)
 
 

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors.torch import load_file
 
 from benchmarks.truth_labels import phantom_once, print_pseudo_labels, sparse_truth_labels, train_or_reuse
@@ -76,13 +77,18 @@ HELD_OUT = ((25, 0), (45, 1), (65, 2), (35, 3))  # (TPS, index): seeds 851+i shi
 # its share of positive tissue. (TPS, index): seeds 851+i shifted, 861+i unshifted.
 EXTREMES = ((5, 4), (90, 5))
 # BatchNorm statistics each model is scored with (--batchnorm-stats); see STATS_HELP.
-BATCHNORM_STATS = ("model", "slide", "demo", "domain")
+BATCHNORM_STATS = ("model", "slide", "demo", "domain", "known", "nearest")
 STATS_HELP = (
     "model: the model's own running statistics; slide: re-estimated on each scored slide's own tissue tiles "
     "(AdaBN); demo: the demo's (its last member's) put into every member; domain: re-estimated on the labelled "
     "training slides' tiles for a slide whose stain vectors are nearer theirs than the demo's training stain, "
-    "the demo's otherwise"
+    "the demo's otherwise; known: the model's own for the domain's slides, the demo's for unshifted ones (the "
+    "domain known from where a slide came); nearest: the model's own or the demo's, whichever the slide's own "
+    "statistics are nearer (mean KL divergence per BatchNorm channel). known and nearest take each slide's Dice "
+    "from the model and demo rows, so need both before them"
 )
+# The sets of the new domain (known: the rest are unshifted).
+DOMAIN_SETS = ("val_shifted", "held_shifted", "extreme_shifted")
 # name: (what, labelled shifted slides, unlabelled shifted slides, unlabelled unshifted slides)
 RUNS = {
     "3lab": ("sparse labels on 3 shifted slides (the acceptance run)", 3, 0, 0),
@@ -174,6 +180,21 @@ def mean_stain(stains: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray,
     return unit(np.mean([s[0] for s in stains], axis=0)), unit(np.mean([s[1] for s in stains], axis=0))
 
 
+def mean_kl(state: dict, reference: dict) -> float:
+    """Mean over BatchNorm layers and channels of KL(N(state) || N(reference)), each channel a Gaussian of its
+    running mean and variance (state dicts of :func:`batchnorm_state`)."""
+    eps = 1e-5
+    values = []
+    for key in state:
+        if not key.endswith("running_mean"):
+            continue
+        var_key = key.removesuffix("running_mean") + "running_var"
+        m, v = state[key].double(), state[var_key].double() + eps
+        mr, vr = reference[key].double(), reference[var_key].double() + eps
+        values.append((0.5 * (v / vr + (m - mr) ** 2 / vr - 1 + torch.log(vr / v))).mean().item())
+    return float(np.mean(values))
+
+
 class StatsScorer:
     """Dice of a model with each BatchNorm statistics variant (``BATCHNORM_STATS``) on lists of slides."""
 
@@ -196,6 +217,19 @@ class StatsScorer:
             to_new, to_old = stain_distance(stain, self.new_stain), stain_distance(stain, self.old_stain)
             self.assignments[path] = (to_new < to_old, to_new, to_old)
         return self.assignments[path]
+
+    def nearest_is_own(self, model_dir: Path, path: Path) -> tuple[bool, float, float]:
+        """Whether ``path``'s own BatchNorm statistics (estimated with ``model_dir``'s weights) are nearer the
+        model's running statistics than the demo's: (that, mean KL to the model's, mean KL to the demo's)."""
+        unfolded = Ensemble.load(model_dir, task="segmentation", fold_bn=False)
+        on_slide = adapt_batchnorm(unfolded, slide_tile_batches(path, unfolded), fold_bn=False)
+        to_own, to_demo = [], []
+        for own, slide in zip(unfolded.members, on_slide.members, strict=True):
+            own_state, slide_state = batchnorm_state(own), batchnorm_state(slide)
+            to_own.append(mean_kl(slide_state, own_state))
+            to_demo.append(mean_kl(slide_state, self.demo_state))
+        kl_own, kl_demo = float(np.mean(to_own)), float(np.mean(to_demo))
+        return kl_own < kl_demo, kl_own, kl_demo
 
     def dice(self, model_dir: Path, variant: str, slides: list[Path]) -> list[float]:
         if variant == "model":
@@ -312,6 +346,9 @@ def main() -> None:
         parser.error(f"--batchnorm-stats: unknown {unknown}; choose from {', '.join(BATCHNORM_STATS)}")
     if variants[0] != "model":
         parser.error("--batchnorm-stats: give model first (every change is against the demo with its own statistics)")
+    for derived in ("known", "nearest"):
+        if derived in variants and ("demo" not in variants or variants.index("demo") > variants.index(derived)):
+            parser.error(f"--batchnorm-stats: {derived} takes the model and demo rows' Dice: give demo before it")
 
     phantoms = make_phantoms(
         args.work, size=args.size, shift=args.shift, weak_fraction=args.weak_fraction, extremes=args.extremes
@@ -337,22 +374,35 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     demo = demo_model_dir("seg")
     per_slide: dict[str, dict[str, list[float]]] = {}
+    choices: dict[str, list[str]] = {}
     scorer = StatsScorer(demo, phantoms.train) if variants != ["model"] else None
 
     sets = SETS[:2] if args.validation_only else SETS
 
     def score_variant(name: str, model_dir: Path, variant: str) -> dict[str, float]:
         means = {key: float("nan") for key in SETS}
-        per_slide[name] = {key: [] for key in SETS}
+        per_slide[f"{name} [{variant}]"] = {key: [] for key in SETS}
         for key in sets:
             slides = getattr(phantoms, key)
             if not slides:
                 dice = []
+            elif variant in ("known", "nearest"):
+                own, theirs = per_slide[f"{name} [model]"][key], per_slide[f"{name} [demo]"][key]
+                if variant == "known":
+                    pick_own = [key in DOMAIN_SETS] * len(slides)
+                else:
+                    nearest = [scorer.nearest_is_own(model_dir, s) for s in slides]
+                    pick_own = [n[0] for n in nearest]
+                    for s, (is_own, kl_own, kl_demo) in zip(slides, nearest, strict=True):
+                        choices.setdefault(name, []).append(
+                            f"{s.stem}: {kl_own:.3g} / {kl_demo:.3g}{' own' if is_own else ' demo'}"
+                        )
+                dice = [o if p else t for o, t, p in zip(own, theirs, pick_own, strict=True)]
             elif scorer is not None:
                 dice = scorer.dice(model_dir, variant, slides)
             else:
                 dice = mean_dice(model_dir, slides)[1]
-            per_slide[name][key] = dice
+            per_slide[f"{name} [{variant}]"][key] = dice
             means[key] = float(np.mean(dice)) if dice else float("nan")
         return means
 
@@ -360,9 +410,9 @@ def main() -> None:
 
     def score(name: str, model_dir: Path, *, took: str, fine_tuned: bool) -> None:
         for variant in variants:
-            if variant in ("demo",) and not fine_tuned:
-                continue
-            d = score_variant(f"{name} [{variant}]", model_dir, variant)
+            if variant in ("demo", "known", "nearest") and not fine_tuned:
+                continue  # the demo's own statistics are the demo's
+            d = score_variant(name, model_dir, variant)
             if not base:
                 base.update(d)  # the demo with its own statistics: every change is against it
             print(
@@ -433,12 +483,16 @@ def main() -> None:
     for run in runs:
         for anchor_weight in anchors:
             fine_tune(run, anchor_weight)
-    if scorer is not None:
+    if scorer is not None and scorer.assignments:
         print(
             "stain distances (degrees) to the labelled slides' mean stain / the demo's training stain; * nearer theirs:"
         )
         for path, (near, to_new, to_old) in scorer.assignments.items():
             print(f"  {path.name}: {to_new:.1f} / {to_old:.1f}{' *' if near else ''}")
+    if choices:
+        print("nearest: mean KL of each slide's statistics to the model's own / the demo's, and the choice:")
+        for name, rows in choices.items():
+            print(f"  {name}: " + "; ".join(rows))
     print(
         "per slide (validation 881-882 | 891-892; held out 851-854 | 861-864"
         + ("; TPS 5, 90: 855-856 | 865-866" if args.extremes else "")
@@ -449,7 +503,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    import torch
-
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     main()

@@ -50,12 +50,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from benchmarks.batchnorm_stats import adapt_batchnorm, batchnorm_state, with_batchnorm_state
 from benchmarks.truth_labels import phantom_once, print_pseudo_labels, sparse_truth_labels, train_or_reuse
 from inference.analysis.domain import angle_deg, slide_stain, stats_of_manifest
 from inference.analysis.segment import SegmentConfig, plan_tiles
 from inference.analysis.tiling import read_grid_tiles
 from inference.evaluation.evaluate import evaluate_segmentation
-from inference.models.batchnorm_stats import adapt_batchnorm, batchnorm_state, with_batchnorm_state
 from inference.models.ensemble import Ensemble, demo_model_dir
 from inference.models.manifest import read_manifest
 from inference.phantom.scene import PhantomSpec

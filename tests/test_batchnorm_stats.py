@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from inference.models.batchnorm_stats import (
+from benchmarks.batchnorm_stats import (
     adapt_batchnorm,
     batchnorm_state,
     reestimate_batchnorm,

@@ -1,7 +1,7 @@
 """Fine-tuning the demo ensemble on a shifted stain domain, with and without pseudo-labels (issue #33).
 
 ``python -m benchmarks.shift_finetune [--work DIR] [--size 2048] [--iterations 20] [--seed 0] [--runs ...]
-[--shift 0.8] [--weak-fraction 0] [--anchor-weight 0,...]``
+[--shift 0.8] [--weak-fraction 0] [--anchor-weight 0,...] [--batchnorm-stats model,...] [--extremes]``
 
 Acceptance: fine-tuning the shipped demo segmentation ensemble with sparse labels on 3 slides of a
 shifted stain domain (``pdl1 phantom --shift 0.8``) raises held-out Dice in that domain by >= 0.10 and
@@ -35,6 +35,16 @@ scores about 0.96, so +0.10 cannot be reached there. Such phantoms are named wit
 ``--freeze-batchnorm`` keeps the demo's BatchNorm running statistics (``pdl1 train seg --freeze-batchnorm``). Each
 fine-tuned model's squared distance from the demo's weights, ``sum((w - w_demo)^2)``, and its last epoch's
 loss (and mean anchor penalty) are printed: the scale an anchor weight is chosen on.
+
+``--batchnorm-stats`` (comma-separated, ``model`` first) scores every model once per choice of BatchNorm running
+statistics, its weights unchanged: ``model`` (its own, as before), ``slide`` (AdaBN, Li et al. 2016: re-estimated
+on each scored slide's own tissue tiles, :mod:`benchmarks.batchnorm_stats`), ``demo`` (the demo's put into the
+fine-tuned members), ``domain`` (re-estimated on the labelled slides for a slide whose stain vectors are nearer
+theirs than the demo's training stain, the demo's otherwise), ``known`` (the model's own for the domain's slides,
+the demo's for unshifted ones: the domain known from where a slide came) and ``nearest`` (the model's own or the
+demo's, whichever the slide's own statistics are nearer by mean KL divergence per channel). ``--extremes`` adds
+held-out slides at TPS 5 and 90 (seeds 855-856 in the domain, 865-866 unshifted), where statistics of one slide
+lean most on its share of positive tissue.
 """
 
 from __future__ import annotations

@@ -38,7 +38,8 @@ loss (and mean anchor penalty) are printed: the scale an anchor weight is chosen
 
 ``--batchnorm-stats`` (comma-separated, ``model`` first) scores every model once per choice of BatchNorm running
 statistics, its weights unchanged: ``model`` (its own, as before), ``slide`` (AdaBN, Li et al. 2016: re-estimated
-on each scored slide's own tissue tiles, :mod:`benchmarks.batchnorm_stats`), ``demo`` (the demo's put into the
+on each scored slide's own tissue tiles, :mod:`benchmarks.batchnorm_stats`; ``slide:W`` mixes W of them with
+1 - W of the model's own), ``demo`` (the demo's put into the
 fine-tuned members), ``domain`` (re-estimated on the labelled slides for a slide whose stain vectors are nearer
 theirs than the demo's training stain, the demo's otherwise), ``known`` (the model's own for the domain's slides,
 the demo's for unshifted ones: the domain known from where a slide came) and ``nearest`` (the model's own or the
@@ -90,12 +91,13 @@ EXTREMES = ((5, 4), (90, 5))
 BATCHNORM_STATS = ("model", "slide", "demo", "domain", "known", "nearest")
 STATS_HELP = (
     "model: the model's own running statistics; slide: re-estimated on each scored slide's own tissue tiles "
-    "(AdaBN); demo: the demo's (its last member's) put into every member; domain: re-estimated on the labelled "
-    "training slides' tiles for a slide whose stain vectors are nearer theirs than the demo's training stain, "
-    "the demo's otherwise; known: the model's own for the domain's slides, the demo's for unshifted ones (the "
-    "domain known from where a slide came); nearest: the model's own or the demo's, whichever the slide's own "
-    "statistics are nearer (mean KL divergence per BatchNorm channel). known and nearest take each slide's Dice "
-    "from the model and demo rows, so need both before them"
+    "(AdaBN; slide:W mixes W of them with 1 - W of the model's own); demo: the demo's (its last member's) put "
+    "into every member; domain: re-estimated on the labelled training slides' tiles for a slide whose stain "
+    "vectors are nearer theirs than the demo's training stain, the demo's otherwise; known: the model's own for "
+    "the domain's slides, the demo's for unshifted ones (the domain known from where a slide came); nearest: the "
+    "model's own or the demo's, whichever the slide's own statistics are nearer (mean KL divergence per "
+    "BatchNorm channel). known and nearest take each slide's Dice from the model and demo rows, so need both "
+    "before them"
 )
 # The sets of the new domain (known: the rest are unshifted).
 DOMAIN_SETS = ("val_shifted", "held_shifted", "extreme_shifted")
@@ -257,11 +259,10 @@ class StatsScorer:
                 evaluate_segmentation(s, domain_stats if self.near_new_domain(s)[0] else demo_stats)[0].dice_ensemble
                 for s in slides
             ]
-        if variant == "slide":
-            return [
-                evaluate_segmentation(s, adapt_batchnorm(unfolded, slide_tile_batches(s, unfolded)))[0].dice_ensemble
-                for s in slides
-            ]
+        if variant == "slide" or variant.startswith("slide:"):
+            weight = float(variant.removeprefix("slide:")) if ":" in variant else 1.0
+            adapted = (adapt_batchnorm(unfolded, slide_tile_batches(s, unfolded), weight=weight) for s in slides)
+            return [evaluate_segmentation(s, a)[0].dice_ensemble for s, a in zip(slides, adapted, strict=True)]
         raise ValueError(f"unknown BatchNorm statistics {variant!r}; choose from {', '.join(BATCHNORM_STATS)}")
 
 
@@ -291,6 +292,16 @@ def weight_distances(model_dir: Path, init_dir: Path) -> list[float]:
 def _last_epoch(model_dir: Path) -> dict:
     history = json.loads((model_dir / HISTORY_FILE).read_text())["epochs"]
     return history[-1]
+
+
+def _slide_weight_ok(variant: str) -> bool:
+    """``slide:W``: per-slide statistics mixed with the model's own, W in (0, 1] the slide's share."""
+    if not variant.startswith("slide:"):
+        return False
+    try:
+        return 0 < float(variant.removeprefix("slide:")) <= 1
+    except ValueError:
+        return False
 
 
 def main() -> None:
@@ -351,7 +362,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown runs {unknown}; choose from {', '.join(RUNS)}")
     variants = args.batchnorm_stats.split(",")
-    unknown = [v for v in variants if v not in BATCHNORM_STATS]
+    unknown = [v for v in variants if v not in BATCHNORM_STATS and not _slide_weight_ok(v)]
     if unknown:
         parser.error(f"--batchnorm-stats: unknown {unknown}; choose from {', '.join(BATCHNORM_STATS)}")
     if variants[0] != "model":

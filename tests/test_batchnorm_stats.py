@@ -161,3 +161,20 @@ def test_with_batchnorm_state_puts_one_members_statistics_into_all():
         assert all(torch.equal(v, member.state_dict()[k]) for k, v in own_weights.items())
     with pytest.raises(ValueError, match="do not fit"):
         with_batchnorm_state(ensemble, {"encoder.0.1.running_mean": torch.zeros(4)})
+
+
+@pytest.mark.parametrize("weight", [0.25, 0.5, 1.0])
+def test_weight_mixes_the_new_statistics_with_the_members_own(weight):
+    ensemble = unet_ensemble()
+    batch = tiles(8, low=0, high=60)
+    own = batchnorm_state(ensemble.members[0])
+    new = batchnorm_state(adapt_batchnorm(ensemble, [batch], fold_bn=False).members[0])
+    mixed = batchnorm_state(adapt_batchnorm(ensemble, [batch], fold_bn=False, weight=weight).members[0])
+    for key in own:
+        if key.endswith(("running_mean", "running_var")):
+            assert torch.allclose(mixed[key], weight * new[key] + (1 - weight) * own[key], atol=1e-6)
+
+
+def test_a_weight_outside_0_1_is_refused():
+    with pytest.raises(ValueError, match=r"weight must be in \(0, 1\]"):
+        adapt_batchnorm(unet_ensemble(), [tiles(9)], weight=0)

@@ -7,7 +7,8 @@ Two checks of :mod:`benchmarks.batchnorm_stats` beside ``benchmarks.shift_finetu
 * own domain: the shipped demo segmentation ensemble with its own running statistics against statistics
   re-estimated on each slide's own tiles mixed ``--weight`` : ``1 - --weight`` with its own, on unseen phantoms
   of the demo's training domain (2048² px at 0.5 µm/px, seeds 801-808, TPS 2, 10, 25, 40, 55, 70, 85, 95,
-  shifts 0, 0.15, 0.3 in turn) and on shift 0.8's held-out slides (seeds 851-854, as ``shift_finetune``);
+  shifts 0, 0.15, 0.3 in turn), on shift 0.8's held-out slides (seeds 851-854, as ``shift_finetune``) and on
+  more slides of ``shift_finetune``'s weak domain (shift 0.5, weak 0.5; seeds 811-818, TPS as 801-808);
 * pooled: the demo's statistics re-estimated (``--weight`` 1) on three unlabelled unshifted slides together
   (874-876) and on the weak domain's three labelled slides together (841-843, shift 0.5, weak 0.5), scored on
   ``shift_finetune``'s validation slides (881-882 in the domain, 891-892 unshifted): how far whole-slide tissue
@@ -34,6 +35,8 @@ from inference.phantom.scene import PhantomSpec
 
 OWN_DOMAIN = tuple(zip(range(801, 809), (2, 10, 25, 40, 55, 70, 85, 95), (0, 0.15, 0.3) * 2 + (0, 0.15), strict=True))
 SHIFT_08 = ((851, 25), (852, 45), (853, 65), (854, 35))
+# More slides of shift_finetune's weak domain (shift 0.5, weak 0.5) than its 4 held out; TPS as OWN_DOMAIN's.
+WEAK_DOMAIN = tuple(zip(range(811, 819), (2, 10, 25, 40, 55, 70, 85, 95), strict=True))
 
 
 def phantom(work: Path, name: str, seed: int, tps: int, *, shift: float, weak: float = 0.0) -> Path:
@@ -74,6 +77,9 @@ def main() -> None:
             phantom(work, f"demo_{seed}_s{shift:g}", seed, tps, shift=shift) for seed, tps, shift in OWN_DOMAIN
         ],
         "shift 0.8 held out 851-854": [phantom(work, f"held_{seed}", seed, tps, shift=0.8) for seed, tps in SHIFT_08],
+        "weak domain (shift 0.5, weak 0.5) 811-818, TPS 2-95": [
+            phantom(work, f"weak_{seed}_s0.5_w0.5", seed, tps, shift=0.5, weak=0.5) for seed, tps in WEAK_DOMAIN
+        ],
     }
     print(f"| slides | own statistics | per slide, weight {args.weight:g} | change | worst slide |")
     print("|---|---|---|---|---|")

@@ -5,16 +5,16 @@ region its threads spin for :envvar:`GOMP_SPINCOUNT` iterations (300 000 by defa
 before they sleep. On a quiet machine that saves a wake-up per layer; beside any other busy process
 (QuPath, a second run, a test suite) it is a trap: a thread descheduled in the middle of a layer holds
 up its peers, which spin on the very core it needs. On the 2-CPU machine (benchmarks/README.md,
-``cpu_contention``) one busy process beside ``pdl1 run``'s analysis of a 4096² phantom made it 3-15x
-slower with libgomp's default (5-27 s against 1.7 s quiet; its CPU time rose from 3 to 7-20 s of
-spinning), against 3.1-4.2 s with 1 000 spins. Quiet, 1 000 spins cost 0-7 % (OMP's passive policy,
-no spinning, 10-20 %), and it spends a fifth less CPU time.
+``cpu_contention``, 2026-12-05) ``pdl1 run``'s analysis of a 4096² phantom took a median 5.5 s beside one
+busy process and 25.9 s beside two with libgomp's default (single runs up to 35 and 69 s, and once 23.6 s on
+a machine thought quiet), against 3.1 and 4.0 s with 1 000 spins, which cost 4 % when quiet (1.99 s against
+1.92; OpenMP's passive policy, no spinning at all, 9 %) and spend less CPU time (3.2 s against 3.6).
 
 libgomp reads the variable once, when PyTorch loads it, so :func:`tune_openmp` must run before the
 first ``import torch`` of the process: the programs (the CLI, hence the service and Ray workers started
 from it) call it at start-up, never the library functions. A wait policy the user set
-(:envvar:`OMP_WAIT_POLICY` or :envvar:`GOMP_SPINCOUNT`) is kept: ``OMP_WAIT_POLICY=ACTIVE pdl1 run ...``
-restores the spinning.
+(:envvar:`OMP_WAIT_POLICY` or :envvar:`GOMP_SPINCOUNT`) is kept: ``GOMP_SPINCOUNT=300000 pdl1 run ...``
+restores libgomp's default.
 """
 
 from __future__ import annotations

@@ -9,13 +9,12 @@ against a project saved by a real QuPath), which QuPath 0.4.4 to 0.6 open; QuPat
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 import uuid
 from pathlib import Path
 
-from bridge.project import ProjectError, not_a_folder, path_to_uri, write_json_atomic
+from bridge.project import ProjectError, distinct_inputs, not_a_folder, path_to_uri, write_json_atomic
 from inference import MissingMppError, Pdl1Error, open_slide
 from project_templates import PDL1_TEMPLATE
 from qupath_scripts import script_paths
@@ -89,16 +88,6 @@ def settle_slides(slides: list[Path], problems: dict[Path, str], *, skip_unreada
     return kept
 
 
-def _same_file_key(slide: Path) -> tuple:
-    """What tells one file from another: device and inode where it exists (so a symlink, ``..`` or a hard link
-    to it counts as the file), else the absolute path as written."""
-    try:
-        status = os.stat(slide)
-    except (OSError, ValueError):
-        return ("path", os.path.abspath(slide))
-    return ("file", status.st_dev, status.st_ino)
-
-
 def distinct_slides(slides: list[Path]) -> tuple[list[Path], dict[Path, Path]]:
     """``slides`` with each file once, in the order given (the first naming of a file is kept), and each later
     naming of a file already listed mapped to that first one.
@@ -106,17 +95,7 @@ def distinct_slides(slides: list[Path]) -> tuple[list[Path], dict[Path, Path]]:
     A file named twice (the same path twice, a shell glob plus one of its files, a symlink or ``..`` path to it)
     would be two entries of one image in QuPath.
     """
-    first: dict[tuple, Path] = {}
-    kept: list[Path] = []
-    repeats: dict[Path, Path] = {}
-    for slide in map(Path, slides):
-        key = _same_file_key(slide)
-        if key in first:
-            repeats[slide] = first[key]
-        else:
-            first[key] = slide
-            kept.append(slide)
-    return kept, repeats
+    return distinct_inputs(slides)
 
 
 def _check_slides(slides: list[Path]) -> tuple[dict[Path, dict], dict[Path, str]]:

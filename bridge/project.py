@@ -541,6 +541,48 @@ def not_a_folder(folder: Path) -> str | None:
     return None
 
 
+def same_file_key(path: Path) -> tuple:
+    """What tells one file from another: device and inode where it exists (so a symlink, ``..`` or a hard link
+    to it counts as the file), else the absolute path as written."""
+    try:
+        status = os.stat(path)
+    except (OSError, ValueError):
+        return ("path", os.path.abspath(path))
+    return ("file", status.st_dev, status.st_ino)
+
+
+def same_input_key(path: Path) -> tuple:
+    """:func:`same_file_key` of a slide or project file; a folder counts as its ``project.qpproj``, so a project
+    given as its folder and as its project file is one project."""
+    return same_file_key(path / "project.qpproj" if path.is_dir() else path)
+
+
+def distinct_inputs(paths: list[Path]) -> tuple[list[Path], dict[Path, Path]]:
+    """``paths`` with each file (and each project) once, in the order given (the first naming is kept), and each
+    later naming of one already listed mapped to that first one.
+
+    A file named twice is the same path twice, a shell glob plus one of its files, or a symlink or ``..`` path to
+    it; a project is named twice also as its folder and its ``project.qpproj``.
+    """
+    first: dict[tuple, Path] = {}
+    kept: list[Path] = []
+    repeats: dict[Path, Path] = {}
+    for path in map(Path, paths):
+        key = same_input_key(path)
+        if key in first:
+            repeats[path] = first[key]
+        else:
+            first[key] = path
+            kept.append(path)
+    return kept, repeats
+
+
+def repeat_note(again: Path, first: Path, done: str) -> str:
+    """The note for a slide or project named twice: ``done`` says what happens to it (``added once``)."""
+    also = "" if str(again) == str(first) else f" (as {again})"
+    return f"{first} is given twice{also}; it is {done}"
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON through a temporary file and rename, so readers never see half a file."""
     with replace_atomically(path) as fh:

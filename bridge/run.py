@@ -33,10 +33,12 @@ from bridge.project import (
     ProjectEntry,
     ProjectError,
     RunStatus,
+    distinct_inputs,
     locate_image,
     not_a_folder,
     qpdata_problem,
     read_project,
+    repeat_note,
     sidecar_dir,
     summary_problem,
     write_json_atomic,
@@ -229,7 +231,14 @@ def write_result_files(
 
 
 def _jobs(inputs: list[Path], config: RunConfig) -> tuple[list[_Job], Path | None, Path]:
-    """Images to run, the project (if any) and the folder that keeps the run status."""
+    """Images to run, the project (if any) and the folder that keeps the run status.
+
+    A slide or project named twice (a glob and one of its files, a symlink, a project's folder and its
+    project.qpproj) is run once, as ``pdl1 init-project`` adds a slide named twice once.
+    """
+    inputs, repeats = distinct_inputs(inputs)
+    for again, first in repeats.items():
+        log.warning("%s", repeat_note(again, first, "analysed once"))
     if len(inputs) == 1 and (inputs[0].is_dir() or inputs[0].suffix == ".qpproj"):
         info = read_project(inputs[0], unreadable_entries="keep")
         if config.out is not None:  # it was ignored: the results went into the project, not where asked
@@ -306,10 +315,8 @@ def _refuse_shared_stems(slides: list[Path], out: Path) -> None:
     for slide in slides:
         by_stem.setdefault(slide.stem, []).append(slide)
     for stem, same in by_stem.items():
-        if len(same) < 2:
+        if len(same) < 2:  # a slide named twice is one by now (distinct_inputs)
             continue
-        if len({str(p.absolute()) for p in same}) == 1:
-            raise ProjectError(f"{same[0]} is given {len(same)} times; give each slide once")
         raise ProjectError(
             f"{', '.join(map(str, same))} share the file name {stem!r}, so their outputs ({out / stem}.geojson and "
             f".summary.json) would overwrite each other; rename one, or run them into different --out folders"

@@ -272,6 +272,29 @@ def test_run_takes_its_defaults_from_the_projects_config(tmp_path, captured_run)
     assert config.settings.path == project / "pdl1-config.toml"
 
 
+def test_a_project_given_as_its_folder_and_its_project_file_is_one_project_with_its_config(tmp_path, monkeypatch):
+    # `pdl1 run P/project.qpproj P` said "2 projects given"; it is one project, run once, as a slide named twice is.
+    import bridge.cli.run
+
+    seen = []
+
+    def fake_run(inputs, run_config, *, progress):
+        seen.append((inputs, run_config))
+        return []
+
+    monkeypatch.setattr(bridge.cli.run, "run_with_progress", fake_run)
+    monkeypatch.setattr("bridge.cli.common._absent_device", lambda device: None)
+    (tmp_path / "P").mkdir()
+    project = _project(tmp_path / "P", CONFIG)
+    qpproj = project / "project.qpproj"
+    result = runner.invoke(app, ["run", str(qpproj), str(project), "--no-progress"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert f"note: {qpproj} is given twice (as {project}); it is analysed once" in result.output
+    ((inputs, config),) = seen
+    assert inputs == [qpproj]
+    assert config.settings.path == project / "pdl1-config.toml"  # read as for the project given once
+
+
 def test_run_options_override_the_config(tmp_path, captured_run):
     project = _project(tmp_path, CONFIG)
     args = ["run", str(project), "--no-progress", "--device", "cuda:1", "--class", "Stroma", "--class", "Tumor"]

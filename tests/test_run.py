@@ -545,8 +545,26 @@ def test_slides_sharing_a_stem_are_named_with_the_fix(tmp_path, models):
         f"{slides[0]}, {slides[1]}, {slides[3]} share the file name 'a', so their outputs ({out / 'a'}.geojson and "
         ".summary.json) would overwrite each other; rename one, or run them into different --out folders"
     )
-    with pytest.raises(ProjectError, match=r"b\.svs is given 2 times; give each slide once"):
-        run_batch([slides[2], slides[2]], _config(out=out), models=models)
+
+
+def test_a_slide_or_project_named_twice_is_run_once_and_said_so(tmp_path, slides, models, caplog):
+    # A slide named twice was refused ("given 2 times") and a project named as its folder and its project.qpproj
+    # was "2 projects given"; each is one, run once with a note, as `pdl1 init-project` adds a slide named twice once.
+    (tmp_path / "links").mkdir()
+    link = tmp_path / "links" / "again.svs"
+    link.symlink_to(slides[0])
+    out = tmp_path / "out"
+    outcomes = run_batch([slides[0], slides[1], slides[0], link], _config(out=out), models=models)
+    assert [(o.name, o.state) for o in outcomes] == [(slides[0].name, "done"), (slides[1].name, "done")]
+    assert f"{slides[0]} is given twice; it is analysed once" in caplog.text
+    assert f"{slides[0]} is given twice (as {link}); it is analysed once" in caplog.text
+    assert not (out / "again.geojson").exists()
+    project = tmp_path / "project"
+    init_project_files(project, [slides[1]])
+    caplog.clear()
+    outcomes = run_batch([project / "project.qpproj", project], _config(), models=models)
+    assert [(o.key, o.state) for o in outcomes] == [("1", "done")]
+    assert f"{project / 'project.qpproj'} is given twice (as {project}); it is analysed once" in caplog.text
 
 
 def test_an_out_path_that_is_a_file_says_so(tmp_path, slides, models):

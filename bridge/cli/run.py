@@ -261,6 +261,9 @@ def run(
 
     Exits non-zero when any image failed; the others are finished and written all the same.
     """
+    from rich.markup import escape
+
+    from bridge.project import distinct_inputs, repeat_note
     from bridge.run import RunConfig, iter_failed
 
     if qupath not in ("auto", "never", "always"):
@@ -290,6 +293,11 @@ def run(
         problem = None if value is None else problem_with(name, value)
         if problem is not None:
             raise typer.BadParameter(problem, param_hint=_OPTION_OF[name])
+    # A slide or project named twice (a glob and one of its files, a project's folder and its project.qpproj)
+    # is one: run once, and its project's pdl1-config.toml read as for one input.
+    inputs, repeats = distinct_inputs(inputs)
+    for again, first in repeats.items():
+        console.print(f"[yellow]note:[/yellow] {escape(repeat_note(again, first, 'analysed once'))}", soft_wrap=True)
     started = time.time()
     try:
         settings = _settings(inputs, config, no_config=no_config, given=given, nuclei=nuclei)
@@ -389,7 +397,7 @@ def init_project(
     from rich.markup import escape
 
     from bridge.init_project import distinct_slides, init_project_files, init_project_qupath
-    from bridge.project import read_project
+    from bridge.project import read_project, repeat_note
     from bridge.qupath import qupath_available
 
     if qupath not in ("auto", "never", "always"):  # a mistyped "always" made a project without QuPath
@@ -397,11 +405,7 @@ def init_project(
     # A slide named twice (a glob and one of its files, a symlink to it) was two entries of one image in QuPath.
     slides, repeats = distinct_slides(slides)
     for again, first in repeats.items():
-        also = "" if str(again) == str(first) else f" (as {again})"
-        console.print(
-            f"[yellow]note:[/yellow] {escape(str(first))} is given twice{escape(also)}; it is added once",
-            soft_wrap=True,
-        )
+        console.print(f"[yellow]note:[/yellow] {escape(repeat_note(again, first, 'added once'))}", soft_wrap=True)
     try:
         ok, why = qupath_available() if qupath != "never" else (False, "")
         if qupath == "always" and not ok:

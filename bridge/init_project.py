@@ -14,7 +14,14 @@ import time
 import uuid
 from pathlib import Path
 
-from bridge.project import ProjectError, distinct_inputs, not_a_folder, path_to_uri, write_json_atomic
+from bridge.project import (
+    ProjectError,
+    distinct_inputs,
+    folder_given_as_slide,
+    not_a_folder,
+    path_to_uri,
+    write_json_atomic,
+)
 from inference import MissingMppError, Pdl1Error, open_slide
 from project_templates import PDL1_TEMPLATE
 from qupath_scripts import script_paths
@@ -104,7 +111,7 @@ def _check_slides(slides: list[Path]) -> tuple[dict[Path, dict], dict[Path, str]
     problems: dict[Path, str] = {}
     for slide in map(Path, slides):
         if slide.is_dir():  # slides/ given for slides/*.svs
-            problems[slide] = "a folder, not a slide file: give the slide files in it (e.g. FOLDER/*.svs)"
+            problems[slide] = folder_given_as_slide(slide)
             continue
         if not slide.is_file():
             problems[slide] = "slide not found"

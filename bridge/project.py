@@ -125,6 +125,18 @@ _SLIDE_SUFFIXES = frozenset(
 )
 
 
+def folder_given_as_slide(folder: Path) -> str:
+    """Why a folder cannot be added as a slide, with the glob of its slides to give instead (``*.svs`` where it
+    holds none that a slide suffix tells)."""
+    try:
+        suffixes = sorted(p.suffix for p in folder.iterdir() if p.suffix.lower() in _SLIDE_SUFFIXES)
+    except OSError:
+        suffixes = []
+    return (
+        f"a folder, not a slide file: give the slide files in it (e.g. {folder}/*{suffixes[0] if suffixes else '.svs'})"
+    )
+
+
 def find_project_file(path: str | Path) -> Path:
     """``project.qpproj`` itself, or the one inside a project folder.
 

@@ -21,7 +21,14 @@ from shapely.geometry.base import BaseGeometry
 
 from bridge.classes import ALL_CLASSES, PDL1_ANALYSIS, PathClassSpec
 from bridge.objects import TILE_NAME, is_own_object
-from bridge.project import QPDATA_BACKUP_SUFFIX, ProjectError, check_qpdata, damaged_data_error, qpdata_problem
+from bridge.project import (
+    QPDATA_BACKUP_SUFFIX,
+    ProjectError,
+    check_qpdata,
+    damaged_data_error,
+    folder_given_as_slide,
+    qpdata_problem,
+)
 from bridge.qupath_geojson import QuPathObject
 from inference import Pdl1Error
 
@@ -234,7 +241,7 @@ def unaddable_images(slides: Iterable[Path]) -> dict[Path, str]:
     with tempfile.TemporaryDirectory(prefix="pdl1-check-") as tmp, open_project(Path(tmp) / "check", mode="x") as trial:
         for slide in map(Path, slides):
             if slide.is_dir():  # slides/ given for slides/*.svs
-                problems[slide] = "a folder, not a slide file: give the slide files in it (e.g. FOLDER/*.svs)"
+                problems[slide] = folder_given_as_slide(slide)
                 continue
             if not slide.is_file():
                 problems[slide] = "slide not found"

@@ -279,10 +279,16 @@ def test_a_folder_of_slides_given_for_a_project_is_told_apart_from_an_empty_fold
 
 
 def test_init_project_given_a_folder_of_slides_says_to_give_the_files(tmp_path):
-    # "slides: slide not found" for a folder that is there, full of slides.
-    (tmp_path / "slides").mkdir()
-    with pytest.raises(ProjectError, match=r"slides: a folder, not a slide file: give the slide files in it \(e\.g\. "):
-        init_project_files(tmp_path / "p", [tmp_path / "slides"])
+    # "slides: slide not found" for a folder that is there, full of slides; then "e.g. FOLDER/*.svs" literally.
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    with pytest.raises(ProjectError) as err:
+        init_project_files(tmp_path / "p", [slides])
+    assert f"{slides}: a folder, not a slide file: give the slide files in it (e.g. {slides}/*.svs)" in str(err.value)
+    (slides / "a.ndpi").write_bytes(b"")  # the glob names the slides it holds
+    with pytest.raises(ProjectError) as err:
+        init_project_files(tmp_path / "p", [slides])
+    assert f"give the slide files in it (e.g. {slides}/*.ndpi)" in str(err.value)
     assert not (tmp_path / "p").exists()
 
 

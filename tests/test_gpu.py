@@ -1,14 +1,13 @@
 """The CUDA path: maps from the GPU match the CPU's. Skipped where torch sees no GPU (CI)."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
 
+from bridge.environment import nvimgcodec_backend
 from inference.analysis.segment import SegmentConfig, SegmentProfile, segment_slide
 from inference.models.ensemble import Ensemble, demo_model_dir
-from inference.slides.gpu_decode import BACKEND_ENV, nvimgcodec_available
+from inference.slides.gpu_decode import NvImageCodecDecoder, nvimgcodec_available
 from inference.slides.slide import open_slide
 from tests.helpers import assert_device_blocks_match_cpu, demo_seg_ensemble, pointwise_ensemble, random_slide
 
@@ -73,12 +72,15 @@ needs_nvimgcodec = pytest.mark.skipif(
 def _nvimgcodec_blocks_equal_cpu(slide, *, mpp: float, box_factor: int, tile_px: int = 256) -> None:
     # Measured on the H100: the hardware decoder within 1 grey level of libjpeg-turbo's pixels
     # (at a few pixels of the phantom), CUDA decoding within 3.
-    hardware = os.environ.get(BACKEND_ENV) == "HW_GPU_ONLY"
+    # The backend as pdl1 reads it (PDL1_NVIMGCODEC_BACKEND), passed down as pdl1 passes it.
+    backend = nvimgcodec_backend()
+    hardware = backend == "HW_GPU_ONLY"
     assert_device_blocks_match_cpu(
         slide,
         mpp=mpp,
         box_factor=box_factor,
         device=torch.device("cuda"),
+        decode=NvImageCodecDecoder(torch.device("cuda"), backend=backend),
         max_diff=1 if hardware else 4,
         tile_px=tile_px,
     )
@@ -101,7 +103,8 @@ def test_maps_read_on_the_device_equal_the_maps_read_on_the_cpu(phantom_svs):
     gpu = demo_seg_ensemble(device="cuda", input_mpp=1.0)
     on_device, on_cpu = SegmentProfile(), SegmentProfile()
     with open_slide(phantom_svs) as slide:
-        ours = segment_slide(slide, gpu, config=SegmentConfig(precision="fp32"), profile=on_device)
+        on_gpu = SegmentConfig(precision="fp32", decode_backend=nvimgcodec_backend())  # as pdl1 passes it
+        ours = segment_slide(slide, gpu, config=on_gpu, profile=on_device)
         ref = segment_slide(slide, gpu, config=SegmentConfig(precision="fp32", read_on_device=False), profile=on_cpu)
     assert on_device.read_on_device and not on_cpu.read_on_device
     covered = ref.covered

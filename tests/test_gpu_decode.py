@@ -145,3 +145,50 @@ def test_automatic_device_decoding_falls_back_to_the_cpu_when_nvimgcodec_does_no
         assert not reads.on_device  # the JPEG tiles are decoded on the CPU, as without nvImageCodec
         with pytest.raises(ValueError, match=r"nvImageCodec did not start \(RuntimeError: Could not create decoder"):
             segment.plan_reads(slide, grid, mpp=0.5, device=cuda, config=SegmentConfig(read_on_device=True))
+
+
+def test_the_nvimgcodec_backend_is_read_from_the_environment_by_pdl1_and_passed_down(phantom_svs, monkeypatch):
+    # inference read PDL1_NVIMGCODEC_BACKEND itself (STYLE: nothing below the edges reads os.environ); pdl1 reads it
+    # into SegmentConfig.decode_backend, which reaches the decoder, and the library ignores the variable.
+    import sys
+    import types
+
+    from bridge.cli.common import pipeline_config
+    from inference.analysis import segment
+    from inference.slides.gpu_decode import NvImageCodecDecoder
+
+    monkeypatch.setenv("PDL1_NVIMGCODEC_BACKEND", "HW_GPU_ONLY")
+    assert pipeline_config("cpu", None, None, None).segment.decode_backend == "HW_GPU_ONLY"
+    monkeypatch.setenv("PDL1_NVIMGCODEC_BACKEND", "")
+    assert pipeline_config("cpu", None, None, None).segment.decode_backend is None
+
+    seen = []
+
+    def reader(*args, backend=None, **kwargs):
+        seen.append(backend)
+        raise RuntimeError("no GPU here")  # automatic decoding falls back to the CPU
+
+    monkeypatch.setattr(segment, "nvimgcodec_available", lambda: True)
+    monkeypatch.setattr(segment, "DeviceBlockReader", reader)
+    with open_slide(phantom_svs) as slide:
+        grid = whole_image_grid(slide, mpp=0.5)
+        config = SegmentConfig(reduce_on_device=False, decode_backend="HW_GPU_ONLY")
+        segment.plan_reads(slide, grid, mpp=0.5, device=torch.device("cuda"), config=config)
+    assert seen == ["HW_GPU_ONLY"]
+
+    made = []
+    fake = types.SimpleNamespace(
+        BackendKind=types.SimpleNamespace(HW_GPU_ONLY="hw"),
+        Backend=lambda kind: ("backend", kind),
+        ColorSpec=types.SimpleNamespace(SRGB="srgb", SYCC="sycc"),
+        DecodeParams=lambda color_spec: color_spec,
+        Decoder=lambda **kwargs: made.append(kwargs) or object(),
+    )
+    monkeypatch.setitem(sys.modules, "nvidia", types.SimpleNamespace(nvimgcodec=fake))
+    monkeypatch.setattr(NvImageCodecDecoder, "_idle", {})
+    monkeypatch.setenv("PDL1_NVIMGCODEC_BACKEND", "NOT_A_BACKEND")  # no longer read here
+    assert NvImageCodecDecoder(torch.device("cuda")).backend is None
+    assert NvImageCodecDecoder(torch.device("cuda"), backend="HW_GPU_ONLY").backend == "HW_GPU_ONLY"
+    assert made == [{"device_id": 0}, {"device_id": 0, "backends": [("backend", "hw")]}]
+    with pytest.raises(ValueError, match=r"nvImageCodec backend 'HW' .* expected one of \['HW_GPU_ONLY'\]"):
+        NvImageCodecDecoder(torch.device("cuda"), backend="HW")

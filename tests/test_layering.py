@@ -132,3 +132,21 @@ def test_no_module_imports_a_module_that_imports_it():
 def test_only_one_module_imports_paquo():
     users = [str(path.relative_to(ROOT)) for path in python_files("bridge") if forbidden_imports(path, ("paquo",))]
     assert len(users) <= 1, users
+
+
+# The environment reads left below the edges, each with its reason (STYLE: configs are built at the edges and
+# passed down; nothing below them reads os.environ): tune_openmp writes GOMP_SPINCOUNT into the environment the
+# CLI gives it at start-up, for libgomp; PDL1_OPENSLIDE_ONLY is an escape hatch that every open_slide caller
+# (pipeline, evaluation, training, init-project) honours, which a parameter would have to reach through each.
+ENVIRONMENT_READERS = {"inference/openmp.py", "inference/slides/tiff_tiles.py"}
+
+
+def test_inference_reads_the_environment_only_where_listed():
+    readers = {
+        str(path.relative_to(ROOT))
+        for path in python_files("inference")
+        if "os.environ" in path.read_text(encoding="utf-8") or "getenv" in path.read_text(encoding="utf-8")
+    }
+    assert readers <= ENVIRONMENT_READERS, (
+        f"read the variable in bridge/ and pass it down: {readers - ENVIRONMENT_READERS}"
+    )

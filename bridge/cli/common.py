@@ -134,6 +134,7 @@ def pipeline_config(
     nuclei_tta: bool | None = None,
     runtime: str = "auto",
 ):
+    from bridge.environment import nvimgcodec_backend
     from bridge.project_config import problem_with
     from bridge.user_dirs import openvino_cache_dir
     from inference import NucleiConfig, PipelineConfig, SegmentConfig
@@ -154,6 +155,7 @@ def pipeline_config(
             read_workers=read_workers,
             compile=compile_members,
             read_on_device=gpu_decode,
+            decode_backend=nvimgcodec_backend(),
             runtime=runtime,
         ),
         nuclei=NucleiConfig(batch_size=nuclei_batch_size, tta=nuclei_tta, runtime=runtime),

@@ -110,6 +110,10 @@ class SegmentConfig:
         reader decodes, as it is or by the device's box (``reduce_on_device``). ``None``
         does so wherever possible on CUDA with nvImageCodec installed; ``True`` requires it
         (an error names why it is not possible); ``False`` decodes on the CPU.
+    decode_backend
+        The one nvImageCodec backend to decode with (a ``BackendKind`` name, e.g. ``HW_GPU_ONLY``, the
+        hardware decoder of A100/H100-class GPUs: within 1 grey level of libjpeg-turbo's pixels); None lets
+        nvImageCodec pick per batch (within a few grey levels where it decodes with CUDA).
     precision
         ``auto`` (bf16 autocast on CUDA and on CPUs with native bf16), ``fp32`` or ``bf16``.
     max_in_memory_mb
@@ -134,6 +138,7 @@ class SegmentConfig:
     read_block_tiles: int = 3
     reduce_on_device: bool | None = None
     read_on_device: bool | None = None
+    decode_backend: str | None = None
     precision: str = "auto"
     max_in_memory_mb: float = 512.0
     max_device_mb: float = 4096.0
@@ -610,7 +615,9 @@ def _device_block_reader(
     if why_not is None:
         try:
             regions = partial(block_region, grid, box_factor=box_factor)
-            return DeviceBlockReader(slide, regions, mpp=mpp, box_factor=box_factor, device=device)
+            return DeviceBlockReader(
+                slide, regions, mpp=mpp, box_factor=box_factor, device=device, backend=config.decode_backend
+            )
         except (RuntimeError, OSError) as err:  # e.g. nvImageCodec built for another CUDA than torch's
             why_not = f"nvImageCodec did not start ({type(err).__name__}: {err})"
             if not config.read_on_device:

@@ -14,7 +14,6 @@ everything else reads on the CPU as before. Needs ``nvidia-nvimgcodec-cu12`` or 
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -27,9 +26,6 @@ from inference.errors import SlideFormatError
 from inference.slides.reader import BACKGROUND_RGB, BlockRegion
 from inference.slides.slide import Slide
 from inference.slides.tiff_tiles import TiffTileReader, TilePaste
-
-# nvImageCodec backends to allow (a BackendKind name, e.g. HW_GPU_ONLY); unset: all of them.
-BACKEND_ENV = "PDL1_NVIMGCODEC_BACKEND"
 
 # Decodes complete JPEG files (``rgb``: their samples are RGB, not YCbCr) into (H, W, 3)
 # uint8 tensors on the device, enqueued on the current stream; None for a file it cannot decode.
@@ -49,11 +45,11 @@ class NvImageCodecDecoder:
     """A :data:`TileDecoder` on a CUDA device with nvImageCodec; safe to call from many threads.
 
     nvImageCodec decoders take long to create (they start their own threads), so they are
-    kept for the life of the process and lent to one call at a time. ``backend`` (or
-    ``PDL1_NVIMGCODEC_BACKEND``) limits them to one nvImageCodec backend, e.g. the hardware
-    decoder of A100/H100-class GPUs (``HW_GPU_ONLY``: within 1 grey level of libjpeg-turbo's pixels);
-    otherwise nvImageCodec picks per batch, and pixels may differ from libjpeg-turbo's by a
-    few grey levels where it decodes with CUDA.
+    kept for the life of the process and lent to one call at a time. ``backend`` (a ``BackendKind``
+    name; :class:`~inference.analysis.segment.SegmentConfig`'s ``decode_backend``) limits them to one
+    nvImageCodec backend, e.g. the hardware decoder of A100/H100-class GPUs (``HW_GPU_ONLY``: within 1 grey
+    level of libjpeg-turbo's pixels); None lets nvImageCodec pick per batch, and pixels may differ from
+    libjpeg-turbo's by a few grey levels where it decodes with CUDA.
     """
 
     _idle: ClassVar[dict[tuple[int, str | None], queue.SimpleQueue]] = {}
@@ -66,10 +62,12 @@ class NvImageCodecDecoder:
             raise ValueError(f"nvImageCodec decodes on a CUDA device, not {device}")
         self.device = device
         self._nv = nvimgcodec
-        backend = backend if backend is not None else os.environ.get(BACKEND_ENV) or None
         if backend is not None and not hasattr(nvimgcodec.BackendKind, backend):
             kinds = [k for k in dir(nvimgcodec.BackendKind) if k.isupper()]
-            raise ValueError(f"{BACKEND_ENV}={backend!r} is no nvImageCodec backend; expected one of {kinds}")
+            raise ValueError(
+                f"nvImageCodec backend {backend!r} (SegmentConfig.decode_backend; pdl1 reads PDL1_NVIMGCODEC_BACKEND) "
+                f"is no nvImageCodec backend; expected one of {kinds}, or none for all of them"
+            )
         self.backend = backend
         # nvJPEG takes every three-component JPEG for YCbCr (it ignores the Adobe marker that
         # says otherwise); asked for YCbCr it leaves the samples as stored, which for Aperio's
@@ -124,6 +122,7 @@ class DeviceBlockReader:
         box_factor: int,
         device: torch.device,
         decode: TileDecoder | None = None,
+        backend: str | None = None,
     ) -> None:
         level = device_decoded_level(slide, mpp, box_factor=box_factor)
         if level is None:
@@ -134,7 +133,7 @@ class DeviceBlockReader:
         self.level = level
         self.tiled = self.reader.tiled_level(level)
         self.regions, self.box_factor, self.device = regions, box_factor, device
-        self.decode = decode if decode is not None else NvImageCodecDecoder(device)
+        self.decode = decode if decode is not None else NvImageCodecDecoder(device, backend=backend)
         self._background = torch.tensor(BACKGROUND_RGB, dtype=torch.uint8, device=device)
         self._local = threading.local()
 

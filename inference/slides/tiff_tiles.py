@@ -32,7 +32,10 @@ log = logging.getLogger(__name__)
 DIRECT_VENDORS = frozenset({"aperio", "generic-tiff"})
 # TIFF compressions decoded here: none, LZW, JPEG, Adobe deflate, deflate.
 DIRECT_COMPRESSIONS = frozenset({1, 5, 7, 8, 32946})
-# Set to 1 to read every pixel through OpenSlide (a way out if a file decodes differently).
+# Set to 1 to read every pixel through OpenSlide (a way out if a file decodes differently). Read here, below the
+# edges, on purpose (STYLE's exception, listed in tests/test_layering.py): every open_slide caller (the pipeline,
+# evaluation, training, init-project) honours it, and a parameter would have to run through each of them for a
+# switch that exists only to rule this reader out.
 OPENSLIDE_ONLY_ENV = "PDL1_OPENSLIDE_ONLY"
 
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -244,30 +245,28 @@ class Ensemble:
         """
         if not 0 <= index < len(self.members):
             raise IndexError(f"member {index} of an ensemble of {len(self.members)} (0 to {len(self.members) - 1})")
-        return Ensemble(
-            self.manifest,
-            [self.members[index]],
-            folder=self.folder,
-            device=self.device,
-            bn_folded=self.bn_folded,
-            member_files=None if self.member_files is None else [self.member_files[index]],
-            runtime=self.runtime,
-            openvino_cache_dir=self.openvino_cache_dir,
+        return self._with(
+            [self.members[index]], member_files=None if self.member_files is None else [self.member_files[index]]
         )
+
+    def _with(self, members: list, **changes: Any) -> Ensemble:
+        """An ensemble of ``members`` with this one's manifest, folder, device and the rest, but for ``changes``."""
+        fields = {
+            "folder": self.folder,
+            "device": self.device,
+            "bn_folded": self.bn_folded,
+            "member_files": self.member_files,
+            "runtime": self.runtime,
+            "openvino_cache_dir": self.openvino_cache_dir,
+        }
+        return Ensemble(self.manifest, members, **(fields | changes))
 
     def compile(self) -> Ensemble:
         """The same ensemble with ``torch.compile``d members (worth it on GPUs for long runs)."""
         if self.runtime != "torch":
             raise ValueError(f"torch.compile needs the torch members, not {self.runtime}'s")
-        compiled = [torch.compile(m) for m in self.members]
-        return Ensemble(
-            self.manifest,
-            compiled,
-            folder=self.folder,
-            device=self.device,
-            bn_folded=self.bn_folded,
-            openvino_cache_dir=self.openvino_cache_dir,
-        )
+        # Compiled modules are no longer the files' members: none names an OpenVINO conversion of them.
+        return self._with([torch.compile(m) for m in self.members], member_files=None)
 
     def on_runtime(self, runtime: str, *, precision: Precision, compile_members: bool = False) -> Ensemble:
         """This ensemble with its members run by ``runtime`` (``auto``, ``torch`` or ``openvino``; see
@@ -328,23 +327,18 @@ class Ensemble:
             if self.member_files is not None:
                 spec = self.member_files[i]
                 name = f"{self.folder / spec.file} ({m.name} {m.version} member {i})"
-                key = ove.cache_key(
-                    member_sha256=spec.sha256,
-                    architecture=m.architecture,
-                    architecture_kwargs=m.architecture_kwargs,
-                    bn_folded=self.bn_folded,
-                    ov_version=ove.openvino_version(),
-                )
+                member_sha256 = spec.sha256
             else:
                 # In memory (training, tests): no file names the weights, so the key is their own digest.
                 name = f"{m.name} {m.version} member {i} (in memory)"
-                key = ove.cache_key(
-                    member_sha256=_state_digest(module),
-                    architecture=m.architecture,
-                    architecture_kwargs=m.architecture_kwargs,
-                    bn_folded=self.bn_folded,
-                    ov_version=ove.openvino_version(),
-                )
+                member_sha256 = _state_digest(module)
+            key = ove.cache_key(
+                member_sha256=member_sha256,
+                architecture=m.architecture,
+                architecture_kwargs=m.architecture_kwargs,
+                bn_folded=self.bn_folded,
+                ov_version=ove.openvino_version(),
+            )
             ir = ove.export_member(module, name=name, key=key, roots=roots, tile_px=m.tile_size_px)
             converted += ir.converted
             compiled.append(ove.compile_ir(ir.folder, bf16=bf16, name=name))
@@ -360,16 +354,7 @@ class Ensemble:
             len(keep_on_torch),
             time.perf_counter() - started,
         )
-        return Ensemble(
-            m,
-            compiled,
-            folder=self.folder,
-            device=self.device,
-            bn_folded=self.bn_folded,
-            member_files=self.member_files,
-            runtime="openvino",
-            openvino_cache_dir=self.openvino_cache_dir,
-        )
+        return self._with(compiled, runtime="openvino")
 
     @torch.inference_mode()
     def member_logits(

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from bridge.project import (
     ProjectError,
-    distinct_inputs,
     folder_given_as_slide,
     not_a_folder,
     path_to_uri,
@@ -93,16 +92,6 @@ def settle_slides(slides: list[Path], problems: dict[Path, str], *, skip_unreada
         )
     log.warning("left out %d of %d slides that cannot be added: %s", len(problems), len(slides), listed)
     return kept
-
-
-def distinct_slides(slides: list[Path]) -> tuple[list[Path], dict[Path, Path]]:
-    """``slides`` with each file once, in the order given (the first naming of a file is kept), and each later
-    naming of a file already listed mapped to that first one.
-
-    A file named twice (the same path twice, a shell glob plus one of its files, a symlink or ``..`` path to it)
-    would be two entries of one image in QuPath.
-    """
-    return distinct_inputs(slides)
 
 
 def _check_slides(slides: list[Path]) -> tuple[dict[Path, dict], dict[Path, str]]:

@@ -396,14 +396,14 @@ def init_project(
     """
     from rich.markup import escape
 
-    from bridge.init_project import distinct_slides, init_project_files, init_project_qupath
-    from bridge.project import read_project, repeat_note
+    from bridge.init_project import init_project_files, init_project_qupath
+    from bridge.project import distinct_inputs, read_project, repeat_note
     from bridge.qupath import qupath_available
 
     if qupath not in ("auto", "never", "always"):  # a mistyped "always" made a project without QuPath
         raise typer.BadParameter(f"expected auto, never or always, got {qupath!r}", param_hint="--qupath")
     # A slide named twice (a glob and one of its files, a symlink to it) was two entries of one image in QuPath.
-    slides, repeats = distinct_slides(slides)
+    slides, repeats = distinct_inputs(slides)
     for again, first in repeats.items():
         console.print(f"[yellow]note:[/yellow] {escape(repeat_note(again, first, 'added once'))}", soft_wrap=True)
     try:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from bridge.project import (
     ProjectError,
-    folder_given_as_slide,
     not_a_folder,
     path_to_uri,
+    slide_file_problem,
     write_json_atomic,
 )
 from inference import MissingMppError, Pdl1Error, open_slide
@@ -99,11 +99,9 @@ def _check_slides(slides: list[Path]) -> tuple[dict[Path, dict], dict[Path, str]
     metadata: dict[Path, dict] = {}
     problems: dict[Path, str] = {}
     for slide in map(Path, slides):
-        if slide.is_dir():  # slides/ given for slides/*.svs
-            problems[slide] = folder_given_as_slide(slide)
-            continue
-        if not slide.is_file():
-            problems[slide] = "slide not found"
+        problem = slide_file_problem(slide)
+        if problem is not None:
+            problems[slide] = problem
             continue
         try:
             metadata[slide] = server_metadata(slide)

@@ -137,6 +137,15 @@ def folder_given_as_slide(folder: Path) -> str:
     )
 
 
+def slide_file_problem(slide: Path) -> str | None:
+    """Why ``slide`` cannot be added to a project before any reader tries it (a folder, nothing there), else None."""
+    if slide.is_dir():  # slides/ given for slides/*.svs
+        return folder_given_as_slide(slide)
+    if not slide.is_file():
+        return "slide not found"
+    return None
+
+
 def find_project_file(path: str | Path) -> Path:
     """``project.qpproj`` itself, or the one inside a project folder.
 

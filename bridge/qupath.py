@@ -26,8 +26,8 @@ from bridge.project import (
     ProjectError,
     check_qpdata,
     damaged_data_error,
-    folder_given_as_slide,
     qpdata_problem,
+    slide_file_problem,
 )
 from bridge.qupath_geojson import QuPathObject
 from inference import Pdl1Error
@@ -240,11 +240,9 @@ def unaddable_images(slides: Iterable[Path]) -> dict[Path, str]:
     problems: dict[Path, str] = {}
     with tempfile.TemporaryDirectory(prefix="pdl1-check-") as tmp, open_project(Path(tmp) / "check", mode="x") as trial:
         for slide in map(Path, slides):
-            if slide.is_dir():  # slides/ given for slides/*.svs
-                problems[slide] = folder_given_as_slide(slide)
-                continue
-            if not slide.is_file():
-                problems[slide] = "slide not found"
+            problem = slide_file_problem(slide)
+            if problem is not None:
+                problems[slide] = problem
                 continue
             try:
                 add_image(trial, slide)

@@ -36,6 +36,12 @@ fit are pooled over folds and seeds. ``--tta off,on`` makes test-time augmentati
 the 8 flips and rotations) a candidate too, chosen on the training half with its own threshold; the test
 half then shows each final model with and without it. ``--models DIR`` keeps every model trained, and a
 later run scores the ones already there instead of training them again.
+
+How clear is a lead on one tile? ``--bootstrap N`` adds a paired block bootstrap on the test half: the half
+is cut into squares of ``--block-px`` (level-0 px), each detector's matches are counted per square, and the
+squares are drawn with replacement N times; each draw scores the chosen model (at its chosen TTA and
+threshold) and the LoG on the same squares, so the interval of their F1 difference keeps what they have
+in common (the same hard and easy places) and the spatial clumping of errors within a square.
 """
 
 from __future__ import annotations
@@ -112,6 +118,44 @@ def tune_log(rgb: np.ndarray, truth_xy: np.ndarray, *, mpp: float, box: tuple[in
         if f1 > best_f1:
             best, best_f1 = params, f1
     return best
+
+
+def block_counts(
+    pred_xy: np.ndarray, truth_xy: np.ndarray, *, box: tuple[int, int, int, int], block_px: int, radius_px: float
+) -> np.ndarray:
+    """(squares, 3) matches, false and missed detections per ``block_px`` square of ``box``, each matched alone.
+
+    Matching square by square loses a pair split by a square's edge; both detectors lose alike.
+    """
+    x0, y0, x1, y1 = box
+    counts = []
+    for bx, by in itertools.product(range(x0, x1, block_px), range(y0, y1, block_px)):
+        square = (bx, by, min(bx + block_px, x1), min(by + block_px, y1))
+        s = _score(pred_xy[_in_box(pred_xy, square)], truth_xy[_in_box(truth_xy, square)], radius_px=radius_px)
+        counts.append((s.tp, s.fp, s.fn))
+    return np.array(counts, dtype=np.int64).reshape(-1, 3)
+
+
+def paired_block_bootstrap(
+    a: np.ndarray, b: np.ndarray, *, n_boot: int, seed: int = 0
+) -> tuple[float, float, float, float]:
+    """F1(a) - F1(b) over the squares given, its 95 % percentile interval over ``n_boot`` paired draws of the
+    squares, and the share of draws in which ``a`` leads (``a``, ``b``: :func:`block_counts` of one box).
+
+    >>> a = np.array([[3, 0, 0], [2, 1, 1], [4, 0, 1]]); b = np.array([[2, 1, 1], [1, 2, 2], [3, 1, 2]])
+    >>> d, lo, hi, share = paired_block_bootstrap(a, b, n_boot=500)
+    >>> round(d, 3), lo <= d <= hi, share > 0.9
+    (0.286, True, True)
+    """
+
+    def f1(counts: np.ndarray) -> np.ndarray:
+        tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
+        return 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+
+    idx = np.random.default_rng(seed).integers(0, len(a), (n_boot, len(a)))
+    d = f1(a[idx].sum(1)) - f1(b[idx].sum(1))
+    lo, hi = np.percentile(d, [2.5, 97.5])
+    return float(f1(a.sum(0)) - f1(b.sum(0))), float(lo), float(hi), float((d > 0).mean())
 
 
 def strip_with_points(truth_xy: np.ndarray, n: int | None, *, width_px: int, height_px: int) -> tuple[int, ...]:
@@ -226,6 +270,10 @@ def main() -> None:
     parser.add_argument("--select-seeds", help="seeds of the selection's models, pooled (default: the first seed)")
     parser.add_argument("--tta", default="off", help="test-time augmentation candidates: off, on or off,on")
     parser.add_argument("--models", type=Path, help="folder keeping every model trained, reused by later runs")
+    parser.add_argument(
+        "--bootstrap", type=int, default=0, help="paired block-bootstrap draws of the test half (0: none)"
+    )
+    parser.add_argument("--block-px", default="125,250", help="the bootstrap's square sides, level-0 px")
     args = parser.parse_args()
     counts = [None if c == "all" else int(c) for c in args.points.split(",")]
     seeds = _csv(args.seeds, int)
@@ -359,7 +407,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     params = tune_log(rgb, all_xy, mpp=mpp, box=train_box)
-    s = _score(run_log(rgb, mpp=mpp, box=test_box, params=params), test_truth, radius_px=radius_px)
+    log_xy = run_log(rgb, mpp=mpp, box=test_box, params=params)
+    s = _score(log_xy, test_truth, radius_px=radius_px)
     row(
         f"LoG on haematoxylin, tuned on the training half {params}",
         int(_in_box(all_xy, train_box).sum()),
@@ -371,9 +420,14 @@ def main() -> None:
     # The test half as a validation slide is: one region with every nucleus marked.
     test_labels = _labels(objects, test_box, rules=rules, size=size)
 
-    def evaluate(model_dir: Path, threshold: float, *, tta: bool = False) -> DetectionScores:
+    # Per (points, seed): the chosen model's test-half detections at its threshold, for --bootstrap.
+    kept: dict[tuple[int | None, int], np.ndarray] = {}
+
+    def evaluate(model_dir: Path, threshold: float, *, tta: bool = False, keep: tuple | None = None) -> DetectionScores:
         config = NucleiConfig(tta=tta)
         found = labelled_nuclei(model_dir, [test_labels], radius_um=RADIUS_UM, config=config, floor=min(threshold, 0.1))
+        if keep is not None:
+            kept[keep] = found[0].pred_xy[found[0].pred_score >= threshold]
         return _scores(score_labelled_nuclei(found, min_score=threshold)[0])
 
     t0 = time.perf_counter()
@@ -397,7 +451,25 @@ def main() -> None:
                 what = f"fine-tuned, {setting}, peak threshold {threshold:g}, strip y < {box[3]} px"
                 if len(ttas) > 1 or tta:
                     what += f", TTA {'on' if tta else 'off'}{' (chosen)' if tta == chosen_tta else ''}"
-                row(what, len(labels.points_class), str(seed), evaluate(model, threshold, tta=tta), seconds)
+                keep = (n, seed) if tta == chosen_tta else None
+                row(what, len(labels.points_class), str(seed), evaluate(model, threshold, tta=tta, keep=keep), seconds)
+    if args.bootstrap:
+        print(
+            f"\nPaired block bootstrap, test half, {args.bootstrap} draws: the chosen model "
+            f"({'TTA' if chosen_tta else 'no TTA'}) minus the LoG, F1"
+        )
+        print("| training points | seed | square px (squares) | F1 difference | 95 % interval | model leads |")
+        print("|---|---|---|---|---|---|")
+        for block_px in _csv(args.block_px, int):
+            base = block_counts(log_xy, test_truth, box=test_box, block_px=block_px, radius_px=radius_px)
+            for (n, seed), pred_xy in kept.items():
+                ours = block_counts(pred_xy, test_truth, box=test_box, block_px=block_px, radius_px=radius_px)
+                d, lo, hi, share = paired_block_bootstrap(ours, base, n_boot=args.bootstrap)
+                print(
+                    f"| {n or 'all'} | {seed} | {block_px} ({len(base)}) | {d:+.3f} | {lo:+.3f} to {hi:+.3f} "
+                    f"| {share:.1%} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

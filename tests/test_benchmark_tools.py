@@ -147,3 +147,20 @@ def test_stain_structure_renders_the_thumbnails_the_written_review_phantoms_give
             written = slide.thumbnail(mpp=8.0)
         assert truth == ("H&E" if name.startswith("c") else "H-DAB") and drawn_shift == shift
         np.testing.assert_array_equal(thumb, written)
+
+
+def test_the_real_tile_bootstrap_pairs_squares_and_counts_each_detector_alone():
+    import numpy as np
+
+    from benchmarks.real_tile_labels import block_counts, paired_block_bootstrap
+
+    truth = np.array([[10.0, 10.0], [60.0, 10.0], [10.0, 60.0], [60.0, 60.0]])
+    box = (0, 0, 100, 100)
+    exact = block_counts(truth, truth, box=box, block_px=50, radius_px=3)
+    assert exact.tolist() == [[1, 0, 0]] * 4  # one nucleus found in each of the four squares
+    shifted = block_counts(truth + 20, truth, box=box, block_px=50, radius_px=3)
+    assert shifted.sum(0).tolist() == [0, 4, 4]  # 20 px off: every detection false, every nucleus missed
+    d, lo, hi, share = paired_block_bootstrap(exact, exact, n_boot=200)
+    assert (d, lo, hi, share) == (0.0, 0.0, 0.0, 0.0)  # the same detector never leads itself
+    d, lo, hi, share = paired_block_bootstrap(exact, shifted, n_boot=200)
+    assert d == 1.0 and lo == hi == 1.0 and share == 1.0

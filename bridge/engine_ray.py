@@ -10,6 +10,7 @@ recorded and the batch goes on. Tasks ask for a GPU when the cluster has them.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -38,6 +39,30 @@ from bridge.run_lock import run_lock
 
 log = logging.getLogger(__name__)
 _MODELS: dict[str, Any] = {}  # per worker process: models load once, not per image
+# How long --address HOST:PORT may take to accept a TCP connection before the run is refused. Ray 2.x itself retries
+# a port where nothing listens 20 times (RAY_NUM_REDIS_GET_RETRIES), each try taking some 40 s (measured: still
+# retrying after 6 minutes), before it says so.
+CONNECT_TIMEOUT_S = 5.0
+
+
+def unreachable_address(address: str | None, *, timeout_s: float = CONNECT_TIMEOUT_S) -> str | None:
+    """Why nothing answers at ``--address`` HOST:PORT (or ray://HOST:PORT), None where something does.
+
+    Addresses without a port (``auto``, ``local``, a bare host) are Ray's to resolve: None.
+
+    >>> unreachable_address("auto") is None and unreachable_address(None) is None
+    True
+    """
+    if address is None:
+        return None
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except OSError as err:  # refused, timed out, no route, unknown host
+        return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
 
 
 def analyse_to_files(job: _Job, geojson: str, summary: str, entry_id: str | None, config: RunConfig) -> dict:
@@ -73,6 +98,13 @@ def run_batch_ray(
         raise ProjectError("--engine ray needs Ray: pip install 'pdl1-bridge[ray]'") from err
     if config.target_classes or config.target_names:
         raise ProjectError("annotation targets (--class/--name) run with the local engine only, for now")
+    why = None if ray.is_initialized() else unreachable_address(address)  # before the images: fail in seconds
+    if why is not None:
+        raise ProjectError(
+            f"--address {address}: nothing answers there ({why}); start the Ray cluster on that machine with "
+            "`ray start --head` (its head node listens on port 6379; Ray Client, ray://, on 10001), or leave "
+            "--address out for a local cluster of this machine's cores"
+        )
     jobs, project, status_folder = _jobs(inputs, config)
     use_qupath = _use_qupath(config, project)
     with run_lock(status_folder):

@@ -109,3 +109,31 @@ def test_an_address_ray_cannot_use_says_what_it_takes(tmp_path, monkeypatch):
         "cluster started on this machine with `ray start --head`), HOST:PORT of its head node (port 6379) or "
     )
     assert not (tmp_path / "out" / "pdl1" / "run.lock").exists()
+
+
+def test_an_address_where_nothing_listens_fails_in_seconds_naming_the_fix(tmp_path, monkeypatch):
+    # Ray retried a closed HOST:PORT for minutes (20 tries of some 40 s) before it failed; the port is now
+    # tried first, and ray.init is never reached.
+    import socket
+
+    from bridge.engine_ray import run_batch_ray
+    from bridge.project import ProjectError
+
+    with socket.socket() as closed:  # a local port that was free a moment ago: nothing listens there
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: calls.append(kwargs) or pytest.fail("ray.init called"))
+    slide = tmp_path / "s.svs"
+    slide.write_bytes(b"not read: the address is refused first")
+    config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="never", out=tmp_path / "out")
+    with pytest.raises(ProjectError) as err:
+        run_batch_ray([slide], config, address=f"127.0.0.1:{port}")
+    assert str(err.value).startswith(f"--address 127.0.0.1:{port}: nothing answers there (ConnectionRefusedError: ")
+    assert str(err.value).endswith(
+        "start the Ray cluster on that machine with `ray start --head` (its head node listens on port 6379; Ray "
+        "Client, ray://, on 10001), or leave --address out for a local cluster of this machine's cores"
+    )
+    assert calls == []
+    assert not (tmp_path / "out").exists()

@@ -125,11 +125,17 @@ _SLIDE_SUFFIXES = frozenset(
 )
 
 
+def slide_files_in(folder: Path) -> list[Path]:
+    """The files directly in ``folder`` that a slide suffix tells (any case), by name; OSError where it cannot be
+    listed."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in _SLIDE_SUFFIXES)
+
+
 def folder_given_as_slide(folder: Path) -> str:
     """Why a folder cannot be added as a slide, with the glob of its slides to give instead (``*.svs`` where it
     holds none that a slide suffix tells)."""
     try:
-        suffixes = sorted(p.suffix for p in folder.iterdir() if p.suffix.lower() in _SLIDE_SUFFIXES)
+        suffixes = sorted(p.suffix for p in slide_files_in(folder))
     except OSError:
         suffixes = []
     return (
@@ -168,7 +174,7 @@ def find_project_file(path: str | Path) -> Path:
                     f"was interrupted before QuPath renamed it into place; restore it with "
                     f"`mv '{best}' '{candidate}'`{older}, then run again"
                 )
-        slides = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _SLIDE_SUFFIXES) if path.is_dir() else []
+        slides = [p.name for p in slide_files_in(path)] if path.is_dir() else []
         if slides:  # a folder of slides given for a project
             shown = ", ".join(slides[:3]) + (f" and {len(slides) - 3} more" if len(slides) > 3 else "")
             raise ProjectError(

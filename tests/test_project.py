@@ -20,6 +20,7 @@ from bridge.project import (
     moved_with_project,
     qpdata_problem,
     read_project,
+    slide_files_in,
     uri_to_path,
 )
 from inference.phantom.pyramid import write_phantom
@@ -276,6 +277,15 @@ def test_a_folder_of_slides_given_for_a_project_is_told_apart_from_an_empty_fold
         f"(a.ndpi, b.svs, c.tif and 1 more): a folder of slides is no project; make one with `pdl1 init-project "
         f"PROJECT {tmp_path / 'slides'}/*.ndpi`, or give the slide files themselves where the command takes them"
     )
+
+
+def test_the_slide_files_of_a_folder_are_told_by_suffix_in_any_case_by_name(tmp_path):
+    # One helper for both messages above (a folder given for a project, a folder given for a slide).
+    for name in ("b.SVS", "a.ndpi", "notes.txt", "c.tif", "d"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in slide_files_in(tmp_path)] == ["a.ndpi", "b.SVS", "c.tif"]
+    with pytest.raises(FileNotFoundError):
+        slide_files_in(tmp_path / "missing")
 
 
 def test_init_project_given_a_folder_of_slides_says_to_give_the_files(tmp_path):

@@ -102,7 +102,7 @@ def check_device_from_file(settings) -> None:
     from bridge.project_config import FROM_COMMAND_LINE, FROM_DEFAULT, ConfigError
 
     if settings.source_of("device") in (FROM_COMMAND_LINE, FROM_DEFAULT):
-        return  # --device is checked as it is parsed; auto is always there
+        return  # --device is checked as it is parsed (pdl1 run's in pipeline_config); auto is always there
     problem = _absent_device(settings.device)
     if problem is not None:
         raise ConfigError(
@@ -139,6 +139,9 @@ def pipeline_config(
     from bridge.user_dirs import openvino_cache_dir
     from inference import NucleiConfig, PipelineConfig, SegmentConfig
 
+    # Not a repeat of check_device: pdl1 run's --device has no parse-time callback (its default is the project's
+    # pdl1-config.toml), so a --device it is given is checked here; the file's own device was checked before by
+    # check_device_from_file, naming the file's line. The other commands check twice, at no cost.
     problem = problem_with("device", device) or _absent_device(device)
     if problem is not None:  # torch's own error, at the first model load, lists a dozen device types
         raise typer.BadParameter(problem, param_hint="--device")

@@ -72,6 +72,7 @@ from inference import (
     demo_model_dir,
     open_slide,
     read_manifest,
+    unconvertible_samples,
 )
 
 if TYPE_CHECKING:
@@ -749,7 +750,7 @@ def check_upload(body: bytes, *, mpp: float, max_px: int) -> None:
     try:
         with Image.open(io.BytesIO(body)) as im:
             width, height = im.size
-            kind = _unconvertible_samples(im)
+            kind = unconvertible_samples(im)
     except UnidentifiedImageError as err:  # its message names only the in-memory file object
         if body[:4] in (b"II*\x00", b"MM\x00*"):  # TIFF, with samples Pillow does not decode (e.g. floating point)
             raise SlideFormatError(
@@ -776,17 +777,6 @@ def check_upload(body: bytes, *, mpp: float, max_px: int) -> None:
         mpp=Mpp(mpp, mpp, _UPLOAD_MPP_SOURCE),
         mpp_advice=_upload_mpp_advice,
     ).close()
-
-
-def _unconvertible_samples(im: Any) -> str | None:
-    """What an opened upload holds when Pillow cannot turn it into RGB faithfully, else None: 16/32-bit and
-    floating-point samples (clipped at 255) and TIFFs of other than 1-4 channels (read as one)."""
-    if im.mode in ("I", "F") or im.mode.startswith("I;"):
-        return f"{'floating-point' if im.mode == 'F' else '16- or 32-bit integer'} samples (Pillow mode {im.mode})"
-    channels = im.tag_v2.get(277) if im.format == "TIFF" else None  # SamplesPerPixel
-    if channels is not None and channels not in (1, 2, 3, 4):
-        return f"{channels} channels (a multiplexed or spectral image)"
-    return None
 
 
 @contextmanager

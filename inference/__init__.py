@@ -73,6 +73,7 @@ _PUBLIC = {
     "Slide": "inference.slides.slide",
     "Mpp": "inference.slides.slide",
     "MPP_PLAUSIBLE_RANGE": "inference.slides.slide",
+    "unconvertible_samples": "inference.slides.slide",
     "ArrayReader": "inference.slides.reader",
     "StainEstimate": "inference.slides.stain_detect",
     "detect_stain": "inference.slides.stain_detect",

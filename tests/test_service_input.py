@@ -330,7 +330,7 @@ def _encoded(array: np.ndarray, fmt: str) -> bytes:
         (
             np.full((64, 64), 40000, np.uint16),
             "PNG",
-            "the uploaded image has 16- or 32-bit integer samples (Pillow mode I;16)",
+            "the uploaded image has 16- or 32-bit integer samples (Pillow mode I;16), which would be clipped",
         ),
         (
             np.full((64, 64, 3), 0.5, np.float32),

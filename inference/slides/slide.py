@@ -234,6 +234,26 @@ def _openslide_mpp(props: dict[str, str]) -> Mpp | None:
     return Mpp(*pair, "TIFF resolution tags") if pair else None
 
 
+def unconvertible_samples(im: Image.Image) -> str | None:
+    """What an opened Pillow image holds that ``convert("RGB")`` would not keep, else None: 16/32-bit integer and
+    floating-point samples (clipped at 255: an image of white) and TIFFs of other than 1-4 channels (read as one).
+
+    The words go after "got" or "has" in a message that says what to send instead.
+
+    >>> unconvertible_samples(Image.new("I;16", (2, 2)))
+    '16- or 32-bit integer samples (Pillow mode I;16), which would be clipped'
+    >>> unconvertible_samples(Image.new("RGB", (2, 2))) is None
+    True
+    """
+    if im.mode in ("I", "F") or im.mode.startswith("I;"):
+        kind = "floating-point" if im.mode == "F" else "16- or 32-bit integer"
+        return f"{kind} samples (Pillow mode {im.mode}), which would be clipped"
+    channels = im.tag_v2.get(277) if im.format == "TIFF" else None  # SamplesPerPixel
+    if channels is not None and channels not in (1, 2, 3, 4):
+        return f"{channels} channels (a multiplexed or spectral image), which would be read as one"
+    return None
+
+
 def _read_plain_image(path: Path) -> tuple[np.ndarray, Mpp | None]:
     """Read a small non-pyramidal TIFF/PNG/JPEG whole, with its resolution if stated."""
     if path.suffix.lower() in (".tif", ".tiff"):
@@ -265,11 +285,10 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, Mpp | None]:
             with Image.open(path) as im:
                 if im.width * im.height > MAX_PLAIN_IMAGE_PX:
                     raise SlideFormatError(f"{path}: {im.width}x{im.height} px is too large to read whole")
-                if im.mode in ("I", "F") or im.mode.startswith("I;"):  # convert("RGB") clips them at 255
-                    kind = "floating-point" if im.mode == "F" else "16- or 32-bit integer"
+                kind = unconvertible_samples(im)
+                if kind is not None:
                     raise SlideFormatError(
-                        f"{path}: expected 8-bit RGB pixels, got {kind} samples (Pillow mode {im.mode}), which would "
-                        "be clipped; save the image as 8-bit RGB"
+                        f"{path}: expected 8-bit RGB pixels, got {kind}; save the image as 8-bit RGB"
                     )
                 rgb = np.asarray(im.convert("RGB"))
                 dpi = im.info.get("dpi")

@@ -170,5 +170,5 @@ def run_batch_ray(
                 qp_session.close()
         ordered = [outcomes[job.key] for job in jobs]
         if config.compare_pairs:
-            _compare_pairs(jobs, ordered, project, status_folder)
+            _compare_pairs(jobs, ordered, project, status_folder, openslide_only=config.pipeline.openslide_only)
         return ordered

@@ -22,3 +22,19 @@ def nvimgcodec_backend(environ: Mapping[str, str] | None = None) -> str | None:
     """
     environ = os.environ if environ is None else environ
     return environ.get(NVIMGCODEC_BACKEND_ENV) or None
+
+
+#: Set to 1 to read every slide pixel through OpenSlide, not decoding SVS / tiled TIFF tiles directly (a way out if
+#: a file decodes differently); unset, empty or 0: direct where possible. Goes to ``PipelineConfig.openslide_only``
+#: (pdl1 run, serve, eval, demo and the service's own opening of an image) and ``open_slide(openslide_only=...)``.
+OPENSLIDE_ONLY_ENV = "PDL1_OPENSLIDE_ONLY"
+
+
+def openslide_only(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``PDL1_OPENSLIDE_ONLY`` asks to read every pixel through OpenSlide (set, and neither empty nor 0).
+
+    >>> openslide_only({"PDL1_OPENSLIDE_ONLY": "1"}), openslide_only({"PDL1_OPENSLIDE_ONLY": "0"}), openslide_only({})
+    (True, False, False)
+    """
+    environ = os.environ if environ is None else environ
+    return environ.get(OPENSLIDE_ONLY_ENV, "") not in ("", "0")

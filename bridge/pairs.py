@@ -117,15 +117,23 @@ def _read_ihc_positive_cells(geojson: Path) -> np.ndarray:
 
 
 def compare_case(
-    he: CaseImage, ihc: CaseImage, *, registration_mpp: float = 8.0, labels_dir: Path | None = None
+    he: CaseImage,
+    ihc: CaseImage,
+    *,
+    registration_mpp: float = 8.0,
+    labels_dir: Path | None = None,
+    openslide_only: bool = False,
 ) -> dict[str, Any]:
     """Register the IHC to the H&E and compare them; the record that goes into ``pairs.json``.
 
     With ``labels_dir``, the IHC's positive tumour area mapped onto the H&E is also written there as QuPath
     GeoJSON (one ``PD-L1 IHC positive (registered)`` annotation in H&E level-0 px), to import onto the H&E
-    or to train from.
+    or to train from. ``openslide_only``: ``open_slide``'s, for both slides (the run's ``PipelineConfig``'s).
     """
-    with open_slide(he.image, mpp=he.mpp) as he_slide, open_slide(ihc.image, mpp=ihc.mpp) as ihc_slide:
+    with (
+        open_slide(he.image, mpp=he.mpp, openslide_only=openslide_only) as he_slide,
+        open_slide(ihc.image, mpp=ihc.mpp, openslide_only=openslide_only) as ihc_slide,
+    ):
         registration = register_slides(he_slide, ihc_slide, mpp=registration_mpp)
         he_size, ihc_size = he_slide.dimensions, ihc_slide.dimensions
     record: dict[str, Any] = {
@@ -205,7 +213,7 @@ def ihc_review_reasons(ihc_summary: dict[str, Any]) -> list[dict]:
     ]
 
 
-def write_pair_comparisons(images: list[CaseImage], folder: Path) -> Path | None:
+def write_pair_comparisons(images: list[CaseImage], folder: Path, *, openslide_only: bool = False) -> Path | None:
     """Pair the run's images by case, compare each pair and write ``folder/pdl1/pairs.json`` (beside the run
     status; ``folder`` is the project folder or a plain-slides run's ``--out``); None without cases, and
     then an earlier run's ``pairs.json`` is removed."""
@@ -217,7 +225,8 @@ def write_pair_comparisons(images: list[CaseImage], folder: Path) -> Path | None
     records: dict[str, Any] = {case: {"why_not_compared": why} for case, why in problems.items()}
     for case, (he, ihc) in pairs.items():
         try:
-            records[case] = compare_case(he, ihc, labels_dir=folder / PDL1_DIR / PAIRS_DIR)
+            labels_dir = folder / PDL1_DIR / PAIRS_DIR
+            records[case] = compare_case(he, ihc, labels_dir=labels_dir, openslide_only=openslide_only)
         except (Pdl1Error, OSError, ValueError) as err:  # one case's failure leaves the others compared
             log.warning("case %s: not compared: %s", case, err)
             records[case] = {"he": {"image": he.name}, "ihc": {"image": ihc.name}, "why_not_compared": str(err)}

@@ -373,11 +373,13 @@ def run_batch(
             if qp_session is not None:
                 qp_session.close()
         if config.compare_pairs:
-            _compare_pairs(jobs, outcomes, project, status.folder)
+            _compare_pairs(jobs, outcomes, project, status.folder, openslide_only=config.pipeline.openslide_only)
         return outcomes
 
 
-def _compare_pairs(jobs: list[_Job], outcomes: list[ImageOutcome], project: Path | None, folder: Path) -> None:
+def _compare_pairs(
+    jobs: list[_Job], outcomes: list[ImageOutcome], project: Path | None, folder: Path, *, openslide_only: bool
+) -> None:
     """Pair the run's analysed images by case and compare each H&E with its PD-L1 IHC (bridge.pairs)."""
     from bridge.pairs import CaseImage, case_of, write_pair_comparisons
 
@@ -399,7 +401,7 @@ def _compare_pairs(jobs: list[_Job], outcomes: list[ImageOutcome], project: Path
                 mpp=summary["mpp"],
             )
         )
-    path = write_pair_comparisons(images, folder)
+    path = write_pair_comparisons(images, folder, openslide_only=openslide_only)
     if path is not None:
         log.info("pair comparisons: %s", path)
 

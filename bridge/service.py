@@ -536,7 +536,13 @@ class Worker:
             body, job.upload = job.upload, None
             slide_context = decoded_upload(body, mpp=config.mpp)
         else:
-            slide_context = open_allowed(Path(job.image), self.allow_roots, mpp=config.mpp, shown=job.image_as_sent)
+            slide_context = open_allowed(
+                Path(job.image),
+                self.allow_roots,
+                mpp=config.mpp,
+                shown=job.image_as_sent,
+                openslide_only=config.openslide_only,
+            )
         with slide_context as slide:
             return analyse_slide(
                 slide,
@@ -679,7 +685,7 @@ def _as_sent(err: Pdl1Error, opened: tuple[Path, ...], shown: str) -> Pdl1Error:
 
 @contextmanager
 def open_allowed(
-    path: Path, roots: tuple[Path, ...], *, mpp: float | None, shown: str | None = None
+    path: Path, roots: tuple[Path, ...], *, mpp: float | None, shown: str | None = None, openslide_only: bool = False
 ) -> Iterator[Slide]:
     """Open an image under ``roots``, checking the file actually opened, not only its name.
 
@@ -690,6 +696,7 @@ def open_allowed(
     name (readers look at suffixes); elsewhere, and for multi-file formats, it opens the checked
     name and the file found there afterwards must be the one checked. Errors, also those of the
     analysis inside the ``with``, name the image as ``shown`` (the client's path; default ``path``).
+    ``openslide_only`` goes to ``open_slide`` (the service's ``PipelineConfig.openslide_only``).
     """
     shown = str(path) if shown is None else shown
     real = check_allowed(path, roots)
@@ -715,7 +722,13 @@ def open_allowed(
             source.symlink_to(proc)
         else:
             source = real
-        slide = open_slide(source, mpp=mpp, mpp_source="the request's mpp", mpp_advice=_qupath_mpp_advice)
+        slide = open_slide(
+            source,
+            mpp=mpp,
+            mpp_source="the request's mpp",
+            mpp_advice=_qupath_mpp_advice,
+            openslide_only=openslide_only,
+        )
         if source == real and not os.path.samestat(os.stat(real), os.fstat(fd)):
             raise _changed(real)
         slide.path = real  # provenance names the image, not the private link

@@ -89,6 +89,10 @@ class PipelineConfig:
         Score the image against the training domain of the model that analyses it (the segmentation
         ensemble on H&E, the IHC nuclei ensemble on H-DAB; :mod:`inference.analysis.domain`): out of the
         domain is a review reason. A model whose manifest has no domain statistics is "not measured".
+    openslide_only
+        Read every pixel of a slide this opens through OpenSlide, not decoding SVS / tiled TIFF tiles directly
+        (``open_slide``'s ``openslide_only``; ``pdl1`` reads ``PDL1_OPENSLIDE_ONLY``). A slide passed in opened is
+        read as it was opened.
     openvino_cache_dir
         Where OpenVINO conversions of members go when their model folder cannot be written (runtime
         ``openvino``); None: beside the model only. The CLI and the service give the user's cache folder.
@@ -116,6 +120,7 @@ class PipelineConfig:
     domain_guard: bool = True
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     nuclei: NucleiConfig = field(default_factory=NucleiConfig)
+    openslide_only: bool = False
     openvino_cache_dir: str | None = None
 
     def digest(self) -> str:
@@ -303,9 +308,9 @@ def analyse_slide(
     if isinstance(image, Slide):
         slide = image
     elif config.mpp is not None:
-        slide = open_slide(image, mpp=config.mpp)
+        slide = open_slide(image, mpp=config.mpp, openslide_only=config.openslide_only)
     else:
-        slide = open_slide(image, mpp=image_mpp, mpp_source="QuPath project")
+        slide = open_slide(image, mpp=image_mpp, mpp_source="QuPath project", openslide_only=config.openslide_only)
     try:
         if image_size_px is not None and tuple(image_size_px) != slide.dimensions:
             w, h = image_size_px

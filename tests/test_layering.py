@@ -136,9 +136,9 @@ def test_only_one_module_imports_paquo():
 
 # The environment reads left below the edges, each with its reason (STYLE: configs are built at the edges and
 # passed down; nothing below them reads os.environ): tune_openmp writes GOMP_SPINCOUNT into the environment the
-# CLI gives it at start-up, for libgomp; PDL1_OPENSLIDE_ONLY is an escape hatch that every open_slide caller
-# (pipeline, evaluation, training, init-project) honours, which a parameter would have to reach through each.
-ENVIRONMENT_READERS = {"inference/openmp.py", "inference/slides/tiff_tiles.py"}
+# CLI gives it at start-up, for libgomp. (PDL1_NVIMGCODEC_BACKEND and PDL1_OPENSLIDE_ONLY are read in
+# bridge/environment.py and passed down.)
+ENVIRONMENT_READERS = {"inference/openmp.py"}
 
 
 def test_inference_reads_the_environment_only_where_listed():

@@ -11,7 +11,7 @@ import tifffile
 from inference.errors import SlideFormatError
 from inference.slides.openslide_reader import OpenSlideReader
 from inference.slides.slide import open_slide
-from inference.slides.tiff_tiles import OPENSLIDE_ONLY_ENV, TiffTileReader
+from inference.slides.tiff_tiles import TiffTileReader
 
 
 def _regions(level_dimensions, level_downsamples, *, n: int, seed: int):
@@ -80,10 +80,62 @@ def test_a_level_it_cannot_decode_is_read_by_openslide(phantom_svs, monkeypatch)
         np.testing.assert_array_equal(reader.read_region((512, 512), 1, (200, 100)), wanted)
 
 
-def test_environment_switch_reads_through_openslide_only(phantom_svs, monkeypatch):
-    monkeypatch.setenv(OPENSLIDE_ONLY_ENV, "1")
-    with open_slide(phantom_svs) as slide:
+def test_openslide_only_reads_through_openslide_and_the_library_reads_no_environment(phantom_svs, monkeypatch):
+    # inference read PDL1_OPENSLIDE_ONLY itself (STYLE: nothing below the edges reads os.environ); now open_slide is
+    # told, and the variable alone changes nothing here.
+    with open_slide(phantom_svs, openslide_only=True) as slide:
         assert type(slide.reader) is OpenSlideReader
+    monkeypatch.setenv("PDL1_OPENSLIDE_ONLY", "1")
+    with open_slide(phantom_svs) as slide:
+        assert type(slide.reader) is TiffTileReader
+
+
+def test_pdl1_reads_openslide_only_from_the_environment_and_passes_it_to_every_opening(phantom_svs, monkeypatch):
+    # pdl1 run / serve / eval / demo (pipeline_config), the pipeline's own opening of an image, the service's and
+    # the case comparison of pdl1 run --compare-pairs all open slides with the variable's value.
+    import types
+    from pathlib import Path
+
+    import bridge.pairs
+    import bridge.service
+    import inference.pipeline
+    from bridge.cli.common import pipeline_config
+
+    monkeypatch.setenv("PDL1_OPENSLIDE_ONLY", "1")
+    config = pipeline_config("cpu", None, None, None)
+    assert config.openslide_only is True
+    monkeypatch.setenv("PDL1_OPENSLIDE_ONLY", "0")
+    assert pipeline_config("cpu", None, None, None).openslide_only is False
+
+    seen = []
+
+    class OpenedError(Exception):
+        pass
+
+    def opening(path, **kwargs):
+        seen.append(kwargs["openslide_only"])
+        raise OpenedError
+
+    monkeypatch.setattr(inference.pipeline, "open_slide", opening)
+    with pytest.raises(OpenedError):
+        inference.pipeline.analyse_slide(phantom_svs, models=None, config=config)
+    monkeypatch.setattr(bridge.pairs, "open_slide", opening)
+    case = bridge.pairs.CaseImage("k", "n", phantom_svs, "c", "H&E", Path("s"), Path("g"), 0.5)
+    with pytest.raises(OpenedError):
+        bridge.pairs.compare_case(case, case, openslide_only=True)
+    assert seen == [True, True]
+
+    # The service: its worker opens the job's image with its PipelineConfig's value, through open_allowed.
+    root = phantom_svs.parent
+    with bridge.service.open_allowed(phantom_svs, (root,), mpp=None, openslide_only=True) as slide:
+        assert type(slide.reader) is OpenSlideReader
+    asked = []
+    monkeypatch.setattr(bridge.service, "open_allowed", lambda *args, **kwargs: asked.append(kwargs) or 1 / 0)
+    worker = types.SimpleNamespace(pipeline=config, allow_roots=(root,), models=types.SimpleNamespace(nuclei=None))
+    job = types.SimpleNamespace(mpp=None, outputs=(), upload=None, image=str(phantom_svs), image_as_sent="p1.svs")
+    with pytest.raises(ZeroDivisionError):
+        bridge.service.Worker._run(worker, job)
+    assert asked[0]["openslide_only"] is True
 
 
 def test_a_damaged_tile_names_the_file_and_tile(phantom_svs, tmp_path):

@@ -134,7 +134,7 @@ def pipeline_config(
     nuclei_tta: bool | None = None,
     runtime: str = "auto",
 ):
-    from bridge.environment import nvimgcodec_backend
+    from bridge.environment import nvimgcodec_backend, openslide_only
     from bridge.project_config import problem_with
     from bridge.user_dirs import openvino_cache_dir
     from inference import NucleiConfig, PipelineConfig, SegmentConfig
@@ -162,6 +162,7 @@ def pipeline_config(
             runtime=runtime,
         ),
         nuclei=NucleiConfig(batch_size=nuclei_batch_size, tta=nuclei_tta, runtime=runtime),
+        openslide_only=openslide_only(),
         openvino_cache_dir=str(openvino_cache_dir()),
     )
 

@@ -402,7 +402,12 @@ def _why_not_a_file(path: Path) -> str:
 
 
 def open_slide(
-    path: str | Path, *, mpp: float | None = None, mpp_source: str = "--mpp", mpp_advice: MppAdvice | None = None
+    path: str | Path,
+    *,
+    mpp: float | None = None,
+    mpp_source: str = "--mpp",
+    mpp_advice: MppAdvice | None = None,
+    openslide_only: bool = False,
 ) -> Slide:
     """Open an image file.
 
@@ -418,6 +423,10 @@ def open_slide(
     mpp_advice
         How this caller's user gives an image's µm/px, for the messages that ask for it (see
         :data:`MppAdvice`); None: the command line's (``--mpp``, or QuPath's calibration of a project).
+    openslide_only
+        Read every pixel through OpenSlide: no direct decoding of SVS / tiled TIFF tiles
+        (:class:`~inference.slides.tiff_tiles.TiffTileReader`), a way out if a file decodes differently.
+        ``pdl1`` sets it from ``PDL1_OPENSLIDE_ONLY`` (:mod:`bridge.environment`).
 
     Raises
     ------
@@ -440,10 +449,12 @@ def open_slide(
     else:
         full_wh = tuple(osr.level_dimensions[0])
         origin_xy, size_wh = qupath_frame(dict(osr.properties), full_wh)
-        if (origin_xy, size_wh) == ((0, 0), full_wh):
+        if (origin_xy, size_wh) != ((0, 0), full_wh):  # a scanned-area box: read in QuPath's frame (its formats
+            reader = OpenSlideReader(osr, origin_xy=origin_xy, size_wh=size_wh)  # are not decoded directly anyway)
+        elif openslide_only:
+            reader = OpenSlideReader(osr)
+        else:
             reader = TiffTileReader.open(OpenSlideReader(osr), path)
-        else:  # a scanned-area box: read in QuPath's frame (its formats are not decoded directly anyway)
-            reader = OpenSlideReader(osr, origin_xy=origin_xy, size_wh=size_wh)
         file_mpp = _openslide_mpp(dict(osr.properties))
         whole_slide = True
     if mpp is not None:

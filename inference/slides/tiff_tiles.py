@@ -32,12 +32,6 @@ log = logging.getLogger(__name__)
 DIRECT_VENDORS = frozenset({"aperio", "generic-tiff"})
 # TIFF compressions decoded here: none, LZW, JPEG, Adobe deflate, deflate.
 DIRECT_COMPRESSIONS = frozenset({1, 5, 7, 8, 32946})
-# Set to 1 to read every pixel through OpenSlide (a way out if a file decodes differently). Read here, below the
-# edges, on purpose (STYLE's exception, listed in tests/test_layering.py): every open_slide caller (the pipeline,
-# evaluation, training, init-project) honours it, and a parameter would have to run through each of them for a
-# switch that exists only to rule this reader out.
-OPENSLIDE_ONLY_ENV = "PDL1_OPENSLIDE_ONLY"
-
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
 # APP14 "Adobe", version 100, no flags, transform 0: the three components are RGB, not YCbCr.
 _ADOBE_NO_TRANSFORM = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
@@ -147,9 +141,10 @@ class TiffTileReader:
 
     @classmethod
     def open(cls, fallback: ReducingReader, path: Path) -> ReducingReader:
-        """The fastest reader for a file ``fallback`` (its OpenSlide reader) reads: direct where possible."""
-        if os.environ.get(OPENSLIDE_ONLY_ENV, "") not in ("", "0"):
-            return fallback
+        """The fastest reader for a file ``fallback`` (its OpenSlide reader) reads: direct where possible.
+
+        :func:`~inference.slides.slide.open_slide` does not ask where it is told ``openslide_only``.
+        """
         if fallback.properties.get("openslide.vendor") not in DIRECT_VENDORS:
             return fallback
         try:

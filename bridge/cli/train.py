@@ -78,6 +78,14 @@ _FREEZE_BN_HELP = (
     "patches, which the model would then apply to every slide (needs an initial model)."
 )
 FreezeBatchnorm = Annotated[bool, typer.Option("--freeze-batchnorm/--no-freeze-batchnorm", help=_FREEZE_BN_HELP)]
+_DISTILL_HELP = (
+    "Fine-tuning: Learning without Forgetting. The --init model's last member, frozen, runs on every training "
+    "patch, and the model pays W * T^2 * KL(its softmax || the model's) at temperature T (--distill-temperature) "
+    "on each pixel without a label of yours (the unlabelled rest of your labelled slides, --unlabeled slides; "
+    "phantom truth labels every pixel), against forgetting what your labels do not show (0: off; needs an "
+    'initial model). Measured in the README, "Fine-tuning against forgetting".'
+)
+_DISTILL_TEMPERATURE_HELP = "Fine-tuning with --distill-weight: the softmax temperature of the distillation."
 FIRST_CYCLE_HELP = "Length of the first cycle in epochs (0: as --epochs-per-cycle); a long first cycle converges before members are kept."
 
 
@@ -191,6 +199,10 @@ def train_seg(
     ] = False,
     anchor_weight: AnchorWeight = 0.0,
     freeze_batchnorm: FreezeBatchnorm = False,
+    distill_weight: Annotated[float, typer.Option("--distill-weight", min=0, help=_DISTILL_HELP)] = 0.0,
+    distill_temperature: Annotated[
+        float, typer.Option("--distill-temperature", min=0.01, help=_DISTILL_TEMPERATURE_HELP)
+    ] = 2.0,  # inference.training.distill.DEFAULT_TEMPERATURE (not imported: torch is not needed to parse options)
 ) -> None:
     """Train a segmentation ensemble the nnUNet-B way (cyclic LR, members at the low ends).
 
@@ -224,7 +236,7 @@ def train_seg(
             from inference import demo_model_dir
 
             init_model = str(demo_model_dir("seg"))
-        _check_fine_tuning(anchor_weight, freeze_batchnorm, init_model)
+        _check_fine_tuning(anchor_weight, freeze_batchnorm, init_model, distill_weight=distill_weight)
         if pseudo_label_rest and not slide_labels:
             raise typer.BadParameter(
                 "--pseudo-label-rest fills the rest of your labelled slides; phantom truth has none"
@@ -275,6 +287,8 @@ def train_seg(
             validation_slides=tuple(lab.slide for lab in held_out),
             anchor_weight=anchor_weight,
             freeze_batchnorm=freeze_batchnorm,
+            distill_weight=distill_weight,
+            distill_temperature=distill_temperature,
         )
         with progress_bar("training", enabled=progress) as on_progress:
             manifest = train_segmentation(
@@ -659,8 +673,11 @@ def train_nuclei_cmd(
     )
 
 
-def _check_fine_tuning(anchor_weight: float, freeze_batchnorm: bool, init_model: str | None) -> None:
-    """--anchor-weight and --freeze-batchnorm hold on to the --init model: refused when training from scratch."""
+def _check_fine_tuning(
+    anchor_weight: float, freeze_batchnorm: bool, init_model: str | None, *, distill_weight: float = 0.0
+) -> None:
+    """--anchor-weight, --freeze-batchnorm and --distill-weight hold on to the --init model: refused when
+    training from scratch."""
     scratch = (
         "this run trains from scratch (--init none, or phantom truth without --init): give --init MODEL to fine-tune"
     )
@@ -672,6 +689,12 @@ def _check_fine_tuning(anchor_weight: float, freeze_batchnorm: bool, init_model:
     if freeze_batchnorm and init_model is None:
         raise typer.BadParameter(
             f"it keeps the --init model's BatchNorm statistics, and {scratch}", param_hint="--freeze-batchnorm"
+        )
+    if distill_weight and init_model is None:
+        raise typer.BadParameter(
+            f"{distill_weight:g} distils the --init model's predictions into the one trained, and {scratch}, or leave "
+            "the distillation at 0",
+            param_hint="--distill-weight",
         )
 
 

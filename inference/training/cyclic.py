@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from inference.errors import ModelFileError
 from inference.models.manifest import MANIFEST_NAME, give_new_file_mode, read_manifest, sha256_file
 from inference.training.anchor import WeightAnchor, freeze_batchnorm
+from inference.training.distill import Distiller
 from inference.training.report import HISTORY_FILE
 
 log = logging.getLogger(__name__)
@@ -291,6 +292,7 @@ def train_cyclic(
     on_progress: Callable[[int, int], None] | None = None,
     anchor: WeightAnchor | None = None,
     frozen_batchnorm: bool = False,
+    distill: Distiller | None = None,
 ) -> list[dict]:
     """The shared training loop: cosine restarts, members at the low ends, a checkpoint every epoch.
 
@@ -302,6 +304,8 @@ def train_cyclic(
     ``loss_fn``'s alone (comparable with a run without it), each epoch's mean penalty beside them.
     With ``frozen_batchnorm`` BatchNorm layers normalise with the model's running statistics as it came and
     keep them (:func:`~inference.training.anchor.freeze_batchnorm`).
+    With ``distill`` (LwF, fine-tuning) its penalty on each batch's unlabelled pixels is added to the loss, and
+    recorded as the anchor's is (``distill_penalty``).
     """
     optimizer = make_optimizer(config, model)
     ckpt = out_dir / "checkpoint"
@@ -318,18 +322,23 @@ def train_cyclic(
         model.train()
         if frozen_batchnorm:
             freeze_batchnorm(model)
-        losses, rates, penalties = [], [], []
+        losses, rates, penalties, distilled = [], [], [], []
         for it in range(config.iterations_per_epoch):
             lr = learning_rate(config, epoch, it)
             rates.append(lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = next_batch()
-            loss = data_loss = loss_fn(model(x), y)
+            logits = model(x)
+            loss = data_loss = loss_fn(logits, y)
+            if distill is not None:
+                kl = distill.penalty(x, logits, y)
+                distilled.append(kl.item())
+                loss = loss + kl
             if anchor is not None:
                 penalty = anchor.penalty(model)
                 penalties.append(penalty.item())
-                loss = data_loss + penalty
+                loss = loss + penalty
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
@@ -341,6 +350,8 @@ def train_cyclic(
         log.info("epoch %d loss %.4f lr %.2e", epoch, mean_loss, lr)
         if penalties:
             log.info("epoch %d anchor penalty %.4f", epoch, float(np.mean(penalties)))
+        if distilled:
+            log.info("epoch %d distillation penalty %.4f", epoch, float(np.mean(distilled)))
         if is_member_epoch(config, epoch):
             name, digest = save_member(out_dir, model, len(members))
             members.append(
@@ -362,6 +373,7 @@ def train_cyclic(
                 "iteration_lrs": rates,
             }
             | ({"anchor_penalty": float(np.mean(penalties))} if penalties else {})
+            | ({"distill_penalty": float(np.mean(distilled))} if distilled else {})
         )
         save_checkpoint(ckpt, model, optimizer, epoch=epoch, rng=rng, members=members, history=history)
         write_history(out_dir, history)

@@ -44,6 +44,7 @@ from inference.training.cyclic import (
     total_epochs,
     train_cyclic,
 )
+from inference.training.distill import DEFAULT_TEMPERATURE, Distiller, check_distillation
 from inference.training.domain_stats import write_training_domain_stats
 from inference.training.labels import IGNORE_LABEL, SlideLabels, labels_digest, region_target
 from inference.training.pseudo import PseudoLabelRule, PseudoLabels, UnlabeledSlide, pseudo_label_slides
@@ -87,6 +88,10 @@ class SegTrainConfig:
     pay for, against forgetting what they do not show. 0 is off. ``freeze_batchnorm`` (fine-tuning only)
     keeps the initial model's BatchNorm statistics: updated, they become the fine-tuning patches' (one
     domain's), which the network then applies to every slide; the anchor cannot hold them (not weights).
+    ``distill_weight`` > 0 (fine-tuning only) adds Learning without Forgetting: the initial model's last member,
+    frozen, runs on every training batch, and the student pays ``distill_weight * T^2 * KL(teacher_T ||
+    student_T)`` (``T`` = ``distill_temperature``) per pixel with no human label (ignored and pseudo-labelled
+    pixels; :mod:`inference.training.distill`): the function held where the labels say nothing. 0 is off.
     """
 
     slides: tuple[str, ...]
@@ -126,10 +131,13 @@ class SegTrainConfig:
     validation_slides: tuple[str, ...] = ()
     anchor_weight: float = 0.0  # L2-SP toward init_model's weights; 0: off
     freeze_batchnorm: bool = False  # fine-tuning: BatchNorm keeps init_model's running statistics (eval mode)
+    distill_weight: float = 0.0  # LwF: KL to init_model's predictions on pixels with no human label; 0: off
+    distill_temperature: float = DEFAULT_TEMPERATURE  # the distillation's softmax temperature
 
     def __post_init__(self) -> None:
         check_schedule(self)
         check_fine_tuning(self.anchor_weight, self.freeze_batchnorm, init_model=self.init_model)
+        check_distillation(self.distill_weight, self.distill_temperature, init_model=self.init_model)
         if self.unlabeled:
             self.pseudo_rule  # noqa: B018  (checks the numbers)
             if self.pseudo_model is None:
@@ -554,6 +562,12 @@ def _train_chain(
         )
     model = model.to(device)
     anchor = WeightAnchor(model, weight=config.anchor_weight) if config.anchor_weight else None
+    # The teacher is the initial model as loaded (a resumed run loads its checkpoint into the student only).
+    distill = (
+        Distiller(model, weight=config.distill_weight, temperature=config.distill_temperature)
+        if config.distill_weight
+        else None
+    )
     mean = torch.tensor(NORMALIZATION["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(NORMALIZATION["std"], device=device).view(1, 3, 1, 1)
     jitter = STAIN_JITTERS[config.stain_jitter]
@@ -583,5 +597,6 @@ def _train_chain(
         on_progress=on_progress,
         anchor=anchor,
         frozen_batchnorm=config.freeze_batchnorm,
+        distill=distill,
     )
     return [r | {"init_sha256": init_sha256} for r in records]

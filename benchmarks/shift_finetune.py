@@ -1,7 +1,8 @@
 """Fine-tuning the demo ensemble on a shifted stain domain, with and without pseudo-labels (issue #33).
 
 ``python -m benchmarks.shift_finetune [--work DIR] [--size 2048] [--iterations 20] [--seed 0] [--runs ...]
-[--shift 0.8] [--weak-fraction 0] [--anchor-weight 0,...] [--batchnorm-stats model,...] [--extremes]``
+[--shift 0.8] [--weak-fraction 0] [--anchor-weight 0,...] [--distill-weight 0,...] [--stain-jitter strong,...]
+[--batchnorm-stats model,...] [--extremes]``
 
 Acceptance: fine-tuning the shipped demo segmentation ensemble with sparse labels on 3 slides of a
 shifted stain domain (``pdl1 phantom --shift 0.8``) raises held-out Dice in that domain by >= 0.10 and
@@ -18,9 +19,9 @@ before any run and never used by the shipped models):
 
 Every run is ``pdl1 train seg`` (the same library call) from the demo ensemble (``--init`` default) with one
 schedule fixed beforehand (``--optimizer`` and ``--lr-max`` change it): AdamW, lr 1e-3 to 1e-5, 4 cycles of
-2 epochs (first dropped: 3 members), strong stain jitter, batch 16, 128 px patches. Each model is scored as
-``pdl1 eval seg`` scores it (Dice of the thresholded ensemble mean against the truth, on the truth's grid),
-as the mean over the validation and the held-out slides of each domain. The acceptance run (``3lab``) was
+2 epochs (first dropped: 3 members), strong stain jitter (``--stain-jitter``), batch 16, 128 px patches. Each
+model is scored as ``pdl1 eval seg`` scores it (Dice of the thresholded ensemble mean against the truth, on the
+truth's grid), as the mean over the validation and the held-out slides of each domain. The acceptance run (``3lab``) was
 fixed before any result; other runs are variants, to be compared on the validation slides. The held-out
 slides decide nothing: they are only scored. A model folder under ``--work`` trained with the same
 configuration is reused (its manifest records it).
@@ -35,6 +36,12 @@ scores about 0.96, so +0.10 cannot be reached there. Such phantoms are named wit
 ``--freeze-batchnorm`` keeps the demo's BatchNorm running statistics (``pdl1 train seg --freeze-batchnorm``). Each
 fine-tuned model's squared distance from the demo's weights, ``sum((w - w_demo)^2)``, and its last epoch's
 loss (and mean anchor penalty) are printed: the scale an anchor weight is chosen on.
+``--distill-weight`` (comma-separated) trains every run once per weight with Learning without Forgetting
+(``pdl1 train seg --distill-weight``: KL to the demo's last member's predictions, temperature
+``--distill-temperature``, on every pixel without a label; 0: without); its last epoch's mean penalty is printed.
+``--stain-jitter`` (comma-separated, ``strong`` as before, or ``light``, the demo's own) trains every run once per
+stain jitter: strong jitter may erase the stain difference between the domain's weakly expressing tissue and
+unshifted negative tissue.
 
 ``--batchnorm-stats`` (comma-separated, ``model`` first) scores every model once per choice of BatchNorm running
 statistics, its weights unchanged: ``model`` (its own, as before), ``slide`` (AdaBN, Li et al. 2016: re-estimated
@@ -74,6 +81,8 @@ from inference.slides.slide import open_slide
 from inference.slides.stain_detect import detect_slide_stain
 from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
 from inference.training.anchor import squared_distance
+from inference.training.augment import STAIN_JITTERS
+from inference.training.distill import DEFAULT_TEMPERATURE
 from inference.training.pseudo import PseudoLabelRule, UnlabeledSlide
 from inference.training.report import HISTORY_FILE
 from inference.training.train_seg import SegTrainConfig
@@ -324,6 +333,20 @@ def main() -> None:
         help="L2-SP weights toward the demo's weights, comma-separated; every run is trained once per weight (0: off)",
     )
     parser.add_argument(
+        "--distill-weight",
+        default="0",
+        help="distillation (LwF) weights toward the demo's predictions on unlabelled pixels, comma-separated; every "
+        "run is trained once per weight (0: off)",
+    )
+    parser.add_argument(
+        "--distill-temperature", type=float, default=DEFAULT_TEMPERATURE, help="the distillation's temperature"
+    )
+    parser.add_argument(
+        "--stain-jitter",
+        default="strong",
+        help=f"stain jitters to fine-tune with, comma-separated, of {', '.join(STAIN_JITTERS)}: every run once each",
+    )
+    parser.add_argument(
         "--pseudo-weight",
         type=float,
         default=PseudoLabelRule.weight,
@@ -357,6 +380,17 @@ def main() -> None:
         parser.error(f"--anchor-weight: expected comma-separated numbers like 0,0.01,0.1, got {args.anchor_weight!r}")
     if any(not a >= 0 for a in anchors):
         parser.error(f"--anchor-weight: weights must be >= 0, got {args.anchor_weight!r}")
+    try:
+        distills = [float(a) for a in args.distill_weight.split(",")]
+    except ValueError:
+        parser.error(f"--distill-weight: expected comma-separated numbers like 0,1,10, got {args.distill_weight!r}")
+    if any(not a >= 0 for a in distills):
+        parser.error(f"--distill-weight: weights must be >= 0, got {args.distill_weight!r}")
+    if not args.distill_temperature > 0:
+        parser.error(f"--distill-temperature: must be > 0, got {args.distill_temperature:g}")
+    jitters = args.stain_jitter.split(",")
+    if any(j not in STAIN_JITTERS for j in jitters):
+        parser.error(f"--stain-jitter: choose from {', '.join(STAIN_JITTERS)}, got {args.stain_jitter!r}")
     runs = args.runs.split(",")
     unknown = [r for r in runs if r not in RUNS]
     if unknown:
@@ -445,13 +479,20 @@ def main() -> None:
 
     score("shipped demo ensemble", demo, took="0", fine_tuned=False)
 
-    def fine_tune(run: str, anchor_weight: float) -> None:
+    def fine_tune(run: str, anchor_weight: float, distill_weight: float = 0.0, jitter: str = "strong") -> None:
         what, n_labelled, n_unl_shifted, n_unl_unshifted = RUNS[run]
         unlabeled = [*phantoms.unlabeled[:n_unl_shifted], *phantoms.unlabeled_unshifted[:n_unl_unshifted]]
         out = args.work / (
             f"model_{run}_seed{args.seed}_{args.optimizer}_{args.lr_max:g}_pf{args.positive_fraction:g}"
             f"_r{args.regions}x{args.region_um:g}{phantoms.train[0].stem.removeprefix(f'train_{TRAIN[0][0]}')}"
             + (f"_anchor{anchor_weight:g}" if anchor_weight else "")
+            + (f"_kd{distill_weight:g}" if distill_weight else "")
+            + (
+                f"T{args.distill_temperature:g}"
+                if distill_weight and args.distill_temperature != DEFAULT_TEMPERATURE
+                else ""
+            )
+            + (f"_j{jitter}" if jitter != "strong" else "")
             + ("_bnfrozen" if args.freeze_batchnorm else "")
             + (f"_pw{args.pseudo_weight:g}" if unlabeled and args.pseudo_weight != PseudoLabelRule.weight else "")
         )
@@ -467,7 +508,7 @@ def main() -> None:
             optimizer=args.optimizer,
             lr_max=args.lr_max,
             lr_min=args.lr_max / 100,
-            stain_jitter="strong",
+            stain_jitter=jitter,
             positive_fraction=args.positive_fraction,
             seed=args.seed,
             unlabeled=tuple(UnlabeledSlide(str(p), name=p.name) for p in unlabeled),
@@ -475,6 +516,8 @@ def main() -> None:
             pseudo_weight=args.pseudo_weight,
             anchor_weight=anchor_weight,
             freeze_batchnorm=args.freeze_batchnorm,
+            distill_weight=distill_weight,
+            distill_temperature=args.distill_temperature,
         )
         training, seconds = train_or_reuse(config, labels[:n_labelled])
         print_pseudo_labels(training)
@@ -482,6 +525,8 @@ def main() -> None:
             run
             + (f" anchor {anchor_weight:g}" if anchor_weight else "")
             + (" BatchNorm frozen" if args.freeze_batchnorm else "")
+            + (f" distill {distill_weight:g}" if distill_weight else "")
+            + (f" {jitter} jitter" if jitter != "strong" else "")
         )
         last = _last_epoch(out)
         distances = weight_distances(out, demo)
@@ -489,21 +534,26 @@ def main() -> None:
             f"  {label}: squared distance from the demo's weights per member "
             + ", ".join(f"{d:.4g}" for d in distances)
             + f"; last epoch loss {last['loss']:.4f}"
-            + (f", anchor penalty {last['anchor_penalty']:.4f}" if "anchor_penalty" in last else ""),
+            + (f", anchor penalty {last['anchor_penalty']:.4f}" if "anchor_penalty" in last else "")
+            + (f", distillation penalty {last['distill_penalty']:.4f}" if "distill_penalty" in last else ""),
             flush=True,
         )
         what_anchor = (
             what
             + (f", anchor {anchor_weight:g} (L2-SP)" if anchor_weight else "")
             + (", BatchNorm statistics frozen" if args.freeze_batchnorm else "")
+            + (f", distill {distill_weight:g} (LwF, T {args.distill_temperature:g})" if distill_weight else "")
+            + (f", {jitter} stain jitter" if jitter != "strong" else "")
             + (f", pseudo-weight {args.pseudo_weight:g}" if unlabeled else "")
         )
         took = "reused" if seconds is None else f"{seconds:.0f}"
         score(f"fine-tuned, {what_anchor}", out, took=took, fine_tuned=True)
 
     for run in runs:
-        for anchor_weight in anchors:
-            fine_tune(run, anchor_weight)
+        for jitter in jitters:
+            for distill_weight in distills:
+                for anchor_weight in anchors:
+                    fine_tune(run, anchor_weight, distill_weight, jitter)
     if scorer is not None and scorer.assignments:
         print(
             "stain distances (degrees) to the labelled slides' mean stain / the demo's training stain; * nearer theirs:"

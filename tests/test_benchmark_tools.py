@@ -164,3 +164,21 @@ def test_the_real_tile_bootstrap_pairs_squares_and_counts_each_detector_alone():
     assert (d, lo, hi, share) == (0.0, 0.0, 0.0, 0.0)  # the same detector never leads itself
     d, lo, hi, share = paired_block_bootstrap(exact, shifted, n_boot=200)
     assert d == 1.0 and lo == hi == 1.0 and share == 1.0
+
+
+def test_int8_calibration_is_held_apart_and_ratios_are_against_the_baseline():
+    """benchmarks.int8 calibrates on phantoms none of its held-out slides share a seed with, and its speed table's
+    ratio is the baseline's median over the case's."""
+    from benchmarks.int8 import CALIBRATION, E2E_SLIDE, HELD_OUT, speed_table
+
+    calibration = {seed for _, seed, _, _ in CALIBRATION}
+    assert calibration.isdisjoint(seed for _, seed, _, _ in (*HELD_OUT, E2E_SLIDE))
+    base, fast = "torch bf16 autocast", "openvino int8 performance"
+    seconds = {f"{base}|member 0": [0.02, 0.03, 0.04], f"{base}|ensemble": [0.1, 0.2, 0.3]}
+    seconds |= {f"{fast}|member 0": [0.01, 0.01, 0.01], f"{fast}|ensemble": [0.05, 0.05, 0.5]}
+    text = speed_table(
+        {"torch_threads": 2, "rounds": 3, "kinds": {"seg": {"batch": 4, "tile_px": 256, "seconds": seconds}}}
+    )
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows[fast].endswith("| 4.00 |") and rows[base].endswith("| 1.00 |")
+    assert "30.0 (20.0-40.0)" in rows[base]

@@ -75,6 +75,9 @@ HELD_OUT = (
 )
 CALIBRATION_TILES = 300
 CALIBRATION_SEED = 0
+# Quantisation recipes: NNCF's preset, and whether the first and the last convolution stay in float (their
+# inputs are the normalised pixels and their outputs the logits: where int8 rounding is costliest).
+RECIPES = {"performance": ("performance", False), "mixed": ("mixed", False), "mixed-ends": ("mixed", True)}
 PRESETS = ("performance", "mixed")
 E2E_SLIDE = ("e2e", 81, 30.0, 0.0)
 E2E_SIZE_PX = 8192
@@ -134,6 +137,13 @@ def ir_folder(work: Path, kind: str, index: int, variant: str) -> Path:
     return work / "ir" / kind / f"member_{index:02d}" / variant
 
 
+def end_convolutions(model) -> list[str]:
+    """Names of the first and the last convolution of an OpenVINO model."""
+    kinds = ("Convolution", "ConvolutionBackpropData", "GroupConvolution")
+    convs = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in kinds]
+    return [convs[0], convs[-1]]
+
+
 def quantise(work: Path, kinds: list[str], *, presets=PRESETS) -> dict:
     import nncf
     import openvino as ov
@@ -163,12 +173,14 @@ def quantise(work: Path, kinds: list[str], *, presets=PRESETS) -> dict:
                 if calib is None:
                     calib = calibration_tiles(work, ens)
                 model = ov.Core().read_model(f32 / "model.xml")
+                nncf_preset, keep_ends = RECIPES[preset]
                 t0 = time.perf_counter()
                 q = nncf.quantize(
                     model,
                     nncf.Dataset([calib[j : j + 1] for j in range(len(calib))]),
-                    preset=getattr(nncf.QuantizationPreset, preset.upper()),
+                    preset=getattr(nncf.QuantizationPreset, nncf_preset.upper()),
                     subset_size=len(calib),
+                    ignored_scope=nncf.IgnoredScope(names=end_convolutions(model)) if keep_ends else None,
                 )
                 seconds = time.perf_counter() - t0
                 out.mkdir(parents=True, exist_ok=True)
@@ -214,7 +226,7 @@ def _forward(members: list, x, how: str):
                 model(x).float()
 
 
-def measure_speed(work: Path, kinds: list[str], *, rounds: int) -> dict:
+def measure_speed(work: Path, kinds: list[str], *, rounds: int, presets=PRESETS) -> dict:
     import torch
 
     from inference.analysis.nuclei import NucleiConfig
@@ -226,7 +238,7 @@ def measure_speed(work: Path, kinds: list[str], *, rounds: int) -> dict:
         cpu = torch.device("cpu")
         batch = (SegmentConfig() if kind == "seg" else NucleiConfig()).batch_for(cpu)
         x = torch.from_numpy(calibration_tiles(work, ens, n=batch)).contiguous()
-        cases = variants(kind, work)
+        cases = variants(kind, work, presets=presets)
         # Per member (member i alone) and the whole ensemble, every case once per round.
         units = [(f"member {i}", [i]) for i in range(len(ens.members))] + [("ensemble", list(range(len(ens.members))))]
         seconds = {(label, u): [] for label in cases for u, _ in units}
@@ -296,19 +308,16 @@ def score_slide(path: Path, ensemble, *, precision: str):
     return seg, maps, region, seconds
 
 
-def measure_agreement(work: Path, *, preset: str, quick: bool) -> dict:
+def measure_agreement(work: Path, *, presets: list[str], quick: bool) -> dict:
     ens = load("seg")
     n = len(ens.members)
-    int8 = ens._with([compile_ir(ir_folder(work, "seg", i, f"int8-{preset}"), bf16=False) for i in range(n)],
-                     runtime="openvino", member_files=None)  # fmt: skip
-    int8_bf16 = ens._with([compile_ir(ir_folder(work, "seg", i, f"int8-{preset}"), bf16=True) for i in range(n)],
-                          runtime="openvino", member_files=None)  # fmt: skip
-    cases = {
-        "torch fp32": (ens, "fp32"),
-        "torch bf16 autocast": (ens, "bf16"),
-        f"openvino int8 {preset}": (int8, "fp32"),
-        f"openvino int8 {preset} +bf16": (int8_bf16, "fp32"),
-    }
+    cases = {"torch fp32": (ens, "fp32"), "torch bf16 autocast": (ens, "bf16")}
+    for preset in presets:
+        for bf16 in (False, True):
+            members = [compile_ir(ir_folder(work, "seg", i, f"int8-{preset}"), bf16=bf16) for i in range(n)]
+            label = f"openvino int8 {preset}{' +bf16' if bf16 else ''}"
+            cases[label] = (ens._with(members, runtime="openvino", member_files=None), "fp32")
+    preset = "_".join(presets)
     thr = ens.manifest.thresholds.get("segmentation", 0.5)
     rows = []
     for name, seed, tps, shift in HELD_OUT[:3] if quick else HELD_OUT:
@@ -506,7 +515,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and held-out slides, a 4096² e2e slide")
     parser.add_argument("--kinds", default="seg", help="seg,nuclei: which demo models the speed stage times")
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--preset", default="performance", choices=PRESETS, help="for agreement and e2e")
+    parser.add_argument("--preset", default="performance", help="recipe for e2e (agreement: one or more, a,b)")
+    parser.add_argument("--presets", default=",".join(PRESETS), help="recipes the quantise and speed stages make")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--seg", default="torch", help=argparse.SUPPRESS)
     parser.add_argument("--nuclei", default="torch", help=argparse.SUPPRESS)
@@ -526,11 +536,13 @@ def main() -> None:
         if stage == "phantoms":
             write_phantoms(work, quick=args.quick)
         elif stage == "quantise":
-            quantise(work, kinds)
+            quantise(work, kinds, presets=args.presets.split(","))
         elif stage == "speed":
-            print(speed_table(measure_speed(work, kinds, rounds=args.rounds or (3 if args.quick else 7))))
+            rounds = args.rounds or (3 if args.quick else 7)
+            print(speed_table(measure_speed(work, kinds, rounds=rounds, presets=args.presets.split(","))))
         elif stage == "agreement":
-            print(agreement_table(measure_agreement(work, preset=args.preset, quick=args.quick)))
+            presets = args.preset.split(",")
+            print(agreement_table(measure_agreement(work, presets=presets, quick=args.quick)))
         elif stage == "e2e":
             print(e2e_table(measure_e2e(work, preset=args.preset, rounds=args.rounds or (1 if args.quick else 3))))
 

@@ -31,6 +31,14 @@ on a CPU with AVX512-BF16), every ratio against it measured in the same run.
    compiled with bf16 inference precision for what is not quantised (as ``precision=auto``); interleaved rounds.
 
 Results go to ``DIR/*.json``; each stage prints a markdown table. Not a registry benchmark: it quantises models.
+
+Measured (2026-12-05, AMD EPYC 2 vCPUs with AVX512-VNNI/BF16, no AMX, torch 2.13.0+cpu, OpenVINO 2026.4.1,
+NNCF 3.4.0, 2 threads, other jobs on the same CPUs at load 0.7-5.5): int8 forward passes were 3.2-3.9x torch
+bf16 for the segmentation ensemble and 5.0x for the nuclei members (1.4-1.6x OpenVINO bf16), but ``pdl1 run``'s
+analysis of the 8192² phantom only 1.10x (int8 for both models; 0.97x for the segmentation alone, whose member 0
+stays on torch for the domain guard), and no recipe kept Dice within 0.005 of torch bf16 on every held-out slide
+(worst: -0.072, -0.054, -0.027 on the 1 % TPS slide; -0.015 to -0.020 at shift 0.8). Kept benchmark-only; see
+benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -420,6 +428,25 @@ def _child(slide: Path, out: Path, *, seg: str, nuclei: str, ir_root: Path, pres
                 phases[_phase] += time.perf_counter() - t0
 
         setattr(pipeline, name, timed)
+    # The members' forward passes within each phase (normalisation included).
+    import inference.analysis.nuclei as nuclei_module
+    from inference.models.ensemble import Ensemble
+
+    for owner, name, phase in (
+        (Ensemble, "member_logits", "seg_forward"),
+        (nuclei_module, "_forward", "nuclei_forward"),
+    ):
+        inner = getattr(owner, name)
+        phases[phase] = 0.0
+
+        def timed_forward(*args, _inner=inner, _phase=phase, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                phases[_phase] += time.perf_counter() - t0
+
+        setattr(owner, name, timed_forward)
     t0 = time.perf_counter()
     result = pipeline.analyse_slide(slide, models=models, config=config)
     t_analysis = time.perf_counter() - t0
@@ -428,6 +455,8 @@ def _child(slide: Path, out: Path, *, seg: str, nuclei: str, ir_root: Path, pres
     out.write_text(
         json.dumps(
             {
+                "seg_forward_s": phases["seg_forward"],
+                "nuclei_forward_s": phases["nuclei_forward"],
                 "load_s": t_loaded - t_start,
                 "analysis_s": t_analysis,
                 "segmentation_s": phases["segmentation"],
@@ -460,7 +489,8 @@ def measure_e2e(work: Path, *, preset: str, rounds: int) -> dict:
             subprocess.run(cmd, check=True)
             fig = json.loads(out.read_text())
             print(f"  round {r + 1} {label}: analysis {fig['analysis_s']:.1f} s, segmentation "
-                  f"{fig['segmentation_s']:.1f} s, nuclei {fig['nuclei_s']:.1f} s", file=sys.stderr)  # fmt: skip
+                  f"{fig['segmentation_s']:.1f} s (forward {fig['seg_forward_s']:.1f}), nuclei {fig['nuclei_s']:.1f} s "
+                  f"(forward {fig['nuclei_forward_s']:.1f})", file=sys.stderr)  # fmt: skip
             runs[label].append(fig)
             files[label].append(out)
     base = files["torch bf16 autocast"]
@@ -487,15 +517,15 @@ def e2e_table(result: dict) -> str:
     lines = [
         f"\npdl1 run analysis of the {E2E_SIZE_PX}² phantom (seed 81), {result['rounds']} interleaved rounds, "
         "median s (min-max)",
-        "| case | analysis s | segmentation s | nuclei s | analysis x torch bf16 | segmentation x torch bf16 | "
-        "TPS % | nuclei | same class |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | analysis s | segmentation s | its forward passes s | nuclei s | its forward passes s | "
+        "analysis x torch bf16 | segmentation x torch bf16 | TPS % | nuclei | same class |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, c in cases.items():
         rs = c["runs"]
         cells = [
             f"{med(rs, k):.1f} ({min(r[k] for r in rs):.1f}-{max(r[k] for r in rs):.1f})"
-            for k in ("analysis_s", "segmentation_s", "nuclei_s")
+            for k in ("analysis_s", "segmentation_s", "seg_forward_s", "nuclei_s", "nuclei_forward_s")
         ]
         lines.append(
             f"| {label} | " + " | ".join(cells) + f" | {med(base, 'analysis_s') / med(rs, 'analysis_s'):.2f} | "

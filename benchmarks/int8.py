@@ -18,7 +18,9 @@ on a CPU with AVX512-BF16), every ratio against it measured in the same run.
    member and for the whole ensemble: torch fp32, torch bf16 autocast (baseline), OpenVINO f32, OpenVINO bf16
    (inference precision hint), OpenVINO int8 (each preset; its non-quantised operations in f32 and in bf16).
    Interleaved rounds (every case once per round, in turn), medians and spreads (min-max); threads fixed to
-   torch's count (OpenVINO: ``INFERENCE_NUM_THREADS`` the same, one stream, as the product compiles members).
+   torch's count (OpenVINO: ``INFERENCE_NUM_THREADS`` the same, one stream, as the product compiles members). The
+   input is what ``segment_slide`` hands the members (:func:`pipeline_input`: ``Ensemble.normalize``'s
+   channels-last strides), in a process set up as ``pdl1`` sets itself up (``GOMP_SPINCOUNT``, the allocator).
 4. ``agreement``: each held-out phantom segmented as ``pdl1 eval seg`` does (``segment_slide`` on the product's
    tissue, maps on the truth's grid, per-member maps, Dice over the truth's tissue by
    :func:`~inference.evaluation.evaluate.evaluate_segmentation_maps`) by torch fp32 (the reference), torch bf16
@@ -26,18 +28,29 @@ on a CPU with AVX512-BF16), every ratio against it measured in the same run.
    probability, of mutual information and of predictive entropy, and Dice against the truth. The domain guard is
    left out (it hooks member 0's layers, which a compiled member does not have).
 5. ``e2e``: ``pdl1 run``'s analysis of an 8192² phantom (seed 81, as ``benchmarks.runtimes``) in child
-   processes: every member on torch bf16 (baseline), the segmentation members on OpenVINO int8 (member 0 stays
-   on torch for the domain guard, as ``--runtime openvino`` does), and the nuclei members on int8 too; int8 IRs
-   compiled with bf16 inference precision for what is not quantised (as ``precision=auto``); interleaved rounds.
+   processes: every member on torch bf16 (baseline), every member on OpenVINO bf16 as ``--runtime openvino`` runs
+   them (IR from the cache beside the demo model), the segmentation members on OpenVINO int8 (member 0 stays on
+   torch for the domain guard, as ``--runtime openvino`` does), and the nuclei members on int8 too; int8 IRs
+   compiled with bf16 inference precision for what is not quantised (as ``precision=auto``); interleaved rounds,
+   the 1-minute load average before each child in the table.
 
 Results go to ``DIR/*.json``; each stage prints a markdown table. Not a registry benchmark: it quantises models.
 
 Measured (2026-12-05, AMD EPYC 2 vCPUs with AVX512-VNNI/BF16, no AMX, torch 2.13.0+cpu, OpenVINO 2026.4.1,
-NNCF 3.4.0, 2 threads, other jobs on the same CPUs at load 0.7-5.5): int8 forward passes were 3.2-3.9x torch
-bf16 for the segmentation ensemble and 5.0x for the nuclei members (1.4-1.6x OpenVINO bf16), but ``pdl1 run``'s
-analysis of the 8192² phantom only 1.10x (int8 for both models; 0.97x for the segmentation alone, whose member 0
-stays on torch for the domain guard), and no recipe kept Dice within 0.005 of torch bf16 on every held-out slide
-(worst: -0.072, -0.054, -0.027 on the 1 % TPS slide; -0.015 to -0.020 at shift 0.8). Kept benchmark-only; see
+NNCF 3.4.0, 2 threads, no other jobs, load 0.9-1.7 from the runs themselves): forward passes of the product's
+batch, torch bf16 against OpenVINO bf16 / int8 (performance preset), seg ensemble 76.8 ms against 60.5 / 43.5
+(1.27x / 1.77x), nuclei 22.6 ms against 19.3 / 11.6 (1.17x / 1.96x); ``pdl1 run``'s analysis of the 8192²
+phantom 6.6 s on torch bf16, 6.5 s on OpenVINO bf16 (1.03x: nuclei forward passes 2.8 s against 3.6, the
+segmentation's 1.7 against 1.8 with member 0 on torch, and about 0.6 s more outside them: compiling the 6 members
+from the cached IR, 0.28 s, and the first inferences), 5.4 s with int8 for both models (1.24x). An earlier
+version of this stage fed torch a contiguous NCHW copy, in a process without pdl1's allocator and OpenMP settings,
+and reported torch bf16 at 172 ms (seg) and 56 ms (nuclei), hence 2.8-3.1x for OpenVINO bf16 and 3.8-5.0x for
+int8 that ``pdl1 run`` never showed: PyTorch's oneDNN convolutions run channels-last on the strides
+``Ensemble.normalize`` gives (seg ensemble 60 ms against 107-112 ms NCHW, allocator tuned; 1.4-1.6x slower again
+with glibc's default allocator, which page-faults the activations afresh every pass); the e2e children, without
+``GOMP_SPINCOUNT=1000``, had PyTorch's idle OpenMP threads spin beside OpenVINO's (OpenVINO's nuclei forward
+passes 3.7 s against 2.9 s). No recipe kept Dice within 0.005 of torch bf16 on every held-out slide (worst: -0.072,
+-0.054, -0.027 on the 1 % TPS slide; -0.015 to -0.020 at shift 0.8). Kept benchmark-only; see
 benchmarks/README.md.
 """
 
@@ -234,6 +247,22 @@ def _forward(members: list, x, how: str):
                 model(x).float()
 
 
+def pipeline_input(normalised: np.ndarray):
+    """The members' input as the sliding windows hand it to them: ``Ensemble.normalize``'s output, whose strides
+    are channels-last (it permutes the (B, H, W, 3) tiles), not a contiguous NCHW copy. Eager PyTorch runs oneDNN's
+    channels-last convolutions on it, twice as fast in bf16 on the 2-CPU machine as on NCHW (seg ensemble 57 ms
+    against 178 ms with 4 tiles; OpenVINO copies either into its own layout, the same speed).
+
+    >>> import torch
+    >>> x = pipeline_input(torch.zeros(2, 8, 8, 3).permute(0, 3, 1, 2).numpy())
+    >>> tuple(x.shape), x.is_contiguous(), x.is_contiguous(memory_format=torch.channels_last)
+    ((2, 3, 8, 8), False, True)
+    """
+    import torch
+
+    return torch.from_numpy(normalised)  # keeps the numpy array's strides
+
+
 def measure_speed(work: Path, kinds: list[str], *, rounds: int, presets=PRESETS) -> dict:
     import torch
 
@@ -245,7 +274,7 @@ def measure_speed(work: Path, kinds: list[str], *, rounds: int, presets=PRESETS)
         ens = load(kind)
         cpu = torch.device("cpu")
         batch = (SegmentConfig() if kind == "seg" else NucleiConfig()).batch_for(cpu)
-        x = torch.from_numpy(calibration_tiles(work, ens, n=batch)).contiguous()
+        x = pipeline_input(calibration_tiles(work, ens, n=batch))
         cases = variants(kind, work, presets=presets)
         # Per member (member i alone) and the whole ensemble, every case once per round.
         units = [(f"member {i}", [i]) for i in range(len(ens.members))] + [("ensemble", list(range(len(ens.members))))]
@@ -402,7 +431,7 @@ def _child(slide: Path, out: Path, *, seg: str, nuclei: str, ir_root: Path, pres
     models = Models(config)
     models.load_he()
     for ens, how, kind in ((models.seg, seg, "seg"), (models.nuclei, nuclei, "nuclei")):
-        if how == "torch":
+        if how in ("torch", "bf16"):  # bf16: OpenVINO as the product runs it (IR from the cache beside the model)
             continue
 
         def to_int8(*, bf16: bool, keep_on_torch: tuple[int, ...] = (), ens=ens, kind=kind):
@@ -472,6 +501,7 @@ def _child(slide: Path, out: Path, *, seg: str, nuclei: str, ir_root: Path, pres
 
 E2E_CASES = {
     "torch bf16 autocast": ("torch", "torch"),
+    "openvino bf16 (--runtime openvino)": ("bf16", "bf16"),
     "int8 segmentation, torch nuclei": ("int8", "torch"),
     "int8 segmentation and nuclei": ("int8", "int8"),
 }
@@ -486,9 +516,10 @@ def measure_e2e(work: Path, *, preset: str, rounds: int) -> dict:
             out.parent.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "benchmarks.int8", "--work", str(work), "--child", str(out), "--seg", seg,
                    "--nuclei", nuclei, "--preset", preset]  # fmt: skip
+            load = os.getloadavg()[0]
             subprocess.run(cmd, check=True)
-            fig = json.loads(out.read_text())
-            print(f"  round {r + 1} {label}: analysis {fig['analysis_s']:.1f} s, segmentation "
+            fig = {**json.loads(out.read_text()), "load1_before": load}
+            print(f"  round {r + 1} {label} (load {load:.2f}): analysis {fig['analysis_s']:.1f} s, segmentation "
                   f"{fig['segmentation_s']:.1f} s (forward {fig['seg_forward_s']:.1f}), nuclei {fig['nuclei_s']:.1f} s "
                   f"(forward {fig['nuclei_forward_s']:.1f})", file=sys.stderr)  # fmt: skip
             runs[label].append(fig)
@@ -518,11 +549,13 @@ def e2e_table(result: dict) -> str:
         f"\npdl1 run analysis of the {E2E_SIZE_PX}² phantom (seed 81), {result['rounds']} interleaved rounds, "
         "median s (min-max)",
         "| case | analysis s | segmentation s | its forward passes s | nuclei s | its forward passes s | "
-        "analysis x torch bf16 | segmentation x torch bf16 | TPS % | nuclei | same class |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "analysis x torch bf16 | segmentation x torch bf16 | TPS % | nuclei | same class | load before |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, c in cases.items():
         rs = c["runs"]
+        loads = [r["load1_before"] for r in rs if "load1_before" in r]
+        load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else ""
         cells = [
             f"{med(rs, k):.1f} ({min(r[k] for r in rs):.1f}-{max(r[k] for r in rs):.1f})"
             for k in ("analysis_s", "segmentation_s", "seg_forward_s", "nuclei_s", "nuclei_forward_s")
@@ -533,7 +566,7 @@ def e2e_table(result: dict) -> str:
             + ", ".join(sorted({f"{r['tps']:.2f}" for r in rs if r["tps"] is not None}))
             + " | "
             + ", ".join(sorted({str(r["nuclei"]) for r in rs}))
-            + f" | {min(c['same_class']):.4f} |"
+            + f" | {min(c['same_class']):.4f} | {load} |"
         )
     return "\n".join(lines)
 
@@ -552,6 +585,15 @@ def main() -> None:
     parser.add_argument("--nuclei", default="torch", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.work
+    # As pdl1 starts (bridge.cli.app): libgomp's spin count before torch loads, and the allocator's hand-back of
+    # freed heap. Without them eager PyTorch's forward passes page-fault their activations afresh (1.5x slower in
+    # isolation), and its spinning OpenMP threads slow OpenVINO's beside them in one process (nuclei 1.25x).
+    from inference.openmp import tune_openmp
+
+    tune_openmp()
+    import inference.allocator as allocator
+
+    allocator.tune_allocator()
     if args.child is not None:
         _child(slide_path(work, E2E_SLIDE[0]), args.child, seg=args.seg, nuclei=args.nuclei, ir_root=work / "ir",
                preset=args.preset)  # fmt: skip

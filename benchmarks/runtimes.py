@@ -219,6 +219,11 @@ def _openvino_version() -> str:
 
 
 if __name__ == "__main__":
+    # As pdl1 starts (bridge.cli.app), before torch loads: with libgomp's default spin count PyTorch's idle
+    # OpenMP threads spin beside OpenVINO's and slow its nuclei forward passes by a quarter.
+    from inference.openmp import tune_openmp
+
+    tune_openmp()
     parser = argparse.ArgumentParser(description="Child process of the runtimes benchmark.")
     parser.add_argument("--child", nargs=3, metavar=("SLIDE", "MODELS_DIR", "OUT_JSON"), required=True)
     parser.add_argument("--seg-runtime", default="torch")

@@ -182,3 +182,36 @@ def test_int8_calibration_is_held_apart_and_ratios_are_against_the_baseline():
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert rows[fast].endswith("| 4.00 |") and rows[base].endswith("| 1.00 |")
     assert "30.0 (20.0-40.0)" in rows[base]
+
+
+def test_int8_speed_input_is_what_the_sliding_windows_feed_and_e2e_reports_the_load():
+    """benchmarks.int8's speed stage times the members on the tensor segment_slide hands them (Ensemble.normalize's
+    channels-last strides, on which eager PyTorch runs twice as fast as on a contiguous NCHW copy), and its e2e
+    table carries the load each case met."""
+    import torch
+
+    from benchmarks.int8 import e2e_table, load, pipeline_input
+
+    ens = load("seg")
+    normalised = ens.normalize(torch.zeros(2, 256, 256, 3, dtype=torch.uint8))
+    x = pipeline_input(normalised.numpy())
+    assert tuple(x.shape) == (2, 3, 256, 256)
+    assert x.stride() == normalised.stride() and x.is_contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+
+    def run(s: float, load: float) -> dict:
+        keys = ("analysis_s", "segmentation_s", "seg_forward_s", "nuclei_s", "nuclei_forward_s")
+        return {**dict.fromkeys(keys, s), "tps": 30.0, "nuclei": 10, "load1_before": load}
+
+    text = e2e_table(
+        {
+            "rounds": 2,
+            "cases": {
+                "torch bf16 autocast": {"runs": [run(6.0, 0.9), run(8.0, 1.5)], "same_class": [1.0, 1.0]},
+                "openvino bf16 (--runtime openvino)": {"runs": [run(5.0, 1.2), run(5.0, 1.1)], "same_class": [1, 1]},
+            },
+        }
+    )
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["torch bf16 autocast"].endswith("| 0.9-1.5 |")
+    assert "| 1.40 |" in rows["openvino bf16 (--runtime openvino)"]  # 7.0 / 5.0

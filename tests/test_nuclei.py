@@ -119,6 +119,23 @@ def test_dihedral_mean_of_an_equivariant_model_is_the_model_and_symmetrises_one_
         )
 
 
+def test_dihedral_mean_hands_every_transform_in_the_input_s_channels_last_strides():
+    # Ensemble.normalize's output (a permuted NHWC batch); rot90 alone gives NCHW or transposed strides, on which
+    # eager PyTorch's CPU convolutions are much slower.
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 12, 10, 3)).astype(np.float32)).permute(0, 3, 1, 2)
+    seen = []
+
+    def predict(t):
+        seen.append(t.is_contiguous(memory_format=torch.channels_last))
+        return 2 * t
+
+    torch.testing.assert_close(dihedral_mean(predict, x), 2 * x)
+    assert seen == [True] * 8
+    seen.clear()
+    dihedral_mean(predict, x.contiguous())  # an NCHW input is left as it is
+    assert len(seen) == 8 and not any(seen[:1])
+
+
 def test_tta_finds_the_same_nuclei_with_an_equivariant_model_and_is_off_by_default(dotted_slide):
     slide, centres, _ = dotted_slide
     config = NucleiConfig(overlap_px=16, read_workers=0, min_score=0.5)

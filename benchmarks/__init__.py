@@ -137,6 +137,24 @@ def cycled(members: Sequence[T], m: int) -> list[T]:
     return [members[i % len(members)] for i in range(m)]
 
 
+def time_calls(owner: object, name: str, phase: str, totals: dict[str, float], *, when=None) -> None:
+    """Replace ``owner.name`` by a wrapper adding its wall time to ``totals[phase]`` (from 0; ``when(args)``
+    filters the calls counted), so a child process can split a whole run into phases."""
+    inner = getattr(owner, name)
+    totals.setdefault(phase, 0.0)
+
+    def wrapper(*args, **kwargs):
+        if when is not None and not when(args):
+            return inner(*args, **kwargs)
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            totals[phase] += time.perf_counter() - t0
+
+    setattr(owner, name, wrapper)
+
+
 def machine_description() -> str:
     return f"{platform.machine()} {os.cpu_count()} CPUs, python {platform.python_version()}"
 

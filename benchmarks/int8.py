@@ -67,6 +67,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import time_calls
+
 SIZE_PX = 4096
 # (name, seed, TPS %, shift): calibration in the demo's training range (its manifest: TPS 10-70 %, shift 0-0.3).
 CALIBRATION = (
@@ -445,37 +447,15 @@ def _child(slide: Path, out: Path, *, seg: str, nuclei: str, ir_root: Path, pres
 
         ens._to_openvino = to_int8  # in place of the f32 IR: the int8 one, compiled as the product compiles
     t_loaded = time.perf_counter()
-    phases = {"segmentation": 0.0, "nuclei": 0.0}
-    for name, phase in (("segment_slide", "segmentation"), ("detect_nuclei", "nuclei")):
-        inner = getattr(pipeline, name)
-
-        def timed(*args, _inner=inner, _phase=phase, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return _inner(*args, **kwargs)
-            finally:
-                phases[_phase] += time.perf_counter() - t0
-
-        setattr(pipeline, name, timed)
+    phases: dict[str, float] = {}
+    time_calls(pipeline, "segment_slide", "segmentation", phases)
+    time_calls(pipeline, "detect_nuclei", "nuclei", phases)
     # The members' forward passes within each phase (normalisation included).
     import inference.analysis.nuclei as nuclei_module
     from inference.models.ensemble import Ensemble
 
-    for owner, name, phase in (
-        (Ensemble, "member_logits", "seg_forward"),
-        (nuclei_module, "_forward", "nuclei_forward"),
-    ):
-        inner = getattr(owner, name)
-        phases[phase] = 0.0
-
-        def timed_forward(*args, _inner=inner, _phase=phase, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return _inner(*args, **kwargs)
-            finally:
-                phases[_phase] += time.perf_counter() - t0
-
-        setattr(owner, name, timed_forward)
+    time_calls(Ensemble, "member_logits", "seg_forward", phases)
+    time_calls(nuclei_module, "_forward", "nuclei_forward", phases)
     t0 = time.perf_counter()
     result = pipeline.analyse_slide(slide, models=models, config=config)
     t_analysis = time.perf_counter() - t0

@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks import Benchmark, Case
+from benchmarks import Benchmark, Case, time_calls
 
 SIZES = (2048, 4096, 8192, 16384, 32768)
 PHASES = (
@@ -45,22 +45,6 @@ PHASES = (
     "writing",
     "other",
 )
-
-
-def _timed(owner, name: str, phase: str, totals: dict[str, float], *, when=None) -> None:
-    """Replace ``owner.name`` by a wrapper adding its wall time to ``totals[phase]`` (``when(args)`` filters)."""
-    inner = getattr(owner, name)
-
-    def wrapper(*args, **kwargs):
-        if when is not None and not when(args):
-            return inner(*args, **kwargs)
-        t0 = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            totals[phase] += time.perf_counter() - t0
-
-    setattr(owner, name, wrapper)
 
 
 def _child(slide: Path, out_json: Path, *, release_every_tiles: int | None = None) -> None:
@@ -85,18 +69,18 @@ def _child(slide: Path, out_json: Path, *, release_every_tiles: int | None = Non
     totals["load models"] = time.perf_counter() - t0 + (t0 - t_start)
 
     is_seg = lambda args: args[0].manifest.task == "segmentation"  # noqa: E731
-    _timed(pipeline, "tissue_mask_for_slide", "tissue", totals)
-    _timed(Ensemble, "member_logits", "segmentation forward", totals, when=is_seg)
-    _timed(segment, "accumulate_tile_stats", "blending + uncertainty maths", totals)
-    _timed(segment, "accumulate_tile_values", "blending + uncertainty maths", totals)
-    _timed(segment, "ensemble_stats", "blending + uncertainty maths", totals)
-    _timed(segment, "stats_from_logits", "blending + uncertainty maths", totals)
-    _timed(segment, "finish_maps", "blending + uncertainty maths", totals)
-    _timed(nuclei, "_forward", "nuclei forward", totals)
-    _timed(pipeline, "positive_regions", "regions + tiles (vectorising)", totals)
-    _timed(pipeline, "uncertainty_tiles", "regions + tiles (vectorising)", totals)
-    _timed(pipeline, "find_candidates", "SUA", totals)
-    _timed(bridge.run, "write_result_files", "writing", totals)
+    time_calls(pipeline, "tissue_mask_for_slide", "tissue", totals)
+    time_calls(Ensemble, "member_logits", "segmentation forward", totals, when=is_seg)
+    time_calls(segment, "accumulate_tile_stats", "blending + uncertainty maths", totals)
+    time_calls(segment, "accumulate_tile_values", "blending + uncertainty maths", totals)
+    time_calls(segment, "ensemble_stats", "blending + uncertainty maths", totals)
+    time_calls(segment, "stats_from_logits", "blending + uncertainty maths", totals)
+    time_calls(segment, "finish_maps", "blending + uncertainty maths", totals)
+    time_calls(nuclei, "_forward", "nuclei forward", totals)
+    time_calls(pipeline, "positive_regions", "regions + tiles (vectorising)", totals)
+    time_calls(pipeline, "uncertainty_tiles", "regions + tiles (vectorising)", totals)
+    time_calls(pipeline, "find_candidates", "SUA", totals)
+    time_calls(bridge.run, "write_result_files", "writing", totals)
     profiles: list[segment.SegmentProfile] = []
     real_segment = pipeline.segment_slide
 

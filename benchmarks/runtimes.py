@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import Case, PhantomSlideBenchmark
+from benchmarks import Case, PhantomSlideBenchmark, time_calls
 
 CASES = {
     "torch": ("torch", "torch", False),
@@ -67,18 +67,9 @@ def _child(slide: Path, models_dir: Path, out: Path, *, seg_runtime: str, nuclei
     models.nuclei.on_runtime(nuclei_runtime, precision=precision)
     t_runtime = time.perf_counter()
 
-    phases = {"segmentation": 0.0, "nuclei": 0.0}
-    for name, phase in (("segment_slide", "segmentation"), ("detect_nuclei", "nuclei")):
-        inner = getattr(pipeline, name)
-
-        def timed(*args, _inner=inner, _phase=phase, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return _inner(*args, **kwargs)
-            finally:
-                phases[_phase] += time.perf_counter() - t0
-
-        setattr(pipeline, name, timed)
+    phases: dict[str, float] = {}
+    time_calls(pipeline, "segment_slide", "segmentation", phases)
+    time_calls(pipeline, "detect_nuclei", "nuclei", phases)
     t0 = time.perf_counter()
     result = pipeline.analyse_slide(slide, models=models, config=config)
     t_analysis = time.perf_counter() - t0

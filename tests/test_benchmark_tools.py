@@ -100,8 +100,9 @@ def test_every_benchmark_module_imports():
             assert (err.name or "").split(".")[0] in optional, f"benchmarks.{info.name}: {err}"
 
 
-def test_run_profile_wraps_functions_the_product_has():
-    """run_profile times phases by replacing functions by name; each must still exist under that name."""
+def test_the_phase_timers_wrap_functions_the_product_has():
+    """run_profile, runtimes and int8 time phases by replacing functions by name (benchmarks.time_calls); each must
+    still exist under that name."""
     import re
     from pathlib import Path
 
@@ -115,12 +116,16 @@ def test_run_profile_wraps_functions_the_product_has():
         "pipeline": pipeline,
         "segment": segment,
         "nuclei": nuclei,
+        "nuclei_module": nuclei,
         "Ensemble": Ensemble,
         "bridge.run": bridge.run,
     }
-    source = (Path(__file__).parents[1] / "benchmarks" / "run_profile.py").read_text()
-    wrapped = re.findall(r'_timed\(([\w.]+), "(\w+)"', source)
-    assert len(wrapped) >= 10
+    wrapped = []
+    for name, least in (("run_profile", 10), ("runtimes", 2), ("int8", 4)):
+        source = (Path(__file__).parents[1] / "benchmarks" / f"{name}.py").read_text()
+        found = re.findall(r'time_calls\(([\w.]+), "(\w+)"', source)
+        assert len(found) >= least, name
+        wrapped += found
     missing = [f"{owner}.{name}" for owner, name in wrapped if not hasattr(owners[owner], name)]
     assert not missing, missing
 

@@ -139,6 +139,8 @@ def point_features(
 
 def validate_feature(feature: Mapping[str, Any]) -> None:
     """Raise :class:`GeoJsonError` naming the problem if QuPath could not read ``feature``."""
+    if not isinstance(feature, Mapping):
+        raise GeoJsonError(f"expected a Feature object, got {type(feature).__name__} {feature!r:.80}")
     if feature.get("type") != "Feature":
         raise GeoJsonError(f"expected type 'Feature', got {feature.get('type')!r}")
     fid = feature.get("id")
@@ -159,13 +161,19 @@ def validate_feature(feature: Mapping[str, Any]) -> None:
     if cls is not None:
         if not isinstance(cls, Mapping) or not ("name" in cls or "names" in cls):
             raise GeoJsonError(f"feature {fid}: classification needs 'name' or 'names', got {cls!r}")
+        names = cls["names"] if "names" in cls else [cls["name"]]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise GeoJsonError(f"feature {fid}: a class name must be text (or 'names' a list of text), got {cls!r:.80}")
         color = cls.get("color")
         rgb_ok = isinstance(color, list) and len(color) == 3
         if not (rgb_ok and all(isinstance(c, int) and 0 <= c <= 255 for c in color)):
             raise GeoJsonError(
                 f"feature {fid}: classification {cls!r} needs 'color': [r, g, b] (QuPath throws without it)"
             )
-    for key, value in (props.get("measurements") or {}).items():
+    measurements = props.get("measurements") or {}
+    if not isinstance(measurements, Mapping):
+        raise GeoJsonError(f"feature {fid}: measurements must be an object of name: number, got {measurements!r:.80}")
+    for key, value in measurements.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise GeoJsonError(f"feature {fid}: measurement {key!r} must be a finite number, got {value!r}")
     if props.get("objectType") == "cell" and "nucleusGeometry" not in feature:
@@ -216,8 +224,16 @@ def from_feature(feature: Mapping[str, Any]) -> QuPathObject:
     if cls is not None:
         name = ": ".join(cls["names"]) if "names" in cls else cls["name"]
         color = tuple(cls["color"])
+    try:  # the nesting and counts shapely needs: a ring of 4+ points, a line of 2+, a point of 2-3 numbers
+        geometry = shapely.geometry.shape(feature["geometry"])
+    except (ValueError, TypeError, IndexError, shapely.errors.ShapelyError) as err:
+        kind, why = feature["geometry"]["type"], str(err).strip()
+        raise GeoJsonError(
+            f"feature {feature['id']}: not a valid {kind} ({why}); a Polygon is a list of rings, each a closed list "
+            "of 4 or more [x, y] points, a LineString 2 or more points, a Point one [x, y]"
+        ) from err
     return QuPathObject(
-        geometry=shapely.geometry.shape(feature["geometry"]),
+        geometry=geometry,
         object_type=props["objectType"],
         classification=name,
         measurements={k: float(v) for k, v in (props.get("measurements") or {}).items()},
@@ -233,6 +249,8 @@ def read_features(path: str | Path) -> Iterator[QuPathObject]:
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     if isinstance(data, Mapping) and data.get("type") == "FeatureCollection":
         items = data.get("features", [])
+        if not isinstance(items, list):
+            raise GeoJsonError(f"a FeatureCollection's 'features' must be a list, got {type(items).__name__}")
     elif isinstance(data, list):
         items = data
     elif isinstance(data, Mapping) and data.get("type") == "Feature":

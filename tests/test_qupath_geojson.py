@@ -4,6 +4,7 @@ import os
 import stat
 import subprocess
 import sys
+import uuid
 
 import pytest
 from shapely.geometry import Point, Polygon
@@ -127,3 +128,33 @@ def test_geojson_module_does_not_import_torch():
     code = "import sys, bridge.qupath_geojson, bridge.cli.app; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("features", "says"),
+    [
+        (None, "'features' must be a list"),
+        ([1], "expected a Feature object, got int"),
+        ([{"type": "Polygon", "coordinates": [[[0, 0], [1, 1]]]}], "not a valid Polygon"),
+        ([{"type": "Polygon", "coordinates": [[0, 0], [1, 1], [1, 0], [0, 0]]}], "a list of rings"),
+        ([{"type": "LineString", "coordinates": [[0, 0]]}], "not a valid LineString"),
+        ([{"type": "Point", "coordinates": [1, 2, 3, 4]}], "not a valid Point"),
+        ([{"type": "Point", "coordinates": [1, 2]}, {"name": 5, "color": [1, 2, 3]}], "a class name must be text"),
+        ([{"type": "Point", "coordinates": [1, 2]}, None, [1, 2]], "measurements must be an object"),
+    ],
+)
+def test_malformed_features_name_the_problem(tmp_path, features, says):
+    """Hand-written or hand-edited GeoJSON (labels for `pdl1 train`) gave a traceback or shapely's bare
+    'A linearring requires at least 4 coordinates.' without the feature or the fix."""
+    if isinstance(features, list) and features and isinstance(features[0], dict):
+        geometry, cls, measurements = (*features, None, None)[:3]
+        props = {"objectType": "annotation"}
+        if cls is not None:
+            props["classification"] = cls
+        if measurements is not None:
+            props["measurements"] = measurements
+        features = [{"type": "Feature", "id": str(uuid.uuid4()), "geometry": geometry, "properties": props}]
+    path = tmp_path / "labels.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    with pytest.raises(GeoJsonError, match=says):
+        list(read_features(path))

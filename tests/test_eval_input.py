@@ -305,3 +305,32 @@ def test_eval_tps_shows_its_progress_or_not(pair):
     result = runner.invoke(app, ["eval", "tps", str(he), "--device", "cpu", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "predicted TPS (H&E) vs truth" in result.output
+
+
+@pytest.mark.parametrize(
+    ("command", "field", "value"),
+    [
+        ("tps", "tps_percent", None),
+        ("tps", "nuclei_counts", None),
+        ("tps", "spec", None),
+        ("tps", "tps_percent", "30"),
+        ("seg", "spec", None),
+    ],
+)
+def test_a_truth_without_a_field_the_evaluation_reads_is_named_before_any_slide_is_analysed(
+    phantom_copy, command, field, value
+):
+    """`pdl1 eval tps` on a truth.json without tps_percent, nuclei_counts or spec ended in a KeyError traceback
+    after the slide was analysed; `eval seg` without spec said only "truth.json has no 'spec'", also after."""
+    path = truth_dir_for(phantom_copy) / "truth.json"
+    summary = json.loads(path.read_text())
+    if value is None:
+        del summary[field]
+    else:
+        summary[field] = value
+    path.write_text(json.dumps(summary))
+    result = runner.invoke(app, ["eval", command, str(phantom_copy), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    said = _said(result)
+    assert f"'{field}' (" in said and "missing or malformed" in said and "pdl1 phantom" in said

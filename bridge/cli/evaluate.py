@@ -45,12 +45,12 @@ def _require_model_stain(manifest, stain: str, *, option: str, folder, command: 
         )
 
 
-def _check_truths(slides: list[Path], models_by_stain: dict) -> list:
+def _check_truths(slides: list[Path], models_by_stain: dict, *, needs: tuple[str, ...] = ()) -> list:
     """Every slide's truth checked against its models before any runs: a bad slide fails the batch at once, named
     with all the others (:func:`inference.evaluation.evaluate.check_truths`)."""
     from inference import check_truths
 
-    return check_truths(slides, models_by_stain)
+    return check_truths(slides, models_by_stain, needs=needs)
 
 
 NucleiModelOption = Annotated[
@@ -89,7 +89,7 @@ def eval_seg(
     try:
         ensemble = Ensemble.load(model or demo_model_dir("seg"), task="segmentation", device=device)
         members = ensemble.manifest.members
-        _check_truths(slides, {ensemble.manifest.stain: [("segmentation", ensemble.manifest)]})
+        _check_truths(slides, {ensemble.manifest.stain: [("segmentation", ensemble.manifest)]}, needs=("spec",))
         pooled = len({m.chain for m in members}) > 1
         for slide in slides:
             with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
@@ -389,7 +389,11 @@ def eval_tps(
         models = Models(config)
         for option, m in (("--seg-model", models.seg), ("--nuclei-model", models.nuclei)):
             _require_model_stain(m.manifest, "H&E", option=option, folder=m.folder, command="`pdl1 eval tps`")
-        _check_truths(slides, {"H&E": [("segmentation", models.seg.manifest), ("nuclei", models.nuclei.manifest)]})
+        _check_truths(
+            slides,
+            {"H&E": [("segmentation", models.seg.manifest), ("nuclei", models.nuclei.manifest)]},
+            needs=("spec", "tps_percent", "nuclei_counts"),
+        )
         table = Table(title="predicted TPS (H&E) vs truth")
         for col in ("slide", "shift", "truth", "predicted", "error", "members' range", "truth in range", "category"):
             table.add_column(col, justify="left" if col == "slide" else "right")

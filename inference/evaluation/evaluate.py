@@ -51,7 +51,7 @@ from inference.models.ensemble import Ensemble
 from inference.models.features import capture_tile_features
 from inference.models.manifest import Manifest
 from inference.phantom.ihc import ihc_to_he_points
-from inference.phantom.truth import PhantomTruthData, load_truth
+from inference.phantom.truth import PhantomTruthData, load_truth, require_summary
 from inference.phantom.truth_tissue import truth_tissue_mask
 from inference.pipeline import review_rule_for
 from inference.results import Cps, Nuclei, Tps, UncertaintyMaps
@@ -177,18 +177,24 @@ def check_truth_stain(slide_path: str | Path, truth: PhantomTruthData, manifest:
 
 
 def check_truths(
-    slides: Sequence[str | Path], models_by_stain: Mapping[str, Sequence[tuple[str, Manifest]]]
+    slides: Sequence[str | Path],
+    models_by_stain: Mapping[str, Sequence[tuple[str, Manifest]]],
+    *,
+    needs: Sequence[str] = (),
 ) -> list[PhantomTruthData]:
     """Load every slide's truth and check its stain against the models that will score it, before any model runs.
 
     ``models_by_stain`` maps each phantom stain the evaluation takes to the (role, manifest) of the models that
-    score those slides. A bad slide (no truth, damaged truth, another stain) does not end a batch half-way: all
-    are named in one error (of their common class, else :class:`Pdl1Error`), so they can be fixed together.
+    score those slides; ``needs``, the truth.json fields the evaluation reads (keys of
+    :data:`inference.phantom.truth.SUMMARY_FIELDS`). A bad slide (no truth, damaged truth, another stain) does
+    not end a batch half-way: all are named in one error (of their common class, else :class:`Pdl1Error`), so they
+    can be fixed together.
     """
     truths, errors = [], []
     for slide in slides:
         try:
             truth = load_truth(slide)
+            require_summary(slide, truth, needs)
             stain = truth_stain(truth)
             if stain not in models_by_stain:
                 for role, manifest in (m for models in models_by_stain.values() for m in models):
@@ -751,7 +757,9 @@ def calibrate_ensemble(
     scorers = [("segmentation", ensemble.manifest)]
     if nuclei_model is not None:
         scorers.append(("nuclei", nuclei_model.manifest))
-    check_truths(slides, {ensemble.manifest.stain: scorers})  # every slide, before the first is segmented
+    # Every slide, before the first is segmented; the true TPS is read when the nuclei model predicts one.
+    needs = ("spec",) if nuclei_model is None else ("spec", "tps_percent")
+    check_truths(slides, {ensemble.manifest.stain: scorers}, needs=needs)
     scored = []
     for path in slides:
         # On the pipeline's grid, where the thresholds will be applied (not the truth's finer one).

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,6 +234,42 @@ def load_truth(slide_path: str | Path) -> PhantomTruthData:
         class_names=class_names,
         nuclei_intensity=np.array(intensity, np.int64),
     )
+
+
+# The truth.json fields an evaluation reads beyond those every load checks, with what each is.
+SUMMARY_FIELDS = {
+    "spec": "the phantom's spec, from which its true tissue is redrawn",
+    "tps_percent": "the true TPS",
+    "nuclei_counts": "the true nuclei per class",
+}
+
+
+def require_summary(slide_path: str | Path, truth: PhantomTruthData, fields: Sequence[str]) -> None:
+    """Raise :class:`TruthFormatError` naming ``truth.json`` if it lacks one of ``fields`` (keys of
+    :data:`SUMMARY_FIELDS`) or holds it in another form, before any model runs (a KeyError traceback otherwise,
+    after the slide was analysed)."""
+    path = truth_dir_for(slide_path) / "truth.json"
+    summary = truth.summary
+    for name in fields:
+        value = summary.get(name)
+        if name == "spec":
+            ok = isinstance(value, dict) and _is_number(value.get("shift"))
+        elif name == "tps_percent":
+            ok = _is_number(value)
+        else:
+            ok = isinstance(value, dict) and all(
+                isinstance(value.get(c), int) and not isinstance(value.get(c), bool)
+                for c in ("Tumor: Positive", "Tumor: Negative")
+            )
+        if not ok:
+            came = "none" if name not in summary else repr(value)[:80]
+            raise TruthFormatError(
+                f"{path}: {name!r} ({SUMMARY_FIELDS[name]}) is missing or malformed, got {came}; {_REWRITE}"
+            )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _read_summary(path: Path) -> dict:

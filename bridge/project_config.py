@@ -167,7 +167,7 @@ class ProjectConfig:
             return _KEY_OF[name]
         table, key = _KEY_OF[name].split(".", 1)
         try:
-            line = _line_of(self.path.read_text(encoding="utf-8"), table, key)
+            line = _line_of(self.path.read_text(encoding="utf-8-sig"), table, key)
         except (OSError, UnicodeDecodeError):
             line = "?"
         return f"{self.path}, line {line}: [{table}] {key}"
@@ -201,7 +201,7 @@ def read_project_config(path: str | Path) -> ProjectConfig:
     """Read and check a ``pdl1-config.toml``; keys it leaves out keep the built-in defaults."""
     path = Path(path).absolute()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # Windows Notepad saves UTF-8 with a BOM, which TOML rejects
     except FileNotFoundError as err:
         raise ConfigError(f"{path}: no such config file; give an existing pdl1-config.toml") from err
     except UnicodeDecodeError as err:

@@ -164,7 +164,7 @@ def readToml = { File file ->
     }
     def table = ""
     def seenTables = [] as Set
-    def all = file.getText("UTF-8").split("\r?\n", -1)
+    def all = file.getText("UTF-8").replaceFirst("^\uFEFF", "").split("\r?\n", -1)  // Notepad's BOM
     int i = 0
     while (i < all.length) {
         int n = i + 1

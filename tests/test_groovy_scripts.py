@@ -125,6 +125,16 @@ def test_the_groovy_reader_reads_what_tomllib_reads(tmp_path):
     read_project_config(rich)  # and bridge reads it too
 
 
+@needs_groovy
+def test_the_groovy_reader_reads_a_config_saved_with_a_byte_order_mark(tmp_path):
+    """Windows Notepad saves UTF-8 with a BOM: bridge reads it, and so must the script."""
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf" + b'[service]\nurl = "http://x"\n')
+    (read,) = read_with_groovy(tmp_path, [bom])
+    assert read == {"ok": flat(tomllib.loads('[service]\nurl = "http://x"\n'))}
+    read_project_config(bom)
+
+
 BAD = {
     "not_toml.toml": ('[service]\nurl = "http://x"\n\n[analysis]\ndevice = auto\n', 5),
     "open_array.toml": ('[analysis]\noutputs = ["regions",\n', 2),

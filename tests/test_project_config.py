@@ -224,3 +224,13 @@ def test_a_device_from_the_file_that_this_machine_lacks_names_the_file_not_the_o
     # --device overrides the file.
     result = CliRunner().invoke(app, [*args, "--device", "cpu"])
     assert result.exit_code == 0, result.output
+
+
+def test_a_config_saved_with_a_byte_order_mark_reads(tmp_path):
+    """Windows Notepad saves UTF-8 with a BOM; tomllib refused line 1 ('\\ufeff[analysis]': "not valid TOML")
+    and told the user to quote strings."""
+    path = tmp_path / CONFIG_NAME
+    path.write_bytes(b"\xef\xbb\xbf" + b'[analysis]\ndevice = "cpu"\n')
+    config = read_project_config(path)
+    assert config.device == "cpu"
+    assert config.where("device").endswith("line 2: [analysis] device")

@@ -60,6 +60,7 @@ class ReportItem:
     slide: Path | None
     geojson: Path
     summary: dict
+    not_found: str = ""  # why ``slide`` is None: where the image was looked for, and the fix
 
 
 def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]:
@@ -85,17 +86,10 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
             if summary is None:
                 continue
             try:
-                slide = locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder)
-            except FileNotFoundError:
-                slide = None
-            items.append(
-                ReportItem(
-                    entry.image_name,
-                    slide,
-                    folder / "objects.geojson",
-                    summary,
-                )
-            )
+                slide, not_found = locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder), ""
+            except FileNotFoundError as err:
+                slide, not_found = None, str(err)
+            items.append(ReportItem(entry.image_name, slide, folder / "objects.geojson", summary, not_found))
         return items
     fix = f"run {_rerun(source)}, which analyses again the slides whose results are damaged"
     for summary_path in sorted(Path(source).glob("*.summary.json")):
@@ -103,12 +97,14 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
         if summary is None:
             continue
         image = Path(summary["image"])
+        found = image.is_file()
         items.append(
             ReportItem(
                 image.name,
-                image if image.is_file() else None,
+                image if found else None,
                 summary_path.with_name(summary_path.name.replace(".summary.json", ".geojson")),
                 summary,
+                "" if found else f"no image at {image}, where it was analysed (moved, renamed or on another machine?)",
             )
         )
     return items
@@ -277,7 +273,11 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
 
 def _thumbnail_or_none(item: ReportItem, out: Path, left_out: list[str]) -> Path | None:
     """The overlay thumbnail; None, with a warning, when the slide or the GeoJSON does not read (one image's
-    picture, not the report)."""
+    picture, not the report); a slide that is not where it was analysed is named, not only "slide not found" in
+    the HTML."""
+    if item.slide is None:
+        _leave_out(left_out, f"{item.image_name}: no thumbnail: {item.not_found}; its numbers are reported")
+        return None
     try:
         return _thumbnail(item, out)
     except (Pdl1Error, OSError, ValueError) as err:

@@ -70,3 +70,16 @@ def test_a_pairs_file_of_the_wrong_shape_is_left_out(tmp_path, caplog, content):
     with caplog.at_level("WARNING", logger="bridge.report"):
         write_report(out)
     assert "pairs.json" in caplog.text and "comparison is left out of the report" in caplog.text
+
+
+def test_a_slide_no_longer_where_it_was_analysed_is_named_with_its_path(tmp_path, caplog):
+    """Results copied to another machine, or slides moved: the report said nothing but "slide not found: no
+    thumbnail" inside the HTML, without the path it looked at."""
+    out = tmp_path / "out"
+    out.mkdir()
+    gone = tmp_path / "moved" / "a.svs"
+    (out / "a.summary.json").write_text(json.dumps(_summary(gone)))
+    with caplog.at_level("WARNING", logger="bridge.report"):
+        _, csv_path = write_report(out)
+    assert csv_path.read_text().splitlines()[1].startswith("a.svs,")  # its numbers are still reported
+    assert f"a.svs: no thumbnail: no image at {gone}, where it was analysed" in caplog.text

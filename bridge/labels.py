@@ -121,6 +121,15 @@ def _label_class_meant(cls: str) -> str | None:
     return wanted[close[0]] if close else None
 
 
+def _mapped(class_map: Mapping[str, str | None], cls: str, class_names: Sequence[str]) -> str | None:
+    """A point's model class: ``--class-map``'s (its LABEL is stripped of spaces, so a class QuPath holds as
+    'Tumor: Negative ' is found by it), else the class itself if the model has it, else "" (unknown)."""
+    for key in (cls, cls.strip()):
+        if key in class_map:
+            return class_map[key]
+    return cls if cls in class_names else ""
+
+
 def _tool_written_class(obj: QuPathObject) -> str | None:
     """The class pdl1-bridge gave an object it wrote (by its signature measurements), else None."""
     if obj.object_type == "annotation" and OWN_ANNOTATION_SIGNATURE in obj.measurements:
@@ -289,7 +298,7 @@ def labels_from_objects(
             if not rules.points:
                 counts["skipped: reviewed nuclei (a segmentation run)"] += 1
                 continue
-            target = class_map.get(cls, cls if cls in rules.class_names else "")
+            target = _mapped(class_map, cls, rules.class_names)
             if target is None:
                 counts[f"skipped: reviewed nuclei of {cls} (mapped to none)"] += 1
             elif target not in rules.class_names:
@@ -334,7 +343,7 @@ def labels_from_objects(
             ignore.append(_area(geometry, what))
             counts["areas: ignore"] += 1
         elif isinstance(geometry, Point | MultiPoint) and cls is not None:
-            target = class_map.get(cls, cls if cls in rules.class_names else "")
+            target = _mapped(class_map, cls, rules.class_names)
             pts = [geometry] if isinstance(geometry, Point) else list(geometry.geoms)
             if not rules.points:
                 counts["skipped: points (a segmentation run)"] += len(pts)
@@ -369,9 +378,20 @@ def labels_from_objects(
                 counts[f"reviewed: {PDL1_FN_CANDIDATE.name} deleted ({NEGATIVE})"] += 1
     if unknown_point_classes:
         listing = ", ".join(f"{c} ({n} points)" for c, n in sorted(unknown_point_classes.items()))
+        # 'tumor: positive' or 'Tumor:Positive ' is the model's class spelt otherwise: say which, and the option.
+        spelt = {_spelling(c): c for c in rules.class_names}
+        meant = {c: spelt[_spelling(c)] for c in sorted(unknown_point_classes) if _spelling(c) in spelt}
+        hint = (
+            "; spelt otherwise, these are the model's "
+            + ", ".join(f"{c!r} (pass --class-map '{c}={m}')" for c, m in meant.items())
+            + ", or rename the class in QuPath and export again"
+            if meant
+            else ""
+        )
         raise LabelError(
             f"{where}: points of classes the model does not have: {listing}; the model's classes are "
             f"{', '.join(rules.class_names)}: map each with --class-map 'LABEL=MODEL' (or 'LABEL=' to leave it out)"
+            + hint
         )
     points = np.asarray(xy, np.float64).reshape(-1, 2)
     classes = np.asarray(point_cls, np.int64)

@@ -261,8 +261,10 @@ def read_project(path: str | Path, *, unreadable_entries: str = "raise") -> Proj
             named = image.get("imageName") if isinstance(image, dict) else None
             entry_id = image.get("entryID") if isinstance(image, dict) else None
             name = f" ({named})" if isinstance(named, str) else ""
+            # A KeyError names the key; a TypeError/AttributeError says only "'int' object has no attribute 'get'".
+            problem = f"lacks {err}" if isinstance(err, KeyError) else f"is malformed ({err})"
             error = ProjectError(
-                f"{qpproj}: image #{i}{name} lacks {err} (expected entryID and serverBuilder.uri); remove it in "
+                f"{qpproj}: image #{i}{name} {problem} (expected entryID and serverBuilder.uri); remove it in "
                 "QuPath and add the image again (File > Project > Add images)"
             )
             if unreadable_entries == "raise":

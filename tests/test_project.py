@@ -184,6 +184,9 @@ def test_reading_is_read_only(fixtures_dir, tmp_path):
         ("{}", r"not a QuPath project: it has no 'images' key .*re-create the project.*pdl1 init-project"),
         ("[1]", r"not a QuPath project: its JSON is \[1\], not an object"),
         ('{"images": [{"imageName": "x"}]}', r"image #0 \(x\) lacks 'serverBuilder'.*add the image again"),
+        # Said "image #0 lacks 'int' object has no attribute 'get'".
+        ('{"images": [{"serverBuilder": 5}]}', r"image #0 is malformed \('int' object .*add the image again"),
+        ('{"images": [7]}', r"image #0 is malformed \(.*add the image again"),
     ],
 )
 def test_malformed_projects_say_what_is_wrong(tmp_path, content, match):

@@ -287,6 +287,13 @@ def parse_roi(roi: dict[str, Any] | None, *, image_size_px: tuple[int, int] | No
         ) from err
     if geometry.is_empty:
         raise RoiError(f"roi is an empty {kind} (no vertices); send the annotation's outline in level-0 px, {whole}")
+    if max(abs(v) for v in geometry.bounds) > MAX_COORDINATE_PX:
+        # Queued, it failed with the vertex printed as a 300-digit number; no slide is 2^31 px across.
+        bounds = ", ".join(f"{v:.4g}" for v in geometry.bounds)
+        raise RoiError(
+            f"roi has a vertex beyond {MAX_COORDINATE_PX:,.0f} px (bounds {bounds}); "
+            f"expected level-0 px of this image, as QuPath's annotations are: send the annotation's outline, {whole}"
+        )
     if not geometry.is_valid:
         # shapely says "Self-intersection[250 250]": where, as the (x, y) a user can find in QuPath.
         reason = re.sub(r"\[(\S+) (\S+)\]$", r" at (\1, \2)", shapely.is_valid_reason(geometry))

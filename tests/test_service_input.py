@@ -154,11 +154,19 @@ WHOLE = "or omit roi to analyse the whole tissue"
             "level-0 px under 'coordinates', the first repeated last: send the annotation's outline as QuPath "
             f"gives it, {WHOLE}",
         ),
+        (
+            # Without image_size_px this was queued, and failed with the vertex as a 300-digit number.
+            {"type": "Polygon", "coordinates": [[[1e300, 0], [2e300, 0], [2e300, 1e300], [1e300, 0]]]},
+            "roi has a vertex beyond 2,147,483,648 px (bounds 1e+300, 0, 2e+300, 1e+300); expected level-0 px of "
+            f"this image, as QuPath's annotations are: send the annotation's outline, {WHOLE}",
+        ),
     ],
-    ids=["empty", "empty-multi", "self-intersecting", "two-points", "outside", "no-coordinates"],
+    ids=["empty", "empty-multi", "self-intersecting", "two-points", "outside", "no-coordinates", "astronomical"],
 )
 def test_an_roi_no_analysis_can_use_is_refused_at_submission(client, slides_root, roi, detail):
-    body = {"image": str(slides_root / "small.svs"), "roi": roi, "image_size_px": [1024, 1024]}
+    body = {"image": str(slides_root / "small.svs"), "roi": roi}
+    if "beyond" not in detail:  # that one is refused without the image's size too
+        body["image_size_px"] = [1024, 1024]
     r = client.post("/v1/jobs", json=body)
     assert r.status_code == 422, r.text
     assert r.json() == {"detail": detail}

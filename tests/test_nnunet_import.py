@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -596,3 +597,13 @@ def test_imported_members_get_the_permissions_of_any_new_file(tmp_path):
     modes = {p.name: os.stat(p).st_mode & 0o777 for p in (tmp_path / "model").iterdir()}
     assert set(modes) == {"manifest.json", "member_00.safetensors"}
     assert modes["member_00.safetensors"] == modes["manifest.json"]
+
+
+@pytest.mark.parametrize("name", ["plans.json", "dataset.json"])
+def test_a_json_file_cut_short_is_refused_with_the_fix(tmp_path, name):
+    """Said only "not valid JSON (Expecting ...)", without what to do."""
+    folder = _results(tmp_path)
+    (folder / name).write_text("{")
+    with pytest.raises(ModelFileError, match=rf"{re.escape(name)}: not valid JSON .*copy it again from the nnU-Net"):
+        import_nnunet(folder, tmp_path / "model", mpp=2.0)
+    assert not (tmp_path / "model").exists()

@@ -211,7 +211,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelFileError(f"{path}: not valid JSON ({err})") from err
+        raise ModelFileError(
+            f"{path}: not valid JSON ({err}); the file was damaged (an interrupted copy?): copy it again from the "
+            "nnU-Net results folder"
+        ) from err
     if not isinstance(data, dict):
         raise ModelFileError(
             f"{path}: expected a JSON object as nnU-Net v2 writes it, got {_json_kind(data)}; "

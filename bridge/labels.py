@@ -277,6 +277,9 @@ def labels_from_objects(
     for obj in objects:
         cls = obj.classification
         what = f"{where}: {obj.object_type} {obj.name or obj.id or ''} ({cls or 'unclassified'})"
+        if obj.geometry.is_empty:  # a hand-written "coordinates": [] (a Point's gave a GEOS traceback)
+            counts[f"skipped: {obj.object_type} {obj.geometry.geom_type} without coordinates"] += 1
+            continue
         is_label = cls is not None and (
             cls in _AREA_CLASSES or _is_ignore(cls) or isinstance(obj.geometry, Point | MultiPoint)
         )

@@ -630,3 +630,13 @@ def test_point_classes_spelt_otherwise_are_named_with_the_class_map_that_takes_t
     rules = LabelRules(class_names=HE_CLASSES, class_map=parse_class_map([f"{cls}=Tumor: Positive"]))
     labels = labels_from_objects([region, points], slide="s.svs", image_size_px=(100, 100), rules=rules)
     assert labels.counts["points: Tumor: Positive"] == 2
+
+
+@pytest.mark.parametrize("geometry", [shapely.Point(), shapely.MultiPoint(), shapely.Polygon()])
+def test_an_object_without_coordinates_is_counted_as_skipped(geometry):
+    """A hand-written '"coordinates": []' Point ended in GEOS's 'getX called on empty Point' traceback."""
+    region = _obj(shapely.box(0, 0, 100, 100), "Training region")
+    labels = labels_from_objects(
+        [region, _obj(geometry, "Other")], slide="s.svs", image_size_px=(100, 100), rules=RULES
+    )
+    assert labels.counts[f"skipped: annotation {geometry.geom_type} without coordinates"] == 1

@@ -243,6 +243,17 @@ class JobRequest(BaseModel):
             )
         return value
 
+    @field_validator("mpp", mode="before")
+    @classmethod
+    def _mpp_is_no_boolean(cls, value: Any) -> Any:
+        # pydantic takes true as 1.0 µm/px: a wrong scale for every result, silently.
+        if isinstance(value, bool):
+            raise ValueError(
+                f"mpp must be a number (the image's µm/px, e.g. 0.25), got {json.dumps(value)}; send the pixel "
+                "size QuPath reports, or omit mpp to use the file's"
+            )
+        return value
+
     @field_validator("roi")
     @classmethod
     def _roi_is_geometry(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -474,3 +474,10 @@ def test_an_ihc_model_folder_that_does_not_read_is_not_listed_and_logged(tmp_pat
     [record] = caplog.records
     assert record.getMessage().startswith("the PD-L1 IHC nuclei model is not listed, and H-DAB images will fail: ")
     assert "no model manifest" in record.getMessage()
+
+
+def test_an_mpp_of_true_is_refused_not_taken_as_1(client, slides_root):
+    """pydantic took "mpp": true as 1.0 µm/px, and the job ran at that scale."""
+    r = client.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "mpp": True})
+    assert r.status_code == 422, r.text
+    assert "mpp must be a number (the image's µm/px, e.g. 0.25), got true" in r.json()["detail"]

@@ -1107,6 +1107,11 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
                     f"{clipped(str(requested))} is a folder; expected an image file (e.g. a .svs, .ndpi or .tif): "
                     "send the path of the image file itself"
                 )
+            if str(requested) != str(requested).strip():  # pasted with a line end: the shown name looks right
+                raise SlideNotFoundError(
+                    f"image not found: {quoted(str(requested))}, which ends or starts with white space (a line end "
+                    "copied with the path?); send the path without it"
+                )
             raise SlideNotFoundError(f"image not found: {clipped(str(requested))}")
         if stain_of_image_type(req.image_type) == "other":  # no model runs on it: refused now, not as a failed job
             raise StainError(

@@ -481,3 +481,10 @@ def test_an_mpp_of_true_is_refused_not_taken_as_1(client, slides_root):
     r = client.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "mpp": True})
     assert r.status_code == 422, r.text
     assert "mpp must be a number (the image's µm/px, e.g. 0.25), got true" in r.json()["detail"]
+
+
+def test_a_path_pasted_with_a_line_end_says_so(client, slides_root):
+    """Said "image not found: /…/small.svs" with the newline invisible, of a file that is there."""
+    r = client.post("/v1/jobs", json={"image": f"{slides_root / 'small.svs'}\n"})
+    assert r.status_code == 404, r.text
+    assert "ends or starts with white space (a line end copied with the path?)" in r.json()["detail"]

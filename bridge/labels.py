@@ -474,6 +474,11 @@ def read_geojson_labels(
     """Labels from a QuPath GeoJSON export (QuPath's *Export objects*, ``pdl1_export_labels.groovy``, or the
     ``pdl1/pairs/<H&E key>.ihc_positive.geojson`` of a paired IHC)."""
     path = Path(path)
+    if path.is_dir():  # "no such GeoJSON file" of a folder that is there
+        raise LabelError(
+            f"{path} is a folder; --labels takes one GeoJSON file per slide (QuPath: File > Export objects as "
+            "GeoJSON), in the slides' order"
+        )
     if not path.is_file():
         raise LabelError(f"{path}: no such GeoJSON file; export the image's objects from QuPath as GeoJSON")
     try:

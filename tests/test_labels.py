@@ -640,3 +640,9 @@ def test_an_object_without_coordinates_is_counted_as_skipped(geometry):
         [region, _obj(geometry, "Other")], slide="s.svs", image_size_px=(100, 100), rules=RULES
     )
     assert labels.counts[f"skipped: annotation {geometry.geom_type} without coordinates"] == 1
+
+
+def test_labels_given_as_a_folder_say_a_file_is_wanted(tmp_path):
+    """A folder of exports given as --labels was 'no such GeoJSON file', though it is there."""
+    with pytest.raises(LabelError, match=r"is a folder; --labels takes one GeoJSON file per slide"):
+        read_geojson_labels(tmp_path, slide="s.svs", image_size_px=(100, 100), rules=RULES)

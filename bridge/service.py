@@ -288,6 +288,13 @@ def parse_roi(roi: dict[str, Any] | None, *, image_size_px: tuple[int, int] | No
             f"level-0 px under 'coordinates', the first repeated last: send the annotation's outline as QuPath "
             f"gives it, {whole}"
         )
+    depth = _nesting_depth(roi["coordinates"])
+    if depth > 4:  # shapely recursed into it: a RecursionError, a 500
+        expected = "3 (rings of [x, y] vertices)" if kind == "Polygon" else "4 (polygons of rings of [x, y] vertices)"
+        raise RoiError(
+            f"roi's coordinates are nested {depth} lists deep; a GeoJSON {kind} nests {expected}: "
+            f"send the annotation's outline as QuPath gives it, {whole}"
+        )
     try:
         geometry = shape(roi)
     except (ShapelyError, ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
@@ -322,6 +329,17 @@ def parse_roi(roi: dict[str, Any] | None, *, image_size_px: tuple[int, int] | No
                 f"on this image, {whole}"
             )
     return geometry
+
+
+def _nesting_depth(value: Any) -> int:
+    """How many lists deep ``value`` nests (a Polygon's coordinates: 3), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, list):
+            deepest = max(deepest, depth + 1)
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
 
 
 def _first_non_finite(coordinates: Any) -> Any:

@@ -488,3 +488,12 @@ def test_a_path_pasted_with_a_line_end_says_so(client, slides_root):
     r = client.post("/v1/jobs", json={"image": f"{slides_root / 'small.svs'}\n"})
     assert r.status_code == 404, r.text
     assert "ends or starts with white space (a line end copied with the path?)" in r.json()["detail"]
+
+
+def test_an_roi_nested_too_deep_is_a_422_not_a_500(client, slides_root):
+    """900 nested lists made shapely recurse past Python's limit: 'internal error (RecursionError)', a 500."""
+    coordinates = "[" * 900 + "]" * 900
+    body = f'{{"image": "{slides_root / "small.svs"}", "roi": {{"type": "Polygon", "coordinates": {coordinates}}}}}'
+    r = client.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert "roi's coordinates are nested 900 lists deep; a GeoJSON Polygon nests 3" in r.json()["detail"]

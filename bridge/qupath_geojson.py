@@ -181,15 +181,17 @@ def validate_feature(feature: Mapping[str, Any]) -> None:
 
 
 def _check_coordinates(coords: Any, fid: Any) -> None:
-    stack = [coords]
+    stack = [(coords, 1)]
     while stack:
-        item = stack.pop()
+        item, depth = stack.pop()
+        if depth > 4:  # deeper than a MultiPolygon's: shapely would recurse past Python's limit
+            raise GeoJsonError(f"feature {fid}: coordinates nested deeper than a MultiPolygon's (4 lists)")
         if isinstance(item, list | tuple):
             if item and all(isinstance(v, int | float) and not isinstance(v, bool) for v in item):
                 if not all(math.isfinite(v) for v in item):
                     raise GeoJsonError(f"feature {fid}: coordinates must be finite, got {item}")
             else:
-                stack.extend(item)
+                stack.extend((child, depth + 1) for child in item)
         else:
             raise GeoJsonError(f"feature {fid}: malformed coordinates near {item!r}")
 

@@ -141,6 +141,7 @@ def test_geojson_module_does_not_import_torch():
         ([{"type": "Point", "coordinates": [1, 2, 3, 4]}], "not a valid Point"),
         ([{"type": "Point", "coordinates": [1, 2]}, {"name": 5, "color": [1, 2, 3]}], "a class name must be text"),
         ([{"type": "Point", "coordinates": [1, 2]}, None, [1, 2]], "measurements must be an object"),
+        ([{"type": "Polygon", "coordinates": json.loads("[" * 900 + "]" * 900)}], "nested deeper than a MultiPolygon"),
     ],
 )
 def test_malformed_features_name_the_problem(tmp_path, features, says):

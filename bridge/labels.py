@@ -10,7 +10,9 @@ slides"):
 * ``PD-L1 positive`` / ``PD-L1 negative`` areas drawn anywhere are positive / negative; ``Ignore*``
   (any class starting with ``Ignore``) areas are never labels.
 * Points of a nucleus class (multi-point annotations, as QuPath's Points tool makes them, or point
-  detections) are nuclei labels; a class the model does not have must be mapped (``class_map``).
+  detections) are nuclei labels; a class the model does not have must be mapped (``class_map``). Cell and
+  detection polygons of a nucleus class (QuPath's cell detection, classified by a person) are labels at their
+  centroids; polygons of other classes are counted as skipped, naming the ``class_map`` that would take them.
 * A paired IHC's ``PD-L1 IHC positive (registered)`` area (``pdl1/pairs/<H&E key>.ihc_positive.geojson``)
   with ``ihc_band_um``: the whole image is a training region, the area positive, and a band of that
   width on either side of its edge is ignored.
@@ -40,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import shapely
 from scipy.spatial import cKDTree
-from shapely.geometry import MultiPoint, Point, Polygon
+from shapely.geometry import MultiPoint, MultiPolygon, Point, Polygon
 from shapely.geometry.base import BaseGeometry
 
 from bridge.classes import (
@@ -359,6 +361,28 @@ def labels_from_objects(
                 continue
             xy.extend((p.x, p.y) for p in pts)
             point_cls.extend([rules.class_names.index(target)] * len(pts))
+        elif (
+            rules.points
+            and obj.object_type in ("detection", "cell")
+            and isinstance(geometry, Polygon | MultiPolygon)
+            and cls
+        ):
+            # QuPath's cell detection gives polygons, and a person classifies or reclassifies those cells: one of a
+            # nucleus class is a nucleus label at its centroid (a cell's boundary surrounds its nucleus, so the two
+            # centroids lie within a few px; the 3 µm matching radius allows that).
+            target = _mapped(class_map, cls, rules.class_names)
+            if target is None:
+                counts[f"skipped: {obj.object_type} polygons of {cls} (mapped to none)"] += 1
+            elif target not in rules.class_names:
+                counts[
+                    f"skipped: {obj.object_type} polygons of {cls} (not a nucleus class: "
+                    f"--class-map '{cls.strip()}=CLASS' takes their centroids)"
+                ] += 1
+            else:
+                centre = geometry.centroid
+                xy.append((centre.x, centre.y))
+                point_cls.append(rules.class_names.index(target))
+                counts[f"nuclei from {obj.object_type} polygons (their centroids)"] += 1
         elif obj.object_type == "tile" and obj.name == TILE_NAME:
             counts["skipped: pdl1 uncertainty tiles (results, never labels)"] += 1
         else:

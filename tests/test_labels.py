@@ -646,3 +646,31 @@ def test_labels_given_as_a_folder_say_a_file_is_wanted(tmp_path):
     """A folder of exports given as --labels was 'no such GeoJSON file', though it is there."""
     with pytest.raises(LabelError, match=r"is a folder; --labels takes one GeoJSON file per slide"):
         read_geojson_labels(tmp_path, slide="s.svs", image_size_px=(100, 100), rules=RULES)
+
+
+def test_cell_and_detection_polygons_of_a_nucleus_class_are_nuclei_at_their_centroids():
+    """QuPath's cell detection makes polygons, not points; the cells a person classified are nucleus labels."""
+    cell = _obj(shapely.box(10, 10, 20, 20), "Tumor: Positive", object_type="cell")
+    detection = _obj(shapely.box(30, 30, 34, 38), "Other", object_type="detection")
+    qupath_positive = _obj(shapely.box(50, 50, 60, 60), "Positive", object_type="cell")  # positive cell detection
+    stroma = _obj(shapely.box(0, 0, 90, 90), "Stroma", object_type="detection")
+    objects = [cell, detection, qupath_positive, stroma]
+    labels = labels_from_objects(objects, slide="s.svs", image_size_px=(100, 100), rules=RULES)
+    assert labels.points_xy.tolist() == [[15.0, 15.0], [32.0, 34.0]]
+    assert labels.points_class.tolist() == [0, 2]
+    assert labels.counts["nuclei from cell polygons (their centroids)"] == 1
+    assert labels.counts["nuclei from detection polygons (their centroids)"] == 1
+    hint = "--class-map 'Positive=CLASS' takes their centroids"
+    assert labels.counts[f"skipped: cell polygons of Positive (not a nucleus class: {hint})"] == 1
+    mapped = LabelRules(HE_CLASSES, class_map=parse_class_map(["Positive=Tumor: Positive", "Stroma="]))
+    labels = labels_from_objects(objects, slide="s.svs", image_size_px=(100, 100), rules=mapped)
+    assert labels.points_xy.tolist() == [[15.0, 15.0], [32.0, 34.0], [55.0, 55.0]]
+    assert labels.counts["skipped: detection polygons of Stroma (mapped to none)"] == 1
+    segmentation = labels_from_objects(
+        [_obj(shapely.box(0, 0, 90, 90), "Training region"), cell],
+        slide="s.svs",
+        image_size_px=(100, 100),
+        rules=LabelRules((), points=False),
+    )
+    assert len(segmentation.points_xy) == 0
+    assert segmentation.counts["skipped: cell Polygon (Tumor: Positive)"] == 1  # as before: not a label there

@@ -218,6 +218,12 @@ def read_project_config(path: str | Path) -> ProjectConfig:
         ) from err
     values: dict[str, Any] = {}
     for table, content in data.items():
+        if isinstance(content, list) and content and all(isinstance(c, dict) for c in content):
+            # [[table]] parses as an array of tables, which nothing here takes: say so, not 'outside a table'.
+            raise ConfigError(
+                f"{path}, line {_line_of(text, table, None, array=True)}: [[{table}]] is an array of tables; "
+                f"write [{table}] (one pair of brackets): each table appears once"
+            )
         if not isinstance(content, dict):
             raise ConfigError(
                 f"{path}, line {_line_of(text, None, table)}: {table} is outside a table; every key belongs under "
@@ -282,12 +288,14 @@ def _line_number(err: tomllib.TOMLDecodeError) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def _line_of(text: str, table: str | None, key: str | None) -> int | str:
-    """The line that defines ``[table]`` (key None) or ``key`` inside it (table None: before any table)."""
+def _line_of(text: str, table: str | None, key: str | None, *, array: bool = False) -> int | str:
+    """The line that defines ``[table]`` (``[[table]]`` with ``array``; key None) or ``key`` inside it (table None:
+    before any table)."""
     current: str | None = None
+    pattern = r"\[\[\s*([^\]\s]+)\s*\]\]\s*(#.*)?" if array else r"\[\s*([^\]\s]+)\s*\]\s*(#.*)?"
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
-        header = re.fullmatch(r"\[\s*([^\]\s]+)\s*\]\s*(#.*)?", stripped)
+        header = re.fullmatch(pattern, stripped)
         if header:
             current = header.group(1).strip("\"'")
             if key is None and current == table:

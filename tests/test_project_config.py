@@ -74,6 +74,10 @@ def test_an_empty_file_is_the_defaults(tmp_path):
         ),
         ('[analysis]\ndevice = "cpu"\ntarget_class = ["Tumor"]\n', r"line 3: \[analysis\] target_class: unknown key; "),
         ('device = "cpu"\n', r"line 1: device is outside a table"),
+        (
+            '# settings\n[service]\n[[analysis]]\ndevice = "cpu"\n',
+            r"line 3: \[\[analysis\]\] is an array of tables; write \[analysis\] \(one pair of brackets\)",
+        ),
         # Wrong types and values: the line, the key, what was expected, what came.
         (
             '[analysis]\noutputs = "regions"\n',

@@ -68,6 +68,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import time_calls
+from benchmarks.runtimes import analyse_and_record
 
 SIZE_PX = 4096
 # (name, seed, TPS %, shift): calibration in the demo's training range (its manifest: TPS 10-70 %, shift 0-0.3).
@@ -409,12 +410,11 @@ def agreement_table(result: dict) -> str:
 
 
 def _child(slide: Path, out: Path, *, seg: str, nuclei: str, ir_root: Path, preset: str) -> None:
-    """One ``pdl1 run`` analysis (as benchmarks.runtimes' child), each model's members on torch or int8."""
+    """One ``pdl1 run`` analysis (benchmarks.runtimes' recorded one), each model's members on torch or int8."""
     t_start = time.perf_counter()
     import inference.allocator as allocator
 
     allocator.tune_allocator()
-    import inference.pipeline as pipeline
     from inference import Models, PipelineConfig
     from inference.analysis.nuclei import NucleiConfig
     from inference.analysis.segment import SegmentConfig
@@ -447,35 +447,15 @@ def _child(slide: Path, out: Path, *, seg: str, nuclei: str, ir_root: Path, pres
 
         ens._to_openvino = to_int8  # in place of the f32 IR: the int8 one, compiled as the product compiles
     t_loaded = time.perf_counter()
-    phases: dict[str, float] = {}
-    time_calls(pipeline, "segment_slide", "segmentation", phases)
-    time_calls(pipeline, "detect_nuclei", "nuclei", phases)
     # The members' forward passes within each phase (normalisation included).
     import inference.analysis.nuclei as nuclei_module
     from inference.models.ensemble import Ensemble
 
+    phases: dict[str, float] = {}
     time_calls(Ensemble, "member_logits", "seg_forward", phases)
     time_calls(nuclei_module, "_forward", "nuclei_forward", phases)
-    t0 = time.perf_counter()
-    result = pipeline.analyse_slide(slide, models=models, config=config)
-    t_analysis = time.perf_counter() - t0
-    np.save(out.with_suffix(".prob.npy"), np.asarray(result.maps.prob))
-    np.save(out.with_suffix(".covered.npy"), np.asarray(result.maps.covered))
-    out.write_text(
-        json.dumps(
-            {
-                "seg_forward_s": phases["seg_forward"],
-                "nuclei_forward_s": phases["nuclei_forward"],
-                "load_s": t_loaded - t_start,
-                "analysis_s": t_analysis,
-                "segmentation_s": phases["segmentation"],
-                "nuclei_s": phases["nuclei"],
-                "wall_s": time.perf_counter() - t_start,
-                "tps": None if result.tps is None else result.tps.percent,
-                "nuclei": len(result.nuclei.xy),
-                "threshold": float(models.seg.manifest.thresholds.get("segmentation", 0.5)),
-            }
-        )
+    analyse_and_record(
+        slide, models, config, out, record={"load_s": t_loaded - t_start}, t_start=t_start, phases=phases
     )
 
 

@@ -46,7 +46,6 @@ def _child(slide: Path, models_dir: Path, out: Path, *, seg_runtime: str, nuclei
     import inference.allocator as allocator
 
     allocator.tune_allocator()
-    import inference.pipeline as pipeline
     from inference import Models, PipelineConfig
     from inference.analysis.nuclei import NucleiConfig
     from inference.analysis.segment import SegmentConfig
@@ -67,7 +66,21 @@ def _child(slide: Path, models_dir: Path, out: Path, *, seg_runtime: str, nuclei
     models.nuclei.on_runtime(nuclei_runtime, precision=precision)
     t_runtime = time.perf_counter()
 
-    phases: dict[str, float] = {}
+    record = {"imports_and_load_s": t_loaded - t_start, "runtime_setup_s": t_runtime - t_loaded}
+    analyse_and_record(slide, models, config, out, record=record, t_start=t_start)
+
+
+def analyse_and_record(
+    slide: Path, models, config, out: Path, *, record: dict, t_start: float, phases: dict[str, float] | None = None
+) -> None:
+    """A child's analysis of ``slide`` as ``pdl1 run`` makes it, timed: its probability map and coverage saved
+    beside ``out`` (``.prob.npy``, ``.covered.npy``, compared with torch's by the parent), and ``out`` written as
+    JSON: ``record``, the analysis and each phase in seconds (``segmentation``, ``nuclei`` and any the caller
+    timed into ``phases`` with :func:`benchmarks.time_calls`, as ``NAME_s``), the wall time since ``t_start``,
+    TPS, nuclei and the segmentation threshold."""
+    import inference.pipeline as pipeline
+
+    phases = {} if phases is None else phases
     time_calls(pipeline, "segment_slide", "segmentation", phases)
     time_calls(pipeline, "detect_nuclei", "nuclei", phases)
     t0 = time.perf_counter()
@@ -77,12 +90,10 @@ def _child(slide: Path, models_dir: Path, out: Path, *, seg_runtime: str, nuclei
     np.save(out.with_suffix(".covered.npy"), np.asarray(result.maps.covered))
     out.write_text(
         json.dumps(
-            {
-                "imports_and_load_s": t_loaded - t_start,
-                "runtime_setup_s": t_runtime - t_loaded,
-                "analysis_s": t_analysis,
-                "segmentation_s": phases["segmentation"],
-                "nuclei_s": phases["nuclei"],
+            record
+            | {"analysis_s": t_analysis}
+            | {f"{name}_s": seconds for name, seconds in phases.items()}
+            | {
                 "wall_s": time.perf_counter() - t_start,
                 "tps": None if result.tps is None else result.tps.percent,
                 "nuclei": len(result.nuclei.xy),

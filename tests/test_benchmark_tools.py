@@ -121,7 +121,7 @@ def test_the_phase_timers_wrap_functions_the_product_has():
         "bridge.run": bridge.run,
     }
     wrapped = []
-    for name, least in (("run_profile", 10), ("runtimes", 2), ("int8", 4)):
+    for name, least in (("run_profile", 10), ("runtimes", 2), ("int8", 2)):  # int8 times its phases by runtimes
         source = (Path(__file__).parents[1] / "benchmarks" / f"{name}.py").read_text()
         found = re.findall(r'time_calls\(([\w.]+), "(\w+)"', source)
         assert len(found) >= least, name

@@ -80,6 +80,19 @@ def _run_ray_with_progress(inputs, run_config, *, address, progress: bool):
         return run_batch_ray(inputs, run_config, address=address, on_image=on_image)
 
 
+def _distinct(paths: list[Path], *, done: str) -> list[Path]:
+    """``paths`` with each slide or project once (``bridge.project.distinct_inputs``), a note printed for each
+    repeat saying what was ``done`` with it."""
+    from rich.markup import escape
+
+    from bridge.project import distinct_inputs, repeat_note
+
+    paths, repeats = distinct_inputs(paths)
+    for again, first in repeats.items():
+        console.print(f"[yellow]note:[/yellow] {escape(repeat_note(again, first, done))}", soft_wrap=True)
+    return paths
+
+
 def run(
     inputs: Annotated[list[Path], typer.Argument(help="A QuPath project (folder or .qpproj), or slide files.")],
     out: Annotated[
@@ -261,9 +274,6 @@ def run(
 
     Exits non-zero when any image failed; the others are finished and written all the same.
     """
-    from rich.markup import escape
-
-    from bridge.project import distinct_inputs, repeat_note
     from bridge.run import RunConfig, iter_failed
 
     if qupath not in ("auto", "never", "always"):
@@ -295,9 +305,7 @@ def run(
             raise typer.BadParameter(problem, param_hint=_OPTION_OF[name])
     # A slide or project named twice (a glob and one of its files, a project's folder and its project.qpproj)
     # is one: run once, and its project's pdl1-config.toml read as for one input.
-    inputs, repeats = distinct_inputs(inputs)
-    for again, first in repeats.items():
-        console.print(f"[yellow]note:[/yellow] {escape(repeat_note(again, first, 'analysed once'))}", soft_wrap=True)
+    inputs = _distinct(inputs, done="analysed once")
     started = time.time()
     try:
         settings = _settings(inputs, config, no_config=no_config, given=given, nuclei=nuclei)
@@ -394,18 +402,14 @@ def init_project(
     Every slide is checked first: the project is created only when all can be added (or, with
     --skip-unreadable, with those that can).
     """
-    from rich.markup import escape
-
     from bridge.init_project import init_project_files, init_project_qupath
-    from bridge.project import distinct_inputs, read_project, repeat_note
+    from bridge.project import read_project
     from bridge.qupath import qupath_available
 
     if qupath not in ("auto", "never", "always"):  # a mistyped "always" made a project without QuPath
         raise typer.BadParameter(f"expected auto, never or always, got {qupath!r}", param_hint="--qupath")
     # A slide named twice (a glob and one of its files, a symlink to it) was two entries of one image in QuPath.
-    slides, repeats = distinct_inputs(slides)
-    for again, first in repeats.items():
-        console.print(f"[yellow]note:[/yellow] {escape(repeat_note(again, first, 'added once'))}", soft_wrap=True)
+    slides = _distinct(slides, done="added once")
     try:
         ok, why = qupath_available() if qupath != "never" else (False, "")
         if qupath == "always" and not ok:

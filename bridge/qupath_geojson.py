@@ -180,20 +180,51 @@ def validate_feature(feature: Mapping[str, Any]) -> None:
         raise GeoJsonError(f"feature {fid}: a cell carries 'nucleusGeometry' at the top level of the Feature")
 
 
-def _check_coordinates(coords: Any, fid: Any) -> None:
-    stack = [(coords, 1)]
+@dataclass(frozen=True)
+class CoordinateScan:
+    """What :func:`scan_coordinates` found in GeoJSON ``coordinates``."""
+
+    depth: int  # how many lists deep: a Point 1, a Polygon 3, a MultiPolygon 4
+    non_finite: Any = None  # the first NaN, infinity or JSON true/false among the numbers (shapely takes true as 1)
+    stray: str | None = None  # repr of the first item neither a list of numbers nor of lists (a string, null, ...)
+
+
+def scan_coordinates(coordinates: Any) -> CoordinateScan:
+    """Walk nested GeoJSON ``coordinates`` once, without recursion: a request or file can nest lists
+    thousands deep, past Python's recursion limit and shapely's (QuPath's reader and the service both ask).
+
+    >>> scan_coordinates([[[0, 0], [1, 0], [1, 1], [0, 0]]])
+    CoordinateScan(depth=3, non_finite=None, stray=None)
+    >>> scan_coordinates([[0, float("nan")], [1, "a"]]).non_finite, scan_coordinates([[0, 1], [1, "a"]]).stray
+    (nan, "[1, 'a']")
+    """
+    depth, non_finite, stray = 0, None, None
+    stack: list[tuple[Any, int]] = [(coordinates, 1)]
     while stack:
-        item, depth = stack.pop()
-        if depth > 4:  # deeper than a MultiPolygon's: shapely would recurse past Python's limit
-            raise GeoJsonError(f"feature {fid}: coordinates nested deeper than a MultiPolygon's (4 lists)")
-        if isinstance(item, list | tuple):
-            if item and all(isinstance(v, int | float) and not isinstance(v, bool) for v in item):
-                if not all(math.isfinite(v) for v in item):
-                    raise GeoJsonError(f"feature {fid}: coordinates must be finite, got {item}")
-            else:
-                stack.extend((child, depth + 1) for child in item)
+        item, level = stack.pop()
+        if not isinstance(item, list | tuple):
+            stray = f"{item!r:.80}" if stray is None else stray
+            continue
+        depth = level if level > depth else depth
+        numbers = [isinstance(v, int | float) for v in item]  # bool is an int here
+        if item and all(numbers):  # a position
+            if non_finite is None:
+                non_finite = next((v for v in item if v is True or v is False or not math.isfinite(v)), None)
+        elif any(numbers):  # numbers beside lists or strings
+            stray = f"{item!r:.80}" if stray is None else stray
         else:
-            raise GeoJsonError(f"feature {fid}: malformed coordinates near {item!r}")
+            stack.extend((child, level + 1) for child in reversed(item))
+    return CoordinateScan(depth, non_finite, stray)
+
+
+def _check_coordinates(coords: Any, fid: Any) -> None:
+    scan = scan_coordinates(coords)
+    if scan.depth > 4:  # deeper than a MultiPolygon's: shapely would recurse past Python's limit
+        raise GeoJsonError(f"feature {fid}: coordinates nested deeper than a MultiPolygon's (4 lists)")
+    if scan.stray is not None:
+        raise GeoJsonError(f"feature {fid}: malformed coordinates near {scan.stray}")
+    if scan.non_finite is not None:
+        raise GeoJsonError(f"feature {fid}: coordinates must be finite numbers, got {json.dumps(scan.non_finite)}")
 
 
 def write_features(path: str | Path, features: Iterable[Mapping[str, Any]]) -> int:

@@ -50,6 +50,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from bridge.objects import feature_page, parent_measurements
 from bridge.project import stain_of_image_type, uri_to_path
 from bridge.project_config import OUTPUTS
+from bridge.qupath_geojson import scan_coordinates
 from bridge.run import entry_metadata, failure_message
 from inference import (
     MPP_PLAUSIBLE_RANGE,
@@ -263,7 +264,7 @@ class JobRequest(BaseModel):
             came = "no type" if given is None else f"type {shown}"
             raise ValueError(f"roi must be a GeoJSON Polygon or MultiPolygon geometry, got {came}")
         if value is not None:
-            bad = _first_non_finite(value.get("coordinates"))
+            bad = scan_coordinates(value.get("coordinates")).non_finite
             if bad is not None:
                 raise ValueError(
                     f"roi coordinates must be finite numbers, got {json.dumps(bad)}; send the ROI's vertices in "
@@ -288,7 +289,7 @@ def parse_roi(roi: dict[str, Any] | None, *, image_size_px: tuple[int, int] | No
             f"level-0 px under 'coordinates', the first repeated last: send the annotation's outline as QuPath "
             f"gives it, {whole}"
         )
-    depth = _nesting_depth(roi["coordinates"])
+    depth = scan_coordinates(roi["coordinates"]).depth
     if depth > 4:  # shapely recursed into it: a RecursionError, a 500
         expected = "3 (rings of [x, y] vertices)" if kind == "Polygon" else "4 (polygons of rings of [x, y] vertices)"
         raise RoiError(
@@ -329,30 +330,6 @@ def parse_roi(roi: dict[str, Any] | None, *, image_size_px: tuple[int, int] | No
                 f"on this image, {whole}"
             )
     return geometry
-
-
-def _nesting_depth(value: Any) -> int:
-    """How many lists deep ``value`` nests (a Polygon's coordinates: 3), without recursion."""
-    deepest, stack = 0, [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, list):
-            deepest = max(deepest, depth + 1)
-            stack.extend((child, depth + 1) for child in item)
-    return deepest
-
-
-def _first_non_finite(coordinates: Any) -> Any:
-    """The first number in nested GeoJSON coordinates that is NaN or infinite (JSON may carry ``NaN``), or a
-    JSON ``true``/``false``, which shapely would take as 1 and 0."""
-    stack = [coordinates]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(reversed(item))
-        elif isinstance(item, bool) or (isinstance(item, float) and not math.isfinite(item)):
-            return item
-    return None
 
 
 class ErrorDetail(BaseModel):

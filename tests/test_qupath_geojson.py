@@ -142,6 +142,12 @@ def test_geojson_module_does_not_import_torch():
         ([{"type": "Point", "coordinates": [1, 2]}, {"name": 5, "color": [1, 2, 3]}], "a class name must be text"),
         ([{"type": "Point", "coordinates": [1, 2]}, None, [1, 2]], "measurements must be an object"),
         ([{"type": "Polygon", "coordinates": json.loads("[" * 900 + "]" * 900)}], "nested deeper than a MultiPolygon"),
+        ([{"type": "Polygon", "coordinates": [[[0, 0], [None, 1], [1, 1], [0, 0]]]}], "malformed coordinates near"),
+        (
+            [{"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, True], [0, 0]]]}],
+            "must be finite numbers, got true",
+        ),
+        ([{"type": "Point", "coordinates": [0, float("nan")]}], "must be finite numbers, got NaN"),
     ],
 )
 def test_malformed_features_name_the_problem(tmp_path, features, says):

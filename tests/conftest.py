@@ -37,6 +37,26 @@ def fixtures_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def finetune_phantom(tmp_path_factory) -> str:
+    """A 1024 x 1024 phantom at TPS 50 %, for the fine-tuning tests (anchor, distillation)."""
+    path = tmp_path_factory.mktemp("finetune") / "s.svs"
+    write_phantom(path, PhantomSpec(1024, 1024, seed=21, tps_percent=50))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def finetune_init_model(finetune_phantom, tmp_path_factory) -> str:
+    """A tiny segmentation ensemble (features 4, 8) trained on ``finetune_phantom``: what they fine-tune."""
+    from inference.training.train_seg import SegTrainConfig, train_segmentation
+    from tests.helpers import TINY_TRAINING
+
+    out = tmp_path_factory.mktemp("finetune-init") / "m"
+    config = SegTrainConfig(slides=(finetune_phantom,), out_dir=str(out), **TINY_TRAINING, features=(4, 8), seed=1)
+    train_segmentation(config)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def phantom_svs(tmp_path_factory) -> Path:
     """A 2048 x 2048 Aperio-style phantom at 0.5 µm/px, TPS 30 %, with truth beside it."""
     path = tmp_path_factory.mktemp("phantom") / "p1.svs"

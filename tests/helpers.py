@@ -15,6 +15,12 @@ from inference.models.manifest import Manifest, Member
 from inference.slides.reader import ArrayReader
 from inference.slides.slide import Mpp, Slide
 
+#: A training schedule small enough for tests: 2 cycles of 2 epochs of 2 batches of 2 patches of 32 px, and the
+#: same as `pdl1 train` options.
+TINY_TRAINING = dict(cycles=2, epochs_per_cycle=2, iterations_per_epoch=2, batch_size=2, patch_px=32, tile_size_px=64)
+TINY_TRAINING_ARGS = ["--cycles", "2", "--epochs-per-cycle", "2", "--iterations", "2", "--batch-size", "2"]
+TINY_TRAINING_ARGS += ["--patch-px", "32"]
+
 
 class PointwiseNet(nn.Module):
     """1x1 convolution RGB -> 2 logits: translation-equivariant, so tiling must not matter."""

@@ -11,8 +11,6 @@ from typer.testing import CliRunner
 
 from bridge.cli.app import app
 from inference.models.unet import PlainConvUNet
-from inference.phantom.pyramid import write_phantom
-from inference.phantom.scene import PhantomSpec
 from inference.training.anchor import (
     WeightAnchor,
     check_anchor_weight,
@@ -22,8 +20,7 @@ from inference.training.anchor import (
 )
 from inference.training.train_nuclei import NucleiTrainConfig, train_nuclei
 from inference.training.train_seg import SegTrainConfig, train_segmentation
-
-TINY = dict(cycles=2, epochs_per_cycle=2, iterations_per_epoch=2, batch_size=2, patch_px=32, tile_size_px=64)
+from tests.helpers import TINY_TRAINING, TINY_TRAINING_ARGS
 
 
 def _net() -> torch.nn.Module:
@@ -135,25 +132,21 @@ def test_an_anchor_needs_a_positive_weight():
         WeightAnchor(_net(), weight=0)
 
 
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
-    path = tmp_path_factory.mktemp("anchor") / "s.svs"
-    write_phantom(path, PhantomSpec(1024, 1024, seed=21, tps_percent=50))
-    return str(path)
+@pytest.fixture
+def phantom(finetune_phantom):
+    return finetune_phantom
 
 
-@pytest.fixture(scope="module")
-def init_model(phantom, tmp_path_factory):
-    out = tmp_path_factory.mktemp("init") / "m"
-    train_segmentation(SegTrainConfig(slides=(phantom,), out_dir=str(out), **TINY, features=(4, 8), seed=1))
-    return str(out)
+@pytest.fixture
+def init_model(finetune_init_model):
+    return finetune_init_model
 
 
 def _finetune(phantom, init_model, out, **kw):
     return SegTrainConfig(
         slides=(phantom,),
         out_dir=str(out),
-        **TINY,
+        **TINY_TRAINING,
         features=(4, 8),
         seed=3,
         init_model=init_model,
@@ -248,7 +241,7 @@ def test_frozen_batchnorm_members_keep_the_initial_models_statistics(phantom, in
 
 
 def test_nuclei_fine_tuning_takes_the_anchor_too(phantom, tmp_path):
-    common = dict(slides=(phantom,), **TINY, width=8, dilations=(1, 2))
+    common = dict(slides=(phantom,), **TINY_TRAINING, width=8, dilations=(1, 2))
     train_nuclei(NucleiTrainConfig(out_dir=str(tmp_path / "init"), seed=5, **common))
     manifest = train_nuclei(
         NucleiTrainConfig(
@@ -268,15 +261,12 @@ def test_nuclei_fine_tuning_takes_the_anchor_too(phantom, tmp_path):
     assert all(h["anchor_penalty"] >= 0 for h in history) and history[-1]["anchor_penalty"] > 0
 
 
-_CLI_TINY = ["--cycles", "2", "--epochs-per-cycle", "2", "--iterations", "2", "--batch-size", "2", "--patch-px", "32"]
-
-
 @pytest.mark.parametrize("init", [[], ["--init", "none"]])
 @pytest.mark.parametrize("task", ["seg", "nuclei"])
 @pytest.mark.parametrize("option", [["--anchor-weight", "0.1"], ["--freeze-batchnorm"]])
 def test_cli_refuses_an_anchor_or_frozen_batchnorm_when_training_from_scratch(phantom, tmp_path, init, task, option):
     out = tmp_path / "m"
-    args = ["train", task, phantom, "--out", str(out), *_CLI_TINY, "--no-progress", *option, *init]
+    args = ["train", task, phantom, "--out", str(out), *TINY_TRAINING_ARGS, "--no-progress", *option, *init]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.replace("│", " ").split())
@@ -292,7 +282,7 @@ def test_cli_refuses_a_negative_anchor(phantom, tmp_path):
 
 def test_cli_fine_tunes_with_an_anchor_and_records_it(phantom, init_model, tmp_path):
     out = tmp_path / "m"
-    args = ["train", "seg", phantom, "--out", str(out), *_CLI_TINY, "--features", "4,8", "--no-progress"]
+    args = ["train", "seg", phantom, "--out", str(out), *TINY_TRAINING_ARGS, "--features", "4,8", "--no-progress"]
     result = CliRunner().invoke(app, [*args, "--init", init_model, "--anchor-weight", "0.5", "--freeze-batchnorm"])
     assert result.exit_code == 0, result.output
     training = json.loads((out / "manifest.json").read_text())["training"]

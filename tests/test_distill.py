@@ -20,8 +20,7 @@ from inference.training.distill import (
 from inference.training.labels import IGNORE_LABEL
 from inference.training.pseudo import UnlabeledSlide
 from inference.training.train_seg import PSEUDO_OFFSET, SegTrainConfig, train_segmentation
-
-TINY = dict(cycles=2, epochs_per_cycle=2, iterations_per_epoch=2, batch_size=2, patch_px=32, tile_size_px=64)
+from tests.helpers import TINY_TRAINING, TINY_TRAINING_ARGS
 
 
 def test_the_loss_is_zero_when_student_and_teacher_agree_and_grows_with_their_difference():
@@ -105,18 +104,14 @@ def test_a_distiller_needs_a_positive_weight():
         Distiller(_net(), weight=0)
 
 
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
-    path = tmp_path_factory.mktemp("distill") / "s.svs"
-    write_phantom(path, PhantomSpec(1024, 1024, seed=22, tps_percent=50))
-    return str(path)
+@pytest.fixture
+def phantom(finetune_phantom):
+    return finetune_phantom
 
 
-@pytest.fixture(scope="module")
-def init_model(phantom, tmp_path_factory):
-    out = tmp_path_factory.mktemp("init") / "m"
-    train_segmentation(SegTrainConfig(slides=(phantom,), out_dir=str(out), **TINY, features=(4, 8), seed=1))
-    return str(out)
+@pytest.fixture
+def init_model(finetune_init_model):
+    return finetune_init_model
 
 
 def _finetune(phantom, init_model, out, **kw):
@@ -124,7 +119,7 @@ def _finetune(phantom, init_model, out, **kw):
     return SegTrainConfig(
         slides=(phantom,),
         out_dir=str(out),
-        **TINY,
+        **TINY_TRAINING,
         features=(4, 8),
         seed=3,
         init_model=init_model,
@@ -188,13 +183,11 @@ def test_a_distilled_run_resumed_after_a_crash_distils_the_initial_model_not_the
     assert _digests(tmp_path / "whole") == _digests(tmp_path / "resumed")
 
 
-_CLI_TINY = ["--cycles", "2", "--epochs-per-cycle", "2", "--iterations", "2", "--batch-size", "2", "--patch-px", "32"]
-
-
 @pytest.mark.parametrize("init", [[], ["--init", "none"]])
 def test_cli_refuses_distillation_when_training_from_scratch(phantom, tmp_path, init):
     out = tmp_path / "m"
-    args = ["train", "seg", phantom, "--out", str(out), *_CLI_TINY, "--no-progress", "--distill-weight", "1", *init]
+    args = ["train", "seg", phantom, "--out", str(out), *TINY_TRAINING_ARGS, "--no-progress"]
+    args += ["--distill-weight", "1", *init]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.replace("│", " ").split())
@@ -222,7 +215,7 @@ def test_cli_fine_tunes_with_distillation_and_records_it(phantom, init_model, tm
     other = tmp_path / "other.svs"
     write_phantom(other, PhantomSpec(1024, 1024, seed=23, tps_percent=40))
     out = tmp_path / "m"
-    args = ["train", "seg", phantom, "--out", str(out), *_CLI_TINY, "--features", "4,8", "--no-progress"]
+    args = ["train", "seg", phantom, "--out", str(out), *TINY_TRAINING_ARGS, "--features", "4,8", "--no-progress"]
     args += ["--init", init_model, "--unlabeled", str(other), "--distill-weight", "0.5", "--distill-temperature", "1.5"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -332,7 +332,8 @@ def analyse_slide(
                 _check_stain(name or "image", stain, stain_source, models=models, config=config)
             _require_resolution(slide, stain, models=models, config=config)
         analyse = _analyse_ihc if stain == "H-DAB" else _analyse
-        # The model whose training domain the image is judged against: the one that makes the call.
+        # The model whose training domain the image is judged against: the one that makes the call
+        # (inference.analysis.domain.GUARDED_TASK_OF_STAIN).
         guarded = (models.ihc() if stain == "H-DAB" else models.seg) if config.domain_guard else None
         # Features are captured only for a model with domain statistics: any other is "not measured"
         # (its network may have no layers the guard knows, e.g. an imported nnU-Net), and costs nothing.

@@ -269,6 +269,24 @@ def test_domain_statistics_refuse_slides_of_another_stain_and_say_when_too_few_t
         compute_domain_stats(demo_model_dir("seg"), [tiny])
 
 
+def test_domain_statistics_are_refused_for_a_model_the_guard_never_reads(phantom_svs, tmp_path):
+    # H&E images are judged against the segmentation ensemble's domain: statistics in the H&E nuclei model
+    # would be written, and never read.
+    nuclei = demo_model_dir("nuclei")
+    from typer.testing import CliRunner
+
+    from bridge.cli.app import app
+    from inference import compute_domain_stats
+
+    with pytest.raises(ValueError, match=r"H&E nuclei model, and the domain guard judges H&E images against its "):
+        compute_domain_stats(nuclei, [phantom_svs])
+    out = tmp_path / "copy"
+    args = ["domain-stats", str(nuclei), str(phantom_svs), "--out", str(out), "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and "compute them for the segmentation model" in " ".join(result.output.split())
+    assert not out.exists()
+
+
 def test_a_network_the_guard_cannot_read_runs_unmeasured(phantom_svs):
     # An ensemble without domain statistics whose network has no layers the guard knows (as an imported
     # nnU-Net's): the analysis runs, the domain is "not measured", no hooks are needed.

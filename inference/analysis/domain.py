@@ -41,6 +41,14 @@ N_COMPONENTS = 32
 LIMIT_MARGIN = 1.25
 # Pixels whose summed OD exceeds this are tissue for the OD summary (stain_detect's TISSUE_OD).
 TISSUE_OD = 0.25
+# The model whose training domain an image of each stain is judged against: the one that makes the call (the
+# segmentation ensemble on H&E, the IHC nuclei ensemble on H-DAB). Statistics in any other model are never read.
+GUARDED_TASK_OF_STAIN = {"H&E": "segmentation", "H-DAB": "nuclei"}
+
+
+def guarded(task: str, stain: str) -> bool:
+    """Whether the domain guard reads the statistics of a ``task`` model trained on ``stain``."""
+    return GUARDED_TASK_OF_STAIN.get(stain) == task
 
 
 @dataclass(frozen=True)

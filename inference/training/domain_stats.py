@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from inference.analysis.domain import (
+    GUARDED_TASK_OF_STAIN,
     DomainStats,
     SlideStain,
     calibrate_limits,
     feature_score,
     fit_domain_stats,
+    guarded,
     slide_stain,
     stain_distance_deg,
 )
@@ -74,6 +76,14 @@ def compute_domain_stats(
     training slide alone: no limits, so the guard measures but never flags).
     """
     manifest = read_manifest(model_dir)
+    if not guarded(manifest.task, manifest.stain):
+        judged = GUARDED_TASK_OF_STAIN.get(manifest.stain)
+        by = f"its {judged} model's training domain" if judged else "no model's training domain"
+        raise ValueError(
+            f"{model_dir} is a {manifest.stain} {manifest.task} model, and the domain guard judges {manifest.stain} "
+            f"images against {by}, so statistics stored here would never be read; compute them for the "
+            f"{judged or 'analysing'} model of that stain instead"
+        )
     ensemble = Ensemble.load(model_dir, task=manifest.task, device=device)
     train_slides = list(dict.fromkeys(str(p) for p in train_slides))  # a slide listed twice counts once
     held_out = [str(p) for p in held_out]
@@ -189,8 +199,12 @@ def write_training_domain_stats(
     ``held_out`` validation slides (in-domain, not trained on), or without them by leaving one slide out.
 
     Training never fails for them: where they cannot be computed (slides too small for two tiles), the
-    manifest stays without (the guard then says "not measured") and a warning says why.
+    manifest stays without (the guard then says "not measured") and a warning says why. A model the guard never
+    reads (an H&E nuclei model: H&E is judged by the segmentation ensemble) gets none, and costs no pass.
     """
+    manifest = read_manifest(model_dir, verify=False)
+    if not guarded(manifest.task, manifest.stain):
+        return manifest
     try:
         try:
             stats = compute_domain_stats(model_dir, slides, held_out=held_out, device=device)

@@ -174,6 +174,9 @@ def readToml = { File file ->
             continue
         if (line.startsWith("[")) {
             def header = (line =~ /^\[\s*([A-Za-z0-9_-]+)\s*\]$/)
+            def array = (line =~ /^\[\[\s*([A-Za-z0-9_-]+)\s*\]\]$/)
+            if (array.matches())  // as bridge/project_config.py says it
+                fail(n, "[[${array.group(1)}]] is an array of tables; write [${array.group(1)}] (one pair of brackets): each table appears once")
             if (!header.matches())
                 fail(n, "expected a table header such as [service], got `${line}`")
             table = header.group(1)

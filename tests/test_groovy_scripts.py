@@ -148,6 +148,7 @@ BAD = {
     "number_not_string.toml": ("[service]\ntoken = 1234\n", 2),
     "unknown_output.toml": ('[analysis]\noutputs = ["regions", "tiles"]\n', 2),
     "twice.toml": ('[service]\nurl = "a"\nurl = "b"\n', 3),
+    "array_of_tables.toml": ('[service]\nurl = "a"\n\n[[analysis]]\ndevice = "cpu"\n', 4),
 }
 
 
@@ -164,6 +165,10 @@ def test_the_groovy_reader_refuses_what_bridge_refuses_naming_file_and_line(tmp_
             read_project_config(path)
         assert "error" in result, (path.name, result)
         assert result["error"].startswith(f"{path}, line {line}: "), (path.name, result["error"])
+        if path.name == "array_of_tables.toml":  # the same words as bridge's
+            with pytest.raises(ConfigError) as bridge_said:
+                read_project_config(path)
+            assert result["error"] == str(bridge_said.value), (result["error"], str(bridge_said.value))
 
 
 @needs_groovy

@@ -22,6 +22,15 @@ TINY_TRAINING_ARGS = ["--cycles", "2", "--epochs-per-cycle", "2", "--iterations"
 TINY_TRAINING_ARGS += ["--patch-px", "32"]
 
 
+def finetune_config(slide: str, init_model: str, out, **changes):
+    """The fine-tuning tests' run (anchor, distillation): the tiny schedule from ``init_model`` on ``slide``, SGD
+    at a rate that moves the weights measurably."""
+    from inference.training.train_seg import SegTrainConfig
+
+    common = dict(features=(4, 8), seed=3, init_model=init_model, optimizer="sgd", lr_max=0.05, lr_min=0.01)
+    return SegTrainConfig(slides=(slide,), out_dir=str(out), **TINY_TRAINING, **{**common, **changes})
+
+
 class PointwiseNet(nn.Module):
     """1x1 convolution RGB -> 2 logits: translation-equivariant, so tiling must not matter."""
 

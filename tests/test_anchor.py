@@ -20,7 +20,7 @@ from inference.training.anchor import (
 )
 from inference.training.train_nuclei import NucleiTrainConfig, train_nuclei
 from inference.training.train_seg import SegTrainConfig, train_segmentation
-from tests.helpers import TINY_TRAINING, TINY_TRAINING_ARGS
+from tests.helpers import TINY_TRAINING, TINY_TRAINING_ARGS, finetune_config
 
 
 def _net() -> torch.nn.Module:
@@ -142,21 +142,6 @@ def init_model(finetune_init_model):
     return finetune_init_model
 
 
-def _finetune(phantom, init_model, out, **kw):
-    return SegTrainConfig(
-        slides=(phantom,),
-        out_dir=str(out),
-        **TINY_TRAINING,
-        features=(4, 8),
-        seed=3,
-        init_model=init_model,
-        optimizer="sgd",
-        lr_max=0.05,
-        lr_min=0.01,
-        **kw,
-    )
-
-
 def _digests(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("member_*"))}
 
@@ -170,7 +155,7 @@ def _distance(folder, init_model):
 
 
 def test_anchor_0_trains_bit_identically_to_a_run_without_it(phantom, init_model, tmp_path, monkeypatch):
-    plain = train_segmentation(_finetune(phantom, init_model, tmp_path / "plain"))
+    plain = train_segmentation(finetune_config(phantom, init_model, tmp_path / "plain"))
 
     def no_anchor(*args, **kwargs):
         raise AssertionError("anchor_weight 0 made an anchor")
@@ -178,7 +163,7 @@ def test_anchor_0_trains_bit_identically_to_a_run_without_it(phantom, init_model
     monkeypatch.setattr("inference.training.train_seg.WeightAnchor", no_anchor)
     monkeypatch.setattr("inference.training.cyclic.freeze_batchnorm", no_anchor)
     zero = train_segmentation(
-        _finetune(phantom, init_model, tmp_path / "zero", anchor_weight=0.0, freeze_batchnorm=False)
+        finetune_config(phantom, init_model, tmp_path / "zero", anchor_weight=0.0, freeze_batchnorm=False)
     )
     assert _digests(tmp_path / "plain") == _digests(tmp_path / "zero")
     assert plain.training["final_losses"] == zero.training["final_losses"]
@@ -191,8 +176,8 @@ def test_an_anchored_run_stays_nearer_the_initial_weights_and_records_its_weight
 ):
     from pathlib import Path
 
-    train_segmentation(_finetune(phantom, init_model, tmp_path / "free"))
-    anchored = train_segmentation(_finetune(phantom, init_model, tmp_path / "held", anchor_weight=10.0))
+    train_segmentation(finetune_config(phantom, init_model, tmp_path / "free"))
+    anchored = train_segmentation(finetune_config(phantom, init_model, tmp_path / "held", anchor_weight=10.0))
     assert anchored.training["config"]["anchor_weight"] == 10.0
     assert anchored.training["init"]["model"] == init_model
     free = _distance(tmp_path / "free", Path(init_model))
@@ -207,15 +192,15 @@ def test_an_anchored_run_resumed_after_a_crash_anchors_to_the_initial_weights_no
     phantom, init_model, tmp_path
 ):
     kw = dict(anchor_weight=10.0, freeze_batchnorm=True)
-    train_segmentation(_finetune(phantom, init_model, tmp_path / "whole", **kw))
+    train_segmentation(finetune_config(phantom, init_model, tmp_path / "whole", **kw))
 
     def crash(done, total):
         if done == 5:  # in epoch 2, after the epoch-1 checkpoint
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_segmentation(_finetune(phantom, init_model, tmp_path / "resumed", **kw), on_progress=crash)
-    train_segmentation(_finetune(phantom, init_model, tmp_path / "resumed", **kw), resume=True)
+        train_segmentation(finetune_config(phantom, init_model, tmp_path / "resumed", **kw), on_progress=crash)
+    train_segmentation(finetune_config(phantom, init_model, tmp_path / "resumed", **kw), resume=True)
     assert _digests(tmp_path / "whole") == _digests(tmp_path / "resumed")
 
 
@@ -229,8 +214,8 @@ def test_frozen_batchnorm_members_keep_the_initial_models_statistics(phantom, in
     from pathlib import Path
 
     init = _stats(Path(init_model))
-    updated = train_segmentation(_finetune(phantom, init_model, tmp_path / "updated"))
-    frozen = train_segmentation(_finetune(phantom, init_model, tmp_path / "frozen", freeze_batchnorm=True))
+    updated = train_segmentation(finetune_config(phantom, init_model, tmp_path / "updated"))
+    frozen = train_segmentation(finetune_config(phantom, init_model, tmp_path / "frozen", freeze_batchnorm=True))
     assert frozen.training["config"]["freeze_batchnorm"] is True
     assert updated.training["config"]["freeze_batchnorm"] is False
     kept = _stats(tmp_path / "frozen")

@@ -20,7 +20,7 @@ from inference.training.distill import (
 from inference.training.labels import IGNORE_LABEL
 from inference.training.pseudo import UnlabeledSlide
 from inference.training.train_seg import PSEUDO_OFFSET, SegTrainConfig, train_segmentation
-from tests.helpers import TINY_TRAINING, TINY_TRAINING_ARGS
+from tests.helpers import TINY_TRAINING_ARGS, finetune_config
 
 
 def test_the_loss_is_zero_when_student_and_teacher_agree_and_grows_with_their_difference():
@@ -116,20 +116,8 @@ def init_model(finetune_init_model):
 
 def _finetune(phantom, init_model, out, **kw):
     """Phantom truth plus the same slide unlabelled (pseudo-labelled by the initial model): pixels to distil on."""
-    return SegTrainConfig(
-        slides=(phantom,),
-        out_dir=str(out),
-        **TINY_TRAINING,
-        features=(4, 8),
-        seed=3,
-        init_model=init_model,
-        optimizer="sgd",
-        lr_max=0.05,
-        lr_min=0.01,
-        unlabeled=(UnlabeledSlide(phantom),),
-        pseudo_model=init_model,
-        **kw,
-    )
+    unlabelled = (UnlabeledSlide(phantom),)
+    return finetune_config(phantom, init_model, out, unlabeled=unlabelled, pseudo_model=init_model, **kw)
 
 
 def _digests(folder):

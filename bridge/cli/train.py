@@ -3,9 +3,9 @@ or on a lab's own QuPath labels (a project, or GeoJSON exports beside slides: ``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -209,8 +209,6 @@ def train_seg(
     On phantom truth, or on your own region labels (a QuPath project, or --labels GeoJSON per slide):
     see the README, "Train on your own slides".
     """
-    from bridge.labels import label_summary
-    from bridge.progress import progress_bar
     from inference import SegTrainConfig, train_segmentation
 
     lr_peak, lr_floor = _lr_range(optimizer, lr_max)
@@ -290,23 +288,16 @@ def train_seg(
             distill_weight=distill_weight,
             distill_temperature=distill_temperature,
         )
-        with progress_bar("training", enabled=progress) as on_progress:
-            manifest = train_segmentation(
-                config,
-                labels=slide_labels,
-                label_sources=label_summary(slide_labels) if slide_labels else None,
-                pseudo=pseudo,
-                resume=resume,
-                on_progress=on_progress,
-            )
-        validation, fit, report = _validate_and_report(
-            out,
+        manifest, validation, fit, report = _train_and_validate(
+            train_segmentation,
+            config,
             task="segmentation",
             labels=slide_labels,
             held_out=held_out,
-            truth=config.slides,
-            device=device,
             recalibrate=recalibrate,
+            resume=resume,
+            progress=progress,
+            pseudo=pseudo,
         )
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
@@ -582,7 +573,6 @@ def train_nuclei_cmd(
     Your own labels (a QuPath project, or --labels GeoJSON per slide): H&E, the H&E classes; points of
     other classes need --class-map; see the README, "Train on your own slides".
     """
-    from bridge.progress import progress_bar
     from inference import NucleiTrainConfig, train_nuclei
 
     lr_peak, lr_floor = _lr_range(optimizer, lr_max)
@@ -608,8 +598,6 @@ def train_nuclei_cmd(
         _check_fine_tuning(anchor_weight, freeze_batchnorm, init_model)
         _echo_counts(slide_labels, held_out=held_out)
         sources = [lab.slide for lab in slide_labels] if slide_labels else [str(s) for s in slides]
-        from bridge.labels import label_summary
-
         config = NucleiTrainConfig(
             slides=tuple(sources),
             init_model=init_model,
@@ -638,22 +626,15 @@ def train_nuclei_cmd(
             anchor_weight=anchor_weight,
             freeze_batchnorm=freeze_batchnorm,
         )
-        with progress_bar("training", enabled=progress) as on_progress:
-            manifest = train_nuclei(
-                config,
-                labels=slide_labels,
-                label_sources=label_summary(slide_labels) if slide_labels else None,
-                resume=resume,
-                on_progress=on_progress,
-            )
-        validation, fit, report = _validate_and_report(
-            out,
+        manifest, validation, fit, report = _train_and_validate(
+            train_nuclei,
+            config,
             task="nuclei",
             labels=slide_labels,
             held_out=held_out,
-            truth=config.slides,
-            device=device,
             recalibrate=recalibrate,
+            resume=resume,
+            progress=progress,
         )
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
@@ -724,15 +705,38 @@ def _split_held_out(slide_labels: list, val_entries: list[str], val_fraction: fl
     return split_validation(slide_labels, val_entries, fraction=val_fraction, seed=seed)
 
 
-def _validate_and_report(
-    out: Path, *, task: str, labels: list, held_out: list, truth: tuple[str, ...], device: str, recalibrate: bool
-) -> tuple[list[dict], dict | None, str]:
-    """After training: the held-out slides scored (:func:`_validate`) and the training report drawn."""
+def _train_and_validate(
+    train: Callable[..., Any],
+    config: Any,
+    *,
+    task: str,
+    labels: list,
+    held_out: list,
+    recalibrate: bool,
+    resume: bool,
+    progress: bool,
+    **train_kwargs: Any,
+) -> tuple[Any, list[dict], dict | None, str]:
+    """Train ``config`` (``train_segmentation`` or ``train_nuclei``) with a progress bar, then score the held-out
+    slides (:func:`_validate`) and draw the training report: (manifest, validation rows, threshold fit, report)."""
+    from bridge.labels import label_summary
+    from bridge.progress import progress_bar
+
+    with progress_bar("training", enabled=progress) as on_progress:
+        manifest = train(
+            config,
+            labels=labels,
+            label_sources=label_summary(labels) if labels else None,
+            resume=resume,
+            on_progress=on_progress,
+            **train_kwargs,
+        )
+    out, device = Path(config.out_dir), config.device
     validation, fit = (
         _validate(out, held_out, device=device, task=task, recalibrate=recalibrate) if held_out else ([], None)
     )
-    report = _training_report(out, task=task, labels=labels, held_out=held_out, truth=truth, device=device)
-    return validation, fit, report
+    report = _training_report(out, task=task, labels=labels, held_out=held_out, truth=config.slides, device=device)
+    return manifest, validation, fit, report
 
 
 def _echo_trained(out: Path, manifest, validation_lines: list[str], fit: dict | None, report: str) -> None:

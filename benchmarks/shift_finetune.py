@@ -13,7 +13,8 @@ before any run and never used by the shipped models):
   ``Training region`` annotations of ``--region-um`` µm centred on true tissue, with the true positive area
   inside each as ``PD-L1 positive`` annotations, read by ``bridge.labels`` as a QuPath export is;
 * unlabelled, shift 0.8: seeds 871-873 (TPS 40, 60, 20), for ``--unlabeled`` (pseudo-labels by the demo);
-  unlabelled, unshifted: seeds 874-876 (TPS 40, 60, 20), the same for the domain the demo was made for;
+  unlabelled, unshifted: seeds 874-876 (TPS 40, 60, 20), the same for the domain the demo was made for,
+  and labelled from their truth for the replay runs (below);
 * validation, to compare variants on: shift 0.8 seeds 881-882, unshifted 891-892 (TPS 30, 60);
 * held out, shift 0.8: seeds 851-854; held out, unshifted: seeds 861-864 (TPS 25, 45, 65, 35 both).
 
@@ -22,7 +23,13 @@ schedule fixed beforehand (``--optimizer`` and ``--lr-max`` change it): AdamW, l
 2 epochs (first dropped: 3 members), strong stain jitter (``--stain-jitter``), batch 16, 128 px patches. Each
 model is scored as ``pdl1 eval seg`` scores it (Dice of the thresholded ensemble mean against the truth, on the
 truth's grid), as the mean over the validation and the held-out slides of each domain. The acceptance run (``3lab``) was
-fixed before any result; other runs are variants, to be compared on the validation slides. The held-out
+fixed before any result; other runs are variants, to be compared on the validation slides. The replay runs
+(``3lab+3tru0``, ``3lab+3sp0``) ask whether keeping the old domain's labelled slides in the training set
+(experience replay, joint training: "keep your earlier labelled slides when you add a new domain") holds the
+unshifted slides where the demo had them: the 3 shifted slides' sparse labels plus the unshifted slides 874-876
+labelled from their truth, in full (``tru0``: every tissue pixel) or sparsely as the domain's slides (``sp0``:
+``--regions`` regions of ``--region-um`` µm, region seeds ``--seed`` + 3-5), without pseudo-labels. Patches are
+drawn from the labelled slides uniformly, so half come from the replayed slides. The held-out
 slides decide nothing: they are only scored. A model folder under ``--work`` trained with the same
 configuration is reused (its manifest records it).
 
@@ -63,13 +70,20 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from benchmarks.batchnorm_stats import adapt_batchnorm, batchnorm_state, with_batchnorm_state
-from benchmarks.truth_labels import phantom_once, print_pseudo_labels, sparse_truth_labels, train_or_reuse
+from benchmarks.truth_labels import (
+    full_truth_labels,
+    phantom_once,
+    print_pseudo_labels,
+    sparse_truth_labels,
+    train_or_reuse,
+)
 from inference.analysis.domain import angle_deg, slide_stain, stats_of_manifest
 from inference.analysis.segment import SegmentConfig, plan_tiles
 from inference.analysis.tiling import read_grid_tiles
@@ -83,6 +97,7 @@ from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slid
 from inference.training.anchor import squared_distance
 from inference.training.augment import STAIN_JITTERS
 from inference.training.distill import DEFAULT_TEMPERATURE
+from inference.training.labels import SlideLabels
 from inference.training.pseudo import PseudoLabelRule, UnlabeledSlide
 from inference.training.report import HISTORY_FILE
 from inference.training.train_seg import SegTrainConfig
@@ -110,13 +125,29 @@ STATS_HELP = (
 )
 # The sets of the new domain (known: the rest are unshifted).
 DOMAIN_SETS = ("val_shifted", "held_shifted", "extreme_shifted")
-# name: (what, labelled shifted slides, unlabelled shifted slides, unlabelled unshifted slides)
+# How a replay run's unshifted slides are labelled: every true tissue pixel, or as the domain's slides.
+REPLAY_LABELS = ("full", "sparse")
+
+
+class Run(NamedTuple):
+    """A training run: which phantoms it labels, pseudo-labels or replays."""
+
+    what: str
+    labelled: int  # shifted training slides (841-), sparse labels
+    unlabelled: int  # unlabelled shifted slides (871-), pseudo-labelled
+    unlabelled_unshifted: int  # unlabelled unshifted slides (874-), pseudo-labelled
+    replayed: int = 0  # unshifted slides (874-) labelled from their truth: the old domain's labels replayed
+    replay_labels: str = "full"  # of REPLAY_LABELS
+
+
 RUNS = {
-    "3lab": ("sparse labels on 3 shifted slides (the acceptance run)", 3, 0, 0),
-    "1lab": ("sparse labels on 1 shifted slide", 1, 0, 0),
-    "1lab+3unl": ("sparse labels on 1 shifted slide + 3 unlabelled shifted (--unlabeled)", 1, 3, 0),
-    "3lab+3unl": ("sparse labels on 3 shifted slides + 3 unlabelled shifted (--unlabeled)", 3, 3, 0),
-    "3lab+3unl0": ("sparse labels on 3 shifted slides + 3 unlabelled unshifted (--unlabeled)", 3, 0, 3),
+    "3lab": Run("sparse labels on 3 shifted slides (the acceptance run)", 3, 0, 0),
+    "1lab": Run("sparse labels on 1 shifted slide", 1, 0, 0),
+    "1lab+3unl": Run("sparse labels on 1 shifted slide + 3 unlabelled shifted (--unlabeled)", 1, 3, 0),
+    "3lab+3unl": Run("sparse labels on 3 shifted slides + 3 unlabelled shifted (--unlabeled)", 3, 3, 0),
+    "3lab+3unl0": Run("sparse labels on 3 shifted slides + 3 unlabelled unshifted (--unlabeled)", 3, 0, 3),
+    "3lab+3tru0": Run("sparse labels on 3 shifted slides + the full truth of 3 unshifted (replay)", 3, 0, 0, 3, "full"),
+    "3lab+3sp0": Run("sparse labels on 3 shifted slides + sparse labels on 3 unshifted (replay)", 3, 0, 0, 3, "sparse"),
 }
 
 
@@ -158,6 +189,24 @@ def make_phantoms(
         extreme_shifted=[domain(f"held_{851 + i}", 851 + i, t) for t, i in EXTREMES] if extremes else [],
         extreme_unshifted=[phantom(f"held_{861 + i}", 861 + i, t, 0.0) for t, i in EXTREMES] if extremes else [],
     )
+
+
+def run_labels(run: Run, phantoms: Phantoms, *, regions: int, region_um: float, seed: int) -> list[SlideLabels]:
+    """The labels ``run`` trains on: sparse labels of its shifted training slides (region seeds ``seed`` + 0, 1,
+    ...), then its replayed unshifted slides' (full truth, or sparse with region seeds continuing after the 3
+    training slides': ``seed`` + 3, 4, ...)."""
+    if run.replay_labels not in REPLAY_LABELS:
+        raise ValueError(f"replay_labels must be one of {REPLAY_LABELS}, got {run.replay_labels!r}")
+    labels = [
+        sparse_truth_labels(p, regions=regions, region_um=region_um, seed=seed + i)
+        for i, p in enumerate(phantoms.train[: run.labelled])
+    ]
+    for i, p in enumerate(phantoms.unlabeled_unshifted[: run.replayed]):
+        if run.replay_labels == "full":
+            labels.append(full_truth_labels(p))
+        else:
+            labels.append(sparse_truth_labels(p, regions=regions, region_um=region_um, seed=seed + len(TRAIN) + i))
+    return labels
 
 
 def mean_dice(model_dir: Path, slides: list[Path]) -> tuple[float, list[float]]:
@@ -480,8 +529,10 @@ def main() -> None:
     score("shipped demo ensemble", demo, took="0", fine_tuned=False)
 
     def fine_tune(run: str, anchor_weight: float, distill_weight: float = 0.0, jitter: str = "strong") -> None:
-        what, n_labelled, n_unl_shifted, n_unl_unshifted = RUNS[run]
-        unlabeled = [*phantoms.unlabeled[:n_unl_shifted], *phantoms.unlabeled_unshifted[:n_unl_unshifted]]
+        spec = RUNS[run]
+        what = spec.what
+        run_labelled = run_labels(spec, phantoms, regions=args.regions, region_um=args.region_um, seed=args.seed)
+        unlabeled = [*phantoms.unlabeled[: spec.unlabelled], *phantoms.unlabeled_unshifted[: spec.unlabelled_unshifted]]
         out = args.work / (
             f"model_{run}_seed{args.seed}_{args.optimizer}_{args.lr_max:g}_pf{args.positive_fraction:g}"
             f"_r{args.regions}x{args.region_um:g}{phantoms.train[0].stem.removeprefix(f'train_{TRAIN[0][0]}')}"
@@ -497,7 +548,7 @@ def main() -> None:
             + (f"_pw{args.pseudo_weight:g}" if unlabeled and args.pseudo_weight != PseudoLabelRule.weight else "")
         )
         config = SegTrainConfig(
-            slides=tuple(lab.slide for lab in labels[:n_labelled]),
+            slides=tuple(lab.slide for lab in run_labelled),
             out_dir=str(out),
             init_model=str(demo),
             cycles=4,
@@ -519,8 +570,16 @@ def main() -> None:
             distill_weight=distill_weight,
             distill_temperature=args.distill_temperature,
         )
-        training, seconds = train_or_reuse(config, labels[:n_labelled])
+        training, seconds = train_or_reuse(config, run_labelled)
         print_pseudo_labels(training)
+        print(
+            "  labelled px (model grid), positive share: "
+            + "; ".join(
+                f"{Path(d['slide']).name} {d['labelled_px']}, {d['positive_fraction_of_labelled']:.3f}"
+                for d in training["data"]
+            ),
+            flush=True,
+        )
         label = (
             run
             + (f" anchor {anchor_weight:g}" if anchor_weight else "")

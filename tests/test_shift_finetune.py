@@ -68,3 +68,13 @@ def test_replay_runs_pseudo_label_nothing():
 def test_unknown_replay_labels_are_refused(recorded):
     with pytest.raises(ValueError, match="replay_labels must be one of"):
         run_labels(Run("x", 3, 0, 0, 3, "dense"), _phantoms(), regions=3, region_um=200.0, seed=0)
+
+
+def test_controls_label_the_unshifted_slides_alone(recorded):
+    phantoms = _phantoms()
+    assert run_labels(RUNS["3tru0"], phantoms, regions=3, region_um=200.0, seed=0) == [
+        ("full", f"unlabeled_{s}") for s in (874, 875, 876)
+    ]
+    assert run_labels(RUNS["3sp0"], phantoms, regions=3, region_um=200.0, seed=0) == [
+        ("sparse", f"unlabeled_{s}", 3, 200.0, 3 + i) for i, s in enumerate((874, 875, 876))
+    ]

@@ -939,7 +939,7 @@ def _validation_problem(error: dict[str, Any], content_type: str | None) -> str:
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for error answers: each is the service's JSON ``detail``."""
     meaning = {
-        400: "The body is not JSON.",
+        400: "The body is not UTF-8 text (JSON that does not parse is a 422).",
         401: "Missing or wrong token.",
         403: "The image lies outside the --allow-root folders.",
         404: "No such image or job.",

@@ -1,4 +1,4 @@
-"""Groovy scripts run inside QuPath (0.4.4 to 0.6); shipped as package data so `pdl1 init-project` can copy them."""
+"""Groovy scripts run inside QuPath (0.4.4 to 0.7); shipped as package data so `pdl1 init-project` can copy them."""
 
 from pathlib import Path
 

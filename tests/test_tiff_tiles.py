@@ -92,7 +92,7 @@ def test_openslide_only_reads_through_openslide_and_the_library_reads_no_environ
 
 def test_pdl1_reads_openslide_only_from_the_environment_and_passes_it_to_every_opening(phantom_svs, monkeypatch):
     # pdl1 run / serve / eval / demo (pipeline_config), the pipeline's own opening of an image, the service's and
-    # the case comparison of pdl1 run --compare-pairs all open slides with the variable's value.
+    # the case comparison after pdl1 run (RunConfig.compare_pairs) all open slides with the variable's value.
     import types
     from pathlib import Path
 

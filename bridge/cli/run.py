@@ -1,4 +1,5 @@
-"""``pdl1 run``, ``pdl1 report`` and ``pdl1 init-project``: batch analysis into QuPath projects and its report."""
+"""``pdl1 run``, ``pdl1 report``, ``pdl1 review-queue`` and ``pdl1 init-project``: batch analysis into QuPath
+projects, its report and the review queue."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """``pdl1 train``: the sub-app that trains segmentation ensembles and nuclei models on phantom slides,
-or on a lab's own QuPath labels (a project, or GeoJSON exports beside slides: ``bridge.labels``)."""
+or on a lab's own QuPath labels (a project, or GeoJSON exports beside slides: ``bridge.labels``), and draws
+their training report again (``train report``); ``pdl1 domain-stats``: a model's training-domain statistics."""
 
 from __future__ import annotations
 

@@ -32,5 +32,6 @@ intensities, patterns and the transform to the H&E).
 Modules: :mod:`~inference.phantom.scene` (the spec and the procedural scene: zones, nuclei),
 :mod:`~inference.phantom.stain` (stain vectors and how the scene's dyes become RGB),
 :mod:`~inference.phantom.render` (drawing a region), :mod:`~inference.phantom.pyramid`
-(writing the pyramidal slide) and :mod:`~inference.phantom.truth` (the truth files).
+(writing the pyramidal slide), :mod:`~inference.phantom.ihc` (the IHC section), :mod:`~inference.phantom.truth`
+(the truth files) and :mod:`~inference.phantom.truth_tissue` (a phantom's true tissue, redrawn from its truth).
 """

@@ -499,7 +499,7 @@ def entry_metadata(entries: Sequence[EntryItem]) -> dict[str, dict[str, str]]:
 
 
 def _staged(path: Path, text: str) -> Path:
-    """``text`` written and flushed beside ``path``; renamed over it by :func:`_commit`."""
+    """``text`` written and flushed beside ``path``; :func:`write_review_queue` renames it over ``path``."""
     tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.part")
     with open(tmp, "x", encoding="utf-8") as fh:
         fh.write(text)

@@ -136,7 +136,7 @@ def jittered_lattice(
 
 
 class PhantomScene:
-    """The procedural scene of one phantom; :meth:`render` draws any region at any downsample."""
+    """One phantom's procedural scene; :func:`~inference.phantom.render.render` draws any region at any downsample."""
 
     def __init__(self, spec: PhantomSpec):
         self.spec = spec

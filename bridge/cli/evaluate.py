@@ -302,7 +302,7 @@ def eval_ihc(
 ) -> None:
     """TPS and CPS against the truth (error, cut-off category), nuclei F1 and intensity agreement, per IHC slide.
 
-    With ``--review`` (default) each slide is also analysed as ``pdl1 run`` analyses an image QuPath types
+    With --review (default) each slide is also analysed as pdl1 run analyses an image QuPath types
     H-DAB, and its review reasons are shown; a slide failed when its TPS is in the wrong category or off by
     more than 5 points, and the flag's catches and false alarms are counted.
     """
@@ -500,7 +500,7 @@ def eval_suite(
     the wrong category, or the positive area off by more than 25 %) of each QC score as AURC / E-AURC, and the
     review flag's catches and false alarms; pixel-error AUROC of entropy and mutual information against their
     two baselines; SUA against the pixel baseline, wins counted. Slides whose truth is a PD-L1 IHC
-    (``pdl1 phantom --ihc``) are analysed as ``pdl1 run`` analyses an image QuPath types H-DAB: TPS and CPS
+    (pdl1 phantom --ihc) are analysed as pdl1 run analyses an image QuPath types H-DAB: TPS and CPS
     against the truth and the review flag (a failure: the TPS in the wrong category or off by more than 5
     points), then the flag's catches and false alarms over both stains.
     """

@@ -5,7 +5,8 @@ memory at the top of the heap to the kernel. A sliding window allocates and free
 large activation buffers for every tile, so each tile pays for those pages again: on the 2-CPU
 machine an 8192² analysis took 1.6 million minor page faults and 2.8 s of system time. Serving
 every buffer up to glibc's largest mmap threshold from the heap, and keeping freed heap memory,
-leaves 0.12 million and 0.3 s, 1.16x faster for 13 MB more peak RSS (benchmarks/README.md, ``allocator``).
+leaves 0.12 million and 0.3 s, 1.16x faster for 13 MB more peak RSS (benchmarks/README.md, ``allocator``; a
+later run, with the hand-back below and 0.57 million faults under the defaults, 1.04x for 16 MB more).
 
 :func:`tune_allocator` is process-wide, so called once by the programs (the CLI, the service, Ray
 workers), never by the library functions themselves. What it keeps is only worth keeping for the next

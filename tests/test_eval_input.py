@@ -95,6 +95,14 @@ def test_a_missing_slide_or_a_folder_is_named_as_such_not_as_missing_truth(tmp_p
     )
 
 
+def test_eval_with_the_suites_out_before_the_slides_runs_the_suite(tmp_path):
+    # `pdl1 eval --out DIR SLIDE...` said "No such option: --out": only a slide first went to the suite.
+    result = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "rep"), str(tmp_path / "nope.svs")])
+    assert result.exit_code == 1, result.output
+    assert "nope.svs: no such slide; give phantom slides written by `pdl1 phantom`" in _said(result)
+    assert "Usage: pdl1 eval" in CliRunner().invoke(app, ["eval", "--help"]).output
+
+
 @pytest.mark.parametrize("name", ["positive_mask.tif", "nuclei.csv"])
 def test_a_missing_truth_file_is_a_truth_error(phantom_copy, name):
     (truth_dir_for(phantom_copy) / name).unlink()

@@ -21,10 +21,12 @@ from inference import Pdl1Error, __version__
 
 
 class _DefaultSuiteGroup(TyperGroup):
-    """``pdl1 eval SLIDE...`` runs the ``suite`` subcommand; ``pdl1 eval seg|nuclei ...`` the others."""
+    """``pdl1 eval SLIDE...`` (or ``pdl1 eval --out DIR SLIDE...``) runs the ``suite`` subcommand; ``pdl1 eval
+    seg|nuclei ...`` the others."""
 
     def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and not args[0].startswith("-"):
+        # The group has no option but --help: an option first is the suite's (its --out written before the slides).
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
             args = ["suite", *args]
         return super().parse_args(ctx, args)
 

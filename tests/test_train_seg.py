@@ -347,3 +347,25 @@ def test_a_patch_larger_than_a_slide_is_refused_naming_both(small_phantom, tmp_p
         f"error: s.svs: {size} px at {mpp} µm/px (the model's input resolution) is smaller than one training patch "
         "of 1024 px (--patch-px): give a smaller --patch-px, or leave out slides this small"
     )
+
+
+@pytest.mark.parametrize(
+    ("model", "optimizer", "match"),
+    [
+        (torch.nn.Linear(2, 4), torch.optim.AdamW, r"network differs \(2 of 2 weights; bias: \(3,\) in the checkpoint"),
+        (torch.nn.Linear(2, 3), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "trained with the adamw optimizer"),
+    ],
+)
+def test_resume_of_another_runs_checkpoint_names_what_differs(tmp_path, model, optimizer, match):
+    # --resume into a folder whose checkpoint was written with another --width (or optimizer) was torch's
+    # traceback listing every mismatched tensor (or, for the optimizer, a KeyError at the first step).
+    from inference.errors import ModelFileError
+    from inference.training.cyclic import load_checkpoint, save_checkpoint
+
+    written = torch.nn.Linear(2, 3)
+    rng = np.random.default_rng(0)
+    save_checkpoint(tmp_path, written, torch.optim.AdamW(written.parameters()), epoch=1, rng=rng, members=[])
+    with pytest.raises(ModelFileError, match=match):
+        load_checkpoint(tmp_path, model, optimizer(model.parameters()), rng)
+    same = torch.nn.Linear(2, 3)
+    assert load_checkpoint(tmp_path, same, torch.optim.AdamW(same.parameters()), rng) == (1, [])

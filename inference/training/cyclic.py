@@ -237,10 +237,45 @@ def _checkpoint_meta(folder: Path) -> dict:
     return json.loads(text)
 
 
+def _optimizer_kind(group: dict) -> str:
+    return "adamw" if "betas" in group else "sgd" if "momentum" in group else "unknown"
+
+
+def _check_checkpoint_fits(folder: Path, weights: dict, param_groups: list, model, optimizer) -> None:
+    """Raise :class:`ModelFileError` where the checkpoint was written by a run of another model or optimizer.
+
+    Loading it would fail with torch's list of every mismatched tensor (a network width or class list changed),
+    or, for another optimizer, only at its first step.
+    """
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in weights.items()}
+    differ = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+    why = ""
+    if differ:
+        key = differ[0]
+        why = (
+            f"its network differs ({len(differ)} of {len(expected)} weights; {key}: "
+            f"{found.get(key, 'absent')} in the checkpoint, {expected.get(key, 'absent')} in the model to train)"
+        )
+    else:
+        saved = {_optimizer_kind(g) for g in param_groups}
+        wanted = {_optimizer_kind(g) for g in optimizer.state_dict()["param_groups"]}
+        if saved != wanted or len(param_groups) != len(optimizer.param_groups):
+            was, now = "/".join(sorted(saved)), "/".join(sorted(wanted))
+            why = f"it was trained with the {was} optimizer, this run uses {now}"
+    if why:
+        raise ModelFileError(
+            f"{folder / CHECKPOINT_FILE}: cannot be continued by this run: {why}. A checkpoint continues only with "
+            "the settings that started it (network width, classes, optimizer): give those, or train into a new folder"
+        )
+
+
 def load_checkpoint(folder: Path, model, optimizer, rng: np.random.Generator) -> tuple[int, list]:
     tensors = load_file(str(folder / CHECKPOINT_FILE))
     meta = _checkpoint_meta(folder)
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    _check_checkpoint_fits(folder, weights, meta["param_groups"], model, optimizer)
+    model.load_state_dict(weights)
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("opt."):

@@ -230,3 +230,32 @@ def test_model_members_get_the_permissions_of_any_new_file(tmp_path):
     name, _ = save_member(tmp_path, torch.nn.Linear(2, 1), 0)
     assert os.stat(tmp_path / name).st_mode & 0o777 == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["member_00.safetensors", "new"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"thresholds": {"segmentation": "0.5"}}, r"threshold 'segmentation' must be a finite number, got '0\.5'"),
+        ({"thresholds": {"sua_threshold": None}}, "threshold 'sua_threshold' must be a finite number, got None"),
+        ({"thresholds": [0.5]}, "thresholds must be an object"),
+        ({"input_mpp": "1.0"}, "input_mpp must be a positive number"),
+        ({"input_mpp": 0}, "input_mpp must be a positive number"),
+        ({"tile_size_px": 256.5}, "tile_size_px must be a positive whole number"),
+        ({"class_names": "background, PD-L1 positive"}, "class_names must be a list of names"),
+        ({"members": [{"file": "member_00.safetensors", "sha256": 12}]}, "each with 'file' and 'sha256' as text"),
+        ({"format_version": "2"}, "format_version must be a whole number, got '2'"),
+        ({"format_version": 99}, "format_version 99 is newer .*: update pdl1-bridge"),
+    ],
+)
+def test_a_manifest_value_of_the_wrong_type_names_it(model_dir, changes, match):
+    # A threshold edited to "0.5" (quoted) failed every image at analysis with numpy's "ufunc 'greater_equal' did
+    # not contain a loop with signature matching types"; a format_version "2" with a TypeError traceback.
+    _edit_manifest(model_dir, **changes)
+    with pytest.raises(ModelFileError, match=match):
+        read_manifest(model_dir, verify=False)
+
+
+def test_a_manifest_that_is_not_an_object_says_so(model_dir):
+    (model_dir / "manifest.json").write_text("7")
+    with pytest.raises(ModelFileError, match="a manifest is a JSON object of name: value, got int"):
+        read_manifest(model_dir)

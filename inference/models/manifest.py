@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 import shutil
 from dataclasses import asdict, dataclass, field, replace
@@ -135,6 +136,42 @@ _REQUIRED = (
 )
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_values(path: Path, raw: dict[str, Any]) -> None:
+    """Raise :class:`ModelFileError` for a value of the wrong type (a hand-edited threshold written "0.5").
+
+    Without this, a threshold given as text failed every image at its first comparison with numpy's
+    "ufunc 'greater_equal' did not contain a loop with signature matching types".
+    """
+    fix = "correct it in the manifest (numbers without quotes), or copy the model folder again"
+    if not isinstance(raw.get("thresholds", {}), dict):
+        raise ModelFileError(f"{path}: thresholds must be an object of name: number, got {raw['thresholds']!r:.60}")
+    for name, value in raw.get("thresholds", {}).items():
+        if not _is_number(value):
+            raise ModelFileError(f"{path}: threshold {name!r} must be a finite number, got {value!r:.60}; {fix}")
+    if not (_is_number(raw["input_mpp"]) and raw["input_mpp"] > 0):
+        raise ModelFileError(
+            f"{path}: input_mpp must be a positive number (µm/px), got {raw['input_mpp']!r:.60}; {fix}"
+        )
+    tile = raw["tile_size_px"]
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ModelFileError(f"{path}: tile_size_px must be a positive whole number, got {tile!r:.60}; {fix}")
+    names = raw["class_names"]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ModelFileError(f"{path}: class_names must be a list of names (text), got {names!r:.60}; {fix}")
+    members = raw["members"]
+    if not isinstance(members, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("file"), str) and isinstance(m.get("sha256"), str) for m in members
+    ):
+        raise ModelFileError(
+            f"{path}: members must be a list of objects, each with 'file' and 'sha256' as text, got "
+            f"{members!r:.80}; copy the model folder again, or retrain"
+        )
+
+
 def read_manifest(folder: str | Path, *, task: str | None = None, verify: bool = True) -> Manifest:
     """Read and check a model folder's manifest; with ``verify``, check every member's sha256.
 
@@ -168,11 +205,20 @@ def read_manifest(folder: str | Path, *, task: str | None = None, verify: bool =
             f"{path}: not valid JSON ({err}); the manifest was damaged (an interrupted copy?): copy the model "
             "folder again, or retrain"
         ) from err
+    if not isinstance(raw, dict):
+        raise ModelFileError(f"{path}: a manifest is a JSON object of name: value, got {type(raw).__name__}")
     missing = [k for k in _REQUIRED if k not in raw]
     if missing:
         raise ModelFileError(f"{path}: manifest lacks {', '.join(missing)}")
-    if raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise ModelFileError(f"{path}: format_version {raw['format_version']} is newer than this pdl1-bridge reads")
+    version = raw.get("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ModelFileError(f"{path}: format_version must be a whole number, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: format_version {version} is newer than this pdl1-bridge reads ({FORMAT_VERSION}); the model "
+            "was written by a newer pdl1-bridge: update pdl1-bridge to use it"
+        )
+    _check_values(path, raw)
     try:
         members = [Member(**m) for m in raw.pop("members")]
         manifest = Manifest(members=members, **raw)

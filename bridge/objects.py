@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -70,6 +70,24 @@ def is_own_object(object_type: str, classification: str | None, name: str | None
     if object_type in ("detection", "cell"):
         return classification in OWN_DETECTION_CLASSES and OWN_DETECTION_SIGNATURE in names
     return False
+
+
+# Every measurement this tool puts on the analysed parent starts so (DESIGN.md §3); a re-run owns them all.
+PARENT_MEASUREMENT_PREFIX = "PD-L1: "
+
+
+def stale_parent_measurements(names: Iterable[str], fresh: Mapping[str, float]) -> list[str]:
+    """The parent's measurements an earlier run wrote that this run's ``fresh`` ones do not replace.
+
+    Left in place, a re-run without nuclei (or after the stain was corrected, or with a model without
+    domain statistics) kept the earlier run's TPS beside the new run's results. Others' measurements
+    stay.
+
+    >>> stale_parent_measurements(["Area µm^2", "PD-L1: TPS %", "PD-L1: Uncertainty flag"],
+    ...                           {"PD-L1: Uncertainty flag": 0.0})
+    ['PD-L1: TPS %']
+    """
+    return [n for n in names if n.startswith(PARENT_MEASUREMENT_PREFIX) and n not in fresh]
 
 
 def region_measurements(region: RegionStats) -> dict[str, float]:

@@ -20,7 +20,7 @@ from typing import Any
 from shapely.geometry.base import BaseGeometry
 
 from bridge.classes import ALL_CLASSES, PDL1_ANALYSIS, PathClassSpec
-from bridge.objects import TILE_NAME, is_own_object
+from bridge.objects import TILE_NAME, is_own_object, stale_parent_measurements
 from bridge.project import (
     QPDATA_BACKUP_SUFFIX,
     ProjectError,
@@ -196,9 +196,11 @@ def find_or_create_analysis_parent(entry: Any, geometry: BaseGeometry) -> Any:
 
 
 def write_children(entry: Any, parent: Any, objects: Iterable[QuPathObject], measurements: dict[str, float]) -> int:
-    """Replace this tool's earlier children of ``parent`` with ``objects`` and set its measurements.
+    """Replace this tool's earlier children of ``parent`` with ``objects``, and its measurements with ``measurements``.
 
-    Objects this tool did not create are left alone. One hierarchy event for the whole batch.
+    Objects this tool did not create are left alone, and so are measurements it did not write (the ``PD-L1: ``
+    ones of an earlier run that this one has not are removed: :func:`~bridge.objects.stale_parent_measurements`).
+    One hierarchy event for the whole batch.
     """
     from paquo.java import ArrayList
 
@@ -219,6 +221,8 @@ def write_children(entry: Any, parent: Any, objects: Iterable[QuPathObject], mea
             fresh.add(_to_paquo(obj, classes).java_object)
             count += 1
         parent.java_object.addChildObjects(fresh)
+        for key in stale_parent_measurements(list(parent.measurements), measurements):
+            del parent.measurements[key]
         for key, value in measurements.items():
             parent.measurements[key] = float(value)
     return count

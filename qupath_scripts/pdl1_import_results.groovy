@@ -37,6 +37,22 @@ def putEntryMetadata = { entry, Map values ->
     values.each { key, value -> entry.putMetadataValue(key as String, value as String) }
     return "putMetadataValue"
 }
+// The analysed parent's measurements from this run. Those an earlier run wrote (named "PD-L1: ...") that this run
+// has not are removed first (bridge/objects.py: stale_parent_measurements): a re-run without nuclei, or after the
+// stain was corrected, kept the earlier run's TPS. Others' measurements stay. removeAll is 0.6+ (removeMeasurements
+// is deprecated there); 0.4.4 and 0.5 have removeMeasurements only. Returns the names removed.
+def setParentMeasurements = { ml, Map fresh ->
+    def stale = ml.getMeasurementNames().findAll { it.startsWith("PD-L1: ") && !fresh.containsKey(it) }
+    if (!stale.isEmpty()) {
+        def names = stale as String[]
+        if (ml.metaClass.respondsTo(ml, "removeAll", String[]))
+            ml.removeAll(names)
+        else
+            ml.removeMeasurements(names)
+    }
+    fresh.each { name, value -> ml.put(name as String, value as double) }
+    return stale
+}
 // ---- end of helpers ------------------------------------------------------------------------
 
 def project = getProject()
@@ -89,8 +105,8 @@ if (parent == null) {
     def old = parent.getChildObjects().findAll { isOwn(it) }
     if (!old.isEmpty())
         removeObjects(old, true)
-    def ml = parent.getMeasurementList()
-    newParent.getMeasurementList().getMeasurementNames().each { name -> ml.put(name, newParent.getMeasurementList().get(name)) }
+    def written = newParent.getMeasurementList()
+    setParentMeasurements(parent.getMeasurementList(), written.getMeasurementNames().collectEntries { [(it): written.get(it)] })
 }
 parent.addChildObjects(children)
 fireHierarchyUpdate()

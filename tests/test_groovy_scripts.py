@@ -255,3 +255,42 @@ def test_headers_name_qupath_0_7_and_the_usage_line_passes_save_once(script):
     assert "0.7" in header
     for usage in re.findall(r"QuPath script .*", header):
         assert "--save" not in usage and usage.count(" -s ") == 1, usage
+
+
+@needs_groovy
+@pytest.mark.parametrize("script", [ANALYZE, IMPORT], ids=lambda p: p.name)
+def test_a_rerun_removes_the_parent_measurements_of_the_earlier_run_it_does_not_write(tmp_path, script):
+    # A re-run without nuclei kept the earlier run's "PD-L1: Predicted TPS % (H&E)" beside the new results (and
+    # after the stain was corrected, the H&E's predicted TPS beside the IHC's TPS). Others' measurements stay.
+    driver = """
+class OldList {                                         // QuPath 0.4.4, 0.5: removeMeasurements only
+    Map values = new LinkedHashMap()
+    List<String> getMeasurementNames() { new ArrayList(values.keySet()) }
+    void removeMeasurements(String... names) { names.each { values.remove(it) } }
+    void put(String name, double value) { values.put(name, value) }
+}
+class NewList extends OldList {                         // QuPath 0.6+: removeAll; removeMeasurements deprecated
+    void removeAll(String... names) { names.each { values.remove(it) } }
+    void removeMeasurements(String... names) { throw new IllegalStateException("deprecated call used") }
+}
+for (ml in [new OldList(), new NewList()]) {
+    ml.put("Area µm^2", 100d)
+    ml.put("PD-L1: Predicted TPS % (H&E)", 30d)
+    ml.put("PD-L1: Num Tumor: Positive", 3d)
+    ml.put("PD-L1: Uncertainty flag", 1d)
+    def removed = setParentMeasurements(ml, ["PD-L1: Uncertainty flag": 0d, "PD-L1: Positive area %": 5d])
+    println JsonOutput.toJson([removed: removed, kept: ml.values])
+}
+"""
+    for result in run_groovy(tmp_path, driver, script):
+        assert result == {
+            "removed": ["PD-L1: Predicted TPS % (H&E)", "PD-L1: Num Tumor: Positive"],
+            "kept": {"Area µm^2": 100.0, "PD-L1: Uncertainty flag": 0.0, "PD-L1: Positive area %": 5.0},
+        }
+
+
+def test_parent_measurements_are_replaced_through_the_helper():
+    for script in (ANALYZE, IMPORT):
+        body = script.read_text().replace(helpers(script), "")
+        assert "setParentMeasurements(parent.getMeasurementList(), " in body
+        assert ".put(name" not in body  # no measurement written to the parent beside the helper

@@ -2,9 +2,11 @@
  * pdl1_analyze.groovy - PD-L1 analysis with uncertainty from a running `pdl1 serve` (QuPath 0.4.4 to 0.7).
  *
  * Analyses the selected annotations; if none are selected, all annotations of the target classes or
- * names; if there are none, the whole image (under a "PD-L1 analysis" annotation). Results go under
- * each analysed annotation, replacing what an earlier pdl1-bridge run put there; nothing else
- * is touched. Stop the script (or close QuPath) and the job is cancelled on the server.
+ * names (those without an area, points or lines, are skipped and named); if there are none, the whole
+ * image (under a "PD-L1 analysis" annotation). Results go under each analysed annotation, replacing
+ * what an earlier pdl1-bridge run put there; nothing else is touched. An annotation the service refuses
+ * (an outline that crosses itself, ...) is named and the others are analysed. Stop the script (or
+ * close QuPath) and the job is cancelled on the server.
  *
  * Settings: the project's pdl1-config.toml (beside project.qpproj; `pdl1 init-project` writes it, and
  * `pdl1 run` reads the same file) when there is one: [service] url, token, model and [analysis] outputs,
@@ -282,6 +284,13 @@ def setParentMeasurements = { ml, Map fresh ->
     fresh.each { name, value -> ml.put(name as String, value as double) }
     return stale
 }
+// The targets the service can analyse, and the others: an annotation without an area (points, a line) has no
+// pixels inside it, and the service refuses its ROI (422), which stopped the script before the remaining targets.
+// [analysable, skipped]; each object needs getROI() (its isArea(), getRoiName()).
+def splitByArea = { List objects ->
+    def hasArea = { obj -> obj.getROI() != null && obj.getROI().isArea() }
+    return [objects.findAll { hasArea(it) }, objects.findAll { !hasArea(it) }]
+}
 // ---- end of helpers ------------------------------------------------------------------------
 
 def imageData = getCurrentImageData()
@@ -366,6 +375,16 @@ if (targets.isEmpty() && !(TARGET_CLASSES.isEmpty() && TARGET_NAMES.isEmpty()))
         !isOwn(it) && ((it.getPathClass() != null && it.getPathClass().toString() in TARGET_CLASSES) ||
                 (it.getName() != null && it.getName() in TARGET_NAMES))
     }
+def (analysable, skipped) = splitByArea(targets)
+skipped.each {
+    println "pdl1: skipped ${it.getName() ?: it.getPathClass() ?: 'an annotation'}: a ${it.getROI()?.getRoiName() ?: 'ROI-less'} " +
+            "annotation has no area to analyse; draw an area annotation (rectangle, ellipse, polygon, brush) around the tissue"
+}
+if (analysable.isEmpty() && !skipped.isEmpty()) {
+    println "pdl1: nothing analysed: none of the ${skipped.size()} target annotations has an area"
+    return
+}
+targets = analysable
 def wholeImage = targets.isEmpty()
 if (wholeImage) {
     def existing = hierarchy.getAnnotationObjects().find {
@@ -399,8 +418,15 @@ for (parent in targets) {
     body.put("image_type", imageData.getImageType()?.name())
     body.put("outputs", OUTPUTS)
     body.put("model", MODEL)
-    def accepted = send(request("/v1/jobs").header("Content-Type", "application/json")
-            .POST(HttpRequest.BodyPublishers.ofString(gson.toJson(body))).build())
+    def accepted
+    try {
+        accepted = send(request("/v1/jobs").header("Content-Type", "application/json")
+                .POST(HttpRequest.BodyPublishers.ofString(gson.toJson(body))).build())
+    } catch (IOException e) {
+        // A request the service refuses (an ROI that crosses itself, ...) is this target's problem: go on with the next.
+        println "pdl1: ${parent.getName() ?: parent.getPathClass() ?: 'annotation'} not analysed: ${e.getMessage()}"
+        continue
+    }
     def jobId = accepted.get("job_id")
     def statusPath = "/v1/jobs/" + jobId
     def status = null

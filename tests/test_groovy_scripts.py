@@ -294,3 +294,27 @@ def test_parent_measurements_are_replaced_through_the_helper():
         body = script.read_text().replace(helpers(script), "")
         assert "setParentMeasurements(parent.getMeasurementList(), " in body
         assert ".put(name" not in body  # no measurement written to the parent beside the helper
+
+
+@needs_groovy
+def test_annotations_without_an_area_are_not_sent_to_the_service(tmp_path):
+    # A Points annotation of a target class (a pathologist's marked nuclei, class "Tumor") was sent as the ROI,
+    # refused with a 422, and the script stopped before analysing the remaining annotations.
+    driver = """
+class Roi { boolean area; String name; boolean isArea() { area }; String getRoiName() { name } }
+class Obj { Roi roi; String label; Roi getROI() { roi } }
+def objects = [new Obj(roi: new Roi(area: true, name: "Polygon"), label: "core 1"),
+               new Obj(roi: new Roi(area: false, name: "Points"), label: "marked nuclei"),
+               new Obj(roi: new Roi(area: false, name: "Line"), label: "a ruler"),
+               new Obj(roi: new Roi(area: true, name: "Rectangle"), label: "core 2")]
+def (analysable, skipped) = splitByArea(objects)
+println JsonOutput.toJson([analysable: analysable*.label, skipped: skipped*.label])
+"""
+    assert run_groovy(tmp_path, driver) == [
+        {"analysable": ["core 1", "core 2"], "skipped": ["marked nuclei", "a ruler"]}
+    ]
+    body = ANALYZE.read_text().replace(helpers(), "")
+    assert "splitByArea(targets)" in body
+    # One target the service refuses does not stop the others: its submission failure is caught and the loop goes on.
+    post = body.index('send(request("/v1/jobs")')
+    assert "try {" in body[post - 80 : post] and "continue" in body[post : post + 500]

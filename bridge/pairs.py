@@ -66,8 +66,8 @@ def case_of(name: str, metadata: dict[str, str] | None, *, key: str = CASE_KEY) 
     >>> case_of("anything.svs", {"case": "C7"})
     'C7'
     """
-    if metadata and metadata.get(key):
-        return str(metadata[key])
+    if metadata and str(metadata.get(key) or "").strip():
+        return str(metadata[key]).strip()
     stem = Path(name).stem
     match = _STAIN_SUFFIX.match(stem) or _STAIN_PREFIX.match(stem)
     return match.group("case") if match else None
@@ -75,14 +75,19 @@ def case_of(name: str, metadata: dict[str, str] | None, *, key: str = CASE_KEY) 
 
 def pair_cases(images: Iterable[CaseImage]) -> tuple[dict[str, tuple[CaseImage, CaseImage]], dict[str, str]]:
     """Cases with one H&E and one IHC image, and for every case with both stains but not one of each, why it
-    is not paired. A case of one stain only (an H&E-only study named ``*_HE``) is no pair and says nothing."""
+    is not paired. A case of one stain only (an H&E-only study named ``*_HE``) is no pair and says nothing.
+
+    Case names are compared without surrounding blanks and regardless of capitals: ``B12`` typed as ``b12 `` in
+    the IHC's metadata (or ``B12_HE.svs`` beside ``b12_ihc.svs``) is the same case, not two of one stain each,
+    which would say nothing. A case is named as its first image (by name) spells it."""
     by_case: dict[str, list[CaseImage]] = {}
-    for image in images:
-        if image.case is not None:
-            by_case.setdefault(image.case, []).append(image)
+    for image in sorted(images, key=lambda i: i.name):
+        if image.case is not None and image.case.strip():
+            by_case.setdefault(image.case.strip().casefold(), []).append(image)
     pairs: dict[str, tuple[CaseImage, CaseImage]] = {}
     problems: dict[str, str] = {}
-    for case, members in sorted(by_case.items()):
+    for members in sorted(by_case.values(), key=lambda m: m[0].case.strip()):
+        case = members[0].case.strip()
         he = [m for m in members if m.stain == "H&E"]
         ihc = [m for m in members if m.stain == "H-DAB"]
         if len(he) == 1 and len(ihc) == 1:

@@ -143,3 +143,16 @@ def test_a_case_whose_ihc_was_flagged_in_its_run_names_why_its_reference_is_in_d
     assert reason["value"] is None and reason["limit"] is None
     assert ihc_review_reasons({"uncertainty_flag": False, "details": {"review_reasons": []}}) == []
     assert ihc_review_reasons({"uncertainty_flag": True})[0]["reason"].endswith("(flagged)")
+
+
+def test_a_case_spelt_with_other_capitals_or_blanks_is_one_case():
+    # 'B12' on the H&E and 'b12 ' typed into the IHC's metadata were two cases of one stain each: no pair and
+    # no word about it.
+    assert case_of("x.svs", {"case": " B12 "}) == "B12"
+    assert case_of("B12_HE.svs", {"case": "  "}) == "B12"
+    pairs, problems = pair_cases(
+        [_image("x_PDL1.svs", "H-DAB", "b12 "), _image("x_HE.svs", "H&E", "B12"), _image("y_HE.svs", "H&E", "C")]
+    )
+    assert list(pairs) == ["B12"]  # named as its first image by name (x_HE.svs) spells it
+    assert [p.name for p in pairs["B12"]] == ["x_HE.svs", "x_PDL1.svs"]
+    assert problems == {}

@@ -13,8 +13,10 @@ from typing import TextIO
 
 
 @contextlib.contextmanager
-def replace_atomically(path: Path) -> Iterator[TextIO]:
-    """Open a text file that replaces ``path`` when the ``with`` block ends without error.
+def replace_atomically(path: Path, *, newline: str | None = None) -> Iterator[TextIO]:
+    """Open a text file (UTF-8) that replaces ``path`` when the ``with`` block ends without error.
+
+    ``newline`` as :func:`open`'s (``""`` for the :mod:`csv` module).
 
     Readers see the old file or the new one, never half of one; after an error (or a crash)
     the old file is untouched and the temporary one is gone. The temporary file is made with
@@ -25,7 +27,7 @@ def replace_atomically(path: Path) -> Iterator[TextIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.part")
     try:
-        with open(tmp, "x", encoding="utf-8") as fh:
+        with open(tmp, "x", encoding="utf-8", newline=newline) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bridge.atomic import replace_atomically
 from bridge.classes import INTENSITY_CLASSES
 from bridge.pairs import PAIRS_FILE
 from bridge.project import (
@@ -259,15 +260,18 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
                 "thumbnail": _thumbnail_or_none(item, out, left_out),
             }
         )
-    csv_path = out / "report.csv"
-    with csv_path.open("w", newline="") as fh:
+    html_path, csv_path = out / "report.html", out / "report.csv"
+    pairs_path = base / PDL1_DIR / PAIRS_FILE
+    pairs = _read_pairs(pairs_path, f"run {_rerun(source)}, which compares the cases again", left_out)
+    page = _html(rows, pairs, left_out)
+    # Each replaced whole, in UTF-8: written in place, an interrupt (or, on Windows, an image name outside the
+    # console's code page) left a report.csv cut short that still read as a complete table.
+    with replace_atomically(csv_path, newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    html_path = out / "report.html"
-    pairs_path = base / PDL1_DIR / PAIRS_FILE
-    pairs = _read_pairs(pairs_path, f"run {_rerun(source)}, which compares the cases again", left_out)
-    html_path.write_text(_html(rows, pairs, left_out), encoding="utf-8")
+    with replace_atomically(html_path) as fh:
+        fh.write(page)
     return html_path, csv_path
 
 

@@ -83,3 +83,25 @@ def test_a_slide_no_longer_where_it_was_analysed_is_named_with_its_path(tmp_path
         _, csv_path = write_report(out)
     assert csv_path.read_text().splitlines()[1].startswith("a.svs,")  # its numbers are still reported
     assert f"a.svs: no thumbnail: no image at {gone}, where it was analysed" in caplog.text
+
+
+def test_an_interrupted_report_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    # report.csv was written in place: an interrupt (or an image name the Windows code page cannot encode) left
+    # a table cut short that still read as complete.
+    import csv
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.summary.json").write_text(json.dumps(_summary(tmp_path / "a.svs")))
+    written = write_report(out)
+    before = {path: path.read_bytes() for path in written}
+
+    def interrupted(self, rows):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", interrupted)
+    (out / "b.summary.json").write_text(json.dumps(_summary(tmp_path / "b.svs")))
+    with pytest.raises(KeyboardInterrupt):
+        write_report(out)
+    assert {path: path.read_bytes() for path in before} == before
+    assert not [p for p in out.rglob("*") if p.name.endswith(".part")]

@@ -132,6 +132,30 @@ def _mapped(class_map: Mapping[str, str | None], cls: str, class_names: Sequence
     return cls if cls in class_names else ""
 
 
+def _check_class_map_targets(class_map: Mapping[str, str | None], rules: LabelRules) -> None:
+    """Raise :class:`LabelError` for a ``--class-map`` whose MODEL side is no class of the model.
+
+    Such points were reported as "points of classes the model does not have: LABEL ... map each with
+    --class-map", naming the label the user had mapped, not the target they mistyped.
+    """
+    if not rules.points or not rules.class_names:
+        return
+    wrong = {label: target for label, target in class_map.items() if target is not None}
+    wrong = {label: target for label, target in wrong.items() if target not in rules.class_names}
+    if not wrong:
+        return
+    spelt = {_spelling(c): c for c in rules.class_names}
+    parts = []
+    for label, target in wrong.items():
+        close = difflib.get_close_matches(target, rules.class_names, n=1)
+        meant = spelt.get(_spelling(target)) or (close[0] if close else None)
+        parts.append(f"'{label}={target}'" + (f" (did you mean '{label}={meant}'?)" if meant else ""))
+    raise LabelError(
+        f"--class-map {', '.join(parts)}: the MODEL side must be one of the model's classes "
+        f"({', '.join(rules.class_names)}), or empty ('LABEL=') to leave the label out"
+    )
+
+
 def _tool_written_class(obj: QuPathObject) -> str | None:
     """The class pdl1-bridge gave an object it wrote (by its signature measurements), else None."""
     if obj.object_type == "annotation" and OWN_ANNOTATION_SIGNATURE in obj.measurements:
@@ -266,6 +290,7 @@ def labels_from_objects(
     """
     where = source or slide
     class_map = dict(rules.class_map or {})
+    _check_class_map_targets(class_map, rules)
     counts: Counter[str] = Counter()
     regions: list[tuple[BaseGeometry, bool]] = []
     positive: list[BaseGeometry] = []

@@ -674,3 +674,23 @@ def test_cell_and_detection_polygons_of_a_nucleus_class_are_nuclei_at_their_cent
     )
     assert len(segmentation.points_xy) == 0
     assert segmentation.counts["skipped: cell Polygon (Tumor: Positive)"] == 1  # as before: not a label there
+
+
+def test_a_class_map_onto_no_class_of_the_model_names_the_mistyped_target():
+    # --class-map 'Tumor=Tumour: Positive' said "points of classes the model does not have: Tumor ... map each with
+    # --class-map", naming the label the user had mapped, not the target they mistyped.
+    objects = [_obj(shapely.MultiPoint([(1, 1), (2, 2)]), "Tumor")]
+    rules = LabelRules(HE_CLASSES, class_map=parse_class_map(["Tumor=Tumour: Positive", "Stroma=Others", "junk="]))
+    with pytest.raises(
+        LabelError,
+        match=re.escape(
+            "--class-map 'Tumor=Tumour: Positive' (did you mean 'Tumor=Tumor: Positive'?), 'Stroma=Others' (did you "
+            "mean 'Stroma=Other'?): the MODEL side must be one of the model's classes (Tumor: Positive, "
+            "Tumor: Negative, Other), or empty ('LABEL=') to leave the label out"
+        ),
+    ):
+        labels_from_objects(objects, slide="s.svs", image_size_px=(10, 10), rules=rules)
+    # A segmentation run reads no points: its class map is not checked against nuclei classes.
+    area = [_obj(shapely.box(0, 0, 5, 5), "PD-L1 positive")]
+    seg = LabelRules((), class_map=parse_class_map(["Tumor=Tumour: Positive"]), points=False)
+    assert labels_from_objects(area, slide="s.svs", image_size_px=(10, 10), rules=seg).has_regions

@@ -321,3 +321,25 @@ def test_through_qupath_a_project_exports_its_drawn_regions_and_its_test_image_w
     assert not any(n.startswith("b_") for n in (p.stem for p in (out / "labelsTr").iterdir()))
     # Read-only: exporting changed no entry's data.
     assert {p: p.read_bytes() for p in sorted(project.glob("data/*/data.qpdata"))} == data_before
+
+
+def test_cli_entries_are_checked_not_ignored(phantoms, tmp_path):
+    # --entries with slide files was ignored (every slide exported); with a project, a misspelt entry beside a
+    # right one was left out silently.
+    out = tmp_path / "Dataset782_Entries"
+    slides = CliRunner().invoke(
+        app,
+        ["export", "nnunet", str(phantoms[1]), "--out", str(out), "--entries", "x"],
+        env={"COLUMNS": "400"},
+    )
+    assert slides.exit_code == 2, slides.output
+    assert "--entries chooses entries of a QuPath project; the images are slide files" in slides.output
+    from bridge.init_project import init_project_files
+
+    project = init_project_files(tmp_path / "project", list(phantoms))
+    args = ["export", "nnunet", str(project.parent), "--out", str(out), "--labels", "truth", "--case-px", "128"]
+    typo = CliRunner().invoke(app, [*args, "--entries", "a.svs", "--entries", "bb.svs"], env={"COLUMNS": "400"})
+    text = " ".join(typo.output.replace("│", " ").split())
+    assert typo.exit_code == 2, typo.output
+    assert "no entry of the project is 'bb.svs'; its entries (ID and image name) are 1 (a.svs), 2 (b.svs)" in text
+    assert not out.exists()

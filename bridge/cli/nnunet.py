@@ -163,10 +163,24 @@ def export_nnunet_cmd(
             )
     if labels == "qupath" and not is_project:
         raise typer.BadParameter("QuPath labels come from a project: give the project", param_hint="--labels")
+    if entries and not is_project:  # was ignored: every slide given was exported
+        raise typer.BadParameter(
+            "--entries chooses entries of a QuPath project; the images are slide files: give only the slides to export",
+            param_hint="--entries",
+        )
     try:
         if is_project:
             train, tests = project_images(images[0], test_names=test or [])
             if entries:
+                named = {name for t in (*train, *tests) for name in (t.entry_id, t.image_name)}
+                unknown = [e for e in entries if e not in named]
+                if unknown and len(unknown) < len(entries):  # a misspelt one beside others was left out silently
+                    listed = ", ".join(f"{t.entry_id} ({t.image_name})" for t in (*train, *tests))
+                    raise typer.BadParameter(
+                        f"no entry of the project is {', '.join(map(repr, unknown))}; its entries (ID and image name) "
+                        f"are {listed}",
+                        param_hint="--entries",
+                    )
                 chosen = [t for t in train if t.entry_id in entries or t.image_name in entries]
                 if not chosen:
                     predicted = [t for t in tests if t.entry_id in entries or t.image_name in entries]

@@ -325,6 +325,13 @@ def _refuse_shared_stems(slides: list[Path], out: Path) -> None:
 
 def _use_qupath(config: RunConfig, project: Path | None) -> bool:
     if project is None or config.qupath == "never":
+        if (config.target_classes or config.target_names) and project is not None:
+            # "need a QuPath project" said of a project: the annotations are in data.qpdata, which only QuPath reads.
+            raise ProjectError(
+                "annotation targets (--class/--name, or target_classes/target_names in pdl1-config.toml) are read "
+                "through QuPath, and --qupath never was given: run with --qupath auto (or always), or for whole "
+                "images leave the targets out (or run with --no-config)"
+            )
         if config.target_classes or config.target_names:
             raise ProjectError(
                 "annotation targets (--class/--name, or target_classes/target_names in pdl1-config.toml) need a QuPath "

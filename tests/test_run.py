@@ -232,6 +232,15 @@ def test_annotation_targets_need_qupath(tmp_path, slides, models):
         run_batch([slides[0]], _config(out=tmp_path, target_classes=("Tumor",)), models=models)
 
 
+def test_annotation_targets_of_a_project_with_qupath_never_name_the_option(tmp_path, slides, models):
+    # It said the targets "need a QuPath project" of a project: what stood in the way was --qupath never.
+    project = tmp_path / "project"
+    init_project_files(project, [slides[0]])
+    with pytest.raises(ProjectError, match=r"are read through QuPath, and --qupath never was given: run with --qupath"):
+        run_batch([project], _config(target_classes=("Tumor",)), models=models)  # _config: --qupath never
+    assert not (project / "pdl1").exists()
+
+
 def test_plain_slides_need_out(slides, models):
     with pytest.raises(ProjectError, match="--out"):
         run_batch([slides[0]], _config(), models=models)

@@ -93,9 +93,17 @@ def test_run_writes_into_a_real_project_and_rerun_replaces_only_its_own(tmp_path
     assert snap["metadata"]["PD-L1 run"] == first[0].run_id
     assert snap["by_hand"] == [("drawn by hand", {}, (300.0, 300.0, 420.0, 420.0))]
 
+    # A measurement of ours the next run does not write (as a TPS after a run without nuclei) goes; a user's stays.
+    with QuPathProject(project_dir, mode="r+") as qp:
+        (tumour,) = [a for a in qp.images[0].hierarchy.annotations if a.name == "Tumor ROI"]
+        tumour.measurements["PD-L1: Written by an earlier run"] = 1.0
+        tumour.measurements["My own score"] = 2.0
     second = run_batch([project_dir], config, models=models)
     assert [o.state for o in second] == ["done"]
     again = _snapshot(project_dir)
+    assert "PD-L1: Written by an earlier run" not in again["tumour_measurements"]
+    assert again["tumour_measurements"]["My own score"] == 2.0
+    assert set(again["tumour_measurements"]) == set(snap["tumour_measurements"]) | {"My own score"}
     assert again["nuclei"] == snap["nuclei"] and again["regions"] == snap["regions"] and again["tiles"] == snap["tiles"]
     assert again["by_hand"] == snap["by_hand"]
     assert again["metadata"]["PD-L1 run"] == second[0].run_id != first[0].run_id

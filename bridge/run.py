@@ -17,7 +17,7 @@ import platform
 import re
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -172,6 +172,40 @@ def entry_metadata(result: SlideResult) -> dict[str, str]:
     if result.stain != "H&E":
         out["PD-L1 stain"] = result.stain
     return out
+
+
+# Every entry metadata key :func:`entry_metadata` writes, for either stain: a re-run owns them all. A list, not
+# every "PD-L1 ..." key: a pathologist's own "PD-L1 TPS (manual)" stays, and so do `pdl1 review-queue`'s keys,
+# which that command writes and removes. The Groovy scripts hold the same list (a test keeps them equal).
+RUN_METADATA_KEYS = (
+    *tps_metadata_keys("H-DAB"),
+    *tps_metadata_keys("H&E"),
+    "PD-L1 CPS",
+    "PD-L1 stain",
+    "PD-L1 model",
+    "PD-L1 run",
+)
+
+
+def stale_entry_metadata(keys: Iterable[str], fresh: Mapping[str, str]) -> list[str]:
+    """The entry metadata an earlier run wrote that this run's ``fresh`` metadata does not replace.
+
+    Left in place, a re-run after the stain was corrected kept the H&E's predicted TPS beside the IHC's
+    TPS (or an H&E kept the IHC's ``PD-L1 stain``). Others' keys stay.
+
+    >>> stale_entry_metadata(["case", "PD-L1 TPS %", "PD-L1 stain", "PD-L1 run", "PD-L1 review rank"],
+    ...                      {"PD-L1 Predicted TPS % (H&E)": "12.0", "PD-L1 run": "r2"})
+    ['PD-L1 TPS %', 'PD-L1 stain']
+    """
+    return [k for k in keys if k in RUN_METADATA_KEYS and k not in fresh]
+
+
+def set_entry_metadata(metadata: MutableMapping[str, str], fresh: Mapping[str, str]) -> None:
+    """Write ``fresh`` into an entry's ``metadata`` (paquo's mapping), first removing this tool's stale keys."""
+    for key in stale_entry_metadata(list(metadata), fresh):
+        del metadata[key]
+    for key, value in fresh.items():
+        metadata[key] = value
 
 
 def summary_of(result: SlideResult, *, entry_id: str | None, run_config: RunConfig) -> dict[str, Any]:
@@ -624,9 +658,7 @@ class _QuPathSession:
                 self.qp.write_children(
                     entry, parent, children(result, include_tiles=config.include_tiles), parent_measurements(result)
                 )
-            merged = _merge_metadata([r for _, r in results])
-            for key, value in merged.items():
-                entry.metadata[key] = value
+            set_entry_metadata(entry.metadata, _merge_metadata([r for _, r in results]))
             self.qp.save_entries([entry])
         except BaseException:
             self.qp.restore_data(entry, backup)
@@ -645,8 +677,7 @@ class _QuPathSession:
         try:
             parent = self.qp.find_or_create_analysis_parent(entry, parent_obj.geometry)
             self.qp.write_children(entry, parent, children, parent_obj.measurements)
-            for k, v in json.loads(summary.read_text())["metadata"].items():
-                entry.metadata[k] = v
+            set_entry_metadata(entry.metadata, json.loads(summary.read_text())["metadata"])
             self.qp.save_entries([entry])
         except BaseException:
             self.qp.restore_data(entry, backup)

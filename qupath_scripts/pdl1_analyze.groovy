@@ -257,16 +257,29 @@ def transformedBy = { server ->
     return null
 }
 
+// The entry metadata keys a run of this tool writes, for either stain (bridge/run.py: RUN_METADATA_KEYS; a test
+// keeps the two equal). A list, not every "PD-L1 ..." key: a pathologist's own "PD-L1 TPS (manual)" stays, and so
+// do the "PD-L1 review ..." keys of `pdl1 review-queue`.
+def RUN_METADATA_KEYS = ["PD-L1 TPS %", "PD-L1 TPS category", "PD-L1 Predicted TPS % (H&E)",
+        "PD-L1 Predicted TPS category (H&E)", "PD-L1 CPS", "PD-L1 stain", "PD-L1 model", "PD-L1 run"]
 // Entry metadata: the entry's own map where it has one (QuPath 0.6+: getMetadata() returns it, mutable),
-// else putMetadataValue (0.4.4 and 0.5; deprecated since 0.6).
+// else putMetadataValue and removeMetadataValue (0.4.4 and 0.5; deprecated since 0.6). This tool's keys that an
+// earlier run wrote and this run has not are removed first (bridge/run.py: stale_entry_metadata): after the stain
+// was corrected, an entry kept the H&E's predicted TPS beside the IHC's TPS. Others' keys stay.
+// Returns [how: the API used, removed: the keys removed].
 def putEntryMetadata = { entry, Map values ->
     def map = entry.metaClass.respondsTo(entry, "getMetadata") ? entry.getMetadata() : null
+    def isStale = { key -> key in RUN_METADATA_KEYS && !values.containsKey(key) }
     if (map instanceof Map) {
+        def stale = map.keySet().findAll(isStale).toList()
+        stale.each { map.remove(it) }
         values.each { key, value -> map.put(key as String, value as String) }
-        return "getMetadata"
+        return [how: "getMetadata", removed: stale]
     }
+    def stale = entry.getMetadataKeys().findAll(isStale).toList()
+    stale.each { entry.removeMetadataValue(it as String) }
     values.each { key, value -> entry.putMetadataValue(key as String, value as String) }
-    return "putMetadataValue"
+    return [how: "putMetadataValue", removed: stale]
 }
 // The analysed parent's measurements from this run. Those an earlier run wrote (named "PD-L1: ...") that this run
 // has not are removed first (bridge/objects.py: stale_parent_measurements): a re-run without nuclei, or after the

@@ -16,6 +16,7 @@ import pytest
 import tomllib
 
 from bridge.project_config import SCHEMA, ConfigError, read_project_config
+from bridge.run import RUN_METADATA_KEYS
 from project_templates import PDL1_TEMPLATE
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "qupath_scripts"
@@ -211,28 +212,69 @@ for (server in [plain, pyramid, new RotatedImageServer(), new FlippedTiledServer
     assert "SparseImageServerBuilder" in results[5]
 
 
-@needs_groovy
-@pytest.mark.parametrize("script", [ANALYZE, IMPORT], ids=lambda p: p.name)
-def test_entry_metadata_goes_into_the_entrys_map_where_it_has_one(tmp_path, script):
-    driver = """
+# Project entries as QuPath has them, for the entry-metadata helper.
+ENTRIES = """
 class OldEntry {                                        // QuPath 0.4.4, 0.5: no getMetadata()
     Map stored = [:]
+    Collection<String> getMetadataKeys() { Collections.unmodifiableSet(stored.keySet()) }
     String putMetadataValue(String key, String value) { stored.put(key, value) }
+    String removeMetadataValue(String key) { stored.remove(key) }
 }
 class NewEntry {                                        // QuPath 0.6+: getMetadata() is the entry's mutable map
     Map metadata = new java.util.concurrent.ConcurrentHashMap()
     Map getMetadata() { metadata }
     String putMetadataValue(String key, String value) { throw new IllegalStateException("deprecated call used") }
+    String removeMetadataValue(String key) { throw new IllegalStateException("deprecated call used") }
 }
+"""
+
+
+@needs_groovy
+@pytest.mark.parametrize("script", [ANALYZE, IMPORT], ids=lambda p: p.name)
+def test_entry_metadata_goes_into_the_entrys_map_where_it_has_one(tmp_path, script):
+    driver = """
 def values = ["PD-L1 TPS %": "12.5", "PD-L1 run": "r1"]
 def old = new OldEntry()
 def now = new NewEntry()
-println JsonOutput.toJson([how: putEntryMetadata(old, values), stored: old.stored])
-println JsonOutput.toJson([how: putEntryMetadata(now, values), stored: now.metadata])
+println JsonOutput.toJson([how: putEntryMetadata(old, values).how, stored: old.stored])
+println JsonOutput.toJson([how: putEntryMetadata(now, values).how, stored: now.metadata])
 """
-    old, new = run_groovy(tmp_path, driver, script)
+    old, new = run_groovy(tmp_path, ENTRIES + driver, script)
     assert old == {"how": "putMetadataValue", "stored": {"PD-L1 TPS %": "12.5", "PD-L1 run": "r1"}}
     assert new == {"how": "getMetadata", "stored": {"PD-L1 TPS %": "12.5", "PD-L1 run": "r1"}}
+
+
+@needs_groovy
+@pytest.mark.parametrize("script", [ANALYZE, IMPORT], ids=lambda p: p.name)
+def test_a_rerun_removes_the_entry_metadata_of_the_earlier_run_it_does_not_write(tmp_path, script):
+    # After the stain was corrected (an IHC run, then the H&E it is), the entry kept the IHC's TPS, category and
+    # stain beside the H&E's predicted TPS. A user's keys, "PD-L1 ..." ones too, and the review queue's stay.
+    driver = """
+for (entry in [new OldEntry(), new NewEntry()]) {
+    def store = entry instanceof NewEntry ? entry.metadata : entry.stored
+    store.putAll(["case": "B12", "PD-L1 TPS (pathologist)": "40", "PD-L1 review rank": "3",
+                  "PD-L1 TPS %": "55.0", "PD-L1 TPS category": ">=50%", "PD-L1 stain": "H-DAB", "PD-L1 run": "r1"])
+    def done = putEntryMetadata(entry, ["PD-L1 Predicted TPS % (H&E)": "12.0", "PD-L1 run": "r2"])
+    println JsonOutput.toJson([removed: done.removed.sort(), kept: new TreeMap(store)])
+}
+"""
+    for result in run_groovy(tmp_path, ENTRIES + driver, script):
+        assert result == {
+            "removed": ["PD-L1 TPS %", "PD-L1 TPS category", "PD-L1 stain"],
+            "kept": {
+                "PD-L1 Predicted TPS % (H&E)": "12.0",
+                "PD-L1 TPS (pathologist)": "40",
+                "PD-L1 review rank": "3",
+                "PD-L1 run": "r2",
+                "case": "B12",
+            },
+        }
+
+
+@pytest.mark.parametrize("script", [ANALYZE, IMPORT], ids=lambda p: p.name)
+def test_the_scripts_know_the_entry_metadata_keys_a_run_writes(script):
+    (listed,) = re.findall(r"def RUN_METADATA_KEYS = \[(.*?)\]", script.read_text(), flags=re.S)
+    assert tuple(re.findall(r'"([^"]+)"', listed)) == RUN_METADATA_KEYS
 
 
 @pytest.mark.parametrize("script", [ANALYZE, IMPORT], ids=lambda p: p.name)
@@ -240,7 +282,7 @@ def test_metadata_is_written_through_the_helper_and_the_project_synced(script):
     text = script.read_text()
     body = text.replace(helpers(script), "")
     # putMetadataValue (deprecated since 0.6) only as the helper's fallback for entries without getMetadata().
-    assert "putMetadataValue" not in body
+    assert "putMetadataValue" not in body and "removeMetadataValue" not in body
     assert "putEntryMetadata(entry, " in body
     # QuPath 0.4.4 does not save the project after a headless script: the script syncs it after the metadata,
     # only where there is a project.

@@ -89,7 +89,7 @@ def test_run_writes_into_a_real_project_and_rerun_replaces_only_its_own(tmp_path
     assert snap["nuclei"] > 100 and snap["nucleus_parents"] == {"Tumor ROI"}
     assert snap["tiles"] > 0
     assert {"Class probability", "PD-L1 positive probability"} <= snap["nucleus_measurements"]
-    assert snap["metadata"]["PD-L1 TPS category"] in ("<1%", "1-49%", ">=50%")
+    assert snap["metadata"]["PD-L1 Predicted TPS category (H&E)"] in ("<1%", "1-49%", ">=50%")  # an H&E
     assert snap["metadata"]["PD-L1 run"] == first[0].run_id
     assert snap["by_hand"] == [("drawn by hand", {}, (300.0, 300.0, 420.0, 420.0))]
 
@@ -98,6 +98,12 @@ def test_run_writes_into_a_real_project_and_rerun_replaces_only_its_own(tmp_path
         (tumour,) = [a for a in qp.images[0].hierarchy.annotations if a.name == "Tumor ROI"]
         tumour.measurements["PD-L1: Written by an earlier run"] = 1.0
         tumour.measurements["My own score"] = 2.0
+        # Entry metadata an earlier run wrote (as the IHC the slide was taken for) goes; a user's stays.
+        metadata = qp.images[0].metadata
+        metadata["PD-L1 TPS %"] = "55.0"
+        metadata["PD-L1 stain"] = "H-DAB"
+        metadata["case"] = "B12"
+        metadata["PD-L1 TPS (pathologist)"] = "40"
     second = run_batch([project_dir], config, models=models)
     assert [o.state for o in second] == ["done"]
     again = _snapshot(project_dir)
@@ -107,6 +113,9 @@ def test_run_writes_into_a_real_project_and_rerun_replaces_only_its_own(tmp_path
     assert again["nuclei"] == snap["nuclei"] and again["regions"] == snap["regions"] and again["tiles"] == snap["tiles"]
     assert again["by_hand"] == snap["by_hand"]
     assert again["metadata"]["PD-L1 run"] == second[0].run_id != first[0].run_id
+    assert "PD-L1 TPS %" not in again["metadata"] and "PD-L1 stain" not in again["metadata"]
+    assert again["metadata"]["case"] == "B12" and again["metadata"]["PD-L1 TPS (pathologist)"] == "40"
+    assert set(again["metadata"]) == set(snap["metadata"]) | {"case", "PD-L1 TPS (pathologist)"}
 
 
 def test_whole_image_run_creates_one_analysis_parent(tmp_path, phantom_svs, models):

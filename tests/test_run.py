@@ -471,6 +471,33 @@ def test_through_qupath_a_damaged_entry_keeps_its_backup_and_resume_checks_what_
     assert backup.read_bytes() == good and data.read_bytes() == good[: len(good) // 2]
 
 
+def test_through_qupath_a_rerun_removes_the_entry_metadata_of_the_earlier_run_it_does_not_write(
+    tmp_path, slides, models, fake_qupath
+):
+    # After the stain was corrected (run as an IHC, then as the H&E it is), the entry kept the IHC's TPS, category,
+    # CPS and stain beside the H&E's predicted TPS. Keys this tool does not write as a run's result stay.
+    project = tmp_path / "project"
+    init_project_files(project, [slides[0]])
+    theirs = {"case": "B12", "PD-L1 TPS (pathologist)": "40", "PD-L1 review rank": "3"}
+    earlier = {"PD-L1 TPS %": "55.0", "PD-L1 TPS category": ">=50%", "PD-L1 CPS": "60.0", "PD-L1 stain": "H-DAB"}
+    raw = json.loads((project / "project.qpproj").read_text())
+    raw["images"][0]["metadata"] = {**theirs, **earlier, "PD-L1 run": "earlier"}
+    (project / "project.qpproj").write_text(json.dumps(raw))
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="always", stain="H&E")
+    (done,) = run_batch([project], config, models=models)
+    assert done.state == "done", done.error
+    metadata = read_project(project).entries[0].metadata
+    assert {k: metadata[k] for k in theirs} == theirs
+    assert not set(earlier) & set(metadata), metadata
+    assert metadata["PD-L1 run"] == done.run_id
+    assert set(metadata) == set(theirs) | {
+        "PD-L1 Predicted TPS % (H&E)",
+        "PD-L1 Predicted TPS category (H&E)",
+        "PD-L1 model",
+        "PD-L1 run",
+    }
+
+
 def test_a_backup_is_only_replaced_by_a_copy_that_reads_back_whole(tmp_path, fixtures_dir, monkeypatch):
     from types import SimpleNamespace
 

@@ -81,6 +81,11 @@ def problem_with(name: str, value: Any) -> str | None:
     if name == "runtime" and value not in RUNTIMES:
         return f"expected {', '.join(RUNTIMES)}, got {value!r}"
     if name == "outputs":
+        if not value:  # the service would return no objects, and pdl1_analyze.groovy put none for the earlier ones
+            return (
+                f"expected some of {', '.join(OUTPUTS)}, got an empty list; name those to compute, or leave "
+                "outputs out for all of them"
+            )
         unknown = [o for o in value if o not in OUTPUTS]
         if unknown:
             return f"expected some of {', '.join(OUTPUTS)}, got {', '.join(map(repr, unknown))}"

@@ -244,6 +244,18 @@ class JobRequest(BaseModel):
             )
         return value
 
+    @field_validator("outputs")
+    @classmethod
+    def _outputs_are_not_empty(cls, value: list[str]) -> list[str]:
+        # An empty list ran a job that returned no objects, and pdl1_analyze.groovy then removed the earlier
+        # results and put none in their place.
+        if not value:
+            raise ValueError(
+                f"outputs is empty, so the job would return no objects; send some of {', '.join(OUTPUTS)}, "
+                "or omit outputs for all of them"
+            )
+        return value
+
     @field_validator("mpp", mode="before")
     @classmethod
     def _mpp_is_no_boolean(cls, value: Any) -> Any:

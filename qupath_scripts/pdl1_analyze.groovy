@@ -232,6 +232,9 @@ def readPdl1Config = { File file ->
                 value instanceof List && value.every { it instanceof String }
         if (!ok)
             throw new IllegalArgumentException("${where}: expected ${expected}, got ${value.inspect()}".toString())
+        if (key == "analysis.outputs" && value.isEmpty())  // the service refuses an empty list: no results to replace
+            throw new IllegalArgumentException(("${where}: expected some of ${KNOWN_OUTPUTS.join(', ')}, got an empty " +
+                    "list; name those to compute, or leave outputs out for all of them").toString())
         if (key == "analysis.outputs" && !value.every { it in KNOWN_OUTPUTS })
             throw new IllegalArgumentException("${where}: expected some of ${KNOWN_OUTPUTS.join(', ')}, got ${value.inspect()}".toString())
     }

@@ -232,6 +232,8 @@ def test_help_reads_nuclei_or_no_nuclei():
         (["--no-nuclei"], ("regions", "uncertainty_tiles", "sua"), False),
         (["--output", "regions", "--nuclei"], ("regions", "nuclei"), True),
         (["--output", "regions"], ("regions",), False),
+        # nuclei alone, less nuclei: the regions pdl1 run writes always, not outputs refused as empty
+        (["--output", "nuclei", "--no-nuclei"], ("regions",), False),
     ],
 )
 def test_nuclei_puts_nuclei_into_the_outputs_and_no_nuclei_takes_it_out(

@@ -148,6 +148,7 @@ BAD = {
     "string_not_number.toml": ('[analysis]\nuncertainty_tile_um = "64"\n', 2),
     "number_not_string.toml": ("[service]\ntoken = 1234\n", 2),
     "unknown_output.toml": ('[analysis]\noutputs = ["regions", "tiles"]\n', 2),
+    "empty_outputs.toml": ('[analysis]\ndevice = "cpu"\noutputs = []\n', 3),
     "twice.toml": ('[service]\nurl = "a"\nurl = "b"\n', 3),
     "array_of_tables.toml": ('[service]\nurl = "a"\n\n[[analysis]]\ndevice = "cpu"\n', 4),
 }

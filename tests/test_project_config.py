@@ -89,6 +89,12 @@ def test_an_empty_file_is_the_defaults(tmp_path):
         ("[service]\ntoken = 1234\n", r"line 2: \[service\] token: expected a string, got 1234 \(a number\)"),
         ('[analysis]\ndevice = "gpu"\n', r"line 2: \[analysis\] device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
         ('[analysis]\noutputs = ["regions", "tiles"]\n', r"outputs: expected some of regions, .*, got 'tiles'"),
+        # An empty list: the service would return nothing, and pdl1_analyze.groovy put nothing for the earlier results.
+        (
+            '[analysis]\ndevice = "cpu"\noutputs = []\n',
+            r"line 3: \[analysis\] outputs: expected some of regions, uncertainty_tiles, sua, nuclei, got an empty "
+            r"list; name those to compute, or leave outputs out for all of them$",
+        ),
         (
             "[analysis]\nuncertainty_tile_um = 0\n",
             r"line 2: \[analysis\] uncertainty_tile_um: expected a number above 0",

@@ -483,6 +483,16 @@ def test_an_mpp_of_true_is_refused_not_taken_as_1(client, slides_root):
     assert "mpp must be a number (the image's µm/px, e.g. 0.25), got true" in r.json()["detail"]
 
 
+def test_empty_outputs_are_refused_naming_those_there_are(client, slides_root):
+    """An empty list ran a job with no objects, and pdl1_analyze.groovy replaced the earlier results with none."""
+    r = client.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "outputs": []})
+    assert r.status_code == 422, r.text
+    assert r.json() == {
+        "detail": "bad request: body.outputs: Value error, outputs is empty, so the job would return no objects; "
+        "send some of regions, uncertainty_tiles, sua, nuclei, or omit outputs for all of them"
+    }
+
+
 def test_a_path_pasted_with_a_line_end_says_so(client, slides_root):
     """Said "image not found: /…/small.svs" with the newline invisible, of a file that is there."""
     r = client.post("/v1/jobs", json={"image": f"{slides_root / 'small.svs'}\n"})

@@ -50,7 +50,8 @@ def _settings(
     if path is not None:
         console.print(f"settings: {path} (options given here override it)", soft_wrap=True, markup=False)
     if nuclei is False and "nuclei" in settings.outputs:
-        settings = settings.with_overrides(outputs=[o for o in settings.outputs if o != "nuclei"])
+        # outputs = ["nuclei"] less nuclei is the regions alone (pdl1 run writes them always), not an empty list
+        settings = settings.with_overrides(outputs=[o for o in settings.outputs if o != "nuclei"] or ["regions"])
     if nuclei and "nuclei" not in settings.outputs:
         settings = settings.with_overrides(outputs=[*settings.outputs, "nuclei"])
     if "regions" not in settings.outputs:

@@ -7,6 +7,7 @@ per-slide thumbnails overlaid with the probability, the uncertainty and the SUA 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bridge.atomic import replace_atomically
 from inference import SlideEvaluation, aurc, e_aurc, reliability, risk_coverage, spearman
 
 # Slide-level QC scores whose failure detection the suite measures (higher = less trusted), and what each is.
@@ -192,14 +194,19 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     table = rows(evaluations)
-    with (out / "metrics.csv").open("w", newline="") as fh:
+    # Each replaced whole, in UTF-8, and neither unless both were written: written in place, an interrupt left a
+    # metrics.csv cut short that still read as a complete table, or a new table beside the earlier provenance.
+    with contextlib.ExitStack() as files:
+        fh = files.enter_context(replace_atomically(out / "metrics.csv", newline=""))
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
         for row in table:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        if provenance is not None:
+            pf = files.enter_context(replace_atomically(out / "provenance.json"))
+            json.dump(provenance, pf, indent=2, default=str)
     written["metrics"] = out / "metrics.csv"
     if provenance is not None:
-        (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
         written["provenance"] = out / "provenance.json"
 
     # Reliability diagram over all slides (tissue pixels).

@@ -177,3 +177,60 @@ def test_with_the_nuclei_the_suite_counts_a_wrong_tps_category_as_a_failure(phan
     assert moved.tps_category_wrong and moved.failed() and moved.failed(max_area_error=1e9)
     unmeasured = dataclasses.replace(e, tps_predicted=None)
     assert not unmeasured.tps_category_wrong and unmeasured.failed(max_area_error=1e9) is False
+
+
+class _Interrupt:
+    """A provenance value whose writing is interrupted (json's ``default=str`` calls ``str``)."""
+
+    def __str__(self) -> str:
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["metrics", "provenance"])
+def test_an_interrupted_eval_report_leaves_the_earlier_files_whole(phantom_svs, tmp_path, monkeypatch, where):
+    # metrics.csv and provenance.json were written in place: an interrupt left a table cut short that still read
+    # as complete, or a new table beside the earlier run's provenance.
+    import csv
+    import dataclasses
+
+    from bridge.eval_report import write_report
+
+    review = {"review_entropy": 1.0, "review_candidate_area_pct": 100.0}
+    e = evaluate_slide_suite(
+        phantom_svs, pointwise_ensemble(2, input_mpp=2.0), sua=SuaParams(), pixel_threshold=0.4, review=review
+    )
+    out = tmp_path / "report"
+    written = write_report([e], out, provenance={"run": 1})
+    before = {written[k]: written[k].read_bytes() for k in ("metrics", "provenance")}
+    again = [dataclasses.replace(e, slide="first.svs"), dataclasses.replace(e, slide="second.svs")]
+    if where == "metrics":
+
+        def interrupted(self, row):
+            if row["slide"] == "second.svs":
+                raise KeyboardInterrupt
+            return original(self, row)
+
+        original = csv.DictWriter.writerow
+        monkeypatch.setattr(csv.DictWriter, "writerow", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(again, out, provenance={"run": 2, "late": _Interrupt()} if where == "provenance" else {"run": 2})
+    assert {path: path.read_bytes() for path in before} == before
+    assert not [p for p in out.rglob("*") if p.name.endswith(".part")]
+
+
+def test_an_interrupted_ihc_table_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    import csv
+
+    from bridge.cli.evaluate import write_ihc_metrics
+
+    written = write_ihc_metrics(tmp_path, [{"slide": "a.svs", "tps_predicted": 12.0}])
+    before = written.read_bytes()
+
+    def interrupted(self, rows):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_ihc_metrics(tmp_path, [{"slide": "a.svs"}, {"slide": "b.svs"}])
+    assert written.read_bytes() == before and "a.svs,12.0" in before.decode()
+    assert [p.name for p in tmp_path.iterdir()] == ["ihc_metrics.csv"]

@@ -674,8 +674,6 @@ _IHC_COLUMNS += ("f1", "entropy_mean", "failed", "needs_review", "review_reasons
 def _suite_ihc(slides: list[Path], out: Path, *, ihc_model: Path | None, device: str, progress: bool):
     """The PD-L1 IHC slides of ``pdl1 eval suite``, each analysed as ``pdl1 run`` does and written to
     ``out/ihc_metrics.csv``: (the model's name, a row per slide, the file), or None without IHC slides."""
-    import csv
-
     from inference import Models
 
     if not slides:
@@ -703,13 +701,22 @@ def _suite_ihc(slides: list[Path], out: Path, *, ihc_model: Path | None, device:
                 "review_reasons": "; ".join(reasons),
             }
         )
-    out.mkdir(parents=True, exist_ok=True)
+    return ensemble.manifest.name, records, write_ihc_metrics(out, records)
+
+
+def write_ihc_metrics(out: Path, records: list[dict]) -> Path:
+    """``out/ihc_metrics.csv``, replaced whole (UTF-8): written in place, an interrupt left a table cut short
+    that still read as complete."""
+    import csv
+
+    from bridge.atomic import replace_atomically
+
     written = out / "ihc_metrics.csv"
-    with open(written, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=_IHC_COLUMNS)
+    with replace_atomically(written, newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=_IHC_COLUMNS)
         writer.writeheader()
         writer.writerows(records)
-    return ensemble.manifest.name, records, written
+    return written
 
 
 def _print_ihc(console_out, model_name: str, records: list[dict], written: Path) -> tuple[list[bool], list[bool]]:

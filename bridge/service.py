@@ -537,7 +537,7 @@ class Worker:
                 job.state = "cancelled"
             except Pdl1Error as err:  # what the input was wrong with: the client gets it; one log line
                 log.warning("job %s failed: %s", job.id, err)
-                job.state, job.error = "failed", failure_message(err)
+                job.state, job.error = "failed", self._failure(err)
             except Exception as err:  # a bug: the client gets the error, the log its traceback
                 log.exception("job %s failed", job.id)
                 job.state, job.error = "failed", failure_message(err)
@@ -545,6 +545,13 @@ class Worker:
                 job.finished = time.time()
                 job.upload = None
                 self._retire(job)
+
+    def _failure(self, err: Pdl1Error) -> str:
+        """What the client reads of a failed job: a missing ``--models DIR/nuclei-ihc`` in the service's words."""
+        folder = self.pipeline.ihc_model_dir
+        if isinstance(err, ModelFileError) and folder is not None and str(folder) in str(err):  # the IHC model's
+            return ihc_folder_problem(self.pipeline) or failure_message(err)
+        return failure_message(err)
 
     def _run(self, job: Job) -> SlideResult:
         config = replace(
@@ -910,8 +917,29 @@ def ihc_manifest(pipeline: PipelineConfig) -> Manifest | None:
     try:
         return read_manifest(folder, task="nuclei", verify=False)
     except ModelFileError as err:
-        log.warning("the PD-L1 IHC nuclei model is not listed, and H-DAB images will fail: %s", err)
+        why = ihc_folder_problem(pipeline) or str(err)
+        log.warning("the PD-L1 IHC nuclei model is not listed, and H-DAB images will fail: %s", why)
         return None
+
+
+def ihc_folder_problem(pipeline: PipelineConfig) -> str | None:
+    """Why ``pdl1 serve --models DIR`` has no PD-L1 IHC nuclei model in ``DIR/nuclei-ihc``, in the service's words;
+    None where that folder holds a manifest (or the shipped demo's is used).
+
+    The model's own error ends "or leave the model option out to use the shipped demo", which is what
+    ``pdl1 run`` can do; the service takes its models from ``--models`` alone, so the fix is a folder there.
+    """
+    if pipeline.ihc_model_dir is None:
+        return None
+    folder = Path(pipeline.ihc_model_dir)
+    if folder.name != "nuclei-ihc" or (folder / "manifest.json").is_file():  # a model: its own errors say more
+        return None
+    what = "is a file" if folder.is_file() else "holds no model manifest" if folder.is_dir() else "does not exist"
+    return (
+        f"{folder} {what}, so the service has no PD-L1 IHC nuclei model: add a nuclei-ihc/ model folder to the "
+        f"--models folder {folder.parent} (copy the shipped {demo_model_dir('nuclei-ihc')}, or put a model "
+        "trained with `pdl1 train` there); the next H-DAB job loads it, no restart needed"
+    )
 
 
 def _validation_problem(error: dict[str, Any], content_type: str | None) -> str:

@@ -476,6 +476,31 @@ def test_an_ihc_model_folder_that_does_not_read_is_not_listed_and_logged(tmp_pat
     assert "no model manifest" in record.getMessage()
 
 
+def test_serve_models_without_nuclei_ihc_says_to_add_it_there_not_to_leave_an_option_out(tmp_path, slides_root, caplog):
+    # Said "or leave the model option out to use the shipped demo", which `pdl1 serve --models DIR` cannot do.
+    from bridge.service import ihc_manifest
+
+    missing = tmp_path / "models" / "nuclei-ihc"
+    pipeline = PipelineConfig(device="cpu", ihc_model_dir=str(missing))
+    fix = (
+        f"{missing} does not exist, so the service has no PD-L1 IHC nuclei model: add a nuclei-ihc/ model folder "
+        f"to the --models folder {missing.parent} (copy the shipped "
+    )
+    with caplog.at_level("WARNING", logger="bridge.service"):
+        assert ihc_manifest(pipeline) is None
+    [record] = caplog.records
+    assert fix in record.getMessage() and "leave the model option out" not in record.getMessage()
+
+    settings = ServiceSettings(port=free_port(), allow_roots=(slides_root,), pipeline=pipeline)
+    with served(settings, Models(pipeline)) as c:
+        body = {"image": str(slides_root / "small.svs"), "image_type": "BRIGHTFIELD_H_DAB", "outputs": ["nuclei"]}
+        status = wait_for_job(c, c.post("/v1/jobs", json=body).json()["job_id"])
+    assert status["state"] == "failed"
+    assert status["error"].startswith(fix) and status["error"].endswith(
+        "the next H-DAB job loads it, no restart needed"
+    )
+
+
 def test_an_mpp_of_true_is_refused_not_taken_as_1(client, slides_root):
     """pydantic took "mpp": true as 1.0 µm/px, and the job ran at that scale."""
     r = client.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "mpp": True})

@@ -703,17 +703,52 @@ class _QuPathSession:
             self._cm.__exit__(None, None, None)
 
 
-def _merge_metadata(results: list[SlideResult]) -> dict[str, str]:
-    """Entry metadata over all analysed parents: TPS from the summed nuclei counts."""
-    from inference import tumour_proportion_score
+def metadata_counts(result: SlideResult) -> dict[str, int]:
+    """The cell counts an image's entry metadata scores come from (empty without nuclei), so the scores of
+    several analysed annotations can be merged: tumour cells positive and negative, and PD-L1 positive immune
+    cells where there is a CPS."""
+    if result.tps is None:
+        return {}
+    counts = {"tumour_positive": int(result.tps.positive), "tumour_negative": int(result.tps.negative)}
+    if result.cps is not None:
+        counts["immune_positive"] = int(result.cps.positive_immune)
+    return counts
 
-    meta = entry_metadata(results[0])
-    if len(results) > 1 and all(r.tps is not None for r in results):
-        tps = tumour_proportion_score(sum(r.tps.positive for r in results), sum(r.tps.negative for r in results))
-        percent_key, category_key = tps_metadata_keys(results[0].stain)
-        meta[percent_key] = "" if tps.percent is None else f"{tps.percent:.1f}"
-        meta[category_key] = tps.category
+
+def merge_entry_metadata(parts: list[tuple[dict[str, str], dict[str, int]]]) -> dict[str, str]:
+    """The entry metadata over every analysed annotation of an image, from each one's ``(entry_metadata,
+    metadata_counts)`` in the order analysed: the last one's, with the TPS, its category and the CPS computed
+    from the summed counts where every part has them (``pdl1_analyze.groovy`` does the same, a test keeps them
+    equal).
+
+    >>> he = {"PD-L1 Predicted TPS % (H&E)": "40.0", "PD-L1 Predicted TPS category (H&E)": "insufficient tumour cells"}
+    >>> merged = merge_entry_metadata([(he, {"tumour_positive": 40, "tumour_negative": 60}),
+    ...                                (he | {"PD-L1 Predicted TPS % (H&E)": "20.0"},
+    ...                                 {"tumour_positive": 10, "tumour_negative": 40})])
+    >>> merged["PD-L1 Predicted TPS % (H&E)"], merged["PD-L1 Predicted TPS category (H&E)"]
+    ('33.3', '1-49%')
+    """
+    from inference import combined_positive_score, tumour_proportion_score
+
+    meta = dict(parts[-1][0])
+    counts = [c for _, c in parts]
+    if len(parts) < 2 or not all(counts):
+        return meta
+    positive = sum(c["tumour_positive"] for c in counts)
+    negative = sum(c["tumour_negative"] for c in counts)
+    tps = tumour_proportion_score(positive, negative)
+    percent_key, category_key = tps_metadata_keys("H-DAB" if "PD-L1 TPS %" in meta else "H&E")
+    meta[percent_key] = "" if tps.percent is None else f"{tps.percent:.1f}"
+    meta[category_key] = tps.category
+    if all("immune_positive" in c for c in counts):
+        cps = combined_positive_score(positive, sum(c["immune_positive"] for c in counts), positive + negative)
+        meta["PD-L1 CPS"] = "" if cps.percent is None else f"{cps.percent:.1f}"
     return meta
+
+
+def _merge_metadata(results: list[SlideResult]) -> dict[str, str]:
+    """Entry metadata over all analysed parents: TPS and CPS from the summed nuclei counts."""
+    return merge_entry_metadata([(entry_metadata(r), metadata_counts(r)) for r in results])
 
 
 def iter_failed(outcomes: list[ImageOutcome]) -> Iterator[ImageOutcome]:

@@ -51,7 +51,7 @@ from bridge.objects import feature_page, parent_measurements
 from bridge.project import stain_of_image_type, uri_to_path
 from bridge.project_config import OUTPUTS
 from bridge.qupath_geojson import scan_coordinates
-from bridge.run import entry_metadata, failure_message
+from bridge.run import entry_metadata, failure_message, metadata_counts
 from inference import (
     MPP_PLAUSIBLE_RANGE,
     ArrayReader,
@@ -1271,6 +1271,9 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
                     "next_offset": next_offset,
                     "parent_measurements": measurements,
                     "metadata": entry_metadata(result),
+                    # What the metadata's TPS and CPS come from, so a client that analyses several annotations of an
+                    # image can merge them as pdl1 run does (bridge.run.merge_entry_metadata).
+                    "metadata_counts": metadata_counts(result),
                     "run_id": result.run_id,
                     "stain": result.stain,
                     "review_reasons": result.summary.get("review_reasons", []),

@@ -37,6 +37,7 @@ _PUBLIC = {
     "SegmentConfig": "inference.analysis.segment",
     "NucleiConfig": "inference.analysis.nuclei",
     "tumour_proportion_score": "inference.analysis.points",
+    "combined_positive_score": "inference.analysis.ihc",
     "Registration": "inference.analysis.registration",
     "register_pair": "inference.analysis.registration",
     "register_slides": "inference.analysis.registration",

@@ -284,6 +284,32 @@ def putEntryMetadata = { entry, Map values ->
     values.each { key, value -> entry.putMetadataValue(key as String, value as String) }
     return [how: "putMetadataValue", removed: stale]
 }
+// The entry metadata over every annotation analysed so far, as bridge/run.py's merge_entry_metadata (a test keeps
+// the two equal): the last one's, with the TPS, its category and the CPS from the summed cell counts where every
+// part has them (the service's metadata_counts), so two tumour annotations give the image's TPS, not the last one's.
+// parts: [[metadata: Map, counts: Map], ...] in the order analysed.
+def MIN_TUMOUR_CELLS = 100  // inference/analysis/points.py: MIN_TUMOUR_NUCLEI
+def oneDecimal = { double v -> new BigDecimal(v).setScale(1, java.math.RoundingMode.HALF_EVEN).toPlainString() }
+def mergeEntryMetadata = { List parts ->
+    def meta = new LinkedHashMap(parts[-1].metadata as Map)
+    def counts = parts.collect { (it.counts ?: [:]) as Map }
+    if (parts.size() < 2 || counts.any { it.isEmpty() })
+        return meta
+    long positive = counts.sum { it.tumour_positive as long } as long
+    long negative = counts.sum { it.tumour_negative as long } as long
+    long total = positive + negative
+    Double percent = total > 0 ? 100.0d * positive / total : null
+    def category = (total < MIN_TUMOUR_CELLS || percent == null) ? "insufficient tumour cells" :
+            (percent < 1.0d ? "<1%" : (percent < 50.0d ? "1-49%" : ">=50%"))
+    def ihc = meta.containsKey("PD-L1 TPS %")
+    meta.put(ihc ? "PD-L1 TPS %" : "PD-L1 Predicted TPS % (H&E)", percent == null ? "" : oneDecimal(percent))
+    meta.put(ihc ? "PD-L1 TPS category" : "PD-L1 Predicted TPS category (H&E)", category)
+    if (counts.every { it.containsKey("immune_positive") }) {
+        long immune = counts.sum { it.immune_positive as long } as long
+        meta.put("PD-L1 CPS", total == 0 ? "" : oneDecimal(Math.min(100.0d, 100.0d * (positive + immune) / total)))
+    }
+    return meta
+}
 // The analysed parent's measurements from this run. Those an earlier run wrote (named "PD-L1: ...") that this run
 // has not are removed first (bridge/objects.py: stale_parent_measurements): a re-run without nuclei, or after the
 // stain was corrected, kept the earlier run's TPS. Others' measurements stay. removeAll is 0.6+ (removeMeasurements
@@ -423,6 +449,7 @@ try {
 
 def entry = getProjectEntry()
 def metadataWritten = false
+def metadataParts = []
 def done = 0
 for (parent in targets) {
     def body = new LinkedHashMap()
@@ -497,7 +524,8 @@ for (parent in targets) {
     parent.addChildObjects(objects)
     setParentMeasurements(parent.getMeasurementList(), pdl1.get("parent_measurements"))
     if (entry != null) {
-        putEntryMetadata(entry, pdl1.get("metadata"))
+        metadataParts << [metadata: pdl1.get("metadata"), counts: pdl1.get("metadata_counts")]
+        putEntryMetadata(entry, mergeEntryMetadata(metadataParts))
         metadataWritten = true
     }
     done++

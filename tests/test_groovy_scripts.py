@@ -361,3 +361,55 @@ println JsonOutput.toJson([analysable: analysable*.label, skipped: skipped*.labe
     # One target the service refuses does not stop the others: its submission failure is caught and the loop goes on.
     post = body.index('send(request("/v1/jobs")')
     assert "try {" in body[post - 80 : post] and "continue" in body[post : post + 500]
+
+
+MERGE_CASES = [
+    # (stain, [(counts of one analysed annotation) ...]); the metadata is what bridge.run.entry_metadata writes.
+    ("H&E", [{"tumour_positive": 40, "tumour_negative": 60}, {"tumour_positive": 10, "tumour_negative": 40}]),
+    ("H&E", [{"tumour_positive": 1, "tumour_negative": 399}, {"tumour_positive": 0, "tumour_negative": 0}]),  # 0.25
+    ("H&E", [{"tumour_positive": 3, "tumour_negative": 7}, {"tumour_positive": 5, "tumour_negative": 20}]),  # < 100
+    ("H&E", [{"tumour_positive": 0, "tumour_negative": 0}, {"tumour_positive": 0, "tumour_negative": 0}]),
+    ("H&E", [{"tumour_positive": 30, "tumour_negative": 70}, {}]),  # no counts (no nuclei): the last one's
+    (
+        "H-DAB",
+        [
+            {"tumour_positive": 60, "tumour_negative": 40, "immune_positive": 90},
+            {"tumour_positive": 2, "tumour_negative": 98, "immune_positive": 1},
+        ],
+    ),
+    ("H-DAB", [{"tumour_positive": 1, "tumour_negative": 199, "immune_positive": 0}]),
+]
+
+
+def _metadata_of(stain: str, counts: dict, run: str) -> dict:
+    from bridge.run import entry_metadata
+    from inference import Cps, tumour_proportion_score
+
+    class Result:  # what entry_metadata reads of a SlideResult
+        pass
+
+    result = Result()
+    result.stain, result.run_id, result.seg_model, result.nuclei_model = stain, run, None, None
+    result.tps = tumour_proportion_score(counts["tumour_positive"], counts["tumour_negative"]) if counts else None
+    positive, negative = counts.get("tumour_positive", 0), counts.get("tumour_negative", 0)
+    immune = counts.get("immune_positive")
+    result.cps = None if immune is None else Cps(positive, immune, positive + negative, None)
+    return entry_metadata(result)
+
+
+@needs_groovy
+def test_the_script_merges_the_entry_metadata_of_several_annotations_as_pdl1_run_does(tmp_path):
+    # It wrote each annotation's TPS over the last one's: two tumour annotations gave the second's TPS as the image's.
+    from bridge.run import merge_entry_metadata
+
+    cases = [[(_metadata_of(stain, c, f"r{i}"), c) for i, c in enumerate(parts)] for stain, parts in MERGE_CASES]
+    listed = json.dumps([[{"metadata": m, "counts": c} for m, c in parts] for parts in cases])
+    driver = f"""
+def cases = new groovy.json.JsonSlurper().parseText('''{listed}''')
+for (parts in cases)
+    println JsonOutput.toJson([merged: mergeEntryMetadata(parts)])
+"""
+    merged = [row["merged"] for row in run_groovy(tmp_path, driver)]
+    assert merged == [merge_entry_metadata(parts) for parts in cases]
+    assert merged[0]["PD-L1 Predicted TPS % (H&E)"] == "33.3" and merged[1]["PD-L1 Predicted TPS % (H&E)"] == "0.2"
+    assert merged[5]["PD-L1 TPS %"] == "31.0" and merged[5]["PD-L1 CPS"] == "76.5"

@@ -646,3 +646,22 @@ def test_the_provenance_records_the_nuclei_tta_used_and_what_decided_it(tmp_path
     assert ihc["provenance"]["pipeline_config"]["nuclei"]["tta_source"] == (
         "run option" if option is not None else "model manifest"
     )
+
+
+def test_the_entry_metadata_of_several_annotations_sums_their_cells_for_tps_and_cps():
+    # An IHC image with two tumour annotations: its TPS and CPS are the image's, from all counted cells (the CPS
+    # was the first annotation's alone).
+    from bridge.run import merge_entry_metadata
+
+    first = {"PD-L1 TPS %": "60.0", "PD-L1 TPS category": ">=50%", "PD-L1 CPS": "100.0", "PD-L1 run": "r"}
+    second = {"PD-L1 TPS %": "2.0", "PD-L1 TPS category": "1-49%", "PD-L1 CPS": "3.0", "PD-L1 run": "r"}
+    merged = merge_entry_metadata(
+        [
+            (first, {"tumour_positive": 60, "tumour_negative": 40, "immune_positive": 90}),
+            (second, {"tumour_positive": 2, "tumour_negative": 98, "immune_positive": 1}),
+        ]
+    )
+    assert merged == {"PD-L1 TPS %": "31.0", "PD-L1 TPS category": "1-49%", "PD-L1 CPS": "76.5", "PD-L1 run": "r"}
+    # One annotation, or one without cells counted (no nuclei): its own metadata as it is.
+    assert merge_entry_metadata([(second, {})]) == second
+    assert merge_entry_metadata([(first, {"tumour_positive": 1, "tumour_negative": 1}), (second, {})]) == second

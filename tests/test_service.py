@@ -88,6 +88,9 @@ def test_submit_poll_result_is_valid_qupath_geojson(service, slides_root):
     assert "PD-L1: Predicted TPS % (H&E)" in meta["parent_measurements"]
     assert "PD-L1: TPS %" not in meta["parent_measurements"]  # the measured score is an immunostain's
     assert meta["metadata"]["PD-L1 run"] == meta["run_id"]
+    # The counts the metadata's TPS comes from, for the script to merge several annotations' as pdl1 run does.
+    counts = meta["metadata_counts"]
+    assert set(counts) == {"tumour_positive", "tumour_negative"} and sum(counts.values()) > 0
     points = [f["geometry"]["coordinates"] for f in result["features"] if f["geometry"]["type"] == "Point"]
     assert points and all(100 <= x <= 900 and 100 <= y <= 900 for x, y in points)
     # Paging: pages that cut across regions, candidates, tiles and nuclei hold the same
@@ -376,6 +379,7 @@ def test_every_endpoint_and_key_the_scripts_use_exists(service):
             "next_offset",
             "parent_measurements",
             "metadata",
+            "metadata_counts",
             "run_id",
             "stain",
             "review_reasons",

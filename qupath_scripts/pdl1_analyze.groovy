@@ -519,8 +519,10 @@ for (parent in targets) {
     }
     send(request(statusPath).DELETE().build())  // the result is here now: let the service release it
     def old = parent.getChildObjects().findAll { isOwn(it) }
+    // The hierarchy's removeObjects(objects, keepChildren): the same on 0.4.4 to 0.7 (QP's two-argument
+    // removeObjects is deprecated since 0.6, its one-argument form is 0.6+).
     if (!old.isEmpty())
-        removeObjects(old, true)
+        hierarchy.removeObjects(old, true)
     parent.addChildObjects(objects)
     setParentMeasurements(parent.getMeasurementList(), pdl1.get("parent_measurements"))
     if (entry != null) {

@@ -116,8 +116,10 @@ if (parent == null) {
     addObjects([parent])
 } else {
     def old = parent.getChildObjects().findAll { isOwn(it) }
+    // The hierarchy's removeObjects(objects, keepChildren): the same on 0.4.4 to 0.7 (QP's two-argument
+    // removeObjects is deprecated since 0.6, its one-argument form is 0.6+).
     if (!old.isEmpty())
-        removeObjects(old, true)
+        hierarchy.removeObjects(old, true)
     def written = newParent.getMeasurementList()
     setParentMeasurements(parent.getMeasurementList(), written.getMeasurementNames().collectEntries { [(it): written.get(it)] })
 }

@@ -413,3 +413,14 @@ for (parts in cases)
     assert merged == [merge_entry_metadata(parts) for parts in cases]
     assert merged[0]["PD-L1 Predicted TPS % (H&E)"] == "33.3" and merged[1]["PD-L1 Predicted TPS % (H&E)"] == "0.2"
     assert merged[5]["PD-L1 TPS %"] == "31.0" and merged[5]["PD-L1 CPS"] == "76.5"
+
+
+@pytest.mark.parametrize("script", [ANALYZE, IMPORT], ids=lambda p: p.name)
+def test_earlier_results_are_removed_through_the_hierarchy_not_qps_deprecated_call(script):
+    # QP.removeObjects(Collection, boolean) is @Deprecated(since="0.6.0") (QP.java in v0.6.0 and v0.7.0); its
+    # one-argument replacement is 0.6+. PathObjectHierarchy.removeObjects(Collection, boolean) is what QP's
+    # called, undeprecated from 0.4.4 to 0.7: the scripts call that, keeping children (others' objects stay).
+    body = script.read_text().replace(helpers(script), "")
+    code = re.sub(r"//.*", "", body)
+    assert "hierarchy.removeObjects(old, true)" in code
+    assert not re.search(r"(?<![.\w])removeObjects\(", code)

@@ -22,6 +22,7 @@ from project_templates import PDL1_TEMPLATE
 SCRIPTS = Path(__file__).resolve().parents[1] / "qupath_scripts"
 ANALYZE = SCRIPTS / "pdl1_analyze.groovy"
 IMPORT = SCRIPTS / "pdl1_import_results.groovy"
+SETUP = SCRIPTS / "pdl1_setup_classes.groovy"
 BEGIN = "// ---- helpers: plain Groovy"
 END = "// ---- end of helpers"
 
@@ -424,3 +425,28 @@ def test_earlier_results_are_removed_through_the_hierarchy_not_qps_deprecated_ca
     code = re.sub(r"//.*", "", body)
     assert "hierarchy.removeObjects(old, true)" in code
     assert not re.search(r"(?<![.\w])removeObjects\(", code)
+
+
+@needs_groovy
+def test_the_setup_script_puts_the_classes_in_qupaths_window_too(tmp_path):
+    # QuPath's window keeps its own class list (QuPathGUI.getAvailablePathClasses(), 0.4.4 to 0.7), read from the
+    # project only when the project opens and written over the project's list when it changes: classes set on the
+    # project alone were missing from the Annotations tab, and the next class added there dropped them again.
+    driver = """
+class Window { List classes = ["None", "Tumor", "Other"]; List getAvailablePathClasses() { classes } }
+def window = new Window()
+def later = []
+def shown = showInWindow(window, ["Tumor", "Other", "PD-L1 positive", "Training region"], { Runnable r -> later << r })
+println JsonOutput.toJson([shown: shown, before: window.classes.clone()])
+later.each { it.run() }                                 // the JavaFX thread's turn
+println JsonOutput.toJson([after: window.classes])
+println JsonOutput.toJson([headless: showInWindow(null, ["PD-L1 positive"], { Runnable r -> r.run() })])
+"""
+    first, after, headless = run_groovy(tmp_path, driver, SETUP)
+    assert first == {"shown": True, "before": ["None", "Tumor", "Other"]}  # nothing off the JavaFX thread
+    assert after == {"after": ["None", "Tumor", "Other", "PD-L1 positive", "Training region"]}
+    assert headless == {"headless": False}
+    body = SETUP.read_text().replace(helpers(SETUP), "")
+    assert "qupath." not in helpers(SETUP)
+    assert body.index("project.setPathClasses(classes)") < body.index("showInWindow(getQuPath(), classes, ")
+    assert "javafx.application.Platform.runLater(r)" in body

@@ -545,7 +545,7 @@ for (parent in targets) {
         println "pdl1: out-of-domain score not measured: ${domain.get('why_not')}"
 }
 fireHierarchyUpdate()
-// QuPath 0.4.4 does not save the project after a headless script (0.6+ does): save the entry metadata now.
+// QuPath 0.4.4 and 0.5 do not save the project after a headless script (0.6+ do with -s): save the metadata now.
 if (metadataWritten && project != null) {
     try {
         project.syncChanges()

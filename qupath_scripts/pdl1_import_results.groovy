@@ -132,7 +132,7 @@ if (summaryFile.isFile()) {
     def metadata = summary.get("metadata")
     if (metadata != null) {
         putEntryMetadata(entry, metadata)
-        // QuPath 0.4.4 does not save the project after a headless script (0.6+ does): save the metadata now.
+        // QuPath 0.4.4 and 0.5 do not save the project after a headless script (0.6+ do with -s): save it now.
         try {
             project.syncChanges()
         } catch (IOException e) {

@@ -310,12 +310,17 @@ def mergeEntryMetadata = { List parts ->
     }
     return meta
 }
+// A measurement list's names, in order: getNames() on 0.6+ (getMeasurementNames() is deprecated there), else
+// getMeasurementNames() (0.4.4 and 0.5 have no getNames). keySet() is on every version but unordered on 0.6+.
+def measurementNames = { ml ->
+    return ml.metaClass.respondsTo(ml, "getNames") ? ml.getNames() : ml.getMeasurementNames()
+}
 // The analysed parent's measurements from this run. Those an earlier run wrote (named "PD-L1: ...") that this run
 // has not are removed first (bridge/objects.py: stale_parent_measurements): a re-run without nuclei, or after the
 // stain was corrected, kept the earlier run's TPS. Others' measurements stay. removeAll is 0.6+ (removeMeasurements
 // is deprecated there); 0.4.4 and 0.5 have removeMeasurements only. Returns the names removed.
 def setParentMeasurements = { ml, Map fresh ->
-    def stale = ml.getMeasurementNames().findAll { it.startsWith("PD-L1: ") && !fresh.containsKey(it) }
+    def stale = measurementNames(ml).findAll { it.startsWith("PD-L1: ") && !fresh.containsKey(it) }
     if (!stale.isEmpty()) {
         def names = stale as String[]
         if (ml.metaClass.respondsTo(ml, "removeAll", String[]))

@@ -307,15 +307,17 @@ def test_a_rerun_removes_the_parent_measurements_of_the_earlier_run_it_does_not_
     # A re-run without nuclei kept the earlier run's "PD-L1: Predicted TPS % (H&E)" beside the new results (and
     # after the stain was corrected, the H&E's predicted TPS beside the IHC's TPS). Others' measurements stay.
     driver = """
-class OldList {                                         // QuPath 0.4.4, 0.5: removeMeasurements only
+class OldList {                                         // QuPath 0.4.4, 0.5: removeMeasurements, getMeasurementNames
     Map values = new LinkedHashMap()
     List<String> getMeasurementNames() { new ArrayList(values.keySet()) }
     void removeMeasurements(String... names) { names.each { values.remove(it) } }
     void put(String name, double value) { values.put(name, value) }
 }
-class NewList extends OldList {                         // QuPath 0.6+: removeAll; removeMeasurements deprecated
+class NewList extends OldList {                         // QuPath 0.6+: removeAll, getNames; the old two deprecated
     void removeAll(String... names) { names.each { values.remove(it) } }
+    List<String> getNames() { new ArrayList(values.keySet()) }
     void removeMeasurements(String... names) { throw new IllegalStateException("deprecated call used") }
+    List<String> getMeasurementNames() { throw new IllegalStateException("deprecated call used") }
 }
 for (ml in [new OldList(), new NewList()]) {
     ml.put("Area µm^2", 100d)
@@ -338,6 +340,8 @@ def test_parent_measurements_are_replaced_through_the_helper():
         body = script.read_text().replace(helpers(script), "")
         assert "setParentMeasurements(parent.getMeasurementList(), " in body
         assert ".put(name" not in body  # no measurement written to the parent beside the helper
+        # MeasurementList.getMeasurementNames() is @Deprecated since 0.6 (getNames() is 0.6+): only the helper calls it.
+        assert "getMeasurementNames" not in body and "getNames" not in body
 
 
 @needs_groovy

@@ -74,6 +74,9 @@ def is_own_object(object_type: str, classification: str | None, name: str | None
 
 # Every measurement this tool puts on the analysed parent starts so (DESIGN.md §3); a re-run owns them all.
 PARENT_MEASUREMENT_PREFIX = "PD-L1: "
+# Every analysed parent carries this measurement (parent_measurements): how a re-run tells another analysed
+# annotation, whose results are its own, from an annotation of yours that holds some of this tool's objects.
+ANALYSED_SIGNATURE = "PD-L1: Uncertainty flag"
 
 
 def stale_parent_measurements(names: Iterable[str], fresh: Mapping[str, float]) -> list[str]:
@@ -131,7 +134,7 @@ def parent_measurements(result: SlideResult) -> dict[str, float]:
     if result.maps is not None:
         out["PD-L1: SUA candidates"] = float(len(result.candidates))
     out |= {
-        "PD-L1: Uncertainty flag": 1.0 if result.uncertainty_flag else 0.0,
+        ANALYSED_SIGNATURE: 1.0 if result.uncertainty_flag else 0.0,
         "PD-L1: Positive area µm^2": result.positive_area_um2,
         "PD-L1: Positive area %": 100 * result.positive_area_um2 / analysed if analysed > 0 else float("nan"),
     }

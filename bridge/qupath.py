@@ -20,7 +20,7 @@ from typing import Any
 from shapely.geometry.base import BaseGeometry
 
 from bridge.classes import ALL_CLASSES, PDL1_ANALYSIS, PathClassSpec
-from bridge.objects import TILE_NAME, is_own_object, stale_parent_measurements
+from bridge.objects import ANALYSED_SIGNATURE, TILE_NAME, is_own_object, stale_parent_measurements
 from bridge.project import (
     QPDATA_BACKUP_SUFFIX,
     ProjectError,
@@ -161,19 +161,33 @@ def restore_data(entry: Any, backup: Path | None) -> None:
         _copy_checked(backup, backup.with_name("data.qpdata"))
 
 
-def _own_children(parent: Any) -> list[Any]:
+def _own_descendants(parent: Any) -> list[Any]:
+    """This tool's objects anywhere under ``parent`` (Java objects), except under another analysed annotation.
+
+    QuPath's *Resolve hierarchy* moves the nuclei and tiles under the regions (or your annotations) they lie in;
+    removing only the parent's own children, with their children kept, put the earlier run's objects back beside
+    the new run's. Another analysed annotation inside this one (it carries :data:`ANALYSED_SIGNATURE`) holds its
+    own results, which its own analysis replaces.
+    """
     wrap = _paquo()["annotation"]  # any paquo object wrapper reads names across QuPath versions
-    out = []
-    for child in parent.java_object.getChildObjectsAsArray():
-        cls = child.getPathClass()
-        kind = "tile" if child.isTile() else "annotation" if child.isAnnotation() else "detection"
-        names = list(wrap(child).measurements)
-        name = child.getName()
-        if is_own_object(
-            kind, None if cls is None else str(cls.toString()), None if name is None else str(name), names
-        ):
-            out.append(child)
+    out: list[Any] = []
+    stack = [parent.java_object]
+    while stack:
+        for child in stack.pop().getChildObjectsAsArray():
+            names = list(wrap(child).measurements)
+            if _is_own(child, names):
+                out.append(child)
+            if ANALYSED_SIGNATURE not in names:
+                stack.append(child)
     return out
+
+
+def _is_own(child: Any, names: list[str]) -> bool:
+    """Whether a Java path object (with these measurement names) is one this tool wrote."""
+    cls = child.getPathClass()
+    kind = "tile" if child.isTile() else "annotation" if child.isAnnotation() else "detection"
+    name = child.getName()
+    return is_own_object(kind, None if cls is None else str(cls.toString()), None if name is None else str(name), names)
 
 
 def _to_paquo(obj: QuPathObject, classes: dict[str, Any]) -> Any:
@@ -209,7 +223,7 @@ def write_children(entry: Any, parent: Any, objects: Iterable[QuPathObject], mea
     classes = {name: path_class(spec) for name, spec in BY_NAME.items()}
     hierarchy = entry.hierarchy
     with hierarchy.no_autoflush():
-        old = _own_children(parent)
+        old = _own_descendants(parent)
         if old:
             stale = ArrayList()
             for child in old:

@@ -338,6 +338,24 @@ def splitByArea = { List objects ->
     def hasArea = { obj -> obj.getROI() != null && obj.getROI().isArea() }
     return [objects.findAll { hasArea(it) }, objects.findAll { !hasArea(it) }]
 }
+// This tool's objects anywhere under a parent, except under another analysed annotation (it carries
+// ANALYSED_SIGNATURE, as bridge's _own_descendants tells it): QuPath's Resolve hierarchy moves the nuclei and tiles
+// under the regions (or your annotations) they lie in, and removing only the parent's own children, with their
+// children kept, put the earlier run's objects back beside the new ones. own: the isOwn test.
+def ANALYSED_SIGNATURE = "PD-L1: Uncertainty flag"  // bridge/objects.py: every analysed parent carries it
+def ownDescendants = { parent, Closure own ->
+    def out = []
+    def stack = [parent]
+    while (!stack.isEmpty()) {
+        stack.remove(stack.size() - 1).getChildObjects().each { child ->
+            if (own(child))
+                out << child
+            if (Double.isNaN(child.getMeasurementList().get(ANALYSED_SIGNATURE) as double))
+                stack << child
+        }
+    }
+    return out
+}
 // ---- end of helpers ------------------------------------------------------------------------
 
 def imageData = getCurrentImageData()
@@ -523,7 +541,7 @@ for (parent in targets) {
         offset = next == null ? null : (next as int)
     }
     send(request(statusPath).DELETE().build())  // the result is here now: let the service release it
-    def old = parent.getChildObjects().findAll { isOwn(it) }
+    def old = ownDescendants(parent, isOwn)
     // The hierarchy's removeObjects(objects, keepChildren): the same on 0.4.4 to 0.7 (QP's two-argument
     // removeObjects is deprecated since 0.6, its one-argument form is 0.6+).
     if (!old.isEmpty())

@@ -71,6 +71,24 @@ def setParentMeasurements = { ml, Map fresh ->
     fresh.each { name, value -> ml.put(name as String, value as double) }
     return stale
 }
+// This tool's objects anywhere under a parent, except under another analysed annotation (it carries
+// ANALYSED_SIGNATURE, as bridge's _own_descendants tells it): QuPath's Resolve hierarchy moves the nuclei and tiles
+// under the regions (or your annotations) they lie in, and removing only the parent's own children, with their
+// children kept, put the earlier run's objects back beside the new ones. own: the isOwn test.
+def ANALYSED_SIGNATURE = "PD-L1: Uncertainty flag"  // bridge/objects.py: every analysed parent carries it
+def ownDescendants = { parent, Closure own ->
+    def out = []
+    def stack = [parent]
+    while (!stack.isEmpty()) {
+        stack.remove(stack.size() - 1).getChildObjects().each { child ->
+            if (own(child))
+                out << child
+            if (Double.isNaN(child.getMeasurementList().get(ANALYSED_SIGNATURE) as double))
+                stack << child
+        }
+    }
+    return out
+}
 // ---- end of helpers ------------------------------------------------------------------------
 
 def project = getProject()
@@ -120,7 +138,7 @@ if (parent == null) {
     parent = newParent
     addObjects([parent])
 } else {
-    def old = parent.getChildObjects().findAll { isOwn(it) }
+    def old = ownDescendants(parent, isOwn)
     // The hierarchy's removeObjects(objects, keepChildren): the same on 0.4.4 to 0.7 (QP's two-argument
     // removeObjects is deprecated since 0.6, its one-argument form is 0.6+).
     if (!old.isEmpty())

@@ -454,3 +454,29 @@ println JsonOutput.toJson([headless: showInWindow(null, ["PD-L1 positive"], { Ru
     assert "qupath." not in helpers(SETUP)
     assert body.index("project.setPathClasses(classes)") < body.index("showInWindow(getQuPath(), classes, ")
     assert "javafx.application.Platform.runLater(r)" in body
+
+
+@needs_groovy
+@pytest.mark.parametrize("script", [ANALYZE, IMPORT], ids=lambda p: p.name)
+def test_a_rerun_finds_its_objects_that_resolve_hierarchy_moved_under_its_regions(tmp_path, script):
+    # QuPath's Resolve hierarchy moves nuclei and tiles under the regions (or your annotations) they lie in; the
+    # re-run removed only the parent's own children, keeping theirs, so the earlier run's nuclei came back beside the
+    # new ones. Not under another analysed annotation (it carries "PD-L1: Uncertainty flag"): those are its results.
+    driver = """
+class Ml { Map m = [:]; double get(String k) { m.containsKey(k) ? m[k] : Double.NaN } }
+class Node { String name; boolean own; Ml ml = new Ml(); List kids = []
+    List getChildObjects() { kids }; Ml getMeasurementList() { ml } }
+def n = { String name, boolean own, List kids = [] -> new Node(name: name, own: own, kids: kids) }
+def inner = n("inner tumour annotation", false, [n("its nucleus", true)])
+inner.ml.m["PD-L1: Uncertainty flag"] = 0.0d
+def parent = n("parent", false, [
+    n("region", true, [n("nucleus 2", true), n("tile 2", true), n("your note", false, [n("nucleus 5", true)])]),
+    n("nucleus 1", true),
+    n("your other note", false, [n("nucleus 6", true)]),
+    inner,
+])
+println JsonOutput.toJson([found: ownDescendants(parent, { it.own }).collect { it.name }.sort()])
+"""
+    (found,) = run_groovy(tmp_path, driver, script)
+    assert found == {"found": ["nucleus 1", "nucleus 2", "nucleus 5", "nucleus 6", "region", "tile 2"]}
+    assert "ownDescendants(parent, isOwn)" in script.read_text()

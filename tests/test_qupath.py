@@ -98,6 +98,9 @@ def test_run_writes_into_a_real_project_and_rerun_replaces_only_its_own(tmp_path
         (tumour,) = [a for a in qp.images[0].hierarchy.annotations if a.name == "Tumor ROI"]
         tumour.measurements["PD-L1: Written by an earlier run"] = 1.0
         tumour.measurements["My own score"] = 2.0
+        # Objects > Annotations > Resolve hierarchy: nuclei and tiles move under the regions they lie in; the re-run
+        # must still find (and replace) them, not leave them beside its new ones.
+        qp.images[0].hierarchy.java_object.resolveHierarchy()
         # Entry metadata an earlier run wrote (as the IHC the slide was taken for) goes; a user's stays.
         metadata = qp.images[0].metadata
         metadata["PD-L1 TPS %"] = "55.0"

@@ -497,13 +497,29 @@ for (parent in targets) {
     def statusPath = "/v1/jobs/" + jobId
     def status = null
     def lastShown = -1
-    while (true) {
-        if (Thread.currentThread().isInterrupted()) {
+    // Stopping the script interrupts this thread: while it sleeps, or inside an HTTP call (then the call throws);
+    // either way the job is cancelled on the server, not left running there. Thread.interrupted() clears the flag,
+    // which would otherwise stop the cancelling request too.
+    def cancel = {
+        Thread.interrupted()
+        try {
             send(request(statusPath).DELETE().build())
             println "pdl1: stopped; job ${jobId} cancelled on the server"
+        } catch (IOException e) {
+            println "pdl1: stopped; job ${jobId} could not be cancelled on the server (${e.getMessage()})"
+        }
+    }
+    while (true) {
+        if (Thread.currentThread().isInterrupted()) {
+            cancel()
             return
         }
-        status = send(request(statusPath).GET().build())
+        try {
+            status = send(request(statusPath).GET().build())
+        } catch (InterruptedException e) {
+            cancel()
+            return
+        }
         def state = status.get("state")
         if (state in ["done", "failed", "cancelled"])
             break
@@ -515,8 +531,7 @@ for (parent in targets) {
         try {
             Thread.sleep(POLL_MS)
         } catch (InterruptedException e) {
-            send(request(statusPath).DELETE().build())
-            println "pdl1: stopped; job ${jobId} cancelled on the server"
+            cancel()
             return
         }
     }

@@ -480,3 +480,16 @@ println JsonOutput.toJson([found: ownDescendants(parent, { it.own }).collect { i
     (found,) = run_groovy(tmp_path, driver, script)
     assert found == {"found": ["nucleus 1", "nucleus 2", "nucleus 5", "nucleus 6", "region", "tile 2"]}
     assert "ownDescendants(parent, isOwn)" in script.read_text()
+
+
+def test_stopping_the_script_inside_a_status_request_cancels_the_job():
+    # Stopped while it slept between polls, the script cancelled the job; stopped inside the status request
+    # (HttpClient.send throws InterruptedException), it ended and left the job running on the server.
+    body = re.sub(r"//.*", "", ANALYZE.read_text())
+    poll = re.search(
+        r"try \{\s*status = send\(request\(statusPath\)\.GET\(\)\.build\(\)\)\s*\}"
+        r" catch \(InterruptedException e\) \{\s*cancel\(\)",
+        body,
+    )
+    assert poll, "the status request is not cancelled on InterruptedException"
+    assert body.count("cancel()") >= 3 and "Thread.interrupted()" in body

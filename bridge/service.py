@@ -507,6 +507,13 @@ class Worker:
         return True
 
     def stop(self) -> None:
+        """Stop the worker at shutdown: the running job stops at its next tile and the queued ones do not start
+        (jobs do not survive a restart); before, the worker went on through the whole queue, and the service
+        waited for it until the join timed out and then exited mid-analysis."""
+        with self.lock:
+            unfinished = [job for job in self.jobs.values() if job.state in ("queued", "running")]
+        for job in unfinished:
+            self.cancel(job)
         self.queue.put(None)
         self.thread.join(timeout=30)
 

@@ -490,3 +490,36 @@ def test_a_models_option_that_is_no_folder_of_model_folders_is_a_usage_error(sta
         assert result.exit_code == 2, output
         assert f"--models: {models} {came}; {expected}" in output, output
         assert "settings" not in started
+
+
+# ------------------------------------------------------------------- shutdown with jobs waiting
+
+
+def test_shutdown_stops_the_running_job_and_starts_no_queued_one(tmp_path, monkeypatch):
+    """Jobs do not survive a restart: at shutdown the worker stops the running job and starts no queued one
+    (it went on through the queue while the service waited, then exited mid-analysis when the join timed out)."""
+    from bridge.service import Job, Worker
+    from inference.errors import Cancelled
+
+    started: list[str] = []
+
+    def run(self, job):
+        started.append(job.id)
+        if not job.cancel.wait(20):
+            raise AssertionError("the running job was not asked to stop")
+        raise Cancelled("stopped")
+
+    monkeypatch.setattr(Worker, "_run", run)
+    worker = Worker(None, PipelineConfig(device="cpu"), allow_roots=(tmp_path,))
+    jobs = [
+        Job(id=f"job{i}", image=str(tmp_path / "x.svs"), roi=None, mpp=None, outputs=("regions",)) for i in range(4)
+    ]
+    for job in jobs:
+        worker.submit(job)
+    _wait_for(lambda: jobs[0].state == "running", "the first job to start")
+    t0 = time.monotonic()
+    worker.stop()
+    assert time.monotonic() - t0 < 10
+    assert not worker.thread.is_alive()
+    assert started == ["job0"]
+    assert [job.state for job in jobs] == ["cancelled"] * 4

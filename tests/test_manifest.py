@@ -259,3 +259,26 @@ def test_a_manifest_that_is_not_an_object_says_so(model_dir):
     (model_dir / "manifest.json").write_text("7")
     with pytest.raises(ModelFileError, match="a manifest is a JSON object of name: value, got int"):
         read_manifest(model_dir)
+
+
+def test_write_manifest_replaces_whole_and_leaves_nothing_after_an_interrupt(model_dir, monkeypatch):
+    """Another writer's temporary file is not this one's, and Ctrl-C mid-write leaves the old manifest alone."""
+    before = (model_dir / "manifest.json").read_bytes()
+    theirs = model_dir / "manifest.json.part"  # the fixed name every writer shared
+    theirs.write_text("another writer, half way")
+    manifest = read_manifest(model_dir)
+    write_manifest(model_dir, manifest.with_thresholds(segmentation=0.6))
+    assert theirs.read_text() == "another writer, half way"
+    assert read_manifest(model_dir).thresholds["segmentation"] == 0.6
+    theirs.unlink()
+
+    (model_dir / "manifest.json").write_bytes(before)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Manifest, "to_json", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_manifest(model_dir, manifest.with_thresholds(segmentation=0.7))
+    assert (model_dir / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in model_dir.iterdir() if "manifest" in p.name) == ["manifest.json"]

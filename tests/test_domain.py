@@ -313,3 +313,25 @@ def test_channel_statistics_equal_torch_s_on_either_memory_layout(channels_last)
     ref_std, ref_mean = torch.std_mean(a.contiguous(), dim=(2, 3))
     assert std.shape == mean.shape == (3, 16)
     assert torch.allclose(std, ref_std, rtol=1e-5) and torch.allclose(mean, ref_mean, rtol=1e-5, atol=1e-6)
+
+
+def test_pdl1_domain_stats_says_what_was_kept_on_ctrl_c(phantom_svs, tmp_path, monkeypatch):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    import inference
+    from bridge.cli.app import app
+
+    model = tmp_path / "seg"
+    shutil.copytree(demo_model_dir("seg"), model)
+    before = (model / "manifest.json").read_bytes()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inference, "compute_domain_stats", interrupted)
+    result = CliRunner().invoke(app, ["domain-stats", str(model), str(phantom_svs), "--no-progress"])
+    assert result.exit_code == 130, result.output
+    assert f"interrupted: nothing was written; {model} is as it was" in " ".join(result.output.split())
+    assert (model / "manifest.json").read_bytes() == before

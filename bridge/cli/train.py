@@ -917,6 +917,12 @@ def domain_stats(
             path = write_domain_stats(model, stats)
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
+    except KeyboardInterrupt:  # was click's bare "Aborted!", which said nothing of the model
+        target = out if copy else model
+        raise interrupted(
+            f"nothing was written; {target} is as it was{'' if copy else ' (the manifest is replaced whole)'}. "
+            "Run pdl1 domain-stats again"
+        ) from None
     cal = stats.calibration
     typer.echo(
         f"wrote {path}: {stats.train_tiles} training tiles of {len(stats.slides)} slides, "

@@ -62,3 +62,24 @@ def folder_replaced_whole(path: Path) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+
+
+def save_figure(fig, path: Path, **savefig_kwargs) -> None:
+    """``fig.savefig(path, **savefig_kwargs)``, replacing ``path`` in one step as :func:`replace_atomically` does.
+
+    Saved straight to ``path``, an interrupt (or a full disk) left a PNG cut short under the report's name, in
+    place of the whole one an earlier run drew. The format comes from ``path``'s suffix, as savefig takes it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.part")
+    try:
+        with open(tmp, "xb") as fh:
+            fig.savefig(fh, format=path.suffix.lstrip(".").lower() or None, **savefig_kwargs)
+            fh.flush()
+            os.fsync(fh.fileno())
+        with contextlib.suppress(FileNotFoundError):
+            shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bridge.atomic import replace_atomically
+from bridge.atomic import replace_atomically, save_figure
 from inference import SlideEvaluation, aurc, e_aurc, reliability, risk_coverage, spearman
 
 # Slide-level QC scores whose failure detection the suite measures (higher = less trusted), and what each is.
@@ -219,7 +219,7 @@ def write_report(
     ax.set(xlabel="mean predicted PD-L1 probability", ylabel="observed positive fraction", title="Reliability")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "reliability.png", dpi=120)
+    save_figure(fig, out / "reliability.png", dpi=120)
     plt.close(fig)
     written["reliability"] = out / "reliability.png"
 
@@ -235,7 +235,7 @@ def write_report(
     ax.set(xlabel="coverage (slides accepted)", ylabel="risk (failed share of accepted)", title="Slide QC")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "risk_coverage.png", dpi=120)
+    save_figure(fig, out / "risk_coverage.png", dpi=120)
     plt.close(fig)
     written["risk_coverage"] = out / "risk_coverage.png"
 
@@ -249,7 +249,7 @@ def write_report(
     ax.set(xlabel="aggregated uncertainty per NPR", ylabel="density", title="SUA: NPR uncertainty")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "npr_uncertainty_hist.png", dpi=120)
+    save_figure(fig, out / "npr_uncertainty_hist.png", dpi=120)
     plt.close(fig)
     written["npr_hist"] = out / "npr_uncertainty_hist.png"
 
@@ -277,7 +277,7 @@ def write_report(
         )
         fig.tight_layout()
         path = out / f"{Path(e.slide).stem}_overlay.png"
-        fig.savefig(path, dpi=100)
+        save_figure(fig, path, dpi=100)
         plt.close(fig)
         written[f"overlay:{e.slide}"] = path
     return written

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bridge.atomic import replace_atomically
+from bridge.atomic import replace_atomically, save_figure
 from bridge.classes import INTENSITY_CLASSES
 from bridge.pairs import PAIRS_FILE
 from bridge.project import (
@@ -194,7 +194,7 @@ def _thumbnail(item: ReportItem, out: Path, *, max_px: int = 900) -> Path | None
         bar.set_title("predictive entropy (nats), 0 to ln 2", fontsize=7, pad=2)
         bar.tick_params(labelsize=6)
     path = out / f"{Path(item.image_name).stem}.png"
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from bridge.atomic import replace_atomically
+from bridge.atomic import replace_atomically, save_figure
 from bridge.project import write_json_atomic
 from inference import IGNORE_LABEL, ExampleTile, LabelStatistics, Pdl1Error, read_training_curves
 
@@ -149,7 +149,7 @@ def _curves_png(curves: Sequence[Any], path: Path) -> None:
     ax_lr.set_yscale("log")
     ax_lr.set_xlabel("iteration")
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -173,7 +173,7 @@ def _validation_png(validation: dict, path: Path) -> None:
     ax.legend(fontsize=7)
     ax.set_title("held-out slides: the ensemble's scores (dots: each member alone)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -220,7 +220,7 @@ def _example_png(tile: dict[str, Any], path: Path) -> None:
     x, y, w, h = tile["box_px"]
     fig.suptitle(f"{Path(tile['slide']).name} ({tile['role']}), x {x}, y {y}, {w} x {h} px", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 

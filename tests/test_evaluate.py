@@ -1,5 +1,7 @@
 """Segmentation evaluation: per-slide and pooled Dice of the ensemble and its members."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -234,3 +236,33 @@ def test_an_interrupted_ihc_table_leaves_the_earlier_one_whole(tmp_path, monkeyp
         write_ihc_metrics(tmp_path, [{"slide": "a.svs"}, {"slide": "b.svs"}])
     assert written.read_bytes() == before and "a.svs,12.0" in before.decode()
     assert [p.name for p in tmp_path.iterdir()] == ["ihc_metrics.csv"]
+
+
+def test_an_interrupted_plot_leaves_the_earlier_png_whole(tmp_path, monkeypatch):
+    # The PNGs of eval, train and run reports were saved straight under their names: an interrupt (or a full disk)
+    # left a picture cut short in place of the earlier whole one.
+    import warnings
+
+    from matplotlib.figure import Figure
+
+    from bridge.eval_report import write_report
+
+    out = tmp_path / "report"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no slides: empty legends and histograms
+        written = write_report([], out)
+        before = written["reliability"].read_bytes()
+        assert before.startswith(b"\x89PNG")
+
+        def cut_short(self, fname, **kwargs):
+            if hasattr(fname, "write"):
+                fname.write(before[:100])
+            else:
+                Path(fname).write_bytes(before[:100])
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(Figure, "savefig", cut_short)
+        with pytest.raises(KeyboardInterrupt):
+            write_report([], out)
+    assert written["reliability"].read_bytes() == before
+    assert not [p for p in out.rglob("*") if p.name.endswith(".part")]

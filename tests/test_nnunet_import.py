@@ -607,3 +607,27 @@ def test_a_json_file_cut_short_is_refused_with_the_fix(tmp_path, name):
     with pytest.raises(ModelFileError, match=rf"{re.escape(name)}: not valid JSON .*copy it again from the nnU-Net"):
         import_nnunet(folder, tmp_path / "model", mpp=2.0)
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"labels": None}, r"dataset\.json: no 'labels'; nnU-Net v2's dataset\.json names the input channels"),
+        ({"channel_names": None}, r"dataset\.json: no 'channel_names'; nnU-Net v2's"),
+        ({"labels": {}}, r"dataset\.json: 'labels' is an empty object; nnU-Net v2's"),
+        ({"labels": ["background", "positive"]}, r"dataset\.json: 'labels' is a list; nnU-Net v2's"),
+        ({"labels": {"0": "background", "1": "positive"}}, r"dataset\.json: nnU-Net v1's format"),
+        ({"channel_names": None, "modality": {"0": "RGB"}}, r"dataset\.json: nnU-Net v1's format"),
+    ],
+    ids=["no-labels", "no-channel-names", "empty-labels", "labels-a-list", "v1-labels", "v1-modality"],
+)
+def test_a_dataset_json_without_labels_or_of_nnunet_v1_is_said_as_such(tmp_path, change, said):
+    # Was "no 'labels'" with no fix, "0 input channels; the slides give RGB", or, for v1's {"0": "background"},
+    # "region-based labels cannot be imported".
+    folder = _results(tmp_path)
+    dataset = {**DATASET, **change}
+    dataset = {k: v for k, v in dataset.items() if v is not None}
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    with pytest.raises(ModelFileError, match=said):
+        import_nnunet(folder, tmp_path / "model", mpp=2.0)
+    assert not (tmp_path / "model").exists()

@@ -351,11 +351,40 @@ def _normalization(
     return {"mean": mean, "std": std}
 
 
+_V2_DATASET = (
+    'nnU-Net v2\'s dataset.json names the input channels ("channel_names": {"0": "R", ...}) and maps each '
+    'class name to its label ("labels": {"background": 0, "PD-L1 positive": 1})'
+)
+
+
+def _check_dataset_format(dataset: dict[str, Any], *, dataset_path: Path) -> None:
+    """Refuse a dataset.json of nnU-Net v1, or one without the keys read here, by what it is: it was said as
+    "0 input channels" (no channel_names), "no 'labels'", or "region-based labels" (v1's {"0": "background"})."""
+    labels = dataset.get("labels")
+    v1_labels = isinstance(labels, dict) and labels and all(isinstance(v, str) for v in labels.values())
+    if ("modality" in dataset and "channel_names" not in dataset) or v1_labels:
+        raise ModelFileError(
+            f'{dataset_path}: nnU-Net v1\'s format ("modality", labels as value → name); this imports nnU-Net v2 '
+            f"trained models, and {_V2_DATASET}: give the results folder of a model trained with nnU-Net v2 (it "
+            "holds the dataset.json v2 wrote)"
+        )
+    for key in ("channel_names", "labels"):
+        if key not in dataset:
+            raise ModelFileError(
+                f"{dataset_path}: no {key!r}; {_V2_DATASET}: the file is not the one nnU-Net v2 wrote, or was "
+                "damaged: copy it again from the nnU-Net results folder"
+            )
+    if not isinstance(labels, dict) or not labels:
+        kind = "an empty object" if labels == {} else _json_kind(labels)
+        raise ModelFileError(
+            f"{dataset_path}: 'labels' is {kind}; {_V2_DATASET}: copy the file again from the nnU-Net results folder"
+        )
+
+
 def _labels(dataset: dict[str, Any], *, dataset_path: Path) -> list[str]:
     """Output class names in label order; nnU-Net's ``ignore`` label is not an output."""
-    labels = dataset.get("labels")
-    if not isinstance(labels, dict) or not labels:
-        raise ModelFileError(f"{dataset_path}: no 'labels'")
+    _check_dataset_format(dataset, dataset_path=dataset_path)
+    labels = dataset["labels"]
     if dataset.get("regions_class_order") is not None or any(not isinstance(v, int) for v in labels.values()):
         raise ModelFileError(
             f"{dataset_path}: region-based labels cannot be imported; the ensemble needs one softmax over classes"
@@ -444,6 +473,7 @@ def import_nnunet(
         )
     plans_path, dataset_path = folder / "plans.json", folder / "dataset.json"
     plans, dataset = _read_json(plans_path), _read_json(dataset_path)
+    _check_dataset_format(dataset, dataset_path=dataset_path)  # before minutes of loading checkpoints
     paths = _choose_checkpoints(folder, folds=folds, checkpoints=checkpoints or ["checkpoint_final.pth"])
     # nnU-Net names the folder TRAINER__PLANS__CONFIGURATION; a renamed folder is told by its checkpoints.
     parsed = _CONFIG_DIR.match(folder.name)

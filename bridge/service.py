@@ -593,7 +593,19 @@ class Worker:
                 image_size_px=job.image_size_px,
                 image_stain=stain_of_image_type(job.image_type),
                 image_stain_source=f"QuPath's image type {job.image_type}",
+                stain_advice=UPLOAD_STAIN_ADVICE if job.image == "upload" else PATH_STAIN_ADVICE,
             )
+
+
+# How a client of the service states an image's stain, in the messages that refuse one (the library's default
+# names pdl1 run's --stain, which a client cannot pass): pdl1_analyze.groovy sends QuPath's image type with a job
+# on an image path; an upload carries none, so its colour alone tells its stain.
+PATH_STAIN_ADVICE = "set its image type in QuPath (Image tab: Image type) and run pdl1_analyze.groovy again"
+UPLOAD_STAIN_ADVICE = (
+    "an uploaded region carries no image type, so its colour alone tells its stain: send a region with more of "
+    "the stained tissue, or have the service open the image file (start it with --allow-root for the image's "
+    "folder), whose job carries QuPath's image type (Image tab: Image type)"
+)
 
 
 # ------------------------------------------------------------------------------------ app

@@ -277,6 +277,11 @@ class Models:
         return self.info(self.seg)
 
 
+# How a user of `pdl1 run` states an image's stain, in the messages that refuse one: analyse_slide's default
+# stain_advice. The service passes its own (its clients have no --stain).
+STAIN_ADVICE = "set its image type in QuPath (Image tab: Image type) or pass --stain he|ihc"
+
+
 def analyse_slide(
     image: str | Path | Slide,
     *,
@@ -289,6 +294,7 @@ def analyse_slide(
     image_mpp: float | None = None,
     image_stain: str | None = None,
     image_stain_source: str = "QuPath's image type",
+    stain_advice: str = STAIN_ADVICE,
 ) -> SlideResult:
     """Analyse the ROI (level-0 polygon; the whole tissue when None) of one image.
 
@@ -300,11 +306,13 @@ def analyse_slide(
     ``image_stain_source``); None: not known, and then the image's colour decides (``config.detect_stain``;
     else it is analysed as H&E). An H-DAB image is scored by its cells with the IHC nuclei model, an H&E
     image by the segmentation ensemble and the nuclei model; a model trained on another stain never runs.
+    ``stain_advice`` is how the caller's user states an image's stain, for the messages that refuse one
+    (default: :data:`STAIN_ADVICE`, which names ``pdl1 run``'s option; the service passes its own).
     """
     name = image.path if isinstance(image, Slide) else image
     stain, stain_source = image_stain, image_stain_source
     if stain is not None:
-        _check_stain(name or "image", stain, stain_source, models=models, config=config)
+        _check_stain(name or "image", stain, stain_source, models=models, config=config, advice=stain_advice)
     if isinstance(image, Slide):
         slide = image
     elif config.mpp is not None:
@@ -328,8 +336,8 @@ def analyse_slide(
         colour = detect_slide_stain(slide, mpp=config.tissue_mpp) if config.detect_stain else None
         if stain is None:
             if colour is not None:
-                stain, stain_source = _stain_from_colour(name or "image", colour)
-                _check_stain(name or "image", stain, stain_source, models=models, config=config)
+                stain, stain_source = _stain_from_colour(name or "image", colour, advice=stain_advice)
+                _check_stain(name or "image", stain, stain_source, models=models, config=config, advice=stain_advice)
             _require_resolution(slide, stain, models=models, config=config)
         analyse = _analyse_ihc if stain == "H-DAB" else _analyse
         # The model whose training domain the image is judged against: the one that makes the call
@@ -417,7 +425,7 @@ def _require_resolution(slide: Slide, stain: str | None, *, models: Models, conf
         slide.require_resolution(nuclei_model.manifest.input_mpp, reader="the nuclei model")
 
 
-def _stain_from_colour(name, colour: StainEstimate) -> tuple[str, str]:
+def _stain_from_colour(name, colour: StainEstimate, *, advice: str = STAIN_ADVICE) -> tuple[str, str]:
     """The stain to analyse an image as when nobody stated it: the colour's, if it found one."""
     if colour.stain in STAINS:
         return colour.stain, f"its colour ({colour.reason}; margin {colour.margin_deg:.0f}°)"
@@ -426,8 +434,7 @@ def _stain_from_colour(name, colour: StainEstimate) -> tuple[str, str]:
         return "H&E", "the default (no tissue to tell a stain by)"
     raise StainError(
         f"{name}: its colour is not a brightfield H&E or haematoxylin-DAB stain ({colour.reason}); pdl1-bridge "
-        "analyses only those. If the image is one, say which: set its image type in QuPath (Image tab: Image type) "
-        "or pass --stain he|ihc"
+        f"analyses only those. If the image is one, say which: {advice}"
     )
 
 
@@ -437,7 +444,9 @@ def _nuclei_model(models: Models, config: PipelineConfig) -> Ensemble | None:
     return models.nuclei if config.run_nuclei else None
 
 
-def _check_stain(name, stain: str | None, source: str, *, models: Models, config: PipelineConfig) -> None:
+def _check_stain(
+    name, stain: str | None, source: str, *, models: Models, config: PipelineConfig, advice: str = STAIN_ADVICE
+) -> None:
     """Refuse an image whose known stain is not the one each model to run was trained on.
 
     An H-DAB image runs the IHC nuclei model, an H&E image the segmentation and nuclei models;
@@ -449,7 +458,7 @@ def _check_stain(name, stain: str | None, source: str, *, models: Models, config
         raise StainError(
             f"{name}: the image is {stain} ({source}); pdl1-bridge analyses H&E (the segmentation ensemble and "
             "a predicted TPS) and PD-L1 IHC (H-DAB: TPS and CPS from its cells), nothing else. If the image is "
-            "one of those, set its image type in QuPath (Image tab: Image type) or pass --stain he|ihc"
+            f"one of those, {advice}"
         )
     if stain == "H-DAB":
         used = [("PD-L1 IHC nuclei", models.ihc())]
@@ -463,9 +472,8 @@ def _check_stain(name, stain: str | None, source: str, *, models: Models, config
         if stain != trained_on:
             raise StainError(
                 f"{name}: the image is {stain} ({source}), but the {task} model {ensemble.manifest.name!r} was "
-                f"trained on {trained_on} and runs on nothing else. If the image is {trained_on}, set its image "
-                "type in QuPath (Image tab: Image type) or pass --stain to say so; otherwise it needs a model "
-                f"trained on {stain}"
+                f"trained on {trained_on} and runs on nothing else. If the image is {trained_on}, {advice}; "
+                f"otherwise it needs a model trained on {stain}"
             )
 
 

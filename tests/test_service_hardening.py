@@ -523,3 +523,37 @@ def test_shutdown_stops_the_running_job_and_starts_no_queued_one(tmp_path, monke
     assert not worker.thread.is_alive()
     assert started == ["job0"]
     assert [job.state for job in jobs] == ["cancelled"] * 4
+
+
+# ------------------------------------------------------------------- the stain, in the service's words
+
+
+def _grey_png(size: int = 512) -> bytes:
+    """Tissue of no brightfield stain pdl1-bridge analyses: shades of grey on white (a fluorescence channel)."""
+    rgb = np.full((size, size, 3), 245, np.uint8)
+    shades = np.random.default_rng(0).integers(30, 200, (size - size // 4, size - size // 4, 1), dtype=np.uint8)
+    rgb[size // 8 : -size // 8, size // 8 : -size // 8] = shades
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_an_upload_of_another_stain_is_told_how_a_client_says_the_stain(service):
+    # The job's error said "set its image type in QuPath (Image tab: Image type) or pass --stain he|ihc": the
+    # service has no --stain, and an upload carries no image type.
+    params = {"mpp": 0.5, "outputs": ["regions"]}
+    job_id = service.client.post("/v1/jobs/pixels", params=params, content=_grey_png()).json()["job_id"]
+    status = service.wait(job_id)
+    assert status["state"] == "failed", status
+    assert "is not a brightfield H&E or haematoxylin-DAB stain" in status["error"]
+    assert "--stain" not in status["error"]
+    assert status["error"].endswith(f"say which: {bridge.service.UPLOAD_STAIN_ADVICE}")
+
+
+def test_an_image_file_of_another_stain_is_told_to_set_its_image_type_in_qupath(service, slides_root):
+    (slides_root / "grey.png").write_bytes(_grey_png())
+    body = {"image": str(slides_root / "grey.png"), "mpp": 0.5, "outputs": ["regions"]}
+    status = service.wait(service.client.post("/v1/jobs", json=body).json()["job_id"])
+    assert status["state"] == "failed", status
+    assert "--stain" not in status["error"]
+    assert status["error"].endswith(f"say which: {bridge.service.PATH_STAIN_ADVICE}")

@@ -22,6 +22,7 @@ from bridge.pairs import PAIRS_FILE
 from bridge.project import (
     PDL1_DIR,
     ProjectError,
+    RunStatus,
     find_project_file,
     locate_image,
     not_a_folder,
@@ -52,6 +53,7 @@ COLUMNS = (
     "other",
     "run_id",
     "models",
+    "last_run_failed",  # the error of the last run, which failed on the image: the results are an earlier run's
 )
 
 
@@ -62,6 +64,7 @@ class ReportItem:
     geojson: Path
     summary: dict
     not_found: str = ""  # why ``slide`` is None: where the image was looked for, and the fix
+    last_run_failed: str = ""  # the error of the last run, which failed on this image: these results are older
 
 
 def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]:
@@ -79,6 +82,7 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
     if qpproj is not None:
         info = read_project(qpproj, unreadable_entries="keep")  # those have no results to report
         fix = f"run {_rerun(source)}, which analyses again the images whose results are damaged"
+        failed = _failed_in_last_run(info.folder)
         for entry in info.entries:
             folder = info.folder / PDL1_DIR / entry.entry_id
             if not (folder / "summary.json").is_file():
@@ -90,7 +94,17 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
                 slide, not_found = locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder), ""
             except FileNotFoundError as err:
                 slide, not_found = None, str(err)
-            items.append(ReportItem(entry.image_name, slide, folder / "objects.geojson", summary, not_found))
+            error = failed.get(entry.entry_id, "")
+            if error:  # a re-run that failed keeps the earlier results: reported, but not as the last run's
+                log.warning(
+                    "%s: the last run failed on it (%s); the results reported are an earlier run's (run %s); "
+                    "run %s once the cause is fixed",
+                    entry.image_name,
+                    error,
+                    summary.get("run_id"),
+                    _rerun(source),
+                )
+            items.append(ReportItem(entry.image_name, slide, folder / "objects.geojson", summary, not_found, error))
         return items
     fix = f"run {_rerun(source)}, which analyses again the slides whose results are damaged"
     for summary_path in sorted(Path(source).glob("*.summary.json")):
@@ -109,6 +123,17 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
             )
         )
     return items
+
+
+def _failed_in_last_run(project_folder: Path) -> dict[str, str]:
+    """Entry ID → error of the images the last `pdl1 run` failed on (``pdl1/status.json``); none where there is
+    no status, or where it does not read (the report needs it only for this, so that is a warning)."""
+    try:
+        images = RunStatus(project_folder).images
+    except ProjectError as err:
+        log.warning("%s; the report cannot tell which images the last run failed on", err)
+        return {}
+    return {key: str(v.get("error") or "no error recorded") for key, v in images.items() if v.get("state") == "failed"}
 
 
 def _rerun(source: Path) -> str:
@@ -258,6 +283,7 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
                 "other": nuclei.get("Other"),
                 "run_id": s.get("run_id"),
                 "thumbnail": _thumbnail_or_none(item, out, left_out),
+                "last_run_failed": item.last_run_failed,
             }
         )
     html_path, csv_path = out / "report.html", out / "report.csv"
@@ -426,6 +452,12 @@ def _html(rows: list[dict], pairs: dict | None = None, left_out: list[str] | Non
         flag = "needs review" if r["uncertainty_flag"] else "ok"
         body.append(
             f"<section><h2>{html.escape(r['image'])}</h2><table>"
+            + (
+                f"<tr><th>Last run</th><td class='warn'>failed on this image: {html.escape(r['last_run_failed'])}; "
+                f"the results below are an earlier run's (run {html.escape(str(r['run_id']))})</td></tr>"
+                if r.get("last_run_failed")
+                else ""
+            )
             + _tps_row(r)
             + f"<tr><th>Review</th><td>{html.escape(r['review_reasons'] or 'no reason')}</td></tr>"
             f"<tr><th>Image</th><td>{_mpp_text(r['mpp'])}; analysed {html.escape(r['analysed_at'] or 'n/a')}</td></tr>"

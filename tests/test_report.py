@@ -105,3 +105,33 @@ def test_an_interrupted_report_leaves_the_earlier_one_whole(tmp_path, monkeypatc
         write_report(out)
     assert {path: path.read_bytes() for path in before} == before
     assert not [p for p in out.rglob("*") if p.name.endswith(".part")]
+
+
+def test_results_of_an_image_the_last_run_failed_on_are_reported_as_an_earlier_runs(tmp_path, caplog):
+    # A re-run that fails on an image keeps its earlier results (and the project its objects); the report showed
+    # them as if the last run had made them, without a word of the failure status.json records.
+    import csv
+
+    project = tmp_path / "project"
+    _project(project, ["a.svs", "b.svs"])
+    for entry, name in (("1", "a.svs"), ("2", "b.svs")):
+        (project / "pdl1" / entry).mkdir(parents=True)
+        (project / "pdl1" / entry / "summary.json").write_text(json.dumps(_summary(project / name)))
+    error = "b.svs: slide not found"
+    status = {"images": {"1": {"state": "done", "run_id": "r2"}, "2": {"state": "failed", "error": error}}}
+    (project / "pdl1" / "status.json").write_text(json.dumps(status))
+    with caplog.at_level("WARNING", logger="bridge.report"):
+        html_path, csv_path = write_report(project)
+    rows = list(csv.DictReader(csv_path.open(encoding="utf-8")))
+    assert [(r["image"], r["last_run_failed"]) for r in rows] == [("a.svs", ""), ("b.svs", error)]
+    assert "failed on this image: b.svs: slide not found; the results below are an earlier run's (run r1)" in (
+        html_path.read_text()
+    )
+    assert f"b.svs: the last run failed on it ({error}); the results reported are an earlier run's" in caplog.text
+
+    (project / "pdl1" / "status.json").write_text('{"images": {')  # cut short: the report is still written
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bridge.report"):
+        _, csv_path = write_report(project)
+    assert [r["last_run_failed"] for r in csv.DictReader(csv_path.open(encoding="utf-8"))] == ["", ""]
+    assert "unreadable run status" in caplog.text and "cannot tell which images the last run failed on" in caplog.text

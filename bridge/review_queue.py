@@ -414,6 +414,13 @@ def build_queue(
         geometries = {i: shapely.box(x, y, x + w, y + h) for i, (x, y, w, h) in enumerate(r.bounds_px for r in items)}
         regions = rank_regions(items, labelled=labelled, limit=regions_per_entry, geometries=geometries)
         reasons = [_reason_text(r) for r in (summary.get("details") or {}).get("review_reasons", [])]
+        last = status.get(entry.entry_id, {})
+        if last.get("state") == "failed":  # a re-run that failed keeps the earlier results: ranked by them, said so
+            reasons.insert(
+                0,
+                f"the last run failed on it ({last.get('error') or 'no error recorded'}): ranked by an earlier run's "
+                f"results (run {summary.get('run_id')})",
+            )
         if share > 0:
             reasons.append(f"{100 * share:.0f}% of the analysed area already labelled ({label_source})")
         ranked.append(

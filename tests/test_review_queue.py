@@ -13,7 +13,7 @@ from bridge.cli.app import app
 from bridge.init_project import init_project_files
 from bridge.project import ProjectError
 from bridge.qupath_geojson import QuPathObject, to_feature, write_features
-from bridge.review_queue import RANK_KEY, SCORE_KEY, ReviewQueueError, write_review_queue
+from bridge.review_queue import RANK_KEY, SCORE_KEY, ReviewQueueError, build_queue, write_review_queue
 from bridge.run import RunConfig, run_batch
 from inference.phantom.pyramid import write_phantom
 from inference.phantom.scene import PhantomSpec
@@ -334,3 +334,18 @@ def test_a_region_is_left_out_only_when_half_of_it_lies_under_a_better_one():
     regions = [region("uncertainty tile", 0.9, tile), region("positive region", 0.5, large), region("tile", 0.4, copy)]
     chosen = rank_regions(regions, labelled=shapely.Polygon(), limit=10, geometries=geometries)
     assert [r.kind for r in chosen] == ["uncertainty tile", "positive region"]
+
+
+def test_an_entry_the_last_run_failed_on_says_its_results_are_an_earlier_runs(project):
+    # A re-run that fails on an image keeps its earlier results; the queue ranked them as the last run's.
+    status_path = project / "pdl1" / "status.json"
+    status = json.loads(status_path.read_text())
+    status["images"]["1"] = {"state": "failed", "error": "s31.svs: out of memory", "image": "s31.svs"}
+    status_path.write_text(json.dumps(status))
+    ranked, _ = build_queue(project)
+    first = next(e for e in ranked if e.entry_id == "1")
+    run_id = _summary(project, "1")["run_id"]
+    assert first.reasons[0] == (
+        f"the last run failed on it (s31.svs: out of memory): ranked by an earlier run's results (run {run_id})"
+    )
+    assert not any("last run failed" in r for e in ranked if e.entry_id != "1" for r in e.reasons)

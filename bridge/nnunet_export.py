@@ -302,8 +302,8 @@ def export_nnunet_dataset(
     training slide's labels read before anything is written, and the dataset is written into a
     folder beside ``out_dir`` renamed into place at the end: an error leaves no half-written dataset.
     Raises ``ValueError`` for a bad name or size, two images of one file stem or a slide that gives
-    no case (smaller than one), ``FileExistsError``
-    when ``out_dir`` is not empty, and the label source's errors (phantom truth:
+    no case (smaller than one), ``FileExistsError`` when ``out_dir`` is not empty or a dataset of its
+    number is beside it (nnU-Net would take neither), and the label source's errors (phantom truth:
     :class:`inference.TruthNotFoundError` for a slide without its truth).
     """
     out_dir = Path(out_dir)
@@ -321,6 +321,18 @@ def export_nnunet_dataset(
         raise FileExistsError(
             f"{out_dir}: exists and is not an empty folder (holds {held}); a dataset is written into a new or "
             "empty folder: choose a new DatasetNNN_NAME or remove it"
+        )
+    number = out_dir.name[len("Dataset") : len("Dataset") + 3]
+    namesakes = sorted(
+        p.name
+        for p in (out_dir.parent.glob(f"Dataset{number}_*") if out_dir.parent.is_dir() else [])
+        if p.name != out_dir.name and p.is_dir()
+    )
+    if namesakes:  # nnU-Net finds a dataset by its number and refuses two ("More then one dataset name found")
+        raise FileExistsError(
+            f"{out_dir.parent} already holds {', '.join(namesakes)}, of the same number {number}: nnU-Net finds a "
+            f"dataset by its number and refuses both when two have it; choose another number (Dataset{number} is "
+            "taken), or remove the other"
         )
     images = [i if isinstance(i, ExportImage) else ExportImage(Path(i)) for i in slides]
     if not images:  # nnU-Net's planning would fail on it, later and less clearly

@@ -343,3 +343,13 @@ def test_cli_entries_are_checked_not_ignored(phantoms, tmp_path):
     assert typo.exit_code == 2, typo.output
     assert "no entry of the project is 'bb.svs'; its entries (ID and image name) are 1 (a.svs), 2 (b.svs)" in text
     assert not out.exists()
+
+
+def test_refuses_a_number_another_dataset_beside_it_has(phantoms, tmp_path):
+    # nnU-Net finds a dataset by its number and stops at two of one number ("More then one dataset name found for
+    # dataset id 509"): the export made the earlier dataset unusable too.
+    (tmp_path / "Dataset509_Earlier").mkdir()
+    out = tmp_path / "Dataset509_PDL1"
+    with pytest.raises(FileExistsError, match=r"already holds Dataset509_Earlier, of the same number 509: nnU-Net"):
+        export_nnunet_dataset([phantoms[1]], out, source=PhantomTruthLabels(), mpp=2.0, case_size_px=128)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Dataset509_Earlier"]

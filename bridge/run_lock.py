@@ -129,7 +129,16 @@ def run_lock(folder: Path) -> Iterator[Path]:
             except FileExistsError:
                 holder = _holder(path)
                 if attempt == 0 and _stale(path, holder, me["host"]):
-                    path.unlink(missing_ok=True)  # its run died without cleaning up
+                    try:
+                        path.unlink(missing_ok=True)  # its run died without cleaning up
+                    except OSError as err:  # a folder of that name, or a file we may not remove: was a traceback
+                        what = (
+                            "a folder where the run lock goes" if path.is_dir() else "a run lock no running pdl1 holds"
+                        )
+                        raise ProjectError(
+                            f"{path}: {what}, which cannot be removed ({err.strerror or err}); nothing was started: "
+                            "delete it (or have its owner delete it) and run again"
+                        ) from err
                     continue
                 pid = holder.get("pid")
                 who = (

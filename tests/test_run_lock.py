@@ -112,3 +112,16 @@ def test_an_empty_or_unreadable_lock_is_taken_over_once_a_minute_old(tmp_path, c
     with run_lock(tmp_path) as taken:
         assert json.loads(taken.read_text())["pid"] == os.getpid()
     assert not path.exists()
+
+
+def test_a_stale_lock_that_cannot_be_removed_is_named_with_the_fix(tmp_path):
+    # A folder named run.lock (or a dead run's lock we may not delete) was "[Errno 21] Is a directory".
+    path = tmp_path / "pdl1" / "run.lock"
+    path.mkdir(parents=True)
+    (path / "x").write_text("")
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    refused = r"run\.lock: a folder where the run lock goes, which cannot be removed \("
+    with pytest.raises(ProjectError, match=refused), run_lock(tmp_path):
+        pass
+    assert path.is_dir() and not [p for p in path.parent.iterdir() if p.name != "run.lock"]

@@ -375,3 +375,46 @@ def test_run_help_says_where_defaults_come_from():
     for option in ("--device", "--seg-model", "--nuclei-model", "--class", "--name", "--output"):
         assert option in text
     assert text.count("Default: from pdl1-config.toml") >= 8
+
+
+def test_an_interrupted_phantom_overwrite_leaves_no_slide_or_truth_of_two_phantoms(tmp_path, monkeypatch):
+    # Ctrl-C during `pdl1 phantom --overwrite` was "Aborted!", leaving a slide cut short under the name and the
+    # earlier phantom's truth.json beside it, read by eval (and demo) as the truth of these pixels.
+    import inference
+
+    out = tmp_path / "he.svs"
+    args = ["phantom", str(out), "--size", "1024", "--no-progress"]
+    assert runner.invoke(app, args).exit_code == 0
+    real = inference.write_phantom
+
+    def interrupted_midway(path, spec, *, on_progress=None):
+        def stop(done, total):
+            if done:
+                raise KeyboardInterrupt
+
+        return real(path, spec, on_progress=stop)
+
+    monkeypatch.setattr(inference, "write_phantom", interrupted_midway)
+    result = runner.invoke(app, [*args, "--overwrite", "--seed", "2"], env={"COLUMNS": "400"})
+    assert result.exit_code == 130, result.output
+    assert f"interrupted: {out} was not finished: it and its truth are removed" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_phantom_being_drawn_has_no_truth_json_of_the_one_it_replaces(tmp_path):
+    # truth.json, written last, says a phantom is whole; the earlier one's stayed while its successor was drawn.
+    from inference.phantom.pyramid import write_phantom
+    from inference.phantom.scene import PhantomSpec
+    from inference.phantom.truth import truth_dir_for
+
+    out = tmp_path / "he.svs"
+    write_phantom(out, PhantomSpec(1024, 1024, seed=1))
+    seen = []
+
+    def look(done, total):
+        seen.append((truth_dir_for(out) / "truth.json").exists())
+
+    write_phantom(out, PhantomSpec(1024, 1024, seed=2), on_progress=look)
+    assert seen and not any(seen)
+    assert json.loads((truth_dir_for(out) / "truth.json").read_text())["spec"]["seed"] == 2
+    assert sorted(p.name for p in truth_dir_for(out).iterdir()) == ["nuclei.csv", "positive_mask.tif", "truth.json"]

@@ -10,6 +10,7 @@ import typer
 from bridge.cli.common import (
     check_device,
     fail,
+    interrupted,
     outcome_table,
     pairs_table,
     pipeline_config,
@@ -108,16 +109,29 @@ def phantom(
             size, height or size, seed=seed, mpp=mpp, tps_percent=tps, shift=shift, weak_fraction=weak_fraction
         )
         ihc_spec = IhcSpec(immune_positive_fraction=0.3 if immune_positive is None else immune_positive)
+        writing = out
         with progress_bar(f"phantom {out.name}", enabled=progress) as on_progress:
             truth = write_phantom(out, spec, on_progress=on_progress)
         write_truth_geojson(truth.truth_dir)
         ihc_truth = None
         if ihc is not None:
+            writing = ihc
             with progress_bar(f"phantom IHC {ihc.name}", enabled=progress) as on_progress:
                 ihc_truth = write_ihc_phantom(ihc, spec, ihc_spec, paired_with=out, on_progress=on_progress)
             write_truth_geojson(ihc_truth.truth_dir)
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
+    except KeyboardInterrupt:  # was click's "Aborted!", leaving a slide cut short (and its truth) under OUT's name
+        import shutil
+
+        from inference import truth_dir_for
+
+        writing.unlink(missing_ok=True)
+        shutil.rmtree(truth_dir_for(writing), ignore_errors=True)
+        kept = f"; {out} and its truth are whole" if writing == ihc else ""
+        raise interrupted(
+            f"{writing} was not finished: it and its truth are removed{kept}. Run pdl1 phantom again"
+        ) from None
     for path, written in ((out, truth), (ihc, ihc_truth)):
         if written is None:
             continue

@@ -74,6 +74,9 @@ class TruthWriter:
         self.ihc = ihc
         self.truth_dir = truth_dir_for(slide_path)
         self.truth_dir.mkdir(parents=True, exist_ok=True)
+        # truth.json is written last and says the phantom is whole: an earlier phantom's must not stay beside
+        # this one while it is drawn (an interrupted --overwrite left it describing a half-written slide).
+        (self.truth_dir / "truth.json").unlink(missing_ok=True)
         self.mask_downsample = mask_downsample
         self.mask = np.zeros((-(-height_px // mask_downsample), -(-width_px // mask_downsample)), np.uint8)
         self.counts = np.zeros(len(classes), np.int64)
@@ -153,7 +156,9 @@ class TruthWriter:
             )
             summary["intensity_counts"] = {f"{i}+": int(self.intensity_counts[i]) for i in (1, 2, 3)}
         summary.update(extra or {})
-        (self.truth_dir / "truth.json").write_text(json.dumps(summary, indent=2))
+        part = self.truth_dir / "truth.json.part"  # renamed into place whole: its presence means a whole phantom
+        part.write_text(json.dumps(summary, indent=2))
+        part.replace(self.truth_dir / "truth.json")
         return PhantomTruth(self.slide_path, self.truth_dir, mask_path, self.nuclei_csv, summary)
 
 

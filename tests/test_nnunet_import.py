@@ -631,3 +631,17 @@ def test_a_dataset_json_without_labels_or_of_nnunet_v1_is_said_as_such(tmp_path,
     with pytest.raises(ModelFileError, match=said):
         import_nnunet(folder, tmp_path / "model", mpp=2.0)
     assert not (tmp_path / "model").exists()
+
+
+def test_a_fold_copied_in_part_is_said_with_the_fix(tmp_path):
+    # A fold whose copy had not finished was "fold_1/checkpoint_final.pth: checkpoint not found; ... has []".
+    folder = _results(tmp_path)
+    (folder / "fold_1").mkdir()
+    with pytest.raises(ModelFileError) as err:
+        import_nnunet(folder, tmp_path / "model", mpp=2.0)
+    assert str(err.value) == (
+        f"{folder / 'fold_1' / 'checkpoint_final.pth'}: checkpoint not found; {folder / 'fold_1'} holds no "
+        "checkpoint: its training saved none yet, or the copy of the fold is not finished: copy the fold again "
+        "from nnUNet_results, or take the folds that have it with --folds (0)"
+    )
+    assert not (tmp_path / "model").exists()

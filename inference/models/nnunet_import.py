@@ -410,10 +410,27 @@ def _choose_checkpoints(folder: Path, *, folds: list[str] | None, checkpoints: l
         for name in checkpoints:
             path = fold_dir / name
             if not path.is_file():
-                have = sorted(p.name for p in fold_dir.glob("*.pth"))
-                raise ModelFileError(f"{path}: checkpoint not found; {fold_dir} has {have}")
+                raise ModelFileError(
+                    f"{path}: checkpoint not found; {_missing_checkpoint_fix(fold_dir, fold_dirs, name)}"
+                )
             paths.append(path)
     return paths
+
+
+def _missing_checkpoint_fix(fold_dir: Path, fold_dirs: list[Path], name: str) -> str:
+    """What a fold without checkpoint ``name`` holds, and the fix: it was "has []" for a fold copied in part."""
+    have = sorted(p.name for p in fold_dir.glob("*.pth"))
+    complete = [f.name.removeprefix("fold_") for f in fold_dirs if (f / name).is_file()]
+    others = f"take the folds that have it with --folds ({', '.join(complete)})" if complete else ""
+    if not have:
+        return (
+            f"{fold_dir} holds no checkpoint: its training saved none yet, or the copy of the fold is not finished: "
+            f"copy the fold again from nnUNet_results{', or ' + others if others else ''}"
+        )
+    return (
+        f"{fold_dir} has {have}: name one of those with --checkpoints, or let its training finish (nnU-Net writes "
+        f"checkpoint_final.pth at the end){', or ' + others if others else ''}"
+    )
 
 
 def import_nnunet(

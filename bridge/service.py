@@ -22,6 +22,7 @@ import queue
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -696,6 +697,13 @@ def require_absolute(image: str, path: Path) -> Path:
     )
 
 
+def _not_a_regular_file(path: Path) -> ImagePathError:
+    return ImagePathError(
+        f"{clipped(str(path))} is not a regular file (a named pipe, socket or device); expected an image file (e.g. "
+        "a .svs, .ndpi or .tif): send the path of the image file itself"
+    )
+
+
 def _is_file(path: Path) -> bool:
     try:
         return path.is_file()
@@ -752,7 +760,10 @@ def open_allowed(
     shown = str(path) if shown is None else shown
     real = check_allowed(path, roots)
     try:
-        fd = os.open(real, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+        # O_NONBLOCK: a named pipe put in the image's place while the job waited would block the open, and the one
+        # worker with it, forever (no cancel reaches it); the descriptor only checks the file, readers open their own.
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        fd = os.open(real, flags)
     except FileNotFoundError as err:
         raise SlideNotFoundError(f"image not found: {real} (it was there when the job was submitted)") from err
     except OSError as err:
@@ -763,6 +774,9 @@ def open_allowed(
     slide: Slide | None = None
     source = real
     try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a folder is named by open_slide
+            raise _not_a_regular_file(real)
         proc = Path(f"/proc/self/fd/{fd}")
         opened = Path(os.readlink(proc)) if proc.is_symlink() else real
         if not _under(opened, roots):
@@ -1161,6 +1175,8 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
                     f"{clipped(str(requested))} is a folder; expected an image file (e.g. a .svs, .ndpi or .tif): "
                     "send the path of the image file itself"
                 )
+            if path.exists():  # "image not found" for a named pipe or device that is there
+                raise _not_a_regular_file(requested)
             if str(requested) != str(requested).strip():  # pasted with a line end: the shown name looks right
                 raise SlideNotFoundError(
                     f"image not found: {quoted(str(requested))}, which ends or starts with white space (a line end "

@@ -4,8 +4,10 @@ out of --allow-root, and the OpenAPI schema says what the service answers."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import os
 import re
 import socket
 import threading
@@ -557,3 +559,37 @@ def test_an_image_file_of_another_stain_is_told_to_set_its_image_type_in_qupath(
     assert status["state"] == "failed", status
     assert "--stain" not in status["error"]
     assert status["error"].endswith(f"say which: {bridge.service.PATH_STAIN_ADVICE}")
+
+
+# ------------------------------------------------------------------- a named pipe in the image's place
+
+
+def test_a_named_pipe_in_the_images_place_is_refused_not_waited_on(service, slides_root, tmp_path):
+    # At submission it was "image not found"; put there while the job waited, opening it blocked the one worker
+    # for good (no cancel reaches an open()).
+    pipe = slides_root / "pipe.svs"
+    os.mkfifo(pipe)
+    try:
+        r = service.client.post("/v1/jobs", json={"image": str(pipe)})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"].startswith(f"{pipe} is not a regular file (a named pipe, socket or device)")
+
+        outcome: list[BaseException | str] = []
+
+        def open_it():
+            try:
+                with bridge.service.open_allowed(pipe, (slides_root,), mpp=None):
+                    outcome.append("opened")
+            except BaseException as err:
+                outcome.append(err)
+
+        thread = threading.Thread(target=open_it, daemon=True)
+        thread.start()
+        thread.join(10)
+        assert outcome, "opening the pipe blocked"
+        assert isinstance(outcome[0], bridge.service.ImagePathError), outcome
+        assert str(outcome[0]).startswith(f"{pipe} is not a regular file")
+    finally:
+        with contextlib.suppress(OSError):  # a reader still blocked in open() is let go
+            os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        pipe.unlink()

@@ -292,3 +292,16 @@ def test_the_last_thumbnail_is_read_once_and_kept_read_only():
     with pytest.raises(ValueError, match="read-only"):
         first[0, 0] = 0
     assert slide.thumbnail(mpp=4.0).shape == (64, 64, 3) and Counting.reads == 2
+
+
+def test_a_named_pipe_is_said_to_be_one_not_missing(tmp_path):
+    # "no such file; check the path" for a named pipe that is there (pdl1 run's row of a failed image).
+    import os
+
+    pipe = tmp_path / "pipe.svs"
+    os.mkfifo(pipe)
+    with pytest.raises(SlideNotFoundError) as err:
+        open_slide(pipe)
+    assert str(err.value) == (
+        f"slide not found: {pipe} (not a regular file (a named pipe, socket or device); give the slide file itself)"
+    )

@@ -383,7 +383,7 @@ def _no_mpp_message(path: Path, *, whole_slide: bool, advice: MppAdvice | None =
 
 def _why_not_a_file(path: Path) -> str:
     """Why ``path`` names no slide file, and what to do: a folder, a link to nothing (a moved slide or a share not
-    mounted), a link that leads back to itself, or nothing at all."""
+    mounted), a link that leads back to itself, a named pipe, socket or device, or nothing at all."""
     import os
 
     if path.is_dir():
@@ -398,6 +398,8 @@ def _why_not_a_file(path: Path) -> str:
             )
         except (OSError, RuntimeError):  # RuntimeError: a loop, before Python 3.13
             return "a symbolic link that leads back to itself: fix or remove that link"
+    if path.exists():  # was "no such file" for a file that is there
+        return "not a regular file (a named pipe, socket or device); give the slide file itself"
     return "no such file; check the path, or relink the image in QuPath if it moved"
 
 

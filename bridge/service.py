@@ -1290,6 +1290,11 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
                 f"job {job_id}'s result was released: the service holds the results of the last "
                 f"{settings.keep_results} finished jobs (--keep-results); submit the job again"
             )
+        if result is None and job.state == "done":  # forgotten by a DELETE since it was looked up: was "done, not done"
+            raise JobNotFoundError(
+                f"job {job_id} was deleted (DELETE /v1/jobs/{job_id}) while its result was asked for, and its result "
+                "released with it; submit the job again"
+            )
         if job.state != "done" or result is None:
             raise JobStateError(f"job {job_id} is {job.state}, not done" + (f": {job.error}" if job.error else ""))
         page = min(limit or settings.max_page, settings.max_page)

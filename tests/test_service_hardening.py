@@ -593,3 +593,25 @@ def test_a_named_pipe_in_the_images_place_is_refused_not_waited_on(service, slid
         with contextlib.suppress(OSError):  # a reader still blocked in open() is let go
             os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
         pipe.unlink()
+
+
+def test_a_result_asked_for_while_its_job_is_deleted_says_so(service, slides_root, monkeypatch):
+    # A DELETE between the lookup and the read of the result answered 409 "job … is done, not done".
+    client = service.client
+    job_id = client.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "outputs": ["regions"]})
+    job_id = job_id.json()["job_id"]
+    assert service.wait(job_id)["state"] == "done"
+    real_get = bridge.service.Worker.get
+
+    def deleted_meanwhile(self, wanted):
+        job = real_get(self, wanted)
+        self.forget(wanted)
+        return job
+
+    monkeypatch.setattr(bridge.service.Worker, "get", deleted_meanwhile)
+    r = client.get(f"/v1/jobs/{job_id}/result")
+    assert r.status_code == 404, r.text
+    assert r.json() == {
+        "detail": f"job {job_id} was deleted (DELETE /v1/jobs/{job_id}) while its result was asked for, and its "
+        "result released with it; submit the job again"
+    }

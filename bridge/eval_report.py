@@ -244,8 +244,13 @@ def write_report(
     fn = np.concatenate([e.npr_scores[e.npr_is_fn] for e in evaluations]) if evaluations else np.zeros(0)
     tn = np.concatenate([e.npr_scores[~e.npr_is_fn] for e in evaluations]) if evaluations else np.zeros(0)
     bins = np.linspace(0, max(float(np.max(np.concatenate([fn, tn, [0.01]]))), 0.01), 30)
-    ax.hist(tn, bins=bins, alpha=0.6, label=f"true-negative NPRs ({len(tn)})", density=True)
-    ax.hist(fn, bins=bins, alpha=0.6, label=f"false-negative NPRs ({len(fn)})", density=True)
+    # A density of no values divides by zero (numpy warns, and draws nothing): an empty kind is named only.
+    for values, what in ((tn, "true-negative"), (fn, "false-negative")):
+        label = f"{what} NPRs ({len(values)})"
+        if len(values):
+            ax.hist(values, bins=bins, alpha=0.6, label=label, density=True)
+        else:
+            ax.plot([], [], label=label)
     ax.set(xlabel="aggregated uncertainty per NPR", ylabel="density", title="SUA: NPR uncertainty")
     ax.legend(fontsize=7)
     fig.tight_layout()

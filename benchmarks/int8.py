@@ -1,7 +1,7 @@
 """INT8 post-training quantisation (NNCF) of the demo members on OpenVINO against torch bf16 (issue #35).
 
-``python -m benchmarks.int8 --work DIR [--stage phantoms|quantise|speed|agreement|e2e|all] [--quick]
-[--kinds seg,nuclei] [--rounds N]``
+``python -m benchmarks.int8 --work DIR [--stage phantoms|quantise|quantise-ac|speed|agreement|e2e|all] [--quick]
+[--kinds seg,nuclei] [--rounds N] [--presets P,Q] [--max-drop D]``
 
 The baseline is what the product runs by default on this CPU: eager PyTorch in bf16 autocast (``precision=auto``
 on a CPU with AVX512-BF16), every ratio against it measured in the same run.
@@ -14,6 +14,21 @@ on a CPU with AVX512-BF16), every ratio against it measured in the same run.
    ``nncf.quantize`` (presets ``performance`` and ``mixed``, ``subset_size`` 300) on calibration tiles read from
    the calibration phantoms' tissue exactly as ``segment_slide`` reads them (the tile grid of ``plan_tiles``,
    ``plan_reads``' pixels, ``Ensemble.normalize``): 300 tiles drawn with a fixed seed. IRs go to ``DIR/ir``.
+2b. ``quantise-ac`` (not part of ``all``; ``--presets ac-performance`` or ``ac-mixed``): each segmentation member's
+   f32 IR through ``nncf.quantize_with_accuracy_control``, which quantises as ``quantise`` does and then returns to
+   float, one group at a time, the operations whose quantisation costs most on a validation metric until the drop
+   is at most ``--max-drop`` (absolute). The calibration phantoms are split, so the held-out ones stay unseen:
+   calibration on every tissue tile of 7101-7108 (TPS 10-70 %, shift 0-0.3), validation on every tissue tile of
+   7109-7112 (TPS 15, 45, 65, 20 %; shift 0.3, 0, 0.15, 0.3). The metric (:func:`positive_agreement`) is the
+   member's own positive pixels against the float IR's on those tiles: the smaller of the pooled Dice of the
+   positive class over all tiles and over the low-positive ones (under 5 % of the tile positive by the float IR),
+   since the plain recipes lost most on a 1 % TPS slide, where a few flipped pixels weigh most. ``max_drop`` 0.005
+   (that Dice at least 0.995 against float): the budget this module holds the held-out slides to is 0.005 Dice
+   against torch bf16, torch bf16 keeps within 0.0012 of fp32 there, and a member that changes at most 0.5 % of its
+   positive pixels on calibration-like tiles moves the ensemble's Dice against the truth by about that or less,
+   if the held-out slides behave like the validation ones (they are further out: shift up to 0.8, TPS 0.8-1.5 %;
+   the ``agreement`` stage checks it). IRs go to ``DIR/ir/seg/member_NN/int8-ac-<preset>``, what stayed in
+   float to ``DIR/quantise_ac.json``; ``speed``, ``agreement`` and ``e2e`` take the recipe by name.
 3. ``speed``: one forward pass of a batch (the product's CPU batch: 4 tiles for segmentation, 2 for nuclei) per
    member and for the whole ensemble: torch fp32, torch bf16 autocast (baseline), OpenVINO f32, OpenVINO bf16
    (inference precision hint), OpenVINO int8 (each preset; its non-quantised operations in f32 and in bf16).
@@ -103,7 +118,17 @@ CALIBRATION_SEED = 0
 # inputs are the normalised pixels and their outputs the logits: where int8 rounding is costliest).
 RECIPES = {"performance": ("performance", False), "mixed": ("mixed", False), "mixed-ends": ("mixed", True)}
 PRESETS = ("performance", "mixed")
+# Accuracy-controlled recipes (``quantise-ac``): nncf.quantize_with_accuracy_control with NNCF's preset, calibrated on
+# the first 8 calibration phantoms and validated on the last 4 (none of the held-out ones), at most AC_MAX_DROP
+# (absolute) below the float member on the validation metric (:func:`positive_agreement`).
+AC_RECIPES = {"ac-performance": "performance", "ac-mixed": "mixed"}
+AC_CALIBRATION = CALIBRATION[:8]
+AC_VALIDATION = CALIBRATION[8:]
+AC_MAX_DROP = 0.005
+# A validation tile is low-positive when under this share of its pixels is positive by the float member.
+AC_LOW_POSITIVE = 0.05
 E2E_SLIDE = ("e2e", 81, 30.0, 0.0)
+STAGES = ("phantoms", "quantise", "quantise-ac", "speed", "agreement", "e2e")
 E2E_SIZE_PX = 8192
 
 
@@ -131,8 +156,9 @@ def load(kind: str):
     return Ensemble.load(demo_model_dir(kind), task="segmentation" if kind == "seg" else "nuclei", device="cpu")
 
 
-def calibration_tiles(work: Path, ensemble, *, n: int = CALIBRATION_TILES) -> np.ndarray:
-    """``n`` normalised (3, T, T) tiles of the calibration phantoms' tissue, read as ``segment_slide`` reads them."""
+def calibration_tiles(work: Path, ensemble, *, n: int | None = CALIBRATION_TILES, slides=CALIBRATION) -> np.ndarray:
+    """``n`` normalised (3, T, T) tiles of ``slides``' tissue (all of them if ``n`` is None), read as
+    ``segment_slide`` reads them."""
     import torch
 
     from inference.analysis.segment import SegmentConfig, plan_reads, plan_tiles
@@ -141,7 +167,7 @@ def calibration_tiles(work: Path, ensemble, *, n: int = CALIBRATION_TILES) -> np
 
     config = SegmentConfig()
     tiles = []
-    for name, *_ in CALIBRATION:
+    for name, *_ in slides:
         with open_slide(slide_path(work, name)) as slide:
             tissue = tissue_mask_for_slide(slide)
             grid = plan_tiles(slide, ensemble, roi=None, tissue=tissue, config=config)
@@ -151,9 +177,10 @@ def calibration_tiles(work: Path, ensemble, *, n: int = CALIBRATION_TILES) -> np
                 tiles.extend(np.asarray(t) for _, t in it)
             finally:
                 it.close()
-    pick = np.random.default_rng(CALIBRATION_SEED).choice(len(tiles), size=min(n, len(tiles)), replace=False)
+    size = len(tiles) if n is None else min(n, len(tiles))
+    pick = np.random.default_rng(CALIBRATION_SEED).choice(len(tiles), size=size, replace=False)
     batch = torch.from_numpy(np.stack([tiles[i] for i in sorted(pick)]))
-    print(f"  calibration: {len(pick)} of {len(tiles)} tissue tiles", file=sys.stderr)
+    print(f"  {len(pick)} of {len(tiles)} tissue tiles of {', '.join(s[0] for s in slides)}", file=sys.stderr)
     return ensemble.normalize(batch).numpy()
 
 
@@ -212,6 +239,154 @@ def quantise(work: Path, kinds: list[str], *, presets=PRESETS) -> dict:
                 record[f"{kind}/{i}/{preset}"] = seconds
                 print(f"  {kind} member {i} int8 {preset}: quantised in {seconds:.1f} s", file=sys.stderr)
     (work / "quantise.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def positive_agreement(reference: np.ndarray, masks: np.ndarray) -> tuple[float, list[float]]:
+    """The accuracy-controlled stage's validation metric: how well a member's positive pixels ``masks`` (N, H, W)
+    match the float member's ``reference`` on the same N tiles. The metric is the smaller of two pooled Dice
+    coefficients of the positive class: over all tiles, and over the low-positive tiles (under
+    :data:`AC_LOW_POSITIVE` of their pixels positive by the reference), where a few flipped pixels weigh most (the
+    plain INT8 recipes lost their most Dice on a 1 % TPS slide). A pool with no positive pixel on either side scores
+    1. Per tile: its Dice with one pixel of smoothing (NNCF ranks the tiles by it).
+
+    >>> ref = np.zeros((3, 4, 10), bool); ref[0] = True; ref[1, 0, 0] = True
+    >>> positive_agreement(ref, ref)[0]
+    1.0
+    >>> worse = ref.copy(); worse[1, 1, :3] = True  # 3 false positives on the low-positive tile
+    >>> metric, per_tile = positive_agreement(ref, worse)
+    >>> round(metric, 3), [round(v, 3) for v in per_tile]
+    (0.4, [1.0, 0.5, 1.0])
+    """
+    ref = reference.reshape(len(reference), -1)
+    got = masks.reshape(len(masks), -1)
+    inter = (ref & got).sum(axis=1)
+    sizes = ref.sum(axis=1) + got.sum(axis=1)
+    low = ref.mean(axis=1) < AC_LOW_POSITIVE
+
+    def pooled(pick) -> float:
+        total = sizes[pick].sum()
+        return 1.0 if total == 0 else float(2 * inter[pick].sum() / total)
+
+    metric = min(pooled(np.ones(len(ref), bool)), pooled(low))
+    return metric, [float((2 * i + 1) / (n + 1)) for i, n in zip(inter, sizes, strict=True)]
+
+
+def member_positive(logits: np.ndarray, manifest) -> np.ndarray:
+    """A member's positive pixels from its logits (N, C, H, W): for a segmentation member (N, H, W), as
+    ``segment_slide`` calls them (softmax of the positive class at the threshold; one member's own map); for a
+    nuclei member (N, C, H, W), each class's heatmap (sigmoid) at or above the peak threshold ``min_score``, where
+    ``detect_nuclei`` may find a nucleus of that class."""
+    if manifest.task != "segmentation":
+        return 1 / (1 + np.exp(-logits)) >= float(manifest.thresholds.get("min_score", 0.3))
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e[:, manifest.positive_class] / e.sum(axis=1) >= manifest.thresholds.get("segmentation", 0.5)
+
+
+def quantised_ops(model) -> tuple[list[str], list[str]]:
+    """(quantised, float): the names of the model's convolutions and matrix products whose weights are int8 (or go
+    through a FakeQuantize) and of those left in float."""
+    kinds = ("Convolution", "ConvolutionBackpropData", "GroupConvolution", "MatMul")
+    quantised, floating = [], []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in kinds:
+            continue
+        todo, int8 = [op.input_value(1).get_node()], False
+        while todo and not int8:
+            node = todo.pop()
+            if node.get_type_name() == "FakeQuantize":
+                int8 = True
+            elif node.get_type_name() == "Constant":
+                int8 = node.get_element_type().get_type_name() in ("i8", "u8", "i4", "u4")
+            else:
+                todo.extend(v.get_node() for v in node.input_values())
+        (quantised if int8 else floating).append(op.get_friendly_name())
+    return quantised, floating
+
+
+def ac_variant(recipe: str, max_drop: float) -> str:
+    """The IR folder's recipe name: the recipe, with the drop when it is not :data:`AC_MAX_DROP`.
+
+    >>> ac_variant("ac-performance", 0.005), ac_variant("ac-performance", 0.002)
+    ('ac-performance', 'ac-performance-0.002')
+    """
+    return recipe if max_drop == AC_MAX_DROP else f"{recipe}-{max_drop:g}"
+
+
+def quantise_ac(work: Path, kinds: list[str], *, recipes: list[str], max_drop: float = AC_MAX_DROP) -> dict:
+    """``nncf.quantize_with_accuracy_control`` of each member (its f32 IR from ``quantise``): calibrated on up to
+    :data:`CALIBRATION_TILES` tissue tiles of :data:`AC_CALIBRATION`, validated by :func:`positive_agreement`
+    against the float IR's own positive pixels (:func:`member_positive`) on up to as many of :data:`AC_VALIDATION`
+    (the segmentation's: all of them)."""
+    import nncf
+    import openvino as ov
+    import torch
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    path = work / "quantise_ac.json"
+    record: dict = json.loads(path.read_text()) if path.is_file() else {}
+    for kind, i in [(k, i) for k in kinds for i in range(len(load(k).members))]:
+        if i == 0:
+            ens = load(kind)
+            m = ens.manifest
+            calib = calibration_tiles(work, ens, slides=AC_CALIBRATION)
+            valid = calibration_tiles(work, ens, slides=AC_VALIDATION)
+        variant = {recipe: ac_variant(recipe, max_drop) for recipe in recipes}
+        f32 = ir_folder(work, kind, i, "f32")
+        model = ov.Core().read_model(f32 / "model.xml")
+        ref_model = compile_ir(f32, bf16=False)
+        logits = [ref_model(torch.from_numpy(valid[j : j + 8])).numpy() for j in range(0, len(valid), 8)]
+        reference = member_positive(np.concatenate(logits), m)
+
+        def validate(compiled, items, reference=reference, valid=valid, m=m) -> tuple[float, list[float]]:
+            idx = list(items)
+            out = np.concatenate([compiled(valid[j : j + 1])[0] for j in idx])
+            return positive_agreement(reference[idx], member_positive(out, m))
+
+        low = int((reference.reshape(len(reference), -1).mean(axis=1) < AC_LOW_POSITIVE).sum())
+        for recipe in recipes:
+            out = ir_folder(work, kind, i, f"int8-{variant[recipe]}")
+            if (out / "model.xml").is_file():
+                continue
+            t0 = time.perf_counter()
+            q = nncf.quantize_with_accuracy_control(
+                model,
+                nncf.Dataset([calib[j : j + 1] for j in range(len(calib))]),
+                nncf.Dataset(list(range(len(valid)))),
+                validate,
+                max_drop=max_drop,
+                drop_type=nncf.DropType.ABSOLUTE,
+                preset=getattr(nncf.QuantizationPreset, AC_RECIPES[recipe].upper()),
+                subset_size=len(calib),
+                advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(num_ranking_workers=1),
+            )
+            seconds = time.perf_counter() - t0
+            out.mkdir(parents=True, exist_ok=True)
+            ov.save_model(q, out / "model.xml", compress_to_fp16=False)
+            hint = {"INFERENCE_PRECISION_HINT": "f32"}  # as NNCF validates
+            quantised, floating = quantised_ops(q)
+            plain = ir_folder(work, kind, i, f"int8-{AC_RECIPES[recipe]}")
+            plain_metric = None
+            if (plain / "model.xml").is_file():
+                plain_metric = validate(ov.Core().compile_model(plain / "model.xml", "CPU", hint), range(len(valid)))
+                plain_metric = plain_metric[0]
+            row = {
+                "seconds": seconds,
+                "max_drop": max_drop,
+                "calibration_tiles": len(calib),
+                "validation_tiles": len(valid),
+                "low_positive_tiles": low,
+                "metric": validate(ov.Core().compile_model(q, "CPU", hint), range(len(valid)))[0],
+                "metric_plain_int8": plain_metric,
+                "quantised": len(quantised),
+                "float": floating,
+            }
+            record[f"{kind}/{i}/{variant[recipe]}"] = row
+            path.write_text(json.dumps(record, indent=1))
+            print(f"  {kind} member {i} int8 {variant[recipe]}: {seconds:.1f} s, metric {row['metric']:.5f} (plain "
+                  f"int8 {plain_metric}), {len(quantised)} operations quantised, {len(floating)} in float: {floating}",
+                  file=sys.stderr)  # fmt: skip
     return record
 
 
@@ -409,8 +584,9 @@ def agreement_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _child(slide: Path, out: Path, *, seg: str, nuclei: str, ir_root: Path, preset: str) -> None:
-    """One ``pdl1 run`` analysis (benchmarks.runtimes' recorded one), each model's members on torch or int8."""
+def _child(slide: Path, out: Path, *, seg: str, nuclei: str, ir_root: Path) -> None:
+    """One ``pdl1 run`` analysis (benchmarks.runtimes' recorded one), each model's members on torch (``torch``),
+    OpenVINO bf16 (``bf16``) or an int8 IR (its variant folder, ``int8-<recipe>``)."""
     t_start = time.perf_counter()
     import inference.allocator as allocator
 
@@ -436,11 +612,9 @@ def _child(slide: Path, out: Path, *, seg: str, nuclei: str, ir_root: Path, pres
         if how in ("torch", "bf16"):  # bf16: OpenVINO as the product runs it (IR from the cache beside the model)
             continue
 
-        def to_int8(*, bf16: bool, keep_on_torch: tuple[int, ...] = (), ens=ens, kind=kind):
+        def to_int8(*, bf16: bool, keep_on_torch: tuple[int, ...] = (), ens=ens, kind=kind, how=how):
             members = [
-                m
-                if i in keep_on_torch
-                else compile_ir(ir_root / kind / f"member_{i:02d}" / f"int8-{preset}", bf16=bf16)
+                m if i in keep_on_torch else compile_ir(ir_root / kind / f"member_{i:02d}" / how, bf16=bf16)
                 for i, m in enumerate(ens.members)
             ]
             return ens._with(members, runtime="openvino")
@@ -459,23 +633,32 @@ def _child(slide: Path, out: Path, *, seg: str, nuclei: str, ir_root: Path, pres
     )
 
 
-E2E_CASES = {
-    "torch bf16 autocast": ("torch", "torch"),
-    "openvino bf16 (--runtime openvino)": ("bf16", "bf16"),
-    "int8 segmentation, torch nuclei": ("int8", "torch"),
-    "int8 segmentation and nuclei": ("int8", "int8"),
-}
+def e2e_cases(presets: list[str], *, nuclei_preset: str | None = None) -> dict[str, tuple[str, str]]:
+    """label -> (how the segmentation members run, how the nuclei members run): the baseline, OpenVINO bf16, and per
+    int8 recipe the segmentation on it with torch nuclei and with int8 nuclei (``nuclei_preset``, else the same
+    recipe: the accuracy-controlled recipes are made for the segmentation only).
+
+    >>> e2e_cases(["ac-performance"], nuclei_preset="performance")["int8 ac-performance segmentation and nuclei"]
+    ('int8-ac-performance', 'int8-performance')
+    """
+    cases = {"torch bf16 autocast": ("torch", "torch"), "openvino bf16 (--runtime openvino)": ("bf16", "bf16")}
+    for preset in presets:
+        nuclei = nuclei_preset or preset
+        cases[f"int8 {preset} segmentation, torch nuclei"] = (f"int8-{preset}", "torch")
+        cases[f"int8 {preset} segmentation and nuclei"] = (f"int8-{preset}", f"int8-{nuclei}")
+    return cases
 
 
-def measure_e2e(work: Path, *, preset: str, rounds: int) -> dict:
-    runs: dict[str, list[dict]] = {c: [] for c in E2E_CASES}
-    files: dict[str, list[Path]] = {c: [] for c in E2E_CASES}
+def measure_e2e(work: Path, *, presets: list[str], rounds: int, nuclei_preset: str | None = None) -> dict:
+    e2e = e2e_cases(presets, nuclei_preset=nuclei_preset)
+    runs: dict[str, list[dict]] = {c: [] for c in e2e}
+    files: dict[str, list[Path]] = {c: [] for c in e2e}
     for r in range(rounds):
-        for label, (seg, nuclei) in E2E_CASES.items():
+        for label, (seg, nuclei) in e2e.items():
             out = work / "e2e" / f"{seg}_{nuclei}_{r}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "benchmarks.int8", "--work", str(work), "--child", str(out), "--seg", seg,
-                   "--nuclei", nuclei, "--preset", preset]  # fmt: skip
+                   "--nuclei", nuclei]  # fmt: skip
             load = os.getloadavg()[0]
             subprocess.run(cmd, check=True)
             fig = {**json.loads(out.read_text()), "load1_before": load}
@@ -485,7 +668,8 @@ def measure_e2e(work: Path, *, preset: str, rounds: int) -> dict:
             runs[label].append(fig)
             files[label].append(out)
     base = files["torch bf16 autocast"]
-    result = {"preset": preset, "rounds": rounds, "cases": {}}
+    preset = "_".join(presets)
+    result = {"preset": preset, "nuclei_preset": nuclei_preset, "rounds": rounds, "cases": {}}
     for label, rs in runs.items():
         same = []
         for i, run in enumerate(rs):
@@ -534,12 +718,14 @@ def e2e_table(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.int8", description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--stage", default="all", choices=("phantoms", "quantise", "speed", "agreement", "e2e", "all"))
+    parser.add_argument("--stage", default="all", choices=(*STAGES, "all"))
     parser.add_argument("--quick", action="store_true", help="fewer rounds and held-out slides, a 4096² e2e slide")
     parser.add_argument("--kinds", default="seg", help="seg,nuclei: which demo models the speed stage times")
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--preset", default="performance", help="recipe for e2e (agreement: one or more, a,b)")
+    parser.add_argument("--preset", default="performance", help="recipes for agreement and e2e (one or more, a,b)")
+    parser.add_argument("--nuclei-preset", help="e2e: the nuclei members' int8 recipe (default: --preset's)")
     parser.add_argument("--presets", default=",".join(PRESETS), help="recipes the quantise and speed stages make")
+    parser.add_argument("--max-drop", type=float, default=AC_MAX_DROP, help="quantise-ac: absolute drop allowed")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--seg", default="torch", help=argparse.SUPPRESS)
     parser.add_argument("--nuclei", default="torch", help=argparse.SUPPRESS)
@@ -555,11 +741,10 @@ def main() -> None:
 
     allocator.tune_allocator()
     if args.child is not None:
-        _child(slide_path(work, E2E_SLIDE[0]), args.child, seg=args.seg, nuclei=args.nuclei, ir_root=work / "ir",
-               preset=args.preset)  # fmt: skip
+        _child(slide_path(work, E2E_SLIDE[0]), args.child, seg=args.seg, nuclei=args.nuclei, ir_root=work / "ir")
         return
     kinds = args.kinds.split(",")
-    stages = ("phantoms", "quantise", "speed", "agreement", "e2e") if args.stage == "all" else (args.stage,)
+    stages = tuple(s for s in STAGES if s != "quantise-ac") if args.stage == "all" else (args.stage,)
     import torch
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_NUM_THREADS="
@@ -569,6 +754,8 @@ def main() -> None:
             write_phantoms(work, quick=args.quick)
         elif stage == "quantise":
             quantise(work, kinds, presets=args.presets.split(","))
+        elif stage == "quantise-ac":
+            quantise_ac(work, kinds, recipes=args.presets.split(","), max_drop=args.max_drop)
         elif stage == "speed":
             rounds = args.rounds or (3 if args.quick else 7)
             print(speed_table(measure_speed(work, kinds, rounds=rounds, presets=args.presets.split(","))))
@@ -576,7 +763,9 @@ def main() -> None:
             presets = args.preset.split(",")
             print(agreement_table(measure_agreement(work, presets=presets, quick=args.quick)))
         elif stage == "e2e":
-            print(e2e_table(measure_e2e(work, preset=args.preset, rounds=args.rounds or (1 if args.quick else 3))))
+            rounds = args.rounds or (1 if args.quick else 3)
+            e2e = measure_e2e(work, presets=args.preset.split(","), rounds=rounds, nuclei_preset=args.nuclei_preset)
+            print(e2e_table(e2e))
 
 
 if __name__ == "__main__":

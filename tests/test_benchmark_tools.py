@@ -220,3 +220,27 @@ def test_int8_speed_input_is_what_the_sliding_windows_feed_and_e2e_reports_the_l
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert rows["torch bf16 autocast"].endswith("| 0.9-1.5 |")
     assert "| 1.40 |" in rows["openvino bf16 (--runtime openvino)"]  # 7.0 / 5.0
+
+
+def test_int8_accuracy_control_validates_on_calibration_phantoms_it_does_not_calibrate_on():
+    """benchmarks.int8's quantise-ac stage splits the calibration phantoms (none held out) into calibration and
+    validation, and its metric weighs the low-positive tiles apart: three false positives on a tile with one
+    positive pixel cost far more than they would pooled with a fully positive tile."""
+    import numpy as np
+
+    from benchmarks.int8 import AC_CALIBRATION, AC_VALIDATION, CALIBRATION, HELD_OUT, e2e_cases, positive_agreement
+
+    calibrate, validate = ({seed for _, seed, _, _ in part} for part in (AC_CALIBRATION, AC_VALIDATION))
+    assert calibrate.isdisjoint(validate) and calibrate | validate == {seed for _, seed, _, _ in CALIBRATION}
+    assert validate and min(tps for *_, tps, _ in AC_VALIDATION) <= 20
+    assert (calibrate | validate).isdisjoint(seed for _, seed, _, _ in HELD_OUT)
+    ref = np.zeros((3, 4, 10), bool)
+    ref[0], ref[1, 0, 0] = True, True
+    assert positive_agreement(ref, ref) == (1.0, [1.0, 1.0, 1.0])
+    worse = ref.copy()
+    worse[1, 1, :3] = True
+    metric, per_tile = positive_agreement(ref, worse)
+    assert metric == 0.4 and per_tile == [1.0, 0.5, 1.0]  # pooled over all tiles: 82 / 85
+    cases = e2e_cases(["performance", "ac-performance"], nuclei_preset="performance")
+    assert cases["int8 ac-performance segmentation and nuclei"] == ("int8-ac-performance", "int8-performance")
+    assert cases["torch bf16 autocast"] == ("torch", "torch")

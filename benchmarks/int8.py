@@ -78,8 +78,15 @@ members 2-4 short of reverting all 18: their drop stayed at 0.0076-0.03 while la
 ``ac-mixed-ends``: members 0 and 4 as plain ``mixed-ends`` (16 of 18 in int8, within the drop already), member 1
 with 2 in int8, members 2 and 3 all float. On the held-out slides both keep Dice within 0.005 of torch bf16 on every
 slide (worst |change| 0.0041 with bf16 for the float operations, both recipes; the plain ones -0.072 and -0.027),
-the first INT8 recipes that do; but with 2-3 of the 5 segmentation members wholly in float they buy little speed
-(see benchmarks/README.md).
+the first INT8 recipes that do; but they buy almost no speed over OpenVINO bf16. Forward passes of the segmentation
+ensemble (15 interleaved rounds, load 1.5-2.2 from other jobs; median of the per-round ratios to torch bf16):
+OpenVINO bf16 1.23x, int8 ``performance`` 1.86x, ``ac-performance`` 1.31x and ``ac-mixed-ends`` 1.27x (both with
+bf16 for the float operations; in f32 0.80x and 0.85x): the members wholly in float run at OpenVINO bf16's speed,
+and the partly quantised ones barely faster (members 0 and 1 of ``ac-performance`` 15.5 and 16.5 ms against 16.9
+and 15.7 ms bf16 and 10.7 and 10.8 ms plain int8: the layers returned to float are the costly ones, and each
+boundary adds a conversion). ``pdl1 run`` end to end, 3 rounds at load 2.0-3.8: segmentation phases within the
+noise of OpenVINO bf16 (1.05x; ``ac-performance`` 1.10x, ``ac-mixed-ends`` 1.28x, plain int8 1.06x, each with
+torch nuclei; an earlier run at load 4.2-4.9: 1.00x, 0.93x, 0.92x, 0.97x), nothing this machine can resolve.
 """
 
 from __future__ import annotations

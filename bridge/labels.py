@@ -434,8 +434,8 @@ def labels_from_objects(
         spelt = {_spelling(c): c for c in rules.class_names}
         meant = {c: spelt[_spelling(c)] for c in sorted(unknown_point_classes) if _spelling(c) in spelt}
         hint = (
-            "; spelt otherwise, these are the model's "
-            + ", ".join(f"{c!r} (pass --class-map '{c}={m}')" for c, m in meant.items())
+            "; spelt otherwise, "
+            + ", ".join(f"{c!r} is the model's {m!r} (pass --class-map '{c}={m}')" for c, m in meant.items())
             + ", or rename the class in QuPath and export again"
             if meant
             else ""

@@ -622,10 +622,12 @@ def test_a_project_s_run_output_tells_which_candidate_a_pathologist_deleted(labe
 @pytest.mark.parametrize("cls", ["tumor: positive", "Tumor:Positive", "Tumor: Positive "])
 def test_point_classes_spelt_otherwise_are_named_with_the_class_map_that_takes_them(cls):
     """A class QuPath holds as 'Tumor: Positive ' (a trailing space) could not be mapped at all: --class-map strips
-    its LABEL, and the points' class kept the space; nor did the error say which model class was meant."""
+    its LABEL, and the points' class kept the space; nor did the error say which model class was meant (then it
+    named the label's class as the model's: "these are the model's 'tumor: positive'")."""
     region = _obj(shapely.box(0, 0, 100, 100), "Training region")
     points = _obj(shapely.MultiPoint([(10, 10), (20, 20)]), cls)
-    with pytest.raises(LabelError, match=re.escape(f"pass --class-map '{cls}=Tumor: Positive'")):
+    meant = f"{cls!r} is the model's 'Tumor: Positive' (pass --class-map '{cls}=Tumor: Positive')"
+    with pytest.raises(LabelError, match=re.escape(meant)):
         labels_from_objects([region, points], slide="s.svs", image_size_px=(100, 100), rules=RULES)
     rules = LabelRules(class_names=HE_CLASSES, class_map=parse_class_map([f"{cls}=Tumor: Positive"]))
     labels = labels_from_objects([region, points], slide="s.svs", image_size_px=(100, 100), rules=rules)

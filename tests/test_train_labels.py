@@ -348,6 +348,17 @@ def test_validation_scores_each_member_and_fits_the_threshold_on_pooled_labelled
     assert not kept.adopted and kept.after == 0.4 and kept.score_after == kept.score_before
 
 
+def test_a_one_member_segmentation_model_has_no_members_to_rank_against():
+    """A one-member model was scored as 'members 0.468 (ensemble rank 1 of 2)': its member set beside itself. The
+    README, and the nuclei validation, say a one-member model has no members to set beside it: empty, rank 0."""
+    from inference import LabelledPixels, score_labelled_pixels
+
+    truth = np.array([True, True, False, False])
+    prob = np.array([0.9, 0.4, 0.6, 0.1], np.float32)
+    (s,) = score_labelled_pixels([LabelledPixels("a", truth, prob, prob[None])], threshold=0.5)
+    assert s.dice == pytest.approx(0.5) and s.dice_members == () and s.rank == 0
+
+
 @pytest.mark.slow
 def test_region_labels_almost_all_one_class_are_trained_on_with_a_warning_naming_the_fix(labelled, tmp_path):
     from bridge.qupath_geojson import QuPathObject, to_feature

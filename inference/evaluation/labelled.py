@@ -270,7 +270,7 @@ def _dice(truth: np.ndarray, pred: np.ndarray) -> float:
 
 
 def score_labelled_pixels(pixels: Sequence[LabelledPixels], *, threshold: float) -> list[LabelledRegionScore]:
-    """Dice of the thresholded mean probability, and of each member's, per slide.
+    """Dice of the thresholded mean probability, and of each member's (none for a one-member model), per slide.
 
     >>> px = LabelledPixels("s", np.array([True, True, False]), np.array([0.9, 0.4, 0.2]),
     ...                     np.array([[0.9, 0.6, 0.1], [0.8, 0.2, 0.3]]))
@@ -288,7 +288,8 @@ def score_labelled_pixels(pixels: Sequence[LabelledPixels], *, threshold: float)
                 int(px.truth.sum()),
                 int(pred.sum()),
                 _dice(px.truth, pred),
-                tuple(_dice(px.truth, m >= threshold) for m in px.member_prob),
+                # One member is the ensemble itself: nothing to set beside it (empty, rank 0), as for nuclei.
+                tuple(_dice(px.truth, m >= threshold) for m in px.member_prob) if len(px.member_prob) > 1 else (),
                 threshold,
             )
         )

@@ -425,9 +425,22 @@ def labels_from_objects(
                 written.candidates
             )
         else:
+            # A deleted candidate is a dismissal inferred from its absence; where the reviewer drew (or reclassified)
+            # positive area over it, what they drew is the label. Left whole, it contradicted their drawing and the
+            # run stopped, telling them to fix in QuPath an object no longer there.
+            drawn_positive = _union(positive)
             for gone in _deleted_candidates(written, tool_annotations):
-                negative.append(_area(gone, f"{where}: a deleted {PDL1_FN_CANDIDATE.name}"))
+                dismissed = _area(gone, f"{where}: a deleted {PDL1_FN_CANDIDATE.name}").difference(drawn_positive)
                 counts[f"reviewed: {PDL1_FN_CANDIDATE.name} deleted ({NEGATIVE})"] += 1
+                if dismissed.area < gone.area - _OVERLAP_TOLERANCE_PX2:
+                    counts[
+                        f"reviewed: {PDL1_FN_CANDIDATE.name} deleted, {POSITIVE} drawn over it (there positive)"
+                    ] += 1
+                dismissed = shapely.union_all(
+                    [g for g in shapely.get_parts(dismissed) if isinstance(g, Polygon | shapely.MultiPolygon)]
+                )  # the area only: a difference can leave slivers of lines and points at the positive's edge
+                if not dismissed.is_empty:
+                    negative.append(dismissed)
     if unknown_point_classes:
         listing = ", ".join(f"{c} ({n} points)" for c, n in sorted(unknown_point_classes.items()))
         # 'tumor: positive' or 'Tumor:Positive ' is the model's class spelt otherwise: say which, and the option.

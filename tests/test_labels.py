@@ -588,6 +588,30 @@ def test_with_the_last_run_s_output_reclassified_nuclei_and_deleted_candidates_a
         labels_from_objects(odd, slide="s", image_size_px=(100, 100), rules=review, written=written)
 
 
+def test_a_deleted_candidate_yields_where_the_reviewer_drew_positive_area_over_it():
+    """A reviewer who redrew a candidate's positive part as a PD-L1 positive area and deleted the candidate got
+    'PD-L1 positive and PD-L1 negative labels overlap ...: fix one of them in QuPath', naming an object (the
+    deleted candidate, taken as negative) no longer in QuPath. What they drew is the label there."""
+    from bridge.labels import WrittenObjects
+
+    kept, dismissed = shapely.box(10, 10, 30, 30), shapely.box(60, 60, 80, 80)
+    written = WrittenObjects.from_objects([_candidate(kept), _candidate(dismissed)])
+    drawn = _obj(shapely.box(70, 60, 90, 80), "PD-L1 positive")  # over the right half of the deleted candidate
+    review = LabelRules(class_names=HE_CLASSES, from_review=True)
+    labels = labels_from_objects(
+        [_candidate(kept), drawn], slide="s", image_size_px=(100, 100), rules=review, written=written
+    )
+    assert labels.negative.equals(shapely.box(60, 60, 70, 80)) and labels.positive.equals(drawn.geometry)
+    assert labels.counts["reviewed: PD-L1 FN candidate deleted (PD-L1 negative)"] == 1
+    assert labels.counts["reviewed: PD-L1 FN candidate deleted, PD-L1 positive drawn over it (there positive)"] == 1
+    # Drawn over whole, nothing of it is negative.
+    whole = _obj(shapely.box(55, 55, 85, 85), "PD-L1 positive")
+    labels = labels_from_objects(
+        [_candidate(kept), whole], slide="s", image_size_px=(100, 100), rules=review, written=written
+    )
+    assert labels.negative.is_empty and labels.positive.equals(whole.geometry)
+
+
 @pytest.mark.parametrize("qupath", ["never", pytest.param("always", marks=pytest.mark.qupath)])
 def test_a_project_s_run_output_tells_which_candidate_a_pathologist_deleted(labelled, tmp_path, qupath):
     from bridge.labels import WrittenObjects, _tool_written_class

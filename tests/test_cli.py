@@ -418,3 +418,13 @@ def test_a_phantom_being_drawn_has_no_truth_json_of_the_one_it_replaces(tmp_path
     assert seen and not any(seen)
     assert json.loads((truth_dir_for(out) / "truth.json").read_text())["spec"]["seed"] == 2
     assert sorted(p.name for p in truth_dir_for(out).iterdir()) == ["nuclei.csv", "positive_mask.tif", "truth.json"]
+
+
+def test_a_run_refused_before_any_image_draws_no_empty_progress_bars(tmp_path):
+    """`pdl1 run SLIDE` without --out drew 'images 0/?' and 'tiles 0/?' bars above its usage error."""
+    slide = tmp_path / "a.svs"
+    slide.write_bytes(b"")
+    result = runner.invoke(app, ["run", str(slide)])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: plain slides need --out DIR"), result.output
+    assert "images" not in result.output and "tiles" not in result.output

@@ -260,21 +260,34 @@ def run_with_progress(inputs, run_config, *, progress: bool):
 
     if not progress:
         return run_batch(inputs, run_config)
-    with Progress(
+    bar = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
-    ) as bar:
-        images = bar.add_task("images", total=None)
-        tiles = bar.add_task("tiles", total=None)
+    )
+    # The bars start with the first image: a run refused before any (no --out for slides, a project and slides
+    # together) drew two empty bars above its error.
+    tasks: dict[str, int] = {}
 
-        def on_image(i: int, n: int, name: str) -> None:
-            bar.update(images, completed=i, total=n, description=f"images ({name})")
-            bar.reset(tiles)
+    def task(name: str) -> int:
+        if not tasks:
+            bar.start()
+            tasks["images"] = bar.add_task("images", total=None)
+            tasks["tiles"] = bar.add_task("tiles", total=None)
+        return tasks[name]
 
-        def on_tiles(done: int, total: int) -> None:
-            bar.update(tiles, completed=done, total=total)
+    def on_image(i: int, n: int, name: str) -> None:
+        bar.update(task("images"), completed=i, total=n, description=f"images ({name})")
+        bar.reset(task("tiles"))
 
+    def on_tiles(done: int, total: int) -> None:
+        bar.update(task("tiles"), completed=done, total=total)
+
+    try:
         outcomes = run_batch(inputs, run_config, on_image=on_image, on_tiles=on_tiles)
-        bar.update(images, completed=len(outcomes))
+        if tasks:
+            bar.update(tasks["images"], completed=len(outcomes))
+    finally:
+        if tasks:
+            bar.stop()
     return outcomes
 
 

@@ -429,3 +429,29 @@ def test_labels_from_a_paired_ihc_that_was_flagged_are_warned_of(capsys):
     _echo_counts([doubtful, sure], regions=True)
     err = " ".join(capsys.readouterr().err.split())
     assert "the paired IHC behind the labels of he_1.svs was flagged for review" in err and "he_2.svs" not in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["PROJECT2"], "2 projects given"),
+        (
+            ["SLIDE"],
+            "project alone (its entries are the slides, their objects the labels), not with slide files",
+        ),
+        (["--labels", "LABELS"], "not with --labels"),
+    ],
+)
+def test_a_project_beside_other_sources_is_refused_saying_what_came(tmp_path, extra, says):
+    """Two projects were told 'give one QuPath project alone ..., without --labels' though no --labels came."""
+    for name in ("p1", "p2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "project.qpproj").write_text("{}")
+    (tmp_path / "a.svs").write_bytes(b"")
+    (tmp_path / "a.geojson").write_text("{}")
+    swap = {"PROJECT2": str(tmp_path / "p2"), "SLIDE": str(tmp_path / "a.svs"), "LABELS": str(tmp_path / "a.geojson")}
+    args = ["train", "seg", str(tmp_path / "p1"), *(swap.get(a, a) for a in extra), "--out", str(tmp_path / "m")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert says in " ".join(result.output.replace("│", " ").split()), result.output
+    assert not (tmp_path / "m").exists()

@@ -411,8 +411,17 @@ def _read_labels(
     )
     projects = [s for s in sources if _is_project(s)]
     if projects:
+        if len(projects) > 1:
+            raise typer.BadParameter(
+                f"{len(projects)} projects given ({', '.join(map(str, projects))}); training reads one project per "
+                "run: give one (add the other's images to it in QuPath), or give slide files with --labels"
+            )
         if len(sources) != 1 or geojson:
-            raise typer.BadParameter("give one QuPath project alone (its entries are the slides), without --labels")
+            what = "--labels" if geojson else "slide files"
+            raise typer.BadParameter(
+                f"give one QuPath project alone (its entries are the slides, their objects the labels), not with "
+                f"{what}; for slides with --labels, give the slide files and no project"
+            )
         return read_project_labels(projects[0], rules=rules, entries=tuple(entries), qupath=qupath)
     if entries:
         raise typer.BadParameter("--entries chooses entries of a QuPath project; the sources are slides")

@@ -225,9 +225,12 @@ def _example_png(tile: dict[str, Any], path: Path) -> None:
 
 
 def _num(value: Any, fmt: str = ".3f") -> str:
+    """A float as ``fmt``; a count (an int) whole, with thousands separators: not '65536.000' px."""
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "n/a"
-    return format(value, fmt) if isinstance(value, float | int) and not isinstance(value, bool) else str(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return format(value, fmt) if isinstance(value, float) else str(value)
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -197,3 +197,20 @@ def test_own_labels_with_validation_show_the_held_out_scores_and_tiles(fixtures_
         meta = json.loads(str(data["meta"]))
         assert {m["role"] for m in meta} == {"validation"}
         assert all(len(data[f"label_xy_{i}"]) > 0 for i in range(len(meta)))
+
+
+def test_held_out_counts_are_shown_whole(tmp_path):
+    """The validation table showed pixel and nucleus counts as floats: 'labelled px 65536.000'."""
+    import shutil
+
+    from inference import demo_model_dir
+
+    model = tmp_path / "m"
+    shutil.copytree(demo_model_dir("seg"), model)
+    row = {"slide": "/s/a.svs", "labelled_px": 65536, "positive_px": 5920, "predicted_px": 19403, "dice": 0.4676}
+    validation = {"task": "segmentation", "slides": [{**row, "dice_members": [], "rank": 0}]}
+    (model / "validation.json").write_text(json.dumps(validation))
+    result = runner.invoke(app, ["train", "report", str(model)])
+    assert result.exit_code == 0, result.output
+    page = (model / "training_report.html").read_text()
+    assert "<td>a.svs</td><td>65,536</td><td>5,920</td><td>19,403</td><td>0.468</td><td>-</td><td>-</td>" in page

@@ -98,6 +98,7 @@ def test_pdl1_train_nuclei_on_a_slide_and_its_geojson_records_the_labels(labelle
     result = runner.invoke(app, [*args, *TINY, "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "points: Tumor: Positive 440" in result.output
+    assert f"wrote {out}: 1 member member_00.safetensors (cycle 1, epoch 1)" in result.output  # not '1 members'
     training = json.loads((out / "manifest.json").read_text())["training"]
     (record,) = training["data"]
     assert record["source"] == str(geojson)

@@ -752,7 +752,7 @@ def _train_and_validate(
 def _echo_trained(out: Path, manifest, validation_lines: list[str], fit: dict | None, report: str) -> None:
     """What a training run printed at its end: the members written, each held-out slide, the threshold fit, the report."""
     typer.echo(
-        f"wrote {out}: {len(manifest.members)} members "
+        f"wrote {out}: {len(manifest.members)} member{'s' if len(manifest.members) != 1 else ''} "
         + ", ".join(f"{m.file} (cycle {m.cycle}, epoch {m.epoch})" for m in manifest.members)
     )
     for line in validation_lines:

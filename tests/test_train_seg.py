@@ -369,3 +369,13 @@ def test_resume_of_another_runs_checkpoint_names_what_differs(tmp_path, model, o
         load_checkpoint(tmp_path, model, optimizer(model.parameters()), rng)
     same = torch.nn.Linear(2, 3)
     assert load_checkpoint(tmp_path, same, torch.optim.AdamW(same.parameters()), rng) == (1, [])
+
+
+def test_ihc_phantoms_are_refused_before_anything_is_written(ihc_pair, tmp_path):
+    """Trained on the IHC sections of phantom pairs, the ensemble's manifest said stain H&E, and `pdl1 run --seg-model`
+    ran it on H&E slides; the segmentation ensemble is the H&E path's."""
+    he, ihc = ihc_pair
+    out = tmp_path / "m"
+    with pytest.raises(ValueError, match=r"ihc_271\.svs: PD-L1 IHC phantoms .* give the H&E phantoms"):
+        train_segmentation(_cfg(slides=(str(he), str(ihc)), out_dir=str(out)))
+    assert not out.exists()

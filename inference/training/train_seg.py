@@ -182,6 +182,18 @@ def _patch_centres(shape_hw: tuple[int, int], patch_px: int) -> np.ndarray:
     return valid
 
 
+def _refuse_ihc_truth(slides: Sequence[str | Path]) -> None:
+    """The segmentation ensemble is the H&E path's (a PD-L1 IHC is scored by its cells); trained on IHC phantoms
+    it was written as an H&E model, which `pdl1 run` then ran on H&E slides."""
+    ihc = [Path(p).name for p in slides if load_truth(p).summary.get("stain", "H&E") != "H&E"]
+    if ihc:
+        raise ValueError(
+            f"{', '.join(ihc)}: PD-L1 IHC phantoms (their truth.json's stain is H-DAB), but the segmentation "
+            "ensemble is trained on H&E (an IHC is scored by its cells: train the IHC nuclei model on them with "
+            "`pdl1 train nuclei`); give the H&E phantoms"
+        )
+
+
 def load_training_slide(path: str | Path, *, input_mpp: float, patch_px: int) -> _SlideData:
     """Read a phantom slide whole at ``input_mpp`` with its truth mask on the same grid."""
     truth = load_truth(path)
@@ -386,6 +398,8 @@ def train_segmentation(
     """
     out_dir = Path(config.out_dir)
     check_out_dir(out_dir, resume=resume)
+    if not labels:
+        _refuse_ihc_truth(config.slides)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(config.device)
     if labels:

@@ -31,6 +31,18 @@ def test_eval_seg_prints_ensemble_and_members(small):
     assert "AUROC predictive entropy -> error" in result.output
 
 
+def test_eval_seg_of_a_one_member_model_sets_no_member_beside_it(small, tmp_path):
+    """A one-member model printed 'ensemble Dice >= every member's: yes (0.4312 vs best member 0.4312)'."""
+    model = tmp_path / "one"
+    shutil.copytree(Path(__file__).parents[1] / "inference" / "demo_models" / "seg", model)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["members"] = manifest["members"][:1]
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["eval", "seg", str(small), "--model", str(model), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "Dice, ensemble" in result.output and "ensemble Dice >= every member's" not in result.output
+
+
 def test_eval_seg_sums_up_several_slides(small):
     result = runner.invoke(app, ["eval", "seg", str(small), str(small), "--device", "cpu", "--no-progress"])
     assert result.exit_code == 0, result.output

@@ -127,11 +127,12 @@ def eval_seg(
             )
             table.add_row("mutual information, min", f"{result.mi_min:.2e}")
             out.print(table)
-            best = max(result.dice_members, default=float("nan"))
-            verdict = "yes" if result.dice_ensemble >= best else "no"
-            out.print(
-                f"ensemble Dice >= every member's: {verdict} ({result.dice_ensemble:.4f} vs best member {best:.4f})"
-            )
+            if len(result.dice_members) > 1:  # one member is the model itself: nothing to set beside it
+                best = max(result.dice_members)
+                verdict = "yes" if result.dice_ensemble >= best else "no"
+                out.print(
+                    f"ensemble Dice >= every member's: {verdict} ({result.dice_ensemble:.4f} vs best member {best:.4f})"
+                )
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
     if len(results) > 1 and all(r.dice_members for r in results):

@@ -211,7 +211,9 @@ def _project(tmp_path, config_text=None):
     return tmp_path
 
 
-@pytest.mark.parametrize(("given", "stain"), [("ihc", "H-DAB"), ("IHC", "H-DAB"), ("HE", "H&E")])
+@pytest.mark.parametrize(
+    ("given", "stain"), [("ihc", "H-DAB"), ("IHC", "H-DAB"), ("HE", "H&E"), ("H-DAB", "H-DAB"), ("H&E", "H&E")]
+)
 def test_stain_is_read_in_any_case(tmp_path, captured_run, given, stain):
     result = runner.invoke(app, ["run", str(_project(tmp_path)), "--no-progress", "--no-config", "--stain", given])
     assert result.exit_code == 0, result.output

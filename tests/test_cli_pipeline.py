@@ -118,7 +118,7 @@ def test_run_usage_errors(small, tmp_path):
     result = runner.invoke(app, ["run", str(small), "--qupath", "maybe", "--out", str(tmp_path)])
     assert result.exit_code == 2
     result = runner.invoke(app, ["run", str(small), "--stain", "dab", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "expected he or ihc, got 'dab'" in result.output
+    assert result.exit_code == 2 and "expected he or ihc (or H&E, H-DAB), got 'dab'" in " ".join(result.output.split())
 
 
 def test_demo_runs_end_to_end(tmp_path):

@@ -24,7 +24,8 @@ from bridge.project_config import ProjectConfig, config_path_for, problem_with, 
 from inference import Pdl1Error
 
 # --stain's words -> the stain a model manifest names.
-STAIN_OPTION = {"he": "H&E", "ihc": "H-DAB"}
+# Also the names the run prints ("H&E (colour)", "H-DAB (colour)"), as `pdl1 import nnunet --stain` takes them.
+STAIN_OPTION = {"he": "H&E", "ihc": "H-DAB", "h&e": "H&E", "h-dab": "H-DAB"}
 
 _OPTION_OF = {
     "device": "--device",
@@ -282,7 +283,7 @@ def run(
         raise typer.BadParameter("expected auto, never or always", param_hint="--qupath")
     stain = None if stain is None else stain.lower()  # HE and IHC as readily as he and ihc
     if stain is not None and stain not in STAIN_OPTION:
-        raise typer.BadParameter(f"expected he or ihc, got {stain!r}", param_hint="--stain")
+        raise typer.BadParameter(f"expected he or ihc (or H&E, H-DAB), got {stain!r}", param_hint="--stain")
     if engine not in ("local", "ray"):
         raise typer.BadParameter("expected local or ray", param_hint="--engine")
     if address is not None and engine != "ray":

@@ -202,6 +202,7 @@ def test_pdl1_train_seg_refuses_unlabeled_slides_it_cannot_pseudo_label(phantoms
     Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(png)
     text = fails("--unlabeled", str(png))
     assert "unlabelled slide" in text and "states no microns per pixel" in text and "Pseudo-labels need" in text
+    assert "--mpp" not in text  # pdl1 train seg has no such option
     ihc = tmp_path / "ihc.svs"
     write_ihc_phantom(ihc, PhantomSpec(1024, 1024, seed=25, tps_percent=40))
     text = fails("--unlabeled", str(ihc))

@@ -180,6 +180,15 @@ class PseudoLabels:
         }
 
 
+def _pseudo_mpp_advice(value: str) -> str:
+    """What to do about an unlabelled slide without a pixel size: `pdl1 train seg` has no --mpp (the analysis'
+    advice, "with --mpp", sent users to an option it lacks)."""
+    return (
+        "pseudo-labels need the pixel size: give the slide as a QuPath project entry, its pixel size set in "
+        f"QuPath (Image tab: Pixel width/height) to {value}, or leave it out of --unlabeled"
+    )
+
+
 def pseudo_label_slides(
     model_dir: str | Path,
     slides: Sequence[UnlabeledSlide],
@@ -211,16 +220,13 @@ def pseudo_label_slides(
     checked: list[tuple[UnlabeledSlide, str, str]] = []
     for item in slides:  # every slide checked before the first is segmented
         try:
-            slide = open_slide(item.path, mpp=item.mpp, mpp_source="QuPath project")
+            slide = open_slide(item.path, mpp=item.mpp, mpp_source="QuPath project", mpp_advice=_pseudo_mpp_advice)
         except (SlideNotFoundError, SlideFormatError) as err:
             raise type(err)(
                 f"unlabelled slide {item.label}: {err}; leave it out of --unlabeled or fix the file"
             ) from err
         except MissingMppError as err:
-            raise MissingMppError(
-                f"unlabelled slide {item.label}: {err}. Pseudo-labels need the pixel size: give the slide as a "
-                "QuPath project entry whose image has a pixel calibration (Image tab), or leave it out of --unlabeled"
-            ) from err
+            raise MissingMppError(f"unlabelled slide {item.label}: {err}") from err
         with slide:
             slide.require_resolution(manifest.input_mpp, reader=reader)
             slide.require_resolution(input_mpp, reader="segmentation training")

@@ -456,3 +456,18 @@ def test_a_project_beside_other_sources_is_refused_saying_what_came(tmp_path, ex
     assert result.exit_code == 2
     assert says in " ".join(result.output.replace("│", " ").split()), result.output
     assert not (tmp_path / "m").exists()
+
+
+def test_a_labelled_slide_without_a_pixel_size_is_told_what_training_can_read(tmp_path):
+    """The analysis' advice, 'with --mpp', sent users to an option `pdl1 train` lacks."""
+    from PIL import Image
+
+    png = tmp_path / "camera.png"
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(png)
+    (tmp_path / "camera.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    args = ["train", "nuclei", str(png), "--labels", str(tmp_path / "camera.geojson"), "--out", str(tmp_path / "m")]
+    result = runner.invoke(app, args)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert "states no microns per pixel. Training reads the pixel size from the file itself" in text
+    assert "--mpp" not in text

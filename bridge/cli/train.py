@@ -373,6 +373,16 @@ def _pseudo_labels(
     return pseudo, teacher
 
 
+def _training_mpp_advice(value: str) -> str:
+    """What to do about a labelled slide without a pixel size: `pdl1 train` has no --mpp (the analysis' advice,
+    "with --mpp", sent users to an option it lacks)."""
+    return (
+        "training reads the pixel size from the file itself: save the image as a TIFF whose resolution tags state "
+        f"{value} (tifffile: imwrite(path, rgb, resolution=(1e4 / MPP, 1e4 / MPP), resolutionunit='CENTIMETER')), "
+        "or leave it out"
+    )
+
+
 def _is_project(path: Path) -> bool:
     return path.suffix == ".qpproj" or (path.is_dir() and (path / "project.qpproj").is_file())
 
@@ -437,7 +447,7 @@ def _read_labels(
         )
     out = []
     for slide_path, labels_path in zip(sources, geojson, strict=True):
-        with open_slide(slide_path) as slide:
+        with open_slide(slide_path, mpp_advice=_training_mpp_advice) as slide:
             size, mpp = tuple(slide.dimensions), slide.mpp.mean
             warn_unless_he(slide, str(slide_path))
         out.append(read_geojson_labels(labels_path, slide=slide_path, image_size_px=size, rules=rules, mpp=mpp))

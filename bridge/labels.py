@@ -631,7 +631,12 @@ def read_project_labels(
                 "or set its image type in QuPath (Image > Image type) if it is an H&E"
             )
         if entry.stain is None:
-            warn_unless_he(slide, source)
+            from inference import open_slide
+
+            # With the pixel size QuPath saved (as `pdl1 run` reads the entry): the colour check needs none, and a
+            # file stating none is for the trainer to refuse with what training can read.
+            with open_slide(slide, mpp=entry.mpp, mpp_source="QuPath project") as opened:
+                warn_unless_he(opened, source)
         run_output = sidecar_dir(info.folder, entry.entry_id) / "objects.geojson"
         written = WrittenObjects.read(run_output) if rules.from_review and run_output.is_file() else None
         if objects_by_entry is not None:

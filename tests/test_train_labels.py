@@ -471,3 +471,30 @@ def test_a_labelled_slide_without_a_pixel_size_is_told_what_training_can_read(tm
     assert result.exit_code == 1, result.output
     assert "states no microns per pixel. Training reads the pixel size from the file itself" in text
     assert "--mpp" not in text
+
+
+def test_a_project_image_whose_file_states_no_pixel_size_is_refused_with_what_training_reads(labelled, tmp_path):
+    """`pdl1 run` analyses such an image with the pixel size set in QuPath; training read the file's own and
+    refused it with the analysis' advice, 'set the pixel size in QuPath ... and analyse the project', which the
+    user had done."""
+    from PIL import Image
+
+    project = tmp_path / "project"
+    shutil.copytree(labelled / "project", project)
+    png = tmp_path / "camera.png"
+    Image.fromarray(np.full((2048, 2048, 3), 200, np.uint8)).save(png)
+    qpproj = json.loads((project / "project.qpproj").read_text())
+    builder = qpproj["images"][0]["serverBuilder"]
+    builder["uri"] = png.as_uri()
+    builder["metadata"]["levels"] = builder["metadata"]["levels"][:1]
+    (project / "project.qpproj").write_text(json.dumps(qpproj))
+    (project / "pdl1" / "labels").mkdir(parents=True)
+    shutil.copy(labelled / "objects-labelled-by-pathologist-0.4.4.geojson", project / "pdl1" / "labels" / "1.geojson")
+    args = ["train", "nuclei", str(project), "--entries", "1", "--qupath", "never", "--out", str(tmp_path / "m")]
+    result = runner.invoke(app, args)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert (
+        "camera.png: a plain PNG file states no microns per pixel. Training reads the pixel size from the file" in text
+    )
+    assert "--mpp" not in text and not (tmp_path / "m").exists()

@@ -377,7 +377,8 @@ def _training_mpp_advice(value: str) -> str:
     """What to do about a labelled slide without a pixel size: `pdl1 train` has no --mpp (the analysis' advice,
     "with --mpp", sent users to an option it lacks)."""
     return (
-        "training reads the pixel size from the file itself: save the image as a TIFF whose resolution tags state "
+        "training reads the pixel size from the file itself (not the one set in QuPath, which `pdl1 run` uses): "
+        "save the image as a TIFF whose resolution tags state "
         f"{value} (tifffile: imwrite(path, rgb, resolution=(1e4 / MPP, 1e4 / MPP), resolutionunit='CENTIMETER')), "
         "or leave it out"
     )
@@ -432,7 +433,11 @@ def _read_labels(
                 f"give one QuPath project alone (its entries are the slides, their objects the labels), not with "
                 f"{what}; for slides with --labels, give the slide files and no project"
             )
-        return read_project_labels(projects[0], rules=rules, entries=tuple(entries), qupath=qupath)
+        labels = read_project_labels(projects[0], rules=rules, entries=tuple(entries), qupath=qupath)
+        for lab in labels:  # training reads each file's own pixel size: refuse here, not with the analysis' advice
+            with open_slide(lab.slide, mpp_advice=_training_mpp_advice):
+                pass
+        return labels
     if entries:
         raise typer.BadParameter("--entries chooses entries of a QuPath project; the sources are slides")
     if not geojson:

@@ -430,3 +430,56 @@ def test_a_run_refused_before_any_image_draws_no_empty_progress_bars(tmp_path):
     assert result.exit_code == 1
     assert result.output.startswith("error: plain slides need --out DIR"), result.output
     assert "images" not in result.output and "tiles" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("option", "model", "said"),
+    [
+        (
+            "--seg-model",
+            "nuclei",
+            "is an H&E nuclei model, but --seg-model takes an H&E segmentation model (this one is for --nuclei-model)",
+        ),
+        (
+            "--nuclei-model",
+            "seg",
+            "is an H&E segmentation model, but --nuclei-model takes an H&E nuclei model (this one is for --seg-model)",
+        ),
+        (
+            "--ihc-model",
+            "nuclei",
+            "is an H&E nuclei model, but --ihc-model takes an H-DAB nuclei model (this one is for --nuclei-model)",
+        ),
+        (
+            "--nuclei-model",
+            "nuclei-ihc",
+            "is an H-DAB nuclei model, but --nuclei-model takes an H&E nuclei model (this one is for --ihc-model)",
+        ),
+    ],
+)
+def test_a_model_of_another_kind_than_its_option_takes_is_refused_before_any_image(tmp_path, option, model, said):
+    # Each image failed with "a 'nuclei' model, but a 'segmentation' model is needed here", naming no option.
+    from inference import demo_model_dir
+
+    slide = tmp_path / "s.svs"
+    slide.write_bytes(b"x")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(slide), "--out", str(out), option, str(demo_model_dir(model))])
+    assert result.exit_code == 2, result.output
+    assert said in " ".join(result.output.replace("│", " ").split())
+    assert not out.exists()
+
+
+def test_a_model_of_another_kind_from_the_config_file_is_named_with_its_line(tmp_path):
+    from inference import demo_model_dir
+
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "project.qpproj").write_text('{"version": "0.4.4", "images": []}')
+    (project / "pdl1-config.toml").write_text(f'[models]\nsegmentation = "{demo_model_dir("nuclei")}"\n')
+    result = runner.invoke(app, ["run", str(project)])
+    assert result.exit_code == 2, result.output
+    said = "".join(result.output.replace("│", " ").split())  # without blanks: rich wraps long paths anywhere
+    assert "pdl1-config.toml,line2:[models]segmentation=" in said
+    assert "'pdl1-nuclei'isanH&Enucleimodel,but--seg-modeltakesanH&Esegmentationmodel" in said
+    assert "removethekeyfortheshippedone" in said

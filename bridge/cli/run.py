@@ -96,6 +96,47 @@ def _distinct(paths: list[Path], *, done: str) -> list[Path]:
     return paths
 
 
+# Each model option: the task and stain of the model it takes.
+_MODEL_KIND = {
+    "seg_model": ("segmentation", "H&E"),
+    "nuclei_model": ("nuclei", "H&E"),
+    "ihc_model": ("nuclei", "H-DAB"),
+}
+
+
+def _check_model_kinds(settings) -> None:
+    """A model of another kind or stain than its option takes is refused before any image (each image failed
+    with "a 'nuclei' model, but a 'segmentation' model is needed here", naming no option). A model folder that does
+    not read is left to the run, which names it per image."""
+    from inference import ModelFileError, read_manifest
+
+    for name, (task, stain) in _MODEL_KIND.items():
+        folder = getattr(settings, name)
+        if folder is None:
+            continue
+        try:
+            manifest = read_manifest(folder, verify=False)
+        except ModelFileError:
+            continue
+        if (manifest.task, manifest.stain) != (task, stain):
+            # Both stains' names begin with H: "an". Named with the file and line where the config file gave it.
+            where = f"{settings.where(name)} = " if settings.source_of(name) == str(settings.path) else ""
+            fits = [
+                opt for other, opt in _OPTION_OF.items() if _MODEL_KIND.get(other) == (manifest.task, manifest.stain)
+            ]
+            raise typer.BadParameter(
+                f"{where}{folder}: {manifest.name!r} is an {manifest.stain} {manifest.task} model, but "
+                f"{_OPTION_OF[name]} takes an {stain} {task} model"
+                + (f" (this one is for {fits[0]})" if fits else "")
+                + (
+                    "; give one, or remove the key for the shipped one"
+                    if where
+                    else f"; give one, or leave {_OPTION_OF[name]} out for the shipped one"
+                ),
+                param_hint=_OPTION_OF[name],
+            )
+
+
 def run(
     inputs: Annotated[list[Path], typer.Argument(help="A QuPath project (folder or .qpproj), or slide files.")],
     out: Annotated[
@@ -313,6 +354,7 @@ def run(
     try:
         settings = _settings(inputs, config, no_config=no_config, given=given, nuclei=nuclei)
         check_device_from_file(settings)
+        _check_model_kinds(settings)
         if refine and "sua" not in settings.outputs:
             raise typer.BadParameter(
                 f"--refine merges the SUA candidates in, but the outputs ({settings.source_of('outputs')}) leave "

@@ -9,7 +9,7 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import IO, TextIO
 
 
 @contextlib.contextmanager
@@ -24,10 +24,18 @@ def replace_atomically(path: Path, *, newline: str | None = None) -> Iterator[Te
     owner only, which would lock colleagues out of a project on a shared drive. A new file
     gets the permissions the umask gives; a replaced file keeps its own.
     """
+    with _replacing(path, "x", encoding="utf-8", newline=newline) as fh:
+        yield fh
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, mode: str, **open_kwargs) -> Iterator[IO]:
+    """A file opened with ``mode`` (``"x"`` or ``"xb"``) beside ``path`` that replaces it when the block ends
+    without error (:func:`replace_atomically`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.part")
     try:
-        with open(tmp, "x", encoding="utf-8", newline=newline) as fh:
+        with open(tmp, mode, **open_kwargs) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
@@ -70,16 +78,5 @@ def save_figure(fig, path: Path, **savefig_kwargs) -> None:
     Saved straight to ``path``, an interrupt (or a full disk) left a PNG cut short under the report's name, in
     place of the whole one an earlier run drew. The format comes from ``path``'s suffix, as savefig takes it.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.part")
-    try:
-        with open(tmp, "xb") as fh:
-            fig.savefig(fh, format=path.suffix.lstrip(".").lower() or None, **savefig_kwargs)
-            fh.flush()
-            os.fsync(fh.fileno())
-        with contextlib.suppress(FileNotFoundError):
-            shutil.copymode(path, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _replacing(path, "xb") as fh:
+        fig.savefig(fh, format=path.suffix.lstrip(".").lower() or None, **savefig_kwargs)

@@ -379,3 +379,19 @@ def test_ihc_phantoms_are_refused_before_anything_is_written(ihc_pair, tmp_path)
     with pytest.raises(ValueError, match=r"ihc_271\.svs: PD-L1 IHC phantoms .* give the H&E phantoms"):
         train_segmentation(_cfg(slides=(str(he), str(ihc)), out_dir=str(out)))
     assert not out.exists()
+
+
+def test_a_nuclei_training_refused_for_its_slides_leaves_no_out_folder(tmp_path):
+    # Refused for mixing stains (or any other slide problem) after the folder was made, it left an empty --out.
+    from inference.phantom.pyramid import write_ihc_phantom, write_phantom
+    from inference.phantom.scene import PhantomSpec
+    from inference.training.train_nuclei import NucleiTrainConfig, train_nuclei
+
+    spec = PhantomSpec(1024, 1024, seed=3, tps_percent=40)
+    he = write_phantom(tmp_path / "he.svs", spec)
+    write_ihc_phantom(tmp_path / "ihc.svs", spec, paired_with=he.slide_path)
+    out = tmp_path / "deep" / "m"
+    config = NucleiTrainConfig(slides=(str(tmp_path / "he.svs"), str(tmp_path / "ihc.svs")), out_dir=str(out))
+    with pytest.raises(ValueError, match="different stains or classes"):
+        train_nuclei(config)
+    assert not out.exists()

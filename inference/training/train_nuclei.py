@@ -286,7 +286,6 @@ def train_nuclei(
     """
     out_dir = Path(config.out_dir)
     check_out_dir(out_dir, resume=resume)
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     device = torch.device(config.device)
@@ -324,6 +323,8 @@ def train_nuclei(
             class_names=class_names,
         )
     model = model.to(device)
+    # Made once the slides, labels and initial model have been read: a refused run leaves no empty folder.
+    out_dir.mkdir(parents=True, exist_ok=True)
     anchor = WeightAnchor(model, weight=config.anchor_weight) if config.anchor_weight else None
     mean = torch.tensor(NORMALIZATION["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(NORMALIZATION["std"], device=device).view(1, 3, 1, 1)

@@ -400,7 +400,6 @@ def train_segmentation(
     check_out_dir(out_dir, resume=resume)
     if not labels:
         _refuse_ihc_truth(config.slides)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(config.device)
     if labels:
         if tuple(lab.slide for lab in labels) != tuple(config.slides):
@@ -430,6 +429,8 @@ def train_segmentation(
         "norm": "batch",
     }
     steps_per_chain = config.total_epochs * config.iterations_per_epoch
+    # Made once the slides, labels and pseudo-labels have been read: a refused run leaves no empty folder.
+    out_dir.mkdir(parents=True, exist_ok=True)
     members: list[dict] = []
     for chain in range(config.chains):
         chain_dir = out_dir if config.chains == 1 else out_dir / f"chain_{chain}"

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,3 +274,10 @@ def test_cli_fine_tunes_with_an_anchor_and_records_it(phantom, init_model, tmp_p
     training = json.loads((out / "manifest.json").read_text())["training"]
     assert training["config"]["anchor_weight"] == 0.5 and training["init"]["model"] == init_model
     assert training["config"]["freeze_batchnorm"] is True
+
+
+def test_the_initial_model_is_recorded_by_its_absolute_path(phantom, init_model, tmp_path, monkeypatch):
+    # Typed relative (`--init vseg`), it was recorded as typed: meaningless once the manifest left that folder.
+    monkeypatch.chdir(Path(init_model).parent)
+    manifest = train_segmentation(finetune_config(phantom, Path(init_model).name, tmp_path / "rel"))
+    assert manifest.training["init"]["model"] == init_model == str(Path(init_model).absolute())

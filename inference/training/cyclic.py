@@ -155,6 +155,12 @@ def make_optimizer(config: CyclicSchedule, model: torch.nn.Module) -> torch.opti
     return torch.optim.AdamW(model.parameters(), lr=config.lr_max, weight_decay=config.weight_decay)
 
 
+def init_record(init_model: str | Path, member_sha256: str) -> dict[str, str]:
+    """The manifest's record of the model fine-tuning started from: its folder as an absolute path (as typed, a
+    relative one meant nothing once the manifest left the folder it was typed in) and the member's checksum."""
+    return {"model": str(Path(init_model).absolute()), "member_sha256": member_sha256}
+
+
 def init_weights(
     model: torch.nn.Module,
     folder: str | Path,

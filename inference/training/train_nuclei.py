@@ -38,6 +38,7 @@ from inference.training.cyclic import (
     check_out_dir,
     check_patch_fits,
     check_schedule,
+    init_record,
     init_weights,
     total_epochs,
     train_cyclic,
@@ -369,7 +370,7 @@ def train_nuclei(
         training={
             "config": {k: v for k, v in asdict(config).items() if k != "out_dir"},
             "data": _data_record(data, labels, label_sources),
-            "init": None if init_sha256 is None else {"model": config.init_model, "member_sha256": init_sha256},
+            "init": None if init_sha256 is None else init_record(config.init_model, init_sha256),
             "final_losses": [m["train_loss"] for m in members],
             "producer": f"pdl1-bridge {__version__}",
         },

@@ -40,6 +40,7 @@ from inference.training.cyclic import (
     check_out_dir,
     check_patch_fits,
     check_schedule,
+    init_record,
     init_weights,
     total_epochs,
     train_cyclic,
@@ -469,9 +470,7 @@ def train_segmentation(
         training={
             "config": {k: v for k, v in asdict(config).items() if k != "out_dir"},
             "data": _data_record(data, labels, label_sources),
-            "init": None
-            if config.init_model is None
-            else {"model": config.init_model, "member_sha256": members[0]["init_sha256"]},
+            "init": None if config.init_model is None else init_record(config.init_model, members[0]["init_sha256"]),
             "pseudo_labels": _pseudo_record(config, pseudo) if pseudo else None,
             "final_losses": [m["train_loss"] for m in members],
             "producer": f"pdl1-bridge {__version__}",

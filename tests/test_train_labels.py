@@ -74,7 +74,7 @@ def test_sparse_batches_carry_the_known_mask_as_their_last_channel():
 def test_fine_tuning_refuses_a_model_of_other_classes():
     kwargs = {"in_channels": 3, "n_classes": 3, "width": 32, "dilations": [1, 2, 4, 8]}
     model = DilatedResFCN(**{**kwargs, "dilations": (1, 2, 4, 8)})
-    common = {"task": "nuclei", "architecture": "DilatedResFCN"}
+    common = {"task": "nuclei", "architecture": "DilatedResFCN", "stain": "H&E"}
     sha = init_weights(model, demo_model_dir("nuclei"), **common, arch_kwargs=kwargs, class_names=HE_CLASSES)
     assert sha == json.loads((demo_model_dir("nuclei") / "manifest.json").read_text())["members"][-1]["sha256"]
     with pytest.raises(ModelFileError, match=r"--init has the classes .*--class-map"):
@@ -82,6 +82,20 @@ def test_fine_tuning_refuses_a_model_of_other_classes():
     with pytest.raises(ModelFileError, match=r"--init needs a DilatedResFCN with .*'width': 16"):
         init_weights(
             model, demo_model_dir("nuclei"), **common, arch_kwargs={**kwargs, "width": 16}, class_names=HE_CLASSES
+        )
+    # A model of another task or stain is named as such, not by its architecture or classes.
+    ihc = demo_model_dir("nuclei-ihc")
+    with pytest.raises(
+        ModelFileError, match=r"needs a nuclei model of H&E slides .* is a nuclei model of H-DAB slides"
+    ):
+        init_weights(model, ihc, **common, arch_kwargs=kwargs, class_names=HE_CLASSES)
+    with pytest.raises(ModelFileError, match=r"needs a segmentation model of H&E slides .* is a nuclei model of H&E"):
+        init_weights(
+            model,
+            demo_model_dir("nuclei"),
+            **{**common, "task": "segmentation"},
+            arch_kwargs=kwargs,
+            class_names=HE_CLASSES,
         )
 
 

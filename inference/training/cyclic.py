@@ -169,12 +169,19 @@ def init_weights(
     architecture: str,
     arch_kwargs: dict,
     class_names: list[str] | tuple[str, ...],
+    stain: str,
 ) -> str:
     """Start ``model`` from the last member of a model folder (fine-tuning); returns that member's sha256.
 
-    The folder's checksums are verified first; its architecture and classes must be the run's.
+    The folder's checksums are verified first; its task, the stain of the slides (``stain``), its architecture
+    and its classes must be the run's.
     """
-    manifest = read_manifest(folder, task=task, verify=True)
+    manifest = read_manifest(folder, verify=True)
+    if (manifest.task, manifest.stain) != (task, stain):
+        raise ModelFileError(
+            f"{folder}: --init needs a {task} model of {stain} slides to start from, and {manifest.name!r} is a "
+            f"{manifest.task} model of {manifest.stain} slides; give one, or train from scratch (--init none)"
+        )
     if manifest.architecture != architecture or manifest.architecture_kwargs != arch_kwargs:
         raise ModelFileError(
             f"{folder}: --init needs a {architecture} with {arch_kwargs}, this is {manifest.architecture} with "

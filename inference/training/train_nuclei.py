@@ -322,6 +322,7 @@ def train_nuclei(
             architecture="DilatedResFCN",
             arch_kwargs=arch_kwargs,
             class_names=class_names,
+            stain=stain,
         )
     model = model.to(device)
     # Made once the slides, labels and initial model have been read: a refused run leaves no empty folder.

@@ -573,6 +573,7 @@ def _train_chain(
             architecture="PlainConvUNet",
             arch_kwargs=arch_kwargs,
             class_names=CLASS_NAMES,
+            stain="H&E",
         )
     model = model.to(device)
     anchor = WeightAnchor(model, weight=config.anchor_weight) if config.anchor_weight else None

@@ -1284,19 +1284,22 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         """QuPath GeoJSON FeatureCollection of the job's objects, in pages; ``pdl1`` holds the parent's
         measurements, the entry metadata and ``next_offset`` (null on the last page)."""
         job = w.get(job_id)
-        result = job.result  # read once: the worker may release it meanwhile
+        # The state before the result, each read once: the worker sets the result, then "done", and may release it
+        # meanwhile. Read the other way round, a job finishing between the two reads looked deleted (a 404).
+        state = job.state
+        result = job.result
         if result is None and job.released:
             raise ResultReleasedError(
                 f"job {job_id}'s result was released: the service holds the results of the last "
                 f"{settings.keep_results} finished jobs (--keep-results); submit the job again"
             )
-        if result is None and job.state == "done":  # forgotten by a DELETE since it was looked up: was "done, not done"
+        if result is None and state == "done":  # forgotten by a DELETE since it was looked up: was "done, not done"
             raise JobNotFoundError(
                 f"job {job_id} was deleted (DELETE /v1/jobs/{job_id}) while its result was asked for, and its result "
                 "released with it; submit the job again"
             )
-        if job.state != "done" or result is None:
-            raise JobStateError(f"job {job_id} is {job.state}, not done" + (f": {job.error}" if job.error else ""))
+        if state != "done" or result is None:
+            raise JobStateError(f"job {job_id} is {state}, not done" + (f": {job.error}" if job.error else ""))
         page = min(limit or settings.max_page, settings.max_page)
         features, total = feature_page(result, job.outputs, offset, page, scale=job.scale, origin_xy=job.origin_xy)
         next_offset = offset + page if offset + page < total else None

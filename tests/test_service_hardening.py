@@ -615,3 +615,34 @@ def test_a_result_asked_for_while_its_job_is_deleted_says_so(service, slides_roo
         "detail": f"job {job_id} was deleted (DELETE /v1/jobs/{job_id}) while its result was asked for, and its "
         "result released with it; submit the job again"
     }
+
+
+def test_a_result_asked_for_as_its_job_finishes_is_not_said_to_be_deleted(service, slides_root, monkeypatch):
+    # The worker sets a job's result, then its state "done". The result read first (None: still running) and the
+    # state after ("done": finished meanwhile) answered 404 "was deleted"; the job was there, its result too.
+    client = service.client
+    job_id = client.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "outputs": ["regions"]})
+    job_id = job_id.json()["job_id"]
+    assert service.wait(job_id)["state"] == "done"
+    real_get = bridge.service.Worker.get
+
+    class FinishesAsItsResultIsRead:
+        """The job as the endpoint sees it while the worker finishes it at the first read of its result."""
+
+        def __init__(self, job):
+            self._job, self._finished = job, False
+
+        def __getattr__(self, name):
+            if name == "state":
+                return "done" if self._finished else "running"
+            if name == "result":
+                was_finished, self._finished = self._finished, True
+                return self._job.result if was_finished else None
+            return getattr(self._job, name)
+
+    monkeypatch.setattr(
+        bridge.service.Worker, "get", lambda self, wanted: FinishesAsItsResultIsRead(real_get(self, wanted))
+    )
+    r = client.get(f"/v1/jobs/{job_id}/result")
+    assert r.status_code == 409, r.text
+    assert r.json() == {"detail": f"job {job_id} is running, not done"}

@@ -138,6 +138,7 @@ class _Job:
             image_mpp=self.mpp,
             image_stain=stain,
             image_stain_source=source,
+            stain_advice=RUN_STAIN_ADVICE,
         )
 
     def stain(self, config: RunConfig) -> tuple[str | None, str]:
@@ -147,6 +148,11 @@ class _Job:
         if self.entry is None or self.entry.stain is None:
             return None, ""
         return self.entry.stain, f"QuPath's image type {self.entry.image_type}"
+
+
+# How a user of `pdl1 run` states an image's stain, in the messages that refuse one (analyse_slide's stain_advice;
+# the library's own words name no program's option, and the service passes its clients').
+RUN_STAIN_ADVICE = "set its image type in QuPath (Image tab: Image type) or pass --stain he|ihc"
 
 
 def tps_metadata_keys(stain: str) -> tuple[str, str]:

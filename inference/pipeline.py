@@ -277,9 +277,9 @@ class Models:
         return self.info(self.seg)
 
 
-# How a user of `pdl1 run` states an image's stain, in the messages that refuse one: analyse_slide's default
-# stain_advice. The service passes its own (its clients have no --stain).
-STAIN_ADVICE = "set its image type in QuPath (Image tab: Image type) or pass --stain he|ihc"
+# How an image's stain is stated, in the messages that refuse one: analyse_slide's default stain_advice. The
+# programs that call it know their users' words (an option, an image type) and pass them instead.
+STAIN_ADVICE = "pass its stain (H&E or H-DAB) as image_stain"
 
 
 def analyse_slide(
@@ -307,7 +307,7 @@ def analyse_slide(
     else it is analysed as H&E). An H-DAB image is scored by its cells with the IHC nuclei model, an H&E
     image by the segmentation ensemble and the nuclei model; a model trained on another stain never runs.
     ``stain_advice`` is how the caller's user states an image's stain, for the messages that refuse one
-    (default: :data:`STAIN_ADVICE`, which names ``pdl1 run``'s option; the service passes its own).
+    (default: :data:`STAIN_ADVICE`; a caller passes its own users' words).
     """
     name = image.path if isinstance(image, Slide) else image
     stain, stain_source = image_stain, image_stain_source

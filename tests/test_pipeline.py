@@ -189,3 +189,12 @@ def _analyse_with_seg_thresholds(phantom_svs, tmp_path, **thresholds):
     config = dataclasses.replace(PipelineConfig(device="cpu"), seg_model_dir=str(seg))
     with open_slide(phantom_svs) as slide:
         return analyse_slide(slide, models=Models(config), config=config, image_stain="H&E")
+
+
+def test_the_librarys_stain_refusal_names_no_programs_option(models):
+    # inference knows no CLI: its words for stating a stain are its own argument; pdl1 run and the service pass theirs.
+    slide = Slide(ArrayReader(np.full((1024, 1024, 3), 230, np.uint8)), mpp=Mpp(0.5, 0.5, "test"))
+    with pytest.raises(StainError) as refused:
+        analyse_slide(slide, models=models, config=PipelineConfig(device="cpu"), image_stain="other")
+    assert str(refused.value).endswith("If the image is one of those, pass its stain (H&E or H-DAB) as image_stain")
+    assert "--stain" not in str(refused.value) and "Image tab" not in str(refused.value)

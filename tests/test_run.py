@@ -665,3 +665,26 @@ def test_the_entry_metadata_of_several_annotations_sums_their_cells_for_tps_and_
     # One annotation, or one without cells counted (no nuclei): its own metadata as it is.
     assert merge_entry_metadata([(second, {})]) == second
     assert merge_entry_metadata([(first, {"tumour_positive": 1, "tumour_negative": 1}), (second, {})]) == second
+
+
+def _grey_png(path: Path) -> Path:
+    """Grey shades on white: tissue of no stain the product knows (neither H&E nor haematoxylin-DAB)."""
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.full((512, 512, 3), 245, np.uint8)
+    rgb[64:-64, 64:-64] = np.random.default_rng(0).integers(30, 200, (384, 384, 1), dtype=np.uint8)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def test_an_image_of_no_known_stain_is_told_how_pdl1_run_states_one(tmp_path, models):
+    # The library's messages named pdl1 run's --stain (inference speaking a CLI's words); pdl1 run passes its own.
+    grey = _grey_png(tmp_path / "grey.png")
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", mpp=0.5), qupath="never", out=tmp_path / "out")
+    (failed,) = run_batch([grey], config, models=models)
+    assert failed.state == "failed"
+    assert "is not a brightfield H&E or haematoxylin-DAB stain" in failed.error
+    assert failed.error.rstrip(".").endswith(
+        "say which: set its image type in QuPath (Image tab: Image type) or pass --stain he|ihc"
+    ), failed.error

@@ -493,3 +493,51 @@ def test_stopping_the_script_inside_a_status_request_cancels_the_job():
     )
     assert poll, "the status request is not cancelled on InterruptedException"
     assert body.count("cancel()") >= 3 and "Thread.interrupted()" in body
+
+
+def test_bridge_finds_the_same_objects_of_its_earlier_run_as_the_scripts(monkeypatch):
+    # bridge.qupath._own_descendants (pdl1 run through paquo) is the Python side of the scripts' ownDescendants, and
+    # was tested only against a real QuPath (skipped without one): the same tree as the test above, in Java's calls.
+    from types import SimpleNamespace
+
+    from bridge import qupath
+    from bridge.objects import ANALYSED_SIGNATURE, TILE_NAME
+
+    class Obj:  # what _own_descendants calls of a Java PathObject
+        def __init__(self, name, kind, cls=None, measurements=(), kids=()):
+            self.label, self.kind, self.names, self.kids = name, kind, list(measurements), list(kids)
+            self.cls = None if cls is None else SimpleNamespace(toString=lambda: cls)  # a Java PathClass
+
+        def getChildObjectsAsArray(self):  # noqa: N802
+            return self.kids
+
+        def getPathClass(self):  # noqa: N802
+            return self.cls
+
+        def getName(self):  # noqa: N802
+            return TILE_NAME if self.kind == "tile" else None
+
+        def isTile(self):  # noqa: N802
+            return self.kind == "tile"
+
+        def isAnnotation(self):  # noqa: N802
+            return self.kind == "annotation"
+
+    def nucleus(name):
+        return Obj(name, "detection", "Tumor: Positive", ["PD-L1 positive probability"])
+
+    def yours(name, kids):
+        return Obj(name, "annotation", "Tumor", ["Area µm^2"], kids)
+
+    region = Obj(
+        "region",
+        "annotation",
+        "PD-L1 positive",
+        ["PD-L1 probability mean"],
+        [nucleus("nucleus 2"), Obj("tile 2", "tile"), yours("your note", [nucleus("nucleus 5")])],
+    )
+    inner = Obj("inner tumour annotation", "annotation", "Tumor", [ANALYSED_SIGNATURE], [nucleus("its nucleus")])
+    parent = yours("parent", [region, nucleus("nucleus 1"), yours("your other note", [nucleus("nucleus 6")]), inner])
+    monkeypatch.setattr(qupath, "_paquo", lambda: {"annotation": lambda obj: SimpleNamespace(measurements=obj.names)})
+    found = qupath._own_descendants(SimpleNamespace(java_object=parent))
+    assert sorted(o.label for o in found) == ["nucleus 1", "nucleus 2", "nucleus 5", "nucleus 6", "region", "tile 2"]

@@ -645,7 +645,9 @@ class _QuPathSession:
         entry = self._entry(job.key)
         # Before QuPath reads the hierarchy: it would read a damaged data.qpdata as an empty one.
         backup = self.qp.backup_data(entry)
-        targets = self.qp.annotation_targets(entry, classes=config.target_classes, names=config.target_names)
+        targets = _with_area(
+            job.name, self.qp.annotation_targets(entry, classes=config.target_classes, names=config.target_names)
+        )
         results: list[tuple[Any, SlideResult]] = []
         if targets:
             for ann in targets:
@@ -707,6 +709,29 @@ class _QuPathSession:
             self.save_project()  # also after Ctrl-C: the images finished before it keep their metadata
         finally:
             self._cm.__exit__(None, None, None)
+
+
+def _with_area(image: str, targets: list[Any]) -> list[Any]:
+    """The target annotations an analysis can use; those without an area (a Points annotation of a target class, a
+    line) are named in the log and left out, as pdl1_analyze.groovy leaves them out: their ROI was refused, and
+    that failed the image's other targets too. None with an area is a :class:`ProjectError`."""
+    kept = [t for t in targets if t.roi.area > 0]
+    for t in targets:
+        if t.roi.area <= 0:
+            what = t.name or (t.path_class.id if t.path_class is not None else "an annotation")
+            log.warning(
+                "%s: skipped %s: a %s annotation has no area to analyse; draw an area annotation (rectangle, "
+                "ellipse, polygon, brush) around the tissue",
+                image,
+                what,
+                t.roi.geom_type,
+            )
+    if targets and not kept:
+        raise ProjectError(
+            f"{image}: nothing analysed: none of the {len(targets)} target annotations has an area; draw an area "
+            "annotation (rectangle, ellipse, polygon, brush) around the tissue"
+        )
+    return kept
 
 
 def metadata_counts(result: SlideResult) -> dict[str, int]:

@@ -688,3 +688,39 @@ def test_an_image_of_no_known_stain_is_told_how_pdl1_run_states_one(tmp_path, mo
     assert failed.error.rstrip(".").endswith(
         "say which: set its image type in QuPath (Image tab: Image type) or pass --stain he|ihc"
     ), failed.error
+
+
+def test_through_qupath_a_target_annotation_without_an_area_is_skipped_and_named(
+    tmp_path, slides, models, fake_qupath, monkeypatch, caplog
+):
+    # A Points annotation of a target class (a pathologist's marked nuclei, class "Tumor") was analysed as the ROI:
+    # its RoiError failed the image, its other target annotations too (pdl1_analyze.groovy skips and names it).
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import shapely
+
+    from bridge import qupath
+
+    project = tmp_path / "project"
+    init_project_files(project, [slides[0]])
+    tumour = SimpleNamespace(name="core 1", path_class=SimpleNamespace(id="Tumor"), roi=shapely.box(200, 200, 700, 700))
+    points = SimpleNamespace(name=None, path_class=SimpleNamespace(id="Tumor"), roi=shapely.MultiPoint([(5, 5)]))
+    analysed = []
+    monkeypatch.setattr(qupath, "annotation_targets", lambda entry, *, classes=(), names=(): [points, tumour])
+    monkeypatch.setattr(
+        qupath, "write_children", lambda entry, parent, objects, measurements: analysed.append(parent) or 0
+    )
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="always", stain="H&E")
+    with caplog.at_level("WARNING", logger="bridge.run"):
+        (done,) = run_batch([project], replace(config, target_classes=("Tumor",)), models=models)
+    assert done.state == "done", done.error
+    assert analysed == [tumour]
+    assert "s31.svs: skipped Tumor: a MultiPoint annotation has no area to analyse; draw an area annotation" in (
+        caplog.text
+    )
+
+    monkeypatch.setattr(qupath, "annotation_targets", lambda entry, *, classes=(), names=(): [points])
+    (failed,) = run_batch([project], replace(config, target_classes=("Tumor",)), models=models)
+    assert failed.state == "failed"
+    assert "nothing analysed: none of the 1 target annotations has an area" in failed.error

@@ -180,3 +180,24 @@ def test_nuclei_drawn_in_chunks_give_the_same_pixels(monkeypatch):
     whole = render(scene, 0, 0, 256, 256, 16)
     monkeypatch.setattr(rendering, "_PATCH_BUDGET", 49 * 100)  # 100 nuclei a chunk at this downsample
     np.testing.assert_array_equal(render(scene, 0, 0, 256, 256, 16), whole)
+
+
+def test_an_interrupted_truth_write_leaves_no_part_file_and_no_truth(tmp_path, monkeypatch):
+    # truth.json was written to a fixed truth.json.part, left behind by an error and shared by two writers.
+    import pathlib
+
+    from inference.phantom.pyramid import write_phantom
+    from inference.phantom.scene import PhantomSpec
+
+    replace = pathlib.Path.replace
+
+    def interrupted(self, target):
+        if self.name.startswith("truth.json."):
+            raise KeyboardInterrupt
+        return replace(self, target)
+
+    monkeypatch.setattr(pathlib.Path, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_phantom(tmp_path / "p.svs", PhantomSpec(1024, 1024, seed=2, tps_percent=30))
+    truth = tmp_path / "p.truth"
+    assert not (truth / "truth.json").exists() and not list(truth.glob("*.part"))

@@ -104,12 +104,12 @@ def phantom(
             f"{', '.join(map(str, existing))} (or its .truth folder) exists already: give another name, or "
             "--overwrite to replace it"
         )
+    writing = out  # before the try: its Ctrl-C handler names what was being written
     try:
         spec = PhantomSpec(
             size, height or size, seed=seed, mpp=mpp, tps_percent=tps, shift=shift, weak_fraction=weak_fraction
         )
         ihc_spec = IhcSpec(immune_positive_fraction=0.3 if immune_positive is None else immune_positive)
-        writing = out
         with progress_bar(f"phantom {out.name}", enabled=progress) as on_progress:
             truth = write_phantom(out, spec, on_progress=on_progress)
         write_truth_geojson(truth.truth_dir)

@@ -260,6 +260,12 @@ def _reviewed_ihc(slides: list[Path], ensemble, *, models, config, radius_um: fl
         yield slide, r, [x["reason"] for x in run.summary["review_reasons"]], run.uncertainty_flag
 
 
+# How a user of `pdl1 eval` states a slide's stain, in the messages that refuse one (analyse_slide's stain_advice).
+EVAL_STAIN_ADVICE = (
+    "score it with the evaluation of its stain (`pdl1 eval ihc` for PD-L1 IHC phantoms, seg, nuclei or tps for H&E)"
+)
+
+
 def _analysed_as(slide: Path, stain: str, *, models, config, progress: bool):
     """``pdl1 run``'s analysis of an eval slide as an image QuPath types ``stain``, under a progress bar."""
     from bridge.progress import progress_bar
@@ -272,6 +278,7 @@ def _analysed_as(slide: Path, stain: str, *, models, config, progress: bool):
             config=config,
             image_stain=stain,
             image_stain_source="pdl1 eval",
+            stain_advice=EVAL_STAIN_ADVICE,
             on_progress=on_progress,
         )
 

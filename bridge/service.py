@@ -829,6 +829,13 @@ def check_upload(body: bytes, *, mpp: float, max_px: int) -> None:
         with Image.open(io.BytesIO(body)) as im:
             width, height = im.size
             kind = unconvertible_samples(im)
+    except Image.DecompressionBombError as err:  # a header stating more pixels than Pillow will decode
+        stated = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(stated.group(1))} px" if stated else f"more than {2 * Image.MAX_IMAGE_PIXELS} px"
+        raise SlideFormatError(
+            f"upload of {size} (as its header states) is over {min(max_px, 2 * Image.MAX_IMAGE_PIXELS)} px; "
+            "send a smaller region or a lower resolution (downsample)"
+        ) from err
     except UnidentifiedImageError as err:  # its message names only the in-memory file object
         if body[:4] in (b"II*\x00", b"MM\x00*"):  # TIFF, with samples Pillow does not decode (e.g. floating point)
             raise SlideFormatError(

@@ -355,6 +355,31 @@ def test_an_upload_of_other_than_8_bit_colour_is_refused_not_clipped(client, arr
     assert (r.status_code, r.json()) == (422, {"detail": f"{came.format(n=len(content))}; {RGB8}"})
 
 
+def _png_header(width_px: int, height_px: int) -> bytes:
+    """A PNG whose header states width x height 8-bit RGB pixels and whose data is one empty chunk."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width_px, height_px, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def test_an_upload_whose_header_states_a_huge_image_is_told_it_is_too_large(client):
+    # 300 bytes stating 20000x20000 px: Pillow's decompression-bomb guard refused it, and the answer said
+    # the body "is not a PNG/TIFF image" and to send one.
+    r = client.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=_png_header(20000, 20000))
+    assert (r.status_code, r.json()) == (
+        422,
+        {
+            "detail": "upload of 400000000 px (as its header states) is over 67108864 px; send a smaller region "
+            "or a lower resolution (downsample)"
+        },
+    )
+
+
 UPLOAD_ADVICE = (
     "send as mpp the µm per uploaded pixel: the scanner's µm/px (0.25 at 40x, 0.5 at 20x) times the downsample "
     "the region was read at"

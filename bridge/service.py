@@ -78,6 +78,8 @@ from inference import (
 )
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from inference import Manifest  # read_manifest's answer, for annotations only
 
 log = logging.getLogger(__name__)
@@ -829,6 +831,7 @@ def check_upload(body: bytes, *, mpp: float, max_px: int) -> None:
         with Image.open(io.BytesIO(body)) as im:
             width, height = im.size
             kind = unconvertible_samples(im)
+            pages = _full_resolution_frames(im)
     except Image.DecompressionBombError as err:  # a header stating more pixels than Pillow will decode
         stated = re.search(r"\((\d+) pixels\)", str(err))
         size = f"{int(stated.group(1))} px" if stated else f"more than {2 * Image.MAX_IMAGE_PIXELS} px"
@@ -851,6 +854,11 @@ def check_upload(body: bytes, *, mpp: float, max_px: int) -> None:
         ) from err
     if kind is not None:  # converted to RGB, they would be clipped at 255: an image of white, analysed
         raise SlideFormatError(f"the uploaded image has {kind}; {rgb8}")
+    if pages > 1:  # only the first would be decoded: the rest of a stack or animation dropped unsaid
+        raise SlideFormatError(
+            f"the uploaded image has {pages} pages or frames at full resolution (a stack or an animation), of which "
+            "only the first would be analysed; send one region as a single-page PNG or TIFF (one upload per region)"
+        )
     if width * height > max_px:
         raise SlideFormatError(
             f"upload of {width}x{height} px is over {max_px} px; send a smaller region or a lower resolution "
@@ -862,6 +870,20 @@ def check_upload(body: bytes, *, mpp: float, max_px: int) -> None:
         mpp=Mpp(mpp, mpp, _UPLOAD_MPP_SOURCE),
         mpp_advice=_upload_mpp_advice,
     ).close()
+
+
+def _full_resolution_frames(im: Image.Image) -> int:
+    """How many frames (TIFF pages, animation frames) an opened image holds, not counting a TIFF's
+    reduced-resolution pages (a pyramid's levels or a thumbnail, NewSubfileType bit 0), which add nothing."""
+    frames = getattr(im, "n_frames", 1)
+    if frames == 1 or im.format != "TIFF":
+        return frames
+    full = 0
+    for index in range(frames):
+        im.seek(index)
+        full += not int(im.tag_v2.get(254, 0)) & 1  # NewSubfileType
+    im.seek(0)
+    return full
 
 
 @contextmanager

@@ -380,6 +380,49 @@ def test_an_upload_whose_header_states_a_huge_image_is_told_it_is_too_large(clie
     )
 
 
+def _pages(*shapes: tuple[int, ...], reduced_from: int = 99) -> bytes:
+    """A TIFF of one 8-bit page per shape; pages from index reduced_from on are marked reduced-resolution."""
+    import tifffile
+
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tif:
+        for index, shape in enumerate(shapes):
+            tif.write(np.full(shape, 200, np.uint8), photometric="rgb", subfiletype=int(index >= reduced_from))
+    return buf.getvalue()
+
+
+def _frames(count: int) -> bytes:
+    buf = io.BytesIO()
+    frames = [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(count)]
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("content", "pages"),
+    [(_pages((64, 64, 3), (64, 64, 3), (64, 64, 3)), 3), (_frames(2), 2)],
+    ids=["tiff-stack", "animation"],
+)
+def test_an_upload_of_several_pages_is_refused_not_cut_to_the_first(client, content, pages):
+    # Only the first page was decoded: the others were dropped and the job said nothing of them.
+    r = client.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=content, headers={"Content-Type": "image/tiff"})
+    assert (r.status_code, r.json()) == (
+        422,
+        {
+            "detail": f"the uploaded image has {pages} pages or frames at full resolution (a stack or an animation), "
+            "of which only the first would be analysed; send one region as a single-page PNG or TIFF (one upload "
+            "per region)"
+        },
+    )
+
+
+def test_an_upload_of_one_page_and_its_reduced_resolution_levels_is_accepted(client):
+    content = _pages((64, 64, 3), (32, 32, 3), (16, 16, 3), reduced_from=1)
+    r = client.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=content, headers={"Content-Type": "image/tiff"})
+    assert r.status_code == 202, r.text
+    assert wait_for_job(client, r.json()["job_id"])["state"] == "done"
+
+
 UPLOAD_ADVICE = (
     "send as mpp the µm per uploaded pixel: the scanner's µm/px (0.25 at 40x, 0.5 at 20x) times the downsample "
     "the region was read at"

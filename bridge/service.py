@@ -895,7 +895,13 @@ def decoded_upload(body: bytes, *, mpp: float | None) -> Iterator[Slide]:
         raise ValueError("an upload needs its mpp")  # the endpoint requires it; a bug if missing
     try:
         with Image.open(io.BytesIO(body)) as im:
-            rgb = np.asarray(im.convert("RGB"))
+            if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+                # convert("RGB") drops alpha and keeps what lies under it, often black: analysed as dark
+                # tissue. Transparent is no tissue; over white it reads as the slide's empty glass.
+                white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                rgb = np.asarray(Image.alpha_composite(white, im.convert("RGBA")).convert("RGB"))
+            else:
+                rgb = np.asarray(im.convert("RGB"))
     except Exception as err:  # a header that read but pixels that do not (truncated, corrupt)
         raise SlideFormatError(
             f"the uploaded image cannot be decoded ({type(err).__name__}: {err}); send a complete PNG or TIFF"

@@ -423,6 +423,35 @@ def test_an_upload_of_one_page_and_its_reduced_resolution_levels_is_accepted(cli
     assert wait_for_job(client, r.json()["job_id"])["state"] == "done"
 
 
+def _transparent(mode: str) -> bytes:
+    """A 4x4 PNG: the left half opaque mid-grey, the right half fully transparent over black."""
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[:, :2] = (128, 128, 128, 255)
+    im = Image.fromarray(rgba)  # RGBA
+    if mode == "LA":
+        im = im.convert("LA")
+    elif mode == "P":
+        im = im.convert("P")  # a palette with one entry marked transparent
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_an_upload_s_transparent_pixels_read_as_empty_glass_not_as_what_lies_under_them(mode):
+    # Alpha was dropped: the transparent half read as black, the darkest stain there is.
+    from bridge.service import decoded_upload
+
+    content = _transparent(mode)
+    with Image.open(io.BytesIO(content)) as im:
+        assert im.mode in ("RGBA", "LA") or "transparency" in im.info
+    with decoded_upload(content, mpp=0.5) as slide:
+        rgb = slide.read_region((0, 0), 0, (4, 4))
+    assert rgb.shape == (4, 4, 3)
+    assert (rgb[:, :2] == 128).all()
+    assert (rgb[:, 2:] == 255).all()
+
+
 UPLOAD_ADVICE = (
     "send as mpp the µm per uploaded pixel: the scanner's µm/px (0.25 at 40x, 0.5 at 20x) times the downsample "
     "the region was read at"

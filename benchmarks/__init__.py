@@ -252,11 +252,38 @@ _REGISTRY: dict[str, str] = {
 }
 
 
+# The extra of pyproject.toml that installs a benchmark's optional dependency, by its top-level module.
+_EXTRAS = {
+    "uvicorn": "serve",
+    "fastapi": "serve",
+    "httpx": "serve",
+    "ray": "ray",
+    "dynamic_network_architectures": "nnunet",
+    "openvino": "openvino",
+}
+
+
+class BenchmarkUnavailableError(ImportError, RuntimeError):
+    """A benchmark whose module cannot be imported here: an optional dependency is missing or broken."""
+
+
 def benchmark_class(name: str) -> type[Benchmark]:
     if name not in _REGISTRY:
         raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(_REGISTRY)}")
     module, cls = _REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as err:
+        missing = (err.name or "").split(".")[0]
+        if missing and missing in _EXTRAS:
+            fix = f"pip install 'pdl1-bridge[{_EXTRAS[missing]}]'"
+        elif missing and missing not in ("benchmarks", "inference", "bridge"):
+            fix = f"install {missing} (pip install {missing})"
+        else:
+            fix = "reinstall pdl1-bridge (pip install -e .)"
+        raise BenchmarkUnavailableError(
+            f"benchmark {name!r} cannot be imported here ({type(err).__name__}: {err}); {fix}", name=err.name
+        ) from err
 
 
 def list_benchmarks() -> list[tuple[str, str]]:
@@ -265,8 +292,8 @@ def list_benchmarks() -> list[tuple[str, str]]:
     for name in _REGISTRY:
         try:
             rows.append((name, benchmark_class(name).__doc__.strip().splitlines()[0]))
-        except ImportError as err:
-            rows.append((name, f"(cannot be imported here: {err})"))
+        except BenchmarkUnavailableError as err:
+            rows.append((name, f"({err})"))
     return rows
 
 

@@ -179,6 +179,23 @@ def test_an_unknown_benchmark_is_named_with_the_known_ones():
     assert result.output.startswith("error: unknown benchmark 'nosuch'; known: tile_read")  # not in quotes
 
 
+def test_a_benchmark_whose_optional_dependency_is_missing_names_it_and_the_extra_to_install(monkeypatch):
+    # service_roi imports uvicorn (the serve extra): without it, `pdl1 bench service_roi` was a traceback.
+    import sys
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn now raises ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "benchmarks.service_roi", raising=False)
+    listed = runner.invoke(app, ["bench"])
+    assert listed.exit_code == 0, listed.output
+    result = runner.invoke(app, ["bench", "service_roi", "--quick"])
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    said = " ".join(result.output.split())
+    assert said.startswith("error: benchmark 'service_roi' cannot be imported here (ModuleNotFoundError: "), said
+    assert said.endswith("; pip install 'pdl1-bridge[serve]'"), said
+    assert "service_roi (benchmark 'service_roi' cannot be imported here" in " ".join(listed.output.split())
+
+
 def test_bad_log_level():
     result = runner.invoke(app, ["--log-level", "LOUD", "version"])
     assert result.exit_code == 2

@@ -24,6 +24,22 @@ def test_version():
     assert result.output.startswith("pdl1-bridge 0.1.0")
 
 
+def test_version_with_openslide_broken_prints_the_rest_and_names_the_fix(monkeypatch):
+    # A missing or broken OpenSlide library was a traceback, and no version was printed at all.
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openslide", None)  # import openslide now raises ModuleNotFoundError
+    result = runner.invoke(app, ["version"])
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.output.splitlines()
+    assert lines[0] == "pdl1-bridge 0.1.0"
+    assert lines[1].startswith("python ") and lines[1].endswith(", openslide (cannot be loaded)")
+    said = " ".join(" ".join(lines[2:]).split())
+    assert said.startswith("error: OpenSlide cannot be loaded (ModuleNotFoundError: "), said
+    assert said.endswith("reinstall it (pip install --force-reinstall openslide-python openslide-bin)"), said
+
+
 def test_phantom_writes_slide_and_truth(tmp_path):
     out = tmp_path / "ph.svs"
     result = runner.invoke(app, ["phantom", str(out), "--size", "1024", "--seed", "3", "--tps", "60", "--no-progress"])

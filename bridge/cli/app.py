@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from bridge.cli import demo, evaluate, nnunet, run, serve, train
+from bridge.cli.common import fail
 from inference import __version__, tune_allocator, tune_openmp
 
 app = typer.Typer(
@@ -43,12 +44,21 @@ def version() -> None:
     import platform
 
     import numpy
-    import openslide
 
     typer.echo(f"pdl1-bridge {__version__}")
-    typer.echo(
-        f"python {platform.python_version()}, numpy {numpy.__version__}, openslide {openslide.__library_version__}"
-    )
+    try:
+        import openslide  # loads the OpenSlide library itself, which may be missing or broken
+
+        openslide_version = openslide.__library_version__
+    except (ImportError, OSError) as err:  # the other versions are still worth printing
+        typer.echo(f"python {platform.python_version()}, numpy {numpy.__version__}, openslide (cannot be loaded)")
+        raise fail(
+            RuntimeError(
+                f"OpenSlide cannot be loaded ({type(err).__name__}: {err}); slides are read through it: "
+                "reinstall it (pip install --force-reinstall openslide-python openslide-bin)"
+            )
+        ) from err
+    typer.echo(f"python {platform.python_version()}, numpy {numpy.__version__}, openslide {openslide_version}")
 
 
 # The order here is the order of `pdl1 --help`; the sub-apps are listed after the commands.

@@ -212,6 +212,25 @@ def test_a_benchmark_whose_optional_dependency_is_missing_names_it_and_the_extra
     assert "service_roi (benchmark 'service_roi' cannot be imported here" in " ".join(listed.output.split())
 
 
+@pytest.mark.parametrize(
+    ("option", "word", "expected"),
+    [
+        ("--uncertainty", "entropy", "predictive_entropy, mutual_information, prob_std"),
+        ("--aggregation", "max", "mean, p90"),
+        ("--objective", "area", "pixels, regions"),
+    ],
+)
+def test_calibrate_with_an_unknown_word_is_a_usage_error_before_any_slide_is_read(tmp_path, option, word, expected):
+    # The word was checked only after every slide had been segmented: minutes to hours lost, then "error:
+    # objective must be one of ..." without the option's name.
+    slide = tmp_path / "never_read.svs"  # not there: a usage error must come first
+    result = runner.invoke(app, ["calibrate", str(slide), "--out", str(tmp_path / "cal"), option, word])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.replace("│", " ").split())
+    assert f"Invalid value for '{option}': got '{word}'; expected one of {expected}" in said, said
+    assert not (tmp_path / "cal").exists()
+
+
 def test_bad_log_level():
     result = runner.invoke(app, ["--log-level", "LOUD", "version"])
     assert result.exit_code == 2

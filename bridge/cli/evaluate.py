@@ -744,6 +744,21 @@ def _print_ihc(console_out, model_name: str, records: list[dict], written: Path)
     return failed, flagged
 
 
+def _one_of(words: str):
+    """A word option's callback: a word other than those ``inference.<words>`` lists is a usage error before any
+    slide is segmented (calibrate's own check comes after all of them)."""
+
+    def check(value: str) -> str:
+        import inference
+
+        choices = getattr(inference, words)
+        if value not in choices:
+            raise typer.BadParameter(f"got {value!r}; expected one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
 def calibrate(
     slides: Annotated[list[Path], typer.Argument(help="Validation phantom slides with truth (not the test slides).")],
     model: Annotated[
@@ -757,14 +772,16 @@ def calibrate(
         ),
     ] = 0.9,
     uncertainty: Annotated[
-        str, typer.Option(help="predictive_entropy, mutual_information or prob_std.")
+        str,
+        typer.Option(help="predictive_entropy, mutual_information or prob_std.", callback=_one_of("UNCERTAINTY_MAPS")),
     ] = "predictive_entropy",
-    aggregation: Annotated[str, typer.Option(help="mean or p90.")] = "mean",
+    aggregation: Annotated[str, typer.Option(help="mean or p90.", callback=_one_of("AGGREGATIONS"))] = "mean",
     objective: Annotated[
         str,
         typer.Option(
             help="pixels: F0.5 over the pixels of flagged NPRs (the unit SUA is compared with the baseline in); "
-            "regions: each NPR counts once."
+            "regions: each NPR counts once.",
+            callback=_one_of("CALIBRATION_OBJECTIVES"),
         ),
     ] = "pixels",
     nuclei_model: NucleiModelOption = "demo",

@@ -81,6 +81,25 @@ def test_calibrate_writes_thresholds_into_a_copy(small, tmp_path):
     assert refused.exit_code == 2 and "read-only" in refused.output
 
 
+def test_calibrate_on_a_slide_named_twice_counts_it_once(small, tmp_path):
+    # A glob and one of its files (or a symlink to it) counted the slide twice in the fit and in the review
+    # limits' "0 of 2 validation slides", and recorded it twice as calibrated on.
+    link = tmp_path / "same.svs"
+    link.symlink_to(small)
+    (tmp_path / "same.truth").symlink_to(small.with_suffix(".truth"))
+    result = runner.invoke(
+        app,
+        ["calibrate", str(small), str(link), "--out", str(tmp_path / "cal"), "--device", "cpu", "--no-progress"],
+    )
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert f"note: {small} is given twice (as {link}); it is calibrated on once" in said, said
+    assert "of 1 validation slides" in said, said
+    manifest = json.loads((tmp_path / "cal" / "manifest.json").read_text())
+    assert manifest["extra"]["sua"]["calibrated_on"] == ["c.svs"]
+    assert manifest["extra"]["review"]["calibrated_on"] == ["c.svs"]
+
+
 def test_run_plain_slides_with_a_failure_exits_1_and_reports(small, tmp_path):
     missing = tmp_path / "gone.svs"
     result = runner.invoke(

@@ -64,6 +64,19 @@ def interrupted(what_is_kept: str) -> typer.Exit:
     return typer.Exit(code=130)
 
 
+def distinct_paths(paths: list[Path], *, done: str) -> list[Path]:
+    """``paths`` with each slide or project once (``bridge.project.distinct_inputs``), a note printed for each
+    repeat saying what was ``done`` with it."""
+    from rich.markup import escape
+
+    from bridge.project import distinct_inputs, repeat_note
+
+    paths, repeats = distinct_inputs(paths)
+    for again, first in repeats.items():
+        console.print(f"[yellow]note:[/yellow] {escape(repeat_note(again, first, done))}", soft_wrap=True)
+    return paths
+
+
 def check_device(value: str) -> str:
     """A --device option's callback: a misspelt device is a usage error before any work, not torch's traceback
     (listing a dozen device types) at the first model load."""

@@ -11,6 +11,7 @@ from typer.core import TyperGroup
 from bridge.cli.common import (
     check_device,
     check_model_target,
+    distinct_paths,
     fail,
     pipeline_config,
     require_out_folder,
@@ -816,6 +817,8 @@ def calibrate(
         raise typer.BadParameter(
             "the shipped demo is read-only: pass --out DIR for a calibrated copy", param_hint="--out"
         )
+    # A slide named twice (a glob and one of its files, a symlink to it) counted twice in the fit.
+    slides = distinct_paths(slides, done="calibrated on once")
     source = Path(model or demo_model_dir("seg"))
     check_model_target(source, out)
     in_place = out is None or out.resolve() == source.resolve()

@@ -13,6 +13,7 @@ import typer
 from bridge.cli.common import (
     check_device_from_file,
     console,
+    distinct_paths,
     fail,
     interrupted,
     outcome_table,
@@ -81,19 +82,6 @@ def _run_ray_with_progress(inputs, run_config, *, address, progress: bool):
             bar.update(images, completed=done, total=n, description=f"images (ray; last: {name})")
 
         return run_batch_ray(inputs, run_config, address=address, on_image=on_image)
-
-
-def _distinct(paths: list[Path], *, done: str) -> list[Path]:
-    """``paths`` with each slide or project once (``bridge.project.distinct_inputs``), a note printed for each
-    repeat saying what was ``done`` with it."""
-    from rich.markup import escape
-
-    from bridge.project import distinct_inputs, repeat_note
-
-    paths, repeats = distinct_inputs(paths)
-    for again, first in repeats.items():
-        console.print(f"[yellow]note:[/yellow] {escape(repeat_note(again, first, done))}", soft_wrap=True)
-    return paths
 
 
 # Each model option: the task and stain of the model it takes.
@@ -349,7 +337,7 @@ def run(
             raise typer.BadParameter(problem, param_hint=_OPTION_OF[name])
     # A slide or project named twice (a glob and one of its files, a project's folder and its project.qpproj)
     # is one: run once, and its project's pdl1-config.toml read as for one input.
-    inputs = _distinct(inputs, done="analysed once")
+    inputs = distinct_paths(inputs, done="analysed once")
     started = time.time()
     try:
         settings = _settings(inputs, config, no_config=no_config, given=given, nuclei=nuclei)
@@ -454,7 +442,7 @@ def init_project(
     if qupath not in ("auto", "never", "always"):  # a mistyped "always" made a project without QuPath
         raise typer.BadParameter(f"expected auto, never or always, got {qupath!r}", param_hint="--qupath")
     # A slide named twice (a glob and one of its files, a symlink to it) was two entries of one image in QuPath.
-    slides = _distinct(slides, done="added once")
+    slides = distinct_paths(slides, done="added once")
     try:
         ok, why = qupath_available() if qupath != "never" else (False, "")
         if qupath == "always" and not ok:

@@ -813,7 +813,7 @@ def open_allowed(
             shutil.rmtree(link_dir, ignore_errors=True)
 
 
-def check_upload(body: bytes, *, mpp: float, max_px: int) -> None:
+def check_upload(body: bytes, *, mpp: float, max_px: int, content_type: str | None = None) -> None:
     """Refuse, before it queues, an upload that is no image, too large, or at an implausible MPP.
 
     Only the header is read here; the pixels are decoded when the job starts.
@@ -844,6 +844,15 @@ def check_upload(body: bytes, *, mpp: float, max_px: int) -> None:
             raise SlideFormatError(
                 f"the request body ({len(body)} bytes) is a TIFF whose pixels cannot be decoded (floating-point or "
                 f"other samples it cannot read as colours); {rgb8}"
+            ) from err
+        form = (content_type or "").split(";")[0].strip().lower()
+        # curl -F, requests' files= or data=dict, a browser form (curl --data-binary's own default Content-Type
+        # is the urlencoded one, so a form's type with the image's bytes is taken as the image above)
+        if form in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            raise SlideFormatError(
+                f"the request body is a form (Content-Type: {form}), not the image itself; {expected}, sent as the "
+                "whole body: curl --data-binary @region.png -H 'Content-Type: image/png', requests.post(url, "
+                "data=png_bytes)"
             ) from err
         raise SlideFormatError(
             f"the request body ({len(body)} bytes, starting {body[:8]!r}) is not a PNG or TIFF image; {expected}"
@@ -1283,7 +1292,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         except ClientDisconnect:  # nobody is left to answer; one line, not a traceback
             log.info("client %s disconnected during an upload; nothing queued", request.client)
             return Response(status_code=400)
-        check_upload(body, mpp=mpp, max_px=settings.max_upload_px)
+        check_upload(body, mpp=mpp, max_px=settings.max_upload_px, content_type=request.headers.get("content-type"))
         job = Job(
             id=uuid.uuid4().hex,
             image="upload",

@@ -314,6 +314,37 @@ def test_an_upload_that_is_no_image_says_what_is_expected(client, content, came)
     }
 
 
+@pytest.mark.parametrize("how", ["files", "data"])
+def test_an_upload_sent_as_a_form_says_to_send_the_image_as_the_body(client, how):
+    # curl -F / requests' files= wrap the PNG in a form: it was refused as "starting b'--2b5f...' is not a PNG
+    # or TIFF image", which did not say what was wrong with a PNG the client had indeed sent.
+    png = _encoded(np.full((8, 8, 3), 200, np.uint8), "PNG")
+    sent = {"files": {"file": ("region.png", png, "image/png")}} if how == "files" else {"data": {"image": "x"}}
+    r = client.post("/v1/jobs/pixels", params={"mpp": 0.5}, **sent)
+    form = "multipart/form-data" if how == "files" else "application/x-www-form-urlencoded"
+    assert (r.status_code, r.json()) == (
+        422,
+        {
+            "detail": f"the request body is a form (Content-Type: {form}), not the image itself; expected the "
+            "region's PNG or TIFF bytes (Content-Type: image/png or image/tiff), sent as the whole body: curl "
+            "--data-binary @region.png -H 'Content-Type: image/png', requests.post(url, data=png_bytes)"
+        },
+    )
+
+
+def test_an_image_sent_with_curl_s_default_form_content_type_is_taken_as_the_image(client):
+    # curl --data-binary @region.png without -H labels the PNG application/x-www-form-urlencoded.
+    png = _encoded(np.full((8, 8, 3), 200, np.uint8), "PNG")
+    r = client.post(
+        "/v1/jobs/pixels",
+        params={"mpp": 0.5},
+        content=png,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert r.status_code == 202, r.text
+    assert wait_for_job(client, r.json()["job_id"])["state"] == "done"
+
+
 RGB8 = (
     "expected 8-bit RGB (or greyscale) pixels of a brightfield region, as QuPath shows it: export the region as an "
     "8-bit RGB PNG or TIFF"

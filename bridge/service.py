@@ -832,6 +832,7 @@ def check_upload(body: bytes, *, mpp: float, max_px: int, content_type: str | No
             width, height = im.size
             kind = unconvertible_samples(im)
             pages = _full_resolution_frames(im)
+            orientation = im.getexif().get(0x0112, 1)  # EXIF/TIFF Orientation: 1 is as stored
     except Image.DecompressionBombError as err:  # a header stating more pixels than Pillow will decode
         stated = re.search(r"\((\d+) pixels\)", str(err))
         size = f"{int(stated.group(1))} px" if stated else f"more than {2 * Image.MAX_IMAGE_PIXELS} px"
@@ -863,6 +864,13 @@ def check_upload(body: bytes, *, mpp: float, max_px: int, content_type: str | No
         ) from err
     if kind is not None:  # converted to RGB, they would be clipped at 255: an image of white, analysed
         raise SlideFormatError(f"the uploaded image has {kind}; {rgb8}")
+    if orientation not in (1, 0):  # viewers turn it; the pixels (and so the results' places) are as stored
+        raise SlideFormatError(
+            f"the uploaded image carries an orientation tag ({orientation}: {_ORIENTATIONS.get(orientation, 'unknown')}"
+            "), so it is shown turned or mirrored but analysed as stored, and its results would not lie over the "
+            "region; send the region's pixels as QuPath reads them, without an orientation tag (an exported PNG or "
+            "TIFF; for a JPEG, turn the pixels and drop the tag, e.g. PIL.ImageOps.exif_transpose)"
+        )
     if pages > 1:  # only the first would be decoded: the rest of a stack or animation dropped unsaid
         raise SlideFormatError(
             f"the uploaded image has {pages} pages or frames at full resolution (a stack or an animation), of which "
@@ -879,6 +887,18 @@ def check_upload(body: bytes, *, mpp: float, max_px: int, content_type: str | No
         mpp=Mpp(mpp, mpp, _UPLOAD_MPP_SOURCE),
         mpp_advice=_upload_mpp_advice,
     ).close()
+
+
+# EXIF/TIFF Orientation values (tag 274) other than 1, as a viewer shows the stored pixels.
+_ORIENTATIONS = {
+    2: "mirrored",
+    3: "turned 180°",
+    4: "flipped upside down",
+    5: "mirrored and turned 90°",
+    6: "turned 90° clockwise",
+    7: "mirrored and turned 90° anticlockwise",
+    8: "turned 90° anticlockwise",
+}
 
 
 def _full_resolution_frames(im: Image.Image) -> int:

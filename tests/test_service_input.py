@@ -483,6 +483,37 @@ def test_an_upload_s_transparent_pixels_read_as_empty_glass_not_as_what_lies_und
     assert (rgb[:, 2:] == 255).all()
 
 
+def _with_orientation(fmt: str, orientation: int) -> bytes:
+    im = Image.fromarray(np.full((8, 16, 3), 200, np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, exif=exif)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "TIFF", "PNG"])
+def test_an_upload_with_an_orientation_tag_is_refused_not_analysed_as_stored(client, fmt):
+    # A phone or viewer's EXIF rotation was ignored: a 16x8 image shown upright as 8x16 was analysed as 16x8,
+    # and its results placed turned against the region the user saw.
+    r = client.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=_with_orientation(fmt, 6))
+    assert (r.status_code, r.json()) == (
+        422,
+        {
+            "detail": "the uploaded image carries an orientation tag (6: turned 90° clockwise), so it is shown "
+            "turned or mirrored but analysed as stored, and its results would not lie over the region; send the "
+            "region's pixels as QuPath reads them, without an orientation tag (an exported PNG or TIFF; for a JPEG, "
+            "turn the pixels and drop the tag, e.g. PIL.ImageOps.exif_transpose)"
+        },
+    )
+
+
+def test_an_upload_whose_orientation_tag_says_as_stored_is_accepted(client):
+    r = client.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=_with_orientation("JPEG", 1))
+    assert r.status_code == 202, r.text
+    assert wait_for_job(client, r.json()["job_id"])["state"] == "done"
+
+
 UPLOAD_ADVICE = (
     "send as mpp the µm per uploaded pixel: the scanner's µm/px (0.25 at 40x, 0.5 at 20x) times the downsample "
     "the region was read at"

@@ -1039,6 +1039,11 @@ def ihc_folder_problem(pipeline: PipelineConfig) -> str | None:
     )
 
 
+# The query parameters of POST /v1/jobs/pixels; any other is refused, not ignored (a misspelt origin_x put
+# every result at x 0).
+PIXELS_QUERY = ("mpp", "origin_x", "origin_y", "downsample", "outputs")
+
+
 def _validation_problem(error: dict[str, Any], content_type: str | None) -> str:
     """One of pydantic's validation errors as ``where: what``; for the mistakes a client makes by
     accident (no JSON Content-Type, a body that is no object, a misspelt field) also what was expected."""
@@ -1064,6 +1069,16 @@ def _validation_problem(error: dict[str, Any], content_type: str | None) -> str:
         return (
             f"body: not valid JSON ({reason}{at}); expected a JSON object such as "
             '{"image": "/path/to/slide.svs"}: JSON takes double quotes around names and strings, and no trailing comma'
+        )
+    if error["type"] == "extra_forbidden" and len(loc) == 2 and loc[0] == "query":
+        fields = list(PIXELS_QUERY)
+        if loc[1] == "roi":
+            hint = "an upload is analysed whole: send only the ROI's bounding region (and its origin_x, origin_y); "
+        else:
+            close = difflib.get_close_matches(str(loc[1]), fields, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+        return (
+            f"{where}: unknown parameter {quoted(str(loc[1]))}; {hint}the upload's parameters are {', '.join(fields)}"
         )
     if error["type"] == "extra_forbidden" and len(loc) == 2 and loc[0] == "body":
         fields = list(JobRequest.model_fields)
@@ -1306,6 +1321,11 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         w: Worker = Depends(worker),
     ) -> Response:
         """Upload a PNG or TIFF region for images the service cannot open itself."""
+        unknown = [name for name in request.query_params if name not in PIXELS_QUERY]
+        if unknown:
+            raise RequestValidationError(
+                [{"type": "extra_forbidden", "loc": ("query", name), "msg": "unknown"} for name in unknown]
+            )
         # BodyLimit stops the read past max_request_bytes, stated length or not.
         try:
             body = await request.body()

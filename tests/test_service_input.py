@@ -345,6 +345,31 @@ def test_an_image_sent_with_curl_s_default_form_content_type_is_taken_as_the_ima
     assert wait_for_job(client, r.json()["job_id"])["state"] == "done"
 
 
+PIXELS_PARAMETERS = "the upload's parameters are mpp, origin_x, origin_y, downsample, outputs"
+
+
+@pytest.mark.parametrize(
+    ("params", "came"),
+    [
+        (
+            {"mpp": 0.5, "originx": 100},
+            f"query.originx: unknown parameter 'originx'; did you mean 'origin_x'? {PIXELS_PARAMETERS}",
+        ),
+        (
+            {"mpp": 0.5, "roi": "POLYGON ((0 0, 9 0, 9 9, 0 0))"},
+            "query.roi: unknown parameter 'roi'; an upload is analysed whole: send only the ROI's bounding region "
+            f"(and its origin_x, origin_y); {PIXELS_PARAMETERS}",
+        ),
+    ],
+    ids=["misspelt", "roi"],
+)
+def test_an_upload_s_unknown_parameter_is_refused_not_ignored(client, params, came):
+    # Ignored, a misspelt origin_x put every result at x 0, and an roi had the whole upload analysed.
+    png = _encoded(np.full((8, 8, 3), 200, np.uint8), "PNG")
+    r = client.post("/v1/jobs/pixels", params=params, content=png, headers={"Content-Type": "image/png"})
+    assert (r.status_code, r.json()) == (422, {"detail": f"bad request: {came}"})
+
+
 RGB8 = (
     "expected 8-bit RGB (or greyscale) pixels of a brightfield region, as QuPath shows it: export the region as an "
     "8-bit RGB PNG or TIFF"

@@ -841,6 +841,9 @@ def check_upload(body: bytes, *, mpp: float, max_px: int, content_type: str | No
             "send a smaller region or a lower resolution (downsample)"
         ) from err
     except UnidentifiedImageError as err:  # its message names only the in-memory file object
+        damaged = _damaged_header(body)
+        if damaged is not None:
+            raise SlideFormatError(damaged) from err
         if body[:4] in (b"II*\x00", b"MM\x00*"):  # TIFF, with samples Pillow does not decode (e.g. floating point)
             raise SlideFormatError(
                 f"the request body ({len(body)} bytes) is a TIFF whose pixels cannot be decoded (floating-point or "
@@ -859,6 +862,9 @@ def check_upload(body: bytes, *, mpp: float, max_px: int, content_type: str | No
             f"the request body ({len(body)} bytes, starting {body[:8]!r}) is not a PNG or TIFF image; {expected}"
         ) from err
     except Exception as err:  # PIL raises several types for unreadable headers; all mean the same here
+        damaged = _damaged_header(body)
+        if damaged is not None:
+            raise SlideFormatError(damaged) from err
         raise SlideFormatError(
             f"body is not a PNG/TIFF image ({type(err).__name__}: {err}); send the region's PNG or TIFF bytes"
         ) from err
@@ -887,6 +893,29 @@ def check_upload(body: bytes, *, mpp: float, max_px: int, content_type: str | No
         mpp=Mpp(mpp, mpp, _UPLOAD_MPP_SOURCE),
         mpp_advice=_upload_mpp_advice,
     ).close()
+
+
+def _damaged_header(body: bytes) -> str | None:
+    """Why a body that starts as a PNG or TIFF has no header Pillow reads, when it is cut short or damaged (as
+    an interrupted transfer leaves it), else None (a TIFF whose samples Pillow does not decode)."""
+    if body.startswith(b"\x89PNG\r\n\x1a\n"):
+        kind = "PNG"
+    elif body[:4] in (b"II*\x00", b"MM\x00*"):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(io.BytesIO(body)) as tif:
+                tif.pages[0].shape  # noqa: B018 - reads the first page's header
+        except Exception:  # tifffile raises several types for a cut or damaged header; all mean the same here
+            kind = "TIFF"
+        else:
+            return None
+    else:
+        return None
+    return (
+        f"the request body ({len(body)} bytes) starts as a {kind} but is cut short or damaged before its pixels "
+        f"begin; send the complete {kind} file (an interrupted transfer or a partial read sends only its start)"
+    )
 
 
 # EXIF/TIFF Orientation values (tag 274) other than 1, as a viewer shows the stored pixels.

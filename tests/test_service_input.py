@@ -539,6 +539,23 @@ def test_an_upload_whose_orientation_tag_says_as_stored_is_accepted(client):
     assert wait_for_job(client, r.json()["job_id"])["state"] == "done"
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning:PIL")  # Pillow's own note on the cut TIFF it reads
+@pytest.mark.parametrize(("fmt", "cut_at"), [("PNG", 20), ("PNG", 30), ("TIFF", 8), ("TIFF", 100)])
+def test_an_upload_cut_short_in_its_header_says_so_not_that_it_is_no_image(client, fmt, cut_at):
+    # An interrupted transfer: a PNG was told it "is not a PNG or TIFF image", a TIFF that its samples were
+    # floating point.
+    content = _encoded(np.full((64, 64, 3), 200, np.uint8), fmt)[:cut_at]
+    r = client.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=content)
+    assert (r.status_code, r.json()) == (
+        422,
+        {
+            "detail": f"the request body ({cut_at} bytes) starts as a {fmt} but is cut short or damaged before its "
+            f"pixels begin; send the complete {fmt} file (an interrupted transfer or a partial read sends only its "
+            "start)"
+        },
+    )
+
+
 UPLOAD_ADVICE = (
     "send as mpp the µm per uploaded pixel: the scanner's µm/px (0.25 at 40x, 0.5 at 20x) times the downsample "
     "the region was read at"

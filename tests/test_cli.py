@@ -22,6 +22,11 @@ def test_version():
     result = runner.invoke(app, ["version"])
     assert result.exit_code == 0
     assert result.output.startswith("pdl1-bridge 0.1.0")
+    # The libraries it runs on, torch among them (it listed numpy and OpenSlide only).
+    import torch
+
+    libraries = result.output.splitlines()[2]
+    assert f"torch {torch.__version__}" in libraries and "paquo " in libraries and "shapely " in libraries
 
 
 def test_version_with_openslide_broken_prints_the_rest_and_names_the_fix(monkeypatch):

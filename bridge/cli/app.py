@@ -59,6 +59,23 @@ def version() -> None:
             )
         ) from err
     typer.echo(f"python {platform.python_version()}, numpy {numpy.__version__}, openslide {openslide_version}")
+    typer.echo(", ".join(f"{name} {_installed_version(name)}" for name in _RUNS_ON))
+
+
+# The libraries the analysis runs on beside numpy and OpenSlide, read from their installed metadata (importing torch
+# would take seconds); the optional ones say when they are not installed.
+_RUNS_ON = ("torch", "paquo", "shapely", "scikit-image", "fastapi", "openvino")
+
+
+def _installed_version(name: str) -> str:
+    """``name``'s installed version, or "(not installed)"."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed(name)
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 # The order here is the order of `pdl1 --help`; the sub-apps are listed after the commands.

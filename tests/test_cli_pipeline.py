@@ -77,6 +77,10 @@ def test_calibrate_writes_thresholds_into_a_copy(small, tmp_path):
     for key in ("sua_lower", "sua_upper", "sua_threshold", "pixel_baseline_threshold", "review_entropy"):
         assert key in manifest["thresholds"], key
     assert manifest["extra"]["sua"]["calibrated_on"] == ["c.svs"]
+    # Fitted on one slide, SUA's thresholds are written with a warning that so little can set them.
+    said = " ".join(result.output.split())
+    assert ("SUA: NPR" in said) == ("warning: SUA's thresholds rest on" in said), said
+    assert "of 1 slide: one odd region can set them" in said or "SUA kept" in said
     refused = runner.invoke(app, ["calibrate", str(small)])
     assert refused.exit_code == 2 and "read-only" in refused.output
 
@@ -252,3 +256,18 @@ def test_demo_replaces_only_its_own_project(tmp_path, monkeypatch):
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     result = runner.invoke(app, ["demo", "--out", str(theirs), "--no-progress"], env={"COLUMNS": "400"})
     assert result.exit_code == 2 and "is a file; --out must be a folder" in result.output, result.output
+
+
+def test_calibrate_warns_when_sua_is_fitted_on_too_little(tmp_path):
+    # On one small slide SUA's thresholds were fitted (here on a handful of false-negative regions) and written
+    # without a word about how little they rest on.
+    from inference.phantom.pyramid import write_phantom
+    from inference.phantom.scene import PhantomSpec
+
+    write_phantom(tmp_path / "p.svs", PhantomSpec(1024, 1024, seed=3, tps_percent=100))
+    args = ["calibrate", str(tmp_path / "p.svs"), "--out", str(tmp_path / "cal"), "--device", "cpu", "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "SUA: NPR" in said  # fitted: the case the warning is for
+    assert "warning: SUA's thresholds rest on" in said and "of 1 slide: one odd region can set them" in said

@@ -117,7 +117,8 @@ def test_the_shipped_demo_models_state_h_and_e():
 
 
 def test_wrong_task(model_dir):
-    with pytest.raises(ModelFileError, match="a 'segmentation' model, but a 'nuclei' model is needed"):
+    said = r"is a 'segmentation' model \(of H&E slides\), but a 'nuclei' model is needed here: give a nuclei model"
+    with pytest.raises(ModelFileError, match=said):
         read_manifest(model_dir, task="nuclei")
 
 

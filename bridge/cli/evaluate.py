@@ -760,6 +760,11 @@ def _one_of(words: str):
     return check
 
 
+# Below either, a written SUA calibration draws a warning: too little to trust a fitted threshold on.
+_SUA_MIN_SLIDES = 3
+_SUA_MIN_FALSE_NEGATIVES = 5
+
+
 def calibrate(
     slides: Annotated[list[Path], typer.Argument(help="Validation phantom slides with truth (not the test slides).")],
     model: Annotated[
@@ -899,6 +904,14 @@ def calibrate(
             f"{cal.n_false_negative} false negative)"
         )
         typer.echo(f"pixel baseline threshold {cal.pixel_threshold:.4g} (pixel F0.5 {cal.pixel_f05:.3f})")
+        if len(slides) < _SUA_MIN_SLIDES or cal.n_false_negative < _SUA_MIN_FALSE_NEGATIVES:
+            # Written all the same (the user asked for it), but one odd region may have set the thresholds.
+            typer.echo(
+                f"warning: SUA's thresholds rest on {cal.n_false_negative} false-negative NPRs of {len(slides)} "
+                f"slide{'s' if len(slides) != 1 else ''}: one odd region can set them; calibrate on at least "
+                f"{_SUA_MIN_SLIDES} validation slides with {_SUA_MIN_FALSE_NEGATIVES} or more false-negative NPRs",
+                err=True,
+            )
     else:
         typer.echo(
             f"SUA kept: NPR [{kept.lower:g}, {kept.upper:g}), {kept.uncertainty}/{kept.aggregation} > "

@@ -232,7 +232,11 @@ def read_manifest(folder: str | Path, *, task: str | None = None, verify: bool =
     if manifest.blend not in BLENDS:
         raise ModelFileError(f"{path}: blend {manifest.blend!r} is not one of {BLENDS}")
     if task is not None and manifest.task != task:
-        raise ModelFileError(f"{path}: a {manifest.task!r} model, but a {task!r} model is needed here")
+        raise ModelFileError(
+            f"{path}: {manifest.name!r} is a {manifest.task!r} model (of {manifest.stain} slides), but a {task!r} "
+            f"model is needed here: give a {task} model folder, or leave the model option out to use the shipped "
+            "demo's"
+        )
     if not manifest.members:
         raise ModelFileError(f"{path}: lists no members")
     for member in manifest.members:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import errno
+import inspect
 import io
 import json
 import logging
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import shapely
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
@@ -1068,9 +1069,13 @@ def ihc_folder_problem(pipeline: PipelineConfig) -> str | None:
     )
 
 
-# The query parameters of POST /v1/jobs/pixels; any other is refused, not ignored (a misspelt origin_x put
-# every result at x 0).
-PIXELS_QUERY = ("mpp", "origin_x", "origin_y", "downsample", "outputs")
+def query_parameters(endpoint: Any) -> tuple[str, ...]:
+    """The query parameters an endpoint declares (those whose default is a ``Query``), from its signature: the
+    ones a request may send, so any other is refused rather than ignored (a misspelt origin_x put every result of
+    an upload at x 0)."""
+    return tuple(
+        name for name, p in inspect.signature(endpoint).parameters.items() if isinstance(p.default, params.Query)
+    )
 
 
 def _validation_problem(error: dict[str, Any], content_type: str | None) -> str:
@@ -1100,7 +1105,7 @@ def _validation_problem(error: dict[str, Any], content_type: str | None) -> str:
             '{"image": "/path/to/slide.svs"}: JSON takes double quotes around names and strings, and no trailing comma'
         )
     if error["type"] == "extra_forbidden" and len(loc) == 2 and loc[0] == "query":
-        fields = list(PIXELS_QUERY)
+        fields = list((error.get("ctx") or {}).get("parameters", ()))
         if loc[1] == "roi":
             hint = "an upload is analysed whole: send only the ROI's bounding region (and its origin_x, origin_y); "
         else:
@@ -1350,10 +1355,14 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         w: Worker = Depends(worker),
     ) -> Response:
         """Upload a PNG or TIFF region for images the service cannot open itself."""
-        unknown = [name for name in request.query_params if name not in PIXELS_QUERY]
+        known = query_parameters(submit_pixels)
+        unknown = [name for name in request.query_params if name not in known]
         if unknown:
             raise RequestValidationError(
-                [{"type": "extra_forbidden", "loc": ("query", name), "msg": "unknown"} for name in unknown]
+                [
+                    {"type": "extra_forbidden", "loc": ("query", name), "msg": "unknown", "ctx": {"parameters": known}}
+                    for name in unknown
+                ]
             )
         # BodyLimit stops the read past max_request_bytes, stated length or not.
         try:

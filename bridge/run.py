@@ -162,19 +162,24 @@ def tps_metadata_keys(stain: str) -> tuple[str, str]:
     return "PD-L1 Predicted TPS % (H&E)", "PD-L1 Predicted TPS category (H&E)"
 
 
+def _percent_text(percent: float | None) -> str:
+    """A score as entry metadata holds it (one decimal; empty where there is none), as the Groovy scripts write it."""
+    return "" if percent is None else f"{percent:.1f}"
+
+
 def entry_metadata(result: SlideResult) -> dict[str, str]:
     """Project entry metadata (strings), DESIGN.md §3."""
     tps = result.tps
     model = result.seg_model or result.nuclei_model
     percent_key, category_key = tps_metadata_keys(result.stain)
     out = {
-        percent_key: "" if tps is None or tps.percent is None else f"{tps.percent:.1f}",
+        percent_key: _percent_text(None if tps is None else tps.percent),
         category_key: "" if tps is None else tps.category,
         "PD-L1 model": "" if model is None else f"{model.name} {model.version} ({model.sha256[:12]})",
         "PD-L1 run": result.run_id,
     }
     if result.cps is not None:
-        out["PD-L1 CPS"] = "" if result.cps.percent is None else f"{result.cps.percent:.1f}"
+        out["PD-L1 CPS"] = _percent_text(result.cps.percent)
     if result.stain != "H&E":
         out["PD-L1 stain"] = result.stain
     return out
@@ -769,11 +774,11 @@ def merge_entry_metadata(parts: list[tuple[dict[str, str], dict[str, int]]]) -> 
     negative = sum(c["tumour_negative"] for c in counts)
     tps = tumour_proportion_score(positive, negative)
     percent_key, category_key = tps_metadata_keys("H-DAB" if "PD-L1 TPS %" in meta else "H&E")
-    meta[percent_key] = "" if tps.percent is None else f"{tps.percent:.1f}"
+    meta[percent_key] = _percent_text(tps.percent)
     meta[category_key] = tps.category
     if all("immune_positive" in c for c in counts):
         cps = combined_positive_score(positive, sum(c["immune_positive"] for c in counts), positive + negative)
-        meta["PD-L1 CPS"] = "" if cps.percent is None else f"{cps.percent:.1f}"
+        meta["PD-L1 CPS"] = _percent_text(cps.percent)
     return meta
 
 

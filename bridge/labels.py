@@ -140,8 +140,7 @@ def _check_class_map_targets(class_map: Mapping[str, str | None], rules: LabelRu
     """
     if not rules.points or not rules.class_names:
         return
-    wrong = {label: target for label, target in class_map.items() if target is not None}
-    wrong = {label: target for label, target in wrong.items() if target not in rules.class_names}
+    wrong = {label: target for label, target in class_map.items() if target not in (None, *rules.class_names)}
     if not wrong:
         return
     spelt = {_spelling(c): c for c in rules.class_names}

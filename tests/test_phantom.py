@@ -184,19 +184,20 @@ def test_nuclei_drawn_in_chunks_give_the_same_pixels(monkeypatch):
 
 def test_an_interrupted_truth_write_leaves_no_part_file_and_no_truth(tmp_path, monkeypatch):
     # truth.json was written to a fixed truth.json.part, left behind by an error and shared by two writers.
-    import pathlib
+    import os
+    from pathlib import Path
 
     from inference.phantom.pyramid import write_phantom
     from inference.phantom.scene import PhantomSpec
 
-    replace = pathlib.Path.replace
+    replace = os.replace
 
-    def interrupted(self, target):
-        if self.name.startswith("truth.json."):
+    def interrupted(source, target):
+        if Path(source).name.startswith("truth.json."):
             raise KeyboardInterrupt
-        return replace(self, target)
+        return replace(source, target)
 
-    monkeypatch.setattr(pathlib.Path, "replace", interrupted)
+    monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_phantom(tmp_path / "p.svs", PhantomSpec(1024, 1024, seed=2, tps_percent=30))
     truth = tmp_path / "p.truth"

@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import secrets
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from inference.atomic import write_text_whole
 from inference.errors import ModelFileError
 
 MANIFEST_NAME = "manifest.json"
@@ -266,24 +266,13 @@ def read_manifest(folder: str | Path, *, task: str | None = None, verify: bool =
 def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
     """Write ``folder``'s manifest, replacing the one there in one step: readers see the old or the new one.
 
-    The new text goes to a temporary file of this call's own (made with ``open(..., "x")``), on disk before it
-    is renamed over the manifest; after an error or Ctrl-C the old manifest is untouched and the temporary file
-    gone. (A fixed ``manifest.json.part`` was shared by two writers of one model, so one could rename the
-    other's half-written file into place, and an interrupt left it behind.)
+    Through :func:`inference.atomic.write_text_whole`: after an error or Ctrl-C the old manifest is untouched,
+    and two writers of one model (calibrate and domain-stats) never rename each other's half-written file.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / MANIFEST_NAME
-    tmp = path.with_name(f"{MANIFEST_NAME}.{secrets.token_hex(6)}.part")
-    try:
-        with open(tmp, "x", encoding="utf-8") as fh:
-            fh.write(manifest.to_json())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text_whole(path, manifest.to_json())
     return path
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from inference.atomic import write_text_whole
 from inference.errors import TruthFormatError, TruthNotFoundError
 
 NUCLEUS_CLASSES = ("Tumor: Positive", "Tumor: Negative", "Other")
@@ -157,15 +157,8 @@ class TruthWriter:
             )
             summary["intensity_counts"] = {f"{i}+": int(self.intensity_counts[i]) for i in (1, 2, 3)}
         summary.update(extra or {})
-        # Renamed into place whole (its presence means a whole phantom), from a name of its own: two writers of one
-        # phantom do not rename each other's half, and an error leaves no part file behind.
-        part = self.truth_dir / f"truth.json.{secrets.token_hex(6)}.part"
-        try:
-            part.write_text(json.dumps(summary, indent=2))
-            part.replace(self.truth_dir / "truth.json")
-        except BaseException:
-            part.unlink(missing_ok=True)
-            raise
+        # Renamed into place whole: its presence means a whole phantom.
+        write_text_whole(self.truth_dir / "truth.json", json.dumps(summary, indent=2))
         return PhantomTruth(self.slide_path, self.truth_dir, mask_path, self.nuclei_csv, summary)
 
 

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from inference.atomic import write_text_whole
 from inference.errors import ModelFileError
 from inference.models.manifest import MANIFEST_NAME, give_new_file_mode, read_manifest, sha256_file
 from inference.training.anchor import WeightAnchor, freeze_batchnorm
@@ -310,9 +311,7 @@ def checkpoint_history(folder: Path) -> list[dict]:
 
 def write_history(out_dir: Path, history: list[dict]) -> None:
     """``training_history.json``: one record per epoch (its loss and rate per iteration), renamed into place."""
-    part = out_dir / (HISTORY_FILE + ".part")
-    part.write_text(json.dumps({"epochs": history}), encoding="utf-8")
-    part.replace(out_dir / HISTORY_FILE)
+    write_text_whole(out_dir / HISTORY_FILE, json.dumps({"epochs": history}))
 
 
 def save_member(out_dir: Path, model: torch.nn.Module, index: int) -> tuple[str, str]:

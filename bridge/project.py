@@ -643,6 +643,12 @@ class RunStatus:
     def is_done(self, key: str) -> bool:
         return self.images.get(key, {}).get("state") == "done"
 
+    def failed(self) -> dict[str, str]:
+        """Key -> error of the images the last run failed on (their results, if any, are an earlier run's)."""
+        return {
+            k: str(v.get("error") or "no error recorded") for k, v in self.images.items() if v.get("state") == "failed"
+        }
+
     def record(self, key: str, **fields: Any) -> None:
         self.images[key] = fields
         write_json_atomic(self.path, {"images": self.images})

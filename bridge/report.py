@@ -129,11 +129,10 @@ def _failed_in_last_run(project_folder: Path) -> dict[str, str]:
     """Entry ID → error of the images the last `pdl1 run` failed on (``pdl1/status.json``); none where there is
     no status, or where it does not read (the report needs it only for this, so that is a warning)."""
     try:
-        images = RunStatus(project_folder).images
+        return RunStatus(project_folder).failed()
     except ProjectError as err:
         log.warning("%s; the report cannot tell which images the last run failed on", err)
         return {}
-    return {key: str(v.get("error") or "no error recorded") for key, v in images.items() if v.get("state") == "failed"}
 
 
 def _rerun(source: Path) -> str:

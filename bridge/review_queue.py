@@ -363,7 +363,8 @@ def build_queue(
     qpproj = find_project_file(project)
     info = read_project(qpproj)
     pdl1 = info.folder / PDL1_DIR
-    status = RunStatus(info.folder).images  # checked whole: a damaged status is named with its fix
+    run_status = RunStatus(info.folder)  # checked whole: a damaged status is named with its fix
+    status, failed = run_status.images, run_status.failed()
     found = analysed_entries(info)
     not_ranked = []
     for entry in info.entries:
@@ -414,12 +415,11 @@ def build_queue(
         geometries = {i: shapely.box(x, y, x + w, y + h) for i, (x, y, w, h) in enumerate(r.bounds_px for r in items)}
         regions = rank_regions(items, labelled=labelled, limit=regions_per_entry, geometries=geometries)
         reasons = [_reason_text(r) for r in (summary.get("details") or {}).get("review_reasons", [])]
-        last = status.get(entry.entry_id, {})
-        if last.get("state") == "failed":  # a re-run that failed keeps the earlier results: ranked by them, said so
+        if entry.entry_id in failed:  # a re-run that failed keeps the earlier results: ranked by them, said so
             reasons.insert(
                 0,
-                f"the last run failed on it ({last.get('error') or 'no error recorded'}): ranked by an earlier run's "
-                f"results (run {summary.get('run_id')})",
+                f"the last run failed on it ({failed[entry.entry_id]}): ranked by an earlier run's results "
+                f"(run {summary.get('run_id')})",
             )
         if share > 0:
             reasons.append(f"{100 * share:.0f}% of the analysed area already labelled ({label_source})")

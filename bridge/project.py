@@ -8,6 +8,7 @@ that needs only the JSON is here; :mod:`bridge.qupath` does the rest through paq
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -674,6 +675,25 @@ def summary_problem(summary: Any) -> str | None:
     if isinstance(summary, dict) and isinstance(summary.get("image"), str) and "mpp" in summary:
         return None
     return f'is not a pdl1 summary (expected a JSON object with "image" and "mpp", got {_shorten(summary)})'
+
+
+def review_reason_text(reason: dict[str, Any]) -> str:
+    """One review reason of a summary as a person reads it: the reason, then its value against its limit to
+    three significant digits (one decimal showed a segmentation uncertainty of 0.0932 over its limit 0.0873
+    as "0.1, limit 0.1").
+
+    >>> review_reason_text({"reason": "segmentation uncertainty", "value": 0.0932, "limit": 0.0873})
+    'segmentation uncertainty (0.0932, limit 0.0873)'
+    >>> review_reason_text({"reason": "no tumour", "value": None, "limit": None})
+    'no tumour'
+    """
+    value, limit = reason.get("value"), reason.get("limit")
+    numbers = f" ({value:.3g}, limit {limit:.3g})" if _is_finite(value) and _is_finite(limit) else ""
+    return f"{reason.get('reason')}{numbers}"
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def sidecar_dir(project_folder: Path, entry_id: str) -> Path:

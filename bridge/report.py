@@ -27,6 +27,7 @@ from bridge.project import (
     locate_image,
     not_a_folder,
     read_project,
+    review_reason_text,
     summary_problem,
 )
 from bridge.qupath_geojson import read_features
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = (
     "image",
+    "entry_id",  # QuPath's entry ID (projects only): two entries may share an image name
     "stain",
     "mpp",
     "analysed_at",
@@ -65,6 +67,7 @@ class ReportItem:
     summary: dict
     not_found: str = ""  # why ``slide`` is None: where the image was looked for, and the fix
     last_run_failed: str = ""  # the error of the last run, which failed on this image: these results are older
+    entry_id: str = ""  # QuPath's entry ID, "" for a plain-slides output folder (one summary per file name there)
 
 
 def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]:
@@ -104,7 +107,11 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
                     summary.get("run_id"),
                     _rerun(source),
                 )
-            items.append(ReportItem(entry.image_name, slide, folder / "objects.geojson", summary, not_found, error))
+            items.append(
+                ReportItem(
+                    entry.image_name, slide, folder / "objects.geojson", summary, not_found, error, entry.entry_id
+                )
+            )
         return items
     fix = f"run {_rerun(source)}, which analyses again the slides whose results are damaged"
     for summary_path in sorted(Path(source).glob("*.summary.json")):
@@ -217,7 +224,10 @@ def _thumbnail(item: ReportItem, out: Path, *, max_px: int = 900) -> Path | None
         fig.colorbar(pc, cax=bar, orientation="horizontal")
         bar.set_title("predictive entropy (nats), 0 to ln 2", fontsize=7, pad=2)
         bar.tick_params(labelsize=6)
-    path = out / f"{Path(item.image_name).stem}.png"
+    # Per entry in a project: QuPath lets two entries share an image name (one file typed H&E and H-DAB, or
+    # 1.svs from two cases' folders), and the second picture replaced the first.
+    stem = Path(item.image_name).stem
+    path = out / (f"{item.entry_id}-{stem}.png" if item.entry_id else f"{stem}.png")
     save_figure(fig, path)
     plt.close(fig)
     return path
@@ -257,6 +267,7 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
         rows.append(
             {
                 "image": item.image_name,
+                "entry_id": item.entry_id,
                 "stain": s.get("stain", "H&E"),
                 "mpp": s.get("mpp"),
                 "analysed_at": provenance.get("analysed_at"),
@@ -268,8 +279,7 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
                 "tps_high": s.get("details", {}).get("tps_high"),
                 "cps": s.get("cps"),
                 "review_reasons": "; ".join(
-                    f"{r['reason']} ({_fmt(r['value'])}, limit {_fmt(r['limit'])})"
-                    for r in s.get("details", {}).get("review_reasons", [])
+                    review_reason_text(r) for r in s.get("details", {}).get("review_reasons", [])
                 ),
                 "positive_area_pct": s.get("positive_area_pct"),
                 "uncertainty_flag": int(bool(s.get("uncertainty_flag"))),
@@ -440,6 +450,11 @@ def _left_out_html(left_out: list[str]) -> str:
     return f"<div class='warn'><b>Left out of this report.</b><ul>{items}</ul></div>"
 
 
+def _entry_text(row: dict) -> str:
+    """The heading's ' (QuPath entry N)' after a project image's name: two entries may share a name."""
+    return f" (QuPath entry {html.escape(str(row['entry_id']))})" if row.get("entry_id") else ""
+
+
 def _html(rows: list[dict], pairs: dict | None = None, left_out: list[str] | None = None) -> str:
     body = []
     for r in rows:
@@ -450,7 +465,7 @@ def _html(rows: list[dict], pairs: dict | None = None, left_out: list[str] | Non
         )
         flag = "needs review" if r["uncertainty_flag"] else "ok"
         body.append(
-            f"<section><h2>{html.escape(r['image'])}</h2><table>"
+            f"<section><h2>{html.escape(r['image'])}{_entry_text(r)}</h2><table>"
             + (
                 f"<tr><th>Last run</th><td class='warn'>failed on this image: {html.escape(r['last_run_failed'])}; "
                 f"the results below are an earlier run's (run {html.escape(str(r['run_id']))})</td></tr>"

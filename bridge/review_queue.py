@@ -55,6 +55,7 @@ from bridge.project import (
     find_project_file,
     not_a_folder,
     read_project,
+    review_reason_text,
 )
 from bridge.qupath_geojson import QuPathObject, read_features
 from bridge.run_lock import run_lock
@@ -414,7 +415,7 @@ def build_queue(
         items = score_regions(region_lists[entry.entry_id], reference=region_reference)
         geometries = {i: shapely.box(x, y, x + w, y + h) for i, (x, y, w, h) in enumerate(r.bounds_px for r in items)}
         regions = rank_regions(items, labelled=labelled, limit=regions_per_entry, geometries=geometries)
-        reasons = [_reason_text(r) for r in (summary.get("details") or {}).get("review_reasons", [])]
+        reasons = [review_reason_text(r) for r in (summary.get("details") or {}).get("review_reasons", [])]
         if entry.entry_id in failed:  # a re-run that failed keeps the earlier results: ranked by them, said so
             reasons.insert(
                 0,
@@ -441,12 +442,6 @@ def build_queue(
         )
     ranked.sort(key=lambda e: (-e.score, e.entry_id))
     return ranked, not_ranked
-
-
-def _reason_text(reason: dict) -> str:
-    value, limit = reason.get("value"), reason.get("limit")
-    numbers = f" ({value:.3g}, limit {limit:.3g})" if _finite(value) and _finite(limit) else ""
-    return f"{reason.get('reason')}{numbers}"
 
 
 def queue_rows(entries: Sequence[EntryItem], *, top: int | None = None) -> list[dict[str, Any]]:

@@ -135,3 +135,31 @@ def test_results_of_an_image_the_last_run_failed_on_are_reported_as_an_earlier_r
         _, csv_path = write_report(project)
     assert [r["last_run_failed"] for r in csv.DictReader(csv_path.open(encoding="utf-8"))] == ["", ""]
     assert "unreadable run status" in caplog.text and "cannot tell which images the last run failed on" in caplog.text
+
+
+def test_two_entries_sharing_an_image_name_keep_their_own_thumbnail_row_and_reason_numbers(tmp_path):
+    # QuPath lets two entries share an image name (one file typed H&E and H-DAB, or 1.svs of two cases): the second
+    # thumbnail replaced the first, the rows could not be told apart, and one decimal showed a segmentation
+    # uncertainty of 0.0932 over its limit 0.0873 as "0.1, limit 0.1".
+    import csv
+
+    import numpy as np
+    import tifffile
+
+    project = tmp_path / "project"
+    _project(project, ["a.tif", "a.tif"])
+    rgb = np.full((64, 64, 3), 235, np.uint8)
+    tifffile.imwrite(project / "a.tif", rgb)
+    reasons = [{"reason": "segmentation uncertainty", "value": 0.0932, "limit": 0.0873}]
+    for entry in ("1", "2"):
+        (project / "pdl1" / entry).mkdir(parents=True)
+        summary = _summary(project / "a.tif") | {"details": {"review_reasons": reasons}}
+        (project / "pdl1" / entry / "summary.json").write_text(json.dumps(summary))
+        (project / "pdl1" / entry / "objects.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    html_path, csv_path = write_report(project)
+    rows = list(csv.DictReader(csv_path.open(encoding="utf-8")))
+    assert [(r["image"], r["entry_id"]) for r in rows] == [("a.tif", "1"), ("a.tif", "2")]
+    assert rows[0]["review_reasons"] == "segmentation uncertainty (0.0932, limit 0.0873)"
+    page = html_path.read_text()
+    assert sorted(p.name for p in html_path.parent.glob("*.png")) == ["1-a.png", "2-a.png"]
+    assert 'src="1-a.png"' in page and 'src="2-a.png"' in page and "a.tif (QuPath entry 2)" in page

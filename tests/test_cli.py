@@ -540,3 +540,22 @@ def test_a_model_of_another_kind_from_the_config_file_is_named_with_its_line(tmp
     assert "pdl1-config.toml,line2:[models]segmentation=" in said
     assert "'pdl1-nuclei'isanH&Enucleimodel,but--seg-modeltakesanH&Esegmentationmodel" in said
     assert "removethekeyfortheshippedone" in said
+
+
+def test_the_closing_table_tells_apart_entries_sharing_a_name_and_prints_brackets_as_written(capsys):
+    # QuPath lets two entries share an image name; the table showed two identical rows. An error holding "[/...]"
+    # (a path, a config section) raised rich's MarkupError after the whole batch had run, and "[models]" vanished.
+    from bridge.cli.common import outcome_table
+    from bridge.run import ImageOutcome
+
+    outcome_table(
+        [
+            ImageOutcome("1", "a[1].svs", "done", 1.0, 12.0, "1-49%", stain="H&E"),
+            ImageOutcome("2", "a[1].svs", "failed", 0.5, error="bad [models] section in C:[/x]/pdl1-config.toml"),
+            ImageOutcome("3", "b.svs", "done", 1.0, 2.0, "1-49%", stain="H-DAB"),
+        ]
+    )
+    captured = capsys.readouterr()
+    assert "a[1].svs (entry 1)" in captured.out and "a[1].svs (entry 2)" in captured.out
+    assert "b.svs (entry" not in captured.out and "b.svs" in captured.out
+    assert "a[1].svs (entry 2): bad [models] section in C:[/x]/pdl1-config.toml" in " ".join(captured.err.split())

@@ -60,7 +60,9 @@ def explained(err: Exception) -> str:
 
 def interrupted(what_is_kept: str) -> typer.Exit:
     """Ctrl-C: say what survived and how to go on, then exit 130 as a shell expects."""
-    console.print(f"[yellow]interrupted:[/yellow] {what_is_kept}")
+    from rich.markup import escape
+
+    console.print(f"[yellow]interrupted:[/yellow] {escape(what_is_kept)}")  # it names paths, which may hold "["
     return typer.Exit(code=130)
 
 
@@ -181,12 +183,20 @@ def pipeline_config(
 
 
 def outcome_table(outcomes) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="pdl1 run")
     columns = ("image", "state", "stain", "TPS %", "category", "positive area %", "uncertainty", "candidates", "time s")
     for col in columns:
         table.add_column(col, justify="left" if col in ("image", "state", "stain", "category") else "right")
+    # QuPath lets two entries share an image name (one file typed H&E and H-DAB, 1.svs of two cases): those rows,
+    # and the lines below, name the entry too. Plain slides cannot share a name (their outputs are named by it).
+    shared = {n for n in (o.name for o in outcomes) if sum(x.name == n for x in outcomes) > 1}
+
+    def label(o) -> str:
+        return f"{o.name} (entry {o.key})" if o.name in shared else o.name
+
     for o in outcomes:
 
         def num(v, fmt=".1f"):
@@ -201,7 +211,7 @@ def outcome_table(outcomes) -> None:
         )
         tps = num(o.tps_percent) + (" (pred.)" if o.stain == "H&E" and o.tps_percent is not None else "")
         table.add_row(
-            o.name,
+            escape(label(o)),  # a file name may hold brackets, which rich reads as markup
             o.state if o.state != "failed" else "[red]failed[/red]",
             stain,
             tps,
@@ -216,20 +226,22 @@ def outcome_table(outcomes) -> None:
     # an image outside the model's domain): the table's "needs review" alone says not where to look.
     for o in outcomes:
         if o.uncertainty_flag and o.review_reasons:
-            stdout().print(f"{o.name}: needs review: {'; '.join(o.review_reasons)}", markup=False, highlight=False)
+            stdout().print(f"{label(o)}: needs review: {'; '.join(o.review_reasons)}", markup=False, highlight=False)
     for o in outcomes:
         if not o.error:
             continue
-        if o.name in o.error:  # our errors name their file already: say it once
+        if o.name in o.error and o.name not in shared:  # our errors name their file already: say it once
             console.print(o.error, markup=False, highlight=False)
         else:
-            console.print(f"[red]{o.name}:[/red] {o.error}")
+            # Escaped: an error may hold brackets ("[models]" of a config, a path) that rich would take for markup.
+            console.print(f"[red]{escape(label(o))}:[/red] {escape(o.error)}", highlight=False)
 
 
 def pairs_table(path) -> None:
     """The cases a run compared (``pdl1/pairs.json``): H&E-predicted against IHC-measured, per case."""
     import json
 
+    from rich.markup import escape
     from rich.table import Table
 
     cases = json.loads(path.read_text())["cases"]
@@ -248,20 +260,20 @@ def pairs_table(path) -> None:
     for case, record in cases.items():
         c = record.get("comparison")
         if not c:
-            table.add_row(case, record.get("why_not_compared", ""), "", "", "", "", "")
+            table.add_row(escape(case), escape(record.get("why_not_compared", "")), "", "", "", "", "")
             continue
 
         def num(v, fmt=".1f"):
             return "n/a" if v is None else format(v, fmt)
 
         table.add_row(
-            case,
+            escape(case),  # a case name is the user's metadata: brackets in it are no markup
             num(c["tps_he_predicted"]),
             num(c["tps_ihc"]),
             num(c["dice"], ".3f"),
             num(record["registration"]["error_um"]),
             f"{num(c['entropy_disagree'], '.3f')} / {num(c['entropy_agree'], '.3f')}",
-            "; ".join(r["reason"] for r in record.get("review_reasons", [])) or "ok",
+            escape("; ".join(r["reason"] for r in record.get("review_reasons", []))) or "ok",
         )
     stdout().print(table)
 

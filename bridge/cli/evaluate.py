@@ -673,7 +673,7 @@ def _print_suite(console_out, evaluations, *, manifest, sua, nuclei, written) ->
     console_out.print(
         f"SUA better than the pixel baseline on both F0.5 and FNCR: {sua_wins} of {len(evaluations)} slides"
     )
-    console_out.print(f"report: {', '.join(str(p) for p in written.values())}")
+    console_out.print(f"report: {', '.join(str(p) for p in written.values())}", markup=False)
 
 
 _IHC_COLUMNS = ("slide", "tps_predicted", "tps_truth", "tps_error", "category_right", "cps_predicted", "cps_truth")
@@ -741,7 +741,7 @@ def _print_ihc(console_out, model_name: str, records: list[dict], written: Path)
     failed = [bool(rec["failed"]) for rec in records]
     flagged = [bool(rec["needs_review"]) for rec in records]
     console_out.print(f"review flag on PD-L1 IHC: {_review_line(failed, flagged, _ihc_failure())}")
-    console_out.print(f"report: {written}")
+    console_out.print(f"report: {written}", markup=False)
     return failed, flagged
 
 

@@ -85,10 +85,13 @@ def import_nnunet_cmd(
     arch = manifest.architecture.rsplit(".", 1)[-1]
     console.print(
         f"{out}: {len(manifest.members)} members ({arch}, {manifest.tile_size_px} px tiles at {manifest.input_mpp:g} "
-        f"µm/px, classes {manifest.class_names}, positive {manifest.class_names[manifest.positive_class]!r})"
+        f"µm/px, classes {manifest.class_names}, positive {manifest.class_names[manifest.positive_class]!r})",
+        markup=False,  # the class list prints as "['background', ...]", which rich would take for markup
     )
     for member in manifest.training["members"]:
-        console.print(f"  {member['file']}: {member['checkpoint']} (fold {member['fold']}, epoch {member['epoch']})")
+        console.print(
+            f"  {member['file']}: {member['checkpoint']} (fold {member['fold']}, epoch {member['epoch']})", markup=False
+        )
 
 
 @export_app.command("nnunet")
@@ -210,7 +213,8 @@ def export_nnunet_cmd(
             unlabelled = [t for t in train if t.path.resolve() not in {Path(p).resolve() for p in source.by_slide}]
             if unlabelled:
                 console.print(
-                    "no region labels (skipped): " + ", ".join(t.image_name or t.path.name for t in unlabelled)
+                    "no region labels (skipped): " + ", ".join(t.image_name or t.path.name for t in unlabelled),
+                    markup=False,
                 )
                 train = [t for t in train if t not in unlabelled]
         else:
@@ -227,5 +231,6 @@ def export_nnunet_cmd(
         raise fail(err) from err
     console.print(
         f"{summary.folder}: {summary.training_cases} training cases, {summary.test_cases} test cases; "
-        f"{summary.labelled_fraction:.1%} of training pixels labelled, {summary.positive_fraction:.1%} of them positive"
+        f"{summary.labelled_fraction:.1%} of training pixels labelled, {summary.positive_fraction:.1%} of them positive",
+        markup=False,
     )

@@ -409,7 +409,9 @@ def run(
             html_path, _ = write_report(inputs[0] if out is None else out)
             typer.echo(f"report: {html_path}")
         except (Pdl1Error, OSError) as err:  # e.g. every image failed: the table above says why
-            console.print(f"[yellow]no report:[/yellow] {err}")
+            from rich.markup import escape
+
+            console.print(f"[yellow]no report:[/yellow] {escape(str(err))}")
     if any(True for _ in iter_failed(outcomes)):
         raise typer.Exit(code=1)
 

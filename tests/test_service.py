@@ -304,7 +304,7 @@ def test_delete_forgets_a_finished_job(service, slides_root):
 def test_a_long_running_service_keeps_only_recent_results(slides_root, models, monkeypatch):
     # Weeks of slides must not pile up in memory: with --keep-results 1 and room for two
     # records, the oldest of three jobs is forgotten and the middle one's result released.
-    monkeypatch.setattr("bridge.service.KEEP_RECORDS", 2)
+    monkeypatch.setattr("bridge.service.jobs.KEEP_RECORDS", 2)
     settings = ServiceSettings(
         port=free_port(), allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"), keep_results=1
     )

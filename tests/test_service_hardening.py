@@ -98,14 +98,14 @@ def service(slides_root, models):
 def held_worker(monkeypatch):
     """The worker blocks inside the first analysis until the test sets the returned event."""
     gate = threading.Event()
-    analyse = bridge.service.analyse_slide
+    analyse = bridge.service.jobs.analyse_slide
 
     def held(*args, **kwargs):
         if not gate.wait(60):
             raise AssertionError("the test never released the worker")
         return analyse(*args, **kwargs)
 
-    monkeypatch.setattr(bridge.service, "analyse_slide", held)
+    monkeypatch.setattr(bridge.service.jobs, "analyse_slide", held)
     yield gate
     gate.set()
 
@@ -179,7 +179,7 @@ def test_a_bug_still_answers_json(service, slides_root, monkeypatch):
     def broken(uri):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(bridge.service, "uri_to_path", broken)
+    monkeypatch.setattr(bridge.service.paths, "uri_to_path", broken)
     r = service.client.post("/v1/jobs", json={"image": (slides_root / "small.svs").as_uri()})
     assert r.status_code == 500
     assert r.json() == {"detail": "internal error (KeyError); the service log has the details, please report it"}
@@ -242,7 +242,7 @@ def test_a_folder_swapped_for_a_symlink_while_queued_is_not_followed(
         opened.append(str(Path(path).resolve()))
         return open_slide(path, **kwargs)
 
-    for module in (bridge.service, inference.pipeline):  # whichever opens the image records it
+    for module in (bridge.service.paths, inference.pipeline):  # whichever opens the image records it
         monkeypatch.setattr(module, "open_slide", recording, raising=False)
     try:
         client = service.client

@@ -289,7 +289,7 @@ def test_an_error_that_repeats_a_long_value_deeper_down_is_capped_too(client, sl
     def refuse(roi, *, image_size_px):
         raise RoiError("roi: " + "y" * 50_000 + "; send another")
 
-    monkeypatch.setattr("bridge.service.parse_roi", refuse)
+    monkeypatch.setattr("bridge.service.app.parse_roi", refuse)
     r = client.post("/v1/jobs", json={"image": str(slides_root / "small.svs")})
     assert r.status_code == 422
     assert r.json() == {"detail": f"roi: {'y' * 2661}…{'y' * 1319}; send another (50019 characters)"}

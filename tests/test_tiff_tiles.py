@@ -130,7 +130,7 @@ def test_pdl1_reads_openslide_only_from_the_environment_and_passes_it_to_every_o
     with bridge.service.open_allowed(phantom_svs, (root,), mpp=None, openslide_only=True) as slide:
         assert type(slide.reader) is OpenSlideReader
     asked = []
-    monkeypatch.setattr(bridge.service, "open_allowed", lambda *args, **kwargs: asked.append(kwargs) or 1 / 0)
+    monkeypatch.setattr(bridge.service.jobs, "open_allowed", lambda *args, **kwargs: asked.append(kwargs) or 1 / 0)
     worker = types.SimpleNamespace(pipeline=config, allow_roots=(root,), models=types.SimpleNamespace(nuclei=None))
     job = types.SimpleNamespace(mpp=None, outputs=(), upload=None, image=str(phantom_svs), image_as_sent="p1.svs")
     with pytest.raises(ZeroDivisionError):

@@ -1,0 +1,356 @@
+"""The FastAPI app: its routes, error handlers and lifespan (models loaded, the worker started and stopped)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.routing import Match
+from starlette.types import Scope
+
+from bridge.objects import feature_page, parent_measurements
+from bridge.project import stain_of_image_type
+from bridge.project_config import OUTPUTS
+from bridge.run import entry_metadata, metadata_counts
+from bridge.service.errors import HTTP_STATUS, ImagePathError, JobNotFoundError, JobStateError, ResultReleasedError
+from bridge.service.guards import BodyLimit, token_sent, too_large
+from bridge.service.ihc_model import ihc_manifest
+from bridge.service.jobs import Job, Worker
+from bridge.service.messages import MAX_DETAIL_CHARS, clipped, quoted
+from bridge.service.paths import check_allowed, image_path, is_file, not_a_regular_file, require_absolute
+from bridge.service.roi import parse_roi
+from bridge.service.schemas import (
+    MAX_COORDINATE_PX,
+    MAX_DOWNSAMPLE,
+    Health,
+    JobAccepted,
+    JobRequest,
+    JobStatus,
+    ModelDescription,
+)
+from bridge.service.settings import ServiceSettings
+from bridge.service.uploads import check_upload
+from bridge.service.validation import error_responses, query_parameters, validation_problem
+from inference import MPP_PLAUSIBLE_RANGE, Models, Pdl1Error, SlideNotFoundError, StainError, __version__
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: ServiceSettings, *, models: Models | None = None) -> FastAPI:
+    """The FastAPI app; ``models`` may be passed in (tests), else they load in the lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.models = models or Models(settings.pipeline)
+        # The H&E models load now, as before the first job: a broken one stops the start-up with its message.
+        app.state.models.load_he()
+        app.state.ihc_manifest = ihc_manifest(settings.pipeline)
+        app.state.worker = Worker(
+            app.state.models,
+            settings.pipeline,
+            allow_roots=settings.allow_roots,
+            keep_results=settings.keep_results,
+            max_queued=settings.max_queued,
+        )
+        yield
+        app.state.worker.stop()
+
+    app = FastAPI(
+        title="pdl1-bridge",
+        version=__version__,
+        lifespan=lifespan,
+        description="Uncertainty-aware PD-L1 analysis for QuPath. Submit a job, poll it, fetch QuPath GeoJSON. "
+        "Every error answers a JSON object whose `detail` says what was expected, what came, and the fix.",
+        responses=error_responses(401) if settings.token else None,
+    )
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+
+    def allowed_methods(scope: Scope) -> list[str]:
+        """Methods some route serves at this path (Starlette's own 405 names only the first route's).
+
+        A fixed path (``/v1/jobs/pixels``) is not also the templated one it happens to fit
+        (``/v1/jobs/{job_id}``): where a route matches without path parameters, only such routes count.
+        """
+        matched: list[tuple[set[str], bool]] = []
+        for route in app.router.routes:
+            match, child = route.matches({**scope, "method": "GET"})
+            if match != Match.NONE and getattr(route, "methods", None):
+                matched.append((set(route.methods), bool(child.get("path_params"))))
+        fixed = [methods for methods, templated in matched if not templated]
+        return sorted({"OPTIONS"}.union(*(fixed or [m for m, _ in matched])))
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if settings.token and not token_sent(request.headers.get("authorization", ""), settings.token):
+            return JSONResponse(
+                {"detail": "missing or wrong token: send 'Authorization: Bearer <token>'"},
+                401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
+            return JSONResponse({"detail": too_large(length, settings.max_request_bytes)}, 413)
+        if request.method == "OPTIONS":
+            methods = allowed_methods(request.scope)
+            if len(methods) > 1:
+                return Response(status_code=204, headers={"Allow": ", ".join(methods)})
+        return await call_next(request)
+
+    @app.exception_handler(Pdl1Error)
+    async def domain_error(request: Request, err: Pdl1Error):
+        status = next((code for cls, code in HTTP_STATUS.items() if isinstance(err, cls)), 400)
+        return JSONResponse({"detail": clipped(str(err), limit_chars=MAX_DETAIL_CHARS)}, status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError):
+        content_type = request.headers.get("content-type")
+        problems = "; ".join(validation_problem(e, content_type) for e in err.errors())
+        return JSONResponse({"detail": clipped(f"bad request: {problems}", limit_chars=MAX_DETAIL_CHARS)}, 422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException):
+        headers = dict(err.headers or {})
+        if err.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request.scope))
+        detail = err.detail
+        cause = err.__cause__
+        if err.status_code == 400 and isinstance(cause, UnicodeDecodeError):  # FastAPI's "error parsing the body"
+            detail = (
+                f"body: not UTF-8 text ({cause.reason} at byte {cause.start}); expected a JSON object in UTF-8 "
+                'such as {"image": "/path/to/slide.svs"}: send the JSON encoded as UTF-8'
+            )
+        if isinstance(detail, str):
+            detail = clipped(detail, limit_chars=MAX_DETAIL_CHARS)
+        return JSONResponse({"detail": detail}, err.status_code, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def last_resort(request: Request, err: Exception):
+        # A bug, not bad input (those are 4xx above): still a JSON answer; the traceback goes to the log.
+        return JSONResponse(
+            {"detail": f"internal error ({type(err).__name__}); the service log has the details, please report it"},
+            500,
+        )
+
+    def worker() -> Worker:
+        return app.state.worker
+
+    def describe() -> list[ModelDescription]:
+        loaded = app.state.models
+        manifests = (
+            ("segmentation", loaded.seg.manifest),
+            ("nuclei", None if loaded.nuclei is None else loaded.nuclei.manifest),
+            ("nuclei", app.state.ihc_manifest),  # the PD-L1 IHC model's: its stain tells it apart
+        )
+        return [
+            ModelDescription(
+                task=task,
+                name=m.name,
+                version=m.version,
+                sha256=m.checksum,
+                members=len(m.members),
+                input_mpp=m.input_mpp,
+                stain=m.stain,
+            )
+            for task, m in manifests
+            if m is not None
+        ]
+
+    @app.get("/v1/health")
+    def health() -> Health:
+        return Health(status="ok", version=__version__, device=str(app.state.models.seg.device), models=describe())
+
+    @app.get("/v1/models")
+    def list_models() -> list[ModelDescription]:
+        return describe()
+
+    def accept(job: Job, w: Worker) -> JSONResponse:
+        w.submit(job)
+        body = JobAccepted(
+            job_id=job.id, state=job.state, status_url=f"/v1/jobs/{job.id}", result_url=f"/v1/jobs/{job.id}/result"
+        )
+        return JSONResponse(body.model_dump(), 202)
+
+    @app.post(
+        "/v1/jobs",
+        status_code=202,
+        responses={202: {"model": JobAccepted}, **error_responses(400, 403, 404, 409, 413, 422, 429)},
+    )
+    def submit(req: JobRequest, w: Worker = Depends(worker)) -> JSONResponse:
+        if req.model != "default":
+            raise JobStateError(f"unknown model {quoted(req.model)}; this service has 'default' (see /v1/models)")
+        requested = require_absolute(req.image, image_path(req.image))
+        path = check_allowed(requested, settings.allow_roots)
+        if not is_file(path):
+            if path.is_dir():
+                raise ImagePathError(
+                    f"{clipped(str(requested))} is a folder; expected an image file (e.g. a .svs, .ndpi or .tif): "
+                    "send the path of the image file itself"
+                )
+            if path.exists():  # "image not found" for a named pipe or device that is there
+                raise not_a_regular_file(requested)
+            if str(requested) != str(requested).strip():  # pasted with a line end: the shown name looks right
+                raise SlideNotFoundError(
+                    f"image not found: {quoted(str(requested))}, which ends or starts with white space (a line end "
+                    "copied with the path?); send the path without it"
+                )
+            raise SlideNotFoundError(f"image not found: {clipped(str(requested))}")
+        if stain_of_image_type(req.image_type) == "other":  # no model runs on it: refused now, not as a failed job
+            raise StainError(
+                f"image_type {req.image_type}: pdl1-bridge analyses brightfield H&E (BRIGHTFIELD_H_E: the "
+                "segmentation ensemble and a predicted TPS) and PD-L1 IHC (BRIGHTFIELD_H_DAB: TPS and CPS from its "
+                "cells), nothing else. If the image is one of those, set its image type in QuPath (Image tab: Image "
+                "type) and run the script again"
+            )
+        job = Job(
+            id=uuid.uuid4().hex,
+            image=str(path),
+            image_as_sent=str(requested),
+            roi=parse_roi(req.roi, image_size_px=req.image_size_px),
+            mpp=req.mpp,
+            outputs=tuple(dict.fromkeys(req.outputs)),
+            image_size_px=req.image_size_px,
+            image_type=req.image_type,
+        )
+        return accept(job, w)
+
+    @app.post(
+        "/v1/jobs/pixels",
+        status_code=202,
+        responses={202: {"model": JobAccepted}, **error_responses(413, 422, 429)},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {m: {"schema": {"type": "string", "format": "binary"}} for m in ("image/png", "image/tiff")},
+            }
+        },
+    )
+    async def submit_pixels(
+        request: Request,
+        mpp: float = Query(
+            ge=MPP_PLAUSIBLE_RANGE[0],
+            le=MPP_PLAUSIBLE_RANGE[1],
+            allow_inf_nan=False,
+            description="Microns per pixel of the uploaded region.",
+        ),
+        origin_x: float = Query(
+            0.0,
+            ge=-MAX_COORDINATE_PX,
+            le=MAX_COORDINATE_PX,
+            allow_inf_nan=False,
+            description="Level-0 x of the region's top-left corner.",
+        ),
+        origin_y: float = Query(
+            0.0,
+            ge=-MAX_COORDINATE_PX,
+            le=MAX_COORDINATE_PX,
+            allow_inf_nan=False,
+            description="Level-0 y of the region's top-left corner.",
+        ),
+        downsample: float = Query(
+            1.0, gt=0, le=MAX_DOWNSAMPLE, allow_inf_nan=False, description="Level-0 px per uploaded px."
+        ),
+        outputs: list[Literal["regions", "uncertainty_tiles", "sua", "nuclei"]] = Query(list(OUTPUTS)),
+        w: Worker = Depends(worker),
+    ) -> Response:
+        """Upload a PNG or TIFF region for images the service cannot open itself."""
+        known = query_parameters(submit_pixels)
+        unknown = [name for name in request.query_params if name not in known]
+        if unknown:
+            raise RequestValidationError(
+                [
+                    {"type": "extra_forbidden", "loc": ("query", name), "msg": "unknown", "ctx": {"parameters": known}}
+                    for name in unknown
+                ]
+            )
+        # BodyLimit stops the read past max_request_bytes, stated length or not.
+        try:
+            body = await request.body()
+        except ClientDisconnect:  # nobody is left to answer; one line, not a traceback
+            log.info("client %s disconnected during an upload; nothing queued", request.client)
+            return Response(status_code=400)
+        check_upload(body, mpp=mpp, max_px=settings.max_upload_px, content_type=request.headers.get("content-type"))
+        job = Job(
+            id=uuid.uuid4().hex,
+            image="upload",
+            roi=None,
+            mpp=mpp,
+            outputs=tuple(dict.fromkeys(outputs)),
+            upload=body,
+            origin_xy=(origin_x, origin_y),
+            scale=downsample,
+        )
+        return accept(job, w)
+
+    @app.get("/v1/jobs/{job_id}", responses=error_responses(404, 422))
+    def job_status(job_id: str, w: Worker = Depends(worker)) -> JobStatus:
+        return w.get(job_id).status()
+
+    @app.delete("/v1/jobs/{job_id}", responses=error_responses(404, 422))
+    def cancel_or_forget(job_id: str, w: Worker = Depends(worker)) -> JobStatus:
+        """Cancel a queued or running job (a queued upload is freed at once); forget a finished one and
+        release its result."""
+        job = w.get(job_id)
+        if not w.forget(job_id):
+            w.cancel(job)
+        return job.status()
+
+    @app.get("/v1/jobs/{job_id}/result", responses=error_responses(404, 409, 410, 422))
+    def result(
+        job_id: str,
+        offset: int = Query(0, ge=0, description="Index of the first feature of this page."),
+        limit: int | None = Query(None, ge=1, description="Features per page (all when omitted, up to the maximum)."),
+        w: Worker = Depends(worker),
+    ) -> JSONResponse:
+        """QuPath GeoJSON FeatureCollection of the job's objects, in pages; ``pdl1`` holds the parent's
+        measurements, the entry metadata and ``next_offset`` (null on the last page)."""
+        job = w.get(job_id)
+        # The state before the result, each read once: the worker sets the result, then "done", and may release it
+        # meanwhile. Read the other way round, a job finishing between the two reads looked deleted (a 404).
+        state = job.state
+        result = job.result
+        if result is None and job.released:
+            raise ResultReleasedError(
+                f"job {job_id}'s result was released: the service holds the results of the last "
+                f"{settings.keep_results} finished jobs (--keep-results); submit the job again"
+            )
+        if result is None and state == "done":  # forgotten by a DELETE since it was looked up: was "done, not done"
+            raise JobNotFoundError(
+                f"job {job_id} was deleted (DELETE /v1/jobs/{job_id}) while its result was asked for, and its result "
+                "released with it; submit the job again"
+            )
+        if state != "done" or result is None:
+            raise JobStateError(f"job {job_id} is {state}, not done" + (f": {job.error}" if job.error else ""))
+        page = min(limit or settings.max_page, settings.max_page)
+        features, total = feature_page(result, job.outputs, offset, page, scale=job.scale, origin_xy=job.origin_xy)
+        next_offset = offset + page if offset + page < total else None
+        measurements = {k: v for k, v in parent_measurements(result).items() if math.isfinite(v)}
+        return JSONResponse(
+            {
+                "type": "FeatureCollection",
+                "features": features,
+                "pdl1": {
+                    "total": total,
+                    "offset": offset,
+                    "next_offset": next_offset,
+                    "parent_measurements": measurements,
+                    "metadata": entry_metadata(result),
+                    # What the metadata's TPS and CPS come from, so a client that analyses several annotations of an
+                    # image can merge them as pdl1 run does (bridge.run.merge_entry_metadata).
+                    "metadata_counts": metadata_counts(result),
+                    "run_id": result.run_id,
+                    "stain": result.stain,
+                    "review_reasons": result.summary.get("review_reasons", []),
+                    "domain": result.summary.get("domain"),
+                },
+            }
+        )
+
+    return app

@@ -1,0 +1,243 @@
+"""Jobs and the one worker thread that runs them, in order, on the loaded models."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from shapely.geometry.base import BaseGeometry
+
+from bridge.project import stain_of_image_type
+from bridge.run import failure_message
+from bridge.service.errors import JobNotFoundError, QueueFullError
+from bridge.service.ihc_model import ihc_folder_problem
+from bridge.service.messages import quoted
+from bridge.service.paths import open_allowed
+from bridge.service.schemas import JobStatus
+from bridge.service.uploads import decoded_upload
+from inference import Cancelled, ModelFileError, Models, Pdl1Error, PipelineConfig, SlideResult, analyse_slide
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    id: str
+    image: str
+    roi: BaseGeometry | None
+    mpp: float | None
+    outputs: tuple[str, ...]
+    image_as_sent: str | None = None  # the path as the client named it (a file: URI as its path), for messages
+    image_size_px: tuple[int, int] | None = None
+    image_type: str | None = None  # QuPath's, as the request stated it
+    # An uploaded PNG/TIFF as sent: decoded only when the job starts (8192² RGB is 200 MB, the
+    # PNG often well under 1 MB), dropped when the job starts or is cancelled.
+    upload: bytes | None = None
+    origin_xy: tuple[float, float] = (0.0, 0.0)
+    scale: float = 1.0
+    state: str = "queued"
+    tiles_done: int = 0
+    tiles_total: int = 0
+    error: str | None = None
+    result: SlideResult | None = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    released: bool = False
+
+    def status(self) -> JobStatus:
+        progress = 1.0 if self.state == "done" else (self.tiles_done / self.tiles_total if self.tiles_total else 0.0)
+        # Asked to stop but not yet stopped by the worker (queued jobs stop when their turn comes).
+        state = "cancelling" if self.state in ("queued", "running") and self.cancel.is_set() else self.state
+        return JobStatus(
+            job_id=self.id,
+            state=state,
+            progress=round(progress, 4),
+            tiles_done=self.tiles_done,
+            tiles_total=self.tiles_total,
+            error=self.error,
+            image=self.image,
+            created=self.created,
+            started=self.started,
+            finished=self.finished,
+        )
+
+
+# Finished jobs whose records (state, error; no result) are kept; older ones are forgotten.
+KEEP_RECORDS = 1000
+
+
+class Worker:
+    """The one thread that runs inference; jobs wait in a FIFO queue.
+
+    A service runs for weeks, so it must not grow with every slide it has analysed: the
+    results of the newest ``keep_results`` finished jobs are held (a client fetches its
+    result within seconds of ``done``), older ones are released, and the records of all but
+    the newest :data:`KEEP_RECORDS` finished jobs are forgotten. At most ``max_queued`` jobs
+    wait; uploads wait compressed.
+    """
+
+    def __init__(
+        self,
+        models: Models,
+        pipeline: PipelineConfig,
+        *,
+        allow_roots: tuple[Path, ...],
+        keep_results: int = 16,
+        max_queued: int = 16,
+    ):
+        self.models = models
+        self.pipeline = pipeline
+        self.allow_roots = allow_roots
+        self.keep_results = keep_results
+        self.max_queued = max_queued
+        self.jobs: dict[str, Job] = {}
+        self.finished: deque[str] = deque()  # ids, oldest first
+        self.queue: queue.Queue[str | None] = queue.Queue()
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._loop, name="pdl1-worker", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self.lock:
+            # A cancelled job still in the queue holds nothing (its upload is dropped) and does not count.
+            waiting = sum(j.state == "queued" and not j.cancel.is_set() for j in self.jobs.values())
+            if waiting >= self.max_queued:
+                raise QueueFullError(
+                    f"{waiting} jobs are waiting, the most this service queues (--max-queued {self.max_queued}); "
+                    "retry when one has finished, or cancel one you no longer need (DELETE /v1/jobs/{id})"
+                )
+            self.jobs[job.id] = job
+        self.queue.put(job.id)
+
+    def get(self, job_id: str) -> Job:
+        with self.lock:
+            job = self.jobs.get(job_id)
+        if job is None:
+            raise JobNotFoundError(
+                f"no job {quoted(job_id)}: never submitted, deleted, or older than the last {KEEP_RECORDS} finished "
+                "jobs (jobs do not survive a restart of the service)"
+            )
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Ask a queued or running job to stop; a queued upload's bytes go at once, not when its turn comes."""
+        job.cancel.set()  # only the worker changes a job's state
+        job.upload = None
+
+    def forget(self, job_id: str) -> bool:
+        """Drop a finished job and its result (the client has what it needs); False if it has not finished."""
+        with self.lock:
+            if job_id not in self.finished:
+                return False
+            self.finished.remove(job_id)
+            job = self.jobs.pop(job_id)
+        job.result = None
+        return True
+
+    def stop(self) -> None:
+        """Stop the worker at shutdown: the running job stops at its next tile and the queued ones do not start
+        (jobs do not survive a restart); before, the worker went on through the whole queue, and the service
+        waited for it until the join timed out and then exited mid-analysis."""
+        with self.lock:
+            unfinished = [job for job in self.jobs.values() if job.state in ("queued", "running")]
+        for job in unfinished:
+            self.cancel(job)
+        self.queue.put(None)
+        self.thread.join(timeout=30)
+
+    def _retire(self, job: Job) -> None:
+        with self.lock:
+            self.finished.append(job.id)
+            for old_id in list(self.finished)[: -self.keep_results]:
+                old = self.jobs[old_id]
+                if old.result is not None:
+                    old.result, old.released = None, True
+            while len(self.finished) > KEEP_RECORDS:
+                del self.jobs[self.finished.popleft()]
+
+    def _loop(self) -> None:
+        while True:
+            job_id = self.queue.get()
+            if job_id is None:
+                return
+            job = self.get(job_id)
+            try:
+                if job.cancel.is_set():
+                    job.state = "cancelled"
+                    continue
+                job.state, job.started = "running", time.time()
+                job.result = self._run(job)
+                job.state = "done"
+            except Cancelled:
+                job.state = "cancelled"
+            except Pdl1Error as err:  # what the input was wrong with: the client gets it; one log line
+                log.warning("job %s failed: %s", job.id, err)
+                job.state, job.error = "failed", self._failure(err)
+            except Exception as err:  # a bug: the client gets the error, the log its traceback
+                log.exception("job %s failed", job.id)
+                job.state, job.error = "failed", failure_message(err)
+            finally:
+                job.finished = time.time()
+                job.upload = None
+                self._retire(job)
+
+    def _failure(self, err: Pdl1Error) -> str:
+        """What the client reads of a failed job: a missing ``--models DIR/nuclei-ihc`` in the service's words."""
+        folder = self.pipeline.ihc_model_dir
+        if isinstance(err, ModelFileError) and folder is not None and str(folder) in str(err):  # the IHC model's
+            return ihc_folder_problem(self.pipeline) or failure_message(err)
+        return failure_message(err)
+
+    def _run(self, job: Job) -> SlideResult:
+        config = replace(
+            self.pipeline,
+            mpp=job.mpp,
+            run_nuclei="nuclei" in job.outputs and self.models.nuclei is not None,
+            run_sua="sua" in job.outputs,
+        )
+
+        def on_progress(done: int, total: int) -> None:
+            job.tiles_done, job.tiles_total = done, total
+
+        if job.upload is not None:
+            body, job.upload = job.upload, None
+            slide_context = decoded_upload(body, mpp=config.mpp)
+        else:
+            slide_context = open_allowed(
+                Path(job.image),
+                self.allow_roots,
+                mpp=config.mpp,
+                shown=job.image_as_sent,
+                openslide_only=config.openslide_only,
+            )
+        with slide_context as slide:
+            return analyse_slide(
+                slide,
+                models=self.models,
+                config=config,
+                roi=job.roi,
+                on_progress=on_progress,
+                should_cancel=job.cancel.is_set,
+                image_size_px=job.image_size_px,
+                image_stain=stain_of_image_type(job.image_type),
+                image_stain_source=f"QuPath's image type {job.image_type}",
+                stain_advice=UPLOAD_STAIN_ADVICE if job.image == "upload" else PATH_STAIN_ADVICE,
+            )
+
+
+# How a client of the service states an image's stain, in the messages that refuse one (the library's default
+# names pdl1 run's --stain, which a client cannot pass): pdl1_analyze.groovy sends QuPath's image type with a job
+# on an image path; an upload carries none, so its colour alone tells its stain.
+PATH_STAIN_ADVICE = "set its image type in QuPath (Image tab: Image type) and run pdl1_analyze.groovy again"
+UPLOAD_STAIN_ADVICE = (
+    "an uploaded region carries no image type, so its colour alone tells its stain: send a region with more of "
+    "the stained tissue, or have the service open the image file (start it with --allow-root for the image's "
+    "folder), whose job carries QuPath's image type (Image tab: Image type)"
+)

@@ -1,0 +1,209 @@
+"""Which image files the service may open (only under --allow-root, checked on the file actually opened), and the
+answers for paths it cannot use."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path, PureWindowsPath
+
+from bridge.project import uri_to_path
+from bridge.service.errors import ImagePathError, PathNotAllowedError
+from bridge.service.messages import clipped, quoted
+from inference import Pdl1Error, Slide, SlideNotFoundError, open_slide
+
+
+def _unusable_path(path: object, err: Exception) -> ImagePathError:
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    return ImagePathError(
+        f"image path {quoted(str(path))} cannot be used: {reason}; send the path (or file: URI) of an image file "
+        "under an --allow-root folder"
+    )
+
+
+def _under(real: Path, roots: tuple[Path, ...]) -> bool:
+    return any(real.is_relative_to(root.resolve()) for root in roots)
+
+
+def _not_allowed(path: Path, roots: tuple[Path, ...]) -> PathNotAllowedError:
+    return PathNotAllowedError(
+        f"{clipped(str(path))} is outside the folders this service may open ({', '.join(str(r) for r in roots)}); "
+        "start it with --allow-root for that folder"
+    )
+
+
+def _changed(real: Path) -> PathNotAllowedError:
+    return PathNotAllowedError(
+        f"{clipped(str(real))} changed while it was being opened (a file or folder on its path was replaced); "
+        "only files under the --allow-root folders are opened: submit the job again"
+    )
+
+
+def check_allowed(path: Path, roots: tuple[Path, ...]) -> Path:
+    """The real path of ``path`` if it lies under one of ``roots`` (symlinks resolved), else 403.
+
+    A path the file system cannot take (NUL byte, name too long, symlink loop) is a 422, not a crash.
+    """
+    try:
+        real = path.resolve()
+    except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: a symlink loop before Python 3.13
+        raise _unusable_path(path, err) from err
+    if not _under(real, roots):
+        raise _not_allowed(path, roots)
+    return real
+
+
+def image_path(image: str) -> Path:
+    if image.startswith("file:"):
+        try:
+            return Path(str(uri_to_path(image)))
+        except ValueError as err:  # urlparse: e.g. an unclosed IPv6 bracket in the host
+            if isinstance(err, Pdl1Error):
+                raise
+            raise _unusable_path(image, err) from err
+    return Path(image)
+
+
+def require_absolute(image: str, path: Path) -> Path:
+    """``path`` (of the request's ``image``) if it is absolute; a relative path would be resolved against the
+    service's working folder, and a URL or another machine's Windows path names nothing here."""
+    if path.is_absolute():
+        return path
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", image) and not image.startswith("file:"):
+        raise ImagePathError(
+            f"image {quoted(image)} is a {clipped(image.split(':', 1)[0], limit_chars=20)}: URL; the service opens "
+            "image files on its own machine: send the file's absolute path there (or its file: URI), or upload the "
+            "region's pixels (POST /v1/jobs/pixels)"
+        )
+    if PureWindowsPath(str(path)).drive:
+        raise ImagePathError(
+            f"image path {quoted(image)} is a Windows path, which the service's machine cannot open; expected the "
+            "absolute path at which that machine sees the file (for a share: under the folder it is mounted at), "
+            "or its file: URI"
+        )
+    if image.startswith("file:"):  # "is relative" would puzzle: it is a URI, one that names no absolute path
+        raise ImagePathError(
+            f"image URI {quoted(image)} names no absolute path; expected a file: URI such as "
+            "file:/data/slides/case.svs (as QuPath's server reports it), or the absolute path of the image file on "
+            "the service's machine"
+        )
+    if image.startswith("~"):
+        raise ImagePathError(
+            f"image path {quoted(image)} starts with ~, which only a shell expands; expected the absolute path of the "
+            "image file on the service's machine (e.g. /home/NAME/slides/case.svs) or its file: URI"
+        )
+    raise ImagePathError(
+        f"image path {quoted(image)} is relative; expected the absolute path of the image file on the service's "
+        "machine (e.g. /data/slides/case.svs) or its file: URI"
+    )
+
+
+def not_a_regular_file(path: Path) -> ImagePathError:
+    return ImagePathError(
+        f"{clipped(str(path))} is not a regular file (a named pipe, socket or device); expected an image file (e.g. "
+        "a .svs, .ndpi or .tif): send the path of the image file itself"
+    )
+
+
+def is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError) as err:
+        raise _unusable_path(path, err) from err
+
+
+# OpenSlide finds these formats' other files beside the one named, so they are opened by name.
+_MULTI_FILE_SUFFIXES = frozenset({".mrxs", ".vms", ".vmu", ".dcm"})
+
+
+# Where a QuPath user gives an image's µm/px (open_slide's mpp_advice): in QuPath, whence pdl1_analyze.groovy
+# sends it with the job as its mpp, not --mpp.
+def _qupath_mpp_advice(value: str) -> str:
+    return (
+        f"set the pixel size in QuPath (Image tab: Pixel width/height) to {value}; pdl1_analyze.groovy sends it "
+        "with the job, so run the script again"
+    )
+
+
+def _as_sent(err: Pdl1Error, opened: tuple[Path, ...], shown: str) -> Pdl1Error:
+    """``err`` as the client should read it: naming the image as it sent it, not the files the worker
+    opened (a private link in a temporary folder)."""
+    message = str(err)
+    for path in opened:
+        message = message.replace(str(path), shown)
+    return err if message == str(err) else type(err)(message)
+
+
+@contextmanager
+def open_allowed(
+    path: Path, roots: tuple[Path, ...], *, mpp: float | None, shown: str | None = None, openslide_only: bool = False
+) -> Iterator[Slide]:
+    """Open an image under ``roots``, checking the file actually opened, not only its name.
+
+    The check at submission is not enough: a folder swapped for a symlink while the job waited
+    leads elsewhere. So the path is resolved and checked again here, opened once, and the open
+    file (its ``/proc/self/fd`` link on Linux) must still lie under a root. On Linux the reader
+    then opens that very file, through a private link to the descriptor that keeps the file's
+    name (readers look at suffixes); elsewhere, and for multi-file formats, it opens the checked
+    name and the file found there afterwards must be the one checked. Errors, also those of the
+    analysis inside the ``with``, name the image as ``shown`` (the client's path; default ``path``).
+    ``openslide_only`` goes to ``open_slide`` (the service's ``PipelineConfig.openslide_only``).
+    """
+    shown = str(path) if shown is None else shown
+    real = check_allowed(path, roots)
+    try:
+        # O_NONBLOCK: a named pipe put in the image's place while the job waited would block the open, and the one
+        # worker with it, forever (no cancel reaches it); the descriptor only checks the file, readers open their own.
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        fd = os.open(real, flags)
+    except FileNotFoundError as err:
+        raise SlideNotFoundError(f"image not found: {real} (it was there when the job was submitted)") from err
+    except OSError as err:
+        if err.errno != errno.ELOOP:  # e.g. no permission to read it
+            raise _unusable_path(real, err) from err
+        raise _changed(real) from err  # O_NOFOLLOW: the last part became a symlink after it was resolved
+    link_dir: str | None = None
+    slide: Slide | None = None
+    source = real
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a folder is named by open_slide
+            raise not_a_regular_file(real)
+        proc = Path(f"/proc/self/fd/{fd}")
+        opened = Path(os.readlink(proc)) if proc.is_symlink() else real
+        if not _under(opened, roots):
+            raise _not_allowed(opened, roots)
+        if proc.is_symlink() and real.suffix.lower() not in _MULTI_FILE_SUFFIXES:
+            link_dir = tempfile.mkdtemp(prefix="pdl1-open-")  # mode 0700: no one else can swap the link
+            source = Path(link_dir) / real.name
+            source.symlink_to(proc)
+        else:
+            source = real
+        slide = open_slide(
+            source,
+            mpp=mpp,
+            mpp_source="the request's mpp",
+            mpp_advice=_qupath_mpp_advice,
+            openslide_only=openslide_only,
+        )
+        if source == real and not os.path.samestat(os.stat(real), os.fstat(fd)):
+            raise _changed(real)
+        slide.path = real  # provenance names the image, not the private link
+        yield slide
+    except Pdl1Error as err:
+        translated = _as_sent(err, (source, real), shown)
+        if translated is err:
+            raise
+        raise translated from err
+    finally:
+        if slide is not None:
+            slide.close()
+        os.close(fd)
+        if link_dir is not None:
+            shutil.rmtree(link_dir, ignore_errors=True)

@@ -1,0 +1,155 @@
+"""The request and answer bodies of the HTTP API (pydantic models, in the OpenAPI schema at /docs)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+
+from bridge.project_config import OUTPUTS
+from bridge.qupath_geojson import scan_coordinates
+from bridge.service.messages import clipped, quoted
+from inference import MPP_PLAUSIBLE_RANGE
+
+# Bounds on where an uploaded region sits and how it was scaled: QuPath's images are at most 2^31 px a side,
+# and a region sent at a coarser downsample than this holds nothing a model can use.
+MAX_COORDINATE_PX = 2.0**31
+MAX_DOWNSAMPLE = 4096.0
+
+
+class JobRequest(BaseModel):
+    """An analysis of one image (or of its ROI)."""
+
+    # A misspelt field (``roii``) must not be ignored: the whole slide would be analysed instead of the ROI.
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(
+        min_length=1,
+        description="Image path or file: URI, as QuPath's server reports it.",
+        json_schema_extra={"pattern": "^[^\\u0000]+$"},  # what _image_has_no_nul checks, for clients and fuzzers
+    )
+    roi: dict[str, Any] | None = Field(
+        default=None,
+        description="GeoJSON Polygon/MultiPolygon in level-0 px; omit for the whole tissue.",
+        json_schema_extra={
+            "required": ["type", "coordinates"],
+            "properties": {"type": {"enum": ["Polygon", "MultiPolygon"]}, "coordinates": {"type": "array"}},
+        },
+    )
+    mpp: float | None = Field(
+        default=None,
+        ge=MPP_PLAUSIBLE_RANGE[0],
+        le=MPP_PLAUSIBLE_RANGE[1],
+        allow_inf_nan=False,
+        description="Microns per pixel QuPath reports.",
+    )
+    image_size_px: tuple[PositiveInt, PositiveInt] | None = Field(
+        default=None,
+        description="Width and height at which QuPath shows the image; an image file that opens at another "
+        "size (another scene of a multi-image file, a cropped view) is refused, since the ROI and the results "
+        "would not line up.",
+    )
+    image_type: (
+        Literal["BRIGHTFIELD_H_E", "BRIGHTFIELD_H_DAB", "BRIGHTFIELD_OTHER", "FLUORESCENCE", "OTHER", "UNSET"] | None
+    ) = Field(
+        default=None,
+        description="QuPath's image type: BRIGHTFIELD_H_E runs the H&E models (segmentation ensemble, SUA, "
+        "predicted TPS), BRIGHTFIELD_H_DAB the PD-L1 IHC nuclei ensemble (TPS, CPS); other types are refused. "
+        "UNSET or omitted: the stain is told from the image's colour.",
+    )
+    outputs: list[Literal["regions", "uncertainty_tiles", "sua", "nuclei"]] = Field(default=list(OUTPUTS))
+    model: str = Field(default="default", description="Model set; only 'default' (the loaded models) for now.")
+
+    @field_validator("image")
+    @classmethod
+    def _image_has_no_nul(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError(
+                f"image path {quoted(value)} cannot be used: it holds a NUL byte, which no file system takes in a "
+                "name; send the path (or file: URI) of an image file under an --allow-root folder"
+            )
+        return value
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs_are_not_empty(cls, value: list[str]) -> list[str]:
+        # An empty list ran a job that returned no objects, and pdl1_analyze.groovy then removed the earlier
+        # results and put none in their place.
+        if not value:
+            raise ValueError(
+                f"outputs is empty, so the job would return no objects; send some of {', '.join(OUTPUTS)}, "
+                "or omit outputs for all of them"
+            )
+        return value
+
+    @field_validator("mpp", mode="before")
+    @classmethod
+    def _mpp_is_no_boolean(cls, value: Any) -> Any:
+        # pydantic takes true as 1.0 µm/px: a wrong scale for every result, silently.
+        if isinstance(value, bool):
+            raise ValueError(
+                f"mpp must be a number (the image's µm/px, e.g. 0.25), got {json.dumps(value)}; send the pixel "
+                "size QuPath reports, or omit mpp to use the file's"
+            )
+        return value
+
+    @field_validator("roi")
+    @classmethod
+    def _roi_is_geometry(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type") not in ("Polygon", "MultiPolygon"):
+            given = value.get("type")
+            shown = quoted(given) if isinstance(given, str) else clipped(json.dumps(given))
+            came = "no type" if given is None else f"type {shown}"
+            raise ValueError(f"roi must be a GeoJSON Polygon or MultiPolygon geometry, got {came}")
+        if value is not None:
+            bad = scan_coordinates(value.get("coordinates")).non_finite
+            if bad is not None:
+                raise ValueError(
+                    f"roi coordinates must be finite numbers, got {json.dumps(bad)}; send the ROI's vertices in "
+                    "level-0 px"
+                )
+        return value
+
+
+class ErrorDetail(BaseModel):
+    """What every error answer carries: what was expected, what came, and the fix."""
+
+    detail: str
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    state: str
+    status_url: str
+    result_url: str
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    state: Literal["queued", "running", "done", "failed", "cancelling", "cancelled"]
+    progress: float
+    tiles_done: int
+    tiles_total: int
+    error: str | None = None
+    image: str
+    created: float
+    started: float | None = None
+    finished: float | None = None
+
+
+class ModelDescription(BaseModel):
+    task: str
+    name: str
+    version: str
+    sha256: str
+    members: int
+    input_mpp: float
+    stain: str = Field(description="The stain it was trained on and runs on: H&E, or H-DAB (PD-L1 IHC).")
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    device: str
+    models: list[ModelDescription]

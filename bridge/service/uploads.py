@@ -1,0 +1,184 @@
+"""Uploaded regions (PNG or TIFF bytes): refused before they queue when no analysis could use them, decoded when
+their job starts."""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from inference import ArrayReader, Mpp, Slide, SlideFormatError, unconvertible_samples
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+# Where an upload's client gives its µm/px: the request's mpp query parameter, per uploaded pixel (a region
+# read at a downsample has pixels that many times the scanner's).
+_UPLOAD_MPP_SOURCE = "the mpp query parameter"
+
+
+def _upload_mpp_advice(value: str) -> str:
+    return f"send as mpp the µm per uploaded pixel: {value} times the downsample the region was read at"
+
+
+def check_upload(body: bytes, *, mpp: float, max_px: int, content_type: str | None = None) -> None:
+    """Refuse, before it queues, an upload that is no image, too large, or at an implausible MPP.
+
+    Only the header is read here; the pixels are decoded when the job starts.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    expected = "expected the region's PNG or TIFF bytes (Content-Type: image/png or image/tiff)"
+    if not body:
+        raise SlideFormatError(f"the request body is empty; {expected}")
+    rgb8 = (
+        "expected 8-bit RGB (or greyscale) pixels of a brightfield region, as QuPath shows it: export the region "
+        "as an 8-bit RGB PNG or TIFF"
+    )
+    try:
+        with Image.open(io.BytesIO(body)) as im:
+            width, height = im.size
+            kind = unconvertible_samples(im)
+            pages = _full_resolution_frames(im)
+            orientation = im.getexif().get(0x0112, 1)  # EXIF/TIFF Orientation: 1 is as stored
+    except Image.DecompressionBombError as err:  # a header stating more pixels than Pillow will decode
+        stated = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(stated.group(1))} px" if stated else f"more than {2 * Image.MAX_IMAGE_PIXELS} px"
+        raise SlideFormatError(
+            f"upload of {size} (as its header states) is over {min(max_px, 2 * Image.MAX_IMAGE_PIXELS)} px; "
+            "send a smaller region or a lower resolution (downsample)"
+        ) from err
+    except UnidentifiedImageError as err:  # its message names only the in-memory file object
+        damaged = _damaged_header(body)
+        if damaged is not None:
+            raise SlideFormatError(damaged) from err
+        if body[:4] in (b"II*\x00", b"MM\x00*"):  # TIFF, with samples Pillow does not decode (e.g. floating point)
+            raise SlideFormatError(
+                f"the request body ({len(body)} bytes) is a TIFF whose pixels cannot be decoded (floating-point or "
+                f"other samples it cannot read as colours); {rgb8}"
+            ) from err
+        form = (content_type or "").split(";")[0].strip().lower()
+        # curl -F, requests' files= or data=dict, a browser form (curl --data-binary's own default Content-Type
+        # is the urlencoded one, so a form's type with the image's bytes is taken as the image above)
+        if form in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            raise SlideFormatError(
+                f"the request body is a form (Content-Type: {form}), not the image itself; {expected}, sent as the "
+                "whole body: curl --data-binary @region.png -H 'Content-Type: image/png', requests.post(url, "
+                "data=png_bytes)"
+            ) from err
+        raise SlideFormatError(
+            f"the request body ({len(body)} bytes, starting {body[:8]!r}) is not a PNG or TIFF image; {expected}"
+        ) from err
+    except Exception as err:  # PIL raises several types for unreadable headers; all mean the same here
+        damaged = _damaged_header(body)
+        if damaged is not None:
+            raise SlideFormatError(damaged) from err
+        raise SlideFormatError(
+            f"body is not a PNG/TIFF image ({type(err).__name__}: {err}); send the region's PNG or TIFF bytes"
+        ) from err
+    if kind is not None:  # converted to RGB, they would be clipped at 255: an image of white, analysed
+        raise SlideFormatError(f"the uploaded image has {kind}; {rgb8}")
+    if orientation not in (1, 0):  # viewers turn it; the pixels (and so the results' places) are as stored
+        raise SlideFormatError(
+            f"the uploaded image carries an orientation tag ({orientation}: {_ORIENTATIONS.get(orientation, 'unknown')}"
+            "), so it is shown turned or mirrored but analysed as stored, and its results would not lie over the "
+            "region; send the region's pixels as QuPath reads them, without an orientation tag (an exported PNG or "
+            "TIFF; for a JPEG, turn the pixels and drop the tag, e.g. PIL.ImageOps.exif_transpose)"
+        )
+    if pages > 1:  # only the first would be decoded: the rest of a stack or animation dropped unsaid
+        raise SlideFormatError(
+            f"the uploaded image has {pages} pages or frames at full resolution (a stack or an animation), of which "
+            "only the first would be analysed; send one region as a single-page PNG or TIFF (one upload per region)"
+        )
+    if width * height > max_px:
+        raise SlideFormatError(
+            f"upload of {width}x{height} px is over {max_px} px; send a smaller region or a lower resolution "
+            "(downsample)"
+        )
+    # Slide checks the MPP's plausible range; a 1-px stand-in runs that check without the pixels.
+    Slide(
+        ArrayReader(np.zeros((1, 1, 3), np.uint8)),
+        mpp=Mpp(mpp, mpp, _UPLOAD_MPP_SOURCE),
+        mpp_advice=_upload_mpp_advice,
+    ).close()
+
+
+def _damaged_header(body: bytes) -> str | None:
+    """Why a body that starts as a PNG or TIFF has no header Pillow reads, when it is cut short or damaged (as
+    an interrupted transfer leaves it), else None (a TIFF whose samples Pillow does not decode)."""
+    if body.startswith(b"\x89PNG\r\n\x1a\n"):
+        kind = "PNG"
+    elif body[:4] in (b"II*\x00", b"MM\x00*"):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(io.BytesIO(body)) as tif:
+                tif.pages[0].shape  # noqa: B018 - reads the first page's header
+        except Exception:  # tifffile raises several types for a cut or damaged header; all mean the same here
+            kind = "TIFF"
+        else:
+            return None
+    else:
+        return None
+    return (
+        f"the request body ({len(body)} bytes) starts as a {kind} but is cut short or damaged before its pixels "
+        f"begin; send the complete {kind} file (an interrupted transfer or a partial read sends only its start)"
+    )
+
+
+# EXIF/TIFF Orientation values (tag 274) other than 1, as a viewer shows the stored pixels.
+_ORIENTATIONS = {
+    2: "mirrored",
+    3: "turned 180°",
+    4: "flipped upside down",
+    5: "mirrored and turned 90°",
+    6: "turned 90° clockwise",
+    7: "mirrored and turned 90° anticlockwise",
+    8: "turned 90° anticlockwise",
+}
+
+
+def _full_resolution_frames(im: Image.Image) -> int:
+    """How many frames (TIFF pages, animation frames) an opened image holds, not counting a TIFF's
+    reduced-resolution pages (a pyramid's levels or a thumbnail, NewSubfileType bit 0), which add nothing."""
+    frames = getattr(im, "n_frames", 1)
+    if frames == 1 or im.format != "TIFF":
+        return frames
+    full = 0
+    for index in range(frames):
+        im.seek(index)
+        full += not int(im.tag_v2.get(254, 0)) & 1  # NewSubfileType
+    im.seek(0)
+    return full
+
+
+@contextmanager
+def decoded_upload(body: bytes, *, mpp: float | None) -> Iterator[Slide]:
+    """The uploaded region as a slide, decoded now that its job runs."""
+    from PIL import Image
+
+    if mpp is None:
+        raise ValueError("an upload needs its mpp")  # the endpoint requires it; a bug if missing
+    try:
+        with Image.open(io.BytesIO(body)) as im:
+            if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+                # convert("RGB") drops alpha and keeps what lies under it, often black: analysed as dark
+                # tissue. Transparent is no tissue; over white it reads as the slide's empty glass.
+                white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                rgb = np.asarray(Image.alpha_composite(white, im.convert("RGBA")).convert("RGB"))
+            else:
+                rgb = np.asarray(im.convert("RGB"))
+    except Exception as err:  # a header that read but pixels that do not (truncated, corrupt)
+        raise SlideFormatError(
+            f"the uploaded image cannot be decoded ({type(err).__name__}: {err}); send a complete PNG or TIFF"
+        ) from err
+    del body
+    slide = Slide(ArrayReader(rgb), mpp=Mpp(mpp, mpp, _UPLOAD_MPP_SOURCE), mpp_advice=_upload_mpp_advice)
+    try:
+        yield slide
+    finally:
+        slide.close()

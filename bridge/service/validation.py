@@ -1,0 +1,82 @@
+"""Bad requests in the client's terms: pydantic's validation errors as what was expected, and the OpenAPI entries
+of the error answers."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any
+
+from fastapi import params
+
+from bridge.service.messages import clipped, quoted
+from bridge.service.schemas import ErrorDetail, JobRequest
+
+
+def query_parameters(endpoint: Any) -> tuple[str, ...]:
+    """The query parameters an endpoint declares (those whose default is a ``Query``), from its signature: the
+    ones a request may send, so any other is refused rather than ignored (a misspelt origin_x put every result of
+    an upload at x 0)."""
+    return tuple(
+        name for name, p in inspect.signature(endpoint).parameters.items() if isinstance(p.default, params.Query)
+    )
+
+
+def validation_problem(error: dict[str, Any], content_type: str | None) -> str:
+    """One of pydantic's validation errors as ``where: what``; for the mistakes a client makes by
+    accident (no JSON Content-Type, a body that is no object, a misspelt field) also what was expected."""
+    loc = tuple(error["loc"])
+    where = ".".join(clipped(str(p)) for p in loc)  # a field name is the client's too, and may be long
+    if loc == ("body",):
+        if error["type"] == "missing":
+            return 'body: empty; expected a JSON object such as {"image": "/path/to/slide.svs"}'
+        if isinstance(error.get("input"), bytes):  # FastAPI parses the body as JSON only when the header says so
+            return (
+                f"body: sent with Content-Type {content_type or '(none)'}; expected JSON with "
+                "'Content-Type: application/json': send that header"
+            )
+        if error["type"] == "model_attributes_type":
+            kinds = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+            return (
+                f"body: a JSON {kinds.get(type(error.get('input')), 'value')}; expected a JSON object such as "
+                '{"image": "/path/to/slide.svs"}'
+            )
+    if error["type"] == "json_invalid" and loc[:1] == ("body",):  # FastAPI puts the character's index after "body"
+        at = f" at character {loc[1]}" if len(loc) == 2 else ""
+        reason = (error.get("ctx") or {}).get("error", error["msg"])
+        return (
+            f"body: not valid JSON ({reason}{at}); expected a JSON object such as "
+            '{"image": "/path/to/slide.svs"}: JSON takes double quotes around names and strings, and no trailing comma'
+        )
+    if error["type"] == "extra_forbidden" and len(loc) == 2 and loc[0] == "query":
+        fields = list((error.get("ctx") or {}).get("parameters", ()))
+        if loc[1] == "roi":
+            hint = "an upload is analysed whole: send only the ROI's bounding region (and its origin_x, origin_y); "
+        else:
+            close = difflib.get_close_matches(str(loc[1]), fields, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+        return (
+            f"{where}: unknown parameter {quoted(str(loc[1]))}; {hint}the upload's parameters are {', '.join(fields)}"
+        )
+    if error["type"] == "extra_forbidden" and len(loc) == 2 and loc[0] == "body":
+        fields = list(JobRequest.model_fields)
+        close = difflib.get_close_matches(str(loc[1]), fields, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"{where}: unknown field {quoted(str(loc[1]))}; {hint}the request's fields are {', '.join(fields)}"
+    return f"{where}: {error['msg']}"
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for error answers: each is the service's JSON ``detail``."""
+    meaning = {
+        400: "The body is not UTF-8 text (JSON that does not parse is a 422).",
+        401: "Missing or wrong token.",
+        403: "The image lies outside the --allow-root folders.",
+        404: "No such image or job.",
+        409: "The job is not in a state that allows this (e.g. not done yet), or an unknown model.",
+        410: "The job's result was released (--keep-results).",
+        413: "The request body is over the limit.",
+        422: "The request is malformed or names an image that cannot be analysed.",
+        429: "The queue is full (--max-queued); retry later.",
+    }
+    return {code: {"model": ErrorDetail, "description": meaning[code]} for code in codes}

@@ -57,7 +57,7 @@ from bridge.objects import OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE, TI
 from bridge.pairs import IHC_NEEDS_REVIEW
 from bridge.project import ProjectEntry, ProjectInfo, locate_image, read_project, sidecar_dir
 from bridge.qupath_geojson import QuPathObject, read_features
-from inference import IHC_CELL_RADIUS_UM, Pdl1Error, Slide, SlideLabels, UnlabeledSlide
+from inference import IHC_CELL_RADIUS_UM, MppAdvice, Pdl1Error, Slide, SlideLabels, UnlabeledSlide
 
 log = logging.getLogger(__name__)
 
@@ -591,12 +591,19 @@ def read_project_labels(
     entries: Sequence[str] = (),
     qupath: str = "auto",
     search_dirs: tuple[Path, ...] = (),
+    mpp_advice: MppAdvice | None = None,
 ) -> list[SlideLabels]:
     """Labels of a project's entries: through QuPath (paquo) when it is installed, else from exports.
 
     ``qupath``: ``auto`` (QuPath when paquo finds one), ``always`` or ``never``. Without QuPath each
     entry's objects are read from ``pdl1/labels/<entry ID>.geojson`` in the project folder, which
     ``qupath_scripts/pdl1_export_labels.groovy`` writes; the labels are the same either way.
+
+    Each entry's labels carry the pixel size the project states for it (``mpp``: QuPath's calibration, also
+    one a user set in QuPath), which replaces the file's own, as ``pdl1 run`` reads the entry. Each image is
+    opened once here: an image that states no pixel size either way raises
+    :class:`~inference.errors.MissingMppError` (its message ends with ``mpp_advice``, how the caller's user
+    gives one), and one whose stain nobody states is warned of when its colour says another (:func:`warn_unless_he`).
     """
     from bridge.project import ImageSearch
 
@@ -629,12 +636,12 @@ def read_project_labels(
                 "H&E models (the segmentation ensemble and the H&E nuclei model). Leave the entry out with --entries, "
                 "or set its image type in QuPath (Image > Image type) if it is an H&E"
             )
-        if entry.stain is None:
-            from inference import open_slide
+        from inference import open_slide
 
-            # With the pixel size QuPath saved (as `pdl1 run` reads the entry): the colour check needs none, and a
-            # file stating none is for the trainer to refuse with what training can read.
-            with open_slide(slide, mpp=entry.mpp, mpp_source="QuPath project") as opened:
+        # At the pixel size QuPath saved, else the file's (as `pdl1 run` reads the entry, and as training reads it).
+        with open_slide(slide, mpp=entry.mpp, mpp_source="QuPath project", mpp_advice=mpp_advice) as opened:
+            mpp = opened.mpp.mean
+            if entry.stain is None:
                 warn_unless_he(opened, source)
         run_output = sidecar_dir(info.folder, entry.entry_id) / "objects.geojson"
         written = WrittenObjects.read(run_output) if rules.from_review and run_output.is_file() else None
@@ -646,7 +653,7 @@ def read_project_labels(
                 rules=rules,
                 project_classes=classes,
                 source=source + " through QuPath",
-                mpp=entry.mpp,
+                mpp=mpp,
                 written=written,
             )
         else:
@@ -663,11 +670,11 @@ def read_project_labels(
                 image_size_px=entry.size_px,
                 rules=rules,
                 project_classes=classes,
-                mpp=entry.mpp,
+                mpp=mpp,
                 written=written,
             )
             labels = replace(labels, source=f"{source} from {exported}")
-        out.append(labels)
+        out.append(replace(labels, mpp=entry.mpp))
     return out
 
 

@@ -52,14 +52,14 @@ def record_training_data(
     phantom slides trained on their truth (no ``labels``). Example tiles come from the held-out slides when
     there are any, else from the training slides.
     """
-    from inference import example_tiles, label_statistics, open_slide, truth_statistics
+    from inference import example_tiles, label_statistics, open_labelled_slide, truth_statistics
 
     folder = Path(out) / REPORT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     stats: list[tuple[str, LabelStatistics]] = []
     for role, group in (("training", labels), ("validation", held_out)):
         for lab in group:
-            with open_slide(lab.slide) as slide:
+            with open_labelled_slide(lab) as slide:  # at the pixel size training read it at
                 mpp = slide.mpp.mean
             stats.append((role, label_statistics(lab, mpp=mpp)))
     stats += [("training", truth_statistics(s)) for s in truth_slides]

@@ -242,7 +242,7 @@ def train_seg(
             )
         pseudo, teacher = _pseudo_labels(
             unlabeled or [],
-            rest=[lab.slide for lab in slide_labels] if pseudo_label_rest else [],
+            rest=slide_labels if pseudo_label_rest else [],
             project=project,
             labelled=[lab.slide for lab in slide_labels] if slide_labels else [str(s) for s in slides],
             held_out=[lab.slide for lab in held_out],
@@ -284,6 +284,7 @@ def train_seg(
             pseudo_mi_limit=pseudo_mi_limit,
             pseudo_weight=pseudo_weight,
             validation_slides=tuple(lab.slide for lab in held_out),
+            slide_mpp=_slide_mpp([*slide_labels, *held_out]),
             anchor_weight=anchor_weight,
             freeze_batchnorm=freeze_batchnorm,
             distill_weight=distill_weight,
@@ -328,7 +329,7 @@ def _entries_except(project: Path, unlabeled: list[str]) -> list[str]:
 def _pseudo_labels(
     unlabeled: list[str],
     *,
-    rest: list[str],
+    rest: list,
     project: Path | None,
     labelled: list[str],
     held_out: list[str],
@@ -340,8 +341,8 @@ def _pseudo_labels(
     device: str,
     progress: bool,
 ) -> tuple[list, str | None]:
-    """(pseudo-labels of the --unlabeled slides and of the ``rest`` of labelled ones, the teacher model folder);
-    each slide's counts printed."""
+    """(pseudo-labels of the --unlabeled slides and of the ``rest`` of labelled ones (their SlideLabels), the
+    teacher model folder); each slide's counts printed."""
     if not unlabeled and not rest:
         return [], None
     from bridge.labels import unlabeled_slides
@@ -349,8 +350,8 @@ def _pseudo_labels(
     from inference import PseudoLabelRule, UnlabeledSlide, demo_model_dir, pseudo_label_slides
 
     items = unlabeled_slides(unlabeled, project=project, labelled=[*labelled, *held_out])
-    # A labelled slide is read at its file's own µm/px, as its labels are (load_labelled_seg_slide).
-    items += [UnlabeledSlide(path=slide, name=f"{slide} (the rest of its labels)") for slide in rest]
+    # A labelled slide is read at the µm/px its labels are trained at (its project's, else its file's own).
+    items += [UnlabeledSlide(path=lab.slide, mpp=lab.mpp, name=f"{lab.slide} (the rest of its labels)") for lab in rest]
     teacher = init_model or str(demo_model_dir("seg"))
     rule = PseudoLabelRule(margin=margin, mi_limit=mi_limit, weight=weight)
     with progress_bar("pseudo-labels", enabled=progress) as on_progress:
@@ -374,14 +375,31 @@ def _pseudo_labels(
 
 
 def _training_mpp_advice(value: str) -> str:
-    """What to do about a labelled slide without a pixel size: `pdl1 train` has no --mpp (the analysis' advice,
-    "with --mpp", sent users to an option it lacks)."""
+    """What to do about a project's labelled image that states no pixel size, in its file or in the project:
+    training reads QuPath's calibration as `pdl1 run` does, and has no --mpp (the analysis' advice, "with --mpp",
+    sent users to an option it lacks)."""
     return (
-        "training reads the pixel size from the file itself (not the one set in QuPath, which `pdl1 run` uses): "
-        "save the image as a TIFF whose resolution tags state "
-        f"{value} (tifffile: imwrite(path, rgb, resolution=(1e4 / MPP, 1e4 / MPP), resolutionunit='CENTIMETER')), "
+        "nor does the QuPath project, whose pixel size training reads as `pdl1 run` does: set it in QuPath "
+        f"(Image tab: Pixel width/height) to {value} and save the project, or leave the entry out (--entries)"
+    )
+
+
+def _slide_mpp_advice(value: str) -> str:
+    """What to do about a slide given with --labels that states no pixel size: only its file can state one (a
+    GeoJSON export carries no calibration, and `pdl1 train` has no --mpp)."""
+    return (
+        "a slide given with --labels is read at its file's own pixel size (a GeoJSON export carries no QuPath "
+        "calibration): save the image as a TIFF whose resolution tags state "
+        f"{value} (tifffile: imwrite(path, rgb, resolution=(1e4 / MPP, 1e4 / MPP), resolutionunit='CENTIMETER')); "
+        "or train from its QuPath project, with the pixel size set there (Image tab: Pixel width/height); "
         "or leave it out"
     )
+
+
+def _slide_mpp(labels: Sequence) -> dict[str, float]:
+    """The µm/px the labels' project states, by slide (training's ``slide_mpp``); slides read at their file's own
+    are not in it."""
+    return {lab.slide: lab.mpp for lab in labels if lab.mpp is not None}
 
 
 def _is_project(path: Path) -> bool:
@@ -407,6 +425,9 @@ def _read_labels(
     """The SlideLabels of a project, or of slides each with its GeoJSON (in order); [] for phantom slides.
 
     ``points``: a nuclei run (the H&E nuclei classes); else a segmentation run, which reads the areas only.
+    A project's labels carry the pixel size QuPath states for each entry (it replaces the file's own, as in
+    `pdl1 run`); a slide with its GeoJSON has only its file's. A slide that states none either way is refused
+    here, before anything is trained, saying how to give one.
     """
     from bridge.labels import LabelRules, parse_class_map, read_geojson_labels, read_project_labels, warn_unless_he
     from inference import NUCLEUS_CLASSES, open_slide
@@ -433,11 +454,11 @@ def _read_labels(
                 f"give one QuPath project alone (its entries are the slides, their objects the labels), not with "
                 f"{what}; for slides with --labels, give the slide files and no project"
             )
-        labels = read_project_labels(projects[0], rules=rules, entries=tuple(entries), qupath=qupath)
-        for lab in labels:  # training reads each file's own pixel size: refuse here, not with the analysis' advice
-            with open_slide(lab.slide, mpp_advice=_training_mpp_advice):
-                pass
-        return labels
+        # Each entry at the pixel size its project states, else its file's (as `pdl1 run`); one stating none
+        # either way is refused as its labels are read, with what training can read.
+        return read_project_labels(
+            projects[0], rules=rules, entries=tuple(entries), qupath=qupath, mpp_advice=_training_mpp_advice
+        )
     if entries:
         raise typer.BadParameter("--entries chooses entries of a QuPath project; the sources are slides")
     if not geojson:
@@ -452,7 +473,7 @@ def _read_labels(
         )
     out = []
     for slide_path, labels_path in zip(sources, geojson, strict=True):
-        with open_slide(slide_path, mpp_advice=_training_mpp_advice) as slide:
+        with open_slide(slide_path, mpp_advice=_slide_mpp_advice) as slide:
             size, mpp = tuple(slide.dimensions), slide.mpp.mean
             warn_unless_he(slide, str(slide_path))
         out.append(read_geojson_labels(labels_path, slide=slide_path, image_size_px=size, rules=rules, mpp=mpp))
@@ -647,6 +668,7 @@ def train_nuclei_cmd(
             seed=seed,
             device=device,
             validation_slides=tuple(lab.slide for lab in held_out),
+            slide_mpp=_slide_mpp([*slide_labels, *held_out]),
             tta=tta,
             anchor_weight=anchor_weight,
             freeze_batchnorm=freeze_batchnorm,

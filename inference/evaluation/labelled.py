@@ -14,8 +14,7 @@ from inference.analysis.points import DetectionScores, detection_scores
 from inference.analysis.segment import SegmentConfig, segment_slide
 from inference.models.ensemble import Ensemble
 from inference.models.manifest import read_manifest
-from inference.slides.slide import open_slide
-from inference.training.labels import IGNORE_LABEL, SlideLabels, region_target
+from inference.training.labels import IGNORE_LABEL, SlideLabels, open_labelled_slide, region_target
 
 
 def _rank(ensemble: float, members: Sequence[float]) -> int:
@@ -90,7 +89,7 @@ def labelled_nuclei(
             )
         area = shapely.union_all(regions).difference(lab.ignore)
         truth = lab.points_xy[shapely.contains_xy(area, lab.points_xy[:, 0], lab.points_xy[:, 1])]
-        with open_slide(lab.slide) as slide:
+        with open_labelled_slide(lab) as slide:
             found = [detect_nuclei(slide, model, roi=area, config=low) for model in (ensemble, *singles)]
             radius_px = radius_um / slide.mpp.mean
         out.append(
@@ -242,7 +241,7 @@ def labelled_region_pixels(
         labelled = shapely.union_all([*lab.training_regions, lab.positive, lab.negative])
         if labelled.is_empty:
             raise ValueError(f"{lab.source or lab.slide}: validation needs region labels; this slide has none")
-        with open_slide(lab.slide) as slide:
+        with open_labelled_slide(lab) as slide:
             maps = segment_slide(
                 slide,
                 ensemble,

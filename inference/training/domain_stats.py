@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,10 +47,13 @@ TISSUE_MPP = 8.0
 def domain_sample(
     path: str | Path, ensemble: Ensemble, *, tissue_mpp: float = TISSUE_MPP, mpp: float | None = None
 ) -> tuple[np.ndarray, SlideStain]:
-    """One slide's tile features (N, D) from ``ensemble``'s member 0 and its stain, as an analysis sees them."""
+    """One slide's tile features (N, D) from ``ensemble``'s member 0 and its stain, as an analysis sees them.
+
+    ``mpp``: the slide's µm/px as its QuPath project states it, instead of the file's own (None: the file's).
+    """
     manifest = ensemble.manifest
     first = Ensemble(manifest, ensemble.members[:1], folder=ensemble.folder, device=ensemble.device)
-    with open_slide(path, mpp=mpp) as slide:
+    with open_slide(path, mpp=mpp, mpp_source="QuPath project") as slide:
         tissue = tissue_mask_for_slide(slide, mpp=tissue_mpp, method=TISSUE_METHOD_OF_STAIN[manifest.stain])
         with capture_tile_features(first) as captured:
             if manifest.task == "segmentation":
@@ -68,13 +71,17 @@ def compute_domain_stats(
     held_out: Sequence[str | Path] = (),
     device: str = "cpu",
     on_progress: Callable[[int, int], None] | None = None,
+    slide_mpp: Mapping[str, float] | None = None,
 ) -> DomainStats:
     """The statistics of ``model_dir``'s training domain from ``train_slides``, with calibrated limits.
 
     With ``held_out`` (in-domain slides not among ``train_slides``) the limits come from their scores;
     without, from each training slide scored against the other training slides' statistics (one
-    training slide alone: no limits, so the guard measures but never flags).
+    training slide alone: no limits, so the guard measures but never flags). ``slide_mpp``: µm/px by slide
+    path (as given) that replace those files' own, the pixel size their QuPath project states (as training
+    read them); a slide not in it is read at its file's own.
     """
+    slide_mpp = dict(slide_mpp or {})
     manifest = read_manifest(model_dir)
     if not guarded(manifest.task, manifest.stain):
         judged = GUARDED_TASK_OF_STAIN.get(manifest.stain)
@@ -96,12 +103,12 @@ def compute_domain_stats(
             "calibrated on slides the statistics did not see"
         )
     for path in [*train_slides, *held_out]:
-        _check_stain(path, manifest.stain, model_dir)
+        _check_stain(path, manifest.stain, model_dir, mpp=slide_mpp.get(path))
     layers = ", ".join(name for name, _ in feature_layers(ensemble.members[0]))
     total = len(train_slides) + len(held_out)
     samples = []
     for i, path in enumerate([*train_slides, *held_out]):
-        samples.append(domain_sample(path, ensemble))
+        samples.append(domain_sample(path, ensemble, mpp=slide_mpp.get(path)))
         log.info("%s: %d tiles", path, len(samples[-1][0]))
         if on_progress is not None:
             on_progress(i + 1, total)
@@ -147,7 +154,7 @@ MIN_CALIBRATION_SLIDES = 3
 STAIN_REFUSAL_MARGIN_DEG = 10.0
 
 
-def _check_stain(path: str | Path, stain: str, model_dir: str | Path) -> None:
+def _check_stain(path: str | Path, stain: str, model_dir: str | Path, *, mpp: float | None = None) -> None:
     """Refuse a slide of another stain than the model's: its statistics would make the guard wave anything
     through (an H&E model given IHC slides set its limit at 252 against 2.6). A phantom's truth says its stain;
     another slide is judged by its colour, refused only on a clear call."""
@@ -159,7 +166,7 @@ def _check_stain(path: str | Path, stain: str, model_dir: str | Path) -> None:
         except (OSError, ValueError, AttributeError):
             found = None  # a damaged truth: the colour decides, as for any slide
     if found is None:
-        with open_slide(path) as slide:
+        with open_slide(path, mpp=mpp, mpp_source="QuPath project") as slide:
             colour = detect_slide_stain(slide, mpp=TISSUE_MPP)
         if colour.margin_deg >= STAIN_REFUSAL_MARGIN_DEG:
             found, how = colour.stain, f"its colour ({colour.reason})"
@@ -193,10 +200,16 @@ def write_domain_stats(model_dir: str | Path, stats: DomainStats) -> Path:
 
 
 def write_training_domain_stats(
-    model_dir: str | Path, slides: Sequence[str | Path], *, held_out: Sequence[str | Path] = (), device: str = "cpu"
+    model_dir: str | Path,
+    slides: Sequence[str | Path],
+    *,
+    held_out: Sequence[str | Path] = (),
+    device: str = "cpu",
+    slide_mpp: Mapping[str, float] | None = None,
 ) -> Manifest:
     """After training: the statistics of the training slides in the manifest, their limits calibrated on the
-    ``held_out`` validation slides (in-domain, not trained on), or without them by leaving one slide out.
+    ``held_out`` validation slides (in-domain, not trained on), or without them by leaving one slide out;
+    each slide read at the pixel size training read it at (``slide_mpp``, see :func:`compute_domain_stats`).
 
     Training never fails for them: where they cannot be computed (slides too small for two tiles), the
     manifest stays without (the guard then says "not measured") and a warning says why. A model the guard never
@@ -207,12 +220,12 @@ def write_training_domain_stats(
         return manifest
     try:
         try:
-            stats = compute_domain_stats(model_dir, slides, held_out=held_out, device=device)
+            stats = compute_domain_stats(model_dir, slides, held_out=held_out, device=device, slide_mpp=slide_mpp)
         except ValueError as err:
             if not held_out:
                 raise
             log.warning("%s: domain limits not set on the validation slides (%s); leaving one out", model_dir, err)
-            stats = compute_domain_stats(model_dir, slides, device=device)
+            stats = compute_domain_stats(model_dir, slides, device=device, slide_mpp=slide_mpp)
     except ValueError as err:
         log.warning("%s: no domain statistics (%s); compute them later with `pdl1 domain-stats`", model_dir, err)
         return read_manifest(model_dir, verify=False)

@@ -14,14 +14,18 @@ functions here turn them into targets on a model's pixel grid, pure numpy/scikit
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import shapely
 from shapely.geometry import Polygon
 from shapely.geometry.base import BaseGeometry
 from skimage.draw import polygon as draw_polygon
+
+if TYPE_CHECKING:
+    from inference.slides.slide import MppAdvice, Slide
 
 #: The value of a region target's pixel that is not a label (the loss leaves it out).
 IGNORE_LABEL = 255
@@ -34,7 +38,10 @@ class SlideLabels:
     ``training_regions`` and ``exhaustive`` run in parallel (``exhaustive[i]``: every nucleus of
     region ``i`` is marked); ``positive``, ``negative`` and ``ignore`` are (multi)polygons, empty when
     none were drawn; ``points_xy`` is (N, 2) float64 in xy order with ``points_class`` (N,) indexing
-    ``class_names``; ``counts`` says what was used and what was skipped, and why.
+    ``class_names``; ``counts`` says what was used and what was skipped, and why. ``mpp`` is the µm/px of
+    level 0 that the labels' QuPath project states for the image (its calibration, which a user may have set
+    in QuPath); it replaces the file's own wherever the slide is read for these labels, as ``pdl1 run`` reads
+    the entry (:func:`open_labelled_slide`). None: the file's own.
     """
 
     slide: str
@@ -49,6 +56,7 @@ class SlideLabels:
     class_names: tuple[str, ...] = ()
     counts: Mapping[str, int] = field(default_factory=dict)
     source: str = ""
+    mpp: float | None = None
 
     def __post_init__(self) -> None:
         if len(self.training_regions) != len(self.exhaustive):
@@ -64,6 +72,30 @@ class SlideLabels:
     @property
     def has_points(self) -> bool:
         return len(self.points_class) > 0
+
+
+def open_labelled_slide(labels: SlideLabels, *, mpp_advice: MppAdvice | None = None) -> Slide:
+    """The slide of ``labels``, at the pixel size its project states (``labels.mpp``), else at its file's own.
+
+    ``mpp_advice``: how the caller's user gives an image's µm/px, for the message of a slide that states
+    none either way (:func:`~inference.slides.slide.open_slide`).
+    """
+    from inference.slides.slide import open_slide
+
+    return open_slide(labels.slide, mpp=labels.mpp, mpp_source="QuPath project", mpp_advice=mpp_advice)
+
+
+def check_slide_mpp(labels: Sequence[SlideLabels], slide_mpp: Mapping[str, float]) -> None:
+    """Refuse a training run's ``slide_mpp`` (the µm/px by slide path its manifest records and its domain
+    statistics read the slides at) that differs from a labelled slide's own ``mpp`` (what it is trained at)."""
+    for lab in labels:
+        if slide_mpp.get(lab.slide) != lab.mpp:
+            raise ValueError(
+                f"{lab.slide}: its labels state {lab.mpp} µm/px, but the training's slide_mpp gives "
+                f"{slide_mpp.get(lab.slide)}; slide_mpp must hold each labelled slide's project pixel size (its "
+                "labels' mpp). One file is read at one pixel size: are two project entries of it calibrated "
+                "differently?"
+            )
 
 
 def labels_digest(labels: SlideLabels) -> str:

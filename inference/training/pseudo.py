@@ -181,11 +181,12 @@ class PseudoLabels:
 
 
 def _pseudo_mpp_advice(value: str) -> str:
-    """What to do about an unlabelled slide without a pixel size: `pdl1 train seg` has no --mpp (the analysis'
-    advice, "with --mpp", sent users to an option it lacks)."""
+    """What to do about an unlabelled slide that states no pixel size, in its file or (an entry) in its project:
+    `pdl1 train seg` has no --mpp (the analysis' advice, "with --mpp", sent users to an option it lacks)."""
     return (
-        "pseudo-labels need the pixel size: give the slide as a QuPath project entry, its pixel size set in "
-        f"QuPath (Image tab: Pixel width/height) to {value}, or leave it out of --unlabeled"
+        f"pseudo-labels need the pixel size: set it in QuPath (Image tab: Pixel width/height) to {value}, save "
+        "the project and give the slide as an entry of the project trained on (a slide file has only its own "
+        "pixel size), or leave it out of --unlabeled"
     )
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import shapely
 from shapely.geometry.base import BaseGeometry
 
-from inference.training.labels import IGNORE_LABEL, SlideLabels, region_target
+from inference.training.labels import IGNORE_LABEL, SlideLabels, open_labelled_slide, region_target
 
 #: Per-epoch loss and learning rate of a run, beside its members (written by ``cyclic.train_cyclic``).
 HISTORY_FILE = "training_history.json"
@@ -262,7 +262,7 @@ def example_tiles(
             else _centres_from_truth(slide_path, task=task, n=per_slide)
         )
         truth = load_truth(slide_path) if lab is None else None
-        with open_slide(slide_path) as slide:
+        with open_slide(slide_path) if lab is None else open_labelled_slide(lab) as slide:
             width, height = slide.dimensions
             edge = max(8, round(edge_um / slide.mpp.mean))
             for cx, cy in centres[: max_tiles - len(out)]:

@@ -15,8 +15,8 @@ ensemble's last member instead of random weights.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,13 @@ from inference.training.cyclic import (
     train_cyclic,
 )
 from inference.training.domain_stats import write_training_domain_stats
-from inference.training.labels import SlideLabels, labels_digest, nuclei_known_mask
+from inference.training.labels import (
+    SlideLabels,
+    check_slide_mpp,
+    labels_digest,
+    nuclei_known_mask,
+    open_labelled_slide,
+)
 from inference.training.train_seg import NORMALIZATION
 
 log = logging.getLogger(__name__)
@@ -89,9 +95,15 @@ class NucleiTrainConfig:
     tta: bool = False
     anchor_weight: float = 0.0  # L2-SP toward init_model's weights (as SegTrainConfig's); 0: off
     freeze_batchnorm: bool = False  # fine-tuning: BatchNorm keeps init_model's statistics (as SegTrainConfig's)
+    # µm/px by slide path (training and validation slides) that replace those files' own: the pixel size their
+    # QuPath project states (SlideLabels.mpp, as `pdl1 run` reads an entry); the domain statistics read them so too.
+    slide_mpp: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_schedule(self)
+        bad = {path: mpp for path, mpp in self.slide_mpp.items() if not mpp > 0}
+        if bad:
+            raise ValueError(f"slide_mpp must be positive µm/px, got {bad}")
         check_fine_tuning(self.anchor_weight, self.freeze_batchnorm, init_model=self.init_model)
         if self.stain_jitter not in STAIN_JITTERS:
             raise ValueError(f"stain_jitter must be one of {', '.join(STAIN_JITTERS)}, got {self.stain_jitter!r}")
@@ -136,8 +148,9 @@ def load_nuclei_slide(path: str | Path, *, input_mpp: float) -> _NucleiData:
 
 
 def load_labelled_slide(labels: SlideLabels, *, input_mpp: float, known_radius_um: float) -> _NucleiData:
-    """A slide with a lab's point labels, read whole at ``input_mpp``, with the mask of known targets."""
-    with open_slide(labels.slide) as slide:
+    """A slide with a lab's point labels, read whole at ``input_mpp`` (its project's pixel size, else its file's:
+    :func:`~inference.training.labels.open_labelled_slide`), with the mask of known targets."""
+    with open_labelled_slide(labels) as slide:
         if tuple(slide.dimensions) != tuple(labels.image_size_px):
             raise ValueError(
                 f"{labels.slide}: the labels are for a {labels.image_size_px[0]} x {labels.image_size_px[1]} px image "
@@ -293,6 +306,7 @@ def train_nuclei(
     if labels:
         if tuple(lab.slide for lab in labels) != tuple(config.slides):
             raise ValueError("config.slides must be the labelled slides, in the order of the labels")
+        check_slide_mpp(labels, config.slide_mpp)
         data = [
             load_labelled_slide(lab, input_mpp=config.input_mpp, known_radius_um=config.known_radius_um)
             for lab in labels
@@ -383,7 +397,9 @@ def train_nuclei(
         write_manifest(out_dir, manifest)
     # The domain guard's statistics of these slides, limits by leaving one slide out (pdl1 domain-stats
     # recomputes them with held-out slides).
-    return write_training_domain_stats(out_dir, config.slides, held_out=config.validation_slides, device=config.device)
+    return write_training_domain_stats(
+        out_dir, config.slides, held_out=config.validation_slides, device=config.device, slide_mpp=config.slide_mpp
+    )
 
 
 def _data_record(data: list[_NucleiData], labels: Sequence[SlideLabels], sources: list[dict] | None) -> list[dict]:

@@ -19,8 +19,8 @@ after every epoch.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -47,7 +47,14 @@ from inference.training.cyclic import (
 )
 from inference.training.distill import DEFAULT_TEMPERATURE, Distiller, check_distillation
 from inference.training.domain_stats import write_training_domain_stats
-from inference.training.labels import IGNORE_LABEL, SlideLabels, labels_digest, region_target
+from inference.training.labels import (
+    IGNORE_LABEL,
+    SlideLabels,
+    check_slide_mpp,
+    labels_digest,
+    open_labelled_slide,
+    region_target,
+)
 from inference.training.pseudo import PseudoLabelRule, PseudoLabels, UnlabeledSlide, pseudo_label_slides
 
 log = logging.getLogger(__name__)
@@ -134,9 +141,15 @@ class SegTrainConfig:
     freeze_batchnorm: bool = False  # fine-tuning: BatchNorm keeps init_model's running statistics (eval mode)
     distill_weight: float = 0.0  # LwF: KL to init_model's predictions on pixels with no human label; 0: off
     distill_temperature: float = DEFAULT_TEMPERATURE  # the distillation's softmax temperature
+    # µm/px by slide path (training and validation slides) that replace those files' own: the pixel size their
+    # QuPath project states (SlideLabels.mpp, as `pdl1 run` reads an entry); the domain statistics read them so too.
+    slide_mpp: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_schedule(self)
+        bad = {path: mpp for path, mpp in self.slide_mpp.items() if not mpp > 0}
+        if bad:
+            raise ValueError(f"slide_mpp must be positive µm/px, got {bad}")
         check_fine_tuning(self.anchor_weight, self.freeze_batchnorm, init_model=self.init_model)
         check_distillation(self.distill_weight, self.distill_temperature, init_model=self.init_model)
         if self.unlabeled:
@@ -218,7 +231,8 @@ def load_training_slide(path: str | Path, *, input_mpp: float, patch_px: int) ->
 
 
 def load_labelled_seg_slide(labels: SlideLabels, *, input_mpp: float, patch_px: int) -> _SlideData:
-    """A slide with a lab's region labels, read whole at ``input_mpp``; its mask holds :data:`IGNORE_LABEL`.
+    """A slide with a lab's region labels, read whole at ``input_mpp`` (its project's pixel size, else its file's:
+    :func:`~inference.training.labels.open_labelled_slide`); its mask holds :data:`IGNORE_LABEL`.
 
     Patches are centred on labelled pixels only (positive ones for the positive share).
     """
@@ -226,7 +240,7 @@ def load_labelled_seg_slide(labels: SlideLabels, *, input_mpp: float, patch_px: 
         raise ValueError(
             f"{labels.source or labels.slide}: no region labels (Training region, PD-L1 positive or negative areas)"
         )
-    with open_slide(labels.slide) as slide:
+    with open_labelled_slide(labels) as slide:
         if tuple(slide.dimensions) != tuple(labels.image_size_px):
             raise ValueError(
                 f"{labels.slide}: the labels are for a {labels.image_size_px[0]} x {labels.image_size_px[1]} px image "
@@ -405,6 +419,7 @@ def train_segmentation(
     if labels:
         if tuple(lab.slide for lab in labels) != tuple(config.slides):
             raise ValueError("config.slides must be the labelled slides, in the order of the labels")
+        check_slide_mpp(labels, config.slide_mpp)
         data = [load_labelled_seg_slide(lab, input_mpp=config.input_mpp, patch_px=config.patch_px) for lab in labels]
     else:
         data = [load_training_slide(p, input_mpp=config.input_mpp, patch_px=config.patch_px) for p in config.slides]
@@ -479,7 +494,9 @@ def train_segmentation(
     write_manifest(out_dir, manifest)
     # The domain guard's statistics of these slides, limits by leaving one slide out (pdl1 domain-stats
     # recomputes them with held-out slides).
-    return write_training_domain_stats(out_dir, config.slides, held_out=config.validation_slides, device=config.device)
+    return write_training_domain_stats(
+        out_dir, config.slides, held_out=config.validation_slides, device=config.device, slide_mpp=config.slide_mpp
+    )
 
 
 def _pseudo_labels(config: SegTrainConfig, given: Sequence[PseudoLabels] | None) -> list[PseudoLabels]:

@@ -283,6 +283,40 @@ def test_a_project_without_qupath_reads_the_export_script_s_geojson_as_the_same_
     assert "entry 1 (he-1357.svs)" in labels.source
 
 
+@pytest.mark.parametrize("qupath", ["never", "always"])
+def test_a_project_s_labels_carry_qupath_s_pixel_size_which_wins_over_the_file_s(
+    labelled, tmp_path, monkeypatch, qupath
+):
+    """As `pdl1 run` reads an entry: the pixel size set in QuPath (1 µm/px here) replaces the file's own (the SVS
+    states 0.5), through QuPath (paquo, faked here: QuPath cannot start in this test) and from the exports alike.
+    Training read the file's own, so a slide QuPath calibrated otherwise was trained at another scale."""
+    from bridge import qupath as qupath_module
+    from bridge.qupath_geojson import read_features
+    from inference import open_labelled_slide
+    from inference.training.train_seg import load_labelled_seg_slide
+
+    project = _exported_project_copy(labelled, tmp_path)
+    qpproj = json.loads((project / "project.qpproj").read_text())
+    calibration = qpproj["images"][0]["serverBuilder"]["metadata"]["pixelCalibration"]
+    for key in ("pixelWidth", "pixelHeight"):
+        calibration[key]["value"] = 1.0
+    (project / "project.qpproj").write_text(json.dumps(qpproj))
+    objects = list(read_features(labelled / "objects-labelled-by-pathologist-0.4.4.geojson"))
+    monkeypatch.setattr(qupath_module, "read_entry_objects", lambda path, ids: {"1": objects})
+    (labels,) = read_project_labels(project, rules=RULES, entries=["1"], qupath=qupath)
+    assert labels.mpp == 1.0 and labels.source.endswith(" through QuPath") == (qupath == "always")
+    with open_labelled_slide(labels) as slide:
+        assert (slide.mpp.mean, slide.mpp.source) == (1.0, "QuPath project")
+    # 2048 px at 1 µm/px, read at 2 µm/px: 1024 px (at the file's 0.5 µm/px it was 512).
+    assert load_labelled_seg_slide(labels, input_mpp=2.0, patch_px=32).rgb.shape[:2] == (1024, 1024)
+    plain = read_geojson_labels(
+        labelled / "objects-labelled-by-pathologist-0.4.4.geojson", slide=labelled / "he-1357.svs",
+        image_size_px=(2048, 2048), rules=RULES,
+    )  # fmt: skip
+    assert plain.mpp is None  # a slide given with its GeoJSON: the file's own
+    assert load_labelled_seg_slide(plain, input_mpp=2.0, patch_px=32).rgb.shape[:2] == (512, 512)
+
+
 def test_a_project_entry_without_an_export_names_the_script(labelled, tmp_path):
     project = _project_copy(labelled, tmp_path)
     with pytest.raises(LabelError, match=r"entry 1 .*pdl1_export_labels.groovy"):

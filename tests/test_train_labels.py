@@ -473,7 +473,8 @@ def test_a_project_beside_other_sources_is_refused_saying_what_came(tmp_path, ex
 
 
 def test_a_labelled_slide_without_a_pixel_size_is_told_what_training_can_read(tmp_path):
-    """The analysis' advice, 'with --mpp', sent users to an option `pdl1 train` lacks."""
+    """The analysis' advice, 'with --mpp', sent users to an option `pdl1 train` lacks; a slide given with its
+    GeoJSON has no QuPath calibration, so its file must state the pixel size."""
     from PIL import Image
 
     png = tmp_path / "camera.png"
@@ -483,32 +484,136 @@ def test_a_labelled_slide_without_a_pixel_size_is_told_what_training_can_read(tm
     result = runner.invoke(app, args)
     text = " ".join(result.output.split())
     assert result.exit_code == 1, result.output
-    assert "states no microns per pixel. Training reads the pixel size from the file itself" in text
-    assert "--mpp" not in text
+    assert (
+        "camera.png: a plain PNG file states no microns per pixel. A slide given with --labels is read at its "
+        "file's own pixel size (a GeoJSON export carries no QuPath calibration): save the image as a TIFF" in text
+    )
+    assert "or train from its QuPath project, with the pixel size set there" in text
+    assert "--mpp" not in text and not (tmp_path / "m").exists()
 
 
-def test_a_project_image_whose_file_states_no_pixel_size_is_refused_with_what_training_reads(labelled, tmp_path):
-    """`pdl1 run` analyses such an image with the pixel size set in QuPath; training read the file's own and
-    refused it with the analysis' advice, 'set the pixel size in QuPath ... and analyse the project', which the
-    user had done."""
+@pytest.fixture(scope="module")
+def he_png(labelled, tmp_path_factory) -> Path:
+    """The fixture slide's level-0 pixels as a PNG, which states no pixel size (as a microscope camera's image)."""
     from PIL import Image
 
+    from inference import open_slide
+
+    png = tmp_path_factory.mktemp("png") / "he-1357.png"
+    with open_slide(labelled / "he-1357.svs") as slide:
+        Image.fromarray(slide.read_region((0, 0), 0, slide.dimensions)).save(png)
+    return png
+
+
+def _png_project(labelled: Path, he_png: Path, tmp_path: Path, *, calibration_um: float | None) -> Path:
+    """The fixture project with both entries' image a copy of ``he_png`` (he-a.png, he-b.png), entry 2 typed H&E,
+    the pathologist's labels exported for both, and QuPath's pixel size ``calibration_um`` (None: uncalibrated, as
+    QuPath saves an image that states none)."""
     project = tmp_path / "project"
     shutil.copytree(labelled / "project", project)
-    png = tmp_path / "camera.png"
-    Image.fromarray(np.full((2048, 2048, 3), 200, np.uint8)).save(png)
     qpproj = json.loads((project / "project.qpproj").read_text())
-    builder = qpproj["images"][0]["serverBuilder"]
-    builder["uri"] = png.as_uri()
-    builder["metadata"]["levels"] = builder["metadata"]["levels"][:1]
+    summary = project / "data" / "2" / "summary.json"
+    summary.write_text(summary.read_text().replace("BRIGHTFIELD_H_DAB", "BRIGHTFIELD_H_E"))
+    features = json.loads((labelled / "objects-labelled-by-pathologist-0.4.4.geojson").read_text())["features"]
+    unit, value = ("px", 1.0) if calibration_um is None else ("µm", calibration_um)
+    for image, name in zip(qpproj["images"], ("he-a.png", "he-b.png"), strict=True):
+        shutil.copy(he_png, tmp_path / name)
+        builder = image["serverBuilder"]
+        builder["uri"] = (tmp_path / name).as_uri()
+        meta = builder["metadata"]
+        meta["levels"] = meta["levels"][:1]
+        for key in ("pixelWidth", "pixelHeight"):
+            meta["pixelCalibration"][key] = {"value": value, "unit": unit}
+        exported = export_path(project, str(image["entryID"]))
+        exported.parent.mkdir(parents=True, exist_ok=True)
+        exported.write_text(json.dumps(features))
     (project / "project.qpproj").write_text(json.dumps(qpproj))
-    (project / "pdl1" / "labels").mkdir(parents=True)
-    shutil.copy(labelled / "objects-labelled-by-pathologist-0.4.4.geojson", project / "pdl1" / "labels" / "1.geojson")
+    return project
+
+
+def test_a_project_image_whose_file_states_no_pixel_size_trains_at_the_one_set_in_qupath(labelled, he_png, tmp_path):
+    """`pdl1 run` analyses such an image with the pixel size set in QuPath; training read the file's own and
+    refused it, telling the user to re-save the image as a TIFF."""
+    project = _png_project(labelled, he_png, tmp_path, calibration_um=0.5)
+    out = tmp_path / "m"
+    args = ["train", "nuclei", str(project), "--entries", "1", "--qupath", "never", "--out", str(out)]
+    result = runner.invoke(app, [*args, *TINY, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "points: Tumor: Positive 440" in result.output
+    training = json.loads((out / "manifest.json").read_text())["training"]
+    assert training["config"]["slides"] == [str(tmp_path / "he-a.png")]
+    assert training["config"]["slide_mpp"] == {str(tmp_path / "he-a.png"): 0.5}
+    assert "training report: " in result.output  # its label areas and example tiles read the PNG at 0.5 too
+
+
+def test_a_project_image_that_states_no_pixel_size_in_file_or_project_is_refused_saying_to_set_it_in_qupath(
+    labelled, he_png, tmp_path
+):
+    """The advice was to re-save the image as a TIFF since training read 'not the one set in QuPath'; setting it
+    there is now the fix."""
+    project = _png_project(labelled, he_png, tmp_path, calibration_um=None)
     args = ["train", "nuclei", str(project), "--entries", "1", "--qupath", "never", "--out", str(tmp_path / "m")]
     result = runner.invoke(app, args)
     text = " ".join(result.output.split())
     assert result.exit_code == 1, result.output
     assert (
-        "camera.png: a plain PNG file states no microns per pixel. Training reads the pixel size from the file" in text
+        "he-a.png: a plain PNG file states no microns per pixel. Nor does the QuPath project, whose pixel size "
+        "training reads as `pdl1 run` does: set it in QuPath (Image tab: Pixel width/height) to the µm/px of the "
+        "scanner or camera it came from" in text
     )
-    assert "--mpp" not in text and not (tmp_path / "m").exists()
+    assert "or leave the entry out (--entries)" in text
+    assert "--mpp" not in text and "TIFF" not in text and not (tmp_path / "m").exists()
+
+
+def test_training_from_a_project_opens_each_labelled_image_once_before_training(labelled, tmp_path, monkeypatch):
+    """Reading a project's labels opened an image whose stain nobody stated for its colour, and `pdl1 train` then
+    opened every labelled image once more just to check its pixel size."""
+    import inference
+    from bridge.cli.train import _read_labels
+
+    shutil.copytree(labelled / "project", tmp_path / "project")
+    (tmp_path / "he-1357.svs").symlink_to(labelled / "he-1357.svs")
+    exported = export_path(tmp_path / "project", "1")
+    exported.parent.mkdir(parents=True)
+    exported.write_text(
+        json.dumps(json.loads((labelled / "objects-labelled-by-pathologist-0.4.4.geojson").read_text()))
+    )
+    (tmp_path / "project" / "data" / "1" / "summary.json").unlink()  # no image type: its colour is checked
+    opened: list[str] = []
+    real = inference.open_slide
+
+    def open_slide(path, **kwargs):
+        opened.append(Path(path).name)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(inference, "open_slide", open_slide)
+    args = dict(geojson=[], entries=["1"], from_review=False, class_map=[], qupath="never", points=False)
+    (labels,) = _read_labels([tmp_path / "project"], **args)
+    assert opened == ["he-1357.svs"]
+    assert labels.slide == str(tmp_path / "he-1357.svs")
+
+
+@pytest.mark.slow
+def test_pdl1_train_seg_reads_project_images_at_qupath_s_pixel_size_throughout(labelled, he_png, tmp_path):
+    """Training, the held-out slide's scoring, the pseudo-labels of the rest, the training report and the domain
+    statistics all read both PNGs (no pixel size in the file) at the pixel size set in QuPath."""
+    project = _png_project(labelled, he_png, tmp_path, calibration_um=0.5)
+    out = tmp_path / "seg"
+    args = ["train", "seg", str(project), "--qupath", "never", "--val-entries", "2", "--pseudo-label-rest"]
+    result = runner.invoke(app, [*args, "--out", str(out), *TINY, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    a, b = str(tmp_path / "he-a.png"), str(tmp_path / "he-b.png")
+    manifest = json.loads((out / "manifest.json").read_text())
+    training = manifest["training"]
+    assert training["config"]["slides"] == [a] and training["config"]["validation_slides"] == [b]
+    assert training["config"]["slide_mpp"] == {a: 0.5, b: 0.5}
+    # On the 512 x 512 px grid of 2048 px at 0.5 µm/px read at 2 µm/px: the labels and the pseudo-labelled rest.
+    assert 0.1 < training["data"][0]["labelled_px"] / 512**2 <= 1
+    (row,) = training["pseudo_labels"]["slides"]
+    assert row["slide"] == a and row["positive_px"] + row["negative_px"] > 0
+    (scored,) = json.loads((out / "validation.json").read_text())["slides"]
+    assert scored["slide"] == b and scored["labelled_px"] > 0
+    domain = manifest["extra"]["domain"]
+    assert [row["slide"] for row in domain["slides"]] == ["he-a.png"]
+    assert domain["calibration"]["how"] == "held-out in-domain slides"
+    assert "training report: " in result.output

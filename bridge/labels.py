@@ -24,7 +24,9 @@ slides"):
   its new class, and a ``PD-L1 FN candidate`` a person deleted was dismissed, so its area is negative.
 
 Everything else (lines, other classes, unclassified objects) is counted as skipped. Bad input raises
-:class:`LabelError` naming the entry, the object and the fix; nothing is dropped silently.
+:class:`LabelError` naming the entry, the object and the fix; nothing is dropped silently. A project's labels
+carry the pixel size QuPath states for their image (``SlideLabels.mpp``), which training reads it at instead of
+the file's own, as ``pdl1 run`` does.
 """
 
 from __future__ import annotations

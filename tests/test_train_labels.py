@@ -617,3 +617,20 @@ def test_pdl1_train_seg_reads_project_images_at_qupath_s_pixel_size_throughout(l
     assert [row["slide"] for row in domain["slides"]] == ["he-a.png"]
     assert domain["calibration"]["how"] == "held-out in-domain slides"
     assert "training report: " in result.output
+
+
+def test_a_training_s_slide_mpp_must_be_its_labels_pixel_sizes():
+    """What the manifest records and the domain statistics read the slides at is what they are trained at."""
+    from inference import SegTrainConfig, SlideLabels
+    from inference.training.labels import check_slide_mpp
+
+    lab = SlideLabels("a.png", (10, 10), mpp=0.5)
+    check_slide_mpp([lab], {"a.png": 0.5})
+    check_slide_mpp([lab], {"a.png": 0.5, "b.png": 1.0}, validation_slides=("b.png",))
+    check_slide_mpp([SlideLabels("s.svs", (10, 10))], {})  # a slide read at its file's own is not in it
+    with pytest.raises(ValueError, match=r"a.png: its labels state 0.5 µm/px, but the training's slide_mpp gives None"):
+        check_slide_mpp([lab], {})
+    with pytest.raises(ValueError, match=r"slide_mpp names c.png, neither a labelled training slide nor a validation"):
+        check_slide_mpp([lab], {"a.png": 0.5, "c.png": 1.0})
+    with pytest.raises(ValueError, match=r"slide_mpp must be positive µm/px, got \{'a.png': 0\}"):
+        SegTrainConfig(slides=("a.png",), out_dir="m", slide_mpp={"a.png": 0})

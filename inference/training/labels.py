@@ -85,9 +85,18 @@ def open_labelled_slide(labels: SlideLabels, *, mpp_advice: MppAdvice | None = N
     return open_slide(labels.slide, mpp=labels.mpp, mpp_source="QuPath project", mpp_advice=mpp_advice)
 
 
-def check_slide_mpp(labels: Sequence[SlideLabels], slide_mpp: Mapping[str, float]) -> None:
+def check_slide_mpp(
+    labels: Sequence[SlideLabels], slide_mpp: Mapping[str, float], *, validation_slides: Sequence[str] = ()
+) -> None:
     """Refuse a training run's ``slide_mpp`` (the µm/px by slide path its manifest records and its domain
-    statistics read the slides at) that differs from a labelled slide's own ``mpp`` (what it is trained at)."""
+    statistics read the slides at) that differs from a labelled slide's own ``mpp`` (what it is trained at),
+    or names a slide that is neither labelled nor a validation slide (a phantom is read at its file's own)."""
+    stray = sorted(set(slide_mpp) - {lab.slide for lab in labels} - set(validation_slides))
+    if stray:
+        raise ValueError(
+            f"slide_mpp names {', '.join(stray)}, neither a labelled training slide nor a validation slide; it "
+            "holds the pixel size a labelled slide's project states (its labels' mpp)"
+        )
     for lab in labels:
         if slide_mpp.get(lab.slide) != lab.mpp:
             raise ValueError(

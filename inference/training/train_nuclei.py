@@ -303,10 +303,10 @@ def train_nuclei(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     device = torch.device(config.device)
+    check_slide_mpp(labels, config.slide_mpp, validation_slides=config.validation_slides)
     if labels:
         if tuple(lab.slide for lab in labels) != tuple(config.slides):
             raise ValueError("config.slides must be the labelled slides, in the order of the labels")
-        check_slide_mpp(labels, config.slide_mpp)
         data = [
             load_labelled_slide(lab, input_mpp=config.input_mpp, known_radius_um=config.known_radius_um)
             for lab in labels

@@ -416,10 +416,10 @@ def train_segmentation(
     if not labels:
         _refuse_ihc_truth(config.slides)
     device = torch.device(config.device)
+    check_slide_mpp(labels, config.slide_mpp, validation_slides=config.validation_slides)
     if labels:
         if tuple(lab.slide for lab in labels) != tuple(config.slides):
             raise ValueError("config.slides must be the labelled slides, in the order of the labels")
-        check_slide_mpp(labels, config.slide_mpp)
         data = [load_labelled_seg_slide(lab, input_mpp=config.input_mpp, patch_px=config.patch_px) for lab in labels]
     else:
         data = [load_training_slide(p, input_mpp=config.input_mpp, patch_px=config.patch_px) for p in config.slides]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import secrets
 import shutil
 from dataclasses import asdict, dataclass, field, replace
@@ -18,6 +17,7 @@ from typing import Any
 
 from inference.atomic import write_text_whole
 from inference.errors import ModelFileError
+from inference.values import is_finite_number
 
 MANIFEST_NAME = "manifest.json"
 # The stains a model can be trained on, as QuPath names brightfield image types: H&E, and the
@@ -137,10 +137,6 @@ _REQUIRED = (
 )
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_values(path: Path, raw: dict[str, Any]) -> None:
     """Raise :class:`ModelFileError` for a value of the wrong type (a hand-edited threshold written "0.5").
 
@@ -151,9 +147,9 @@ def _check_values(path: Path, raw: dict[str, Any]) -> None:
     if not isinstance(raw.get("thresholds", {}), dict):
         raise ModelFileError(f"{path}: thresholds must be an object of name: number, got {raw['thresholds']!r:.60}")
     for name, value in raw.get("thresholds", {}).items():
-        if not _is_number(value):
+        if not is_finite_number(value):
             raise ModelFileError(f"{path}: threshold {name!r} must be a finite number, got {value!r:.60}; {fix}")
-    if not (_is_number(raw["input_mpp"]) and raw["input_mpp"] > 0):
+    if not (is_finite_number(raw["input_mpp"]) and raw["input_mpp"] > 0):
         raise ModelFileError(
             f"{path}: input_mpp must be a positive number (µm/px), got {raw['input_mpp']!r:.60}; {fix}"
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 
 from inference.atomic import write_text_whole
 from inference.errors import TruthFormatError, TruthNotFoundError
+from inference.values import is_finite_number
 
 NUCLEUS_CLASSES = ("Tumor: Positive", "Tumor: Negative", "Other")
 POSITIVE, NEGATIVE, OTHER = 0, 1, 2
@@ -258,9 +258,9 @@ def require_summary(slide_path: str | Path, truth: PhantomTruthData, fields: Seq
     for name in fields:
         value = summary.get(name)
         if name == "spec":
-            ok = isinstance(value, dict) and _is_number(value.get("shift"))
+            ok = isinstance(value, dict) and is_finite_number(value.get("shift"))
         elif name == "tps_percent":
-            ok = _is_number(value)
+            ok = is_finite_number(value)
         else:
             ok = isinstance(value, dict) and all(
                 isinstance(value.get(c), int) and not isinstance(value.get(c), bool)
@@ -271,10 +271,6 @@ def require_summary(slide_path: str | Path, truth: PhantomTruthData, fields: Seq
             raise TruthFormatError(
                 f"{path}: {name!r} ({SUMMARY_FIELDS[name]}) is missing or malformed, got {came}; {_REWRITE}"
             )
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _read_summary(path: Path) -> dict:

@@ -87,6 +87,7 @@ _PUBLIC = {
     "check_runtime": "inference.models.openvino_engine",
     "Manifest": "inference.models.manifest",
     "read_manifest": "inference.models.manifest",
+    "wrong_model_message": "inference.models.manifest",
     "write_manifest": "inference.models.manifest",
     "demo_model_checksums": "inference.models.manifest",
     "import_nnunet": "inference.models.nnunet_import",

@@ -495,22 +495,26 @@ def test_a_run_refused_before_any_image_draws_no_empty_progress_bars(tmp_path):
         (
             "--seg-model",
             "nuclei",
-            "is an H&E nuclei model, but --seg-model takes an H&E segmentation model (this one is for --nuclei-model)",
+            "is an H&E nuclei model, but an H&E segmentation model is needed for --seg-model; give one (this one is "
+            "for --nuclei-model), or leave --seg-model out for the shipped one",
         ),
         (
             "--nuclei-model",
             "seg",
-            "is an H&E segmentation model, but --nuclei-model takes an H&E nuclei model (this one is for --seg-model)",
+            "is an H&E segmentation model, but an H&E nuclei model is needed for --nuclei-model; give one (this one is "
+            "for --seg-model)",
         ),
         (
             "--ihc-model",
             "nuclei",
-            "is an H&E nuclei model, but --ihc-model takes an H-DAB nuclei model (this one is for --nuclei-model)",
+            "is an H&E nuclei model, but an H-DAB (PD-L1 IHC) nuclei model is needed for --ihc-model; give one (this "
+            "one is for --nuclei-model)",
         ),
         (
             "--nuclei-model",
             "nuclei-ihc",
-            "is an H-DAB nuclei model, but --nuclei-model takes an H&E nuclei model (this one is for --ihc-model)",
+            "is an H-DAB (PD-L1 IHC) nuclei model, but an H&E nuclei model is needed for --nuclei-model; give one "
+            "(this one is for --ihc-model)",
         ),
     ],
 )
@@ -538,7 +542,7 @@ def test_a_model_of_another_kind_from_the_config_file_is_named_with_its_line(tmp
     assert result.exit_code == 2, result.output
     said = "".join(result.output.replace("│", " ").split())  # without blanks: rich wraps long paths anywhere
     assert "pdl1-config.toml,line2:[models]segmentation=" in said
-    assert "'pdl1-nuclei'isanH&Enucleimodel,but--seg-modeltakesanH&Esegmentationmodel" in said
+    assert "'pdl1-nuclei'isanH&Enucleimodel,butanH&Esegmentationmodelisneededfor--seg-model" in said
     assert "removethekeyfortheshippedone" in said
 
 

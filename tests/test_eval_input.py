@@ -150,19 +150,20 @@ def _said(result) -> str:
         (["calibrate", "{ihc}", "--out", "{tmp}/cal"], "ihc.svs: the phantom is H-DAB"),
         (
             ["eval", "{he}", "--out", "{tmp}/rep", "--nuclei-model", str(MODELS / "nuclei-ihc")],
-            "is a PD-L1 IHC (H-DAB) model, but scoring the H&E slides needs an H&E model",
+            "is an H-DAB (PD-L1 IHC) nuclei model, but an H&E nuclei model is needed for scoring the H&E slides",
         ),
         (
             ["eval", "ihc", "{ihc}", "--model", str(MODELS / "nuclei")],
-            "is an H&E model, but `pdl1 eval ihc` needs a PD-L1 IHC (H-DAB) model there: give one, or leave --model",
+            "is an H&E nuclei model, but an H-DAB (PD-L1 IHC) nuclei model is needed for `pdl1 eval ihc`; give one, "
+            "or leave --model out",
         ),
         (
             ["eval", "{he}", "{ihc}", "--out", "{tmp}/rep", "--ihc-model", str(MODELS / "nuclei")],
-            "is an H&E model, but scoring the PD-L1 IHC slides needs a PD-L1 IHC (H-DAB) model there",
+            "is an H&E nuclei model, but an H-DAB (PD-L1 IHC) nuclei model is needed for scoring the PD-L1 IHC slides",
         ),
         (
             ["eval", "tps", "{he}", "--nuclei-model", str(MODELS / "nuclei-ihc")],
-            "is a PD-L1 IHC (H-DAB) model, but `pdl1 eval tps` needs an H&E model",
+            "is an H-DAB (PD-L1 IHC) nuclei model, but an H&E nuclei model is needed for `pdl1 eval tps`",
         ),
     ],
 )

@@ -117,7 +117,7 @@ def test_the_shipped_demo_models_state_h_and_e():
 
 
 def test_wrong_task(model_dir):
-    said = r"is a 'segmentation' model \(of H&E slides\), but a 'nuclei' model is needed here: give a nuclei model"
+    said = r"is an H&E segmentation model, but a nuclei model is needed here; give a nuclei model's folder, or"
     with pytest.raises(ModelFileError, match=said):
         read_manifest(model_dir, task="nuclei")
 

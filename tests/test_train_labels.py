@@ -85,11 +85,11 @@ def test_fine_tuning_refuses_a_model_of_other_classes():
         )
     # A model of another task or stain is named as such, not by its architecture or classes.
     ihc = demo_model_dir("nuclei-ihc")
-    with pytest.raises(
-        ModelFileError, match=r"needs a nuclei model of H&E slides .* is a nuclei model of H-DAB slides"
-    ):
+    said = r"is an H-DAB \(PD-L1 IHC\) nuclei model, but an H&E nuclei model is needed to fine-tune from \(--init\)"
+    with pytest.raises(ModelFileError, match=said):
         init_weights(model, ihc, **common, arch_kwargs=kwargs, class_names=HE_CLASSES)
-    with pytest.raises(ModelFileError, match=r"needs a segmentation model of H&E slides .* is a nuclei model of H&E"):
+    said = r"is an H&E nuclei model, but an H&E segmentation model is needed to fine-tune from \(--init\); give one"
+    with pytest.raises(ModelFileError, match=said):
         init_weights(
             model,
             demo_model_dir("nuclei"),

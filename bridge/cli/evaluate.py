@@ -32,19 +32,21 @@ class _DefaultSuiteGroup(TyperGroup):
         return super().parse_args(ctx, args)
 
 
-_MODEL_OF_STAIN = {"H&E": "an H&E model", "H-DAB": "a PD-L1 IHC (H-DAB) model"}
-
-
 def _require_model_stain(manifest, stain: str, *, option: str, folder, command: str) -> None:
     """Refuse a model of the wrong stain for its option before anything runs (the pipeline's own message would
     advise QuPath's image type or --stain, which eval has not)."""
-    from inference import StainError
+    from inference import StainError, wrong_model_message
 
     if manifest.stain != stain:
         raise StainError(
-            f"{option} {folder}: {manifest.name!r} is {_MODEL_OF_STAIN.get(manifest.stain, manifest.stain)}, but "
-            f"{command} needs {_MODEL_OF_STAIN.get(stain, stain)} there: give one, or leave {option} out for the "
-            "shipped one"
+            wrong_model_message(
+                f"{option} {folder}",
+                manifest,
+                task=manifest.task,  # its task was checked as it was read
+                stain=stain,
+                needed_for=f"for {command}",
+                fix=f"give one, or leave {option} out for the shipped one",
+            )
         )
 
 

@@ -96,7 +96,7 @@ def _check_model_kinds(settings) -> None:
     """A model of another kind or stain than its option takes is refused before any image (each image failed
     with "a 'nuclei' model, but a 'segmentation' model is needed here", naming no option). A model folder that does
     not read is left to the run, which names it per image."""
-    from inference import ModelFileError, read_manifest
+    from inference import ModelFileError, read_manifest, wrong_model_message
 
     for name, (task, stain) in _MODEL_KIND.items():
         folder = getattr(settings, name)
@@ -107,21 +107,18 @@ def _check_model_kinds(settings) -> None:
         except ModelFileError:
             continue
         if (manifest.task, manifest.stain) != (task, stain):
-            # Both stains' names begin with H: "an". Named with the file and line where the config file gave it.
+            # Named with the file and line where the config file gave it.
+            option = _OPTION_OF[name]
             where = f"{settings.where(name)} = " if settings.source_of(name) == str(settings.path) else ""
-            fits = [
-                opt for other, opt in _OPTION_OF.items() if _MODEL_KIND.get(other) == (manifest.task, manifest.stain)
-            ]
+            fits = [other for other, kind in _MODEL_KIND.items() if kind == (manifest.task, manifest.stain)]
+            fix = f"give one{f' (this one is for {_OPTION_OF[fits[0]]})' if fits else ''}, " + (
+                "or remove the key for the shipped one" if where else f"or leave {option} out for the shipped one"
+            )
             raise typer.BadParameter(
-                f"{where}{folder}: {manifest.name!r} is an {manifest.stain} {manifest.task} model, but "
-                f"{_OPTION_OF[name]} takes an {stain} {task} model"
-                + (f" (this one is for {fits[0]})" if fits else "")
-                + (
-                    "; give one, or remove the key for the shipped one"
-                    if where
-                    else f"; give one, or leave {_OPTION_OF[name]} out for the shipped one"
+                wrong_model_message(
+                    f"{where}{folder}", manifest, task=task, stain=stain, needed_for=f"for {option}", fix=fix
                 ),
-                param_hint=_OPTION_OF[name],
+                param_hint=option,
             )
 
 

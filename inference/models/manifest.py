@@ -137,6 +137,44 @@ _REQUIRED = (
 )
 
 
+# A stain as model messages name it: QuPath's word, and what the slides are.
+_STAIN_WORDS = {"H&E": "H&E", "H-DAB": "H-DAB (PD-L1 IHC)"}
+
+
+def model_kind(task: str, stain: str | None = None) -> str:
+    """A model's task and stain as messages name them, with its article.
+
+    >>> model_kind("segmentation", "H&E")
+    'an H&E segmentation model'
+    >>> model_kind("nuclei", "H-DAB")
+    'an H-DAB (PD-L1 IHC) nuclei model'
+    >>> model_kind("nuclei")
+    'a nuclei model'
+    """
+    words = f"{_STAIN_WORDS.get(stain, stain)} {task}" if stain else task
+    return f"{'an' if words[:1] in 'AEIOUaeiouH' else 'a'} {words} model"
+
+
+def wrong_model_message(
+    given: str, manifest: Manifest, *, task: str, stain: str | None = None, needed_for: str, fix: str
+) -> str:
+    """The one wording of a refused model of another task or stain than where it was given takes: what was given
+    (``given``, the folder as the user named it, and the model's name and kind), what is needed and for what
+    (``task`` and ``stain``, None where any stain does; ``needed_for``), and the fix.
+
+    >>> m = Manifest(name="demo-nuclei", version="1", task="nuclei", architecture="", architecture_kwargs={},
+    ...              input_mpp=0.5, tile_size_px=256, normalization={}, class_names=["a"], members=[])
+    >>> wrong_model_message("models/n", m, task="segmentation", stain="H&E", needed_for="for --seg-model",
+    ...                     fix="give one, or leave --seg-model out for the shipped one")
+    "models/n: 'demo-nuclei' is an H&E nuclei model, but an H&E segmentation model is needed for --seg-model; \
+give one, or leave --seg-model out for the shipped one"
+    """
+    return (
+        f"{given}: {manifest.name!r} is {model_kind(manifest.task, manifest.stain)}, but "
+        f"{model_kind(task, stain)} is needed {needed_for}; {fix}"
+    )
+
+
 def _check_values(path: Path, raw: dict[str, Any]) -> None:
     """Raise :class:`ModelFileError` for a value of the wrong type (a hand-edited threshold written "0.5").
 
@@ -229,9 +267,13 @@ def read_manifest(folder: str | Path, *, task: str | None = None, verify: bool =
         raise ModelFileError(f"{path}: blend {manifest.blend!r} is not one of {BLENDS}")
     if task is not None and manifest.task != task:
         raise ModelFileError(
-            f"{path}: {manifest.name!r} is a {manifest.task!r} model (of {manifest.stain} slides), but a {task!r} "
-            f"model is needed here: give a {task} model folder, or leave the model option out to use the shipped "
-            "demo's"
+            wrong_model_message(
+                str(path),
+                manifest,
+                task=task,
+                needed_for="here",
+                fix=f"give {model_kind(task)}'s folder, or leave the model option out to use the shipped demo's",
+            )
         )
     if not manifest.members:
         raise ModelFileError(f"{path}: lists no members")

@@ -21,7 +21,13 @@ from safetensors.torch import load_file, save_file
 
 from inference.atomic import write_text_whole
 from inference.errors import ModelFileError
-from inference.models.manifest import MANIFEST_NAME, give_new_file_mode, read_manifest, sha256_file
+from inference.models.manifest import (
+    MANIFEST_NAME,
+    give_new_file_mode,
+    read_manifest,
+    sha256_file,
+    wrong_model_message,
+)
 from inference.training.anchor import WeightAnchor, freeze_batchnorm
 from inference.training.distill import Distiller
 from inference.training.report import HISTORY_FILE
@@ -180,8 +186,14 @@ def init_weights(
     manifest = read_manifest(folder, verify=True)
     if (manifest.task, manifest.stain) != (task, stain):
         raise ModelFileError(
-            f"{folder}: --init needs a {task} model of {stain} slides to start from, and {manifest.name!r} is a "
-            f"{manifest.task} model of {manifest.stain} slides; give one, or train from scratch (--init none)"
+            wrong_model_message(
+                str(folder),
+                manifest,
+                task=task,
+                stain=stain,
+                needed_for="to fine-tune from (--init)",
+                fix="give one, or train from scratch (--init none)",
+            )
         )
     if manifest.architecture != architecture or manifest.architecture_kwargs != arch_kwargs:
         raise ModelFileError(

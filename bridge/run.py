@@ -410,7 +410,12 @@ def run_batch(
     on_tiles: Callable[[int, int], None] | None = None,
     models: Models | None = None,
 ) -> list[ImageOutcome]:
-    """Analyse every image; never stops at a failed one. Returns one outcome per image."""
+    """Analyse every image; never stops at a failed one. Returns one outcome per image.
+
+    ``on_image(i, n, name)`` is called before each image analysed (the ``i``-th of ``n``, counted from 0), not for
+    one ``config.resume`` skips: a run that skips them all calls it never, and a progress bar drawn from it stays
+    undrawn rather than empty. ``on_tiles(done, total)`` reports the tiles of the image being analysed.
+    """
     jobs, project, status_folder = _jobs(inputs, config)
     use_qupath = _use_qupath(config, project)
     with run_lock(status_folder):
@@ -506,11 +511,11 @@ def _mtime(path: Path) -> float:
 def _run_jobs(jobs, config, models, project, status, qp_session, on_image, on_tiles) -> list[ImageOutcome]:
     outcomes: list[ImageOutcome] = []
     for i, job in enumerate(jobs):
-        if on_image is not None:
-            on_image(i, len(jobs), job.name)
         if config.resume and resume_skips(job, status, project, written_by_qupath=qp_session is not None):
             outcomes.append(ImageOutcome(job.key, job.name, "skipped"))
             continue
+        if on_image is not None:  # after the skip: a run with nothing left to do draws no empty bar
+            on_image(i, len(jobs), job.name)
         t0 = time.perf_counter()
         try:
             if job.error is not None:

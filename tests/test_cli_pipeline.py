@@ -232,6 +232,18 @@ def test_an_interrupted_run_keeps_what_it_finished_and_resumes(small, tmp_path, 
     assert "skipped" in result.output and (out / "d.geojson").is_file()
 
 
+def test_a_resume_with_nothing_left_says_so_and_draws_no_empty_bar(small, tmp_path):
+    # It drew 'images 1/1' and an empty 'tiles 0/?' bar, then a table of "skipped" rows.
+    out = tmp_path / "out"
+    args = ["run", str(small), "--out", str(out), "--no-nuclei", "--device", "cpu"]
+    assert runner.invoke(app, [*args, "--no-progress"]).exit_code == 0
+    result = runner.invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "nothing left to do: an earlier run finished the 1 image, so --resume skipped it: c.svs" in said, said
+    assert "tiles" not in said and "━" not in said and "skipped │" not in said
+
+
 def test_demo_replaces_only_its_own_project(tmp_path, monkeypatch):
     # --out naming a folder whose project/ is someone's QuPath project deleted it ("a fresh project every time").
     from bridge.cli.demo import _is_demo_project

@@ -304,12 +304,15 @@ def test_resume_runs_again_a_done_image_whose_files_were_damaged_and_says_why(tm
     assert re.search(r"s32\.svs: recorded as done .*/s32\.summary\.json is missing; analysing it again", caplog.text)
     assert len(list(read_features(out / "s31.geojson"))) > 1
     caplog.clear()
+    begun = []  # on_image: the images analysed, not those skipped (a progress bar of skips alone stayed empty)
     with caplog.at_level("WARNING", logger="bridge.run"):
-        assert [o.state for o in run_batch(slides, resume, models=models)] == ["skipped", "skipped"]
+        again = run_batch(slides, resume, models=models, on_image=lambda *image: begun.append(image))
+    assert [o.state for o in again] == ["skipped", "skipped"] and begun == []
     assert "recorded as done" not in caplog.text
     (out / "s32.summary.json").write_text("[]")  # reads as JSON, but is no summary: pdl1 report leaves it out
     with caplog.at_level("WARNING", logger="bridge.run"):
-        assert [o.state for o in run_batch(slides, resume, models=models)] == ["skipped", "done"]
+        again = run_batch(slides, resume, models=models, on_image=lambda *image: begun.append(image))
+    assert [o.state for o in again] == ["skipped", "done"] and begun == [(1, 2, "s32.svs")]
     assert re.search(r"s32\.svs: recorded as done .*s32\.summary\.json is not a pdl1 summary", caplog.text)
 
 

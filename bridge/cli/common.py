@@ -237,6 +237,26 @@ def outcome_table(outcomes) -> None:
             console.print(f"[red]{escape(label(o))}:[/red] {escape(o.error)}", highlight=False)
 
 
+def nothing_left_to_do(outcomes, *, shown: int = 5) -> str:
+    """What a ``--resume`` run that skipped every image says instead of its table, naming those it skipped (the
+    first ``shown`` of them).
+
+    >>> from bridge.run import ImageOutcome
+    >>> nothing_left_to_do([ImageOutcome("a", "a.svs", "skipped")])
+    'nothing left to do: an earlier run finished the 1 image, so --resume skipped it: a.svs'
+    >>> nothing_left_to_do([ImageOutcome(n, n, "skipped") for n in "abcdefg"], shown=2)
+    'nothing left to do: an earlier run finished all 7 images, so --resume skipped them: a, b and 5 more'
+    """
+    names = [o.name for o in outcomes]
+    listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    which = (
+        "the 1 image, so --resume skipped it"
+        if len(names) == 1
+        else f"all {len(names)} images, so --resume skipped them"
+    )
+    return f"nothing left to do: an earlier run finished {which}: {listed}"
+
+
 def pairs_table(path) -> None:
     """The cases a run compared (``pdl1/pairs.json``): H&E-predicted against IHC-measured, per case."""
     import json

@@ -16,10 +16,12 @@ from bridge.cli.common import (
     distinct_paths,
     fail,
     interrupted,
+    nothing_left_to_do,
     outcome_table,
     pairs_table,
     pipeline_config,
     run_with_progress,
+    stdout,
 )
 from bridge.project_config import ProjectConfig, config_path_for, problem_with, read_project_config
 from inference import Pdl1Error
@@ -73,15 +75,24 @@ def _run_ray_with_progress(inputs, run_config, *, address, progress: bool):
 
     if not progress:
         return run_batch_ray(inputs, run_config, address=address)
-    with Progress(
+    bar = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
-    ) as bar:
-        images = bar.add_task("images (ray)", total=None)
+    )
+    # The bar starts with the first image finished, as the local engine's with the first begun: one started at
+    # once stayed an empty 'images (ray) 0/?' above a refusal (--class with Ray) or a --resume that skipped all.
+    images: list[int] = []
 
-        def on_image(done: int, n: int, name: str) -> None:
-            bar.update(images, completed=done, total=n, description=f"images (ray; last: {name})")
+    def on_image(done: int, n: int, name: str) -> None:
+        if not images:
+            bar.start()
+            images.append(bar.add_task("images (ray)", total=None))
+        bar.update(images[0], completed=done, total=n, description=f"images (ray; last: {name})")
 
+    try:
         return run_batch_ray(inputs, run_config, address=address, on_image=on_image)
+    finally:
+        if images:
+            bar.stop()
 
 
 # Each model option: the task and stain of the model it takes.
@@ -394,7 +405,11 @@ def run(
         raise interrupted(
             "the images finished before it are written; run the same command with --resume to do the rest"
         ) from None
-    outcome_table(outcomes)
+    if outcomes and all(o.state == "skipped" for o in outcomes):
+        # A table of "skipped" rows (and, before, an empty progress bar) said it only row by row.
+        stdout().print(nothing_left_to_do(outcomes), markup=False, highlight=False, soft_wrap=True)
+    else:
+        outcome_table(outcomes)
     folder = out if out is not None else (inputs[0] if inputs[0].is_dir() else inputs[0].parent)
     pairs = folder / "pdl1" / "pairs.json"
     if pairs.is_file() and pairs.stat().st_mtime >= started:

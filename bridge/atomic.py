@@ -7,7 +7,7 @@ import itertools
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TextIO
 
@@ -44,6 +44,56 @@ def _replacing(path: Path, mode: str, **open_kwargs) -> Iterator[IO]:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def replaced_together(record: Path) -> Iterator[Callable[..., IO]]:
+    """Files that replace theirs together when the ``with`` block ends without error, ``record`` last.
+
+    ``record`` is the file that says what produced the others (an evaluation's ``provenance.json``). The block
+    opens each new file with ``open_new(path, newline=None, binary=False)`` (UTF-8 text, ``newline`` as
+    :func:`open`'s, or bytes) and writes it. Nothing is renamed before all are written: after an error (or a crash
+    before the end) every earlier file is as it was and no temporary one is left. Then the old ``record`` is
+    removed, the others are renamed into place in the order they were opened, and the new ``record`` (where
+    one was opened) comes last.
+
+    Why that order: the renames happen one at a time, so between them some files are new and some old, and a
+    reader pairs them by ``record``. Gone before the first rename and back only after the last, ``record`` never
+    stands beside a file it does not describe: a reader finds the old files with the old record, files being
+    replaced with none, or the new files with the new one. (Renamed first, as the last-in-first-out exits of an
+    ExitStack of :func:`replace_atomically` did, the new record stood beside the old files; renamed last
+    without the removal, the old record would stand beside the new ones.) Where no new ``record`` is opened,
+    the old one is removed all the same: the files it described are replaced.
+
+    Permissions as :func:`replace_atomically` gives them.
+    """
+    staged: list[tuple[Path, Path, IO]] = []
+
+    def open_new(path: Path, *, newline: str | None = None, binary: bool = False) -> IO:
+        if any(path == target for target, _, _ in staged):
+            raise ValueError(f"{path} is opened twice among the files replaced together; write it once")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.part")
+        fh = open(tmp, "xb") if binary else open(tmp, "x", encoding="utf-8", newline=newline)  # noqa: SIM115
+        staged.append((path, tmp, fh))
+        return fh
+
+    try:
+        yield open_new
+        for path, tmp, fh in staged:
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+            with contextlib.suppress(FileNotFoundError):
+                shutil.copymode(path, tmp)
+        record.unlink(missing_ok=True)
+        for path, tmp, _ in sorted(staged, key=lambda s: s[0] == record):  # a stable sort: the record last
+            os.replace(tmp, path)
+    except BaseException:
+        for _, tmp, fh in staged:
+            fh.close()
+            tmp.unlink(missing_ok=True)
         raise
 
 

@@ -7,7 +7,6 @@ per-slide thumbnails overlaid with the probability, the uncertainty and the SUA 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bridge.atomic import replace_atomically, save_figure
+from bridge.atomic import replaced_together
 from inference import SlideEvaluation, aurc, e_aurc, reliability, risk_coverage, spearman
 
 # Slide-level QC scores whose failure detection the suite measures (higher = less trusted), and what each is.
@@ -27,6 +26,10 @@ QC_SCORES = {
     "out_of_domain_score": "the domain guard's out-of-domain score (network features)",
     "stain_distance_deg": "the domain guard's stain distance from the training stains",
 }
+
+# ihc_metrics.csv: a row per PD-L1 IHC slide.
+IHC_COLUMNS = ("slide", "tps_predicted", "tps_truth", "tps_error", "category_right", "cps_predicted", "cps_truth")
+IHC_COLUMNS += ("f1", "entropy_mean", "failed", "needs_review", "review_reasons")
 
 COLUMNS = (
     "slide",
@@ -182,9 +185,24 @@ def failure_detection(evaluations: Sequence[SlideEvaluation]) -> list[dict[str, 
 
 
 def write_report(
-    evaluations: Sequence[SlideEvaluation], out_dir: str | Path, *, provenance: dict | None = None
+    evaluations: Sequence[SlideEvaluation],
+    out_dir: str | Path,
+    *,
+    provenance: dict | None = None,
+    ihc_rows: Sequence[dict] | None = None,
 ) -> dict[str, Path]:
-    """Write ``metrics.csv``, the PNG plots and ``provenance.json`` into ``out_dir``; returns what was written."""
+    """Write an evaluation's report into ``out_dir``; returns what was written, by kind.
+
+    ``metrics.csv`` and the PNG plots of the H&E slides (``evaluations``), ``ihc_metrics.csv`` of the PD-L1 IHC
+    slides (``ihc_rows``, rows of :data:`IHC_COLUMNS`; None: no such table) and ``provenance.json``
+    (``provenance``, with ``files``, the names of the files it describes, added). With IHC rows and no H&E
+    slide there is no metrics.csv nor plots.
+
+    All are replaced together, ``provenance.json`` last (:func:`bridge.atomic.replaced_together`): each written
+    in place, an interrupt left a table cut short that still read as complete; replaced one by one, the new
+    provenance stood beside the earlier run's metrics.csv (and, written by another function before it, the new
+    ihc_metrics.csv beside the earlier provenance, for good where the run had no H&E slide and wrote none).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,22 +211,35 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    table = rows(evaluations)
-    # Each replaced whole, in UTF-8, and neither unless both were written: written in place, an interrupt left a
-    # metrics.csv cut short that still read as a complete table, or a new table beside the earlier provenance.
-    with contextlib.ExitStack() as files:
-        fh = files.enter_context(replace_atomically(out / "metrics.csv", newline=""))
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in table:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        if provenance is not None:
-            pf = files.enter_context(replace_atomically(out / "provenance.json"))
-            json.dump(provenance, pf, indent=2, default=str)
-    written["metrics"] = out / "metrics.csv"
-    if provenance is not None:
-        written["provenance"] = out / "provenance.json"
+    he = bool(evaluations) or ihc_rows is None
+    with replaced_together(out / "provenance.json") as open_new:
+        if he:
+            writer = csv.DictWriter(open_new(out / "metrics.csv", newline=""), fieldnames=COLUMNS)
+            writer.writeheader()
+            for row in rows(evaluations):
+                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            written["metrics"] = out / "metrics.csv"
+        if ihc_rows is not None:
+            writer = csv.DictWriter(open_new(out / "ihc_metrics.csv", newline=""), fieldnames=IHC_COLUMNS)
+            writer.writeheader()
+            writer.writerows(ihc_rows)
+            written["ihc_metrics"] = out / "ihc_metrics.csv"
 
+        def save(fig, path: Path, **savefig_kwargs) -> None:
+            fig.savefig(open_new(path, binary=True), format="png", **savefig_kwargs)
+
+        if he:
+            written |= _plots(evaluations, out, save, plt)
+        if provenance is not None:
+            files = sorted(p.name for p in written.values())
+            json.dump({**provenance, "files": files}, open_new(out / "provenance.json"), indent=2, default=str)
+            written["provenance"] = out / "provenance.json"
+    return written
+
+
+def _plots(evaluations: Sequence[SlideEvaluation], out: Path, save, plt) -> dict[str, Path]:
+    """The report's PNG plots, each saved through ``save(fig, path, dpi=...)``."""
+    written: dict[str, Path] = {}
     # Reliability diagram over all slides (tissue pixels).
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     for e in evaluations:
@@ -219,7 +250,7 @@ def write_report(
     ax.set(xlabel="mean predicted PD-L1 probability", ylabel="observed positive fraction", title="Reliability")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    save_figure(fig, out / "reliability.png", dpi=120)
+    save(fig, out / "reliability.png", dpi=120)
     plt.close(fig)
     written["reliability"] = out / "reliability.png"
 
@@ -235,7 +266,7 @@ def write_report(
     ax.set(xlabel="coverage (slides accepted)", ylabel="risk (failed share of accepted)", title="Slide QC")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    save_figure(fig, out / "risk_coverage.png", dpi=120)
+    save(fig, out / "risk_coverage.png", dpi=120)
     plt.close(fig)
     written["risk_coverage"] = out / "risk_coverage.png"
 
@@ -254,7 +285,7 @@ def write_report(
     ax.set(xlabel="aggregated uncertainty per NPR", ylabel="density", title="SUA: NPR uncertainty")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    save_figure(fig, out / "npr_uncertainty_hist.png", dpi=120)
+    save(fig, out / "npr_uncertainty_hist.png", dpi=120)
     plt.close(fig)
     written["npr_hist"] = out / "npr_uncertainty_hist.png"
 
@@ -282,7 +313,7 @@ def write_report(
         )
         fig.tight_layout()
         path = out / f"{Path(e.slide).stem}_overlay.png"
-        save_figure(fig, path, dpi=100)
+        save(fig, path, dpi=100)
         plt.close(fig)
         written[f"overlay:{e.slide}"] = path
     return written

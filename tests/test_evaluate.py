@@ -223,19 +223,53 @@ def test_an_interrupted_eval_report_leaves_the_earlier_files_whole(phantom_svs, 
 def test_an_interrupted_ihc_table_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
     import csv
 
-    from bridge.cli.evaluate import write_ihc_metrics
+    from bridge.eval_report import write_report
 
-    written = write_ihc_metrics(tmp_path, [{"slide": "a.svs", "tps_predicted": 12.0}])
-    before = written.read_bytes()
+    written = write_report([], tmp_path, provenance={"run": 1}, ihc_rows=[{"slide": "a.svs", "tps_predicted": 12.0}])
+    before = {path: path.read_bytes() for path in written.values()}
 
     def interrupted(self, rows):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(csv.DictWriter, "writerows", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        write_ihc_metrics(tmp_path, [{"slide": "a.svs"}, {"slide": "b.svs"}])
-    assert written.read_bytes() == before and "a.svs,12.0" in before.decode()
-    assert [p.name for p in tmp_path.iterdir()] == ["ihc_metrics.csv"]
+        write_report([], tmp_path, provenance={"run": 2}, ihc_rows=[{"slide": "a.svs"}, {"slide": "b.svs"}])
+    assert {path: path.read_bytes() for path in before} == before and b"a.svs,12.0" in before[written["ihc_metrics"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ihc_metrics.csv", "provenance.json"]
+
+
+def test_the_eval_report_is_replaced_provenance_last_so_no_file_is_paired_with_a_stale_one(tmp_path, monkeypatch):
+    # The new provenance.json was renamed before metrics.csv (an ExitStack's exits run last in, first out): for a
+    # moment it stood beside the earlier run's table. ihc_metrics.csv was renamed before either, and a run of IHC
+    # slides alone wrote no provenance: its table stood beside the earlier run's provenance for good.
+    import json
+    import os
+    import warnings
+
+    from bridge.eval_report import write_report
+
+    out = tmp_path / "report"
+    provenance = out / "provenance.json"
+    real = os.replace
+    renames = []  # (file renamed into place, the run of the provenance.json beside it then, or None)
+
+    def replace(src, dst):
+        renames.append((Path(dst).name, json.loads(provenance.read_text())["run"] if provenance.exists() else None))
+        real(src, dst)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no slides: empty legends and histograms
+        write_report([], out, provenance={"run": 1})
+        monkeypatch.setattr(os, "replace", replace)
+        write_report([], out, provenance={"run": 2})
+    names = ["metrics.csv", "reliability.png", "risk_coverage.png", "npr_uncertainty_hist.png"]
+    assert renames == [*((name, None) for name in names), ("provenance.json", None)]
+    assert json.loads(provenance.read_text()) == {"run": 2, "files": sorted(names)}
+
+    renames.clear()
+    write_report([], out, provenance={"run": 3}, ihc_rows=[{"slide": "a.svs"}])  # IHC slides alone
+    assert renames == [("ihc_metrics.csv", None), ("provenance.json", None)]
+    assert json.loads(provenance.read_text()) == {"run": 3, "files": ["ihc_metrics.csv"]}
 
 
 def test_an_interrupted_plot_leaves_the_earlier_png_whole(tmp_path, monkeypatch):

@@ -567,7 +567,7 @@ def eval_suite(
                         on_progress=on_progress,
                     )
                 )
-        ihc = _suite_ihc(ihc_slides, out, ihc_model=ihc_model, device=device, progress=progress)
+        ihc = _suite_ihc(ihc_slides, ihc_model=ihc_model, device=device, progress=progress)
         provenance = {
             "command": "pdl1 eval",
             "slides": [str(s) for s in he_slides],
@@ -588,13 +588,23 @@ def eval_suite(
             },
             "pixel_baseline_threshold": pixel_threshold,
         }
-        written = write_report(evaluations, out, provenance=provenance) if evaluations else {}
+        if ihc is not None:
+            provenance["ihc_model"] = {
+                "name": ihc[0].name,
+                "version": ihc[0].version,
+                "sha256": ihc[0].checksum,
+                "folder": str(ihc_folder),
+            }
+        # metrics.csv, ihc_metrics.csv and the plots are replaced together and provenance.json, which says what made
+        # them, last, the earlier one removed before the first: no reader pairs a new file with a stale provenance
+        # or the new provenance with a stale file (bridge.atomic.replaced_together says why in that order).
+        written = write_report(evaluations, out, provenance=provenance, ihc_rows=None if ihc is None else ihc[1])
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
     if evaluations:
         _print_suite(console_out, evaluations, manifest=manifest, sua=sua, nuclei=nuclei, written=written)
     if ihc is not None:
-        failed, flagged = _print_ihc(console_out, *ihc)
+        failed, flagged = _print_ihc(console_out, ihc[0].name, ihc[1], written["ihc_metrics"])
         if evaluations:  # H&E failures and flags, then both stains together
             failed = [e.failed() for e in evaluations] + failed
             flagged = [e.needs_review for e in evaluations] + flagged
@@ -678,13 +688,9 @@ def _print_suite(console_out, evaluations, *, manifest, sua, nuclei, written) ->
     console_out.print(f"report: {', '.join(str(p) for p in written.values())}", markup=False)
 
 
-_IHC_COLUMNS = ("slide", "tps_predicted", "tps_truth", "tps_error", "category_right", "cps_predicted", "cps_truth")
-_IHC_COLUMNS += ("f1", "entropy_mean", "failed", "needs_review", "review_reasons")
-
-
-def _suite_ihc(slides: list[Path], out: Path, *, ihc_model: Path | None, device: str, progress: bool):
-    """The PD-L1 IHC slides of ``pdl1 eval suite``, each analysed as ``pdl1 run`` does and written to
-    ``out/ihc_metrics.csv``: (the model's name, a row per slide, the file), or None without IHC slides."""
+def _suite_ihc(slides: list[Path], *, ihc_model: Path | None, device: str, progress: bool):
+    """The PD-L1 IHC slides of ``pdl1 eval suite``, each analysed as ``pdl1 run`` does: (the model's manifest, a
+    row per slide for ``ihc_metrics.csv``), or None without IHC slides."""
     from inference import Models
 
     if not slides:
@@ -712,30 +718,17 @@ def _suite_ihc(slides: list[Path], out: Path, *, ihc_model: Path | None, device:
                 "review_reasons": "; ".join(reasons),
             }
         )
-    return ensemble.manifest.name, records, write_ihc_metrics(out, records)
-
-
-def write_ihc_metrics(out: Path, records: list[dict]) -> Path:
-    """``out/ihc_metrics.csv``, replaced whole (UTF-8): written in place, an interrupt left a table cut short
-    that still read as complete."""
-    import csv
-
-    from bridge.atomic import replace_atomically
-
-    written = out / "ihc_metrics.csv"
-    with replace_atomically(written, newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=_IHC_COLUMNS)
-        writer.writeheader()
-        writer.writerows(records)
-    return written
+    return ensemble.manifest, records
 
 
 def _print_ihc(console_out, model_name: str, records: list[dict], written: Path) -> tuple[list[bool], list[bool]]:
     """The IHC half of ``pdl1 eval suite``'s printout; (failed, flagged) per slide."""
     from rich.table import Table
 
+    from bridge.eval_report import IHC_COLUMNS
+
     table = Table(title=f"PD-L1 IHC slides ({model_name}): TPS and the review flag")
-    for col in _IHC_COLUMNS:
+    for col in IHC_COLUMNS:
         table.add_column(col.replace("_", " "), justify="left" if col in ("slide", "review_reasons") else "right")
     for rec in records:
         table.add_row(*("n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v) for v in rec.values()))

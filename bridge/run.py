@@ -139,6 +139,8 @@ class _Job:
             image_stain=stain,
             image_stain_source=source,
             stain_advice=RUN_STAIN_ADVICE,
+            mpp_advice=run_mpp_advice,
+            config_mpp_source="--mpp",
         )
 
     def stain(self, config: RunConfig) -> tuple[str | None, str]:
@@ -153,6 +155,15 @@ class _Job:
 # How a user of `pdl1 run` states an image's stain, in the messages that refuse one (analyse_slide's stain_advice;
 # the library's own words name no program's option, and the service passes its clients').
 RUN_STAIN_ADVICE = "set its image type in QuPath (Image tab: Image type) or pass --stain he|ihc"
+
+
+def run_mpp_advice(value: str) -> str:
+    """How a user of `pdl1 run` gives an image's µm/px, in the messages that ask for it (analyse_slide's mpp_advice;
+    the library's own words name its argument, and the service passes its clients')."""
+    return (
+        f"give {value}, with --mpp, or set the pixel size in QuPath (Image tab: Pixel width/height) and analyse "
+        "the project"
+    )
 
 
 def tps_metadata_keys(stain: str) -> tuple[str, str]:

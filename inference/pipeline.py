@@ -47,7 +47,7 @@ from inference.models.ensemble import Ensemble, demo_model_dir
 from inference.models.features import capture_tile_features
 from inference.models.manifest import STAINS, Manifest
 from inference.results import ModelInfo, SlideResult
-from inference.slides.slide import Slide, open_slide
+from inference.slides.slide import MppAdvice, Slide, open_slide
 from inference.slides.stain_detect import MIN_TISSUE_PX, StainEstimate, detect_slide_stain
 from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, TissueMask, tissue_mask_for_slide, tissue_review_reasons
 
@@ -295,6 +295,8 @@ def analyse_slide(
     image_stain: str | None = None,
     image_stain_source: str = "QuPath's image type",
     stain_advice: str = STAIN_ADVICE,
+    mpp_advice: MppAdvice | None = None,
+    config_mpp_source: str = "PipelineConfig.mpp",
 ) -> SlideResult:
     """Analyse the ROI (level-0 polygon; the whole tissue when None) of one image.
 
@@ -307,7 +309,9 @@ def analyse_slide(
     else it is analysed as H&E). An H-DAB image is scored by its cells with the IHC nuclei model, an H&E
     image by the segmentation ensemble and the nuclei model; a model trained on another stain never runs.
     ``stain_advice`` is how the caller's user states an image's stain, for the messages that refuse one
-    (default: :data:`STAIN_ADVICE`; a caller passes its own users' words).
+    (default: :data:`STAIN_ADVICE`; a caller passes its own users' words). ``mpp_advice`` is how they give an
+    image's µm/px and ``config_mpp_source`` what they call ``config.mpp``, for the messages of an image this opens
+    (``open_slide``'s ``mpp_advice`` and ``mpp_source``; an image passed opened has its own).
     """
     name = image.path if isinstance(image, Slide) else image
     stain, stain_source = image_stain, image_stain_source
@@ -316,9 +320,21 @@ def analyse_slide(
     if isinstance(image, Slide):
         slide = image
     elif config.mpp is not None:
-        slide = open_slide(image, mpp=config.mpp, openslide_only=config.openslide_only)
+        slide = open_slide(
+            image,
+            mpp=config.mpp,
+            mpp_source=config_mpp_source,
+            mpp_advice=mpp_advice,
+            openslide_only=config.openslide_only,
+        )
     else:
-        slide = open_slide(image, mpp=image_mpp, mpp_source="QuPath project", openslide_only=config.openslide_only)
+        slide = open_slide(
+            image,
+            mpp=image_mpp,
+            mpp_source="QuPath project",
+            mpp_advice=mpp_advice,
+            openslide_only=config.openslide_only,
+        )
     try:
         if image_size_px is not None and tuple(image_size_px) != slide.dimensions:
             w, h = image_size_px

@@ -563,3 +563,24 @@ def test_the_closing_table_tells_apart_entries_sharing_a_name_and_prints_bracket
     assert "a[1].svs (entry 1)" in captured.out and "a[1].svs (entry 2)" in captured.out
     assert "b.svs (entry" not in captured.out and "b.svs" in captured.out
     assert "a[1].svs (entry 2): bad [models] section in C:[/x]/pdl1-config.toml" in " ".join(captured.err.split())
+
+
+def test_an_image_without_a_pixel_size_is_told_of_mpp_in_each_callers_words(tmp_path):
+    # The library's messages advised --mpp, an option of `pdl1 run`, to every caller of analyse_slide (a Python
+    # user has none); `pdl1 run` passes its own advice, as the service passes its clients'.
+    import numpy as np
+    from PIL import Image
+
+    from inference import MissingMppError, Models, PipelineConfig, analyse_slide
+
+    path = tmp_path / "small.png"
+    Image.fromarray(np.full((64, 80, 3), 200, np.uint8)).save(path)
+    config = PipelineConfig(device="cpu")
+    with pytest.raises(MissingMppError) as err:
+        analyse_slide(path, models=Models(config), config=config)
+    assert "--mpp" not in str(err.value) and str(err.value).endswith(" as mpp")
+    result = runner.invoke(app, ["run", str(path), "--out", str(tmp_path / "out"), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 1, result.output
+    said = " ".join(result.output.replace("│", " ").split())
+    assert "states no microns per pixel. Give the µm/px of the scanner or camera" in said, said
+    assert ", with --mpp, or set the pixel size in QuPath (Image tab: Pixel width/height) and analyse the" in said

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 
 import numpy as np
@@ -52,8 +53,36 @@ def test_openvino_without_the_package_names_the_extra(monkeypatch):
     with pytest.raises(RuntimeUnavailableError, match=r"pip install 'pdl1-bridge\[openvino\]'") as err:
         ove.resolve_runtime("openvino", CPU)
     assert isinstance(err.value, Pdl1Error) and isinstance(err.value, ImportError)
-    assert "--runtime torch" in str(err.value)
+    # The library's advice names its config fields, not pdl1's options (a Python caller has no --runtime).
+    assert str(err.value).endswith("or use runtime='torch'")
     assert ove.resolve_runtime("auto", CPU) == "torch"
+
+
+@pytest.mark.parametrize(
+    ("device", "compile_members", "library", "cli"),
+    [
+        (
+            "cuda:0",
+            False,
+            "use runtime='torch' (or runtime='auto') on a GPU, or device='cpu'",
+            "use --runtime torch (or --runtime auto) on a GPU, or --device cpu",
+        ),
+        (
+            "cpu",
+            True,
+            "torch.compile (compile=True) and runtime 'openvino' exclude each other",
+            "torch.compile (--compile) and runtime 'openvino' exclude each other",
+        ),
+    ],
+)
+def test_a_runtime_refused_is_advised_in_the_callers_words(monkeypatch, device, compile_members, library, cli):
+    from bridge.cli.common import option_setting
+
+    monkeypatch.setattr(ove, "openvino_available", lambda: True)
+    with pytest.raises(ValueError, match=re.escape(library)):
+        ove.check_runtime("openvino", device, compile_members=compile_members)
+    with pytest.raises(ValueError, match=re.escape(cli)):
+        ove.check_runtime("openvino", device, compile_members=compile_members, setting=option_setting)
 
 
 def test_openvino_is_refused_on_cuda_and_auto_is_torch_there(monkeypatch):
@@ -182,7 +211,8 @@ def test_cli_openvino_without_the_package_fails_before_any_image(tmp_path, captu
     monkeypatch.setattr(ove, "openvino_available", lambda: False)
     args = ["run", str(_project(tmp_path)), "--no-progress", "--no-config", "--runtime", "openvino", "--device", "cpu"]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
-    assert result.exit_code == 1 and "pip install 'pdl1-bridge[openvino]'" in " ".join(result.output.split())
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "pip install 'pdl1-bridge[openvino]', or use --runtime torch" in said, said
     assert not captured_run
 
 
@@ -226,7 +256,7 @@ def test_serve_refuses_an_unknown_runtime(tmp_path, captured_serve):
 def test_serve_openvino_without_the_package_fails_before_the_service_starts(tmp_path, captured_serve, monkeypatch):
     monkeypatch.setattr(ove, "openvino_available", lambda: False)
     result, text = _serve(tmp_path, "--runtime", "openvino")
-    assert result.exit_code == 1 and "pip install 'pdl1-bridge[openvino]'" in text, text
+    assert result.exit_code == 1 and "pip install 'pdl1-bridge[openvino]', or use --runtime torch" in text, text
     assert "pdl1 serve on http://" not in text and not captured_serve
 
 

@@ -198,3 +198,15 @@ def test_the_librarys_stain_refusal_names_no_programs_option(models):
         analyse_slide(slide, models=models, config=PipelineConfig(device="cpu"), image_stain="other")
     assert str(refused.value).endswith("If the image is one of those, pass its stain (H&E or H-DAB) as image_stain")
     assert "--stain" not in str(refused.value) and "Image tab" not in str(refused.value)
+
+
+def test_a_cuda_device_without_a_gpu_is_refused_in_the_librarys_words(monkeypatch):
+    # It advised --device cpu, an option of pdl1's, to a Python caller; pdl1 checks its --device before this.
+    import torch
+
+    from inference.models.ensemble import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"'cuda' asked for, but torch sees no CUDA GPU; use 'cpu' \(or 'auto'") as err:
+        resolve_device("cuda")
+    assert "--device" not in str(err.value)

@@ -136,18 +136,24 @@ def test_unreadable_format(tmp_path):
         open_slide(bad)
 
 
-def test_png_without_mpp_needs_mpp_option(tmp_path):
+def test_png_without_mpp_needs_mpp_in_the_callers_words(tmp_path):
     path = tmp_path / "small.png"
     Image.fromarray(np.full((64, 80, 3), 200, np.uint8)).save(path)
-    with pytest.raises(MissingMppError, match="--mpp") as err:
+    with pytest.raises(MissingMppError, match=r"= 0\.17\) as mpp$") as err:
         open_slide(path)
     message = str(err.value)
-    # Named once, and the advice fits a picture from a camera, not only a slide scanner.
+    # Named once, and the advice fits a picture from a camera, not only a slide scanner. A Python caller was told
+    # to pass --mpp, an option of `pdl1 run` it has not: the library names its argument, a program its option.
     assert message.count("small.png") == 1
     assert "a plain PNG file states no microns per pixel" in message and "camera" in message
+    assert "--mpp" not in message
+    with pytest.raises(MissingMppError, match=r"states no microns per pixel\. Give the µm/px .*, with --mpp, or set"):
+        open_slide(path, mpp_advice=lambda value: f"give {value}, with --mpp, or set it in QuPath")
+    with pytest.raises(MissingMppError, match=r"small\.png: microns per pixel must be positive, got -1 \(from --mpp\)"):
+        open_slide(path, mpp=-1, mpp_source="--mpp")
     with open_slide(path, mpp=0.5) as slide:
         assert slide.dimensions == (80, 64)
-        assert slide.mpp == Mpp(0.5, 0.5, "--mpp")
+        assert slide.mpp == Mpp(0.5, 0.5, "the mpp given")
 
 
 def test_a_png_of_more_than_8_bits_is_refused_not_clipped(tmp_path):

@@ -17,6 +17,7 @@ from bridge.cli.common import (
     fail,
     interrupted,
     nothing_left_to_do,
+    option_setting,
     outcome_table,
     pairs_table,
     pipeline_config,
@@ -381,7 +382,7 @@ def run(
         # A runtime this machine cannot give (OpenVINO not installed, or asked for on a GPU) fails here, not per image.
         from inference import check_runtime
 
-        check_runtime(settings.runtime, settings.device, compile_members=compile_members)
+        check_runtime(settings.runtime, settings.device, compile_members=compile_members, setting=option_setting)
         run_config = RunConfig(
             pipeline=pipeline,
             out=out,

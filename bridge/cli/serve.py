@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from bridge.cli.common import check_device, check_runtime_word, console, fail, pipeline_config
+from bridge.cli.common import check_device, check_runtime_word, console, fail, option_setting, pipeline_config
 from inference import Pdl1Error
 
 
@@ -115,7 +115,7 @@ def serve(
     try:
         # A runtime this machine cannot give (OpenVINO not installed, or asked for on a GPU) stops the start-up,
         # not every job.
-        check_runtime(runtime, device)
+        check_runtime(runtime, device, setting=option_setting)
     except (Pdl1Error, ValueError) as err:
         raise fail(err) from err
     check_port_free(host, port)  # before the models load (uvicorn binds after its start-up, then exits 3)

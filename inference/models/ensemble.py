@@ -62,7 +62,10 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+        raise ValueError(
+            f"device {device!r} asked for, but torch sees no CUDA GPU; use 'cpu' (or 'auto', which takes a GPU where "
+            "there is one)"
+        )
     return dev
 
 

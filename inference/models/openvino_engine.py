@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -59,6 +60,21 @@ _META = "meta.json"
 _XML, _BIN = "model.xml", "model.bin"
 
 
+# How a caller's user sets one of the run's settings, for the advice of the messages that refuse a runtime:
+# (setting, value) -> the words ("device", "cpu") -> "device='cpu'". The library's own (library_setting) name the
+# config fields; `pdl1 run` and `pdl1 serve` pass their options' (--device cpu).
+SettingWords = Callable[[str, object], str]
+
+
+def library_setting(name: str, value: object) -> str:
+    """A setting as the configs name it, for a message's advice (the default :data:`SettingWords`).
+
+    >>> library_setting("runtime", "torch"), library_setting("compile", True)
+    ("runtime='torch'", 'compile=True')
+    """
+    return f"{name}={value!r}"
+
+
 def openvino_available() -> bool:
     """True when the ``openvino`` package can be imported (the ``openvino`` extra)."""
     return find_spec("openvino") is not None
@@ -70,12 +86,15 @@ def validate_runtime(name: str) -> None:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {name!r}")
 
 
-def resolve_runtime(name: str, device: torch.device, *, compile_members: bool = False) -> str:
+def resolve_runtime(
+    name: str, device: torch.device, *, compile_members: bool = False, setting: SettingWords = library_setting
+) -> str:
     """The runtime that runs the members: ``"torch"`` or ``"openvino"``.
 
     ``openvino`` is CPU only: asked for on CUDA it is refused, and ``auto`` is torch there. ``auto`` on
     the CPU is :data:`AUTO_CPU_RUNTIME` when OpenVINO is installed (and ``torch.compile`` was not asked
-    for), else torch. ``openvino`` without the package raises :class:`RuntimeUnavailableError`.
+    for), else torch. ``openvino`` without the package raises :class:`RuntimeUnavailableError`. The messages
+    advise the settings in the caller's user's words (``setting``; :func:`library_setting` by default).
 
     >>> resolve_runtime("torch", torch.device("cpu"))
     'torch'
@@ -91,27 +110,33 @@ def resolve_runtime(name: str, device: torch.device, *, compile_members: bool = 
         return AUTO_CPU_RUNTIME
     if device.type != "cpu":
         raise ValueError(
-            f"runtime 'openvino' runs the members on the CPU, but the device is {device}; use --runtime torch "
-            "(or auto) on a GPU, or --device cpu"
+            f"runtime 'openvino' runs the members on the CPU, but the device is {device}; use "
+            f"{setting('runtime', 'torch')} (or {setting('runtime', 'auto')}) on a GPU, or {setting('device', 'cpu')}"
         )
     if compile_members:
-        raise ValueError("torch.compile (--compile) and runtime 'openvino' exclude each other; give one")
+        raise ValueError(
+            f"torch.compile ({setting('compile', True)}) and runtime 'openvino' exclude each other; give one"
+        )
     if not openvino_available():
         raise RuntimeUnavailableError(
-            f"runtime 'openvino' asked for, but OpenVINO is not installed: {INSTALL_HINT}, or use --runtime torch"
+            f"runtime 'openvino' asked for, but OpenVINO is not installed: {INSTALL_HINT}, or use "
+            f"{setting('runtime', 'torch')}"
         )
     return "openvino"
 
 
-def check_runtime(runtime: str, device: str, *, compile_members: bool = False) -> str:
+def check_runtime(
+    runtime: str, device: str, *, compile_members: bool = False, setting: SettingWords = library_setting
+) -> str:
     """:func:`resolve_runtime` for a device named as the configs name it (``auto``, ``cpu``, ``cuda:N``): the
-    runtime a run will use, or the error it would meet, before any image is read."""
+    runtime a run will use, or the error it would meet, before any image is read; its messages advise the
+    settings in ``setting``'s words."""
     validate_runtime(runtime)
     if runtime == "torch":
         return "torch"
     # The device's kind only: whether it is there is the run's to find out, as without this check.
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    return resolve_runtime(runtime, dev, compile_members=compile_members)
+    return resolve_runtime(runtime, dev, compile_members=compile_members, setting=setting)
 
 
 def cache_key(

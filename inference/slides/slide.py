@@ -33,9 +33,21 @@ MPP_PLAUSIBLE_RANGE = (0.05, 50.0)
 # read at 1 µm/px, is 2,500 times its own pixels).
 MAX_ENLARGEMENT = 2.0
 # How a caller's user gives an image's µm/px: from what to give (e.g. SCANNER_MPP), the advice, in lower case
-# ("set it in QuPath to ..."); the service's users set it in QuPath, the command line's pass --mpp.
+# ("set it in QuPath to ..."); the service's users set it in QuPath, `pdl1 run`'s pass --mpp. The library's own
+# (library_mpp_advice) names its argument, no program's option: a caller passes its users' words.
 MppAdvice = Callable[[str], str]
 SCANNER_MPP = "the scanner's µm/px (0.25 at 40x, 0.5 at 20x)"
+
+
+def library_mpp_advice(value: str) -> str:
+    """The advice of :class:`Slide`'s and :func:`open_slide`'s messages where the caller gives none.
+
+    >>> library_mpp_advice(SCANNER_MPP)
+    "pass the scanner's µm/px (0.25 at 40x, 0.5 at 20x) as mpp"
+    """
+    return f"pass {value} as mpp"
+
+
 # Images opened without OpenSlide are read whole; beyond this they need a pyramidal format.
 MAX_PLAIN_IMAGE_PX = 20_000 * 20_000
 # The first bytes of a TIFF (classic and BigTIFF, either byte order), and the whole-slide formats built on
@@ -67,7 +79,7 @@ class Slide:
         self, reader: RegionReader, *, mpp: Mpp, path: Path | None = None, mpp_advice: MppAdvice | None = None
     ):
         if not (MPP_PLAUSIBLE_RANGE[0] <= mpp.mean <= MPP_PLAUSIBLE_RANGE[1]):
-            advice = "pass the scanner's value with --mpp" if mpp_advice is None else mpp_advice(SCANNER_MPP)
+            advice = (mpp_advice or library_mpp_advice)(SCANNER_MPP)
             raise MissingMppError(
                 f"{path or 'image'}: microns per pixel {mpp.mean:g} (from {mpp.source}) is outside the "
                 f"plausible range {MPP_PLAUSIBLE_RANGE}; {advice}"
@@ -180,13 +192,7 @@ class Slide:
         """
         enlargement = self.mpp.mean / mpp
         if enlargement > MAX_ENLARGEMENT:
-            if self.mpp_advice is None:
-                check = (
-                    "Check the pixel size: a wrong --mpp or QuPath calibration is the usual cause; 0.25 µm/px is "
-                    "40x, 0.5 is 20x"
-                )
-            else:
-                check = f"Check the pixel size; if it is wrong, {self.mpp_advice(SCANNER_MPP)}"
+            check = f"Check the pixel size; if it is wrong, {(self.mpp_advice or library_mpp_advice)(SCANNER_MPP)}"
             raise ResolutionError(
                 f"{self.path or 'image'}: its pixels are {self.mpp.mean:g} µm (from {self.mpp.source}), but "
                 f"{reader} reads {mpp:g} µm/px: it would enlarge the image {enlargement:.6g} times (at most "
@@ -372,13 +378,8 @@ def _no_mpp_message(path: Path, *, whole_slide: bool, advice: MppAdvice | None =
             "the µm/px of the scanner or camera it came from (for a microscope camera: its sensor pixel size "
             "divided by the total magnification, e.g. 3.45 µm / 20 = 0.17)"
         )
-    if advice is not None:
-        told = advice(value)
-        return f"{path}: {source}. {told[:1].upper()}{told[1:]}"
-    return (
-        f"{path}: {source}. Give {value}, with --mpp, or set the pixel size in QuPath "
-        "(Image tab: Pixel width/height) and analyse the project"
-    )
+    told = (advice or library_mpp_advice)(value)
+    return f"{path}: {source}. {told[:1].upper()}{told[1:]}"
 
 
 def _why_not_a_file(path: Path) -> str:
@@ -407,7 +408,7 @@ def open_slide(
     path: str | Path,
     *,
     mpp: float | None = None,
-    mpp_source: str = "--mpp",
+    mpp_source: str = "the mpp given",
     mpp_advice: MppAdvice | None = None,
     openslide_only: bool = False,
 ) -> Slide:
@@ -424,7 +425,7 @@ def open_slide(
         Where ``mpp`` comes from, for messages ("--mpp", "QuPath project").
     mpp_advice
         How this caller's user gives an image's µm/px, for the messages that ask for it (see
-        :data:`MppAdvice`); None: the command line's (``--mpp``, or QuPath's calibration of a project).
+        :data:`MppAdvice`); None: :func:`library_mpp_advice`, this argument's own name.
     openslide_only
         Read every pixel through OpenSlide: no direct decoding of SVS / tiled TIFF tiles
         (:class:`~inference.slides.tiff_tiles.TiffTileReader`), a way out if a file decodes differently.
@@ -462,7 +463,7 @@ def open_slide(
     if mpp is not None:
         if mpp <= 0:
             reader.close()
-            raise MissingMppError(f"--mpp must be positive, got {mpp}")
+            raise MissingMppError(f"{path}: microns per pixel must be positive, got {mpp:g} (from {mpp_source})")
         resolved = Mpp(mpp, mpp, mpp_source)
     elif file_mpp is None:
         reader.close()

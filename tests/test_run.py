@@ -128,7 +128,7 @@ def test_project_sidecars_resume_after_a_crash_and_moved_slide(tmp_path, slides,
     html_path, csv_path = write_report(project)
     assert "s31.svs" in html_path.read_text() and csv_path.read_text().count("\n") == 3
     assert "Demo models." in html_path.read_text()  # Models(...) without folders: the shipped demos
-    assert (html_path.parent / "s31.png").is_file()
+    assert [p.name for p in html_path.parent.glob("*s31.png")] == ["1-s31.png"]  # named by its QuPath entry too
 
 
 def test_a_study_folder_moved_to_a_server_runs_and_says_where_its_slides_were_found(tmp_path, slides, models, caplog):

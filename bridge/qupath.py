@@ -29,7 +29,7 @@ from bridge.project import (
     qpdata_problem,
     slide_file_problem,
 )
-from bridge.qupath_geojson import QuPathObject
+from bridge.qupath_geojson import QuPathObject, finite_measurements
 from inference import Pdl1Error
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,9 @@ def _is_own(child: Any, names: list[str]) -> bool:
 def _to_paquo(obj: QuPathObject, classes: dict[str, Any]) -> Any:
     p = _paquo()
     spec_class = None if obj.classification is None else classes[obj.classification]
-    made = p[obj.object_type].from_shapely(obj.geometry, spec_class, obj.measurements)
+    # NaN is left out, as the sidecars leave it out (to_feature): QuPath keeps a NaN it is given and writes it
+    # into its GeoJSON as NaN, which read_entry_objects (labels, review-queue) then refuses.
+    made = p[obj.object_type].from_shapely(obj.geometry, spec_class, finite_measurements(obj.measurements))
     if obj.name is not None:
         made.name = obj.name
     return made
@@ -235,10 +237,11 @@ def write_children(entry: Any, parent: Any, objects: Iterable[QuPathObject], mea
             fresh.add(_to_paquo(obj, classes).java_object)
             count += 1
         parent.java_object.addChildObjects(fresh)
+        measurements = finite_measurements(measurements)  # a NaN one goes, as a stale one does
         for key in stale_parent_measurements(list(parent.measurements), measurements):
             del parent.measurements[key]
         for key, value in measurements.items():
-            parent.measurements[key] = float(value)
+            parent.measurements[key] = value
     return count
 
 

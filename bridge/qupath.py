@@ -224,6 +224,10 @@ def write_children(entry: Any, parent: Any, objects: Iterable[QuPathObject], mea
 
     classes = {name: path_class(spec) for name, spec in BY_NAME.items()}
     hierarchy = entry.hierarchy
+    # An annotation paquo hands out from hierarchy.annotations puts itself back into the hierarchy on every change
+    # (its update callback is hierarchy.addObject, which adds under the image's root): a ROI of yours inside another
+    # annotation was taken out of it by the first measurement written. A plain wrapper changes the object only.
+    parent = _paquo()["annotation"](parent.java_object)
     with hierarchy.no_autoflush():
         old = _own_descendants(parent)
         if old:

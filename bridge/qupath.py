@@ -182,6 +182,29 @@ def _own_descendants(parent: Any) -> list[Any]:
     return out
 
 
+def _rehome_others(old: list[Any]) -> None:
+    """Move the children of ``old`` (Java objects about to be removed) that are not in ``old`` (your annotations,
+    QuPath's detections that Resolve hierarchy put inside one of our regions) to their nearest ancestor that stays.
+
+    QuPath's ``removeObjects(objects, keepChildren=true)`` adds the kept children again under the image's root,
+    out of the annotation they were in.
+    """
+    from paquo.java import ArrayList
+
+    going = set(old)
+    for obj in old:
+        others = [child for child in obj.getChildObjectsAsArray() if child not in going]
+        if not others:
+            continue
+        home = obj.getParent()
+        while home in going:
+            home = home.getParent()
+        moved = ArrayList()
+        for child in others:
+            moved.add(child)
+        home.addChildObjects(moved)
+
+
 def _is_own(child: Any, names: list[str]) -> bool:
     """Whether a Java path object (with these measurement names) is one this tool wrote."""
     cls = child.getPathClass()
@@ -231,6 +254,7 @@ def write_children(entry: Any, parent: Any, objects: Iterable[QuPathObject], mea
     with hierarchy.no_autoflush():
         old = _own_descendants(parent)
         if old:
+            _rehome_others(old)
             stale = ArrayList()
             for child in old:
                 stale.add(child)

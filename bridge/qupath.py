@@ -17,10 +17,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import shapely
 from shapely.geometry.base import BaseGeometry
 
 from bridge.classes import ALL_CLASSES, PDL1_ANALYSIS, PathClassSpec
-from bridge.objects import ANALYSED_SIGNATURE, TILE_NAME, is_own_object, stale_parent_measurements
+from bridge.objects import (
+    ANALYSED_SIGNATURE,
+    OWN_DETECTION_CLASSES,
+    TILE_NAME,
+    is_own_object,
+    stale_parent_measurements,
+)
 from bridge.project import (
     QPDATA_BACKUP_SUFFIX,
     ProjectError,
@@ -162,24 +169,62 @@ def restore_data(entry: Any, backup: Path | None) -> None:
 
 
 def _own_descendants(parent: Any) -> list[Any]:
-    """This tool's objects anywhere under ``parent`` (Java objects), except under another analysed annotation.
+    """This tool's earlier objects of ``parent``'s analysis (Java objects): anywhere under it, and those that
+    *Resolve hierarchy* moved out of it; none under another analysed annotation.
 
     QuPath's *Resolve hierarchy* moves the nuclei and tiles under the regions (or your annotations) they lie in;
     removing only the parent's own children, with their children kept, put the earlier run's objects back beside
-    the new run's. Another analysed annotation inside this one (it carries :data:`ANALYSED_SIGNATURE`) holds its
-    own results, which its own analysis replaces.
+    the new run's. It puts each object in the smallest annotation that covers it (a detection: that holds its
+    centroid), so an uncertainty tile or a region over the edge of a drawn ROI goes up beside the ROI: one of
+    ours outside every analysed annotation that overlaps the parent is the parent's too. Another analysed
+    annotation (it carries :data:`ANALYSED_SIGNATURE`) holds its own results, which its own analysis replaces.
     """
-    wrap = _paquo()["annotation"]  # any paquo object wrapper reads names across QuPath versions
-    out: list[Any] = []
-    stack = [parent.java_object]
+    inside = parent.java_object
+    out = _own_under(inside)
+    ancestors = []
+    above = inside.getParent()
+    while above is not None:
+        ancestors.append(above)
+        above = above.getParent()
+    if not ancestors:
+        return out
+    wrap = _paquo()["annotation"]
+    area = parent.roi
+    shapely.prepare(area)
+    stack = [ancestors[-1]]  # the root
     while stack:
         for child in stack.pop().getChildObjectsAsArray():
-            names = list(wrap(child).measurements)
-            if _is_own(child, names):
+            if child == inside:
+                continue
+            if child in ancestors:
+                stack.append(child)
+                continue
+            own, analysed = _own_or_analysed(child)
+            if own and _overlaps(wrap(child).roi, area):
                 out.append(child)
-            if ANALYSED_SIGNATURE not in names:
+                out.extend(_own_under(child))
+            elif not analysed:
                 stack.append(child)
     return out
+
+
+def _own_under(top: Any) -> list[Any]:
+    """This tool's objects anywhere under the Java object ``top``, except under an analysed annotation."""
+    out: list[Any] = []
+    stack = [top]
+    while stack:
+        for child in stack.pop().getChildObjectsAsArray():
+            own, analysed = _own_or_analysed(child)
+            if own:
+                out.append(child)
+            if not analysed:
+                stack.append(child)
+    return out
+
+
+def _overlaps(geometry: BaseGeometry, area: BaseGeometry) -> bool:
+    """Whether ``geometry`` shares more than a boundary with ``area``."""
+    return bool(area.intersects(geometry)) and not bool(area.touches(geometry))
 
 
 def _rehome_others(old: list[Any]) -> None:
@@ -205,12 +250,21 @@ def _rehome_others(old: list[Any]) -> None:
         home.addChildObjects(moved)
 
 
-def _is_own(child: Any, names: list[str]) -> bool:
-    """Whether a Java path object (with these measurement names) is one this tool wrote."""
+def _own_or_analysed(child: Any) -> tuple[bool, bool]:
+    """Whether a Java path object is one this tool wrote, and whether it is an analysed annotation.
+
+    Measurement names are read only where they decide it (annotations, detections of this tool's classes):
+    reading them makes QuPath create an empty measurement list on every other object.
+    """
     cls = child.getPathClass()
+    classification = None if cls is None else str(cls.toString())
     kind = "tile" if child.isTile() else "annotation" if child.isAnnotation() else "detection"
     name = child.getName()
-    return is_own_object(kind, None if cls is None else str(cls.toString()), None if name is None else str(name), names)
+    names: list[str] = []
+    if kind == "annotation" or (kind == "detection" and classification in OWN_DETECTION_CLASSES):
+        names = list(_paquo()["annotation"](child).measurements)  # any paquo wrapper reads names across versions
+    own = is_own_object(kind, classification, None if name is None else str(name), names)
+    return own, kind == "annotation" and ANALYSED_SIGNATURE in names
 
 
 def _to_paquo(obj: QuPathObject, classes: dict[str, Any]) -> Any:

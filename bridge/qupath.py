@@ -125,6 +125,7 @@ def backup_data(entry: Any) -> Path | None:
     can replace the backup, so the last whole backup survives. The copy goes through a temporary file
     that must read back whole before it replaces the backup: a full disk leaves the old backup as it was.
     """
+    check_saveable(entry)  # before the analysis, which would be lost
     data = Path(entry.entry_path) / "data.qpdata"
     if not data.exists():
         return None
@@ -362,7 +363,23 @@ def save_entries(entries: Iterable[Any]) -> None:
     ``project.qpproj.tmp`` and renaming it into place.
     """
     for entry in entries:
+        check_saveable(entry)
         entry.save()
+
+
+def check_saveable(entry: Any) -> None:
+    """Refuse an entry whose image is not where the project says: paquo would not save its objects.
+
+    paquo's ``entry.save()`` skips, with only a log line, an entry whose image file it cannot find at the
+    entry's URI; the run found the image elsewhere (:func:`~bridge.project.locate_image`), analysed it and
+    reported it done while its objects were never written.
+    """
+    if not entry.is_readable():
+        raise ProjectError(
+            f"{entry.image_name}: QuPath saves an entry's objects only while its image is where the project says "
+            f"({entry.uri}), and it is not there; open the project in QuPath and point it to the image (it asks "
+            "for moved images when the project opens), or run with --qupath never to write sidecars instead"
+        )
 
 
 def save_project(project: Any) -> None:
@@ -376,6 +393,7 @@ __all__ = [
     "add_image",
     "annotation_targets",
     "backup_data",
+    "check_saveable",
     "ensure_classes",
     "find_or_create_analysis_parent",
     "open_project",

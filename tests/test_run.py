@@ -382,6 +382,9 @@ class _FakeEntry:
     def save(self) -> None:  # QuPath writes the entry's objects
         (self.entry_path / "data.qpdata").write_bytes(self.qpdata)
 
+    def is_readable(self) -> bool:  # paquo saves only an entry whose image is at its URI
+        return True
+
     @property
     def hierarchy(self) -> object:  # QuPath reads data.qpdata whole, or fails as Java's reader does
         data = (self.entry_path / "data.qpdata").read_bytes()
@@ -507,7 +510,9 @@ def test_a_backup_is_only_replaced_by_a_copy_that_reads_back_whole(tmp_path, fix
     from bridge import qupath
 
     good = next((fixtures_dir / "qupath-0.4.4-labels" / "project" / "data").glob("*/data.qpdata")).read_bytes()
-    entry = SimpleNamespace(entry_path=tmp_path, image_name="he-1357.svs", hierarchy=object())  # QuPath read it
+    entry = SimpleNamespace(  # QuPath read it
+        entry_path=tmp_path, image_name="he-1357.svs", hierarchy=object(), is_readable=lambda: True
+    )
     data = tmp_path / "data.qpdata"
     data.write_bytes(good)
     backup = qupath.backup_data(entry)
@@ -528,6 +533,20 @@ def test_a_backup_is_only_replaced_by_a_copy_that_reads_back_whole(tmp_path, fix
         "data.qpdata",
         "data.qpdata.pdl1-backup",
     ]
+
+
+def test_an_entry_whose_image_is_not_at_its_uri_is_refused_before_its_analysis(tmp_path):
+    # paquo's entry.save() skips such an entry with a log line only: the run said done, nothing was written.
+    from types import SimpleNamespace
+
+    from bridge import qupath
+
+    entry = SimpleNamespace(entry_path=tmp_path, image_name="a.svs", uri="file:/gone/a.svs", is_readable=lambda: False)
+    where = r"a.svs: QuPath saves an entry's objects only while its image is where the project says \(file:/gone/a"
+    with pytest.raises(ProjectError, match=where):
+        qupath.backup_data(entry)
+    with pytest.raises(ProjectError, match="--qupath never"):
+        qupath.save_entries([entry])
 
 
 def test_an_entry_qupath_types_as_an_immunostain_runs_the_ihc_model_and_is_flagged_when_its_colour_disagrees(

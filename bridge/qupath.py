@@ -329,10 +329,13 @@ def write_children(entry: Any, parent: Any, objects: Iterable[QuPathObject], mea
 
 
 def add_image(project: Any, slide: Path) -> Any:
-    """Add a brightfield H&E image to the project."""
-    from paquo.images import QuPathImageType
+    """Add an image to the project with its type unset, as a project written without QuPath has it.
 
-    return project.add_image(slide, image_type=QuPathImageType.BRIGHTFIELD_H_E)
+    Typed here, every slide said H&E, an IHC slide too: ``pdl1 run`` takes the stain from QuPath's image type
+    before the colour, and analysed it with the H&E models. Unset, QuPath asks for the type when the image is
+    first opened, and ``pdl1 run`` tells the stain from the colour.
+    """
+    return project.add_image(slide)
 
 
 def unaddable_images(slides: Iterable[Path]) -> dict[Path, str]:

@@ -81,7 +81,9 @@ def open_project(path: str | Path, *, mode: str = "r+") -> Iterator[Any]:
     try:
         project = p["QuPathProject"](Path(path), mode=mode)
     except OSError as err:
-        raise Pdl1Error(f"{path}: QuPath cannot open the project ({err}); is it open and locked elsewhere?") from err
+        # paquo's OSErrors here are FileNotFoundError (mode r/r+, no project) and FileExistsError (mode x); QuPath
+        # takes no lock on a project, so "open elsewhere" was never the reason.
+        raise Pdl1Error(f"{path}: QuPath cannot open the project ({type(err).__name__}: {err})") from err
     yield project
 
 

@@ -230,15 +230,18 @@ def _overlaps(geometry: BaseGeometry, area: BaseGeometry) -> bool:
     return bool(area.intersects(geometry)) and not bool(area.touches(geometry))
 
 
-def _rehome_others(old: list[Any]) -> None:
+def _rehome_others(old: list[Any], parent: Any) -> None:
     """Move the children of ``old`` (Java objects about to be removed) that are not in ``old`` (your annotations,
-    QuPath's detections that Resolve hierarchy put inside one of our regions) to their nearest ancestor that stays.
+    QuPath's detections that Resolve hierarchy put inside one of our regions) to their nearest ancestor that stays;
+    those of one of ours that Resolve hierarchy had moved out of ``parent`` (the paquo annotation analysed) go
+    back into ``parent`` where they lie in it by QuPath's rules (an annotation covered, a detection's centroid).
 
     QuPath's ``removeObjects(objects, keepChildren=true)`` adds the kept children again under the image's root,
     out of the annotation they were in.
     """
     from paquo.java import ArrayList
 
+    wrap = _paquo()["annotation"]
     going = set(old)
     for obj in old:
         others = [child for child in obj.getChildObjectsAsArray() if child not in going]
@@ -247,10 +250,31 @@ def _rehome_others(old: list[Any]) -> None:
         home = obj.getParent()
         while home in going:
             home = home.getParent()
-        moved = ArrayList()
-        for child in others:
-            moved.add(child)
-        home.addChildObjects(moved)
+        homes = {home: others}
+        if not _is_within(home, parent.java_object):
+            area = parent.roi
+            inside = [c for c in others if _lies_in(wrap(c).roi, area, detection=bool(c.isDetection()))]
+            homes = {home: [c for c in others if c not in inside], parent.java_object: inside}
+        for target, children in homes.items():
+            if children:
+                moved = ArrayList()
+                for child in children:
+                    moved.add(child)
+                target.addChildObjects(moved)
+
+
+def _is_within(obj: Any, top: Any) -> bool:
+    """Whether the Java object ``obj`` is ``top`` or lies below it."""
+    while obj is not None:
+        if obj == top:
+            return True
+        obj = obj.getParent()
+    return False
+
+
+def _lies_in(geometry: BaseGeometry, area: BaseGeometry, *, detection: bool) -> bool:
+    """Whether QuPath's Resolve hierarchy would put an object there: a detection by its centroid, else covered."""
+    return bool(area.contains(geometry.centroid)) if detection else bool(area.covers(geometry))
 
 
 def _own_or_analysed(child: Any) -> tuple[bool, bool]:
@@ -311,7 +335,7 @@ def write_children(entry: Any, parent: Any, objects: Iterable[QuPathObject], mea
     with hierarchy.no_autoflush():
         old = _own_descendants(parent)
         if old:
-            _rehome_others(old)
+            _rehome_others(old, parent)
             stale = ArrayList()
             for child in old:
                 stale.add(child)

@@ -21,8 +21,8 @@ def pytest_collection_modifyitems(config, items):
     if os.environ.get("PAQUO_QUPATH_DIR"):
         return
     skip = pytest.mark.skip(
-        reason="needs QuPath: install one with `python -m paquo get_qupath --install-path DIR 0.6.0` "
-        "and set PAQUO_QUPATH_DIR to it"
+        reason="needs QuPath (0.4.4 to 0.6): install one with `python -m paquo get_qupath --install-path DIR 0.6.0` "
+        "and set PAQUO_QUPATH_DIR to the QuPath folder it prints last (the `# available at:` line), not to DIR"
     )
     for item in items:
         if "qupath" in item.keywords:

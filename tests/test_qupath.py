@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from shapely.geometry import box
+from shapely.geometry import Point, box
 
 from bridge.classes import ALL_CLASSES
 from bridge.init_project import init_project_qupath
@@ -24,6 +24,14 @@ pytestmark = pytest.mark.qupath
 @pytest.fixture(scope="module")
 def models():
     return Models(PipelineConfig(device="cpu"))
+
+
+def _ancestors(obj):
+    """The names of a paquo object's ancestors, nearest first (the image's root last, as None)."""
+    names = []
+    while (obj := obj.parent) is not None:
+        names.append(obj.name)
+    return names
 
 
 def _snapshot(project_dir):
@@ -44,7 +52,9 @@ def _snapshot(project_dir):
         return {
             "classes": classes,
             "tumour_measurements": dict(tumour.measurements),
+            "tumour_parent": tumour.parent.name,
             "by_hand": [(a.name, dict(a.measurements), a.roi.bounds) for a in by_hand],
+            "by_hand_parents": [a.parent.name for a in by_hand],
             "regions": len(own_regions),
             "region_parents": {r.parent.name for r in own_regions},
             "nuclei": len(
@@ -65,9 +75,12 @@ def test_run_writes_into_a_real_project_and_rerun_replaces_only_its_own(tmp_path
     init_project_qupath(project_dir, [phantom_svs])
     with QuPathProject(project_dir, mode="r+") as qp:
         hierarchy = qp.images[0].hierarchy
-        tumour = hierarchy.add_annotation(roi=box(200, 200, 1800, 1800), path_class=QuPathPathClass("Tumor"))
+        tissue = hierarchy.add_annotation(roi=box(50, 50, 2000, 2000))
+        tissue.name = "Tissue"
+        # Round, as drawn: uncertainty tiles and regions over its edge are not wholly inside it.
+        tumour = hierarchy.add_annotation(roi=Point(1024, 1024).buffer(700), path_class=QuPathPathClass("Tumor"))
         tumour.name = "Tumor ROI"
-        mine = hierarchy.add_annotation(roi=box(300, 300, 420, 420), path_class=QuPathPathClass("PD-L1 positive"))
+        mine = hierarchy.add_annotation(roi=box(980, 980, 1100, 1100), path_class=QuPathPathClass("PD-L1 positive"))
         mine.name = "drawn by hand"
 
     config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="always", target_classes=("Tumor",))
@@ -91,7 +104,7 @@ def test_run_writes_into_a_real_project_and_rerun_replaces_only_its_own(tmp_path
     assert {"Class probability", "PD-L1 positive probability"} <= snap["nucleus_measurements"]
     assert snap["metadata"]["PD-L1 Predicted TPS category (H&E)"] in ("<1%", "1-49%", ">=50%")  # an H&E
     assert snap["metadata"]["PD-L1 run"] == first[0].run_id
-    assert snap["by_hand"] == [("drawn by hand", {}, (300.0, 300.0, 420.0, 420.0))]
+    assert snap["by_hand"] == [("drawn by hand", {}, (980.0, 980.0, 1100.0, 1100.0))]
 
     # A measurement of ours the next run does not write (as a TPS after a run without nuclei) goes; a user's stays.
     with QuPathProject(project_dir, mode="r+") as qp:
@@ -100,7 +113,14 @@ def test_run_writes_into_a_real_project_and_rerun_replaces_only_its_own(tmp_path
         tumour.measurements["My own score"] = 2.0
         # Objects > Annotations > Resolve hierarchy: nuclei and tiles move under the regions they lie in; the re-run
         # must still find (and replace) them, not leave them beside its new ones.
-        qp.images[0].hierarchy.java_object.resolveHierarchy()
+        hierarchy = qp.images[0].hierarchy
+        hierarchy.java_object.resolveHierarchy()
+        # What the re-run must cope with: ours nested below the ROI, and ours the ROI no longer holds (QuPath puts an
+        # object in the smallest annotation covering it, a detection in the one holding its centroid).
+        nested = [d for d in hierarchy.detections if _ancestors(d)[0] != "Tumor ROI" and "Tumor ROI" in _ancestors(d)]
+        assert nested, "Resolve hierarchy nested none of the nuclei or tiles below the ROI"
+        assert [t for t in hierarchy.tiles if "Tumor ROI" not in _ancestors(t)], "no tile over the ROI's edge moved out"
+        assert _ancestors(next(a for a in hierarchy.annotations if a.name == "Tumor ROI")) == ["Tissue", None]
         # Entry metadata an earlier run wrote (as the IHC the slide was taken for) goes; a user's stays.
         metadata = qp.images[0].metadata
         metadata["PD-L1 TPS %"] = "55.0"
@@ -115,6 +135,9 @@ def test_run_writes_into_a_real_project_and_rerun_replaces_only_its_own(tmp_path
     assert set(again["tumour_measurements"]) == set(snap["tumour_measurements"]) | {"My own score"}
     assert again["nuclei"] == snap["nuclei"] and again["regions"] == snap["regions"] and again["tiles"] == snap["tiles"]
     assert again["by_hand"] == snap["by_hand"]
+    # The re-run moved neither your ROI out of the annotation holding it nor your annotation out of the ROI.
+    assert again["tumour_parent"] == "Tissue" and again["by_hand_parents"] == ["Tumor ROI"]
+    assert again["region_parents"] == {"Tumor ROI"}
     assert again["metadata"]["PD-L1 run"] == second[0].run_id != first[0].run_id
     assert "PD-L1 TPS %" not in again["metadata"] and "PD-L1 stain" not in again["metadata"]
     assert again["metadata"]["case"] == "B12" and again["metadata"]["PD-L1 TPS (pathologist)"] == "40"

@@ -115,10 +115,10 @@ def test_run_writes_into_a_real_project_and_rerun_replaces_only_its_own(tmp_path
         # must still find (and replace) them, not leave them beside its new ones.
         hierarchy = qp.images[0].hierarchy
         hierarchy.java_object.resolveHierarchy()
-        # What the re-run must cope with: ours nested below the ROI, and ours the ROI no longer holds (QuPath puts an
-        # object in the smallest annotation covering it, a detection in the one holding its centroid).
-        nested = [d for d in hierarchy.detections if _ancestors(d)[0] != "Tumor ROI" and "Tumor ROI" in _ancestors(d)]
-        assert nested, "Resolve hierarchy nested none of the nuclei or tiles below the ROI"
+        # What the re-run must cope with: ours moved below other annotations, and ours the ROI no longer holds (QuPath
+        # puts an object in the smallest annotation covering it, a detection in the one holding its centroid; on
+        # this phantom both regions stick out of the ROI and take their nuclei with them).
+        assert [d for d in hierarchy.detections if _ancestors(d)[0] != "Tumor ROI"], "Resolve hierarchy moved none"
         assert [t for t in hierarchy.tiles if "Tumor ROI" not in _ancestors(t)], "no tile over the ROI's edge moved out"
         assert _ancestors(next(a for a in hierarchy.annotations if a.name == "Tumor ROI")) == ["Tissue", None]
         # Entry metadata an earlier run wrote (as the IHC the slide was taken for) goes; a user's stays.

@@ -102,7 +102,14 @@ def ensure_classes(project: Any, specs: Iterable[PathClassSpec] = ALL_CLASSES) -
     """Add missing classes (with colours) to the project's list; paquo's setter replaces the whole list."""
     existing = list(project.path_classes)
     have = {c.id for c in existing}
-    added = [path_class(s) for s in specs if s.name not in have]
+    added = []
+    for spec in specs:
+        if spec.name not in have:
+            made = path_class(spec)
+            # QuPath keeps one class per name in the JVM, coloured when first made: a project read earlier in this
+            # process (its classes.json) may have coloured it otherwise, and the colour asked for is then ignored.
+            made.color = spec.rgb
+            added.append(made)
     if added:
         project.path_classes = existing + added
 

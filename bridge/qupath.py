@@ -199,8 +199,7 @@ def _own_descendants(parent: Any) -> list[Any]:
     if not ancestors:
         return out
     wrap = _paquo()["annotation"]
-    area = parent.roi
-    shapely.prepare(area)
+    area = None
     stack = [ancestors[-1]]  # the root
     while stack:
         for child in stack.pop().getChildObjectsAsArray():
@@ -210,6 +209,9 @@ def _own_descendants(parent: Any) -> list[Any]:
                 stack.append(child)
                 continue
             own, analysed = _own_or_analysed(child)
+            if own and area is None:
+                area = parent.roi
+                shapely.prepare(area)
             if own and _overlaps(wrap(child).roi, area):
                 out.append(child)
                 out.extend(_own_under(child))

@@ -507,6 +507,12 @@ def test_bridge_finds_the_same_objects_of_its_earlier_run_as_the_scripts(monkeyp
         def __init__(self, name, kind, cls=None, measurements=(), kids=()):
             self.label, self.kind, self.names, self.kids = name, kind, list(measurements), list(kids)
             self.cls = None if cls is None else SimpleNamespace(toString=lambda: cls)  # a Java PathClass
+            self.up = None
+            for kid in self.kids:
+                kid.up = self
+
+        def getParent(self):  # noqa: N802
+            return self.up
 
         def getChildObjectsAsArray(self):  # noqa: N802
             return self.kids
@@ -538,6 +544,7 @@ def test_bridge_finds_the_same_objects_of_its_earlier_run_as_the_scripts(monkeyp
     )
     inner = Obj("inner tumour annotation", "annotation", "Tumor", [ANALYSED_SIGNATURE], [nucleus("its nucleus")])
     parent = yours("parent", [region, nucleus("nucleus 1"), yours("your other note", [nucleus("nucleus 6")]), inner])
+    Obj("root", "root", kids=[parent])  # nothing of ours beside the parent: what lies under it is all
     monkeypatch.setattr(qupath, "_paquo", lambda: {"annotation": lambda obj: SimpleNamespace(measurements=obj.names)})
     found = qupath._own_descendants(SimpleNamespace(java_object=parent))
     assert sorted(o.label for o in found) == ["nucleus 1", "nucleus 2", "nucleus 5", "nucleus 6", "region", "tile 2"]

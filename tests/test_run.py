@@ -746,3 +746,98 @@ def test_through_qupath_a_target_annotation_without_an_area_is_skipped_and_named
     (failed,) = run_batch([project], replace(config, target_classes=("Tumor",)), models=models)
     assert failed.state == "failed"
     assert "nothing analysed: none of the 1 target annotations has an area" in failed.error
+
+
+class _JavaObject:
+    """What bridge.qupath calls of a Java PathObject, as QuPath 0.4.4 to 0.6 behave (PathObject.java)."""
+
+    def __init__(self, kind, geometry, cls=None, name=None, measurements=None, kids=()):
+        self.kind, self.geometry, self.name, self.measurements = kind, geometry, name, dict(measurements or {})
+        self.cls = None if cls is None else type("PathClass", (), {"toString": lambda _self: cls})()
+        self.parent, self.kids = None, []
+        self.addChildObjects(kids)
+
+    def addChildObjects(self, objects):  # noqa: N802 - takes each from its old parent first
+        for obj in list(objects):
+            if obj.parent is not None:
+                obj.parent.kids.remove(obj)
+            obj.parent = self
+            self.kids.append(obj)
+
+    def getChildObjectsAsArray(self):  # noqa: N802
+        return list(self.kids)
+
+    def getParent(self):  # noqa: N802
+        return self.parent
+
+    def getPathClass(self):  # noqa: N802
+        return self.cls
+
+    def getName(self):  # noqa: N802
+        return self.name
+
+    def isTile(self):  # noqa: N802
+        return self.kind == "tile"
+
+    def isAnnotation(self):  # noqa: N802
+        return self.kind == "annotation"
+
+    def isDetection(self):  # noqa: N802
+        return self.kind in ("detection", "tile")
+
+
+def test_a_rerun_through_qupath_replaces_what_resolve_hierarchy_moved_out_of_the_roi(monkeypatch):
+    """Resolve hierarchy puts a tile whose centre lies outside a round ROI, and a region over its edge (with what lies
+    in it), beside the ROI: the re-run finds them too; yours inside them go back where they lay, not to the root."""
+    import sys
+    from contextlib import contextmanager
+    from types import ModuleType, SimpleNamespace
+
+    from shapely.geometry import Point, box
+
+    from bridge import qupath
+    from bridge.objects import ANALYSED_SIGNATURE, OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE, TILE_NAME
+
+    class ArrayList(list):
+        add = list.append
+
+    java = ModuleType("paquo.java")
+    java.ArrayList = ArrayList
+    monkeypatch.setitem(sys.modules, "paquo.java", java)
+
+    class Wrapper:  # paquo's object wrapper, without a hierarchy behind it
+        def __init__(self, obj):
+            self.java_object, self.measurements, self.roi = obj, obj.measurements, obj.geometry
+
+    monkeypatch.setattr(qupath, "_paquo", lambda: {"annotation": Wrapper, "QuPathPathClass": lambda *a, **k: None})
+
+    def ours(kind, geometry, cls=None, kids=()):
+        signature = {"annotation": OWN_ANNOTATION_SIGNATURE, "detection": OWN_DETECTION_SIGNATURE}.get(kind, "x")
+        return _JavaObject(kind, geometry, cls, TILE_NAME if kind == "tile" else None, {signature: 0.5}, kids)
+
+    inside = ours("detection", Point(1000, 1000), "Tumor: Positive")
+    yours_in_region = _JavaObject("annotation", box(1610, 950, 1640, 980), name="yours, in the ROI")
+    yours_out = _JavaObject("detection", Point(1790, 990), "Tumor: Positive", measurements={"Nucleus: Area": 9.0})
+    edge_tile = ours("tile", box(1650, 950, 1780, 1080))
+    region = ours("annotation", box(1600, 900, 1800, 1000), "PD-L1 positive", [yours_in_region, yours_out])
+    roi = _JavaObject("annotation", Point(1000, 1000).buffer(700), "Tumor", "ROI", {ANALYSED_SIGNATURE: 0.0}, [inside])
+    far_tile = ours("tile", box(2500, 2500, 2600, 2600))  # another analysis's, nowhere near the ROI
+    other = _JavaObject("annotation", box(2000, 0, 2900, 900), "Tumor", "other", {ANALYSED_SIGNATURE: 1.0})
+    other.addChildObjects([ours("tile", box(1690, 500, 2100, 600))])  # under another analysed ROI: its own
+    tissue = _JavaObject("annotation", box(0, 0, 3000, 3000), name="Tissue", kids=[roi, edge_tile, region])
+    root = _JavaObject("root", None, kids=[tissue, far_tile, other])
+
+    removed = []
+
+    class Hierarchy:
+        java_object = SimpleNamespace(removeObjects=lambda objects, keep: removed.extend(objects))
+
+        @contextmanager
+        def no_autoflush(self):
+            yield self
+
+    parent = Wrapper(roi)
+    qupath.write_children(SimpleNamespace(hierarchy=Hierarchy()), parent, [], {ANALYSED_SIGNATURE: 1.0})
+    assert sorted(map(id, removed)) == sorted(map(id, [inside, edge_tile, region]))
+    assert yours_in_region.parent is roi and yours_out.parent is tissue  # by QuPath's rule, covered / centroid
+    assert other.kids[0].parent is other and far_tile.parent is root and roi.parent is tissue

@@ -51,9 +51,13 @@ def _paquo() -> dict[str, Any]:
         from paquo.classes import QuPathPathClass
         from paquo.pathobjects import QuPathPathAnnotationObject, QuPathPathDetectionObject, QuPathPathTileObject
         from paquo.projects import QuPathProject
-    except ValueError as err:  # paquo raises ValueError("no valid qupath installation found")
+    # paquo raises ValueError("no valid qupath installation found") when it finds none, and FileNotFoundError("qupath
+    # installation is incompatible") when PAQUO_QUPATH_DIR (or qupath_dir in .paquo.toml) names no QuPath folder.
+    except (ValueError, FileNotFoundError) as err:
+        where = os.environ.get("PAQUO_QUPATH_DIR")
+        named = f"; PAQUO_QUPATH_DIR is {where}" if where and isinstance(err, FileNotFoundError) else ""
         raise QuPathUnavailableError(
-            f"QuPath is needed for this ({err}): install it with "
+            f"QuPath is needed for this ({err}{named}): install it with "
             "`python -m paquo get_qupath --install-path DIR 0.6.0` and set PAQUO_QUPATH_DIR to the folder it prints"
         ) from err
     return {

@@ -247,8 +247,34 @@ def write_features(path: str | Path, features: Iterable[Mapping[str, Any]]) -> i
     return count
 
 
+# How QuPath writes a measurement it has no number for (QuPathTypeAdapters' MeasurementListTypeAdapter, 0.5 on; 0.4
+# writes a bare NaN, which Python's json reads as a float): missing values, as QuPath shows them.
+QUPATH_NON_FINITE = frozenset({"NaN", "Infinity", "-Infinity"})
+
+
+def _without_missing_measurements(feature: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``feature`` with the measurements QuPath wrote as missing (NaN, infinities) left out, as this module writes
+    them: QuPath's own objects carry them (a cell detection's measurement of a stain the image lacks), and reading
+    them must not fail where writing them would be refused."""
+    props = feature.get("properties") if isinstance(feature, Mapping) else None
+    measurements = props.get("measurements") if isinstance(props, Mapping) else None
+    if not isinstance(measurements, Mapping):
+        return feature
+    kept = {
+        key: value
+        for key, value in measurements.items()
+        if not (isinstance(value, str) and value in QUPATH_NON_FINITE)
+        and not (isinstance(value, float) and not math.isfinite(value))
+    }
+    if len(kept) == len(measurements):
+        return feature
+    return {**feature, "properties": {**props, "measurements": kept}}
+
+
 def from_feature(feature: Mapping[str, Any]) -> QuPathObject:
-    """Parse one QuPath GeoJSON feature (as QuPath 0.4+ writes them)."""
+    """Parse one QuPath GeoJSON feature (as QuPath 0.4+ writes them); measurements QuPath wrote as missing ("NaN",
+    "Infinity", or a bare NaN) are left out."""
+    feature = _without_missing_measurements(feature)
     validate_feature(feature)
     props = feature["properties"]
     cls = props.get("classification")

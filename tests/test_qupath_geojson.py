@@ -165,3 +165,20 @@ def test_malformed_features_name_the_problem(tmp_path, features, says):
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     with pytest.raises(GeoJsonError, match=says):
         list(read_features(path))
+
+
+def test_measurements_qupath_wrote_as_missing_are_read_as_missing(tmp_path):
+    # QuPath 0.5+ writes a NaN measurement as the string "NaN" (infinities as "Infinity"), 0.4 as a bare NaN; its own
+    # objects carry them (cell detection on an image without a stain). Reading labels or results from such an export
+    # failed with "measurement must be a finite number"; a string that is no number still fails.
+    feature = to_feature(QuPathObject(Point(1, 2), "detection", "Tumor: Positive", {"p": 0.5}))
+    feature["properties"]["measurements"].update(a="NaN", b="Infinity", c="-Infinity", d=math.nan)
+    path = tmp_path / "cells.geojson"
+    path.write_text(json.dumps([feature]))  # d as a bare NaN, as QuPath 0.4 writes it
+    assert '"d": NaN' in path.read_text()
+    (obj,) = read_features(path)
+    assert obj.measurements == {"p": 0.5}
+    feature["properties"]["measurements"]["e"] = "high"
+    path.write_text(json.dumps([feature]))
+    with pytest.raises(GeoJsonError, match="measurement 'e' must be a finite number, got 'high'"):
+        list(read_features(path))

@@ -83,3 +83,45 @@ def test_table_and_summary_of_a_generated_folder(tmp_path, capsys):
     assert "native     held out both :   4 judged,  2 wrong (1 unflagged, margin >= 5°),  0 right but weak" in out
     assert "8 µm/px    held out both :   2 judged,  1 wrong (1 unflagged, margin >= 5°),  0 right but weak" in out
     assert "8 µm/px    held out H-DAB:   0 judged,  0 wrong (0 unflagged, margin >= 5°),  0 right but weak" in out
+
+
+def test_pipeline_option_runs_each_image_as_pdl1_run_does_and_reports_refusals(tmp_path, capsys):
+    """``--pipeline``: an immunostain at 1 µm/px is told from its colour and analysed on the IHC path; the same
+    pixels said to be 20 µm/px are refused (too coarse for the IHC model), with the colour's call beside."""
+    ihc = np.tile(si.drawn_ihc(np.random.default_rng(2)), (2, 2, 1))  # 512 px: 64 px at 8 µm/px
+    Image.fromarray(ihc).save(tmp_path / "ihc.png")
+    Image.fromarray(si.blank(size_px=512)).save(tmp_path / "glass.png")
+    with open(tmp_path / "images.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "stated_stain", "mpp", "held_out"])
+        writer.writerow(["ihc.png", "ihc", "1.0", "yes"])
+        writer.writerow(["glass.png", "ihc", "1.0", "yes"])  # no tissue: H&E by default, not by its colour
+    with open(tmp_path / "coarse.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "stated_stain", "mpp"])
+        writer.writerow(["ihc.png", "H&E", "20"])  # mislabelled and too coarse
+    runs = bench.run_pipeline(tmp_path, bench.read_rows(tmp_path / "images.csv"), tmp_path)
+    run, glass = runs
+    assert run.stain == "H-DAB" and run.right and run.error == "" and run.margin_deg >= 5 and run.told_by == "colour"
+    assert glass.stain == "H&E" and glass.told_by == "default" and not glass.right and glass.flagged
+    assert (tmp_path / "ihc.tif").is_file()
+    (refused,) = bench.run_pipeline(tmp_path, bench.read_rows(tmp_path / "coarse.csv"), tmp_path)
+    assert refused.stain is None and "ResolutionError" in refused.error and "colour: H-DAB" in refused.error
+    assert any("[no tissue to tell a stain by" in line for line in bench.format_pipeline([glass]))
+    lines = bench.format_pipeline([run, refused])
+    assert any(line.startswith("ihc.png") and " H-DAB " in line for line in lines)
+    assert any("refused: ResolutionError" in line for line in lines)
+    assert any(line.startswith("2 images, 1 refused, 1 analysed (0 as H&E by default") for line in lines)
+    assert any(line.startswith("wrong stain: 0; flagged 0") for line in lines)
+
+
+def test_pipeline_reasons_are_shortened_by_kind():
+    short = bench._short_reason
+    weak = {"reason": "stain told from the colour (H&E) by a weak margin: state it", "value": 2.0, "limit": 5.0}
+    assert short(weak) == "weak stain margin 2/5"
+    reason = {"reason": "out of the training domain of pdl1-nuclei-ihc: network features", "value": 6.3, "limit": 2.32}
+    assert short(reason) == "domain pdl1-nuclei-ihc features 6.3/2.32"
+    reason = {"reason": "out of the training domain of seg: stain vectors (degrees)", "value": 30, "limit": 22.4}
+    assert short(reason) == "domain seg stain vectors 30/22.4"
+    assert short({"reason": "nuclei uncertainty", "value": 0.5, "limit": 0.35}) == "nuclei uncertainty 0.5/0.35"
+    assert bench._reason_kind("domain pdl1-seg features 2.9/2.63") == "domain pdl1-seg features"

@@ -24,7 +24,7 @@ uncertainty. One line an image: the call, the path analysed, whether it was flag
 stain margin; the domain guard of which model, by its network features or its stain vectors; uncertainty and the
 rest), or the error that refused it (e.g. an image too coarse for the model); then how many wrong calls were
 flagged and by what, and how many right calls were flagged anyway. Slow: seconds to minutes an image on a CPU
-(25 minutes for the 66 images of 2026-12-05 on two shared cores); ``--only a.png,b.png`` runs those rows alone.
+(12-20 minutes for the 66 images of 2026-12-05 on two shared cores); ``--only a.png,b.png`` runs those rows alone.
 """
 
 from __future__ import annotations

@@ -248,7 +248,7 @@ def run_pipeline(folder: Path, rows: list[dict[str, str]], workdir: Path, *, mod
         except Exception as error:  # a refused image is a row of the table, not the end of it
             with open_slide(path) as slide:  # what the colour said, as the pipeline read it
                 colour = detect_slide_stain(slide, mpp=config.tissue_mpp)
-            why = f"{type(error).__name__}: {error} (colour: {colour.stain})"
+            why = f"(colour: {colour.stain}) {type(error).__name__}: {error}"  # the colour first: lines are cut
             out.append(PipelineRun(row["file"], stated, mpp, None, colour.margin_deg, False, (), why))
             continue
         colour = result.summary.get("stain_from_colour") or {}

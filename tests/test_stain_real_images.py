@@ -110,7 +110,7 @@ def test_pipeline_option_runs_each_image_as_pdl1_run_does_and_reports_refusals(t
     assert any("[no tissue to tell a stain by" in line for line in bench.format_pipeline([glass]))
     lines = bench.format_pipeline([run, refused])
     assert any(line.startswith("ihc.png") and " H-DAB " in line for line in lines)
-    assert any("refused: ResolutionError" in line for line in lines)
+    assert any("refused: (colour: H-DAB) ResolutionError" in line for line in lines)
     assert any(line.startswith("2 images, 1 refused, 1 analysed (0 as H&E by default") for line in lines)
     assert any(line.startswith("wrong stain: 0; flagged 0") for line in lines)
 

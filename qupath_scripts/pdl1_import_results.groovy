@@ -71,23 +71,103 @@ def setParentMeasurements = { ml, Map fresh ->
     fresh.each { name, value -> ml.put(name as String, value as double) }
     return stale
 }
-// This tool's objects anywhere under a parent, except under another analysed annotation (it carries
-// ANALYSED_SIGNATURE, as bridge's _own_descendants tells it): QuPath's Resolve hierarchy moves the nuclei and tiles
-// under the regions (or your annotations) they lie in, and removing only the parent's own children, with their
-// children kept, put the earlier run's objects back beside the new ones. own: the isOwn test.
+// This tool's earlier objects of a parent's analysis, as bridge's _own_descendants finds them (a test keeps the two
+// equal): anywhere under it, except under another analysed annotation (it carries ANALYSED_SIGNATURE; its results
+// are its own), and those QuPath's Resolve hierarchy moved out of it. Resolve hierarchy moves the nuclei and tiles
+// under the regions (or your annotations) they lie in, so removing only the parent's own children, with their
+// children kept, put the earlier run's objects back beside the new ones. It also puts each object in the smallest
+// annotation covering it, a detection in the one holding its centroid (PathObjectHierarchy.java v0.4.4:349-362):
+// a tile or a region of ours over the edge of a drawn ROI went beside the ROI, under its parent or the root, and a
+// re-run kept it beside its new ones. One of ours outside every analysed annotation that overlaps the parent (more
+// than a shared edge) is the parent's too, with its own descendants. own: the isOwn test. Measurement lists are
+// read only of annotations here (PathObject.getMeasurementList() creates an empty one on an object without).
 def ANALYSED_SIGNATURE = "PD-L1: Uncertainty flag"  // bridge/objects.py: every analysed parent carries it
-def ownDescendants = { parent, Closure own ->
+def isAnalysed = { obj ->
+    return obj.isAnnotation() && !Double.isNaN(obj.getMeasurementList().get(ANALYSED_SIGNATURE) as double)
+}
+def ownUnder = { top, Closure own ->
     def out = []
-    def stack = [parent]
+    def stack = [top]
     while (!stack.isEmpty()) {
-        stack.remove(stack.size() - 1).getChildObjects().each { child ->
+        stack.remove(stack.size() - 1).getChildObjectsAsArray().each { child ->
             if (own(child))
                 out << child
-            if (Double.isNaN(child.getMeasurementList().get(ANALYSED_SIGNATURE) as double))
+            if (!isAnalysed(child))
                 stack << child
         }
     }
     return out
+}
+// Whether a JTS geometry (ROI.getGeometry(), 0.4.4 to 0.7) shares more than a boundary with the area.
+def overlaps = { geometry, area -> area.intersects(geometry) && !area.touches(geometry) }
+def ownDescendants = { parent, Closure own ->
+    def out = ownUnder(parent, own)
+    def ancestors = []
+    for (def above = parent.getParent(); above != null; above = above.getParent())
+        ancestors << above
+    if (ancestors.isEmpty())
+        return out
+    def area = null  // the parent's outline, read only once an object of ours lies beside it
+    def stack = [ancestors[-1]]  // the root
+    while (!stack.isEmpty()) {
+        stack.remove(stack.size() - 1).getChildObjectsAsArray().each { child ->
+            if (child.is(parent))
+                return
+            if (ancestors.any { it.is(child) }) {
+                stack << child
+                return
+            }
+            def mine = own(child)
+            if (mine && area == null)
+                area = parent.getROI().getGeometry()
+            if (mine && overlaps(child.getROI().getGeometry(), area)) {
+                out << child
+                out.addAll(ownUnder(child, own))
+            } else if (!isAnalysed(child)) {
+                stack << child
+            }
+        }
+    }
+    return out
+}
+// Whether QuPath's Resolve hierarchy would put an object in the area (filterObjectsForROI, PathObjectHierarchy.java
+// v0.4.4:863-880): a detection (a tile too) where the area holds its centroid, anything else where it covers it.
+def liesIn = { obj, area ->
+    def geometry = obj.getROI().getGeometry()
+    return obj.isDetection() ? area.contains(geometry.getCentroid()) : area.covers(geometry)
+}
+// Moves the children of old (the objects a re-run removes) that are not in old (your annotations, QuPath's
+// detections that Resolve hierarchy put inside one of our regions) to their nearest ancestor that stays, as
+// bridge's _rehome_others: the hierarchy's removeObjects(objects, keepChildren=true) adds kept children again under
+// the root (PathObjectHierarchy.java v0.4.4:483-496, 632-636), out of the annotation they were in, and
+// PathObject.addChildObjects takes each from its old parent first (PathObject.java v0.4.4:330-380, 410). Those of
+// one of ours that Resolve hierarchy had moved out of the parent go back into the parent where they lie in it.
+def rehomeOthers = { List old, parent ->
+    def going = Collections.newSetFromMap(new IdentityHashMap())
+    going.addAll(old)
+    def area = null
+    old.each { obj ->
+        def others = obj.getChildObjectsAsArray().findAll { !going.contains(it) }
+        if (others.isEmpty())
+            return
+        def home = obj.getParent()
+        while (going.contains(home))
+            home = home.getParent()
+        def inside = []
+        def within = false
+        for (def up = home; up != null && !within; up = up.getParent())
+            within = up.is(parent)
+        if (!within) {
+            if (area == null)
+                area = parent.getROI().getGeometry()
+            inside = others.findAll { liesIn(it, area) }
+            others = others.findAll { other -> !inside.any { it.is(other) } }
+        }
+        [[home, others], [parent, inside]].each { target, children ->
+            if (!children.isEmpty())
+                target.addChildObjects(children)
+        }
+    }
 }
 // ---- end of helpers ------------------------------------------------------------------------
 
@@ -108,13 +188,13 @@ if (!geojson.isFile()) {
 // Objects this tool wrote carry its signature measurements (see bridge/objects.py: is_own_object).
 def isOwn = { PathObject obj ->
     def cls = obj.getPathClass() == null ? null : obj.getPathClass().toString()
-    def ml = obj.getMeasurementList()
     if (obj.isTile())
         return obj.getName() == TILE_NAME
+    // The measurement list only of our classes: getMeasurementList() creates an empty one on an object without.
     if (obj.isAnnotation())
-        return cls in OWN_ANNOTATION_CLASSES && !Double.isNaN(ml.get("PD-L1 probability mean"))
+        return cls in OWN_ANNOTATION_CLASSES && !Double.isNaN(obj.getMeasurementList().get("PD-L1 probability mean"))
     if (obj.isDetection())
-        return cls in OWN_DETECTION_CLASSES && !Double.isNaN(ml.get("PD-L1 positive probability"))
+        return cls in OWN_DETECTION_CLASSES && !Double.isNaN(obj.getMeasurementList().get("PD-L1 positive probability"))
     return false
 }
 
@@ -141,8 +221,10 @@ if (parent == null) {
     def old = ownDescendants(parent, isOwn)
     // The hierarchy's removeObjects(objects, keepChildren): the same on 0.4.4 to 0.7 (QP's two-argument
     // removeObjects is deprecated since 0.6, its one-argument form is 0.6+).
-    if (!old.isEmpty())
+    if (!old.isEmpty()) {
+        rehomeOthers(old, parent)  // what is not ours inside them stays where it was, not at the root
         hierarchy.removeObjects(old, true)
+    }
     def written = newParent.getMeasurementList()
     setParentMeasurements(parent.getMeasurementList(), measurementNames(written).collectEntries { [(it): written.get(it)] })
 }

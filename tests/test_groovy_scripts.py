@@ -464,9 +464,14 @@ def test_a_rerun_finds_its_objects_that_resolve_hierarchy_moved_under_its_region
     # new ones. Not under another analysed annotation (it carries "PD-L1: Uncertainty flag"): those are its results.
     driver = """
 class Ml { Map m = [:]; double get(String k) { m.containsKey(k) ? m[k] : Double.NaN } }
-class Node { String name; boolean own; Ml ml = new Ml(); List kids = []
-    List getChildObjects() { kids }; Ml getMeasurementList() { ml } }
-def n = { String name, boolean own, List kids = [] -> new Node(name: name, own: own, kids: kids) }
+class Node { String name; boolean own; boolean annotation = true; Ml ml = new Ml(); List kids = []; Node up
+    Object[] getChildObjectsAsArray() { kids.toArray() }; Ml getMeasurementList() { ml }; Node getParent() { up }
+    boolean isAnnotation() { annotation } }
+def n = { String name, boolean own, List kids = [] ->
+    def node = new Node(name: name, own: own, kids: kids, annotation: !(name =~ /nucleus|tile/))
+    kids.each { it.up = node }
+    return node
+}
 def inner = n("inner tumour annotation", false, [n("its nucleus", true)])
 inner.ml.m["PD-L1: Uncertainty flag"] = 0.0d
 def parent = n("parent", false, [
@@ -475,6 +480,7 @@ def parent = n("parent", false, [
     n("your other note", false, [n("nucleus 6", true)]),
     inner,
 ])
+n("root", false, [parent])  // nothing of ours beside the parent: what lies under it is all
 println JsonOutput.toJson([found: ownDescendants(parent, { it.own }).collect { it.name }.sort()])
 """
     (found,) = run_groovy(tmp_path, driver, script)
@@ -548,3 +554,268 @@ def test_bridge_finds_the_same_objects_of_its_earlier_run_as_the_scripts(monkeyp
     monkeypatch.setattr(qupath, "_paquo", lambda: {"annotation": lambda obj: SimpleNamespace(measurements=obj.names)})
     found = qupath._own_descendants(SimpleNamespace(java_object=parent))
     assert sorted(o.label for o in found) == ["nucleus 1", "nucleus 2", "nucleus 5", "nucleus 6", "region", "tile 2"]
+
+
+# What Resolve hierarchy leaves around a round ROI (PathObjectHierarchy.java v0.4.4:349-385: each object in the
+# smallest annotation covering it, a detection in the one holding its centroid), for the scripts and bridge alike:
+# (label, kind, class, name, measurements, geometry, parent label). Ours carry the signatures of bridge/objects.py.
+def _resolved_tree():
+    from shapely.geometry import Point, box
+
+    from bridge.objects import ANALYSED_SIGNATURE, OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE, TILE_NAME
+
+    def ours(label, kind, geometry, parent, cls=None):
+        signature = {"annotation": OWN_ANNOTATION_SIGNATURE, "detection": OWN_DETECTION_SIGNATURE}.get(kind, "x")
+        return (label, kind, cls, TILE_NAME if kind == "tile" else None, {signature: 0.5}, geometry, parent)
+
+    def yours(label, kind, geometry, parent, cls=None):
+        return (label, kind, cls, label, {"Area µm^2": 9.0}, geometry, parent)
+
+    roi = Point(1000, 1000).buffer(700)  # a vertex at (1700, 1000)
+    return [
+        ("root", "root", None, None, {}, None, None),
+        yours("Tissue", "annotation", box(0, 0, 3000, 3000), "root"),
+        ("ROI", "annotation", "Tumor", "ROI", {ANALYSED_SIGNATURE: 0.0, "Area µm^2": 1.0}, roi, "Tissue"),
+        ours("nucleus in the ROI", "detection", box(995, 995, 1005, 1005), "ROI", "Tumor: Positive"),
+        ours("region in the ROI", "annotation", box(900, 900, 1100, 1100), "ROI", "PD-L1 positive"),
+        ours("FN candidate in it", "annotation", box(920, 920, 990, 990), "region in the ROI", "PD-L1 FN candidate"),
+        yours("yours in the candidate", "annotation", box(940, 940, 950, 950), "FN candidate in it"),
+        yours("yours in the region", "annotation", box(1050, 1050, 1060, 1060), "region in the ROI", "Stroma"),
+        yours("your note in the ROI", "annotation", box(700, 700, 800, 800), "ROI"),
+        ours("nucleus in your note", "detection", box(750, 750, 760, 760), "your note in the ROI", "Tumor: Negative"),
+        # Over the ROI's edge, so beside it under Tissue: a region (with what lies in it), a tile whose centre is out.
+        ours("region over the edge", "annotation", box(1580, 700, 1800, 880), "Tissue", "PD-L1 positive"),
+        ours("nucleus in that region", "detection", box(1600, 800, 1610, 810), "region over the edge", "Other"),
+        yours("yours covered by the ROI", "annotation", box(1600, 750, 1630, 780), "region over the edge"),
+        yours("yours out of the ROI", "detection", box(1785, 800, 1795, 810), "region over the edge", "Other"),
+        ours("tile over the edge", "tile", box(1650, 1100, 1780, 1230), "Tissue"),
+        ours("tile touching the ROI", "tile", box(1700, 900, 1800, 1000), "Tissue"),  # a corner on its vertex only
+        yours("your note over the edge", "annotation", box(1450, 1400, 1700, 1700), "Tissue"),
+        ours("tile in that note", "tile", box(1500, 1450, 1600, 1550), "your note over the edge"),
+        ours("tile far away", "tile", box(2500, 2500, 2600, 2600), "root"),
+        ("other ROI", "annotation", "Tumor", "other", {ANALYSED_SIGNATURE: 1.0}, box(1400, 0, 2900, 600), "root"),
+        ours("its tile over our ROI", "tile", box(1450, 450, 1600, 560), "other ROI"),
+    ]
+
+
+# After the re-run removed its earlier objects: what, and where everything else is (removeObjects(objects,
+# keepChildren=true) puts the kept children under the root, PathObjectHierarchy.java v0.4.4:483-496, 632-636).
+RERUN_REMOVES = [
+    "FN candidate in it",
+    "nucleus in that region",
+    "nucleus in the ROI",
+    "nucleus in your note",
+    "region in the ROI",
+    "region over the edge",
+    "tile in that note",
+    "tile over the edge",
+]
+RERUN_LEAVES = {
+    "Tissue": "root",
+    "ROI": "Tissue",
+    "yours in the candidate": "ROI",
+    "yours in the region": "ROI",
+    "your note in the ROI": "ROI",
+    "yours covered by the ROI": "ROI",  # back in the ROI: Resolve hierarchy would put it there without our region
+    "yours out of the ROI": "Tissue",  # its centroid is outside the ROI
+    "tile touching the ROI": "Tissue",  # a shared corner is no overlap
+    "your note over the edge": "Tissue",
+    "tile far away": "root",
+    "other ROI": "root",
+    "its tile over our ROI": "other ROI",  # another analysis's
+}
+
+
+def _rerun_in_python(monkeypatch, tree):
+    """bridge.qupath.write_children's removal on ``tree`` in Java's calls; (removed labels, {label: parent label})."""
+    import sys
+    from contextlib import contextmanager
+    from types import ModuleType, SimpleNamespace
+
+    from bridge import qupath
+
+    class Java:  # what bridge.qupath calls of a Java PathObject (PathObject.java v0.4.4)
+        def __init__(self, label, kind, cls, name, measurements, geometry):
+            self.label, self.kind, self.name, self.measurements = label, kind, name, dict(measurements)
+            self.geometry, self.parent, self.kids = geometry, None, []
+            self.cls = None if cls is None else SimpleNamespace(toString=lambda: cls)
+
+        def addChildObjects(self, objects):  # noqa: N802 - takes each from its old parent first
+            for obj in list(objects):
+                if obj.parent is not None:
+                    obj.parent.kids.remove(obj)
+                obj.parent = self
+                self.kids.append(obj)
+
+        def getChildObjectsAsArray(self):  # noqa: N802
+            return list(self.kids)
+
+        def getParent(self):  # noqa: N802
+            return self.parent
+
+        def getPathClass(self):  # noqa: N802
+            return self.cls
+
+        def getName(self):  # noqa: N802
+            return self.name
+
+        def isTile(self):  # noqa: N802
+            return self.kind == "tile"
+
+        def isAnnotation(self):  # noqa: N802
+            return self.kind == "annotation"
+
+        def isDetection(self):  # noqa: N802
+            return self.kind in ("detection", "tile")
+
+    class ArrayList(list):
+        add = list.append
+
+    java = ModuleType("paquo.java")
+    java.ArrayList = ArrayList
+    monkeypatch.setitem(sys.modules, "paquo.java", java)
+
+    class Wrapper:  # paquo's object wrapper, without a hierarchy behind it
+        def __init__(self, obj):
+            self.java_object, self.measurements, self.roi = obj, obj.measurements, obj.geometry
+
+    monkeypatch.setattr(qupath, "_paquo", lambda: {"annotation": Wrapper, "QuPathPathClass": lambda *a, **k: None})
+    nodes = {}
+    for label, kind, cls, name, measurements, geometry, parent in tree:
+        nodes[label] = Java(label, kind, cls, name, measurements, geometry)
+        if parent is not None:
+            nodes[parent].addChildObjects([nodes[label]])
+    removed = []
+
+    def remove_objects(objects, keep_children):  # PathObjectHierarchy.removeObjects as v0.4.4:458-497 does it
+        removed.extend(objects)
+        kept = [kid for obj in objects for kid in obj.kids if kid not in objects]
+        for obj in objects:
+            obj.parent.kids.remove(obj)
+        if keep_children:
+            nodes["root"].addChildObjects(kept)
+
+    class Hierarchy:
+        java_object = SimpleNamespace(removeObjects=remove_objects)
+
+        @contextmanager
+        def no_autoflush(self):
+            yield self
+
+    qupath.write_children(SimpleNamespace(hierarchy=Hierarchy()), Wrapper(nodes["ROI"]), [], {"PD-L1: x": 1.0})
+    gone = {obj.label for obj in removed}
+    return sorted(gone), {n.label: n.parent.label for n in nodes.values() if n.parent and n.label not in gone}
+
+
+def _script_part(script: Path, start: str) -> str:
+    """A script's text from the line starting ``start`` to the closing brace at the line's start."""
+    text = script.read_text()
+    begin = text.index("\n" + start) + 1
+    return text[begin : text.index("\n}\n", begin) + 3]
+
+
+@needs_groovy
+@pytest.mark.parametrize("script", [ANALYZE, IMPORT], ids=lambda p: p.name)
+def test_a_rerun_of_the_scripts_replaces_what_resolve_hierarchy_moved_out_of_the_roi_as_bridge_does(
+    tmp_path, monkeypatch, script
+):
+    # Resolve hierarchy put a tile whose centre lies outside a round ROI, and a region over its edge (with what lies
+    # in it), beside the ROI: the re-run kept them beside its new ones. removeObjects(old, keepChildren=true) put your
+    # objects inside the regions it removed at the image's root. The script's isOwn, its settings, its helpers and
+    # the body's calls, on stand-ins whose geometry is java.awt.geom.Area (JTS's calls: intersects, touches, covers,
+    # contains, getCentroid); bridge.qupath.write_children on the same tree must do the same.
+    tree = _resolved_tree()
+    body = script.read_text().replace(helpers(script), "")
+    code = re.sub(r"//.*", "", body)
+    assert re.search(  # the driver below makes these calls: the script must make them so
+        r"def old = ownDescendants\(parent, isOwn\)\s*if \(!old\.isEmpty\(\)\) \{\s*"
+        r"rehomeOthers\(old, parent\)\s*hierarchy\.removeObjects\(old, true\)\s*\}",
+        code,
+    ), "the script does not rehome others' objects before removing its earlier ones"
+    settings = "\n".join(
+        re.search(rf"^def {name} = .*?(?=\n(?:def |//))", script.read_text(), flags=re.M | re.S).group(0)
+        for name in ("OWN_ANNOTATION_CLASSES", "OWN_DETECTION_CLASSES", "TILE_NAME")
+    )
+    is_own = _script_part(script, "def isOwn = { PathObject obj ->").replace("{ PathObject obj ->", "{ obj ->")
+    listed = json.dumps(
+        [
+            {
+                "label": label,
+                "kind": kind,
+                "cls": cls,
+                "name": name,
+                "ml": measurements,
+                "xy": None if geometry is None else [list(p) for p in geometry.exterior.coords],
+                "centroid": None if geometry is None else [geometry.centroid.x, geometry.centroid.y],
+                "parent": parent,
+            }
+            for label, kind, cls, name, measurements, geometry, parent in tree
+        ]
+    )
+    driver = f"""
+{settings}
+{is_own}
+class Pt {{ double x; double y }}
+class Geom {{                                           // a JTS Geometry's calls, on java.awt.geom.Area
+    java.awt.geom.Area area; Pt centre
+    boolean intersects(Geom o) {{ def a = new java.awt.geom.Area(area); a.intersect(o.area); !a.isEmpty() }}
+    boolean touches(Geom o) {{ false }}                   // an Area shared by a corner or an edge is empty above
+    boolean covers(Geom o) {{ def a = new java.awt.geom.Area(o.area); a.subtract(area); a.isEmpty() }}
+    boolean contains(Pt p) {{ area.contains(p.x, p.y) }}
+    Pt getCentroid() {{ centre }}
+}}
+class Roi {{ Geom geom; Geom getGeometry() {{ geom }} }}
+class Ml {{ Map m = [:]; double get(String k) {{ m.containsKey(k) ? m[k] as double : Double.NaN }} }}
+class Node {{                                           // a PathObject's calls (PathObject.java v0.4.4)
+    String label; String kind; String cls; String name; Ml ml = new Ml(); Roi roi; Node up; List kids = []
+    Node getParent() {{ up }}
+    Object[] getChildObjectsAsArray() {{ kids.toArray() }}
+    String getPathClass() {{ cls }}
+    String getName() {{ name }}
+    Ml getMeasurementList() {{ ml }}
+    Roi getROI() {{ roi }}
+    boolean isTile() {{ kind == "tile" }}
+    boolean isAnnotation() {{ kind == "annotation" }}
+    boolean isDetection() {{ kind in ["detection", "tile"] }}
+    void addChildObjects(Collection objects) {{         // takes each from its old parent first
+        objects.each {{ o -> if (o.up != null) o.up.kids.removeIf {{ it.is(o) }}; o.up = this; kids << o }}
+    }}
+}}
+def nodes = [:]
+for (n in new groovy.json.JsonSlurper().parseText('''{listed}''')) {{
+    def shape = null
+    if (n.xy != null) {{
+        def path = new java.awt.geom.Path2D.Double()
+        path.moveTo(n.xy[0][0] as double, n.xy[0][1] as double)
+        n.xy.drop(1).each {{ path.lineTo(it[0] as double, it[1] as double) }}
+        path.closePath()
+        shape = new Geom(area: new java.awt.geom.Area(path), centre: new Pt(x: n.centroid[0], y: n.centroid[1]))
+    }}
+    def node = new Node(label: n.label, kind: n.kind, cls: n.cls, name: n.name, roi: new Roi(geom: shape))
+    n.ml.each {{ k, v -> node.ml.m[k] = v as double }}
+    nodes[n.label] = node
+    if (n.parent != null)
+        nodes[n.parent].addChildObjects([node])
+}}
+def root = nodes["root"]
+def hierarchy = [removeObjects: {{ List objects, boolean keepChildren ->  // v0.4.4:458-497
+    def kept = objects.collectMany {{ o -> o.kids.findAll {{ k -> !objects.any {{ it.is(k) }} }} }}
+    objects.each {{ o -> o.up.kids.removeIf {{ it.is(o) }} }}
+    if (keepChildren)
+        root.addChildObjects(kept)
+}}]
+def parent = nodes["ROI"]
+def old = ownDescendants(parent, isOwn)
+if (!old.isEmpty()) {{
+    rehomeOthers(old, parent)
+    hierarchy.removeObjects(old, true)
+}}
+def gone = old*.label as Set
+def left = nodes.values().findAll {{ it.up != null && !(it.label in gone) }}
+println JsonOutput.toJson([removed: gone.sort(), parents: left.collectEntries {{ [(it.label): it.up.label] }}])
+"""
+    (groovy,) = run_groovy(tmp_path, driver, script)
+    assert groovy["removed"] == RERUN_REMOVES
+    assert groovy["parents"] == RERUN_LEAVES
+    removed, parents = _rerun_in_python(monkeypatch, tree)
+    assert (removed, parents) == (RERUN_REMOVES, RERUN_LEAVES)

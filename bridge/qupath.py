@@ -191,7 +191,8 @@ def _own_descendants(parent: Any) -> list[Any]:
     the new run's. It puts each object in the smallest annotation that covers it (a detection: that holds its
     centroid), so an uncertainty tile or a region over the edge of a drawn ROI goes up beside the ROI: one of
     ours outside every analysed annotation that overlaps the parent is the parent's too. Another analysed
-    annotation (it carries :data:`ANALYSED_SIGNATURE`) holds its own results, which its own analysis replaces.
+    annotation (it carries :data:`ANALYSED_SIGNATURE`) holds its own results, which its own analysis replaces,
+    also one that the parent lies in (a hotspot analysed inside an analysed tissue outline).
     """
     inside = parent.java_object
     out = _own_under(inside)
@@ -206,11 +207,15 @@ def _own_descendants(parent: Any) -> list[Any]:
     area = None
     stack = [ancestors[-1]]  # the root
     while stack:
-        for child in stack.pop().getChildObjectsAsArray():
+        above = stack.pop()
+        theirs = above in ancestors and _own_or_analysed(above)[1]  # an analysed annotation around the parent
+        for child in above.getChildObjectsAsArray():
             if child == inside:
                 continue
             if child in ancestors:
                 stack.append(child)
+                continue
+            if theirs:  # that analysis's results, which its own re-run replaces
                 continue
             own, analysed = _own_or_analysed(child)
             if own and area is None:

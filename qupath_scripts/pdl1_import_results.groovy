@@ -110,13 +110,17 @@ def ownDescendants = { parent, Closure own ->
     def area = null  // the parent's outline, read only once an object of ours lies beside it
     def stack = [ancestors[-1]]  // the root
     while (!stack.isEmpty()) {
-        stack.remove(stack.size() - 1).getChildObjectsAsArray().each { child ->
+        def above = stack.remove(stack.size() - 1)
+        def theirs = isAnalysed(above)  // an analysed annotation around the parent: its results are its own
+        above.getChildObjectsAsArray().each { child ->
             if (child.is(parent))
                 return
             if (ancestors.any { it.is(child) }) {
                 stack << child
                 return
             }
+            if (theirs)
+                return
             def mine = own(child)
             if (mine && area == null)
                 area = parent.getROI().getGeometry()

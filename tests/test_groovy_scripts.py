@@ -559,7 +559,8 @@ def test_bridge_finds_the_same_objects_of_its_earlier_run_as_the_scripts(monkeyp
 # What Resolve hierarchy leaves around a round ROI (PathObjectHierarchy.java v0.4.4:349-385: each object in the
 # smallest annotation covering it, a detection in the one holding its centroid), for the scripts and bridge alike:
 # (label, kind, class, name, measurements, geometry, parent label). Ours carry the signatures of bridge/objects.py.
-def _resolved_tree():
+def _resolved_tree(nested: bool = False):
+    """``nested``: the Tissue outline around the ROI was analysed too (its results are its own)."""
     from shapely.geometry import Point, box
 
     from bridge.objects import ANALYSED_SIGNATURE, OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE, TILE_NAME
@@ -574,7 +575,17 @@ def _resolved_tree():
     roi = Point(1000, 1000).buffer(700)  # a vertex at (1700, 1000)
     return [
         ("root", "root", None, None, {}, None, None),
-        yours("Tissue", "annotation", box(0, 0, 3000, 3000), "root"),
+        yours("Tissue", "annotation", box(0, 0, 3000, 3000), "root")
+        if not nested
+        else (
+            "Tissue",
+            "annotation",
+            None,
+            "Tissue",
+            {ANALYSED_SIGNATURE: 0.0, "Area µm^2": 9.0},
+            box(0, 0, 3000, 3000),
+            "root",
+        ),
         ("ROI", "annotation", "Tumor", "ROI", {ANALYSED_SIGNATURE: 0.0, "Area µm^2": 1.0}, roi, "Tissue"),
         ours("nucleus in the ROI", "detection", box(995, 995, 1005, 1005), "ROI", "Tumor: Positive"),
         ours("region in the ROI", "annotation", box(900, 900, 1100, 1100), "ROI", "PD-L1 positive"),
@@ -623,6 +634,17 @@ RERUN_LEAVES = {
     "tile far away": "root",
     "other ROI": "root",
     "its tile over our ROI": "other ROI",  # another analysis's
+}
+# The same where the Tissue outline around the ROI was analysed too: what lies beside the ROI under it is that
+# analysis's, which its own re-run replaces.
+NESTED_RERUN_REMOVES = ["FN candidate in it", "nucleus in the ROI", "nucleus in your note", "region in the ROI"]
+NESTED_RERUN_LEAVES = RERUN_LEAVES | {
+    "region over the edge": "Tissue",
+    "nucleus in that region": "region over the edge",
+    "yours covered by the ROI": "region over the edge",
+    "yours out of the ROI": "region over the edge",
+    "tile over the edge": "Tissue",
+    "tile in that note": "your note over the edge",
 }
 
 
@@ -715,16 +737,17 @@ def _script_part(script: Path, start: str) -> str:
 
 
 @needs_groovy
+@pytest.mark.parametrize("nested", [False, True], ids=["roi", "roi-in-an-analysed-outline"])
 @pytest.mark.parametrize("script", [ANALYZE, IMPORT], ids=lambda p: p.name)
 def test_a_rerun_of_the_scripts_replaces_what_resolve_hierarchy_moved_out_of_the_roi_as_bridge_does(
-    tmp_path, monkeypatch, script
+    tmp_path, monkeypatch, script, nested
 ):
     # Resolve hierarchy put a tile whose centre lies outside a round ROI, and a region over its edge (with what lies
     # in it), beside the ROI: the re-run kept them beside its new ones. removeObjects(old, keepChildren=true) put your
     # objects inside the regions it removed at the image's root. The script's isOwn, its settings, its helpers and
     # the body's calls, on stand-ins whose geometry is java.awt.geom.Area (JTS's calls: intersects, touches, covers,
     # contains, getCentroid); bridge.qupath.write_children on the same tree must do the same.
-    tree = _resolved_tree()
+    tree = _resolved_tree(nested)
     body = script.read_text().replace(helpers(script), "")
     code = re.sub(r"//.*", "", body)
     assert re.search(  # the driver below makes these calls: the script must make them so
@@ -814,8 +837,9 @@ def gone = old*.label as Set
 def left = nodes.values().findAll {{ it.up != null && !(it.label in gone) }}
 println JsonOutput.toJson([removed: gone.sort(), parents: left.collectEntries {{ [(it.label): it.up.label] }}])
 """
+    removes, leaves = (NESTED_RERUN_REMOVES, NESTED_RERUN_LEAVES) if nested else (RERUN_REMOVES, RERUN_LEAVES)
     (groovy,) = run_groovy(tmp_path, driver, script)
-    assert groovy["removed"] == RERUN_REMOVES
-    assert groovy["parents"] == RERUN_LEAVES
+    assert groovy["removed"] == removes
+    assert groovy["parents"] == leaves
     removed, parents = _rerun_in_python(monkeypatch, tree)
-    assert (removed, parents) == (RERUN_REMOVES, RERUN_LEAVES)
+    assert (removed, parents) == (removes, leaves)

@@ -8,6 +8,7 @@ from inference.slides.tissue import (
     TissueMask,
     detect_tissue,
     faint_tissue,
+    tissue_mask,
     tissue_mask_for_slide,
     tissue_review_reasons,
 )
@@ -119,3 +120,18 @@ def test_truth_tissue_is_redrawn_from_the_spec_for_both_stains(tmp_path):
         assert 0.2 < tissue.mean() < 0.98
     # The IHC is a moved section: its tissue is not the H&E's, pixel for pixel.
     assert (truth_tissue_mask(load_truth(tmp_path / "he.svs")) != tissue).mean() > 0.01
+
+
+def test_a_region_smaller_than_a_speck_filled_with_tissue_is_tissue_and_specks_inside_an_image_still_go():
+    # A 128 µm tile (16 px at 8 µm/px) of tissue edge to edge was one "speck" under 150 µm square, dropped whole:
+    # "almost no tissue found", nothing analysed, for small images and uploaded regions.
+    rng = np.random.default_rng(0)
+    tile = np.clip(rng.normal((150, 110, 160), 12, (16, 16, 3)), 0, 255).astype(np.uint8)
+    assert tissue_mask(tile, mpp=8.0).all()
+    # Inside a larger image, a speck (here 40 µm square) that touches no edge still goes, and a hole is filled.
+    image = np.full((64, 64, 3), 240, np.uint8)
+    image[45:50, 45:50] = (150, 110, 160)
+    image[2:30, 2:30] = (150, 110, 160)
+    image[10:13, 10:13] = 240  # a 24 µm hole in the tissue
+    mask = tissue_mask(image, mpp=8.0)
+    assert not mask[45:50, 45:50].any() and mask[2:30, 2:30].all()

@@ -124,8 +124,27 @@ def tissue_mask(rgb: np.ndarray, *, mpp: float) -> np.ndarray:
     mask = detect_tissue(rgb) | (_smoothed_od(rgb) > MIN_TISSUE_OD)
     mask = ndi.binary_opening(mask, structure=np.ones((3, 3)))
     max_px = max(round(MAX_HOLE_UM2 / mpp**2), 1)
-    mask = morphology.remove_small_holes(mask, max_size=max_px)
-    return morphology.remove_small_objects(mask, max_size=max_px)
+    mask |= _small_inner(~mask, max_px)  # holes
+    return mask & ~_small_inner(mask, max_px)  # specks
+
+
+def _small_inner(mask: np.ndarray, max_px: int) -> np.ndarray:
+    """The components of ``mask`` (4-connected, as scikit-image's remove_small_objects) of at most ``max_px`` pixels
+    that do not touch the image's edge.
+
+    One that touches it may go on beyond the image, so its size is not known: a region or tile smaller than
+    :data:`MAX_HOLE_UM2` (a 128 µm tile, an uploaded region) is tissue edge to edge, and as a speck it was all
+    dropped ("almost no tissue found").
+    """
+    labels, n = ndi.label(mask)
+    if n == 0:
+        return np.zeros_like(mask)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    small = sizes <= max_px
+    small[0] = False
+    small[edge] = False
+    return small[labels]
 
 
 def faint_tissue(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ from inference.phantom.pyramid import write_phantom
 from inference.phantom.scene import PhantomSpec
 from inference.slides.openslide_reader import OpenSlideReader, qupath_frame
 from inference.slides.reader import ArrayReader
-from inference.slides.slide import Mpp, Slide, open_slide
+from inference.slides.slide import MIN_THUMBNAIL_SIDE_PX, Mpp, Slide, open_slide
 
 
 def test_phantom_svs_opens_with_mpp_and_all_levels(phantom_svs):
@@ -269,12 +269,12 @@ class _CountingReader(ArrayReader):
 
 
 def test_a_thumbnail_never_enlarges_the_image():
-    reader = _CountingReader(np.zeros((100, 120, 3), np.uint8))
-    slide = Slide(reader, mpp=Mpp(50, 50, "--mpp"))  # a wrong --mpp 50 on a 120 px wide image
+    reader = _CountingReader(np.zeros((1000, 1200, 3), np.uint8))
+    slide = Slide(reader, mpp=Mpp(50, 50, "--mpp"))  # a wrong --mpp 50 on a 1200 px wide image
     thumb = slide.thumbnail(mpp=8.0)  # the tissue detector's resolution: 6.25 times finer
-    assert thumb.shape == (100, 120, 3)
-    assert max(reader.read_px) == 100 * 120
-    assert slide.thumbnail(mpp=100.0).shape == (50, 60, 3)  # shrinking is as before
+    assert thumb.shape == (1000, 1200, 3)
+    assert max(reader.read_px) == 1000 * 1200
+    assert slide.thumbnail(mpp=100.0).shape == (500, 600, 3)  # shrinking is as before
 
 
 def test_reading_a_whole_image_for_a_model_is_refused_beyond_twice_its_pixels():
@@ -292,12 +292,20 @@ def test_the_last_thumbnail_is_read_once_and_kept_read_only():
             Counting.reads += 1
             return super().read_region(location_xy, level, size_wh)
 
-    slide = Slide(Counting(np.full((256, 256, 3), 200, np.uint8)), mpp=Mpp(1.0, 1.0, "test"))
+    slide = Slide(Counting(np.full((1024, 1024, 3), 200, np.uint8)), mpp=Mpp(1.0, 1.0, "test"))
     first = slide.thumbnail(mpp=8.0)
     assert slide.thumbnail(mpp=8.0) is first and Counting.reads == 1  # the stain, then the tissue: one read
     with pytest.raises(ValueError, match="read-only"):
         first[0, 0] = 0
-    assert slide.thumbnail(mpp=4.0).shape == (64, 64, 3) and Counting.reads == 2
+    assert slide.thumbnail(mpp=4.0).shape == (256, 256, 3) and Counting.reads == 2
+
+
+def test_a_small_image_s_thumbnail_keeps_enough_pixels_to_judge_it_by():
+    # A 128 µm tile was 16 px at 8 µm/px: too few to tell its stain by or to find pale tissue in.
+    tile = Slide(ArrayReader(np.full((512, 512, 3), 200, np.uint8)), mpp=Mpp(0.25, 0.25, "test"))
+    assert tile.thumbnail(mpp=8.0).shape == (MIN_THUMBNAIL_SIDE_PX, MIN_THUMBNAIL_SIDE_PX, 3)
+    tiny = Slide(ArrayReader(np.full((40, 50, 3), 200, np.uint8)), mpp=Mpp(0.5, 0.5, "test"))
+    assert tiny.thumbnail(mpp=8.0).shape == (40, 50, 3)  # never enlarged
 
 
 def test_a_named_pipe_is_said_to_be_one_not_missing(tmp_path):

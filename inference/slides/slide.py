@@ -32,6 +32,10 @@ MPP_PLAUSIBLE_RANGE = (0.05, 50.0)
 # factor would be enlarged into detail the model never saw (and a 2048 px image stated at 50 µm/px,
 # read at 1 µm/px, is 2,500 times its own pixels).
 MAX_ENLARGEMENT = 2.0
+# The fewest pixels on a thumbnail's short side (Slide.thumbnail): at 8 µm/px a 128 µm tile is 16 px, too few to tell
+# its stain by (it went the H&E path by default) or to find pale tissue in (none found, nothing analysed); at 64 px
+# both worked on the real Ki67 tiles at hand.
+MIN_THUMBNAIL_SIDE_PX = 64
 # How a caller's user gives an image's µm/px: from what to give (e.g. SCANNER_MPP), the advice, in lower case
 # ("set it in QuPath to ..."); the service's users set it in QuPath, `pdl1 run`'s pass --mpp. The library's own
 # (library_mpp_advice) names its argument, no program's option: a caller passes its users' words.
@@ -160,10 +164,13 @@ class Slide:
         """The whole image at ``mpp`` µm/px as RGB uint8, or at its own µm/px where that is coarser.
 
         A whole image is never enlarged: at a coarse stated pixel size (a wrong ``--mpp``) that
-        would hold many times the image in memory. The caller takes the scale from the shape.
+        would hold many times the image in memory. A small image (a tile, an uploaded region) is read finer
+        than ``mpp`` where its short side would be under :data:`MIN_THUMBNAIL_SIDE_PX`, down to its own µm/px.
+        The caller takes the scale from the shape.
         The last thumbnail is kept, read-only: an analysis tells the stain and finds the tissue on the
         same one, and a whole slide's is read from disk once.
         """
+        mpp = min(mpp, min(self.dimensions) * self.mpp.mean / MIN_THUMBNAIL_SIDE_PX)
         mpp = max(mpp, self.mpp.mean)
         if self._thumbnail is None or self._thumbnail[0] != mpp:
             image = self._whole(mpp)

@@ -32,6 +32,7 @@ from scipy.ndimage import distance_transform_edt
 from bridge.atomic import folder_replaced_whole
 from inference import (
     IGNORE_LABEL,
+    MppAdvice,
     SlideLabels,
     TruthNotFoundError,
     __version__,
@@ -51,8 +52,9 @@ class LabelSource(Protocol):
 
     class_names: tuple[str, ...]  # label values 0 .. K-1, "background" first
 
-    def regions(self, slide_path: Path, *, case_size_um: float) -> list[tuple[int, int, int, int]]:
-        """Level-0 (x, y, width, height) boxes of ``slide_path`` that carry labels."""
+    def regions(self, slide_path: Path, *, case_size_um: float, mpp: float) -> list[tuple[int, int, int, int]]:
+        """Level-0 (x, y, width, height) boxes of ``slide_path`` that carry labels; ``mpp``: its level-0 µm/px as
+        the export reads it (its QuPath project's, else its file's own)."""
         ...
 
     def labels(
@@ -79,11 +81,14 @@ def _truth_mask(slide_path: Path) -> tuple[np.ndarray, float]:
     return truth.positive_mask, truth.mask_downsample
 
 
-def whole_image_regions(slide_path: Path, *, case_size_um: float) -> list[tuple[int, int, int, int]]:
+def whole_image_regions(
+    slide_path: Path, *, case_size_um: float, mpp: float | None = None
+) -> list[tuple[int, int, int, int]]:
     """The image cut into cases of ``case_size_um`` (level-0 ``(x, y, width, height)``, row by row); a strip at
     the right or bottom edge narrower than a case is left out. How phantoms and every test image are cut:
-    they need no drawn region to be cut from."""
-    with open_slide(slide_path) as slide:
+    they need no drawn region to be cut from. ``mpp``: the image's level-0 µm/px, replacing its file's own
+    (its QuPath project's); None: the file's."""
+    with open_slide(slide_path, mpp=mpp) as slide:
         width, height = slide.dimensions
         step = max(1, round(case_size_um / slide.mpp.mean))
     return [
@@ -109,8 +114,8 @@ class PhantomTruthLabels:
     margin_px: int = 0
     class_names: tuple[str, ...] = ("background", "PD-L1 positive")
 
-    def regions(self, slide_path: Path, *, case_size_um: float) -> list[tuple[int, int, int, int]]:
-        return whole_image_regions(slide_path, case_size_um=case_size_um)
+    def regions(self, slide_path: Path, *, case_size_um: float, mpp: float) -> list[tuple[int, int, int, int]]:
+        return whole_image_regions(slide_path, case_size_um=case_size_um, mpp=mpp)
 
     def labels(
         self, slide_path: Path, region_xywh: tuple[int, int, int, int], *, size_wh: tuple[int, int]
@@ -153,9 +158,9 @@ class QuPathRegionLabels:
                 return labels
         raise ValueError(f"{slide_path}: no QuPath labels were read for this image")
 
-    def regions(self, slide_path: Path, *, case_size_um: float) -> list[tuple[int, int, int, int]]:
+    def regions(self, slide_path: Path, *, case_size_um: float, mpp: float) -> list[tuple[int, int, int, int]]:
         labels = self._labels(slide_path)
-        with open_slide(slide_path) as slide:
+        with open_slide(slide_path, mpp=mpp) as slide:
             step = max(1, round(case_size_um / slide.mpp.mean))
             width, height = slide.dimensions
         areas = list(labels.training_regions) or [g for g in (labels.positive, labels.negative) if not g.is_empty]
@@ -198,11 +203,14 @@ def _describe(source: LabelSource) -> dict:
 
 @dataclass(frozen=True)
 class ExportImage:
-    """An image to export: its file and, for a QuPath project's image, its entry id and name."""
+    """An image to export: its file and, for a QuPath project's image, its entry id and name, and ``mpp``, the
+    µm/px of level 0 its project states (QuPath's calibration, also one a user set in QuPath), which replaces
+    the file's own as ``pdl1 run`` and ``pdl1 train`` read the entry. None: the file's own."""
 
     path: Path
     entry_id: str | None = None
     image_name: str | None = None
+    mpp: float | None = None
 
 
 def project_images(project: Path, *, test_names: Sequence[str] = ()) -> tuple[list[ExportImage], list[ExportImage]]:
@@ -239,7 +247,7 @@ def project_images(project: Path, *, test_names: Sequence[str] = ()) -> tuple[li
         if entry.not_analysable:
             raise ProjectError(f"{entry.image_name}: {entry.not_analysable}; export the image as it is in the file")
         path = locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder, search=ImageSearch())
-        image = ExportImage(Path(path), entry.entry_id, entry.image_name)
+        image = ExportImage(Path(path), entry.entry_id, entry.image_name, mpp=entry.mpp)
         (test if entry.entry_id in test_ids else train).append(image)
     return train, test
 
@@ -268,11 +276,11 @@ def _case_labels(
     return np.where(known, labels, len(names)).astype(np.uint8)
 
 
-def _refuse_a_slide_without_cases(path: Path, *, mpp: float, case_size_px: int) -> None:
-    """Raise ValueError for a slide that gives no case: smaller than one, or labels that bound none."""
-    with open_slide(path) as slide:
+def _refuse_a_slide_without_cases(path: Path, *, slide_mpp: float, mpp: float, case_size_px: int) -> None:
+    """Raise ValueError for a slide (of level-0 µm/px ``slide_mpp``) that gives no case: smaller than one, or
+    labels that bound none."""
+    with open_slide(path, mpp=slide_mpp) as slide:
         width, height = slide.dimensions
-        slide_mpp = slide.mpp.mean
     at_mpp = (width * slide_mpp / mpp, height * slide_mpp / mpp)
     if min(at_mpp) < case_size_px:
         raise ValueError(
@@ -292,6 +300,7 @@ def export_nnunet_dataset(
     case_size_px: int = 512,
     test_slides: Sequence[Path | ExportImage] = (),
     on_progress: Callable[[int, int], None] | None = None,
+    mpp_advice: MppAdvice | None = None,
 ) -> ExportSummary:
     """Write an nnU-Net v2 raw dataset of ``slides``' labelled regions at ``mpp`` µm/px.
 
@@ -305,6 +314,10 @@ def export_nnunet_dataset(
     no case (smaller than one), ``FileExistsError`` when ``out_dir`` is not empty or a dataset of its
     number is beside it (nnU-Net would take neither), and the label source's errors (phantom truth:
     :class:`inference.TruthNotFoundError` for a slide without its truth).
+
+    Each image is read at the µm/px its QuPath project states (an :class:`ExportImage`'s ``mpp``), else at its
+    file's own; one that states none either way raises :class:`inference.MissingMppError`, its message ending
+    with ``mpp_advice`` (how the caller's user gives one; :func:`inference.open_slide`).
     """
     out_dir = Path(out_dir)
     if not _DATASET_DIR.match(out_dir.name):
@@ -347,14 +360,15 @@ def export_nnunet_dataset(
     work = [(i, True) for i in images] + [(i, False) for i in tests]
     planned = []
     for image, train in work:
-        if train:
-            regions = source.regions(image.path, case_size_um=case_size_um)
-        else:
-            regions = whole_image_regions(image.path, case_size_um=case_size_um)
-        if not regions:  # an empty dataset would only fail later, in nnU-Net's planning
-            _refuse_a_slide_without_cases(image.path, mpp=mpp, case_size_px=case_size_px)
-        with open_slide(image.path) as slide:
+        # At the pixel size its QuPath project states, else its file's (as `pdl1 run` and training read it).
+        with open_slide(image.path, mpp=image.mpp, mpp_source="QuPath project", mpp_advice=mpp_advice) as slide:
             slide_mpp = slide.mpp.mean
+        if train:
+            regions = source.regions(image.path, case_size_um=case_size_um, mpp=slide_mpp)
+        else:
+            regions = whole_image_regions(image.path, case_size_um=case_size_um, mpp=slide_mpp)
+        if not regions:  # an empty dataset would only fail later, in nnU-Net's planning
+            _refuse_a_slide_without_cases(image.path, slide_mpp=slide_mpp, mpp=mpp, case_size_px=case_size_px)
         if train:
             # Reads the slide's labels (a phantom's whole truth mask) and checks one case: a slide without
             # labels is refused here, before anything is written.
@@ -372,7 +386,7 @@ def export_nnunet_dataset(
         labelled = positive = pixels = done = 0
         for image, train, regions in planned:
             path = image.path
-            with open_slide(path) as slide:
+            with open_slide(path, mpp=image.mpp, mpp_source="QuPath project") as slide:
                 for n, region in enumerate(regions):
                     x, y, w, h = region
                     size_wh = (max(1, round(w * slide.mpp.mean / mpp)), max(1, round(h * slide.mpp.mean / mpp)))

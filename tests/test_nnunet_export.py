@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from bridge.cli.app import app
 from bridge.nnunet_export import UNLABELLED, PhantomTruthLabels, export_nnunet_dataset
-from inference import PhantomSpec, TruthFormatError, TruthNotFoundError, load_truth, write_phantom
+from inference import PhantomSpec, TruthFormatError, TruthNotFoundError, load_truth, open_slide, write_phantom
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +142,8 @@ class _FailsOnTheThirdCall:
         self.truth, self.calls = PhantomTruthLabels(), 0
         self.class_names = self.truth.class_names
 
-    def regions(self, slide_path, *, case_size_um):
-        return self.truth.regions(slide_path, case_size_um=case_size_um)
+    def regions(self, slide_path, *, case_size_um, mpp):
+        return self.truth.regions(slide_path, case_size_um=case_size_um, mpp=mpp)
 
     def labels(self, slide_path, region_xywh, *, size_wh):
         self.calls += 1
@@ -246,6 +246,125 @@ def test_cli_export_of_a_project_maps_cases_to_entries(phantoms, tmp_path):
     assert all(c["entry_id"] for c in cases.values())
     unknown = CliRunner().invoke(app, [*args[:-1], "c.svs"])
     assert unknown.exit_code == 1 and "no image named 'c.svs'" in unknown.output
+
+
+@pytest.fixture(scope="module")
+def labelled(fixtures_dir) -> Path:
+    return fixtures_dir / "qupath-0.4.4-labels"
+
+
+@pytest.fixture(scope="module")
+def he_png(labelled, tmp_path_factory) -> Path:
+    """The labelled fixture slide's level-0 pixels (2048 x 2048) as a PNG, which states no pixel size (as a
+    microscope camera's image)."""
+    png = tmp_path_factory.mktemp("png") / "he.png"
+    with open_slide(labelled / "he-1357.svs") as slide:
+        Image.fromarray(slide.read_region((0, 0), 0, slide.dimensions)).save(png)
+    return png
+
+
+def _project_of(labelled: Path, image: Path, tmp_path: Path, *, calibration_um: tuple[float | None, ...]) -> Path:
+    """The labelled fixture project with its entries' images copies of ``image`` (entry 1 he-a, its
+    pathologist's labels exported; entry 2 he-b), each with QuPath's pixel size ``calibration_um`` (None:
+    uncalibrated, as QuPath saves an image that states none)."""
+    from bridge.labels import export_path
+
+    project = tmp_path / "project"
+    shutil.copytree(labelled / "project", project)
+    qpproj = json.loads((project / "project.qpproj").read_text())
+    for entry, stem, um in zip(qpproj["images"], ("he-a", "he-b"), calibration_um, strict=True):
+        name = stem + image.suffix
+        shutil.copy(image, tmp_path / name)
+        builder = entry["serverBuilder"]
+        builder["uri"] = (tmp_path / name).as_uri()
+        meta = builder["metadata"]
+        meta["levels"] = meta["levels"][:1]
+        for key in ("pixelWidth", "pixelHeight"):
+            meta["pixelCalibration"][key] = {"value": 1.0, "unit": "px"} if um is None else {"value": um, "unit": "µm"}
+    (project / "project.qpproj").write_text(json.dumps(qpproj))
+    exported = export_path(project, "1")
+    exported.parent.mkdir(parents=True)
+    features = json.loads((labelled / "objects-labelled-by-pathologist-0.4.4.geojson").read_text())["features"]
+    exported.write_text(json.dumps(features))
+    return project
+
+
+@pytest.mark.parametrize("qupath", ["never", "always"])
+@pytest.mark.parametrize("suffix", [".png", ".svs"])
+def test_a_project_exports_its_images_at_the_pixel_size_set_in_qupath(
+    labelled, he_png, tmp_path, monkeypatch, qupath, suffix
+):
+    """As `pdl1 run` and `pdl1 train` read an entry: the pixel size set in QuPath (1 µm/px) replaces the file's
+    own (a PNG states none, the SVS 0.5), through QuPath (paquo, faked: QuPath cannot start in this test) and
+    from the exports alike. The export read each file's own, so the PNGs were refused, and the SVS cut at the
+    file's scale."""
+    from bridge import qupath as qupath_module
+    from bridge.qupath_geojson import read_features
+
+    objects = list(read_features(labelled / "objects-labelled-by-pathologist-0.4.4.geojson"))
+    monkeypatch.setattr(qupath_module, "read_entry_objects", lambda path, ids: {"1": objects})
+    image = he_png if suffix == ".png" else labelled / "he-1357.svs"
+    project = _project_of(labelled, image, tmp_path, calibration_um=(1.0, 1.0))
+    out = tmp_path / "Dataset790_Calibrated"
+    args = ["export", "nnunet", str(project), "--out", str(out), "--mpp", "2", "--case-px", "128", "--test", "2"]
+    result = CliRunner().invoke(app, [*args, "--qupath", qupath])
+    assert result.exit_code == 0, result.output
+    cases = json.loads((out / "cases.json").read_text())
+    train = [c for c in cases.values() if c["split"] == "train"]
+    test = [c for c in cases.values() if c["split"] == "test"]
+    # 128 px at 2 µm/px is 256 µm: 256 level-0 px at QuPath's 1 µm/px (a file's 0.5 would make it 512).
+    assert train and max(c["region_xywh"][2] for c in train) == 256
+    assert {c["slide"] for c in train} == {str(tmp_path / f"he-a{suffix}")}
+    # The test entry cut whole at the same scale: 2048 px at 1 µm/px into 8 x 8 cases of 256 px.
+    assert len(test) == 64 and {tuple(c["region_xywh"][2:]) for c in test} == {(256, 256)}
+    tile = np.asarray(Image.open(out / "imagesTs" / "he-b_0000_0000.png"))
+    assert tile.shape == (128, 128, 3)
+    with open_slide(image, mpp=1.0) as slide:  # the first test case: the image's top left 256 px, read at 2 µm/px
+        assert np.abs(tile.astype(int) - slide.read_region_at_mpp((0, 0), (128, 128), mpp=2.0)).max() <= 1
+    source = json.loads((out / "pdl1_export.json").read_text())["label_source"]
+    (slide,) = source["slides"].values()
+    assert slide["source"].endswith(" through QuPath") == (qupath == "always")
+
+
+@pytest.mark.parametrize(
+    ("calibration_um", "extra", "refused"),
+    [((None, 1.0), ["--entries", "1"], "he-a.png"), ((1.0, None), ["--test", "2"], "he-b.png")],
+    ids=["labelled entry", "test entry"],
+)
+def test_a_project_image_without_a_pixel_size_anywhere_is_refused_saying_to_set_it_in_qupath(
+    labelled, he_png, tmp_path, calibration_um, extra, refused
+):
+    """The library's advice, 'pass ... as mpp', read as the export's --mpp, which sets the exported tiles' µm/px,
+    not the image's."""
+    project = _project_of(labelled, he_png, tmp_path, calibration_um=calibration_um)
+    out = tmp_path / "Dataset791_Uncalibrated"
+    args = ["export", "nnunet", str(project), "--out", str(out), "--qupath", "never", *extra]
+    result = CliRunner().invoke(app, args)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert (
+        f"{refused}: a plain PNG file states no microns per pixel. `pdl1 export nnunet` reads an entry at the pixel "
+        "size its QuPath project states (as `pdl1 run` does), else at its file's: set it in QuPath (Image tab: "
+        "Pixel width/height) to the µm/px of the scanner or camera it came from" in text
+    )
+    assert "or re-save the file where the entry finds it with resolution tags stating it (a TIFF" in text
+    assert "--mpp" not in text and "as mpp" not in text and not out.exists()
+
+
+def test_a_slide_file_without_a_pixel_size_is_refused_saying_how_its_file_can_state_one(phantoms, tmp_path):
+    png = tmp_path / "camera.png"
+    Image.fromarray(np.full((1024, 1024, 3), 200, np.uint8)).save(png)
+    out = tmp_path / "Dataset792_Camera"
+    args = ["export", "nnunet", str(phantoms[1]), "--out", str(out), "--case-px", "128", "--test", str(png)]
+    result = CliRunner().invoke(app, args)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert (
+        "camera.png: a plain PNG file states no microns per pixel. `pdl1 export nnunet` reads a slide file at its "
+        "own pixel size: re-save it with resolution tags stating the µm/px" in text
+    )
+    assert "or export it from a QuPath project with the pixel size set there" in text
+    assert "--mpp" not in text and "as mpp" not in text and not out.exists()
 
 
 def test_cli_refuses_a_project_with_slides(phantoms, tmp_path):

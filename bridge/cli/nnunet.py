@@ -94,6 +94,30 @@ def import_nnunet_cmd(
         )
 
 
+_TIFF_WITH_RESOLUTION = "tifffile: imwrite(path, rgb, resolution=(1e4 / MPP, 1e4 / MPP), resolutionunit='CENTIMETER')"
+
+
+def _entry_mpp_advice(value: str) -> str:
+    """What to do about a project's image without a pixel size: the export reads the one QuPath states, else the
+    file's. Its --mpp is the exported tiles' µm/px, not the image's (the library's advice, "pass ... as mpp",
+    sent users to it)."""
+    return (
+        "`pdl1 export nnunet` reads an entry at the pixel size its QuPath project states (as `pdl1 run` does), "
+        f"else at its file's: set it in QuPath (Image tab: Pixel width/height) to {value} and save the project; "
+        f"or re-save the file where the entry finds it with resolution tags stating it (a TIFF, {_TIFF_WITH_RESOLUTION}); "
+        "or leave the entry out (--entries names those to train on, --test those to predict)"
+    )
+
+
+def _slide_file_mpp_advice(value: str) -> str:
+    """What to do about a slide file without a pixel size: only the file can state one here."""
+    return (
+        "`pdl1 export nnunet` reads a slide file at its own pixel size: re-save it with resolution tags stating "
+        f"{value} (a TIFF, {_TIFF_WITH_RESOLUTION}); or export it from a QuPath project with the pixel size set "
+        "there (Image tab: Pixel width/height); or leave it out"
+    )
+
+
 @export_app.command("nnunet")
 def export_nnunet_cmd(
     images: Annotated[
@@ -105,7 +129,15 @@ def export_nnunet_cmd(
     out: Annotated[
         Path, typer.Option("--out", help="nnUNet_raw/DatasetNNN_NAME to write (three digits, then a name).")
     ],
-    mpp: Annotated[float, typer.Option("--mpp", min=0.05, max=64.0, help="µm/px of the exported tiles.")] = 2.0,
+    mpp: Annotated[
+        float,
+        typer.Option(
+            "--mpp",
+            min=0.05,
+            max=64.0,
+            help="µm/px of the exported tiles (not the images': a project's come from QuPath, else from the file).",
+        ),
+    ] = 2.0,
     case_px: Annotated[
         int, typer.Option("--case-px", min=32, max=8192, help="Edge of each case (tile) in px at --mpp.")
     ] = 512,
@@ -144,7 +176,7 @@ def export_nnunet_cmd(
 ) -> None:
     """Write an nnU-Net v2 raw dataset: imagesTr/, labelsTr/ (with nnU-Net's ignore label), dataset.json, cases.json.
 
-    Takes a QuPath project's images or slide files. A project's labels are the regions drawn in it (training regions, PD-L1 positive/negative areas, Ignore*; read through QuPath or from the pdl1/labels/ exports of qupath_scripts/pdl1_export_labels.groovy): pixels they do not decide get the ignore label. Slide files take phantom truth (<slide>.truth/): pixels the truth does not decide (mixed at --mpp), and with --ignore-margin-px those near a class boundary, get the ignore label. cases.json maps every case to its image (and project entry) and level-0 region. Train it as the README's nnU-Net section says, then `pdl1 import nnunet`.
+    Takes a QuPath project's images or slide files. A project's labels are the regions drawn in it (training regions, PD-L1 positive/negative areas, Ignore*; read through QuPath or from the pdl1/labels/ exports of qupath_scripts/pdl1_export_labels.groovy): pixels they do not decide get the ignore label. Slide files take phantom truth (<slide>.truth/): pixels the truth does not decide (mixed at --mpp), and with --ignore-margin-px those near a class boundary, get the ignore label. A project's images are read at the pixel size QuPath states for them (Image tab: Pixel width/height), else at their file's own, as `pdl1 run` reads them; slide files at their own. cases.json maps every case to its image (and project entry) and level-0 region. Train it as the README's nnU-Net section says, then `pdl1 import nnunet`.
     """
     from bridge.nnunet_export import PhantomTruthLabels, QuPathRegionLabels, export_nnunet_dataset, project_images
 
@@ -171,6 +203,8 @@ def export_nnunet_cmd(
             "--entries chooses entries of a QuPath project; the images are slide files: give only the slides to export",
             param_hint="--entries",
         )
+    # A project's entries are read at the pixel size QuPath states, else the file's; slide files at their own.
+    advice = _entry_mpp_advice if is_project else _slide_file_mpp_advice
     try:
         if is_project:
             train, tests = project_images(images[0], test_names=test or [])
@@ -208,7 +242,9 @@ def export_nnunet_cmd(
 
             test_ids = {t.entry_id for t in tests}
             entries = tuple(t.entry_id for t in train if t.entry_id not in test_ids)
-            drawn = read_project_labels(images[0], rules=LabelRules(points=False), entries=entries, qupath=qupath)
+            drawn = read_project_labels(
+                images[0], rules=LabelRules(points=False), entries=entries, qupath=qupath, mpp_advice=advice
+            )
             source = QuPathRegionLabels({lab.slide: lab for lab in drawn if lab.has_regions})
             unlabelled = [t for t in train if t.path.resolve() not in {Path(p).resolve() for p in source.by_slide}]
             if unlabelled:
@@ -226,6 +262,7 @@ def export_nnunet_cmd(
             mpp=mpp,
             case_size_px=case_px,
             test_slides=tests,
+            mpp_advice=advice,
         )
     except (Pdl1Error, OSError, ValueError) as err:
         raise fail(err) from err

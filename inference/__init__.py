@@ -111,6 +111,7 @@ _PUBLIC = {
     "pseudo_label_target": "inference.training.pseudo",
     "pseudo_label_slides": "inference.training.pseudo",
     "compute_domain_stats": "inference.training.domain_stats",
+    "recorded_slide_mpp": "inference.training.domain_stats",
     "LabelStatistics": "inference.training.report",
     "label_statistics": "inference.training.report",
     "truth_statistics": "inference.training.report",

@@ -335,3 +335,73 @@ def test_pdl1_domain_stats_says_what_was_kept_on_ctrl_c(phantom_svs, tmp_path, m
     assert result.exit_code == 130, result.output
     assert f"interrupted: nothing was written; {model} is as it was" in " ".join(result.output.split())
     assert (model / "manifest.json").read_bytes() == before
+
+
+def _seg_copy_recording(tmp_path, slide_mpp: dict[str, float]):
+    """A copy of the shipped segmentation ensemble whose manifest records ``slide_mpp`` as training does."""
+    model = tmp_path / "seg"
+    shutil.copytree(demo_model_dir("seg"), model)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["training"]["config"]["slide_mpp"] = slide_mpp
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    return model
+
+
+def test_pdl1_domain_stats_reads_a_slide_at_the_pixel_size_its_training_recorded(phantom_svs, tmp_path, monkeypatch):
+    """A model trained on a QuPath project's PNG (no pixel size in the file, 0.5 µm/px set in QuPath) records it
+    in training.config.slide_mpp; `pdl1 domain-stats` read the file's own, so the statistics could not be redone.
+    A slide given by another path to the recorded file counts; one not recorded is read at its file's own."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from bridge.cli.app import app
+    from inference import open_slide
+
+    png = tmp_path / "camera" / "p1.png"
+    png.parent.mkdir()
+    with open_slide(phantom_svs) as slide:  # the phantom's pixels, at 0.5 µm/px
+        Image.fromarray(slide.read_region((0, 0), 0, slide.dimensions)).save(png)
+    model = _seg_copy_recording(tmp_path, {str(png): 0.5})
+    monkeypatch.chdir(png.parent)
+    out = tmp_path / "copy"
+    args = ["domain-stats", str(model), "p1.png", str(phantom_svs), "--out", str(out), "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "p1.png: read at 0.5 µm/px, as its training recorded (training.config.slide_mpp)" in result.output
+    stats, why = stats_of_manifest(read_manifest(out).extra)
+    assert why == ""
+    png_row, svs_row = stats.slides
+    # The same pixels at the same pixel size: as many tiles (at 1 µm/px a quarter as many).
+    assert (png_row["slide"], svs_row["slide"]) == ("p1.png", "p1.svs") and png_row["tiles"] == svs_row["tiles"] > 1
+
+
+def test_pdl1_domain_stats_says_how_a_slide_gets_a_pixel_size_without_naming_options_it_lacks(phantom_svs, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from bridge.cli.app import app
+
+    png = tmp_path / "camera.png"
+    Image.fromarray(np.full((1024, 1024, 3), 200, np.uint8)).save(png)
+    model = _seg_copy_recording(tmp_path, {str(tmp_path / "other.png"): 0.5})
+    before = (model / "manifest.json").read_bytes()
+    result = CliRunner().invoke(app, ["domain-stats", str(model), str(phantom_svs), str(png), "--no-progress"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert (
+        "camera.png: a plain PNG file states no microns per pixel. `pdl1 domain-stats` reads a slide at the pixel "
+        "size the model's training recorded for it (the manifest's training.config.slide_mpp, by slide file), else "
+        "at its file's own" in text
+    )
+    assert "--mpp" not in text and "as mpp" not in text
+    assert (model / "manifest.json").read_bytes() == before
+
+
+def test_a_damaged_slide_mpp_record_is_refused_saying_what_was_expected():
+    from inference import recorded_slide_mpp
+
+    manifest = read_manifest(demo_model_dir("seg"), verify=False)
+    broken = dataclasses.replace(manifest, training={"config": {"slide_mpp": {"a.png": "0.5"}}})
+    with pytest.raises(ValueError, match=r"slide_mpp is \{'a.png': '0.5'\}; expected a mapping of slide path to µm/px"):
+        recorded_slide_mpp(broken, ["a.png"])
+    assert recorded_slide_mpp(manifest, ["a.png"]) == {}  # the shipped model records none

@@ -921,7 +921,13 @@ def _json_number(value):
 
 def domain_stats(
     model: Annotated[Path, typer.Argument(help="Model folder whose manifest gets the statistics.")],
-    slides: Annotated[list[Path], typer.Argument(help="The slides the model was trained on.")],
+    slides: Annotated[
+        list[Path],
+        typer.Argument(
+            help="The slides the model was trained on. Each is read at the pixel size its training recorded for it "
+            "(the manifest's training.config.slide_mpp: a QuPath project's calibration), else at its file's own."
+        ),
+    ],
     held_out: Annotated[
         list[str] | None,
         typer.Option(
@@ -938,12 +944,18 @@ def domain_stats(
 
     Runs member 0 over each slide as an analysis does, keeping its feature layers' channel means and stds
     per tile and each slide's stain vectors and tissue OD; the out-of-domain score and stain distance limits
-    are calibrated on --held-out slides. The weights and their checksums are not touched.
+    are calibrated on --held-out slides. A slide (training or held-out) is read at the pixel size the model's training recorded for it (the manifest's training.config.slide_mpp, where a QuPath project stated one), else at its file's own. The weights and their checksums are not touched.
     """
     import glob
 
     from bridge.progress import progress_bar
-    from inference import compute_domain_stats, read_manifest, with_domain_stats, write_domain_stats
+    from inference import (
+        compute_domain_stats,
+        read_manifest,
+        recorded_slide_mpp,
+        with_domain_stats,
+        write_domain_stats,
+    )
 
     copy = out is not None and out.resolve() != model.resolve()
     check_model_target(model, out, what="a copy with the statistics")
@@ -954,8 +966,21 @@ def domain_stats(
             raise typer.BadParameter(f"{pattern!r} matches no file", param_hint="--held-out")
         held += matches
     try:
+        # Each slide at the pixel size training read it at: the one its QuPath project stated, which the manifest
+        # records by slide (a PNG a project calibrated states none itself), else its file's own.
+        slide_mpp = recorded_slide_mpp(read_manifest(model, verify=False), [*slides, *held])
+        for path, value in slide_mpp.items():
+            typer.echo(f"{path}: read at {value:g} µm/px, as its training recorded (training.config.slide_mpp)")
         with progress_bar("domain statistics", enabled=progress) as on_progress:
-            stats = compute_domain_stats(model, slides, held_out=held, device=device, on_progress=on_progress)
+            stats = compute_domain_stats(
+                model,
+                slides,
+                held_out=held,
+                device=device,
+                on_progress=on_progress,
+                slide_mpp=slide_mpp,
+                mpp_advice=_domain_stats_mpp_advice,
+            )
         if copy:  # renamed into place whole, or not at all
             write_model_copy(model, out, with_domain_stats(read_manifest(model, verify=False), stats))
             path = out / "manifest.json"
@@ -980,6 +1005,18 @@ def domain_stats(
             f"  {row['slide']}: out-of-domain score {_num(row['score'])}, stain distance "
             f"{_num(row['stain_distance_deg'])}°"
         )
+
+
+def _domain_stats_mpp_advice(value: str) -> str:
+    """What to do about a slide `pdl1 domain-stats` finds no pixel size for: it has no --mpp (the library's
+    advice, "pass ... as mpp", named none of its options)."""
+    return (
+        "`pdl1 domain-stats` reads a slide at the pixel size the model's training recorded for it (the manifest's "
+        "training.config.slide_mpp, by slide file), else at its file's own: give the slide file training read, "
+        "as the manifest names it; or re-save it with resolution tags stating "
+        f"{value} (a TIFF, tifffile: imwrite(path, rgb, resolution=(1e4 / MPP, 1e4 / MPP), "
+        "resolutionunit='CENTIMETER')); or leave it out"
+    )
 
 
 def _num(value: float | None) -> str:

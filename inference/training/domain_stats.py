@@ -34,9 +34,10 @@ from inference.errors import StainError
 from inference.models.ensemble import Ensemble
 from inference.models.features import capture_tile_features, feature_layers
 from inference.models.manifest import Manifest, read_manifest, write_manifest
-from inference.slides.slide import open_slide
+from inference.slides.slide import MppAdvice, open_slide
 from inference.slides.stain_detect import detect_slide_stain
 from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
+from inference.values import is_finite_number
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +46,21 @@ TISSUE_MPP = 8.0
 
 
 def domain_sample(
-    path: str | Path, ensemble: Ensemble, *, tissue_mpp: float = TISSUE_MPP, mpp: float | None = None
+    path: str | Path,
+    ensemble: Ensemble,
+    *,
+    tissue_mpp: float = TISSUE_MPP,
+    mpp: float | None = None,
+    mpp_advice: MppAdvice | None = None,
 ) -> tuple[np.ndarray, SlideStain]:
     """One slide's tile features (N, D) from ``ensemble``'s member 0 and its stain, as an analysis sees them.
 
     ``mpp``: the slide's µm/px as its QuPath project states it, instead of the file's own (None: the file's).
+    ``mpp_advice``: how the caller's user gives the µm/px of a slide that states none (:func:`open_slide`).
     """
     manifest = ensemble.manifest
     first = Ensemble(manifest, ensemble.members[:1], folder=ensemble.folder, device=ensemble.device)
-    with open_slide(path, mpp=mpp, mpp_source="QuPath project") as slide:
+    with open_slide(path, mpp=mpp, mpp_source="QuPath project", mpp_advice=mpp_advice) as slide:
         tissue = tissue_mask_for_slide(slide, mpp=tissue_mpp, method=TISSUE_METHOD_OF_STAIN[manifest.stain])
         with capture_tile_features(first) as captured:
             if manifest.task == "segmentation":
@@ -64,6 +71,38 @@ def domain_sample(
     return captured.array(), stain
 
 
+def recorded_slide_mpp(manifest: Manifest, slides: Sequence[str | Path]) -> dict[str, float]:
+    """The µm/px ``manifest``'s training recorded for those of ``slides`` it names (``training.config.slide_mpp``:
+    the pixel size a QuPath project stated for a slide, which training read it at instead of its file's own),
+    keyed by the slides as given (``str``), for :func:`compute_domain_stats`'s ``slide_mpp``.
+
+    A slide is matched by its resolved path, so one given by another path to the same file counts; a slide not
+    named there is not in the result (its file's own pixel size applies). Raises ``ValueError`` where the
+    record is not a mapping of slide path to a positive number.
+
+    >>> from inference.models.manifest import Manifest
+    >>> m = Manifest(name="m", version="1", task="segmentation", architecture="a", architecture_kwargs={},
+    ...              input_mpp=2.0, tile_size_px=64, normalization={}, class_names=("bg", "pos"), members=(),
+    ...              training={"config": {"slide_mpp": {"/data/a.png": 0.5}}})
+    >>> recorded_slide_mpp(m, ["/data/a.png", "/data/b.svs"])
+    {'/data/a.png': 0.5}
+    """
+    config = manifest.training.get("config") if isinstance(manifest.training, dict) else None
+    recorded = config.get("slide_mpp") if isinstance(config, dict) else None
+    if recorded is None:
+        return {}
+    if not isinstance(recorded, dict) or not all(
+        isinstance(k, str) and is_finite_number(v) and v > 0 for k, v in recorded.items()
+    ):
+        raise ValueError(
+            f"the manifest's training.config.slide_mpp is {str(recorded)[:120]}; expected a mapping of slide path to "
+            "µm/px (a positive number), as training writes it: correct it, or remove it to read every slide at "
+            "its file's own pixel size"
+        )
+    by_file = {Path(path).resolve(): mpp for path, mpp in recorded.items()}
+    return {str(s): by_file[Path(s).resolve()] for s in slides if Path(s).resolve() in by_file}
+
+
 def compute_domain_stats(
     model_dir: str | Path,
     train_slides: Sequence[str | Path],
@@ -72,6 +111,7 @@ def compute_domain_stats(
     device: str = "cpu",
     on_progress: Callable[[int, int], None] | None = None,
     slide_mpp: Mapping[str, float] | None = None,
+    mpp_advice: MppAdvice | None = None,
 ) -> DomainStats:
     """The statistics of ``model_dir``'s training domain from ``train_slides``, with calibrated limits.
 
@@ -79,7 +119,9 @@ def compute_domain_stats(
     without, from each training slide scored against the other training slides' statistics (one
     training slide alone: no limits, so the guard measures but never flags). ``slide_mpp``: µm/px by slide
     path (as given) that replace those files' own, the pixel size their QuPath project states (as training
-    read them); a slide not in it is read at its file's own.
+    read them, :func:`recorded_slide_mpp`); a slide not in it is read at its file's own, and one whose file states
+    none raises :class:`~inference.errors.MissingMppError`, its message ending with ``mpp_advice`` (how the
+    caller's user gives one).
     """
     slide_mpp = dict(slide_mpp or {})
     manifest = read_manifest(model_dir)
@@ -103,12 +145,12 @@ def compute_domain_stats(
             "calibrated on slides the statistics did not see"
         )
     for path in [*train_slides, *held_out]:
-        _check_stain(path, manifest.stain, model_dir, mpp=slide_mpp.get(path))
+        _check_stain(path, manifest.stain, model_dir, mpp=slide_mpp.get(path), mpp_advice=mpp_advice)
     layers = ", ".join(name for name, _ in feature_layers(ensemble.members[0]))
     total = len(train_slides) + len(held_out)
     samples = []
     for i, path in enumerate([*train_slides, *held_out]):
-        samples.append(domain_sample(path, ensemble, mpp=slide_mpp.get(path)))
+        samples.append(domain_sample(path, ensemble, mpp=slide_mpp.get(path), mpp_advice=mpp_advice))
         log.info("%s: %d tiles", path, len(samples[-1][0]))
         if on_progress is not None:
             on_progress(i + 1, total)
@@ -154,7 +196,14 @@ MIN_CALIBRATION_SLIDES = 3
 STAIN_REFUSAL_MARGIN_DEG = 10.0
 
 
-def _check_stain(path: str | Path, stain: str, model_dir: str | Path, *, mpp: float | None = None) -> None:
+def _check_stain(
+    path: str | Path,
+    stain: str,
+    model_dir: str | Path,
+    *,
+    mpp: float | None = None,
+    mpp_advice: MppAdvice | None = None,
+) -> None:
     """Refuse a slide of another stain than the model's: its statistics would make the guard wave anything
     through (an H&E model given IHC slides set its limit at 252 against 2.6). A phantom's truth says its stain;
     another slide is judged by its colour, refused only on a clear call."""
@@ -166,7 +215,7 @@ def _check_stain(path: str | Path, stain: str, model_dir: str | Path, *, mpp: fl
         except (OSError, ValueError, AttributeError):
             found = None  # a damaged truth: the colour decides, as for any slide
     if found is None:
-        with open_slide(path, mpp=mpp, mpp_source="QuPath project") as slide:
+        with open_slide(path, mpp=mpp, mpp_source="QuPath project", mpp_advice=mpp_advice) as slide:
             colour = detect_slide_stain(slide, mpp=TISSUE_MPP)
         if colour.margin_deg >= STAIN_REFUSAL_MARGIN_DEG:
             found, how = colour.stain, f"its colour ({colour.reason})"

@@ -234,4 +234,5 @@ def test_a_small_pair_is_registered_finer_than_8_um_per_px(tmp_path, monkeypatch
     assert "small pairs finer" in result.output and "at µm/px" in result.output and " 4 " in result.output
     monkeypatch.setattr(registration, "MIN_REGISTRATION_PX", 1)  # as before: at 8 µm/px whatever the size
     coarse = evaluate_registration(tmp_path / "ihc_231.svs")
-    assert coarse.error_median_um > 20.0 and coarse.registered_mpp == 8.0
+    # Coarser is worse (27.5 µm before small images kept the tissue at their edges, 19.4 since).
+    assert coarse.error_median_um > finer.error_median_um + 5.0 and coarse.registered_mpp == 8.0

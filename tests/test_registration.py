@@ -235,4 +235,4 @@ def test_a_small_pair_is_registered_finer_than_8_um_per_px(tmp_path, monkeypatch
     monkeypatch.setattr(registration, "MIN_REGISTRATION_PX", 1)  # as before: at 8 µm/px whatever the size
     coarse = evaluate_registration(tmp_path / "ihc_231.svs")
     # Coarser is worse (27.5 µm before small images kept the tissue at their edges, 19.4 since).
-    assert coarse.error_median_um > finer.error_median_um + 5.0 and coarse.registered_mpp == 8.0
+    assert coarse.error_median_um > finer.error_median_um and coarse.registered_mpp == 8.0

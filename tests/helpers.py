@@ -138,3 +138,42 @@ def assert_device_blocks_match_cpu(
             diff = np.abs(ours.cpu().numpy().astype(np.int16) - theirs)
             assert diff.max() <= max_diff and diff.mean() < 0.5, (diff.max(), diff.mean())
     return len(blocks)
+
+
+class JavaPathObject:
+    """What bridge.qupath calls of a Java PathObject, as QuPath 0.4.4 to 0.6 behave (PathObject.java); ``label``
+    names it in a test's expectations."""
+
+    def __init__(self, kind, geometry, cls=None, name=None, measurements=None, kids=(), *, label=None):
+        self.kind, self.geometry, self.name, self.measurements = kind, geometry, name, dict(measurements or {})
+        self.cls = None if cls is None else type("PathClass", (), {"toString": lambda _self: cls})()
+        self.label, self.parent, self.kids = label, None, []
+        self.addChildObjects(kids)
+
+    def addChildObjects(self, objects):  # noqa: N802 - takes each from its old parent first
+        for obj in list(objects):
+            if obj.parent is not None:
+                obj.parent.kids.remove(obj)
+            obj.parent = self
+            self.kids.append(obj)
+
+    def getChildObjectsAsArray(self):  # noqa: N802
+        return list(self.kids)
+
+    def getParent(self):  # noqa: N802
+        return self.parent
+
+    def getPathClass(self):  # noqa: N802
+        return self.cls
+
+    def getName(self):  # noqa: N802
+        return self.name
+
+    def isTile(self):  # noqa: N802
+        return self.kind == "tile"
+
+    def isAnnotation(self):  # noqa: N802
+        return self.kind == "annotation"
+
+    def isDetection(self):  # noqa: N802
+        return self.kind in ("detection", "tile")

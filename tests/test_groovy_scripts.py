@@ -18,6 +18,7 @@ import tomllib
 from bridge.project_config import SCHEMA, ConfigError, read_project_config
 from bridge.run import RUN_METADATA_KEYS
 from project_templates import PDL1_TEMPLATE
+from tests.helpers import JavaPathObject
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "qupath_scripts"
 ANALYZE = SCRIPTS / "pdl1_analyze.groovy"
@@ -656,40 +657,6 @@ def _rerun_in_python(monkeypatch, tree):
 
     from bridge import qupath
 
-    class Java:  # what bridge.qupath calls of a Java PathObject (PathObject.java v0.4.4)
-        def __init__(self, label, kind, cls, name, measurements, geometry):
-            self.label, self.kind, self.name, self.measurements = label, kind, name, dict(measurements)
-            self.geometry, self.parent, self.kids = geometry, None, []
-            self.cls = None if cls is None else SimpleNamespace(toString=lambda: cls)
-
-        def addChildObjects(self, objects):  # noqa: N802 - takes each from its old parent first
-            for obj in list(objects):
-                if obj.parent is not None:
-                    obj.parent.kids.remove(obj)
-                obj.parent = self
-                self.kids.append(obj)
-
-        def getChildObjectsAsArray(self):  # noqa: N802
-            return list(self.kids)
-
-        def getParent(self):  # noqa: N802
-            return self.parent
-
-        def getPathClass(self):  # noqa: N802
-            return self.cls
-
-        def getName(self):  # noqa: N802
-            return self.name
-
-        def isTile(self):  # noqa: N802
-            return self.kind == "tile"
-
-        def isAnnotation(self):  # noqa: N802
-            return self.kind == "annotation"
-
-        def isDetection(self):  # noqa: N802
-            return self.kind in ("detection", "tile")
-
     class ArrayList(list):
         add = list.append
 
@@ -704,7 +671,7 @@ def _rerun_in_python(monkeypatch, tree):
     monkeypatch.setattr(qupath, "_paquo", lambda: {"annotation": Wrapper, "QuPathPathClass": lambda *a, **k: None})
     nodes = {}
     for label, kind, cls, name, measurements, geometry, parent in tree:
-        nodes[label] = Java(label, kind, cls, name, measurements, geometry)
+        nodes[label] = JavaPathObject(kind, geometry, cls, name, measurements, label=label)
         if parent is not None:
             nodes[parent].addChildObjects([nodes[label]])
     removed = []

@@ -16,6 +16,7 @@ from bridge.run import RunConfig, run_batch
 from inference.phantom.pyramid import write_phantom
 from inference.phantom.scene import PhantomSpec
 from inference.pipeline import Models, PipelineConfig
+from tests.helpers import JavaPathObject
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "qupath_scripts"
 CONTRACT_PARENT = {
@@ -748,44 +749,6 @@ def test_through_qupath_a_target_annotation_without_an_area_is_skipped_and_named
     assert "nothing analysed: none of the 1 target annotations has an area" in failed.error
 
 
-class _JavaObject:
-    """What bridge.qupath calls of a Java PathObject, as QuPath 0.4.4 to 0.6 behave (PathObject.java)."""
-
-    def __init__(self, kind, geometry, cls=None, name=None, measurements=None, kids=()):
-        self.kind, self.geometry, self.name, self.measurements = kind, geometry, name, dict(measurements or {})
-        self.cls = None if cls is None else type("PathClass", (), {"toString": lambda _self: cls})()
-        self.parent, self.kids = None, []
-        self.addChildObjects(kids)
-
-    def addChildObjects(self, objects):  # noqa: N802 - takes each from its old parent first
-        for obj in list(objects):
-            if obj.parent is not None:
-                obj.parent.kids.remove(obj)
-            obj.parent = self
-            self.kids.append(obj)
-
-    def getChildObjectsAsArray(self):  # noqa: N802
-        return list(self.kids)
-
-    def getParent(self):  # noqa: N802
-        return self.parent
-
-    def getPathClass(self):  # noqa: N802
-        return self.cls
-
-    def getName(self):  # noqa: N802
-        return self.name
-
-    def isTile(self):  # noqa: N802
-        return self.kind == "tile"
-
-    def isAnnotation(self):  # noqa: N802
-        return self.kind == "annotation"
-
-    def isDetection(self):  # noqa: N802
-        return self.kind in ("detection", "tile")
-
-
 def test_a_rerun_through_qupath_replaces_what_resolve_hierarchy_moved_out_of_the_roi(monkeypatch):
     """Resolve hierarchy puts a tile whose centre lies outside a round ROI, and a region over its edge (with what lies
     in it), beside the ROI: the re-run finds them too; yours inside them go back where they lay, not to the root."""
@@ -813,19 +776,21 @@ def test_a_rerun_through_qupath_replaces_what_resolve_hierarchy_moved_out_of_the
 
     def ours(kind, geometry, cls=None, kids=()):
         signature = {"annotation": OWN_ANNOTATION_SIGNATURE, "detection": OWN_DETECTION_SIGNATURE}.get(kind, "x")
-        return _JavaObject(kind, geometry, cls, TILE_NAME if kind == "tile" else None, {signature: 0.5}, kids)
+        return JavaPathObject(kind, geometry, cls, TILE_NAME if kind == "tile" else None, {signature: 0.5}, kids)
 
     inside = ours("detection", Point(1000, 1000), "Tumor: Positive")
-    yours_in_region = _JavaObject("annotation", box(1610, 950, 1640, 980), name="yours, in the ROI")
-    yours_out = _JavaObject("detection", Point(1790, 990), "Tumor: Positive", measurements={"Nucleus: Area": 9.0})
+    yours_in_region = JavaPathObject("annotation", box(1610, 950, 1640, 980), name="yours, in the ROI")
+    yours_out = JavaPathObject("detection", Point(1790, 990), "Tumor: Positive", measurements={"Nucleus: Area": 9.0})
     edge_tile = ours("tile", box(1650, 950, 1780, 1080))
     region = ours("annotation", box(1600, 900, 1800, 1000), "PD-L1 positive", [yours_in_region, yours_out])
-    roi = _JavaObject("annotation", Point(1000, 1000).buffer(700), "Tumor", "ROI", {ANALYSED_SIGNATURE: 0.0}, [inside])
+    roi = JavaPathObject(
+        "annotation", Point(1000, 1000).buffer(700), "Tumor", "ROI", {ANALYSED_SIGNATURE: 0.0}, [inside]
+    )
     far_tile = ours("tile", box(2500, 2500, 2600, 2600))  # another analysis's, nowhere near the ROI
-    other = _JavaObject("annotation", box(2000, 0, 2900, 900), "Tumor", "other", {ANALYSED_SIGNATURE: 1.0})
+    other = JavaPathObject("annotation", box(2000, 0, 2900, 900), "Tumor", "other", {ANALYSED_SIGNATURE: 1.0})
     other.addChildObjects([ours("tile", box(1690, 500, 2100, 600))])  # under another analysed ROI: its own
-    tissue = _JavaObject("annotation", box(0, 0, 3000, 3000), name="Tissue", kids=[roi, edge_tile, region])
-    root = _JavaObject("root", None, kids=[tissue, far_tile, other])
+    tissue = JavaPathObject("annotation", box(0, 0, 3000, 3000), name="Tissue", kids=[roi, edge_tile, region])
+    root = JavaPathObject("root", None, kids=[tissue, far_tile, other])
 
     removed = []
 

@@ -177,3 +177,36 @@ class JavaPathObject:
 
     def isDetection(self):  # noqa: N802
         return self.kind in ("detection", "tile")
+
+
+def paquo_stand_ins(monkeypatch, remove_objects):
+    """bridge.qupath on :class:`JavaPathObject` trees without a JVM: paquo.java's ArrayList, and paquo's object
+    wrapper without a hierarchy behind it. Returns (the wrapper class, an entry whose hierarchy's Java
+    ``removeObjects(objects, keepChildren)`` is ``remove_objects``)."""
+    import sys
+    from contextlib import contextmanager
+    from types import ModuleType, SimpleNamespace
+
+    from bridge import qupath
+
+    class ArrayList(list):
+        add = list.append
+
+    java = ModuleType("paquo.java")
+    java.ArrayList = ArrayList
+    monkeypatch.setitem(sys.modules, "paquo.java", java)
+
+    class Wrapper:
+        def __init__(self, obj):
+            self.java_object, self.measurements, self.roi = obj, obj.measurements, obj.geometry
+
+    monkeypatch.setattr(qupath, "_paquo", lambda: {"annotation": Wrapper, "QuPathPathClass": lambda *a, **k: None})
+
+    class Hierarchy:
+        java_object = SimpleNamespace(removeObjects=remove_objects)
+
+        @contextmanager
+        def no_autoflush(self):
+            yield self
+
+    return Wrapper, SimpleNamespace(hierarchy=Hierarchy())

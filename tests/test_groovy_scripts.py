@@ -18,7 +18,7 @@ import tomllib
 from bridge.project_config import SCHEMA, ConfigError, read_project_config
 from bridge.run import RUN_METADATA_KEYS
 from project_templates import PDL1_TEMPLATE
-from tests.helpers import JavaPathObject
+from tests.helpers import JavaPathObject, paquo_stand_ins
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "qupath_scripts"
 ANALYZE = SCRIPTS / "pdl1_analyze.groovy"
@@ -651,24 +651,8 @@ NESTED_RERUN_LEAVES = RERUN_LEAVES | {
 
 def _rerun_in_python(monkeypatch, tree):
     """bridge.qupath.write_children's removal on ``tree`` in Java's calls; (removed labels, {label: parent label})."""
-    import sys
-    from contextlib import contextmanager
-    from types import ModuleType, SimpleNamespace
-
     from bridge import qupath
 
-    class ArrayList(list):
-        add = list.append
-
-    java = ModuleType("paquo.java")
-    java.ArrayList = ArrayList
-    monkeypatch.setitem(sys.modules, "paquo.java", java)
-
-    class Wrapper:  # paquo's object wrapper, without a hierarchy behind it
-        def __init__(self, obj):
-            self.java_object, self.measurements, self.roi = obj, obj.measurements, obj.geometry
-
-    monkeypatch.setattr(qupath, "_paquo", lambda: {"annotation": Wrapper, "QuPathPathClass": lambda *a, **k: None})
     nodes = {}
     for label, kind, cls, name, measurements, geometry, parent in tree:
         nodes[label] = JavaPathObject(kind, geometry, cls, name, measurements, label=label)
@@ -684,14 +668,8 @@ def _rerun_in_python(monkeypatch, tree):
         if keep_children:
             nodes["root"].addChildObjects(kept)
 
-    class Hierarchy:
-        java_object = SimpleNamespace(removeObjects=remove_objects)
-
-        @contextmanager
-        def no_autoflush(self):
-            yield self
-
-    qupath.write_children(SimpleNamespace(hierarchy=Hierarchy()), Wrapper(nodes["ROI"]), [], {"PD-L1: x": 1.0})
+    wrapper, entry = paquo_stand_ins(monkeypatch, remove_objects)
+    qupath.write_children(entry, wrapper(nodes["ROI"]), [], {"PD-L1: x": 1.0})
     gone = {obj.label for obj in removed}
     return sorted(gone), {n.label: n.parent.label for n in nodes.values() if n.parent and n.label not in gone}
 

@@ -16,7 +16,7 @@ from bridge.run import RunConfig, run_batch
 from inference.phantom.pyramid import write_phantom
 from inference.phantom.scene import PhantomSpec
 from inference.pipeline import Models, PipelineConfig
-from tests.helpers import JavaPathObject
+from tests.helpers import JavaPathObject, paquo_stand_ins
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "qupath_scripts"
 CONTRACT_PARENT = {
@@ -752,27 +752,13 @@ def test_through_qupath_a_target_annotation_without_an_area_is_skipped_and_named
 def test_a_rerun_through_qupath_replaces_what_resolve_hierarchy_moved_out_of_the_roi(monkeypatch):
     """Resolve hierarchy puts a tile whose centre lies outside a round ROI, and a region over its edge (with what lies
     in it), beside the ROI: the re-run finds them too; yours inside them go back where they lay, not to the root."""
-    import sys
-    from contextlib import contextmanager
-    from types import ModuleType, SimpleNamespace
-
     from shapely.geometry import Point, box
 
     from bridge import qupath
     from bridge.objects import ANALYSED_SIGNATURE, OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE, TILE_NAME
 
-    class ArrayList(list):
-        add = list.append
-
-    java = ModuleType("paquo.java")
-    java.ArrayList = ArrayList
-    monkeypatch.setitem(sys.modules, "paquo.java", java)
-
-    class Wrapper:  # paquo's object wrapper, without a hierarchy behind it
-        def __init__(self, obj):
-            self.java_object, self.measurements, self.roi = obj, obj.measurements, obj.geometry
-
-    monkeypatch.setattr(qupath, "_paquo", lambda: {"annotation": Wrapper, "QuPathPathClass": lambda *a, **k: None})
+    removed = []
+    wrapper, entry = paquo_stand_ins(monkeypatch, lambda objects, keep: removed.extend(objects))
 
     def ours(kind, geometry, cls=None, kids=()):
         signature = {"annotation": OWN_ANNOTATION_SIGNATURE, "detection": OWN_DETECTION_SIGNATURE}.get(kind, "x")
@@ -792,17 +778,7 @@ def test_a_rerun_through_qupath_replaces_what_resolve_hierarchy_moved_out_of_the
     tissue = JavaPathObject("annotation", box(0, 0, 3000, 3000), name="Tissue", kids=[roi, edge_tile, region])
     root = JavaPathObject("root", None, kids=[tissue, far_tile, other])
 
-    removed = []
-
-    class Hierarchy:
-        java_object = SimpleNamespace(removeObjects=lambda objects, keep: removed.extend(objects))
-
-        @contextmanager
-        def no_autoflush(self):
-            yield self
-
-    parent = Wrapper(roi)
-    qupath.write_children(SimpleNamespace(hierarchy=Hierarchy()), parent, [], {ANALYSED_SIGNATURE: 1.0})
+    qupath.write_children(entry, wrapper(roi), [], {ANALYSED_SIGNATURE: 1.0})
     assert sorted(map(id, removed)) == sorted(map(id, [inside, edge_tile, region]))
     assert yours_in_region.parent is roi and yours_out.parent is tissue  # by QuPath's rule, covered / centroid
     assert other.kids[0].parent is other and far_tile.parent is root and roi.parent is tissue

@@ -8,6 +8,9 @@ import typer
 from rich.console import Console
 
 console = Console(stderr=True)
+# How to give an image file its pixel size, in the advice of commands that read only the file's (training from slides,
+# nnU-Net export, domain statistics): resolution tags, as tifffile writes them.
+TIFF_WITH_RESOLUTION = "tifffile: imwrite(path, rgb, resolution=(1e4 / MPP, 1e4 / MPP), resolutionunit='CENTIMETER')"
 
 
 def stdout() -> Console:

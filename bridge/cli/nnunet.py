@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from bridge.cli.common import console, fail, require_out_folder
+from bridge.cli.common import TIFF_WITH_RESOLUTION, console, fail, require_out_folder
 from inference import Pdl1Error
 
 import_app = typer.Typer(
@@ -94,9 +94,6 @@ def import_nnunet_cmd(
         )
 
 
-_TIFF_WITH_RESOLUTION = "tifffile: imwrite(path, rgb, resolution=(1e4 / MPP, 1e4 / MPP), resolutionunit='CENTIMETER')"
-
-
 def _entry_mpp_advice(value: str) -> str:
     """What to do about a project's image without a pixel size: the export reads the one QuPath states, else the
     file's. Its --mpp is the exported tiles' µm/px, not the image's (the library's advice, "pass ... as mpp",
@@ -104,7 +101,7 @@ def _entry_mpp_advice(value: str) -> str:
     return (
         "`pdl1 export nnunet` reads an entry at the pixel size its QuPath project states (as `pdl1 run` does), "
         f"else at its file's: set it in QuPath (Image tab: Pixel width/height) to {value} and save the project; "
-        f"or re-save the file where the entry finds it with resolution tags stating it (a TIFF, {_TIFF_WITH_RESOLUTION}); "
+        f"or re-save the file where the entry finds it with resolution tags stating it (a TIFF, {TIFF_WITH_RESOLUTION}); "
         "or leave the entry out (--entries names those to train on, --test those to predict)"
     )
 
@@ -113,7 +110,7 @@ def _slide_file_mpp_advice(value: str) -> str:
     """What to do about a slide file without a pixel size: only the file can state one here."""
     return (
         "`pdl1 export nnunet` reads a slide file at its own pixel size: re-save it with resolution tags stating "
-        f"{value} (a TIFF, {_TIFF_WITH_RESOLUTION}); or export it from a QuPath project with the pixel size set "
+        f"{value} (a TIFF, {TIFF_WITH_RESOLUTION}); or export it from a QuPath project with the pixel size set "
         "there (Image tab: Pixel width/height); or leave it out"
     )
 

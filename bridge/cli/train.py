@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from bridge.cli.common import (
+    TIFF_WITH_RESOLUTION,
     check_device,
     check_model_target,
     check_training_device,
@@ -390,7 +391,7 @@ def _slide_mpp_advice(value: str) -> str:
     return (
         "a slide given with --labels is read at its file's own pixel size (a GeoJSON export carries no QuPath "
         "calibration): save the image as a TIFF whose resolution tags state "
-        f"{value} (tifffile: imwrite(path, rgb, resolution=(1e4 / MPP, 1e4 / MPP), resolutionunit='CENTIMETER')); "
+        f"{value} ({TIFF_WITH_RESOLUTION}); "
         "or train from its QuPath project, with the pixel size set there (Image tab: Pixel width/height); "
         "or leave it out"
     )
@@ -1014,8 +1015,7 @@ def _domain_stats_mpp_advice(value: str) -> str:
         "`pdl1 domain-stats` reads a slide at the pixel size the model's training recorded for it (the manifest's "
         "training.config.slide_mpp, by slide file), else at its file's own: give the slide file training read, "
         "as the manifest names it; or re-save it with resolution tags stating "
-        f"{value} (a TIFF, tifffile: imwrite(path, rgb, resolution=(1e4 / MPP, 1e4 / MPP), "
-        "resolutionunit='CENTIMETER')); or leave it out"
+        f"{value} (a TIFF, {TIFF_WITH_RESOLUTION}); or leave it out"
     )
 
 

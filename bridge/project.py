@@ -8,7 +8,6 @@ that needs only the JSON is here; :mod:`bridge.qupath` does the rest through paq
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from bridge.atomic import replace_atomically
-from inference import Pdl1Error
+from inference import Pdl1Error, is_finite_number
 
 PDL1_DIR = "pdl1"
 STATUS_FILE = "status.json"
@@ -688,12 +687,8 @@ def review_reason_text(reason: dict[str, Any]) -> str:
     'no tumour'
     """
     value, limit = reason.get("value"), reason.get("limit")
-    numbers = f" ({value:.3g}, limit {limit:.3g})" if _is_finite(value) and _is_finite(limit) else ""
+    numbers = f" ({value:.3g}, limit {limit:.3g})" if is_finite_number(value) and is_finite_number(limit) else ""
     return f"{reason.get('reason')}{numbers}"
-
-
-def _is_finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def sidecar_dir(project_folder: Path, entry_id: str) -> Path:

@@ -32,7 +32,6 @@ import csv
 import io
 import json
 import logging
-import math
 import os
 import secrets
 from collections.abc import Iterable, Sequence
@@ -59,7 +58,7 @@ from bridge.project import (
 )
 from bridge.qupath_geojson import QuPathObject, read_features
 from bridge.run_lock import run_lock
-from inference import Pdl1Error, __version__
+from inference import Pdl1Error, __version__, is_finite_number
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +157,9 @@ class ReviewQueue:
 
 
 def _ratio(value: Any, limit: Any) -> float:
-    if not _finite(value) or not _finite(limit) or float(limit) <= 0:
+    if not is_finite_number(value) or not is_finite_number(limit) or float(limit) <= 0:
         return 0.0
     return min(max(float(value), 0.0) / float(limit), CAP)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def entry_uncertainty(summary: dict) -> float | None:
@@ -172,7 +167,7 @@ def entry_uncertainty(summary: dict) -> float | None:
     details = summary.get("details") or {}
     key = "nuclei_entropy_mean" if summary.get("stain") == "H-DAB" else "mutual_information_mean"
     value = details.get(key)
-    return float(value) if _finite(value) else None
+    return float(value) if is_finite_number(value) else None
 
 
 def score_parts(summary: dict, *, reference: float | None, labelled_share: float) -> ScoreParts:
@@ -192,7 +187,7 @@ def score_parts(summary: dict, *, reference: float | None, labelled_share: float
     analysed = summary.get("analysed_area_um2")
     candidate_pct = (
         100 * float(details.get("candidate_area_um2") or 0.0) / float(analysed)
-        if _finite(analysed) and analysed > 0
+        if is_finite_number(analysed) and analysed > 0
         else 0.0
     )
     sua = _ratio(candidate_pct, (details.get("review_rule") or {}).get("review_candidate_area_pct"))
@@ -257,7 +252,7 @@ def candidate_regions(objects: Iterable[QuPathObject], *, mpp: float) -> list[Re
                 object_type=obj.object_type,
                 bounds_px=(x0, y0, x1 - x0, y1 - y0),
                 area_um2=float(area),
-                mutual_information=float(mi) if _finite(mi) else None,
+                mutual_information=float(mi) if is_finite_number(mi) else None,
                 score=0.0,
                 labelled=False,
                 why=why,
@@ -382,7 +377,7 @@ def build_queue(
     fix = "run `pdl1 run PROJECT --resume`, which analyses again an image whose results do not read"
     summaries = {e.entry_id: _read_json(pdl1 / e.entry_id / "summary.json", fix) for e in found}
     for entry_id, summary in summaries.items():
-        if not isinstance(summary, dict) or not _finite(summary.get("mpp")):
+        if not isinstance(summary, dict) or not is_finite_number(summary.get("mpp")):
             raise ReviewQueueError(f"{pdl1 / entry_id / 'summary.json'} is not a pdl1 summary (no mpp); {fix}")
     references: dict[str, float] = {}
     for summary in summaries.values():

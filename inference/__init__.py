@@ -88,6 +88,7 @@ _PUBLIC = {
     "Manifest": "inference.models.manifest",
     "read_manifest": "inference.models.manifest",
     "wrong_model_message": "inference.models.manifest",
+    "is_finite_number": "inference.values",
     "write_manifest": "inference.models.manifest",
     "demo_model_checksums": "inference.models.manifest",
     "import_nnunet": "inference.models.nnunet_import",

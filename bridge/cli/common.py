@@ -196,6 +196,8 @@ def pipeline_config(
 
 
 def outcome_table(outcomes) -> None:
+    from collections import Counter
+
     from rich.markup import escape
     from rich.table import Table
 
@@ -205,7 +207,7 @@ def outcome_table(outcomes) -> None:
         table.add_column(col, justify="left" if col in ("image", "state", "stain", "category") else "right")
     # QuPath lets two entries share an image name (one file typed H&E and H-DAB, 1.svs of two cases): those rows,
     # and the lines below, name the entry too. Plain slides cannot share a name (their outputs are named by it).
-    shared = {n for n in (o.name for o in outcomes) if sum(x.name == n for x in outcomes) > 1}
+    shared = {name for name, count in Counter(o.name for o in outcomes).items() if count > 1}
 
     def label(o) -> str:
         return f"{o.name} (entry {o.key})" if o.name in shared else o.name

@@ -315,8 +315,8 @@ def _own_or_analysed(child: Any) -> tuple[bool, bool]:
 def _to_paquo(obj: QuPathObject, classes: dict[str, Any]) -> Any:
     p = _paquo()
     spec_class = None if obj.classification is None else classes[obj.classification]
-    # NaN is left out, as the sidecars leave it out (to_feature): QuPath keeps a NaN it is given and writes it
-    # into its GeoJSON as NaN, which read_entry_objects (labels, review-queue) then refuses.
+    # NaN is left out, as the sidecars leave it out (to_feature): QuPath keeps a NaN it is given and shows it as a
+    # measurement of no value (its GeoJSON writes "NaN", which the readers here leave out as missing).
     made = p[obj.object_type].from_shapely(obj.geometry, spec_class, finite_measurements(obj.measurements))
     if obj.name is not None:
         made.name = obj.name

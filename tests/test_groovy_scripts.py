@@ -788,3 +788,39 @@ println JsonOutput.toJson([removed: gone.sort(), parents: left.collectEntries {{
     assert groovy["parents"] == leaves
     removed, parents = _rerun_in_python(monkeypatch, tree)
     assert (removed, parents) == (removes, leaves)
+
+
+def _definitions(text: str) -> dict[str, str]:
+    """Each top-level ``def NAME = ...`` of a Groovy text: its lines up to the next top-level line that is not
+    part of it (another def, a marker comment), trailing blank and comment lines left out."""
+    found: dict[str, str] = {}
+    name, lines = None, []
+    for line in [*text.splitlines(), "def _end_ = null"]:
+        start = re.match(r"def (\w+) =", line)
+        if start or line.startswith("// ----"):
+            if name is not None:
+                while lines and (not lines[-1].strip() or lines[-1].startswith("//")):
+                    lines.pop()
+                found[name] = "\n".join(lines)
+            name, lines = (start.group(1), [line]) if start else (None, [])
+        elif name is not None:
+            lines.append(line)
+    return found
+
+
+def test_definitions_both_standalone_scripts_carry_are_the_same_text():
+    # Each script must stand alone in QuPath, so the settings and helpers they share are written twice; the
+    # parity tests run each copy, this keeps a change made to one copy from going unnoticed in the other.
+    analyze, imported = (_definitions(s.read_text().split(END)[0]) for s in (ANALYZE, IMPORT))  # settings, helpers
+    shared = sorted(set(analyze) & set(imported))
+    assert {"ownDescendants", "rehomeOthers", "liesIn", "OWN_DETECTION_CLASSES", "setParentMeasurements"} <= set(shared)
+    different = [name for name in shared if analyze[name] != imported[name]]
+    assert different == [], f"defined differently in {ANALYZE.name} and {IMPORT.name}: {', '.join(different)}"
+
+
+def test_the_definition_reader_sees_a_changed_copy():
+    text = helpers(IMPORT)
+    changed = text.replace("def liesIn = { obj, area ->", "def liesIn = { obj, area ->\n    // changed", 1)
+    assert changed != text
+    assert _definitions(changed)["liesIn"] != _definitions(text)["liesIn"]
+    assert _definitions(text)["liesIn"] == _definitions(helpers(ANALYZE))["liesIn"]

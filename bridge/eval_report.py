@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,11 @@ import numpy as np
 
 from bridge.atomic import replaced_together
 from inference import SlideEvaluation, aurc, e_aurc, reliability, risk_coverage, spearman
+
+log = logging.getLogger(__name__)
+
+# provenance.json's key for the earlier run whose table this run did not rewrite (write_report).
+KEPT_FROM_EARLIER_RUN = "kept_from_earlier_run"
 
 # Slide-level QC scores whose failure detection the suite measures (higher = less trusted), and what each is.
 QC_SCORES = {
@@ -198,6 +204,14 @@ def write_report(
     (``provenance``, with ``files``, the names of the files it describes, added). With IHC rows and no H&E
     slide there is no metrics.csv nor plots.
 
+    A run that writes one of the two tables leaves the other where an earlier run wrote it, and its provenance
+    with it: the new ``provenance.json`` carries, under :data:`KEPT_FROM_EARLIER_RUN`, the provenance of the
+    earlier run that wrote that other table (the earlier ``provenance.json``, or the run it kept in turn), its
+    ``files`` narrowed to those this run does not rewrite and that are still there; so every table in the folder
+    stays described. A run that writes both tables, or the same one again with the other absent (H&E after H&E),
+    keeps nothing: an earlier run's files it does not rewrite (the overlays of slides it left out) are no
+    table's. Where the other table is there but no earlier provenance describes it, a warning says so.
+
     All are replaced together, ``provenance.json`` last (:func:`bridge.atomic.replaced_together`): each written
     in place, an interrupt left a table cut short that still read as complete; replaced one by one, the new
     provenance stood beside the earlier run's metrics.csv (and, written by another function before it, the new
@@ -212,6 +226,9 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     he = bool(evaluations) or ihc_rows is None
+    kept = None
+    if provenance is not None and he != (ihc_rows is not None):  # one of the two tables: the other may be there
+        kept = _kept_from_earlier_run(out, "ihc_metrics.csv" if he else "metrics.csv")
     with replaced_together(out / "provenance.json") as open_new:
         if he:
             writer = csv.DictWriter(open_new(out / "metrics.csv", newline=""), fieldnames=COLUMNS)
@@ -231,10 +248,39 @@ def write_report(
         if he:
             written |= _plots(evaluations, out, save, plt)
         if provenance is not None:
-            files = sorted(p.name for p in written.values())
-            json.dump({**provenance, "files": files}, open_new(out / "provenance.json"), indent=2, default=str)
+            record = {**provenance, "files": sorted(p.name for p in written.values())}
+            if kept is not None:
+                rewritten = set(record["files"]) | {"provenance.json"}
+                files = [name for name in kept["files"] if isinstance(name, str) and name not in rewritten]
+                record[KEPT_FROM_EARLIER_RUN] = {**kept, "files": sorted(n for n in files if (out / n).is_file())}
+            json.dump(record, open_new(out / "provenance.json"), indent=2, default=str)
             written["provenance"] = out / "provenance.json"
     return written
+
+
+def _kept_from_earlier_run(out: Path, table: str) -> dict | None:
+    """The provenance of the earlier run that wrote ``table`` in ``out`` (:func:`write_report`), without the run
+    it kept in turn; None where ``table`` is not there, or (with a warning) no ``provenance.json`` there says."""
+    if not (out / table).is_file():
+        return None
+    path = out / "provenance.json"
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        earlier, why = None, f"{path} could not be read ({err})"
+    else:
+        why = f"{path} does not name it among its files"
+    runs = [earlier, earlier.get(KEPT_FROM_EARLIER_RUN)] if isinstance(earlier, dict) else []
+    for run in runs:
+        if isinstance(run, dict) and isinstance(run.get("files"), list) and table in run["files"]:
+            return {k: v for k, v in run.items() if k != KEPT_FROM_EARLIER_RUN}
+    log.warning(
+        "%s, an earlier run's, is left as it is, but no provenance says what made it: %s; the new provenance.json "
+        "describes this run's files only",
+        out / table,
+        why,
+    )
+    return None
 
 
 def _plots(evaluations: Sequence[SlideEvaluation], out: Path, save, plt) -> dict[str, Path]:

@@ -1,5 +1,6 @@
 """Segmentation evaluation: per-slide and pooled Dice of the ensemble and its members."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -269,7 +270,85 @@ def test_the_eval_report_is_replaced_provenance_last_so_no_file_is_paired_with_a
     renames.clear()
     write_report([], out, provenance={"run": 3}, ihc_rows=[{"slide": "a.svs"}])  # IHC slides alone
     assert renames == [("ihc_metrics.csv", None), ("provenance.json", None)]
-    assert json.loads(provenance.read_text()) == {"run": 3, "files": ["ihc_metrics.csv"]}
+    kept = {"run": 2, "files": sorted(names)}  # run 2's metrics.csv and plots, left as they were
+    assert json.loads(provenance.read_text()) == {"run": 3, "files": ["ihc_metrics.csv"], "kept_from_earlier_run": kept}
+
+
+def test_a_run_writing_one_table_keeps_the_provenance_of_the_other_left_there(tmp_path):
+    # A run of IHC slides alone (or H&E alone) left the earlier run's other table in the folder, and replaced the
+    # provenance.json that said what made it: the table stood there described by nothing.
+    import warnings
+
+    from bridge.eval_report import write_report
+
+    out = tmp_path / "report"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no slides: empty legends and histograms
+        write_report([], out, provenance={"run": 1})
+    for slide in ("a", "b"):  # the overlays of run 1's slides a and b, as their evaluations would draw them
+        (out / f"{slide}_overlay.png").write_bytes(b"\x89PNG")
+    he_files = ["metrics.csv", "npr_uncertainty_hist.png", "reliability.png", "risk_coverage.png"]
+    first = {"run": 1, "files": ["a_overlay.png", "b_overlay.png", *he_files]}
+    (out / "provenance.json").write_text(json.dumps(first))
+    (out / "b_overlay.png").unlink()  # a file gone since is not named
+    write_report([], out, provenance={"run": 2}, ihc_rows=[{"slide": "c.svs"}])  # IHC slides alone
+    assert json.loads((out / "provenance.json").read_text()) == {
+        "run": 2,
+        "files": ["ihc_metrics.csv"],
+        "kept_from_earlier_run": {"run": 1, "files": ["a_overlay.png", *he_files]},
+    }
+
+    # H&E again: run 2's IHC table is kept; run 1 is carried on no more (its a overlay, left there, is no table's).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        write_report([], out, provenance={"run": 3})
+    assert json.loads((out / "provenance.json").read_text()) == {
+        "run": 3,
+        "files": he_files,
+        "kept_from_earlier_run": {"run": 2, "files": ["ihc_metrics.csv"]},
+    }
+    # IHC again: run 3's H&E files are kept, its own kept run (2, whose table is rewritten) is not carried on.
+    write_report([], out, provenance={"run": 4}, ihc_rows=[{"slide": "c.svs"}])
+    assert json.loads((out / "provenance.json").read_text()) == {
+        "run": 4,
+        "files": ["ihc_metrics.csv"],
+        "kept_from_earlier_run": {"run": 3, "files": he_files},
+    }
+    # IHC yet again: run 3's H&E files are still described, through run 4's kept one.
+    write_report([], out, provenance={"run": 5}, ihc_rows=[{"slide": "c.svs"}])
+    assert json.loads((out / "provenance.json").read_text())["kept_from_earlier_run"] == {
+        "run": 3,
+        "files": he_files,
+    }
+
+
+@pytest.mark.parametrize("second", ["he", "both"])
+def test_a_run_rewriting_every_table_there_keeps_no_earlier_provenance(phantom_svs, tmp_path, second):
+    # H&E after H&E (no IHC table there), or both tables: nothing earlier is carried, not even for the overlay of
+    # a slide the second run left out.
+    from bridge.eval_report import write_report
+
+    review = {"review_entropy": 1.0, "review_candidate_area_pct": 100.0}
+    e = evaluate_slide_suite(
+        phantom_svs, pointwise_ensemble(2, input_mpp=2.0), sua=SuaParams(), pixel_threshold=0.4, review=review
+    )
+    out = tmp_path / "report"
+    write_report([e], out, provenance={"run": 1}, ihc_rows=[{"slide": "c.svs"}] if second == "both" else None)
+    (out / "a_overlay.png").write_bytes(b"\x89PNG")  # as if run 1 had a slide a, which run 2 leaves out
+    written = write_report([e], out, provenance={"run": 2}, ihc_rows=[{"slide": "c.svs"}] if second == "both" else None)
+    files = sorted(p.name for key, p in written.items() if key != "provenance")
+    assert json.loads(written["provenance"].read_text()) == {"run": 2, "files": files}
+    assert ("ihc_metrics.csv" in files) == (second == "both") and "p1_overlay.png" in files
+
+
+def test_a_table_left_there_without_an_earlier_provenance_is_warned_of(tmp_path, caplog):
+    from bridge.eval_report import write_report
+
+    (tmp_path / "metrics.csv").write_text("slide\n")  # e.g. a provenance.json deleted by hand
+    with caplog.at_level("WARNING", logger="bridge.eval_report"):
+        written = write_report([], tmp_path, provenance={"run": 1}, ihc_rows=[{"slide": "c.svs"}])
+    assert json.loads(written["provenance"].read_text()) == {"run": 1, "files": ["ihc_metrics.csv"]}
+    assert "metrics.csv, an earlier run's, is left as it is, but no provenance says what made it" in caplog.text
 
 
 def test_an_interrupted_plot_leaves_the_earlier_png_whole(tmp_path, monkeypatch):

@@ -597,7 +597,9 @@ def eval_suite(
             }
         # metrics.csv, ihc_metrics.csv and the plots are replaced together and provenance.json, which says what made
         # them, last, the earlier one removed before the first: no reader pairs a new file with a stale provenance
-        # or the new provenance with a stale file (bridge.atomic.replaced_together says why in that order).
+        # or the new provenance with a stale file (bridge.atomic.replaced_together says why in that order). The table
+        # of the other stain, where this run writes none and an earlier one did, keeps its run's provenance within
+        # the new one (kept_from_earlier_run).
         written = write_report(evaluations, out, provenance=provenance, ihc_rows=None if ihc is None else ihc[1])
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err

@@ -704,13 +704,44 @@ def warn_unless_he(slide: str | Path | Slide, source: str) -> None:
         )
 
 
+def _entry_of(lab: SlideLabels) -> re.Match | None:
+    """The project entry ``lab`` came from, as its ``source`` names it (groups: ID, image name), else None."""
+    return re.search(r" entry (\S+) \((.*?)\)", lab.source)
+
+
 def _names_of(lab: SlideLabels) -> set[str]:
     """What ``--val-entries`` may call a slide: its path, file name, and its project entry's ID and image name."""
     names = {lab.slide, Path(lab.slide).name}
-    entry = re.search(r" entry (\S+) \((.*?)\)", lab.source)
+    entry = _entry_of(lab)
     if entry:
         names |= {entry.group(1), entry.group(2)}
     return names
+
+
+def refuse_files_calibrated_twice(labels: Sequence[SlideLabels]) -> None:
+    """Raise :class:`LabelError` where two labelled entries are one image file with different pixel sizes.
+
+    QuPath lets each entry set its own (``mpp``, None: the file's own), but training reads a file at one pixel
+    size (its ``slide_mpp``, by slide path): the held-out ones too, so this is checked before any are held out.
+    The message names both entries, both pixel sizes and the fix.
+    """
+    first: dict[Path, SlideLabels] = {}
+    for lab in labels:
+        earlier = first.setdefault(Path(lab.slide).resolve(), lab)
+        if earlier.mpp == lab.mpp:
+            continue
+        both = []
+        for one in (earlier, lab):
+            entry = _entry_of(one)
+            name = f"entry {entry.group(1)} ({entry.group(2)})" if entry else (one.source or one.slide)
+            size = "its file's own pixel size (none set in QuPath)" if one.mpp is None else f"{one.mpp:g} µm/px"
+            both.append(f"{name} at {size}")
+        raise LabelError(
+            f"{earlier.slide} is the image of two project entries with different pixel sizes: {both[0]} and "
+            f"{both[1]}; training reads one file at one pixel size. Set one pixel size for the image in QuPath "
+            "(Image tab: Pixel width/height, the same in both entries) and save the project; or leave one of the "
+            "two entries out, naming the others with --entries (and not that one with --val-entries)"
+        )
 
 
 def split_validation(

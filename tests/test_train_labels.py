@@ -565,6 +565,51 @@ def test_a_project_image_that_states_no_pixel_size_in_file_or_project_is_refused
     assert "--mpp" not in text and "TIFF" not in text and not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize(
+    "args",
+    [["nuclei"], ["seg"], ["nuclei", "--entries", "1", "--val-entries", "2"], ["seg", "--val-entries", "2"]],
+    ids=["nuclei", "seg", "nuclei-validated-on-2", "seg-validated-on-2"],
+)
+def test_one_image_file_two_entries_calibrate_differently_is_refused_naming_both(labelled, he_png, tmp_path, args):
+    """Training reads a file at one pixel size (its slide_mpp, by path): two entries of one file set to two in
+    QuPath stopped training with a bare ValueError that named neither entry, training or held out."""
+    project = _png_project(labelled, he_png, tmp_path, calibration_um=0.5)
+    qpproj = json.loads((project / "project.qpproj").read_text())
+    builder = qpproj["images"][1]["serverBuilder"]
+    builder["uri"] = (tmp_path / "he-a.png").as_uri()  # entry 2 is he-a.png too, set to 0.25 µm/px
+    for key in ("pixelWidth", "pixelHeight"):
+        builder["metadata"]["pixelCalibration"][key] = {"value": 0.25, "unit": "µm"}
+    (project / "project.qpproj").write_text(json.dumps(qpproj))
+    out = tmp_path / "m"
+    result = runner.invoke(app, ["train", *args[:1], str(project), *args[1:], "--qupath", "never", "--out", str(out)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert (
+        f"{tmp_path / 'he-a.png'} is the image of two project entries with different pixel sizes: entry 1 "
+        "(he-1357.svs) at 0.5 µm/px and entry 2 (he-1357.svs) at 0.25 µm/px; training reads one file at one "
+        "pixel size. Set one pixel size for the image in QuPath (Image tab: Pixel width/height, the same in both "
+        "entries) and save the project; or leave one of the two entries out, naming the others with --entries "
+        "(and not that one with --val-entries)" in text
+    )
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_labels_of_one_file_at_two_pixel_sizes_are_refused_and_of_one_at_one_not():
+    from bridge.labels import LabelError, refuse_files_calibrated_twice
+    from inference import SlideLabels
+
+    def lab(slide: str, entry: str, mpp: float | None) -> SlideLabels:
+        return SlideLabels(slide, (10, 10), mpp=mpp, source=f"p.qpproj entry {entry} (name {entry}) from x.geojson")
+
+    refuse_files_calibrated_twice([lab("/a.png", "1", 0.5), lab("/a.png", "2", 0.5), lab("/b.png", "3", 0.25)])
+    refuse_files_calibrated_twice([lab("/a.png", "1", None), lab("/a.png", "2", None)])
+    said = r"/a.png is the image of two project entries with different pixel sizes: entry 1 \(name 1\) at 0.5 µm/px "
+    with pytest.raises(LabelError, match=said + r"and entry 3 \(name 3\) at 0.25 µm/px; training reads one file"):
+        refuse_files_calibrated_twice([lab("/a.png", "1", 0.5), lab("/b.png", "2", 1.0), lab("/a.png", "3", 0.25)])
+    with pytest.raises(LabelError, match=said + r"and entry 2 \(name 2\) at its file's own pixel size \(none set"):
+        refuse_files_calibrated_twice([lab("/a.png", "1", 0.5), lab("/x/../a.png", "2", None)])
+
+
 def test_training_from_a_project_opens_each_labelled_image_once_before_training(labelled, tmp_path, monkeypatch):
     """Reading a project's labels opened an image whose stain nobody stated for its colour, and `pdl1 train` then
     opened every labelled image once more just to check its pixel size."""

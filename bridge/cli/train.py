@@ -428,9 +428,17 @@ def _read_labels(
     ``points``: a nuclei run (the H&E nuclei classes); else a segmentation run, which reads the areas only.
     A project's labels carry the pixel size QuPath states for each entry (it replaces the file's own, as in
     `pdl1 run`); a slide with its GeoJSON has only its file's. A slide that states none either way is refused
-    here, before anything is trained, saying how to give one.
+    here, before anything is trained, saying how to give one; so is one image file that two entries set to
+    different pixel sizes (:func:`bridge.labels.refuse_files_calibrated_twice`).
     """
-    from bridge.labels import LabelRules, parse_class_map, read_geojson_labels, read_project_labels, warn_unless_he
+    from bridge.labels import (
+        LabelRules,
+        parse_class_map,
+        read_geojson_labels,
+        read_project_labels,
+        refuse_files_calibrated_twice,
+        warn_unless_he,
+    )
     from inference import NUCLEUS_CLASSES, open_slide
 
     if qupath not in ("auto", "always", "never"):
@@ -456,10 +464,14 @@ def _read_labels(
                 f"{what}; for slides with --labels, give the slide files and no project"
             )
         # Each entry at the pixel size its project states, else its file's (as `pdl1 run`); one stating none
-        # either way is refused as its labels are read, with what training can read.
-        return read_project_labels(
+        # either way is refused as its labels are read, with what training can read. Training (and validation)
+        # reads a file at one pixel size (slide_mpp, by path): two entries of one file set to two are refused
+        # here, naming them, before anything is held out or trained.
+        labels = read_project_labels(
             projects[0], rules=rules, entries=tuple(entries), qupath=qupath, mpp_advice=_training_mpp_advice
         )
+        refuse_files_calibrated_twice(labels)
+        return labels
     if entries:
         raise typer.BadParameter("--entries chooses entries of a QuPath project; the sources are slides")
     if not geojson:

@@ -184,15 +184,19 @@ def restore_data(entry: Any, backup: Path | None) -> None:
 
 def _own_descendants(parent: Any) -> list[Any]:
     """This tool's earlier objects of ``parent``'s analysis (Java objects): anywhere under it, and those that
-    *Resolve hierarchy* moved out of it; none under another analysed annotation.
+    *Resolve hierarchy* moved out of it; none under another analysed annotation, nor one that another holds more of.
 
     QuPath's *Resolve hierarchy* moves the nuclei and tiles under the regions (or your annotations) they lie in;
     removing only the parent's own children, with their children kept, put the earlier run's objects back beside
     the new run's. It puts each object in the smallest annotation that covers it (a detection: that holds its
-    centroid), so an uncertainty tile or a region over the edge of a drawn ROI goes up beside the ROI: one of
-    ours outside every analysed annotation that overlaps the parent is the parent's too. Another analysed
-    annotation (it carries :data:`ANALYSED_SIGNATURE`) holds its own results, which its own analysis replaces,
-    also one that the parent lies in (a hotspot analysed inside an analysed tissue outline).
+    centroid), so an uncertainty tile or a region over the edge of a drawn ROI goes up beside the ROI. One of ours
+    outside every analysed annotation that overlaps the parent is the parent's, with what lies in it, unless another
+    analysed annotation holds as much of it or more (:func:`_held_most_by`): an analysis makes its objects from its
+    own ROI's pixels (regions of pixels whose centres lie in it, tiles of a grid over it, nuclei inside it), so of
+    two analysed ROIs that touch or overlap, each one's region over the edge between them lies mostly in its own,
+    and taking every one that overlapped the parent, a re-run removed its neighbour's. Another analysed annotation
+    (it carries :data:`ANALYSED_SIGNATURE`) holds its own results, which its own analysis replaces, also one that the
+    parent lies in (a hotspot analysed inside an analysed tissue outline).
     """
     inside = parent.java_object
     out = _own_under(inside)
@@ -204,7 +208,7 @@ def _own_descendants(parent: Any) -> list[Any]:
     if not ancestors:
         return out
     wrap = _paquo()["annotation"]
-    area = None
+    area = others = None
     stack = [ancestors[-1]]  # the root
     while stack:
         above = stack.pop()
@@ -221,10 +225,15 @@ def _own_descendants(parent: Any) -> list[Any]:
             if own and area is None:
                 area = parent.roi
                 shapely.prepare(area)
-            if own and _overlaps(wrap(child).roi, area):
-                out.append(child)
-                out.extend(_own_under(child))
-            elif not analysed:
+            geometry = wrap(child).roi if own else None
+            if own and _overlaps(geometry, area):
+                if others is None:  # the other analysed annotations' outlines, read once one of ours overlaps
+                    others = [wrap(a).roi for a in _analysed_under(ancestors[-1]) if a != inside]
+                if _held_most_by(geometry, area, others):
+                    out.append(child)
+                    out.extend(_own_under(child))
+                    continue
+            if not analysed:  # also one of ours that is another's: the parent's may lie in it
                 stack.append(child)
     return out
 
@@ -246,6 +255,44 @@ def _own_under(top: Any) -> list[Any]:
 def _overlaps(geometry: BaseGeometry, area: BaseGeometry) -> bool:
     """Whether ``geometry`` shares more than a boundary with ``area``."""
     return bool(area.intersects(geometry)) and not bool(area.touches(geometry))
+
+
+def _analysed_under(top: Any) -> list[Any]:
+    """Every analysed annotation below the Java object ``top``.
+
+    Only annotations and TMA cores hold annotations: QuPath puts none under a detection
+    (``PathObjectHierarchy.insertPathObject``, v0.4.4:336-350), so detections are not looked into.
+    """
+    out: list[Any] = []
+    stack = [top]
+    while stack:
+        for child in stack.pop().getChildObjectsAsArray():
+            if child.isDetection():
+                continue
+            if _own_or_analysed(child)[1]:
+                out.append(child)
+            stack.append(child)
+    return out
+
+
+def _held_most_by(geometry: BaseGeometry, area: BaseGeometry, others: Iterable[BaseGeometry]) -> bool:
+    """Whether ``area`` holds more of ``geometry`` (by area) than each of ``others`` that overlaps it.
+
+    A tie is not more: an object held as much by another analysed annotation may be that one's, and is left.
+
+    >>> from shapely.geometry import box
+    >>> left, right = box(0, 0, 10, 10), box(10, 0, 20, 10)
+    >>> [_held_most_by(box(x, 4, x + 4, 6), left, [right]) for x in (7, 8, 9)]
+    [True, False, False]
+    """
+    share = None
+    for other in others:
+        if _overlaps(geometry, other):
+            if share is None:
+                share = area.intersection(geometry).area
+            if other.intersection(geometry).area >= share:
+                return False
+    return True
 
 
 def _rehome_others(old: list[Any], parent: Any) -> None:

@@ -79,8 +79,11 @@ def setParentMeasurements = { ml, Map fresh ->
 // annotation covering it, a detection in the one holding its centroid (PathObjectHierarchy.java v0.4.4:349-362):
 // a tile or a region of ours over the edge of a drawn ROI went beside the ROI, under its parent or the root, and a
 // re-run kept it beside its new ones. One of ours outside every analysed annotation that overlaps the parent (more
-// than a shared edge) is the parent's too, with its own descendants. own: the isOwn test. Measurement lists are
-// read only of annotations here (PathObject.getMeasurementList() creates an empty one on an object without).
+// than a shared edge) is the parent's too, with its own descendants, unless another analysed annotation holds as
+// much of it or more (heldMostBy): an analysis makes its objects from its own ROI's pixels, so of two analysed ROIs
+// that touch or overlap, each one's region over the edge between them lies mostly in its own, and taking every one
+// that overlapped the parent, a re-run removed its neighbour's. own: the isOwn test. Measurement lists are read only
+// of annotations here (PathObject.getMeasurementList() creates an empty one on an object without).
 def ANALYSED_SIGNATURE = "PD-L1: Uncertainty flag"  // bridge/objects.py: every analysed parent carries it
 def isAnalysed = { obj ->
     return obj.isAnnotation() && !Double.isNaN(obj.getMeasurementList().get(ANALYSED_SIGNATURE) as double)
@@ -100,6 +103,36 @@ def ownUnder = { top, Closure own ->
 }
 // Whether a JTS geometry (ROI.getGeometry(), 0.4.4 to 0.7) shares more than a boundary with the area.
 def overlaps = { geometry, area -> area.intersects(geometry) && !area.touches(geometry) }
+// Every analysed annotation below top, as bridge's _analysed_under: only annotations and TMA cores hold annotations
+// (PathObjectHierarchy.insertPathObject puts none under a detection, v0.4.4:336-350): detections are not looked into.
+def analysedUnder = { top ->
+    def out = []
+    def stack = [top]
+    while (!stack.isEmpty()) {
+        stack.remove(stack.size() - 1).getChildObjectsAsArray().each { child ->
+            if (child.isDetection())
+                return
+            if (isAnalysed(child))
+                out << child
+            stack << child
+        }
+    }
+    return out
+}
+// Whether the area holds more of a JTS geometry (by area) than each of others (JTS geometries) that overlaps it, as
+// bridge's _held_most_by. A tie is not more: an object held as much by another analysed annotation may be that one's.
+def heldMostBy = { geometry, area, List others ->
+    def share = null
+    for (other in others) {
+        if (!overlaps(geometry, other))
+            continue
+        if (share == null)
+            share = area.intersection(geometry).getArea()
+        if (other.intersection(geometry).getArea() >= share)
+            return false
+    }
+    return true
+}
 def ownDescendants = { parent, Closure own ->
     def out = ownUnder(parent, own)
     def ancestors = []
@@ -108,6 +141,7 @@ def ownDescendants = { parent, Closure own ->
     if (ancestors.isEmpty())
         return out
     def area = null  // the parent's outline, read only once an object of ours lies beside it
+    def others = null
     def stack = [ancestors[-1]]  // the root
     while (!stack.isEmpty()) {
         def above = stack.remove(stack.size() - 1)
@@ -124,12 +158,18 @@ def ownDescendants = { parent, Closure own ->
             def mine = own(child)
             if (mine && area == null)
                 area = parent.getROI().getGeometry()
-            if (mine && overlaps(child.getROI().getGeometry(), area)) {
-                out << child
-                out.addAll(ownUnder(child, own))
-            } else if (!isAnalysed(child)) {
-                stack << child
+            def geometry = mine ? child.getROI().getGeometry() : null
+            if (mine && overlaps(geometry, area)) {
+                if (others == null)  // the other analysed annotations' outlines, read once one of ours overlaps
+                    others = analysedUnder(ancestors[-1]).findAll { !it.is(parent) }*.getROI()*.getGeometry()
+                if (heldMostBy(geometry, area, others)) {
+                    out << child
+                    out.addAll(ownUnder(child, own))
+                    return
+                }
             }
+            if (!isAnalysed(child))  // also one of ours that is another's: the parent's may lie in it
+                stack << child
         }
     }
     return out

@@ -560,20 +560,41 @@ def test_bridge_finds_the_same_objects_of_its_earlier_run_as_the_scripts(monkeyp
 # What Resolve hierarchy leaves around a round ROI (PathObjectHierarchy.java v0.4.4:349-385: each object in the
 # smallest annotation covering it, a detection in the one holding its centroid), for the scripts and bridge alike:
 # (label, kind, class, name, measurements, geometry, parent label). Ours carry the signatures of bridge/objects.py.
-def _resolved_tree(nested: bool = False):
-    """``nested``: the Tissue outline around the ROI was analysed too (its results are its own)."""
+def _ours(label, kind, geometry, parent, cls=None):
+    from bridge.objects import OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE, TILE_NAME
+
+    signature = {"annotation": OWN_ANNOTATION_SIGNATURE, "detection": OWN_DETECTION_SIGNATURE}.get(kind, "x")
+    return (label, kind, cls, TILE_NAME if kind == "tile" else None, {signature: 0.5}, geometry, parent)
+
+
+def _yours(label, kind, geometry, parent, cls=None):
+    return (label, kind, cls, label, {"Area µm^2": 9.0}, geometry, parent)
+
+
+def _analysed(label, geometry, parent):
+    from bridge.objects import ANALYSED_SIGNATURE
+
+    return (label, "annotation", "Tumor", label, {ANALYSED_SIGNATURE: 0.0, "Area µm^2": 1.0}, geometry, parent)
+
+
+def _resolved_tree(nested: bool = False, neighbour: bool = False):
+    """``nested``: the Tissue outline around the ROI was analysed too (its results are its own). ``neighbour``: an
+    analysed ROI beside the ROI overlaps it, with a region of each over the other's edge."""
     from shapely.geometry import Point, box
 
-    from bridge.objects import ANALYSED_SIGNATURE, OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE, TILE_NAME
+    from bridge.objects import ANALYSED_SIGNATURE
 
-    def ours(label, kind, geometry, parent, cls=None):
-        signature = {"annotation": OWN_ANNOTATION_SIGNATURE, "detection": OWN_DETECTION_SIGNATURE}.get(kind, "x")
-        return (label, kind, cls, TILE_NAME if kind == "tile" else None, {signature: 0.5}, geometry, parent)
-
-    def yours(label, kind, geometry, parent, cls=None):
-        return (label, kind, cls, label, {"Area µm^2": 9.0}, geometry, parent)
-
+    ours, yours = _ours, _yours
     roi = Point(1000, 1000).buffer(700)  # a vertex at (1700, 1000)
+    beside = [
+        # Overlapping the ROI's left edge (x 300 to 350); both beside each other under Tissue.
+        _analysed("neighbour ROI", box(0, 700, 350, 1300), "Tissue"),
+        # Its region a little over its right edge, into the ROI: 30000 px² in the neighbour, some 11000 in the ROI.
+        ours("its region over our ROI", "annotation", box(200, 900, 360, 1100), "Tissue", "PD-L1 positive"),
+        ours("its nucleus in that region", "detection", box(250, 990, 260, 1000), "its region over our ROI", "Other"),
+        # The ROI's region a little over its edge, into the neighbour: 2000 px² in the neighbour, most in the ROI.
+        ours("our region over its edge", "annotation", box(330, 1150, 500, 1250), "Tissue", "PD-L1 positive"),
+    ]
     return [
         ("root", "root", None, None, {}, None, None),
         yours("Tissue", "annotation", box(0, 0, 3000, 3000), "root")
@@ -607,6 +628,32 @@ def _resolved_tree(nested: bool = False):
         ours("tile far away", "tile", box(2500, 2500, 2600, 2600), "root"),
         ("other ROI", "annotation", "Tumor", "other", {ANALYSED_SIGNATURE: 1.0}, box(1400, 0, 2900, 600), "root"),
         ours("its tile over our ROI", "tile", box(1450, 450, 1600, 560), "other ROI"),
+        *(beside if neighbour else []),
+    ]
+
+
+def _side_by_side_tree():
+    """Two analysed ROIs side by side, sharing the edge x = 1000, and what Resolve hierarchy left beside them: each
+    object of ours over that edge belongs to the ROI holding more of it; one held half and half by each is left."""
+    from shapely.geometry import box
+
+    ours = _ours
+    return [
+        ("root", "root", None, None, {}, None, None),
+        _analysed("left ROI", box(0, 100, 1000, 1100), "root"),
+        _analysed("right ROI", box(1000, 100, 2000, 1100), "root"),
+        ours("left's nucleus", "detection", box(500, 500, 510, 510), "left ROI", "Tumor: Positive"),
+        ours("right's nucleus", "detection", box(1500, 500, 1510, 510), "right ROI", "Tumor: Negative"),
+        # Regions over the shared edge: 60000 px² on their own side, 2000 or 4000 px² on the other.
+        ours("left's region over the edge", "annotation", box(700, 500, 1010, 700), "root", "PD-L1 positive"),
+        ours("right's region over the edge", "annotation", box(980, 200, 1300, 400), "root", "PD-L1 positive"),
+        ours(
+            "a nucleus in that region", "detection", box(1100, 300, 1110, 310), "right's region over the edge", "Other"
+        ),
+        # Tiles over both ROIs' top edge (their centres above it, in neither): 1200 px² in one, 400 or 800 in the other.
+        ours("left's tile over the top", "tile", box(940, 40, 1020, 120), "root"),
+        ours("a tile held half and half", "tile", box(960, 40, 1040, 120), "root"),
+        ours("right's tile over the top", "tile", box(980, 40, 1060, 120), "root"),
     ]
 
 
@@ -649,8 +696,48 @@ NESTED_RERUN_LEAVES = RERUN_LEAVES | {
 }
 
 
-def _rerun_in_python(monkeypatch, tree):
-    """bridge.qupath.write_children's removal on ``tree`` in Java's calls; (removed labels, {label: parent label})."""
+# The same where an analysed ROI beside the ROI overlaps it: its region over our ROI's edge (it holds more of it)
+# stays; ours over its edge (our ROI holds more of it) goes.
+NEIGHBOUR_RERUN_REMOVES = sorted([*RERUN_REMOVES, "our region over its edge"])
+NEIGHBOUR_RERUN_LEAVES = RERUN_LEAVES | {
+    "neighbour ROI": "Tissue",
+    "its region over our ROI": "Tissue",
+    "its nucleus in that region": "its region over our ROI",
+}
+# Re-running the left of two ROIs side by side: the right's results, over the edge too, stay, and so does a tile held
+# half and half by each (never remove what may be another's).
+SIDE_BY_SIDE_RERUN_REMOVES = ["left's nucleus", "left's region over the edge", "left's tile over the top"]
+SIDE_BY_SIDE_RERUN_LEAVES = {
+    "left ROI": "root",
+    "right ROI": "root",
+    "right's nucleus": "right ROI",
+    "right's region over the edge": "root",
+    "a nucleus in that region": "right's region over the edge",
+    "a tile held half and half": "root",
+    "right's tile over the top": "root",
+}
+# case: (tree, the annotation re-run, what it removes, where everything else is after it)
+RERUN_CASES = {
+    "roi": (lambda: _resolved_tree(), "ROI", RERUN_REMOVES, RERUN_LEAVES),
+    "roi-in-an-analysed-outline": (
+        lambda: _resolved_tree(nested=True),
+        "ROI",
+        NESTED_RERUN_REMOVES,
+        NESTED_RERUN_LEAVES,
+    ),
+    "roi-beside-an-analysed-roi": (
+        lambda: _resolved_tree(neighbour=True),
+        "ROI",
+        NEIGHBOUR_RERUN_REMOVES,
+        NEIGHBOUR_RERUN_LEAVES,
+    ),
+    "rois-side-by-side": (_side_by_side_tree, "left ROI", SIDE_BY_SIDE_RERUN_REMOVES, SIDE_BY_SIDE_RERUN_LEAVES),
+}
+
+
+def _rerun_in_python(monkeypatch, tree, rerun="ROI"):
+    """bridge.qupath.write_children's removal of ``rerun``'s earlier results on ``tree``, in Java's calls;
+    (removed labels, {label: parent label})."""
     from bridge import qupath
 
     nodes = {}
@@ -669,7 +756,7 @@ def _rerun_in_python(monkeypatch, tree):
             nodes["root"].addChildObjects(kept)
 
     wrapper, entry = paquo_stand_ins(monkeypatch, remove_objects)
-    qupath.write_children(entry, wrapper(nodes["ROI"]), [], {"PD-L1: x": 1.0})
+    qupath.write_children(entry, wrapper(nodes[rerun]), [], {"PD-L1: x": 1.0})
     gone = {obj.label for obj in removed}
     return sorted(gone), {n.label: n.parent.label for n in nodes.values() if n.parent and n.label not in gone}
 
@@ -681,18 +768,30 @@ def _script_part(script: Path, start: str) -> str:
     return text[begin : text.index("\n}\n", begin) + 3]
 
 
-@needs_groovy
-@pytest.mark.parametrize("nested", [False, True], ids=["roi", "roi-in-an-analysed-outline"])
-@pytest.mark.parametrize("script", [ANALYZE, IMPORT], ids=lambda p: p.name)
-def test_a_rerun_of_the_scripts_replaces_what_resolve_hierarchy_moved_out_of_the_roi_as_bridge_does(
-    tmp_path, monkeypatch, script, nested
+@pytest.mark.parametrize("case", RERUN_CASES)
+def test_a_rerun_through_bridge_replaces_what_resolve_hierarchy_moved_out_of_the_roi_and_no_other_analysis(
+    monkeypatch, case
 ):
     # Resolve hierarchy put a tile whose centre lies outside a round ROI, and a region over its edge (with what lies
-    # in it), beside the ROI: the re-run kept them beside its new ones. removeObjects(old, keepChildren=true) put your
-    # objects inside the regions it removed at the image's root. The script's isOwn, its settings, its helpers and
-    # the body's calls, on stand-ins whose geometry is java.awt.geom.Area (JTS's calls: intersects, touches, covers,
-    # contains, getCentroid); bridge.qupath.write_children on the same tree must do the same.
-    tree = _resolved_tree(nested)
+    # in it), beside the ROI: the re-run kept them beside its new ones. Taking every one of ours beside the ROI that
+    # overlapped it, the re-run of one of two analysed ROIs side by side removed the other's results over the edge
+    # between them. bridge.qupath.write_children, in Java's calls; the scripts must do the same (the test below).
+    build, parent, removes, leaves = RERUN_CASES[case]
+    assert _rerun_in_python(monkeypatch, build(), parent) == (removes, leaves)
+
+
+@needs_groovy
+@pytest.mark.parametrize("case", RERUN_CASES)
+@pytest.mark.parametrize("script", [ANALYZE, IMPORT], ids=lambda p: p.name)
+def test_a_rerun_of_the_scripts_replaces_what_resolve_hierarchy_moved_out_of_the_roi_as_bridge_does(
+    tmp_path, script, case
+):
+    # As the test above, for the scripts: removeObjects(old, keepChildren=true) also put your objects inside the
+    # regions it removed at the image's root. The script's isOwn, its settings, its helpers and the body's calls, on
+    # stand-ins whose geometry is java.awt.geom.Area (JTS's calls: intersects, touches, covers, contains,
+    # getCentroid, intersection, getArea); bridge.qupath.write_children on the same trees does the same (above).
+    build, parent, removes, leaves = RERUN_CASES[case]
+    tree = build()
     body = script.read_text().replace(helpers(script), "")
     code = re.sub(r"//.*", "", body)
     assert re.search(  # the driver below makes these calls: the script must make them so
@@ -725,12 +824,28 @@ def test_a_rerun_of_the_scripts_replaces_what_resolve_hierarchy_moved_out_of_the
 {is_own}
 class Pt {{ double x; double y }}
 class Geom {{                                           // a JTS Geometry's calls, on java.awt.geom.Area
-    java.awt.geom.Area area; Pt centre
-    boolean intersects(Geom o) {{ def a = new java.awt.geom.Area(area); a.intersect(o.area); !a.isEmpty() }}
+    java.awt.geom.Area shape; Pt centre
+    boolean intersects(Geom o) {{ def a = new java.awt.geom.Area(shape); a.intersect(o.shape); !a.isEmpty() }}
     boolean touches(Geom o) {{ false }}                   // an Area shared by a corner or an edge is empty above
-    boolean covers(Geom o) {{ def a = new java.awt.geom.Area(o.area); a.subtract(area); a.isEmpty() }}
-    boolean contains(Pt p) {{ area.contains(p.x, p.y) }}
+    boolean covers(Geom o) {{ def a = new java.awt.geom.Area(o.shape); a.subtract(shape); a.isEmpty() }}
+    boolean contains(Pt p) {{ shape.contains(p.x, p.y) }}
     Pt getCentroid() {{ centre }}
+    Geom intersection(Geom o) {{ def a = new java.awt.geom.Area(shape); a.intersect(o.shape); new Geom(shape: a) }}
+    double getArea() {{                                 // the shoelace sum over the Area's outlines (lines only)
+        double sum = 0, x0 = 0, y0 = 0, px = 0, py = 0
+        double[] c = new double[6]
+        for (def it = shape.getPathIterator(null); !it.isDone(); it.next()) {{
+            int type = it.currentSegment(c)
+            if (type == java.awt.geom.PathIterator.SEG_MOVETO) {{
+                x0 = px = c[0]; y0 = py = c[1]
+            }} else if (type == java.awt.geom.PathIterator.SEG_LINETO) {{
+                sum += px * c[1] - c[0] * py; px = c[0]; py = c[1]
+            }} else {{                                    // SEG_CLOSE
+                sum += px * y0 - x0 * py; px = x0; py = y0
+            }}
+        }}
+        Math.abs(sum) / 2
+    }}
 }}
 class Roi {{ Geom geom; Geom getGeometry() {{ geom }} }}
 class Ml {{ Map m = [:]; double get(String k) {{ m.containsKey(k) ? m[k] as double : Double.NaN }} }}
@@ -757,7 +872,7 @@ for (n in new groovy.json.JsonSlurper().parseText('''{listed}''')) {{
         path.moveTo(n.xy[0][0] as double, n.xy[0][1] as double)
         n.xy.drop(1).each {{ path.lineTo(it[0] as double, it[1] as double) }}
         path.closePath()
-        shape = new Geom(area: new java.awt.geom.Area(path), centre: new Pt(x: n.centroid[0], y: n.centroid[1]))
+        shape = new Geom(shape: new java.awt.geom.Area(path), centre: new Pt(x: n.centroid[0], y: n.centroid[1]))
     }}
     def node = new Node(label: n.label, kind: n.kind, cls: n.cls, name: n.name, roi: new Roi(geom: shape))
     n.ml.each {{ k, v -> node.ml.m[k] = v as double }}
@@ -772,7 +887,7 @@ def hierarchy = [removeObjects: {{ List objects, boolean keepChildren ->  // v0.
     if (keepChildren)
         root.addChildObjects(kept)
 }}]
-def parent = nodes["ROI"]
+def parent = nodes["{parent}"]
 def old = ownDescendants(parent, isOwn)
 if (!old.isEmpty()) {{
     rehomeOthers(old, parent)
@@ -782,12 +897,9 @@ def gone = old*.label as Set
 def left = nodes.values().findAll {{ it.up != null && !(it.label in gone) }}
 println JsonOutput.toJson([removed: gone.sort(), parents: left.collectEntries {{ [(it.label): it.up.label] }}])
 """
-    removes, leaves = (NESTED_RERUN_REMOVES, NESTED_RERUN_LEAVES) if nested else (RERUN_REMOVES, RERUN_LEAVES)
     (groovy,) = run_groovy(tmp_path, driver, script)
     assert groovy["removed"] == removes
     assert groovy["parents"] == leaves
-    removed, parents = _rerun_in_python(monkeypatch, tree)
-    assert (removed, parents) == (removes, leaves)
 
 
 def _definitions(text: str) -> dict[str, str]:

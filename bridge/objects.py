@@ -278,6 +278,10 @@ def feature_page(
     are built: a whole slide has hundreds of thousands of nuclei, and building them all for
     each page made fetching a result quadratic in its size. ``scale`` and ``origin_xy`` map
     the geometry of an uploaded region's result to the image's level-0 px.
+
+    A PD-L1 IHC result's cells come whether or not ``outputs`` names ``nuclei``: they are what its
+    TPS, CPS and counts on the parent were measured from (QuPath's own ``Positive %`` counts them),
+    and ``pdl1 run`` writes them likewise (:func:`result_objects`).
     """
 
     def feature(obj: QuPathObject) -> dict[str, Any]:
@@ -296,7 +300,7 @@ def feature_page(
     ):
         if name in outputs:
             kinds.append((len(items), lambda a, b, items=items, build=build: (feature(build(x)) for x in items[a:b])))
-    if "nuclei" in outputs and nuclei is not None:
+    if nuclei is not None and ("nuclei" in outputs or result.stain == "H-DAB"):
         kinds.append((len(nuclei), lambda a, b: nucleus_features(nuclei, a, b, scale=scale, origin_xy=origin_xy)))
     page: list[dict[str, Any]] = []
     start, stop = offset, offset + limit  # in the running index over all kinds

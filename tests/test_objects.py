@@ -120,3 +120,19 @@ def test_a_page_of_chosen_outputs_placed_for_an_upload():
     candidate = Polygon(page[0]["geometry"]["coordinates"][0])
     assert candidate.bounds == (410.0, 20.0, 610.0, 220.0)
     assert page[1]["geometry"]["coordinates"] == pytest.approx(list(result.nuclei.xy[0] * 2 + (10, 20)))
+
+
+@pytest.mark.parametrize("outputs", [("regions",), ("regions", "sua", "uncertainty_tiles"), ("nuclei",)])
+def test_an_ihc_result_pages_its_cells_whatever_the_outputs(outputs):
+    # An IHC is scored by its cells: its parent's counts and TPS are theirs, and QuPath's Positive % counts
+    # them. A service job without "nuclei" in its outputs once returned none (the script then removed the
+    # earlier run's cells and left the parent's TPS over nothing), where `pdl1 run` writes them.
+    nuclei = _nuclei(12)
+    result = SlideResult(
+        "s.svs", 5000, 5000, 0.5, "run", "cfg", None, None, (), (), 0.0, 1e6, nuclei=nuclei, stain="H-DAB"
+    )  # fmt: skip
+    page, total = feature_page(result, outputs, 0, 100)
+    assert total == 12 == len(page)
+    assert _no_id(page) == _no_id(map(to_feature, result_objects(result)))
+    he_page, he_total = feature_page(_result(_nuclei(12)), ("regions",), 0, 100)  # an H&E's nuclei stay optional
+    assert he_total == 1 and he_page[0]["properties"]["classification"]["name"] == "PD-L1 positive"

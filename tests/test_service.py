@@ -186,6 +186,20 @@ def test_a_pixel_size_the_models_cannot_use_fails_the_job_without_filling_memory
     assert "its pixels are 50 µm (from the request's mpp), but the segmentation model reads 2 µm/px" in status["error"]
 
 
+def test_an_immunostain_job_returns_the_cells_its_tps_counts_whatever_its_outputs(service, slides_root):
+    # A project config with outputs = ["regions", "sua"] (no nuclei, for fast H&E runs) once gave an IHC's parent
+    # its cell counts and TPS but sent none of the cells, which pdl1_analyze.groovy had removed from the last run.
+    body = {"image": str(slides_root / "small.svs"), "image_type": "BRIGHTFIELD_H_DAB", "outputs": ["regions"]}
+    job_id = service.post("/v1/jobs", json=body).json()["job_id"]
+    assert wait_for_job(service, job_id)["state"] == "done"
+    result = service.get(f"/v1/jobs/{job_id}/result").json()
+    parent = result["pdl1"]["parent_measurements"]
+    counted = ("Tumor: Positive", "Tumor: Negative", "Immune cells: PD-L1 positive", "Immune cells: PD-L1 negative")
+    cells = sum(parent[f"PD-L1: Num {name}"] for name in (*counted, "Other"))
+    assert cells > 0 and result["pdl1"]["total"] == cells == len(result["features"])
+    assert all(f["properties"]["objectType"] == "detection" for f in result["features"])
+
+
 def test_an_image_qupath_types_as_an_immunostain_is_scored_by_the_ihc_model_and_flagged_when_its_colour_disagrees(
     service, slides_root
 ):

@@ -75,6 +75,8 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
 
     A damaged summary (cut short by a kill, or not a pdl1 summary) leaves its image out with a warning
     that names the file and the fix, and the others are reported; ``left_out`` collects those warnings.
+    So does an image the last run failed on that has no earlier results: it is named with its error, not
+    passed over as if it had never been in the run. One with earlier results is reported with its failure.
     """
     items = []
     left_out = [] if left_out is None else left_out
@@ -89,6 +91,9 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
         for entry in info.entries:
             folder = info.folder / PDL1_DIR / entry.entry_id
             if not (folder / "summary.json").is_file():
+                if entry.entry_id in failed:
+                    name = f"{entry.image_name} (QuPath entry {entry.entry_id})"
+                    _leave_out(left_out, _failed_without_results(name, failed[entry.entry_id][1], source))
                 continue
             summary = _read_summary(folder / "summary.json", fix, left_out)
             if summary is None:
@@ -97,16 +102,8 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
                 slide, not_found = locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder), ""
             except FileNotFoundError as err:
                 slide, not_found = None, str(err)
-            error = failed.get(entry.entry_id, "")
-            if error:  # a re-run that failed keeps the earlier results: reported, but not as the last run's
-                log.warning(
-                    "%s: the last run failed on it (%s); the results reported are an earlier run's (run %s); "
-                    "run %s once the cause is fixed",
-                    entry.image_name,
-                    error,
-                    summary.get("run_id"),
-                    _rerun(source),
-                )
+            error = failed.get(entry.entry_id, ("", ""))[1]
+            _warn_earlier_results(entry.image_name, error, summary, source)
             items.append(
                 ReportItem(
                     entry.image_name, slide, folder / "objects.geojson", summary, not_found, error, entry.entry_id
@@ -114,12 +111,18 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
             )
         return items
     fix = f"run {_rerun(source)}, which analyses again the slides whose results are damaged"
+    failed = _failed_in_last_run(Path(source))  # keyed by the slide's stem, as its summary is named
+    for key, (name, error) in failed.items():
+        if not (Path(source) / f"{key}.summary.json").is_file():
+            _leave_out(left_out, _failed_without_results(name, error, source))
     for summary_path in sorted(Path(source).glob("*.summary.json")):
         summary = _read_summary(summary_path, fix, left_out)
         if summary is None:
             continue
         image = Path(summary["image"])
         found = image.is_file()
+        error = failed.get(summary_path.name.removesuffix(".summary.json"), ("", ""))[1]
+        _warn_earlier_results(image.name, error, summary, source)
         items.append(
             ReportItem(
                 image.name,
@@ -127,19 +130,43 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
                 summary_path.with_name(summary_path.name.replace(".summary.json", ".geojson")),
                 summary,
                 "" if found else f"no image at {image}, where it was analysed (moved, renamed or on another machine?)",
+                error,
             )
         )
     return items
 
 
-def _failed_in_last_run(project_folder: Path) -> dict[str, str]:
-    """Entry ID → error of the images the last `pdl1 run` failed on (``pdl1/status.json``); none where there is
-    no status, or where it does not read (the report needs it only for this, so that is a warning)."""
+def _failed_in_last_run(folder: Path) -> dict[str, tuple[str, str]]:
+    """Key (entry ID, or a plain slide's stem) → (image name, error) of the images the last `pdl1 run` of them
+    failed on (``pdl1/status.json``); none where there is no status, or where it does not read (the report needs
+    it only for this, so that is a warning)."""
     try:
-        return RunStatus(project_folder).failed()
+        status = RunStatus(folder)
     except ProjectError as err:
         log.warning("%s; the report cannot tell which images the last run failed on", err)
         return {}
+    return {key: (str(status.images[key].get("image") or key), error) for key, error in status.failed().items()}
+
+
+def _failed_without_results(name: str, error: str, source: Path) -> str:
+    """Why an image the last run failed on, with no earlier results, is not in the report, and the fix."""
+    return (
+        f"{name}: the last run failed on it ({error}) and it has no earlier results, so it is not in this "
+        f"report; fix the cause and run {_rerun(source)}"
+    )
+
+
+def _warn_earlier_results(name: str, error: str, summary: dict, source: Path) -> None:
+    """A re-run that failed keeps the earlier results: reported, but not as the last run's."""
+    if error:
+        log.warning(
+            "%s: the last run failed on it (%s); the results reported are an earlier run's (run %s); "
+            "run %s once the cause is fixed",
+            name,
+            error,
+            summary.get("run_id"),
+            _rerun(source),
+        )
 
 
 def _rerun(source: Path) -> str:
@@ -252,6 +279,7 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
         raise ProjectError(
             f"no results under {source}: expected <project>/{PDL1_DIR}/<entry>/summary.json or "
             "<out>/<slide>.summary.json, which `pdl1 run PROJECT` or `pdl1 run SLIDES... --out DIR` write"
+            + "".join(f"; {m}" for m in left_out)  # what the last run failed on, or left damaged
         )
     base = source if source.is_dir() else source.parent
     out = Path(out) if out is not None else base / PDL1_DIR / "report"

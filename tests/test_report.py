@@ -1,11 +1,13 @@
 """``pdl1 report`` over damaged results: the damaged image (or the pairs section) is left out with a warning
 naming the file and the fix; the rest is reported."""
 
+import html
 import json
 from pathlib import Path
 
 import pytest
 
+from bridge.project import ProjectError
 from bridge.report import write_report
 
 
@@ -135,6 +137,55 @@ def test_results_of_an_image_the_last_run_failed_on_are_reported_as_an_earlier_r
         _, csv_path = write_report(project)
     assert [r["last_run_failed"] for r in csv.DictReader(csv_path.open(encoding="utf-8"))] == ["", ""]
     assert "unreadable run status" in caplog.text and "cannot tell which images the last run failed on" in caplog.text
+
+
+def test_an_image_the_last_run_failed_on_without_earlier_results_is_named_not_passed_over(tmp_path, caplog):
+    # A corrupt slide in a batch: the others finished, the report showed them and said nothing of the one that
+    # failed, so "9 of 9 images" read as the whole project.
+    project = tmp_path / "project"
+    _project(project, ["a.svs", "b.svs"])
+    (project / "pdl1" / "1").mkdir(parents=True)
+    (project / "pdl1" / "1" / "summary.json").write_text(json.dumps(_summary(project / "a.svs")))
+    error = "b.svs: the file looks damaged or truncated"
+    status = {"images": {"1": {"state": "done"}, "2": {"state": "failed", "error": error, "image": "b.svs"}}}
+    (project / "pdl1" / "status.json").write_text(json.dumps(status))
+    with caplog.at_level("WARNING", logger="bridge.report"):
+        html_path, csv_path = write_report(project)
+    said = (
+        f"b.svs (QuPath entry 2): the last run failed on it ({error}) and it has no earlier results, so it is not "
+        f"in this report; fix the cause and run `pdl1 run {project} --resume`"
+    )
+    assert said in caplog.text and html.escape(said) in html_path.read_text()
+    assert [r.split(",")[0] for r in csv_path.read_text().splitlines()[1:]] == ["a.svs"]
+
+
+def test_plain_slides_the_last_run_failed_on_are_named_with_or_without_earlier_results(tmp_path, caplog):
+    import csv
+
+    out = tmp_path / "out"
+    (out / "pdl1").mkdir(parents=True)
+    for stem in ("a", "b"):
+        (out / f"{stem}.summary.json").write_text(json.dumps(_summary(tmp_path / f"{stem}.svs")))
+    images = {
+        "a": {"state": "done", "image": "a.svs"},
+        "b": {"state": "failed", "error": "b.svs: slide not found", "image": "b.svs"},
+        "c": {"state": "failed", "error": "c.svs: no microns per pixel", "image": "c.svs"},
+    }
+    (out / "pdl1" / "status.json").write_text(json.dumps({"images": images}))
+    with caplog.at_level("WARNING", logger="bridge.report"):
+        html_path, csv_path = write_report(out)
+    rows = list(csv.DictReader(csv_path.open(encoding="utf-8")))
+    assert [(r["image"], r["last_run_failed"]) for r in rows] == [("a.svs", ""), ("b.svs", "b.svs: slide not found")]
+    assert "b.svs: the last run failed on it (b.svs: slide not found); the results reported are an earlier" in (
+        caplog.text
+    )
+    assert "c.svs: the last run failed on it (c.svs: no microns per pixel) and it has no earlier results" in (
+        html_path.read_text()
+    )
+    (out / "a.summary.json").unlink()
+    (out / "b.summary.json").unlink()
+    with pytest.raises(ProjectError, match=r"no results under .*; c\.svs: the last run failed on it \(c\.svs: no"):
+        write_report(out)
 
 
 def test_two_entries_sharing_an_image_name_keep_their_own_thumbnail_row_and_reason_numbers(tmp_path):

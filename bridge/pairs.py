@@ -7,7 +7,7 @@ leading or trailing stain word taken off (``B12_HE.svs``, ``B12_PD-L1.svs`` and 
 exactly one analysed H&E and one analysed IHC is compared: the IHC is registered to the H&E, its
 positive tumour cells are mapped onto it, and the H&E's prediction is set against the IHC's
 measurement (:func:`inference.compare_pair`). The comparisons go to ``pdl1/pairs.json`` beside the run
-status; a case that cannot be compared says why there.
+status; a case that cannot be compared says why there, also one of whose images the run failed on.
 """
 
 from __future__ import annotations
@@ -58,6 +58,14 @@ class CaseImage:
     mpp: float
 
 
+@dataclass(frozen=True)
+class FailedImage:
+    """An image of the run that failed: its case cannot be told complete, so it is not compared."""
+
+    name: str
+    case: str | None
+
+
 def case_of(name: str, metadata: dict[str, str] | None, *, key: str = CASE_KEY) -> str | None:
     """The case an image belongs to: its metadata's ``key``, else its file name without a stain word.
 
@@ -73,9 +81,13 @@ def case_of(name: str, metadata: dict[str, str] | None, *, key: str = CASE_KEY) 
     return match.group("case") if match else None
 
 
-def pair_cases(images: Iterable[CaseImage]) -> tuple[dict[str, tuple[CaseImage, CaseImage]], dict[str, str]]:
+def pair_cases(
+    images: Iterable[CaseImage], failed: Iterable[FailedImage] = ()
+) -> tuple[dict[str, tuple[CaseImage, CaseImage]], dict[str, str]]:
     """Cases with one H&E and one IHC image, and for every case with both stains but not one of each, why it
     is not paired. A case of one stain only (an H&E-only study named ``*_HE``) is no pair and says nothing.
+    A case with an analysed image and one in ``failed`` (a corrupt slide: its stain is unknown, so the case's
+    pairing is too) is not paired either, and says which image failed and why.
 
     Case names are compared without surrounding blanks and regardless of capitals: ``B12`` typed as ``b12 `` in
     the IHC's metadata (or ``B12_HE.svs`` beside ``b12_ihc.svs``) is the same case, not two of one stain each,
@@ -84,13 +96,25 @@ def pair_cases(images: Iterable[CaseImage]) -> tuple[dict[str, tuple[CaseImage, 
     for image in sorted(images, key=lambda i: i.name):
         if image.case is not None and image.case.strip():
             by_case.setdefault(image.case.strip().casefold(), []).append(image)
+    failed_by_case: dict[str, list[FailedImage]] = {}
+    for image in sorted(failed, key=lambda i: i.name):
+        if image.case is not None and image.case.strip():
+            failed_by_case.setdefault(image.case.strip().casefold(), []).append(image)
     pairs: dict[str, tuple[CaseImage, CaseImage]] = {}
     problems: dict[str, str] = {}
     for members in sorted(by_case.values(), key=lambda m: m[0].case.strip()):
         case = members[0].case.strip()
         he = [m for m in members if m.stain == "H&E"]
         ihc = [m for m in members if m.stain == "H-DAB"]
-        if len(he) == 1 and len(ihc) == 1:
+        lost = failed_by_case.get(case.casefold())
+        if lost:
+            names = ", ".join(f"{m.name} ({m.stain})" for m in members)
+            problems[case] = (
+                f"case {case!r} is not compared: the run failed on {', '.join(f.name for f in lost)} (its error is "
+                f"in the run's table and status.json), so the case is incomplete (analysed: {names}); fix it and run "
+                "again (--resume analyses only the images not done)"
+            )
+        elif len(he) == 1 and len(ihc) == 1:
             pairs[case] = (he[0], ihc[0])
         elif he and ihc:
             names = ", ".join(f"{m.name} ({m.stain})" for m in members)
@@ -218,11 +242,14 @@ def ihc_review_reasons(ihc_summary: dict[str, Any]) -> list[dict]:
     ]
 
 
-def write_pair_comparisons(images: list[CaseImage], folder: Path, *, openslide_only: bool = False) -> Path | None:
+def write_pair_comparisons(
+    images: list[CaseImage], folder: Path, *, failed: Iterable[FailedImage] = (), openslide_only: bool = False
+) -> Path | None:
     """Pair the run's images by case, compare each pair and write ``folder/pdl1/pairs.json`` (beside the run
     status; ``folder`` is the project folder or a plain-slides run's ``--out``); None without cases, and
-    then an earlier run's ``pairs.json`` is removed."""
-    pairs, problems = pair_cases(images)
+    then an earlier run's ``pairs.json`` is removed. ``failed``: the run's images that failed, whose cases
+    say so instead of being compared (:func:`pair_cases`)."""
+    pairs, problems = pair_cases(images, failed)
     path = folder / PDL1_DIR / PAIRS_FILE
     if not pairs and not problems:
         path.unlink(missing_ok=True)  # an earlier run's cases are not this run's

@@ -449,11 +449,15 @@ def _compare_pairs(
     jobs: list[_Job], outcomes: list[ImageOutcome], project: Path | None, folder: Path, *, openslide_only: bool
 ) -> None:
     """Pair the run's analysed images by case and compare each H&E with its PD-L1 IHC (bridge.pairs)."""
-    from bridge.pairs import CaseImage, case_of, write_pair_comparisons
+    from bridge.pairs import CaseImage, FailedImage, case_of, write_pair_comparisons
 
-    images = []
+    images, failed = [], []
     for job, outcome in zip(jobs, outcomes, strict=True):
         geojson, summary_path = output_paths(job.key, project, folder)
+        if outcome.state == "failed":  # its case is incomplete: said in pairs.json, not compared without it
+            case = case_of(job.name, None if job.entry is None else job.entry.metadata)
+            failed.append(FailedImage(job.name, case))
+            continue
         if outcome.state not in ("done", "skipped") or not summary_path.is_file() or not geojson.is_file():
             continue
         summary = json.loads(summary_path.read_text())
@@ -469,7 +473,7 @@ def _compare_pairs(
                 mpp=summary["mpp"],
             )
         )
-    path = write_pair_comparisons(images, folder, openslide_only=openslide_only)
+    path = write_pair_comparisons(images, folder, failed=failed, openslide_only=openslide_only)
     if path is not None:
         log.info("pair comparisons: %s", path)
 

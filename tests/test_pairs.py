@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from shapely.geometry import Polygon, box
 
-from bridge.pairs import CaseImage, case_of, pair_cases
+from bridge.pairs import CaseImage, FailedImage, case_of, pair_cases
 from inference.analysis.pairs import compare_pair
 
 
@@ -156,3 +156,27 @@ def test_a_case_spelt_with_other_capitals_or_blanks_is_one_case():
     assert list(pairs) == ["B12"]  # named as its first image by name (x_HE.svs) spells it
     assert [p.name for p in pairs["B12"]] == ["x_HE.svs", "x_PDL1.svs"]
     assert problems == {}
+
+
+def test_a_case_one_of_whose_images_failed_says_so_instead_of_vanishing():
+    # A corrupt IHC in the batch: its H&E was analysed, and the case was left out of pairs.json without a word
+    # (one stain only), as an H&E-only study is. A failed image's stain is unknown, so no pair of the case is
+    # sure either: a case of H&E, IHC and a failed third image is not compared as if the third were not there.
+    images = [
+        _image("G7_HE.svs", "H&E", "G7"),
+        _image("H8_HE.svs", "H&E", "H8"),
+        _image("H8_IHC.svs", "H-DAB", "H8"),
+        _image("K9_HE.svs", "H&E", "K9"),
+        _image("K9_IHC.svs", "H-DAB", "K9"),
+    ]
+    failed = [FailedImage("G7_IHC.svs", "g7"), FailedImage("H8_IHC2.svs", "H8"), FailedImage("solo.svs", "Z1")]
+    pairs, problems = pair_cases(images, failed)
+    assert list(pairs) == ["K9"]
+    assert problems["G7"] == (
+        "case 'G7' is not compared: the run failed on G7_IHC.svs (its error is in the run's table and status.json), "
+        "so the case is incomplete (analysed: G7_HE.svs (H&E)); fix it and run again (--resume analyses only the "
+        "images not done)"
+    )
+    assert "the run failed on H8_IHC2.svs" in problems["H8"]
+    assert set(problems) == {"G7", "H8"}  # a case with nothing analysed has nothing to compare
+    assert list(pair_cases(images)[0]) == ["H8", "K9"]  # as before when nothing failed

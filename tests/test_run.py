@@ -92,6 +92,20 @@ def test_plain_slides_write_valid_geojson_and_a_failed_slide_does_not_stop_the_b
     assert summary["provenance"]["seg_model"]["sha256"] == models.seg_info.sha256
 
 
+def test_a_case_whose_ihc_failed_is_named_in_pairs_json_not_dropped(tmp_path, slides, models):
+    # A corrupt IHC in the batch: its H&E was analysed and the case vanished from pairs.json and the run's table.
+    he = Path(shutil.copy(slides[0], tmp_path / "c1_HE.svs"))
+    ihc = tmp_path / "c1_IHC.svs"
+    ihc.write_bytes(b"not a slide")
+    outcomes = run_batch([he, ihc], _config(out=tmp_path / "out"), models=models)
+    assert [o.state for o in outcomes] == ["done", "failed"]
+    cases = json.loads((tmp_path / "out" / "pdl1" / "pairs.json").read_text())["cases"]
+    assert list(cases) == ["c1"]
+    assert cases["c1"]["why_not_compared"].startswith(
+        "case 'c1' is not compared: the run failed on c1_IHC.svs (its error is in the run's table and status.json)"
+    )
+
+
 def test_project_sidecars_resume_after_a_crash_and_moved_slide(tmp_path, slides, models):
     project = tmp_path / "project"
     work = tmp_path / "work"

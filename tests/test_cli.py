@@ -282,6 +282,11 @@ def test_help_reads_nuclei_or_no_nuclei():
     result = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
     assert "--nuclei" in result.output and "--no-nuclei" in result.output
     assert "--no-no-nuclei" not in result.output
+    # It said "skip them" of every image, where a PD-L1 IHC is scored and written by its cells regardless.
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "Find nuclei on H&E and score the predicted TPS, or skip them" in text
+    assert "(a PD-L1 IHC is scored by its cells either way)" in text
+    assert "and so are a PD-L1 IHC's cells, which are its score" in text
 
 
 @pytest.mark.parametrize(

@@ -165,7 +165,8 @@ def run(
         list[str] | None,
         typer.Option(
             help="What to compute and write: regions, uncertainty_tiles, sua, nuclei (repeatable; the regions "
-            "are always written). Default: from pdl1-config.toml (outputs), else all four.",
+            "are always written, and so are a PD-L1 IHC's cells, which are its score). Default: from "
+            "pdl1-config.toml (outputs), else all four.",
         ),
     ] = None,
     config: Annotated[
@@ -211,8 +212,8 @@ def run(
         bool | None,
         typer.Option(
             "--nuclei/--no-nuclei",
-            help="Find nuclei and score the TPS, or skip them: puts nuclei into the outputs, or takes it out. "
-            "Default: as the outputs say.",
+            help="Find nuclei on H&E and score the predicted TPS, or skip them: puts nuclei into the outputs, or "
+            "takes it out (a PD-L1 IHC is scored by its cells either way). Default: as the outputs say.",
             show_default=False,
         ),
     ] = None,

@@ -39,6 +39,7 @@ from bridge.project import (
     qpdata_problem,
     read_project,
     repeat_note,
+    review_reason_text,
     sidecar_dir,
     summary_problem,
     write_json_atomic,
@@ -96,7 +97,7 @@ class ImageOutcome:
     outputs: tuple[str, ...] = ()
     stain: str | None = None
     stain_source: str | None = None
-    review_reasons: tuple[str, ...] = ()  # why it needs review (the summary's reasons), for the closing lines
+    review_reasons: tuple[str, ...] = ()  # why it needs review (the summary's, with value and limit): closing lines
 
 
 @dataclass(frozen=True)
@@ -638,8 +639,8 @@ def outcome_from_summary(
         outputs=tuple(str(p) for p in outputs),
         stain=summary.get("stain"),
         stain_source=summary.get("stain_source"),
-        review_reasons=tuple(
-            str(r.get("reason", "")) for r in (summary.get("details") or {}).get("review_reasons", [])
+        review_reasons=tuple(  # each with its value and limit, as the report shows it
+            review_reason_text(r) for r in (summary.get("details") or {}).get("review_reasons", [])
         ),
     )
 

@@ -92,6 +92,26 @@ def test_plain_slides_write_valid_geojson_and_a_failed_slide_does_not_stop_the_b
     assert summary["provenance"]["seg_model"]["sha256"] == models.seg_info.sha256
 
 
+def test_the_closing_lines_give_each_review_reason_its_value_and_limit(tmp_path):
+    # "c.svs: needs review: unsettled positive area (...), % of the predicted positive area" said which reason but
+    # not by how much, where the summary, the report and the Groovy script give value and limit.
+    from bridge.run import outcome_from_summary
+
+    reasons = [
+        {"reason": "unsettled positive area, % of the predicted positive area", "value": 175.0, "limit": 50.0},
+        {"reason": "the IHC's own analysis needs review", "value": None, "limit": None},
+    ]
+    summary = {
+        "tps_percent": 0.3, "tps_category": "<1%", "positive_area_pct": 0.1, "uncertainty_flag": True,
+        "sua_candidates": 1, "run_id": "r", "details": {"review_reasons": reasons},
+    }  # fmt: skip
+    outcome = outcome_from_summary("1", "c.svs", summary, 1.0, (tmp_path / "g", tmp_path / "s"))
+    assert outcome.review_reasons == (
+        "unsettled positive area, % of the predicted positive area (175, limit 50)",
+        "the IHC's own analysis needs review",
+    )
+
+
 def test_a_case_whose_ihc_failed_is_named_in_pairs_json_not_dropped(tmp_path, slides, models):
     # A corrupt IHC in the batch: its H&E was analysed and the case vanished from pairs.json and the run's table.
     he = Path(shutil.copy(slides[0], tmp_path / "c1_HE.svs"))

@@ -279,6 +279,8 @@ def pairs_table(path) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from bridge.project import review_reason_text
+
     cases = json.loads(path.read_text())["cases"]
     table = Table(title=f"H&E vs PD-L1 IHC, per case ({path})")
     columns = (
@@ -308,7 +310,7 @@ def pairs_table(path) -> None:
             num(c["dice"], ".3f"),
             num(record["registration"]["error_um"]),
             f"{num(c['entropy_disagree'], '.3f')} / {num(c['entropy_agree'], '.3f')}",
-            escape("; ".join(r["reason"] for r in record.get("review_reasons", []))) or "ok",
+            escape("; ".join(review_reason_text(r) for r in record.get("review_reasons", []))) or "ok",
         )
     stdout().print(table)
 

@@ -76,7 +76,7 @@ def test_openvino_without_the_package_names_the_extra(monkeypatch):
     ],
 )
 def test_a_runtime_refused_is_advised_in_the_callers_words(monkeypatch, device, compile_members, library, cli):
-    from bridge.cli.common import option_setting
+    from bridge.options import option_setting
 
     monkeypatch.setattr(ove, "openvino_available", lambda: True)
     with pytest.raises(ValueError, match=re.escape(library)):

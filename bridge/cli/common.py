@@ -104,16 +104,6 @@ def _absent_device(device: str) -> str | None:
     return None if problem is None else f"{device!r} asked for, but {problem}"
 
 
-def option_setting(name: str, value: object) -> str:
-    """A run's setting as the command line gives it, for the advice of the library's messages (``check_runtime``'s
-    ``setting``; the library's own words name its config fields).
-
-    >>> option_setting("runtime", "torch"), option_setting("compile", True)
-    ('--runtime torch', '--compile')
-    """
-    return f"--{name}" if value is True else f"--{name} {value}"
-
-
 def check_runtime_word(value: str) -> str:
     """A --runtime option's callback: a word other than auto, torch or openvino is a usage error."""
     from bridge.project_config import problem_with

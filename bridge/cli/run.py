@@ -17,13 +17,13 @@ from bridge.cli.common import (
     fail,
     interrupted,
     nothing_left_to_do,
-    option_setting,
     outcome_table,
     pairs_table,
     pipeline_config,
     run_with_progress,
     stdout,
 )
+from bridge.options import option_setting
 from bridge.project_config import ProjectConfig, config_path_for, problem_with, read_project_config
 from inference import Pdl1Error
 

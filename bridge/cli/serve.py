@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from bridge.cli.common import check_device, check_runtime_word, console, fail, option_setting, pipeline_config
+from bridge.cli.common import check_device, check_runtime_word, console, fail, pipeline_config
+from bridge.options import option_setting
 from inference import Pdl1Error
 
 

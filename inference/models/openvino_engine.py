@@ -31,7 +31,6 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from inference.advice import SettingWords, library_setting
 from inference.errors import EngineExportError, RuntimeUnavailableError
 
 log = logging.getLogger(__name__)
@@ -58,21 +58,6 @@ CACHE_FORMAT = 1
 CACHE_FOLDER = ".openvino"
 _META = "meta.json"
 _XML, _BIN = "model.xml", "model.bin"
-
-
-# How a caller's user sets one of the run's settings, for the advice of the messages that refuse a runtime:
-# (setting, value) -> the words ("device", "cpu") -> "device='cpu'". The library's own (library_setting) name the
-# config fields; `pdl1 run` and `pdl1 serve` pass their options' (--device cpu).
-SettingWords = Callable[[str, object], str]
-
-
-def library_setting(name: str, value: object) -> str:
-    """A setting as the configs name it, for a message's advice (the default :data:`SettingWords`).
-
-    >>> library_setting("runtime", "torch"), library_setting("compile", True)
-    ("runtime='torch'", 'compile=True')
-    """
-    return f"{name}={value!r}"
 
 
 def openvino_available() -> bool:

@@ -32,6 +32,7 @@ from bridge.run import (
     output_paths,
     remove_orphan_parts,
     resume_skips,
+    run_models,
     summary_of,
     write_result_files,
 )
@@ -68,7 +69,7 @@ def unreachable_address(address: str | None, *, timeout_s: float = CONNECT_TIMEO
 def analyse_to_files(job: _Job, geojson: str, summary: str, entry_id: str | None, config: RunConfig) -> dict:
     """Runs in a Ray worker: analyse one image and write its files; returns the summary dict."""
     from bridge.user_dirs import openvino_cache_dir
-    from inference import Models, tune_allocator
+    from inference import tune_allocator
 
     if config.pipeline.openvino_cache_dir is not None:  # the worker's own user cache, not the driver's
         config = replace(config, pipeline=replace(config.pipeline, openvino_cache_dir=str(openvino_cache_dir())))
@@ -76,7 +77,7 @@ def analyse_to_files(job: _Job, geojson: str, summary: str, entry_id: str | None
     if key not in _MODELS:
         tune_allocator()  # a worker is a process of its own: as the CLI does for pdl1 run
         _MODELS.clear()
-        _MODELS[key] = Models(config.pipeline)
+        _MODELS[key] = run_models(config)
     result = job.analyse(_MODELS[key], config)
     data = summary_of(result, entry_id=entry_id, run_config=config)
     write_result_files(result, Path(geojson), Path(summary), data, include_tiles=config.include_tiles)

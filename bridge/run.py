@@ -27,6 +27,7 @@ from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
 from bridge.objects import parent_measurements, result_features
+from bridge.options import option_setting
 from bridge.project import (
     PDL1_DIR,
     ImageSearch,
@@ -156,6 +157,12 @@ class _Job:
 # How a user of `pdl1 run` states an image's stain, in the messages that refuse one (analyse_slide's stain_advice;
 # the library's own words name no program's option, and the service passes its clients').
 RUN_STAIN_ADVICE = "set its image type in QuPath (Image tab: Image type) or pass --stain he|ihc"
+
+
+def run_models(config: RunConfig) -> Models:
+    """The models of a `pdl1 run`: what their runtime refuses during the run (a conversion to OpenVINO that fails)
+    is advised as its options (--runtime torch), not the library's config fields (runtime='torch')."""
+    return Models(config.pipeline, setting=option_setting)
 
 
 def run_mpp_advice(value: str) -> str:
@@ -436,7 +443,7 @@ def run_batch(
         qp_session = _QuPathSession(project) if use_qupath else None
         try:
             outcomes = _run_jobs(
-                jobs, config, models or Models(config.pipeline), project, status, qp_session, on_image, on_tiles
+                jobs, config, models or run_models(config), project, status, qp_session, on_image, on_tiles
             )
         finally:
             if qp_session is not None:

@@ -85,6 +85,8 @@ _PUBLIC = {
     "demo_model_dir": "inference.models.ensemble",
     "RUNTIMES": "inference.models.openvino_engine",
     "check_runtime": "inference.models.openvino_engine",
+    "SettingWords": "inference.advice",
+    "library_setting": "inference.advice",
     "Manifest": "inference.models.manifest",
     "read_manifest": "inference.models.manifest",
     "wrong_model_message": "inference.models.manifest",

@@ -20,6 +20,7 @@ import shapely
 from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
+from inference.advice import SettingWords, library_setting
 from inference.analysis.domain import DomainAssessment, assess_domain, slide_stain, stats_of_manifest
 from inference.analysis.ihc import IMMUNE_POSITIVE, combined_positive_score, h_score
 from inference.analysis.nuclei import NucleiConfig, detect_nuclei, intensity_limits_od, pdl1_from_maps
@@ -219,15 +220,19 @@ class Models:
     H&E image (:attr:`seg`, :attr:`nuclei`), the PD-L1 IHC nuclei model on the first IHC image (:meth:`ihc`).
     A model that fails to load is remembered: later images that need it get the same error without the
     folder being read and hashed again, until a file in the folder changes (a service need not be restarted
-    once the folder is mended; a stat of its files is all each later image costs).
+    once the folder is mended; a stat of its files is all each later image costs). ``setting``: how the caller's
+    user sets a run's settings, for the advice of what the models' runtime refuses during a run (a conversion to
+    OpenVINO that fails: :class:`~inference.models.ensemble.Ensemble`'s ``setting``; by default the library's
+    config fields, ``runtime='torch'``).
     """
 
-    def __init__(self, config: PipelineConfig):
+    def __init__(self, config: PipelineConfig, *, setting: SettingWords = library_setting):
         self._seg_folder = config.seg_model_dir or demo_model_dir("seg")
         self._nuclei_folder = (config.nuclei_model_dir or demo_model_dir("nuclei")) if config.run_nuclei else None
         self._ihc_folder = config.ihc_model_dir or demo_model_dir("nuclei-ihc")
         self._device = config.device
         self._openvino_cache_dir = None if config.openvino_cache_dir is None else Path(config.openvino_cache_dir)
+        self._setting = setting
         self._failed: dict[str, tuple[Exception, tuple]] = {}
 
     def _load(self, key: str, folder: str | Path, task: str) -> Ensemble:
@@ -238,7 +243,13 @@ class Models:
             # The traceback of the first failure is enough; re-raising would keep adding frames to it.
             raise failed[0].with_traceback(None)
         try:
-            return Ensemble.load(folder, task=task, device=self._device, openvino_cache_dir=self._openvino_cache_dir)
+            return Ensemble.load(
+                folder,
+                task=task,
+                device=self._device,
+                openvino_cache_dir=self._openvino_cache_dir,
+                setting=self._setting,
+            )
         except Exception as err:
             self._failed[key] = (err, state)
             raise

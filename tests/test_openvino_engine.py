@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 import inference.models.openvino_engine as ove
 from bridge.cli.app import app
+from bridge.options import option_setting
 from bridge.project_config import RUNTIMES as CONFIG_RUNTIMES
 from bridge.project_config import problem_with
 from inference.analysis.nuclei import NucleiConfig, _member_heatmaps
@@ -76,8 +77,6 @@ def test_openvino_without_the_package_names_the_extra(monkeypatch):
     ],
 )
 def test_a_runtime_refused_is_advised_in_the_callers_words(monkeypatch, device, compile_members, library, cli):
-    from bridge.options import option_setting
-
     monkeypatch.setattr(ove, "openvino_available", lambda: True)
     with pytest.raises(ValueError, match=re.escape(library)):
         ove.check_runtime("openvino", device, compile_members=compile_members)
@@ -372,9 +371,14 @@ def test_an_unwritable_model_folder_falls_back_to_the_user_cache(ov, tmp_path, i
     again = Ensemble.load(folder, task="segmentation", device="cpu", openvino_cache_dir=isolated_cache)
     again.on_runtime("openvino", precision=FP32)
     assert not calls
-    # Without a user cache folder there is nowhere to write: the error says what to do.
-    with pytest.raises(OSError, match=r"no writable folder .* give a writable user cache folder"):
+    # Without a user cache folder there is nowhere to write: the error says what to do, in the caller's words.
+    with pytest.raises(OSError, match=r"no writable folder .* give a writable user cache folder") as err:
         Ensemble.load(folder, task="segmentation", device="cpu").on_runtime("openvino", precision=FP32)
+    assert str(err.value).endswith("or run with runtime='torch'"), err.value
+    with pytest.raises(OSError, match=r"no writable folder .* or run with --runtime torch$"):
+        Ensemble.load(folder, task="segmentation", device="cpu", setting=option_setting).on_runtime(
+            "openvino", precision=FP32
+        )
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
@@ -393,9 +397,63 @@ def test_a_conversion_that_differs_is_refused_and_not_cached(ov, tmp_path, isola
     folder = _one_member_model("seg", tmp_path / "seg")
     monkeypatch.setattr(ove, "_max_difference", lambda *a, **k: 0.5)
     ens = Ensemble.load(folder, task="segmentation", device="cpu")
-    with pytest.raises(EngineExportError, match=r"member_00.safetensors .* differs .* by 0.5 .* --runtime torch"):
+    # The library's advice names its config field (a Python caller has no --runtime; it said --runtime torch).
+    with pytest.raises(
+        EngineExportError, match=r"member_00.safetensors .* differs .* by 0.5 .*: run with runtime='torch'$"
+    ):
         ens.on_runtime("openvino", precision=FP32)
     assert list((folder / ".openvino").iterdir()) == []
+    # pdl1's loads pass its options; one member alone keeps them (per-member evaluation).
+    ens = Ensemble.load(folder, task="segmentation", device="cpu", setting=option_setting)
+    with pytest.raises(EngineExportError, match=r"differs .* by 0.5 .*: run with --runtime torch$"):
+        ens.member(0).on_runtime("openvino", precision=FP32)
+
+
+def _two_member_model(dest):
+    """A copy of the demo segmentation model with its first two members and 64 px tiles: member 1 is converted
+    while the domain guard keeps member 0 on torch for its features."""
+    shutil.copytree(demo_model_dir("seg"), dest, ignore=shutil.ignore_patterns(".openvino", "member_0[2-9]*"))
+    manifest = read_manifest(dest, verify=False)
+    write_manifest(dest, dataclasses.replace(manifest, members=manifest.members[:2], tile_size_px=64))
+    return dest
+
+
+def test_a_conversion_refused_during_a_run_is_advised_in_each_callers_words(
+    ov, tmp_path, isolated_cache, monkeypatch, finetune_phantom
+):
+    """A conversion fails deep in a run, far from where the runtime was chosen: analyse_slide's caller is told of
+    the config field, `pdl1 run`'s of its option (both were told of --runtime, an option only pdl1 has)."""
+    from bridge.run import RunConfig, run_models
+    from inference import Models, PipelineConfig, analyse_slide
+
+    folder = _two_member_model(tmp_path / "seg")
+    monkeypatch.setattr(ove, "_max_difference", lambda *a, **k: 0.5)
+    config = PipelineConfig(device="cpu", seg_model_dir=str(folder), segment=SegmentConfig(runtime="openvino"))
+    with pytest.raises(EngineExportError) as err:
+        analyse_slide(finetune_phantom, models=Models(config), config=config)
+    assert "--runtime" not in str(err.value) and str(err.value).endswith(": run with runtime='torch'"), err.value
+    assert run_models(RunConfig(pipeline=config)).seg.setting is option_setting  # pdl1 run's, on Ray too
+
+    args = ["run", finetune_phantom, "--out", str(tmp_path / "out"), "--seg-model", str(folder), "--runtime"]
+    args += ["openvino", "--device", "cpu", "--no-progress", "--no-config"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    said = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 1 and "differs from the PyTorch member by 0.5" in said, said
+    assert "run with --runtime torch" in said and "runtime='torch'" not in said, said
+
+
+def test_serve_loads_its_models_with_its_options_words(tmp_path, monkeypatch):
+    """A job's conversion refused is advised as pdl1 serve's option, as its start-up check is."""
+    import uvicorn
+
+    import bridge.service
+
+    loaded = []
+    monkeypatch.setattr(bridge.service, "create_app", lambda settings, *, models: loaded.append(models) or object())
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    result, _ = _serve(tmp_path, "--runtime", "torch")
+    assert result.exit_code == 0, result.output
+    assert loaded[0].seg.setting is option_setting
 
 
 def test_members_in_memory_convert_into_the_user_cache(ov, isolated_cache):

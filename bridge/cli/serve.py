@@ -121,7 +121,7 @@ def serve(
         raise fail(err) from err
     check_port_free(host, port)  # before the models load (uvicorn binds after its start-up, then exits 3)
 
-    loaded = Models(settings.pipeline)
+    loaded = Models(settings.pipeline, setting=option_setting)  # a job's runtime advice: --runtime torch
     try:
         # Here rather than in uvicorn's start-up, whose failure prints a traceback before the message.
         loaded.load_he()

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model
 from torch import nn
 
+from inference.advice import SettingWords, library_setting
 from inference.errors import ModelFileError
 from inference.models.fusion import fold_batchnorm
 from inference.models.manifest import Manifest, Member, read_manifest
@@ -103,7 +104,9 @@ class Ensemble:
     whether :meth:`load` folded the BatchNorms; ``member_files`` the manifest's entry of each member when
     they came from ``folder``'s files (their sha256 name the converted copies), None for members from memory.
     ``openvino_cache_dir`` is where :meth:`on_runtime` puts OpenVINO conversions that cannot go beside the
-    model (a read-only model folder, members from memory); None: beside the model only.
+    model (a read-only model folder, members from memory); None: beside the model only. ``setting`` is how the
+    user of whoever loaded it sets a run's settings, for the advice of :meth:`on_runtime`'s messages, met deep in
+    a run (a conversion that fails: "run with runtime='torch'"; ``pdl1`` passes its options, ``--runtime torch``).
     """
 
     def __init__(
@@ -117,6 +120,7 @@ class Ensemble:
         member_files: list[Member] | None = None,
         runtime: str = "torch",
         openvino_cache_dir: Path | None = None,
+        setting: SettingWords = library_setting,
     ):
         self.manifest = manifest
         self.members = members
@@ -126,6 +130,7 @@ class Ensemble:
         self.member_files = member_files
         self.runtime = runtime
         self.openvino_cache_dir = openvino_cache_dir
+        self.setting = setting
         self._on_runtime: dict[tuple[str, bool, tuple[int, ...]], Ensemble] = {}
         self._lock = threading.Lock()
         norm = manifest.normalization
@@ -150,11 +155,12 @@ class Ensemble:
         device: str | torch.device = "cpu",
         fold_bn: bool = True,
         openvino_cache_dir: Path | None = None,
+        setting: SettingWords = library_setting,
     ) -> Ensemble:
         """Load and verify a model folder; ``fold_bn`` folds BatchNorms into their convolutions.
 
         Folding gives the same outputs to float32 rounding in less time (``benchmarks/README.md``);
-        ``fold_bn=False`` keeps the members as trained. ``openvino_cache_dir``: see the class.
+        ``fold_bn=False`` keeps the members as trained. ``openvino_cache_dir``, ``setting``: see the class.
         """
         folder = Path(folder)
         manifest = read_manifest(folder, task=task, verify=True)
@@ -203,6 +209,7 @@ class Ensemble:
             bn_folded=fold_bn,
             member_files=list(manifest.members),
             openvino_cache_dir=openvino_cache_dir,
+            setting=setting,
         )
 
     @classmethod
@@ -261,6 +268,7 @@ class Ensemble:
             "member_files": self.member_files,
             "runtime": self.runtime,
             "openvino_cache_dir": self.openvino_cache_dir,
+            "setting": self.setting,
         }
         return Ensemble(self.manifest, members, **(fields | changes))
 
@@ -286,7 +294,7 @@ class Ensemble:
 
         if runtime == "auto" and self.member_files is None:
             runtime = "torch"
-        chosen = ove.resolve_runtime(runtime, self.device, compile_members=compile_members)
+        chosen = ove.resolve_runtime(runtime, self.device, compile_members=compile_members, setting=self.setting)
         if chosen == self.runtime:
             return self
         if self.runtime != "torch":
@@ -342,7 +350,9 @@ class Ensemble:
                 bn_folded=self.bn_folded,
                 ov_version=ove.openvino_version(),
             )
-            ir = ove.export_member(module, name=name, key=key, roots=roots, tile_px=m.tile_size_px)
+            ir = ove.export_member(
+                module, name=name, key=key, roots=roots, tile_px=m.tile_size_px, setting=self.setting
+            )
             converted += ir.converted
             compiled.append(ove.compile_ir(ir.folder, bf16=bf16, name=name))
         log.info(

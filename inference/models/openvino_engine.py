@@ -214,9 +214,11 @@ def export_member(
     roots: list[Path],
     tile_px: int,
     in_channels: int = 3,
+    setting: SettingWords = library_setting,
 ) -> ConvertedMember:
     """The IR of ``module``: from the first root holding a valid copy under ``key``, else converted, checked
-    against ``module`` within :data:`EXPORT_TOLERANCE` and written atomically into the first writable root."""
+    against ``module`` within :data:`EXPORT_TOLERANCE` and written atomically into the first writable root.
+    The messages of a conversion refused advise the runtime in ``setting``'s words."""
     import openvino as ov
 
     started = time.perf_counter()
@@ -242,7 +244,7 @@ def export_member(
     for root in roots:
         try:
             final, diff = _write_checked(model, module, root=root, key=key, name=name, tile_px=tile_px,
-                                         in_channels=in_channels)  # fmt: skip
+                                         in_channels=in_channels, setting=setting)  # fmt: skip
         except OSError as err:
             problems.append(f"{root}: {err.strerror or err}")
             continue
@@ -256,11 +258,13 @@ def export_member(
     raise OSError(
         f"{name}: no writable folder for its OpenVINO conversion ({'; '.join(problems)}); make the model folder "
         "writable, give a writable user cache folder (PipelineConfig.openvino_cache_dir; pdl1 uses "
-        "$XDG_CACHE_HOME/pdl1-bridge/openvino), or run with --runtime torch"
+        f"$XDG_CACHE_HOME/pdl1-bridge/openvino), or run with {setting('runtime', 'torch')}"
     )
 
 
-def _write_checked(model, module: nn.Module, *, root: Path, key: str, name: str, tile_px: int, in_channels: int):
+def _write_checked(
+    model, module: nn.Module, *, root: Path, key: str, name: str, tile_px: int, in_channels: int, setting: SettingWords
+):
     """Save ``model`` under ``root / key`` (a temporary folder renamed into place) once it passes the check."""
     import openvino as ov
 
@@ -274,7 +278,7 @@ def _write_checked(model, module: nn.Module, *, root: Path, key: str, name: str,
             raise EngineExportError(
                 f"{name}: OpenVINO's conversion differs from the PyTorch member by {diff:.3g} (max |difference| "
                 f"of the logits in f32 on the check input; at most {EXPORT_TOLERANCE:g} allowed): run with "
-                "--runtime torch"
+                f"{setting('runtime', 'torch')}"
             )
         meta = {
             "member": name,

@@ -28,3 +28,17 @@ def library_setting(name: str, value: object = ..., /) -> str:
     ("runtime='torch'", 'compile=True', 'patch_px')
     """
     return name if value is ... else f"{name}={value!r}"
+
+
+def renamed(setting: SettingWords, **names: str) -> SettingWords:
+    """``setting`` for a function called with what its caller names otherwise: ``names`` maps the function's
+    name of a setting to the caller's (a trainer passes its ``validation_slides`` as ``held_out``).
+
+    >>> renamed(library_setting, held_out="validation_slides")("held_out")
+    'validation_slides'
+    """
+
+    def words(name: str, value: object = ..., /) -> str:
+        return setting(names.get(name, name), value)
+
+    return words

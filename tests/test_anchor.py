@@ -88,7 +88,8 @@ def test_squared_distance_leaves_out_buffers_of_a_state_dict():
         (float("inf"), "demo", r"finite number >= 0 .*got inf"),
         ("0.1", "demo", r"finite number >= 0 .*got '0.1'"),
         (True, "demo", r"finite number >= 0 .*got True"),
-        (0.1, None, r"anchor_weight 0.1 holds the weights near an initial model's, and this run starts from scratch"),
+        # The library's own words (it said "init_model (pdl1 train: --init MODEL)"; pdl1 train says its own first).
+        (0.1, None, r"anchor_weight 0.1 holds .* starts from scratch: give init_model, or anchor_weight 0$"),
     ],
 )
 def test_bad_anchor_weights_are_refused(weight, init, match):
@@ -101,7 +102,10 @@ def test_bad_anchor_weights_are_refused(weight, init, match):
 
 
 def test_freezing_batchnorm_without_an_initial_model_is_refused():
-    match = "freeze_batchnorm keeps an initial model's BatchNorm statistics, and this run starts from scratch"
+    match = (
+        "freeze_batchnorm keeps an initial model's BatchNorm statistics, and this run starts from scratch: give "
+        "init_model, or leave BatchNorm to learn its statistics$"
+    )
     with pytest.raises(ValueError, match=match):
         check_fine_tuning(0.0, True, init_model=None)
     with pytest.raises(ValueError, match=match):

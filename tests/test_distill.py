@@ -87,7 +87,7 @@ def test_the_teacher_is_a_frozen_copy_of_the_model_as_it_started():
         (True, 2.0, "demo", "distill_weight must be a finite number >= 0"),
         (1.0, 0.0, "demo", "distill_temperature must be a finite number > 0, got 0.0"),
         (1.0, float("inf"), "demo", "distill_temperature must be a finite number > 0"),
-        (2.0, 2.0, None, r"distill_weight 2 distils the initial model's predictions .* starts from scratch"),
+        (2.0, 2.0, None, r"distill_weight 2 distils .* starts from scratch: give init_model, or distill_weight 0$"),
     ],
 )
 def test_bad_distillation_settings_are_refused(weight, temperature, init, match):

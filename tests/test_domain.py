@@ -405,3 +405,37 @@ def test_a_damaged_slide_mpp_record_is_refused_saying_what_was_expected():
     with pytest.raises(ValueError, match=r"slide_mpp is \{'a.png': '0.5'\}; expected a mapping of slide path to µm/px"):
         recorded_slide_mpp(broken, ["a.png"])
     assert recorded_slide_mpp(manifest, ["a.png"]) == {}  # the shipped model records none
+
+
+def test_too_few_slides_to_calibrate_on_are_advised_in_each_callers_words(phantom_svs, tmp_path, caplog):
+    """Two slides set the limits: the library's warning said "give at least 3 --held-out slides" to every caller,
+    `pdl1 train`'s users too, whose held-out slides are --val-entries or --val-fraction."""
+    import logging
+
+    from typer.testing import CliRunner
+
+    from bridge.cli.app import app
+    from inference import compute_domain_stats
+    from inference.phantom.pyramid import write_phantom
+    from inference.phantom.scene import PhantomSpec
+    from tests.helpers import TINY_TRAINING_ARGS
+
+    slides = [str(phantom_svs), str(tmp_path / "b.svs")]  # 2048² px: 4 tiles each at the models' 2 µm/px
+    write_phantom(slides[1], PhantomSpec(2048, 2048, seed=30, tps_percent=40))
+    too_few = "the domain limits rest on 2 slides: one odd slide sets them"
+    with caplog.at_level(logging.WARNING, logger="inference.training.domain_stats"):
+        compute_domain_stats(demo_model_dir("seg"), slides)
+    assert f"{too_few} (limits of 100 and more were seen with two); give at least 3 held-out slides (held_out)" in (
+        caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="inference.training.domain_stats"):
+        args = ["domain-stats", str(demo_model_dir("seg")), *slides, "--out", str(tmp_path / "copy"), "--no-progress"]
+        assert CliRunner().invoke(app, args).exit_code == 0
+    assert "give at least 3 held-out slides (--held-out)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="inference.training.domain_stats"):
+        args = ["train", "seg", *slides, "--out", str(tmp_path / "m"), *TINY_TRAINING_ARGS, "--no-progress"]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+    assert "give at least 3 held-out slides (--val-entries or --val-fraction)" in caplog.text

@@ -282,3 +282,21 @@ def test_a_labelled_slide_takes_pseudo_labels_on_its_rest_and_its_labels_win():
     assert no_positive.positive_idx.size > 0
     with pytest.raises(ValueError, match="labels on a"):
         with_pseudo_rest(item(labels, 1), item(pseudo[:32], PSEUDO_OFFSET + 1), patch_px=8)
+
+
+def test_pseudo_label_slides_advises_in_the_library_arguments_words(tmp_path):
+    """Called from Python, an unlabelled slide refused is left out of ``slides`` and given its ``mpp``: the library
+    named `pdl1 train seg`'s --unlabeled and QuPath's calibration (pdl1's words stay pdl1's: the test above)."""
+    from inference import MissingMppError, SlideFormatError, UnlabeledSlide, demo_model_dir, pseudo_label_slides
+
+    rule = PseudoLabelRule(margin=0.1, mi_limit=0.05, weight=1.0)
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(SlideFormatError) as err:
+        pseudo_label_slides(demo_model_dir("seg"), [UnlabeledSlide(path=str(broken))], rule=rule, input_mpp=2.0)
+    assert str(err.value).endswith("; leave it out of slides or fix the file"), err.value
+    png = tmp_path / "no_mpp.png"
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(png)
+    with pytest.raises(MissingMppError) as err:
+        pseudo_label_slides(demo_model_dir("seg"), [UnlabeledSlide(path=str(png))], rule=rule, input_mpp=2.0)
+    assert "--" not in str(err.value) and "QuPath" not in str(err.value) and str(err.value).endswith(" as mpp")

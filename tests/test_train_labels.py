@@ -77,18 +77,22 @@ def test_fine_tuning_refuses_a_model_of_other_classes():
     common = {"task": "nuclei", "architecture": "DilatedResFCN", "stain": "H&E"}
     sha = init_weights(model, demo_model_dir("nuclei"), **common, arch_kwargs=kwargs, class_names=HE_CLASSES)
     assert sha == json.loads((demo_model_dir("nuclei") / "manifest.json").read_text())["members"][-1]["sha256"]
-    with pytest.raises(ModelFileError, match=r"--init has the classes .*--class-map"):
+    # The library's advice names its arguments (a Python caller has no --init, no --class-map).
+    said = r"init_model has the classes .*; map the label classes onto the model's \(class_names\) or train from "
+    with pytest.raises(ModelFileError, match=said + r"scratch \(init_model=None\)$"):
         init_weights(model, demo_model_dir("nuclei"), **common, arch_kwargs=kwargs, class_names=("a", "b", "c"))
-    with pytest.raises(ModelFileError, match=r"--init needs a DilatedResFCN with .*'width': 16"):
+    with pytest.raises(
+        ModelFileError, match=r"init_model needs a DilatedResFCN with .*'width': 16.*\(init_model=None\)$"
+    ):
         init_weights(
             model, demo_model_dir("nuclei"), **common, arch_kwargs={**kwargs, "width": 16}, class_names=HE_CLASSES
         )
     # A model of another task or stain is named as such, not by its architecture or classes.
     ihc = demo_model_dir("nuclei-ihc")
-    said = r"is an H-DAB \(PD-L1 IHC\) nuclei model, but an H&E nuclei model is needed to fine-tune from \(--init\)"
+    said = r"is an H-DAB \(PD-L1 IHC\) nuclei model, but an H&E nuclei model is needed to fine-tune from \(init_model\)"
     with pytest.raises(ModelFileError, match=said):
         init_weights(model, ihc, **common, arch_kwargs=kwargs, class_names=HE_CLASSES)
-    said = r"is an H&E nuclei model, but an H&E segmentation model is needed to fine-tune from \(--init\); give one"
+    said = r"is an H&E nuclei model, but an H&E segmentation model is needed to fine-tune from \(init_model\); give one"
     with pytest.raises(ModelFileError, match=said):
         init_weights(
             model,
@@ -97,6 +101,32 @@ def test_fine_tuning_refuses_a_model_of_other_classes():
             arch_kwargs=kwargs,
             class_names=HE_CLASSES,
         )
+
+
+def test_fine_tuning_refusals_name_pdl1_trains_options_in_its_words():
+    from bridge.cli.train import TRAIN_WORDS
+
+    kwargs = {"in_channels": 3, "n_classes": 3, "width": 32, "dilations": [1, 2, 4, 8]}
+    model = DilatedResFCN(**{**kwargs, "dilations": (1, 2, 4, 8)})
+    common = {"task": "nuclei", "architecture": "DilatedResFCN", "stain": "H&E", "setting": TRAIN_WORDS}
+    said = r"--init has the classes .*; map the label classes onto the model's \(--class-map\) or train from scratch"
+    with pytest.raises(ModelFileError, match=said + r" \(--init none\)$"):
+        init_weights(model, demo_model_dir("nuclei"), **common, arch_kwargs=kwargs, class_names=("a", "b", "c"))
+    with pytest.raises(ModelFileError, match=r"--init needs a DilatedResFCN with .*'width': 16.*\(--init none\)$"):
+        init_weights(
+            model, demo_model_dir("nuclei"), **common, arch_kwargs={**kwargs, "width": 16}, class_names=HE_CLASSES
+        )
+
+
+def test_pdl1_train_nuclei_fine_tuning_a_model_of_another_stain_names_init(finetune_phantom, tmp_path):
+    # Deep in the training library, after the slides are read: the CLI passes its words down (TRAIN_WORDS).
+    ihc = str(demo_model_dir("nuclei-ihc"))
+    args = ["train", "nuclei", finetune_phantom, "--init", ihc, "--out", str(tmp_path / "m"), *TINY, "--no-progress"]
+    result = runner.invoke(app, args, env={"COLUMNS": "400"})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, text
+    assert "but an H&E nuclei model is needed to fine-tune from (--init); give one, or train from scratch" in text
+    assert text.endswith("(--init none)") and "init_model" not in text, text
 
 
 @pytest.fixture(scope="module")

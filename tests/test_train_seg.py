@@ -322,12 +322,49 @@ def test_nuclei_training_is_resumable_and_loadable(small_phantom, tmp_path):
     assert ens.manifest.class_names == ["Tumor: Positive", "Tumor: Negative", "Other"]
     # A finished model is never trained over: its members would be replaced under its old manifest.
     before = _digests(tmp_path / "a")
-    with pytest.raises(FileExistsError, match=r"already holds a model \(manifest.json\).*--resume"):
+    with pytest.raises(FileExistsError, match=r"already holds a model \(manifest.json\).*\(resume=True continues"):
         train_nuclei(replace(cfg(tmp_path / "a"), seed=6))
     assert _digests(tmp_path / "a") == before
     # Resuming its own run is allowed (nothing left to train: the same members).
     train_nuclei(cfg(tmp_path / "a"), resume=True)
     assert _digests(tmp_path / "a") == before
+
+
+def test_a_model_folder_of_an_unfinished_run_advises_resuming_in_each_callers_words(small_phantom, tmp_path):
+    # The library said --resume to every caller of check_out_dir and the trainers (a Python caller has resume=True).
+    from typer.testing import CliRunner
+
+    from bridge.cli.app import app
+    from inference import check_out_dir
+
+    out = tmp_path / "m"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "state.safetensors").write_bytes(b"")
+    (out / "manifest.json").write_text("{}")
+    with pytest.raises(FileExistsError) as err:
+        check_out_dir(out, resume=False)
+    assert str(err.value).endswith("delete this one first (resume=True continues the run its checkpoint holds)")
+    result = CliRunner().invoke(app, ["train", "seg", small_phantom, "--out", str(out)], env={"COLUMNS": "400"})
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and said.endswith("(--resume continues the run its checkpoint holds)"), said
+
+
+def test_a_schedule_whose_only_cycle_is_dropped_is_advised_as_the_configs_fields():
+    # The library said "in pdl1 train: --cycles 2 or more, or --no-drop-first-cycle" (pdl1 train says its own first).
+    with pytest.raises(ValueError) as err:
+        SegTrainConfig(slides=("x.svs",), out_dir="unused", cycles=1)
+    assert str(err.value).endswith("needs at least 2 cycles: give cycles=2 or more, or drop_first_cycle=False")
+
+
+def test_a_patch_larger_than_a_slide_is_advised_as_the_library_argument():
+    from inference.training.cyclic import check_patch_fits
+
+    with pytest.raises(ValueError) as err:
+        check_patch_fits("s.svs", (256, 256), patch_px=1024, input_mpp=2.0)
+    assert str(err.value) == (
+        "s.svs: 256 x 256 px at 2 µm/px (the model's input resolution) is smaller than one training patch of 1024 px "
+        "(patch_px): give a smaller patch_px, or leave out slides this small"
+    )
 
 
 @pytest.mark.parametrize("task", ["seg", "nuclei"])

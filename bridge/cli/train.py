@@ -19,11 +19,20 @@ from bridge.cli.common import (
     interrupted,
     write_model_copy,
 )
+from bridge.options import option_setting, option_words
 from inference import Pdl1Error
 
 app = typer.Typer(help="Train models on phantom slides with truth, or on your own QuPath labels.", no_args_is_help=True)
 
 _TRAINING_KEPT = "{out} holds a checkpoint of the last finished epoch; the same command with --resume goes on from it"
+# How `pdl1 train` sets the trainers' settings, for the advice of their messages (the library's own name the configs'
+# fields): --init is init_model, --class-map maps the labels' class_names, --val-entries and --val-fraction choose
+# the validation_slides; the others are the fields' names with dashes (--patch-px, --resume).
+TRAIN_WORDS = option_words(
+    init_model="--init", class_names="--class-map", validation_slides="--val-entries or --val-fraction"
+)
+# pseudo_label_slides' slides are `pdl1 train seg`'s --unlabeled.
+_PSEUDO_WORDS = option_words(slides="--unlabeled")
 
 
 def _lr_range(optimizer: str, lr_max: float | None) -> tuple[float, float]:
@@ -357,7 +366,14 @@ def _pseudo_labels(
     rule = PseudoLabelRule(margin=margin, mi_limit=mi_limit, weight=weight)
     with progress_bar("pseudo-labels", enabled=progress) as on_progress:
         pseudo = pseudo_label_slides(
-            teacher, items, rule=rule, input_mpp=input_mpp, device=device, on_progress=on_progress
+            teacher,
+            items,
+            rule=rule,
+            input_mpp=input_mpp,
+            device=device,
+            on_progress=on_progress,
+            mpp_advice=_pseudo_mpp_advice,
+            setting=_PSEUDO_WORDS,
         )
     typer.echo(
         f"pseudo-labels by {teacher}: mean probability >= {1 - margin:g} positive, <= {margin:g} negative, "
@@ -373,6 +389,16 @@ def _pseudo_labels(
             "with the members disagreeing)"
         )
     return pseudo, teacher
+
+
+def _pseudo_mpp_advice(value: str) -> str:
+    """What to do about an unlabelled slide that states no pixel size, in its file or (an entry) in its project:
+    `pdl1 train seg` has no --mpp (the analysis' advice, "with --mpp", sent users to an option it lacks)."""
+    return (
+        f"pseudo-labels need the pixel size: set it in QuPath (Image tab: Pixel width/height) to {value}, save "
+        "the project and give the slide as an entry of the project trained on (a slide file has only its own "
+        "pixel size), or leave it out of --unlabeled"
+    )
 
 
 def _training_mpp_advice(value: str) -> str:
@@ -749,7 +775,7 @@ def _check_before_reading(out: Path, *, resume: bool, cycles: int, drop_first_cy
             "--no-drop-first-cycle"
         )
     try:
-        check_out_dir(out, resume=resume)
+        check_out_dir(out, resume=resume, setting=TRAIN_WORDS)
     except OSError as err:
         raise fail(err) from err
 
@@ -789,6 +815,7 @@ def _train_and_validate(
             label_sources=label_summary(labels) if labels else None,
             resume=resume,
             on_progress=on_progress,
+            setting=TRAIN_WORDS,
             **train_kwargs,
         )
     out, device = Path(config.out_dir), config.device
@@ -993,6 +1020,7 @@ def domain_stats(
                 on_progress=on_progress,
                 slide_mpp=slide_mpp,
                 mpp_advice=_domain_stats_mpp_advice,
+                setting=option_setting,  # held_out: --held-out
             )
         if copy:  # renamed into place whole, or not at all
             write_model_copy(model, out, with_domain_stats(read_manifest(model, verify=False), stats))

@@ -34,7 +34,7 @@ def check_fine_tuning(anchor_weight: float, freeze_batchnorm: bool, *, init_mode
     if freeze_batchnorm and init_model is None:
         raise ValueError(
             "freeze_batchnorm keeps an initial model's BatchNorm statistics, and this run starts from scratch: give "
-            "init_model (pdl1 train: --init MODEL), or leave BatchNorm to learn its statistics"
+            "init_model, or leave BatchNorm to learn its statistics"
         )
 
 
@@ -55,7 +55,7 @@ def check_anchor_weight(anchor_weight: float, *, init_model: str | None) -> None
     if anchor_weight > 0 and init_model is None:
         raise ValueError(
             f"anchor_weight {anchor_weight:g} holds the weights near an initial model's, and this run starts from "
-            "scratch: give init_model (pdl1 train: --init MODEL), or anchor_weight 0"
+            "scratch: give init_model, or anchor_weight 0"
         )
 
 

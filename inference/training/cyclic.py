@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from inference.advice import SettingWords, library_setting
 from inference.atomic import write_text_whole
 from inference.errors import ModelFileError
 from inference.models.manifest import (
@@ -64,8 +65,8 @@ def check_schedule(config: CyclicSchedule) -> None:
         raise ValueError("first_cycle_epochs must be 0 (as epochs_per_cycle) or at least members_per_cycle")
     if config.drop_first_cycle and config.cycles < 2:
         raise ValueError(
-            "drop_first_cycle (leaving out the first cycle's members) needs at least 2 cycles; in pdl1 train: "
-            "--cycles 2 or more, or --no-drop-first-cycle"
+            "drop_first_cycle (leaving out the first cycle's members) needs at least 2 cycles: give cycles=2 or "
+            "more, or drop_first_cycle=False"
         )
     if config.restart_lr and not config.lr_min < config.restart_lr <= config.lr_max:
         raise ValueError("restart_lr must be 0 (as lr_max) or between lr_min and lr_max")
@@ -73,10 +74,12 @@ def check_schedule(config: CyclicSchedule) -> None:
         raise ValueError("no training slides given")
 
 
-def check_patch_fits(name: str, shape_hw: tuple[int, int], *, patch_px: int, input_mpp: float) -> None:
+def check_patch_fits(
+    name: str, shape_hw: tuple[int, int], *, patch_px: int, input_mpp: float, setting: SettingWords = library_setting
+) -> None:
     """Refuse a slide smaller than one training patch at the model's input resolution: no patch could be cut from
     it (numpy said only "could not broadcast input array from shape (256,256,3) into shape (512,512,3)", or ran
-    out of memory for a huge --patch-px).
+    out of memory for a huge patch). The advice names ``patch_px`` in ``setting``'s words.
 
     >>> check_patch_fits("a.svs", (256, 300), patch_px=128, input_mpp=2.0)
     >>> check_patch_fits("a.svs", (256, 300), patch_px=512, input_mpp=2.0)  # doctest: +ELLIPSIS
@@ -88,17 +91,18 @@ def check_patch_fits(name: str, shape_hw: tuple[int, int], *, patch_px: int, inp
     if min(h, w) < patch_px:
         raise ValueError(
             f"{name}: {w} x {h} px at {input_mpp:g} µm/px (the model's input resolution) is smaller than one training "
-            f"patch of {patch_px} px (--patch-px): give a smaller --patch-px, or leave out slides this small"
+            f"patch of {patch_px} px ({setting('patch_px')}): give a smaller {setting('patch_px')}, or leave out "
+            "slides this small"
         )
 
 
-def check_out_dir(out_dir: str | Path, *, resume: bool) -> None:
+def check_out_dir(out_dir: str | Path, *, resume: bool, setting: SettingWords = library_setting) -> None:
     """Refuse to train into a folder that already holds a model, unless resuming that folder's own run.
 
     Members are written into the folder as training reaches them and the manifest only at the end, so
     training over an existing model would replace its members one by one under its old manifest: an
     interrupted run would leave neither model. Resuming is allowed where the folder's checkpoint exists
-    (the same run, continued).
+    (the same run, continued). The advice names ``resume`` in ``setting``'s words.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -113,7 +117,7 @@ def check_out_dir(out_dir: str | Path, *, resume: bool) -> None:
     raise FileExistsError(
         f"{out_dir}: already holds a model ({MANIFEST_NAME}); training would overwrite its members. Give a new "
         "folder, or delete this one first"
-        + (" (--resume continues the run its checkpoint holds)" if own_run and not resume else "")
+        + (f" ({setting('resume', True)} continues the run its checkpoint holds)" if own_run and not resume else "")
     )
 
 
@@ -177,12 +181,15 @@ def init_weights(
     arch_kwargs: dict,
     class_names: list[str] | tuple[str, ...],
     stain: str,
+    setting: SettingWords = library_setting,
 ) -> str:
     """Start ``model`` from the last member of a model folder (fine-tuning); returns that member's sha256.
 
     The folder's checksums are verified first; its task, the stain of the slides (``stain``), its architecture
-    and its classes must be the run's.
+    and its classes must be the run's. The advice names the settings (``init_model``, the labels'
+    ``class_names``) in ``setting``'s words.
     """
+    init, scratch = setting("init_model"), setting("init_model", None)
     manifest = read_manifest(folder, verify=True)
     if (manifest.task, manifest.stain) != (task, stain):
         raise ModelFileError(
@@ -191,19 +198,19 @@ def init_weights(
                 manifest,
                 task=task,
                 stain=stain,
-                needed_for="to fine-tune from (--init)",
-                fix="give one, or train from scratch (--init none)",
+                needed_for=f"to fine-tune from ({init})",
+                fix=f"give one, or train from scratch ({scratch})",
             )
         )
     if manifest.architecture != architecture or manifest.architecture_kwargs != arch_kwargs:
         raise ModelFileError(
-            f"{folder}: --init needs a {architecture} with {arch_kwargs}, this is {manifest.architecture} with "
-            f"{manifest.architecture_kwargs}; train with its architecture, or from scratch (--init none)"
+            f"{folder}: {init} needs a {architecture} with {arch_kwargs}, this is {manifest.architecture} with "
+            f"{manifest.architecture_kwargs}; train with its architecture, or from scratch ({scratch})"
         )
     if list(manifest.class_names) != list(class_names):
         raise ModelFileError(
-            f"{folder}: --init has the classes {manifest.class_names}, the labels {list(class_names)}; "
-            "map the label classes onto the model's (--class-map) or train from scratch (--init none)"
+            f"{folder}: {init} has the classes {manifest.class_names}, the labels {list(class_names)}; "
+            f"map the label classes onto the model's ({setting('class_names')}) or train from scratch ({scratch})"
         )
     member = manifest.members[-1]
     state = load_file(str(Path(folder) / member.file))  # fp16 on disk (save_member), fp32 to train

@@ -44,7 +44,7 @@ def check_distillation(weight: float, temperature: float, *, init_model: str | N
     if weight > 0 and init_model is None:
         raise ValueError(
             f"distill_weight {weight:g} distils the initial model's predictions into the one trained, and this run "
-            "starts from scratch: give init_model (pdl1 train: --init MODEL), or distill_weight 0"
+            "starts from scratch: give init_model, or distill_weight 0"
         )
 
 

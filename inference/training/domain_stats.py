@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from inference.advice import SettingWords, library_setting
 from inference.analysis.domain import (
     GUARDED_TASK_OF_STAIN,
     DomainStats,
@@ -112,6 +113,7 @@ def compute_domain_stats(
     on_progress: Callable[[int, int], None] | None = None,
     slide_mpp: Mapping[str, float] | None = None,
     mpp_advice: MppAdvice | None = None,
+    setting: SettingWords = library_setting,
 ) -> DomainStats:
     """The statistics of ``model_dir``'s training domain from ``train_slides``, with calibrated limits.
 
@@ -121,7 +123,7 @@ def compute_domain_stats(
     path (as given) that replace those files' own, the pixel size their QuPath project states (as training
     read them, :func:`recorded_slide_mpp`); a slide not in it is read at its file's own, and one whose file states
     none raises :class:`~inference.errors.MissingMppError`, its message ending with ``mpp_advice`` (how the
-    caller's user gives one).
+    caller's user gives one). A warning of too few slides to calibrate on names ``held_out`` in ``setting``'s words.
     """
     slide_mpp = dict(slide_mpp or {})
     manifest = read_manifest(model_dir)
@@ -161,9 +163,10 @@ def compute_domain_stats(
     if 1 < calibrated_on < MIN_CALIBRATION_SLIDES:
         log.warning(
             "the domain limits rest on %d slides: one odd slide sets them (limits of 100 and more were seen with "
-            "two); give at least %d --held-out slides",
+            "two); give at least %d held-out slides (%s)",
             calibrated_on,
             MIN_CALIBRATION_SLIDES,
+            setting("held_out"),
         )
     stats = fit_domain_stats([f for f, _ in train], [s for _, s in train], slide_names=names, feature_layers=layers)
     if not held_out and len(train) < 2:
@@ -255,10 +258,12 @@ def write_training_domain_stats(
     held_out: Sequence[str | Path] = (),
     device: str = "cpu",
     slide_mpp: Mapping[str, float] | None = None,
+    setting: SettingWords = library_setting,
 ) -> Manifest:
     """After training: the statistics of the training slides in the manifest, their limits calibrated on the
     ``held_out`` validation slides (in-domain, not trained on), or without them by leaving one slide out;
-    each slide read at the pixel size training read it at (``slide_mpp``, see :func:`compute_domain_stats`).
+    each slide read at the pixel size training read it at (``slide_mpp``, see :func:`compute_domain_stats`);
+    ``setting``: the words of :func:`compute_domain_stats`' advice.
 
     Training never fails for them: where they cannot be computed (slides too small for two tiles), the
     manifest stays without (the guard then says "not measured") and a warning says why. A model the guard never
@@ -269,12 +274,14 @@ def write_training_domain_stats(
         return manifest
     try:
         try:
-            stats = compute_domain_stats(model_dir, slides, held_out=held_out, device=device, slide_mpp=slide_mpp)
+            stats = compute_domain_stats(
+                model_dir, slides, held_out=held_out, device=device, slide_mpp=slide_mpp, setting=setting
+            )
         except ValueError as err:
             if not held_out:
                 raise
             log.warning("%s: domain limits not set on the validation slides (%s); leaving one out", model_dir, err)
-            stats = compute_domain_stats(model_dir, slides, device=device, slide_mpp=slide_mpp)
+            stats = compute_domain_stats(model_dir, slides, device=device, slide_mpp=slide_mpp, setting=setting)
     except ValueError as err:
         log.warning("%s: no domain statistics (%s); compute them later with `pdl1 domain-stats`", model_dir, err)
         return read_manifest(model_dir, verify=False)

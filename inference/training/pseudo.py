@@ -17,11 +17,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from inference.advice import SettingWords, library_setting
 from inference.analysis.regions import resample_nearest
 from inference.training.labels import IGNORE_LABEL
+
+if TYPE_CHECKING:
+    from inference.slides.slide import MppAdvice
 
 
 @dataclass(frozen=True)
@@ -180,16 +185,6 @@ class PseudoLabels:
         }
 
 
-def _pseudo_mpp_advice(value: str) -> str:
-    """What to do about an unlabelled slide that states no pixel size, in its file or (an entry) in its project:
-    `pdl1 train seg` has no --mpp (the analysis' advice, "with --mpp", sent users to an option it lacks)."""
-    return (
-        f"pseudo-labels need the pixel size: set it in QuPath (Image tab: Pixel width/height) to {value}, save "
-        "the project and give the slide as an entry of the project trained on (a slide file has only its own "
-        "pixel size), or leave it out of --unlabeled"
-    )
-
-
 def pseudo_label_slides(
     model_dir: str | Path,
     slides: Sequence[UnlabeledSlide],
@@ -199,6 +194,8 @@ def pseudo_label_slides(
     device: str = "cpu",
     tissue_mpp: float = 8.0,
     on_progress: Callable[[int, int], None] | None = None,
+    mpp_advice: MppAdvice | None = None,
+    setting: SettingWords = library_setting,
 ) -> list[PseudoLabels]:
     """Run the segmentation ensemble in ``model_dir`` over the tissue of each slide and keep its confident
     pixels (:func:`pseudo_label_target`), placed on the slide's grid at ``input_mpp``.
@@ -206,7 +203,9 @@ def pseudo_label_slides(
     Raises (before any slide is segmented) :class:`~inference.errors.SlideNotFoundError`,
     :class:`~inference.errors.SlideFormatError` or :class:`~inference.errors.MissingMppError` for a
     slide that cannot be opened or states no pixel size, :class:`~inference.errors.StainError` for one
-    not of the ensemble's stain, :class:`~inference.errors.ResolutionError` for one too coarse.
+    not of the ensemble's stain, :class:`~inference.errors.ResolutionError` for one too coarse. Their advice
+    is the caller's user's: ``mpp_advice`` how to give a slide's µm/px (:func:`~inference.slides.slide.open_slide`'s;
+    by default an :class:`UnlabeledSlide`'s ``mpp``), ``setting`` how to name ``slides`` (to leave one out).
     """
     from inference.analysis.segment import SegmentConfig, segment_slide
     from inference.errors import MissingMppError, SlideFormatError, SlideNotFoundError, StainError
@@ -221,10 +220,10 @@ def pseudo_label_slides(
     checked: list[tuple[UnlabeledSlide, str, str]] = []
     for item in slides:  # every slide checked before the first is segmented
         try:
-            slide = open_slide(item.path, mpp=item.mpp, mpp_source="QuPath project", mpp_advice=_pseudo_mpp_advice)
+            slide = open_slide(item.path, mpp=item.mpp, mpp_source="QuPath project", mpp_advice=mpp_advice)
         except (SlideNotFoundError, SlideFormatError) as err:
             raise type(err)(
-                f"unlabelled slide {item.label}: {err}; leave it out of --unlabeled or fix the file"
+                f"unlabelled slide {item.label}: {err}; leave it out of {setting('slides')} or fix the file"
             ) from err
         except MissingMppError as err:
             raise MissingMppError(f"unlabelled slide {item.label}: {err}") from err
@@ -239,7 +238,7 @@ def pseudo_label_slides(
         if stain != manifest.stain:
             raise StainError(
                 f"unlabelled slide {item.label} is {stain} ({source}), but {reader} was trained on {manifest.stain} "
-                f"and pseudo-labels only slides of that stain. Leave it out of --unlabeled; if it is "
+                f"and pseudo-labels only slides of that stain. Leave it out of {setting('slides')}; if it is "
                 f"{manifest.stain}, set its image type in QuPath (Image tab: Image type) and give it as a project entry"
             )
         checked.append((item, stain, source))

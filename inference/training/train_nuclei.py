@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from inference import __version__
+from inference.advice import SettingWords, library_setting, renamed
 from inference.analysis.ihc import DEFAULT_INTENSITY_LIMITS_OD, annulus_means, dab_density
 from inference.analysis.nuclei import DEFAULT_MIN_SCORE, MEMBRANE_PERCENTILE, MEMBRANE_RING_UM, detect_nuclei
 from inference.analysis.points import gaussian_targets
@@ -291,15 +292,17 @@ def train_nuclei(
     label_sources: list[dict] | None = None,
     resume: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
+    setting: SettingWords = library_setting,
 ) -> Manifest:
     """Train and write a nuclei model folder (``config.out_dir``); returns its manifest.
 
     Without ``labels`` the slides are phantoms with truth; with them, ``config.slides`` are the
     labelled slides (in the same order) and training honours where the labels are sparse.
     ``label_sources`` (project, entries, counts: ``bridge.labels.label_summary``) go into the manifest.
+    The messages' advice names the settings (``config``'s fields, ``resume``) in ``setting``'s words.
     """
     out_dir = Path(config.out_dir)
-    check_out_dir(out_dir, resume=resume)
+    check_out_dir(out_dir, resume=resume, setting=setting)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     device = torch.device(config.device)
@@ -314,7 +317,7 @@ def train_nuclei(
     else:
         data = [load_nuclei_slide(p, input_mpp=config.input_mpp) for p in config.slides]
     for d in data:
-        check_patch_fits(d.name, d.rgb.shape[:2], patch_px=config.patch_px, input_mpp=config.input_mpp)
+        check_patch_fits(d.name, d.rgb.shape[:2], patch_px=config.patch_px, input_mpp=config.input_mpp, setting=setting)
     class_names, stain = _one_kind(data)
     thresholds = {"min_score": DEFAULT_MIN_SCORE, "nms_radius_um": 2.5}
     if stain == "H-DAB":
@@ -337,6 +340,7 @@ def train_nuclei(
             arch_kwargs=arch_kwargs,
             class_names=class_names,
             stain=stain,
+            setting=setting,
         )
     model = model.to(device)
     # Made once the slides, labels and initial model have been read: a refused run leaves no empty folder.
@@ -398,7 +402,12 @@ def train_nuclei(
     # The domain guard's statistics of these slides, limits by leaving one slide out (pdl1 domain-stats
     # recomputes them with held-out slides).
     return write_training_domain_stats(
-        out_dir, config.slides, held_out=config.validation_slides, device=config.device, slide_mpp=config.slide_mpp
+        out_dir,
+        config.slides,
+        held_out=config.validation_slides,
+        device=config.device,
+        slide_mpp=config.slide_mpp,
+        setting=renamed(setting, held_out="validation_slides"),
     )
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from inference import __version__
+from inference.advice import SettingWords, library_setting, renamed
 from inference.models.manifest import Manifest, Member, write_manifest
 from inference.models.unet import PlainConvUNet
 from inference.phantom.truth import load_truth
@@ -402,6 +403,7 @@ def train_segmentation(
     pseudo: Sequence[PseudoLabels] | None = None,
     resume: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
+    setting: SettingWords = library_setting,
 ) -> Manifest:
     """Train and write an ensemble folder (``config.out_dir``); returns its manifest.
 
@@ -410,9 +412,10 @@ def train_segmentation(
     ``labels`` (a lab's region labels), ``config.slides`` are the labelled slides in the same order;
     ``label_sources`` go into the manifest. ``pseudo``: the pseudo-labels of ``config.unlabeled``, in
     their order, when the caller made them already (to show their counts); else they are made here.
+    The messages' advice names the settings (``config``'s fields, ``resume``) in ``setting``'s words.
     """
     out_dir = Path(config.out_dir)
-    check_out_dir(out_dir, resume=resume)
+    check_out_dir(out_dir, resume=resume, setting=setting)
     if not labels:
         _refuse_ihc_truth(config.slides)
     device = torch.device(config.device)
@@ -424,11 +427,11 @@ def train_segmentation(
     else:
         data = [load_training_slide(p, input_mpp=config.input_mpp, patch_px=config.patch_px) for p in config.slides]
     for d in data:
-        check_patch_fits(d.name, d.mask.shape, patch_px=config.patch_px, input_mpp=config.input_mpp)
-    pseudo = _pseudo_labels(config, pseudo)
+        check_patch_fits(d.name, d.mask.shape, patch_px=config.patch_px, input_mpp=config.input_mpp, setting=setting)
+    pseudo = _pseudo_labels(config, pseudo, setting=setting)
     pseudo_data = [load_pseudo_slide(p, input_mpp=config.input_mpp, patch_px=config.patch_px) for p in pseudo]
     for d in pseudo_data:
-        check_patch_fits(d.name, d.mask.shape, patch_px=config.patch_px, input_mpp=config.input_mpp)
+        check_patch_fits(d.name, d.mask.shape, patch_px=config.patch_px, input_mpp=config.input_mpp, setting=setting)
     if labels:  # an unlabeled slide that is also labelled: its pseudo-labels fill the rest of its labelled item
         rest = {Path(p.slide.path).resolve(): d for p, d in zip(pseudo, pseudo_data, strict=True)}
         paths = [Path(s).resolve() for s in config.slides]
@@ -463,6 +466,7 @@ def train_segmentation(
             device=device,
             resume=resume,
             on_progress=progress,
+            setting=setting,
         )
         members += [
             {**r, "file": (chain_dir / r["file"]).relative_to(out_dir).as_posix(), "chain": chain} for r in records
@@ -495,11 +499,18 @@ def train_segmentation(
     # The domain guard's statistics of these slides, limits by leaving one slide out (pdl1 domain-stats
     # recomputes them with held-out slides).
     return write_training_domain_stats(
-        out_dir, config.slides, held_out=config.validation_slides, device=config.device, slide_mpp=config.slide_mpp
+        out_dir,
+        config.slides,
+        held_out=config.validation_slides,
+        device=config.device,
+        slide_mpp=config.slide_mpp,
+        setting=renamed(setting, held_out="validation_slides"),
     )
 
 
-def _pseudo_labels(config: SegTrainConfig, given: Sequence[PseudoLabels] | None) -> list[PseudoLabels]:
+def _pseudo_labels(
+    config: SegTrainConfig, given: Sequence[PseudoLabels] | None, *, setting: SettingWords
+) -> list[PseudoLabels]:
     if not config.unlabeled:
         if given:
             raise ValueError("pseudo-labels were given for a run without unlabeled slides")
@@ -511,6 +522,7 @@ def _pseudo_labels(config: SegTrainConfig, given: Sequence[PseudoLabels] | None)
             rule=config.pseudo_rule,
             input_mpp=config.input_mpp,
             device=config.device,
+            setting=renamed(setting, slides="unlabeled"),
         )
     if tuple(p.slide for p in given) != tuple(config.unlabeled):
         raise ValueError("pseudo must be the pseudo-labels of config.unlabeled, in their order")
@@ -576,6 +588,7 @@ def _train_chain(
     device: torch.device,
     resume: bool,
     on_progress: Callable[[int, int], None] | None,
+    setting: SettingWords,
 ) -> list[dict]:
     """One cyclic run from its own seed: initial weights, patch draws and augmentation all follow it."""
     torch.manual_seed(seed)
@@ -591,6 +604,7 @@ def _train_chain(
             arch_kwargs=arch_kwargs,
             class_names=CLASS_NAMES,
             stain="H&E",
+            setting=setting,
         )
     model = model.to(device)
     anchor = WeightAnchor(model, weight=config.anchor_weight) if config.anchor_weight else None

@@ -249,7 +249,8 @@ def test_per_image_normalisation_is_refused(tmp_path):
 
 @pytest.mark.parametrize("mpp", [0.0, -1.0, float("nan")])
 def test_bad_mpp_is_refused(tmp_path, mpp):
-    with pytest.raises(ModelFileError, match="--mpp must be"):
+    # The library names its argument (it said --mpp, `pdl1 import nnunet`'s option, to a Python caller).
+    with pytest.raises(ModelFileError, match=r"^mpp must be the training images' µm per pixel"):
         import_nnunet(_results(tmp_path), tmp_path / "model", mpp=mpp)
 
 
@@ -325,7 +326,7 @@ def test_weights_of_another_network_are_refused(tmp_path):
 def test_an_existing_model_folder_is_not_overwritten(tmp_path):
     folder = _results(tmp_path, checkpoints={"checkpoint_final.pth": _checkpoint(_network().state_dict(), epoch=1)})
     import_nnunet(folder, tmp_path / "model", mpp=2.0)
-    with pytest.raises(ModelFileError, match="already holds a model"):
+    with pytest.raises(ModelFileError, match=r"already holds a model \(manifest.json\); choose another out_dir or"):
         import_nnunet(folder, tmp_path / "model", mpp=1.0)
     assert read_manifest(tmp_path / "model").input_mpp == 2.0
 
@@ -642,6 +643,12 @@ def test_a_fold_copied_in_part_is_said_with_the_fix(tmp_path):
     assert str(err.value) == (
         f"{folder / 'fold_1' / 'checkpoint_final.pth'}: checkpoint not found; {folder / 'fold_1'} holds no "
         "checkpoint: its training saved none yet, or the copy of the fold is not finished: copy the fold again "
-        "from nnUNet_results, or take the folds that have it with --folds (0)"
+        "from nnUNet_results, or take the folds that have it with folds (0)"
     )
+    assert not (tmp_path / "model").exists()
+    # `pdl1 import nnunet` passes its options' names.
+    args = ["import", "nnunet", str(folder), "--mpp", "2", "--out", str(tmp_path / "model")]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 1 and text.endswith("or take the folds that have it with --folds (0)"), text
     assert not (tmp_path / "model").exists()

@@ -8,12 +8,16 @@ from typing import Annotated
 import typer
 
 from bridge.cli.common import TIFF_WITH_RESOLUTION, console, fail, require_out_folder
+from bridge.options import option_words
 from inference import Pdl1Error
 
 import_app = typer.Typer(
     help="Bring models trained elsewhere in as model folders of this product.", no_args_is_help=True
 )
 export_app = typer.Typer(help="Write training data for other tools.", no_args_is_help=True)
+# How `pdl1 import nnunet` names import_nnunet's arguments in the advice of its messages: --out is out_dir, the
+# others are the arguments' names with dashes (--mpp, --folds, --checkpoints, --positive-label).
+IMPORT_WORDS = option_words(out_dir="--out")
 
 
 @import_app.command("nnunet")
@@ -79,6 +83,7 @@ def import_nnunet_cmd(
                 name=name,
                 stain=manifest_stain,
                 write_into=part,
+                setting=IMPORT_WORDS,
             )
     except (Pdl1Error, OSError, ValueError) as err:
         raise fail(err) from err

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from inference.advice import SettingWords, library_setting
 from inference.errors import ModelFileError
 from inference.models.manifest import (
     MANIFEST_NAME,
@@ -395,7 +396,9 @@ def _labels(dataset: dict[str, Any], *, dataset_path: Path) -> list[str]:
     return [by_value[i] for i in range(len(by_value))]
 
 
-def _choose_checkpoints(folder: Path, *, folds: list[str] | None, checkpoints: list[str]) -> list[Path]:
+def _choose_checkpoints(
+    folder: Path, *, folds: list[str] | None, checkpoints: list[str], setting: SettingWords
+) -> list[Path]:
     fold_dirs = sorted(p for p in folder.glob("fold_*") if p.is_dir())
     if folds:
         wanted = [folder / f"fold_{f}" for f in folds]
@@ -411,25 +414,26 @@ def _choose_checkpoints(folder: Path, *, folds: list[str] | None, checkpoints: l
             path = fold_dir / name
             if not path.is_file():
                 raise ModelFileError(
-                    f"{path}: checkpoint not found; {_missing_checkpoint_fix(fold_dir, fold_dirs, name)}"
+                    f"{path}: checkpoint not found; {_missing_checkpoint_fix(fold_dir, fold_dirs, name, setting)}"
                 )
             paths.append(path)
     return paths
 
 
-def _missing_checkpoint_fix(fold_dir: Path, fold_dirs: list[Path], name: str) -> str:
-    """What a fold without checkpoint ``name`` holds, and the fix: it was "has []" for a fold copied in part."""
+def _missing_checkpoint_fix(fold_dir: Path, fold_dirs: list[Path], name: str, setting: SettingWords) -> str:
+    """What a fold without checkpoint ``name`` holds, and the fix (the settings in ``setting``'s words): it was
+    "has []" for a fold copied in part."""
     have = sorted(p.name for p in fold_dir.glob("*.pth"))
     complete = [f.name.removeprefix("fold_") for f in fold_dirs if (f / name).is_file()]
-    others = f"take the folds that have it with --folds ({', '.join(complete)})" if complete else ""
+    others = f"take the folds that have it with {setting('folds')} ({', '.join(complete)})" if complete else ""
     if not have:
         return (
             f"{fold_dir} holds no checkpoint: its training saved none yet, or the copy of the fold is not finished: "
             f"copy the fold again from nnUNet_results{', or ' + others if others else ''}"
         )
     return (
-        f"{fold_dir} has {have}: name one of those with --checkpoints, or let its training finish (nnU-Net writes "
-        f"checkpoint_final.pth at the end){', or ' + others if others else ''}"
+        f"{fold_dir} has {have}: name one of those with {setting('checkpoints')}, or let its training finish "
+        f"(nnU-Net writes checkpoint_final.pth at the end){', or ' + others if others else ''}"
     )
 
 
@@ -444,6 +448,7 @@ def import_nnunet(
     name: str | None = None,
     stain: str = "H&E",
     write_into: str | Path | None = None,
+    setting: SettingWords = library_setting,
 ) -> Manifest:
     """Import an nnU-Net v2 2D trained-model folder as a segmentation model folder; return its manifest.
 
@@ -466,12 +471,15 @@ def import_nnunet(
         An empty folder to write the model into instead of ``out_dir`` itself, which the caller then renames
         onto ``out_dir`` (``pdl1 import nnunet`` does, so that an interrupted import leaves no half a model);
         ``out_dir`` must then be new or empty. Checked and named as ``out_dir`` all the same.
+    setting
+        How the caller's user names these arguments, for the advice of the messages (default: their names here;
+        ``pdl1 import nnunet`` passes its options, ``--out`` for ``out_dir``).
     """
     folder = Path(results_folder)
     out = Path(out_dir)
     if not (isinstance(mpp, int | float) and math.isfinite(mpp) and mpp > 0):
         raise ModelFileError(
-            f"--mpp must be the training images' µm per pixel (a positive number), got {mpp!r}; "
+            f"{setting('mpp')} must be the training images' µm per pixel (a positive number), got {mpp!r}; "
             "nnU-Net keeps no unit for 2D images"
         )
     if stain not in STAINS:
@@ -480,18 +488,24 @@ def import_nnunet(
         what = "a file, not a folder" if folder.exists() else "no such folder"
         raise ModelFileError(f"{folder}: {what}; pass nnUNet_results/DatasetNNN_NAME/TRAINER__PLANS__CONFIG")
     if out.exists() and not out.is_dir():
-        raise ModelFileError(f"{out}: is a file; --out names the model folder to write: choose a new folder")
+        raise ModelFileError(
+            f"{out}: is a file; {setting('out_dir')} names the model folder to write: choose a new folder"
+        )
     if (out / MANIFEST_NAME).exists():
-        raise ModelFileError(f"{out}: already holds a model ({MANIFEST_NAME}); choose another --out or remove it")
+        raise ModelFileError(
+            f"{out}: already holds a model ({MANIFEST_NAME}); choose another {setting('out_dir')} or remove it"
+        )
     if write_into is not None and out.is_dir() and any(out.iterdir()):
         raise ModelFileError(
             f"{out}: is not empty; the model is written beside it and renamed onto it whole, which needs a new or "
-            "empty folder: choose another --out or empty it"
+            f"empty folder: choose another {setting('out_dir')} or empty it"
         )
     plans_path, dataset_path = folder / "plans.json", folder / "dataset.json"
     plans, dataset = _read_json(plans_path), _read_json(dataset_path)
     _check_dataset_format(dataset, dataset_path=dataset_path)  # before minutes of loading checkpoints
-    paths = _choose_checkpoints(folder, folds=folds, checkpoints=checkpoints or ["checkpoint_final.pth"])
+    paths = _choose_checkpoints(
+        folder, folds=folds, checkpoints=checkpoints or ["checkpoint_final.pth"], setting=setting
+    )
     # nnU-Net names the folder TRAINER__PLANS__CONFIGURATION; a renamed folder is told by its checkpoints.
     parsed = _CONFIG_DIR.match(folder.name)
     configurations = _expect(plans.get("configurations", {}), dict, "'configurations'", plans_path=plans_path)
@@ -526,7 +540,9 @@ def import_nnunet(
     if positive_label is None:
         others = [c for c in class_names if c != "background"]
         if len(class_names) != 2 or len(others) != 1:
-            raise ModelFileError(f"{dataset_path}: classes {class_names}: name the positive one with --positive-label")
+            raise ModelFileError(
+                f"{dataset_path}: classes {class_names}: name the positive one with {setting('positive_label')}"
+            )
         positive_label = others[0]
     if positive_label not in class_names:
         raise ModelFileError(f"positive label {positive_label!r} is not one of {dataset_path}'s classes {class_names}")
@@ -555,7 +571,7 @@ def import_nnunet(
     for i, (ckpt, network) in enumerate(zip(loaded, networks, strict=True)):
         file = _MEMBER_FILE.format(i)
         _save_network(network, target / file)
-        # The fold is the folder's (what --folds chose; nnU-Net names them fold_K, K a number or "all").
+        # The fold is the folder's (what folds chose; nnU-Net names them fold_K, K a number or "all").
         fold_name = ckpt.path.parent.name.removeprefix("fold_")
         fold = int(fold_name) if fold_name.isdigit() else 0
         members.append(

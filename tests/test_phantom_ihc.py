@@ -238,3 +238,16 @@ def test_load_truth_of_an_old_he_folder(pair, tmp_path):
 def test_ihc_spec_validation():
     with pytest.raises(ValueError, match="immune_positive_fraction"):
         IhcSpec(immune_positive_fraction=1.5)
+
+
+def test_an_ihc_phantom_written_alone_is_refused_for_registration_saying_how_to_pair_it(tmp_path):
+    # It said "written with --ihc", an option of no call that reaches it (`pdl1 phantom`'s, named as such now).
+    from inference import TruthNotFoundError, evaluate_registration
+
+    alone = write_ihc_phantom(tmp_path / "i.svs", PhantomSpec(1024, 1024, seed=5))
+    with pytest.raises(TruthNotFoundError) as err:
+        evaluate_registration(alone.slide_path)
+    assert str(err.value) == (
+        f"{alone.slide_path}: its truth names no paired H&E; pass an IHC phantom written with its H&E "
+        "(`pdl1 phantom --ihc`, or write_ihc_phantom's paired_with)"
+    )

@@ -481,7 +481,10 @@ def evaluate_registration(ihc_slide_path: str | Path, *, mpp: float = 8.0) -> Re
     truth = load_truth(ihc_path)
     partner = truth.summary.get("paired_with")
     if partner is None:
-        raise TruthNotFoundError(f"{ihc_path}: its truth names no paired H&E; pass an IHC phantom written with --ihc")
+        raise TruthNotFoundError(
+            f"{ihc_path}: its truth names no paired H&E; pass an IHC phantom written with its H&E (`pdl1 phantom "
+            "--ihc`, or write_ihc_phantom's paired_with)"
+        )
     he_path = ihc_path.with_name(partner)
     if not he_path.is_file():
         raise SlideNotFoundError(

@@ -228,7 +228,9 @@ def _own_descendants(parent: Any) -> list[Any]:
             geometry = wrap(child).roi if own else None
             if own and _overlaps(geometry, area):
                 if others is None:  # the other analysed annotations' outlines, read once one of ours overlaps
-                    others = [wrap(a).roi for a in _analysed_under(ancestors[-1]) if a != inside]
+                    # (not those the parent lies in: they hold all of it that the parent holds, and their own
+                    # objects beside the parent are theirs by the walk's rule above)
+                    others = [wrap(a).roi for a in _analysed_under(ancestors[-1]) if a != inside and a not in ancestors]
                 if _held_most_by(geometry, area, others):
                     out.append(child)
                     out.extend(_own_under(child))

@@ -427,8 +427,12 @@ def ownDescendants = { parent, Closure own ->
                 area = parent.getROI().getGeometry()
             def geometry = mine ? child.getROI().getGeometry() : null
             if (mine && overlaps(geometry, area)) {
-                if (others == null)  // the other analysed annotations' outlines, read once one of ours overlaps
-                    others = analysedUnder(ancestors[-1]).findAll { !it.is(parent) }*.getROI()*.getGeometry()
+                // The other analysed annotations' outlines, read once one of ours overlaps; not those the parent lies
+                // in: they hold all of it that the parent holds, and their own objects beside it are theirs (above).
+                if (others == null) {
+                    def around = { a -> ancestors.any { it.is(a) } }
+                    others = analysedUnder(ancestors[-1]).findAll { !it.is(parent) && !around(it) }*.getROI()*.getGeometry()
+                }
                 if (heldMostBy(geometry, area, others)) {
                     out << child
                     out.addAll(ownUnder(child, own))

@@ -657,6 +657,23 @@ def _side_by_side_tree():
     ]
 
 
+def _hotspot_tree():
+    """An analysed hotspot inside an analysed outline, sharing its right edge x = 1000, and the hotspot's region over
+    that edge, which Resolve hierarchy put beside both (covered by neither): the outline holds as much of it as the
+    hotspot, being around it, so it is the hotspot's still; the outline's own region beside the hotspot stays."""
+    from shapely.geometry import box
+
+    ours = _ours
+    return [
+        ("root", "root", None, None, {}, None, None),
+        _analysed("outline", box(0, 0, 1000, 1000), "root"),
+        _analysed("hotspot", box(800, 100, 1000, 300), "outline"),
+        ours("hotspot's nucleus", "detection", box(900, 200, 910, 210), "hotspot", "Tumor: Positive"),
+        ours("hotspot's region over both edges", "annotation", box(900, 150, 1010, 250), "root", "PD-L1 positive"),
+        ours("outline's region beside it", "annotation", box(600, 400, 900, 600), "outline", "PD-L1 positive"),
+    ]
+
+
 # After the re-run removed its earlier objects: what, and where everything else is (removeObjects(objects,
 # keepChildren=true) puts the kept children under the root, PathObjectHierarchy.java v0.4.4:483-496, 632-636).
 RERUN_REMOVES = [
@@ -716,6 +733,10 @@ SIDE_BY_SIDE_RERUN_LEAVES = {
     "a tile held half and half": "root",
     "right's tile over the top": "root",
 }
+# Re-running a hotspot inside an analysed outline: its region sticking out of both is its own (compared with the
+# outline around it, which holds all of it the hotspot holds, it was left on every re-run and piled up).
+HOTSPOT_RERUN_REMOVES = ["hotspot's nucleus", "hotspot's region over both edges"]
+HOTSPOT_RERUN_LEAVES = {"outline": "root", "hotspot": "outline", "outline's region beside it": "outline"}
 # case: (tree, the annotation re-run, what it removes, where everything else is after it)
 RERUN_CASES = {
     "roi": (lambda: _resolved_tree(), "ROI", RERUN_REMOVES, RERUN_LEAVES),
@@ -732,6 +753,7 @@ RERUN_CASES = {
         NEIGHBOUR_RERUN_LEAVES,
     ),
     "rois-side-by-side": (_side_by_side_tree, "left ROI", SIDE_BY_SIDE_RERUN_REMOVES, SIDE_BY_SIDE_RERUN_LEAVES),
+    "hotspot-in-an-analysed-outline": (_hotspot_tree, "hotspot", HOTSPOT_RERUN_REMOVES, HOTSPOT_RERUN_LEAVES),
 }
 
 

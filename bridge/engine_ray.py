@@ -33,6 +33,7 @@ from bridge.run import (
     remove_orphan_parts,
     resume_skips,
     run_models,
+    skipped_outcome,
     summary_of,
     write_result_files,
 )
@@ -128,7 +129,7 @@ def run_batch_ray(
         pending: dict[Any, tuple[Any, float, tuple[Path, Path]]] = {}
         for job in jobs:
             if config.resume and resume_skips(job, status, project, written_by_qupath=use_qupath):
-                outcomes[job.key] = ImageOutcome(job.key, job.name, "skipped")
+                outcomes[job.key] = skipped_outcome(job, project, status_folder)
             elif job.error is not None:
                 message = failure_message(job.error)
                 outcomes[job.key] = ImageOutcome(job.key, job.name, "failed", error=message)

@@ -55,7 +55,9 @@ COLUMNS = (
     "other",
     "run_id",
     "models",
-    "last_run_failed",  # the error of the last run, which failed on the image: the results are an earlier run's
+    # The error of the last run, which failed on the image: the results are an earlier run's, or, where it has
+    # none (run_id and every number empty), the row says only that.
+    "last_run_failed",
 )
 
 
@@ -68,6 +70,7 @@ class ReportItem:
     not_found: str = ""  # why ``slide`` is None: where the image was looked for, and the fix
     last_run_failed: str = ""  # the error of the last run, which failed on this image: these results are older
     entry_id: str = ""  # QuPath's entry ID, "" for a plain-slides output folder (one summary per file name there)
+    has_results: bool = True  # False: the last run failed on it and no earlier run left results (summary is {})
 
 
 def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]:
@@ -76,7 +79,9 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
     A damaged summary (cut short by a kill, or not a pdl1 summary) leaves its image out with a warning
     that names the file and the fix, and the others are reported; ``left_out`` collects those warnings.
     So does an image the last run failed on that has no earlier results: it is named with its error, not
-    passed over as if it had never been in the run. One with earlier results is reported with its failure.
+    passed over as if it had never been in the run, and it is collected without results (``has_results``
+    False: a row of report.csv with its error, no section of the HTML). One with earlier results is reported with
+    its failure.
     """
     items = []
     left_out = [] if left_out is None else left_out
@@ -93,7 +98,9 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
             if not (folder / "summary.json").is_file():
                 if entry.entry_id in failed:
                     name = f"{entry.image_name} (QuPath entry {entry.entry_id})"
-                    _leave_out(left_out, _failed_without_results(name, failed[entry.entry_id][1], source))
+                    error = failed[entry.entry_id][1]
+                    _leave_out(left_out, _failed_without_results(name, error, source))
+                    items.append(_without_results(entry.image_name, folder / "objects.geojson", error, entry.entry_id))
                 continue
             summary = _read_summary(folder / "summary.json", fix, left_out)
             if summary is None:
@@ -112,9 +119,11 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
         return items
     fix = f"run {_rerun(source)}, which analyses again the slides whose results are damaged"
     failed = _failed_in_last_run(Path(source))  # keyed by the slide's stem, as its summary is named
+    by_file: dict[str, ReportItem] = {}  # by summary file name, the order the report lists them in
     for key, (name, error) in failed.items():
         if not (Path(source) / f"{key}.summary.json").is_file():
             _leave_out(left_out, _failed_without_results(name, error, source))
+            by_file[f"{key}.summary.json"] = _without_results(name, Path(source) / f"{key}.geojson", error)
     for summary_path in sorted(Path(source).glob("*.summary.json")):
         summary = _read_summary(summary_path, fix, left_out)
         if summary is None:
@@ -123,17 +132,21 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
         found = image.is_file()
         error = failed.get(summary_path.name.removesuffix(".summary.json"), ("", ""))[1]
         _warn_earlier_results(image.name, error, summary, source)
-        items.append(
-            ReportItem(
-                image.name,
-                image if found else None,
-                summary_path.with_name(summary_path.name.replace(".summary.json", ".geojson")),
-                summary,
-                "" if found else f"no image at {image}, where it was analysed (moved, renamed or on another machine?)",
-                error,
-            )
+        by_file[summary_path.name] = ReportItem(
+            image.name,
+            image if found else None,
+            summary_path.with_name(summary_path.name.replace(".summary.json", ".geojson")),
+            summary,
+            "" if found else f"no image at {image}, where it was analysed (moved, renamed or on another machine?)",
+            error,
         )
-    return items
+    # Those without results among the others, in the order of the summaries' names.
+    return [by_file[name] for name in sorted(by_file)]
+
+
+def _without_results(name: str, geojson: Path, error: str, entry_id: str = "") -> ReportItem:
+    """An image the last run failed on that has no results (``geojson``: where they would be)."""
+    return ReportItem(name, None, geojson, {}, last_run_failed=error, entry_id=entry_id, has_results=False)
 
 
 def _failed_in_last_run(folder: Path) -> dict[str, tuple[str, str]]:
@@ -149,10 +162,11 @@ def _failed_in_last_run(folder: Path) -> dict[str, tuple[str, str]]:
 
 
 def _failed_without_results(name: str, error: str, source: Path) -> str:
-    """Why an image the last run failed on, with no earlier results, is not in the report, and the fix."""
+    """Why an image the last run failed on, with no earlier results, has no results in the report (report.csv gives
+    it a row with the error alone), and the fix."""
     return (
-        f"{name}: the last run failed on it ({error}) and it has no earlier results, so it is not in this "
-        f"report; fix the cause and run {_rerun(source)}"
+        f"{name}: the last run failed on it ({error}) and it has no earlier results, so this report has no results "
+        f"for it; fix the cause and run {_rerun(source)}"
     )
 
 
@@ -275,7 +289,7 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
         raise ProjectError(f"--out {out} {problem}; the report is written into a folder (a missing one is made)")
     left_out: list[str] = []
     items = collect(source, left_out)
-    if not items:
+    if not any(item.has_results for item in items):
         raise ProjectError(
             f"no results under {source}: expected <project>/{PDL1_DIR}/<entry>/summary.json or "
             "<out>/<slide>.summary.json, which `pdl1 run PROJECT` or `pdl1 run SLIDES... --out DIR` write"
@@ -287,6 +301,9 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
     rows = []
     demo_checksums = set(demo_model_checksums().values())
     for item in items:
+        if not item.has_results:  # a row of report.csv with its error and no numbers; the HTML names it above
+            rows.append({"image": item.image_name, "entry_id": item.entry_id, "last_run_failed": item.last_run_failed})
+            continue
         s = item.summary
         nuclei = s.get("nuclei", {})
         provenance = s.get("provenance", {})
@@ -326,11 +343,11 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
     html_path, csv_path = out / "report.html", out / "report.csv"
     pairs_path = base / PDL1_DIR / PAIRS_FILE
     pairs = _read_pairs(pairs_path, f"run {_rerun(source)}, which compares the cases again", left_out)
-    page = _html(rows, pairs, left_out)
+    page = _html([r for r, item in zip(rows, items, strict=True) if item.has_results], pairs, left_out)
     # Each replaced whole, in UTF-8: written in place, an interrupt (or, on Windows, an image name outside the
     # console's code page) left a report.csv cut short that still read as a complete table.
     with replace_atomically(csv_path, newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore", restval="")
         writer.writeheader()
         writer.writerows(rows)
     with replace_atomically(html_path) as fh:

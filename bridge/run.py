@@ -18,7 +18,7 @@ import re
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -535,7 +535,7 @@ def _run_jobs(jobs, config, models, project, status, qp_session, on_image, on_ti
     outcomes: list[ImageOutcome] = []
     for i, job in enumerate(jobs):
         if config.resume and resume_skips(job, status, project, written_by_qupath=qp_session is not None):
-            outcomes.append(ImageOutcome(job.key, job.name, "skipped"))
+            outcomes.append(skipped_outcome(job, project, status.folder))
             continue
         if on_image is not None:  # after the skip: a run with nothing left to do draws no empty bar
             on_image(i, len(jobs), job.name)
@@ -595,6 +595,20 @@ def resume_skips(job: _Job, status: RunStatus, project: Path | None, *, written_
         return True
     log.warning("%s: recorded as done by an earlier run, but %s; analysing it again", job.name, why)
     return False
+
+
+def skipped_outcome(job: _Job, project: Path | None, status_folder: Path) -> ImageOutcome:
+    """The outcome of an image ``--resume`` skipped: state ``skipped``, with the results the earlier run recorded
+    in its summary (which :func:`resume_skips` has just read whole), so the closing table shows them rather than a
+    blank row. ``seconds`` is 0: this run spent none on it."""
+    geojson, summary_path = output_paths(job.key, project, status_folder)
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # changed since resume_skips read it: a blank row, the warning says why
+        log.warning("%s: skipped as done earlier, but its summary %s no longer reads (%s)", job.name, summary_path, err)
+        return ImageOutcome(job.key, job.name, "skipped", outputs=(str(geojson), str(summary_path)))
+    done = outcome_from_summary(job.key, job.name, summary, 0.0, (geojson, summary_path))
+    return replace(done, state="skipped")
 
 
 def _results_problem(job: _Job, status: RunStatus, project: Path | None, *, written_by_qupath: bool) -> str | None:

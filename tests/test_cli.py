@@ -589,3 +589,99 @@ def test_an_image_without_a_pixel_size_is_told_of_mpp_in_each_callers_words(tmp_
     said = " ".join(result.output.replace("│", " ").split())
     assert "states no microns per pixel. Give the µm/px of the scanner or camera" in said, said
     assert ", with --mpp, or set the pixel size in QuPath (Image tab: Pixel width/height) and analyse the" in said
+
+
+def _cells(line: str) -> list[str]:
+    """The cells of one line of a rich table, stripped: ``│ a │ b │`` -> ``["a", "b"]``."""
+    return [c.strip() for c in line.split("│")[1:-1]]
+
+
+def test_a_case_not_compared_says_why_in_the_review_column_of_the_run_table(tmp_path, capsys):
+    # The why of a case with two IHCs sat under "TPS H&E (predicted)", where it read as the H&E's score.
+    from bridge.cli.common import pairs_table
+
+    why = (
+        "case 'B1' has 1 H&E and 2 PD-L1 IHC images analysed (B1_HE.svs (H&E), B1_IHC.svs (H-DAB), ihc_B1.svs "
+        "(H-DAB)); a pair is one of each: give each case its own 'case' metadata value"
+    )
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps({"case_key": "case", "cases": {"B1": {"why_not_compared": why}}}))
+    pairs_table(path)
+    rows = [_cells(line) for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
+    assert rows[0][0] == "B1" and rows[0][1:6] == ["", "", "", "", ""], rows
+    assert " ".join(r[6] for r in rows) == why  # wrapped within the review column, whole
+
+
+def test_a_row_resume_skipped_shows_the_earlier_runs_results_and_says_so(capsys):
+    # Its row was blank but for "skipped", as if the results were lost.
+    from bridge.cli.common import outcome_table
+    from bridge.run import ImageOutcome
+
+    done = dict(tps_percent=30.6, tps_category="1-49%", positive_area_pct=14.8, uncertainty_flag=False, candidates=0)
+    outcome_table(
+        [
+            ImageOutcome("a", "a.svs", "skipped", stain="H&E", **done),
+            ImageOutcome("b", "b.svs", "done", seconds=1.5, stain="H&E", **done),
+        ]
+    )
+    rows = [_cells(line) for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
+    assert rows[0] == ["a.svs", "skipped (done earlier)", "H&E", "30.6 (pred.)", "1-49%", "14.8", "ok", "0", ""]
+    assert rows[1] == ["b.svs", "done", "H&E", "30.6 (pred.)", "1-49%", "14.8", "ok", "0", "1.5"]
+
+
+@pytest.mark.parametrize(
+    ("images", "left"),
+    [
+        ([25, None], "tiles 0/25"),  # the last image failed before tiling: the one before's 0/25 stayed
+        ([None], "tiles 0/?"),  # the only image failed before tiling
+        ([25, 12], "tiles 7/12"),  # the last image failed half-way through its tiles
+    ],
+)
+def test_no_unfinished_tiles_bar_is_left_at_the_end_of_a_run(monkeypatch, capsys, images, left):
+    import bridge.run
+    from bridge.cli.common import run_with_progress
+    from bridge.run import ImageOutcome
+
+    def run_batch(inputs, config, *, on_image, on_tiles):
+        for i, total in enumerate(images):
+            on_image(i, len(images), f"{i}.svs")
+            if total is None:
+                continue
+            on_tiles(0, total)
+            on_tiles(total if i < len(images) - 1 else 7, total)
+        return [ImageOutcome(str(i), f"{i}.svs", "done") for i in range(len(images))]
+
+    monkeypatch.setattr(bridge.run, "run_batch", run_batch)
+    run_with_progress([], None, progress=True)
+    said = capsys.readouterr().err
+    assert f"images ({len(images) - 1}.svs)" in said and f"{len(images)}/{len(images)}" in said, said
+    assert "tiles" not in said and left not in said, said
+
+
+def test_a_tiles_bar_finished_by_the_last_image_stays(monkeypatch, capsys):
+    import bridge.run
+    from bridge.cli.common import run_with_progress
+    from bridge.run import ImageOutcome
+
+    def run_batch(inputs, config, *, on_image, on_tiles):
+        on_image(0, 1, "a.svs")
+        on_tiles(25, 25)
+        return [ImageOutcome("a", "a.svs", "done")]
+
+    monkeypatch.setattr(bridge.run, "run_batch", run_batch)
+    run_with_progress([], None, progress=True)
+    said = capsys.readouterr().err
+    assert "tiles" in said and "25/25" in said, said
+
+
+def test_a_progress_bar_whose_work_failed_is_taken_away(capsys):
+    # `pdl1 eval` of a slide that does not open left 'eval x.svs 0/?' above the error.
+    from bridge.progress import progress_bar
+
+    with pytest.raises(OSError), progress_bar("eval x.svs"):
+        raise OSError("x.svs: not found")
+    with progress_bar("eval y.svs") as on_progress:
+        on_progress(3, 3)
+    captured = capsys.readouterr()
+    said = captured.out + captured.err
+    assert "x.svs" not in said and "eval y.svs" in said, said

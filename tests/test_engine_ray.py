@@ -46,6 +46,8 @@ def test_ray_engine_matches_local_and_isolates_failures(tmp_path, local_cluster)
         inputs, RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="never", out=tmp_path / "ray", resume=True)
     )
     assert [o.state for o in again] == ["skipped", "failed", "skipped"]
+    # The skipped rows keep the earlier run's results (they were blank in the closing table).
+    assert [(o.tps_percent, o.run_id) for o in again[::2]] == [(o.tps_percent, o.run_id) for o in outcomes[::2]]
 
 
 def test_ray_workers_analyse_in_the_frame_and_calibration_the_project_states(tmp_path, local_cluster):

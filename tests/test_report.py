@@ -152,11 +152,22 @@ def test_an_image_the_last_run_failed_on_without_earlier_results_is_named_not_pa
     with caplog.at_level("WARNING", logger="bridge.report"):
         html_path, csv_path = write_report(project)
     said = (
-        f"b.svs (QuPath entry 2): the last run failed on it ({error}) and it has no earlier results, so it is not "
-        f"in this report; fix the cause and run `pdl1 run {project} --resume`"
+        f"b.svs (QuPath entry 2): the last run failed on it ({error}) and it has no earlier results, so this report "
+        f"has no results for it; fix the cause and run `pdl1 run {project} --resume`"
     )
     assert said in caplog.text and html.escape(said) in html_path.read_text()
-    assert [r.split(",")[0] for r in csv_path.read_text().splitlines()[1:]] == ["a.svs"]
+    # report.csv had no row for it, so a lab's script counting its rows took 1 of 1 images for the whole project:
+    # now its row has the error in last_run_failed (the CSV's status column) and every number empty.
+    import csv
+
+    rows = list(csv.DictReader(csv_path.open(encoding="utf-8")))
+    assert [(r["image"], r["entry_id"], r["last_run_failed"]) for r in rows] == [
+        ("a.svs", "1", ""),
+        ("b.svs", "2", error),
+    ]
+    assert {k for k, v in rows[1].items() if v} == {"image", "entry_id", "last_run_failed"}
+    assert rows[0]["tps_percent"] == "12.5" and rows[0]["uncertainty_flag"] == "0"
+    assert html_path.read_text().count("<section><h2>") == 1  # no section of numbers for b.svs: named above
 
 
 def test_plain_slides_the_last_run_failed_on_are_named_with_or_without_earlier_results(tmp_path, caplog):
@@ -175,7 +186,11 @@ def test_plain_slides_the_last_run_failed_on_are_named_with_or_without_earlier_r
     with caplog.at_level("WARNING", logger="bridge.report"):
         html_path, csv_path = write_report(out)
     rows = list(csv.DictReader(csv_path.open(encoding="utf-8")))
-    assert [(r["image"], r["last_run_failed"]) for r in rows] == [("a.svs", ""), ("b.svs", "b.svs: slide not found")]
+    assert [(r["image"], r["last_run_failed"], r["run_id"]) for r in rows] == [
+        ("a.svs", "", "r1"),
+        ("b.svs", "b.svs: slide not found", "r1"),  # an earlier run's results
+        ("c.svs", "c.svs: no microns per pixel", ""),  # none: a row with the error alone
+    ]
     assert "b.svs: the last run failed on it (b.svs: slide not found); the results reported are an earlier" in (
         caplog.text
     )

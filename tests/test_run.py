@@ -126,6 +126,20 @@ def test_a_case_whose_ihc_failed_is_named_in_pairs_json_not_dropped(tmp_path, sl
     )
 
 
+def test_an_image_resume_skips_keeps_the_results_its_earlier_run_recorded(tmp_path, slides, models):
+    # --resume's closing table showed the skipped images' rows blank, as if their results were lost.
+    out = tmp_path / "out"
+    config = _config(out=out)
+    first = run_batch(slides[:1], config, models=models)
+    again = run_batch(slides, RunConfig(pipeline=config.pipeline, qupath="never", out=out, resume=True), models=models)
+    assert [o.state for o in again] == ["skipped", "done"]
+    skipped, done = again[0], first[0]
+    for field in ("tps_percent", "tps_category", "positive_area_pct", "uncertainty_flag", "candidates", "run_id"):
+        assert getattr(skipped, field) == getattr(done, field), field
+    assert skipped.tps_percent is not None and skipped.stain == "H&E" and skipped.seconds == 0.0
+    assert skipped.outputs == (str(out / "s31.geojson"), str(out / "s31.summary.json")) and skipped.error is None
+
+
 def test_project_sidecars_resume_after_a_crash_and_moved_slide(tmp_path, slides, models):
     project = tmp_path / "project"
     work = tmp_path / "work"
@@ -161,7 +175,10 @@ def test_project_sidecars_resume_after_a_crash_and_moved_slide(tmp_path, slides,
         objs = list(read_features(project / "pdl1" / entry / "objects.geojson"))
         assert objs[0].classification == "PD-L1 analysis"
     html_path, csv_path = write_report(project)
-    assert "s31.svs" in html_path.read_text() and csv_path.read_text().count("\n") == 3
+    assert "s31.svs" in html_path.read_text() and csv_path.read_text().count("\n") == 4
+    # The moved slide, which has no results, has a row with the run's error and no numbers.
+    moved_row = csv_path.read_text().splitlines()[3]
+    assert moved_row.startswith("moved.svs,3,,,") and "has moved" in moved_row
     assert "Demo models." in html_path.read_text()  # Models(...) without folders: the shipped demos
     assert [p.name for p in html_path.parent.glob("*s31.png")] == ["1-s31.png"]  # named by its QuPath entry too
 

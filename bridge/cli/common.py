@@ -215,16 +215,18 @@ def outcome_table(outcomes) -> None:
             else o.stain + (" (colour)" if (o.stain_source or "").startswith("its colour") else "")
         )
         tps = num(o.tps_percent) + (" (pred.)" if o.stain == "H&E" and o.tps_percent is not None else "")
+        # A row --resume skipped shows the results the earlier run recorded (blank, they read as lost), and says so.
+        state = {"failed": "[red]failed[/red]", "skipped": "skipped (done earlier)"}.get(o.state, o.state)
         table.add_row(
             escape(label(o)),  # a file name may hold brackets, which rich reads as markup
-            o.state if o.state != "failed" else "[red]failed[/red]",
+            state,
             stain,
             tps,
             o.tps_category or "",
             num(o.positive_area_pct),
             flag,
             num(o.candidates, "d"),
-            num(o.seconds),
+            "" if o.state == "skipped" else num(o.seconds),  # this run spent none on it
         )
     stdout().print(table)
     # Why each flagged image needs review, where a pathologist sees it (a stated stain its colour contradicts,
@@ -287,7 +289,10 @@ def pairs_table(path) -> None:
     for case, record in cases.items():
         c = record.get("comparison")
         if not c:
-            table.add_row(escape(case), escape(record.get("why_not_compared", "")), "", "", "", "", "")
+            # Why, in the review column, where a reader looks for what is wrong with a case: under "TPS H&E" it
+            # read as the H&E's score. rich has no cell spanning columns, so the numbers' cells stay empty.
+            why = record.get("why_not_compared", "") or "not compared"
+            table.add_row(escape(case), "", "", "", "", "", escape(why))
             continue
 
         def num(v, fmt=".1f"):
@@ -328,10 +333,12 @@ def run_with_progress(inputs, run_config, *, progress: bool):
 
     def on_image(i: int, n: int, name: str) -> None:
         bar.update(task("images"), completed=i, total=n, description=f"images ({name})")
-        bar.reset(task("tiles"))
+        # Hidden until the image reports tiles: one that fails before tiling (a slide not found) showed the
+        # last image's 'tiles 0/25', or a first one 'tiles 0/?', to the end of the run.
+        bar.reset(task("tiles"), visible=False)
 
     def on_tiles(done: int, total: int) -> None:
-        bar.update(task("tiles"), completed=done, total=total)
+        bar.update(task("tiles"), completed=done, total=total, visible=True)
 
     try:
         outcomes = run_batch(inputs, run_config, on_image=on_image, on_tiles=on_tiles)
@@ -339,6 +346,9 @@ def run_with_progress(inputs, run_config, *, progress: bool):
             bar.update(tasks["images"], completed=len(outcomes))
     finally:
         if tasks:
+            tiles = next(t for t in bar.tasks if t.id == tasks["tiles"])
+            if not tiles.finished:  # the last image failed (or was stopped) before its tiles were done
+                bar.update(tasks["tiles"], visible=False)
             bar.stop()
     return outcomes
 

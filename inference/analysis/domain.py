@@ -169,6 +169,8 @@ class DomainAssessment:
     ``score`` is the out-of-domain score (1 ≈ a typical training tile), ``stain_distance_deg`` the stain
     distance; either is None when not measured (``why_not`` says why: no statistics in the manifest, no
     tiles, no tissue to estimate stains on). ``reasons`` are the review reasons (value over its limit).
+    ``od_median`` beside the training slides' ``od_range`` is for information only: no review reason (no limit
+    is calibrated for it), as the README's domain guard section says.
     """
 
     model: str

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -133,6 +134,10 @@ def train(work: Path, variant: Variant) -> None:
     record = work / "train" / f"{variant.name}.json"
     if (out / "manifest.json").is_file() and record.is_file():
         return
+    # A variant stopped before its record was written is trained again from the start (its time is a figure here);
+    # training refuses a folder holding an interrupted run's checkpoint.
+    if out.is_relative_to(work):  # never the shipped model's folder
+        shutil.rmtree(out, ignore_errors=True)
     config = NucleiTrainConfig(
         slides=tuple(str(slide_path(work, name)) for name, *_ in TRAINING),
         out_dir=str(out),

@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -229,6 +230,9 @@ def _trained(setting: Setting, labels, *, out: Path, seed: int) -> tuple[Path, f
     """The model fine-tuned as ``setting`` on ``labels`` in ``out``, and its training time (s); one there is kept."""
     done = out / "train_seconds.json"
     if not done.exists():
+        # A run stopped before its time was recorded is trained again from the start (its time is a figure here);
+        # training refuses a folder holding an interrupted run's checkpoint.
+        shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
         train_nuclei(_config(setting, out=out, seed=seed), labels=[labels])
         done.write_text(json.dumps(time.perf_counter() - t0))

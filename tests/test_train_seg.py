@@ -193,6 +193,80 @@ def test_cli_ctrl_c_says_how_to_resume_and_resume_finishes(small_phantom, tmp_pa
     assert _digests(tmp_path / "m") == _digests(tmp_path / "whole") != {}
 
 
+def test_cli_an_interrupted_run_is_continued_only_by_its_own_command(small_phantom, tmp_path, monkeypatch):
+    # The same command without --resume started again from epoch 0 over the checkpoint (the README: --out is a new
+    # folder, or that interrupted run's with --resume); --resume with another --iterations (or other labels) went on
+    # from the checkpoint with the new settings, and the manifest recorded them as the whole run's.
+    import inference.training.cyclic
+
+    real, saved = inference.training.cyclic.save_checkpoint, []
+
+    def interrupted_after_the_second_epoch(*args, **kwargs):
+        real(*args, **kwargs)
+        saved.append(kwargs["epoch"])
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(inference.training.cyclic, "save_checkpoint", interrupted_after_the_second_epoch)
+    out = tmp_path / "m"
+    assert _train_seg_cli(small_phantom, out).exit_code == 130
+    monkeypatch.setattr(inference.training.cyclic, "save_checkpoint", real)
+    state = out / "checkpoint" / "state.safetensors"
+    before = state.read_bytes()
+    again = _train_seg_cli(small_phantom, out)
+    said = "".join(again.output.split())
+    assert again.exit_code == 1, again.output
+    assert (
+        "".join(f"{out}: holds the checkpoint of an interrupted training run (stopped after 2 epochs)".split()) in said
+    )
+    assert "thesamecommandandlabels,with--resume,continueit;anew--outstartsanotherrun" in said
+    other = _train_seg_cli(small_phantom, out, "--resume", "--seed", "4")
+    said = "".join(other.output.split())  # the rich error box breaks lines inside the long path
+    assert other.exit_code == 1, other.output
+    assert "".join(f"{state}: was written by a run with other settings (seed: 0 there, 4 now)".split()) in said
+    assert "--resume" in said and state.read_bytes() == before and not (out / "manifest.json").exists()
+    assert _train_seg_cli(small_phantom, out, "--resume").exit_code == 0
+    assert _train_seg_cli(small_phantom, tmp_path / "whole").exit_code == 0
+    assert _digests(out) == _digests(tmp_path / "whole") != {}
+
+
+def test_a_checkpoint_is_continued_only_with_its_settings_and_labels(tmp_path, monkeypatch):
+    from bridge.cli.train import TRAIN_WORDS
+    from inference.errors import ModelFileError
+    from inference.training.cyclic import check_checkpoint_run, run_identity, save_checkpoint
+
+    model = torch.nn.Linear(2, 3)
+    config = _cfg(slides=(str(tmp_path / "a.svs"),))
+    run = run_identity(config, ["1" * 64, "2" * 64])
+    save_checkpoint(
+        tmp_path,
+        model,
+        torch.optim.AdamW(model.parameters()),
+        epoch=0,
+        rng=np.random.default_rng(0),
+        members=[],
+        run=run,
+    )
+    check_checkpoint_run(tmp_path, run)
+    # Where it writes, on what device, the slides scored afterwards and a relative path to the same slide: the same run.
+    monkeypatch.chdir(tmp_path)
+    moved = replace(config, slides=("a.svs",), out_dir="elsewhere", device="cuda", validation_slides=("v.svs",))
+    check_checkpoint_run(tmp_path, run_identity(moved, ["1" * 64, "2" * 64]))
+    with pytest.raises(ModelFileError, match=r"other labels \(the labels of 1 of 2 slides\)\. .*resume=True") as err:
+        check_checkpoint_run(tmp_path, run_identity(config, ["1" * 64, "3" * 64]))
+    assert str(err.value).endswith(
+        ": the same config and labels, with resume=True, continue it; a new out_dir starts another run"
+    )
+    with pytest.raises(ModelFileError, match=r"other settings \(batch_size: 16 there, 8 now; cycles: 3 there, 4 now\)"):
+        check_checkpoint_run(tmp_path, run_identity(replace(config, cycles=4, batch_size=8), ["1" * 64, "2" * 64]))
+    # In the caller's words: pdl1 train's are its command, --resume and --out.
+    with pytest.raises(ModelFileError) as err:
+        check_checkpoint_run(tmp_path, run_identity(config, []), setting=TRAIN_WORDS)
+    assert str(err.value).endswith(
+        ": the same command and labels, with --resume, continue it; a new --out starts another run"
+    )
+
+
 def test_losses():
     logits = torch.tensor([[[[2.0, -1.0]], [[-2.0, 3.0]]]])  # (1, 2 classes, 1, 2)
     target = torch.tensor([[[0, 1]]])

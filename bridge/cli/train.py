@@ -27,9 +27,15 @@ app = typer.Typer(help="Train models on phantom slides with truth, or on your ow
 _TRAINING_KEPT = "{out} holds a checkpoint of the last finished epoch; the same command with --resume goes on from it"
 # How `pdl1 train` sets the trainers' settings, for the advice of their messages (the library's own name the configs'
 # fields): --init is init_model, --class-map maps the labels' class_names, --val-entries and --val-fraction choose
-# the validation_slides; the others are the fields' names with dashes (--patch-px, --resume).
+# the validation_slides, --out is out_dir, and the command gives the config, every setting at once (an interrupted
+# run is continued by the same command and labels); the others are the fields' names with dashes (--patch-px,
+# --resume).
 TRAIN_WORDS = option_words(
-    init_model="--init", class_names="--class-map", validation_slides="--val-entries or --val-fraction"
+    init_model="--init",
+    class_names="--class-map",
+    validation_slides="--val-entries or --val-fraction",
+    out_dir="--out",
+    config="command",
 )
 # pseudo_label_slides' slides are `pdl1 train seg`'s --unlabeled.
 _PSEUDO_WORDS = option_words(slides="--unlabeled")

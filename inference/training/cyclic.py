@@ -7,12 +7,13 @@ the random states and the epoch, so a crashed run resumes exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -96,29 +97,52 @@ def check_patch_fits(
         )
 
 
+def _resume_advice(setting: SettingWords = library_setting) -> str:
+    """How an interrupted run is continued, or another started, in ``setting``'s words: ``config`` names the
+    settings as a whole (``pdl1 train``'s words: its command), ``resume`` and ``out_dir`` the trainers' own.
+
+    >>> _resume_advice()
+    'the same config and labels, with resume=True, continue it; a new out_dir starts another run'
+    """
+    return (
+        f"the same {setting('config')} and labels, with {setting('resume', True)}, continue it; a new "
+        f"{setting('out_dir')} starts another run"
+    )
+
+
 def check_out_dir(out_dir: str | Path, *, resume: bool, setting: SettingWords = library_setting) -> None:
-    """Refuse to train into a folder that already holds a model, unless resuming that folder's own run.
+    """Refuse to train into a folder that already holds a model or an interrupted run, unless resuming its run.
 
     Members are written into the folder as training reaches them and the manifest only at the end, so
     training over an existing model would replace its members one by one under its old manifest: an
-    interrupted run would leave neither model. Resuming is allowed where the folder's checkpoint exists
-    (the same run, continued). The advice names ``resume`` in ``setting``'s words.
+    interrupted run would leave neither model. A fresh run into an interrupted run's folder would overwrite
+    its checkpoint, and with it every epoch trained. Resuming is allowed where the folder's checkpoint exists
+    (the same run, continued). The advice names ``resume`` (and for an interrupted run how it is continued:
+    :func:`_resume_advice`) in ``setting``'s words.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"{out_dir}: is a file; the model is written as a folder: give a new folder")
-    if not (out_dir / MANIFEST_NAME).is_file():
+    checkpoints = [out_dir / "checkpoint", *sorted(out_dir.glob("chain_*/checkpoint"))]  # chains: one each
+    checkpoints = [c for c in checkpoints if (c / CHECKPOINT_FILE).is_file()]
+    if resume and checkpoints:
         return
-    own_run = (out_dir / "checkpoint" / CHECKPOINT_FILE).is_file() or any(
-        out_dir.glob(f"chain_*/checkpoint/{CHECKPOINT_FILE}")  # a segmentation run of several chains
-    )
-    if resume and own_run:
-        return
-    raise FileExistsError(
-        f"{out_dir}: already holds a model ({MANIFEST_NAME}); training would overwrite its members. Give a new "
-        "folder, or delete this one first"
-        + (f" ({setting('resume', True)} continues the run its checkpoint holds)" if own_run and not resume else "")
-    )
+    if (out_dir / MANIFEST_NAME).is_file():
+        raise FileExistsError(
+            f"{out_dir}: already holds a model ({MANIFEST_NAME}); training would overwrite its members. Give a new "
+            "folder, or delete this one first"
+            + (f" ({setting('resume', True)} continues the run its checkpoint holds)" if checkpoints else "")
+        )
+    if checkpoints and not resume:
+        try:
+            epochs = 1 + int(_checkpoint_meta(checkpoints[0])["epoch"])
+            done = f" after {epochs} epoch{'s' if epochs != 1 else ''}"
+        except (OSError, ValueError, KeyError, TypeError):  # what is in it does not change the refusal
+            done = ""
+        raise FileExistsError(
+            f"{out_dir}: holds the checkpoint of an interrupted training run (stopped{done}); a new run would "
+            f"overwrite it (delete the folder to start again): {_resume_advice(setting)}"
+        )
 
 
 def _first_cycle_epochs(config: CyclicSchedule) -> int:
@@ -220,6 +244,72 @@ def init_weights(
 
 CHECKPOINT_FILE = "state.safetensors"
 
+# Settings that do not change what a run trains: where it writes, what the model is called, the device, the slides
+# scored after training (held out, never trained on), whether the manifest asks for TTA, and the number of chains
+# (chain k is the run its seed alone gives).
+_NOT_THE_RUN = frozenset({"out_dir", "name", "version", "device", "validation_slides", "tta", "chains"})
+
+
+def _resolved(path: str | None) -> str | None:
+    return str(Path(path).resolve()) if path else path
+
+
+def run_identity(config: Any, label_digests: Sequence[str] = ()) -> dict:
+    """What a checkpoint may be continued with: a training config's settings and the digests of its labels.
+
+    A checkpoint written by a run of other settings or labels and continued by this one would give members
+    that neither run gives, under a manifest that records only the second run's. Paths are made absolute (a
+    run may be resumed from another folder); the settings in ``_NOT_THE_RUN`` are left out.
+
+    >>> from types import SimpleNamespace
+    >>> a = SimpleNamespace(slides=("/s/a.svs",), out_dir="m", device="cpu", iterations_per_epoch=40)
+    >>> sorted(run_identity(a, ["ab12"]))
+    ['iterations_per_epoch', 'labels_sha256', 'slides']
+    """
+    fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(vars(config))
+    settings = {k: v for k, v in fields.items() if k not in _NOT_THE_RUN}
+    settings["slides"] = [_resolved(s) for s in config.slides]
+    for key in ("init_model", "pseudo_model"):
+        if key in settings:
+            settings[key] = _resolved(settings[key])
+    if "unlabeled" in settings:
+        settings["unlabeled"] = [[_resolved(u.path), u.mpp, u.stain] for u in config.unlabeled]
+    if "slide_mpp" in settings:
+        settings["slide_mpp"] = {_resolved(k): v for k, v in sorted(config.slide_mpp.items())}
+    settings["labels_sha256"] = list(label_digests)
+    return json.loads(json.dumps(settings))  # tuples as lists, as the checkpoint gives them back
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_checkpoint_run(folder: Path, run: Mapping[str, Any], *, setting: SettingWords = library_setting) -> None:
+    """Raise :class:`ModelFileError` where the checkpoint in ``folder`` was written by a run of other settings or
+    labels than ``run`` (:func:`run_identity`); a checkpoint written before runs were recorded is not checked.
+
+    The message ends with how the run is continued, in ``setting``'s words (:func:`_resume_advice`).
+    """
+    saved = _checkpoint_meta(folder).get("run")
+    if saved is None:
+        return
+    differ = sorted(k for k in saved.keys() | run.keys() if saved.get(k) != run.get(k))
+    if not differ:
+        return
+    parts = [f"{k}: {_short(saved.get(k, 'absent'))} there, {_short(run.get(k, 'absent'))} now" for k in differ]
+    if "labels_sha256" in differ:  # digests say nothing to a reader: how many slides' labels changed
+        was, now = saved.get("labels_sha256") or [], run.get("labels_sha256") or []
+        changed = sum(a != b for a, b in zip(was, now, strict=False)) + abs(len(was) - len(now))
+        parts[differ.index("labels_sha256")] = f"the labels of {changed} of {max(len(was), len(now))} slides"
+    listing = "; ".join(parts[:4]) + (f"; and {len(parts) - 4} more" if len(parts) > 4 else "")
+    what = "labels" if differ == ["labels_sha256"] else "settings"
+    raise ModelFileError(
+        f"{folder / CHECKPOINT_FILE}: was written by a run with other {what} ({listing}). A checkpoint continues "
+        "only the run that started it, with its settings and labels; continued with others, its members would be "
+        "neither run's and the manifest would record only this one's: " + _resume_advice(setting)
+    )
+
 
 def save_checkpoint(
     folder: Path,
@@ -230,8 +320,10 @@ def save_checkpoint(
     rng: np.random.Generator,
     members: list,
     history: list | None = None,
+    run: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write the training state as one file, renamed into place.
+    """Write the training state as one file, renamed into place; ``run``: the settings and labels it belongs to
+    (:func:`run_identity`), checked when it is continued.
 
     One file and one rename: with the tensors and the epoch in separate files, an interrupt
     between their two renames would resume one epoch's weights as the next epoch's.
@@ -254,7 +346,7 @@ def save_checkpoint(
         "history": history or [],
         "opt_scalars": scalars,
         "param_groups": opt_state["param_groups"],
-    }
+    } | ({"run": dict(run)} if run is not None else {})
     part = folder / (CHECKPOINT_FILE + ".part")
     save_file(tensors, str(part), metadata={"pdl1": json.dumps(meta)})
     give_new_file_mode(part)
@@ -359,6 +451,8 @@ def train_cyclic(
     anchor: WeightAnchor | None = None,
     frozen_batchnorm: bool = False,
     distill: Distiller | None = None,
+    run: Mapping[str, Any] | None = None,
+    setting: SettingWords = library_setting,
 ) -> list[dict]:
     """The shared training loop: cosine restarts, members at the low ends, a checkpoint every epoch.
 
@@ -372,11 +466,15 @@ def train_cyclic(
     keep them (:func:`~inference.training.anchor.freeze_batchnorm`).
     With ``distill`` (LwF, fine-tuning) its penalty on each batch's unlabelled pixels is added to the loss, and
     recorded as the anchor's is (``distill_penalty``).
+    ``run`` (:func:`run_identity`) goes into every checkpoint; resuming one written with other settings or labels
+    raises :class:`ModelFileError`, advising in ``setting``'s words (:func:`check_checkpoint_run`).
     """
     optimizer = make_optimizer(config, model)
     ckpt = out_dir / "checkpoint"
     start_epoch, members, history = 0, [], []
     if resume and (ckpt / CHECKPOINT_FILE).is_file():
+        if run is not None:
+            check_checkpoint_run(ckpt, run, setting=setting)
         last, members = load_checkpoint(ckpt, model, optimizer, rng)
         history = [h for h in checkpoint_history(ckpt) if h["epoch"] <= last]
         start_epoch = last + 1
@@ -441,6 +539,6 @@ def train_cyclic(
             | ({"anchor_penalty": float(np.mean(penalties))} if penalties else {})
             | ({"distill_penalty": float(np.mean(distilled))} if distilled else {})
         )
-        save_checkpoint(ckpt, model, optimizer, epoch=epoch, rng=rng, members=members, history=history)
+        save_checkpoint(ckpt, model, optimizer, epoch=epoch, rng=rng, members=members, history=history, run=run)
         write_history(out_dir, history)
     return members

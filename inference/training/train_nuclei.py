@@ -41,6 +41,7 @@ from inference.training.cyclic import (
     check_schedule,
     init_record,
     init_weights,
+    run_identity,
     total_epochs,
     train_cyclic,
 )
@@ -296,6 +297,9 @@ def train_nuclei(
 ) -> Manifest:
     """Train and write a nuclei model folder (``config.out_dir``); returns its manifest.
 
+    ``resume`` continues from the checkpoint, refusing one written with other settings or labels
+    (:func:`~inference.training.cyclic.check_checkpoint_run`).
+
     Without ``labels`` the slides are phantoms with truth; with them, ``config.slides`` are the
     labelled slides (in the same order) and training honours where the labels are sparse.
     ``label_sources`` (project, entries, counts: ``bridge.labels.label_summary``) go into the manifest.
@@ -369,6 +373,8 @@ def train_nuclei(
         on_progress=on_progress,
         anchor=anchor,
         frozen_batchnorm=config.freeze_batchnorm,
+        run=run_identity(config, [labels_digest(lab) for lab in labels]),
+        setting=setting,
     )
 
     manifest = Manifest(

@@ -43,6 +43,7 @@ from inference.training.cyclic import (
     check_schedule,
     init_record,
     init_weights,
+    run_identity,
     total_epochs,
     train_cyclic,
 )
@@ -408,7 +409,8 @@ def train_segmentation(
     """Train and write an ensemble folder (``config.out_dir``); returns its manifest.
 
     The manifest is written only once every chain has finished, so an interrupted run writes none
-    (nothing loads as a partial ensemble); ``resume`` continues from the chains' checkpoints. With
+    (nothing loads as a partial ensemble); ``resume`` continues from the chains' checkpoints, refusing one
+    written with other settings or labels (:func:`~inference.training.cyclic.check_checkpoint_run`). With
     ``labels`` (a lab's region labels), ``config.slides`` are the labelled slides in the same order;
     ``label_sources`` go into the manifest. ``pseudo``: the pseudo-labels of ``config.unlabeled``, in
     their order, when the caller made them already (to show their counts); else they are made here.
@@ -448,6 +450,7 @@ def train_segmentation(
         "norm": "batch",
     }
     steps_per_chain = config.total_epochs * config.iterations_per_epoch
+    run = run_identity(config, [labels_digest(lab) for lab in labels])
     # Made once the slides, labels and pseudo-labels have been read: a refused run leaves no empty folder.
     out_dir.mkdir(parents=True, exist_ok=True)
     members: list[dict] = []
@@ -466,6 +469,7 @@ def train_segmentation(
             device=device,
             resume=resume,
             on_progress=progress,
+            run=run,
             setting=setting,
         )
         members += [
@@ -589,6 +593,7 @@ def _train_chain(
     resume: bool,
     on_progress: Callable[[int, int], None] | None,
     setting: SettingWords,
+    run: Mapping | None = None,
 ) -> list[dict]:
     """One cyclic run from its own seed: initial weights, patch draws and augmentation all follow it."""
     torch.manual_seed(seed)
@@ -644,5 +649,7 @@ def _train_chain(
         anchor=anchor,
         frozen_batchnorm=config.freeze_batchnorm,
         distill=distill,
+        run=run,
+        setting=setting,
     )
     return [r | {"init_sha256": init_sha256} for r in records]

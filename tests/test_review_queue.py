@@ -3,6 +3,7 @@
 import csv
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -295,6 +296,25 @@ def test_the_cli_lists_the_command_and_prints_the_queue(project):
     assert "entry metadata in the summary.json sidecars" in result.output
     result = runner.invoke(app, ["review-queue", str(project), "--top", "0"])
     assert result.exit_code == 2
+
+
+def test_the_cli_names_the_entry_where_two_share_an_image_name(project, monkeypatch):
+    # One file typed H&E in one entry and H-DAB in another (the QuPath-written fixture's layout): both rows read
+    # "s41.svs" and only the CSV said which entry each rank was.
+    import bridge.review_queue
+
+    (first, second), not_ranked = build_queue(project)
+    twins = bridge.review_queue.ReviewQueue(
+        (first, replace(second, image=first.image)), tuple(not_ranked), project / "q.csv", "summary.json sidecars"
+    )
+    monkeypatch.setattr(bridge.review_queue, "write_review_queue", lambda *a, **k: twins)
+    result = runner.invoke(app, ["review-queue", str(project), "--qupath", "never"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert f"{first.image} (entry {first.entry_id})" in result.output
+    assert f"{first.image} (entry {second.entry_id})" in result.output
+    monkeypatch.undo()
+    alone = runner.invoke(app, ["review-queue", str(project), "--qupath", "never"], env={"COLUMNS": "400"})
+    assert "(entry" not in alone.output.replace("(entry 3)", "")  # names of their own stay bare
 
 
 @pytest.mark.qupath

@@ -509,6 +509,8 @@ def review_queue_cmd(
     Writes a CSV with the entries best first, each followed by its regions (level-0 px boxes, centres in µm),
     and sets the entry metadata 'PD-L1 review rank' and 'PD-L1 review score'. See the README for the score.
     """
+    from collections import Counter
+
     from rich.markup import escape
     from rich.table import Table
 
@@ -522,13 +524,15 @@ def review_queue_cmd(
     table = Table(title="review queue (label first at the top)")
     for column in ("rank", "image", "score", "regions", "first region (x, y, w, h px)", "reasons"):
         table.add_column(column)
+    # Entries sharing an image name (one file typed H&E and H-DAB) are told apart by their ID, as in pdl1 run's table.
+    shared = {name for name, count in Counter(e.image for e in queue.entries).items() if count > 1}
     shown = queue.entries[:top] if top else queue.entries
     for rank, entry in enumerate(shown, start=1):
         first = entry.regions[0] if entry.regions else None
         where = "" if first is None else f"{first.kind} " + ", ".join(str(round(v)) for v in first.bounds_px)
         table.add_row(
             str(rank),
-            escape(entry.image),
+            escape(f"{entry.image} (entry {entry.entry_id})" if entry.image in shared else entry.image),
             f"{entry.score:.3f}",
             str(len(entry.regions)),
             where,

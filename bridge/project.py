@@ -174,6 +174,13 @@ def find_project_file(path: str | Path) -> Path:
                     f"was interrupted before QuPath renamed it into place; restore it with "
                     f"`mv '{best}' '{candidate}'`{older}, then run again"
                 )
+        # The folder a lab keeps a project in (QuPath's "project" beside the slides) given for the project itself.
+        inside = sorted(p.parent for p in path.glob("*/project.qpproj")) if path.is_dir() else []
+        if inside:
+            raise ProjectError(
+                f"{path}: no QuPath project here, but in {', '.join(map(str, inside))}: give that folder (or its "
+                "project.qpproj)"
+            )
         slides = [p.name for p in slide_files_in(path)] if path.is_dir() else []
         if slides:  # a folder of slides given for a project
             shown = ", ".join(slides[:3]) + (f" and {len(slides) - 3} more" if len(slides) > 3 else "")

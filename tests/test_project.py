@@ -282,6 +282,20 @@ def test_a_folder_of_slides_given_for_a_project_is_told_apart_from_an_empty_fold
     )
 
 
+def test_the_folder_a_project_sits_in_names_the_project(tmp_path):
+    # A lab's folder: the slides, and QuPath's "project" folder beside them; given for the project, it was "a folder
+    # of slides is no project; make one with pdl1 init-project", though the project was one level down.
+    (tmp_path / "lab" / "project").mkdir(parents=True)
+    (tmp_path / "lab" / "project" / "project.qpproj").write_text("{}")
+    (tmp_path / "lab" / "a.svs").write_bytes(b"")
+    with pytest.raises(ProjectError) as err:
+        find_project_file(tmp_path / "lab")
+    assert str(err.value) == (
+        f"{tmp_path / 'lab'}: no QuPath project here, but in {tmp_path / 'lab' / 'project'}: give that folder (or its "
+        "project.qpproj)"
+    )
+
+
 def test_the_slide_files_of_a_folder_are_told_by_suffix_in_any_case_by_name(tmp_path):
     # One helper for both messages above (a folder given for a project, a folder given for a slide).
     for name in ("b.SVS", "a.ndpi", "notes.txt", "c.tif", "d"):

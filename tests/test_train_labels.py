@@ -502,6 +502,30 @@ def test_a_project_beside_other_sources_is_refused_saying_what_came(tmp_path, ex
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize("task", ["seg", "nuclei"])
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        # A mistyped project folder was "no such slide; give phantom slides written by `pdl1 phantom`".
+        (
+            "labs/projct",
+            "labs/projct: no such file or folder; training takes a QuPath project (its folder or project.qpproj)",
+        ),
+        # The folder the project sits in (beside its slides) was "is a folder; give phantom slide files".
+        ("labs", "labs: no QuPath project here, but in labs/project: give that folder (or its project.qpproj)"),
+    ],
+)
+def test_a_mistyped_project_or_the_folder_around_it_is_told_as_a_project(tmp_path, monkeypatch, task, given, says):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "labs" / "project").mkdir(parents=True)
+    (tmp_path / "labs" / "project" / "project.qpproj").write_text("{}")
+    (tmp_path / "labs" / "a.svs").write_bytes(b"")
+    result = runner.invoke(app, ["train", task, given, "--out", "m", "--no-progress"], env={"COLUMNS": "400"})
+    assert result.exit_code == 1, result.output
+    assert " ".join(result.output.split()).startswith(f"error: {says}"), result.output
+    assert "phantom slides written" not in result.output and not (tmp_path / "m").exists()
+
+
 def test_a_labelled_slide_without_a_pixel_size_is_told_what_training_can_read(tmp_path):
     """The analysis' advice, 'with --mpp', sent users to an option `pdl1 train` lacks; a slide given with its
     GeoJSON has no QuPath calibration, so its file must state the pixel size."""

@@ -511,6 +511,7 @@ def _read_labels(
             raise typer.BadParameter(
                 "--from-review, --class-map and --ihc-band-um apply to QuPath labels (a project or --labels)"
             )
+        _check_phantom_sources(sources)
         return []
     if len(geojson) != len(sources):
         raise typer.BadParameter(
@@ -523,6 +524,23 @@ def _read_labels(
             warn_unless_he(slide, str(slide_path))
         out.append(read_geojson_labels(labels_path, slide=slide_path, image_size_px=size, rules=rules, mpp=mpp))
     return out
+
+
+def _check_phantom_sources(sources: list[Path]) -> None:
+    """Sources that are neither a project nor slides with --labels are phantom slides: a folder or a path that is
+    not there is refused here, saying what training takes. The phantom reader's own words ("no such slide; give
+    phantom slides") misled whoever mistyped their project's folder or gave the folder the project is in."""
+    from bridge.project import ProjectError, find_project_file
+
+    for source in sources:
+        if source.is_dir():
+            find_project_file(source)  # no project.qpproj here: raises, naming a project below it or the slides in it
+        elif not source.exists():
+            raise ProjectError(
+                f"{source}: no such file or folder; training takes a QuPath project (its folder or project.qpproj), "
+                "slide files with --labels (a QuPath GeoJSON export each), or phantom slides with their truth beside "
+                "them (pdl1 phantom)"
+            )
 
 
 # Region labels this one-sided (positive share of the labelled area, or negative share) make a fine-tuned

@@ -23,10 +23,11 @@ slides"):
   review actions are labels with ``from_review``: a nucleus whose class a person changed is a point of
   its new class, and a ``PD-L1 FN candidate`` a person deleted was dismissed, so its area is negative.
 
-Everything else (lines, other classes, unclassified objects) is counted as skipped. Bad input raises
-:class:`LabelError` naming the entry, the object and the fix; nothing is dropped silently. A project's labels
-carry the pixel size QuPath states for their image (``SlideLabels.mpp``), which training reads it at instead of
-the file's own, as ``pdl1 run`` does.
+Everything else (lines, other classes, unclassified objects) is counted as skipped, except an area whose class
+says positive (QuPath's ``Positive``) lying in a training region: it would train as negative, and is refused.
+Bad input raises :class:`LabelError` naming the entry, the object and the fix; nothing is dropped silently. A
+project's labels carry the pixel size QuPath states for their image (``SlideLabels.mpp``), which training reads it
+at instead of the file's own, as ``pdl1 run`` does.
 """
 
 from __future__ import annotations
@@ -123,6 +124,40 @@ def _label_class_meant(cls: str) -> str | None:
         return wanted[key]
     close = difflib.get_close_matches(key, list(wanted), n=1, cutoff=0.85)
     return wanted[close[0]] if close else None
+
+
+# What an area of a near-miss class would have done to training, by the label class it was meant as.
+_NEAR_MISS_HARM = {
+    POSITIVE: "inside a training region its pixels would train as negative",
+    NEGATIVE: "outside training regions its pixels would be no label",
+    TRAINING_REGION.name: "the PD-L1 positive areas inside it would be labels, its other pixels not negative",
+    PDL1_IHC_POSITIVE.name: "the paired IHC's positive area would be no label",
+    IGNORE.name: "inside a training region its pixels would be labels, not ignored",
+}
+
+
+def _says_positive(cls: str | None) -> bool:
+    """A class other than the label class whose name says positive: QuPath's own ``Positive``, ``Tumor: Positive``."""
+    return cls is not None and cls != POSITIVE and "positive" in cls.lower()
+
+
+def _refuse_positive_looking_areas(areas: list[tuple[str, str, BaseGeometry]], regions: list[BaseGeometry]) -> None:
+    """Raise :class:`LabelError` for an area whose class says positive but is no label class (QuPath's built-in
+    ``Positive``, ``Tumor: Positive`` drawn as an area) lying in a training region: every pixel of a training region
+    not under a ``PD-L1 positive`` area trains as negative, so the area drawn as positive would teach the opposite.
+    Outside training regions such an area labels nothing and is only counted as skipped."""
+    if not areas or not regions:
+        return
+    inside = _union(regions)
+    for what, cls, geometry in areas:
+        overlap = geometry.intersection(inside).area
+        if overlap > _OVERLAP_TOLERANCE_PX2:
+            raise LabelError(
+                f"{what}: an area of class {cls!r} lies in a training region ({overlap:.0f} px^2 of it), where every "
+                f"pixel not under a {POSITIVE!r} area trains as negative: this area would teach the opposite of what "
+                f"its class says. Set its class to {POSITIVE!r} in QuPath and export again if it is PD-L1 positive "
+                "tissue; otherwise give it a class that does not say positive, or move it out of the training region"
+            )
 
 
 def _mapped(class_map: Mapping[str, str | None], cls: str, class_names: Sequence[str]) -> str | None:
@@ -302,6 +337,7 @@ def labels_from_objects(
     point_cls: list[int] = []
     unknown_point_classes: Counter[str] = Counter()
     tool_annotations: list[BaseGeometry] = []
+    positive_looking: list[tuple[str, str, BaseGeometry]] = []  # areas of another class that say "positive"
     for obj in objects:
         cls = obj.classification
         what = f"{where}: {obj.object_type} {obj.name or obj.id or ''} ({cls or 'unclassified'})"
@@ -415,11 +451,14 @@ def labels_from_objects(
             meant = _label_class_meant(cls) if cls is not None and obj.object_type == "annotation" else None
             if meant is not None:
                 raise LabelError(
-                    f"{what}: class {cls!r} is not a label class; did you mean {meant!r}? Skipped, it would not "
-                    f"label anything (a positive area inside a training region would train as negative). Set its "
-                    f"class to {meant!r} in QuPath and export again, or give it a class that resembles none"
+                    f"{what}: class {cls!r} is not a label class; did you mean {meant!r}? As it is, it labels "
+                    f"nothing ({_NEAR_MISS_HARM[meant]}), so these labels are refused. Set its class to {meant!r} "
+                    "in QuPath and export again, or give it a class that resembles none"
                 )
+            if obj.object_type == "annotation" and isinstance(geometry, Polygon | MultiPolygon) and _says_positive(cls):
+                positive_looking.append((what, cls, geometry))
             counts[f"skipped: {obj.object_type} {geometry.geom_type} ({cls or 'unclassified'})"] += 1
+    _refuse_positive_looking_areas(positive_looking, [g for g, _ in regions])
     if written is not None and rules.from_review and written.candidates:
         if not tool_annotations:
             counts["skipped: the last run's FN candidates (none of its annotations is in the image)"] += len(

@@ -203,11 +203,51 @@ def test_an_area_whose_class_is_a_near_miss_of_a_label_class_is_refused_not_skip
     objects = [_obj(shapely.box(0, 0, 50, 50), "Training region"), _obj(shapely.box(5, 5, 20, 20), cls)]
     with pytest.raises(LabelError, match=rf"class {cls!r} is not a label class; did you mean {re.escape(repr(meant))}"):
         labels_from_objects(objects, slide="s.svs", image_size_px=(100, 100), rules=RULES)
-    # Classes that resemble no label class are other annotations, skipped and counted.
-    others = [objects[0], _obj(shapely.box(5, 5, 20, 20), "Stroma"), _obj(shapely.box(30, 30, 40, 40), "Positive")]
+    # Classes that resemble no label class are other annotations, skipped and counted (QuPath's "Positive" only
+    # outside training regions: inside one, see below).
+    others = [objects[0], _obj(shapely.box(5, 5, 20, 20), "Stroma"), _obj(shapely.box(60, 60, 70, 70), "Positive")]
     labels = labels_from_objects(others, slide="s.svs", image_size_px=(100, 100), rules=RULES)
     assert labels.counts["skipped: annotation Polygon (Stroma)"] == 1
     assert labels.counts["skipped: annotation Polygon (Positive)"] == 1
+
+
+@pytest.mark.parametrize("meant", ["PD-L1 positive", "PD-L1 negative", "Training region", "Ignore*"])
+def test_a_near_miss_says_what_it_would_have_done_and_that_training_stops(meant):
+    # It said "Skipped, it would not label anything (a positive area inside a training region would train as
+    # negative)" for every class, though the run stopped and the harm named was a positive area's only.
+    harm = {
+        "PD-L1 positive": "inside a training region its pixels would train as negative",
+        "PD-L1 negative": "outside training regions its pixels would be no label",
+        "Training region": "the PD-L1 positive areas inside it would be labels, its other pixels not negative",
+        "Ignore*": "inside a training region its pixels would be labels, not ignored",
+    }[meant]
+    objects = [_obj(shapely.box(0, 0, 50, 50), "Training region"), _obj(shapely.box(5, 5, 20, 20), meant.lower())]
+    with pytest.raises(LabelError) as err:
+        labels_from_objects(objects, slide="s.svs", image_size_px=(100, 100), rules=RULES)
+    said = str(err.value)
+    assert f"As it is, it labels nothing ({harm}), so these labels are refused. Set its class to {meant!r}" in said
+
+
+@pytest.mark.parametrize("cls", ["Positive", "Tumor: Positive"])
+def test_an_area_whose_class_says_positive_inside_a_training_region_is_refused(cls):
+    # QuPath's built-in "Positive" (or a nucleus class) drawn as an area in a training region was skipped, and its
+    # pixels trained as negative: the seg run only warned "97% of the labelled area is negative".
+    region = _obj(shapely.box(0, 0, 50, 50), "Training region")
+    drawn = _obj(shapely.box(40, 40, 60, 60), cls, name="tumour nest")
+    with pytest.raises(LabelError) as err:
+        labels_from_objects([region, drawn], slide="s.svs", image_size_px=(100, 100), rules=RULES)
+    assert str(err.value) == (
+        f"s.svs: annotation tumour nest ({cls}): an area of class {cls!r} lies in a training region (100 px^2 of "
+        "it), where every pixel not under a 'PD-L1 positive' area trains as negative: this area would teach the "
+        "opposite of what its class says. Set its class to 'PD-L1 positive' in QuPath and export again if it is "
+        "PD-L1 positive tissue; otherwise give it a class that does not say positive, or move it out of the training "
+        "region"
+    )
+    # Points of that class are nuclei, and a 'PD-L1 positive' area is the label itself.
+    points = _obj(shapely.MultiPoint([(10, 10)]), "Tumor: Positive")
+    area = _obj(shapely.box(40, 40, 60, 60), "PD-L1 positive")
+    labels = labels_from_objects([region, points, area], slide="s.svs", image_size_px=(100, 100), rules=RULES)
+    assert labels.counts["areas: PD-L1 positive"] == 1
 
 
 def test_the_run_s_uncertainty_tiles_are_counted_as_its_results_not_as_other_objects():

@@ -228,6 +228,16 @@ def test_cli_an_interrupted_run_is_continued_only_by_its_own_command(small_phant
     assert _train_seg_cli(small_phantom, out, "--resume").exit_code == 0
     assert _train_seg_cli(small_phantom, tmp_path / "whole").exit_code == 0
     assert _digests(out) == _digests(tmp_path / "whole") != {}
+    # The help said "Continue from the checkpoints under OUT if present", as if any checkpoint would do.
+    from typer.testing import CliRunner
+
+    from bridge.cli.app import app
+
+    for task in ("seg", "nuclei"):
+        helped = " ".join(CliRunner().invoke(app, ["train", task, "--help"], env={"COLUMNS": "300"}).output.split())
+        assert "give the command that started it, unchanged, plus --resume (other options or labels are refused)" in (
+            helped.replace("│ ", "")
+        ), helped
 
 
 def test_a_checkpoint_is_continued_only_with_its_settings_and_labels(tmp_path, monkeypatch):

@@ -106,6 +106,12 @@ _DISTILL_TEMPERATURE_HELP = "Fine-tuning with --distill-weight: the softmax temp
 FIRST_CYCLE_HELP = "Length of the first cycle in epochs (0: as --epochs-per-cycle); a long first cycle converges before members are kept."
 
 
+_RESUME_HELP = (
+    "Continue the run interrupted in OUT from its checkpoint: give the command that started it, unchanged, plus "
+    "--resume (other options or labels are refused). Without a checkpoint, a new run."
+)
+
+
 @app.command("seg")
 def train_seg(
     slides: Annotated[
@@ -149,7 +155,7 @@ def train_seg(
         ),
     ] = 1,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.", callback=check_training_device)] = "cpu",
-    resume: Annotated[bool, typer.Option(help="Continue from the checkpoints under OUT if present.")] = False,
+    resume: Annotated[bool, typer.Option(help=_RESUME_HELP)] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     labels: Annotated[list[Path] | None, typer.Option("--labels", help=_LABELS_HELP)] = None,
     entries: Annotated[list[str] | None, typer.Option("--entries", help=_ENTRIES_HELP)] = None,
@@ -627,7 +633,7 @@ def train_nuclei_cmd(
     ] = "light",
     seed: Annotated[int, typer.Option(min=0)] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.", callback=check_training_device)] = "cpu",
-    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint if present.")] = False,
+    resume: Annotated[bool, typer.Option(help=_RESUME_HELP)] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     labels: Annotated[list[Path] | None, typer.Option("--labels", help=_LABELS_HELP)] = None,
     entries: Annotated[list[str] | None, typer.Option("--entries", help=_ENTRIES_HELP)] = None,

@@ -337,6 +337,22 @@ def image_type_of(entry_folder: Path) -> str | None:
     return image_type if isinstance(image_type, str) else None
 
 
+def annotation_class_counts(entry_folder: Path) -> dict[str, int] | None:
+    """The annotations of an entry by class, as QuPath last saved them (``hierarchy.annotationClassificationCounts``
+    of its ``summary.json``); None where the file is absent, does not read or holds none.
+
+    Read without QuPath: what an entry holds, where its objects (``data.qpdata``) cannot be read here.
+    """
+    try:
+        summary = json.loads((entry_folder / "summary.json").read_text(encoding="utf-8"))
+        counts = summary["hierarchy"]["annotationClassificationCounts"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(counts, dict):
+        return None
+    return {str(k): int(v) for k, v in counts.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
 _MICRONS = {"µm", "μm", "um", "micron", "microns"}  # QuPath writes µm; the others are its aliases
 
 

@@ -51,6 +51,7 @@ from bridge.project import (
     ProjectError,
     ProjectInfo,
     RunStatus,
+    annotation_class_counts,
     find_project_file,
     not_a_folder,
     read_project,
@@ -340,6 +341,27 @@ def _entry_objects(
     return out
 
 
+# Label classes only a person draws (the run writes PD-L1 positive regions too, so their count says nothing).
+_DRAWN_LABEL_CLASSES = (TRAINING_REGION.name, PDL1_NEGATIVE.name)
+
+
+def _unread_labels(project_folder: Path, entry_id: str) -> str:
+    """Where QuPath's summary of an entry counts labels that neither QuPath nor an export let us read, the reason
+    that says so ("" otherwise): the entry was ranked as unlabelled, its labelled regions not marked."""
+    from bridge.labels import export_path
+
+    counts = annotation_class_counts(project_folder / "data" / entry_id) or {}
+    drawn = {c: counts[c] for c in _DRAWN_LABEL_CLASSES if counts.get(c)}
+    if not drawn:
+        return ""
+    listing = ", ".join(f"{c} {n}" for c, n in drawn.items())
+    return (
+        f"labels not read, ranked as unlabelled: QuPath's summary of the entry counts {listing}, but QuPath is not "
+        f"found here and there is no {export_path(project_folder, entry_id)}; run pdl1_export_labels.groovy for "
+        "the project (Run for project), then this again"
+    )
+
+
 def analysed_entries(info: ProjectInfo) -> list[ProjectEntry]:
     """The entries ``pdl1 run`` left a summary of; a project without any is refused with what to do."""
     pdl1 = info.folder / PDL1_DIR
@@ -419,6 +441,10 @@ def build_queue(
             )
         if share > 0:
             reasons.append(f"{100 * share:.0f}% of the analysed area already labelled ({label_source})")
+        if not label_source:
+            unread = _unread_labels(info.folder, entry.entry_id)
+            if unread:
+                reasons.append(unread)
         ranked.append(
             EntryItem(
                 entry_id=entry.entry_id,

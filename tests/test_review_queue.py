@@ -161,6 +161,34 @@ def test_labelled_regions_are_marked_and_the_entry_down_ranked(project):
     assert after["11"]["labelled"] == "0"
 
 
+def test_an_entry_whose_labels_could_not_be_read_says_so(project):
+    # Without QuPath and without the export, an entry a pathologist labelled ranked as unlabelled and nothing said
+    # so (the README's "an entry without one counts as unlabelled"). QuPath's own summary.json counts its classes.
+    data = project / "data" / "1"
+    data.mkdir(parents=True, exist_ok=True)
+    counts = {"Training region": 2, "PD-L1 positive": 4, "PD-L1 negative": 1, "Unclassified": 1}
+    (data / "summary.json").write_text(
+        json.dumps({"imageType": "BRIGHTFIELD_H_E", "hierarchy": {"annotationClassificationCounts": counts}})
+    )
+    # Entry 2's QuPath summary counts only what the run writes (PD-L1 positive regions): nothing to say there.
+    (project / "data" / "2").mkdir(exist_ok=True)
+    (project / "data" / "2" / "summary.json").write_text(
+        json.dumps({"hierarchy": {"annotationClassificationCounts": {"PD-L1 positive": 3}}})
+    )
+    rows = {r["entry_id"]: r for r in _rows(_queue(project)) if r["kind"] == "entry"}
+    assert rows["1"]["reasons"].endswith(
+        "labels not read, ranked as unlabelled: QuPath's summary of the entry counts Training region 2, PD-L1 "
+        f"negative 1, but QuPath is not found here and there is no {project / 'pdl1' / 'labels' / '1.geojson'}; run "
+        "pdl1_export_labels.groovy for the project (Run for project), then this again"
+    )
+    assert "labels not read" not in rows["2"]["reasons"]
+    # Once exported, they are read (here: none of them lies in the analysed area) and the note goes.
+    (project / "pdl1" / "labels").mkdir()
+    write_features(project / "pdl1" / "labels" / "1.geojson", [])
+    rows = {r["entry_id"]: r for r in _rows(_queue(project)) if r["kind"] == "entry"}
+    assert "labels not read" not in rows["1"]["reasons"]
+
+
 def _queue(project: Path) -> Path:
     return write_review_queue(project, qupath="never").csv_path
 

@@ -97,6 +97,7 @@ _PUBLIC = {
     # training
     "DEFAULT_LR_MAX": "inference.training.cyclic",
     "check_out_dir": "inference.training.cyclic",
+    "run_checkpoints": "inference.training.cyclic",
     "SegTrainConfig": "inference.training.train_seg",
     "train_segmentation": "inference.training.train_seg",
     "NucleiTrainConfig": "inference.training.train_nuclei",

@@ -240,6 +240,30 @@ def test_cli_an_interrupted_run_is_continued_only_by_its_own_command(small_phant
         ), helped
 
 
+def test_cli_ctrl_c_before_the_first_checkpoint_says_there_is_none(small_phantom, tmp_path, monkeypatch):
+    # Stopped while reading labels, pseudo-labelling or in the first epoch, it said "m holds a checkpoint of the last
+    # finished epoch; the same command with --resume goes on from it", and m was empty.
+    import inference.training.cyclic
+
+    def stopped_in_the_first_epoch(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inference.training.cyclic, "save_checkpoint", stopped_in_the_first_epoch)
+    result = _train_seg_cli(small_phantom, tmp_path / "m")
+    assert result.exit_code == 130, result.output
+    said = "".join(result.output.split())
+    assert (
+        "".join(
+            f"interrupted: {tmp_path / 'm'}: stopped before the first epoch finished, so there is no checkpoint to "
+            "resume; the same command starts again".split()
+        )
+        in said
+    )
+    assert "holdsacheckpoint" not in said
+    monkeypatch.undo()
+    assert _train_seg_cli(small_phantom, tmp_path / "m").exit_code == 0  # and it does
+
+
 def test_a_checkpoint_is_continued_only_with_its_settings_and_labels(tmp_path, monkeypatch):
     from bridge.cli.train import TRAIN_WORDS
     from inference.errors import ModelFileError

@@ -41,6 +41,16 @@ TRAIN_WORDS = option_words(
 _PSEUDO_WORDS = option_words(slides="--unlabeled")
 
 
+def _kept_after_interrupt(out: Path) -> str:
+    """What Ctrl-C left of a training run: a checkpoint to resume, or (stopped while the labels, pseudo-labels or
+    first epoch were under way) nothing, which the same command starts again."""
+    from inference import run_checkpoints
+
+    if run_checkpoints(out):
+        return _TRAINING_KEPT.format(out=out)
+    return f"{out}: stopped before the first epoch finished, so there is no checkpoint to resume; the same command starts again"
+
+
 def _lr_range(optimizer: str, lr_max: float | None) -> tuple[float, float]:
     """(peak, floor) of the cyclic schedule: ``--lr-max`` or the optimizer's default peak, and a
     hundredth of it (an unknown optimizer is refused by the training config)."""
@@ -326,7 +336,7 @@ def train_seg(
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
     except KeyboardInterrupt:
-        raise interrupted(_TRAINING_KEPT.format(out=out)) from None
+        raise interrupted(_kept_after_interrupt(out)) from None
     _echo_trained(
         out,
         manifest,
@@ -755,7 +765,7 @@ def train_nuclei_cmd(
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
     except KeyboardInterrupt:
-        raise interrupted(_TRAINING_KEPT.format(out=out)) from None
+        raise interrupted(_kept_after_interrupt(out)) from None
     _echo_trained(
         out,
         manifest,

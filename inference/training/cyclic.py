@@ -97,6 +97,14 @@ def check_patch_fits(
         )
 
 
+def run_checkpoints(out_dir: str | Path) -> list[Path]:
+    """The checkpoint folders a training run left in ``out_dir`` (one, or one per chain); [] before its first epoch
+    finished."""
+    out_dir = Path(out_dir)
+    folders = [out_dir / "checkpoint", *sorted(out_dir.glob("chain_*/checkpoint"))]
+    return [f for f in folders if (f / CHECKPOINT_FILE).is_file()]
+
+
 def _resume_advice(setting: SettingWords = library_setting) -> str:
     """How an interrupted run is continued, or another started, in ``setting``'s words: ``config`` names the
     settings as a whole (``pdl1 train``'s words: its command), ``resume`` and ``out_dir`` the trainers' own.
@@ -123,8 +131,7 @@ def check_out_dir(out_dir: str | Path, *, resume: bool, setting: SettingWords = 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"{out_dir}: is a file; the model is written as a folder: give a new folder")
-    checkpoints = [out_dir / "checkpoint", *sorted(out_dir.glob("chain_*/checkpoint"))]  # chains: one each
-    checkpoints = [c for c in checkpoints if (c / CHECKPOINT_FILE).is_file()]
+    checkpoints = run_checkpoints(out_dir)
     if resume and checkpoints:
         return
     if (out_dir / MANIFEST_NAME).is_file():

@@ -163,8 +163,9 @@ def candidate_object(candidate: RegionStats) -> QuPathObject:
 
 
 def tile_object(t: UncertaintyTile) -> QuPathObject:
+    """The tile detection of one uncertainty grid cell: its box, or its outline trimmed to the analysed ROI."""
     return QuPathObject(
-        box(t.x, t.y, t.x + t.width, t.y + t.height),
+        t.outline if t.outline is not None else box(t.x, t.y, t.x + t.width, t.y + t.height),
         "tile",
         None,
         {

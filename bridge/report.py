@@ -222,7 +222,6 @@ def _thumbnail(item: ReportItem, out: Path, *, max_px: int = 900) -> Path | None
     import matplotlib.pyplot as plt
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Polygon as MplPolygon
-    from matplotlib.patches import Rectangle
 
     if item.slide is None:
         return None
@@ -239,9 +238,10 @@ def _thumbnail(item: ReportItem, out: Path, *, max_px: int = 900) -> Path | None
         if obj.object_type == "detection" and obj.classification in _GRADE_COLOURS:
             graded.setdefault(obj.classification, []).append((obj.geometry.x * scale, obj.geometry.y * scale))
         elif obj.object_type == "tile":
-            x0, y0, x1, y1 = obj.geometry.bounds
-            tiles.append(Rectangle((x0 * scale, y0 * scale), (x1 - x0) * scale, (y1 - y0) * scale))
-            entropy.append(obj.measurements.get("Predictive entropy", 0.0))
+            # Its outline: a square cell, or one trimmed to the analysed ROI (in parts where the ROI cuts it so).
+            for poly in getattr(obj.geometry, "geoms", [obj.geometry]):
+                tiles.append(MplPolygon(np.asarray(poly.exterior.coords) * scale, closed=True))
+                entropy.append(obj.measurements.get("Predictive entropy", 0.0))
         elif obj.object_type == "annotation" and obj.classification in ("PD-L1 positive", "PD-L1 FN candidate"):
             polys = getattr(obj.geometry, "geoms", [obj.geometry])
             target = regions if obj.classification == "PD-L1 positive" else candidates

@@ -568,7 +568,11 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
         tissue_on_map = np.ones(maps.shape, bool)
     analysed = tissue_on_map & maps.covered
     regions = positive_regions(maps, threshold=threshold, min_area_um2=config.min_region_area_um2)
-    tiles = uncertainty_tiles(maps, tissue_on_map, tile_um=config.uncertainty_tile_um, image_size_wh=(width, height))
+    # Of an analysed ROI, the tiles are trimmed to it (QuPath's Create tiles, Trim to ROI): tiles over its outline
+    # would leave it in QuPath's Resolve hierarchy, and lie in a neighbouring analysed ROI.
+    tiles = uncertainty_tiles(
+        maps, tissue_on_map, tile_um=config.uncertainty_tile_um, image_size_wh=(width, height), roi=roi
+    )
     px_area_um2 = maps.mpp**2
     positive = (np.asarray(maps.prob) >= threshold) & analysed
     analysed_area = float(analysed.sum() * px_area_um2)

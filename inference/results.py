@@ -83,7 +83,14 @@ class RegionStats:
 
 @dataclass(frozen=True)
 class UncertaintyTile:
-    """One cell of the uncertainty grid: level-0 box and the means of the maps inside it."""
+    """One cell of the uncertainty grid: level-0 box and the means of the maps inside it.
+
+    ``x``, ``y``, ``width`` and ``height`` are the cell's box (cut at the image's edge). Of an analysed ROI,
+    a cell the ROI does not wholly hold is trimmed to it, as QuPath's *Create tiles* with *Trim to ROI*:
+    ``outline`` is then the box ∩ ROI (a Polygon or MultiPolygon, level-0 px); None where the box is the
+    tile's outline. The means are over the covered map pixels whose centres lie in the tile, and
+    ``tissue_fraction`` is the share of its map pixels (in the image, in the ROI) that are tissue.
+    """
 
     x: float
     y: float
@@ -95,6 +102,7 @@ class UncertaintyTile:
     mutual_information: float
     prob_std: float
     tissue_fraction: float
+    outline: Polygon | MultiPolygon | None = None
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,24 @@
 """SlideResult -> QuPath objects and features: the fast paths give what the object-by-object path gives."""
 
+import dataclasses
 import json
 import math
 
 import numpy as np
 import pytest
 from shapely import affinity
-from shapely.geometry import Polygon
+from shapely.geometry import MultiPolygon, Polygon, box
 
 from bridge.objects import (
+    TILE_NAME,
     feature_page,
     nucleus_features,
     nucleus_object,
     result_features,
     result_objects,
+    tile_object,
 )
-from bridge.qupath_geojson import point_features, to_feature, validate_feature
+from bridge.qupath_geojson import from_feature, point_features, to_feature, validate_feature
 from inference.results import ModelInfo, Nuclei, RegionStats, SlideResult, UncertaintyMaps, UncertaintyTile
 
 CLASSES = ("Tumor: Positive", "Tumor: Negative", "Other")
@@ -136,3 +139,26 @@ def test_an_ihc_result_pages_its_cells_whatever_the_outputs(outputs):
     assert _no_id(page) == _no_id(map(to_feature, result_objects(result)))
     he_page, he_total = feature_page(_result(_nuclei(12)), ("regions",), 0, 100)  # an H&E's nuclei stay optional
     assert he_total == 1 and he_page[0]["properties"]["classification"]["name"] == "PD-L1 positive"
+
+
+def test_a_tile_trimmed_to_the_roi_is_written_with_its_outline_everywhere():
+    # A cell over the ROI's edge, trimmed to it in two parts (inference.analysis.regions.uncertainty_tiles).
+    outline = MultiPolygon([box(0, 0, 30, 128), box(90, 0, 128, 128)])
+    trimmed = UncertaintyTile(0.0, 0.0, 128.0, 128.0, 0.5, 0.4, 0.3, 0.1, 0.2, 0.75, outline=outline)
+    whole = UncertaintyTile(128.0, 0.0, 128.0, 128.0, 0.5, 0.4, 0.3, 0.1, 0.2, 1.0)
+    obj, square = tile_object(trimmed), tile_object(whole)
+    assert obj.geometry.equals(outline) and square.geometry.equals(box(128, 0, 256, 128))
+    assert (obj.object_type, obj.name, obj.classification) == ("tile", TILE_NAME, None) == (
+        square.object_type, square.name, square.classification
+    )  # fmt: skip
+    assert obj.measurements["Tissue fraction"] == 0.75 and set(obj.measurements) == set(square.measurements)
+    feature = to_feature(obj)
+    validate_feature(feature)
+    assert from_feature(json.loads(json.dumps(feature))).geometry.equals(outline)
+    # The service's pages of an uploaded region's result: mapped to the image's level-0 px like the rest.
+    result = dataclasses.replace(_result(None), tiles=(trimmed, whole))
+    page, total = feature_page(result, ("uncertainty_tiles",), 0, 10, scale=2.0, origin_xy=(10.0, 20.0))
+    assert total == 2
+    placed = affinity.affine_transform(outline, [2, 0, 0, 2, 10, 20])
+    assert from_feature(page[0]).geometry.equals(placed)
+    assert _no_id(result_features(result))[-2:] == _no_id(map(to_feature, (obj, square)))

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import shapely
 
 from inference.errors import ResolutionError, StainError
 from inference.models.ensemble import demo_model_dir
@@ -98,8 +99,6 @@ def test_a_tissue_detection_that_lost_pale_tissue_is_a_review_reason(models, tmp
 
 
 def test_an_h_and_e_roi_with_too_few_tumour_cells_for_a_tps_is_a_review_reason(models, phantom_svs):
-    import shapely
-
     from inference.slides.slide import open_slide
 
     with open_slide(phantom_svs) as slide:
@@ -210,3 +209,31 @@ def test_a_cuda_device_without_a_gpu_is_refused_in_the_librarys_words(monkeypatc
     with pytest.raises(ValueError, match=r"'cuda' asked for, but torch sees no CUDA GPU; use 'cpu' \(or 'auto'") as err:
         resolve_device("cuda")
     assert "--device" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "roi",
+    [
+        pytest.param(shapely.Point(1000, 1100).buffer(600), id="a-circle"),
+        pytest.param(shapely.box(130, 75, 1401, 1333), id="a-rectangle-off-the-grid"),
+    ],
+)
+def test_the_uncertainty_tiles_of_an_roi_lie_within_it(models, phantom_svs, roi):
+    # As QuPath's Create tiles with Trim to ROI: the tiles over the ROI's outline are cut at it, so QuPath's Resolve
+    # hierarchy keeps them in it and none lies in a neighbouring analysed ROI.
+    from bridge.objects import tile_object
+    from inference.slides.slide import open_slide
+
+    config = PipelineConfig(device="cpu", run_nuclei=False)
+    with open_slide(phantom_svs) as slide:
+        result = analyse_slide(slide, models=models, config=config, image_stain="H&E", roi=roi)
+    geometries = [tile_object(t).geometry for t in result.tiles]
+    trimmed = [t for t in result.tiles if t.outline is not None]
+    assert trimmed and len(trimmed) < len(result.tiles)  # the edge's cells cut, the inner ones whole
+    assert all(roi.buffer(1e-6).covers(g) for g in geometries)
+    cells = shapely.union_all([shapely.box(t.x, t.y, t.x + t.width, t.y + t.height) for t in result.tiles])
+    assert shapely.union_all(geometries).area == pytest.approx(roi.intersection(cells).area, abs=1e-6)
+    assert sum(g.area for g in geometries) == pytest.approx(roi.intersection(cells).area, abs=1e-6)  # no overlap
+    assert all(0 < t.tissue_fraction <= 1 for t in result.tiles)
+    if roi.equals(roi.envelope):  # a rectangle's trimmed tiles are the rectangles of box ∩ ROI
+        assert all(t.outline.equals(t.outline.envelope) for t in trimmed)

@@ -100,6 +100,51 @@ def test_uncertainty_tiles_stop_at_the_image_edge():
     assert max(t.x + t.width for t in without) == 128
 
 
+def test_uncertainty_tiles_are_trimmed_to_the_roi_and_measured_over_what_is_left():
+    # Maps of 8 x 8 px at 16 level-0 px (128 x 128), cells of 4 x 4 map px (64 level-0 px); a ROI ending at x 100
+    # holds the left cells whole and the right ones up to x 100: of their columns (centres 72, 88, 104, 120) two.
+    prob = np.full((8, 8), 0.25, np.float32)
+    prob[:, 6:] = 0.9  # outside the ROI: counts for nothing
+    tissue = np.zeros((8, 8), bool)
+    tissue[:, :4] = True
+    tissue[:, 4] = True  # half of what the right cells hold in the ROI
+    tiles = uncertainty_tiles(_maps(prob), tissue, tile_um=32.0, roi=box(0, 0, 100, 128))
+    assert sorted((t.x, t.y, t.width, t.height) for t in tiles) == [
+        (0, 0, 64, 64), (0, 64, 64, 64), (64, 0, 64, 64), (64, 64, 64, 64)
+    ]  # fmt: skip
+    for t in tiles:
+        if t.x == 0:
+            assert t.outline is None and t.tissue_fraction == 1.0  # wholly inside: the box is the tile
+        else:
+            assert t.outline.equals(box(64, t.y, 100, t.y + 64))
+            assert t.prob == pytest.approx(0.25) and t.tissue_fraction == pytest.approx(0.5)  # 4 of 8, not of 16
+
+
+def test_a_roi_that_cuts_a_cell_in_two_gives_it_both_parts_and_a_cell_outside_it_none():
+    notch = box(76, 0, 100, 100)  # column centres 72 and 104 beside it, 88 in it
+    roi = box(0, 0, 128, 100).difference(notch)
+    tissue = np.ones((8, 8), bool)
+    tissue[:, 5] = False  # the column in the notch: tissue outside the ROI counts for nothing
+    tiles = {(t.x, t.y): t for t in uncertainty_tiles(_maps(np.zeros((8, 8))), tissue, tile_um=32.0, roi=roi)}
+    assert set(tiles) == {(0, 0), (64, 0), (0, 64), (64, 64)}
+    split = tiles[(64, 0)].outline
+    assert split.geom_type == "MultiPolygon" and split.area == (12 + 28) * 64
+    assert tiles[(64, 0)].tissue_fraction == 1.0
+    assert tiles[(0, 64)].outline.equals(box(0, 64, 64, 100))  # centres 72 and 88 in, 104 and 120 below the ROI
+    assert tiles[(0, 64)].tissue_fraction == 1.0
+    outside = uncertainty_tiles(_maps(np.zeros((8, 8))), tissue, tile_um=32.0, roi=box(0, 0, 64, 64))
+    assert [(t.x, t.y, t.outline) for t in outside] == [(0, 0, None)]  # the others touch it along an edge only
+
+
+def test_a_roi_over_the_whole_image_gives_the_tiles_of_a_whole_image_run():
+    prob = np.random.default_rng(3).uniform(0, 1, (8, 8)).astype(np.float32)
+    tissue = prob > 0.3
+    whole = uncertainty_tiles(_maps(prob), tissue, tile_um=32.0, image_size_wh=(100, 76))
+    assert whole and all(t.outline is None for t in whole)
+    roi = box(0, 0, 100, 76)
+    assert uncertainty_tiles(_maps(prob), tissue, tile_um=32.0, image_size_wh=(100, 76), roi=roi) == whole
+
+
 def test_resample_mask_nearest():
     mask = np.array([[1, 0], [0, 1]], bool)
     out = resample_mask(mask, 10.0, shape_hw=(4, 4), origin_xy=(0, 0), downsample=5.0)

@@ -229,3 +229,45 @@ def test_two_entries_sharing_an_image_name_keep_their_own_thumbnail_row_and_reas
     page = html_path.read_text()
     assert sorted(p.name for p in html_path.parent.glob("*.png")) == ["1-a.png", "2-a.png"]
     assert 'src="1-a.png"' in page and 'src="2-a.png"' in page and "a.tif (QuPath entry 2)" in page
+
+
+def test_the_thumbnail_draws_each_uncertainty_tile_by_its_outline(tmp_path):
+    # A tile trimmed to the analysed ROI is a polygon, in parts where the ROI cuts its cell in two; each is drawn
+    # as it is, not as its bounding box (which reaches outside the ROI).
+    import uuid
+
+    import numpy as np
+    import tifffile
+    from PIL import Image
+    from shapely.geometry import MultiPolygon, box, mapping
+
+    project = tmp_path / "project"
+    _project(project, ["a.tif", "a.tif"])
+    tifffile.imwrite(project / "a.tif", np.full((64, 64, 3), 235, np.uint8))
+    tiles = [box(0, 0, 32, 32), MultiPolygon([box(32, 0, 40, 32), box(56, 0, 64, 32)])]
+    features = [
+        {
+            "type": "Feature",
+            "id": str(uuid.uuid4()),
+            "geometry": mapping(g),
+            "properties": {
+                "objectType": "tile",
+                "name": "PD-L1 uncertainty",
+                "measurements": {"Predictive entropy": 0.6},
+            },
+        }
+        for g in tiles
+    ]
+    for entry, drawn in (("1", features), ("2", [])):
+        (project / "pdl1" / entry).mkdir(parents=True)
+        (project / "pdl1" / entry / "summary.json").write_text(json.dumps(_summary(project / "a.tif")))
+        collection = {"type": "FeatureCollection", "features": drawn}
+        (project / "pdl1" / entry / "objects.geojson").write_text(json.dumps(collection))
+    html_path, _ = write_report(project)
+    with_tiles, plain = (np.asarray(Image.open(html_path.parent / f"{e}-a.png").convert("RGB"), float) for e in "12")
+    changed = np.abs(with_tiles - plain).sum(axis=2) > 30
+    assert changed.shape == (64, 64)  # one thumbnail px per image px here
+    assert changed[4:28, 2:36].mean() > 0.9  # the whole cell, and the trimmed tile's left part
+    assert changed[4:28, 42:54].mean() < 0.1  # the gap between the trimmed tile's parts
+    assert changed[4:28, 57:60].mean() > 0.9  # its right part
+    assert changed[36:, :56].mean() < 0.1  # no tile

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import shapely
+from shapely.geometry import MultiPolygon, Polygon
+from shapely.geometry.base import BaseGeometry
 
 from inference.analysis.vectorize import mask_to_polygons
 from inference.results import RegionStats, UncertaintyMaps, UncertaintyTile
@@ -72,19 +75,36 @@ def uncertainty_tiles(
     *,
     tile_um: float = 64.0,
     image_size_wh: tuple[int, int] | None = None,
+    roi: BaseGeometry | None = None,
 ) -> tuple[UncertaintyTile, ...]:
     """Mean map values over square cells of ``tile_um`` (covered pixels only); cells without tissue are left out.
 
     ``tissue_on_map`` is a bool mask of tissue on the maps' grid. With ``image_size_wh`` (level-0 px) the
     cells are clipped to the image: the last ones of a row or column are cut at its edge, and map pixels
     whose centre lies outside it (the sliding window's last tiles hang over the edge) count for nothing.
+    With ``roi`` (a level-0 (Multi)Polygon, the analysed ROI) the cells are trimmed to it as QuPath's
+    *Create tiles* with *Trim to ROI*: a cell the ROI does not wholly hold gets the ``outline`` cell box ∩
+    ROI (its polygonal part; a cell with no area in the ROI is left out), and map pixels whose centre lies
+    outside the ROI count for nothing. ``x``, ``y``, ``width``, ``height`` stay the cell's box.
 
+    ``tissue_fraction`` is the share of a tile's counted map pixels (centre in the image, and in the ROI)
+    that are tissue: of the trimmed tile's area, to a map pixel.
+
+    >>> from shapely.geometry import Polygon
     >>> from inference.results import UncertaintyMaps
     >>> z = np.zeros((4, 4), np.float32)
     >>> maps = UncertaintyMaps(z + 0.5, z, z, z, z, np.ones((4, 4), bool), (0.0, 0.0), 16.0, 8.0)
     >>> [(t.x, t.width, t.height) for t in uncertainty_tiles(maps, np.ones((4, 4), bool), tile_um=32.0,
     ...                                                        image_size_wh=(40, 64))]
     [(0.0, 40.0, 64.0)]
+
+    A triangle over the first cell (64 x 64 level-0 px, 4 x 4 map px) holds 6 of its 16 pixel centres,
+    3 of them tissue:
+
+    >>> tissue = np.zeros((4, 4), bool); tissue[:, 0] = True
+    >>> (t,) = uncertainty_tiles(maps, tissue, tile_um=32.0, roi=Polygon([(0, 0), (64, 0), (0, 64)]))
+    >>> (t.x, t.width, t.outline.area, t.tissue_fraction)
+    (0.0, 64.0, 2048.0, 0.5)
     """
     cell = max(1, round(tile_um / maps.mpp))
     h, w = maps.shape
@@ -98,42 +118,75 @@ def uncertainty_tiles(
     covered = np.asarray(maps.covered)
     x0, y0 = maps.origin_xy
     ds = maps.downsample
+    centres_x = x0 + (np.arange(w) + 0.5) * ds
+    centres_y = y0 + (np.arange(h) + 0.5) * ds
+    counted = None  # the map pixels that count: centre in the image and in the ROI
     if image_size_wh is not None:
-        centres_x = x0 + (np.arange(w) + 0.5) * ds
-        centres_y = y0 + (np.arange(h) + 0.5) * ds
         inside_x = (centres_x >= 0) & (centres_x < image_size_wh[0])
         inside_y = (centres_y >= 0) & (centres_y < image_size_wh[1])
-        covered = covered & inside_y[:, None] & inside_x[None, :]
-        in_image = block_sum(np.broadcast_to(inside_y[:, None] & inside_x[None, :], (h, w)))
+        counted = np.broadcast_to(inside_y[:, None] & inside_x[None, :], (h, w))
+    if roi is not None:
+        shapely.prepare(roi)
+        in_roi = shapely.contains_xy(roi, centres_x[None, :], centres_y[:, None])
+        counted = in_roi if counted is None else counted & in_roi
+    if counted is not None:
+        covered = covered & counted
+        in_area = block_sum(counted)
     else:
-        in_image = np.full((hc, wc), float(cell * cell))
+        in_area = np.full((hc, wc), float(cell * cell))
     n_cov = block_sum(covered)
     tissue = block_sum(tissue_on_map & covered)
     sums = {name: block_sum(np.where(covered, getattr(maps, name), 0.0)) for name in _MAP_FIELDS}
     size0 = cell * ds
+    rows, cols = np.nonzero(tissue > 0)
+    left, top = x0 + cols * size0, y0 + rows * size0
+    right, bottom = left + size0, top + size0
+    if image_size_wh is not None:
+        left, top = np.maximum(left, 0.0), np.maximum(top, 0.0)
+        right, bottom = np.minimum(right, float(image_size_wh[0])), np.minimum(bottom, float(image_size_wh[1]))
+    outlines: list[Polygon | MultiPolygon | None] = [None] * len(rows)
+    if roi is not None and len(rows):
+        boxes = shapely.box(left, top, right, bottom)
+        cut = np.flatnonzero(~shapely.covers(roi, boxes))
+        for i, trimmed in zip(cut, shapely.intersection(boxes[cut], roi), strict=True):
+            outlines[i] = polygonal_part(trimmed)
     out = []
-    for r, c in zip(*np.nonzero(tissue > 0), strict=True):
+    for i, (r, c) in enumerate(zip(rows, cols, strict=True)):
+        outline = outlines[i]
+        if outline is not None and not outline.area > 0:
+            continue  # touches the ROI only along its outline
         k = n_cov[r, c]
-        left, top = float(x0 + c * size0), float(y0 + r * size0)
-        right, bottom = left + size0, top + size0
-        if image_size_wh is not None:
-            left, top = max(left, 0.0), max(top, 0.0)
-            right, bottom = min(right, float(image_size_wh[0])), min(bottom, float(image_size_wh[1]))
         out.append(
             UncertaintyTile(
-                x=left,
-                y=top,
-                width=right - left,
-                height=bottom - top,
+                x=float(left[i]),
+                y=float(top[i]),
+                width=float(right[i] - left[i]),
+                height=float(bottom[i] - top[i]),
                 prob=float(sums["prob"][r, c] / k),
                 predictive_entropy=float(sums["predictive_entropy"][r, c] / k),
                 expected_entropy=float(sums["expected_entropy"][r, c] / k),
                 mutual_information=float(sums["mutual_information"][r, c] / k),
                 prob_std=float(sums["prob_std"][r, c] / k),
-                tissue_fraction=float(tissue[r, c] / in_image[r, c]),
+                tissue_fraction=float(tissue[r, c] / in_area[r, c]),
+                outline=outline,
             )
         )
     return tuple(out)
+
+
+def polygonal_part(geometry: BaseGeometry) -> Polygon | MultiPolygon:
+    """The polygons of ``geometry`` (an intersection's lines and points where shapes only touch dropped).
+
+    >>> from shapely.geometry import GeometryCollection, LineString, box
+    >>> polygonal_part(GeometryCollection([box(0, 0, 1, 1), LineString([(1, 1), (2, 2)])])).wkt
+    'POLYGON ((1 0, 1 1, 0 1, 0 0, 1 0))'
+    >>> polygonal_part(LineString([(1, 1), (2, 2)])).is_empty
+    True
+    """
+    parts = [p for g in shapely.get_parts(geometry) for p in shapely.get_parts(g) if isinstance(p, Polygon)]
+    if len(parts) == 1:
+        return parts[0]
+    return MultiPolygon(parts)
 
 
 def resample_nearest(

@@ -171,7 +171,8 @@ def test_cli_learning_rate_defaults_to_the_optimizers_peak(small_phantom, tmp_pa
     assert (config["lr_max"], config["lr_min"]) == pytest.approx((lr_max, lr_max / 100))
 
 
-def test_cli_ctrl_c_says_how_to_resume_and_resume_finishes(small_phantom, tmp_path, monkeypatch):
+def _interrupt_after_two_checkpoints(monkeypatch):
+    """Make training raise KeyboardInterrupt (Ctrl-C) once its second checkpoint is saved; returns the undo."""
     import inference.training.cyclic
 
     real, saved = inference.training.cyclic.save_checkpoint, []
@@ -183,10 +184,15 @@ def test_cli_ctrl_c_says_how_to_resume_and_resume_finishes(small_phantom, tmp_pa
             raise KeyboardInterrupt
 
     monkeypatch.setattr(inference.training.cyclic, "save_checkpoint", interrupted_after_the_second_epoch)
+    return lambda: monkeypatch.setattr(inference.training.cyclic, "save_checkpoint", real)
+
+
+def test_cli_ctrl_c_says_how_to_resume_and_resume_finishes(small_phantom, tmp_path, monkeypatch):
+    undo = _interrupt_after_two_checkpoints(monkeypatch)
     result = _train_seg_cli(small_phantom, tmp_path / "m")
     assert result.exit_code == 130, result.output
     assert "interrupted" in result.output and "--resume" in result.output
-    monkeypatch.setattr(inference.training.cyclic, "save_checkpoint", real)
+    undo()
     result = _train_seg_cli(small_phantom, tmp_path / "m", "--resume")
     assert result.exit_code == 0, result.output
     assert _train_seg_cli(small_phantom, tmp_path / "whole").exit_code == 0
@@ -197,20 +203,10 @@ def test_cli_an_interrupted_run_is_continued_only_by_its_own_command(small_phant
     # The same command without --resume started again from epoch 0 over the checkpoint (the README: --out is a new
     # folder, or that interrupted run's with --resume); --resume with another --iterations (or other labels) went on
     # from the checkpoint with the new settings, and the manifest recorded them as the whole run's.
-    import inference.training.cyclic
-
-    real, saved = inference.training.cyclic.save_checkpoint, []
-
-    def interrupted_after_the_second_epoch(*args, **kwargs):
-        real(*args, **kwargs)
-        saved.append(kwargs["epoch"])
-        if len(saved) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(inference.training.cyclic, "save_checkpoint", interrupted_after_the_second_epoch)
+    undo = _interrupt_after_two_checkpoints(monkeypatch)
     out = tmp_path / "m"
     assert _train_seg_cli(small_phantom, out).exit_code == 130
-    monkeypatch.setattr(inference.training.cyclic, "save_checkpoint", real)
+    undo()
     state = out / "checkpoint" / "state.safetensors"
     before = state.read_bytes()
     again = _train_seg_cli(small_phantom, out)

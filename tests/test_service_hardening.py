@@ -339,7 +339,9 @@ def test_openapi_documents_the_error_answers(service):
 def test_a_client_gone_mid_upload_is_one_log_line(service, caplog):
     caplog.set_level(logging.INFO)
     with socket.create_connection(("127.0.0.1", service.port)) as s:
-        s.sendall(b"POST /v1/jobs/pixels?mpp=0.5 HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100)
+        s.sendall(
+            b"POST /v1/jobs/pixels?mpp=0.5 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100
+        )
     _wait_for(
         lambda: any("disconnected during an upload" in r.getMessage() for r in caplog.records),
         "the service to log the disconnect",
@@ -646,3 +648,204 @@ def test_a_result_asked_for_as_its_job_finishes_is_not_said_to_be_deleted(servic
     r = client.get(f"/v1/jobs/{job_id}/result")
     assert r.status_code == 409, r.text
     assert r.json() == {"detail": f"job {job_id} is running, not done"}
+
+
+# ------------------------------------------------------------------- 6: an attacker's requests (security review)
+
+
+def test_a_request_addressed_to_another_name_is_refused_without_a_token(service):
+    # DNS rebinding: a page of evil.example whose name then resolves to 127.0.0.1 is the service's own origin to the
+    # browser, which sends Host: evil.example. It was answered: it could submit jobs and read their results.
+    r = service.client.get("/v1/health", headers={"Host": f"evil.example:{service.port}"})
+    assert (r.status_code, r.json()) == (
+        403,
+        {
+            "detail": f"request addressed to 'evil.example:{service.port}' (its Host header); this service listens "
+            "on loopback without a token, so it answers only requests addressed to 127.0.0.1, localhost or ::1 (a "
+            "web page whose site name was pointed at this machine sends its own name): call the service as "
+            "http://127.0.0.1:PORT from QuPath's scripts or a program, or start it with --token"
+        },
+    )
+    for host in (f"127.0.0.1:{service.port}", f"localhost:{service.port}", f"[::1]:{service.port}", "localhost"):
+        assert service.client.get("/v1/health", headers={"Host": host}).status_code == 200, host
+
+
+def test_a_request_from_another_site_s_page_is_refused_without_a_token(service):
+    # A page of any site could make a browser on this machine POST an upload (text/plain needs no CORS preflight):
+    # the job was queued, and such requests filled the queue.
+    waiting = len(service.worker.jobs)
+    r = service.client.post(
+        "/v1/jobs/pixels",
+        params={"mpp": 0.5},
+        content=_png(),
+        headers={"Origin": "https://evil.example", "Content-Type": "text/plain"},
+    )
+    assert (r.status_code, r.json()) == (
+        403,
+        {
+            "detail": "request from a web page of 'https://evil.example' (its Origin header); this service listens "
+            "on loopback without a token and takes requests from programs on this machine, not from pages of other "
+            "sites, which any site could make a browser here send: call the service as http://127.0.0.1:PORT from "
+            "QuPath's scripts or a program, or start it with --token"
+        },
+    )
+    assert len(service.worker.jobs) == waiting
+    assert service.client.get("/v1/health", headers={"Origin": "null"}).status_code == 403
+    # The service's own page (/docs) sends its own origin.
+    assert service.client.get("/v1/health", headers={"Origin": f"http://127.0.0.1:{service.port}"}).status_code == 200
+
+
+def test_with_a_token_other_names_and_pages_are_left_to_the_token(slides_root, models):
+    settings = ServiceSettings(
+        host="0.0.0.0", port=free_port(), token="s3cret", allow_roots=(slides_root,), pipeline=PipelineConfig()
+    )
+    served = Served(settings, models)
+    try:
+        headers = {"Host": "slides-server.example", "Origin": "https://other.example"}
+        assert served.client.get("/v1/health", headers=headers).status_code == 401
+        r = served.client.get("/v1/health", headers={**headers, "Authorization": "Bearer s3cret"})
+        assert r.status_code == 200
+    finally:
+        served.close()
+
+
+def test_an_upload_in_a_format_other_than_png_tiff_jpeg_or_gif_is_refused(service):
+    # Pillow opened any format it knows: an EPS was queued, to be decoded by Ghostscript when its job ran.
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    r = service.client.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=eps)
+    assert (r.status_code, r.json()) == (
+        422,
+        {
+            "detail": "the request body (56 bytes, starting b'%!PS-Ado') is not a PNG or TIFF image; expected the "
+            "region's PNG or TIFF bytes (Content-Type: image/png or image/tiff)"
+        },
+    )
+
+
+def _tiny_pages(count: int) -> bytes:
+    """A TIFF of ``count`` 1x1 8-bit pages, 130 bytes each (a 64 MB body holds half a million)."""
+    import tifffile
+
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tif:
+        for _ in range(count):
+            tif.write(np.zeros((1, 1), np.uint8), contiguous=False)
+    return buf.getvalue()
+
+
+def test_an_upload_of_very_many_pages_is_refused_without_walking_them_all(service, monkeypatch):
+    # Counting the pages walked every one (Pillow's n_frames): 20 000 of them in 2 MB kept the service from
+    # answering anyone for 6 s, 64 MB for minutes.
+    content = _tiny_pages(1000)
+    r = service.client.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=content)
+    assert (r.status_code, r.json()) == (
+        422,
+        {
+            "detail": "the uploaded image has more than 64 pages or frames, more than a region and its "
+            "reduced-resolution levels hold; send one region as a single-page PNG or TIFF (one upload per region)"
+        },
+    )
+    from PIL import TiffImagePlugin
+
+    walked = []
+    seek = TiffImagePlugin.TiffImageFile.seek
+    monkeypatch.setattr(
+        TiffImagePlugin.TiffImageFile, "seek", lambda im, frame: walked.append(frame) or seek(im, frame)
+    )
+    monkeypatch.setattr(
+        TiffImagePlugin.TiffImageFile, "n_frames", property(lambda im: pytest.fail("n_frames walks every page"))
+    )
+    with pytest.raises(bridge.service.uploads.SlideFormatError, match="more than 64 pages"):
+        bridge.service.check_upload(content, mpp=0.5, max_px=2**26)
+    assert max(walked) <= 64
+
+
+def test_an_upload_s_header_is_read_while_the_service_answers_others(service, monkeypatch):
+    # check_upload ran on the event loop: while it read a header no other request was answered.
+    reading, release = threading.Event(), threading.Event()
+
+    def slow_check(*args, **kwargs):
+        reading.set()
+        release.wait(30)
+
+    monkeypatch.setattr(bridge.service.app, "check_upload", slow_check)
+    upload = threading.Thread(
+        target=lambda: service.client.post(
+            "/v1/jobs/pixels", params={"mpp": 0.5, "outputs": ["regions"]}, content=_png()
+        )
+    )
+    upload.start()
+    try:
+        assert reading.wait(30)
+        with httpx.Client(base_url=f"http://127.0.0.1:{service.port}", timeout=5) as other:
+            assert other.get("/v1/health").status_code == 200
+    finally:
+        release.set()
+        upload.join(60)
+
+
+def test_a_cancelled_queued_job_lets_go_of_its_roi(service, slides_root, held_worker):
+    # A cancelled job no longer counts against --max-queued but kept its ROI (a 36 MB GeoJSON is 2 million
+    # vertices) until its turn came: submitted and cancelled over and over while a long job ran, they piled up.
+    client = service.client
+    running = client.post("/v1/jobs/pixels", params={"mpp": 0.5, "outputs": ["regions"]}, content=_png()).json()
+    _wait_for(lambda: client.get(f"/v1/jobs/{running['job_id']}").json()["state"] == "running", "a job to start")
+    roi = {"type": "Polygon", "coordinates": [[[0, 0], [500, 0], [500, 500], [0, 500], [0, 0]]]}
+    queued = client.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "roi": roi, "outputs": ["regions"]})
+    job_id = queued.json()["job_id"]
+    assert service.worker.jobs[job_id].roi is not None
+    assert client.delete(f"/v1/jobs/{job_id}").json()["state"] == "cancelling"
+    assert service.worker.jobs[job_id].roi is None
+    held_worker.set()
+    assert service.wait(job_id)["state"] == "cancelled"
+    assert service.wait(running["job_id"])["state"] == "done"
+
+
+def test_a_file_swapped_as_it_is_opened_is_not_named_in_the_error(slides_root, tmp_path, monkeypatch):
+    # Swapped between the check and the open (a folder on its path replaced by a symlink), the file opened lay
+    # outside the roots, and the job's error named where: a path outside the roots, told to the client.
+    inside = slides_root / "swapped"
+    inside.mkdir()
+    (inside / "case.svs").write_bytes((slides_root / "small.svs").read_bytes())
+    secret = tmp_path / "private-outside"
+    secret.mkdir()
+    (secret / "case.svs").write_bytes((slides_root / "small.svs").read_bytes())
+    real_open = os.open
+
+    def swapping_open(path, flags, *args):
+        if str(path).startswith(str(inside)) and not inside.is_symlink():
+            inside.rename(slides_root / "swapped-old")
+            inside.symlink_to(secret)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(bridge.service.paths.os, "open", swapping_open)
+    try:
+        with (
+            pytest.raises(bridge.service.PathNotAllowedError) as caught,
+            bridge.service.open_allowed(inside / "case.svs", (slides_root,), mpp=None, shown="/as/sent/case.svs"),
+        ):
+            pass
+    finally:
+        monkeypatch.undo()
+        inside.unlink(missing_ok=True)
+    assert str(caught.value) == (
+        "/as/sent/case.svs changed while it was being opened (a file or folder on its path was replaced); only "
+        "files under the --allow-root folders are opened: submit the job again"
+    )
+
+
+@pytest.mark.parametrize(("mode", "who"), [(0o604, "others"), (0o640, "its group"), (0o644, "its group and others")])
+def test_a_token_file_others_may_read_is_warned_of(started, tmp_path, mode, who):
+    # Whoever reads the token can use the service, on loopback too; the file was read whatever its mode.
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-from-file\n")
+    token_file.chmod(mode)
+    result, output = _serve(["--allow-root", str(tmp_path), "--host", "0.0.0.0", "--token-file", str(token_file)])
+    assert result.exit_code == 0, output
+    assert (
+        f"warning: --token-file {token_file} may be read or changed by {who} (mode {mode:04o}), and whoever reads it "
+        f"can use the service: chmod 600 {token_file}"
+    ) in output
+    token_file.chmod(0o600)
+    result, output = _serve(["--allow-root", str(tmp_path), "--host", "0.0.0.0", "--token-file", str(token_file)])
+    assert result.exit_code == 0 and "warning" not in output

@@ -95,6 +95,7 @@ def serve(
         token = token_file.read_text().strip()
         if not token:
             raise typer.BadParameter(f"{token_file} is empty; write the token into it", param_hint="--token-file")
+        warn_if_others_may_read(token_file)
     seg = nuclei = ihc = None
     if models is not None:
         check_models_folder(models)
@@ -199,3 +200,20 @@ def check_port_free(host: str, port: int) -> None:
             "administrator rights) or a --host of this machine",
             param_hint="--host/--port",
         ) from problem
+
+
+def warn_if_others_may_read(token_file: Path) -> None:
+    """Warn when other users of this machine may read or change the token file: anyone who reads it can use the
+    service, also on loopback. A warning, not a refusal: a container's secret is mounted readable by all (0444 or
+    0644) with no other user to read it."""
+    import os
+    import stat
+
+    mode = stat.S_IMODE(os.stat(token_file).st_mode)
+    if os.name == "posix" and mode & 0o066:
+        who = "its group and others" if mode & 0o060 and mode & 0o006 else "others" if mode & 0o006 else "its group"
+        console.print(
+            f"[yellow]warning:[/] --token-file {token_file} may be read or changed by {who} (mode {mode:04o}), "
+            f"and whoever reads it can use the service: chmod 600 {token_file}",
+            highlight=False,
+        )

@@ -11,6 +11,7 @@ from typing import Literal
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
@@ -21,7 +22,7 @@ from bridge.project import stain_of_image_type
 from bridge.project_config import OUTPUTS
 from bridge.run import entry_metadata, metadata_counts
 from bridge.service.errors import HTTP_STATUS, ImagePathError, JobNotFoundError, JobStateError, ResultReleasedError
-from bridge.service.guards import BodyLimit, token_sent, too_large
+from bridge.service.guards import BodyLimit, cross_site_problem, token_sent, too_large
 from bridge.service.ihc_model import ihc_manifest
 from bridge.service.jobs import Job, Worker
 from bridge.service.messages import MAX_DETAIL_CHARS, clipped, quoted
@@ -89,6 +90,10 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
+        if not settings.token:
+            problem = cross_site_problem(request.headers.get("host"), request.headers.get("origin"))
+            if problem is not None:
+                return JSONResponse({"detail": problem}, 403)
         if settings.token and not token_sent(request.headers.get("authorization", ""), settings.token):
             return JSONResponse(
                 {"detail": "missing or wrong token: send 'Authorization: Bearer <token>'"},
@@ -276,7 +281,11 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         except ClientDisconnect:  # nobody is left to answer; one line, not a traceback
             log.info("client %s disconnected during an upload; nothing queued", request.client)
             return Response(status_code=400)
-        check_upload(body, mpp=mpp, max_px=settings.max_upload_px, content_type=request.headers.get("content-type"))
+        # In a thread, as a def endpoint's work is: reading a header is quick, but not for every file a client
+        # may send, and on the event loop no other request is answered meanwhile.
+        await run_in_threadpool(
+            check_upload, body, mpp=mpp, max_px=settings.max_upload_px, content_type=request.headers.get("content-type")
+        )
         job = Job(
             id=uuid.uuid4().hex,
             image="upload",

@@ -127,9 +127,12 @@ class Worker:
         return job
 
     def cancel(self, job: Job) -> None:
-        """Ask a queued or running job to stop; a queued upload's bytes go at once, not when its turn comes."""
+        """Ask a queued or running job to stop; a queued upload's bytes and a queued ROI go at once, not when its
+        turn comes (a cancelled job no longer counts against ``max_queued``, so what it held would pile up with
+        each one submitted and cancelled while a long job ran; a running job's analysis has its ROI already)."""
         job.cancel.set()  # only the worker changes a job's state
         job.upload = None
+        job.roi = None
 
     def forget(self, job_id: str) -> bool:
         """Drop a finished job and its result (the client has what it needs); False if it has not finished."""
@@ -206,6 +209,9 @@ class Worker:
         def on_progress(done: int, total: int) -> None:
             job.tiles_done, job.tiles_total = done, total
 
+        roi = job.roi
+        if job.cancel.is_set():  # cancelled as its turn came: cancel() may have taken its ROI (read first, above)
+            raise Cancelled("cancelled before it started")
         if job.upload is not None:
             body, job.upload = job.upload, None
             slide_context = decoded_upload(body, mpp=config.mpp)
@@ -222,7 +228,7 @@ class Worker:
                 slide,
                 models=self.models,
                 config=config,
-                roi=job.roi,
+                roi=roi,
                 on_progress=on_progress,
                 should_cancel=job.cancel.is_set,
                 image_size_px=job.image_size_px,

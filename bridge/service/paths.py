@@ -177,8 +177,8 @@ def open_allowed(
             raise not_a_regular_file(real)
         proc = Path(f"/proc/self/fd/{fd}")
         opened = Path(os.readlink(proc)) if proc.is_symlink() else real
-        if not _under(opened, roots):
-            raise _not_allowed(opened, roots)
+        if not _under(opened, roots):  # swapped between the check and the open: not named, it lies outside
+            raise _changed(real)
         if proc.is_symlink() and real.suffix.lower() not in _MULTI_FILE_SUFFIXES:
             link_dir = tempfile.mkdtemp(prefix="pdl1-open-")  # mode 0700: no one else can swap the link
             source = Path(link_dir) / real.name

@@ -21,6 +21,15 @@ if TYPE_CHECKING:
 _UPLOAD_MPP_SOURCE = "the mpp query parameter"
 
 
+# The formats an upload is read as (Image.open's formats). Pillow opens many more, some through other programs (EPS
+# through Ghostscript) or decoders no region needs; a body in any other is refused as no PNG or TIFF. JPEG and GIF
+# are kept: clients sent them before.
+UPLOAD_FORMATS = ("PNG", "TIFF", "JPEG", "GIF")
+# The most pages or frames of an upload that are looked at: a region is one page, perhaps with its reduced-resolution
+# levels; finding more walked every page of the file (a 2 MB TIFF holds 20 000) while the service answered no one.
+MAX_UPLOAD_PAGES = 64
+
+
 def _upload_mpp_advice(value: str) -> str:
     return f"send as mpp the µm per uploaded pixel: {value} times the downsample the region was read at"
 
@@ -40,7 +49,7 @@ def check_upload(body: bytes, *, mpp: float, max_px: int, content_type: str | No
         "as an 8-bit RGB PNG or TIFF"
     )
     try:
-        with Image.open(io.BytesIO(body)) as im:
+        with Image.open(io.BytesIO(body), formats=UPLOAD_FORMATS) as im:
             width, height = im.size
             kind = unconvertible_samples(im)
             pages = _full_resolution_frames(im)
@@ -88,6 +97,11 @@ def check_upload(body: bytes, *, mpp: float, max_px: int, content_type: str | No
             "), so it is shown turned or mirrored but analysed as stored, and its results would not lie over the "
             "region; send the region's pixels as QuPath reads them, without an orientation tag (an exported PNG or "
             "TIFF; for a JPEG, turn the pixels and drop the tag, e.g. PIL.ImageOps.exif_transpose)"
+        )
+    if pages is None:
+        raise SlideFormatError(
+            f"the uploaded image has more than {MAX_UPLOAD_PAGES} pages or frames, more than a region and its "
+            "reduced-resolution levels hold; send one region as a single-page PNG or TIFF (one upload per region)"
         )
     if pages > 1:  # only the first would be decoded: the rest of a stack or animation dropped unsaid
         raise SlideFormatError(
@@ -142,16 +156,21 @@ _ORIENTATIONS = {
 }
 
 
-def _full_resolution_frames(im: Image.Image) -> int:
+def _full_resolution_frames(im: Image.Image) -> int | None:
     """How many frames (TIFF pages, animation frames) an opened image holds, not counting a TIFF's
-    reduced-resolution pages (a pyramid's levels or a thumbnail, NewSubfileType bit 0), which add nothing."""
-    frames = getattr(im, "n_frames", 1)
-    if frames == 1 or im.format != "TIFF":
-        return frames
+    reduced-resolution pages (a pyramid's levels or a thumbnail, NewSubfileType bit 0), which add nothing;
+    None when it holds more than :data:`MAX_UPLOAD_PAGES` pages in all.
+
+    The pages are visited one by one up to that bound (``n_frames`` walks the whole file first)."""
     full = 0
-    for index in range(frames):
-        im.seek(index)
-        full += not int(im.tag_v2.get(254, 0)) & 1  # NewSubfileType
+    for index in range(MAX_UPLOAD_PAGES + 1):
+        try:
+            im.seek(index)
+        except EOFError:
+            break
+        if index == MAX_UPLOAD_PAGES:
+            return None
+        full += im.format != "TIFF" or not int(im.tag_v2.get(254, 0)) & 1  # NewSubfileType
     im.seek(0)
     return full
 
@@ -164,7 +183,7 @@ def decoded_upload(body: bytes, *, mpp: float | None) -> Iterator[Slide]:
     if mpp is None:
         raise ValueError("an upload needs its mpp")  # the endpoint requires it; a bug if missing
     try:
-        with Image.open(io.BytesIO(body)) as im:
+        with Image.open(io.BytesIO(body), formats=UPLOAD_FORMATS) as im:
             if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
                 # convert("RGB") drops alpha and keeps what lies under it, often black: analysed as dark
                 # tissue. Transparent is no tissue; over white it reads as the slide's empty glass.

@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.real_tile_labels [--iterations 160] [--stain-jitter strong] [--sigma-um 1.5,2.5,3.5]
 [--lr-max 1e-3,3e-3] [--points all,100,50,25] [--seeds 0,1,2] [--cache inner.json] [--select-only]
-[--select-by strip] [--select-seeds 0] [--tta off] [--cycles 3] [--models DIR]``
+[--select-by strip] [--select-seeds 0] [--tta off] [--pool off] [--cycles 3] [--models DIR]``
 (the defaults: the README's second selection stage and its test runs)
 
 The one real labelled H&E at hand (``../shared/fixtures/real-he-hgsc-stroma``: 1500 x 1500 px at about
@@ -37,11 +37,18 @@ the 8 flips and rotations) a candidate too, chosen on the training half with its
 half then shows each final model with and without it. ``--models DIR`` keeps every model trained, and a
 later run scores the ones already there instead of training them again.
 
+``--pool off,on`` makes pooling the seeds a candidate too: ``on`` scores, in place of each seed's model, one
+ensemble holding the members of all of them (:func:`pool_members`; in the selection the ``--select-seeds``
+models of each fold, on the test half the ``--seeds`` models), with its own fitted threshold; ``off`` is each
+seed's model alone. The pooled folder is laid out as ``pdl1 train seg --chains`` writes one (chain k: the
+k-th seed's members), and the product loads it as any ensemble: its heatmap is the mean over all members.
+
 How clear is a lead on one tile? ``--bootstrap N`` adds a paired block bootstrap on the test half: the half
 is cut into squares of ``--block-px`` (level-0 px), each detector's matches are counted per square, and the
-squares are drawn with replacement N times; each draw scores the chosen model (at its chosen TTA and
-threshold) and the LoG on the same squares, so the interval of their F1 difference keeps what they have
-in common (the same hard and easy places) and the spatial clumping of errors within a square.
+squares are drawn with replacement N times; each draw scores each final model (at the chosen TTA and its
+threshold: each seed's, and the pooled one with ``--pool on``) and the LoG on the same squares, so the
+interval of their F1 difference keeps what they have in common (the same hard and easy places) and the
+spatial clumping of errors within a square.
 """
 
 from __future__ import annotations
@@ -52,7 +59,8 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +73,7 @@ from inference.analysis.points import DetectionScores, detection_scores
 from inference.evaluation.baselines import LogParams, log_nuclei
 from inference.evaluation.labelled import fit_min_score, labelled_nuclei, score_labelled_nuclei
 from inference.models.ensemble import demo_model_dir
-from inference.models.manifest import read_manifest
+from inference.models.manifest import Manifest, read_manifest, write_manifest
 from inference.phantom.truth import NUCLEUS_CLASSES
 from inference.slides.slide import open_slide
 from inference.training.train_nuclei import NucleiTrainConfig, train_nuclei
@@ -239,6 +247,51 @@ def _trained(setting: Setting, labels, *, out: Path, seed: int) -> tuple[Path, f
     return out, json.loads(done.read_text())
 
 
+# What pooled models must share: the same network, fed and read out the same way.
+_POOL_SAME = (
+    "architecture",
+    "architecture_kwargs",
+    "input_mpp",
+    "tile_size_px",
+    "normalization",
+    "class_names",
+    "stain",
+)
+
+
+def pool_members(model_dirs: Sequence[Path], *, out: Path) -> Path:
+    """One nuclei model folder ``out`` holding every member of ``model_dirs``, each an ensemble's folder.
+
+    Laid out as ``pdl1 train seg --chains`` lays out its chains: the members of ``model_dirs[k]`` are copied to
+    ``out/chain_k/`` and listed with ``chain`` k, so :meth:`Ensemble.load` verifies and loads them as one
+    ensemble (its heatmap: the mean over all members). The rest of the manifest (thresholds, sigma, domain
+    statistics) is the first folder's; ``training`` names the pooled folders. A folder already at ``out`` is
+    replaced. Raises ``ValueError`` for models that differ in network, input or output (:data:`_POOL_SAME`).
+    """
+    manifests = [read_manifest(d, task="nuclei") for d in model_dirs]
+    first = manifests[0]
+    for d, m in zip(model_dirs, manifests, strict=True):
+        differ = [k for k in _POOL_SAME if getattr(m, k) != getattr(first, k)]
+        differ += [k for k in ("sigma_um", "output_stride") if m.extra.get(k) != first.extra.get(k)]
+        if differ:
+            raise ValueError(f"{d}: its {', '.join(differ)} differ from {model_dirs[0]}'s; pool models of one setting")
+    shutil.rmtree(out, ignore_errors=True)
+    members = []
+    for chain, (d, m) in enumerate(zip(model_dirs, manifests, strict=True)):
+        (out / f"chain_{chain}").mkdir(parents=True)
+        for member in m.members:
+            file = f"chain_{chain}/{Path(member.file).name}"
+            shutil.copyfile(Path(d) / member.file, out / file)
+            members.append(replace(member, file=file, chain=chain))
+    pooled_from = [{"model": str(d), "checksum": m.checksum} for d, m in zip(model_dirs, manifests, strict=True)]
+    write_manifest(out, Manifest(**{**asdict(first), "members": members, "training": {"pooled_from": pooled_from}}))
+    return out
+
+
+def _pooled_words(seeds: Sequence[int]) -> str:
+    return f", seeds {'+'.join(map(str, seeds))} pooled"
+
+
 def _slug(setting: Setting) -> str:
     more = "" if setting.cycles == 3 else f"_c{setting.cycles}"
     return f"it{setting.iterations}_{setting.stain_jitter}_s{setting.sigma_um:g}_lr{setting.lr_max:g}{more}"
@@ -273,6 +326,7 @@ def main() -> None:
     )
     parser.add_argument("--select-seeds", help="seeds of the selection's models, pooled (default: the first seed)")
     parser.add_argument("--tta", default="off", help="test-time augmentation candidates: off, on or off,on")
+    parser.add_argument("--pool", default="off", help="seeds pooled into one ensemble as candidates: off, on or off,on")
     parser.add_argument("--models", type=Path, help="folder keeping every model trained, reused by later runs")
     parser.add_argument(
         "--bootstrap", type=int, default=0, help="paired block-bootstrap draws of the test half (0: none)"
@@ -283,6 +337,7 @@ def main() -> None:
     seeds = _csv(args.seeds, int)
     select_seeds = _csv(args.select_seeds, int) if args.select_seeds else seeds[:1]
     ttas = [{"off": False, "on": True}[t] for t in args.tta.split(",")]
+    pools = [{"off": False, "on": True}[t] for t in args.pool.split(",")]
     settings = [
         Setting(*s)
         for s in itertools.product(
@@ -348,26 +403,37 @@ def main() -> None:
     fold_labels = [
         (_labels(objects, a, rules=rules, size=size), _labels(objects, b, rules=rules, size=size)) for a, b in folds
     ]
-    # Per (setting, tta): the threshold fitted in the selection; the winner: the best pooled F1 there.
-    fitted: dict[tuple[Setting, bool], float] = {}
-    chosen: tuple[float, Setting, bool, float] | None = None
+    # Per (setting, tta, pool): the threshold fitted in the selection; the winner: the best pooled F1 there.
+    fitted: dict[tuple[Setting, bool, bool], float] = {}
+    chosen: tuple[float, Setting, bool, bool, float] | None = None
     with tempfile.TemporaryDirectory() as tmp:
         models = args.models or Path(tmp)
-        for setting, tta in itertools.product(settings, ttas):
+        for setting, tta, pool in itertools.product(settings, ttas, pools):
             key = setting.key() | {"seed": select_seeds[0], "inner_split_y_px": INNER_SPLIT_Y_PX}
-            if args.select_by != "strip" or len(select_seeds) > 1 or tta:  # the earlier runs' keys stay valid
+            if args.select_by != "strip" or len(select_seeds) > 1 or tta or pool:  # the earlier runs' keys stay valid
                 key |= {"select_by": args.select_by, "seeds": select_seeds, "tta": tta}
+            if pool:
+                key |= {"pool": True}
             key = json.dumps(key)
             if key not in cache:
                 found, seconds = [], []
-                for (i, (train_labels, val_labels)), seed in itertools.product(enumerate(fold_labels), select_seeds):
-                    out = models / f"select_{args.select_by}{i}_seed{seed}_{_slug(setting)}"
-                    if args.select_by == "strip" and not args.models:
-                        out = Path(tmp) / f"inner_{len(cache)}_{seed}"
-                    model, took = _trained(setting, train_labels, out=out, seed=seed)
-                    seconds.append(took)
+                for i, (train_labels, val_labels) in enumerate(fold_labels):
+                    fold_models, fold_seconds = [], []
+                    for seed in select_seeds:
+                        out = models / f"select_{args.select_by}{i}_seed{seed}_{_slug(setting)}"
+                        if args.select_by == "strip" and not args.models:
+                            out = Path(tmp) / f"inner_{len(cache)}_{seed}"
+                        model, took = _trained(setting, train_labels, out=out, seed=seed)
+                        fold_models.append(model)
+                        fold_seconds.append(took)
+                    if pool:  # one ensemble of the fold's seeds; its training time is theirs together
+                        seeds_slug = "+".join(map(str, select_seeds))
+                        out = models / f"select_{args.select_by}{i}_pooled{seeds_slug}_{_slug(setting)}"
+                        fold_models, fold_seconds = [pool_members(fold_models, out=out)], [sum(fold_seconds)]
+                    seconds += fold_seconds
                     config = NucleiConfig(tta=tta)
-                    found += labelled_nuclei(model, [val_labels], radius_um=RADIUS_UM, config=config, floor=0.1)
+                    for model in fold_models:
+                        found += labelled_nuclei(model, [val_labels], radius_um=RADIUS_UM, config=config, floor=0.1)
                 fit = fit_min_score(found, current=DEFAULT_MIN_SCORE)
                 rows = {}
                 for t in sorted({DEFAULT_MIN_SCORE, fit.after}):
@@ -377,22 +443,23 @@ def main() -> None:
                 if args.cache:
                     args.cache.write_text(json.dumps(cache, indent=1))
             got = cache[key]
+            what = f"{setting}{', TTA' if tta else ''}{_pooled_words(select_seeds) if pool else ''}"
             for t, scores in sorted(got["scores"].items()):
                 s = DetectionScores(**scores)
                 how = "fitted here" if t == f"{got['min_score']:g}" else "model's"
                 print(
-                    f"| fine-tuned, {setting}{', TTA' if tta else ''} | {n_train} | {s.precision:.3f} "
+                    f"| fine-tuned, {what} | {n_train} | {s.precision:.3f} "
                     f"| {s.recall:.3f} | {s.f1:.3f} | {float(t):g} ({how}) | {got['seconds']:.0f} |",
                     flush=True,
                 )
             f1 = DetectionScores(**got["scores"][f"{got['min_score']:g}"]).f1
-            fitted[setting, tta] = got["min_score"]
+            fitted[setting, tta, pool] = got["min_score"]
             if chosen is None or f1 > chosen[0]:
-                chosen = (f1, setting, tta, got["min_score"])
-    f1, setting, chosen_tta, min_score = chosen
+                chosen = (f1, setting, tta, pool, got["min_score"])
+    f1, setting, chosen_tta, chosen_pool, min_score = chosen
     print(
-        f"chosen on the training half: {setting}{', TTA' if chosen_tta else ''}, peak threshold {min_score:g} "
-        f"(F1 {f1:.3f})",
+        f"chosen on the training half: {setting}{', TTA' if chosen_tta else ''}"
+        f"{_pooled_words(select_seeds) if chosen_pool else ''}, peak threshold {min_score:g} (F1 {f1:.3f})",
         flush=True,
     )
     if args.select_only:
@@ -424,8 +491,9 @@ def main() -> None:
     # The test half as a validation slide is: one region with every nucleus marked.
     test_labels = _labels(objects, test_box, rules=rules, size=size)
 
-    # Per (points, seed): the chosen model's test-half detections at its threshold, for --bootstrap.
-    kept: dict[tuple[int | None, int], np.ndarray] = {}
+    # Per (points, seed or pooled seeds): the test-half detections at the chosen TTA and the model's threshold
+    # (each seed's alone, the pooled ensemble, as --pool has them), for --bootstrap.
+    kept: dict[tuple[int | None, str], np.ndarray] = {}
 
     def evaluate(model_dir: Path, threshold: float, *, tta: bool = False, keep: tuple | None = None) -> DetectionScores:
         config = NucleiConfig(tta=tta)
@@ -443,23 +511,42 @@ def main() -> None:
         evaluate(shipped, NucleiConfig().min_score_for(read_manifest(shipped, task="nuclei"))),
         time.perf_counter() - t0,
     )
+
+    def rows(model: Path, pool: bool, seed: str, *, n: int | None, box: tuple, n_points: int, seconds: float) -> None:
+        # Chosen first, then the other TTA candidates, each at its own threshold from the selection.
+        for tta in sorted(ttas, key=lambda t: t != chosen_tta):
+            threshold = fitted[setting, tta, pool]
+            what = f"fine-tuned, {setting}, peak threshold {threshold:g}, strip y < {box[3]} px"
+            if len(ttas) > 1 or tta:
+                what += f", TTA {'on' if tta else 'off'}"
+            if len(pools) > 1 or pool:
+                what += _pooled_words(seeds) if pool else ", one seed"
+            if (tta, pool) == (chosen_tta, chosen_pool):
+                what += " (chosen)"
+            keep = (n, seed) if tta == chosen_tta else None
+            row(what, n_points, seed, evaluate(model, threshold, tta=tta, keep=keep), seconds)
+
     with tempfile.TemporaryDirectory() as tmp:
-        for n, seed in itertools.product(counts, seeds):
+        models = args.models or Path(tmp)
+        for n in counts:
             box = strip_with_points(all_xy, n, width_px=SPLIT_X_PX, height_px=height)
             labels = _labels(objects, box, rules=rules, size=size)
-            out = (args.models or Path(tmp)) / f"n{n or 'all'}_seed{seed}_{_slug(setting)}"
-            model, seconds = _trained(setting, labels, out=out, seed=seed)
-            # Chosen first, then the other TTA candidates, each at its own threshold from the selection.
-            for tta in sorted(ttas, key=lambda t: t != chosen_tta):
-                threshold = fitted[setting, tta]
-                what = f"fine-tuned, {setting}, peak threshold {threshold:g}, strip y < {box[3]} px"
-                if len(ttas) > 1 or tta:
-                    what += f", TTA {'on' if tta else 'off'}{' (chosen)' if tta == chosen_tta else ''}"
-                keep = (n, seed) if tta == chosen_tta else None
-                row(what, len(labels.points_class), str(seed), evaluate(model, threshold, tta=tta, keep=keep), seconds)
+            trained = [
+                _trained(setting, labels, out=models / f"n{n or 'all'}_seed{seed}_{_slug(setting)}", seed=seed)
+                for seed in seeds
+            ]
+            if False in pools:
+                for seed, (model, seconds) in zip(seeds, trained, strict=True):
+                    rows(model, False, str(seed), n=n, box=box, n_points=len(labels.points_class), seconds=seconds)
+            if True in pools:
+                seeds_slug = "+".join(map(str, seeds))
+                out = models / f"n{n or 'all'}_pooled{seeds_slug}_{_slug(setting)}"
+                pooled = pool_members([model for model, _ in trained], out=out)
+                seconds = sum(s for _, s in trained)
+                rows(pooled, True, seeds_slug, n=n, box=box, n_points=len(labels.points_class), seconds=seconds)
     if args.bootstrap:
         print(
-            f"\nPaired block bootstrap, test half, {args.bootstrap} draws: the chosen model "
+            f"\nPaired block bootstrap, test half, {args.bootstrap} draws: each model "
             f"({'TTA' if chosen_tta else 'no TTA'}) minus the LoG, F1"
         )
         print("| training points | seed | square px (squares) | F1 difference | 95 % interval | model leads |")

@@ -244,3 +244,35 @@ def test_int8_accuracy_control_validates_on_calibration_phantoms_it_does_not_cal
     cases = e2e_cases(["performance", "ac-performance"], nuclei_preset="performance")
     assert cases["int8 ac-performance segmentation and nuclei"] == ("int8-ac-performance", "int8-performance")
     assert cases["torch bf16 autocast"] == ("torch", "torch")
+
+
+def test_the_real_tile_pool_loads_every_seeds_members_as_one_ensemble(tmp_path):
+    """benchmarks.real_tile_labels.pool_members: a model pooled with itself is the product's ensemble of twice its
+    members, each as its folder had it; models of another setting are refused."""
+    import json
+    import shutil
+
+    import numpy as np
+    import pytest
+
+    from benchmarks.real_tile_labels import pool_members
+    from inference.models.ensemble import Ensemble, Precision, demo_model_dir
+
+    demo = demo_model_dir("nuclei")
+    pooled = Ensemble.load(pool_members([demo, demo], out=tmp_path / "pooled"), task="nuclei")
+    single = Ensemble.load(demo, task="nuclei")
+    n = len(single.members)
+    assert [(m.file.split("/")[0], m.chain) for m in pooled.member_files] == [("chain_0", 0)] * n + [("chain_1", 1)] * n
+    batch = np.random.default_rng(0).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
+    precision = Precision(None)  # fp32
+    once = single.member_logits(batch, precision=precision)
+    assert torch.equal(pooled.member_logits(batch, precision=precision), torch.cat([once, once]))
+    assert pooled.manifest.thresholds == single.manifest.thresholds
+
+    other = tmp_path / "other"
+    shutil.copytree(demo, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["extra"]["sigma_um"] = 9.0
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="sigma_um differ"):
+        pool_members([demo, other], out=tmp_path / "refused")

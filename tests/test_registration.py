@@ -188,7 +188,8 @@ def test_register_slides_of_a_phantom_file_with_itself_is_the_identity(phantom_s
 
 def test_evaluating_the_registration_of_an_unpaired_phantom_names_the_fix(phantom_svs):
     # An H&E phantom's truth names no partner: an input error (Pdl1Error), not a bare ValueError.
-    with pytest.raises(TruthNotFoundError, match="names no paired H&E; pass an IHC phantom written with --ihc"):
+    fix = r"pass an IHC phantom written with its H&E \(`pdl1 phantom --ihc`, or write_ihc_phantom's paired_with\)"
+    with pytest.raises(TruthNotFoundError, match="names no paired H&E; " + fix):
         evaluate_registration(phantom_svs)
 
 

@@ -2,6 +2,7 @@
 
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from threading import Event
 
 import numpy as np
 import openslide
@@ -132,7 +133,9 @@ def test_pdl1_reads_openslide_only_from_the_environment_and_passes_it_to_every_o
     asked = []
     monkeypatch.setattr(bridge.service.jobs, "open_allowed", lambda *args, **kwargs: asked.append(kwargs) or 1 / 0)
     worker = types.SimpleNamespace(pipeline=config, allow_roots=(root,), models=types.SimpleNamespace(nuclei=None))
-    job = types.SimpleNamespace(mpp=None, outputs=(), upload=None, image=str(phantom_svs), image_as_sent="p1.svs")
+    job = types.SimpleNamespace(
+        mpp=None, outputs=(), upload=None, image=str(phantom_svs), image_as_sent="p1.svs", roi=None, cancel=Event()
+    )
     with pytest.raises(ZeroDivisionError):
         bridge.service.Worker._run(worker, job)
     assert asked[0]["openslide_only"] is True

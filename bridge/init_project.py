@@ -8,7 +8,9 @@ against a project saved by a real QuPath), which QuPath 0.4.4 to 0.6 open; QuPat
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import shutil
 import time
 import uuid
@@ -127,7 +129,65 @@ def _refuse_existing(folder: Path) -> None:
     if qpproj.exists():
         raise ProjectError(f"{qpproj} exists; init-project creates new projects only")
     if folder.exists() and any(folder.iterdir()):
+        if _left_by_interrupted_init(folder):
+            log.warning(
+                "%s holds what an interrupted init-project wrote (no project.qpproj yet): removed, and made again",
+                folder,
+            )
+            _empty(folder)
+            return
         raise ProjectError(f"{folder} is not empty; QuPath wants a new, empty folder for a project")
+
+
+_PART = re.compile(r".+\.[0-9a-f]{12}\.part")  # bridge.atomic's temporary files
+
+
+def _left_by_interrupted_init(folder: Path) -> bool:
+    """Whether ``folder`` holds only what :func:`init_project_files` writes before ``project.qpproj``, its last
+    file: a kill (or a power cut) part way left it, and the folder, no project, was refused as not empty.
+
+    Only those names count (the template's files, ``data/<n>/server.json``, their temporary files), so a folder
+    holding anything of a user's is never taken for one.
+    """
+    scripts = {p.name for p in script_paths()}
+    for path in folder.rglob("*"):
+        parts = path.relative_to(folder).parts
+        if path.is_symlink() or not (path.is_dir() or path.is_file()):
+            return False
+        if path.is_dir():
+            ours = parts in (("classifiers",), ("scripts",), ("data",)) or (parts[0] == "data" and _entry(parts[1:]))
+        elif parts[0] == "data":
+            ours = (
+                len(parts) == 3
+                and _entry(parts[1:2])
+                and (parts[2] == "server.json" or _is_part(parts[2], "server.json"))
+            )
+        elif len(parts) == 1:
+            ours = parts[0] == "pdl1-config.toml" or _is_part(parts[0], "project.qpproj")
+        else:
+            ours = parts == ("classifiers", "classes.json") or (
+                len(parts) == 2 and parts[0] == "scripts" and parts[1] in scripts
+            )
+        if not ours:
+            return False
+    return True
+
+
+def _entry(parts: tuple[str, ...]) -> bool:
+    """``(<n>,)``: an entry's folder name under ``data/``."""
+    return len(parts) == 1 and parts[0].isdigit()
+
+
+def _is_part(name: str, of: str) -> bool:
+    return name.startswith(f"{of}.") and _PART.fullmatch(name) is not None
+
+
+def _empty(folder: Path) -> None:
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def init_project_files(folder: str | Path, slides: list[Path], *, skip_unreadable: bool = False) -> Path:
@@ -137,10 +197,25 @@ def init_project_files(folder: str | Path, slides: list[Path], *, skip_unreadabl
     ``skip_unreadable``, the readable ones are added and the others named in a warning).
     """
     folder = Path(folder)
-    qpproj = folder / "project.qpproj"
     _refuse_existing(folder)
     metadata, problems = _check_slides(slides)
     slides = settle_slides(slides, problems, skip_unreadable=skip_unreadable)
+    existed = folder.exists()
+    try:
+        return _write_project_files(folder, slides, metadata)
+    except BaseException:  # a full disk, Ctrl-C: no half project that the next init-project refuses as not empty
+        with contextlib.suppress(OSError):  # the error that stopped it is what to report
+            if existed:  # it was empty (checked above): empty it again
+                _empty(folder)
+            else:
+                shutil.rmtree(folder)
+        raise
+
+
+def _write_project_files(folder: Path, slides: list[Path], metadata: dict[Path, dict]) -> Path:
+    """The project's files, ``project.qpproj`` last: until it is there, the folder is no project (a kill before
+    leaves what :func:`_left_by_interrupted_init` recognises)."""
+    qpproj = folder / "project.qpproj"
     images = []
     folder.mkdir(parents=True, exist_ok=True)
     for i, slide in enumerate(slides, start=1):
@@ -198,11 +273,7 @@ def init_project_qupath(folder: str | Path, slides: list[Path], *, skip_unreadab
         _copy_template(folder)
     except BaseException:
         if existed:  # it was empty (checked above): empty it again
-            for child in folder.iterdir():
-                if child.is_dir():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
+            _empty(folder)
         else:
             shutil.rmtree(folder, ignore_errors=True)
         raise

@@ -531,3 +531,73 @@ def test_a_folder_written_whole_gets_the_umask_s_permissions_and_nothing_is_left
     with pytest.raises(RuntimeError), folder_replaced_whole(tmp_path / "model" / "new" / "deeper" / "x"):
         raise RuntimeError("refused")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["manifest.json", "model"]
+
+
+_KILLED_INIT = """
+import os, shutil, signal, sys
+from pathlib import Path
+import bridge.init_project as init
+
+real_copy = shutil.copy2
+def copy_then_die(source, target, **kwargs):
+    # the second template file copied, half of it: then SIGKILL, which no cleanup outlives
+    if Path(target).name != "classes.json":
+        Path(target).write_bytes(Path(source).read_bytes()[:100])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_copy(source, target, **kwargs)
+init.shutil.copy2 = copy_then_die
+init.init_project_files(Path(sys.argv[1]), [Path(sys.argv[2])])
+"""
+
+
+def test_an_init_project_killed_part_way_is_made_again_by_the_next(tmp_path, phantom_svs, caplog):
+    import signal
+    import subprocess
+    import sys
+
+    project = tmp_path / "p"
+    done = subprocess.run([sys.executable, "-c", _KILLED_INIT, str(project), str(phantom_svs)], timeout=300)
+    assert done.returncode == -signal.SIGKILL
+    assert (project / "data" / "1" / "server.json").is_file() and not (project / "project.qpproj").exists()
+    # was refused as "not empty", with nothing saying why or that it is no project: delete it by hand
+    with caplog.at_level("WARNING", logger="bridge.init_project"):
+        qpproj = init_project_files(project, [phantom_svs])
+    assert "an interrupted init-project" in caplog.text
+    assert [e.image_name for e in read_project(qpproj).entries] == ["p1.svs"]
+    scripts = sorted(p.name for p in (project / "scripts").iterdir())
+    assert all((project / "scripts" / s).stat().st_size > 100 for s in scripts)  # none cut short
+
+
+def test_a_folder_holding_more_than_an_interrupted_init_project_is_still_refused(tmp_path, phantom_svs):
+    project = tmp_path / "p"
+    (project / "data" / "1").mkdir(parents=True)
+    (project / "data" / "1" / "server.json").write_text("{}")
+    (project / "notes.txt").write_text("a pathologist's")
+    with pytest.raises(ProjectError, match="is not empty"):
+        init_project_files(project, [phantom_svs])
+    assert (project / "notes.txt").read_text() == "a pathologist's"
+
+
+@pytest.mark.parametrize("made_first", [False, True])
+def test_an_init_project_failing_part_way_leaves_no_half_project(tmp_path, phantom_svs, monkeypatch, made_first):
+    import errno
+
+    import bridge.init_project as init
+
+    project = tmp_path / "p"
+    if made_first:  # QuPath asks for an empty folder: users make one first
+        project.mkdir()
+    real_copy = shutil.copy2
+
+    def full_disk(source, target, **kwargs):
+        if Path(target).parent.name == "scripts":
+            Path(target).write_bytes(b"cut")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_copy(source, target, **kwargs)
+
+    monkeypatch.setattr(init.shutil, "copy2", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        init_project_files(project, [phantom_svs])
+    assert (list(project.iterdir()) == []) if made_first else not project.exists()
+    monkeypatch.setattr(init.shutil, "copy2", real_copy)
+    assert read_project(init_project_files(project, [phantom_svs])).entries  # space freed: made at once

@@ -135,6 +135,7 @@ def run_batch_ray(
                 outcomes[job.key] = ImageOutcome(job.key, job.name, "failed", error=message)
                 status.record(job.key, state="failed", error=message, image=job.name)
             else:
+                status.replacing(job.key, image=job.name)  # before a worker replaces its files
                 paths = output_paths(job.key, project, status_folder)
                 ref = task.remote(job, str(paths[0]), str(paths[1]), job.key if project is not None else None, config)
                 pending[ref] = (job, time.perf_counter(), paths)

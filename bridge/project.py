@@ -676,6 +676,17 @@ class RunStatus:
         self.images[key] = fields
         write_json_atomic(self.path, {"images": self.images})
 
+    def replacing(self, key: str, *, image: str) -> None:
+        """Record an image an earlier run finished as being analysed again, before its results are replaced.
+
+        Its files are replaced one at a time (GeoJSON, then summary; through QuPath ``data.qpdata`` first): a
+        kill between them left one file of each run under "done" with the earlier run's ID, and ``--resume``
+        skipped the image, its objects from one run and its numbers from the other. Nothing to record for an
+        image not done: ``--resume`` analyses it again anyway.
+        """
+        if self.is_done(key):
+            self.record(key, state="started", image=image)
+
 
 def _shorten(value: Any, limit: int = 60) -> str:
     """A JSON value as an error message quotes it: its start only.

@@ -543,6 +543,7 @@ def _run_jobs(jobs, config, models, project, status, qp_session, on_image, on_ti
         try:
             if job.error is not None:
                 raise job.error
+            status.replacing(job.key, image=job.name)
             outcome = _run_one(job, config, models, project, status.folder, qp_session, on_tiles, t0)
         except (KeyboardInterrupt, SystemExit):
             raise

@@ -833,3 +833,29 @@ def test_a_rerun_through_qupath_replaces_what_resolve_hierarchy_moved_out_of_the
     assert sorted(map(id, removed)) == sorted(map(id, [inside, edge_tile, region]))
     assert yours_in_region.parent is roi and yours_out.parent is tissue  # by QuPath's rule, covered / centroid
     assert other.kids[0].parent is other and far_tile.parent is root and roi.parent is tissue
+
+
+def test_a_rerun_killed_between_an_images_two_files_is_not_skipped_by_resume(tmp_path, slides, models, monkeypatch):
+    # A re-run replaces an image's GeoJSON, then its summary; killed between, status.json still said "done" with the
+    # earlier run's ID and --resume skipped the image: its objects from the re-run beside the earlier run's numbers.
+    import bridge.run
+
+    out = tmp_path / "out"
+    first = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="never", out=out)
+    assert [o.state for o in run_batch(slides[:1], first, models=models)] == ["done"]
+    changed = PipelineConfig(device="cpu", run_nuclei=False)  # the re-run's settings differ from the first run's
+
+    def killed(path, data):  # the GeoJSON is replaced; the process dies before the summary is
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bridge.run, "write_json_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(slides[:1], RunConfig(pipeline=changed, qupath="never", out=out), models=models)
+    monkeypatch.undo()
+    assert not RunStatus(out).is_done("s31")
+    again = run_batch(slides[:1], RunConfig(pipeline=changed, qupath="never", out=out, resume=True), models=models)
+    assert [o.state for o in again] == ["done"]
+    summary = json.loads((out / "s31.summary.json").read_text())
+    parent = next(iter(read_features(out / "s31.geojson")))
+    assert summary["nuclei"] == {} and "PD-L1: Num Tumor: Positive" not in parent.measurements
+    assert summary["run_id"] == RunStatus(out).images["s31"]["run_id"] == again[0].run_id

@@ -7,6 +7,7 @@ that needs only the JSON is here; :mod:`bridge.qupath` does the rest through paq
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -633,6 +634,22 @@ def repeat_note(again: Path, first: Path, done: str) -> str:
     """The note for a slide or project named twice: ``done`` says what happens to it (``added once``)."""
     also = "" if str(again) == str(first) else f" (as {again})"
     return f"{first} is given twice{also}; it is {done}"
+
+
+def unwritable_fix(err: OSError) -> str:
+    """What to do about ``err``, met writing a file: a full drive, a read-only one and permissions differ.
+
+    >>> import errno
+    >>> unwritable_fix(OSError(errno.EROFS, "Read-only file system"))
+    'the drive (or mount) is read-only: make it writable, or work on a copy on a writable drive'
+    """
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space on that drive"
+    if err.errno == errno.EROFS:
+        return "the drive (or mount) is read-only: make it writable, or work on a copy on a writable drive"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return "fix its permissions (you may not write there)"
+    return "free some space on that drive (or fix its permissions)"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -43,6 +43,7 @@ from bridge.project import (
     review_reason_text,
     sidecar_dir,
     summary_problem,
+    unwritable_fix,
     write_json_atomic,
 )
 from bridge.project_config import ProjectConfig
@@ -289,9 +290,23 @@ def _pipeline_record(run_config: RunConfig, result: SlideResult) -> dict[str, An
 def write_result_files(
     result: SlideResult, geojson: Path, summary_path: Path, summary: dict[str, Any], *, include_tiles: bool = True
 ) -> None:
-    """The QuPath GeoJSON (parent + children) and the summary JSON, each written atomically."""
-    write_features(geojson, result_features(result, include_tiles=include_tiles))
-    write_json_atomic(summary_path, summary)
+    """The QuPath GeoJSON (parent + children) and the summary JSON, each written atomically.
+
+    A file that cannot be written is a :class:`ProjectError` naming it and the fix: a full drive failed each image
+    left with "OSError: [Errno 28] No space left on device", naming no file, drive or way on.
+    """
+    path = geojson
+    try:
+        write_features(geojson, result_features(result, include_tiles=include_tiles))
+        path = summary_path
+        write_json_atomic(summary_path, summary)
+    except OSError as err:
+        if isinstance(err, Pdl1Error):
+            raise
+        raise ProjectError(
+            f"{path}: the results cannot be written ({err.strerror or err}); {unwritable_fix(err)}, then run again "
+            "with --resume (it keeps the images already done)"
+        ) from err
 
 
 def _jobs(inputs: list[Path], config: RunConfig) -> tuple[list[_Job], Path | None, Path]:

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bridge.project import PDL1_DIR, ProjectError
+from bridge.project import PDL1_DIR, ProjectError, unwritable_fix
 
 LOCK_FILE = "run.lock"
 STALE_UNREADABLE_S = 60.0  # an empty or unreadable lock older than this is left by a run that died
@@ -120,7 +120,7 @@ def run_lock(folder: Path) -> Iterator[Path]:
     except OSError as err:
         raise ProjectError(
             f"{path}: cannot write the run lock ({err.strerror or err}); nothing was started or left behind; "
-            "free some space on that drive (or fix its permissions) and run again"
+            f"{unwritable_fix(err)}, and run again"
         ) from err
     try:
         for attempt in range(2):
@@ -152,8 +152,7 @@ def run_lock(folder: Path) -> Iterator[Path]:
                 ) from None
             except OSError as err:
                 raise ProjectError(
-                    f"{path}: cannot create the run lock ({err.strerror or err}); free some space on that drive "
-                    "(or fix its permissions) and run again"
+                    f"{path}: cannot create the run lock ({err.strerror or err}); {unwritable_fix(err)}, and run again"
                 ) from err
             break
     finally:

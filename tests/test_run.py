@@ -859,3 +859,29 @@ def test_a_rerun_killed_between_an_images_two_files_is_not_skipped_by_resume(tmp
     parent = next(iter(read_features(out / "s31.geojson")))
     assert summary["nuclei"] == {} and "PD-L1: Num Tumor: Positive" not in parent.measurements
     assert summary["run_id"] == RunStatus(out).images["s31"]["run_id"] == again[0].run_id
+
+
+def test_a_full_disk_fails_the_image_naming_the_file_and_the_fix_and_the_batch_goes_on(tmp_path, slides, models):
+    import errno
+    import os
+
+    import bridge.run
+
+    real = bridge.run.write_features
+
+    def full_for_the_first(path, features):
+        if path.name == "s31.geojson":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write() says it: no file named
+        return real(path, features)
+
+    out = tmp_path / "out"
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never", out=out)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bridge.run, "write_features", full_for_the_first)
+        outcomes = run_batch(slides, config, models=models)
+    assert [o.state for o in outcomes] == ["failed", "done"]
+    assert re.fullmatch(
+        r".*/s31\.geojson: the results cannot be written \(No space left on device\); free some space on that "
+        r"drive, then run again with --resume \(it keeps the images already done\)",
+        outcomes[0].error,
+    )

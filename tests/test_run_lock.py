@@ -85,12 +85,20 @@ def test_a_lock_from_another_machine_is_not_second_guessed(tmp_path):
     assert path.exists()  # still theirs
 
 
-def test_a_full_disk_leaves_no_lock_behind(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("code", "fix"),
+    [
+        (errno.ENOSPC, r"free some space on that drive, and run again"),
+        # a read-only drive was told to free some space
+        (errno.EROFS, r"the drive \(or mount\) is read-only: make it writable"),
+    ],
+)
+def test_a_full_disk_leaves_no_lock_behind(tmp_path, monkeypatch, code, fix):
     def disk_full(obj, fh, *args, **kwargs):
         fh.write("{")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise OSError(code, os.strerror(code))
 
-    full = r"cannot write the run lock \(No space left on device\).*free some space"
+    full = rf"cannot write the run lock \({os.strerror(code)}\); nothing was started or left behind; {fix}"
     with monkeypatch.context() as patch:
         patch.setattr(json, "dump", disk_full)
         with pytest.raises(ProjectError, match=full), run_lock(tmp_path):

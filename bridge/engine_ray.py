@@ -30,14 +30,13 @@ from bridge.run import (
     failure_message,
     outcome_from_summary,
     output_paths,
-    remove_orphan_parts,
     resume_skips,
     run_models,
     skipped_outcome,
     summary_of,
     write_result_files,
 )
-from bridge.run_lock import run_lock
+from bridge.run_lock import remove_orphan_parts, run_lock
 
 log = logging.getLogger(__name__)
 _MODELS: dict[str, Any] = {}  # per worker process: models load once, not per image

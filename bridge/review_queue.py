@@ -58,7 +58,7 @@ from bridge.project import (
     review_reason_text,
 )
 from bridge.qupath_geojson import QuPathObject, read_features
-from bridge.run_lock import run_lock
+from bridge.run_lock import remove_orphan_parts, run_lock
 from inference import Pdl1Error, __version__, is_finite_number
 
 log = logging.getLogger(__name__)
@@ -577,6 +577,8 @@ def write_review_queue(
         if qupath == "always" and not use_qupath:
             raise ReviewQueueError(why)
     with run_lock(folder):
+        # What a killed review-queue (or run) left: staged copies of every summary, as pdl1 run removes them.
+        remove_orphan_parts(folder, plain_slides=False)
         entries, not_ranked = build_queue(folder, regions_per_entry=regions_per_entry, use_qupath=use_qupath)
         metadata = entry_metadata(entries)
         csv_path = Path(out) if out is not None else folder / PDL1_DIR / QUEUE_FILE

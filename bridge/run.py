@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import re
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
@@ -48,7 +47,7 @@ from bridge.project import (
 )
 from bridge.project_config import ProjectConfig
 from bridge.qupath_geojson import write_features
-from bridge.run_lock import LOCK_FILE, run_lock
+from bridge.run_lock import remove_orphan_parts, run_lock
 from inference import Models, Pdl1Error, PipelineConfig, SlideResult, __version__, analyse_slide
 
 log = logging.getLogger(__name__)
@@ -499,51 +498,6 @@ def _compare_pairs(
     path = write_pair_comparisons(images, folder, failed=failed, openslide_only=openslide_only)
     if path is not None:
         log.info("pair comparisons: %s", path)
-
-
-_PART = re.compile(r".+\.[0-9a-f]{12}\.part")  # bridge.atomic's and the backups' temporary files: <name>.<12 hex>.part
-_QPDATA_PART = re.compile(r"data\.qpdata.*\.[0-9a-f]{12}\.part")  # a data.qpdata backup or restore being copied
-_LOCK_TMP = re.compile(re.escape(LOCK_FILE) + r"\.\d+\.[0-9a-f]{8}\.tmp")  # run_lock's holder before it is linked
-_LOCK_TMP_STALE_S = 60  # a live run links its holder within milliseconds of writing it
-
-
-def remove_orphan_parts(folder: Path, *, plain_slides: bool) -> list[Path]:
-    """Remove the temporary files a killed run left in this run's own folders.
-
-    Called with the run lock held, so no other run of this folder is writing them. Only names the
-    bridge makes are removed, and only where runs write: ``pdl1/`` (status, sidecars; ``pdl1/report``
-    is left to ``pdl1 report``, which takes no lock), for plain slides the ``--out`` folder itself,
-    for a project the copies of ``data.qpdata`` its backups go through (``data/<id>/``), and run-lock
-    holders older than a minute that never became the lock.
-    """
-    pdl1 = folder / PDL1_DIR
-    candidates = [p for p in pdl1.rglob("*.part") if (pdl1 / "report") not in p.parents]
-    if plain_slides:
-        candidates += folder.glob("*.part")
-    else:
-        candidates += [p for p in folder.glob("data/*/*.part") if _QPDATA_PART.fullmatch(p.name)]
-    stale = time.time() - _LOCK_TMP_STALE_S
-    candidates += [p for p in pdl1.glob(f"{LOCK_FILE}.*.tmp") if _LOCK_TMP.fullmatch(p.name) and _mtime(p) < stale]
-    removed = []
-    for path in sorted(candidates):
-        if (_PART.fullmatch(path.name) or _LOCK_TMP.fullmatch(path.name)) and path.is_file():
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    if removed:
-        log.warning(
-            "removed %d unfinished file(s) an interrupted run left (first: %s); the files they were to replace "
-            "are as that run left them",
-            len(removed),
-            removed[0],
-        )
-    return removed
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:  # gone meanwhile
-        return time.time()
 
 
 def _run_jobs(jobs, config, models, project, status, qp_session, on_image, on_tiles) -> list[ImageOutcome]:

@@ -397,3 +397,18 @@ def test_an_entry_the_last_run_failed_on_says_its_results_are_an_earlier_runs(pr
         f"the last run failed on it (s31.svs: out of memory): ranked by an earlier run's results (run {run_id})"
     )
     assert not any("last run failed" in r for e in ranked if e.entry_id != "1" for r in e.reasons)
+
+
+def test_the_staged_files_of_a_killed_review_queue_are_removed_by_the_next(project, caplog):
+    # A kill between staging and renaming left a copy of every summary, and of the queue, as .part files that
+    # each later review-queue left where they were.
+    left = [
+        project / "pdl1" / "1" / "summary.json.0123456789ab.part",
+        project / "pdl1" / "review_queue.csv.ba9876543210.part",
+    ]
+    for path in left:
+        path.write_text("staged")
+    with caplog.at_level("WARNING", logger="bridge.run_lock"):
+        write_review_queue(project, qupath="never")
+    assert not any(path.exists() for path in left)
+    assert "removed 2 unfinished file(s) an interrupted run left" in caplog.text

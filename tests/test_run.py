@@ -385,7 +385,7 @@ def test_orphan_part_files_of_a_killed_run_are_removed_from_its_own_folders_only
     for path in orphans + kept:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("half")
-    with caplog.at_level("WARNING", logger="bridge.run"):
+    with caplog.at_level("WARNING", logger="bridge.run_lock"):
         (outcome,) = run_batch([corrupt], _config(out=out))
     assert outcome.state == "failed"
     assert [p for p in orphans if p.exists()] == []
@@ -397,7 +397,7 @@ def test_a_projects_orphans_include_backup_copies_and_stale_lock_holders(tmp_pat
     import os
     import time
 
-    from bridge.run import remove_orphan_parts
+    from bridge.run_lock import remove_orphan_parts
 
     project = tmp_path / "project"
     orphans = [

@@ -43,6 +43,7 @@ from typing import Any
 import shapely
 from shapely.geometry.base import BaseGeometry
 
+from bridge.atomic import replace_atomically
 from bridge.classes import IGNORE, PDL1_FN_CANDIDATE, PDL1_NEGATIVE, PDL1_POSITIVE, TRAINING_REGION
 from bridge.objects import is_own_object
 from bridge.project import (
@@ -67,6 +68,9 @@ RANK_KEY = "PD-L1 review rank"
 SCORE_KEY = "PD-L1 review score"
 QUEUE_FILE = "review_queue.csv"
 PROVENANCE_FILE = "review_queue.json"
+# In <project>/pdl1/ while review-queue renames its files: the review metadata of the summaries (and, through QuPath,
+# project.qpproj) may be part new, part old. pdl1_import_results.groovy holds the same name.
+UNFINISHED_FILE = "review_queue.unfinished"
 
 # Formula constants (module docstring); recorded in the provenance file.
 CAP = 2.0  # S and D: one extreme number must not bury every other reason
@@ -531,6 +535,17 @@ def _staged(path: Path, text: str) -> Path:
     return tmp
 
 
+def _marker_text(marker: Path) -> str:
+    """When and by which process the unfinished review-queue ``marker`` names started, as a reader is told it."""
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "when is not recorded"
+    if not isinstance(record, dict):
+        return "when is not recorded"
+    return f"started {record.get('started', '?')}, pid {record.get('pid', '?')}, writing {record.get('csv', '?')}"
+
+
 def write_review_queue(
     project: str | Path,
     *,
@@ -543,9 +558,14 @@ def write_review_queue(
 
     Metadata goes into the project through QuPath when it is installed (``qupath``: auto, always,
     never), and always into each entry's ``summary.json`` ``metadata``, from which
-    ``pdl1_import_results.groovy`` sets it in QuPath. All of it is written or none: every file is
-    staged beside its target first, the QuPath project saved next, and only then are the staged
-    files renamed into place. Holds the project's run lock, so no ``pdl1 run`` writes meanwhile.
+    ``pdl1_import_results.groovy`` sets it in QuPath. Every file is staged beside its target first,
+    so a failure while staging (or QuPath's save failing) changes nothing. Then ``pdl1/review_queue.unfinished``
+    is written, the QuPath project saved, the old ``review_queue.json`` removed, the summaries and the CSV
+    renamed into place one at a time and the new ``review_queue.json`` last, and the marker removed. Stopped
+    between those steps (a kill, a power cut, a rename refused), some summaries carry the new rank and some
+    an older one: the marker stays and says so, to pdl1_import_results.groovy (it then leaves QuPath's
+    review keys alone) and to the next review-queue (it warns, writes every entry's again and removes it).
+    Holds the project's run lock, so no ``pdl1 run`` writes meanwhile.
     """
     if qupath not in ("auto", "always", "never"):
         raise ReviewQueueError(f"--qupath must be auto, always or never, got {qupath!r}")
@@ -615,17 +635,33 @@ def write_review_queue(
             "not_ranked": [{"entry_id": i, "image": n, "why": w} for i, n, w in not_ranked],
         }
         staged: list[tuple[Path, Path]] = []
-        try:
-            staged.append((_staged(csv_path, buffer.getvalue()), csv_path))
-            provenance_path = csv_path.with_name(csv_path.stem + ".json")
-            staged.append(
-                (_staged(provenance_path, json.dumps(provenance, indent=2, allow_nan=False)), provenance_path)
+        marker = folder / PDL1_DIR / UNFINISHED_FILE
+        earlier_unfinished = marker.is_file()
+        if earlier_unfinished:
+            log.warning(
+                "%s: an earlier pdl1 review-queue was stopped while renaming its files (%s), so some summaries carry "
+                "its review rank and others an older one; this one writes every entry's again",
+                marker,
+                _marker_text(marker),
             )
+        provenance_path = csv_path.with_name(csv_path.stem + ".json")
+        try:
+            # The summaries first and the CSV, then review_queue.json (the record of the CSV), last: renamed in that
+            # order, a review_queue.json beside its CSV says every summary carries its rank.
             for entry in entries:
                 summary = _read_json(entry.summary_path, "run `pdl1 run PROJECT --resume`")
                 summary["metadata"] = {**summary.get("metadata", {}), **metadata[entry.entry_id]}
                 text = json.dumps(summary, indent=2, allow_nan=False)
                 staged.append((_staged(entry.summary_path, text), entry.summary_path))
+            staged.append((_staged(csv_path, buffer.getvalue()), csv_path))
+            staged.append(
+                (_staged(provenance_path, json.dumps(provenance, indent=2, allow_nan=False)), provenance_path)
+            )
+            # From here until the last rename the review metadata may be part new, part old: the marker says so to
+            # pdl1_import_results.groovy (which then leaves QuPath's review keys as they are) and to the next
+            # review-queue. Written before QuPath's save, which is the first file replaced.
+            with replace_atomically(marker) as fh:
+                json.dump({"started": provenance["written_at"], "pid": os.getpid(), "csv": str(csv_path)}, fh)
             if use_qupath:
                 from bridge.qupath import set_entry_metadata
 
@@ -634,14 +670,18 @@ def write_review_queue(
         except BaseException:
             for tmp, _ in staged:
                 tmp.unlink(missing_ok=True)
+            if not earlier_unfinished:  # nothing was replaced (a failed save leaves project.qpproj as it was)
+                marker.unlink(missing_ok=True)
             raise
+        provenance_path.unlink(missing_ok=True)  # the record: gone before the first rename, back after the last
         for done, (tmp, target) in enumerate(staged):
             try:
                 os.replace(tmp, target)
-            except BaseException:  # those not renamed yet are not left behind as .part files
+            except BaseException:  # those not renamed yet are not left behind as .part files; the marker stays
                 for rest, _ in staged[done:]:
                     rest.unlink(missing_ok=True)
                 raise
+        marker.unlink()
     return ReviewQueue(
         entries=tuple(entries),
         not_ranked=tuple(not_ranked),

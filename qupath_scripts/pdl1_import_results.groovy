@@ -50,6 +50,16 @@ def putEntryMetadata = { entry, Map values ->
     values.each { key, value -> entry.putMetadataValue(key as String, value as String) }
     return [how: "putMetadataValue", removed: stale]
 }
+// A `pdl1 review-queue` stopped while renaming its files leaves review_queue.unfinished in the results folder
+// (bridge/review_queue.py: UNFINISHED_FILE): some summaries then carry its review rank and others an older one, so
+// their "PD-L1 review ..." keys are left out and QuPath keeps the ranks it has. Returns the metadata to set.
+def REVIEW_UNFINISHED = "review_queue.unfinished"
+def REVIEW_KEYS = ["PD-L1 review rank", "PD-L1 review score"]
+def metadataToImport = { Map metadata, File resultsFolder ->
+    if (!new File(resultsFolder, REVIEW_UNFINISHED).isFile())
+        return metadata
+    return metadata.findAll { key, value -> !(key in REVIEW_KEYS) }
+}
 // A measurement list's names, in order: getNames() on 0.6+ (getMeasurementNames() is deprecated there), else
 // getMeasurementNames() (0.4.4 and 0.5 have no getNames). keySet() is on every version but unordered on 0.6+.
 def measurementNames = { ml ->
@@ -284,7 +294,12 @@ if (summaryFile.isFile()) {
     def summary = GsonTools.getInstance().fromJson(summaryFile.getText("UTF-8"), Map.class)
     def metadata = summary.get("metadata")
     if (metadata != null) {
-        putEntryMetadata(entry, metadata)
+        def imported = metadataToImport(metadata, folder.getParentFile())
+        if (imported.size() < metadata.size())
+            println "pdl1: ${new File(folder.getParentFile(), REVIEW_UNFINISHED)}: a pdl1 review-queue was stopped " +
+                    "while renaming its files, so the summaries' review ranks are part its, part older; they are not " +
+                    "imported (QuPath keeps the ones it has): run pdl1 review-queue for the project again"
+        putEntryMetadata(entry, imported)
         // QuPath 0.4.4 and 0.5 do not save the project after a headless script (0.6+ do with -s): save it now.
         try {
             project.syncChanges()

@@ -16,6 +16,7 @@ import pytest
 import tomllib
 
 from bridge.project_config import SCHEMA, ConfigError, read_project_config
+from bridge.review_queue import RANK_KEY, SCORE_KEY, UNFINISHED_FILE
 from bridge.run import RUN_METADATA_KEYS
 from project_templates import PDL1_TEMPLATE
 from tests.helpers import JavaPathObject, paquo_stand_ins
@@ -272,6 +273,31 @@ for (entry in [new OldEntry(), new NewEntry()]) {
                 "case": "B12",
             },
         }
+
+
+@needs_groovy
+def test_the_import_leaves_out_the_review_ranks_of_a_review_queue_stopped_while_renaming(tmp_path):
+    # Killed between its renames, a review-queue left some summaries with its rank and others with an older one;
+    # the import set both in QuPath, two entries ranked 1. Its marker now tells the script to leave them out.
+    results = tmp_path / "pdl1"
+    results.mkdir()
+    driver = f"""
+def metadata = ["PD-L1 TPS %": "12.5", "PD-L1 review rank": "1", "PD-L1 review score": "2.500", "case": "B12"]
+def results = new File('{results.as_posix()}')
+println JsonOutput.toJson(metadataToImport(metadata, results))
+new File(results, "{UNFINISHED_FILE}").text = "{{}}"
+println JsonOutput.toJson(metadataToImport(metadata, results))
+"""
+    whole, unfinished = run_groovy(tmp_path, driver, IMPORT)
+    assert whole == {"PD-L1 TPS %": "12.5", "PD-L1 review rank": "1", "PD-L1 review score": "2.500", "case": "B12"}
+    assert unfinished == {"PD-L1 TPS %": "12.5", "case": "B12"}
+
+
+def test_the_import_script_knows_the_review_queues_marker_and_keys():
+    text = IMPORT.read_text()
+    assert f'def REVIEW_UNFINISHED = "{UNFINISHED_FILE}"' in text
+    assert f'def REVIEW_KEYS = ["{RANK_KEY}", "{SCORE_KEY}"]' in text
+    assert "putEntryMetadata(entry, imported)" in text.replace(helpers(IMPORT), "")
 
 
 @pytest.mark.parametrize("script", [ANALYZE, IMPORT], ids=lambda p: p.name)

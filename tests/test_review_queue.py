@@ -2,7 +2,11 @@
 
 import csv
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +18,14 @@ from bridge.cli.app import app
 from bridge.init_project import init_project_files
 from bridge.project import ProjectError
 from bridge.qupath_geojson import QuPathObject, to_feature, write_features
-from bridge.review_queue import RANK_KEY, SCORE_KEY, ReviewQueueError, build_queue, write_review_queue
+from bridge.review_queue import (
+    RANK_KEY,
+    SCORE_KEY,
+    UNFINISHED_FILE,
+    ReviewQueueError,
+    build_queue,
+    write_review_queue,
+)
 from bridge.run import RunConfig, run_batch
 from inference.phantom.pyramid import write_phantom
 from inference.phantom.scene import PhantomSpec
@@ -297,22 +308,86 @@ def test_a_failure_while_writing_leaves_every_file_as_it_was(project, monkeypatc
     assert not list((project / "pdl1").rglob("*.part"))
 
 
-def test_a_failure_while_renaming_leaves_no_staged_files_behind(project, monkeypatch):
+def test_a_failure_while_renaming_leaves_no_staged_files_behind_and_says_the_ranks_are_mixed(project, monkeypatch):
     import bridge.review_queue as rq
 
-    before = {p: p.read_bytes() for p in (project / "pdl1").rglob("summary.json")}
     replace = rq.os.replace
+    first = {}
 
-    def refused_for_the_csv(src, dst):
-        if Path(dst).name == "review_queue.csv":  # renamed first: nothing is replaced after it
+    def refused_for_the_second_summary(src, dst):
+        if Path(dst).name == "summary.json" and first.setdefault("summary", dst) != dst:
             raise PermissionError(13, "Permission denied", str(dst))
         return replace(src, dst)
 
-    monkeypatch.setattr(rq.os, "replace", refused_for_the_csv)
+    monkeypatch.setattr(rq.os, "replace", refused_for_the_second_summary)
     with pytest.raises(PermissionError):
         write_review_queue(project, qupath="never")
-    assert {p: p.read_bytes() for p in before} == before
     assert not list((project / "pdl1").rglob("*.part"))  # the summaries' staged copies were left behind
+    ranks = [_summary(project, entry)["metadata"].get(RANK_KEY) for entry in ("1", "2")]
+    assert sorted(rank is None for rank in ranks) == [False, True]  # one summary renamed, the other not
+    # What a reader is told: the marker stays, and no review_queue.json vouches for the CSV.
+    assert (project / "pdl1" / UNFINISHED_FILE).is_file()
+    assert not (project / "pdl1" / "review_queue.json").exists()
+
+
+KILL_AT = """
+import os, signal, sys
+from bridge.review_queue import write_review_queue
+
+calls, n, replace = [0], int(sys.argv[2]), os.replace
+
+
+def killed_at_the_nth(src, dst):
+    calls[0] += 1
+    if calls[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return replace(src, dst)
+
+
+os.replace = killed_at_the_nth
+write_review_queue(sys.argv[1], qupath="never")
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="kill -9 is a POSIX signal")
+@pytest.mark.parametrize("kill_at", [1, 3, 5])  # the marker's rename, the second summary's, review_queue.json's
+def test_a_review_queue_killed_between_its_renames_is_told_apart_and_repaired_by_the_next(project, kill_at, caplog):
+    # Killed between its renames, the CSV ranked every entry but only some summaries carried the new rank, and
+    # nothing said so: pdl1_import_results.groovy set those ranks in QuPath beside older ones.
+    old = {"1": "7", "2": "7"}  # an earlier generation's, told apart from the new ranks (1 and 2)
+    for entry, rank in old.items():
+        summary = _summary(project, entry)
+        summary["metadata"][RANK_KEY] = rank
+        (project / "pdl1" / entry / "summary.json").write_text(json.dumps(summary))
+    (project / "pdl1" / "review_queue.json").write_text("{}")  # the earlier generation's record
+    done = subprocess.run(
+        [sys.executable, "-c", KILL_AT, str(project), str(kill_at)],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    marker = project / "pdl1" / UNFINISHED_FILE
+    ranks = {entry: _summary(project, entry)["metadata"][RANK_KEY] for entry in old}
+    if kill_at == 1:  # killed writing the marker: nothing replaced yet, every file the earlier generation's
+        assert not marker.exists() and ranks == old and (project / "pdl1" / "review_queue.json").read_text() == "{}"
+    else:  # the marker says the ranks are mixed, and no record vouches for the CSV
+        assert marker.is_file() and json.loads(marker.read_text())["pid"] > 0
+        assert not (project / "pdl1" / "review_queue.json").exists()
+        renamed = sorted(rank != "7" for rank in ranks.values())
+        assert renamed == ([False, True] if kill_at == 3 else [True, True])
+    with caplog.at_level("WARNING"):
+        write_review_queue(project, qupath="never")
+    if kill_at != 1:
+        assert "an earlier pdl1 review-queue was stopped while renaming its files" in caplog.text
+        assert "this one writes every entry's again" in caplog.text
+    assert not marker.exists() and not list((project / "pdl1").rglob("*.part"))
+    assert sorted(_summary(project, entry)["metadata"][RANK_KEY] for entry in old) == ["1", "2"]
+    record = json.loads((project / "pdl1" / "review_queue.json").read_text())
+    assert {e["entry_id"]: str(e["rank"]) for e in record["entries"]} == {
+        entry: _summary(project, entry)["metadata"][RANK_KEY] for entry in old
+    }
 
 
 def test_the_cli_lists_the_command_and_prints_the_queue(project):

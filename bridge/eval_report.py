@@ -190,6 +190,12 @@ def failure_detection(evaluations: Sequence[SlideEvaluation]) -> list[dict[str, 
     return out
 
 
+def is_report_file(name: str) -> bool:
+    """Whether ``name`` is one of the files :func:`write_report` writes into its folder: the tables, the provenance
+    and the PNG plots (``pdl1 eval`` removes their ``.part`` files a killed one left, and no others)."""
+    return name in ("metrics.csv", "ihc_metrics.csv", "provenance.json") or name.lower().endswith(".png")
+
+
 def write_report(
     evaluations: Sequence[SlideEvaluation],
     out_dir: str | Path,

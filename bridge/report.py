@@ -31,6 +31,7 @@ from bridge.project import (
     summary_problem,
 )
 from bridge.qupath_geojson import read_features
+from bridge.run_lock import output_folder_lock
 from inference import Pdl1Error, demo_model_checksums, open_slide
 
 log = logging.getLogger(__name__)
@@ -297,7 +298,19 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
         )
     base = source if source.is_dir() else source.parent
     out = Path(out) if out is not None else base / PDL1_DIR / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    # Under the report folder's lock, so no other report writes there: the .part files a killed report left of
+    # its own files go first (bridge.run_lock.output_folder_lock says why a lock, not their age).
+    with output_folder_lock(out, command="report", own=_report_file):
+        return _write(out, items, base=base, source=source, left_out=left_out)
+
+
+def _report_file(name: str) -> bool:
+    """Whether ``name`` is one of the files a report writes into its folder: report.html, report.csv, thumbnails."""
+    return name in ("report.html", "report.csv") or name.lower().endswith(".png")
+
+
+def _write(out: Path, items: list[ReportItem], *, base: Path, source: Path, left_out: list[str]) -> tuple[Path, Path]:
+    """write_report's files, in ``out`` (its lock held)."""
     rows = []
     demo_checksums = set(demo_model_checksums().values())
     for item in items:

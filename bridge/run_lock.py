@@ -11,6 +11,8 @@ machine is not guessed about.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import os
@@ -19,7 +21,7 @@ import secrets
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -52,9 +54,9 @@ def _holder(path: Path) -> dict[str, Any]:
     return holder if isinstance(holder, dict) else {}
 
 
-def _write_holder(folder: Path, me: dict[str, Any]) -> Path:
-    """The lock's content in a temporary file of its own, on disk before it can become the lock."""
-    tmp = folder / f"{LOCK_FILE}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+def _write_holder(path: Path, me: dict[str, Any]) -> Path:
+    """The content of the lock ``path`` in a temporary file of its own, on disk before it can become the lock."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "x", encoding="utf-8") as fh:
             json.dump(me, fh)
@@ -113,6 +115,20 @@ def run_lock(folder: Path) -> Iterator[Path]:
             f"writes its results and its lock under {path.parent}: give a folder you can write to (--out for "
             "plain slides), or make this one writable"
         ) from err
+    with _held(
+        path,
+        busy=lambda who: (
+            f"{folder}: another pdl1 run is writing here ({who}); wait for it to finish, "
+            f"or delete {path} if that run is no longer going"
+        ),
+    ):
+        yield path
+
+
+@contextmanager
+def _held(path: Path, *, busy: Callable[[str], str], lock: str = "run lock") -> Iterator[None]:
+    """Hold the lock file ``path`` (its folder exists) for the duration; :class:`ProjectError` with ``busy(who)``
+    where a live process holds it (:func:`run_lock`). ``lock``: what the messages call it."""
     me = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -120,10 +136,10 @@ def run_lock(folder: Path) -> Iterator[Path]:
         "command": " ".join(sys.argv),
     }
     try:
-        tmp = _write_holder(path.parent, me)
+        tmp = _write_holder(path, me)
     except OSError as err:
         raise ProjectError(
-            f"{path}: cannot write the run lock ({err.strerror or err}); nothing was started or left behind; "
+            f"{path}: cannot write the {lock} ({err.strerror or err}); nothing was started or left behind; "
             f"{unwritable_fix(err)}, and run again"
         ) from err
     try:
@@ -136,9 +152,7 @@ def run_lock(folder: Path) -> Iterator[Path]:
                     try:
                         path.unlink(missing_ok=True)  # its run died without cleaning up
                     except OSError as err:  # a folder of that name, or a file we may not remove: was a traceback
-                        what = (
-                            "a folder where the run lock goes" if path.is_dir() else "a run lock no running pdl1 holds"
-                        )
+                        what = f"a folder where the {lock} goes" if path.is_dir() else f"a {lock} no running pdl1 holds"
                         raise ProjectError(
                             f"{path}: {what}, which cannot be removed ({err.strerror or err}); nothing was started: "
                             "delete it (or have its owner delete it) and run again"
@@ -150,19 +164,16 @@ def run_lock(folder: Path) -> Iterator[Path]:
                     if holder
                     else "an empty or unreadable lock, less than a minute old"
                 )
-                raise ProjectError(
-                    f"{folder}: another pdl1 run is writing here ({who}); wait for it to finish, or delete {path} "
-                    "if that run is no longer going"
-                ) from None
+                raise ProjectError(busy(who)) from None
             except OSError as err:
                 raise ProjectError(
-                    f"{path}: cannot create the run lock ({err.strerror or err}); {unwritable_fix(err)}, and run again"
+                    f"{path}: cannot create the {lock} ({err.strerror or err}); {unwritable_fix(err)}, and run again"
                 ) from err
             break
     finally:
         tmp.unlink(missing_ok=True)
     try:
-        yield path
+        yield
     finally:
         if _holder(path).get("pid") == me["pid"]:
             path.unlink(missing_ok=True)
@@ -179,9 +190,9 @@ def remove_orphan_parts(folder: Path, *, plain_slides: bool) -> list[Path]:
 
     Called with the run lock held, so no other run of this folder is writing them. Only names the
     bridge makes are removed, and only where runs write: ``pdl1/`` (status, sidecars; ``pdl1/report``
-    is left to ``pdl1 report``, which takes no lock), for plain slides the ``--out`` folder itself,
-    for a project the copies of ``data.qpdata`` its backups go through (``data/<id>/``), and run-lock
-    holders older than a minute that never became the lock.
+    is left to ``pdl1 report``, which cleans it under that folder's own lock, :func:`output_folder_lock`),
+    for plain slides the ``--out`` folder itself, for a project the copies of ``data.qpdata`` its backups
+    go through (``data/<id>/``), and run-lock holders older than a minute that never became the lock.
     """
     pdl1 = folder / PDL1_DIR
     candidates = [p for p in pdl1.rglob("*.part") if (pdl1 / "report") not in p.parents]
@@ -211,3 +222,72 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except OSError:  # gone meanwhile
         return time.time()
+
+
+OUTPUT_LOCK_FILE = ".pdl1-output.lock"  # in a folder `pdl1 report` or `pdl1 eval` writes, while it writes there
+_PART_OF = re.compile(r"(.+)\.[0-9a-f]{12}\.part")  # a staged file of bridge.atomic's, and the file it replaces
+_OUTPUT_LOCK_TMP = re.compile(re.escape(OUTPUT_LOCK_FILE) + r"\.\d+\.[0-9a-f]{8}\.tmp")
+
+
+@contextmanager
+def output_folder_lock(folder: Path, *, command: str, own: Callable[[str], bool]) -> Iterator[list[Path]]:
+    """Hold ``<folder>/.pdl1-output.lock`` while ``pdl1 <command>`` writes ``folder`` (made where missing), and
+    first remove what a killed one left there: the staged files (``<name>.<12 hex>.part``) of the names
+    ``own(name)`` says it writes, and lock holders older than a minute that never became the lock. Yields the
+    files removed.
+
+    The lock is that folder's, not the project's run lock: only these commands write there (a run neither writes
+    ``pdl1/report`` nor an eval's folder), so a report taken while a run goes on is not refused, and ``--out``
+    folders outside any project are covered too. While it is held no other report or eval writes the folder, so
+    a staged file there is one that a killed one left (a lock a dead process left is taken over, as the run
+    lock's is). An age rule would not know: a report drawing the thumbnails of a slow drive's slides, or a process
+    stopped with Ctrl-Z, leaves its staged files unchanged for as long as it likes. Another process's files there
+    (names ``own`` does not claim) are left alone. Folders this made are removed again where nothing was written
+    into them (a refused eval leaves no empty ``--out``).
+    """
+    made = list(itertools.takewhile(lambda p: not p.exists(), (folder, *folder.parents)))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ProjectError(
+            f"{folder}: cannot write there ({err.strerror or err}: {err.filename}); nothing was written: give a "
+            "folder you can write to, or make this one writable"
+        ) from err
+    path = folder / OUTPUT_LOCK_FILE
+    try:
+        with _held(
+            path,
+            busy=lambda who: (
+                f"{folder}: another pdl1 {command} is writing here ({who}); wait for it to finish, or give another "
+                f"folder, or delete {path} if that one is no longer going"
+            ),
+            lock=f"lock of {folder}",
+        ):
+            yield remove_orphan_outputs(folder, own=own)
+    finally:
+        for made_folder in made:  # deepest first; rmdir leaves one that something was written into
+            with contextlib.suppress(OSError):
+                made_folder.rmdir()
+
+
+def remove_orphan_outputs(folder: Path, *, own: Callable[[str], bool]) -> list[Path]:
+    """Remove the staged files of the names ``own`` claims in ``folder`` (not below it), and output-lock holders
+    older than a minute; called with the folder's lock held (:func:`output_folder_lock`)."""
+    stale = time.time() - _LOCK_TMP_STALE_S
+    removed = []
+    for path in sorted(folder.iterdir()):
+        match = _PART_OF.fullmatch(path.name)
+        ours = (match is not None and own(match.group(1))) or (
+            _OUTPUT_LOCK_TMP.fullmatch(path.name) is not None and _mtime(path) < stale
+        )
+        if ours and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        log.warning(
+            "removed %d unfinished file(s) an interrupted one left (first: %s); the files they were to replace are "
+            "as it left them",
+            len(removed),
+            removed[0],
+        )
+    return removed

@@ -343,3 +343,58 @@ def test_a_truth_without_a_field_the_evaluation_reads_is_named_before_any_slide_
     assert result.exception is None or isinstance(result.exception, SystemExit)
     said = _said(result)
     assert f"'{field}' (" in said and "missing or malformed" in said and "pdl1 phantom" in said
+
+
+def test_a_refused_eval_leaves_no_out_folder_behind(tmp_path):
+    # --out is made (and locked) before the computing; an eval refused on its slides removes it again.
+    out = tmp_path / "new" / "rep"
+    result = CliRunner().invoke(app, ["eval", "--out", str(out), str(tmp_path / "nope.svs")])
+    assert result.exit_code == 1, result.output
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_staged_files_a_killed_eval_left_are_removed_by_the_next_and_no_others(tmp_path):
+    # A suite killed while writing its report left metrics.csv.<hex>.part, provenance.json.<hex>.part and its plots'
+    # .part files in --out for good; the next eval into the folder removes them (its lock held: no other eval
+    # writes there), even one refused on its slides, and leaves any other file alone.
+    import socket
+    import subprocess
+    import sys
+
+    from bridge.run_lock import OUTPUT_LOCK_FILE
+
+    out = tmp_path / "rep"
+    out.mkdir()
+    ours = [
+        out / f"{n}.0123456789ab.part" for n in ("metrics.csv", "ihc_metrics.csv", "provenance.json", "c_overlay.png")
+    ]
+    others = [out / "slides.txt.0123456789ab.part", out / "metrics.csv.part", out / "metrics.csv"]
+    for path in ours + others:
+        path.write_text("staged")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    holder = {"pid": int(dead.stdout), "host": socket.gethostname(), "started": "2024-01-01 00:00:00"}
+    (out / OUTPUT_LOCK_FILE).write_text(json.dumps(holder))  # the killed eval's lock
+    result = CliRunner().invoke(app, ["eval", "--out", str(out), str(tmp_path / "nope.svs")])
+    assert result.exit_code == 1 and "no such slide" in _said(result), result.output
+    assert not any(p.exists() for p in ours) and all(p.read_text() == "staged" for p in others)
+    assert not (out / OUTPUT_LOCK_FILE).exists()
+
+
+def test_an_eval_into_a_folder_another_eval_is_writing_is_refused_before_its_computing(phantom_copy, tmp_path):
+    import os
+    import socket
+
+    from bridge.run_lock import OUTPUT_LOCK_FILE
+
+    out = tmp_path / "rep"
+    out.mkdir()
+    staged = out / "metrics.csv.0123456789ab.part"
+    staged.write_text("being written")
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": "2024-01-01 00:00:00"}
+    (out / OUTPUT_LOCK_FILE).write_text(json.dumps(holder))
+    result = CliRunner().invoke(app, ["eval", "--out", str(out), str(phantom_copy), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert f"another pdl1 eval is writing here (pid {os.getpid()} on" in _said(result)
+    assert staged.read_text() == "being written" and sorted(p.name for p in out.iterdir()) == sorted(
+        [OUTPUT_LOCK_FILE, staged.name]
+    )

@@ -271,3 +271,72 @@ def test_the_thumbnail_draws_each_uncertainty_tile_by_its_outline(tmp_path):
     assert changed[4:28, 42:54].mean() < 0.1  # the gap between the trimmed tile's parts
     assert changed[4:28, 57:60].mean() > 0.9  # its right part
     assert changed[36:, :56].mean() < 0.1  # no tile
+
+
+def _lock(folder: Path, pid: int) -> Path:
+    import socket
+
+    from bridge.run_lock import OUTPUT_LOCK_FILE
+
+    lock = folder / OUTPUT_LOCK_FILE
+    lock.write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "2024-01-01 00:00:00"}))
+    return lock
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_the_staged_files_a_killed_report_left_are_removed_by_the_next_and_no_others(tmp_path, caplog):
+    # A report killed while writing left report.html.<hex>.part and its thumbnails' .part files in pdl1/report
+    # for good: pdl1 run leaves that folder to pdl1 report, which removed none.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.summary.json").write_text(json.dumps(_summary(tmp_path / "a.svs")))
+    report = out / "pdl1" / "report"
+    report.mkdir(parents=True)
+    ours = [
+        report / "report.html.0123456789ab.part",
+        report / "report.csv.ba9876543210.part",
+        report / "a.png.a1b2c3d4e5f6.part",
+    ]
+    others = [
+        report / "notes.txt.0123456789ab.part",  # not a file a report writes
+        report / "report.html.part",  # not bridge.atomic's name
+        report / "report.html.0123456789AB.part",
+        report / "old" / "report.html.0123456789ab.part",  # not beside the report's files
+    ]
+    _lock(report, _dead_pid())  # and the lock of the killed report
+    for path in ours + others:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("staged")
+    with caplog.at_level("WARNING", logger="bridge.run_lock"):
+        html_path, _ = write_report(out)
+    assert html_path.is_file() and not any(p.exists() for p in ours) and all(p.exists() for p in others)
+    assert f"removed 3 unfinished file(s) an interrupted one left (first: {ours[2]})" in caplog.text
+    assert sorted(p.name for p in report.iterdir()) == sorted(
+        ["old", "report.csv", "report.html", *(p.name for p in others[:3])]
+    )
+
+
+def test_a_report_another_report_is_writing_is_refused_and_its_staged_files_left(tmp_path):
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.summary.json").write_text(json.dumps(_summary(tmp_path / "a.svs")))
+    report = tmp_path / "elsewhere"
+    report.mkdir()
+    staged = report / "report.html.0123456789ab.part"
+    staged.write_text("being written")
+    lock = _lock(report, os.getpid())  # a live process
+    with pytest.raises(ProjectError, match=rf"{report}: another pdl1 report is writing here \(pid {os.getpid()} on "):
+        write_report(out, report)
+    assert staged.read_text() == "being written" and lock.is_file() and not (report / "report.html").exists()
+    lock.unlink()
+    write_report(out, report)
+    assert not staged.exists() and not (report / lock.name).exists() and (report / "report.html").is_file()

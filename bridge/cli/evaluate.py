@@ -517,8 +517,9 @@ def eval_suite(
     against the truth and the review flag (a failure: the TPS in the wrong category or off by more than 5
     points), then the flag's catches and false alarms over both stains.
     """
-    from bridge.eval_report import write_report
+    from bridge.eval_report import is_report_file, write_report
     from bridge.progress import progress_bar
+    from bridge.run_lock import output_folder_lock
     from inference import (
         Ensemble,
         PipelineConfig,
@@ -532,75 +533,82 @@ def eval_suite(
     console_out = stdout()
     require_out_folder(out, what="the report")
     try:
-        ensemble = Ensemble.load(model or demo_model_dir("seg"), task="segmentation", device=device)
-        nuclei = _nuclei_model(nuclei_model, device)
-        manifest = ensemble.manifest
-        he_models = [("segmentation", manifest)]
-        if nuclei is not None:
-            _require_model_stain(
-                nuclei.manifest, "H&E", option="--nuclei-model", folder=nuclei.folder, command="scoring the H&E slides"
-            )
-            he_models.append(("nuclei", nuclei.manifest))
-        # The IHC model loads only for IHC slides; its manifest is read here to check it against them first.
-        ihc_folder = ihc_model or demo_model_dir("nuclei-ihc")
-        ihc_manifest = read_manifest(ihc_folder, task="nuclei", verify=False)
-        _require_model_stain(
-            ihc_manifest, "H-DAB", option="--ihc-model", folder=ihc_folder, command="scoring the PD-L1 IHC slides"
-        )
-        truths = _check_truths(slides, {"H&E": he_models, "H-DAB": [("PD-L1 IHC nuclei", ihc_manifest)]})
-        ihc_slides = [slide for slide, t in zip(slides, truths, strict=True) if t.summary.get("stain") == "H-DAB"]
-        he_slides = [slide for slide in slides if slide not in ihc_slides]
-        upper = manifest.thresholds.get("segmentation", 0.5)
-        sua = sua_params_for(manifest, PipelineConfig(), upper=upper)
-        pixel_threshold = manifest.thresholds.get("pixel_baseline_threshold", sua.threshold)
-        evaluations = []
-        for slide in he_slides:
-            with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
-                evaluations.append(
-                    evaluate_slide_suite(
-                        slide,
-                        ensemble,
-                        sua=sua,
-                        pixel_threshold=pixel_threshold,
-                        review=review_rule_for(manifest),
-                        nuclei_model=nuclei,
-                        on_progress=on_progress,
-                    )
+        # Under the --out folder's lock, held from the start so a second eval into it is refused before its
+        # computing: the .part files a killed eval left of its own files go first (bridge.run_lock.output_folder_lock).
+        with output_folder_lock(out, command="eval", own=is_report_file):
+            ensemble = Ensemble.load(model or demo_model_dir("seg"), task="segmentation", device=device)
+            nuclei = _nuclei_model(nuclei_model, device)
+            manifest = ensemble.manifest
+            he_models = [("segmentation", manifest)]
+            if nuclei is not None:
+                _require_model_stain(
+                    nuclei.manifest,
+                    "H&E",
+                    option="--nuclei-model",
+                    folder=nuclei.folder,
+                    command="scoring the H&E slides",
                 )
-        ihc = _suite_ihc(ihc_slides, ihc_model=ihc_model, device=device, progress=progress)
-        provenance = {
-            "command": "pdl1 eval",
-            "slides": [str(s) for s in he_slides],
-            "ihc_slides": [str(s) for s in ihc_slides],
-            "pdl1_bridge": __version__,
-            "model": {
-                "name": manifest.name,
-                "version": manifest.version,
-                "sha256": manifest.checksum,
-                "folder": str(ensemble.folder),
-            },
-            "sua": {
-                "lower": sua.lower,
-                "upper": sua.upper,
-                "threshold": sua.threshold,
-                "uncertainty": sua.uncertainty,
-                "aggregation": sua.aggregation,
-            },
-            "pixel_baseline_threshold": pixel_threshold,
-        }
-        if ihc is not None:
-            provenance["ihc_model"] = {
-                "name": ihc[0].name,
-                "version": ihc[0].version,
-                "sha256": ihc[0].checksum,
-                "folder": str(ihc_folder),
+                he_models.append(("nuclei", nuclei.manifest))
+            # The IHC model loads only for IHC slides; its manifest is read here to check it against them first.
+            ihc_folder = ihc_model or demo_model_dir("nuclei-ihc")
+            ihc_manifest = read_manifest(ihc_folder, task="nuclei", verify=False)
+            _require_model_stain(
+                ihc_manifest, "H-DAB", option="--ihc-model", folder=ihc_folder, command="scoring the PD-L1 IHC slides"
+            )
+            truths = _check_truths(slides, {"H&E": he_models, "H-DAB": [("PD-L1 IHC nuclei", ihc_manifest)]})
+            ihc_slides = [slide for slide, t in zip(slides, truths, strict=True) if t.summary.get("stain") == "H-DAB"]
+            he_slides = [slide for slide in slides if slide not in ihc_slides]
+            upper = manifest.thresholds.get("segmentation", 0.5)
+            sua = sua_params_for(manifest, PipelineConfig(), upper=upper)
+            pixel_threshold = manifest.thresholds.get("pixel_baseline_threshold", sua.threshold)
+            evaluations = []
+            for slide in he_slides:
+                with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
+                    evaluations.append(
+                        evaluate_slide_suite(
+                            slide,
+                            ensemble,
+                            sua=sua,
+                            pixel_threshold=pixel_threshold,
+                            review=review_rule_for(manifest),
+                            nuclei_model=nuclei,
+                            on_progress=on_progress,
+                        )
+                    )
+            ihc = _suite_ihc(ihc_slides, ihc_model=ihc_model, device=device, progress=progress)
+            provenance = {
+                "command": "pdl1 eval",
+                "slides": [str(s) for s in he_slides],
+                "ihc_slides": [str(s) for s in ihc_slides],
+                "pdl1_bridge": __version__,
+                "model": {
+                    "name": manifest.name,
+                    "version": manifest.version,
+                    "sha256": manifest.checksum,
+                    "folder": str(ensemble.folder),
+                },
+                "sua": {
+                    "lower": sua.lower,
+                    "upper": sua.upper,
+                    "threshold": sua.threshold,
+                    "uncertainty": sua.uncertainty,
+                    "aggregation": sua.aggregation,
+                },
+                "pixel_baseline_threshold": pixel_threshold,
             }
-        # metrics.csv, ihc_metrics.csv and the plots are replaced together and provenance.json, which says what made
-        # them, last, the earlier one removed before the first: no reader pairs a new file with a stale provenance
-        # or the new provenance with a stale file (bridge.atomic.replaced_together says why in that order). The table
-        # of the other stain, where this run writes none and an earlier one did, keeps its run's provenance within
-        # the new one (kept_from_earlier_run).
-        written = write_report(evaluations, out, provenance=provenance, ihc_rows=None if ihc is None else ihc[1])
+            if ihc is not None:
+                provenance["ihc_model"] = {
+                    "name": ihc[0].name,
+                    "version": ihc[0].version,
+                    "sha256": ihc[0].checksum,
+                    "folder": str(ihc_folder),
+                }
+            # metrics.csv, ihc_metrics.csv and the plots are replaced together and provenance.json, which says what made
+            # them, last, the earlier one removed before the first: no reader pairs a new file with a stale provenance
+            # or the new provenance with a stale file (bridge.atomic.replaced_together says why in that order). The table
+            # of the other stain, where this run writes none and an earlier one did, keeps its run's provenance within
+            # the new one (kept_from_earlier_run).
+            written = write_report(evaluations, out, provenance=provenance, ihc_rows=None if ihc is None else ihc[1])
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
     if evaluations:

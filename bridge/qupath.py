@@ -12,7 +12,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -190,11 +190,13 @@ def _own_descendants(parent: Any) -> list[Any]:
     removing only the parent's own children, with their children kept, put the earlier run's objects back beside
     the new run's. It puts each object in the smallest annotation that covers it (a detection: that holds its
     centroid), so an uncertainty tile or a region over the edge of a drawn ROI goes up beside the ROI. One of ours
-    outside every analysed annotation that overlaps the parent is the parent's, with what lies in it, unless another
-    analysed annotation holds as much of it or more (:func:`_held_most_by`): an analysis makes its objects from its
-    own ROI's pixels (regions of pixels whose centres lie in it, tiles of a grid over it, nuclei inside it), so of
-    two analysed ROIs that touch or overlap, each one's region over the edge between them lies mostly in its own,
-    and taking every one that overlapped the parent, a re-run removed its neighbour's. Another analysed annotation
+    outside every analysed annotation that overlaps the parent is the parent's, and so is what of ours lies in it,
+    each unless another analysed annotation holds as much of it or more (:func:`_held_most_by`; a smaller analysed
+    ROI beside the parent, inserted after our region, leaves in it its nuclei that lie in it): an analysis makes its
+    objects from its own ROI's pixels (regions of pixels whose centres lie in it, tiles of a grid over it, nuclei
+    inside it), so of two analysed ROIs that touch or overlap, each one's region over the edge between them lies
+    mostly in its own, and taking every one that overlapped the parent, a re-run removed its neighbour's (and taking
+    all of ours in such a region, the smaller neighbour's nuclei in it). Another analysed annotation
     (it carries :data:`ANALYSED_SIGNATURE`) holds its own results, which its own analysis replaces, also one that the
     parent lies in (a hotspot analysed inside an analysed tissue outline).
     """
@@ -233,21 +235,27 @@ def _own_descendants(parent: Any) -> list[Any]:
                     others = [wrap(a).roi for a in _analysed_under(ancestors[-1]) if a != inside and a not in ancestors]
                 if _held_most_by(geometry, area, others):
                     out.append(child)
-                    out.extend(_own_under(child))
+                    # What of ours lies under it by the same rule: Resolve hierarchy inserts the annotations largest
+                    # first, each taking from its new parent the children that lie in it (PathObjectHierarchy.java
+                    # v0.4.4:277, 372-381; v0.7.0:232, 327-335), so a region of ours beside the parent inserted before
+                    # a smaller analysed ROI beside it takes that ROI's nuclei (and regions it covers) that lie in it.
+                    held = lambda obj, a=area, o=others: _held_most_by(wrap(obj).roi, a, o)  # noqa: E731
+                    out.extend(_own_under(child, keep=held))
                     continue
             if not analysed:  # also one of ours that is another's: the parent's may lie in it
                 stack.append(child)
     return out
 
 
-def _own_under(top: Any) -> list[Any]:
-    """This tool's objects anywhere under the Java object ``top``, except under an analysed annotation."""
+def _own_under(top: Any, *, keep: Callable[[Any], bool] | None = None) -> list[Any]:
+    """This tool's objects anywhere under the Java object ``top``, except under an analysed annotation; with ``keep``,
+    those of them it keeps (each looked at alone: what lies under one it leaves is looked at too)."""
     out: list[Any] = []
     stack = [top]
     while stack:
         for child in stack.pop().getChildObjectsAsArray():
             own, analysed = _own_or_analysed(child)
-            if own:
+            if own and (keep is None or keep(child)):
                 out.append(child)
             if not analysed:
                 stack.append(child)
@@ -340,8 +348,25 @@ def _is_within(obj: Any, top: Any) -> bool:
 
 
 def _lies_in(geometry: BaseGeometry, area: BaseGeometry, *, detection: bool) -> bool:
-    """Whether QuPath's Resolve hierarchy would put an object there: a detection by its centroid, else covered."""
-    return bool(area.contains(geometry.centroid)) if detection else bool(area.covers(geometry))
+    """Whether QuPath's Resolve hierarchy would put an object there: a detection (a tile too) where ``area`` holds its
+    centroid, on the boundary too, anything else where ``area`` covers it.
+
+    QuPath asks a point locator where the centroid lies and takes any answer but ``EXTERIOR``, so a centroid on the
+    boundary is inside (PathObjectTileCache.java v0.4.4:298-313, v0.5.1:298-313; RoiRelate.java v0.6.0 and
+    v0.7.0:156-186, by PathObjectHierarchy.filterObjectsForROI, v0.4.4:875-876, v0.7.0:860-861, and
+    insertPathObject, v0.4.4:359-360, v0.7.0:314-315): shapely's ``covers``, not ``contains``. Since v0.6 the
+    centroid is the detection's own ROI's, a cell's too (v0.4.4 and v0.5 took a cell's nucleus): paquo's ``roi``.
+    Annotations: ``covers``, as v0.4.4 and v0.5 (PreparedGeometry.covers, PathObjectHierarchy.java v0.4.4:878);
+    since v0.6, RoiRelate.coversWithTolerance (RoiRelate.java v0.6.0:90-149) also counts one sticking out of ``area``
+    by less than 0.02 px (2 / the scale 100 of GeometryTools' precision model, GeometryTools.java v0.6.0:126-127),
+    found with JTS's MaximumInscribedCircle and DiscreteHausdorffDistance, which the scripts' plain helpers do not
+    reach: such an annotation of yours stays beside ``area`` here, where it was, rather than going back in.
+
+    >>> from shapely.geometry import box
+    >>> [_lies_in(box(x, 4, x + 2, 6), box(0, 0, 10, 10), detection=True) for x in (8, 9, 10)]
+    [True, True, False]
+    """
+    return bool(area.covers(geometry.centroid)) if detection else bool(area.covers(geometry))
 
 
 def _own_or_analysed(child: Any) -> tuple[bool, bool]:

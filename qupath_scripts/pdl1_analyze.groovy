@@ -346,10 +346,11 @@ def splitByArea = { List objects ->
 // annotation covering it, a detection in the one holding its centroid (PathObjectHierarchy.java v0.4.4:349-362):
 // a tile or a region of ours over the edge of a drawn ROI went beside the ROI, under its parent or the root, and a
 // re-run kept it beside its new ones. One of ours outside every analysed annotation that overlaps the parent (more
-// than a shared edge) is the parent's too, with its own descendants, unless another analysed annotation holds as
-// much of it or more (heldMostBy): an analysis makes its objects from its own ROI's pixels, so of two analysed ROIs
-// that touch or overlap, each one's region over the edge between them lies mostly in its own, and taking every one
-// that overlapped the parent, a re-run removed its neighbour's. own: the isOwn test. Measurement lists are read only
+// than a shared edge) is the parent's too, and so is what of ours lies in it, each unless another analysed
+// annotation holds as much of it or more (heldMostBy): an analysis makes its objects from its own ROI's pixels, so of
+// two analysed ROIs that touch or overlap, each one's region over the edge between them lies mostly in its own, and
+// taking every one that overlapped the parent, a re-run removed its neighbour's (and taking all of ours in such a
+// region, the smaller neighbour's nuclei in it). own: the isOwn test. Measurement lists are read only
 // of annotations here (PathObject.getMeasurementList() creates an empty one on an object without).
 def ANALYSED_SIGNATURE = "PD-L1: Uncertainty flag"  // bridge/objects.py: every analysed parent carries it
 def isAnalysed = { obj ->
@@ -435,7 +436,11 @@ def ownDescendants = { parent, Closure own ->
                 }
                 if (heldMostBy(geometry, area, others)) {
                     out << child
-                    out.addAll(ownUnder(child, own))
+                    // What of ours lies under it by the same rule: Resolve hierarchy inserts annotations largest first,
+                    // each taking from its new parent the children that lie in it (PathObjectHierarchy.java v0.4.4:277,
+                    // 372-381; v0.7.0:232, 327-335), so a region of ours beside the parent inserted before a smaller
+                    // analysed ROI beside it takes that ROI's nuclei (and regions it covers) that lie in it.
+                    out.addAll(ownUnder(child, { o -> own(o) && heldMostBy(o.getROI().getGeometry(), area, others) }))
                     return
                 }
             }
@@ -446,10 +451,13 @@ def ownDescendants = { parent, Closure own ->
     return out
 }
 // Whether QuPath's Resolve hierarchy would put an object in the area (filterObjectsForROI, PathObjectHierarchy.java
-// v0.4.4:863-880): a detection (a tile too) where the area holds its centroid, anything else where it covers it.
+// v0.4.4:863-880), as bridge's _lies_in: a detection (a tile too) where the area holds its centroid, on the boundary
+// too (QuPath takes any point locator answer but EXTERIOR: PathObjectTileCache.java v0.4.4:298-313, RoiRelate.java
+// v0.6.0 and v0.7.0:156-186; so covers, not contains), anything else where it covers it (v0.4.4 and v0.5; since v0.6,
+// RoiRelate.coversWithTolerance, RoiRelate.java v0.6.0:90-149, also counts one out by less than 0.02 px).
 def liesIn = { obj, area ->
     def geometry = obj.getROI().getGeometry()
-    return obj.isDetection() ? area.contains(geometry.getCentroid()) : area.covers(geometry)
+    return obj.isDetection() ? area.covers(geometry.getCentroid()) : area.covers(geometry)
 }
 // Moves the children of old (the objects a re-run removes) that are not in old (your annotations, QuPath's
 // detections that Resolve hierarchy put inside one of our regions) to their nearest ancestor that stays, as

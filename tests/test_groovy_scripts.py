@@ -586,6 +586,11 @@ def test_bridge_finds_the_same_objects_of_its_earlier_run_as_the_scripts(monkeyp
 # What Resolve hierarchy leaves around a round ROI (PathObjectHierarchy.java v0.4.4:349-385: each object in the
 # smallest annotation covering it, a detection in the one holding its centroid), for the scripts and bridge alike:
 # (label, kind, class, name, measurements, geometry, parent label). Ours carry the signatures of bridge/objects.py.
+# Resolve hierarchy takes the annotations out, their children to the root, and inserts them again largest first
+# (v0.4.4:276-277, 294-317; v0.7.0:231-232, 249-271), each taking from its new parent only the children that lie in it
+# (v0.4.4:372-381, v0.7.0:327-335): an ROI takes its nuclei before its smaller regions are inserted, so a region over
+# its edge, which goes beside it, takes none whose centroid lies in the ROI; a detection lies under a region beside an
+# ROI only where its centroid is outside the ROI, or where an annotation larger than the ROI held it first.
 def _ours(label, kind, geometry, parent, cls=None):
     from bridge.objects import OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE, TILE_NAME
 
@@ -617,7 +622,7 @@ def _resolved_tree(nested: bool = False, neighbour: bool = False):
         _analysed("neighbour ROI", box(0, 700, 350, 1300), "Tissue"),
         # Its region a little over its right edge, into the ROI: 30000 px² in the neighbour, some 11000 in the ROI.
         ours("its region over our ROI", "annotation", box(200, 900, 360, 1100), "Tissue", "PD-L1 positive"),
-        ours("its nucleus in that region", "detection", box(250, 990, 260, 1000), "its region over our ROI", "Other"),
+        ours("its nucleus in that region", "detection", box(250, 990, 260, 1000), "neighbour ROI", "Other"),
         # The ROI's region a little over its edge, into the neighbour: 2000 px² in the neighbour, most in the ROI.
         ours("our region over its edge", "annotation", box(330, 1150, 500, 1250), "Tissue", "PD-L1 positive"),
     ]
@@ -644,7 +649,8 @@ def _resolved_tree(nested: bool = False, neighbour: bool = False):
         ours("nucleus in your note", "detection", box(750, 750, 760, 760), "your note in the ROI", "Tumor: Negative"),
         # Over the ROI's edge, so beside it under Tissue: a region (with what lies in it), a tile whose centre is out.
         ours("region over the edge", "annotation", box(1580, 700, 1800, 880), "Tissue", "PD-L1 positive"),
-        ours("nucleus in that region", "detection", box(1600, 800, 1610, 810), "region over the edge", "Other"),
+        # In the ROI and in that region: the ROI took it first, and keeps it.
+        ours("nucleus in that region", "detection", box(1600, 800, 1610, 810), "ROI", "Other"),
         yours("yours covered by the ROI", "annotation", box(1600, 750, 1630, 780), "region over the edge"),
         yours("yours out of the ROI", "detection", box(1785, 800, 1795, 810), "region over the edge", "Other"),
         ours("tile over the edge", "tile", box(1650, 1100, 1780, 1230), "Tissue"),
@@ -673,9 +679,7 @@ def _side_by_side_tree():
         # Regions over the shared edge: 60000 px² on their own side, 2000 or 4000 px² on the other.
         ours("left's region over the edge", "annotation", box(700, 500, 1010, 700), "root", "PD-L1 positive"),
         ours("right's region over the edge", "annotation", box(980, 200, 1300, 400), "root", "PD-L1 positive"),
-        ours(
-            "a nucleus in that region", "detection", box(1100, 300, 1110, 310), "right's region over the edge", "Other"
-        ),
+        ours("a nucleus in that region", "detection", box(1100, 300, 1110, 310), "right ROI", "Other"),  # kept by it
         # Tiles over both ROIs' top edge (their centres above it, in neither): 1200 px² in one, 400 or 800 in the other.
         ours("left's tile over the top", "tile", box(940, 40, 1020, 120), "root"),
         ours("a tile held half and half", "tile", box(960, 40, 1040, 120), "root"),
@@ -697,6 +701,56 @@ def _hotspot_tree():
         ours("hotspot's nucleus", "detection", box(900, 200, 910, 210), "hotspot", "Tumor: Positive"),
         ours("hotspot's region over both edges", "annotation", box(900, 150, 1010, 250), "root", "PD-L1 positive"),
         ours("outline's region beside it", "annotation", box(600, 400, 900, 600), "outline", "PD-L1 positive"),
+    ]
+
+
+def _small_neighbour_tree():
+    """A small analysed ROI beside the left one, sharing its edge x = 1000, and the left's region over that edge,
+    larger than it: Resolve hierarchy inserted the region first (largest first), which took the small ROI's nuclei
+    and tile whose centroids lie in it (and a region of the small ROI's it covers), out of the small ROI's reach."""
+    from shapely.geometry import box
+
+    ours = _ours
+    return [
+        ("root", "root", None, None, {}, None, None),
+        _analysed("left ROI", box(0, 100, 1000, 1100), "root"),
+        _analysed("small ROI", box(1000, 500, 1100, 600), "root"),
+        ours("left's nucleus", "detection", box(500, 500, 510, 510), "left ROI", "Tumor: Positive"),
+        # 30000 px²: 20000 in the left ROI, 5000 in the small one.
+        ours("left's region over the edge", "annotation", box(900, 450, 1050, 650), "root", "PD-L1 positive"),
+        # An earlier run's tile over the left's edge (1200 px² in it, none in the small ROI), its centre in neither.
+        ours("left's old tile over the edge", "tile", box(970, 600, 1046, 640), "left's region over the edge"),
+        ours("small's nucleus in that region", "detection", box(1020, 540, 1030, 550), "left's region over the edge"),
+        ours("small's tile in that region", "tile", box(1000, 500, 1040, 540), "left's region over the edge"),
+        # 1500 px²: 1200 in the small ROI, 300 in the left; covered by the left's region, the smallest that covers it.
+        ours("small's region", "annotation", box(990, 560, 1040, 590), "left's region over the edge", "PD-L1 positive"),
+        ours("small's nucleus in its region", "detection", box(1010, 570, 1020, 580), "small's region", "Other"),
+    ]
+
+
+def _centroid_on_the_edge_tree():
+    """Your detections under a region of ours over an ROI's right edge (x = 2000), inside your note larger than the
+    ROI (inserted first, it took them; the ROI, not inside it, takes none of its children; the region, inside it,
+    took those in the region): one centred on the ROI's edge, which QuPath counts in the ROI."""
+    from shapely.geometry import box
+
+    ours, yours = _ours, _yours
+    return [
+        ("root", "root", None, None, {}, None, None),
+        yours("Tissue", "annotation", box(0, 0, 3000, 3000), "root"),
+        _analysed("ROI", box(1000, 1000, 2000, 2000), "Tissue"),
+        ours("nucleus in the ROI", "detection", box(1500, 1500, 1510, 1510), "ROI", "Tumor: Positive"),
+        yours("your note across the edge", "annotation", box(1500, 200, 3000, 1800), "Tissue"),
+        ours(
+            "region over the edge",
+            "annotation",
+            box(1900, 1400, 2100, 1600),
+            "your note across the edge",
+            "PD-L1 positive",
+        ),
+        yours("yours centred in the ROI", "detection", box(1945, 1495, 1955, 1505), "region over the edge"),
+        yours("yours centred on its edge", "detection", box(1995, 1495, 2005, 1505), "region over the edge"),
+        yours("yours centred out of it", "detection", box(2045, 1495, 2055, 1505), "region over the edge"),
     ]
 
 
@@ -728,10 +782,15 @@ RERUN_LEAVES = {
 }
 # The same where the Tissue outline around the ROI was analysed too: what lies beside the ROI under it is that
 # analysis's, which its own re-run replaces.
-NESTED_RERUN_REMOVES = ["FN candidate in it", "nucleus in the ROI", "nucleus in your note", "region in the ROI"]
+NESTED_RERUN_REMOVES = [
+    "FN candidate in it",
+    "nucleus in that region",
+    "nucleus in the ROI",
+    "nucleus in your note",
+    "region in the ROI",
+]
 NESTED_RERUN_LEAVES = RERUN_LEAVES | {
     "region over the edge": "Tissue",
-    "nucleus in that region": "region over the edge",
     "yours covered by the ROI": "region over the edge",
     "yours out of the ROI": "region over the edge",
     "tile over the edge": "Tissue",
@@ -745,7 +804,7 @@ NEIGHBOUR_RERUN_REMOVES = sorted([*RERUN_REMOVES, "our region over its edge"])
 NEIGHBOUR_RERUN_LEAVES = RERUN_LEAVES | {
     "neighbour ROI": "Tissue",
     "its region over our ROI": "Tissue",
-    "its nucleus in that region": "its region over our ROI",
+    "its nucleus in that region": "neighbour ROI",
 }
 # Re-running the left of two ROIs side by side: the right's results, over the edge too, stay, and so does a tile held
 # half and half by each (never remove what may be another's).
@@ -755,7 +814,7 @@ SIDE_BY_SIDE_RERUN_LEAVES = {
     "right ROI": "root",
     "right's nucleus": "right ROI",
     "right's region over the edge": "root",
-    "a nucleus in that region": "right's region over the edge",
+    "a nucleus in that region": "right ROI",
     "a tile held half and half": "root",
     "right's tile over the top": "root",
 }
@@ -763,6 +822,28 @@ SIDE_BY_SIDE_RERUN_LEAVES = {
 # outline around it, which holds all of it the hotspot holds, it was left on every re-run and piled up).
 HOTSPOT_RERUN_REMOVES = ["hotspot's nucleus", "hotspot's region over both edges"]
 HOTSPOT_RERUN_LEAVES = {"outline": "root", "hotspot": "outline", "outline's region beside it": "outline"}
+# Re-running the left ROI beside a smaller analysed ROI: the left's region over the edge goes, with the left's tile in
+# it; the small ROI's nuclei, tile and region in it (the small ROI holds more of each) stay, at the region's parent.
+SMALL_NEIGHBOUR_RERUN_REMOVES = ["left's nucleus", "left's old tile over the edge", "left's region over the edge"]
+SMALL_NEIGHBOUR_RERUN_LEAVES = {
+    "left ROI": "root",
+    "small ROI": "root",
+    "small's nucleus in that region": "root",
+    "small's tile in that region": "root",
+    "small's region": "root",
+    "small's nucleus in its region": "small's region",
+}
+# Re-running the ROI: your detections in the region over its edge go back into it where their centroids lie in it, on
+# its edge too (PathObjectTileCache.java v0.4.4:298-313, RoiRelate.java v0.7.0:156-186: all but EXTERIOR).
+CENTROID_ON_THE_EDGE_RERUN_REMOVES = ["nucleus in the ROI", "region over the edge"]
+CENTROID_ON_THE_EDGE_RERUN_LEAVES = {
+    "Tissue": "root",
+    "ROI": "Tissue",
+    "your note across the edge": "Tissue",
+    "yours centred in the ROI": "ROI",
+    "yours centred on its edge": "ROI",
+    "yours centred out of it": "your note across the edge",
+}
 # case: (tree, the annotation re-run, what it removes, where everything else is after it)
 RERUN_CASES = {
     "roi": (lambda: _resolved_tree(), "ROI", RERUN_REMOVES, RERUN_LEAVES),
@@ -780,6 +861,18 @@ RERUN_CASES = {
     ),
     "rois-side-by-side": (_side_by_side_tree, "left ROI", SIDE_BY_SIDE_RERUN_REMOVES, SIDE_BY_SIDE_RERUN_LEAVES),
     "hotspot-in-an-analysed-outline": (_hotspot_tree, "hotspot", HOTSPOT_RERUN_REMOVES, HOTSPOT_RERUN_LEAVES),
+    "roi-beside-a-smaller-analysed-roi": (
+        _small_neighbour_tree,
+        "left ROI",
+        SMALL_NEIGHBOUR_RERUN_REMOVES,
+        SMALL_NEIGHBOUR_RERUN_LEAVES,
+    ),
+    "centroid-on-the-roi-edge": (
+        _centroid_on_the_edge_tree,
+        "ROI",
+        CENTROID_ON_THE_EDGE_RERUN_REMOVES,
+        CENTROID_ON_THE_EDGE_RERUN_LEAVES,
+    ),
 }
 
 
@@ -837,7 +930,8 @@ def test_a_rerun_of_the_scripts_replaces_what_resolve_hierarchy_moved_out_of_the
     # As the test above, for the scripts: removeObjects(old, keepChildren=true) also put your objects inside the
     # regions it removed at the image's root. The script's isOwn, its settings, its helpers and the body's calls, on
     # stand-ins whose geometry is java.awt.geom.Area (JTS's calls: intersects, touches, covers, contains,
-    # getCentroid, intersection, getArea); bridge.qupath.write_children on the same trees does the same (above).
+    # getCentroid, intersection, getArea; of a point, covers counts the boundary and contains does not);
+    # bridge.qupath.write_children on the same trees does the same (above).
     build, parent, removes, leaves = RERUN_CASES[case]
     tree = build()
     body = script.read_text().replace(helpers(script), "")
@@ -876,7 +970,29 @@ class Geom {{                                           // a JTS Geometry's call
     boolean intersects(Geom o) {{ def a = new java.awt.geom.Area(shape); a.intersect(o.shape); !a.isEmpty() }}
     boolean touches(Geom o) {{ false }}                   // an Area shared by a corner or an edge is empty above
     boolean covers(Geom o) {{ def a = new java.awt.geom.Area(o.shape); a.subtract(shape); a.isEmpty() }}
-    boolean contains(Pt p) {{ shape.contains(p.x, p.y) }}
+    boolean covers(Pt p) {{ shape.contains(p.x, p.y) || onBoundary(p) }}
+    boolean contains(Pt p) {{ shape.contains(p.x, p.y) && !onBoundary(p) }}  // Area's insideness takes some edges
+    boolean onBoundary(Pt p) {{                         // on one of the Area's outlines' segments (lines only)
+        double x0 = 0, y0 = 0, px = 0, py = 0
+        double[] c = new double[6]
+        def on = {{ double ax, double ay, double bx, double by ->
+            (bx - ax) * (p.y - ay) == (by - ay) * (p.x - ax) &&
+                Math.min(ax, bx) <= p.x && p.x <= Math.max(ax, bx) && Math.min(ay, by) <= p.y && p.y <= Math.max(ay, by)
+        }}
+        for (def it = shape.getPathIterator(null); !it.isDone(); it.next()) {{
+            int type = it.currentSegment(c)
+            if (type == java.awt.geom.PathIterator.SEG_MOVETO) {{
+                x0 = px = c[0]; y0 = py = c[1]
+            }} else if (type == java.awt.geom.PathIterator.SEG_LINETO) {{
+                if (on(px, py, c[0], c[1])) return true
+                px = c[0]; py = c[1]
+            }} else {{                                    // SEG_CLOSE
+                if (on(px, py, x0, y0)) return true
+                px = x0; py = y0
+            }}
+        }}
+        false
+    }}
     Pt getCentroid() {{ centre }}
     Geom intersection(Geom o) {{ def a = new java.awt.geom.Area(shape); a.intersect(o.shape); new Geom(shape: a) }}
     double getArea() {{                                 // the shoelace sum over the Area's outlines (lines only)

@@ -119,12 +119,16 @@ def test_run_writes_into_a_real_project_and_rerun_replaces_only_its_own(tmp_path
         hierarchy.java_object.resolveHierarchy()
         # What the re-run must cope with: ours moved below other annotations, and ours the ROI no longer holds (QuPath
         # puts an object in the smallest annotation covering it, a detection in the one holding its centroid; on
-        # this phantom both regions stick out of the ROI and take their nuclei with them).
+        # this phantom both regions stick out of the ROI and go up beside it, under Tissue). The regions' nuclei stay
+        # in the ROI: Resolve hierarchy inserts the annotations again largest first, each taking from its new parent
+        # only the children that lie in it (PathObjectHierarchy.java v0.4.4:276-277, 372-381; v0.7.0:231-232,
+        # 327-335), so the ROI took its nuclei before the smaller regions came, and a region beside it takes from
+        # Tissue only what lies outside the ROI. The nuclei that move go under annotations inside the ROI (the one
+        # drawn by hand).
         assert [d for d in hierarchy.detections if _ancestors(d)[0] != "Tumor ROI"], "Resolve hierarchy moved none"
         # The tiles are trimmed to the ROI (inference.analysis.regions.uncertainty_tiles): each lies within it, to
-        # QuPath's single-precision vertices (PolygonROI keeps floats), and one leaves it only inside a region of ours
-        # that sticks out of it and holds its centroid (a piece of a round ROI in a cell is convex: its centroid is
-        # in the ROI).
+        # QuPath's single-precision vertices (PolygonROI keeps floats), and none leaves it (a piece of a round ROI in
+        # a cell is convex: its centroid is in the ROI, which took it before a region of ours over its edge came).
         round_roi = next(a for a in hierarchy.annotations if a.name == "Tumor ROI").roi.buffer(1e-3)
         assert hierarchy.tiles and all(round_roi.covers(t.roi) for t in hierarchy.tiles)
         assert [t for t in hierarchy.tiles if t.roi.equals(t.roi.envelope)], "no tile of a whole cell"

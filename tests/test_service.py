@@ -43,6 +43,7 @@ def service(slides_root, models):
         allow_roots=(slides_root,),
         pipeline=PipelineConfig(device="cpu"),
         max_request_bytes=4 * 2**20,
+        max_json_bytes=4 * 2**20,
     )
     with served(settings, models) as client:
         yield client
@@ -361,7 +362,7 @@ def test_token_is_required_when_set(slides_root, models):
 def test_non_loopback_bind_needs_a_token(tmp_path):
     with pytest.raises(ValueError, match="--token"):
         ServiceSettings(host="0.0.0.0", allow_roots=(tmp_path,))
-    ServiceSettings(host="0.0.0.0", token="t", allow_roots=(tmp_path,))
+    ServiceSettings(host="0.0.0.0", token="a-long-enough-s3cret", allow_roots=(tmp_path,))
     with pytest.raises(ValueError, match="allow-root"):
         ServiceSettings()
     with pytest.raises(ValueError, match="--keep-results"):

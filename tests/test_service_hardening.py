@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import re
@@ -87,7 +88,11 @@ class Served:
 @pytest.fixture(scope="module")
 def service(slides_root, models):
     settings = ServiceSettings(
-        port=free_port(), allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"), max_request_bytes=2**20
+        port=free_port(),
+        allow_roots=(slides_root,),
+        pipeline=PipelineConfig(device="cpu"),
+        max_request_bytes=2**20,
+        max_json_bytes=2**20,
     )
     served = Served(settings, models)
     yield served
@@ -305,18 +310,22 @@ def test_every_413_is_the_services_json(service):
         for _ in range(3):
             yield b" " * 2**20
 
+    upload = (
+        r"request body of (more than )?\d+ bytes is over the limit of 1048576; send a smaller region or a lower "
+        r"resolution \(downsample\)"
+    )
     answers = [
-        service.client.post("/v1/jobs", content=chunked(), headers={"Content-Type": "application/json"}),
-        service.client.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=chunked()),
-        service.client.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=b"0" * (3 * 2**20)),
+        (
+            service.client.post("/v1/jobs", content=chunked(), headers={"Content-Type": "application/json"}),
+            r"JSON request body of more than 1048576 bytes is over the limit of 1048576 \(1 MiB\), room for an ROI "
+            r"of about 27,000 vertices as QuPath sends them; an ROI that detailed should be simplified in QuPath .*",
+        ),
+        (service.client.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=chunked()), upload),
+        (service.client.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=b"0" * (3 * 2**20)), upload),
     ]
-    for r in answers:
+    for r, detail in answers:
         assert r.status_code == 413 and r.headers["content-type"] == "application/json"
-        assert re.fullmatch(
-            r"request body of (more than )?\d+ bytes is over the limit of 1048576; send a smaller region or a "
-            r"lower resolution \(downsample\)",
-            r.json()["detail"],
-        ), r.text
+        assert re.fullmatch(detail, r.json()["detail"]), r.text
 
 
 def test_openapi_documents_the_error_answers(service):
@@ -395,14 +404,15 @@ def _serve(args: list[str], env: dict[str, str] | None = None):
 
 
 def test_the_token_can_come_from_the_environment_or_a_file(started, tmp_path):
-    result, _ = _serve(["--allow-root", str(tmp_path), "--host", "0.0.0.0"], env={"PDL1_TOKEN": "from-env"})
+    public = ["--allow-root", str(tmp_path), "--host", "0.0.0.0"]
+    result, _ = _serve(public, env={"PDL1_TOKEN": "from-the-environment"})
     assert result.exit_code == 0, result.output
-    assert started["settings"].token == "from-env"
+    assert started["settings"].token == "from-the-environment"
     token_file = tmp_path / "token"
-    token_file.write_text("from-file\n")
-    result, _ = _serve(["--allow-root", str(tmp_path), "--host", "0.0.0.0", "--token-file", str(token_file)])
+    token_file.write_text("from-the-token-file\n")
+    result, _ = _serve([*public, "--token-file", str(token_file)])
     assert result.exit_code == 0, result.output
-    assert started["settings"].token == "from-file"
+    assert started["settings"].token == "from-the-token-file"
     result, _ = _serve(["--allow-root", str(tmp_path), "--max-queued", "3"])
     assert result.exit_code == 0 and started["settings"].max_queued == 3
 
@@ -423,9 +433,9 @@ def test_a_token_is_stripped_as_a_token_file_is_and_a_blank_one_is_no_token(star
     # "secret\n" (a file read into PDL1_TOKEN) was a token no client could send; "   " on a public address passed
     # for a token, and the service refused every request.
     public = ["--allow-root", str(tmp_path), "--host", "0.0.0.0"]
-    result, _ = _serve(public, env={"PDL1_TOKEN": "s3cret\n"})
+    result, _ = _serve(public, env={"PDL1_TOKEN": "a-long-enough-s3cret\n"})
     assert result.exit_code == 0, result.output
-    assert started.pop("settings").token == "s3cret"
+    assert started.pop("settings").token == "a-long-enough-s3cret"
     result, output = _serve([*public, "--token", "   "])
     assert result.exit_code == 2, output
     assert "--token (or PDL1_TOKEN) is blank; give the shared secret every request must send" in output
@@ -468,7 +478,7 @@ def test_a_port_in_use_is_refused_before_the_models_load(started, tmp_path):
 
 def test_an_address_of_another_machine_is_refused_before_the_models_load(started, tmp_path):
     # 192.0.2.1: TEST-NET-1 (RFC 5737), never an address of this machine.
-    result, output = _serve(["--allow-root", str(tmp_path), "--host", "192.0.2.1", "--token", "t"])
+    result, output = _serve(["--allow-root", str(tmp_path), "--host", "192.0.2.1", "--token", "a-long-enough-s3cret"])
     assert result.exit_code == 2, result.output
     assert "cannot bind 192.0.2.1 port" in output and "a --host of this machine" in output
     assert "settings" not in started
@@ -696,14 +706,15 @@ def test_a_request_from_another_site_s_page_is_refused_without_a_token(service):
 
 
 def test_with_a_token_other_names_and_pages_are_left_to_the_token(slides_root, models):
+    token = "a-long-enough-s3cret"
     settings = ServiceSettings(
-        host="0.0.0.0", port=free_port(), token="s3cret", allow_roots=(slides_root,), pipeline=PipelineConfig()
+        host="0.0.0.0", port=free_port(), token=token, allow_roots=(slides_root,), pipeline=PipelineConfig()
     )
     served = Served(settings, models)
     try:
         headers = {"Host": "slides-server.example", "Origin": "https://other.example"}
         assert served.client.get("/v1/health", headers=headers).status_code == 401
-        r = served.client.get("/v1/health", headers={**headers, "Authorization": "Bearer s3cret"})
+        r = served.client.get("/v1/health", headers={**headers, "Authorization": f"Bearer {token}"})
         assert r.status_code == 200
     finally:
         served.close()
@@ -849,3 +860,135 @@ def test_a_token_file_others_may_read_is_warned_of(started, tmp_path, mode, who)
     token_file.chmod(0o600)
     result, output = _serve(["--allow-root", str(tmp_path), "--host", "0.0.0.0", "--token-file", str(token_file)])
     assert result.exit_code == 0 and "warning" not in output
+
+
+# ------------------------------------------------------------------- 7: the second security review
+
+
+def _qupath_roi_body(vertices: int, *, image: str = "/data/slide.svs") -> bytes:
+    """A job request as pdl1_analyze.groovy sends it (Gson: no spaces), its ROI a tissue outline of ``vertices``
+    full-precision vertices, the longest QuPath writes (brush strokes, simplified shapes)."""
+    rng = np.random.default_rng(3)
+    angles = np.linspace(0, 2 * np.pi, vertices, endpoint=False)
+    radius = 30_000 * (1 + 0.05 * rng.random(vertices))
+    ring = [[50_000 + r * np.cos(a), 40_000 + r * np.sin(a)] for r, a in zip(radius, angles, strict=True)]
+    roi = {"type": "Polygon", "coordinates": [[*ring, ring[0]]]}
+    return json.dumps({"image": image, "roi": roi, "image_size_px": [100_000, 80_000]}, separators=(",", ":")).encode()
+
+
+def test_the_json_limits_leave_room_for_a_whole_slide_outline_of_qupath_s(slides_root):
+    # A whole-slide tissue outline has tens of thousands of vertices: 100 000 fit twice in the bytes, 2.5 times in
+    # the vertices; the 2-million-vertex ROI of the review (36 MB, 9.4 s without an answer to anyone) is over both.
+    from bridge.service.guards import BodyLimits, json_values_at_most
+    from bridge.service.settings import MAX_JSON_BYTES, MAX_ROI_VERTICES
+
+    body = _qupath_roi_body(100_000)
+    limits = BodyLimits(upload_bytes=64 * 2**20, json_bytes=MAX_JSON_BYTES, roi_vertices=MAX_ROI_VERTICES)
+    assert 3.5 * 2**20 < len(body) <= limits.json_bytes / 2
+    assert json_values_at_most(body) <= limits.json_values / 2.5
+    assert limits.json_bytes < 36_000_000 and limits.json_values < 3 * 2_000_000
+
+
+@pytest.fixture(scope="module")
+def json_limited(slides_root, models):
+    settings = ServiceSettings(
+        port=free_port(),
+        allow_roots=(slides_root,),
+        pipeline=PipelineConfig(device="cpu"),
+        max_request_bytes=2**20,
+        max_json_bytes=2**16,
+        max_roi_vertices=1000,
+    )
+    served = Served(settings, models)
+    yield served
+    served.close()
+
+
+SIMPLIFY = (
+    "an ROI that detailed should be simplified in QuPath before it is analysed (select the annotation, then "
+    "Objects > Annotations > Simplify shape) and the script run again"
+)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["stated", "streamed"])
+def test_a_json_body_over_its_limit_is_refused_before_it_is_parsed(json_limited, streamed):
+    # FastAPI parses a job's JSON on the event loop: up to the upload's 64 MB, a 36 MB ROI held every other request
+    # 9.4 s. Now a JSON body has its own limit, in bytes and in values, both checked before it is parsed.
+    client = json_limited.client
+    padded = b'{"image": "/x.svs"' + b" " * 70_000 + b"}"  # over 64 KiB, under the upload's 1 MiB
+    dense = json.dumps({"image": "/x.svs", "roi": {"type": "Polygon", "coordinates": [[[1, 2]] * 2000]}}).encode()
+    assert len(dense) < 2**16
+
+    def halves(body: bytes):  # no Content-Length: the limits must hold while reading
+        yield body[: len(body) // 2]
+        yield body[len(body) // 2 :]
+
+    def sent(body: bytes):
+        return halves(body) if streamed else body
+
+    r = client.post("/v1/jobs", content=sent(padded), headers={"Content-Type": "application/json"})
+    size = "more than 65536" if streamed else str(len(padded))
+    assert (r.status_code, r.json()) == (
+        413,
+        {
+            "detail": f"JSON request body of {size} bytes is over the limit of 65536 (0.0625 MiB), room for an ROI "
+            f"of about 2,000 vertices as QuPath sends them; {SIMPLIFY}"
+        },
+    )
+    r = client.post("/v1/jobs", content=sent(dense), headers={"Content-Type": "application/json"})
+    assert (r.status_code, r.json()) == (
+        413,
+        {
+            "detail": "JSON request body holds more than 3,200 values (numbers, arrays, objects), room for an ROI of "
+            f"about 1,000 vertices (each [x, y] is three); {SIMPLIFY}"
+        },
+    )
+    assert client.get("/v1/health").status_code == 200
+
+
+def test_a_json_body_within_its_limits_and_an_upload_over_them_are_not_refused_for_size(json_limited):
+    client = json_limited.client
+    body = _qupath_roi_body(1000 - 1, image="/etc/passwd")  # 1000 with the first repeated last
+    assert 2**15 < len(body) < 2**16
+    r = client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 403 and "outside the folders" in r.json()["detail"]  # parsed and checked
+    upload = np.random.default_rng(0).bytes(100_000)  # over the JSON limit: an upload has its own
+    r = client.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=upload)
+    assert r.status_code == 422 and "is not a PNG or TIFF image" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1", "slides-server.example"])
+def test_a_short_token_on_a_public_address_is_refused(tmp_path, host):
+    with pytest.raises(ValueError) as caught:
+        ServiceSettings(host=host, token="fifteen-chars-x", allow_roots=(tmp_path,))
+    assert str(caught.value) == (
+        f"the token has 15 characters; binding {host} lets anyone who can reach the port guess at it, so it needs "
+        'at least 16: make one with `python -c "import secrets; print(secrets.token_urlsafe(32))"`, give it through '
+        "PDL1_TOKEN or --token-file (and to the QuPath scripts as service.token in pdl1-config.toml), or keep the "
+        "default --host 127.0.0.1"
+    )
+    ServiceSettings(host=host, token="sixteen-chars-xx", allow_roots=(tmp_path,))
+    ServiceSettings(host="127.0.0.1", token="short", allow_roots=(tmp_path,))  # loopback: a token is optional
+
+
+def test_pdl1_serve_refuses_a_short_token_on_a_public_address_without_showing_it(started, tmp_path):
+    result, output = _serve(["--allow-root", str(tmp_path), "--host", "0.0.0.0"], env={"PDL1_TOKEN": "s3cret"})
+    assert result.exit_code == 2, output
+    assert "the token has 6 characters" in output and "secrets.token_urlsafe(32)" in output
+    assert "s3cret" not in output and "settings" not in started
+
+
+def test_a_job_s_status_names_its_image_as_sent_not_where_a_symlink_leads(service, slides_root):
+    # The resolved path told a client where a symlinked folder really lies.
+    link = slides_root / "linked"
+    link.symlink_to(slides_root, target_is_directory=True)
+    try:
+        for sent in (str(link / "small.svs"), (link / "small.svs").as_uri()):
+            r = service.client.post("/v1/jobs", json={"image": sent, "outputs": ["regions"]})
+            assert r.status_code == 202, r.text
+            job_id = r.json()["job_id"]
+            assert service.client.get(f"/v1/jobs/{job_id}").json()["image"] == str(link / "small.svs")
+            service.client.delete(f"/v1/jobs/{job_id}")
+            assert service.wait(job_id)["image"] == str(link / "small.svs")
+    finally:
+        link.unlink()

@@ -22,7 +22,7 @@ from bridge.project import stain_of_image_type
 from bridge.project_config import OUTPUTS
 from bridge.run import entry_metadata, metadata_counts
 from bridge.service.errors import HTTP_STATUS, ImagePathError, JobNotFoundError, JobStateError, ResultReleasedError
-from bridge.service.guards import BodyLimit, cross_site_problem, token_sent, too_large
+from bridge.service.guards import UPLOAD_PATH, BodyLimit, BodyLimits, cross_site_problem, token_sent
 from bridge.service.ihc_model import ihc_manifest
 from bridge.service.jobs import Job, Worker
 from bridge.service.messages import MAX_DETAIL_CHARS, clipped, quoted
@@ -72,7 +72,12 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         "Every error answers a JSON object whose `detail` says what was expected, what came, and the fix.",
         responses=error_responses(401) if settings.token else None,
     )
-    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    limits = BodyLimits(
+        upload_bytes=settings.max_request_bytes,
+        json_bytes=settings.max_json_bytes,
+        roi_vertices=settings.max_roi_vertices,
+    )
+    app.add_middleware(BodyLimit, limits=limits)
 
     def allowed_methods(scope: Scope) -> list[str]:
         """Methods some route serves at this path (Starlette's own 405 names only the first route's).
@@ -101,8 +106,9 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
                 headers={"WWW-Authenticate": "Bearer"},
             )
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
-            return JSONResponse({"detail": too_large(length, settings.max_request_bytes)}, 413)
+        path = request.scope["path"]
+        if length is not None and length.isdigit() and int(length) > limits.of(path):
+            return JSONResponse({"detail": limits.problem(path, length)}, 413)
         if request.method == "OPTIONS":
             methods = allowed_methods(request.scope)
             if len(methods) > 1:
@@ -227,7 +233,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         return accept(job, w)
 
     @app.post(
-        "/v1/jobs/pixels",
+        UPLOAD_PATH,
         status_code=202,
         responses={202: {"model": JobAccepted}, **error_responses(413, 422, 429)},
         openapi_extra={

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from starlette.exceptions import HTTPException
@@ -11,29 +12,81 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bridge.service.messages import clipped
 
+# The one route whose body is not JSON: a pixel upload, read as bytes and never parsed on the event loop.
+UPLOAD_PATH = "/v1/jobs/pixels"
+# Bytes a vertex of an ROI takes as QuPath sends it at most (full-precision doubles: "[12345.678901234567,
+# 67890.12345678901],"), to say how many vertices a JSON limit leaves room for.
+QUPATH_VERTEX_BYTES = 39
+# JSON values of a job request besides its ROI's vertices (its fields, outputs, image_size_px, the ROI's rings).
+OTHER_JSON_VALUES = 200
+SIMPLIFY = (
+    "an ROI that detailed should be simplified in QuPath before it is analysed (select the annotation, then "
+    "Objects > Annotations > Simplify shape) and the script run again"
+)
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """How many bytes a request body may have: a pixel upload's (``upload_bytes``, the region's PNG or TIFF) or
+    any other's, which is JSON (``json_bytes``, a job request and its ROI), parsed on the event loop."""
+
+    upload_bytes: int
+    json_bytes: int
+    roi_vertices: int
+
+    def of(self, path: str) -> int:
+        return self.upload_bytes if path == UPLOAD_PATH else self.json_bytes
+
+    @property
+    def json_values(self) -> int:
+        """The most values (numbers, strings, arrays, objects) a JSON body may hold: an ROI's vertex ``[x, y]`` is
+        three. Parsing takes time by values, not bytes (8 MiB of ``[1,2],`` is 1.4 million vertices)."""
+        return 3 * self.roi_vertices + OTHER_JSON_VALUES
+
+    def too_many_values(self) -> str:
+        return (
+            f"JSON request body holds more than {self.json_values:,} values (numbers, arrays, objects), room for "
+            f"an ROI of about {self.roi_vertices:,} vertices (each [x, y] is three); {SIMPLIFY}"
+        )
+
+    def problem(self, path: str, size: str) -> str:
+        """The 413's detail for a body of ``size`` bytes sent to ``path``."""
+        if path == UPLOAD_PATH:
+            return too_large(size, self.upload_bytes)
+        return json_too_large(size, self.json_bytes)
+
 
 class BodyLimit:
-    """Refuses a request body over ``limit`` bytes while it is read, so a chunked body (no
-    Content-Length) is stopped too; the 413 is the service's JSON error like any other."""
+    """Refuses a request body over its limit (:class:`BodyLimits`) while it is read, so a chunked body (no
+    Content-Length) is stopped too, before any of it is parsed; the 413 is the service's JSON error like any
+    other."""
 
-    def __init__(self, app: ASGIApp, limit: int):
+    def __init__(self, app: ASGIApp, limits: BodyLimits):
         self.app = app
-        self.limit = limit
+        self.limits = limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        received = 0
+        path = scope["path"]
+        limit = self.limits.of(path)
+        counted = path != UPLOAD_PATH  # JSON: its values counted as it comes, before anything parses it
+        received = values = 0
 
         async def limited() -> Message:
-            nonlocal received
+            nonlocal received, values
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    # HTTPException: FastAPI passes it on from body parsing (anything else becomes a 400).
-                    raise HTTPException(413, detail=too_large(f"more than {self.limit}", self.limit))
+                chunk = message.get("body", b"")
+                received += len(chunk)
+                # HTTPException: FastAPI passes it on from body parsing (anything else becomes a 400).
+                if received > limit:
+                    raise HTTPException(413, detail=self.limits.problem(path, f"more than {limit}"))
+                if counted:
+                    values += json_values_at_most(chunk)
+                    if values > self.limits.json_values:
+                        raise HTTPException(413, detail=self.limits.too_many_values())
             return message
 
         await self.app(scope, limited, send)
@@ -53,6 +106,26 @@ def too_large(size: str, limit: int) -> str:
     return (
         f"request body of {size} bytes is over the limit of {limit}; "
         "send a smaller region or a lower resolution (downsample)"
+    )
+
+
+def json_values_at_most(text: bytes) -> int:
+    """A bound on the values (numbers, strings, arrays, objects) inside ``text``, a JSON document or a part of one,
+    without parsing it: every value in a container but its first follows a comma, so they are at most the commas
+    plus the containers. Counted at memchr's speed; a comma or bracket inside a string counts too, which only
+    loosens the bound. A vertex ``[x, y]`` is three.
+
+    >>> json_values_at_most(b'[[0,0],[1,0],[1,1],[0,0]]')  # 4 vertices and their 8 numbers in the outer array
+    12
+    """
+    return text.count(b",") + text.count(b"[") + text.count(b"{")
+
+
+def json_too_large(size: str, limit: int) -> str:
+    vertices = round(limit / QUPATH_VERTEX_BYTES, -3)
+    return (
+        f"JSON request body of {size} bytes is over the limit of {limit} ({limit / 2**20:.3g} MiB), room for an ROI "
+        f"of about {vertices:,.0f} vertices as QuPath sends them; {SIMPLIFY}"
     )
 
 

@@ -62,7 +62,8 @@ class Job:
             tiles_done=self.tiles_done,
             tiles_total=self.tiles_total,
             error=self.error,
-            image=self.image,
+            # As the client sent it: the resolved path would tell where a symlinked --allow-root really lies.
+            image=self.image if self.image_as_sent is None else self.image_as_sent,
             created=self.created,
             started=self.started,
             finished=self.finished,

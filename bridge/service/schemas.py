@@ -132,7 +132,10 @@ class JobStatus(BaseModel):
     tiles_done: int
     tiles_total: int
     error: str | None = None
-    image: str
+    image: str = Field(
+        description="The image's path as the request sent it (a file: URI as its path), not as the service "
+        "resolved it; 'upload' for a pixel upload."
+    )
     created: float
     started: float | None = None
     finished: float | None = None

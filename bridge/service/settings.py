@@ -9,6 +9,21 @@ from inference import PipelineConfig
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
+# A job request's JSON body (POST /v1/jobs): FastAPI parses and validates it on the event loop, which answers no
+# other request meanwhile (an ROI of 2 million vertices, 34 MB, held /v1/health 5 s and took 260 MB; 9.4 s in the
+# security review). QuPath (pdl1_analyze.groovy) sends a vertex as 18 bytes ("[12345.0,67890.0],") to 39
+# (full-precision doubles), so 100 000 vertices, more than a whole-slide tissue outline has, take 1.7 to 3.7 MiB:
+# the limit is twice that.
+MAX_JSON_BYTES = 8 * 2**20
+# And the vertices it may hold, counted before it is parsed: the time taken goes by vertices, not bytes, and 8 MiB
+# of short ones ("[1,2],", 1.4 million) held /v1/health 3.9 s; at either limit (250 000 short vertices, or 215 000
+# full-precision ones in 8 MiB) it waited 0.7 to 1.4 s on a busy 2-core machine, 0.3 s for 100 000 of QuPath's.
+MAX_ROI_VERTICES = 250_000
+# The shortest token a service beyond loopback takes: anyone who can reach the port may guess at it, and wrong
+# tokens are not slowed down. secrets.token_urlsafe(32) gives 43 characters.
+MIN_PUBLIC_TOKEN_CHARS = 16
+MAKE_A_TOKEN = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+
 
 @dataclass(frozen=True)
 class ServiceSettings:
@@ -19,7 +34,9 @@ class ServiceSettings:
     token: str | None = None
     allow_roots: tuple[Path, ...] = ()
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-    max_request_bytes: int = 64 * 2**20
+    max_request_bytes: int = 64 * 2**20  # a pixel upload's body (POST /v1/jobs/pixels)
+    max_json_bytes: int = MAX_JSON_BYTES  # any other request's body: a job request's JSON
+    max_roi_vertices: int = MAX_ROI_VERTICES  # in that JSON, counted before it is parsed
     max_upload_px: int = 8192 * 8192
     max_page: int = 200_000
     keep_results: int = 16
@@ -34,6 +51,14 @@ class ServiceSettings:
             raise ValueError(
                 f"binding {self.host} exposes the service beyond this machine: pass --token (every request "
                 "must then send it) or keep the default --host 127.0.0.1"
+            )
+        if self.host not in LOOPBACK and self.token is not None and len(self.token) < MIN_PUBLIC_TOKEN_CHARS:
+            # Refused, not warned of: a warning scrolls by in a service's log while the short token stays in use.
+            raise ValueError(
+                f"the token has {len(self.token)} characters; binding {self.host} lets anyone who can reach the "
+                f"port guess at it, so it needs at least {MIN_PUBLIC_TOKEN_CHARS}: make one with `{MAKE_A_TOKEN}`, "
+                "give it through PDL1_TOKEN or --token-file (and to the QuPath scripts as service.token in "
+                "pdl1-config.toml), or keep the default --host 127.0.0.1"
             )
         if not self.allow_roots:
             raise ValueError("no --allow-root: give the folders whose images the service may open")

@@ -75,7 +75,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         404: "No such image or job.",
         409: "The job is not in a state that allows this (e.g. not done yet), or an unknown model.",
         410: "The job's result was released (--keep-results).",
-        413: "The request body is over the limit.",
+        413: "The request body is over the limit (a job request's JSON 8 MiB, an upload's 64 MiB, by default).",
         422: "The request is malformed or names an image that cannot be analysed.",
         429: "The queue is full (--max-queued); retry later.",
     }

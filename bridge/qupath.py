@@ -189,11 +189,13 @@ def _own_descendants(parent: Any) -> list[Any]:
     QuPath's *Resolve hierarchy* moves the nuclei and tiles under the regions (or your annotations) they lie in;
     removing only the parent's own children, with their children kept, put the earlier run's objects back beside
     the new run's. It puts each object in the smallest annotation that covers it (a detection: that holds its
-    centroid), so an uncertainty tile or a region over the edge of a drawn ROI goes up beside the ROI. One of ours
+    centroid), so a region over the edge of a drawn ROI goes up beside the ROI, and so does a tile whose centroid lies
+    outside it (tiles are trimmed to the ROI, but one its outline cuts in two or into an L may have its centroid
+    outside; an earlier version's tiles were whole cells over the edge). One of ours
     outside every analysed annotation that overlaps the parent is the parent's, and so is what of ours lies in it,
     each unless another analysed annotation holds as much of it or more (:func:`_held_most_by`; a smaller analysed
     ROI beside the parent, inserted after our region, leaves in it its nuclei that lie in it): an analysis makes its
-    objects from its own ROI's pixels (regions of pixels whose centres lie in it, tiles of a grid over it, nuclei
+    objects from its own ROI's pixels (regions of pixels whose centres lie in it, tiles trimmed to it, nuclei
     inside it), so of two analysed ROIs that touch or overlap, each one's region over the edge between them lies
     mostly in its own, and taking every one that overlapped the parent, a re-run removed its neighbour's (and taking
     all of ours in such a region, the smaller neighbour's nuclei in it). Another analysed annotation

@@ -87,8 +87,10 @@ def setParentMeasurements = { ml, Map fresh ->
 // under the regions (or your annotations) they lie in, so removing only the parent's own children, with their
 // children kept, put the earlier run's objects back beside the new ones. It also puts each object in the smallest
 // annotation covering it, a detection in the one holding its centroid (PathObjectHierarchy.java v0.4.4:349-362):
-// a tile or a region of ours over the edge of a drawn ROI went beside the ROI, under its parent or the root, and a
-// re-run kept it beside its new ones. One of ours outside every analysed annotation that overlaps the parent (more
+// a region of ours over the edge of a drawn ROI went beside the ROI, under its parent or the root, and a re-run kept
+// it beside its new ones; so did a tile whose centroid lies outside the ROI (tiles are trimmed to it, but one its
+// outline cuts in two or into an L may have its centroid outside; an earlier version's tiles were whole cells over
+// the edge). One of ours outside every analysed annotation that overlaps the parent (more
 // than a shared edge) is the parent's too, and so is what of ours lies in it, each unless another analysed
 // annotation holds as much of it or more (heldMostBy): an analysis makes its objects from its own ROI's pixels, so of
 // two analysed ROIs that touch or overlap, each one's region over the edge between them lies mostly in its own, and

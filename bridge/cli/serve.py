@@ -68,7 +68,7 @@ def serve(
         typer.Option(
             min=1,
             help="Jobs that may wait for the worker; more are refused with 429 until one finishes. A queued "
-            "upload holds its compressed bytes (at most the 64 MB request limit).",
+            "upload holds its compressed bytes (at most the 64 MiB upload limit).",
         ),
     ] = 16,
 ) -> None:

@@ -117,8 +117,9 @@ FIRST_CYCLE_HELP = "Length of the first cycle in epochs (0: as --epochs-per-cycl
 
 
 _RESUME_HELP = (
-    "Continue the run interrupted in OUT from its checkpoint: give the command that started it, unchanged, plus "
-    "--resume (other options or labels are refused). Without a checkpoint, a new run."
+    "Continue the run interrupted in OUT from its checkpoint: give the command that started it plus --resume; "
+    "other training options or labels are refused, naming what differs (--device, and seg's --chains, may "
+    "change). Without a checkpoint, a new run."
 )
 
 

@@ -179,7 +179,8 @@ def _held(path: Path, *, busy: Callable[[str], str], lock: str = "run lock") -> 
             path.unlink(missing_ok=True)
 
 
-_PART = re.compile(r".+\.[0-9a-f]{12}\.part")  # bridge.atomic's and the backups' temporary files: <name>.<12 hex>.part
+# bridge.atomic's and the backups' temporary files, <name>.<12 hex>.part; the group is the file it replaces.
+_PART = re.compile(r"(.+)\.[0-9a-f]{12}\.part")
 _QPDATA_PART = re.compile(r"data\.qpdata.*\.[0-9a-f]{12}\.part")  # a data.qpdata backup or restore being copied
 _LOCK_TMP = re.compile(re.escape(LOCK_FILE) + r"\.\d+\.[0-9a-f]{8}\.tmp")  # run_lock's holder before it is linked
 _LOCK_TMP_STALE_S = 60  # a live run links its holder within milliseconds of writing it
@@ -225,7 +226,6 @@ def _mtime(path: Path) -> float:
 
 
 OUTPUT_LOCK_FILE = ".pdl1-output.lock"  # in a folder `pdl1 report` or `pdl1 eval` writes, while it writes there
-_PART_OF = re.compile(r"(.+)\.[0-9a-f]{12}\.part")  # a staged file of bridge.atomic's, and the file it replaces
 _OUTPUT_LOCK_TMP = re.compile(re.escape(OUTPUT_LOCK_FILE) + r"\.\d+\.[0-9a-f]{8}\.tmp")
 
 
@@ -276,7 +276,7 @@ def remove_orphan_outputs(folder: Path, *, own: Callable[[str], bool]) -> list[P
     stale = time.time() - _LOCK_TMP_STALE_S
     removed = []
     for path in sorted(folder.iterdir()):
-        match = _PART_OF.fullmatch(path.name)
+        match = _PART.fullmatch(path.name)
         ours = (match is not None and own(match.group(1))) or (
             _OUTPUT_LOCK_TMP.fullmatch(path.name) is not None and _mtime(path) < stale
         )

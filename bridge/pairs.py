@@ -7,7 +7,10 @@ leading or trailing stain word taken off (``B12_HE.svs``, ``B12_PD-L1.svs`` and 
 exactly one analysed H&E and one analysed IHC is compared: the IHC is registered to the H&E, its
 positive tumour cells are mapped onto it, and the H&E's prediction is set against the IHC's
 measurement (:func:`inference.compare_pair`). The comparisons go to ``pdl1/pairs.json`` beside the run
-status; a case that cannot be compared says why there, also one of whose images the run failed on.
+status; a case that cannot be compared says why there, also one of whose images the run failed on, and one
+whose ``case`` a person stated in an entry's metadata but that found images of one stain only while the run
+has the other (the partner's ``case`` misspelt or not set). A case of one stain named by its file names
+says nothing: an H&E-only study would otherwise hear of every image.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class CaseImage:
     summary_path: Path
     geojson_path: Path
     mpp: float
+    case_in_metadata: bool = False
+    """True when ``case`` is the entry's metadata (stated by a person), False when it came from the file name."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,16 @@ class FailedImage:
     case: str | None
 
 
+def case_in_metadata(metadata: dict[str, str] | None, *, key: str = CASE_KEY) -> str | None:
+    """The case a person stated in an entry's metadata ``key``; None where it has none (or a blank one).
+
+    >>> case_in_metadata({"case": " C7 "}), case_in_metadata({"case": ""}), case_in_metadata(None)
+    ('C7', None, None)
+    """
+    value = str((metadata or {}).get(key) or "").strip()
+    return value or None
+
+
 def case_of(name: str, metadata: dict[str, str] | None, *, key: str = CASE_KEY) -> str | None:
     """The case an image belongs to: its metadata's ``key``, else its file name without a stain word.
 
@@ -74,8 +89,9 @@ def case_of(name: str, metadata: dict[str, str] | None, *, key: str = CASE_KEY) 
     >>> case_of("anything.svs", {"case": "C7"})
     'C7'
     """
-    if metadata and str(metadata.get(key) or "").strip():
-        return str(metadata[key]).strip()
+    stated = case_in_metadata(metadata, key=key)
+    if stated is not None:
+        return stated
     stem = Path(name).stem
     match = _STAIN_SUFFIX.match(stem) or _STAIN_PREFIX.match(stem)
     return match.group("case") if match else None
@@ -85,15 +101,19 @@ def pair_cases(
     images: Iterable[CaseImage], failed: Iterable[FailedImage] = ()
 ) -> tuple[dict[str, tuple[CaseImage, CaseImage]], dict[str, str]]:
     """Cases with one H&E and one IHC image, and for every case with both stains but not one of each, why it
-    is not paired. A case of one stain only (an H&E-only study named ``*_HE``) is no pair and says nothing.
+    is not paired. A case of one stain only (an H&E-only study named ``*_HE``) is no pair and says nothing,
+    unless one of its images states the case in its entry metadata (``case_in_metadata``) and the run has images
+    of the other stain: a person paired it, so its partner's ``case`` is misspelt or not set, and it says so.
     A case with an analysed image and one in ``failed`` (a corrupt slide: its stain is unknown, so the case's
     pairing is too) is not paired either, and says which image failed and why.
 
     Case names are compared without surrounding blanks and regardless of capitals: ``B12`` typed as ``b12 `` in
     the IHC's metadata (or ``B12_HE.svs`` beside ``b12_ihc.svs``) is the same case, not two of one stain each,
     which would say nothing. A case is named as its first image (by name) spells it."""
+    images = sorted(images, key=lambda i: i.name)
+    stains = {image.stain for image in images}  # also of images without a case: an IHC named slide7.svs
     by_case: dict[str, list[CaseImage]] = {}
-    for image in sorted(images, key=lambda i: i.name):
+    for image in images:
         if image.case is not None and image.case.strip():
             by_case.setdefault(image.case.strip().casefold(), []).append(image)
     failed_by_case: dict[str, list[FailedImage]] = {}
@@ -122,7 +142,24 @@ def pair_cases(
                 f"case {case!r} has {len(he)} H&E and {len(ihc)} PD-L1 IHC images analysed ({names}); a pair is one "
                 f"of each: give each case its own '{CASE_KEY}' metadata value"
             )
+        elif any(m.case_in_metadata for m in members) and len(stains) > 1:
+            problems[case] = _stated_without_partner(case, members)
     return pairs, problems
+
+
+def _stated_without_partner(case: str, members: list[CaseImage]) -> str:
+    """Why a case a person stated in the metadata, whose images are all of one stain, is not compared."""
+    if members[0].stain == "H&E":
+        an, stain, other, partner = "an", "H&E", "PD-L1 IHC", "IHC"
+    else:
+        an, stain, other, partner = "a", "PD-L1 IHC", "H&E", "H&E"
+    stated = next(m for m in members if m.case_in_metadata).case.strip()
+    names = ", ".join(m.name for m in members)
+    which = f"only {an} {stain} ({names}) carries" if len(members) == 1 else f"only {stain} images ({names}) carry"
+    return (
+        f"case {case!r} is not compared: {which} {CASE_KEY}={stated} (entry metadata); no {other} entry does: "
+        f"check the {partner}'s `{CASE_KEY}` value in QuPath (Project > Edit metadata)"
+    )
 
 
 def _read_he(geojson: Path) -> tuple[Any, np.ndarray, np.ndarray]:

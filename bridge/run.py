@@ -471,14 +471,14 @@ def _compare_pairs(
     jobs: list[_Job], outcomes: list[ImageOutcome], project: Path | None, folder: Path, *, openslide_only: bool
 ) -> None:
     """Pair the run's analysed images by case and compare each H&E with its PD-L1 IHC (bridge.pairs)."""
-    from bridge.pairs import CaseImage, FailedImage, case_of, write_pair_comparisons
+    from bridge.pairs import CaseImage, FailedImage, case_in_metadata, case_of, write_pair_comparisons
 
     images, failed = [], []
     for job, outcome in zip(jobs, outcomes, strict=True):
         geojson, summary_path = output_paths(job.key, project, folder)
+        metadata = None if job.entry is None else job.entry.metadata
         if outcome.state == "failed":  # its case is incomplete: said in pairs.json, not compared without it
-            case = case_of(job.name, None if job.entry is None else job.entry.metadata)
-            failed.append(FailedImage(job.name, case))
+            failed.append(FailedImage(job.name, case_of(job.name, metadata)))
             continue
         if outcome.state not in ("done", "skipped") or not summary_path.is_file() or not geojson.is_file():
             continue
@@ -488,11 +488,12 @@ def _compare_pairs(
                 key=job.key,
                 name=job.name,
                 image=Path(summary["image"]),
-                case=case_of(job.name, None if job.entry is None else job.entry.metadata),
+                case=case_of(job.name, metadata),
                 stain=summary.get("stain", "H&E"),
                 summary_path=summary_path,
                 geojson_path=geojson,
                 mpp=summary["mpp"],
+                case_in_metadata=case_in_metadata(metadata) is not None,  # stated by a person: unpaired, it says so
             )
         )
     path = write_pair_comparisons(images, folder, failed=failed, openslide_only=openslide_only)

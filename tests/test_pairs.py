@@ -10,8 +10,10 @@ from bridge.pairs import CaseImage, FailedImage, case_of, pair_cases
 from inference.analysis.pairs import compare_pair
 
 
-def _image(name: str, stain: str, case: str | None) -> CaseImage:
-    return CaseImage(name, name, Path(name), case, stain, Path(f"{name}.json"), Path(f"{name}.geojson"), 0.5)
+def _image(name: str, stain: str, case: str | None, *, stated: bool = False) -> CaseImage:
+    return CaseImage(
+        name, name, Path(name), case, stain, Path(f"{name}.json"), Path(f"{name}.geojson"), 0.5, case_in_metadata=stated
+    )
 
 
 @pytest.mark.parametrize(
@@ -180,3 +182,37 @@ def test_a_case_one_of_whose_images_failed_says_so_instead_of_vanishing():
     assert "the run failed on H8_IHC2.svs" in problems["H8"]
     assert set(problems) == {"G7", "H8"}  # a case with nothing analysed has nothing to compare
     assert list(pair_cases(images)[0]) == ["H8", "K9"]  # as before when nothing failed
+
+
+@pytest.mark.parametrize("stated", [True, False])
+def test_a_case_stated_in_the_metadata_without_a_partner_is_named_and_one_from_a_file_name_is_not(stated):
+    # A user trial: the H&E F6_HE carries case=F6 in QuPath, its IHC's case was misspelt (F6x) or not set (so it
+    # fell back to its file name, or to none); the pathologist's pairing found no partner and nothing said so.
+    # ``stated=False`` is a project where no entry carries the key: one-stain cases of file names stay silent.
+    images = [
+        _image("F6_HE.svs", "H&E", "F6", stated=stated),
+        _image("F6_PDL1.svs", "H-DAB", "F6x", stated=stated),
+        _image("G7_HE.svs", "H&E", "G7"),  # named by its file name only: an H&E-only case, silent
+        _image("slide7.svs", "H-DAB", None),
+        _image("A_HE.svs", "H&E", "A", stated=stated),
+        _image("A_PDL1.svs", "H-DAB", "A", stated=stated),
+    ]
+    pairs, problems = pair_cases(images)
+    assert list(pairs) == ["A"]
+    if not stated:
+        assert problems == {}
+        return
+    assert problems == {
+        "F6": "case 'F6' is not compared: only an H&E (F6_HE.svs) carries case=F6 (entry metadata); no PD-L1 IHC "
+        "entry does: check the IHC's `case` value in QuPath (Project > Edit metadata)",
+        "F6x": "case 'F6x' is not compared: only a PD-L1 IHC (F6_PDL1.svs) carries case=F6x (entry metadata); no "
+        "H&E entry does: check the H&E's `case` value in QuPath (Project > Edit metadata)",
+    }
+
+
+def test_a_stated_case_of_one_stain_is_named_once_with_all_its_images_and_not_in_a_run_of_one_stain():
+    images = [_image("F6_HE.svs", "H&E", "F6", stated=True), _image("F6_HE2.svs", "H&E", "f6")]
+    assert pair_cases(images) == ({}, {})  # an H&E-only run: no IHC whose case could be wrong
+    pairs, problems = pair_cases([*images, _image("slide7.svs", "H-DAB", None)])
+    assert pairs == {} and list(problems) == ["F6"]
+    assert "only H&E images (F6_HE.svs, F6_HE2.svs) carry case=F6 (entry metadata)" in problems["F6"]

@@ -625,6 +625,36 @@ def test_an_entry_qupath_types_as_an_immunostain_runs_the_ihc_model_and_is_flagg
     assert [json.loads(Path(o.outputs[1]).read_text())["stain"] for o in outcomes] == ["H&E", "H&E"]
 
 
+def test_a_case_stated_in_qupath_whose_partner_does_not_carry_it_is_named_in_pairs_json_and_the_table(
+    tmp_path, models, fixtures_dir, capsys
+):
+    # A user trial: the H&E carries case=phantom-1357, its IHC's case is not set (so its file name, he-1357.svs,
+    # names it case 1357): the pathologist's pairing found no partner and the run said nothing. The IHC's case of
+    # one stain, named by its file name, stays silent.
+    from bridge.cli.common import pairs_table
+
+    study = tmp_path / "study"
+    shutil.copytree(fixtures_dir / "qupath-0.4.4-labels" / "project", study / "project")
+    shutil.copy(fixtures_dir / "qupath-0.4.4-labels" / "he-1357.svs", study / "he-1357.svs")
+    qpproj = study / "project" / "project.qpproj"
+    raw = json.loads(qpproj.read_text())
+    del raw["images"][1]["metadata"]["case"]  # entry 2, typed H-DAB
+    qpproj.write_text(json.dumps(raw))
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never")
+    assert [o.state for o in run_batch([study / "project"], config, models=models)] == ["done", "done"]
+    pairs = study / "project" / "pdl1" / "pairs.json"
+    why = (
+        "case 'phantom-1357' is not compared: only an H&E (he-1357.svs) carries case=phantom-1357 (entry metadata); "
+        "no PD-L1 IHC entry does: check the IHC's `case` value in QuPath (Project > Edit metadata)"
+    )
+    assert json.loads(pairs.read_text())["cases"] == {"phantom-1357": {"why_not_compared": why}}
+    capsys.readouterr()
+    pairs_table(pairs)
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in capsys.readouterr().out.splitlines()]
+    rows = [r for r in rows if r]
+    assert rows[0][0] == "phantom-1357" and " ".join(r[6] for r in rows) == why  # once, in the review column
+
+
 def test_the_report_warns_only_about_demo_models(tmp_path):
     from bridge.report import _demo_warning, _model_label
 

@@ -942,8 +942,8 @@ def test_a_json_body_over_its_limit_is_refused_before_it_is_parsed(json_limited,
     assert (r.status_code, r.json()) == (
         413,
         {
-            "detail": "JSON request body holds more than 3,200 values (numbers, arrays, objects), room for an ROI of "
-            f"about 1,000 vertices (each [x, y] is three); {SIMPLIFY}"
+            "detail": "JSON request body holds more than 3,200 values (numbers, strings, arrays, objects), room for "
+            f"an ROI of about 1,000 vertices (each [x, y] is three); {SIMPLIFY}"
         },
     )
     assert client.get("/v1/health").status_code == 200

@@ -45,8 +45,8 @@ class BodyLimits:
 
     def too_many_values(self) -> str:
         return (
-            f"JSON request body holds more than {self.json_values:,} values (numbers, arrays, objects), room for "
-            f"an ROI of about {self.roi_vertices:,} vertices (each [x, y] is three); {SIMPLIFY}"
+            f"JSON request body holds more than {self.json_values:,} values (numbers, strings, arrays, objects), "
+            f"room for an ROI of about {self.roi_vertices:,} vertices (each [x, y] is three); {SIMPLIFY}"
         )
 
     def problem(self, path: str, size: str) -> str:

@@ -263,9 +263,10 @@ def write_training_report(out: str | Path) -> Path:
     ]
     losses = training.get("final_losses") or []
     rows = [(*r, _num(losses[i]) if i < len(losses) else "n/a") for i, r in enumerate(rows)]
+    count = f"{len(members)} member{'' if len(members) == 1 else 's'}"
     sections.append(
         f"<h2>Model</h2><p>{html.escape(str(manifest.get('name')))} {html.escape(str(manifest.get('version')))}, "
-        f"{html.escape(str(manifest.get('task')))}, {len(members)} members, input {manifest.get('input_mpp')} µm/px, "
+        f"{html.escape(str(manifest.get('task')))}, {count}, input {manifest.get('input_mpp')} µm/px, "
         f"stain {html.escape(str(manifest.get('stain', 'H&E')))}</p>"
         + _table(("member", "chain", "cycle", "epoch", "learning rate", "training loss (epoch mean)"), rows)
     )

@@ -107,19 +107,31 @@ def folder_replaced_whole(path: Path) -> Iterator[Path]:
     and made with ``mkdir``, not ``tempfile.mkdtemp``, whose folders only their owner may open (colleagues on a
     shared drive would be locked out of the result, as with mkstemp above).
     """
-    made = list(itertools.takewhile(lambda p: not p.exists(), (path.parent, *path.parent.parents)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.part")
-    tmp.mkdir()
+    with empty_folders_removed(path.parent):  # on success path.parent holds path: it stays
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.part")
+        tmp.mkdir()
+        try:
+            yield tmp
+            os.replace(tmp, path)  # onto an empty folder too; a folder something was written into meanwhile stops it
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+@contextlib.contextmanager
+def empty_folders_removed(folder: Path) -> Iterator[None]:
+    """When the ``with`` block ends, however it ends, remove the folders from ``folder`` up that did not exist
+    when it began and are empty then, deepest first: a block that makes ``folder`` to write into it and fails, or
+    writes nothing, leaves no empty folders behind (``rmdir`` leaves one that something was put into meanwhile).
+    """
+    made = list(itertools.takewhile(lambda p: not p.exists(), (folder, *folder.parents)))
     try:
-        yield tmp
-        os.replace(tmp, path)  # onto an empty folder too; a folder something was written into meanwhile stops it
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in made:  # deepest first; rmdir leaves one that something else was put into meanwhile
+        yield
+    finally:
+        for each in made:
             with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
+                each.rmdir()
 
 
 def save_figure(fig, path: Path, **savefig_kwargs) -> None:

@@ -11,8 +11,6 @@ machine is not guessed about.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import json
 import logging
 import os
@@ -21,11 +19,12 @@ import secrets
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bridge.atomic import empty_folders_removed
 from bridge.project import PDL1_DIR, ProjectError, unwritable_fix
 
 log = logging.getLogger(__name__)
@@ -203,16 +202,23 @@ def remove_orphan_parts(folder: Path, *, plain_slides: bool) -> list[Path]:
         candidates += [p for p in folder.glob("data/*/*.part") if _QPDATA_PART.fullmatch(p.name)]
     stale = time.time() - _LOCK_TMP_STALE_S
     candidates += [p for p in pdl1.glob(f"{LOCK_FILE}.*.tmp") if _LOCK_TMP.fullmatch(p.name) and _mtime(p) < stale]
+    return _removed(
+        (p for p in candidates if _PART.fullmatch(p.name) or _LOCK_TMP.fullmatch(p.name)), left_by="an interrupted run"
+    )
+
+
+def _removed(paths: Iterable[Path], *, left_by: str) -> list[Path]:
+    """Remove the files among ``paths`` (in name order) and warn once of what ``left_by`` left; the removed."""
     removed = []
-    for path in sorted(candidates):
-        if (_PART.fullmatch(path.name) or _LOCK_TMP.fullmatch(path.name)) and path.is_file():
+    for path in sorted(paths):
+        if path.is_file():
             path.unlink(missing_ok=True)
             removed.append(path)
     if removed:
         log.warning(
-            "removed %d unfinished file(s) an interrupted run left (first: %s); the files they were to replace "
-            "are as that run left them",
+            "removed %d unfinished file(s) %s left (first: %s); the files they were to replace are as it left them",
             len(removed),
+            left_by,
             removed[0],
         )
     return removed
@@ -245,16 +251,15 @@ def output_folder_lock(folder: Path, *, command: str, own: Callable[[str], bool]
     (names ``own`` does not claim) are left alone. Folders this made are removed again where nothing was written
     into them (a refused eval leaves no empty ``--out``).
     """
-    made = list(itertools.takewhile(lambda p: not p.exists(), (folder, *folder.parents)))
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ProjectError(
-            f"{folder}: cannot write there ({err.strerror or err}: {err.filename}); nothing was written: give a "
-            "folder you can write to, or make this one writable"
-        ) from err
-    path = folder / OUTPUT_LOCK_FILE
-    try:
+    with empty_folders_removed(folder):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ProjectError(
+                f"{folder}: cannot write there ({err.strerror or err}: {err.filename}); nothing was written: give a "
+                "folder you can write to, or make this one writable"
+            ) from err
+        path = folder / OUTPUT_LOCK_FILE
         with _held(
             path,
             busy=lambda who: (
@@ -264,30 +269,17 @@ def output_folder_lock(folder: Path, *, command: str, own: Callable[[str], bool]
             lock=f"lock of {folder}",
         ):
             yield remove_orphan_outputs(folder, own=own)
-    finally:
-        for made_folder in made:  # deepest first; rmdir leaves one that something was written into
-            with contextlib.suppress(OSError):
-                made_folder.rmdir()
 
 
 def remove_orphan_outputs(folder: Path, *, own: Callable[[str], bool]) -> list[Path]:
     """Remove the staged files of the names ``own`` claims in ``folder`` (not below it), and output-lock holders
     older than a minute; called with the folder's lock held (:func:`output_folder_lock`)."""
     stale = time.time() - _LOCK_TMP_STALE_S
-    removed = []
-    for path in sorted(folder.iterdir()):
+
+    def ours(path: Path) -> bool:
         match = _PART.fullmatch(path.name)
-        ours = (match is not None and own(match.group(1))) or (
+        return (match is not None and own(match.group(1))) or (
             _OUTPUT_LOCK_TMP.fullmatch(path.name) is not None and _mtime(path) < stale
         )
-        if ours and path.is_file():
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    if removed:
-        log.warning(
-            "removed %d unfinished file(s) an interrupted one left (first: %s); the files they were to replace are "
-            "as it left them",
-            len(removed),
-            removed[0],
-        )
-    return removed
+
+    return _removed(filter(ours, folder.iterdir()), left_by="an interrupted one")

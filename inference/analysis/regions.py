@@ -7,6 +7,7 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
+from inference.analysis.tiling import polygonal_part
 from inference.analysis.vectorize import mask_to_polygons
 from inference.results import RegionStats, UncertaintyMaps, UncertaintyTile
 
@@ -172,21 +173,6 @@ def uncertainty_tiles(
             )
         )
     return tuple(out)
-
-
-def polygonal_part(geometry: BaseGeometry) -> Polygon | MultiPolygon:
-    """The polygons of ``geometry`` (an intersection's lines and points where shapes only touch dropped).
-
-    >>> from shapely.geometry import GeometryCollection, LineString, box
-    >>> polygonal_part(GeometryCollection([box(0, 0, 1, 1), LineString([(1, 1), (2, 2)])])).wkt
-    'POLYGON ((1 0, 1 1, 0 1, 0 0, 1 0))'
-    >>> polygonal_part(LineString([(1, 1), (2, 2)])).is_empty
-    True
-    """
-    parts = [p for g in shapely.get_parts(geometry) for p in shapely.get_parts(g) if isinstance(p, Polygon)]
-    if len(parts) == 1:
-        return parts[0]
-    return MultiPolygon(parts)
 
 
 def resample_nearest(

@@ -194,10 +194,22 @@ def validate_roi(roi: BaseGeometry, *, image_size_wh: tuple[int, int]) -> Polygo
             f"ROI ({x0}, {y0})-({x1}, {y1}) lies outside the image of {width}x{height} px; "
             "ROI coordinates must be level-0 pixels of this image"
         )
-    if isinstance(clipped, Polygon | MultiPolygon):
-        return clipped
-    polys = [g for g in getattr(clipped, "geoms", []) if isinstance(g, Polygon)]
-    return MultiPolygon(polys)
+    return clipped if isinstance(clipped, Polygon | MultiPolygon) else polygonal_part(clipped)
+
+
+def polygonal_part(geometry: BaseGeometry) -> Polygon | MultiPolygon:
+    """The polygons of ``geometry`` (an intersection's lines and points where shapes only touch dropped).
+
+    >>> from shapely.geometry import GeometryCollection, LineString, box
+    >>> polygonal_part(GeometryCollection([box(0, 0, 1, 1), LineString([(1, 1), (2, 2)])])).wkt
+    'POLYGON ((1 0, 1 1, 0 1, 0 0, 1 0))'
+    >>> polygonal_part(LineString([(1, 1), (2, 2)])).is_empty
+    True
+    """
+    parts = [p for g in shapely.get_parts(geometry) for p in shapely.get_parts(g) if isinstance(p, Polygon)]
+    if len(parts) == 1:
+        return parts[0]
+    return MultiPolygon(parts)
 
 
 def rasterize_polygon(geometry: BaseGeometry, *, shape_hw: tuple[int, int], downsample: float) -> np.ndarray:

@@ -85,6 +85,31 @@ def test_calibrate_writes_thresholds_into_a_copy(small, tmp_path):
     assert refused.exit_code == 2 and "read-only" in refused.output
 
 
+def test_calibrate_names_a_failure_on_the_tps_category(small, tmp_path, monkeypatch):
+    # With the nuclei model (the default) a slide also fails on its predicted TPS category, but the printout
+    # said "failed (positive area off by more than 25%)" and showed only the area's error beside "(failed)".
+    import inference.evaluation.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "_truth_tps", lambda scored: 0.5)  # the truth under 1 %: the category is wrong
+    args = ["calibrate", str(small), "--out", str(tmp_path / "cal"), "--device", "cpu", "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "1 of 1 validation slides failed (TPS category wrong or positive area off by more than 25%)" in said, said
+    assert "vs truth 0.5% (category wrong), positive area off by" in said, said
+
+
+def test_calibrate_on_a_slide_without_tumour_nuclei(small, tmp_path, monkeypatch):
+    # No tumour nucleus found: the predicted TPS is None, which tps_category() met as a TypeError.
+    import inference.evaluation.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "_predicted_tps", lambda *args, **kwargs: (None, 0.0, None))
+    args = ["calibrate", str(small), "--out", str(tmp_path / "cal"), "--device", "cpu", "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "predicted TPS no tumour nuclei vs truth" in " ".join(result.output.split()), result.output
+
+
 def test_calibrate_on_a_slide_named_twice_counts_it_once(small, tmp_path):
     # A glob and one of its files (or a symlink to it) counted the slide twice in the fit and in the review
     # limits' "0 of 2 validation slides", and recorded it twice as calibrated on.

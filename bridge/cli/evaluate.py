@@ -922,12 +922,21 @@ def calibrate(
             f"SUA kept: NPR [{kept.lower:g}, {kept.upper:g}), {kept.uncertainty}/{kept.aggregation} > "
             f"{kept.threshold:.4g}: {sua_note}"
         )
-    for name, mean_pe, cand_pct, error, failed, positive_pct, out_of_domain, disagree, unsettled in review_cal.slides:
+    for row in review_cal.slides:
+        name, mean_pe, cand_pct, error, failed, positive_pct, out_of_domain, disagree, unsettled = row[:9]
+        tps, truth_tps, wrong_category = row[9:]
+        # The TPS beside the area, so a slide failed on its category alone does not read as failed on its area.
+        predicted = "no tumour nuclei" if tps is None else f"{tps:.1f}%"
+        tps_said = (
+            ""
+            if truth_tps is None
+            else f", predicted TPS {predicted} vs truth {truth_tps:.1f}%{' (category wrong)' if wrong_category else ''}"
+        )
         typer.echo(
             f"  {name}: mean entropy {mean_pe:.3f}, SUA candidates {cand_pct:.2f}% of tissue, predicted positive "
             f"{positive_pct:.2f}% of tissue{', out of domain' if out_of_domain else ''}"
             f"{', members disagree on the TPS category' if disagree else ''}"
-            f"{', positive area unsettled' if unsettled else ''}, positive area off by "
+            f"{', positive area unsettled' if unsettled else ''}{tps_said}, positive area off by "
             f"{error:.0%}{' (failed)' if failed else ''}"
         )
     if review_cal.fit is not None:

@@ -708,13 +708,15 @@ class ReviewCalibration:
     ``limits`` is None when the slides hold no failure or no correct slide (nothing to fit on); the
     manifest's limits then stay. ``slides`` holds per slide (name, mean entropy, SUA candidate area %,
     positive-area error, failed, predicted positive area %, out of the domain guard's limits, the members'
-    disagreement on the TPS category at its limit, the unsettled share of the positive area at its limit).
+    disagreement on the TPS category at its limit, the unsettled share of the positive area at its limit, the
+    predicted TPS, the truth's TPS, whether their categories differ; the three TPS fields None, None, False
+    without a nuclei model, the predicted one None where no tumour nucleus was found).
     """
 
     limits: dict[str, float] | None
     fit: ReviewFit | None
     note: str
-    slides: tuple[tuple[str, float, float, float, bool, float, bool, bool, bool], ...]
+    slides: tuple[tuple[str, float, float, float, bool, float, bool, bool, bool, float | None, float | None, bool], ...]
 
 
 # A limit no slide reaches: a QC score the fitted rule does not use (JSON has no infinity) ...
@@ -787,10 +789,12 @@ def calibrate_ensemble(
         cand_pct = 100 * sum(c.area_um2 for c in candidates) / max(analysed_um2, 1e-9)
         pred = np.asarray(s.maps.prob) >= upper
         error = area_error(float(np.count_nonzero(pred & s.region)), float(np.count_nonzero(s.truth)))
-        wrong_category, disagreement = False, None
+        wrong_category, disagreement, tps, truth_tps = False, None, None, None
         if nuclei_model is not None:
             tps, _, disagreement = _predicted_tps(path, s, nuclei_model, threshold=upper)
-            wrong_category = tps_category(tps) != tps_category(_truth_tps(s))
+            truth_tps = _truth_tps(s)
+            # No tumour nucleus found: no TPS to judge, as the suite counts it (SlideEvaluation.tps_category_wrong).
+            wrong_category = tps is not None and tps_category(tps) != tps_category(truth_tps)
         # The two unfitted scores, as pdl1 run computes them and flags at their limits.
         at_limit = scores_at_limit(
             slide_review_scores(
@@ -814,12 +818,16 @@ def calibrate_ensemble(
                 s.out_of_domain,
                 "review_tps_member_disagreement" in at_limit,
                 "review_unsettled_positive_area_pct" in at_limit,
+                tps,
+                truth_tps,
+                wrong_category,
             )
         )
     failed = np.array([r[4] for r in rows], bool)
     if failed.all() or not failed.any():
+        what = "TPS category wrong or " if nuclei_model is not None else ""
         note = (
-            f"{int(failed.sum())} of {len(rows)} validation slides failed (positive area off by more than "
+            f"{int(failed.sum())} of {len(rows)} validation slides failed ({what}positive area off by more than "
             f"{max_area_error:.0%}): the review limits need both failed and correct slides, so the model's "
             "limits stay; add slides with stain shifts beyond training, weak expression or extreme TPS"
         )

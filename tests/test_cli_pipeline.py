@@ -295,6 +295,30 @@ def test_demo_replaces_only_its_own_project(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "is a file; --out must be a folder" in result.output, result.output
 
 
+def test_demo_writes_its_phantoms_anew_for_other_options(tmp_path):
+    # A second demo into the same --out with another --seed (or --size, --tps) ran on the first demo's phantoms and
+    # scored against their truth: the slides were kept whenever a truth.json was there.
+    from bridge.cli.demo import _written_as
+    from inference import write_ihc_phantom
+
+    out = tmp_path / "demo"
+    he, ihc = out / "slides" / "phantom_HE.svs", out / "slides" / "phantom_IHC.svs"
+    first = PhantomSpec(1024, 1024, seed=3, tps_percent=40)
+    write_phantom(he, first)
+    write_ihc_phantom(ihc, first, paired_with=he)
+    args = ["demo", "--out", str(out), "--size", "1024", "--seed", "5", "--device", "cpu", "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    asked = PhantomSpec(1024, 1024, seed=5, tps_percent=40)
+    assert _written_as(he, asked) and _written_as(ihc, asked)
+    truth = json.loads((he.with_suffix(".truth") / "truth.json").read_text())
+    assert f"vs truth {truth['tps_percent']:.1f}%" in result.output
+    # The same options again keep the slides as they are.
+    before = he.stat().st_mtime_ns, ihc.stat().st_mtime_ns
+    assert runner.invoke(app, args).exit_code == 0
+    assert (he.stat().st_mtime_ns, ihc.stat().st_mtime_ns) == before
+
+
 def test_calibrate_warns_when_sua_is_fitted_on_too_little(tmp_path):
     # On one small slide SUA's thresholds were fitted (here on a handful of false-negative regions) and written
     # without a word about how little they rest on.

@@ -161,6 +161,18 @@ def _is_demo_project(project: Path, slides: tuple[Path, ...]) -> bool:
         return False
 
 
+def _written_as(slide: Path, spec) -> bool:
+    """Whether ``slide`` is a finished phantom of ``spec``: its ``truth.json`` (written last) records that spec."""
+    import json
+
+    from inference import PhantomSpec, truth_dir_for
+
+    try:
+        return PhantomSpec(**json.loads((truth_dir_for(slide) / "truth.json").read_text())["spec"]) == spec
+    except (OSError, ValueError, KeyError, TypeError):  # missing, cut short, or of another generator
+        return False
+
+
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo slides, project and report.")] = Path("pdl1-demo"),
     size: Annotated[int, typer.Option(min=1024, max=100_000, help="Phantom edge length in px.")] = 4096,
@@ -199,11 +211,16 @@ def demo(
             )
         )
     try:
-        if not (truth_dir_for(he_path) / "truth.json").is_file():
+        # An earlier demo's slides are kept only when they are this demo's: another --size, --seed or --tps was
+        # run on the first demo's phantoms and scored against their truth. A rewritten H&E needs its IHC anew.
+        new_he = not _written_as(he_path, spec)
+        if new_he:
+            (truth_dir_for(he_path) / "truth.json").unlink(missing_ok=True)  # unfinished until rewritten whole
             with progress_bar("phantom H&E", enabled=progress) as on_progress:
                 write_phantom(he_path, spec, on_progress=on_progress)
             write_truth_geojson(truth_dir_for(he_path))
-        if ihc and not (truth_dir_for(ihc_path) / "truth.json").is_file():
+        if ihc and (new_he or not _written_as(ihc_path, spec)):
+            (truth_dir_for(ihc_path) / "truth.json").unlink(missing_ok=True)
             with progress_bar("phantom PD-L1 IHC", enabled=progress) as on_progress:
                 write_ihc_phantom(ihc_path, spec, paired_with=he_path, on_progress=on_progress)
             write_truth_geojson(truth_dir_for(ihc_path))

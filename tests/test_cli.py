@@ -1,6 +1,8 @@
 import errno
 import json
 import os
+import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -16,6 +18,36 @@ def test_help_lists_commands():
     assert result.exit_code == 0
     for command in ("version", "phantom", "bench"):
         assert command in result.output
+
+
+def _readme_synopses() -> list[str]:
+    """The `pdl1 ...` synopses in the README's headings (### `pdl1 run PROJECT_OR_SLIDES... [--out DIR] ...`)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    return [syn for line in readme.splitlines() if line.startswith("#") for syn in re.findall(r"`(pdl1 [^`]*)`", line)]
+
+
+def test_the_readmes_command_headings_name_real_options_with_their_defaults():
+    # The headings are what a reader copies; an option renamed or a default changed in the code left them behind.
+    import typer.main
+
+    synopses = _readme_synopses()
+    assert len(synopses) >= 20, synopses
+    for synopsis in synopses:
+        command = typer.main.get_command(app)
+        for word in synopsis.split()[1:]:
+            if not hasattr(command, "commands") or word not in command.commands:
+                break
+            command = command.commands[word]
+        if hasattr(command, "commands"):  # `pdl1 eval SLIDES... --out DIR` runs the suite
+            command = command.commands["suite"]
+        params = {opt: param for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+        for option in re.findall(r"(?<![\w-])--[a-z][\w-]*", synopsis):
+            assert option in params, f"{synopsis}: {option} is no option of `{command.name}`"
+        for option, shown in re.findall(r"\[(--[a-z][\w-]*) (\d[\d.]*)\]", synopsis):
+            default = params[option].default  # None: settled later (pdl1-config.toml, or the help's "when not given")
+            if default is not None:
+                same = shown == str(default) or (shown.count(".") < 2 and float(shown) == float(default))
+                assert same, f"{synopsis}: {option} defaults to {default}, not {shown}"
 
 
 def test_version():

@@ -264,7 +264,11 @@ def run(
         str, typer.Option(help="local (this process) or ray (one task per image on a Ray cluster).")
     ] = "local",
     address: Annotated[
-        str | None, typer.Option(help="Ray cluster: auto, or ray://HOST:PORT; a local one when omitted.")
+        str | None,
+        typer.Option(
+            help="Ray cluster (with --engine ray): auto, HOST:PORT of its head node, or ray://HOST:PORT (Ray "
+            "Client); a local one when omitted."
+        ),
     ] = None,
     batch_size: Annotated[
         int | None,

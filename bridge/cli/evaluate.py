@@ -208,7 +208,11 @@ def eval_nuclei(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", callback=check_device)] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Precision, recall and F1 (overall and per class) and the TPS error of each slide."""
+    """Precision, recall and F1 (overall and per class) and the TPS error of each slide.
+
+    The TPS is the nuclei model's own classes' (on H&E its positive/negative head), not the predicted TPS of
+    pdl1 run, whose PD-L1 call comes from the segmentation ensemble's maps: that one is pdl1 eval tps.
+    """
     from rich.table import Table
 
     from inference import Ensemble, demo_model_dir

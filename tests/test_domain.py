@@ -429,6 +429,11 @@ def test_too_few_slides_to_calibrate_on_are_advised_in_each_callers_words(phanto
         caplog.text
     )
     caplog.clear()
+    # One held-out slide sets the limits alone: it was not warned of at all.
+    with caplog.at_level(logging.WARNING, logger="inference.training.domain_stats"):
+        compute_domain_stats(demo_model_dir("seg"), slides[:1], held_out=slides[1:])
+    assert "the domain limits rest on 1 slide: one odd slide sets them" in caplog.text
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="inference.training.domain_stats"):
         args = ["domain-stats", str(demo_model_dir("seg")), *slides, "--out", str(tmp_path / "copy"), "--no-progress"]
         assert CliRunner().invoke(app, args).exit_code == 0

@@ -1078,7 +1078,8 @@ def domain_stats(
         ) from None
     cal = stats.calibration
     typer.echo(
-        f"wrote {path}: {stats.train_tiles} training tiles of {len(stats.slides)} slides, "
+        f"wrote {path}: {stats.train_tiles} training tiles of {len(stats.slides)} "
+        f"slide{'' if len(stats.slides) == 1 else 's'}, "
         f"{len(stats.features.components)} of {stats.features.dim} feature directions; out-of-domain score "
         f"limit {_num(stats.feature_limit)}, stain distance limit {_num(stats.stain_limit_deg)}°"
     )

@@ -131,7 +131,7 @@ def compute_domain_stats(
         judged = GUARDED_TASK_OF_STAIN.get(manifest.stain)
         by = f"its {judged} model's training domain" if judged else "no model's training domain"
         raise ValueError(
-            f"{model_dir} is a {manifest.stain} {manifest.task} model, and the domain guard judges {manifest.stain} "
+            f"{model_dir} is an {manifest.stain} {manifest.task} model, and the domain guard judges {manifest.stain} "
             f"images against {by}, so statistics stored here would never be read; compute them for the "
             f"{judged or 'analysing'} model of that stain instead"
         )
@@ -160,11 +160,13 @@ def compute_domain_stats(
     names = [Path(p).name for p in train_slides]
     _check_tiles(names, [len(f) for f, _ in train], leave_one_out=not held_out, model=manifest)
     calibrated_on = len(held_out) if held_out else len(train)
-    if 1 < calibrated_on < MIN_CALIBRATION_SLIDES:
+    # One held-out slide sets the limits alone; one training slide without held-out ones sets none (warned below).
+    if calibrated_on < MIN_CALIBRATION_SLIDES and (held_out or calibrated_on > 1):
         log.warning(
-            "the domain limits rest on %d slides: one odd slide sets them (limits of 100 and more were seen with "
+            "the domain limits rest on %d slide%s: one odd slide sets them (limits of 100 and more were seen with "
             "two); give at least %d held-out slides (%s)",
             calibrated_on,
+            "" if calibrated_on == 1 else "s",
             MIN_CALIBRATION_SLIDES,
             setting("held_out"),
         )

@@ -513,6 +513,13 @@ def _entry_text(row: dict) -> str:
     return f" (QuPath entry {html.escape(str(row['entry_id']))})" if row.get("entry_id") else ""
 
 
+def _uncertainty_row(row: dict, flag: str) -> str:
+    """The review flag, and on H&E the SUA candidates; a PD-L1 IHC has none to count (no segmentation runs on it)."""
+    if row["stain"] == "H-DAB":
+        return f"<tr><th>Uncertainty</th><td>{flag} (no SUA on a PD-L1 IHC: it is scored by its cells)</td></tr>"
+    return f"<tr><th>Uncertainty</th><td>{flag}; {_fmt(row['sua_candidates'])} SUA false-negative candidates</td></tr>"
+
+
 def _html(rows: list[dict], pairs: dict | None = None, left_out: list[str] | None = None) -> str:
     body = []
     for r in rows:
@@ -536,8 +543,8 @@ def _html(rows: list[dict], pairs: dict | None = None, left_out: list[str] | Non
             f"<tr><th>Models</th><td>{html.escape(r['models'] or 'n/a')}</td></tr>"
             f"<tr><th>Training domain</th><td>{html.escape(r['domain'])}</td></tr>"
             f"<tr><th>PD-L1 positive area</th><td>{_fmt(r['positive_area_pct'])}% of analysed tissue</td></tr>"
-            f"<tr><th>Uncertainty</th><td>{flag}; {_fmt(r['sua_candidates'])} SUA false-negative candidates</td></tr>"
-            f"<tr><th>Nuclei</th><td>{_fmt(r['tumor_positive'])} positive, {_fmt(r['tumor_negative'])} negative "
+            + _uncertainty_row(r, flag)
+            + f"<tr><th>Nuclei</th><td>{_fmt(r['tumor_positive'])} positive, {_fmt(r['tumor_negative'])} negative "
             f"tumour, {_fmt(r['other'])} other</td></tr></table>{thumb}</section>"
         )
     return (

@@ -137,6 +137,8 @@ def test_a_case_whose_ihc_is_flagged_says_its_reference_is_in_doubt(models, fixt
     html_path, _ = write_report(project)
     report = html_path.read_text()
     assert "the IHC&#x27;s own analysis needs review" in report
+    # Only the H&E counts SUA candidates: the IHC's section said "0 SUA false-negative candidates", as if SUA had run.
+    assert report.count("SUA false-negative candidates</td>") == 1 and "no SUA on a PD-L1 IHC" in report
 
 
 def test_a_stain_told_from_the_colour_by_a_weak_margin_is_a_review_reason(models, ihc_pair, monkeypatch):

@@ -259,8 +259,9 @@ def summary_of(result: SlideResult, *, entry_id: str | None, run_config: RunConf
         "positive_area_pct": 100 * result.positive_area_um2 / analysed if analysed > 0 else None,
         "analysed_area_um2": analysed,
         "uncertainty_flag": result.uncertainty_flag,
-        "sua_candidates": len(result.candidates),
-        "regions": len(result.regions),
+        # None, not 0, where no segmentation ran (a PD-L1 IHC is scored by its cells): nothing was looked for.
+        "sua_candidates": None if result.seg_model is None else len(result.candidates),
+        "regions": None if result.seg_model is None else len(result.regions),
         "parent_measurements": {k: v for k, v in parent_measurements(result).items() if v == v},
         "metadata": entry_metadata(result),
         "details": result.summary,

@@ -78,6 +78,8 @@ def test_a_run_over_a_case_analyses_each_image_on_its_path_and_compares_the_pair
     assert [o.state for o in outcomes] == ["done", "done"]
     summaries = [json.loads((tmp_path / "out" / f"{p.stem}.summary.json").read_text()) for p in (he, ihc)]
     assert [s["stain"] for s in summaries] == ["H&E", "H-DAB"]
+    # No segmentation runs on the IHC: it has no SUA candidates or regions to count, not zero of them.
+    assert [(s["sua_candidates"] is None, s["regions"] is None) for s in summaries] == [(False, False), (True, True)]
     geojson = (tmp_path / "out" / "ihc_271.geojson").read_text()
     assert '"names":["Tumor","2+"]' in geojson and '"names":["Immune cells","PD-L1 positive"]' in geojson
     pairs = json.loads((tmp_path / "out" / "pdl1" / "pairs.json").read_text())

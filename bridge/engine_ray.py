@@ -34,7 +34,10 @@ from bridge.run import (
     run_models,
     skipped_outcome,
     summary_of,
+    whole_image_row,
+    with_targets,
     write_result_files,
+    write_targets,
 )
 from bridge.run_lock import remove_orphan_parts, run_lock
 
@@ -79,7 +82,8 @@ def analyse_to_files(job: _Job, geojson: str, summary: str, entry_id: str | None
         _MODELS.clear()
         _MODELS[key] = run_models(config)
     result = job.analyse(_MODELS[key], config)
-    data = summary_of(result, entry_id=entry_id, run_config=config)
+    rows = [whole_image_row(job, result, entry_id)]  # whole images only: the local engine analyses TMA cores
+    data = with_targets(summary_of(result, entry_id=entry_id, run_config=config), [result], rows)
     write_result_files(result, Path(geojson), Path(summary), data, include_tiles=config.include_tiles)
     return data
 
@@ -171,6 +175,7 @@ def run_batch_ray(
             if qp_session is not None:
                 qp_session.close()
         ordered = [outcomes[job.key] for job in jobs]
+        write_targets(jobs, ordered, project, status_folder)
         if config.compare_pairs:
             _compare_pairs(jobs, ordered, project, status_folder, openslide_only=config.pipeline.openslide_only)
         return ordered

@@ -130,6 +130,31 @@ def annotation_targets(entry: Any, *, classes: tuple[str, ...] = (), names: tupl
     return out
 
 
+def tma_cores(entry: Any) -> list[Any]:
+    """The cores of the entry's TMA grid (TMA > TMA dearrayer), missing ones too, in the grid's order; none without
+    a grid.
+
+    paquo 0.9 has no TMA API, so the grid is read from the Java hierarchy: ``PathObjectHierarchy.getTMAGrid()``
+    (null without a grid; PathObjectHierarchy.java v0.4.4:183, v0.5.1:184, v0.6.0:153, v0.7.0:152) and
+    ``TMAGrid.getTMACoreList()`` (TMAGrid.java:78 on all four). Each core goes into paquo's annotation wrapper: it
+    checks no Java type and calls only what every ``PathROIObject`` has (``getName``, ``getROI``,
+    ``getMeasurementList``, ``getPathClass``, ``getParent``), which a ``TMACoreObject`` is (TMACoreObject.java
+    v0.4.4:46, v0.7.0:44); its one annotation-only property, ``description``, is not used here. Built without an
+    update callback, so writing a core's measurements changes the core only (see :func:`write_children`).
+    """
+    grid = entry.hierarchy.java_object.getTMAGrid()
+    if grid is None:
+        return []
+    wrap = _paquo()["annotation"]
+    return [wrap(core) for core in grid.getTMACoreList()]
+
+
+def core_is_missing(core: Any) -> bool:
+    """Whether a core of :func:`tma_cores` is marked missing (TMACoreObject.isMissing(), v0.4.4:103, v0.5.1:103,
+    v0.6.0:102, v0.7.0:101): QuPath's own analyses leave such a core out, and so does this tool."""
+    return bool(core.java_object.isMissing())
+
+
 def backup_data(entry: Any) -> Path | None:
     """Copy the entry's ``data.qpdata`` aside before writing; returns the backup (None when new).
 
@@ -200,7 +225,8 @@ def _own_descendants(parent: Any) -> list[Any]:
     mostly in its own, and taking every one that overlapped the parent, a re-run removed its neighbour's (and taking
     all of ours in such a region, the smaller neighbour's nuclei in it). Another analysed annotation
     (it carries :data:`ANALYSED_SIGNATURE`) holds its own results, which its own analysis replaces, also one that the
-    parent lies in (a hotspot analysed inside an analysed tissue outline).
+    parent lies in (a hotspot analysed inside an analysed tissue outline). An analysed TMA core is an analysed
+    parent throughout (:func:`_own_or_analysed`): the parent analysed may be a core, and so may its neighbours.
     """
     inside = parent.java_object
     out = _own_under(inside)
@@ -270,7 +296,7 @@ def _overlaps(geometry: BaseGeometry, area: BaseGeometry) -> bool:
 
 
 def _analysed_under(top: Any) -> list[Any]:
-    """Every analysed annotation below the Java object ``top``.
+    """Every analysed annotation (or TMA core) below the Java object ``top``.
 
     Only annotations and TMA cores hold annotations: QuPath puts none under a detection
     (``PathObjectHierarchy.insertPathObject``, v0.4.4:336-350), so detections are not looked into.
@@ -372,20 +398,32 @@ def _lies_in(geometry: BaseGeometry, area: BaseGeometry, *, detection: bool) -> 
 
 
 def _own_or_analysed(child: Any) -> tuple[bool, bool]:
-    """Whether a Java path object is one this tool wrote, and whether it is an analysed annotation.
+    """Whether a Java path object is one this tool wrote, and whether it is an analysed parent: an annotation or a
+    TMA core (``PathObject.isTMACore()``, PathObject.java v0.4.4:621, v0.5.1:621, v0.6.0:563, v0.7.0:561) that
+    carries :data:`ANALYSED_SIGNATURE`. A core is no annotation (``isAnnotation()`` is false for it), and taken for
+    a detection an analysed core's results were another's to take.
 
-    Measurement names are read only where they decide it (annotations, detections of this tool's classes):
+    Measurement names are read only where they decide it (annotations, cores, detections of this tool's classes):
     reading them makes QuPath create an empty measurement list on every other object.
     """
     cls = child.getPathClass()
     classification = None if cls is None else str(cls.toString())
-    kind = "tile" if child.isTile() else "annotation" if child.isAnnotation() else "detection"
+    kind = (
+        "tile"
+        if child.isTile()
+        else "annotation"
+        if child.isAnnotation()
+        else "TMA core"
+        if child.isTMACore()
+        else "detection"
+    )
     name = child.getName()
     names: list[str] = []
-    if kind == "annotation" or (kind == "detection" and classification in OWN_DETECTION_CLASSES):
+    parent_kind = kind in ("annotation", "TMA core")
+    if parent_kind or (kind == "detection" and classification in OWN_DETECTION_CLASSES):
         names = list(_paquo()["annotation"](child).measurements)  # any paquo wrapper reads names across versions
     own = is_own_object(kind, classification, None if name is None else str(name), names)
-    return own, kind == "annotation" and ANALYSED_SIGNATURE in names
+    return own, parent_kind and ANALYSED_SIGNATURE in names
 
 
 def _to_paquo(obj: QuPathObject, classes: dict[str, Any]) -> Any:
@@ -424,7 +462,8 @@ def write_children(entry: Any, parent: Any, objects: Iterable[QuPathObject], mea
     hierarchy = entry.hierarchy
     # An annotation paquo hands out from hierarchy.annotations puts itself back into the hierarchy on every change
     # (its update callback is hierarchy.addObject, which adds under the image's root): a ROI of yours inside another
-    # annotation was taken out of it by the first measurement written. A plain wrapper changes the object only.
+    # annotation was taken out of it by the first measurement written. A plain wrapper changes the object only; it
+    # serves a TMA core as well (tma_cores), whose measurements QuPath's TMA data viewer then shows per core.
     parent = _paquo()["annotation"](parent.java_object)
     with hierarchy.no_autoflush():
         old = _own_descendants(parent)
@@ -517,6 +556,7 @@ __all__ = [
     "annotation_targets",
     "backup_data",
     "check_saveable",
+    "core_is_missing",
     "ensure_classes",
     "find_or_create_analysis_parent",
     "open_project",
@@ -526,6 +566,7 @@ __all__ = [
     "save_entries",
     "save_project",
     "set_entry_metadata",
+    "tma_cores",
     "unaddable_images",
     "write_children",
 ]

@@ -25,6 +25,7 @@ from typing import Any
 from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
+from bridge.classes import PDL1_ANALYSIS
 from bridge.objects import parent_measurements, result_features
 from bridge.options import option_setting
 from bridge.project import (
@@ -48,6 +49,20 @@ from bridge.project import (
 from bridge.project_config import ProjectConfig
 from bridge.qupath_geojson import write_features
 from bridge.run_lock import remove_orphan_parts, run_lock
+from bridge.targets import (
+    TARGETS_FILE,
+    TMA_CORES,
+    WHOLE_IMAGE,
+    TargetChoice,
+    TargetRow,
+    analysed_row,
+    choose_targets,
+    core_label,
+    missing_row,
+    rows_from_summary,
+    rows_to_json,
+    write_target_table,
+)
 from inference import Models, Pdl1Error, PipelineConfig, SlideResult, __version__, analyse_slide
 
 log = logging.getLogger(__name__)
@@ -287,6 +302,36 @@ def _pipeline_record(run_config: RunConfig, result: SlideResult) -> dict[str, An
     return record
 
 
+def whole_image_row(job: _Job, result: SlideResult, entry_id: str | None) -> TargetRow:
+    """The one row of ``targets.csv`` of an image analysed whole (under its ``PD-L1 analysis`` annotation)."""
+    return analysed_row(job.name, entry_id, PDL1_ANALYSIS.name, WHOLE_IMAGE, result)
+
+
+def with_targets(summary: dict[str, Any], results: list[SlideResult], rows: list[TargetRow]) -> dict[str, Any]:
+    """An image's summary with its targets' rows (``targets``, each target's own TPS, for ``targets.csv``) and, where
+    several targets were analysed, the image's scores as its entry metadata has them.
+
+    :func:`summary_of` describes the first target; an image of several (TMA cores, annotations) gave the closing
+    table and the report the first one's TPS while QuPath's metadata held the image's, and recorded the first one's
+    run id while the metadata held the last one's, so ``--resume`` took the image for unsaved and ran it again. The
+    TPS, its category, the CPS and the flag (set where any target's is) are the image's here; the rest (the
+    parent's measurements, nuclei, details) stay the first target's, each target's own being in ``targets``.
+    """
+    out = {**summary, "targets": rows_to_json(rows)}
+    if len(results) < 2:
+        return out
+    metadata = _merge_metadata(results)
+    out["metadata"] = metadata
+    out["run_id"] = metadata["PD-L1 run"]
+    out["uncertainty_flag"] = any(r.uncertainty_flag for r in results)
+    merged = merged_scores(results)
+    if merged is not None:
+        tps, cps = merged
+        out["tps_percent"], out["tps_category"] = tps.percent, tps.category
+        out["cps"] = None if cps is None else cps.percent
+    return out
+
+
 def write_result_files(
     result: SlideResult, geojson: Path, summary_path: Path, summary: dict[str, Any], *, include_tiles: bool = True
 ) -> None:
@@ -463,9 +508,38 @@ def run_batch(
         finally:
             if qp_session is not None:
                 qp_session.close()
+        write_targets(jobs, outcomes, project, status.folder)
         if config.compare_pairs:
             _compare_pairs(jobs, outcomes, project, status.folder, openslide_only=config.pipeline.openslide_only)
         return outcomes
+
+
+def write_targets(jobs: list[_Job], outcomes: list[ImageOutcome], project: Path | None, folder: Path) -> Path:
+    """Write ``pdl1/targets.csv`` beside the run status: a row per analysed target of every image this run analysed
+    or ``--resume`` kept (each TMA core, annotation or whole image; the cores marked missing too), read from their
+    summaries. A failed image has no rows (what QuPath holds of it is an earlier run's, or nothing)."""
+    rows: list[TargetRow] = []
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        if outcome.state not in ("done", "skipped"):
+            continue
+        _, summary_path = output_paths(job.key, project, folder)
+        try:
+            found = rows_from_summary(json.loads(summary_path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as err:  # changed since the run wrote or checked it
+            log.warning("%s: not in %s: its summary %s does not read (%s)", job.name, TARGETS_FILE, summary_path, err)
+            continue
+        if not found:  # written before summaries listed their targets, and kept by --resume
+            log.warning(
+                "%s: not in %s: its summary %s lists no targets (an earlier version wrote it); run the image again "
+                "without --resume to have its rows",
+                job.name,
+                TARGETS_FILE,
+                summary_path,
+            )
+        rows.extend(found)
+    path = write_target_table(folder / PDL1_DIR / TARGETS_FILE, rows)
+    log.info("per-target results: %s", path)
+    return path
 
 
 def _compare_pairs(
@@ -542,13 +616,15 @@ def failure_message(err: BaseException) -> str:
 
 
 def _run_one(job, config, models, project, status_folder, qp_session, on_tiles, t0) -> ImageOutcome:
+    entry_id = job.key if project is not None else None
     if qp_session is not None:
-        results = qp_session.analyse_and_write(job, config, models, on_tiles)
+        results, rows = qp_session.analyse_and_write(job, config, models, on_tiles)
     else:
         results = [job.analyse(models, config, on_tiles)]
+        rows = [whole_image_row(job, results[0], entry_id)]
     result = results[0]
     geojson, summary = output_paths(job.key, project, status_folder)
-    summary_data = summary_of(result, entry_id=job.key if project is not None else None, run_config=config)
+    summary_data = with_targets(summary_of(result, entry_id=entry_id, run_config=config), results, rows)
     write_result_files(result, geojson, summary, summary_data, include_tiles=config.include_tiles)
     return outcome_from_summary(job.key, job.name, summary_data, time.perf_counter() - t0, (geojson, summary))
 
@@ -658,25 +734,29 @@ class _QuPathSession:
                 return entry
         raise ProjectError(f"entry {entry_id} not in the project any more")
 
-    def analyse_and_write(self, job: _Job, config: RunConfig, models: Models, on_tiles) -> list[SlideResult]:
+    def analyse_and_write(
+        self, job: _Job, config: RunConfig, models: Models, on_tiles
+    ) -> tuple[list[SlideResult], list[TargetRow]]:
+        """Analyse the entry's targets (:func:`entry_targets`) and write each one's results under it; the results in
+        the order analysed and the rows of ``targets.csv`` (the TMA cores marked missing among them)."""
         from bridge.objects import result_objects as children
 
         entry = self._entry(job.key)
         # Before QuPath reads the hierarchy: it would read a damaged data.qpdata as an empty one.
         backup = self.qp.backup_data(entry)
-        targets = _with_area(
-            job.name, self.qp.annotation_targets(entry, classes=config.target_classes, names=config.target_names)
-        )
+        choice = entry_targets(job.name, entry, config, self.qp)
         results: list[tuple[Any, SlideResult]] = []
-        if targets:
-            for ann in targets:
-                results.append((ann, job.analyse(models, config, on_tiles, roi=ann.roi)))
-        elif config.target_classes or config.target_names:
-            raise ProjectError(
-                f"{job.name}: no annotation of class {config.target_classes} or name {config.target_names}"
-            )
-        else:
+        placed = [(t.position, missing_row(job.name, job.key, t.label)) for t in choice.missing]
+        for target in choice.targets:
+            if target.target_type == "TMA core":
+                log.info("%s: analysing TMA core %s", job.name, target.label)
+            result = job.analyse(models, config, on_tiles, roi=target.obj.roi)
+            results.append((target.obj, result))
+            placed.append((target.position, analysed_row(job.name, job.key, target.label, target.target_type, result)))
+        rows = [row for _, row in sorted(placed, key=lambda p: p[0])]  # the grid's order, missing cores in place
+        if not results:
             results.append((None, job.analyse(models, config, on_tiles)))
+            rows.append(whole_image_row(job, results[0][1], job.key))
         try:
             for ann, result in results:
                 parent = ann or self.qp.find_or_create_analysis_parent(
@@ -691,7 +771,7 @@ class _QuPathSession:
             self.qp.restore_data(entry, backup)
             raise
         self._written()
-        return [r for _, r in results]
+        return [r for _, r in results], rows
 
     def write_sidecar(self, key: str, geojson: Path, summary: Path) -> None:
         """Put a worker's sidecar (parent first, then children) into the entry: the driver's job."""
@@ -701,6 +781,12 @@ class _QuPathSession:
         objects = list(read_features(geojson))
         parent_obj, children = objects[0], objects[1:]
         backup = self.qp.backup_data(entry)
+        if self.qp.tma_cores(entry):  # the worker analysed the whole image, reading no hierarchy
+            log.warning(
+                "%s: it has a TMA grid, but --engine ray analyses whole images, so its cores were scored as one; run "
+                "it with the local engine (leave --engine out) to analyse each core on its own",
+                entry.image_name,
+            )
         try:
             parent = self.qp.find_or_create_analysis_parent(entry, parent_obj.geometry)
             self.qp.write_children(entry, parent, children, parent_obj.measurements)
@@ -728,6 +814,60 @@ class _QuPathSession:
             self.save_project()  # also after Ctrl-C: the images finished before it keep their metadata
         finally:
             self._cm.__exit__(None, None, None)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing of an entry ``pdl1 run`` analyses: a paquo object (annotation or TMA core), as the log and
+    ``targets.csv`` name it."""
+
+    label: str  # a core's name ("A-1"), an annotation's name or class
+    target_type: str  # "annotation" or "TMA core"
+    obj: Any
+    position: int = 0  # its place among the entry's annotations of the targets, or in the grid's list of cores
+
+
+def entry_targets(image: str, entry: Any, config: RunConfig, qp: Any) -> TargetChoice[Target]:
+    """What of a project entry ``pdl1 run`` analyses (``qp``: :mod:`bridge.qupath`, or a stand-in): the annotations
+    of the target classes or names (those without an area named and left out), else the cores of its TMA grid that
+    are not marked missing (each on its own: one TPS over all cores means nothing), else the whole image
+    (``targets`` empty). ``pdl1_analyze.groovy`` chooses by the same rule, after the selected objects.
+
+    Targets asked for that the entry lacks fail it, unless it has a TMA grid: its cores are what a TMA is scored by
+    (the target classes of a project's pdl1-config.toml name the annotations of its other images). A grid whose
+    every core is missing fails it too: the whole image would score them all as one.
+    """
+    asked = bool(config.target_classes or config.target_names)
+    found = _with_area(image, qp.annotation_targets(entry, classes=config.target_classes, names=config.target_names))
+    annotations = [Target(_annotation_label(a), "annotation", a, i) for i, a in enumerate(found)]
+    grid = [] if annotations else qp.tma_cores(entry)
+    cores = [Target(core_label(c.name, i), "TMA core", c, i) for i, c in enumerate(grid)]
+    choice = choose_targets(annotations=annotations, cores=cores, is_missing=lambda t: qp.core_is_missing(t.obj))
+    if choice.source == WHOLE_IMAGE and asked:
+        raise ProjectError(f"{image}: no annotation of class {config.target_classes} or name {config.target_names}")
+    if choice.source != TMA_CORES:
+        return choice
+    if asked:
+        log.info(
+            "%s: no annotation of class %s or name %s; its TMA cores are analysed instead",
+            image,
+            config.target_classes,
+            config.target_names,
+        )
+    if choice.missing:
+        names = ", ".join(t.label for t in choice.missing)
+        log.warning("%s: skipped %d TMA cores marked missing: %s", image, len(choice.missing), names)
+    if not choice.targets:
+        raise ProjectError(
+            f"{image}: every one of its {len(cores)} TMA cores is marked missing, so nothing is analysed (the whole "
+            "image would score all cores as one); in QuPath mark the cores that hold tissue as not missing, or "
+            "delete the TMA grid to analyse the whole image"
+        )
+    return choice
+
+
+def _annotation_label(annotation: Any) -> str:
+    return annotation.name or (annotation.path_class.id if annotation.path_class is not None else "annotation")
 
 
 def _with_area(image: str, targets: list[Any]) -> list[Any]:
@@ -794,6 +934,23 @@ def merge_entry_metadata(parts: list[tuple[dict[str, str], dict[str, int]]]) -> 
         cps = combined_positive_score(positive, sum(c["immune_positive"] for c in counts), positive + negative)
         meta["PD-L1 CPS"] = _percent_text(cps.percent)
     return meta
+
+
+def merged_scores(results: list[SlideResult]) -> tuple[Any, Any] | None:
+    """The TPS (and CPS where every target has one) of several analysed targets from their summed cell counts, as
+    :func:`merge_entry_metadata` computes them; None where a target has no TPS (no nuclei)."""
+    from inference import combined_positive_score, tumour_proportion_score
+
+    counts = [metadata_counts(r) for r in results]
+    if not all(counts):
+        return None
+    positive = sum(c["tumour_positive"] for c in counts)
+    negative = sum(c["tumour_negative"] for c in counts)
+    tps = tumour_proportion_score(positive, negative)
+    cps = None
+    if all("immune_positive" in c for c in counts):
+        cps = combined_positive_score(positive, sum(c["immune_positive"] for c in counts), positive + negative)
+    return tps, cps
 
 
 def _merge_metadata(results: list[SlideResult]) -> dict[str, str]:

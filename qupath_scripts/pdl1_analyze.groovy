@@ -1,12 +1,15 @@
 /*
  * pdl1_analyze.groovy - PD-L1 analysis with uncertainty from a running `pdl1 serve` (QuPath 0.4.4 to 0.7).
  *
- * Analyses the selected annotations; if none are selected, all annotations of the target classes or
- * names (those without an area, points or lines, are skipped and named); if there are none, the whole
- * image (under a "PD-L1 analysis" annotation). Results go under each analysed annotation, replacing
- * what an earlier pdl1-bridge run put there; nothing else is touched. An annotation the service refuses
- * (an outline that crosses itself, ...) is named and the others are analysed. Stop the script (or
- * close QuPath) and the job is cancelled on the server.
+ * Analyses the selected annotations or TMA cores; if none are selected, all annotations of the target
+ * classes or names (those without an area, points or lines, are skipped and named); if there are none and
+ * the image has a TMA grid (TMA > TMA dearrayer), every core not marked missing, each on its own (missing
+ * cores are named and left alone); else the whole image (under a "PD-L1 analysis" annotation). Results
+ * go under each analysed annotation or core, replacing what an earlier pdl1-bridge run put there; a
+ * core's TPS, CPS and counts are its measurements, which QuPath's TMA data viewer and Export TMA data
+ * show per core. Nothing else is touched. An annotation the service refuses (an outline that crosses
+ * itself, ...) is named and the others are analysed. Stop the script (or close QuPath) and the job is
+ * cancelled on the server.
  *
  * Settings: the project's pdl1-config.toml (beside project.qpproj; `pdl1 init-project` writes it, and
  * `pdl1 run` reads the same file) when there is one: [service] url, token, model and [analysis] outputs,
@@ -338,6 +341,35 @@ def splitByArea = { List objects ->
     def hasArea = { obj -> obj.getROI() != null && obj.getROI().isArea() }
     return [objects.findAll { hasArea(it) }, objects.findAll { !hasArea(it) }]
 }
+// What to analyse, as bridge/targets.py's choose_targets (a test keeps the two equal): the selected annotations and
+// TMA cores, else the annotations of the target classes or names, else the cores of the image's TMA grid (TMA > TMA
+// dearrayer), else the whole image (no targets). Cores marked missing are never analysed: they come back in missing,
+// also when selected (isMissing is asked of the selected objects and the cores). A grid whose every core is missing
+// gives no targets, not the whole image: one TPS over all cores means nothing. [source, targets, missing].
+def chooseTargets = { List selected, List annotations, List cores, Closure isMissing ->
+    if (!annotations.isEmpty() && selected.isEmpty())
+        return [source: "annotations", targets: annotations, missing: []]
+    for (choice in [["selection", selected], ["TMA cores", cores]]) {
+        List objects = choice[1]
+        if (!objects.isEmpty())
+            return [source: choice[0], targets: objects.findAll { !isMissing(it) }, missing: objects.findAll { isMissing(it) }]
+    }
+    return [source: "whole image", targets: [], missing: []]
+}
+// One target's score for the log, from its result's metadata (bridge/run.py: entry_metadata): ", TPS 12.0% (1-49%)",
+// the predicted TPS on H&E, the CPS too on an IHC; "" without nuclei. Each core's is its own (the entry's is merged).
+def targetScore = { Map metadata ->
+    def ihc = metadata.containsKey("PD-L1 TPS %")
+    def percent = metadata.get(ihc ? "PD-L1 TPS %" : "PD-L1 Predicted TPS % (H&E)")
+    if (!percent)
+        return ""
+    def category = metadata.get(ihc ? "PD-L1 TPS category" : "PD-L1 Predicted TPS category (H&E)")
+    def cps = metadata.get("PD-L1 CPS")
+    return ", ${ihc ? 'TPS' : 'predicted TPS (H&E)'} ${percent}% (${category})${cps ? ', CPS ' + cps : ''}".toString()
+}
+// A TMA core's name as QuPath shows it ("A-1" from the dearrayer), else its place in the grid (bridge/targets.py:
+// core_label).
+def coreLabel = { String name, int index -> name ? name : "core ${index + 1}".toString() }
 // This tool's earlier objects of a parent's analysis, as bridge's _own_descendants finds them (a test keeps the two
 // equal): anywhere under it, except under another analysed annotation (it carries ANALYSED_SIGNATURE; its results
 // are its own), and those QuPath's Resolve hierarchy moved out of it. Resolve hierarchy moves the nuclei and tiles
@@ -355,8 +387,11 @@ def splitByArea = { List objects ->
 // region, the smaller neighbour's nuclei in it). own: the isOwn test. Measurement lists are read only
 // of annotations here (PathObject.getMeasurementList() creates an empty one on an object without).
 def ANALYSED_SIGNATURE = "PD-L1: Uncertainty flag"  // bridge/objects.py: every analysed parent carries it
+// An analysed parent is an annotation or a TMA core (isTMACore(): PathObject.java v0.4.4:621, v0.5.1:621, v0.6.0:563,
+// v0.7.0:561; a core is no annotation), as bridge's _own_or_analysed: an analysed core's results are its own.
 def isAnalysed = { obj ->
-    return obj.isAnnotation() && !Double.isNaN(obj.getMeasurementList().get(ANALYSED_SIGNATURE) as double)
+    return (obj.isAnnotation() || obj.isTMACore()) &&
+            !Double.isNaN(obj.getMeasurementList().get(ANALYSED_SIGNATURE) as double)
 }
 def ownUnder = { top, Closure own ->
     def out = []
@@ -373,7 +408,7 @@ def ownUnder = { top, Closure own ->
 }
 // Whether a JTS geometry (ROI.getGeometry(), 0.4.4 to 0.7) shares more than a boundary with the area.
 def overlaps = { geometry, area -> area.intersects(geometry) && !area.touches(geometry) }
-// Every analysed annotation below top, as bridge's _analysed_under: only annotations and TMA cores hold annotations
+// Every analysed annotation (or core) below top, as bridge's _analysed_under: only annotations and TMA cores hold annotations
 // (PathObjectHierarchy.insertPathObject puts none under a detection, v0.4.4:336-350): detections are not looked into.
 def analysedUnder = { top ->
     def out = []
@@ -570,14 +605,35 @@ def isOwn = { PathObject obj ->
     return false
 }
 
-// What to analyse.
+// What to analyse (chooseTargets). A TMA core is analysed as an annotation is: its ROI is sent, the results go under
+// it and its measurements are the core's, which QuPath's TMA data viewer and Export TMA data show per core. Calls the
+// same on 0.4.4 to 0.7: hierarchy.getTMAGrid() (null without a grid; PathObjectHierarchy.java v0.4.4:183, v0.5.1:184,
+// v0.6.0:153, v0.7.0:152), TMAGrid.getTMACoreList() (TMAGrid.java:78 on all four), TMACoreObject.isMissing()
+// (v0.4.4:103, v0.5.1:103, v0.6.0:102, v0.7.0:101), PathObject.isTMACore() (PathObject.java v0.4.4:621, v0.7.0:561).
 def hierarchy = imageData.getHierarchy()
-def targets = getSelectedObjects().findAll { it.isAnnotation() && !isOwn(it) }
-if (targets.isEmpty() && !(TARGET_CLASSES.isEmpty() && TARGET_NAMES.isEmpty()))
-    targets = hierarchy.getAnnotationObjects().findAll {
-        !isOwn(it) && ((it.getPathClass() != null && it.getPathClass().toString() in TARGET_CLASSES) ||
-                (it.getName() != null && it.getName() in TARGET_NAMES))
-    }
+def grid = hierarchy.getTMAGrid()
+def cores = grid == null ? [] : grid.getTMACoreList().toList()
+def coreMissing = { obj -> obj.isTMACore() && obj.isMissing() }
+def label = { obj ->
+    if (obj.isTMACore())
+        return "TMA core " + coreLabel(obj.getName(), cores.findIndexOf { it.is(obj) })
+    return (obj.getName() ?: obj.getPathClass() ?: "annotation").toString()
+}
+def selected = getSelectedObjects().findAll { (it.isAnnotation() || it.isTMACore()) && !isOwn(it) }
+def configured = (TARGET_CLASSES.isEmpty() && TARGET_NAMES.isEmpty()) ? [] : hierarchy.getAnnotationObjects().findAll {
+    !isOwn(it) && ((it.getPathClass() != null && it.getPathClass().toString() in TARGET_CLASSES) ||
+            (it.getName() != null && it.getName() in TARGET_NAMES))
+}
+def choice = chooseTargets(selected, configured, cores, coreMissing)
+choice.missing.each { println "pdl1: skipped ${label(it)}: it is marked missing" }
+if (choice.source == "TMA cores")
+    println "pdl1: TMA grid: analysing ${choice.targets.size()} of its ${cores.size()} cores one by one"
+if (choice.source in ["selection", "TMA cores"] && choice.targets.isEmpty()) {
+    println "pdl1: nothing analysed: every ${choice.source == 'selection' ? 'selected ' : ''}TMA core is marked missing; " +
+            "mark the cores that hold tissue as not missing" + (choice.source == "selection" ? ", or select others" : "")
+    return
+}
+def targets = choice.targets
 def (analysable, skipped) = splitByArea(targets)
 skipped.each {
     println "pdl1: skipped ${it.getName() ?: it.getPathClass() ?: 'an annotation'}: a ${it.getROI()?.getRoiName() ?: 'ROI-less'} " +
@@ -628,7 +684,7 @@ for (parent in targets) {
                 .POST(HttpRequest.BodyPublishers.ofString(gson.toJson(body))).build())
     } catch (IOException e) {
         // A request the service refuses (an ROI that crosses itself, ...) is this target's problem: go on with the next.
-        println "pdl1: ${parent.getName() ?: parent.getPathClass() ?: 'annotation'} not analysed: ${e.getMessage()}"
+        println "pdl1: ${label(parent)} not analysed: ${e.getMessage()}"
         continue
     }
     def jobId = accepted.get("job_id")
@@ -709,7 +765,7 @@ for (parent in targets) {
         metadataWritten = true
     }
     done++
-    println "pdl1: ${objects.size()} objects under ${parent.getName() ?: parent.getPathClass() ?: 'annotation'}"
+    println "pdl1: ${objects.size()} objects under ${label(parent)}${targetScore(pdl1.get('metadata'))}"
     // Why a result needs a pathologist's look, each with its value and limit (the flag says only that it does).
     (pdl1.get("review_reasons") ?: []).each { r ->
         println "pdl1: review: ${r.get('reason')} (${r.get('value')}, limit ${r.get('limit')})"
@@ -732,4 +788,4 @@ if (metadataWritten && project != null) {
                 "save the project from QuPath"
     }
 }
-println "pdl1: analysed ${done} of ${targets.size()} regions of ${server.getMetadata().getName()}"
+println "pdl1: analysed ${done} of ${targets.size()} ${choice.source == 'TMA cores' ? 'TMA cores' : 'regions'} of ${server.getMetadata().getName()}"

@@ -98,8 +98,11 @@ def setParentMeasurements = { ml, Map fresh ->
 // region, the smaller neighbour's nuclei in it). own: the isOwn test. Measurement lists are read only
 // of annotations here (PathObject.getMeasurementList() creates an empty one on an object without).
 def ANALYSED_SIGNATURE = "PD-L1: Uncertainty flag"  // bridge/objects.py: every analysed parent carries it
+// An analysed parent is an annotation or a TMA core (isTMACore(): PathObject.java v0.4.4:621, v0.5.1:621, v0.6.0:563,
+// v0.7.0:561; a core is no annotation), as bridge's _own_or_analysed: an analysed core's results are its own.
 def isAnalysed = { obj ->
-    return obj.isAnnotation() && !Double.isNaN(obj.getMeasurementList().get(ANALYSED_SIGNATURE) as double)
+    return (obj.isAnnotation() || obj.isTMACore()) &&
+            !Double.isNaN(obj.getMeasurementList().get(ANALYSED_SIGNATURE) as double)
 }
 def ownUnder = { top, Closure own ->
     def out = []
@@ -116,7 +119,7 @@ def ownUnder = { top, Closure own ->
 }
 // Whether a JTS geometry (ROI.getGeometry(), 0.4.4 to 0.7) shares more than a boundary with the area.
 def overlaps = { geometry, area -> area.intersects(geometry) && !area.touches(geometry) }
-// Every analysed annotation below top, as bridge's _analysed_under: only annotations and TMA cores hold annotations
+// Every analysed annotation (or core) below top, as bridge's _analysed_under: only annotations and TMA cores hold annotations
 // (PathObjectHierarchy.insertPathObject puts none under a detection, v0.4.4:336-350): detections are not looked into.
 def analysedUnder = { top ->
     def out = []
@@ -237,6 +240,18 @@ def rehomeOthers = { List old, parent ->
         }
     }
 }
+// What to say when whole-image results go into an image with a TMA grid (hierarchy.getTMAGrid(), null without one:
+// PathObjectHierarchy.java v0.4.4:183, v0.7.0:152): `pdl1 run` without QuPath cannot read the grid (it lives in
+// data.qpdata, which only QuPath reads), so it analysed the image as one region and its one TPS is over all cores.
+// null when there is no grid.
+def tmaGridNote = { grid, String image ->
+    if (grid == null)
+        return null
+    return ("pdl1: ${image} has a TMA grid, but these results are of the whole image analysed as one region (`pdl1 " +
+            "run` without QuPath cannot see the grid), so the TPS is over all cores, not per core. To score each " +
+            "core on its own, run pdl1_analyze.groovy on this image with `pdl1 serve` running, or `pdl1 run` on the " +
+            "project with QuPath installed (paquo finds it through PAQUO_QUPATH_DIR)").toString()
+}
 // ---- end of helpers ------------------------------------------------------------------------
 
 def project = getProject()
@@ -298,6 +313,9 @@ if (parent == null) {
 }
 parent.addChildObjects(children)
 fireHierarchyUpdate()
+def tmaNote = tmaGridNote(hierarchy.getTMAGrid(), entry.getImageName())
+if (tmaNote != null)
+    println tmaNote
 
 def summaryFile = new File(folder, "summary.json")
 if (summaryFile.isFile()) {

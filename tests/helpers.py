@@ -142,10 +142,11 @@ def assert_device_blocks_match_cpu(
 
 class JavaPathObject:
     """What bridge.qupath calls of a Java PathObject, as QuPath 0.4.4 to 0.6 behave (PathObject.java); ``label``
-    names it in a test's expectations."""
+    names it in a test's expectations. Kind "TMA core" is a TMACoreObject: no annotation, no detection."""
 
-    def __init__(self, kind, geometry, cls=None, name=None, measurements=None, kids=(), *, label=None):
+    def __init__(self, kind, geometry, cls=None, name=None, measurements=None, kids=(), *, label=None, missing=False):
         self.kind, self.geometry, self.name, self.measurements = kind, geometry, name, dict(measurements or {})
+        self.missing = missing  # a TMA core's (kind "TMA core") missing flag
         self.cls = None if cls is None else type("PathClass", (), {"toString": lambda _self: cls})()
         self.label, self.parent, self.kids = label, None, []
         self.addChildObjects(kids)
@@ -177,6 +178,12 @@ class JavaPathObject:
 
     def isDetection(self):  # noqa: N802
         return self.kind in ("detection", "tile")
+
+    def isTMACore(self):  # noqa: N802
+        return self.kind == "TMA core"
+
+    def isMissing(self):  # noqa: N802 - TMACoreObject only
+        return self.missing
 
 
 def paquo_stand_ins(monkeypatch, remove_objects):

@@ -395,6 +395,59 @@ println JsonOutput.toJson([analysable: analysable*.label, skipped: skipped*.labe
     assert "try {" in body[post - 80 : post] and "continue" in body[post : post + 500]
 
 
+@needs_groovy
+def test_the_script_chooses_its_targets_as_pdl1_run_does(tmp_path):
+    # A dearrayed TMA was analysed as one region (one TPS over every core). The script's rule, and bridge's
+    # (choose_targets, which pdl1 run follows without a selection): the selection, the target annotations, the TMA
+    # cores not marked missing, the whole image; a name ending in * is a core marked missing.
+    from bridge.targets import choose_targets, core_label
+    from tests.test_targets import CHOICES
+
+    cases = json.dumps([[selected, annotations, cores] for selected, annotations, cores, _ in CHOICES])
+    driver = (
+        "for (c in new groovy.json.JsonSlurper().parseText('" + cases + "')) {\n"
+        '    def chosen = chooseTargets(c[0], c[1], c[2], { String it -> it.endsWith("*") })\n'
+        "    println JsonOutput.toJson([chosen.source, chosen.targets, chosen.missing])\n"
+        "}\n"
+        'println JsonOutput.toJson([coreLabel("A-1", 0), coreLabel(null, 4), coreLabel("", 1)])\n'
+    )
+    *chosen, labels = run_groovy(tmp_path, driver)
+    expected = [
+        choose_targets(selected=s, annotations=a, cores=c, is_missing=lambda n: n.endswith("*"))
+        for s, a, c, _ in CHOICES
+    ]
+    assert chosen == [[e.source, list(e.targets), list(e.missing)] for e in expected]
+    assert chosen == [list(e) for *_, e in CHOICES]
+    assert labels == [core_label("A-1", 0), core_label(None, 4), core_label("", 1)] == ["A-1", "core 5", "core 2"]
+
+
+def test_the_script_offers_the_selection_the_target_annotations_and_the_tma_grid_to_the_rule():
+    code = re.sub(r"//.*", "", ANALYZE.read_text().replace(helpers(), ""))
+    assert "def grid = hierarchy.getTMAGrid()" in code and "grid.getTMACoreList()" in code
+    assert "def coreMissing = { obj -> obj.isTMACore() && obj.isMissing() }" in code
+    assert "getSelectedObjects().findAll { (it.isAnnotation() || it.isTMACore()) && !isOwn(it) }" in code
+    assert "def choice = chooseTargets(selected, configured, cores, coreMissing)" in code
+    assert "def targets = choice.targets" in code and "splitByArea(targets)" in code
+    # A grid whose every core is missing is not analysed as one region: the script stops before the whole image.
+    stop = code.index('choice.source in ["selection", "TMA cores"] && choice.targets.isEmpty()')
+    assert "return" in code[stop : stop + 400] and stop < code.index("createFullImageAnnotation(")
+
+
+@needs_groovy
+def test_the_import_says_when_whole_image_results_go_into_an_image_with_a_tma_grid(tmp_path):
+    # pdl1 run without QuPath cannot read the TMA grid (in data.qpdata): its one TPS over all cores was imported as if
+    # nothing were amiss.
+    driver = (
+        'println JsonOutput.toJson([none: tmaGridNote(null, "tma.svs"), grid: tmaGridNote(new Object(), "tma.svs")])\n'
+    )
+    (said,) = run_groovy(tmp_path, driver, IMPORT)
+    assert said["none"] is None
+    assert said["grid"].startswith("pdl1: tma.svs has a TMA grid, but these results are of the whole image")
+    assert "pdl1_analyze.groovy" in said["grid"] and "`pdl1 run` on the project with QuPath installed" in said["grid"]
+    code = re.sub(r"//.*", "", IMPORT.read_text().replace(helpers(IMPORT), ""))
+    assert "tmaGridNote(hierarchy.getTMAGrid(), entry.getImageName())" in code
+
+
 MERGE_CASES = [
     # (stain, [(counts of one analysed annotation) ...]); the metadata is what bridge.run.entry_metadata writes.
     ("H&E", [{"tumour_positive": 40, "tumour_negative": 60}, {"tumour_positive": 10, "tumour_negative": 40}]),
@@ -493,7 +546,7 @@ def test_a_rerun_finds_its_objects_that_resolve_hierarchy_moved_under_its_region
 class Ml { Map m = [:]; double get(String k) { m.containsKey(k) ? m[k] : Double.NaN } }
 class Node { String name; boolean own; boolean annotation = true; Ml ml = new Ml(); List kids = []; Node up
     Object[] getChildObjectsAsArray() { kids.toArray() }; Ml getMeasurementList() { ml }; Node getParent() { up }
-    boolean isAnnotation() { annotation } }
+    boolean isAnnotation() { annotation }; boolean isTMACore() { false } }
 def n = { String name, boolean own, List kids = [] ->
     def node = new Node(name: name, own: own, kids: kids, annotation: !(name =~ /nucleus|tile/))
     kids.each { it.up = node }
@@ -561,6 +614,9 @@ def test_bridge_finds_the_same_objects_of_its_earlier_run_as_the_scripts(monkeyp
 
         def isAnnotation(self):  # noqa: N802
             return self.kind == "annotation"
+
+        def isTMACore(self):  # noqa: N802
+            return False
 
     def nucleus(name):
         return Obj(name, "detection", "Tumor: Positive", ["PD-L1 positive probability"])
@@ -844,8 +900,89 @@ CENTROID_ON_THE_EDGE_RERUN_LEAVES = {
     "yours centred on its edge": "ROI",
     "yours centred out of it": "your note across the edge",
 }
+
+
+def _core(label, geometry, parent="root"):
+    """A TMA core (TMACoreObject: no annotation, no detection) analysed by this tool: it carries the signature."""
+    from bridge.objects import ANALYSED_SIGNATURE
+
+    return (label, "TMA core", None, label, {ANALYSED_SIGNATURE: 0.0, "PD-L1: TPS %": 5.0}, geometry, parent)
+
+
+def _tma_tree():
+    """Two analysed TMA cores of a dearrayed grid, a hotspot analysed inside the first, and what Resolve hierarchy
+    left: the first core's region over its edge beside it, at the root; the core's region reaching into the hotspot
+    (not covered by it) stays in the core. A core's results are its own, as an analysed annotation's."""
+    from shapely.geometry import Point, box
+
+    ours = _ours
+    return [
+        ("root", "root", None, None, {}, None, None),
+        _core("A-1", Point(1000, 1000).buffer(500)),
+        _core("A-2", Point(2200, 1000).buffer(500)),
+        ours("core's region", "annotation", box(1000, 900, 1300, 1100), "A-1", "PD-L1 positive"),
+        ours("core's nucleus", "detection", box(1248, 998, 1252, 1002), "A-1", "Tumor: Positive"),
+        ours("core's tile", "tile", box(1200, 1150, 1300, 1250), "A-1"),
+        ours("core's region over its edge", "annotation", box(1400, 950, 1550, 1050), "root", "PD-L1 positive"),
+        _analysed("hotspot", box(800, 800, 1100, 1200), "A-1"),
+        ours("hotspot's nucleus", "detection", box(948, 998, 952, 1002), "hotspot", "Tumor: Negative"),
+        ours("hotspot's region", "annotation", box(850, 850, 950, 950), "hotspot", "PD-L1 positive"),
+        ours("A-2's nucleus", "detection", box(2198, 998, 2202, 1002), "A-2", "Other"),
+    ]
+
+
+TMA_CORE_RERUN_REMOVES = ["core's nucleus", "core's region", "core's region over its edge", "core's tile"]
+TMA_CORE_RERUN_LEAVES = {
+    "A-1": "root",
+    "A-2": "root",
+    "A-2's nucleus": "A-2",
+    "hotspot": "A-1",
+    "hotspot's nucleus": "hotspot",
+    "hotspot's region": "hotspot",
+}
+# The hotspot's re-run leaves the core's results, also its region reaching into the hotspot: taken for no analysed
+# parent, the core was walked into and that region, overlapping the hotspot, was removed as the hotspot's.
+HOTSPOT_IN_CORE_RERUN_REMOVES = ["hotspot's nucleus", "hotspot's region"]
+HOTSPOT_IN_CORE_RERUN_LEAVES = {
+    "A-1": "root",
+    "A-2": "root",
+    "A-2's nucleus": "A-2",
+    "hotspot": "A-1",
+    "core's region": "A-1",
+    "core's nucleus": "A-1",
+    "core's tile": "A-1",
+    "core's region over its edge": "root",
+}
+
+
+def _touching_cores_tree():
+    """Two analysed TMA cores whose circles overlap a little (a dearrayer's core diameter set large), and each one's
+    region over the edge between them, beside both: each belongs to the core holding more of it."""
+    from shapely.geometry import Point, box
+
+    ours = _ours
+    return [
+        ("root", "root", None, None, {}, None, None),
+        _core("A-1", Point(1000, 1000).buffer(520)),
+        _core("A-2", Point(2000, 1000).buffer(520)),
+        ours("A-1's nucleus", "detection", box(998, 998, 1002, 1002), "A-1", "Tumor: Positive"),
+        ours("A-1's region over the edge", "annotation", box(1300, 950, 1510, 1050), "root", "PD-L1 positive"),
+        ours("A-2's region over the edge", "annotation", box(1490, 950, 1700, 1050), "root", "PD-L1 positive"),
+    ]
+
+
+TOUCHING_CORES_RERUN_REMOVES = ["A-1's nucleus", "A-1's region over the edge"]
+TOUCHING_CORES_RERUN_LEAVES = {"A-1": "root", "A-2": "root", "A-2's region over the edge": "root"}
 # case: (tree, the annotation re-run, what it removes, where everything else is after it)
 RERUN_CASES = {
+    "tma-core": (_tma_tree, "A-1", TMA_CORE_RERUN_REMOVES, TMA_CORE_RERUN_LEAVES),
+    "hotspot-in-an-analysed-tma-core": (
+        _tma_tree,
+        "hotspot",
+        HOTSPOT_IN_CORE_RERUN_REMOVES,
+        HOTSPOT_IN_CORE_RERUN_LEAVES,
+    ),
+    "tma-cores-overlapping": (_touching_cores_tree, "A-1", TOUCHING_CORES_RERUN_REMOVES, TOUCHING_CORES_RERUN_LEAVES),
     "roi": (lambda: _resolved_tree(), "ROI", RERUN_REMOVES, RERUN_LEAVES),
     "roi-in-an-analysed-outline": (
         lambda: _resolved_tree(nested=True),
@@ -1024,6 +1161,7 @@ class Node {{                                           // a PathObject's calls 
     boolean isTile() {{ kind == "tile" }}
     boolean isAnnotation() {{ kind == "annotation" }}
     boolean isDetection() {{ kind in ["detection", "tile"] }}
+    boolean isTMACore() {{ kind == "TMA core" }}
     void addChildObjects(Collection objects) {{         // takes each from its old parent first
         objects.each {{ o -> if (o.up != null) o.up.kids.removeIf {{ it.is(o) }}; o.up = this; kids << o }}
     }}

@@ -400,3 +400,91 @@ def test_a_case_of_an_h_and_e_and_its_ihc_is_analysed_each_on_its_path_and_compa
         assert "PD-L1: CPS" in parent.measurements and "PD-L1: SUA candidates" not in parent.measurements
     pairs = json.loads((project_dir / "pdl1" / "pairs.json").read_text())["cases"]
     assert pairs["case A"]["registration"]["ok"] and pairs["case A"]["comparison"]["dice"] > 0.6
+
+
+def _add_tma_grid(hierarchy, cores):
+    """A dearrayed TMA grid through QuPath's Java API (paquo 0.9 has none): ``cores`` are (name, x, y, diameter,
+    missing). PathObjects.createTMACoreObject(xCenter, yCenter, diameter, isMissing) (PathObjects.java v0.4.4:103,
+    v0.6.0:103), DefaultTMAGrid.create(cores, gridWidth) (DefaultTMAGrid.java v0.4.4:63, v0.6.0:63) and
+    PathObjectHierarchy.setTMAGrid (v0.4.4:215, v0.6.0:171), which adds the cores to the hierarchy."""
+    from paquo.java import ArrayList, JClass, PathObjects
+
+    made = ArrayList()
+    for name, x, y, diameter, missing in cores:
+        core = PathObjects.createTMACoreObject(float(x), float(y), float(diameter), bool(missing))
+        core.setName(name)
+        made.add(core)
+    grid = JClass("qupath.lib.objects.hierarchy.DefaultTMAGrid").create(made, 2)
+    hierarchy.java_object.setTMAGrid(grid)
+
+
+def _cores(project_dir):
+    """Each core of the first entry's grid: (name, missing, its PD-L1 measurements, its children's classes)."""
+    from paquo.projects import QuPathProject
+
+    from bridge import qupath
+
+    with QuPathProject(project_dir, mode="r") as qp:
+        out = {}
+        for core in qupath.tma_cores(qp.images[0]):
+            kids = Counter(
+                "tile" if kid.isTile() else str(kid.getPathClass()) for kid in core.java_object.getChildObjectsAsArray()
+            )
+            measured = {k: v for k, v in core.measurements.items() if k.startswith("PD-L1: ")}
+            out[core.name] = (qupath.core_is_missing(core), measured, dict(kids))
+        annotations = sorted(str(a.name) for a in qp.images[0].hierarchy.annotations)  # ours are unnamed: "None"
+        return out, annotations, dict(qp.images[0].metadata)
+
+
+def test_a_tma_is_analysed_core_by_core_a_missing_core_left_alone_and_a_rerun_replaces_per_core(
+    tmp_path, phantom_svs, models
+):
+    import csv
+
+    from paquo.projects import QuPathProject
+
+    project_dir = tmp_path / "qp"
+    init_project_qupath(project_dir, [phantom_svs])
+    with QuPathProject(project_dir, mode="r+") as qp:  # leaving saves the entry: setTMAGrid fires a hierarchy event
+        _add_tma_grid(
+            qp.images[0].hierarchy,
+            [
+                ("A-1", 550, 550, 900, False),
+                ("B-1", 1500, 550, 900, True),
+                ("A-2", 550, 1500, 900, False),
+                ("B-2", 1500, 1500, 900, False),
+            ],
+        )
+    config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="always")
+    (done,) = run_batch([project_dir], config, models=models)
+    assert done.state == "done", done.error
+    cores, annotations, metadata = _cores(project_dir)
+    assert list(cores) == ["A-1", "B-1", "A-2", "B-2"]
+    assert "PD-L1 analysis" not in annotations  # no whole-image parent: each core is its own
+    missing, measured, kids = cores["B-1"]
+    assert missing and measured == {} and kids == {}  # left alone
+    for name in ("A-1", "A-2", "B-2"):
+        missing, measured, kids = cores[name]
+        assert not missing
+        assert {"PD-L1: Uncertainty flag", "PD-L1: Predicted TPS % (H&E)", "PD-L1: Num Tumor: Positive"} <= set(
+            measured
+        )
+        assert kids.get("tile", 0) > 0 and kids.get("Tumor: Positive", 0) + kids.get("Tumor: Negative", 0) > 0
+    with (project_dir / "pdl1" / "targets.csv").open(newline="", encoding="utf-8") as fh:
+        table = {r["target"]: r for r in csv.DictReader(fh)}
+    assert [(t, r["state"]) for t, r in table.items()] == [
+        ("A-1", "analysed"),
+        ("B-1", "missing"),
+        ("A-2", "analysed"),
+        ("B-2", "analysed"),
+    ]
+    for name in ("A-1", "A-2", "B-2"):
+        assert table[name]["tps_percent"] == f"{cores[name][1]['PD-L1: Predicted TPS % (H&E)']:.1f}"
+    assert metadata["PD-L1 run"] == done.run_id
+
+    # Re-run: each core's objects replaced, none duplicated, the missing core still untouched.
+    (again,) = run_batch([project_dir], config, models=models)
+    assert again.state == "done", again.error
+    after, annotations_after, _ = _cores(project_dir)
+    assert {n: kids for n, (_, _, kids) in after.items()} == {n: kids for n, (_, _, kids) in cores.items()}
+    assert annotations_after == annotations

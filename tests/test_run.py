@@ -483,6 +483,7 @@ def fake_qupath(monkeypatch, fixtures_dir):
     monkeypatch.setattr(qupath, "open_project", open_project)
     monkeypatch.setattr(qupath, "ensure_classes", lambda project: None)
     monkeypatch.setattr(qupath, "annotation_targets", annotation_targets)
+    monkeypatch.setattr(qupath, "tma_cores", lambda entry: [])  # no TMA grid
     monkeypatch.setattr(qupath, "find_or_create_analysis_parent", lambda entry, geometry: object())
     monkeypatch.setattr(qupath, "write_children", lambda entry, parent, objects, measurements: 0)
     return seen
@@ -915,3 +916,79 @@ def test_a_full_disk_fails_the_image_naming_the_file_and_the_fix_and_the_batch_g
         r"drive, then run again with --resume \(it keeps the images already done\)",
         outcomes[0].error,
     )
+
+
+def test_through_qupath_a_tma_is_analysed_core_by_core_and_its_table_has_a_row_per_core(
+    tmp_path, slides, models, fake_qupath, monkeypatch
+):
+    # A dearrayed TMA was analysed as one region: one TPS over every core, meaningless for a TMA. Each core not marked
+    # missing is analysed on its own, its results under it; a missing core is left alone and named in targets.csv.
+    import csv
+    from types import SimpleNamespace
+
+    import shapely
+
+    from bridge import qupath
+
+    def core(name, x, y, *, missing=False):
+        java = SimpleNamespace(isMissing=lambda: missing)  # TMACoreObject.isMissing()
+        return SimpleNamespace(name=name, path_class=None, roi=shapely.Point(x, y).buffer(300), java_object=java)
+
+    cores = [core("A-1", 400, 400), core("A-2", 1100, 400, missing=True), core("B-1", 400, 1100)]
+    written = []
+    monkeypatch.setattr(qupath, "tma_cores", lambda entry: cores)
+    monkeypatch.setattr(
+        qupath, "write_children", lambda entry, parent, objects, measurements: written.append((parent, measurements))
+    )
+    project = tmp_path / "project"
+    init_project_files(project, [slides[0]])
+    config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="always", stain="H&E")
+    (done,) = run_batch([project], config, models=models)
+    assert done.state == "done", done.error
+    assert [parent.name for parent, _ in written] == ["A-1", "B-1"]  # no PD-L1 analysis annotation, not A-2
+    assert all("PD-L1: Predicted TPS % (H&E)" in m for _, m in written)
+
+    summary = json.loads((project / "pdl1" / "1" / "summary.json").read_text())
+    with (project / "pdl1" / "targets.csv").open(newline="", encoding="utf-8") as fh:
+        table = list(csv.DictReader(fh))
+    assert [(r["image"], r["entry_id"], r["target"], r["target_type"], r["state"]) for r in table] == [
+        ("s31.svs", "1", "A-1", "TMA core", "analysed"),
+        ("s31.svs", "1", "A-2", "TMA core", "missing"),
+        ("s31.svs", "1", "B-1", "TMA core", "analysed"),
+    ]
+    tps = [m["PD-L1: Predicted TPS % (H&E)"] for _, m in written]
+    assert [r["tps_percent"] for r in table] == [f"{tps[0]:.1f}", "", f"{tps[1]:.1f}"]
+    assert [r["tumour_cells"] for r in table if r["state"] == "analysed"] == [
+        str(int(m["PD-L1: Num Tumor: Positive"] + m["PD-L1: Num Tumor: Negative"])) for _, m in written
+    ]
+    # The image's score is over both cores' cells, as its entry metadata; the run id is the metadata's, so --resume
+    # takes the image for finished (with the first core's id it took the project for unsaved and ran it again).
+    metadata = read_project(project).entries[0].metadata
+    assert summary["metadata"] == {k: metadata[k] for k in summary["metadata"]}
+    assert f"{summary['tps_percent']:.1f}" == metadata["PD-L1 Predicted TPS % (H&E)"]
+    assert summary["run_id"] == metadata["PD-L1 run"] == done.run_id
+    written.clear()
+    (again,) = run_batch([project], RunConfig(pipeline=config.pipeline, qupath="always", resume=True), models=models)
+    assert again.state == "skipped" and written == []
+    with (project / "pdl1" / "targets.csv").open(newline="", encoding="utf-8") as fh:
+        assert [r["target"] for r in csv.DictReader(fh)] == ["A-1", "A-2", "B-1"]  # kept rows of a skipped image
+
+
+def test_without_qupath_the_table_has_the_whole_image_and_the_report_still_reads(tmp_path, slides, models):
+    import csv
+
+    project = tmp_path / "project"
+    init_project_files(project, [slides[1]])
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never")
+    (done,) = run_batch([project], config, models=models)
+    assert done.state == "done", done.error
+    with (project / "pdl1" / "targets.csv").open(newline="", encoding="utf-8") as fh:
+        (row,) = csv.DictReader(fh)
+    assert (row["image"], row["target"], row["target_type"], row["tps_percent"]) == (
+        "s32.svs",
+        "PD-L1 analysis",
+        "whole image",
+        "",  # no nuclei, no TPS
+    )
+    html_path, csv_path = write_report(project)
+    assert html_path.is_file() and csv_path.is_file()

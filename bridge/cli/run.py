@@ -25,6 +25,7 @@ from bridge.cli.common import (
 )
 from bridge.options import option_setting
 from bridge.project_config import ProjectConfig, config_path_for, problem_with, read_project_config
+from bridge.targets import TARGETS_FILE
 from inference import Pdl1Error
 
 # --stain's words -> the stain a model manifest names.
@@ -150,7 +151,8 @@ def run(
         typer.Option(
             "--class",
             help="Analyse annotations of this class (repeatable; needs QuPath). Default: from pdl1-config.toml "
-            "(target_classes), else none: the whole tissue of each image.",
+            "(target_classes), else none: each TMA core of an image with a TMA grid (through QuPath), else the "
+            "whole tissue of each image.",
         ),
     ] = None,
     target_name: Annotated[
@@ -317,6 +319,8 @@ def run(
     """Analyse every image on its stain's path (H&E: ensemble, SUA, predicted TPS; IHC: TPS, CPS), write to QuPath.
 
     Models, targets, outputs and device default to the project's pdl1-config.toml; options override it.
+    Through QuPath a dearrayed TMA is analysed core by core (cores marked missing are left alone).
+    Each analysed target's score (TMA core, annotation or whole image) goes to pdl1/targets.csv.
 
     Exits non-zero when any image failed; the others are finished and written all the same.
     """
@@ -420,6 +424,9 @@ def run(
     pairs = folder / "pdl1" / "pairs.json"
     if pairs.is_file() and pairs.stat().st_mtime >= started:
         pairs_table(pairs)
+    targets = folder / "pdl1" / TARGETS_FILE
+    if targets.is_file() and targets.stat().st_mtime >= started:
+        stdout().print(f"per-target results: {targets}", markup=False, highlight=False, soft_wrap=True)
     if report:
         from bridge.report import write_report
 

@@ -1,0 +1,180 @@
+"""What of an image an analysis runs on (annotations, TMA cores or the whole image), and the per-target table.
+
+No QuPath here: ``bridge.qupath`` hands in paquo's objects, the tests plain ones. ``pdl1_analyze.groovy`` chooses
+its targets by the same rule (its ``chooseTargets``; a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from bridge.atomic import replace_atomically
+from bridge.project import review_reason_text
+
+T = TypeVar("T")
+
+# Where the targets came from (TargetChoice.source), in the order the rule tries them.
+SELECTION = "selection"  # the objects selected in QuPath (pdl1_analyze.groovy only)
+ANNOTATIONS = "annotations"  # the annotations of the target classes or names
+TMA_CORES = "TMA cores"  # the cores of the image's TMA grid (TMA > TMA dearrayer)
+WHOLE_IMAGE = "whole image"  # none of those: the image under a "PD-L1 analysis" annotation
+
+TARGETS_FILE = "targets.csv"  # <project>/pdl1/targets.csv, or <--out>/pdl1/targets.csv for plain slides
+MISSING = "missing"  # TargetRow.state of a TMA core marked missing: left alone, no numbers
+
+
+@dataclass(frozen=True)
+class TargetChoice(Generic[T]):
+    """The targets of one image, where they came from, and the TMA cores marked missing that are left alone."""
+
+    source: str
+    targets: tuple[T, ...]
+    missing: tuple[T, ...] = ()
+
+
+def choose_targets(
+    *,
+    selected: Sequence[T] = (),
+    annotations: Sequence[T] = (),
+    cores: Sequence[T] = (),
+    is_missing: Callable[[T], bool],
+) -> TargetChoice[T]:
+    """The first of: the selected objects, the annotations of the target classes or names, the TMA cores, the whole
+    image. Cores marked missing (set in QuPath, or by the dearrayer where it found no tissue) are never analysed:
+    they go to ``missing``, also when selected (``is_missing`` is asked of the selected objects and the cores). A
+    grid whose every core is missing gives no targets (not the whole image, whose one TPS over all cores would mean
+    nothing): the caller says so.
+
+    >>> cores = ["A-1", "A-2 (missing)", "B-1"]
+    >>> missing = lambda c: c.endswith("(missing)")
+    >>> choose_targets(cores=cores, is_missing=missing)
+    TargetChoice(source='TMA cores', targets=('A-1', 'B-1'), missing=('A-2 (missing)',))
+    >>> choose_targets(annotations=["Tumor 1"], cores=cores, is_missing=missing).targets
+    ('Tumor 1',)
+    >>> choose_targets(is_missing=missing)
+    TargetChoice(source='whole image', targets=(), missing=())
+    """
+    if annotations and not selected:
+        return TargetChoice(ANNOTATIONS, tuple(annotations))  # annotations are never missing: not asked
+    for source, objects in ((SELECTION, selected), (TMA_CORES, cores)):
+        if objects:
+            present = tuple(o for o in objects if not is_missing(o))
+            return TargetChoice(source, present, tuple(o for o in objects if is_missing(o)))
+    return TargetChoice(WHOLE_IMAGE, ())
+
+
+def core_label(name: str | None, index: int) -> str:
+    """A TMA core's name as QuPath shows it ("A-1" from the dearrayer), or its place in the grid's list when it has
+    none (a grid built by a script).
+
+    >>> core_label("A-1", 0), core_label(None, 4)
+    ('A-1', 'core 5')
+    """
+    return name if name else f"core {index + 1}"
+
+
+@dataclass(frozen=True)
+class TargetRow:
+    """One analysed target of an image (or a TMA core left alone as missing): a row of ``targets.csv``.
+
+    ``tumour_cells``: the tumour nuclei the TPS counts (under 100 is a review reason and the category
+    "insufficient tumour cells"). ``cps_percent``: PD-L1 IHC only. ``review_reasons``: each with value and limit.
+    """
+
+    image: str
+    entry_id: str | None
+    target: str
+    target_type: str  # "TMA core", "annotation" or "whole image"
+    state: str  # "analysed" or MISSING
+    stain: str | None = None
+    tps_percent: float | None = None
+    tps_category: str | None = None
+    tumour_cells: int | None = None
+    cps_percent: float | None = None
+    needs_review: bool | None = None
+    review_reasons: tuple[str, ...] = ()
+
+
+def analysed_row(image: str, entry_id: str | None, target: str, target_type: str, result: Any) -> TargetRow:
+    """The row of one analysed target from its ``SlideResult``."""
+    tps, cps = result.tps, result.cps
+    reasons = tuple(review_reason_text(r) for r in result.summary.get("review_reasons", []))
+    return TargetRow(
+        image=image,
+        entry_id=entry_id,
+        target=target,
+        target_type=target_type,
+        state="analysed",
+        stain=result.stain,
+        tps_percent=None if tps is None else tps.percent,
+        tps_category=None if tps is None else tps.category,
+        tumour_cells=None if tps is None else int(tps.tumour),
+        cps_percent=None if cps is None else cps.percent,
+        needs_review=bool(result.uncertainty_flag),
+        review_reasons=reasons,
+    )
+
+
+def missing_row(image: str, entry_id: str | None, core: str) -> TargetRow:
+    """The row of a TMA core marked missing: named, so the table has every core of the grid, and without numbers."""
+    return TargetRow(image=image, entry_id=entry_id, target=core, target_type="TMA core", state=MISSING)
+
+
+def rows_to_json(rows: Iterable[TargetRow]) -> list[dict[str, Any]]:
+    """The rows as a summary.json keeps them (``targets``)."""
+    return [{**asdict(r), "review_reasons": list(r.review_reasons)} for r in rows]
+
+
+def rows_from_summary(summary: dict[str, Any]) -> list[TargetRow]:
+    """The rows a summary.json keeps; a summary an earlier version wrote (no ``targets``) gives none."""
+    names = {f.name for f in fields(TargetRow)}
+    out = []
+    for row in summary.get("targets") or []:
+        known = {k: v for k, v in row.items() if k in names}
+        out.append(TargetRow(**{**known, "review_reasons": tuple(known.get("review_reasons") or ())}))
+    return out
+
+
+COLUMNS = (
+    "image",
+    "entry_id",
+    "target",
+    "target_type",
+    "state",
+    "stain",
+    "tps_percent",
+    "tps_category",
+    "tumour_cells",
+    "cps_percent",
+    "needs_review",
+    "review_reasons",
+)
+
+
+def _cell(value: Any) -> str:
+    """A CSV cell: empty for none, 1/0 for the review flag, reasons joined by "; ", a TPS to one decimal as QuPath's
+    metadata holds it."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    if isinstance(value, tuple):
+        return "; ".join(value)
+    return str(value)
+
+
+def write_target_table(path: Path, rows: Iterable[TargetRow]) -> Path:
+    """Write ``targets.csv`` (one row per analysed target, and per TMA core left alone as missing) atomically:
+    a reader sees the old table or the new one, never half of one."""
+    with replace_atomically(path, newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(COLUMNS)
+        for row in rows:
+            writer.writerow([_cell(getattr(row, c)) for c in COLUMNS])
+    return path

@@ -1,0 +1,155 @@
+"""What ``pdl1 run`` analyses of an entry (annotations, TMA cores, the whole image) and the per-target table."""
+
+import csv
+import logging
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import shapely
+
+from bridge.project import ProjectError
+from bridge.run import RunConfig, entry_targets
+from bridge.targets import (
+    COLUMNS,
+    TargetRow,
+    analysed_row,
+    choose_targets,
+    missing_row,
+    rows_from_summary,
+    rows_to_json,
+    write_target_table,
+)
+from inference import Cps, tumour_proportion_score
+
+
+def _missing(name: str) -> bool:
+    return name.endswith("*")
+
+
+# (selected, annotations, cores) -> (source, targets, missing); a name ending in * is a core marked missing.
+CHOICES = [
+    ([], [], [], ("whole image", [], [])),
+    ([], ["Tumor 1", "Tumor 2"], ["A-1", "A-2*"], ("annotations", ["Tumor 1", "Tumor 2"], [])),
+    ([], [], ["A-1", "A-2*", "B-1"], ("TMA cores", ["A-1", "B-1"], ["A-2*"])),
+    ([], [], ["A-1*", "A-2*"], ("TMA cores", [], ["A-1*", "A-2*"])),
+    (["B-1", "A-2*"], ["Tumor 1"], ["A-1", "A-2*", "B-1"], ("selection", ["B-1"], ["A-2*"])),
+    (["Tumor 2"], ["Tumor 1"], [], ("selection", ["Tumor 2"], [])),
+]
+
+
+@pytest.mark.parametrize(("selected", "annotations", "cores", "expected"), CHOICES)
+def test_targets_are_the_selection_then_the_target_annotations_then_the_cores_not_missing(
+    selected, annotations, cores, expected
+):
+    choice = choose_targets(selected=selected, annotations=annotations, cores=cores, is_missing=_missing)
+    assert (choice.source, list(choice.targets), list(choice.missing)) == expected
+
+
+def test_annotations_are_never_asked_whether_they_are_missing():
+    def is_missing(obj):  # paquo's annotations have no isMissing
+        raise AssertionError(f"asked of {obj}")
+
+    assert choose_targets(annotations=["Tumor"], cores=["A-1"], is_missing=is_missing).targets == ("Tumor",)
+
+
+class _Qp:
+    """bridge.qupath's target calls on stand-ins: annotations and the TMA grid's cores of one entry."""
+
+    def __init__(self, annotations=(), cores=()):
+        self.annotations, self.cores = list(annotations), list(cores)
+
+    def annotation_targets(self, entry, *, classes=(), names=()):
+        return [a for a in self.annotations if a.path_class.id in classes or a.name in names]
+
+    def tma_cores(self, entry):
+        return self.cores
+
+    def core_is_missing(self, core):
+        return core.missing
+
+
+def _core(name, x, *, missing=False):
+    return SimpleNamespace(name=name, missing=missing, path_class=None, roi=shapely.Point(x, 500).buffer(200))
+
+
+def _annotation(name, cls="Tumor"):
+    return SimpleNamespace(name=name, path_class=SimpleNamespace(id=cls), roi=shapely.box(0, 0, 100, 100))
+
+
+def test_a_tma_is_analysed_core_by_core_and_its_missing_cores_are_named(caplog):
+    qp = _Qp(cores=[_core("A-1", 300), _core("A-2", 800, missing=True), _core(None, 1300)])
+    with caplog.at_level(logging.WARNING, logger="bridge.run"):
+        choice = entry_targets("tma.svs", None, RunConfig(), qp)
+    assert choice.source == "TMA cores"
+    assert [(t.label, t.target_type, t.position) for t in choice.targets] == [
+        ("A-1", "TMA core", 0),
+        ("core 3", "TMA core", 2),  # a core without a name: its place in the grid
+    ]
+    assert [t.label for t in choice.missing] == ["A-2"]
+    assert "tma.svs: skipped 1 TMA cores marked missing: A-2" in caplog.text
+
+
+def test_target_annotations_come_before_the_cores_and_cores_before_an_error_for_targets_not_found():
+    cores = [_core("A-1", 300)]
+    config = RunConfig(target_classes=("Tumor",))
+    chosen = entry_targets("tma.svs", None, config, _Qp([_annotation("hotspot")], cores))
+    assert [(t.label, t.target_type) for t in chosen.targets] == [("hotspot", "annotation")]
+    # A class the pdl1-config.toml names for the project's other images: a TMA's cores are analysed all the same.
+    assert [t.label for t in entry_targets("tma.svs", None, config, _Qp([], cores)).targets] == ["A-1"]
+    with pytest.raises(ProjectError, match=r"slide.svs: no annotation of class \('Tumor',\)"):
+        entry_targets("slide.svs", None, config, _Qp())
+    assert entry_targets("slide.svs", None, RunConfig(), _Qp()).source == "whole image"
+
+
+def test_a_grid_whose_every_core_is_missing_is_not_analysed_as_one_region():
+    qp = _Qp(cores=[_core("A-1", 300, missing=True), _core("A-2", 800, missing=True)])
+    with pytest.raises(ProjectError, match="every one of its 2 TMA cores is marked missing, so nothing is analysed"):
+        entry_targets("tma.svs", None, RunConfig(), qp)
+
+
+def _result(positive, negative, *, stain="H&E", immune=None, reasons=()):
+    return SimpleNamespace(
+        tps=tumour_proportion_score(positive, negative),
+        cps=None
+        if immune is None
+        else Cps(
+            positive, immune, positive + negative, min(100.0, 100.0 * (positive + immune) / (positive + negative))
+        ),
+        stain=stain,
+        uncertainty_flag=bool(reasons),
+        summary={"review_reasons": [{"reason": r, "value": 40, "limit": 100} for r in reasons]},
+    )
+
+
+def test_the_target_table_has_a_row_per_core_with_its_own_score_and_the_missing_ones(tmp_path: Path):
+    rows = [
+        analysed_row("tma.svs", "3", "A-1", "TMA core", _result(30, 70)),
+        missing_row("tma.svs", "3", "A-2"),
+        analysed_row(
+            "tma.svs", "3", "B-1", "TMA core", _result(4, 36, stain="H-DAB", immune=2, reasons=["few tumour cells"])
+        ),
+    ]
+    path = write_target_table(tmp_path / "pdl1" / "targets.csv", rows)
+    with path.open(newline="", encoding="utf-8") as fh:
+        table = list(csv.DictReader(fh))
+    assert list(table[0]) == list(COLUMNS)
+    assert [(r["target"], r["state"], r["tps_percent"], r["tps_category"], r["tumour_cells"]) for r in table] == [
+        ("A-1", "analysed", "30.0", "1-49%", "100"),
+        ("A-2", "missing", "", "", ""),
+        ("B-1", "analysed", "10.0", "insufficient tumour cells", "40"),
+    ]
+    assert [(r["stain"], r["cps_percent"], r["needs_review"], r["review_reasons"]) for r in table] == [
+        ("H&E", "", "0", ""),
+        ("", "", "", ""),
+        ("H-DAB", "15.0", "1", "few tumour cells (40, limit 100)"),
+    ]
+    assert [p.name for p in path.parent.iterdir()] == ["targets.csv"]  # written aside and renamed: no .part left
+
+
+def test_target_rows_go_through_a_summary_unchanged():
+    rows = [missing_row("a.svs", None, "A-2"), replace(missing_row("a.svs", "1", "A-3"), review_reasons=("x",))]
+    assert rows_from_summary({"targets": rows_to_json(rows)}) == rows
+    assert rows_from_summary({"image": "a.svs"}) == []  # an earlier version's summary
+    assert isinstance(rows_from_summary({"targets": rows_to_json(rows)})[1], TargetRow)

@@ -500,6 +500,26 @@ for (parts in cases)
     assert merged[5]["PD-L1 TPS %"] == "31.0" and merged[5]["PD-L1 CPS"] == "76.5"
 
 
+@needs_groovy
+def test_the_log_names_each_targets_own_score(tmp_path):
+    # With the cores of a TMA each analysed on its own, the log said only how many objects went under each core.
+    he = _metadata_of("H&E", {"tumour_positive": 30, "tumour_negative": 70}, "r1")
+    ihc = _metadata_of("H-DAB", {"tumour_positive": 2, "tumour_negative": 38, "immune_positive": 4}, "r2")
+    ihc["PD-L1 CPS"] = "15.0"  # (2 + 4) / 40 cells; _metadata_of leaves the CPS's percent out
+    none = _metadata_of("H&E", {}, "r3")  # no nuclei: no TPS
+    listed = json.dumps([he, ihc, none])
+    driver = (
+        "for (m in new groovy.json.JsonSlurper().parseText('" + listed + "'))\n"
+        "    println JsonOutput.toJson([targetScore(m)])\n"
+    )
+    assert run_groovy(tmp_path, driver) == [
+        [", predicted TPS (H&E) 30.0% (1-49%)"],
+        [", TPS 5.0% (insufficient tumour cells), CPS 15.0"],
+        [""],
+    ]
+    assert "${targetScore(pdl1.get('metadata'))}" in ANALYZE.read_text()
+
+
 @pytest.mark.parametrize("script", [ANALYZE, IMPORT], ids=lambda p: p.name)
 def test_earlier_results_are_removed_through_the_hierarchy_not_qps_deprecated_call(script):
     # QP.removeObjects(Collection, boolean) is @Deprecated(since="0.6.0") (QP.java in v0.6.0 and v0.7.0); its

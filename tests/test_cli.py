@@ -473,6 +473,27 @@ def test_run_help_says_where_defaults_come_from():
     assert text.count("Default: from pdl1-config.toml") >= 8
 
 
+def test_run_names_its_per_target_table_and_its_help_says_where_that_goes(tmp_path, monkeypatch):
+    import bridge.cli.run
+
+    project = _project(tmp_path)
+
+    def fake_run(inputs, run_config, *, progress):  # a run writes pdl1/targets.csv beside its status
+        (project / "pdl1").mkdir()
+        (project / "pdl1" / "targets.csv").write_text("image,target\n")
+        return []
+
+    monkeypatch.setattr(bridge.cli.run, "run_with_progress", fake_run)
+    monkeypatch.setattr("bridge.cli.common._absent_device", lambda device: None)
+    result = runner.invoke(app, ["run", str(project), "--no-progress", "--no-config"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert f"per-target results: {project / 'pdl1' / 'targets.csv'}" in result.output
+    help_text = " ".join(runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"}).output.replace("│", " ").split())
+    assert "Through QuPath a dearrayed TMA is analysed core by core (cores marked missing are left alone)." in help_text
+    assert "goes to pdl1/targets.csv" in help_text
+    assert "each TMA core of an image with a TMA grid (through QuPath)" in help_text
+
+
 def test_an_interrupted_phantom_overwrite_leaves_no_slide_or_truth_of_two_phantoms(tmp_path, monkeypatch):
     # Ctrl-C during `pdl1 phantom --overwrite` was "Aborted!", leaving a slide cut short under the name and the
     # earlier phantom's truth.json beside it, read by eval (and demo) as the truth of these pixels.

@@ -385,7 +385,7 @@ def coreLabel = { String name, int index -> name ? name : "core ${index + 1}".to
 // two analysed ROIs that touch or overlap, each one's region over the edge between them lies mostly in its own, and
 // taking every one that overlapped the parent, a re-run removed its neighbour's (and taking all of ours in such a
 // region, the smaller neighbour's nuclei in it). own: the isOwn test. Measurement lists are read only
-// of annotations here (PathObject.getMeasurementList() creates an empty one on an object without).
+// of annotations and TMA cores here (PathObject.getMeasurementList() creates an empty one on an object without).
 def ANALYSED_SIGNATURE = "PD-L1: Uncertainty flag"  // bridge/objects.py: every analysed parent carries it
 // An analysed parent is an annotation or a TMA core (isTMACore(): PathObject.java v0.4.4:621, v0.5.1:621, v0.6.0:563,
 // v0.7.0:561; a core is no annotation), as bridge's _own_or_analysed: an analysed core's results are its own.
@@ -408,8 +408,9 @@ def ownUnder = { top, Closure own ->
 }
 // Whether a JTS geometry (ROI.getGeometry(), 0.4.4 to 0.7) shares more than a boundary with the area.
 def overlaps = { geometry, area -> area.intersects(geometry) && !area.touches(geometry) }
-// Every analysed annotation (or core) below top, as bridge's _analysed_under: only annotations and TMA cores hold annotations
-// (PathObjectHierarchy.insertPathObject puts none under a detection, v0.4.4:336-350): detections are not looked into.
+// Every analysed annotation or TMA core below top, as bridge's _analysed_under: only annotations and TMA cores hold
+// annotations (PathObjectHierarchy.insertPathObject puts none under a detection, v0.4.4:336-350): detections are not
+// looked into.
 def analysedUnder = { top ->
     def out = []
     def stack = [top]

@@ -241,6 +241,7 @@ _REGISTRY: dict[str, str] = {
     "write_nuclei": "benchmarks.write_nuclei:WriteNuclei",
     "service_roi": "benchmarks.service_roi:ServiceRoi",
     "result_pages": "benchmarks.result_pages:ResultPages",
+    "service_loop": "benchmarks.service_loop:ServiceLoop",
     "seg_gpu": "benchmarks.seg_gpu:SegGpu",
     "peers": "benchmarks.peers:Peers",
     "engines": "benchmarks.engines:Engines",

@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bridge.service.messages import clipped
 
-# The one route whose body is not JSON: a pixel upload, read as bytes and never parsed on the event loop.
+# The one route whose body is not JSON: a pixel upload, read as bytes and checked in a worker thread.
 UPLOAD_PATH = "/v1/jobs/pixels"
 # Bytes a vertex of an ROI takes as QuPath sends it at most (full-precision doubles: "[12345.678901234567,
 # 67890.12345678901],"), to say how many vertices a JSON limit leaves room for.
@@ -28,7 +28,7 @@ SIMPLIFY = (
 @dataclass(frozen=True)
 class BodyLimits:
     """How many bytes a request body may have: a pixel upload's (``upload_bytes``, the region's PNG or TIFF) or
-    any other's, which is JSON (``json_bytes``, a job request and its ROI), parsed on the event loop."""
+    any other's, which is JSON (``json_bytes``, a job request and its ROI), parsed in full before it is used."""
 
     upload_bytes: int
     json_bytes: int

@@ -9,15 +9,17 @@ from inference import PipelineConfig
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
-# A job request's JSON body (POST /v1/jobs): FastAPI parses and validates it on the event loop, which answers no
-# other request meanwhile (an ROI of 2 million vertices, 34 MB, held /v1/health 5 s and took 260 MB; 9.4 s in the
-# security review). QuPath (pdl1_analyze.groovy) sends a vertex as 18 bytes ("[12345.0,67890.0],") to 39
-# (full-precision doubles), so 100 000 vertices, more than a whole-slide tissue outline has, take 1.7 to 3.7 MiB:
-# the limit is twice that.
+# A job request's JSON body (POST /v1/jobs): parsing and validating it takes time and memory by vertices. On the
+# event loop, where FastAPI did it, no other request was answered meanwhile (an ROI of 2 million vertices, 34 MB,
+# held /v1/health 5 s and took 260 MB; 9.4 s in the security review); now a worker thread does it in short steps
+# (bridge.service.bodies), but the time and memory remain. QuPath (pdl1_analyze.groovy) sends a vertex as 18 bytes
+# ("[12345.0,67890.0],") to 39 (full-precision doubles), so 100 000 vertices, more than a whole-slide tissue
+# outline has, take 1.7 to 3.7 MiB: the limit is twice that.
 MAX_JSON_BYTES = 8 * 2**20
 # And the vertices it may hold, counted before it is parsed: the time taken goes by vertices, not bytes, and 8 MiB
 # of short ones ("[1,2],", 1.4 million) held /v1/health 3.9 s; at either limit (250 000 short vertices, or 215 000
-# full-precision ones in 8 MiB) it waited 0.7 to 1.4 s on a busy 2-core machine, 0.3 s for 100 000 of QuPath's.
+# full-precision ones in 8 MiB) it waited 0.7 to 1.4 s on a busy 2-core machine, 0.3 s for 100 000 of QuPath's;
+# parsed in the worker thread, 40 to 120 ms (python -m benchmarks service_loop).
 MAX_ROI_VERTICES = 250_000
 # The shortest token a service beyond loopback takes: anyone who can reach the port may guess at it, and wrong
 # tokens are not slowed down. secrets.token_urlsafe(32) gives 43 characters.

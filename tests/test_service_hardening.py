@@ -783,9 +783,10 @@ def test_an_upload_s_header_is_read_while_the_service_answers_others(service, mo
         release.wait(30)
 
     monkeypatch.setattr(bridge.service.app, "check_upload", slow_check)
+    answers: list[httpx.Response] = []
     upload = threading.Thread(
-        target=lambda: service.client.post(
-            "/v1/jobs/pixels", params={"mpp": 0.5, "outputs": ["regions"]}, content=_png()
+        target=lambda: answers.append(
+            service.client.post("/v1/jobs/pixels", params={"mpp": 0.5, "outputs": ["regions"]}, content=_png())
         )
     )
     upload.start()
@@ -796,6 +797,9 @@ def test_an_upload_s_header_is_read_while_the_service_answers_others(service, mo
     finally:
         release.set()
         upload.join(60)
+    # Its job over before the next test holds the worker (held_worker): one that had not yet reached the analysis
+    # was held there instead, and the next test's job waited 60 s behind it.
+    service.wait(answers[0].json()["job_id"])
 
 
 def test_a_cancelled_queued_job_lets_go_of_its_roi(service, slides_root, held_worker):

@@ -10,7 +10,8 @@ symlink while the job waited); request bodies are size-limited and the queue is 
 
 By concern: :mod:`.app` (routes, error handlers, lifespan), :mod:`.jobs` (jobs and the worker),
 :mod:`.schemas` (request and answer bodies), :mod:`.roi`, :mod:`.paths` (which files may be opened),
-:mod:`.uploads`, :mod:`.guards` (token, body size), :mod:`.validation` (bad requests in the client's
+:mod:`.uploads`, :mod:`.guards` (token, body size), :mod:`.bodies` (a job request's JSON parsed off the event
+loop), :mod:`.json_text` (large JSON in and out in short steps), :mod:`.validation` (bad requests in the client's
 terms), :mod:`.errors`, :mod:`.messages` (how answers repeat a client's values), :mod:`.ihc_model`,
 :mod:`.settings`.
 """

@@ -19,7 +19,7 @@ MAX_JSON_BYTES = 8 * 2**20
 # And the vertices it may hold, counted before it is parsed: the time taken goes by vertices, not bytes, and 8 MiB
 # of short ones ("[1,2],", 1.4 million) held /v1/health 3.9 s; at either limit (250 000 short vertices, or 215 000
 # full-precision ones in 8 MiB) it waited 0.7 to 1.4 s on a busy 2-core machine, 0.3 s for 100 000 of QuPath's;
-# parsed in the worker thread, 40 to 120 ms (python -m benchmarks service_loop).
+# parsed in the worker thread, 40 to 160 ms on that machine (python -m benchmarks service_loop).
 MAX_ROI_VERTICES = 250_000
 # The shortest token a service beyond loopback takes: anyone who can reach the port may guess at it, and wrong
 # tokens are not slowed down. secrets.token_urlsafe(32) gives 43 characters.

@@ -2,7 +2,7 @@
 
 FastAPI parses a JSON body (``json.loads``) and validates it (pydantic, with the request model's validators)
 inside the ``async`` code that serves every request: a body near the limits (8 MiB, 250 000 vertices) held
-``/v1/health`` and every other client's polling 0.7 to 1.1 s (``python -m benchmarks service_loop``).
+``/v1/health`` and every other client's polling 0.6 to 1.4 s (``python -m benchmarks service_loop``).
 :class:`ThreadParsedRoute` hands FastAPI the model already validated in a worker thread; FastAPI's own steps
 (the body read, its Content-Type rule, its answers to a body that is no JSON or no UTF-8) are unchanged, and so
 are the route's request model and OpenAPI schema.

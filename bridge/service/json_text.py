@@ -23,8 +23,8 @@ try:
 except ImportError:  # a Python built without the _json accelerator: json.loads is pure Python anyway
     c_make_scanner = None
 
-# An array of numbers (a vertex, [x, y]) whose closing bracket comes within this many characters, with no array,
-# object or string inside, is parsed by one C call; any other array or object element by element.
+# An array of numbers (a vertex, [x, y]) whose closing bracket comes within 256 characters, with no array, object
+# or string inside, is parsed by one C call; any other array or object element by element.
 _FLAT_ARRAY = re.compile(r'\[[^\[\]{}"]{0,256}\]')
 
 _paused = 0
@@ -115,7 +115,7 @@ def dumps_in_steps(content: dict[str, Any], *, chunked: str) -> bytes:
             continue
         pieces.append(b"[")
         for chunk in value:
-            if chunk:
+            if chunk:  # a comma before each chunk's items but the first's; joined once, at the end
                 pieces += [b"," if pieces[-1] != b"[" else b"", encoded(chunk)[1:-1]]
         pieces.append(b"]")
     pieces.append(b"}")

@@ -71,6 +71,7 @@ _PUBLIC = {
     "tune_openmp": "inference.openmp",
     # images
     "open_slide": "inference.slides.slide",
+    "slide_size": "inference.slides.slide",
     "Slide": "inference.slides.slide",
     "Mpp": "inference.slides.slide",
     "MppAdvice": "inference.slides.slide",
@@ -137,6 +138,7 @@ _PUBLIC = {
     "check_truths": "inference.evaluation.evaluate",
     "sua_fitted": "inference.evaluation.evaluate",
     "UNCERTAINTY_MAPS": "inference.analysis.sua",
+    "mask_to_polygons": "inference.analysis.vectorize",
     "AGGREGATIONS": "inference.analysis.sua",
     "CALIBRATION_OBJECTIVES": "inference.analysis.sua",
     "REVIEW_NEVER": "inference.evaluation.evaluate",

@@ -22,6 +22,7 @@ import qupath.lib.common.GeneralTools
 import qupath.lib.io.GsonTools
 import qupath.lib.io.PathIO
 import qupath.lib.objects.PathObject
+import qupath.lib.regions.RegionRequest
 
 import java.net.URI
 import java.net.http.HttpClient
@@ -530,6 +531,94 @@ def rehomeOthers = { List old, parent ->
         }
     }
 }
+// ---- pixel upload (POST /v1/jobs/pixels): a region QuPath renders, for an image the service cannot open ----
+// QuPath's image types the service runs a model on, and the stain each means (bridge/project.py: IMAGE_TYPE_STAINS).
+def STAIN_OF_IMAGE_TYPE = ["BRIGHTFIELD_H_E": "H&E", "BRIGHTFIELD_H_DAB": "H-DAB"]
+// The µm/px an upload must reach for every model the analysis runs (GET /v1/models: task, stain, input_mpp): the
+// finest of them. An H-DAB image runs the PD-L1 IHC nuclei model; an H&E image the segmentation ensemble, and the
+// nuclei model where outputs name nuclei; an image of no stated stain (its colour decides) any of them. null: none
+// listed for that stain.
+def uploadModelMpp = { List models, String imageType, List outputs ->
+    def stain = STAIN_OF_IMAGE_TYPE[imageType]
+    def used = models.findAll { m ->
+        (stain == null || m.stain == stain) && (m.task != "nuclei" || m.stain == "H-DAB" || "nuclei" in outputs)
+    }
+    return used.isEmpty() ? null : used.collect { it.input_mpp as double }.min()
+}
+// Level-0 px per uploaded px: the model's resolution, never finer than level 0 (an upload is never enlarged).
+def uploadDownsample = { double imageMpp, double modelMpp -> Math.max(1.0d, modelMpp / imageMpp) }
+// The region to render for an ROI's bounds, in level-0 px of the image as QuPath shows it, clamped to the image,
+// and the size QuPath renders it at: max(1, round(width / downsample)) (AbstractTileableImageServer.readRegion,
+// v0.4.4 and v0.5.1:299-300, v0.6.0:301-302, v0.7.0:295-296). Its pixel (i, j) covers level-0 x + i * downsample,
+// y + j * downsample, which is how the service maps results back (origin_x, origin_y, downsample); rounding the
+// rendered size moves the far edge by less than half an uploaded pixel. null when the bounds miss the image.
+def uploadRegion = { double boundsX, double boundsY, double boundsWidth, double boundsHeight, long imageWidth,
+        long imageHeight, double downsample ->
+    long x = Math.max(0L, (long) Math.floor(boundsX))
+    long y = Math.max(0L, (long) Math.floor(boundsY))
+    long x1 = Math.min(imageWidth, (long) Math.ceil(boundsX + boundsWidth))
+    long y1 = Math.min(imageHeight, (long) Math.ceil(boundsY + boundsHeight))
+    if (x1 <= x || y1 <= y)
+        return null
+    return [x: x, y: y, width: x1 - x, height: y1 - y,
+            widthPx: Math.max(1L, Math.round((x1 - x) / downsample)), heightPx: Math.max(1L, Math.round((y1 - y) / downsample))]
+}
+// Why a region is not sent (null: it may be): over the service's upload limits (GET /v1/health: upload_limits,
+// pdl1 serve's max_upload_px and max_request_bytes), in pixels before it is rendered, in bytes once it is a PNG
+// (bytes < 0: not yet encoded). Says how big it is, the limit, and what to do.
+def uploadTooLarge = { long widthPx, long heightPx, long bytes, Map limits, double downsample ->
+    def fix = "draw smaller annotations around the tissue to analyse (or split this one), or let the service open " +
+            "the image: export it from QuPath as OME-TIFF (File > Export images...) into a folder the service " +
+            "opens (pdl1 serve --allow-root) and analyse that"
+    def mib = { long n -> String.format(Locale.ROOT, "%.1f MiB", n / 1048576.0d) }
+    def size = "${widthPx} x ${heightPx} px at downsample ${String.format(Locale.ROOT, '%.3g', downsample)}"
+    long maxPx = limits.max_px as long
+    if (widthPx * heightPx > maxPx)
+        return ("the region is ${size} (${widthPx * heightPx} px), over the ${maxPx} px the service takes in an " +
+                "upload (pdl1 serve's max_upload_px): ${fix}").toString()
+    long maxBytes = limits.max_bytes as long
+    if (bytes > maxBytes)
+        return ("the region's PNG (${size}) is ${mib(bytes)}, over the ${mib(maxBytes)} the service takes in an " +
+                "upload (pdl1 serve's max_request_bytes): ${fix}").toString()
+    return null
+}
+// The rendered region with every pixel whose centre lies outside the shape (a java.awt.Shape in level-0 px, as
+// ROI.getShape() gives it, 0.4.4 to 0.7: ROI.java v0.4.4:165, v0.7.0:166) made transparent, as an ARGB image: the
+// service reads transparent pixels as empty glass, so only the ROI is analysed. x, y: the region's level-0 corner.
+def maskOutside = { java.awt.image.BufferedImage image, java.awt.Shape shape, double x, double y, double downsample ->
+    def out = new java.awt.image.BufferedImage(image.getWidth(), image.getHeight(), java.awt.image.BufferedImage.TYPE_INT_ARGB)
+    def g = out.createGraphics()
+    try {
+        // No anti-aliasing and no stroke normalisation: a pixel is in the clip where its centre lies in the shape.
+        g.setRenderingHint(java.awt.RenderingHints.KEY_ANTIALIASING, java.awt.RenderingHints.VALUE_ANTIALIAS_OFF)
+        g.setRenderingHint(java.awt.RenderingHints.KEY_STROKE_CONTROL, java.awt.RenderingHints.VALUE_STROKE_PURE)
+        def toRegion = new java.awt.geom.AffineTransform()
+        toRegion.scale(1.0d / downsample, 1.0d / downsample)
+        toRegion.translate(-x, -y)
+        g.setClip(toRegion.createTransformedShape(shape))
+        g.drawImage(image, 0, 0, null)
+    } finally {
+        g.dispose()
+    }
+    return out
+}
+// An image's PNG bytes (ImageIO keeps an ARGB image's alpha).
+def pngBytes = { java.awt.image.BufferedImage image ->
+    def out = new ByteArrayOutputStream()
+    if (!javax.imageio.ImageIO.write(image, "png", out))
+        throw new IOException("no PNG writer for a ${image.getClass().getSimpleName()} of type ${image.getType()}")
+    return out.toByteArray()
+}
+// The query of an upload: its µm per uploaded px, where its top-left corner lies in level-0 px and at what
+// downsample, so the service maps the results back to where QuPath shows them; the outputs; QuPath's image type.
+def uploadQuery = { double mpp, double originX, double originY, double downsample, List outputs, String imageType ->
+    def enc = { v -> URLEncoder.encode(v as String, "UTF-8") }
+    def parts = ["mpp=" + enc(mpp), "origin_x=" + enc(originX), "origin_y=" + enc(originY), "downsample=" + enc(downsample)]
+    outputs.each { parts << "outputs=" + enc(it) }
+    if (imageType != null)
+        parts << "image_type=" + enc(imageType)
+    return parts.join("&")
+}
 // ---- end of helpers ------------------------------------------------------------------------
 
 def imageData = getCurrentImageData()
@@ -560,21 +649,15 @@ if (configFile != null && configFile.isFile()) {
 }
 
 def server = imageData.getServer()
-// The service reads the image file as it is: a view QuPath rotates, crops or builds from several files
-// would put the ROI and the results in the wrong place.
+// The service reads the image file as it is: a view QuPath rotates, crops or builds from several files, and an image
+// that is no local file (OMERO, a web server), are sent as the pixels QuPath renders of each region instead, in the
+// view's own coordinates (submitPixels). So are the images of a file the service cannot open (submitPath).
 def transformed = transformedBy(server)
-if (transformed != null) {
-    println "pdl1: QuPath shows this image through ${transformed}; the service reads files as they are, so " +
-            "results would land in the wrong place. Add the file to the project without the transform, or export " +
-            "the image as OME-TIFF and analyse that."
-    return
-}
-def imagePath = GeneralTools.toPath(server.getURIs()[0])
-if (imagePath == null) {
-    println "pdl1: this image is not a local file; the service can only open files (use the pixel upload API)"
-    return
-}
+def imagePath = transformed == null && server.getURIs().size() == 1 ? GeneralTools.toPath(server.getURIs()[0]) : null
+def uploadWhy = transformed != null ? "QuPath shows it through ${transformed}, which the service would read as the file is" :
+        (imagePath == null ? "it is not a local file (${server.getURIs().join(', ')})" : null)
 def mpp = server.getPixelCalibration().getAveragedPixelSizeMicrons()
+def imageType = imageData.getImageType()?.name()
 def gson = GsonTools.getInstance()
 def client = HttpClient.newBuilder().connectTimeout(Duration.ofSeconds(10)).build()
 
@@ -592,6 +675,67 @@ def send = { HttpRequest req ->
         throw new IOException("pdl1 service answered ${response.statusCode()}: ${detail}")
     }
     return gson.fromJson(response.body(), Map.class)
+}
+def health = null  // GET /v1/health's answer: the models (their input_mpp) and the upload limits
+// A job on the image's path, which the service reads at full resolution: the first choice. null where the service
+// says it cannot open the image ("cannot_open" in its answer: a format it has no reader for, another series of the
+// file than QuPath shows, not on its machine); this and every later region then go as pixels.
+def submitPath = { Map body ->
+    def response = client.send(request("/v1/jobs").header("Content-Type", "application/json")
+            .POST(HttpRequest.BodyPublishers.ofString(gson.toJson(body))).build(), HttpResponse.BodyHandlers.ofString())
+    def answer = null
+    try { answer = gson.fromJson(response.body(), Map.class) } catch (Exception ignored) { }
+    if (response.statusCode() >= 400 && answer instanceof Map && answer.get("cannot_open") == true) {
+        uploadWhy = "the service cannot open the file: ${answer.get('detail')}"
+        println "pdl1: sending the pixels of each region as QuPath renders them, since ${uploadWhy}"
+        return null
+    }
+    if (response.statusCode() >= 400)
+        throw new IOException("pdl1 service answered ${response.statusCode()}: " +
+                "${answer instanceof Map ? answer.get('detail') : response.body()}")
+    return answer
+}
+// A job on the pixels of the parent's ROI as QuPath renders them (its bounds, pixels outside it transparent), at the
+// resolution the models need (GET /v1/models: input_mpp), never finer than level 0; sent with the region's origin
+// and downsample, so the results come back in level-0 px of the image as QuPath shows it. A region over the
+// service's upload limits is not sent: the IOException says how big it is, the limit and what to do.
+def submitPixels = { parent ->
+    if (Double.isNaN(mpp))
+        throw new IOException("QuPath has no pixel size for this image, and an upload needs one to be analysed at " +
+                "the models' resolution: set it in the Image tab (Pixel width/height) and run the script again")
+    if (!server.isRGB())  // ImageServer.isRGB(), nChannels(), getPixelType(): 0.4.4 to 0.7
+        throw new IOException("an upload takes 8-bit RGB brightfield pixels, and QuPath reads this image as " +
+                "${server.nChannels()} channels of ${server.getPixelType()}; pdl1-bridge analyses RGB H&E and H-DAB images")
+    def modelMpp = uploadModelMpp(health.get("models") as List, imageType, OUTPUTS)
+    if (modelMpp == null)
+        throw new IOException("the service lists no model for the image type ${imageType} (GET /v1/models)")
+    def downsample = uploadDownsample(mpp, modelMpp)
+    def roi = parent.getROI()
+    def region = uploadRegion(roi.getBoundsX(), roi.getBoundsY(), roi.getBoundsWidth(), roi.getBoundsHeight(),
+            server.getWidth(), server.getHeight(), downsample)
+    if (region == null)
+        throw new IOException("the annotation lies outside the image")
+    // The limits of a service that does not state them are its defaults (bridge/service/settings.py).
+    def limits = (health.get("upload_limits") ?: [max_px: 8192 * 8192, max_bytes: 64 * 1048576]) as Map
+    def tooLarge = uploadTooLarge(region.widthPx as long, region.heightPx as long, -1L, limits, downsample)
+    if (tooLarge != null)
+        throw new IOException(tooLarge)
+    // RegionRequest.createInstance(String, double, int, int, int, int, int z, int t) and ImageServer.readRegion
+    // (RegionRequest): RegionRequest.java v0.4.4:175, v0.7.0:174; ImageServer.java v0.4.4:218, v0.7.0:217.
+    def pixels = server.readRegion(RegionRequest.createInstance(server.getPath(), downsample, region.x as int,
+            region.y as int, region.width as int, region.height as int, roi.getZ(), roi.getT()))
+    if (pixels == null)  // an empty region of a sparse image (AbstractTileableImageServer.readRegion)
+        throw new IOException("QuPath has no pixels for this region")
+    def png = pngBytes(maskOutside(pixels, roi.getShape(), region.x as double, region.y as double, downsample))
+    tooLarge = uploadTooLarge(pixels.getWidth(), pixels.getHeight(), png.length, limits, downsample)
+    if (tooLarge != null)
+        throw new IOException(tooLarge)
+    println "pdl1: sending ${pixels.getWidth()} x ${pixels.getHeight()} px (${String.format(Locale.ROOT, '%.2f', mpp * downsample)} " +
+            "\u00b5m/px, ${String.format(Locale.ROOT, '%.1f', png.length / 1048576.0d)} MiB) of " +
+            "${parent.getName() ?: parent.getPathClass() ?: 'annotation'}"
+    def query = uploadQuery(mpp * downsample, region.x as double, region.y as double, downsample, OUTPUTS, imageType)
+    return send(request("/v1/jobs/pixels?" + query).header("Content-Type", "image/png")
+            .POST(HttpRequest.BodyPublishers.ofByteArray(png)).build())
 }
 
 def isOwn = { PathObject obj ->
@@ -659,11 +803,13 @@ if (wholeImage) {
 }
 
 try {
-    send(request("/v1/health").GET().build())
+    health = send(request("/v1/health").GET().build())
 } catch (Exception e) {
     println "pdl1: no service at ${SERVER_URL} (${e.getMessage()}); start it with `pdl1 serve --allow-root <slides folder>`"
     return
 }
+if (uploadWhy != null)
+    println "pdl1: sending the pixels of each region as QuPath renders them, since ${uploadWhy}"
 
 def entry = getProjectEntry()
 def metadataWritten = false
@@ -671,18 +817,19 @@ def metadataParts = []
 def done = 0
 for (parent in targets) {
     def body = new LinkedHashMap()
-    body.put("image", imagePath.toString())
+    body.put("image", imagePath?.toString())
     body.put("roi", wholeImage ? null : gson.fromJson(gson.toJson(parent.getROI().getGeometry()), Map.class))
     body.put("mpp", Double.isNaN(mpp) ? null : mpp)
     body.put("image_size_px", [server.getWidth(), server.getHeight()])
     // The stain as QuPath knows it (Image tab: Image type): the service runs no model on another stain.
-    body.put("image_type", imageData.getImageType()?.name())
+    body.put("image_type", imageType)
     body.put("outputs", OUTPUTS)
     body.put("model", MODEL)
     def accepted
     try {
-        accepted = send(request("/v1/jobs").header("Content-Type", "application/json")
-                .POST(HttpRequest.BodyPublishers.ofString(gson.toJson(body))).build())
+        accepted = uploadWhy == null ? submitPath(body) : null  // null: the service cannot open the image
+        if (accepted == null)
+            accepted = submitPixels(parent)
     } catch (IOException e) {
         // A request the service refuses (an ROI that crosses itself, ...) is this target's problem: go on with the next.
         println "pdl1: ${label(parent)} not analysed: ${e.getMessage()}"

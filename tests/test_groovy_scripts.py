@@ -91,6 +91,7 @@ def test_the_helpers_use_no_qupath_class_and_the_script_imports_none_missing_on_
         "qupath.lib.io.GsonTools",
         "qupath.lib.io.PathIO",
         "qupath.lib.objects.PathObject",
+        "qupath.lib.regions.RegionRequest",  # RegionRequest.java v0.4.4:175, v0.7.0:174
         "java.net.URI",
         "java.net.http.HttpClient",
         "java.net.http.HttpRequest",
@@ -391,7 +392,7 @@ println JsonOutput.toJson([analysable: analysable*.label, skipped: skipped*.labe
     body = ANALYZE.read_text().replace(helpers(), "")
     assert "splitByArea(targets)" in body
     # One target the service refuses does not stop the others: its submission failure is caught and the loop goes on.
-    post = body.index('send(request("/v1/jobs")')
+    post = body.index("accepted = uploadWhy == null ? submitPath(body) : null")
     assert "try {" in body[post - 80 : post] and "continue" in body[post : post + 500]
 
 

@@ -162,11 +162,19 @@ def test_invalid_roi_is_refused_at_submission(service, slides_root):
 
 
 def test_an_image_qupath_shows_at_another_size_is_refused_not_misplaced(service, slides_root):
+    # Refused at submission, saying the service cannot open it as QuPath shows it (another series of a multi-image
+    # file): pdl1_analyze.groovy then sends the pixels; it was a failed job after the queue.
     small = str(slides_root / "small.svs")
-    job_id = service.post("/v1/jobs", json={"image": small, "image_size_px": [1024, 512]}).json()["job_id"]
-    status = wait_for_job(service, job_id)
-    assert status["state"] == "failed"
-    assert "QuPath shows this image at 1024 x 512 px, but the file opens here at 1024 x 1024 px" in status["error"]
+    r = service.post("/v1/jobs", json={"image": small, "image_size_px": [1024, 512]})
+    assert r.status_code == 422, r.text
+    assert r.json() == {
+        "detail": f"{small}: QuPath shows this image at 1024 x 512 px, but the file opens here at 1024 x 1024 px, "
+        "so results would not line up: QuPath shows another series or scene of a multi-image file (the service "
+        "reads a file's first image), or the file is not the one QuPath opened (point the entry at the right file "
+        "with File > Project... > Check project URIs). pdl1_analyze.groovy then sends the region's pixels "
+        "(POST /v1/jobs/pixels)",
+        "cannot_open": True,
+    }
     ok = service.post("/v1/jobs", json={"image": small, "image_size_px": [1024, 1024], "outputs": ["regions"]})
     assert wait_for_job(service, ok.json()["job_id"])["state"] == "done"
     r = service.post("/v1/jobs", json={"image": small, "image_size_px": [0, 5]})
@@ -376,7 +384,7 @@ def test_every_endpoint_and_key_the_scripts_use_exists(service):
     used = set(re.findall(r'"(/v1/[^"$]*)', script))
     assert used, "the script calls the service"
     for path in used:
-        assert path.rstrip("/") in {p.split("{}")[0].rstrip("/") for p in paths}, path
+        assert path.split("?")[0].rstrip("/") in {p.split("{}")[0].rstrip("/") for p in paths}, path
     components = schema["components"]["schemas"]
     request_keys = set(components["JobRequest"]["properties"])
     status_keys = set(components["JobStatus"]["properties"])
@@ -400,6 +408,14 @@ def test_every_endpoint_and_key_the_scripts_use_exists(service):
             "review_reasons",
             "domain",
         }, key
+    # The pixel upload: what it reads of /v1/health and the models, and the query parameters it sends.
+    for key in re.findall(r'health\.get\("(\w+)"\)', script):
+        assert key in components["Health"]["properties"], key
+    assert {"input_mpp", "task", "stain"} <= set(components["ModelDescription"]["properties"])
+    assert set(components["UploadLimits"]["properties"]) == {"max_px", "max_bytes"}
+    upload = {p["name"] for p in schema["paths"]["/v1/jobs/pixels"]["post"]["parameters"]}
+    sent = set(re.findall(r'"(\w+)=" \+ enc\(', script)) | set(re.findall(r'parts << "(\w+)="', script))
+    assert sent == {"mpp", "origin_x", "origin_y", "downsample", "outputs", "image_type"} and sent <= upload, sent
 
 
 @pytest.mark.skipif(not os.environ.get("PDL1_GROOVY_LINT"), reason="set PDL1_GROOVY_LINT to npm-groovy-lint's path")

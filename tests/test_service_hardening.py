@@ -334,9 +334,11 @@ def test_every_413_is_the_services_json(service):
 def test_openapi_documents_the_error_answers(service):
     schema = service.client.get("/openapi.json").json()
     assert "HTTPValidationError" not in schema["components"]["schemas"]
-    assert schema["components"]["schemas"]["ErrorDetail"]["properties"] == {
-        "detail": {"type": "string", "title": "Detail"}
-    }
+    properties = schema["components"]["schemas"]["ErrorDetail"]["properties"]
+    assert properties["detail"] == {"type": "string", "title": "Detail"}
+    assert set(properties) == {"detail", "cannot_open"}
+    assert properties["cannot_open"]["anyOf"] == [{"type": "boolean"}, {"type": "null"}]
+    assert "POST /v1/jobs/pixels" in properties["cannot_open"]["description"]
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
             for code, answer in operation["responses"].items():

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from bridge.service import ServiceSettings
@@ -191,7 +192,8 @@ def test_a_folder_is_not_an_image(client, slides_root):
         assert r.status_code == 422, r.text
         assert r.json() == {
             "detail": f"{slides_root / 'case-folder'} is a folder; expected an image file (e.g. a .svs, .ndpi or "
-            ".tif): send the path of the image file itself"
+            ".tif): send the path of the image file itself",
+            "cannot_open": True,  # QuPath may open it (an OME-Zarr folder): the script sends the pixels
         }
 
 
@@ -345,7 +347,7 @@ def test_an_image_sent_with_curl_s_default_form_content_type_is_taken_as_the_ima
     assert wait_for_job(client, r.json()["job_id"])["state"] == "done"
 
 
-PIXELS_PARAMETERS = "the upload's parameters are mpp, origin_x, origin_y, downsample, outputs"
+PIXELS_PARAMETERS = "the upload's parameters are mpp, origin_x, origin_y, downsample, outputs, image_type"
 
 
 @pytest.mark.parametrize(
@@ -641,8 +643,8 @@ def unopenable(slides_root):
             "size in QuPath (Image tab: Pixel width/height) to the scanner's µm/px (0.25 at 40x, 0.5 at 20x); "
             "pdl1_analyze.groovy sends it with the job, so run the script again",
         ),
+        # Its header reads: only the job finds the pixels cut short.
         ("truncated.png", ": neither OpenSlide nor Pillow can read it (image file is truncated); expected"),
-        ("results.json", ": neither OpenSlide nor Pillow can read it (cannot identify image file '{path}'); expected"),
     ],
 )
 def test_an_image_that_does_not_open_is_named_as_the_client_sent_it(client, unopenable, name, after):
@@ -653,6 +655,123 @@ def test_an_image_that_does_not_open_is_named_as_the_client_sent_it(client, unop
     assert status["state"] == "failed"
     assert status["error"].startswith(path + after.replace("{path}", path)), status["error"]
     assert "pdl1-open-" not in status["error"] and "--mpp" not in status["error"]
+
+
+@pytest.fixture(scope="module")
+def no_reader_opens(slides_root):
+    """Files under the allowed root that QuPath may show (through Bio-Formats) but no reader here opens."""
+    (slides_root / "scan.czi").write_bytes(b"ZISRAWFILE" + bytes(200))  # Zeiss's header, as OpenSlide meets it
+    (slides_root / "results.json").write_text('{"type": "FeatureCollection"}')
+    tifffile.imwrite(slides_root / "deep.tif", np.zeros((32, 32, 3), np.uint16))  # 16-bit: read as white
+    return slides_root
+
+
+@pytest.mark.parametrize(
+    ("name", "after"),
+    [
+        ("scan.czi", ": OpenSlide cannot read it: "),
+        ("results.json", ": neither OpenSlide nor Pillow can read it (cannot identify image file '{path}'); expected"),
+        ("deep.tif", ": expected 8-bit RGB pixels, got uint16"),
+    ],
+)
+def test_an_image_no_reader_opens_is_refused_at_submission_saying_cannot_open(client, no_reader_opens, name, after):
+    # It queued and failed when its turn came ("OpenSlide cannot read it"); pdl1_analyze.groovy gave up on the
+    # image. Now the submission reads its header and says so in a field the script tests, and the script sends the
+    # region's pixels instead.
+    path = str(no_reader_opens / name)
+    r = client.post("/v1/jobs", json={"image": path, "outputs": ["regions"]})
+    assert r.status_code == 422, r.text
+    answer = r.json()
+    assert set(answer) == {"detail", "cannot_open"} and answer["cannot_open"] is True
+    assert answer["detail"].startswith(path + after.replace("{path}", path)), answer["detail"]
+    assert "pdl1-open-" not in answer["detail"]  # the image as the client named it, not the private link
+
+
+def test_an_image_the_service_cannot_reach_says_cannot_open_with_its_own_status(client, slides_root, tmp_path):
+    outside = tmp_path / "elsewhere.svs"
+    outside.write_bytes((slides_root / "small.svs").read_bytes())
+    cases = [
+        (str(slides_root / "not-here.svs"), 404, f"image not found: {slides_root / 'not-here.svs'}"),
+        (str(outside), 403, f"{outside} is outside the folders this service may open"),
+        ("C:\\slides\\case.svs", 422, "image path 'C:\\\\slides\\\\case.svs' is a Windows path"),
+    ]
+    for image, status, start in cases:
+        r = client.post("/v1/jobs", json={"image": image})
+        assert r.status_code == status, r.text
+        assert r.json()["cannot_open"] is True and r.json()["detail"].startswith(start), r.json()
+
+
+def test_refusals_that_pixels_would_not_mend_carry_no_cannot_open(client, slides_root):
+    small = str(slides_root / "small.svs")
+    bowtie = {"type": "Polygon", "coordinates": [[[0, 0], [500, 500], [500, 0], [0, 500], [0, 0]]]}
+    for body in (
+        {"image": small, "roi": bowtie},
+        {"image": small, "image_type": "FLUORESCENCE"},
+        {"image": small, "model": "other"},
+        {"image": small, "mpp": "x"},
+    ):
+        r = client.post("/v1/jobs", json=body)
+        assert r.status_code in (409, 422) and set(r.json()) == {"detail"}, (body, r.text)
+
+
+def test_the_submission_reads_the_header_off_the_event_loop(slides_root, models, monkeypatch):
+    # A header that is slow to read (a file on a slow share) must not keep other requests waiting.
+    import threading
+    import time
+
+    import httpx
+
+    import bridge.service.paths
+
+    reading, release = threading.Event(), threading.Event()
+    real = bridge.service.paths.slide_size
+
+    def slow(path):
+        reading.set()
+        release.wait(30)
+        return real(path)
+
+    monkeypatch.setattr(bridge.service.paths, "slide_size", slow)
+    settings = ServiceSettings(port=free_port(), allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"))
+    with served(settings, models) as c:
+        answers = []
+        body = {"image": str(slides_root / "small.svs"), "outputs": ["regions"]}
+        submit = threading.Thread(target=lambda: answers.append(httpx.post(f"{c.base_url}/v1/jobs", json=body)))
+        submit.start()
+        try:
+            assert reading.wait(10), "the submission did not read the header"
+            started = time.monotonic()
+            assert c.get("/v1/health", timeout=5).status_code == 200
+            assert time.monotonic() - started < 5
+        finally:
+            release.set()
+            submit.join(30)
+        assert answers[0].status_code == 202, answers[0].text
+        wait_for_job(c, answers[0].json()["job_id"])
+
+
+def test_an_upload_is_analysed_in_its_opaque_pixels_only(client, slides_root):
+    # Transparent pixels read as glass, but the analysis ran over the whole rectangle: its uncertainty tiles were
+    # whole 64 µm cells over the ROI's edge, out of the annotation they belong to. Now the opaque pixels are the ROI.
+    from inference import open_slide
+
+    with open_slide(slides_root / "small.svs") as slide:
+        rgb = slide.read_region((128, 128), 0, (768, 768))  # tissue
+    alpha = np.zeros((768, 768), np.uint8)
+    alpha[100:500, 150:550] = 255  # a 200 µm square ROI inside the rectangle
+    buf = io.BytesIO()
+    Image.fromarray(np.dstack([rgb, alpha])).save(buf, format="PNG")
+    params = {"mpp": 0.5, "origin_x": 1000, "origin_y": 2000, "downsample": 2, "outputs": ["uncertainty_tiles"]}
+    r = client.post("/v1/jobs/pixels", params=params, content=buf.getvalue())
+    assert r.status_code == 202, r.text
+    assert wait_for_job(client, r.json()["job_id"])["state"] == "done"
+    tiles = client.get(f"/v1/jobs/{r.json()['job_id']}/result").json()["features"]
+    assert len(tiles) >= 4
+    xs = [x for t in tiles for ring in t["geometry"]["coordinates"] for x, _ in ring]
+    ys = [y for t in tiles for ring in t["geometry"]["coordinates"] for _, y in ring]
+    # In level-0 px: the origin plus twice the opaque pixels' edges, x 1300-2100 and y 2200-3000; the 64 µm cells
+    # (128 uploaded px) over its edges trimmed to it.
+    assert (min(xs), max(xs), min(ys), max(ys)) == (1300, 2100, 2200, 3000), (xs, ys)
 
 
 # ------------------------------------------------------------------- the models listed

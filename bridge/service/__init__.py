@@ -20,6 +20,7 @@ from bridge.project_config import OUTPUTS
 from bridge.service.app import create_app
 from bridge.service.errors import (
     HTTP_STATUS,
+    ImageNotOpenedError,
     ImagePathError,
     JobNotFoundError,
     JobStateError,
@@ -31,7 +32,7 @@ from bridge.service.errors import (
 from bridge.service.ihc_model import ihc_folder_problem, ihc_manifest
 from bridge.service.jobs import KEEP_RECORDS, PATH_STAIN_ADVICE, UPLOAD_STAIN_ADVICE, Job, Worker
 from bridge.service.messages import clipped, quoted
-from bridge.service.paths import check_allowed, open_allowed
+from bridge.service.paths import allowed_slide_size, check_allowed, open_allowed
 from bridge.service.roi import parse_roi
 from bridge.service.schemas import JobRequest
 from bridge.service.settings import LOOPBACK, ServiceSettings
@@ -44,6 +45,7 @@ __all__ = [
     "OUTPUTS",
     "PATH_STAIN_ADVICE",
     "UPLOAD_STAIN_ADVICE",
+    "ImageNotOpenedError",
     "ImagePathError",
     "Job",
     "JobNotFoundError",
@@ -55,6 +57,7 @@ __all__ = [
     "ResultReleasedError",
     "ServiceSettings",
     "Worker",
+    "allowed_slide_size",
     "check_allowed",
     "check_upload",
     "clipped",

@@ -6,6 +6,7 @@ import logging
 import math
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Literal
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -22,22 +23,40 @@ from bridge.project import stain_of_image_type
 from bridge.project_config import OUTPUTS
 from bridge.run import entry_metadata, metadata_counts
 from bridge.service.bodies import ThreadParsedRoute
-from bridge.service.errors import HTTP_STATUS, ImagePathError, JobNotFoundError, JobStateError, ResultReleasedError
+from bridge.service.errors import (
+    HTTP_STATUS,
+    ImageNotOpenedError,
+    ImagePathError,
+    JobNotFoundError,
+    JobStateError,
+    PathNotAllowedError,
+    ResultReleasedError,
+)
 from bridge.service.guards import UPLOAD_PATH, BodyLimit, BodyLimits, cross_site_problem, token_sent
 from bridge.service.ihc_model import ihc_manifest
 from bridge.service.jobs import Job, Worker
 from bridge.service.json_text import collector_paused, dumps_in_steps
 from bridge.service.messages import MAX_DETAIL_CHARS, clipped, quoted
-from bridge.service.paths import check_allowed, image_path, is_file, not_a_regular_file, require_absolute
+from bridge.service.paths import (
+    allowed_slide_size,
+    check_allowed,
+    image_path,
+    is_file,
+    not_a_regular_file,
+    require_absolute,
+)
 from bridge.service.roi import parse_roi
 from bridge.service.schemas import (
+    IMAGE_TYPE_DESCRIPTION,
     MAX_COORDINATE_PX,
     MAX_DOWNSAMPLE,
     Health,
+    ImageType,
     JobAccepted,
     JobRequest,
     JobStatus,
     ModelDescription,
+    UploadLimits,
 )
 from bridge.service.settings import ServiceSettings
 from bridge.service.uploads import check_upload
@@ -46,6 +65,7 @@ from inference import (
     MPP_PLAUSIBLE_RANGE,
     Models,
     Pdl1Error,
+    SlideFormatError,
     SlideNotFoundError,
     SlideResult,
     StainError,
@@ -56,6 +76,26 @@ log = logging.getLogger(__name__)
 
 # Features of a result page built and encoded at a time (see page_content).
 FEATURES_PER_STEP = 2000
+
+# Why the service cannot open a path job's image (or may not): answered with "cannot_open": true, so that
+# pdl1_analyze.groovy sends the region's pixels instead (ImageNotOpenedError).
+_NOT_OPENED = (SlideNotFoundError, PathNotAllowedError, ImagePathError, SlideFormatError)
+
+
+def _cannot_open(err: Pdl1Error) -> ImageNotOpenedError:
+    status = next((code for cls, code in HTTP_STATUS.items() if isinstance(err, cls)), 422)
+    return ImageNotOpenedError(str(err), status=status)
+
+
+def _check_image_type(image_type: str | None) -> None:
+    """Refuse, before it queues, an image type no model runs on (a path job's and an upload's alike)."""
+    if stain_of_image_type(image_type) == "other":
+        raise StainError(
+            f"image_type {image_type}: pdl1-bridge analyses brightfield H&E (BRIGHTFIELD_H_E: the "
+            "segmentation ensemble and a predicted TPS) and PD-L1 IHC (BRIGHTFIELD_H_DAB: TPS and CPS from its "
+            "cells), nothing else. If the image is one of those, set its image type in QuPath (Image tab: Image "
+            "type) and run the script again"
+        )
 
 
 def create_app(settings: ServiceSettings, *, models: Models | None = None) -> FastAPI:
@@ -132,8 +172,11 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
 
     @app.exception_handler(Pdl1Error)
     async def domain_error(request: Request, err: Pdl1Error):
+        detail = clipped(str(err), limit_chars=MAX_DETAIL_CHARS)
+        if isinstance(err, ImageNotOpenedError):  # a field a client can test, not words it would have to parse
+            return JSONResponse({"detail": detail, "cannot_open": True}, err.status)
         status = next((code for cls, code in HTTP_STATUS.items() if isinstance(err, cls)), 400)
-        return JSONResponse({"detail": clipped(str(err), limit_chars=MAX_DETAIL_CHARS)}, status)
+        return JSONResponse({"detail": detail}, status)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError):
@@ -191,28 +234,20 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
 
     @app.get("/v1/health")
     def health() -> Health:
-        return Health(status="ok", version=__version__, device=str(app.state.models.seg.device), models=describe())
+        return Health(
+            status="ok",
+            version=__version__,
+            device=str(app.state.models.seg.device),
+            models=describe(),
+            upload_limits=UploadLimits(max_px=settings.max_upload_px, max_bytes=settings.max_request_bytes),
+        )
 
     @app.get("/v1/models")
     def list_models() -> list[ModelDescription]:
         return describe()
 
-    def accept(job: Job, w: Worker) -> JSONResponse:
-        w.submit(job)
-        body = JobAccepted(
-            job_id=job.id, state=job.state, status_url=f"/v1/jobs/{job.id}", result_url=f"/v1/jobs/{job.id}/result"
-        )
-        return JSONResponse(body.model_dump(), 202)
-
-    @app.post(
-        "/v1/jobs",
-        status_code=202,
-        responses={202: {"model": JobAccepted}, **error_responses(400, 403, 404, 409, 413, 422, 429)},
-    )
-    def submit(req: JobRequest, w: Worker = Depends(worker)) -> JSONResponse:
-        if req.model != "default":
-            raise JobStateError(f"unknown model {quoted(req.model)}; this service has 'default' (see /v1/models)")
-        requested = require_absolute(req.image, image_path(req.image))
+    def checked_image(requested: Path) -> Path:
+        """The real path of a job's image: under an --allow-root folder, and a regular file there."""
         path = check_allowed(requested, settings.allow_roots)
         if not is_file(path):
             if path.is_dir():
@@ -228,18 +263,54 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
                     "copied with the path?); send the path without it"
                 )
             raise SlideNotFoundError(f"image not found: {clipped(str(requested))}")
-        if stain_of_image_type(req.image_type) == "other":  # no model runs on it: refused now, not as a failed job
-            raise StainError(
-                f"image_type {req.image_type}: pdl1-bridge analyses brightfield H&E (BRIGHTFIELD_H_E: the "
-                "segmentation ensemble and a predicted TPS) and PD-L1 IHC (BRIGHTFIELD_H_DAB: TPS and CPS from its "
-                "cells), nothing else. If the image is one of those, set its image type in QuPath (Image tab: Image "
-                "type) and run the script again"
+        return path
+
+    def accept(job: Job, w: Worker) -> JSONResponse:
+        w.submit(job)
+        body = JobAccepted(
+            job_id=job.id, state=job.state, status_url=f"/v1/jobs/{job.id}", result_url=f"/v1/jobs/{job.id}/result"
+        )
+        return JSONResponse(body.model_dump(), 202)
+
+    @app.post(
+        "/v1/jobs",
+        status_code=202,
+        responses={202: {"model": JobAccepted}, **error_responses(400, 403, 404, 409, 413, 422, 429)},
+    )
+    def submit(req: JobRequest, w: Worker = Depends(worker)) -> JSONResponse:
+        # A def endpoint: FastAPI runs it in a worker thread, so reading the image's header below keeps no other
+        # request waiting on the event loop.
+        if req.model != "default":
+            raise JobStateError(f"unknown model {quoted(req.model)}; this service has 'default' (see /v1/models)")
+        try:
+            requested = require_absolute(req.image, image_path(req.image))
+            path = checked_image(requested)
+        except _NOT_OPENED as err:
+            raise _cannot_open(err) from err
+        _check_image_type(req.image_type)  # no model runs on it: refused now, not as a failed job
+        roi = parse_roi(req.roi, image_size_px=req.image_size_px)
+        # The image must open, and at the size QuPath shows it, before the job queues: a client that holds the
+        # pixels then sends them instead (pdl1_analyze.groovy, on "cannot_open"), rather than learning it from a
+        # failed job after the queue. Only the header is read; the worker opens the file again, checked again.
+        try:
+            size = allowed_slide_size(path, settings.allow_roots, shown=str(requested))
+        except _NOT_OPENED as err:
+            raise _cannot_open(err) from err
+        if req.image_size_px is not None and tuple(req.image_size_px) != size:
+            (w_px, h_px), (fw_px, fh_px) = req.image_size_px, size
+            raise ImageNotOpenedError(
+                f"{clipped(str(requested))}: QuPath shows this image at {w_px} x {h_px} px, but the file opens here "
+                f"at {fw_px} x {fh_px} px, so results would not line up: QuPath shows another series or scene of a "
+                "multi-image file (the service reads a file's first image), or the file is not the one QuPath "
+                "opened (point the entry at the right file with File > Project... > Check project URIs). "
+                "pdl1_analyze.groovy then sends the region's pixels (POST /v1/jobs/pixels)",
+                status=422,
             )
         job = Job(
             id=uuid.uuid4().hex,
             image=str(path),
             image_as_sent=str(requested),
-            roi=parse_roi(req.roi, image_size_px=req.image_size_px),
+            roi=roi,
             mpp=req.mpp,
             outputs=tuple(dict.fromkeys(req.outputs)),
             image_size_px=req.image_size_px,
@@ -284,6 +355,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
             1.0, gt=0, le=MAX_DOWNSAMPLE, allow_inf_nan=False, description="Level-0 px per uploaded px."
         ),
         outputs: list[Literal["regions", "uncertainty_tiles", "sua", "nuclei"]] = Query(list(OUTPUTS)),
+        image_type: ImageType | None = Query(None, description=IMAGE_TYPE_DESCRIPTION),
         w: Worker = Depends(worker),
     ) -> Response:
         """Upload a PNG or TIFF region for images the service cannot open itself."""
@@ -296,6 +368,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
                     for name in unknown
                 ]
             )
+        _check_image_type(image_type)  # before the body is read: no model runs on it
         # BodyLimit stops the read past max_request_bytes, stated length or not.
         try:
             body = await request.body()
@@ -316,6 +389,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
             upload=body,
             origin_xy=(origin_x, origin_y),
             scale=downsample,
+            image_type=image_type,
         )
         return accept(job, w)
 

@@ -30,6 +30,18 @@ class ImagePathError(Pdl1Error, ValueError):
     (NUL byte, too long, a symlink loop)."""
 
 
+class ImageNotOpenedError(Pdl1Error, ValueError):
+    """A path job's image that the service cannot open, or not as QuPath shows it: not found on its machine,
+    outside --allow-root, a path it cannot use, a format no reader here opens, another size than the client
+    shows. Answered with ``status`` (that of the error it stands for) and ``"cannot_open": true`` beside the
+    ``detail``, so a client that holds the pixels (pdl1_analyze.groovy) sends them to POST /v1/jobs/pixels
+    instead of giving up."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class QueueFullError(Pdl1Error, RuntimeError):
     """As many jobs wait as ``--max-queued`` allows."""
 

@@ -7,6 +7,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,8 +20,17 @@ from bridge.service.ihc_model import ihc_folder_problem
 from bridge.service.messages import quoted
 from bridge.service.paths import open_allowed
 from bridge.service.schemas import JobStatus
-from bridge.service.uploads import decoded_upload
-from inference import Cancelled, ModelFileError, Models, Pdl1Error, PipelineConfig, SlideResult, analyse_slide
+from bridge.service.uploads import opened_upload
+from inference import (
+    Cancelled,
+    ModelFileError,
+    Models,
+    Pdl1Error,
+    PipelineConfig,
+    Slide,
+    SlideResult,
+    analyse_slide,
+)
 
 log = logging.getLogger(__name__)
 
@@ -215,36 +225,49 @@ class Worker:
             raise Cancelled("cancelled before it started")
         if job.upload is not None:
             body, job.upload = job.upload, None
-            slide_context = decoded_upload(body, mpp=config.mpp)
-        else:
-            slide_context = open_allowed(
-                Path(job.image),
-                self.allow_roots,
-                mpp=config.mpp,
-                shown=job.image_as_sent,
-                openslide_only=config.openslide_only,
-            )
-        with slide_context as slide:
-            return analyse_slide(
-                slide,
-                models=self.models,
-                config=config,
-                roi=roi,
-                on_progress=on_progress,
-                should_cancel=job.cancel.is_set,
-                image_size_px=job.image_size_px,
-                image_stain=stain_of_image_type(job.image_type),
-                image_stain_source=f"QuPath's image type {job.image_type}",
-                stain_advice=UPLOAD_STAIN_ADVICE if job.image == "upload" else PATH_STAIN_ADVICE,
-            )
+            # An upload's ROI is its opaque pixels: a client makes those outside its ROI transparent.
+            with opened_upload(body, mpp=config.mpp) as (slide, area):
+                return self._analyse(job, slide, config, roi=area, on_progress=on_progress)
+        with open_allowed(
+            Path(job.image),
+            self.allow_roots,
+            mpp=config.mpp,
+            shown=job.image_as_sent,
+            openslide_only=config.openslide_only,
+        ) as slide:
+            return self._analyse(job, slide, config, roi=roi, on_progress=on_progress)
+
+    def _analyse(
+        self,
+        job: Job,
+        slide: Slide,
+        config: PipelineConfig,
+        *,
+        roi: BaseGeometry | None,
+        on_progress: Callable[[int, int], None],
+    ) -> SlideResult:
+        # Told how to state the stain: in QuPath, unless an upload came without QuPath's image type.
+        unstated = job.image == "upload" and job.image_type is None
+        return analyse_slide(
+            slide,
+            models=self.models,
+            config=config,
+            roi=roi,
+            on_progress=on_progress,
+            should_cancel=job.cancel.is_set,
+            image_size_px=job.image_size_px,
+            image_stain=stain_of_image_type(job.image_type),
+            image_stain_source=f"QuPath's image type {job.image_type}",
+            stain_advice=UPLOAD_STAIN_ADVICE if unstated else PATH_STAIN_ADVICE,
+        )
 
 
 # How a client of the service states an image's stain, in the messages that refuse one (the library's default
 # names pdl1 run's --stain, which a client cannot pass): pdl1_analyze.groovy sends QuPath's image type with a job
-# on an image path; an upload carries none, so its colour alone tells its stain.
+# on an image path and with an upload; an upload sent without one has only its colour to tell its stain.
 PATH_STAIN_ADVICE = "set its image type in QuPath (Image tab: Image type) and run pdl1_analyze.groovy again"
 UPLOAD_STAIN_ADVICE = (
-    "an uploaded region carries no image type, so its colour alone tells its stain: send a region with more of "
-    "the stained tissue, or have the service open the image file (start it with --allow-root for the image's "
-    "folder), whose job carries QuPath's image type (Image tab: Image type)"
+    "the upload stated no image_type, so its colour alone tells its stain: send image_type=BRIGHTFIELD_H_E or "
+    "BRIGHTFIELD_H_DAB with it (pdl1_analyze.groovy sends QuPath's: set it in the Image tab, Image type), or a "
+    "region with more of the stained tissue"
 )

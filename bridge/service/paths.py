@@ -9,14 +9,14 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PureWindowsPath
 
 from bridge.project import uri_to_path
 from bridge.service.errors import ImagePathError, PathNotAllowedError
 from bridge.service.messages import clipped, quoted
-from inference import Pdl1Error, Slide, SlideNotFoundError, open_slide
+from inference import Pdl1Error, Slide, SlideNotFoundError, open_slide, slide_size
 
 
 def _unusable_path(path: object, err: Exception) -> ImagePathError:
@@ -141,22 +141,15 @@ def _as_sent(err: Pdl1Error, opened: tuple[Path, ...], shown: str) -> Pdl1Error:
 
 
 @contextmanager
-def open_allowed(
-    path: Path, roots: tuple[Path, ...], *, mpp: float | None, shown: str | None = None, openslide_only: bool = False
-) -> Iterator[Slide]:
-    """Open an image under ``roots``, checking the file actually opened, not only its name.
+def _checked_file(real: Path, roots: tuple[Path, ...]) -> Iterator[tuple[Path, Callable[[], None]]]:
+    """The name a reader should open for ``real`` (checked under ``roots`` already), and a check to call once the
+    reader has opened it: that the file is still the one checked.
 
-    The check at submission is not enough: a folder swapped for a symlink while the job waited
-    leads elsewhere. So the path is resolved and checked again here, opened once, and the open
-    file (its ``/proc/self/fd`` link on Linux) must still lie under a root. On Linux the reader
-    then opens that very file, through a private link to the descriptor that keeps the file's
-    name (readers look at suffixes); elsewhere, and for multi-file formats, it opens the checked
-    name and the file found there afterwards must be the one checked. Errors, also those of the
-    analysis inside the ``with``, name the image as ``shown`` (the client's path; default ``path``).
-    ``openslide_only`` goes to ``open_slide`` (the service's ``PipelineConfig.openslide_only``).
+    The file is opened once here and the open file (its ``/proc/self/fd`` link on Linux) must still lie under a
+    root. On Linux the reader then opens that very file, through a private link to the descriptor that keeps the
+    file's name (readers look at suffixes); elsewhere, and for multi-file formats, it opens the checked name and
+    the file found there afterwards must be the one checked (the check given).
     """
-    shown = str(path) if shown is None else shown
-    real = check_allowed(path, roots)
     try:
         # O_NONBLOCK: a named pipe put in the image's place while the job waited would block the open, and the one
         # worker with it, forever (no cancel reaches it); the descriptor only checks the file, readers open their own.
@@ -169,8 +162,6 @@ def open_allowed(
             raise _unusable_path(real, err) from err
         raise _changed(real) from err  # O_NOFOLLOW: the last part became a symlink after it was resolved
     link_dir: str | None = None
-    slide: Slide | None = None
-    source = real
     try:
         mode = os.fstat(fd).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a folder is named by open_slide
@@ -185,25 +176,74 @@ def open_allowed(
             source.symlink_to(proc)
         else:
             source = real
-        slide = open_slide(
-            source,
-            mpp=mpp,
-            mpp_source="the request's mpp",
-            mpp_advice=_qupath_mpp_advice,
-            openslide_only=openslide_only,
-        )
-        if source == real and not os.path.samestat(os.stat(real), os.fstat(fd)):
-            raise _changed(real)
-        slide.path = real  # provenance names the image, not the private link
-        yield slide
-    except Pdl1Error as err:
-        translated = _as_sent(err, (source, real), shown)
-        if translated is err:
-            raise
-        raise translated from err
+
+        def still_the_checked_file() -> None:
+            if source == real and not os.path.samestat(os.stat(real), os.fstat(fd)):
+                raise _changed(real)
+
+        yield source, still_the_checked_file
     finally:
-        if slide is not None:
-            slide.close()
         os.close(fd)
         if link_dir is not None:
             shutil.rmtree(link_dir, ignore_errors=True)
+
+
+@contextmanager
+def open_allowed(
+    path: Path, roots: tuple[Path, ...], *, mpp: float | None, shown: str | None = None, openslide_only: bool = False
+) -> Iterator[Slide]:
+    """Open an image under ``roots``, checking the file actually opened, not only its name.
+
+    The check at submission is not enough: a folder swapped for a symlink while the job waited
+    leads elsewhere. So the path is resolved and checked again here, opened once, and the open
+    file must still lie under a root; the reader opens that very file where it can (see
+    :func:`_checked_file`). Errors, also those of the analysis inside the ``with``, name the image
+    as ``shown`` (the client's path; default ``path``).
+    ``openslide_only`` goes to ``open_slide`` (the service's ``PipelineConfig.openslide_only``).
+    """
+    shown = str(path) if shown is None else shown
+    real = check_allowed(path, roots)
+    names = [real]  # the names an error may give the image by: the checked one, the private link
+    slide: Slide | None = None
+    try:
+        with _checked_file(real, roots) as (source, still_the_checked_file):
+            names.append(source)
+            try:
+                slide = open_slide(
+                    source,
+                    mpp=mpp,
+                    mpp_source="the request's mpp",
+                    mpp_advice=_qupath_mpp_advice,
+                    openslide_only=openslide_only,
+                )
+                still_the_checked_file()
+                slide.path = real  # provenance names the image, not the private link
+                yield slide
+            finally:
+                if slide is not None:
+                    slide.close()
+    except Pdl1Error as err:
+        translated = _as_sent(err, tuple(names), shown)
+        if translated is err:
+            raise
+        raise translated from err
+
+
+def allowed_slide_size(path: Path, roots: tuple[Path, ...], *, shown: str) -> tuple[int, int]:
+    """The (width, height) at which the worker will open the image at ``path`` under ``roots``, read from its
+    header (:func:`inference.slide_size`) through the same checks as :func:`open_allowed`; errors name the image
+    as ``shown``. For a job's submission: an image no reader opens is refused before it queues, and one that opens
+    at another size than the client shows it is told apart."""
+    real = check_allowed(path, roots)
+    names = [real]
+    try:
+        with _checked_file(real, roots) as (source, still_the_checked_file):
+            names.append(source)
+            size = slide_size(source)
+            still_the_checked_file()
+    except Pdl1Error as err:
+        translated = _as_sent(err, tuple(names), shown)
+        if translated is err:
+            raise
+        raise translated from err
+    return size

@@ -17,6 +17,14 @@ from inference import MPP_PLAUSIBLE_RANGE
 MAX_COORDINATE_PX = 2.0**31
 MAX_DOWNSAMPLE = 4096.0
 
+# QuPath's image types (ImageData.ImageType), as a job on an image path or an upload states them.
+ImageType = Literal["BRIGHTFIELD_H_E", "BRIGHTFIELD_H_DAB", "BRIGHTFIELD_OTHER", "FLUORESCENCE", "OTHER", "UNSET"]
+IMAGE_TYPE_DESCRIPTION = (
+    "QuPath's image type: BRIGHTFIELD_H_E runs the H&E models (segmentation ensemble, SUA, predicted TPS), "
+    "BRIGHTFIELD_H_DAB the PD-L1 IHC nuclei ensemble (TPS, CPS); other types are refused. UNSET or omitted: the "
+    "stain is told from the image's colour."
+)
+
 
 class JobRequest(BaseModel):
     """An analysis of one image (or of its ROI)."""
@@ -50,14 +58,7 @@ class JobRequest(BaseModel):
         "size (another scene of a multi-image file, a cropped view) is refused, since the ROI and the results "
         "would not line up.",
     )
-    image_type: (
-        Literal["BRIGHTFIELD_H_E", "BRIGHTFIELD_H_DAB", "BRIGHTFIELD_OTHER", "FLUORESCENCE", "OTHER", "UNSET"] | None
-    ) = Field(
-        default=None,
-        description="QuPath's image type: BRIGHTFIELD_H_E runs the H&E models (segmentation ensemble, SUA, "
-        "predicted TPS), BRIGHTFIELD_H_DAB the PD-L1 IHC nuclei ensemble (TPS, CPS); other types are refused. "
-        "UNSET or omitted: the stain is told from the image's colour.",
-    )
+    image_type: ImageType | None = Field(default=None, description=IMAGE_TYPE_DESCRIPTION)
     outputs: list[Literal["regions", "uncertainty_tiles", "sua", "nuclei"]] = Field(default=list(OUTPUTS))
     model: str = Field(default="default", description="Model set; only 'default' (the loaded models) for now.")
 
@@ -116,6 +117,12 @@ class ErrorDetail(BaseModel):
     """What every error answer carries: what was expected, what came, and the fix."""
 
     detail: str
+    cannot_open: bool | None = Field(
+        default=None,
+        description="True where POST /v1/jobs refuses the image because the service cannot open it, or not as "
+        "the client shows it (not found on its machine, outside --allow-root, a format no reader here opens, "
+        "another size than image_size_px): send the region's pixels to POST /v1/jobs/pixels instead.",
+    )
 
 
 class JobAccepted(BaseModel):
@@ -151,8 +158,16 @@ class ModelDescription(BaseModel):
     stain: str = Field(description="The stain it was trained on and runs on: H&E, or H-DAB (PD-L1 IHC).")
 
 
+class UploadLimits(BaseModel):
+    """What POST /v1/jobs/pixels takes, so a client can tell before it renders or sends a region."""
+
+    max_px: int = Field(description="The most pixels (width x height) an uploaded region may have.")
+    max_bytes: int = Field(description="The most bytes an upload's body may have.")
+
+
 class Health(BaseModel):
     status: str
     version: str
     device: str
     models: list[ModelDescription]
+    upload_limits: UploadLimits

@@ -10,8 +10,10 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
+from shapely.geometry import MultiPolygon, Polygon
+from shapely.ops import unary_union
 
-from inference import ArrayReader, Mpp, Slide, SlideFormatError, unconvertible_samples
+from inference import ArrayReader, Mpp, Slide, SlideFormatError, mask_to_polygons, unconvertible_samples
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -175,29 +177,63 @@ def _full_resolution_frames(im: Image.Image) -> int | None:
     return full
 
 
-@contextmanager
-def decoded_upload(body: bytes, *, mpp: float | None) -> Iterator[Slide]:
-    """The uploaded region as a slide, decoded now that its job runs."""
+def _decoded(body: bytes) -> tuple[np.ndarray, np.ndarray | None]:
+    """An upload's RGB pixels, transparent ones over white, and where it is opaque (None: everywhere)."""
     from PIL import Image
 
-    if mpp is None:
-        raise ValueError("an upload needs its mpp")  # the endpoint requires it; a bug if missing
     try:
         with Image.open(io.BytesIO(body), formats=UPLOAD_FORMATS) as im:
             if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
                 # convert("RGB") drops alpha and keeps what lies under it, often black: analysed as dark
                 # tissue. Transparent is no tissue; over white it reads as the slide's empty glass.
+                rgba = im.convert("RGBA")
                 white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                rgb = np.asarray(Image.alpha_composite(white, im.convert("RGBA")).convert("RGB"))
-            else:
-                rgb = np.asarray(im.convert("RGB"))
+                rgb = np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+                opaque = np.asarray(rgba.getchannel("A")) >= 128
+                return rgb, None if opaque.all() else opaque
+            return np.asarray(im.convert("RGB")), None
     except Exception as err:  # a header that read but pixels that do not (truncated, corrupt)
         raise SlideFormatError(
             f"the uploaded image cannot be decoded ({type(err).__name__}: {err}); send a complete PNG or TIFF"
         ) from err
+
+
+def opaque_area(opaque: np.ndarray) -> Polygon | MultiPolygon | None:
+    """The outline of an upload's opaque pixels in its own px, as the ROI it is analysed in: a client sends a
+    region's bounding rectangle with the pixels outside its ROI transparent (pdl1_analyze.groovy), so the results
+    are made of the ROI's pixels alone (regions of pixels whose centres lie in it, tiles trimmed to it), as a job on
+    the image's path makes them. The outline runs along the opaque pixels' edges (pixel (r, c) spans x c to c + 1),
+    so it holds exactly their centres. None where no pixel is opaque: the whole upload is analysed, as glass.
+
+    >>> m = np.zeros((4, 6), bool); m[1:3, 1:5] = True
+    >>> opaque_area(m).bounds, opaque_area(np.zeros((2, 2), bool))
+    ((1.0, 1.0, 5.0, 3.0), None)
+    """
+    if not opaque.any():
+        return None
+    polygons, _labels = mask_to_polygons(opaque)
+    area = unary_union(polygons).simplify(0)  # the vertices along each pixel edge that add nothing
+    return area if isinstance(area, Polygon | MultiPolygon) else None
+
+
+@contextmanager
+def decoded_upload(body: bytes, *, mpp: float | None) -> Iterator[Slide]:
+    """The uploaded region as a slide, decoded now that its job runs."""
+    with opened_upload(body, mpp=mpp) as (slide, _area):
+        yield slide
+
+
+@contextmanager
+def opened_upload(body: bytes, *, mpp: float | None) -> Iterator[tuple[Slide, Polygon | MultiPolygon | None]]:
+    """The uploaded region as a slide, decoded now that its job runs, and the area to analyse in it (its opaque
+    pixels' outline, :func:`opaque_area`; None: all of it)."""
+    if mpp is None:
+        raise ValueError("an upload needs its mpp")  # the endpoint requires it; a bug if missing
+    rgb, opaque = _decoded(body)
     del body
+    area = None if opaque is None else opaque_area(opaque)
     slide = Slide(ArrayReader(rgb), mpp=Mpp(mpp, mpp, _UPLOAD_MPP_SOURCE), mpp_advice=_upload_mpp_advice)
     try:
-        yield slide
+        yield slide, area
     finally:
         slide.close()

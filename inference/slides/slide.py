@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -267,52 +269,74 @@ def unconvertible_samples(im: Image.Image) -> str | None:
     return None
 
 
+@contextmanager
+def _plain_tiff_page(path: Path) -> Iterator[Any]:
+    """A plain TIFF's first page (tifffile), refused before its pixels are read when it is too large to read
+    whole or holds other than 8-bit samples; any error, also of what the ``with`` body reads, as a SlideFormatError."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            if page.shape[0] * page.shape[1] > MAX_PLAIN_IMAGE_PX:
+                raise SlideFormatError(
+                    f"{path}: {page.shape[1]}x{page.shape[0]} px is too large to read whole; "
+                    "convert it to a pyramidal tiled TIFF (e.g. with `vips tiffsave --tile --pyramid`)"
+                )
+            if (
+                page.dtype is not None and page.dtype != np.uint8
+            ):  # known from the header: not decoded only to be refused
+                raise SlideFormatError(f"{path}: expected 8-bit RGB pixels, got {page.dtype}")
+            yield page
+    except SlideFormatError:
+        raise
+    except Exception as err:
+        damage = damage_advice(path)
+        raise SlideFormatError(f"{path}: not a readable TIFF ({err})" + (f"; {damage}" if damage else "")) from err
+
+
+@contextmanager
+def _plain_pillow_image(path: Path) -> Iterator[Image.Image]:
+    """A PNG/JPEG/... opened by Pillow, refused before its pixels are read when it is too large to read whole or
+    holds samples RGB would not keep; any error, also of what the ``with`` body reads, as a SlideFormatError."""
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PLAIN_IMAGE_PX:
+                raise SlideFormatError(f"{path}: {im.width}x{im.height} px is too large to read whole")
+            kind = unconvertible_samples(im)
+            if kind is not None:
+                raise SlideFormatError(f"{path}: expected 8-bit RGB pixels, got {kind}; save the image as 8-bit RGB")
+            yield im
+    except SlideFormatError:
+        raise
+    except Exception as err:
+        expected = (
+            damage_advice(path)
+            or "expected a whole-slide format (SVS, NDPI, MRXS, tiled TIFF, ...) or a small TIFF/PNG/JPEG"
+        )
+        raise SlideFormatError(f"{path}: neither OpenSlide nor Pillow can read it ({err}); {expected}") from err
+
+
+def _is_tiff_name(path: Path) -> bool:
+    return path.suffix.lower() in (".tif", ".tiff")
+
+
 def _read_plain_image(path: Path) -> tuple[np.ndarray, Mpp | None]:
     """Read a small non-pyramidal TIFF/PNG/JPEG whole, with its resolution if stated."""
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
-        try:
-            with tifffile.TiffFile(path) as tif:
-                page = tif.pages[0]
-                if page.shape[0] * page.shape[1] > MAX_PLAIN_IMAGE_PX:
-                    raise SlideFormatError(
-                        f"{path}: {page.shape[1]}x{page.shape[0]} px is too large to read whole; "
-                        "convert it to a pyramidal tiled TIFF (e.g. with `vips tiffsave --tile --pyramid`)"
-                    )
-                rgb = page.asarray()
-                tags = page.tags
-                mpp = None
-                if "XResolution" in tags and "ResolutionUnit" in tags:
-                    xr, yr = tags["XResolution"].value, tags["YResolution"].value
-                    unit = {2: "inch", 3: "centimeter"}.get(int(tags["ResolutionUnit"].value), "none")
-                    pair = _mpp_from_resolution(xr[0] / xr[1], yr[0] / yr[1], unit)
-                    mpp = Mpp(*pair, "TIFF resolution tags") if pair else None
-        except SlideFormatError:
-            raise
-        except Exception as err:
-            damage = damage_advice(path)
-            raise SlideFormatError(f"{path}: not a readable TIFF ({err})" + (f"; {damage}" if damage else "")) from err
+    if _is_tiff_name(path):
+        with _plain_tiff_page(path) as page:
+            rgb = page.asarray()
+            tags = page.tags
+            mpp = None
+            if "XResolution" in tags and "ResolutionUnit" in tags:
+                xr, yr = tags["XResolution"].value, tags["YResolution"].value
+                unit = {2: "inch", 3: "centimeter"}.get(int(tags["ResolutionUnit"].value), "none")
+                pair = _mpp_from_resolution(xr[0] / xr[1], yr[0] / yr[1], unit)
+                mpp = Mpp(*pair, "TIFF resolution tags") if pair else None
     else:
-        try:
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_PLAIN_IMAGE_PX:
-                    raise SlideFormatError(f"{path}: {im.width}x{im.height} px is too large to read whole")
-                kind = unconvertible_samples(im)
-                if kind is not None:
-                    raise SlideFormatError(
-                        f"{path}: expected 8-bit RGB pixels, got {kind}; save the image as 8-bit RGB"
-                    )
-                rgb = np.asarray(im.convert("RGB"))
-                dpi = im.info.get("dpi")
-        except SlideFormatError:
-            raise
-        except Exception as err:
-            expected = (
-                damage_advice(path)
-                or "expected a whole-slide format (SVS, NDPI, MRXS, tiled TIFF, ...) or a small TIFF/PNG/JPEG"
-            )
-            raise SlideFormatError(f"{path}: neither OpenSlide nor Pillow can read it ({err}); {expected}") from err
+        with _plain_pillow_image(path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+            dpi = im.info.get("dpi")
         mpp = None
         if dpi and dpi[0] > 0 and dpi[1] > 0:
             mpp = Mpp(25_400.0 / dpi[0], 25_400.0 / dpi[1], "image dpi")
@@ -482,3 +506,37 @@ def open_slide(
     except MissingMppError:
         reader.close()
         raise
+
+
+def slide_size(path: str | Path) -> tuple[int, int]:
+    """The (width, height) in level-0 px at which :func:`open_slide` opens an image, read from its header alone.
+
+    For a caller that must know, before any pixel is read, whether an image opens and in which frame (the
+    service, when a job is submitted): it refuses what ``open_slide`` refuses for the file itself, with the same
+    messages (no reader opens it; a plain image too large to read whole or of other than 8-bit samples), but not
+    a missing or implausible MPP, which a caller may give.
+
+    Raises
+    ------
+    SlideNotFoundError, SlideFormatError
+    """
+    import openslide
+
+    path = Path(path)
+    if not path.is_file():
+        raise SlideNotFoundError(f"slide not found: {path} ({_why_not_a_file(path)})")
+    try:
+        osr = openslide.OpenSlide(path)
+    except openslide.OpenSlideUnsupportedFormatError:
+        if _is_tiff_name(path):
+            with _plain_tiff_page(path) as page:
+                return int(page.imagewidth), int(page.imagelength)
+        with _plain_pillow_image(path) as im:
+            return im.size
+    except openslide.OpenSlideError as err:
+        damage = damage_advice(path)
+        raise SlideFormatError(f"{path}: OpenSlide cannot read it: {err}" + (f"; {damage}" if damage else "")) from err
+    try:
+        return qupath_frame(dict(osr.properties), tuple(osr.level_dimensions[0]))[1]
+    finally:
+        osr.close()

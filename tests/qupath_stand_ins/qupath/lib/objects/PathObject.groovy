@@ -1,0 +1,52 @@
+package qupath.lib.objects
+
+/** A path object as the script uses it: its ROI, class, name, measurements, parent and children. */
+class PathObject {
+    String kind = "annotation"  // annotation, detection, tile
+    def roi
+    def pathClass
+    String name
+    Map geometry  // GeoJSON, for an object read from the service's answer
+    StandInMeasurements measurements = new StandInMeasurements()
+    PathObject parent
+    List<PathObject> children = []
+
+    static PathObject fromFeature(Map feature) {
+        def props = feature.properties
+        def cls = props.classification == null ? null :
+                (props.classification.name ?: props.classification.names.join(": "))
+        return new PathObject(kind: props.objectType, pathClass: cls == null ? null : new StandInPathClass(cls),
+                name: props.name, geometry: feature.geometry)
+    }
+
+    def getROI() { roi }
+    def getPathClass() { pathClass }
+    String getName() { name }
+    void setName(String value) { name = value }
+    void setPathClass(value) { pathClass = value }
+    boolean isAnnotation() { kind == "annotation" }
+    boolean isDetection() { kind in ["detection", "tile", "cell"] }
+    boolean isTile() { kind == "tile" }
+    StandInMeasurements getMeasurementList() { measurements }
+    PathObject getParent() { parent }
+    PathObject[] getChildObjectsAsArray() { children as PathObject[] }
+
+    void addChildObjects(Collection<? extends PathObject> objects) {
+        objects.each { it.parent?.children?.remove(it); it.parent = this; children << it }
+    }
+}
+
+class StandInPathClass {
+    String name
+    StandInPathClass(String name) { this.name = name }
+    String toString() { name }
+}
+
+/** MeasurementList as on QuPath 0.4.4 and 0.5: getMeasurementNames(), removeMeasurements(String...), put, get. */
+class StandInMeasurements {
+    Map<String, Double> values = [:]
+    List<String> getMeasurementNames() { values.keySet().toList() }
+    void removeMeasurements(String... names) { names.each { values.remove(it) } }
+    void put(String name, double value) { values[name] = value }
+    double get(String name) { values.containsKey(name) ? values[name] : Double.NaN }
+}

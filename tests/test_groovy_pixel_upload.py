@@ -1,0 +1,540 @@
+"""pdl1_analyze.groovy's pixel upload: the helpers that size, mask and encode a region QuPath renders (run with
+Groovy 4, no QuPath), the real service analysing what they send, its results back where QuPath shows them, and the
+whole script run with stand-ins for QuPath's objects (tests/qupath_stand_ins) choosing the path job or the upload."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import numpy as np
+import pytest
+from PIL import Image
+from shapely import contains_xy
+from shapely.geometry import Polygon, shape
+from shapely.geometry.base import BaseGeometry
+from shapely.ops import unary_union
+
+from bridge.service import ServiceSettings
+from inference import open_slide
+from inference.pipeline import Models, PipelineConfig
+from tests.service_helpers import free_port, served, wait_for_job
+from tests.test_groovy_scripts import ANALYZE, helpers, needs_groovy, run_groovy
+
+MODELS = [  # what GET /v1/models lists of the shipped models (task, stain, input_mpp)
+    {"task": "segmentation", "stain": "H&E", "input_mpp": 2.0},
+    {"task": "nuclei", "stain": "H&E", "input_mpp": 1.0},
+    {"task": "nuclei", "stain": "H-DAB", "input_mpp": 0.5},
+]
+LIMITS = {"max_px": 8192 * 8192, "max_bytes": 64 * 2**20}
+
+
+@needs_groovy
+def test_the_upload_is_at_the_resolution_the_models_need_never_finer_than_level_0(tmp_path):
+    driver = f"""
+def models = new groovy.json.JsonSlurper().parseText('''{json.dumps(MODELS)}''')
+def all = ["regions", "uncertainty_tiles", "sua", "nuclei"]
+println JsonOutput.toJson([
+    he: uploadModelMpp(models, "BRIGHTFIELD_H_E", all),
+    he_without_nuclei: uploadModelMpp(models, "BRIGHTFIELD_H_E", ["regions"]),
+    ihc: uploadModelMpp(models, "BRIGHTFIELD_H_DAB", ["regions"]),
+    unset: uploadModelMpp(models, "UNSET", ["regions"]),
+    none: uploadModelMpp(models, null, all),
+    unlisted: uploadModelMpp(models.findAll {{ it.stain != "H-DAB" }}, "BRIGHTFIELD_H_DAB", all),
+])
+println JsonOutput.toJson([uploadDownsample(0.25d, 1.0d), uploadDownsample(0.5d, 1.0d), uploadDownsample(2.0d, 1.0d),
+        uploadDownsample(0.3d, 1.0d)])
+"""
+    chosen, downsamples = run_groovy(tmp_path, driver)
+    # H&E: the nuclei model's 1.0 where nuclei are asked for, else the segmentation's 2.0; an IHC its own model's;
+    # an image of no stated stain (its colour decides) the finest of all.
+    assert chosen == {"he": 1.0, "he_without_nuclei": 2.0, "ihc": 0.5, "unset": 0.5, "none": 0.5, "unlisted": None}
+    assert downsamples == [4.0, 2.0, 1.0, pytest.approx(1 / 0.3)]  # an image coarser than the model: level 0
+
+
+@needs_groovy
+def test_the_region_is_the_rois_bounds_clamped_to_the_image_at_the_size_qupath_renders(tmp_path):
+    driver = """
+println JsonOutput.toJson(uploadRegion(100.4d, 200.6d, 999.2d, 500.0d, 4000L, 3000L, 2.0d))
+println JsonOutput.toJson(uploadRegion(-50.0d, 2900.5d, 300.0d, 400.0d, 4000L, 3000L, 3.0d))  // over two edges
+println JsonOutput.toJson([uploadRegion(5000.0d, 10.0d, 30.0d, 30.0d, 4000L, 3000L, 1.0d)])  // beside the image
+println JsonOutput.toJson(uploadRegion(0.0d, 0.0d, 1.0d, 1.0d, 4000L, 3000L, 4.0d))  // never less than 1 px
+"""
+    inside, edges, beside, tiny = run_groovy(tmp_path, driver)
+    # floor/ceil of the bounds; rendered size max(1, round(size / downsample)) as AbstractTileableImageServer does
+    assert inside == {"x": 100, "y": 200, "width": 1000, "height": 501, "widthPx": 500, "heightPx": 251}
+    assert edges == {"x": 0, "y": 2900, "width": 250, "height": 100, "widthPx": 83, "heightPx": 33}
+    assert beside == [None]
+    assert tiny == {"x": 0, "y": 0, "width": 1, "height": 1, "widthPx": 1, "heightPx": 1}
+
+
+@needs_groovy
+def test_a_region_over_the_services_limits_is_not_sent_and_the_log_says_how_big_the_limit_and_what_to_do(tmp_path):
+    driver = f"""
+def limits = new groovy.json.JsonSlurper().parseText('''{json.dumps(LIMITS)}''')
+println JsonOutput.toJson([
+    pixels: uploadTooLarge(9000L, 8000L, -1L, limits, 2.0d),
+    bytes: uploadTooLarge(8000L, 8000L, 70L * 1048576L, limits, 2.0d),
+    fits: uploadTooLarge(8192L, 8192L, 64L * 1048576L, limits, 4.0d),
+])
+"""
+    (said,) = run_groovy(tmp_path, driver)
+    fix = (
+        "draw smaller annotations around the tissue to analyse (or split this one), or let the service open the "
+        "image: export it from QuPath as OME-TIFF (File > Export images...) into a folder the service opens "
+        "(pdl1 serve --allow-root) and analyse that"
+    )
+    assert said == {
+        "pixels": "the region is 9000 x 8000 px at downsample 2.00 (72000000 px), over the 67108864 px the service "
+        f"takes in an upload (pdl1 serve's max_upload_px): {fix}",
+        "bytes": "the region's PNG (8000 x 8000 px at downsample 2.00) is 70.0 MiB, over the 64.0 MiB the service "
+        f"takes in an upload (pdl1 serve's max_request_bytes): {fix}",
+        "fits": None,
+    }
+
+
+@needs_groovy
+def test_the_query_carries_origin_downsample_outputs_and_image_type(tmp_path):
+    driver = """
+println JsonOutput.toJson([uploadQuery(1.0d, 100.0d, 200.0d, 2.0d, ["regions", "nuclei"], "BRIGHTFIELD_H_DAB"),
+        uploadQuery(0.5d, 0.0d, 0.0d, 1.0d, ["sua"], null)])
+"""
+    ((stated, unstated),) = run_groovy(tmp_path, driver)
+    assert parse_qs(stated) == {
+        "mpp": ["1.0"],
+        "origin_x": ["100.0"],
+        "origin_y": ["200.0"],
+        "downsample": ["2.0"],
+        "outputs": ["regions", "nuclei"],
+        "image_type": ["BRIGHTFIELD_H_DAB"],
+    }
+    assert "image_type" not in parse_qs(unstated)
+
+
+def test_the_script_tries_the_path_job_first_and_uploads_where_the_service_cannot_open_the_image():
+    body = re.sub(r"//.*", "", ANALYZE.read_text().replace(helpers(), ""))
+    # Transformed views and images that are no local file are uploaded, not refused.
+    assert "results would land in the wrong place" not in body and "use the pixel upload API" not in body
+    assert 'uploadWhy = transformed != null ? "QuPath shows it through ${transformed}' in body
+    # The path job first; the upload where the image goes that way or the service answered cannot_open.
+    assert "accepted = uploadWhy == null ? submitPath(body) : null" in body
+    assert body.index("submitPath(body)") < body.index("accepted = submitPixels(parent)")
+    assert 'answer.get("cannot_open") == true' in body
+    # Rendered with the calls that are the same on QuPath 0.4.4 to 0.7 (RegionRequest.java v0.4.4:175, v0.7.0:174).
+    assert "server.readRegion(RegionRequest.createInstance(server.getPath(), downsample, " in body
+    assert "readBufferedImage" not in body  # deprecated since 0.4.0
+    assert "maskOutside(pixels, roi.getShape(), " in body and "uploadTooLarge(" in body
+    assert 'health.get("upload_limits")' in body and 'health.get("models")' in body
+
+
+# ------------------------------------------------------------------- the real service analyses the upload
+
+ROI = Polygon(  # an octagon over part of the phantom, its bounds off the pixel grid
+    [
+        (500.5, 300.3),
+        (1000.2, 300.3),
+        (1300.7, 600.0),
+        (1300.7, 1000.0),
+        (1000.2, 1300.9),
+        (500.5, 1300.9),
+        (200.4, 1000.0),
+        (200.4, 600.0),
+    ]
+)
+
+
+def _points(features: list[dict]) -> np.ndarray:
+    return np.array([f["geometry"]["coordinates"] for f in features if f["geometry"]["type"] == "Point"], float)
+
+
+@pytest.fixture(scope="module")
+def service_of(tmp_path_factory):
+    from inference.phantom.pyramid import write_phantom
+    from inference.phantom.scene import PhantomSpec
+
+    root = tmp_path_factory.mktemp("upload-slides")
+    write_phantom(root / "p.svs", PhantomSpec(2048, 2048, seed=1, tps_percent=30))
+    settings = ServiceSettings(port=free_port(), allow_roots=(root,), pipeline=PipelineConfig(device="cpu"))
+    with served(settings, Models(PipelineConfig(device="cpu"))) as client:
+        yield client, root / "p.svs"
+
+
+def _result(client, job_id: str) -> dict:
+    status = wait_for_job(client, job_id, timeout=300)
+    assert status["state"] == "done", status
+    return client.get(f"/v1/jobs/{job_id}/result").json()
+
+
+@needs_groovy
+def test_an_upload_the_helpers_mask_and_encode_is_analysed_and_lands_where_the_path_job_puts_it(tmp_path, service_of):
+    client, slide_path = service_of
+    models = client.get("/v1/models").json()
+    outputs = ["regions", "nuclei"]
+    x0, y0, x1, y1 = ROI.bounds
+    # What the script works out before it renders: the models' µm/px, the downsample, the region.
+    driver = f"""
+def models = new groovy.json.JsonSlurper().parseText('''{json.dumps(models)}''')
+def ds = uploadDownsample(0.5d, uploadModelMpp(models, "BRIGHTFIELD_H_E", {json.dumps(outputs)}))
+def region = uploadRegion({x0}d, {y0}d, {x1 - x0}d, {y1 - y0}d, 2048L, 2048L, ds)
+println JsonOutput.toJson([downsample: ds, region: region])
+"""
+    (plan,) = run_groovy(tmp_path, driver)
+    ds, region = plan["downsample"], plan["region"]
+    assert ds == 2.0 and region == {"x": 200, "y": 300, "width": 1101, "height": 1001, "widthPx": 551, "heightPx": 501}
+    # What QuPath's readRegion gives for it: the region at downsample 2, area-averaged.
+    with open_slide(slide_path) as slide:
+        rgb = slide.read_region_at_mpp(
+            (region["x"], region["y"]), (region["widthPx"], region["heightPx"]), mpp=0.5 * ds
+        )
+    rendered = tmp_path / "rendered.png"
+    Image.fromarray(rgb).save(rendered)
+    # The helpers mask it to the ROI (a java.awt.Shape in level-0 px, as ROI.getShape() gives it) and encode it.
+    vertices = ", ".join(f"[{x}d, {y}d]" for x, y in ROI.exterior.coords[:-1])
+    upload = tmp_path / "upload.png"
+    driver = f"""
+def shape = new java.awt.geom.Path2D.Double()
+def vertices = [{vertices}]
+shape.moveTo(vertices[0][0], vertices[0][1])
+vertices.drop(1).each {{ shape.lineTo(it[0], it[1]) }}
+shape.closePath()
+def image = javax.imageio.ImageIO.read(new File("{rendered}"))
+def png = pngBytes(maskOutside(image, shape, {region["x"]}d, {region["y"]}d, {ds}d))
+new File("{upload}").bytes = png
+println JsonOutput.toJson([bytes: png.length, query: uploadQuery(0.5d * {ds}d, {region["x"]}d, {region["y"]}d, {ds}d,
+        {json.dumps(outputs)}, "BRIGHTFIELD_H_E"), tooLarge: uploadTooLarge({region["widthPx"]}L,
+        {region["heightPx"]}L, (long) png.length, new groovy.json.JsonSlurper().parseText('''{json.dumps(LIMITS)}'''),
+        {ds}d)])
+"""
+    (sent,) = run_groovy(tmp_path, driver)
+    assert sent["tooLarge"] is None
+    # Transparent exactly where the uploaded pixel's centre lies outside the ROI (pixels the outline cuts may go
+    # either way by rounding), the rendered pixels kept inside.
+    with Image.open(upload) as im:
+        assert im.mode == "RGBA" and im.size == (region["widthPx"], region["heightPx"])
+        rgba = np.asarray(im)
+    jj, ii = np.mgrid[0 : rgba.shape[0], 0 : rgba.shape[1]]
+    cx, cy = region["x"] + (ii + 0.5) * ds, region["y"] + (jj + 0.5) * ds
+    inside = contains_xy(ROI, cx, cy)
+    near_edge = contains_xy(ROI.exterior.buffer(ds), cx, cy)
+    assert not np.any(((rgba[..., 3] == 255) != inside) & ~near_edge)
+    assert np.isin(rgba[..., 3], (0, 255)).all()  # no partly transparent pixels: no anti-aliasing
+    assert np.array_equal(rgba[..., :3][rgba[..., 3] == 255], rgb[rgba[..., 3] == 255])
+    assert 0.95 < (rgba[..., 3] == 255).sum() * ds * ds / ROI.area < 1.05
+
+    # The service analyses the upload; its results come back in level-0 px at the origin and downsample sent.
+    r = client.post(
+        f"/v1/jobs/pixels?{sent['query']}", content=upload.read_bytes(), headers={"Content-Type": "image/png"}
+    )
+    assert r.status_code == 202, r.text
+    uploaded = _result(client, r.json()["job_id"])
+    roi = {"type": "Polygon", "coordinates": [list(map(list, ROI.exterior.coords))]}
+    body = {
+        "image": str(slide_path),
+        "roi": roi,
+        "mpp": 0.5,
+        "image_size_px": [2048, 2048],
+        "image_type": "BRIGHTFIELD_H_E",
+        "outputs": outputs,
+    }
+    by_path = _result(client, client.post("/v1/jobs", json=body).json()["job_id"])
+    assert uploaded["pdl1"]["stain"] == by_path["pdl1"]["stain"] == "H&E"
+
+    path_points, upload_points = _points(by_path["features"]), _points(uploaded["features"])
+    assert len(path_points) > 100
+    assert contains_xy(ROI.buffer(2 * ds), upload_points[:, 0], upload_points[:, 1]).all()
+    distance = np.linalg.norm(path_points[:, None, :] - upload_points[None, :, :], axis=2)
+    nearest = distance.min(axis=1)
+    # The same nuclei at the same places, within the 1 µm (2 level-0 px) grid both analyses run on.
+    assert np.median(nearest) <= 1.5, np.median(nearest)
+    assert (nearest <= 4).mean() >= 0.9, (nearest <= 4).mean()
+    assert abs(len(upload_points) - len(path_points)) <= 0.1 * len(path_points)
+    # Mapped with origin 0 and downsample 1 instead, they would lie elsewhere: the mapping is what puts them here.
+    unmapped = (upload_points - [region["x"], region["y"]]) / ds
+    assert (np.linalg.norm(path_points[:, None] - unmapped[None], axis=2).min(axis=1) <= 4).mean() < 0.2
+
+    # The PD-L1 positive regions at the same places: the segmentation reads 2 µm/px, which the path job takes from
+    # the phantom's own level at downsample 4 and the service makes of the upload by averaging 2 x 2 pixels, so
+    # they differ a little (and more on phantoms, whose levels are rendered, not averaged), but not in place.
+    def positive(result: dict) -> BaseGeometry:
+        regions = [
+            f for f in result["features"] if f["properties"].get("classification", {}).get("name") == "PD-L1 positive"
+        ]
+        return unary_union([shape(f["geometry"]) for f in regions])
+
+    a, b = positive(uploaded), positive(by_path)
+    assert a.area > 0 and b.area > 0
+    assert a.intersection(b).area / a.union(b).area >= 0.7
+    # Made of the ROI's pixels alone, as the path job's are: the service analyses the upload's opaque pixels.
+    # Regions are made of the map pixels (2 µm: 4 level-0 px) whose centres lie in the analysed area, traced along
+    # their edges; the upload's area is its opaque pixels' outline, within an uploaded pixel's diagonal of the ROI.
+    assert ROI.buffer(3 * ds).contains(a), a.difference(ROI.buffer(3 * ds)).area
+    assert ROI.buffer(1.5 * ds).contains(b)
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_an_upload_s_stated_image_type_runs_that_stains_analysis_as_a_path_job_does(service_of):
+    # An upload had no image type: its colour alone chose the stain, so an H-DAB image QuPath knew as such could be
+    # analysed as H&E. Now a stated H-DAB runs the IHC path, and the colour does not overrule it.
+    client, slide_path = service_of
+    with open_slide(slide_path) as slide:
+        png = _png(slide.read_region((512, 512), 0, (512, 512)))
+    params = {"mpp": 0.5, "origin_x": 512, "origin_y": 512, "outputs": ["regions"], "image_type": "BRIGHTFIELD_H_DAB"}
+    r = client.post("/v1/jobs/pixels", params=params, content=png)
+    assert r.status_code == 202, r.text
+    result = _result(client, r.json()["job_id"])
+    assert result["pdl1"]["stain"] == "H-DAB"  # an H&E phantom's colours, but QuPath's image type says H-DAB
+    assert "PD-L1: TPS %" in result["pdl1"]["parent_measurements"]
+    reasons = [r["reason"] for r in result["pdl1"]["review_reasons"]]
+    assert "stain: QuPath's image type BRIGHTFIELD_H_DAB says H-DAB, the colour says H&E" in reasons
+
+
+@pytest.mark.parametrize("image_type", ["FLUORESCENCE", "BRIGHTFIELD_OTHER", "OTHER"])
+def test_an_upload_of_an_image_type_no_model_runs_on_is_refused_as_a_path_job_is(service_of, image_type):
+    client, slide_path = service_of
+    png = _png(np.full((16, 16, 3), 220, np.uint8))
+    r = client.post("/v1/jobs/pixels", params={"mpp": 0.5, "image_type": image_type}, content=png)
+    by_path = client.post("/v1/jobs", json={"image": str(slide_path), "image_type": image_type})
+    assert (r.status_code, by_path.status_code) == (422, 422)
+    refused = (
+        f"image_type {image_type}: pdl1-bridge analyses brightfield H&E (BRIGHTFIELD_H_E: the segmentation ensemble "
+        "and a predicted TPS) and PD-L1 IHC (BRIGHTFIELD_H_DAB: TPS and CPS from its cells), nothing else. If the "
+        "image is one of those, set its image type in QuPath (Image tab: Image type) and run the script again"
+    )
+    assert r.json() == by_path.json() == {"detail": refused}
+    r = client.post("/v1/jobs/pixels", params={"mpp": 0.5, "image_type": "H&E"}, content=png)
+    assert r.status_code == 422 and "query.image_type" in r.json()["detail"]
+
+
+def test_health_says_the_upload_limits(service_of):
+    client, _ = service_of
+    assert client.get("/v1/health").json()["upload_limits"] == {"max_px": 8192 * 8192, "max_bytes": 64 * 2**20}
+
+
+# ------------------------------------------------------------------- the whole script, QuPath stood in for
+
+STAND_INS = Path(__file__).resolve().parent / "qupath_stand_ins"
+
+# The QuPath objects the script meets, as small Groovy classes (the real ones are cited in the script), and the
+# scripting functions QuPath puts in every script, as closures in its binding; then the script itself runs.
+RUN_SCRIPT = r"""
+import java.awt.image.BufferedImage
+import qupath.lib.objects.PathObject
+
+class DefaultImageServerBuilder { }
+class Calibration { double mpp; double getAveragedPixelSizeMicrons() { mpp } }
+class Named { String name; String getName() { name } }
+class StandInServer {
+    File file; BufferedImage level0; int width, height; double mpp
+    List reads = []
+    Collection getURIs() { [file.toURI()] }
+    def getBuilder() { new DefaultImageServerBuilder() }
+    Calibration getPixelCalibration() { new Calibration(mpp: mpp) }
+    int getWidth() { width }
+    int getHeight() { height }
+    boolean isRGB() { true }
+    String getPath() { "stand-in:" + file }
+    Named getMetadata() { new Named(name: file.getName()) }
+    // As AbstractTileableImageServer.readRegion: max(1, round(size / downsample)) px of the region.
+    BufferedImage readRegion(request) {
+        reads << [x: request.x, y: request.y, width: request.width, height: request.height,
+                  downsample: request.downsample]
+        int w = Math.max(1, Math.round(request.width / request.downsample) as int)
+        int h = Math.max(1, Math.round(request.height / request.downsample) as int)
+        def out = new BufferedImage(w, h, BufferedImage.TYPE_INT_RGB)
+        def g = out.createGraphics()
+        g.setRenderingHint(java.awt.RenderingHints.KEY_INTERPOLATION,
+                java.awt.RenderingHints.VALUE_INTERPOLATION_BILINEAR)
+        g.drawImage(level0, 0, 0, w, h, request.x, request.y, request.x + request.width, request.y + request.height,
+                null)
+        g.dispose()
+        return out
+    }
+}
+class BioFormatsImageServer extends StandInServer { }
+class OpenslideImageServer extends StandInServer { }
+class TransformingImageServer extends StandInServer { }
+class RotatedImageServer extends TransformingImageServer { }
+class StandInRoi {
+    java.awt.geom.Path2D.Double shape = new java.awt.geom.Path2D.Double()
+    List vertices
+    double getBoundsX() { shape.getBounds2D().getX() }
+    double getBoundsY() { shape.getBounds2D().getY() }
+    double getBoundsWidth() { shape.getBounds2D().getWidth() }
+    double getBoundsHeight() { shape.getBounds2D().getHeight() }
+    java.awt.Shape getShape() { shape }
+    int getZ() { 0 }
+    int getT() { 0 }
+    boolean isArea() { true }
+    String getRoiName() { "Polygon" }
+    def getGeometry() { [type: "Polygon", coordinates: [vertices + [vertices[0]]]] }
+}
+enum ImageType { BRIGHTFIELD_H_E }
+class Hierarchy {
+    PathObject root
+    List getAnnotationObjects() { root.children.findAll { it.isAnnotation() } }
+    void removeObjects(Collection objects, boolean keepChildren) { objects.each { it.parent?.children?.remove(it) } }
+}
+class ImageData {
+    def server; Hierarchy hierarchy
+    def getServer() { server }
+    Hierarchy getHierarchy() { hierarchy }
+    ImageType getImageType() { ImageType.BRIGHTFIELD_H_E }
+}
+class Project { java.nio.file.Path path; java.nio.file.Path getPath() { path }; void syncChanges() { } }
+
+def setup = new groovy.json.JsonSlurper().parseText(new File(args[0]).text)
+def server = this.class.classLoader.loadClass(setup.server).getDeclaredConstructor().newInstance()
+server.file = new File(setup.image)
+server.level0 = javax.imageio.ImageIO.read(new File(setup.level0))
+server.width = setup.width
+server.height = setup.height
+server.mpp = setup.mpp
+def root = new PathObject(kind: "root")
+def targets = setup.annotations.collect { a ->
+    def roi = new StandInRoi(vertices: a.vertices)
+    roi.shape.moveTo(a.vertices[0][0], a.vertices[0][1])
+    a.vertices.drop(1).each { roi.shape.lineTo(it[0], it[1]) }
+    roi.shape.closePath()
+    new PathObject(kind: "annotation", roi: roi, name: a.name)
+}
+root.addChildObjects(targets)
+def imageData = new ImageData(server: server, hierarchy: new Hierarchy(root: root))
+def binding = new Binding([
+    getCurrentImageData: { -> imageData },
+    getProject: { -> new Project(path: java.nio.file.Paths.get(setup.project)) },
+    getProjectEntry: { -> null },
+    getSelectedObjects: { -> targets },
+    fireHierarchyUpdate: { -> },
+])
+new GroovyShell(this.class.classLoader, binding).evaluate(new File(setup.script))
+println groovy.json.JsonOutput.toJson([reads: server.reads, children: targets.collectEntries { t ->
+    [(t.name): t.children.collect { [kind: t.kind, cls: it.pathClass?.toString(), geometry: it.geometry] }] }])
+"""
+
+
+def _run_script(tmp_path: Path, setup: dict) -> tuple[list[str], dict]:
+    """pdl1_analyze.groovy run whole with the stand-ins: its log lines, and what the stand-ins recorded."""
+    from tests.test_groovy_scripts import CLASSPATH
+
+    (tmp_path / "run.groovy").write_text(RUN_SCRIPT)
+    (tmp_path / "setup.json").write_text(json.dumps({"script": str(ANALYZE), **setup}))
+    out = subprocess.run(
+        [
+            "java",
+            "-cp",
+            f"{CLASSPATH}{os.pathsep}{STAND_INS}",
+            "groovy.ui.GroovyMain",
+            str(tmp_path / "run.groovy"),
+            str(tmp_path / "setup.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    return [line for line in lines if line.startswith("pdl1:")], json.loads(lines[-1])
+
+
+@pytest.fixture(scope="module")
+def level0_png(service_of, tmp_path_factory) -> Path:
+    _, slide_path = service_of
+    png = tmp_path_factory.mktemp("level0") / "p.png"
+    with open_slide(slide_path) as slide:
+        Image.fromarray(slide.read_region((0, 0), 0, (2048, 2048))).save(png)
+    return png
+
+
+def _setup(tmp_path: Path, client, *, server: str, image: Path, level0: Path, annotations: list, size: int) -> dict:
+    (tmp_path / "pdl1-config.toml").write_text(
+        f'[service]\nurl = "{client.base_url}"\n[analysis]\noutputs = ["regions", "nuclei"]\n'
+    )
+    return {
+        "server": server,
+        "image": str(image),
+        "level0": str(level0),
+        "width": size,
+        "height": size,
+        "mpp": 0.5,
+        "project": str(tmp_path / "project.qpproj"),
+        "annotations": annotations,
+    }
+
+
+OCTAGON = {"name": "Tumor core", "vertices": [list(v) for v in ROI.exterior.coords[:-1]]}
+HUGE = {"name": "whole section", "vertices": [[0, 0], [20000, 0], [20000, 20000], [0, 20000]]}
+
+
+@needs_groovy
+def test_the_script_sends_the_pixels_of_an_image_the_service_cannot_open(tmp_path, service_of, level0_png):
+    # A .czi QuPath reads through Bio-Formats: the job failed after the queue ("OpenSlide cannot read it") and the
+    # annotation went unanalysed. Now the service says so at submission and the script sends the ROI's pixels.
+    client, _ = service_of
+    czi = service_of[1].parent / "scan.czi"
+    czi.write_bytes(b"ZISRAWFILE" + bytes(200))
+    setup = _setup(
+        tmp_path, client, server="BioFormatsImageServer", image=czi, level0=level0_png,
+        annotations=[HUGE, OCTAGON], size=40000,
+    )  # fmt: skip
+    log, seen = _run_script(tmp_path, setup)
+    assert log[0] == f"pdl1: settings from {tmp_path / 'pdl1-config.toml'}"
+    assert log[1].startswith(
+        f"pdl1: sending the pixels of each region as QuPath renders them, since the service cannot open the file: "
+        f"{czi}: OpenSlide cannot read it: "
+    )
+    # Too large to send: said, with the limit and what to do, and the next annotation is still analysed.
+    assert log[2] == (
+        "pdl1: whole section not analysed: the region is 10000 x 10000 px at downsample 2.00 (100000000 px), over "
+        "the 67108864 px the service takes in an upload (pdl1 serve's max_upload_px): draw smaller annotations "
+        "around the tissue to analyse (or split this one), or let the service open the image: export it from QuPath "
+        "as OME-TIFF (File > Export images...) into a folder the service opens (pdl1 serve --allow-root) and analyse "
+        "that"
+    )
+    assert re.fullmatch(r"pdl1: sending 551 x 501 px \(1\.00 µm/px, \d+\.\d MiB\) of Tumor core", log[3]), log[3]
+    assert any(re.fullmatch(r"pdl1: \d+ objects under Tumor core", line) for line in log), log
+    assert log[-1] == "pdl1: analysed 1 of 2 regions of scan.czi"
+    # Only the octagon's bounds were rendered, at the downsample the models need, never the huge one.
+    assert seen["reads"] == [{"x": 200, "y": 300, "width": 1101, "height": 1001, "downsample": 2.0}]
+    assert seen["children"]["whole section"] == []
+    points = np.array([c["geometry"]["coordinates"] for c in seen["children"]["Tumor core"]
+                       if c["geometry"]["type"] == "Point"])  # fmt: skip
+    assert len(points) > 100  # in level-0 px, inside the annotation
+    assert contains_xy(ROI.buffer(2), points[:, 0], points[:, 1]).all()
+    assert {c["cls"] for c in seen["children"]["Tumor core"]} >= {"PD-L1 positive", "Tumor: Negative"}
+
+
+@needs_groovy
+@pytest.mark.parametrize(
+    ("server", "uploaded"),
+    [("RotatedImageServer", True), ("OpenslideImageServer", False)],
+    ids=["transformed view: uploaded", "a file the service opens: path job"],
+)
+def test_a_transformed_view_is_uploaded_and_a_file_the_service_opens_goes_by_its_path(
+    tmp_path, service_of, level0_png, server, uploaded
+):
+    client, slide_path = service_of
+    setup = _setup(
+        tmp_path, client, server=server, image=slide_path, level0=level0_png, annotations=[OCTAGON], size=2048
+    )
+    log, seen = _run_script(tmp_path, setup)
+    said = (
+        "pdl1: sending the pixels of each region as QuPath renders them, since QuPath shows it through a "
+        "RotatedImageServer (a TransformingImageServer: rotated, cropped, flipped or otherwise transformed), which "
+        "the service would read as the file is"
+    )
+    assert (said in log) == uploaded and any(line.startswith("pdl1: sending 551 x 501 px") for line in log) == uploaded
+    assert len(seen["reads"]) == uploaded  # the path job renders nothing in QuPath
+    assert log[-1] == f"pdl1: analysed 1 of 1 regions of {slide_path.name}"
+    points = np.array([c["geometry"]["coordinates"] for c in seen["children"]["Tumor core"]
+                       if c["geometry"]["type"] == "Point"])  # fmt: skip
+    assert len(points) > 100 and contains_xy(ROI.buffer(2), points[:, 0], points[:, 1]).all()

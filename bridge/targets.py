@@ -25,6 +25,7 @@ WHOLE_IMAGE = "whole image"  # none of those: the image under a "PD-L1 analysis"
 
 TARGETS_FILE = "targets.csv"  # <project>/pdl1/targets.csv, or <--out>/pdl1/targets.csv for plain slides
 MISSING = "missing"  # TargetRow.state of a TMA core marked missing: left alone, no numbers
+TMA_CORE = "TMA core"  # TargetRow.target_type of a core of a dearrayed TMA grid
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def analysed_row(image: str, entry_id: str | None, target: str, target_type: str
 
 def missing_row(image: str, entry_id: str | None, core: str) -> TargetRow:
     """The row of a TMA core marked missing: named, so the table has every core of the grid, and without numbers."""
-    return TargetRow(image=image, entry_id=entry_id, target=core, target_type="TMA core", state=MISSING)
+    return TargetRow(image=image, entry_id=entry_id, target=core, target_type=TMA_CORE, state=MISSING)
 
 
 def rows_to_json(rows: Iterable[TargetRow]) -> list[dict[str, Any]]:
@@ -155,7 +156,7 @@ COLUMNS = (
 )
 
 
-def _cell(value: Any) -> str:
+def csv_cell(value: Any) -> str:
     """A CSV cell: empty for none, 1/0 for the review flag, reasons joined by "; ", a TPS to one decimal as QuPath's
     metadata holds it."""
     if value is None:
@@ -176,5 +177,5 @@ def write_target_table(path: Path, rows: Iterable[TargetRow]) -> Path:
         writer = csv.writer(fh)
         writer.writerow(COLUMNS)
         for row in rows:
-            writer.writerow([_cell(getattr(row, c)) for c in COLUMNS])
+            writer.writerow([csv_cell(getattr(row, c)) for c in COLUMNS])
     return path

@@ -216,3 +216,211 @@ def test_a_stated_case_of_one_stain_is_named_once_with_all_its_images_and_not_in
     pairs, problems = pair_cases([*images, _image("slide7.svs", "H-DAB", None)])
     assert pairs == {} and list(problems) == ["F6"]
     assert "only H&E images (F6_HE.svs, F6_HE2.svs) carry case=F6 (entry metadata)" in problems["F6"]
+
+
+# TMA cores of a case, compared one by one. Rows as bridge.run writes them into each image's summary.json
+# (``targets``): analysed_row from a result, missing_row for a core marked missing, through rows_to_json.
+
+
+def _result(positive: int, negative: int, *, stain: str = "H&E", reasons: tuple[str, ...] = ()):
+    from types import SimpleNamespace
+
+    from inference import tumour_proportion_score
+
+    return SimpleNamespace(
+        tps=tumour_proportion_score(positive, negative),
+        cps=None,
+        stain=stain,
+        uncertainty_flag=bool(reasons),
+        summary={"review_reasons": [{"reason": r, "value": 1.0, "limit": 0.5} for r in reasons]},
+    )
+
+
+def _summary(image: str, cores: dict, *, stain: str = "H&E") -> dict:
+    """A summary.json's ``targets`` of a TMA: ``cores`` maps a name to (positive, negative) tumour cells, with
+    review reasons as a third item, or to None for a core marked missing."""
+    from bridge.targets import analysed_row, missing_row, rows_to_json
+
+    rows = [
+        missing_row(image, "1", name)
+        if cells is None
+        else analysed_row(image, "1", name, "TMA core", _result(*cells[:2], stain=stain, reasons=cells[2:]))
+        for name, cells in cores.items()
+    ]
+    return {"image": image, "stain": stain, "targets": rows_to_json(rows)}
+
+
+def _row_as(summary: dict, target: str, target_type: str):
+    """The summary's first target row, renamed and retyped (a whole image's row: "PD-L1 analysis", "whole image")."""
+    from dataclasses import replace
+
+    from bridge.targets import rows_from_summary
+
+    return replace(rows_from_summary(summary)[0], target=target, target_type=target_type)
+
+
+def _cores(he: dict, ihc: dict):
+    from bridge.pairs import case_cores
+
+    return case_cores(_summary("he.svs", he), _summary("ihc.svs", ihc, stain="H-DAB"), he_name="he.svs",
+                      ihc_name="ihc.svs")  # fmt: skip
+
+
+# 12 cores, H&E (rows) against IHC (columns) over <1 %, 1-49 %, >=50 %:
+#   [[3, 1, 0], [1, 4, 1], [0, 0, 2]]; row sums 4, 6, 2; column sums 4, 5, 3.
+# p_o = 9/12, p_e = (4*4 + 6*5 + 2*3)/144 = 52/144, kappa = (108 - 52) / (144 - 52) = 14/23.
+_KAPPA_PAIRS = (
+    [((0, 200), (1, 300))] * 3  # <1 % on both
+    + [((0, 200), (20, 180))]  # <1 % against 1-49 %
+    + [((10, 190), (0, 400))]  # 1-49 % against <1 %
+    + [((60, 140), (80, 120))] * 4  # 1-49 % on both
+    + [((60, 140), (150, 50))]  # 1-49 % against >=50 %
+    + [((180, 20), (190, 10))] * 2  # >=50 % on both
+)
+
+
+def test_cohens_kappa_over_the_three_categories_is_the_hand_computed_one():
+    from bridge.pairs import TPS_CATEGORIES, cohen_kappa, core_agreement
+
+    assert TPS_CATEGORIES == ("<1%", "1-49%", ">=50%")
+    he = {f"A-{i}": h for i, (h, _) in enumerate(_KAPPA_PAIRS, 1)}
+    ihc = {f"A-{i}": i_ for i, (_, i_) in enumerate(_KAPPA_PAIRS, 1)}
+    record, cores = _cores(he, ihc)
+    agreement = core_agreement(cores)
+    assert (agreement.compared, agreement.categories_agree) == (12, 9)
+    assert agreement.category_agreement == pytest.approx(0.75)
+    assert agreement.cohen_kappa == pytest.approx(14 / 23)
+    assert record["cores_summary"]["cohen_kappa"] == pytest.approx(14 / 23) and record["cores_summary"]["notes"] == []
+    # Symmetric in the two ratings, and perfect agreement is 1.
+    assert cohen_kappa([c.category_ihc for c in cores], [c.category_he for c in cores], categories=TPS_CATEGORIES) == (
+        pytest.approx(14 / 23)
+    )
+    assert cohen_kappa(["<1%", "1-49%", ">=50%"], ["<1%", "1-49%", ">=50%"], categories=TPS_CATEGORIES) == 1.0
+    with pytest.raises(ValueError, match=r"expected two ratings of the same items, got 2 and 1"):
+        cohen_kappa(["<1%", "<1%"], ["<1%"], categories=TPS_CATEGORIES)
+    with pytest.raises(ValueError, match=r"expected categories among \['<1%', '1-49%', '>=50%'\], got \['50%'\]"):
+        cohen_kappa(["<1%"], ["50%"], categories=TPS_CATEGORIES)
+
+
+def test_tied_tps_take_their_mean_rank_and_the_differences_are_h_and_e_minus_ihc():
+    from bridge.pairs import core_agreement
+
+    # TPS H&E 0, 0, 10, 20, 30 (ranks 1.5, 1.5, 3, 4, 5); IHC 0, 5, 5, 40, 60 (ranks 1, 2.5, 2.5, 4, 5):
+    # rho = 8.75 / sqrt(9.5 * 9.5). Each core has 1000 tumour cells.
+    he = {"A-1": (0, 1000), "A-2": (0, 1000), "A-3": (100, 900), "A-4": (200, 800), "A-5": (300, 700)}
+    ihc = {"A-1": (0, 1000), "A-2": (50, 950), "A-3": (50, 950), "A-4": (400, 600), "A-5": (600, 400)}
+    _, cores = _cores(he, ihc)
+    agreement = core_agreement(cores)
+    assert agreement.spearman_rho == pytest.approx(8.75 / 9.5)
+    x, y = np.array([0, 0, 10, 20, 30.0]), np.array([0, 5, 5, 40, 60.0])
+    assert agreement.pearson_r == pytest.approx(
+        np.sum((x - 12) * (y - 22)) / np.sqrt(np.sum((x - 12) ** 2) * np.sum((y - 22) ** 2))
+    )
+    assert agreement.mean_abs_tps_difference == pytest.approx((0 + 5 + 5 + 20 + 30) / 5)
+    assert agreement.mean_tps_difference == pytest.approx((0 - 5 + 5 - 20 - 30) / 5)
+    # <1 % / <1 %, <1 % / 1-49 %, 1-49 % on both (10 and 5), 1-49 % / 1-49 % (20, 40), 1-49 % / >=50 % (30, 60).
+    assert [c.categories_agree for c in cores] == [True, False, True, True, False]
+
+
+def test_cores_all_of_one_category_agree_wholly_but_give_no_kappa_and_say_why():
+    from bridge.pairs import core_agreement
+
+    he = {f"A-{i}": (10 * i, 200) for i in range(1, 6)}  # 4.8-20 %
+    ihc = {f"A-{i}": (5 * i, 200) for i in range(1, 6)}  # 2.4-11 %
+    _, cores = _cores(he, ihc)
+    agreement = core_agreement(cores)
+    assert (agreement.compared, agreement.categories_agree, agreement.category_agreement) == (5, 5, 1.0)
+    assert agreement.cohen_kappa is None
+    assert agreement.notes == (
+        "kappa is undefined: every compared core is 1-49% on both images, so chance alone agrees on all of them",
+    )
+    assert agreement.spearman_rho == pytest.approx(1.0)
+    # One category on the IHC only: kappa is defined (0, no better than chance), however the H&E varies.
+    ihc_flat = {name: (50, 150) for name in ihc}
+    he_varied = {"A-1": (0, 300), "A-2": (1, 299), "A-3": (50, 150), "A-4": (200, 100), "A-5": (280, 20)}
+    agreement = core_agreement(_cores(he_varied, ihc_flat)[1])
+    assert agreement.cohen_kappa == pytest.approx(0.0) and agreement.categories_agree == 1
+    assert agreement.spearman_rho is None and agreement.notes == (
+        "the correlations are undefined: the TPS is the same in every compared core of one image",
+    )
+
+
+def test_grids_with_no_name_in_common_compare_no_core_and_say_to_label_them_alike():
+    from bridge.pairs import core_agreement
+
+    record, cores = _cores({"A-1": (10, 200), "A-2": (30, 200)}, {"1": (10, 200), "2": (30, 200)})
+    assert [(c.core, c.state_he, c.state_ihc, c.compared) for c in cores] == [
+        ("A-1", "analysed", "absent", False),
+        ("A-2", "analysed", "absent", False),
+        ("1", "absent", "analysed", False),
+        ("2", "absent", "analysed", False),
+    ]
+    assert cores[0].tps_he_predicted == pytest.approx(100 * 10 / 210) and cores[0].tps_ihc is None
+    agreement = core_agreement(cores)
+    assert (agreement.cores, agreement.compared, agreement.not_compared) == (4, 0, 4)
+    assert agreement.category_agreement is None and agreement.mean_abs_tps_difference is None
+    assert agreement.notes == (
+        "no core compared: no core name is in both grids; dearray both sections with the same labels (QuPath: TMA > "
+        "Relabel TMA grid)",
+    )
+    assert record["cores_summary"]["compared"] == 0 and len(record["cores"]) == 4
+
+
+def test_missing_and_small_cores_are_listed_not_counted_and_a_flagged_one_is_counted_and_marked():
+    record, cores = _cores(
+        {"A-1": (30, 170), "A-2": (5, 300), "B-1": (2, 40), "B-2": (20, 180, "nuclei uncertainty"), "C-1": None},
+        {"A-1": (40, 160), "A-2": None, "B-1": (10, 290), "B-2": (30, 170), "C-1": None},
+    )
+    by = {c.core: c for c in cores}
+    assert by["A-2"].why_not_compared == "marked missing in the IHC's grid" and by["A-2"].state_ihc == "missing"
+    assert by["A-2"].tps_he_predicted == pytest.approx(100 * 5 / 305) and by["A-2"].category_ihc is None
+    assert by["C-1"].why_not_compared == "marked missing in the H&E's grid; marked missing in the IHC's grid"
+    # Under 100 tumour cells the TPS is undefined: listed with its numbers, not counted.
+    assert not by["B-1"].compared and by["B-1"].tumour_cells_he == 42 and by["B-1"].tps_ihc == pytest.approx(10 / 3)
+    assert by["B-1"].why_not_compared == "42 tumour cells on the H&E, under 100: its TPS is undefined"
+    assert (by["B-1"].category_he, by["B-1"].category_ihc) == ("insufficient tumour cells", "1-49%")
+    # Flagged on one side: counted (its TPS is defined) and marked.
+    assert by["B-2"].compared and by["B-2"].needs_review
+    assert by["B-2"].review_reasons == ("H&E: nuclei uncertainty (1, limit 0.5)",)
+    summary = record["cores_summary"]
+    assert (summary["cores"], summary["compared"], summary["compared_needing_review"]) == (5, 2, 1)
+    assert summary["notes"] == ["2 cores compared: kappa and the correlations need at least 5"]
+    assert [c["core"] for c in record["cores"]] == ["A-1", "A-2", "B-1", "B-2", "C-1"]
+    assert record["cores"][0]["tps_difference"] == pytest.approx(15.0 - 20.0)
+
+
+def test_a_core_named_twice_in_one_grid_is_not_compared_and_the_others_are():
+    from dataclasses import replace
+
+    from bridge.pairs import match_cores
+    from bridge.targets import rows_from_summary
+
+    he = rows_from_summary(_summary("he.svs", {"A-1": (30, 170), "A-3": (50, 150), "A-2": (40, 160)}))
+    he[1] = replace(he[1], target="A-1 ")  # relabelled by hand into a second A-1
+    ihc = rows_from_summary(_summary("ihc.svs", {"A-1": (30, 170), "A-2": (40, 160)}, stain="H-DAB"))
+    cores = match_cores(he, ihc)
+    assert [(c.core, c.compared, c.tps_he_predicted) for c in cores] == [("A-1", False, None), ("A-2", True, 20.0)]
+    assert cores[0].why_not_compared == (
+        "2 cores of the H&E's grid are named 'A-1': which to compare is unknown; name each core of a grid once "
+        "(QuPath: TMA > Relabel TMA grid)"
+    )
+
+
+def test_a_case_analysed_core_by_core_on_one_side_only_says_how_the_other_was_analysed():
+    from bridge.pairs import case_cores
+    from bridge.targets import rows_to_json
+
+    tma = _summary("he.svs", {"A-1": (30, 170)})
+    whole = {"targets": rows_to_json([_row_as(tma, "PD-L1 analysis", "whole image")])}
+    record, cores = case_cores(tma, whole, he_name="he.svs", ihc_name="ihc.svs")
+    assert cores == () and list(record) == ["why_cores_not_compared"]
+    assert record["why_cores_not_compared"].startswith(
+        "only the H&E (he.svs) was analysed core by core; ihc.svs was analysed whole: its TMA grid, if it has one, "
+        "was not seen (`pdl1 run` without QuPath and --engine ray analyse whole images)"
+    )
+    record, _ = case_cores({"image": "old.svs"}, tma, he_name="old.svs", ihc_name="ihc.svs")
+    assert record["why_cores_not_compared"] == (
+        "only the IHC (ihc.svs) was analysed core by core; old.svs was analysed by an earlier version, whose summary "
+        "lists no targets: run it again without --resume"
+    )
+    assert case_cores(whole, whole, he_name="a", ihc_name="b") == ({}, ())  # no TMA: the record is as it was

@@ -992,3 +992,95 @@ def test_without_qupath_the_table_has_the_whole_image_and_the_report_still_reads
     )
     html_path, csv_path = write_report(project)
     assert html_path.is_file() and csv_path.is_file()
+
+
+def test_through_qupath_a_tma_case_is_compared_core_by_core_in_pairs_json_its_csv_and_the_table(
+    tmp_path, ihc_pair, models, fake_qupath, monkeypatch, capsys
+):
+    # An H&E TMA and the PD-L1 IHC TMA of the same block: the pair compared the images whole, one TPS over every
+    # core on each side. Each core's H&E-predicted TPS is now set beside its IHC's, matched by the grid labels; a
+    # core missing in the IHC's grid, or in one grid only, is listed as not compared and says why.
+    import csv
+    from types import SimpleNamespace
+
+    import shapely
+
+    from bridge import qupath
+    from bridge.cli.common import pairs_table
+
+    def core(name, x, y, *, missing=False):
+        java = SimpleNamespace(isMissing=lambda: missing)  # TMACoreObject.isMissing()
+        return SimpleNamespace(name=name, path_class=None, roi=shapely.Point(x, y).buffer(420), java_object=java)
+
+    grids = {
+        "he_271.svs": [core("A-1", 520, 520), core("A-2", 1520, 520), core("B-1", 520, 1520), core("C-9", 1520, 1520)],
+        "ihc_271.svs": [
+            core("A-1", 520, 520),
+            core("A-2", 1520, 520, missing=True),  # no tissue on the IHC's section
+            core("b-1", 520, 1520),  # relabelled by hand: capitals do not matter
+            core("B-2", 1520, 1520),
+        ],
+    }
+    monkeypatch.setattr(qupath, "tma_cores", lambda entry: grids[entry.image_name])
+    he, ihc = ihc_pair
+    project = tmp_path / "project"
+    init_project_files(project, [he, ihc])
+    outcomes = run_batch([project], RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="always"), models=models)
+    assert [o.state for o in outcomes] == ["done", "done"], [o.error for o in outcomes]
+    summaries = [json.loads((project / "pdl1" / o.key / "summary.json").read_text()) for o in outcomes]
+    assert [s["stain"] for s in summaries] == ["H&E", "H-DAB"]
+    he_rows, ihc_rows = ({r["target"].casefold(): r for r in s["targets"]} for s in summaries)
+    case = json.loads((project / "pdl1" / "pairs.json").read_text())["cases"]["271"]
+    assert case["registration"]["ok"] and case["comparison"]["tps_ihc"] == summaries[1]["tps_percent"]  # kept whole
+    cores = {c["core"]: c for c in case["cores"]}
+    assert list(cores) == ["A-1", "A-2", "B-1", "C-9", "B-2"]  # the H&E's grid order, then the IHC's others
+    assert [(c["state_he"], c["state_ihc"]) for c in cores.values()] == [
+        ("analysed", "analysed"),
+        ("analysed", "missing"),
+        ("analysed", "analysed"),
+        ("analysed", "absent"),
+        ("absent", "analysed"),
+    ]
+    assert cores["A-2"]["why_not_compared"] == "marked missing in the IHC's grid"
+    assert cores["C-9"]["why_not_compared"] == "no core of this name in the IHC's grid"
+    assert cores["B-2"]["why_not_compared"] == "no core of this name in the H&E's grid"
+    for name in ("A-1", "B-1"):  # each side's numbers are its own core's, as its targets row has them
+        c, h, i = cores[name], he_rows[name.casefold()], ihc_rows[name.casefold()]
+        assert (c["tps_he_predicted"], c["tps_ihc"]) == (h["tps_percent"], i["tps_percent"])
+        assert (c["tumour_cells_he"], c["tumour_cells_ihc"]) == (h["tumour_cells"], i["tumour_cells"])
+        assert c["needs_review"] == (h["needs_review"] or i["needs_review"])
+        assert c["compared"] == (min(h["tumour_cells"], i["tumour_cells"]) >= 100)
+    assert cores["A-1"]["compared"] and min(cores["A-1"]["tumour_cells_he"], cores["A-1"]["tumour_cells_ihc"]) > 1000
+    # B-1 lies at the phantom's edge: under 100 tumour cells, listed with its numbers but not counted.
+    assert not cores["B-1"]["compared"] and "under 100: its TPS is undefined" in cores["B-1"]["why_not_compared"]
+    a1 = cores["A-1"]
+    assert a1["categories_agree"] == (a1["category_he"] == a1["category_ihc"])
+    summary = case["cores_summary"]
+    assert (summary["cores"], summary["compared"], summary["not_compared"]) == (5, 1, 4)
+    assert summary["categories_agree"] == int(a1["categories_agree"])
+    assert summary["mean_abs_tps_difference"] == pytest.approx(abs(a1["tps_he_predicted"] - a1["tps_ihc"]))
+    assert summary["cohen_kappa"] is None and summary["notes"] == [
+        "1 core compared: kappa and the correlations need at least 5"
+    ]
+    with (project / "pdl1" / "pairs_cores.csv").open(newline="", encoding="utf-8") as fh:
+        table = list(csv.DictReader(fh))
+    assert [(r["case"], r["he_image"], r["ihc_image"], r["core"], r["compared"]) for r in table] == [
+        ("271", "he_271.svs", "ihc_271.svs", "A-1", "1"),
+        ("271", "he_271.svs", "ihc_271.svs", "A-2", "0"),
+        ("271", "he_271.svs", "ihc_271.svs", "B-1", "0"),
+        ("271", "he_271.svs", "ihc_271.svs", "C-9", "0"),
+        ("271", "he_271.svs", "ihc_271.svs", "B-2", "0"),
+    ]
+    assert (table[0]["tps_he_predicted"], table[0]["tps_ihc"]) == (
+        f"{a1['tps_he_predicted']:.1f}",
+        f"{a1['tps_ihc']:.1f}",
+    )
+    assert table[1]["tps_ihc"] == "" and table[1]["why_not_compared"] == "marked missing in the IHC's grid"
+
+    capsys.readouterr()
+    pairs_table(project / "pdl1" / "pairs.json")
+    out = capsys.readouterr().out
+    assert "TMA cores" in out.splitlines()[2], out
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines()]
+    rows = [r for r in rows if r]
+    assert rows[0][0] == "271" and " ".join(r[7] for r in rows if r[7]).startswith("1 of 5 cores compared: ")

@@ -665,6 +665,44 @@ def test_a_case_not_compared_says_why_in_the_review_column_of_the_run_table(tmp_
     assert " ".join(r[6] for r in rows) == why  # wrapped within the review column, whole
 
 
+def test_a_tma_case_shows_its_cores_agreement_in_a_column_of_its_own(tmp_path, capsys):
+    # A TMA case's whole-image TPS mixes every core: the table showed only that. Its cores' agreement is in a
+    # "TMA cores" column; a case without cores has that cell empty, and a run without TMAs has no such column.
+    from bridge.cli.common import pairs_table
+
+    registration = {"error_um": 12.0}
+    comparison = dict(tps_he_predicted=30.0, tps_ihc=35.0, dice=0.7, entropy_disagree=0.3, entropy_agree=0.1)
+    summary = {
+        "cores": 24, "compared": 20, "not_compared": 4, "categories_agree": 17, "category_agreement": 0.85,
+        "cohen_kappa": 0.72, "mean_abs_tps_difference": 6.25, "spearman_rho": 0.81, "compared_needing_review": 2,
+        "notes": [],
+    }  # fmt: skip
+    whole = {"registration": registration, "comparison": comparison, "review_reasons": []}
+    cases = {
+        "TMA1": {**whole, "cores": [], "cores_summary": summary},
+        "B2": whole,
+        "TMA3": {"why_not_compared": "registration failed: tissue overlap", "why_cores_not_compared": "only the H&E"},
+    }
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps({"case_key": "case", "cases": cases}))
+    pairs_table(path)
+    lines = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in next(line for line in lines if line.startswith("┃")).split("┃")[1:-1]]
+    assert header[0] == "case" and header[7] == "TMA cores"
+    rows = [_cells(line) for line in lines if line.startswith("│")]
+    by_case: dict[str, list[str]] = {}
+    for row in rows:  # a wrapped cell goes on under an empty case cell
+        by_case.setdefault(row[0] or list(by_case)[-1], []).append(row[7])
+    assert " ".join(c for c in by_case["TMA1"] if c) == (
+        "20 of 24 cores compared: 17 agree in category (85%), kappa 0.72, Spearman 0.81, mean |TPS diff| 6.2; 2 flagged"
+    )
+    assert by_case["B2"] == [""] and " ".join(c for c in by_case["TMA3"] if c) == "only the H&E"
+    pairs_table_without_cores = tmp_path / "plain.json"
+    pairs_table_without_cores.write_text(json.dumps({"case_key": "case", "cases": {"B2": whole}}))
+    pairs_table(pairs_table_without_cores)
+    assert "TMA cores" not in capsys.readouterr().out
+
+
 def test_a_row_resume_skipped_shows_the_earlier_runs_results_and_says_so(capsys):
     # Its row was blank but for "skipped", as if the results were lost.
     from bridge.cli.common import outcome_table

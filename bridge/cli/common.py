@@ -271,11 +271,12 @@ def pairs_table(path) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from bridge.pairs import core_agreement_text
     from bridge.project import review_reason_text
 
     cases = json.loads(path.read_text())["cases"]
     table = Table(title=f"H&E vs PD-L1 IHC, per case ({path})")
-    columns = (
+    columns = [
         "case",
         "TPS H&E (predicted)",
         "TPS IHC",
@@ -283,16 +284,25 @@ def pairs_table(path) -> None:
         "registration µm",
         "entropy disagree / agree",
         "review",
-    )
+    ]
+    # A TMA's whole-image TPS mixes every core: its cores' agreement is what tells, in a column of its own, only
+    # where a case has cores (a run without TMAs keeps the table it had).
+    tma = any("cores_summary" in r or "why_cores_not_compared" in r for r in cases.values())
+    if tma:
+        columns.append("TMA cores")
     for col in columns:
-        table.add_column(col, justify="left" if col in ("case", "review") else "right")
+        table.add_column(col, justify="left" if col in ("case", "review") or col.startswith("TMA") else "right")
     for case, record in cases.items():
+        cores = []
+        if tma:
+            summary = record.get("cores_summary")
+            cores = [escape(core_agreement_text(summary) if summary else record.get("why_cores_not_compared", ""))]
         c = record.get("comparison")
         if not c:
             # Why, in the review column, where a reader looks for what is wrong with a case: under "TPS H&E" it
             # read as the H&E's score. rich has no cell spanning columns, so the numbers' cells stay empty.
             why = record.get("why_not_compared", "") or "not compared"
-            table.add_row(escape(case), "", "", "", "", "", escape(why))
+            table.add_row(escape(case), "", "", "", "", "", escape(why), *cores)
             continue
 
         def num(v, fmt=".1f"):
@@ -306,6 +316,7 @@ def pairs_table(path) -> None:
             num(record["registration"]["error_um"]),
             f"{num(c['entropy_disagree'], '.3f')} / {num(c['entropy_agree'], '.3f')}",
             escape("; ".join(review_reason_text(r) for r in record.get("review_reasons", []))) or "ok",
+            *cores,
         )
     stdout().print(table)
 

@@ -424,3 +424,41 @@ def test_a_case_analysed_core_by_core_on_one_side_only_says_how_the_other_was_an
         "lists no targets: run it again without --resume"
     )
     assert case_cores(whole, whole, he_name="a", ihc_name="b") == ({}, ())  # no TMA: the record is as it was
+
+
+def test_cores_are_compared_where_the_whole_slides_cannot_be_and_an_earlier_runs_core_table_goes(tmp_path):
+    # The cores need only the two summaries: a case whose slides cannot be registered (here: gone since the run)
+    # still gets its cores, in pairs.json and pairs_cores.csv. A later run without TMA cases removes that table.
+    import csv
+    import json
+
+    from bridge.pairs import CORES_FILE, write_pair_comparisons
+    from bridge.targets import rows_to_json
+
+    def image(name: str, stain: str, summary: dict) -> CaseImage:
+        path = tmp_path / f"{name}.summary.json"
+        path.write_text(json.dumps(summary))
+        return CaseImage(name, name, tmp_path / name, "T1", stain, path, tmp_path / f"{name}.geojson", 0.5)
+
+    he = image("T1_HE.svs", "H&E", _summary("T1_HE.svs", {"A-1": (30, 170), "A-2": (1, 300)}))
+    ihc = image("T1_IHC.svs", "H-DAB", _summary("T1_IHC.svs", {"A-1": (40, 160), "A-2": None}, stain="H-DAB"))
+    path = write_pair_comparisons([he, ihc], tmp_path)
+    case = json.loads(path.read_text())["cases"]["T1"]
+    assert "T1_HE.svs" in case["why_not_compared"]  # the slide is not there: no registration, no whole comparison
+    assert [(c["core"], c["compared"]) for c in case["cores"]] == [("A-1", True), ("A-2", False)]
+    assert case["cores_summary"]["categories_agree"] == 1
+    with (tmp_path / "pdl1" / CORES_FILE).open(newline="", encoding="utf-8") as fh:
+        table = list(csv.DictReader(fh))
+    assert [(r["case"], r["core"], r["tps_he_predicted"], r["tps_ihc"], r["tps_difference"]) for r in table] == [
+        ("T1", "A-1", "15.0", "20.0", "-5.0"),
+        ("T1", "A-2", f"{100 / 301:.1f}", "", ""),
+    ]
+    assert sorted(p.name for p in (tmp_path / "pdl1").iterdir()) == ["pairs.json", CORES_FILE]  # no .part left
+
+    row = _row_as(_summary("x.svs", {"A-1": (30, 170)}), "PD-L1 analysis", "whole image")
+    whole = {"targets": rows_to_json([row])}  # run again without QuPath: whole images
+    he.summary_path.write_text(json.dumps(whole))
+    ihc.summary_path.write_text(json.dumps(whole))
+    write_pair_comparisons([he, ihc], tmp_path)
+    assert not (tmp_path / "pdl1" / CORES_FILE).exists()
+    assert "cores" not in json.loads(path.read_text())["cases"]["T1"]

@@ -447,6 +447,39 @@ def find_or_create_analysis_parent(entry: Any, geometry: BaseGeometry) -> Any:
     return ann
 
 
+def remove_whole_image_analysis(entry: Any) -> int:
+    """Remove an earlier run's whole-image ``PD-L1 analysis`` annotation and this tool's objects under it; how many
+    objects went (0: there was none). Called before the cores of a TMA grid are analysed.
+
+    A TMA analysed whole (before TMA cores were targets, or by ``pdl1 run`` without QuPath and
+    ``pdl1_import_results.groovy``, whose notice sends you to the per-core analysis) kept that analysis when its
+    cores were analysed: an analysed annotation's results are its own (:func:`_own_descendants`), so every nucleus in
+    a core was there twice, once under the core and once under ``PD-L1 analysis``, which kept its TPS over all cores.
+    Only this tool's objects go (not those under another analysed annotation inside it); your annotations and
+    QuPath's detections under it stay where it was (:func:`_rehome_others`).
+    """
+    from paquo.java import ArrayList
+
+    hierarchy = entry.hierarchy
+    wrap = _paquo()["annotation"]
+    tops = [
+        ann.java_object
+        for ann in hierarchy.annotations
+        if ann.path_class is not None and ann.path_class.id == PDL1_ANALYSIS.name and ann.name == PDL1_ANALYSIS.name
+    ]
+    removed = 0
+    with hierarchy.no_autoflush():
+        for top in tops:
+            going = [top, *_own_under(top)]
+            _rehome_others(going, wrap(top.getParent()))  # its parent stays: no area test
+            stale = ArrayList()
+            for obj in going:
+                stale.add(obj)
+            hierarchy.java_object.removeObjects(stale, True)
+            removed += len(going)
+    return removed
+
+
 def write_children(entry: Any, parent: Any, objects: Iterable[QuPathObject], measurements: dict[str, float]) -> int:
     """Replace this tool's earlier children of ``parent`` with ``objects``, and its measurements with ``measurements``.
 
@@ -562,6 +595,7 @@ __all__ = [
     "open_project",
     "path_class",
     "qupath_available",
+    "remove_whole_image_analysis",
     "restore_data",
     "save_entries",
     "save_project",

@@ -758,6 +758,17 @@ class _QuPathSession:
             results.append((None, job.analyse(models, config, on_tiles)))
             rows.append(whole_image_row(job, results[0][1], job.key))
         try:
+            if choice.source == TMA_CORES:
+                # An earlier whole-image analysis kept its objects over the cores' (its results are its own).
+                gone = self.qp.remove_whole_image_analysis(entry)
+                if gone:
+                    log.warning(
+                        "%s: removed its earlier whole-image analysis ('%s' and what this tool put under it: %d "
+                        "objects), which scored all TMA cores as one; each core's analysis replaces it",
+                        job.name,
+                        PDL1_ANALYSIS.name,
+                        gone,
+                    )
             for ann, result in results:
                 parent = ann or self.qp.find_or_create_analysis_parent(
                     entry, box(0, 0, result.image_width_px, result.image_height_px)

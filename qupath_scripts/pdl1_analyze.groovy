@@ -619,6 +619,22 @@ def uploadQuery = { double mpp, double originX, double originY, double downsampl
         parts << "image_type=" + enc(imageType)
     return parts.join("&")
 }
+// An earlier run's whole-image analysis (the "PD-L1 analysis" annotations in analyses) and this tool's objects under
+// it, removed when the cores of the image's TMA grid are analysed, as bridge's remove_whole_image_analysis: an
+// analysed annotation's results are its own, so the cores' analysis left it, and every nucleus in a core was there
+// twice, under the core and under "PD-L1 analysis", which kept its one TPS over all cores. Not what lies under
+// another analysed annotation inside it; your annotations and QuPath's detections under it go where it was
+// (rehomeOthers). Returns how many objects went.
+def removeWholeImageAnalysis = { List analyses, Closure own, hierarchy ->
+    def removed = 0
+    analyses.each { top ->
+        def going = [top] + ownUnder(top, own)
+        rehomeOthers(going, top.getParent())  // its parent stays: no area test
+        hierarchy.removeObjects(going, true)
+        removed += going.size()
+    }
+    return removed
+}
 // ---- end of helpers ------------------------------------------------------------------------
 
 def imageData = getCurrentImageData()
@@ -813,6 +829,7 @@ if (uploadWhy != null)
 
 def entry = getProjectEntry()
 def metadataWritten = false
+def wholeImageRemoved = false
 def metadataParts = []
 def done = 0
 for (parent in targets) {
@@ -898,6 +915,17 @@ for (parent in targets) {
         offset = next == null ? null : (next as int)
     }
     send(request(statusPath).DELETE().build())  // the result is here now: let the service release it
+    if (choice.source == "TMA cores" && !wholeImageRemoved) {  // once, when the first core's results are here
+        def analyses = hierarchy.getAnnotationObjects().findAll {
+            it.getPathClass() != null && it.getPathClass().toString() == ANALYSIS_CLASS &&
+                    it.getName() == ANALYSIS_CLASS
+        }
+        def gone = removeWholeImageAnalysis(analyses, isOwn, hierarchy)
+        if (gone > 0)
+            println "pdl1: removed the earlier whole-image analysis ('${ANALYSIS_CLASS}' and what this tool put under " +
+                    "it: ${gone} objects), which scored all TMA cores as one; each core's analysis replaces it"
+        wholeImageRemoved = true
+    }
     def old = ownDescendants(parent, isOwn)
     // The hierarchy's removeObjects(objects, keepChildren): the same on 0.4.4 to 0.7 (QP's two-argument
     // removeObjects is deprecated since 0.6, its one-argument form is 0.6+).

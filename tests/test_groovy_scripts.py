@@ -1259,3 +1259,147 @@ def test_the_definition_reader_sees_a_changed_copy():
     assert changed != text
     assert _definitions(changed)["liesIn"] != _definitions(text)["liesIn"]
     assert _definitions(text)["liesIn"] == _definitions(helpers(ANALYZE))["liesIn"]
+
+
+def _whole_image_tree():
+    """A TMA analysed whole before its cores were (an earlier version, or pdl1 run without QuPath and the import
+    script): its "PD-L1 analysis" annotation over the image, this tool's objects under it, your annotations among
+    them, an analysed hotspot inside it, and a core into which Resolve hierarchy moved one of its nuclei."""
+    from shapely.geometry import Point, box
+
+    from bridge.objects import ANALYSED_SIGNATURE
+
+    ours, yours, analysis = _ours, _yours, "PD-L1 analysis"
+    return [
+        ("root", "root", None, None, {}, None, None),
+        (analysis, "annotation", analysis, analysis, {ANALYSED_SIGNATURE: 0.0}, box(0, 0, 4000, 2000), "root"),
+        ours("its nucleus", "detection", box(98, 98, 102, 102), analysis, "Tumor: Positive"),
+        ours("its tile", "tile", box(0, 0, 100, 100), analysis),
+        ours("its region", "annotation", box(2800, 200, 3200, 400), analysis, "PD-L1 positive"),
+        yours("your note in its region", "annotation", box(2900, 250, 3000, 350), "its region", "Tumor"),
+        yours("your annotation", "annotation", box(2600, 1400, 3400, 1800), analysis, "Tumor"),
+        ours("its nucleus in yours", "detection", box(2998, 1598, 3002, 1602), "your annotation", "Tumor: Negative"),
+        _analysed("hotspot", box(3400, 200, 3800, 600), analysis),
+        ours("hotspot's nucleus", "detection", box(3598, 398, 3602, 402), "hotspot", "Tumor: Positive"),
+        ("A-1", "TMA core", None, "A-1", {}, Point(1000, 1000).buffer(500), "root"),
+        ours("its nucleus in A-1", "detection", box(998, 998, 1002, 1002), "A-1", "Tumor: Positive"),
+    ]
+
+
+# What goes with the whole-image analysis, and where the rest is after it: the nucleus Resolve hierarchy moved into a
+# core is that core's re-run's to replace (ownDescendants of the core), the hotspot's results the hotspot's.
+WHOLE_IMAGE_REMOVES = ["PD-L1 analysis", "its nucleus", "its nucleus in yours", "its region", "its tile"]
+WHOLE_IMAGE_LEAVES = {
+    "your note in its region": "root",
+    "your annotation": "root",
+    "hotspot": "root",
+    "hotspot's nucleus": "hotspot",
+    "A-1": "root",
+    "its nucleus in A-1": "A-1",
+}
+
+
+def test_analysing_a_tmas_cores_removes_its_earlier_whole_image_analysis_in_bridge(monkeypatch):
+    # An analysed annotation's results are its own, so analysing the cores left the whole-image analysis of a TMA
+    # (its TPS over all cores on "PD-L1 analysis", every nucleus in a core twice); the import script's notice sends
+    # you to exactly that per-core analysis.
+    from types import SimpleNamespace
+
+    from bridge import qupath
+
+    nodes = {}
+    for label, kind, cls, name, measurements, geometry, parent in _whole_image_tree():
+        nodes[label] = JavaPathObject(kind, geometry, cls, name, measurements, label=label)
+        if parent is not None:
+            nodes[parent].addChildObjects([nodes[label]])
+    removed = []
+
+    def remove_objects(objects, keep_children):  # PathObjectHierarchy.removeObjects as v0.4.4:458-497 does it
+        removed.extend(objects)
+        kept = [kid for obj in objects for kid in obj.kids if kid not in objects]
+        for obj in objects:
+            obj.parent.kids.remove(obj)
+        if keep_children:
+            nodes["root"].addChildObjects(kept)
+
+    _, entry = paquo_stand_ins(monkeypatch, remove_objects)
+    entry.hierarchy.annotations = [  # paquo's proxy: getAnnotationObjects(), no TMA core among them
+        SimpleNamespace(java_object=n, name=n.name, path_class=None if n.cls is None else SimpleNamespace(id=c))
+        for n, c in ((n, None if n.cls is None else n.cls.toString()) for n in nodes.values())
+        if n.kind == "annotation"
+    ]
+    assert qupath.remove_whole_image_analysis(entry) == len(WHOLE_IMAGE_REMOVES)
+    assert sorted(obj.label for obj in removed) == WHOLE_IMAGE_REMOVES
+    left = {n.label: n.parent.label for n in nodes.values() if n.parent is not None and n not in removed}
+    assert left == WHOLE_IMAGE_LEAVES
+
+
+@needs_groovy
+def test_analysing_a_tmas_cores_removes_its_earlier_whole_image_analysis_in_the_script(tmp_path):
+    script = ANALYZE
+    code = re.sub(r"//.*", "", script.read_text().replace(helpers(script), ""))
+    assert re.search(  # once, before the first core's earlier results are looked for
+        r'if \(choice\.source == "TMA cores" && !wholeImageRemoved\) \{\s*'
+        r"def analyses = hierarchy\.getAnnotationObjects\(\)\.findAll \{\s*"
+        r"it\.getPathClass\(\) != null && it\.getPathClass\(\)\.toString\(\) == ANALYSIS_CLASS &&\s*"
+        r"it\.getName\(\) == ANALYSIS_CLASS\s*\}\s*"
+        r"def gone = removeWholeImageAnalysis\(analyses, isOwn, hierarchy\).*?wholeImageRemoved = true\s*\}\s*"
+        r"def old = ownDescendants\(parent, isOwn\)",
+        code,
+        flags=re.S,
+    ), "the script does not remove the whole-image analysis before writing the first core's results"
+    settings = "\n".join(
+        re.search(rf"^def {name} = .*?(?=\n(?:def |//))", script.read_text(), flags=re.M | re.S).group(0)
+        for name in ("OWN_ANNOTATION_CLASSES", "OWN_DETECTION_CLASSES", "TILE_NAME", "ANALYSIS_CLASS")
+    )
+    is_own = _script_part(script, "def isOwn = { PathObject obj ->").replace("{ PathObject obj ->", "{ obj ->")
+    listed = json.dumps(
+        [
+            {"label": label, "kind": kind, "cls": cls, "name": name, "ml": measurements, "parent": parent}
+            for label, kind, cls, name, measurements, _, parent in _whole_image_tree()
+        ]
+    )
+    driver = f"""
+{settings}
+{is_own}
+class Ml {{ Map m = [:]; double get(String k) {{ m.containsKey(k) ? m[k] as double : Double.NaN }} }}
+class Node {{                                           // a PathObject's calls (PathObject.java v0.4.4)
+    String label; String kind; String cls; String name; Ml ml = new Ml(); Node up; List kids = []
+    Node getParent() {{ up }}
+    Object[] getChildObjectsAsArray() {{ kids.toArray() }}
+    String getPathClass() {{ cls }}
+    String getName() {{ name }}
+    Ml getMeasurementList() {{ ml }}
+    boolean isTile() {{ kind == "tile" }}
+    boolean isAnnotation() {{ kind == "annotation" }}
+    boolean isDetection() {{ kind in ["detection", "tile"] }}
+    boolean isTMACore() {{ kind == "TMA core" }}
+    void addChildObjects(Collection objects) {{         // takes each from its old parent first
+        objects.each {{ o -> if (o.up != null) o.up.kids.removeIf {{ it.is(o) }}; o.up = this; kids << o }}
+    }}
+}}
+def nodes = [:]
+for (n in new groovy.json.JsonSlurper().parseText('''{listed}''')) {{
+    def node = new Node(label: n.label, kind: n.kind, cls: n.cls, name: n.name)
+    n.ml.each {{ k, v -> node.ml.m[k] = v as double }}
+    nodes[n.label] = node
+    if (n.parent != null)
+        nodes[n.parent].addChildObjects([node])
+}}
+def root = nodes["root"]
+def removed = []
+def hierarchy = [removeObjects: {{ List objects, boolean keepChildren ->  // v0.4.4:458-497
+    removed.addAll(objects)
+    def kept = objects.collectMany {{ o -> o.kids.findAll {{ k -> !objects.any {{ it.is(k) }} }} }}
+    objects.each {{ o -> o.up.kids.removeIf {{ it.is(o) }} }}
+    if (keepChildren)
+        root.addChildObjects(kept)
+}}]
+def analyses = nodes.values().findAll {{ it.isAnnotation() && it.cls == ANALYSIS_CLASS && it.name == ANALYSIS_CLASS }}
+def gone = removeWholeImageAnalysis(analyses, isOwn, hierarchy)
+def left = nodes.values().findAll {{ it.up != null && !removed.any {{ r -> r.is(it) }} }}
+def parents = left.collectEntries {{ [(it.label): it.up.label] }}
+println JsonOutput.toJson([gone: gone, removed: (removed*.label).sort(), parents: parents])
+"""
+    (groovy,) = run_groovy(tmp_path, driver, script)
+    assert groovy == {"gone": len(WHOLE_IMAGE_REMOVES), "removed": WHOLE_IMAGE_REMOVES, "parents": WHOLE_IMAGE_LEAVES}

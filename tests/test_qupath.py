@@ -404,9 +404,11 @@ def test_a_case_of_an_h_and_e_and_its_ihc_is_analysed_each_on_its_path_and_compa
 
 def _add_tma_grid(hierarchy, cores):
     """A dearrayed TMA grid through QuPath's Java API (paquo 0.9 has none): ``cores`` are (name, x, y, diameter,
-    missing). PathObjects.createTMACoreObject(xCenter, yCenter, diameter, isMissing) (PathObjects.java v0.4.4:103,
-    v0.6.0:103), DefaultTMAGrid.create(cores, gridWidth) (DefaultTMAGrid.java v0.4.4:63, v0.6.0:63) and
-    PathObjectHierarchy.setTMAGrid (v0.4.4:215, v0.6.0:171), which adds the cores to the hierarchy."""
+    missing), row by row and named as QuPath's dearrayer does by default (rows A-J, columns 1-16, "Row first": "A-2" is
+    row A, column 2; TMADearrayerPluginIJ.java v0.6.0:94-97, 322-336). PathObjects.createTMACoreObject(xCenter,
+    yCenter, diameter, isMissing) (PathObjects.java v0.4.4:103, v0.6.0:103), DefaultTMAGrid.create(cores, gridWidth)
+    (DefaultTMAGrid.java v0.4.4:63, v0.6.0:63) and PathObjectHierarchy.setTMAGrid (v0.4.4:215, v0.6.0:171), which
+    adds the cores to the hierarchy under its root (addObjects, v0.4.4:646-663, v0.6.0:540-557)."""
     from paquo.java import ArrayList, JClass, PathObjects
 
     made = ArrayList()
@@ -419,7 +421,8 @@ def _add_tma_grid(hierarchy, cores):
 
 
 def _cores(project_dir):
-    """Each core of the first entry's grid: (name, missing, its PD-L1 measurements, its children's classes)."""
+    """Each core of the first entry's grid: (name, missing, its PD-L1 measurements, its children's classes); the
+    names of the entry's annotations, its metadata and how many nuclei it holds anywhere."""
     from paquo.projects import QuPathProject
 
     from bridge import qupath
@@ -433,7 +436,8 @@ def _cores(project_dir):
             measured = {k: v for k, v in core.measurements.items() if k.startswith("PD-L1: ")}
             out[core.name] = (qupath.core_is_missing(core), measured, dict(kids))
         annotations = sorted(str(a.name) for a in qp.images[0].hierarchy.annotations)  # ours are unnamed: "None"
-        return out, annotations, dict(qp.images[0].metadata)
+        nuclei = sum(1 for d in qp.images[0].hierarchy.detections if d.path_class is not None)  # anywhere
+        return out, annotations, dict(qp.images[0].metadata), nuclei
 
 
 def test_a_tma_is_analysed_core_by_core_a_missing_core_left_alone_and_a_rerun_replaces_per_core(
@@ -445,25 +449,32 @@ def test_a_tma_is_analysed_core_by_core_a_missing_core_left_alone_and_a_rerun_re
 
     project_dir = tmp_path / "qp"
     init_project_qupath(project_dir, [phantom_svs])
+    config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="always")
+    (whole,) = run_batch([project_dir], config, models=models)  # before the grid: the image analysed whole
+    assert whole.state == "done", whole.error
     with QuPathProject(project_dir, mode="r+") as qp:  # leaving saves the entry: setTMAGrid fires a hierarchy event
         _add_tma_grid(
             qp.images[0].hierarchy,
             [
                 ("A-1", 550, 550, 900, False),
-                ("B-1", 1500, 550, 900, True),
-                ("A-2", 550, 1500, 900, False),
+                ("A-2", 1500, 550, 900, True),
+                ("B-1", 550, 1500, 900, False),
                 ("B-2", 1500, 1500, 900, False),
             ],
         )
-    config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="always")
     (done,) = run_batch([project_dir], config, models=models)
     assert done.state == "done", done.error
-    cores, annotations, metadata = _cores(project_dir)
-    assert list(cores) == ["A-1", "B-1", "A-2", "B-2"]
-    assert "PD-L1 analysis" not in annotations  # no whole-image parent: each core is its own
-    missing, measured, kids = cores["B-1"]
+    cores, annotations, metadata, nuclei = _cores(project_dir)
+    assert list(cores) == ["A-1", "A-2", "B-1", "B-2"]
+    # No whole-image parent: each core is its own, and the earlier whole-image analysis is gone with its objects
+    # (left, every nucleus in a core was there twice).
+    assert "PD-L1 analysis" not in annotations
+    assert nuclei == sum(
+        n for _, _, kids in cores.values() for c, n in kids.items() if c.startswith(("Tumor", "Other"))
+    )
+    missing, measured, kids = cores["A-2"]
     assert missing and measured == {} and kids == {}  # left alone
-    for name in ("A-1", "A-2", "B-2"):
+    for name in ("A-1", "B-1", "B-2"):
         missing, measured, kids = cores[name]
         assert not missing
         assert {"PD-L1: Uncertainty flag", "PD-L1: Predicted TPS % (H&E)", "PD-L1: Num Tumor: Positive"} <= set(
@@ -474,17 +485,17 @@ def test_a_tma_is_analysed_core_by_core_a_missing_core_left_alone_and_a_rerun_re
         table = {r["target"]: r for r in csv.DictReader(fh)}
     assert [(t, r["state"]) for t, r in table.items()] == [
         ("A-1", "analysed"),
-        ("B-1", "missing"),
-        ("A-2", "analysed"),
+        ("A-2", "missing"),
+        ("B-1", "analysed"),
         ("B-2", "analysed"),
     ]
-    for name in ("A-1", "A-2", "B-2"):
+    for name in ("A-1", "B-1", "B-2"):
         assert table[name]["tps_percent"] == f"{cores[name][1]['PD-L1: Predicted TPS % (H&E)']:.1f}"
     assert metadata["PD-L1 run"] == done.run_id
 
     # Re-run: each core's objects replaced, none duplicated, the missing core still untouched.
     (again,) = run_batch([project_dir], config, models=models)
     assert again.state == "done", again.error
-    after, annotations_after, _ = _cores(project_dir)
+    after, annotations_after, _, nuclei_after = _cores(project_dir)
     assert {n: kids for n, (_, _, kids) in after.items()} == {n: kids for n, (_, _, kids) in cores.items()}
-    assert annotations_after == annotations
+    assert annotations_after == annotations and nuclei_after == nuclei

@@ -484,6 +484,7 @@ def fake_qupath(monkeypatch, fixtures_dir):
     monkeypatch.setattr(qupath, "ensure_classes", lambda project: None)
     monkeypatch.setattr(qupath, "annotation_targets", annotation_targets)
     monkeypatch.setattr(qupath, "tma_cores", lambda entry: [])  # no TMA grid
+    monkeypatch.setattr(qupath, "remove_whole_image_analysis", lambda entry: 0)
     monkeypatch.setattr(qupath, "find_or_create_analysis_parent", lambda entry, geometry: object())
     monkeypatch.setattr(qupath, "write_children", lambda entry, parent, objects, measurements: 0)
     return seen
@@ -940,11 +941,15 @@ def test_through_qupath_a_tma_is_analysed_core_by_core_and_its_table_has_a_row_p
     monkeypatch.setattr(
         qupath, "write_children", lambda entry, parent, objects, measurements: written.append((parent, measurements))
     )
+    # An earlier whole-image analysis stayed beside the cores' (an analysed annotation's results are its own).
+    monkeypatch.setattr(qupath, "remove_whole_image_analysis", lambda entry: written.append(("whole image", {})) or 5)
     project = tmp_path / "project"
     init_project_files(project, [slides[0]])
     config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="always", stain="H&E")
     (done,) = run_batch([project], config, models=models)
     assert done.state == "done", done.error
+    assert written[0] == ("whole image", {})  # removed before the cores are written, inside the backup's guard
+    del written[0]
     assert [parent.name for parent, _ in written] == ["A-1", "B-1"]  # no PD-L1 analysis annotation, not A-2
     assert all("PD-L1: Predicted TPS % (H&E)" in m for _, m in written)
 

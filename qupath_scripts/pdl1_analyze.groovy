@@ -635,6 +635,29 @@ def removeWholeImageAnalysis = { List analyses, Closure own, hierarchy ->
     }
     return removed
 }
+// The parts of mergeEntryMetadata for the analysed TMA cores that a run on a selection of cores leaves out, so that
+// the entry's score stays the image's over every analysed core (pdl1 run analyses them all): each core's counts as
+// bridge/run.py's metadata_counts has them, from the measurements bridge/objects.py's parent_measurements wrote on it
+// ("PD-L1: Num <class>" for every nucleus class), and no metadata of its own (the merge takes the last part's). A core
+// marked missing is left out (pdl1 run does not analyse it); one analysed without nuclei has no counts, so the merge
+// sums none (as pdl1 run's, where a target has no TPS). gridCores: the grid's; analysed: this run's targets;
+// withImmune: whether this run's counts have immune_positive (a PD-L1 IHC; a core without the immune cells' count
+// has 0, as metadata_counts gives for a model without that class).
+def otherCoreParts = { List gridCores, List analysed, boolean withImmune ->
+    return gridCores.findAll { c -> !c.isMissing() && isAnalysed(c) && !analysed.any { it.is(c) } }.collect { core ->
+        def ml = core.getMeasurementList()
+        double positive = ml.get("PD-L1: Num Tumor: Positive")
+        double negative = ml.get("PD-L1: Num Tumor: Negative")
+        if (Double.isNaN(positive) || Double.isNaN(negative))
+            return [metadata: [:], counts: [:]]
+        def counts = [tumour_positive: positive as long, tumour_negative: negative as long]
+        if (withImmune) {
+            double cells = ml.get("PD-L1: Num Immune cells: PD-L1 positive")
+            counts.immune_positive = Double.isNaN(cells) ? 0L : cells as long
+        }
+        return [metadata: [:], counts: counts]
+    }
+}
 // ---- end of helpers ------------------------------------------------------------------------
 
 def imageData = getCurrentImageData()
@@ -830,6 +853,9 @@ if (uploadWhy != null)
 def entry = getProjectEntry()
 def metadataWritten = false
 def wholeImageRemoved = false
+// A selection of TMA cores: the entry's score stays over every analysed core, those of earlier runs too (not with
+// annotations selected: one inside an analysed core would count its cells twice).
+def otherCores = (choice.source == "selection" && targets.every { it.isTMACore() }) ? cores : []
 def metadataParts = []
 def done = 0
 for (parent in targets) {
@@ -937,7 +963,8 @@ for (parent in targets) {
     setParentMeasurements(parent.getMeasurementList(), pdl1.get("parent_measurements"))
     if (entry != null) {
         metadataParts << [metadata: pdl1.get("metadata"), counts: pdl1.get("metadata_counts")]
-        putEntryMetadata(entry, mergeEntryMetadata(metadataParts))
+        def immune = ((metadataParts[-1].counts ?: [:]) as Map).containsKey("immune_positive")
+        putEntryMetadata(entry, mergeEntryMetadata(otherCoreParts(otherCores, targets, immune) + metadataParts))
         metadataWritten = true
     }
     done++

@@ -1403,3 +1403,70 @@ println JsonOutput.toJson([gone: gone, removed: (removed*.label).sort(), parents
 """
     (groovy,) = run_groovy(tmp_path, driver, script)
     assert groovy == {"gone": len(WHOLE_IMAGE_REMOVES), "removed": WHOLE_IMAGE_REMOVES, "parents": WHOLE_IMAGE_LEAVES}
+
+
+@needs_groovy
+@pytest.mark.parametrize("stain", ["H&E", "H-DAB"])
+def test_a_run_on_selected_cores_keeps_the_entrys_score_over_every_analysed_core(tmp_path, stain):
+    # Re-running one selected core of an analysed TMA wrote that core's TPS as the image's: the merge took this run's
+    # targets only, while pdl1 run (and the README) give the image's score over every analysed core.
+    from bridge.objects import ANALYSED_SIGNATURE
+    from bridge.run import merge_entry_metadata
+
+    immune = stain == "H-DAB"
+
+    def counts(positive, negative, cells=None):
+        out = {"tumour_positive": positive, "tumour_negative": negative}
+        return {**out, "immune_positive": cells} if immune else out
+
+    def measured(c):  # what parent_measurements wrote on an analysed core: "PD-L1: Num <class>", the signature
+        ml = {ANALYSED_SIGNATURE: 0.0, "PD-L1: Num Tumor: Positive": c["tumour_positive"]}
+        ml["PD-L1: Num Tumor: Negative"] = c["tumour_negative"]
+        if "immune_positive" in c:
+            ml["PD-L1: Num Immune cells: PD-L1 positive"] = c["immune_positive"]
+        return ml
+
+    earlier = counts(40, 60, 30)
+    selected = counts(10, 40, 5)
+    cores = [  # (name, missing, measurements)
+        ("A-1", False, measured(earlier)),  # analysed by an earlier run
+        ("A-2", True, measured(counts(100, 0, 50))),  # analysed, then marked missing: left out
+        ("B-1", False, {}),  # selected: this run's
+        ("B-2", False, {"Area µm^2": 5.0}),  # never analysed
+    ]
+    part = {"metadata": _metadata_of(stain, selected, "r2"), "counts": selected}
+    listed = json.dumps([{"name": n, "missing": m, "ml": ml} for n, m, ml in cores])
+    driver = f"""
+class Ml {{ Map m = [:]; double get(String k) {{ m.containsKey(k) ? m[k] as double : Double.NaN }} }}
+class Core {{                                           // a TMACoreObject's calls
+    String name; boolean missing; Ml ml = new Ml()
+    boolean isMissing() {{ missing }}
+    boolean isTMACore() {{ true }}
+    boolean isAnnotation() {{ false }}
+    Ml getMeasurementList() {{ ml }}
+}}
+def cores = new groovy.json.JsonSlurper().parseText('''{listed}''').collect {{ c ->
+    def core = new Core(name: c.name, missing: c.missing)
+    c.ml.each {{ k, v -> core.ml.m[k] = v as double }}
+    core
+}}
+def part = new groovy.json.JsonSlurper().parseText('''{json.dumps(part)}''')
+def targets = [cores[2]]
+def parts = otherCoreParts(cores, targets, part.counts.containsKey("immune_positive")) + [part]
+println JsonOutput.toJson([merged: mergeEntryMetadata(parts), others: parts.size() - 1])
+"""
+    (groovy,) = run_groovy(tmp_path, driver)
+    assert groovy["others"] == 1  # A-1 only
+    expected = merge_entry_metadata([(_metadata_of(stain, earlier, "r1"), earlier), (part["metadata"], selected)])
+    assert groovy["merged"] == expected
+    key = "PD-L1 TPS %" if immune else "PD-L1 Predicted TPS % (H&E)"
+    assert expected[key] == "33.3" and expected["PD-L1 run"] == "r2"  # 50 of 150 tumour cells, this run's id
+
+
+def test_the_script_merges_the_cores_a_selection_left_out_into_the_entrys_score():
+    code = re.sub(r"//.*", "", ANALYZE.read_text().replace(helpers(ANALYZE), ""))
+    assert 'def otherCores = (choice.source == "selection" && targets.every { it.isTMACore() }) ? cores : []' in code
+    assert (
+        "putEntryMetadata(entry, mergeEntryMetadata(otherCoreParts(otherCores, targets, immune) + metadataParts))"
+        in (code)
+    )

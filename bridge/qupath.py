@@ -155,6 +155,12 @@ def core_is_missing(core: Any) -> bool:
     return bool(core.java_object.isMissing())
 
 
+def core_is_analysed(core: Any) -> bool:
+    """Whether a core of :func:`tma_cores` holds an analysis of this tool (it carries ``ANALYSED_SIGNATURE``): a core
+    marked missing after it was analysed keeps those results, which a run that skips it leaves as they are."""
+    return _own_or_analysed(core.java_object)[1]
+
+
 def backup_data(entry: Any) -> Path | None:
     """Copy the entry's ``data.qpdata`` aside before writing; returns the backup (None when new).
 
@@ -589,6 +595,7 @@ __all__ = [
     "annotation_targets",
     "backup_data",
     "check_saveable",
+    "core_is_analysed",
     "core_is_missing",
     "ensure_classes",
     "find_or_create_analysis_parent",

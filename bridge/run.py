@@ -868,6 +868,19 @@ def entry_targets(image: str, entry: Any, config: RunConfig, qp: Any) -> TargetC
     if choice.missing:
         names = ", ".join(t.label for t in choice.missing)
         log.warning("%s: skipped %d TMA cores marked missing: %s", image, len(choice.missing), names)
+        kept = [t.label for t in choice.missing if qp.core_is_analysed(t.obj)]
+        if kept:
+            # Export TMA data writes a missing core's stored measurements on every version (its text comes from
+            # getStringValue, which reads them: ObservableMeasurementTableData.java v0.4.4:1904-1919, v0.6.0:338-355
+            # with MeasurementListValue.java v0.6.0:28-35); the table shows NaN for them since 0.6 (v0.6.0:270-285),
+            # 0.4.4 and 0.5 show them there too (v0.4.4:486-496).
+            log.warning(
+                "%s: TMA cores marked missing keep an earlier run's results (objects and 'PD-L1: ' measurements, "
+                "which QuPath's Export TMA data still writes): %s; delete them in QuPath, or mark the core not missing "
+                "and run again",
+                image,
+                ", ".join(kept),
+            )
     if not choice.targets:
         raise ProjectError(
             f"{image}: every one of its {len(cores)} TMA cores is marked missing, so nothing is analysed (the whole "

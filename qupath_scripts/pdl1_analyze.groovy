@@ -809,7 +809,12 @@ def configured = (TARGET_CLASSES.isEmpty() && TARGET_NAMES.isEmpty()) ? [] : hie
             (it.getName() != null && it.getName() in TARGET_NAMES))
 }
 def choice = chooseTargets(selected, configured, cores, coreMissing)
-choice.missing.each { println "pdl1: skipped ${label(it)}: it is marked missing" }
+// A core marked missing after it was analysed keeps that run's results, and Export TMA data still writes its stored
+// measurements (getStringValue reads them: ObservableMeasurementTableData.java v0.4.4:1904-1919, v0.6.0:338-355).
+choice.missing.each {
+    println "pdl1: skipped ${label(it)}: it is marked missing" + (isAnalysed(it) ? "; it keeps an earlier run's " +
+            "results (delete them in QuPath, or mark it not missing and run again)" : "")
+}
 if (choice.source == "TMA cores")
     println "pdl1: TMA grid: analysing ${choice.targets.size()} of its ${cores.size()} cores one by one"
 if (choice.source in ["selection", "TMA cores"] && choice.targets.isEmpty()) {

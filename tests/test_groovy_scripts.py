@@ -1470,3 +1470,11 @@ def test_the_script_merges_the_cores_a_selection_left_out_into_the_entrys_score(
         "putEntryMetadata(entry, mergeEntryMetadata(otherCoreParts(otherCores, targets, immune) + metadataParts))"
         in (code)
     )
+
+
+def test_the_script_says_when_a_core_marked_missing_keeps_an_earlier_runs_results():
+    # A core analysed and then marked missing is skipped, and kept its results silently: QuPath 0.4.4 and 0.5 still
+    # export its stored PD-L1 measurements with Export TMA data, beside "Missing core: True".
+    code = re.sub(r"//.*", "", ANALYZE.read_text().replace(helpers(ANALYZE), ""))
+    said = re.search(r"choice\.missing\.each \{\s*println (.*?)\n\}", code, flags=re.S)
+    assert said is not None and "isAnalysed(it) ?" in said.group(1) and "keeps an earlier run" in said.group(1)

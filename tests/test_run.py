@@ -920,7 +920,7 @@ def test_a_full_disk_fails_the_image_naming_the_file_and_the_fix_and_the_batch_g
 
 
 def test_through_qupath_a_tma_is_analysed_core_by_core_and_its_table_has_a_row_per_core(
-    tmp_path, slides, models, fake_qupath, monkeypatch
+    tmp_path, slides, models, fake_qupath, monkeypatch, caplog
 ):
     # A dearrayed TMA was analysed as one region: one TPS over every core, meaningless for a TMA. Each core not marked
     # missing is analysed on its own, its results under it; a missing core is left alone and named in targets.csv.
@@ -943,11 +943,16 @@ def test_through_qupath_a_tma_is_analysed_core_by_core_and_its_table_has_a_row_p
     )
     # An earlier whole-image analysis stayed beside the cores' (an analysed annotation's results are its own).
     monkeypatch.setattr(qupath, "remove_whole_image_analysis", lambda entry: written.append(("whole image", {})) or 5)
+    # A-2 was analysed before it was marked missing: its results stay, and the log says so.
+    monkeypatch.setattr(qupath, "core_is_analysed", lambda core: core.name == "A-2")
     project = tmp_path / "project"
     init_project_files(project, [slides[0]])
     config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="always", stain="H&E")
-    (done,) = run_batch([project], config, models=models)
+    with caplog.at_level("WARNING", logger="bridge.run"):
+        (done,) = run_batch([project], config, models=models)
     assert done.state == "done", done.error
+    assert "skipped 1 TMA cores marked missing: A-2" in caplog.text
+    assert "TMA cores marked missing keep an earlier run's results" in caplog.text and "): A-2; delete" in caplog.text
     assert written[0] == ("whole image", {})  # removed before the cores are written, inside the backup's guard
     del written[0]
     assert [parent.name for parent, _ in written] == ["A-1", "B-1"]  # no PD-L1 analysis annotation, not A-2

@@ -69,9 +69,13 @@ class _Qp:
     def core_is_missing(self, core):
         return core.missing
 
+    def core_is_analysed(self, core):
+        return core.analysed
 
-def _core(name, x, *, missing=False):
-    return SimpleNamespace(name=name, missing=missing, path_class=None, roi=shapely.Point(x, 500).buffer(200))
+
+def _core(name, x, *, missing=False, analysed=False):
+    roi = shapely.Point(x, 500).buffer(200)
+    return SimpleNamespace(name=name, missing=missing, analysed=analysed, path_class=None, roi=roi)
 
 
 def _annotation(name, cls="Tumor"):
@@ -89,6 +93,16 @@ def test_a_tma_is_analysed_core_by_core_and_its_missing_cores_are_named(caplog):
     ]
     assert [t.label for t in choice.missing] == ["A-2"]
     assert "tma.svs: skipped 1 TMA cores marked missing: A-2" in caplog.text
+    assert "keep an earlier run's results" not in caplog.text  # A-2 was never analysed
+
+
+def test_a_core_marked_missing_after_it_was_analysed_is_named_as_keeping_that_runs_results(caplog):
+    # Skipped without a word, while QuPath's Export TMA data still writes its stored PD-L1 measurements.
+    qp = _Qp(cores=[_core("A-1", 300), _core("A-2", 800, missing=True, analysed=True)])
+    with caplog.at_level(logging.WARNING, logger="bridge.run"):
+        entry_targets("tma.svs", None, RunConfig(), qp)
+    assert "tma.svs: TMA cores marked missing keep an earlier run's results" in caplog.text
+    assert "Export TMA data still writes): A-2; delete them in QuPath, or mark the core not missing" in caplog.text
 
 
 def test_target_annotations_come_before_the_cores_and_cores_before_an_error_for_targets_not_found():

@@ -2,7 +2,8 @@
 
 Built from the files every run writes (QuPath GeoJSON + summary JSON per image), so it works
 with and without QuPath. Thumbnails show the slide with PD-L1 positive regions (orange),
-SUA false-negative candidates (magenta) and the predictive entropy of the uncertainty tiles.
+SUA false-negative candidates (magenta) and the predictive entropy of the uncertainty tiles; an image of several
+targets (TMA cores, annotations) gets a table of each one's score, and its thumbnail their named outlines.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import csv
 import html
 import json
 import logging
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +35,8 @@ from bridge.project import (
 )
 from bridge.qupath_geojson import read_features
 from bridge.run_lock import output_folder_lock
-from inference import Pdl1Error, demo_model_checksums, open_slide
+from bridge.targets import MISSING, TARGETS_FILE, TargetRow, rows_from_summary, write_target_table
+from inference import MIN_TUMOUR_NUCLEI, Pdl1Error, demo_model_checksums, open_slide
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +220,13 @@ def _leave_out(left_out: list[str], message: str) -> None:
 _GRADE_COLOURS = {c.name: tuple(v / 255 for v in c.rgb) for c in INTENSITY_CLASSES}
 
 
-def _thumbnail(item: ReportItem, out: Path, *, max_px: int = 900) -> Path | None:
+# Target outlines on the thumbnail: blue, thicker with a yellow label where the target needs review, grey dashed for a
+# TMA core marked missing (colours the overlays do not use).
+_TARGET_COLOUR = (0.1, 0.45, 1.0)
+_MISSING_COLOUR = (0.45, 0.45, 0.45)
+
+
+def _thumbnail(item: ReportItem, out: Path, targets: Sequence[TargetRow] = (), *, max_px: int = 900) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,6 +269,7 @@ def _thumbnail(item: ReportItem, out: Path, *, max_px: int = 900) -> Path | None
     for name, points in graded.items():
         xy = np.asarray(points)
         ax.scatter(xy[:, 0], xy[:, 1], s=1.5, c=[_GRADE_COLOURS[name]], linewidths=0)
+    _draw_targets(ax, targets, scale)
     ax.set_axis_off()
     fig.subplots_adjust(0, 0, 1, 1)
     if tiles:  # the entropy's colour scale, inside the picture's top-left corner
@@ -275,8 +286,49 @@ def _thumbnail(item: ReportItem, out: Path, *, max_px: int = 900) -> Path | None
     return path
 
 
+def _draw_targets(ax, targets: Sequence[TargetRow], scale: float) -> None:
+    """Each target's outline, named above it, where the summary keeps it (runs before outlines were kept: none)."""
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Polygon as MplPolygon
+
+    if not _per_target(targets):  # one annotation, or the whole image: its overlay says enough
+        return
+    for row, label in zip(targets, _labels(targets), strict=True):
+        if row.outline is None or row.outline.is_empty:
+            continue
+        missing = row.state == MISSING
+        review = bool(row.needs_review)
+        rings = [
+            MplPolygon(np.asarray(poly.exterior.coords) * scale, closed=True)
+            for poly in getattr(row.outline, "geoms", [row.outline])
+            if hasattr(poly, "exterior")
+        ]
+        ax.add_collection(
+            PatchCollection(
+                rings,
+                facecolor="none",
+                edgecolor=_MISSING_COLOUR if missing else _TARGET_COLOUR,
+                linewidths=2.2 if review else 1.0,
+                linestyle="--" if missing else "-",
+            )
+        )
+        minx, miny, maxx, _ = row.outline.bounds
+        ax.text(
+            (minx + maxx) / 2 * scale,
+            miny * scale - 1,
+            label,
+            fontsize=6,
+            ha="center",
+            va="bottom",
+            fontweight="bold" if review else "normal",
+            color=_MISSING_COLOUR if missing else "black",
+            bbox={"facecolor": "#ffd54f" if review else "white", "edgecolor": "none", "alpha": 0.8, "pad": 0.8},
+        )
+
+
 def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Path, Path]:
-    """Write ``report.html`` and ``report.csv`` (default: ``<source>/pdl1/report/``); returns both paths."""
+    """Write ``report.html``, ``report.csv`` and ``targets.csv`` (default: ``<source>/pdl1/report/``); returns the
+    paths of the first two."""
     source = Path(source)
     if not source.exists():
         raise ProjectError(f"{source}: no such project or output folder")
@@ -305,19 +357,23 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
 
 
 def _report_file(name: str) -> bool:
-    """Whether ``name`` is one of the files a report writes into its folder: report.html, report.csv, thumbnails."""
-    return name in ("report.html", "report.csv") or name.lower().endswith(".png")
+    """Whether ``name`` is one of the files a report writes into its folder: report.html, report.csv, targets.csv,
+    thumbnails."""
+    return name in ("report.html", "report.csv", TARGETS_FILE) or name.lower().endswith(".png")
 
 
 def _write(out: Path, items: list[ReportItem], *, base: Path, source: Path, left_out: list[str]) -> tuple[Path, Path]:
     """write_report's files, in ``out`` (its lock held)."""
     rows = []
+    all_targets: list[TargetRow] = []  # the report folder's targets.csv
     demo_checksums = set(demo_model_checksums().values())
     for item in items:
         if not item.has_results:  # a row of report.csv with its error and no numbers; the HTML names it above
             rows.append({"image": item.image_name, "entry_id": item.entry_id, "last_run_failed": item.last_run_failed})
             continue
         s = item.summary
+        targets = _targets_of(item, left_out)
+        all_targets.extend(targets)
         nuclei = s.get("nuclei", {})
         provenance = s.get("provenance", {})
         models = [provenance.get(k) for k in ("seg_model", "nuclei_model")]
@@ -349,8 +405,9 @@ def _write(out: Path, items: list[ReportItem], *, base: Path, source: Path, left
                 "tumor_negative": nuclei.get("Tumor: Negative"),
                 "other": nuclei.get("Other"),
                 "run_id": s.get("run_id"),
-                "thumbnail": _thumbnail_or_none(item, out, left_out),
+                "thumbnail": _thumbnail_or_none(item, out, targets, left_out),
                 "last_run_failed": item.last_run_failed,
+                "targets": targets,
             }
         )
     html_path, csv_path = out / "report.html", out / "report.csv"
@@ -363,12 +420,29 @@ def _write(out: Path, items: list[ReportItem], *, base: Path, source: Path, left
         writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore", restval="")
         writer.writeheader()
         writer.writerows(rows)
+    # Beside report.csv, from the same summaries as the HTML's tables, so a report written elsewhere (--out) carries
+    # each target's row too; the run's pdl1/targets.csv has only the images that run analysed or kept.
+    write_target_table(out / TARGETS_FILE, all_targets)
     with replace_atomically(html_path) as fh:
         fh.write(page)
     return html_path, csv_path
 
 
-def _thumbnail_or_none(item: ReportItem, out: Path, left_out: list[str]) -> Path | None:
+def _targets_of(item: ReportItem, left_out: list[str]) -> list[TargetRow]:
+    """The targets its summary lists (none in a summary written before they were listed); none, with a warning,
+    where they do not read (the image's own numbers are still reported)."""
+    try:
+        return rows_from_summary(item.summary)
+    except (ValueError, TypeError, AttributeError) as err:  # hand-edited or damaged: not a list of target objects
+        _leave_out(
+            left_out,
+            f"{item.image_name}: its per-target results do not read ({err}), so they are left out; its image's "
+            f"numbers are reported; run the image again to write them",
+        )
+        return []
+
+
+def _thumbnail_or_none(item: ReportItem, out: Path, targets: list[TargetRow], left_out: list[str]) -> Path | None:
     """The overlay thumbnail; None, with a warning, when the slide or the GeoJSON does not read (one image's
     picture, not the report); a slide that is not where it was analysed is named, not only "slide not found" in
     the HTML."""
@@ -376,7 +450,7 @@ def _thumbnail_or_none(item: ReportItem, out: Path, left_out: list[str]) -> Path
         _leave_out(left_out, f"{item.image_name}: no thumbnail: {item.not_found}; its numbers are reported")
         return None
     try:
-        return _thumbnail(item, out)
+        return _thumbnail(item, out, targets)
     except (Pdl1Error, OSError, ValueError) as err:
         _leave_out(left_out, f"{item.image_name}: no thumbnail ({err}); its numbers are reported")
         return None
@@ -444,7 +518,13 @@ def _fmt3(value: float | None) -> str:
 
 
 def _tps_row(r: dict) -> str:
-    spread = "" if r["tps_low"] is None else f"; members {_fmt(r['tps_low'])}-{_fmt(r['tps_high'])}%"
+    analysed = _analysed(r.get("targets", []))
+    if len(analysed) > 1:  # the image's score from the targets' summed cells; the members' range is the first one's
+        spread = f"; over the {len(analysed)} analysed {_kind(analysed)}, from their summed tumour cells"
+    elif r["tps_low"] is None:
+        spread = ""
+    else:
+        spread = f"; members {_fmt(r['tps_low'])}-{_fmt(r['tps_high'])}%"
     if r["stain"] == "H-DAB":
         return (
             f"<tr><th>TPS (PD-L1 IHC)</th><td>{_fmt(r['tps_percent'])}% ({html.escape(_fmt(r['tps_category']))}"
@@ -513,11 +593,148 @@ def _entry_text(row: dict) -> str:
     return f" (QuPath entry {html.escape(str(row['entry_id']))})" if row.get("entry_id") else ""
 
 
-def _uncertainty_row(row: dict, flag: str) -> str:
-    """The review flag, and on H&E the SUA candidates; a PD-L1 IHC has none to count (no segmentation runs on it)."""
+def _uncertainty_row(row: dict, flag: str, first: str = "") -> str:
+    """The review flag, and on H&E the SUA candidates; a PD-L1 IHC has none to count (no segmentation runs on it).
+    ``first``: whose the SUA count is where several targets were analysed (the flag is the image's)."""
     if row["stain"] == "H-DAB":
         return f"<tr><th>Uncertainty</th><td>{flag} (no SUA on a PD-L1 IHC: it is scored by its cells)</td></tr>"
-    return f"<tr><th>Uncertainty</th><td>{flag}; {_fmt(row['sua_candidates'])} SUA false-negative candidates</td></tr>"
+    return (
+        f"<tr><th>Uncertainty</th><td>{flag}; {_fmt(row['sua_candidates'])} SUA false-negative candidates{first}"
+        "</td></tr>"
+    )
+
+
+def _analysed(targets: Sequence[TargetRow]) -> list[TargetRow]:
+    return [t for t in targets if t.state != MISSING]
+
+
+def _kind(targets: Sequence[TargetRow]) -> str:
+    """What the targets are, in the plural: "TMA cores", "annotations", or "targets" where they are of both kinds."""
+    kinds = {t.target_type for t in targets}
+    return f"{kinds.pop()}s" if len(kinds) == 1 else "targets"
+
+
+def _labels(targets: Sequence[TargetRow]) -> list[str]:
+    """Each target's name as the table and the thumbnail show it; a name several share (annotations named by their
+    class: "Tumor") gets its place among them, "Tumor #2", so a row can be found on the picture."""
+    seen: dict[str, int] = {}
+    shared = {name for name, n in Counter(t.target for t in targets).items() if n > 1}
+    labels = []
+    for t in targets:
+        seen[t.target] = seen.get(t.target, 0) + 1
+        labels.append(f"{t.target} #{seen[t.target]}" if t.target in shared else t.target)
+    return labels
+
+
+def _per_target(targets: Sequence[TargetRow]) -> bool:
+    """Whether an image's targets get their own table and outlines: several, or a TMA core (one left of a grid)."""
+    return len(targets) > 1 or any(t.target_type == "TMA core" for t in targets)
+
+
+def _few_cells(t: TargetRow) -> bool:
+    return t.tumour_cells is not None and t.tumour_cells < MIN_TUMOUR_NUCLEI
+
+
+def _first_label(targets: Sequence[TargetRow]) -> str | None:
+    """The name of the first analysed target where several were analysed: the summary's measurements, nuclei and
+    details are its own (bridge.run.with_targets), and so is the image's GeoJSON; None otherwise."""
+    analysed = [(t, label) for t, label in zip(targets, _labels(targets), strict=True) if t.state != MISSING]
+    return analysed[0][1] if len(analysed) > 1 else None
+
+
+def _first_of(r: dict) -> str:
+    """After a number of the section that is the first target's where several were analysed: whose it is."""
+    first = _first_label(r.get("targets", []))
+    return "" if first is None else f" <i>(of {html.escape(first)} only, the first target)</i>"
+
+
+def _review_row(r: dict) -> str:
+    """The review reasons; where several targets were analysed, the first one's would stand for the image's: the
+    count of targets to review instead, each one's reasons being in the table."""
+    analysed = _analysed(r.get("targets", []))
+    if len(analysed) < 2:
+        return f"<tr><th>Review</th><td>{html.escape(r['review_reasons'] or 'no reason')}</td></tr>"
+    flagged = sum(bool(t.needs_review) for t in analysed)
+    return (
+        f"<tr><th>Review</th><td>{flagged} of {len(analysed)} analysed {_kind(analysed)} need review "
+        "(the table below gives each one's reasons)</td></tr>"
+    )
+
+
+def _targets_html(r: dict) -> str:
+    """The per-target table of an image of several targets, or of TMA cores: one compact row per target in the
+    grid's order (a TMA is read against its map), those to look at marked in the row and named above the table."""
+    targets = r.get("targets", [])
+    if not _per_target(targets):
+        return ""
+    labels = _labels(targets)
+    analysed = _analysed(targets)
+    ihc = any(t.stain == "H-DAB" for t in targets)
+    mixed = len({t.target_type for t in targets}) > 1
+    review = [label for t, label in zip(targets, labels, strict=True) if t.needs_review]
+    few = [label for t, label in zip(targets, labels, strict=True) if _few_cells(t)]
+    missing = [label for t, label in zip(targets, labels, strict=True) if t.state == MISSING]
+    look = [
+        f"<b>needs review ({len(review)})</b>: {html.escape(', '.join(review))}" if review else "",
+        f"<b>under {MIN_TUMOUR_NUCLEI} tumour cells ({len(few)})</b>: {html.escape(', '.join(few))}" if few else "",
+        f"<b>missing, not analysed ({len(missing)})</b>: {html.escape(', '.join(missing))}" if missing else "",
+    ]
+    look = [x for x in look if x] or ["none needs review"]
+    order = "in the grid's order" if all(t.target_type == "TMA core" for t in targets) else "in the order analysed"
+    head = (
+        "<tr><th>target</th>"
+        + ("<th>type</th>" if mixed else "")
+        + f"<th>{'TPS' if ihc else 'predicted TPS'} %</th><th>category</th><th>tumour cells</th>"
+        + ("<th>CPS</th>" if ihc else "")
+        + "<th>review</th></tr>"
+    )
+    body = []
+    for t, label in zip(targets, labels, strict=True):
+        kind = f"<td>{html.escape(t.target_type)}</td>" if mixed else ""
+        if t.state == MISSING:
+            span = 4 + int(ihc)  # TPS, category, tumour cells, [CPS,] review
+            body.append(
+                f"<tr class='missing'><td>{html.escape(label)}</td>{kind}"
+                f"<td colspan='{span}'>missing: marked missing in QuPath, not analysed</td></tr>"
+            )
+            continue
+        cells = f"{_fmt(t.tumour_cells)}" + (f" <b>(under {MIN_TUMOUR_NUCLEI})</b>" if _few_cells(t) else "")
+        reasons = "; ".join(t.review_reasons) or "flagged"
+        verdict = f"<b>review</b>: {html.escape(reasons)}" if t.needs_review else "ok"
+        row_class = " class='review'" if t.needs_review else ""
+        cells_class = " class='few'" if _few_cells(t) else ""
+        body.append(
+            f"<tr{row_class}><td>{html.escape(label)}</td>{kind}"
+            f"<td>{_fmt(t.tps_percent)}</td><td>{html.escape(_fmt(t.tps_category))}</td>"
+            f"<td{cells_class}>{cells}</td>"
+            + (f"<td>{_fmt(t.cps_percent)}</td>" if ihc else "")
+            + f"<td>{verdict}</td></tr>"
+        )
+    return (
+        f"<h3>Per target: {len(targets)} {_kind(targets)} ({len(analysed)} analysed"
+        f"{f', {len(missing)} missing' if missing else ''}), {order}</h3>"
+        f"<p>To look at: {'; '.join(look)}.</p><table class='targets'>{head}{''.join(body)}</table>"
+    )
+
+
+def _overlay_note(r: dict) -> str:
+    """Under a thumbnail of several analysed targets: its overlay is the first target's (the image's GeoJSON, which
+    the thumbnail is drawn from, keeps the first one's objects; each target's own are under it in QuPath)."""
+    targets = r.get("targets", [])
+    first = _first_label(targets)
+    if first is None or not r["thumbnail"]:
+        return ""
+    outlined = any(t.outline is not None for t in targets)
+    return (
+        f"<p class='note'>The overlay shows the results of {html.escape(first)} only, the first target (the image's "
+        "GeoJSON keeps no other's; each target's are under it in QuPath)"
+        + (
+            "; the outlines are every target, named."
+            if outlined
+            else "; no outlines: its summary, written before they were kept, has none."
+        )
+        + "</p>"
+    )
 
 
 def _html(rows: list[dict], pairs: dict | None = None, left_out: list[str] | None = None) -> str:
@@ -529,6 +746,7 @@ def _html(rows: list[dict], pairs: dict | None = None, left_out: list[str] | Non
             else "<p>slide not found: no thumbnail</p>"
         )
         flag = "needs review" if r["uncertainty_flag"] else "ok"
+        first = _first_of(r)
         body.append(
             f"<section><h2>{html.escape(r['image'])}{_entry_text(r)}</h2><table>"
             + (
@@ -538,26 +756,31 @@ def _html(rows: list[dict], pairs: dict | None = None, left_out: list[str] | Non
                 else ""
             )
             + _tps_row(r)
-            + f"<tr><th>Review</th><td>{html.escape(r['review_reasons'] or 'no reason')}</td></tr>"
-            f"<tr><th>Image</th><td>{_mpp_text(r['mpp'])}; analysed {html.escape(r['analysed_at'] or 'n/a')}</td></tr>"
+            + _review_row(r)
+            + f"<tr><th>Image</th><td>{_mpp_text(r['mpp'])}; analysed {html.escape(r['analysed_at'] or 'n/a')}"
+            "</td></tr>"
             f"<tr><th>Models</th><td>{html.escape(r['models'] or 'n/a')}</td></tr>"
-            f"<tr><th>Training domain</th><td>{html.escape(r['domain'])}</td></tr>"
-            f"<tr><th>PD-L1 positive area</th><td>{_fmt(r['positive_area_pct'])}% of analysed tissue</td></tr>"
-            + _uncertainty_row(r, flag)
+            f"<tr><th>Training domain</th><td>{html.escape(r['domain'])}{first}</td></tr>"
+            f"<tr><th>PD-L1 positive area</th><td>{_fmt(r['positive_area_pct'])}% of analysed tissue{first}</td></tr>"
+            + _uncertainty_row(r, flag, first)
             + f"<tr><th>Nuclei</th><td>{_fmt(r['tumor_positive'])} positive, {_fmt(r['tumor_negative'])} negative "
-            f"tumour, {_fmt(r['other'])} other</td></tr></table>{thumb}</section>"
+            f"tumour, {_fmt(r['other'])} other{first}</td></tr></table>"
+            + _targets_html(r)
+            + f"{thumb}{_overlay_note(r)}</section>"
         )
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>pdl1-bridge report</title><style>"
         "body{font-family:sans-serif;margin:2em}section{margin-bottom:2em}th{text-align:left;padding-right:1em}"
         "img{max-width:900px;border:1px solid #ccc}.warn{background:#fff3cd;border:1px solid #d39e00;padding:.6em}"
+        "table.targets{border-collapse:collapse;font-size:.85em;margin-bottom:1em}"
+        "table.targets td,table.targets th{padding:1px .6em;border-bottom:1px solid #eee}"
+        "tr.review{background:#ffe0b2}tr.missing{color:#777}td.few{color:#b00020}.note{font-size:.9em;color:#444}"
         "</style></head><body><h1>PD-L1 report</h1>"
         + _demo_warning(rows)
         + _left_out_html(left_out or [])
         + "<p>H&amp;E: orange outlines are predicted PD-L1 positive regions, magenta SUA false-negative candidates "
         "for review, the shading the predictive entropy of the uncertainty tiles (dark = certain). PD-L1 IHC: "
-        "dots are positive tumour cells, yellow 1+, orange 2+, red 3+.</p>"
-        + "".join(body)
-        + _pairs_html(pairs or {})
-        + "</body></html>"
+        "dots are positive tumour cells, yellow 1+, orange 2+, red 3+. Blue outlines, named, are the targets of an "
+        "image of several (TMA cores, annotations), thick with a yellow name where one needs review, grey dashed "
+        "where a core is missing.</p>" + "".join(body) + _pairs_html(pairs or {}) + "</body></html>"
     )

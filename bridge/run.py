@@ -746,13 +746,15 @@ class _QuPathSession:
         backup = self.qp.backup_data(entry)
         choice = entry_targets(job.name, entry, config, self.qp)
         results: list[tuple[Any, SlideResult]] = []
-        placed = [(t.position, missing_row(job.name, job.key, t.label)) for t in choice.missing]
+        # Each with its outline, so the report can draw and name it on the thumbnail (the GeoJSON keeps none).
+        placed = [(t.position, missing_row(job.name, job.key, t.label, outline=t.obj.roi)) for t in choice.missing]
         for target in choice.targets:
             if target.target_type == "TMA core":
                 log.info("%s: analysing TMA core %s", job.name, target.label)
             result = job.analyse(models, config, on_tiles, roi=target.obj.roi)
             results.append((target.obj, result))
-            placed.append((target.position, analysed_row(job.name, job.key, target.label, target.target_type, result)))
+            row = analysed_row(job.name, job.key, target.label, target.target_type, result, outline=target.obj.roi)
+            placed.append((target.position, row))
         rows = [row for _, row in sorted(placed, key=lambda p: p[0])]  # the grid's order, missing cores in place
         if not results:
             results.append((None, job.analyse(models, config, on_tiles)))

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Generic, TypeVar
+
+from shapely.errors import ShapelyError
+from shapely.geometry import mapping, shape
+from shapely.geometry.base import BaseGeometry
 
 from bridge.atomic import replace_atomically
 from bridge.project import review_reason_text
@@ -84,6 +88,8 @@ class TargetRow:
 
     ``tumour_cells``: the tumour nuclei the TPS counts (under 100 is a review reason and the category
     "insufficient tumour cells"). ``cps_percent``: PD-L1 IHC only. ``review_reasons``: each with value and limit.
+    ``outline``: the annotation's or core's ROI in level-0 px, for the report's thumbnail (not a column of
+    ``targets.csv``); None for a whole image, and in summaries written before outlines were kept.
     """
 
     image: str
@@ -98,10 +104,13 @@ class TargetRow:
     cps_percent: float | None = None
     needs_review: bool | None = None
     review_reasons: tuple[str, ...] = ()
+    outline: BaseGeometry | None = None
 
 
-def analysed_row(image: str, entry_id: str | None, target: str, target_type: str, result: Any) -> TargetRow:
-    """The row of one analysed target from its ``SlideResult``."""
+def analysed_row(
+    image: str, entry_id: str | None, target: str, target_type: str, result: Any, *, outline: BaseGeometry | None = None
+) -> TargetRow:
+    """The row of one analysed target from its ``SlideResult``; ``outline``: the ROI it was analysed in."""
     tps, cps = result.tps, result.cps
     reasons = tuple(review_reason_text(r) for r in result.summary.get("review_reasons", []))
     return TargetRow(
@@ -117,26 +126,51 @@ def analysed_row(image: str, entry_id: str | None, target: str, target_type: str
         cps_percent=None if cps is None else cps.percent,
         needs_review=bool(result.uncertainty_flag),
         review_reasons=reasons,
+        outline=outline,
     )
 
 
-def missing_row(image: str, entry_id: str | None, core: str) -> TargetRow:
+def missing_row(image: str, entry_id: str | None, core: str, *, outline: BaseGeometry | None = None) -> TargetRow:
     """The row of a TMA core marked missing: named, so the table has every core of the grid, and without numbers."""
-    return TargetRow(image=image, entry_id=entry_id, target=core, target_type=TMA_CORE, state=MISSING)
+    return TargetRow(
+        image=image, entry_id=entry_id, target=core, target_type=TMA_CORE, state=MISSING, outline=outline
+    )
 
 
 def rows_to_json(rows: Iterable[TargetRow]) -> list[dict[str, Any]]:
-    """The rows as a summary.json keeps them (``targets``)."""
-    return [{**asdict(r), "review_reasons": list(r.review_reasons)} for r in rows]
+    """The rows as a summary.json keeps them (``targets``); an outline as a GeoJSON geometry."""
+    return [
+        {
+            **{f.name: getattr(r, f.name) for f in fields(TargetRow)},
+            "review_reasons": list(r.review_reasons),
+            "outline": None if r.outline is None else mapping(r.outline),
+        }
+        for r in rows
+    ]
 
 
 def rows_from_summary(summary: dict[str, Any]) -> list[TargetRow]:
-    """The rows a summary.json keeps; a summary an earlier version wrote (no ``targets``) gives none."""
+    """The rows a summary.json keeps; a summary an earlier version wrote (no ``targets``) gives none, and one
+    written before outlines were kept gives rows without them."""
     names = {f.name for f in fields(TargetRow)}
     out = []
     for row in summary.get("targets") or []:
         known = {k: v for k, v in row.items() if k in names}
-        out.append(TargetRow(**{**known, "review_reasons": tuple(known.get("review_reasons") or ())}))
+        try:
+            outline = None if known.get("outline") is None else shape(known["outline"])
+        except (AttributeError, KeyError, TypeError, ValueError, ShapelyError) as err:  # not a GeoJSON geometry
+            raise ValueError(
+                f"the outline of target {known.get('target')!r} is not a GeoJSON geometry ({err})"
+            ) from err
+        out.append(
+            TargetRow(
+                **{
+                    **known,
+                    "review_reasons": tuple(known.get("review_reasons") or ()),
+                    "outline": outline,
+                }
+            )
+        )
     return out
 
 

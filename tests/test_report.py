@@ -303,6 +303,7 @@ def test_the_staged_files_a_killed_report_left_are_removed_by_the_next_and_no_ot
         report / "report.html.0123456789ab.part",
         report / "report.csv.ba9876543210.part",
         report / "a.png.a1b2c3d4e5f6.part",
+        report / "targets.csv.0123456789ab.part",
     ]
     others = [
         report / "notes.txt.0123456789ab.part",  # not a file a report writes
@@ -317,9 +318,9 @@ def test_the_staged_files_a_killed_report_left_are_removed_by_the_next_and_no_ot
     with caplog.at_level("WARNING", logger="bridge.run_lock"):
         html_path, _ = write_report(out)
     assert html_path.is_file() and not any(p.exists() for p in ours) and all(p.exists() for p in others)
-    assert f"removed 3 unfinished file(s) an interrupted one left (first: {ours[2]})" in caplog.text
+    assert f"removed 4 unfinished file(s) an interrupted one left (first: {ours[2]})" in caplog.text
     assert sorted(p.name for p in report.iterdir()) == sorted(
-        ["old", "report.csv", "report.html", *(p.name for p in others[:3])]
+        ["old", "report.csv", "report.html", "targets.csv", *(p.name for p in others[:3])]
     )
 
 
@@ -340,3 +341,187 @@ def test_a_report_another_report_is_writing_is_refused_and_its_staged_files_left
     lock.unlink()
     write_report(out, report)
     assert not staged.exists() and not (report / lock.name).exists() and (report / "report.html").is_file()
+
+
+def _core(name: str, state: str = "analysed", **numbers) -> dict:
+    """A target as summary.json lists it (bridge.targets.rows_to_json)."""
+    return {
+        "image": "tma.tif",
+        "entry_id": "1",
+        "target": name,
+        "target_type": "TMA core",
+        "state": state,
+        "stain": None if state == "missing" else "H&E",
+        "tps_percent": None,
+        "tps_category": None,
+        "tumour_cells": None,
+        "cps_percent": None,
+        "needs_review": None if state == "missing" else False,
+        "review_reasons": [],
+        **numbers,
+    }
+
+
+def _tma_project(tmp_path: Path, targets: list[dict], **summary) -> Path:
+    """A project of one 160 x 160 px image whose summary lists ``targets``."""
+    import numpy as np
+    import tifffile
+
+    tmp_path.mkdir(exist_ok=True)
+    project = tmp_path / "project"
+    _project(project, ["tma.tif"])
+    tifffile.imwrite(project / "tma.tif", np.full((160, 160, 3), 235, np.uint8))
+    (project / "pdl1" / "1").mkdir(parents=True)
+    data = _summary(project / "tma.tif") | {"targets": targets, **summary}
+    (project / "pdl1" / "1" / "summary.json").write_text(json.dumps(data))
+    (project / "pdl1" / "1" / "objects.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    return project
+
+
+def _section_table(page: str) -> list[str]:
+    """The rows of the per-target table, tags and all."""
+    table = page.split("<table class='targets'>", 1)[1].split("</table>", 1)[0]
+    return table.split("</tr>")[1:-1]  # without the header
+
+
+def test_an_image_of_several_tma_cores_gets_a_row_per_core_in_grid_order_with_those_to_look_at_marked(tmp_path):
+    # The report showed one TPS for a whole TMA: the cores a pathologist must look at (flagged, too few tumour cells,
+    # missing) were nowhere in it, only in pdl1/targets.csv.
+    import csv
+
+    from shapely.geometry import box, mapping
+
+    few = "insufficient tumour cells"
+    targets = [
+        _core("A-1", tps_percent=12.0, tps_category="1-49%", tumour_cells=250, outline=mapping(box(10, 20, 60, 70))),
+        _core("A-2", "missing", outline=mapping(box(90, 20, 140, 70))),
+        _core(
+            "B-1",
+            tps_percent=60.0,
+            tps_category=few,
+            tumour_cells=40,
+            needs_review=True,
+            review_reasons=[f"{few} (40, limit 100)"],
+            outline=mapping(box(10, 100, 60, 150)),
+        ),
+        _core("B-2", tps_percent=55.5, tps_category=">=50%", tumour_cells=300, outline=mapping(box(90, 100, 140, 150))),
+    ]
+    # The image's TPS is over both analysed cores' cells; its reasons and nuclei are A-1's (summary.json's rule).
+    project = _tma_project(
+        tmp_path,
+        targets,
+        tps_percent=51.2,
+        tps_category=">=50%",
+        uncertainty_flag=True,
+        details={"review_reasons": [{"reason": "A-1's own reason"}], "tps_low": 10.0, "tps_high": 14.0},
+    )
+    html_path, csv_path = write_report(project)
+    page = html_path.read_text()
+    assert "Per target: 4 TMA cores (3 analysed, 1 missing), in the grid's order" in page
+    assert (
+        "To look at: <b>needs review (1)</b>: B-1; <b>under 100 tumour cells (1)</b>: B-1; "
+        "<b>missing, not analysed (1)</b>: A-2." in page
+    )
+    rows = _section_table(page)
+    assert [r.split("<td>", 2)[1].split("</td>")[0] for r in rows] == ["A-1", "A-2", "B-1", "B-2"]
+    assert rows[0] == "<tr><td>A-1</td><td>12.0</td><td>1-49%</td><td>250</td><td>ok</td>"
+    assert rows[1] == (
+        "<tr class='missing'><td>A-2</td><td colspan='4'>missing: marked missing in QuPath, not analysed</td>"
+    )
+    assert rows[2] == (
+        f"<tr class='review'><td>B-1</td><td>60.0</td><td>{few}</td><td class='few'>40 <b>(under 100)</b></td>"
+        f"<td><b>review</b>: {few} (40, limit 100)</td>"
+    )
+    # Numbers of the first core are not passed off as the image's: the TPS is over the cores, the rest says whose.
+    assert "51.2% (&gt;=50%; over the 3 analysed TMA cores, from their summed tumour cells)" in page
+    assert "members 10.0-14.0%" not in page and "A-1's own reason" not in page
+    assert "1 of 3 analysed TMA cores need review" in page
+    assert "% of analysed tissue <i>(of A-1 only, the first target)</i>" in page
+    assert "The overlay shows the results of A-1 only" in page and "the outlines are every target, named" in page
+
+    (row,) = csv.DictReader(csv_path.open(encoding="utf-8"))  # still one row per image
+    assert (row["image"], row["tps_percent"]) == ("tma.tif", "51.2")
+    with (html_path.parent / "targets.csv").open(encoding="utf-8", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert [(r["target"], r["state"], r["tps_percent"], r["needs_review"]) for r in table] == [
+        ("A-1", "analysed", "12.0", "0"),
+        ("A-2", "missing", "", ""),
+        ("B-1", "analysed", "60.0", "1"),
+        ("B-2", "analysed", "55.5", "0"),
+    ]
+
+
+def test_the_thumbnail_outlines_each_core_where_the_summary_keeps_its_outline(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from shapely.geometry import box, mapping
+
+    outlined = [_core("A-1", tumour_cells=250, outline=mapping(box(20, 60, 100, 140))), _core("A-2", "missing")]
+    picture = {}
+    for name, targets in (("with", outlined), ("without", [{**t, "outline": None} for t in outlined])):
+        html_path, _ = write_report(_tma_project(tmp_path / name, targets))
+        picture[name] = np.asarray(Image.open(html_path.parent / "1-tma.png").convert("RGB"), float)
+    changed = np.abs(picture["with"] - picture["without"]).sum(axis=2) > 30
+    assert changed.shape == (160, 160)
+    assert changed[70:130, 17:24].any(axis=1).all() and changed[70:130, 96:103].any(axis=1).all()  # its sides
+    assert not changed[70:130, 30:90].any()  # not its inside
+    assert changed[48:59, 40:80].any()  # its name, above it
+    assert not changed[:40].any()  # a missing core without an outline: nothing drawn
+
+
+def test_an_ihc_tma_core_beside_a_missing_one_and_names_of_user_text(tmp_path):
+    # One core analysed, one missing: the table still lists both (the missing one as missing), with the CPS of an
+    # IHC; the image's numbers are that core's own, so nothing is marked as the first target's.
+    targets = [
+        _core("<b>A-1</b>", stain="H-DAB", tps_percent=5.0, tps_category="1-49%", tumour_cells=120, cps_percent=8.0),
+        _core("A-2", "missing"),
+    ]
+    html_path, _ = write_report(_tma_project(tmp_path, targets, stain="H-DAB"))
+    page = html_path.read_text()
+    assert "Per target: 2 TMA cores (1 analysed, 1 missing)" in page and "<b>A-1</b>" not in page
+    assert "<th>TPS %</th><th>category</th><th>tumour cells</th><th>CPS</th><th>review</th>" in page
+    rows = _section_table(page)
+    assert rows[0] == "<tr><td>&lt;b&gt;A-1&lt;/b&gt;</td><td>5.0</td><td>1-49%</td><td>120</td><td>8.0</td><td>ok</td>"
+    assert "<td colspan='5'>missing: marked missing in QuPath, not analysed</td>" in rows[1]
+    assert "To look at: <b>missing, not analysed (1)</b>: A-2." in page
+    assert "the first target" not in page and "The overlay shows" not in page
+
+
+def test_annotations_sharing_a_name_are_numbered_and_one_annotation_gets_no_table(tmp_path):
+    ann = {"target_type": "annotation", "tumour_cells": 200}
+    targets = [_core("Tumor", **ann), _core("Tumor", **ann), _core("Stroma edge", **ann)]
+    page = write_report(_tma_project(tmp_path / "three", targets))[0].read_text()
+    assert "Per target: 3 annotations (3 analysed), in the order analysed" in page
+    assert [r.split("<td>", 2)[1].split("</td>")[0] for r in _section_table(page)] == [
+        "Tumor #1",
+        "Tumor #2",
+        "Stroma edge",
+    ]
+    page = write_report(_tma_project(tmp_path / "one", targets[:1]))[0].read_text()
+    assert "Per target" not in page  # its one row would repeat the section
+
+
+def test_a_summary_written_before_targets_were_listed_is_reported_as_before(tmp_path):
+    import csv
+
+    project = _tma_project(tmp_path, [])
+    data = json.loads((project / "pdl1" / "1" / "summary.json").read_text())
+    del data["targets"]
+    (project / "pdl1" / "1" / "summary.json").write_text(json.dumps(data))
+    html_path, csv_path = write_report(project)
+    page = html_path.read_text()
+    assert "Per target" not in page and "12.5% (1-49%)" in page
+    assert [r["tps_percent"] for r in csv.DictReader(csv_path.open(encoding="utf-8"))] == ["12.5"]
+    # The report folder's targets.csv: its header, no rows (nothing is made up for the image).
+    assert (html_path.parent / "targets.csv").read_text().splitlines() == [
+        "image,entry_id,target,target_type,state,stain,tps_percent,tps_category,tumour_cells,cps_percent,"
+        "needs_review,review_reasons"
+    ]
+
+
+def test_targets_that_do_not_read_are_left_out_with_a_warning_and_the_image_reported(tmp_path, caplog):
+    project = _tma_project(tmp_path, [_core("A-1", outline={"type": "Polygon"}), _core("A-2")])
+    with caplog.at_level("WARNING", logger="bridge.report"):
+        html_path, _ = write_report(project)
+    assert "tma.tif: its per-target results do not read (the outline of target 'A-1' is not a GeoJSON" in caplog.text
+    assert "Per target" not in html_path.read_text() and "12.5%" in html_path.read_text()

@@ -13,6 +13,7 @@ from bridge.project import DamagedDataError, ProjectError, RunStatus, read_proje
 from bridge.qupath_geojson import read_features
 from bridge.report import write_report
 from bridge.run import RunConfig, run_batch
+from bridge.targets import rows_from_summary
 from inference.phantom.pyramid import write_phantom
 from inference.phantom.scene import PhantomSpec
 from inference.pipeline import Models, PipelineConfig
@@ -982,6 +983,12 @@ def test_through_qupath_a_tma_is_analysed_core_by_core_and_its_table_has_a_row_p
     assert again.state == "skipped" and written == []
     with (project / "pdl1" / "targets.csv").open(newline="", encoding="utf-8") as fh:
         assert [r["target"] for r in csv.DictReader(fh)] == ["A-1", "A-2", "B-1"]  # kept rows of a skipped image
+    # Each core's outline is kept for the report's thumbnail (the GeoJSON has only the first core's objects), and
+    # the report lists every core, the missing one too.
+    assert [t.outline.equals(c.roi) for t, c in zip(rows_from_summary(summary), cores, strict=True)] == [True] * 3
+    page = write_report(project)[0].read_text()
+    assert "Per target: 3 TMA cores (2 analysed, 1 missing), in the grid's order" in page
+    assert "<td>A-2</td><td colspan='4'>missing: marked missing in QuPath, not analysed</td>" in page
 
 
 def test_without_qupath_the_table_has_the_whole_image_and_the_report_still_reads(tmp_path, slides, models):

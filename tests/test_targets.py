@@ -163,7 +163,20 @@ def test_the_target_table_has_a_row_per_core_with_its_own_score_and_the_missing_
 
 
 def test_target_rows_go_through_a_summary_unchanged():
+    import json
+
+    import shapely
+
     rows = [missing_row("a.svs", None, "A-2"), replace(missing_row("a.svs", "1", "A-3"), review_reasons=("x",))]
     assert rows_from_summary({"targets": rows_to_json(rows)}) == rows
+    # An outline, kept for the report's thumbnail, as the GeoJSON geometry summary.json holds.
+    core = shapely.Point(400.5, 300).buffer(250)
+    (back,) = rows_from_summary(
+        json.loads(json.dumps({"targets": rows_to_json([missing_row("a", "1", "A-1", outline=core)])}))
+    )
+    assert back.outline.equals_exact(core, 0) and "outline" not in COLUMNS
+    (old,) = rows_to_json(rows[:1])
+    del old["outline"]  # a summary written before outlines were kept
+    assert rows_from_summary({"targets": [old]}) == rows[:1]
     assert rows_from_summary({"image": "a.svs"}) == []  # an earlier version's summary
     assert isinstance(rows_from_summary({"targets": rows_to_json(rows)})[1], TargetRow)

@@ -317,6 +317,7 @@ def _draw_targets(ax, targets: Sequence[TargetRow], scale: float) -> None:
             (minx + maxx) / 2 * scale,
             miny * scale - 1,
             label,
+            parse_math=False,  # user text: "$x_{$" in a name failed the picture as bad mathtext
             fontsize=6,
             ha="center",
             va="bottom",

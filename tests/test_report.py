@@ -488,15 +488,15 @@ def test_an_ihc_tma_core_beside_a_missing_one_and_names_of_user_text(tmp_path):
 
 
 def test_annotations_sharing_a_name_are_numbered_and_one_annotation_gets_no_table(tmp_path):
+    from shapely.geometry import box, mapping
+
     ann = {"target_type": "annotation", "tumour_cells": 200}
-    targets = [_core("Tumor", **ann), _core("Tumor", **ann), _core("Stroma edge", **ann)]
-    page = write_report(_tma_project(tmp_path / "three", targets))[0].read_text()
+    targets = [_core("Tumor", **ann), _core("Tumor", **ann), _core("$x_{$", **ann, outline=mapping(box(9, 9, 99, 99)))]
+    html_path, _ = write_report(_tma_project(tmp_path / "three", targets))
+    page = html_path.read_text()
     assert "Per target: 3 annotations (3 analysed), in the order analysed" in page
-    assert [r.split("<td>", 2)[1].split("</td>")[0] for r in _section_table(page)] == [
-        "Tumor #1",
-        "Tumor #2",
-        "Stroma edge",
-    ]
+    assert [r.split("<td>", 2)[1].split("</td>")[0] for r in _section_table(page)] == ["Tumor #1", "Tumor #2", "$x_{$"]
+    assert (html_path.parent / "1-tma.png").is_file()  # a name that is no mathtext is drawn as it is
     page = write_report(_tma_project(tmp_path / "one", targets[:1]))[0].read_text()
     assert "Per target" not in page  # its one row would repeat the section
 

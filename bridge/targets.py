@@ -132,9 +132,7 @@ def analysed_row(
 
 def missing_row(image: str, entry_id: str | None, core: str, *, outline: BaseGeometry | None = None) -> TargetRow:
     """The row of a TMA core marked missing: named, so the table has every core of the grid, and without numbers."""
-    return TargetRow(
-        image=image, entry_id=entry_id, target=core, target_type=TMA_CORE, state=MISSING, outline=outline
-    )
+    return TargetRow(image=image, entry_id=entry_id, target=core, target_type=TMA_CORE, state=MISSING, outline=outline)
 
 
 def rows_to_json(rows: Iterable[TargetRow]) -> list[dict[str, Any]]:

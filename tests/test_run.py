@@ -1039,6 +1039,7 @@ def test_through_qupath_a_tma_case_is_compared_core_by_core_in_pairs_json_its_cs
         ],
     }
     monkeypatch.setattr(qupath, "tma_cores", lambda entry: grids[entry.image_name])
+    monkeypatch.setattr(qupath, "core_is_analysed", lambda core: False)  # the missing A-2 was never analysed
     he, ihc = ihc_pair
     project = tmp_path / "project"
     init_project_files(project, [he, ihc])

@@ -1034,11 +1034,9 @@ RERUN_CASES = {
 }
 
 
-def _rerun_in_python(monkeypatch, tree, rerun="ROI"):
-    """bridge.qupath.write_children's removal of ``rerun``'s earlier results on ``tree``, in Java's calls;
-    (removed labels, {label: parent label})."""
-    from bridge import qupath
-
+def _stand_in_tree(monkeypatch, tree):
+    """``tree`` as Java path objects in a paquo stand-in entry whose hierarchy removes objects as QuPath's does;
+    (nodes by label, the removed objects as they go, paquo's wrapper, the entry)."""
     nodes = {}
     for label, kind, cls, name, measurements, geometry, parent in tree:
         nodes[label] = JavaPathObject(kind, geometry, cls, name, measurements, label=label)
@@ -1055,6 +1053,15 @@ def _rerun_in_python(monkeypatch, tree, rerun="ROI"):
             nodes["root"].addChildObjects(kept)
 
     wrapper, entry = paquo_stand_ins(monkeypatch, remove_objects)
+    return nodes, removed, wrapper, entry
+
+
+def _rerun_in_python(monkeypatch, tree, rerun="ROI"):
+    """bridge.qupath.write_children's removal of ``rerun``'s earlier results on ``tree``, in Java's calls;
+    (removed labels, {label: parent label})."""
+    from bridge import qupath
+
+    nodes, removed, wrapper, entry = _stand_in_tree(monkeypatch, tree)
     qupath.write_children(entry, wrapper(nodes[rerun]), [], {"PD-L1: x": 1.0})
     gone = {obj.label for obj in removed}
     return sorted(gone), {n.label: n.parent.label for n in nodes.values() if n.parent and n.label not in gone}
@@ -1307,22 +1314,7 @@ def test_analysing_a_tmas_cores_removes_its_earlier_whole_image_analysis_in_brid
 
     from bridge import qupath
 
-    nodes = {}
-    for label, kind, cls, name, measurements, geometry, parent in _whole_image_tree():
-        nodes[label] = JavaPathObject(kind, geometry, cls, name, measurements, label=label)
-        if parent is not None:
-            nodes[parent].addChildObjects([nodes[label]])
-    removed = []
-
-    def remove_objects(objects, keep_children):  # PathObjectHierarchy.removeObjects as v0.4.4:458-497 does it
-        removed.extend(objects)
-        kept = [kid for obj in objects for kid in obj.kids if kid not in objects]
-        for obj in objects:
-            obj.parent.kids.remove(obj)
-        if keep_children:
-            nodes["root"].addChildObjects(kept)
-
-    _, entry = paquo_stand_ins(monkeypatch, remove_objects)
+    nodes, removed, _, entry = _stand_in_tree(monkeypatch, _whole_image_tree())
     entry.hierarchy.annotations = [  # paquo's proxy: getAnnotationObjects(), no TMA core among them
         SimpleNamespace(java_object=n, name=n.name, path_class=None if n.cls is None else SimpleNamespace(id=c))
         for n, c in ((n, None if n.cls is None else n.cls.toString()) for n in nodes.values())

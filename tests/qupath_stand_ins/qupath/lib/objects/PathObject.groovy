@@ -27,6 +27,7 @@ class PathObject {
     boolean isAnnotation() { kind == "annotation" }
     boolean isDetection() { kind in ["detection", "tile", "cell"] }
     boolean isTile() { kind == "tile" }
+    boolean isTMACore() { kind == "tma core" }
     StandInMeasurements getMeasurementList() { measurements }
     PathObject getParent() { parent }
     PathObject[] getChildObjectsAsArray() { children as PathObject[] }

@@ -32,6 +32,7 @@ _PUBLIC = {
     "Models": "inference.pipeline",
     "PipelineConfig": "inference.pipeline",
     "analyse_slide": "inference.pipeline",
+    "analysis_grid_um": "inference.pipeline",
     "review_rule_for": "inference.pipeline",
     "sua_params_for": "inference.pipeline",
     "SegmentConfig": "inference.analysis.segment",

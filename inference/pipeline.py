@@ -288,6 +288,17 @@ class Models:
         return self.info(self.seg)
 
 
+def analysis_grid_um(models: Models, config: PipelineConfig) -> float:
+    """The µm between the lines of the coarsest grid an analysis lays from its image's level-0 corner: the
+    segmentation maps' cells (``input_mpp`` x ``map_downsample``, 8 µm with the shipped model), of which the
+    positive regions and uncertainty tiles are made. The tiles of the segmentation and of the nuclei models
+    (every 2 model px: 2 µm H&E, 1 µm IHC) lie on lines it holds.
+
+    A region analysed apart from its image (an upload) whose corner lies on this grid is analysed on the
+    image's own grids."""
+    return models.seg.manifest.input_mpp * config.segment.map_downsample
+
+
 # How an image's stain is stated, in the messages that refuse one: analyse_slide's default stain_advice. The
 # programs that call it know their users' words (an option, an image type) and pass them instead.
 STAIN_ADVICE = "pass its stain (H&E or H-DAB) as image_stain"

@@ -258,8 +258,9 @@ println JsonOutput.toJson([bytes: png.length, query: uploadQuery(0.5d * {ds}d, {
     assert (np.linalg.norm(path_points[:, None] - unmapped[None], axis=2).min(axis=1) <= 4).mean() < 0.2
 
     # The PD-L1 positive regions at the same places: the segmentation reads 2 µm/px, which the path job takes from
-    # the phantom's own level at downsample 4 and the service makes of the upload by averaging 2 x 2 pixels, so
-    # they differ a little (and more on phantoms, whose levels are rendered, not averaged), but not in place.
+    # the phantom's own level at downsample 4, rendered from the scene, and the service makes of the upload by
+    # averaging 2 x 2 pixels (0.869 measured; 0.829 before the upload was padded onto the file's grid). On a file of
+    # the phantom's level 0 alone the two routes agree closely (test_an_upload_is_analysed_as_a_path_job_...).
     def positive(result: dict) -> BaseGeometry:
         regions = [
             f for f in result["features"] if f["properties"].get("classification", {}).get("name") == "PD-L1 positive"
@@ -268,7 +269,7 @@ println JsonOutput.toJson([bytes: png.length, query: uploadQuery(0.5d * {ds}d, {
 
     a, b = positive(uploaded), positive(by_path)
     assert a.area > 0 and b.area > 0
-    assert a.intersection(b).area / a.union(b).area >= 0.7
+    assert a.intersection(b).area / a.union(b).area >= 0.8
     # Made of the ROI's pixels alone, as the path job's are: the service analyses the upload's opaque pixels.
     # Regions are made of the map pixels (2 µm: 4 level-0 px) whose centres lie in the analysed area, traced along
     # their edges; the upload's area is its opaque pixels' outline, within an uploaded pixel's diagonal of the ROI.
@@ -539,3 +540,104 @@ def test_a_transformed_view_is_uploaded_and_a_file_the_service_opens_goes_by_its
     points = np.array([c["geometry"]["coordinates"] for c in seen["children"]["Tumor core"]
                        if c["geometry"]["type"] == "Point"])  # fmt: skip
     assert len(points) > 100 and contains_xy(ROI.buffer(2), points[:, 0], points[:, 1]).all()
+
+
+# ------------------------------------------------------------------- the upload against a path job on the same pixels
+
+
+def _masked_png(rgb: np.ndarray, roi: BaseGeometry, *, origin_xy: tuple[int, int], ds: float) -> bytes:
+    """``rgb`` (a region read at downsample ``ds`` from level-0 ``origin_xy``) as an RGBA PNG, transparent where an
+    uploaded pixel's centre lies outside ``roi``, as pdl1_analyze.groovy's maskOutside makes it."""
+    jj, ii = np.mgrid[0 : rgb.shape[0], 0 : rgb.shape[1]]
+    inside = contains_xy(roi, origin_xy[0] + (ii + 0.5) * ds, origin_xy[1] + (jj + 0.5) * ds)
+    return _png(np.dstack([rgb, np.where(inside, 255, 0).astype(np.uint8)]))
+
+
+@pytest.fixture(scope="module")
+def flat_slide(service_of) -> Path:
+    """The phantom's level 0 alone, as a plain TIFF at 0.5 µm/px: the segmentation's 2 µm/px are averaged from
+    it, as from a scanner's pyramid and as from QuPath's rendering, not read from the phantom's rendered level."""
+    import tifffile
+
+    _, slide_path = service_of
+    with open_slide(slide_path) as slide:
+        level0 = slide.read_region((0, 0), 0, slide.dimensions)
+    path = slide_path.parent / "p_level0.tif"
+    tifffile.imwrite(path, level0, resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    return path
+
+
+def _positive(result: dict) -> BaseGeometry:
+    return unary_union(
+        [
+            shape(f["geometry"])
+            for f in result["features"]
+            if f["properties"].get("classification", {}).get("name") == "PD-L1 positive"
+        ]
+    )
+
+
+def test_an_upload_is_analysed_as_a_path_job_on_the_same_pixels(service_of, flat_slide):
+    # The octagon's region, uploaded at 1 µm/px from (200, 300): before, the upload's grids (segmentation tiles,
+    # 8 µm map cells) lay from that corner, half a cell off the file's (IoU 0.932, TPS 10.94 against 11.10); now it
+    # is padded onto the file's grid (IoU 0.992, TPS 11.07). What is left: the tiles over the ROI's edge see white
+    # where the path job's see the tissue around it, and the 2 µm px are averaged from 1 µm px rounded to uint8.
+    client, _ = service_of
+    x0, y0, x1, y1 = ROI.bounds
+    origin = (int(np.floor(x0)), int(np.floor(y0)))
+    size = (round((np.ceil(x1) - origin[0]) / 2), round((np.ceil(y1) - origin[1]) / 2))
+    with open_slide(flat_slide) as slide:
+        rgb = slide.read_region_at_mpp(origin, size, mpp=1.0)
+    params = {"mpp": 1.0, "origin_x": origin[0], "origin_y": origin[1], "downsample": 2.0,
+              "outputs": ["regions", "nuclei"], "image_type": "BRIGHTFIELD_H_E"}  # fmt: skip
+    r = client.post("/v1/jobs/pixels", params=params, content=_masked_png(rgb, ROI, origin_xy=origin, ds=2.0))
+    assert r.status_code == 202, r.text
+    uploaded = _result(client, r.json()["job_id"])
+    body = {
+        "image": str(flat_slide),
+        "roi": {"type": "Polygon", "coordinates": [list(map(list, ROI.exterior.coords))]},
+        "image_type": "BRIGHTFIELD_H_E",
+        "outputs": ["regions", "nuclei"],
+    }
+    by_path = _result(client, client.post("/v1/jobs", json=body).json()["job_id"])
+
+    a, b = _positive(uploaded), _positive(by_path)
+    assert a.intersection(b).area / a.union(b).area >= 0.97  # 0.992 measured; 0.932 before
+    tps = "PD-L1: Predicted TPS % (H&E)"
+    up, path = uploaded["pdl1"]["parent_measurements"], by_path["pdl1"]["parent_measurements"]
+    assert abs(up[tps] - path[tps]) <= 0.5, (up[tps], path[tps])  # 11.07 against 11.10
+    assert abs(len(_points(uploaded["features"])) - len(_points(by_path["features"]))) <= 0.02 * 1650
+    # The domain guard sees the same tiles: its score within 1.25 x (17.9 against 18.7: both out of the phantom-
+    # trained ensemble's domain, whose training read the phantoms' rendered 2 µm level, not an average).
+    score_up = uploaded["pdl1"]["domain"]["out_of_domain_score"]
+    score_path = by_path["pdl1"]["domain"]["out_of_domain_score"]
+    assert 1 / 1.25 <= score_up / score_path <= 1.25, (score_up, score_path)
+
+
+def test_a_small_annotation_inside_transparent_surroundings_keeps_its_tissue(service_of):
+    # A 100 µm square of tissue sent amid transparent pixels (256 x 256 at 1 µm/px): its tissue, cut off by the
+    # transparent surround, was one speck under 150 x 150 µm and dropped ("almost no tissue found", nothing
+    # analysed). The surround is no glass: tissue that reaches it is kept as tissue that reaches the image's edge.
+    client, slide_path = service_of
+    roi = Polygon([(924, 924), (1124, 924), (1124, 1124), (924, 1124)])  # level-0 px of the phantom's tissue
+    origin = (768, 768)
+    with open_slide(slide_path) as slide:
+        rgb = slide.read_region_at_mpp(origin, (256, 256), mpp=1.0)
+    params = {"mpp": 1.0, "origin_x": origin[0], "origin_y": origin[1], "downsample": 2.0,
+              "outputs": ["uncertainty_tiles"], "image_type": "BRIGHTFIELD_H_E"}  # fmt: skip
+    r = client.post("/v1/jobs/pixels", params=params, content=_masked_png(rgb, roi, origin_xy=origin, ds=2.0))
+    assert r.status_code == 202, r.text
+    uploaded = _result(client, r.json()["job_id"])
+    body = {"image": str(slide_path), "roi": {"type": "Polygon", "coordinates": [list(map(list, roi.exterior.coords))]},
+            "image_type": "BRIGHTFIELD_H_E", "outputs": ["uncertainty_tiles"]}  # fmt: skip
+    by_path = _result(client, client.post("/v1/jobs", json=body).json()["job_id"])
+    reasons = [r["reason"] for r in uploaded["pdl1"]["review_reasons"]]
+    assert "suspect tissue detection: almost no tissue found" not in reasons, reasons
+    assert uploaded["pdl1"]["domain"]["tiles"] == by_path["pdl1"]["domain"]["tiles"] == 1  # a tile ran on it
+
+    # Its uncertainty tiles cover what the path job's do (64 µm cells trimmed to the ROI, where there is tissue).
+    def tiles_area(result: dict) -> float:
+        return sum(shape(f["geometry"]).area for f in result["features"] if f["properties"].get("objectType") == "tile")
+
+    assert tiles_area(by_path) > 0.9 * roi.area
+    assert abs(tiles_area(uploaded) - tiles_area(by_path)) <= 0.1 * tiles_area(by_path)

@@ -30,6 +30,7 @@ from inference import (
     Slide,
     SlideResult,
     analyse_slide,
+    analysis_grid_um,
 )
 
 log = logging.getLogger(__name__)
@@ -225,9 +226,12 @@ class Worker:
             raise Cancelled("cancelled before it started")
         if job.upload is not None:
             body, job.upload = job.upload, None
-            # An upload's ROI is its opaque pixels: a client makes those outside its ROI transparent.
-            with opened_upload(body, mpp=config.mpp) as (slide, area):
-                return self._analyse(job, slide, config, roi=area, on_progress=on_progress)
+            # An upload's ROI is its opaque pixels: a client makes those outside its ROI transparent. Padded onto the
+            # file's grid, its results map back from the padded corner.
+            grid_um = analysis_grid_um(self.models, config)
+            with opened_upload(body, mpp=config.mpp, origin_xy=job.origin_xy, scale=job.scale, grid_um=grid_um) as up:
+                job.origin_xy = up.origin_xy
+                return self._analyse(job, up.slide, config, roi=up.area, on_progress=on_progress)
         with open_allowed(
             Path(job.image),
             self.allow_roots,

@@ -79,10 +79,18 @@ class Slide:
     """An opened image with its pyramid and calibration.
 
     Use :func:`open_slide` to open a file; construct directly to wrap any :class:`RegionReader`.
+    ``opaque`` (bool, level-0 (height, width)) says which pixels are the image's where some are not: an uploaded
+    region's transparent pixels, read as white glass, whose tissue is not known (:meth:`opaque_share`). None: all.
     """
 
     def __init__(
-        self, reader: RegionReader, *, mpp: Mpp, path: Path | None = None, mpp_advice: MppAdvice | None = None
+        self,
+        reader: RegionReader,
+        *,
+        mpp: Mpp,
+        path: Path | None = None,
+        mpp_advice: MppAdvice | None = None,
+        opaque: np.ndarray | None = None,
     ):
         if not (MPP_PLAUSIBLE_RANGE[0] <= mpp.mean <= MPP_PLAUSIBLE_RANGE[1]):
             advice = (mpp_advice or library_mpp_advice)(SCANNER_MPP)
@@ -90,8 +98,12 @@ class Slide:
                 f"{path or 'image'}: microns per pixel {mpp.mean:g} (from {mpp.source}) is outside the "
                 f"plausible range {MPP_PLAUSIBLE_RANGE}; {advice}"
             )
+        if opaque is not None and opaque.shape != reader.level_dimensions[0][::-1]:
+            w, h = reader.level_dimensions[0]
+            raise ValueError(f"opaque must be the image's level-0 (height, width) ({h}, {w}), got {opaque.shape}")
         self.reader = reader
         self.mpp = mpp
+        self.opaque = opaque
         self.path = path
         self.mpp_advice = mpp_advice
         self._thumbnail: tuple[float, np.ndarray] | None = None  # the last one read: (mpp, read-only RGB)
@@ -172,13 +184,39 @@ class Slide:
         The last thumbnail is kept, read-only: an analysis tells the stain and finds the tissue on the
         same one, and a whole slide's is read from disk once.
         """
-        mpp = min(mpp, min(self.dimensions) * self.mpp.mean / MIN_THUMBNAIL_SIDE_PX)
-        mpp = max(mpp, self.mpp.mean)
+        mpp = self.thumbnail_mpp(mpp)
         if self._thumbnail is None or self._thumbnail[0] != mpp:
             image = self._whole(mpp)
             image.flags.writeable = False
             self._thumbnail = (mpp, image)
         return self._thumbnail[1]
+
+    def thumbnail_mpp(self, mpp: float) -> float:
+        """The µm/px :meth:`thumbnail` reads the whole image at when asked for ``mpp``."""
+        return max(min(mpp, min(self.dimensions) * self.mpp.mean / MIN_THUMBNAIL_SIDE_PX), self.mpp.mean)
+
+    def opaque_share(self, *, mpp: float) -> np.ndarray | None:
+        """float32 (height, width): the share of each pixel of :meth:`thumbnail` ``(mpp=mpp)`` that is opaque (the
+        same size and level-0 extent, box-averaged as its pixels are); None where all pixels are.
+
+        >>> opaque = np.zeros((128, 128), bool); opaque[:, :65] = True  # a 128 µm upload, opaque on the left
+        >>> s = Slide(ArrayReader(np.zeros((128, 128, 3), np.uint8)), mpp=Mpp(1, 1, "t"), opaque=opaque)
+        >>> share = s.opaque_share(mpp=8.0)  # the thumbnail keeps 64 px a side: 2 µm/px
+        >>> share.shape, share[0, 31:34].round(2).tolist()
+        ((64, 64), [1.0, 0.5, 0.0])
+        """
+        if self.opaque is None:
+            return None
+        downsample = self.thumbnail_mpp(mpp) / self.mpp.mean
+        width, height = self.dimensions
+        w, h = max(1, round(width / downsample)), max(1, round(height / downsample))
+        # The level-0 px read_region_at_mpp reads for them (beyond the image: not opaque, as white fill).
+        extent_w, extent_h = max(1, math.ceil(w * downsample - 1e-6)), max(1, math.ceil(h * downsample - 1e-6))
+        alpha = np.zeros((extent_h, extent_w), np.uint8)
+        part = self.opaque[:extent_h, :extent_w]
+        alpha[: part.shape[0], : part.shape[1]] = part * np.uint8(255)
+        shrunk = Image.fromarray(alpha).resize((w, h), resample=Image.Resampling.BOX)
+        return np.asarray(shrunk, np.float32) / 255
 
     def whole_at_mpp(self, mpp: float, *, reader: str) -> np.ndarray:
         """The whole image at exactly ``mpp`` µm/px (as a model reads it) as RGB uint8.

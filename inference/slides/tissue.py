@@ -86,12 +86,15 @@ def tissue_review_reasons(tissue: TissueMask, *, within: np.ndarray | None = Non
     return reasons
 
 
-def detect_tissue(rgb: np.ndarray, *, min_object_px: int = 16, max_hole_px: int = 16) -> np.ndarray:
+def detect_tissue(
+    rgb: np.ndarray, *, min_object_px: int = 16, max_hole_px: int = 16, known: np.ndarray | None = None
+) -> np.ndarray:
     """bool mask of tissue in an RGB uint8 image (height, width, 3).
 
     Otsu's threshold on HSV saturation (stained tissue is coloured, glass is grey), never
     below ``MIN_SATURATION``; then a small closing, objects under ``min_object_px`` removed
-    and holes under ``max_hole_px`` filled.
+    and holes under ``max_hole_px`` filled. ``known`` (bool, same grid; None: all) are the pixels that are the
+    image's: the threshold is taken over them alone (an upload's white fill would weigh in as glass).
 
     >>> rgb = np.full((32, 32, 3), 245, np.uint8); rgb[8:24, 8:24] = (180, 90, 160)
     >>> int(detect_tissue(rgb).sum())
@@ -103,10 +106,11 @@ def detect_tissue(rgb: np.ndarray, *, min_object_px: int = 16, max_hole_px: int 
     vmax = img.max(axis=2)
     vmin = img.min(axis=2)
     saturation = np.where(vmax > 0, (vmax - vmin) / np.maximum(vmax, 1), 0.0)
-    if saturation.max() - saturation.min() < 1e-6:
+    values = saturation if known is None else saturation[known]
+    if values.size == 0 or values.max() - values.min() < 1e-6:
         threshold = MIN_SATURATION
     else:
-        threshold = max(float(filters.threshold_otsu(saturation)), MIN_SATURATION)
+        threshold = max(float(filters.threshold_otsu(values)), MIN_SATURATION)
     mask = saturation > threshold
     mask = ndi.binary_closing(mask, structure=np.ones((3, 3)), border_value=0) | mask
     mask = morphology.remove_small_objects(mask, max_size=max(min_object_px - 1, 0))
@@ -114,53 +118,82 @@ def detect_tissue(rgb: np.ndarray, *, min_object_px: int = 16, max_hole_px: int 
     return mask
 
 
-def tissue_mask(rgb: np.ndarray, *, mpp: float) -> np.ndarray:
+def tissue_mask(rgb: np.ndarray, *, mpp: float, unknown: np.ndarray | None = None) -> np.ndarray:
     """bool tissue mask for either stain: saturated (:func:`detect_tissue`) or absorbing light.
 
     An IHC with a pale counterstain and strong DAB splits :func:`detect_tissue`'s Otsu threshold
     between DAB and the rest, so tissue is also where the optical density (summed over R, G, B,
     against the glass colour of :func:`_glass_rgb`) exceeds :data:`MIN_TISSUE_OD`.
+
+    ``unknown`` (bool, same grid; None: none) are pixels that are not the image's (an uploaded region's
+    transparent surround, read as white): never tissue, left out of the glass colour and the thresholds, and
+    like the image's edge for the speck and hole rules, since tissue there may go on beyond them.
+
+    >>> rgb = np.full((64, 64, 3), 255, np.uint8); rgb[20:40, 20:40] = (180, 90, 160)  # 40 µm of tissue
+    >>> unknown = np.ones((64, 64), bool); unknown[20:40, 20:40] = False  # uploaded with all else transparent
+    >>> int(tissue_mask(rgb, mpp=2.0).sum()), int(tissue_mask(rgb, mpp=2.0, unknown=unknown).sum())
+    (0, 400)
     """
-    mask = detect_tissue(rgb) | (_smoothed_od(rgb) > MIN_TISSUE_OD)
+    known = None if unknown is None else ~unknown
+    mask = detect_tissue(rgb, known=known) | (_smoothed_od(rgb, known=known) > MIN_TISSUE_OD)
     mask = ndi.binary_opening(mask, structure=np.ones((3, 3)))
+    if known is not None:
+        mask &= known
     max_px = max(round(MAX_HOLE_UM2 / mpp**2), 1)
-    mask |= _small_inner(~mask, max_px)  # holes
-    return mask & ~_small_inner(mask, max_px)  # specks
+    mask |= _small_inner(~mask, max_px, open_to=unknown)  # holes
+    mask &= ~_small_inner(mask, max_px, open_to=unknown)  # specks
+    return mask if known is None else mask & known
 
 
-def _small_inner(mask: np.ndarray, max_px: int) -> np.ndarray:
+def _small_inner(mask: np.ndarray, max_px: int, *, open_to: np.ndarray | None = None) -> np.ndarray:
     """The components of ``mask`` (4-connected, as scikit-image's remove_small_objects) of at most ``max_px`` pixels
-    that do not touch the image's edge.
+    that touch neither the image's edge nor ``open_to`` (bool, same grid: pixels whose content is not known).
 
-    One that touches it may go on beyond the image, so its size is not known: a region or tile smaller than
+    One that touches them may go on beyond them, so its size is not known: a region or tile smaller than
     :data:`MAX_HOLE_UM2` (a 128 µm tile, an uploaded region) is tissue edge to edge, and as a speck it was all
-    dropped ("almost no tissue found").
+    dropped ("almost no tissue found"); so was the tissue of an uploaded annotation cut off by its transparent
+    surround.
     """
     labels, n = ndi.label(mask)
     if n == 0:
         return np.zeros_like(mask)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    if open_to is not None and open_to.any():
+        beside = ndi.binary_dilation(open_to, structure=np.ones((3, 3)))
+        edge = np.union1d(edge, np.unique(labels[beside]))
     small = sizes <= max_px
     small[0] = False
     small[edge] = False
     return small[labels]
 
 
-def faint_tissue(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def faint_tissue(rgb: np.ndarray, mask: np.ndarray, *, unknown: np.ndarray | None = None) -> np.ndarray:
     """bool: faintly absorbing area (summed OD from :data:`FAINT_TISSUE_OD` up) outside ``mask``, specks dropped.
 
-    The 2 px next to the mask are left out: the smoothed OD of a stained edge spills into them.
+    The 2 px next to the mask are left out: the smoothed OD of a stained edge spills into them; so are
+    ``unknown`` pixels (see :func:`tissue_mask`).
     """
     near = ndi.binary_dilation(mask, structure=np.ones((3, 3)), iterations=2)
-    faint = (_smoothed_od(rgb) >= FAINT_TISSUE_OD) & ~near
+    known = None if unknown is None else ~unknown
+    faint = (_smoothed_od(rgb, known=known) >= FAINT_TISSUE_OD) & ~near
+    if known is not None:
+        faint &= known
     return morphology.remove_small_objects(faint, max_size=MIN_FAINT_OBJECT_PX - 1)
 
 
-def _smoothed_od(rgb: np.ndarray) -> np.ndarray:
-    """Optical density summed over R, G, B against the glass colour, smoothed by 1 px (noise)."""
+def _smoothed_od(rgb: np.ndarray, *, known: np.ndarray | None = None) -> np.ndarray:
+    """Optical density summed over R, G, B against the glass colour, smoothed by 1 px (noise).
+
+    Only ``known`` pixels (None: all) tell the glass colour, and the others are read as glass: an upload's white
+    surround, taken for the glass, made a slide's real glass absorb (0.1 summed OD at (247, 249, 246)).
+    """
     img = rgb.astype(np.float32)
-    glass = _glass_rgb(img)
+    if known is not None and not known.any():
+        return np.zeros(img.shape[:2], np.float32)
+    glass = _glass_rgb(img if known is None else img[known])
+    if known is not None:
+        img[~known] = glass
     return ndi.gaussian_filter(np.clip(-np.log((img + 1) / (glass + 1)), 0, None).sum(axis=2), 1.0)
 
 
@@ -172,7 +205,7 @@ def _glass_rgb(img: np.ndarray) -> np.ndarray:
     over R, G, B, than the palest tissue. Never darker than :data:`MIN_GLASS_LEVEL` per channel,
     so that an image with no glass does not take its tissue for glass.
     """
-    flat = img.reshape(-1, 3)
+    flat = img.reshape(-1, 3)  # (height, width, 3) or (N, 3)
     total = flat.sum(axis=1)
     bright = flat[total >= np.median(total)]
     bins = (bright // GLASS_BIN).astype(np.int64)
@@ -192,5 +225,18 @@ def tissue_mask_for_slide(slide, *, mpp: float = 8.0, method: str = "od") -> Tis
         raise ValueError(f"tissue method must be one of {TISSUE_METHODS}, got {method!r}")
     thumb = slide.thumbnail(mpp=mpp)
     downsample = slide.dimensions[0] / thumb.shape[1]
-    mask = tissue_mask(thumb, mpp=slide.mpp.mean * downsample) if method == "od" else detect_tissue(thumb)
-    return TissueMask(mask=mask, downsample=downsample, faint=faint_tissue(thumb, mask))
+    unknown = None
+    share = slide.opaque_share(mpp=mpp)
+    if share is not None:
+        # An uploaded region's transparent pixels came composited over white; a thumbnail pixel that is partly
+        # opaque is told by its opaque part (un-premultiplied), one mostly transparent is not known.
+        unknown = share < 0.5
+        opaque = np.maximum(share, 0.5)[..., None]
+        rgb = (thumb.astype(np.float32) - 255 * (1 - opaque)) / opaque
+        thumb = np.where(unknown[..., None], 255, np.clip(np.rint(rgb), 0, 255)).astype(np.uint8)
+    if method == "od":
+        mask = tissue_mask(thumb, mpp=slide.mpp.mean * downsample, unknown=unknown)
+    else:
+        mask = detect_tissue(thumb, known=None if unknown is None else ~unknown)
+        mask = mask if unknown is None else mask & ~unknown
+    return TissueMask(mask=mask, downsample=downsample, faint=faint_tissue(thumb, mask, unknown=unknown))

@@ -292,7 +292,7 @@ def analysis_grid_um(models: Models, config: PipelineConfig) -> float:
     """The µm between the lines of the coarsest grid an analysis lays from its image's level-0 corner: the
     segmentation maps' cells (``input_mpp`` x ``map_downsample``, 8 µm with the shipped model), of which the
     positive regions and uncertainty tiles are made. The tiles of the segmentation and of the nuclei models
-    (every 2 model px: 2 µm H&E, 1 µm IHC) lie on lines it holds.
+    (every 2 model px: 2 µm with the shipped ones) lie on lines it holds.
 
     A region analysed apart from its image (an upload) whose corner lies on this grid is analysed on the
     image's own grids."""
@@ -449,7 +449,35 @@ def _assess_domain(
     if colour is None:  # the colour was not looked at for the stain: for the guard it is
         colour = detect_slide_stain(slide, mpp=tissue_mpp)
     stain = slide_stain(colour, slide.thumbnail(mpp=tissue_mpp))
-    return assess_domain(features, stain, stats, model=manifest.name)
+    fill = _mostly_fill(slide, manifest)
+    if fill is None or features is None:
+        return assess_domain(features, stain, stats, model=manifest.name)
+    # Not scored: the tiles' features would be mostly the fill's (read as white glass), not the tissue's.
+    assessment = assess_domain(None, stain, stats, model=manifest.name)
+    why = [fill] + (["no tissue to estimate the stain vectors on"] if assessment.stain_distance_deg is None else [])
+    return replace(assessment, tiles=len(features), why_not="; ".join(why))
+
+
+# An image whose pixels are less than this share of one of the guarded model's tiles, the rest fill (an upload's
+# transparent surround, read as white), is not scored on its features: a 100 µm annotation of the real HGSC tile
+# sent amid transparent pixels scored 0.99 (in the domain) on its one 512 µm tile, the same area read from its file
+# 3.25 (out of it), its tile full of the tissue around it.
+MIN_IMAGE_SHARE_OF_TILE = 0.5
+
+
+def _mostly_fill(slide: Slide, manifest: Manifest) -> str | None:
+    """Why ``slide``'s tiles are mostly fill for the guard of ``manifest``'s model, else None."""
+    if slide.opaque is None:
+        return None
+    image_um2 = float(np.count_nonzero(slide.opaque)) * slide.mpp.mean**2
+    tile_um2 = (manifest.tile_size_px * manifest.input_mpp) ** 2
+    if image_um2 >= MIN_IMAGE_SHARE_OF_TILE * tile_um2:
+        return None
+    return (
+        f"the region's {image_um2:.0f} µm² of pixels fill less than {MIN_IMAGE_SHARE_OF_TILE:.0%} of one of "
+        f"{manifest.name}'s tiles ({tile_um2:.0f} µm²): the network's features would be mostly the transparent "
+        "surround's; analyse a larger region to have it scored"
+    )
 
 
 def _require_resolution(slide: Slide, stain: str | None, *, models: Models, config: PipelineConfig) -> None:

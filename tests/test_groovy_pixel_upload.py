@@ -634,6 +634,11 @@ def test_a_small_annotation_inside_transparent_surroundings_keeps_its_tissue(ser
     reasons = [r["reason"] for r in uploaded["pdl1"]["review_reasons"]]
     assert "suspect tissue detection: almost no tissue found" not in reasons, reasons
     assert uploaded["pdl1"]["domain"]["tiles"] == by_path["pdl1"]["domain"]["tiles"] == 1  # a tile ran on it
+    # That tile is mostly transparent surround (100 µm of a 512 µm tile), read as white: not scored, and said why
+    # (the path job's tile holds the tissue around the square).
+    assert by_path["pdl1"]["domain"]["out_of_domain_score"] is not None
+    assert uploaded["pdl1"]["domain"]["out_of_domain_score"] is None
+    assert uploaded["pdl1"]["domain"]["why_not"].startswith("the region's 10000 µm² of pixels fill less than 50% of ")
 
     # Its uncertainty tiles cover what the path job's do (64 µm cells trimmed to the ROI, where there is tissue).
     def tiles_area(result: dict) -> float:

@@ -714,7 +714,10 @@ def _cores_of_case(he: CaseImage, ihc: CaseImage) -> tuple[dict[str, Any], tuple
         ihc_summary = json.loads(ihc.summary_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:  # changed since the run wrote it
         return {"why_cores_not_compared": f"a summary does not read: {err}"}, ()
-    return case_cores(he_summary, ihc_summary, he_name=he.name, ihc_name=ihc.name)
+    try:
+        return case_cores(he_summary, ihc_summary, he_name=he.name, ihc_name=ihc.name)
+    except (ValueError, TypeError, AttributeError) as err:  # its targets edited or damaged, as write_targets says
+        return {"why_cores_not_compared": f"a summary's targets do not read: {err}"}, ()
 
 
 def write_pair_comparisons(

@@ -462,3 +462,27 @@ def test_cores_are_compared_where_the_whole_slides_cannot_be_and_an_earlier_runs
     write_pair_comparisons([he, ihc], tmp_path)
     assert not (tmp_path / "pdl1" / CORES_FILE).exists()
     assert "cores" not in json.loads(path.read_text())["cases"]["T1"]
+
+
+def test_a_summary_whose_targets_do_not_read_says_so_in_its_case_instead_of_ending_the_run(tmp_path):
+    # pdl1 run's targets.csv warns of such a summary and goes on; the pairs after it raised, and the run ended in a
+    # traceback with no pairs.json.
+    import json
+
+    from bridge.pairs import write_pair_comparisons
+
+    def image(name: str, stain: str, summary: dict) -> CaseImage:
+        path = tmp_path / f"{name}.summary.json"
+        path.write_text(json.dumps(summary))
+        return CaseImage(name, name, tmp_path / name, "T1", stain, path, tmp_path / f"{name}.geojson", 0.5)
+
+    damaged = _summary("T1_HE.svs", {"A-1": (30, 170)})
+    damaged["targets"][0]["outline"] = {"type": "Polygon"}  # no coordinates
+    he = image("T1_HE.svs", "H&E", damaged)
+    ihc = image("T1_IHC.svs", "H-DAB", _summary("T1_IHC.svs", {"A-1": (40, 160)}, stain="H-DAB"))
+    path = write_pair_comparisons([he, ihc], tmp_path)
+    case = json.loads(path.read_text())["cases"]["T1"]
+    assert case["why_cores_not_compared"].startswith(
+        "a summary's targets do not read: the outline of target 'A-1' is not a GeoJSON geometry ("
+    )
+    assert "cores" not in case

@@ -9,7 +9,9 @@
  * core's TPS, CPS and counts are its measurements, which QuPath's TMA data viewer and Export TMA data
  * show per core. Nothing else is touched. An annotation the service refuses (an outline that crosses
  * itself, ...) is named and the others are analysed. Stop the script (or close QuPath) and the job is
- * cancelled on the server.
+ * cancelled on the server. The service reads the image's file by its path; where it cannot (no local file, a view
+ * QuPath rotates, crops or combines, a format it has no reader for), each region's pixels as QuPath renders them
+ * are sent instead (POST /v1/jobs/pixels; the log says which way and why).
  *
  * Settings: the project's pdl1-config.toml (beside project.qpproj; `pdl1 init-project` writes it, and
  * `pdl1 run` reads the same file) when there is one: [service] url, token, model and [analysis] outputs,
@@ -584,7 +586,8 @@ def uploadTooLarge = { long widthPx, long heightPx, long bytes, Map limits, doub
 }
 // The rendered region with every pixel whose centre lies outside the shape (a java.awt.Shape in level-0 px, as
 // ROI.getShape() gives it, 0.4.4 to 0.7: ROI.java v0.4.4:165, v0.7.0:166) made transparent, as an ARGB image: the
-// service reads transparent pixels as empty glass, so only the ROI is analysed. x, y: the region's level-0 corner.
+// service analyses only the opaque pixels, as a path job its ROI (transparent ones are no part of the image, not
+// glass). x, y: the region's level-0 corner.
 def maskOutside = { java.awt.image.BufferedImage image, java.awt.Shape shape, double x, double y, double downsample ->
     def out = new java.awt.image.BufferedImage(image.getWidth(), image.getHeight(), java.awt.image.BufferedImage.TYPE_INT_ARGB)
     def g = out.createGraphics()
@@ -734,11 +737,12 @@ def submitPath = { Map body ->
                 "${answer instanceof Map ? answer.get('detail') : response.body()}")
     return answer
 }
-// A job on the pixels of the parent's ROI as QuPath renders them (its bounds, pixels outside it transparent), at the
-// resolution the models need (GET /v1/models: input_mpp), never finer than level 0; sent with the region's origin
-// and downsample, so the results come back in level-0 px of the image as QuPath shows it. A region over the
-// service's upload limits is not sent: the IOException says how big it is, the limit and what to do.
-def submitPixels = { parent ->
+// A job on the pixels of the parent's ROI (an annotation's or a TMA core's; name: as the log names it) as QuPath
+// renders them (its bounds, pixels outside it transparent), at the resolution the models need (GET /v1/models:
+// input_mpp), never finer than level 0; sent with the region's origin and downsample, so the results come back in
+// level-0 px of the image as QuPath shows it. A region over the service's upload limits is not sent: the
+// IOException says how big it is, the limit and what to do.
+def submitPixels = { parent, String name ->
     if (Double.isNaN(mpp))
         throw new IOException("QuPath has no pixel size for this image, and an upload needs one to be analysed at " +
                 "the models' resolution: set it in the Image tab (Pixel width/height) and run the script again")
@@ -753,7 +757,7 @@ def submitPixels = { parent ->
     def region = uploadRegion(roi.getBoundsX(), roi.getBoundsY(), roi.getBoundsWidth(), roi.getBoundsHeight(),
             server.getWidth(), server.getHeight(), downsample)
     if (region == null)
-        throw new IOException("the annotation lies outside the image")
+        throw new IOException("${name} lies outside the image".toString())
     // The limits of a service that does not state them are its defaults (bridge/service/settings.py).
     def limits = (health.get("upload_limits") ?: [max_px: 8192 * 8192, max_bytes: 64 * 1048576]) as Map
     def tooLarge = uploadTooLarge(region.widthPx as long, region.heightPx as long, -1L, limits, downsample)
@@ -771,7 +775,7 @@ def submitPixels = { parent ->
         throw new IOException(tooLarge)
     println "pdl1: sending ${pixels.getWidth()} x ${pixels.getHeight()} px (${String.format(Locale.ROOT, '%.2f', mpp * downsample)} " +
             "\u00b5m/px, ${String.format(Locale.ROOT, '%.1f', png.length / 1048576.0d)} MiB) of " +
-            "${parent.getName() ?: parent.getPathClass() ?: 'annotation'}"
+            "${name}"
     def query = uploadQuery(mpp * downsample, region.x as double, region.y as double, downsample, OUTPUTS, imageType)
     return send(request("/v1/jobs/pixels?" + query).header("Content-Type", "image/png")
             .POST(HttpRequest.BodyPublishers.ofByteArray(png)).build())
@@ -877,7 +881,7 @@ for (parent in targets) {
     try {
         accepted = uploadWhy == null ? submitPath(body) : null  // null: the service cannot open the image
         if (accepted == null)
-            accepted = submitPixels(parent)
+            accepted = submitPixels(parent, label(parent))
     } catch (IOException e) {
         // A request the service refuses (an ROI that crosses itself, ...) is this target's problem: go on with the next.
         println "pdl1: ${label(parent)} not analysed: ${e.getMessage()}"

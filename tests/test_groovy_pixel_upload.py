@@ -123,7 +123,7 @@ def test_the_script_tries_the_path_job_first_and_uploads_where_the_service_canno
     assert 'uploadWhy = transformed != null ? "QuPath shows it through ${transformed}' in body
     # The path job first; the upload where the image goes that way or the service answered cannot_open.
     assert "accepted = uploadWhy == null ? submitPath(body) : null" in body
-    assert body.index("submitPath(body)") < body.index("accepted = submitPixels(parent)")
+    assert body.index("submitPath(body)") < body.index("accepted = submitPixels(parent, label(parent))")
     assert 'answer.get("cannot_open") == true' in body
     # Rendered with the calls that are the same on QuPath 0.4.4 to 0.7 (RegionRequest.java v0.4.4:175, v0.7.0:174).
     assert "server.readRegion(RegionRequest.createInstance(server.getPath(), downsample, " in body

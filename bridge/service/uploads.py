@@ -186,7 +186,8 @@ def _decoded(body: bytes) -> tuple[np.ndarray, np.ndarray | None]:
         with Image.open(io.BytesIO(body), formats=UPLOAD_FORMATS) as im:
             if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
                 # convert("RGB") drops alpha and keeps what lies under it, often black: analysed as dark
-                # tissue. Transparent is no tissue; over white it reads as the slide's empty glass.
+                # tissue. Its pixels are put over white, and where it is opaque is kept: the transparent ones lie
+                # outside the area analysed, and the tissue detector takes them for unknown, not for glass.
                 rgba = im.convert("RGBA")
                 white = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 rgb = np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))

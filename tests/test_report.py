@@ -525,3 +525,21 @@ def test_targets_that_do_not_read_are_left_out_with_a_warning_and_the_image_repo
         html_path, _ = write_report(project)
     assert "tma.tif: its per-target results do not read (the outline of target 'A-1' is not a GeoJSON" in caplog.text
     assert "Per target" not in html_path.read_text() and "12.5%" in html_path.read_text()
+
+
+def test_pdl1_report_names_the_three_files_it_wrote(tmp_path):
+    # It wrote targets.csv beside report.csv (each target's score) but named only report.html and report.csv.
+    from typer.testing import CliRunner
+
+    from bridge.cli.app import app
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.summary.json").write_text(json.dumps(_summary(tmp_path / "a.svs")))
+    result = CliRunner().invoke(app, ["report", str(out)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    folder = out / "pdl1" / "report"
+    assert result.output.splitlines()[-1] == (
+        f"wrote {folder / 'report.html'}, {folder / 'report.csv'} and {folder / 'targets.csv'}"
+    )
+    assert (folder / "targets.csv").is_file()

@@ -491,14 +491,15 @@ def report_cmd(
     source: Annotated[Path, typer.Argument(help="A project run by `pdl1 run`, or its --out folder for slides.")],
     out: Annotated[Path | None, typer.Option(help="Report folder (default: SOURCE/pdl1/report).")] = None,
 ) -> None:
-    """HTML and CSV report: per-image thumbnails with the results overlaid, review reasons, and the cases."""
+    """HTML and CSV report: per-image thumbnails with the results overlaid, review reasons, each target's score
+    (TMA cores, annotations; also in its targets.csv), and the cases."""
     from bridge.report import write_report
 
     try:
         html_path, csv_path = write_report(source, out)
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
-    typer.echo(f"wrote {html_path} and {csv_path}")
+    typer.echo(f"wrote {html_path}, {csv_path} and {csv_path.parent / TARGETS_FILE}")
 
 
 def review_queue_cmd(

@@ -80,7 +80,8 @@ class Slide:
 
     Use :func:`open_slide` to open a file; construct directly to wrap any :class:`RegionReader`.
     ``opaque`` (bool, level-0 (height, width)) says which pixels are the image's where some are not: an uploaded
-    region's transparent pixels, read as white glass, whose tissue is not known (:meth:`opaque_share`). None: all.
+    region's transparent pixels, read as white but no glass: their tissue is not known (:meth:`opaque_share`).
+    None: all.
     """
 
     def __init__(

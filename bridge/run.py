@@ -50,6 +50,7 @@ from bridge.project_config import ProjectConfig
 from bridge.qupath_geojson import write_features
 from bridge.run_lock import remove_orphan_parts, run_lock
 from bridge.targets import (
+    MISSING,
     TARGETS_FILE,
     TMA_CORES,
     WHOLE_IMAGE,
@@ -708,10 +709,24 @@ def outcome_from_summary(
         outputs=tuple(str(p) for p in outputs),
         stain=summary.get("stain"),
         stain_source=summary.get("stain_source"),
-        review_reasons=tuple(  # each with its value and limit, as the report shows it
-            review_reason_text(r) for r in (summary.get("details") or {}).get("review_reasons", [])
-        ),
+        review_reasons=closing_reasons(summary),
     )
+
+
+def closing_reasons(summary: dict[str, Any]) -> tuple[str, ...]:
+    """Why an image needs review, for the closing lines, each with its value and limit as the report shows it: the
+    summary's (``details.review_reasons``); where several targets were analysed, whose flag is the image's (set
+    where any target's is) but whose details are the first target's, each flagged target's own reasons led by its
+    name (a TMA whose first core was fine said "needs review" and no reason)."""
+    analysed = [t for t in summary.get("targets") or [] if isinstance(t, dict) and t.get("state") != MISSING]
+    if len(analysed) > 1:
+        return tuple(
+            f"{t.get('target')}: {reason}"
+            for t in analysed
+            if t.get("needs_review")
+            for reason in (t.get("review_reasons") or ["flagged"])
+        )
+    return tuple(review_reason_text(r) for r in (summary.get("details") or {}).get("review_reasons", []))
 
 
 class _QuPathSession:

@@ -113,6 +113,28 @@ def test_the_closing_lines_give_each_review_reason_its_value_and_limit(tmp_path)
     )
 
 
+def test_the_closing_lines_of_an_image_of_several_targets_give_each_flagged_targets_reasons(tmp_path):
+    # The flag is the image's (any target's), the details the first target's: a TMA whose first core was fine and
+    # whose third needed review said "needs review" in the table and gave no reason.
+    from bridge.run import outcome_from_summary
+
+    def target(name, state="analysed", reasons=()):
+        return {"target": name, "state": state, "needs_review": bool(reasons), "review_reasons": list(reasons)}
+
+    few = "fewer than 100 tumour cells (40, limit 100)"
+    summary = {
+        "tps_percent": 20.0, "tps_category": "1-49%", "positive_area_pct": 5.0, "uncertainty_flag": True,
+        "sua_candidates": 0, "run_id": "r", "details": {"review_reasons": []},
+        "targets": [target("A-1"), target("A-2", "missing"), target("B-1", reasons=[few]), target("B-2")],
+    }  # fmt: skip
+    outcome = outcome_from_summary("1", "tma.svs", summary, 1.0, (tmp_path / "g", tmp_path / "s"))
+    assert outcome.review_reasons == (f"B-1: {few}",)
+    # One analysed target (the others missing): its own reasons, as the summary's details have them.
+    summary["targets"] = [target("A-1", reasons=[few]), target("A-2", "missing")]
+    summary["details"] = {"review_reasons": [{"reason": "fewer than 100 tumour cells", "value": 40, "limit": 100}]}
+    assert outcome_from_summary("1", "t", summary, 1.0, ("g", "s")).review_reasons == (few,)
+
+
 def test_a_case_whose_ihc_failed_is_named_in_pairs_json_not_dropped(tmp_path, slides, models):
     # A corrupt IHC in the batch: its H&E was analysed and the case vanished from pairs.json and the run's table.
     he = Path(shutil.copy(slides[0], tmp_path / "c1_HE.svs"))

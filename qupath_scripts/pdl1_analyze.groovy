@@ -838,6 +838,14 @@ if (analysable.isEmpty() && !skipped.isEmpty()) {
 }
 targets = analysable
 def wholeImage = targets.isEmpty()
+
+try {
+    health = send(request("/v1/health").GET().build())
+} catch (Exception e) {
+    println "pdl1: no service at ${SERVER_URL} (${e.getMessage()}); start it with `pdl1 serve --allow-root <slides folder>`"
+    return
+}
+// The whole image's parent only once the service answers: made before, it stayed behind, empty, when it did not.
 if (wholeImage) {
     def existing = hierarchy.getAnnotationObjects().find {
         it.getPathClass() != null && it.getPathClass().toString() == ANALYSIS_CLASS && it.getName() == ANALYSIS_CLASS
@@ -848,13 +856,6 @@ if (wholeImage) {
         existing.setName(ANALYSIS_CLASS)
     }
     targets = [existing]
-}
-
-try {
-    health = send(request("/v1/health").GET().build())
-} catch (Exception e) {
-    println "pdl1: no service at ${SERVER_URL} (${e.getMessage()}); start it with `pdl1 serve --allow-root <slides folder>`"
-    return
 }
 if (uploadWhy != null)
     println "pdl1: sending the pixels of each region as QuPath renders them, since ${uploadWhy}"

@@ -1470,3 +1470,10 @@ def test_the_script_says_when_a_core_marked_missing_keeps_an_earlier_runs_result
     code = re.sub(r"//.*", "", ANALYZE.read_text().replace(helpers(ANALYZE), ""))
     said = re.search(r"choice\.missing\.each \{\s*println (.*?)\n\}", code, flags=re.S)
     assert said is not None and "isAnalysed(it) ?" in said.group(1) and "keeps an earlier run" in said.group(1)
+
+
+def test_the_script_makes_the_whole_image_parent_only_once_the_service_answers():
+    # Made before the health check, an empty "PD-L1 analysis" annotation stayed behind when no service answered.
+    code = re.sub(r"//.*", "", ANALYZE.read_text().replace(helpers(), ""))
+    health = code.index('health = send(request("/v1/health").GET().build())')
+    assert "return" in code[health : health + 300] and health < code.index("createFullImageAnnotation(")

@@ -150,7 +150,8 @@ def run(
         list[str] | None,
         typer.Option(
             "--class",
-            help="Analyse annotations of this class (repeatable; needs QuPath). Default: from pdl1-config.toml "
+            help="Analyse annotations of this class (repeatable; needs QuPath; an image without any but with a TMA "
+            "grid has its cores analysed instead). Default: from pdl1-config.toml "
             "(target_classes), else none: each TMA core of an image with a TMA grid (through QuPath), else the "
             "whole tissue of each image.",
         ),

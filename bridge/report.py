@@ -594,15 +594,12 @@ def _entry_text(row: dict) -> str:
     return f" (QuPath entry {html.escape(str(row['entry_id']))})" if row.get("entry_id") else ""
 
 
-def _uncertainty_row(row: dict, flag: str, first: str = "") -> str:
-    """The review flag, and on H&E the SUA candidates; a PD-L1 IHC has none to count (no segmentation runs on it).
-    ``first``: whose the SUA count is where several targets were analysed (the flag is the image's)."""
+def _uncertainty_row(row: dict, flag: str) -> str:
+    """The review flag, and on H&E the SUA candidates (over every target where several were analysed); a PD-L1
+    IHC has none to count (no segmentation runs on it)."""
     if row["stain"] == "H-DAB":
         return f"<tr><th>Uncertainty</th><td>{flag} (no SUA on a PD-L1 IHC: it is scored by its cells)</td></tr>"
-    return (
-        f"<tr><th>Uncertainty</th><td>{flag}; {_fmt(row['sua_candidates'])} SUA false-negative candidates{first}"
-        "</td></tr>"
-    )
+    return f"<tr><th>Uncertainty</th><td>{flag}; {_fmt(row['sua_candidates'])} SUA false-negative candidates</td></tr>"
 
 
 def _analysed(targets: Sequence[TargetRow]) -> list[TargetRow]:
@@ -637,8 +634,9 @@ def _few_cells(t: TargetRow) -> bool:
 
 
 def _first_label(targets: Sequence[TargetRow]) -> str | None:
-    """The name of the first analysed target where several were analysed: the summary's measurements, nuclei and
-    details are its own (bridge.run.with_targets), and so is the image's GeoJSON; None otherwise."""
+    """The name of the first analysed target where several were analysed: the summary's parent measurements and
+    details (the training domain among them) are its own (bridge.run.with_targets), and so is the image's GeoJSON;
+    None otherwise."""
     analysed = [(t, label) for t, label in zip(targets, _labels(targets), strict=True) if t.state != MISSING]
     return analysed[0][1] if len(analysed) > 1 else None
 
@@ -762,10 +760,10 @@ def _html(rows: list[dict], pairs: dict | None = None, left_out: list[str] | Non
             "</td></tr>"
             f"<tr><th>Models</th><td>{html.escape(r['models'] or 'n/a')}</td></tr>"
             f"<tr><th>Training domain</th><td>{html.escape(r['domain'])}{first}</td></tr>"
-            f"<tr><th>PD-L1 positive area</th><td>{_fmt(r['positive_area_pct'])}% of analysed tissue{first}</td></tr>"
-            + _uncertainty_row(r, flag, first)
+            f"<tr><th>PD-L1 positive area</th><td>{_fmt(r['positive_area_pct'])}% of analysed tissue</td></tr>"
+            + _uncertainty_row(r, flag)
             + f"<tr><th>Nuclei</th><td>{_fmt(r['tumor_positive'])} positive, {_fmt(r['tumor_negative'])} negative "
-            f"tumour, {_fmt(r['other'])} other{first}</td></tr></table>"
+            f"tumour, {_fmt(r['other'])} other</td></tr></table>"
             + _targets_html(r)
             + f"{thumb}{_overlay_note(r)}</section>"
         )

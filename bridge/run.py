@@ -315,8 +315,10 @@ def with_targets(summary: dict[str, Any], results: list[SlideResult], rows: list
     :func:`summary_of` describes the first target; an image of several (TMA cores, annotations) gave the closing
     table and the report the first one's TPS while QuPath's metadata held the image's, and recorded the first one's
     run id while the metadata held the last one's, so ``--resume`` took the image for unsaved and ran it again. The
-    TPS, its category, the CPS and the flag (set where any target's is) are the image's here; the rest (the
-    parent's measurements, nuclei, details) stay the first target's, each target's own being in ``targets``.
+    TPS, its category, the CPS and the flag (set where any target's is) are the image's here, and so are what adds
+    up over the targets (the analysed and positive area, the SUA candidates and regions, the nuclei per class); the
+    rest (the parent's measurements, details such as the domain and review reasons) stay the first target's, each
+    target's own being in ``targets``.
     """
     out = {**summary, "targets": rows_to_json(rows)}
     if len(results) < 2:
@@ -325,6 +327,18 @@ def with_targets(summary: dict[str, Any], results: list[SlideResult], rows: list
     out["metadata"] = metadata
     out["run_id"] = metadata["PD-L1 run"]
     out["uncertainty_flag"] = any(r.uncertainty_flag for r in results)
+    analysed = sum(r.analysed_area_um2 for r in results)
+    positive = sum(r.positive_area_um2 for r in results)
+    out["analysed_area_um2"], out["positive_area_um2"] = analysed, positive
+    out["positive_area_pct"] = 100 * positive / analysed if analysed > 0 else None
+    segmented = [r for r in results if r.seg_model is not None]  # None, not 0, where none was looked for
+    out["sua_candidates"] = sum(len(r.candidates) for r in segmented) if segmented else None
+    out["regions"] = sum(len(r.regions) for r in segmented) if segmented else None
+    nuclei: dict[str, int] = {}
+    for r in results:
+        for name in () if r.nuclei is None else r.nuclei.class_names:
+            nuclei[name] = nuclei.get(name, 0) + r.nuclei.count(name)
+    out["nuclei"] = nuclei
     merged = merged_scores(results)
     if merged is not None:
         tps, cps = merged

@@ -406,7 +406,7 @@ def test_an_image_of_several_tma_cores_gets_a_row_per_core_in_grid_order_with_th
         ),
         _core("B-2", tps_percent=55.5, tps_category=">=50%", tumour_cells=300, outline=mapping(box(90, 100, 140, 150))),
     ]
-    # The image's TPS is over both analysed cores' cells; its reasons and nuclei are A-1's (summary.json's rule).
+    # The image's TPS is over both analysed cores' cells; its reasons are A-1's (summary.json's rule).
     project = _tma_project(
         tmp_path,
         targets,
@@ -436,7 +436,10 @@ def test_an_image_of_several_tma_cores_gets_a_row_per_core_in_grid_order_with_th
     assert "51.2% (&gt;=50%; over the 3 analysed TMA cores, from their summed tumour cells)" in page
     assert "members 10.0-14.0%" not in page and "A-1's own reason" not in page
     assert "1 of 3 analysed TMA cores need review" in page
-    assert "% of analysed tissue <i>(of A-1 only, the first target)</i>" in page
+    # The positive area, SUA count and nuclei add up over the targets in summary.json: the image's, unmarked; the
+    # training domain is the first target's.
+    assert "% of analysed tissue</td>" in page and "Training domain</th><td>" in page
+    assert page.count("<i>(of A-1 only, the first target)</i>") == 1
     assert "The overlay shows the results of A-1 only" in page and "the outlines are every target, named" in page
 
     (row,) = csv.DictReader(csv_path.open(encoding="utf-8"))  # still one row per image

@@ -1000,6 +1000,11 @@ def test_through_qupath_a_tma_is_analysed_core_by_core_and_its_table_has_a_row_p
     assert summary["metadata"] == {k: metadata[k] for k in summary["metadata"]}
     assert f"{summary['tps_percent']:.1f}" == metadata["PD-L1 Predicted TPS % (H&E)"]
     assert summary["run_id"] == metadata["PD-L1 run"] == done.run_id
+    # What adds up is the image's too (the closing table and the report show it): nuclei, area, candidates.
+    per_core = [m for _, m in written]
+    assert summary["nuclei"]["Tumor: Positive"] == sum(m["PD-L1: Num Tumor: Positive"] for m in per_core)
+    assert summary["nuclei"]["Tumor: Negative"] == sum(m["PD-L1: Num Tumor: Negative"] for m in per_core)
+    assert summary["analysed_area_um2"] > 0 and summary["sua_candidates"] is not None
     written.clear()
     (again,) = run_batch([project], RunConfig(pipeline=config.pipeline, qupath="always", resume=True), models=models)
     assert again.state == "skipped" and written == []

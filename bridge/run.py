@@ -257,7 +257,6 @@ def set_entry_metadata(metadata: MutableMapping[str, str], fresh: Mapping[str, s
 def summary_of(result: SlideResult, *, entry_id: str | None, run_config: RunConfig) -> dict[str, Any]:
     """The per-image summary JSON: numbers, metadata and provenance."""
     tps = result.tps
-    analysed = result.analysed_area_um2
     return {
         "entry_id": entry_id,
         "image": result.image_path,
@@ -270,14 +269,8 @@ def summary_of(result: SlideResult, *, entry_id: str | None, run_config: RunConf
         "stain": result.stain,
         "stain_source": result.stain_source,
         "cps": None if result.cps is None else result.cps.percent,
-        "nuclei": {} if result.nuclei is None else {n: result.nuclei.count(n) for n in result.nuclei.class_names},
-        "positive_area_um2": result.positive_area_um2,
-        "positive_area_pct": 100 * result.positive_area_um2 / analysed if analysed > 0 else None,
-        "analysed_area_um2": analysed,
+        **summed_numbers([result]),
         "uncertainty_flag": result.uncertainty_flag,
-        # None, not 0, where no segmentation ran (a PD-L1 IHC is scored by its cells): nothing was looked for.
-        "sua_candidates": None if result.seg_model is None else len(result.candidates),
-        "regions": None if result.seg_model is None else len(result.regions),
         "parent_measurements": {k: v for k, v in parent_measurements(result).items() if v == v},
         "metadata": entry_metadata(result),
         "details": result.summary,
@@ -301,6 +294,27 @@ def _pipeline_record(run_config: RunConfig, result: SlideResult) -> dict[str, An
         record["nuclei"]["tta"] = result.summary["nuclei_tta"]
         record["nuclei"]["tta_source"] = result.summary["nuclei_tta_source"]
     return record
+
+
+def summed_numbers(results: list[SlideResult]) -> dict[str, Any]:
+    """The summary's numbers that add up over an image's analysed targets (one, or several: TMA cores, annotations):
+    the nuclei per class, the analysed and positive area, and the SUA candidates and regions, which are None, not 0,
+    where no segmentation ran (a PD-L1 IHC is scored by its cells): nothing was looked for."""
+    nuclei: dict[str, int] = {}
+    for r in results:
+        for name in () if r.nuclei is None else r.nuclei.class_names:
+            nuclei[name] = nuclei.get(name, 0) + r.nuclei.count(name)
+    analysed = sum(r.analysed_area_um2 for r in results)
+    positive = sum(r.positive_area_um2 for r in results)
+    segmented = [r for r in results if r.seg_model is not None]
+    return {
+        "nuclei": nuclei,
+        "positive_area_um2": positive,
+        "positive_area_pct": 100 * positive / analysed if analysed > 0 else None,
+        "analysed_area_um2": analysed,
+        "sua_candidates": sum(len(r.candidates) for r in segmented) if segmented else None,
+        "regions": sum(len(r.regions) for r in segmented) if segmented else None,
+    }
 
 
 def whole_image_row(job: _Job, result: SlideResult, entry_id: str | None) -> TargetRow:
@@ -327,19 +341,8 @@ def with_targets(summary: dict[str, Any], results: list[SlideResult], rows: list
     out["metadata"] = metadata
     out["run_id"] = metadata["PD-L1 run"]
     out["uncertainty_flag"] = any(r.uncertainty_flag for r in results)
-    analysed = sum(r.analysed_area_um2 for r in results)
-    positive = sum(r.positive_area_um2 for r in results)
-    out["analysed_area_um2"], out["positive_area_um2"] = analysed, positive
-    out["positive_area_pct"] = 100 * positive / analysed if analysed > 0 else None
-    segmented = [r for r in results if r.seg_model is not None]  # None, not 0, where none was looked for
-    out["sua_candidates"] = sum(len(r.candidates) for r in segmented) if segmented else None
-    out["regions"] = sum(len(r.regions) for r in segmented) if segmented else None
-    nuclei: dict[str, int] = {}
-    for r in results:
-        for name in () if r.nuclei is None else r.nuclei.class_names:
-            nuclei[name] = nuclei.get(name, 0) + r.nuclei.count(name)
-    out["nuclei"] = nuclei
-    merged = merged_scores(results)
+    out.update(summed_numbers(results))
+    merged = summed_scores([metadata_counts(r) for r in results])
     if merged is not None:
         tps, cps = merged
         out["tps_percent"], out["tps_category"] = tps.percent, tps.category
@@ -973,30 +976,24 @@ def merge_entry_metadata(parts: list[tuple[dict[str, str], dict[str, int]]]) -> 
     >>> merged["PD-L1 Predicted TPS % (H&E)"], merged["PD-L1 Predicted TPS category (H&E)"]
     ('33.3', '1-49%')
     """
-    from inference import combined_positive_score, tumour_proportion_score
-
     meta = dict(parts[-1][0])
-    counts = [c for _, c in parts]
-    if len(parts) < 2 or not all(counts):
+    merged = summed_scores([c for _, c in parts]) if len(parts) > 1 else None
+    if merged is None:
         return meta
-    positive = sum(c["tumour_positive"] for c in counts)
-    negative = sum(c["tumour_negative"] for c in counts)
-    tps = tumour_proportion_score(positive, negative)
+    tps, cps = merged
     percent_key, category_key = tps_metadata_keys("H-DAB" if "PD-L1 TPS %" in meta else "H&E")
     meta[percent_key] = _percent_text(tps.percent)
     meta[category_key] = tps.category
-    if all("immune_positive" in c for c in counts):
-        cps = combined_positive_score(positive, sum(c["immune_positive"] for c in counts), positive + negative)
+    if cps is not None:
         meta["PD-L1 CPS"] = _percent_text(cps.percent)
     return meta
 
 
-def merged_scores(results: list[SlideResult]) -> tuple[Any, Any] | None:
-    """The TPS (and CPS where every target has one) of several analysed targets from their summed cell counts, as
-    :func:`merge_entry_metadata` computes them; None where a target has no TPS (no nuclei)."""
+def summed_scores(counts: list[dict[str, int]]) -> tuple[Any, Any] | None:
+    """The TPS (and the CPS where every part has immune cells) from the summed :func:`metadata_counts` of several
+    analysed targets; None where a part has none (no nuclei)."""
     from inference import combined_positive_score, tumour_proportion_score
 
-    counts = [metadata_counts(r) for r in results]
     if not all(counts):
         return None
     positive = sum(c["tumour_positive"] for c in counts)

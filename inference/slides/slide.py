@@ -505,20 +505,12 @@ def open_slide(
     ------
     SlideNotFoundError, SlideFormatError, MissingMppError
     """
-    import openslide
-
     path = Path(path)
-    if not path.is_file():
-        raise SlideNotFoundError(f"slide not found: {path} ({_why_not_a_file(path)})")
-    try:
-        osr = openslide.OpenSlide(path)
-    except openslide.OpenSlideUnsupportedFormatError:
+    osr = _openslide_or_none(path)
+    if osr is None:
         rgb, file_mpp = _read_plain_image(path)
         reader: RegionReader = ArrayReader(rgb)
         whole_slide = False
-    except openslide.OpenSlideError as err:
-        damage = damage_advice(path)
-        raise SlideFormatError(f"{path}: OpenSlide cannot read it: {err}" + (f"; {damage}" if damage else "")) from err
     else:
         full_wh = tuple(osr.level_dimensions[0])
         origin_xy, size_wh = qupath_frame(dict(osr.properties), full_wh)
@@ -559,23 +551,36 @@ def slide_size(path: str | Path) -> tuple[int, int]:
     ------
     SlideNotFoundError, SlideFormatError
     """
-    import openslide
-
     path = Path(path)
-    if not path.is_file():
-        raise SlideNotFoundError(f"slide not found: {path} ({_why_not_a_file(path)})")
-    try:
-        osr = openslide.OpenSlide(path)
-    except openslide.OpenSlideUnsupportedFormatError:
+    osr = _openslide_or_none(path)
+    if osr is None:
         if _is_tiff_name(path):
             with _plain_tiff_page(path) as page:
                 return int(page.imagewidth), int(page.imagelength)
         with _plain_pillow_image(path) as im:
             return im.size
-    except openslide.OpenSlideError as err:
-        damage = damage_advice(path)
-        raise SlideFormatError(f"{path}: OpenSlide cannot read it: {err}" + (f"; {damage}" if damage else "")) from err
     try:
         return qupath_frame(dict(osr.properties), tuple(osr.level_dimensions[0]))[1]
     finally:
         osr.close()
+
+
+def _openslide_or_none(path: Path) -> Any:
+    """The file opened by OpenSlide; None where it is no format OpenSlide knows (a plain image, read otherwise).
+    :func:`open_slide` and :func:`slide_size` refuse a missing file and one OpenSlide fails on alike.
+
+    Raises
+    ------
+    SlideNotFoundError, SlideFormatError
+    """
+    import openslide
+
+    if not path.is_file():
+        raise SlideNotFoundError(f"slide not found: {path} ({_why_not_a_file(path)})")
+    try:
+        return openslide.OpenSlide(path)
+    except openslide.OpenSlideUnsupportedFormatError:
+        return None
+    except openslide.OpenSlideError as err:
+        damage = damage_advice(path)
+        raise SlideFormatError(f"{path}: OpenSlide cannot read it: {err}" + (f"; {damage}" if damage else "")) from err

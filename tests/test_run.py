@@ -942,21 +942,28 @@ def test_a_full_disk_fails_the_image_naming_the_file_and_the_fix_and_the_batch_g
     )
 
 
+def _stand_in_core(name, x, y, *, radius_px, missing=False):
+    """A TMA core as bridge.qupath.tma_cores hands it out: paquo's wrapper of a round core, its Java object answering
+    TMACoreObject.isMissing()."""
+    from types import SimpleNamespace
+
+    import shapely
+
+    java = SimpleNamespace(isMissing=lambda: missing)
+    return SimpleNamespace(name=name, path_class=None, roi=shapely.Point(x, y).buffer(radius_px), java_object=java)
+
+
 def test_through_qupath_a_tma_is_analysed_core_by_core_and_its_table_has_a_row_per_core(
     tmp_path, slides, models, fake_qupath, monkeypatch, caplog
 ):
     # A dearrayed TMA was analysed as one region: one TPS over every core, meaningless for a TMA. Each core not marked
     # missing is analysed on its own, its results under it; a missing core is left alone and named in targets.csv.
     import csv
-    from types import SimpleNamespace
-
-    import shapely
 
     from bridge import qupath
 
     def core(name, x, y, *, missing=False):
-        java = SimpleNamespace(isMissing=lambda: missing)  # TMACoreObject.isMissing()
-        return SimpleNamespace(name=name, path_class=None, roi=shapely.Point(x, y).buffer(300), java_object=java)
+        return _stand_in_core(name, x, y, radius_px=300, missing=missing)
 
     cores = [core("A-1", 400, 400), core("A-2", 1100, 400, missing=True), core("B-1", 400, 1100)]
     written = []
@@ -1045,16 +1052,12 @@ def test_through_qupath_a_tma_case_is_compared_core_by_core_in_pairs_json_its_cs
     # core on each side. Each core's H&E-predicted TPS is now set beside its IHC's, matched by the grid labels; a
     # core missing in the IHC's grid, or in one grid only, is listed as not compared and says why.
     import csv
-    from types import SimpleNamespace
-
-    import shapely
 
     from bridge import qupath
     from bridge.cli.common import pairs_table
 
     def core(name, x, y, *, missing=False):
-        java = SimpleNamespace(isMissing=lambda: missing)  # TMACoreObject.isMissing()
-        return SimpleNamespace(name=name, path_class=None, roi=shapely.Point(x, y).buffer(420), java_object=java)
+        return _stand_in_core(name, x, y, radius_px=420, missing=missing)
 
     grids = {
         "he_271.svs": [core("A-1", 520, 520), core("A-2", 1520, 520), core("B-1", 520, 1520), core("C-9", 1520, 1520)],

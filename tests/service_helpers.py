@@ -7,11 +7,14 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import uvicorn
 
 from bridge.service import ServiceSettings, create_app
+from inference.phantom.pyramid import write_phantom
+from inference.phantom.scene import PhantomSpec
 from inference.pipeline import Models
 
 
@@ -20,6 +23,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def small_phantom_root(root: Path) -> Path:
+    """``root`` (an allowed root of the service under test) holding ``small.svs``, a 1024² phantom at TPS 50."""
+    write_phantom(root / "small.svs", PhantomSpec(1024, 1024, seed=41, tps_percent=50))
+    return root
 
 
 @contextmanager

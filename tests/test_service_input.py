@@ -13,17 +13,13 @@ from PIL import Image
 
 from bridge.service import ServiceSettings
 from inference.errors import RoiError
-from inference.phantom.pyramid import write_phantom
-from inference.phantom.scene import PhantomSpec
 from inference.pipeline import Models, PipelineConfig
-from tests.service_helpers import free_port, served, wait_for_job
+from tests.service_helpers import free_port, served, small_phantom_root, wait_for_job
 
 
 @pytest.fixture(scope="module")
 def slides_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("allowed")
-    write_phantom(root / "small.svs", PhantomSpec(1024, 1024, seed=41, tps_percent=50))
-    return root
+    return small_phantom_root(tmp_path_factory.mktemp("allowed"))
 
 
 @pytest.fixture(scope="module")

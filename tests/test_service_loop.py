@@ -12,10 +12,8 @@ from starlette.responses import JSONResponse
 import bridge.service.app as service_app
 from bridge.service import ServiceSettings, bodies, json_text, schemas
 from bridge.service.json_text import collector_paused, dumps_in_steps, loads_in_steps
-from inference.phantom.pyramid import write_phantom
-from inference.phantom.scene import PhantomSpec
 from inference.pipeline import Models, PipelineConfig
-from tests.service_helpers import free_port, served, wait_for_job
+from tests.service_helpers import free_port, served, small_phantom_root, wait_for_job
 
 
 def _on_event_loop() -> bool:
@@ -139,9 +137,7 @@ def test_a_collector_switched_off_before_stays_off():
 
 @pytest.fixture(scope="module")
 def slides_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("allowed")
-    write_phantom(root / "small.svs", PhantomSpec(1024, 1024, seed=41, tps_percent=50))
-    return root
+    return small_phantom_root(tmp_path_factory.mktemp("allowed"))
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,9 @@ def fail(err: Exception) -> typer.Exit:
     from rich.markup import escape
 
     message = explained(err)
-    console.print(f"[red]error:[/red] {escape(message)}")  # messages quote files: "[analysis]" is no markup
+    # Messages quote files ("[analysis]" is no markup) and are not folded: rich broke a path longer than the
+    # terminal inside it, so the path a user copies from the message named no file.
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     return typer.Exit(code=1)
 
 
@@ -65,7 +67,9 @@ def interrupted(what_is_kept: str) -> typer.Exit:
     """Ctrl-C: say what survived and how to go on, then exit 130 as a shell expects."""
     from rich.markup import escape
 
-    console.print(f"[yellow]interrupted:[/yellow] {escape(what_is_kept)}")  # it names paths, which may hold "["
+    console.print(
+        f"[yellow]interrupted:[/yellow] {escape(what_is_kept)}", soft_wrap=True
+    )  # it names paths, which may hold "["
     return typer.Exit(code=130)
 
 
@@ -238,10 +242,10 @@ def outcome_table(outcomes) -> None:
         if not o.error:
             continue
         if o.name in o.error and o.name not in shared:  # our errors name their file already: say it once
-            console.print(o.error, markup=False, highlight=False)
+            console.print(o.error, markup=False, highlight=False, soft_wrap=True)
         else:
             # Escaped: an error may hold brackets ("[models]" of a config, a path) that rich would take for markup.
-            console.print(f"[red]{escape(label(o))}:[/red] {escape(o.error)}", highlight=False)
+            console.print(f"[red]{escape(label(o))}:[/red] {escape(o.error)}", highlight=False, soft_wrap=True)
 
 
 def nothing_left_to_do(outcomes, *, shown: int = 5) -> str:

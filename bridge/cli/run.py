@@ -437,7 +437,7 @@ def run(
         except (Pdl1Error, OSError) as err:  # e.g. every image failed: the table above says why
             from rich.markup import escape
 
-            console.print(f"[yellow]no report:[/yellow] {escape(str(err))}")
+            console.print(f"[yellow]no report:[/yellow] {escape(str(err))}", soft_wrap=True)
     if any(True for _ in iter_failed(outcomes)):
         raise typer.Exit(code=1)
 

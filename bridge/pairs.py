@@ -292,7 +292,11 @@ def ihc_review_reasons(ihc_summary: dict[str, Any]) -> list[dict]:
     the labels its registered area gives, are then in doubt. [] when the IHC is not flagged."""
     if not ihc_summary.get("uncertainty_flag"):
         return []
-    own = [r.get("reason", "") for r in (ihc_summary.get("details") or {}).get("review_reasons", [])]
+    # An IHC of several targets (TMA cores) names the target of each reason ("C-4: fewer than 100 tumour cells").
+    own = [
+        f"{r['target']}: {r.get('reason', '')}" if r.get("target") is not None else r.get("reason", "")
+        for r in (ihc_summary.get("details") or {}).get("review_reasons", [])
+    ]
     return [
         {
             "reason": "the IHC's own analysis needs review, so it is no sure reference ("

@@ -736,10 +736,16 @@ def review_reason_text(reason: dict[str, Any]) -> str:
     'segmentation uncertainty (0.0932, limit 0.0873)'
     >>> review_reason_text({"reason": "no tumour", "value": None, "limit": None})
     'no tumour'
+
+    A reason of one of several analysed targets (an image's ``details.review_reasons``) is led by its name:
+
+    >>> review_reason_text({"reason": "fewer than 100 tumour cells", "value": 40, "limit": 100, "target": "C-4"})
+    'C-4: fewer than 100 tumour cells (40, limit 100)'
     """
     value, limit = reason.get("value"), reason.get("limit")
     numbers = f" ({value:.3g}, limit {limit:.3g})" if is_finite_number(value) and is_finite_number(limit) else ""
-    return f"{reason.get('reason')}{numbers}"
+    target = reason.get("target")
+    return f"{'' if target is None else f'{target}: '}{reason.get('reason')}{numbers}"
 
 
 def sidecar_dir(project_folder: Path, entry_id: str) -> Path:

@@ -12,7 +12,6 @@ import csv
 import html
 import json
 import logging
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,15 @@ from bridge.project import (
 )
 from bridge.qupath_geojson import read_features
 from bridge.run_lock import output_folder_lock
-from bridge.targets import MISSING, TARGETS_FILE, TargetRow, rows_from_summary, write_target_table
+from bridge.targets import (
+    MISSING,
+    TARGETS_FILE,
+    TargetRow,
+    rows_from_summary,
+    target_labels,
+    targets_review_reasons,
+    write_target_table,
+)
 from inference import MIN_TUMOUR_NUCLEI, Pdl1Error, demo_model_checksums, open_slide
 
 log = logging.getLogger(__name__)
@@ -293,7 +300,7 @@ def _draw_targets(ax, targets: Sequence[TargetRow], scale: float) -> None:
 
     if not _per_target(targets):  # one annotation, or the whole image: its overlay says enough
         return
-    for row, label in zip(targets, _labels(targets), strict=True):
+    for row, label in zip(targets, target_labels(targets), strict=True):
         if row.outline is None or row.outline.is_empty:
             continue
         missing = row.state == MISSING
@@ -393,9 +400,7 @@ def _write(out: Path, items: list[ReportItem], *, base: Path, source: Path, left
                 "tps_low": s.get("details", {}).get("tps_low"),
                 "tps_high": s.get("details", {}).get("tps_high"),
                 "cps": s.get("cps"),
-                "review_reasons": "; ".join(
-                    review_reason_text(r) for r in s.get("details", {}).get("review_reasons", [])
-                ),
+                "review_reasons": "; ".join(_review_reasons(s, targets)),
                 "positive_area_pct": s.get("positive_area_pct"),
                 "uncertainty_flag": int(bool(s.get("uncertainty_flag"))),
                 "out_of_domain_score": (s.get("details", {}).get("domain") or {}).get("out_of_domain_score"),
@@ -427,6 +432,15 @@ def _write(out: Path, items: list[ReportItem], *, base: Path, source: Path, left
     with replace_atomically(html_path) as fh:
         fh.write(page)
     return html_path, csv_path
+
+
+def _review_reasons(summary: dict, targets: Sequence[TargetRow]) -> tuple[str, ...]:
+    """The image's review reasons, each with its value and limit: where several targets were analysed, each flagged
+    one's led by its name (also of a summary whose ``details`` held the first target's only), as ``pdl1 run``'s
+    closing lines and ``pdl1 review-queue`` say them; else the summary's."""
+    if len(_analysed(targets)) > 1:
+        return targets_review_reasons(targets)
+    return tuple(review_reason_text(r) for r in summary.get("details", {}).get("review_reasons", []))
 
 
 def _targets_of(item: ReportItem, left_out: list[str]) -> list[TargetRow]:
@@ -612,18 +626,6 @@ def _kind(targets: Sequence[TargetRow]) -> str:
     return f"{kinds.pop()}s" if len(kinds) == 1 else "targets"
 
 
-def _labels(targets: Sequence[TargetRow]) -> list[str]:
-    """Each target's name as the table and the thumbnail show it; a name several share (annotations named by their
-    class: "Tumor") gets its place among them, "Tumor #2", so a row can be found on the picture."""
-    seen: dict[str, int] = {}
-    shared = {name for name, n in Counter(t.target for t in targets).items() if n > 1}
-    labels = []
-    for t in targets:
-        seen[t.target] = seen.get(t.target, 0) + 1
-        labels.append(f"{t.target} #{seen[t.target]}" if t.target in shared else t.target)
-    return labels
-
-
 def _per_target(targets: Sequence[TargetRow]) -> bool:
     """Whether an image's targets get their own table and outlines: several, or a TMA core (one left of a grid)."""
     return len(targets) > 1 or any(t.target_type == "TMA core" for t in targets)
@@ -637,7 +639,7 @@ def _first_label(targets: Sequence[TargetRow]) -> str | None:
     """The name of the first analysed target where several were analysed: the summary's parent measurements and
     details (the training domain among them) are its own (bridge.run.with_targets), and so is the image's GeoJSON;
     None otherwise."""
-    analysed = [(t, label) for t, label in zip(targets, _labels(targets), strict=True) if t.state != MISSING]
+    analysed = [(t, label) for t, label in zip(targets, target_labels(targets), strict=True) if t.state != MISSING]
     return analysed[0][1] if len(analysed) > 1 else None
 
 
@@ -666,7 +668,7 @@ def _targets_html(r: dict) -> str:
     targets = r.get("targets", [])
     if not _per_target(targets):
         return ""
-    labels = _labels(targets)
+    labels = target_labels(targets)
     analysed = _analysed(targets)
     ihc = any(t.stain == "H-DAB" for t in targets)
     mixed = len({t.target_type for t in targets}) > 1

@@ -16,7 +16,7 @@ import logging
 import platform
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +26,7 @@ from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
 from bridge.classes import PDL1_ANALYSIS
-from bridge.objects import parent_measurements, result_features
+from bridge.objects import candidate_objects, parent_measurements, region_objects, result_features, tile_objects
 from bridge.options import option_setting
 from bridge.project import (
     PDL1_DIR,
@@ -47,10 +47,11 @@ from bridge.project import (
     write_json_atomic,
 )
 from bridge.project_config import ProjectConfig
-from bridge.qupath_geojson import write_features
+from bridge.qupath_geojson import QuPathObject, write_features
 from bridge.run_lock import remove_orphan_parts, run_lock
 from bridge.targets import (
     MISSING,
+    TARGET_REGIONS_FILE,
     TARGETS_FILE,
     TMA_CORES,
     WHOLE_IMAGE,
@@ -60,8 +61,11 @@ from bridge.targets import (
     choose_targets,
     core_label,
     missing_row,
+    numbered,
     rows_from_summary,
     rows_to_json,
+    target_labels,
+    write_target_regions,
     write_target_table,
 )
 from inference import Models, Pdl1Error, PipelineConfig, SlideResult, __version__, analyse_slide
@@ -317,6 +321,16 @@ def summed_numbers(results: list[SlideResult]) -> dict[str, Any]:
     }
 
 
+def region_children(result: SlideResult, *, include_tiles: bool = True) -> Iterator[QuPathObject]:
+    """A result's positive regions, SUA candidates and (``include_tiles``) uncertainty tiles: its objects but the
+    nuclei, which :data:`TARGET_REGIONS_FILE` leaves to QuPath (a TMA's cells, copied for every core, would outweigh
+    all else)."""
+    yield from region_objects(result)
+    yield from candidate_objects(result)
+    if include_tiles:
+        yield from tile_objects(result)
+
+
 def whole_image_row(job: _Job, result: SlideResult, entry_id: str | None) -> TargetRow:
     """The one row of ``targets.csv`` of an image analysed whole (under its ``PD-L1 analysis`` annotation)."""
     return analysed_row(job.name, entry_id, PDL1_ANALYSIS.name, WHOLE_IMAGE, result)
@@ -331,12 +345,23 @@ def with_targets(summary: dict[str, Any], results: list[SlideResult], rows: list
     run id while the metadata held the last one's, so ``--resume`` took the image for unsaved and ran it again. The
     TPS, its category, the CPS and the flag (set where any target's is) are the image's here, and so are what adds
     up over the targets (the analysed and positive area, the SUA candidates and regions, the nuclei per class); the
-    rest (the parent's measurements, details such as the domain and review reasons) stay the first target's, each
-    target's own being in ``targets``.
+    rest (the parent's measurements, details such as the domain) stay the first target's, each target's own being in
+    ``targets``, except ``details.review_reasons``: every target's, each with its name (``target``, as the report's
+    table names it; :func:`bridge.project.review_reason_text` leads with it), so they say why the image is flagged
+    (the first target's alone said nothing of a core C-4 out of domain).
     """
     out = {**summary, "targets": rows_to_json(rows)}
     if len(results) < 2:
         return out
+    analysed = [label for row, label in zip(rows, target_labels(rows), strict=True) if row.state != MISSING]
+    out["details"] = {
+        **summary["details"],
+        "review_reasons": [
+            {**reason, "target": label}
+            for label, r in zip(analysed, results, strict=True)
+            for reason in r.summary.get("review_reasons", [])
+        ],
+    }
     metadata = _merge_metadata(results)
     out["metadata"] = metadata
     out["run_id"] = metadata["PD-L1 run"]
@@ -351,18 +376,40 @@ def with_targets(summary: dict[str, Any], results: list[SlideResult], rows: list
 
 
 def write_result_files(
-    result: SlideResult, geojson: Path, summary_path: Path, summary: dict[str, Any], *, include_tiles: bool = True
+    result: SlideResult,
+    geojson: Path,
+    summary_path: Path,
+    summary: dict[str, Any],
+    *,
+    include_tiles: bool = True,
+    targets: Sequence[tuple[str, SlideResult]] = (),
 ) -> None:
     """The QuPath GeoJSON (parent + children) and the summary JSON, each written atomically.
+
+    ``result`` is the first (or only) target's: the GeoJSON holds its results, as ``pdl1_import_results.groovy``
+    imports them. Where several targets were analysed (``targets``: each one's name and result), every one's
+    regions, SUA candidates and tiles go to :data:`TARGET_REGIONS_FILE` beside it (for ``pdl1 review-queue``), before
+    the summary; with one target an earlier run's such file is removed after the summary.
 
     A file that cannot be written is a :class:`ProjectError` naming it and the fix: a full drive failed each image
     left with "OSError: [Errno 28] No space left on device", naming no file, drive or way on.
     """
     path = geojson
+    regions = target_regions_path(geojson)
     try:
         write_features(geojson, result_features(result, include_tiles=include_tiles))
+        if len(targets) > 1:
+            path = regions
+            write_target_regions(
+                regions,
+                run_id=summary.get("run_id"),
+                targets=[(name, region_children(r, include_tiles=include_tiles)) for name, r in targets],
+            )
         path = summary_path
         write_json_atomic(summary_path, summary)
+        if len(targets) < 2:
+            path = regions
+            regions.unlink(missing_ok=True)
     except OSError as err:
         if isinstance(err, Pdl1Error):
             raise
@@ -643,7 +690,15 @@ def _run_one(job, config, models, project, status_folder, qp_session, on_tiles, 
     result = results[0]
     geojson, summary = output_paths(job.key, project, status_folder)
     summary_data = with_targets(summary_of(result, entry_id=entry_id, run_config=config), results, rows)
-    write_result_files(result, geojson, summary, summary_data, include_tiles=config.include_tiles)
+    analysed = [label for row, label in zip(rows, target_labels(rows), strict=True) if row.state != MISSING]
+    write_result_files(
+        result,
+        geojson,
+        summary,
+        summary_data,
+        include_tiles=config.include_tiles,
+        targets=list(zip(analysed, results, strict=True)),
+    )
     return outcome_from_summary(job.key, job.name, summary_data, time.perf_counter() - t0, (geojson, summary))
 
 
@@ -701,6 +756,14 @@ def _results_problem(job: _Job, status: RunStatus, project: Path | None, *, writ
     return None
 
 
+def target_regions_path(geojson: Path) -> Path:
+    """Where every target's regions go beside an image's GeoJSON (:data:`TARGET_REGIONS_FILE`): in a project
+    entry's sidecar folder, or ``OUT/<stem>.target_regions.json`` beside ``OUT/<stem>.geojson``."""
+    if geojson.name == "objects.geojson":
+        return geojson.with_name(TARGET_REGIONS_FILE)
+    return geojson.with_name(f"{geojson.stem}.{TARGET_REGIONS_FILE}")
+
+
 def output_paths(key: str, project: Path | None, status_folder: Path) -> tuple[Path, Path]:
     """Where an image's GeoJSON and summary go: sidecars of a project entry, or ``OUT/<stem>.*``."""
     if project is not None:
@@ -732,14 +795,17 @@ def outcome_from_summary(
 
 def closing_reasons(summary: dict[str, Any]) -> tuple[str, ...]:
     """Why an image needs review, for the closing lines, each with its value and limit as the report shows it: the
-    summary's (``details.review_reasons``); where several targets were analysed, whose flag is the image's (set
-    where any target's is) but whose details are the first target's, each flagged target's own reasons led by its
-    name (a TMA whose first core was fine said "needs review" and no reason)."""
-    analysed = [t for t in summary.get("targets") or [] if isinstance(t, dict) and t.get("state") != MISSING]
+    summary's (``details.review_reasons``); where several targets were analysed, each flagged target's own reasons
+    led by its name (:func:`bridge.targets.targets_review_reasons`, as the report and ``pdl1 review-queue`` say
+    them), also of a summary written when ``details`` held the first target's only (a TMA whose first core was fine
+    said "needs review" and no reason)."""
+    targets = [t for t in summary.get("targets") or [] if isinstance(t, dict)]
+    labels = numbered([str(t.get("target")) for t in targets])
+    analysed = [(t, label) for t, label in zip(targets, labels, strict=True) if t.get("state") != MISSING]
     if len(analysed) > 1:
         return tuple(
-            f"{t.get('target')}: {reason}"
-            for t in analysed
+            f"{label}: {reason}"
+            for t, label in analysed
             if t.get("needs_review")
             for reason in (t.get("review_reasons") or ["flagged"])
         )

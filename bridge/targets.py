@@ -7,6 +7,8 @@ its targets by the same rule (its ``chooseTargets``; a test keeps the two equal)
 from __future__ import annotations
 
 import csv
+import json
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -18,6 +20,8 @@ from shapely.geometry.base import BaseGeometry
 
 from bridge.atomic import replace_atomically
 from bridge.project import review_reason_text
+from bridge.qupath_geojson import QuPathObject, from_feature, to_feature, validate_feature
+from inference import is_finite_number
 
 T = TypeVar("T")
 
@@ -90,6 +94,12 @@ class TargetRow:
     "insufficient tumour cells"). ``cps_percent``: PD-L1 IHC only. ``review_reasons``: each with value and limit.
     ``outline``: the annotation's or core's ROI in level-0 px, for the report's thumbnail (not a column of
     ``targets.csv``); None for a whole image, and in summaries written before outlines were kept.
+
+    The numbers ``pdl1 review-queue`` scores a target by (not columns of ``targets.csv``, which holds the scores a
+    pathologist reads; None where not measured, and in summaries written before they were kept): its
+    ``analysed_area_um2``, the segmentation's ``mutual_information_mean`` (H&E) or the IHC nuclei ensemble's
+    ``nuclei_entropy_mean``, the SUA candidate area in % of the analysed area and its review limit (H&E), and the
+    domain guard's out-of-domain score and stain distance with their limits.
     """
 
     image: str
@@ -105,6 +115,15 @@ class TargetRow:
     needs_review: bool | None = None
     review_reasons: tuple[str, ...] = ()
     outline: BaseGeometry | None = None
+    analysed_area_um2: float | None = None
+    mutual_information_mean: float | None = None
+    nuclei_entropy_mean: float | None = None
+    sua_candidate_area_pct: float | None = None
+    sua_area_limit_pct: float | None = None
+    out_of_domain_score: float | None = None
+    out_of_domain_limit: float | None = None
+    stain_distance_deg: float | None = None
+    stain_limit_deg: float | None = None
 
 
 def analysed_row(
@@ -112,7 +131,14 @@ def analysed_row(
 ) -> TargetRow:
     """The row of one analysed target from its ``SlideResult``; ``outline``: the ROI it was analysed in."""
     tps, cps = result.tps, result.cps
-    reasons = tuple(review_reason_text(r) for r in result.summary.get("review_reasons", []))
+    details = result.summary
+    reasons = tuple(review_reason_text(r) for r in details.get("review_reasons", []))
+    analysed = getattr(result, "analysed_area_um2", None)
+    candidate_um2 = details.get("candidate_area_um2")  # only where the segmentation ran (H&E)
+    candidate_pct = None
+    if _number(candidate_um2) is not None and _number(analysed) is not None:
+        candidate_pct = 100 * float(candidate_um2) / float(analysed) if analysed > 0 else 0.0
+    domain = details.get("domain") or {}
     return TargetRow(
         image=image,
         entry_id=entry_id,
@@ -127,7 +153,21 @@ def analysed_row(
         needs_review=bool(result.uncertainty_flag),
         review_reasons=reasons,
         outline=outline,
+        analysed_area_um2=_number(analysed),
+        mutual_information_mean=_number(details.get("mutual_information_mean")),
+        nuclei_entropy_mean=_number(details.get("nuclei_entropy_mean")),
+        sua_candidate_area_pct=candidate_pct,
+        sua_area_limit_pct=_number((details.get("review_rule") or {}).get("review_candidate_area_pct")),
+        out_of_domain_score=_number(domain.get("out_of_domain_score")),
+        out_of_domain_limit=_number(domain.get("limit")),
+        stain_distance_deg=_number(domain.get("stain_distance_deg")),
+        stain_limit_deg=_number(domain.get("stain_limit_deg")),
     )
+
+
+def _number(value: Any) -> float | None:
+    """A finite number as a float (what JSON keeps), else None."""
+    return float(value) if is_finite_number(value) else None
 
 
 def missing_row(image: str, entry_id: str | None, core: str, *, outline: BaseGeometry | None = None) -> TargetRow:
@@ -172,6 +212,48 @@ def rows_from_summary(summary: dict[str, Any]) -> list[TargetRow]:
     return out
 
 
+def target_labels(rows: Sequence[TargetRow]) -> list[str]:
+    """Each target's name as the report's table and thumbnail, the review reasons and ``pdl1 review-queue`` show it;
+    a name several share (annotations named by their class: "Tumor") gets its place among them, "Tumor #2", so a
+    row can be found on the picture.
+
+    >>> rows = [missing_row("a.svs", None, n) for n in ("Tumor", "A-1", "Tumor")]
+    >>> target_labels(rows)
+    ['Tumor #1', 'A-1', 'Tumor #2']
+    """
+    return numbered([t.target for t in rows])
+
+
+def numbered(names: Sequence[str]) -> list[str]:
+    """Names as :func:`target_labels` gives them: one several share numbered by its place among them."""
+    seen: dict[str, int] = {}
+    shared = {name for name, n in Counter(names).items() if n > 1}
+    labels = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        labels.append(f"{name} #{seen[name]}" if name in shared else name)
+    return labels
+
+
+def targets_review_reasons(rows: Sequence[TargetRow]) -> tuple[str, ...]:
+    """Why an image of several analysed targets needs review: each flagged target's reasons (value and limit) led by
+    its name, in the targets' order ("flagged" where it gives none); what ``details.review_reasons`` of its summary
+    holds, the ``pdl1 run`` closing lines, the report and ``pdl1 review-queue`` say.
+
+    >>> from dataclasses import replace
+    >>> a = replace(missing_row("t.svs", None, "A-1"), state="analysed", needs_review=False)
+    >>> c = replace(a, target="C-4", needs_review=True, review_reasons=("SUA candidate area % (5, limit 2)",))
+    >>> targets_review_reasons([a, c])
+    ('C-4: SUA candidate area % (5, limit 2)',)
+    """
+    return tuple(
+        f"{label}: {reason}"
+        for t, label in zip(rows, target_labels(rows), strict=True)
+        if t.state != MISSING and t.needs_review
+        for reason in (t.review_reasons or ("flagged",))
+    )
+
+
 COLUMNS = (
     "image",
     "entry_id",
@@ -211,3 +293,50 @@ def write_target_table(path: Path, rows: Iterable[TargetRow]) -> Path:
         for row in rows:
             writer.writerow([csv_cell(getattr(row, c)) for c in COLUMNS])
     return path
+
+
+# <project>/pdl1/<entry ID>/target_regions.json, beside objects.geojson, of an image where several targets were
+# analysed: every target's positive regions, SUA candidates and uncertainty tiles, as QuPath GeoJSON features under
+# the target's name. objects.geojson keeps the first target's results only (pdl1_import_results.groovy imports it
+# under one "PD-L1 analysis" annotation); each target's own are under it in QuPath. `pdl1 review-queue` lists
+# regions from this file.
+TARGET_REGIONS_FILE = "target_regions.json"
+
+
+@dataclass(frozen=True)
+class TargetRegions:
+    """What :data:`TARGET_REGIONS_FILE` holds: the run that wrote it and each analysed target's name (as
+    :func:`target_labels` gives it) with its objects."""
+
+    run_id: str | None
+    targets: tuple[tuple[str, tuple[QuPathObject, ...]], ...]
+
+
+def write_target_regions(
+    path: Path, *, run_id: str | None, targets: Iterable[tuple[str, Iterable[QuPathObject]]]
+) -> Path:
+    """Write :data:`TARGET_REGIONS_FILE` atomically; each object is checked as QuPath's reader would."""
+    record = {
+        "run_id": run_id,
+        "targets": [{"target": name, "features": [to_feature(o) for o in objects]} for name, objects in targets],
+    }
+    for target in record["targets"]:
+        for feature in target["features"]:
+            validate_feature(feature)
+    with replace_atomically(path) as fh:
+        json.dump(record, fh, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return path
+
+
+def read_target_regions(path: Path) -> TargetRegions:
+    """Read :data:`TARGET_REGIONS_FILE`; a file that is not one raises ValueError saying what is wrong."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not isinstance(data.get("targets"), list):
+        raise ValueError("not a list of targets' regions (no 'targets' list)")
+    out = []
+    for target in data["targets"]:
+        if not isinstance(target, dict) or not isinstance(target.get("features"), list):
+            raise ValueError(f"a target without a list of features: {target!r:.80}")
+        out.append((str(target.get("target")), tuple(from_feature(f) for f in target["features"])))
+    run_id = data.get("run_id")
+    return TargetRegions(None if run_id is None else str(run_id), tuple(out))

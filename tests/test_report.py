@@ -444,6 +444,9 @@ def test_an_image_of_several_tma_cores_gets_a_row_per_core_in_grid_order_with_th
 
     (row,) = csv.DictReader(csv_path.open(encoding="utf-8"))  # still one row per image
     assert (row["image"], row["tps_percent"]) == ("tma.tif", "51.2")
+    # Its review reasons are each flagged core's, named, as pdl1 run's closing lines and review-queue say them: the
+    # first core's own (unnamed) passed for the image's, and B-1, the core to look at, was not in the row.
+    assert row["review_reasons"] == f"B-1: {few} (40, limit 100)"
     with (html_path.parent / "targets.csv").open(encoding="utf-8", newline="") as fh:
         table = list(csv.DictReader(fh))
     assert [(r["target"], r["state"], r["tps_percent"], r["needs_review"]) for r in table] == [

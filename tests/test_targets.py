@@ -180,3 +180,55 @@ def test_target_rows_go_through_a_summary_unchanged():
     assert rows_from_summary({"targets": [old]}) == rows[:1]
     assert rows_from_summary({"image": "a.svs"}) == []  # an earlier version's summary
     assert isinstance(rows_from_summary({"targets": rows_to_json(rows)})[1], TargetRow)
+
+
+def test_a_target_row_keeps_the_numbers_the_review_queue_scores_it_by(tmp_path: Path):
+    # Only the image's details (the first target's) had them: a TMA was ranked by its first core alone.
+    import shapely
+
+    from bridge.qupath_geojson import QuPathObject
+    from bridge.targets import read_target_regions, write_target_regions
+
+    he = _result(30, 70, reasons=["SUA candidate area %"])
+    he.analysed_area_um2 = 4000.0
+    he.summary |= {
+        "mutual_information_mean": 0.02,
+        "candidate_area_um2": 200.0,
+        "review_rule": {"review_candidate_area_pct": 2.0},
+        "domain": {"out_of_domain_score": 3.1, "limit": 2.6, "stain_distance_deg": None, "stain_limit_deg": 20.0},
+    }
+    row = analysed_row("tma.svs", "3", "C-4", "TMA core", he)
+    assert (row.analysed_area_um2, row.mutual_information_mean, row.nuclei_entropy_mean) == (4000.0, 0.02, None)
+    assert (row.sua_candidate_area_pct, row.sua_area_limit_pct) == (5.0, 2.0)
+    assert (row.out_of_domain_score, row.out_of_domain_limit, row.stain_distance_deg, row.stain_limit_deg) == (
+        3.1,
+        2.6,
+        None,
+        20.0,
+    )
+    assert rows_from_summary({"targets": rows_to_json([row])}) == [row]
+    ihc = _result(4, 36, stain="H-DAB")
+    ihc.summary["nuclei_entropy_mean"] = 0.3
+    row = analysed_row("tma.svs", "3", "B-1", "TMA core", ihc)  # no area, no segmentation, no domain measured
+    assert (row.nuclei_entropy_mean, row.analysed_area_um2, row.sua_candidate_area_pct, row.out_of_domain_score) == (
+        0.3,
+        None,
+        None,
+        None,
+    )
+    # Every target's regions, named, beside the image's GeoJSON: read back as written.
+    candidate = QuPathObject(shapely.box(1, 2, 30, 40), "annotation", "PD-L1 FN candidate", {"SUA score": 0.9})
+    path = write_target_regions(
+        tmp_path / "target_regions.json", run_id="r1", targets=[("A-1", []), ("C-4", [candidate])]
+    )
+    record = read_target_regions(path)
+    assert record.run_id == "r1" and [(name, len(objs)) for name, objs in record.targets] == [("A-1", 0), ("C-4", 1)]
+    back = record.targets[1][1][0]
+    assert (back.geometry.bounds, back.classification, back.measurements) == (
+        (1, 2, 30, 40),
+        "PD-L1 FN candidate",
+        {"SUA score": 0.9},
+    )
+    path.write_text('{"targets": [{"target": "A-1"}]}')
+    with pytest.raises(ValueError, match="a target without a list of features"):
+        read_target_regions(path)

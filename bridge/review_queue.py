@@ -24,6 +24,11 @@ project's regions (0 to 1), plus 0.5 for a SUA candidate (it crossed the calibra
 likely false negative). Regions are SUA candidates, predicted positive regions and uncertainty tiles
 (at least half tissue); a region whose box is at least half inside labelled area is marked and ranked after every
 unlabelled one; a region whose box is mostly covered by a better-ranked one's is left out.
+
+An entry of several analysed targets (TMA cores, annotations) is scored from its targets' rows in its summary
+(:func:`target_score_parts` says why so): ``U`` over all its analysed tissue, ``S``, ``D`` and ``R`` the worst
+target's; its reasons name the targets that set them, and its regions are every target's
+(:data:`bridge.targets.TARGET_REGIONS_FILE`), each named by its target.
 """
 
 from __future__ import annotations
@@ -60,6 +65,16 @@ from bridge.project import (
 )
 from bridge.qupath_geojson import QuPathObject, read_features
 from bridge.run_lock import remove_orphan_parts, run_lock
+from bridge.targets import (
+    MISSING,
+    TARGET_REGIONS_FILE,
+    TMA_CORE,
+    TargetRow,
+    read_target_regions,
+    rows_from_summary,
+    target_labels,
+    targets_review_reasons,
+)
 from inference import Pdl1Error, __version__, is_finite_number
 
 log = logging.getLogger(__name__)
@@ -168,11 +183,45 @@ def _ratio(value: Any, limit: Any) -> float:
 
 
 def entry_uncertainty(summary: dict) -> float | None:
-    """The number ``U`` is made of: mean mutual information (H&E) or mean nuclei entropy (IHC)."""
-    details = summary.get("details") or {}
+    """The number ``U`` is made of: mean mutual information (H&E) or mean nuclei entropy (IHC); of an entry of several
+    analysed targets, their means weighted by their analysed areas (:func:`scored_targets`)."""
     key = "nuclei_entropy_mean" if summary.get("stain") == "H-DAB" else "mutual_information_mean"
-    value = details.get(key)
+    targets = scored_targets(summary)
+    if targets is not None:
+        weighted = [(getattr(t, key), t.analysed_area_um2) for t, _ in targets if getattr(t, key) is not None]
+        total = sum(area for _, area in weighted)
+        return sum(value * area for value, area in weighted) / total if total > 0 else None
+    value = (summary.get("details") or {}).get(key)
     return float(value) if is_finite_number(value) else None
+
+
+def _target_rows(summary: dict) -> list[TargetRow]:
+    """The summary's target rows; none where they do not read (:func:`build_queue` says so)."""
+    try:
+        return rows_from_summary(summary)
+    except (ValueError, TypeError, AttributeError):
+        return []
+
+
+def _analysed_targets(summary: dict) -> list[tuple[TargetRow, str]]:
+    """The analysed targets of a summary with their names (:func:`bridge.targets.target_labels`)."""
+    rows = _target_rows(summary)
+    return [(t, label) for t, label in zip(rows, target_labels(rows), strict=True) if t.state != MISSING]
+
+
+def scored_targets(summary: dict) -> list[tuple[TargetRow, str]] | None:
+    """The analysed targets an entry is scored from, with their names: where several were analysed and each row
+    carries the numbers the terms need (a summary written before they were kept has none: scored by its ``details``,
+    the first target's, and :func:`build_queue` says so); None otherwise."""
+    analysed = _analysed_targets(summary)
+    if len(analysed) < 2 or any(t.analysed_area_um2 is None for t, _ in analysed):
+        return None
+    return analysed
+
+
+def _who(row: TargetRow, label: str) -> str:
+    """A target as the queue's reasons name it: "core C-4", "Tumor #2"."""
+    return f"core {label}" if row.target_type == TMA_CORE else label
 
 
 def score_parts(summary: dict, *, reference: float | None, labelled_share: float) -> ScoreParts:
@@ -205,6 +254,70 @@ def score_parts(summary: dict, *, reference: float | None, labelled_share: float
         r for r in details.get("review_reasons", []) if not str(r.get("reason", "")).startswith(_COUNTED_ELSEWHERE)
     ]
     return ScoreParts(uncertainty, sua, domain, REASON_WEIGHT * len(others), min(max(labelled_share, 0.0), 1.0))
+
+
+def target_score_parts(
+    targets: Sequence[tuple[TargetRow, str]],
+    *,
+    uncertainty: float | None,
+    reference: float | None,
+    labelled_share: float,
+) -> tuple[ScoreParts, tuple[str, ...]]:
+    """The score's terms of an entry of several analysed targets (TMA cores, annotations), and the reasons naming
+    the targets that set ``S`` and ``D``; ``uncertainty``: :func:`entry_uncertainty`.
+
+    ``U`` is the mean over all the analysed tissue (the targets' means weighted by their areas), as a whole slide's
+    is, so an image of 40 small cores does not outrank slides by the noisiest of its many small means. ``S``, ``D``
+    and ``R`` are the worst target's: each core is tested against the review limits on its own (its flag, its
+    domain), and one out-of-domain core, or one with a large SUA candidate area, among 40 fine ones is the one to
+    label (their mean would hide it); ``R`` counts the reasons of the target with the most, so a grid of many cores
+    is not ranked by their number.
+
+    >>> from bridge.targets import missing_row
+    >>> a = replace(missing_row("t.svs", "1", "A-1"), state="analysed", analysed_area_um2=100.0,
+    ...             sua_candidate_area_pct=0.0, sua_area_limit_pct=2.0, out_of_domain_score=1.0,
+    ...             out_of_domain_limit=2.0)
+    >>> c = replace(a, target="C-4", sua_candidate_area_pct=3.0, out_of_domain_score=3.1, out_of_domain_limit=2.6,
+    ...             review_reasons=("fewer than 100 tumour cells (40, limit 100)",))
+    >>> parts, why = target_score_parts([(a, "A-1"), (c, "C-4")], uncertainty=0.01, reference=0.02,
+    ...                                 labelled_share=0.0)
+    >>> (parts.uncertainty, parts.sua, round(parts.domain, 3), parts.reasons)
+    (0.5, 1.5, 1.192, 0.5)
+    >>> why
+    ('core C-4: SUA candidate area 3% / limit 2%', 'core C-4: out of domain 3.1 / 2.6')
+    """
+    sua = [(_ratio(t.sua_candidate_area_pct, t.sua_area_limit_pct), t, label) for t, label in targets]
+    domain = [
+        (
+            max(
+                (_ratio(t.out_of_domain_score, t.out_of_domain_limit), "feature"),
+                (_ratio(t.stain_distance_deg, t.stain_limit_deg), "stain"),
+            ),
+            t,
+            label,
+        )
+        for t, label in targets
+    ]
+    why = []
+    s_value, t, label = max(sua, key=lambda item: item[0])  # the first of equals: the grid's order
+    if s_value > 0:
+        why.append(
+            f"{_who(t, label)}: SUA candidate area {t.sua_candidate_area_pct:.3g}% / limit {t.sua_area_limit_pct:.3g}%"
+        )
+    (d_value, which), t, label = max(domain, key=lambda item: item[0][0])
+    if d_value > 0 and which == "feature":
+        why.append(f"{_who(t, label)}: out of domain {t.out_of_domain_score:.3g} / {t.out_of_domain_limit:.3g}")
+    elif d_value > 0:
+        why.append(f"{_who(t, label)}: stain distance {t.stain_distance_deg:.3g}° / {t.stain_limit_deg:.3g}°")
+    others = max(sum(not reason.startswith(_COUNTED_ELSEWHERE) for reason in t.review_reasons) for t, _ in targets)
+    parts = ScoreParts(
+        uncertainty / reference if uncertainty is not None and reference else 0.0,
+        s_value,
+        d_value,
+        REASON_WEIGHT * others,
+        min(max(labelled_share, 0.0), 1.0),
+    )
+    return parts, tuple(why)
 
 
 def labelled_area(objects: Iterable[QuPathObject]) -> BaseGeometry:
@@ -366,6 +479,53 @@ def _unread_labels(project_folder: Path, entry_id: str) -> str:
     )
 
 
+def _scoring_notes(summary: dict) -> list[str]:
+    """What an entry of several analysed targets was scored from when its targets could not all be: its summary's
+    ``details``, which are the first target's."""
+    try:
+        rows_from_summary(summary)
+    except (ValueError, TypeError, AttributeError) as err:
+        return [f"its per-target results do not read ({err}): scored by its summary's details; run the image again"]
+    analysed = _analysed_targets(summary)
+    if len(analysed) > 1 and scored_targets(summary) is None:
+        return [
+            f"scored by {analysed[0][1]} only, the first of its {len(analysed)} targets: its summary was written "
+            "before each target's numbers were kept; run the image again (`pdl1 run PROJECT` without --resume)"
+        ]
+    return []
+
+
+def _target_regions(
+    folder: Path, summary: dict, targets: list[tuple[TargetRow, str]], *, mpp: float, fix: str
+) -> tuple[list[RegionItem] | None, str]:
+    """The regions of every analysed target of an entry (each one's ``why`` led by its name), from
+    :data:`bridge.targets.TARGET_REGIONS_FILE`; None and why where that file is not this run's (written before every
+    target's regions were kept): the first target's are then listed, from objects.geojson."""
+    path = folder / TARGET_REGIONS_FILE
+    first = targets[0][1]
+    again = "run the image again (`pdl1 run PROJECT` without --resume) to list every target's"
+    if not path.is_file():
+        return (
+            None,
+            f"regions of {first} only, the first target: no {TARGET_REGIONS_FILE} (an earlier version); {again}",
+        )
+    try:
+        record = read_target_regions(path)
+    except (OSError, ValueError) as err:
+        raise ReviewQueueError(f"{path} does not read ({err}); {fix}") from err
+    if record.run_id != summary.get("run_id"):
+        return None, (
+            f"regions of {first} only, the first target: {TARGET_REGIONS_FILE} is of run {record.run_id}, not of "
+            f"the summary's ({summary.get('run_id')}); {again}"
+        )
+    kinds = {label: row for row, label in targets}
+    out = []
+    for label, objects in record.targets:
+        who = _who(kinds[label], label) if label in kinds else label
+        out += [replace(r, why=f"{who}: {r.why}" if r.why else who) for r in candidate_regions(objects, mpp=mpp)]
+    return out, ""
+
+
 def analysed_entries(info: ProjectInfo) -> list[ProjectEntry]:
     """The entries ``pdl1 run`` left a summary of; a project without any is refused with what to do."""
     pdl1 = info.folder / PDL1_DIR
@@ -412,13 +572,23 @@ def build_queue(
         if u is not None:
             references[stain] = max(references.get(stain, 0.0), u)
     region_lists: dict[str, list[RegionItem]] = {}
+    region_notes: dict[str, str] = {}
     for entry in found:
+        summary = summaries[entry.entry_id]
+        mpp = float(summary["mpp"])
+        targets = _analysed_targets(summary)
+        if len(targets) > 1:
+            regions, note = _target_regions(pdl1 / entry.entry_id, summary, targets, mpp=mpp, fix=fix)
+            if regions is not None:
+                region_lists[entry.entry_id] = regions
+                continue
+            region_notes[entry.entry_id] = note
         geojson = pdl1 / entry.entry_id / "objects.geojson"
         try:
             objects = list(read_features(geojson)) if geojson.is_file() else []
         except (ValueError, Pdl1Error) as err:
             raise ReviewQueueError(f"{geojson} does not read ({err}); {fix}") from err
-        region_lists[entry.entry_id] = candidate_regions(objects, mpp=float(summaries[entry.entry_id]["mpp"]))
+        region_lists[entry.entry_id] = candidate_regions(objects, mpp=mpp)
     region_reference = max(
         (r.mutual_information for rs in region_lists.values() for r in rs if r.mutual_information is not None),
         default=None,
@@ -432,11 +602,21 @@ def build_queue(
         analysed_um2 = float(summary.get("analysed_area_um2") or 0.0)
         share = min(labelled.area * mpp * mpp / analysed_um2, 1.0) if analysed_um2 > 0 else 0.0
         stain = summary.get("stain", "H&E")
-        parts = score_parts(summary, reference=references.get(stain), labelled_share=share)
+        targets = scored_targets(summary)
+        if targets is None:
+            parts = score_parts(summary, reference=references.get(stain), labelled_share=share)
+            reasons = [review_reason_text(r) for r in (summary.get("details") or {}).get("review_reasons", [])]
+        else:  # each flagged target's reasons led by its name, as details.review_reasons, the report and the run say
+            parts, drivers = target_score_parts(
+                targets, uncertainty=entry_uncertainty(summary), reference=references.get(stain), labelled_share=share
+            )
+            reasons = [*drivers, *targets_review_reasons(_target_rows(summary))]
+        reasons += _scoring_notes(summary)
+        if entry.entry_id in region_notes:
+            reasons.append(region_notes[entry.entry_id])
         items = score_regions(region_lists[entry.entry_id], reference=region_reference)
         geometries = {i: shapely.box(x, y, x + w, y + h) for i, (x, y, w, h) in enumerate(r.bounds_px for r in items)}
         regions = rank_regions(items, labelled=labelled, limit=regions_per_entry, geometries=geometries)
-        reasons = [review_reason_text(r) for r in (summary.get("details") or {}).get("review_reasons", [])]
         if entry.entry_id in failed:  # a re-run that failed keeps the earlier results: ranked by them, said so
             reasons.insert(
                 0,

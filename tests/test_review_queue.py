@@ -487,3 +487,115 @@ def test_the_staged_files_of_a_killed_review_queue_are_removed_by_the_next(proje
         write_review_queue(project, qupath="never")
     assert not any(path.exists() for path in left)
     assert "removed 2 unfinished file(s) an interrupted run left" in caplog.text
+
+
+def _as_tma(project: Path, entry: str, *, regions: bool = True) -> dict:
+    """Entry ``entry`` made a TMA of three cores as ``pdl1 run`` through QuPath leaves it: A-1 and A-2 as its whole
+    image was (within the domain, little SUA area), A-3 out of the training domain with a large SUA candidate area
+    (its review reasons; no other, which R would count from the details too). Its details stay A-1's but for the
+    review reasons, as summary.json keeps them; with ``regions``, its target_regions.json holds A-1's regions (the
+    image's own) and a SUA candidate of A-3. Returns the summary."""
+    from bridge.qupath_geojson import read_features
+    from bridge.targets import rows_from_summary, rows_to_json, write_target_regions
+
+    path = project / "pdl1" / entry / "summary.json"
+    summary = json.loads(path.read_text())
+    (whole,) = rows_from_summary(summary)
+    third = summary["analysed_area_um2"] / 3
+    fine = replace(whole, target_type="TMA core", analysed_area_um2=third)
+    model = summary["details"]["domain"]["model"]
+    reasons = (
+        ("SUA candidate area %", 5.0, 2.0),
+        (f"out of the training domain of {model}: network features", 3.1, 2.6),
+    )
+    bad = replace(
+        fine,
+        target="A-3",
+        needs_review=True,
+        sua_candidate_area_pct=5.0,
+        sua_area_limit_pct=2.0,
+        out_of_domain_score=3.1,
+        out_of_domain_limit=2.6,
+        review_reasons=tuple(f"{r} ({v:.3g}, limit {limit:.3g})" for r, v, limit in reasons),
+    )
+    summary["targets"] = rows_to_json([replace(fine, target="A-1"), replace(fine, target="A-2"), bad])
+    summary["details"]["review_reasons"] = [
+        {"reason": r, "value": v, "limit": limit, "target": "A-3"} for r, v, limit in reasons
+    ]
+    path.write_text(json.dumps(summary))
+    if regions:
+        objects = list(read_features(project / "pdl1" / entry / "objects.geojson"))
+        candidate = QuPathObject(
+            shapely.box(1200, 1200, 1300, 1300),
+            "annotation",
+            "PD-L1 FN candidate",
+            {"Area µm^2": 2500.0, "PD-L1 probability mean": 0.8, "Mutual information mean": 1.0, "SUA score": 0.9},
+        )
+        write_target_regions(
+            project / "pdl1" / entry / "target_regions.json",
+            run_id=summary["run_id"],
+            targets=[("A-1", objects[1:]), ("A-2", []), ("A-3", [candidate])],
+        )
+    return summary
+
+
+def test_an_image_of_several_targets_is_ranked_by_its_worst_target_and_says_which(project):
+    # The queue scored a TMA by its summary's details, which are the first core's: a TMA whose first core was fine
+    # and whose last was out of the training domain with a large SUA candidate area ranked below a slide that was
+    # only mildly uncertain, and neither its reasons nor its regions led to the last core.
+    tma = _as_tma(project, "2")
+    ranked, _ = build_queue(project)
+    assert [e.entry_id for e in ranked] == ["2", "1"]
+    single, entry = _summary(project, "1"), next(e for e in ranked if e.entry_id == "2")
+    reference = single["details"]["mutual_information_mean"]  # the highest U: the TMA's cores are entry 2's tissue
+    # A single-target entry scores exactly as before.
+    assert ranked[1].score == pytest.approx(_expected_entry_score(single, reference), abs=1e-9)
+    assert ranked[1].reasons == ()
+    # The TMA: U over all its tissue (its cores' means weighted by area: here all alike), S, D and R the worst core's.
+    u = tma["details"]["mutual_information_mean"] / reference
+    assert (entry.parts.uncertainty, entry.parts.sua, entry.parts.domain, entry.parts.reasons) == pytest.approx(
+        (u, 2.0, 3.1 / 2.6, 0.0)
+    )
+    assert entry.score == pytest.approx(u + 2.0 + 3.1 / 2.6)
+    assert entry.reasons[:2] == ("core A-3: SUA candidate area 5% / limit 2%", "core A-3: out of domain 3.1 / 2.6")
+    assert entry.reasons[2:] == (
+        "A-3: SUA candidate area % (5, limit 2)",
+        f"A-3: out of the training domain of {tma['details']['domain']['model']}: network features (3.1, limit 2.6)",
+    )
+    # Its regions are every core's, each named by its core: A-3's candidate first (the project's highest MI).
+    best = entry.regions[0]
+    assert (best.kind, best.bounds_px, best.why) == (
+        "SUA candidate",
+        (1200, 1200, 100, 100),
+        "core A-3: SUA score 0.900",
+    )
+    assert best.score == pytest.approx(1.5)
+    assert len(entry.regions) == 5 and all(r.why.startswith("core A-1") for r in entry.regions[1:])
+    rows = _rows(_queue(project))
+    assert rows[0]["entry_id"] == "2" and "core A-3: out of domain 3.1 / 2.6" in rows[0]["reasons"]
+    assert (rows[1]["kind"], rows[1]["x_px"], rows[1]["reasons"]) == (
+        "SUA candidate",
+        "1200",
+        "core A-3: SUA score 0.900",
+    )
+
+
+def test_an_image_of_several_targets_written_before_their_numbers_or_regions_were_kept_says_so(project):
+    # Scored from its details (the first target's) as before, and regions from objects.geojson (the first target's),
+    # but each said, with how to have every target's.
+    _as_tma(project, "2", regions=False)
+    entry = next(e for e in build_queue(project)[0] if e.entry_id == "2")
+    assert entry.reasons[-1] == (
+        "regions of A-1 only, the first target: no target_regions.json (an earlier version); run the image again "
+        "(`pdl1 run PROJECT` without --resume) to list every target's"
+    )
+    assert entry.regions and not any(r.why.startswith("core") for r in entry.regions)
+    summary = _summary(project, "2")
+    for row in summary["targets"]:
+        del row["analysed_area_um2"]
+    (project / "pdl1" / "2" / "summary.json").write_text(json.dumps(summary))
+    entry = next(e for e in build_queue(project)[0] if e.entry_id == "2")
+    assert entry.parts.sua < 2 and entry.reasons[-2] == (
+        "scored by A-1 only, the first of its 3 targets: its summary was written before each target's numbers were "
+        "kept; run the image again (`pdl1 run PROJECT` without --resume)"
+    )

@@ -965,11 +965,21 @@ def test_through_qupath_a_tma_is_analysed_core_by_core_and_its_table_has_a_row_p
     def core(name, x, y, *, missing=False):
         return _stand_in_core(name, x, y, radius_px=300, missing=missing)
 
-    cores = [core("A-1", 400, 400), core("A-2", 1100, 400, missing=True), core("B-1", 400, 1100)]
+    # B-1 small, with fewer than 100 tumour cells: a review reason the first core does not have.
+    cores = [
+        core("A-1", 400, 400),
+        core("A-2", 1100, 400, missing=True),
+        _stand_in_core("B-1", 400, 1100, radius_px=120),
+    ]
     written = []
+    children = {}  # each core's objects as QuPath gets them
     monkeypatch.setattr(qupath, "tma_cores", lambda entry: cores)
     monkeypatch.setattr(
-        qupath, "write_children", lambda entry, parent, objects, measurements: written.append((parent, measurements))
+        qupath,
+        "write_children",
+        lambda entry, parent, objects, measurements: (
+            written.append((parent, measurements)) or children.setdefault(parent.name, list(objects))
+        ),
     )
     # An earlier whole-image analysis stayed beside the cores' (an analysed annotation's results are its own).
     monkeypatch.setattr(qupath, "remove_whole_image_analysis", lambda entry: written.append(("whole image", {})) or 5)
@@ -1012,6 +1022,7 @@ def test_through_qupath_a_tma_is_analysed_core_by_core_and_its_table_has_a_row_p
     assert summary["nuclei"]["Tumor: Positive"] == sum(m["PD-L1: Num Tumor: Positive"] for m in per_core)
     assert summary["nuclei"]["Tumor: Negative"] == sum(m["PD-L1: Num Tumor: Negative"] for m in per_core)
     assert summary["analysed_area_um2"] > 0 and summary["sua_candidates"] is not None
+    _each_core_is_kept_for_the_review_queue(project, summary, children)
     written.clear()
     (again,) = run_batch([project], RunConfig(pipeline=config.pipeline, qupath="always", resume=True), models=models)
     assert again.state == "skipped" and written == []
@@ -1023,6 +1034,44 @@ def test_through_qupath_a_tma_is_analysed_core_by_core_and_its_table_has_a_row_p
     page = write_report(project)[0].read_text()
     assert "Per target: 3 TMA cores (2 analysed, 1 missing), in the grid's order" in page
     assert "<td>A-2</td><td colspan='4'>missing: marked missing in QuPath, not analysed</td>" in page
+    # Analysed whole again (without QuPath), its every-core regions of the earlier run go: no one reads them as its.
+    (whole,) = run_batch([project], RunConfig(pipeline=config.pipeline, qupath="never"), models=models)
+    assert whole.state == "done" and not (project / "pdl1" / "1" / "target_regions.json").exists()
+
+
+def _each_core_is_kept_for_the_review_queue(project, summary, children):
+    """What `pdl1 review-queue` scores a TMA by, and the regions it lists, are every core's, not the first one's:
+    the numbers of each core in its row, the reasons of each named, and every core's regions beside the GeoJSON
+    (which keeps the first core's objects, as pdl1_import_results.groovy imports them)."""
+    from bridge.project import review_reason_text
+    from bridge.qupath_geojson import read_features
+    from bridge.review_queue import build_queue
+    from bridge.targets import read_target_regions
+
+    analysed = [t for t in rows_from_summary(summary) if t.state == "analysed"]
+    assert [t.target for t in analysed] == ["A-1", "B-1"]
+    for t in analysed:
+        assert t.analysed_area_um2 > 0 and t.mutual_information_mean > 0 and t.sua_area_limit_pct > 0
+        assert t.sua_candidate_area_pct is not None and t.nuclei_entropy_mean is None  # an H&E
+        assert (t.out_of_domain_score is None) == (t.out_of_domain_limit is None)
+    assert sum(t.analysed_area_um2 for t in analysed) == pytest.approx(summary["analysed_area_um2"])
+    # The image's review reasons are every core's, each named (the first core's alone said nothing of B-1's).
+    assert analysed[1].review_reasons and analysed[1].review_reasons[0].startswith("fewer than 100 tumour cells")
+    assert [review_reason_text(r) for r in summary["details"]["review_reasons"]] == [
+        f"{t.target}: {reason}" for t in analysed for reason in t.review_reasons
+    ]
+    # Every core's regions, candidates and tiles (not its nuclei), of this run; objects.geojson holds A-1's.
+    record = read_target_regions(project / "pdl1" / "1" / "target_regions.json")
+    assert record.run_id == summary["run_id"] and [name for name, _ in record.targets] == ["A-1", "B-1"]
+    for name, objects in record.targets:
+        own = [o for o in children[name] if o.object_type in ("annotation", "tile")]
+        assert own and [o.geometry.bounds for o in objects] == [o.geometry.bounds for o in own]
+    geojson = [o for o in read_features(project / "pdl1" / "1" / "objects.geojson")][1:]
+    assert [o.geometry.bounds for o in geojson if o.object_type != "detection"] == [
+        o.geometry.bounds for o in record.targets[0][1]
+    ]
+    (entry,), _ = build_queue(project, regions_per_entry=10_000)
+    assert {r.why.split(":")[0] for r in entry.regions} == {"core A-1", "core B-1"}
 
 
 def test_without_qupath_the_table_has_the_whole_image_and_the_report_still_reads(tmp_path, slides, models):

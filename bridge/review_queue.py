@@ -148,6 +148,7 @@ class RegionItem:
     score: float
     labelled: bool
     why: str
+    target: str | None = None  # of an entry of several targets: the one it lies in ("core C-4"), which ``why`` leads
 
 
 @dataclass(frozen=True)
@@ -522,7 +523,9 @@ def _target_regions(
     out = []
     for label, objects in record.targets:
         who = _who(kinds[label], label) if label in kinds else label
-        out += [replace(r, why=f"{who}: {r.why}" if r.why else who) for r in candidate_regions(objects, mpp=mpp)]
+        out += [
+            replace(r, why=f"{who}: {r.why}" if r.why else who, target=who) for r in candidate_regions(objects, mpp=mpp)
+        ]
     return out, ""
 
 
@@ -800,6 +803,7 @@ def write_review_queue(
                 "candidate_bonus": CANDIDATE_BONUS,
                 "min_tile_tissue_fraction": MIN_TILE_TISSUE,
                 "labelled_share": LABELLED_SHARE,
+                "several_targets": "U: the targets' means weighted by their areas; S, D, R: the worst target's",
             },
             "entries": [
                 {

@@ -569,7 +569,7 @@ def test_an_image_of_several_targets_is_ranked_by_its_worst_target_and_says_whic
         (1200, 1200, 100, 100),
         "core A-3: SUA score 0.900",
     )
-    assert best.score == pytest.approx(1.5)
+    assert best.score == pytest.approx(1.5) and best.target == "core A-3"
     assert len(entry.regions) == 5 and all(r.why.startswith("core A-1") for r in entry.regions[1:])
     rows = _rows(_queue(project))
     assert rows[0]["entry_id"] == "2" and "core A-3: out of domain 3.1 / 2.6" in rows[0]["reasons"]
@@ -578,6 +578,8 @@ def test_an_image_of_several_targets_is_ranked_by_its_worst_target_and_says_whic
         "1200",
         "core A-3: SUA score 0.900",
     )
+    shown = runner.invoke(app, ["review-queue", str(project), "--qupath", "never"], env={"COLUMNS": "400"})
+    assert "SUA candidate 1200, 1200, 100, 100 (core A-3)" in shown.output, shown.output
 
 
 def test_an_image_of_several_targets_written_before_their_numbers_or_regions_were_kept_says_so(project):

@@ -543,6 +543,8 @@ def review_queue_cmd(
     for rank, entry in enumerate(shown, start=1):
         first = entry.regions[0] if entry.regions else None
         where = "" if first is None else f"{first.kind} " + ", ".join(str(round(v)) for v in first.bounds_px)
+        if first is not None and first.target is not None:  # an image of several targets (TMA cores): which one
+            where += f" ({first.target})"
         table.add_row(
             str(rank),
             escape(f"{entry.image} (entry {entry.entry_id})" if entry.image in shared else entry.image),

@@ -32,14 +32,16 @@ from bridge.project import (
     review_reason_text,
     summary_problem,
 )
-from bridge.qupath_geojson import read_features
+from bridge.qupath_geojson import QuPathObject, read_features
 from bridge.run_lock import output_folder_lock
 from bridge.targets import (
     MISSING,
     TARGETS_FILE,
     TargetRow,
+    read_target_regions,
     rows_from_summary,
     target_labels,
+    target_regions_path,
     targets_review_reasons,
     write_target_table,
 )
@@ -233,7 +235,11 @@ _TARGET_COLOUR = (0.1, 0.45, 1.0)
 _MISSING_COLOUR = (0.45, 0.45, 0.45)
 
 
-def _thumbnail(item: ReportItem, out: Path, targets: Sequence[TargetRow] = (), *, max_px: int = 900) -> Path | None:
+def _thumbnail(
+    item: ReportItem, out: Path, targets: Sequence[TargetRow] = (), *, max_px: int = 900
+) -> tuple[Path, bool] | None:
+    """The overlay picture of an image and whether it shows every target's results (:func:`_overlay_objects`);
+    None without a slide."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -252,7 +258,8 @@ def _thumbnail(item: ReportItem, out: Path, targets: Sequence[TargetRow] = (), *
     ax.imshow(thumb)
     tiles, entropy, regions, candidates = [], [], [], []
     graded: dict[str, list[tuple[float, float]]] = {}  # an IHC's positive tumour cells, by grade
-    for obj in read_features(item.geojson):
+    objects, every_target = _overlay_objects(item)
+    for obj in objects:
         if obj.object_type == "detection" and obj.classification in _GRADE_COLOURS:
             graded.setdefault(obj.classification, []).append((obj.geometry.x * scale, obj.geometry.y * scale))
         elif obj.object_type == "tile":
@@ -290,7 +297,27 @@ def _thumbnail(item: ReportItem, out: Path, targets: Sequence[TargetRow] = (), *
     path = out / (f"{item.entry_id}-{stem}.png" if item.entry_id else f"{stem}.png")
     save_figure(fig, path)
     plt.close(fig)
-    return path
+    return path, every_target
+
+
+def _overlay_objects(item: ReportItem) -> tuple[list[QuPathObject], bool]:
+    """What the thumbnail draws, and whether it is every target's: the image's GeoJSON (the first target's objects
+    where several were analysed) with, where the run left every target's regions (:data:`TARGET_REGIONS_FILE`, of
+    the summary's run), those in place of the first one's regions, SUA candidates and tiles (its nuclei stay the
+    first target's: that file keeps none). An unreadable or older regions file: the GeoJSON alone, with a warning."""
+    objects = list(read_features(item.geojson))
+    path = target_regions_path(item.geojson)
+    if not path.is_file():
+        return objects, False
+    try:
+        record = read_target_regions(path)
+    except (OSError, ValueError) as err:
+        log.warning("%s does not read (%s): the thumbnail shows the first target's results only", path, err)
+        return objects, False
+    if record.run_id != item.summary.get("run_id"):
+        return objects, False  # an earlier run's (the summary's run analysed one target): not these results
+    nuclei = [o for o in objects if o.object_type == "detection"]
+    return nuclei + [o for _, target_objects in record.targets for o in target_objects], True
 
 
 def _draw_targets(ax, targets: Sequence[TargetRow], scale: float) -> None:
@@ -411,7 +438,7 @@ def _write(out: Path, items: list[ReportItem], *, base: Path, source: Path, left
                 "tumor_negative": nuclei.get("Tumor: Negative"),
                 "other": nuclei.get("Other"),
                 "run_id": s.get("run_id"),
-                "thumbnail": _thumbnail_or_none(item, out, targets, left_out),
+                **_thumbnail_or_none(item, out, targets, left_out),
                 "last_run_failed": item.last_run_failed,
                 "targets": targets,
             }
@@ -457,18 +484,20 @@ def _targets_of(item: ReportItem, left_out: list[str]) -> list[TargetRow]:
         return []
 
 
-def _thumbnail_or_none(item: ReportItem, out: Path, targets: list[TargetRow], left_out: list[str]) -> Path | None:
-    """The overlay thumbnail; None, with a warning, when the slide or the GeoJSON does not read (one image's
-    picture, not the report); a slide that is not where it was analysed is named, not only "slide not found" in
-    the HTML."""
+def _thumbnail_or_none(item: ReportItem, out: Path, targets: list[TargetRow], left_out: list[str]) -> dict:
+    """A report row's ``thumbnail`` (the overlay's path; None, with a warning, when the slide or the GeoJSON does not
+    read: one image's picture, not the report) and ``overlay_every_target``; a slide that is not where it was
+    analysed is named, not only "slide not found" in the HTML."""
+    none = {"thumbnail": None, "overlay_every_target": False}
     if item.slide is None:
         _leave_out(left_out, f"{item.image_name}: no thumbnail: {item.not_found}; its numbers are reported")
-        return None
+        return none
     try:
-        return _thumbnail(item, out, targets)
+        drawn = _thumbnail(item, out, targets)
     except (Pdl1Error, OSError, ValueError) as err:
         _leave_out(left_out, f"{item.image_name}: no thumbnail ({err}); its numbers are reported")
-        return None
+        return none
+    return none if drawn is None else {"thumbnail": drawn[0], "overlay_every_target": drawn[1]}
 
 
 def _read_pairs(path: Path, fix: str, left_out: list[str]) -> dict:
@@ -719,16 +748,27 @@ def _targets_html(r: dict) -> str:
 
 
 def _overlay_note(r: dict) -> str:
-    """Under a thumbnail of several analysed targets: its overlay is the first target's (the image's GeoJSON, which
-    the thumbnail is drawn from, keeps the first one's objects; each target's own are under it in QuPath)."""
+    """Under a thumbnail of several analysed targets: whose results its overlay shows. Every target's regions, SUA
+    candidates and tiles where the run left them (:data:`TARGET_REGIONS_FILE`), with the first target's nuclei only
+    (that file keeps none); else the first target's results (the image's GeoJSON keeps no other's). Each target's
+    own are under it in QuPath."""
     targets = r.get("targets", [])
     first = _first_label(targets)
     if first is None or not r["thumbnail"]:
         return ""
     outlined = any(t.outline is not None for t in targets)
+    if r.get("overlay_every_target"):
+        graded = any(t.stain == "H-DAB" for t in targets)
+        shows = "The overlay shows every target's results" + (
+            f", the graded positive tumour cells of {html.escape(first)} only, the first target" if graded else ""
+        )
+    else:
+        shows = (
+            f"The overlay shows the results of {html.escape(first)} only, the first target (the image's GeoJSON keeps "
+            "no other's; each target's are under it in QuPath)"
+        )
     return (
-        f"<p class='note'>The overlay shows the results of {html.escape(first)} only, the first target (the image's "
-        "GeoJSON keeps no other's; each target's are under it in QuPath)"
+        f"<p class='note'>{shows}"
         + (
             "; the outlines are every target, named."
             if outlined

@@ -51,7 +51,6 @@ from bridge.qupath_geojson import QuPathObject, write_features
 from bridge.run_lock import remove_orphan_parts, run_lock
 from bridge.targets import (
     MISSING,
-    TARGET_REGIONS_FILE,
     TARGETS_FILE,
     TMA_CORES,
     WHOLE_IMAGE,
@@ -65,6 +64,7 @@ from bridge.targets import (
     rows_from_summary,
     rows_to_json,
     target_labels,
+    target_regions_path,
     write_target_regions,
     write_target_table,
 )
@@ -754,14 +754,6 @@ def _results_problem(job: _Job, status: RunStatus, project: Path | None, *, writ
         if saved_run != status.images[job.key].get("run_id"):
             return "project.qpproj was not saved after it (the run was stopped), so its PD-L1 metadata is missing"
     return None
-
-
-def target_regions_path(geojson: Path) -> Path:
-    """Where every target's regions go beside an image's GeoJSON (:data:`TARGET_REGIONS_FILE`): in a project
-    entry's sidecar folder, or ``OUT/<stem>.target_regions.json`` beside ``OUT/<stem>.geojson``."""
-    if geojson.name == "objects.geojson":
-        return geojson.with_name(TARGET_REGIONS_FILE)
-    return geojson.with_name(f"{geojson.stem}.{TARGET_REGIONS_FILE}")
 
 
 def output_paths(key: str, project: Path | None, status_folder: Path) -> tuple[Path, Path]:

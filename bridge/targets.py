@@ -303,6 +303,14 @@ def write_target_table(path: Path, rows: Iterable[TargetRow]) -> Path:
 TARGET_REGIONS_FILE = "target_regions.json"
 
 
+def target_regions_path(geojson: Path) -> Path:
+    """Where every target's regions go beside an image's GeoJSON (:data:`TARGET_REGIONS_FILE`): in a project
+    entry's sidecar folder, or ``OUT/<stem>.target_regions.json`` beside ``OUT/<stem>.geojson``."""
+    if geojson.name == "objects.geojson":
+        return geojson.with_name(TARGET_REGIONS_FILE)
+    return geojson.with_name(f"{geojson.stem}.{TARGET_REGIONS_FILE}")
+
+
 @dataclass(frozen=True)
 class TargetRegions:
     """What :data:`TARGET_REGIONS_FILE` holds: the run that wrote it and each analysed target's name (as

@@ -457,6 +457,40 @@ def test_an_image_of_several_tma_cores_gets_a_row_per_core_in_grid_order_with_th
     ]
 
 
+def test_the_thumbnail_draws_every_cores_regions_where_the_run_left_them_and_only_of_that_run(tmp_path):
+    # The overlay showed the first core's results only (the image's GeoJSON keeps no other's): a positive region of
+    # core B-2, the one to look at, was not on the picture. target_regions.json of the summary's run gives each's.
+    import numpy as np
+    from PIL import Image
+    from shapely.geometry import box, mapping
+
+    from bridge.qupath_geojson import QuPathObject
+    from bridge.targets import write_target_regions
+
+    targets = [
+        _core("A-1", tumour_cells=250, outline=mapping(box(10, 20, 60, 70))),
+        _core("B-2", tumour_cells=300, outline=mapping(box(90, 100, 140, 150))),
+    ]
+    region = QuPathObject(box(95, 105, 135, 145), "annotation", "PD-L1 positive", {"PD-L1 probability mean": 0.9})
+    picture, pages = {}, {}
+    for name, run_id in (("none", None), ("this run", "r1"), ("an earlier run", "r0")):
+        project = _tma_project(tmp_path / name, targets)
+        if run_id is not None:
+            write_target_regions(
+                project / "pdl1" / "1" / "target_regions.json", run_id=run_id, targets=[("A-1", []), ("B-2", [region])]
+            )
+        html_path, _ = write_report(project)
+        pages[name] = html_path.read_text()
+        picture[name] = np.asarray(Image.open(html_path.parent / "1-tma.png").convert("RGB"), float)
+    scale = picture["none"].shape[1] / 160
+    edge = (round(115 * scale), round(95 * scale))  # on the region's left edge, inside core B-2
+    assert np.abs(picture["this run"][edge] - picture["none"][edge]).sum() > 60
+    assert np.array_equal(picture["an earlier run"], picture["none"])
+    assert "The overlay shows every target's results; the outlines are every target, named." in pages["this run"]
+    for name in ("none", "an earlier run"):
+        assert "The overlay shows the results of A-1 only" in pages[name]
+
+
 def test_the_thumbnail_outlines_each_core_where_the_summary_keeps_its_outline(tmp_path):
     import numpy as np
     from PIL import Image

@@ -461,7 +461,8 @@ def _assess_domain(
 # An image whose pixels are less than this share of one of the guarded model's tiles, the rest fill (an upload's
 # transparent surround, read as white), is not scored on its features: a 100 µm annotation of the real HGSC tile
 # sent amid transparent pixels scored 0.99 (in the domain) on its one 512 µm tile, the same area read from its file
-# 3.25 (out of it), its tile full of the tissue around it.
+# 3.25 (out of it), its tile full of the tissue around it. An upload's context counts (Slide.opaque holds it): sent
+# with the tissue around it to a tile's reach (pdl1_analyze.groovy), that square scores 3.25 too.
 MIN_IMAGE_SHARE_OF_TILE = 0.5
 
 
@@ -476,7 +477,8 @@ def _mostly_fill(slide: Slide, manifest: Manifest) -> str | None:
     return (
         f"the region's {image_um2:.0f} µm² of pixels fill less than {MIN_IMAGE_SHARE_OF_TILE:.0%} of one of "
         f"{manifest.name}'s tiles ({tile_um2:.0f} µm²): the network's features would be mostly the transparent "
-        "surround's; analyse a larger region to have it scored"
+        "surround's; send the tissue around the region as context (pdl1_analyze.groovy does), or analyse a larger "
+        "region, to have it scored"
     )
 
 

@@ -540,26 +540,52 @@ def STAIN_OF_IMAGE_TYPE = ["BRIGHTFIELD_H_E": "H&E", "BRIGHTFIELD_H_DAB": "H-DAB
 // finest of them. An H-DAB image runs the PD-L1 IHC nuclei model; an H&E image the segmentation ensemble, and the
 // nuclei model where outputs name nuclei; an image of no stated stain (its colour decides) any of them. null: none
 // listed for that stain.
-def uploadModelMpp = { List models, String imageType, List outputs ->
+def uploadModels = { List models, String imageType, List outputs ->
     def stain = STAIN_OF_IMAGE_TYPE[imageType]
-    def used = models.findAll { m ->
+    return models.findAll { m ->
         (stain == null || m.stain == stain) && (m.task != "nuclei" || m.stain == "H-DAB" || "nuclei" in outputs)
     }
+}
+def uploadModelMpp = { List models, String imageType, List outputs ->
+    def used = uploadModels(models, imageType, outputs)
     return used.isEmpty() ? null : used.collect { it.input_mpp as double }.min()
 }
+// How much of the tissue around an ROI an upload carries as context, in µm: the largest tile (GET /v1/models:
+// tile_size_px x input_mpp) of the models the analysis runs, as above. A model's tile over the ROI reaches at most
+// a tile beyond it, so with this margin every tile sees what a path job's sees (the segmentation ensemble's 512 µm
+// with the shipped models, the IHC model's 256 µm): measured against path jobs, the domain guard's score of a
+// 100 µm annotation matches only then (the positive regions, TPS and nuclei already from 32 µm). 0 where the
+// service lists no tile sizes (older than context).
+def uploadContextUm = { List models, String imageType, List outputs ->
+    def tiles = uploadModels(models, imageType, outputs).findAll { it.tile_size_px != null }
+    return tiles.isEmpty() ? 0.0d : tiles.collect { (it.tile_size_px as double) * (it.input_mpp as double) }.max()
+}
+// The context margins (µm) to try, largest first, where the region with the whole one passes the service's upload
+// limits: halved down to 32 µm, then none.
+def uploadContextMargins = { double um ->
+    def margins = []
+    for (def m = um; m >= 32.0d; m /= 2.0d)
+        margins << m
+    return margins + [0.0d]
+}
+// The alpha of an upload's context pixels (bridge/service/uploads.py): 255 is the ROI, analysed and reported; 1 to
+// 254 the tissue around it, which the service sees (the tiles over the ROI's edge, the tissue detector) but
+// reports nothing in; 0 absent.
+def UPLOAD_CONTEXT_ALPHA = 128
 // Level-0 px per uploaded px: the model's resolution, never finer than level 0 (an upload is never enlarged).
 def uploadDownsample = { double imageMpp, double modelMpp -> Math.max(1.0d, modelMpp / imageMpp) }
-// The region to render for an ROI's bounds, in level-0 px of the image as QuPath shows it, clamped to the image,
-// and the size QuPath renders it at: max(1, round(width / downsample)) (AbstractTileableImageServer.readRegion,
-// v0.4.4 and v0.5.1:299-300, v0.6.0:301-302, v0.7.0:295-296). Its pixel (i, j) covers level-0 x + i * downsample,
-// y + j * downsample, which is how the service maps results back (origin_x, origin_y, downsample); rounding the
-// rendered size moves the far edge by less than half an uploaded pixel. null when the bounds miss the image.
+// The region to render for an ROI's bounds grown by margin level-0 px on every side (its context), in level-0 px of
+// the image as QuPath shows it, clamped to the image, and the size QuPath renders it at: max(1, round(width /
+// downsample)) (AbstractTileableImageServer.readRegion, v0.4.4 and v0.5.1:299-300, v0.6.0:301-302, v0.7.0:295-296).
+// Its pixel (i, j) covers level-0 x + i * downsample, y + j * downsample, which is how the service maps results back
+// (origin_x, origin_y, downsample); rounding the rendered size moves the far edge by less than half an uploaded
+// pixel. null when the bounds miss the image.
 def uploadRegion = { double boundsX, double boundsY, double boundsWidth, double boundsHeight, long imageWidth,
-        long imageHeight, double downsample ->
-    long x = Math.max(0L, (long) Math.floor(boundsX))
-    long y = Math.max(0L, (long) Math.floor(boundsY))
-    long x1 = Math.min(imageWidth, (long) Math.ceil(boundsX + boundsWidth))
-    long y1 = Math.min(imageHeight, (long) Math.ceil(boundsY + boundsHeight))
+        long imageHeight, double downsample, double margin ->
+    long x = Math.max(0L, (long) Math.floor(boundsX - margin))
+    long y = Math.max(0L, (long) Math.floor(boundsY - margin))
+    long x1 = Math.min(imageWidth, (long) Math.ceil(boundsX + boundsWidth + margin))
+    long y1 = Math.min(imageHeight, (long) Math.ceil(boundsY + boundsHeight + margin))
     if (x1 <= x || y1 <= y)
         return null
     return [x: x, y: y, width: x1 - x, height: y1 - y,
@@ -584,14 +610,24 @@ def uploadTooLarge = { long widthPx, long heightPx, long bytes, Map limits, doub
                 "upload (pdl1 serve's max_request_bytes): ${fix}").toString()
     return null
 }
-// The rendered region with every pixel whose centre lies outside the shape (a java.awt.Shape in level-0 px, as
-// ROI.getShape() gives it, 0.4.4 to 0.7: ROI.java v0.4.4:165, v0.7.0:166) made transparent, as an ARGB image: the
-// service analyses only the opaque pixels, as a path job its ROI (transparent ones are no part of the image, not
-// glass). x, y: the region's level-0 corner.
-def maskOutside = { java.awt.image.BufferedImage image, java.awt.Shape shape, double x, double y, double downsample ->
-    def out = new java.awt.image.BufferedImage(image.getWidth(), image.getHeight(), java.awt.image.BufferedImage.TYPE_INT_ARGB)
+// The rendered region as an ARGB image, its colours kept, with alpha 255 where a pixel's centre lies in the shape (a
+// java.awt.Shape in level-0 px, as ROI.getShape() gives it, 0.4.4 to 0.7: ROI.java v0.4.4:165, v0.7.0:166) and
+// outsideAlpha elsewhere: the service reports only what lies in the ROI, as a path job in its ROI, and sees the
+// pixels outside it as context (UPLOAD_CONTEXT_ALPHA) or not at all (0: no part of the image, not glass).
+// x, y: the region's level-0 corner.
+def maskOutside = { java.awt.image.BufferedImage image, java.awt.Shape shape, double x, double y, double downsample,
+        int outsideAlpha ->
+    int w = image.getWidth(), h = image.getHeight()
+    def out = new java.awt.image.BufferedImage(w, h, java.awt.image.BufferedImage.TYPE_INT_ARGB)
     def g = out.createGraphics()
     try {
+        g.setComposite(java.awt.AlphaComposite.Src)  // the pixels as they are, not blended
+        g.drawImage(image, 0, 0, null)
+        int[] outside = new int[w]
+        Arrays.fill(outside, outsideAlpha)
+        def alpha = out.getAlphaRaster()
+        for (int row = 0; row < h; row++)
+            alpha.setSamples(0, row, w, 1, 0, outside)
         // No anti-aliasing and no stroke normalisation: a pixel is in the clip where its centre lies in the shape.
         g.setRenderingHint(java.awt.RenderingHints.KEY_ANTIALIASING, java.awt.RenderingHints.VALUE_ANTIALIAS_OFF)
         g.setRenderingHint(java.awt.RenderingHints.KEY_STROKE_CONTROL, java.awt.RenderingHints.VALUE_STROKE_PURE)
@@ -738,10 +774,11 @@ def submitPath = { Map body ->
     return answer
 }
 // A job on the pixels of the parent's ROI (an annotation's or a TMA core's; name: as the log names it) as QuPath
-// renders them (its bounds, pixels outside it transparent), at the resolution the models need (GET /v1/models:
-// input_mpp), never finer than level 0; sent with the region's origin and downsample, so the results come back in
-// level-0 px of the image as QuPath shows it. A region over the service's upload limits is not sent: the
-// IOException says how big it is, the limit and what to do.
+// renders them (its bounds grown by the context the models' tiles see, uploadContextUm; pixels outside the ROI
+// context), at the resolution the models need (GET /v1/models: input_mpp), never finer than level 0; sent with the
+// region's origin and downsample, so the results come back in level-0 px of the image as QuPath shows it. Where the
+// grown region passes the service's upload limits, the context shrinks (uploadContextMargins), and the log says so;
+// a region over them even without context is not sent: the IOException says how big it is, the limit and what to do.
 def submitPixels = { parent, String name ->
     if (Double.isNaN(mpp))
         throw new IOException("QuPath has no pixel size for this image, and an upload needs one to be analysed at " +
@@ -754,28 +791,50 @@ def submitPixels = { parent, String name ->
         throw new IOException("the service lists no model for the image type ${imageType} (GET /v1/models)")
     def downsample = uploadDownsample(mpp, modelMpp)
     def roi = parent.getROI()
-    def region = uploadRegion(roi.getBoundsX(), roi.getBoundsY(), roi.getBoundsWidth(), roi.getBoundsHeight(),
-            server.getWidth(), server.getHeight(), downsample)
-    if (region == null)
+    def bounds = [roi.getBoundsX(), roi.getBoundsY(), roi.getBoundsWidth(), roi.getBoundsHeight(), server.getWidth(),
+            server.getHeight(), downsample]
+    if (uploadRegion(*bounds, 0.0d) == null)
         throw new IOException("${name} lies outside the image".toString())
     // The limits of a service that does not state them are its defaults (bridge/service/settings.py).
     def limits = (health.get("upload_limits") ?: [max_px: 8192 * 8192, max_bytes: 64 * 1048576]) as Map
-    def tooLarge = uploadTooLarge(region.widthPx as long, region.heightPx as long, -1L, limits, downsample)
+    def contextUm = uploadContextUm(health.get("models") as List, imageType, OUTPUTS)
+    def region = null
+    def pixels = null
+    def png = null
+    def tooLarge = null
+    double contextSent = 0.0d
+    double bytesPerPx = 0.0d  // of the last PNG made: a margin whose estimate is over max_bytes is not rendered
+    for (margin in uploadContextMargins(contextUm)) {
+        region = uploadRegion(*bounds, margin / mpp)
+        long px = (region.widthPx as long) * (region.heightPx as long)
+        tooLarge = uploadTooLarge(region.widthPx as long, region.heightPx as long,
+                margin > 0 ? (long) (bytesPerPx * px) : -1L, limits, downsample)
+        if (tooLarge == null) {
+            // RegionRequest.createInstance(String, double, int, int, int, int, int z, int t) and ImageServer.readRegion
+            // (RegionRequest): RegionRequest.java v0.4.4:175, v0.7.0:174; ImageServer.java v0.4.4:218, v0.7.0:217.
+            pixels = server.readRegion(RegionRequest.createInstance(server.getPath(), downsample, region.x as int,
+                    region.y as int, region.width as int, region.height as int, roi.getZ(), roi.getT()))
+            if (pixels == null)  // an empty region of a sparse image (AbstractTileableImageServer.readRegion)
+                throw new IOException("QuPath has no pixels for this region")
+            png = pngBytes(maskOutside(pixels, roi.getShape(), region.x as double, region.y as double, downsample,
+                    UPLOAD_CONTEXT_ALPHA))
+            bytesPerPx = png.length / (double) px
+            tooLarge = uploadTooLarge(pixels.getWidth(), pixels.getHeight(), png.length, limits, downsample)
+        }
+        if (tooLarge == null) {
+            contextSent = margin
+            break
+        }
+    }
     if (tooLarge != null)
         throw new IOException(tooLarge)
-    // RegionRequest.createInstance(String, double, int, int, int, int, int z, int t) and ImageServer.readRegion
-    // (RegionRequest): RegionRequest.java v0.4.4:175, v0.7.0:174; ImageServer.java v0.4.4:218, v0.7.0:217.
-    def pixels = server.readRegion(RegionRequest.createInstance(server.getPath(), downsample, region.x as int,
-            region.y as int, region.width as int, region.height as int, roi.getZ(), roi.getT()))
-    if (pixels == null)  // an empty region of a sparse image (AbstractTileableImageServer.readRegion)
-        throw new IOException("QuPath has no pixels for this region")
-    def png = pngBytes(maskOutside(pixels, roi.getShape(), region.x as double, region.y as double, downsample))
-    tooLarge = uploadTooLarge(pixels.getWidth(), pixels.getHeight(), png.length, limits, downsample)
-    if (tooLarge != null)
-        throw new IOException(tooLarge)
+    def um = { double v -> String.format(Locale.ROOT, "%.0f \u00b5m", v) }
+    if (contextSent < contextUm)
+        println "pdl1: ${name} goes with ${um(contextSent)} of the tissue around it, not the ${um(contextUm)} the " +
+                "models' tiles see: with more, the region is over the service's upload limits (GET /v1/health)"
     println "pdl1: sending ${pixels.getWidth()} x ${pixels.getHeight()} px (${String.format(Locale.ROOT, '%.2f', mpp * downsample)} " +
             "\u00b5m/px, ${String.format(Locale.ROOT, '%.1f', png.length / 1048576.0d)} MiB) of " +
-            "${name}"
+            "${name} with ${um(contextSent)} of context"
     def query = uploadQuery(mpp * downsample, region.x as double, region.y as double, downsample, OUTPUTS, imageType)
     return send(request("/v1/jobs/pixels?" + query).header("Content-Type", "image/png")
             .POST(HttpRequest.BodyPublishers.ofByteArray(png)).build())

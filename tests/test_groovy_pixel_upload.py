@@ -26,10 +26,10 @@ from inference.pipeline import Models, PipelineConfig
 from tests.service_helpers import free_port, served, wait_for_job
 from tests.test_groovy_scripts import ANALYZE, helpers, needs_groovy, run_groovy
 
-MODELS = [  # what GET /v1/models lists of the shipped models (task, stain, input_mpp)
-    {"task": "segmentation", "stain": "H&E", "input_mpp": 2.0},
-    {"task": "nuclei", "stain": "H&E", "input_mpp": 1.0},
-    {"task": "nuclei", "stain": "H-DAB", "input_mpp": 0.5},
+MODELS = [  # what GET /v1/models lists of the shipped models (task, stain, input_mpp, tile_size_px)
+    {"task": "segmentation", "stain": "H&E", "input_mpp": 2.0, "tile_size_px": 256},
+    {"task": "nuclei", "stain": "H&E", "input_mpp": 1.0, "tile_size_px": 256},
+    {"task": "nuclei", "stain": "H-DAB", "input_mpp": 0.5, "tile_size_px": 512},
 ]
 LIMITS = {"max_px": 8192 * 8192, "max_bytes": 64 * 2**20}
 
@@ -60,17 +60,69 @@ println JsonOutput.toJson([uploadDownsample(0.25d, 1.0d), uploadDownsample(0.5d,
 @needs_groovy
 def test_the_region_is_the_rois_bounds_clamped_to_the_image_at_the_size_qupath_renders(tmp_path):
     driver = """
-println JsonOutput.toJson(uploadRegion(100.4d, 200.6d, 999.2d, 500.0d, 4000L, 3000L, 2.0d))
-println JsonOutput.toJson(uploadRegion(-50.0d, 2900.5d, 300.0d, 400.0d, 4000L, 3000L, 3.0d))  // over two edges
-println JsonOutput.toJson([uploadRegion(5000.0d, 10.0d, 30.0d, 30.0d, 4000L, 3000L, 1.0d)])  // beside the image
-println JsonOutput.toJson(uploadRegion(0.0d, 0.0d, 1.0d, 1.0d, 4000L, 3000L, 4.0d))  // never less than 1 px
+println JsonOutput.toJson(uploadRegion(100.4d, 200.6d, 999.2d, 500.0d, 4000L, 3000L, 2.0d, 0.0d))
+println JsonOutput.toJson(uploadRegion(-50.0d, 2900.5d, 300.0d, 400.0d, 4000L, 3000L, 3.0d, 0.0d))  // over two edges
+println JsonOutput.toJson([uploadRegion(5000.0d, 10.0d, 30.0d, 30.0d, 4000L, 3000L, 1.0d, 0.0d)])  // beside the image
+println JsonOutput.toJson(uploadRegion(0.0d, 0.0d, 1.0d, 1.0d, 4000L, 3000L, 4.0d, 0.0d))  // never less than 1 px
+println JsonOutput.toJson(uploadRegion(1100.4d, 200.6d, 999.2d, 500.0d, 4000L, 3000L, 2.0d, 1024.0d))  // context
 """
-    inside, edges, beside, tiny = run_groovy(tmp_path, driver)
+    inside, edges, beside, tiny, grown = run_groovy(tmp_path, driver)
     # floor/ceil of the bounds; rendered size max(1, round(size / downsample)) as AbstractTileableImageServer does
     assert inside == {"x": 100, "y": 200, "width": 1000, "height": 501, "widthPx": 500, "heightPx": 251}
     assert edges == {"x": 0, "y": 2900, "width": 250, "height": 100, "widthPx": 83, "heightPx": 33}
     assert beside == [None]
     assert tiny == {"x": 0, "y": 0, "width": 1, "height": 1, "widthPx": 1, "heightPx": 1}
+    # Grown by the context margin on every side, clamped to the image (at the top).
+    assert grown == {"x": 76, "y": 0, "width": 3048, "height": 1725, "widthPx": 1524, "heightPx": 863}
+
+
+@needs_groovy
+def test_the_context_is_the_largest_tile_of_the_models_the_upload_runs_and_shrinks_by_halves(tmp_path):
+    driver = f"""
+def models = new groovy.json.JsonSlurper().parseText('''{json.dumps(MODELS)}''')
+def all = ["regions", "uncertainty_tiles", "sua", "nuclei"]
+def older = models.collect {{ it.findAll {{ k, v -> k != "tile_size_px" }} }}  // a service before context
+println JsonOutput.toJson([
+    he: uploadContextUm(models, "BRIGHTFIELD_H_E", all),
+    he_without_nuclei: uploadContextUm(models, "BRIGHTFIELD_H_E", ["regions"]),
+    ihc: uploadContextUm(models, "BRIGHTFIELD_H_DAB", all),
+    older: uploadContextUm(older, "BRIGHTFIELD_H_E", all),
+])
+println JsonOutput.toJson([uploadContextMargins(512.0d), uploadContextMargins(40.0d), uploadContextMargins(0.0d)])
+"""
+    context, margins = run_groovy(tmp_path, driver)
+    # The segmentation ensemble's 256 px at 2 µm/px (its tiles reach farthest); an IHC image's model, 512 px at
+    # 0.5 µm/px; none from a service that lists no tile sizes.
+    assert context == {"he": 512.0, "he_without_nuclei": 512.0, "ihc": 256.0, "older": 0.0}
+    assert margins == [[512.0, 256.0, 128.0, 64.0, 32.0, 0.0], [40.0, 0.0], [0.0]]
+
+
+@needs_groovy
+def test_the_rois_pixels_are_opaque_and_the_others_context_their_colours_kept(tmp_path):
+    # Outside the ROI was transparent, black under it; now context (alpha 128) with the rendered colours, which the
+    # service analyses as the tissue around the ROI (alpha 0 as before).
+    driver = """
+def image = new java.awt.image.BufferedImage(8, 4, java.awt.image.BufferedImage.TYPE_INT_RGB)
+for (int x = 0; x < 8; x++)
+    for (int y = 0; y < 4; y++)
+        image.setRGB(x, y, (10 * x) << 16 | (20 * y) << 8 | 7)
+def shape = new java.awt.geom.Rectangle2D.Double(104.0d, 200.0d, 6.0d, 4.0d)  // level-0 px; the region at (100, 200)
+[UPLOAD_CONTEXT_ALPHA, 0].each { alpha ->
+    def out = maskOutside(image, shape, 100.0d, 200.0d, 2.0d, alpha)
+    println JsonOutput.toJson((0..<4).collect { y -> (0..<8).collect { x -> Integer.toUnsignedLong(out.getRGB(x, y)) }
+    })
+}
+"""
+    context, transparent = run_groovy(tmp_path, driver)
+    # Uploaded px (i, j) covers level-0 x 100 + 2i to 102 + 2i: the centres at x 105, 107, 109 lie in the ROI
+    # (104 to 110), those at y 201 and 203 in 200 to 204.
+    ii, jj = np.meshgrid(np.arange(8), np.arange(4))
+    for got, outside in ((context, 128), (transparent, 0)):
+        argb = np.array(got, np.int64)
+        expected = np.full((4, 8), outside)
+        expected[0:2, 2:5] = 255
+        assert np.array_equal(argb >> 24, expected), argb >> 24
+        assert np.array_equal(argb & 0xFFFFFF, (10 * ii) << 16 | (20 * jj) << 8 | 7)
 
 
 @needs_groovy
@@ -180,12 +232,16 @@ def test_an_upload_the_helpers_mask_and_encode_is_analysed_and_lands_where_the_p
     driver = f"""
 def models = new groovy.json.JsonSlurper().parseText('''{json.dumps(models)}''')
 def ds = uploadDownsample(0.5d, uploadModelMpp(models, "BRIGHTFIELD_H_E", {json.dumps(outputs)}))
-def region = uploadRegion({x0}d, {y0}d, {x1 - x0}d, {y1 - y0}d, 2048L, 2048L, ds)
-println JsonOutput.toJson([downsample: ds, region: region])
+def context = uploadContextUm(models, "BRIGHTFIELD_H_E", {json.dumps(outputs)})
+def region = uploadRegion({x0}d, {y0}d, {x1 - x0}d, {y1 - y0}d, 2048L, 2048L, ds, 256.0d / 0.5d)
+println JsonOutput.toJson([downsample: ds, context: context, region: region])
 """
     (plan,) = run_groovy(tmp_path, driver)
     ds, region = plan["downsample"], plan["region"]
-    assert ds == 2.0 and region == {"x": 200, "y": 300, "width": 1101, "height": 1001, "widthPx": 551, "heightPx": 501}
+    # The segmentation ensemble's 512 µm tiles; the script sends that much context where the upload limits let it
+    # (here half, so that the region is not the whole phantom).
+    assert plan["context"] == 512.0
+    assert ds == 2.0 and region == {"x": 0, "y": 0, "width": 1813, "height": 1813, "widthPx": 907, "heightPx": 907}
     # What QuPath's readRegion gives for it: the region at downsample 2, area-averaged.
     with open_slide(slide_path) as slide:
         rgb = slide.read_region_at_mpp(
@@ -203,7 +259,7 @@ shape.moveTo(vertices[0][0], vertices[0][1])
 vertices.drop(1).each {{ shape.lineTo(it[0], it[1]) }}
 shape.closePath()
 def image = javax.imageio.ImageIO.read(new File("{rendered}"))
-def png = pngBytes(maskOutside(image, shape, {region["x"]}d, {region["y"]}d, {ds}d))
+def png = pngBytes(maskOutside(image, shape, {region["x"]}d, {region["y"]}d, {ds}d, UPLOAD_CONTEXT_ALPHA))
 new File("{upload}").bytes = png
 println JsonOutput.toJson([bytes: png.length, query: uploadQuery(0.5d * {ds}d, {region["x"]}d, {region["y"]}d, {ds}d,
         {json.dumps(outputs)}, "BRIGHTFIELD_H_E"), tooLarge: uploadTooLarge({region["widthPx"]}L,
@@ -212,8 +268,8 @@ println JsonOutput.toJson([bytes: png.length, query: uploadQuery(0.5d * {ds}d, {
 """
     (sent,) = run_groovy(tmp_path, driver)
     assert sent["tooLarge"] is None
-    # Transparent exactly where the uploaded pixel's centre lies outside the ROI (pixels the outline cuts may go
-    # either way by rounding), the rendered pixels kept inside.
+    # Context exactly where the uploaded pixel's centre lies outside the ROI (pixels the outline cuts may go either
+    # way by rounding), the rendered pixels kept everywhere.
     with Image.open(upload) as im:
         assert im.mode == "RGBA" and im.size == (region["widthPx"], region["heightPx"])
         rgba = np.asarray(im)
@@ -222,8 +278,8 @@ println JsonOutput.toJson([bytes: png.length, query: uploadQuery(0.5d * {ds}d, {
     inside = contains_xy(ROI, cx, cy)
     near_edge = contains_xy(ROI.exterior.buffer(ds), cx, cy)
     assert not np.any(((rgba[..., 3] == 255) != inside) & ~near_edge)
-    assert np.isin(rgba[..., 3], (0, 255)).all()  # no partly transparent pixels: no anti-aliasing
-    assert np.array_equal(rgba[..., :3][rgba[..., 3] == 255], rgb[rgba[..., 3] == 255])
+    assert np.isin(rgba[..., 3], (128, 255)).all()  # nothing else: no anti-aliasing
+    assert np.array_equal(rgba[..., :3], rgb)
     assert 0.95 < (rgba[..., 3] == 255).sum() * ds * ds / ROI.area < 1.05
 
     # The service analyses the upload; its results come back in level-0 px at the origin and downsample sent.
@@ -259,7 +315,8 @@ println JsonOutput.toJson([bytes: png.length, query: uploadQuery(0.5d * {ds}d, {
 
     # The PD-L1 positive regions at the same places: the segmentation reads 2 µm/px, which the path job takes from
     # the phantom's own level at downsample 4, rendered from the scene, and the service makes of the upload by
-    # averaging 2 x 2 pixels (0.869 measured; 0.829 before the upload was padded onto the file's grid). On a file of
+    # averaging 2 x 2 pixels (0.876 measured with 256 µm of context, 0.869 without; 0.829 before the upload was padded
+    # onto the file's grid). On a file of
     # the phantom's level 0 alone the two routes agree closely (test_an_upload_is_analysed_as_a_path_job_...).
     def positive(result: dict) -> BaseGeometry:
         regions = [
@@ -270,9 +327,10 @@ println JsonOutput.toJson([bytes: png.length, query: uploadQuery(0.5d * {ds}d, {
     a, b = positive(uploaded), positive(by_path)
     assert a.area > 0 and b.area > 0
     assert a.intersection(b).area / a.union(b).area >= 0.8
-    # Made of the ROI's pixels alone, as the path job's are: the service analyses the upload's opaque pixels.
-    # Regions are made of the map pixels (2 µm: 4 level-0 px) whose centres lie in the analysed area, traced along
-    # their edges; the upload's area is its opaque pixels' outline, within an uploaded pixel's diagonal of the ROI.
+    # Made of the ROI's pixels alone, as the path job's are: the service reports in the upload's alpha-255 pixels,
+    # not in its context. Regions are made of the map pixels (2 µm: 4 level-0 px) whose centres lie in the analysed
+    # area, traced along their edges; the upload's area is those pixels' outline, within an uploaded pixel's
+    # diagonal of the ROI.
     assert ROI.buffer(3 * ds).contains(a), a.difference(ROI.buffer(3 * ds)).area
     assert ROI.buffer(1.5 * ds).contains(b)
 
@@ -353,6 +411,8 @@ class StandInServer {
         int h = Math.max(1, Math.round(request.height / request.downsample) as int)
         def out = new BufferedImage(w, h, BufferedImage.TYPE_INT_RGB)
         def g = out.createGraphics()
+        g.setColor(java.awt.Color.WHITE)  // glass beyond the level-0 picture (an image larger than it)
+        g.fillRect(0, 0, w, h)
         g.setRenderingHint(java.awt.RenderingHints.KEY_INTERPOLATION,
                 java.awt.RenderingHints.VALUE_INTERPOLATION_BILINEAR)
         g.drawImage(level0, 0, 0, w, h, request.x, request.y, request.x + request.width, request.y + request.height,
@@ -502,11 +562,14 @@ def test_the_script_sends_the_pixels_of_an_image_the_service_cannot_open(tmp_pat
         "as OME-TIFF (File > Export images...) into a folder the service opens (pdl1 serve --allow-root) and analyse "
         "that"
     )
-    assert re.fullmatch(r"pdl1: sending 551 x 501 px \(1\.00 µm/px, \d+\.\d MiB\) of Tumor core", log[3]), log[3]
+    # With the tissue around it to the segmentation's tile (512 µm, 1024 level-0 px) as context.
+    assert re.fullmatch(
+        r"pdl1: sending 1163 x 1163 px \(1\.00 µm/px, \d+\.\d MiB\) of Tumor core with 512 µm of context", log[3]
+    ), log[3]
     assert any(re.fullmatch(r"pdl1: \d+ objects under Tumor core(, predicted TPS .*)?", line) for line in log), log
     assert log[-1] == "pdl1: analysed 1 of 2 regions of scan.czi"
-    # Only the octagon's bounds were rendered, at the downsample the models need, never the huge one.
-    assert seen["reads"] == [{"x": 200, "y": 300, "width": 1101, "height": 1001, "downsample": 2.0}]
+    # Only the octagon's bounds and context were rendered, at the downsample the models need, never the huge one.
+    assert seen["reads"] == [{"x": 0, "y": 0, "width": 2325, "height": 2325, "downsample": 2.0}]
     assert seen["children"]["whole section"] == []
     points = np.array([c["geometry"]["coordinates"] for c in seen["children"]["Tumor core"]
                        if c["geometry"]["type"] == "Point"])  # fmt: skip
@@ -534,8 +597,40 @@ def test_a_transformed_view_is_uploaded_and_a_file_the_service_opens_goes_by_its
         "RotatedImageServer (a TransformingImageServer: rotated, cropped, flipped or otherwise transformed), which "
         "the service would read as the file is"
     )
-    assert (said in log) == uploaded and any(line.startswith("pdl1: sending 551 x 501 px") for line in log) == uploaded
+    sent = any(line.startswith("pdl1: sending 1024 x 1024 px") for line in log)
+    assert (said in log) == uploaded and sent == uploaded
     assert len(seen["reads"]) == uploaded  # the path job renders nothing in QuPath
+    assert log[-1] == f"pdl1: analysed 1 of 1 regions of {slide_path.name}"
+    points = np.array([c["geometry"]["coordinates"] for c in seen["children"]["Tumor core"]
+                       if c["geometry"]["type"] == "Point"])  # fmt: skip
+    assert len(points) > 100 and contains_xy(ROI.buffer(2), points[:, 0], points[:, 1]).all()
+
+
+@needs_groovy
+def test_the_context_shrinks_where_the_upload_limits_would_refuse_the_region_with_all_of_it(
+    tmp_path, service_of, level0_png
+):
+    # A service that takes at most 800 x 800 px: the octagon (551 x 501 px) with the 512 µm of context its tiles
+    # see would be 1163 x 1163 (clamped to the image at the left and top), with 256 µm 907 x 907, with 128 µm
+    # 779 x 757 (589 703 px): sent so, and said.
+    _, slide_path = service_of
+    settings = ServiceSettings(
+        port=free_port(), allow_roots=(slide_path.parent,), pipeline=PipelineConfig(device="cpu"),
+        max_upload_px=800 * 800,
+    )  # fmt: skip
+    with served(settings, Models(settings.pipeline)) as client:
+        setup = _setup(
+            tmp_path, client, server="RotatedImageServer", image=slide_path, level0=level0_png,
+            annotations=[OCTAGON], size=4096,
+        )  # fmt: skip
+        log, seen = _run_script(tmp_path, setup)
+    assert (
+        "pdl1: Tumor core goes with 128 µm of the tissue around it, not the 512 µm the models' tiles see: with "
+        "more, the region is over the service's upload limits (GET /v1/health)"
+    ) in log, log
+    assert any(re.fullmatch(r"pdl1: sending 779 x 757 px .* with 128 µm of context", line) for line in log), log
+    # Rendered once: the larger margins were refused by their size before any pixels were read.
+    assert seen["reads"] == [{"x": 0, "y": 44, "width": 1557, "height": 1513, "downsample": 2.0}]
     assert log[-1] == f"pdl1: analysed 1 of 1 regions of {slide_path.name}"
     points = np.array([c["geometry"]["coordinates"] for c in seen["children"]["Tumor core"]
                        if c["geometry"]["type"] == "Point"])  # fmt: skip
@@ -545,12 +640,15 @@ def test_a_transformed_view_is_uploaded_and_a_file_the_service_opens_goes_by_its
 # ------------------------------------------------------------------- the upload against a path job on the same pixels
 
 
-def _masked_png(rgb: np.ndarray, roi: BaseGeometry, *, origin_xy: tuple[int, int], ds: float) -> bytes:
-    """``rgb`` (a region read at downsample ``ds`` from level-0 ``origin_xy``) as an RGBA PNG, transparent where an
-    uploaded pixel's centre lies outside ``roi``, as pdl1_analyze.groovy's maskOutside makes it."""
+def _masked_png(
+    rgb: np.ndarray, roi: BaseGeometry, *, origin_xy: tuple[int, int], ds: float, outside_alpha: int = 0
+) -> bytes:
+    """``rgb`` (a region read at downsample ``ds`` from level-0 ``origin_xy``) as an RGBA PNG, alpha 255 where an
+    uploaded pixel's centre lies in ``roi`` and ``outside_alpha`` elsewhere (0: transparent, as a client before
+    context sent it; 128: context), as pdl1_analyze.groovy's maskOutside makes it."""
     jj, ii = np.mgrid[0 : rgb.shape[0], 0 : rgb.shape[1]]
     inside = contains_xy(roi, origin_xy[0] + (ii + 0.5) * ds, origin_xy[1] + (jj + 0.5) * ds)
-    return _png(np.dstack([rgb, np.where(inside, 255, 0).astype(np.uint8)]))
+    return _png(np.dstack([rgb, np.where(inside, 255, outside_alpha).astype(np.uint8)]))
 
 
 @pytest.fixture(scope="module")
@@ -577,11 +675,13 @@ def _positive(result: dict) -> BaseGeometry:
     )
 
 
-def test_an_upload_is_analysed_as_a_path_job_on_the_same_pixels(service_of, flat_slide):
-    # The octagon's region, uploaded at 1 µm/px from (200, 300): before, the upload's grids (segmentation tiles,
-    # 8 µm map cells) lay from that corner, half a cell off the file's (IoU 0.932, TPS 10.94 against 11.10); now it
-    # is padded onto the file's grid (IoU 0.992, TPS 11.07). What is left: the tiles over the ROI's edge see white
-    # where the path job's see the tissue around it, and the 2 µm px are averaged from 1 µm px rounded to uint8.
+def test_an_upload_without_context_is_analysed_as_a_path_job_on_the_same_pixels(service_of, flat_slide):
+    # A client before context: the octagon's region, uploaded at 1 µm/px from (200, 300), transparent outside the
+    # ROI. Before, the upload's grids (segmentation tiles, 8 µm map cells) lay from that corner, half a cell off the
+    # file's (IoU 0.932, TPS 10.94 against 11.10); now it is padded onto the file's grid (IoU 0.992, TPS 11.07).
+    # What is left: the tiles over the ROI's edge see white where the path job's see the tissue around it (the
+    # context pdl1_analyze.groovy sends now: test_an_upload_with_its_context_...), and the 2 µm px are averaged from
+    # 1 µm px rounded to uint8.
     client, _ = service_of
     x0, y0, x1, y1 = ROI.bounds
     origin = (int(np.floor(x0)), int(np.floor(y0)))
@@ -612,6 +712,74 @@ def test_an_upload_is_analysed_as_a_path_job_on_the_same_pixels(service_of, flat
     score_up = uploaded["pdl1"]["domain"]["out_of_domain_score"]
     score_path = by_path["pdl1"]["domain"]["out_of_domain_score"]
     assert 1 / 1.25 <= score_up / score_path <= 1.25, (score_up, score_path)
+
+
+REAL_TILE = "real-he-hgsc-stroma/hgsc_stroma.svs"  # 1500 x 1500 px at 0.5 µm/px
+SQUARE_100UM = Polygon([(650, 650), (850, 650), (850, 850), (650, 850)])
+
+
+def _context_upload(slide_path: Path, roi: BaseGeometry, *, context_um: float) -> tuple[bytes, dict]:
+    """The upload pdl1_analyze.groovy makes of ``roi`` at 1 µm/px: its bounds grown by ``context_um`` on every side,
+    clamped to the image, alpha 255 in the ROI and 128 (context) elsewhere; and its query."""
+    with open_slide(slide_path) as slide:
+        (width, height), mpp = slide.dimensions, slide.mpp.mean
+        grow, ds = context_um / mpp, 1.0 / mpp
+        x0, y0, x1, y1 = roi.bounds
+        x, y = max(0, int(np.floor(x0 - grow))), max(0, int(np.floor(y0 - grow)))
+        xe, ye = min(width, int(np.ceil(x1 + grow))), min(height, int(np.ceil(y1 + grow)))
+        rgb = slide.read_region_at_mpp((x, y), (round((xe - x) / ds), round((ye - y) / ds)), mpp=1.0)
+    params = {"mpp": 1.0, "origin_x": x, "origin_y": y, "downsample": ds, "outputs": ["regions", "nuclei"],
+              "image_type": "BRIGHTFIELD_H_E"}  # fmt: skip
+    return _masked_png(rgb, roi, origin_xy=(x, y), ds=ds, outside_alpha=128), params
+
+
+@pytest.mark.parametrize(
+    ("image", "roi", "before"),
+    [
+        ("phantom level 0", ROI, (0.992, 11.07, 11.10, 1653, 1647)),
+        (REAL_TILE, ROI, (0.979, 95.4, 96.7, 835, 814)),
+        (REAL_TILE, SQUARE_100UM, (0.876, 92.0, 100.0, 29, 25)),
+    ],
+    ids=["octagon, phantom level 0", "octagon, real HGSC tile", "100-um square, real HGSC tile"],
+)
+def test_an_upload_with_its_context_is_analysed_exactly_as_a_path_job(service_of, request, image, roi, before):
+    # Sent with the tissue around it to the reach of the largest tile of the models it runs (the segmentation's
+    # 512 µm), as pdl1_analyze.groovy sends it, an upload's tiles see what the path job's see. Measured (before:
+    # the same ROI amid transparent pixels): IoU 1.000 / 0.999 / 1.000, TPS, nuclei and out-of-domain score as the
+    # path job's (the score within 1 %: the 2 µm px averaged from 1 µm px rounded to uint8); benchmarks/
+    # upload_context.py measures it per margin.
+    client, _ = service_of
+    if image == REAL_TILE:
+        fixtures = request.getfixturevalue("fixtures_dir")
+        slide_path = service_of[1].parent / "hgsc_stroma.svs"
+        if not slide_path.exists():
+            slide_path.write_bytes((fixtures / REAL_TILE).read_bytes())
+    else:
+        slide_path = request.getfixturevalue("flat_slide")
+    models = [m for m in client.get("/v1/models").json() if m["stain"] == "H&E"]
+    context_um = max(m["tile_size_px"] * m["input_mpp"] for m in models)
+    assert context_um == 512
+    png, params = _context_upload(slide_path, roi, context_um=context_um)
+    r = client.post("/v1/jobs/pixels", params=params, content=png)
+    assert r.status_code == 202, r.text
+    uploaded = _result(client, r.json()["job_id"])
+    body = {"image": str(slide_path), "roi": {"type": "Polygon", "coordinates": [list(map(list, roi.exterior.coords))]},
+            "image_type": "BRIGHTFIELD_H_E", "outputs": ["regions", "nuclei"]}  # fmt: skip
+    by_path = _result(client, client.post("/v1/jobs", json=body).json()["job_id"])
+
+    a, b = _positive(uploaded), _positive(by_path)
+    assert b.area > 0
+    iou = a.intersection(b).area / a.union(b).area
+    assert iou >= 0.998, (iou, before)
+    tps = "PD-L1: Predicted TPS % (H&E)"
+    up, path = uploaded["pdl1"]["parent_measurements"][tps], by_path["pdl1"]["parent_measurements"][tps]
+    assert abs(up - path) <= 0.05, (up, path, before)
+    n_up, n_path = len(_points(uploaded["features"])), len(_points(by_path["features"]))
+    assert abs(n_up - n_path) <= max(1, 0.002 * n_path), (n_up, n_path, before)
+    # Scored as the path job is (the square too: its tile holds its context, no longer mostly white).
+    score_up = uploaded["pdl1"]["domain"]["out_of_domain_score"]
+    score_path = by_path["pdl1"]["domain"]["out_of_domain_score"]
+    assert score_up is not None and abs(score_up / score_path - 1) <= 0.01, (score_up, score_path)
 
 
 def test_a_small_annotation_inside_transparent_surroundings_keeps_its_tissue(service_of):

@@ -67,6 +67,7 @@ def test_health_and_models(service):
         "sha256": ihc.checksum,
         "members": len(ihc.members),
         "input_mpp": ihc.input_mpp,
+        "tile_size_px": ihc.tile_size_px,  # how far its tiles see: the context a pixel upload carries
         "stain": "H-DAB",
     }
     assert service.get("/v1/models").json() == health["models"]
@@ -411,9 +412,13 @@ def test_every_endpoint_and_key_the_scripts_use_exists(service):
     # The pixel upload: what it reads of /v1/health and the models, and the query parameters it sends.
     for key in re.findall(r'health\.get\("(\w+)"\)', script):
         assert key in components["Health"]["properties"], key
-    assert {"input_mpp", "task", "stain"} <= set(components["ModelDescription"]["properties"])
+    assert {"input_mpp", "task", "stain", "tile_size_px"} <= set(components["ModelDescription"]["properties"])
     assert set(components["UploadLimits"]["properties"]) == {"max_px", "max_bytes"}
     upload = {p["name"] for p in schema["paths"]["/v1/jobs/pixels"]["post"]["parameters"]}
+    # What an upload's alpha means is the endpoint's description (the script sends 255, its context alpha and 0).
+    said = " ".join(schema["paths"]["/v1/jobs/pixels"]["post"]["description"].split())
+    assert "255 inside the ROI" in said and "1 to 254 context" in said and "0 absent" in said, said
+    assert "def UPLOAD_CONTEXT_ALPHA = 128" in script
     sent = set(re.findall(r'"(\w+)=" \+ enc\(', script)) | set(re.findall(r'parts << "(\w+)="', script))
     assert sent == {"mpp", "origin_x", "origin_y", "downsample", "outputs", "image_type"} and sent <= upload, sent
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from shapely.geometry import Point, box, shape
+from shapely.ops import unary_union
 
 from bridge.service import ServiceSettings
 from inference.errors import RoiError
@@ -768,6 +770,83 @@ def test_an_upload_is_analysed_in_its_opaque_pixels_only(client, slides_root):
     # In level-0 px: the origin plus twice the opaque pixels' edges, x 1300-2100 and y 2200-3000; the 64 µm cells
     # (128 uploaded px) over its edges trimmed to it.
     assert (min(xs), max(xs), min(ys), max(ys)) == (1300, 2100, 2200, 3000), (xs, ys)
+
+
+def _rgba_png(rgb: np.ndarray, alpha: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.dstack([rgb, alpha])).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_an_upload_s_alpha_says_which_pixels_are_the_roi_which_its_context_and_which_absent():
+    # Alpha 128 counted as the ROI (alpha >= 128) and was put over white. Now 255 is the ROI, 1 to 254 context:
+    # its colours as sent, part of the image (Slide.opaque) but outside the area analysed; 0 absent, as before.
+    from bridge.service.uploads import opened_upload
+
+    rgb = (np.arange(4 * 6 * 3).reshape(4, 6, 3) * 3).astype(np.uint8)
+    alpha = np.array([[255, 255, 128, 1, 0, 0]] * 4, np.uint8)
+    alpha[3] = 128
+    with opened_upload(_rgba_png(rgb, alpha), mpp=1.0) as up:
+        seen = up.slide.read_region((0, 0), 0, (6, 4))
+        assert np.array_equal(up.slide.opaque, alpha > 0)
+        assert up.area.bounds == (0.0, 0.0, 2.0, 3.0)  # the outline of the alpha-255 pixels
+    assert np.array_equal(seen[alpha > 0], rgb[alpha > 0]) and (seen[alpha == 0] == 255).all()
+    # A client that sends only 0 and 255 (as all did before context) gets what it got.
+    old = np.where(alpha == 255, 255, 0).astype(np.uint8)
+    with opened_upload(_rgba_png(rgb, old), mpp=1.0) as up:
+        assert np.array_equal(up.slide.opaque, old == 255) and up.area.bounds == (0.0, 0.0, 2.0, 3.0)
+
+
+def test_an_upload_of_context_without_a_roi_pixel_is_refused_saying_what_alpha_means(client):
+    rgb = np.full((64, 64, 3), 200, np.uint8)
+    r = client.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=_rgba_png(rgb, np.full((64, 64), 128, np.uint8)))
+    assert r.status_code == 202, r.text
+    status = wait_for_job(client, r.json()["job_id"])
+    assert status["state"] == "failed"
+    assert status["error"].endswith(
+        "the upload has context pixels (alpha 1 to 254) but none inside its ROI (alpha 255), so nothing in it would "
+        "be reported; send the ROI's pixels with alpha 255 (pdl1_analyze.groovy does), the tissue around it with "
+        "alpha 1 to 254 and absent pixels with alpha 0"
+    ), status["error"]
+
+
+def test_an_upload_s_context_is_seen_but_nothing_is_reported_there(client, slides_root):
+    # The tissue around a 200 µm square ROI, sent as context (alpha 128): the analysis sees it (the domain guard
+    # scores the upload, whose tile it fills, as a path job's tile holds the tissue around its ROI; amid transparent
+    # pixels the tile is mostly white and not scored) and reports only in the ROI: the nuclei whose centres lie in
+    # the context, which the whole rectangle sent as ROI finds, are not returned, nor regions or tiles there.
+    from inference import open_slide
+
+    with open_slide(slides_root / "small.svs") as slide:
+        rgb = slide.read_region((128, 128), 0, (768, 768))  # tissue, 384 µm at 1 µm/px
+    roi = np.zeros((768, 768), bool)
+    roi[100:500, 150:550] = True
+    params = {"mpp": 0.5, "origin_x": 1000, "origin_y": 2000, "downsample": 2,
+              "outputs": ["regions", "uncertainty_tiles", "nuclei"]}  # fmt: skip
+
+    def result(alpha: np.ndarray) -> dict:
+        r = client.post("/v1/jobs/pixels", params=params, content=_rgba_png(rgb, alpha.astype(np.uint8)))
+        assert r.status_code == 202, r.text
+        assert wait_for_job(client, r.json()["job_id"])["state"] == "done"
+        return client.get(f"/v1/jobs/{r.json()['job_id']}/result").json()
+
+    context, transparent, whole = (result(np.where(roi, 255, outside)) for outside in (128, 0, 255))
+    # In level-0 px: the origin plus twice the ROI pixels' edges, x 1300-2100 and y 2200-3000.
+    inside = box(1300, 2200, 2100, 3000)
+
+    def points(r: dict) -> list[Point]:
+        return [Point(f["geometry"]["coordinates"]) for f in r["features"] if f["geometry"]["type"] == "Point"]
+
+    assert any(not inside.contains(p) for p in points(whole))  # nuclei there to leave out
+    assert points(context) and all(inside.contains(p) for p in points(context))
+    for f in context["features"]:
+        if f["geometry"]["type"] != "Point":
+            assert inside.buffer(1e-6).contains(shape(f["geometry"])), f["properties"]
+    tiles = [shape(f["geometry"]) for f in context["features"] if f["properties"]["objectType"] == "tile"]
+    assert unary_union(tiles).bounds == (1300, 2200, 2100, 3000)
+    # Seen: the context fills the segmentation's tile, so the guard scores it; amid transparent pixels it does not.
+    assert context["pdl1"]["domain"]["out_of_domain_score"] is not None
+    assert transparent["pdl1"]["domain"]["out_of_domain_score"] is None
 
 
 # ------------------------------------------------------------------- the models listed

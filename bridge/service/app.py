@@ -226,6 +226,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
                 sha256=m.checksum,
                 members=len(m.members),
                 input_mpp=m.input_mpp,
+                tile_size_px=m.tile_size_px,
                 stain=m.stain,
             )
             for task, m in manifests
@@ -358,7 +359,15 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         image_type: ImageType | None = Query(None, description=IMAGE_TYPE_DESCRIPTION),
         w: Worker = Depends(worker),
     ) -> Response:
-        """Upload a PNG or TIFF region for images the service cannot open itself."""
+        """Upload a PNG or TIFF region for images the service cannot open itself.
+
+        Its alpha says what each pixel is: 255 inside the ROI (analysed; results are reported there only, clipped
+        to those pixels as a path job's are to its ROI); 1 to 254 context, the tissue around the ROI (seen by the
+        models' tiles over the ROI's edge and by the tissue detector, nothing reported there); 0 absent (no part
+        of the image, not glass). An image without alpha is all ROI. pdl1_analyze.groovy sends the ROI's bounds
+        grown by the largest `tile_size_px` x `input_mpp` of the models the analysis runs (`GET /v1/models`),
+        context alpha 128: so analysed, an upload gives what a path job on the same pixels gives.
+        """
         known = query_parameters(submit_pixels)
         unknown = [name for name in request.query_params if name not in known]
         if unknown:

@@ -226,8 +226,8 @@ class Worker:
             raise Cancelled("cancelled before it started")
         if job.upload is not None:
             body, job.upload = job.upload, None
-            # An upload's ROI is its opaque pixels: a client makes those outside its ROI transparent. Padded onto the
-            # file's grid, its results map back from the padded corner.
+            # An upload's ROI is its alpha-255 pixels; a client sends the tissue around it as context (alpha 1-254)
+            # or transparent. Padded onto the file's grid, its results map back from the padded corner.
             grid_um = analysis_grid_um(self.models, config)
             with opened_upload(body, mpp=config.mpp, origin_xy=job.origin_xy, scale=job.scale, grid_um=grid_um) as up:
                 job.origin_xy = up.origin_xy

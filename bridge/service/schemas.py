@@ -155,6 +155,10 @@ class ModelDescription(BaseModel):
     sha256: str
     members: int
     input_mpp: float
+    tile_size_px: int = Field(
+        description="The edge of the tiles it runs on, in its input px (input_mpp µm each): a tile over a region's "
+        "edge sees that far around it, so a pixel upload carries that much of the tissue around its ROI as context."
+    )
     stain: str = Field(description="The stain it was trained on and runs on: H&E, or H-DAB (PD-L1 IHC).")
 
 

@@ -178,34 +178,62 @@ def _full_resolution_frames(im: Image.Image) -> int | None:
     return full
 
 
-def _decoded(body: bytes) -> tuple[np.ndarray, np.ndarray | None]:
-    """An upload's RGB pixels, transparent ones over white, and where it is opaque (None: everywhere)."""
+# An upload's alpha says what each pixel is (pdl1_analyze.groovy sends all three): 255 inside the ROI, analysed and
+# reported; 1 to 254 context, the tissue around the ROI, which the analysis sees (a tile's surroundings, the tissue
+# detector's image) but reports nothing in; 0 absent, no part of the image. An upload without alpha is all ROI.
+ROI_ALPHA = 255
+
+
+@dataclass(frozen=True)
+class UploadPixels:
+    """An upload's decoded pixels: ``rgb`` (uint8 (height, width, 3)), absent ones white, context and ROI ones as
+    sent (not composited over white); ``roi`` (bool (height, width)) where alpha is 255 and ``known`` where it is
+    above 0 (the ROI and its context). None: everywhere."""
+
+    rgb: np.ndarray
+    roi: np.ndarray | None
+    known: np.ndarray | None
+
+
+def _decoded(body: bytes) -> UploadPixels:
+    """An upload's pixels and what each is by its alpha (:data:`ROI_ALPHA`).
+
+    A client that sends only alpha 0 and 255 (as all did before context) is analysed as before: its opaque pixels,
+    its transparent ones absent. Context without a single ROI pixel leaves nothing to report: refused.
+    """
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(body), formats=UPLOAD_FORMATS) as im:
-            if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
-                # convert("RGB") drops alpha and keeps what lies under it, often black: analysed as dark
-                # tissue. Its pixels are put over white, and where it is opaque is kept: the transparent ones lie
-                # outside the area analysed, and the tissue detector takes them for unknown, not for glass.
-                rgba = im.convert("RGBA")
-                white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                rgb = np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
-                opaque = np.asarray(rgba.getchannel("A")) >= 128
-                return rgb, None if opaque.all() else opaque
-            return np.asarray(im.convert("RGB")), None
+            if not (im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info):
+                return UploadPixels(np.asarray(im.convert("RGB")), None, None)
+            # convert("RGB") drops alpha and keeps what lies under it, often black: analysed as dark tissue.
+            rgba = np.asarray(im.convert("RGBA"))
     except Exception as err:  # a header that read but pixels that do not (truncated, corrupt)
         raise SlideFormatError(
             f"the uploaded image cannot be decoded ({type(err).__name__}: {err}); send a complete PNG or TIFF"
         ) from err
+    alpha = rgba[..., 3]
+    roi, known = alpha == ROI_ALPHA, alpha > 0
+    if known.any() and not roi.any():
+        raise SlideFormatError(
+            "the upload has context pixels (alpha 1 to 254) but none inside its ROI (alpha 255), so nothing in it "
+            "would be reported; send the ROI's pixels with alpha 255 (pdl1_analyze.groovy does), the tissue around "
+            "it with alpha 1 to 254 and absent pixels with alpha 0"
+        )
+    # The absent pixels read white (the tissue detector takes them for unknown, not for glass); the context keeps
+    # its colour, as the tissue around a path job's ROI has it.
+    rgb = np.where((alpha == 0)[..., None], np.uint8(255), rgba[..., :3])
+    return UploadPixels(rgb, None if roi.all() else roi, None if known.all() else known)
 
 
 def opaque_area(opaque: np.ndarray) -> Polygon | MultiPolygon | None:
-    """The outline of an upload's opaque pixels in its own px, as the ROI it is analysed in: a client sends a
-    region's bounding rectangle with the pixels outside its ROI transparent (pdl1_analyze.groovy), so the results
-    are made of the ROI's pixels alone (regions of pixels whose centres lie in it, tiles trimmed to it), as a job on
-    the image's path makes them. The outline runs along the opaque pixels' edges (pixel (r, c) spans x c to c + 1),
-    so it holds exactly their centres. None where no pixel is opaque: the whole upload is analysed, as glass.
+    """The outline of an upload's ROI pixels (alpha 255, ``opaque``) in its own px, as the ROI it is analysed in: a
+    client sends a region around its ROI with the pixels outside it context or transparent (pdl1_analyze.groovy),
+    so the results are made of the ROI's pixels alone (regions of pixels whose centres lie in it, tiles trimmed to
+    it, nuclei in it), as a job on the image's path makes them. The outline runs along the pixels' edges (pixel
+    (r, c) spans x c to c + 1), so it holds exactly their centres. None where no pixel is in it: the whole upload is
+    analysed, as glass.
 
     >>> m = np.zeros((4, 6), bool); m[1:3, 1:5] = True
     >>> opaque_area(m).bounds, opaque_area(np.zeros((2, 2), bool))
@@ -267,22 +295,25 @@ def opened_upload(
     scale: float = 1.0,
     grid_um: float | None = None,
 ) -> Iterator[OpenedUpload]:
-    """The uploaded region as a slide, decoded now that its job runs, padded (with transparent px) on the left
-    and top so that its grids lie on the file's where ``grid_um`` (the analysis' coarsest grid, µm) is given.
+    """The uploaded region as a slide, decoded now that its job runs, padded (with absent px) on the left and top
+    so that its grids lie on the file's where ``grid_um`` (the analysis' coarsest grid, µm) is given.
 
-    Its transparent pixels are no part of the image (``Slide.opaque``): the tissue detector reads them as
-    unknown, not as glass."""
+    Its area is its ROI pixels' outline (alpha 255, :func:`opaque_area`); its context pixels are the image's, seen
+    by the tiles over the ROI's edge and by the tissue detector as the tissue around a path job's ROI is; its
+    transparent pixels are no part of the image (``Slide.opaque``): the tissue detector reads them as unknown, not
+    as glass."""
     if mpp is None:
         raise ValueError("an upload needs its mpp")  # the endpoint requires it; a bug if missing
-    rgb, opaque = _decoded(body)
+    pixels = _decoded(body)
     del body
+    rgb, roi, known = pixels.rgb, pixels.roi, pixels.known
     pad_x, pad_y = (0, 0) if grid_um is None else grid_padding_px(origin_xy, scale=scale, cell_px=grid_um / mpp)
     if pad_x or pad_y:
-        opaque = np.ones(rgb.shape[:2], bool) if opaque is None else opaque
-        rgb = np.pad(rgb, ((pad_y, 0), (pad_x, 0), (0, 0)), constant_values=255)  # white, as transparent reads
-        opaque = np.pad(opaque, ((pad_y, 0), (pad_x, 0)))
-    area = None if opaque is None else opaque_area(opaque)
-    slide = Slide(ArrayReader(rgb), mpp=Mpp(mpp, mpp, _UPLOAD_MPP_SOURCE), mpp_advice=_upload_mpp_advice, opaque=opaque)
+        everywhere = np.ones(rgb.shape[:2], bool)
+        rgb = np.pad(rgb, ((pad_y, 0), (pad_x, 0), (0, 0)), constant_values=255)  # white, as absent px read
+        roi, known = (np.pad(everywhere if m is None else m, ((pad_y, 0), (pad_x, 0))) for m in (roi, known))
+    area = None if roi is None else opaque_area(roi)
+    slide = Slide(ArrayReader(rgb), mpp=Mpp(mpp, mpp, _UPLOAD_MPP_SOURCE), mpp_advice=_upload_mpp_advice, opaque=known)
     corner = (origin_xy[0] - pad_x * scale, origin_xy[1] - pad_y * scale)
     try:
         yield OpenedUpload(slide, area, corner)

@@ -323,12 +323,12 @@ if (summaryFile.isFile()) {
     def summary = GsonTools.getInstance().fromJson(summaryFile.getText("UTF-8"), Map.class)
     def metadata = summary.get("metadata")
     if (metadata != null) {
-        def imported = metadataToImport(metadata, folder.getParentFile())
-        if (imported.size() < metadata.size())
+        def values = metadataToImport(metadata, folder.getParentFile())  // not `imported`: the objects' name above
+        if (values.size() < metadata.size())
             println "pdl1: ${new File(folder.getParentFile(), REVIEW_UNFINISHED)}: a pdl1 review-queue was stopped " +
                     "while renaming its files, so the summaries' review ranks are part its, part older; they are not " +
                     "imported (QuPath keeps the ones it has): run pdl1 review-queue for the project again"
-        putEntryMetadata(entry, imported)
+        putEntryMetadata(entry, values)
         // QuPath 0.4.4 and 0.5 do not save the project after a headless script (0.6+ do with -s): save it now.
         try {
             project.syncChanges()

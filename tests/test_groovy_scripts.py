@@ -298,7 +298,7 @@ def test_the_import_script_knows_the_review_queues_marker_and_keys():
     text = IMPORT.read_text()
     assert f'def REVIEW_UNFINISHED = "{UNFINISHED_FILE}"' in text
     assert f'def REVIEW_KEYS = ["{RANK_KEY}", "{SCORE_KEY}"]' in text
-    assert "putEntryMetadata(entry, imported)" in text.replace(helpers(IMPORT), "")
+    assert "putEntryMetadata(entry, values)" in text.replace(helpers(IMPORT), "")
 
 
 @pytest.mark.parametrize("script", [ANALYZE, IMPORT], ids=lambda p: p.name)
@@ -1477,3 +1477,130 @@ def test_the_script_makes_the_whole_image_parent_only_once_the_service_answers()
     code = re.sub(r"//.*", "", ANALYZE.read_text().replace(helpers(), ""))
     health = code.index('health = send(request("/v1/health").GET().build())')
     assert "return" in code[health : health + 300] and health < code.index("createFullImageAnnotation(")
+
+
+# ------------------------------------------------------------------- whole scripts, QuPath stood in for
+
+STAND_INS = Path(__file__).resolve().parent / "qupath_stand_ins"
+
+
+def _groovy_main(tmp_path: Path, driver: str, *args: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "main.groovy"
+    path.write_text(driver)
+    return subprocess.run(
+        ["java", "-cp", f"{CLASSPATH}{os.pathsep}{STAND_INS}", "groovy.ui.GroovyMain", str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@needs_groovy
+def test_every_script_compiles_with_groovy_4(tmp_path):
+    # pdl1_import_results.groovy declared `imported` twice (the objects, then the metadata to import): Groovy refused
+    # the whole script ("The current scope already contains a variable of the name imported"), so it imported nothing
+    # in any QuPath. npm-groovy-lint (test_service.py) reports no error for that; compiling the script does.
+    scripts = sorted(SCRIPTS.glob("*.groovy"))
+    assert len(scripts) == 4
+    driver = """
+def shell = new GroovyShell(this.class.classLoader)
+args.each { name ->
+    try {
+        shell.parse(new File(name))
+        println groovy.json.JsonOutput.toJson([(new File(name).getName()): "compiles"])
+    } catch (org.codehaus.groovy.control.CompilationFailedException e) {
+        println groovy.json.JsonOutput.toJson([(new File(name).getName()): e.getMessage()])
+    }
+}
+"""
+    out = _groovy_main(tmp_path, driver, *map(str, scripts))
+    assert out.returncode == 0, out.stdout + out.stderr
+    said = {k: v for line in out.stdout.splitlines() for k, v in json.loads(line).items()}
+    assert said == {s.name: "compiles" for s in scripts}
+
+
+IMPORT_RUN = r"""
+import qupath.lib.objects.PathObject
+
+class Hierarchy {
+    PathObject root; def grid
+    List getAnnotationObjects() { root.children.findAll { it.isAnnotation() } }
+    def getTMAGrid() { grid }  // PathObjectHierarchy.getTMAGrid(): null without a grid
+    void removeObjects(Collection objects, boolean keepChildren) { objects.each { it.parent?.children?.remove(it) } }
+}
+class Entry {                                           // a ProjectImageEntry of QuPath 0.6+: getMetadata() is its map
+    String id; String name; Map metadata
+    String getID() { id }
+    String getImageName() { name }
+    Map getMetadata() { metadata }
+}
+class Project {
+    java.nio.file.Path path; int synced
+    java.nio.file.Path getPath() { path }
+    void syncChanges() { synced++ }
+}
+
+def setup = new groovy.json.JsonSlurper().parseText(new File(args[0]).text)
+def root = new PathObject(kind: "root")
+def hierarchy = new Hierarchy(root: root, grid: setup.grid ? new Object() : null)
+def entry = new Entry(id: setup.entry, name: "tma.svs", metadata: new LinkedHashMap(setup.metadata))
+def project = new Project(path: java.nio.file.Paths.get(setup.project))
+def binding = new Binding([
+    getProject: { -> project },
+    getProjectEntry: { -> entry },
+    getCurrentHierarchy: { -> hierarchy },
+    addObjects: { List objects -> root.addChildObjects(objects) },
+    fireHierarchyUpdate: { -> },
+])
+setup.runs.times {
+    new GroovyShell(this.class.classLoader, binding).evaluate(new File(setup.script))
+    println groovy.json.JsonOutput.toJson([
+        top: root.children.collect { [name: it.name, cls: it.pathClass?.toString(), children: it.children.size(),
+                                      measurements: it.measurements.values] },
+        metadata: entry.metadata, synced: project.synced])
+}
+"""
+
+
+@needs_groovy
+def test_the_import_script_puts_a_batch_runs_sidecars_under_its_analysis_and_a_rerun_replaces_them(tmp_path):
+    from shapely.geometry import Point, box
+
+    from bridge.qupath_geojson import QuPathObject, to_feature, write_features
+
+    project = tmp_path / "project"
+    results = project / "pdl1" / "7"
+    results.mkdir(parents=True)
+    parent = {"PD-L1: Predicted TPS % (H&E)": 40.0, "PD-L1: Uncertainty flag": 0.0}
+    objects = [
+        QuPathObject(box(0, 0, 1000, 800), "annotation", "PD-L1 analysis", parent, name="PD-L1 analysis"),
+        QuPathObject(box(10, 10, 90, 90), "annotation", "PD-L1 positive", {"PD-L1 probability mean": 0.9}),
+        QuPathObject(box(0, 0, 64, 64), "tile", None, {"PD-L1 probability": 0.4}, name="PD-L1 uncertainty"),
+        QuPathObject(Point(20, 20), "detection", "Tumor: Positive", {"PD-L1 positive probability": 0.8}),
+    ]
+    write_features(results / "objects.geojson", (to_feature(o) for o in objects))
+    metadata = {"PD-L1 Predicted TPS % (H&E)": "40.0", "PD-L1 Predicted TPS category (H&E)": "1-49%", "PD-L1 run": "r2"}
+    (results / "summary.json").write_text(json.dumps({"metadata": metadata}))
+    setup = {
+        "script": str(IMPORT),
+        "project": str(project / "project.qpproj"),
+        "entry": "7",
+        "grid": True,
+        "runs": 2,
+        # An earlier run's IHC TPS (after the stain was corrected) goes; the case and your own keys stay.
+        "metadata": {"PD-L1 TPS %": "3.0", "case": "B12", "PD-L1 TPS (manual)": "5"},
+    }
+    (tmp_path / "setup.json").write_text(json.dumps(setup))
+    out = _groovy_main(tmp_path, IMPORT_RUN, str(tmp_path / "setup.json"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    log = [line for line in out.stdout.splitlines() if line.startswith("pdl1:")]
+    first, second = (json.loads(line) for line in out.stdout.splitlines() if line.startswith("{"))
+    imported = "pdl1: imported 3 objects under 'PD-L1 analysis' for tma.svs"
+    assert [line for line in log if line.startswith("pdl1: imported")] == [imported, imported]
+    grid_note = "pdl1: tma.svs has a TMA grid, but these results are of the whole image"
+    assert sum(line.startswith(grid_note) for line in log) == 2
+    # One "PD-L1 analysis" with its three objects, the second run's in place of the first's, not beside them.
+    expected = [{"name": "PD-L1 analysis", "cls": "PD-L1 analysis", "children": 3, "measurements": parent}]
+    assert first["top"] == second["top"] == expected
+    assert second["metadata"] == {"case": "B12", "PD-L1 TPS (manual)": "5", **metadata}
+    assert (first["synced"], second["synced"]) == (1, 2)

@@ -15,8 +15,10 @@ class PathObject {
         def props = feature.properties
         def cls = props.classification == null ? null :
                 (props.classification.name ?: props.classification.names.join(": "))
-        return new PathObject(kind: props.objectType, pathClass: cls == null ? null : new StandInPathClass(cls),
+        def made = new PathObject(kind: props.objectType, pathClass: cls == null ? null : new StandInPathClass(cls),
                 name: props.name, geometry: feature.geometry)
+        (props.measurements ?: [:]).each { name, value -> made.measurements.put(name as String, value as double) }
+        return made
     }
 
     def getROI() { roi }

@@ -4,7 +4,8 @@
  * Analyses the selected annotations or TMA cores; if none are selected, all annotations of the target
  * classes or names (those without an area, points or lines, are skipped and named); if there are none and
  * the image has a TMA grid (TMA > TMA dearrayer), every core not marked missing, each on its own (missing
- * cores are named and left alone); else the whole image (under a "PD-L1 analysis" annotation). Results
+ * cores are named and left alone); else, when no target classes or names are set, the whole image (under a
+ * "PD-L1 analysis" annotation), and when they are, nothing (the log says so, as `pdl1 run` fails it). Results
  * go under each analysed annotation or core, replacing what an earlier pdl1-bridge run put there; a
  * core's TPS, CPS and counts are its measurements, which QuPath's TMA data viewer and Export TMA data
  * show per core. Nothing else is touched. An annotation the service refuses (an outline that crosses
@@ -15,7 +16,8 @@
  *
  * Settings: the project's pdl1-config.toml (beside project.qpproj; `pdl1 init-project` writes it, and
  * `pdl1 run` reads the same file) when there is one: [service] url, token, model and [analysis] outputs,
- * target_classes, target_names. Without it, the settings block below.
+ * target_classes, target_names (its other keys are `pdl1 run`'s: the service runs with its own models and sizes,
+ * and the log says so where the file sets others). Without it, the settings block below.
  *
  * Works from the script editor, "Run for project", and headless (-s is --save: write each image's data):
  *   QuPath script -p project.qpproj -s pdl1_analyze.groovy
@@ -245,6 +247,43 @@ def readPdl1Config = { File file ->
             throw new IllegalArgumentException("${where}: expected some of ${KNOWN_OUTPUTS.join(', ')}, got ${value.inspect()}".toString())
     }
     return toml.values
+}
+
+// pdl1-config.toml's keys that only `pdl1 run` uses: the service analyses with what `pdl1 serve` was started with
+// (--models, --device, --runtime) and with the pipeline's own uncertainty tile and smallest region (inference/
+// pipeline.py: PipelineConfig, for which pdl1 serve has no option; a test keeps the numbers equal). A file naming other
+// models or sizes was followed by `pdl1 run` and silently not here. The lines to log, one per such key.
+def SERVICE_SIZES = ["analysis.uncertainty_tile_um": [64.0d, "64 \u00b5m"], "analysis.min_region_area_um2": [200.0d, "200 \u00b5m\u00b2"]]
+def runOnlyNotes = { Map values ->
+    def notes = []
+    ["models.segmentation", "models.nuclei", "models.ihc_nuclei"].findAll { values[it] }.each { key ->
+        notes << ("pdl1: pdl1-config.toml's ${key} (${values[key]}) is `pdl1 run`'s; this analysis runs the models " +
+                "`pdl1 serve` loaded (start it with --models for others)").toString()
+    }
+    SERVICE_SIZES.each { key, size ->
+        if (values.containsKey(key) && (values[key] as double) != (size[0] as double))
+            notes << ("pdl1: pdl1-config.toml's ${key} = ${values[key]} is `pdl1 run`'s; the service analyses with " +
+                    "${size[1]} (pdl1 serve has no option for it)").toString()
+    }
+    return notes
+}
+// The service's address as the base of its paths, without the slash a pasted address may end with: every path was
+// then //v1/..., which the service answers 404, and the log said there was no service.
+def serviceBase = { String url -> url.trim().replaceAll('/+$', '') }
+// What the log says when GET /v1/health gives nothing to go on: status is the service's HTTP status, 0 when nothing
+// answered, -1 when url is no address to call; detail the answer's detail or the error's message; tokenSetting where
+// this run's token is set. A missing or wrong token (401) was told as no service at all.
+def healthProblem = { String url, int status, String detail, String tokenSetting ->
+    if (status < 0)
+        return ("pdl1: ${url} is no address to call (${detail}); set the address `pdl1 serve` prints when it " +
+                "starts, such as http://127.0.0.1:8765").toString()
+    if (status == 0)
+        return "pdl1: no service at ${url} (${detail}); start it with `pdl1 serve --allow-root <slides folder>`".toString()
+    if (status == 401)
+        return ("pdl1: the service at ${url} wants the token it was started with (${detail}); set ${tokenSetting} " +
+                "to it (pdl1 serve's --token, --token-file or PDL1_TOKEN)").toString()
+    return ("pdl1: ${url} answered ${status} to GET /v1/health (${detail}); is it the address `pdl1 serve` prints " +
+            "when it starts, such as http://127.0.0.1:8765?").toString()
 }
 
 // Why QuPath shows this image other than its file, read as it is, would show it; null when it does not.
@@ -724,7 +763,11 @@ if (configFile != null && configFile.isFile()) {
     TARGET_CLASSES = config.getOrDefault("analysis.target_classes", TARGET_CLASSES)
     TARGET_NAMES = config.getOrDefault("analysis.target_names", TARGET_NAMES)
     println "pdl1: settings from ${configFile}"
+    runOnlyNotes(config).each { println it }
 }
+SERVER_URL = serviceBase(SERVER_URL)
+def fromFile = configFile != null && configFile.isFile()
+def tokenSetting = fromFile ? "service.token in ${configFile}".toString() : "TOKEN in the script's settings block"
 
 def server = imageData.getServer()
 // The service reads the image file as it is: a view QuPath rotates, crops or builds from several files, and an image
@@ -745,13 +788,16 @@ def request = { String path ->
         builder.header("Authorization", "Bearer " + TOKEN)
     return builder
 }
+// An error answer's detail (every error of the service is {"detail": ...}), else its body.
+def detailOf = { HttpResponse response ->
+    def detail = response.body()
+    try { detail = gson.fromJson(response.body(), Map.class).get("detail") } catch (Exception ignored) { }
+    return detail
+}
 def send = { HttpRequest req ->
     def response = client.send(req, HttpResponse.BodyHandlers.ofString())
-    if (response.statusCode() >= 400) {
-        def detail = response.body()
-        try { detail = gson.fromJson(response.body(), Map.class).get("detail") } catch (Exception ignored) { }
-        throw new IOException("pdl1 service answered ${response.statusCode()}: ${detail}")
-    }
+    if (response.statusCode() >= 400)
+        throw new IOException("pdl1 service answered ${response.statusCode()}: ${detailOf(response)}")
     return gson.fromJson(response.body(), Map.class)
 }
 def health = null  // GET /v1/health's answer: the models (their input_mpp) and the upload limits
@@ -871,7 +917,26 @@ def configured = (TARGET_CLASSES.isEmpty() && TARGET_NAMES.isEmpty()) ? [] : hie
     !isOwn(it) && ((it.getPathClass() != null && it.getPathClass().toString() in TARGET_CLASSES) ||
             (it.getName() != null && it.getName() in TARGET_NAMES))
 }
+// Selected objects that are no target (detections, this tool's own regions) are left out; said, since the run then
+// goes by the target annotations, the grid or the whole image as if nothing were selected.
+def notTargets = getSelectedObjects().size() - selected.size()
+if (selected.isEmpty() && notTargets > 0)
+    println "pdl1: the ${notTargets} selected objects are no annotations or TMA cores of yours, so none is analysed as " +
+            "a selection; select annotations (or TMA cores) to analyse those"
 def choice = chooseTargets(selected, configured, cores, coreMissing)
+// Target classes or names set and none in the image: `pdl1 run` fails such an image (bridge/run.py: entry_targets),
+// and so does the script now; it analysed the whole image, as if none were set. A TMA grid's cores are analysed
+// instead, as pdl1 run does.
+def asked = !(TARGET_CLASSES.isEmpty() && TARGET_NAMES.isEmpty())
+def askedFor = "no annotation of class ${TARGET_CLASSES.inspect()} or name ${TARGET_NAMES.inspect()} (the target " +
+        "classes and names of ${fromFile ? configFile : "the script's settings block"})"
+if (asked && choice.source == "whole image") {
+    println "pdl1: nothing analysed: ${server.getMetadata().getName()} has ${askedFor}; draw or select the " +
+            "annotations to analyse, or empty the target classes and names to analyse the whole image"
+    return
+}
+if (asked && choice.source == "TMA cores")
+    println "pdl1: ${askedFor}; the TMA cores are analysed instead"
 // A core marked missing after it was analysed keeps that run's results, and Export TMA data still writes its stored
 // measurements (getStringValue reads them: ObservableMeasurementTableData.java v0.4.4:1904-1919, v0.6.0:338-355).
 choice.missing.each {
@@ -899,12 +964,21 @@ targets = analysable
 def wholeImage = targets.isEmpty()
 
 try {
-    health = send(request("/v1/health").GET().build())
+    def response = client.send(request("/v1/health").GET().build(), HttpResponse.BodyHandlers.ofString())
+    if (response.statusCode() >= 400) {
+        println healthProblem(SERVER_URL, response.statusCode(), detailOf(response) as String, tokenSetting)
+        return
+    }
+    health = gson.fromJson(response.body(), Map.class)
+} catch (IllegalArgumentException e) {  // URI.create and HttpRequest.newBuilder: no http(s) address
+    println healthProblem(SERVER_URL, -1, e.getMessage(), tokenSetting)
+    return
 } catch (Exception e) {
-    println "pdl1: no service at ${SERVER_URL} (${e.getMessage()}); start it with `pdl1 serve --allow-root <slides folder>`"
+    println healthProblem(SERVER_URL, 0, e.getMessage(), tokenSetting)
     return
 }
 // The whole image's parent only once the service answers: made before, it stayed behind, empty, when it did not.
+def madeWholeImage = null
 if (wholeImage) {
     def existing = hierarchy.getAnnotationObjects().find {
         it.getPathClass() != null && it.getPathClass().toString() == ANALYSIS_CLASS && it.getName() == ANALYSIS_CLASS
@@ -913,6 +987,7 @@ if (wholeImage) {
         existing = createFullImageAnnotation(false)
         existing.setPathClass(getPathClass(ANALYSIS_CLASS))
         existing.setName(ANALYSIS_CLASS)
+        madeWholeImage = existing
     }
     targets = [existing]
 }
@@ -927,6 +1002,13 @@ def wholeImageRemoved = false
 def otherCores = (choice.source == "selection" && targets.every { it.isTMACore() }) ? cores : []
 def metadataParts = []
 def done = 0
+// The whole image's parent this run made, removed again when nothing came under it (refused, failed or stopped):
+// left, it was an empty "PD-L1 analysis" annotation over the image, with no measurements.
+def dropUnanalysedParent = {
+    if (madeWholeImage != null && done == 0)
+        hierarchy.removeObjects([madeWholeImage], true)
+    madeWholeImage = null
+}
 for (parent in targets) {
     def body = new LinkedHashMap()
     body.put("image", imagePath?.toString())
@@ -956,6 +1038,7 @@ for (parent in targets) {
     // which would otherwise stop the cancelling request too.
     def cancel = {
         Thread.interrupted()
+        dropUnanalysedParent()
         try {
             send(request(statusPath).DELETE().build())
             println "pdl1: stopped; job ${jobId} cancelled on the server"
@@ -990,7 +1073,7 @@ for (parent in targets) {
         }
     }
     if (status.get("state") != "done") {
-        println "pdl1: job ${jobId} ${status.get('state')}: ${status.get('error')}"
+        println "pdl1: ${label(parent)} not analysed: job ${jobId} ${status.get('state')}: ${status.get('error')}"
         continue
     }
 
@@ -1050,6 +1133,7 @@ for (parent in targets) {
     else if (domain != null)
         println "pdl1: out-of-domain score not measured: ${domain.get('why_not')}"
 }
+dropUnanalysedParent()
 fireHierarchyUpdate()
 // QuPath 0.4.4 and 0.5 do not save the project after a headless script (0.6+ do with -s): save the metadata now.
 if (metadataWritten && project != null) {

@@ -460,14 +460,18 @@ server.file = new File(setup.image)
 server.level0 = javax.imageio.ImageIO.read(new File(setup.level0))
 server.width = setup.width
 server.height = setup.height
-server.mpp = setup.mpp
+server.mpp = setup.mpp == null ? Double.NaN : setup.mpp  // null: QuPath has no pixel size
 def root = new PathObject(kind: "root")
-def targets = setup.annotations.collect { a ->
-    def roi = new StandInRoi(vertices: a.vertices)
-    roi.shape.moveTo(a.vertices[0][0], a.vertices[0][1])
-    a.vertices.drop(1).each { roi.shape.lineTo(it[0], it[1]) }
+def roiOf = { List vertices ->
+    def roi = new StandInRoi(vertices: vertices)
+    roi.shape.moveTo(vertices[0][0], vertices[0][1])
+    vertices.drop(1).each { roi.shape.lineTo(it[0], it[1]) }
     roi.shape.closePath()
-    new PathObject(kind: "annotation", roi: roi, name: a.name)
+    return roi
+}
+def classOf = { String name -> name == null ? null : new qupath.lib.objects.StandInPathClass(name) }
+def targets = setup.annotations.collect { a ->
+    new PathObject(kind: "annotation", roi: roiOf(a.vertices), name: a.name, pathClass: classOf(a.cls))
 }
 root.addChildObjects(targets)
 def imageData = new ImageData(server: server, hierarchy: new Hierarchy(root: root))
@@ -475,11 +479,21 @@ def binding = new Binding([
     getCurrentImageData: { -> imageData },
     getProject: { -> new Project(path: java.nio.file.Paths.get(setup.project)) },
     getProjectEntry: { -> null },
-    getSelectedObjects: { -> targets },
+    // All the annotations, unless told: none, or a nucleus (a detection, which is no target)
+    getSelectedObjects: { -> setup.select == false ? [] : setup.select == "detection" ?
+            [new PathObject(kind: "detection", name: "a nucleus")] : targets },
     fireHierarchyUpdate: { -> },
+    getPathClass: classOf,
+    // QP.createFullImageAnnotation(boolean): a rectangle over the image, added to the hierarchy (QP.java v0.4.4:1801)
+    createFullImageAnnotation: { boolean selected ->
+        def made = new PathObject(kind: "annotation", roi: roiOf([[0, 0], [setup.width, 0], [setup.width, setup.height],
+                [0, setup.height]]))
+        root.addChildObjects([made])
+        return made
+    },
 ])
 new GroovyShell(this.class.classLoader, binding).evaluate(new File(setup.script))
-println groovy.json.JsonOutput.toJson([reads: server.reads, children: targets.collectEntries { t ->
+println groovy.json.JsonOutput.toJson([reads: server.reads, children: root.children.collectEntries { t ->
     [(t.name): t.children.collect { [kind: t.kind, cls: it.pathClass?.toString(), geometry: it.geometry] }] }])
 """
 
@@ -635,6 +649,112 @@ def test_the_context_shrinks_where_the_upload_limits_would_refuse_the_region_wit
     points = np.array([c["geometry"]["coordinates"] for c in seen["children"]["Tumor core"]
                        if c["geometry"]["type"] == "Point"])  # fmt: skip
     assert len(points) > 100 and contains_xy(ROI.buffer(2), points[:, 0], points[:, 1]).all()
+
+
+@needs_groovy
+def test_the_log_tells_a_wrong_token_and_an_address_it_cannot_call_from_no_service(tmp_path, service_of, level0_png):
+    # A service started with --token answered the script's first request 401, and an address pasted with a trailing
+    # slash 404 (//v1/health): the log said "no service at ...; start it with pdl1 serve" for both.
+    _, slide_path = service_of
+    token = "a-token-of-the-service"
+    settings = ServiceSettings(
+        port=free_port(), token=token, allow_roots=(slide_path.parent,), pipeline=PipelineConfig(device="cpu")
+    )
+    config = tmp_path / "pdl1-config.toml"
+    with served(settings, Models(PipelineConfig(device="cpu"))) as client:
+        base = str(client.base_url)
+        setup = _setup(
+            tmp_path, client, server="OpenslideImageServer", image=slide_path, level0=level0_png, annotations=[OCTAGON],
+            size=2048,
+        )  # fmt: skip
+        said = {}
+        for case, url, sent in [
+            ("no token", base, ""),
+            ("wrong token", base, "a-guess"),
+            ("no scheme", base.removeprefix("http://"), token),
+            ("trailing slash", base + "/", token),
+        ]:
+            # The file's model folder and tile size are pdl1 run's: the service runs its own, and the log says so.
+            config.write_text(
+                f'[service]\nurl = "{url}"\ntoken = "{sent}"\n[analysis]\noutputs = ["regions"]\n'
+                'uncertainty_tile_um = 32\nmin_region_area_um2 = 200\n[models]\nnuclei = "my-nuclei"\n'
+            )
+            said[case] = _run_script(tmp_path, setup)[0]
+    notes = [
+        "pdl1: pdl1-config.toml's models.nuclei (my-nuclei) is `pdl1 run`'s; this analysis runs the models "
+        "`pdl1 serve` loaded (start it with --models for others)",
+        "pdl1: pdl1-config.toml's analysis.uncertainty_tile_um = 32 is `pdl1 run`'s; the service analyses with 64 µm "
+        "(pdl1 serve has no option for it)",
+    ]
+    asks = (
+        f"pdl1: the service at {base} wants the token it was started with (missing or wrong token: send "
+        f"'Authorization: Bearer <token>'); set service.token in {config} to it (pdl1 serve's --token, --token-file "
+        "or PDL1_TOKEN)"
+    )
+    assert said["no token"] == said["wrong token"] == [f"pdl1: settings from {config}", *notes, asks]
+    assert said["no scheme"][-1].startswith(f"pdl1: {base.removeprefix('http://')} is no address to call (")
+    assert said["no scheme"][-1].endswith(
+        "; set the address `pdl1 serve` prints when it starts, such as http://127.0.0.1:8765"
+    )
+    assert said["trailing slash"][:3] == [f"pdl1: settings from {config}", *notes]
+    assert said["trailing slash"][-1] == f"pdl1: analysed 1 of 1 regions of {slide_path.name}"
+
+
+@needs_groovy
+def test_target_classes_the_image_lacks_analyse_nothing_as_pdl1_run_fails_such_an_image(
+    tmp_path, service_of, level0_png
+):
+    # With target classes set and none in the image, the script analysed the whole image (pdl1 run fails the image):
+    # a whole-slide job, or on an image it uploads an empty "PD-L1 analysis" left behind. A selected nucleus is no
+    # target, and the log says so rather than going on as if nothing were selected.
+    client, slide_path = service_of
+    setup = _setup(
+        tmp_path, client, server="OpenslideImageServer", image=slide_path, level0=level0_png, annotations=[OCTAGON],
+        size=2048,
+    )  # fmt: skip
+    config = tmp_path / "pdl1-config.toml"
+    config.write_text(f'[service]\nurl = "{client.base_url}"\n[analysis]\ntarget_classes = ["Tumor"]\n')
+    log, seen = _run_script(tmp_path, {**setup, "select": "detection"})
+    assert log == [
+        f"pdl1: settings from {config}",
+        "pdl1: the 1 selected objects are no annotations or TMA cores of yours, so none is analysed as a selection; "
+        "select annotations (or TMA cores) to analyse those",
+        f"pdl1: nothing analysed: {slide_path.name} has no annotation of class ['Tumor'] or name [] (the target "
+        f"classes and names of {config}); draw or select the annotations to analyse, or empty the target classes and "
+        "names to analyse the whole image",
+    ]
+    assert seen == {"reads": [], "children": {"Tumor core": []}}
+
+
+@needs_groovy
+def test_a_whole_image_analysis_that_gets_no_results_leaves_no_empty_parent_and_a_failed_job_is_named(
+    tmp_path, service_of, level0_png
+):
+    # The whole image of a .czi is too large to upload: its "PD-L1 analysis" annotation, made for the run, stayed
+    # behind empty. A job that failed was logged as "job <id> failed: ..." without the region it was for.
+    client, slide_path = service_of
+    czi = slide_path.parent / "whole.czi"
+    czi.write_bytes(b"ZISRAWFILE" + bytes(200))
+    setup = _setup(
+        tmp_path, client, server="BioFormatsImageServer", image=czi, level0=level0_png, annotations=[], size=40000
+    )
+    log, seen = _run_script(tmp_path, setup)
+    assert log[-2].startswith("pdl1: PD-L1 analysis not analysed: the region is 20000 x 20000 px at downsample 2.00")
+    assert log[-1] == "pdl1: analysed 0 of 1 regions of whole.czi"
+    assert seen == {"reads": [], "children": {}}  # no annotation left at the root
+    # A small PNG states no µm/px, and QuPath has none for it: the job fails, naming the annotation.
+    png = slide_path.parent / "small.png"
+    Image.open(level0_png).crop((0, 0, 1500, 1500)).save(png)
+    setup = _setup(
+        tmp_path, client, server="OpenslideImageServer", image=png, level0=level0_png, annotations=[OCTAGON], size=1500
+    )
+    log, _ = _run_script(tmp_path, {**setup, "mpp": None})
+    assert re.fullmatch(
+        rf"pdl1: Tumor core not analysed: job [0-9a-f]+ failed: {re.escape(str(png))}: a plain PNG file states no "
+        r"microns per pixel\. Set the pixel size in QuPath \(Image tab: Pixel width/height\) .*",
+        log[-2],
+    ), log
+    assert log[-1] == "pdl1: analysed 0 of 1 regions of small.png"
 
 
 # ------------------------------------------------------------------- the upload against a path job on the same pixels

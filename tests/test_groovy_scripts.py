@@ -106,6 +106,19 @@ def test_the_groovy_reader_knows_the_keys_python_knows():
     assert keys == {f"{t}.{k}" for t, ks in SCHEMA.items() for k in ks}
 
 
+def test_the_sizes_the_script_says_the_service_analyses_with_are_the_pipelines():
+    # pdl1-config.toml's uncertainty_tile_um and min_region_area_um2 are pdl1 run's; the service (pdl1 serve has no
+    # option for them) uses PipelineConfig's, which the script names when the file sets others.
+    from inference.pipeline import PipelineConfig
+
+    sizes = dict(re.findall(r'"analysis\.(\w+)": \[([\d.]+)d, "', helpers()))
+    pipeline = PipelineConfig()
+    assert {k: float(v) for k, v in sizes.items()} == {
+        "uncertainty_tile_um": pipeline.uncertainty_tile_um,
+        "min_region_area_um2": pipeline.min_region_area_um2,
+    }
+
+
 @needs_groovy
 def test_the_groovy_reader_reads_what_tomllib_reads(tmp_path):
     rich = tmp_path / "rich.toml"
@@ -1475,7 +1488,7 @@ def test_the_script_says_when_a_core_marked_missing_keeps_an_earlier_runs_result
 def test_the_script_makes_the_whole_image_parent_only_once_the_service_answers():
     # Made before the health check, an empty "PD-L1 analysis" annotation stayed behind when no service answered.
     code = re.sub(r"//.*", "", ANALYZE.read_text().replace(helpers(), ""))
-    health = code.index('health = send(request("/v1/health").GET().build())')
+    health = code.index('client.send(request("/v1/health").GET().build()')
     assert "return" in code[health : health + 300] and health < code.index("createFullImageAnnotation(")
 
 

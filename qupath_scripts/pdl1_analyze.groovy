@@ -267,6 +267,17 @@ def runOnlyNotes = { Map values ->
     }
     return notes
 }
+// What went wrong, for the log: the first message in the exception's causes, else their class names. Java's HttpClient
+// throws a ConnectException without a message where nothing listens, and the log said "no service at ... (null)".
+def whyFailed = { Throwable error ->
+    def names = new LinkedHashSet()
+    for (def e = error; e != null; e = e.getCause() == e ? null : e.getCause()) {
+        if (e.getMessage())
+            return e.getMessage()
+        names << e.getClass().getSimpleName()
+    }
+    return names.join(", ")
+}
 // The service's address as the base of its paths, without the slash a pasted address may end with: every path was
 // then //v1/..., which the service answers 404, and the log said there was no service.
 def serviceBase = { String url -> url.trim().replaceAll('/+$', '') }
@@ -788,10 +799,10 @@ def request = { String path ->
         builder.header("Authorization", "Bearer " + TOKEN)
     return builder
 }
-// An error answer's detail (every error of the service is {"detail": ...}), else its body.
+// An error answer's detail (every error of the service is {"detail": ...}), else its body (text or bytes).
 def detailOf = { HttpResponse response ->
-    def detail = response.body()
-    try { detail = gson.fromJson(response.body(), Map.class).get("detail") } catch (Exception ignored) { }
+    def detail = response.body() instanceof byte[] ? new String(response.body() as byte[], "UTF-8") : response.body()
+    try { detail = gson.fromJson(detail as String, Map.class).get("detail") } catch (Exception ignored) { }
     return detail
 }
 def send = { HttpRequest req ->
@@ -971,10 +982,10 @@ try {
     }
     health = gson.fromJson(response.body(), Map.class)
 } catch (IllegalArgumentException e) {  // URI.create and HttpRequest.newBuilder: no http(s) address
-    println healthProblem(SERVER_URL, -1, e.getMessage(), tokenSetting)
+    println healthProblem(SERVER_URL, -1, whyFailed(e), tokenSetting)
     return
 } catch (Exception e) {
-    println healthProblem(SERVER_URL, 0, e.getMessage(), tokenSetting)
+    println healthProblem(SERVER_URL, 0, whyFailed(e), tokenSetting)
     return
 }
 // The whole image's parent only once the service answers: made before, it stayed behind, empty, when it did not.
@@ -1009,6 +1020,7 @@ def dropUnanalysedParent = {
         hierarchy.removeObjects([madeWholeImage], true)
     madeWholeImage = null
 }
+eachTarget:
 for (parent in targets) {
     def body = new LinkedHashMap()
     body.put("image", imagePath?.toString())
@@ -1026,7 +1038,7 @@ for (parent in targets) {
             accepted = submitPixels(parent, label(parent))
     } catch (IOException e) {
         // A request the service refuses (an ROI that crosses itself, ...) is this target's problem: go on with the next.
-        println "pdl1: ${label(parent)} not analysed: ${e.getMessage()}"
+        println "pdl1: ${label(parent)} not analysed: ${whyFailed(e)}"
         continue
     }
     def jobId = accepted.get("job_id")
@@ -1043,7 +1055,7 @@ for (parent in targets) {
             send(request(statusPath).DELETE().build())
             println "pdl1: stopped; job ${jobId} cancelled on the server"
         } catch (IOException e) {
-            println "pdl1: stopped; job ${jobId} could not be cancelled on the server (${e.getMessage()})"
+            println "pdl1: stopped; job ${jobId} could not be cancelled on the server (${whyFailed(e)})"
         }
     }
     while (true) {
@@ -1056,6 +1068,15 @@ for (parent in targets) {
         } catch (InterruptedException e) {
             cancel()
             return
+        } catch (IOException e) {
+            if (Thread.currentThread().isInterrupted()) {
+                cancel()
+                return
+            }
+            // The service stopped or restarted (its jobs do not survive that) while the job ran: said, not a Java
+            // stack trace that ended the script; the next targets say so too if it stays away.
+            println "pdl1: ${label(parent)} not analysed: lost job ${jobId} on the service (${whyFailed(e)})"
+            continue eachTarget
         }
         def state = status.get("state")
         if (state in ["done", "failed", "cancelled"])
@@ -1081,18 +1102,26 @@ for (parent in targets) {
     def objects = []
     def pdl1 = null
     def offset = 0
-    while (offset != null) {
-        def response = client.send(request(statusPath + "/result?offset=" + offset + "&limit=" + PAGE_SIZE).GET().build(),
-                HttpResponse.BodyHandlers.ofByteArray())
-        if (response.statusCode() >= 400)
-            throw new IOException("pdl1 result: HTTP ${response.statusCode()}")
-        def bytes = response.body()
-        objects.addAll(PathIO.readObjectsFromGeoJSON(new ByteArrayInputStream(bytes)))
-        pdl1 = gson.fromJson(new String(bytes, "UTF-8"), Map.class).get("pdl1")
-        def next = pdl1.get("next_offset")
-        offset = next == null ? null : (next as int)
+    try {
+        while (offset != null) {
+            def response = client.send(request(statusPath + "/result?offset=" + offset + "&limit=" + PAGE_SIZE).GET()
+                    .build(), HttpResponse.BodyHandlers.ofByteArray())
+            if (response.statusCode() >= 400)  // 410: released, with many jobs of others (pdl1 serve --keep-results)
+                throw new IOException("the service answered ${response.statusCode()}: ${detailOf(response)}")
+            def bytes = response.body()
+            objects.addAll(PathIO.readObjectsFromGeoJSON(new ByteArrayInputStream(bytes)))
+            pdl1 = gson.fromJson(new String(bytes, "UTF-8"), Map.class).get("pdl1")
+            def next = pdl1.get("next_offset")
+            offset = next == null ? null : (next as int)
+        }
+    } catch (IOException e) {  // an exception, not a message, ended the script before the next targets
+        println "pdl1: ${label(parent)} not analysed: job ${jobId}'s result could not be fetched (${whyFailed(e)})"
+        continue eachTarget
     }
-    send(request(statusPath).DELETE().build())  // the result is here now: let the service release it
+    try {
+        send(request(statusPath).DELETE().build())  // the result is here now: let the service release it
+    } catch (IOException ignored) {  // the service releases old results itself (pdl1 serve --keep-results)
+    }
     if (choice.source == "TMA cores" && !wholeImageRemoved) {  // once, when the first core's results are here
         def analyses = hierarchy.getAnnotationObjects().findAll {
             it.getPathClass() != null && it.getPathClass().toString() == ANALYSIS_CLASS &&

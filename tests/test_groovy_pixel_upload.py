@@ -757,6 +757,54 @@ def test_a_whole_image_analysis_that_gets_no_results_leaves_no_empty_parent_and_
     assert log[-1] == "pdl1: analysed 0 of 1 regions of small.png"
 
 
+@needs_groovy
+def test_a_service_stopped_while_its_job_runs_is_said_and_a_missing_one_named_without_null(
+    tmp_path, service_of, level0_png
+):
+    # Stopped (or restarted: jobs do not survive it) while the script polled, the service's absence ended the script
+    # with a Java ConnectException and no word of which region; with nothing listening, the log said "(null)".
+    from tests.test_groovy_scripts import CLASSPATH
+
+    _, slide_path = service_of
+    settings = ServiceSettings(
+        port=free_port(), allow_roots=(slide_path.parent,), pipeline=PipelineConfig(device="cpu")
+    )
+    whole = {"name": "whole section", "vertices": [[0, 0], [2048, 0], [2048, 2048], [0, 2048]]}
+    (tmp_path / "run.groovy").write_text(RUN_SCRIPT)
+    classpath = f"{CLASSPATH}{os.pathsep}{STAND_INS}"
+    command = [
+        "java",
+        "-cp",
+        classpath,
+        "groovy.ui.GroovyMain",
+        str(tmp_path / "run.groovy"),
+        str(tmp_path / "setup.json"),
+    ]
+    with served(settings, Models(PipelineConfig(device="cpu"))) as client:
+        setup = _setup(
+            tmp_path, client, server="OpenslideImageServer", image=slide_path, level0=level0_png, annotations=[whole],
+            size=2048,
+        )  # fmt: skip
+        (tmp_path / "setup.json").write_text(json.dumps({"script": str(ANALYZE), **setup}))
+        script = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log = []
+        for line in script.stdout:  # the service stops once the job is polled
+            log.append(line.rstrip())
+            if line.startswith(("pdl1: queued", "pdl1: running")):
+                break
+    out, _ = script.communicate(timeout=300)
+    log += [line for line in out.splitlines() if line.startswith("pdl1:")]
+    assert script.returncode == 0, out
+    assert re.fullmatch(r"pdl1: whole section not analysed: lost job [0-9a-f]+ on the service \(.+\)", log[-2]), log
+    assert "null" not in log[-2]
+    assert log[-1] == f"pdl1: analysed 0 of 1 regions of {slide_path.name}"
+    log, _ = _run_script(tmp_path, setup)
+    assert log[-1] == (
+        f"pdl1: no service at {client.base_url} (ConnectException, ClosedChannelException); start it with "
+        "`pdl1 serve --allow-root <slides folder>`"
+    )
+
+
 # ------------------------------------------------------------------- the upload against a path job on the same pixels
 
 

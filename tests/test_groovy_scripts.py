@@ -120,6 +120,23 @@ def test_the_sizes_the_script_says_the_service_analyses_with_are_the_pipelines()
 
 
 @needs_groovy
+def test_what_went_wrong_is_said_without_null(tmp_path):
+    # Java's HttpClient throws a ConnectException without a message where nothing listens: "no service at ... (null)".
+    driver = """
+def refused = new java.net.ConnectException()
+refused.initCause(new java.nio.channels.ClosedChannelException())
+println JsonOutput.toJson([whyFailed(refused), whyFailed(new IOException("pdl1 service answered 409: busy")),
+        whyFailed(new IOException(new java.net.ConnectException("Connection refused")))])
+"""
+    (said,) = run_groovy(tmp_path, driver)
+    assert said == [
+        "ConnectException, ClosedChannelException",
+        "pdl1 service answered 409: busy",
+        "java.net.ConnectException: Connection refused",
+    ]
+
+
+@needs_groovy
 def test_the_groovy_reader_reads_what_tomllib_reads(tmp_path):
     rich = tmp_path / "rich.toml"
     rich.write_text(

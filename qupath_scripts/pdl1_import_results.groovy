@@ -5,7 +5,8 @@
  * (a "PD-L1 analysis" annotation with its measurements, then its children: PD-L1 positive regions,
  * SUA false-negative candidates, uncertainty tiles and nuclei) and summary.json (entry metadata).
  * This script puts them into the open image, under the right parent, replacing what an earlier
- * pdl1-bridge run wrote and leaving every other object alone.
+ * pdl1-bridge run wrote and leaving every other object alone. Where `pdl1 run` went through QuPath and analysed
+ * annotations or TMA cores, their results are in the image already: nothing is imported, and the log says so.
  *
  * Run it for the whole project: Automate > Project scripts (or Script editor) > Run for project,
  * or headless (-s is --save: write each image's data): QuPath script -p project.qpproj -s pdl1_import_results.groovy
@@ -253,6 +254,14 @@ def tmaGridNote = { grid, String image ->
             "core on its own, run pdl1_analyze.groovy on this image with `pdl1 serve` running, or `pdl1 run` on the " +
             "project with QuPath installed (paquo finds it through PAQUO_QUPATH_DIR)").toString()
 }
+// The annotations and TMA cores a summary.json's run analysed (its "targets": bridge/targets.py's rows, target_type
+// "annotation" or "TMA core"), none where it analysed the whole image. Only `pdl1 run` through QuPath (paquo) reads
+// them, and it writes their results into the image itself, keeping beside them objects.geojson of the first target
+// alone under a whole-image "PD-L1 analysis": imported, that target's objects went in twice, the second time on an
+// outline of the whole image carrying the first target's TPS. Their names, in the summary's order.
+def targetsInQuPath = { Map summary ->
+    return (summary.get("targets") ?: []).findAll { it.target_type != "whole image" }.collect { it.target as String }
+}
 // ---- end of helpers ------------------------------------------------------------------------
 
 def project = getProject()
@@ -266,6 +275,15 @@ def folder = new File(new File(projectDir, RESULTS_FOLDER), entry.getID())
 def geojson = new File(folder, "objects.geojson")
 if (!geojson.isFile()) {
     println "pdl1: no results for ${entry.getImageName()} (expected ${geojson}); run `pdl1 run` on the project first"
+    return
+}
+def summaryFile = new File(folder, "summary.json")
+def summary = summaryFile.isFile() ? GsonTools.getInstance().fromJson(summaryFile.getText("UTF-8"), Map.class) : null
+def inQuPath = summary == null ? [] : targetsInQuPath(summary)
+if (!inQuPath.isEmpty()) {
+    println "pdl1: nothing imported for ${entry.getImageName()}: `pdl1 run` analysed its ${inQuPath.size()} " +
+            "annotations or TMA cores (${inQuPath.join(', ')}) through QuPath and wrote their results into the image " +
+            "itself; ${geojson} holds the first one's alone. Open the image again (File > Reload data) to see them"
     return
 }
 
@@ -318,9 +336,7 @@ def tmaNote = tmaGridNote(hierarchy.getTMAGrid(), entry.getImageName())
 if (tmaNote != null)
     println tmaNote
 
-def summaryFile = new File(folder, "summary.json")
-if (summaryFile.isFile()) {
-    def summary = GsonTools.getInstance().fromJson(summaryFile.getText("UTF-8"), Map.class)
+if (summary != null) {
     def metadata = summary.get("metadata")
     if (metadata != null) {
         def values = metadataToImport(metadata, folder.getParentFile())  // not `imported`: the objects' name above

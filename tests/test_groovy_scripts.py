@@ -1634,3 +1634,42 @@ def test_the_import_script_puts_a_batch_runs_sidecars_under_its_analysis_and_a_r
     assert first["top"] == second["top"] == expected
     assert second["metadata"] == {"case": "B12", "PD-L1 TPS (manual)": "5", **metadata}
     assert (first["synced"], second["synced"]) == (1, 2)
+
+
+@needs_groovy
+def test_the_import_script_leaves_alone_results_pdl1_run_wrote_into_qupath_itself(tmp_path):
+    # pdl1 run through QuPath (paquo) writes each TMA core's (or annotation's) objects into the image, and keeps
+    # objects.geojson of the first core alone under a whole-image "PD-L1 analysis": imported, that core's objects went
+    # in a second time on an outline of the whole image, with its TPS.
+    from shapely.geometry import Point, box
+
+    from bridge.qupath_geojson import QuPathObject, to_feature, write_features
+    from bridge.targets import TMA_CORE, WHOLE_IMAGE
+
+    project = tmp_path / "project"
+    results = project / "pdl1" / "7"
+    results.mkdir(parents=True)
+    objects = [
+        QuPathObject(box(0, 0, 1000, 800), "annotation", "PD-L1 analysis", {"PD-L1: Uncertainty flag": 0.0}),
+        QuPathObject(Point(20, 20), "detection", "Tumor: Positive", {"PD-L1 positive probability": 0.8}),
+    ]
+    write_features(results / "objects.geojson", (to_feature(o) for o in objects))
+    setup = {"script": str(IMPORT), "project": str(project / "project.qpproj"), "entry": "7", "grid": True, "runs": 1,
+             "metadata": {"case": "B12"}}  # fmt: skip
+    (tmp_path / "setup.json").write_text(json.dumps(setup))
+    said = {}
+    for kind in (TMA_CORE, WHOLE_IMAGE):
+        rows = [{"target": "A-1", "target_type": kind}, {"target": "A-2", "target_type": kind}]
+        if kind == WHOLE_IMAGE:
+            rows = [{"target": "PD-L1 analysis", "target_type": kind}]
+        (results / "summary.json").write_text(json.dumps({"metadata": {"PD-L1 run": "r1"}, "targets": rows}))
+        out = _groovy_main(tmp_path, IMPORT_RUN, str(tmp_path / "setup.json"))
+        assert out.returncode == 0, out.stdout + out.stderr
+        said[kind] = [line for line in out.stdout.splitlines() if line.startswith(("pdl1:", "{"))]
+    assert said[TMA_CORE] == [
+        "pdl1: nothing imported for tma.svs: `pdl1 run` analysed its 2 annotations or TMA cores (A-1, A-2) through "
+        f"QuPath and wrote their results into the image itself; {results / 'objects.geojson'} holds the first one's "
+        "alone. Open the image again (File > Reload data) to see them",
+        json.dumps({"top": [], "metadata": {"case": "B12"}, "synced": 0}, separators=(",", ":")),
+    ]
+    assert said[WHOLE_IMAGE][-2] == "pdl1: imported 1 objects under 'PD-L1 analysis' for tma.svs"

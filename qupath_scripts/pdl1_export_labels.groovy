@@ -10,7 +10,7 @@
  * Run it for the whole project: Automate > Project scripts (or Script editor) > Run for project,
  * or headless (-s is --save: write each image's data): QuPath script -p project.qpproj -s pdl1_export_labels.groovy
  *
- * Nothing to edit below unless you want the files elsewhere.
+ * Nothing to edit below: `pdl1 train` looks for the files in <project>/pdl1/labels alone, so LABELS_FOLDER stays so.
  */
 import java.nio.charset.StandardCharsets
 import java.nio.file.Files
@@ -18,7 +18,7 @@ import java.nio.file.StandardCopyOption
 import qupath.lib.io.GsonTools
 
 // ---- settings ----------------------------------------------------------------------------
-def LABELS_FOLDER = "pdl1/labels"   // relative to the project folder (bridge/labels.py: EXPORT_FOLDER)
+def LABELS_FOLDER = "pdl1/labels"   // in the project folder, where pdl1 train reads (bridge/labels.py: EXPORT_FOLDER)
 // ------------------------------------------------------------------------------------------
 
 def project = getProject()

@@ -641,9 +641,8 @@ def uploadRegion = { double boundsX, double boundsY, double boundsWidth, double 
     return [x: x, y: y, width: x1 - x, height: y1 - y,
             widthPx: Math.max(1L, Math.round((x1 - x) / downsample)), heightPx: Math.max(1L, Math.round((y1 - y) / downsample))]
 }
-// Why a region is not sent (null: it may be): over the service's upload limits (GET /v1/health: upload_limits,
-// pdl1 serve's max_upload_px and max_request_bytes), in pixels before it is rendered, in bytes once it is a PNG
-// (bytes < 0: not yet encoded). Says how big it is, the limit, and what to do.
+// Why a region is not sent (null: it may be): over the service's upload limits (GET /v1/health: upload_limits, fixed
+// in the service), in pixels before it is rendered, in bytes once it is a PNG (bytes < 0: not yet encoded). Says how big it is, the limit, and what to do.
 def uploadTooLarge = { long widthPx, long heightPx, long bytes, Map limits, double downsample ->
     def fix = "draw smaller annotations around the tissue to analyse (or split this one), or let the service open " +
             "the image: export it from QuPath as OME-TIFF (File > Export images...) into a folder the service " +
@@ -653,11 +652,11 @@ def uploadTooLarge = { long widthPx, long heightPx, long bytes, Map limits, doub
     long maxPx = limits.max_px as long
     if (widthPx * heightPx > maxPx)
         return ("the region is ${size} (${widthPx * heightPx} px), over the ${maxPx} px the service takes in an " +
-                "upload (pdl1 serve's max_upload_px): ${fix}").toString()
+                "upload (upload_limits.max_px of GET /v1/health): ${fix}").toString()
     long maxBytes = limits.max_bytes as long
     if (bytes > maxBytes)
         return ("the region's PNG (${size}) is ${mib(bytes)}, over the ${mib(maxBytes)} the service takes in an " +
-                "upload (pdl1 serve's max_request_bytes): ${fix}").toString()
+                "upload (upload_limits.max_bytes of GET /v1/health): ${fix}").toString()
     return null
 }
 // The rendered region as an ARGB image, its colours kept, with alpha 255 where a pixel's centre lies in the shape (a

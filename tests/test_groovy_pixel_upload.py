@@ -143,9 +143,9 @@ println JsonOutput.toJson([
     )
     assert said == {
         "pixels": "the region is 9000 x 8000 px at downsample 2.00 (72000000 px), over the 67108864 px the service "
-        f"takes in an upload (pdl1 serve's max_upload_px): {fix}",
+        f"takes in an upload (upload_limits.max_px of GET /v1/health): {fix}",
         "bytes": "the region's PNG (8000 x 8000 px at downsample 2.00) is 70.0 MiB, over the 64.0 MiB the service "
-        f"takes in an upload (pdl1 serve's max_request_bytes): {fix}",
+        f"takes in an upload (upload_limits.max_bytes of GET /v1/health): {fix}",
         "fits": None,
     }
 
@@ -571,10 +571,10 @@ def test_the_script_sends_the_pixels_of_an_image_the_service_cannot_open(tmp_pat
     # Too large to send: said, with the limit and what to do, and the next annotation is still analysed.
     assert log[2] == (
         "pdl1: whole section not analysed: the region is 10000 x 10000 px at downsample 2.00 (100000000 px), over "
-        "the 67108864 px the service takes in an upload (pdl1 serve's max_upload_px): draw smaller annotations "
-        "around the tissue to analyse (or split this one), or let the service open the image: export it from QuPath "
-        "as OME-TIFF (File > Export images...) into a folder the service opens (pdl1 serve --allow-root) and analyse "
-        "that"
+        "the 67108864 px the service takes in an upload (upload_limits.max_px of GET /v1/health): draw smaller "
+        "annotations around the tissue to analyse (or split this one), or let the service open the image: export it "
+        "from QuPath as OME-TIFF (File > Export images...) into a folder the service opens (pdl1 serve --allow-root) "
+        "and analyse that"
     )
     # With the tissue around it to the segmentation's tile (512 µm, 1024 level-0 px) as context.
     assert re.fullmatch(

@@ -22,11 +22,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
 from bridge.classes import PDL1_ANALYSIS
-from bridge.objects import candidate_objects, parent_measurements, region_objects, result_features, tile_objects
+from bridge.objects import (
+    candidate_objects,
+    parent_measurements,
+    qupath_classes,
+    region_objects,
+    result_features,
+    tile_objects,
+)
 from bridge.options import option_setting
 from bridge.project import (
     PDL1_DIR,
@@ -55,6 +63,7 @@ from bridge.targets import (
     TMA_CORES,
     WHOLE_IMAGE,
     TargetChoice,
+    TargetNuclei,
     TargetRow,
     analysed_row,
     choose_targets,
@@ -323,12 +332,21 @@ def summed_numbers(results: list[SlideResult]) -> dict[str, Any]:
 
 def region_children(result: SlideResult, *, include_tiles: bool = True) -> Iterator[QuPathObject]:
     """A result's positive regions, SUA candidates and (``include_tiles``) uncertainty tiles: its objects but the
-    nuclei, which :data:`TARGET_REGIONS_FILE` leaves to QuPath (a TMA's cells, copied for every core, would outweigh
-    all else)."""
+    nuclei, which :data:`TARGET_REGIONS_FILE` keeps as arrays (:func:`written_nuclei`; a TMA's cells as GeoJSON
+    features would outweigh all else)."""
     yield from region_objects(result)
     yield from candidate_objects(result)
     if include_tiles:
         yield from tile_objects(result)
+
+
+def written_nuclei(result: SlideResult) -> TargetNuclei:
+    """A result's nuclei as they are written into QuPath (positions, and the classes QuPath gets: an IHC's graded
+    ``Tumor: 1+`` ...), for :data:`TARGET_REGIONS_FILE`; none where the nuclei model did not run."""
+    if result.nuclei is None:
+        return TargetNuclei(np.zeros((0, 2)), np.zeros(0, np.int64), ())
+    names, index = qupath_classes(result.nuclei)
+    return TargetNuclei(np.asarray(result.nuclei.xy, np.float64).reshape(-1, 2), np.asarray(index), tuple(names))
 
 
 def whole_image_row(job: _Job, result: SlideResult, entry_id: str | None) -> TargetRow:
@@ -388,8 +406,9 @@ def write_result_files(
 
     ``result`` is the first (or only) target's: the GeoJSON holds its results, as ``pdl1_import_results.groovy``
     imports them. Where several targets were analysed (``targets``: each one's name and result), every one's
-    regions, SUA candidates and tiles go to :data:`TARGET_REGIONS_FILE` beside it (for ``pdl1 review-queue``), before
-    the summary; with one target an earlier run's such file is removed after the summary.
+    regions, SUA candidates, tiles and nuclei go to :data:`TARGET_REGIONS_FILE` beside it (for ``pdl1 review-queue``,
+    the report and ``pdl1 train --from-review``), before the summary; with one target an earlier run's such file is
+    removed after the summary.
 
     A file that cannot be written is a :class:`ProjectError` naming it and the fix: a full drive failed each image
     left with "OSError: [Errno 28] No space left on device", naming no file, drive or way on.
@@ -404,6 +423,7 @@ def write_result_files(
                 regions,
                 run_id=summary.get("run_id"),
                 targets=[(name, region_children(r, include_tiles=include_tiles)) for name, r in targets],
+                nuclei=[written_nuclei(r) for _, r in targets],
             )
         path = summary_path
         write_json_atomic(summary_path, summary)

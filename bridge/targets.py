@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import numpy as np
 from shapely.errors import ShapelyError
 from shapely.geometry import mapping, shape
 from shapely.geometry.base import BaseGeometry
@@ -297,10 +298,15 @@ def write_target_table(path: Path, rows: Iterable[TargetRow]) -> Path:
 
 # <project>/pdl1/<entry ID>/target_regions.json, beside objects.geojson, of an image where several targets were
 # analysed: every target's positive regions, SUA candidates and uncertainty tiles, as QuPath GeoJSON features under
-# the target's name. objects.geojson keeps the first target's results only (pdl1_import_results.groovy imports it
-# under one "PD-L1 analysis" annotation); each target's own are under it in QuPath. `pdl1 review-queue` lists
-# regions from this file.
+# the target's name, and its nuclei as the run wrote them into QuPath (``nuclei``: parallel arrays of x, y in level-0
+# px rounded to 0.1 px and an index into the target's class names; a TMA's cells as GeoJSON features would outweigh
+# all else). objects.geojson keeps the first target's results only (pdl1_import_results.groovy imports it under one
+# "PD-L1 analysis" annotation); each target's own are under it in QuPath. `pdl1 review-queue` lists regions from
+# this file, the report draws them, and `pdl1 train --from-review` tells a person's review in every target from the
+# run's output by it (bridge.labels.WrittenObjects).
 TARGET_REGIONS_FILE = "target_regions.json"
+# Nuclei positions are kept to this many decimals of a level-0 px (a 0.05 px error; a review is matched within 1 px).
+NUCLEI_XY_DECIMALS = 1
 
 
 def target_regions_path(geojson: Path) -> Path:
@@ -312,22 +318,91 @@ def target_regions_path(geojson: Path) -> Path:
 
 
 @dataclass(frozen=True)
+class TargetNuclei:
+    """A target's nuclei as a run wrote them into QuPath: positions and class names.
+
+    ``xy``: (N, 2) float64, level-0 px; ``class_index``: (N,) int, into ``class_names`` (QuPath's class names, as
+    ``bridge.objects.qupath_classes`` gives them).
+
+    >>> n = TargetNuclei(np.array([[10.0, 20.0], [30.5, 40.0]]), np.array([1, 0]), ("Tumor: Positive", "Other"))
+    >>> n.classes
+    ('Other', 'Tumor: Positive')
+    """
+
+    xy: np.ndarray
+    class_index: np.ndarray
+    class_names: tuple[str, ...]
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Each nucleus's class name."""
+        return tuple(self.class_names[int(i)] for i in self.class_index)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``nuclei`` member of a target in :data:`TARGET_REGIONS_FILE`.
+
+        >>> TargetNuclei(np.array([[10.04, 20.06]]), np.array([0]), ("Other",)).to_json()
+        {'class_names': ['Other'], 'x': [10.0], 'y': [20.1], 'class': [0]}
+        """
+        xy = np.round(np.asarray(self.xy, np.float64).reshape(-1, 2), NUCLEI_XY_DECIMALS)
+        if not np.isfinite(xy).all():
+            raise ValueError("a nucleus position is not a finite number")
+        return {
+            "class_names": list(self.class_names),
+            "x": xy[:, 0].tolist(),
+            "y": xy[:, 1].tolist(),
+            "class": [int(i) for i in self.class_index],
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> TargetNuclei:
+        """From a ``nuclei`` member; one that is not one raises ValueError saying what is wrong."""
+        if not isinstance(data, dict):
+            raise ValueError(f"nuclei are not an object of arrays: {data!r:.80}")
+        try:
+            names = tuple(str(n) for n in data["class_names"])
+            x = np.asarray(data["x"], np.float64)
+            y = np.asarray(data["y"], np.float64)
+            index = np.asarray(data["class"], np.int64)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"nuclei without arrays 'x', 'y', 'class' and 'class_names' ({err!r})") from err
+        if not (x.ndim == y.ndim == index.ndim == 1 and len(x) == len(y) == len(index)):
+            raise ValueError(f"nuclei arrays of different lengths: x {x.shape}, y {y.shape}, class {index.shape}")
+        if len(index) and (index.min() < 0 or index.max() >= len(names)):
+            raise ValueError(f"a nucleus class index outside the {len(names)} class names")
+        return cls(np.column_stack([x, y]).reshape(-1, 2), index, names)
+
+
+@dataclass(frozen=True)
 class TargetRegions:
     """What :data:`TARGET_REGIONS_FILE` holds: the run that wrote it and each analysed target's name (as
-    :func:`target_labels` gives it) with its objects."""
+    :func:`target_labels` gives it) with its objects; ``nuclei``: each target's nuclei in the same order, None for a
+    target whose record has none (a file written before nuclei were kept)."""
 
     run_id: str | None
     targets: tuple[tuple[str, tuple[QuPathObject, ...]], ...]
+    nuclei: tuple[TargetNuclei | None, ...] = ()
 
 
 def write_target_regions(
-    path: Path, *, run_id: str | None, targets: Iterable[tuple[str, Iterable[QuPathObject]]]
+    path: Path,
+    *,
+    run_id: str | None,
+    targets: Iterable[tuple[str, Iterable[QuPathObject]]],
+    nuclei: Sequence[TargetNuclei] | None = None,
 ) -> Path:
-    """Write :data:`TARGET_REGIONS_FILE` atomically; each object is checked as QuPath's reader would."""
+    """Write :data:`TARGET_REGIONS_FILE` atomically; each object is checked as QuPath's reader would.
+
+    ``nuclei``: each target's, in the targets' order (None: none kept, as files of earlier versions)."""
     record = {
         "run_id": run_id,
         "targets": [{"target": name, "features": [to_feature(o) for o in objects]} for name, objects in targets],
     }
+    if nuclei is not None:
+        if len(nuclei) != len(record["targets"]):
+            raise ValueError(f"nuclei of {len(nuclei)} targets for {len(record['targets'])} targets")
+        for target, kept in zip(record["targets"], nuclei, strict=True):
+            target["nuclei"] = kept.to_json()
     for target in record["targets"]:
         for feature in target["features"]:
             validate_feature(feature)
@@ -341,10 +416,14 @@ def read_target_regions(path: Path) -> TargetRegions:
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(data, dict) or not isinstance(data.get("targets"), list):
         raise ValueError("not a list of targets' regions (no 'targets' list)")
-    out = []
+    out, nuclei = [], []
     for target in data["targets"]:
         if not isinstance(target, dict) or not isinstance(target.get("features"), list):
             raise ValueError(f"a target without a list of features: {target!r:.80}")
         out.append((str(target.get("target")), tuple(from_feature(f) for f in target["features"])))
+        try:
+            nuclei.append(None if target.get("nuclei") is None else TargetNuclei.from_json(target["nuclei"]))
+        except ValueError as err:
+            raise ValueError(f"target {target.get('target')!r}: {err}") from err
     run_id = data.get("run_id")
-    return TargetRegions(None if run_id is None else str(run_id), tuple(out))
+    return TargetRegions(None if run_id is None else str(run_id), tuple(out), tuple(nuclei))

@@ -1,6 +1,7 @@
 """What ``pdl1 run`` analyses of an entry (annotations, TMA cores, the whole image) and the per-target table."""
 
 import csv
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -229,6 +230,37 @@ def test_a_target_row_keeps_the_numbers_the_review_queue_scores_it_by(tmp_path: 
         "PD-L1 FN candidate",
         {"SUA score": 0.9},
     )
+    assert record.nuclei == (None, None)  # none given: as a file written before nuclei were kept
     path.write_text('{"targets": [{"target": "A-1"}]}')
     with pytest.raises(ValueError, match="a target without a list of features"):
         read_target_regions(path)
+
+
+def test_target_regions_keep_each_target_s_nuclei_as_arrays_to_a_tenth_of_a_pixel(tmp_path: Path):
+    # `pdl1 train --from-review` tells a reclassified nucleus of any target by them; objects.geojson holds the
+    # first target's alone.
+    import numpy as np
+
+    from bridge.targets import TargetNuclei, read_target_regions, write_target_regions
+
+    names = ("Tumor: Positive", "Tumor: Negative", "Other")
+    a = TargetNuclei(np.array([[10.04, 20.06], [1234.56, 7.0]]), np.array([2, 0]), names)
+    none = TargetNuclei(np.zeros((0, 2)), np.zeros(0, np.int64), ())  # a target where the nuclei model did not run
+    path = write_target_regions(
+        tmp_path / "target_regions.json", run_id="r1", targets=[("A-1", []), ("C-4", [])], nuclei=[a, none]
+    )
+    stored = json.loads(path.read_text())["targets"][0]["nuclei"]
+    assert stored == {"class_names": list(names), "x": [10.0, 1234.6], "y": [20.1, 7.0], "class": [2, 0]}
+    first, second = read_target_regions(path).nuclei
+    assert first.xy.tolist() == [[10.0, 20.1], [1234.6, 7.0]] and first.classes == ("Other", "Tumor: Positive")
+    assert first.xy.shape == (2, 2) and second.xy.shape == (0, 2) and second.classes == ()
+    with pytest.raises(ValueError, match="nuclei of 1 targets for 2 targets"):
+        write_target_regions(path, run_id="r1", targets=[("A-1", []), ("C-4", [])], nuclei=[a])
+    for bad, says in (
+        ({"class_names": ["Other"], "x": [1.0], "y": [], "class": [0]}, "arrays of different lengths"),
+        ({"class_names": ["Other"], "x": [1.0], "y": [2.0], "class": [1]}, "class index outside the 1 class names"),
+        ({"x": [1.0]}, "nuclei without arrays"),
+    ):
+        path.write_text(json.dumps({"run_id": "r1", "targets": [{"target": "A-1", "features": [], "nuclei": bad}]}))
+        with pytest.raises(ValueError, match=f"target 'A-1': .*{says}"):
+            read_target_regions(path)

@@ -19,9 +19,12 @@ slides"):
 * Objects pdl1-bridge wrote (its signature measurements) are not labels while they are as it wrote
   them. A candidate or predicted region a person reclassified ``PD-L1 positive`` or ``PD-L1 negative``
   is a label with ``from_review``; without it, it is skipped and counted. Where the last run's own
-  output is at hand (:class:`WrittenObjects`, a project's ``pdl1/<entry ID>/objects.geojson``), two more
-  review actions are labels with ``from_review``: a nucleus whose class a person changed is a point of
-  its new class, and a ``PD-L1 FN candidate`` a person deleted was dismissed, so its area is negative.
+  output is at hand (:class:`WrittenObjects`, a project's ``pdl1/<entry ID>/objects.geojson``, and its
+  ``target_regions.json`` for every target of an image where several were analysed), two more review
+  actions are labels with ``from_review``: a nucleus whose class a person changed is a point of its new
+  class, and a ``PD-L1 FN candidate`` a person deleted was dismissed, so its area is negative. Where an
+  image's several targets left no such record of the summary's run (an earlier version), only the first
+  target's output is at hand, and the reviews of the others are counted as not read.
 
 Everything else (lines, other classes, unclassified objects) is counted as skipped, except an area whose class
 says positive (QuPath's ``Positive``) lying in a training region: it would train as negative, and is refused.
@@ -60,6 +63,7 @@ from bridge.objects import OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE, TI
 from bridge.pairs import IHC_NEEDS_REVIEW
 from bridge.project import ProjectEntry, ProjectInfo, locate_image, read_project, sidecar_dir
 from bridge.qupath_geojson import QuPathObject, read_features
+from bridge.targets import MISSING, TARGET_REGIONS_FILE, read_target_regions
 from inference import IHC_CELL_RADIUS_UM, MppAdvice, Pdl1Error, Slide, SlideLabels, UnlabeledSlide
 
 log = logging.getLogger(__name__)
@@ -77,6 +81,23 @@ _OVERLAP_TOLERANCE_PX2 = 1.0
 
 # The count of paired IHC areas whose IHC's own analysis was flagged for review (pdl1 train warns of them).
 DOUBTFUL_IHC_COUNT = "paired IHC positive areas whose IHC analysis needs review"
+# Counted (the number of targets) where the last run analysed several targets of an image (TMA cores, annotations)
+# but left no record of every target's output of the summary's run (target_regions.json; an earlier version): the
+# first target's alone is at hand, so the FN candidates a person deleted and the nuclei a person reclassified in the
+# others cannot be told from the tool's output (pdl1 train warns of them).
+UNREAD_TARGETS_COUNT = (
+    "not read: targets but the first, their deleted FN candidates and reclassified nuclei (the last run kept the "
+    "first's output only)"
+)
+# The same for nuclei alone: a record of every target's regions written before their nuclei were kept.
+UNREAD_TARGET_NUCLEI_COUNT = (
+    "not read: targets but the first, their reclassified nuclei (the last run kept the first's only)"
+)
+# What to do about either: a run replaces the objects it wrote, reviewed ones too, so a review made before it is gone.
+UNREAD_TARGETS_FIX = (
+    "to train on such reviews, run the image again (`pdl1 run PROJECT` without --resume; it replaces the objects it "
+    "wrote, reviewed ones too) and review it after that run"
+)
 
 
 class LabelError(Pdl1Error, ValueError):
@@ -213,13 +234,16 @@ _SAME_CANDIDATE_IOU = 0.9
 class WrittenObjects:
     """What the last ``pdl1 run`` wrote for an image: its nuclei (positions and classes) and FN candidates.
 
-    Read from the run's own GeoJSON (a project's ``pdl1/<entry ID>/objects.geojson``), so that a review
-    can be told from the tool's output: a nucleus's class as written, a candidate a person deleted.
+    Read from the run's own output (:meth:`of_entry`: a project's ``pdl1/<entry ID>/objects.geojson``, and its
+    ``target_regions.json`` where several targets were analysed), so that a review can be told from the tool's
+    output: a nucleus's class as written, a candidate a person deleted. ``not_read``: (count name, number of
+    targets) of the targets whose output was not at hand, which :func:`labels_from_objects` counts.
     """
 
     nuclei_xy: np.ndarray  # (N, 2) level-0 px
     nuclei_class: tuple[str, ...]
     candidates: tuple[BaseGeometry, ...]
+    not_read: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_objects(cls, objects: Iterable[QuPathObject]) -> WrittenObjects:
@@ -246,6 +270,80 @@ class WrittenObjects:
                 f"{path}: the last run's output is not readable GeoJSON ({err}); run `pdl1 run` on the project "
                 "again, or train without --from-review"
             ) from err
+
+    @classmethod
+    def of_entry(cls, folder: Path) -> WrittenObjects | None:
+        """What the last run wrote for a project entry, from its sidecar folder (``pdl1/<entry ID>``); None where it
+        left no output there.
+
+        Where its summary lists several analysed targets (TMA cores, annotations), every target's candidates and
+        nuclei come from :data:`~bridge.targets.TARGET_REGIONS_FILE` of the summary's run (objects.geojson holds
+        the first target's alone). Where that file is missing or of another run, objects.geojson is read and the
+        other targets are counted in ``not_read`` (with a warning); so are their nuclei where the file keeps none
+        (written before nuclei were kept). A file that does not read raises :class:`LabelError` with the fix.
+        """
+        geojson, summary_path, regions_path = (
+            folder / "objects.geojson",
+            folder / "summary.json",
+            folder / TARGET_REGIONS_FILE,
+        )
+        fix = "run `pdl1 run` on the project again, or train without --from-review"
+        summary = None
+        if summary_path.is_file():
+            try:
+                summary = json.loads(summary_path.read_text(encoding="utf-8"))
+                if not isinstance(summary, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as err:
+                raise LabelError(f"{summary_path}: the last run's summary does not read ({err}); {fix}") from err
+        rows = [] if summary is None else summary.get("targets")
+        analysed = (
+            [r for r in rows if isinstance(r, dict) and r.get("state") != MISSING] if isinstance(rows, list) else []
+        )
+        record, why = None, f"there is no {regions_path} (an earlier version wrote the first target's alone)"
+        if regions_path.is_file() and summary is not None:
+            try:
+                record = read_target_regions(regions_path)
+            except (OSError, ValueError) as err:
+                raise LabelError(f"{regions_path}: the last run's output does not read ({err}); {fix}") from err
+            if record.run_id != summary.get("run_id"):
+                why = f"{regions_path} is of run {record.run_id}, not of the summary's ({summary.get('run_id')})"
+                record = None
+        others = len(analysed) - 1
+        if record is None:
+            if not geojson.is_file():
+                return None
+            written = cls.read(geojson)
+            if others > 0:
+                log.warning(
+                    "%s: the last run analysed %d targets, but %s: the FN candidates deleted and the nuclei "
+                    "reclassified in targets other than the first (%s) cannot be told from its output and are no "
+                    "labels; %s",
+                    folder,
+                    len(analysed),
+                    why,
+                    ", ".join(str(r.get("target")) for r in analysed[1:]),
+                    UNREAD_TARGETS_FIX,
+                )
+                written = replace(written, not_read=((UNREAD_TARGETS_COUNT, others),))
+            return written
+        candidates = cls.from_objects(o for _, objects in record.targets for o in objects).candidates
+        if all(n is not None for n in record.nuclei):
+            kept = [n for n in record.nuclei if n is not None]
+            xy = np.concatenate([np.zeros((0, 2)), *(n.xy for n in kept)])
+            return cls(xy, tuple(c for n in kept for c in n.classes), candidates)
+        # Every target's regions of this run, but their nuclei not kept (an earlier version): the first target's
+        # nuclei from objects.geojson.
+        first = cls.read(geojson) if geojson.is_file() else cls(np.zeros((0, 2)), (), ())
+        log.warning(
+            "%s: %s keeps no nuclei (an earlier version): the nuclei reclassified in targets other than the first "
+            "cannot be told from the last run's output and are no labels; %s",
+            folder,
+            regions_path.name,
+            UNREAD_TARGETS_FIX,
+        )
+        unread = max(len(record.targets) - 1, 0)
+        return cls(first.nuclei_xy, first.nuclei_class, candidates, ((UNREAD_TARGET_NUCLEI_COUNT, unread),))
 
     @cached_property
     def _tree(self) -> cKDTree:
@@ -459,6 +557,9 @@ def labels_from_objects(
                 positive_looking.append((what, cls, geometry))
             counts[f"skipped: {obj.object_type} {geometry.geom_type} ({cls or 'unclassified'})"] += 1
     _refuse_positive_looking_areas(positive_looking, [g for g, _ in regions])
+    if written is not None and rules.from_review:
+        for name, n in written.not_read:
+            counts[name] += n
     if written is not None and rules.from_review and written.candidates:
         if not tool_annotations:
             counts["skipped: the last run's FN candidates (none of its annotations is in the image)"] += len(
@@ -684,8 +785,7 @@ def read_project_labels(
             mpp = opened.mpp.mean
             if entry.stain is None:
                 warn_unless_he(opened, source)
-        run_output = sidecar_dir(info.folder, entry.entry_id) / "objects.geojson"
-        written = WrittenObjects.read(run_output) if rules.from_review and run_output.is_file() else None
+        written = WrittenObjects.of_entry(sidecar_dir(info.folder, entry.entry_id)) if rules.from_review else None
         if objects_by_entry is not None:
             labels = labels_from_objects(
                 objects_by_entry.get(entry.entry_id, []),

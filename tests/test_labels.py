@@ -794,3 +794,120 @@ def test_a_class_map_onto_no_class_of_the_model_names_the_mistyped_target():
     area = [_obj(shapely.box(0, 0, 5, 5), "PD-L1 positive")]
     seg = LabelRules((), class_map=parse_class_map(["Tumor=Tumour: Positive"]), points=False)
     assert labels_from_objects(area, slide="s.svs", image_size_px=(10, 10), rules=seg).has_regions
+
+
+def _two_core_run(project: Path, *, regions_file: str = "this run") -> dict:
+    """The sidecars `pdl1 run` leaves of entry 1 analysed as two TMA cores through QuPath: objects.geojson with core
+    A-1's objects alone, the summary naming both cores, and (``regions_file``: "this run", "an earlier run",
+    "without nuclei" or "none") target_regions.json with every core's. Returns what the run wrote, by core."""
+    from bridge.qupath_geojson import to_feature
+    from bridge.targets import TargetNuclei, TargetRow, rows_to_json, write_target_regions
+
+    cores = {
+        "A-1": {
+            "candidates": [shapely.box(100, 100, 160, 160)],
+            "nuclei": [((200.04, 200.0), "Tumor: Positive"), ((300.0, 300.0), "Other")],
+        },
+        "B-1": {
+            "candidates": [shapely.box(1500, 1500, 1540, 1540), shapely.box(1700, 1700, 1760, 1760)],
+            "nuclei": [((1730.03, 1790.07), "Tumor: Positive"), ((1650.0, 1600.0), "Tumor: Negative")],
+        },
+    }
+    folder = project / "pdl1" / "1"
+    folder.mkdir(parents=True, exist_ok=True)
+    first = [_candidate(c) for c in cores["A-1"]["candidates"]] + [
+        _nucleus(*xy, cls) for xy, cls in cores["A-1"]["nuclei"]
+    ]
+    (folder / "objects.geojson").write_text(
+        json.dumps({"type": "FeatureCollection", "features": [to_feature(o) for o in first]})
+    )
+    rows = [TargetRow("he-1357.svs", "1", name, "TMA core", "analysed") for name in cores]
+    (folder / "summary.json").write_text(json.dumps({"run_id": "r2", "targets": rows_to_json(rows)}))
+    if regions_file != "none":
+        nuclei = [
+            TargetNuclei(
+                np.array([xy for xy, _ in core["nuclei"]]),
+                np.array([HE_CLASSES.index(c) for _, c in core["nuclei"]]),
+                HE_CLASSES,
+            )
+            for core in cores.values()
+        ]
+        write_target_regions(
+            folder / "target_regions.json",
+            run_id="r1" if regions_file == "an earlier run" else "r2",
+            targets=[(name, [_candidate(c) for c in core["candidates"]]) for name, core in cores.items()],
+            nuclei=None if regions_file == "without nuclei" else nuclei,
+        )
+    return cores
+
+
+def _reviewed_export(project: Path, cores: dict) -> None:
+    """The entry's objects as a person left them in QuPath after reviewing core B-1: its second candidate deleted
+    (dismissed), its first nucleus reclassified Tumor: Negative; everything else as the run wrote it; and a point
+    of Other the person drew in core A-1."""
+    from bridge.qupath_geojson import to_feature
+
+    a, b = cores["A-1"], cores["B-1"]
+    objects = [_candidate(c) for c in a["candidates"]] + [_nucleus(*xy, cls) for xy, cls in a["nuclei"]]
+    objects += [_candidate(b["candidates"][0]), _nucleus(*b["nuclei"][0][0], "Tumor: Negative")]
+    objects += [_nucleus(*b["nuclei"][1][0], b["nuclei"][1][1]), _obj(shapely.Point(50, 50), "Other")]
+    exported = export_path(project, "1")
+    exported.parent.mkdir(parents=True, exist_ok=True)
+    exported.write_text(json.dumps([to_feature(o) for o in objects]))
+
+
+def test_the_review_of_a_tma_s_second_core_is_told_from_every_core_s_output_of_the_run(labelled, tmp_path, caplog):
+    # objects.geojson holds the first core's output alone: a candidate deleted in core B-1 was never seen as deleted
+    # (the dismissal lost, uncounted), a nucleus reclassified there was "not in the last run's output".
+    from bridge.labels import UNREAD_TARGETS_COUNT, WrittenObjects
+
+    project = _project_copy(labelled, tmp_path)
+    cores = _two_core_run(project)
+    _reviewed_export(project, cores)
+    written = WrittenObjects.of_entry(project / "pdl1" / "1")
+    assert len(written.candidates) == 3 and written.nuclei_class == ("Tumor: Positive", "Other", *HE_CLASSES[:2])
+    review = LabelRules(class_names=HE_CLASSES, from_review=True)
+    (labels,) = read_project_labels(project, rules=review, entries=["1"], qupath="never")
+    assert labels.counts["reviewed: PD-L1 FN candidate deleted (PD-L1 negative)"] == 1
+    assert labels.negative.equals(shapely.box(1700, 1700, 1760, 1760))
+    assert labels.counts["reviewed: nuclei reclassified"] == 1
+    assert labels.points_xy.tolist() == [[1730.03, 1790.07], [50.0, 50.0]]
+    assert labels.points_class.tolist() == [HE_CLASSES.index("Tumor: Negative"), HE_CLASSES.index("Other")]
+    assert labels.counts["skipped: pdl1 results as written (not reviewed)"] == 5  # 2 candidates, 3 nuclei
+    assert "skipped: pdl1 nuclei not in the last run's output" not in labels.counts
+    assert UNREAD_TARGETS_COUNT not in labels.counts and "not read" not in caplog.text
+
+
+@pytest.mark.parametrize("regions_file", ["none", "an earlier run"])
+def test_without_every_core_s_output_of_the_run_the_reviews_of_the_other_cores_are_counted_as_not_read(
+    labelled, tmp_path, caplog, regions_file
+):
+    # An older run (or a record of another run) leaves the first core's output alone: the second core's reviews
+    # cannot be told, and that is counted and warned of, not passed over.
+    from bridge.labels import UNREAD_TARGETS_COUNT
+
+    project = _project_copy(labelled, tmp_path)
+    _reviewed_export(project, _two_core_run(project, regions_file=regions_file))
+    review = LabelRules(class_names=HE_CLASSES, from_review=True)
+    with caplog.at_level("WARNING", logger="bridge.labels"):
+        (labels,) = read_project_labels(project, rules=review, entries=["1"], qupath="never")
+    assert labels.counts[UNREAD_TARGETS_COUNT] == 1
+    assert "reviewed: PD-L1 FN candidate deleted (PD-L1 negative)" not in labels.counts
+    assert labels.counts["skipped: pdl1 nuclei not in the last run's output"] == 2  # B-1's
+    assert "the last run analysed 2 targets" in caplog.text and "other than the first (B-1)" in caplog.text
+    why = "there is no" if regions_file == "none" else "is of run r1, not of the summary's (r2)"
+    assert why in caplog.text
+
+
+def test_a_record_of_every_core_without_nuclei_reads_their_candidates_and_counts_their_nuclei_as_not_read(
+    labelled, tmp_path
+):
+    from bridge.labels import UNREAD_TARGET_NUCLEI_COUNT
+
+    project = _project_copy(labelled, tmp_path)
+    _reviewed_export(project, _two_core_run(project, regions_file="without nuclei"))
+    review = LabelRules(class_names=HE_CLASSES, from_review=True)
+    (labels,) = read_project_labels(project, rules=review, entries=["1"], qupath="never")
+    assert labels.counts["reviewed: PD-L1 FN candidate deleted (PD-L1 negative)"] == 1
+    assert labels.counts[UNREAD_TARGET_NUCLEI_COUNT] == 1
+    assert labels.counts["skipped: pdl1 nuclei not in the last run's output"] == 2

@@ -1043,6 +1043,8 @@ def _each_core_is_kept_for_the_review_queue(project, summary, children):
     """What `pdl1 review-queue` scores a TMA by, and the regions it lists, are every core's, not the first one's:
     the numbers of each core in its row, the reasons of each named, and every core's regions beside the GeoJSON
     (which keeps the first core's objects, as pdl1_import_results.groovy imports them)."""
+    import numpy as np
+
     from bridge.project import review_reason_text
     from bridge.qupath_geojson import read_features
     from bridge.review_queue import build_queue
@@ -1060,18 +1062,71 @@ def _each_core_is_kept_for_the_review_queue(project, summary, children):
     assert [review_reason_text(r) for r in summary["details"]["review_reasons"]] == [
         f"{t.target}: {reason}" for t in analysed for reason in t.review_reasons
     ]
-    # Every core's regions, candidates and tiles (not its nuclei), of this run; objects.geojson holds A-1's.
+    # Every core's regions, candidates and tiles, of this run; objects.geojson holds A-1's.
     record = read_target_regions(project / "pdl1" / "1" / "target_regions.json")
     assert record.run_id == summary["run_id"] and [name for name, _ in record.targets] == ["A-1", "B-1"]
     for name, objects in record.targets:
         own = [o for o in children[name] if o.object_type in ("annotation", "tile")]
         assert own and [o.geometry.bounds for o in objects] == [o.geometry.bounds for o in own]
+    # And every core's nuclei as QuPath got them (to 0.1 px), for `pdl1 train --from-review`.
+    for (name, _), nuclei in zip(record.targets, record.nuclei, strict=True):
+        own = [o for o in children[name] if o.object_type == "detection"]
+        assert len(own) == len(nuclei.xy) > 0 and nuclei.classes == tuple(o.classification for o in own)
+        assert np.abs(nuclei.xy - [(o.geometry.x, o.geometry.y) for o in own]).max() <= 0.05 + 1e-9
     geojson = [o for o in read_features(project / "pdl1" / "1" / "objects.geojson")][1:]
     assert [o.geometry.bounds for o in geojson if o.object_type != "detection"] == [
         o.geometry.bounds for o in record.targets[0][1]
     ]
     (entry,), _ = build_queue(project, regions_per_entry=10_000)
     assert {r.why.split(":")[0] for r in entry.regions} == {"core A-1", "core B-1"}
+
+
+def test_through_qupath_a_review_in_a_tma_s_second_core_is_read_for_training(
+    tmp_path, slides, models, fake_qupath, monkeypatch
+):
+    # A person deletes an FN candidate of the second core and reclassifies one of its nuclei; `pdl1 train
+    # --from-review` takes both as labels. objects.geojson, the first core's output, knew neither: the dismissal was
+    # lost uncounted and the nucleus was "not in the last run's output".
+    from dataclasses import replace
+
+    from bridge import qupath
+    from bridge.labels import LabelRules, export_path, read_project_labels
+    from bridge.qupath_geojson import to_feature
+    from bridge.targets import read_target_regions
+
+    cores = [_stand_in_core("A-1", 400, 1100, radius_px=120), _stand_in_core("A-2", 400, 400, radius_px=300)]
+    children = {}  # each core's objects as QuPath gets them
+    monkeypatch.setattr(qupath, "tma_cores", lambda entry: cores)
+    monkeypatch.setattr(
+        qupath,
+        "write_children",
+        lambda entry, parent, objects, measurements: children.setdefault(parent.name, list(objects)),
+    )
+    monkeypatch.setattr(qupath, "core_is_analysed", lambda core: False)
+    project = tmp_path / "project"
+    init_project_files(project, [slides[0]])
+    config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="always", stain="H&E")
+    (done,) = run_batch([project], config, models=models)
+    assert done.state == "done", done.error
+    class_names = read_target_regions(project / "pdl1" / "1" / "target_regions.json").nuclei[1].class_names
+    second = children["A-2"]
+    candidate = next(o for o in second if o.classification == "PD-L1 FN candidate")
+    nucleus = next(o for o in second if o.object_type == "detection")
+    other = next(c for c in class_names if c != nucleus.classification)
+    reviewed = [o for o in children["A-1"] + second if o is not candidate and o is not nucleus]
+    reviewed.append(replace(nucleus, classification=other))
+    export_path(project, "1").parent.mkdir(parents=True, exist_ok=True)
+    export_path(project, "1").write_text(json.dumps([to_feature(o) for o in reviewed]))
+    rules = LabelRules(class_names=class_names, from_review=True)
+    (labels,) = read_project_labels(project, rules=rules, entries=["1"], qupath="never")
+    assert labels.counts["reviewed: PD-L1 FN candidate deleted (PD-L1 negative)"] == 1
+    assert labels.negative.symmetric_difference(candidate.geometry).area < 1e-6
+    assert (
+        labels.counts["reviewed: nuclei reclassified"] == 1
+        and "skipped: pdl1 nuclei not in the last run's output" not in labels.counts
+    )
+    assert labels.points_xy.tolist() == [[nucleus.geometry.x, nucleus.geometry.y]]
+    assert labels.points_class.tolist() == [class_names.index(other)]
 
 
 def test_without_qupath_the_table_has_the_whole_image_and_the_report_still_reads(tmp_path, slides, models):

@@ -89,11 +89,7 @@ UNREAD_TARGETS_COUNT = (
     "not read: targets but the first, their deleted FN candidates and reclassified nuclei (the last run kept the "
     "first's output only)"
 )
-# The same for nuclei alone: a record of every target's regions written before their nuclei were kept.
-UNREAD_TARGET_NUCLEI_COUNT = (
-    "not read: targets but the first, their reclassified nuclei (the last run kept the first's only)"
-)
-# What to do about either: a run replaces the objects it wrote, reviewed ones too, so a review made before it is gone.
+# What to do about it: a run replaces the objects it wrote, reviewed ones too, so a review made before it is gone.
 UNREAD_TARGETS_FIX = (
     "to train on such reviews, run the image again (`pdl1 run PROJECT` without --resume; it replaces the objects it "
     "wrote, reviewed ones too) and review it after that run"
@@ -279,8 +275,8 @@ class WrittenObjects:
         Where its summary lists several analysed targets (TMA cores, annotations), every target's candidates and
         nuclei come from :data:`~bridge.targets.TARGET_REGIONS_FILE` of the summary's run (objects.geojson holds
         the first target's alone). Where that file is missing or of another run, objects.geojson is read and the
-        other targets are counted in ``not_read`` (with a warning); so are their nuclei where the file keeps none
-        (written before nuclei were kept). A file that does not read raises :class:`LabelError` with the fix.
+        other targets are counted in ``not_read`` (with a warning). A file that does not read raises
+        :class:`LabelError` with the fix.
         """
         geojson, summary_path, regions_path = (
             folder / "objects.geojson",
@@ -328,22 +324,8 @@ class WrittenObjects:
                 written = replace(written, not_read=((UNREAD_TARGETS_COUNT, others),))
             return written
         candidates = cls.from_objects(o for _, objects in record.targets for o in objects).candidates
-        if all(n is not None for n in record.nuclei):
-            kept = [n for n in record.nuclei if n is not None]
-            xy = np.concatenate([np.zeros((0, 2)), *(n.xy for n in kept)])
-            return cls(xy, tuple(c for n in kept for c in n.classes), candidates)
-        # Every target's regions of this run, but their nuclei not kept (an earlier version): the first target's
-        # nuclei from objects.geojson.
-        first = cls.read(geojson) if geojson.is_file() else cls(np.zeros((0, 2)), (), ())
-        log.warning(
-            "%s: %s keeps no nuclei (an earlier version): the nuclei reclassified in targets other than the first "
-            "cannot be told from the last run's output and are no labels; %s",
-            folder,
-            regions_path.name,
-            UNREAD_TARGETS_FIX,
-        )
-        unread = max(len(record.targets) - 1, 0)
-        return cls(first.nuclei_xy, first.nuclei_class, candidates, ((UNREAD_TARGET_NUCLEI_COUNT, unread),))
+        xy = np.concatenate([np.zeros((0, 2)), *(n.xy for n in record.nuclei)])
+        return cls(xy, tuple(c for n in record.nuclei for c in n.classes), candidates)
 
     @cached_property
     def _tree(self) -> cKDTree:

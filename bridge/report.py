@@ -238,9 +238,9 @@ _MISSING_COLOUR = (0.45, 0.45, 0.45)
 
 def _thumbnail(
     item: ReportItem, out: Path, targets: Sequence[TargetRow] = (), *, max_px: int = 900
-) -> tuple[Path, bool, bool] | None:
-    """The overlay picture of an image, whether it shows every target's results and whether every target's cells
-    (:func:`_overlay_objects`); None without a slide."""
+) -> tuple[Path, bool] | None:
+    """The overlay picture of an image and whether it shows every target's results (:func:`_overlay_objects`); None
+    without a slide."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,7 +259,7 @@ def _thumbnail(
     ax.imshow(thumb)
     tiles, entropy, regions, candidates = [], [], [], []
     graded: dict[str, list[tuple[float, float]]] = {}  # an IHC's positive tumour cells, by grade
-    objects, every_target, every_cell = _overlay_objects(item)
+    objects, every_target = _overlay_objects(item)
     for obj in objects:
         if obj.object_type == "detection" and obj.classification in _GRADE_COLOURS:
             graded.setdefault(obj.classification, []).append((obj.geometry.x * scale, obj.geometry.y * scale))
@@ -298,38 +298,32 @@ def _thumbnail(
     path = out / (f"{item.entry_id}-{stem}.png" if item.entry_id else f"{stem}.png")
     save_figure(fig, path)
     plt.close(fig)
-    return path, every_target, every_cell
+    return path, every_target
 
 
-def _overlay_objects(item: ReportItem) -> tuple[list[QuPathObject], bool, bool]:
-    """What the thumbnail draws, whether it is every target's, and whether its cells are: the image's GeoJSON (the
-    first target's objects where several were analysed) with, where the run left every target's regions
-    (:data:`TARGET_REGIONS_FILE`, of the summary's run), those in place of the first one's regions, SUA candidates and
-    tiles, and every target's cells of the classes the thumbnail draws (an IHC's graded ``Tumor: 1+`` ...) in place of
-    the first one's where that file keeps them (an earlier version's kept none: the first target's stay). An
-    unreadable or older regions file: the GeoJSON alone, with a warning."""
+def _overlay_objects(item: ReportItem) -> tuple[list[QuPathObject], bool]:
+    """What the thumbnail draws, and whether it is every target's: the image's GeoJSON (the first target's objects
+    where several were analysed), or, where the run left every target's results (:data:`TARGET_REGIONS_FILE`, of the
+    summary's run), those: regions, SUA candidates, tiles and the cells of the classes the thumbnail draws (an IHC's
+    graded ``Tumor: 1+`` ...). An unreadable or older file: the GeoJSON alone, with a warning."""
     objects = list(read_features(item.geojson))
     path = target_regions_path(item.geojson)
     if not path.is_file():
-        return objects, False, False
+        return objects, False
     try:
         record = read_target_regions(path)
     except (OSError, ValueError) as err:
         log.warning("%s does not read (%s): the thumbnail shows the first target's results only", path, err)
-        return objects, False, False
+        return objects, False
     if record.run_id != item.summary.get("run_id"):
-        return objects, False, False  # an earlier run's (the summary's run analysed one target): not these results
-    nuclei = [o for o in objects if o.object_type == "detection"]
-    every_cell = bool(record.nuclei) and all(n is not None for n in record.nuclei)
-    if every_cell:
-        nuclei = [
-            QuPathObject(Point(x, y), "detection", cls, {})
-            for n in record.nuclei
-            if n is not None
-            for (x, y), cls in zip(n.xy.tolist(), n.classes, strict=True)
-            if cls in _GRADE_COLOURS
-        ]
-    return nuclei + [o for _, target_objects in record.targets for o in target_objects], True, every_cell
+        return objects, False  # an earlier run's (the summary's run analysed one target): not these results
+    cells = [
+        QuPathObject(Point(x, y), "detection", cls, {})
+        for n in record.nuclei
+        for (x, y), cls in zip(n.xy.tolist(), n.classes, strict=True)
+        if cls in _GRADE_COLOURS
+    ]
+    return cells + [o for _, target_objects in record.targets for o in target_objects], True
 
 
 def _draw_targets(ax, targets: Sequence[TargetRow], scale: float) -> None:
@@ -498,9 +492,9 @@ def _targets_of(item: ReportItem, left_out: list[str]) -> list[TargetRow]:
 
 def _thumbnail_or_none(item: ReportItem, out: Path, targets: list[TargetRow], left_out: list[str]) -> dict:
     """A report row's ``thumbnail`` (the overlay's path; None, with a warning, when the slide or the GeoJSON does not
-    read: one image's picture, not the report), ``overlay_every_target`` and ``overlay_every_cell``; a slide that is
-    not where it was analysed is named, not only "slide not found" in the HTML."""
-    none = {"thumbnail": None, "overlay_every_target": False, "overlay_every_cell": False}
+    read: one image's picture, not the report) and ``overlay_every_target``; a slide that is not where it was
+    analysed is named, not only "slide not found" in the HTML."""
+    none = {"thumbnail": None, "overlay_every_target": False}
     if item.slide is None:
         _leave_out(left_out, f"{item.image_name}: no thumbnail: {item.not_found}; its numbers are reported")
         return none
@@ -511,7 +505,7 @@ def _thumbnail_or_none(item: ReportItem, out: Path, targets: list[TargetRow], le
         return none
     if drawn is None:
         return none
-    return {"thumbnail": drawn[0], "overlay_every_target": drawn[1], "overlay_every_cell": drawn[2]}
+    return {"thumbnail": drawn[0], "overlay_every_target": drawn[1]}
 
 
 def _read_pairs(path: Path, fix: str, left_out: list[str]) -> dict:
@@ -762,20 +756,16 @@ def _targets_html(r: dict) -> str:
 
 
 def _overlay_note(r: dict) -> str:
-    """Under a thumbnail of several analysed targets: whose results its overlay shows. Every target's regions, SUA
-    candidates and tiles where the run left them (:data:`TARGET_REGIONS_FILE`), with every target's graded cells
-    where that file keeps them (an earlier version's kept none: the first target's only); else the first target's
-    results (the image's GeoJSON keeps no other's). Each target's own are under it in QuPath."""
+    """Under a thumbnail of several analysed targets: whose results its overlay shows. Every target's where the run
+    left them (:data:`TARGET_REGIONS_FILE`); else the first target's (the image's GeoJSON keeps no other's). Each
+    target's own are under it in QuPath."""
     targets = r.get("targets", [])
     first = _first_label(targets)
     if first is None or not r["thumbnail"]:
         return ""
     outlined = any(t.outline is not None for t in targets)
     if r.get("overlay_every_target"):
-        graded = any(t.stain == "H-DAB" for t in targets) and not r.get("overlay_every_cell")
-        shows = "The overlay shows every target's results" + (
-            f", the graded positive tumour cells of {html.escape(first)} only, the first target" if graded else ""
-        )
+        shows = "The overlay shows every target's results"
     else:
         shows = (
             f"The overlay shows the results of {html.escape(first)} only, the first target (the image's GeoJSON keeps "

@@ -376,12 +376,11 @@ class TargetNuclei:
 @dataclass(frozen=True)
 class TargetRegions:
     """What :data:`TARGET_REGIONS_FILE` holds: the run that wrote it and each analysed target's name (as
-    :func:`target_labels` gives it) with its objects; ``nuclei``: each target's nuclei in the same order, None for a
-    target whose record has none (a file written before nuclei were kept)."""
+    :func:`target_labels` gives it) with its objects; ``nuclei``: each target's nuclei in the same order."""
 
     run_id: str | None
     targets: tuple[tuple[str, tuple[QuPathObject, ...]], ...]
-    nuclei: tuple[TargetNuclei | None, ...] = ()
+    nuclei: tuple[TargetNuclei, ...]
 
 
 def write_target_regions(
@@ -389,20 +388,19 @@ def write_target_regions(
     *,
     run_id: str | None,
     targets: Iterable[tuple[str, Iterable[QuPathObject]]],
-    nuclei: Sequence[TargetNuclei] | None = None,
+    nuclei: Sequence[TargetNuclei],
 ) -> Path:
     """Write :data:`TARGET_REGIONS_FILE` atomically; each object is checked as QuPath's reader would.
 
-    ``nuclei``: each target's, in the targets' order (None: none kept, as files of earlier versions)."""
+    ``nuclei``: each target's, in the targets' order."""
     record = {
         "run_id": run_id,
         "targets": [{"target": name, "features": [to_feature(o) for o in objects]} for name, objects in targets],
     }
-    if nuclei is not None:
-        if len(nuclei) != len(record["targets"]):
-            raise ValueError(f"nuclei of {len(nuclei)} targets for {len(record['targets'])} targets")
-        for target, kept in zip(record["targets"], nuclei, strict=True):
-            target["nuclei"] = kept.to_json()
+    if len(nuclei) != len(record["targets"]):
+        raise ValueError(f"nuclei of {len(nuclei)} targets for {len(record['targets'])} targets")
+    for target, kept in zip(record["targets"], nuclei, strict=True):
+        target["nuclei"] = kept.to_json()
     for target in record["targets"]:
         for feature in target["features"]:
             validate_feature(feature)
@@ -422,7 +420,7 @@ def read_target_regions(path: Path) -> TargetRegions:
             raise ValueError(f"a target without a list of features: {target!r:.80}")
         out.append((str(target.get("target")), tuple(from_feature(f) for f in target["features"])))
         try:
-            nuclei.append(None if target.get("nuclei") is None else TargetNuclei.from_json(target["nuclei"]))
+            nuclei.append(TargetNuclei.from_json(target.get("nuclei")))
         except ValueError as err:
             raise ValueError(f"target {target.get('target')!r}: {err}") from err
     run_id = data.get("run_id")

@@ -798,8 +798,8 @@ def test_a_class_map_onto_no_class_of_the_model_names_the_mistyped_target():
 
 def _two_core_run(project: Path, *, regions_file: str = "this run") -> dict:
     """The sidecars `pdl1 run` leaves of entry 1 analysed as two TMA cores through QuPath: objects.geojson with core
-    A-1's objects alone, the summary naming both cores, and (``regions_file``: "this run", "an earlier run",
-    "without nuclei" or "none") target_regions.json with every core's. Returns what the run wrote, by core."""
+    A-1's objects alone, the summary naming both cores, and (``regions_file``: "this run", "an earlier run" or
+    "none") target_regions.json with every core's. Returns what the run wrote, by core."""
     from bridge.qupath_geojson import to_feature
     from bridge.targets import TargetNuclei, TargetRow, rows_to_json, write_target_regions
 
@@ -836,7 +836,7 @@ def _two_core_run(project: Path, *, regions_file: str = "this run") -> dict:
             folder / "target_regions.json",
             run_id="r1" if regions_file == "an earlier run" else "r2",
             targets=[(name, [_candidate(c) for c in core["candidates"]]) for name, core in cores.items()],
-            nuclei=None if regions_file == "without nuclei" else nuclei,
+            nuclei=nuclei,
         )
     return cores
 
@@ -897,17 +897,3 @@ def test_without_every_core_s_output_of_the_run_the_reviews_of_the_other_cores_a
     assert "the last run analysed 2 targets" in caplog.text and "other than the first (B-1)" in caplog.text
     why = "there is no" if regions_file == "none" else "is of run r1, not of the summary's (r2)"
     assert why in caplog.text
-
-
-def test_a_record_of_every_core_without_nuclei_reads_their_candidates_and_counts_their_nuclei_as_not_read(
-    labelled, tmp_path
-):
-    from bridge.labels import UNREAD_TARGET_NUCLEI_COUNT
-
-    project = _project_copy(labelled, tmp_path)
-    _reviewed_export(project, _two_core_run(project, regions_file="without nuclei"))
-    review = LabelRules(class_names=HE_CLASSES, from_review=True)
-    (labels,) = read_project_labels(project, rules=review, entries=["1"], qupath="never")
-    assert labels.counts["reviewed: PD-L1 FN candidate deleted (PD-L1 negative)"] == 1
-    assert labels.counts[UNREAD_TARGET_NUCLEI_COUNT] == 1
-    assert labels.counts["skipped: pdl1 nuclei not in the last run's output"] == 2

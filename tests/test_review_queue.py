@@ -495,8 +495,10 @@ def _as_tma(project: Path, entry: str, *, regions: bool = True) -> dict:
     (its review reasons; no other, which R would count from the details too). Its details stay A-1's but for the
     review reasons, as summary.json keeps them; with ``regions``, its target_regions.json holds A-1's regions (the
     image's own) and a SUA candidate of A-3. Returns the summary."""
+    import numpy as np
+
     from bridge.qupath_geojson import read_features
-    from bridge.targets import rows_from_summary, rows_to_json, write_target_regions
+    from bridge.targets import TargetNuclei, rows_from_summary, rows_to_json, write_target_regions
 
     path = project / "pdl1" / entry / "summary.json"
     summary = json.loads(path.read_text())
@@ -535,6 +537,7 @@ def _as_tma(project: Path, entry: str, *, regions: bool = True) -> dict:
             project / "pdl1" / entry / "target_regions.json",
             run_id=summary["run_id"],
             targets=[("A-1", objects[1:]), ("A-2", []), ("A-3", [candidate])],
+            nuclei=[TargetNuclei(np.zeros((0, 2)), np.zeros(0, np.int64), ())] * 3,
         )
     return summary
 

@@ -185,10 +185,11 @@ def test_target_rows_go_through_a_summary_unchanged():
 
 def test_a_target_row_keeps_the_numbers_the_review_queue_scores_it_by(tmp_path: Path):
     # Only the image's details (the first target's) had them: a TMA was ranked by its first core alone.
+    import numpy as np
     import shapely
 
     from bridge.qupath_geojson import QuPathObject
-    from bridge.targets import read_target_regions, write_target_regions
+    from bridge.targets import TargetNuclei, read_target_regions, write_target_regions
 
     he = _result(30, 70, reasons=["SUA candidate area %"])
     he.analysed_area_um2 = 4000.0
@@ -219,8 +220,9 @@ def test_a_target_row_keeps_the_numbers_the_review_queue_scores_it_by(tmp_path: 
     )
     # Every target's regions, named, beside the image's GeoJSON: read back as written.
     candidate = QuPathObject(shapely.box(1, 2, 30, 40), "annotation", "PD-L1 FN candidate", {"SUA score": 0.9})
+    none = TargetNuclei(np.zeros((0, 2)), np.zeros(0, np.int64), ())
     path = write_target_regions(
-        tmp_path / "target_regions.json", run_id="r1", targets=[("A-1", []), ("C-4", [candidate])]
+        tmp_path / "target_regions.json", run_id="r1", targets=[("A-1", []), ("C-4", [candidate])], nuclei=[none] * 2
     )
     record = read_target_regions(path)
     assert record.run_id == "r1" and [(name, len(objs)) for name, objs in record.targets] == [("A-1", 0), ("C-4", 1)]
@@ -230,7 +232,7 @@ def test_a_target_row_keeps_the_numbers_the_review_queue_scores_it_by(tmp_path: 
         "PD-L1 FN candidate",
         {"SUA score": 0.9},
     )
-    assert record.nuclei == (None, None)  # none given: as a file written before nuclei were kept
+    assert [n.xy.shape for n in record.nuclei] == [(0, 2), (0, 2)]
     path.write_text('{"targets": [{"target": "A-1"}]}')
     with pytest.raises(ValueError, match="a target without a list of features"):
         read_target_regions(path)

@@ -569,7 +569,7 @@ ONE_SIDED_LABELS = 0.9
 def _echo_counts(slide_labels: list, *, held_out: Sequence = (), regions: bool = False) -> None:
     """What each label source gave, the held-out slides' too: nothing is trained or scored on silently dropped
     data. For a segmentation run (``regions``), a warning when the labelled area is almost all one class."""
-    from bridge.labels import DOUBTFUL_IHC_COUNT, UNREAD_TARGET_NUCLEI_COUNT, UNREAD_TARGETS_COUNT, UNREAD_TARGETS_FIX
+    from bridge.labels import DOUBTFUL_IHC_COUNT, UNREAD_TARGETS_COUNT, UNREAD_TARGETS_FIX
     from inference import label_statistics
 
     for lab in slide_labels:
@@ -586,17 +586,16 @@ def _echo_counts(slide_labels: list, *, held_out: Sequence = (), regions: bool =
             "leave that slide out",
             err=True,
         )
-    for count, what in (
-        (UNREAD_TARGETS_COUNT, "FN candidates deleted and nuclei reclassified"),
-        (UNREAD_TARGET_NUCLEI_COUNT, "nuclei reclassified"),
-    ):
-        unread = [str(lab.source or lab.slide) for lab in (*slide_labels, *held_out) if lab.counts.get(count)]
-        if unread:
-            typer.echo(
-                f"warning: {', '.join(unread)}: the {what} in targets other than the first are no labels: the last "
-                f"run kept the first target's output only (an earlier version); {UNREAD_TARGETS_FIX}",
-                err=True,
-            )
+    unread = [
+        str(lab.source or lab.slide) for lab in (*slide_labels, *held_out) if lab.counts.get(UNREAD_TARGETS_COUNT)
+    ]
+    if unread:
+        typer.echo(
+            f"warning: {', '.join(unread)}: the FN candidates deleted and nuclei reclassified in targets other than the "
+            "first are no labels: the last run kept the first target's output only (an earlier version); "
+            f"{UNREAD_TARGETS_FIX}",
+            err=True,
+        )
     if not regions or not slide_labels:
         return
     stats = [label_statistics(lab) for lab in slide_labels]

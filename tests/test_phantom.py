@@ -1,11 +1,13 @@
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 import openslide
 import pytest
+import tifffile
 from scipy import ndimage as ndi
 
-from inference.phantom.pyramid import pyramid_downsamples, write_phantom
+from inference.phantom.pyramid import box_average_4, pyramid_downsamples, write_phantom, write_pyramid
 from inference.phantom.render import render
 from inference.phantom.scene import PhantomScene, PhantomSpec
 from inference.phantom.truth import NUCLEUS_CLASSES, load_truth, truth_dir_for
@@ -48,6 +50,46 @@ def test_levels_agree_with_level_zero(phantom_svs):
     l1 = np.asarray(osr.read_region((0, 0), 1, (512, 512)).convert("RGB"), np.float64)
     box = l0.reshape(512, 4, 512, 4, 3).mean(axis=(1, 3))
     assert np.abs(box - l1).mean() < 8  # same scene, rendered at the level's resolution
+
+
+def test_averaged_levels_are_level_zero_box_averaged_and_level_zero_is_unchanged(tmp_path):
+    spec = PhantomSpec(2048, 2048, seed=3)
+    rendered = write_phantom(tmp_path / "r.svs", spec)
+    averaged = write_phantom(tmp_path / "a.svs", replace(spec, reduced_levels="averaged"))
+    r, a = openslide.OpenSlide(rendered.slide_path), openslide.OpenSlide(averaged.slide_path)
+    assert a.level_downsamples == r.level_downsamples
+    l0 = np.asarray(r.read_region((0, 0), 0, (2048, 2048)).convert("RGB"))
+    assert np.array_equal(np.asarray(a.read_region((0, 0), 0, (2048, 2048)).convert("RGB")), l0)
+    box = box_average_4(render(PhantomScene(spec), 0, 0, 2048, 2048)).astype(float)
+    a1 = np.asarray(a.read_region((0, 0), 1, (512, 512)).convert("RGB"), float)
+    r1 = np.asarray(r.read_region((0, 0), 1, (512, 512)).convert("RGB"), float)
+    # JPEG's error only (3.5 at quality 92 with its chroma subsampling), the rendered level over twice that (8.2)
+    error, rendered_error = np.abs(a1 - box).mean(), np.abs(r1 - box).mean()
+    assert error < 4.5 and 2 * error < rendered_error
+    assert list(tmp_path.glob(".phantom-level-*")) == []  # scratch levels leave nothing behind
+
+
+def test_averaged_levels_of_a_size_not_a_multiple_of_the_tile_or_of_4(tmp_path):
+    # Each level from the one above, edge blocks the mean of the pixels inside (4099 px: the last is 3 px wide).
+    spec = PhantomSpec(4099, 4096, reduced_levels="averaged")
+    rng = np.random.default_rng(0)
+    level0 = rng.integers(0, 256, (4096, 4099, 3), dtype=np.uint8)
+    level0 = np.asarray(ndi.uniform_filter(level0, (65, 65, 1)))  # smooth: JPEG keeps it to a unit or two
+
+    def tile(x0, y0, w, h, ds):
+        assert ds == 1, "an averaged pyramid renders level 0 only"
+        part = level0[y0 : y0 + h, x0 : x0 + w]
+        return np.pad(part, ((0, h - part.shape[0]), (0, w - part.shape[1]), (0, 0)))
+
+    levels = write_pyramid(tmp_path / "p.tif", spec, tile, jpeg_quality=95, on_level0_tile=lambda x, y: None)
+    assert levels == [1, 4, 16]
+    want = box_average_4(level0)
+    pages = tifffile.TiffFile(tmp_path / "p.tif").pages
+    for level in (1, 2):
+        got = pages[level].asarray()
+        assert got.shape == want.shape == (-(-4096 // 4**level), -(-4099 // 4**level), 3)
+        assert np.abs(got.astype(int) - want).mean() < 1.5
+        want = box_average_4(want)
 
 
 @pytest.mark.parametrize("tps", [0.5, 30, 70])
@@ -144,6 +186,7 @@ def test_shift_changes_appearance_but_not_truth():
         ({"tps_percent": 120}, "tps_percent"),
         ({"shift": 2}, "shift"),
         ({"weak_fraction": 1.0}, "weak_fraction"),
+        ({"reduced_levels": "bilinear"}, "reduced_levels"),
     ],
 )
 def test_spec_validation(kwargs, match):

@@ -56,6 +56,13 @@ def phantom(
     overwrite: Annotated[
         bool, typer.Option(help="Replace OUT (and the --ihc file) and their truth where they exist already.")
     ] = False,
+    reduced_levels: Annotated[
+        str,
+        typer.Option(
+            help="How the levels below full resolution are made: rendered (from the scene at their downsample) "
+            "or averaged (4x4 from the level above, as a scanner builds its pyramid).",
+        ),
+    ] = "rendered",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Write a phantom H&E slide (and with --ihc its PD-L1 IHC) with the truth beside it (stem + '.truth/').
@@ -107,7 +114,14 @@ def phantom(
     writing = out  # before the try: its Ctrl-C handler names what was being written
     try:
         spec = PhantomSpec(
-            size, height or size, seed=seed, mpp=mpp, tps_percent=tps, shift=shift, weak_fraction=weak_fraction
+            size,
+            height or size,
+            seed=seed,
+            mpp=mpp,
+            tps_percent=tps,
+            shift=shift,
+            weak_fraction=weak_fraction,
+            reduced_levels=reduced_levels,
         )
         ihc_spec = IhcSpec(immune_positive_fraction=0.3 if immune_positive is None else immune_positive)
         with progress_bar(f"phantom {out.name}", enabled=progress) as on_progress:

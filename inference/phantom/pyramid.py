@@ -51,7 +51,9 @@ def write_pyramid(
     ``.svs`` writes an Aperio-style SVS (ImageDescription ``Aperio ...|MPP = ...``, JPEG
     tiles, levels at downsample 4); ``.tif``/``.tiff`` a generic tiled TIFF whose levels are
     consecutive pages with resolution tags in CENTIMETER (OpenSlide 4 ignores SubIFDs).
-    Both open in OpenSlide with MPP and every level.
+    Both open in OpenSlide with MPP and every level. ``spec.reduced_levels`` decides whether the
+    levels below level 0 are rendered at their downsample or box-averaged 4 x 4 from the level above
+    (level 1 from level 0's rendered pixels before JPEG).
     """
     import tifffile
 
@@ -65,15 +67,34 @@ def write_pyramid(
     w0, h0 = spec.width_px, spec.height_px
     bigtiff = w0 * h0 > 15_000 * 15_000
 
+    averaged = spec.reduced_levels == "averaged"
+    # An averaged pyramid keeps its reduced levels until their turn in unnamed scratch files beside the slide
+    # (1/16 of level 0's bytes and less), so memory stays flat; they are JPEG-compressed only as written.
+    reduced = [None] + [_scratch((h, w, 3), path.parent) for w, h in level_sizes[1:]] if averaged else []
+
     with tifffile.TiffWriter(path, bigtiff=bigtiff) as tif:
         for level, (ds, (lw, lh)) in enumerate(zip(levels, level_sizes, strict=True)):
+            if averaged and level >= 2:  # this level from the one above, 64 rows of it at a time
+                above, below = reduced[level - 1], reduced[level]
+                for y in range(0, above.shape[0], 64):
+                    below[y // 4 : y // 4 + 16] = box_average_4(above[y : y + 64])
 
             def level_tiles(ds: int = ds, level: int = level, lw: int = lw, lh: int = lh) -> Iterator[np.ndarray]:
                 nonlocal done
                 for ty in range(0, lh, tile):
                     for tx in range(0, lw, tile):
-                        rgb = render_tile(tx * ds, ty * ds, tile, tile, ds)
+                        if level == 0 or not averaged:
+                            rgb = render_tile(tx * ds, ty * ds, tile, tile, ds)
+                        else:  # the stored level's pixels, padded to a whole tile at the right and bottom edge
+                            part = reduced[level][ty : ty + tile, tx : tx + tile]
+                            ph, pw = part.shape[:2]
+                            rgb = np.pad(part, ((0, tile - ph), (0, tile - pw), (0, 0)), mode="edge")
                         if level == 0:
+                            if averaged and len(levels) > 1:  # tiles start on multiples of 4: whole 4x4 blocks
+                                valid = rgb[: min(tile, h0 - ty), : min(tile, w0 - tx)]
+                                reduced[1][ty // 4 : ty // 4 + tile // 4, tx // 4 : tx // 4 + tile // 4] = (
+                                    box_average_4(valid)
+                                )
                             on_level0_tile(tx, ty)
                         done += 1
                         if on_progress is not None:
@@ -106,6 +127,33 @@ def write_pyramid(
                 metadata=None,
             )
     return levels
+
+
+def box_average_4(rgb: np.ndarray) -> np.ndarray:
+    """``rgb`` (h, w, 3) uint8 averaged over 4 x 4 blocks and rounded, (ceil(h/4), ceil(w/4), 3); a block cut
+    by the right or bottom edge is the mean of its pixels inside.
+
+    >>> box_average_4(np.arange(5 * 4 * 3, dtype=np.uint8).reshape(5, 4, 3))[..., 0].tolist()
+    [[23], [53]]
+    """
+    h, w = rgb.shape[:2]
+    ph, pw = -h % 4, -w % 4
+    a = np.pad(rgb.astype(np.float32), ((0, ph), (0, pw), (0, 0)))
+    sums = a.reshape((h + ph) // 4, 4, (w + pw) // 4, 4, 3).sum(axis=(1, 3))
+    rows = np.full((h + ph) // 4, 4.0, np.float32)
+    cols = np.full((w + pw) // 4, 4.0, np.float32)
+    rows[-1] -= ph
+    cols[-1] -= pw
+    return np.clip(sums / (rows[:, None, None] * cols[None, :, None]) + 0.5, 0, 255).astype(np.uint8)
+
+
+def _scratch(shape: tuple[int, int, int], folder: Path) -> np.ndarray:
+    """A uint8 array of ``shape`` in an unnamed temporary file in ``folder`` (gone when it is)."""
+    import tempfile
+
+    with tempfile.TemporaryFile(dir=folder, prefix=".phantom-level-") as f:
+        f.truncate(max(1, int(np.prod(shape))))
+        return np.memmap(f, dtype=np.uint8, mode="r+", shape=shape)
 
 
 def _aperio_value(text: str) -> str:

@@ -48,6 +48,10 @@ class PhantomSpec:
     weak_fraction
         About this fraction of the positive area expresses weakly: patches of faint positive
         morphology (still positive in the truth), where models miss positives.
+    reduced_levels
+        How the levels below full resolution are made: ``"rendered"`` draws each from the scene at
+        its downsample; ``"averaged"`` box-averages the level above 4 x 4, as a scanner builds its
+        pyramid and QuPath renders a downsample.
     """
 
     width_px: int
@@ -59,8 +63,11 @@ class PhantomSpec:
     tile_size_px: int = 256
     truth_downsample: int = 8
     weak_fraction: float = 0.0
+    reduced_levels: str = "rendered"
 
     def __post_init__(self) -> None:
+        if self.reduced_levels not in ("rendered", "averaged"):
+            raise ValueError(f"reduced_levels must be 'rendered' or 'averaged', got {self.reduced_levels!r}")
         for name in ("width_px", "height_px"):
             value = getattr(self, name)
             if not 1024 <= value <= 100_000:

@@ -39,6 +39,7 @@ from bridge.targets import (
     MISSING,
     TARGETS_FILE,
     TargetRow,
+    analysed_targets,
     read_target_regions,
     rows_from_summary,
     target_labels,
@@ -676,7 +677,7 @@ def _first_label(targets: Sequence[TargetRow]) -> str | None:
     """The name of the first analysed target where several were analysed: the summary's parent measurements and
     details (the training domain among them) are its own (bridge.run.with_targets), and so is the image's GeoJSON;
     None otherwise."""
-    analysed = [(t, label) for t, label in zip(targets, target_labels(targets), strict=True) if t.state != MISSING]
+    analysed = analysed_targets(targets)
     return analysed[0][1] if len(analysed) > 1 else None
 
 

@@ -66,13 +66,12 @@ from bridge.project import (
 from bridge.qupath_geojson import QuPathObject, read_features
 from bridge.run_lock import remove_orphan_parts, run_lock
 from bridge.targets import (
-    MISSING,
     TARGET_REGIONS_FILE,
     TMA_CORE,
     TargetRow,
+    analysed_targets,
     read_target_regions,
     rows_from_summary,
-    target_labels,
     targets_review_reasons,
 )
 from inference import Pdl1Error, __version__, is_finite_number
@@ -206,8 +205,7 @@ def _target_rows(summary: dict) -> list[TargetRow]:
 
 def _analysed_targets(summary: dict) -> list[tuple[TargetRow, str]]:
     """The analysed targets of a summary with their names (:func:`bridge.targets.target_labels`)."""
-    rows = _target_rows(summary)
-    return [(t, label) for t, label in zip(rows, target_labels(rows), strict=True) if t.state != MISSING]
+    return analysed_targets(_target_rows(summary))
 
 
 def scored_targets(summary: dict) -> list[tuple[TargetRow, str]] | None:

@@ -66,13 +66,13 @@ from bridge.targets import (
     TargetNuclei,
     TargetRow,
     analysed_row,
+    analysed_targets,
     choose_targets,
     core_label,
     missing_row,
     numbered,
     rows_from_summary,
     rows_to_json,
-    target_labels,
     target_regions_path,
     write_target_regions,
     write_target_table,
@@ -371,7 +371,7 @@ def with_targets(summary: dict[str, Any], results: list[SlideResult], rows: list
     out = {**summary, "targets": rows_to_json(rows)}
     if len(results) < 2:
         return out
-    analysed = [label for row, label in zip(rows, target_labels(rows), strict=True) if row.state != MISSING]
+    analysed = [label for _, label in analysed_targets(rows)]
     out["details"] = {
         **summary["details"],
         "review_reasons": [
@@ -710,14 +710,13 @@ def _run_one(job, config, models, project, status_folder, qp_session, on_tiles, 
     result = results[0]
     geojson, summary = output_paths(job.key, project, status_folder)
     summary_data = with_targets(summary_of(result, entry_id=entry_id, run_config=config), results, rows)
-    analysed = [label for row, label in zip(rows, target_labels(rows), strict=True) if row.state != MISSING]
     write_result_files(
         result,
         geojson,
         summary,
         summary_data,
         include_tiles=config.include_tiles,
-        targets=list(zip(analysed, results, strict=True)),
+        targets=[(label, r) for (_, label), r in zip(analysed_targets(rows), results, strict=True)],
     )
     return outcome_from_summary(job.key, job.name, summary_data, time.perf_counter() - t0, (geojson, summary))
 

@@ -236,6 +236,18 @@ def numbered(names: Sequence[str]) -> list[str]:
     return labels
 
 
+def analysed_targets(rows: Sequence[TargetRow]) -> list[tuple[TargetRow, str]]:
+    """The analysed targets among ``rows`` (not the cores marked missing), each with its name as
+    :func:`target_labels` gives it (numbered among all the rows, so a name matches the table's and the picture's).
+
+    >>> from dataclasses import replace
+    >>> rows = [missing_row("a.svs", None, n) for n in ("Tumor", "A-1", "Tumor")]
+    >>> [label for _, label in analysed_targets([rows[0], replace(rows[1], state="analysed"), rows[2]])]
+    ['A-1']
+    """
+    return [(t, label) for t, label in zip(rows, target_labels(rows), strict=True) if t.state != MISSING]
+
+
 def targets_review_reasons(rows: Sequence[TargetRow]) -> tuple[str, ...]:
     """Why an image of several analysed targets needs review: each flagged target's reasons (value and limit) led by
     its name, in the targets' order ("flagged" where it gives none); what ``details.review_reasons`` of its summary
@@ -249,8 +261,8 @@ def targets_review_reasons(rows: Sequence[TargetRow]) -> tuple[str, ...]:
     """
     return tuple(
         f"{label}: {reason}"
-        for t, label in zip(rows, target_labels(rows), strict=True)
-        if t.state != MISSING and t.needs_review
+        for t, label in analysed_targets(rows)
+        if t.needs_review
         for reason in (t.review_reasons or ("flagged",))
     )
 

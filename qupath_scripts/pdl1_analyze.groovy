@@ -642,7 +642,8 @@ def uploadRegion = { double boundsX, double boundsY, double boundsWidth, double 
             widthPx: Math.max(1L, Math.round((x1 - x) / downsample)), heightPx: Math.max(1L, Math.round((y1 - y) / downsample))]
 }
 // Why a region is not sent (null: it may be): over the service's upload limits (GET /v1/health: upload_limits, fixed
-// in the service), in pixels before it is rendered, in bytes once it is a PNG (bytes < 0: not yet encoded). Says how big it is, the limit, and what to do.
+// in the service), in pixels before it is rendered, in bytes once it is a PNG (bytes < 0: not yet encoded). Says how
+// big it is, the limit, and what to do.
 def uploadTooLarge = { long widthPx, long heightPx, long bytes, Map limits, double downsample ->
     def fix = "draw smaller annotations around the tissue to analyse (or split this one), or let the service open " +
             "the image: export it from QuPath as OME-TIFF (File > Export images...) into a folder the service " +

@@ -555,7 +555,9 @@ def _use_qupath(config: RunConfig, project: Path | None) -> bool:
     if not ok and (config.target_classes or config.target_names):
         raise ProjectError(
             "annotation targets (--class/--name, or target_classes/target_names in pdl1-config.toml) are read from "
-            "data.qpdata, which only QuPath reads: " + why
+            "data.qpdata, which only QuPath reads: " + why + ". Or, in QuPath itself (0.7 too), analyse them with "
+            "qupath_scripts/pdl1_analyze.groovy and `pdl1 serve`: it reads the same target_classes/target_names from "
+            "pdl1-config.toml"
         )
     if not ok:
         log.warning(

@@ -316,6 +316,21 @@ def test_annotation_targets_of_a_project_with_qupath_never_name_the_option(tmp_p
     assert not (project / "pdl1").exists()
 
 
+def test_annotation_targets_without_qupath_name_the_groovy_script(tmp_path, slides, models, monkeypatch):
+    # QuPath 0.7 users cannot install a QuPath paquo reaches; the message named only that: now the script path too.
+    from bridge import qupath
+
+    monkeypatch.setattr(qupath, "qupath_available", lambda: (False, "no valid qupath installation found"))
+    project = tmp_path / "project"
+    init_project_files(project, [slides[0]])
+    with pytest.raises(ProjectError) as err:
+        config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="auto", target_classes=("Tumor",))
+        run_batch([project], config, models=models)
+    assert "only QuPath reads: no valid qupath installation found. Or, in QuPath itself (0.7 too)" in str(err.value)
+    assert "qupath_scripts/pdl1_analyze.groovy and `pdl1 serve`" in str(err.value)
+    assert not (project / "pdl1").exists()
+
+
 def test_plain_slides_need_out(slides, models):
     with pytest.raises(ProjectError, match="--out"):
         run_batch([slides[0]], _config(), models=models)

@@ -297,6 +297,93 @@ def test_pixel_upload_maps_back_to_level0(service, slides_root):
     assert len(points) and points[:, 0].min() >= 200 and points[:, 1].min() >= 300 and points.max() <= 812
 
 
+def _class_name(feature: dict) -> str | None:
+    cls = feature["properties"].get("classification")
+    return None if cls is None else cls.get("name") or ": ".join(cls["names"])
+
+
+def _record_agrees_with_pages(record: dict, features: list[dict]) -> None:
+    """The record holds what the result pages put into QuPath: their FN candidates, positive regions' bounds and
+    nuclei (to the record's 0.1 px)."""
+    from shapely.geometry import shape
+
+    by_class = {}
+    for f in features:
+        by_class.setdefault(_class_name(f), []).append(f)
+
+    def bounds(geometries) -> np.ndarray:
+        return np.array([shape(g).bounds for g in geometries], float).reshape(-1, 4)
+
+    candidates = [f["geometry"] for f in by_class.get("PD-L1 FN candidate", [])]
+    np.testing.assert_allclose(bounds(record["candidates"]), bounds(candidates), atol=0.05)
+    regions = [f["geometry"] for f in by_class.get("PD-L1 positive", [])]
+    np.testing.assert_allclose(np.array(record["region_bounds"], float).reshape(-1, 4), bounds(regions), atol=0.05)
+    points = [f for f in features if f["geometry"]["type"] == "Point"]
+    nuclei = record["nuclei"]
+    assert len(nuclei["x"]) == len(points) > 0
+    xy = np.array([p["geometry"]["coordinates"] for p in points])
+    np.testing.assert_allclose(np.c_[nuclei["x"], nuclei["y"]], xy, atol=0.05 + 1e-9)
+    assert [nuclei["class_names"][i] for i in nuclei["class"]] == [_class_name(p) for p in points]
+
+
+def test_a_job_s_record_says_what_its_pages_put_into_qupath_where_qupath_shows_it(service, slides_root):
+    # pdl1_analyze.groovy saves the record beside the project for `pdl1 train --from-review`: the analysed area,
+    # the candidates, the regions and the nuclei, in level-0 px, and when.
+    from datetime import datetime, timedelta, timezone
+
+    from shapely.geometry import Polygon, shape
+
+    outline = Polygon([(100, 100), (900, 150), (850, 900), (120, 800)])
+    roi = {"type": "Polygon", "coordinates": [list(map(list, outline.exterior.coords))]}
+    job_id = service.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "roi": roi, "mpp": 0.5}).json()[
+        "job_id"
+    ]
+    assert service.get(f"/v1/jobs/{job_id}/record").status_code in (200, 409)  # 409 while it runs
+    assert wait_for_job(service, job_id)["state"] == "done"
+    before = datetime.now(timezone.utc)
+    record = service.get(f"/v1/jobs/{job_id}/record").json()
+    assert (record["format"], record["version"]) == ("pdl1-bridge analysis record", 1)
+    assert before - timedelta(seconds=1) <= datetime.fromisoformat(record["written_at"]) <= datetime.now(timezone.utc)
+    assert shape(record["outline"]).equals(outline)
+    assert record["run_id"] == service.get(f"/v1/jobs/{job_id}/result").json()["pdl1"]["run_id"]
+    _record_agrees_with_pages(record, service.get(f"/v1/jobs/{job_id}/result").json()["features"])
+    # A whole-image job's area is the image.
+    job_id = service.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "outputs": ["sua"]}).json()[
+        "job_id"
+    ]
+    assert wait_for_job(service, job_id)["state"] == "done"
+    record = service.get(f"/v1/jobs/{job_id}/record").json()
+    assert shape(record["outline"]).bounds == (0, 0, 1024, 1024)
+    assert record["nuclei"]["x"] == [] and record["region_bounds"] == []  # not asked for: not put into QuPath
+    # Released with the job: asked for after the DELETE, it is gone as the result is.
+    service.delete(f"/v1/jobs/{job_id}")
+    assert service.get(f"/v1/jobs/{job_id}/record").status_code == 404
+    assert "no job" in service.get("/v1/jobs/nope/record").json()["detail"]
+
+
+def test_an_upload_s_record_is_in_level0_px_as_its_pages_are(service, slides_root):
+    from shapely.geometry import shape
+
+    from inference.slides.slide import open_slide
+
+    with open_slide(slides_root / "small.svs") as slide:  # 600 x 500 level-0 px from (200, 300), at downsample 2
+        rgb = slide.read_region_at_mpp((200, 300), (300, 250), mpp=1.0)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    r = service.post(
+        "/v1/jobs/pixels",
+        params={"mpp": 1.0, "origin_x": 200, "origin_y": 300, "downsample": 2},
+        content=buf.getvalue(),
+    )
+    job_id = r.json()["job_id"]
+    assert wait_for_job(service, job_id)["state"] == "done"
+    record = service.get(f"/v1/jobs/{job_id}/record").json()
+    assert shape(record["outline"]).bounds == pytest.approx((200, 300, 800, 800))
+    _record_agrees_with_pages(record, service.get(f"/v1/jobs/{job_id}/result").json()["features"])
+    xy = np.c_[record["nuclei"]["x"], record["nuclei"]["y"]]
+    assert (xy >= [200, 300]).all() and (xy <= [800, 800]).all()
+
+
 def test_two_clients_at_once(service, slides_root):
     results = {}
 

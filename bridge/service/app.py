@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import uuid
 from contextlib import asynccontextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from shapely.geometry.base import BaseGeometry
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import Scope
 
+from bridge.analysis_record import analysis_record
 from bridge.objects import feature_page, parent_measurements
 from bridge.project import stain_of_image_type
 from bridge.project_config import OUTPUTS
@@ -415,19 +419,15 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
             w.cancel(job)
         return job.status()
 
-    @app.get("/v1/jobs/{job_id}/result", responses=error_responses(404, 409, 410, 422))
-    def result(
-        job_id: str,
-        offset: int = Query(0, ge=0, description="Index of the first feature of this page."),
-        limit: int | None = Query(None, ge=1, description="Features per page (all when omitted, up to the maximum)."),
-        w: Worker = Depends(worker),
-    ) -> Response:
-        """QuPath GeoJSON FeatureCollection of the job's objects, in pages; ``pdl1`` holds the parent's
-        measurements, the entry metadata and ``next_offset`` (null on the last page)."""
+    def finished(job_id: str, w: Worker) -> tuple[Job, SlideResult, BaseGeometry | None]:
+        """A job that is done, with its result and the area it analysed (``Job.area``); else the error that says why
+        there is none (410, 404, 409)."""
         job = w.get(job_id)
         # The state before the result, each read once: the worker sets the result, then "done", and may release it
-        # meanwhile. Read the other way round, a job finishing between the two reads looked deleted (a 404).
+        # meanwhile. Read the other way round, a job finishing between the two reads looked deleted (a 404). The area
+        # before the result: the worker sets it first and releases it after the result.
         state = job.state
+        area = job.area
         result = job.result
         if result is None and job.released:
             raise ResultReleasedError(
@@ -441,10 +441,39 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
             )
         if state != "done" or result is None:
             raise JobStateError(f"job {job_id} is {state}, not done" + (f": {job.error}" if job.error else ""))
+        return job, result, area
+
+    @app.get("/v1/jobs/{job_id}/result", responses=error_responses(404, 409, 410, 422))
+    def result(
+        job_id: str,
+        offset: int = Query(0, ge=0, description="Index of the first feature of this page."),
+        limit: int | None = Query(None, ge=1, description="Features per page (all when omitted, up to the maximum)."),
+        w: Worker = Depends(worker),
+    ) -> Response:
+        """QuPath GeoJSON FeatureCollection of the job's objects, in pages; ``pdl1`` holds the parent's
+        measurements, the entry metadata and ``next_offset`` (null on the last page)."""
+        job, result, _ = finished(job_id, w)
         page = min(limit or settings.max_page, settings.max_page)
         with collector_paused():  # each step's features are gone before the next: nothing for it to collect
             content = page_content(job, result, offset, page)
         return Response(content, media_type=JSONResponse.media_type)
+
+    @app.get("/v1/jobs/{job_id}/record", responses=error_responses(404, 409, 410, 422))
+    def record(job_id: str, w: Worker = Depends(worker)) -> Response:
+        """What the job's result pages put into QuPath, for ``pdl1 train --from-review`` to tell a review from it:
+        the analysed area, the FN candidates, the positive regions' bounds and the nuclei (arrays), in the image's
+        level-0 px, with the time it is asked for (UTC; pdl1_analyze.groovy asks once it has the pages and saves it
+        as ``<project>/pdl1/<entry ID>/qupath_analyses/<parent ID>.json``). See ``bridge.analysis_record``."""
+        job, result, area = finished(job_id, w)
+        body = analysis_record(
+            result,
+            outputs=job.outputs,
+            area=area,
+            written_at=datetime.now(timezone.utc),
+            scale=job.scale,
+            origin_xy=job.origin_xy,
+        )
+        return Response(json.dumps(body, separators=(",", ":")), media_type=JSONResponse.media_type)
 
     def page_content(job: Job, result: SlideResult, offset: int, page: int) -> bytes:
         """The page's JSON, its features built and encoded a few thousand at a time: a whole page of 200 000

@@ -51,6 +51,9 @@ class Job:
     upload: bytes | None = None
     origin_xy: tuple[float, float] = (0.0, 0.0)
     scale: float = 1.0
+    # What the analysis covered, in the analysed image's px (a path job's ROI, an upload's ROI pixels' outline; None:
+    # all of it), kept with the result for its record (GET /v1/jobs/{id}/record) and released with it.
+    area: BaseGeometry | None = None
     state: str = "queued"
     tiles_done: int = 0
     tiles_total: int = 0
@@ -153,7 +156,7 @@ class Worker:
                 return False
             self.finished.remove(job_id)
             job = self.jobs.pop(job_id)
-        job.result = None
+        job.result, job.area = None, None
         return True
 
     def stop(self) -> None:
@@ -173,7 +176,7 @@ class Worker:
             for old_id in list(self.finished)[: -self.keep_results]:
                 old = self.jobs[old_id]
                 if old.result is not None:
-                    old.result, old.released = None, True
+                    old.result, old.area, old.released = None, None, True
             while len(self.finished) > KEEP_RECORDS:
                 del self.jobs[self.finished.popleft()]
 
@@ -230,7 +233,7 @@ class Worker:
             # or transparent. Padded onto the file's grid, its results map back from the padded corner.
             grid_um = analysis_grid_um(self.models, config)
             with opened_upload(body, mpp=config.mpp, origin_xy=job.origin_xy, scale=job.scale, grid_um=grid_um) as up:
-                job.origin_xy = up.origin_xy
+                job.origin_xy, job.area = up.origin_xy, up.area
                 return self._analyse(job, up.slide, config, roi=up.area, on_progress=on_progress)
         with open_allowed(
             Path(job.image),
@@ -239,6 +242,7 @@ class Worker:
             shown=job.image_as_sent,
             openslide_only=config.openslide_only,
         ) as slide:
+            job.area = roi
             return self._analyse(job, slide, config, roi=roi, on_progress=on_progress)
 
     def _analyse(

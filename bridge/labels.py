@@ -18,13 +18,17 @@ slides"):
   width on either side of its edge is ignored.
 * Objects pdl1-bridge wrote (its signature measurements) are not labels while they are as it wrote
   them. A candidate or predicted region a person reclassified ``PD-L1 positive`` or ``PD-L1 negative``
-  is a label with ``from_review``; without it, it is skipped and counted. Where the last run's own
-  output is at hand (:class:`WrittenObjects`, a project's ``pdl1/<entry ID>/objects.geojson``, and its
-  ``target_regions.json`` for every target of an image where several were analysed), two more review
-  actions are labels with ``from_review``: a nucleus whose class a person changed is a point of its new
-  class, and a ``PD-L1 FN candidate`` a person deleted was dismissed, so its area is negative. Where an
-  image's several targets left no such record of the summary's run (an earlier version), only the first
-  target's output is at hand, and the reviews of the others are counted as not read.
+  is a label with ``from_review``; without it, it is skipped and counted. Where what the tool wrote into a
+  project entry is at hand (:class:`WrittenObjects`: the last ``pdl1 run``'s ``pdl1/<entry ID>/objects.geojson``,
+  and its ``target_regions.json`` for every target of an image where several were analysed; the record
+  ``pdl1_analyze.groovy`` saves of each parent it analysed, ``pdl1/<entry ID>/qupath_analyses/<parent ID>.json``),
+  two more review actions are labels with ``from_review``: a nucleus whose class a person changed is a point of
+  its new class (the newest analysis there whose output is still in the image says what was written), and a
+  ``PD-L1 FN candidate`` a person deleted was dismissed, so its area is negative (only where its analysis's
+  output is still in the image and no newer analysis covers it; otherwise counted). A tool-written nucleus that
+  no record holds (an earlier script, a record deleted) is counted as not told, with a warning. Where an image's
+  several targets left no record of the summary's run (an earlier version), only the first target's output is
+  at hand, and the reviews of the others are counted as not read.
 
 Everything else (lines, other classes, unclassified objects) is counted as skipped, except an area whose class
 says positive (QuPath's ``Positive``) lying in a training region: it would train as negative, and is refused.
@@ -41,7 +45,8 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
 
@@ -51,6 +56,7 @@ from scipy.spatial import cKDTree
 from shapely.geometry import MultiPoint, MultiPolygon, Point, Polygon
 from shapely.geometry.base import BaseGeometry
 
+from bridge.analysis_record import entry_records, read_analysis_record
 from bridge.classes import (
     IGNORE,
     PDL1_FN_CANDIDATE,
@@ -63,7 +69,7 @@ from bridge.objects import OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE, TI
 from bridge.pairs import IHC_NEEDS_REVIEW
 from bridge.project import ProjectEntry, ProjectInfo, locate_image, read_project, sidecar_dir
 from bridge.qupath_geojson import QuPathObject, read_features
-from bridge.targets import MISSING, TARGET_REGIONS_FILE, read_target_regions
+from bridge.targets import MISSING, TARGET_REGIONS_FILE, read_target_regions, rows_from_summary
 from inference import IHC_CELL_RADIUS_UM, MppAdvice, Pdl1Error, Slide, SlideLabels, UnlabeledSlide
 
 log = logging.getLogger(__name__)
@@ -94,6 +100,24 @@ UNREAD_TARGETS_FIX = (
     "to train on such reviews, run the image again (`pdl1 run PROJECT` without --resume; it replaces the objects it "
     "wrote, reviewed ones too) and review it after that run"
 )
+
+
+# Counted (the number of nuclei) where --from-review is given and a nucleus the tool wrote into a project entry lies
+# where no record of what it wrote has one: an analysis by an earlier pdl1_analyze.groovy (which kept no record), a
+# record or a run's output deleted, another version's run. What class it was written with is unknown, so whether a
+# person changed it cannot be told: it is no label, and not counted as unreviewed either (pdl1 train warns of them).
+UNRECORDED_NUCLEI_COUNT = "not read: pdl1 nuclei that no record of an analysis holds (a review of them cannot be told)"
+# What to do about it (an analysis replaces the objects it wrote under its parent, reviewed ones too).
+UNRECORDED_NUCLEI_FIX = (
+    "to train on reviews of them, analyse the image again with the current pdl1_analyze.groovy or `pdl1 run`, which "
+    "record what they write (the analysis replaces the objects it wrote, reviewed ones too), and review it after that"
+)
+# Counted (the number of candidates): an FN candidate gone from the image where an analysis newer than the one that
+# wrote it covers it; that analysis replaced what the older one wrote there, so a person deleting it cannot be told.
+OLDER_CANDIDATES_COUNT = "skipped: FN candidates of an older analysis, gone where a newer one analysed"
+# Counted (the number of candidates): the FN candidates of an analysis none of whose output is in the image any more
+# (cleared, its parent deleted, replaced): a person dismissing them cannot be told from their absence.
+GONE_OUTPUT_CANDIDATES_COUNT = "skipped: FN candidates of an analysis whose output is no longer in the image"
 
 
 class LabelError(Pdl1Error, ValueError):
@@ -218,32 +242,38 @@ def _tool_written_class(obj: QuPathObject) -> str | None:
     return None
 
 
-# A nucleus of the last run's output and one in the image are the same where their points lie this close
+# A nucleus of an analysis's output and one in the image are the same where their points lie this close
 # (level-0 px): QuPath keeps the coordinates it imported.
 _SAME_NUCLEUS_PX = 1.0
-# A candidate of the last run's output is still in the image where one of the tool's annotations there
+# A candidate of an analysis's output is still in the image where one of the tool's annotations there
 # overlaps it by this IoU (the same polygon, whatever its class now).
 _SAME_CANDIDATE_IOU = 0.9
+# A positive region of an analysis's output is still in the image where one of the tool's annotations there has its
+# bounds within this many level-0 px (its class may have changed; the records keep regions by their bounds).
+_SAME_REGION_BOUNDS_PX = 1.0
+# The time of an analysis whose output states none (a summary without ``provenance.analysed_at``): older than all.
+_UNKNOWN_TIME = datetime.min.replace(tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
-class WrittenObjects:
-    """What the last ``pdl1 run`` wrote for an image: its nuclei (positions and classes) and FN candidates.
-
-    Read from the run's own output (:meth:`of_entry`: a project's ``pdl1/<entry ID>/objects.geojson``, and its
-    ``target_regions.json`` where several targets were analysed), so that a review can be told from the tool's
-    output: a nucleus's class as written, a candidate a person deleted. ``not_read``: (count name, number of
-    targets) of the targets whose output was not at hand, which :func:`labels_from_objects` counts.
-    """
+class WrittenAnalysis:
+    """What one analysis wrote into QuPath: its nuclei (positions, level-0 px, and classes), its FN candidates, the
+    bounds of its positive regions ((R, 4) x0, y0, x1, y1), when it wrote them (``written_at``, timezone-aware;
+    None: unknown, older than any other) and the area it analysed (``area``; None: the whole image). ``source``:
+    the file it was read from, for messages."""
 
     nuclei_xy: np.ndarray  # (N, 2) level-0 px
     nuclei_class: tuple[str, ...]
     candidates: tuple[BaseGeometry, ...]
-    not_read: tuple[tuple[str, int], ...] = ()
+    region_bounds: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    written_at: datetime | None = None
+    area: BaseGeometry | None = None
+    source: str = ""
 
     @classmethod
-    def from_objects(cls, objects: Iterable[QuPathObject]) -> WrittenObjects:
-        xy, names, candidates = [], [], []
+    def from_objects(cls, objects: Iterable[QuPathObject], **kwargs) -> WrittenAnalysis:
+        """From the QuPath objects an analysis wrote (its output GeoJSON): those carrying the tool's signature."""
+        xy, names, candidates, bounds = [], [], [], []
         for obj in objects:
             original = _tool_written_class(obj)
             if original is None:
@@ -254,101 +284,287 @@ class WrittenObjects:
                 names.append(original)
             elif original == PDL1_FN_CANDIDATE.name and obj.classification == original:
                 candidates.append(obj.geometry)
-        return cls(np.asarray(xy, np.float64).reshape(-1, 2), tuple(names), tuple(candidates))
-
-    @classmethod
-    def read(cls, path: str | Path) -> WrittenObjects:
-        """From a run's GeoJSON; a file that is not one names itself."""
-        try:
-            return cls.from_objects(read_features(Path(path)))
-        except (json.JSONDecodeError, UnicodeDecodeError, Pdl1Error) as err:
-            raise LabelError(
-                f"{path}: the last run's output is not readable GeoJSON ({err}); run `pdl1 run` on the project "
-                "again, or train without --from-review"
-            ) from err
-
-    @classmethod
-    def of_entry(cls, folder: Path) -> WrittenObjects | None:
-        """What the last run wrote for a project entry, from its sidecar folder (``pdl1/<entry ID>``); None where it
-        left no output there.
-
-        Where its summary lists several analysed targets (TMA cores, annotations), every target's candidates and
-        nuclei come from :data:`~bridge.targets.TARGET_REGIONS_FILE` of the summary's run (objects.geojson holds
-        the first target's alone). Where that file is missing or of another run, objects.geojson is read and the
-        other targets are counted in ``not_read`` (with a warning). A file that does not read raises
-        :class:`LabelError` with the fix.
-        """
-        geojson, summary_path, regions_path = (
-            folder / "objects.geojson",
-            folder / "summary.json",
-            folder / TARGET_REGIONS_FILE,
+            elif original == POSITIVE and not obj.geometry.is_empty:
+                bounds.append(obj.geometry.bounds)
+        return cls(
+            np.asarray(xy, np.float64).reshape(-1, 2),
+            tuple(names),
+            tuple(candidates),
+            np.asarray(bounds, np.float64).reshape(-1, 4),
+            **kwargs,
         )
-        fix = "run `pdl1 run` on the project again, or train without --from-review"
-        summary = None
-        if summary_path.is_file():
-            try:
-                summary = json.loads(summary_path.read_text(encoding="utf-8"))
-                if not isinstance(summary, dict):
-                    raise ValueError("not a JSON object")
-            except (OSError, ValueError) as err:
-                raise LabelError(f"{summary_path}: the last run's summary does not read ({err}); {fix}") from err
-        rows = [] if summary is None else summary.get("targets")
-        analysed = (
-            [r for r in rows if isinstance(r, dict) and r.get("state") != MISSING] if isinstance(rows, list) else []
-        )
-        record, why = None, f"there is no {regions_path} (an earlier version wrote the first target's alone)"
-        if regions_path.is_file() and summary is not None:
-            try:
-                record = read_target_regions(regions_path)
-            except (OSError, ValueError) as err:
-                raise LabelError(f"{regions_path}: the last run's output does not read ({err}); {fix}") from err
-            if record.run_id != summary.get("run_id"):
-                why = f"{regions_path} is of run {record.run_id}, not of the summary's ({summary.get('run_id')})"
-                record = None
-        others = len(analysed) - 1
-        if record is None:
-            if not geojson.is_file():
-                return None
-            written = cls.read(geojson)
-            if others > 0:
-                log.warning(
-                    "%s: the last run analysed %d targets, but %s: the FN candidates deleted and the nuclei "
-                    "reclassified in targets other than the first (%s) cannot be told from its output and are no "
-                    "labels; %s",
-                    folder,
-                    len(analysed),
-                    why,
-                    ", ".join(str(r.get("target")) for r in analysed[1:]),
-                    UNREAD_TARGETS_FIX,
-                )
-                written = replace(written, not_read=((UNREAD_TARGETS_COUNT, others),))
-            return written
-        candidates = cls.from_objects(o for _, objects in record.targets for o in objects).candidates
-        xy = np.concatenate([np.zeros((0, 2)), *(n.xy for n in record.nuclei)])
-        return cls(xy, tuple(c for n in record.nuclei for c in n.classes), candidates)
+
+    @property
+    def when(self) -> datetime:
+        return self.written_at or _UNKNOWN_TIME
+
+    def covers(self, geometry: BaseGeometry) -> bool:
+        """Whether the analysed area overlaps ``geometry`` (more than a shared edge)."""
+        return self.area is None or self.area.intersection(geometry).area > _OVERLAP_TOLERANCE_PX2
 
     @cached_property
     def _tree(self) -> cKDTree:
         return cKDTree(self.nuclei_xy)
 
     def class_at(self, xy: tuple[float, float]) -> str | None:
-        """The class the run wrote for the nucleus at ``xy``; None when it wrote none there."""
+        """The class the analysis wrote for the nucleus at ``xy``; None when it wrote none there."""
         if not len(self.nuclei_xy):
             return None
         distance, i = self._tree.query(xy, distance_upper_bound=_SAME_NUCLEUS_PX)
         return self.nuclei_class[int(i)] if np.isfinite(distance) else None
 
 
-def _deleted_candidates(written: WrittenObjects, tool_annotations: list[BaseGeometry]) -> list[BaseGeometry]:
-    """The run's candidates no longer in the image: none of the tool's annotations there is the same polygon."""
+@dataclass(frozen=True)
+class WrittenObjects:
+    """What the tool wrote into an image, analysis by analysis (:class:`WrittenAnalysis`), so that a review can be
+    told from its output: a nucleus's class as written, a candidate a person deleted.
+
+    Read by :meth:`of_entry` from a project entry's sidecar folder (``pdl1/<entry ID>``): the last ``pdl1 run``'s
+    output (``objects.geojson``, and ``target_regions.json`` where several targets were analysed; its time the
+    summary's ``provenance.analysed_at``, its area its targets' outlines) and the record of each parent
+    ``pdl1_analyze.groovy`` analysed (``qupath_analyses/<parent ID>.json``, :mod:`bridge.analysis_record`).
+    ``not_read``: (count name, number of targets) of the targets whose output was not at hand, which
+    :func:`labels_from_objects` counts.
+    """
+
+    analyses: tuple[WrittenAnalysis, ...]
+    not_read: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def nuclei_xy(self) -> np.ndarray:
+        """Every analysis's nuclei positions, (N, 2) level-0 px."""
+        return np.concatenate([np.zeros((0, 2)), *(a.nuclei_xy for a in self.analyses)])
+
+    @property
+    def nuclei_class(self) -> tuple[str, ...]:
+        return tuple(c for a in self.analyses for c in a.nuclei_class)
+
+    @property
+    def candidates(self) -> tuple[BaseGeometry, ...]:
+        return tuple(c for a in self.analyses for c in a.candidates)
+
+    @classmethod
+    def from_objects(cls, objects: Iterable[QuPathObject]) -> WrittenObjects:
+        """One analysis's output, of unknown time, over the whole image."""
+        return cls((WrittenAnalysis.from_objects(objects),))
+
+    @classmethod
+    def read(cls, path: str | Path) -> WrittenObjects:
+        """From a run's GeoJSON; a file that is not one names itself."""
+        return cls((_read_run_output(Path(path)),))
+
+    @classmethod
+    def of_entry(cls, folder: Path) -> WrittenObjects:
+        """What the tool wrote for a project entry, from its sidecar folder (``pdl1/<entry ID>``): the last run's
+        output and the records of ``pdl1_analyze.groovy``'s analyses; no analyses where it left none.
+
+        Where the run's summary lists several analysed targets (TMA cores, annotations), every target's candidates,
+        regions and nuclei come from :data:`~bridge.targets.TARGET_REGIONS_FILE` of the summary's run
+        (objects.geojson holds the first target's alone). Where that file is missing or of another run,
+        objects.geojson is read and the other targets are counted in ``not_read`` (with a warning). A file that does
+        not read raises :class:`LabelError` with the fix.
+        """
+        run, not_read = _last_run(folder)
+        records = tuple(_read_record(path) for path in entry_records(folder))
+        return cls(((run,) if run is not None else ()) + records, not_read)
+
+
+_RUN_FIX = "run `pdl1 run` on the project again, or train without --from-review"
+
+
+def _read_run_output(path: Path, **kwargs) -> WrittenAnalysis:
+    try:
+        return WrittenAnalysis.from_objects(read_features(path), source=str(path), **kwargs)
+    except (json.JSONDecodeError, UnicodeDecodeError, Pdl1Error) as err:
+        raise LabelError(f"{path}: the last run's output is not readable GeoJSON ({err}); {_RUN_FIX}") from err
+
+
+def _last_run(folder: Path) -> tuple[WrittenAnalysis | None, tuple[tuple[str, int], ...]]:
+    """The last ``pdl1 run``'s output of an entry (None where it left none) and its targets not read."""
+    geojson, summary_path, regions_path = (
+        folder / "objects.geojson",
+        folder / "summary.json",
+        folder / TARGET_REGIONS_FILE,
+    )
+    summary = None
+    if summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            if not isinstance(summary, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            raise LabelError(f"{summary_path}: the last run's summary does not read ({err}); {_RUN_FIX}") from err
+    rows = [] if summary is None else summary.get("targets")
+    analysed = [r for r in rows if isinstance(r, dict) and r.get("state") != MISSING] if isinstance(rows, list) else []
+    record, why = None, f"there is no {regions_path} (an earlier version wrote the first target's alone)"
+    if regions_path.is_file() and summary is not None:
+        try:
+            record = read_target_regions(regions_path)
+        except (OSError, ValueError) as err:
+            raise LabelError(f"{regions_path}: the last run's output does not read ({err}); {_RUN_FIX}") from err
+        if record.run_id != summary.get("run_id"):
+            why = f"{regions_path} is of run {record.run_id}, not of the summary's ({summary.get('run_id')})"
+            record = None
+    others = len(analysed) - 1
+    if record is None:
+        if not geojson.is_file():
+            return None, ()
+        when, area = _run_time_and_area(summary, summary_path)
+        written = _read_run_output(geojson, written_at=when, area=area)
+        if others <= 0:
+            return written, ()
+        log.warning(
+            "%s: the last run analysed %d targets, but %s: the FN candidates deleted and the nuclei reclassified in "
+            "targets other than the first (%s) cannot be told from its output and are no labels; %s",
+            folder,
+            len(analysed),
+            why,
+            ", ".join(str(r.get("target")) for r in analysed[1:]),
+            UNREAD_TARGETS_FIX,
+        )
+        return written, ((UNREAD_TARGETS_COUNT, others),)
+    when, area = _run_time_and_area(summary, summary_path)
+    regions = WrittenAnalysis.from_objects(o for _, objects in record.targets for o in objects)
+    xy = np.concatenate([np.zeros((0, 2)), *(n.xy for n in record.nuclei)])
+    nuclei = tuple(c for n in record.nuclei for c in n.classes)
+    return replace(regions, nuclei_xy=xy, nuclei_class=nuclei, written_at=when, area=area, source=str(regions_path)), ()
+
+
+def _run_time_and_area(summary: dict | None, path: Path) -> tuple[datetime | None, BaseGeometry | None]:
+    """When the run wrote its output (the summary's ``provenance.analysed_at``; None where it says not) and what it
+    analysed: its analysed targets' outlines, None (the whole image) where one has none (a whole-image target) or
+    the summary lists none."""
+    if summary is None:
+        return None, None
+    stamp = (
+        (summary.get("provenance") or {}).get("analysed_at") if isinstance(summary.get("provenance"), dict) else None
+    )
+    when = None
+    if stamp is not None:
+        try:
+            when = datetime.fromisoformat(str(stamp))
+        except ValueError as err:
+            raise LabelError(f"{path}: provenance.analysed_at {stamp!r} is not an ISO time; {_RUN_FIX}") from err
+        when = when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+    try:
+        rows = rows_from_summary(summary) if isinstance(summary.get("targets"), list) else []
+    except (TypeError, ValueError, AttributeError) as err:
+        raise LabelError(f"{path}: the last run's targets do not read ({err}); {_RUN_FIX}") from err
+    analysed = [r for r in rows if r.state != MISSING]
+    if not analysed or any(r.outline is None for r in analysed):
+        return when, None
+    return when, shapely.union_all([r.outline for r in analysed])
+
+
+# What to do about a record that does not read: the analysis it records is known only from it.
+_RECORD_FIX = (
+    "analyse that annotation (or TMA core) again with pdl1_analyze.groovy, which writes its record anew, or delete the "
+    "file (the reviews of that analysis then cannot be told), or train without --from-review"
+)
+
+
+def _read_record(path: Path) -> WrittenAnalysis:
+    """The record ``pdl1_analyze.groovy`` left of one analysis, as a :class:`WrittenAnalysis`."""
+    try:
+        record = read_analysis_record(path)
+    except (OSError, ValueError) as err:
+        raise LabelError(
+            f"{path}: the record of an analysis by pdl1_analyze.groovy does not read ({err}); {_RECORD_FIX}"
+        ) from err
+    return WrittenAnalysis(
+        record.nuclei.xy,
+        record.nuclei.classes,
+        record.candidates,
+        record.region_bounds,
+        written_at=record.written_at,
+        area=record.outline if record.outline.is_valid else shapely.make_valid(record.outline),
+        source=str(path),
+    )
+
+
+def _gone(candidates: Sequence[BaseGeometry], tool_annotations: list[BaseGeometry]) -> list[BaseGeometry]:
+    """The candidates no longer in the image: none of the tool's annotations there is the same polygon."""
     tree = shapely.STRtree(tool_annotations)
     gone = []
-    for cand in written.candidates:
+    for cand in candidates:
         near = [tool_annotations[i] for i in tree.query(cand)]
         iou = max((cand.intersection(g).area / max(cand.union(g).area, 1e-9) for g in near), default=0.0)
         if iou < _SAME_CANDIDATE_IOU:
             gone.append(cand)
     return gone
+
+
+AS_WRITTEN, REVIEWED = "as written", "reviewed"
+
+
+class _WrittenInImage:
+    """The analyses of an image set against what is in it now: which one's output is still there (one of its
+    candidates or regions, whatever their class now, or one of its nuclei at its place with the class it wrote), and
+    so what each tool-written object in the image was as written."""
+
+    def __init__(
+        self,
+        written: WrittenObjects,
+        tool_annotations: list[BaseGeometry],
+        nuclei_xy: np.ndarray,
+        nuclei_class: Sequence[str | None],
+    ):
+        self.written = written
+        self.tool_annotations = tool_annotations
+        self.nuclei_tree = cKDTree(nuclei_xy.reshape(-1, 2))
+        bounds = np.asarray([g.bounds for g in tool_annotations], np.float64).reshape(-1, 4)
+        bounds_tree = cKDTree(bounds)
+        newest_first = sorted(written.analyses, key=lambda a: a.when, reverse=True)
+
+        def in_image(a: WrittenAnalysis) -> bool:
+            if a.candidates and tool_annotations and len(_gone(a.candidates, tool_annotations)) < len(a.candidates):
+                return True
+            if len(a.region_bounds) and len(bounds):
+                distance, _ = bounds_tree.query(a.region_bounds, distance_upper_bound=_SAME_REGION_BOUNDS_PX, p=np.inf)
+                if np.isfinite(distance).any():
+                    return True
+            if len(a.nuclei_xy) and len(nuclei_xy):
+                distance, i = self.nuclei_tree.query(a.nuclei_xy, distance_upper_bound=_SAME_NUCLEUS_PX)
+                near = np.flatnonzero(np.isfinite(distance))
+                return any(nuclei_class[i[k]] == a.nuclei_class[k] for k in near)
+            return False
+
+        self.present = [a for a in newest_first if in_image(a)]
+        self.absent = [a for a in newest_first if not any(a is p for p in self.present)]
+
+    def nucleus(self, xy: tuple[float, float], cls: str | None) -> str | None:
+        """Whether the tool's nucleus at ``xy``, now of class ``cls``, is :data:`AS_WRITTEN` or :data:`REVIEWED`;
+        None where no analysis wrote a nucleus there.
+
+        The newest analysis whose output is still in the image says what was written there (an analysis whose
+        output is gone only where none of those wrote one). A class an older analysis wrote there is as written too
+        where another of the tool's nuclei lies at that place: two analyses of overlapping parents each keep their
+        own nuclei, so the older one's is there beside the newer one's.
+        """
+        classes = [c for a in (*self.present, *self.absent) if (c := a.class_at(xy)) is not None]
+        if not classes:
+            return None
+        if cls is None or cls == classes[0]:
+            return AS_WRITTEN
+        if cls in classes[1:] and len(self.nuclei_tree.query_ball_point(xy, _SAME_NUCLEUS_PX)) > 1:
+            return AS_WRITTEN
+        return REVIEWED
+
+    def deleted_candidates(self, counts: Counter[str]) -> list[BaseGeometry]:
+        """The FN candidates a person deleted: gone from the image, of an analysis whose output is still there and
+        that no newer analysis covers (a newer analysis of the area replaced it; a person deleting it cannot be told
+        from that). The others gone are counted."""
+        deleted = []
+        for a in self.present:
+            for gone in _gone(a.candidates, self.tool_annotations):
+                if any(b.when > a.when and b.covers(gone) for b in self.written.analyses):
+                    counts[OLDER_CANDIDATES_COUNT] += 1
+                else:
+                    deleted.append(gone)
+        for a in self.absent:
+            if a.candidates:
+                counts[GONE_OUTPUT_CANDIDATES_COUNT] += len(a.candidates)
+        return deleted
 
 
 def _area(geometry: BaseGeometry, where: str) -> BaseGeometry:
@@ -394,9 +610,13 @@ def labels_from_objects(
 ) -> SlideLabels:
     """The labels of one image from its QuPath objects (see the module docstring for the rules).
 
-    ``written``: what the last run wrote for this image; with ``rules.from_review`` a reclassified nucleus
-    and a deleted FN candidate become labels (only while some of the run's annotations are still in the
-    image: an image cleared of them was not reviewed, and nothing of it is taken as dismissed).
+    ``written``: what the tool wrote into this image (a project entry's: :meth:`WrittenObjects.of_entry`; None for
+    a plain slide's GeoJSON, whose nuclei reviews are not read); with ``rules.from_review`` a reclassified nucleus
+    and a deleted FN candidate become labels. A nucleus's class as written is the newest analysis's there whose
+    output is still in the image (:class:`_WrittenInImage`); a tool-written nucleus that no analysis recorded is
+    counted (:data:`UNRECORDED_NUCLEI_COUNT`, with a warning), not taken as unreviewed. A candidate gone from the
+    image is dismissed only where its analysis's output is still in the image (an image cleared of it was not
+    reviewed) and no newer analysis covers it (:data:`OLDER_CANDIDATES_COUNT`, :data:`GONE_OUTPUT_CANDIDATES_COUNT`).
 
     ``project_classes``: the project's class list; a label (an area of a label class, or points) of a
     class not in it is refused (an export from another project); other objects' classes are not checked.
@@ -416,8 +636,22 @@ def labels_from_objects(
     xy: list[tuple[float, float]] = []
     point_cls: list[int] = []
     unknown_point_classes: Counter[str] = Counter()
-    tool_annotations: list[BaseGeometry] = []
     positive_looking: list[tuple[str, str, BaseGeometry]] = []  # areas of another class that say "positive"
+    objects = list(objects)
+    in_image = None
+    if written is not None and rules.from_review:
+        # What of the tool's output is in the image, before any of it is read: which analyses' output is still
+        # there decides what a nucleus was written as.
+        tool = [(o, _tool_written_class(o)) for o in objects if not o.geometry.is_empty]
+        nuclei = [
+            (o.geometry.centroid, o.classification) for o, c in tool if c is not None and o.object_type != "annotation"
+        ]
+        in_image = _WrittenInImage(
+            written,
+            [o.geometry for o, c in tool if c is not None and o.object_type == "annotation"],
+            np.asarray([(p.x, p.y) for p, _ in nuclei], np.float64).reshape(-1, 2),
+            [c for _, c in nuclei],
+        )
     for obj in objects:
         cls = obj.classification
         what = f"{where}: {obj.object_type} {obj.name or obj.id or ''} ({cls or 'unclassified'})"
@@ -433,13 +667,13 @@ def labels_from_objects(
                 "is this export from another project? Add the class in QuPath or export again"
             )
         original = _tool_written_class(obj)
-        if original is not None and obj.object_type != "annotation" and written is not None and rules.from_review:
+        if original is not None and obj.object_type != "annotation" and in_image is not None:
             point = obj.geometry.centroid
-            was = written.class_at((point.x, point.y))
-            if was is None:
-                counts["skipped: pdl1 nuclei not in the last run's output"] += 1
+            verdict = in_image.nucleus((point.x, point.y), cls)
+            if verdict is None:
+                counts[UNRECORDED_NUCLEI_COUNT] += 1
                 continue
-            if cls == was or cls is None:
+            if verdict == AS_WRITTEN:
                 counts["skipped: pdl1 results as written (not reviewed)"] += 1
                 continue
             if not rules.points:
@@ -456,8 +690,6 @@ def labels_from_objects(
                 counts["reviewed: nuclei reclassified"] += 1
             continue
         if original is not None:
-            if obj.object_type == "annotation":
-                tool_annotations.append(obj.geometry)
             if cls == original:
                 counts["skipped: pdl1 results as written (not reviewed)"] += 1
                 continue
@@ -542,28 +774,30 @@ def labels_from_objects(
     if written is not None and rules.from_review:
         for name, n in written.not_read:
             counts[name] += n
-    if written is not None and rules.from_review and written.candidates:
-        if not tool_annotations:
-            counts["skipped: the last run's FN candidates (none of its annotations is in the image)"] += len(
-                written.candidates
+    if in_image is not None:
+        # A deleted candidate is a dismissal inferred from its absence; where the reviewer drew (or reclassified)
+        # positive area over it, what they drew is the label. Left whole, it contradicted their drawing and the
+        # run stopped, telling them to fix in QuPath an object no longer there.
+        drawn_positive = _union(positive)
+        for gone in in_image.deleted_candidates(counts):
+            dismissed = _area(gone, f"{where}: a deleted {PDL1_FN_CANDIDATE.name}").difference(drawn_positive)
+            counts[f"reviewed: {PDL1_FN_CANDIDATE.name} deleted ({NEGATIVE})"] += 1
+            if dismissed.area < gone.area - _OVERLAP_TOLERANCE_PX2:
+                counts[f"reviewed: {PDL1_FN_CANDIDATE.name} deleted, {POSITIVE} drawn over it (there positive)"] += 1
+            dismissed = shapely.union_all(
+                [g for g in shapely.get_parts(dismissed) if isinstance(g, Polygon | shapely.MultiPolygon)]
+            )  # the area only: a difference can leave slivers of lines and points at the positive's edge
+            if not dismissed.is_empty:
+                negative.append(dismissed)
+        if counts[UNRECORDED_NUCLEI_COUNT]:
+            log.warning(
+                "%s: %d nuclei pdl1-bridge wrote lie where no record of an analysis has them (analysed by an earlier "
+                "pdl1_analyze.groovy, which kept none, or their record was deleted): whether a person reclassified "
+                "them cannot be told, so they are no labels; %s",
+                where,
+                counts[UNRECORDED_NUCLEI_COUNT],
+                UNRECORDED_NUCLEI_FIX,
             )
-        else:
-            # A deleted candidate is a dismissal inferred from its absence; where the reviewer drew (or reclassified)
-            # positive area over it, what they drew is the label. Left whole, it contradicted their drawing and the
-            # run stopped, telling them to fix in QuPath an object no longer there.
-            drawn_positive = _union(positive)
-            for gone in _deleted_candidates(written, tool_annotations):
-                dismissed = _area(gone, f"{where}: a deleted {PDL1_FN_CANDIDATE.name}").difference(drawn_positive)
-                counts[f"reviewed: {PDL1_FN_CANDIDATE.name} deleted ({NEGATIVE})"] += 1
-                if dismissed.area < gone.area - _OVERLAP_TOLERANCE_PX2:
-                    counts[
-                        f"reviewed: {PDL1_FN_CANDIDATE.name} deleted, {POSITIVE} drawn over it (there positive)"
-                    ] += 1
-                dismissed = shapely.union_all(
-                    [g for g in shapely.get_parts(dismissed) if isinstance(g, Polygon | shapely.MultiPolygon)]
-                )  # the area only: a difference can leave slivers of lines and points at the positive's edge
-                if not dismissed.is_empty:
-                    negative.append(dismissed)
     if unknown_point_classes:
         listing = ", ".join(f"{c} ({n} points)" for c, n in sorted(unknown_point_classes.items()))
         # 'tumor: positive' or 'Tumor:Positive ' is the model's class spelt otherwise: say which, and the option.

@@ -13,6 +13,8 @@ import shapely
 import tifffile
 
 from bridge.labels import (
+    GONE_OUTPUT_CANDIDATES_COUNT,
+    UNRECORDED_NUCLEI_COUNT,
     LabelError,
     LabelRules,
     export_path,
@@ -645,7 +647,7 @@ def test_with_the_last_run_s_output_reclassified_nuclei_and_deleted_candidates_a
     assert labels.counts["reviewed: nuclei reclassified"] == 1
     assert labels.counts["reviewed: PD-L1 FN candidate deleted (PD-L1 negative)"] == 1
     assert labels.counts["skipped: pdl1 results as written (not reviewed)"] == 1
-    assert labels.counts["skipped: pdl1 nuclei not in the last run's output"] == 1
+    assert labels.counts[UNRECORDED_NUCLEI_COUNT] == 1
     # Without --from-review none of it is a label; a segmentation run counts the corrected nuclei as skipped.
     with pytest.raises(LabelError, match="no labels"):
         labels_from_objects(image, slide="s", image_size_px=(100, 100), rules=RULES, written=written)
@@ -655,7 +657,7 @@ def test_with_the_last_run_s_output_reclassified_nuclei_and_deleted_candidates_a
     # An image cleared of the run's annotations was not reviewed: its candidates are not taken as dismissed.
     cleared = labels_from_objects(image[:1], slide="s", image_size_px=(100, 100), rules=review, written=written)
     assert cleared.negative.is_empty
-    assert cleared.counts["skipped: the last run's FN candidates (none of its annotations is in the image)"] == 2
+    assert cleared.counts[GONE_OUTPUT_CANDIDATES_COUNT] == 2
     # A corrected class the model lacks needs a mapping, as drawn points do.
     odd = [_nucleus(5, 5, "Stroma"), _candidate(kept, "PD-L1 positive")]
     with pytest.raises(LabelError, match=r"Stroma \(1 points\).*--class-map"):
@@ -874,7 +876,7 @@ def test_the_review_of_a_tma_s_second_core_is_told_from_every_core_s_output_of_t
     assert labels.points_xy.tolist() == [[1730.03, 1790.07], [50.0, 50.0]]
     assert labels.points_class.tolist() == [HE_CLASSES.index("Tumor: Negative"), HE_CLASSES.index("Other")]
     assert labels.counts["skipped: pdl1 results as written (not reviewed)"] == 5  # 2 candidates, 3 nuclei
-    assert "skipped: pdl1 nuclei not in the last run's output" not in labels.counts
+    assert UNRECORDED_NUCLEI_COUNT not in labels.counts
     assert UNREAD_TARGETS_COUNT not in labels.counts and "not read" not in caplog.text
 
 
@@ -893,7 +895,226 @@ def test_without_every_core_s_output_of_the_run_the_reviews_of_the_other_cores_a
         (labels,) = read_project_labels(project, rules=review, entries=["1"], qupath="never")
     assert labels.counts[UNREAD_TARGETS_COUNT] == 1
     assert "reviewed: PD-L1 FN candidate deleted (PD-L1 negative)" not in labels.counts
-    assert labels.counts["skipped: pdl1 nuclei not in the last run's output"] == 2  # B-1's
+    assert labels.counts[UNRECORDED_NUCLEI_COUNT] == 2  # B-1's
     assert "the last run analysed 2 targets" in caplog.text and "other than the first (B-1)" in caplog.text
     why = "there is no" if regions_file == "none" else "is of run r1, not of the summary's (r2)"
     assert why in caplog.text
+
+
+# ------------------------------------------------------------------- records of pdl1_analyze.groovy's analyses
+
+T1, T2 = "2025-03-01T09:00:00+00:00", "2025-03-02T09:00:00+00:00"
+
+
+def _groovy_record(project: Path, parent_id: str, *, when: str, outline, candidates=(), nuclei=()) -> Path:
+    """The record pdl1_analyze.groovy saves of its analysis of a parent (as GET /v1/jobs/{id}/record gives it)."""
+    from bridge.analysis_record import RECORD_FORMAT, RECORD_VERSION, record_path
+    from bridge.targets import TargetNuclei
+
+    path = record_path(project / "pdl1" / "1", parent_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = TargetNuclei(
+        np.array([xy for xy, _ in nuclei], float).reshape(-1, 2),
+        np.array([HE_CLASSES.index(c) for _, c in nuclei], np.int64),
+        HE_CLASSES,
+    )
+    record = {
+        "format": RECORD_FORMAT,
+        "version": RECORD_VERSION,
+        "written_at": when,
+        "run_id": f"job of {parent_id}",
+        "outline": shapely.geometry.mapping(outline),
+        "candidates": [shapely.geometry.mapping(c) for c in candidates],
+        "region_bounds": [],
+        "nuclei": kept.to_json(),
+    }
+    path.write_text(json.dumps(record))
+    return path
+
+
+def _run_output(project: Path, *, when: str, outline=None, candidates=(), nuclei=()) -> None:
+    """The sidecars `pdl1 run` leaves of entry 1 analysed in one target (``outline``; None: the whole image)."""
+    from bridge.qupath_geojson import to_feature
+    from bridge.targets import TargetRow, rows_to_json
+
+    folder = project / "pdl1" / "1"
+    folder.mkdir(parents=True, exist_ok=True)
+    objects = [_candidate(c) for c in candidates] + [_nucleus(*xy, cls) for xy, cls in nuclei]
+    (folder / "objects.geojson").write_text(
+        json.dumps({"type": "FeatureCollection", "features": [to_feature(o) for o in objects]})
+    )
+    kind = "whole image" if outline is None else "annotation"
+    row = TargetRow("he-1357.svs", "1", "Tumor", kind, "analysed", outline=outline)
+    summary = {"run_id": "r", "provenance": {"analysed_at": when}, "targets": rows_to_json([row])}
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def _export(project: Path, objects: list) -> None:
+    from bridge.qupath_geojson import to_feature
+
+    exported = export_path(project, "1")
+    exported.parent.mkdir(parents=True, exist_ok=True)
+    exported.write_text(json.dumps([to_feature(o) for o in objects]))
+
+
+REVIEW = LabelRules(class_names=HE_CLASSES, from_review=True)
+# A Groovy analysis of annotation P and a pdl1 run of annotation Q overlapping it (600-1000 px both ways).
+P, Q = shapely.box(200, 200, 1000, 1000), shapely.box(600, 600, 1400, 1400)
+SHARED_XY = (800.0, 800.0)  # a nucleus both analyses wrote, in the overlap
+
+
+@pytest.mark.parametrize("newer", ["groovy", "run"])
+@pytest.mark.parametrize("now", ["the newer's class", "the older's class"])
+def test_of_a_groovy_analysis_and_a_run_over_the_same_tissue_the_newer_says_what_was_written(
+    labelled, tmp_path, newer, now
+):
+    # A record older than what replaced it must never turn into labels: a candidate gone where a newer analysis
+    # covers it was replaced, not dismissed; a nucleus is as the newer analysis wrote it.
+    project = _project_copy(labelled, tmp_path)
+    groovy_when, run_when = (T2, T1) if newer == "groovy" else (T1, T2)
+    g_shared, g_own = shapely.box(800, 650, 840, 690), shapely.box(300, 300, 340, 340)  # in the overlap, in P alone
+    r_shared, r_own = shapely.box(700, 700, 740, 740), shapely.box(1200, 1200, 1240, 1240)
+    _groovy_record(
+        project, "P", when=groovy_when, outline=P, candidates=[g_shared, g_own],
+        nuclei=[(SHARED_XY, "Tumor: Positive"), ((300, 500), "Other")],
+    )  # fmt: skip
+    _run_output(
+        project, when=run_when, outline=Q, candidates=[r_shared, r_own],
+        nuclei=[(SHARED_XY, "Tumor: Negative"), ((1300, 1300), "Other")],
+    )  # fmt: skip
+    newer_class, older_class = ("Tumor: Positive", "Tumor: Negative")[:: 1 if newer == "groovy" else -1]
+    # Every candidate gone; one object at the shared place; each analysis's other nucleus as written.
+    shared = _nucleus(*SHARED_XY, newer_class if now == "the newer's class" else older_class)
+    _export(project, [shared, _nucleus(300, 500, "Other"), _nucleus(1300, 1300, "Other")])
+    (labels,) = read_project_labels(project, rules=REVIEW, entries=["1"], qupath="never")
+    older_shared, newer_shared = (r_shared, g_shared) if newer == "groovy" else (g_shared, r_shared)
+    assert labels.counts["skipped: FN candidates of an older analysis, gone where a newer one analysed"] == 1
+    assert labels.counts["reviewed: PD-L1 FN candidate deleted (PD-L1 negative)"] == 3
+    assert labels.negative.equals(shapely.union_all([newer_shared, g_own, r_own]))
+    assert not labels.negative.intersects(older_shared)
+    if now == "the newer's class":
+        assert labels.counts["skipped: pdl1 results as written (not reviewed)"] == 3 and not labels.has_points
+    else:  # a person put the older analysis's class back: a review
+        assert labels.counts["reviewed: nuclei reclassified"] == 1
+        assert labels.points_xy.tolist() == [list(SHARED_XY)]
+        assert labels.points_class.tolist() == [HE_CLASSES.index(older_class)]
+
+
+def test_the_candidates_of_a_record_whose_output_is_all_gone_are_counted_not_dismissed(labelled, tmp_path):
+    # The annotation was deleted with everything under it (or its results cleared): its record stays behind.
+    project = _project_copy(labelled, tmp_path)
+    candidates = [shapely.box(300, 300, 340, 340), shapely.box(500, 500, 540, 540)]
+    _groovy_record(
+        project, "P", when=T1, outline=P, candidates=candidates, nuclei=[((300, 500), "Other"), ((400, 400), "Other")]
+    )
+    drawn = _obj(shapely.box(1500, 1500, 1600, 1600), "PD-L1 positive")
+    _export(project, [drawn, _nucleus(400, 400, "Tumor: Positive")])  # a nucleus of another class where one was
+    (labels,) = read_project_labels(project, rules=REVIEW, entries=["1"], qupath="never")
+    assert labels.negative.is_empty
+    assert labels.counts["skipped: FN candidates of an analysis whose output is no longer in the image"] == 2
+    # Where no other analysis wrote a nucleus, the gone one's record still says what it wrote there.
+    assert labels.counts["reviewed: nuclei reclassified"] == 1
+    # With one of its nuclei as it wrote it, its output is in the image: the candidates were deleted.
+    _export(project, [drawn, _nucleus(300, 500, "Other")])
+    (labels,) = read_project_labels(project, rules=REVIEW, entries=["1"], qupath="never")
+    assert labels.counts["reviewed: PD-L1 FN candidate deleted (PD-L1 negative)"] == 2
+    assert labels.negative.equals(shapely.union_all(candidates))
+
+
+def test_two_records_of_overlapping_annotations_each_keep_their_own_nuclei_and_the_newer_covers_the_older(
+    labelled, tmp_path
+):
+    # Overlapping annotations each keep their own results (the script leaves another analysed annotation's alone):
+    # at a place both wrote a nucleus of different classes, both objects are there as written; no label.
+    project = _project_copy(labelled, tmp_path)
+    a_shared, b_shared = shapely.box(700, 700, 740, 740), shapely.box(800, 650, 840, 690)
+    _groovy_record(
+        project,
+        "A",
+        when=T1,
+        outline=P,
+        candidates=[a_shared],
+        nuclei=[(SHARED_XY, "Tumor: Positive"), ((300, 500), "Other")],
+    )
+    _groovy_record(
+        project,
+        "B",
+        when=T2,
+        outline=Q,
+        candidates=[b_shared],
+        nuclei=[(SHARED_XY, "Tumor: Negative"), ((1300, 1300), "Other")],
+    )
+    both = [_nucleus(*SHARED_XY, "Tumor: Positive"), _nucleus(*SHARED_XY, "Tumor: Negative")]
+    _export(project, [*both, _nucleus(300, 500, "Other"), _nucleus(1300, 1300, "Other")])
+    (labels,) = read_project_labels(project, rules=REVIEW, entries=["1"], qupath="never")
+    assert labels.counts["skipped: pdl1 results as written (not reviewed)"] == 4
+    assert labels.counts["skipped: FN candidates of an older analysis, gone where a newer one analysed"] == 1
+    assert labels.counts["reviewed: PD-L1 FN candidate deleted (PD-L1 negative)"] == 1
+    assert labels.negative.equals(b_shared) and not labels.has_points
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        ("{not json", "not JSON"),
+        (json.dumps({"format": "something else"}), "not a 'pdl1-bridge analysis record'"),
+        (
+            json.dumps({"format": "pdl1-bridge analysis record", "version": 2}),
+            "version 2, this pdl1-bridge reads version 1",
+        ),
+        ("written_at", "has no time zone"),
+        ("nuclei", "nuclei arrays of different lengths"),
+        ("outline", "'outline' is not a GeoJSON geometry"),
+    ],
+)
+def test_a_record_that_does_not_read_is_refused_naming_it_and_the_fix(labelled, tmp_path, content, says):
+    project = _project_copy(labelled, tmp_path)
+    path = _groovy_record(project, "P", when=T1, outline=P, nuclei=[((300, 500), "Other")])
+    record = json.loads(path.read_text())
+    if content == "written_at":
+        record["written_at"] = "2025-03-01T09:00:00"
+    elif content == "nuclei":
+        record["nuclei"]["x"].append(1.0)
+    elif content == "outline":
+        record["outline"] = {"type": "Polygon", "coordinates": "here"}
+    path.write_text(json.dumps(record) if content in ("written_at", "nuclei", "outline") else content)
+    _export(
+        project, [_nucleus(300, 500, "Tumor: Positive"), _obj(shapely.box(1500, 1500, 1600, 1600), "PD-L1 positive")]
+    )
+    with pytest.raises(LabelError) as err:
+        read_project_labels(project, rules=REVIEW, entries=["1"], qupath="never")
+    message = str(err.value)
+    assert message.startswith(f"{path}: the record of an analysis by pdl1_analyze.groovy does not read (")
+    assert says in message and "analyse that annotation (or TMA core) again with pdl1_analyze.groovy" in message
+    # Without --from-review no record is read.
+    read_project_labels(project, rules=LabelRules(class_names=HE_CLASSES), entries=["1"], qupath="never")
+
+
+@pytest.mark.parametrize("record", ["none", "of another annotation"])
+def test_nuclei_the_tool_wrote_that_no_record_holds_are_counted_as_not_told_and_warned_of(
+    labelled, tmp_path, caplog, record
+):
+    # Analysed by an earlier pdl1_analyze.groovy (no record): a nucleus a person reclassified was counted as
+    # "results as written (not reviewed)", its review silently lost.
+    project = _project_copy(labelled, tmp_path)
+    if record != "none":
+        _groovy_record(project, "Q", when=T1, outline=Q, nuclei=[((1300, 1300), "Other")])
+    reviewed = [
+        _nucleus(300, 500, "Tumor: Positive"),
+        _nucleus(400, 400, "Other"),
+        _nucleus(1300, 1300, "Tumor: Positive"),
+    ]
+    _export(project, [*reviewed, _obj(shapely.box(1500, 1500, 1600, 1600), "PD-L1 positive")])
+    with caplog.at_level("WARNING", logger="bridge.labels"):
+        (labels,) = read_project_labels(project, rules=REVIEW, entries=["1"], qupath="never")
+    unrecorded = 3 if record == "none" else 2  # the one at (1300, 1300) is recorded: a person changed it
+    assert labels.counts[UNRECORDED_NUCLEI_COUNT] == unrecorded
+    assert "skipped: pdl1 results as written (not reviewed)" not in labels.counts
+    assert labels.counts.get("reviewed: nuclei reclassified", 0) == (record != "none")
+    warned = [r.getMessage() for r in caplog.records if "no record of an analysis" in r.getMessage()]
+    assert len(warned) == 1 and f"{unrecorded} nuclei pdl1-bridge wrote" in warned[0]
+    assert "analyse the image again with the current pdl1_analyze.groovy or `pdl1 run`" in warned[0]
+    # Without --from-review nothing of it is read, and nothing is warned of.
+    caplog.clear()
+    (plain,) = read_project_labels(project, rules=RULES, entries=["1"], qupath="never")
+    assert UNRECORDED_NUCLEI_COUNT not in plain.counts and not caplog.records

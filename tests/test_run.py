@@ -1105,7 +1105,7 @@ def test_through_qupath_a_review_in_a_tma_s_second_core_is_read_for_training(
     from dataclasses import replace
 
     from bridge import qupath
-    from bridge.labels import LabelRules, export_path, read_project_labels
+    from bridge.labels import UNRECORDED_NUCLEI_COUNT, LabelRules, export_path, read_project_labels
     from bridge.qupath_geojson import to_feature
     from bridge.targets import read_target_regions
 
@@ -1138,7 +1138,7 @@ def test_through_qupath_a_review_in_a_tma_s_second_core_is_read_for_training(
     assert labels.negative.symmetric_difference(candidate.geometry).area < 1e-6
     assert (
         labels.counts["reviewed: nuclei reclassified"] == 1
-        and "skipped: pdl1 nuclei not in the last run's output" not in labels.counts
+        and UNRECORDED_NUCLEI_COUNT not in labels.counts
     )
     assert labels.points_xy.tolist() == [[nucleus.geometry.x, nucleus.geometry.y]]
     assert labels.points_class.tolist() == [class_names.index(other)]

@@ -496,6 +496,26 @@ def test_slides_whose_other_targets_reviews_are_not_read_are_warned_of_with_the_
     assert "tma_3.svs" not in err
 
 
+def test_slides_whose_tool_nuclei_no_record_holds_are_warned_of_with_the_fix(capsys):
+    # Analysed by an earlier pdl1_analyze.groovy, which kept no record: the nuclei a person reclassified there are no
+    # labels, which `pdl1 train` says, naming the slide, how many, and what to do.
+    from bridge.cli.train import _echo_counts
+    from bridge.labels import UNRECORDED_NUCLEI_COUNT
+    from inference import SlideLabels
+
+    region = (shapely.box(0, 0, 100, 100),)
+    old = SlideLabels("he_1.svs", (100, 100), region, (False,), counts={UNRECORDED_NUCLEI_COUNT: 12})
+    new = SlideLabels("he_2.svs", (100, 100), region, (False,), counts={"reviewed: nuclei reclassified": 2})
+    _echo_counts([old, new])
+    err = " ".join(capsys.readouterr().err.split())
+    assert (
+        "warning: he_1.svs (12): nuclei pdl1-bridge wrote that no record of an analysis holds (analysed by an earlier "
+        "pdl1_analyze.groovy, or the record deleted): whether a person reclassified them cannot be told, so they are "
+        "no labels; to train on reviews of them, analyse the image again with the current pdl1_analyze.groovy" in err
+    )
+    assert "he_2.svs" not in err
+
+
 @pytest.mark.parametrize(
     ("extra", "says"),
     [

@@ -77,8 +77,9 @@ _LABELS_HELP = "A QuPath GeoJSON export per slide, in the slides' order (your la
 _ENTRIES_HELP = "Project entries to train on (ID or image name; all)."
 _FROM_REVIEW_HELP = (
     "Use what a person changed in pdl1 results as labels: regions and FN candidates reclassified PD-L1 positive / "
-    "negative; in a project (against the run's pdl1/<entry ID>/objects.geojson) also reclassified nuclei, and "
-    "deleted FN candidates as negative."
+    "negative; in a project (against what was written: the run's pdl1/<entry ID>/objects.geojson and the records "
+    "pdl1_analyze.groovy leaves in pdl1/<entry ID>/qupath_analyses) also reclassified nuclei, and deleted FN "
+    "candidates as negative."
 )
 _QUPATH_HELP = "Read a project through QuPath: auto, always or never."
 ValFraction = Annotated[
@@ -569,7 +570,13 @@ ONE_SIDED_LABELS = 0.9
 def _echo_counts(slide_labels: list, *, held_out: Sequence = (), regions: bool = False) -> None:
     """What each label source gave, the held-out slides' too: nothing is trained or scored on silently dropped
     data. For a segmentation run (``regions``), a warning when the labelled area is almost all one class."""
-    from bridge.labels import DOUBTFUL_IHC_COUNT, UNREAD_TARGETS_COUNT, UNREAD_TARGETS_FIX
+    from bridge.labels import (
+        DOUBTFUL_IHC_COUNT,
+        UNREAD_TARGETS_COUNT,
+        UNREAD_TARGETS_FIX,
+        UNRECORDED_NUCLEI_COUNT,
+        UNRECORDED_NUCLEI_FIX,
+    )
     from inference import label_statistics
 
     for lab in slide_labels:
@@ -594,6 +601,18 @@ def _echo_counts(slide_labels: list, *, held_out: Sequence = (), regions: bool =
             f"warning: {', '.join(unread)}: the FN candidates deleted and nuclei reclassified in targets other than the "
             "first are no labels: the last run kept the first target's output only (an earlier version); "
             f"{UNREAD_TARGETS_FIX}",
+            err=True,
+        )
+    unrecorded = [
+        f"{lab.source or lab.slide} ({lab.counts[UNRECORDED_NUCLEI_COUNT]})"
+        for lab in (*slide_labels, *held_out)
+        if lab.counts.get(UNRECORDED_NUCLEI_COUNT)
+    ]
+    if unrecorded:
+        typer.echo(
+            f"warning: {', '.join(unrecorded)}: nuclei pdl1-bridge wrote that no record of an analysis holds (analysed "
+            "by an earlier pdl1_analyze.groovy, or the record deleted): whether a person reclassified them cannot be "
+            f"told, so they are no labels; {UNRECORDED_NUCLEI_FIX}",
             err=True,
         )
     if not regions or not slide_labels:

@@ -32,6 +32,8 @@ import java.net.URI
 import java.net.http.HttpClient
 import java.net.http.HttpRequest
 import java.net.http.HttpResponse
+import java.nio.file.Files
+import java.nio.file.StandardCopyOption
 import java.time.Duration
 
 // ---- settings (used where the project has no pdl1-config.toml) ----------------------------
@@ -747,6 +749,24 @@ def otherCoreParts = { List gridCores, List analysed, boolean withImmune ->
         return [metadata: [:], counts: counts]
     }
 }
+// Where the record of what an analysis wrote goes, in the project folder: pdl1/<entry ID>/qupath_analyses/<parent
+// ID>.json (bridge/analysis_record.py: record_path), one per analysed annotation or TMA core (a re-analysis replaces
+// it); `pdl1 train --from-review` tells a review (a nucleus reclassified, an FN candidate deleted) from it.
+def RECORDS_FOLDER = "qupath_analyses"
+def recordFolder = { java.nio.file.Path projectFolder, String entryId ->
+    return projectFolder.resolve("pdl1").resolve(entryId).resolve(RECORDS_FOLDER)
+}
+// Saves a record (GET /v1/jobs/{id}/record, as the service gave it) as folder/<name>.json: written beside it as a
+// .part file and moved over it in one step, as pdl1_export_labels.groovy writes, so a reader finds the earlier
+// record or this one, never half of one. Returns the file.
+def saveRecord = { java.nio.file.Path folder, String name, byte[] bytes ->
+    Files.createDirectories(folder)
+    def target = folder.resolve(name + ".json")
+    def part = folder.resolve(name + ".json.part")
+    Files.write(part, bytes)
+    Files.move(part, target, StandardCopyOption.REPLACE_EXISTING, StandardCopyOption.ATOMIC_MOVE)
+    return target
+}
 // ---- end of helpers ------------------------------------------------------------------------
 
 def imageData = getCurrentImageData()
@@ -1118,6 +1138,22 @@ for (parent in targets) {
         println "pdl1: ${label(parent)} not analysed: job ${jobId}'s result could not be fetched (${whyFailed(e)})"
         continue eachTarget
     }
+    // The record of what the pages put into QuPath, saved below once they are under the parent (a project's only: it
+    // goes beside it). Without it the analysis is done all the same; its reviews then cannot be told for training.
+    def record = null
+    if (project != null && entry != null) {
+        try {
+            def response = client.send(request(statusPath + "/record").GET().build(),
+                    HttpResponse.BodyHandlers.ofByteArray())
+            if (response.statusCode() >= 400)  // 404 from a service older than records
+                throw new IOException("the service answered ${response.statusCode()}: ${detailOf(response)}")
+            record = response.body()
+        } catch (IOException e) {
+            println "pdl1: ${label(parent)}: no record of what this analysis writes (${whyFailed(e)}); `pdl1 train " +
+                    "--from-review` cannot tell its nuclei reclassified and FN candidates deleted (update pdl1-bridge " +
+                    "and analyse it again)"
+        }
+    }
     try {
         send(request(statusPath).DELETE().build())  // the result is here now: let the service release it
     } catch (IOException ignored) {  // the service releases old results itself (pdl1 serve --keep-results)
@@ -1150,6 +1186,20 @@ for (parent in targets) {
     }
     done++
     println "pdl1: ${objects.size()} objects under ${label(parent)}${targetScore(pdl1.get('metadata'))}"
+    // The record, named by the parent's QuPath ID (PathObject.getID(): PathObject.java v0.4.4:937, v0.5.1:938,
+    // v0.6.0:930, v0.7.0:928; kept in the image's data, v0.4.4:1080) in the folder of the entry's ID
+    // (ProjectImageEntry.getID(): ProjectImageEntry.java v0.4.4:62, v0.5.1:62, v0.6.0:57, v0.7.0:57) beside the
+    // project file (Project.getPath(): Project.java v0.4.4:140, v0.5.1:140, v0.6.0:141, v0.7.0:141).
+    if (record != null) {
+        try {
+            saveRecord(recordFolder(project.getPath().getParent(), entry.getID() as String), parent.getID().toString(),
+                    record as byte[])
+        } catch (Exception e) {  // a full drive, a read-only project: said; the analysis is in QuPath all the same
+            println "pdl1: ${label(parent)}: the record of what this analysis wrote could not be saved in " +
+                    "${recordFolder(project.getPath().getParent(), entry.getID() as String)} (${whyFailed(e)}); " +
+                    "`pdl1 train --from-review` cannot tell its nuclei reclassified and FN candidates deleted"
+        }
+    }
     // Why a result needs a pathologist's look, each with its value and limit (the flag says only that it does).
     (pdl1.get("review_reasons") ?: []).each { r ->
         println "pdl1: review: ${r.get('reason')} (${r.get('value')}, limit ${r.get('limit')})"

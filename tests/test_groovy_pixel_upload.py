@@ -453,6 +453,11 @@ class ImageData {
     ImageType getImageType() { ImageType.BRIGHTFIELD_H_E }
 }
 class Project { java.nio.file.Path path; java.nio.file.Path getPath() { path }; void syncChanges() { } }
+class Entry {                                           // a ProjectImageEntry of QuPath 0.6+: getMetadata() is its map
+    String id; Map metadata = [:]
+    String getID() { id }
+    Map getMetadata() { metadata }
+}
 
 def setup = new groovy.json.JsonSlurper().parseText(new File(args[0]).text)
 def server = this.class.classLoader.loadClass(setup.server).getDeclaredConstructor().newInstance()
@@ -471,14 +476,16 @@ def roiOf = { List vertices ->
 }
 def classOf = { String name -> name == null ? null : new qupath.lib.objects.StandInPathClass(name) }
 def targets = setup.annotations.collect { a ->
-    new PathObject(kind: "annotation", roi: roiOf(a.vertices), name: a.name, pathClass: classOf(a.cls))
+    new PathObject(kind: "annotation", roi: roiOf(a.vertices), name: a.name, pathClass: classOf(a.cls),
+            id: a.id == null ? UUID.randomUUID() : UUID.fromString(a.id))
 }
+def entry = setup.entry == null ? null : new Entry(id: setup.entry)
 root.addChildObjects(targets)
 def imageData = new ImageData(server: server, hierarchy: new Hierarchy(root: root))
 def binding = new Binding([
     getCurrentImageData: { -> imageData },
     getProject: { -> new Project(path: java.nio.file.Paths.get(setup.project)) },
-    getProjectEntry: { -> null },
+    getProjectEntry: { -> entry },  // none unless the setup names the entry's ID
     // All the annotations, unless told: none, or a nucleus (a detection, which is no target)
     getSelectedObjects: { -> setup.select == false ? [] : setup.select == "detection" ?
             [new PathObject(kind: "detection", name: "a nucleus")] : targets },
@@ -494,7 +501,8 @@ def binding = new Binding([
 ])
 new GroovyShell(this.class.classLoader, binding).evaluate(new File(setup.script))
 println groovy.json.JsonOutput.toJson([reads: server.reads, children: root.children.collectEntries { t ->
-    [(t.name): t.children.collect { [kind: t.kind, cls: it.pathClass?.toString(), geometry: it.geometry] }] }])
+    [(t.name): t.children.collect { [kind: t.kind, cls: it.pathClass?.toString(), geometry: it.geometry,
+                                     objectType: it.kind, measurements: it.measurements.values] }] }])
 """
 
 
@@ -806,6 +814,108 @@ def test_a_service_stopped_while_its_job_runs_is_said_and_a_missing_one_named_wi
 
 
 # ------------------------------------------------------------------- the upload against a path job on the same pixels
+
+
+PARENT_ID = "5c0ffee0-1d2b-4c3d-8e4f-a5b6c7d8e9f0"
+
+
+def _project_setup(tmp_path: Path, client, slide_path: Path, level0: Path, *, server: str) -> tuple[Path, dict]:
+    """A project of the phantom (entry 1) whose pdl1-config.toml asks for the FN candidates too, and the script's
+    setup analysing the octagon (QuPath ID :data:`PARENT_ID`) in it."""
+    from bridge.init_project import init_project_files
+
+    qpproj = init_project_files(tmp_path / "project", [slide_path])
+    (qpproj.parent / "pdl1-config.toml").write_text(
+        f'[service]\nurl = "{client.base_url}"\n[analysis]\noutputs = ["regions", "sua", "nuclei"]\n'
+    )
+    setup = _setup(
+        tmp_path, client, server=server, image=slide_path, level0=level0, annotations=[{**OCTAGON, "id": PARENT_ID}],
+        size=2048,
+    )  # fmt: skip
+    return qpproj, {**setup, "project": str(qpproj), "entry": "1"}
+
+
+def _exported(children: list[dict], parent: dict) -> list[dict]:
+    """An image's objects as pdl1_export_labels.groovy writes them (QuPath's GeoJSON): the parent and what the script
+    put under it."""
+    from bridge.qupath_geojson import QuPathObject, to_feature
+
+    out = [to_feature(QuPathObject(Polygon(parent["vertices"]), "annotation", None, {}, name=parent["name"]))]
+    for child in children:
+        obj = QuPathObject(shape(child["geometry"]), child["objectType"], child["cls"], child["measurements"])
+        out.append(to_feature(obj))
+    return out
+
+
+@needs_groovy
+@pytest.mark.parametrize("server", ["OpenslideImageServer", "RotatedImageServer"], ids=["path job", "upload"])
+def test_the_script_records_what_it_wrote_and_training_tells_a_review_of_it(tmp_path, service_of, level0_png, server):
+    # A pathologist analysing in QuPath reclassifies a nucleus and deletes an FN candidate: the script left no record
+    # of what it wrote, so `pdl1 train --from-review` counted the nucleus as unreviewed and lost the dismissal.
+    from bridge.analysis_record import read_analysis_record, record_path
+    from bridge.labels import LabelRules, export_path, read_project_labels
+
+    client, slide_path = service_of
+    qpproj, setup = _project_setup(tmp_path, client, slide_path, level0_png, server=server)
+    log, seen = _run_script(tmp_path, setup)
+    assert log[-1] == f"pdl1: analysed 1 of 1 regions of {slide_path.name}", log
+    saved = record_path(qpproj.parent / "pdl1" / "1", PARENT_ID)
+    assert [p.name for p in saved.parent.iterdir()] == [saved.name]  # no .part left
+    record = read_analysis_record(saved)
+    # It holds what went under the parent, in level-0 px: the nuclei with their classes, the candidates.
+    children = seen["children"]["Tumor core"]
+    points = [c for c in children if c["geometry"]["type"] == "Point"]
+    assert len(points) > 100
+    np.testing.assert_allclose(record.nuclei.xy, [p["geometry"]["coordinates"] for p in points], atol=0.05 + 1e-9)
+    assert record.nuclei.classes == tuple(p["cls"] for p in points)
+    candidates = [c for c in children if c["cls"] == "PD-L1 FN candidate"]
+    assert len(record.candidates) == len(candidates)
+    assert candidates or server != "OpenslideImageServer"  # the upload's analysis finds none in the octagon
+    for kept, sent in zip(record.candidates, candidates, strict=True):
+        assert kept.symmetric_difference(shape(sent["geometry"])).area < 1.0
+    # The analysed area: the octagon itself where the service read the file, its pixels' outline in an upload.
+    assert record.outline.symmetric_difference(ROI).area < (1 if server == "OpenslideImageServer" else 0.02 * ROI.area)
+
+    # The review: one nucleus made Tumor: Positive, one candidate deleted; the rest as the script wrote it.
+    nucleus = next(p for p in points if p["cls"] != "Tumor: Positive")
+    dismissed = candidates[0] if candidates else None
+    reviewed = [{**c, "cls": "Tumor: Positive"} if c is nucleus else c for c in children if c is not dismissed]
+    export = export_path(qpproj.parent, "1")
+    export.parent.mkdir(parents=True)
+    export.write_text(json.dumps(_exported(reviewed, OCTAGON)))
+    rules = LabelRules(class_names=("Tumor: Positive", "Tumor: Negative", "Other"), from_review=True)
+    (labels,) = read_project_labels(qpproj, rules=rules, entries=["1"], qupath="never")
+    assert labels.counts["reviewed: nuclei reclassified"] == 1
+    np.testing.assert_allclose(labels.points_xy, [nucleus["geometry"]["coordinates"]])
+    assert labels.points_class.tolist() == [0]
+    if dismissed is not None:
+        assert labels.counts["reviewed: PD-L1 FN candidate deleted (PD-L1 negative)"] == 1
+        assert labels.negative.symmetric_difference(shape(dismissed["geometry"])).area < 1.0
+    assert labels.counts["skipped: pdl1 results as written (not reviewed)"] == len(reviewed) - 1
+
+    # Analysed again, the parent's record is replaced: still one, written later.
+    _run_script(tmp_path, setup)
+    assert [p.name for p in saved.parent.iterdir()] == [saved.name]
+    assert read_analysis_record(saved).written_at > record.written_at
+
+
+@needs_groovy
+def test_a_record_that_cannot_be_saved_is_said_and_the_analysis_stands(tmp_path, service_of, level0_png):
+    client, slide_path = service_of
+    qpproj, setup = _project_setup(tmp_path, client, slide_path, level0_png, server="OpenslideImageServer")
+    (qpproj.parent / "pdl1").write_text("a file where the folder of records goes")
+    log, seen = _run_script(tmp_path, setup)
+    folder = qpproj.parent / "pdl1" / "1" / "qupath_analyses"
+    assert any(
+        line.startswith(f"pdl1: Tumor core: the record of what this analysis wrote could not be saved in {folder} (")
+        and line.endswith("`pdl1 train --from-review` cannot tell its nuclei reclassified and FN candidates deleted")
+        for line in log
+    ), log
+    assert log[-1] == f"pdl1: analysed 1 of 1 regions of {slide_path.name}"
+    assert len(seen["children"]["Tumor core"]) > 100
+    # Without a project nothing is asked for or saved, as before.
+    log, seen = _run_script(tmp_path, {**setup, "entry": None})
+    assert not any("record of what" in line for line in log) and log[-1].startswith("pdl1: analysed 1 of 1"), log
 
 
 def _masked_png(

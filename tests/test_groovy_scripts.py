@@ -96,6 +96,8 @@ def test_the_helpers_use_no_qupath_class_and_the_script_imports_none_missing_on_
         "java.net.http.HttpClient",
         "java.net.http.HttpRequest",
         "java.net.http.HttpResponse",
+        "java.nio.file.Files",
+        "java.nio.file.StandardCopyOption",
         "java.time.Duration",
     }, imports
     assert "instanceof TransformingImageServer" not in script

@@ -1,7 +1,8 @@
 package qupath.lib.objects
 
-/** A path object as the script uses it: its ROI, class, name, measurements, parent and children. */
+/** A path object as the script uses it: its ID, ROI, class, name, measurements, parent and children. */
 class PathObject {
+    UUID id = UUID.randomUUID()  // PathObject.getID(): a random UUID unless set
     String kind = "annotation"  // annotation, detection, tile
     def roi
     def pathClass
@@ -21,6 +22,7 @@ class PathObject {
         return made
     }
 
+    UUID getID() { id }
     def getROI() { roi }
     def getPathClass() { pathClass }
     String getName() { name }

@@ -1136,10 +1136,7 @@ def test_through_qupath_a_review_in_a_tma_s_second_core_is_read_for_training(
     (labels,) = read_project_labels(project, rules=rules, entries=["1"], qupath="never")
     assert labels.counts["reviewed: PD-L1 FN candidate deleted (PD-L1 negative)"] == 1
     assert labels.negative.symmetric_difference(candidate.geometry).area < 1e-6
-    assert (
-        labels.counts["reviewed: nuclei reclassified"] == 1
-        and UNRECORDED_NUCLEI_COUNT not in labels.counts
-    )
+    assert labels.counts["reviewed: nuclei reclassified"] == 1 and UNRECORDED_NUCLEI_COUNT not in labels.counts
     assert labels.points_xy.tolist() == [[nucleus.geometry.x, nucleus.geometry.y]]
     assert labels.points_class.tolist() == [class_names.index(other)]
 

@@ -12,7 +12,11 @@
  * itself, ...) is named and the others are analysed. Stop the script (or close QuPath) and the job is
  * cancelled on the server. The service reads the image's file by its path; where it cannot (no local file, a view
  * QuPath rotates, crops or combines, a format it has no reader for), each region's pixels as QuPath renders them
- * are sent instead (POST /v1/jobs/pixels; the log says which way and why).
+ * are sent instead (POST /v1/jobs/pixels; the log says which way and why). In a project, a record of what each
+ * analysis put under its annotation or core (GET /v1/jobs/{id}/record: when, the outline, the FN candidates, the
+ * nuclei) is saved as <project>/pdl1/<entry ID>/qupath_analyses/<parent ID>.json, replaced when the parent is
+ * analysed again: `pdl1 train ... PROJECT --from-review` tells by it the nuclei you reclassified and the FN
+ * candidates you deleted (export the labels with pdl1_export_labels.groovy). Not saved, it is named in the log.
  *
  * Settings: the project's pdl1-config.toml (beside project.qpproj; `pdl1 init-project` writes it, and
  * `pdl1 run` reads the same file) when there is one: [service] url, token, model and [analysis] outputs,

@@ -511,6 +511,7 @@ class _WrittenInImage:
     ):
         self.written = written
         self.tool_annotations = tool_annotations
+        self.nuclei_xy, self.nuclei_class = nuclei_xy.reshape(-1, 2), nuclei_class
         self.nuclei_tree = cKDTree(nuclei_xy.reshape(-1, 2))
         bounds = np.asarray([g.bounds for g in tool_annotations], np.float64).reshape(-1, 4)
         bounds_tree = cKDTree(bounds)
@@ -532,23 +533,47 @@ class _WrittenInImage:
         self.present = [a for a in newest_first if in_image(a)]
         self.absent = [a for a in newest_first if not any(a is p for p in self.present)]
 
-    def nucleus(self, xy: tuple[float, float], cls: str | None) -> str | None:
-        """Whether the tool's nucleus at ``xy``, now of class ``cls``, is :data:`AS_WRITTEN` or :data:`REVIEWED`;
-        None where no analysis wrote a nucleus there.
+    def nuclei_verdicts(self) -> list[str | None]:
+        """Whether each of the tool's nuclei in the image (in the order given) is :data:`AS_WRITTEN` or
+        :data:`REVIEWED` (its class changed); None where no analysis wrote a nucleus at its place.
 
         The newest analysis whose output is still in the image says what was written there (an analysis whose
         output is gone only where none of those wrote one). A class an older analysis wrote there is as written too
         where another of the tool's nuclei lies at that place: two analyses of overlapping parents each keep their
         own nuclei, so the older one's is there beside the newer one's.
         """
-        classes = [c for a in (*self.present, *self.absent) if (c := a.class_at(xy)) is not None]
-        if not classes:
-            return None
-        if cls is None or cls == classes[0]:
-            return AS_WRITTEN
-        if cls in classes[1:] and len(self.nuclei_tree.query_ball_point(xy, _SAME_NUCLEUS_PX)) > 1:
-            return AS_WRITTEN
-        return REVIEWED
+        xy, now = self.nuclei_xy, self.nuclei_class
+        seen = np.zeros(len(xy), bool)
+        said: list[str | None] = [None] * len(xy)  # the class the analysis that says what was written gave it
+        older: dict[int, list[str]] = {}  # the classes other analyses wrote there
+        for a in (*self.present, *self.absent):
+            if not len(a.nuclei_xy) or not len(xy):
+                continue
+            # Only the image's nuclei within the analysis's nuclei's bounds are looked up: a TMA's cores, a hundred
+            # records, each query their own.
+            (x0, y0), (x1, y1) = a.nuclei_xy.min(axis=0) - _SAME_NUCLEUS_PX, a.nuclei_xy.max(axis=0) + _SAME_NUCLEUS_PX
+            near = np.flatnonzero((xy[:, 0] >= x0) & (xy[:, 0] <= x1) & (xy[:, 1] >= y0) & (xy[:, 1] <= y1))
+            if not len(near):
+                continue
+            distance, index = a._tree.query(xy[near], distance_upper_bound=_SAME_NUCLEUS_PX)
+            for k in np.flatnonzero(np.isfinite(distance)):
+                j, cls = int(near[k]), a.nuclei_class[int(index[k])]
+                if seen[j]:
+                    older.setdefault(j, []).append(cls)
+                else:
+                    seen[j], said[j] = True, cls
+
+        def beside_its_own(j: int) -> bool:  # an older analysis's class, with another of the tool's nuclei there
+            return now[j] in older.get(j, ()) and len(self.nuclei_tree.query_ball_point(xy[j], _SAME_NUCLEUS_PX)) > 1
+
+        return [
+            None
+            if not seen[j]
+            else AS_WRITTEN
+            if now[j] is None or now[j] == said[j] or beside_its_own(j)
+            else REVIEWED
+            for j in range(len(xy))
+        ]
 
     def deleted_candidates(self, counts: Counter[str]) -> list[BaseGeometry]:
         """The FN candidates a person deleted: gone from the image, of an analysis whose output is still there and
@@ -639,20 +664,22 @@ def labels_from_objects(
     positive_looking: list[tuple[str, str, BaseGeometry]] = []  # areas of another class that say "positive"
     objects = list(objects)
     in_image = None
+    verdicts: dict[int, str | None] = {}  # by the object's place in objects: each tool nucleus's (with from_review)
     if written is not None and rules.from_review:
         # What of the tool's output is in the image, before any of it is read: which analyses' output is still
         # there decides what a nucleus was written as.
-        tool = [(o, _tool_written_class(o)) for o in objects if not o.geometry.is_empty]
+        tool = [(k, o, _tool_written_class(o) is not None) for k, o in enumerate(objects) if not o.geometry.is_empty]
         nuclei = [
-            (o.geometry.centroid, o.classification) for o, c in tool if c is not None and o.object_type != "annotation"
+            (k, o.geometry.centroid, o.classification) for k, o, own in tool if own and o.object_type != "annotation"
         ]
         in_image = _WrittenInImage(
             written,
-            [o.geometry for o, c in tool if c is not None and o.object_type == "annotation"],
-            np.asarray([(p.x, p.y) for p, _ in nuclei], np.float64).reshape(-1, 2),
-            [c for _, c in nuclei],
+            [o.geometry for _, o, own in tool if own and o.object_type == "annotation"],
+            np.asarray([(p.x, p.y) for _, p, _ in nuclei], np.float64).reshape(-1, 2),
+            [c for _, _, c in nuclei],
         )
-    for obj in objects:
+        verdicts = dict(zip((k for k, _, _ in nuclei), in_image.nuclei_verdicts(), strict=True))
+    for place, obj in enumerate(objects):
         cls = obj.classification
         what = f"{where}: {obj.object_type} {obj.name or obj.id or ''} ({cls or 'unclassified'})"
         if obj.geometry.is_empty:  # a hand-written "coordinates": [] (a Point's gave a GEOS traceback)
@@ -669,7 +696,7 @@ def labels_from_objects(
         original = _tool_written_class(obj)
         if original is not None and obj.object_type != "annotation" and in_image is not None:
             point = obj.geometry.centroid
-            verdict = in_image.nucleus((point.x, point.y), cls)
+            verdict = verdicts[place]
             if verdict is None:
                 counts[UNRECORDED_NUCLEI_COUNT] += 1
                 continue

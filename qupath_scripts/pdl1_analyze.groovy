@@ -705,13 +705,18 @@ def pngBytes = { java.awt.image.BufferedImage image ->
     return out.toByteArray()
 }
 // The query of an upload: its µm per uploaded px, where its top-left corner lies in level-0 px and at what
-// downsample, so the service maps the results back to where QuPath shows them; the outputs; QuPath's image type.
-def uploadQuery = { double mpp, double originX, double originY, double downsample, List outputs, String imageType ->
+// downsample, so the service maps the results back to where QuPath shows them; the outputs; QuPath's image type; the
+// model set where it is not "default" (as a path job sends it: uploads ran the default one whatever MODEL said; left
+// out for "default", so a service older than the parameter, which refuses unknown ones, still takes the upload).
+def uploadQuery = { double mpp, double originX, double originY, double downsample, List outputs, String imageType,
+                    String model ->
     def enc = { v -> URLEncoder.encode(v as String, "UTF-8") }
     def parts = ["mpp=" + enc(mpp), "origin_x=" + enc(originX), "origin_y=" + enc(originY), "downsample=" + enc(downsample)]
     outputs.each { parts << "outputs=" + enc(it) }
     if (imageType != null)
         parts << "image_type=" + enc(imageType)
+    if (model != null && model != "default")
+        parts << "model=" + enc(model)
     return parts.join("&")
 }
 // An earlier run's whole-image analysis (the "PD-L1 analysis" annotations in analyses) and this tool's objects under
@@ -916,7 +921,8 @@ def submitPixels = { parent, String name ->
     println "pdl1: sending ${pixels.getWidth()} x ${pixels.getHeight()} px (${String.format(Locale.ROOT, '%.2f', mpp * downsample)} " +
             "\u00b5m/px, ${String.format(Locale.ROOT, '%.1f', png.length / 1048576.0d)} MiB) of " +
             "${name} with ${um(contextSent)} of context"
-    def query = uploadQuery(mpp * downsample, region.x as double, region.y as double, downsample, OUTPUTS, imageType)
+    def query = uploadQuery(mpp * downsample, region.x as double, region.y as double, downsample, OUTPUTS, imageType,
+            MODEL)
     return send(request("/v1/jobs/pixels?" + query).header("Content-Type", "image/png")
             .POST(HttpRequest.BodyPublishers.ofByteArray(png)).build())
 }

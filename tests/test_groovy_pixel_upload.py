@@ -153,8 +153,9 @@ println JsonOutput.toJson([
 @needs_groovy
 def test_the_query_carries_origin_downsample_outputs_and_image_type(tmp_path):
     driver = """
-println JsonOutput.toJson([uploadQuery(1.0d, 100.0d, 200.0d, 2.0d, ["regions", "nuclei"], "BRIGHTFIELD_H_DAB"),
-        uploadQuery(0.5d, 0.0d, 0.0d, 1.0d, ["sua"], null)])
+println JsonOutput.toJson([
+        uploadQuery(1.0d, 100.0d, 200.0d, 2.0d, ["regions", "nuclei"], "BRIGHTFIELD_H_DAB", "lab-v2"),
+        uploadQuery(0.5d, 0.0d, 0.0d, 1.0d, ["sua"], null, "default")])
 """
     ((stated, unstated),) = run_groovy(tmp_path, driver)
     assert parse_qs(stated) == {
@@ -164,8 +165,10 @@ println JsonOutput.toJson([uploadQuery(1.0d, 100.0d, 200.0d, 2.0d, ["regions", "
         "downsample": ["2.0"],
         "outputs": ["regions", "nuclei"],
         "image_type": ["BRIGHTFIELD_H_DAB"],
+        "model": ["lab-v2"],
     }
-    assert "image_type" not in parse_qs(unstated)
+    # "default" is left out: a service older than the parameter refuses unknown ones.
+    assert "image_type" not in parse_qs(unstated) and "model" not in parse_qs(unstated)
 
 
 def test_the_script_tries_the_path_job_first_and_uploads_where_the_service_cannot_open_the_image():
@@ -262,7 +265,7 @@ def image = javax.imageio.ImageIO.read(new File("{rendered}"))
 def png = pngBytes(maskOutside(image, shape, {region["x"]}d, {region["y"]}d, {ds}d, UPLOAD_CONTEXT_ALPHA))
 new File("{upload}").bytes = png
 println JsonOutput.toJson([bytes: png.length, query: uploadQuery(0.5d * {ds}d, {region["x"]}d, {region["y"]}d, {ds}d,
-        {json.dumps(outputs)}, "BRIGHTFIELD_H_E"), tooLarge: uploadTooLarge({region["widthPx"]}L,
+        {json.dumps(outputs)}, "BRIGHTFIELD_H_E", "default"), tooLarge: uploadTooLarge({region["widthPx"]}L,
         {region["heightPx"]}L, (long) png.length, new groovy.json.JsonSlurper().parseText('''{json.dumps(LIMITS)}'''),
         {ds}d)])
 """

@@ -507,7 +507,8 @@ def test_every_endpoint_and_key_the_scripts_use_exists(service):
     assert "255 inside the ROI" in said and "1 to 254 context" in said and "0 absent" in said, said
     assert "def UPLOAD_CONTEXT_ALPHA = 128" in script
     sent = set(re.findall(r'"(\w+)=" \+ enc\(', script)) | set(re.findall(r'parts << "(\w+)="', script))
-    assert sent == {"mpp", "origin_x", "origin_y", "downsample", "outputs", "image_type"} and sent <= upload, sent
+    assert sent == {"mpp", "origin_x", "origin_y", "downsample", "outputs", "image_type", "model"}, sent
+    assert sent <= upload, sent
 
 
 @pytest.mark.skipif(not os.environ.get("PDL1_GROOVY_LINT"), reason="set PDL1_GROOVY_LINT to npm-groovy-lint's path")

@@ -180,6 +180,15 @@ def test_a_pixel_upload_placed_beyond_any_image_is_a_422(service, param, value):
     assert r.json()["detail"].startswith(f"bad request: query.{param}: Input should be")
 
 
+def test_a_pixel_upload_naming_a_model_the_service_lacks_is_refused_as_a_path_job_is(service):
+    # An upload took no model and ran the loaded ones whatever pdl1_analyze.groovy's MODEL said; a path job refused.
+    r = service.client.post("/v1/jobs/pixels", params={"mpp": 0.5, "model": "lab-v2"}, content=_png())
+    assert r.status_code == 409, r.text
+    assert r.json() == {"detail": "unknown model 'lab-v2'; this service has 'default' (see /v1/models)"}
+    r = service.client.post("/v1/jobs/pixels", params={"mpp": 0.5, "model": "default"}, content=_png())
+    assert r.status_code == 202, r.text
+
+
 def test_a_bug_still_answers_json(service, slides_root, monkeypatch):
     def broken(uri):
         raise KeyError("a bug")

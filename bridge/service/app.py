@@ -91,6 +91,12 @@ def _cannot_open(err: Pdl1Error) -> ImageNotOpenedError:
     return ImageNotOpenedError(str(err), status=status)
 
 
+def _check_model(model: str) -> None:
+    """Refuse a model set the service does not have (a path job's and an upload's alike): one set per service."""
+    if model != "default":
+        raise JobStateError(f"unknown model {quoted(model)}; this service has 'default' (see /v1/models)")
+
+
 def _check_image_type(image_type: str | None) -> None:
     """Refuse, before it queues, an image type no model runs on (a path job's and an upload's alike)."""
     if stain_of_image_type(image_type) == "other":
@@ -285,8 +291,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
     def submit(req: JobRequest, w: Worker = Depends(worker)) -> JSONResponse:
         # A def endpoint: FastAPI runs it in a worker thread, so reading the image's header below keeps no other
         # request waiting on the event loop.
-        if req.model != "default":
-            raise JobStateError(f"unknown model {quoted(req.model)}; this service has 'default' (see /v1/models)")
+        _check_model(req.model)
         try:
             requested = require_absolute(req.image, image_path(req.image))
             path = checked_image(requested)
@@ -361,6 +366,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         ),
         outputs: list[Literal["regions", "uncertainty_tiles", "sua", "nuclei"]] = Query(list(OUTPUTS)),
         image_type: ImageType | None = Query(None, description=IMAGE_TYPE_DESCRIPTION),
+        model: str = Query("default", description="Model set; only 'default' (the loaded models) for now."),
         w: Worker = Depends(worker),
     ) -> Response:
         """Upload a PNG or TIFF region for images the service cannot open itself.
@@ -381,6 +387,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
                     for name in unknown
                 ]
             )
+        _check_model(model)  # as a path job's: an upload ran the loaded models whatever model it named
         _check_image_type(image_type)  # before the body is read: no model runs on it
         # BodyLimit stops the read past max_request_bytes, stated length or not.
         try:

@@ -9,11 +9,18 @@ analysed area (the parent's outline), the FN candidates (polygons), the bounds o
 whether the analysis's output is still in the image) and the nuclei as QuPath got them (arrays, as
 :data:`~bridge.targets.TARGET_REGIONS_FILE` keeps them: a TMA core's cells as GeoJSON features would make it ten
 times larger).
+
+It also holds the analysis's scores (``scores``, :func:`record_scores`): what ``pdl1 run`` writes of one target in
+a summary (TPS, CPS, areas, details with the review reasons and the domain, the models) and the target's row (its
+name as the script logs it, as ``summary.json``'s ``targets`` lists them), so ``pdl1 report`` and
+``pdl1 review-queue`` take an entry's records as a ``pdl1 run`` of its targets (``bridge.record_summary``). Records
+written before the scores were kept (version 1 all the same) have none: ``--from-review`` reads them as before.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +33,10 @@ from shapely.errors import ShapelyError
 from shapely.geometry import box, mapping, shape
 from shapely.geometry.base import BaseGeometry
 
-from bridge.targets import NUCLEI_XY_DECIMALS, TargetNuclei
+from bridge.targets import NUCLEI_XY_DECIMALS, WHOLE_IMAGE, TargetNuclei, analysed_row, rows_to_json
+
+#: ``TargetRow.target_type`` of an analysed annotation (``bridge.run`` names it so).
+ANNOTATION = "annotation"
 
 #: The folder of an entry's records, in its sidecar folder ``<project>/pdl1/<entry ID>``.
 QUPATH_ANALYSES = "qupath_analyses"
@@ -54,7 +64,9 @@ class AnalysisRecord:
 
     ``written_at``: when (timezone-aware, UTC); ``outline``: the analysed area (the parent's ROI; the image for a
     whole-image analysis); ``candidates``: the FN candidate polygons; ``region_bounds``: (R, 4) float64, each
-    positive region's x0, y0, x1, y1; ``nuclei``: positions and the classes QuPath got.
+    positive region's x0, y0, x1, y1; ``nuclei``: positions and the classes QuPath got; ``scores``: the analysis's
+    scores (:func:`record_scores`; checked by ``bridge.record_summary``, which reads them), None in a record written
+    before they were kept.
     """
 
     written_at: datetime
@@ -63,6 +75,7 @@ class AnalysisRecord:
     candidates: tuple[BaseGeometry, ...]
     region_bounds: np.ndarray
     nuclei: TargetNuclei
+    scores: dict[str, Any] | None = None
 
 
 def _rounded(geometry: BaseGeometry) -> BaseGeometry:
@@ -77,6 +90,8 @@ def analysis_record(
     written_at: datetime,
     scale: float = 1.0,
     origin_xy: tuple[float, float] = (0.0, 0.0),
+    target: str | None = None,
+    target_type: str | None = None,
 ) -> dict[str, Any]:
     """The record of a job's result as its result pages hand it to QuPath (:func:`bridge.objects.feature_page`): the
     candidates where ``outputs`` name ``sua``, the regions where they name ``regions``, the nuclei where the pages
@@ -85,6 +100,8 @@ def analysis_record(
     ``area``: what the analysis covered in the analysed image's px (a path job's ROI; an upload's ROI pixels'
     outline); None: all of it. ``scale`` and ``origin_xy`` map an upload's px to the image's level-0 px
     (``x * scale + origin_x``), as its result pages are mapped. ``written_at`` must be timezone-aware.
+    ``target`` and ``target_type``: the analysed parent's name as the script logs it and what it is
+    (:func:`record_scores`).
     """
     from bridge.run import written_nuclei  # bridge.run imports much; the record is asked for once per job
 
@@ -111,7 +128,57 @@ def analysis_record(
         "candidates": [mapping(c) for c in candidates],
         "region_bounds": bounds.tolist(),
         "nuclei": nuclei.to_json(),
+        "scores": record_scores(
+            result,
+            written_at=written_at,
+            scale=scale,
+            whole=(scale, *origin_xy) == (1.0, 0.0, 0.0),
+            target=target,
+            target_type=target_type or (WHOLE_IMAGE if area is None else None),
+        ),
     }
+
+
+def record_scores(
+    result: Any,
+    *,
+    written_at: datetime,
+    scale: float = 1.0,
+    whole: bool = True,
+    target: str | None = None,
+    target_type: str | None = None,
+) -> dict[str, Any]:
+    """A record's ``scores``: ``summary``, what ``pdl1 run``'s summary holds of the result
+    (:func:`bridge.run.result_scores`, its ``provenance`` the models and ``written_at``; ``mpp`` the image's level-0
+    µm/px, the upload's over ``scale``; ``image_size_px`` None where ``whole`` is False: an upload's pixels are not
+    the image); ``metadata_counts``, the cells its scores come from (to sum several records' TPS); ``target``, the
+    target's row (:func:`bridge.targets.analysed_row`, as ``summary.json``'s ``targets`` keep it; ``target`` None
+    where the script did not say the name: the reader names it by the parent's ID, ``target_type`` "annotation"
+    where not said). Numbers that are not finite are left out (None), as JSON has none."""
+    from bridge.run import metadata_counts, model_provenance, result_scores
+
+    summary = result_scores(result)
+    summary["mpp"] = float(result.mpp) / scale
+    if not whole:
+        summary["image_size_px"] = None
+    summary["provenance"] = model_provenance(result, analysed_at=written_at)
+    row = rows_to_json([analysed_row("", None, target or "", target_type or ANNOTATION, result)])[0]
+    row["target"] = target
+    del row["outline"]  # the record's own
+    return _finite({"summary": summary, "metadata_counts": metadata_counts(result), "target": row})
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every float that is not finite as None (JSON has no NaN; numpy numbers as Python's)."""
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _geometry(value: Any, what: str) -> BaseGeometry:
@@ -158,6 +225,9 @@ def read_analysis_record(path: Path) -> AnalysisRecord:
     if bounds.ndim != 2 or bounds.shape[1] != 4 or not np.isfinite(bounds).all():
         raise ValueError(f"'region_bounds' is not a list of [x0, y0, x1, y1] (shape {bounds.shape})")
     run_id = data.get("run_id")
+    scores = data.get("scores")
+    if scores is not None and not isinstance(scores, dict):
+        raise ValueError(f"'scores' is not a JSON object: {scores!r:.80}")
     return AnalysisRecord(
         written_at=written_at,
         run_id=None if run_id is None else str(run_id),
@@ -165,4 +235,5 @@ def read_analysis_record(path: Path) -> AnalysisRecord:
         candidates=tuple(_geometry(c, f"candidate {i + 1}") for i, c in enumerate(candidates)),
         region_bounds=bounds,
         nuclei=TargetNuclei.from_json(data.get("nuclei")),
+        scores=scores,
     )

@@ -269,9 +269,22 @@ def set_entry_metadata(metadata: MutableMapping[str, str], fresh: Mapping[str, s
 
 def summary_of(result: SlideResult, *, entry_id: str | None, run_config: RunConfig) -> dict[str, Any]:
     """The per-image summary JSON: numbers, metadata and provenance."""
-    tps = result.tps
     return {
         "entry_id": entry_id,
+        **result_scores(result),
+        "provenance": {
+            **model_provenance(result, analysed_at=datetime.now(timezone.utc)),
+            "pipeline_config": _pipeline_record(run_config, result),
+            "settings": None if run_config.settings is None else run_config.settings.run_record(),
+        },
+    }
+
+
+def result_scores(result: SlideResult) -> dict[str, Any]:
+    """What a summary holds of one analysed target's result (:func:`summary_of` but the entry and the provenance);
+    also what an analysis record of ``pdl1_analyze.groovy`` keeps of it (``bridge.analysis_record``)."""
+    tps = result.tps
+    return {
         "image": result.image_path,
         "image_size_px": [result.image_width_px, result.image_height_px],
         "mpp": result.mpp,
@@ -287,15 +300,18 @@ def summary_of(result: SlideResult, *, entry_id: str | None, run_config: RunConf
         "parent_measurements": {k: v for k, v in parent_measurements(result).items() if v == v},
         "metadata": entry_metadata(result),
         "details": result.summary,
-        "provenance": {
-            "analysed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "pdl1_bridge": __version__,
-            "python": platform.python_version(),
-            "seg_model": None if result.seg_model is None else asdict(result.seg_model),
-            "nuclei_model": None if result.nuclei_model is None else asdict(result.nuclei_model),
-            "pipeline_config": _pipeline_record(run_config, result),
-            "settings": None if run_config.settings is None else run_config.settings.run_record(),
-        },
+    }
+
+
+def model_provenance(result: SlideResult, *, analysed_at: datetime) -> dict[str, Any]:
+    """When (UTC, to the second), by which pdl1-bridge, Python and models a result was analysed: a summary's
+    ``provenance`` but the run's config."""
+    return {
+        "analysed_at": analysed_at.isoformat(timespec="seconds"),
+        "pdl1_bridge": __version__,
+        "python": platform.python_version(),
+        "seg_model": None if result.seg_model is None else asdict(result.seg_model),
+        "nuclei_model": None if result.nuclei_model is None else asdict(result.nuclei_model),
     }
 
 
@@ -313,20 +329,38 @@ def summed_numbers(results: list[SlideResult]) -> dict[str, Any]:
     """The summary's numbers that add up over an image's analysed targets (one, or several: TMA cores, annotations):
     the nuclei per class, the analysed and positive area, and the SUA candidates and regions, which are None, not 0,
     where no segmentation ran (a PD-L1 IHC is scored by its cells): nothing was looked for."""
+    return added_numbers([_target_numbers(r) for r in results])
+
+
+def _target_numbers(result: SlideResult) -> dict[str, Any]:
+    segmented = result.seg_model is not None
+    return {
+        "nuclei": {} if result.nuclei is None else {n: result.nuclei.count(n) for n in result.nuclei.class_names},
+        "positive_area_um2": result.positive_area_um2,
+        "analysed_area_um2": result.analysed_area_um2,
+        "sua_candidates": len(result.candidates) if segmented else None,
+        "regions": len(result.regions) if segmented else None,
+    }
+
+
+def added_numbers(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """:func:`summed_numbers` from each target's own (a summary's ``nuclei``, ``positive_area_um2``,
+    ``analysed_area_um2``, ``sua_candidates``, ``regions``), as a summary or an analysis record keeps them."""
     nuclei: dict[str, int] = {}
-    for r in results:
-        for name in () if r.nuclei is None else r.nuclei.class_names:
-            nuclei[name] = nuclei.get(name, 0) + r.nuclei.count(name)
-    analysed = sum(r.analysed_area_um2 for r in results)
-    positive = sum(r.positive_area_um2 for r in results)
-    segmented = [r for r in results if r.seg_model is not None]
+    for part in parts:
+        for name, count in (part.get("nuclei") or {}).items():
+            nuclei[name] = nuclei.get(name, 0) + int(count)
+    analysed = sum(float(p.get("analysed_area_um2") or 0.0) for p in parts)
+    positive = sum(float(p.get("positive_area_um2") or 0.0) for p in parts)
+    candidates = [p["sua_candidates"] for p in parts if p.get("sua_candidates") is not None]
+    regions = [p["regions"] for p in parts if p.get("regions") is not None]
     return {
         "nuclei": nuclei,
         "positive_area_um2": positive,
         "positive_area_pct": 100 * positive / analysed if analysed > 0 else None,
         "analysed_area_um2": analysed,
-        "sua_candidates": sum(len(r.candidates) for r in segmented) if segmented else None,
-        "regions": sum(len(r.regions) for r in segmented) if segmented else None,
+        "sua_candidates": sum(candidates) if candidates else None,
+        "regions": sum(regions) if regions else None,
     }
 
 
@@ -368,24 +402,45 @@ def with_targets(summary: dict[str, Any], results: list[SlideResult], rows: list
     table names it; :func:`bridge.project.review_reason_text` leads with it), so they say why the image is flagged
     (the first target's alone said nothing of a core C-4 out of domain).
     """
+    return merged_targets(summary, [target_part(r) for r in results], rows)
+
+
+def target_part(result: SlideResult) -> dict[str, Any]:
+    """What :func:`merged_targets` needs of one analysed target: its summed numbers, entry metadata,
+    ``metadata_counts``, ``details.review_reasons`` and ``uncertainty_flag``, keyed as a summary keys them."""
+    return {
+        **summed_numbers([result]),
+        "metadata": entry_metadata(result),
+        "metadata_counts": metadata_counts(result),
+        "details": {"review_reasons": result.summary.get("review_reasons", [])},
+        "uncertainty_flag": result.uncertainty_flag,
+    }
+
+
+def merged_targets(
+    summary: dict[str, Any], parts: Sequence[Mapping[str, Any]], rows: list[TargetRow]
+) -> dict[str, Any]:
+    """:func:`with_targets` from each analysed target's part (:func:`target_part`; a record of
+    ``pdl1_analyze.groovy`` keeps the same keys: ``bridge.record_summary``), in the order of ``rows``' analysed ones."""
     out = {**summary, "targets": rows_to_json(rows)}
-    if len(results) < 2:
+    if len(parts) < 2:
         return out
     analysed = [label for _, label in analysed_targets(rows)]
     out["details"] = {
         **summary["details"],
         "review_reasons": [
             {**reason, "target": label}
-            for label, r in zip(analysed, results, strict=True)
-            for reason in r.summary.get("review_reasons", [])
+            for label, part in zip(analysed, parts, strict=True)
+            for reason in (part.get("details") or {}).get("review_reasons", [])
         ],
     }
-    metadata = _merge_metadata(results)
+    counts = [part.get("metadata_counts") or {} for part in parts]
+    metadata = merge_entry_metadata([(part["metadata"], c) for part, c in zip(parts, counts, strict=True)])
     out["metadata"] = metadata
     out["run_id"] = metadata["PD-L1 run"]
-    out["uncertainty_flag"] = any(r.uncertainty_flag for r in results)
-    out.update(summed_numbers(results))
-    merged = summed_scores([metadata_counts(r) for r in results])
+    out["uncertainty_flag"] = any(part.get("uncertainty_flag") for part in parts)
+    out.update(added_numbers(parts))
+    merged = summed_scores(counts)
     if merged is not None:
         tps, cps = merged
         out["tps_percent"], out["tps_category"] = tps.percent, tps.category

@@ -347,6 +347,15 @@ def test_a_job_s_record_says_what_its_pages_put_into_qupath_where_qupath_shows_i
     assert shape(record["outline"]).equals(outline)
     assert record["run_id"] == service.get(f"/v1/jobs/{job_id}/result").json()["pdl1"]["run_id"]
     _record_agrees_with_pages(record, service.get(f"/v1/jobs/{job_id}/result").json()["features"])
+    # Its scores, for `pdl1 report` and `pdl1 review-queue`: pdl1 run's summary of one target and the target's row,
+    # named as the script names the parent.
+    pdl1 = service.get(f"/v1/jobs/{job_id}/result").json()["pdl1"]
+    assert record["scores"]["summary"]["metadata"] == pdl1["metadata"]
+    assert record["scores"]["summary"]["mpp"] == 0.5 and record["scores"]["target"]["target"] is None
+    named = service.get(f"/v1/jobs/{job_id}/record", params={"target": "A-1", "target_type": "TMA core"}).json()
+    assert (named["scores"]["target"]["target"], named["scores"]["target"]["target_type"]) == ("A-1", "TMA core")
+    assert named["scores"]["target"]["tps_percent"] == named["scores"]["summary"]["tps_percent"]
+    assert service.get(f"/v1/jobs/{job_id}/record", params={"target_type": "core"}).status_code == 422
     # A whole-image job's area is the image.
     job_id = service.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "outputs": ["sua"]}).json()[
         "job_id"
@@ -382,6 +391,8 @@ def test_an_upload_s_record_is_in_level0_px_as_its_pages_are(service, slides_roo
     _record_agrees_with_pages(record, service.get(f"/v1/jobs/{job_id}/result").json()["features"])
     xy = np.c_[record["nuclei"]["x"], record["nuclei"]["y"]]
     assert (xy >= [200, 300]).all() and (xy <= [800, 800]).all()
+    # Its scores' µm/px is the image's level-0 one, as its px are; the upload's size is not the image's.
+    assert record["scores"]["summary"]["mpp"] == 0.5 and record["scores"]["summary"]["image_size_px"] is None
 
 
 def test_two_clients_at_once(service, slides_root):

@@ -466,11 +466,22 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         return Response(content, media_type=JSONResponse.media_type)
 
     @app.get("/v1/jobs/{job_id}/record", responses=error_responses(404, 409, 410, 422))
-    def record(job_id: str, w: Worker = Depends(worker)) -> Response:
+    def record(
+        job_id: str,
+        target: str | None = Query(
+            None, max_length=1000, description="The analysed parent's name as the script logs it ('A-1', 'Tumor')."
+        ),
+        target_type: str | None = Query(
+            None, pattern="^(TMA core|annotation|whole image)$", description="What the analysed parent is."
+        ),
+        w: Worker = Depends(worker),
+    ) -> Response:
         """What the job's result pages put into QuPath, for ``pdl1 train --from-review`` to tell a review from it:
         the analysed area, the FN candidates, the positive regions' bounds and the nuclei (arrays), in the image's
         level-0 px, with the time it is asked for (UTC; pdl1_analyze.groovy asks once it has the pages and saves it
-        as ``<project>/pdl1/<entry ID>/qupath_analyses/<parent ID>.json``). See ``bridge.analysis_record``."""
+        as ``<project>/pdl1/<entry ID>/qupath_analyses/<parent ID>.json``), and the analysis's scores, the target
+        named by ``target`` and ``target_type``, for ``pdl1 report`` and ``pdl1 review-queue``. See
+        ``bridge.analysis_record``."""
         job, result, area = finished(job_id, w)
         body = analysis_record(
             result,
@@ -479,6 +490,8 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
             written_at=datetime.now(timezone.utc),
             scale=job.scale,
             origin_xy=job.origin_xy,
+            target=target,
+            target_type=target_type,
         )
         return Response(json.dumps(body, separators=(",", ":")), media_type=JSONResponse.media_type)
 

@@ -1,9 +1,12 @@
 """``pdl1 report``: HTML and CSV over a project's (or output folder's) results, with overlay thumbnails.
 
 Built from the files every run writes (QuPath GeoJSON + summary JSON per image), so it works
-with and without QuPath. Thumbnails show the slide with PD-L1 positive regions (orange),
-SUA false-negative candidates (magenta) and the predictive entropy of the uncertainty tiles; an image of several
-targets (TMA cores, annotations) gets a table of each one's score, and its thumbnail their named outlines.
+with and without QuPath; in a project, also from the records ``pdl1_analyze.groovy`` saves of its analyses in QuPath
+(``<project>/pdl1/<entry ID>/qupath_analyses/``, :mod:`bridge.record_summary`): an entry's records are its targets'
+results, the newer of them and a ``pdl1 run`` summary is reported, and each image says which (``results_from``).
+Thumbnails show the slide with PD-L1 positive regions (orange), SUA false-negative candidates (magenta) and the
+predictive entropy of the uncertainty tiles; an image of several targets (TMA cores, annotations) gets a table of
+each one's score, and its thumbnail their named outlines.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from pathlib import Path
 import numpy as np
 from shapely.geometry import Point
 
+from bridge.analysis_record import QUPATH_ANALYSES
 from bridge.atomic import replace_atomically, save_figure
-from bridge.classes import INTENSITY_CLASSES
+from bridge.classes import INTENSITY_CLASSES, PDL1_FN_CANDIDATE
 from bridge.pairs import PAIRS_FILE
 from bridge.project import (
     PDL1_DIR,
@@ -34,6 +38,7 @@ from bridge.project import (
     summary_problem,
 )
 from bridge.qupath_geojson import QuPathObject, read_features
+from bridge.record_summary import RUN, SCRIPT, RecordsSummary, entry_summary_from_records, newer_source
 from bridge.run_lock import output_folder_lock
 from bridge.targets import (
     MISSING,
@@ -74,6 +79,8 @@ COLUMNS = (
     # The error of the last run, which failed on the image: the results are an earlier run's, or, where it has
     # none (run_id and every number empty), the row says only that.
     "last_run_failed",
+    # Where the numbers come from: "pdl1 run", or pdl1_analyze.groovy's analyses in QuPath (bridge.record_summary).
+    "results_from",
 )
 
 
@@ -87,6 +94,10 @@ class ReportItem:
     last_run_failed: str = ""  # the error of the last run, which failed on this image: these results are older
     entry_id: str = ""  # QuPath's entry ID, "" for a plain-slides output folder (one summary per file name there)
     has_results: bool = True  # False: the last run failed on it and no earlier run left results (summary is {})
+    results_from: str = RUN  # what the numbers come from (bridge.record_summary.newer_source's text)
+    # From pdl1_analyze.groovy's records (None: from a run's files): what the thumbnail draws, their FN candidates
+    # and graded cells (a record keeps no region outlines nor tiles).
+    overlay: tuple[QuPathObject, ...] | None = None
 
 
 def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]:
@@ -97,7 +108,9 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
     So does an image the last run failed on that has no earlier results: it is named with its error, not
     passed over as if it had never been in the run, and it is collected without results (``has_results``
     False: a row of report.csv with its error, no section of the HTML). One with earlier results is reported with
-    its failure.
+    its failure. An entry's records of ``pdl1_analyze.groovy`` are its results where it has no summary, or where they
+    are newer than its summary (:func:`bridge.record_summary.newer_source`); a record that does not read, or was
+    saved without its scores, is named in ``left_out`` and the entry's other results are reported.
     """
     items = []
     left_out = [] if left_out is None else left_out
@@ -111,25 +124,40 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
         failed = _failed_in_last_run(info.folder)
         for entry in info.entries:
             folder = info.folder / PDL1_DIR / entry.entry_id
-            if not (folder / "summary.json").is_file():
+            name = f"{entry.image_name} (QuPath entry {entry.entry_id})"
+            records = entry_summary_from_records(folder, image=entry.image_name, entry_id=entry.entry_id)
+            for problem in records.problems():
+                _leave_out(left_out, f"{name}: {problem}")
+            has_summary = (folder / "summary.json").is_file()
+            if records.summary is not None and not has_summary:
+                items.append(_from_records(entry, records, info, newer_source(None, records)[1]))
+                continue
+            if not has_summary:
                 if entry.entry_id in failed:
-                    name = f"{entry.image_name} (QuPath entry {entry.entry_id})"
                     error = failed[entry.entry_id][1]
                     _leave_out(left_out, _failed_without_results(name, error, source))
                     items.append(_without_results(entry.image_name, folder / "objects.geojson", error, entry.entry_id))
                 continue
-            summary = _read_summary(folder / "summary.json", fix, left_out)
+            summary = _read_summary(folder / "summary.json", fix, left_out, records.summary is not None)
+            source_kind, results_from = newer_source(summary, records)
+            if source_kind == SCRIPT:
+                items.append(_from_records(entry, records, info, results_from))
+                continue
             if summary is None:
                 continue
-            try:
-                slide, not_found = locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder), ""
-            except FileNotFoundError as err:
-                slide, not_found = None, str(err)
+            slide, not_found = _slide(entry, info)
             error = failed.get(entry.entry_id, ("", ""))[1]
             _warn_earlier_results(entry.image_name, error, summary, source)
             items.append(
                 ReportItem(
-                    entry.image_name, slide, folder / "objects.geojson", summary, not_found, error, entry.entry_id
+                    entry.image_name,
+                    slide,
+                    folder / "objects.geojson",
+                    summary,
+                    not_found,
+                    error,
+                    entry.entry_id,
+                    results_from=results_from,
                 )
             )
         return items
@@ -158,6 +186,39 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
         )
     # Those without results among the others, in the order of the summaries' names.
     return [by_file[name] for name in sorted(by_file)]
+
+
+def _slide(entry, info) -> tuple[Path | None, str]:
+    """A project entry's image file, or None and why not (``ReportItem.not_found``)."""
+    try:
+        return locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder), ""
+    except FileNotFoundError as err:
+        return None, str(err)
+
+
+def _from_records(entry, records: RecordsSummary, info, results_from: str) -> ReportItem:
+    """The item of an entry reported from its records of ``pdl1_analyze.groovy``: their summary, and their FN
+    candidates and graded cells to draw."""
+    slide, not_found = _slide(entry, info)
+    overlay = [
+        QuPathObject(c, "annotation", PDL1_FN_CANDIDATE.name, {}) for _, r in records.records for c in r.candidates
+    ] + [
+        QuPathObject(Point(x, y), "detection", cls, {})
+        for _, r in records.records
+        for (x, y), cls in zip(r.nuclei.xy.tolist(), r.nuclei.classes, strict=True)
+        if cls in _GRADE_COLOURS
+    ]
+    folder = info.folder / PDL1_DIR / entry.entry_id
+    return ReportItem(
+        entry.image_name,
+        slide,
+        folder / QUPATH_ANALYSES,
+        records.summary or {},
+        not_found,
+        entry_id=entry.entry_id,
+        results_from=results_from,
+        overlay=tuple(overlay),
+    )
 
 
 def _without_results(name: str, geojson: Path, error: str, entry_id: str = "") -> ReportItem:
@@ -208,8 +269,9 @@ def _rerun(source: Path) -> str:
     return f"`pdl1 run {source} --resume`"
 
 
-def _read_summary(path: Path, fix: str, left_out: list[str]) -> dict | None:
-    """A run's summary JSON, or None when it is damaged: then the warning names it and the fix."""
+def _read_summary(path: Path, fix: str, left_out: list[str], records: bool = False) -> dict | None:
+    """A run's summary JSON, or None when it is damaged: then the warning names it and the fix (``records``: the
+    entry's records of pdl1_analyze.groovy are reported instead)."""
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:  # cut short, not UTF-8 or unreadable
@@ -218,7 +280,8 @@ def _read_summary(path: Path, fix: str, left_out: list[str]) -> dict | None:
         problem = summary_problem(summary)
     if problem is None:
         return summary
-    _leave_out(left_out, f"{path} {problem}, so its image is left out of the report; {fix}")
+    instead = "its records of pdl1_analyze.groovy are reported instead" if records else "its image is left out"
+    _leave_out(left_out, f"{path} {problem}, so {instead} of the report; {fix}")
     return None
 
 
@@ -307,6 +370,8 @@ def _overlay_objects(item: ReportItem) -> tuple[list[QuPathObject], bool]:
     where several were analysed), or, where the run left every target's results (:data:`TARGET_REGIONS_FILE`, of the
     summary's run), those: regions, SUA candidates, tiles and the cells of the classes the thumbnail draws (an IHC's
     graded ``Tumor: 1+`` ...). An unreadable or older file: the GeoJSON alone, with a warning."""
+    if item.overlay is not None:  # from pdl1_analyze.groovy's records: what they keep of every target
+        return list(item.overlay), True
     objects = list(read_features(item.geojson))
     path = target_regions_path(item.geojson)
     if not path.is_file():
@@ -387,7 +452,9 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
     if not any(item.has_results for item in items):
         raise ProjectError(
             f"no results under {source}: expected <project>/{PDL1_DIR}/<entry>/summary.json or "
-            "<out>/<slide>.summary.json, which `pdl1 run PROJECT` or `pdl1 run SLIDES... --out DIR` write"
+            "<out>/<slide>.summary.json, which `pdl1 run PROJECT` or `pdl1 run SLIDES... --out DIR` write, or the "
+            f"records of analyses in QuPath, <project>/{PDL1_DIR}/<entry>/{QUPATH_ANALYSES}/*.json, which "
+            "pdl1_analyze.groovy saves"
             + "".join(f"; {m}" for m in left_out)  # what the last run failed on, or left damaged
         )
     base = source if source.is_dir() else source.parent
@@ -411,7 +478,13 @@ def _write(out: Path, items: list[ReportItem], *, base: Path, source: Path, left
     demo_checksums = set(demo_model_checksums().values())
     for item in items:
         if not item.has_results:  # a row of report.csv with its error and no numbers; the HTML names it above
-            rows.append({"image": item.image_name, "entry_id": item.entry_id, "last_run_failed": item.last_run_failed})
+            rows.append(
+                {
+                    "image": item.image_name,
+                    "entry_id": item.entry_id,
+                    "last_run_failed": item.last_run_failed,
+                }
+            )
             continue
         s = item.summary
         targets = _targets_of(item, left_out)
@@ -447,6 +520,8 @@ def _write(out: Path, items: list[ReportItem], *, base: Path, source: Path, left
                 "run_id": s.get("run_id"),
                 **_thumbnail_or_none(item, out, targets, left_out),
                 "last_run_failed": item.last_run_failed,
+                "results_from": item.results_from,
+                "from_records": item.overlay is not None,
                 "targets": targets,
             }
         )
@@ -762,6 +837,12 @@ def _overlay_note(r: dict) -> str:
     target's own are under it in QuPath."""
     targets = r.get("targets", [])
     first = _first_label(targets)
+    if r.get("from_records") and r["thumbnail"]:
+        return (
+            "<p class='note'>From the records of pdl1_analyze.groovy: the overlay shows every target's SUA candidates "
+            "and graded cells and the outlines of the targets; a record keeps no region outlines nor uncertainty "
+            "tiles (they are in QuPath, under each target).</p>"
+        )
     if first is None or not r["thumbnail"]:
         return ""
     outlined = any(t.outline is not None for t in targets)
@@ -805,6 +886,7 @@ def _html(rows: list[dict], pairs: dict | None = None, left_out: list[str] | Non
             + _review_row(r)
             + f"<tr><th>Image</th><td>{_mpp_text(r['mpp'])}; analysed {html.escape(r['analysed_at'] or 'n/a')}"
             "</td></tr>"
+            f"<tr><th>Results from</th><td>{html.escape(r['results_from'])}</td></tr>"
             f"<tr><th>Models</th><td>{html.escape(r['models'] or 'n/a')}</td></tr>"
             f"<tr><th>Training domain</th><td>{html.escape(r['domain'])}{first}</td></tr>"
             f"<tr><th>PD-L1 positive area</th><td>{_fmt(r['positive_area_pct'])}% of analysed tissue</td></tr>"

@@ -1,7 +1,12 @@
 """``pdl1 review-queue``: entries and regions ranked by what labelling them would teach the model most.
 
 Built from what an earlier ``pdl1 run`` left under ``<project>/pdl1/<entry>/`` (``summary.json`` and
-``objects.geojson``), so it works with and without QuPath; nothing is analysed again.
+``objects.geojson``), or from the records ``pdl1_analyze.groovy`` saved there of its analyses in QuPath
+(``qupath_analyses/``, :mod:`bridge.record_summary`: each record one target of the entry; where an entry has both,
+the newer is used and its reasons say which), so it works with and without QuPath; nothing is analysed again. An
+entry ranked from records has, as regions, its targets' SUA candidates and positive regions' boxes (a record keeps no
+uncertainty tiles nor region uncertainty), and its rank goes into QuPath's metadata only where QuPath is here (and
+into its ``summary.json`` where an older run left one).
 
 Entry score (higher: label first)::
 
@@ -48,6 +53,7 @@ from typing import Any
 import shapely
 from shapely.geometry.base import BaseGeometry
 
+from bridge.analysis_record import QUPATH_ANALYSES, entry_records
 from bridge.atomic import replace_atomically
 from bridge.classes import IGNORE, PDL1_FN_CANDIDATE, PDL1_NEGATIVE, PDL1_POSITIVE, TRAINING_REGION
 from bridge.objects import is_own_object
@@ -64,6 +70,7 @@ from bridge.project import (
     review_reason_text,
 )
 from bridge.qupath_geojson import QuPathObject, read_features
+from bridge.record_summary import RUN, SCRIPT, RecordsSummary, entry_summary_from_records, newer_source
 from bridge.run_lock import remove_orphan_parts, run_lock
 from bridge.targets import (
     TARGET_REGIONS_FILE,
@@ -162,8 +169,9 @@ class EntryItem:
     analysed_area_um2: float
     reasons: tuple[str, ...]
     regions: tuple[RegionItem, ...]
-    summary_path: Path
+    summary_path: Path | None  # where the rank goes beside QuPath (None: no summary.json, only records)
     run_id: str | None
+    results_from: str = RUN  # bridge.record_summary.newer_source's text
 
 
 @dataclass(frozen=True)
@@ -528,15 +536,46 @@ def _target_regions(
 
 
 def analysed_entries(info: ProjectInfo) -> list[ProjectEntry]:
-    """The entries ``pdl1 run`` left a summary of; a project without any is refused with what to do."""
+    """The entries ``pdl1 run`` left a summary of or ``pdl1_analyze.groovy`` records of its analyses; a project
+    without any is refused with what to do."""
     pdl1 = info.folder / PDL1_DIR
-    found = [e for e in info.entries if (pdl1 / e.entry_id / "summary.json").is_file()]
+    found = [
+        e for e in info.entries if (pdl1 / e.entry_id / "summary.json").is_file() or entry_records(pdl1 / e.entry_id)
+    ]
     if not found:
         raise ReviewQueueError(
-            f"{info.path}: no results of `pdl1 run` to rank (expected {pdl1}/<entry ID>/summary.json); "
-            f"run `pdl1 run {info.folder}` first"
+            f"{info.path}: no results of `pdl1 run` to rank (expected {pdl1}/<entry ID>/summary.json) nor records of "
+            f"analyses in QuPath ({pdl1}/<entry ID>/{QUPATH_ANALYSES}/*.json, which pdl1_analyze.groovy saves); "
+            f"run `pdl1 run {info.folder}` or pdl1_analyze.groovy in QuPath first"
         )
     return found
+
+
+def _record_regions(records: RecordsSummary, *, mpp: float) -> list[RegionItem]:
+    """The regions of an entry ranked from its records: each target's SUA candidates and positive regions' boxes,
+    named by their target where there are several (a record keeps no uncertainty tiles nor region uncertainty)."""
+    several = len(records.records) > 1
+    rows = rows_from_summary(records.summary or {})
+    out = []
+    for (label, record), row in zip(records.records, rows, strict=True):
+        who = _who(row, label) if several else ""
+        items = [("SUA candidate", c.bounds, c.area) for c in record.candidates]
+        items += [("positive region", tuple(b), (b[2] - b[0]) * (b[3] - b[1])) for b in record.region_bounds.tolist()]
+        for kind, (x0, y0, x1, y1), area_px in items:
+            out.append(
+                RegionItem(
+                    kind=kind,
+                    object_type="annotation",
+                    bounds_px=(x0, y0, x1 - x0, y1 - y0),
+                    area_um2=float(area_px) * mpp * mpp,
+                    mutual_information=None,
+                    score=0.0,
+                    labelled=False,
+                    why=who,
+                    target=who or None,
+                )
+            )
+    return out
 
 
 def build_queue(
@@ -549,9 +588,33 @@ def build_queue(
     run_status = RunStatus(info.folder)  # checked whole: a damaged status is named with its fix
     status, failed = run_status.images, run_status.failed()
     found = analysed_entries(info)
-    not_ranked = []
+    not_ranked: list[tuple[str, str, str]] = []
+    fix = "run `pdl1 run PROJECT --resume`, which analyses again an image whose results do not read"
+    # Each entry's results: its summary.json or its records of pdl1_analyze.groovy, the newer.
+    summaries: dict[str, Any] = {}
+    from_records: dict[str, RecordsSummary] = {}
+    sources: dict[str, str] = {}
+    record_notes: dict[str, list[str]] = {}
+    for entry in found:
+        folder = pdl1 / entry.entry_id
+        records = entry_summary_from_records(folder, image=entry.image_name, entry_id=entry.entry_id)
+        record_notes[entry.entry_id] = records.problems()
+        summary = _read_json(folder / "summary.json", fix) if (folder / "summary.json").is_file() else None
+        if summary is not None and (not isinstance(summary, dict) or not is_finite_number(summary.get("mpp"))):
+            raise ReviewQueueError(f"{folder / 'summary.json'} is not a pdl1 summary (no mpp); {fix}")
+        source, sources[entry.entry_id] = newer_source(summary, records)
+        if source == SCRIPT:
+            summaries[entry.entry_id] = records.summary
+            from_records[entry.entry_id] = records
+        elif summary is not None:
+            summaries[entry.entry_id] = summary
+    for entry in found:  # records that do not read, and no summary: named, not ranked
+        if entry.entry_id not in summaries:
+            why = "; ".join(record_notes[entry.entry_id]) or "no analysis recorded with its scores"
+            not_ranked.append((entry.entry_id, entry.image_name, why))
+    found = [e for e in found if e.entry_id in summaries]
     for entry in info.entries:
-        if entry not in found:
+        if entry not in found and entry.entry_id not in record_notes:
             state = status.get(entry.entry_id, {})
             why = f"failed in the last run: {state.get('error')}" if state.get("state") == "failed" else "not analysed"
             not_ranked.append((entry.entry_id, entry.image_name, why))
@@ -561,11 +624,6 @@ def build_queue(
 
         qupath_objects = read_entry_objects(info.path, [e.entry_id for e in found])
     own = _entry_objects(info.folder, found, qupath_objects)
-    fix = "run `pdl1 run PROJECT --resume`, which analyses again an image whose results do not read"
-    summaries = {e.entry_id: _read_json(pdl1 / e.entry_id / "summary.json", fix) for e in found}
-    for entry_id, summary in summaries.items():
-        if not isinstance(summary, dict) or not is_finite_number(summary.get("mpp")):
-            raise ReviewQueueError(f"{pdl1 / entry_id / 'summary.json'} is not a pdl1 summary (no mpp); {fix}")
     references: dict[str, float] = {}
     for summary in summaries.values():
         u = entry_uncertainty(summary)
@@ -577,6 +635,9 @@ def build_queue(
     for entry in found:
         summary = summaries[entry.entry_id]
         mpp = float(summary["mpp"])
+        if entry.entry_id in from_records:
+            region_lists[entry.entry_id] = _record_regions(from_records[entry.entry_id], mpp=mpp)
+            continue
         targets = _analysed_targets(summary)
         if len(targets) > 1:
             regions, note = _target_regions(pdl1 / entry.entry_id, summary, targets, mpp=mpp, fix=fix)
@@ -613,12 +674,15 @@ def build_queue(
             )
             reasons = [*drivers, *targets_review_reasons(_target_rows(summary))]
         reasons += _scoring_notes(summary)
+        if sources[entry.entry_id] != RUN:  # where its numbers come from, where not only from a pdl1 run
+            reasons.append(f"results from {sources[entry.entry_id]}")
+        reasons += record_notes[entry.entry_id]
         if entry.entry_id in region_notes:
             reasons.append(region_notes[entry.entry_id])
         items = score_regions(region_lists[entry.entry_id], reference=region_reference)
         geometries = {i: shapely.box(x, y, x + w, y + h) for i, (x, y, w, h) in enumerate(r.bounds_px for r in items)}
         regions = rank_regions(items, labelled=labelled, limit=regions_per_entry, geometries=geometries)
-        if entry.entry_id in failed:  # a re-run that failed keeps the earlier results: ranked by them, said so
+        if entry.entry_id in failed and entry.entry_id not in from_records:  # ranked by an earlier run's results
             reasons.insert(
                 0,
                 f"the last run failed on it ({failed[entry.entry_id]}): ranked by an earlier run's results "
@@ -630,6 +694,7 @@ def build_queue(
             unread = _unread_labels(info.folder, entry.entry_id)
             if unread:
                 reasons.append(unread)
+        summary_path = pdl1 / entry.entry_id / "summary.json"
         ranked.append(
             EntryItem(
                 entry_id=entry.entry_id,
@@ -642,8 +707,9 @@ def build_queue(
                 analysed_area_um2=analysed_um2,
                 reasons=tuple(reasons),
                 regions=tuple(regions),
-                summary_path=pdl1 / entry.entry_id / "summary.json",
+                summary_path=summary_path if summary_path.is_file() else None,
                 run_id=summary.get("run_id"),
+                results_from=sources[entry.entry_id],
             )
         )
     ranked.sort(key=lambda e: (-e.score, e.entry_id))
@@ -831,6 +897,8 @@ def write_review_queue(
             # The summaries first and the CSV, then review_queue.json (the record of the CSV), last: renamed in that
             # order, a review_queue.json beside its CSV says every summary carries its rank.
             for entry in entries:
+                if entry.summary_path is None:  # analysed in QuPath only: its rank is in the CSV (and QuPath's)
+                    continue
                 summary = _read_json(entry.summary_path, "run `pdl1 run PROJECT --resume`")
                 summary["metadata"] = {**summary.get("metadata", {}), **metadata[entry.entry_id]}
                 text = json.dumps(summary, indent=2, allow_nan=False)

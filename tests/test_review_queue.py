@@ -207,7 +207,12 @@ def _queue(project: Path) -> Path:
 def test_a_project_never_run_is_refused_with_what_to_do(tmp_path, slides):
     project = tmp_path / "fresh"
     init_project_files(project, slides)
-    with pytest.raises(ReviewQueueError, match=r"no results of `pdl1 run` to rank .* run `pdl1 run .*fresh` first"):
+    with pytest.raises(
+        ReviewQueueError,
+        match=r"no results of `pdl1 run` to rank .* nor records of analyses in QuPath "
+        r"\(.*qupath_analyses/\*\.json, which pdl1_analyze\.groovy saves\); "
+        r"run `pdl1 run .*fresh` or pdl1_analyze.groovy in QuPath first",
+    ):
         write_review_queue(project, qupath="never")
     assert not (project / "pdl1").exists()  # refused before anything is written, the run lock included
     with pytest.raises(ReviewQueueError, match="no such project"):

@@ -1,0 +1,142 @@
+"""An entry's results as ``pdl1_analyze.groovy``'s analysis records give them, in the shape of the ``summary.json``
+``pdl1 run`` writes, and which of the two an entry's numbers come from: for ``pdl1 report`` and
+``pdl1 review-queue``, so a project analysed in QuPath (QuPath 0.7 has no paquo) is reported and ranked too.
+
+Each record (:mod:`bridge.analysis_record`) is one analysed target of its entry (an annotation, a TMA core, the whole
+image), with its scores; the records of an entry together are read as a ``pdl1 run`` of those targets
+(:func:`bridge.run.merged_targets`: the TPS from the summed cells, the areas and nuclei summed, the flag set where
+any target's is, each target's row in ``targets``). Where an entry has both a summary and records, the newer source
+is used whole (:func:`newer_source`): the summary's ``provenance.analysed_at`` against the newest record's
+``written_at``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from shapely.geometry import mapping
+
+from bridge.analysis_record import AnalysisRecord, entry_records, read_analysis_record
+from bridge.targets import TargetRow, rows_from_summary
+
+#: Where an entry's numbers come from (:func:`newer_source`).
+RUN = "pdl1 run"
+SCRIPT = "pdl1_analyze.groovy"
+
+
+@dataclass(frozen=True)
+class RecordsSummary:
+    """An entry's records read as one summary.
+
+    ``summary``: of the shape ``pdl1 run`` writes (``targets`` each record's row, in the order written), None where
+    no record has scores; ``written_at``: the newest of those records' times; ``records``: (target name, record) of
+    each record in ``summary``, in its targets' order; ``unreadable``: each record that does not read, its path and
+    why; ``without_scores``: the records written before records kept their scores (not in ``summary``).
+    """
+
+    summary: dict[str, Any] | None
+    written_at: datetime | None
+    records: tuple[tuple[str, AnalysisRecord], ...]
+    unreadable: tuple[str, ...]
+    without_scores: int
+
+    def problems(self) -> list[str]:
+        """What of the records is not in ``summary``, as a report or queue says it (empty where all is)."""
+        out = [
+            f"{why}; analyse its annotation or core again in QuPath (pdl1_analyze.groovy)" for why in self.unreadable
+        ]
+        n = self.without_scores
+        if n:
+            out.append(
+                f"{n} {'analysis' if n == 1 else 'analyses'} by {SCRIPT} {'was' if n == 1 else 'were'} recorded "
+                f"without {'its' if n == 1 else 'their'} scores (by an earlier pdl1-bridge), so not counted; analyse "
+                f"{'it' if n == 1 else 'them'} again in QuPath to count {'it' if n == 1 else 'them'}"
+            )
+        return out
+
+
+def _scored_target(path: Path, record: AnalysisRecord, *, image: str, entry_id: str | None) -> tuple[dict, TargetRow]:
+    """A record's summary part (its scores' ``summary`` with ``metadata_counts``) and its target's row; ValueError
+    saying what is wrong where its scores are not of the shape :func:`bridge.analysis_record.record_scores` writes."""
+    scores = record.scores or {}
+    summary, target, counts = scores.get("summary"), scores.get("target"), scores.get("metadata_counts")
+    if not isinstance(summary, dict) or "mpp" not in summary or not isinstance(summary.get("details"), dict):
+        raise ValueError("its 'scores' hold no summary (an object with 'mpp' and 'details')")
+    if not isinstance(target, dict) or not isinstance(counts, dict) or not isinstance(summary.get("metadata"), dict):
+        raise ValueError("its 'scores' hold no target row, metadata or cell counts")
+    name = target.get("target") or f"parent {path.stem}"
+    row_json = {**target, "image": image, "entry_id": entry_id, "target": str(name), "outline": mapping(record.outline)}
+    try:
+        (row,) = rows_from_summary({"targets": [row_json]})
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"its target row does not read ({err})") from err
+    return {**summary, "metadata_counts": counts}, row
+
+
+def entry_summary_from_records(sidecar: Path, *, image: str, entry_id: str | None) -> RecordsSummary:
+    """The records of an entry (its sidecar folder ``<project>/pdl1/<entry ID>``; ``image``: its image name) read as
+    the summary a ``pdl1 run`` of their targets writes (module docstring), in the order they were written. A record
+    that does not read, or whose scores do not, is named in ``unreadable`` and left out, never raised."""
+    from bridge.run import merged_targets
+
+    scored = []
+    unreadable, without_scores = [], 0
+    for path in entry_records(sidecar):
+        try:
+            record = read_analysis_record(path)
+            if record.scores is None:
+                without_scores += 1
+                continue
+            part, row = _scored_target(path, record, image=image, entry_id=entry_id)
+        except (OSError, ValueError) as err:
+            unreadable.append(f"{path} does not read ({err})")
+            continue
+        scored.append((record.written_at, path.name, record, part, row))
+    if not scored:
+        return RecordsSummary(None, None, (), tuple(unreadable), without_scores)
+    scored.sort(key=lambda item: (item[0], item[1]))
+    rows = [row for *_, row in scored]
+    parts = [part for *_, part, _ in scored]
+    newest = max(when for when, *_ in scored)
+    base = {**parts[0], "entry_id": entry_id}
+    del base["metadata_counts"]
+    summary = merged_targets(base, parts, rows)
+    summary["provenance"] = {**(base.get("provenance") or {}), "analysed_at": newest.isoformat(timespec="seconds")}
+    records = tuple((row.target, record) for (_, _, record, _, row) in scored)
+    return RecordsSummary(summary, newest, records, tuple(unreadable), without_scores)
+
+
+def _analysed_at(summary: dict[str, Any]) -> datetime | None:
+    try:
+        when = datetime.fromisoformat(str((summary.get("provenance") or {}).get("analysed_at")))
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else None
+
+
+def newer_source(summary: dict[str, Any] | None, records: RecordsSummary) -> tuple[str, str]:
+    """Which results an entry's numbers come from, :data:`RUN` (its ``summary.json``) or :data:`SCRIPT` (its records),
+    and the text that says so: the newer of the two (a summary without a time counts as older), the summary where
+    the times are equal; the one there is where only one is.
+
+    >>> from datetime import timezone
+    >>> none = RecordsSummary(None, None, (), (), 0)
+    >>> newer_source({"provenance": {"analysed_at": "2026-01-02T10:00:00+00:00"}}, none)
+    ('pdl1 run', 'pdl1 run')
+    >>> later = RecordsSummary({}, datetime(2026, 1, 3, tzinfo=timezone.utc), ((), ()), (), 0)
+    >>> newer_source({"provenance": {"analysed_at": "2026-01-02T10:00:00+00:00"}}, later)[1]
+    "pdl1_analyze.groovy's 2 analyses in QuPath (newer than pdl1 run's summary.json, which is not counted)"
+    """
+    n = len(records.records)
+    analyses = f"{SCRIPT}'s {n} {'analysis' if n == 1 else 'analyses'} in QuPath"
+    if records.summary is None or records.written_at is None:
+        return RUN, RUN
+    if summary is None:
+        return SCRIPT, analyses
+    run_at = _analysed_at(summary)
+    if run_at is not None and run_at >= records.written_at:
+        return RUN, f"{RUN} (newer than {analyses}, which are not counted)"
+    return SCRIPT, f"{analyses} (newer than {RUN}'s summary.json, which is not counted)"

@@ -1,0 +1,201 @@
+"""``pdl1 report`` and ``pdl1 review-queue`` over a project analysed in QuPath: the records pdl1_analyze.groovy saves
+(``bridge.analysis_record``, from the service's real results on phantom slides) are each entry's targets' results,
+the newer of them and a ``pdl1 run`` summary counts, and a record that does not read is named."""
+
+import csv
+import html
+import json
+import shutil
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from shapely.geometry import box
+
+from bridge.analysis_record import analysis_record, record_path
+from bridge.init_project import init_project_files
+from bridge.record_summary import entry_summary_from_records
+from bridge.report import write_report
+from bridge.review_queue import build_queue, write_review_queue
+from inference import tumour_proportion_score
+from inference.phantom.pyramid import write_phantom
+from inference.phantom.scene import PhantomSpec
+from inference.pipeline import Models, PipelineConfig, analyse_slide
+
+OUTPUTS = ("regions", "sua", "nuclei", "tiles")
+T0 = datetime(2026, 3, 1, 9, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    """A project of two phantom slides and the records of three analyses in QuPath: two annotations of the first
+    (``left``, ``right``), the second whole; each with its result, as the service gives them."""
+    root = tmp_path_factory.mktemp("records")
+    slides = []
+    for seed, tps, shift in ((41, 60, 0.0), (42, 20, 0.6)):
+        path = root / f"s{seed}.svs"
+        write_phantom(path, PhantomSpec(1536, 1536, seed=seed, tps_percent=tps, shift=shift))
+        slides.append(path)
+    project = root / "project"
+    init_project_files(project, slides)
+    config = PipelineConfig(device="cpu")
+    models = Models(config)
+    analyses = [
+        ("1", "p-left", "left", "annotation", slides[0], box(0, 0, 768, 1536)),
+        ("1", "p-right", "right", "annotation", slides[0], box(768, 0, 1536, 1536)),
+        ("2", "p-whole", "PD-L1 analysis", "whole image", slides[1], None),
+    ]
+    results = {}
+    for k, (entry, parent, target, kind, slide, roi) in enumerate(analyses):
+        result = analyse_slide(slide, models=models, config=config, roi=roi)
+        record = analysis_record(
+            result,
+            outputs=OUTPUTS,
+            area=roi,
+            written_at=T0 + timedelta(minutes=k),
+            target=target,
+            target_type=kind,
+        )
+        path = record_path(project / "pdl1" / entry, parent)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record))
+        results[parent] = result
+    return project, results
+
+
+@pytest.fixture
+def project(analysed, tmp_path):
+    return Path(shutil.copytree(analysed[0], tmp_path / "project"))
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_a_record_keeps_the_scores_pdl1_run_writes_of_its_target(analysed):
+    project, results = analysed
+    record = json.loads(record_path(project / "pdl1" / "1", "p-left").read_text())
+    result = results["p-left"]
+    summary, row = record["scores"]["summary"], record["scores"]["target"]
+    assert summary["tps_percent"] == pytest.approx(result.tps.percent) and summary["stain"] == result.stain
+    assert summary["analysed_area_um2"] == pytest.approx(result.analysed_area_um2)
+    assert summary["provenance"]["analysed_at"] == T0.isoformat(timespec="seconds")
+    assert summary["provenance"]["seg_model"]["sha256"] == result.seg_model.sha256
+    assert (row["target"], row["target_type"], row["tumour_cells"]) == ("left", "annotation", result.tps.tumour)
+    assert record["scores"]["metadata_counts"]["tumour_positive"] == result.tps.positive
+
+
+def test_a_project_analysed_only_in_qupath_is_reported_per_target_and_ranked(project, analysed):
+    # Before, both said there were no results: `pdl1 run` had left no summary.json.
+    results = analysed[1]
+    html_path, csv_path = write_report(project)
+    rows = {r["entry_id"]: r for r in _rows(csv_path)}
+    left, right, whole = results["p-left"], results["p-right"], results["p-whole"]
+    both = tumour_proportion_score(left.tps.positive + right.tps.positive, left.tps.negative + right.tps.negative)
+    assert float(rows["1"]["tps_percent"]) == pytest.approx(both.percent)
+    assert rows["1"]["tps_category"] == both.category
+    assert float(rows["2"]["tps_percent"]) == pytest.approx(whole.tps.percent)
+    assert rows["1"]["results_from"] == "pdl1_analyze.groovy's 2 analyses in QuPath"
+    assert rows["1"]["analysed_at"] == (T0 + timedelta(minutes=1)).isoformat(timespec="seconds")
+    targets = {(r["entry_id"], r["target"]): r for r in _rows(csv_path.with_name("targets.csv"))}
+    assert float(targets[("1", "left")]["tps_percent"]) == pytest.approx(left.tps.percent, abs=0.05)
+    assert float(targets[("1", "right")]["tps_percent"]) == pytest.approx(right.tps.percent, abs=0.05)
+    assert targets[("2", "PD-L1 analysis")]["target_type"] == "whole image"
+    page = html_path.read_text(encoding="utf-8")
+    assert "Per target: 2 annotations (2 analysed)" in page and "Results from" in page
+    assert "Left out of this report" not in page
+
+    queue = write_review_queue(project, qupath="never")
+    assert sorted(e.entry_id for e in queue.entries) == ["1", "2"] and queue.not_ranked == ()
+    for entry in queue.entries:
+        assert entry.summary_path is None and entry.score > 0
+        assert any(r.startswith("results from pdl1_analyze.groovy") for r in entry.reasons)
+    entry1 = next(e for e in queue.entries if e.entry_id == "1")
+    assert entry1.analysed_area_um2 == pytest.approx(left.analysed_area_um2 + right.analysed_area_um2)
+    assert all(r.target in ("left", "right") for r in entry1.regions)
+    csv_rows = _rows(queue.csv_path)
+    assert {r["entry_id"] for r in csv_rows if r["kind"] == "entry"} == {"1", "2"}
+    assert not (project / "pdl1" / "1" / "summary.json").exists()  # nothing made up for the script's entries
+
+
+def _summary_from_record(project: Path, entry: str, parent: str, *, when: datetime, tps: float) -> None:
+    """A summary.json of a `pdl1 run` of the entry at ``when`` whose TPS is ``tps`` (to tell it apart)."""
+    summary = json.loads(record_path(project / "pdl1" / entry, parent).read_text())["scores"]["summary"]
+    summary["tps_percent"] = tps
+    summary["image"] = str(project / f"s{40 + int(entry)}.svs")
+    summary["provenance"]["analysed_at"] = when.isoformat(timespec="seconds")
+    (project / "pdl1" / entry / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.mark.parametrize("run_later", [True, False])
+def test_an_entry_with_a_summary_and_records_takes_the_newer_and_says_which(project, analysed, run_later):
+    when = T0 + (timedelta(hours=1) if run_later else -timedelta(hours=1))
+    _summary_from_record(project, "2", "p-whole", when=when, tps=99.0)
+    _, csv_path = write_report(project)
+    row = next(r for r in _rows(csv_path) if r["entry_id"] == "2")
+    ranked, _ = build_queue(project)
+    entry = next(e for e in ranked if e.entry_id == "2")
+    if run_later:
+        assert float(row["tps_percent"]) == 99.0
+        assert (
+            row["results_from"]
+            == "pdl1 run (newer than pdl1_analyze.groovy's 1 analysis in QuPath, which are not counted)"
+        )
+        assert entry.summary_path == project / "pdl1" / "2" / "summary.json"
+        assert "results from pdl1 run (newer than" in "; ".join(entry.reasons)
+    else:
+        assert float(row["tps_percent"]) == pytest.approx(analysed[1]["p-whole"].tps.percent)
+        assert row["results_from"].endswith("(newer than pdl1 run's summary.json, which is not counted)")
+        assert "results from pdl1_analyze.groovy's 1 analysis" in "; ".join(entry.reasons)
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        ('{"format": ', "does not read (not JSON"),
+        (
+            json.dumps(
+                {
+                    "format": "pdl1-bridge analysis record",
+                    "version": 1,
+                    "written_at": "2026-03-01T10:00:00+00:00",
+                    "outline": {"type": "Polygon", "coordinates": [[[0, 0], [9, 0], [9, 9], [0, 0]]]},
+                    "candidates": [],
+                    "region_bounds": [],
+                    "nuclei": {"x": [], "y": [], "class": [], "class_names": []},
+                    "scores": {"summary": [1]},
+                }
+            ),
+            "its 'scores' hold no summary",
+        ),
+    ],
+)
+def test_a_record_that_does_not_read_is_named_and_the_entry_s_others_counted(project, analysed, content, says):
+    bad = record_path(project / "pdl1" / "1", "p-bad")
+    bad.write_text(content)
+    html_path, csv_path = write_report(project)
+    page = html.unescape(html_path.read_text(encoding="utf-8"))
+    assert "Left out of this report" in page and str(bad) in page and says in page
+    assert "analyse its annotation or core again in QuPath" in page
+    row = next(r for r in _rows(csv_path) if r["entry_id"] == "1")
+    assert row["results_from"] == "pdl1_analyze.groovy's 2 analyses in QuPath"
+    ranked, _ = build_queue(project)
+    entry = next(e for e in ranked if e.entry_id == "1")
+    assert any(str(bad) in r and says in r for r in entry.reasons)
+
+
+def test_an_entry_whose_records_all_fail_to_read_or_lack_scores_is_named_not_ranked(project):
+    for path in (project / "pdl1" / "2" / "qupath_analyses").glob("*.json"):
+        record = json.loads(path.read_text())
+        del record["scores"]  # as pdl1-bridge wrote records before they kept the scores
+        path.write_text(json.dumps(record))
+    assert entry_summary_from_records(project / "pdl1" / "2", image="s42.svs", entry_id="2").without_scores == 1
+    html_path, csv_path = write_report(project)
+    assert [r["entry_id"] for r in _rows(csv_path)] == ["1"]
+    assert "1 analysis by pdl1_analyze.groovy was recorded without its scores" in html_path.read_text()
+    ranked, not_ranked = build_queue(project)
+    assert [e.entry_id for e in ranked] == ["1"]
+    assert [(i, why.split(" (")[0]) for i, _, why in not_ranked] == [
+        ("2", "1 analysis by pdl1_analyze.groovy was recorded without its scores")
+    ]

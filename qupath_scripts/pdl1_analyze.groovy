@@ -14,9 +14,11 @@
  * QuPath rotates, crops or combines, a format it has no reader for), each region's pixels as QuPath renders them
  * are sent instead (POST /v1/jobs/pixels; the log says which way and why). In a project, a record of what each
  * analysis put under its annotation or core (GET /v1/jobs/{id}/record: when, the outline, the FN candidates, the
- * nuclei) is saved as <project>/pdl1/<entry ID>/qupath_analyses/<parent ID>.json, replaced when the parent is
- * analysed again: `pdl1 train ... PROJECT --from-review` tells by it the nuclei you reclassified and the FN
- * candidates you deleted (export the labels with pdl1_export_labels.groovy). Not saved, it is named in the log.
+ * nuclei, and its scores) is saved as <project>/pdl1/<entry ID>/qupath_analyses/<parent ID>.json, replaced when the
+ * parent is analysed again: `pdl1 train ... PROJECT --from-review` tells by it the nuclei you reclassified and the FN
+ * candidates you deleted (export the labels with pdl1_export_labels.groovy), and `pdl1 report PROJECT` and
+ * `pdl1 review-queue PROJECT` report and rank the project by these records as by `pdl1 run`'s results (the newer of
+ * the two for an image that has both). Not saved, it is named in the log.
  *
  * Settings: the project's pdl1-config.toml (beside project.qpproj; `pdl1 init-project` writes it, and
  * `pdl1 run` reads the same file) when there is one: [service] url, token, model and [analysis] outputs,
@@ -953,6 +955,15 @@ def label = { obj ->
         return "TMA core " + coreLabel(obj.getName(), cores.findIndexOf { it.is(obj) })
     return (obj.getName() ?: obj.getPathClass() ?: "annotation").toString()
 }
+// The query of a record's request (GET /v1/jobs/{id}/record): the parent's name as pdl1 run names its targets (a
+// core's name, an annotation's as the log gives it) and what it is, kept with the record's scores for `pdl1 report`
+// and `pdl1 review-queue` (bridge/analysis_record.py: record_scores).
+def recordQuery = { obj, String source ->
+    def enc = { v -> URLEncoder.encode(v as String, "UTF-8") }
+    def name = obj.isTMACore() ? coreLabel(obj.getName(), cores.findIndexOf { it.is(obj) }) : label(obj)
+    def type = obj.isTMACore() ? "TMA core" : (source == "whole image" ? "whole image" : "annotation")
+    return "target=" + enc(name) + "&target_type=" + enc(type)
+}
 def selected = getSelectedObjects().findAll { (it.isAnnotation() || it.isTMACore()) && !isOwn(it) }
 def configured = (TARGET_CLASSES.isEmpty() && TARGET_NAMES.isEmpty()) ? [] : hierarchy.getAnnotationObjects().findAll {
     !isOwn(it) && ((it.getPathClass() != null && it.getPathClass().toString() in TARGET_CLASSES) ||
@@ -1153,7 +1164,8 @@ for (parent in targets) {
     def record = null
     if (project != null && entry != null) {
         try {
-            def response = client.send(request(statusPath + "/record").GET().build(),
+            def recordRequest = request(statusPath + "/record?" + recordQuery(parent, choice.source)).GET().build()
+            def response = client.send(recordRequest,
                     HttpResponse.BodyHandlers.ofByteArray())
             if (response.statusCode() >= 400)  // 404 from a service older than records
                 throw new IOException("the service answered ${response.statusCode()}: ${detailOf(response)}")

@@ -4,6 +4,7 @@ whole script run with stand-ins for QuPath's objects (tests/qupath_stand_ins) ch
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -878,6 +879,18 @@ def test_the_script_records_what_it_wrote_and_training_tells_a_review_of_it(tmp_
         assert kept.symmetric_difference(shape(sent["geometry"])).area < 1.0
     # The analysed area: the octagon itself where the service read the file, its pixels' outline in an upload.
     assert record.outline.symmetric_difference(ROI).area < (1 if server == "OpenslideImageServer" else 0.02 * ROI.area)
+    # Its scores, under the parent's name as the log gives it: `pdl1 report` and `pdl1 review-queue` take the project
+    # analysed in QuPath alone, which had no results of `pdl1 run` for them.
+    from bridge.report import write_report
+    from bridge.review_queue import build_queue
+
+    target = record.scores["target"]
+    assert (target["target"], target["target_type"]) == ("Tumor core", "annotation")
+    _, csv_path = write_report(qpproj.parent)
+    (row,) = list(csv.DictReader(csv_path.open(encoding="utf-8")))
+    assert row["results_from"] == "pdl1_analyze.groovy's 1 analysis in QuPath"
+    assert row["tps_percent"] == ("" if target["tps_percent"] is None else str(target["tps_percent"]))
+    assert [e.entry_id for e in build_queue(qpproj.parent)[0]] == ["1"]
 
     # The review: one nucleus made Tumor: Positive, one candidate deleted; the rest as the script wrote it.
     nucleus = next(p for p in points if p["cls"] != "Tumor: Positive")

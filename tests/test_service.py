@@ -517,9 +517,15 @@ def test_every_endpoint_and_key_the_scripts_use_exists(service):
     said = " ".join(schema["paths"]["/v1/jobs/pixels"]["post"]["description"].split())
     assert "255 inside the ROI" in said and "1 to 254 context" in said and "0 absent" in said, said
     assert "def UPLOAD_CONTEXT_ALPHA = 128" in script
-    sent = set(re.findall(r'"(\w+)=" \+ enc\(', script)) | set(re.findall(r'parts << "(\w+)="', script))
+    upload_query = script.split("def uploadQuery", 1)[1].split("\n}\n", 1)[0]
+    sent = set(re.findall(r'"(\w+)=" \+ enc\(', upload_query)) | set(re.findall(r'parts << "(\w+)="', upload_query))
     assert sent == {"mpp", "origin_x", "origin_y", "downsample", "outputs", "image_type", "model"}, sent
     assert sent <= upload, sent
+    # The record's: the parent's name and what it is, for the record's scores.
+    record_query = script.split("def recordQuery", 1)[1].split("\n}\n", 1)[0]
+    record = {p["name"] for p in schema["paths"]["/v1/jobs/{job_id}/record"]["get"]["parameters"]}
+    sent = set(re.findall(r'"&?(\w+)=" \+ enc\(', record_query))
+    assert sent == {"target", "target_type"} and sent <= record, (sent, record)
 
 
 @pytest.mark.skipif(not os.environ.get("PDL1_GROOVY_LINT"), reason="set PDL1_GROOVY_LINT to npm-groovy-lint's path")

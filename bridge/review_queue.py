@@ -181,7 +181,7 @@ class ReviewQueue:
     entries: tuple[EntryItem, ...]
     not_ranked: tuple[tuple[str, str, str], ...]  # (entry ID, image name, why)
     csv_path: Path
-    metadata_written_to: str  # "QuPath project" or "summary.json sidecars"
+    metadata_written_to: str  # "QuPath project" or "summary.json sidecars" (and which entries have none)
 
 
 def _ratio(value: Any, limit: Any) -> float:
@@ -936,5 +936,19 @@ def write_review_queue(
         entries=tuple(entries),
         not_ranked=tuple(not_ranked),
         csv_path=csv_path,
-        metadata_written_to="QuPath project" if use_qupath else "summary.json sidecars",
+        metadata_written_to=_metadata_written_to(entries, use_qupath=use_qupath),
+    )
+
+
+def _metadata_written_to(entries: Sequence[EntryItem], *, use_qupath: bool) -> str:
+    """Where the ranks went as entry metadata; without QuPath, not for the entries analysed in QuPath alone (records
+    of pdl1_analyze.groovy, no summary.json): their rank is in the CSV only."""
+    if use_qupath:
+        return "QuPath project"
+    without = sum(e.summary_path is None for e in entries)
+    if not without:
+        return "summary.json sidecars"
+    return (
+        f"summary.json sidecars, but for the {without} entries analysed in QuPath alone, which have none (their rank "
+        "is in the CSV; run review-queue where QuPath is installed to set it in the project)"
     )

@@ -108,6 +108,7 @@ def test_a_project_analysed_only_in_qupath_is_reported_per_target_and_ranked(pro
 
     queue = write_review_queue(project, qupath="never")
     assert sorted(e.entry_id for e in queue.entries) == ["1", "2"] and queue.not_ranked == ()
+    assert queue.metadata_written_to.startswith("summary.json sidecars, but for the 2 entries analysed in QuPath alone")
     for entry in queue.entries:
         assert entry.summary_path is None and entry.score > 0
         assert any(r.startswith("results from pdl1_analyze.groovy") for r in entry.reasons)
@@ -199,3 +200,21 @@ def test_an_entry_whose_records_all_fail_to_read_or_lack_scores_is_named_not_ran
     assert [(i, why.split(" (")[0]) for i, _, why in not_ranked] == [
         ("2", "1 analysis by pdl1_analyze.groovy was recorded without its scores")
     ]
+
+
+def test_records_of_tma_cores_are_reported_and_ranked_as_a_run_of_the_cores(project):
+    for parent, core in (("p-left", "A-1"), ("p-right", "A-2")):
+        path = record_path(project / "pdl1" / "1", parent)
+        record = json.loads(path.read_text())
+        record["scores"]["target"] |= {"target": core, "target_type": "TMA core"}
+        path.write_text(json.dumps(record))
+    html_path, csv_path = write_report(project)
+    page = html_path.read_text(encoding="utf-8")
+    assert "Per target: 2 TMA cores (2 analysed), in the grid's order" in page
+    targets = [
+        (r["target"], r["target_type"]) for r in _rows(csv_path.with_name("targets.csv")) if r["entry_id"] == "1"
+    ]
+    assert targets == [("A-1", "TMA core"), ("A-2", "TMA core")]
+    ranked, _ = build_queue(project)
+    entry = next(e for e in ranked if e.entry_id == "1")
+    assert entry.regions and {r.target for r in entry.regions} <= {"core A-1", "core A-2"}

@@ -5,9 +5,10 @@
 Each record (:mod:`bridge.analysis_record`) is one analysed target of its entry (an annotation, a TMA core, the whole
 image), with its scores; the records of an entry together are read as a ``pdl1 run`` of those targets
 (:func:`bridge.run.merged_targets`: the TPS from the summed cells, the areas and nuclei summed, the flag set where
-any target's is, each target's row in ``targets``). Where an entry has both a summary and records, the newer source
-is used whole (:func:`newer_source`): the summary's ``provenance.analysed_at`` against the newest record's
-``written_at``.
+any target's is, each target's row in ``targets``), but a whole-image analysis and analyses of its annotations or
+cores are alternatives, the newer counting (:func:`current_records`). Where an entry has both a summary and
+records, the newer source is used whole (:func:`newer_source`): the summary's ``provenance.analysed_at`` against the
+newest record's ``written_at``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Any
 
 from shapely.geometry import mapping
 
-from bridge.analysis_record import AnalysisRecord, entry_records, read_analysis_record
-from bridge.targets import TargetRow, rows_from_summary
+from bridge.analysis_record import QUPATH_ANALYSES, AnalysisRecord, entry_records, read_analysis_record
+from bridge.targets import WHOLE_IMAGE, TargetRow, rows_from_summary
 
 #: Where an entry's numbers come from (:func:`newer_source`).
 RUN = "pdl1 run"
@@ -34,7 +35,8 @@ class RecordsSummary:
     ``summary``: of the shape ``pdl1 run`` writes (``targets`` each record's row, in the order written), None where
     no record has scores; ``written_at``: the newest of those records' times; ``records``: (target name, record) of
     each record in ``summary``, in its targets' order; ``unreadable``: each record that does not read, its path and
-    why; ``without_scores``: the records written before records kept their scores (not in ``summary``).
+    why; ``without_scores``: the records written before records kept their scores (not in ``summary``);
+    ``superseded``: the records left out as replaced (:func:`current_records`).
     """
 
     summary: dict[str, Any] | None
@@ -42,12 +44,20 @@ class RecordsSummary:
     records: tuple[tuple[str, AnalysisRecord], ...]
     unreadable: tuple[str, ...]
     without_scores: int
+    superseded: int = 0
 
     def problems(self) -> list[str]:
         """What of the records is not in ``summary``, as a report or queue says it (empty where all is)."""
         out = [
             f"{why}; analyse its annotation or core again in QuPath (pdl1_analyze.groovy)" for why in self.unreadable
         ]
+        k = self.superseded
+        if k:
+            out.append(
+                f"{k} earlier {SCRIPT} {'analysis' if k == 1 else 'analyses'} replaced by a later one of the image "
+                "(a whole-image analysis and analyses of its annotations or TMA cores are alternatives) "
+                f"{'is' if k == 1 else 'are'} not counted"
+            )
         n = self.without_scores
         if n:
             out.append(
@@ -98,15 +108,41 @@ def entry_summary_from_records(sidecar: Path, *, image: str, entry_id: str | Non
     if not scored:
         return RecordsSummary(None, None, (), tuple(unreadable), without_scores)
     scored.sort(key=lambda item: (item[0], item[1]))
+    kept = current_records([row for *_, row in scored])
+    superseded = len(scored) - len(kept)
+    scored = [scored[i] for i in kept]
     rows = [row for *_, row in scored]
     parts = [part for *_, part, _ in scored]
     newest = max(when for when, *_ in scored)
     base = {**parts[0], "entry_id": entry_id}
     del base["metadata_counts"]
-    summary = merged_targets(base, parts, rows)
+    try:
+        summary = merged_targets(base, parts, rows)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:  # hand-edited: numbers or metadata amiss
+        folder = sidecar / QUPATH_ANALYSES
+        unreadable.append(f"the records in {folder} do not add up as an image's results ({err!r:.120})")
+        return RecordsSummary(None, None, (), tuple(unreadable), without_scores, superseded)
     summary["provenance"] = {**(base.get("provenance") or {}), "analysed_at": newest.isoformat(timespec="seconds")}
     records = tuple((row.target, record) for (_, _, record, _, row) in scored)
-    return RecordsSummary(summary, newest, records, tuple(unreadable), without_scores)
+    return RecordsSummary(summary, newest, records, tuple(unreadable), without_scores, superseded)
+
+
+def current_records(rows: list[TargetRow]) -> list[int]:
+    """The indices of the records that count among an entry's, given their targets' rows in the order written: as a
+    ``pdl1 run`` summary holds the whole image or its targets, never both, a whole-image analysis counts only where
+    it is the newest record (then it alone), and otherwise every record but the whole-image ones, which the later
+    analyses of annotations or cores replaced (the script removes a whole-image analysis when it analyses the cores;
+    its record stays).
+
+    >>> from bridge.targets import missing_row
+    >>> whole, core = TargetRow("a", "1", "PD-L1 analysis", WHOLE_IMAGE, "analysed"), missing_row("a", "1", "A-1")
+    >>> current_records([whole, core, core]), current_records([core, whole, whole])
+    ([1, 2], [2])
+    """
+    whole = [i for i, row in enumerate(rows) if row.target_type == WHOLE_IMAGE]
+    if whole and whole[-1] == len(rows) - 1:
+        return [whole[-1]]
+    return [i for i, row in enumerate(rows) if row.target_type != WHOLE_IMAGE]
 
 
 def _analysed_at(summary: dict[str, Any]) -> datetime | None:

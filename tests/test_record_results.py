@@ -218,3 +218,41 @@ def test_records_of_tma_cores_are_reported_and_ranked_as_a_run_of_the_cores(proj
     ranked, _ = build_queue(project)
     entry = next(e for e in ranked if e.entry_id == "1")
     assert entry.regions and {r.target for r in entry.regions} <= {"core A-1", "core A-2"}
+
+
+def _copy_record(project: Path, entry: str, parent: str, new_parent: str, *, when: datetime, **target) -> None:
+    record = json.loads(record_path(project / "pdl1" / entry, parent).read_text())
+    record["written_at"] = when.isoformat()
+    record["scores"]["target"] |= target
+    record_path(project / "pdl1" / entry, new_parent).write_text(json.dumps(record))
+
+
+def test_a_whole_image_analysis_and_analyses_of_its_targets_are_alternatives_the_newer_counting(project, analysed):
+    # The script removes a whole-image analysis when it analyses the TMA cores, but its record stays: counted with
+    # the cores', the image's cells were counted twice.
+    later = T0 + timedelta(hours=1)
+    _copy_record(project, "2", "p-whole", "p-core", when=later, target="B-1", target_type="TMA core")
+    _copy_record(project, "1", "p-left", "p-whole1", when=later, target="PD-L1 analysis", target_type="whole image")
+    html_path, csv_path = write_report(project)
+    rows = {r["entry_id"]: r for r in _rows(csv_path)}
+    assert rows["2"]["results_from"] == "pdl1_analyze.groovy's 1 analysis in QuPath"
+    assert float(rows["2"]["tps_percent"]) == pytest.approx(analysed[1]["p-whole"].tps.percent)
+    assert rows["1"]["results_from"] == "pdl1_analyze.groovy's 1 analysis in QuPath"
+    assert float(rows["1"]["tps_percent"]) == pytest.approx(analysed[1]["p-left"].tps.percent)
+    targets = {(r["entry_id"], r["target"]) for r in _rows(csv_path.with_name("targets.csv"))}
+    assert targets == {("1", "PD-L1 analysis"), ("2", "B-1")}
+    page = html.unescape(html_path.read_text(encoding="utf-8"))
+    assert page.count("1 earlier pdl1_analyze.groovy analysis replaced by a later one of the image") == 1
+    assert page.count("2 earlier pdl1_analyze.groovy analyses replaced by a later one of the image") == 1
+
+
+def test_records_that_do_not_add_up_are_named_not_a_crash(project):
+    for path in (project / "pdl1" / "1" / "qupath_analyses").glob("*.json"):
+        record = json.loads(path.read_text())
+        record["scores"]["summary"]["metadata"] = {}  # hand-edited: no "PD-L1 run" to merge by
+        path.write_text(json.dumps(record))
+    html_path, csv_path = write_report(project)
+    assert [r["entry_id"] for r in _rows(csv_path)] == ["2"]
+    assert "qupath_analyses do not add up as an image's results (KeyError(" in html.unescape(html_path.read_text())
+    ranked, not_ranked = build_queue(project)
+    assert [e.entry_id for e in ranked] == ["2"] and [i for i, _, _ in not_ranked] == ["1"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,6 +13,8 @@ from torch import nn
 from inference.analysis.tiling import TileGrid, block_region, grid_block_reader, tile_blocks, tile_grid
 from inference.models.ensemble import Ensemble, demo_model_dir
 from inference.models.manifest import Manifest, Member
+from inference.phantom.pyramid import write_phantom
+from inference.phantom.scene import PhantomSpec
 from inference.slides.reader import ArrayReader
 from inference.slides.slide import Mpp, Slide
 
@@ -20,6 +23,16 @@ from inference.slides.slide import Mpp, Slide
 TINY_TRAINING = dict(cycles=2, epochs_per_cycle=2, iterations_per_epoch=2, batch_size=2, patch_px=32, tile_size_px=64)
 TINY_TRAINING_ARGS = ["--cycles", "2", "--epochs-per-cycle", "2", "--iterations", "2", "--batch-size", "2"]
 TINY_TRAINING_ARGS += ["--patch-px", "32"]
+
+
+def two_ranked_phantoms(folder: Path) -> list[Path]:
+    """Two small H&E phantoms a report and a review queue rank apart: TPS 60 unshifted, TPS 20 at shift 0.6."""
+    paths = []
+    for seed, tps, shift in ((41, 60, 0.0), (42, 20, 0.6)):
+        path = folder / f"s{seed}.svs"
+        write_phantom(path, PhantomSpec(1536, 1536, seed=seed, tps_percent=tps, shift=shift))
+        paths.append(path)
+    return paths
 
 
 def finetune_config(slide: str, init_model: str, out, **changes):

@@ -18,9 +18,8 @@ from bridge.record_summary import entry_summary_from_records
 from bridge.report import write_report
 from bridge.review_queue import build_queue, write_review_queue
 from inference import tumour_proportion_score
-from inference.phantom.pyramid import write_phantom
-from inference.phantom.scene import PhantomSpec
 from inference.pipeline import Models, PipelineConfig, analyse_slide
+from tests.helpers import two_ranked_phantoms
 
 OUTPUTS = ("regions", "sua", "nuclei", "tiles")
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=timezone.utc)
@@ -31,11 +30,7 @@ def analysed(tmp_path_factory):
     """A project of two phantom slides and the records of three analyses in QuPath: two annotations of the first
     (``left``, ``right``), the second whole; each with its result, as the service gives them."""
     root = tmp_path_factory.mktemp("records")
-    slides = []
-    for seed, tps, shift in ((41, 60, 0.0), (42, 20, 0.6)):
-        path = root / f"s{seed}.svs"
-        write_phantom(path, PhantomSpec(1536, 1536, seed=seed, tps_percent=tps, shift=shift))
-        slides.append(path)
+    slides = two_ranked_phantoms(root)
     project = root / "project"
     init_project_files(project, slides)
     config = PipelineConfig(device="cpu")

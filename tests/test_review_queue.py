@@ -27,22 +27,15 @@ from bridge.review_queue import (
     write_review_queue,
 )
 from bridge.run import RunConfig, run_batch
-from inference.phantom.pyramid import write_phantom
-from inference.phantom.scene import PhantomSpec
 from inference.pipeline import Models, PipelineConfig
+from tests.helpers import two_ranked_phantoms
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("rq-slides")
-    paths = []
-    for seed, tps, shift in ((41, 60, 0.0), (42, 20, 0.6)):
-        path = folder / f"s{seed}.svs"
-        write_phantom(path, PhantomSpec(1536, 1536, seed=seed, tps_percent=tps, shift=shift))
-        paths.append(path)
-    return paths
+    return two_ranked_phantoms(tmp_path_factory.mktemp("rq-slides"))
 
 
 @pytest.fixture(scope="module")

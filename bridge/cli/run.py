@@ -489,7 +489,13 @@ def init_project(
 
 
 def report_cmd(
-    source: Annotated[Path, typer.Argument(help="A project run by `pdl1 run`, or its --out folder for slides.")],
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A project run by `pdl1 run` or analysed in QuPath with pdl1_analyze.groovy (its records), or "
+            "`pdl1 run`'s --out folder for slides."
+        ),
+    ],
     out: Annotated[Path | None, typer.Option(help="Report folder (default: SOURCE/pdl1/report).")] = None,
 ) -> None:
     """HTML and CSV report: per-image thumbnails with the results overlaid, review reasons, each target's score
@@ -504,7 +510,12 @@ def report_cmd(
 
 
 def review_queue_cmd(
-    project: Annotated[Path, typer.Argument(help="A QuPath project that `pdl1 run PROJECT` has analysed.")],
+    project: Annotated[
+        Path,
+        typer.Argument(
+            help="A QuPath project that `pdl1 run PROJECT` or pdl1_analyze.groovy in QuPath (its records) has analysed."
+        ),
+    ],
     out: Annotated[
         Path | None, typer.Option(help="CSV to write (default: PROJECT/pdl1/review_queue.csv).", show_default=False)
     ] = None,
@@ -520,7 +531,9 @@ def review_queue_cmd(
     """Rank entries and regions by what labelling them would teach the model (uncertainty, SUA, domain).
 
     Writes a CSV with the entries best first, each followed by its regions (level-0 px boxes, centres in µm),
-    and sets the entry metadata 'PD-L1 review rank' and 'PD-L1 review score'. See the README for the score.
+    and sets the entry metadata 'PD-L1 review rank' and 'PD-L1 review score' (through QuPath where it is found, else
+    in each entry's summary.json; an entry analysed in QuPath alone has none, so its rank is in the CSV only). See
+    the README for the score.
     """
     from collections import Counter
 

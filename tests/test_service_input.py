@@ -345,7 +345,7 @@ def test_an_image_sent_with_curl_s_default_form_content_type_is_taken_as_the_ima
     assert wait_for_job(client, r.json()["job_id"])["state"] == "done"
 
 
-PIXELS_PARAMETERS = "the upload's parameters are mpp, origin_x, origin_y, downsample, outputs, image_type"
+PIXELS_PARAMETERS = "the upload's parameters are mpp, origin_x, origin_y, downsample, outputs, image_type, model"
 
 
 @pytest.mark.parametrize(

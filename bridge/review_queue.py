@@ -595,13 +595,23 @@ def build_queue(
     from_records: dict[str, RecordsSummary] = {}
     sources: dict[str, str] = {}
     record_notes: dict[str, list[str]] = {}
+    damaged: set[str] = set()  # entries whose summary.json does not read
     for entry in found:
         folder = pdl1 / entry.entry_id
         records = entry_summary_from_records(folder, image=entry.image_name, entry_id=entry.entry_id)
         record_notes[entry.entry_id] = records.problems()
-        summary = _read_json(folder / "summary.json", fix) if (folder / "summary.json").is_file() else None
-        if summary is not None and (not isinstance(summary, dict) or not is_finite_number(summary.get("mpp"))):
-            raise ReviewQueueError(f"{folder / 'summary.json'} is not a pdl1 summary (no mpp); {fix}")
+        # A summary that does not read is this entry's problem: named (its records rank it where it has them), and
+        # the others ranked, as a report lists it among those left out. It stopped the whole queue.
+        summary = None
+        if (folder / "summary.json").is_file():
+            try:
+                summary = _read_json(folder / "summary.json", fix)
+                if not isinstance(summary, dict) or not is_finite_number(summary.get("mpp")):
+                    raise ReviewQueueError(f"{folder / 'summary.json'} is not a pdl1 summary (no mpp); {fix}")
+            except ReviewQueueError as err:
+                summary = None
+                damaged.add(entry.entry_id)
+                record_notes[entry.entry_id].insert(0, str(err))
         source, sources[entry.entry_id] = newer_source(summary, records)
         if source == SCRIPT:
             summaries[entry.entry_id] = records.summary
@@ -707,7 +717,7 @@ def build_queue(
                 analysed_area_um2=analysed_um2,
                 reasons=tuple(reasons),
                 regions=tuple(regions),
-                summary_path=summary_path if summary_path.is_file() else None,
+                summary_path=summary_path if summary_path.is_file() and entry.entry_id not in damaged else None,
                 run_id=summary.get("run_id"),
                 results_from=sources[entry.entry_id],
             )

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -264,13 +265,18 @@ def test_an_out_that_cannot_be_the_csv_or_the_report_folder_is_refused_before_an
     assert {p: p.read_bytes() for p in sorted((project / "pdl1").rglob("*")) if p.is_file()} == before
 
 
-def test_a_damaged_summary_is_refused_and_nothing_is_written(project):
-    (project / "pdl1" / "2" / "summary.json").write_text('{"cut short')
-    before = (project / "pdl1" / "1" / "summary.json").read_bytes()
-    with pytest.raises(ReviewQueueError, match=r"pdl1/2/summary.json does not read .*--resume"):
-        write_review_queue(project, qupath="never")
-    assert (project / "pdl1" / "1" / "summary.json").read_bytes() == before
-    assert not (project / "pdl1" / "review_queue.csv").exists()
+@pytest.mark.parametrize("damage", ['{"cut short', '{"run_id": "x"}'], ids=["not JSON", "no mpp"])
+def test_a_damaged_summary_is_its_entry_s_problem_the_others_are_ranked(project, damage):
+    # It stopped the whole queue; a report lists such an entry among those left out and goes on.
+    damaged = project / "pdl1" / "2" / "summary.json"
+    damaged.write_text(damage)
+    queue = write_review_queue(project, qupath="never")
+    assert [e.entry_id for e in queue.entries] == ["1"]
+    (why,) = [w for i, _, w in queue.not_ranked if i == "2"]
+    assert re.search(r"pdl1/2/summary.json (does not read|is not a pdl1 summary) .*--resume", why), why
+    assert damaged.read_text() == damage  # left as it was: no rank written into it
+    assert RANK_KEY in _summary(project, "1")["metadata"]
+    assert {r["entry_id"] for r in _rows(project / "pdl1" / "review_queue.csv") if r["rank"]} == {"1"}
 
 
 def test_a_run_status_of_the_wrong_shape_is_refused_naming_it(project):

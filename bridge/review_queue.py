@@ -658,8 +658,9 @@ def build_queue(
         geojson = pdl1 / entry.entry_id / "objects.geojson"
         try:
             objects = list(read_features(geojson)) if geojson.is_file() else []
-        except (ValueError, Pdl1Error) as err:
-            raise ReviewQueueError(f"{geojson} does not read ({err}); {fix}") from err
+        except (ValueError, Pdl1Error) as err:  # the entry is ranked by its summary, without regions; said
+            region_notes[entry.entry_id] = f"no regions listed: {geojson} does not read ({err}); {fix}"
+            objects = []
         region_lists[entry.entry_id] = candidate_regions(objects, mpp=mpp)
     region_reference = max(
         (r.mutual_information for rs in region_lists.values() for r in rs if r.mutual_information is not None),

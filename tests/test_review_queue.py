@@ -279,6 +279,18 @@ def test_a_damaged_summary_is_its_entry_s_problem_the_others_are_ranked(project,
     assert {r["entry_id"] for r in _rows(project / "pdl1" / "review_queue.csv") if r["rank"]} == {"1"}
 
 
+def test_an_output_that_does_not_read_leaves_its_entry_ranked_without_regions(project):
+    # It stopped the whole queue; the entry's scores are in its summary, only its regions are lost (and said).
+    (project / "pdl1" / "2" / "objects.geojson").write_text('{"cut short')
+    queue = write_review_queue(project, qupath="never")
+    assert sorted(e.entry_id for e in queue.entries) == ["1", "2"]
+    (second,) = [e for e in queue.entries if e.entry_id == "2"]
+    assert second.regions == ()
+    said = r"no regions listed: .*pdl1/2/objects.geojson does not read .*--resume"
+    assert any(re.match(said, r) for r in second.reasons), second.reasons
+    assert next(e for e in queue.entries if e.entry_id == "1").regions
+
+
 def test_a_run_status_of_the_wrong_shape_is_refused_naming_it(project):
     # Valid JSON, not a run status: named with its fix, not an AttributeError.
     status = project / "pdl1" / "status.json"

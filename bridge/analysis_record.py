@@ -65,8 +65,8 @@ class AnalysisRecord:
     ``written_at``: when (timezone-aware, UTC); ``outline``: the analysed area (the parent's ROI; the image for a
     whole-image analysis); ``candidates``: the FN candidate polygons; ``region_bounds``: (R, 4) float64, each
     positive region's x0, y0, x1, y1; ``nuclei``: positions and the classes QuPath got; ``scores``: the analysis's
-    scores (:func:`record_scores`; checked by ``bridge.record_summary``, which reads them), None in a record written
-    before they were kept.
+    scores (:func:`record_scores`; checked by ``bridge.record_summary``, which reads them), None where the file
+    holds none (``pdl1 train --from-review`` needs none; ``pdl1 report`` names such a record as not reading).
     """
 
     written_at: datetime

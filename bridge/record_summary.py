@@ -35,7 +35,7 @@ class RecordsSummary:
     ``summary``: of the shape ``pdl1 run`` writes (``targets`` each record's row, in the order written), None where
     no record has scores; ``written_at``: the newest of those records' times; ``records``: (target name, record) of
     each record in ``summary``, in its targets' order; ``unreadable``: each record that does not read, its path and
-    why; ``without_scores``: the records written before records kept their scores (not in ``summary``);
+    why (a record without scores among them);
     ``superseded``: the records left out as replaced (:func:`current_records`).
     """
 
@@ -43,7 +43,6 @@ class RecordsSummary:
     written_at: datetime | None
     records: tuple[tuple[str, AnalysisRecord], ...]
     unreadable: tuple[str, ...]
-    without_scores: int
     superseded: int = 0
 
     def problems(self) -> list[str]:
@@ -57,13 +56,6 @@ class RecordsSummary:
                 f"{k} earlier {SCRIPT} {'analysis' if k == 1 else 'analyses'} replaced by a later one of the image "
                 "(a whole-image analysis and analyses of its annotations or TMA cores are alternatives) "
                 f"{'is' if k == 1 else 'are'} not counted"
-            )
-        n = self.without_scores
-        if n:
-            out.append(
-                f"{n} {'analysis' if n == 1 else 'analyses'} by {SCRIPT} {'was' if n == 1 else 'were'} recorded "
-                f"without {'its' if n == 1 else 'their'} scores (by an earlier pdl1-bridge), so not counted; analyse "
-                f"{'it' if n == 1 else 'them'} again in QuPath to count {'it' if n == 1 else 'them'}"
             )
         return out
 
@@ -93,20 +85,17 @@ def entry_summary_from_records(sidecar: Path, *, image: str, entry_id: str | Non
     from bridge.run import merged_targets
 
     scored = []
-    unreadable, without_scores = [], 0
+    unreadable = []
     for path in entry_records(sidecar):
         try:
             record = read_analysis_record(path)
-            if record.scores is None:
-                without_scores += 1
-                continue
             part, row = _scored_target(path, record, image=image, entry_id=entry_id)
         except (OSError, ValueError) as err:
             unreadable.append(f"{path} does not read ({err})")
             continue
         scored.append((record.written_at, path.name, record, part, row))
     if not scored:
-        return RecordsSummary(None, None, (), tuple(unreadable), without_scores)
+        return RecordsSummary(None, None, (), tuple(unreadable))
     scored.sort(key=lambda item: (item[0], item[1]))
     kept = current_records([row for *_, row in scored])
     superseded = len(scored) - len(kept)
@@ -121,10 +110,10 @@ def entry_summary_from_records(sidecar: Path, *, image: str, entry_id: str | Non
     except (KeyError, TypeError, ValueError, AttributeError) as err:  # hand-edited: numbers or metadata amiss
         folder = sidecar / QUPATH_ANALYSES
         unreadable.append(f"the records in {folder} do not add up as an image's results ({err!r:.120})")
-        return RecordsSummary(None, None, (), tuple(unreadable), without_scores, superseded)
+        return RecordsSummary(None, None, (), tuple(unreadable), superseded)
     summary["provenance"] = {**(base.get("provenance") or {}), "analysed_at": newest.isoformat(timespec="seconds")}
     records = tuple((row.target, record) for (_, _, record, _, row) in scored)
-    return RecordsSummary(summary, newest, records, tuple(unreadable), without_scores, superseded)
+    return RecordsSummary(summary, newest, records, tuple(unreadable), superseded)
 
 
 def current_records(rows: list[TargetRow]) -> list[int]:
@@ -159,10 +148,10 @@ def newer_source(summary: dict[str, Any] | None, records: RecordsSummary) -> tup
     the times are equal; the one there is where only one is.
 
     >>> from datetime import timezone
-    >>> none = RecordsSummary(None, None, (), (), 0)
+    >>> none = RecordsSummary(None, None, (), ())
     >>> newer_source({"provenance": {"analysed_at": "2026-01-02T10:00:00+00:00"}}, none)
     ('pdl1 run', 'pdl1 run')
-    >>> later = RecordsSummary({}, datetime(2026, 1, 3, tzinfo=timezone.utc), ((), ()), (), 0)
+    >>> later = RecordsSummary({}, datetime(2026, 1, 3, tzinfo=timezone.utc), ((), ()), ())
     >>> newer_source({"provenance": {"analysed_at": "2026-01-02T10:00:00+00:00"}}, later)[1]
     "pdl1_analyze.groovy's 2 analyses in QuPath (newer than pdl1 run's summary.json, which is not counted)"
     """

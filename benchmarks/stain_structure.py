@@ -169,18 +169,21 @@ def rows_for(folders: list[Path], *, real: bool = True) -> list[dict]:
     return rows
 
 
-def rendered_thumbnails(seeds: list[int], *, size_px: int = 2048):
+def rendered_thumbnails(seeds: list[int], *, size_px: int = 2048, reduced_levels: str = "rendered"):
     """(name, truth, thumbnail, shift, TPS) of each seed's review phantom pair, rendered without writing slides.
 
     As ``benchmarks.review_phantoms --ihc`` would write them and :meth:`Slide.thumbnail` read them at 8 µm/px:
     the pyramid level at downsample 4 rendered tile by tile, JPEG-coded as the SVS writer codes it (YCbCr 2x2
     at the phantom's quality), box-averaged 4x. Decoders may differ by a grey level from OpenSlide's.
+    ``reduced_levels="averaged"``: that level box-averaged 4 x 4 from level 0's pixels before JPEG, as
+    ``pdl1 phantom --reduced-levels averaged`` writes it (and a scanner builds its pyramid); 16 times the rendering.
     """
     import imagecodecs
     from PIL import Image
 
     from benchmarks.review_phantoms import draw
     from inference.phantom.ihc import IhcScene, IhcSpec
+    from inference.phantom.pyramid import box_average_4
     from inference.phantom.render import render, render_ihc
     from inference.phantom.scene import PhantomScene, PhantomSpec
 
@@ -195,7 +198,10 @@ def rendered_thumbnails(seeds: list[int], *, size_px: int = 2048):
             level = np.zeros((size_px // ds, size_px // ds, 3), np.uint8)
             for y in range(0, level.shape[0], tile):
                 for x in range(0, level.shape[1], tile):
-                    rgb = paint(scene, x * ds, y * ds, tile, tile, ds)
+                    if reduced_levels == "averaged":
+                        rgb = box_average_4(paint(scene, x * ds, y * ds, tile * ds, tile * ds, 1))
+                    else:
+                        rgb = paint(scene, x * ds, y * ds, tile, tile, ds)
                     coded = imagecodecs.jpeg8_encode(
                         rgb,
                         level=scene.stains.jpeg_quality,
@@ -221,11 +227,19 @@ def main() -> None:
         default="",
         help="FIRST-LAST: also review phantom pairs of these seeds, rendered in memory",
     )
+    parser.add_argument(
+        "--reduced-levels",
+        choices=("rendered", "averaged"),
+        default="rendered",
+        help="how --render builds the level the thumbnail is read from (as pdl1 phantom --reduced-levels)",
+    )
     args = parser.parse_args()
     rows = rows_for(args.folders, real=not args.no_real)
     if args.render:
         first, _, last = args.render.partition("-")
-        for name, truth, thumb, shift, tps in rendered_thumbnails(list(range(int(first), int(last or first) + 1))):
+        for name, truth, thumb, shift, tps in rendered_thumbnails(
+            list(range(int(first), int(last or first) + 1)), reduced_levels=args.reduced_levels
+        ):
             rows.append(row(name, truth, thumb, shift=shift, tps=tps))
             print(name, rows[-1]["found"], f"{rows[-1]['margin']:.1f}", flush=True)
     if args.out:

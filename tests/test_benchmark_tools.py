@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -130,9 +131,11 @@ def test_the_phase_timers_wrap_functions_the_product_has():
     assert not missing, missing
 
 
-def test_stain_structure_renders_the_thumbnails_the_written_review_phantoms_give(tmp_path):
+@pytest.mark.parametrize("levels", ["rendered", "averaged"])
+def test_stain_structure_renders_the_thumbnails_the_written_review_phantoms_give(tmp_path, levels):
     """benchmarks.stain_structure renders review phantoms' 8 µm/px thumbnails without writing slides: the same
-    pixels as the slides benchmarks.review_phantoms writes, read as detect_slide_stain reads them."""
+    pixels as the slides benchmarks.review_phantoms writes (or pdl1 phantom --reduced-levels averaged), read as
+    detect_slide_stain reads them."""
     import numpy as np
 
     from benchmarks.review_phantoms import draw
@@ -144,10 +147,10 @@ def test_stain_structure_renders_the_thumbnails_the_written_review_phantoms_give
 
     seed = 3005
     tps, shift, weak = draw(seed)
-    spec = PhantomSpec(1024, 1024, seed=seed, tps_percent=tps, shift=shift, weak_fraction=weak)
+    spec = PhantomSpec(1024, 1024, seed=seed, tps_percent=tps, shift=shift, weak_fraction=weak, reduced_levels=levels)
     write_phantom(tmp_path / f"c{seed}.svs", spec)
     write_ihc_phantom(tmp_path / f"ihc_{seed}.svs", spec, IhcSpec(immune_positive_fraction=0.3))
-    for name, truth, thumb, drawn_shift, _tps in rendered_thumbnails([seed], size_px=1024):
+    for name, truth, thumb, drawn_shift, _tps in rendered_thumbnails([seed], size_px=1024, reduced_levels=levels):
         with open_slide(tmp_path / f"{name}.svs") as slide:
             written = slide.thumbnail(mpp=8.0)
         assert truth == ("H&E" if name.startswith("c") else "H-DAB") and drawn_shift == shift

@@ -303,15 +303,9 @@ class WrittenAnalysis:
         return self.area is None or self.area.intersection(geometry).area > _OVERLAP_TOLERANCE_PX2
 
     @cached_property
-    def _tree(self) -> cKDTree:
+    def nuclei_tree(self) -> cKDTree:
+        """The nuclei's positions, to look up which of the image's nuclei are this analysis's (built once)."""
         return cKDTree(self.nuclei_xy)
-
-    def class_at(self, xy: tuple[float, float]) -> str | None:
-        """The class the analysis wrote for the nucleus at ``xy``; None when it wrote none there."""
-        if not len(self.nuclei_xy):
-            return None
-        distance, i = self._tree.query(xy, distance_upper_bound=_SAME_NUCLEUS_PX)
-        return self.nuclei_class[int(i)] if np.isfinite(distance) else None
 
 
 @dataclass(frozen=True)
@@ -555,7 +549,7 @@ class _WrittenInImage:
             near = np.flatnonzero((xy[:, 0] >= x0) & (xy[:, 0] <= x1) & (xy[:, 1] >= y0) & (xy[:, 1] <= y1))
             if not len(near):
                 continue
-            distance, index = a._tree.query(xy[near], distance_upper_bound=_SAME_NUCLEUS_PX)
+            distance, index = a.nuclei_tree.query(xy[near], distance_upper_bound=_SAME_NUCLEUS_PX)
             for k in np.flatnonzero(np.isfinite(distance)):
                 j, cls = int(near[k]), a.nuclei_class[int(index[k])]
                 if seen[j]:

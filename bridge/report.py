@@ -15,7 +15,7 @@ import csv
 import html
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,7 @@ from bridge.run_lock import output_folder_lock
 from bridge.targets import (
     MISSING,
     TARGETS_FILE,
+    TargetNuclei,
     TargetRow,
     analysed_targets,
     read_target_regions,
@@ -202,12 +203,7 @@ def _from_records(entry, records: RecordsSummary, info, results_from: str) -> Re
     slide, not_found = _slide(entry, info)
     overlay = [
         QuPathObject(c, "annotation", PDL1_FN_CANDIDATE.name, {}) for _, r in records.records for c in r.candidates
-    ] + [
-        QuPathObject(Point(x, y), "detection", cls, {})
-        for _, r in records.records
-        for (x, y), cls in zip(r.nuclei.xy.tolist(), r.nuclei.classes, strict=True)
-        if cls in _GRADE_COLOURS
-    ]
+    ] + _graded_cells(r.nuclei for _, r in records.records)
     folder = info.folder / PDL1_DIR / entry.entry_id
     return ReportItem(
         entry.image_name,
@@ -383,13 +379,18 @@ def _overlay_objects(item: ReportItem) -> tuple[list[QuPathObject], bool]:
         return objects, False
     if record.run_id != item.summary.get("run_id"):
         return objects, False  # an earlier run's (the summary's run analysed one target): not these results
-    cells = [
+    return _graded_cells(record.nuclei) + [o for _, target_objects in record.targets for o in target_objects], True
+
+
+def _graded_cells(nuclei: Iterable[TargetNuclei]) -> list[QuPathObject]:
+    """The cells of the nuclei arrays (``target_regions.json``'s, a record's) that the thumbnail draws: an IHC's graded
+    positive tumour cells (``Tumor: 1+`` ...), as point detections."""
+    return [
         QuPathObject(Point(x, y), "detection", cls, {})
-        for n in record.nuclei
+        for n in nuclei
         for (x, y), cls in zip(n.xy.tolist(), n.classes, strict=True)
         if cls in _GRADE_COLOURS
     ]
-    return cells + [o for _, target_objects in record.targets for o in target_objects], True
 
 
 def _draw_targets(ax, targets: Sequence[TargetRow], scale: float) -> None:

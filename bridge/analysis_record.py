@@ -116,7 +116,7 @@ def analysis_record(
     candidates = [_rounded(level0(c.polygon)) for c in result.candidates] if "sua" in outputs else []
     regions = [level0(r.polygon).bounds for r in result.regions] if "regions" in outputs else []
     with_nuclei = result.nuclei is not None and ("nuclei" in outputs or result.stain == "H-DAB")
-    nuclei = written_nuclei(result) if with_nuclei else TargetNuclei(np.zeros((0, 2)), np.zeros(0, np.int64), ())
+    nuclei = written_nuclei(result) if with_nuclei else TargetNuclei.none()
     nuclei = TargetNuclei(nuclei.xy * scale + np.asarray(origin_xy, np.float64), nuclei.class_index, nuclei.class_names)
     bounds = np.round(np.asarray(regions, np.float64).reshape(-1, 4), NUCLEI_XY_DECIMALS)
     return {

@@ -378,7 +378,7 @@ def written_nuclei(result: SlideResult) -> TargetNuclei:
     """A result's nuclei as they are written into QuPath (positions, and the classes QuPath gets: an IHC's graded
     ``Tumor: 1+`` ...), for :data:`TARGET_REGIONS_FILE`; none where the nuclei model did not run."""
     if result.nuclei is None:
-        return TargetNuclei(np.zeros((0, 2)), np.zeros(0, np.int64), ())
+        return TargetNuclei.none()
     names, index = qupath_classes(result.nuclei)
     return TargetNuclei(np.asarray(result.nuclei.xy, np.float64).reshape(-1, 2), np.asarray(index), tuple(names))
 

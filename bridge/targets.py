@@ -345,6 +345,15 @@ class TargetNuclei:
     class_index: np.ndarray
     class_names: tuple[str, ...]
 
+    @classmethod
+    def none(cls) -> TargetNuclei:
+        """No nuclei (a target the nuclei model did not run on, or whose nuclei were not written).
+
+        >>> len(TargetNuclei.none().xy), TargetNuclei.none().classes
+        (0, ())
+        """
+        return cls(np.zeros((0, 2)), np.zeros(0, np.int64), ())
+
     @property
     def classes(self) -> tuple[str, ...]:
         """Each nucleus's class name."""

@@ -595,7 +595,7 @@ def build_queue(
     from_records: dict[str, RecordsSummary] = {}
     sources: dict[str, str] = {}
     record_notes: dict[str, list[str]] = {}
-    damaged: set[str] = set()  # entries whose summary.json does not read
+    summary_paths: dict[str, Path] = {}  # the summary.json of each entry whose summary reads: where its rank goes
     for entry in found:
         folder = pdl1 / entry.entry_id
         records = entry_summary_from_records(folder, image=entry.image_name, entry_id=entry.entry_id)
@@ -608,9 +608,9 @@ def build_queue(
                 summary = _read_json(folder / "summary.json", fix)
                 if not isinstance(summary, dict) or not is_finite_number(summary.get("mpp")):
                     raise ReviewQueueError(f"{folder / 'summary.json'} is not a pdl1 summary (no mpp); {fix}")
+                summary_paths[entry.entry_id] = folder / "summary.json"
             except ReviewQueueError as err:
                 summary = None
-                damaged.add(entry.entry_id)
                 record_notes[entry.entry_id].insert(0, str(err))
         source, sources[entry.entry_id] = newer_source(summary, records)
         if source == SCRIPT:
@@ -705,7 +705,6 @@ def build_queue(
             unread = _unread_labels(info.folder, entry.entry_id)
             if unread:
                 reasons.append(unread)
-        summary_path = pdl1 / entry.entry_id / "summary.json"
         ranked.append(
             EntryItem(
                 entry_id=entry.entry_id,
@@ -718,7 +717,7 @@ def build_queue(
                 analysed_area_um2=analysed_um2,
                 reasons=tuple(reasons),
                 regions=tuple(regions),
-                summary_path=summary_path if summary_path.is_file() and entry.entry_id not in damaged else None,
+                summary_path=summary_paths.get(entry.entry_id),
                 run_id=summary.get("run_id"),
                 results_from=sources[entry.entry_id],
             )

@@ -39,7 +39,8 @@ from inference.pipeline import Models, PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_TILE = ROOT.parent / "shared" / "fixtures" / "real-he-hgsc-stroma" / "hgsc_stroma.svs"
-# The tests' octagon (tests/test_groovy_pixel_upload.py), level-0 px at 0.5 µm/px, its bounds off the pixel grid.
+# An octagon, level-0 px at 0.5 µm/px, its bounds off the pixel grid; tests/test_groovy_pixel_upload.py's parity
+# test analyses it too.
 OCTAGON = Polygon(
     [
         (500.5, 300.3),

@@ -21,6 +21,7 @@ from shapely.geometry import Polygon, shape
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 
+from benchmarks.upload_context import OCTAGON as OCTAGON_ROI
 from bridge.service import ServiceSettings
 from inference import open_slide
 from inference.pipeline import Models, PipelineConfig
@@ -190,18 +191,7 @@ def test_the_script_tries_the_path_job_first_and_uploads_where_the_service_canno
 
 # ------------------------------------------------------------------- the real service analyses the upload
 
-ROI = Polygon(  # an octagon over part of the phantom, its bounds off the pixel grid
-    [
-        (500.5, 300.3),
-        (1000.2, 300.3),
-        (1300.7, 600.0),
-        (1300.7, 1000.0),
-        (1000.2, 1300.9),
-        (500.5, 1300.9),
-        (200.4, 1000.0),
-        (200.4, 600.0),
-    ]
-)
+ROI = OCTAGON_ROI  # an octagon over part of the phantom, its bounds off the pixel grid (benchmarks.upload_context's)
 
 
 def _points(features: list[dict]) -> np.ndarray:

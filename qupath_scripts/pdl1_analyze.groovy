@@ -1213,12 +1213,12 @@ for (parent in targets) {
     // (ProjectImageEntry.getID(): ProjectImageEntry.java v0.4.4:62, v0.5.1:62, v0.6.0:57, v0.7.0:57) beside the
     // project file (Project.getPath(): Project.java v0.4.4:140, v0.5.1:140, v0.6.0:141, v0.7.0:141).
     if (record != null) {
+        def folder = recordFolder(project.getPath().getParent(), entry.getID() as String)
         try {
-            saveRecord(recordFolder(project.getPath().getParent(), entry.getID() as String), parent.getID().toString(),
-                    record as byte[])
+            saveRecord(folder, parent.getID().toString(), record as byte[])
         } catch (Exception e) {  // a full drive, a read-only project: said; the analysis is in QuPath all the same
             println "pdl1: ${label(parent)}: the record of what this analysis wrote could not be saved in " +
-                    "${recordFolder(project.getPath().getParent(), entry.getID() as String)} (${whyFailed(e)}); " +
+                    "${folder} (${whyFailed(e)}); " +
                     "`pdl1 train --from-review` cannot tell its nuclei reclassified and FN candidates deleted"
         }
     }

@@ -514,6 +514,7 @@ def _write(out: Path, items: list[ReportItem], *, base: Path, source: Path, left
                 "out_of_domain_score": (s.get("details", {}).get("domain") or {}).get("out_of_domain_score"),
                 "stain_distance_deg": (s.get("details", {}).get("domain") or {}).get("stain_distance_deg"),
                 "domain": _domain_text(s.get("details", {}).get("domain")),
+                "domain_target": (s.get("details", {}).get("domain") or {}).get("target"),
                 "sua_candidates": s.get("sua_candidates"),
                 "tumor_positive": nuclei.get("Tumor: Positive"),
                 "tumor_negative": nuclei.get("Tumor: Negative"),
@@ -750,17 +751,25 @@ def _few_cells(t: TargetRow) -> bool:
 
 
 def _first_label(targets: Sequence[TargetRow]) -> str | None:
-    """The name of the first analysed target where several were analysed: the summary's parent measurements and
-    details (the training domain among them) are its own (bridge.run.with_targets), and so is the image's GeoJSON;
+    """The name of the first analysed target where several were analysed: the image's GeoJSON is its own
+    (bridge.run.write_result_files), and so was the summary's training domain before it was the furthest target's;
     None otherwise."""
     analysed = analysed_targets(targets)
     return analysed[0][1] if len(analysed) > 1 else None
 
 
-def _first_of(r: dict) -> str:
-    """After a number of the section that is the first target's where several were analysed: whose it is."""
-    first = _first_label(r.get("targets", []))
-    return "" if first is None else f" <i>(of {html.escape(first)} only, the first target)</i>"
+def _domain_of(r: dict) -> str:
+    """After the training domain where several targets were analysed: whose reading it is, the furthest target's
+    (bridge.targets.furthest_domain), or the first target's in a summary written before that was kept."""
+    analysed = analysed_targets(r.get("targets", []))
+    if len(analysed) < 2:
+        return ""
+    if r.get("domain_target"):
+        return (
+            f" <i>(of {html.escape(str(r['domain_target']))}, the furthest from it of the {len(analysed)} analysed "
+            "targets; each one's is in the table)</i>"
+        )
+    return f" <i>(of {html.escape(analysed[0][1])} only, the first target)</i>"
 
 
 def _review_row(r: dict) -> str:
@@ -874,7 +883,7 @@ def _html(rows: list[dict], pairs: dict | None = None, left_out: list[str] | Non
             else "<p>slide not found: no thumbnail</p>"
         )
         flag = "needs review" if r["uncertainty_flag"] else "ok"
-        first = _first_of(r)
+        domain_of = _domain_of(r)
         body.append(
             f"<section><h2>{html.escape(r['image'])}{_entry_text(r)}</h2><table>"
             + (
@@ -889,7 +898,7 @@ def _html(rows: list[dict], pairs: dict | None = None, left_out: list[str] | Non
             "</td></tr>"
             f"<tr><th>Results from</th><td>{html.escape(r['results_from'])}</td></tr>"
             f"<tr><th>Models</th><td>{html.escape(r['models'] or 'n/a')}</td></tr>"
-            f"<tr><th>Training domain</th><td>{html.escape(r['domain'])}{first}</td></tr>"
+            f"<tr><th>Training domain</th><td>{html.escape(r['domain'])}{domain_of}</td></tr>"
             f"<tr><th>PD-L1 positive area</th><td>{_fmt(r['positive_area_pct'])}% of analysed tissue</td></tr>"
             + _uncertainty_row(r, flag)
             + f"<tr><th>Nuclei</th><td>{_fmt(r['tumor_positive'])} positive, {_fmt(r['tumor_negative'])} negative "

@@ -69,6 +69,7 @@ from bridge.targets import (
     analysed_targets,
     choose_targets,
     core_label,
+    furthest_domain,
     missing_row,
     numbered,
     rows_from_summary,
@@ -396,11 +397,13 @@ def with_targets(summary: dict[str, Any], results: list[SlideResult], rows: list
     table and the report the first one's TPS while QuPath's metadata held the image's, and recorded the first one's
     run id while the metadata held the last one's, so ``--resume`` took the image for unsaved and ran it again. The
     TPS, its category, the CPS and the flag (set where any target's is) are the image's here, and so are what adds
-    up over the targets (the analysed and positive area, the SUA candidates and regions, the nuclei per class); the
-    rest (the parent's measurements, details such as the domain) stay the first target's, each target's own being in
-    ``targets``, except ``details.review_reasons``: every target's, each with its name (``target``, as the report's
-    table names it; :func:`bridge.project.review_reason_text` leads with it), so they say why the image is flagged
-    (the first target's alone said nothing of a core C-4 out of domain).
+    up over the targets (the analysed and positive area, the SUA candidates and regions, the nuclei per class). So
+    are ``details.review_reasons``: every target's, each with its name (``target``, as the report's table names it;
+    :func:`bridge.project.review_reason_text` leads with it), so they say why the image is flagged (the first
+    target's alone said nothing of a core C-4 out of domain); and ``details.domain``: the target's furthest from the
+    training domain, named (:func:`bridge.targets.furthest_domain`; the first core's reading said "within" beside
+    an out-of-domain C-4). The rest (the parent's measurements, the other details) stay the first target's, each
+    target's own being in ``targets``.
     """
     return merged_targets(summary, [target_part(r) for r in results], rows)
 
@@ -412,7 +415,7 @@ def target_part(result: SlideResult) -> dict[str, Any]:
         **summed_numbers([result]),
         "metadata": entry_metadata(result),
         "metadata_counts": metadata_counts(result),
-        "details": {"review_reasons": result.summary.get("review_reasons", [])},
+        "details": {"review_reasons": result.summary.get("review_reasons", []), "domain": result.summary.get("domain")},
         "uncertainty_flag": result.uncertainty_flag,
     }
 
@@ -434,6 +437,11 @@ def merged_targets(
             for reason in (part.get("details") or {}).get("review_reasons", [])
         ],
     }
+    furthest = furthest_domain(
+        [(label, (part.get("details") or {}).get("domain")) for label, part in zip(analysed, parts, strict=True)]
+    )
+    if furthest is not None:
+        out["details"]["domain"] = furthest
     counts = [part.get("metadata_counts") or {} for part in parts]
     metadata = merge_entry_metadata([(part["metadata"], c) for part, c in zip(parts, counts, strict=True)])
     out["metadata"] = metadata

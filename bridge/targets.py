@@ -248,6 +248,50 @@ def analysed_targets(rows: Sequence[TargetRow]) -> list[tuple[TargetRow, str]]:
     return [(t, label) for t, label in zip(rows, target_labels(rows), strict=True) if t.state != MISSING]
 
 
+def domain_distance(domain: Any) -> float | None:
+    """How far a domain guard reading (a summary's ``details.domain``) lies from the training domain, in limits: the
+    larger of the out-of-domain score over its limit and the stain distance over its limit (1 and above: out of
+    domain); None where it was not measured.
+
+    >>> domain_distance({"out_of_domain_score": 1.2, "limit": 2.0, "stain_distance_deg": 9.0, "stain_limit_deg": 6.0})
+    1.5
+    >>> domain_distance({"out_of_domain_score": None, "why_not": "no tiles"}) is None
+    True
+    """
+    if not isinstance(domain, dict) or not is_finite_number(domain.get("out_of_domain_score")):
+        return None
+    ratios = [
+        float(value) / float(limit)
+        for value, limit in (
+            (domain["out_of_domain_score"], domain.get("limit")),
+            (domain.get("stain_distance_deg"), domain.get("stain_limit_deg")),
+        )
+        if is_finite_number(value) and is_finite_number(limit) and float(limit) > 0
+    ]
+    return max(ratios, default=0.0)
+
+
+def furthest_domain(domains: Sequence[tuple[str, Any]]) -> dict[str, Any] | None:
+    """Of several analysed targets' domain guard readings (each target's name and its ``details.domain``), the one
+    furthest from the training domain (:func:`domain_distance`; the first of equals), with that target's name under
+    ``target``: what an image of several targets reports as its domain, so one core out of domain among 40 is not
+    hidden behind the first core's reading. None where no target's was measured.
+
+    >>> far = {"out_of_domain_score": 3.0, "limit": 2.0}
+    >>> furthest_domain([("A-1", {"out_of_domain_score": 1.0, "limit": 2.0}), ("C-4", far)])["target"]
+    'C-4'
+    >>> furthest_domain([("A-1", None), ("A-2", {"out_of_domain_score": None})]) is None
+    True
+    """
+    measured = [
+        (distance, -i, label, d) for i, (label, d) in enumerate(domains) if (distance := domain_distance(d)) is not None
+    ]
+    if not measured:
+        return None
+    _, _, label, domain = max(measured, key=lambda m: m[:2])
+    return {**domain, "target": label}
+
+
 def targets_review_reasons(rows: Sequence[TargetRow]) -> tuple[str, ...]:
     """Why an image of several analysed targets needs review: each flagged target's reasons (value and limit) led by
     its name, in the targets' order ("flagged" where it gives none); what ``details.review_reasons`` of its summary

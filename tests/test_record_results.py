@@ -202,10 +202,18 @@ def test_records_of_tma_cores_are_reported_and_ranked_as_a_run_of_the_cores(proj
         path = record_path(project / "pdl1" / "1", parent)
         record = json.loads(path.read_text())
         record["scores"]["target"] |= {"target": core, "target_type": "TMA core"}
+        if core == "A-2":  # out of the training domain, where A-1 is within: the image's domain is A-2's
+            domain = record["scores"]["summary"]["details"]["domain"]
+            domain["out_of_domain_score"] = 3 * domain["limit"]
+            far = domain["out_of_domain_score"]
         path.write_text(json.dumps(record))
     html_path, csv_path = write_report(project)
     page = html_path.read_text(encoding="utf-8")
     assert "Per target: 2 TMA cores (2 analysed), in the grid's order" in page
+    assert "<i>(of A-2, the furthest from it of the 2 analysed targets; each one's is in the table)</i>" in page
+    assert "Training domain</th><td>OUT of the training domain" in page
+    row = next(r for r in _rows(csv_path) if r["entry_id"] == "1")
+    assert float(row["out_of_domain_score"]) == pytest.approx(far)
     targets = [
         (r["target"], r["target_type"]) for r in _rows(csv_path.with_name("targets.csv")) if r["entry_id"] == "1"
     ]

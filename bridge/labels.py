@@ -69,7 +69,7 @@ from bridge.objects import OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE, TI
 from bridge.pairs import IHC_NEEDS_REVIEW
 from bridge.project import ProjectEntry, ProjectInfo, locate_image, read_project, sidecar_dir
 from bridge.qupath_geojson import QuPathObject, read_features
-from bridge.targets import MISSING, TARGET_REGIONS_FILE, read_target_regions, rows_from_summary
+from bridge.targets import MISSING, TARGET_REGIONS_FILE, UNREADABLE, rows_from_summary, run_target_regions
 from inference import IHC_CELL_RADIUS_UM, MppAdvice, Pdl1Error, Slide, SlideLabels, UnlabeledSlide
 
 log = logging.getLogger(__name__)
@@ -390,15 +390,10 @@ def _last_run(folder: Path) -> tuple[WrittenAnalysis | None, tuple[tuple[str, in
             raise LabelError(f"{summary_path}: the last run's summary does not read ({err}); {_RUN_FIX}") from err
     rows = [] if summary is None else summary.get("targets")
     analysed = [r for r in rows if isinstance(r, dict) and r.get("state") != MISSING] if isinstance(rows, list) else []
-    record, why = None, f"there is no {regions_path} (an earlier version wrote the first target's alone)"
-    if regions_path.is_file() and summary is not None:
-        try:
-            record = read_target_regions(regions_path)
-        except (OSError, ValueError) as err:
-            raise LabelError(f"{regions_path}: the last run's output does not read ({err}); {_RUN_FIX}") from err
-        if record.run_id != summary.get("run_id"):
-            why = f"{regions_path} is of run {record.run_id}, not of the summary's ({summary.get('run_id')})"
-            record = None
+    found = None if summary is None else run_target_regions(regions_path, summary)
+    if found is not None and found.state == UNREADABLE:  # nothing is trained on reviews silently dropped
+        raise LabelError(f"{found.why}: the reviews of the last run's targets cannot be told; {_RUN_FIX}")
+    record = None if found is None else found.record
     others = len(analysed) - 1
     if record is None:
         if not geojson.is_file():
@@ -412,7 +407,7 @@ def _last_run(folder: Path) -> tuple[WrittenAnalysis | None, tuple[tuple[str, in
             "targets other than the first (%s) cannot be told from its output and are no labels; %s",
             folder,
             len(analysed),
-            why,
+            found.why,
             ", ".join(str(r.get("target")) for r in analysed[1:]),
             UNREAD_TARGETS_FIX,
         )

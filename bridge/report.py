@@ -43,11 +43,12 @@ from bridge.run_lock import output_folder_lock
 from bridge.targets import (
     MISSING,
     TARGETS_FILE,
+    UNREADABLE,
     TargetNuclei,
     TargetRow,
     analysed_targets,
-    read_target_regions,
     rows_from_summary,
+    run_target_regions,
     target_labels,
     target_regions_path,
     targets_review_reasons,
@@ -361,24 +362,25 @@ def _thumbnail(
     return path, every_target
 
 
+# What to do about a target_regions.json that does not read (--resume keeps an image recorded as done).
+_REGIONS_FIX = "run the image again (`pdl1 run PROJECT` without --resume) to draw every target's"
+
+
 def _overlay_objects(item: ReportItem) -> tuple[list[QuPathObject], bool]:
     """What the thumbnail draws, and whether it is every target's: the image's GeoJSON (the first target's objects
     where several were analysed), or, where the run left every target's results (:data:`TARGET_REGIONS_FILE`, of the
     summary's run), those: regions, SUA candidates, tiles and the cells of the classes the thumbnail draws (an IHC's
-    graded ``Tumor: 1+`` ...). An unreadable or older file: the GeoJSON alone, with a warning."""
+    graded ``Tumor: 1+`` ...). A missing file or one of another run: the GeoJSON alone (the note under the picture
+    says whose results it shows); one that does not read: the GeoJSON alone, with a warning naming it and the fix."""
     if item.overlay is not None:  # from pdl1_analyze.groovy's records: what they keep of every target
         return list(item.overlay), True
     objects = list(read_features(item.geojson))
-    path = target_regions_path(item.geojson)
-    if not path.is_file():
+    found = run_target_regions(target_regions_path(item.geojson), item.summary)
+    if found.state == UNREADABLE:
+        log.warning("%s: the thumbnail shows the first target's results only; %s", found.why, _REGIONS_FIX)
+    if found.record is None:  # missing or an earlier run's: the note under the picture says whose it shows
         return objects, False
-    try:
-        record = read_target_regions(path)
-    except (OSError, ValueError) as err:
-        log.warning("%s does not read (%s): the thumbnail shows the first target's results only", path, err)
-        return objects, False
-    if record.run_id != item.summary.get("run_id"):
-        return objects, False  # an earlier run's (the summary's run analysed one target): not these results
+    record = found.record
     return _graded_cells(record.nuclei) + [o for _, target_objects in record.targets for o in target_objects], True
 
 

@@ -77,8 +77,8 @@ from bridge.targets import (
     TMA_CORE,
     TargetRow,
     analysed_targets,
-    read_target_regions,
     rows_from_summary,
+    run_target_regions,
     targets_review_reasons,
 )
 from inference import Pdl1Error, __version__, is_finite_number
@@ -503,28 +503,19 @@ def _scoring_notes(summary: dict) -> list[str]:
 
 
 def _target_regions(
-    folder: Path, summary: dict, targets: list[tuple[TargetRow, str]], *, mpp: float, fix: str
+    folder: Path, summary: dict, targets: list[tuple[TargetRow, str]], *, mpp: float
 ) -> tuple[list[RegionItem] | None, str]:
     """The regions of every analysed target of an entry (each one's ``why`` led by its name), from
-    :data:`bridge.targets.TARGET_REGIONS_FILE`; None and why where that file is not this run's (written before every
-    target's regions were kept): the first target's are then listed, from objects.geojson."""
-    path = folder / TARGET_REGIONS_FILE
-    first = targets[0][1]
-    again = "run the image again (`pdl1 run PROJECT` without --resume) to list every target's"
-    if not path.is_file():
-        return (
-            None,
-            f"regions of {first} only, the first target: no {TARGET_REGIONS_FILE} (an earlier version); {again}",
-        )
-    try:
-        record = read_target_regions(path)
-    except (OSError, ValueError) as err:
-        raise ReviewQueueError(f"{path} does not read ({err}); {fix}") from err
-    if record.run_id != summary.get("run_id"):
+    :data:`bridge.targets.TARGET_REGIONS_FILE`; None and why where that file is missing, of another run (written
+    before every target's regions were kept) or does not read: the first target's are then listed, from
+    objects.geojson, and the entry is ranked as the others are."""
+    found = run_target_regions(folder / TARGET_REGIONS_FILE, summary)
+    if found.record is None:
         return None, (
-            f"regions of {first} only, the first target: {TARGET_REGIONS_FILE} is of run {record.run_id}, not of "
-            f"the summary's ({summary.get('run_id')}); {again}"
+            f"regions of {targets[0][1]} only, the first target: {found.why}; run the image again (`pdl1 run PROJECT` "
+            "without --resume) to list every target's"
         )
+    record = found.record
     kinds = {label: row for row, label in targets}
     out = []
     for label, objects in record.targets:
@@ -641,7 +632,7 @@ def build_queue(
         if u is not None:
             references[stain] = max(references.get(stain, 0.0), u)
     region_lists: dict[str, list[RegionItem]] = {}
-    region_notes: dict[str, str] = {}
+    region_notes: dict[str, list[str]] = {e.entry_id: [] for e in found}  # why regions are missing, in order
     for entry in found:
         summary = summaries[entry.entry_id]
         mpp = float(summary["mpp"])
@@ -650,16 +641,16 @@ def build_queue(
             continue
         targets = _analysed_targets(summary)
         if len(targets) > 1:
-            regions, note = _target_regions(pdl1 / entry.entry_id, summary, targets, mpp=mpp, fix=fix)
+            regions, note = _target_regions(pdl1 / entry.entry_id, summary, targets, mpp=mpp)
             if regions is not None:
                 region_lists[entry.entry_id] = regions
                 continue
-            region_notes[entry.entry_id] = note
+            region_notes[entry.entry_id].append(note)
         geojson = pdl1 / entry.entry_id / "objects.geojson"
         try:
             objects = list(read_features(geojson)) if geojson.is_file() else []
         except (ValueError, Pdl1Error) as err:  # the entry is ranked by its summary, without regions; said
-            region_notes[entry.entry_id] = f"no regions listed: {geojson} does not read ({err}); {fix}"
+            region_notes[entry.entry_id].append(f"no regions listed: {geojson} does not read ({err}); {fix}")
             objects = []
         region_lists[entry.entry_id] = candidate_regions(objects, mpp=mpp)
     region_reference = max(
@@ -688,8 +679,7 @@ def build_queue(
         if sources[entry.entry_id] != RUN:  # where its numbers come from, where not only from a pdl1 run
             reasons.append(f"results from {sources[entry.entry_id]}")
         reasons += record_notes[entry.entry_id]
-        if entry.entry_id in region_notes:
-            reasons.append(region_notes[entry.entry_id])
+        reasons += region_notes[entry.entry_id]
         items = score_regions(region_lists[entry.entry_id], reference=region_reference)
         geometries = {i: shapely.box(x, y, x + w, y + h) for i, (x, y, w, h) in enumerate(r.bounds_px for r in items)}
         regions = rank_regions(items, labelled=labelled, limit=regions_per_entry, geometries=geometries)

@@ -359,7 +359,7 @@ def write_target_table(path: Path, rows: Iterable[TargetRow]) -> Path:
 # all else). objects.geojson keeps the first target's results only (pdl1_import_results.groovy imports it under one
 # "PD-L1 analysis" annotation); each target's own are under it in QuPath. `pdl1 review-queue` lists regions from
 # this file, the report draws them, and `pdl1 train --from-review` tells a person's review in every target from the
-# run's output by it (bridge.labels.WrittenObjects).
+# run's output by it (bridge.labels.WrittenObjects), each reading it through run_target_regions.
 TARGET_REGIONS_FILE = "target_regions.json"
 # Nuclei positions are kept to this many decimals of a level-0 px (a 0.05 px error; a review is matched within 1 px).
 NUCLEI_XY_DECIMALS = 1
@@ -490,3 +490,49 @@ def read_target_regions(path: Path) -> TargetRegions:
             raise ValueError(f"target {target.get('target')!r}: {err}") from err
     run_id = data.get("run_id")
     return TargetRegions(None if run_id is None else str(run_id), tuple(out), tuple(nuclei))
+
+
+# What :func:`run_target_regions` found (``RunTargetRegions.state``).
+OF_THE_RUN = "of the run"  # there, readable and of the summary's run: every target's output is at hand
+NO_FILE = "missing"  # not there: a run of an earlier version, or of one target
+OF_ANOTHER_RUN = "of another run"  # left by an earlier run (one stopped between its files, or since run again)
+UNREADABLE = "unreadable"  # there but not readable: cut short, hand-edited, not UTF-8
+
+
+@dataclass(frozen=True)
+class RunTargetRegions:
+    """:data:`TARGET_REGIONS_FILE` as :func:`run_target_regions` found it for a summary's run.
+
+    ``record``: what it holds, only where ``state`` is :data:`OF_THE_RUN`; else None, ``state`` is :data:`NO_FILE`,
+    :data:`OF_ANOTHER_RUN` or :data:`UNREADABLE`, and ``why`` says so naming the file (the one wording the report,
+    ``pdl1 review-queue`` and ``pdl1 train --from-review`` give, each adding what it does about it and the fix)."""
+
+    path: Path
+    state: str
+    record: TargetRegions | None = None
+    why: str = ""
+
+
+def run_target_regions(path: Path, summary: dict[str, Any]) -> RunTargetRegions:
+    """Every target's output of the run ``summary`` (an image's ``summary.json``) describes: :data:`TARGET_REGIONS_FILE`
+    at ``path`` where it is there, reads and was written by that run (the same ``run_id``); otherwise why not. Never
+    raises for the file: what a file that does not read means (refuse, fall back, note) is the caller's.
+
+    >>> found = run_target_regions(Path("no such folder") / TARGET_REGIONS_FILE, {"run_id": "r2"})
+    >>> found.state, found.record is None
+    ('missing', True)
+    >>> found.why.startswith("there is no no such folder")
+    True
+    """
+    if not path.is_file():
+        return RunTargetRegions(
+            path, NO_FILE, why=f"there is no {path} (an earlier version kept the first target's output alone)"
+        )
+    try:
+        record = read_target_regions(path)
+    except (OSError, ValueError) as err:  # GeoJsonError, JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return RunTargetRegions(path, UNREADABLE, why=f"{path} does not read ({err})")
+    if record.run_id != summary.get("run_id"):
+        why = f"{path} is of run {record.run_id}, not of the summary's ({summary.get('run_id')})"
+        return RunTargetRegions(path, OF_ANOTHER_RUN, why=why)
+    return RunTargetRegions(path, OF_THE_RUN, record)

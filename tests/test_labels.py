@@ -901,6 +901,25 @@ def test_without_every_core_s_output_of_the_run_the_reviews_of_the_other_cores_a
     assert why in caplog.text
 
 
+@pytest.mark.parametrize("damage", [b'{"run_id": "r2", "targ', b"\xff\xfe"], ids=["cut short", "not UTF-8"])
+def test_a_damaged_record_of_every_core_s_output_stops_training_from_review_naming_it_and_the_fix(
+    labelled, tmp_path, damage
+):
+    # Training refuses it (the reviews of the other cores would be silently lost), where the report falls back to
+    # the first core's output and review-queue notes it: one reading of the file, each its own policy.
+    project = _project_copy(labelled, tmp_path)
+    _reviewed_export(project, _two_core_run(project))
+    damaged = project / "pdl1" / "1" / "target_regions.json"
+    damaged.write_bytes(damage)
+    with pytest.raises(LabelError) as err:
+        read_project_labels(project, rules=LabelRules(class_names=HE_CLASSES, from_review=True), qupath="never")
+    message = str(err.value)
+    assert message.startswith(f"{damaged} does not read (") and "the reviews of the last run's targets" in message
+    assert message.endswith("run `pdl1 run` on the project again, or train without --from-review")
+    # Without --from-review nothing the run wrote is read.
+    read_project_labels(project, rules=LabelRules(class_names=HE_CLASSES), entries=["1"], qupath="never")
+
+
 # ------------------------------------------------------------------- records of pdl1_analyze.groovy's analyses
 
 T1, T2 = "2025-03-01T09:00:00+00:00", "2025-03-02T09:00:00+00:00"

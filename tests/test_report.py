@@ -457,7 +457,7 @@ def test_an_image_of_several_tma_cores_gets_a_row_per_core_in_grid_order_with_th
     ]
 
 
-def test_the_thumbnail_draws_every_cores_regions_where_the_run_left_them_and_only_of_that_run(tmp_path):
+def test_the_thumbnail_draws_every_cores_regions_where_the_run_left_them_and_only_of_that_run(tmp_path, caplog):
     # The overlay showed the first core's results only (the image's GeoJSON keeps no other's): a positive region of
     # core B-2, the one to look at, was not on the picture. target_regions.json of the summary's run gives each's.
     import numpy as np
@@ -473,9 +473,11 @@ def test_the_thumbnail_draws_every_cores_regions_where_the_run_left_them_and_onl
     ]
     region = QuPathObject(box(95, 105, 135, 145), "annotation", "PD-L1 positive", {"PD-L1 probability mean": 0.9})
     picture, pages = {}, {}
-    for name, run_id in (("none", None), ("this run", "r1"), ("an earlier run", "r0")):
+    for name, run_id in (("none", None), ("this run", "r1"), ("an earlier run", "r0"), ("damaged", "damaged")):
         project = _tma_project(tmp_path / name, targets)
-        if run_id is not None:
+        if run_id == "damaged":  # cut short: the first core's results, with a warning that names the file and fix
+            (project / "pdl1" / "1" / "target_regions.json").write_text('{"run_id": "r1", "targ')
+        elif run_id is not None:
             none = TargetNuclei(np.zeros((0, 2)), np.zeros(0, np.int64), ())
             write_target_regions(
                 project / "pdl1" / "1" / "target_regions.json",
@@ -490,9 +492,17 @@ def test_the_thumbnail_draws_every_cores_regions_where_the_run_left_them_and_onl
     edge = (round(115 * scale), round(95 * scale))  # on the region's left edge, inside core B-2
     assert np.abs(picture["this run"][edge] - picture["none"][edge]).sum() > 60
     assert np.array_equal(picture["an earlier run"], picture["none"])
+    assert np.array_equal(picture["damaged"], picture["none"])
     assert "The overlay shows every target's results; the outlines are every target, named." in pages["this run"]
-    for name in ("none", "an earlier run"):
+    for name in ("none", "an earlier run", "damaged"):
         assert "The overlay shows the results of A-1 only" in pages[name]
+    (warned,) = [r.getMessage() for r in caplog.records if "target_regions.json" in r.getMessage()]
+    damaged = tmp_path / "damaged" / "project" / "pdl1" / "1" / "target_regions.json"
+    assert warned.startswith(f"{damaged} does not read (")
+    assert warned.endswith(
+        "): the thumbnail shows the first target's results only; run the image again (`pdl1 run PROJECT` without "
+        "--resume) to draw every target's"
+    )
 
 
 def test_the_thumbnail_draws_every_cores_graded_cells_where_the_run_kept_them(tmp_path):

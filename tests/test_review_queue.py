@@ -601,14 +601,37 @@ def test_an_image_of_several_targets_is_ranked_by_its_worst_target_and_says_whic
     assert "SUA candidate 1200, 1200, 100, 100 (core A-3)" in shown.output, shown.output
 
 
+@pytest.mark.parametrize("damage", [b'{"run_id": "cut sh', b"\xff\xfe"], ids=["cut short", "not UTF-8"])
+def test_a_damaged_target_regions_file_is_its_entry_s_problem_the_others_are_ranked(project, damage):
+    # One damaged target_regions.json stopped the whole queue (a ReviewQueueError), where a damaged summary or
+    # objects.geojson is its entry's problem: the entry is ranked by its summary, with the first target's regions
+    # (objects.geojson), its reasons naming the file and the fix; the other entries as ever.
+    _as_tma(project, "2")
+    damaged = project / "pdl1" / "2" / "target_regions.json"
+    damaged.write_bytes(damage)
+    queue = write_review_queue(project, qupath="never")
+    assert sorted(e.entry_id for e in queue.entries) == ["1", "2"] and "2" not in {i for i, _, _ in queue.not_ranked}
+    tma, other = (next(e for e in queue.entries if e.entry_id == i) for i in ("2", "1"))
+    said = [r for r in tma.reasons if str(damaged) in r]
+    assert len(said) == 1 and said[0].startswith(f"regions of A-1 only, the first target: {damaged} does not read (")
+    assert said[0].endswith("; run the image again (`pdl1 run PROJECT` without --resume) to list every target's")
+    assert tma.parts.sua == 2.0  # still scored by its worst core, from its summary
+    assert tma.regions and not any(r.why.startswith("core") for r in tma.regions)  # objects.geojson's
+    assert other.regions and not any(str(damaged) in r for r in other.reasons)
+    assert damaged.read_bytes() == damage  # left as it was
+    rows = _rows(project / "pdl1" / "review_queue.csv")
+    assert {r["entry_id"] for r in rows if r["rank"]} == {"1", "2"}
+
+
 def test_an_image_of_several_targets_written_before_their_numbers_or_regions_were_kept_says_so(project):
     # Scored from its details (the first target's) as before, and regions from objects.geojson (the first target's),
     # but each said, with how to have every target's.
     _as_tma(project, "2", regions=False)
     entry = next(e for e in build_queue(project)[0] if e.entry_id == "2")
     assert entry.reasons[-1] == (
-        "regions of A-1 only, the first target: no target_regions.json (an earlier version); run the image again "
-        "(`pdl1 run PROJECT` without --resume) to list every target's"
+        f"regions of A-1 only, the first target: there is no {project / 'pdl1' / '2' / 'target_regions.json'} (an "
+        "earlier version kept the first target's output alone); run the image again (`pdl1 run PROJECT` without "
+        "--resume) to list every target's"
     )
     assert entry.regions and not any(r.why.startswith("core") for r in entry.regions)
     summary = _summary(project, "2")

@@ -3,6 +3,7 @@
 import csv
 import json
 import logging
+import re
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -266,3 +267,40 @@ def test_target_regions_keep_each_target_s_nuclei_as_arrays_to_a_tenth_of_a_pixe
         path.write_text(json.dumps({"run_id": "r1", "targets": [{"target": "A-1", "features": [], "nuclei": bad}]}))
         with pytest.raises(ValueError, match=f"target 'A-1': .*{says}"):
             read_target_regions(path)
+
+
+@pytest.mark.parametrize(
+    ("written", "state", "why"),
+    [
+        (None, "missing", r"there is no .*target_regions\.json \(an earlier version kept the first target's output"),
+        ("r1", "of another run", r".*target_regions\.json is of run r1, not of the summary's \(r2\)$"),
+        ('{"run_id": "r2", "targ', "unreadable", r".*target_regions\.json does not read \(.*\)$"),
+        (b"\xff\xfe not UTF-8", "unreadable", r".*target_regions\.json does not read \(.*codec.*\)$"),
+        ('{"run_id": "r2", "targets": [{"target": "A-1"}]}', "unreadable", r"does not read \(a target without a list"),
+        ("r2", "of the run", r"^$"),
+    ],
+    ids=["missing", "another run", "cut short", "not UTF-8", "not of targets", "this run"],
+)
+def test_a_run_s_target_regions_are_read_once_for_every_caller_saying_why_not(tmp_path: Path, written, state, why):
+    # The report, `pdl1 review-queue` and `pdl1 train --from-review` each checked the file themselves, in three
+    # wordings; one reading now says whether it is the summary's run's, and why not, each caller keeping its policy.
+    import numpy as np
+
+    from bridge.targets import TargetNuclei, run_target_regions, write_target_regions
+
+    path = tmp_path / "target_regions.json"
+    if written in ("r1", "r2"):
+        none = TargetNuclei(np.zeros((0, 2)), np.zeros(0, np.int64), ())
+        write_target_regions(path, run_id=written, targets=[("A-1", []), ("C-4", [])], nuclei=[none] * 2)
+    elif isinstance(written, bytes):
+        path.write_bytes(written)
+    elif written is not None:
+        path.write_text(written)
+    found = run_target_regions(path, {"run_id": "r2"})
+    assert found.state == state and found.path == path
+    assert (found.record is not None) == (state == "of the run")
+    assert re.search(why, found.why), found.why
+    if found.record is not None:
+        assert [name for name, _ in found.record.targets] == ["A-1", "C-4"]
+    else:
+        assert str(path) in found.why

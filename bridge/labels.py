@@ -69,6 +69,7 @@ from bridge.objects import OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE, TI
 from bridge.pairs import IHC_NEEDS_REVIEW
 from bridge.project import ProjectEntry, ProjectInfo, locate_image, read_project, sidecar_dir
 from bridge.qupath_geojson import QuPathObject, read_features
+from bridge.record_summary import summary_analysed_at
 from bridge.targets import MISSING, TARGET_REGIONS_FILE, UNREADABLE, rows_from_summary, run_target_regions
 from inference import IHC_CELL_RADIUS_UM, MppAdvice, Pdl1Error, Slide, SlideLabels, UnlabeledSlide
 
@@ -420,21 +421,16 @@ def _last_run(folder: Path) -> tuple[WrittenAnalysis | None, tuple[tuple[str, in
 
 
 def _run_time_and_area(summary: dict | None, path: Path) -> tuple[datetime | None, BaseGeometry | None]:
-    """When the run wrote its output (the summary's ``provenance.analysed_at``; None where it says not) and what it
-    analysed: its analysed targets' outlines, None (the whole image) where one has none (a whole-image target) or
-    the summary lists none."""
+    """When the run wrote its output (the summary's ``provenance.analysed_at`` as
+    :func:`~bridge.record_summary.summary_analysed_at` reads it, a time without a zone as UTC; None where it states
+    none; one that does not read raises :class:`LabelError`) and what it analysed: its analysed targets' outlines,
+    None (the whole image) where one has none (a whole-image target) or the summary lists none."""
     if summary is None:
         return None, None
-    stamp = (
-        (summary.get("provenance") or {}).get("analysed_at") if isinstance(summary.get("provenance"), dict) else None
-    )
-    when = None
-    if stamp is not None:
-        try:
-            when = datetime.fromisoformat(str(stamp))
-        except ValueError as err:
-            raise LabelError(f"{path}: provenance.analysed_at {stamp!r} is not an ISO time; {_RUN_FIX}") from err
-        when = when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+    try:
+        when = summary_analysed_at(summary)  # a time without a zone is UTC
+    except ValueError as err:  # which of the image's analyses is newest, and so what was written, is unknown
+        raise LabelError(f"{path}: {err}; {_RUN_FIX}") from err
     try:
         rows = rows_from_summary(summary) if isinstance(summary.get("targets"), list) else []
     except (TypeError, ValueError, AttributeError) as err:

@@ -7,14 +7,15 @@ image), with its scores; the records of an entry together are read as a ``pdl1 r
 (:func:`bridge.run.merged_targets`: the TPS from the summed cells, the areas and nuclei summed, the flag set where
 any target's is, each target's row in ``targets``), but a whole-image analysis and analyses of its annotations or
 cores are alternatives, the newer counting (:func:`current_records`). Where an entry has both a summary and
-records, the newer source is used whole (:func:`newer_source`): the summary's ``provenance.analysed_at`` against the
-newest record's ``written_at``.
+records, the newer source is used whole (:func:`newer_source`): the summary's ``provenance.analysed_at``
+(:func:`summary_analysed_at`, which ``pdl1 train --from-review`` reads it by too) against the newest record's
+``written_at``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -134,17 +135,45 @@ def current_records(rows: list[TargetRow]) -> list[int]:
     return [i for i, row in enumerate(rows) if row.target_type != WHOLE_IMAGE]
 
 
-def _analysed_at(summary: dict[str, Any]) -> datetime | None:
-    try:
-        when = datetime.fromisoformat(str((summary.get("provenance") or {}).get("analysed_at")))
-    except ValueError:
+def summary_analysed_at(summary: dict[str, Any]) -> datetime | None:
+    """When the run a ``summary.json`` describes analysed its image: its ``provenance.analysed_at`` (as
+    :func:`bridge.run.model_provenance` writes it: UTC, with its zone), timezone-aware; None where the summary states
+    no time (no ``provenance`` or no ``analysed_at``: an earlier version's). A time without a zone (hand-edited, or
+    written elsewhere) is taken as UTC, the zone every pdl1 time is in. A time that is not an ISO time, or a
+    ``provenance`` that is not an object, raises ValueError saying so: what a damaged summary means is the caller's
+    (``pdl1 train --from-review`` refuses it, :func:`newer_source` counts it as having no time).
+
+    >>> summary_analysed_at({"provenance": {"analysed_at": "2026-01-02T10:00:00+01:00"}}).isoformat()
+    '2026-01-02T10:00:00+01:00'
+    >>> summary_analysed_at({"provenance": {"analysed_at": "2026-01-02T10:00:00"}}).isoformat()
+    '2026-01-02T10:00:00+00:00'
+    >>> summary_analysed_at({"provenance": {"pdl1_bridge": "0.1"}}) is None
+    True
+    >>> summary_analysed_at({"provenance": {"analysed_at": "yesterday"}})
+    Traceback (most recent call last):
+    ValueError: provenance.analysed_at 'yesterday' is not an ISO time such as 2026-01-02T10:00:00+00:00
+    """
+    provenance = summary.get("provenance")
+    if provenance is None:
         return None
-    return when if when.tzinfo is not None else None
+    if not isinstance(provenance, dict):
+        raise ValueError(f"provenance is not an object of the run's details: {provenance!r:.60}")
+    stamp = provenance.get("analysed_at")
+    if stamp is None:
+        return None
+    try:
+        when = datetime.fromisoformat(stamp) if isinstance(stamp, str) else None
+    except ValueError:
+        when = None
+    if when is None:
+        raise ValueError(f"provenance.analysed_at {stamp!r:.60} is not an ISO time such as 2026-01-02T10:00:00+00:00")
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
 
 
 def newer_source(summary: dict[str, Any] | None, records: RecordsSummary) -> tuple[str, str]:
     """Which results an entry's numbers come from, :data:`RUN` (its ``summary.json``) or :data:`SCRIPT` (its records),
-    and the text that says so: the newer of the two (a summary without a time counts as older), the summary where
+    and the text that says so: the newer of the two (the summary's time read by :func:`summary_analysed_at`: one
+    without a zone is UTC; a summary without a time, or whose time does not read, counts as older), the summary where
     the times are equal; the one there is where only one is.
 
     >>> from datetime import timezone
@@ -154,6 +183,8 @@ def newer_source(summary: dict[str, Any] | None, records: RecordsSummary) -> tup
     >>> later = RecordsSummary({}, datetime(2026, 1, 3, tzinfo=timezone.utc), ((), ()), ())
     >>> newer_source({"provenance": {"analysed_at": "2026-01-02T10:00:00+00:00"}}, later)[1]
     "pdl1_analyze.groovy's 2 analyses in QuPath (newer than pdl1 run's summary.json, which is not counted)"
+    >>> newer_source({"provenance": {"analysed_at": "2026-01-03T00:00:00"}}, later)[0]  # zone-less: UTC, as equal
+    'pdl1 run'
     """
     n = len(records.records)
     analyses = f"{SCRIPT}'s {n} {'analysis' if n == 1 else 'analyses'} in QuPath"
@@ -161,7 +192,10 @@ def newer_source(summary: dict[str, Any] | None, records: RecordsSummary) -> tup
         return RUN, RUN
     if summary is None:
         return SCRIPT, analyses
-    run_at = _analysed_at(summary)
+    try:
+        run_at = summary_analysed_at(summary)
+    except ValueError:  # a damaged time: as none (the summary still reads; its numbers are reported as they are)
+        run_at = None
     if run_at is not None and run_at >= records.written_at:
         return RUN, f"{RUN} (newer than {analyses}, which are not counted)"
     return SCRIPT, f"{analyses} (newer than {RUN}'s summary.json, which is not counted)"

@@ -1019,6 +1019,49 @@ def test_of_a_groovy_analysis_and_a_run_over_the_same_tissue_the_newer_says_what
         assert labels.points_class.tolist() == [HE_CLASSES.index(older_class)]
 
 
+@pytest.mark.parametrize(
+    ("stamp", "says"),
+    [
+        ("2025-03-02T09:00:00", None),  # no zone: UTC, so a day after the record (T1)
+        ("2025-03-02T10:00:00+01:00", None),  # the same time in another zone
+        ("2025-02-28T09:00:00", "older"),  # no zone, a day before the record
+        ("yesterday", "provenance.analysed_at 'yesterday' is not an ISO time such as 2026-01-02T10:00:00+00:00"),
+        (20250302, "provenance.analysed_at 20250302 is not an ISO time"),
+        ("provenance", "provenance is not an object of the run's details: 'by hand'"),
+    ],
+)
+def test_a_run_s_time_without_a_zone_is_utc_and_one_that_does_not_read_stops_training(labelled, tmp_path, stamp, says):
+    # summary.json's provenance.analysed_at, read as pdl1 report and review-queue read it (one parser; it was two, one
+    # taking a zone-less time as UTC and the other as no time): it says whether the run or a record is newer, so
+    # which wrote what is in the image; a time that does not read would guess that, and is refused.
+    project = _project_copy(labelled, tmp_path)
+    candidate = shapely.box(700, 700, 740, 740)  # in both analysed areas
+    _groovy_record(project, "P", when=T1, outline=P, candidates=[candidate], nuclei=[((300, 500), "Other")])
+    _run_output(project, when="2025-03-02T09:00:00+00:00", outline=Q, nuclei=[((1300, 1300), "Other")])
+    summary_path = project / "pdl1" / "1" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    if stamp == "provenance":
+        summary["provenance"] = "by hand"
+    else:
+        summary["provenance"]["analysed_at"] = stamp
+    summary_path.write_text(json.dumps(summary))
+    drawn = _obj(shapely.box(1500, 1500, 1600, 1600), "PD-L1 positive")
+    # The candidate gone; each analysis's output still there.
+    _export(project, [drawn, _nucleus(300, 500, "Other"), _nucleus(1300, 1300, "Other")])
+    if says not in (None, "older"):
+        with pytest.raises(LabelError) as err:
+            read_project_labels(project, rules=REVIEW, entries=["1"], qupath="never")
+        assert str(err.value).startswith(f"{summary_path}: {says}")
+        assert str(err.value).endswith("run `pdl1 run` on the project again, or train without --from-review")
+        return
+    (labels,) = read_project_labels(project, rules=REVIEW, entries=["1"], qupath="never")
+    if says == "older":  # the record is newer: its candidate, deleted, is a dismissal
+        assert labels.negative.equals(candidate)
+    else:  # the run is newer and covers it: it replaced the record's candidate, which no person deleted
+        assert labels.negative.is_empty
+        assert labels.counts["skipped: FN candidates of an older analysis, gone where a newer one analysed"] == 1
+
+
 def test_the_candidates_of_a_record_whose_output_is_all_gone_are_counted_not_dismissed(labelled, tmp_path):
     # The annotation was deleted with everything under it (or its results cleared): its record stays behind.
     project = _project_copy(labelled, tmp_path)

@@ -147,6 +147,36 @@ def test_an_entry_with_a_summary_and_records_takes_the_newer_and_says_which(proj
 
 
 @pytest.mark.parametrize(
+    ("stamp", "used"),
+    [
+        ((T0 + timedelta(hours=1)).replace(tzinfo=None).isoformat(), "pdl1 run"),  # no zone: UTC, an hour later
+        ((T0 - timedelta(hours=1)).replace(tzinfo=None).isoformat(), "pdl1_analyze.groovy"),
+        ("yesterday", "pdl1_analyze.groovy"),  # not a time: as none, older
+        ({"by": "hand"}, "pdl1_analyze.groovy"),  # provenance not an object: as no time
+    ],
+    ids=["no zone, later", "no zone, earlier", "not a time", "provenance not an object"],
+)
+def test_a_summary_s_time_without_a_zone_is_utc_and_one_that_does_not_read_is_as_none(project, stamp, used):
+    # A zone-less provenance.analysed_at counted as no time here (older than any record) and as UTC in
+    # `pdl1 train --from-review`: one parser, one policy. A provenance that was not an object failed the report
+    # and the queue with an AttributeError.
+    _summary_from_record(project, "2", "p-whole", when=T0, tps=99.0)
+    path = project / "pdl1" / "2" / "summary.json"
+    summary = json.loads(path.read_text())
+    if isinstance(stamp, dict):
+        summary["provenance"] = "by hand"
+    else:
+        summary["provenance"]["analysed_at"] = stamp
+    path.write_text(json.dumps(summary))
+    _, csv_path = write_report(project)
+    row = next(r for r in _rows(csv_path) if r["entry_id"] == "2")
+    entry = next(e for e in build_queue(project)[0] if e.entry_id == "2")
+    assert row["results_from"].startswith(used)
+    assert (float(row["tps_percent"]) == 99.0) == (used == "pdl1 run")
+    assert any(r.startswith(f"results from {used}") for r in entry.reasons), entry.reasons
+
+
+@pytest.mark.parametrize(
     ("content", "says"),
     [
         ('{"format": ', "does not read (not JSON"),

@@ -34,15 +34,15 @@ class RecordsSummary:
     """An entry's records read as one summary.
 
     ``summary``: of the shape ``pdl1 run`` writes (``targets`` each record's row, in the order written), None where
-    no record has scores; ``written_at``: the newest of those records' times; ``records``: (target name, record) of
-    each record in ``summary``, in its targets' order; ``unreadable``: each record that does not read, its path and
-    why (a record without scores among them);
-    ``superseded``: the records left out as replaced (:func:`current_records`).
+    no record has scores; ``written_at``: the newest of those records' times; ``records``: (target row, record) of
+    each record in ``summary``, in its targets' order (the rows its ``targets`` hold, carried so that no reader parses
+    them back); ``unreadable``: each record that does not read, its path and why (a record without scores among
+    them); ``superseded``: the records left out as replaced (:func:`current_records`).
     """
 
     summary: dict[str, Any] | None
     written_at: datetime | None
-    records: tuple[tuple[str, AnalysisRecord], ...]
+    records: tuple[tuple[TargetRow, AnalysisRecord], ...]
     unreadable: tuple[str, ...]
     superseded: int = 0
 
@@ -113,7 +113,7 @@ def entry_summary_from_records(sidecar: Path, *, image: str, entry_id: str | Non
         unreadable.append(f"the records in {folder} do not add up as an image's results ({err!r:.120})")
         return RecordsSummary(None, None, (), tuple(unreadable), superseded)
     summary["provenance"] = {**(base.get("provenance") or {}), "analysed_at": newest.isoformat(timespec="seconds")}
-    records = tuple((row.target, record) for (_, _, record, _, row) in scored)
+    records = tuple((row, record) for (_, _, record, _, row) in scored)
     return RecordsSummary(summary, newest, records, tuple(unreadable), superseded)
 
 

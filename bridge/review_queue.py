@@ -79,6 +79,7 @@ from bridge.targets import (
     analysed_targets,
     rows_from_summary,
     run_target_regions,
+    target_labels,
     targets_review_reasons,
 )
 from inference import Pdl1Error, __version__, is_finite_number
@@ -544,11 +545,12 @@ def analysed_entries(info: ProjectInfo) -> list[ProjectEntry]:
 
 def _record_regions(records: RecordsSummary, *, mpp: float) -> list[RegionItem]:
     """The regions of an entry ranked from its records: each target's SUA candidates and positive regions' boxes,
-    named by their target where there are several (a record keeps no uncertainty tiles nor region uncertainty)."""
+    named by their target where there are several, as its reasons name it ("Tumor #2" where names repeat; a record
+    keeps no uncertainty tiles nor region uncertainty)."""
     several = len(records.records) > 1
-    rows = rows_from_summary(records.summary or {})
+    labels = target_labels([row for row, _ in records.records])
     out = []
-    for (label, record), row in zip(records.records, rows, strict=True):
+    for (row, record), label in zip(records.records, labels, strict=True):
         who = _who(row, label) if several else ""
         items = [("SUA candidate", c.bounds, c.area) for c in record.candidates]
         items += [("positive region", tuple(b), (b[2] - b[0]) * (b[3] - b[1])) for b in record.region_bounds.tolist()]

@@ -115,6 +115,19 @@ def test_a_project_analysed_only_in_qupath_is_reported_per_target_and_ranked(pro
     assert not (project / "pdl1" / "1" / "summary.json").exists()  # nothing made up for the script's entries
 
 
+def test_records_of_annotations_of_one_name_name_their_regions_as_the_reasons_do(project):
+    # Annotations are often named by their class ("Tumor"): the report and the queue's reasons number such names
+    # ("Tumor #2"), but the queue's regions from records read the names back from the merged summary unnumbered, so
+    # a region could not be told to which of the two it belonged.
+    path = record_path(project / "pdl1" / "1", "p-right")
+    record = json.loads(path.read_text())
+    record["scores"]["target"]["target"] = "left"  # both annotations now "left"
+    path.write_text(json.dumps(record))
+    entry = next(e for e in build_queue(project, regions_per_entry=1000)[0] if e.entry_id == "1")
+    assert {r.target for r in entry.regions} == {"left #1", "left #2"}
+    assert all(r.why.startswith(r.target) for r in entry.regions)
+
+
 def _summary_from_record(project: Path, entry: str, parent: str, *, when: datetime, tps: float) -> None:
     """A summary.json of a `pdl1 run` of the entry at ``when`` whose TPS is ``tps`` (to tell it apart)."""
     summary = json.loads(record_path(project / "pdl1" / entry, parent).read_text())["scores"]["summary"]

@@ -59,8 +59,10 @@ from bridge.qupath_geojson import QuPathObject, write_features
 from bridge.run_lock import remove_orphan_parts, run_lock
 from bridge.targets import (
     MISSING,
+    OF_ANOTHER_RUN,
     TARGETS_FILE,
     TMA_CORES,
+    UNREADABLE,
     WHOLE_IMAGE,
     TargetChoice,
     TargetNuclei,
@@ -74,6 +76,7 @@ from bridge.targets import (
     numbered,
     rows_from_summary,
     rows_to_json,
+    run_target_regions,
     target_regions_path,
     write_target_regions,
     write_target_table,
@@ -829,6 +832,13 @@ def _results_problem(job: _Job, status: RunStatus, project: Path | None, *, writ
             return f"{path} holds no features"
         if path == summary and summary_problem(data) is not None:
             return f"{path} {summary_problem(data)}"
+    # Every target's output of an image of several: the report, review-queue and --from-review read it. Missing is a
+    # run of an earlier version (its results stand); damaged or another run's is not whole.
+    rows = data.get("targets")
+    if isinstance(rows, list) and sum(isinstance(r, dict) and r.get("state") != MISSING for r in rows) > 1:
+        regions = run_target_regions(target_regions_path(geojson), data)
+        if regions.state in (UNREADABLE, OF_ANOTHER_RUN):
+            return regions.why
     if written_by_qupath and project is not None:
         data_file = project.parent / "data" / job.key / "data.qpdata"
         problem = qpdata_problem(data_file)

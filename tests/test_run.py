@@ -380,6 +380,29 @@ def test_a_report_of_nothing_is_refused_and_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["empty"]
 
 
+def test_resume_runs_again_an_image_of_several_targets_whose_target_regions_json_is_damaged(
+    tmp_path, slides, models, caplog
+):
+    # Every target's output is what the report, review-queue and --from-review read; a damaged one was kept by
+    # --resume, and each of them then told the user to run the image again without --resume.
+    out = tmp_path / "out"
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never", out=out)
+    assert [o.state for o in run_batch(slides[:1], config, models=models)] == ["done"]
+    summary_path = out / "s31.summary.json"
+    summary = json.loads(summary_path.read_text())
+    (row,) = summary["targets"]
+    summary["targets"] = [{**row, "target": "A-1"}, {**row, "target": "A-2"}]  # as a run of two TMA cores
+    summary_path.write_text(json.dumps(summary))
+    resume = RunConfig(pipeline=config.pipeline, qupath="never", out=out, resume=True)
+    # Without the file: a run of an earlier version, whose results stand.
+    assert [o.state for o in run_batch(slides[:1], resume, models=models)] == ["skipped"]
+    (out / "s31.target_regions.json").write_text('{"run_id": "r", "targets": [')  # a kill mid-write
+    with caplog.at_level("WARNING", logger="bridge.run"):
+        again = run_batch(slides[:1], resume, models=models)
+    assert [o.state for o in again] == ["done"]
+    assert re.search(r"s31\.svs: recorded as done .*s31\.target_regions\.json does not read \(", caplog.text)
+
+
 def test_resume_runs_again_a_done_image_whose_files_were_damaged_and_says_why(tmp_path, slides, models, caplog):
     out = tmp_path / "out"
     config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never", out=out)

@@ -15,14 +15,25 @@ a summary (TPS, CPS, areas, details with the review reasons and the domain, the 
 name as the script logs it, as ``summary.json``'s ``targets`` lists them), so ``pdl1 report`` and
 ``pdl1 review-queue`` take an entry's records as a ``pdl1 run`` of its targets (``bridge.record_summary``). Records
 written before the scores were kept (version 1 all the same) have none: ``--from-review`` reads them as before.
+
+Which is newer, a record or the output of ``pdl1 run`` in the same entry folder (``summary.json``), decides what
+``pdl1 report`` and ``pdl1 review-queue`` count and what ``pdl1 train --from-review`` takes as written; the two are
+written by different machines (the service's, the batch run's), whose clocks may differ by minutes. So the files
+say it where they can (:func:`record_is_newer`, which both readers use): the script tells the service which run's
+``summary.json`` it found in the entry's folder when it asked for the record, and the record keeps it
+(``after_run``: that summary's ``run_id``; null where there was none); ``pdl1 run`` lists in the summary it writes the
+records it found there (``provenance.after_analyses``, :func:`records_found`). Only where neither says (files of
+earlier versions) do the clocks decide. ``after_run`` is optional, so its records are version 1 still: a reader of
+version 1 reads a record without it (the clocks decide for it), and an earlier pdl1-bridge reads one with it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +54,12 @@ QUPATH_ANALYSES = "qupath_analyses"
 #: What a record says it is (``format``), and the version of its layout (``version``) this code reads and writes.
 RECORD_FORMAT = "pdl1-bridge analysis record"
 RECORD_VERSION = 1
+#: Where a ``pdl1 run`` summary lists the records it found in its entry's folder (under ``provenance``).
+AFTER_ANALYSES = "after_analyses"
+#: What the script sends as ``after_run`` where the entry's folder holds no ``summary.json`` (the record keeps null).
+NO_RUN = "none"
+#: A run id as ``pdl1 run`` writes it (``run_id``: a UUID), or :data:`NO_RUN`: what the service takes as ``after_run``.
+AFTER_RUN_PATTERN = "^(none|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$"
 
 
 def record_path(sidecar: Path, parent_id: str) -> Path:
@@ -66,7 +83,9 @@ class AnalysisRecord:
     whole-image analysis); ``candidates``: the FN candidate polygons; ``region_bounds``: (R, 4) float64, each
     positive region's x0, y0, x1, y1; ``nuclei``: positions and the classes QuPath got; ``scores``: the analysis's
     scores (:func:`record_scores`; checked by ``bridge.record_summary``, which reads them), None where the file
-    holds none (``pdl1 train --from-review`` needs none; ``pdl1 report`` names such a record as not reading).
+    holds none (``pdl1 train --from-review`` needs none; ``pdl1 report`` names such a record as not reading);
+    ``after_run``: the ``run_id`` of the ``pdl1 run`` summary the script found in the entry's folder when it asked for
+    the record (None: it found none, or did not say); ``parent_id``: the parent's QuPath ID, the file's name.
     """
 
     written_at: datetime
@@ -76,6 +95,113 @@ class AnalysisRecord:
     region_bounds: np.ndarray
     nuclei: TargetNuclei
     scores: dict[str, Any] | None = None
+    after_run: str | None = None
+    parent_id: str = ""
+
+    @property
+    def order(self) -> RecordOrder:
+        """What orders it against an entry's ``pdl1 run`` output (:func:`record_is_newer`)."""
+        return RecordOrder(self.parent_id, self.written_at, self.after_run)
+
+
+@dataclass(frozen=True)
+class RecordOrder:
+    """What orders a record against the output of ``pdl1 run`` in its entry's folder: its parent's QuPath ID (its
+    file's name), when the service wrote it (its clock; timezone-aware) and the ``run_id`` of the ``summary.json``
+    the script found in the entry's folder when it asked for it (``after_run``; None where it found none or did not
+    say)."""
+
+    parent_id: str
+    written_at: datetime
+    after_run: str | None = None
+
+
+@dataclass(frozen=True)
+class RunOrder:
+    """What orders the output of ``pdl1 run`` in an entry's folder against the entry's records, from its
+    ``summary.json`` (:meth:`of_summary`): its ``run_id``, when the batch machine wrote it (``analysed_at``, its clock;
+    None where it says none) and the records it found in the folder then (``after_analyses``: parent ID to the
+    record's ``written_at``; None where the summary does not say, as one of an earlier version)."""
+
+    run_id: str | None
+    analysed_at: datetime | None
+    after_analyses: Mapping[str, datetime] | None = None
+
+    @classmethod
+    def of_summary(cls, summary: Mapping[str, Any] | None) -> RunOrder:
+        """From a summary (None: there is none; its output is older than any record). A time that does not read is
+        none (a time without a zone is UTC, as ``pdl1 run`` writes UTC), and so is a listed record's: for it the
+        clocks decide, as for a summary without the list."""
+        summary = summary or {}
+        provenance = summary.get("provenance")
+        provenance = provenance if isinstance(provenance, Mapping) else {}
+        listed = provenance.get(AFTER_ANALYSES)
+        after = None
+        if isinstance(listed, Mapping):
+            after = {str(k): when for k, v in listed.items() if (when := _utc_time(v)) is not None}
+        run_id = summary.get("run_id")
+        return cls(None if run_id is None else str(run_id), _utc_time(provenance.get("analysed_at")), after)
+
+
+def _utc_time(value: Any) -> datetime | None:
+    """An ISO time as timezone-aware (one without a zone as UTC); None where ``value`` is none."""
+    try:
+        when = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    return when if when is None or when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+def record_is_newer(record: RecordOrder, run: RunOrder) -> bool:
+    """Whether a record of ``pdl1_analyze.groovy`` was written after the ``pdl1 run`` output in its entry's folder (or
+    else before it: never at once), for every reader that orders the two (``bridge.record_summary``,
+    ``bridge.labels``). What the files say decides, whatever the two machines' clocks say:
+
+    * newer where the script found this run's ``summary.json`` in the folder when it asked for the record (its
+      ``after_run`` is the summary's ``run_id``);
+    * older where the summary lists the record as found in the folder when it was written (its parent, with its
+      ``written_at``: a record written again since is another one).
+
+    Where neither says (a record or summary of an earlier version; a record the run did not find, which found another
+    run's summary or none), the clocks do: newer where its ``written_at`` (the service's clock) is later than the
+    summary's ``analysed_at`` (the batch machine's); a summary without a time is older than any record.
+
+    >>> from datetime import timedelta
+    >>> batch = datetime(2026, 3, 1, 10, 0, tzinfo=timezone.utc)
+    >>> behind = batch - timedelta(minutes=5)  # the service's clock, 5 minutes behind, after the run
+    >>> record_is_newer(RecordOrder("p", behind, after_run="r1"), RunOrder("r1", batch))
+    True
+    >>> record_is_newer(RecordOrder("p", behind), RunOrder("r1", batch))  # nothing said: the clocks
+    False
+    >>> ahead = batch + timedelta(minutes=5)  # 5 minutes ahead, before the run that found the record
+    >>> record_is_newer(RecordOrder("p", ahead), RunOrder("r1", batch, after_analyses={"p": ahead}))
+    False
+    """
+    if record.after_run is not None and record.after_run == run.run_id:
+        return True
+    if run.after_analyses is not None and run.after_analyses.get(record.parent_id) == record.written_at:
+        return False
+    return run.analysed_at is None or record.written_at > run.analysed_at
+
+
+def records_found(sidecar: Path) -> dict[str, str | None] | None:
+    """The records in an entry's folder (``<project>/pdl1/<entry ID>``) as ``pdl1 run`` lists them in the summary it
+    writes there (``provenance.after_analyses``, read by :meth:`RunOrder.of_summary`): each parent's ID and its
+    record's ``written_at`` as the record says it; None where the record does not read (its order is then told by
+    the clocks), so the list still says it was there. None where the folder cannot be listed: nothing is said."""
+    try:
+        paths = entry_records(sidecar)
+    except OSError:
+        return None
+    found: dict[str, str | None] = {}
+    for path in paths:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            data = None
+        when = data.get("written_at") if isinstance(data, dict) else None
+        found[path.stem] = when if isinstance(when, str) else None
+    return found
 
 
 def _rounded(geometry: BaseGeometry) -> BaseGeometry:
@@ -92,6 +218,7 @@ def analysis_record(
     origin_xy: tuple[float, float] = (0.0, 0.0),
     target: str | None = None,
     target_type: str | None = None,
+    after_run: str | None = None,
 ) -> dict[str, Any]:
     """The record of a job's result as its result pages hand it to QuPath (:func:`bridge.objects.feature_page`): the
     candidates where ``outputs`` name ``sua``, the regions where they name ``regions``, the nuclei where the pages
@@ -101,7 +228,9 @@ def analysis_record(
     outline); None: all of it. ``scale`` and ``origin_xy`` map an upload's px to the image's level-0 px
     (``x * scale + origin_x``), as its result pages are mapped. ``written_at`` must be timezone-aware.
     ``target`` and ``target_type``: the analysed parent's name as the script logs it and what it is
-    (:func:`record_scores`).
+    (:func:`record_scores`). ``after_run``: the ``run_id`` of the ``summary.json`` the script found in the entry's
+    folder, or :data:`NO_RUN` where it found none (the record's ``after_run`` null); None where it did not say (an
+    earlier script): the record then has no ``after_run`` (module docstring).
     """
     from bridge.run import written_nuclei  # bridge.run imports much; the record is asked for once per job
 
@@ -119,11 +248,13 @@ def analysis_record(
     nuclei = written_nuclei(result) if with_nuclei else TargetNuclei.none()
     nuclei = TargetNuclei(nuclei.xy * scale + np.asarray(origin_xy, np.float64), nuclei.class_index, nuclei.class_names)
     bounds = np.round(np.asarray(regions, np.float64).reshape(-1, 4), NUCLEI_XY_DECIMALS)
+    said = {} if after_run is None else {"after_run": None if after_run == NO_RUN else after_run}
     return {
         "format": RECORD_FORMAT,
         "version": RECORD_VERSION,
         "written_at": written_at.isoformat(),
         "run_id": result.run_id,
+        **said,
         "outline": mapping(outline),
         "candidates": [mapping(c) for c in candidates],
         "region_bounds": bounds.tolist(),
@@ -228,6 +359,9 @@ def read_analysis_record(path: Path) -> AnalysisRecord:
     scores = data.get("scores")
     if scores is not None and not isinstance(scores, dict):
         raise ValueError(f"'scores' is not a JSON object: {scores!r:.80}")
+    after_run = data.get("after_run")
+    if after_run is not None and not isinstance(after_run, str):
+        raise ValueError(f"'after_run' is not a run id or null: {after_run!r:.80}")
     return AnalysisRecord(
         written_at=written_at,
         run_id=None if run_id is None else str(run_id),
@@ -236,4 +370,6 @@ def read_analysis_record(path: Path) -> AnalysisRecord:
         region_bounds=bounds,
         nuclei=TargetNuclei.from_json(data.get("nuclei")),
         scores=scores,
+        after_run=after_run,
+        parent_id=Path(path).stem,
     )

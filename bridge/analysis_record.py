@@ -140,11 +140,47 @@ class RunOrder:
         if isinstance(listed, Mapping):
             after = {str(k): when for k, v in listed.items() if (when := _utc_time(v)) is not None}
         run_id = summary.get("run_id")
-        return cls(None if run_id is None else str(run_id), _utc_time(provenance.get("analysed_at")), after)
+        try:
+            analysed_at = summary_analysed_at(summary)
+        except ValueError:  # a damaged time: as none (for training, bridge.labels refuses it)
+            analysed_at = None
+        return cls(None if run_id is None else str(run_id), analysed_at, after)
+
+
+def summary_analysed_at(summary: Mapping[str, Any]) -> datetime | None:
+    """When the run a ``summary.json`` describes analysed its image: its ``provenance.analysed_at`` (as
+    ``bridge.run.model_provenance`` writes it: UTC, with its zone), timezone-aware; None where the summary states
+    no time (no ``provenance`` or no ``analysed_at``: an earlier version's). A time without a zone (hand-edited, or
+    written elsewhere) is taken as UTC, the zone every pdl1 time is in. A time that is not an ISO time, or a
+    ``provenance`` that is not an object, raises ValueError saying so: what a damaged summary means is the caller's
+    (``pdl1 train --from-review`` refuses it, :meth:`RunOrder.of_summary` counts it as having no time).
+
+    >>> summary_analysed_at({"provenance": {"analysed_at": "2026-01-02T10:00:00+01:00"}}).isoformat()
+    '2026-01-02T10:00:00+01:00'
+    >>> summary_analysed_at({"provenance": {"analysed_at": "2026-01-02T10:00:00"}}).isoformat()
+    '2026-01-02T10:00:00+00:00'
+    >>> summary_analysed_at({"provenance": {"pdl1_bridge": "0.1"}}) is None
+    True
+    >>> summary_analysed_at({"provenance": {"analysed_at": "yesterday"}})
+    Traceback (most recent call last):
+    ValueError: provenance.analysed_at 'yesterday' is not an ISO time such as 2026-01-02T10:00:00+00:00
+    """
+    provenance = summary.get("provenance")
+    if provenance is None:
+        return None
+    if not isinstance(provenance, Mapping):
+        raise ValueError(f"provenance is not an object of the run's details: {provenance!r:.60}")
+    stamp = provenance.get("analysed_at")
+    if stamp is None:
+        return None
+    when = _utc_time(stamp)
+    if when is None:
+        raise ValueError(f"provenance.analysed_at {stamp!r:.60} is not an ISO time such as 2026-01-02T10:00:00+00:00")
+    return when
 
 
 def _utc_time(value: Any) -> datetime | None:
-    """An ISO time as timezone-aware (one without a zone as UTC); None where ``value`` is none."""
+    """An ISO time as timezone-aware (one without a zone as UTC); None where ``value`` is none or not one."""
     try:
         when = datetime.fromisoformat(value) if isinstance(value, str) else None
     except ValueError:

@@ -25,7 +25,9 @@ slides"):
   two more review actions are labels with ``from_review``: a nucleus whose class a person changed is a point of
   its new class (the newest analysis there whose output is still in the image says what was written), and a
   ``PD-L1 FN candidate`` a person deleted was dismissed, so its area is negative (only where its analysis's
-  output is still in the image and no newer analysis covers it; otherwise counted). A tool-written nucleus that
+  output is still in the image and no newer analysis covers it; otherwise counted). Which of a record and the
+  run's output is newer is what :func:`bridge.analysis_record.record_is_newer` says (the files where they tell it,
+  else the two machines' clocks), as for ``pdl1 report``. A tool-written nucleus that
   no record holds (an earlier script, a record deleted) is counted as not told, with a warning. Where an image's
   several targets left no record of the summary's run (an earlier version), only the first target's output is
   at hand, and the reviews of the others are counted as not read.
@@ -47,7 +49,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from functools import cached_property
+from functools import cached_property, cmp_to_key
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +58,14 @@ from scipy.spatial import cKDTree
 from shapely.geometry import MultiPoint, MultiPolygon, Point, Polygon
 from shapely.geometry.base import BaseGeometry
 
-from bridge.analysis_record import entry_records, read_analysis_record
+from bridge.analysis_record import (
+    RecordOrder,
+    RunOrder,
+    entry_records,
+    read_analysis_record,
+    record_is_newer,
+    summary_analysed_at,
+)
 from bridge.classes import (
     IGNORE,
     PDL1_FN_CANDIDATE,
@@ -69,7 +78,6 @@ from bridge.objects import OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE, TI
 from bridge.pairs import IHC_NEEDS_REVIEW
 from bridge.project import ProjectEntry, ProjectInfo, locate_image, read_project, sidecar_dir
 from bridge.qupath_geojson import QuPathObject, read_features
-from bridge.record_summary import summary_analysed_at
 from bridge.targets import MISSING, TARGET_REGIONS_FILE, UNREADABLE, rows_from_summary, run_target_regions
 from inference import IHC_CELL_RADIUS_UM, MppAdvice, Pdl1Error, Slide, SlideLabels, UnlabeledSlide
 
@@ -261,7 +269,9 @@ class WrittenAnalysis:
     """What one analysis wrote into QuPath: its nuclei (positions, level-0 px, and classes), its FN candidates, the
     bounds of its positive regions ((R, 4) x0, y0, x1, y1), when it wrote them (``written_at``, timezone-aware;
     None: unknown, older than any other) and the area it analysed (``area``; None: the whole image). ``source``:
-    the file it was read from, for messages."""
+    the file it was read from, for messages. ``order``: what orders a record of ``pdl1_analyze.groovy`` and the
+    ``pdl1 run`` output of its entry (:func:`bridge.analysis_record.record_is_newer`), which ``written_at`` alone
+    does not (two machines' clocks); None: by ``written_at`` (:meth:`is_newer_than`)."""
 
     nuclei_xy: np.ndarray  # (N, 2) level-0 px
     nuclei_class: tuple[str, ...]
@@ -270,6 +280,7 @@ class WrittenAnalysis:
     written_at: datetime | None = None
     area: BaseGeometry | None = None
     source: str = ""
+    order: RecordOrder | RunOrder | None = None
 
     @classmethod
     def from_objects(cls, objects: Iterable[QuPathObject], **kwargs) -> WrittenAnalysis:
@@ -299,6 +310,16 @@ class WrittenAnalysis:
     def when(self) -> datetime:
         return self.written_at or _UNKNOWN_TIME
 
+    def is_newer_than(self, other: WrittenAnalysis) -> bool:
+        """Whether it was written after ``other``: a record and the run's output as
+        :func:`~bridge.analysis_record.record_is_newer` says (as ``pdl1 report`` orders them), else by their
+        ``written_at`` (two records: the service's clock)."""
+        if isinstance(self.order, RecordOrder) and isinstance(other.order, RunOrder):
+            return record_is_newer(self.order, other.order)
+        if isinstance(self.order, RunOrder) and isinstance(other.order, RecordOrder):
+            return not record_is_newer(other.order, self.order)
+        return self.when > other.when
+
     def covers(self, geometry: BaseGeometry) -> bool:
         """Whether the analysed area overlaps ``geometry`` (more than a shared edge)."""
         return self.area is None or self.area.intersection(geometry).area > _OVERLAP_TOLERANCE_PX2
@@ -317,7 +338,8 @@ class WrittenObjects:
     Read by :meth:`of_entry` from a project entry's sidecar folder (``pdl1/<entry ID>``): the last ``pdl1 run``'s
     output (``objects.geojson``, and ``target_regions.json`` where several targets were analysed; its time the
     summary's ``provenance.analysed_at``, its area its targets' outlines) and the record of each parent
-    ``pdl1_analyze.groovy`` analysed (``qupath_analyses/<parent ID>.json``, :mod:`bridge.analysis_record`).
+    ``pdl1_analyze.groovy`` analysed (``qupath_analyses/<parent ID>.json``, :mod:`bridge.analysis_record`; a record
+    and the run's output ordered by :func:`~bridge.analysis_record.record_is_newer`).
     ``not_read``: (count name, number of targets) of the targets whose output was not at hand, which
     :func:`labels_from_objects` counts.
     """
@@ -400,7 +422,7 @@ def _last_run(folder: Path) -> tuple[WrittenAnalysis | None, tuple[tuple[str, in
         if not geojson.is_file():
             return None, ()
         when, area = _run_time_and_area(summary, summary_path)
-        written = _read_run_output(geojson, written_at=when, area=area)
+        written = _read_run_output(geojson, written_at=when, area=area, order=RunOrder.of_summary(summary))
         if others <= 0:
             return written, ()
         log.warning(
@@ -417,12 +439,13 @@ def _last_run(folder: Path) -> tuple[WrittenAnalysis | None, tuple[tuple[str, in
     regions = WrittenAnalysis.from_objects(o for _, objects in record.targets for o in objects)
     xy = np.concatenate([np.zeros((0, 2)), *(n.xy for n in record.nuclei)])
     nuclei = tuple(c for n in record.nuclei for c in n.classes)
-    return replace(regions, nuclei_xy=xy, nuclei_class=nuclei, written_at=when, area=area, source=str(regions_path)), ()
+    written = replace(regions, nuclei_xy=xy, nuclei_class=nuclei, written_at=when, area=area, source=str(regions_path))
+    return replace(written, order=RunOrder.of_summary(summary)), ()
 
 
 def _run_time_and_area(summary: dict | None, path: Path) -> tuple[datetime | None, BaseGeometry | None]:
     """When the run wrote its output (the summary's ``provenance.analysed_at`` as
-    :func:`~bridge.record_summary.summary_analysed_at` reads it, a time without a zone as UTC; None where it states
+    :func:`~bridge.analysis_record.summary_analysed_at` reads it, a time without a zone as UTC; None where it states
     none; one that does not read raises :class:`LabelError`) and what it analysed: its analysed targets' outlines,
     None (the whole image) where one has none (a whole-image target) or the summary lists none."""
     if summary is None:
@@ -464,6 +487,7 @@ def _read_record(path: Path) -> WrittenAnalysis:
         written_at=record.written_at,
         area=record.outline if record.outline.is_valid else shapely.make_valid(record.outline),
         source=str(path),
+        order=record.order,
     )
 
 
@@ -480,6 +504,11 @@ def _gone(candidates: Sequence[BaseGeometry], tool_annotations: list[BaseGeometr
 
 
 AS_WRITTEN, REVIEWED = "as written", "reviewed"
+
+
+def _by_time(a: WrittenAnalysis, b: WrittenAnalysis) -> int:
+    """Older first (:meth:`WrittenAnalysis.is_newer_than`); 0 where neither is newer (two records at one time)."""
+    return 1 if a.is_newer_than(b) else -1 if b.is_newer_than(a) else 0
 
 
 class _WrittenInImage:
@@ -500,7 +529,7 @@ class _WrittenInImage:
         self.nuclei_tree = cKDTree(nuclei_xy.reshape(-1, 2))
         bounds = np.asarray([g.bounds for g in tool_annotations], np.float64).reshape(-1, 4)
         bounds_tree = cKDTree(bounds)
-        newest_first = sorted(written.analyses, key=lambda a: a.when, reverse=True)
+        newest_first = sorted(written.analyses, key=cmp_to_key(_by_time), reverse=True)
 
         def in_image(a: WrittenAnalysis) -> bool:
             if a.candidates and tool_annotations and len(_gone(a.candidates, tool_annotations)) < len(a.candidates):
@@ -567,7 +596,7 @@ class _WrittenInImage:
         deleted = []
         for a in self.present:
             for gone in _gone(a.candidates, self.tool_annotations):
-                if any(b.when > a.when and b.covers(gone) for b in self.written.analyses):
+                if any(b.is_newer_than(a) and b.covers(gone) for b in self.written.analyses):
                     counts[OLDER_CANDIDATES_COUNT] += 1
                 else:
                     deleted.append(gone)

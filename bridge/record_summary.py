@@ -7,21 +7,29 @@ image), with its scores; the records of an entry together are read as a ``pdl1 r
 (:func:`bridge.run.merged_targets`: the TPS from the summed cells, the areas and nuclei summed, the flag set where
 any target's is, each target's row in ``targets``), but a whole-image analysis and analyses of its annotations or
 cores are alternatives, the newer counting (:func:`current_records`). Where an entry has both a summary and
-records, the newer source is used whole (:func:`newer_source`): the summary's ``provenance.analysed_at``
-(:func:`summary_analysed_at`, which ``pdl1 train --from-review`` reads it by too) against the newest record's
-``written_at``.
+records, the newer source is used whole (:func:`newer_source`): the records where one of them is newer than the
+summary, as :func:`bridge.analysis_record.record_is_newer` tells (by what the files say of each other, else by the
+clocks: the summary's ``provenance.analysed_at`` against the record's ``written_at``), as ``pdl1 train
+--from-review`` orders them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from shapely.geometry import mapping
 
-from bridge.analysis_record import QUPATH_ANALYSES, AnalysisRecord, entry_records, read_analysis_record
+from bridge.analysis_record import (
+    QUPATH_ANALYSES,
+    AnalysisRecord,
+    RunOrder,
+    entry_records,
+    read_analysis_record,
+    record_is_newer,
+)
 from bridge.targets import WHOLE_IMAGE, TargetRow, rows_from_summary
 
 #: Where an entry's numbers come from (:func:`newer_source`).
@@ -135,56 +143,30 @@ def current_records(rows: list[TargetRow]) -> list[int]:
     return [i for i, row in enumerate(rows) if row.target_type != WHOLE_IMAGE]
 
 
-def summary_analysed_at(summary: dict[str, Any]) -> datetime | None:
-    """When the run a ``summary.json`` describes analysed its image: its ``provenance.analysed_at`` (as
-    :func:`bridge.run.model_provenance` writes it: UTC, with its zone), timezone-aware; None where the summary states
-    no time (no ``provenance`` or no ``analysed_at``: an earlier version's). A time without a zone (hand-edited, or
-    written elsewhere) is taken as UTC, the zone every pdl1 time is in. A time that is not an ISO time, or a
-    ``provenance`` that is not an object, raises ValueError saying so: what a damaged summary means is the caller's
-    (``pdl1 train --from-review`` refuses it, :func:`newer_source` counts it as having no time).
-
-    >>> summary_analysed_at({"provenance": {"analysed_at": "2026-01-02T10:00:00+01:00"}}).isoformat()
-    '2026-01-02T10:00:00+01:00'
-    >>> summary_analysed_at({"provenance": {"analysed_at": "2026-01-02T10:00:00"}}).isoformat()
-    '2026-01-02T10:00:00+00:00'
-    >>> summary_analysed_at({"provenance": {"pdl1_bridge": "0.1"}}) is None
-    True
-    >>> summary_analysed_at({"provenance": {"analysed_at": "yesterday"}})
-    Traceback (most recent call last):
-    ValueError: provenance.analysed_at 'yesterday' is not an ISO time such as 2026-01-02T10:00:00+00:00
-    """
-    provenance = summary.get("provenance")
-    if provenance is None:
-        return None
-    if not isinstance(provenance, dict):
-        raise ValueError(f"provenance is not an object of the run's details: {provenance!r:.60}")
-    stamp = provenance.get("analysed_at")
-    if stamp is None:
-        return None
-    try:
-        when = datetime.fromisoformat(stamp) if isinstance(stamp, str) else None
-    except ValueError:
-        when = None
-    if when is None:
-        raise ValueError(f"provenance.analysed_at {stamp!r:.60} is not an ISO time such as 2026-01-02T10:00:00+00:00")
-    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
-
-
 def newer_source(summary: dict[str, Any] | None, records: RecordsSummary) -> tuple[str, str]:
     """Which results an entry's numbers come from, :data:`RUN` (its ``summary.json``) or :data:`SCRIPT` (its records),
-    and the text that says so: the newer of the two (the summary's time read by :func:`summary_analysed_at`: one
-    without a zone is UTC; a summary without a time, or whose time does not read, counts as older), the summary where
-    the times are equal; the one there is where only one is.
+    and the text that says so: the records where one of them is newer than the summary
+    (:func:`bridge.analysis_record.record_is_newer`: what the files say, else the clocks; a summary without a time is
+    older), else the summary; the one there is where only one is.
 
     >>> from datetime import timezone
+    >>> from bridge.analysis_record import RecordOrder
     >>> none = RecordsSummary(None, None, (), ())
-    >>> newer_source({"provenance": {"analysed_at": "2026-01-02T10:00:00+00:00"}}, none)
+    >>> run = {"run_id": "r1", "provenance": {"analysed_at": "2026-01-02T10:00:00+00:00"}}
+    >>> newer_source(run, none)
     ('pdl1 run', 'pdl1 run')
-    >>> later = RecordsSummary({}, datetime(2026, 1, 3, tzinfo=timezone.utc), ((), ()), ())
-    >>> newer_source({"provenance": {"analysed_at": "2026-01-02T10:00:00+00:00"}}, later)[1]
+    >>> class Record:  # what newer_source reads of a record
+    ...     def __init__(self, day, after_run=None):
+    ...         self.order = RecordOrder("p", datetime(2026, 1, day, tzinfo=timezone.utc), after_run)
+    >>> later = RecordsSummary({}, datetime(2026, 1, 3, tzinfo=timezone.utc), (("a", Record(3)), ("b", Record(1))), ())
+    >>> newer_source(run, later)[1]
     "pdl1_analyze.groovy's 2 analyses in QuPath (newer than pdl1 run's summary.json, which is not counted)"
-    >>> newer_source({"provenance": {"analysed_at": "2026-01-03T00:00:00"}}, later)[0]  # zone-less: UTC, as equal
-    'pdl1 run'
+
+    A record asked for after the script found that summary is newer, whatever the clocks say:
+
+    >>> behind = RecordsSummary({}, datetime(2026, 1, 1, tzinfo=timezone.utc), (("a", Record(1, "r1")),), ())
+    >>> newer_source(run, behind)[0]
+    'pdl1_analyze.groovy'
     """
     n = len(records.records)
     analyses = f"{SCRIPT}'s {n} {'analysis' if n == 1 else 'analyses'} in QuPath"
@@ -192,10 +174,7 @@ def newer_source(summary: dict[str, Any] | None, records: RecordsSummary) -> tup
         return RUN, RUN
     if summary is None:
         return SCRIPT, analyses
-    try:
-        run_at = summary_analysed_at(summary)
-    except ValueError:  # a damaged time: as none (the summary still reads; its numbers are reported as they are)
-        run_at = None
-    if run_at is not None and run_at >= records.written_at:
+    run = RunOrder.of_summary(summary)
+    if not any(record_is_newer(record.order, run) for _, record in records.records):
         return RUN, f"{RUN} (newer than {analyses}, which are not counted)"
     return SCRIPT, f"{analyses} (newer than {RUN}'s summary.json, which is not counted)"

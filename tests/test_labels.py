@@ -925,8 +925,11 @@ def test_a_damaged_record_of_every_core_s_output_stops_training_from_review_nami
 T1, T2 = "2025-03-01T09:00:00+00:00", "2025-03-02T09:00:00+00:00"
 
 
-def _groovy_record(project: Path, parent_id: str, *, when: str, outline, candidates=(), nuclei=()) -> Path:
-    """The record pdl1_analyze.groovy saves of its analysis of a parent (as GET /v1/jobs/{id}/record gives it)."""
+def _groovy_record(
+    project: Path, parent_id: str, *, when: str, outline, candidates=(), nuclei=(), after_run: str | None = None
+) -> Path:
+    """The record pdl1_analyze.groovy saves of its analysis of a parent (as GET /v1/jobs/{id}/record gives it);
+    ``after_run``: the run id of the summary.json the script found in the entry's folder (None: not said)."""
     from bridge.analysis_record import RECORD_FORMAT, RECORD_VERSION, record_path
     from bridge.targets import TargetNuclei
 
@@ -946,13 +949,15 @@ def _groovy_record(project: Path, parent_id: str, *, when: str, outline, candida
         "candidates": [shapely.geometry.mapping(c) for c in candidates],
         "region_bounds": [],
         "nuclei": kept.to_json(),
+        **({} if after_run is None else {"after_run": after_run}),
     }
     path.write_text(json.dumps(record))
     return path
 
 
-def _run_output(project: Path, *, when: str, outline=None, candidates=(), nuclei=()) -> None:
-    """The sidecars `pdl1 run` leaves of entry 1 analysed in one target (``outline``; None: the whole image)."""
+def _run_output(project: Path, *, when: str, outline=None, candidates=(), nuclei=(), after_analyses=None) -> None:
+    """The sidecars `pdl1 run` leaves of entry 1 analysed in one target (``outline``; None: the whole image), run id
+    "r"; ``after_analyses``: the records it found in the entry's folder (None: not said, as an earlier version)."""
     from bridge.qupath_geojson import to_feature
     from bridge.targets import TargetRow, rows_to_json
 
@@ -964,7 +969,8 @@ def _run_output(project: Path, *, when: str, outline=None, candidates=(), nuclei
     )
     kind = "whole image" if outline is None else "annotation"
     row = TargetRow("he-1357.svs", "1", "Tumor", kind, "analysed", outline=outline)
-    summary = {"run_id": "r", "provenance": {"analysed_at": when}, "targets": rows_to_json([row])}
+    provenance = {"analysed_at": when, **({} if after_analyses is None else {"after_analyses": after_analyses})}
+    summary = {"run_id": "r", "provenance": provenance, "targets": rows_to_json([row])}
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
@@ -984,22 +990,28 @@ SHARED_XY = (800.0, 800.0)  # a nucleus both analyses wrote, in the overlap
 
 @pytest.mark.parametrize("newer", ["groovy", "run"])
 @pytest.mark.parametrize("now", ["the newer's class", "the older's class"])
+@pytest.mark.parametrize("clocks", ["agree", "disagree, the files tell"])
 def test_of_a_groovy_analysis_and_a_run_over_the_same_tissue_the_newer_says_what_was_written(
-    labelled, tmp_path, newer, now
+    labelled, tmp_path, newer, now, clocks
 ):
     # A record older than what replaced it must never turn into labels: a candidate gone where a newer analysis
-    # covers it was replaced, not dismissed; a nucleus is as the newer analysis wrote it.
+    # covers it was replaced, not dismissed; a nucleus is as the newer analysis wrote it. The service and the batch
+    # run may be two machines whose clocks differ: what the files say of each other decides then. The script found
+    # the run's summary when it asked for the record (its after_run); the run found the record when it wrote.
     project = _project_copy(labelled, tmp_path)
-    groovy_when, run_when = (T2, T1) if newer == "groovy" else (T1, T2)
+    groovy_when, run_when = (T2, T1) if (newer == "groovy") == (clocks == "agree") else (T1, T2)
+    told = clocks != "agree"
     g_shared, g_own = shapely.box(800, 650, 840, 690), shapely.box(300, 300, 340, 340)  # in the overlap, in P alone
     r_shared, r_own = shapely.box(700, 700, 740, 740), shapely.box(1200, 1200, 1240, 1240)
     _groovy_record(
         project, "P", when=groovy_when, outline=P, candidates=[g_shared, g_own],
         nuclei=[(SHARED_XY, "Tumor: Positive"), ((300, 500), "Other")],
+        after_run="r" if told and newer == "groovy" else None,
     )  # fmt: skip
     _run_output(
         project, when=run_when, outline=Q, candidates=[r_shared, r_own],
         nuclei=[(SHARED_XY, "Tumor: Negative"), ((1300, 1300), "Other")],
+        after_analyses={"P": groovy_when} if told and newer == "run" else None,
     )  # fmt: skip
     newer_class, older_class = ("Tumor: Positive", "Tumor: Negative")[:: 1 if newer == "groovy" else -1]
     # Every candidate gone; one object at the shared place; each analysis's other nucleus as written.

@@ -159,6 +159,40 @@ def test_an_entry_with_a_summary_and_records_takes_the_newer_and_says_which(proj
         assert "results from pdl1_analyze.groovy's 1 analysis" in "; ".join(entry.reasons)
 
 
+RUN_ID = "3f2b1c9e-4d5a-4e6f-8a7b-9c0d1e2f3a4b"
+
+
+@pytest.mark.parametrize("newer", ["records", "run"])
+def test_what_the_files_say_decides_the_newer_whatever_the_clocks(project, analysed, newer):
+    # The service's and the batch machine's clocks an hour apart, each way against what happened: the script found
+    # the run's summary when it asked for the record (after_run), or the run found the record when it wrote.
+    path = record_path(project / "pdl1" / "2", "p-whole")
+    record = json.loads(path.read_text())
+    written = datetime.fromisoformat(record["written_at"])
+    when = written + (timedelta(hours=1) if newer == "records" else -timedelta(hours=1))
+    _summary_from_record(project, "2", "p-whole", when=when, tps=99.0)
+    summary_path = project / "pdl1" / "2" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["run_id"] = RUN_ID
+    if newer == "records":
+        path.write_text(json.dumps({**record, "after_run": RUN_ID}))
+    else:
+        summary["provenance"]["after_analyses"] = {"p-whole": record["written_at"]}
+    summary_path.write_text(json.dumps(summary))
+    _, csv_path = write_report(project)
+    row = next(r for r in _rows(csv_path) if r["entry_id"] == "2")
+    ranked, _ = build_queue(project)
+    reasons = "; ".join(next(e for e in ranked if e.entry_id == "2").reasons)
+    if newer == "records":
+        assert float(row["tps_percent"]) == pytest.approx(analysed[1]["p-whole"].tps.percent)
+        assert row["results_from"].endswith("(newer than pdl1 run's summary.json, which is not counted)")
+        assert "results from pdl1_analyze.groovy's 1 analysis" in reasons
+    else:
+        assert float(row["tps_percent"]) == 99.0
+        assert row["results_from"].startswith("pdl1 run (newer than pdl1_analyze.groovy's 1 analysis")
+        assert "results from pdl1 run (newer than" in reasons
+
+
 @pytest.mark.parametrize(
     ("stamp", "used"),
     [

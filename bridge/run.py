@@ -26,6 +26,7 @@ import numpy as np
 from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
+from bridge.analysis_record import AFTER_ANALYSES, records_found
 from bridge.classes import PDL1_ANALYSIS
 from bridge.objects import (
     candidate_objects,
@@ -474,7 +475,9 @@ def write_result_files(
     imports them. Where several targets were analysed (``targets``: each one's name and result), every one's
     regions, SUA candidates, tiles and nuclei go to :data:`TARGET_REGIONS_FILE` beside it (for ``pdl1 review-queue``,
     the report and ``pdl1 train --from-review``), before the summary; with one target an earlier run's such file is
-    removed after the summary.
+    removed after the summary. A project entry's summary (``entry_id`` set) lists under ``provenance`` the records of
+    ``pdl1_analyze.groovy`` in the entry's folder as it is written (``after_analyses``:
+    :func:`bridge.analysis_record.records_found`): those are older than this output whatever the clocks say.
 
     A file that cannot be written is a :class:`ProjectError` naming it and the fix: a full drive failed each image
     left with "OSError: [Errno 28] No space left on device", naming no file, drive or way on.
@@ -492,6 +495,9 @@ def write_result_files(
                 nuclei=[written_nuclei(r) for _, r in targets],
             )
         path = summary_path
+        if summary.get("entry_id") is not None:  # as late as can be: each record listed was saved before the summary
+            provenance = {**(summary.get("provenance") or {}), AFTER_ANALYSES: records_found(path.parent)}
+            summary = {**summary, "provenance": provenance}
         write_json_atomic(summary_path, summary)
         if len(targets) < 2:
             path = regions

@@ -206,6 +206,28 @@ def test_project_sidecars_resume_after_a_crash_and_moved_slide(tmp_path, slides,
     assert [p.name for p in html_path.parent.glob("*s31.png")] == ["1-s31.png"]  # named by its QuPath entry too
 
 
+def test_a_project_summary_s_provenance_lists_the_script_s_records_found_beside_it(tmp_path, slides, models):
+    # The service that saved the records may run on a machine whose clock is ahead of the batch machine's: a record
+    # stamped after the summary was there before it, and the summary says so (older whatever the clocks say).
+    from datetime import datetime, timedelta, timezone
+
+    from bridge.analysis_record import RecordOrder, RunOrder, record_is_newer, record_path
+
+    project = tmp_path / "project"
+    init_project_files(project, [slides[1]])
+    ahead = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+    record_path(project / "pdl1" / "1", "p1").parent.mkdir(parents=True)
+    record_path(project / "pdl1" / "1", "p1").write_text(json.dumps({"written_at": ahead}))
+    record_path(project / "pdl1" / "1", "p2").write_text("{")  # there, but its time does not read
+    (outcome,) = run_batch([project], _config(), models=models)
+    assert outcome.state == "done", outcome.error
+    summary = json.loads((project / "pdl1" / "1" / "summary.json").read_text())
+    assert summary["provenance"]["after_analyses"] == {"p1": ahead, "p2": None}
+    run = RunOrder.of_summary(summary)
+    assert run.analysed_at < datetime.fromisoformat(ahead)
+    assert not record_is_newer(RecordOrder("p1", datetime.fromisoformat(ahead)), run)
+
+
 def test_a_study_folder_moved_to_a_server_runs_and_says_where_its_slides_were_found(tmp_path, slides, models, caplog):
     study = tmp_path / "study"
     (study / "slides").mkdir(parents=True)

@@ -957,12 +957,26 @@ def label = { obj ->
 }
 // The query of a record's request (GET /v1/jobs/{id}/record): the parent's name as pdl1 run names its targets (a
 // core's name, an annotation's as the log gives it) and what it is, kept with the record's scores for `pdl1 report`
-// and `pdl1 review-queue` (bridge/analysis_record.py: record_scores).
-def recordQuery = { obj, String source ->
+// and `pdl1 review-queue` (bridge/analysis_record.py: record_scores); and the `pdl1 run` output in the entry's folder
+// as the record is asked for (afterRun: its summary.json's run_id, "none" where there is none; null where it does not
+// read, and not sent): the record is newer than that output whatever this machine's and the batch run's clocks say
+// (bridge/analysis_record.py: record_is_newer).
+def recordQuery = { obj, String source, String afterRun ->
     def enc = { v -> URLEncoder.encode(v as String, "UTF-8") }
     def name = obj.isTMACore() ? coreLabel(obj.getName(), cores.findIndexOf { it.is(obj) }) : label(obj)
     def type = obj.isTMACore() ? "TMA core" : (source == "whole image" ? "whole image" : "annotation")
-    return "target=" + enc(name) + "&target_type=" + enc(type)
+    return "target=" + enc(name) + "&target_type=" + enc(type) + (afterRun == null ? "" : "&after_run=" + enc(afterRun))
+}
+def runSeen = { java.nio.file.Path entryFolder ->
+    def summary = entryFolder.resolve("summary.json")
+    if (!Files.exists(summary))
+        return "none"
+    try {
+        def runId = gson.fromJson(new String(Files.readAllBytes(summary), "UTF-8"), Map.class)?.get("run_id")
+        return runId instanceof String && runId ==~ /[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}/ ? runId : null
+    } catch (Exception ignored) {  // damaged, not JSON: nothing is said, and the clocks order this record against it
+        return null
+    }
 }
 def selected = getSelectedObjects().findAll { (it.isAnnotation() || it.isTMACore()) && !isOwn(it) }
 def configured = (TARGET_CLASSES.isEmpty() && TARGET_NAMES.isEmpty()) ? [] : hierarchy.getAnnotationObjects().findAll {
@@ -1164,7 +1178,9 @@ for (parent in targets) {
     def record = null
     if (project != null && entry != null) {
         try {
-            def recordRequest = request(statusPath + "/record?" + recordQuery(parent, choice.source)).GET().build()
+            def seen = runSeen(recordFolder(project.getPath().getParent(), entry.getID() as String).getParent())
+            def recordRequest = request(statusPath + "/record?" + recordQuery(parent, choice.source, seen)).GET()
+                    .build()
             def response = client.send(recordRequest,
                     HttpResponse.BodyHandlers.ofByteArray())
             if (response.statusCode() >= 400)  // 404 from a service older than records

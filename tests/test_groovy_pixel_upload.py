@@ -10,6 +10,7 @@ import json
 import os
 import re
 import subprocess
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -856,6 +857,8 @@ def test_the_script_records_what_it_wrote_and_training_tells_a_review_of_it(tmp_
     saved = record_path(qpproj.parent / "pdl1" / "1", PARENT_ID)
     assert [p.name for p in saved.parent.iterdir()] == [saved.name]  # no .part left
     record = read_analysis_record(saved)
+    # The entry's folder held no `pdl1 run` output as the script asked for the record, and it said so.
+    assert json.loads(saved.read_text())["after_run"] is None and record.after_run is None
     # It holds what went under the parent, in level-0 px: the nuclei with their classes, the candidates.
     children = seen["children"]["Tumor core"]
     points = [c for c in children if c["geometry"]["type"] == "Point"]
@@ -899,10 +902,23 @@ def test_the_script_records_what_it_wrote_and_training_tells_a_review_of_it(tmp_
         assert labels.negative.symmetric_difference(shape(dismissed["geometry"])).area < 1.0
     assert labels.counts["skipped: pdl1 results as written (not reviewed)"] == len(reviewed) - 1
 
-    # Analysed again, the parent's record is replaced: still one, written later.
+    # Meanwhile `pdl1 run` analysed the image on a batch machine whose clock is an hour ahead of the service's.
+    # Analysed again, the parent's record is replaced: still one, written later, and after the run's output, which
+    # the script found in the entry's folder as it asked: the report counts the record, whatever the clocks say.
+    run_id = "3f2b1c9e-4d5a-4e6f-8a7b-9c0d1e2f3a4b"
+    batch_clock = datetime.now(timezone.utc) + timedelta(hours=1)
+    summary = {**record.scores["summary"], "run_id": run_id, "image": str(slide_path), "tps_percent": 99.0}
+    summary["provenance"] = {**summary["provenance"], "analysed_at": batch_clock.isoformat(timespec="seconds")}
+    (saved.parent.parent / "summary.json").write_text(json.dumps(summary))
     _run_script(tmp_path, setup)
     assert [p.name for p in saved.parent.iterdir()] == [saved.name]
-    assert read_analysis_record(saved).written_at > record.written_at
+    again = read_analysis_record(saved)
+    assert record.written_at < again.written_at < batch_clock and again.after_run == run_id
+    _, csv_path = write_report(qpproj.parent)
+    (row,) = list(csv.DictReader(csv_path.open(encoding="utf-8")))
+    assert row["results_from"] == (
+        "pdl1_analyze.groovy's 1 analysis in QuPath (newer than pdl1 run's summary.json, which is not counted)"
+    )
 
 
 @needs_groovy

@@ -356,6 +356,13 @@ def test_a_job_s_record_says_what_its_pages_put_into_qupath_where_qupath_shows_i
     assert (named["scores"]["target"]["target"], named["scores"]["target"]["target_type"]) == ("A-1", "TMA core")
     assert named["scores"]["target"]["tps_percent"] == named["scores"]["summary"]["tps_percent"]
     assert service.get(f"/v1/jobs/{job_id}/record", params={"target_type": "core"}).status_code == 422
+    # The pdl1 run output the script found in the entry's folder as it asked (a summary's run id, or none): kept, so
+    # the record is known newer than that output whatever the two machines' clocks say. Not said: not kept.
+    run_id = "3f2b1c9e-4d5a-4e6f-8a7b-9c0d1e2f3a4b"
+    assert service.get(f"/v1/jobs/{job_id}/record", params={"after_run": run_id}).json()["after_run"] == run_id
+    after_none = service.get(f"/v1/jobs/{job_id}/record", params={"after_run": "none"}).json()
+    assert "after_run" in after_none and after_none["after_run"] is None and "after_run" not in record
+    assert service.get(f"/v1/jobs/{job_id}/record", params={"after_run": "run 7"}).status_code == 422
     # A whole-image job's area is the image.
     job_id = service.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "outputs": ["sua"]}).json()[
         "job_id"
@@ -525,7 +532,7 @@ def test_every_endpoint_and_key_the_scripts_use_exists(service):
     record_query = script.split("def recordQuery", 1)[1].split("\n}\n", 1)[0]
     record = {p["name"] for p in schema["paths"]["/v1/jobs/{job_id}/record"]["get"]["parameters"]}
     sent = set(re.findall(r'"&?(\w+)=" \+ enc\(', record_query))
-    assert sent == {"target", "target_type"} and sent <= record, (sent, record)
+    assert sent == {"target", "target_type", "after_run"} and sent <= record, (sent, record)
 
 
 @pytest.mark.skipif(not os.environ.get("PDL1_GROOVY_LINT"), reason="set PDL1_GROOVY_LINT to npm-groovy-lint's path")

@@ -370,6 +370,20 @@ def test_an_upload_s_unknown_parameter_is_refused_not_ignored(client, params, ca
     assert (r.status_code, r.json()) == (422, {"detail": f"bad request: {came}"})
 
 
+@pytest.mark.parametrize("after_run", ["run-7", "", "3F2B1C9E4D5A4E6F8A7B9C0D1E2F3A4B", "None"])
+def test_a_record_s_after_run_that_is_no_run_id_is_refused_saying_what_is_expected(client, after_run):
+    # The record keeps it as the run id of the summary.json the script found: anything else would order nothing.
+    r = client.get("/v1/jobs/nope/record", params={"after_run": after_run})
+    assert (r.status_code, r.json()) == (
+        422,
+        {
+            "detail": f"bad request: query.after_run: {after_run!r} is no run id; expected the run_id of the pdl1 run "
+            "summary.json in the entry's folder (a UUID such as 3f2b1c9e-4d5a-4e6f-8a7b-9c0d1e2f3a4b), or 'none' "
+            "where there is none"
+        },
+    )
+
+
 RGB8 = (
     "expected 8-bit RGB (or greyscale) pixels of a brightfield region, as QuPath shows it: export the region as an "
     "8-bit RGB PNG or TIFF"

@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import Scope
 
-from bridge.analysis_record import analysis_record
+from bridge.analysis_record import AFTER_RUN_PATTERN, analysis_record
 from bridge.objects import feature_page, parent_measurements
 from bridge.project import stain_of_image_type
 from bridge.project_config import OUTPUTS
@@ -474,13 +474,21 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         target_type: str | None = Query(
             None, pattern="^(TMA core|annotation|whole image)$", description="What the analysed parent is."
         ),
+        after_run: str | None = Query(
+            None,
+            pattern=AFTER_RUN_PATTERN,
+            description="The run_id of the pdl1 run summary.json in the entry's folder (pdl1/<entry ID>/) when the "
+            "record is asked for, or 'none' where there is none; the record keeps it (null for 'none') and is newer "
+            "than that run's output whatever the clocks say. Left out: the record has no after_run.",
+        ),
         w: Worker = Depends(worker),
     ) -> Response:
         """What the job's result pages put into QuPath, for ``pdl1 train --from-review`` to tell a review from it:
         the analysed area, the FN candidates, the positive regions' bounds and the nuclei (arrays), in the image's
         level-0 px, with the time it is asked for (UTC; pdl1_analyze.groovy asks once it has the pages and saves it
         as ``<project>/pdl1/<entry ID>/qupath_analyses/<parent ID>.json``), and the analysis's scores, the target
-        named by ``target`` and ``target_type``, for ``pdl1 report`` and ``pdl1 review-queue``. See
+        named by ``target`` and ``target_type``, for ``pdl1 report`` and ``pdl1 review-queue``; ``after_run``, the
+        ``pdl1 run`` output the script found beside it, orders it against that output. See
         ``bridge.analysis_record``."""
         job, result, area = finished(job_id, w)
         body = analysis_record(
@@ -492,6 +500,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
             origin_xy=job.origin_xy,
             target=target,
             target_type=target_type,
+            after_run=after_run,
         )
         return Response(json.dumps(body, separators=(",", ":")), media_type=JSONResponse.media_type)
 

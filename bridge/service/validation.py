@@ -58,6 +58,12 @@ def validation_problem(error: dict[str, Any], content_type: str | None) -> str:
         return (
             f"{where}: unknown parameter {quoted(str(loc[1]))}; {hint}the upload's parameters are {', '.join(fields)}"
         )
+    if loc == ("query", "after_run") and error["type"] == "string_pattern_mismatch":
+        return (
+            f"{where}: {quoted(str(error.get('input')))} is no run id; expected the run_id of the pdl1 run "
+            "summary.json in the entry's folder (a UUID such as 3f2b1c9e-4d5a-4e6f-8a7b-9c0d1e2f3a4b), or 'none' "
+            "where there is none"
+        )
     if error["type"] == "extra_forbidden" and len(loc) == 2 and loc[0] == "body":
         fields = list(JobRequest.model_fields)
         close = difflib.get_close_matches(str(loc[1]), fields, n=1)

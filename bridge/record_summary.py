@@ -71,7 +71,7 @@ class RecordsSummary:
 
 def _scored_target(path: Path, record: AnalysisRecord, *, image: str, entry_id: str | None) -> tuple[dict, TargetRow]:
     """A record's summary part (its scores' ``summary`` with ``metadata_counts``) and its target's row; ValueError
-    saying what is wrong where its scores are not of the shape :func:`bridge.analysis_record.record_scores` writes."""
+    saying what is wrong where its scores are not of the shape :func:`bridge.service.record.record_scores` writes."""
     scores = record.scores or {}
     summary, target, counts = scores.get("summary"), scores.get("target"), scores.get("metadata_counts")
     if not isinstance(summary, dict) or "mpp" not in summary or not isinstance(summary.get("details"), dict):

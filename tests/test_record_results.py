@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from shapely.geometry import box
 
-from bridge.analysis_record import analysis_record, record_path
+from bridge.analysis_record import record_path
 from bridge.init_project import init_project_files
 from bridge.record_summary import entry_summary_from_records
 from bridge.report import write_report
 from bridge.review_queue import build_queue, write_review_queue
+from bridge.service.record import analysis_record
 from inference import tumour_proportion_score
 from inference.pipeline import Models, PipelineConfig, analyse_slide
 from tests.helpers import two_ranked_phantoms

@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import Scope
 
-from bridge.analysis_record import AFTER_RUN_PATTERN, analysis_record
+from bridge.analysis_record import AFTER_RUN_PATTERN
 from bridge.objects import feature_page, parent_measurements
 from bridge.project import stain_of_image_type
 from bridge.project_config import OUTPUTS
@@ -49,6 +49,7 @@ from bridge.service.paths import (
     not_a_regular_file,
     require_absolute,
 )
+from bridge.service.record import analysis_record
 from bridge.service.roi import parse_roi
 from bridge.service.schemas import (
     IMAGE_TYPE_DESCRIPTION,
@@ -489,7 +490,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         as ``<project>/pdl1/<entry ID>/qupath_analyses/<parent ID>.json``), and the analysis's scores, the target
         named by ``target`` and ``target_type``, for ``pdl1 report`` and ``pdl1 review-queue``; ``after_run``, the
         ``pdl1 run`` output the script found beside it, orders it against that output. See
-        ``bridge.analysis_record``."""
+        ``bridge.service.record``."""
         job, result, area = finished(job_id, w)
         body = analysis_record(
             result,

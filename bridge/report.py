@@ -493,7 +493,7 @@ def _write(out: Path, items: list[ReportItem], *, base: Path, source: Path, left
         targets = _targets_of(item, left_out)
         all_targets.extend(targets)
         nuclei = s.get("nuclei", {})
-        provenance = s.get("provenance", {})
+        provenance = s.get("provenance") if isinstance(s.get("provenance"), dict) else {}  # hand-edited: none
         models = [provenance.get(k) for k in ("seg_model", "nuclei_model")]
         models = [m for m in models if isinstance(m, dict)]
         rows.append(

@@ -378,6 +378,17 @@ def _tma_project(tmp_path: Path, targets: list[dict], **summary) -> Path:
     return project
 
 
+def test_a_summary_whose_provenance_is_not_an_object_is_reported_without_its_models_not_a_crash(tmp_path):
+    # A hand-edited summary.json ("provenance": "n/a") stopped the whole report with an AttributeError.
+    import csv
+
+    project = _tma_project(tmp_path, [], provenance="n/a")
+    html_path, csv_path = write_report(project)
+    (row,) = csv.DictReader(csv_path.open(encoding="utf-8"))
+    assert (row["image"], row["analysed_at"], row["models"]) == ("tma.tif", "", "")
+    assert "<tr><th>Models</th><td>n/a</td></tr>" in html_path.read_text()
+
+
 def _section_table(page: str) -> list[str]:
     """The rows of the per-target table, tags and all."""
     table = page.split("<table class='targets'>", 1)[1].split("</table>", 1)[0]

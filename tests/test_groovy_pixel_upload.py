@@ -435,10 +435,14 @@ class StandInRoi {
     def getGeometry() { [type: "Polygon", coordinates: [vertices + [vertices[0]]]] }
 }
 enum ImageType { BRIGHTFIELD_H_E }
+class TMACoreObject extends PathObject { boolean missing; boolean isMissing() { missing } }
+class TMAGrid { List cores; List getTMACoreList() { cores } }
 class Hierarchy {
     PathObject root
+    TMAGrid grid  // PathObjectHierarchy.getTMAGrid(): null for an image without a TMA grid
+    PathObject getRootObject() { root }
     List getAnnotationObjects() { root.children.findAll { it.isAnnotation() } }
-    def getTMAGrid() { null }  // as PathObjectHierarchy.getTMAGrid() of an image without a TMA grid
+    TMAGrid getTMAGrid() { grid }
     void removeObjects(Collection objects, boolean keepChildren) { objects.each { it.parent?.children?.remove(it) } }
 }
 class ImageData {
@@ -471,18 +475,21 @@ def roiOf = { List vertices ->
 }
 def classOf = { String name -> name == null ? null : new qupath.lib.objects.StandInPathClass(name) }
 def targets = setup.annotations.collect { a ->
-    new PathObject(kind: "annotation", roi: roiOf(a.vertices), name: a.name, pathClass: classOf(a.cls),
+    def made = new PathObject(kind: "annotation", roi: roiOf(a.vertices), name: a.name, pathClass: classOf(a.cls),
             id: a.id == null ? UUID.randomUUID() : UUID.fromString(a.id))
+    (a.measurements ?: [:]).each { name, value -> made.measurements.put(name as String, value as double) }
+    return made
 }
 def entry = setup.entry == null ? null : new Entry(id: setup.entry)
 root.addChildObjects(targets)
 def imageData = new ImageData(server: server, hierarchy: new Hierarchy(root: root))
+def selection = null  // a step's (the objects of its "select")
 def binding = new Binding([
     getCurrentImageData: { -> imageData },
     getProject: { -> new Project(path: java.nio.file.Paths.get(setup.project)) },
     getProjectEntry: { -> entry },  // none unless the setup names the entry's ID
-    // All the annotations, unless told: none, or a nucleus (a detection, which is no target)
-    getSelectedObjects: { -> setup.select == false ? [] : setup.select == "detection" ?
+    // All the annotations, unless told: none, or a nucleus (a detection, which is no target), or a step's
+    getSelectedObjects: { -> selection != null ? selection : setup.select == false ? [] : setup.select == "detection" ?
             [new PathObject(kind: "detection", name: "a nucleus")] : targets },
     fireHierarchyUpdate: { -> },
     getPathClass: classOf,
@@ -494,10 +501,45 @@ def binding = new Binding([
         return made
     },
 ])
-new GroovyShell(this.class.classLoader, binding).evaluate(new File(setup.script))
-println groovy.json.JsonOutput.toJson([reads: server.reads, children: root.children.collectEntries { t ->
+def byId = { String id ->
+    def stack = [root]
+    while (!stack.isEmpty()) {
+        def obj = stack.remove(stack.size() - 1)
+        if (obj.id == UUID.fromString(id))
+            return obj
+        stack.addAll(obj.children)
+    }
+    throw new IllegalArgumentException("no object ${id} in the stand-in hierarchy")
+}
+// The script runs once for each of the setup's steps (once without), on the same hierarchy. Before a step, a person
+// may have deleted annotations with what lies under them ("delete": their IDs), dearrayed the image ("cores": each
+// TMA core's name, vertices and ID) and selected objects ("select": their IDs). After each, the records' names.
+def records = []
+for (step in (setup.steps ?: [[:]])) {
+    (step.delete ?: []).each { id ->
+        def obj = byId(id)
+        obj.parent.children.remove(obj)
+        obj.parent = null
+    }
+    if (step.cores != null) {
+        def cores = step.cores.collect { c ->
+            new TMACoreObject(kind: "tma core", roi: roiOf(c.vertices), name: c.name, id: UUID.fromString(c.id))
+        }
+        root.addChildObjects(cores)
+        imageData.hierarchy.grid = new TMAGrid(cores: cores)
+    }
+    selection = step.select == null ? null : step.select.collect { byId(it) }
+    new GroovyShell(this.class.classLoader, binding).evaluate(new File(setup.script))
+    def folder = setup.entry == null ? null :
+            new File(new File(setup.project).getParentFile(), "pdl1/${setup.entry}/qupath_analyses")
+    records << (folder?.list()?.toList()?.sort() ?: [])
+}
+def seen = [reads: server.reads, children: root.children.collectEntries { t ->
     [(t.name): t.children.collect { [kind: t.kind, cls: it.pathClass?.toString(), geometry: it.geometry,
-                                     objectType: it.kind, measurements: it.measurements.values] }] }])
+                                     objectType: it.kind, measurements: it.measurements.values] }] }]
+if (setup.steps != null)
+    seen.records = records
+println groovy.json.JsonOutput.toJson(seen)
 """
 
 

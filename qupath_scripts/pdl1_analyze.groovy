@@ -18,7 +18,11 @@
  * parent is analysed again: `pdl1 train ... PROJECT --from-review` tells by it the nuclei you reclassified and the FN
  * candidates you deleted (export the labels with pdl1_export_labels.groovy), and `pdl1 report PROJECT` and
  * `pdl1 review-queue PROJECT` report and rank the project by these records as by `pdl1 run`'s results (the newer of
- * the two for an image that has both). Not saved, it is named in the log.
+ * the two for an image that has both). Not saved, it is named in the log. Once it has written an image's analyses,
+ * it removes that image's records whose annotation or core is no longer in it (the whole-image analysis the TMA
+ * cores' analyses replace, an annotation you deleted), and says how many and why; not one while objects this tool
+ * wrote lie in its area under no analysed annotation or core (you deleted its annotation keeping them: the log names
+ * it), nor the folder's other files. One that cannot be removed is named in the log, and the analysis stands.
  *
  * Settings: the project's pdl1-config.toml (beside project.qpproj; `pdl1 init-project` writes it, and
  * `pdl1 run` reads the same file) when there is one: [service] url, token, model and [analysis] outputs,
@@ -778,6 +782,120 @@ def saveRecord = { java.nio.file.Path folder, String name, byte[] bytes ->
     Files.move(part, target, StandardCopyOption.REPLACE_EXISTING, StandardCopyOption.ATOMIC_MOVE)
     return target
 }
+// The tidy of an image's records (tidyRecords below): a record whose parent is gone from the image was kept on disk,
+// and `pdl1 report` counted a deleted annotation's TPS, and named a whole-image analysis the cores replaced forever.
+// A record's file name as saveRecord names it: its parent's QuPath ID (UUID.toString(), lowercase) and .json. Only
+// such files are records of this tool; the folder's others (your notes, the .part of a save cut short) stay.
+def RECORD_NAME = ~/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.json/
+// An object this tool wrote, whatever its class now (a reviewed nucleus, a candidate made PD-L1 negative), by the
+// signature measurements bridge/labels.py's _tool_written_class goes by (bridge/objects.py); tiles carry neither,
+// and no record holds them. Measurement lists are read of annotations and detections only.
+def OWN_ANNOTATION_SIGNATURE = "PD-L1 probability mean"
+def OWN_DETECTION_SIGNATURE = "PD-L1 positive probability"
+def toolWritten = { obj ->
+    if (obj.isAnnotation())
+        return !Double.isNaN(obj.getMeasurementList().get(OWN_ANNOTATION_SIGNATURE) as double)
+    return obj.isDetection() && !Double.isNaN(obj.getMeasurementList().get(OWN_DETECTION_SIGNATURE) as double)
+}
+// What the tidy goes by, from the hierarchy's root (every object descends from it, TMA cores too): ids, the QuPath
+// IDs of the image's annotations and TMA cores (records are named by them); leftovers, the bounds (x, y, width,
+// height in level-0 px) of the objects this tool wrote that lie under no analysed annotation or core, which may be
+// a deleted parent's: QuPath keeps them when you delete it keeping its descendants (under its parent, removeObject:
+// PathObjectHierarchy.java v0.4.4:439, v0.7.0:394; at the root, removeObjects: v0.4.4:491-498, v0.7.0:442-449), and
+// Resolve hierarchy moves some out of it.
+// What lies under an analysed annotation or core is its own, as for ownDescendants (its re-analysis replaces it).
+def recordsLookup = { root ->
+    def ids = new HashSet<String>()
+    def leftovers = []
+    def stack = [[root, false]]
+    while (!stack.isEmpty()) {
+        def (above, held) = stack.remove(stack.size() - 1)
+        above.getChildObjectsAsArray().each { child ->
+            if (!child.isDetection())
+                ids << child.getID().toString()
+            def roi = child.getROI()
+            if (!held && roi != null && toolWritten(child))
+                leftovers << [roi.getBoundsX(), roi.getBoundsY(), roi.getBoundsWidth(), roi.getBoundsHeight()]
+            stack << [child, held || isAnalysed(child)]
+        }
+    }
+    return [ids: ids, leftovers: leftovers]
+}
+// A record's outline (a GeoJSON Polygon or MultiPolygon in level-0 px: bridge/analysis_record.py) as a Path2D,
+// inside where the polygons are (even-odd: a hole is outside); IllegalArgumentException for anything else.
+def outlineShape = { geometry ->
+    def type = geometry instanceof Map ? geometry.get("type") : null
+    def polygons = type == "Polygon" ? [geometry.get("coordinates")] :
+            (type == "MultiPolygon" ? geometry.get("coordinates") : null)
+    if (!(polygons instanceof List) || polygons.any { !(it instanceof List) })
+        throw new IllegalArgumentException("its outline is no GeoJSON Polygon or MultiPolygon")
+    def path = new java.awt.geom.Path2D.Double(java.awt.geom.Path2D.WIND_EVEN_ODD)
+    polygons.each { rings ->
+        rings.each { ring ->
+            ring.eachWithIndex { xy, i ->
+                if (i == 0)
+                    path.moveTo(xy[0] as double, xy[1] as double)
+                else
+                    path.lineTo(xy[0] as double, xy[1] as double)
+            }
+            path.closePath()
+        }
+    }
+    return path
+}
+// Which of an image's records are stale (names: the files in its qupath_analyses folder): those of this tool
+// (RECORD_NAME) whose parent is no object of the image (lookup.ids, recordsLookup) and whose objects cannot be
+// there either: none of this tool's objects under no analysed annotation or core (lookup.leftovers) lies in the
+// record's outline (outlineOf(name): a java.awt.Shape; it may throw, and the record is then kept), its bounds grown by
+// half a pixel (a point's are empty). Removed while its objects are there, a record turned your review of them into
+// "not told" for `pdl1 train --from-review`. replaced: the IDs of the whole-image analyses this run removed.
+// Returns [replaced: names, gone: names (their parent is no longer in the image), kept: [name: why]], by name.
+def staleRecords = { List names, Map lookup, Set replaced, Closure outlineOf ->
+    def out = [replaced: [], gone: [], kept: new LinkedHashMap<String, String>()]
+    names.findAll { it ==~ RECORD_NAME && !lookup.ids.contains(it[0..-6]) }.sort().each { name ->
+        def id = name[0..-6]
+        if (!lookup.leftovers.isEmpty()) {
+            def shape
+            try {
+                shape = outlineOf(name)
+            } catch (Exception e) {
+                out.kept[name] = ("its outline does not read (${whyFailed(e)}), so whether its objects are still in " +
+                        "the image cannot be told").toString()
+                return
+            }
+            int inside = lookup.leftovers.count { b ->
+                shape.intersects((b[0] as double) - 0.5d, (b[1] as double) - 0.5d, (b[2] as double) + 1.0d,
+                        (b[3] as double) + 1.0d)
+            }
+            if (inside > 0) {
+                def one = inside == 1
+                out.kept[name] = ("${inside} object${one ? '' : 's'} this tool wrote ${one ? 'lies' : 'lie'} in its " +
+                        "area under no analysed annotation or TMA core (kept when its parent was deleted, or moved by " +
+                        "Resolve hierarchy), and `pdl1 train --from-review` needs it to tell your review of " +
+                        "${one ? 'it' : 'them'}; delete ${one ? 'it' : 'them'}, or analyse an annotation around " +
+                        "${one ? 'it' : 'them'}, and a later run removes the record").toString()
+                return
+            }
+        }
+        out[replaced.contains(id) ? "replaced" : "gone"] << name
+    }
+    return out
+}
+// Removes the named files from folder, each on its own (one that cannot go stops none of the others): [removed:
+// names, failed: [name: why]]. A file already gone is neither.
+def removeRecords = { java.nio.file.Path folder, List names ->
+    def removed = []
+    def failed = new LinkedHashMap<String, String>()
+    names.each { name ->
+        try {
+            if (Files.deleteIfExists(folder.resolve(name)))
+                removed << name
+        } catch (IOException | SecurityException e) {
+            failed[name] = whyFailed(e)
+        }
+    }
+    return [removed: removed, failed: failed]
+}
 // ---- end of helpers ------------------------------------------------------------------------
 
 def imageData = getCurrentImageData()
@@ -1063,6 +1181,15 @@ if (uploadWhy != null)
 def entry = getProjectEntry()
 def metadataWritten = false
 def wholeImageRemoved = false
+// The QuPath IDs of the whole-image analyses this run removed: their records go too (tidyRecords).
+def replacedAnalyses = new HashSet<String>()
+// The records' folder (recordFolder), a project's only. The record, named by the parent's QuPath ID
+// (PathObject.getID(): PathObject.java v0.4.4:937, v0.5.1:938, v0.6.0:930, v0.7.0:928; kept in the image's data,
+// v0.4.4:1080) in the folder of the entry's ID (ProjectImageEntry.getID(): ProjectImageEntry.java v0.4.4:62,
+// v0.5.1:62, v0.6.0:57, v0.7.0:57) beside the project file (Project.getPath(): Project.java v0.4.4:140, v0.5.1:140,
+// v0.6.0:141, v0.7.0:141).
+def recordsFolder = project != null && entry != null ?
+        recordFolder(project.getPath().getParent(), entry.getID() as String) : null
 // A selection of TMA cores: the entry's score stays over every analysed core, those of earlier runs too (not with
 // annotations selected: one inside an analysed core would count its cells twice).
 def otherCores = (choice.source == "selection" && targets.every { it.isTMACore() }) ? cores : []
@@ -1202,6 +1329,7 @@ for (parent in targets) {
                     it.getName() == ANALYSIS_CLASS
         }
         def gone = removeWholeImageAnalysis(analyses, isOwn, hierarchy)
+        analyses.each { replacedAnalyses << it.getID().toString() }
         if (gone > 0)
             println "pdl1: removed the earlier whole-image analysis ('${ANALYSIS_CLASS}' and what this tool put under " +
                     "it: ${gone} objects), which scored all TMA cores as one; each core's analysis replaces it"
@@ -1224,17 +1352,12 @@ for (parent in targets) {
     }
     done++
     println "pdl1: ${objects.size()} objects under ${label(parent)}${targetScore(pdl1.get('metadata'))}"
-    // The record, named by the parent's QuPath ID (PathObject.getID(): PathObject.java v0.4.4:937, v0.5.1:938,
-    // v0.6.0:930, v0.7.0:928; kept in the image's data, v0.4.4:1080) in the folder of the entry's ID
-    // (ProjectImageEntry.getID(): ProjectImageEntry.java v0.4.4:62, v0.5.1:62, v0.6.0:57, v0.7.0:57) beside the
-    // project file (Project.getPath(): Project.java v0.4.4:140, v0.5.1:140, v0.6.0:141, v0.7.0:141).
     if (record != null) {
-        def folder = recordFolder(project.getPath().getParent(), entry.getID() as String)
         try {
-            saveRecord(folder, parent.getID().toString(), record as byte[])
+            saveRecord(recordsFolder, parent.getID().toString(), record as byte[])
         } catch (Exception e) {  // a full drive, a read-only project: said; the analysis is in QuPath all the same
             println "pdl1: ${label(parent)}: the record of what this analysis wrote could not be saved in " +
-                    "${folder} (${whyFailed(e)}); " +
+                    "${recordsFolder} (${whyFailed(e)}); " +
                     "`pdl1 train --from-review` cannot tell its nuclei reclassified and FN candidates deleted"
         }
     }
@@ -1252,6 +1375,38 @@ for (parent in targets) {
 }
 dropUnanalysedParent()
 fireHierarchyUpdate()
+// The image's records, tidied once its analyses are written (or a whole-image one removed), from the hierarchy as it
+// is now: the stale ones (staleRecords) are removed, each on its own. One that cannot be removed is named; the
+// analysis stands. PathObjectHierarchy.getRootObject(): v0.4.4:175, v0.5.1:176, v0.6.0:145, v0.7.0:144.
+def tidyRecords = { java.nio.file.Path folder ->
+    def files = folder.toFile().listFiles()  // null: no folder (no record saved), or it cannot be listed
+    if (files == null)
+        return
+    def names = files.findAll { it.isFile() }*.getName()
+    def outlineOf = { String name ->
+        outlineShape(gson.fromJson(folder.resolve(name).toFile().getText("UTF-8"), Map.class).get("outline"))
+    }
+    def stale = staleRecords(names, recordsLookup(hierarchy.getRootObject()), replacedAnalyses, outlineOf)
+    stale.kept.each { name, why ->
+        println "pdl1: kept the record ${folder.resolve(name)}, whose annotation or TMA core is no longer in the " +
+                "image: ${why}"
+    }
+    def result = removeRecords(folder, stale.replaced + stale.gone)
+    result.failed.each { name, why ->
+        println "pdl1: the stale record ${folder.resolve(name)} could not be removed (${why}); `pdl1 report` and " +
+                "`pdl1 review-queue` still read it: delete it by hand"
+    }
+    def removedOf = { List of -> of.count { it in result.removed } as int }
+    def whys = [[removedOf(stale.replaced), "of the whole-image analysis the TMA cores' analyses replaced"],
+                [removedOf(stale.gone), "whose annotation or TMA core is no longer in the image, nor its objects"]]
+    int removed = result.removed.size()
+    if (removed > 0)
+        println "pdl1: removed ${removed} stale record${removed == 1 ? '' : 's'} from ${folder}: " +
+                whys.findAll { it[0] > 0 }.collect { "${it[0]} ${it[1]}" }.join("; ") +
+                "; `pdl1 report` and `pdl1 review-queue` no longer read ${removed == 1 ? 'it' : 'them'}"
+}
+if (recordsFolder != null && (done > 0 || !replacedAnalyses.isEmpty()))
+    tidyRecords(recordsFolder)
 // QuPath 0.4.4 and 0.5 do not save the project after a headless script (0.6+ do with -s): save the metadata now.
 if (metadataWritten && project != null) {
     try {

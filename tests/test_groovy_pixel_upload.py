@@ -982,6 +982,141 @@ def test_a_record_that_cannot_be_saved_is_said_and_the_analysis_stands(tmp_path,
     assert not any("record of what" in line for line in log) and log[-1].startswith("pdl1: analysed 1 of 1"), log
 
 
+def _square(name: str, x: int, y: int, size: int = 300) -> dict:
+    """An annotation (or TMA core) of the stand-ins: a square of ``size`` level-0 px at (x, y), its QuPath ID made
+    from its name."""
+    import uuid
+
+    vertices = [[x, y], [x + size, y], [x + size, y + size], [x, y + size]]
+    return {"name": name, "vertices": vertices, "id": str(uuid.uuid5(uuid.NAMESPACE_URL, name))}
+
+
+def _records(qpproj: Path) -> Path:
+    return qpproj.parent / "pdl1" / "1" / "qupath_analyses"
+
+
+@needs_groovy
+def test_analysing_the_tma_cores_removes_the_record_of_the_whole_image_analysis_they_replace(
+    tmp_path, service_of, level0_png
+):
+    # The script removed the whole-image analysis when it analysed the cores of a TMA dearrayed since, but its record
+    # stayed: `pdl1 report` named it "superseded" for ever.
+    from bridge.analysis_record import read_analysis_record
+
+    client, slide_path = service_of
+    qpproj, setup = _project_setup(tmp_path, client, slide_path, level0_png, server="OpenslideImageServer")
+    cores = [_square("A-1", 500, 400), _square("A-2", 900, 800)]
+    log, seen = _run_script(tmp_path, {**setup, "annotations": [], "steps": [{}, {"cores": cores}]})
+    folder = _records(qpproj)
+    (whole,), after = seen["records"]  # the whole image's, named by its "PD-L1 analysis" annotation's ID
+    assert sorted(after) == sorted(f"{c['id']}.json" for c in cores), log
+    assert [read_analysis_record(folder / name).scores["target"]["target"] for name in sorted(after)] == [
+        c["name"] for c in sorted(cores, key=lambda c: c["id"])
+    ]
+    assert (
+        f"pdl1: removed 1 stale record from {folder}: 1 of the whole-image analysis the TMA cores' analyses "
+        "replaced; `pdl1 report` and `pdl1 review-queue` no longer read it"
+    ) in log, log
+    assert whole not in after and log[-1] == f"pdl1: analysed 2 of 2 TMA cores of {slide_path.name}"
+    assert sorted(seen["children"]) == ["A-1", "A-2"]  # "PD-L1 analysis" is gone from the image too
+
+
+@needs_groovy
+def test_a_deleted_annotations_record_is_removed_and_others_and_other_files_are_left(tmp_path, service_of, level0_png):
+    # A person deletes an analysed annotation in QuPath: its record stayed, and `pdl1 report` and `pdl1 review-queue`
+    # kept its TPS in the entry's numbers. Analysing another annotation of the image now removes it; the records of
+    # annotations still there and the folder's other files stay.
+    from bridge.analysis_record import read_analysis_record
+
+    client, slide_path = service_of
+    qpproj, setup = _project_setup(tmp_path, client, slide_path, level0_png, server="OpenslideImageServer")
+    deleted, again, left = _square("deleted", 300, 400), _square("again", 700, 400), _square("left", 500, 900)
+    # A region the tool wrote, that a person made PD-L1 negative, at the root: its analysis's annotation was deleted
+    # keeping what lay under it. Its record stays while it is there.
+    region = {**_square("reclassified region", 1500, 1500, 40), "cls": "PD-L1 negative"}
+    region["measurements"] = {"PD-L1 probability mean": 0.7}
+    folder = _records(qpproj)
+    folder.mkdir(parents=True)
+    # Beside the records: your notes, and the .part of a save cut short (of an annotation deleted since).
+    others = {"notes.txt": "my notes", "review notes.json": "{}", "0ddba11e-0000-4000-8000-000000000000.json.part": "{"}
+    kept = folder / "5ca1ab1e-0000-4000-8000-000000000000.json"  # of the region's analysis
+    others[kept.name] = json.dumps(
+        {"outline": {"type": "Polygon", "coordinates": [_square("", 1400, 1400)["vertices"]]}}
+    )
+    for name, text in others.items():
+        (folder / name).write_text(text)
+    analysed = [a["id"] for a in (deleted, again, left)]
+    steps = [{"select": analysed}, {"delete": [deleted["id"]], "select": [again["id"]]}]
+    log, seen = _run_script(tmp_path, {**setup, "annotations": [deleted, again, left, region], "steps": steps})
+    first, second = seen["records"]
+    assert set(first) == set(others) | {f"{a}.json" for a in analysed}
+    assert set(second) == set(first) - {f"{deleted['id']}.json"}, log
+    said_kept = (
+        f"pdl1: kept the record {kept}, whose annotation or TMA core is no longer in the image: 1 object this tool "
+        "wrote lies in its area under no analysed annotation or TMA core (kept when its parent was deleted, or moved "
+        "by Resolve hierarchy), and `pdl1 train --from-review` needs it to tell your review of it; delete it, or "
+        "analyse an annotation around it, and a later run removes the record"
+    )
+    assert log.count(said_kept) == 2, log  # in each run
+    assert {name: (folder / name).read_text() for name in others} == others
+    removed = (
+        f"pdl1: removed 1 stale record from {folder}: 1 whose annotation or TMA core is no longer in the image, nor "
+        "its objects; `pdl1 report` and `pdl1 review-queue` no longer read it"
+    )
+    assert [line for line in log if line.startswith("pdl1: removed")] == [removed], log  # in the second run only
+    # The one analysed again has its record replaced (written after the one left alone); the report reads those two.
+    written = {a["name"]: read_analysis_record(folder / f"{a['id']}.json").written_at for a in (again, left)}
+    assert written["again"] > written["left"]
+    from bridge.report import write_report
+
+    _, csv_path = write_report(qpproj.parent)
+    (row,) = list(csv.DictReader(csv_path.open(encoding="utf-8")))
+    assert row["results_from"] == "pdl1_analyze.groovy's 2 analyses in QuPath"
+
+
+@needs_groovy
+def test_a_stale_record_that_cannot_be_removed_is_said_and_the_analysis_stands(tmp_path, service_of, level0_png):
+    import shutil
+    import uuid
+
+    client, slide_path = service_of
+    qpproj, setup = _project_setup(tmp_path, client, slide_path, level0_png, server="OpenslideImageServer")
+    folder = _records(qpproj)
+    folder.mkdir(parents=True)
+    stuck, going = (folder / f"{uuid.uuid4()}.json" for _ in range(2))  # of annotations deleted before this run
+    for path in (stuck, going):
+        path.write_text("{}")
+    # Root deletes what its permissions forbid: an immutable file (chattr +i) it cannot; anyone else a read-only folder.
+    how = "file" if shutil.which("chattr") and subprocess.run(["chattr", "+i", str(stuck)]).returncode == 0 else None
+    if how is None and os.geteuid() == 0:
+        pytest.skip("running as root, which removes files from read-only folders, and chattr +i does not work here")
+    if how is None:
+        folder.chmod(0o555)
+        how = "folder"
+    try:
+        log, seen = _run_script(tmp_path, setup)
+        listed = sorted(p.name for p in folder.iterdir())
+    finally:
+        if how == "file":
+            subprocess.run(["chattr", "-i", str(stuck)], check=True)
+        else:
+            folder.chmod(0o755)
+    assert any(
+        line.startswith(f"pdl1: the stale record {stuck} could not be removed (")
+        and line.endswith("); `pdl1 report` and `pdl1 review-queue` still read it: delete it by hand")
+        for line in log
+    ), log
+    assert log[-1] == f"pdl1: analysed 1 of 1 regions of {slide_path.name}"
+    assert len(seen["children"]["Tumor core"]) > 100
+    assert stuck.name in listed
+    if how == "file":  # the other stale record goes all the same, and the analysis's own record is saved
+        assert sorted(listed) == sorted([stuck.name, f"{PARENT_ID}.json"]), listed
+        assert (
+            f"pdl1: removed 1 stale record from {folder}: 1 whose annotation or TMA core is no longer in the image, "
+            "nor its objects; `pdl1 report` and `pdl1 review-queue` no longer read it"
+        ) in log, log
+
+
 def _masked_png(
     rgb: np.ndarray, roi: BaseGeometry, *, origin_xy: tuple[int, int], ds: float, outside_alpha: int = 0
 ) -> bytes:

@@ -1429,6 +1429,140 @@ println JsonOutput.toJson([gone: gone, removed: (removed*.label).sort(), parents
     assert groovy == {"gone": len(WHOLE_IMAGE_REMOVES), "removed": WHOLE_IMAGE_REMOVES, "parents": WHOLE_IMAGE_LEAVES}
 
 
+def test_the_tidy_of_records_knows_what_the_tool_wrote_by_bridges_signatures():
+    # Which objects may be a deleted parent's output (pdl1_analyze.groovy's toolWritten) is what bridge.labels reads
+    # as the tool's (its _tool_written_class), by the signature measurements bridge.objects writes.
+    from bridge.objects import OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE
+
+    part = helpers()
+    assert f'def OWN_ANNOTATION_SIGNATURE = "{OWN_ANNOTATION_SIGNATURE}"' in part
+    assert f'def OWN_DETECTION_SIGNATURE = "{OWN_DETECTION_SIGNATURE}"' in part
+
+
+def _square_outline(x: float, y: float, size: float) -> list:
+    return [[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]]
+
+
+@needs_groovy
+def test_a_record_is_stale_only_where_its_parent_and_every_object_it_may_have_left_are_gone(tmp_path):
+    # What pdl1_analyze.groovy's tidy removes of an image's records: those of this tool whose annotation or core is
+    # no longer in the image, unless an object the tool wrote lies in the record's outline under no analysed
+    # annotation or core (kept when its parent was deleted keeping its descendants): removed, the record turned your
+    # review of them into "not told" for training. Under an analysed annotation or core, an object is that one's.
+    import uuid
+
+    def uid(name: str) -> str:
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, name))
+
+    own_annotation, own_detection = {"PD-L1 probability mean": 0.9}, {"PD-L1 positive probability": 0.4}
+    # label, kind, QuPath ID, bounds (x, y, width, height), measurements, parent
+    tree = [
+        ("root", "root", None, None, {}, None),
+        ("analysed", "annotation", uid("analysed"), [100, 100, 200, 200], {"PD-L1: Uncertainty flag": 0}, "root"),
+        ("its nucleus", "detection", None, [150, 150, 0, 0], own_detection, "analysed"),
+        ("its region", "annotation", uid("its region"), [120, 120, 50, 50], own_annotation, "analysed"),
+        ("core", "TMA core", uid("core"), [400, 400, 100, 100], {"PD-L1: Uncertainty flag": 1}, "root"),
+        ("its core nucleus", "detection", None, [450, 450, 0, 0], own_detection, "core"),
+        ("kept nucleus", "detection", None, [1010, 1010, 0, 0], own_detection, "root"),
+        ("on an edge", "detection", None, [6100, 6050, 0, 0], own_detection, "root"),
+        ("yours", "annotation", uid("yours"), [2900, 2900, 300, 300], {}, "root"),
+        ("in a hole", "detection", None, [3010, 3010, 0, 0], own_detection, "yours"),
+        ("kept region", "annotation", uid("kept region"), [7020, 7020, 30, 30], own_annotation, "root"),
+        ("a tile", "tile", None, [5000, 5000, 100, 100], {"PD-L1 probability": 0.5}, "root"),
+        ("QuPath's cell", "detection", None, [5050, 5050, 0, 0], {"Nucleus: Area": 30.0}, "root"),
+    ]
+    outlines = {
+        "analysed": {"type": "Polygon", "coordinates": [_square_outline(100, 100, 200)]},
+        "core": {"type": "Polygon", "coordinates": [_square_outline(400, 400, 100)]},
+        "deleted, objects kept": {"type": "Polygon", "coordinates": [_square_outline(1000, 1000, 100)]},
+        "deleted": {"type": "Polygon", "coordinates": [_square_outline(5000, 5000, 100)]},
+        "holed": {
+            "type": "Polygon",
+            "coordinates": [_square_outline(2950, 2950, 200), _square_outline(3000, 3000, 20)],
+        },
+        "touching": {"type": "Polygon", "coordinates": [_square_outline(6000, 6000, 100)]},
+        "two parts": {
+            "type": "MultiPolygon",
+            "coordinates": [[_square_outline(8000, 8000, 10)], [_square_outline(7000, 7000, 40)]],
+        },
+        "whole image": {"type": "Polygon", "coordinates": [_square_outline(0, 0, 9000)]},
+        "unreadable": {"type": "Point", "coordinates": [5, 5]},
+    }
+    by_name = {f"{uid(k)}.json": k for k in outlines}
+    # Not records: your notes, the .part of a save cut short, an ID not as the script writes it (upper case).
+    names = [*by_name, "notes.txt", f"{uid('deleted')}.json.part", f"{uid('deleted').upper()}.json"]
+    listed = json.dumps([dict(zip(("label", "kind", "id", "bounds", "ml", "parent"), n, strict=True)) for n in tree])
+    driver = f"""
+class Ml {{ Map m = [:]; double get(String k) {{ m.containsKey(k) ? m[k] as double : Double.NaN }} }}
+class Roi {{
+    List b
+    double getBoundsX() {{ b[0] }}
+    double getBoundsY() {{ b[1] }}
+    double getBoundsWidth() {{ b[2] }}
+    double getBoundsHeight() {{ b[3] }}
+}}
+class Node {{                                           // a PathObject's calls (PathObject.java v0.4.4)
+    String label; String kind; UUID id; Ml ml = new Ml(); Roi roi; List kids = []
+    UUID getID() {{ id }}
+    Roi getROI() {{ roi }}
+    Object[] getChildObjectsAsArray() {{ kids.toArray() }}
+    Ml getMeasurementList() {{ ml }}
+    boolean isAnnotation() {{ kind == "annotation" }}
+    boolean isDetection() {{ kind in ["detection", "tile"] }}
+    boolean isTMACore() {{ kind == "TMA core" }}
+}}
+def nodes = [:]
+for (n in new groovy.json.JsonSlurper().parseText('''{listed}''')) {{
+    def node = new Node(label: n.label, kind: n.kind, id: n.id == null ? UUID.randomUUID() : UUID.fromString(n.id),
+            roi: n.bounds == null ? null : new Roi(b: n.bounds))
+    n.ml.each {{ k, v -> node.ml.m[k] = v as double }}
+    nodes[n.label] = node
+    if (n.parent != null)
+        nodes[n.parent].kids << node
+}}
+def outlines = new groovy.json.JsonSlurper().parseText('''{json.dumps({n: outlines[k] for n, k in by_name.items()})}''')
+def read = []
+def outlineOf = {{ String name -> read << name; outlineShape(outlines[name]) }}
+def names = new groovy.json.JsonSlurper().parseText('''{json.dumps(names)}''')
+def lookup = recordsLookup(nodes["root"])
+def replaced = ["{uid("whole image")}"] as Set
+println JsonOutput.toJson([leftovers: lookup.leftovers, ids: lookup.ids.sort()])
+println JsonOutput.toJson(staleRecords(names, lookup, replaced, outlineOf))
+read.clear()
+println JsonOutput.toJson(staleRecords(names, [ids: lookup.ids, leftovers: []], replaced, outlineOf) + [read: read])
+"""
+    looked, stale, without = run_groovy(tmp_path, driver)
+    # The tool's objects under no analysed annotation or core, by their bounds; not a tile, not QuPath's cell.
+    assert sorted(looked["leftovers"]) == [
+        [1010, 1010, 0, 0],
+        [3010, 3010, 0, 0],
+        [6100, 6050, 0, 0],
+        [7020, 7020, 30, 30],
+    ]
+    assert set(looked["ids"]) >= {uid("analysed"), uid("core"), uid("yours"), uid("its region"), uid("kept region")}
+    # A nucleus in an outline's hole is outside it; one on its edge is in it, as a region in one of its polygons.
+    assert sorted(by_name[n] for n in stale["gone"]) == ["deleted", "holed"]
+    assert stale["replaced"] == []  # the whole-image analysis this run removed: objects it may have left are there
+    kept = {by_name[n]: why for n, why in stale["kept"].items()}
+    assert sorted(kept) == ["deleted, objects kept", "touching", "two parts", "unreadable", "whole image"]
+    assert kept["deleted, objects kept"] == (
+        "1 object this tool wrote lies in its area under no analysed annotation or TMA core (kept when its parent was "
+        "deleted, or moved by Resolve hierarchy), and `pdl1 train --from-review` needs it to tell your review of it; "
+        "delete it, or analyse an annotation around it, and a later run removes the record"
+    )
+    assert kept["whole image"].startswith("4 objects this tool wrote lie in its area")
+    assert kept["unreadable"] == (
+        "its outline does not read (its outline is no GeoJSON Polygon or MultiPolygon), so whether its objects are "
+        "still in the image cannot be told"
+    )
+    # With none of the tool's objects outside analysed ones, every record of a parent gone is stale, and none is read.
+    assert sorted(by_name[n] for n in without["gone"]) == sorted(
+        ["deleted, objects kept", "deleted", "holed", "touching", "two parts", "unreadable"]
+    )
+    assert [by_name[n] for n in without["replaced"]] == ["whole image"]
+    assert without["kept"] == {} and without["read"] == []
+
+
 @needs_groovy
 @pytest.mark.parametrize("stain", ["H&E", "H-DAB"])
 def test_a_run_on_selected_cores_keeps_the_entrys_score_over_every_analysed_core(tmp_path, stain):

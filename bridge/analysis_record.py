@@ -4,7 +4,8 @@ can tell a pathologist's review from the tool's output (``bridge.labels.WrittenO
 The service builds it (``GET /v1/jobs/{id}/record``: :func:`bridge.service.record.analysis_record`), in the image's
 level-0 px (an upload's results mapped back as its result pages are); the script saves it verbatim, once it has put
 the job's results under the analysed parent, as ``<project>/pdl1/<entry ID>/qupath_analyses/<parent ID>.json``
-(:func:`record_path`; the parent's QuPath ID, so a re-analysis of the parent replaces its record). It holds when it
+(:func:`record_path`; the parent's QuPath ID, so a re-analysis of the parent replaces its record; the script removes
+it once the parent, and every object of the tool that may be its output, is gone from the image). It holds when it
 was written (UTC), the analysed area (the parent's outline), the FN candidates (polygons), the bounds of the positive
 regions (to tell whether the analysis's output is still in the image) and the nuclei as QuPath got them (arrays, as
 :data:`~bridge.targets.TARGET_REGIONS_FILE` keeps them: a TMA core's cells as GeoJSON features would make it ten

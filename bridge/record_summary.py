@@ -129,8 +129,8 @@ def current_records(rows: list[TargetRow]) -> list[int]:
     """The indices of the records that count among an entry's, given their targets' rows in the order written: as a
     ``pdl1 run`` summary holds the whole image or its targets, never both, a whole-image analysis counts only where
     it is the newest record (then it alone), and otherwise every record but the whole-image ones, which the later
-    analyses of annotations or cores replaced (the script removes a whole-image analysis when it analyses the cores;
-    its record stays).
+    analyses of annotations or cores replaced (the script removes a whole-image analysis when it analyses the cores,
+    and its record with it, but folders of earlier versions of the script still hold such records).
 
     >>> from bridge.targets import missing_row
     >>> whole, core = TargetRow("a", "1", "PD-L1 analysis", WHOLE_IMAGE, "analysed"), missing_row("a", "1", "A-1")

@@ -1075,7 +1075,8 @@ def test_a_run_s_time_without_a_zone_is_utc_and_one_that_does_not_read_stops_tra
 
 
 def test_the_candidates_of_a_record_whose_output_is_all_gone_are_counted_not_dismissed(labelled, tmp_path):
-    # The annotation was deleted with everything under it (or its results cleared): its record stays behind.
+    # The annotation's results were cleared (or it was deleted with everything under it, and the script has not run on
+    # the image since, or was an earlier version): its record stays behind.
     project = _project_copy(labelled, tmp_path)
     candidates = [shapely.box(300, 300, 340, 340), shapely.box(500, 500, 540, 540)]
     _groovy_record(

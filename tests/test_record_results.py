@@ -309,8 +309,8 @@ def _copy_record(project: Path, entry: str, parent: str, new_parent: str, *, whe
 
 
 def test_a_whole_image_analysis_and_analyses_of_its_targets_are_alternatives_the_newer_counting(project, analysed):
-    # The script removes a whole-image analysis when it analyses the TMA cores, but its record stays: counted with
-    # the cores', the image's cells were counted twice.
+    # The script removes a whole-image analysis when it analyses the TMA cores; its earlier versions left its record
+    # (folders still hold such records): counted with the cores', the image's cells were counted twice.
     later = T0 + timedelta(hours=1)
     _copy_record(project, "2", "p-whole", "p-core", when=later, target="B-1", target_type="TMA core")
     _copy_record(project, "1", "p-left", "p-whole1", when=later, target="PD-L1 analysis", target_type="whole image")

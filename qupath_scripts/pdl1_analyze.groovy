@@ -1405,8 +1405,13 @@ def tidyRecords = { java.nio.file.Path folder ->
                 whys.findAll { it[0] > 0 }.collect { "${it[0]} ${it[1]}" }.join("; ") +
                 "; `pdl1 report` and `pdl1 review-queue` no longer read ${removed == 1 ? 'it' : 'them'}"
 }
-if (recordsFolder != null && (done > 0 || !replacedAnalyses.isEmpty()))
-    tidyRecords(recordsFolder)
+if (recordsFolder != null && (done > 0 || !replacedAnalyses.isEmpty())) {
+    try {
+        tidyRecords(recordsFolder)
+    } catch (Exception e) {  // the analyses are written: an error here must not keep the project from being saved
+        println "pdl1: the records in ${recordsFolder} were not tidied (${whyFailed(e)}); the next run tries again"
+    }
+}
 // QuPath 0.4.4 and 0.5 do not save the project after a headless script (0.6+ do with -s): save the metadata now.
 if (metadataWritten && project != null) {
     try {

@@ -24,6 +24,8 @@ def OWN_ANNOTATION_CLASSES = ["PD-L1 positive", "PD-L1 FN candidate"]
 def OWN_DETECTION_CLASSES = ["Tumor: Positive", "Tumor: Negative", "Other", "Tumor: 1+", "Tumor: 2+", "Tumor: 3+",
         "Immune cells: PD-L1 positive", "Immune cells: PD-L1 negative"]
 def TILE_NAME = "PD-L1 uncertainty"
+// pdl1_analyze.groovy's records of its analyses, in each entry's results folder (bridge/analysis_record.py)
+def RECORDS_FOLDER = "qupath_analyses"
 // ------------------------------------------------------------------------------------------
 
 // ---- helpers: plain Groovy, no QuPath classes (tests/test_groovy_scripts.py runs this part) ----
@@ -316,6 +318,7 @@ def hierarchy = getCurrentHierarchy()
 def parent = hierarchy.getAnnotationObjects().find {
     it.getPathClass() != null && it.getPathClass().toString() == ANALYSIS_CLASS && it.getName() == ANALYSIS_CLASS
 }
+def replaced = parent != null
 if (parent == null) {
     parent = newParent
     addObjects([parent])
@@ -332,6 +335,17 @@ if (parent == null) {
 }
 parent.addChildObjects(children)
 fireHierarchyUpdate()
+// Where pdl1_analyze.groovy had analysed the whole image under this annotation, its record (named by the
+// annotation's ID) describes the output just replaced: kept, pdl1 report and review-queue counted that analysis,
+// newer than these results, in place of what the image now holds.
+def record = new File(new File(folder, RECORDS_FOLDER), "${parent.getID()}.json")
+if (replaced && record.isFile()) {
+    if (record.delete())
+        println "pdl1: removed ${record}, the record of the pdl1_analyze.groovy analysis these results replaced"
+    else
+        println "pdl1: could not remove ${record}, the record of the analysis these results replaced; delete it, " +
+                "or pdl1 report and review-queue count that analysis in place of these results"
+}
 def tmaNote = tmaGridNote(hierarchy.getTMAGrid(), entry.getImageName())
 if (tmaNote != null)
     println tmaNote

@@ -1718,12 +1718,17 @@ def binding = new Binding([
     addObjects: { List objects -> root.addChildObjects(objects) },
     fireHierarchyUpdate: { -> },
 ])
-setup.runs.times {
+setup.runs.times { run ->
     new GroovyShell(this.class.classLoader, binding).evaluate(new File(setup.script))
     println groovy.json.JsonOutput.toJson([
         top: root.children.collect { [name: it.name, cls: it.pathClass?.toString(), children: it.children.size(),
                                       measurements: it.measurements.values] },
         metadata: entry.metadata, synced: project.synced])
+    if (run == 0 && setup.records_after_first) {  // as if pdl1_analyze.groovy then analysed each top object
+        def records = new File(new File(setup.project).parentFile, "pdl1/${setup.entry}/qupath_analyses")
+        records.mkdirs()
+        root.children.each { new File(records, "${it.getID()}.json").text = "{}" }
+    }
 }
 """
 
@@ -1770,6 +1775,42 @@ def test_the_import_script_puts_a_batch_runs_sidecars_under_its_analysis_and_a_r
     assert first["top"] == second["top"] == expected
     assert second["metadata"] == {"case": "B12", "PD-L1 TPS (manual)": "5", **metadata}
     assert (first["synced"], second["synced"]) == (1, 2)
+
+
+@needs_groovy
+def test_the_import_script_removes_the_record_of_the_analysis_whose_output_it_replaced(tmp_path):
+    # pdl1_analyze.groovy had analysed the whole image under "PD-L1 analysis"; importing pdl1 run's results replaced
+    # that analysis's output in the image, but its record stayed, and pdl1 report and review-queue counted it (newer)
+    # in place of what the image held.
+    from shapely.geometry import Point, box
+
+    from bridge.qupath_geojson import QuPathObject, to_feature, write_features
+
+    project = tmp_path / "project"
+    results = project / "pdl1" / "7"
+    results.mkdir(parents=True)
+    objects = [
+        QuPathObject(
+            box(0, 0, 1000, 800),
+            "annotation",
+            "PD-L1 analysis",
+            {"PD-L1: Uncertainty flag": 0.0},
+            name="PD-L1 analysis",
+        ),
+        QuPathObject(Point(20, 20), "detection", "Tumor: Positive", {"PD-L1 positive probability": 0.8}),
+    ]
+    write_features(results / "objects.geojson", (to_feature(o) for o in objects))
+    records = results / "qupath_analyses"
+    records.mkdir()
+    (records / "other-annotation.json").write_text("{}")  # another parent's: stays
+    setup = {"script": str(IMPORT), "project": str(project / "project.qpproj"), "entry": "7", "grid": False,
+             "runs": 2, "records_after_first": True, "metadata": {}}  # fmt: skip
+    (tmp_path / "setup.json").write_text(json.dumps(setup))
+    out = _groovy_main(tmp_path, IMPORT_RUN, str(tmp_path / "setup.json"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    removed = [line for line in out.stdout.splitlines() if line.startswith("pdl1: removed ")]
+    assert len(removed) == 1 and "the record of the pdl1_analyze.groovy analysis these results replaced" in removed[0]
+    assert sorted(p.name for p in records.iterdir()) == ["other-annotation.json"]
 
 
 @needs_groovy

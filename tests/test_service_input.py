@@ -370,6 +370,18 @@ def test_an_upload_s_unknown_parameter_is_refused_not_ignored(client, params, ca
     assert (r.status_code, r.json()) == (422, {"detail": f"bad request: {came}"})
 
 
+def test_a_record_s_unknown_parameter_is_refused_not_ignored(client):
+    # Ignored, a misspelt after_run left the record to be ordered by two machines' clocks, without a word.
+    r = client.get("/v1/jobs/nope/record", params={"afterrun": "none"})
+    assert (r.status_code, r.json()) == (
+        422,
+        {
+            "detail": "bad request: query.afterrun: unknown parameter 'afterrun'; did you mean 'after_run'? the "
+            "record's parameters are target, target_type, after_run"
+        },
+    )
+
+
 @pytest.mark.parametrize("after_run", ["run-7", "", "3F2B1C9E4D5A4E6F8A7B9C0D1E2F3A4B", "None"])
 def test_a_record_s_after_run_that_is_no_run_id_is_refused_saying_what_is_expected(client, after_run):
     # The record keeps it as the run id of the summary.json the script found: anything else would order nothing.

@@ -65,7 +65,7 @@ from bridge.service.schemas import (
 )
 from bridge.service.settings import ServiceSettings
 from bridge.service.uploads import check_upload
-from bridge.service.validation import error_responses, query_parameters, validation_problem
+from bridge.service.validation import RECORD, UPLOAD, error_responses, refuse_unknown_parameters, validation_problem
 from inference import (
     MPP_PLAUSIBLE_RANGE,
     Models,
@@ -379,15 +379,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         grown by the largest `tile_size_px` x `input_mpp` of the models the analysis runs (`GET /v1/models`),
         context alpha 128: so analysed, an upload gives what a path job on the same pixels gives.
         """
-        known = query_parameters(submit_pixels)
-        unknown = [name for name in request.query_params if name not in known]
-        if unknown:
-            raise RequestValidationError(
-                [
-                    {"type": "extra_forbidden", "loc": ("query", name), "msg": "unknown", "ctx": {"parameters": known}}
-                    for name in unknown
-                ]
-            )
+        refuse_unknown_parameters(request, submit_pixels, UPLOAD)
         _check_model(model)  # as a path job's: an upload ran the loaded models whatever model it named
         _check_image_type(image_type)  # before the body is read: no model runs on it
         # BodyLimit stops the read past max_request_bytes, stated length or not.
@@ -482,6 +474,8 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
             "record is asked for, or 'none' where there is none; the record keeps it (null for 'none') and is newer "
             "than that run's output whatever the clocks say. Left out: the record has no after_run.",
         ),
+        *,
+        request: Request,
         w: Worker = Depends(worker),
     ) -> Response:
         """What the job's result pages put into QuPath, for ``pdl1 train --from-review`` to tell a review from it:
@@ -491,6 +485,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         named by ``target`` and ``target_type``, for ``pdl1 report`` and ``pdl1 review-queue``; ``after_run``, the
         ``pdl1 run`` output the script found beside it, orders it against that output. See
         ``bridge.service.record``."""
+        refuse_unknown_parameters(request, record, RECORD)  # a misspelt after_run ordered by the clocks unsaid
         job, result, area = finished(job_id, w)
         body = analysis_record(
             result,

@@ -8,9 +8,14 @@ import inspect
 from typing import Any
 
 from fastapi import params
+from fastapi.exceptions import RequestValidationError
 
 from bridge.service.messages import clipped, quoted
 from bridge.service.schemas import ErrorDetail, JobRequest
+
+# Whose parameters an unknown one is told against (refuse_unknown_parameters).
+UPLOAD = "the upload's"
+RECORD = "the record's"
 
 
 def query_parameters(endpoint: Any) -> tuple[str, ...]:
@@ -20,6 +25,26 @@ def query_parameters(endpoint: Any) -> tuple[str, ...]:
     return tuple(
         name for name, p in inspect.signature(endpoint).parameters.items() if isinstance(p.default, params.Query)
     )
+
+
+def refuse_unknown_parameters(request: Any, endpoint: Any, whose: str) -> None:
+    """Raise the 422 of every query parameter ``request`` sends that ``endpoint`` does not declare
+    (:func:`query_parameters`), ``whose`` naming the endpoint's in the answer ("the upload's"): FastAPI ignores them,
+    and a misspelt one silently took its default."""
+    known = query_parameters(endpoint)
+    unknown = [name for name in request.query_params if name not in known]
+    if unknown:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "extra_forbidden",
+                    "loc": ("query", name),
+                    "msg": "unknown",
+                    "ctx": {"parameters": known, "whose": whose},
+                }
+                for name in unknown
+            ]
+        )
 
 
 def validation_problem(error: dict[str, Any], content_type: str | None) -> str:
@@ -49,15 +74,14 @@ def validation_problem(error: dict[str, Any], content_type: str | None) -> str:
             '{"image": "/path/to/slide.svs"}: JSON takes double quotes around names and strings, and no trailing comma'
         )
     if error["type"] == "extra_forbidden" and len(loc) == 2 and loc[0] == "query":
-        fields = list((error.get("ctx") or {}).get("parameters", ()))
-        if loc[1] == "roi":
+        ctx = error.get("ctx") or {}
+        fields, whose = list(ctx.get("parameters", ())), ctx.get("whose", "the endpoint's")
+        if loc[1] == "roi" and whose == UPLOAD:
             hint = "an upload is analysed whole: send only the ROI's bounding region (and its origin_x, origin_y); "
         else:
             close = difflib.get_close_matches(str(loc[1]), fields, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-        return (
-            f"{where}: unknown parameter {quoted(str(loc[1]))}; {hint}the upload's parameters are {', '.join(fields)}"
-        )
+        return f"{where}: unknown parameter {quoted(str(loc[1]))}; {hint}{whose} parameters are {', '.join(fields)}"
     if loc == ("query", "after_run") and error["type"] == "string_pattern_mismatch":
         return (
             f"{where}: {quoted(str(error.get('input')))} is no run id; expected the run_id of the pdl1 run "

@@ -3,7 +3,6 @@ projects, its report and the review queue."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -357,7 +356,11 @@ def run(
     # A slide or project named twice (a glob and one of its files, a project's folder and its project.qpproj)
     # is one: run once, and its project's pdl1-config.toml read as for one input.
     inputs = distinct_paths(inputs, done="analysed once")
-    started = time.time()
+    folder = out if out is not None else (inputs[0] if inputs[0].is_dir() else inputs[0].parent)
+    pairs, targets = folder / "pdl1" / "pairs.json", folder / "pdl1" / TARGETS_FILE
+    # What each file was before the run: both are replaced whole (a new inode), so "written by this run" is "not the
+    # same file", where comparing its mtime with the start missed one written within the file system's coarse tick.
+    before = {path: _file_stamp(path) for path in (pairs, targets)}
     try:
         settings = _settings(inputs, config, no_config=no_config, given=given, nuclei=nuclei)
         check_device_from_file(settings)
@@ -421,12 +424,9 @@ def run(
         stdout().print(nothing_left_to_do(outcomes), markup=False, highlight=False, soft_wrap=True)
     else:
         outcome_table(outcomes)
-    folder = out if out is not None else (inputs[0] if inputs[0].is_dir() else inputs[0].parent)
-    pairs = folder / "pdl1" / "pairs.json"
-    if pairs.is_file() and pairs.stat().st_mtime >= started:
+    if pairs.is_file() and _file_stamp(pairs) != before[pairs]:
         pairs_table(pairs)
-    targets = folder / "pdl1" / TARGETS_FILE
-    if targets.is_file() and targets.stat().st_mtime >= started:
+    if targets.is_file() and _file_stamp(targets) != before[targets]:
         stdout().print(f"per-target results: {targets}", markup=False, highlight=False, soft_wrap=True)
     if report:
         from bridge.report import write_report
@@ -570,3 +570,12 @@ def review_queue_cmd(
     for entry_id, name, why in queue.not_ranked:
         typer.echo(f"not ranked: {name} (entry {entry_id}): {why}")
     typer.echo(f"wrote {queue.csv_path}; entry metadata in the {queue.metadata_written_to}")
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int, int] | None:
+    """What tells one version of a file from another (device, inode, size, mtime in ns); None where there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns

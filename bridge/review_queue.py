@@ -5,8 +5,9 @@ Built from what an earlier ``pdl1 run`` left under ``<project>/pdl1/<entry>/`` (
 (``qupath_analyses/``, :mod:`bridge.record_summary`: each record one target of the entry; where an entry has both,
 the newer is used and its reasons say which), so it works with and without QuPath; nothing is analysed again. An
 entry ranked from records has, as regions, its targets' SUA candidates and positive regions' boxes (a record keeps no
-uncertainty tiles nor region uncertainty), and its rank goes into QuPath's metadata only where QuPath is here (and
-into its ``summary.json`` where an older run left one).
+uncertainty tiles nor region uncertainty), and its rank goes into QuPath's metadata where QuPath is here, and into
+its ``summary.json`` where an older run left one, else into :data:`REVIEW_FILE` beside its records, from which
+``pdl1_import_results.groovy`` sets it in QuPath (0.7 too, which paquo does not reach).
 
 Entry score (higher: label first)::
 
@@ -93,6 +94,9 @@ PROVENANCE_FILE = "review_queue.json"
 # In <project>/pdl1/ while review-queue renames its files: the review metadata of the summaries (and, through QuPath,
 # project.qpproj) may be part new, part old. pdl1_import_results.groovy holds the same name.
 UNFINISHED_FILE = "review_queue.unfinished"
+# In <project>/pdl1/<entry ID>/ of an entry analysed in QuPath alone (records, no summary.json): its review metadata,
+# for pdl1_import_results.groovy (QuPath 0.7, which paquo does not reach). The script holds the same name.
+REVIEW_FILE = "review.json"
 
 # Formula constants (module docstring); recorded in the provenance file.
 CAP = 2.0  # S and D: one extreme number must not bury every other reason
@@ -182,7 +186,7 @@ class ReviewQueue:
     entries: tuple[EntryItem, ...]
     not_ranked: tuple[tuple[str, str, str], ...]  # (entry ID, image name, why)
     csv_path: Path
-    metadata_written_to: str  # "QuPath project" or "summary.json sidecars" (and which entries have none)
+    metadata_written_to: str  # "QuPath project", or which sidecars and how QuPath gets them from there
 
 
 def _ratio(value: Any, limit: Any) -> float:
@@ -774,6 +778,21 @@ def entry_metadata(entries: Sequence[EntryItem]) -> dict[str, dict[str, str]]:
     return {e.entry_id: {RANK_KEY: str(rank), SCORE_KEY: f"{e.score:.3f}"} for rank, e in enumerate(entries, start=1)}
 
 
+def review_path(project_folder: Path, entry_id: str) -> Path:
+    """The review metadata sidecar of an entry analysed in QuPath alone (:data:`REVIEW_FILE`)."""
+    return project_folder / PDL1_DIR / entry_id / REVIEW_FILE
+
+
+def review_sidecar(metadata: dict[str, str | None], *, written_at: str, queue: Path, why: str | None = None) -> str:
+    """The text of a :data:`REVIEW_FILE`: the entry's review keys (null: no longer ranked, ``why`` says why: the
+    import script removes them from QuPath, as :func:`bridge.qupath.set_entry_metadata` does with None), when and
+    which queue wrote them."""
+    record: dict[str, Any] = {"metadata": metadata, "written_at": written_at, "queue": str(queue)}
+    if why is not None:
+        record["not_ranked"] = why
+    return json.dumps(record, indent=2, allow_nan=False)
+
+
 def _staged(path: Path, text: str) -> Path:
     """``text`` written and flushed beside ``path``; :func:`write_review_queue` renames it over ``path``."""
     tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.part")
@@ -806,15 +825,19 @@ def write_review_queue(
     """Rank, then write the CSV, its provenance JSON and every ranked entry's review metadata.
 
     Metadata goes into the project through QuPath when it is installed (``qupath``: auto, always,
-    never), and always into each entry's ``summary.json`` ``metadata``, from which
-    ``pdl1_import_results.groovy`` sets it in QuPath. Every file is staged beside its target first,
-    so a failure while staging (or QuPath's save failing) changes nothing. Then ``pdl1/review_queue.unfinished``
-    is written, the QuPath project saved, the old ``review_queue.json`` removed, the summaries and the CSV
-    renamed into place one at a time and the new ``review_queue.json`` last, and the marker removed. Stopped
-    between those steps (a kill, a power cut, a rename refused), some summaries carry the new rank and some
-    an older one: the marker stays and says so, to pdl1_import_results.groovy (it then leaves QuPath's
-    review keys alone) and to the next review-queue (it warns, writes every entry's again and removes it).
-    Holds the project's run lock, so no ``pdl1 run`` writes meanwhile.
+    never), and always into each entry's ``summary.json`` ``metadata`` or, for an entry analysed in QuPath alone
+    (records of pdl1_analyze.groovy, no summary), into its ``pdl1/<entry ID>/review.json``: from either
+    ``pdl1_import_results.groovy`` sets it in QuPath (how QuPath 0.7, which paquo does not reach, gets it). An entry
+    not ranked now that has a ``review.json`` gets its keys as null there (the script removes them, as QuPath's are
+    removed here); one whose rank now goes into its ``summary.json`` has its ``review.json`` removed. Every file is
+    staged beside its target first, so a failure while staging (or QuPath's save failing) changes nothing. Then
+    ``pdl1/review_queue.unfinished`` is written, the QuPath project saved, the old ``review_queue.json`` removed,
+    the superseded ``review.json`` files removed, the summaries, the ``review.json`` files and the CSV renamed into
+    place one at a time and the new ``review_queue.json`` last, and the marker removed. Stopped between those steps
+    (a kill, a power cut, a rename refused), some entries carry the new rank and some an older one: the marker stays
+    and says so, to pdl1_import_results.groovy (it then leaves QuPath's review keys alone) and to the next
+    review-queue (it warns, writes every entry's again and removes it). Holds the project's run lock, so no ``pdl1
+    run`` writes meanwhile.
     """
     if qupath not in ("auto", "always", "never"):
         raise ReviewQueueError(f"--qupath must be auto, always or never, got {qupath!r}")
@@ -889,22 +912,42 @@ def write_review_queue(
         earlier_unfinished = marker.is_file()
         if earlier_unfinished:
             log.warning(
-                "%s: an earlier pdl1 review-queue was stopped while renaming its files (%s), so some summaries carry "
-                "its review rank and others an older one; this one writes every entry's again",
+                "%s: an earlier pdl1 review-queue was stopped while renaming its files (%s), so some summaries (or "
+                "review.json files) carry its review rank and others an older one; this one writes every entry's again",
                 marker,
                 _marker_text(marker),
             )
         provenance_path = csv_path.with_name(csv_path.stem + ".json")
+        written_at = provenance["written_at"]
+        # review.json of entries whose rank now goes into their summary.json: an earlier queue's, when they were
+        # analysed in QuPath alone; removed with the renames (the import reads the summary's where there is one).
+        superseded = [
+            path
+            for path in (review_path(folder, e.entry_id) for e in entries if e.summary_path is not None)
+            if path.is_file()
+        ]
+        cleared = 0
         try:
-            # The summaries first and the CSV, then review_queue.json (the record of the CSV), last: renamed in that
-            # order, a review_queue.json beside its CSV says every summary carries its rank.
+            # The summaries and review.json files first and the CSV, then review_queue.json (the record of the CSV),
+            # last: renamed in that order, a review_queue.json beside its CSV says every sidecar carries its rank.
             for entry in entries:
-                if entry.summary_path is None:  # analysed in QuPath only: its rank is in the CSV (and QuPath's)
+                if entry.summary_path is None:  # analysed in QuPath alone: pdl1_import_results.groovy reads review.json
+                    path = review_path(folder, entry.entry_id)
+                    text = review_sidecar(metadata[entry.entry_id], written_at=written_at, queue=csv_path)
+                    staged.append((_staged(path, text), path))
                     continue
                 summary = _read_json(entry.summary_path, "run `pdl1 run PROJECT --resume`")
                 summary["metadata"] = {**summary.get("metadata", {}), **metadata[entry.entry_id]}
                 text = json.dumps(summary, indent=2, allow_nan=False)
                 staged.append((_staged(entry.summary_path, text), entry.summary_path))
+            for entry_id, _, why in not_ranked:  # ranked by an earlier queue: its rank cleared, as QuPath's below
+                path = review_path(folder, entry_id)
+                if path.is_file():
+                    text = review_sidecar(
+                        {RANK_KEY: None, SCORE_KEY: None}, written_at=written_at, queue=csv_path, why=why
+                    )
+                    staged.append((_staged(path, text), path))
+                    cleared += 1
             staged.append((_staged(csv_path, buffer.getvalue()), csv_path))
             staged.append(
                 (_staged(provenance_path, json.dumps(provenance, indent=2, allow_nan=False)), provenance_path)
@@ -926,6 +969,13 @@ def write_review_queue(
                 marker.unlink(missing_ok=True)
             raise
         provenance_path.unlink(missing_ok=True)  # the record: gone before the first rename, back after the last
+        try:
+            for path in superseded:
+                path.unlink(missing_ok=True)
+        except BaseException:  # none renamed yet: the staged files go; the marker stays (some sidecars are gone)
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise
         for done, (tmp, target) in enumerate(staged):
             try:
                 os.replace(tmp, target)
@@ -938,19 +988,32 @@ def write_review_queue(
         entries=tuple(entries),
         not_ranked=tuple(not_ranked),
         csv_path=csv_path,
-        metadata_written_to=_metadata_written_to(entries, use_qupath=use_qupath),
+        metadata_written_to=_metadata_written_to(entries, use_qupath=use_qupath, cleared=cleared),
     )
 
 
-def _metadata_written_to(entries: Sequence[EntryItem], *, use_qupath: bool) -> str:
-    """Where the ranks went as entry metadata; without QuPath, not for the entries analysed in QuPath alone (records
-    of pdl1_analyze.groovy, no summary.json): their rank is in the CSV only."""
+def _metadata_written_to(entries: Sequence[EntryItem], *, use_qupath: bool, cleared: int = 0) -> str:
+    """Where the ranks went as entry metadata, and how QuPath gets them without paquo (QuPath 0.7): from the
+    summary.json sidecars, and the review.json of the entries analysed in QuPath alone (records of
+    pdl1_analyze.groovy, no summary.json), pdl1_import_results.groovy sets them; ``cleared``: the review.json of
+    entries no longer ranked whose rank was cleared."""
     if use_qupath:
         return "QuPath project"
-    without = sum(e.summary_path is None for e in entries)
-    if not without:
-        return "summary.json sidecars"
-    return (
-        f"summary.json sidecars, but for the {without} entries analysed in QuPath alone, which have none (their rank "
-        "is in the CSV; run review-queue where QuPath is installed to set it in the project)"
-    )
+    alone = sum(e.summary_path is None for e in entries)
+    where = []
+    if len(entries) > alone:
+        where.append("summary.json sidecars")
+    if alone:
+        where.append(f"review.json sidecars of {_entries(alone)} analysed in QuPath alone")
+    if cleared:
+        where.append(
+            f"review.json of {_entries(cleared)} no longer ranked, {'its' if cleared == 1 else 'their'} rank cleared"
+        )
+    if not where:
+        return "sidecars of no entry (none was ranked)"  # the CLI says "entry metadata in the ..."
+    fix = "run pdl1_import_results.groovy for the project (Run for project) to set them in QuPath"
+    return f"{' and '.join(where)}; {fix}"
+
+
+def _entries(count: int) -> str:
+    return f"{count} entry" if count == 1 else f"{count} entries"

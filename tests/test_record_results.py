@@ -16,7 +16,7 @@ from bridge.analysis_record import record_path
 from bridge.init_project import init_project_files
 from bridge.record_summary import entry_summary_from_records
 from bridge.report import write_report
-from bridge.review_queue import build_queue, write_review_queue
+from bridge.review_queue import RANK_KEY, REVIEW_FILE, SCORE_KEY, UNFINISHED_FILE, build_queue, write_review_queue
 from bridge.service.record import analysis_record
 from inference import tumour_proportion_score
 from inference.pipeline import Models, PipelineConfig, analyse_slide
@@ -104,7 +104,15 @@ def test_a_project_analysed_only_in_qupath_is_reported_per_target_and_ranked(pro
 
     queue = write_review_queue(project, qupath="never")
     assert sorted(e.entry_id for e in queue.entries) == ["1", "2"] and queue.not_ranked == ()
-    assert queue.metadata_written_to.startswith("summary.json sidecars, but for the 2 entries analysed in QuPath alone")
+    assert queue.metadata_written_to == (
+        "review.json sidecars of 2 entries analysed in QuPath alone; run pdl1_import_results.groovy for the "
+        "project (Run for project) to set them in QuPath"
+    )
+    # Their ranks, for pdl1_import_results.groovy (QuPath 0.7, which paquo does not reach): before, in the CSV only.
+    for rank, entry in enumerate(queue.entries, start=1):
+        sidecar = json.loads((project / "pdl1" / entry.entry_id / REVIEW_FILE).read_text())
+        assert sidecar["metadata"] == {RANK_KEY: str(rank), SCORE_KEY: f"{entry.score:.3f}"}
+        assert sidecar["queue"] == str(queue.csv_path) and "not_ranked" not in sidecar
     for entry in queue.entries:
         assert entry.summary_path is None and entry.score > 0
         assert any(r.startswith("results from pdl1_analyze.groovy") for r in entry.reasons)
@@ -337,3 +345,53 @@ def test_records_that_do_not_add_up_are_named_not_a_crash(project):
     assert "qupath_analyses do not add up as an image's results (KeyError(" in html.unescape(html_path.read_text())
     ranked, not_ranked = build_queue(project)
     assert [e.entry_id for e in ranked] == ["2"] and [i for i, _, _ in not_ranked] == ["1"]
+
+
+def _sidecars(project: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted((project / "pdl1").glob(f"*/{REVIEW_FILE}"))}
+
+
+def test_an_entry_that_drops_out_of_the_queue_has_its_review_json_rank_cleared(project):
+    # Left as it was, its old rank stayed beside the new ranks (two entries ranked 1) for the import to set in QuPath.
+    write_review_queue(project, qupath="never")
+    assert sorted(_sidecars(project)) == ["1", "2"]
+    for path in (project / "pdl1" / "2" / "qupath_analyses").glob("*.json"):
+        path.write_text("{}")  # its records no longer read: named, not ranked
+    queue = write_review_queue(project, qupath="never")
+    assert [e.entry_id for e in queue.entries] == ["1"] and [i for i, _, _ in queue.not_ranked] == ["2"]
+    sidecars = _sidecars(project)
+    assert sidecars["1"]["metadata"] == {RANK_KEY: "1", SCORE_KEY: f"{queue.entries[0].score:.3f}"}
+    assert sidecars["2"]["metadata"] == {RANK_KEY: None, SCORE_KEY: None}
+    assert sidecars["2"]["not_ranked"] == queue.not_ranked[0][2]
+    assert "review.json of 1 entry no longer ranked, its rank cleared" in queue.metadata_written_to
+    assert not (project / "pdl1" / UNFINISHED_FILE).exists() and not list((project / "pdl1").rglob("*.part"))
+
+
+def test_a_failure_while_staging_a_review_json_leaves_every_sidecar_as_it_was(project, monkeypatch):
+    import bridge.review_queue as rq
+
+    write_review_queue(project, qupath="never")
+    (project / "pdl1" / "review_queue.csv").unlink()
+    before = {p: p.read_bytes() for p in (project / "pdl1").glob(f"*/{REVIEW_FILE}")}
+    assert len(before) == 2
+    staged = rq._staged
+    sidecars = []
+
+    def full_disk_at_the_second_sidecar(path, text):
+        if path.name == REVIEW_FILE:
+            sidecars.append(path)
+            if len(sidecars) == 2:
+                raise OSError(28, "No space left on device")
+        return staged(path, text)
+
+    monkeypatch.setattr(rq, "_staged", full_disk_at_the_second_sidecar)
+    for path in (project / "pdl1" / "1" / "qupath_analyses").glob("*.json"):  # entry 1's score (its sidecar) changes
+        record = json.loads(path.read_text())
+        record["scores"]["summary"]["details"]["mutual_information_mean"] = 0.0
+        path.write_text(json.dumps(record))
+    with pytest.raises(OSError, match="No space left"):
+        write_review_queue(project, qupath="never")
+    assert len(sidecars) == 2  # the first was staged
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (project / "pdl1" / "review_queue.csv").exists()
+    assert not (project / "pdl1" / UNFINISHED_FILE).exists() and not list((project / "pdl1").rglob("*.part"))

@@ -21,6 +21,7 @@ from bridge.project import ProjectError
 from bridge.qupath_geojson import QuPathObject, to_feature, write_features
 from bridge.review_queue import (
     RANK_KEY,
+    REVIEW_FILE,
     SCORE_KEY,
     UNFINISHED_FILE,
     ReviewQueueError,
@@ -133,6 +134,26 @@ def test_top_and_regions_limit_the_csv_but_every_entry_gets_its_rank(project, tm
     assert rows[0]["kind"] == "entry" and {r["rank"] for r in rows} == {"1"}
     assert len(rows) == 3
     assert {_summary(project, e)["metadata"][RANK_KEY] for e in ("1", "2")} == {"1", "2"}
+
+
+def test_an_entry_with_a_summary_gets_its_rank_there_and_no_review_json(project):
+    # review.json is for entries analysed in QuPath alone: one an earlier queue wrote, before `pdl1 run` analysed the
+    # image, kept its old rank beside the summary's new one; one of an entry no longer ranked kept its rank.
+    earlier = json.dumps({"metadata": {RANK_KEY: "9", SCORE_KEY: "0.100"}})
+    for entry in ("1", "3"):  # 3: its slide moved, the last run failed on it: not ranked
+        (project / "pdl1" / entry).mkdir(exist_ok=True)
+        (project / "pdl1" / entry / REVIEW_FILE).write_text(earlier)
+    queue = write_review_queue(project, qupath="never")
+    assert [i for i, _, _ in queue.not_ranked] == ["3"]
+    assert {_summary(project, e)["metadata"][RANK_KEY] for e in ("1", "2")} == {"1", "2"}
+    assert not (project / "pdl1" / "1" / REVIEW_FILE).exists() and not (project / "pdl1" / "2" / REVIEW_FILE).exists()
+    cleared = json.loads((project / "pdl1" / "3" / REVIEW_FILE).read_text())
+    assert cleared["metadata"] == {RANK_KEY: None, SCORE_KEY: None}
+    assert cleared["not_ranked"].startswith("failed in the last run:")
+    assert queue.metadata_written_to.startswith(
+        "summary.json sidecars and review.json of 1 entry no longer ranked, its rank cleared; run "
+        "pdl1_import_results.groovy"
+    )
 
 
 def test_labelled_regions_are_marked_and_the_entry_down_ranked(project):
@@ -412,7 +433,9 @@ def test_the_cli_lists_the_command_and_prints_the_queue(project):
     result = runner.invoke(app, ["review-queue", str(project), "--qupath", "never", "--top", "1"])
     assert result.exit_code == 0, result.output
     assert "review queue" in result.output and "not ranked: moved.svs (entry 3)" in result.output
-    assert "entry metadata in the summary.json sidecars" in result.output
+    assert "entry metadata in the summary.json sidecars; run pdl1_import_results.groovy for the project" in (
+        " ".join(result.output.split())
+    )
     result = runner.invoke(app, ["review-queue", str(project), "--top", "0"])
     assert result.exit_code == 2
 

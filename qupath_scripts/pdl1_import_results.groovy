@@ -7,6 +7,10 @@
  * This script puts them into the open image, under the right parent, replacing what an earlier
  * pdl1-bridge run wrote and leaving every other object alone. Where `pdl1 run` went through QuPath and analysed
  * annotations or TMA cores, their results are in the image already: nothing is imported, and the log says so.
+ * `pdl1 review-queue PROJECT` ranks the entries for labelling: their "PD-L1 review rank" and "PD-L1 review score"
+ * are in summary.json, and for an image analysed in QuPath alone (pdl1_analyze.groovy with `pdl1 serve`: no
+ * objects.geojson) in <project>/pdl1/<entryID>/review.json; this script sets them as the entry's metadata (on
+ * QuPath 0.7 too, which `pdl1 review-queue` cannot write to itself).
  *
  * Run it for the whole project: Automate > Project scripts (or Script editor) > Run for project,
  * or headless (-s is --save: write each image's data): QuPath script -p project.qpproj -s pdl1_import_results.groovy
@@ -62,6 +66,37 @@ def metadataToImport = { Map metadata, File resultsFolder ->
     if (!new File(resultsFolder, REVIEW_UNFINISHED).isFile())
         return metadata
     return metadata.findAll { key, value -> !(key in REVIEW_KEYS) }
+}
+// An entry analysed in QuPath alone (pdl1_analyze.groovy's records: no summary.json, no objects.geojson) has its
+// review keys in <entryID>/review.json (bridge/review_queue.py: REVIEW_FILE): {"metadata": {key: value}, ...}, a null
+// value where the entry is no longer ranked (the key is then removed, as review-queue removes it through QuPath).
+// Returns the review keys it holds (others are not taken); throws IllegalArgumentException saying what was expected.
+def REVIEW_FILE = "review.json"
+def reviewMetadataOf = { sidecar ->
+    def metadata = sidecar instanceof Map ? sidecar.get("metadata") : null
+    def review = metadata instanceof Map ? metadata.findAll { key, value -> key in REVIEW_KEYS } : [:]
+    if (review.isEmpty())
+        throw new IllegalArgumentException("expected an object whose \"metadata\" holds ${REVIEW_KEYS.join(' and ')}")
+    return review
+}
+// Sets the review keys of values on an entry and removes those whose value is null, the entry's own map where it has
+// one (QuPath 0.6+), else putMetadataValue and removeMetadataValue (0.4.4 and 0.5), as putEntryMetadata; not
+// putEntryMetadata itself, which removes this tool's run keys that values lack (the TPS pdl1_analyze.groovy set).
+// Other keys stay. Returns [how: the API used, set: the keys set, removed: the keys removed].
+def putReviewMetadata = { entry, Map values ->
+    def map = entry.metaClass.respondsTo(entry, "getMetadata") ? entry.getMetadata() : null
+    def review = values.findAll { key, value -> key in REVIEW_KEYS }
+    def set = review.findAll { key, value -> value != null }
+    def has = { key -> map instanceof Map ? map.containsKey(key) : key in entry.getMetadataKeys() }
+    def removed = review.findAll { key, value -> value == null && has(key) }.keySet().toList()
+    if (map instanceof Map) {
+        removed.each { map.remove(it) }
+        set.each { key, value -> map.put(key as String, value as String) }
+        return [how: "getMetadata", set: set.keySet().toList(), removed: removed]
+    }
+    removed.each { entry.removeMetadataValue(it as String) }
+    set.each { key, value -> entry.putMetadataValue(key as String, value as String) }
+    return [how: "putMetadataValue", set: set.keySet().toList(), removed: removed]
 }
 // A measurement list's names, in order: getNames() on 0.6+ (getMeasurementNames() is deprecated there), else
 // getMeasurementNames() (0.4.4 and 0.5 have no getNames). keySet() is on every version but unordered on 0.6+.
@@ -275,6 +310,39 @@ if (project == null || entry == null) {
 def projectDir = project.getPath().getParent().toFile()
 def folder = new File(new File(projectDir, RESULTS_FOLDER), entry.getID())
 def geojson = new File(folder, "objects.geojson")
+def reviewFile = new File(folder, REVIEW_FILE)
+if (!geojson.isFile() && reviewFile.isFile()) {
+    // Analysed in QuPath alone: its objects are in the image already; only its review rank comes from here.
+    def sidecar
+    def review
+    try {
+        sidecar = GsonTools.getInstance().fromJson(reviewFile.getText("UTF-8"), Map.class)
+        review = reviewMetadataOf(sidecar)
+    } catch (Exception e) {  // Gson's JsonSyntaxException (not JSON, not an object), reviewMetadataOf's refusal
+        def why = (e.getMessage() ?: e.getClass().getSimpleName()).replaceAll(/\s*\n\s*/, " ")  // one log line
+        println "pdl1: ${reviewFile} does not read (${why}); run pdl1 review-queue for the project again"
+        return
+    }
+    if (metadataToImport(review, folder.getParentFile()).size() < review.size()) {
+        println "pdl1: ${new File(folder.getParentFile(), REVIEW_UNFINISHED)}: a pdl1 review-queue was stopped while " +
+                "renaming its files, so the review ranks are part its, part older; ${entry.getImageName()}'s in " +
+                "${reviewFile} is not imported (QuPath keeps the one it has): run pdl1 review-queue for the project " +
+                "again"
+        return
+    }
+    def done = putReviewMetadata(entry, review)
+    try {
+        project.syncChanges()
+    } catch (IOException e) {
+        println "pdl1: the review rank is set but ${project.getPath()} could not be saved (${e.getMessage()}); " +
+                "save the project from QuPath"
+    }
+    def said = done.set.collect { "${it} ${review.get(it)}" } + done.removed.collect { "${it} removed" }
+    def why = sidecar.get("not_ranked") == null ? "" : " (not ranked: ${sidecar.get('not_ranked')})"
+    println "pdl1: ${entry.getImageName()}: ${said.isEmpty() ? 'no review rank to set or remove' : said.join(', ')}" +
+            "${why}, from ${reviewFile}; no objects to import: it was analysed in QuPath, its results are in the image"
+    return
+}
 if (!geojson.isFile()) {
     println "pdl1: no results for ${entry.getImageName()} (expected ${geojson}); run `pdl1 run` on the project first"
     return

@@ -16,7 +16,7 @@ import pytest
 import tomllib
 
 from bridge.project_config import SCHEMA, ConfigError, read_project_config
-from bridge.review_queue import RANK_KEY, SCORE_KEY, UNFINISHED_FILE
+from bridge.review_queue import RANK_KEY, REVIEW_FILE, SCORE_KEY, UNFINISHED_FILE, review_sidecar
 from bridge.run import RUN_METADATA_KEYS
 from project_templates import PDL1_TEMPLATE
 from tests.helpers import JavaPathObject, paquo_stand_ins
@@ -326,9 +326,41 @@ println JsonOutput.toJson(metadataToImport(metadata, results))
     assert unfinished == {"PD-L1 TPS %": "12.5", "case": "B12"}
 
 
+@needs_groovy
+def test_review_keys_are_set_and_removed_without_touching_the_run_keys_of_an_analysis_in_qupath(tmp_path):
+    # An entry analysed in QuPath alone has its rank in review.json: set (a null value: removed) where the entry has
+    # a map (0.6+) or not (0.4.4, 0.5); the TPS pdl1_analyze.groovy set stays (putEntryMetadata would remove it).
+    driver = """
+for (entry in [new OldEntry(), new NewEntry()]) {
+    def store = entry instanceof NewEntry ? entry.metadata : entry.stored
+    store.putAll(["case": "B12", "PD-L1 TPS %": "55.0", "PD-L1 run": "r1", "PD-L1 review rank": "3",
+                  "PD-L1 review score": "0.900"])
+    def sidecar = new groovy.json.JsonSlurper().parseText('{"metadata": {"PD-L1 review rank": "1", ' +
+            '"PD-L1 review score": null, "PD-L1 TPS %": "0.0"}}')
+    def done = putReviewMetadata(entry, reviewMetadataOf(sidecar))
+    println JsonOutput.toJson([how: done.how, set: done.set, removed: done.removed, kept: new TreeMap(store)])
+}
+for (bad in ['{"metadata": {"case": "B12"}}', '[1]', '{"metadata": "1"}']) {
+    try {
+        reviewMetadataOf(new groovy.json.JsonSlurper().parseText(bad))
+        println JsonOutput.toJson([refused: null])
+    } catch (IllegalArgumentException e) {
+        println JsonOutput.toJson([refused: e.getMessage()])
+    }
+}
+"""
+    old, new, *refused = run_groovy(tmp_path, ENTRIES + driver, IMPORT)
+    kept = {"case": "B12", "PD-L1 TPS %": "55.0", "PD-L1 run": "r1", RANK_KEY: "1"}
+    assert old == {"how": "putMetadataValue", "set": [RANK_KEY], "removed": [SCORE_KEY], "kept": kept}
+    assert new == {"how": "getMetadata", "set": [RANK_KEY], "removed": [SCORE_KEY], "kept": kept}
+    expected = f'expected an object whose "metadata" holds {RANK_KEY} and {SCORE_KEY}'
+    assert refused == [{"refused": expected}] * 3
+
+
 def test_the_import_script_knows_the_review_queues_marker_and_keys():
     text = IMPORT.read_text()
     assert f'def REVIEW_UNFINISHED = "{UNFINISHED_FILE}"' in text
+    assert f'def REVIEW_FILE = "{REVIEW_FILE}"' in text
     assert f'def REVIEW_KEYS = ["{RANK_KEY}", "{SCORE_KEY}"]' in text
     assert "putEntryMetadata(entry, values)" in text.replace(helpers(IMPORT), "")
 
@@ -346,11 +378,14 @@ def test_metadata_is_written_through_the_helper_and_the_project_synced(script):
     # putMetadataValue (deprecated since 0.6) only as the helper's fallback for entries without getMetadata().
     assert "putMetadataValue" not in body and "removeMetadataValue" not in body
     assert "putEntryMetadata(entry, " in body
-    # QuPath 0.4.4 and 0.5 do not save the project after a headless script: the script syncs it after the metadata,
-    # only where there is a project.
-    sync = body.index("project.syncChanges()")
-    assert body.index("putEntryMetadata(entry, ") < sync
-    assert re.search(r"project (==|!=) null", body[:sync])
+    # QuPath 0.4.4 and 0.5 do not save the project after a headless script: the script syncs it after the metadata
+    # (each sync after a helper's write: the import's of review.json too), only where there is a project.
+    syncs = [m.start() for m in re.finditer(re.escape("project.syncChanges()"), body)]
+    assert syncs
+    writes = ("putEntryMetadata(entry, ", "putReviewMetadata(entry, ")
+    for since, sync in zip([0, *syncs[:-1]], syncs, strict=True):
+        assert any(body.find(call, since, sync) >= 0 for call in writes)
+    assert re.search(r"project (==|!=) null", body[: syncs[0]])
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS.glob("*.groovy")), ids=lambda p: p.name)
@@ -1850,3 +1885,97 @@ def test_the_import_script_leaves_alone_results_pdl1_run_wrote_into_qupath_itsel
         json.dumps({"top": [], "metadata": {"case": "B12"}, "synced": 0}, separators=(",", ":")),
     ]
     assert said[WHOLE_IMAGE][-2] == "pdl1: imported 1 objects under 'PD-L1 analysis' for tma.svs"
+
+
+def _import_review(tmp_path: Path, sidecar: str | None, *, geojson: bool = False, unfinished: bool = False) -> list:
+    """pdl1_import_results.groovy run on entry 7, whose metadata holds pdl1_analyze.groovy's TPS and an earlier
+    rank, with ``sidecar`` as its review.json (none where None): its log lines and the entry after it."""
+    project = tmp_path / "project"
+    results = project / "pdl1" / "7"
+    results.mkdir(parents=True, exist_ok=True)
+    review = results / REVIEW_FILE
+    review.unlink(missing_ok=True)
+    if sidecar is not None:
+        review.write_text(sidecar)
+    (project / "pdl1" / UNFINISHED_FILE).unlink(missing_ok=True)
+    if unfinished:
+        (project / "pdl1" / UNFINISHED_FILE).write_text("{}")
+    if geojson:  # an entry `pdl1 run` analysed: its summary carries its rank
+        from shapely.geometry import Point, box
+
+        from bridge.qupath_geojson import QuPathObject, to_feature, write_features
+
+        objects = [
+            QuPathObject(box(0, 0, 100, 80), "annotation", "PD-L1 analysis", {"PD-L1: Uncertainty flag": 0.0},
+                         name="PD-L1 analysis"),
+            QuPathObject(Point(20, 20), "detection", "Tumor: Positive", {"PD-L1 positive probability": 0.8}),
+        ]  # fmt: skip
+        write_features(results / "objects.geojson", (to_feature(o) for o in objects))
+        ranked = {"PD-L1 run": "r2", RANK_KEY: "1", SCORE_KEY: "2.000"}
+        (results / "summary.json").write_text(json.dumps({"metadata": ranked}))
+    metadata = {"PD-L1 TPS %": "12.5", "PD-L1 run": "r1", "case": "B12", RANK_KEY: "5", SCORE_KEY: "0.500"}
+    setup = {"script": str(IMPORT), "project": str(project / "project.qpproj"), "entry": "7", "grid": False, "runs": 1,
+             "metadata": metadata}  # fmt: skip
+    (tmp_path / "setup.json").write_text(json.dumps(setup))
+    out = _groovy_main(tmp_path, IMPORT_RUN, str(tmp_path / "setup.json"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith(("pdl1:", "{"))]
+    return [line if line.startswith("pdl1:") else json.loads(line) for line in lines]
+
+
+@needs_groovy
+def test_the_import_script_sets_the_review_rank_of_an_entry_analysed_in_qupath_alone_from_its_review_json(tmp_path):
+    # Such an entry (records of pdl1_analyze.groovy, no objects.geojson) had its rank in the CSV only: "no results".
+    review = tmp_path / "project" / "pdl1" / "7" / REVIEW_FILE
+    queue = tmp_path / "project" / "pdl1" / "review_queue.csv"
+    ranked = review_sidecar({RANK_KEY: "2", SCORE_KEY: "1.250"}, written_at="2026-03-01T09:00:00+00:00", queue=queue)
+    said, after = _import_review(tmp_path, ranked)
+    assert said == (
+        f"pdl1: tma.svs: {RANK_KEY} 2, {SCORE_KEY} 1.250, from {review}; no objects to import: it was analysed in "
+        "QuPath, its results are in the image"
+    )
+    # The TPS pdl1_analyze.groovy set, the run and the case stay; nothing is added to the image.
+    metadata = {"PD-L1 TPS %": "12.5", "PD-L1 run": "r1", "case": "B12"}
+    assert after == {"top": [], "metadata": {**metadata, RANK_KEY: "2", SCORE_KEY: "1.250"}, "synced": 1}
+
+    # No longer ranked (its records no longer read): its rank goes from QuPath too.
+    why = "qupath_analyses/a.json does not read"
+    cleared = review_sidecar({RANK_KEY: None, SCORE_KEY: None}, written_at="2026-03-02T09:00:00+00:00", queue=queue,
+                             why=why)  # fmt: skip
+    said, after = _import_review(tmp_path, cleared)
+    assert said == (
+        f"pdl1: tma.svs: {RANK_KEY} removed, {SCORE_KEY} removed (not ranked: {why}), from {review}; no objects to "
+        "import: it was analysed in QuPath, its results are in the image"
+    )
+    assert after == {"top": [], "metadata": metadata, "synced": 1}
+
+    # A review.json that does not read is named, and the entry's metadata left as it was.
+    said, after = _import_review(tmp_path, '{"metadata": ')
+    assert said.startswith(f"pdl1: {review} does not read (") and said.endswith(
+        "run pdl1 review-queue for the project again"
+    )
+    assert after["metadata"][RANK_KEY] == "5" and after["synced"] == 0
+
+    # Neither objects.geojson nor review.json: what it said before.
+    said, after = _import_review(tmp_path, None)
+    assert said.startswith("pdl1: no results for tma.svs (expected ") and after["synced"] == 0
+
+    # Both (an entry `pdl1 run` analysed): the summary's rank, as before; review.json is not read.
+    *_, said, after = _import_review(tmp_path, ranked, geojson=True)
+    assert said == "pdl1: imported 1 objects under 'PD-L1 analysis' for tma.svs"
+    assert after["metadata"] == {"PD-L1 run": "r2", "case": "B12", RANK_KEY: "1", SCORE_KEY: "2.000"}
+
+
+@needs_groovy
+def test_the_import_leaves_the_review_rank_from_review_json_alone_while_a_review_queue_is_unfinished(tmp_path):
+    queue = tmp_path / "project" / "pdl1" / "review_queue.csv"
+    ranked = review_sidecar({RANK_KEY: "2", SCORE_KEY: "1.250"}, written_at="2026-03-01T09:00:00+00:00", queue=queue)
+    said, after = _import_review(tmp_path, ranked, unfinished=True)
+    marker = tmp_path / "project" / "pdl1" / UNFINISHED_FILE
+    assert said == (
+        f"pdl1: {marker}: a pdl1 review-queue was stopped while renaming its files, so the review ranks are part its, "
+        f"part older; tma.svs's in {tmp_path / 'project' / 'pdl1' / '7' / REVIEW_FILE} is not imported (QuPath keeps "
+        "the one it has): run pdl1 review-queue for the project again"
+    )
+    metadata = {"PD-L1 TPS %": "12.5", "PD-L1 run": "r1", "case": "B12", RANK_KEY: "5", SCORE_KEY: "0.500"}
+    assert after == {"top": [], "metadata": metadata, "synced": 0}

@@ -531,9 +531,10 @@ def review_queue_cmd(
     """Rank entries and regions by what labelling them would teach the model (uncertainty, SUA, domain).
 
     Writes a CSV with the entries best first, each followed by its regions (level-0 px boxes, centres in µm),
-    and sets the entry metadata 'PD-L1 review rank' and 'PD-L1 review score' (through QuPath where it is found, else
-    in each entry's summary.json; an entry analysed in QuPath alone has none, so its rank is in the CSV only). See
-    the README for the score.
+    and sets the entry metadata 'PD-L1 review rank' and 'PD-L1 review score': through QuPath (0.4.4 to 0.6) where it
+    is found, and in each entry's summary.json, or pdl1/<entry ID>/review.json for an entry analysed in QuPath alone,
+    from which pdl1_import_results.groovy sets them in QuPath (0.7 too: run it for the project). See the README for
+    the score.
     """
     from collections import Counter
 

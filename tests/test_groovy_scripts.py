@@ -1812,29 +1812,30 @@ def test_the_import_script_puts_a_batch_runs_sidecars_under_its_analysis_and_a_r
     assert (first["synced"], second["synced"]) == (1, 2)
 
 
+def _whole_image_sidecar(project: Path, *, name: str | None = None) -> Path:
+    """Entry 7's results folder of ``project`` with a batch run's objects.geojson: a whole-image ``PD-L1 analysis``
+    (named ``name``) and one nucleus under it."""
+    from shapely.geometry import Point, box
+
+    from bridge.qupath_geojson import QuPathObject, to_feature, write_features
+
+    results = project / "pdl1" / "7"
+    results.mkdir(parents=True)
+    objects = [
+        QuPathObject(box(0, 0, 1000, 800), "annotation", "PD-L1 analysis", {"PD-L1: Uncertainty flag": 0.0}, name=name),
+        QuPathObject(Point(20, 20), "detection", "Tumor: Positive", {"PD-L1 positive probability": 0.8}),
+    ]
+    write_features(results / "objects.geojson", (to_feature(o) for o in objects))
+    return results
+
+
 @needs_groovy
 def test_the_import_script_removes_the_record_of_the_analysis_whose_output_it_replaced(tmp_path):
     # pdl1_analyze.groovy had analysed the whole image under "PD-L1 analysis"; importing pdl1 run's results replaced
     # that analysis's output in the image, but its record stayed, and pdl1 report and review-queue counted it (newer)
     # in place of what the image held.
-    from shapely.geometry import Point, box
-
-    from bridge.qupath_geojson import QuPathObject, to_feature, write_features
-
     project = tmp_path / "project"
-    results = project / "pdl1" / "7"
-    results.mkdir(parents=True)
-    objects = [
-        QuPathObject(
-            box(0, 0, 1000, 800),
-            "annotation",
-            "PD-L1 analysis",
-            {"PD-L1: Uncertainty flag": 0.0},
-            name="PD-L1 analysis",
-        ),
-        QuPathObject(Point(20, 20), "detection", "Tumor: Positive", {"PD-L1 positive probability": 0.8}),
-    ]
-    write_features(results / "objects.geojson", (to_feature(o) for o in objects))
+    results = _whole_image_sidecar(project, name="PD-L1 analysis")
     records = results / "qupath_analyses"
     records.mkdir()
     (records / "other-annotation.json").write_text("{}")  # another parent's: stays
@@ -1853,19 +1854,10 @@ def test_the_import_script_leaves_alone_results_pdl1_run_wrote_into_qupath_itsel
     # pdl1 run through QuPath (paquo) writes each TMA core's (or annotation's) objects into the image, and keeps
     # objects.geojson of the first core alone under a whole-image "PD-L1 analysis": imported, that core's objects went
     # in a second time on an outline of the whole image, with its TPS.
-    from shapely.geometry import Point, box
-
-    from bridge.qupath_geojson import QuPathObject, to_feature, write_features
     from bridge.targets import TMA_CORE, WHOLE_IMAGE
 
     project = tmp_path / "project"
-    results = project / "pdl1" / "7"
-    results.mkdir(parents=True)
-    objects = [
-        QuPathObject(box(0, 0, 1000, 800), "annotation", "PD-L1 analysis", {"PD-L1: Uncertainty flag": 0.0}),
-        QuPathObject(Point(20, 20), "detection", "Tumor: Positive", {"PD-L1 positive probability": 0.8}),
-    ]
-    write_features(results / "objects.geojson", (to_feature(o) for o in objects))
+    results = _whole_image_sidecar(project)
     setup = {"script": str(IMPORT), "project": str(project / "project.qpproj"), "entry": "7", "grid": True, "runs": 1,
              "metadata": {"case": "B12"}}  # fmt: skip
     (tmp_path / "setup.json").write_text(json.dumps(setup))

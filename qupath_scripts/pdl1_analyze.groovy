@@ -771,6 +771,21 @@ def RECORDS_FOLDER = "qupath_analyses"
 def recordFolder = { java.nio.file.Path projectFolder, String entryId ->
     return projectFolder.resolve("pdl1").resolve(entryId).resolve(RECORDS_FOLDER)
 }
+// The `pdl1 run` output in an entry's folder (pdl1/<entry ID>) as a record is asked for: its summary.json's run_id,
+// "none" where there is none, null where it does not read or holds no run id (then nothing is said, and the clocks
+// order the record against it: recordQuery). parseJson: text to a Map (QuPath's Gson in the script).
+def runSeen = { java.nio.file.Path entryFolder, Closure parseJson ->
+    def summary = entryFolder.resolve("summary.json")
+    if (!java.nio.file.Files.exists(summary))
+        return "none"
+    try {
+        def data = parseJson(new String(java.nio.file.Files.readAllBytes(summary), "UTF-8"))
+        def runId = data instanceof Map ? data.get("run_id") : null
+        return runId instanceof String && runId ==~ /[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}/ ? runId : null
+    } catch (Exception ignored) {  // damaged, not JSON: nothing is said, and the clocks order this record against it
+        return null
+    }
+}
 // Saves a record (GET /v1/jobs/{id}/record, as the service gave it) as folder/<name>.json: written beside it as a
 // .part file and moved over it in one step, as pdl1_export_labels.groovy writes, so a reader finds the earlier
 // record or this one, never half of one. Returns the file.
@@ -1085,17 +1100,6 @@ def recordQuery = { obj, String source, String afterRun ->
     def type = obj.isTMACore() ? "TMA core" : (source == "whole image" ? "whole image" : "annotation")
     return "target=" + enc(name) + "&target_type=" + enc(type) + (afterRun == null ? "" : "&after_run=" + enc(afterRun))
 }
-def runSeen = { java.nio.file.Path entryFolder ->
-    def summary = entryFolder.resolve("summary.json")
-    if (!Files.exists(summary))
-        return "none"
-    try {
-        def runId = gson.fromJson(new String(Files.readAllBytes(summary), "UTF-8"), Map.class)?.get("run_id")
-        return runId instanceof String && runId ==~ /[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}/ ? runId : null
-    } catch (Exception ignored) {  // damaged, not JSON: nothing is said, and the clocks order this record against it
-        return null
-    }
-}
 def selected = getSelectedObjects().findAll { (it.isAnnotation() || it.isTMACore()) && !isOwn(it) }
 def configured = (TARGET_CLASSES.isEmpty() && TARGET_NAMES.isEmpty()) ? [] : hierarchy.getAnnotationObjects().findAll {
     !isOwn(it) && ((it.getPathClass() != null && it.getPathClass().toString() in TARGET_CLASSES) ||
@@ -1305,7 +1309,8 @@ for (parent in targets) {
     def record = null
     if (project != null && entry != null) {
         try {
-            def seen = runSeen(recordFolder(project.getPath().getParent(), entry.getID() as String).getParent())
+            def seen = runSeen(recordFolder(project.getPath().getParent(), entry.getID() as String).getParent(),
+                    { String text -> gson.fromJson(text, Map.class) })
             def recordRequest = request(statusPath + "/record?" + recordQuery(parent, choice.source, seen)).GET()
                     .build()
             def response = client.send(recordRequest,

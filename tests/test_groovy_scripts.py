@@ -1697,6 +1697,35 @@ def _groovy_main(tmp_path: Path, driver: str, *args: str) -> subprocess.Complete
 
 
 @needs_groovy
+def test_the_run_a_record_is_asked_after_is_the_summarys_run_id_none_or_unsaid(tmp_path):
+    # A damaged or hand-edited summary.json must not make the service refuse the record's request (a 422 on
+    # after_run) and lose the record: nothing is said, and the clocks order that record.
+    uuid = "3f2b1c9e-4d5a-4e6f-8a7b-9c0d1e2f3a4b"
+    summaries = {
+        "none": None,
+        "run": json.dumps({"run_id": uuid}),
+        "not_a_uuid": json.dumps({"run_id": "r1"}),
+        "no_run_id": json.dumps({"image": "a.svs"}),
+        "an_array": json.dumps([uuid]),
+        "not_json": '{"run_id": "3f2b',
+    }
+    for name, text in summaries.items():
+        (tmp_path / name).mkdir()
+        if text is not None:
+            (tmp_path / name / "summary.json").write_text(text)
+    names = ", ".join(json.dumps(n) for n in summaries)
+    driver = f"""
+def parse = {{ String text -> new groovy.json.JsonSlurper().parseText(text) }}
+[{names}].each {{ name ->
+    println JsonOutput.toJson([(name): runSeen(java.nio.file.Paths.get("{tmp_path}", name), parse)])
+}}
+"""
+    said = {k: v for line in run_groovy(tmp_path, driver) for k, v in line.items()}
+    assert said == {"none": "none", "run": uuid, "not_a_uuid": None, "no_run_id": None, "an_array": None,
+                    "not_json": None}  # fmt: skip
+
+
+@needs_groovy
 def test_every_script_compiles_with_groovy_4(tmp_path):
     # pdl1_import_results.groovy declared `imported` twice (the objects, then the metadata to import): Groovy refused
     # the whole script ("The current scope already contains a variable of the name imported"), so it imported nothing

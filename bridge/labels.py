@@ -78,7 +78,14 @@ from bridge.objects import OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE, TI
 from bridge.pairs import IHC_NEEDS_REVIEW
 from bridge.project import ProjectEntry, ProjectInfo, locate_image, read_project, sidecar_dir
 from bridge.qupath_geojson import QuPathObject, read_features
-from bridge.targets import MISSING, TARGET_REGIONS_FILE, UNREADABLE, rows_from_summary, run_target_regions
+from bridge.targets import (
+    MISSING,
+    RUN_IMAGE_AGAIN,
+    TARGET_REGIONS_FILE,
+    UNREADABLE,
+    rows_from_summary,
+    run_target_regions,
+)
 from inference import IHC_CELL_RADIUS_UM, MppAdvice, Pdl1Error, Slide, SlideLabels, UnlabeledSlide
 
 log = logging.getLogger(__name__)
@@ -106,8 +113,8 @@ UNREAD_TARGETS_COUNT = (
 )
 # What to do about it: a run replaces the objects it wrote, reviewed ones too, so a review made before it is gone.
 UNREAD_TARGETS_FIX = (
-    "to train on such reviews, run the image again (`pdl1 run PROJECT` without --resume; it replaces the objects it "
-    "wrote, reviewed ones too) and review it after that run"
+    f"to train on such reviews, {RUN_IMAGE_AGAIN} and review it after that run (a run replaces the objects it wrote, "
+    "reviewed ones too)"
 )
 
 

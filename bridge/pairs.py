@@ -38,7 +38,7 @@ from bridge.classes import INTENSITY_CLASSES, PDL1_IHC_POSITIVE, PDL1_POSITIVE, 
 from bridge.objects import TILE_NAME
 from bridge.project import PDL1_DIR, write_json_atomic
 from bridge.qupath_geojson import QuPathObject, read_features, to_feature, write_features
-from bridge.targets import MISSING, TMA_CORE, TargetRow, csv_cell, rows_from_summary
+from bridge.targets import MISSING, RUN_IMAGE_AGAIN, TMA_CORE, TargetRow, csv_cell, rows_from_summary
 from inference import (
     IHC_CELL_RADIUS_UM,
     MIN_TUMOUR_NUCLEI,
@@ -634,7 +634,7 @@ def core_agreement_text(summary: dict[str, Any]) -> str:
 def _analysed_as(rows: list[TargetRow]) -> str:
     """How an image without TMA-core targets was analysed, for why its case's cores are not compared."""
     if not rows:
-        return "by an earlier version, whose summary lists no targets: run it again without --resume"
+        return f"by an earlier version, whose summary lists no targets: {RUN_IMAGE_AGAIN}"
     if any(r.target_type == "annotation" for r in rows):
         return "by its annotations (target annotations come before the TMA cores)"
     return (

@@ -42,6 +42,7 @@ from bridge.record_summary import RUN, SCRIPT, RecordsSummary, entry_summary_fro
 from bridge.run_lock import output_folder_lock
 from bridge.targets import (
     MISSING,
+    RUN_IMAGE_AGAIN,
     TARGETS_FILE,
     UNREADABLE,
     TargetNuclei,
@@ -363,7 +364,7 @@ def _thumbnail(
 
 
 # What to do about a target_regions.json that does not read (--resume keeps an image recorded as done).
-_REGIONS_FIX = "run the image again (`pdl1 run PROJECT` without --resume) to draw every target's"
+_REGIONS_FIX = f"{RUN_IMAGE_AGAIN} to draw every target's"
 
 
 def _overlay_objects(item: ReportItem) -> tuple[list[QuPathObject], bool]:

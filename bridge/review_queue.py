@@ -74,6 +74,7 @@ from bridge.qupath_geojson import QuPathObject, read_features
 from bridge.record_summary import RUN, SCRIPT, RecordsSummary, entry_summary_from_records, newer_source
 from bridge.run_lock import remove_orphan_parts, run_lock
 from bridge.targets import (
+    RUN_IMAGE_AGAIN,
     TARGET_REGIONS_FILE,
     TMA_CORE,
     TargetRow,
@@ -502,7 +503,7 @@ def _scoring_notes(summary: dict) -> list[str]:
     if len(analysed) > 1 and scored_targets(summary) is None:
         return [
             f"scored by {analysed[0][1]} only, the first of its {len(analysed)} targets: its summary was written "
-            "before each target's numbers were kept; run the image again (`pdl1 run PROJECT` without --resume)"
+            f"before each target's numbers were kept; {RUN_IMAGE_AGAIN}"
         ]
     return []
 
@@ -517,8 +518,7 @@ def _target_regions(
     found = run_target_regions(folder / TARGET_REGIONS_FILE, summary)
     if found.record is None:
         return None, (
-            f"regions of {targets[0][1]} only, the first target: {found.why}; run the image again (`pdl1 run PROJECT` "
-            "without --resume) to list every target's"
+            f"regions of {targets[0][1]} only, the first target: {found.why}; {RUN_IMAGE_AGAIN} to list every target's"
         )
     record = found.record
     kinds = {label: row for row, label in targets}

@@ -61,6 +61,7 @@ from bridge.run_lock import remove_orphan_parts, run_lock
 from bridge.targets import (
     MISSING,
     OF_ANOTHER_RUN,
+    RUN_IMAGE_AGAIN,
     TARGETS_FILE,
     TMA_CORES,
     UNREADABLE,
@@ -689,11 +690,11 @@ def write_targets(jobs: list[_Job], outcomes: list[ImageOutcome], project: Path 
             continue
         if not found:  # written before summaries listed their targets, and kept by --resume
             log.warning(
-                "%s: not in %s: its summary %s lists no targets (an earlier version wrote it); run the image again "
-                "without --resume to have its rows",
+                "%s: not in %s: its summary %s lists no targets (an earlier version wrote it); %s to have its rows",
                 job.name,
                 TARGETS_FILE,
                 summary_path,
+                RUN_IMAGE_AGAIN,
             )
         rows.extend(found)
     path = write_target_table(folder / PDL1_DIR / TARGETS_FILE, rows)

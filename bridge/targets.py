@@ -35,6 +35,10 @@ WHOLE_IMAGE = "whole image"  # none of those: the image under a "PD-L1 analysis"
 TARGETS_FILE = "targets.csv"  # <project>/pdl1/targets.csv, or <--out>/pdl1/targets.csv for plain slides
 MISSING = "missing"  # TargetRow.state of a TMA core marked missing: left alone, no numbers
 TMA_CORE = "TMA core"  # TargetRow.target_type of a core of a dearrayed TMA grid
+# The fix for an image whose output an earlier version wrote, or that no longer reads, one wording wherever it is
+# said (report, review queue, --from-review, pdl1 run, pairs): a run replaces it, and --resume may keep an image
+# recorded as done.
+RUN_IMAGE_AGAIN = "run the image again (`pdl1 run PROJECT` without --resume)"
 
 
 @dataclass(frozen=True)

@@ -421,7 +421,7 @@ def test_a_case_analysed_core_by_core_on_one_side_only_says_how_the_other_was_an
     record, _ = case_cores({"image": "old.svs"}, tma, he_name="old.svs", ihc_name="ihc.svs")
     assert record["why_cores_not_compared"] == (
         "only the IHC (ihc.svs) was analysed core by core; old.svs was analysed by an earlier version, whose summary "
-        "lists no targets: run it again without --resume"
+        "lists no targets: run the image again (`pdl1 run PROJECT` without --resume)"
     )
     assert case_cores(whole, whole, he_name="a", ihc_name="b") == ({}, ())  # no TMA: the record is as it was
 

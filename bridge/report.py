@@ -624,14 +624,21 @@ def _domain_text(domain: dict | None) -> str:
     """How far the image lies from the training domain of the model that analysed it, with the limits."""
     if not domain:
         return "not measured (a run before the domain guard, or the guard switched off)"
-    if domain.get("out_of_domain_score") is None:
-        return f"not measured: {domain.get('why_not') or 'no tiles'}"
-    score, limit = domain["out_of_domain_score"], domain.get("limit")
+    score, limit = domain.get("out_of_domain_score"), domain.get("limit")
     deg, deg_limit = domain.get("stain_distance_deg"), domain.get("stain_limit_deg")
-    over = (limit is not None and score >= limit) or (deg is not None and deg_limit is not None and deg >= deg_limit)
+    if score is None and deg is None:
+        return f"not measured: {domain.get('why_not') or 'no tiles'}"
+    over = (limit is not None and score is not None and score >= limit) or (
+        deg is not None and deg_limit is not None and deg >= deg_limit
+    )
+    # One of the two measured alone (the network's features not captured, or no tissue for the stain vectors) is
+    # still a reading: the guard flags an image by it, and the report said "not measured" beside that flag.
+    unmeasured = f" ({domain['why_not']})" if domain.get("why_not") else ""
+    score_text = "not measured" + unmeasured if score is None else f"{score:.2f}"
+    deg_text = "not measured" + unmeasured if deg is None else f"{_fmt2(deg)}°"
     return (
         f"{'OUT of' if over else 'within'} the training domain of {domain.get('model')}: out-of-domain score "
-        f"{score:.2f} (limit {_fmt2(limit)}; 1 = like the training tiles), stain distance {_fmt2(deg)}° "
+        f"{score_text} (limit {_fmt2(limit)}; 1 = like the training tiles), stain distance {deg_text} "
         f"(limit {_fmt2(deg_limit)}°)"
     )
 

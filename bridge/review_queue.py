@@ -79,6 +79,7 @@ from bridge.targets import (
     TMA_CORE,
     TargetRow,
     analysed_targets,
+    domain_distance,
     rows_from_summary,
     run_target_regions,
     target_labels,
@@ -258,11 +259,8 @@ def score_parts(summary: dict, *, reference: float | None, labelled_share: float
         else 0.0
     )
     sua = _ratio(candidate_pct, (details.get("review_rule") or {}).get("review_candidate_area_pct"))
-    domain_info = details.get("domain") or {}
-    domain = max(
-        _ratio(domain_info.get("out_of_domain_score"), domain_info.get("limit")),
-        _ratio(domain_info.get("stain_distance_deg"), domain_info.get("stain_limit_deg")),
-    )
+    # The report's reading of how far the image lies (bridge.targets.domain_distance), within [0, CAP].
+    domain = min(max(domain_distance(details.get("domain")) or 0.0, 0.0), CAP)
     others = [
         r for r in details.get("review_reasons", []) if not str(r.get("reason", "")).startswith(_COUNTED_ELSEWHERE)
     ]

@@ -255,14 +255,17 @@ def analysed_targets(rows: Sequence[TargetRow]) -> list[tuple[TargetRow, str]]:
 def domain_distance(domain: Any) -> float | None:
     """How far a domain guard reading (a summary's ``details.domain``) lies from the training domain, in limits: the
     larger of the out-of-domain score over its limit and the stain distance over its limit (1 and above: out of
-    domain); None where it was not measured.
+    domain); None where neither was measured. One measured alone counts: the guard flags an image whose stain is out
+    of domain where the network's features were not captured, and the furthest target must not pass it over.
 
     >>> domain_distance({"out_of_domain_score": 1.2, "limit": 2.0, "stain_distance_deg": 9.0, "stain_limit_deg": 6.0})
+    1.5
+    >>> domain_distance({"out_of_domain_score": None, "stain_distance_deg": 9.0, "stain_limit_deg": 6.0})
     1.5
     >>> domain_distance({"out_of_domain_score": None, "why_not": "no tiles"}) is None
     True
     """
-    if not isinstance(domain, dict) or not is_finite_number(domain.get("out_of_domain_score")):
+    if not isinstance(domain, dict):
         return None
     ratios = [
         float(value) / float(limit)
@@ -272,7 +275,7 @@ def domain_distance(domain: Any) -> float | None:
         )
         if is_finite_number(value) and is_finite_number(limit) and float(limit) > 0
     ]
-    return max(ratios, default=0.0)
+    return max(ratios, default=None)
 
 
 def furthest_domain(domains: Sequence[tuple[str, Any]]) -> dict[str, Any] | None:

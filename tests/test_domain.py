@@ -167,6 +167,14 @@ def test_the_parent_gets_the_score_only_when_measured():
     assert OUT_OF_DOMAIN_SCORE not in parent_measurements(_result(None))
     assert _domain_text({**measured, "model": "seg"}).startswith("OUT of the training domain of seg")
     assert _domain_text(unmeasured) == "not measured: no statistics"
+    # The stain measured alone (the network's features not captured) is a reading the guard flags by: the report
+    # said "not measured" beside that flag.
+    stain_only = {**unmeasured, "stain_distance_deg": 30.0, "stain_limit_deg": 24.0, "model": "seg"}
+    stain_only["why_not"] = "the network's features were not captured"
+    assert _domain_text(stain_only) == (
+        "OUT of the training domain of seg: out-of-domain score not measured (the network's features were not "
+        "captured) (limit n/a; 1 = like the training tiles), stain distance 30.00° (limit 24.00°)"
+    )
 
 
 @pytest.fixture(scope="module")

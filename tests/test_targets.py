@@ -18,6 +18,8 @@ from bridge.targets import (
     TargetRow,
     analysed_row,
     choose_targets,
+    domain_distance,
+    furthest_domain,
     missing_row,
     rows_from_summary,
     rows_to_json,
@@ -304,3 +306,15 @@ def test_a_run_s_target_regions_are_read_once_for_every_caller_saying_why_not(tm
         assert [name for name, _ in found.record.targets] == ["A-1", "C-4"]
     else:
         assert str(path) in found.why
+
+
+def test_the_furthest_target_from_the_domain_counts_a_stain_measured_alone():
+    # A core whose network features were not captured but whose stain is out of domain (the guard flags it by that)
+    # was passed over for one within it, and the image read "within the training domain".
+    within = {"out_of_domain_score": 0.8, "limit": 2.0, "stain_distance_deg": 4.0, "stain_limit_deg": 20.0}
+    stain_out = {"out_of_domain_score": None, "limit": 2.0, "stain_distance_deg": 30.0, "stain_limit_deg": 20.0}
+    assert domain_distance(stain_out) == 1.5
+    assert furthest_domain([("A-1", within), ("C-4", stain_out)])["target"] == "C-4"
+    nothing = {"out_of_domain_score": None, "stain_distance_deg": None, "why_not": "no tiles analysed"}
+    assert domain_distance(nothing) is None
+    assert furthest_domain([("A-1", nothing), ("A-2", within)])["target"] == "A-2"

@@ -482,13 +482,7 @@ def _write(out: Path, items: list[ReportItem], *, base: Path, source: Path, left
     demo_checksums = set(demo_model_checksums().values())
     for item in items:
         if not item.has_results:  # a row of report.csv with its error and no numbers; the HTML names it above
-            rows.append(
-                {
-                    "image": item.image_name,
-                    "entry_id": item.entry_id,
-                    "last_run_failed": item.last_run_failed,
-                }
-            )
+            rows.append({"image": item.image_name, "entry_id": item.entry_id, "last_run_failed": item.last_run_failed})
             continue
         s = item.summary
         targets = _targets_of(item, left_out)

@@ -127,14 +127,16 @@ class _Members(nn.Module):
             member(x)
 
 
-def _copies(ensemble: Ensemble) -> list[nn.Module]:
+def member_copies(ensemble: Ensemble) -> list[nn.Module]:
+    """Copies of an unfolded torch ensemble's members, as trained (BatchNorm layers and their statistics), to change
+    (here and in :mod:`benchmarks.weight_interpolation`) without touching ``ensemble``."""
     if ensemble.bn_folded:
         raise ValueError(
             f"{ensemble.manifest.name} {ensemble.manifest.version}: its BatchNorms are folded into the convolutions, "
-            "so there are no statistics to replace: load it with Ensemble.load(..., fold_bn=False)"
+            "so its members are not as trained: load it with Ensemble.load(..., fold_bn=False)"
         )
     if ensemble.runtime != "torch" or not all(isinstance(m, nn.Module) for m in ensemble.members):
-        raise ValueError(f"BatchNorm statistics can be replaced in torch members only, not {ensemble.runtime}'s")
+        raise ValueError(f"only torch members can be changed so, not {ensemble.runtime}'s")
     return [copy.deepcopy(member) for member in ensemble.members]
 
 
@@ -155,7 +157,9 @@ def _hooks_muted(members: list[nn.Module]) -> Iterator[None]:
             m._forward_pre_hooks.update(pre_hooks)
 
 
-def _wrap(ensemble: Ensemble, members: list[nn.Module], *, fold_bn: bool) -> Ensemble:
+def wrap_members(ensemble: Ensemble, members: list[nn.Module], *, fold_bn: bool) -> Ensemble:
+    """``ensemble`` with ``members`` (its :func:`member_copies`, changed) in eval mode, their BatchNorms folded for
+    speed with ``fold_bn``."""
     for member in members:
         member.eval()
         if fold_bn:
@@ -186,7 +190,7 @@ def adapt_batchnorm(
     """
     if not 0 < weight <= 1:
         raise ValueError(f"weight must be in (0, 1] (1: the new statistics alone), got {weight!r}")
-    members = _copies(ensemble)
+    members = member_copies(ensemble)
     own = [batchnorm_state(m) for m in members]
 
     def normalised() -> Iterator[torch.Tensor]:
@@ -204,14 +208,14 @@ def adapt_batchnorm(
                     prefix = f"{layer_name}." if layer_name else ""
                     layer.running_mean.mul_(weight).add_((1 - weight) * prior[prefix + "running_mean"])
                     layer.running_var.mul_(weight).add_((1 - weight) * prior[prefix + "running_var"])
-    return _wrap(ensemble, members, fold_bn=fold_bn)
+    return wrap_members(ensemble, members, fold_bn=fold_bn)
 
 
 def with_batchnorm_state(ensemble: Ensemble, state: dict[str, torch.Tensor], *, fold_bn: bool = True) -> Ensemble:
     """A copy of ``ensemble`` whose every member has the BatchNorm statistics ``state`` (:func:`batchnorm_state`
     of a model of the same architecture), its weights its own; ``ensemble`` must be unfolded, as for
     :func:`adapt_batchnorm`."""
-    members = _copies(ensemble)
+    members = member_copies(ensemble)
     for member in members:
         own = member.state_dict()
         missing = sorted(set(state) ^ set(batchnorm_state(member)))
@@ -219,4 +223,4 @@ def with_batchnorm_state(ensemble: Ensemble, state: dict[str, torch.Tensor], *, 
             raise ValueError(f"the BatchNorm statistics given do not fit the members (differing: {missing[:5]})")
         own.update({k: v.to(own[k]) for k, v in state.items()})
         member.load_state_dict(own)
-    return _wrap(ensemble, members, fold_bn=fold_bn)
+    return wrap_members(ensemble, members, fold_bn=fold_bn)

@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.shift_finetune [--work DIR] [--size 2048] [--iterations 20] [--seed 0] [--runs ...]
 [--shift 0.8] [--weak-fraction 0] [--anchor-weight 0,...] [--distill-weight 0,...] [--stain-jitter strong,...]
-[--batchnorm-stats model,...] [--extremes]``
+[--batchnorm-stats model,...] [--interpolate 1,...] [--extremes]``
 
 Acceptance: fine-tuning the shipped demo segmentation ensemble with sparse labels on 3 slides of a
 shifted stain domain (``pdl1 phantom --shift 0.8``) raises held-out Dice in that domain by >= 0.10 and
@@ -62,6 +62,11 @@ the demo's for unshifted ones: the domain known from where a slide came) and ``n
 demo's, whichever the slide's own statistics are nearer by mean KL divergence per channel). ``--extremes`` adds
 held-out slides at TPS 5 and 90 (seeds 855-856 in the domain, 865-866 unshifted), where statistics of one slide
 lean most on its share of positive tissue.
+
+``--interpolate`` (comma-separated, in [0, 1]) scores every fine-tuned model once per ``alpha`` with its weights
+moved back toward the demo's (WiSE-FT, :mod:`benchmarks.weight_interpolation`): ``w_demo + alpha * (w - w_demo)``
+from the demo's last member (the one fine-tuning started from), BatchNorm statistics included, no retraining; 1 is
+the model as trained (scored with every ``--batchnorm-stats``), the others with their own (interpolated) statistics.
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ from benchmarks.truth_labels import (
     sparse_truth_labels,
     train_or_reuse,
 )
+from benchmarks.weight_interpolation import interpolated_ensemble
 from inference.analysis.domain import angle_deg, slide_stain, stats_of_manifest
 from inference.analysis.segment import SegmentConfig, plan_tiles
 from inference.analysis.tiling import read_grid_tiles
@@ -418,6 +424,12 @@ def main() -> None:
         + STATS_HELP,
     )
     parser.add_argument(
+        "--interpolate",
+        default="1",
+        help="comma-separated weights in [0, 1]: every fine-tuned model is scored once per weight with its weights "
+        "that share of the way from the demo's (WiSE-FT; 1: as trained, 0: the demo's last member)",
+    )
+    parser.add_argument(
         "--extremes",
         action="store_true",
         help="also score held-out slides at TPS 5 and 90 (seeds 855-856 in the domain, 865-866 unshifted)",
@@ -459,6 +471,13 @@ def main() -> None:
         if derived in variants and ("demo" not in variants or variants.index("demo") > variants.index(derived)):
             parser.error(f"--batchnorm-stats: {derived} takes the model and demo rows' Dice: give demo before it")
 
+    try:
+        alphas = [float(a) for a in args.interpolate.split(",")]
+    except ValueError:
+        parser.error(f"--interpolate: expected comma-separated numbers like 1,0.5,0.3, got {args.interpolate!r}")
+    if any(not 0 <= a <= 1 for a in alphas):
+        parser.error(f"--interpolate: weights must be in [0, 1] (1: the model as trained), got {args.interpolate!r}")
+
     phantoms = make_phantoms(
         args.work, size=args.size, shift=args.shift, weak_fraction=args.weak_fraction, extremes=args.extremes
     )
@@ -488,13 +507,16 @@ def main() -> None:
 
     sets = SETS[:2] if args.validation_only else SETS
 
-    def score_variant(name: str, model_dir: Path, variant: str) -> dict[str, float]:
+    def score_variant(name: str, model_dir: Path, variant: str, ensemble: Ensemble | None = None) -> dict[str, float]:
+        """Mean Dice per set of ``model_dir`` with BatchNorm statistics ``variant``, or of ``ensemble`` as it is."""
         means = {key: float("nan") for key in SETS}
         per_slide[f"{name} [{variant}]"] = {key: [] for key in SETS}
         for key in sets:
             slides = getattr(phantoms, key)
             if not slides:
                 dice = []
+            elif ensemble is not None:
+                dice = [evaluate_segmentation(s, ensemble)[0].dice_ensemble for s in slides]
             elif variant in ("known", "nearest"):
                 own, theirs = per_slide[f"{name} [model]"][key], per_slide[f"{name} [demo]"][key]
                 if variant == "known":
@@ -516,20 +538,32 @@ def main() -> None:
         return means
 
     base: dict[str, float] = {}
+    # What fine-tuning started from: the demo's last member (SegTrainConfig.init_model).
+    demo_start = Ensemble.load(demo, task="segmentation", fold_bn=False).members[-1].state_dict()
+
+    def row(name: str, variant: str, d: dict[str, float], took: str) -> None:
+        print(
+            f"| {name} | {variant} | {d['val_shifted']:.4f} | {d['val_unshifted']:.4f} | "
+            f"{d['held_shifted']:.4f} | {d['held_shifted'] - base['held_shifted']:+.4f} | "
+            f"{d['held_unshifted']:.4f} | {d['held_unshifted'] - base['held_unshifted']:+.4f} | {took} |",
+            flush=True,
+        )
 
     def score(name: str, model_dir: Path, *, took: str, fine_tuned: bool) -> None:
-        for variant in variants:
-            if variant in ("demo", "known", "nearest") and not fine_tuned:
-                continue  # the demo's own statistics are the demo's
-            d = score_variant(name, model_dir, variant)
-            if not base:
-                base.update(d)  # the demo with its own statistics: every change is against it
-            print(
-                f"| {name} | {variant} | {d['val_shifted']:.4f} | {d['val_unshifted']:.4f} | "
-                f"{d['held_shifted']:.4f} | {d['held_shifted'] - base['held_shifted']:+.4f} | "
-                f"{d['held_unshifted']:.4f} | {d['held_unshifted'] - base['held_unshifted']:+.4f} | {took} |",
-                flush=True,
-            )
+        for alpha in alphas if fine_tuned else [1.0]:
+            if alpha != 1:  # WiSE-FT: its own statistics, interpolated with the weights
+                unfolded = Ensemble.load(model_dir, task="segmentation", fold_bn=False)
+                moved = interpolated_ensemble(unfolded, demo_start, alpha)
+                label = f"{name}, weights {alpha:g} of the way from the demo's (WiSE-FT)"
+                row(label, "model", score_variant(label, model_dir, "model", moved), took)
+                continue
+            for variant in variants:
+                if variant in ("demo", "known", "nearest") and not fine_tuned:
+                    continue  # the demo's own statistics are the demo's
+                d = score_variant(name, model_dir, variant)
+                if not base:
+                    base.update(d)  # the demo with its own statistics: every change is against it
+                row(name, variant, d, took)
 
     score("shipped demo ensemble", demo, took="0", fine_tuned=False)
 

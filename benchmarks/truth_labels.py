@@ -12,8 +12,9 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import shapely
@@ -191,6 +192,30 @@ def truth_point_labels(slide: Path, *, regions: int, region_um: float, scattered
     )
 
 
+def _json_defaults(config_type: type) -> dict[str, Any]:
+    """A config dataclass's field defaults as its manifest records them (JSON)."""
+    defaults = {}
+    for f in fields(config_type):
+        if f.default is not MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            defaults[f.name] = f.default_factory()
+    return json.loads(json.dumps(defaults))
+
+
+def same_config(recorded: dict[str, Any], wanted: dict[str, Any], *, defaults: dict[str, Any]) -> bool:
+    """Whether a model's recorded training config is ``wanted``: the same, but for fields the config gained after the
+    model was trained, which it lacks and ``wanted`` leaves at their defaults (so they change nothing).
+
+    >>> same_config({"lr": 1}, {"lr": 1, "distill": 0.0}, defaults={"distill": 0.0})
+    True
+    >>> same_config({"lr": 1}, {"lr": 1, "distill": 1.0}, defaults={"distill": 0.0})
+    False
+    """
+    added = {k for k in set(wanted) - set(recorded) if k in defaults and wanted[k] == defaults[k]}
+    return recorded == {k: v for k, v in wanted.items() if k not in added}
+
+
 def train_or_reuse(
     config, labels: list[SlideLabels], *, train: Callable = train_segmentation
 ) -> tuple[dict, float | None]:
@@ -205,7 +230,7 @@ def train_or_reuse(
     if manifest.is_file():
         training = json.loads(manifest.read_text())["training"]
         same_labels = [d.get("labels_sha256") for d in training["data"]] == [labels_digest(lab) for lab in labels]
-        if training["config"] == wanted and same_labels:
+        if same_config(training["config"], wanted, defaults=_json_defaults(type(config))) and same_labels:
             return training, None
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()

@@ -213,9 +213,12 @@ class ExportImage:
     mpp: float | None = None
 
 
-def project_images(project: Path, *, test_names: Sequence[str] = ()) -> tuple[list[ExportImage], list[ExportImage]]:
+def project_images(
+    project: Path, *, test_names: Sequence[str] = (), search_dirs: tuple[Path, ...] = ()
+) -> tuple[list[ExportImage], list[ExportImage]]:
     """A QuPath project's images (read without QuPath), split into training and ``test_names`` (image names
-    or entry IDs).
+    or entry IDs). An image not where the project says is looked for as `pdl1 run` does, also under
+    ``search_dirs`` (``--search-dir``).
 
     Raises :class:`bridge.project.ProjectError` for an unknown test name, a name several entries share (QuPath
     allows that; the ID tells them apart) or an image that cannot be exported.
@@ -243,10 +246,11 @@ def project_images(project: Path, *, test_names: Sequence[str] = ()) -> tuple[li
         else:
             test_ids.add(ids_of[name][0])
     train, test = [], []
+    search = ImageSearch(search_dirs)  # one walk of the folders for every moved image
     for entry in info.entries:
         if entry.not_analysable:
             raise ProjectError(f"{entry.image_name}: {entry.not_analysable}; export the image as it is in the file")
-        path = locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder, search=ImageSearch())
+        path = locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder, search=search)
         image = ExportImage(Path(path), entry.entry_id, entry.image_name, mpp=entry.mpp)
         (test if entry.entry_id in test_ids else train).append(image)
     return train, test

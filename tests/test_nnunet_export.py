@@ -472,3 +472,24 @@ def test_refuses_a_number_another_dataset_beside_it_has(phantoms, tmp_path):
     with pytest.raises(FileExistsError, match=r"already holds Dataset509_Earlier, of the same number 509: nnU-Net"):
         export_nnunet_dataset([phantoms[1]], out, source=PhantomTruthLabels(), mpp=2.0, case_size_px=128)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Dataset509_Earlier"]
+
+
+def test_cli_export_of_a_project_finds_a_moved_image_under_search_dir(labelled, tmp_path):
+    """The refusal of a moved image said to pass --search-dir, which `pdl1 export nnunet` did not have."""
+    from bridge.labels import export_path
+
+    project = tmp_path / "project"
+    shutil.copytree(labelled / "project", project)
+    exported = export_path(project, "1")
+    exported.parent.mkdir(parents=True)
+    exported.write_text((labelled / "objects-labelled-by-pathologist-0.4.4.geojson").read_text())
+    (tmp_path / "archive").mkdir()
+    shutil.copy(labelled / "he-1357.svs", tmp_path / "archive")  # a copy: the export records resolved paths
+    args = ["export", "nnunet", str(project), "--entries", "1", "--mpp", "2", "--qupath", "never"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "raw" / "Dataset501_A")])
+    assert result.exit_code == 1 and "pass --search-dir" in " ".join(result.output.split())
+    out = tmp_path / "raw" / "Dataset501_A"
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--search-dir", str(tmp_path / "archive")])
+    assert result.exit_code == 0, result.output
+    cases = json.loads((out / "cases.json").read_text())
+    assert {c["slide"] for c in cases.values()} == {str(tmp_path / "archive" / "he-1357.svs")}

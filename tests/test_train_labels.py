@@ -773,3 +773,26 @@ def test_a_training_s_slide_mpp_must_be_its_labels_pixel_sizes():
         check_slide_mpp([lab], {"a.png": 0.5, "c.png": 1.0})
     with pytest.raises(ValueError, match=r"slide_mpp must be positive µm/px, got \{'a.png': 0\}"):
         SegTrainConfig(slides=("a.png",), out_dir="m", slide_mpp={"a.png": 0})
+
+
+def test_pdl1_train_finds_a_moved_project_image_under_search_dir(labelled, tmp_path):
+    """A project made on the pathologist's PC: its image is neither at its URI nor beside the project. The refusal
+    said to pass --search-dir, which `pdl1 train` did not have."""
+    project = tmp_path / "project"
+    shutil.copytree(labelled / "project", project)
+    exported = export_path(project, "1")
+    exported.parent.mkdir(parents=True)
+    exported.write_text(
+        json.dumps(json.loads((labelled / "objects-labelled-by-pathologist-0.4.4.geojson").read_bytes()))
+    )
+    slides = tmp_path / "archive" / "2026"
+    slides.mkdir(parents=True)
+    (slides / "he-1357.svs").symlink_to(labelled / "he-1357.svs")
+    args = ["train", "nuclei", str(project), "--entries", "1", "--qupath", "never", *TINY, "--no-progress"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "m")])
+    assert result.exit_code == 1
+    assert "pass --search-dir with a folder that holds it" in " ".join(result.output.split())
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "m"), "--search-dir", str(tmp_path / "archive")])
+    assert result.exit_code == 0, result.output
+    training = json.loads((tmp_path / "m" / "manifest.json").read_text())["training"]
+    assert training["config"]["slides"] == [str(slides / "he-1357.svs")]

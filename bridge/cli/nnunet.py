@@ -171,6 +171,13 @@ def export_nnunet_cmd(
     qupath: Annotated[
         str, typer.Option(help="Read a project's labels through QuPath: auto, always or never (use the exports).")
     ] = "auto",
+    search_dir: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A project's images: folder to search, with its subfolders, for images that are not where the "
+            "project says (repeatable, as for pdl1 run)."
+        ),
+    ] = None,
     entries: Annotated[
         list[str] | None,
         typer.Option("--entries", help="A project's entries to export (ID or image name; repeatable). Default: all."),
@@ -209,7 +216,7 @@ def export_nnunet_cmd(
     advice = _entry_mpp_advice if is_project else _slide_file_mpp_advice
     try:
         if is_project:
-            train, tests = project_images(images[0], test_names=test or [])
+            train, tests = project_images(images[0], test_names=test or [], search_dirs=tuple(search_dir or ()))
             if entries:
                 named = {name for t in (*train, *tests) for name in (t.entry_id, t.image_name)}
                 unknown = [e for e in entries if e not in named]
@@ -245,7 +252,12 @@ def export_nnunet_cmd(
             test_ids = {t.entry_id for t in tests}
             entries = tuple(t.entry_id for t in train if t.entry_id not in test_ids)
             drawn = read_project_labels(
-                images[0], rules=LabelRules(points=False), entries=entries, qupath=qupath, mpp_advice=advice
+                images[0],
+                rules=LabelRules(points=False),
+                entries=entries,
+                qupath=qupath,
+                search_dirs=tuple(search_dir or ()),
+                mpp_advice=advice,
             )
             source = QuPathRegionLabels({lab.slide: lab for lab in drawn if lab.has_regions})
             unlabelled = [t for t in train if t.path.resolve() not in {Path(p).resolve() for p in source.by_slide}]

@@ -117,6 +117,13 @@ _DISTILL_TEMPERATURE_HELP = "Fine-tuning with --distill-weight: the softmax temp
 FIRST_CYCLE_HELP = "Length of the first cycle in epochs (0: as --epochs-per-cycle); a long first cycle converges before members are kept."
 
 
+_SEARCH_DIR_HELP = (
+    "Your labels in a project: folder to search, with its subfolders, for images that are not where the project "
+    "says (moved, or the project made on another machine); repeatable, as for pdl1 run."
+)
+SearchDir = Annotated[list[Path] | None, typer.Option("--search-dir", help=_SEARCH_DIR_HELP)]
+
+
 _RESUME_HELP = (
     "Continue the run interrupted in OUT from its checkpoint: give the command that started it plus --resume; "
     "other training options or labels are refused, naming what differs (--device, and seg's --chains, may "
@@ -181,6 +188,7 @@ def train_seg(
         ),
     ] = None,
     qupath: Annotated[str, typer.Option(help=_QUPATH_HELP)] = "auto",
+    search_dir: SearchDir = None,
     val_entries: Annotated[
         list[str] | None,
         typer.Option(
@@ -259,6 +267,7 @@ def train_seg(
             from_review=from_review,
             class_map=[],
             qupath=qupath,
+            search_dirs=tuple(search_dir or ()),
             points=False,
             ihc_band_um=ihc_band_um,
         )
@@ -278,6 +287,7 @@ def train_seg(
             unlabeled or [],
             rest=slide_labels if pseudo_label_rest else [],
             project=project,
+            search_dirs=tuple(search_dir or ()),
             labelled=[lab.slide for lab in slide_labels] if slide_labels else [str(s) for s in slides],
             held_out=[lab.slide for lab in held_out],
             init_model=init_model,
@@ -365,6 +375,7 @@ def _pseudo_labels(
     *,
     rest: list,
     project: Path | None,
+    search_dirs: tuple[Path, ...] = (),
     labelled: list[str],
     held_out: list[str],
     init_model: str | None,
@@ -383,7 +394,7 @@ def _pseudo_labels(
     from bridge.progress import progress_bar
     from inference import PseudoLabelRule, UnlabeledSlide, demo_model_dir, pseudo_label_slides
 
-    items = unlabeled_slides(unlabeled, project=project, labelled=[*labelled, *held_out])
+    items = unlabeled_slides(unlabeled, project=project, labelled=[*labelled, *held_out], search_dirs=search_dirs)
     # A labelled slide is read at the µm/px its labels are trained at (its project's, else its file's own).
     items += [UnlabeledSlide(path=lab.slide, mpp=lab.mpp, name=f"{lab.slide} (the rest of its labels)") for lab in rest]
     teacher = init_model or str(demo_model_dir("seg"))
@@ -472,6 +483,7 @@ def _read_labels(
     qupath: str,
     points: bool,
     ihc_band_um: float | None = None,
+    search_dirs: tuple[Path, ...] = (),
 ) -> list:
     """The SlideLabels of a project, or of slides each with its GeoJSON (in order); [] for phantom slides.
 
@@ -518,7 +530,12 @@ def _read_labels(
         # reads a file at one pixel size (slide_mpp, by path): two entries of one file set to two are refused
         # here, naming them, before anything is held out or trained.
         labels = read_project_labels(
-            projects[0], rules=rules, entries=tuple(entries), qupath=qupath, mpp_advice=_training_mpp_advice
+            projects[0],
+            rules=rules,
+            entries=tuple(entries),
+            qupath=qupath,
+            search_dirs=search_dirs,
+            mpp_advice=_training_mpp_advice,
         )
         refuse_files_calibrated_twice(labels)
         return labels
@@ -694,6 +711,7 @@ def train_nuclei_cmd(
         float, typer.Option(min=0.5, help="Your labels: pixels this near a marked point have a known target.")
     ] = 6.0,
     qupath: Annotated[str, typer.Option(help=_QUPATH_HELP)] = "auto",
+    search_dir: SearchDir = None,
     val_entries: Annotated[
         list[str] | None,
         typer.Option(
@@ -740,6 +758,7 @@ def train_nuclei_cmd(
             from_review=from_review,
             class_map=class_map or [],
             qupath=qupath,
+            search_dirs=tuple(search_dir or ()),
             points=True,
         )
         slide_labels, held_out = _split_held_out(slide_labels, val_entries or [], val_fraction, seed=seed)

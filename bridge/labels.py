@@ -76,7 +76,7 @@ from bridge.classes import (
 )
 from bridge.objects import OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE, TILE_NAME
 from bridge.pairs import IHC_NEEDS_REVIEW
-from bridge.project import ProjectEntry, ProjectInfo, locate_image, read_project, sidecar_dir
+from bridge.project import ImageSearch, ProjectEntry, ProjectInfo, locate_image, read_project, sidecar_dir
 from bridge.qupath_geojson import QuPathObject, read_features
 from bridge.targets import (
     MISSING,
@@ -937,9 +937,11 @@ def read_geojson_labels(
     project_classes: frozenset[str] | None = None,
     mpp: float | None = None,
     written: WrittenObjects | None = None,
+    export_again: str = "export the objects again from QuPath as GeoJSON",
 ) -> SlideLabels:
     """Labels from a QuPath GeoJSON export (QuPath's *Export objects*, ``pdl1_export_labels.groovy``, or the
-    ``pdl1/pairs/<H&E key>.ihc_positive.geojson`` of a paired IHC)."""
+    ``pdl1/pairs/<H&E key>.ihc_positive.geojson`` of a paired IHC). ``export_again``: the fix for a file that
+    does not read (how the file at hand is made again)."""
     path = Path(path)
     if path.is_dir():  # "no such GeoJSON file" of a folder that is there
         raise LabelError(
@@ -951,9 +953,9 @@ def read_geojson_labels(
     try:
         objects = list(read_features(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LabelError(f"{path}: not JSON ({err}); export the objects again from QuPath as GeoJSON") from err
+        raise LabelError(f"{path}: not JSON ({err}); {export_again}") from err
     except Pdl1Error as err:
-        raise LabelError(f"{path}: {err}; export the objects again from QuPath as GeoJSON") from err
+        raise LabelError(f"{path}: {err}; {export_again}") from err
     return labels_from_objects(
         objects,
         slide=str(slide),
@@ -1010,9 +1012,9 @@ def read_project_labels(
     opened once here: an image that states no pixel size either way raises
     :class:`~inference.errors.MissingMppError` (its message ends with ``mpp_advice``, how the caller's user
     gives one), and one whose stain nobody states is warned of when its colour says another (:func:`warn_unless_he`).
+    Every entry is read before anything is refused: one entry's error is raised as it is, those of several in one
+    :class:`LabelError` naming each entry (a line each), so one run tells the user every fix.
     """
-    from bridge.project import ImageSearch
-
     info = read_project(project)
     chosen = choose_entries(info, entries)
     classes = project_classes(info.folder)
@@ -1027,60 +1029,107 @@ def read_project_labels(
 
         objects_by_entry = read_entry_objects(info.path, [e.entry_id for e in chosen])
     search = ImageSearch(search_dirs)
-    out = []
+    out, problems = [], []
     for entry in chosen:
-        slide = locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder, search=search)
-        if entry.size_px is None:
-            raise LabelError(
-                f"{info.path}: entry {entry.entry_id} ({entry.image_name}) states no image size; "
-                "open it in QuPath and save the project"
-            )
-        source = f"{info.path} entry {entry.entry_id} ({entry.image_name})"
-        if entry.stain is not None and entry.stain != "H&E":
-            raise LabelError(
-                f"{source}: QuPath's image type {entry.image_type} says {entry.stain}; your own labels train the "
-                "H&E models (the segmentation ensemble and the H&E nuclei model). Leave the entry out with --entries, "
-                "or set its image type in QuPath (Image > Image type) if it is an H&E"
-            )
-        from inference import open_slide
-
-        # At the pixel size QuPath saved, else the file's (as `pdl1 run` reads the entry, and as training reads it).
-        with open_slide(slide, mpp=entry.mpp, mpp_source="QuPath project", mpp_advice=mpp_advice) as opened:
-            mpp = opened.mpp.mean
-            if entry.stain is None:
-                warn_unless_he(opened, source)
-        written = WrittenObjects.of_entry(sidecar_dir(info.folder, entry.entry_id)) if rules.from_review else None
-        if objects_by_entry is not None:
-            labels = labels_from_objects(
-                objects_by_entry.get(entry.entry_id, []),
-                slide=str(slide),
-                image_size_px=entry.size_px,
-                rules=rules,
-                project_classes=classes,
-                source=source + " through QuPath",
-                mpp=mpp,
-                written=written,
-            )
-        else:
-            exported = export_path(info.folder, entry.entry_id)
-            if not exported.is_file():
-                raise LabelError(
-                    f"{source}: QuPath is not installed here and {exported} is missing; run "
-                    "qupath_scripts/pdl1_export_labels.groovy for the project in QuPath (Run for project), "
-                    "or set PAQUO_QUPATH_DIR"
+        try:
+            out.append(
+                _entry_labels(
+                    info,
+                    entry,
+                    rules=rules,
+                    classes=classes,
+                    objects_by_entry=objects_by_entry,
+                    search=search,
+                    mpp_advice=mpp_advice,
                 )
-            labels = read_geojson_labels(
-                exported,
-                slide=slide,
-                image_size_px=entry.size_px,
-                rules=rules,
-                project_classes=classes,
-                mpp=mpp,
-                written=written,
             )
-            labels = replace(labels, source=f"{source} from {exported}")
-        out.append(replace(labels, mpp=entry.mpp))
+        except Pdl1Error as err:  # every entry is checked, so one run names all that need fixing
+            problems.append((entry, err))
+    if len(problems) == 1:
+        raise problems[0][1]
+    if problems:
+        lines = "\n".join(
+            f"- entry {e.entry_id} ({e.image_name}): {_without_entry(str(err), info, e)}" for e, err in problems
+        )
+        raise LabelError(
+            f"{info.path}: {len(problems)} of {len(chosen)} entries cannot be trained on, so nothing was trained; "
+            f"fix each (or leave it out with --entries), then run again:\n{lines}"
+        ) from problems[0][1]
     return out
+
+
+def _without_entry(message: str, info: ProjectInfo, entry: ProjectEntry) -> str:
+    """``message`` less a leading project and entry, for a list whose lines name the entry already."""
+    for prefix in (f"{info.path} entry {entry.entry_id} ({entry.image_name}): ", f"{info.path}: "):
+        if message.startswith(prefix):
+            return message[len(prefix) :]
+    return message
+
+
+def _entry_labels(
+    info: ProjectInfo,
+    entry: ProjectEntry,
+    *,
+    rules: LabelRules,
+    classes: frozenset[str],
+    objects_by_entry: dict[str, list[QuPathObject]] | None,
+    search: ImageSearch,
+    mpp_advice: MppAdvice | None,
+) -> SlideLabels:
+    """One entry's labels for :func:`read_project_labels` (its image found and opened, its stain checked)."""
+    from inference import open_slide
+
+    slide = locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder, search=search)
+    if entry.size_px is None:
+        raise LabelError(
+            f"{info.path}: entry {entry.entry_id} ({entry.image_name}) states no image size; "
+            "open it in QuPath and save the project"
+        )
+    source = f"{info.path} entry {entry.entry_id} ({entry.image_name})"
+    if entry.stain is not None and entry.stain != "H&E":
+        raise LabelError(
+            f"{source}: QuPath's image type {entry.image_type} says {entry.stain}; your own labels train the "
+            "H&E models (the segmentation ensemble and the H&E nuclei model). Leave the entry out with --entries, "
+            "or set its image type in QuPath (Image > Image type) if it is an H&E"
+        )
+    # At the pixel size QuPath saved, else the file's (as `pdl1 run` reads the entry, and as training reads it).
+    with open_slide(slide, mpp=entry.mpp, mpp_source="QuPath project", mpp_advice=mpp_advice) as opened:
+        mpp = opened.mpp.mean
+        if entry.stain is None:
+            warn_unless_he(opened, source)
+    written = WrittenObjects.of_entry(sidecar_dir(info.folder, entry.entry_id)) if rules.from_review else None
+    if objects_by_entry is not None:
+        labels = labels_from_objects(
+            objects_by_entry.get(entry.entry_id, []),
+            slide=str(slide),
+            image_size_px=entry.size_px,
+            rules=rules,
+            project_classes=classes,
+            source=source + " through QuPath",
+            mpp=mpp,
+            written=written,
+        )
+    else:
+        exported = export_path(info.folder, entry.entry_id)
+        if not exported.is_file():
+            raise LabelError(
+                f"{source}: QuPath is not installed here and {exported} is missing; run "
+                "qupath_scripts/pdl1_export_labels.groovy for the project in QuPath (Run for project), "
+                "or set PAQUO_QUPATH_DIR"
+            )
+        labels = read_geojson_labels(
+            exported,
+            slide=slide,
+            image_size_px=entry.size_px,
+            rules=rules,
+            project_classes=classes,
+            mpp=mpp,
+            written=written,
+            export_again=f"export it again: run qupath_scripts/pdl1_export_labels.groovy on {entry.image_name} in "
+            "QuPath (or Run for project)",
+        )
+        labels = replace(labels, source=f"{source} from {exported}")
+    return replace(labels, mpp=entry.mpp)
 
 
 def warn_unless_he(slide: str | Path | Slide, source: str) -> None:
@@ -1234,8 +1283,6 @@ def unlabeled_slides(
     ``labelled`` ones is refused (it is either labelled or pseudo-labelled), as is a name that is
     neither a file nor an entry.
     """
-    from bridge.project import ImageSearch
-
     info = read_project(project) if project is not None else None
     by_key = {} if info is None else {e.entry_id: e for e in info.entries} | {e.image_name: e for e in info.entries}
     out = []

@@ -325,6 +325,46 @@ def test_a_project_without_qupath_reads_the_export_script_s_geojson_as_the_same_
     assert "entry 1 (he-1357.svs)" in labels.source
 
 
+def _two_he_entries(labelled: Path, tmp_path: Path) -> Path:
+    """:func:`_exported_project_copy` with entry 2 (the same file) typed H&E and its labels exported too."""
+    project = _exported_project_copy(labelled, tmp_path)
+    summary = project / "data" / "2" / "summary.json"
+    summary.write_text(summary.read_text().replace("BRIGHTFIELD_H_DAB", "BRIGHTFIELD_H_E"))
+    shutil.copy(export_path(project, "1"), export_path(project, "2"))
+    return project
+
+
+def test_every_entry_s_bad_labels_are_named_in_one_refusal(labelled, tmp_path):
+    """Training stopped at the first entry with bad labels: with two, the user fixed one, ran again, and only then
+    heard of the other. Now every entry is read, and each that cannot be trained on is named with its fix."""
+    project = _two_he_entries(labelled, tmp_path)
+    assert len(read_project_labels(project, rules=RULES, qupath="never")) == 2
+    features = json.loads(export_path(project, "1").read_text())
+    (points,) = [f for f in features if f["properties"].get("name") == "Other points"]
+    points["geometry"]["coordinates"].append([3000.0, 100.0])  # past the 2048 px image's right edge
+    export_path(project, "1").write_text(json.dumps(features))
+    export_path(project, "2").write_text("[{")
+    with pytest.raises(LabelError) as err:
+        read_project_labels(project, rules=RULES, qupath="never")
+    first, one, two = str(err.value).split("\n")
+    assert first == (
+        f"{project / 'project.qpproj'}: 2 of 2 entries cannot be trained on, so nothing was trained; fix each (or "
+        "leave it out with --entries), then run again:"
+    )
+    assert one.startswith(f"- entry 1 (he-1357.svs): {export_path(project, '1')}: 1 of 1253 points lie outside")
+    assert two.startswith(f"- entry 2 (he-1357.svs): {export_path(project, '2')}: not JSON (")
+    # The fix of an export that does not read is the export script, not QuPath's own GeoJSON export.
+    assert two.endswith("; export it again: run qupath_scripts/pdl1_export_labels.groovy on he-1357.svs in QuPath "
+                        "(or Run for project)")  # fmt: skip
+    # One bad entry is refused in its own words, as before.
+    with pytest.raises(LabelError, match=r"^.*1\.geojson: 1 of 1253 points lie outside"):
+        read_project_labels(project, rules=RULES, entries=["1"], qupath="never")
+    moved = project.parent / "he-1357.svs"
+    moved.unlink()  # an image that is not found is named with the others
+    with pytest.raises(LabelError, match=r"(?s)- entry 1 \(he-1357.svs\): image of entry 1 .* has moved.*- entry 2"):
+        read_project_labels(project, rules=RULES, qupath="never")
+
+
 @pytest.mark.parametrize("qupath", ["never", "always"])
 def test_a_project_s_labels_carry_qupath_s_pixel_size_which_wins_over_the_file_s(
     labelled, tmp_path, monkeypatch, qupath
@@ -912,7 +952,8 @@ def test_a_damaged_record_of_every_core_s_output_stops_training_from_review_nami
     damaged = project / "pdl1" / "1" / "target_regions.json"
     damaged.write_bytes(damage)
     with pytest.raises(LabelError) as err:
-        read_project_labels(project, rules=LabelRules(class_names=HE_CLASSES, from_review=True), qupath="never")
+        review = LabelRules(class_names=HE_CLASSES, from_review=True)
+        read_project_labels(project, rules=review, entries=["1"], qupath="never")  # entry 2 is an IHC: refused too
     message = str(err.value)
     assert message.startswith(f"{damaged} does not read (") and "the reviews of the last run's targets" in message
     assert message.endswith("run `pdl1 run` on the project again, or train without --from-review")

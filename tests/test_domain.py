@@ -452,3 +452,22 @@ def test_too_few_slides_to_calibrate_on_are_advised_in_each_callers_words(phanto
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
     assert "give at least 3 held-out slides (--val-entries or --val-fraction)" in caplog.text
+
+
+def test_one_slide_without_held_out_ones_warns_that_the_guard_will_never_flag_and_how_to_calibrate(
+    phantom_svs, seg_without_stats, caplog
+):
+    """`pdl1 train seg PROJECT` on a project of one labelled slide warned only "the domain limits are not
+    calibrated": not what that does (the guard never flags an image) nor the fix, in the caller's words."""
+    from inference import compute_domain_stats
+    from inference.advice import library_setting, renamed
+
+    words = renamed(library_setting, held_out="validation_slides")
+    with caplog.at_level("WARNING", logger="inference.training.domain_stats"):
+        stats = compute_domain_stats(seg_without_stats, [phantom_svs], setting=words)
+    assert stats.feature_limit is None and stats.stain_limit_deg is None
+    assert (
+        "one training slide and no held-out slides: the domain limits are not calibrated, so the domain guard will "
+        "measure images against this slide but never flag one as out of domain; give held-out in-domain slides "
+        "(validation_slides), or train on two slides or more"
+    ) in caplog.text

@@ -172,7 +172,12 @@ def compute_domain_stats(
         )
     stats = fit_domain_stats([f for f, _ in train], [s for _, s in train], slide_names=names, feature_layers=layers)
     if not held_out and len(train) < 2:
-        log.warning("one training slide and no held-out slides: the domain limits are not calibrated")
+        log.warning(
+            "one training slide and no held-out slides: the domain limits are not calibrated, so the domain guard "
+            "will measure images against this slide but never flag one as out of domain; give held-out in-domain "
+            "slides (%s), or train on two slides or more",
+            setting("held_out"),
+        )
         return stats
     if held_out:
         scored = [(Path(p).name, f, s, stats) for p, (f, s) in zip(held_out, held, strict=True)]

@@ -1029,6 +1029,7 @@ def read_project_labels(
 
         objects_by_entry = read_entry_objects(info.path, [e.entry_id for e in chosen])
     search = ImageSearch(search_dirs)
+    _check_class_map_targets(dict(rules.class_map or {}), rules)  # an option's error, said once, not per entry
     out, problems = [], []
     for entry in chosen:
         try:

@@ -339,6 +339,9 @@ def test_every_entry_s_bad_labels_are_named_in_one_refusal(labelled, tmp_path):
     heard of the other. Now every entry is read, and each that cannot be trained on is named with its fix."""
     project = _two_he_entries(labelled, tmp_path)
     assert len(read_project_labels(project, rules=RULES, qupath="never")) == 2
+    mistyped = LabelRules(class_names=HE_CLASSES, class_map={"Other": "Tumour"})
+    with pytest.raises(LabelError, match=r"^--class-map 'Other=Tumour': the MODEL side"):  # an option's: said once
+        read_project_labels(project, rules=mistyped, qupath="never")
     features = json.loads(export_path(project, "1").read_text())
     (points,) = [f for f in features if f["properties"].get("name") == "Other points"]
     points["geometry"]["coordinates"].append([3000.0, 100.0])  # past the 2048 px image's right edge

@@ -776,3 +776,31 @@ def test_a_progress_bar_whose_work_failed_is_taken_away(capsys):
     captured = capsys.readouterr()
     said = captured.out + captured.err
     assert "x.svs" not in said and "eval y.svs" in said, said
+
+
+def test_a_project_file_another_program_holds_open_is_explained_with_that_fix(fixtures_dir, tmp_path, monkeypatch):
+    """Windows refuses to read a file another program holds open (PermissionError, as a permission); `pdl1 train`
+    then said only to choose a folder it can write to, for a file it was reading."""
+    import shutil
+    from pathlib import Path
+
+    project = tmp_path / "project"
+    shutil.copytree(fixtures_dir / "qupath-0.4.4-labels" / "project", project)
+    read_text = Path.read_text
+
+    def locked(self, *args, **kwargs):
+        if self.name == "project.qpproj":
+            raise PermissionError(
+                errno.EACCES,
+                "The process cannot access the file because it is being used by another process",
+                str(self),
+            )
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", locked)
+    result = runner.invoke(app, ["train", "nuclei", str(project), "--out", str(tmp_path / "m")], env={"COLUMNS": "400"})
+    assert result.exit_code == 1, result.output
+    said = " ".join(result.output.split())
+    assert said.startswith(f"error: {project / 'project.qpproj'}: The process cannot access the file"), said
+    assert said.endswith("a file another program holds open (Windows locks it) reads again once that program closes it")
+    assert not (tmp_path / "m").exists()

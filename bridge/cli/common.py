@@ -30,6 +30,14 @@ def fail(err: Exception) -> typer.Exit:
     return typer.Exit(code=1)
 
 
+# Refused to read or to write: a permission, or (Windows) another program holding the file open, as QuPath or a
+# spreadsheet does with what it has open.
+_NOT_ALLOWED = (
+    "you may not write (or read) there: choose a folder you can write to, or fix its permissions; a file another "
+    "program holds open (Windows locks it) reads again once that program closes it"
+)
+
+
 def explained(err: Exception) -> str:
     """``err`` as a user reads it: an operating system's error (a read-only or full drive, a folder where a file
     is expected, ...) names the file, what went wrong and what to do, not "[Errno 30] Read-only file system:
@@ -48,8 +56,8 @@ def explained(err: Exception) -> str:
     if not isinstance(err, OSError) or isinstance(err, Pdl1Error) or err.strerror is None:
         return str(err)
     what = {
-        errno.EACCES: "you may not write (or read) there: choose a folder you can write to, or fix its permissions",
-        errno.EPERM: "you may not write (or read) there: choose a folder you can write to, or fix its permissions",
+        errno.EACCES: _NOT_ALLOWED,
+        errno.EPERM: _NOT_ALLOWED,
         errno.EROFS: "the drive (or mount) is read-only: choose a folder on a writable one",
         errno.ENOSPC: "the drive is full: free some space, or choose a folder on another drive",
         errno.EDQUOT: "your disk quota is used up: free some space, or choose a folder on another drive",

@@ -1171,6 +1171,12 @@ def _names_of(lab: SlideLabels) -> set[str]:
     return names
 
 
+def _val_name(lab: SlideLabels) -> str:
+    """A labelled slide as ``--val-entries`` may name it: ``entry 2 (B.svs)``, else its file name."""
+    entry = _entry_of(lab)
+    return f"entry {entry.group(1)} ({entry.group(2)})" if entry else Path(lab.slide).name
+
+
 def refuse_files_calibrated_twice(labels: Sequence[SlideLabels]) -> None:
     """Raise :class:`LabelError` where two labelled entries are one image file with different pixel sizes.
 
@@ -1235,7 +1241,11 @@ def split_validation(
     train = [lab for lab in labels if not _names_of(lab) & wanted]
     unknown = wanted - set().union(*(_names_of(lab) for lab in held)) if held else wanted
     if unknown:
-        raise LabelError(f"--val-entries names {', '.join(sorted(unknown))}, which no labelled slide is")
+        known = "; ".join(_val_name(lab) for lab in labels)
+        raise LabelError(
+            f"--val-entries names {', '.join(sorted(unknown))}, which no labelled slide is; the labelled slides are "
+            f"{known}: give an entry ID, image name or slide file name of one of them"
+        )
     if not train:
         raise LabelError("every labelled slide is held out for validation: leave at least one to train on")
     return train, held

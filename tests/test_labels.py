@@ -475,8 +475,12 @@ def test_validation_slides_are_held_out_whole_by_entry_id_image_name_or_file_nam
     for names in (["2"], ["B.svs"], ["b.svs"]):
         assert split_validation([a, b, c], names) == ([a, c], [b])
     assert split_validation([a, b, c], ["c.svs", "1"]) == ([b], [a, c])
-    with pytest.raises(LabelError, match="--val-entries names 7, which no labelled slide is"):
-        split_validation([a, b], ["7"])
+    with pytest.raises(LabelError) as err:
+        split_validation([a, b, c], ["7"])
+    assert str(err.value) == (
+        "--val-entries names 7, which no labelled slide is; the labelled slides are entry 1 (A.svs); entry 2 (B.svs); "
+        "c.svs: give an entry ID, image name or slide file name of one of them"
+    )
     with pytest.raises(LabelError, match="every labelled slide is held out"):
         split_validation([a], ["a.svs"])
     # A share of the slides, whole: drawn by the seed, at least one held out and one kept.

@@ -1053,8 +1053,8 @@ def read_project_labels(
             f"- entry {e.entry_id} ({e.image_name}): {_without_entry(str(err), info, e)}" for e, err in problems
         )
         raise LabelError(
-            f"{info.path}: {len(problems)} of {len(chosen)} entries cannot be trained on, so nothing was trained; "
-            f"fix each (or leave it out with --entries), then run again:\n{lines}"
+            f"{info.path}: {len(problems)} of {len(chosen)} entries cannot be used, so nothing was trained or "
+            f"exported; fix each (or leave it out with --entries), then run again:\n{lines}"
         ) from problems[0][1]
     return out
 

@@ -351,8 +351,8 @@ def test_every_entry_s_bad_labels_are_named_in_one_refusal(labelled, tmp_path):
         read_project_labels(project, rules=RULES, qupath="never")
     first, one, two = str(err.value).split("\n")
     assert first == (
-        f"{project / 'project.qpproj'}: 2 of 2 entries cannot be trained on, so nothing was trained; fix each (or "
-        "leave it out with --entries), then run again:"
+        f"{project / 'project.qpproj'}: 2 of 2 entries cannot be used, so nothing was trained or exported; fix each "
+        "(or leave it out with --entries), then run again:"
     )
     assert one.startswith(f"- entry 1 (he-1357.svs): {export_path(project, '1')}: 1 of 1253 points lie outside")
     assert two.startswith(f"- entry 2 (he-1357.svs): {export_path(project, '2')}: not JSON (")

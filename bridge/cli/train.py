@@ -118,8 +118,9 @@ FIRST_CYCLE_HELP = "Length of the first cycle in epochs (0: as --epochs-per-cycl
 
 
 _SEARCH_DIR_HELP = (
-    "Your labels in a project: folder to search, with its subfolders, for images that are not where the project "
-    "says (moved, or the project made on another machine); repeatable, as for pdl1 run."
+    "A project's images (labelled, held out or --unlabeled entries): folder to search, with its subfolders, for "
+    "images that are not where the project says (moved, or the project made on another machine); repeatable, as "
+    "for pdl1 run."
 )
 SearchDir = Annotated[list[Path] | None, typer.Option("--search-dir", help=_SEARCH_DIR_HELP)]
 

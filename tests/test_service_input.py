@@ -171,6 +171,30 @@ def test_an_roi_no_analysis_can_use_is_refused_at_submission(client, slides_root
     assert r.json() == {"detail": detail}
 
 
+@pytest.mark.parametrize(
+    ("coordinates", "corners"),
+    [
+        ([[[2000, 0], [2100, 0], [2100, 100], [2000, 0]]], "(2000, 0)-(2100, 100)"),
+        ([[[-500, -500], [-100, -500], [-100, -100], [-500, -500]]], "(-500, -500)-(-100, -100)"),
+    ],
+    ids=["right", "negative"],
+)
+def test_an_roi_outside_the_image_is_refused_at_submission_without_image_size_px(
+    client, slides_root, coordinates, corners
+):
+    # The header was read at submission, yet without image_size_px the job queued and failed after the queue.
+    roi = {"type": "Polygon", "coordinates": coordinates}
+    r = client.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "roi": roi})
+    assert (r.status_code, r.json()) == (
+        422,
+        {
+            "detail": f"roi {corners} lies outside the image of 1024 x 1024 px (its size as the file opens here); "
+            "expected level-0 px of this image, as QuPath's annotations are: send the ROI of an annotation on this "
+            f"image, {WHOLE}"
+        },
+    )
+
+
 def test_an_roi_partly_outside_the_image_is_accepted(client, slides_root):
     # QuPath's own ROIs may overhang the image; the analysis clips them.
     roi = {"type": "Polygon", "coordinates": [[[900, 900], [1200, 900], [1200, 1200], [900, 900]]]}

@@ -50,7 +50,7 @@ from bridge.service.paths import (
     require_absolute,
 )
 from bridge.service.record import analysis_record
-from bridge.service.roi import parse_roi
+from bridge.service.roi import parse_roi, refuse_outside
 from bridge.service.schemas import (
     IMAGE_TYPE_DESCRIPTION,
     MAX_COORDINATE_PX,
@@ -317,6 +317,10 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
                 "pdl1_analyze.groovy then sends the region's pixels (POST /v1/jobs/pixels)",
                 status=422,
             )
+        if roi is not None and req.image_size_px is None:
+            # The header says the size: an ROI wholly outside it is refused now, not as a job that fails after
+            # the queue (parse_roi could check only a size the request states).
+            refuse_outside(roi, size, size_from="its size as the file opens here")
         job = Job(
             id=uuid.uuid4().hex,
             image=str(path),

@@ -20,7 +20,7 @@ def parse_roi(roi: dict[str, Any] | None, *, image_size_px: tuple[int, int] | No
     """The request's ROI as a geometry; one no analysis could use is refused now (422), not as a job that fails.
 
     Unreadable, empty or invalid (self-intersecting, ...) is refused, and outside the image when the request
-    says the image's size (else the worker checks it against the file's).
+    says the image's size (else the endpoint checks it against the file's header: :func:`refuse_outside`).
     """
     if roi is None:
         return None
@@ -64,12 +64,19 @@ def parse_roi(roi: dict[str, Any] | None, *, image_size_px: tuple[int, int] | No
             f"redraw the annotation in QuPath, {whole}"
         )
     if image_size_px is not None:
-        width, height = image_size_px
-        if geometry.intersection(box(0, 0, width, height)).area <= 0:
-            x0, y0, x1, y1 = (round(v) for v in geometry.bounds)
-            raise RoiError(
-                f"roi ({x0}, {y0})-({x1}, {y1}) lies outside the image of {width} x {height} px (image_size_px); "
-                "expected level-0 px of this image, as QuPath's annotations are: send the ROI of an annotation "
-                f"on this image, {whole}"
-            )
+        refuse_outside(geometry, image_size_px, size_from="image_size_px")
     return geometry
+
+
+def refuse_outside(geometry: BaseGeometry, image_size_px: tuple[int, int], *, size_from: str) -> None:
+    """Refuse (422) an ROI that lies wholly outside an image of ``image_size_px`` (width, height), ``size_from``
+    saying where that size came from (the request's ``image_size_px``, or the file's header); one that overhangs
+    the image is fine (the analysis clips it, as QuPath's own ROIs may overhang)."""
+    width, height = image_size_px
+    if geometry.intersection(box(0, 0, width, height)).area <= 0:
+        x0, y0, x1, y1 = (round(v) for v in geometry.bounds)
+        raise RoiError(
+            f"roi ({x0}, {y0})-({x1}, {y1}) lies outside the image of {width} x {height} px ({size_from}); "
+            "expected level-0 px of this image, as QuPath's annotations are: send the ROI of an annotation "
+            "on this image, or omit roi to analyse the whole tissue"
+        )

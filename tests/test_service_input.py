@@ -406,6 +406,23 @@ def test_a_record_s_unknown_parameter_is_refused_not_ignored(client):
     )
 
 
+@pytest.mark.parametrize(
+    ("params", "came"),
+    [
+        ({"ofset": 5}, "query.ofset: unknown parameter 'ofset'; did you mean 'offset'? "),
+        ({"page": 2}, "query.page: unknown parameter 'page'; "),
+    ],
+    ids=["misspelt", "other"],
+)
+def test_a_result_s_unknown_parameter_is_refused_not_ignored(client, params, came):
+    # Ignored, a misspelt offset gave the first page again with its next_offset: a client paging on it looped.
+    r = client.get("/v1/jobs/nope/result", params=params)
+    assert (r.status_code, r.json()) == (
+        422,
+        {"detail": f"bad request: {came}the result's parameters are offset, limit"},
+    )
+
+
 @pytest.mark.parametrize("after_run", ["run-7", "", "3F2B1C9E4D5A4E6F8A7B9C0D1E2F3A4B", "None"])
 def test_a_record_s_after_run_that_is_no_run_id_is_refused_saying_what_is_expected(client, after_run):
     # The record keeps it as the run id of the summary.json the script found: anything else would order nothing.

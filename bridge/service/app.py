@@ -65,7 +65,14 @@ from bridge.service.schemas import (
 )
 from bridge.service.settings import ServiceSettings
 from bridge.service.uploads import check_upload
-from bridge.service.validation import RECORD, UPLOAD, error_responses, refuse_unknown_parameters, validation_problem
+from bridge.service.validation import (
+    RECORD,
+    RESULT,
+    UPLOAD,
+    error_responses,
+    refuse_unknown_parameters,
+    validation_problem,
+)
 from inference import (
     MPP_PLAUSIBLE_RANGE,
     Models,
@@ -452,14 +459,18 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         job_id: str,
         offset: int = Query(0, ge=0, description="Index of the first feature of this page."),
         limit: int | None = Query(None, ge=1, description="Features per page (all when omitted, up to the maximum)."),
+        *,
+        request: Request,
         w: Worker = Depends(worker),
     ) -> Response:
         """QuPath GeoJSON FeatureCollection of the job's objects, in pages; ``pdl1`` holds the parent's
         measurements, the entry metadata and ``next_offset`` (null on the last page)."""
-        job, result, _ = finished(job_id, w)
+        # A misspelt offset ("ofset") gave the first page again with its next_offset: a client paging on it looped.
+        refuse_unknown_parameters(request, result, RESULT)
+        job, analysed, _ = finished(job_id, w)
         page = min(limit or settings.max_page, settings.max_page)
         with collector_paused():  # each step's features are gone before the next: nothing for it to collect
-            content = page_content(job, result, offset, page)
+            content = page_content(job, analysed, offset, page)
         return Response(content, media_type=JSONResponse.media_type)
 
     @app.get("/v1/jobs/{job_id}/record", responses=error_responses(404, 409, 410, 422))

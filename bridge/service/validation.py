@@ -16,6 +16,7 @@ from bridge.service.schemas import ErrorDetail, JobRequest
 # Whose parameters an unknown one is told against (refuse_unknown_parameters).
 UPLOAD = "the upload's"
 RECORD = "the record's"
+RESULT = "the result's"
 
 
 def query_parameters(endpoint: Any) -> tuple[str, ...]:

@@ -99,12 +99,14 @@ def uri_to_path(uri: str) -> PurePosixPath | PureWindowsPath:
     'C:\\\\Slides\\\\CMU-1 small.svs'
     >>> str(uri_to_path("file:///data/slides/a.svs"))
     '/data/slides/a.svs'
+    >>> str(uri_to_path("file://localhost/data/slides/a.svs"))  # RFC 8089: this machine, as file:///
+    '/data/slides/a.svs'
     """
     parsed = urlparse(uri)
     if parsed.scheme != "file":
         raise ProjectError(f"only file: image URIs can be analysed, got {uri!r}")
     path = unquote(parsed.path)
-    if parsed.netloc:  # UNC share: file://server/share/x.svs
+    if parsed.netloc and parsed.netloc.lower() != "localhost":  # UNC share: file://server/share/x.svs
         return PureWindowsPath(f"//{parsed.netloc}{path}")
     if len(path) >= 3 and path[0] == "/" and path[2] == ":":
         return PureWindowsPath(path[1:])

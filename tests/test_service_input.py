@@ -231,6 +231,11 @@ def test_a_folder_is_not_an_image(client, slides_root):
         # Both said "is relative".
         ("file:slides/small.svs", "image URI 'file:slides/small.svs' names no absolute path"),
         ("~/slides/small.svs", "image path '~/slides/small.svs' starts with ~, which only a shell expands"),
+        # Said "is a Windows path" of a URI with a host.
+        (
+            "file://scanner/share/small.svs",
+            "image URI 'file://scanner/share/small.svs' names a file on the machine 'scanner' (a network share)",
+        ),
     ],
 )
 def test_a_path_the_service_cannot_place_says_it_must_be_absolute_here(client, image, came):
@@ -239,6 +244,16 @@ def test_a_path_the_service_cannot_place_says_it_must_be_absolute_here(client, i
     detail = r.json()["detail"]
     assert detail.startswith(f"{came}; ") or detail.startswith(f"{came}, "), detail
     assert "absolute path" in detail and "file: URI" in detail and "outside the folders" not in detail
+
+
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST"])
+def test_a_file_uri_naming_localhost_is_this_machine_s_file(client, slides_root, host):
+    # RFC 8089's file://localhost/path, as file:///path: it was taken for another machine's share ("a Windows path").
+    image = f"file://{host}{(slides_root / 'small.svs').as_posix()}"
+    roi = {"type": "Polygon", "coordinates": [[[0, 0], [64, 0], [64, 64], [0, 0]]]}
+    r = client.post("/v1/jobs", json={"image": image, "roi": roi, "outputs": ["regions"]})
+    assert r.status_code == 202, r.text
+    assert wait_for_job(client, r.json()["job_id"])["state"] == "done"
 
 
 LONG = "x" * 100_000  # a client's runaway value: the answer names it by its start, end and length

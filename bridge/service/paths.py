@@ -81,6 +81,14 @@ def require_absolute(image: str, path: Path) -> Path:
             "image files on its own machine: send the file's absolute path there (or its file: URI), or upload the "
             "region's pixels (POST /v1/jobs/pixels)"
         )
+    if image.startswith("file:") and str(path).startswith("\\\\"):  # file://server/...: a share's URI
+        host = PureWindowsPath(str(path)).drive.lstrip("\\").split("\\")[0]
+        raise ImagePathError(
+            f"image URI {quoted(image)} names a file on the machine {quoted(host, limit_chars=60)} (a network "
+            "share), which the service cannot open by that name; expected the absolute path at which the service's "
+            "machine sees the file (the share mounted there) or its file: URI (file:/mnt/share/..., "
+            "file:///mnt/share/... or file://localhost/mnt/share/...)"
+        )
     if PureWindowsPath(str(path)).drive:
         raise ImagePathError(
             f"image path {quoted(image)} is a Windows path, which the service's machine cannot open; expected the "

@@ -1009,3 +1009,19 @@ def test_an_roi_nested_too_deep_is_a_422_not_a_500(client, slides_root):
     r = client.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
     assert "roi's coordinates are nested 900 lists deep; a GeoJSON Polygon nests 3" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("nested", ["[" * 100_000 + "]" * 100_000, '{"a":' * 100_000 + "1" + "}" * 100_000])
+def test_json_nested_past_the_parser_s_depth_is_a_422_saying_so(client, slides_root, nested):
+    """Nested past where Python's JSON parser recurses, a 400 said 'There was an error parsing the body'."""
+    body = f'{{"image": "{slides_root / "small.svs"}", "roi": {nested}}}'
+    r = client.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+    assert (r.status_code, r.json()) == (
+        422,
+        {
+            "detail": "bad request: body: not valid JSON here: its arrays or objects are nested inside each other "
+            'deeper than the service parses (a few hundred levels); expected a JSON object such as {"image": '
+            '"/path/to/slide.svs"}, whose roi nests its coordinates 3 lists deep (a Polygon) or 4 (a MultiPolygon): '
+            "send the annotation's outline as QuPath gives it"
+        },
+    )

@@ -204,6 +204,17 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException):
+        if err.status_code == 400 and isinstance(err.__cause__, RecursionError):  # FastAPI's "error parsing the body"
+            # JSON that does not parse is a 422 (validation_problem); this was a 400 that said only "an error".
+            return JSONResponse(
+                {
+                    "detail": "bad request: body: not valid JSON here: its arrays or objects are nested inside each "
+                    "other deeper than the service parses (a few hundred levels); expected a JSON object such as "
+                    '{"image": "/path/to/slide.svs"}, whose roi nests its coordinates 3 lists deep (a Polygon) or 4 '
+                    "(a MultiPolygon): send the annotation's outline as QuPath gives it"
+                },
+                422,
+            )
         headers = dict(err.headers or {})
         if err.status_code == 405:
             headers["Allow"] = ", ".join(allowed_methods(request.scope))

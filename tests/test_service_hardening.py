@@ -301,10 +301,42 @@ def test_options_and_405_name_every_method_of_a_path(service):
     assert r.status_code == 204 and r.headers["allow"] == "DELETE, GET, OPTIONS"
     r = service.client.put("/v1/jobs/abc")
     assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, OPTIONS"
-    assert r.json() == {"detail": "Method Not Allowed"}
+    # Starlette's "Method Not Allowed" named neither the methods nor the endpoints.
+    assert r.json() == {"detail": f"PUT is not a method of /v1/jobs/abc, which takes DELETE or GET; {ENDPOINTS}"}
     # A fixed path is not also the templated one it fits: /v1/jobs/pixels is not a job id.
     r = service.client.request("OPTIONS", "/v1/jobs/pixels")
     assert r.status_code == 204 and r.headers["allow"] == "OPTIONS, POST"
+
+
+ENDPOINTS = (
+    "the API's endpoints are GET /v1/health, GET /v1/models, POST /v1/jobs, POST /v1/jobs/pixels, GET /v1/jobs/{id}, "
+    "DELETE /v1/jobs/{id}, GET /v1/jobs/{id}/result, GET /v1/jobs/{id}/record (see /docs)"
+)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow", "takes"),
+    [
+        # Served as the job route: "no job 'pixels'", a 404 that did not say the path takes uploads.
+        ("GET", "/v1/jobs/pixels", "OPTIONS, POST", "POST"),
+        ("DELETE", "/v1/jobs/pixels", "OPTIONS, POST", "POST"),
+        ("GET", "/v1/jobs", "OPTIONS, POST", "POST"),  # no list of jobs: said only "Method Not Allowed"
+    ],
+)
+def test_a_method_a_path_does_not_take_is_a_405_naming_those_it_takes(service, method, path, allow, takes):
+    r = service.client.request(method, path)
+    assert (r.status_code, r.headers.get("allow"), r.json()) == (
+        405,
+        allow,
+        {"detail": f"{method} is not a method of {path}, which takes {takes}; {ENDPOINTS}"},
+    )
+
+
+@pytest.mark.parametrize("path", ["/v2/jobs", "/", "/v1/job"])
+def test_a_path_no_endpoint_serves_is_a_404_naming_the_endpoints(service, path):
+    # Starlette's {"detail": "Not Found"} did not say that the path, not a job or an image, was not found.
+    r = service.client.get(path)
+    assert (r.status_code, r.json()) == (404, {"detail": f"no endpoint {path}; {ENDPOINTS}"})
 
 
 def test_a_queued_job_asked_to_stop_says_cancelling_until_the_worker_stops_it(service, held_worker):

@@ -152,8 +152,9 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
     )
     app.add_middleware(BodyLimit, limits=limits)
 
-    def allowed_methods(scope: Scope) -> list[str]:
-        """Methods some route serves at this path (Starlette's own 405 names only the first route's).
+    def route_methods(scope: Scope) -> list[str] | None:
+        """Methods some route serves at this path (Starlette's own 405 names only the first route's); None where
+        no route serves it.
 
         A fixed path (``/v1/jobs/pixels``) is not also the templated one it happens to fit
         (``/v1/jobs/{job_id}``): where a route matches without path parameters, only such routes count.
@@ -163,8 +164,29 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
             match, child = route.matches({**scope, "method": "GET"})
             if match != Match.NONE and getattr(route, "methods", None):
                 matched.append((set(route.methods), bool(child.get("path_params"))))
+        if not matched:
+            return None
         fixed = [methods for methods, templated in matched if not templated]
         return sorted({"OPTIONS"}.union(*(fixed or [m for m, _ in matched])))
+
+    def allowed_methods(scope: Scope) -> list[str]:
+        return route_methods(scope) or ["OPTIONS"]
+
+    def endpoints() -> str:
+        """The API's endpoints as a client calls them ("GET /v1/health, ..."), from the routes themselves."""
+        served = [
+            f"{' or '.join(sorted(route.methods - {'HEAD'}))} {route.path.replace('{job_id}', '{id}')}"
+            for route in app.router.routes
+            if route.path.startswith("/v1/") and getattr(route, "methods", None)
+        ]
+        return ", ".join(served)
+
+    def not_allowed(method: str, path: str, allow: list[str]) -> str:
+        takes = " or ".join(m for m in allow if m not in ("OPTIONS", "HEAD"))
+        return (
+            f"{method} is not a method of {clipped(path)}, which takes {takes}; the API's endpoints are "
+            f"{endpoints()} (see /docs)"
+        )
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -182,10 +204,15 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         path = request.scope["path"]
         if length is not None and length.isdigit() and int(length) > limits.of(path):
             return JSONResponse({"detail": limits.problem(path, length)}, 413)
-        if request.method == "OPTIONS":
-            methods = allowed_methods(request.scope)
-            if len(methods) > 1:
-                return Response(status_code=204, headers={"Allow": ", ".join(methods)})
+        methods = route_methods(request.scope)
+        if request.method == "OPTIONS" and methods is not None:
+            return Response(status_code=204, headers={"Allow": ", ".join(methods)})
+        if methods is not None and request.method not in methods:
+            # Where a fixed path fits a templated one too, Starlette served the templated route: GET
+            # /v1/jobs/pixels said "no job 'pixels'" instead of that it takes POST uploads.
+            return JSONResponse(
+                {"detail": not_allowed(request.method, path, methods)}, 405, headers={"Allow": ", ".join(methods)}
+            )
         return await call_next(request)
 
     @app.exception_handler(Pdl1Error)
@@ -216,9 +243,12 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
                 422,
             )
         headers = dict(err.headers or {})
+        detail = err.detail
         if err.status_code == 405:
             headers["Allow"] = ", ".join(allowed_methods(request.scope))
-        detail = err.detail
+            detail = not_allowed(request.method, request.scope["path"], allowed_methods(request.scope))
+        if err.status_code == 404 and detail == "Not Found":  # no route: Starlette's words, which named no path
+            detail = f"no endpoint {clipped(request.scope['path'])}; the API's endpoints are {endpoints()} (see /docs)"
         cause = err.__cause__
         if err.status_code == 400 and isinstance(cause, UnicodeDecodeError):  # FastAPI's "error parsing the body"
             detail = (

@@ -731,12 +731,16 @@ def test_the_log_tells_a_wrong_token_and_an_address_it_cannot_call_from_no_servi
         "pdl1: pdl1-config.toml's analysis.uncertainty_tile_um = 32 is `pdl1 run`'s; the service analyses with 64 µm "
         "(pdl1 serve has no option for it)",
     ]
-    asks = (
-        f"pdl1: the service at {base} wants the token it was started with (missing or wrong token: send "
-        f"'Authorization: Bearer <token>'); set service.token in {config} to it (pdl1 serve's --token, --token-file "
-        "or PDL1_TOKEN)"
-    )
-    assert said["no token"] == said["wrong token"] == [f"pdl1: settings from {config}", *notes, asks]
+    started_with = "the token `pdl1 serve` was started with (--token, --token-file or PDL1_TOKEN)"
+    fix = f"set service.token in {config} to it (pdl1 serve's --token, --token-file or PDL1_TOKEN)"
+    asks = {
+        "no token": f"pdl1: the service at {base} wants the token it was started with (no token: this service "
+        f"takes only requests that send 'Authorization: Bearer <token>', with {started_with}); {fix}",
+        "wrong token": f"pdl1: the service at {base} wants the token it was started with (wrong token: the "
+        f"Authorization header's Bearer token is not {started_with}; send that one); {fix}",
+    }
+    for case in asks:
+        assert said[case] == [f"pdl1: settings from {config}", *notes, asks[case]]
     assert said["no scheme"][-1].startswith(f"pdl1: {base.removeprefix('http://')} is no address to call (")
     assert said["no scheme"][-1].endswith(
         "; set the address `pdl1 serve` prints when it starts, such as http://127.0.0.1:8765"

@@ -405,6 +405,42 @@ def test_a_client_gone_mid_upload_is_one_log_line(service, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
+TAKES_ONLY = "this service takes only requests that send 'Authorization: Bearer <token>'"
+STARTED_WITH = "the token `pdl1 serve` was started with (--token, --token-file or PDL1_TOKEN)"
+EXPECTED = f"expected 'Authorization: Bearer <token>', with {STARTED_WITH}"
+SEND = "send that one"
+
+
+@pytest.mark.parametrize(
+    ("authorization", "detail"),
+    [
+        ("", f"no token: {TAKES_ONLY}, with {STARTED_WITH}"),
+        ("Bearer a-guess", f"wrong token: the Authorization header's Bearer token is not {STARTED_WITH}; {SEND}"),
+        ("Basic dXNlcjpwYXNz", f"the Authorization header's scheme is 'Basic'; {EXPECTED}"),
+        ("s3cret-s3cret-s3cret", f"the Authorization header is one word (the token without 'Bearer '?); {EXPECTED}"),
+        ("Bearer", f"the Authorization header is Bearer without a token; {EXPECTED}"),
+    ],
+    ids=["none", "wrong", "basic", "no-scheme", "no-token"],
+)  # fmt: skip
+def test_a_401_says_which_of_header_scheme_and_token_is_wrong(slides_root, models, authorization, detail):
+    # All were "missing or wrong token": a client could not tell a header it never sent from a wrong token.
+    settings = ServiceSettings(
+        port=free_port(),
+        token="s3cret-s3cret-s3cret",
+        allow_roots=(slides_root,),
+        pipeline=PipelineConfig(device="cpu"),
+    )
+    served = Served(settings, models)
+    try:
+        headers = {"Authorization": authorization} if authorization else {}
+        r = served.client.get("/v1/health", headers=headers)
+        assert (r.status_code, r.headers["www-authenticate"], r.json()) == (401, "Bearer", {"detail": detail})
+        assert "s3cret" not in r.text  # the token sent is not echoed
+        assert served.client.get("/v1/health", headers={"Authorization": "bearer s3cret-s3cret-s3cret"}).is_success
+    finally:
+        served.close()
+
+
 def test_401_says_bearer(slides_root, models):
     settings = ServiceSettings(
         port=free_port(), token="s3cret", allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu")
@@ -413,7 +449,7 @@ def test_401_says_bearer(slides_root, models):
     try:
         r = served.client.get("/v1/health")
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
-        assert r.json() == {"detail": "missing or wrong token: send 'Authorization: Bearer <token>'"}
+        assert r.json() == {"detail": f"no token: {TAKES_ONLY}, with {STARTED_WITH}"}
         schema = served.client.get("/openapi.json", headers={"Authorization": "Bearer s3cret"}).json()
         assert "401" in schema["paths"]["/v1/health"]["get"]["responses"]
     finally:

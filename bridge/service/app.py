@@ -36,7 +36,7 @@ from bridge.service.errors import (
     PathNotAllowedError,
     ResultReleasedError,
 )
-from bridge.service.guards import UPLOAD_PATH, BodyLimit, BodyLimits, cross_site_problem, token_sent
+from bridge.service.guards import UPLOAD_PATH, BodyLimit, BodyLimits, cross_site_problem, token_problem
 from bridge.service.ihc_model import ihc_manifest
 from bridge.service.jobs import Job, Worker
 from bridge.service.json_text import collector_paused, dumps_in_steps
@@ -194,9 +194,10 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
             problem = cross_site_problem(request.headers.get("host"), request.headers.get("origin"))
             if problem is not None:
                 return JSONResponse({"detail": problem}, 403)
-        if settings.token and not token_sent(request.headers.get("authorization", ""), settings.token):
+        refused = settings.token and token_problem(request.headers.get("authorization"), settings.token)
+        if refused:
             return JSONResponse(
-                {"detail": "missing or wrong token: send 'Authorization: Bearer <token>'"},
+                {"detail": refused},
                 401,
                 headers={"WWW-Authenticate": "Bearer"},
             )

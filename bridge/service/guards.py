@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bridge.service.messages import clipped
+from bridge.service.messages import clipped, quoted
 
 # The one route whose body is not JSON: a pixel upload, read as bytes and checked in a worker thread.
 UPLOAD_PATH = "/v1/jobs/pixels"
@@ -100,6 +100,36 @@ def token_sent(authorization: str, token: str) -> bool:
     """
     scheme, _, credentials = authorization.strip().partition(" ")
     return scheme.lower() == "bearer" and secrets.compare_digest(credentials.strip().encode(), token.encode())
+
+
+_STARTED_WITH = "the token `pdl1 serve` was started with (--token, --token-file or PDL1_TOKEN)"
+
+
+def token_problem(authorization: str | None, token: str) -> str | None:
+    """Why a request's ``Authorization`` header (None: not sent) does not carry ``token`` (:func:`token_sent`), else
+    None: no header, another scheme than Bearer, or another token. Which of the three is told (not the token sent):
+    "missing or wrong" left a client to guess whether its header was sent at all.
+
+    >>> token_problem("Bearer s3cret-token", "s3cret-token") is None
+    True
+    >>> token_problem("Basic dXNlcjpwdw==", "s3cret-token")[:44]
+    "the Authorization header's scheme is 'Basic'"
+    """
+    if authorization is None or not authorization.strip():
+        return (
+            f"no token: this service takes only requests that send 'Authorization: Bearer <token>', with "
+            f"{_STARTED_WITH}"
+        )
+    if token_sent(authorization, token):
+        return None
+    scheme, _, credentials = authorization.strip().partition(" ")
+    expected = f"expected 'Authorization: Bearer <token>', with {_STARTED_WITH}"
+    if not credentials.strip():  # one word: a token without "Bearer " (not echoed), or "Bearer" without a token
+        said = "Bearer without a token" if scheme.lower() == "bearer" else "one word (the token without 'Bearer '?)"
+        return f"the Authorization header is {said}; {expected}"
+    if scheme.lower() != "bearer":
+        return f"the Authorization header's scheme is {quoted(scheme, limit_chars=20)}; {expected}"
+    return f"wrong token: the Authorization header's Bearer token is not {_STARTED_WITH}; send that one"
 
 
 def too_large(size: str, limit: int) -> str:

@@ -385,7 +385,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
     @app.post(
         UPLOAD_PATH,
         status_code=202,
-        responses={202: {"model": JobAccepted}, **error_responses(413, 422, 429)},
+        responses={202: {"model": JobAccepted}, **error_responses(409, 413, 422, 429)},  # 409: an unknown model
         openapi_extra={
             "requestBody": {
                 "required": True,

@@ -349,6 +349,36 @@ def test_a_queued_job_asked_to_stop_says_cancelling_until_the_worker_stops_it(se
     assert service.wait(queued)["state"] == "cancelled"
 
 
+def test_a_result_asked_for_too_early_or_of_a_job_without_one_says_what_to_do(service, held_worker, monkeypatch):
+    # All said "job … is <state>, not done" ("is failed, not done", "is cancelled, not done"): neither to poll, nor
+    # that a failed or cancelled job will never have a result.
+    client, params = service.client, {"mpp": 0.5, "outputs": ["regions"]}
+    running = client.post("/v1/jobs/pixels", params=params, content=_png()).json()["job_id"]
+    _wait_for(lambda: client.get(f"/v1/jobs/{running}").json()["state"] == "running", "the first job to start")
+    queued = client.post("/v1/jobs/pixels", params=params, content=_png()).json()["job_id"]
+    poll = "not done: poll GET /v1/jobs/{0} until its state is done, then ask for its result"
+    for job_id, state in ((running, "running"), (queued, "queued")):
+        r = client.get(f"/v1/jobs/{job_id}/result")
+        assert (r.status_code, r.json()) == (409, {"detail": f"job {job_id} is {state}, {poll.format(job_id)}"})
+    client.delete(f"/v1/jobs/{queued}")
+    cancelled = f"job {queued} was cancelled (DELETE /v1/jobs/{queued}), so it has no result; submit the job again"
+    for _ in range(2):  # cancelling, then cancelled
+        assert client.get(f"/v1/jobs/{queued}/result").json() == {"detail": cancelled}
+        held_worker.set()
+        assert service.wait(queued)["state"] == "cancelled"
+
+    def fails(*args, **kwargs):
+        raise inference.StainError("image: its colour is no stain the models run on; set its image type")
+
+    monkeypatch.setattr(bridge.service.jobs, "analyse_slide", fails)
+    failed = client.post("/v1/jobs/pixels", params=params, content=_png()).json()["job_id"]
+    status = service.wait(failed)
+    error = status["error"]
+    assert status["state"] == "failed" and "no stain the models run on" in error, status
+    r = client.get(f"/v1/jobs/{failed}/record")
+    assert (r.status_code, r.json()) == (409, {"detail": f"job {failed} failed, so it has no result: {error}"})
+
+
 def test_every_413_is_the_services_json(service):
     def chunked():
         for _ in range(3):
@@ -740,7 +770,10 @@ def test_a_result_asked_for_as_its_job_finishes_is_not_said_to_be_deleted(servic
     )
     r = client.get(f"/v1/jobs/{job_id}/result")
     assert r.status_code == 409, r.text
-    assert r.json() == {"detail": f"job {job_id} is running, not done"}
+    assert r.json() == {
+        "detail": f"job {job_id} is running, not done: poll GET /v1/jobs/{job_id} until its state is done, then ask "
+        "for its result"
+    }
 
 
 # ------------------------------------------------------------------- 6: an attacker's requests (security review)

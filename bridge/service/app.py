@@ -116,6 +116,18 @@ def _check_image_type(image_type: str | None) -> None:
         )
 
 
+def _no_result_yet(job_id: str, state: str, job: Job) -> str:
+    """Why a job that is not done has no result, and what the client should do: poll, or submit again."""
+    if state == "failed":
+        return f"job {job_id} failed, so it has no result: {job.error}"
+    if state == "cancelled" or job.cancel.is_set():
+        return f"job {job_id} was cancelled (DELETE /v1/jobs/{job_id}), so it has no result; submit the job again"
+    return (
+        f"job {job_id} is {state}, not done: poll GET /v1/jobs/{job_id} until its state is done, then ask for its "
+        "result"
+    )
+
+
 def create_app(settings: ServiceSettings, *, models: Models | None = None) -> FastAPI:
     """The FastAPI app; ``models`` may be passed in (tests), else they load in the lifespan."""
 
@@ -493,7 +505,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
                 "released with it; submit the job again"
             )
         if state != "done" or result is None:
-            raise JobStateError(f"job {job_id} is {state}, not done" + (f": {job.error}" if job.error else ""))
+            raise JobStateError(_no_result_yet(job_id, state, job))
         return job, result, area
 
     @app.get("/v1/jobs/{job_id}/result", responses=error_responses(404, 409, 410, 422))

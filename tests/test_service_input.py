@@ -159,8 +159,24 @@ WHOLE = "or omit roi to analyse the whole tissue"
             "roi has a vertex beyond 2,147,483,648 px (bounds 1e+300, 0, 2e+300, 1e+300); expected level-0 px of "
             f"this image, as QuPath's annotations are: send the annotation's outline, {WHOLE}",
         ),
+        (
+            # Said "expected an outline that does not cross or touch itself: redraw the annotation".
+            {"type": "Polygon", "coordinates": [[[0, 0], [100, 0], [100, 0], [0, 0]]]},
+            "roi is not a valid Polygon (Too few points in geometry component at (0, 0)): a ring has fewer than 3 "
+            "distinct vertices, so it encloses no area; expected rings of at least 4 [x, y] vertices in level-0 px, "
+            f"the first repeated last: send the annotation's outline as QuPath gives it, {WHOLE}",
+        ),
     ],
-    ids=["empty", "empty-multi", "self-intersecting", "two-points", "outside", "no-coordinates", "astronomical"],
+    ids=[
+        "empty",
+        "empty-multi",
+        "self-intersecting",
+        "two-points",
+        "outside",
+        "no-coordinates",
+        "astronomical",
+        "two-distinct-points",
+    ],
 )
 def test_an_roi_no_analysis_can_use_is_refused_at_submission(client, slides_root, roi, detail):
     body = {"image": str(slides_root / "small.svs"), "roi": roi}

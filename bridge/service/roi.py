@@ -59,6 +59,12 @@ def parse_roi(roi: dict[str, Any] | None, *, image_size_px: tuple[int, int] | No
     if not geometry.is_valid:
         # shapely says "Self-intersection[250 250]": where, as the (x, y) a user can find in QuPath.
         reason = re.sub(r"\[(\S+) (\S+)\]$", r" at (\1, \2)", shapely.is_valid_reason(geometry))
+        if reason.startswith("Too few points"):  # a ring of fewer than 3 distinct vertices: nothing to redraw
+            raise RoiError(
+                f"roi is not a valid {kind} ({reason}): a ring has fewer than 3 distinct vertices, so it encloses "
+                "no area; expected rings of at least 4 [x, y] vertices in level-0 px, the first repeated last: send "
+                f"the annotation's outline as QuPath gives it, {whole}"
+            )
         raise RoiError(
             f"roi is not a valid {kind} ({reason}); expected an outline that does not cross or touch itself: "
             f"redraw the annotation in QuPath, {whole}"

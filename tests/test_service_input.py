@@ -454,6 +454,42 @@ def test_a_result_s_unknown_parameter_is_refused_not_ignored(client, params, cam
     )
 
 
+def test_a_job_request_without_its_image_says_what_to_send(client):
+    # pydantic's "body.image: Field required" said neither what the image is nor how to send it.
+    r = client.post("/v1/jobs", json={"outputs": ["regions"]})
+    assert (r.status_code, r.json()) == (
+        422,
+        {
+            "detail": "bad request: body.image: missing; expected the image's absolute path on the service's machine "
+            'or its file: URI, as {"image": "/path/to/slide.svs"} (the other fields may be left out)'
+        },
+    )
+
+
+def test_an_upload_without_its_mpp_says_what_to_send(client):
+    png = _encoded(np.full((8, 8, 3), 200, np.uint8), "PNG")
+    r = client.post("/v1/jobs/pixels", content=png, headers={"Content-Type": "image/png"})
+    assert (r.status_code, r.json()) == (
+        422,
+        {
+            "detail": "bad request: query.mpp: missing; expected the µm per uploaded pixel: the image's µm/px times "
+            "the downsample the region was read at (e.g. ?mpp=0.5)"
+        },
+    )
+
+
+def test_a_record_s_target_type_that_is_none_of_them_names_them(client):
+    # It showed its regular expression: "String should match pattern '^(TMA core|annotation|whole image)$'".
+    r = client.get("/v1/jobs/nope/record", params={"target_type": "tma"})
+    assert (r.status_code, r.json()) == (
+        422,
+        {
+            "detail": "bad request: query.target_type: 'tma' is not what a parent can be; expected 'annotation', "
+            "'TMA core' or 'whole image' (as the record's target_type), or leave it out"
+        },
+    )
+
+
 @pytest.mark.parametrize("after_run", ["run-7", "", "3F2B1C9E4D5A4E6F8A7B9C0D1E2F3A4B", "None"])
 def test_a_record_s_after_run_that_is_no_run_id_is_refused_saying_what_is_expected(client, after_run):
     # The record keeps it as the run id of the summary.json the script found: anything else would order nothing.

@@ -48,6 +48,15 @@ def refuse_unknown_parameters(request: Any, endpoint: Any, whose: str) -> None:
         )
 
 
+# What a required value that was left out is, and how to send it.
+_MISSING = {
+    ("body", "image"): "the image's absolute path on the service's machine or its file: URI, as {\"image\": "
+    '"/path/to/slide.svs"} (the other fields may be left out)',
+    ("query", "mpp"): "the µm per uploaded pixel: the image's µm/px times the downsample the region was read at "
+    "(e.g. ?mpp=0.5)",
+}
+
+
 def validation_problem(error: dict[str, Any], content_type: str | None) -> str:
     """One of pydantic's validation errors as ``where: what``; for the mistakes a client makes by
     accident (no JSON Content-Type, a body that is no object, a misspelt field) also what was expected."""
@@ -83,6 +92,13 @@ def validation_problem(error: dict[str, Any], content_type: str | None) -> str:
             close = difflib.get_close_matches(str(loc[1]), fields, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
         return f"{where}: unknown parameter {quoted(str(loc[1]))}; {hint}{whose} parameters are {', '.join(fields)}"
+    if error["type"] == "missing" and loc in _MISSING:  # pydantic's "Field required" said neither what nor how
+        return f"{where}: missing; expected {_MISSING[loc]}"
+    if loc == ("query", "target_type") and error["type"] == "string_pattern_mismatch":  # it showed its regex
+        return (
+            f"{where}: {quoted(str(error.get('input')))} is not what a parent can be; expected 'annotation', "
+            "'TMA core' or 'whole image' (as the record's target_type), or leave it out"
+        )
     if loc == ("query", "after_run") and error["type"] == "string_pattern_mismatch":
         return (
             f"{where}: {quoted(str(error.get('input')))} is no run id; expected the run_id of the pdl1 run "

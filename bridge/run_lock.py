@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.atomic import empty_folders_removed
-from bridge.project import PDL1_DIR, ProjectError, unwritable_fix
+from bridge.project import PDL1_DIR, ProjectError, not_a_folder, unwritable_fix
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,15 @@ def _stale(path: Path, holder: dict[str, Any], host: str) -> bool:
 
 @contextmanager
 def run_lock(folder: Path) -> Iterator[Path]:
-    """Hold ``<folder>/pdl1/run.lock`` for the duration; :class:`ProjectError` if another run holds it."""
+    """Hold ``<folder>/pdl1/run.lock`` for the duration; :class:`ProjectError` if another run holds it, or if
+    ``<folder>/pdl1`` cannot be made (a file in its place is named, with the fix)."""
     path = folder / PDL1_DIR / LOCK_FILE
+    in_the_way = not_a_folder(path.parent)
+    if in_the_way is not None:  # was "cannot write there (File exists: proj/pdl1) ... make this one writable"
+        raise ProjectError(
+            f"{folder}: {path.parent} {in_the_way}, but the run keeps its results and its lock in a folder there; "
+            "nothing was started: move or rename that file, and run again"
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a read-only folder or drive was "[Errno 30] Read-only file system: 'out'"

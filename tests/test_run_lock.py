@@ -70,6 +70,18 @@ def test_a_folder_that_cannot_be_written_says_so_before_anything_starts(tmp_path
     )
 
 
+def test_a_file_where_the_pdl1_folder_goes_is_named_with_the_fix(tmp_path):
+    # Was "cannot write there (File exists: proj/pdl1) ... or make this one writable": permissions were not the cause.
+    (tmp_path / "pdl1").write_text("notes")
+    with pytest.raises(ProjectError) as err, run_lock(tmp_path):
+        pass
+    assert str(err.value) == (
+        f"{tmp_path}: {tmp_path / 'pdl1'} is a file, but the run keeps its results and its lock in a folder there; "
+        "nothing was started: move or rename that file, and run again"
+    )
+    assert (tmp_path / "pdl1").read_text() == "notes"
+
+
 def test_a_lock_left_by_a_run_that_died_here_is_taken_over(tmp_path):
     _lock_file(tmp_path, pid=_dead_pid())
     with run_lock(tmp_path) as path:

@@ -104,7 +104,11 @@ def uri_to_path(uri: str) -> PurePosixPath | PureWindowsPath:
     """
     parsed = urlparse(uri)
     if parsed.scheme != "file":
-        raise ProjectError(f"only file: image URIs can be analysed, got {uri!r}")
+        raise ProjectError(
+            f"only file: image URIs can be analysed (a file on this machine or a mounted share), got {uri!r}; "
+            "for an image QuPath opens from a server (OMERO, a web address), export it from QuPath (File > Export "
+            "images... > OME TIFF) and add that file to the project instead"
+        )
     path = unquote(parsed.path)
     if parsed.netloc and parsed.netloc.lower() != "localhost":  # UNC share: file://server/share/x.svs
         return PureWindowsPath(f"//{parsed.netloc}{path}")
@@ -494,7 +498,10 @@ def locate_image(
     (refused if two files there share it); the project folder or its parent. A path found elsewhere is
     made absolute (symbolic links kept), since it is recorded in the run's summaries.
     """
-    original = entry.path
+    try:
+        original = entry.path
+    except ProjectError as err:  # a non-file URI: was named without its entry, and stopped `pdl1 report` whole
+        raise ProjectError(f"image of entry {entry.entry_id} ({entry.image_name}): {err}") from err
     if (os.name == "nt") == isinstance(original, PureWindowsPath) and Path(str(original)).is_file():
         return Path(str(original))
     if saved_folder is not None:

@@ -192,10 +192,11 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
 
 
 def _slide(entry, info) -> tuple[Path | None, str]:
-    """A project entry's image file, or None and why not (``ReportItem.not_found``)."""
+    """A project entry's image file, or None and why not (``ReportItem.not_found``): moved, or not a file (a
+    server's URI), which costs that image its thumbnail, not the report."""
     try:
         return locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder), ""
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ProjectError) as err:
         return None, str(err)
 
 

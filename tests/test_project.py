@@ -51,6 +51,18 @@ def test_a_project_from_a_windows_pc_finds_its_slide_again(fixtures_dir, tmp_pat
     assert locate_image(entry, project_folder=project, search=search) == slides / "CMU-1-Small-Region.svs"
 
 
+def test_an_entry_whose_uri_is_not_a_file_is_named_with_the_fix(tmp_path):
+    # Was "only file: image URIs can be analysed, got 'https://...'": no entry, no fix.
+    entry = ProjectEntry("7", "b.svs", "https://example.org/b.svs")
+    with pytest.raises(ProjectError) as err:
+        locate_image(entry, project_folder=tmp_path)
+    assert str(err.value) == (
+        "image of entry 7 (b.svs): only file: image URIs can be analysed (a file on this machine or a mounted "
+        "share), got 'https://example.org/b.svs'; for an image QuPath opens from a server (OMERO, a web address), "
+        "export it from QuPath (File > Export images... > OME TIFF) and add that file to the project instead"
+    )
+
+
 def test_a_windows_drive_copied_whole_keeps_the_project_finding_its_slides(fixtures_dir, tmp_path, cmu_svs):
     # The fixture was saved as C:/Users/pathology/QuPath/pdl1-example with its slide in C:/Slides; the drive
     # is now mounted (or copied) at drive/: the slide is where QuPath's "Check project URIs" would look.

@@ -87,6 +87,23 @@ def test_a_slide_no_longer_where_it_was_analysed_is_named_with_its_path(tmp_path
     assert f"a.svs: no thumbnail: no image at {gone}, where it was analysed" in caplog.text
 
 
+def test_an_entry_whose_uri_is_not_a_file_costs_its_thumbnail_not_the_report(tmp_path, caplog):
+    """An entry pointing at a server (https, OMERO) stopped the whole report with "error: only file: image URIs can
+    be analysed", naming no entry."""
+    project = tmp_path / "project"
+    _project(project, ["a.svs", "b.svs"])
+    qpproj = json.loads((project / "project.qpproj").read_text())
+    qpproj["images"][1]["serverBuilder"]["uri"] = "https://example.org/b.svs"
+    (project / "project.qpproj").write_text(json.dumps(qpproj))
+    for entry, name in (("1", "a.svs"), ("2", "b.svs")):
+        (project / "pdl1" / entry).mkdir(parents=True)
+        (project / "pdl1" / entry / "summary.json").write_text(json.dumps(_summary(project / name)))
+    with caplog.at_level("WARNING", logger="bridge.report"):
+        _, csv_path = write_report(project)
+    assert [r.split(",")[0] for r in csv_path.read_text().splitlines()[1:]] == ["a.svs", "b.svs"]
+    assert "b.svs: no thumbnail: image of entry 2 (b.svs): only file: image URIs can be analysed" in caplog.text
+
+
 def test_an_interrupted_report_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
     # report.csv was written in place: an interrupt (or an image name the Windows code page cannot encode) left
     # a table cut short that still read as complete.

@@ -127,7 +127,10 @@ def _refuse_existing(folder: Path) -> None:
         raise ProjectError(f"{folder} {problem}; expected a folder for the new project (a new or empty one)")
     qpproj = folder / "project.qpproj"
     if qpproj.exists():
-        raise ProjectError(f"{qpproj} exists; init-project creates new projects only")
+        raise ProjectError(
+            f"{qpproj} exists; init-project creates new projects only: give a new folder, or add the slides to this "
+            "project in QuPath (File > Project > Add images)"
+        )
     if folder.exists() and any(folder.iterdir()):
         if _left_by_interrupted_init(folder):
             log.warning(
@@ -136,7 +139,12 @@ def _refuse_existing(folder: Path) -> None:
             )
             _empty(folder)
             return
-        raise ProjectError(f"{folder} is not empty; QuPath wants a new, empty folder for a project")
+        held = sorted(child.name for child in folder.iterdir())
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise ProjectError(
+            f"{folder} is not empty (it holds {shown}); QuPath wants a new, empty folder for a project: give a "
+            "new folder (init-project makes it), or one that is empty"
+        )
 
 
 _PART = re.compile(r".+\.[0-9a-f]{12}\.part")  # bridge.atomic's temporary files

@@ -590,6 +590,29 @@ def test_a_folder_holding_more_than_an_interrupted_init_project_is_still_refused
     assert (project / "notes.txt").read_text() == "a pathologist's"
 
 
+def test_a_folder_init_project_refuses_is_named_with_what_it_holds_and_the_fix(tmp_path, phantom_svs):
+    # Were "p is not empty; QuPath wants a new, empty folder" and "p/project.qpproj exists; init-project creates
+    # new projects only": no fix, and nothing said what was in the way.
+    project = tmp_path / "p"
+    project.mkdir()
+    for name in ("e.txt", "d.txt", "c.txt", "b.txt", "a.txt"):
+        (project / name).write_text("a pathologist's")
+    with pytest.raises(ProjectError) as err:
+        init_project_files(project, [phantom_svs])
+    assert str(err.value) == (
+        f"{project} is not empty (it holds a.txt, b.txt, c.txt and 2 more); QuPath wants a new, empty folder for a "
+        "project: give a new folder (init-project makes it), or one that is empty"
+    )
+    (project / "project.qpproj").write_text("{}")
+    with pytest.raises(ProjectError) as err:
+        init_project_files(project, [phantom_svs])
+    assert str(err.value) == (
+        f"{project / 'project.qpproj'} exists; init-project creates new projects only: give a new folder, or add the "
+        "slides to this project in QuPath (File > Project > Add images)"
+    )
+    assert sorted(p.name for p in project.iterdir()) == ["a.txt", "b.txt", "c.txt", "d.txt", "e.txt", "project.qpproj"]
+
+
 @pytest.mark.parametrize("made_first", [False, True])
 def test_an_init_project_failing_part_way_leaves_no_half_project(tmp_path, phantom_svs, monkeypatch, made_first):
     import errno

@@ -37,7 +37,7 @@ from bridge.project import (
     review_reason_text,
     summary_problem,
 )
-from bridge.qupath_geojson import QuPathObject, read_features
+from bridge.qupath_geojson import GeoJsonError, QuPathObject, read_features
 from bridge.record_summary import RUN, SCRIPT, RecordsSummary, entry_summary_from_records, newer_source
 from bridge.run_lock import output_folder_lock
 from bridge.targets import (
@@ -373,10 +373,17 @@ def _overlay_objects(item: ReportItem) -> tuple[list[QuPathObject], bool]:
     where several were analysed), or, where the run left every target's results (:data:`TARGET_REGIONS_FILE`, of the
     summary's run), those: regions, SUA candidates, tiles and the cells of the classes the thumbnail draws (an IHC's
     graded ``Tumor: 1+`` ...). A missing file or one of another run: the GeoJSON alone (the note under the picture
-    says whose results it shows); one that does not read: the GeoJSON alone, with a warning naming it and the fix."""
+    says whose results it shows); one that does not read: the GeoJSON alone, with a warning naming it and the fix. A
+    GeoJSON that does not read (missing, cut short): :class:`GeoJsonError` naming it and the fix."""
     if item.overlay is not None:  # from pdl1_analyze.groovy's records: what they keep of every target
         return list(item.overlay), True
-    objects = list(read_features(item.geojson))
+    try:
+        objects = list(read_features(item.geojson))
+    except (OSError, ValueError) as err:  # was "no thumbnail (Invalid control character at: ...)", naming no file
+        raise GeoJsonError(
+            f"{item.geojson} does not read ({err}); run the image again (`pdl1 run` with --resume analyses again "
+            "an image whose results do not read)"
+        ) from err
     found = run_target_regions(target_regions_path(item.geojson), item.summary)
     if found.state == UNREADABLE:
         log.warning("%s: the thumbnail shows the first target's results only; %s", found.why, _REGIONS_FIX)

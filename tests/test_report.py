@@ -290,6 +290,34 @@ def test_the_thumbnail_draws_each_uncertainty_tile_by_its_outline(tmp_path):
     assert changed[36:, :56].mean() < 0.1  # no tile
 
 
+@pytest.mark.parametrize("damage", ["cut short", "missing"])
+def test_a_geojson_that_does_not_read_is_named_with_the_fix_and_the_numbers_reported(tmp_path, caplog, damage):
+    # Was "a.tif: no thumbnail (Invalid control character at: line 1 column 36 (char 35))", naming no file nor fix.
+    import numpy as np
+    import tifffile
+
+    project = tmp_path / "project"
+    _project(project, ["a.tif", "b.tif"])
+    for entry, name in (("1", "a.tif"), ("2", "b.tif")):
+        tifffile.imwrite(project / name, np.full((64, 64, 3), 235, np.uint8))
+        (project / "pdl1" / entry).mkdir(parents=True)
+        (project / "pdl1" / entry / "summary.json").write_text(json.dumps(_summary(project / name)))
+        (project / "pdl1" / entry / "objects.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    geojson = project / "pdl1" / "1" / "objects.geojson"
+    if damage == "missing":
+        geojson.unlink()
+    else:
+        geojson.write_text('{"type": "FeatureCollection", "feat')
+    with caplog.at_level("WARNING", logger="bridge.report"):
+        html_path, csv_path = write_report(project)
+    assert [r.split(",")[0] for r in csv_path.read_text().splitlines()[1:]] == ["a.tif", "b.tif"]
+    assert f"a.tif: no thumbnail ({geojson} does not read (" in caplog.text
+    assert "run the image again (`pdl1 run` with --resume analyses again an image whose results do not read)" in (
+        caplog.text
+    )
+    assert sorted(p.name for p in html_path.parent.glob("*.png")) == ["2-b.png"]
+
+
 def _lock(folder: Path, pid: int) -> Path:
     import socket
 

@@ -644,6 +644,22 @@ def test_an_image_without_a_pixel_size_is_told_of_mpp_in_each_callers_words(tmp_
     assert ", with --mpp, or set the pixel size in QuPath (Image tab: Pixel width/height) and analyse the" in said
 
 
+def test_a_jpeg_renamed_as_a_slide_is_named_as_a_jpeg_not_a_plain_svs(tmp_path):
+    # A JPEG renamed .svs was "a plain SVS file states no microns per pixel": a scanner's SVS never is one.
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / "case.svs"
+    Image.fromarray(np.full((64, 80, 3), 200, np.uint8)).save(path, format="JPEG")
+    result = runner.invoke(app, ["run", str(path), "--out", str(tmp_path / "out"), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 1, result.output
+    said = " ".join(result.output.replace("│", " ").split())
+    assert (
+        "case.svs: a JPEG image, though named .svs (no whole-slide reader opens it: check that it is the file you "
+        "meant), states no microns per pixel. Give the µm/px" in said
+    ), said
+
+
 def _cells(line: str) -> list[str]:
     """The cells of one line of a rich table, stripped: ``│ a │ b │`` -> ``["a", "b"]``."""
     return [c.strip() for c in line.split("│")[1:-1]]

@@ -437,13 +437,32 @@ def damage_advice(path: Path) -> str | None:
     )
 
 
+def _format_unlike_name(path: Path) -> str | None:
+    """The format Pillow reads in a plain image whose name says another (a JPEG renamed ``.svs``), else None."""
+    try:
+        with Image.open(path) as im:
+            kind = im.format
+    except Exception:  # Pillow's errors on files it cannot identify are of many kinds; the caller's message stands
+        return None
+    return kind if kind and Image.registered_extensions().get(path.suffix.lower()) != kind else None
+
+
 def _no_mpp_message(path: Path, *, whole_slide: bool, advice: MppAdvice | None = None) -> str:
     """What to do about an image that states no pixel size: scanners and cameras differ."""
     if whole_slide:
         source = "the slide states no microns per pixel (no openslide.mpp-x, no TIFF resolution tags)"
         value = "the scanner's µm/px: 0.25 at 40x, 0.5 at 20x"
     else:
-        source = f"a plain {path.suffix.lstrip('.').upper() or 'image'} file states no microns per pixel"
+        kind = _format_unlike_name(path)
+        source = (
+            f"a plain {path.suffix.lstrip('.').upper() or 'image'} file states no microns per pixel"
+            if kind is None
+            # a JPEG renamed .svs was "a plain SVS file", which a scanner's SVS never is
+            else (
+                f"a {kind} image, though named {path.suffix} (no whole-slide reader opens it: check that it is the "
+                "file you meant), states no microns per pixel"
+            )
+        )
         value = (
             "the µm/px of the scanner or camera it came from (for a microscope camera: its sensor pixel size "
             "divided by the total magnification, e.g. 3.45 µm / 20 = 0.17)"

@@ -15,7 +15,7 @@ import csv
 import html
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -445,9 +445,12 @@ def _draw_targets(ax, targets: Sequence[TargetRow], scale: float) -> None:
         )
 
 
-def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Path, Path]:
+def write_report(
+    source: str | Path, out: str | Path | None = None, *, on_progress: Callable[[int, int], None] | None = None
+) -> tuple[Path, Path]:
     """Write ``report.html``, ``report.csv`` and ``targets.csv`` (default: ``<source>/pdl1/report/``); returns the
-    paths of the first two."""
+    paths of the first two. ``on_progress(done, total)`` is called after each image (its thumbnail is most of the
+    time: a slide read at a coarse level, seconds each on a real slide)."""
     source = Path(source)
     if not source.exists():
         raise ProjectError(f"{source}: no such project or output folder")
@@ -474,7 +477,7 @@ def write_report(source: str | Path, out: str | Path | None = None) -> tuple[Pat
     # Under the report folder's lock, so no other report writes there: the .part files a killed report left of
     # its own files go first (bridge.run_lock.output_folder_lock says why a lock, not their age).
     with output_folder_lock(out, command="report", own=_report_file):
-        return _write(out, items, base=base, source=source, left_out=left_out)
+        return _write(out, items, base=base, source=source, left_out=left_out, on_progress=on_progress)
 
 
 def _report_file(name: str) -> bool:
@@ -483,12 +486,22 @@ def _report_file(name: str) -> bool:
     return name in ("report.html", "report.csv", TARGETS_FILE) or name.lower().endswith(".png")
 
 
-def _write(out: Path, items: list[ReportItem], *, base: Path, source: Path, left_out: list[str]) -> tuple[Path, Path]:
+def _write(
+    out: Path,
+    items: list[ReportItem],
+    *,
+    base: Path,
+    source: Path,
+    left_out: list[str],
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[Path, Path]:
     """write_report's files, in ``out`` (its lock held)."""
     rows = []
     all_targets: list[TargetRow] = []  # the report folder's targets.csv
     demo_checksums = set(demo_model_checksums().values())
-    for item in items:
+    for done, item in enumerate(items):
+        if on_progress is not None:
+            on_progress(done, len(items))
         if not item.has_results:  # a row of report.csv with its error and no numbers; the HTML names it above
             rows.append({"image": item.image_name, "entry_id": item.entry_id, "last_run_failed": item.last_run_failed})
             continue
@@ -532,6 +545,8 @@ def _write(out: Path, items: list[ReportItem], *, base: Path, source: Path, left
                 "targets": targets,
             }
         )
+    if on_progress is not None:
+        on_progress(len(items), len(items))
     html_path, csv_path = out / "report.html", out / "report.csv"
     pairs_path = base / PDL1_DIR / PAIRS_FILE
     pairs = _read_pairs(pairs_path, f"run {_rerun(source)}, which compares the cases again", left_out)

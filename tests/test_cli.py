@@ -660,6 +660,19 @@ def test_a_jpeg_renamed_as_a_slide_is_named_as_a_jpeg_not_a_plain_svs(tmp_path):
     ), said
 
 
+def test_pdl1_report_draws_a_bar_of_the_images_unless_told_not_to(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("a", "b"):
+        summary = {"image": str(tmp_path / f"{name}.svs"), "mpp": 0.5, "tps_percent": 1.0, "run_id": "r1"}
+        (out / f"{name}.summary.json").write_text(json.dumps(summary))
+    shown = runner.invoke(app, ["report", str(out)])
+    assert shown.exit_code == 0, shown.output
+    assert re.search(r"report .*2/2", shown.output), shown.output
+    quiet = runner.invoke(app, ["report", str(out), "--no-progress"])
+    assert quiet.exit_code == 0 and "2/2" not in quiet.output, quiet.output
+
+
 def _cells(line: str) -> list[str]:
     """The cells of one line of a rich table, stripped: ``│ a │ b │`` -> ``["a", "b"]``."""
     return [c.strip() for c in line.split("│")[1:-1]]

@@ -318,6 +318,17 @@ def test_a_geojson_that_does_not_read_is_named_with_the_fix_and_the_numbers_repo
     assert sorted(p.name for p in html_path.parent.glob("*.png")) == ["2-b.png"]
 
 
+def test_the_report_says_its_progress_image_by_image(tmp_path):
+    # A report draws each image's thumbnail from its slide (seconds each on a real one) and said nothing till the end.
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("a", "b"):
+        (out / f"{name}.summary.json").write_text(json.dumps(_summary(tmp_path / f"{name}.svs")))
+    said: list[tuple[int, int]] = []
+    write_report(out, on_progress=lambda done, total: said.append((done, total)))
+    assert said == [(0, 2), (1, 2), (2, 2)]
+
+
 def _lock(folder: Path, pid: int) -> Path:
     import socket
 

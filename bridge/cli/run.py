@@ -429,10 +429,12 @@ def run(
     if targets.is_file() and _file_stamp(targets) != before[targets]:
         stdout().print(f"per-target results: {targets}", markup=False, highlight=False, soft_wrap=True)
     if report:
+        from bridge.progress import progress_bar
         from bridge.report import write_report
 
         try:
-            html_path, _ = write_report(inputs[0] if out is None else out)
+            with progress_bar("report", enabled=progress) as on_progress:
+                html_path, _ = write_report(inputs[0] if out is None else out, on_progress=on_progress)
             typer.echo(f"report: {html_path}")
         except (Pdl1Error, OSError) as err:  # e.g. every image failed: the table above says why
             from rich.markup import escape
@@ -497,13 +499,17 @@ def report_cmd(
         ),
     ],
     out: Annotated[Path | None, typer.Option(help="Report folder (default: SOURCE/pdl1/report).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar (images drawn).")] = True,
 ) -> None:
     """HTML and CSV report: per-image thumbnails with the results overlaid, review reasons, each target's score
     (TMA cores, annotations; also in its targets.csv), and the cases."""
+    from bridge.progress import progress_bar
     from bridge.report import write_report
 
     try:
-        html_path, csv_path = write_report(source, out)
+        # Each thumbnail reads its slide: seconds per real slide, minutes for a study, said nothing until the end.
+        with progress_bar("report", enabled=progress) as on_progress:
+            html_path, csv_path = write_report(source, out, on_progress=on_progress)
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
     typer.echo(f"wrote {html_path}, {csv_path} and {csv_path.parent / TARGETS_FILE}")

@@ -23,7 +23,7 @@ from bridge.project import (
     slide_file_problem,
     write_json_atomic,
 )
-from inference import MissingMppError, Pdl1Error, open_slide
+from inference import MissingMppError, Pdl1Error, format_unlike_name, open_slide
 from project_templates import PDL1_TEMPLATE
 from qupath_scripts import script_paths
 
@@ -109,8 +109,14 @@ def _check_slides(slides: list[Path]) -> tuple[dict[Path, dict], dict[Path, str]
             metadata[slide] = server_metadata(slide)
         except MissingMppError:
             # Left out of the project (or nothing is created), so `pdl1 run PROJECT --mpp` would not reach it:
-            # the advice is what does.
-            problems[slide] = (
+            # the advice is what does. A JPEG renamed .svs was told the scanner's value, as a slide.
+            kind = format_unlike_name(slide)
+            renamed = (
+                ""
+                if kind is None
+                else f"is a {kind} image, though named {slide.suffix} (check that it is the file you meant), and "
+            )
+            problems[slide] = renamed + (
                 "states no microns per pixel, which a project entry written without QuPath must carry; create the "
                 "project with QuPath installed (`pdl1 init-project --qupath always`) or in QuPath and set the pixel "
                 "size there (pdl1 run uses what the project saves), or analyse this slide on its own with the "

@@ -346,6 +346,22 @@ def test_init_project_with_a_slide_without_mpp_says_what_to_do_and_writes_nothin
     assert [e.image_name for e in read_project(tmp_path / "p").entries] == [phantom_svs.name]
 
 
+def test_init_project_names_a_jpeg_renamed_as_a_slide_as_what_it_is(tmp_path, phantom_svs):
+    # Was "fake.svs: states no microns per pixel ... with the scanner's value", as if it were a scanner's slide.
+    import numpy as np
+    from PIL import Image
+
+    fake = tmp_path / "fake.svs"
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(fake, format="JPEG")
+    with pytest.raises(ProjectError) as err:
+        init_project_files(tmp_path / "p", [phantom_svs, fake])
+    assert (
+        f"{fake}: is a JPEG image, though named .svs (check that it is the file you meant), and states no microns "
+        "per pixel" in str(err.value)
+    )
+    assert not (tmp_path / "p").exists()
+
+
 def test_init_project_counts_one_image_in_the_singular(tmp_path, phantom_svs):
     from typer.testing import CliRunner
 

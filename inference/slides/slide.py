@@ -437,8 +437,9 @@ def damage_advice(path: Path) -> str | None:
     )
 
 
-def _format_unlike_name(path: Path) -> str | None:
-    """The format Pillow reads in a plain image whose name says another (a JPEG renamed ``.svs``), else None."""
+def format_unlike_name(path: Path) -> str | None:
+    """The format Pillow reads in a plain image whose name says another (a JPEG renamed ``.svs``), else None:
+    for the messages about such a file, which no whole-slide reader opens whatever its name."""
     try:
         with Image.open(path) as im:
             kind = im.format
@@ -453,7 +454,7 @@ def _no_mpp_message(path: Path, *, whole_slide: bool, advice: MppAdvice | None =
         source = "the slide states no microns per pixel (no openslide.mpp-x, no TIFF resolution tags)"
         value = "the scanner's µm/px: 0.25 at 40x, 0.5 at 20x"
     else:
-        kind = _format_unlike_name(path)
+        kind = format_unlike_name(path)
         source = (
             f"a plain {path.suffix.lstrip('.').upper() or 'image'} file states no microns per pixel"
             if kind is None

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bridge.project import ProjectError, RunStatus
+from bridge.project import ProjectError, status_for_run
 from bridge.run import (
     ImageOutcome,
     RunConfig,
@@ -114,7 +114,7 @@ def run_batch_ray(
     use_qupath = _use_qupath(config, project)
     with run_lock(status_folder):
         remove_orphan_parts(status_folder, plain_slides=project is None)
-        status = RunStatus(status_folder)
+        status = status_for_run(status_folder, resume=config.resume)
         if not ray.is_initialized():
             try:
                 ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from urllib.parse import unquote, urlparse
 
 from bridge.atomic import replace_atomically
 from inference import Pdl1Error, is_finite_number
+
+log = logging.getLogger(__name__)
 
 PDL1_DIR = "pdl1"
 STATUS_FILE = "status.json"
@@ -675,7 +678,10 @@ class RunStatus:
         self.path = folder / PDL1_DIR / STATUS_FILE
         self.images: dict[str, dict[str, Any]] = {}
         if self.path.is_file():
-            fix = "delete it to start over (`--resume` then analyses every image again)"
+            fix = (
+                "run without --resume to start over (every image is analysed again, and the file is kept aside as "
+                f"{STATUS_FILE}.damaged-<time>), or delete it"
+            )
             try:
                 raw = json.loads(self.path.read_text(encoding="utf-8"))
             except (OSError, ValueError) as err:  # cut short, not UTF-8 or unreadable
@@ -712,6 +718,26 @@ class RunStatus:
         """
         if self.is_done(key):
             self.record(key, state="started", image=image)
+
+
+def status_for_run(folder: Path, *, resume: bool) -> RunStatus:
+    """The run status a run records into (:class:`RunStatus`). A damaged one stops a ``--resume``, which needs it to
+    know what is done; a run without ``--resume`` analyses every image anyway, so it sets the damaged file aside
+    (renamed to ``status.json.damaged-<UTC time>``: kept, not lost) with a warning, and starts a new one. It was
+    refused with "delete it", and a user who had not asked to resume anything had to do that first."""
+    try:
+        return RunStatus(folder)
+    except ProjectError as err:
+        if resume:
+            raise
+        path = folder / PDL1_DIR / STATUS_FILE
+        aside = path.with_name(f"{STATUS_FILE}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        try:
+            os.replace(path, aside)
+        except OSError as move_err:
+            raise ProjectError(f"{err}; it could not be set aside as {aside.name} ({move_err})") from move_err
+        log.warning("%s: a run status that does not read was set aside as %s; this run starts a new one", path, aside)
+        return RunStatus(folder)
 
 
 def _shorten(value: Any, limit: int = 60) -> str:

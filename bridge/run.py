@@ -51,6 +51,7 @@ from bridge.project import (
     repeat_note,
     review_reason_text,
     sidecar_dir,
+    status_for_run,
     summary_problem,
     unwritable_fix,
     write_json_atomic,
@@ -659,7 +660,7 @@ def run_batch(
     use_qupath = _use_qupath(config, project)
     with run_lock(status_folder):
         remove_orphan_parts(status_folder, plain_slides=project is None)
-        status = RunStatus(status_folder)
+        status = status_for_run(status_folder, resume=config.resume)
         qp_session = _QuPathSession(project) if use_qupath else None
         try:
             outcomes = _run_jobs(

@@ -512,7 +512,7 @@ def test_a_damaged_run_status_is_refused_naming_the_file_and_the_fix(tmp_path, c
     with pytest.raises(
         ProjectError,
         match=rf"{re.escape(str(path))}: (unreadable run status|not a pdl1 run status).*"
-        r"delete it to start over",
+        r"run without --resume to start over .*or delete it",
     ):
         RunStatus(tmp_path)
 

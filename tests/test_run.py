@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -449,6 +450,24 @@ def test_resume_runs_again_a_done_image_whose_files_were_damaged_and_says_why(tm
         again = run_batch(slides, resume, models=models, on_image=lambda *image: begun.append(image))
     assert [o.state for o in again] == ["skipped", "done"] and begun == [(1, 2, "s32.svs")]
     assert re.search(r"s32\.svs: recorded as done .*s32\.summary\.json is not a pdl1 summary", caplog.text)
+
+
+def test_a_damaged_run_status_stops_a_resume_and_is_set_aside_by_a_run_without_it(tmp_path, slides, models, caplog):
+    # A run that resumes nothing was refused with "delete it" too, though it analyses every image anyway.
+    out = tmp_path / "out"
+    status = out / "pdl1" / "status.json"
+    status.parent.mkdir(parents=True)
+    status.write_text('{"images": {"s31": {"state": "do')  # cut short
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never", out=out)
+    with pytest.raises(ProjectError, match=r"unreadable run status .*run without --resume to start over"):
+        run_batch(slides, replace(config, resume=True), models=models)
+    assert status.read_text() == '{"images": {"s31": {"state": "do'  # left as it was
+    with caplog.at_level("WARNING", logger="bridge.project"):
+        assert [o.state for o in run_batch(slides, config, models=models)] == ["done", "done"]
+    (aside,) = status.parent.glob("status.json.damaged-*")
+    assert aside.read_text() == '{"images": {"s31": {"state": "do'  # kept, not lost
+    assert f"set aside as {aside}" in caplog.text
+    assert set(json.loads(status.read_text())["images"]) == {"s31", "s32"}
 
 
 def test_orphan_part_files_of_a_killed_run_are_removed_from_its_own_folders_only(tmp_path, caplog):

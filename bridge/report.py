@@ -82,6 +82,9 @@ COLUMNS = (
     # The error of the last run, which failed on the image: the results are an earlier run's, or, where it has
     # none (run_id and every number empty), the row says only that.
     "last_run_failed",
+    # Why an image has no numbers in the report though a run analysed it: its summary does not read (the warning's
+    # words, with the fix); every number empty. The HTML names it among what it left out; the CSV had no row.
+    "left_out",
     # Where the numbers come from: "pdl1 run", or pdl1_analyze.groovy's analyses in QuPath (bridge.record_summary).
     "results_from",
 )
@@ -97,6 +100,7 @@ class ReportItem:
     last_run_failed: str = ""  # the error of the last run, which failed on this image: these results are older
     entry_id: str = ""  # QuPath's entry ID, "" for a plain-slides output folder (one summary per file name there)
     has_results: bool = True  # False: the last run failed on it and no earlier run left results (summary is {})
+    left_out: str = ""  # why it has no results here though it was analysed (its summary does not read)
     results_from: str = RUN  # what the numbers come from (bridge.record_summary.newer_source's text)
     # From pdl1_analyze.groovy's records (None: from a run's files): what the thumbnail draws, their FN candidates
     # and graded cells (a record keeps no region outlines nor tiles).
@@ -141,12 +145,15 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
                     _leave_out(left_out, _failed_without_results(name, error, source))
                     items.append(_without_results(entry.image_name, folder / "objects.geojson", error, entry.entry_id))
                 continue
-            summary = _read_summary(folder / "summary.json", fix, left_out, records.summary is not None)
+            summary, why = _read_summary(folder / "summary.json", fix, left_out, records.summary is not None)
             source_kind, results_from = newer_source(summary, records)
             if source_kind == SCRIPT:
                 items.append(_from_records(entry, records, info, results_from))
                 continue
             if summary is None:
+                error = failed.get(entry.entry_id, ("", ""))[1]
+                geojson = folder / "objects.geojson"
+                items.append(_without_results(entry.image_name, geojson, error, entry.entry_id, left_out=why))
                 continue
             slide, not_found = _slide(entry, info)
             error = failed.get(entry.entry_id, ("", ""))[1]
@@ -172,8 +179,12 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
             _leave_out(left_out, _failed_without_results(name, error, source))
             by_file[f"{key}.summary.json"] = _without_results(name, Path(source) / f"{key}.geojson", error)
     for summary_path in sorted(Path(source).glob("*.summary.json")):
-        summary = _read_summary(summary_path, fix, left_out)
-        if summary is None:
+        summary, why = _read_summary(summary_path, fix, left_out)
+        if summary is None:  # named by its file: the image's path is in the summary that does not read
+            key = summary_path.name.removesuffix(".summary.json")
+            geojson = summary_path.with_name(f"{key}.geojson")
+            error = failed.get(key, ("", ""))[1]
+            by_file[summary_path.name] = _without_results(summary_path.name, geojson, error, left_out=why)
             continue
         image = Path(summary["image"])
         found = image.is_file()
@@ -220,9 +231,12 @@ def _from_records(entry, records: RecordsSummary, info, results_from: str) -> Re
     )
 
 
-def _without_results(name: str, geojson: Path, error: str, entry_id: str = "") -> ReportItem:
-    """An image the last run failed on that has no results (``geojson``: where they would be)."""
-    return ReportItem(name, None, geojson, {}, last_run_failed=error, entry_id=entry_id, has_results=False)
+def _without_results(name: str, geojson: Path, error: str, entry_id: str = "", *, left_out: str = "") -> ReportItem:
+    """An image with no results to report (``geojson``: where they would be): the last run failed on it and no
+    earlier run left any (``error``), or its summary does not read (``left_out``: why, with the fix)."""
+    return ReportItem(
+        name, None, geojson, {}, last_run_failed=error, entry_id=entry_id, has_results=False, left_out=left_out
+    )
 
 
 def _failed_in_last_run(folder: Path) -> dict[str, tuple[str, str]]:
@@ -268,9 +282,9 @@ def _rerun(source: Path) -> str:
     return f"`pdl1 run {source} --resume`"
 
 
-def _read_summary(path: Path, fix: str, left_out: list[str], records: bool = False) -> dict | None:
-    """A run's summary JSON, or None when it is damaged: then the warning names it and the fix (``records``: the
-    entry's records of pdl1_analyze.groovy are reported instead)."""
+def _read_summary(path: Path, fix: str, left_out: list[str], records: bool = False) -> tuple[dict | None, str]:
+    """A run's summary JSON and "", or None and why when it is damaged: then the warning names it and the fix
+    (``records``: the entry's records of pdl1_analyze.groovy are reported instead)."""
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:  # cut short, not UTF-8 or unreadable
@@ -278,10 +292,11 @@ def _read_summary(path: Path, fix: str, left_out: list[str], records: bool = Fal
     else:
         problem = summary_problem(summary)
     if problem is None:
-        return summary
+        return summary, ""
     instead = "its records of pdl1_analyze.groovy are reported instead" if records else "its image is left out"
-    _leave_out(left_out, f"{path} {problem}, so {instead} of the report; {fix}")
-    return None
+    why = f"{path} {problem}, so {instead} of the report; {fix}"
+    _leave_out(left_out, why)
+    return None, why
 
 
 def _leave_out(left_out: list[str], message: str) -> None:
@@ -503,7 +518,14 @@ def _write(
         if on_progress is not None:
             on_progress(done, len(items))
         if not item.has_results:  # a row of report.csv with its error and no numbers; the HTML names it above
-            rows.append({"image": item.image_name, "entry_id": item.entry_id, "last_run_failed": item.last_run_failed})
+            rows.append(
+                {
+                    "image": item.image_name,
+                    "entry_id": item.entry_id,
+                    "last_run_failed": item.last_run_failed,
+                    "left_out": item.left_out,
+                }
+            )
             continue
         s = item.summary
         targets = _targets_of(item, left_out)

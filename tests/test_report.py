@@ -1,6 +1,7 @@
 """``pdl1 report`` over damaged results: the damaged image (or the pairs section) is left out with a warning
 naming the file and the fix; the rest is reported."""
 
+import csv
 import html
 import json
 from pathlib import Path
@@ -23,8 +24,18 @@ def test_damaged_summaries_of_plain_slides_are_left_out_and_the_rest_reported(tm
     (out / "c.summary.json").write_text('{"image": "c.svs",\n')  # a kill mid-write
     with caplog.at_level("WARNING", logger="bridge.report"):
         html_path, csv_path = write_report(out)
-    rows = csv_path.read_text().splitlines()
-    assert len(rows) == 2 and rows[1].startswith("a.svs,")
+    # report.csv has a row for each, saying why it holds no numbers (it had none: a batch reading the CSV saw two
+    # images fewer and no word why).
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["image"] for r in rows] == ["a.svs", "b.summary.json", "c.summary.json"]
+    assert rows[0]["left_out"] == "" and rows[0]["tps_percent"] == "12.5"
+    assert rows[1]["left_out"].startswith(f"{out / 'b.summary.json'} is not a pdl1 summary (expected a JSON object")
+    assert rows[2]["left_out"].startswith(f"{out / 'c.summary.json'} does not read (")
+    assert rows[2]["left_out"].endswith(
+        f"run the same `pdl1 run SLIDES... --out {out}` with --resume, which analyses "
+        "again the slides whose results are damaged"
+    )
+    assert rows[2]["tps_percent"] == rows[2]["run_id"] == ""
     for name in ("b.summary.json", "c.summary.json"):
         assert f"{out / name} " in caplog.text
     assert "b.summary.json is not a pdl1 summary (expected a JSON object" in caplog.text
@@ -52,7 +63,14 @@ def test_a_truncated_summary_or_pairs_file_of_a_project_leaves_out_only_that_par
     (project / "pdl1" / "pairs.json").write_text('{"cases": {\n')
     with caplog.at_level("WARNING", logger="bridge.report"):
         html_path, csv_path = write_report(project)
-    assert [r.split(",")[0] for r in csv_path.read_text().splitlines()[1:]] == ["a.svs"]
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [(r["image"], r["entry_id"]) for r in rows] == [("a.svs", "1"), ("b.svs", "2")]
+    assert rows[1]["left_out"].startswith(f"{project / 'pdl1' / '2' / 'summary.json'} does not read (")
+    assert (
+        rows[1]["tps_percent"] == ""
+        and "<h2>a.svs" in html_path.read_text()
+        and "<h2>b.svs" not in html_path.read_text()
+    )
     fix = f"`pdl1 run {project} --resume`"
     assert f"{project / 'pdl1' / '2' / 'summary.json'} does not read (" in caplog.text
     assert f"its image is left out of the report; run {fix}, which analyses again" in caplog.text

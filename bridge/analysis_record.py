@@ -4,8 +4,12 @@ can tell a pathologist's review from the tool's output (``bridge.labels.WrittenO
 The service builds it (``GET /v1/jobs/{id}/record``: :func:`bridge.service.record.analysis_record`), in the image's
 level-0 px (an upload's results mapped back as its result pages are); the script saves it verbatim, once it has put
 the job's results under the analysed parent, as ``<project>/pdl1/<entry ID>/qupath_analyses/<parent ID>.json``
-(:func:`record_path`; the parent's QuPath ID, so a re-analysis of the parent replaces its record; the script removes
-it once the parent, and every object of the tool that may be its output, is gone from the image). It holds when it
+(:func:`record_path`; the parent's QuPath ID, so a re-analysis of the parent replaces its record). Once the parent,
+and every object of the tool that may be its output, is gone from the image as QuPath holds it in memory, the script
+sets the record aside in ``qupath_analyses/removed/`` (:func:`set_aside_records`), which no reader here lists: QuPath
+closed without saving brings the parent back from the saved data, and the script's next run on the image moves the
+record back (meanwhile ``pdl1 train --from-review`` takes it where the objects it reads hold its parent:
+``bridge.labels.WrittenObjects.taking_back``). It holds when it
 was written (UTC), the analysed area (the parent's outline), the FN candidates (polygons), the bounds of the positive
 regions (to tell whether the analysis's output is still in the image) and the nuclei as QuPath got them (arrays, as
 :data:`~bridge.targets.TARGET_REGIONS_FILE` keeps them: a TMA core's cells as GeoJSON features would make it ten
@@ -50,6 +54,9 @@ ANNOTATION = "annotation"
 
 #: The folder of an entry's records, in its sidecar folder ``<project>/pdl1/<entry ID>``.
 QUPATH_ANALYSES = "qupath_analyses"
+#: Where in :data:`QUPATH_ANALYSES` pdl1_analyze.groovy sets aside the records of parents no longer in the image
+#: (its ``REMOVED_FOLDER``): not the entry's records (:func:`entry_records` lists the folder's own files alone).
+SET_ASIDE = "removed"
 #: What a record says it is (``format``), and the version of its layout (``version``) this code reads and writes.
 RECORD_FORMAT = "pdl1-bridge analysis record"
 RECORD_VERSION = 1
@@ -69,8 +76,16 @@ def record_path(sidecar: Path, parent_id: str) -> Path:
 
 def entry_records(sidecar: Path) -> list[Path]:
     """The records of an entry's analyses by ``pdl1_analyze.groovy`` (none where it left none), by name: not the
-    ``.part`` files of a save that was interrupted."""
+    ``.part`` files of a save that was interrupted, nor those set aside (:func:`set_aside_records`)."""
     folder = sidecar / QUPATH_ANALYSES
+    return sorted(folder.glob("*.json")) if folder.is_dir() else []
+
+
+def set_aside_records(sidecar: Path) -> list[Path]:
+    """The records ``pdl1_analyze.groovy`` set aside of an entry (``qupath_analyses/removed/<parent ID>.json``), by
+    name: their parent was not in the image as QuPath held it when the script last ran there, which may not be what
+    QuPath saved (closed without saving, the parent is back). None where there are none."""
+    folder = sidecar / QUPATH_ANALYSES / SET_ASIDE
     return sorted(folder.glob("*.json")) if folder.is_dir() else []
 
 

@@ -27,7 +27,9 @@ slides"):
   ``PD-L1 FN candidate`` a person deleted was dismissed, so its area is negative (only where its analysis's
   output is still in the image and no newer analysis covers it; otherwise counted). Which of a record and the
   run's output is newer is what :func:`bridge.analysis_record.record_is_newer` says (the files where they tell it,
-  else the two machines' clocks), as for ``pdl1 report``. A tool-written nucleus that
+  else the two machines' clocks), as for ``pdl1 report``. A record the script set aside
+  (``qupath_analyses/removed``: its parent was not in the image as QuPath held it) is taken where the objects read
+  hold its parent (QuPath closed without saving): :meth:`WrittenObjects.taking_back`. A tool-written nucleus that
   no record holds (an earlier script, a record deleted) is counted as not told, with a warning. Where an image's
   several targets left no record of the summary's run (an earlier version), only the first target's output is
   at hand, and the reviews of the others are counted as not read.
@@ -64,6 +66,7 @@ from bridge.analysis_record import (
     entry_records,
     read_analysis_record,
     record_is_newer,
+    set_aside_records,
     summary_analysed_at,
 )
 from bridge.classes import (
@@ -348,11 +351,14 @@ class WrittenObjects:
     ``pdl1_analyze.groovy`` analysed (``qupath_analyses/<parent ID>.json``, :mod:`bridge.analysis_record`; a record
     and the run's output ordered by :func:`~bridge.analysis_record.record_is_newer`).
     ``not_read``: (count name, number of targets) of the targets whose output was not at hand, which
-    :func:`labels_from_objects` counts.
+    :func:`labels_from_objects` counts. ``set_aside``: the records the script set aside (``qupath_analyses/removed``,
+    :func:`~bridge.analysis_record.set_aside_records`) of parents with no record in the folder itself, which
+    :meth:`taking_back` takes where the image's objects hold their parent.
     """
 
     analyses: tuple[WrittenAnalysis, ...]
     not_read: tuple[tuple[str, int], ...] = ()
+    set_aside: tuple[Path, ...] = ()
 
     @property
     def nuclei_xy(self) -> np.ndarray:
@@ -389,8 +395,36 @@ class WrittenObjects:
         not read raises :class:`LabelError` with the fix.
         """
         run, not_read = _last_run(folder)
-        records = tuple(_read_record(path) for path in entry_records(folder))
-        return cls(((run,) if run is not None else ()) + records, not_read)
+        paths = entry_records(folder)
+        records = tuple(_read_record(path) for path in paths)
+        recorded = {path.stem for path in paths}  # a record in the folder is newer than one set aside (re-analysis)
+        aside = tuple(path for path in set_aside_records(folder) if path.stem not in recorded)
+        return cls(((run,) if run is not None else ()) + records, not_read, aside)
+
+    def taking_back(self, object_ids: Iterable[str], where: str) -> WrittenObjects:
+        """With the records set aside (:attr:`set_aside`) whose parent is among the image's objects (their QuPath IDs,
+        the GeoJSON ``id``): ``pdl1_analyze.groovy`` set such a record aside when the parent was not in the image as
+        QuPath held it, but the objects read (``pdl1_export_labels.groovy``'s export, or QuPath's saved data through
+        paquo) hold it, so QuPath was closed without saving (or the deletion undone) and what the record says is in
+        the image. Each one taken is logged (INFO); one that does not read raises :class:`LabelError`, as a record in
+        the folder does. The others stay set aside: their parent is gone from the image. A TMA core is no annotation
+        or detection, which is all the export and paquo read, so a core's record set aside is never taken here; the
+        script moves it back on its next run on the image."""
+        ids = {str(i).lower() for i in object_ids}
+        back = [path for path in self.set_aside if path.stem.lower() in ids]
+        if not back:
+            return self
+        for path in back:
+            log.info(
+                "%s: took the record %s, which pdl1_analyze.groovy set aside when its annotation was not in the image "
+                "as QuPath held it: the objects read hold that annotation (%s; QuPath closed without saving, or the "
+                "deletion undone), so the record tells what the tool wrote under it",
+                where,
+                path,
+                path.stem,
+            )
+        left = tuple(path for path in self.set_aside if path not in back)
+        return replace(self, analyses=self.analyses + tuple(_read_record(path) for path in back), set_aside=left)
 
 
 _RUN_FIX = "run `pdl1 run` on the project again, or train without --from-review"
@@ -687,6 +721,8 @@ def labels_from_objects(
     in_image = None
     verdicts: dict[int, str | None] = {}  # by the object's place in objects: each tool nucleus's (with from_review)
     if written is not None and rules.from_review:
+        # A record the script set aside is the image's where these objects hold its parent (closed without saving).
+        written = written.taking_back((o.id for o in objects if o.id), where)
         # What of the tool's output is in the image, before any of it is read: which analyses' output is still
         # there decides what a nucleus was written as.
         tool = [(k, o, _tool_written_class(o) is not None) for k, o in enumerate(objects) if not o.geometry.is_empty]
@@ -840,8 +876,9 @@ def labels_from_objects(
         if counts[UNRECORDED_NUCLEI_COUNT]:
             log.warning(
                 "%s: %d nuclei pdl1-bridge wrote lie where no record of an analysis has them (analysed by an earlier "
-                "pdl1_analyze.groovy, which kept none, or their record was deleted): whether a person reclassified "
-                "them cannot be told, so they are no labels; %s",
+                "pdl1_analyze.groovy, which kept none, or their record was deleted; a TMA core's record set aside in "
+                "qupath_analyses/removed is taken back by the script's next run on the image): whether a person "
+                "reclassified them cannot be told, so they are no labels; %s",
                 where,
                 counts[UNRECORDED_NUCLEI_COUNT],
                 UNRECORDED_NUCLEI_FIX,

@@ -1241,3 +1241,65 @@ def test_nuclei_the_tool_wrote_that_no_record_holds_are_counted_as_not_told_and_
     caplog.clear()
     (plain,) = read_project_labels(project, rules=RULES, entries=["1"], qupath="never")
     assert UNRECORDED_NUCLEI_COUNT not in plain.counts and not caplog.records
+
+
+# The QuPath ID of the annotation whose record pdl1_analyze.groovy set aside (QuPath's GeoJSON "id").
+SET_ASIDE_ID = "0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9"
+
+
+def test_a_record_set_aside_is_taken_where_the_export_holds_its_annotation_and_left_where_it_does_not(
+    labelled, tmp_path, caplog
+):
+    # pdl1_analyze.groovy's tidy deleted the record of an annotation no longer in QuPath's hierarchy (in memory):
+    # closed without saving, QuPath brought the annotation and its objects back, and training counted their nuclei
+    # "not read". It sets such a record aside now; the export says whether the annotation is the image's.
+    project = _project_copy(labelled, tmp_path)
+    candidate = shapely.box(300, 300, 340, 340)
+    path = _groovy_record(
+        project, SET_ASIDE_ID, when=T1, outline=P, candidates=[candidate],
+        nuclei=[((300, 500), "Other"), ((400, 400), "Other")],
+    )  # fmt: skip
+    aside = path.parent / "removed" / path.name
+    aside.parent.mkdir()
+    path.rename(aside)
+    annotation = QuPathObject(P, "annotation", None, {}, "Tumor core", id=SET_ASIDE_ID.upper())  # any case
+    reviewed = [_nucleus(300, 500, "Tumor: Positive"), _nucleus(400, 400, "Other")]  # the candidate deleted
+    drawn = _obj(shapely.box(1500, 1500, 1600, 1600), "PD-L1 positive")
+    _export(project, [annotation, *reviewed, drawn])
+    with caplog.at_level("INFO", logger="bridge.labels"):
+        (labels,) = read_project_labels(project, rules=REVIEW, entries=["1"], qupath="never")
+    assert UNRECORDED_NUCLEI_COUNT not in labels.counts
+    assert labels.counts["reviewed: nuclei reclassified"] == 1
+    assert labels.points_xy.tolist() == [[300.0, 500.0]]
+    assert labels.counts["reviewed: PD-L1 FN candidate deleted (PD-L1 negative)"] == 1
+    assert labels.negative.equals(candidate)
+    took = [r.getMessage() for r in caplog.records if "took the record" in r.getMessage()]
+    assert len(took) == 1 and f"took the record {aside}, which pdl1_analyze.groovy set aside" in took[0], took
+    assert f"the objects read hold that annotation ({SET_ASIDE_ID}; QuPath closed without saving" in took[0]
+    # Saved after that run, the annotation is gone from the export: the record stays aside, its nuclei not told.
+    _export(project, [*reviewed, drawn])
+    caplog.clear()
+    with caplog.at_level("INFO", logger="bridge.labels"):
+        (labels,) = read_project_labels(project, rules=REVIEW, entries=["1"], qupath="never")
+    assert labels.counts[UNRECORDED_NUCLEI_COUNT] == 2 and labels.negative.is_empty and not labels.has_points
+    assert not any("took the record" in r.getMessage() for r in caplog.records)
+    assert aside.is_file()  # training moves nothing
+
+
+def test_a_record_set_aside_of_an_annotation_analysed_again_since_is_not_read(labelled, tmp_path):
+    # The annotation came back and was analysed again: its record in the folder is the newer one, and the older copy
+    # set aside (the script deletes it on its next run) is not read, damaged or not.
+    project = _project_copy(labelled, tmp_path)
+    _groovy_record(project, SET_ASIDE_ID, when=T2, outline=P, nuclei=[((300, 500), "Tumor: Positive")])
+    aside = project / "pdl1" / "1" / "qupath_analyses" / "removed" / f"{SET_ASIDE_ID}.json"
+    aside.parent.mkdir()
+    aside.write_text("{not json")
+    annotation = QuPathObject(P, "annotation", None, {}, "Tumor core", id=SET_ASIDE_ID)
+    drawn = _obj(shapely.box(1500, 1500, 1600, 1600), "PD-L1 positive")
+    _export(project, [annotation, _nucleus(300, 500, "Tumor: Positive"), drawn])
+    (labels,) = read_project_labels(project, rules=REVIEW, entries=["1"], qupath="never")
+    assert labels.counts["skipped: pdl1 results as written (not reviewed)"] == 1
+    # Without the record in the folder, the one set aside is the image's, and does not read: named, with the fix.
+    (project / "pdl1" / "1" / "qupath_analyses" / f"{SET_ASIDE_ID}.json").unlink()
+    with pytest.raises(LabelError, match=re.escape(f"{aside}: the record of an analysis by pdl1_analyze.groovy")):
+        read_project_labels(project, rules=REVIEW, entries=["1"], qupath="never")

@@ -19,10 +19,14 @@
  * candidates you deleted (export the labels with pdl1_export_labels.groovy), and `pdl1 report PROJECT` and
  * `pdl1 review-queue PROJECT` report and rank the project by these records as by `pdl1 run`'s results (the newer of
  * the two for an image that has both). Not saved, it is named in the log. Once it has written an image's analyses,
- * it removes that image's records whose annotation or core is no longer in it (the whole-image analysis the TMA
- * cores' analyses replace, an annotation you deleted), and says how many and why; not one while objects this tool
- * wrote lie in its area under no analysed annotation or core (you deleted its annotation keeping them: the log names
- * it), nor the folder's other files. One that cannot be removed is named in the log, and the analysis stands.
+ * it sets aside that image's records whose annotation or core is no longer in it (the whole-image analysis the TMA
+ * cores' analyses replace, an annotation you deleted) in qupath_analyses/removed/, which those commands do not read,
+ * and says how many and why; not one while objects this tool wrote lie in its area under no analysed annotation or
+ * core (you deleted its annotation keeping them: the log names it), nor the folder's other files. Close QuPath
+ * without saving (or undo) and the annotation is back: the next run moves its record back (or deletes it, where the
+ * annotation was analysed again), and says which; meanwhile `pdl1 train --from-review` takes it where the labels
+ * exported hold the annotation. Records set aside are kept. One that cannot be moved is named in the log, and the
+ * analysis stands.
  *
  * Settings: the project's pdl1-config.toml (beside project.qpproj; `pdl1 init-project` writes it, and
  * `pdl1 run` reads the same file) when there is one: [service] url, token, model and [analysis] outputs,
@@ -798,7 +802,8 @@ def saveRecord = { java.nio.file.Path folder, String name, byte[] bytes ->
     return target
 }
 // The tidy of an image's records (tidyRecords below): a record whose parent is gone from the image was kept on disk,
-// and `pdl1 report` counted a deleted annotation's TPS, and named a whole-image analysis the cores replaced forever.
+// and `pdl1 report` counted a deleted annotation's TPS, and named a whole-image analysis the cores replaced forever;
+// so it sets them aside (REMOVED_FOLDER).
 // A record's file name as saveRecord names it: its parent's QuPath ID (UUID.toString(), lowercase) and .json. Only
 // such files are records of this tool; the folder's others (your notes, the .part of a save cut short) stay.
 def RECORD_NAME = ~/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.json/
@@ -888,7 +893,7 @@ def staleRecords = { List names, Map lookup, Set replaced, Closure outlineOf ->
                         "area under no analysed annotation or TMA core (kept when its parent was deleted, or moved by " +
                         "Resolve hierarchy), and `pdl1 train --from-review` needs it to tell your review of " +
                         "${one ? 'it' : 'them'}; delete ${one ? 'it' : 'them'}, or analyse an annotation around " +
-                        "${one ? 'it' : 'them'}, and a later run removes the record").toString()
+                        "${one ? 'it' : 'them'}, and a later run sets the record aside").toString()
                 return
             }
         }
@@ -903,13 +908,61 @@ def removeRecords = { java.nio.file.Path folder, List names ->
     def failed = new LinkedHashMap<String, String>()
     names.each { name ->
         try {
-            if (Files.deleteIfExists(folder.resolve(name)))
+            if (java.nio.file.Files.deleteIfExists(folder.resolve(name)))
                 removed << name
         } catch (IOException | SecurityException e) {
             failed[name] = whyFailed(e)
         }
     }
     return [removed: removed, failed: failed]
+}
+// Where the tidy puts a stale record (tidyRecords below): qupath_analyses/removed/<parent ID>.json, set aside, not
+// deleted. The hierarchy it judges by is QuPath's in memory: delete an annotation, run the script, close QuPath
+// without saving, and the annotation and its objects come back from the saved data; a deleted record was lost for
+// good (`pdl1 train --from-review` then counted its nuclei "not read", and `pdl1 report` left the annotation out).
+// bridge/analysis_record.py reads the folder's own *.json alone, so nothing reads a record set aside but training,
+// where the labels exported hold its parent (bridge/labels.py), and the tidy, which moves it back (recordsBack).
+def REMOVED_FOLDER = "removed"
+// Which records set aside (asideNames: the files in removed/) the tidy takes back, by the records in the folder
+// (names: its files) and the image's annotations and TMA cores (ids: recordsLookup's): [restore: those whose parent
+// is in the image again (QuPath closed without saving, an undo) and has no record in the folder, superseded: those
+// whose parent has a record in the folder (analysed again since: that record is the newer one)], by name. Only
+// files named as records (RECORD_NAME); the others stay where they are.
+def recordsBack = { List asideNames, List names, Set ids ->
+    def out = [restore: [], superseded: []]
+    def inFolder = names.findAll { it ==~ RECORD_NAME } as Set
+    asideNames.findAll { it ==~ RECORD_NAME }.sort().each { name ->
+        if (inFolder.contains(name))
+            out.superseded << name
+        else if (ids.contains(name[0..-6]))
+            out.restore << name
+    }
+    return out
+}
+// Moves the named files from one folder into another (made where missing), each in one step (ATOMIC_MOVE: a reader
+// finds the record in one folder or the other, never in both or half) and on its own (one that cannot move stops
+// none of the others), replacing a file of that name there (a record set aside again replaces its older copy):
+// [moved: names, failed: [name: why]]. A file already gone is neither.
+def moveRecords = { java.nio.file.Path from, java.nio.file.Path to, List names ->
+    def moved = []
+    def failed = new LinkedHashMap<String, String>()
+    names.each { name ->
+        def source = from.resolve(name)
+        if (!java.nio.file.Files.exists(source))
+            return
+        try {
+            java.nio.file.Files.createDirectories(to)
+            java.nio.file.Files.move(source, to.resolve(name), java.nio.file.StandardCopyOption.REPLACE_EXISTING,
+                    java.nio.file.StandardCopyOption.ATOMIC_MOVE)
+            moved << name
+        } catch (java.nio.file.NoSuchFileException ignored) {  // gone meanwhile (another QuPath's tidy)
+            if (java.nio.file.Files.exists(source))
+                failed[name] = whyFailed(ignored)
+        } catch (IOException | SecurityException e) {
+            failed[name] = whyFailed(e)
+        }
+    }
+    return [moved: moved, failed: failed]
 }
 // ---- end of helpers ------------------------------------------------------------------------
 
@@ -1185,7 +1238,7 @@ if (uploadWhy != null)
 def entry = getProjectEntry()
 def metadataWritten = false
 def wholeImageRemoved = false
-// The QuPath IDs of the whole-image analyses this run removed: their records go too (tidyRecords).
+// The QuPath IDs of the whole-image analyses this run removed: their records are set aside too (tidyRecords).
 def replacedAnalyses = new HashSet<String>()
 // The records' folder (recordFolder), a project's only. The record, named by the parent's QuPath ID
 // (PathObject.getID(): PathObject.java v0.4.4:937, v0.5.1:938, v0.6.0:930, v0.7.0:928; kept in the image's data,
@@ -1381,34 +1434,66 @@ for (parent in targets) {
 dropUnanalysedParent()
 fireHierarchyUpdate()
 // The image's records, tidied once its analyses are written (or a whole-image one removed), from the hierarchy as it
-// is now: the stale ones (staleRecords) are removed, each on its own. One that cannot be removed is named; the
-// analysis stands. PathObjectHierarchy.getRootObject(): v0.4.4:175, v0.5.1:176, v0.6.0:145, v0.7.0:144.
+// is now (PathObjectHierarchy.getRootObject(): v0.4.4:175, v0.5.1:176, v0.6.0:145, v0.7.0:144): first the records
+// set aside in removed/ whose parent is back are moved back (recordsBack; one whose parent was analysed again since
+// is deleted), then the stale ones (staleRecords) are set aside there. Each file on its own; one that cannot be
+// moved or deleted is named, and the analysis stands. Set aside records are kept until their parent comes back or
+// is analysed again: which annotations the saved data holds is known only to QuPath, and a record is small.
 def tidyRecords = { java.nio.file.Path folder ->
     def files = folder.toFile().listFiles()  // null: no folder (no record saved), or it cannot be listed
     if (files == null)
         return
     def names = files.findAll { it.isFile() }*.getName()
+    def aside = folder.resolve(REMOVED_FOLDER)
+    def asideNames = (aside.toFile().listFiles() ?: [] as File[]).findAll { it.isFile() }*.getName()
+    def lookup = recordsLookup(hierarchy.getRootObject())
+    def plural = { int n, String one, String many -> n == 1 ? one : many }
+    def back = recordsBack(asideNames, names, lookup.ids)
+    def dropped = removeRecords(aside, back.superseded)
+    dropped.failed.each { name, why ->
+        println "pdl1: the older record ${aside.resolve(name)} could not be deleted (${why}); its annotation or TMA " +
+                "core has a newer one in ${folder}: delete it by hand"
+    }
+    int older = dropped.removed.size()
+    if (older > 0)
+        println "pdl1: deleted ${older} older ${plural(older, 'record', 'records')} from ${aside}: " +
+                "${plural(older, 'its', 'their')} annotation or TMA core was analysed again, and the record in " +
+                "${folder} replaces ${plural(older, 'it', 'them')}"
+    def restored = moveRecords(aside, folder, back.restore)
+    restored.failed.each { name, why ->
+        println "pdl1: the record ${aside.resolve(name)}, whose annotation or TMA core is in the image again, could " +
+                "not be moved back (${why}); move it into ${folder} by hand, or `pdl1 report` leaves its analysis out"
+    }
+    int again = restored.moved.size()
+    if (again > 0)
+        println "pdl1: moved ${again} ${plural(again, 'record', 'records')} back from ${aside} into ${folder}: " +
+                "${plural(again, 'its', 'their')} annotation or TMA core is in the image again (QuPath closed without " +
+                "saving, or an undo, after an earlier run set ${plural(again, 'it', 'them')} aside): " +
+                restored.moved.collect { it[0..-6] }.join(", ") + "; `pdl1 report`, `pdl1 review-queue` and " +
+                "`pdl1 train --from-review` read ${plural(again, 'it', 'them')} again"
     def outlineOf = { String name ->
         outlineShape(gson.fromJson(folder.resolve(name).toFile().getText("UTF-8"), Map.class).get("outline"))
     }
-    def stale = staleRecords(names, recordsLookup(hierarchy.getRootObject()), replacedAnalyses, outlineOf)
+    def stale = staleRecords(names, lookup, replacedAnalyses, outlineOf)
     stale.kept.each { name, why ->
         println "pdl1: kept the record ${folder.resolve(name)}, whose annotation or TMA core is no longer in the " +
                 "image: ${why}"
     }
-    def result = removeRecords(folder, stale.replaced + stale.gone)
+    def result = moveRecords(folder, aside, stale.replaced + stale.gone)
     result.failed.each { name, why ->
-        println "pdl1: the stale record ${folder.resolve(name)} could not be removed (${why}); `pdl1 report` and " +
-                "`pdl1 review-queue` still read it: delete it by hand"
+        println "pdl1: the stale record ${folder.resolve(name)} could not be moved into ${aside} (${why}); " +
+                "`pdl1 report` and `pdl1 review-queue` still read it: move it there by hand"
     }
-    def removedOf = { List of -> of.count { it in result.removed } as int }
-    def whys = [[removedOf(stale.replaced), "of the whole-image analysis the TMA cores' analyses replaced"],
-                [removedOf(stale.gone), "whose annotation or TMA core is no longer in the image, nor its objects"]]
-    int removed = result.removed.size()
-    if (removed > 0)
-        println "pdl1: removed ${removed} stale record${removed == 1 ? '' : 's'} from ${folder}: " +
+    def movedOf = { List of -> of.count { it in result.moved } as int }
+    def whys = [[movedOf(stale.replaced), "of the whole-image analysis the TMA cores' analyses replaced"],
+                [movedOf(stale.gone), "whose annotation or TMA core is no longer in the image, nor its objects"]]
+    int moved = result.moved.size()
+    if (moved > 0)
+        println "pdl1: set ${moved} stale ${plural(moved, 'record', 'records')} aside from ${folder} into ${aside}: " +
                 whys.findAll { it[0] > 0 }.collect { "${it[0]} ${it[1]}" }.join("; ") +
-                "; `pdl1 report` and `pdl1 review-queue` no longer read ${removed == 1 ? 'it' : 'them'}"
+                "; `pdl1 report` and `pdl1 review-queue` no longer read ${plural(moved, 'it', 'them')}. Close " +
+                "QuPath without saving and the next run moves ${plural(moved, 'it', 'them')} back (training takes " +
+                "${plural(moved, 'it', 'them')} meanwhile where the labels exported hold the annotation)"
 }
 if (recordsFolder != null && (done > 0 || !replacedAnalyses.isEmpty())) {
     try {

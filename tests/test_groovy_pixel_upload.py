@@ -512,14 +512,23 @@ def byId = { String id ->
     throw new IllegalArgumentException("no object ${id} in the stand-in hierarchy")
 }
 // The script runs once for each of the setup's steps (once without), on the same hierarchy. Before a step, a person
-// may have deleted annotations with what lies under them ("delete": their IDs), dearrayed the image ("cores": each
-// TMA core's name, vertices and ID) and selected objects ("select": their IDs). After each, the records' names.
+// may have deleted annotations with what lies under them ("delete": their IDs), closed QuPath without saving, which
+// brings deleted ones back from the saved data where they were, with what lay under them ("restore": their IDs),
+// dearrayed the image ("cores": each TMA core's name, vertices and ID) and selected objects ("select": their IDs).
+// After each, the names of the files in the records' folder, and of those set aside in its removed/.
 def records = []
+def aside = []
+def deleted = [:]  // ID: [the object, its parent]
 for (step in (setup.steps ?: [[:]])) {
     (step.delete ?: []).each { id ->
         def obj = byId(id)
+        deleted[id] = [obj, obj.parent]
         obj.parent.children.remove(obj)
         obj.parent = null
+    }
+    (step.restore ?: []).each { id ->
+        def (obj, parent) = deleted.remove(id)
+        parent.addChildObjects([obj])
     }
     if (step.cores != null) {
         def cores = step.cores.collect { c ->
@@ -532,13 +541,16 @@ for (step in (setup.steps ?: [[:]])) {
     new GroovyShell(this.class.classLoader, binding).evaluate(new File(setup.script))
     def folder = setup.entry == null ? null :
             new File(new File(setup.project).getParentFile(), "pdl1/${setup.entry}/qupath_analyses")
-    records << (folder?.list()?.toList()?.sort() ?: [])
+    records << (folder?.listFiles()?.findAll { it.isFile() }*.getName()?.sort() ?: [])
+    aside << (folder == null ? [] : (new File(folder, "removed").list()?.toList()?.sort() ?: []))
 }
 def seen = [reads: server.reads, children: root.children.collectEntries { t ->
     [(t.name): t.children.collect { [kind: t.kind, cls: it.pathClass?.toString(), geometry: it.geometry,
                                      objectType: it.kind, measurements: it.measurements.values] }] }]
-if (setup.steps != null)
+if (setup.steps != null) {
     seen.records = records
+    seen.aside = aside
+}
 println groovy.json.JsonOutput.toJson(seen)
 """
 
@@ -999,6 +1011,17 @@ def _records(qpproj: Path) -> Path:
     return qpproj.parent / "pdl1" / "1" / "qupath_analyses"
 
 
+def _set_aside(folder: Path, why: str, n: int = 1) -> str:
+    """The log line of the tidy that set ``n`` stale records of ``folder`` aside, for ``why``."""
+    one = n == 1
+    return (
+        f"pdl1: set {n} stale record{'' if one else 's'} aside from {folder} into {folder / 'removed'}: {why}; "
+        f"`pdl1 report` and `pdl1 review-queue` no longer read {'it' if one else 'them'}. Close QuPath without saving "
+        f"and the next run moves {'it' if one else 'them'} back (training takes {'it' if one else 'them'} meanwhile "
+        "where the labels exported hold the annotation)"
+    )
+
+
 @needs_groovy
 def test_analysing_the_tma_cores_removes_the_record_of_the_whole_image_analysis_they_replace(
     tmp_path, service_of, level0_png
@@ -1017,11 +1040,9 @@ def test_analysing_the_tma_cores_removes_the_record_of_the_whole_image_analysis_
     assert [read_analysis_record(folder / name).scores["target"]["target"] for name in sorted(after)] == [
         c["name"] for c in sorted(cores, key=lambda c: c["id"])
     ]
-    assert (
-        f"pdl1: removed 1 stale record from {folder}: 1 of the whole-image analysis the TMA cores' analyses "
-        "replaced; `pdl1 report` and `pdl1 review-queue` no longer read it"
-    ) in log, log
+    assert _set_aside(folder, "1 of the whole-image analysis the TMA cores' analyses replaced") in log, log
     assert whole not in after and log[-1] == f"pdl1: analysed 2 of 2 TMA cores of {slide_path.name}"
+    assert seen["aside"] == [[], [whole]]  # set aside, not deleted: QuPath closed without saving brings it back
     assert sorted(seen["children"]) == ["A-1", "A-2"]  # "PD-L1 analysis" is gone from the image too
 
 
@@ -1059,15 +1080,13 @@ def test_a_deleted_annotations_record_is_removed_and_others_and_other_files_are_
         f"pdl1: kept the record {kept}, whose annotation or TMA core is no longer in the image: 1 object this tool "
         "wrote lies in its area under no analysed annotation or TMA core (kept when its parent was deleted, or moved "
         "by Resolve hierarchy), and `pdl1 train --from-review` needs it to tell your review of it; delete it, or "
-        "analyse an annotation around it, and a later run removes the record"
+        "analyse an annotation around it, and a later run sets the record aside"
     )
     assert log.count(said_kept) == 2, log  # in each run
     assert {name: (folder / name).read_text() for name in others} == others
-    removed = (
-        f"pdl1: removed 1 stale record from {folder}: 1 whose annotation or TMA core is no longer in the image, nor "
-        "its objects; `pdl1 report` and `pdl1 review-queue` no longer read it"
-    )
-    assert [line for line in log if line.startswith("pdl1: removed")] == [removed], log  # in the second run only
+    removed = _set_aside(folder, "1 whose annotation or TMA core is no longer in the image, nor its objects")
+    assert [line for line in log if re.match(r"pdl1: set \d", line)] == [removed], log  # in the second run only
+    assert seen["aside"] == [[], [f"{deleted['id']}.json"]]  # not deleted: QuPath closed without saving needs it
     # The one analysed again has its record replaced (written after the one left alone); the report reads those two.
     written = {a["name"]: read_analysis_record(folder / f"{a['id']}.json").written_at for a in (again, left)}
     assert written["again"] > written["left"]
@@ -1076,6 +1095,51 @@ def test_a_deleted_annotations_record_is_removed_and_others_and_other_files_are_
     _, csv_path = write_report(qpproj.parent)
     (row,) = list(csv.DictReader(csv_path.open(encoding="utf-8")))
     assert row["results_from"] == "pdl1_analyze.groovy's 2 analyses in QuPath"
+
+
+@needs_groovy
+def test_records_set_aside_come_back_when_qupath_closed_without_saving_brings_their_annotations_back(
+    tmp_path, service_of, level0_png
+):
+    # A person deletes analysed annotations, runs the script on another, and closes QuPath without saving: the
+    # annotations and their objects come back from the saved data, but the tidy had deleted their records for good
+    # (training counted their nuclei "not read"; `pdl1 report` left them out). It sets them aside now; the next run
+    # moves back the record of one that is back, and deletes the copy of one analysed again (its new record replaces
+    # it).
+    from bridge.analysis_record import read_analysis_record
+    from bridge.report import write_report
+
+    client, slide_path = service_of
+    qpproj, setup = _project_setup(tmp_path, client, slide_path, level0_png, server="OpenslideImageServer")
+    back, again, other = _square("back", 300, 400), _square("analysed again", 700, 400), _square("other", 500, 900)
+    deleted = [back["id"], again["id"]]
+    steps = [
+        {"select": [a["id"] for a in (back, again, other)]},
+        {"delete": deleted, "select": [other["id"]]},
+        {"restore": deleted, "select": [again["id"]]},  # QuPath closed without saving, opened again
+    ]
+    log, seen = _run_script(tmp_path, {**setup, "annotations": [back, again, other], "steps": steps})
+    folder, every = _records(qpproj), sorted(f"{a['id']}.json" for a in (back, again, other))
+    assert seen["records"] == [every, [f"{other['id']}.json"], every], log
+    assert seen["aside"] == [[], sorted(f"{i}.json" for i in deleted), []], log
+    why = "2 whose annotation or TMA core is no longer in the image, nor its objects"
+    assert [line for line in log if re.match(r"pdl1: set \d", line)] == [_set_aside(folder, why, n=2)], log
+    assert (
+        f"pdl1: deleted 1 older record from {folder / 'removed'}: its annotation or TMA core was analysed again, and "
+        f"the record in {folder} replaces it"
+    ) in log, log
+    assert (
+        f"pdl1: moved 1 record back from {folder / 'removed'} into {folder}: its annotation or TMA core is in the "
+        "image again (QuPath closed without saving, or an undo, after an earlier run set it aside): "
+        f"{back['id']}; `pdl1 report`, `pdl1 review-queue` and `pdl1 train --from-review` read it again"
+    ) in log, log
+    # The one back is the first run's record, as it was; the one analysed again is the third run's.
+    written = {a["name"]: read_analysis_record(folder / f"{a['id']}.json").written_at for a in (back, again, other)}
+    assert written["back"] < written["other"] < written["analysed again"]
+    assert len(seen["children"]["back"]) > 10  # its objects came back with it
+    _, csv_path = write_report(qpproj.parent)
+    (row,) = list(csv.DictReader(csv_path.open(encoding="utf-8")))
+    assert row["results_from"] == "pdl1_analyze.groovy's 3 analyses in QuPath"
 
 
 @needs_groovy
@@ -1099,15 +1163,15 @@ def test_a_stale_record_that_cannot_be_removed_is_said_and_the_analysis_stands(t
         how = "folder"
     try:
         log, seen = _run_script(tmp_path, setup)
-        listed = sorted(p.name for p in folder.iterdir())
+        listed = sorted(p.name for p in folder.iterdir() if p.is_file())
     finally:
         if how == "file":
             subprocess.run(["chattr", "-i", str(stuck)], check=True)
         else:
             folder.chmod(0o755)
     assert any(
-        line.startswith(f"pdl1: the stale record {stuck} could not be removed (")
-        and line.endswith("); `pdl1 report` and `pdl1 review-queue` still read it: delete it by hand")
+        line.startswith(f"pdl1: the stale record {stuck} could not be moved into {folder / 'removed'} (")
+        and line.endswith("); `pdl1 report` and `pdl1 review-queue` still read it: move it there by hand")
         for line in log
     ), log
     assert log[-1] == f"pdl1: analysed 1 of 1 regions of {slide_path.name}"
@@ -1115,10 +1179,8 @@ def test_a_stale_record_that_cannot_be_removed_is_said_and_the_analysis_stands(t
     assert stuck.name in listed
     if how == "file":  # the other stale record goes all the same, and the analysis's own record is saved
         assert sorted(listed) == sorted([stuck.name, f"{PARENT_ID}.json"]), listed
-        assert (
-            f"pdl1: removed 1 stale record from {folder}: 1 whose annotation or TMA core is no longer in the image, "
-            "nor its objects; `pdl1 report` and `pdl1 review-queue` no longer read it"
-        ) in log, log
+        assert _set_aside(folder, "1 whose annotation or TMA core is no longer in the image, nor its objects") in log
+        assert [p.name for p in (folder / "removed").iterdir()] == [going.name]
 
 
 def _masked_png(

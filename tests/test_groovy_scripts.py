@@ -1583,7 +1583,7 @@ println JsonOutput.toJson(staleRecords(names, [ids: lookup.ids, leftovers: []], 
     assert kept["deleted, objects kept"] == (
         "1 object this tool wrote lies in its area under no analysed annotation or TMA core (kept when its parent was "
         "deleted, or moved by Resolve hierarchy), and `pdl1 train --from-review` needs it to tell your review of it; "
-        "delete it, or analyse an annotation around it, and a later run removes the record"
+        "delete it, or analyse an annotation around it, and a later run sets the record aside"
     )
     assert kept["whole image"].startswith("4 objects this tool wrote lie in its area")
     assert kept["unreadable"] == (
@@ -1596,6 +1596,54 @@ println JsonOutput.toJson(staleRecords(names, [ids: lookup.ids, leftovers: []], 
     )
     assert [by_name[n] for n in without["replaced"]] == ["whole image"]
     assert without["kept"] == {} and without["read"] == []
+
+
+@needs_groovy
+def test_records_set_aside_come_back_where_their_parent_is_back_and_go_where_it_was_analysed_again(tmp_path):
+    # The tidy judges by QuPath's hierarchy in memory: delete an annotation, run the script, close QuPath without
+    # saving, and the annotation is back with its objects. Its record, set aside, comes back into the folder unless
+    # the annotation was analysed again since (its record there is the newer one: the copy set aside goes).
+    import uuid
+
+    back, again, gone, tma = (str(uuid.uuid4()) for _ in range(4))
+    aside = [f"{back}.json", f"{again}.json", f"{gone}.json", f"{tma}.json", "notes.txt", f"{back.upper()}.json"]
+    names = [f"{again}.json", "notes.txt"]
+    ids = [back, again, tma, str(uuid.uuid4())]  # tma: a TMA core's ID, which the lookup holds as an annotation's
+    driver = f"""
+def slurp = {{ new groovy.json.JsonSlurper().parseText(it) }}
+println JsonOutput.toJson(recordsBack(slurp('{json.dumps(aside)}'), slurp('{json.dumps(names)}'),
+        slurp('{json.dumps(ids)}') as Set))
+"""
+    (said,) = run_groovy(tmp_path, driver)
+    assert said == {"restore": sorted([f"{back}.json", f"{tma}.json"]), "superseded": [f"{again}.json"]}
+
+
+@needs_groovy
+def test_records_are_moved_each_in_one_step_replacing_an_older_copy_and_one_that_cannot_move_stops_no_other(tmp_path):
+    folder = tmp_path / "qupath_analyses"
+    folder.mkdir()
+    for name, text in {"a.json": "new a", "b.json": "b", "c.json": "c", "notes.txt": "mine"}.items():
+        (folder / name).write_text(text)
+    aside = folder / "removed"
+    driver = f"""
+def folder = java.nio.file.Paths.get('{folder}')
+def aside = folder.resolve("removed")
+println JsonOutput.toJson(moveRecords(folder, aside, ["a.json", "gone.json"]))
+aside.resolve("a.json").toFile().text = "older a"
+folder.resolve("a.json").toFile().text = "newer a"
+java.nio.file.Files.createDirectories(aside.resolve("c.json").resolve("in the way"))  // a folder where c.json goes
+println JsonOutput.toJson(moveRecords(folder, aside, ["a.json", "c.json", "b.json"]))
+println JsonOutput.toJson(moveRecords(aside, folder, ["b.json"]))
+"""
+    first, second, back = run_groovy(tmp_path, driver)
+    assert first == {"moved": ["a.json"], "failed": {}}  # the folder made; a name already gone is neither
+    assert second["moved"] == ["a.json", "b.json"] and list(second["failed"]) == ["c.json"]
+    assert second["failed"]["c.json"].startswith(f"{folder / 'c.json'} -> {aside / 'c.json'}: ")  # why, named
+    assert (aside / "a.json").read_text() == "newer a"  # the copy set aside again replaces the older one
+    assert back == {"moved": ["b.json"], "failed": {}}
+    assert sorted(p.name for p in folder.iterdir()) == ["b.json", "c.json", "notes.txt", "removed"]
+    assert sorted(p.name for p in aside.iterdir()) == ["a.json", "c.json"] and (aside / "c.json").is_dir()
+    assert [p.name for p in folder.glob("*.part")] == []
 
 
 @needs_groovy

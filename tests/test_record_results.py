@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from shapely.geometry import box
 
-from bridge.analysis_record import record_path
+from bridge.analysis_record import QUPATH_ANALYSES, SET_ASIDE, record_path, records_found
 from bridge.init_project import init_project_files
 from bridge.record_summary import entry_summary_from_records
 from bridge.report import write_report
@@ -122,6 +122,29 @@ def test_a_project_analysed_only_in_qupath_is_reported_per_target_and_ranked(pro
     csv_rows = _rows(queue.csv_path)
     assert {r["entry_id"] for r in csv_rows if r["kind"] == "entry"} == {"1", "2"}
     assert not (project / "pdl1" / "1" / "summary.json").exists()  # nothing made up for the script's entries
+
+
+def test_records_set_aside_are_neither_reported_ranked_nor_listed_by_a_run(project, analysed):
+    # pdl1_analyze.groovy sets aside the record of an annotation no longer in the image (qupath_analyses/removed), so
+    # that QuPath closed without saving can have it back; until then it is no result of the entry's.
+    for entry, parent in (("1", "p-right"), ("2", "p-whole")):
+        path = record_path(project / "pdl1" / entry, parent)
+        aside = path.parent / SET_ASIDE / path.name
+        aside.parent.mkdir()
+        path.rename(aside)
+    html_path, csv_path = write_report(project)
+    (row,) = _rows(csv_path)
+    assert (row["entry_id"], row["results_from"]) == ("1", "pdl1_analyze.groovy's 1 analysis in QuPath")
+    assert [r["target"] for r in _rows(csv_path.with_name("targets.csv"))] == ["left"]
+    assert "Left out of this report" not in html_path.read_text(encoding="utf-8")
+    ranked, not_ranked = build_queue(project)
+    assert [e.entry_id for e in ranked] == ["1"]
+    assert ranked[0].analysed_area_um2 == pytest.approx(analysed[1]["p-left"].analysed_area_um2)
+    assert not_ranked == [("2", "s42.svs", "not analysed")]  # its one analysis set aside
+    # `pdl1 run` lists the records it found beside its output (provenance.after_analyses): not one set aside.
+    assert list(records_found(project / "pdl1" / "1")) == ["p-left"]
+    assert records_found(project / "pdl1" / "2") == {}
+    assert (project / "pdl1" / "2" / QUPATH_ANALYSES / SET_ASIDE / "p-whole.json").is_file()
 
 
 def test_records_of_annotations_of_one_name_name_their_regions_as_the_reasons_do(project):

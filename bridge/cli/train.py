@@ -78,8 +78,8 @@ _ENTRIES_HELP = "Project entries to train on (ID or image name; all)."
 _FROM_REVIEW_HELP = (
     "Use what a person changed in pdl1 results as labels: regions and FN candidates reclassified PD-L1 positive / "
     "negative; in a project (against what was written: the run's pdl1/<entry ID>/objects.geojson and the records "
-    "pdl1_analyze.groovy leaves in pdl1/<entry ID>/qupath_analyses) also reclassified nuclei, and deleted FN "
-    "candidates as negative."
+    "pdl1_analyze.groovy leaves in pdl1/<entry ID>/qupath_analyses, and those it set aside in its removed/ whose "
+    "annotation the objects read hold) also reclassified nuclei, and deleted FN candidates as negative."
 )
 _QUPATH_HELP = "Read a project through QuPath: auto, always or never."
 ValFraction = Annotated[

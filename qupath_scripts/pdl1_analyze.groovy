@@ -955,9 +955,9 @@ def moveRecords = { java.nio.file.Path from, java.nio.file.Path to, List names -
             java.nio.file.Files.move(source, to.resolve(name), java.nio.file.StandardCopyOption.REPLACE_EXISTING,
                     java.nio.file.StandardCopyOption.ATOMIC_MOVE)
             moved << name
-        } catch (java.nio.file.NoSuchFileException ignored) {  // gone meanwhile (another QuPath's tidy)
+        } catch (java.nio.file.NoSuchFileException e) {  // gone meanwhile (another QuPath's tidy) is neither
             if (java.nio.file.Files.exists(source))
-                failed[name] = whyFailed(ignored)
+                failed[name] = whyFailed(e)
         } catch (IOException | SecurityException e) {
             failed[name] = whyFailed(e)
         }

@@ -1474,6 +1474,16 @@ def test_the_tidy_of_records_knows_what_the_tool_wrote_by_bridges_signatures():
     assert f'def OWN_DETECTION_SIGNATURE = "{OWN_DETECTION_SIGNATURE}"' in part
 
 
+def test_the_script_sets_records_aside_where_bridge_knows_they_are_not_the_entrys():
+    # bridge.analysis_record lists the records folder's own files (entry_records) and the ones set aside apart
+    # (set_aside_records, which training takes where the objects hold their parent): the script's folders are those.
+    from bridge.analysis_record import QUPATH_ANALYSES, SET_ASIDE
+
+    part = helpers()
+    assert f'def RECORDS_FOLDER = "{QUPATH_ANALYSES}"' in part and f'def REMOVED_FOLDER = "{SET_ASIDE}"' in part
+    assert "def aside = folder.resolve(REMOVED_FOLDER)" in ANALYZE.read_text()
+
+
 def _square_outline(x: float, y: float, size: float) -> list:
     return [[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]]
 

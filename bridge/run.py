@@ -737,31 +737,56 @@ def _compare_pairs(
         log.info("pair comparisons: %s", path)
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run (a KeyboardInterrupt, so what stops on one stops on it): ``outcomes``, the images finished
+    or skipped before it (their files written and recorded), and ``stopped``, the image in progress (None between
+    images), whose files are left as they were; ``total``, the images of the run. ``pdl1 run`` shows their table."""
+
+    def __init__(self, outcomes: Sequence[ImageOutcome], stopped: str | None, total: int) -> None:
+        super().__init__()
+        self.outcomes = tuple(outcomes)
+        self.stopped = stopped
+        self.total = total
+
+
 def _run_jobs(jobs, config, models, project, status, qp_session, on_image, on_tiles) -> list[ImageOutcome]:
     outcomes: list[ImageOutcome] = []
-    for i, job in enumerate(jobs):
-        if config.resume and resume_skips(job, status, project, written_by_qupath=qp_session is not None):
-            outcomes.append(skipped_outcome(job, project, status.folder))
-            continue
-        if on_image is not None:  # after the skip: a run with nothing left to do draws no empty bar
-            on_image(i, len(jobs), job.name)
-        t0 = time.perf_counter()
-        try:
-            if job.error is not None:
-                raise job.error
-            status.replacing(job.key, image=job.name)
-            outcome = _run_one(job, config, models, project, status.folder, qp_session, on_tiles, t0)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as err:  # one image's failure must not stop the batch; it is recorded and reported
-            log.debug("image %s failed:\n%s", job.name, traceback.format_exc())
-            message = failure_message(err)
-            outcome = ImageOutcome(job.key, job.name, "failed", time.perf_counter() - t0, error=message)
-            status.record(job.key, state="failed", error=message, image=job.name)
-        else:
-            status.record(job.key, state="done", image=job.name, run_id=outcome.run_id, seconds=outcome.seconds)
-        outcomes.append(outcome)
+    current: str | None = None
+    try:
+        for i, job in enumerate(jobs):
+            current = job.name
+            outcome = _run_job(i, len(jobs), job, config, models, project, status, qp_session, on_image, on_tiles)
+            outcomes.append(outcome)
+            current = None
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise RunInterrupted(outcomes, current, len(jobs)) from None
     return outcomes
+
+
+def _run_job(i, total, job, config, models, project, status, qp_session, on_image, on_tiles) -> ImageOutcome:
+    """The ``i``-th image of :func:`_run_jobs`' ``total``: skipped by ``--resume``, analysed, or failed."""
+    if config.resume and resume_skips(job, status, project, written_by_qupath=qp_session is not None):
+        return skipped_outcome(job, project, status.folder)
+    if on_image is not None:  # after the skip: a run with nothing left to do draws no empty bar
+        on_image(i, total, job.name)
+    t0 = time.perf_counter()
+    try:
+        if job.error is not None:
+            raise job.error
+        status.replacing(job.key, image=job.name)
+        outcome = _run_one(job, config, models, project, status.folder, qp_session, on_tiles, t0)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # one image's failure must not stop the batch; it is recorded and reported
+        log.debug("image %s failed:\n%s", job.name, traceback.format_exc())
+        message = failure_message(err)
+        outcome = ImageOutcome(job.key, job.name, "failed", time.perf_counter() - t0, error=message)
+        status.record(job.key, state="failed", error=message, image=job.name)
+    else:
+        status.record(job.key, state="done", image=job.name, run_id=outcome.run_id, seconds=outcome.seconds)
+    return outcome
 
 
 def failure_message(err: BaseException) -> str:

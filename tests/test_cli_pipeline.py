@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -250,6 +251,13 @@ def test_an_interrupted_run_keeps_what_it_finished_and_resumes(small, tmp_path, 
     result = runner.invoke(app, args)
     assert result.exit_code == 130 and "--resume" in result.output, result.output
     assert (out / "c.geojson").is_file() and not (out / "d.geojson").exists()
+    # What it had done is shown: the table of the finished image, then where it stopped (it said neither).
+    said = " ".join(result.output.split())
+    assert re.search(r"│ c\.svs +│ done +│", result.output), result.output
+    assert (
+        "stopped while analysing d.svs, which is left as it was; 1 of 2 images finished before it and are written"
+        in said
+    )
 
     monkeypatch.setattr(bridge.run, "analyse_slide", real)
     result = runner.invoke(app, [*args, "--resume"])

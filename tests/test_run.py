@@ -13,7 +13,7 @@ from bridge.objects import is_own_object
 from bridge.project import DamagedDataError, ProjectError, RunStatus, read_project
 from bridge.qupath_geojson import read_features
 from bridge.report import write_report
-from bridge.run import RunConfig, run_batch
+from bridge.run import RunConfig, RunInterrupted, run_batch
 from bridge.targets import rows_from_summary
 from inference.phantom.pyramid import write_phantom
 from inference.phantom.scene import PhantomSpec
@@ -186,8 +186,10 @@ def test_project_sidecars_resume_after_a_crash_and_moved_slide(tmp_path, slides,
     def on_image(i, n, name):
         calls["image"] = i
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RunInterrupted) as stop:  # a KeyboardInterrupt, carrying what was done before it
         run_batch([project], _config(), models=models, on_image=on_image, on_tiles=crash_in_second_image)
+    assert [(o.key, o.state) for o in stop.value.outcomes] == [("1", "done")]
+    assert (stop.value.stopped, stop.value.total) == (slides[1].name, 3)
     status = RunStatus(project)
     assert status.is_done("1") and not status.is_done("2")
     assert not (project / "pdl1" / "2" / "objects.geojson").exists()  # nothing half-written

@@ -414,11 +414,10 @@ def run(
             outcomes = run_with_progress(inputs, run_config, progress=progress)
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
-    except KeyboardInterrupt:
-        # Each image is written and recorded as it finishes, so stopping loses only the one in progress.
-        raise interrupted(
-            "the images finished before it are written; run the same command with --resume to do the rest"
-        ) from None
+    except KeyboardInterrupt as stop:
+        # Each image is written and recorded as it finishes, so stopping loses only the one in progress; the table
+        # shows those (it was left out, and a long batch stopped said nothing of what it had done).
+        raise interrupted(_interrupted_text(stop)) from None
     if outcomes and all(o.state == "skipped" for o in outcomes):
         # A table of "skipped" rows (and, before, an empty progress bar) said it only row by row.
         stdout().print(nothing_left_to_do(outcomes), markup=False, highlight=False, soft_wrap=True)
@@ -442,6 +441,25 @@ def run(
             console.print(f"[yellow]no report:[/yellow] {escape(str(err))}", soft_wrap=True)
     if any(True for _ in iter_failed(outcomes)):
         raise typer.Exit(code=1)
+
+
+def _interrupted_text(stop: KeyboardInterrupt) -> str:
+    """What a Ctrl-C kept, after the table of the images finished before it (a :class:`bridge.run.RunInterrupted`);
+    the general words where it came before any image (reading the models, the project)."""
+    from bridge.run import RunInterrupted
+
+    resume = "run the same command with --resume to do the rest"
+    if not isinstance(stop, RunInterrupted):
+        return f"the images finished before it are written; {resume}"
+    if stop.outcomes:
+        outcome_table(list(stop.outcomes))
+    finished = len(stop.outcomes)
+    during = "" if stop.stopped is None else f" while analysing {stop.stopped}, which is left as it was"
+    return (
+        f"stopped{during}; {finished} of {stop.total} images finished before it and are written"
+        + (" (above)" if finished else "")
+        + f"; {resume}"
+    )
 
 
 def init_project(

@@ -337,11 +337,21 @@ def stain_of_image_type(image_type: str | None) -> str | None:
 def image_type_of(entry_folder: Path) -> str | None:
     """QuPath's image type of an entry, from the ``summary.json`` QuPath writes beside its ``data.qpdata``.
 
-    None when the entry was never saved with data (QuPath writes the file then), or the file does not read.
+    None when the entry was never saved with data (QuPath writes the file then), or the file does not read: then
+    a warning names it, as the stain is told from the colour instead of the type a person may have set.
     """
+    path = entry_folder / "summary.json"
     try:
-        summary = json.loads((entry_folder / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        log.warning(
+            "%s does not read (%s), so QuPath's image type of that entry is not known and its stain is told from its "
+            "colour; open the image in QuPath and save it (QuPath writes the file again), or give --stain",
+            path,
+            err,
+        )
         return None
     image_type = summary.get("imageType") if isinstance(summary, dict) else None
     return image_type if isinstance(image_type, str) else None

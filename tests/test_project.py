@@ -652,3 +652,24 @@ def test_an_init_project_failing_part_way_leaves_no_half_project(tmp_path, phant
     assert (list(project.iterdir()) == []) if made_first else not project.exists()
     monkeypatch.setattr(init.shutil, "copy2", real_copy)
     assert read_project(init_project_files(project, [phantom_svs])).entries  # space freed: made at once
+
+
+def test_qupaths_image_type_is_read_and_a_summary_that_does_not_read_is_named(tmp_path, caplog):
+    # A data/<id>/summary.json that does not read was passed over in silence, and the stain told from the colour
+    # though a person may have set the type in QuPath.
+    project = tmp_path / "p"
+    project.mkdir()
+    images = [
+        {"serverBuilder": {"builderType": "uri", "uri": f"file:{tmp_path}/{n}.svs"}, "entryID": i, "imageName": n}
+        for i, n in ((1, "a"), (2, "b"), (3, "c"))
+    ]
+    (project / "project.qpproj").write_text(json.dumps({"version": "0.4.4", "images": images}))
+    for entry, text in (("1", '{"imageType": "BRIGHTFIELD_H_DAB"}'), ("2", '{"imageType": "BRIGHT')):
+        (project / "data" / entry).mkdir(parents=True)
+        (project / "data" / entry / "summary.json").write_text(text)
+    with caplog.at_level("WARNING", logger="bridge.project"):
+        entries = read_project(project / "project.qpproj").entries
+    assert [e.image_type for e in entries] == ["BRIGHTFIELD_H_DAB", None, None]
+    damaged = project / "data" / "2" / "summary.json"
+    assert f"{damaged} does not read (" in caplog.text and "its stain is told from its colour" in caplog.text
+    assert "data/3" not in caplog.text  # never saved with data in QuPath: nothing to say

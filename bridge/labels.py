@@ -1067,6 +1067,7 @@ def read_project_labels(
         objects_by_entry = read_entry_objects(info.path, [e.entry_id for e in chosen])
     search = ImageSearch(search_dirs)
     _check_class_map_targets(dict(rules.class_map or {}), rules)  # an option's error, said once, not per entry
+    _warn_class_map_unknown(dict(rules.class_map or {}), classes, info.path)
     out, problems = [], []
     for entry in chosen:
         try:
@@ -1094,6 +1095,23 @@ def read_project_labels(
             f"exported; fix each (or leave it out with --entries), then run again:\n{lines}"
         ) from problems[0][1]
     return out
+
+
+def _warn_class_map_unknown(class_map: Mapping[str, str | None], classes: frozenset[str] | None, where: Path) -> None:
+    """Warn of a ``--class-map`` LABEL that is no class of the project (a misspelt one maps nothing, and the
+    points of the class meant are then refused or skipped as unmapped); nothing where the project lists none."""
+    if not classes:
+        return
+    unknown = sorted(label for label in class_map if label not in classes and label.strip() not in classes)
+    if unknown:
+        log.warning(
+            "--class-map names %s, which %s no class of %s (its classes: %s); check the spelling, as QuPath shows the "
+            "class, or leave it out",
+            ", ".join(repr(u) for u in unknown),
+            "is" if len(unknown) == 1 else "are",
+            where,
+            ", ".join(sorted(classes)),
+        )
 
 
 def _without_entry(message: str, info: ProjectInfo, entry: ProjectEntry) -> str:

@@ -1303,3 +1303,16 @@ def test_a_record_set_aside_of_an_annotation_analysed_again_since_is_not_read(la
     (project / "pdl1" / "1" / "qupath_analyses" / f"{SET_ASIDE_ID}.json").unlink()
     with pytest.raises(LabelError, match=re.escape(f"{aside}: the record of an analysis by pdl1_analyze.groovy")):
         read_project_labels(project, rules=REVIEW, entries=["1"], qupath="never")
+
+
+def test_a_class_map_label_the_project_has_no_class_of_is_warned_of(labelled, tmp_path, caplog):
+    # `--class-map 'Lymphocyte=Other'` (the README's example) on a project without that class mapped nothing, and
+    # nothing said so: a misspelt label left its points refused or skipped as unmapped.
+    project = _exported_project_copy(labelled, tmp_path)
+    rules = LabelRules(HE_CLASSES, class_map=parse_class_map(["Lymphocyte=Other", "Tumor: Positive =Tumor: Positive"]))
+    with caplog.at_level("WARNING", logger="bridge.labels"):
+        (labels,) = read_project_labels(project, rules=rules, entries=["1"], qupath="never")
+    said = " ".join(caplog.text.split())
+    assert f"--class-map names 'Lymphocyte', which is no class of {project / 'project.qpproj'}" in said
+    assert "Tumor: Positive " not in said.split("--class-map names")[1].split("which")[0]  # held with spaces: known
+    assert labels.counts["points: Tumor: Positive"] == 440

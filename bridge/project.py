@@ -547,19 +547,28 @@ def locate_image(
 # A data.qpdata is a Java serialisation stream (QuPath's ObjectOutputStream): it starts with the
 # stream magic and version, 0xACED 0x0005 (then "Data file version N" in the files QuPath 0.4.4 writes).
 QPDATA_HEADER = b"\xac\xed\x00\x05"
+# Its last object is the string "EOF" (PathIO.writeImageData, v0.4.4:640, v0.5.1:639, v0.6.0:702, v0.7.0:702):
+# TC_STRING, length 3, "EOF". QuPath's own reader does not refuse a file cut short: DefaultProjectImageEntry
+# .readImageData logs the error and returns its data.qpdata.backup or an empty image (DefaultProject.java
+# v0.4.4:694-718, v0.5.1:702-726, v0.6.0:663-685), which a run would write into and save over the annotations.
+QPDATA_END = b"t\x00\x03EOF"
 QPDATA_BACKUP_SUFFIX = ".pdl1-backup"
 
 
 def qpdata_problem(path: Path) -> str | None:
-    """Why ``path`` is not a whole QuPath ``data.qpdata`` (None when it reads and starts as one).
+    """Why ``path`` is not a whole QuPath ``data.qpdata`` (None when it reads, starts and ends as one).
 
-    Only the header can be checked without QuPath, so this catches what kills and full disks leave:
-    an empty or cut-short file, one that cannot be read, or one that is not a Java serialisation stream.
+    Its start and end are checked without QuPath, which catches what kills and full disks leave: an
+    empty or cut-short file, one that cannot be read, or one that is not a Java serialisation stream.
+    QuPath cannot be asked instead: it reads a damaged file as its own backup or as an empty image
+    (:data:`QPDATA_END`).
     """
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
             head = fh.read(len(QPDATA_HEADER))
+            fh.seek(max(size - len(QPDATA_END), 0))
+            tail = fh.read(len(QPDATA_END))
     except FileNotFoundError:
         return "it is missing"
     except OSError as err:
@@ -570,6 +579,8 @@ def qpdata_problem(path: Path) -> str | None:
         return f"it is cut short ({size} bytes, not more than the {len(QPDATA_HEADER)}-byte header)"
     if head != QPDATA_HEADER:
         return f"it does not start as QuPath data (0x{head.hex().upper()} instead of 0xACED0005)"
+    if tail != QPDATA_END:
+        return f"it is cut short ({size} bytes, without the end marker QuPath writes last)"
     return None
 
 

@@ -165,17 +165,19 @@ def backup_data(entry: Any) -> Path | None:
     """Copy the entry's ``data.qpdata`` aside before writing; returns the backup (None when new).
 
     A damaged ``data.qpdata`` (what a kill during QuPath's save leaves: empty, a bad header, or cut
-    short so that QuPath cannot read it) raises :class:`~bridge.project.DamagedDataError` before it
-    can replace the backup, so the last whole backup survives. The copy goes through a temporary file
-    that must read back whole before it replaces the backup: a full disk leaves the old backup as it was.
+    short) raises :class:`~bridge.project.DamagedDataError` before QuPath reads it or it can replace the
+    backup, so the last whole backup survives. Its start and end are checked here, not by QuPath: paquo's
+    ``entry.hierarchy`` raises for none of these, QuPath reading a damaged file as its ``.backup`` or as
+    an empty image (:data:`~bridge.project.QPDATA_END`). The copy goes through a temporary file that
+    must read back whole before it replaces the backup: a full disk leaves the old backup as it was.
     """
     check_saveable(entry)  # before the analysis, which would be lost
     data = Path(entry.entry_path) / "data.qpdata"
     if not data.exists():
         return None
     check_qpdata(data, image_name=str(entry.image_name))
-    # The header is all that can be checked without QuPath; a file cut short after it (a kill during
-    # the save) passes, so QuPath reads it whole here, before it may replace the last good backup.
+    # What QuPath cannot make an image of still fails here, before the backup is replaced: on v0.4.4 a stream whose
+    # hierarchy is cut off is a NullPointerException (PathIO.java v0.4.4:385-392, 407-409), which its fallback lets by.
     try:
         entry.hierarchy  # noqa: B018 - paquo reads data.qpdata on first access
     except Exception as err:  # paquo passes Java's reasons on as various exceptions
@@ -194,9 +196,10 @@ def _copy_checked(source: Path, target: Path) -> None:
         shutil.copy2(source, tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        problem = qpdata_problem(tmp)
-        if problem is None and tmp.stat().st_size != source.stat().st_size:
+        problem = None
+        if tmp.stat().st_size != source.stat().st_size:
             problem = f"it has {tmp.stat().st_size} bytes of {source.stat().st_size}"
+        problem = problem or qpdata_problem(tmp)
         if problem is not None:
             raise ProjectError(
                 f"the copy of {source} did not read back whole ({problem}); {target} was left as it was; "

@@ -465,6 +465,9 @@ def test_qpdata_problems_are_the_damage_kills_and_full_disks_leave(fixtures_dir,
     for content, problem in (
         (b"", "empty"),
         (QPDATA_HEADER, "cut short"),
+        # a kill during QuPath's save, after the header: QuPath itself reads it as an empty image
+        (real.read_bytes()[: real.stat().st_size // 2], "cut short"),
+        (real.read_bytes()[:-1], "without the end marker QuPath writes last"),
         (b'{"not": "java"}', "does not start as QuPath data"),
     ):
         path.write_bytes(content)

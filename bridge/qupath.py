@@ -624,16 +624,30 @@ def read_entry_objects(
     Each object goes through QuPath's own GeoJSON writer (``to_geojson``, GsonTools), so what comes
     back is exactly what ``pdl1_export_labels.groovy`` writes for the same entry: one reader of labels,
     whichever way they arrive. Keys are entry IDs.
+
+    A damaged ``data.qpdata`` (:func:`~bridge.project.qpdata_problem`) is refused before QuPath reads any entry,
+    each one named with its fix: read-only, paquo reads it with ``PathIO.readHierarchy``, which on a file cut short
+    logs "Reached end of file unexpectedly..." and reads on, for ever (its loop catches the EOFException:
+    PathIO.java v0.4.4:684-719, v0.6.0:742-778).
     """
     from bridge.qupath_geojson import from_feature
 
     wanted = None if entry_ids is None else {str(e) for e in entry_ids}
     out: dict[str, list[QuPathObject]] = {}
     with open_project(project_path, mode="r") as project:
-        for entry in project.images:
+        entries = [e for e in project.images if wanted is None or str(e.entry_id) in wanted]
+        damaged = []
+        for entry in entries:
+            data = Path(entry.entry_path) / "data.qpdata"
+            problem = qpdata_problem(data) if data.exists() else None  # none: QuPath reads an empty hierarchy
+            if problem is not None:
+                damaged.append(damaged_data_error(data, image_name=str(entry.image_name), problem=problem))
+        if len(damaged) == 1:
+            raise damaged[0]
+        if damaged:
+            raise ProjectError(f"{len(damaged)} entries' QuPath data is damaged:\n" + "\n".join(map(str, damaged)))
+        for entry in entries:
             entry_id = str(entry.entry_id)
-            if wanted is not None and entry_id not in wanted:
-                continue
             hierarchy = entry.hierarchy
             objects = []
             for obj in [*hierarchy.annotations, *hierarchy.detections]:

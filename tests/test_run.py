@@ -682,7 +682,7 @@ def test_a_backup_is_only_replaced_by_a_copy_that_reads_back_whole(tmp_path, fix
     qupath.restore_data(entry, backup)
     assert data.read_bytes() == good
 
-    data.write_bytes(good[:-100] + b"\x00" * 100)  # a newer state, copied onto a full disk:
+    data.write_bytes(good[:-106] + b"\x00" * 100 + good[-6:])  # a newer state, copied onto a full disk:
     monkeypatch.setattr(qupath.shutil, "copy2", lambda src, dst: Path(dst).write_bytes(Path(src).read_bytes()[:9]))
     with pytest.raises(ProjectError, match=r"did not read back whole \(it has 9 bytes of \d+\).*left as it was"):
         qupath.backup_data(entry)
@@ -690,6 +690,52 @@ def test_a_backup_is_only_replaced_by_a_copy_that_reads_back_whole(tmp_path, fix
         "data.qpdata",
         "data.qpdata.pdl1-backup",
     ]
+
+
+def test_reading_objects_through_qupath_refuses_damaged_data_before_qupath_reads_any(
+    tmp_path, fixtures_dir, monkeypatch
+):
+    """Read-only, paquo reads data.qpdata with PathIO.readHierarchy, whose loop catches the EOFException of a file
+    cut short and reads on for ever (PathIO.java v0.4.4:684-719, v0.6.0:742-778): `pdl1 labels` hung."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from bridge import qupath
+
+    good = next((fixtures_dir / "qupath-0.4.4-labels" / "project" / "data").glob("*/data.qpdata")).read_bytes()
+    read = []
+
+    class Entry:
+        def __init__(self, entry_id: str, content: bytes | None):
+            self.entry_id, self.image_name = entry_id, f"slide-{entry_id}.svs"
+            self.entry_path = tmp_path / "data" / entry_id
+            self.entry_path.mkdir(parents=True)
+            if content is not None:
+                (self.entry_path / "data.qpdata").write_bytes(content)
+
+        @property
+        def hierarchy(self):
+            if qupath.qpdata_problem(self.entry_path / "data.qpdata") not in (None, "it is missing"):
+                raise AssertionError(f"QuPath reads entry {self.entry_id}'s cut-short data.qpdata for ever")
+            read.append(self.entry_id)
+            return SimpleNamespace(annotations=[], detections=[])
+
+    entries = [Entry("1", good), Entry("2", good[: len(good) // 2]), Entry("3", None), Entry("4", good[:-1])]
+
+    @contextmanager
+    def open_project(path, *, mode="r+"):
+        assert mode == "r"
+        yield SimpleNamespace(images=entries)
+
+    monkeypatch.setattr(qupath, "open_project", open_project)
+    assert qupath.read_entry_objects(tmp_path, ["1", "3"]) == {"1": [], "3": []}  # no data.qpdata: none saved yet
+    with pytest.raises(
+        ProjectError, match=r"2 entries' QuPath data is damaged:\nslide-2.svs: .* is damaged, it is cut"
+    ):
+        qupath.read_entry_objects(tmp_path)
+    with pytest.raises(DamagedDataError, match=r"slide-4.svs: .*data.qpdata is damaged, it is cut short"):
+        qupath.read_entry_objects(tmp_path, ["1", "4"])
+    assert read == ["1", "3"]  # refused before QuPath read any of them
 
 
 def test_an_entry_whose_image_is_not_at_its_uri_is_refused_before_its_analysis(tmp_path):

@@ -16,7 +16,7 @@ from shapely.geometry import Point, box
 
 from bridge.classes import ALL_CLASSES
 from bridge.init_project import init_project_qupath
-from bridge.project import ProjectError, read_project
+from bridge.project import DamagedDataError, ProjectError, read_project
 from bridge.run import RunConfig, run_batch
 from inference.pipeline import Models, PipelineConfig
 
@@ -294,13 +294,24 @@ def test_whole_image_run_creates_one_analysis_parent(tmp_path, phantom_svs, mode
 
 
 def test_read_only_use_leaves_the_project_bytes_unchanged(tmp_path, phantom_svs):
+    from paquo.classes import QuPathPathClass
+    from paquo.projects import QuPathProject
+
     from bridge import qupath
 
     project_dir = tmp_path / "qp"
     init_project_qupath(project_dir, [phantom_svs])
+    with QuPathProject(project_dir, mode="r+") as qp:  # leaving it saves the entry: a data.qpdata to read
+        qp.images[0].hierarchy.add_annotation(roi=box(10, 10, 90, 90), path_class=QuPathPathClass("Tumor"))
     before = {p: p.read_bytes() for p in project_dir.rglob("*") if p.is_file()}
+    assert [p.name for p in before if p.name == "data.qpdata"] == ["data.qpdata"]
     with qupath.open_project(project_dir, mode="r") as project:
         assert len(project.images) == 1
+    # What pdl1 labels, review-queue and export nnunet read through QuPath (paquo's read-only hierarchy).
+    (objects,) = qupath.read_entry_objects(project_dir).values()
+    assert [(o.object_type, o.classification, o.geometry.bounds) for o in objects] == [
+        ("annotation", "Tumor", (10.0, 10.0, 90.0, 90.0))
+    ]
     assert before == {p: p.read_bytes() for p in project_dir.rglob("*") if p.is_file()}
 
 
@@ -341,6 +352,8 @@ def test_a_damaged_data_file_fails_alone_keeps_its_backup_and_the_project_is_sav
 ):
     from paquo.projects import QuPathProject
 
+    from bridge import qupath
+
     second = tmp_path / "second.svs"
     shutil.copy(phantom_svs, second)
     project_dir = tmp_path / "qp"
@@ -368,6 +381,17 @@ def test_a_damaged_data_file_fails_alone_keeps_its_backup_and_the_project_is_sav
     assert [o.state for o in outcomes] == ["failed", "done"]
     assert "is damaged, it is empty (0 bytes)" in outcomes[0].error and f"`cp '{backup}' '{data}'`" in outcomes[0].error
     assert backup.read_bytes() == good and data.read_bytes() == b""
+
+    # Cut short after its header: QuPath itself opens it as an empty image (DefaultProject readImageData logs the
+    # error), which the run saved over the annotations, and read-only it reads on for ever (PathIO.readHierarchy).
+    cut = good[: len(good) // 2]
+    data.write_bytes(cut)
+    outcomes = run_batch([project_dir], config, models=models)
+    assert [o.state for o in outcomes] == ["failed", "done"]
+    assert "is damaged, it is cut short" in outcomes[0].error and f"`cp '{backup}' '{data}'`" in outcomes[0].error
+    assert backup.read_bytes() == good and data.read_bytes() == cut
+    with pytest.raises(DamagedDataError, match="is damaged, it is cut short"):
+        qupath.read_entry_objects(project_dir, ["1"])
 
 
 def test_a_case_of_an_h_and_e_and_its_ihc_is_analysed_each_on_its_path_and_compared(tmp_path, ihc_pair, models):

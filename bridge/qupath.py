@@ -51,9 +51,11 @@ def _paquo() -> dict[str, Any]:
         from paquo.classes import QuPathPathClass
         from paquo.pathobjects import QuPathPathAnnotationObject, QuPathPathDetectionObject, QuPathPathTileObject
         from paquo.projects import QuPathProject
-    # paquo raises ValueError("no valid qupath installation found") when it finds none, and FileNotFoundError("qupath
-    # installation is incompatible") when PAQUO_QUPATH_DIR (or qupath_dir in .paquo.toml) names no QuPath folder.
-    except (ValueError, FileNotFoundError) as err:
+    # paquo raises ValueError("no valid qupath installation found") when it finds none, FileNotFoundError("qupath
+    # installation is incompatible") when PAQUO_QUPATH_DIR (or qupath_dir in .paquo.toml) names no QuPath folder, an
+    # OSError for a jvm_path_override that is no file, and RuntimeError for a JVM that does not start (its JAVA_OPTS,
+    # a JVM of another architecture): paquo jpype_backend.py find_qupath, start_jvm.
+    except (ValueError, OSError, RuntimeError) as err:
         where = os.environ.get("PAQUO_QUPATH_DIR")
         named = f"; PAQUO_QUPATH_DIR is {where}" if where and isinstance(err, FileNotFoundError) else ""
         raise QuPathUnavailableError(

@@ -738,6 +738,38 @@ def test_reading_objects_through_qupath_refuses_damaged_data_before_qupath_reads
     assert read == ["1", "3"]  # refused before QuPath read any of them
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("no valid qupath installation found"),
+        FileNotFoundError("qupath installation is incompatible"),
+        IsADirectoryError("/opt/jdk"),  # jvm_path_override a folder
+        RuntimeError("Provided JAVA_OPTS prevent the JVM from starting! ['-Xmx']"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_every_way_paquo_fails_to_start_qupath_says_qupath_is_unavailable(monkeypatch, error):
+    """paquo.java starts the JVM on import: what its find_qupath and start_jvm raise (jpype_backend.py). A JVM that
+    did not start was a RuntimeError traceback, also with --qupath auto, which falls back to sidecars for the others."""
+    import sys
+
+    import paquo.jpype_backend
+
+    from bridge import qupath
+
+    for name in ("java", "classes", "pathobjects", "hierarchy", "images", "projects"):
+        monkeypatch.delitem(sys.modules, f"paquo.{name}", raising=False)  # imported again, paquo.java starts the JVM
+
+    def start_jvm(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(paquo.jpype_backend, "start_jvm", start_jvm)
+    available, why = qupath.qupath_available()
+    assert not available and str(error) in why and "set PAQUO_QUPATH_DIR" in why
+    with pytest.raises(qupath.QuPathUnavailableError, match="QuPath is needed for this"):
+        qupath.path_class(qupath.PDL1_ANALYSIS)
+
+
 def test_an_entry_whose_image_is_not_at_its_uri_is_refused_before_its_analysis(tmp_path):
     # paquo's entry.save() skips such an entry with a log line only: the run said done, nothing was written.
     from types import SimpleNamespace

@@ -84,12 +84,21 @@ def qupath_available() -> tuple[bool, str]:
 def open_project(path: str | Path, *, mode: str = "r+") -> Iterator[Any]:
     """A paquo ``QuPathProject``; no save on exit (callers save the entries they touched)."""
     p = _paquo()
+    from jpype import JException  # paquo's JVM bridge: every Java exception is one
+
     try:
         project = p["QuPathProject"](Path(path), mode=mode)
     except OSError as err:
         # paquo's OSErrors here are FileNotFoundError (mode r/r+, no project) and FileExistsError (mode x); QuPath
         # takes no lock on a project, so "open elsewhere" was never the reason.
         raise Pdl1Error(f"{path}: QuPath cannot open the project ({type(err).__name__}: {err})") from err
+    except JException as err:
+        # What ProjectIO.loadProject throws for a project.qpproj it cannot read or parse (an IOException, Gson's
+        # JsonSyntaxException) comes through paquo untranslated, and is no OSError under JPype.
+        raise Pdl1Error(
+            f"{path}: QuPath cannot read the project file ({err}); open the project in QuPath to see whether it "
+            "loads, or put back the project.qpproj.backup QuPath keeps beside it"
+        ) from err
     yield project
 
 

@@ -770,6 +770,28 @@ def test_every_way_paquo_fails_to_start_qupath_says_qupath_is_unavailable(monkey
         qupath.path_class(qupath.PDL1_ANALYSIS)
 
 
+def test_a_project_file_qupath_cannot_load_is_said_with_its_fix_not_a_java_traceback(monkeypatch, tmp_path):
+    """ProjectIO.loadProject's IOException or JsonSyntaxException reaches paquo's QuPathProject untranslated, and
+    under JPype a Java exception is no OSError (jpype.JException); stood in for here, as no JVM runs."""
+    import jpype
+
+    from bridge import qupath
+    from inference import Pdl1Error
+
+    class JavaError(Exception):  # jpype.JException's place: the base of every Java exception
+        pass
+
+    class QuPathProject:
+        def __init__(self, path, mode):
+            raise JavaError("com.google.gson.JsonSyntaxException: java.io.EOFException: End of input at line 9")
+
+    monkeypatch.setattr(jpype, "JException", JavaError)
+    monkeypatch.setattr(qupath, "_paquo", lambda: {"QuPathProject": QuPathProject})
+    refused = r"QuPath cannot read the project file \(com.google.gson.Json.*put back"
+    with pytest.raises(Pdl1Error, match=refused), qupath.open_project(tmp_path / "project.qpproj", mode="r"):
+        pass
+
+
 def test_an_entry_whose_image_is_not_at_its_uri_is_refused_before_its_analysis(tmp_path):
     # paquo's entry.save() skips such an entry with a log line only: the run said done, nothing was written.
     from types import SimpleNamespace

@@ -5,6 +5,7 @@ colours, measurements, counts, parent/child placement and metadata; run again an
 duplicated and the pathologist's own objects are untouched.
 """
 
+import json
 import re
 import shutil
 from collections import Counter
@@ -92,6 +93,11 @@ def test_run_writes_into_a_real_project_and_rerun_replaces_only_its_own(tmp_path
 
     for spec in ALL_CLASSES:
         assert snap["classes"][spec.name] == spec.rgb
+    # Those are the JVM's classes, coloured by ensure_classes in this process whatever the project says; the file
+    # QuPath wrote holds each name with its packed ARGB colour (DefaultProject.writePathClasses, v0.4.4:1076-1100).
+    saved = json.loads((project_dir / "classifiers" / "classes.json").read_text())["pathClasses"]
+    saved_rgb = {c["name"]: ((c["color"] >> 16) & 255, (c["color"] >> 8) & 255, c["color"] & 255) for c in saved}
+    assert {spec.name: saved_rgb.get(spec.name) for spec in ALL_CLASSES} == {s.name: s.rgb for s in ALL_CLASSES}
     for key in (
         "PD-L1: Predicted TPS % (H&E)",
         "PD-L1: Num Tumor: Positive",
@@ -395,8 +401,6 @@ def test_a_damaged_data_file_fails_alone_keeps_its_backup_and_the_project_is_sav
 
 
 def test_a_case_of_an_h_and_e_and_its_ihc_is_analysed_each_on_its_path_and_compared(tmp_path, ihc_pair, models):
-    import json
-
     from paquo.images import QuPathImageType
     from paquo.projects import QuPathProject
 

@@ -279,7 +279,9 @@ def init_project_qupath(folder: str | Path, slides: list[Path], *, skip_unreadab
     slides = settle_slides(slides, qupath.unaddable_images(slides), skip_unreadable=skip_unreadable)
     existed = folder.exists()
     try:
-        with qupath.open_project(folder, mode="x") as project:
+        # The file, not the folder: paquo takes a path with a suffix for the file itself and refuses any but
+        # .qpproj (projects.py QuPathProject.__init__), so a folder named "PD-L1 study.v2" was a ValueError.
+        with qupath.open_project(folder / "project.qpproj", mode="x") as project:
             qupath.ensure_classes(project)
             for slide in slides:
                 qupath.add_image(project, Path(slide))

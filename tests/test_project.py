@@ -475,6 +475,39 @@ def test_qpdata_problems_are_the_damage_kills_and_full_disks_leave(fixtures_dir,
     assert "missing" in qpdata_problem(tmp_path / "none.qpdata")
 
 
+def test_init_project_through_qupath_takes_a_folder_whose_name_has_a_dot(tmp_path, phantom_svs, monkeypatch):
+    """paquo's QuPathProject takes a path with a suffix for the project file and refuses any suffix but .qpproj
+    (paquo projects.py QuPathProject.__init__, as stood in for here: no JVM runs)."""
+    from contextlib import contextmanager
+
+    from bridge import qupath
+    from bridge.init_project import init_project_qupath
+
+    opened = []
+
+    class Project:
+        def save(self):
+            pass
+
+    @contextmanager
+    def open_project(path, *, mode):
+        path = Path(path)
+        if path.suffix and path.suffix != ".qpproj":
+            raise ValueError("project file requires '.qpproj' suffix")
+        folder = path if not path.suffix else path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        opened.append((folder, mode))
+        yield Project()
+
+    monkeypatch.setattr(qupath, "open_project", open_project)
+    monkeypatch.setattr(qupath, "unaddable_images", lambda slides: {})
+    monkeypatch.setattr(qupath, "ensure_classes", lambda project: None)
+    monkeypatch.setattr(qupath, "add_image", lambda project, slide: None)
+    folder = tmp_path / "PD-L1 study.v2"
+    assert init_project_qupath(folder, [phantom_svs]) == folder / "project.qpproj"
+    assert opened == [(folder, "x")]
+
+
 def test_init_project_checks_every_slide_first_and_creates_nothing_unless_all_can_be_added(tmp_path, phantom_svs):
     corrupt = tmp_path / "corrupt.svs"
     corrupt.write_bytes(b"not a slide")

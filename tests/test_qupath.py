@@ -326,13 +326,13 @@ def test_init_project_creates_nothing_when_qupath_cannot_add_a_slide(tmp_path, p
 
     corrupt = tmp_path / "corrupt.svs"
     corrupt.write_bytes(b"not a slide")
-    folder = tmp_path / "qp"
+    folder = tmp_path / "PD-L1 study.v2"  # a dot in its name: paquo takes a path with a suffix for the file
     refused = r"1 of 2 slides cannot be added, so nothing was created: .*corrupt\.svs: QuPath cannot add it.*--skip"
     with pytest.raises(ProjectError, match=refused):
         init_project_qupath(folder, [phantom_svs, corrupt])
     assert not folder.exists()
     init_project_qupath(folder, [phantom_svs])  # the next init-project is not blocked by a partial project
-    with QuPathProject(folder, mode="r") as qp:
+    with QuPathProject(folder / "project.qpproj", mode="r") as qp:  # the folder's name would be taken for the file's
         assert len(qp.images) == 1
 
 

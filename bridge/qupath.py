@@ -505,7 +505,8 @@ def write_children(entry: Any, parent: Any, objects: Iterable[QuPathObject], mea
 
     Objects this tool did not create are left alone, and so are measurements it did not write (the ``PD-L1: ``
     ones of an earlier run that this one has not are removed: :func:`~bridge.objects.stale_parent_measurements`).
-    One hierarchy event for the whole batch.
+    Two hierarchy events for the whole batch, not one per object: QuPath's ``removeObjects`` fires one for the
+    earlier objects (PathObjectHierarchy.java v0.4.4:500), paquo's ``no_autoflush`` one for the rest on leaving.
     """
     from paquo.java import ArrayList
 

@@ -552,6 +552,9 @@ QPDATA_HEADER = b"\xac\xed\x00\x05"
 # .readImageData logs the error and returns its data.qpdata.backup or an empty image (DefaultProject.java
 # v0.4.4:694-718, v0.5.1:702-726, v0.6.0:663-685), which a run would write into and save over the annotations.
 QPDATA_END = b"t\x00\x03EOF"
+# Or, were that String object written before in the stream, a back-reference to it: TC_REFERENCE and a 4-byte handle
+# counted from 0x7E0000 (java.io.ObjectStreamConstants), not refused: QuPath would read it whole.
+_QPDATA_END_REFERENCE = b"q\x00\x7e"
 QPDATA_BACKUP_SUFFIX = ".pdl1-backup"
 
 
@@ -579,7 +582,7 @@ def qpdata_problem(path: Path) -> str | None:
         return f"it is cut short ({size} bytes, not more than the {len(QPDATA_HEADER)}-byte header)"
     if head != QPDATA_HEADER:
         return f"it does not start as QuPath data (0x{head.hex().upper()} instead of 0xACED0005)"
-    if tail != QPDATA_END:
+    if tail != QPDATA_END and tail[1:4] != _QPDATA_END_REFERENCE:
         return f"it is cut short ({size} bytes, without the end marker QuPath writes last)"
     return None
 

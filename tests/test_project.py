@@ -473,6 +473,9 @@ def test_qpdata_problems_are_the_damage_kills_and_full_disks_leave(fixtures_dir,
         path.write_bytes(content)
         assert problem in qpdata_problem(path)
     assert "missing" in qpdata_problem(tmp_path / "none.qpdata")
+    # Its last object a back-reference (TC_REFERENCE, handle 0x7E0005) to an "EOF" written before: whole.
+    path.write_bytes(real.read_bytes()[:-6] + b"q\x00\x7e\x00\x05")
+    assert qpdata_problem(path) is None
 
 
 def test_init_project_through_qupath_takes_a_folder_whose_name_has_a_dot(tmp_path, phantom_svs, monkeypatch):

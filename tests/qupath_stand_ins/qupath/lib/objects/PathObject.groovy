@@ -13,7 +13,10 @@ class PathObject {
     List<PathObject> children = []
 
     static PathObject fromFeature(Map feature) {
-        def props = feature.properties
+        // get, not feature.properties: since Groovy 5 (QuPath 0.7 runs 5.0.4) a getter may win over a Map's entry
+        // of the same name; with Groovy 6.0.0 feature.properties was the getProperties() extension method's bean
+        // map: every object read had no class, name or measurements, and the import script refused its file.
+        def props = feature.get("properties")
         def cls = props.classification == null ? null :
                 (props.classification.name ?: props.classification.names.join(": "))
         def made = new PathObject(kind: props.objectType, pathClass: cls == null ? null : new StandInPathClass(cls),

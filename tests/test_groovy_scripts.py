@@ -1,6 +1,7 @@
-"""The Groovy scripts' own logic, run with the Groovy 4 that npm-groovy-lint ships (QuPath runs Groovy 4).
+"""The Groovy scripts' own logic, run with the Groovy 4 that npm-groovy-lint ships.
 
-pdl1_analyze.groovy keeps what can run without QuPath between two marker lines: the pdl1-config.toml
+QuPath 0.4.4 to 0.6 run Groovy 4; QuPath 0.7 runs Groovy 5.0.4 (gradle/libs.versions.toml at v0.7.0), not available
+here. pdl1_analyze.groovy keeps what can run without QuPath between two marker lines: the pdl1-config.toml
 reader, the transformed-view check and the entry-metadata write. These tests run that part with fake
 QuPath objects, and check the reader against tomllib and bridge.project_config on the same files.
 """

@@ -580,7 +580,13 @@ def save_entries(entries: Iterable[Any]) -> None:
     """
     for entry in entries:
         check_saveable(entry)
-        entry.save()
+        try:
+            entry.save()
+        except Exception as err:  # QuPath's IOException (a full disk, a read-only folder) comes as a Java exception
+            raise ProjectError(
+                f"{entry.image_name}: QuPath could not save its data in {entry.entry_path} ({type(err).__name__}: "
+                f"{err}); make room on the disk or make the project folder writable, then run again with --resume"
+            ) from err
 
 
 def check_saveable(entry: Any) -> None:

@@ -806,6 +806,29 @@ def test_an_entry_whose_image_is_not_at_its_uri_is_refused_before_its_analysis(t
         qupath.save_entries([entry])
 
 
+class _JavaIOError(Exception):  # what JPype raises for java.io.IOException: no OSError
+    pass
+
+
+def test_an_entry_qupath_cannot_save_is_named_with_the_fix(tmp_path):
+    # QuPath's IOException on a full disk or a read-only folder came through paquo untranslated: Java's text alone.
+    from types import SimpleNamespace
+
+    from bridge import qupath
+
+    def full_disk():
+        raise _JavaIOError("No space left on device")
+
+    entry = SimpleNamespace(entry_path=tmp_path, image_name="a.svs", uri="file:/a.svs", is_readable=lambda: True)
+    entry.save = full_disk
+    said = (
+        rf"a.svs: QuPath could not save its data in {re.escape(str(tmp_path))} \(_JavaIOError: No space left on "
+        r"device\); make room on the disk or make the project folder writable, then run again with --resume"
+    )
+    with pytest.raises(ProjectError, match=said):
+        qupath.save_entries([entry])
+
+
 def test_an_entry_qupath_types_as_an_immunostain_runs_the_ihc_model_and_is_flagged_when_its_colour_disagrees(
     tmp_path, models, fixtures_dir
 ):

@@ -36,13 +36,25 @@ def _groovy_classpath() -> str | None:
         return None
     node_modules = Path(lint).expanduser().absolute().parent.parent
     jars = sorted((node_modules / "npm-groovy-lint" / "lib" / "java" / "groovy" / "lib").glob("*.jar"))
-    return os.pathsep.join(map(str, jars)) if any(j.name.startswith("groovy-4") for j in jars) else None
+    # Groovy 4 or later (QuPath 0.4.4-0.6 run 4, 0.7 runs 5): .ci/run installs npm-groovy-lint unpinned, and a
+    # release shipping Groovy 5 would have skipped every test here without a word.
+    return os.pathsep.join(map(str, jars)) if any(_groovy_major(j.name) >= 4 for j in jars) else None
+
+
+def _groovy_major(jar: str) -> int:
+    """The major version of a Groovy core jar's name (``groovy-4.0.26.jar``: 4), 0 for any other jar.
+
+    >>> _groovy_major("groovy-4.0.26.jar"), _groovy_major("groovy-5.0.4.jar"), _groovy_major("groovy-json-4.0.26.jar")
+    (4, 5, 0)
+    """
+    found = re.fullmatch(r"groovy-(\d+)\.[\d.]+(?:-\w+)?\.jar", jar)
+    return int(found.group(1)) if found else 0
 
 
 CLASSPATH = _groovy_classpath()
 needs_groovy = pytest.mark.skipif(
     CLASSPATH is None,
-    reason="set PDL1_GROOVY_LINT to npm-groovy-lint's path (its Groovy 4 jars run these) and have java",
+    reason="set PDL1_GROOVY_LINT to npm-groovy-lint's path (its Groovy 4 or later jars run these) and have java",
 )
 
 

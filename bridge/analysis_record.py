@@ -77,15 +77,18 @@ def record_path(sidecar: Path, parent_id: str) -> Path:
 def entry_records(sidecar: Path) -> list[Path]:
     """The records of an entry's analyses by ``pdl1_analyze.groovy`` (none where it left none), by name: not the
     ``.part`` files of a save that was interrupted, nor those set aside (:func:`set_aside_records`)."""
-    folder = sidecar / QUPATH_ANALYSES
-    return sorted(folder.glob("*.json")) if folder.is_dir() else []
+    return _records_in(sidecar / QUPATH_ANALYSES)
 
 
 def set_aside_records(sidecar: Path) -> list[Path]:
     """The records ``pdl1_analyze.groovy`` set aside of an entry (``qupath_analyses/removed/<parent ID>.json``), by
     name: their parent was not in the image as QuPath held it when the script last ran there, which may not be what
     QuPath saved (closed without saving, the parent is back). None where there are none."""
-    folder = sidecar / QUPATH_ANALYSES / SET_ASIDE
+    return _records_in(sidecar / QUPATH_ANALYSES / SET_ASIDE)
+
+
+def _records_in(folder: Path) -> list[Path]:
+    """The ``*.json`` files of ``folder`` itself (not its subfolders), by name; none where it is no folder."""
     return sorted(folder.glob("*.json")) if folder.is_dir() else []
 
 

@@ -464,8 +464,9 @@ def write_report(
     source: str | Path, out: str | Path | None = None, *, on_progress: Callable[[int, int], None] | None = None
 ) -> tuple[Path, Path]:
     """Write ``report.html``, ``report.csv`` and ``targets.csv`` (default: ``<source>/pdl1/report/``); returns the
-    paths of the first two. ``on_progress(done, total)`` is called after each image (its thumbnail is most of the
-    time: a slide read at a coarse level, seconds each on a real slide)."""
+    paths of the first two. ``on_progress(done, total)`` is called with the images done so far before each image and
+    once at the end (an image's thumbnail is most of the time: a slide read at a coarse level, seconds each on a real
+    slide)."""
     source = Path(source)
     if not source.exists():
         raise ProjectError(f"{source}: no such project or output folder")

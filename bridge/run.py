@@ -758,8 +758,6 @@ def _run_jobs(jobs, config, models, project, status, qp_session, on_image, on_ti
             outcome = _run_job(i, len(jobs), job, config, models, project, status, qp_session, on_image, on_tiles)
             outcomes.append(outcome)
             current = None
-    except RunInterrupted:
-        raise
     except KeyboardInterrupt:
         raise RunInterrupted(outcomes, current, len(jobs)) from None
     return outcomes

@@ -1360,10 +1360,9 @@ for (parent in targets) {
     // The record of what the pages put into QuPath, saved below once they are under the parent (a project's only: it
     // goes beside it). Without it the analysis is done all the same; its reviews then cannot be told for training.
     def record = null
-    if (project != null && entry != null) {
+    if (recordsFolder != null) {
         try {
-            def seen = runSeen(recordFolder(project.getPath().getParent(), entry.getID() as String).getParent(),
-                    { String text -> gson.fromJson(text, Map.class) })
+            def seen = runSeen(recordsFolder.getParent(), { String text -> gson.fromJson(text, Map.class) })
             def recordRequest = request(statusPath + "/record?" + recordQuery(parent, choice.source, seen)).GET()
                     .build()
             def response = client.send(recordRequest,

@@ -199,6 +199,11 @@ def _points(features: list[dict]) -> np.ndarray:
     return np.array([f["geometry"]["coordinates"] for f in features if f["geometry"]["type"] == "Point"], float)
 
 
+def _logged(log: list[str], start: str, end: str) -> bool:
+    """Whether a line of the script's log starts and ends so (what lies between names a system's error)."""
+    return any(line.startswith(start) and line.endswith(end) for line in log)
+
+
 @pytest.fixture(scope="module")
 def service_of(tmp_path_factory):
     from inference.phantom.pyramid import write_phantom
@@ -986,10 +991,10 @@ def test_a_record_that_cannot_be_saved_is_said_and_the_analysis_stands(tmp_path,
     (qpproj.parent / "pdl1").write_text("a file where the folder of records goes")
     log, seen = _run_script(tmp_path, setup)
     folder = qpproj.parent / "pdl1" / "1" / "qupath_analyses"
-    assert any(
-        line.startswith(f"pdl1: Tumor core: the record of what this analysis wrote could not be saved in {folder} (")
-        and line.endswith("`pdl1 train --from-review` cannot tell its nuclei reclassified and FN candidates deleted")
-        for line in log
+    assert _logged(
+        log,
+        f"pdl1: Tumor core: the record of what this analysis wrote could not be saved in {folder} (",
+        "`pdl1 train --from-review` cannot tell its nuclei reclassified and FN candidates deleted",
     ), log
     assert log[-1] == f"pdl1: analysed 1 of 1 regions of {slide_path.name}"
     assert len(seen["children"]["Tumor core"]) > 100
@@ -1169,10 +1174,10 @@ def test_a_stale_record_that_cannot_be_removed_is_said_and_the_analysis_stands(t
             subprocess.run(["chattr", "-i", str(stuck)], check=True)
         else:
             folder.chmod(0o755)
-    assert any(
-        line.startswith(f"pdl1: the stale record {stuck} could not be moved into {folder / 'removed'} (")
-        and line.endswith("); `pdl1 report` and `pdl1 review-queue` still read it: move it there by hand")
-        for line in log
+    assert _logged(
+        log,
+        f"pdl1: the stale record {stuck} could not be moved into {folder / 'removed'} (",
+        "); `pdl1 report` and `pdl1 review-queue` still read it: move it there by hand",
     ), log
     assert log[-1] == f"pdl1: analysed 1 of 1 regions of {slide_path.name}"
     assert len(seen["children"]["Tumor core"]) > 100

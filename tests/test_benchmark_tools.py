@@ -279,3 +279,41 @@ def test_the_real_tile_pool_loads_every_seeds_members_as_one_ensemble(tmp_path):
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="sigma_um differ"):
         pool_members([demo, other], out=tmp_path / "refused")
+
+
+def test_the_colorectal_points_are_read_as_qupath_places_typed_and_kept_inside(tmp_path):
+    """benchmarks.real_crc_points reads the dataset's MATLAB files: 1-based (column, row) marks become QuPath x, y
+    of the pixel's centre, each typed by the type file's mark at the same place, a mark just past the border is
+    moved onto it, and the training sets are the first images holding N points."""
+    import numpy as np
+    import scipy.io
+    from PIL import Image
+
+    from benchmarks.real_crc_points import UNTYPED, first_images, per_image_counts, read_dataset
+
+    folder = tmp_path / "train" / "img7"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(folder / "img7.bmp")
+    marks = np.array([[1.0, 1.0], [30.0, 20.0], [10.0, 40.8]])  # (column, row), 1-based; the last 0.3 px below the image
+    scipy.io.savemat(folder / "img7_detection.mat", {"detection": marks})
+    scipy.io.savemat(folder / "img7_epithelial.mat", {"detection": marks[1:2]})
+    (tmp_path / "test").mkdir()
+    (image,) = read_dataset(tmp_path)
+    assert (image.name, image.split, image.rgb.shape) == ("img7", "train", (40, 50, 3))
+    assert image.xy[:2].tolist() == [[0.5, 0.5], [29.5, 19.5]]
+    assert image.xy[2, 0] == 9.5 and 39.99 < image.xy[2, 1] < 40.0  # kept inside the 40 px tall image
+    assert image.types == (UNTYPED, "epithelial", UNTYPED)
+
+    sized = [replace_xy(image, n) for n in (3, 5, 4)]
+    assert [len(im.xy) for im in first_images(sized, 7)] == [3, 5]
+    assert len(first_images(sized, 8)) == 2 and len(first_images(sized, 9)) == 3 and len(first_images(sized, None)) == 3
+    counts = per_image_counts([image.xy, image.xy + 20], [image.xy, image.xy], radius_px=2)
+    assert counts.tolist() == [[3, 0, 0], [0, 3, 3]]
+
+
+def replace_xy(image, n: int):
+    import dataclasses
+
+    import numpy as np
+
+    return dataclasses.replace(image, xy=np.zeros((n, 2)), types=("untyped",) * n)

@@ -9,7 +9,10 @@ and every object of the tool that may be its output, is gone from the image as Q
 sets the record aside in ``qupath_analyses/removed/`` (:func:`set_aside_records`), which no reader here lists: QuPath
 closed without saving brings the parent back from the saved data, and the script's next run on the image moves the
 record back (meanwhile ``pdl1 train --from-review`` takes it where the objects it reads hold its parent:
-``bridge.labels.WrittenObjects.taking_back``). It holds when it
+``bridge.labels.WrittenObjects.taking_back``). ``pdl1_import_results.groovy`` sets aside there, the same way, the record
+of a whole-image analysis whose output it replaces with ``pdl1 run``'s under the same parent; the script moves such a
+record back only where the analysis's output is under the parent again (QuPath closed without saving the import),
+by the regions, candidates and nuclei the record holds. It holds when it
 was written (UTC), the analysed area (the parent's outline), the FN candidates (polygons), the bounds of the positive
 regions (to tell whether the analysis's output is still in the image) and the nuclei as QuPath got them (arrays, as
 :data:`~bridge.targets.TARGET_REGIONS_FILE` keeps them: a TMA core's cells as GeoJSON features would make it ten
@@ -83,7 +86,9 @@ def entry_records(sidecar: Path) -> list[Path]:
 def set_aside_records(sidecar: Path) -> list[Path]:
     """The records ``pdl1_analyze.groovy`` set aside of an entry (``qupath_analyses/removed/<parent ID>.json``), by
     name: their parent was not in the image as QuPath held it when the script last ran there, which may not be what
-    QuPath saved (closed without saving, the parent is back). None where there are none."""
+    QuPath saved (closed without saving, the parent is back); or ``pdl1_import_results.groovy`` replaced their
+    analysis's output under the parent with ``pdl1 run``'s (closed without saving, that output is back). None where
+    there are none."""
     return _records_in(sidecar / QUPATH_ANALYSES / SET_ASIDE)
 
 

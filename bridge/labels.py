@@ -406,10 +406,13 @@ class WrittenObjects:
         the GeoJSON ``id``): ``pdl1_analyze.groovy`` set such a record aside when the parent was not in the image as
         QuPath held it, but the objects read (``pdl1_export_labels.groovy``'s export, or QuPath's saved data through
         paquo) hold it, so QuPath was closed without saving (or the deletion undone) and what the record says is in
-        the image. Each one taken is logged (INFO); one that does not read raises :class:`LabelError`, as a record in
-        the folder does. The others stay set aside: their parent is gone from the image. A TMA core is no annotation
-        or detection, which is all the export and paquo read, so a core's record set aside is never taken here; the
-        script moves it back on its next run on the image."""
+        the image. ``pdl1_import_results.groovy`` sets aside the record of a whole-image analysis whose output it
+        replaced under the same parent, which is in the objects read whether the import was saved or not: taken, the
+        record says what was written only where its output is in the image (:class:`_WrittenInImage`), and otherwise
+        the run's output the import put there does. Each one taken is logged (INFO); one that does not read raises
+        :class:`LabelError`, as a record in the folder does. The others stay set aside: their parent is gone from the
+        image. A TMA core is no annotation or detection, which is all the export and paquo read, so a core's record
+        set aside is never taken here; the script moves it back on its next run on the image."""
         ids = {str(i).lower() for i in object_ids}
         back = [path for path in self.set_aside if path.stem.lower() in ids]
         if not back:
@@ -417,8 +420,9 @@ class WrittenObjects:
         for path in back:
             log.info(
                 "%s: took the record %s, which pdl1_analyze.groovy set aside when its annotation was not in the image "
-                "as QuPath held it: the objects read hold that annotation (%s; QuPath closed without saving, or the "
-                "deletion undone), so the record tells what the tool wrote under it",
+                "as QuPath held it (or pdl1_import_results.groovy when it replaced that analysis's output): the "
+                "objects read hold that annotation (%s; QuPath closed without saving, or the deletion undone), so the "
+                "record tells what the tool wrote under it where that output is still there",
                 where,
                 path,
                 path.stem,

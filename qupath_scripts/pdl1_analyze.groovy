@@ -25,8 +25,10 @@
  * core (you deleted its annotation keeping them: the log names it), nor the folder's other files. Close QuPath
  * without saving (or undo) and the annotation is back: the next run moves its record back (or deletes it, where the
  * annotation was analysed again), and says which; meanwhile `pdl1 train --from-review` takes it where the labels
- * exported hold the annotation. Records set aside are kept. One that cannot be moved is named in the log, and the
- * analysis stands.
+ * exported hold the annotation. pdl1_import_results.groovy sets aside there the record of the whole-image analysis
+ * whose output it replaces: that one comes back only with the analysis's output (QuPath closed without saving the
+ * import), not while `pdl1 run`'s results are under the annotation. Records set aside are kept. One that cannot be
+ * moved is named in the log, and the analysis stands.
  *
  * Settings: the project's pdl1-config.toml (beside project.qpproj; `pdl1 init-project` writes it, and
  * `pdl1 run` reads the same file) when there is one: [service] url, token, model and [analysis] outputs,
@@ -824,22 +826,27 @@ def toolWritten = { obj ->
 // PathObjectHierarchy.java v0.4.4:439, v0.7.0:394; at the root, removeObjects: v0.4.4:491-498, v0.7.0:442-449), and
 // Resolve hierarchy moves some out of it.
 // What lies under an analysed annotation or core is its own, as for ownDescendants (its re-analysis replaces it).
+// parents: those annotations and cores by ID, for the records set aside whose parent is back (recordsBack,
+// recordOutputIn).
 def recordsLookup = { root ->
     def ids = new HashSet<String>()
+    def parents = [:]
     def leftovers = []
     def stack = [[root, false]]
     while (!stack.isEmpty()) {
         def (above, held) = stack.remove(stack.size() - 1)
         above.getChildObjectsAsArray().each { child ->
-            if (!child.isDetection())
+            if (!child.isDetection()) {
                 ids << child.getID().toString()
+                parents[child.getID().toString()] = child
+            }
             def roi = child.getROI()
             if (!held && roi != null && toolWritten(child))
                 leftovers << [roi.getBoundsX(), roi.getBoundsY(), roi.getBoundsWidth(), roi.getBoundsHeight()]
             stack << [child, held || isAnalysed(child)]
         }
     }
-    return [ids: ids, leftovers: leftovers]
+    return [ids: ids, parents: parents, leftovers: leftovers]
 }
 // A record's outline (a GeoJSON Polygon or MultiPolygon in level-0 px: bridge/analysis_record.py) as a Path2D,
 // inside where the polygons are (even-odd: a hole is outside); IllegalArgumentException for anything else.
@@ -925,7 +932,8 @@ def removeRecords = { java.nio.file.Path folder, List names ->
 def REMOVED_FOLDER = "removed"
 // Which records set aside (asideNames: the files in removed/) the tidy takes back, by the records in the folder
 // (names: its files) and the image's annotations and TMA cores (ids: recordsLookup's): [restore: those whose parent
-// is in the image again (QuPath closed without saving, an undo) and has no record in the folder, superseded: those
+// is in the image again (QuPath closed without saving, an undo) and has no record in the folder (moved back where
+// recordOutputIn finds their output there too), superseded: those
 // whose parent has a record in the folder (analysed again since: that record is the newer one)], by name. Only
 // files named as records (RECORD_NAME); the others stay where they are.
 def recordsBack = { List asideNames, List names, Set ids ->
@@ -938,6 +946,88 @@ def recordsBack = { List asideNames, List names, Set ids ->
             out.restore << name
     }
     return out
+}
+// Whether the output of an analysis whose record was set aside is under its parent, which is in the image again
+// (recordsBack's restore). pdl1_import_results.groovy sets aside the record of the whole-image analysis whose output
+// it replaces with `pdl1 run`'s under the same "PD-L1 analysis" annotation, so that annotation is in the image
+// whether the import was saved (the record is then of nothing there: moved back, `pdl1 report` and `pdl1
+// review-queue` counted the analysis it replaced) or QuPath was closed without saving (that analysis's output is
+// back, and its record must come back with it). Its output is there as bridge/labels.py tells an analysis's output
+// still in the image (_WrittenInImage): one of its positive regions or FN candidates among the tool's annotations,
+// whatever their class now, by its bounds (x0, y0, x1, y1: region_bounds, a candidate's outline) within
+// SAME_OUTPUT_PX; or one of its nuclei at its place (within SAME_OUTPUT_PX) with the class it wrote. Only what the
+// tool wrote under the parent counts, not under another analysed annotation or core in it (ownUnder): that one's
+// analysis found the same nuclei in the same pixels. record: the record as read (its region_bounds, candidates and
+// nuclei: bridge/analysis_record.py). true or false; null where it holds none of these to tell by (an analysis that
+// found nothing); a field of another shape throws.
+def SAME_OUTPUT_PX = 1.0d  // bridge/labels.py: _SAME_NUCLEUS_PX, _SAME_REGION_BOUNDS_PX
+// The bounds [x0, y0, x1, y1] of a GeoJSON geometry's coordinates; IllegalArgumentException where it has none.
+def geometryBounds = { geometry ->
+    double x0 = Double.POSITIVE_INFINITY, y0 = Double.POSITIVE_INFINITY
+    double x1 = Double.NEGATIVE_INFINITY, y1 = Double.NEGATIVE_INFINITY
+    def stack = [geometry instanceof Map ? geometry.get("coordinates") : null]
+    while (!stack.isEmpty()) {
+        def c = stack.remove(stack.size() - 1)
+        if (c instanceof List && c.size() >= 2 && c[0] instanceof Number && c[1] instanceof Number) {
+            x0 = Math.min(x0, c[0] as double)
+            y0 = Math.min(y0, c[1] as double)
+            x1 = Math.max(x1, c[0] as double)
+            y1 = Math.max(y1, c[1] as double)
+        } else if (c instanceof List) {
+            stack.addAll(c)
+        }
+    }
+    if (x0 > x1)
+        throw new IllegalArgumentException("a geometry without coordinates")
+    return [x0, y0, x1, y1]
+}
+def recordOutputIn = { Map record, parent ->
+    def boxes = (record.get("region_bounds") ?: []).collect { b -> (b as List).collect { it as double } }
+    boxes.addAll((record.get("candidates") ?: []).collect { geometryBounds(it) })
+    def nuclei = record.get("nuclei") ?: [:]
+    List xs = nuclei.get("x") ?: [], ys = nuclei.get("y") ?: [], classes = nuclei.get("class") ?: []
+    List names = nuclei.get("class_names") ?: []
+    if (xs.size() != ys.size() || xs.size() != classes.size())
+        throw new IllegalArgumentException("nuclei arrays of different lengths")
+    if (boxes.isEmpty() && xs.isEmpty())
+        return null
+    // The tool's objects under the parent, in cells of SAME_OUTPUT_PX: a whole image's nuclei are many.
+    def key = { double x, double y ->
+        "${Math.floor(x / SAME_OUTPUT_PX) as long} ${Math.floor(y / SAME_OUTPUT_PX) as long}".toString()
+    }
+    def annotations = new HashMap<String, List>()
+    def written = new HashMap<String, List>()
+    ownUnder(parent, toolWritten).each { obj ->
+        def roi = obj.getROI()
+        if (roi == null)
+            return
+        if (obj.isAnnotation()) {
+            def b = [roi.getBoundsX(), roi.getBoundsY(), roi.getBoundsX() + roi.getBoundsWidth(),
+                     roi.getBoundsY() + roi.getBoundsHeight()].collect { it as double }
+            annotations.computeIfAbsent(key(b[0], b[1]), { [] }) << b
+        } else {
+            double x = roi.getCentroidX(), y = roi.getCentroidY()
+            written.computeIfAbsent(key(x, y), { [] }) << [x, y, obj.getPathClass()?.toString()]
+        }
+    }
+    def near = { Map grid, double x, double y ->
+        def out = []
+        for (dx in -1..1)
+            for (dy in -1..1)
+                out.addAll(grid.get(key(x + dx * SAME_OUTPUT_PX, y + dy * SAME_OUTPUT_PX)) ?: [])
+        return out
+    }
+    for (b in boxes) {
+        if (near(annotations, b[0], b[1]).any { a -> (0..3).every { Math.abs(a[it] - b[it]) <= SAME_OUTPUT_PX } })
+            return true
+    }
+    for (int k = 0; k < xs.size(); k++) {
+        double x = xs[k] as double, y = ys[k] as double
+        def cls = names[classes[k] as int] as String
+        if (near(written, x, y).any { n -> Math.hypot(n[0] - x, n[1] - y) <= SAME_OUTPUT_PX && n[2] == cls })
+            return true
+    }
+    return false
 }
 // Moves the named files from one folder into another (made where missing), each in one step (ATOMIC_MOVE: a reader
 // finds the record in one folder or the other, never in both or half) and on its own (one that cannot move stops
@@ -1448,6 +1538,23 @@ def tidyRecords = { java.nio.file.Path folder ->
     def lookup = recordsLookup(hierarchy.getRootObject())
     def plural = { int n, String one, String many -> n == 1 ? one : many }
     def back = recordsBack(asideNames, names, lookup.ids)
+    // Of those whose parent is back, the ones whose output is not under it stay aside: pdl1_import_results.groovy
+    // imported `pdl1 run`'s results over it, and saved (recordOutputIn). One that does not read is moved back by its
+    // parent alone, as before: `pdl1 report` and training name it.
+    def replacedOutput = back.restore.findAll { name ->
+        try {
+            def record = gson.fromJson(aside.resolve(name).toFile().getText("UTF-8"), Map.class)
+            return recordOutputIn(record, lookup.parents[name[0..-6]]) == false
+        } catch (Exception ignored) {
+            return false
+        }
+    }
+    if (!replacedOutput.isEmpty())
+        println "pdl1: left ${replacedOutput.size()} ${plural(replacedOutput.size(), 'record', 'records')} set aside " +
+                "in ${aside}: ${plural(replacedOutput.size(), 'its', 'their')} annotation is in the image, but not " +
+                "what that analysis wrote under it (pdl1_import_results.groovy put `pdl1 run`'s results there in its " +
+                "place): " + replacedOutput.collect { it[0..-6] }.join(", ") + "; `pdl1 report` and `pdl1 " +
+                "review-queue` count what the image holds"
     def dropped = removeRecords(aside, back.superseded)
     dropped.failed.each { name, why ->
         println "pdl1: the older record ${aside.resolve(name)} could not be deleted (${why}); its annotation or TMA " +
@@ -1458,7 +1565,7 @@ def tidyRecords = { java.nio.file.Path folder ->
         println "pdl1: deleted ${older} older ${plural(older, 'record', 'records')} from ${aside}: " +
                 "${plural(older, 'its', 'their')} annotation or TMA core was analysed again, and the record in " +
                 "${folder} replaces ${plural(older, 'it', 'them')}"
-    def restored = moveRecords(aside, folder, back.restore)
+    def restored = moveRecords(aside, folder, back.restore - replacedOutput)
     restored.failed.each { name, why ->
         println "pdl1: the record ${aside.resolve(name)}, whose annotation or TMA core is in the image again, could " +
                 "not be moved back (${why}); move it into ${folder} by hand, or `pdl1 report` leaves its analysis out"

@@ -299,6 +299,46 @@ def tmaGridNote = { grid, String image ->
 def targetsInQuPath = { Map summary ->
     return (summary.get("targets") ?: []).findAll { it.target_type != "whole image" }.collect { it.target as String }
 }
+// Where a record set aside goes, in the entry's RECORDS_FOLDER: qupath_analyses/removed/<parent ID>.json, as
+// pdl1_analyze.groovy sets aside its stale records (bridge/analysis_record.py: SET_ASIDE), which `pdl1 report`,
+// `pdl1 review-queue` and `pdl1 run` do not read, and pdl1_analyze.groovy moves back where the analysis's output is in
+// the image again (QuPath closed without saving).
+def REMOVED_FOLDER = "removed"
+// What went wrong, for the log: the message of the error or of its first cause that has one, else their class names.
+def whyFailed = { Throwable error ->
+    def names = new LinkedHashSet()
+    for (def e = error; e != null; e = e.getCause() == e ? null : e.getCause()) {
+        if (e.getMessage())
+            return e.getMessage()
+        names << e.getClass().getSimpleName()
+    }
+    return names.join(", ")
+}
+// Moves the named files from one folder into another (made where missing), each in one step (ATOMIC_MOVE: a reader
+// finds the record in one folder or the other, never in both or half) and on its own (one that cannot move stops
+// none of the others), replacing a file of that name there (a record set aside again replaces its older copy):
+// [moved: names, failed: [name: why]]. A file already gone is neither.
+def moveRecords = { java.nio.file.Path from, java.nio.file.Path to, List names ->
+    def moved = []
+    def failed = new LinkedHashMap<String, String>()
+    names.each { name ->
+        def source = from.resolve(name)
+        if (!java.nio.file.Files.exists(source))
+            return
+        try {
+            java.nio.file.Files.createDirectories(to)
+            java.nio.file.Files.move(source, to.resolve(name), java.nio.file.StandardCopyOption.REPLACE_EXISTING,
+                    java.nio.file.StandardCopyOption.ATOMIC_MOVE)
+            moved << name
+        } catch (java.nio.file.NoSuchFileException e) {  // gone meanwhile (another QuPath's tidy) is neither
+            if (java.nio.file.Files.exists(source))
+                failed[name] = whyFailed(e)
+        } catch (IOException | SecurityException e) {
+            failed[name] = whyFailed(e)
+        }
+    }
+    return [moved: moved, failed: failed]
+}
 // ---- end of helpers ------------------------------------------------------------------------
 
 def project = getProject()
@@ -405,14 +445,27 @@ parent.addChildObjects(children)
 fireHierarchyUpdate()
 // Where pdl1_analyze.groovy had analysed the whole image under this annotation, its record (named by the
 // annotation's ID) describes the output just replaced: kept, pdl1 report and review-queue counted that analysis,
-// newer than these results, in place of what the image now holds.
-def record = new File(new File(folder, RECORDS_FOLDER), "${parent.getID()}.json")
-if (replaced && record.isFile()) {
-    if (record.delete())
-        println "pdl1: removed ${record}, the record of the pdl1_analyze.groovy analysis these results replaced"
-    else
-        println "pdl1: could not remove ${record}, the record of the analysis these results replaced; delete it, " +
-                "or pdl1 report and review-queue count that analysis in place of these results"
+// newer than these results, in place of what the image now holds. Set aside (qupath_analyses/removed/, as
+// pdl1_analyze.groovy sets aside its stale records: moveRecords, one that was there replaced), not deleted: close
+// QuPath without saving and the annotation holds that analysis's output again, and a deleted record was gone for good
+// (`pdl1 train --from-review` then counted its nuclei as written by no recorded analysis). pdl1_analyze.groovy's next
+// run on the image moves it back where that output is under the annotation (its recordOutputIn), and training takes
+// it meanwhile where the labels exported hold the annotation (and tells by what lies under it which output is there).
+def records = new File(folder, RECORDS_FOLDER).toPath()
+def recordName = "${parent.getID()}.json".toString()
+if (replaced && java.nio.file.Files.isRegularFile(records.resolve(recordName))) {
+    def aside = records.resolve(REMOVED_FOLDER)
+    def setAside = moveRecords(records, aside, [recordName])
+    setAside.failed.each { name, why ->
+        println "pdl1: could not set aside ${records.resolve(name)}, the record of the pdl1_analyze.groovy analysis " +
+                "these results replaced, into ${aside} (${why}); move it there by hand, or pdl1 report and " +
+                "review-queue count that analysis in place of these results"
+    }
+    if (!setAside.moved.isEmpty())
+        println "pdl1: set aside ${records.resolve(recordName)}, the record of the pdl1_analyze.groovy analysis these " +
+                "results replaced, into ${aside}: pdl1 report and review-queue no longer read it. Close QuPath " +
+                "without saving and that analysis's objects are back: pdl1_analyze.groovy's next run on the image " +
+                "moves the record back"
 }
 def tmaNote = tmaGridNote(hierarchy.getTMAGrid(), entry.getImageName())
 if (tmaNote != null)

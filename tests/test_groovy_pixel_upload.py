@@ -460,6 +460,7 @@ class Project { java.nio.file.Path path; java.nio.file.Path getPath() { path }; 
 class Entry {                                           // a ProjectImageEntry of QuPath 0.6+: getMetadata() is its map
     String id; Map metadata = [:]
     String getID() { id }
+    String getImageName() { "image ${id}" }
     Map getMetadata() { metadata }
 }
 
@@ -491,6 +492,8 @@ def imageData = new ImageData(server: server, hierarchy: new Hierarchy(root: roo
 def selection = null  // a step's (the objects of its "select")
 def binding = new Binding([
     getCurrentImageData: { -> imageData },
+    getCurrentHierarchy: { -> imageData.hierarchy },  // pdl1_import_results.groovy's (a step's "script")
+    addObjects: { List objects -> root.addChildObjects(objects) },
     getProject: { -> new Project(path: java.nio.file.Paths.get(setup.project)) },
     getProjectEntry: { -> entry },  // none unless the setup names the entry's ID
     // All the annotations, unless told: none, or a nucleus (a detection, which is no target), or a step's
@@ -520,11 +523,32 @@ def byId = { String id ->
 // may have deleted annotations with what lies under them ("delete": their IDs), closed QuPath without saving, which
 // brings deleted ones back from the saved data where they were, with what lay under them ("restore": their IDs),
 // dearrayed the image ("cores": each TMA core's name, vertices and ID) and selected objects ("select": their IDs).
+// "save": QuPath saved the image's data before the step; "reopen": QuPath was closed without saving and opened
+// again, so every object's children and measurements are as that save left them. "script": the step runs another
+// script (pdl1_import_results.groovy) in place of the setup's.
 // After each, the names of the files in the records' folder, and of those set aside in its removed/.
 def records = []
 def aside = []
 def deleted = [:]  // ID: [the object, its parent]
+def saved = null  // [object, its children, its measurements] of each object the last "save" found
 for (step in (setup.steps ?: [[:]])) {
+    if (step.reopen) {
+        for (kept in saved) {
+            def (obj, kids, measured) = kept
+            obj.children = new ArrayList(kids)
+            kids.each { it.parent = obj }
+            obj.measurements.values = new LinkedHashMap(measured)
+        }
+    }
+    if (step.save) {
+        saved = []
+        def stack = [root]
+        while (!stack.isEmpty()) {
+            def obj = stack.remove(stack.size() - 1)
+            saved << [obj, new ArrayList(obj.children), new LinkedHashMap(obj.measurements.values)]
+            stack.addAll(obj.children)
+        }
+    }
     (step.delete ?: []).each { id ->
         def obj = byId(id)
         deleted[id] = [obj, obj.parent]
@@ -543,7 +567,7 @@ for (step in (setup.steps ?: [[:]])) {
         imageData.hierarchy.grid = new TMAGrid(cores: cores)
     }
     selection = step.select == null ? null : step.select.collect { byId(it) }
-    new GroovyShell(this.class.classLoader, binding).evaluate(new File(setup.script))
+    new GroovyShell(this.class.classLoader, binding).evaluate(new File(step.script ?: setup.script))
     def folder = setup.entry == null ? null :
             new File(new File(setup.project).getParentFile(), "pdl1/${setup.entry}/qupath_analyses")
     records << (folder?.listFiles()?.findAll { it.isFile() }*.getName()?.sort() ?: [])
@@ -1145,6 +1169,61 @@ def test_records_set_aside_come_back_when_qupath_closed_without_saving_brings_th
     _, csv_path = write_report(qpproj.parent)
     (row,) = list(csv.DictReader(csv_path.open(encoding="utf-8")))
     assert row["results_from"] == "pdl1_analyze.groovy's 3 analyses in QuPath"
+
+
+@needs_groovy
+def test_the_record_an_import_set_aside_stays_aside_while_its_results_are_there_and_comes_back_with_the_analysis(
+    tmp_path, service_of, level0_png
+):
+    # pdl1_import_results.groovy puts `pdl1 run`'s results under the "PD-L1 analysis" annotation of a whole-image
+    # analysis, and sets that analysis's record aside: the annotation stays in the image either way, so the tidy moved
+    # the record back on the next analysis of another annotation, and `pdl1 report` counted the analysis the import
+    # replaced. Closed without saving, the analysis's output is back under it, and so must its record be.
+    from shapely.geometry import Point, box
+
+    from bridge.analysis_record import QUPATH_ANALYSES, SET_ASIDE, set_aside_records
+    from bridge.qupath_geojson import QuPathObject, to_feature, write_features
+    from tests.test_groovy_scripts import IMPORT
+
+    client, slide_path = service_of
+    qpproj, setup = _project_setup(tmp_path, client, slide_path, level0_png, server="OpenslideImageServer")
+    other = _square("other", 300, 400)
+    sidecar = qpproj.parent / "pdl1" / "1"
+    sidecar.mkdir(parents=True)
+    # `pdl1 run`'s results of the whole image, not the analysis's: a region and a nucleus where it wrote none.
+    run_objects = [
+        QuPathObject(box(0, 0, 2048, 2048), "annotation", "PD-L1 analysis", {"PD-L1: Uncertainty flag": 0.0},
+                     name="PD-L1 analysis"),
+        QuPathObject(box(2001.5, 3.5, 2030.5, 17.5), "annotation", "PD-L1 positive", {"PD-L1 probability mean": 0.9}),
+        QuPathObject(Point(2040.5, 2.5), "detection", "Tumor: Positive", {"PD-L1 positive probability": 0.8}),
+    ]  # fmt: skip
+    write_features(sidecar / "objects.geojson", (to_feature(o) for o in run_objects))
+    steps = [
+        {"select": []},  # the whole image, under a "PD-L1 analysis" annotation
+        {"save": True, "script": str(IMPORT)},  # the import, of an image saved before it
+        {"select": [other["id"]]},  # the import saved: its results are under the annotation
+        {"reopen": True, "select": [other["id"]]},  # closed without saving: the analysis's output is back
+    ]
+    log, seen = _run_script(tmp_path, {**setup, "annotations": [other], "steps": steps})
+    folder = sidecar / QUPATH_ANALYSES
+    (whole,) = seen["records"][0]
+    mine = f"{other['id']}.json"
+    assert seen["records"] == [[whole], [], [mine], sorted([mine, whole])], log
+    assert seen["aside"] == [[], [whole], [whole], []], log
+    assert (
+        f"pdl1: set aside {folder / whole}, the record of the pdl1_analyze.groovy analysis these results replaced, "
+        f"into {folder / SET_ASIDE}: pdl1 report and review-queue no longer read it. Close QuPath without saving and "
+        "that analysis's objects are back: pdl1_analyze.groovy's next run on the image moves the record back"
+    ) in log, log
+    left = [line for line in log if line.startswith("pdl1: left ")]
+    assert left == [
+        f"pdl1: left 1 record set aside in {folder / SET_ASIDE}: its annotation is in the image, but not what that "
+        "analysis wrote under it (pdl1_import_results.groovy put `pdl1 run`'s results there in its place): "
+        f"{whole[:-5]}; `pdl1 report` and `pdl1 review-queue` count what the image holds"
+    ], log
+    assert any(line.startswith(f"pdl1: moved 1 record back from {folder / SET_ASIDE} into {folder}") for line in log)
+    assert set_aside_records(sidecar) == []
+    assert len(seen["children"]["PD-L1 analysis"]) > 100  # the analysis's objects, as saved before the import
 
 
 @needs_groovy

@@ -1642,6 +1642,104 @@ println JsonOutput.toJson(recordsBack(slurp('{json.dumps(aside)}'), slurp('{json
 
 
 @needs_groovy
+def test_a_record_set_aside_comes_back_only_where_what_it_wrote_is_under_its_parent(tmp_path):
+    # pdl1_import_results.groovy sets aside the record of the whole-image analysis whose output it replaces, under the
+    # same annotation: that annotation is in the image whether the import was saved or not, and the tidy moved the
+    # record back on the parent alone. Its output tells: a region or FN candidate by its bounds (whatever its class
+    # now), a nucleus at its place with the class it wrote, as bridge.labels tells an analysis's output in the image;
+    # not what the tool wrote under another analysed annotation in the parent (that analysis found the same nuclei).
+    from bridge.labels import _SAME_NUCLEUS_PX, _SAME_REGION_BOUNDS_PX
+
+    assert _SAME_NUCLEUS_PX == _SAME_REGION_BOUNDS_PX == 1.0 and "def SAME_OUTPUT_PX = 1.0d" in helpers()
+    own_annotation, own_detection = {"PD-L1 probability mean": 0.9}, {"PD-L1 positive probability": 0.4}
+    # label, kind, class, bounds (x, y, width, height) or a point, measurements, parent
+    tree = [
+        ("root", "root", None, None, {}, None),
+        ("whole", "annotation", "PD-L1 analysis", [0, 0, 5000, 5000], {"PD-L1: Uncertainty flag": 0}, "root"),
+        ("region", "annotation", "PD-L1 negative", [100, 200, 50, 40], own_annotation, "whole"),  # reclassified
+        ("nucleus", "detection", "Tumor: Positive", [1000.4, 1000.4], own_detection, "whole"),
+        ("tumour", "annotation", "Tumor", [3000, 3000, 1000, 1000], {"PD-L1: Uncertainty flag": 1}, "whole"),
+        ("its nucleus", "detection", "Other", [3500, 3500], own_detection, "tumour"),
+        ("QuPath's", "detection", "Other", [2000, 2000], {"Nucleus: Area": 30.0}, "whole"),
+    ]
+
+    def nuclei(*found):
+        names = ["Tumor: Positive", "Other"]
+        return {"class_names": names, "x": [x for (x, _), _ in found], "y": [y for (_, y), _ in found],
+                "class": [names.index(c) for _, c in found]}  # fmt: skip
+
+    ring = [[100.6, 199.5], [150.4, 199.5], [150.4, 240.3], [100.6, 240.3], [100.6, 199.5]]
+    square = {"type": "Polygon", "coordinates": [ring]}  # the region's bounds, within 1 px
+    records = {
+        "a nucleus at its place": {"nuclei": nuclei(((4, 4), "Other"), ((1000.9, 1000.9), "Tumor: Positive"))},
+        "a nucleus reclassified": {"nuclei": nuclei(((1000.4, 1000.4), "Other"))},
+        "a nucleus 1.5 px away": {"nuclei": nuclei(((1001.5, 1001.5), "Tumor: Positive"))},
+        "another analysis's": {"nuclei": nuclei(((3500, 3500), "Other"))},
+        "QuPath's nucleus": {"nuclei": nuclei(((2000, 2000), "Other"))},
+        "a region": {"region_bounds": [[900, 900, 950, 950], [100.5, 200.5, 150.5, 239.5]], "nuclei": nuclei()},
+        "a region 2 px away": {"region_bounds": [[102, 200, 150, 240]]},
+        "a candidate": {"candidates": [square], "region_bounds": []},
+        "nothing found": {"candidates": [], "region_bounds": [], "nuclei": nuclei()},
+        "no fields": {},
+    }
+    listed = json.dumps([dict(zip(("label", "kind", "cls", "at", "ml", "parent"), n, strict=True)) for n in tree])
+    driver = f"""
+class Ml {{ Map m = [:]; double get(String k) {{ m.containsKey(k) ? m[k] as double : Double.NaN }} }}
+class Roi {{                                            // ROI.getBounds*, getCentroid* (ROI.java v0.4.4 to v0.7.0)
+    List at
+    double getBoundsX() {{ at[0] }}
+    double getBoundsY() {{ at[1] }}
+    double getBoundsWidth() {{ at.size() == 4 ? at[2] : 0 }}
+    double getBoundsHeight() {{ at.size() == 4 ? at[3] : 0 }}
+    double getCentroidX() {{ at[0] + getBoundsWidth() / 2 }}
+    double getCentroidY() {{ at[1] + getBoundsHeight() / 2 }}
+}}
+class Cls {{ String name; String toString() {{ name }} }}
+class Node {{                                           // a PathObject's calls (PathObject.java v0.4.4)
+    String label; String kind; Cls cls; Ml ml = new Ml(); Roi roi; List kids = []
+    Roi getROI() {{ roi }}
+    Cls getPathClass() {{ cls }}
+    Object[] getChildObjectsAsArray() {{ kids.toArray() }}
+    Ml getMeasurementList() {{ ml }}
+    boolean isAnnotation() {{ kind == "annotation" }}
+    boolean isDetection() {{ kind == "detection" }}
+    boolean isTMACore() {{ false }}
+}}
+def nodes = [:]
+for (n in new groovy.json.JsonSlurper().parseText('''{listed}''')) {{
+    def node = new Node(label: n.label, kind: n.kind, cls: n.cls == null ? null : new Cls(name: n.cls),
+            roi: n.at == null ? null : new Roi(at: n.at))
+    n.ml.each {{ k, v -> node.ml.m[k] = v as double }}
+    nodes[n.label] = node
+    if (n.parent != null)
+        nodes[n.parent].kids << node
+}}
+new groovy.json.JsonSlurper().parseText('''{json.dumps(records)}''').each {{ name, record ->
+    println JsonOutput.toJson([(name): recordOutputIn(record, nodes["whole"])])
+}}
+try {{
+    recordOutputIn([nuclei: [x: [1], y: [], "class": [0], class_names: ["Other"]]], nodes["whole"])
+}} catch (IllegalArgumentException e) {{
+    println JsonOutput.toJson([refused: e.getMessage()])
+}}
+"""
+    said = {k: v for line in run_groovy(tmp_path, driver) for k, v in line.items()}
+    assert said == {
+        "a nucleus at its place": True,
+        "a nucleus reclassified": False,
+        "a nucleus 1.5 px away": False,
+        "another analysis's": False,
+        "QuPath's nucleus": False,
+        "a region": True,
+        "a region 2 px away": False,
+        "a candidate": True,
+        "nothing found": None,
+        "no fields": None,
+        "refused": "nuclei arrays of different lengths",
+    }
+
+
+@needs_groovy
 def test_records_are_moved_each_in_one_step_replacing_an_older_copy_and_one_that_cannot_move_stops_no_other(tmp_path):
     folder = tmp_path / "qupath_analyses"
     folder.mkdir()
@@ -1863,6 +1961,16 @@ setup.runs.times { run ->
         def records = new File(new File(setup.project).parentFile, "pdl1/${setup.entry}/qupath_analyses")
         records.mkdirs()
         root.children.each { new File(records, "${it.getID()}.json").text = "{}" }
+        // And set aside an earlier record of each: a file there ("older copy"), or a folder in its place ("blocked").
+        def aside = new File(records, "removed")
+        root.children.each {
+            if (setup.aside_after_first == "older copy") {
+                aside.mkdirs()
+                new File(aside, "${it.getID()}.json").text = "an older copy"
+            } else if (setup.aside_after_first == "blocked") {
+                new File(new File(aside, "${it.getID()}.json"), "in the way").mkdirs()
+            }
+        }
     }
 }
 """
@@ -1930,23 +2038,52 @@ def _whole_image_sidecar(project: Path, *, name: str | None = None) -> Path:
 
 
 @needs_groovy
-def test_the_import_script_removes_the_record_of_the_analysis_whose_output_it_replaced(tmp_path):
+@pytest.mark.parametrize("aside", [None, "older copy", "blocked"])
+def test_the_import_script_sets_aside_the_record_of_the_analysis_whose_output_it_replaced(tmp_path, aside):
     # pdl1_analyze.groovy had analysed the whole image under "PD-L1 analysis"; importing pdl1 run's results replaced
     # that analysis's output in the image, but its record stayed, and pdl1 report and review-queue counted it (newer)
-    # in place of what the image held.
+    # in place of what the image held. The import deleted it then, for good: closed without saving, QuPath had the
+    # analysis's output back, and `pdl1 train --from-review` counted its nuclei as written by no recorded analysis.
+    # It is set aside now, where pdl1_analyze.groovy sets aside its stale records (an older copy there replaced).
+    from bridge.analysis_record import QUPATH_ANALYSES, SET_ASIDE, entry_records, records_found, set_aside_records
+
     project = tmp_path / "project"
     results = _whole_image_sidecar(project, name="PD-L1 analysis")
-    records = results / "qupath_analyses"
+    records = results / QUPATH_ANALYSES
     records.mkdir()
     (records / "other-annotation.json").write_text("{}")  # another parent's: stays
     setup = {"script": str(IMPORT), "project": str(project / "project.qpproj"), "entry": "7", "grid": False,
-             "runs": 2, "records_after_first": True, "metadata": {}}  # fmt: skip
+             "runs": 2, "records_after_first": True, "aside_after_first": aside, "metadata": {}}  # fmt: skip
     (tmp_path / "setup.json").write_text(json.dumps(setup))
     out = _groovy_main(tmp_path, IMPORT_RUN, str(tmp_path / "setup.json"))
     assert out.returncode == 0, out.stdout + out.stderr
-    removed = [line for line in out.stdout.splitlines() if line.startswith("pdl1: removed ")]
-    assert len(removed) == 1 and "the record of the pdl1_analyze.groovy analysis these results replaced" in removed[0]
-    assert sorted(p.name for p in records.iterdir()) == ["other-annotation.json"]
+    (record,) = [p for p in records.glob("*.json") if p.name != "other-annotation.json"] or [
+        p for p in (records / SET_ASIDE).iterdir()
+    ]
+    said = [line for line in out.stdout.splitlines() if line.startswith(("pdl1: set aside ", "pdl1: could not "))]
+    if aside == "blocked":  # a folder where it goes: named, with why and the fix; the record stays where it was
+        assert len(said) == 1 and said[0].startswith(
+            f"pdl1: could not set aside {record}, the record of the pdl1_analyze.groovy analysis these results "
+            f"replaced, into {records / SET_ASIDE} ({record} -> {records / SET_ASIDE / record.name}: "
+        ), said
+        assert said[0].endswith(
+            "); move it there by hand, or pdl1 report and review-queue count that analysis in place of these results"
+        )
+        assert record.parent == records and (records / SET_ASIDE / record.name / "in the way").is_dir()
+        return
+    assert said == [
+        f"pdl1: set aside {records / record.name}, the record of the pdl1_analyze.groovy analysis these results "
+        f"replaced, into {records / SET_ASIDE}: pdl1 report and review-queue no longer read it. Close QuPath without "
+        "saving and that analysis's objects are back: pdl1_analyze.groovy's next run on the image moves the record "
+        "back"
+    ]
+    assert record == records / SET_ASIDE / record.name and record.read_text() == "{}"  # the record, not a copy
+    assert sorted(p.name for p in records.iterdir()) == ["other-annotation.json", SET_ASIDE]
+    # Where every reader here knows the records set aside: not the entry's (pdl1 report, review-queue, the records a
+    # run lists as found), one that training takes where the labels exported hold its annotation.
+    assert entry_records(results) == [records / "other-annotation.json"]
+    assert list(records_found(results)) == ["other-annotation"]
+    assert set_aside_records(results) == [record]
 
 
 @needs_groovy

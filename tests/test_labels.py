@@ -1305,6 +1305,42 @@ def test_a_record_set_aside_of_an_annotation_analysed_again_since_is_not_read(la
         read_project_labels(project, rules=REVIEW, entries=["1"], qupath="never")
 
 
+@pytest.mark.parametrize("import_saved", [True, False], ids=["import saved", "closed without saving"])
+def test_the_record_an_import_set_aside_says_what_was_written_only_where_its_output_is_in_the_image(
+    labelled, tmp_path, caplog, import_saved
+):
+    # pdl1_import_results.groovy put `pdl1 run`'s results under the "PD-L1 analysis" annotation of a whole-image
+    # analysis, newer than the run, and set that analysis's record aside: the annotation is in the export either way.
+    # Saved, the run's output is what lies under it and says what was written; closed without saving, the analysis's
+    # output is back, and its record (deleted by the import before) tells the review of its nuclei.
+    project = _project_copy(labelled, tmp_path)
+    _run_output(project, when=T1, nuclei=[((700, 700), "Tumor: Positive"), ((900, 300), "Other")])
+    path = _groovy_record(
+        project, SET_ASIDE_ID, when=T2, outline=shapely.box(0, 0, 2048, 2048),
+        nuclei=[((300, 500), "Other"), ((400, 400), "Other")], after_run="r",
+    )  # fmt: skip
+    aside = path.parent / "removed" / path.name
+    aside.parent.mkdir()
+    path.rename(aside)
+    annotation = QuPathObject(shapely.box(0, 0, 2048, 2048), "annotation", "PD-L1 analysis", {}, "PD-L1 analysis",
+                              id=SET_ASIDE_ID)  # fmt: skip
+    if import_saved:
+        under = [_nucleus(700, 700, "Other"), _nucleus(900, 300, "Other")]  # the run's, one reclassified
+        reviewed_xy = [700.0, 700.0]
+    else:
+        under = [_nucleus(300, 500, "Tumor: Positive"), _nucleus(400, 400, "Other")]  # the analysis's
+        reviewed_xy = [300.0, 500.0]
+    _export(project, [annotation, *under, _obj(shapely.box(1500, 1500, 1600, 1600), "PD-L1 positive")])
+    with caplog.at_level("INFO", logger="bridge.labels"):
+        (labels,) = read_project_labels(project, rules=REVIEW, entries=["1"], qupath="never")
+    assert UNRECORDED_NUCLEI_COUNT not in labels.counts
+    assert labels.counts["reviewed: nuclei reclassified"] == 1
+    assert labels.points_xy.tolist() == [reviewed_xy]
+    assert labels.counts["skipped: pdl1 results as written (not reviewed)"] == 1
+    took = [r.getMessage() for r in caplog.records if "took the record" in r.getMessage()]
+    assert len(took) == 1 and "(or pdl1_import_results.groovy when it replaced that analysis's output)" in took[0]
+
+
 def test_a_class_map_label_the_project_has_no_class_of_is_warned_of(labelled, tmp_path, caplog):
     # `--class-map 'Lymphocyte=Other'` (the README's example) on a project without that class mapped nothing, and
     # nothing said so: a misspelt label left its points refused or skipped as unmapped.

@@ -20,7 +20,7 @@ class PathObject {
         def cls = props.classification == null ? null :
                 (props.classification.name ?: props.classification.names.join(": "))
         def made = new PathObject(kind: props.objectType, pathClass: cls == null ? null : new StandInPathClass(cls),
-                name: props.name, geometry: feature.geometry)
+                name: props.name, geometry: feature.geometry, roi: StandInFeatureROI.of(feature.geometry))
         (props.measurements ?: [:]).each { name, value -> made.measurements.put(name as String, value as double) }
         return made
     }
@@ -57,4 +57,34 @@ class StandInMeasurements {
     void removeMeasurements(String... names) { names.each { values.remove(it) } }
     void put(String name, double value) { values[name] = value }
     double get(String name) { values.containsKey(name) ? values[name] : Double.NaN }
+}
+
+/** The ROI of an object read from GeoJSON, as far as the scripts read one they did not draw: its bounds and centroid
+ * (ROI.getBoundsX/Y/Width/Height, getCentroidX/Y: ROI.java v0.4.4 to v0.7.0), a point's its coordinates, another
+ * geometry's the mean of its vertices (not QuPath's area centroid: no script reads that of an area). */
+class StandInFeatureROI {
+    double x0, y0, x1, y1, cx, cy
+
+    static StandInFeatureROI of(Map geometry) {
+        def points = []
+        def stack = [geometry?.get("coordinates")]
+        while (!stack.isEmpty()) {
+            def c = stack.remove(stack.size() - 1)
+            if (c instanceof List && c.size() >= 2 && c[0] instanceof Number)
+                points << [c[0] as double, c[1] as double]
+            else if (c instanceof List)
+                stack.addAll(c)
+        }
+        if (points.isEmpty())
+            return null
+        return new StandInFeatureROI(x0: points*.get(0).min(), y0: points*.get(1).min(), x1: points*.get(0).max(),
+                y1: points*.get(1).max(), cx: points*.get(0).sum() / points.size(), cy: points*.get(1).sum() / points.size())
+    }
+
+    double getBoundsX() { x0 }
+    double getBoundsY() { y0 }
+    double getBoundsWidth() { x1 - x0 }
+    double getBoundsHeight() { y1 - y0 }
+    double getCentroidX() { cx }
+    double getCentroidY() { cy }
 }

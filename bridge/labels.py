@@ -81,6 +81,7 @@ from bridge.objects import OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE, TI
 from bridge.pairs import IHC_NEEDS_REVIEW
 from bridge.project import ImageSearch, ProjectEntry, ProjectInfo, locate_image, read_project, sidecar_dir
 from bridge.qupath_geojson import QuPathObject, read_features
+from bridge.run_lock import project_read_lock
 from bridge.targets import (
     MISSING,
     RUN_IMAGE_AGAIN,
@@ -1041,6 +1042,7 @@ def read_project_labels(
     qupath: str = "auto",
     search_dirs: tuple[Path, ...] = (),
     mpp_advice: MppAdvice | None = None,
+    reader: str = "pdl1 train",
 ) -> list[SlideLabels]:
     """Labels of a project's entries: through QuPath (paquo) when it is installed, else from exports.
 
@@ -1055,8 +1057,34 @@ def read_project_labels(
     gives one), and one whose stain nobody states is warned of when its colour says another (:func:`warn_unless_he`).
     Every entry is read before anything is refused: one entry's error is raised as it is, those of several in one
     :class:`LabelError` naming each entry (a line each), so one run tells the user every fix.
+
+    The project's objects (and the sidecars of its runs and analyses) are read under its run lock
+    (:func:`bridge.run_lock.project_read_lock`), so a ``pdl1 run`` replacing them is never read half-way, and one
+    started meanwhile is refused; a run holding the lock is a :class:`~bridge.run_lock.RunLockBusyError` naming it.
+    ``reader``: the command reading, as the lock's messages name it. The lock is released when this returns.
     """
     info = read_project(project)
+    with project_read_lock(info.folder, reader=reader):
+        return _read_project_labels(
+            info,
+            rules=rules,
+            entries=entries,
+            qupath=qupath,
+            search_dirs=search_dirs,
+            mpp_advice=mpp_advice,
+        )
+
+
+def _read_project_labels(
+    info: ProjectInfo,
+    *,
+    rules: LabelRules,
+    entries: Sequence[str],
+    qupath: str,
+    search_dirs: tuple[Path, ...],
+    mpp_advice: MppAdvice | None,
+) -> list[SlideLabels]:
+    """:func:`read_project_labels` of a project read, with its run lock held."""
     chosen = choose_entries(info, entries)
     classes = project_classes(info.folder)
     use_qupath = qupath == "always"

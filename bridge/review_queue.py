@@ -866,7 +866,7 @@ def write_review_queue(
         use_qupath, why = qupath_available()
         if qupath == "always" and not use_qupath:
             raise ReviewQueueError(why)
-    with run_lock(folder):
+    with run_lock(folder, doing="pdl1 review-queue is ranking the project here"):
         # What a killed review-queue (or run) left: staged copies of every summary, as pdl1 run removes them.
         remove_orphan_parts(folder, plain_slides=False)
         entries, not_ranked = build_queue(folder, regions_per_entry=regions_per_entry, use_qupath=use_qupath)

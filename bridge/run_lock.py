@@ -6,7 +6,9 @@ created exclusively (``<folder>/pdl1/run.lock``, holding who made it) and remove
 also on Ctrl-C. Its content is written to a temporary file first and hard-linked into place, so a
 full disk fails the run with no lock left behind. A lock left by a run that died on this machine is
 taken over, and so is an empty or unreadable one older than a minute; a whole one from another
-machine is not guessed about.
+machine is not guessed about. Commands that read a project's objects (``pdl1 train``, ``pdl1 export
+nnunet``) hold the same lock while they read (:func:`project_read_lock`), so a read never sees a run
+half-way, and a run started meanwhile is refused, naming the read.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,10 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
 STALE_UNREADABLE_S = 60.0  # an empty or unreadable lock older than this is left by a run that died
+
+
+class RunLockBusyError(ProjectError):
+    """The lock is held by a live process (another run, or a read of the project): nothing was started."""
 
 
 def _alive(pid: int) -> bool:
@@ -102,10 +108,19 @@ def _stale(path: Path, holder: dict[str, Any], host: str) -> bool:
     return age > STALE_UNREADABLE_S
 
 
+def _who(holder: dict[str, Any]) -> str:
+    """Who holds a lock, from what it holds (:func:`_held` writes it)."""
+    if not holder:
+        return "an empty or unreadable lock, less than a minute old"
+    return f"pid {holder.get('pid')} on {holder.get('host', '?')} since {holder.get('started', '?')}"
+
+
 @contextmanager
-def run_lock(folder: Path) -> Iterator[Path]:
-    """Hold ``<folder>/pdl1/run.lock`` for the duration; :class:`ProjectError` if another run holds it, or if
-    ``<folder>/pdl1`` cannot be made (a file in its place is named, with the fix)."""
+def run_lock(folder: Path, *, doing: str | None = None) -> Iterator[Path]:
+    """Hold ``<folder>/pdl1/run.lock`` for the duration; :class:`RunLockBusyError` if another run (or a read of the
+    project, :func:`project_read_lock`) holds it, :class:`ProjectError` if ``<folder>/pdl1`` cannot be made (a file in
+    its place is named, with the fix). ``doing``: what another command refused meanwhile is told holds the lock
+    (``pdl1 review-queue is ranking the project here``); None: a run writing there."""
     path = folder / PDL1_DIR / LOCK_FILE
     in_the_way = not_a_folder(path.parent)
     if in_the_way is not None:  # was "cannot write there (File exists: proj/pdl1) ... make this one writable"
@@ -123,23 +138,81 @@ def run_lock(folder: Path) -> Iterator[Path]:
         ) from err
     with _held(
         path,
-        busy=lambda who: (
-            f"{folder}: another pdl1 run is writing here ({who}); wait for it to finish, "
-            f"or delete {path} if that run is no longer going"
+        busy=lambda who, theirs: (
+            f"{folder}: {theirs or 'another pdl1 run is writing here'} ({who}); wait for it to finish, "
+            f"or delete {path} if {'that run' if theirs is None else 'it'} is no longer going"
         ),
+        doing=doing,
     ):
         yield path
 
 
 @contextmanager
-def _held(path: Path, *, busy: Callable[[str], str], lock: str = "run lock") -> Iterator[None]:
-    """Hold the lock file ``path`` (its folder exists) for the duration; :class:`ProjectError` with ``busy(who)``
-    where a live process holds it (:func:`run_lock`). ``lock``: what the messages call it."""
+def project_read_lock(folder: Path, *, reader: str) -> Iterator[None]:
+    """Hold the project's run lock (``<folder>/pdl1/run.lock``, :func:`run_lock`'s) while ``reader`` (the command,
+    as its messages name it: ``pdl1 train``) reads the project's objects, so the read never sees a ``pdl1 run``
+    half-way through replacing them, and a run started meanwhile is refused as a second run is (its message names the
+    read). Only for the read: what follows it (training, minutes to hours) holds no lock.
+
+    A live run holding the lock, or another read, is a :class:`RunLockBusyError` saying who and what to do. Where the
+    lock cannot be taken (a project on a read-only drive, a folder this user may not write) the project is read
+    without it, with a warning, unless a live process holds it; where a file named ``pdl1`` stands in its folder's
+    place no run can write the project, and it is read without a word. A ``pdl1`` folder made for the lock is removed
+    again where nothing else was put in it.
+    """
+    path = folder / PDL1_DIR / LOCK_FILE
+
+    def busy(who: str, theirs: str | None) -> str:
+        if theirs is not None:  # another read of the same project (pdl1 train, pdl1 export nnunet)
+            return (
+                f"{folder}: {theirs} ({who}); {reader} reads the project while nothing else holds its run lock: wait "
+                f"for that to finish (a read takes seconds to minutes) and run {reader} again, or delete {path} if it "
+                "is no longer going"
+            )
+        return (
+            f"{folder}: a pdl1 run is writing here ({who}), and {reader} reads the project only while no run writes "
+            f"it (a run replaces the objects it reads); wait for the run to finish and run {reader} again, or delete "
+            f"{path} if that run is no longer going"
+        )
+
+    if not_a_folder(path.parent) is not None:  # no run can lock, so none can write, the project
+        yield
+        return
+    with empty_folders_removed(path.parent), ExitStack() as held:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            held.enter_context(_held(path, busy=busy, doing=f"{reader} is reading the project's objects here"))
+        except RunLockBusyError:
+            raise
+        except (OSError, ProjectError) as err:  # the lock cannot be written: read without it, unless it is held
+            holder = _holder(path)
+            if path.is_file() and not _stale(path, holder, socket.gethostname()):
+                theirs = holder.get("doing")
+                raise RunLockBusyError(busy(_who(holder), theirs if isinstance(theirs, str) else None)) from err
+            log.warning(
+                "%s: %s reads the project without its run lock, which it cannot take (%s); a pdl1 run started on the "
+                "project meanwhile is not refused, so start none until it has read the labels",
+                folder,
+                reader,
+                err,
+            )
+        yield
+
+
+@contextmanager
+def _held(
+    path: Path, *, busy: Callable[[str, str | None], str], lock: str = "run lock", doing: str | None = None
+) -> Iterator[None]:
+    """Hold the lock file ``path`` (its folder exists) for the duration; :class:`RunLockBusyError` with
+    ``busy(who, theirs)`` where a live process holds it (``theirs``: what its holder said it does, None for a run).
+    ``lock``: what the messages call it; ``doing``: what this holder says it does (kept in the lock, for the
+    messages of others refused meanwhile)."""
     me = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(sys.argv),
+        **({} if doing is None else {"doing": doing}),
     }
     try:
         tmp = _write_holder(path, me)
@@ -164,13 +237,8 @@ def _held(path: Path, *, busy: Callable[[str], str], lock: str = "run lock") -> 
                             "delete it (or have its owner delete it) and run again"
                         ) from err
                     continue
-                pid = holder.get("pid")
-                who = (
-                    f"pid {pid} on {holder.get('host', '?')} since {holder.get('started', '?')}"
-                    if holder
-                    else "an empty or unreadable lock, less than a minute old"
-                )
-                raise ProjectError(busy(who)) from None
+                theirs = holder.get("doing")
+                raise RunLockBusyError(busy(_who(holder), theirs if isinstance(theirs, str) else None)) from None
             except OSError as err:
                 raise ProjectError(
                     f"{path}: cannot create the {lock} ({err.strerror or err}); {unwritable_fix(err)}, and run again"
@@ -269,7 +337,7 @@ def output_folder_lock(folder: Path, *, command: str, own: Callable[[str], bool]
         path = folder / OUTPUT_LOCK_FILE
         with _held(
             path,
-            busy=lambda who: (
+            busy=lambda who, _theirs: (
                 f"{folder}: another pdl1 {command} is writing here ({who}); wait for it to finish, or give another "
                 f"folder, or delete {path} if that one is no longer going"
             ),

@@ -493,3 +493,28 @@ def test_cli_export_of_a_project_finds_a_moved_image_under_search_dir(labelled, 
     assert result.exit_code == 0, result.output
     cases = json.loads((out / "cases.json").read_text())
     assert {c["slide"] for c in cases.values()} == {str(tmp_path / "archive" / "he-1357.svs")}
+
+
+def test_a_project_a_run_is_writing_is_not_exported_and_the_run_is_named(labelled, tmp_path):
+    # `pdl1 export nnunet PROJECT` reads the project's labels as `pdl1 train` does, and under the same run lock: a
+    # read while `pdl1 run` replaced the objects saw the run half-way.
+    import socket
+    import subprocess
+    import sys
+
+    project = _project_of(labelled, labelled / "he-1357.svs", tmp_path, calibration_um=(0.5, 0.5))
+    lock = project / "pdl1" / "run.lock"
+    out = tmp_path / "Dataset793_Busy"
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as run:
+        try:
+            lock.write_text(json.dumps({"pid": run.pid, "host": socket.gethostname(), "started": "2026-11-23 09:00"}))
+            args = ["export", "nnunet", str(project), "--out", str(out), "--qupath", "never", "--test", "2"]
+            result = CliRunner().invoke(app, args)
+        finally:
+            run.kill()
+    assert result.exit_code == 1, result.output
+    assert (
+        f"a pdl1 run is writing here (pid {run.pid} on {socket.gethostname()} since 2026-11-23 09:00), and pdl1 export "
+        "nnunet reads the project only while no run writes it" in " ".join(result.output.split())
+    )
+    assert not out.exists()

@@ -666,3 +666,25 @@ def test_an_image_of_several_targets_written_before_their_numbers_or_regions_wer
         "scored by A-1 only, the first of its 3 targets: its summary was written before each target's numbers were "
         "kept; run the image again (`pdl1 run PROJECT` without --resume)"
     )
+
+
+def test_a_run_started_while_the_queue_is_written_is_refused_naming_the_review_queue(project, monkeypatch):
+    # review-queue holds the project's run lock while it reads the summaries and writes the ranks; a run refused
+    # meanwhile was told "another pdl1 run is writing here", and went looking for a run.
+    from bridge import review_queue
+    from bridge.project import ProjectError
+    from bridge.run_lock import run_lock
+
+    real, refused = review_queue.build_queue, []
+
+    def build_queue(*args, **kwargs):
+        with pytest.raises(ProjectError) as err, run_lock(project):
+            pass
+        refused.append(str(err.value))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(review_queue, "build_queue", build_queue)
+    write_review_queue(project, qupath="never")
+    (said,) = refused
+    assert said.startswith(f"{project}: pdl1 review-queue is ranking the project here (pid ")
+    assert said.endswith(f"; wait for it to finish, or delete {project / 'pdl1' / 'run.lock'} if it is no longer going")

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from bridge import run_lock as run_lock_module
 from bridge.project import ProjectError
 from bridge.run import RunConfig, run_batch
-from bridge.run_lock import run_lock
+from bridge.run_lock import RunLockBusyError, project_read_lock, run_lock
 from inference.pipeline import PipelineConfig
 
 
@@ -145,3 +146,91 @@ def test_a_stale_lock_that_cannot_be_removed_is_named_with_the_fix(tmp_path):
     with pytest.raises(ProjectError, match=refused), run_lock(tmp_path):
         pass
     assert path.is_dir() and not [p for p in path.parent.iterdir() if p.name != "run.lock"]
+
+
+# ----------------------------------------------------------------------------- a project read under the run lock
+
+
+def test_a_read_holds_the_run_lock_and_a_run_started_meanwhile_is_refused_naming_it(tmp_path):
+    # `pdl1 train PROJECT` read the project's objects while a `pdl1 run` could be replacing them: a read saw the run
+    # half-way, and a run started during the read was not refused.
+    path = tmp_path / "pdl1" / "run.lock"
+    with project_read_lock(tmp_path, reader="pdl1 train"):
+        holder = json.loads(path.read_text())
+        assert (holder["pid"], holder["doing"]) == (os.getpid(), "pdl1 train is reading the project's objects here")
+        with pytest.raises(RunLockBusyError) as err, run_lock(tmp_path):
+            pass
+        assert str(err.value) == (
+            f"{tmp_path}: pdl1 train is reading the project's objects here (pid {os.getpid()} on "
+            f"{socket.gethostname()} since {holder['started']}); wait for it to finish, or delete {path} if it is no "
+            "longer going"
+        )
+        with pytest.raises(RunLockBusyError) as err, project_read_lock(tmp_path, reader="pdl1 export nnunet"):
+            pass
+        assert str(err.value).startswith(f"{tmp_path}: pdl1 train is reading the project's objects here (pid ")
+        assert str(err.value).endswith(
+            "; pdl1 export nnunet reads the project while nothing else holds its run lock: wait for that to finish (a "
+            f"read takes seconds to minutes) and run pdl1 export nnunet again, or delete {path} if it is no longer "
+            "going"
+        )
+    # Released once read, and the pdl1 folder made for it removed: a read leaves a project as it was.
+    assert not (tmp_path / "pdl1").exists()
+    with run_lock(tmp_path):
+        pass
+
+
+def test_a_read_is_refused_while_a_run_writes_and_takes_over_a_dead_runs_lock(tmp_path):
+    (tmp_path / "pdl1" / "labels").mkdir(parents=True)  # the exports' folder: stays
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
+        try:
+            path = _lock_file(tmp_path, pid=other.pid)
+            with pytest.raises(RunLockBusyError) as err, project_read_lock(tmp_path, reader="pdl1 train"):
+                pytest.fail("read while a run writes")
+        finally:
+            other.kill()
+    assert str(err.value) == (
+        f"{tmp_path}: a pdl1 run is writing here (pid {other.pid} on {socket.gethostname()} since 2026-11-23 "
+        "09:00:00), and pdl1 train reads the project only while no run writes it (a run replaces the objects it "
+        f"reads); wait for the run to finish and run pdl1 train again, or delete {path} if that run is no longer going"
+    )
+    assert json.loads(path.read_text())["pid"] == other.pid  # still the run's
+    _lock_file(tmp_path, pid=_dead_pid())
+    with project_read_lock(tmp_path, reader="pdl1 train"):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert not path.exists() and (tmp_path / "pdl1" / "labels").is_dir()
+
+
+def test_a_project_whose_lock_cannot_be_written_is_read_without_it_unless_a_run_holds_it(tmp_path, monkeypatch, caplog):
+    # A project on a read-only drive (or a folder this user may not write) was read by training before the lock; it
+    # still is, with a warning, since no lock can be taken. Simulated: chmod does not stop root.
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(run_lock_module, "_write_holder", read_only)
+    read = []
+    with caplog.at_level("WARNING", logger="bridge.run_lock"), project_read_lock(tmp_path, reader="pdl1 train"):
+        read.append(True)
+    assert read == [True] and not (tmp_path / "pdl1").exists()
+    lock = tmp_path / "pdl1" / "run.lock"
+    assert caplog.messages == [
+        f"{tmp_path}: pdl1 train reads the project without its run lock, which it cannot take ({lock}: cannot write "
+        "the run lock (Read-only file system); nothing was started or left behind; the drive (or mount) is read-only: "
+        "make it writable, or work on a copy on a writable drive, and run again); a pdl1 run started on the project "
+        "meanwhile is not refused, so start none until it has read the labels"
+    ]
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
+        try:
+            _lock_file(tmp_path, pid=other.pid)
+            busy = rf"a pdl1 run is writing here \(pid {other.pid} "
+            with pytest.raises(RunLockBusyError, match=busy), project_read_lock(tmp_path, reader="pdl1 train"):
+                pytest.fail("read while a run writes")
+        finally:
+            other.kill()
+
+
+def test_a_file_named_pdl1_where_its_folder_goes_leaves_the_read_alone(tmp_path):
+    # No run can lock (so none can write) such a project: the read goes on, and the file is left as it is.
+    (tmp_path / "pdl1").write_text("notes")
+    with project_read_lock(tmp_path, reader="pdl1 train"):
+        pass
+    assert (tmp_path / "pdl1").read_text() == "notes"

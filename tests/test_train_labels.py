@@ -796,3 +796,74 @@ def test_pdl1_train_finds_a_moved_project_image_under_search_dir(labelled, tmp_p
     assert result.exit_code == 0, result.output
     training = json.loads((tmp_path / "m" / "manifest.json").read_text())["training"]
     assert training["config"]["slides"] == [str(slides / "he-1357.svs")]
+
+
+def _exported_project(labelled: Path, tmp_path: Path) -> Path:
+    """The labelled fixture project, its image beside it, with the pathologist's labels exported for entry 1."""
+    project = tmp_path / "project"
+    shutil.copytree(labelled / "project", project)
+    (tmp_path / "he-1357.svs").symlink_to(labelled / "he-1357.svs")
+    exported = export_path(project, "1")
+    exported.parent.mkdir(parents=True)
+    exported.write_text((labelled / "objects-labelled-by-pathologist-0.4.4.geojson").read_text())
+    return project
+
+
+def test_a_projects_labels_are_read_under_its_run_lock_released_before_training(labelled, tmp_path, monkeypatch):
+    # `pdl1 train PROJECT` read the project's objects while a `pdl1 run` could be replacing them, and a run started
+    # during the read was not refused. The read holds the project's run lock; training, which takes hours, does not.
+    import inference
+    from bridge.cli.train import _read_labels
+
+    project = _exported_project(labelled, tmp_path)
+    lock = project / "pdl1" / "run.lock"
+    held = []
+    real = inference.open_slide
+
+    def open_slide(path, **kwargs):  # each labelled image is opened as its labels are read
+        held.append(json.loads(lock.read_text()).get("doing") if lock.is_file() else None)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(inference, "open_slide", open_slide)
+    args = dict(geojson=[], entries=["1"], from_review=True, class_map=[], qupath="never", points=True)
+    (labels,) = _read_labels([project], **args)
+    assert held == ["pdl1 train is reading the project's objects here"]
+    assert labels.counts["points: Tumor: Positive"] == 440 and not lock.exists()
+
+
+def test_pdl1_train_of_a_project_a_run_is_writing_is_refused_naming_the_run(labelled, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    project = _exported_project(labelled, tmp_path)
+    lock = project / "pdl1" / "run.lock"
+    out = tmp_path / "model"
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as run:
+        try:
+            lock.write_text(json.dumps({"pid": run.pid, "host": socket.gethostname(), "started": "2026-11-23 09:00"}))
+            args = ["train", "nuclei", str(project), "--entries", "1", "--qupath", "never", "--out", str(out)]
+            result = runner.invoke(app, [*args, *TINY, "--no-progress"])
+        finally:
+            run.kill()
+    assert result.exit_code == 1, result.output
+    assert (
+        f"{project}: a pdl1 run is writing here (pid {run.pid} on {socket.gethostname()} since 2026-11-23 09:00), "
+        "and pdl1 train reads the project only while no run writes it (a run replaces the objects it reads); wait "
+        f"for the run to finish and run pdl1 train again, or delete {lock} if that run is no longer going"
+    ) in " ".join(result.output.split())
+    assert not out.exists() and json.loads(lock.read_text())["pid"] == run.pid
+
+
+def test_slides_given_as_files_are_read_without_a_lock(labelled, monkeypatch):
+    from bridge import run_lock
+    from bridge.cli.train import _read_labels
+
+    def no_lock(*args, **kwargs):
+        raise AssertionError("slide files took a lock")
+
+    monkeypatch.setattr(run_lock, "_held", no_lock)
+    geojson = labelled / "objects-labelled-by-pathologist-0.4.4.geojson"
+    args = dict(entries=[], from_review=False, class_map=[], qupath="never", points=True)
+    (labels,) = _read_labels([labelled / "he-1357.svs"], geojson=[geojson], **args)
+    assert labels.counts["points: Tumor: Positive"] == 440

@@ -258,6 +258,7 @@ def export_nnunet_cmd(
                 qupath=qupath,
                 search_dirs=tuple(search_dir or ()),
                 mpp_advice=advice,
+                reader="pdl1 export nnunet",
             )
             source = QuPathRegionLabels({lab.slide: lab for lab in drawn if lab.has_regions})
             unlabelled = [t for t in train if t.path.resolve() not in {Path(p).resolve() for p in source.by_slide}]

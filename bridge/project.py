@@ -107,17 +107,28 @@ def uri_to_path(uri: str) -> PurePosixPath | PureWindowsPath:
     """
     parsed = urlparse(uri)
     if parsed.scheme != "file":
-        raise ProjectError(
-            f"only file: image URIs can be analysed (a file on this machine or a mounted share), got {uri!r}; "
-            "for an image QuPath opens from a server (OMERO, a web address), export it from QuPath (File > Export "
-            "images... > OME TIFF) and add that file to the project instead"
-        )
+        raise ProjectError(not_a_file_uri(uri))
     path = unquote(parsed.path)
     if parsed.netloc and parsed.netloc.lower() != "localhost":  # UNC share: file://server/share/x.svs
         return PureWindowsPath(f"//{parsed.netloc}{path}")
     if len(path) >= 3 and path[0] == "/" and path[2] == ":":
         return PureWindowsPath(path[1:])
     return PurePosixPath(path)
+
+
+def not_a_file_uri(uri: str) -> str:
+    """What to say of an image QuPath opens from ``uri``, which is not a ``file:`` URI (an OMERO or web server's
+    image): pdl1 reads files only. :func:`uri_to_path` says it, and so does :func:`bridge.qupath.check_saveable`
+    where paquo meets such an entry.
+
+    >>> not_a_file_uri("https://omero.example.org/webclient/?show=image-7")[:81]
+    'only file: image URIs can be analysed (a file on this machine or a mounted share)'
+    """
+    return (
+        f"only file: image URIs can be analysed (a file on this machine or a mounted share), got {uri!r}; "
+        "for an image QuPath opens from a server (OMERO, a web address), export it from QuPath (File > Export "
+        "images... > OME TIFF) and add that file to the project instead"
+    )
 
 
 def path_to_uri(path: str | Path) -> str:

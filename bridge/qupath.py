@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import shapely
 from shapely.geometry.base import BaseGeometry
@@ -33,6 +34,7 @@ from bridge.project import (
     ProjectError,
     check_qpdata,
     damaged_data_error,
+    not_a_file_uri,
     qpdata_problem,
     slide_file_problem,
 )
@@ -594,14 +596,50 @@ def check_saveable(entry: Any) -> None:
 
     paquo's ``entry.save()`` skips, with only a log line, an entry whose image file it cannot find at the
     entry's URI; the run found the image elsewhere (:func:`~bridge.project.locate_image`), analysed it and
-    reported it done while its objects were never written.
+    reported it done while its objects were never written. An entry whose URI paquo does not read as a file (an
+    OMERO or web server's image; one QuPath makes of several files) is refused naming the entry and the fix, as
+    :func:`~bridge.project.uri_to_path` refuses it, not with paquo's own error.
     """
-    if not entry.is_readable():
+    try:
+        readable = entry.is_readable()
+    except (ValueError, NotImplementedError) as err:
+        # paquo reads an entry's file by ImageProvider.path_from_uri(entry.uri): for an OMERO or web server's image its
+        # _normalize_pathlib_uris raises ValueError("uri unsupported scheme ...") (path_from_uri's own "paquo only
+        # supports file:/ URIs as of now" comes after it), and entry.uri raises NotImplementedError("unsupported in
+        # paquo as of now") for an image of several files (paquo 0.9, images.py). Said as bridge.project says it where
+        # QuPath is not used, for this image alone.
+        raise ProjectError(_unreadable_uri(entry, err)) from err
+    if not readable:
         raise ProjectError(
             f"{entry.image_name}: QuPath saves an entry's objects only while its image is where the project says "
             f"({entry.uri}), and it is not there; open the project in QuPath and point it to the image (it asks "
             "for moved images when the project opens), or run with --qupath never to write sidecars instead"
         )
+
+
+def _unreadable_uri(entry: Any, err: Exception) -> str:
+    """Why paquo cannot give the file of an entry whose URI it does not read (``err``, paquo's reason): not a
+    ``file:`` URI (the fix :func:`~bridge.project.not_a_file_uri` says), a ``file:`` URI it cannot parse, or several
+    URIs (an image QuPath makes of several files)."""
+    where = f"image of entry {entry.entry_id} ({entry.image_name})"
+    java = entry.java_object
+    try:  # what paquo's entry.uri reads, without its refusal of several (getURIs since QuPath 0.6, getServerURIs
+        # before: paquo's compatibility.supports_get_uris; asked of the entry, which a stand-in is too)
+        uris = [str(u.toString()) for u in (java.getURIs() if hasattr(java, "getURIs") else java.getServerURIs())]
+    except Exception:  # Java's reasons come as various exceptions: the entry is named all the same
+        uris = []
+    if len(uris) == 1 and urlparse(uris[0]).scheme.lower() == "file":
+        return (
+            f"{where}: QuPath's URI of it, {uris[0]!r}, does not read as a file path ({err}); point the entry at its "
+            "file again in QuPath (File > Project... > Check project URIs)"
+        )
+    if len(uris) == 1:
+        return f"{where}: {not_a_file_uri(uris[0])}"
+    made_of = f"{len(uris)} files ({', '.join(uris)})" if uris else "what paquo cannot read as one file"
+    return (
+        f"{where}: QuPath makes the image of {made_of}, and pdl1 reads one file; export the image from QuPath "
+        "(File > Export images... > OME TIFF) and add that file to the project instead"
+    )
 
 
 def save_project(project: Any) -> None:

@@ -400,6 +400,39 @@ def test_a_damaged_data_file_fails_alone_keeps_its_backup_and_the_project_is_sav
         qupath.read_entry_objects(project_dir, ["1"])
 
 
+def test_an_entry_of_a_servers_image_fails_alone_named_with_the_fix_not_paquos_error(tmp_path, phantom_svs, models):
+    # An entry QuPath opens from a server (OMERO, a web address): paquo's entry reads its file by
+    # ImageProvider.path_from_uri, which raises "uri unsupported scheme '...'" for it. The entry is made for real
+    # (QuPath's own project file, its URI then pointed at a server, as QuPath's OMERO extension saves one) and asked of
+    # through paquo and through a run.
+    from bridge import qupath
+
+    second = tmp_path / "second.svs"
+    shutil.copy(phantom_svs, second)
+    project_dir = tmp_path / "qp"
+    init_project_qupath(project_dir, [phantom_svs, second])
+    server = "https://omero.example.org/webclient/?show=image-7"
+    qpproj = project_dir / "project.qpproj"
+    raw = json.loads(qpproj.read_text())
+    raw["images"][1]["serverBuilder"]["uri"] = server
+    qpproj.write_text(json.dumps(raw))
+    said = (
+        f"image of entry {raw['images'][1]['entryID']} (second.svs): only file: image URIs can be analysed (a file on "
+        f"this machine or a mounted share), got '{server}'; for an image QuPath opens from a server (OMERO, a web "
+        "address), export it from QuPath (File > Export images... > OME TIFF) and add that file to the project instead"
+    )
+    with qupath.open_project(project_dir, mode="r") as project:
+        entry = next(e for e in project.images if e.image_name == "second.svs")
+        assert entry.uri == server
+        with pytest.raises(ProjectError) as err:
+            qupath.check_saveable(entry)
+    assert str(err.value) == said and isinstance(err.value.__cause__, ValueError | NotImplementedError)
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="always")
+    done, failed = run_batch([project_dir], config, models=models)
+    assert done.state == "done", done.error
+    assert (failed.state, failed.error) == ("failed", said)
+
+
 def test_a_case_of_an_h_and_e_and_its_ihc_is_analysed_each_on_its_path_and_compared(tmp_path, ihc_pair, models):
     from paquo.images import QuPathImageType
     from paquo.projects import QuPathProject

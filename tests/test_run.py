@@ -660,6 +660,102 @@ def test_through_qupath_a_rerun_removes_the_entry_metadata_of_the_earlier_run_it
     }
 
 
+SERVER_URI = "https://omero.example.org/webclient/?show=image-7"
+NOT_A_FILE = (
+    "only file: image URIs can be analysed (a file on this machine or a mounted share), got "
+    f"'{SERVER_URI}'; for an image QuPath opens from a server (OMERO, a web address), export it from QuPath (File > "
+    "Export images... > OME TIFF) and add that file to the project instead"
+)
+
+
+def _server_entry(entry_path: Path, uris: list[str], **kwargs):
+    """A paquo entry of an image QuPath does not open from one file: paquo's ``is_readable`` reads the file through
+    ``ImageProvider.path_from_uri(entry.uri)``, whose ``_normalize_pathlib_uris`` raises ValueError for a URI that is
+    not ``file:``, and ``entry.uri`` raises NotImplementedError for several (paquo 0.9, images.py); its Java entry's
+    ``getURIs`` lists them."""
+    from types import SimpleNamespace
+
+    def is_readable() -> bool:
+        if len(uris) > 1:
+            raise NotImplementedError("unsupported in paquo as of now")
+        if uris[0].startswith("file:"):  # one Java's URI class cannot rebuild
+            raise ValueError(f"uri syntax error '{uris[0]}'")
+        raise ValueError(f"uri unsupported scheme '{uris[0]}'")
+
+    java = SimpleNamespace(getURIs=lambda: [SimpleNamespace(toString=lambda u=u: u) for u in uris])
+    return SimpleNamespace(entry_path=entry_path, is_readable=is_readable, java_object=java, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("uris", "says"),
+    [
+        ([SERVER_URI], f"image of entry 2 (b.svs): {NOT_A_FILE}"),
+        (
+            ["file:/slides/b-1.tif", "file:/slides/b-2.tif"],
+            "image of entry 2 (b.svs): QuPath makes the image of 2 files (file:/slides/b-1.tif, file:/slides/b-2.tif), "
+            "and pdl1 reads one file; export the image from QuPath (File > Export images... > OME TIFF) and add that "
+            "file to the project instead",
+        ),
+        (
+            ["file://scanner:port/b.svs"],
+            "image of entry 2 (b.svs): QuPath's URI of it, 'file://scanner:port/b.svs', does not read as a file path "
+            "(uri syntax error 'file://scanner:port/b.svs'); point the entry at its file again in QuPath (File > "
+            "Project... > Check project URIs)",
+        ),
+    ],
+    ids=["a server's image", "several files", "a file URI paquo cannot parse"],
+)
+def test_an_entry_paquo_reads_no_file_of_is_named_with_the_fix_not_paquos_error(tmp_path, uris, says):
+    # paquo's own error ("uri unsupported scheme 'https://...'", "unsupported in paquo as of now") came through the
+    # run as the image's: no entry, no fix. bridge.project says what to do for such an entry where QuPath is not used.
+    from bridge import qupath
+
+    entry = _server_entry(tmp_path, uris, entry_id="2", image_name="b.svs")
+    with pytest.raises(ProjectError) as err:
+        qupath.backup_data(entry)  # the first thing a run through QuPath asks of an entry's image
+    assert str(err.value) == says
+    assert isinstance(err.value.__cause__, ValueError if len(uris) == 1 else NotImplementedError)
+
+
+def test_through_qupath_an_entry_of_a_servers_image_fails_alone_named_with_the_fix(
+    tmp_path, slides, models, fake_qupath, monkeypatch
+):
+    # paquo reads the entry as QuPath holds it (its server builder's URIs), here relinked in QuPath to an OMERO
+    # server's image after the run read project.qpproj: only that image fails, saying what bridge.project says of it.
+    from contextlib import contextmanager
+
+    from bridge import qupath
+
+    project = tmp_path / "project"
+    init_project_files(project, [slides[0], slides[1]])
+    opened = qupath.open_project
+
+    @contextmanager
+    def open_project(path, *, mode="r+"):
+        with opened(path, mode=mode) as fake:
+            second = fake.images[1]
+            fake.images[1] = _server_entry(
+                second.entry_path, [SERVER_URI], entry_id=second.entry_id, image_name=second.image_name,
+                metadata=second.metadata,
+            )  # fmt: skip
+            yield fake
+
+    monkeypatch.setattr(qupath, "open_project", open_project)
+    done, failed = run_batch(
+        [project], RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="always"), models=models
+    )
+    assert done.state == "done", done.error
+    assert (failed.state, failed.error) == ("failed", f"image of entry 2 ({slides[1].name}): {NOT_A_FILE}")
+    # Where QuPath's entry says so as the run reads project.qpproj, it fails before QuPath is asked, saying the same.
+    raw = json.loads((project / "project.qpproj").read_text())
+    raw["images"][1]["serverBuilder"]["uri"] = SERVER_URI
+    (project / "project.qpproj").write_text(json.dumps(raw))
+    monkeypatch.setattr(qupath, "open_project", opened)
+    config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="always", resume=True)
+    skipped, failed = run_batch([project], config, models=models)
+    assert skipped.state == "skipped" and failed.error == f"image of entry 2 ({slides[1].name}): {NOT_A_FILE}"
+
+
 def test_a_backup_is_only_replaced_by_a_copy_that_reads_back_whole(tmp_path, fixtures_dir, monkeypatch):
     from types import SimpleNamespace
 

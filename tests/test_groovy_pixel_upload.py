@@ -1400,7 +1400,10 @@ def test_an_upload_with_its_context_is_analysed_exactly_as_a_path_job(service_of
     assert iou >= 0.998, (iou, before)
     tps = "PD-L1: Predicted TPS % (H&E)"
     up, path = uploaded["pdl1"]["parent_measurements"][tps], by_path["pdl1"]["parent_measurements"][tps]
-    assert abs(up - path) <= 0.05, (up, path, before)
+    # Within one tumour cell's share: float rounding differs between CPUs (oneDNN kernels on AMD EPYC against
+    # Intel), and a nucleus on the threshold may tip either way (the real tile: 96.66 against 96.53 on one machine).
+    n_tumour = sum(v for k, v in by_path["pdl1"]["parent_measurements"].items() if k.startswith("PD-L1: Num Tumor"))
+    assert n_tumour > 0 and abs(up - path) <= 100 / n_tumour + 1e-9, (up, path, n_tumour, before)
     n_up, n_path = len(_points(uploaded["features"])), len(_points(by_path["features"]))
     assert abs(n_up - n_path) <= max(1, 0.002 * n_path), (n_up, n_path, before)
     # Scored as the path job is (the square too: its tile holds its context, no longer mostly white).

@@ -294,7 +294,8 @@ def test_the_colorectal_points_are_read_as_qupath_places_typed_and_kept_inside(t
     folder = tmp_path / "train" / "img7"
     folder.mkdir(parents=True)
     Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(folder / "img7.bmp")
-    marks = np.array([[1.0, 1.0], [30.0, 20.0], [10.0, 40.8]])  # (column, row), 1-based; the last 0.3 px below the image
+    # (column, row), 1-based; the last 0.3 px below the image
+    marks = np.array([[1.0, 1.0], [30.0, 20.0], [10.0, 40.8]])
     scipy.io.savemat(folder / "img7_detection.mat", {"detection": marks})
     scipy.io.savemat(folder / "img7_epithelial.mat", {"detection": marks[1:2]})
     (tmp_path / "test").mkdir()

@@ -39,10 +39,7 @@ The protocol, fixed before any test image was scored:
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -169,18 +166,13 @@ def per_image_counts(pred: Sequence[np.ndarray], truth: Sequence[np.ndarray], *,
 def tune_log_pooled(images: Sequence[CrcImage]) -> LogParams:
     """The LoG parameters of :data:`benchmarks.real_tile_labels.LOG_GRID` with the best F1 pooled over ``images``."""
     best, best_f1 = LogParams(), -1.0
-    for lo, hi, thr in _grid():
-        params = LogParams(lo, hi, thr)
+    for params in stroma.log_settings():
         total = DetectionScores(0, 0, 0)
         for im in images:
             total += stroma._score(_log(im, params), im.xy, radius_px=stroma.RADIUS_UM / MPP)
         if total.f1 > best_f1:
             best, best_f1 = params, total.f1
     return best
-
-
-def _grid():
-    return ((lo, hi, thr) for lo, hi, thr in itertools.product(*stroma.LOG_GRID.values()) if hi > lo)
 
 
 def _log(image: CrcImage, params: LogParams) -> np.ndarray:
@@ -193,18 +185,8 @@ def _config(slides: Sequence[Path], *, out: Path, seed: int) -> NucleiTrainConfi
 
 
 def _trained(labels, slides: Sequence[Path], *, out: Path, seed: int) -> tuple[Path, float]:
-    """The model fine-tuned on ``labels`` in ``out`` and its training time (s); one already there is kept."""
-    done = out / "train_seconds.json"
-    if not done.exists():
-        shutil.rmtree(out, ignore_errors=True)
-        t0 = time.perf_counter()
-        train_nuclei(_config(slides, out=out, seed=seed), labels=list(labels))
-        done.write_text(json.dumps(time.perf_counter() - t0))
-    return out, json.loads(done.read_text())
-
-
-def _csv(text: str, kind: type) -> list:
-    return [kind(v) for v in text.split(",")]
+    """The model fine-tuned on ``labels`` in ``out`` and its training time (s) (:func:`stroma.trained_once`)."""
+    return stroma.trained_once(out, lambda o: train_nuclei(_config(slides, out=o, seed=seed), labels=list(labels)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -220,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         "--stroma-seeds", default="", help="also score models fine-tuned on the stroma tile (seeds; empty: none)"
     )
     args = parser.parse_args(argv)
-    seeds = _csv(args.seeds, int)
+    seeds = stroma._csv(args.seeds, int)
     counts = [None if k == "all" else int(k) for k in args.points.split(",")]
     images = read_dataset(args.data)
     by_split = {s: [im for im in images if im.split == s] for s in ("train", "validation", "test")}
@@ -282,11 +264,8 @@ def main(argv: list[str] | None = None) -> None:
             box = (0, 0, stroma.SPLIT_X_PX, h)
             t0 = time.perf_counter()
             params = stroma.tune_log(s_rgb, s_xy, mpp=s_mpp, box=box)
-            log_pred = [_log(im, params) for im in test]
-            s = sum(
-                (stroma._score(p, t, radius_px=radius_px) for p, t in zip(log_pred, test_truth, strict=True)),
-                DetectionScores(0, 0, 0),
-            )
+            log_counts = per_image_counts([_log(im, params) for im in test], test_truth, radius_px=radius_px)
+            s = DetectionScores(*map(int, log_counts.sum(0)))
             row(
                 f"LoG tuned on the stroma tile's training half {params}",
                 "stroma (192)",
@@ -295,9 +274,8 @@ def main(argv: list[str] | None = None) -> None:
                 s,
                 time.perf_counter() - t0,
             )
-            s_labels = stroma._labels(objects, box, rules=_stroma_rules(), size=(w, h))
-            log_counts = per_image_counts(log_pred, test_truth, radius_px=radius_px)
-            for seed in _csv(args.stroma_seeds, int):
+            s_labels = stroma._labels(objects, box, rules=stroma.RULES, size=(w, h))
+            for seed in stroma._csv(args.stroma_seeds, int):
                 out = models / f"stroma_all_seed{seed}_{stroma._slug(SETTING)}"
                 model, seconds = stroma._trained(SETTING, s_labels, out=out, seed=seed)
                 s, pred = scored(model, STROMA_THRESHOLD, tta=True)
@@ -312,14 +290,10 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         log_images = first_images(train, LOG_TUNE_POINTS)
         params = tune_log_pooled(log_images)
-        log_pred = [_log(im, params) for im in test]
-        s = sum(
-            (stroma._score(p, t, radius_px=radius_px) for p, t in zip(log_pred, test_truth, strict=True)),
-            DetectionScores(0, 0, 0),
-        )
+        log_counts = per_image_counts([_log(im, params) for im in test], test_truth, radius_px=radius_px)
+        s = DetectionScores(*map(int, log_counts.sum(0)))
         log_on = f"{len(log_images)} ({sum(len(im.xy) for im in log_images)})"
         row(f"LoG tuned on the first training images {params}", log_on, "-", "-", s, time.perf_counter() - t0)
-        log_counts = per_image_counts(log_pred, test_truth, radius_px=radius_px)
         for n in counts:
             chosen = first_images(train, n)
             trained_on = f"{len(chosen)} ({sum(len(im.xy) for im in chosen)})"
@@ -352,10 +326,6 @@ def main(argv: list[str] | None = None) -> None:
         for what, ours, base in leads:
             d, lo, hi, share = stroma.paired_block_bootstrap(ours, base, n_boot=args.bootstrap)
             print(f"| {what} | {d:+.3f} | {lo:+.3f} to {hi:+.3f} | {share:.1%} |", flush=True)
-
-
-def _stroma_rules() -> LabelRules:
-    return LabelRules(class_names=tuple(NUCLEUS_CLASSES), class_map=parse_class_map(stroma.CLASS_MAP))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -91,6 +91,7 @@ LOG_GRID = {
     "max_sigma_um": (3.0, 4.0, 6.0, 8.0),
     "threshold": (0.02, 0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4),
 }
+RULES = LabelRules(class_names=tuple(NUCLEUS_CLASSES), class_map=parse_class_map(CLASS_MAP))
 LOG_MPP = 1.0  # the baseline sees the pixels the nuclei model sees (1 µm/px), and runs 4x faster
 
 
@@ -115,14 +116,18 @@ def run_log(rgb: np.ndarray, *, mpp: float, box: tuple[int, int, int, int], para
     return log_nuclei(small, mpp=mpp * f, params=params) * f + (x0, y0)
 
 
+def log_settings() -> Iterator[LogParams]:
+    """Every LoG setting of :data:`LOG_GRID` whose largest sigma exceeds its smallest."""
+    for lo, hi, thr in itertools.product(*LOG_GRID.values()):
+        if hi > lo:
+            yield LogParams(lo, hi, thr)
+
+
 def tune_log(rgb: np.ndarray, truth_xy: np.ndarray, *, mpp: float, box: tuple[int, int, int, int]) -> LogParams:
     """The LoG parameters with the best F1 on ``box`` (level-0 px) of ``rgb`` (level 0)."""
     truth = truth_xy[_in_box(truth_xy, box)]
     best, best_f1 = LogParams(), -1.0
-    for lo, hi, thr in itertools.product(*LOG_GRID.values()):
-        if hi <= lo:
-            continue
-        params = LogParams(lo, hi, thr)
+    for params in log_settings():
         f1 = _score(run_log(rgb, mpp=mpp, box=box, params=params), truth, radius_px=RADIUS_UM / mpp).f1
         if f1 > best_f1:
             best, best_f1 = params, f1
@@ -234,17 +239,22 @@ def _config(setting: Setting, *, out: Path, seed: int) -> NucleiTrainConfig:
     )
 
 
-def _trained(setting: Setting, labels, *, out: Path, seed: int) -> tuple[Path, float]:
-    """The model fine-tuned as ``setting`` on ``labels`` in ``out``, and its training time (s); one there is kept."""
+def trained_once(out: Path, train: Callable[[Path], None]) -> tuple[Path, float]:
+    """The model ``train(out)`` writes in ``out``, and its training time (s); one already there is kept."""
     done = out / "train_seconds.json"
     if not done.exists():
         # A run stopped before its time was recorded is trained again from the start (its time is a figure here);
         # training refuses a folder holding an interrupted run's checkpoint.
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        train_nuclei(_config(setting, out=out, seed=seed), labels=[labels])
+        train(out)
         done.write_text(json.dumps(time.perf_counter() - t0))
     return out, json.loads(done.read_text())
+
+
+def _trained(setting: Setting, labels, *, out: Path, seed: int) -> tuple[Path, float]:
+    """The model fine-tuned as ``setting`` on ``labels`` in ``out``, and its training seconds (:func:`trained_once`)."""
+    return trained_once(out, lambda o: train_nuclei(_config(setting, out=o, seed=seed), labels=[labels]))
 
 
 # What pooled models must share: the same network, fed and read out the same way.
@@ -357,7 +367,7 @@ def main() -> None:
         rgb = slide.read_region((0, 0), 0, (width, height))
     size = (width, height)
     all_xy = np.array([[o.geometry.x, o.geometry.y] for o in objects])
-    rules = LabelRules(class_names=tuple(NUCLEUS_CLASSES), class_map=parse_class_map(CLASS_MAP))
+    rules = RULES
     train_box = (0, 0, SPLIT_X_PX, height)
     inner_box = (0, 0, SPLIT_X_PX, INNER_SPLIT_Y_PX)
     val_box = (0, INNER_SPLIT_Y_PX, SPLIT_X_PX, height)

@@ -1060,7 +1060,8 @@ def read_project_labels(
 
     The project's objects (and the sidecars of its runs and analyses) are read under its run lock
     (:func:`bridge.run_lock.project_read_lock`), so a ``pdl1 run`` replacing them is never read half-way, and one
-    started meanwhile is refused; a run holding the lock is a :class:`~bridge.run_lock.RunLockBusyError` naming it.
+    started meanwhile waits for the read; a run holding the lock is a :class:`~bridge.run_lock.RunLockBusyError`
+    naming it, another read is waited for.
     ``reader``: the command reading, as the lock's messages name it. The lock is released when this returns.
     """
     info = read_project(project)

@@ -8,7 +8,9 @@ full disk fails the run with no lock left behind. A lock left by a run that died
 taken over, and so is an empty or unreadable one older than a minute; a whole one from another
 machine is not guessed about. Commands that read a project's objects (``pdl1 train``, ``pdl1 export
 nnunet``) hold the same lock while they read (:func:`project_read_lock`), so a read never sees a run
-half-way, and a run started meanwhile is refused, naming the read.
+half-way. A lock held by such a read (or by ``pdl1 review-queue``: work of seconds to minutes, whose lock
+says what it does) is waited for, up to :data:`WAIT_FOR_SHORT_HOLDER_S`, saying so; a lock held by a run
+(hours) is not: the command is refused at once, naming the run.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
 STALE_UNREADABLE_S = 60.0  # an empty or unreadable lock older than this is left by a run that died
+# A read of a project's objects or a ranking takes seconds to minutes: two `pdl1 train` of one project started
+# together, or a run started during a read, wait for it rather than fail. A run's lock (hours) is never waited for.
+WAIT_FOR_SHORT_HOLDER_S = 600.0
+_POLL_S = 0.5
 
 
 class RunLockBusyError(ProjectError):
@@ -108,6 +114,12 @@ def _stale(path: Path, holder: dict[str, Any], host: str) -> bool:
     return age > STALE_UNREADABLE_S
 
 
+def _short_holder(holder: dict[str, Any]) -> bool:
+    """A holder worth waiting for: one that says what it does (a read of the project, a ranking; a run says
+    nothing) and is another process (a process waiting for its own lock would wait forever)."""
+    return isinstance(holder.get("doing"), str) and holder.get("pid") != os.getpid()
+
+
 def _who(holder: dict[str, Any]) -> str:
     """Who holds a lock, from what it holds (:func:`_held` writes it)."""
     if not holder:
@@ -116,11 +128,12 @@ def _who(holder: dict[str, Any]) -> str:
 
 
 @contextmanager
-def run_lock(folder: Path, *, doing: str | None = None) -> Iterator[Path]:
-    """Hold ``<folder>/pdl1/run.lock`` for the duration; :class:`RunLockBusyError` if another run (or a read of the
-    project, :func:`project_read_lock`) holds it, :class:`ProjectError` if ``<folder>/pdl1`` cannot be made (a file in
-    its place is named, with the fix). ``doing``: what another command refused meanwhile is told holds the lock
-    (``pdl1 review-queue is ranking the project here``); None: a run writing there."""
+def run_lock(folder: Path, *, doing: str | None = None, wait_s: float = WAIT_FOR_SHORT_HOLDER_S) -> Iterator[Path]:
+    """Hold ``<folder>/pdl1/run.lock`` for the duration; :class:`RunLockBusyError` if another run holds it (at once),
+    or a read of the project (:func:`project_read_lock`) or a ranking still holds it after ``wait_s`` seconds of
+    waiting; :class:`ProjectError` if ``<folder>/pdl1`` cannot be made (a file in its place is named, with the fix).
+    ``doing``: what another command refused meanwhile is told holds the lock (``pdl1 review-queue is ranking the
+    project here``); None: a run writing there."""
     path = folder / PDL1_DIR / LOCK_FILE
     in_the_way = not_a_folder(path.parent)
     if in_the_way is not None:  # was "cannot write there (File exists: proj/pdl1) ... make this one writable"
@@ -143,18 +156,20 @@ def run_lock(folder: Path, *, doing: str | None = None) -> Iterator[Path]:
             f"or delete {path} if {'that run' if theirs is None else 'it'} is no longer going"
         ),
         doing=doing,
+        wait_s=wait_s,
     ):
         yield path
 
 
 @contextmanager
-def project_read_lock(folder: Path, *, reader: str) -> Iterator[None]:
+def project_read_lock(folder: Path, *, reader: str, wait_s: float = WAIT_FOR_SHORT_HOLDER_S) -> Iterator[None]:
     """Hold the project's run lock (``<folder>/pdl1/run.lock``, :func:`run_lock`'s) while ``reader`` (the command,
     as its messages name it: ``pdl1 train``) reads the project's objects, so the read never sees a ``pdl1 run``
     half-way through replacing them, and a run started meanwhile is refused as a second run is (its message names the
     read). Only for the read: what follows it (training, minutes to hours) holds no lock.
 
-    A live run holding the lock, or another read, is a :class:`RunLockBusyError` saying who and what to do. Where the
+    A live run holding the lock is a :class:`RunLockBusyError` saying who and what to do; another read (or a ranking)
+    is waited for, up to ``wait_s`` seconds, and then is one. Where the
     lock cannot be taken (a project on a read-only drive, a folder this user may not write) the project is read
     without it, with a warning, unless a live process holds it; where a file named ``pdl1`` stands in its folder's
     place no run can write the project, and it is read without a word. A ``pdl1`` folder made for the lock is removed
@@ -181,7 +196,9 @@ def project_read_lock(folder: Path, *, reader: str) -> Iterator[None]:
     with empty_folders_removed(path.parent), ExitStack() as held:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            held.enter_context(_held(path, busy=busy, doing=f"{reader} is reading the project's objects here"))
+            held.enter_context(
+                _held(path, busy=busy, doing=f"{reader} is reading the project's objects here", wait_s=wait_s)
+            )
         except RunLockBusyError:
             raise
         except (OSError, ProjectError) as err:  # the lock cannot be written: read without it, unless it is held
@@ -201,12 +218,18 @@ def project_read_lock(folder: Path, *, reader: str) -> Iterator[None]:
 
 @contextmanager
 def _held(
-    path: Path, *, busy: Callable[[str, str | None], str], lock: str = "run lock", doing: str | None = None
+    path: Path,
+    *,
+    busy: Callable[[str, str | None], str],
+    lock: str = "run lock",
+    doing: str | None = None,
+    wait_s: float = 0.0,
 ) -> Iterator[None]:
     """Hold the lock file ``path`` (its folder exists) for the duration; :class:`RunLockBusyError` with
     ``busy(who, theirs)`` where a live process holds it (``theirs``: what its holder said it does, None for a run).
-    ``lock``: what the messages call it; ``doing``: what this holder says it does (kept in the lock, for the
-    messages of others refused meanwhile)."""
+    A holder that says what it does (:func:`_short_holder`) is waited for, up to ``wait_s`` seconds, with a warning
+    when the wait begins. ``lock``: what the messages call it; ``doing``: what this holder says it does (kept in the
+    lock, for the messages of others refused meanwhile)."""
     me = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -221,13 +244,16 @@ def _held(
             f"{path}: cannot write the {lock} ({err.strerror or err}); nothing was started or left behind; "
             f"{unwritable_fix(err)}, and run again"
         ) from err
+    deadline = time.monotonic() + wait_s
+    taken_over = waiting = False
     try:
-        for attempt in range(2):
+        while True:
             try:
                 _place(tmp, path)
             except FileExistsError:
                 holder = _holder(path)
-                if attempt == 0 and _stale(path, holder, me["host"]):
+                if not taken_over and _stale(path, holder, me["host"]):
+                    taken_over = True
                     try:
                         path.unlink(missing_ok=True)  # its run died without cleaning up
                     except OSError as err:  # a folder of that name, or a file we may not remove: was a traceback
@@ -238,7 +264,18 @@ def _held(
                         ) from err
                     continue
                 theirs = holder.get("doing")
-                raise RunLockBusyError(busy(_who(holder), theirs if isinstance(theirs, str) else None)) from None
+                if _short_holder(holder) and time.monotonic() < deadline:
+                    if not waiting:
+                        waiting = True
+                        log.warning(
+                            "%s: %s (%s); waiting for it to finish (up to %.0f s)", path, theirs, _who(holder), wait_s
+                        )
+                    time.sleep(_POLL_S)
+                    continue
+                said = busy(_who(holder), theirs if isinstance(theirs, str) else None)
+                if waiting:
+                    said += f" (waited {wait_s:.0f} s for it)"
+                raise RunLockBusyError(said) from None
             except OSError as err:
                 raise ProjectError(
                     f"{path}: cannot create the {lock} ({err.strerror or err}); {unwritable_fix(err)}, and run again"

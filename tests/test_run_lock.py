@@ -200,6 +200,77 @@ def test_a_read_is_refused_while_a_run_writes_and_takes_over_a_dead_runs_lock(tm
     assert not path.exists() and (tmp_path / "pdl1" / "labels").is_dir()
 
 
+_READ_ELSEWHERE = """
+import sys, time
+from pathlib import Path
+from bridge.run_lock import project_read_lock
+with project_read_lock(Path(sys.argv[1]), reader="pdl1 export nnunet"):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def _read_elsewhere(folder: Path, hold_s: float) -> subprocess.Popen:
+    """Another process reading ``folder``'s objects for ``hold_s`` seconds; returns once it holds the lock."""
+    other = subprocess.Popen(
+        [sys.executable, "-c", _READ_ELSEWHERE, str(folder), str(hold_s)], stdout=subprocess.PIPE, text=True
+    )
+    assert other.stdout.readline() == "held\n"
+    return other
+
+
+@pytest.mark.parametrize("second", ["read", "run"])
+def test_a_read_in_another_process_is_waited_for_saying_so(tmp_path, caplog, second):
+    # Two `pdl1 train` of one project started together (or a run started during a read) were refused, though the
+    # read ends in seconds: now the second waits for it, and says why it waits.
+    with _read_elsewhere(tmp_path, 1.0) as other:
+        lock = tmp_path / "pdl1" / "run.lock"
+        with caplog.at_level("WARNING", logger="bridge.run_lock"):
+            if second == "read":
+                with project_read_lock(tmp_path, reader="pdl1 train", wait_s=60):
+                    assert json.loads(lock.read_text())["pid"] == os.getpid()
+            else:
+                with run_lock(tmp_path, wait_s=60):
+                    assert json.loads(lock.read_text())["pid"] == os.getpid()
+        assert other.wait(timeout=30) == 0
+    (said,) = caplog.messages
+    assert said.startswith(f"{lock}: pdl1 export nnunet is reading the project's objects here (pid {other.pid} on ")
+    assert said.endswith("; waiting for it to finish (up to 60 s)")
+    assert not lock.exists()
+
+
+def test_a_read_that_outlasts_the_wait_is_refused_saying_how_long_it_waited(tmp_path):
+    with _read_elsewhere(tmp_path, 60.0) as other:
+        try:
+            with pytest.raises(RunLockBusyError) as err, project_read_lock(tmp_path, reader="pdl1 train", wait_s=1):
+                pytest.fail("read while another read holds the lock")
+        finally:
+            other.kill()
+    assert str(err.value).startswith(f"{tmp_path}: pdl1 export nnunet is reading the project's objects here (pid ")
+    assert str(err.value).endswith(" if it is no longer going (waited 1 s for it)")
+
+
+def test_a_run_is_never_waited_for(tmp_path, monkeypatch):
+    # A run holds its lock for hours: a read or a second run is refused at once, naming it, whatever the wait.
+    def sleep(seconds):
+        raise AssertionError("waited for a run")
+
+    monkeypatch.setattr(run_lock_module.time, "sleep", sleep)
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
+        try:
+            _lock_file(tmp_path, pid=other.pid)
+            refused = pytest.raises(RunLockBusyError, match="a pdl1 run is writing here")
+            with refused, project_read_lock(tmp_path, reader="pdl1 train", wait_s=600):
+                pytest.fail("read while a run writes")
+            with (
+                pytest.raises(RunLockBusyError, match="another pdl1 run is writing here"),
+                run_lock(tmp_path, wait_s=600),
+            ):
+                pytest.fail("a second run")
+        finally:
+            other.kill()
+
+
 def test_a_project_whose_lock_cannot_be_written_is_read_without_it_unless_a_run_holds_it(tmp_path, monkeypatch, caplog):
     # A project on a read-only drive (or a folder this user may not write) was read by training before the lock; it
     # still is, with a warning, since no lock can be taken. Simulated: chmod does not stop root.

@@ -39,7 +39,7 @@ from bridge.project import (
 )
 from bridge.qupath_geojson import GeoJsonError, QuPathObject, read_features
 from bridge.record_summary import RUN, SCRIPT, RecordsSummary, entry_summary_from_records, newer_source
-from bridge.run_lock import output_folder_lock
+from bridge.run_lock import output_folder_lock, run_in_progress
 from bridge.targets import (
     MISSING,
     RUN_IMAGE_AGAIN,
@@ -479,6 +479,17 @@ def write_report(
     if problem is not None:  # said before the thumbnails are drawn, and before a bare "[Errno 17] File exists"
         raise ProjectError(f"--out {out} {problem}; the report is written into a folder (a missing one is made)")
     left_out: list[str] = []
+    base = source if source.is_dir() else source.parent
+    # A report takes no run lock (it may be made while a run goes on), so it says when one does: each image's files
+    # are replaced whole, but the images the run has not reached yet are reported with their earlier results.
+    running = run_in_progress(base)
+    if running is not None:
+        log.warning(
+            "%s: a pdl1 run is writing these results (%s): images it has not reached yet are reported with their "
+            "earlier results; make the report again when it has finished",
+            base,
+            running,
+        )
     items = collect(source, left_out)
     if not any(item.has_results for item in items):
         raise ProjectError(
@@ -488,12 +499,11 @@ def write_report(
             "pdl1_analyze.groovy saves"
             + "".join(f"; {m}" for m in left_out)  # what the last run failed on, or left damaged
         )
-    base = source if source.is_dir() else source.parent
     out = Path(out) if out is not None else base / PDL1_DIR / "report"
     # Under the report folder's lock, so no other report writes there: the .part files a killed report left of
     # its own files go first (bridge.run_lock.output_folder_lock says why a lock, not their age).
     with output_folder_lock(out, command="report", own=_report_file):
-        return _write(out, items, base=base, source=source, left_out=left_out, on_progress=on_progress)
+        return _write(out, items, base=base, source=source, left_out=left_out, running=running, on_progress=on_progress)
 
 
 def _report_file(name: str) -> bool:
@@ -509,9 +519,10 @@ def _write(
     base: Path,
     source: Path,
     left_out: list[str],
+    running: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Path, Path]:
-    """write_report's files, in ``out`` (its lock held)."""
+    """write_report's files, in ``out`` (its lock held); ``running``: who was running ``pdl1 run`` there."""
     rows = []
     all_targets: list[TargetRow] = []  # the report folder's targets.csv
     demo_checksums = set(demo_model_checksums().values())
@@ -573,7 +584,7 @@ def _write(
     html_path, csv_path = out / "report.html", out / "report.csv"
     pairs_path = base / PDL1_DIR / PAIRS_FILE
     pairs = _read_pairs(pairs_path, f"run {_rerun(source)}, which compares the cases again", left_out)
-    page = _html([r for r, item in zip(rows, items, strict=True) if item.has_results], pairs, left_out)
+    page = _html([r for r, item in zip(rows, items, strict=True) if item.has_results], pairs, left_out, running)
     # Each replaced whole, in UTF-8: written in place, an interrupt (or, on Windows, an image name outside the
     # console's code page) left a report.csv cut short that still read as a complete table.
     with replace_atomically(csv_path, newline="") as fh:
@@ -924,7 +935,19 @@ def _overlay_note(r: dict) -> str:
     )
 
 
-def _html(rows: list[dict], pairs: dict | None = None, left_out: list[str] | None = None) -> str:
+def _running_html(running: str | None) -> str:
+    if running is None:
+        return ""
+    return (
+        f"<p class='warn'><b>A run was going on.</b> pdl1 run was writing these results ({html.escape(running)}) "
+        "when this report was made: images it had not reached yet show their earlier results. Make the report "
+        "again when it has finished.</p>"
+    )
+
+
+def _html(
+    rows: list[dict], pairs: dict | None = None, left_out: list[str] | None = None, running: str | None = None
+) -> str:
     body = []
     for r in rows:
         thumb = (
@@ -964,6 +987,7 @@ def _html(rows: list[dict], pairs: dict | None = None, left_out: list[str] | Non
         "table.targets td,table.targets th{padding:1px .6em;border-bottom:1px solid #eee}"
         "tr.review{background:#ffe0b2}tr.missing{color:#777}td.few{color:#b00020}.note{font-size:.9em;color:#444}"
         "</style></head><body><h1>PD-L1 report</h1>"
+        + _running_html(running)
         + _demo_warning(rows)
         + _left_out_html(left_out or [])
         + "<p>H&amp;E: orange outlines are predicted PD-L1 positive regions, magenta SUA false-negative candidates "

@@ -161,6 +161,19 @@ def run_lock(folder: Path, *, doing: str | None = None, wait_s: float = WAIT_FOR
         yield path
 
 
+def run_in_progress(folder: Path) -> str | None:
+    """Who is running ``pdl1 run`` on ``folder`` now (its run lock's live holder, as the lock's messages name it), or
+    None: no lock, a stale one, or one held by a read or a ranking (which change no results). For readers that take
+    no lock (``pdl1 report``), to say their results may be half old, half new."""
+    path = folder / PDL1_DIR / LOCK_FILE
+    if not path.is_file():
+        return None
+    holder = _holder(path)
+    if not holder or "doing" in holder or _stale(path, holder, socket.gethostname()):
+        return None
+    return _who(holder)
+
+
 @contextmanager
 def project_read_lock(folder: Path, *, reader: str, wait_s: float = WAIT_FOR_SHORT_HOLDER_S) -> Iterator[None]:
     """Hold the project's run lock (``<folder>/pdl1/run.lock``, :func:`run_lock`'s) while ``reader`` (the command,

@@ -718,3 +718,35 @@ def test_pdl1_report_names_the_three_files_it_wrote(tmp_path):
         f"wrote {folder / 'report.html'}, {folder / 'report.csv'} and {folder / 'targets.csv'}"
     )
     assert (folder / "targets.csv").is_file()
+
+
+@pytest.mark.parametrize("holder", ["run", "read", "dead run", "none"])
+def test_a_report_made_while_a_run_writes_the_results_says_so(tmp_path, caplog, holder):
+    # A report takes no run lock, so it can be made while a run goes on; it read half the images' new results and
+    # half their earlier ones without a word. A read of the project (pdl1 train) or a dead run's lock changes nothing.
+    import os
+    import socket
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.summary.json").write_text(json.dumps(_summary(tmp_path / "a.svs")))
+    pid = _dead_pid() if holder == "dead run" else os.getpid()
+    lock = {"pid": pid, "host": socket.gethostname(), "started": "2026-12-06 09:00:00"}
+    if holder == "read":
+        lock["doing"] = "pdl1 train is reading the project's objects here"
+    if holder != "none":
+        (out / "pdl1").mkdir()
+        (out / "pdl1" / "run.lock").write_text(json.dumps(lock))
+    with caplog.at_level("WARNING", logger="bridge.report"):
+        html_path, _ = write_report(out)
+    page = html_path.read_text()
+    said = [m for m in caplog.messages if "pdl1 run is writing" in m]
+    if holder == "run":
+        who = f"pid {pid} on {socket.gethostname()} since 2026-12-06 09:00:00"
+        assert said == [
+            f"{out}: a pdl1 run is writing these results ({who}): images it has not reached yet are reported with "
+            "their earlier results; make the report again when it has finished"
+        ]
+        assert f"<b>A run was going on.</b> pdl1 run was writing these results ({who})" in page
+    else:
+        assert said == [] and "A run was going on" not in page

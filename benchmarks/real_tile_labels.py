@@ -208,17 +208,21 @@ class Setting:
     sigma_um: float
     lr_max: float
     cycles: int = 3  # the first cycle's member dropped: cycles - 1 members
+    init: str | None = None  # the model fine-tuned from (None: the shipped ensemble)
 
     def __str__(self) -> str:
         more = "" if self.cycles == 3 else f", {self.cycles} cycles"
+        more += "" if self.init is None else f", from {Path(self.init).name}"
         return (
             f"{self.iterations} it/epoch, {self.stain_jitter} jitter, sigma {self.sigma_um:g} µm, "
             f"lr {self.lr_max:g}{more}"
         )
 
     def key(self) -> dict:
-        """The fields naming this setting in ``--cache`` (the earlier runs' keys, without ``cycles``, stay valid)."""
-        return {k: v for k, v in asdict(self).items() if k != "cycles" or v != 3}
+        """The fields naming this setting in ``--cache`` (the earlier runs' keys, without ``cycles`` or ``init``,
+        stay valid)."""
+        defaults = {"cycles": 3, "init": None}
+        return {k: v for k, v in asdict(self).items() if k not in defaults or v != defaults[k]}
 
 
 def _config(setting: Setting, *, out: Path, seed: int) -> NucleiTrainConfig:
@@ -226,7 +230,7 @@ def _config(setting: Setting, *, out: Path, seed: int) -> NucleiTrainConfig:
     return NucleiTrainConfig(
         slides=(str(SLIDE),),
         out_dir=str(out),
-        init_model=str(demo_model_dir("nuclei")),
+        init_model=setting.init or str(demo_model_dir("nuclei")),
         cycles=setting.cycles,
         epochs_per_cycle=2,
         iterations_per_epoch=setting.iterations,
@@ -304,6 +308,7 @@ def _pooled_words(seeds: Sequence[int]) -> str:
 
 def _slug(setting: Setting) -> str:
     more = "" if setting.cycles == 3 else f"_c{setting.cycles}"
+    more += "" if setting.init is None else f"_from-{Path(setting.init).name}"
     return f"it{setting.iterations}_{setting.stain_jitter}_s{setting.sigma_um:g}_lr{setting.lr_max:g}{more}"
 
 
@@ -324,6 +329,9 @@ def main() -> None:
     )
     parser.add_argument("--lr-max", default="1e-3,3e-3", help="candidate peak learning rates")
     parser.add_argument("--cycles", default="3", help="candidate training cycles (members: one fewer)")
+    parser.add_argument(
+        "--init", type=Path, help="the nuclei model every candidate is fine-tuned from (default: the shipped one)"
+    )
     parser.add_argument("--points", default="all,100,50,25", help="training point counts of the final models")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the final models (the selection uses the first)")
     parser.add_argument("--cache", type=Path, help="JSON file keeping the selection's scores per candidate")
@@ -356,6 +364,7 @@ def main() -> None:
             _csv(args.sigma_um, float),
             _csv(args.lr_max, float),
             _csv(args.cycles, int),
+            [None if args.init is None else str(args.init.resolve())],
         )
     ]
     cache = json.loads(args.cache.read_text()) if args.cache and args.cache.exists() else {}

@@ -318,3 +318,21 @@ def replace_xy(image, n: int):
     import numpy as np
 
     return dataclasses.replace(image, xy=np.zeros((n, 2)), types=("untyped",) * n)
+
+
+def test_a_stroma_setting_names_the_model_it_starts_from_and_earlier_cache_keys_stay(tmp_path):
+    """benchmarks.real_tile_labels --init: each candidate is fine-tuned from the given model, named in its cache key,
+    its models' folder name and its row; a setting without it keeps the key the earlier runs cached under."""
+    from benchmarks.real_tile_labels import Setting, _config, _slug
+    from inference.models.ensemble import demo_model_dir
+
+    shipped = Setting(iterations=160, stain_jitter="strong", sigma_um=3.5, lr_max=1e-3)
+    assert shipped.key() == {"iterations": 160, "stain_jitter": "strong", "sigma_um": 3.5, "lr_max": 1e-3}
+    assert _slug(shipped) == "it160_strong_s3.5_lr0.001"
+    assert _config(shipped, out=tmp_path, seed=0).init_model == str(demo_model_dir("nuclei"))
+    init = str(tmp_path / "crc_nall_seed0")
+    other = Setting(iterations=160, stain_jitter="strong", sigma_um=3.5, lr_max=1e-3, init=init)
+    assert other.key() == {**shipped.key(), "init": init}
+    assert _slug(other) == "it160_strong_s3.5_lr0.001_from-crc_nall_seed0"
+    assert str(other).endswith(", from crc_nall_seed0")
+    assert _config(other, out=tmp_path, seed=0).init_model == init

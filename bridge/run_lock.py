@@ -284,6 +284,14 @@ def _held(
                             "%s: %s (%s); waiting for it to finish (up to %.0f s)", path, theirs, _who(holder), wait_s
                         )
                     time.sleep(_POLL_S)
+                    # Kept fresh while it waits: the holder's remove_orphan_parts takes one a minute old for a dead
+                    # run's. Written again if it was taken all the same (and the pdl1 folder, which a read that made
+                    # it removes when it leaves it empty).
+                    try:
+                        os.utime(tmp)
+                    except FileNotFoundError:
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        tmp = _write_holder(path, me)
                     continue
                 said = busy(_who(holder), theirs if isinstance(theirs, str) else None)
                 if waiting:
@@ -307,7 +315,8 @@ def _held(
 _PART = re.compile(r"(.+)\.[0-9a-f]{12}\.part")
 _QPDATA_PART = re.compile(r"data\.qpdata.*\.[0-9a-f]{12}\.part")  # a data.qpdata backup or restore being copied
 _LOCK_TMP = re.compile(re.escape(LOCK_FILE) + r"\.\d+\.[0-9a-f]{8}\.tmp")  # run_lock's holder before it is linked
-_LOCK_TMP_STALE_S = 60  # a live run links its holder within milliseconds of writing it
+# A live run links its holder within milliseconds of writing it, or keeps it fresh while it waits (_held).
+_LOCK_TMP_STALE_S = 60
 
 
 def remove_orphan_parts(folder: Path, *, plain_slides: bool) -> list[Path]:

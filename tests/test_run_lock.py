@@ -239,6 +239,24 @@ def test_a_read_in_another_process_is_waited_for_saying_so(tmp_path, caplog, sec
     assert not lock.exists()
 
 
+def test_a_waiting_holder_whose_file_the_lock_holder_cleared_away_writes_it_again(tmp_path, monkeypatch):
+    # review-queue (holding the lock) removes holders over a minute old as a dead run's: one waiting that long
+    # lost its file and failed with "cannot create the run lock". It is kept fresh, and written again if taken.
+    real_sleep, cleared = time.sleep, []
+
+    def sleep(seconds):
+        for leftover in (tmp_path / "pdl1").glob("run.lock.*.tmp"):
+            leftover.unlink()
+            cleared.append(leftover.name)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(run_lock_module.time, "sleep", sleep)
+    with _read_elsewhere(tmp_path, 1.0) as other, run_lock(tmp_path, wait_s=60) as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        assert other.wait(timeout=30) == 0
+    assert cleared and not list((tmp_path / "pdl1").glob("run.lock*"))
+
+
 def test_a_read_that_outlasts_the_wait_is_refused_saying_how_long_it_waited(tmp_path):
     with _read_elsewhere(tmp_path, 60.0) as other:
         try:

@@ -178,8 +178,8 @@ def run_in_progress(folder: Path) -> str | None:
 def project_read_lock(folder: Path, *, reader: str, wait_s: float = WAIT_FOR_SHORT_HOLDER_S) -> Iterator[None]:
     """Hold the project's run lock (``<folder>/pdl1/run.lock``, :func:`run_lock`'s) while ``reader`` (the command,
     as its messages name it: ``pdl1 train``) reads the project's objects, so the read never sees a ``pdl1 run``
-    half-way through replacing them, and a run started meanwhile is refused as a second run is (its message names the
-    read). Only for the read: what follows it (training, minutes to hours) holds no lock.
+    half-way through replacing them, and a run started meanwhile waits for the read (up to its ``wait_s``, then is
+    refused, naming the read). Only for the read: what follows it (training, minutes to hours) holds no lock.
 
     A live run holding the lock is a :class:`RunLockBusyError` saying who and what to do; another read (or a ranking)
     is waited for, up to ``wait_s`` seconds, and then is one. Where the

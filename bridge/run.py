@@ -408,8 +408,9 @@ def with_targets(summary: dict[str, Any], results: list[SlideResult], rows: list
     :func:`bridge.project.review_reason_text` leads with it), so they say why the image is flagged (the first
     target's alone said nothing of a core C-4 out of domain); and ``details.domain``: the target's furthest from the
     training domain, named (:func:`bridge.targets.furthest_domain`; the first core's reading said "within" beside
-    an out-of-domain C-4). The rest (the parent's measurements, the other details) stay the first target's, each
-    target's own being in ``targets``.
+    an out-of-domain C-4). ``parent_measurements`` is None: each target's are on its own annotation or core in
+    QuPath, and none of them is the image's (the first target's stood there unnamed). The other details stay the
+    first target's, each target's own numbers being in ``targets``.
     """
     return merged_targets(summary, [target_part(r) for r in results], rows)
 
@@ -434,6 +435,7 @@ def merged_targets(
     out = {**summary, "targets": rows_to_json(rows)}
     if len(parts) < 2:
         return out
+    out["parent_measurements"] = None
     analysed = [label for _, label in analysed_targets(rows)]
     out["details"] = {
         **summary["details"],

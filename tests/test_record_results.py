@@ -124,6 +124,18 @@ def test_a_project_analysed_only_in_qupath_is_reported_per_target_and_ranked(pro
     assert not (project / "pdl1" / "1" / "summary.json").exists()  # nothing made up for the script's entries
 
 
+def test_an_entry_of_several_targets_has_no_parent_measurements_of_one_of_them(analysed):
+    # The summary of an entry of two annotations held the first one's parent measurements (its TPS, counts, flag)
+    # unnamed beside the image's TPS; each annotation's are on it in QuPath. One target's summary keeps its own.
+    project, results = analysed
+    two = entry_summary_from_records(project / "pdl1" / "1", image="a", entry_id="1").summary
+    one = entry_summary_from_records(project / "pdl1" / "2", image="b", entry_id="2").summary
+    assert two["parent_measurements"] is None and len(two["targets"]) == 2
+    whole = json.loads(record_path(project / "pdl1" / "2", "p-whole").read_text())["scores"]["summary"]
+    assert one["parent_measurements"] == whole["parent_measurements"]
+    assert one["parent_measurements"]["PD-L1: Predicted TPS % (H&E)"] == pytest.approx(results["p-whole"].tps.percent)
+
+
 def test_records_set_aside_are_neither_reported_ranked_nor_listed_by_a_run(project, analysed):
     # pdl1_analyze.groovy sets aside the record of an annotation no longer in the image (qupath_analyses/removed), so
     # that QuPath closed without saving can have it back; until then it is no result of the entry's.

@@ -114,10 +114,25 @@ def _stale(path: Path, holder: dict[str, Any], host: str) -> bool:
     return age > STALE_UNREADABLE_S
 
 
+def _live_holder(path: Path) -> dict[str, Any] | None:
+    """What the lock ``path`` holds where a live process holds it (empty for an unreadable one under a minute
+    old); None where there is no lock, or a stale one (:func:`_stale`)."""
+    if not path.is_file():
+        return None
+    holder = _holder(path)
+    return None if _stale(path, holder, socket.gethostname()) else holder
+
+
+def _doing(holder: dict[str, Any]) -> str | None:
+    """What a holder said it does (a read of the project, a ranking); None for a run, which says nothing."""
+    doing = holder.get("doing")
+    return doing if isinstance(doing, str) else None
+
+
 def _short_holder(holder: dict[str, Any]) -> bool:
-    """A holder worth waiting for: one that says what it does (a read of the project, a ranking; a run says
-    nothing) and is another process (a process waiting for its own lock would wait forever)."""
-    return isinstance(holder.get("doing"), str) and holder.get("pid") != os.getpid()
+    """A holder worth waiting for: one that says what it does (:func:`_doing`) and is another process (a process
+    waiting for its own lock would wait forever)."""
+    return _doing(holder) is not None and holder.get("pid") != os.getpid()
 
 
 def _who(holder: dict[str, Any]) -> str:
@@ -165,11 +180,8 @@ def run_in_progress(folder: Path) -> str | None:
     """Who is running ``pdl1 run`` on ``folder`` now (its run lock's live holder, as the lock's messages name it), or
     None: no lock, a stale one, or one held by a read or a ranking (which change no results). For readers that take
     no lock (``pdl1 report``), to say their results may be half old, half new."""
-    path = folder / PDL1_DIR / LOCK_FILE
-    if not path.is_file():
-        return None
-    holder = _holder(path)
-    if not holder or "doing" in holder or _stale(path, holder, socket.gethostname()):
+    holder = _live_holder(folder / PDL1_DIR / LOCK_FILE)
+    if not holder or _doing(holder) is not None:
         return None
     return _who(holder)
 
@@ -215,10 +227,9 @@ def project_read_lock(folder: Path, *, reader: str, wait_s: float = WAIT_FOR_SHO
         except RunLockBusyError:
             raise
         except (OSError, ProjectError) as err:  # the lock cannot be written: read without it, unless it is held
-            holder = _holder(path)
-            if path.is_file() and not _stale(path, holder, socket.gethostname()):
-                theirs = holder.get("doing")
-                raise RunLockBusyError(busy(_who(holder), theirs if isinstance(theirs, str) else None)) from err
+            holder = _live_holder(path)
+            if holder is not None:
+                raise RunLockBusyError(busy(_who(holder), _doing(holder))) from err
             log.warning(
                 "%s: %s reads the project without its run lock, which it cannot take (%s); a pdl1 run started on the "
                 "project meanwhile is not refused, so start none until it has read the labels",
@@ -276,7 +287,7 @@ def _held(
                             "delete it (or have its owner delete it) and run again"
                         ) from err
                     continue
-                theirs = holder.get("doing")
+                theirs = _doing(holder)
                 if _short_holder(holder) and time.monotonic() < deadline:
                     if not waiting:
                         waiting = True
@@ -293,7 +304,7 @@ def _held(
                         path.parent.mkdir(parents=True, exist_ok=True)
                         tmp = _write_holder(path, me)
                     continue
-                said = busy(_who(holder), theirs if isinstance(theirs, str) else None)
+                said = busy(_who(holder), theirs)
                 if waiting:
                     said += f" (waited {wait_s:.0f} s for it)"
                 raise RunLockBusyError(said) from None

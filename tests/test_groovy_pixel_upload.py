@@ -27,7 +27,7 @@ from bridge.service import ServiceSettings
 from inference import open_slide
 from inference.pipeline import Models, PipelineConfig
 from tests.service_helpers import free_port, served, wait_for_job
-from tests.test_groovy_scripts import ANALYZE, helpers, needs_groovy, run_groovy
+from tests.test_groovy_scripts import ANALYZE, groovy_command, helpers, needs_groovy, run_groovy
 
 MODELS = [  # what GET /v1/models lists of the shipped models (task, stain, input_mpp, tile_size_px)
     {"task": "segmentation", "stain": "H&E", "input_mpp": 2.0, "tile_size_px": 256},
@@ -381,7 +381,6 @@ def test_health_says_the_upload_limits(service_of):
 
 # ------------------------------------------------------------------- the whole script, QuPath stood in for
 
-STAND_INS = Path(__file__).resolve().parent / "qupath_stand_ins"
 
 # The QuPath objects the script meets, as small Groovy classes (the real ones are cited in the script), and the
 # scripting functions QuPath puts in every script, as closures in its binding; then the script itself runs.
@@ -586,19 +585,10 @@ println groovy.json.JsonOutput.toJson(seen)
 
 def _run_script(tmp_path: Path, setup: dict) -> tuple[list[str], dict]:
     """pdl1_analyze.groovy run whole with the stand-ins: its log lines, and what the stand-ins recorded."""
-    from tests.test_groovy_scripts import CLASSPATH
-
     (tmp_path / "run.groovy").write_text(RUN_SCRIPT)
     (tmp_path / "setup.json").write_text(json.dumps({"script": str(ANALYZE), **setup}))
     out = subprocess.run(
-        [
-            "java",
-            "-cp",
-            f"{CLASSPATH}{os.pathsep}{STAND_INS}",
-            "groovy.ui.GroovyMain",
-            str(tmp_path / "run.groovy"),
-            str(tmp_path / "setup.json"),
-        ],
+        groovy_command(tmp_path / "run.groovy", str(tmp_path / "setup.json"), stand_ins=True),
         capture_output=True,
         text=True,
         timeout=600,
@@ -853,23 +843,13 @@ def test_a_service_stopped_while_its_job_runs_is_said_and_a_missing_one_named_wi
 ):
     # Stopped (or restarted: jobs do not survive it) while the script polled, the service's absence ended the script
     # with a Java ConnectException and no word of which region; with nothing listening, the log said "(null)".
-    from tests.test_groovy_scripts import CLASSPATH
-
     _, slide_path = service_of
     settings = ServiceSettings(
         port=free_port(), allow_roots=(slide_path.parent,), pipeline=PipelineConfig(device="cpu")
     )
     whole = {"name": "whole section", "vertices": [[0, 0], [2048, 0], [2048, 2048], [0, 2048]]}
     (tmp_path / "run.groovy").write_text(RUN_SCRIPT)
-    classpath = f"{CLASSPATH}{os.pathsep}{STAND_INS}"
-    command = [
-        "java",
-        "-cp",
-        classpath,
-        "groovy.ui.GroovyMain",
-        str(tmp_path / "run.groovy"),
-        str(tmp_path / "setup.json"),
-    ]
+    command = groovy_command(tmp_path / "run.groovy", str(tmp_path / "setup.json"), stand_ins=True)
     with served(settings, Models(PipelineConfig(device="cpu"))) as client:
         setup = _setup(
             tmp_path, client, server="OpenslideImageServer", image=slide_path, level0=level0_png, annotations=[whole],

@@ -539,11 +539,13 @@ def test_every_endpoint_and_key_the_scripts_use_exists(service):
 def test_groovy_scripts_compile_with_groovy4():
     import subprocess
 
-    for script in SCRIPTS.glob("*.groovy"):
-        out = subprocess.run(
-            [os.environ["PDL1_GROOVY_LINT"], "--failon", "error", "--noserver", "--output", "txt", str(script)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert out.returncode == 0, out.stdout + out.stderr
+    # Every script in one call: each call starts CodeNarc's JVM anew (about 9 s a script; 17 s for all four at once).
+    scripts = sorted(map(str, SCRIPTS.glob("*.groovy")))
+    assert len(scripts) == 4
+    out = subprocess.run(
+        [os.environ["PDL1_GROOVY_LINT"], "--failon", "error", "--noserver", "--output", "txt", *scripts],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -1,10 +1,12 @@
 """``pdl1 run --engine ray``: one Ray task per image, on a local or remote Ray cluster.
 
-Workers analyse an image and write its GeoJSON + summary (sidecars, or ``OUT/<stem>.*``); they
-never touch the QuPath project. The driver alone writes into the project (one JVM, no
-concurrent writers), records status for ``--resume``, and reports progress and the same
-outcomes as the local engine. A task whose worker dies is retried; an image that fails is
-recorded and the batch goes on. Tasks ask for a GPU when the cluster has them.
+Without QuPath, workers analyse an image and write its GeoJSON + summary (sidecars, or ``OUT/<stem>.*``). Through
+QuPath (paquo), the driver reads each entry's targets (annotations of the target classes or names, else its TMA
+cores not marked missing, else the whole image) as the local engine does, a worker analyses each target's region
+and returns the results, and the driver writes them under their targets and writes the files. Workers never touch
+the QuPath project: the driver alone writes into it (one JVM, no concurrent writers), records status for
+``--resume``, and reports progress and the same outcomes as the local engine. A task whose worker dies is retried;
+an image that fails is recorded and the batch goes on. Tasks ask for a GPU when the cluster has them.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from shapely.geometry.base import BaseGeometry
+
 from bridge.project import ProjectError, status_for_run
 from bridge.run import (
+    EntryTargets,
     ImageOutcome,
     RunConfig,
     _compare_pairs,
@@ -36,10 +41,12 @@ from bridge.run import (
     summary_of,
     whole_image_row,
     with_targets,
+    write_image_files,
     write_result_files,
     write_targets,
 )
 from bridge.run_lock import remove_orphan_parts, run_lock
+from inference import SlideResult
 
 log = logging.getLogger(__name__)
 _MODELS: dict[str, Any] = {}  # per worker process: models load once, not per image
@@ -69,8 +76,8 @@ def unreachable_address(address: str | None, *, timeout_s: float = CONNECT_TIMEO
         return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
 
 
-def analyse_to_files(job: _Job, geojson: str, summary: str, entry_id: str | None, config: RunConfig) -> dict:
-    """Runs in a Ray worker: analyse one image and write its files; returns the summary dict."""
+def _worker_models(config: RunConfig) -> tuple[Any, RunConfig]:
+    """In a Ray worker: its models (loaded once per worker process) and the config it analyses with."""
     from bridge.user_dirs import openvino_cache_dir
     from inference import tune_allocator
 
@@ -81,11 +88,26 @@ def analyse_to_files(job: _Job, geojson: str, summary: str, entry_id: str | None
         tune_allocator()  # a worker is a process of its own: as the CLI does for pdl1 run
         _MODELS.clear()
         _MODELS[key] = run_models(config)
-    result = job.analyse(_MODELS[key], config)
-    rows = [whole_image_row(job, result, entry_id)]  # whole images only: the local engine analyses TMA cores
+    return _MODELS[key], config
+
+
+def analyse_to_files(job: _Job, geojson: str, summary: str, entry_id: str | None, config: RunConfig) -> dict:
+    """Runs in a Ray worker: analyse one image whole and write its files; returns the summary dict."""
+    models, config = _worker_models(config)
+    result = job.analyse(models, config)
+    rows = [whole_image_row(job, result, entry_id)]
     data = with_targets(summary_of(result, entry_id=entry_id, run_config=config), [result], rows)
     write_result_files(result, Path(geojson), Path(summary), data, include_tiles=config.include_tiles)
     return data
+
+
+def analyse_regions(job: _Job, rois: list[BaseGeometry], config: RunConfig) -> list[SlideResult]:
+    """Runs in a Ray worker: each region's result, in their order (none: the whole image's alone); the driver
+    writes them under their targets in the QuPath project (:meth:`bridge.run._QuPathSession.write`)."""
+    models, config = _worker_models(config)
+    if not rois:
+        return [job.analyse(models, config)]
+    return [job.analyse(models, config, roi=roi) for roi in rois]
 
 
 def run_batch_ray(
@@ -101,8 +123,6 @@ def run_batch_ray(
         import ray
     except ImportError as err:
         raise ProjectError("--engine ray needs Ray: pip install 'pdl1-bridge[ray]'") from err
-    if config.target_classes or config.target_names:
-        raise ProjectError("annotation targets (--class/--name) run with the local engine only, for now")
     why = None if ray.is_initialized() else unreachable_address(address)  # before the images: fail in seconds
     if why is not None:
         raise ProjectError(
@@ -126,46 +146,52 @@ def run_batch_ray(
                     "local cluster of this machine's cores"
                 ) from err
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        task = ray.remote(num_gpus=gpus, max_retries=max_retries, retry_exceptions=False)(analyse_to_files)
+        to_files = ray.remote(num_gpus=gpus, max_retries=max_retries, retry_exceptions=False)(analyse_to_files)
+        to_results = ray.remote(num_gpus=gpus, max_retries=max_retries, retry_exceptions=False)(analyse_regions)
 
         outcomes: dict[str, ImageOutcome] = {}
-        pending: dict[Any, tuple[Any, float, tuple[Path, Path]]] = {}
-        for job in jobs:
-            if config.resume and resume_skips(job, status, project, written_by_qupath=use_qupath):
-                outcomes[job.key] = skipped_outcome(job, project, status_folder)
-            elif job.error is not None:
-                message = failure_message(job.error)
-                outcomes[job.key] = ImageOutcome(job.key, job.name, "failed", error=message)
-                status.record(job.key, state="failed", error=message, image=job.name)
-            else:
-                status.replacing(job.key, image=job.name)  # before a worker replaces its files
-                paths = output_paths(job.key, project, status_folder)
-                ref = task.remote(job, str(paths[0]), str(paths[1]), job.key if project is not None else None, config)
-                pending[ref] = (job, time.perf_counter(), paths)
-
+        pending: dict[Any, tuple[_Job, float, Any]] = {}  # a task: its image, its start, its entry's targets or files
         qp_session = _QuPathSession(project) if use_qupath else None
         try:
+            for job in jobs:
+                if config.resume and resume_skips(job, status, project, written_by_qupath=use_qupath):
+                    outcomes[job.key] = skipped_outcome(job, project, status_folder)
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    if job.error is not None:
+                        raise job.error
+                    status.replacing(job.key, image=job.name)  # before its files are replaced
+                    if qp_session is not None:
+                        found = qp_session.read_targets(job, config)  # fails as the local engine fails the image
+                        _log_cores(job, found)
+                        pending[to_results.remote(job, found.rois, config)] = (job, t0, found)
+                    else:
+                        paths = output_paths(job.key, project, status_folder)
+                        entry_id = job.key if project is not None else None
+                        pending[to_files.remote(job, str(paths[0]), str(paths[1]), entry_id, config)] = (job, t0, paths)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as err:  # recorded per image; the batch goes on
+                    outcomes[job.key] = _failed(job, status, err, t0)
+
             finished = len(outcomes)
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 ref = ready[0]
-                job, t0, paths = pending.pop(ref)
+                job, t0, found = pending.pop(ref)
                 try:
-                    summary = ray.get(ref)
                     if qp_session is not None:
-                        qp_session.write_sidecar(job.key, *paths)
+                        results, rows = qp_session.write(job, config, found, ray.get(ref))
+                        outcome = write_image_files(job, config, project, status_folder, results, rows, t0)
+                    else:
+                        summary = ray.get(ref)
+                        outcome = outcome_from_summary(job.key, job.name, summary, time.perf_counter() - t0, found)
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except Exception as err:  # recorded per image; the batch goes on
-                    cause = getattr(err, "cause", None) or err
-                    message = failure_message(cause)
-                    log.debug("image %s failed:\n%s", job.name, traceback.format_exc())
-                    outcomes[job.key] = ImageOutcome(
-                        job.key, job.name, "failed", time.perf_counter() - t0, error=message
-                    )
-                    status.record(job.key, state="failed", error=message, image=job.name)
+                    outcomes[job.key] = _failed(job, status, getattr(err, "cause", None) or err, t0)
                 else:
-                    outcome = outcome_from_summary(job.key, job.name, summary, time.perf_counter() - t0, paths)
                     outcomes[job.key] = outcome
                     status.record(job.key, state="done", image=job.name, run_id=outcome.run_id, seconds=outcome.seconds)
                 finished += 1
@@ -179,3 +205,17 @@ def run_batch_ray(
         if config.compare_pairs:
             _compare_pairs(jobs, ordered, project, status_folder, openslide_only=config.pipeline.openslide_only)
         return ordered
+
+
+def _failed(job: _Job, status: Any, err: BaseException, t0: float) -> ImageOutcome:
+    """An image that failed (a Ray task's error unwrapped to its cause), recorded for the closing table and --resume."""
+    message = failure_message(err)
+    log.debug("image %s failed:\n%s", job.name, traceback.format_exc())
+    status.record(job.key, state="failed", error=message, image=job.name)
+    return ImageOutcome(job.key, job.name, "failed", time.perf_counter() - t0, error=message)
+
+
+def _log_cores(job: _Job, found: EntryTargets) -> None:
+    cores = [t.label for t in found.choice.targets if t.target_type == "TMA core"]
+    if cores:
+        log.info("%s: analysing TMA cores %s", job.name, ", ".join(cores))

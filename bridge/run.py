@@ -802,12 +802,26 @@ def failure_message(err: BaseException) -> str:
 
 
 def _run_one(job, config, models, project, status_folder, qp_session, on_tiles, t0) -> ImageOutcome:
-    entry_id = job.key if project is not None else None
     if qp_session is not None:
         results, rows = qp_session.analyse_and_write(job, config, models, on_tiles)
     else:
         results = [job.analyse(models, config, on_tiles)]
-        rows = [whole_image_row(job, results[0], entry_id)]
+        rows = [whole_image_row(job, results[0], job.key if project is not None else None)]
+    return write_image_files(job, config, project, status_folder, results, rows, t0)
+
+
+def write_image_files(
+    job: _Job,
+    config: RunConfig,
+    project: Path | None,
+    status_folder: Path,
+    results: list[SlideResult],
+    rows: list[TargetRow],
+    t0: float,
+) -> ImageOutcome:
+    """Write an analysed image's GeoJSON and summary (``results``: each analysed target's, in the order of ``rows``'
+    analysed ones); its outcome, timed from ``t0`` (``time.perf_counter()``)."""
+    entry_id = job.key if project is not None else None
     result = results[0]
     geojson, summary = output_paths(job.key, project, status_folder)
     summary_data = with_targets(summary_of(result, entry_id=entry_id, run_config=config), results, rows)
@@ -951,33 +965,53 @@ class _QuPathSession:
                 return entry
         raise ProjectError(f"entry {entry_id} not in the project any more")
 
-    def analyse_and_write(
-        self, job: _Job, config: RunConfig, models: Models, on_tiles
-    ) -> tuple[list[SlideResult], list[TargetRow]]:
-        """Analyse the entry's targets (:func:`entry_targets`) and write each one's results under it; the results in
-        the order analysed and the rows of ``targets.csv`` (the TMA cores marked missing among them)."""
-        from bridge.objects import result_objects as children
-
+    def read_targets(self, job: _Job, config: RunConfig) -> EntryTargets:
+        """The entry's targets (:func:`entry_targets`), read after its ``data.qpdata`` is backed up."""
         entry = self._entry(job.key)
         # Before QuPath reads the hierarchy: it would read a damaged data.qpdata as an empty one.
         backup = self.qp.backup_data(entry)
-        choice = entry_targets(job.name, entry, config, self.qp)
-        results: list[tuple[Any, SlideResult]] = []
-        # Each with its outline, so the report can draw and name it on the thumbnail (the GeoJSON keeps none).
-        placed = [(t.position, missing_row(job.name, job.key, t.label, outline=t.obj.roi)) for t in choice.missing]
-        for target in choice.targets:
+        return EntryTargets(entry, backup, entry_targets(job.name, entry, config, self.qp))
+
+    def analyse_and_write(
+        self, job: _Job, config: RunConfig, models: Models, on_tiles
+    ) -> tuple[list[SlideResult], list[TargetRow]]:
+        """Analyse the entry's targets and write each one's results under it (:meth:`write`)."""
+        found = self.read_targets(job, config)
+        analysed = []
+        for target in found.choice.targets:
             if target.target_type == "TMA core":
                 log.info("%s: analysing TMA core %s", job.name, target.label)
-            result = job.analyse(models, config, on_tiles, roi=target.obj.roi)
-            results.append((target.obj, result))
-            row = analysed_row(job.name, job.key, target.label, target.target_type, result, outline=target.obj.roi)
-            placed.append((target.position, row))
+            analysed.append(job.analyse(models, config, on_tiles, roi=target.obj.roi))
+        if not analysed:
+            analysed.append(job.analyse(models, config, on_tiles))
+        return self.write(job, config, found, analysed)
+
+    def write(
+        self, job: _Job, config: RunConfig, found: EntryTargets, analysed: list[SlideResult]
+    ) -> tuple[list[SlideResult], list[TargetRow]]:
+        """Write each target's result under it (``analysed``: one per target of ``found``, in their order, or the whole
+        image's alone where it has none; restoring the entry's backup if writing fails); the results, and the rows of
+        ``targets.csv`` in the grid's order (the TMA cores marked missing among them)."""
+        from bridge.objects import result_objects as children
+
+        entry, targets = found.entry, found.choice.targets
+        # Each with its outline, so the report can draw and name it on the thumbnail (the GeoJSON keeps none).
+        placed = [
+            (t.position, missing_row(job.name, job.key, t.label, outline=t.obj.roi)) for t in found.choice.missing
+        ]
+        results: list[tuple[Any, SlideResult]] = []
+        if targets:
+            for target, result in zip(targets, analysed, strict=True):
+                results.append((target.obj, result))
+                row = analysed_row(job.name, job.key, target.label, target.target_type, result, outline=target.obj.roi)
+                placed.append((target.position, row))
         rows = [row for _, row in sorted(placed, key=lambda p: p[0])]  # the grid's order, missing cores in place
-        if not results:
-            results.append((None, job.analyse(models, config, on_tiles)))
-            rows.append(whole_image_row(job, results[0][1], job.key))
+        if not targets:
+            (whole,) = analysed
+            results.append((None, whole))
+            rows.append(whole_image_row(job, whole, job.key))
         try:
-            if choice.source == TMA_CORES:
+            if found.choice.source == TMA_CORES:
                 # An earlier whole-image analysis kept its objects over the cores' (its results are its own).
                 gone = self.qp.remove_whole_image_analysis(entry)
                 if gone:
@@ -998,34 +1032,10 @@ class _QuPathSession:
             set_entry_metadata(entry.metadata, _merge_metadata([r for _, r in results]))
             self.qp.save_entries([entry])
         except BaseException:
-            self.qp.restore_data(entry, backup)
+            self.qp.restore_data(entry, found.backup)
             raise
         self._written()
         return [r for _, r in results], rows
-
-    def write_sidecar(self, key: str, geojson: Path, summary: Path) -> None:
-        """Put a worker's sidecar (parent first, then children) into the entry: the driver's job."""
-        from bridge.qupath_geojson import read_features
-
-        entry = self._entry(key)
-        objects = list(read_features(geojson))
-        parent_obj, children = objects[0], objects[1:]
-        backup = self.qp.backup_data(entry)
-        if self.qp.tma_cores(entry):  # the worker analysed the whole image, reading no hierarchy
-            log.warning(
-                "%s: it has a TMA grid, but --engine ray analyses whole images, so its cores were scored as one; run "
-                "it with the local engine (leave --engine out) to analyse each core on its own",
-                entry.image_name,
-            )
-        try:
-            parent = self.qp.find_or_create_analysis_parent(entry, parent_obj.geometry)
-            self.qp.write_children(entry, parent, children, parent_obj.measurements)
-            set_entry_metadata(entry.metadata, json.loads(summary.read_text())["metadata"])
-            self.qp.save_entries([entry])
-        except BaseException:
-            self.qp.restore_data(entry, backup)
-            raise
-        self._written()
 
     def _written(self) -> None:
         """An entry's data is saved; its metadata reaches project.qpproj every SAVE_PROJECT_EVERY images
@@ -1044,6 +1054,21 @@ class _QuPathSession:
             self.save_project()  # also after Ctrl-C: the images finished before it keep their metadata
         finally:
             self._cm.__exit__(None, None, None)
+
+
+@dataclass(frozen=True)
+class EntryTargets:
+    """What :meth:`_QuPathSession.read_targets` found of an entry: the paquo entry, the backup of its data to restore
+    if writing fails (None where it had none), and its targets."""
+
+    entry: Any
+    backup: Path | None
+    choice: TargetChoice[Target]
+
+    @property
+    def rois(self) -> list[BaseGeometry]:
+        """Each target's outline, in their order: what an analysis needs of them (none: the whole image)."""
+        return [t.obj.roi for t in self.choice.targets]
 
 
 @dataclass(frozen=True)

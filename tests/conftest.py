@@ -36,6 +36,16 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
+@pytest.fixture
+def fake_qupath(monkeypatch, fixtures_dir):
+    """paquo's side faked (:func:`tests.qupath_fakes.fake_paquo`, saving the labels fixture's data.qpdata); returns
+    the hierarchy reads and the projects opened."""
+    from tests.qupath_fakes import fake_paquo
+
+    qpdata = next((fixtures_dir / "qupath-0.4.4-labels" / "project" / "data").glob("*/data.qpdata")).read_bytes()
+    return fake_paquo(monkeypatch, qpdata)
+
+
 @pytest.fixture(scope="session")
 def finetune_phantom(tmp_path_factory) -> str:
     """A 1024 x 1024 phantom at TPS 50 %, for the fine-tuning tests (anchor, distillation)."""

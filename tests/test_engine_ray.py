@@ -1,6 +1,7 @@
 """The Ray engine against a local Ray cluster: same outcomes as the local engine, failures isolated."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -8,6 +9,7 @@ from bridge.run import RunConfig, run_batch
 from inference.phantom.pyramid import write_phantom
 from inference.phantom.scene import PhantomSpec
 from inference.pipeline import PipelineConfig
+from tests.qupath_fakes import stand_in_core
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs the 'ray' extra: pip install 'pdl1-bridge[ray]'")
 
@@ -139,3 +141,72 @@ def test_an_address_where_nothing_listens_fails_in_seconds_naming_the_fix(tmp_pa
     )
     assert calls == []
     assert not (tmp_path / "out").exists()
+
+
+def test_through_qupath_ray_analyses_each_target_as_the_local_engine_does(
+    tmp_path, local_cluster, fake_qupath, monkeypatch
+):
+    # --engine ray analysed every image whole: a dearrayed TMA's cores were scored as one (with a warning), and
+    # --class/--name were refused. The driver now reads each entry's targets, a worker analyses each one's region,
+    # and the driver writes them under their targets: the same objects, measurements, summaries and targets.csv as
+    # the local engine's. An entry whose targets cannot be read fails alone.
+    from shapely.geometry import box
+
+    from bridge import qupath
+    from bridge.engine_ray import run_batch_ray
+    from bridge.init_project import init_project_files
+
+    slides = []
+    for seed, tps in ((55, 60), (56, 10)):
+        path = tmp_path / f"t{seed}.svs"
+        write_phantom(path, PhantomSpec(1024, 1024, seed=seed, tps_percent=tps))
+        slides.append(path)
+    cores = [
+        stand_in_core("A-1", 300, 300, radius_px=200),
+        stand_in_core("A-2", 700, 300, radius_px=200, missing=True),
+    ]
+    cores.append(stand_in_core("B-1", 500, 700, radius_px=250))
+    tumour = SimpleNamespace(name="nest", path_class=SimpleNamespace(id="Tumor"), roi=box(100, 100, 600, 500))
+    # Entry 1 a TMA, entry 2 an annotation of the target class, entry 3 one the target classes miss: it fails alone.
+    monkeypatch.setattr(qupath, "tma_cores", lambda entry: cores if entry.entry_id == "1" else [])
+    monkeypatch.setattr(
+        qupath,
+        "annotation_targets",
+        lambda entry, *, classes=(), names=(): [tumour] if entry.entry_id == "2" else [],
+    )
+    monkeypatch.setattr(qupath, "core_is_analysed", lambda core: False)
+    written = []
+    monkeypatch.setattr(
+        qupath,
+        "write_children",
+        lambda entry, parent, objects, measurements: written.append(
+            (entry.entry_id, parent.name, sorted((o.object_type, o.classification) for o in objects), measurements)
+        ),
+    )
+    pipeline = PipelineConfig(device="cpu")
+    seen = {}
+    for engine in ("local", "ray"):
+        project = tmp_path / engine
+        init_project_files(project, [slides[0], slides[1], slides[1]])
+        config = RunConfig(pipeline=pipeline, qupath="always", target_classes=("Tumor",))
+        written.clear()
+        outcomes = run_batch_ray([project], config) if engine == "ray" else run_batch([project], config)
+        summaries = [json.loads((project / "pdl1" / key / "summary.json").read_text()) for key in ("1", "2")]
+        table = (project / "pdl1" / "targets.csv").read_text()
+        seen[engine] = (outcomes, sorted(written, key=lambda w: (w[0], w[1])), summaries, table)
+    (local, local_written, local_summaries, local_table), (ray_, ray_written, ray_summaries, ray_table) = seen.values()
+    assert [o.state for o in ray_] == ["done", "done", "failed"]
+    assert ray_[2].error == local[2].error and "no annotation of class ('Tumor',)" in ray_[2].error
+    assert [(o.tps_percent, o.candidates, o.review_reasons) for o in ray_] == [
+        (o.tps_percent, o.candidates, o.review_reasons) for o in local
+    ]
+    assert [w[:2] for w in ray_written] == [("1", "A-1"), ("1", "B-1"), ("2", "nest")]
+    assert ray_written == local_written
+    assert ray_table.replace(str(tmp_path / "ray"), "") == local_table.replace(str(tmp_path / "local"), "")
+    for a, b in zip(ray_summaries, local_summaries, strict=True):
+        assert [t["target"] for t in a["targets"]] == [t["target"] for t in b["targets"]]
+        assert (a["tps_percent"], a["nuclei"], a["metadata"].keys()) == (
+            b["tps_percent"],
+            b["nuclei"],
+            b["metadata"].keys(),
+        )

@@ -560,3 +560,42 @@ def test_a_tma_is_analysed_core_by_core_a_missing_core_left_alone_and_a_rerun_re
     after, annotations_after, _, nuclei_after = _cores(project_dir)
     assert {n: kids for n, (_, _, kids) in after.items()} == {n: kids for n, (_, _, kids) in cores.items()}
     assert annotations_after == annotations and nuclei_after == nuclei
+
+
+def test_ray_analyses_a_tma_core_by_core_as_the_local_engine_does(tmp_path, phantom_svs, models):
+    # --engine ray analysed a TMA image whole (one TPS over every core, with a warning). The driver reads the grid
+    # through QuPath, a worker analyses each core, and the driver writes each core's results under it.
+    ray = pytest.importorskip("ray", reason="the Ray engine needs the 'ray' extra: pip install 'pdl1-bridge[ray]'")
+    from paquo.projects import QuPathProject
+
+    from bridge.engine_ray import run_batch_ray
+
+    grid = [("A-1", 550, 550, 900, False), ("A-2", 1500, 550, 900, True), ("B-1", 550, 1500, 900, False)]
+    config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="always")
+    seen = {}
+    for engine in ("local", "ray"):
+        project_dir = tmp_path / engine
+        init_project_qupath(project_dir, [phantom_svs])
+        with QuPathProject(project_dir, mode="r+") as qp:
+            _add_tma_grid(qp.images[0].hierarchy, grid)
+        if engine == "ray":
+            ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
+            try:
+                (done,) = run_batch_ray([project_dir], config)
+            finally:
+                ray.shutdown()
+        else:
+            (done,) = run_batch([project_dir], config, models=models)
+        assert done.state == "done", done.error
+        cores, annotations, metadata, nuclei = _cores(project_dir)
+        metadata.pop("PD-L1 run")
+        table = (project_dir / "pdl1" / "targets.csv").read_text(encoding="utf-8").replace(str(project_dir), "")
+        seen[engine] = (cores, annotations, metadata, nuclei, table)
+    cores = seen["ray"][0]
+    assert [(name, missing, bool(measured)) for name, (missing, measured, _) in cores.items()] == [
+        ("A-1", False, True),
+        ("A-2", True, False),
+        ("B-1", False, True),
+    ]
+    assert "PD-L1 analysis" not in seen["ray"][1]  # no whole-image parent
+    assert seen["ray"] == seen["local"]

@@ -19,6 +19,7 @@ from inference.phantom.pyramid import write_phantom
 from inference.phantom.scene import PhantomSpec
 from inference.pipeline import Models, PipelineConfig
 from tests.helpers import JavaPathObject, paquo_stand_ins
+from tests.qupath_fakes import stand_in_core
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "qupath_scripts"
 CONTRACT_PARENT = {
@@ -521,74 +522,6 @@ def test_a_projects_orphans_include_backup_copies_and_stale_lock_holders(tmp_pat
     os.utime(orphans[2], (old, old))
     assert sorted(remove_orphan_parts(project, plain_slides=False)) == sorted(orphans)
     assert all(p.exists() for p in kept)
-
-
-# Writing into a project through QuPath, with paquo's objects replaced by fakes that save as QuPath does:
-# what the bridge does around them (backups, resume, when the project file is saved) needs no QuPath.
-
-
-class _FakeEntry:
-    def __init__(self, folder: Path, image: dict, qpdata: bytes):
-        self.entry_id = str(image["entryID"])
-        self.image_name = image["imageName"]
-        self.entry_path = folder / "data" / self.entry_id
-        self.metadata: dict[str, str] = dict(image["metadata"])
-        self.qpdata = qpdata
-
-    def save(self) -> None:  # QuPath writes the entry's objects
-        (self.entry_path / "data.qpdata").write_bytes(self.qpdata)
-
-    def is_readable(self) -> bool:  # paquo saves only an entry whose image is at its URI
-        return True
-
-    @property
-    def hierarchy(self) -> object:  # QuPath reads data.qpdata, a damaged one as an empty image (raising nothing)
-        return object()
-
-
-class _FakeProject:
-    def __init__(self, folder: Path, qpdata: bytes):
-        self.qpproj = folder / "project.qpproj"
-        self.images = [_FakeEntry(folder, i, qpdata) for i in json.loads(self.qpproj.read_text())["images"]]
-        self.saves = 0
-
-    def save(self, images: bool = True) -> None:  # QuPath rewrites project.qpproj with the entries' metadata
-        assert not images
-        self.saves += 1
-        raw = json.loads(self.qpproj.read_text())
-        for image, entry in zip(raw["images"], self.images, strict=True):
-            image["metadata"] = entry.metadata
-        self.qpproj.write_text(json.dumps(raw))
-
-
-@pytest.fixture
-def fake_qupath(monkeypatch, fixtures_dir):
-    """paquo's side faked; returns the hierarchy reads and the projects opened."""
-    from contextlib import contextmanager
-
-    from bridge import qupath
-
-    qpdata = next((fixtures_dir / "qupath-0.4.4-labels" / "project" / "data").glob("*/data.qpdata")).read_bytes()
-    seen: dict = {"read": [], "projects": [], "qpdata": qpdata}
-
-    @contextmanager
-    def open_project(path, *, mode="r+"):
-        seen["projects"].append(_FakeProject(Path(path).parent, qpdata))  # as run passes it: the .qpproj
-        yield seen["projects"][-1]
-
-    def annotation_targets(entry, *, classes=(), names=()):
-        seen["read"].append(entry.entry_id)  # QuPath reads data.qpdata here
-        return []
-
-    monkeypatch.setattr(qupath, "qupath_available", lambda: (True, ""))
-    monkeypatch.setattr(qupath, "open_project", open_project)
-    monkeypatch.setattr(qupath, "ensure_classes", lambda project: None)
-    monkeypatch.setattr(qupath, "annotation_targets", annotation_targets)
-    monkeypatch.setattr(qupath, "tma_cores", lambda entry: [])  # no TMA grid
-    monkeypatch.setattr(qupath, "remove_whole_image_analysis", lambda entry: 0)
-    monkeypatch.setattr(qupath, "find_or_create_analysis_parent", lambda entry, geometry: object())
-    monkeypatch.setattr(qupath, "write_children", lambda entry, parent, objects, measurements: 0)
-    return seen
 
 
 def test_through_qupath_a_damaged_entry_keeps_its_backup_and_resume_checks_what_it_skips(
@@ -1241,17 +1174,6 @@ def test_a_full_disk_fails_the_image_naming_the_file_and_the_fix_and_the_batch_g
     )
 
 
-def _stand_in_core(name, x, y, *, radius_px, missing=False):
-    """A TMA core as bridge.qupath.tma_cores hands it out: paquo's wrapper of a round core, its Java object answering
-    TMACoreObject.isMissing()."""
-    from types import SimpleNamespace
-
-    import shapely
-
-    java = SimpleNamespace(isMissing=lambda: missing)
-    return SimpleNamespace(name=name, path_class=None, roi=shapely.Point(x, y).buffer(radius_px), java_object=java)
-
-
 def test_through_qupath_a_tma_is_analysed_core_by_core_and_its_table_has_a_row_per_core(
     tmp_path, slides, models, fake_qupath, monkeypatch, caplog
 ):
@@ -1262,13 +1184,13 @@ def test_through_qupath_a_tma_is_analysed_core_by_core_and_its_table_has_a_row_p
     from bridge import qupath
 
     def core(name, x, y, *, missing=False):
-        return _stand_in_core(name, x, y, radius_px=300, missing=missing)
+        return stand_in_core(name, x, y, radius_px=300, missing=missing)
 
     # B-1 small, with fewer than 100 tumour cells: a review reason the first core does not have.
     cores = [
         core("A-1", 400, 400),
         core("A-2", 1100, 400, missing=True),
-        _stand_in_core("B-1", 400, 1100, radius_px=120),
+        stand_in_core("B-1", 400, 1100, radius_px=120),
     ]
     written = []
     children = {}  # each core's objects as QuPath gets them
@@ -1393,7 +1315,7 @@ def test_through_qupath_a_review_in_a_tma_s_second_core_is_read_for_training(
     from bridge.qupath_geojson import to_feature
     from bridge.targets import read_target_regions
 
-    cores = [_stand_in_core("A-1", 400, 1100, radius_px=120), _stand_in_core("A-2", 400, 400, radius_px=300)]
+    cores = [stand_in_core("A-1", 400, 1100, radius_px=120), stand_in_core("A-2", 400, 400, radius_px=300)]
     children = {}  # each core's objects as QuPath gets them
     monkeypatch.setattr(qupath, "tma_cores", lambda entry: cores)
     monkeypatch.setattr(
@@ -1457,7 +1379,7 @@ def test_through_qupath_a_tma_case_is_compared_core_by_core_in_pairs_json_its_cs
     from bridge.cli.common import pairs_table
 
     def core(name, x, y, *, missing=False):
-        return _stand_in_core(name, x, y, radius_px=420, missing=missing)
+        return stand_in_core(name, x, y, radius_px=420, missing=missing)
 
     grids = {
         "he_271.svs": [core("A-1", 520, 520), core("A-2", 1520, 520), core("B-1", 520, 1520), core("C-9", 1520, 1520)],

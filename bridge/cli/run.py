@@ -80,7 +80,7 @@ def _run_ray_with_progress(inputs, run_config, *, address, progress: bool):
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
     )
     # The bar starts with the first image finished, as the local engine's with the first begun: one started at
-    # once stayed an empty 'images (ray) 0/?' above a refusal (--class with Ray) or a --resume that skipped all.
+    # once stayed an empty 'images (ray) 0/?' above a refusal (nothing at --address) or a --resume that skipped all.
     images: list[int] = []
 
     def on_image(done: int, n: int, name: str) -> None:

@@ -149,9 +149,35 @@ def run_batch_ray(
         to_files = ray.remote(num_gpus=gpus, max_retries=max_retries, retry_exceptions=False)(analyse_to_files)
         to_results = ray.remote(num_gpus=gpus, max_retries=max_retries, retry_exceptions=False)(analyse_regions)
 
+        # Tasks in flight at most: enough to keep every worker busy, few enough that results the driver has not yet
+        # written (an image's through QuPath: its nuclei and maps, hundreds of MB for a whole slide) do not pile up
+        # in the object store while it reads the other entries' targets or writes into the project.
+        limit = 2 * max(1, int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1)))
         outcomes: dict[str, ImageOutcome] = {}
         pending: dict[Any, tuple[_Job, float, Any]] = {}  # a task: its image, its start, its entry's targets or files
         qp_session = _QuPathSession(project) if use_qupath else None
+
+        def collect_one() -> None:
+            """Wait for a task, and write and record its image (the driver's part: QuPath, files, status)."""
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            job, t0, found = pending.pop(ready[0])
+            try:
+                if qp_session is not None:
+                    results, rows = qp_session.write(job, config, found, ray.get(ready[0]))
+                    outcome = write_image_files(job, config, project, status_folder, results, rows, t0)
+                else:
+                    summary = ray.get(ready[0])
+                    outcome = outcome_from_summary(job.key, job.name, summary, time.perf_counter() - t0, found)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as err:  # recorded per image; the batch goes on
+                outcomes[job.key] = _failed(job, status, getattr(err, "cause", None) or err, t0)
+            else:
+                outcomes[job.key] = outcome
+                status.record(job.key, state="done", image=job.name, run_id=outcome.run_id, seconds=outcome.seconds)
+            if on_image is not None:
+                on_image(len(outcomes), len(jobs), job.name)
+
         try:
             for job in jobs:
                 if config.resume and resume_skips(job, status, project, written_by_qupath=use_qupath):
@@ -174,29 +200,10 @@ def run_batch_ray(
                     raise
                 except Exception as err:  # recorded per image; the batch goes on
                     outcomes[job.key] = _failed(job, status, err, t0)
-
-            finished = len(outcomes)
+                while len(pending) >= limit:
+                    collect_one()
             while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                ref = ready[0]
-                job, t0, found = pending.pop(ref)
-                try:
-                    if qp_session is not None:
-                        results, rows = qp_session.write(job, config, found, ray.get(ref))
-                        outcome = write_image_files(job, config, project, status_folder, results, rows, t0)
-                    else:
-                        summary = ray.get(ref)
-                        outcome = outcome_from_summary(job.key, job.name, summary, time.perf_counter() - t0, found)
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except Exception as err:  # recorded per image; the batch goes on
-                    outcomes[job.key] = _failed(job, status, getattr(err, "cause", None) or err, t0)
-                else:
-                    outcomes[job.key] = outcome
-                    status.record(job.key, state="done", image=job.name, run_id=outcome.run_id, seconds=outcome.seconds)
-                finished += 1
-                if on_image is not None:
-                    on_image(finished, len(jobs), job.name)
+                collect_one()
         finally:
             if qp_session is not None:
                 qp_session.close()

@@ -210,3 +210,26 @@ def test_through_qupath_ray_analyses_each_target_as_the_local_engine_does(
             b["nuclei"],
             b["metadata"].keys(),
         )
+
+
+def test_the_driver_keeps_at_most_twice_the_clusters_workers_in_flight(tmp_path, local_cluster, monkeypatch):
+    # Every image was submitted before any result was collected: through QuPath each result holds an image's nuclei
+    # and maps (hundreds of MB for a whole slide), and they piled up in the object store while the driver read the
+    # other entries' targets. Progress comes as each image is written, in the order they finish.
+    from bridge.engine_ray import run_batch_ray
+
+    slides = []
+    for seed in range(57, 62):
+        path = tmp_path / f"f{seed}.svs"
+        write_phantom(path, PhantomSpec(1024, 1024, seed=seed, tps_percent=40))
+        slides.append(path)
+    in_flight = []
+    wait = ray.wait
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1.0})  # one worker: two tasks in flight
+    monkeypatch.setattr(ray, "wait", lambda refs, **kw: in_flight.append(len(refs)) or wait(refs, **kw))
+    seen = []
+    config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="never", out=tmp_path / "out")
+    outcomes = run_batch_ray(slides, config, on_image=lambda done, n, name: seen.append((done, n)))
+    assert [o.state for o in outcomes] == ["done"] * 5
+    assert in_flight == [2, 2, 2, 2, 1]
+    assert seen == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]

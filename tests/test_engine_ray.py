@@ -201,7 +201,10 @@ def test_through_qupath_ray_analyses_each_target_as_the_local_engine_does(
         (o.tps_percent, o.candidates, o.review_reasons) for o in local
     ]
     assert [w[:2] for w in ray_written] == [("1", "A-1"), ("1", "B-1"), ("2", "nest")]
-    assert ray_written == local_written
+    # The same numbers (workers run torch on one thread each, the local engine on all: equal to rounding at most).
+    assert [w[:3] for w in ray_written] == [w[:3] for w in local_written]
+    for a, b in zip(ray_written, local_written, strict=True):
+        assert a[3] == pytest.approx(b[3], rel=1e-6, nan_ok=True)
     assert ray_table.replace(str(tmp_path / "ray"), "") == local_table.replace(str(tmp_path / "local"), "")
     for a, b in zip(ray_summaries, local_summaries, strict=True):
         assert [t["target"] for t in a["targets"]] == [t["target"] for t in b["targets"]]

@@ -27,6 +27,7 @@ from bridge.run import (
     EntryTargets,
     ImageOutcome,
     RunConfig,
+    RunInterrupted,
     _compare_pairs,
     _Job,
     _jobs,
@@ -204,6 +205,11 @@ def run_batch_ray(
                     collect_one()
             while pending:
                 collect_one()
+        except KeyboardInterrupt:
+            for ref in pending:  # else they go on using the cluster for results nobody writes
+                ray.cancel(ref)
+            # Each image is written as its task finishes: those are kept, and the table shows them.
+            raise RunInterrupted([outcomes[j.key] for j in jobs if j.key in outcomes], None, len(jobs)) from None
         finally:
             if qp_session is not None:
                 qp_session.close()

@@ -742,7 +742,8 @@ def _compare_pairs(
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C during a run (a KeyboardInterrupt, so what stops on one stops on it): ``outcomes``, the images finished
     or skipped before it (their files written and recorded), and ``stopped``, the image in progress (None between
-    images), whose files are left as they were; ``total``, the images of the run. ``pdl1 run`` shows their table."""
+    images, or with several in progress on Ray), whose files are left as they were; ``total``, the images of the run.
+    ``pdl1 run`` shows their table."""
 
     def __init__(self, outcomes: Sequence[ImageOutcome], stopped: str | None, total: int) -> None:
         super().__init__()

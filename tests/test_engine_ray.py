@@ -236,3 +236,30 @@ def test_the_driver_keeps_at_most_twice_the_clusters_workers_in_flight(tmp_path,
     assert [o.state for o in outcomes] == ["done"] * 5
     assert in_flight == [2, 2, 2, 2, 1]
     assert seen == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+
+
+def test_ctrl_c_keeps_the_images_written_names_them_and_cancels_the_tasks_in_flight(
+    tmp_path, local_cluster, monkeypatch
+):
+    # A Ctrl-C said only "the images finished before it are written", with no table of them, and the tasks in flight
+    # went on using the cluster for results nobody would write.
+    from bridge.engine_ray import run_batch_ray
+    from bridge.run import RunInterrupted
+
+    slides = []
+    for seed in range(62, 65):
+        path = tmp_path / f"c{seed}.svs"
+        write_phantom(path, PhantomSpec(1024, 1024, seed=seed, tps_percent=40))
+        slides.append(path)
+    cancelled = []
+    monkeypatch.setattr(ray, "cancel", lambda ref, **kw: cancelled.append(ref))
+
+    def stop(done, n, name):
+        raise KeyboardInterrupt
+
+    config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="never", out=tmp_path / "out")
+    with pytest.raises(RunInterrupted) as stopped:
+        run_batch_ray(slides, config, on_image=stop)
+    (first,) = stopped.value.outcomes
+    assert first.state == "done" and (tmp_path / "out" / f"{first.name.removesuffix('.svs')}.geojson").is_file()
+    assert (stopped.value.stopped, stopped.value.total, len(cancelled)) == (None, 3, 2)

@@ -150,10 +150,13 @@ def run_batch_ray(
         to_files = ray.remote(num_gpus=gpus, max_retries=max_retries, retry_exceptions=False)(analyse_to_files)
         to_results = ray.remote(num_gpus=gpus, max_retries=max_retries, retry_exceptions=False)(analyse_regions)
 
-        # Tasks in flight at most: enough to keep every worker busy, few enough that results the driver has not yet
-        # written (an image's through QuPath: its nuclei and maps, hundreds of MB for a whole slide) do not pile up
-        # in the object store while it reads the other entries' targets or writes into the project.
-        limit = 2 * max(1, int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1)))
+        def limit() -> int:
+            """Tasks in flight at most: enough to keep every worker busy, few enough that results the driver has not
+            yet written (an image's through QuPath: its nuclei and maps, hundreds of MB for a whole slide) do not pile
+            up in the object store while it reads the other entries' targets or writes into the project. Counted
+            anew for each image: an autoscaling cluster (its head node holding no CPUs) grows with the tasks waiting."""
+            return 2 * max(1, int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1)))
+
         outcomes: dict[str, ImageOutcome] = {}
         pending: dict[Any, tuple[_Job, float, Any]] = {}  # a task: its image, its start, its entry's targets or files
         qp_session = _QuPathSession(project) if use_qupath else None
@@ -201,7 +204,7 @@ def run_batch_ray(
                     raise
                 except Exception as err:  # recorded per image; the batch goes on
                     outcomes[job.key] = _failed(job, status, err, t0)
-                while len(pending) >= limit:
+                while len(pending) >= limit():
                     collect_one()
             while pending:
                 collect_one()

@@ -638,8 +638,8 @@ def _analysed_as(rows: list[TargetRow]) -> str:
     if any(r.target_type == "annotation" for r in rows):
         return "by its annotations (target annotations come before the TMA cores)"
     return (
-        "whole: its TMA grid, if it has one, was not seen (`pdl1 run` without QuPath and --engine ray analyse "
-        "whole images); run it through QuPath or pdl1_analyze.groovy"
+        "whole: its TMA grid, if it has one, was not seen (`pdl1 run` without QuPath analyses whole images, and so "
+        "did --engine ray through QuPath before 2026-12-06); run it through QuPath or pdl1_analyze.groovy"
     )
 
 

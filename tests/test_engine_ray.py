@@ -236,6 +236,13 @@ def test_the_driver_keeps_at_most_twice_the_clusters_workers_in_flight(tmp_path,
     assert [o.state for o in outcomes] == ["done"] * 5
     assert in_flight == [2, 2, 2, 2, 1]
     assert seen == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+    # An autoscaling cluster's head holds no CPUs: the limit grows as the cluster does (counted once, it stayed 2, and
+    # the autoscaler, which adds nodes for the tasks waiting, saw two).
+    grows = iter([{}, {}, {}])  # the GPU check, then the first two images: no CPUs yet
+    monkeypatch.setattr(ray, "cluster_resources", lambda: next(grows, {"CPU": 2.0}))
+    in_flight.clear()
+    run_batch_ray(slides, config)
+    assert in_flight == [2, 4, 3, 2, 1]
 
 
 def test_ctrl_c_keeps_the_images_written_names_them_and_cancels_the_tasks_in_flight(
@@ -263,3 +270,49 @@ def test_ctrl_c_keeps_the_images_written_names_them_and_cancels_the_tasks_in_fli
     (first,) = stopped.value.outcomes
     assert first.state == "done" and (tmp_path / "out" / f"{first.name.removesuffix('.svs')}.geojson").is_file()
     assert (stopped.value.stopped, stopped.value.total, len(cancelled)) == (None, 3, 2)
+
+
+def test_through_qupath_an_image_failing_in_its_worker_or_its_writing_fails_alone_as_on_the_local_engine(
+    tmp_path, local_cluster, fake_qupath, monkeypatch
+):
+    # Entry 1's results cannot be written into QuPath (its data restored from the backup), entry 2's target lies
+    # outside the image (its worker fails); entry 3 is written. The same outcomes and messages on both engines.
+    from shapely.geometry import box
+
+    from bridge import qupath
+    from bridge.engine_ray import run_batch_ray
+    from bridge.init_project import init_project_files
+
+    slide = tmp_path / "s.svs"
+    write_phantom(slide, PhantomSpec(1024, 1024, seed=55, tps_percent=40))
+    outside = SimpleNamespace(name="far", path_class=SimpleNamespace(id="Tumor"), roi=box(5000, 5000, 6000, 6000))
+    inside = SimpleNamespace(name="near", path_class=SimpleNamespace(id="Tumor"), roi=box(100, 100, 600, 500))
+    monkeypatch.setattr(
+        qupath, "annotation_targets", lambda entry, **kw: [outside] if entry.entry_id == "2" else [inside]
+    )
+    restored = []
+    monkeypatch.setattr(qupath, "restore_data", lambda entry, backup: restored.append(entry.entry_id))
+
+    def write_children(entry, parent, objects, measurements):
+        if entry.entry_id == "1":
+            raise RuntimeError("the disk is full")
+
+    monkeypatch.setattr(qupath, "write_children", write_children)
+    config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="always", target_classes=("Tumor",))
+    seen = {}
+    for engine, run in (("local", run_batch), ("ray", run_batch_ray)):
+        project = tmp_path / engine
+        init_project_files(project, [slide] * 3)
+        restored.clear()
+        outcomes = run([project], config)
+        status = json.loads((project / "pdl1" / "status.json").read_text())
+        seen[engine] = ([(o.state, o.error) for o in outcomes], list(restored), status["images"].keys())
+    assert seen["ray"] == seen["local"]
+    (first, second, third), restored_ray, _ = seen["ray"]
+    assert first == ("failed", "RuntimeError: the disk is full") and restored_ray == ["1"]
+    assert second == (
+        "failed",
+        "ROI (5000, 5000)-(6000, 6000) lies outside the image of 1024x1024 px; ROI coordinates "
+        "must be level-0 pixels of this image",
+    )
+    assert third == ("done", None)

@@ -416,7 +416,8 @@ def test_a_case_analysed_core_by_core_on_one_side_only_says_how_the_other_was_an
     assert cores == () and list(record) == ["why_cores_not_compared"]
     assert record["why_cores_not_compared"].startswith(
         "only the H&E (he.svs) was analysed core by core; ihc.svs was analysed whole: its TMA grid, if it has one, "
-        "was not seen (`pdl1 run` without QuPath and --engine ray analyse whole images)"
+        "was not seen (`pdl1 run` without QuPath analyses whole images, and so did --engine ray through QuPath "
+        "before 2026-12-06)"
     )
     record, _ = case_cores({"image": "old.svs"}, tma, he_name="old.svs", ihc_name="ihc.svs")
     assert record["why_cores_not_compared"] == (

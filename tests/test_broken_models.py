@@ -118,18 +118,21 @@ def test_a_broken_ihc_model_fails_the_ihc_images_only(ihc_pair, broken_ihc, tmp_
 
 
 def test_the_service_still_checks_the_h_and_e_models_at_start_up(broken_seg, tmp_path):
-    from fastapi.testclient import TestClient
+    import asyncio
 
     from bridge.service import ServiceSettings, create_app
 
     settings = ServiceSettings(
         allow_roots=(tmp_path,), pipeline=PipelineConfig(device="cpu", seg_model_dir=str(broken_seg))
     )
-    with (
-        pytest.raises(ModelFileError, match=r"member_02\.safetensors: sha256 .* does not match"),
-        TestClient(create_app(settings)),
-    ):
-        pass
+    app = create_app(settings)
+
+    async def start_up() -> None:  # what uvicorn runs before it serves (Starlette's TestClient needs httpx2 now)
+        async with app.router.lifespan_context(app):
+            pass
+
+    with pytest.raises(ModelFileError, match=r"member_02\.safetensors: sha256 .* does not match"):
+        asyncio.run(start_up())
 
 
 def test_pdl1_serve_with_a_broken_model_says_so_and_exits_before_the_server_starts(broken_seg, tmp_path):

@@ -22,7 +22,7 @@ from typing import Any
 
 from shapely.geometry.base import BaseGeometry
 
-from bridge.project import ProjectError, status_for_run
+from bridge.project import ProjectError, RunStatus, status_for_run
 from bridge.run import (
     EntryTargets,
     ImageOutcome,
@@ -223,7 +223,7 @@ def run_batch_ray(
         return ordered
 
 
-def _failed(job: _Job, status: Any, err: BaseException, t0: float) -> ImageOutcome:
+def _failed(job: _Job, status: RunStatus, err: BaseException, t0: float) -> ImageOutcome:
     """An image that failed (a Ray task's error unwrapped to its cause), recorded for the closing table and --resume."""
     message = failure_message(err)
     log.debug("image %s failed:\n%s", job.name, traceback.format_exc())

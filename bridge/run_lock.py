@@ -39,6 +39,7 @@ STALE_UNREADABLE_S = 60.0  # an empty or unreadable lock older than this is left
 # together, or a run started during a read, wait for it rather than fail. A run's lock (hours) is never waited for.
 WAIT_FOR_SHORT_HOLDER_S = 600.0
 _POLL_S = 0.5
+_REWRITE_TRIES = 3  # a waiting holder's file written again, where its folder goes between making it and writing
 
 
 class RunLockBusyError(ProjectError):
@@ -77,6 +78,27 @@ def _write_holder(path: Path, me: dict[str, Any]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+def _kept_fresh(tmp: Path, path: Path, me: dict[str, Any], lock: str) -> Path:
+    """A waiting holder's file ``tmp`` touched: the lock holder's remove_orphan_parts takes one a minute old for a
+    dead run's. Written again where it was taken all the same, and the pdl1 folder with it, which a read that made it
+    removes when it leaves it empty (also between making it again and writing into it: a few tries)."""
+    try:
+        os.utime(tmp)
+        return tmp
+    except FileNotFoundError:
+        pass
+    for _ in range(_REWRITE_TRIES):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return _write_holder(path, me)
+        except FileNotFoundError:
+            continue
+    raise ProjectError(
+        f"{path.parent}: the folder of the {lock} was removed {_REWRITE_TRIES} times while this command waited to "
+        "take it; nothing was started: run again once nothing else works on the project"
+    )
 
 
 def _place(tmp: Path, path: Path) -> None:
@@ -295,14 +317,7 @@ def _held(
                             "%s: %s (%s); waiting for it to finish (up to %.0f s)", path, theirs, _who(holder), wait_s
                         )
                     time.sleep(_POLL_S)
-                    # Kept fresh while it waits: the holder's remove_orphan_parts takes one a minute old for a dead
-                    # run's. Written again if it was taken all the same (and the pdl1 folder, which a read that made
-                    # it removes when it leaves it empty).
-                    try:
-                        os.utime(tmp)
-                    except FileNotFoundError:
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                        tmp = _write_holder(path, me)
+                    tmp = _kept_fresh(tmp, path, me, lock)
                     continue
                 said = busy(_who(holder), theirs)
                 if waiting:

@@ -323,3 +323,36 @@ def test_a_file_named_pdl1_where_its_folder_goes_leaves_the_read_alone(tmp_path)
     with project_read_lock(tmp_path, reader="pdl1 train"):
         pass
     assert (tmp_path / "pdl1").read_text() == "notes"
+
+
+def test_a_waiting_holder_whose_folder_goes_again_while_it_writes_its_file_tries_again(tmp_path, monkeypatch):
+    # The read holding the lock removes the pdl1 folder it made when it leaves it empty, also between the waiting
+    # holder making the folder again and writing its file there: that FileNotFoundError came out as a traceback.
+    real_sleep, real_write, writes = time.sleep, run_lock_module._write_holder, []
+
+    def sleep(seconds):
+        for leftover in (tmp_path / "pdl1").glob("run.lock.*.tmp"):
+            leftover.unlink()
+        real_sleep(seconds)
+
+    def write_holder(path, me):
+        writes.append(path)
+        if len(writes) == 2:  # the first rewrite: the folder went again just before it
+            raise FileNotFoundError(2, "No such file or directory")
+        return real_write(path, me)
+
+    monkeypatch.setattr(run_lock_module.time, "sleep", sleep)
+    monkeypatch.setattr(run_lock_module, "_write_holder", write_holder)
+    with _read_elsewhere(tmp_path, 1.0) as other, run_lock(tmp_path, wait_s=60) as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        assert other.wait(timeout=30) == 0
+    assert len(writes) >= 3 and not list((tmp_path / "pdl1").glob("run.lock*"))
+
+    # A folder that keeps going is refused, saying so, not with a traceback.
+    def folder_gone(path, me):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(run_lock_module, "_write_holder", folder_gone)
+    path = tmp_path / "pdl1" / "run.lock"
+    with pytest.raises(ProjectError, match=r"the folder of the run lock was removed 3 times while this command waited"):
+        run_lock_module._kept_fresh(tmp_path / "gone.tmp", path, {}, "run lock")

@@ -512,7 +512,8 @@ def _serve(args: list[str], env: dict[str, str] | None = None):
 
     if "--port" not in args:  # not the default 8765, which another service on this machine may hold
         args = [*args, "--port", str(free_port())]
-    result = CliRunner().invoke(app, ["serve", *args], env=env)
+    # Wide enough that Rich's error box never breaks a long path (a longer TMPDIR than /tmp broke these tests).
+    result = CliRunner().invoke(app, ["serve", *args], env={"COLUMNS": "1000", **(env or {})})
     return result, " ".join(result.output.replace("│", " ").split())
 
 

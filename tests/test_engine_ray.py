@@ -14,6 +14,16 @@ from tests.qupath_fakes import stand_in_core
 ray = pytest.importorskip("ray", reason="the Ray engine needs the 'ray' extra: pip install 'pdl1-bridge[ray]'")
 
 
+def _phantoms(folder, prefix: str, seeds) -> list:
+    """A 1024² phantom at TPS 40 % per seed, ``<prefix><seed>.svs`` in ``folder``."""
+    slides = []
+    for seed in seeds:
+        path = folder / f"{prefix}{seed}.svs"
+        write_phantom(path, PhantomSpec(1024, 1024, seed=seed, tps_percent=40))
+        slides.append(path)
+    return slides
+
+
 @pytest.fixture(scope="module")
 def local_cluster():
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
@@ -221,11 +231,7 @@ def test_the_driver_keeps_at_most_twice_the_clusters_workers_in_flight(tmp_path,
     # other entries' targets. Progress comes as each image is written, in the order they finish.
     from bridge.engine_ray import run_batch_ray
 
-    slides = []
-    for seed in range(57, 62):
-        path = tmp_path / f"f{seed}.svs"
-        write_phantom(path, PhantomSpec(1024, 1024, seed=seed, tps_percent=40))
-        slides.append(path)
+    slides = _phantoms(tmp_path, "f", range(57, 62))
     in_flight = []
     wait = ray.wait
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1.0})  # one worker: two tasks in flight
@@ -253,11 +259,7 @@ def test_ctrl_c_keeps_the_images_written_names_them_and_cancels_the_tasks_in_fli
     from bridge.engine_ray import run_batch_ray
     from bridge.run import RunInterrupted
 
-    slides = []
-    for seed in range(62, 65):
-        path = tmp_path / f"c{seed}.svs"
-        write_phantom(path, PhantomSpec(1024, 1024, seed=seed, tps_percent=40))
-        slides.append(path)
+    slides = _phantoms(tmp_path, "c", range(62, 65))
     cancelled = []
     monkeypatch.setattr(ray, "cancel", lambda ref, **kw: cancelled.append(ref))
 

@@ -26,6 +26,7 @@ def test_a_slide_cut_short_by_an_interrupted_copy_is_named_as_such(tmp_path, who
     assert f"but the file has {len(data) * 6 // 10:,} bytes" in str(err.value)
 
 
+@pytest.mark.filterwarnings("ignore:Truncated File Read")  # Pillow's, on the cut-off TIFF; pdl1's CLI hides it too
 @pytest.mark.parametrize(
     ("name", "content", "sign"),
     [
@@ -48,3 +49,23 @@ def test_a_file_of_another_kind_is_not_called_damaged(tmp_path):
     with pytest.raises(SlideFormatError, match=r"expected a whole-slide format") as err:
         open_slide(path)
     assert "damaged" not in str(err.value)
+
+
+def test_pdl1_run_on_a_cut_off_slide_says_only_its_own_words(tmp_path, whole):
+    # Pillow's "UserWarning: Truncated File Read", with a line of its source in site-packages, came first.
+    import subprocess
+    import sys
+
+    path = tmp_path / "head.svs"
+    path.write_bytes(whole.read_bytes()[:100])
+    code = "from bridge.cli.app import app; app()"
+    out = subprocess.run(
+        [sys.executable, "-c", code, "run", str(path), "--out", str(tmp_path / "out"), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "head.svs: neither OpenSlide nor Pillow can read it" in out.stderr
+    assert "the file looks damaged or truncated" in out.stderr
+    assert "Truncated File Read" not in out.stderr and "UserWarning" not in out.stderr, out.stderr

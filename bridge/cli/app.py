@@ -6,6 +6,7 @@ Importing this module is cheap: models, torch and slide readers load inside the 
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Annotated
 
 import typer
@@ -34,6 +35,9 @@ def main(
     if not isinstance(level, int):
         raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # Pillow's warning on a cut-off TIFF, with a line of its own source, came before the message that names the
+    # damage and the fix (inference.slides.slide.damage_advice); that one is enough.
+    warnings.filterwarnings("ignore", message="Truncated File Read", category=UserWarning, module=r"PIL\.")
     tune_allocator()  # before any model runs: tile buffers stay in the process (inference.allocator)
     tune_openmp()  # before torch loads: its threads stop spinning beside other busy processes (inference.openmp)
 

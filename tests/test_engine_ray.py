@@ -174,8 +174,8 @@ def test_through_qupath_ray_analyses_each_target_as_the_local_engine_does(
     cores = [
         stand_in_core("A-1", 300, 300, radius_px=200),
         stand_in_core("A-2", 700, 300, radius_px=200, missing=True),
+        stand_in_core("B-1", 500, 700, radius_px=250),
     ]
-    cores.append(stand_in_core("B-1", 500, 700, radius_px=250))
     tumour = SimpleNamespace(name="nest", path_class=SimpleNamespace(id="Tumor"), roi=box(100, 100, 600, 500))
     # Entry 1 a TMA, entry 2 an annotation of the target class, entry 3 one the target classes miss: it fails alone.
     monkeypatch.setattr(qupath, "tma_cores", lambda entry: cores if entry.entry_id == "1" else [])
@@ -285,8 +285,7 @@ def test_through_qupath_an_image_failing_in_its_worker_or_its_writing_fails_alon
     from bridge.engine_ray import run_batch_ray
     from bridge.init_project import init_project_files
 
-    slide = tmp_path / "s.svs"
-    write_phantom(slide, PhantomSpec(1024, 1024, seed=55, tps_percent=40))
+    (slide,) = _phantoms(tmp_path, "s", [55])
     outside = SimpleNamespace(name="far", path_class=SimpleNamespace(id="Tumor"), roi=box(5000, 5000, 6000, 6000))
     inside = SimpleNamespace(name="near", path_class=SimpleNamespace(id="Tumor"), roi=box(100, 100, 600, 500))
     monkeypatch.setattr(

@@ -27,7 +27,7 @@ from bridge.service import ServiceSettings
 from inference import open_slide
 from inference.pipeline import Models, PipelineConfig
 from tests.service_helpers import free_port, served, wait_for_job
-from tests.test_groovy_scripts import ANALYZE, groovy_command, helpers, needs_groovy, run_groovy
+from tests.test_groovy_scripts import ANALYZE, groovy_command, groovy_run, helpers, needs_groovy, run_groovy
 
 MODELS = [  # what GET /v1/models lists of the shipped models (task, stain, input_mpp, tile_size_px)
     {"task": "segmentation", "stain": "H&E", "input_mpp": 2.0, "tile_size_px": 256},
@@ -587,12 +587,7 @@ def _run_script(tmp_path: Path, setup: dict) -> tuple[list[str], dict]:
     """pdl1_analyze.groovy run whole with the stand-ins: its log lines, and what the stand-ins recorded."""
     (tmp_path / "run.groovy").write_text(RUN_SCRIPT)
     (tmp_path / "setup.json").write_text(json.dumps({"script": str(ANALYZE), **setup}))
-    out = subprocess.run(
-        groovy_command(tmp_path / "run.groovy", str(tmp_path / "setup.json"), stand_ins=True),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = groovy_run(tmp_path / "run.groovy", str(tmp_path / "setup.json"), stand_ins=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
     return [line for line in lines if line.startswith("pdl1:")], json.loads(lines[-1])

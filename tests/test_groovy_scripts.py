@@ -3,14 +3,19 @@
 QuPath 0.4.4 to 0.6 run Groovy 4; QuPath 0.7 runs Groovy 5.0.4 (gradle/libs.versions.toml at v0.7.0), not available
 here. pdl1_analyze.groovy keeps what can run without QuPath between two marker lines: the pdl1-config.toml
 reader, the transformed-view check and the entry-metadata write. These tests run that part with fake
-QuPath objects, and check the reader against tomllib and bridge.project_config on the same files.
+QuPath objects, and check the reader against tomllib and bridge.project_config on the same files. The scripts run
+one after another in one JVM (:func:`groovy_run`, tests/groovy_runner.groovy), as QuPath runs its scripts.
 """
 
+import atexit
+import collections
 import json
 import os
+import queue
 import re
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -29,6 +34,7 @@ SETUP = SCRIPTS / "pdl1_setup_classes.groovy"
 BEGIN = "// ---- helpers: plain Groovy"
 END = "// ---- end of helpers"
 STAND_INS = Path(__file__).resolve().parent / "qupath_stand_ins"  # QuPath classes, as the whole scripts call them
+RUNNER = Path(__file__).resolve().parent / "groovy_runner.groovy"
 
 
 def _groovy_classpath() -> str | None:
@@ -53,8 +59,9 @@ def _groovy_major(jar: str) -> int:
 
 
 CLASSPATH = _groovy_classpath()
-# Each test starts a JVM for one short script: the client compiler alone and the serial collector start it and
-# compile the script in about two thirds of the default's time and half its CPU (measured on 2 cores, Java 17).
+# The tests run their scripts in one JVM (groovy_run), and start a JVM of their own for a few: the client compiler
+# alone and the serial collector start one and compile a script in about two thirds of the default's time and half
+# its CPU (measured on 2 cores, Java 17).
 JVM_FLAGS = ("-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC")
 
 
@@ -62,6 +69,60 @@ def groovy_command(script: Path, *args: str, stand_ins: bool = False) -> list[st
     """The command that runs ``script`` (with ``args``) on the Groovy jars, and the QuPath stand-ins where asked."""
     classpath = f"{CLASSPATH}{os.pathsep}{STAND_INS}" if stand_ins else str(CLASSPATH)
     return ["java", *JVM_FLAGS, "-cp", classpath, "groovy.ui.GroovyMain", str(script), *args]
+
+
+class _GroovyJvm:
+    """One JVM running tests/groovy_runner.groovy: scripts sent to it run one after another, each in a class loader
+    and on a thread of its own, as QuPath runs its scripts in one JVM. Started at the first script, again after a
+    script ran past its time (the JVM is killed then), stopped when the tests end."""
+
+    def __init__(self, stand_ins: bool) -> None:
+        self.stand_ins = stand_ins
+        self.process: subprocess.Popen | None = None
+        self.answers: queue.Queue[str | None] = queue.Queue()
+        self.log: collections.deque[str] = collections.deque(maxlen=200)  # the JVM's own stderr, for a crash
+
+    def _start(self) -> subprocess.Popen:
+        process = subprocess.Popen(
+            groovy_command(RUNNER, stand_ins=self.stand_ins),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+        )  # fmt: skip
+        self.answers = queue.Queue()
+        answers, log = self.answers, self.log
+        threading.Thread(target=lambda: [*map(answers.put, process.stdout), answers.put(None)], daemon=True).start()
+        threading.Thread(target=lambda: log.extend(process.stderr), daemon=True).start()
+        return process
+
+    def run(self, script: Path, *args: str, timeout: float) -> subprocess.CompletedProcess:
+        if self.process is None or self.process.poll() is not None:
+            self.process = self._start()
+        self.process.stdin.write(json.dumps({"script": str(script), "args": list(args)}) + "\n")
+        self.process.stdin.flush()
+        try:
+            line = self.answers.get(timeout=timeout)
+        except queue.Empty:
+            self.stop()
+            raise subprocess.TimeoutExpired(str(script), timeout) from None
+        if line is None:
+            raise RuntimeError(f"the Groovy runner's JVM died running {script}:\n" + "".join(self.log))
+        answer = json.loads(line)
+        return subprocess.CompletedProcess(str(script), answer["rc"], answer["stdout"], answer["stderr"])
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+_JVMS = {stand_ins: _GroovyJvm(stand_ins) for stand_ins in (False, True)}
+atexit.register(lambda: [jvm.stop() for jvm in _JVMS.values()])
+
+
+def groovy_run(script: Path, *args: str, stand_ins: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``script`` run with ``args`` as ``groovy_command`` runs it (exit code 1 and the stack trace on stderr where it
+    throws), in the tests' one JVM (with the stand-ins or without) instead of a JVM of its own."""
+    return _JVMS[stand_ins].run(script, *args, timeout=timeout)
 
 
 needs_groovy = pytest.mark.skipif(
@@ -80,7 +141,7 @@ def run_groovy(tmp_path: Path, driver: str, script: Path = ANALYZE) -> list:
     """A script's helpers, then ``driver`` (which prints one JSON line per result); the parsed lines."""
     path = tmp_path / "driver.groovy"
     path.write_text("import groovy.json.JsonOutput\n" + helpers(script) + "\n" + driver)
-    out = subprocess.run(groovy_command(path), capture_output=True, text=True, timeout=120)
+    out = groovy_run(path, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith(("{", "["))]
 
@@ -1865,12 +1926,7 @@ def test_the_script_makes_the_whole_image_parent_only_once_the_service_answers()
 def _groovy_main(tmp_path: Path, driver: str, *args: str) -> subprocess.CompletedProcess:
     path = tmp_path / "main.groovy"
     path.write_text(driver)
-    return subprocess.run(
-        groovy_command(path, *args, stand_ins=True),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return groovy_run(path, *args, stand_ins=True)
 
 
 @needs_groovy
@@ -1900,6 +1956,30 @@ def parse = {{ String text -> new groovy.json.JsonSlurper().parseText(text) }}
     said = {k: v for line in run_groovy(tmp_path, driver) for k, v in line.items()}
     assert said == {"none": "none", "run": uuid, "not_a_uuid": None, "no_run_id": None, "an_array": None,
                     "not_json": None}  # fmt: skip
+
+
+@needs_groovy
+def test_the_tests_one_jvm_runs_each_script_as_a_jvm_of_its_own_would(tmp_path):
+    # The Groovy tests run their scripts in one JVM (groovy_run): each must see what a JVM of its own would show it,
+    # whatever ran before it there: its own classes of a name another script declared, no interrupt left set, its
+    # own args, its output, and exit code 1 with the stack trace where it throws.
+    scripts = {
+        "a": 'class Entry { String name() { "a" } }\nprintln "${new Entry().name()} ${args.toList()}"\n'
+        "Thread.currentThread().interrupt()\n",
+        "b": 'class Entry { String name() { "b" } }\nprintln "${new Entry().name()} ${args.toList()}"\n'
+        'println "interrupted: ${Thread.currentThread().isInterrupted()}"\nSystem.err.println "to stderr"\n',
+        "throws": 'println "before"\nthrow new IllegalStateException("a script that throws")\n',
+    }
+    for name, text in scripts.items():
+        (tmp_path / f"{name}.groovy").write_text(text)
+    for name, args in [("a", ["1"]), ("b", ["2", "ü"]), ("throws", []), ("b", [])]:
+        alone = subprocess.run(groovy_command(tmp_path / f"{name}.groovy", *args), capture_output=True, text=True)
+        shared = groovy_run(tmp_path / f"{name}.groovy", *args)
+        assert (shared.returncode, shared.stdout) == (alone.returncode, alone.stdout), (shared, alone)
+        assert shared.stderr.splitlines()[:1] == alone.stderr.splitlines()[:1], (shared.stderr, alone.stderr)
+    assert groovy_run(tmp_path / "b.groovy").stdout == "b []\ninterrupted: false\n"
+    assert groovy_run(tmp_path / "throws.groovy").returncode == 1
+    assert "java.lang.IllegalStateException: a script that throws" in groovy_run(tmp_path / "throws.groovy").stderr
 
 
 @needs_groovy

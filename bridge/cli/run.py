@@ -519,8 +519,9 @@ def report_cmd(
     out: Annotated[Path | None, typer.Option(help="Report folder (default: SOURCE/pdl1/report).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar (images drawn).")] = True,
 ) -> None:
-    """HTML and CSV report: per-image thumbnails with the results overlaid, review reasons, each target's score
-    (TMA cores, annotations; also in its targets.csv), and the cases."""
+    """HTML and CSV report: thumbnails with the results overlaid, review reasons, each target's score, the cases.
+
+    A target is a TMA core or an analysed annotation; their scores are also in the report's targets.csv."""
     from bridge.progress import progress_bar
     from bridge.report import write_report
 

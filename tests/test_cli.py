@@ -72,7 +72,8 @@ def test_version_with_openslide_broken_prints_the_rest_and_names_the_fix(monkeyp
     lines = result.output.splitlines()
     assert lines[0] == "pdl1-bridge 0.1.0"
     assert lines[1].startswith("python ") and lines[1].endswith(", openslide (cannot be loaded)")
-    said = " ".join(" ".join(lines[2:]).split())
+    assert lines[2].startswith("torch ") and "paquo " in lines[2]  # the others too (were left out), then the fix
+    said = " ".join(" ".join(lines[3:]).split())
     assert said.startswith("error: OpenSlide cannot be loaded (ModuleNotFoundError: "), said
     assert said.endswith("reinstall it (pip install --force-reinstall openslide-python openslide-bin)"), said
 

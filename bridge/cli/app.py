@@ -53,17 +53,18 @@ def version() -> None:
     try:
         import openslide  # loads the OpenSlide library itself, which may be missing or broken
 
-        openslide_version = openslide.__library_version__
-    except (ImportError, OSError) as err:  # the other versions are still worth printing
-        typer.echo(f"python {platform.python_version()}, numpy {numpy.__version__}, openslide (cannot be loaded)")
-        raise fail(
-            RuntimeError(
-                f"OpenSlide cannot be loaded ({type(err).__name__}: {err}); slides are read through it: "
-                "reinstall it (pip install --force-reinstall openslide-python openslide-bin)"
-            )
-        ) from err
+        openslide_version, broken = openslide.__library_version__, None
+    except (ImportError, OSError) as err:  # the other versions are still worth printing, before the fix
+        openslide_version, broken = "(cannot be loaded)", err
     typer.echo(f"python {platform.python_version()}, numpy {numpy.__version__}, openslide {openslide_version}")
     typer.echo(", ".join(f"{name} {_installed_version(name)}" for name in _RUNS_ON))
+    if broken is not None:
+        raise fail(
+            RuntimeError(
+                f"OpenSlide cannot be loaded ({type(broken).__name__}: {broken}); slides are read through it: "
+                "reinstall it (pip install --force-reinstall openslide-python openslide-bin)"
+            )
+        ) from broken
 
 
 # The libraries the analysis runs on beside numpy and OpenSlide, read from their installed metadata (importing torch

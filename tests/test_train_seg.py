@@ -233,7 +233,7 @@ def test_cli_an_interrupted_run_is_continued_only_by_its_own_command(small_phant
         helped = " ".join(CliRunner().invoke(app, ["train", task, "--help"], env={"COLUMNS": "300"}).output.split())
         assert (
             "give the command that started it plus --resume; other training options or labels are refused, naming "
-            "what differs (--device, and seg's --chains, may change)"
+            "what differs (--device, seg's --chains and nuclei's --tta, how the finished model runs, may change)"
         ) in helped.replace("│ ", ""), helped
 
 
@@ -283,6 +283,12 @@ def test_a_checkpoint_is_continued_only_with_its_settings_and_labels(tmp_path, m
     monkeypatch.chdir(tmp_path)
     moved = replace(config, slides=("a.svs",), out_dir="elsewhere", device="cuda", validation_slides=("v.svs",))
     check_checkpoint_run(tmp_path, run_identity(moved, ["1" * 64, "2" * 64]))
+    # Nor do nuclei's TTA (how the finished model runs) and seg's chains, which --resume's help says may change.
+    from inference.training.train_nuclei import NucleiTrainConfig
+
+    nuclei = NucleiTrainConfig(slides=("a.svs",), out_dir="m")
+    assert run_identity(replace(nuclei, tta=True)) == run_identity(nuclei) != run_identity(replace(nuclei, seed=1))
+    assert run_identity(replace(config, chains=3)) == run_identity(config)
     with pytest.raises(ModelFileError, match=r"other labels \(the labels of 1 of 2 slides\)\. .*resume=True") as err:
         check_checkpoint_run(tmp_path, run_identity(config, ["1" * 64, "3" * 64]))
     assert str(err.value).endswith(

@@ -127,8 +127,8 @@ SearchDir = Annotated[list[Path] | None, typer.Option("--search-dir", help=_SEAR
 
 _RESUME_HELP = (
     "Continue the run interrupted in OUT from its checkpoint: give the command that started it plus --resume; "
-    "other training options or labels are refused, naming what differs (--device, and seg's --chains, may "
-    "change). Without a checkpoint, a new run."
+    "other training options or labels are refused, naming what differs (--device, seg's --chains and nuclei's "
+    "--tta, how the finished model runs, may change). Without a checkpoint, a new run."
 )
 
 

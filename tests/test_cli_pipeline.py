@@ -192,13 +192,15 @@ def test_serve_refuses_a_public_bind_without_token(tmp_path):
     assert result.exit_code == 2 and "--token" in result.output
 
 
-def test_run_speed_options_reach_the_segmentation_config():
+def test_run_speed_options_reach_the_model_configs():
     from bridge.cli.common import pipeline_config
 
     default = pipeline_config("cpu", None, None, None).segment
     assert (default.batch_size, default.read_workers, default.compile) == (None, None, False)  # the device's
     config = pipeline_config("cpu", None, None, None, batch_size=32, read_workers=0, compile_members=True)
     assert (config.segment.batch_size, config.segment.read_workers, config.segment.compile) == (32, 0, True)
+    # --read-workers reaches the nuclei models too (every IHC image read with 2 threads whatever it said).
+    assert (config.nuclei.read_workers, pipeline_config("cpu", None, None, None).nuclei.read_workers) == (0, 2)
     result = runner.invoke(app, ["run", "nowhere.svs", "--batch-size", "0"])
     assert result.exit_code == 2 and "batch-size" in result.output
     assert pipeline_config("cpu", None, None, None).nuclei.batch_size is None  # the device's

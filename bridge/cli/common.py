@@ -191,7 +191,13 @@ def pipeline_config(
             decode_backend=nvimgcodec_backend(),
             runtime=runtime,
         ),
-        nuclei=NucleiConfig(batch_size=nuclei_batch_size, tta=nuclei_tta, runtime=runtime),
+        # --read-workers reached the segmentation alone: every IHC image read with the nuclei model's 2 threads.
+        nuclei=NucleiConfig(
+            batch_size=nuclei_batch_size,
+            tta=nuclei_tta,
+            runtime=runtime,
+            **({} if read_workers is None else {"read_workers": read_workers}),
+        ),
         openslide_only=openslide_only(),
         openvino_cache_dir=str(openvino_cache_dir()),
     )

@@ -297,8 +297,8 @@ def run(
         int | None,
         typer.Option(
             min=0,
-            help="Threads reading tiles ahead; default 2 on the CPU; on CUDA 2 when the GPU decodes, "
-            "else all cores but two (at most 12).",
+            help="Threads reading tiles ahead, for every model; default 2 on the CPU; on CUDA 2 when the GPU "
+            "decodes, else all cores but two (at most 12) for the segmentation and 2 for the nuclei models.",
         ),
     ] = None,
     compile_members: Annotated[

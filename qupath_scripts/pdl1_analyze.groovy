@@ -12,7 +12,7 @@
  * itself, ...) is named and the others are analysed. Stop the script (or close QuPath) and the job is
  * cancelled on the server. The service reads the image's file by its path; where it cannot (no local file, a view
  * QuPath rotates, crops or combines, a format it has no reader for), each region's pixels as QuPath renders them
- * are sent instead (POST /v1/jobs/pixels; the log says which way and why). In a project, a record of what each
+ * are sent instead (POST /v1/jobs/pixels; the log says so, and why). In a project, a record of what each
  * analysis put under its annotation or core (GET /v1/jobs/{id}/record: when, the outline, the FN candidates, the
  * nuclei, and its scores) is saved as <project>/pdl1/<entry ID>/qupath_analyses/<parent ID>.json, replaced when the
  * parent is analysed again: `pdl1 train ... PROJECT --from-review` tells by it the nuclei you reclassified and the FN
@@ -27,13 +27,14 @@
  * annotation was analysed again), and says which; meanwhile `pdl1 train --from-review` takes it where the labels
  * exported hold the annotation. pdl1_import_results.groovy sets aside there the record of the whole-image analysis
  * whose output it replaces: that one comes back only with the analysis's output (QuPath closed without saving the
- * import), not while `pdl1 run`'s results are under the annotation. Records set aside are kept. One that cannot be
- * moved is named in the log, and the analysis stands.
+ * import), not while `pdl1 run`'s results are under the annotation. Records set aside are kept until then (or
+ * until their annotation is analysed again). One that cannot be moved is named in the log, and the analysis stands.
  *
  * Settings: the project's pdl1-config.toml (beside project.qpproj; `pdl1 init-project` writes it, and
  * `pdl1 run` reads the same file) when there is one: [service] url, token, model and [analysis] outputs,
  * target_classes, target_names (its other keys are `pdl1 run`'s: the service runs with its own models and sizes,
- * and the log says so where the file sets others). Without it, the settings block below.
+ * and the log says so where the file sets others). Without it, and for the keys it leaves out, the settings block
+ * below (PAGE_SIZE and POLL_MS always).
  *
  * Works from the script editor, "Run for project", and headless (-s is --save: write each image's data):
  *   QuPath script -p project.qpproj -s pdl1_analyze.groovy
@@ -52,7 +53,7 @@ import java.nio.file.Files
 import java.nio.file.StandardCopyOption
 import java.time.Duration
 
-// ---- settings (used where the project has no pdl1-config.toml) ----------------------------
+// ---- settings (where the project's pdl1-config.toml has none of these keys, or there is no such file) ------
 def SERVER_URL = "http://127.0.0.1:8765"      // where `pdl1 serve` listens
 def TOKEN = ""                                // the --token the service was started with, if any
 def MODEL = "default"
@@ -1062,7 +1063,7 @@ if (imageData == null) {
     return
 }
 
-// The project's pdl1-config.toml, when there is one, replaces the settings block.
+// The project's pdl1-config.toml, when there is one, overrides the settings block key by key.
 def project = getProject()
 def projectFile = project == null ? null : project.getPath()
 def configFile = projectFile == null ? null : projectFile.getParent().resolve(CONFIG_NAME).toFile()
@@ -1233,7 +1234,7 @@ def label = { obj ->
 }
 // The query of a record's request (GET /v1/jobs/{id}/record): the parent's name as pdl1 run names its targets (a
 // core's name, an annotation's as the log gives it) and what it is, kept with the record's scores for `pdl1 report`
-// and `pdl1 review-queue` (bridge/analysis_record.py: record_scores); and the `pdl1 run` output in the entry's folder
+// and `pdl1 review-queue` (bridge/service/record.py: record_scores); and the `pdl1 run` output in the entry's folder
 // as the record is asked for (afterRun: its summary.json's run_id, "none" where there is none; null where it does not
 // read, and not sent): the record is newer than that output whatever this machine's and the batch run's clocks say
 // (bridge/analysis_record.py: record_is_newer).

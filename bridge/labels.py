@@ -1184,6 +1184,14 @@ def _entry_labels(
     # At the pixel size QuPath saved, else the file's (as `pdl1 run` reads the entry, and as training reads it).
     with open_slide(slide, mpp=entry.mpp, mpp_source="QuPath project", mpp_advice=mpp_advice) as opened:
         mpp = opened.mpp.mean
+        # Checked here with the entry's other problems: the trainers refused it only after pseudo-labelling, one
+        # slide at a time, and held-out slides were scored against labels drawn on another image.
+        if tuple(opened.dimensions) != tuple(entry.size_px):
+            raise LabelError(
+                f"{source}: QuPath's project says the image is {entry.size_px[0]} x {entry.size_px[1]} px, but {slide} "
+                f"is {opened.dimensions[0]} x {opened.dimensions[1]} px, so its labels were drawn on another image; "
+                "point the entry at its image in QuPath (or with --search-dir), or leave it out with --entries"
+            )
         if entry.stain is None:
             warn_unless_he(opened, source)
     written = WrittenObjects.of_entry(sidecar_dir(info.folder, entry.entry_id)) if rules.from_review else None

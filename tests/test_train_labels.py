@@ -867,3 +867,25 @@ def test_slides_given_as_files_are_read_without_a_lock(labelled, monkeypatch):
     args = dict(entries=[], from_review=False, class_map=[], qupath="never", points=True)
     (labels,) = _read_labels([labelled / "he-1357.svs"], geojson=[geojson], **args)
     assert labels.counts["points: Tumor: Positive"] == 440
+
+
+def test_a_project_image_whose_file_is_another_size_is_refused_before_training_held_out_too(labelled, he_png, tmp_path):
+    """The trainers refused such a slide only after pseudo-labelling, one at a time, naming the file; a held-out
+    one was never checked, and was scored against labels drawn on another image."""
+    from PIL import Image
+
+    project = _png_project(labelled, he_png, tmp_path, calibration_um=0.5)
+    with Image.open(he_png) as full:  # he-b.png: another image, at the project's path
+        full.crop((0, 0, full.width // 2, full.height)).save(tmp_path / "he-b.png")
+        width, height = full.size
+    out = tmp_path / "m"
+    args = ["train", "nuclei", str(project), "--entries", "1", "--val-entries", "2", "--qupath", "never"]
+    result = runner.invoke(app, [*args, "--out", str(out), *TINY, "--no-progress"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert (
+        f"QuPath's project says the image is {width} x {height} px, but {tmp_path / 'he-b.png'} is {width // 2} x "
+        f"{height} px, so its labels were drawn on another image; point the entry at its image in QuPath (or with "
+        "--search-dir), or leave it out with --entries" in text
+    )
+    assert "entry 2" in text and "Traceback" not in result.output and not out.exists()

@@ -1273,6 +1273,32 @@ def _val_name(lab: SlideLabels) -> str:
     return f"entry {entry.group(1)} ({entry.group(2)})" if entry else Path(lab.slide).name
 
 
+def refuse_unscorable_held_out(held_out: Sequence[SlideLabels], *, points: bool, chosen_by: str) -> None:
+    """Raise :class:`LabelError` naming the held-out slides validation cannot score, before anything is trained:
+    a nuclei model (``points``) is scored inside training regions whose nuclei are all marked alone, a segmentation
+    ensemble on labelled pixels. Found after training, that cost the run, and wrote no validation.json or report.
+    ``chosen_by``: the option that held them out (``--val-entries``, ``--val-fraction``)."""
+    if points:
+        bad = [lab for lab in held_out if not any(lab.exhaustive)]
+        needs = (
+            "a nuclei model is scored only inside a Training region whose name says 'all nuclei marked' (every "
+            "nucleus in it marked)"
+        )
+        fix = "mark every nucleus of a Training region in QuPath and name it so"
+    else:
+        bad = [lab for lab in held_out if not lab.has_regions]
+        needs = "a segmentation is scored on labelled pixels (a Training region, PD-L1 positive or negative areas)"
+        fix = "draw such labels in QuPath"
+    if not bad:
+        return
+    names = "; ".join(_val_name(lab) for lab in bad)
+    other = "name others with --val-entries" if chosen_by == "--val-fraction" else "hold out others"
+    raise LabelError(
+        f"{chosen_by} holds out {names} for validation, which {'it' if len(bad) == 1 else 'they'} cannot score: "
+        f"{needs}, and {'it has' if len(bad) == 1 else 'they have'} none; {fix}, or {other}; nothing was trained"
+    )
+
+
 def refuse_files_calibrated_twice(labels: Sequence[SlideLabels]) -> None:
     """Raise :class:`LabelError` where two labelled entries are one image file with different pixel sizes.
 

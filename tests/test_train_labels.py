@@ -889,3 +889,31 @@ def test_a_project_image_whose_file_is_another_size_is_refused_before_training_h
         "--search-dir), or leave it out with --entries" in text
     )
     assert "entry 2" in text and "Traceback" not in result.output and not out.exists()
+
+
+@pytest.mark.parametrize("hold_out", [["--val-entries", "2"], ["--val-fraction", "0.5", "--seed", "0"]])
+def test_a_held_out_slide_validation_cannot_score_is_refused_before_training(labelled, he_png, tmp_path, hold_out):
+    """A held-out nuclei slide without a Training region whose nuclei are all marked failed validation only after
+    the whole training, and the run wrote no validation.json or report."""
+    from bridge.labels import export_path
+
+    project = _png_project(labelled, he_png, tmp_path, calibration_um=0.5)
+    for entry in ("1", "2"):  # neither has an 'all nuclei marked' region now
+        exported = export_path(project, entry)
+        exported.write_text(exported.read_text().replace("(all nuclei marked)", "(some nuclei marked)"))
+    out = tmp_path / "m"
+    args = ["train", "nuclei", str(project), *hold_out, "--qupath", "never", "--out", str(out)]
+    result = runner.invoke(app, [*args, *TINY, "--no-progress"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    other = "name others with --val-entries" if "--val-fraction" in hold_out else "hold out others"
+    assert (
+        f"{hold_out[0]} holds out entry " in text
+        and "for validation, which it cannot score: a nuclei model is scored only inside a Training region whose "
+        "name says 'all nuclei marked' (every nucleus in it marked), and it has none; mark every nucleus of a "
+        f"Training region in QuPath and name it so, or {other}; nothing was trained" in text
+    ), text
+    assert "Traceback" not in result.output and not out.exists()
+    # The segmentation scores its labelled pixels, which these entries have: it trains.
+    seg = ["train", "seg", str(project), *hold_out, "--qupath", "never", "--out", str(tmp_path / "s")]
+    assert runner.invoke(app, [*seg, *TINY, "--no-progress"]).exit_code == 0

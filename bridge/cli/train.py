@@ -272,7 +272,7 @@ def train_seg(
             points=False,
             ihc_band_um=ihc_band_um,
         )
-        slide_labels, held_out = _split_held_out(slide_labels, val_entries or [], val_fraction, seed=seed)
+        slide_labels, held_out = _split_held_out(slide_labels, val_entries or [], val_fraction, seed=seed, points=False)
         _echo_counts(slide_labels, held_out=held_out, regions=True)
         init_model = None if init in (None, "none") else init
         if init is None and slide_labels and (_features(features), input_mpp) == _DEMO_SEG_ARCH:
@@ -762,7 +762,7 @@ def train_nuclei_cmd(
             search_dirs=tuple(search_dir or ()),
             points=True,
         )
-        slide_labels, held_out = _split_held_out(slide_labels, val_entries or [], val_fraction, seed=seed)
+        slide_labels, held_out = _split_held_out(slide_labels, val_entries or [], val_fraction, seed=seed, points=True)
         init_model = None if init in (None, "none") else init
         if init is None and slide_labels:
             arch = {"width": width, "dilations": (1, 2, 4, 8), "input_mpp": input_mpp}
@@ -870,15 +870,21 @@ def _check_before_reading(out: Path, *, resume: bool, cycles: int, drop_first_cy
         raise fail(err) from err
 
 
-def _split_held_out(slide_labels: list, val_entries: list[str], val_fraction: float, *, seed: int) -> tuple[list, list]:
-    """(training labels, held-out labels): --val-entries or --val-fraction of your labels, by slide."""
+def _split_held_out(
+    slide_labels: list, val_entries: list[str], val_fraction: float, *, seed: int, points: bool
+) -> tuple[list, list]:
+    """(training labels, held-out labels): --val-entries or --val-fraction of your labels, by slide; held-out
+    slides that validation could not score are refused here, before training."""
     if (val_entries or val_fraction) and not slide_labels:
         raise typer.BadParameter(
             "--val-entries and --val-fraction hold out slides of your labels; phantom truth has none"
         )
-    from bridge.labels import split_validation
+    from bridge.labels import refuse_unscorable_held_out, split_validation
 
-    return split_validation(slide_labels, val_entries, fraction=val_fraction, seed=seed)
+    train, held_out = split_validation(slide_labels, val_entries, fraction=val_fraction, seed=seed)
+    chosen_by = "--val-entries" if val_entries else "--val-fraction"
+    refuse_unscorable_held_out(held_out, points=points, chosen_by=chosen_by)
+    return train, held_out
 
 
 def _train_and_validate(

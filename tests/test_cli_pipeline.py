@@ -67,6 +67,12 @@ def test_eval_suite_writes_a_report(small, tmp_path):
     for name in ("reliability.png", "npr_uncertainty_hist.png", "c_overlay.png", "provenance.json"):
         assert (out / name).is_file(), name
     assert "SUA F0.5" in result.output
+    # It names the nuclei model that made tps_predicted (it named the segmentation and IHC models alone).
+    from inference import demo_model_dir, read_manifest
+
+    demo = read_manifest(demo_model_dir("nuclei"), task="nuclei")
+    said = json.loads((out / "provenance.json").read_text())["nuclei_model"]
+    assert (said["sha256"], said["folder"]) == (demo.checksum, str(demo_model_dir("nuclei"))), said
 
 
 def test_calibrate_writes_thresholds_into_a_copy(small, tmp_path):

@@ -599,6 +599,15 @@ def eval_suite(
                     "aggregation": sua.aggregation,
                 },
                 "pixel_baseline_threshold": pixel_threshold,
+                # what made tps_predicted and the TPS part of `failed`; None: --nuclei-model none
+                "nuclei_model": None
+                if nuclei is None
+                else {
+                    "name": nuclei.manifest.name,
+                    "version": nuclei.manifest.version,
+                    "sha256": nuclei.manifest.checksum,
+                    "folder": str(nuclei.folder),
+                },
             }
             if ihc is not None:
                 provenance["ihc_model"] = {

@@ -349,6 +349,30 @@ def test_a_queued_job_asked_to_stop_says_cancelling_until_the_worker_stops_it(se
     assert service.wait(queued)["state"] == "cancelled"
 
 
+def test_a_job_cancelled_as_its_analysis_ends_is_cancelled_not_done(service, monkeypatch):
+    # The stop was looked for between batches only: a DELETE during the last one answered "cancelling", and the job
+    # then ended "done" with a result, holding one of the --keep-results places.
+    finished, gate = threading.Event(), threading.Event()
+    analyse = bridge.service.jobs.analyse_slide
+
+    def ends_then_held(*args, **kwargs):
+        result = analyse(*args, **kwargs)
+        finished.set()
+        if not gate.wait(60):
+            raise AssertionError("the test never released the worker")
+        return result
+
+    monkeypatch.setattr(bridge.service.jobs, "analyse_slide", ends_then_held)
+    client = service.client
+    job = client.post("/v1/jobs/pixels", params={"mpp": 0.5, "outputs": ["regions"]}, content=_png()).json()["job_id"]
+    assert finished.wait(60), "the analysis never ended"
+    assert client.delete(f"/v1/jobs/{job}").json()["state"] == "cancelling"
+    gate.set()
+    assert service.wait(job)["state"] == "cancelled"
+    r = client.get(f"/v1/jobs/{job}/result")
+    assert r.status_code == 409 and "was cancelled" in r.json()["detail"]
+
+
 def test_a_result_asked_for_too_early_or_of_a_job_without_one_says_what_to_do(service, held_worker, monkeypatch):
     # All said "job … is <state>, not done" ("is failed, not done", "is cancelled, not done"): neither to poll, nor
     # that a failed or cancelled job will never have a result.

@@ -911,7 +911,8 @@ def test_a_held_out_slide_validation_cannot_score_is_refused_before_training(lab
         f"{hold_out[0]} holds out entry " in text
         and "for validation, which it cannot score: a nuclei model is scored only inside a Training region whose "
         "name says 'all nuclei marked' (every nucleus in it marked), and it has none; mark every nucleus of a "
-        f"Training region in QuPath and name it so, or {other}; nothing was trained" in text
+        f"Training region in QuPath and name it so, or {other}; nothing was trained"
+        in text
     ), text
     assert "Traceback" not in result.output and not out.exists()
     # The segmentation scores its labelled pixels, which these entries have: it trains.

@@ -191,8 +191,10 @@ class Worker:
                     job.state = "cancelled"
                     continue
                 job.state, job.started = "running", time.time()
-                job.result = self._run(job)
-                job.state = "done"
+                result = self._run(job)
+                if job.cancel.is_set():  # asked during the last batch, after the analysis's last look: cancelled
+                    raise Cancelled("cancelled as its analysis ended")
+                job.result, job.state = result, "done"
             except Cancelled:
                 job.state = "cancelled"
             except Pdl1Error as err:  # what the input was wrong with: the client gets it; one log line

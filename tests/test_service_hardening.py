@@ -170,7 +170,15 @@ def test_a_pixel_upload_with_a_non_finite_number_is_a_422(service, param, value)
 def test_a_pixel_upload_at_an_implausible_mpp_says_which_parameter(service):
     r = service.client.post("/v1/jobs/pixels", params={"mpp": 1e-9}, content=_png())
     assert r.status_code == 422
-    assert r.json() == {"detail": "bad request: query.mpp: Input should be greater than or equal to 0.05"}
+    # It said "Input should be greater than or equal to 0.05": no unit, nor what to send.
+    assert r.json() == {
+        "detail": "bad request: query.mpp: 1e-09 µm/px is outside 0.05-50; send the µm/px of the uploaded region (the "
+        "image's µm/px times the downsample it was read at)"
+    }
+    r = service.client.post("/v1/jobs", json={"image": "/nowhere/a.svs", "mpp": 500})
+    assert r.json() == {
+        "detail": "bad request: body.mpp: 500 µm/px is outside 0.05-50; send the µm/px QuPath reports for the image"
+    }
 
 
 @pytest.mark.parametrize(("param", "value"), [("origin_x", 3e9), ("origin_y", -3e9), ("downsample", 1e16)])

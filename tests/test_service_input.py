@@ -285,7 +285,7 @@ LONG = "x" * 100_000  # a client's runaway value: the answer names it by its sta
         ({"image": "C:\\" + LONG}, 422, "image path 'C:\\\\xxx", "is a Windows path"),
         ({"image": "file:" + LONG}, 422, "image URI 'file:xxx", "names no absolute path"),
         ({"image": "~" + LONG}, 422, "image path '~xxx", "only a shell expands"),
-        ({"image": LONG + "\x00"}, 422, "bad request: body.image: Value error, image path 'xxx", "NUL byte"),
+        ({"image": LONG + "\x00"}, 422, "bad request: body.image: image path 'xxx", "NUL byte"),
         ({"image": "{root}/small.svs", LONG: 1}, 422, "bad request: body.xxx", "the request's fields are image"),
         ({"image": "{root}/small.svs", "model": LONG}, 409, "unknown model 'xxx", "this service has 'default'"),
         ({"image": "{root}/small.svs", "roi": {"type": LONG}}, 422, "bad request: body.roi", "Polygon or MultiPolygon"),
@@ -326,8 +326,28 @@ def test_an_roi_type_that_is_no_string_is_shown_as_sent(client, slides_root, roi
     r = client.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "roi": roi})
     assert r.status_code == 422
     assert r.json()["detail"].startswith(
-        f"bad request: body.roi: Value error, roi must be a GeoJSON Polygon or MultiPolygon geometry, {came}"
+        "bad request: body.roi: roi must be a GeoJSON Polygon or MultiPolygon geometry: send the annotation's outline "
+        f"as QuPath gives it, or omit roi to analyse the whole tissue; {came}"
     ), r.json()
+
+
+@pytest.mark.parametrize(
+    ("roi", "came"),
+    [
+        ({"type": "Point", "coordinates": [1, 2]}, "got type 'Point'"),
+        ({"type": "Feature", "geometry": {}}, "got type 'Feature' (of a GeoJSON Feature, send its geometry)"),
+        ([[0, 0], [1, 0], [1, 1]], "got [[0, 0], [1, 0], [1, 1]]"),
+    ],
+    ids=["point", "feature", "array"],
+)
+def test_an_roi_that_is_no_polygon_is_told_what_to_send(client, slides_root, roi, came):
+    # These said what came alone ("Input should be a valid dictionary" for an array), after pydantic's "Value error, ".
+    r = client.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "roi": roi})
+    assert r.status_code == 422
+    assert r.json()["detail"] == (
+        "bad request: body.roi: roi must be a GeoJSON Polygon or MultiPolygon geometry: send the annotation's outline "
+        f"as QuPath gives it, or omit roi to analyse the whole tissue; {came}"
+    )
 
 
 def test_a_long_job_id_is_not_echoed_whole(client):
@@ -1042,7 +1062,7 @@ def test_empty_outputs_are_refused_naming_those_there_are(client, slides_root):
     r = client.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "outputs": []})
     assert r.status_code == 422, r.text
     assert r.json() == {
-        "detail": "bad request: body.outputs: Value error, outputs is empty, so the job would return no objects; "
+        "detail": "bad request: body.outputs: outputs is empty, so the job would return no objects; "
         "send some of regions, uncertainty_tiles, sua, nuclei, or omit outputs for all of them"
     }
 

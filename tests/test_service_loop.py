@@ -174,7 +174,7 @@ def test_a_large_roi_refused_by_validation_is_answered_as_on_the_loop(client, sl
     assert (r.status_code, r.json()) == (
         422,
         {
-            "detail": "bad request: body.roi: Value error, roi coordinates must be finite numbers, got NaN; send the "
+            "detail": "bad request: body.roi: roi coordinates must be finite numbers, got NaN; send the "
             "ROI's vertices in level-0 px"
         },
     )

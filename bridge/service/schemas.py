@@ -12,6 +12,12 @@ from bridge.qupath_geojson import scan_coordinates
 from bridge.service.messages import clipped, quoted
 from inference import MPP_PLAUSIBLE_RANGE
 
+# What a job's roi must be, and the fix, for every way it can fail to be one.
+ROI_EXPECTED = (
+    "roi must be a GeoJSON Polygon or MultiPolygon geometry: send the annotation's outline as QuPath gives it, or "
+    "omit roi to analyse the whole tissue"
+)
+
 # Bounds on where an uploaded region sits and how it was scaled: QuPath's images are at most 2^31 px a side,
 # and a region sent at a coarser downsample than this holds nothing a model can use.
 MAX_COORDINATE_PX = 2.0**31
@@ -102,7 +108,8 @@ class JobRequest(BaseModel):
             given = value.get("type")
             shown = quoted(given) if isinstance(given, str) else clipped(json.dumps(given))
             came = "no type" if given is None else f"type {shown}"
-            raise ValueError(f"roi must be a GeoJSON Polygon or MultiPolygon geometry, got {came}")
+            feature = " (of a GeoJSON Feature, send its geometry)" if given == "Feature" else ""
+            raise ValueError(f"{ROI_EXPECTED}; got {came}{feature}")
         if value is not None:
             bad = scan_coordinates(value.get("coordinates")).non_finite
             if bad is not None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import json
 from typing import Any
 
 from fastapi import params
 from fastapi.exceptions import RequestValidationError
 
 from bridge.service.messages import clipped, quoted
-from bridge.service.schemas import ErrorDetail, JobRequest
+from bridge.service.schemas import ROI_EXPECTED, ErrorDetail, JobRequest
+from inference import MPP_PLAUSIBLE_RANGE
 
 # Whose parameters an unknown one is told against (refuse_unknown_parameters).
 UPLOAD = "the upload's"
@@ -110,6 +112,20 @@ def validation_problem(error: dict[str, Any], content_type: str | None) -> str:
         close = difflib.get_close_matches(str(loc[1]), fields, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         return f"{where}: unknown field {quoted(str(loc[1]))}; {hint}the request's fields are {', '.join(fields)}"
+    if loc[-1:] == ("mpp",) and error["type"] in ("greater_than_equal", "less_than_equal"):  # said no unit or fix
+        low, high = MPP_PLAUSIBLE_RANGE
+        value = error.get("input")  # a query's is the text sent
+        shown = clipped(value if isinstance(value, str) else json.dumps(value))
+        pixels = (
+            "of the uploaded region (the image's µm/px times the downsample it was read at)"
+            if loc[0] == ("query")
+            else "QuPath reports for the image"
+        )
+        return f"{where}: {shown} µm/px is outside {low:g}-{high:g}; send the µm/px {pixels}"
+    if loc == ("body", "roi") and error["type"] == "dict_type":  # pydantic's "Input should be a valid dictionary"
+        return f"{where}: {ROI_EXPECTED}; got {clipped(json.dumps(error.get('input')))}"
+    if error["type"] == "value_error":  # our validators' words, without pydantic's "Value error, " before them
+        return f"{where}: {(error.get('ctx') or {}).get('error', error['msg'])}"
     return f"{where}: {error['msg']}"
 
 

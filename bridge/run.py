@@ -266,6 +266,20 @@ def stale_entry_metadata(keys: Iterable[str], fresh: Mapping[str, str]) -> list[
     return [k for k in keys if k in RUN_METADATA_KEYS and k not in fresh]
 
 
+def _put_back(metadata: MutableMapping[str, str], before: Mapping[str, str]) -> None:
+    """``metadata`` made what it was (``before``), changing only the keys that differ.
+
+    >>> m = {"a": "1", "PD-L1 TPS %": "40.0"}
+    >>> _put_back(m, {"a": "1", "PD-L1 TPS %": "12.0", "case": "A"}); m
+    {'a': '1', 'PD-L1 TPS %': '12.0', 'case': 'A'}
+    """
+    for key in [k for k in metadata if k not in before]:
+        del metadata[key]
+    for key, value in before.items():
+        if metadata.get(key) != value:
+            metadata[key] = value
+
+
 def set_entry_metadata(metadata: MutableMapping[str, str], fresh: Mapping[str, str]) -> None:
     """Write ``fresh`` into an entry's ``metadata`` (paquo's mapping), first removing this tool's stale keys."""
     for key in stale_entry_metadata(list(metadata), fresh):
@@ -1011,6 +1025,7 @@ class _QuPathSession:
             (whole,) = analysed
             results.append((None, whole))
             rows.append(whole_image_row(job, whole, job.key))
+        metadata_before = dict(entry.metadata)
         try:
             if found.choice.source == TMA_CORES:
                 # An earlier whole-image analysis kept its objects over the cores' (its results are its own).
@@ -1033,6 +1048,9 @@ class _QuPathSession:
             set_entry_metadata(entry.metadata, _merge_metadata([r for _, r in results]))
             self.qp.save_entries([entry])
         except BaseException:
+            # The metadata too: paquo sets it on QuPath's entry at once, and the next project save wrote the failed
+            # image's TPS into project.qpproj beside its restored objects.
+            _put_back(entry.metadata, metadata_before)
             self.qp.restore_data(entry, found.backup)
             raise
         self._written()

@@ -524,6 +524,35 @@ def test_a_projects_orphans_include_backup_copies_and_stale_lock_holders(tmp_pat
     assert all(p.exists() for p in kept)
 
 
+def test_through_qupath_an_entry_whose_save_fails_keeps_its_metadata_as_it_was(
+    tmp_path, slides, models, fake_qupath, monkeypatch
+):
+    # Its data was restored from the backup, but its metadata, set on QuPath's entry before the save, stayed: the
+    # run's next project save wrote the failed image's TPS into project.qpproj beside its old objects.
+    from bridge import qupath
+
+    project = tmp_path / "project"
+    init_project_files(project, [slides[0], slides[1]])
+    raw = json.loads((project / "project.qpproj").read_text())
+    earlier = {"case": "A", "PD-L1 TPS %": "12.0", "PD-L1 TPS category": "1-49%"}
+    raw["images"][0]["metadata"] = earlier
+    (project / "project.qpproj").write_text(json.dumps(raw))
+    save = qupath.save_entries
+
+    def save_entries(entries):
+        if [e.entry_id for e in entries] == ["1"]:
+            raise ProjectError("s31.svs: QuPath could not save its data (the disk is full)")
+        save(entries)
+
+    monkeypatch.setattr(qupath, "save_entries", save_entries)
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="always")
+    outcomes = run_batch([project], config, models=models)
+    assert [o.state for o in outcomes] == ["failed", "done"]
+    first, second = read_project(project).entries
+    assert first.metadata == earlier
+    assert second.metadata["PD-L1 run"] == outcomes[1].run_id
+
+
 def test_through_qupath_a_damaged_entry_keeps_its_backup_and_resume_checks_what_it_skips(
     tmp_path, slides, models, fake_qupath, caplog
 ):

@@ -452,6 +452,11 @@ def test_openapi_documents_the_error_answers(service):
     assert {"403", "404", "409", "413", "422", "429"} <= set(submit)
     # 409: an unknown model, as a path job's (it was not listed for an upload).
     assert {"409", "413", "422", "429"} <= set(schema["paths"]["/v1/jobs/pixels"]["post"]["responses"])
+    # With no token set every route answers 403 to a web page's request or one to another host: only the job
+    # submission listed it (for --allow-root). And an upload may be a JPEG or a GIF too.
+    assert all("403" in operation["responses"] for ops in schema["paths"].values() for operation in ops.values())
+    upload = schema["paths"]["/v1/jobs/pixels"]["post"]["requestBody"]["content"]
+    assert set(upload) == {"image/png", "image/tiff", "image/jpeg", "image/gif"}
 
 
 def test_a_client_gone_mid_upload_is_one_log_line(service, caplog):

@@ -64,8 +64,9 @@ from bridge.service.schemas import (
     UploadLimits,
 )
 from bridge.service.settings import ServiceSettings
-from bridge.service.uploads import check_upload
+from bridge.service.uploads import UPLOAD_MEDIA_TYPES, check_upload
 from bridge.service.validation import (
+    FOREIGN_REQUEST,
     RECORD,
     RESULT,
     UPLOAD,
@@ -153,7 +154,8 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         lifespan=lifespan,
         description="Uncertainty-aware PD-L1 analysis for QuPath. Submit a job, poll it, fetch QuPath GeoJSON. "
         "Every error answers a JSON object whose `detail` says what was expected, what came, and the fix.",
-        responses=error_responses(401) if settings.token else None,
+        # Without a token every route refuses a request from a web page or to another host (guards.py): 403.
+        responses=error_responses(401) if settings.token else {403: FOREIGN_REQUEST},
     )
     # Every route's JSON body model is parsed and validated in a worker thread (bridge.service.bodies).
     app.router.route_class = ThreadParsedRoute
@@ -401,7 +403,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {m: {"schema": {"type": "string", "format": "binary"}} for m in ("image/png", "image/tiff")},
+                "content": {m: {"schema": {"type": "string", "format": "binary"}} for m in UPLOAD_MEDIA_TYPES},
             }
         },
     )
@@ -471,11 +473,11 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         )
         return accept(job, w)
 
-    @app.get("/v1/jobs/{job_id}", responses=error_responses(404, 422))
+    @app.get("/v1/jobs/{job_id}", responses=error_responses(404, 422))  # FastAPI lists a 422 anyway
     def job_status(job_id: str, w: Worker = Depends(worker)) -> JobStatus:
         return w.get(job_id).status()
 
-    @app.delete("/v1/jobs/{job_id}", responses=error_responses(404, 422))
+    @app.delete("/v1/jobs/{job_id}", responses=error_responses(404, 422))  # FastAPI lists a 422 anyway
     def cancel_or_forget(job_id: str, w: Worker = Depends(worker)) -> JobStatus:
         """Cancel a queued or running job (a queued upload is freed at once); forget a finished one and
         release its result."""
@@ -512,7 +514,12 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
     def result(
         job_id: str,
         offset: int = Query(0, ge=0, description="Index of the first feature of this page."),
-        limit: int | None = Query(None, ge=1, description="Features per page (all when omitted, up to the maximum)."),
+        limit: int | None = Query(
+            None,
+            ge=1,
+            description=f"Features per page: all when omitted, at most {settings.max_page} (a larger limit is "
+            "taken as that).",
+        ),
         *,
         request: Request,
         w: Worker = Depends(worker),

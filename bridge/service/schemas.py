@@ -127,8 +127,9 @@ class ErrorDetail(BaseModel):
     cannot_open: bool | None = Field(
         default=None,
         description="True where POST /v1/jobs refuses the image because the service cannot open it, or not as "
-        "the client shows it (not found on its machine, outside --allow-root, a format no reader here opens, "
-        "another size than image_size_px): send the region's pixels to POST /v1/jobs/pixels instead.",
+        "the client shows it (not found on its machine, outside --allow-root, a path it cannot use: relative, a "
+        "folder, too long; a format no reader here opens, another size than image_size_px): send the region's "
+        "pixels to POST /v1/jobs/pixels instead.",
     )
 
 
@@ -142,7 +143,7 @@ class JobAccepted(BaseModel):
 class JobStatus(BaseModel):
     job_id: str
     state: Literal["queued", "running", "done", "failed", "cancelling", "cancelled"]
-    progress: float
+    progress: float = Field(description="The share of its tiles analysed, 0 to 1.")
     tiles_done: int
     tiles_total: int
     error: str | None = None
@@ -150,9 +151,9 @@ class JobStatus(BaseModel):
         description="The image's path as the request sent it (a file: URI as its path), not as the service "
         "resolved it; 'upload' for a pixel upload."
     )
-    created: float
-    started: float | None = None
-    finished: float | None = None
+    created: float = Field(description="When it was submitted, in seconds since 1970-01-01 UTC (Unix time).")
+    started: float | None = Field(default=None, description="When its analysis started (Unix time); null while queued.")
+    finished: float | None = Field(default=None, description="When it ended (Unix time); null until then.")
 
 
 class ModelDescription(BaseModel):
@@ -161,7 +162,7 @@ class ModelDescription(BaseModel):
     version: str
     sha256: str
     members: int
-    input_mpp: float
+    input_mpp: float = Field(description="The µm/px it analyses at (images are read at this resolution).")
     tile_size_px: int = Field(
         description="The edge of the tiles it runs on, in its input px (input_mpp µm each): a tile over a region's "
         "edge sees that far around it, so a pixel upload carries that much of the tissue around its ROI as context."

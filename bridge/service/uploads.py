@@ -28,6 +28,7 @@ _UPLOAD_MPP_SOURCE = "the mpp query parameter"
 # through Ghostscript) or decoders no region needs; a body in any other is refused as no PNG or TIFF. JPEG and GIF
 # are kept: clients sent them before.
 UPLOAD_FORMATS = ("PNG", "TIFF", "JPEG", "GIF")
+UPLOAD_MEDIA_TYPES = ("image/png", "image/tiff", "image/jpeg", "image/gif")  # the same, for the OpenAPI schema
 # The most pages or frames of an upload that are looked at: a region is one page, perhaps with its reduced-resolution
 # levels; finding more walked every page of the file (a 2 MB TIFF holds 20 000) while the service answered no one.
 MAX_UPLOAD_PAGES = 64

@@ -129,17 +129,27 @@ def validation_problem(error: dict[str, Any], content_type: str | None) -> str:
     return f"{where}: {error['msg']}"
 
 
+# Every route's 403 where no token is set (bridge.service.guards refuses such requests before any route).
+FOREIGN_REQUEST: dict[str, Any] = {
+    "model": ErrorDetail,
+    "description": "A request from a web page (an Origin header) or addressed to another host than this one (its "
+    "Host header), refused since no token is set: call the address `pdl1 serve` printed, or start it with --token.",
+}
+
+
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for error answers: each is the service's JSON ``detail``."""
     meaning = {
         400: "The body is not UTF-8 text (JSON that does not parse is a 422).",
         401: "Missing or wrong token.",
-        403: "The image lies outside the --allow-root folders.",
+        403: "The image lies outside the --allow-root folders; or, with no token set, the request came from a web "
+        "page or was addressed to another host than this one.",
         404: "No such image or job.",
         409: "The job is not in a state that allows this (e.g. not done yet), or an unknown model.",
         410: "The job's result was released (--keep-results).",
-        413: "The request body is over the limit (a job request's JSON 8 MiB, an upload's 64 MiB, by default).",
-        422: "The request is malformed or names an image that cannot be analysed.",
+        413: "The request body is over the limit: a job request's JSON over 8 MiB or about 250 000 ROI vertices, an "
+        "upload over 64 MiB (upload_limits.max_bytes of GET /v1/health).",
+        422: "The request is malformed (its body or parameters), or a job's names an image that cannot be analysed.",
         429: "The queue is full (--max-queued); retry later.",
     }
     return {code: {"model": ErrorDetail, "description": meaning[code]} for code in codes}

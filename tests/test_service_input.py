@@ -869,7 +869,6 @@ def test_refusals_that_pixels_would_not_mend_carry_no_cannot_open(client, slides
 def test_the_submission_reads_the_header_off_the_event_loop(slides_root, models, monkeypatch):
     # A header that is slow to read (a file on a slow share) must not keep other requests waiting.
     import threading
-    import time
 
     import httpx
 
@@ -892,9 +891,7 @@ def test_the_submission_reads_the_header_off_the_event_loop(slides_root, models,
         submit.start()
         try:
             assert reading.wait(10), "the submission did not read the header"
-            started = time.monotonic()
-            assert c.get("/v1/health", timeout=5).status_code == 200
-            assert time.monotonic() - started < 5
+            assert c.get("/v1/health", timeout=5).status_code == 200  # answered while the submission reads
         finally:
             release.set()
             submit.join(30)

@@ -78,7 +78,7 @@ class DomainGuard(PhantomSlideBenchmark):
             "slides": f"phantom pair {self.size_px}x{self.size_px} px at 0.5 µm/px (seed 83), tissue only",
             "models": f"{seg.name} ({len(seg.members)} members, {seg.tile_size_px} px at {seg.input_mpp} µm/px), "
             f"nuclei, {ihc.name} ({len(ihc.members)} members)",
-            "batch": f"{self.config.segment.batch_size} (segmentation)",
+            "batch": f"{self.config.segment.batch_for(self.models.seg.device)} (segmentation)",
         }
 
     def teardown(self) -> None:

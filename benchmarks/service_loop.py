@@ -94,8 +94,9 @@ class _Poller:
 
 
 class ServiceLoop(Benchmark):
-    """Worst /v1/health latency (polled every 20 ms) while another client posts a large job request or fetches
-    a large result."""
+    """Worst /v1/health latency while another client posts a large job request or fetches a large result.
+
+    /v1/health is polled every 20 ms meanwhile."""
 
     unit = "worst health ms"
     extra_columns = ("99th pct health ms", "median health ms", "polls", "request s", "answer")

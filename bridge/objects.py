@@ -185,7 +185,8 @@ def _nucleus_measurements(nuclei: Nuclei) -> dict[str, np.ndarray]:
     if nuclei.entropy is not None:
         columns["Predictive entropy"] = nuclei.entropy
     if nuclei.membrane_dab_od is not None:
-        columns["DAB membrane OD mean"] = nuclei.membrane_dab_od
+        # The ring's 75th percentile, which grades the cell (it was named "mean", which it never was).
+        columns["DAB membrane OD 75th percentile"] = nuclei.membrane_dab_od
     if nuclei.pdl1_entropy is not None:
         columns["PD-L1 predictive entropy"] = nuclei.pdl1_entropy  # NaN (left out) where no call was made
     return columns

@@ -147,7 +147,7 @@ def test_the_geojson_of_an_ihc_result_has_graded_cells_with_their_membrane_dab()
     classes = [c["properties"]["classification"] for c in cells]
     names = [": ".join(c["names"]) if "names" in c else c["name"] for c in classes]
     assert names[:3] == ["Tumor: 1+", "Tumor: 2+", "Tumor: 3+"]
-    assert cells[2]["properties"]["measurements"]["DAB membrane OD mean"] == pytest.approx(0.8)
+    assert cells[2]["properties"]["measurements"]["DAB membrane OD 75th percentile"] == pytest.approx(0.8)
 
 
 def test_the_project_template_and_the_setup_script_hold_every_class_the_product_writes():

@@ -101,6 +101,9 @@ class RunConfig:
     ``stain``: the stain of every image ("H&E", "H-DAB"), over what QuPath's image types say (None:
     theirs, and the image's colour where the project states none). ``compare_pairs``: after the run, pair
     each case's H&E with its PD-L1 IHC and compare them (``pairs.json``, see :mod:`bridge.pairs`).
+    ``pipeline``: how each image is analysed. ``out``: the results folder of plain slides (a project's are in
+    it). ``resume``: leave the images a status file records as done. ``search_dirs``: folders to look for images
+    the project does not find where it says. ``include_tiles``: write the uncertainty tiles.
     """
 
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)

@@ -20,11 +20,13 @@ class SlideNotFoundError(Pdl1Error, FileNotFoundError):
 
 
 class SlideFormatError(Pdl1Error, ValueError):
-    """The file exists but no reader could open it as an image."""
+    """The file exists but no reader could open it as an image, or it opens at another size than the caller
+    shows it at (another scene of a multi-image file, a cropped view)."""
 
 
 class MissingMppError(Pdl1Error, ValueError):
-    """The slide does not state its microns per pixel and none was given."""
+    """The slide does not state its microns per pixel and none was given, or the one it states or was given is
+    implausible (not a positive number within ``MPP_PLAUSIBLE_RANGE``)."""
 
 
 class ResolutionError(Pdl1Error, ValueError):
@@ -52,7 +54,8 @@ class EngineExportError(Pdl1Error, RuntimeError):
 
 
 class TruthNotFoundError(Pdl1Error, FileNotFoundError):
-    """No phantom truth lies beside a slide that is to be evaluated."""
+    """No phantom truth lies beside a slide that is to be evaluated, or it lacks what the evaluation needs (an
+    IHC's truth that names no paired H&E)."""
 
 
 class TruthFormatError(Pdl1Error, ValueError):

@@ -70,9 +70,12 @@ class PipelineConfig:
     device
         ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
     mpp
-        Overrides the slide's microns per pixel (required for slides that state none).
+        Overrides the slide's microns per pixel (required for slides that state none); not an image passed
+        to :func:`analyse_slide` opened, which keeps its own.
     use_tissue
         Analyse only detected tissue inside the ROI.
+    tissue_mpp
+        µm/px of the low-resolution whole image on which the tissue and the stain are found.
     threshold
         Segmentation threshold on the ensemble-mean probability; the manifest's when None.
     min_region_area_um2
@@ -90,6 +93,9 @@ class PipelineConfig:
         Score the image against the training domain of the model that analyses it (the segmentation
         ensemble on H&E, the IHC nuclei ensemble on H-DAB; :mod:`inference.analysis.domain`): out of the
         domain is a review reason. A model whose manifest has no domain statistics is "not measured".
+    segment, nuclei
+        How the segmentation ensemble and the nuclei models run (:class:`SegmentConfig`, :class:`NucleiConfig`:
+        batch, read-ahead, precision, runtime, ...).
     openslide_only
         Read every pixel of a slide this opens through OpenSlide, not decoding SVS / tiled TIFF tiles directly
         (``open_slide``'s ``openslide_only``; ``pdl1`` reads ``PDL1_OPENSLIDE_ONLY``). A slide passed in opened is
@@ -176,7 +182,8 @@ WEAK_STAIN_MARGIN_DEG = 5.0
 
 
 def sua_params_for(manifest: Manifest, config: PipelineConfig, *, upper: float) -> SuaParams:
-    """SUA numbers: the config's overrides, else the manifest's calibration, else the defaults."""
+    """SUA numbers: the config's overrides, else the manifest's calibration, else the defaults; ``upper`` is the
+    caller's segmentation threshold (SUA's candidates lie under it), never the manifest's ``sua_upper``."""
     t = manifest.thresholds
     saved = manifest.extra.get("sua", {})
     defaults = SuaParams(upper=upper)
@@ -291,8 +298,9 @@ class Models:
 def analysis_grid_um(models: Models, config: PipelineConfig) -> float:
     """The µm between the lines of the coarsest grid an analysis lays from its image's level-0 corner: the
     segmentation maps' cells (``input_mpp`` x ``map_downsample``, 8 µm with the shipped model), of which the
-    positive regions and uncertainty tiles are made. The tiles of the segmentation and of the nuclei models
-    (every 2 model px: 2 µm with the shipped ones) lie on lines it holds.
+    positive regions and uncertainty tiles are made. The segmentation's tiles start every ``map_downsample``
+    model px (8 µm with the shipped model), the nuclei models' every 2 model px (2 µm with the shipped ones):
+    this grid's lines lie on both of theirs.
 
     A region analysed apart from its image (an upload) whose corner lies on this grid is analysed on the
     image's own grids."""
@@ -325,7 +333,8 @@ def analyse_slide(
     ``image_size_px`` is the (width, height) at which the caller (QuPath) shows the image: ROIs and results
     are in that frame, so a file that opens at another size is refused rather than analysed in the wrong one.
     ``image_mpp`` is the µm/px the caller has for the image (QuPath's calibration, which a user may have
-    set); it is used instead of the file's own value, and ``config.mpp`` instead of both.
+    set); it is used instead of the file's own value, and ``config.mpp`` instead of both (neither for an
+    image passed opened, a :class:`Slide`, which keeps the µm/px it was opened with).
     ``image_stain`` is the stain the caller knows the image to have ("H&E", "H-DAB" or "other", from
     ``image_stain_source``); None: not known, and then the image's colour decides (``config.detect_stain``;
     else it is analysed as H&E). An H-DAB image is scored by its cells with the IHC nuclei model, an H&E

@@ -111,10 +111,10 @@ class Nuclei:
 
     ``cls`` indexes ``class_names`` (an H&E model's ``Tumor: Positive``, ``Tumor: Negative``,
     ``Other``; a PD-L1 IHC model adds ``Immune cells: PD-L1 positive`` and ``... negative``);
-    ``class_prob`` is the probability of the chosen class, ``positive_prob`` the PD-L1
-    positive probability among tumour classes, ``entropy`` the predictive entropy of the
+    ``score`` is the heatmap peak that found it, ``class_prob`` the probability of the chosen class,
+    ``positive_prob`` the PD-L1 positive probability among tumour classes, ``entropy`` the predictive entropy of the
     class distribution (None unless the nuclei model is an ensemble). On an IHC image
-    ``membrane_dab_od`` is each cell's mean DAB optical density on its membrane ring and
+    ``membrane_dab_od`` is the 75th percentile of each cell's DAB optical density on its membrane ring and
     ``intensity`` its grade (0, or 1+/2+/3+ for a positive tumour cell); None on H&E.
     ``member_cls`` (N, M) is each ensemble member's own class of each nucleus (None for one model).
     On H&E a tumour nucleus's PD-L1 call comes from the segmentation ensemble's maps

@@ -70,6 +70,8 @@ class NucleiConfig:
     batch_size
         Tiles per forward pass; ``None`` picks :data:`CPU_BATCH` on the CPU (its activations stay
         in the caches) and :data:`CUDA_BATCH` on CUDA.
+    precision
+        ``auto``, ``fp32`` or ``bf16``, as ``SegmentConfig.precision``.
     tta
         Test-time augmentation: each member's heatmaps are the mean over the 8 flips and 90° rotations
         of every tile (:func:`dihedral_mean`), as nnU-Net's mirroring; 8 times the compute. ``None``

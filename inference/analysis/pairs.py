@@ -35,6 +35,8 @@ class PairComparison:
     entropy_disagree, entropy_agree
         Mean predictive entropy of the H&E's uncertainty tiles whose centre lies where the two areas
         disagree (one positive, the other not) and where they agree; None without such tiles.
+    tiles_disagree, tiles_agree
+        How many tiles each of those means is over.
     """
 
     tps_he_predicted: float | None

@@ -118,6 +118,10 @@ class SegmentConfig:
         ``auto`` (bf16 autocast on CUDA and on CPUs with native bf16), ``fp32`` or ``bf16``.
     max_in_memory_mb
         Accumulators larger than this go to a memory-mapped scratch file.
+    max_device_mb
+        The most MB of accumulators kept on a CUDA device (``accumulate_on`` ``auto``).
+    scratch_dir
+        Where the memory-mapped scratch files go; None: the system's temporary folder.
     member_maps
         Also keep each member's blended positive probability (for evaluation).
     compile

@@ -746,11 +746,11 @@ def calibrate_ensemble(
     mean predictive entropy or SUA candidate area (with the SUA just calibrated) reaches its limit, or whose predicted
     positive area (% of the analysed tissue) falls to its limit, besides the slides the domain guard flags
     (its limits are set on in-domain slides, ``pdl1 domain-stats``, and taken as they are); the limits catch
-    as many failures as they can with false alarms on at most 20 % of the correct slides. With
-    ``nuclei_model``, so do the slides whose ensemble members disagree on the TPS category at the rule's
-    limit (``review_tps_member_disagreement``, not fitted: it says the category is unsettled), and the slides
+    as many failures as they can with false alarms on at most 20 % of the correct slides. So do the slides
     whose unsettled share of the positive area is at the rule's limit (``review_unsettled_positive_area_pct``,
-    not fitted: its limit is the failure's own 25 % either way).
+    not fitted: its limit is the failure's own 25 % either way), and, with ``nuclei_model``, the slides whose
+    ensemble members disagree on the TPS category at the rule's limit (``review_tps_member_disagreement``, not
+    fitted: it says the category is unsettled).
     """
     upper = ensemble.manifest.thresholds.get("segmentation", 0.5)
     # The limits taken as the manifest states them (pdl1 run's rule), not fitted here.

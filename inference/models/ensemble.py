@@ -288,7 +288,8 @@ class Ensemble:
         inference precision where ``precision`` autocasts to bf16, else f32; the result is kept on this
         ensemble, so a service or a batch converts and compiles once per process. ``auto`` keeps members
         from memory (training, tests) on torch, their weights change too often to convert, and falls back to
-        torch with a warning where the conversion fails; ``openvino`` raises then.
+        torch with a warning where the conversion fails; ``openvino`` raises then. ``compile_members``: the
+        members will run through ``torch.compile``, so ``auto`` keeps them on torch and ``openvino`` is refused.
         """
         from inference.models import openvino_engine as ove
 

@@ -467,6 +467,11 @@ def import_nnunet(
     positive_label
         The label of the PD-L1 positive class (default: the one label besides ``background`` when
         there are two classes).
+    name
+        The model's name in its manifest (default: the dataset's name).
+    stain
+        The stain of the images it was trained on, one of :data:`STAINS` (else :class:`ModelFileError`): it runs
+        on no other.
     write_into
         An empty folder to write the model into instead of ``out_dir`` itself, which the caller then renames
         onto ``out_dir`` (``pdl1 import nnunet`` does, so that an interrupted import leaves no half a model);

@@ -41,7 +41,9 @@ class SlideLabels:
     ``class_names``; ``counts`` says what was used and what was skipped, and why. ``mpp`` is the µm/px of
     level 0 that the labels' QuPath project states for the image (its calibration, which a user may have set
     in QuPath); it replaces the file's own wherever the slide is read for these labels, as ``pdl1 run`` reads
-    the entry (:func:`open_labelled_slide`). None: the file's own.
+    the entry (:func:`open_labelled_slide`). None: the file's own. ``image_size_px`` is the image's (width,
+    height) as QuPath shows it; ``source`` says where the labels came from (a project's entry, a GeoJSON file),
+    as messages name them.
     """
 
     slide: str

@@ -264,6 +264,7 @@ def read_project(path: str | Path, *, unreadable_entries: str = "raise") -> Proj
             f"{qpproj}: not a QuPath project: {problem} (QuPath writes an 'images' list, empty or not); {_RECREATE}"
         )
     entries = []
+    positions = []  # each entry's place in the "images" list
     unreadable = []
     for i, image in enumerate(raw["images"]):
         try:
@@ -271,26 +272,30 @@ def read_project(path: str | Path, *, unreadable_entries: str = "raise") -> Proj
             builder, not_analysable = file_builder(outer)
             if builder is None and not_analysable is None:
                 raise KeyError("uri")
+            entry_id = _entry_id(image["entryID"])
             meta = (builder or {}).get("metadata") or {}
             width, height = meta.get("width"), meta.get("height")
             entries.append(
                 ProjectEntry(
-                    entry_id=str(image["entryID"]),
-                    image_name=str(image.get("imageName", f"image {image['entryID']}")),
+                    entry_id=entry_id,
+                    image_name=str(image.get("imageName", f"image {entry_id}")),
                     uri=str(builder["uri"]) if builder is not None else "",
                     metadata={str(k): str(v) for k, v in (image.get("metadata") or {}).items()},
                     size_px=(width, height) if isinstance(width, int) and isinstance(height, int) else None,
                     mpp=calibration_um(meta),
                     not_analysable=not_analysable,
-                    image_type=image_type_of(qpproj.parent / "data" / str(image["entryID"])),
+                    image_type=image_type_of(qpproj.parent / "data" / entry_id),
                 )
             )
-        except (KeyError, TypeError, AttributeError) as err:
+            positions.append(i)
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
             named = image.get("imageName") if isinstance(image, dict) else None
             entry_id = image.get("entryID") if isinstance(image, dict) else None
             name = f" ({named})" if isinstance(named, str) else ""
             # A KeyError names the key; a TypeError/AttributeError says only "'int' object has no attribute 'get'".
             problem = f"lacks {err}" if isinstance(err, KeyError) else f"is malformed ({err})"
+            if isinstance(err, ValueError):  # an entryID that is no whole number (one such as ../x named folders)
+                problem = str(err)
             error = ProjectError(
                 f"{qpproj}: image #{i}{name} {problem} (expected entryID and serverBuilder.uri); remove it in "
                 "QuPath and add the image again (File > Project > Add images)"
@@ -300,19 +305,58 @@ def read_project(path: str | Path, *, unreadable_entries: str = "raise") -> Proj
             unreadable.append(
                 UnreadableEntry(
                     index=i,
-                    entry_id=None if entry_id is None else str(entry_id),
+                    # one that is no whole number is no key either: it would name another folder
+                    entry_id=None if entry_id is None or isinstance(err, ValueError) else str(entry_id),
                     image_name=named if isinstance(named, str) else f"image #{i}",
                     error=error,
                 )
             )
+    entries, shared = _without_shared_ids(qpproj, entries, positions)
+    if shared and unreadable_entries == "raise":
+        raise shared[0].error
+    unreadable.extend(shared)
     saved_uri = raw.get("uri")
     return ProjectInfo(
         qpproj,
         raw.get("version"),
         tuple(entries),
         saved_uri if isinstance(saved_uri, str) else None,
-        unreadable=tuple(unreadable),
+        unreadable=tuple(sorted(unreadable, key=lambda u: u.index)),  # in the project's order
     )
+
+
+def _entry_id(value: Any) -> str:
+    """A project image's entryID as a folder name: QuPath writes a whole number (its data is ``data/<entryID>``,
+    this tool's results ``pdl1/<entryID>``); anything else (``../x``, null) would name another folder, so it is
+    refused (ValueError saying what it is)."""
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).isdigit():
+        raise ValueError(f"has entryID {_shorten(value)}, not the whole number QuPath writes")
+    return str(int(value))
+
+
+def _without_shared_ids(
+    qpproj: Path, entries: list[ProjectEntry], positions: list[int]
+) -> tuple[list[ProjectEntry], list[UnreadableEntry]]:
+    """``entries`` (at ``positions`` in the project's list) less those whose entryID another shares (both would
+    read and write one ``data/<ID>`` and ``pdl1/<ID>``: one image's results lost under the other's), and those
+    as unreadable, each naming the other, keyed by their place (their ID is no key)."""
+    by_id: dict[str, list[int]] = {}
+    for i, entry in enumerate(entries):
+        by_id.setdefault(entry.entry_id, []).append(i)
+    shared = {i for indices in by_id.values() if len(indices) > 1 for i in indices}
+    if not shared:
+        return entries, []
+    out = []
+    for i in sorted(shared):
+        entry = entries[i]
+        others = ", ".join(entries[j].image_name for j in by_id[entry.entry_id] if j != i)
+        error = ProjectError(
+            f"{qpproj}: entry {entry.entry_id} ({entry.image_name}) shares its entryID with {others}, so their "
+            "data and results would overwrite each other; QuPath gives each entry its own: remove one of them in "
+            "QuPath and add its image again (File > Project > Add images)"
+        )
+        out.append(UnreadableEntry(index=positions[i], entry_id=None, image_name=entry.image_name, error=error))
+    return [e for i, e in enumerate(entries) if i not in shared], out
 
 
 def _not_a_project(raw: Any) -> str | None:

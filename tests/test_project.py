@@ -569,6 +569,45 @@ def test_an_image_record_without_its_server_can_be_kept_apart_from_the_readable_
     assert "lacks 'serverBuilder'" in str(kept.error) and "add the image again" in str(kept.error)
 
 
+@pytest.mark.parametrize(
+    ("entry_id", "said"),
+    [("../../escaped", '"../../escaped"'), (None, "null"), (-1, "-1"), (True, "true"), ("1e3", '"1e3"')],
+)
+def test_an_entry_id_that_is_no_whole_number_is_refused_not_taken_for_a_folder(tmp_path, entry_id, said):
+    # "../../escaped" had pdl1 run write that entry's results two folders above the project, and review-queue its
+    # metadata there too; a null one wrote pdl1/None/.
+    good = {"serverBuilder": {"builderType": "uri", "uri": "file:/s/a.svs"}, "entryID": 1, "imageName": "a.svs"}
+    bad = {**good, "entryID": entry_id, "imageName": "b.svs"}
+    (tmp_path / "project.qpproj").write_text(json.dumps({"images": [good, bad]}))
+    with pytest.raises(ProjectError, match=rf"image #1 \(b\.svs\) has entryID {re.escape(said)}, not the whole number"):
+        read_project(tmp_path)
+    info = read_project(tmp_path, unreadable_entries="keep")
+    assert [e.entry_id for e in info.entries] == ["1"]
+    (kept,) = info.unreadable
+    assert (kept.index, kept.entry_id) == (1, None)  # no key that names a folder
+    assert str(kept.error).endswith("remove it in QuPath and add the image again (File > Project > Add images)")
+
+
+def test_entries_sharing_an_entry_id_are_each_refused_naming_the_other(tmp_path):
+    # Both were analysed into pdl1/1/, and the second's results replaced the first's without a word.
+    def image(name, entry_id):
+        return {
+            "serverBuilder": {"builderType": "uri", "uri": f"file:/s/{name}"},
+            "entryID": entry_id,
+            "imageName": name,
+        }
+
+    (tmp_path / "project.qpproj").write_text(
+        json.dumps({"images": [image("a.svs", 1), image("b.svs", 2), image("c.svs", "1")]})
+    )
+    with pytest.raises(ProjectError, match=r"entry 1 \(a\.svs\) shares its entryID with c\.svs"):
+        read_project(tmp_path)
+    info = read_project(tmp_path, unreadable_entries="keep")
+    assert [e.image_name for e in info.entries] == ["b.svs"]
+    assert [(u.index, u.entry_id, u.image_name) for u in info.unreadable] == [(0, None, "a.svs"), (2, None, "c.svs")]
+    assert "remove one of them in QuPath and add its image again" in str(info.unreadable[1].error)
+
+
 def test_init_project_on_a_file_says_it_expected_a_folder(tmp_path, phantom_svs):
     (tmp_path / "taken").write_text("a file")
     with pytest.raises(ProjectError, match=r"taken is a file; expected a folder for the new project"):

@@ -314,6 +314,22 @@ def test_an_entry_without_a_server_builder_fails_alone(tmp_path, slides, models)
     assert not RunStatus(project).is_done("1") and RunStatus(project).is_done("2")
 
 
+def test_an_entry_id_naming_another_folder_fails_alone_and_nothing_is_written_outside(tmp_path, slides, models):
+    # entryID "../../escaped" had its results written two folders above the project.
+    project = tmp_path / "a" / "b" / "project"
+    init_project_files(project, [slides[0], slides[1]])
+    qpproj = project / "project.qpproj"
+    raw = json.loads(qpproj.read_text())
+    raw["images"][0]["entryID"] = "../../escaped"
+    qpproj.write_text(json.dumps(raw))
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never")
+    outcomes = run_batch([project], config, models=models)
+    assert [(o.name, o.state) for o in outcomes] == [("s31.svs", "failed"), ("s32.svs", "done")]
+    assert 'has entryID "../../escaped", not the whole number QuPath writes' in outcomes[0].error
+    assert not (tmp_path / "a" / "escaped").exists() and not (project / "escaped").exists()
+    assert sorted(p.name for p in (project / "pdl1").iterdir() if p.is_dir()) == ["2"]
+
+
 def test_out_with_a_project_is_refused_not_ignored(tmp_path, slides, models):
     # The results went into the project while --out named another folder (and --report looked for them there).
     project = tmp_path / "project"

@@ -33,6 +33,7 @@ from bridge.run import (
     _jobs,
     _QuPathSession,
     _use_qupath,
+    analysis_settings,
     failure_message,
     outcome_from_summary,
     output_paths,
@@ -135,7 +136,7 @@ def run_batch_ray(
     use_qupath = _use_qupath(config, project)
     with run_lock(status_folder):
         remove_orphan_parts(status_folder, plain_slides=project is None)
-        status = status_for_run(status_folder, resume=config.resume)
+        status = status_for_run(status_folder, resume=config.resume, settings=analysis_settings(config))
         if not ray.is_initialized():
             try:
                 ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)

@@ -8,6 +8,7 @@ that needs only the JSON is here; :mod:`bridge.qupath` does the rest through paq
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -750,12 +751,19 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 class RunStatus:
-    """Per-image status of batch runs, kept in ``<project>/pdl1/status.json`` for ``--resume``."""
+    """Per-image status of batch runs, kept in ``<project>/pdl1/status.json`` for ``--resume``.
 
-    def __init__(self, folder: Path):
+    ``settings``: what decides this run's results (models, sizes, targets, ...; :func:`bridge.run.analysis_settings`):
+    an image recorded done records their digest, and the file keeps each digest's settings, so that ``--resume``
+    can tell an image done with other settings (:meth:`other_settings`). None: nothing recorded (a reader).
+    """
+
+    def __init__(self, folder: Path, settings: dict[str, Any] | None = None):
         self.folder = folder  # the project folder, or a plain-slides run's --out
         self.path = folder / PDL1_DIR / STATUS_FILE
         self.images: dict[str, dict[str, Any]] = {}
+        self.settings: dict[str, dict[str, Any]] = {}  # digest -> settings, of the images recorded done
+        self.current = None if settings is None else (_settings_digest(settings), settings)
         if self.path.is_file():
             fix = (
                 "run without --resume to start over (every image is analysed again, and the file is kept aside as "
@@ -773,6 +781,8 @@ class RunStatus:
                     f"{_shorten(raw)}); {fix}"
                 )
             self.images = images
+            kept = raw.get("settings")
+            self.settings = {k: v for k, v in kept.items() if isinstance(v, dict)} if isinstance(kept, dict) else {}
 
     def is_done(self, key: str) -> bool:
         return self.images.get(key, {}).get("state") == "done"
@@ -783,9 +793,27 @@ class RunStatus:
             k: str(v.get("error") or "no error recorded") for k, v in self.images.items() if v.get("state") == "failed"
         }
 
+    def other_settings(self, key: str) -> list[str] | None:
+        """The settings that differ between the run that did image ``key`` and this one (their names, or
+        ``["(not recorded)"]`` where the file lost them); None where they are the same or either is unknown (an
+        earlier version recorded none)."""
+        recorded = self.images.get(key, {}).get("settings")
+        if self.current is None or not isinstance(recorded, str) or recorded == self.current[0]:
+            return None
+        then, now = self.settings.get(recorded), self.current[1]
+        if then is None:
+            return ["(not recorded)"]
+        return sorted(k for k in {*then, *now} if then.get(k) != now.get(k)) or ["(not recorded)"]
+
     def record(self, key: str, **fields: Any) -> None:
+        if fields.get("state") == "done" and self.current is not None:
+            fields["settings"] = self.current[0]
         self.images[key] = fields
-        write_json_atomic(self.path, {"images": self.images})
+        used = {v.get("settings") for v in self.images.values()}
+        if self.current is not None:
+            self.settings[self.current[0]] = self.current[1]
+        self.settings = {k: v for k, v in self.settings.items() if k in used}
+        write_json_atomic(self.path, {"images": self.images, "settings": self.settings})
 
     def replacing(self, key: str, *, image: str) -> None:
         """Record an image an earlier run finished as being analysed again, before its results are replaced.
@@ -799,13 +827,22 @@ class RunStatus:
             self.record(key, state="started", image=image)
 
 
-def status_for_run(folder: Path, *, resume: bool) -> RunStatus:
+def _settings_digest(settings: dict[str, Any]) -> str:
+    """A short hash of a run's settings (JSON, keys sorted).
+
+    >>> _settings_digest({"b": 1, "a": None}) == _settings_digest({"a": None, "b": 1})
+    True
+    """
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def status_for_run(folder: Path, *, resume: bool, settings: dict[str, Any] | None = None) -> RunStatus:
     """The run status a run records into (:class:`RunStatus`). A damaged one stops a ``--resume``, which needs it to
     know what is done; a run without ``--resume`` analyses every image anyway, so it sets the damaged file aside
     (renamed to ``status.json.damaged-<UTC time>``: kept, not lost) with a warning, and starts a new one. It was
     refused with "delete it", and a user who had not asked to resume anything had to do that first."""
     try:
-        return RunStatus(folder)
+        return RunStatus(folder, settings)
     except ProjectError as err:
         if resume:
             raise
@@ -816,7 +853,7 @@ def status_for_run(folder: Path, *, resume: bool) -> RunStatus:
         except OSError as move_err:
             raise ProjectError(f"{err}; it could not be set aside as {aside.name} ({move_err})") from move_err
         log.warning("%s: a run status that does not read was set aside as %s; this run starts a new one", path, aside)
-        return RunStatus(folder)
+        return RunStatus(folder, settings)
 
 
 def _shorten(value: Any, limit: int = 60) -> str:

@@ -679,7 +679,7 @@ def run_batch(
     use_qupath = _use_qupath(config, project)
     with run_lock(status_folder):
         remove_orphan_parts(status_folder, plain_slides=project is None)
-        status = status_for_run(status_folder, resume=config.resume)
+        status = status_for_run(status_folder, resume=config.resume, settings=analysis_settings(config))
         qp_session = _QuPathSession(project) if use_qupath else None
         try:
             outcomes = _run_jobs(
@@ -854,6 +854,44 @@ def write_image_files(
     return outcome_from_summary(job.key, job.name, summary_data, time.perf_counter() - t0, (geojson, summary))
 
 
+# What makes a run no faster or slower but changes nothing it writes (beyond rounding): left out of the settings
+# --resume compares, so a resume on another machine, device or batch size goes on where the run stopped.
+_SPEED_ONLY = {
+    "pipeline": ("device", "openslide_only", "openvino_cache_dir"),
+    "segment": (
+        "batch_size", "read_workers", "read_block_tiles", "reduce_on_device", "read_on_device", "decode_backend",
+        "precision", "max_in_memory_mb", "max_device_mb", "scratch_dir", "compile", "accumulate_on", "runtime",
+    ),
+    "nuclei": ("batch_size", "read_workers", "read_block_tiles", "precision", "runtime"),
+}  # fmt: skip
+
+
+def analysis_settings(config: RunConfig) -> dict[str, Any]:
+    """What decides a run's results, flat (``segment.overlap_fraction``, ``target_classes``, ...): recorded with
+    each image done (:class:`RunStatus`), so that ``--resume`` analyses again an image done with other settings.
+
+    >>> a = analysis_settings(RunConfig(pipeline=PipelineConfig(device="cpu")))
+    >>> a == analysis_settings(RunConfig(pipeline=PipelineConfig(device="cuda")))  # speed only
+    True
+    >>> a == analysis_settings(RunConfig(pipeline=PipelineConfig(run_nuclei=False)))
+    False
+    """
+    pipeline = asdict(config.pipeline)
+    flat = {}
+    for key, value in pipeline.items():
+        if isinstance(value, dict):
+            flat |= {f"{key}.{k}": v for k, v in value.items() if k not in _SPEED_ONLY[key]}
+        elif key not in _SPEED_ONLY["pipeline"]:
+            flat[key] = value
+    flat |= {
+        "target_classes": list(config.target_classes),
+        "target_names": list(config.target_names),
+        "stain": config.stain,
+        "include_tiles": config.include_tiles,
+    }
+    return json.loads(json.dumps(flat, default=str))  # as status.json holds it: lists, strings
+
+
 def resume_skips(job: _Job, status: RunStatus, project: Path | None, *, written_by_qupath: bool) -> bool:
     """Whether ``--resume`` may skip this image: recorded done, and what the run wrote is there and reads.
 
@@ -862,6 +900,14 @@ def resume_skips(job: _Job, status: RunStatus, project: Path | None, *, written_
     warning that says why.
     """
     if not status.is_done(job.key):
+        return False
+    differ = status.other_settings(job.key)
+    if differ is not None:  # it was skipped, its results of other models or sizes kept under this run's
+        log.warning(
+            "%s: done by an earlier run with other settings (%s); analysing it again with this run's",
+            job.name,
+            ", ".join(differ),
+        )
         return False
     why = _results_problem(job, status, project, written_by_qupath=written_by_qupath)
     if why is None:

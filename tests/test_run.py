@@ -15,6 +15,7 @@ from bridge.qupath_geojson import read_features
 from bridge.report import write_report
 from bridge.run import RunConfig, RunInterrupted, run_batch
 from bridge.targets import rows_from_summary
+from inference import SegmentConfig
 from inference.phantom.pyramid import write_phantom
 from inference.phantom.scene import PhantomSpec
 from inference.pipeline import Models, PipelineConfig
@@ -163,6 +164,26 @@ def test_an_image_resume_skips_keeps_the_results_its_earlier_run_recorded(tmp_pa
         assert getattr(skipped, field) == getattr(done, field), field
     assert skipped.tps_percent is not None and skipped.stain == "H&E" and skipped.seconds == 0.0
     assert skipped.outputs == (str(out / "s31.geojson"), str(out / "s31.summary.json")) and skipped.error is None
+
+
+def test_resume_analyses_again_an_image_done_with_other_settings(tmp_path, slides, models, caplog):
+    # A run without nuclei finished both images; a run with them stopped after the first; --resume skipped the
+    # second as done, keeping its results without TPS under the run with nuclei. A resume on another device or
+    # batch size still skips what is done.
+    out = tmp_path / "out"
+    without = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never", out=out)
+    assert [o.state for o in run_batch(slides, without, models=models)] == ["done", "done"]
+    with_nuclei = replace(without, pipeline=PipelineConfig(device="cpu"))
+    assert [o.state for o in run_batch(slides[:1], with_nuclei, models=models)] == ["done"]  # then stopped
+    with caplog.at_level("WARNING", logger="bridge.run"):
+        again = run_batch(slides, replace(with_nuclei, resume=True), models=models)
+    assert [o.state for o in again] == ["skipped", "done"]
+    assert again[1].tps_percent is not None
+    assert "s32.svs: done by an earlier run with other settings (run_nuclei); analysing it again" in caplog.text
+    faster = replace(
+        with_nuclei, resume=True, pipeline=PipelineConfig(device="cpu", segment=SegmentConfig(batch_size=2))
+    )
+    assert [o.state for o in run_batch(slides, faster, models=models)] == ["skipped", "skipped"]
 
 
 def test_project_sidecars_resume_after_a_crash_and_moved_slide(tmp_path, slides, models):
@@ -1290,7 +1311,7 @@ def test_through_qupath_a_tma_is_analysed_core_by_core_and_its_table_has_a_row_p
     assert summary["analysed_area_um2"] > 0 and summary["sua_candidates"] is not None
     _each_core_is_kept_for_the_review_queue(project, summary, children)
     written.clear()
-    (again,) = run_batch([project], RunConfig(pipeline=config.pipeline, qupath="always", resume=True), models=models)
+    (again,) = run_batch([project], replace(config, resume=True), models=models)  # the same command, --resume
     assert again.state == "skipped" and written == []
     with (project / "pdl1" / "targets.csv").open(newline="", encoding="utf-8") as fh:
         assert [r["target"] for r in csv.DictReader(fh)] == ["A-1", "A-2", "B-1"]  # kept rows of a skipped image

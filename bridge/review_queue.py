@@ -801,6 +801,20 @@ def _staged(path: Path, text: str) -> Path:
     return tmp
 
 
+def _refuse_out_among_run_files(out: Path, folder: Path) -> None:
+    """Refuse an ``--out`` in the project's ``pdl1/`` other than the queue's own name there: that folder holds the run's
+    files (status.json, targets.csv, each entry's summary.json), and ``--out pdl1/targets.csv`` replaced the run's
+    table with the queue, ``pdl1/status.csv`` its status (with the queue's provenance, ``status.json``)."""
+    results = (folder / PDL1_DIR).resolve()
+    where = out.resolve()
+    if where.is_relative_to(results) and where != results / QUEUE_FILE:
+        raise ReviewQueueError(
+            f"--out {out} lies in {results}, which holds what pdl1 run writes (its status, tables and each entry's "
+            f"results), and the queue or its provenance ({where.with_suffix('.json').name}) could replace one of "
+            f"them; give a CSV path outside it, or leave --out out for {results / QUEUE_FILE}"
+        )
+
+
 def _marker_text(marker: Path) -> str:
     """When and by which process the unfinished review-queue ``marker`` names started, as a reader is told it."""
     try:
@@ -858,6 +872,8 @@ def write_review_queue(
             raise ReviewQueueError(f"--out {out}: its folder {out.parent} {problem}; give a CSV path in a folder")
     info = read_project(source)  # the project file given, not only a project.qpproj beside it
     folder = info.folder
+    if out is not None:
+        _refuse_out_among_run_files(out, folder)
     analysed_entries(info)  # refused before the lock, which would create pdl1/
     use_qupath = False
     if qupath != "never":

@@ -281,9 +281,15 @@ def test_an_out_that_cannot_be_the_csv_or_the_report_folder_is_refused_before_an
         write_report(project, tmp_path / "notes" / "r")
     with pytest.raises(ProjectError, match=r"--out .*notes is a file; the report is written into a folder"):
         write_report(project, tmp_path / "notes")
+    # In the project's pdl1/, --out targets.csv replaced the run's table with the queue, status.csv its status.json
+    # with the queue's provenance, 1/summary.csv an entry's summary.
+    for name in ("targets.csv", "status.csv", "1/summary.csv"):
+        with pytest.raises(ReviewQueueError, match=r"--out .* lies in .*pdl1, which holds what pdl1 run writes"):
+            write_review_queue(project, out=project / "pdl1" / name, qupath="never")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "notes", "project"]
     assert not any((tmp_path / "folder").iterdir())
     assert {p: p.read_bytes() for p in sorted((project / "pdl1").rglob("*")) if p.is_file()} == before
+    write_review_queue(project, out=project / "pdl1" / "review_queue.csv", qupath="never")  # its own name there
 
 
 @pytest.mark.parametrize("damage", ['{"cut short', '{"run_id": "x"}'], ids=["not JSON", "no mpp"])

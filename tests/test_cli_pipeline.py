@@ -75,6 +75,28 @@ def test_eval_suite_writes_a_report(small, tmp_path):
     assert (said["sha256"], said["folder"]) == (demo.checksum, str(demo_model_dir("nuclei"))), said
 
 
+def test_eval_suite_refuses_two_slides_of_one_name_before_scoring_and_scores_a_repeat_once(small, tmp_path):
+    # Both were scored whole, then refused as "opened twice among the files replaced together"; the same slide
+    # named twice was refused so too.
+    import shutil
+
+    other = tmp_path / "other" / small.name
+    other.parent.mkdir()
+    shutil.copy(small, other)
+    shutil.copytree(small.with_name(small.stem + ".truth"), other.with_name(other.stem + ".truth"))
+    out = tmp_path / "report"
+    result = runner.invoke(
+        app, ["eval", str(small), str(other), "--out", str(out), "--no-progress"], env={"COLUMNS": "1000"}
+    )
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2, result.output
+    assert f"{small}, {other} share the file name 'c', so their overlays" in text and not out.exists()
+    result = runner.invoke(app, ["eval", str(small), str(small), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "scored once" in " ".join(result.output.split())
+    assert len(list(csv.DictReader((out / "metrics.csv").open()))) == 1
+
+
 def test_calibrate_writes_thresholds_into_a_copy(small, tmp_path):
     result = runner.invoke(
         app, ["calibrate", str(small), "--out", str(tmp_path / "cal"), "--device", "cpu", "--no-progress"]

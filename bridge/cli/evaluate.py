@@ -495,6 +495,21 @@ def eval_registration(
         raise fail(err) from err
 
 
+def _refuse_shared_stems(slides: list[Path], out: Path) -> None:
+    """The suite names each slide's files after its stem (``OUT/<stem>_overlay.png``, its metrics row): two slides
+    of one stem were scored whole and then refused as "opened twice among the files replaced together"."""
+    by_stem: dict[str, list[Path]] = {}
+    for slide in slides:
+        by_stem.setdefault(slide.stem, []).append(slide)
+    for stem, same in by_stem.items():
+        if len(same) > 1:
+            raise typer.BadParameter(
+                f"{', '.join(map(str, same))} share the file name {stem!r}, so their overlays ({out / stem}_overlay.png) "
+                "and rows would be one another's; rename one, or score them into different --out folders",
+                param_hint="SLIDES",
+            )
+
+
 @app.command("suite")
 def eval_suite(
     slides: Annotated[
@@ -535,6 +550,8 @@ def eval_suite(
     )
 
     console_out = stdout()
+    slides = distinct_paths(slides, done="scored once")
+    _refuse_shared_stems(slides, out)
     require_out_folder(out, what="the report")
     try:
         # Under the --out folder's lock, held from the start so a second eval into it is refused before its

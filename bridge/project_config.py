@@ -197,9 +197,9 @@ def config_path_for(inputs: list[Path]) -> Path | None:
     if len(inputs) != 1:
         return None
     folder = inputs[0] if inputs[0].is_dir() else inputs[0].parent if inputs[0].suffix == ".qpproj" else None
-    if folder is None or not (folder / CONFIG_NAME).is_file():
+    if folder is None or not (folder / CONFIG_NAME).exists():
         return None
-    return folder / CONFIG_NAME
+    return folder / CONFIG_NAME  # a folder of that name is read, and refused, not left out without a word
 
 
 def read_project_config(path: str | Path) -> ProjectConfig:
@@ -209,6 +209,11 @@ def read_project_config(path: str | Path) -> ProjectConfig:
         text = path.read_text(encoding="utf-8-sig")  # Windows Notepad saves UTF-8 with a BOM, which TOML rejects
     except FileNotFoundError as err:
         raise ConfigError(f"{path}: no such config file; give an existing pdl1-config.toml") from err
+    except IsADirectoryError as err:
+        raise ConfigError(
+            f"{path} is a folder, not the project's config file; remove or rename it (`pdl1 init-project` writes the "
+            "file from project_templates/pdl1/config.toml), or run with --no-config for the built-in defaults"
+        ) from err
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text ({err.reason}); save it as UTF-8") from err
     try:
@@ -217,6 +222,11 @@ def read_project_config(path: str | Path) -> ProjectConfig:
         lines = text.splitlines()
         line = _line_number(err) or (len(lines) if "end of document" in str(err) else None)
         shown = f": {lines[line - 1].strip()!r}" if line and line <= len(lines) else ""
+        if "Cannot overwrite a value" in str(err) or "Cannot declare" in str(err):  # not a quoting mistake
+            raise ConfigError(
+                f"{path}, line {line or '?'}{shown}: a key or table given a second time ({err}); give each once: "
+                "remove or merge the repeat"
+            ) from err
         raise ConfigError(
             f'{path}, line {line or "?"}{shown}: not valid TOML ({err}); strings need quotes (device = "cpu"), '
             'arrays of strings brackets and commas (outputs = ["regions", "nuclei"])'

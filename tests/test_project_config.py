@@ -57,6 +57,15 @@ def test_keys_left_out_keep_the_defaults_and_model_paths_are_taken_from_the_file
     assert config.source_of("outputs") == "built-in default"
 
 
+def test_a_folder_named_as_the_config_is_refused_not_left_out_without_a_word(tmp_path):
+    # pdl1 run of the project ran with the built-in defaults and said nothing.
+    (tmp_path / "project.qpproj").write_text('{"images": []}')
+    (tmp_path / CONFIG_NAME).mkdir()
+    assert config_path_for([tmp_path]) == tmp_path / CONFIG_NAME
+    with pytest.raises(ConfigError, match=r"pdl1-config.toml is a folder, not the project's config file; remove or"):
+        read_project_config(tmp_path / CONFIG_NAME)
+
+
 def test_an_empty_file_is_the_defaults(tmp_path):
     assert replace(read_project_config(_config(tmp_path, "# nothing set\n")), path=None) == ProjectConfig()
 
@@ -67,6 +76,15 @@ def test_an_empty_file_is_the_defaults(tmp_path):
         # Not TOML: tomllib's line, the line's text.
         ('[service]\nurl = "http://x"\n\n[analysis]\ndevice = auto\n', r"line 5: 'device = auto': not valid TOML"),
         ('[analysis]\noutputs = ["regions",\n', r"line \d+.*not valid TOML"),
+        # A repeat was told "strings need quotes".
+        (
+            '[analysis]\ndevice = "cpu"\ndevice = "cpu"\n',
+            r"line 3: 'device = \"cpu\"': a key or table given a second time",
+        ),
+        (
+            '[analysis]\ndevice = "cpu"\n[analysis]\n',
+            r"line 3: '\[analysis\]': a key or table given a second time .*give each once",
+        ),
         # Unknown table or key: the line, the key, what is allowed.
         (
             "[service]\nurl = 'x'\n[anaylsis]\ndevice = 'cpu'\n",

@@ -295,9 +295,13 @@ def captured_run(monkeypatch):
 
 
 def _project(tmp_path, config_text=None):
+    """A project of no images with ``config_text`` as its config: ``/abs/nuclei`` in it is ``tmp_path/abs/nuclei``,
+    and the model folders it names are made (empty: read by the run, which these tests leave out)."""
     (tmp_path / "project.qpproj").write_text(json.dumps({"version": "0.4.4", "images": []}))
     if config_text is not None:
-        (tmp_path / "pdl1-config.toml").write_text(config_text)
+        (tmp_path / "pdl1-config.toml").write_text(config_text.replace("/abs/nuclei", str(tmp_path / "abs" / "nuclei")))
+        for folder in ("models/seg", "abs/nuclei"):
+            (tmp_path / folder).mkdir(parents=True, exist_ok=True)
     return tmp_path
 
 
@@ -363,7 +367,7 @@ def test_run_takes_its_defaults_from_the_projects_config(tmp_path, captured_run)
     (config,) = captured_run
     assert config.pipeline.device == "cpu"
     assert config.pipeline.seg_model_dir == str(project / "models" / "seg")
-    assert config.pipeline.nuclei_model_dir == "/abs/nuclei"
+    assert config.pipeline.nuclei_model_dir == str(project / "abs" / "nuclei")
     assert config.pipeline.run_nuclei is False and config.pipeline.run_sua is True
     assert config.pipeline.uncertainty_tile_um == 32.0 and config.pipeline.min_region_area_um2 == 50.0
     assert config.target_classes == ("Tumor",) and config.target_names == ("core 1",)
@@ -394,10 +398,30 @@ def test_a_project_given_as_its_folder_and_its_project_file_is_one_project_with_
     assert config.settings.path == project / "pdl1-config.toml"  # read as for the project given once
 
 
+def test_a_model_folder_that_is_not_there_is_refused_before_any_image_naming_where_it_was_given(tmp_path, captured_run):
+    # Each image failed with "no such model folder; ... or leave the model option out", also for the config's key.
+    project = _project(tmp_path, CONFIG.replace('segmentation = "models/seg"', 'segmentation = "models/gone"'))
+    result = runner.invoke(app, ["run", str(project), "--no-progress"], env={"COLUMNS": "1000"})
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and captured_run == [], result.output
+    assert (
+        f"{project / 'pdl1-config.toml'}, line 10: [models] segmentation = {project / 'models' / 'gone'}: no such "
+        "model folder; give the folder that holds manifest.json and its members (a relative path is to the config "
+        "file's folder), or remove the key for the shipped one" in text
+    )
+    (project / "pdl1-config.toml").write_text(CONFIG.replace("/abs/nuclei", str(project / "abs" / "nuclei")))
+    result = runner.invoke(app, ["run", str(project), "--no-progress", "--ihc-model", str(project / "project.qpproj")],
+                           env={"COLUMNS": "1000"})  # fmt: skip
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "project.qpproj: a file, not a model folder; give the folder" in text
+    assert "or leave --ihc-model out for the shipped one" in text
+
+
 def test_run_options_override_the_config(tmp_path, captured_run):
     project = _project(tmp_path, CONFIG)
     args = ["run", str(project), "--no-progress", "--device", "cuda:1", "--class", "Stroma", "--class", "Tumor"]
-    args += ["--output", "nuclei", "--output", "uncertainty_tiles", "--seg-model", "elsewhere"]
+    (tmp_path / "elsewhere").mkdir()
+    args += ["--output", "nuclei", "--output", "uncertainty_tiles", "--seg-model", str(tmp_path / "elsewhere")]
     args += ["--uncertainty-tile-um", "16", "--min-region-area-um2", "0"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -406,8 +430,8 @@ def test_run_options_override_the_config(tmp_path, captured_run):
     assert config.target_classes == ("Stroma", "Tumor")
     assert config.target_names == ("core 1",)  # not given: the config's
     assert config.pipeline.run_nuclei is True and config.pipeline.run_sua is False and config.include_tiles
-    assert config.pipeline.seg_model_dir == "elsewhere"
-    assert config.pipeline.nuclei_model_dir == "/abs/nuclei"
+    assert config.pipeline.seg_model_dir == str(tmp_path / "elsewhere")
+    assert config.pipeline.nuclei_model_dir == str(project / "abs" / "nuclei")
     assert config.pipeline.uncertainty_tile_um == 16.0 and config.pipeline.min_region_area_um2 == 0.0
     assert config.settings.source_of("device") == "command line"
     assert config.settings.source_of("target_names") == str(project / "pdl1-config.toml")

@@ -106,22 +106,34 @@ _MODEL_KIND = {
 
 def _check_model_kinds(settings) -> None:
     """A model of another kind or stain than its option takes is refused before any image (each image failed
-    with "a 'nuclei' model, but a 'segmentation' model is needed here", naming no option). A model folder that does
-    not read is left to the run, which names it per image."""
+    with "a 'nuclei' model, but a 'segmentation' model is needed here", naming no option), and so is a folder that
+    is not there (each image failed, blaming "the model option" for the config file's key). A model folder that
+    does not read is left to the run, which names it per image."""
     from inference import ModelFileError, read_manifest, wrong_model_message
 
     for name, (task, stain) in _MODEL_KIND.items():
         folder = getattr(settings, name)
         if folder is None:
             continue
+        option = _OPTION_OF[name]
+        from_file = settings.source_of(name) == str(settings.path)
+        if not Path(folder).is_dir():
+            what = "a file, not a model folder" if Path(folder).exists() else "no such model folder"
+            raise typer.BadParameter(
+                f"{settings.where(name)} = {folder}: {what}; give the folder that holds manifest.json and its "
+                "members (a relative path is to the config file's folder), or remove the key for the shipped one"
+                if from_file
+                else f"{folder}: {what}; give the folder that holds manifest.json and its members, or leave {option} "
+                "out for the shipped one",
+                param_hint=option,
+            )
         try:
             manifest = read_manifest(folder, verify=False)
         except ModelFileError:
             continue
         if (manifest.task, manifest.stain) != (task, stain):
             # Named with the file and line where the config file gave it.
-            option = _OPTION_OF[name]
-            where = f"{settings.where(name)} = " if settings.source_of(name) == str(settings.path) else ""
+            where = f"{settings.where(name)} = " if from_file else ""
             fits = [other for other, kind in _MODEL_KIND.items() if kind == (manifest.task, manifest.stain)]
             fix = f"give one{f' (this one is for {_OPTION_OF[fits[0]]})' if fits else ''}, " + (
                 "or remove the key for the shipped one" if where else f"or leave {option} out for the shipped one"

@@ -858,3 +858,25 @@ def test_a_project_file_another_program_holds_open_is_explained_with_that_fix(fi
     assert said.startswith(f"error: {project / 'project.qpproj'}: The process cannot access the file"), said
     assert said.endswith("a file another program holds open (Windows locks it) reads again once that program closes it")
     assert not (tmp_path / "m").exists()
+
+
+def test_a_ctrl_c_while_pdl1_is_starting_says_so_and_exits_130(monkeypatch, capsys):
+    # It printed Python's KeyboardInterrupt traceback through importlib's frames.
+    import builtins
+    import sys
+
+    from bridge.cli import entry
+
+    real_import = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):
+        if name == "bridge.cli.app":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "bridge.cli.app")
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        entry.main()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "pdl1: interrupted while starting; nothing was done\n"

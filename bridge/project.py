@@ -873,9 +873,32 @@ def summary_problem(summary: Any) -> str | None:
     >>> summary_problem([])
     'is not a pdl1 summary (expected a JSON object with "image" and "mpp", got [])'
     """
-    if isinstance(summary, dict) and isinstance(summary.get("image"), str) and "mpp" in summary:
-        return None
-    return f'is not a pdl1 summary (expected a JSON object with "image" and "mpp", got {_shorten(summary)})'
+    if not (isinstance(summary, dict) and isinstance(summary.get("image"), str) and "mpp" in summary):
+        return f'is not a pdl1 summary (expected a JSON object with "image" and "mpp", got {_shorten(summary)})'
+    wrong = [
+        f"{key}: {_shorten(summary[key])}"
+        for key, ok in _SUMMARY_FIELDS.items()
+        if key in summary and not ok(summary[key])
+    ]
+    if wrong:  # a hand-edited or damaged field: report and --resume stopped on it with a traceback
+        return f"is not a pdl1 summary (fields of the wrong kind: {'; '.join(wrong)})"
+    return None
+
+
+def _number_or_none(value: Any) -> bool:
+    return value is None or (is_finite_number(value) and not isinstance(value, bool))
+
+
+# The fields of a summary its readers (the report, --resume's table, review-queue) take as numbers, maps or lists.
+_SUMMARY_FIELDS = {
+    "mpp": _number_or_none,
+    **{
+        key: _number_or_none
+        for key in ("tps_percent", "cps", "positive_area_um2", "analysed_area_um2", "sua_candidates", "regions")
+    },
+    "nuclei": lambda v: v is None or (isinstance(v, dict) and all(_number_or_none(n) for n in v.values())),
+    **{key: lambda v: v is None or isinstance(v, dict) for key in ("details", "metadata", "parent_measurements")},
+}
 
 
 def review_reason_text(reason: dict[str, Any]) -> str:

@@ -44,6 +44,24 @@ def test_damaged_summaries_of_plain_slides_are_left_out_and_the_rest_reported(tm
     assert "Left out of this report" in html_path.read_text() and "c.summary.json" in html_path.read_text()
 
 
+@pytest.mark.parametrize(
+    ("field", "value"), [("mpp", "abc"), ("nuclei", "x"), ("tps_percent", "x"), ("details", [1]), ("cps", True)]
+)
+def test_a_summary_field_of_the_wrong_kind_leaves_that_image_out_with_the_fix(tmp_path, field, value):
+    # "mpp": "abc" and "nuclei": "x" stopped the report with a traceback; "tps_percent": "x" went into report.csv.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.summary.json").write_text(json.dumps(_summary(tmp_path / "a.svs")))
+    (out / "b.summary.json").write_text(json.dumps({**_summary(tmp_path / "b.svs"), field: value}))
+    _, csv_path = write_report(out)
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["tps_percent"] for r in rows] == ["12.5", ""]
+    assert rows[1]["left_out"].startswith(
+        f"{out / 'b.summary.json'} is not a pdl1 summary (fields of the wrong kind: {field}: {json.dumps(value)})"
+    )
+    assert "with --resume" in rows[1]["left_out"]
+
+
 def _project(folder: Path, names: list[str]) -> None:
     images = [
         {"serverBuilder": {"builderType": "uri", "uri": f"file:{folder}/{n}"}, "entryID": i, "imageName": n}

@@ -254,6 +254,20 @@ def test_bad_mpp_is_refused(tmp_path, mpp):
         import_nnunet(_results(tmp_path), tmp_path / "model", mpp=mpp)
 
 
+def test_an_mpp_other_than_the_one_pdl1_exported_the_dataset_at_is_refused(tmp_path):
+    # `pdl1 export nnunet` records its µm/px in dataset.json, which nnU-Net copies into the results folder; it was
+    # never read, so a model trained at 2 µm/px imported with --mpp 0.5 ran at a quarter of its training scale.
+    folder = _results(tmp_path)
+    (folder / "dataset.json").write_text(json.dumps({**DATASET, "pdl1_mpp": 2.0}))
+    with pytest.raises(
+        ModelFileError,
+        match=r"dataset\.json: the dataset was exported by pdl1 at 2 µm/px, but mpp=0\.5 was given; the model would "
+        r"run at 0\.25x its training scale: give mpp=2\.0$",
+    ):
+        import_nnunet(folder, tmp_path / "model", mpp=0.5)
+    assert not (tmp_path / "model").exists()
+
+
 def test_a_file_given_as_the_results_folder_is_named_a_file(tmp_path):
     # "no such folder" for a file that is there (a checkpoint or a slide given instead of its folder).
     given = tmp_path / "checkpoint_final.pth"

@@ -51,6 +51,7 @@ from inference.models.manifest import (
     write_manifest,
 )
 from inference.models.nnunet_network import build_nnunet_network, check_nnunet_architecture
+from inference.values import is_finite_number
 
 log = logging.getLogger(__name__)
 
@@ -508,6 +509,13 @@ def import_nnunet(
     plans_path, dataset_path = folder / "plans.json", folder / "dataset.json"
     plans, dataset = _read_json(plans_path), _read_json(dataset_path)
     _check_dataset_format(dataset, dataset_path=dataset_path)  # before minutes of loading checkpoints
+    exported_mpp = dataset.get("pdl1_mpp")  # `pdl1 export nnunet` records the µm/px its cases are at
+    if is_finite_number(exported_mpp) and not math.isclose(float(exported_mpp), float(mpp), rel_tol=1e-6):
+        raise ModelFileError(
+            f"{dataset_path}: the dataset was exported by pdl1 at {exported_mpp:g} µm/px, but "
+            f"{setting('mpp', mpp)} was given; the model would run at {mpp / exported_mpp:g}x its training scale: "
+            f"give {setting('mpp', exported_mpp)}"
+        )
     paths = _choose_checkpoints(
         folder, folds=folds, checkpoints=checkpoints or ["checkpoint_final.pth"], setting=setting
     )

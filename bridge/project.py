@@ -289,13 +289,13 @@ def read_project(path: str | Path, *, unreadable_entries: str = "raise") -> Proj
                 )
             )
             positions.append(i)
-        except (KeyError, TypeError, AttributeError, ValueError) as err:
+        except (KeyError, TypeError, AttributeError, _EntryIdError) as err:
             named = image.get("imageName") if isinstance(image, dict) else None
             entry_id = image.get("entryID") if isinstance(image, dict) else None
             name = f" ({named})" if isinstance(named, str) else ""
             # A KeyError names the key; a TypeError/AttributeError says only "'int' object has no attribute 'get'".
             problem = f"lacks {err}" if isinstance(err, KeyError) else f"is malformed ({err})"
-            if isinstance(err, ValueError):  # an entryID that is no whole number (one such as ../x named folders)
+            if isinstance(err, _EntryIdError):  # one such as ../x named folders
                 problem = str(err)
             error = ProjectError(
                 f"{qpproj}: image #{i}{name} {problem} (expected entryID and serverBuilder.uri); remove it in "
@@ -307,7 +307,7 @@ def read_project(path: str | Path, *, unreadable_entries: str = "raise") -> Proj
                 UnreadableEntry(
                     index=i,
                     # one that is no whole number is no key either: it would name another folder
-                    entry_id=None if entry_id is None or isinstance(err, ValueError) else str(entry_id),
+                    entry_id=None if entry_id is None or isinstance(err, _EntryIdError) else str(entry_id),
                     image_name=named if isinstance(named, str) else f"image #{i}",
                     error=error,
                 )
@@ -326,12 +326,16 @@ def read_project(path: str | Path, *, unreadable_entries: str = "raise") -> Proj
     )
 
 
+class _EntryIdError(ValueError):
+    """An image record's entryID that is no whole number; its message says what it is."""
+
+
 def _entry_id(value: Any) -> str:
     """A project image's entryID as a folder name: QuPath writes a whole number (its data is ``data/<entryID>``,
     this tool's results ``pdl1/<entryID>``); anything else (``../x``, null) would name another folder, so it is
-    refused (ValueError saying what it is)."""
+    refused (:class:`_EntryIdError` saying what it is)."""
     if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).isdigit():
-        raise ValueError(f"has entryID {_shorten(value)}, not the whole number QuPath writes")
+        raise _EntryIdError(f"has entryID {_shorten(value)}, not the whole number QuPath writes")
     return str(int(value))
 
 
@@ -720,6 +724,19 @@ def distinct_inputs(paths: list[Path]) -> tuple[list[Path], dict[Path, Path]]:
             first[key] = path
             kept.append(path)
     return kept, repeats
+
+
+def sharing_a_stem(slides: list[Path]) -> list[list[Path]]:
+    """The groups of ``slides`` (each named once, :func:`distinct_inputs`) that share a file stem, which outputs
+    named after the stem cannot tell apart (``pdl1 run --out``'s ``<stem>.geojson``, the eval suite's overlays).
+
+    >>> sharing_a_stem([Path("a/x.svs"), Path("b/x.tif"), Path("c/y.svs")])
+    [[PosixPath('a/x.svs'), PosixPath('b/x.tif')]]
+    """
+    by_stem: dict[str, list[Path]] = {}
+    for slide in slides:
+        by_stem.setdefault(slide.stem, []).append(slide)
+    return [same for same in by_stem.values() if len(same) > 1]
 
 
 def repeat_note(again: Path, first: Path, done: str) -> str:

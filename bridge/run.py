@@ -50,6 +50,7 @@ from bridge.project import (
     read_project,
     repeat_note,
     review_reason_text,
+    sharing_a_stem,
     sidecar_dir,
     status_for_run,
     summary_problem,
@@ -613,12 +614,8 @@ def _jobs(inputs: list[Path], config: RunConfig) -> tuple[list[_Job], Path | Non
 def _refuse_shared_stems(slides: list[Path], out: Path) -> None:
     """Plain slides' outputs are named after their stems (``OUT/<stem>.geojson``): two with one stem would
     overwrite each other's."""
-    by_stem: dict[str, list[Path]] = {}
-    for slide in slides:
-        by_stem.setdefault(slide.stem, []).append(slide)
-    for stem, same in by_stem.items():
-        if len(same) < 2:  # a slide named twice is one by now (distinct_inputs)
-            continue
+    for same in sharing_a_stem(slides):  # a slide named twice is one by now (distinct_inputs)
+        stem = same[0].stem
         raise ProjectError(
             f"{', '.join(map(str, same))} share the file name {stem!r}, so their outputs ({out / stem}.geojson and "
             f".summary.json) would overwrite each other; rename one, or run them into different --out folders"

@@ -498,16 +498,15 @@ def eval_registration(
 def _refuse_shared_stems(slides: list[Path], out: Path) -> None:
     """The suite names each slide's files after its stem (``OUT/<stem>_overlay.png``, its metrics row): two slides
     of one stem were scored whole and then refused as "opened twice among the files replaced together"."""
-    by_stem: dict[str, list[Path]] = {}
-    for slide in slides:
-        by_stem.setdefault(slide.stem, []).append(slide)
-    for stem, same in by_stem.items():
-        if len(same) > 1:
-            raise typer.BadParameter(
-                f"{', '.join(map(str, same))} share the file name {stem!r}, so their overlays ({out / stem}_overlay.png) "
-                "and rows would be one another's; rename one, or score them into different --out folders",
-                param_hint="SLIDES",
-            )
+    from bridge.project import sharing_a_stem
+
+    for same in sharing_a_stem(slides):
+        stem = same[0].stem
+        raise typer.BadParameter(
+            f"{', '.join(map(str, same))} share the file name {stem!r}, so their overlays ({out / stem}_overlay.png) "
+            "and rows would be one another's; rename one, or score them into different --out folders",
+            param_hint="SLIDES",
+        )
 
 
 @app.command("suite")

@@ -116,15 +116,15 @@ def _check_model_kinds(settings) -> None:
         if folder is None:
             continue
         option = _OPTION_OF[name]
+        # Named with the file and line where the config file gave it, and undone there.
         from_file = settings.source_of(name) == str(settings.path)
+        given = f"{settings.where(name)} = {folder}" if from_file else str(folder)
+        shipped = "or remove the key for the shipped one" if from_file else f"or leave {option} out for the shipped one"
         if not Path(folder).is_dir():
             what = "a file, not a model folder" if Path(folder).exists() else "no such model folder"
+            relative = " (a relative path is to the config file's folder)" if from_file else ""
             raise typer.BadParameter(
-                f"{settings.where(name)} = {folder}: {what}; give the folder that holds manifest.json and its "
-                "members (a relative path is to the config file's folder), or remove the key for the shipped one"
-                if from_file
-                else f"{folder}: {what}; give the folder that holds manifest.json and its members, or leave {option} "
-                "out for the shipped one",
+                f"{given}: {what}; give the folder that holds manifest.json and its members{relative}, {shipped}",
                 param_hint=option,
             )
         try:
@@ -132,16 +132,10 @@ def _check_model_kinds(settings) -> None:
         except ModelFileError:
             continue
         if (manifest.task, manifest.stain) != (task, stain):
-            # Named with the file and line where the config file gave it.
-            where = f"{settings.where(name)} = " if from_file else ""
             fits = [other for other, kind in _MODEL_KIND.items() if kind == (manifest.task, manifest.stain)]
-            fix = f"give one{f' (this one is for {_OPTION_OF[fits[0]]})' if fits else ''}, " + (
-                "or remove the key for the shipped one" if where else f"or leave {option} out for the shipped one"
-            )
+            fix = f"give one{f' (this one is for {_OPTION_OF[fits[0]]})' if fits else ''}, {shipped}"
             raise typer.BadParameter(
-                wrong_model_message(
-                    f"{where}{folder}", manifest, task=task, stain=stain, needed_for=f"for {option}", fix=fix
-                ),
+                wrong_model_message(given, manifest, task=task, stain=stain, needed_for=f"for {option}", fix=fix),
                 param_hint=option,
             )
 

@@ -118,7 +118,7 @@ def validation_problem(error: dict[str, Any], content_type: str | None) -> str:
         shown = clipped(value if isinstance(value, str) else json.dumps(value))
         pixels = (
             "of the uploaded region (the image's µm/px times the downsample it was read at)"
-            if loc[0] == ("query")
+            if loc[0] == "query"
             else "QuPath reports for the image"
         )
         return f"{where}: {shown} µm/px is outside {low:g}-{high:g}; send the µm/px {pixels}"

@@ -556,8 +556,13 @@ def test_a_damaged_run_status_is_refused_naming_the_file_and_the_fix(tmp_path, c
         RunStatus(tmp_path)
 
 
+def _image_record(name: str, entry_id) -> dict:
+    """An image of project.qpproj as QuPath writes it (a file at /s/NAME), with ``entry_id`` as its entryID."""
+    return {"serverBuilder": {"builderType": "uri", "uri": f"file:/s/{name}"}, "entryID": entry_id, "imageName": name}
+
+
 def test_an_image_record_without_its_server_can_be_kept_apart_from_the_readable_ones(tmp_path):
-    good = {"serverBuilder": {"builderType": "uri", "uri": "file:/s/a.svs"}, "entryID": 1, "imageName": "a.svs"}
+    good = _image_record("a.svs", 1)
     broken = {"entryID": 2, "imageName": "b.svs"}  # no serverBuilder
     (tmp_path / "project.qpproj").write_text(json.dumps({"images": [broken, good]}))
     with pytest.raises(ProjectError, match=r"image #0 \(b\.svs\) lacks 'serverBuilder'"):
@@ -576,8 +581,8 @@ def test_an_image_record_without_its_server_can_be_kept_apart_from_the_readable_
 def test_an_entry_id_that_is_no_whole_number_is_refused_not_taken_for_a_folder(tmp_path, entry_id, said):
     # "../../escaped" had pdl1 run write that entry's results two folders above the project, and review-queue its
     # metadata there too; a null one wrote pdl1/None/.
-    good = {"serverBuilder": {"builderType": "uri", "uri": "file:/s/a.svs"}, "entryID": 1, "imageName": "a.svs"}
-    bad = {**good, "entryID": entry_id, "imageName": "b.svs"}
+    good = _image_record("a.svs", 1)
+    bad = _image_record("b.svs", entry_id)
     (tmp_path / "project.qpproj").write_text(json.dumps({"images": [good, bad]}))
     with pytest.raises(ProjectError, match=rf"image #1 \(b\.svs\) has entryID {re.escape(said)}, not the whole number"):
         read_project(tmp_path)
@@ -590,16 +595,8 @@ def test_an_entry_id_that_is_no_whole_number_is_refused_not_taken_for_a_folder(t
 
 def test_entries_sharing_an_entry_id_are_each_refused_naming_the_other(tmp_path):
     # Both were analysed into pdl1/1/, and the second's results replaced the first's without a word.
-    def image(name, entry_id):
-        return {
-            "serverBuilder": {"builderType": "uri", "uri": f"file:/s/{name}"},
-            "entryID": entry_id,
-            "imageName": name,
-        }
-
-    (tmp_path / "project.qpproj").write_text(
-        json.dumps({"images": [image("a.svs", 1), image("b.svs", 2), image("c.svs", "1")]})
-    )
+    images = [_image_record("a.svs", 1), _image_record("b.svs", 2), _image_record("c.svs", "1")]
+    (tmp_path / "project.qpproj").write_text(json.dumps({"images": images}))
     with pytest.raises(ProjectError, match=r"entry 1 \(a\.svs\) shares its entryID with c\.svs"):
         read_project(tmp_path)
     info = read_project(tmp_path, unreadable_entries="keep")

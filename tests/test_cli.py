@@ -2,6 +2,8 @@ import errno
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -880,3 +882,37 @@ def test_a_ctrl_c_while_pdl1_is_starting_says_so_and_exits_130(monkeypatch, caps
         entry.main()
     assert stop.value.code == 130
     assert capsys.readouterr().err == "pdl1: interrupted while starting; nothing was done\n"
+
+
+def test_a_ctrl_c_while_torch_imports_is_held_until_the_import_is_done(tmp_path):
+    # A KeyboardInterrupt raised inside torch's import aborted pdl1 (exit 134, from torch's C++) or was dropped.
+    # A stand-in package interrupts itself half-way: held, its code runs to the end and the Ctrl-C comes just after.
+    (tmp_path / "slow_native").mkdir()
+    (tmp_path / "slow_native" / "__init__.py").write_text(
+        "import builtins, signal\nsignal.raise_signal(signal.SIGINT)\nbuiltins.SLOW_NATIVE_RAN_TO_THE_END = True\n",
+        encoding="utf-8",
+    )
+    probe = (
+        "import sys\n"
+        "from bridge.cli.entry import HoldInterruptsWhileImporting\n"
+        "if sys.argv[1] == 'held':\n"
+        "    sys.meta_path.insert(0, HoldInterruptsWhileImporting(['slow_native']))\n"
+        "try:\n"
+        "    import slow_native\n"
+        "    print('imported, no interrupt')\n"
+        "except KeyboardInterrupt:\n"
+        "    import builtins\n"
+        "    print('interrupted; ran to the end:', getattr(builtins, 'SLOW_NATIVE_RAN_TO_THE_END', False))\n"
+    )
+    said = {}
+    for how in ("held", "plain"):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, how],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        )
+        assert done.returncode == 0, done.stderr
+        said[how] = done.stdout.strip()
+    assert said == {"held": "interrupted; ran to the end: True", "plain": "interrupted; ran to the end: False"}

@@ -142,9 +142,14 @@ def test_checkpoint_with_code_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "checkpoint_final.pth"
     torch.save(_checkpoint({"w": torch.zeros(1)}, epoch=1, payload=_RunsCode(marker)), path)
-    with pytest.raises(ModelFileError, match=r"checkpoint_final\.pth: refused: the checkpoint holds more than"):
+    with pytest.raises(
+        ModelFileError, match=r"checkpoint_final\.pth: refused: the checkpoint holds more than"
+    ) as refused:
         load_nnunet_checkpoint(path)
     assert not marker.exists()
+    # What it would call is named; torch's advice to load it with weights_only=False (and run it) is not quoted
+    assert "could run code (it needs getattr, which is neither)" in str(refused.value)
+    assert "weights_only" not in str(refused.value)
 
 
 def test_checkpoint_with_a_foreign_class_is_refused(tmp_path):

@@ -1,18 +1,85 @@
-"""The ``pdl1`` command's entry point: the Typer app, and a Ctrl-C that comes while it is still being imported.
+"""The ``pdl1`` command's entry point: the Typer app, and a Ctrl-C that comes while it is still starting.
 
 Importing the app and reading its commands take a few tenths of a second; a Ctrl-C then printed Python's
 KeyboardInterrupt traceback (through importlib's or inspect's frames) before the command could say anything.
 Nothing has been done by then.
+
+The commands import torch when they first need it (a second or two). A KeyboardInterrupt raised inside torch's
+import can land in Python code that torch's C++ runs (pybind11), which aborts the process (exit 134, a C++
+``error_already_set``), or in an import lock's callback, which drops it and lets the command run on. So a Ctrl-C
+during that import is held until the import is done, and then delivered as if it came just after it: the
+command's own Ctrl-C handling says what it stopped.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import signal
 import sys
+import threading
+from collections.abc import Iterable
+from importlib.machinery import ModuleSpec
+from types import ModuleType
 
 import typer.main
 
+HELD_WHILE_IMPORTING = ("torch",)
+
+
+class _InterruptHeld:
+    """SIGINT recorded, not raised, inside the ``with``; raised again on leaving where one came."""
+
+    def __enter__(self) -> None:
+        self._came = False
+        self._before = signal.signal(signal.SIGINT, self._record)
+
+    def _record(self, signum: int, frame: object) -> None:
+        self._came = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        signal.signal(signal.SIGINT, self._before)
+        if self._came:
+            signal.raise_signal(signal.SIGINT)  # the handler before (Python's: KeyboardInterrupt) takes it now
+
+
+class _HeldLoader(importlib.abc.Loader):
+    """The module's own loader, with a Ctrl-C held while the module's code runs (main thread only)."""
+
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+            self._loader.exec_module(module)
+            return
+        with _InterruptHeld():
+            self._loader.exec_module(module)
+
+    def __getattr__(self, name: str) -> object:  # get_resource_reader, is_package, ...: the loader's own
+        return getattr(self._loader, name)
+
+
+class HoldInterruptsWhileImporting(importlib.abc.MetaPathFinder):
+    """Finds the named top-level modules as Python would, and loads each with a Ctrl-C held until it is loaded."""
+
+    def __init__(self, names: Iterable[str] = HELD_WHILE_IMPORTING) -> None:
+        self._names = frozenset(names)
+
+    def find_spec(self, fullname: str, path: object = None, target: ModuleType | None = None) -> ModuleSpec | None:
+        if fullname not in self._names:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _HeldLoader(spec.loader)
+        return spec
+
 
 def main() -> None:
+    sys.meta_path.insert(0, HoldInterruptsWhileImporting())
     try:
         from bridge.cli.app import app
 

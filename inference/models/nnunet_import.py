@@ -196,12 +196,19 @@ def _why_not_a_torch_file(path: Path) -> str | None:
 
 
 def _refusal_reason(message: str) -> str:
-    """The line of torch's long refusal that names what was refused (``Unsupported global: ...``)."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    for line in lines:
-        if "WeightsUnpickler error" in line or "Unsupported global" in line:
-            return line.split("WeightsUnpickler error:")[-1].strip().split(". ")[0]
-    return lines[0] if lines else "refused by the restricted unpickler"
+    """What torch's restricted unpickler would not load, from its long message (``it needs posix.system``).
+
+    Its advice to load with ``weights_only=False`` is left out: that would run what it refused.
+    """
+    named = re.search(r"GLOBAL ([\w.]+)", message)  # "unsupported GLOBAL posix.system", "GLOBAL __main__.Foo"
+    if named:
+        return f"it needs {named.group(1)}, which is neither"
+    for line in message.splitlines():
+        if "WeightsUnpickler error:" in line:
+            reason = line.split("WeightsUnpickler error:")[-1].strip().split(". ")[0].rstrip(".")
+            if reason:
+                return reason
+    return "torch's restricted unpickler refused it"
 
 
 def _read_json(path: Path) -> dict[str, Any]:

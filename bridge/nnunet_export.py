@@ -213,6 +213,26 @@ class ExportImage:
     mpp: float | None = None
 
 
+def _refuse_shared_names(images: list[ExportImage]) -> None:
+    """A case is named after its image's file stem: one file given twice, or two files of one stem, would
+    overwrite each other's cases."""
+    by_stem: dict[str, list[ExportImage]] = {}
+    for image in images:
+        by_stem.setdefault(image.path.stem, []).append(image)
+    for same in (group for group in by_stem.values() if len(group) > 1):
+        named = " and ".join(
+            f"entry {i.entry_id} ({i.image_name})" if i.entry_id is not None else str(i.path) for i in same
+        )
+        if len({i.path.resolve() for i in same}) == 1:
+            if same[0].entry_id is None:
+                raise ValueError(f"{same[0].path} is given {len(same)} times: give each image once")
+            raise ValueError(f"{named} are one image ({same[0].path}): remove all but one of them in QuPath")
+        raise ValueError(
+            f"{named} share the file name {same[0].path.stem!r}, which names their cases (they would overwrite each "
+            "other): rename one, or export them into different datasets"
+        )
+
+
 def project_images(
     project: Path, *, test_names: Sequence[str] = (), search_dirs: tuple[Path, ...] = ()
 ) -> tuple[list[ExportImage], list[ExportImage]]:
@@ -355,9 +375,7 @@ def export_nnunet_dataset(
     if not images:  # nnU-Net's planning would fail on it, later and less clearly
         raise ValueError("no labelled image to train on: a dataset needs at least one (the test images are not enough)")
     tests = [i if isinstance(i, ExportImage) else ExportImage(Path(i)) for i in test_slides]
-    stems = [i.path.stem for i in images + tests]
-    if len(set(stems)) != len(stems):
-        raise ValueError(f"two images share a file name ({sorted(stems)}); their cases would overwrite each other")
+    _refuse_shared_names(images + tests)
     names = list(source.class_names)
     ignore = len(names)
     case_size_um = case_size_px * mpp

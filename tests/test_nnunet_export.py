@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from bridge.cli.app import app
-from bridge.nnunet_export import UNLABELLED, PhantomTruthLabels, export_nnunet_dataset
+from bridge.nnunet_export import UNLABELLED, ExportImage, PhantomTruthLabels, export_nnunet_dataset
 from inference import PhantomSpec, TruthFormatError, TruthNotFoundError, load_truth, open_slide, write_phantom
 
 
@@ -208,6 +209,25 @@ def test_cli_refuses_an_out_under_a_file_and_an_image_both_trained_on_and_predic
     assert same.exit_code == 2, same.output
     assert f"{phantoms[1]} is given to train on and to predict (--test): an image is one or the other" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
+def test_an_image_given_twice_and_two_images_of_one_name_are_told_apart(phantoms, tmp_path):
+    # Both were "two images share a file name (['a', 'a']); their cases would overwrite each other".
+    a = phantoms[0]
+    (tmp_path / "other").mkdir()
+    namesake = shutil.copyfile(a, tmp_path / "other" / "a.svs")
+    entry_1, entry_2 = (
+        ExportImage(a, entry_id="1", image_name="a.svs"),
+        ExportImage(a, entry_id="2", image_name="a.svs"),
+    )
+    for slides, said in (
+        ([a, a], f"{a} is given 2 times: give each image once"),
+        ([entry_1, entry_2], f"entry 1 (a.svs) and entry 2 (a.svs) are one image ({a}): remove all but one of them"),
+        ([a, namesake], f"{a} and {namesake} share the file name 'a', which names their cases"),
+    ):
+        with pytest.raises(ValueError, match="^" + re.escape(said)):
+            export_nnunet_dataset(slides, tmp_path / "Dataset613_Twice", source=PhantomTruthLabels(), mpp=2.0)
+        assert not (tmp_path / "Dataset613_Twice").exists()
 
 
 def test_cli_export(phantoms, tmp_path):

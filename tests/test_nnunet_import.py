@@ -503,6 +503,31 @@ def test_plans_of_the_wrong_shape_are_refused_naming_the_entry(tmp_path, path, v
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("transpose_forward", [1, 0, 2], r"transpose_forward \[1, 0, 2\] is not the identity.*pdl1 export nnunet"),
+        ("2d.architecture", {}, r"names no architecture.*plan and train with nnU-Net v2\.4 or later"),
+        ("2d.inherits_from", "nope", r"inherits from unknown or circular 'nope'; plan the dataset again"),
+        ("2d.normalization_schemes", ["RGBTo01Normalization"], r"1 normalization_schemes for 3 .*from one results"),
+        ("2d.normalization_schemes", ["CTNormalization"] * 3, r"CTNormalization of channel 0 .*plan the dataset again"),
+    ],
+)
+def test_plans_the_sliding_window_cannot_run_are_refused_with_the_fix(tmp_path, path, value, message):
+    # Each of these named the problem and no fix.
+    folder = _results(tmp_path, plans=_set(_plans(), path, value))
+    with pytest.raises(ModelFileError, match=rf"plans\.json: .*{message}"):
+        import_nnunet(folder, tmp_path / "model", mpp=2.0)
+    assert not (tmp_path / "model").exists()
+
+
+def test_plans_without_the_checkpoints_configuration_say_where_to_copy_them_from(tmp_path):
+    checkpoints = {"checkpoint_final.pth": _checkpoint({"w": torch.zeros(1)}, epoch=1, configuration="2d_big")}
+    folder = _results(tmp_path, config_name="2d_big", checkpoints=checkpoints)
+    with pytest.raises(ModelFileError, match=r"no configuration '2d_big'.*copy plans\.json from the results folder"):
+        import_nnunet(folder, tmp_path / "model", mpp=2.0)
+
+
 @pytest.mark.parametrize("name", ["plans.json", "dataset.json"])
 def test_a_json_file_that_is_no_object_is_refused(tmp_path, name):
     folder = _results(tmp_path)

@@ -22,8 +22,6 @@ from collections.abc import Iterable
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 
-import typer.main
-
 HELD_WHILE_IMPORTING = ("torch",)
 
 
@@ -81,6 +79,8 @@ class HoldInterruptsWhileImporting(importlib.abc.MetaPathFinder):
 def main() -> None:
     sys.meta_path.insert(0, HoldInterruptsWhileImporting())
     try:
+        import typer.main
+
         from bridge.cli.app import app
 
         command = typer.main.get_command(app)  # Typer reads every command's signature here: a few tenths more

@@ -256,13 +256,19 @@ def resolve_configuration(plans: dict[str, Any], name: str, *, plans_path: Path)
     """A configuration of ``plans`` with what it ``inherits_from`` merged in, as nnU-Net's PlansManager does."""
     configurations = _expect(plans.get("configurations", {}), dict, "'configurations'", plans_path=plans_path)
     if name not in configurations:
-        raise ModelFileError(f"{plans_path}: no configuration {name!r}; it has {sorted(configurations)}")
+        raise ModelFileError(
+            f"{plans_path}: no configuration {name!r}, which the folder or its checkpoints name; it has "
+            f"{sorted(configurations)}: copy plans.json from the results folder the checkpoints come from"
+        )
     config = dict(_expect(configurations[name], dict, f"configuration {name!r}", plans_path=plans_path))
     seen = {name}
     while "inherits_from" in config:
         parent = config.pop("inherits_from")
         if not isinstance(parent, str) or parent in seen or parent not in configurations:
-            raise ModelFileError(f"{plans_path}: configuration {name!r} inherits from unknown or circular {parent!r}")
+            raise ModelFileError(
+                f"{plans_path}: configuration {name!r} inherits from unknown or circular {parent!r}; plan the "
+                "dataset again (nnUNetv2_plan_and_preprocess) or copy plans.json again from the results folder"
+            )
         seen.add(parent)
         config = {**_expect(configurations[parent], dict, f"configuration {parent!r}", plans_path=plans_path), **config}
     return config
@@ -289,11 +295,15 @@ def _check_configuration(config: dict[str, Any], name: str, plans: dict[str, Any
     transpose = _expect(plans.get("transpose_forward", [0, 1, 2]), list, "'transpose_forward'", plans_path=plans_path)
     if transpose != [0, 1, 2]:
         raise ModelFileError(
-            f"{plans_path}: transpose_forward {transpose} is not the identity; such plans are not supported"
+            f"{plans_path}: transpose_forward {transpose} is not the identity; tiles are run in the slide's own axis "
+            "order: export the dataset with `pdl1 export nnunet` (its spacing keeps the identity), plan and train again"
         )
     arch = config.get("architecture")
     if not isinstance(arch, dict) or "network_class_name" not in arch:
-        raise ModelFileError(f"{plans_path}: configuration {name!r} names no architecture (nnU-Net v2.4+ plans)")
+        raise ModelFileError(
+            f"{plans_path}: configuration {name!r} names no architecture, which plans of nnU-Net v2.4 and later "
+            "do: plan and train with nnU-Net v2.4 or later"
+        )
     what = f"configuration {name!r}: architecture"
     check_nnunet_architecture(
         _expect(arch["network_class_name"], str, f"{what}.network_class_name", plans_path=plans_path)
@@ -323,14 +333,20 @@ def _normalization(
 ) -> dict[str, list[float]]:
     """nnU-Net's per-channel schemes as the ensemble's ``(clip(x / 255) - mean) / std``, all on x / 255."""
     if len(schemes) != channels:
-        raise ModelFileError(f"{plans_path}: {len(schemes)} normalization_schemes for {channels} input channels")
+        raise ModelFileError(
+            f"{plans_path}: {len(schemes)} normalization_schemes for {channels} input channels (dataset.json's "
+            "channel_names); the two files are of different datasets: copy both from one results folder"
+        )
     mean, std, low, high = [], [], [], []
     for channel, scheme in enumerate(schemes):
         if scheme == "CTNormalization":
             # Clip to the training foreground's 0.5 and 99.5 percentiles, then its mean and std (global numbers).
             props = intensities.get(str(channel))
             if not props:
-                raise ModelFileError(f"{plans_path}: CTNormalization without foreground intensity properties")
+                raise ModelFileError(
+                    f"{plans_path}: CTNormalization of channel {channel} without its "
+                    "foreground_intensity_properties_per_channel; plan the dataset again (nnUNetv2_plan_and_preprocess)"
+                )
             try:
                 numbers = [float(props[k]) for k in ("mean", "std", "percentile_00_5", "percentile_99_5")]
             except (KeyError, TypeError, ValueError) as err:

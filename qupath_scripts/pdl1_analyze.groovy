@@ -9,26 +9,30 @@
  * go under each analysed annotation or core, replacing what an earlier pdl1-bridge run put there; a
  * core's TPS, CPS and counts are its measurements, which QuPath's TMA data viewer and Export TMA data
  * show per core. Nothing else is touched. An annotation the service refuses (an outline that crosses
- * itself, ...) is named and the others are analysed. Stop the script (or close QuPath) and the job is
- * cancelled on the server. The service reads the image's file by its path; where it cannot (no local file, a view
- * QuPath rotates, crops or combines, a format it has no reader for), each region's pixels as QuPath renders them
- * are sent instead (POST /v1/jobs/pixels; the log says so, and why). In a project, a record of what each
- * analysis put under its annotation or core (GET /v1/jobs/{id}/record: when, the outline, the FN candidates, the
- * nuclei, and its scores) is saved as <project>/pdl1/<entry ID>/qupath_analyses/<parent ID>.json, replaced when the
- * parent is analysed again: `pdl1 train ... PROJECT --from-review` tells by it the nuclei you reclassified and the FN
- * candidates you deleted (export the labels with pdl1_export_labels.groovy), and `pdl1 report PROJECT` and
- * `pdl1 review-queue PROJECT` report and rank the project by these records as by `pdl1 run`'s results (the newer of
- * the two for an image that has both). Not saved, it is named in the log. Once it has written an image's analyses,
- * it sets aside that image's records whose annotation or core is no longer in it (the whole-image analysis the TMA
- * cores' analyses replace, an annotation you deleted) in qupath_analyses/removed/, which those commands do not read,
- * and says how many and why; not one while objects this tool wrote lie in its area under no analysed annotation or
- * core (you deleted its annotation keeping them: the log names it), nor the folder's other files. Close QuPath
- * without saving (or undo) and the annotation is back: the next run moves its record back (or deletes it, where the
- * annotation was analysed again), and says which; meanwhile `pdl1 train --from-review` takes it where the labels
- * exported hold the annotation. pdl1_import_results.groovy sets aside there the record of the whole-image analysis
- * whose output it replaces: that one comes back only with the analysis's output (QuPath closed without saving the
- * import), not while `pdl1 run`'s results are under the annotation. Records set aside are kept until then (or
- * until their annotation is analysed again). One that cannot be moved is named in the log, and the analysis stands.
+ * itself, ...) is named and the others are analysed. Stop the script (Kill running script) and the job is cancelled
+ * on the server, and what it added so far is shown; close QuPath while a job runs and QuPath exits at once: the job
+ * runs to its end on the service, which keeps its result unread until newer jobs push it out (pdl1 serve
+ * --keep-results). The service reads the image's file by its path; where it cannot (no local file, a view QuPath
+ * rotates, crops or combines, another series of the file than its first, a region on another z-slice or timepoint
+ * than the first, a format it has no reader for), each region's pixels as QuPath renders them are sent instead (POST
+ * /v1/jobs/pixels; the log says so, and why), and the results go on the region's plane. In a project, a record of
+ * what each analysis put under its annotation or core (GET /v1/jobs/{id}/record: when, the outline, the FN
+ * candidates, the nuclei, and its scores) is saved as <project>/pdl1/<entry ID>/qupath_analyses/<parent ID>.json,
+ * replaced when the parent is analysed again: `pdl1 train ... PROJECT --from-review` tells by it the nuclei you
+ * reclassified and the FN candidates you deleted (export the labels with pdl1_export_labels.groovy), and `pdl1 report
+ * PROJECT` and `pdl1 review-queue PROJECT` report and rank the project by these records as by `pdl1 run`'s results
+ * (the newer of the two for an image that has both). Not saved, it is named in the log. Once it has written an
+ * image's analyses, it sets aside that image's records whose annotation or core is no longer in it (the whole-image
+ * analysis the TMA cores' analyses replace, an annotation you deleted) in qupath_analyses/removed/, which those
+ * commands do not read, and says how many and why; not one while objects this tool wrote lie in its area under no
+ * analysed annotation or core (you deleted its annotation keeping them: the log names it), nor the folder's other
+ * files. Close QuPath without saving (or undo) and the annotation is back: the next run moves its record back (or
+ * deletes it, where the annotation was analysed again), and says which; meanwhile `pdl1 train --from-review` takes it
+ * where the labels exported hold the annotation. pdl1_import_results.groovy sets aside there the record of the
+ * whole-image analysis whose output it replaces: that one comes back only with the analysis's output (QuPath closed
+ * without saving the import), not while `pdl1 run`'s results are under the annotation. Records set aside are kept
+ * until then (or until their annotation is analysed again). One that cannot be moved is named in the log, and the
+ * analysis stands.
  *
  * Settings: the project's pdl1-config.toml (beside project.qpproj; `pdl1 init-project` writes it, and
  * `pdl1 run` reads the same file) when there is one: [service] url, token, model and [analysis] outputs,
@@ -43,6 +47,7 @@ import qupath.lib.common.GeneralTools
 import qupath.lib.io.GsonTools
 import qupath.lib.io.PathIO
 import qupath.lib.objects.PathObject
+import qupath.lib.objects.PathObjectTools
 import qupath.lib.regions.RegionRequest
 
 import java.net.URI
@@ -105,6 +110,9 @@ def readToml = { File file ->
         int at = scan(line)[0] as int
         return at < 0 ? line : line.substring(0, at)
     }
+    // What to do about a backslash in a double-quoted string that starts no escape TOML knows: most often a path.
+    def backslashFix = "a backslash in double quotes starts an escape: write a Windows path in single quotes " +
+            "('C:\\Users\\me\\seg', which keep backslashes as they are) or with forward slashes (\"C:/Users/me/seg\")"
     // One value starting at text[p]: [value, index after it].
     def scalar = { String text, int p, int n ->
         def c = text.charAt(p)
@@ -121,12 +129,21 @@ def readToml = { File file ->
                     if (simple.containsKey(e as String)) {
                         out.append(simple[e as String])
                         k += 2
-                    } else if ((e == 'u' as char || e == 'U' as char) && k + (e == 'u' as char ? 6 : 10) <= text.length()) {
+                    } else if (e == 'u' as char || e == 'U' as char) {
+                        // A Windows path in double quotes ("C:\Users\me") starts one: Integer.parseInt's
+                        // NumberFormatException named neither the file nor the line.
                         int len = e == 'u' as char ? 4 : 8
-                        out.appendCodePoint(Integer.parseInt(text.substring(k + 2, k + 2 + len), 16))
+                        def hex = text.substring(k + 2, Math.min(text.length(), k + 2 + len)).takeWhile { it != '"' }
+                        if (!(hex ==~ /[0-9A-Fa-f]{${len}}/))
+                            fail(n, "\\${e} in a string starts a Unicode escape of ${len} hex digits, got " +
+                                    "\\${e}${hex}; ${backslashFix}")
+                        long code = Long.parseLong(hex, 16)  // 8 hex digits may be over Integer.MAX_VALUE
+                        if (code > 0x10FFFF || (code >= 0xD800 && code <= 0xDFFF))  // as tomllib refuses it
+                            fail(n, "\\${e}${hex} in a string is no Unicode character; ${backslashFix}")
+                        out.appendCodePoint((int) code)
                         k += 2 + len
                     } else {
-                        fail(n, "unknown escape \\${e} in a string")
+                        fail(n, "unknown escape \\${e} in a string; ${backslashFix}")
                     }
                 } else {
                     out.append(ch)
@@ -334,6 +351,18 @@ def transformedBy = { server ->
         return "a ${name} built by a ${kind}".toString()
     return null
 }
+// The series of a multi-image file QuPath shows (Bio-Formats' --series N in its DefaultImageServerBuilder's args:
+// getArgs(), ImageServerBuilder.java v0.4.4:340, v0.7.0:356; BioFormatsImageServer.java v0.4.4:1707-1713) where it
+// is not the first; null for the first or a file of one image. The service reads a file's first series, as `pdl1 run`
+// does (it refuses another: bridge/project.py, file_builder), so a path job analysed another image than QuPath's.
+def otherSeries = { server ->
+    def builder = server.getBuilder()
+    if (builder == null || builder.getClass().getSimpleName() != "DefaultImageServerBuilder")
+        return null
+    def args = (builder.getArgs() ?: []).toList()
+    int at = args.indexOf("--series")
+    return at >= 0 && at + 1 < args.size() && args[at + 1] != "0" ? args[at + 1] as String : null
+}
 
 // The entry metadata keys a run of this tool writes, for either stain (bridge/run.py: RUN_METADATA_KEYS; a test
 // keeps the two equal). A list, not every "PD-L1 ..." key: a pathologist's own "PD-L1 TPS (manual)" stays, and so
@@ -439,6 +468,44 @@ def targetScore = { Map metadata ->
     def cps = metadata.get("PD-L1 CPS")
     return ", ${ihc ? 'TPS' : 'predicted TPS (H&E)'} ${percent}% (${category})${cps ? ', CPS ' + cps : ''}".toString()
 }
+// A number as Python writes f"{value:.3g}": three significant digits, no trailing zeros ("57", "0.0932", "1.23e+04").
+// Gson reads every JSON number as a Double, and the log said "(57.0, limit 100.0)".
+def threeDigits = { double v ->
+    if (v == 0.0d)
+        return 1.0d / v < 0 ? "-0" : "0"
+    def rounded = new BigDecimal(v).round(new java.math.MathContext(3, java.math.RoundingMode.HALF_EVEN))
+    int exponent = rounded.precision() - rounded.scale() - 1
+    def digits = rounded.stripTrailingZeros()
+    if (exponent >= -4 && exponent < 3)
+        return digits.toPlainString()
+    def unscaled = digits.unscaledValue().abs().toString()
+    return (v < 0 ? "-" : "") + unscaled[0] + (unscaled.length() > 1 ? "." + unscaled.substring(1) : "") + "e" +
+            String.format(Locale.ROOT, "%+03d", exponent)
+}
+def finiteNumber = { value ->
+    return value instanceof Number && !Double.isNaN(value as double) && !Double.isInfinite(value as double)
+}
+// One review reason of a result as a person reads it, as bridge/project.py's review_reason_text (a test keeps the two
+// equal): "segmentation uncertainty (0.0932, limit 0.0873)"; a reason without a value and a limit without the
+// parentheses (the log said "(null, limit null)"); led by its target's name where it names one.
+def reviewReasonText = { Map reason ->
+    def value = reason.get("value"), limit = reason.get("limit")
+    def numbers = finiteNumber(value) && finiteNumber(limit) ?
+            " (${threeDigits(value as double)}, limit ${threeDigits(limit as double)})" : ""
+    def target = reason.get("target")
+    return "${target == null ? '' : target + ': '}${reason.get('reason')}${numbers}".toString()
+}
+// A reading of the domain guard (an out-of-domain score, a stain distance) with its limit, each number as a review
+// reason's: "1.23 (limit 1)", "12 deg (limit 15 deg)"; "not measured" without one (the log said "null deg").
+def readingText = { value, limit, String unit ->
+    if (!finiteNumber(value))
+        return "not measured"
+    def of = finiteNumber(limit) ? " (limit ${threeDigits(limit as double)}${unit})" : ""
+    return threeDigits(value as double) + unit + of
+}
+// The plane of an ROI (its z-slice and timepoint, ROI.getZ() and getT() on 0.4.4 to 0.7) for the log, null for the
+// first (z=0, t=0), the one plane a path job reads (the service reads a file's first plane).
+def planeName = { int z, int t -> z == 0 && t == 0 ? null : "z=${z}, t=${t}".toString() }
 // A TMA core's name as QuPath shows it ("A-1" from the dearrayer), else its place in the grid (bridge/targets.py:
 // core_label).
 def coreLabel = { String name, int index -> name ? name : "core ${index + 1}".toString() }
@@ -1091,10 +1158,14 @@ def tokenSetting = fromFile ? "service.token in ${configFile}".toString() : "TOK
 def server = imageData.getServer()
 // The service reads the image file as it is: a view QuPath rotates, crops or builds from several files, and an image
 // that is no local file (OMERO, a web server), are sent as the pixels QuPath renders of each region instead, in the
-// view's own coordinates (submitPixels). So are the images of a file the service cannot open (submitPath).
+// view's own coordinates (submitPixels). So are another series than a file's first (otherSeries), and the images of a
+// file the service cannot open (submitPath).
 def transformed = transformedBy(server)
+def series = transformed == null ? otherSeries(server) : null
 def imagePath = transformed == null && server.getURIs().size() == 1 ? GeneralTools.toPath(server.getURIs()[0]) : null
 def uploadWhy = transformed != null ? "QuPath shows it through ${transformed}, which the service would read as the file is" :
+        series != null ? "QuPath shows series ${series} of a multi-image file (--series ${series}), and the service " +
+                "reads the file's first" :
         (imagePath == null ? "it is not a local file (${server.getURIs().join(', ')})" : null)
 def mpp = server.getPixelCalibration().getAveragedPixelSizeMicrons()
 def imageType = imageData.getImageType()?.name()
@@ -1350,6 +1421,29 @@ def dropUnanalysedParent = {
         hierarchy.removeObjects([madeWholeImage], true)
     madeWholeImage = null
 }
+// Stopping the script (the script editor's Run > Kill running script: Future.cancel(true), DefaultScriptEditor.java
+// v0.4.4:1410, v0.7.0:1492) interrupts this thread: while it sleeps between polls, or inside an HTTP call, which then
+// throws InterruptedException (HttpClient.send). Wherever it comes, the run stops alike (stop): the job (jobId; null
+// before the service gave one) is cancelled on the server, not left running there; the parent made for this run is
+// removed where nothing came under it; the objects added so far are shown (fireHierarchyUpdate: they stayed off the
+// viewer); and the log says what was stopped. Thread.interrupted() clears the flag, which would otherwise stop the
+// cancelling request too.
+def stopped = { Throwable e -> e instanceof InterruptedException || Thread.currentThread().isInterrupted() }
+def stop = { String what, jobId ->
+    Thread.interrupted()
+    dropUnanalysedParent()
+    fireHierarchyUpdate()
+    if (jobId == null) {
+        println "pdl1: stopped ${what}"
+        return
+    }
+    try {
+        send(request("/v1/jobs/" + jobId).DELETE().build())
+        println "pdl1: stopped ${what}; job ${jobId} cancelled on the server"
+    } catch (IOException | InterruptedException e) {
+        println "pdl1: stopped ${what}; job ${jobId} could not be cancelled on the server (${whyFailed(e)})"
+    }
+}
 eachTarget:
 for (parent in targets) {
     def body = new LinkedHashMap()
@@ -1361,12 +1455,23 @@ for (parent in targets) {
     body.put("image_type", imageType)
     body.put("outputs", OUTPUTS)
     body.put("model", MODEL)
+    // An ROI on another plane than the first (a z-slice, a timepoint): a path job names no plane, and the service read
+    // the file's first; the pixels QuPath renders of the ROI's plane go instead (submitPixels reads its getZ() and
+    // getT()), and what comes back is put on that plane (below).
+    def plane = planeName(parent.getROI().getZ(), parent.getROI().getT())
+    if (plane != null && uploadWhy == null)
+        println "pdl1: sending the pixels of ${label(parent)} as QuPath renders them, since it lies on the plane " +
+                "${plane} and the service reads a file's first (z=0, t=0)"
     def accepted
     try {
-        accepted = uploadWhy == null ? submitPath(body) : null  // null: the service cannot open the image
+        accepted = uploadWhy == null && plane == null ? submitPath(body) : null  // null: the service cannot open it
         if (accepted == null)
             accepted = submitPixels(parent, label(parent))
-    } catch (IOException e) {
+    } catch (IOException | InterruptedException e) {
+        if (stopped(e)) {
+            stop("while sending ${label(parent)} (a job the service took meanwhile runs to its end there)", null)
+            return
+        }
         // A request the service refuses (an ROI that crosses itself, ...) is this target's problem: go on with the next.
         println "pdl1: ${label(parent)} not analysed: ${whyFailed(e)}"
         continue
@@ -1375,32 +1480,17 @@ for (parent in targets) {
     def statusPath = "/v1/jobs/" + jobId
     def status = null
     def lastShown = -1
-    // Stopping the script interrupts this thread: while it sleeps, or inside an HTTP call (then the call throws);
-    // either way the job is cancelled on the server, not left running there. Thread.interrupted() clears the flag,
-    // which would otherwise stop the cancelling request too.
-    def cancel = {
-        Thread.interrupted()
-        dropUnanalysedParent()
-        try {
-            send(request(statusPath).DELETE().build())
-            println "pdl1: stopped; job ${jobId} cancelled on the server"
-        } catch (IOException e) {
-            println "pdl1: stopped; job ${jobId} could not be cancelled on the server (${whyFailed(e)})"
-        }
-    }
+    def analysing = "while ${label(parent)} was analysed".toString()
     while (true) {
         if (Thread.currentThread().isInterrupted()) {
-            cancel()
+            stop(analysing, jobId)
             return
         }
         try {
             status = send(request(statusPath).GET().build())
-        } catch (InterruptedException e) {
-            cancel()
-            return
-        } catch (IOException e) {
-            if (Thread.currentThread().isInterrupted()) {
-                cancel()
+        } catch (IOException | InterruptedException e) {
+            if (stopped(e)) {
+                stop(analysing, jobId)
                 return
             }
             // The service stopped or restarted (its jobs do not survive that) while the job ran: said, not a Java
@@ -1419,7 +1509,7 @@ for (parent in targets) {
         try {
             Thread.sleep(POLL_MS)
         } catch (InterruptedException e) {
-            cancel()
+            stop(analysing, jobId)
             return
         }
     }
@@ -1444,9 +1534,22 @@ for (parent in targets) {
             def next = pdl1.get("next_offset")
             offset = next == null ? null : (next as int)
         }
-    } catch (IOException e) {  // an exception, not a message, ended the script before the next targets
+    } catch (IOException | InterruptedException e) {  // an exception, not a message, ended the script
+        if (stopped(e)) {
+            stop("while ${label(parent)}'s result was fetched", jobId)
+            return
+        }
         println "pdl1: ${label(parent)} not analysed: job ${jobId}'s result could not be fetched (${whyFailed(e)})"
         continue eachTarget
+    }
+    // PathIO reads every object onto the first plane (z=0, t=0) whatever its parent's: the service's GeoJSON names
+    // none (ROITypeAdapters.java v0.4.4:115-119, v0.7.0:122-126). Those of a parent on another plane go onto its
+    // plane, or the viewer showed them on the first: PathObjectTools.updatePlaneRecursive(object, plane,
+    // copyMeasurements, createNewIDs) makes each anew with its children on that plane, the original unchanged
+    // (PathObjectTools.java v0.4.4:396, v0.7.0:469); measurements and IDs kept.
+    if (plane != null) {
+        def onItsPlane = parent.getROI().getImagePlane()
+        objects = objects.collect { PathObjectTools.updatePlaneRecursive(it, onItsPlane, true, false) }
     }
     // The record of what the pages put into QuPath, saved below once they are under the parent (a project's only: it
     // goes beside it). Without it the analysis is done all the same; its reviews then cannot be told for training.
@@ -1461,7 +1564,11 @@ for (parent in targets) {
             if (response.statusCode() >= 400)  // 404 from a service older than records
                 throw new IOException("the service answered ${response.statusCode()}: ${detailOf(response)}")
             record = response.body()
-        } catch (IOException e) {
+        } catch (IOException | InterruptedException e) {
+            if (stopped(e)) {
+                stop("while ${label(parent)}'s record was fetched", jobId)
+                return
+            }
             println "pdl1: ${label(parent)}: no record of what this analysis writes (${whyFailed(e)}); `pdl1 train " +
                     "--from-review` cannot tell its nuclei reclassified and FN candidates deleted (update pdl1-bridge " +
                     "and analyse it again)"
@@ -1469,7 +1576,11 @@ for (parent in targets) {
     }
     try {
         send(request(statusPath).DELETE().build())  // the result is here now: let the service release it
-    } catch (IOException ignored) {  // the service releases old results itself (pdl1 serve --keep-results)
+    } catch (IOException | InterruptedException e) {  // the service releases old results itself (--keep-results)
+        if (stopped(e)) {
+            stop("before ${label(parent)}'s result went under it", jobId)
+            return
+        }
     }
     if (choice.source == "TMA cores" && !wholeImageRemoved) {  // once, when the first core's results are here
         def analyses = hierarchy.getAnnotationObjects().findAll {
@@ -1499,7 +1610,8 @@ for (parent in targets) {
         metadataWritten = true
     }
     done++
-    println "pdl1: ${objects.size()} objects under ${label(parent)}${targetScore(pdl1.get('metadata'))}"
+    def onPlane = plane == null ? "" : " (${plane})"
+    println "pdl1: ${objects.size()} objects under ${label(parent)}${onPlane}${targetScore(pdl1.get('metadata'))}"
     if (record != null) {
         try {
             saveRecord(recordsFolder, parent.getID().toString(), record as byte[])
@@ -1510,14 +1622,12 @@ for (parent in targets) {
         }
     }
     // Why a result needs a pathologist's look, each with its value and limit (the flag says only that it does).
-    (pdl1.get("review_reasons") ?: []).each { r ->
-        println "pdl1: review: ${r.get('reason')} (${r.get('value')}, limit ${r.get('limit')})"
-    }
+    (pdl1.get("review_reasons") ?: []).each { r -> println "pdl1: review: ${reviewReasonText(r as Map)}" }
     // How far the image lies from what the model was trained on (over a limit, it is a review reason above).
     def domain = pdl1.get("domain")
     if (domain != null && domain.get("out_of_domain_score") != null)
-        println "pdl1: out-of-domain score ${domain.get('out_of_domain_score')} (limit ${domain.get('limit')}), " +
-                "stain distance ${domain.get('stain_distance_deg')} deg (limit ${domain.get('stain_limit_deg')})"
+        println "pdl1: out-of-domain score ${readingText(domain.get('out_of_domain_score'), domain.get('limit'), '')}" +
+                ", stain distance ${readingText(domain.get('stain_distance_deg'), domain.get('stain_limit_deg'), ' deg')}"
     else if (domain != null)
         println "pdl1: out-of-domain score not measured: ${domain.get('why_not')}"
 }

@@ -35,12 +35,24 @@ def hierarchy = getCurrentHierarchy()
 def objects = []
 objects.addAll(hierarchy.getAnnotationObjects())
 objects.addAll(hierarchy.getDetectionObjects())
-// One object at a time through QuPath's own GeoJSON writer (what paquo's to_geojson calls too).
+// One object at a time through QuPath's own GeoJSON writer (what paquo's to_geojson calls too), each written out as it
+// is made: the whole export as one String was GBs for a slide with QuPath's cell detection (a million cells), and
+// QuPath ran out of memory. Written beside the target and renamed over it, so an interrupted export leaves the old
+// file whole. An OutputStreamWriter, as String.getBytes did, writes a character UTF-8 cannot encode as '?'
+// (Files.newBufferedWriter would throw).
 def gson = GsonTools.getInstance()
-def text = "[\n" + objects.collect { gson.toJson(it) }.join(",\n") + "\n]\n"
-
-// Written beside the target and renamed over it, so an interrupted export leaves the old file whole.
 def part = new File(folder, entry.getID() + ".geojson.part")
-Files.write(part.toPath(), text.getBytes(StandardCharsets.UTF_8))
+def writer = new BufferedWriter(new OutputStreamWriter(Files.newOutputStream(part.toPath()), StandardCharsets.UTF_8))
+try {
+    writer.write("[\n")
+    objects.eachWithIndex { obj, i ->
+        if (i > 0)
+            writer.write(",\n")
+        gson.toJson(obj, writer)
+    }
+    writer.write("\n]\n")
+} finally {
+    writer.close()
+}
 Files.move(part.toPath(), target.toPath(), StandardCopyOption.REPLACE_EXISTING, StandardCopyOption.ATOMIC_MOVE)
 println "pdl1: exported ${objects.size()} objects of ${entry.getImageName()} to ${target}"

@@ -180,7 +180,7 @@ def test_the_script_tries_the_path_job_first_and_uploads_where_the_service_canno
     assert "results would land in the wrong place" not in body and "use the pixel upload API" not in body
     assert 'uploadWhy = transformed != null ? "QuPath shows it through ${transformed}' in body
     # The path job first; the upload where the image goes that way or the service answered cannot_open.
-    assert "accepted = uploadWhy == null ? submitPath(body) : null" in body
+    assert "accepted = uploadWhy == null && plane == null ? submitPath(body) : null" in body
     assert body.index("submitPath(body)") < body.index("accepted = submitPixels(parent, label(parent))")
     assert 'answer.get("cannot_open") == true' in body
     # Rendered with the calls that are the same on QuPath 0.4.4 to 0.7 (RegionRequest.java v0.4.4:175, v0.7.0:174).
@@ -387,15 +387,17 @@ def test_health_says_the_upload_limits(service_of):
 RUN_SCRIPT = r"""
 import java.awt.image.BufferedImage
 import qupath.lib.objects.PathObject
+import qupath.lib.objects.hierarchy.PathObjectHierarchy
 
-class DefaultImageServerBuilder { }
+// DefaultImageServerBuilder.getArgs(): a copy of its args, null without (ImageServerBuilder.java v0.4.4:340).
+class DefaultImageServerBuilder { String[] args; String[] getArgs() { args?.clone() } }
 class Calibration { double mpp; double getAveragedPixelSizeMicrons() { mpp } }
 class Named { String name; String getName() { name } }
 class StandInServer {
-    File file; BufferedImage level0; int width, height; double mpp
+    File file; BufferedImage level0; int width, height; double mpp; List builderArgs
     List reads = []
     Collection getURIs() { [file.toURI()] }
-    def getBuilder() { new DefaultImageServerBuilder() }
+    def getBuilder() { new DefaultImageServerBuilder(args: builderArgs as String[]) }
     Calibration getPixelCalibration() { new Calibration(mpp: mpp) }
     int getWidth() { width }
     int getHeight() { height }
@@ -405,7 +407,7 @@ class StandInServer {
     // As AbstractTileableImageServer.readRegion: max(1, round(size / downsample)) px of the region.
     BufferedImage readRegion(request) {
         reads << [x: request.x, y: request.y, width: request.width, height: request.height,
-                  downsample: request.downsample]
+                  downsample: request.downsample, z: request.z, t: request.t]
         int w = Math.max(1, Math.round(request.width / request.downsample) as int)
         int h = Math.max(1, Math.round(request.height / request.downsample) as int)
         def out = new BufferedImage(w, h, BufferedImage.TYPE_INT_RGB)
@@ -427,13 +429,15 @@ class RotatedImageServer extends TransformingImageServer { }
 class StandInRoi {
     java.awt.geom.Path2D.Double shape = new java.awt.geom.Path2D.Double()
     List vertices
+    int z, t  // its plane: ROI.getZ(), getT(), getImagePlane() (c -1 as drawn: ImagePlane.getPlane(z, t))
     double getBoundsX() { shape.getBounds2D().getX() }
     double getBoundsY() { shape.getBounds2D().getY() }
     double getBoundsWidth() { shape.getBounds2D().getWidth() }
     double getBoundsHeight() { shape.getBounds2D().getHeight() }
     java.awt.Shape getShape() { shape }
-    int getZ() { 0 }
-    int getT() { 0 }
+    int getZ() { z }
+    int getT() { t }
+    qupath.lib.regions.ImagePlane getImagePlane() { qupath.lib.regions.ImagePlane.getPlane(z, t) }
     boolean isArea() { true }
     String getRoiName() { "Polygon" }
     def getGeometry() { [type: "Polygon", coordinates: [vertices + [vertices[0]]]] }
@@ -441,18 +445,10 @@ class StandInRoi {
 enum ImageType { BRIGHTFIELD_H_E }
 class TMACoreObject extends PathObject { boolean missing; boolean isMissing() { missing } }
 class TMAGrid { List cores; List getTMACoreList() { cores } }
-class Hierarchy {
-    PathObject root
-    TMAGrid grid  // PathObjectHierarchy.getTMAGrid(): null for an image without a TMA grid
-    PathObject getRootObject() { root }
-    List getAnnotationObjects() { root.children.findAll { it.isAnnotation() } }
-    TMAGrid getTMAGrid() { grid }
-    void removeObjects(Collection objects, boolean keepChildren) { objects.each { it.parent?.children?.remove(it) } }
-}
 class ImageData {
-    def server; Hierarchy hierarchy
+    def server; PathObjectHierarchy hierarchy
     def getServer() { server }
-    Hierarchy getHierarchy() { hierarchy }
+    PathObjectHierarchy getHierarchy() { hierarchy }
     ImageType getImageType() { ImageType.BRIGHTFIELD_H_E }
 }
 class Project { java.nio.file.Path path; java.nio.file.Path getPath() { path }; void syncChanges() { } }
@@ -470,6 +466,7 @@ server.level0 = javax.imageio.ImageIO.read(new File(setup.level0))
 server.width = setup.width
 server.height = setup.height
 server.mpp = setup.mpp == null ? Double.NaN : setup.mpp  // null: QuPath has no pixel size
+server.builderArgs = setup.builder_args  // Bio-Formats' ["--series", "2"]: another series of the file
 def root = new PathObject(kind: "root")
 def roiOf = { List vertices ->
     def roi = new StandInRoi(vertices: vertices)
@@ -480,15 +477,52 @@ def roiOf = { List vertices ->
 }
 def classOf = { String name -> name == null ? null : new qupath.lib.objects.StandInPathClass(name) }
 def targets = setup.annotations.collect { a ->
-    def made = new PathObject(kind: "annotation", roi: roiOf(a.vertices), name: a.name, pathClass: classOf(a.cls),
+    def roi = roiOf(a.vertices)
+    roi.z = a.z ?: 0
+    roi.t = a.t ?: 0
+    def made = new PathObject(kind: "annotation", roi: roi, name: a.name, pathClass: classOf(a.cls),
             id: a.id == null ? UUID.randomUUID() : UUID.fromString(a.id))
     (a.measurements ?: [:]).each { name, value -> made.measurements.put(name as String, value as double) }
     return made
 }
 def entry = setup.entry == null ? null : new Entry(id: setup.entry)
 root.addChildObjects(targets)
-def imageData = new ImageData(server: server, hierarchy: new Hierarchy(root: root))
+def imageData = new ImageData(server: server, hierarchy: new PathObjectHierarchy(root: root))
 def selection = null  // a step's (the objects of its "select")
+def fired = 0  // fireHierarchyUpdate() calls: without one after the last objects went in, the viewer does not show them
+// A stand-in service in this JVM (setup.stub), for what the real one cannot be made to do at a given moment: each
+// request ("METHOD /path", no query) is answered with its canned status and body (stub.answers), and recorded; at the
+// stub.interrupt[1]th request named stub.interrupt[0], the script's thread is interrupted as QuPath's Kill running
+// script does, and the answer waits until the script has noticed. The project's pdl1-config.toml names its address.
+def requests = Collections.synchronizedList([])
+def stub = null
+if (setup.stub != null) {
+    def scriptThread = Thread.currentThread()
+    def seenOf = new java.util.concurrent.ConcurrentHashMap()
+    stub = com.sun.net.httpserver.HttpServer.create(new InetSocketAddress("127.0.0.1", 0), 0)
+    stub.setExecutor(java.util.concurrent.Executors.newCachedThreadPool())
+    stub.createContext("/", { exchange ->
+        def key = exchange.getRequestMethod() + " " + exchange.getRequestURI().getPath()
+        requests << key
+        exchange.getRequestBody().bytes
+        if (setup.stub.interrupt != null && key == setup.stub.interrupt[0] &&
+                seenOf.merge(key, 1, Integer::sum) == setup.stub.interrupt[1]) {
+            scriptThread.interrupt()
+            Thread.sleep(1000)
+        }
+        def answer = setup.stub.answers[key]
+        def text = answer == null ? '{"detail": "no such path in the stand-in service"}' : answer.body
+        def bytes = text.getBytes("UTF-8")
+        try {
+            exchange.sendResponseHeaders(answer == null ? 404 : (answer.status ?: 200) as int, bytes.length)
+            exchange.getResponseBody().withCloseable { it.write(bytes) }
+        } catch (IOException ignored) {  // the client gave up on it (the interrupted request)
+        }
+    } as com.sun.net.httpserver.HttpHandler)
+    stub.start()
+    new File(new File(setup.project).getParentFile(), "pdl1-config.toml").text =
+            "[service]\nurl = \"http://127.0.0.1:${stub.getAddress().getPort()}\"\n"
+}
 def binding = new Binding([
     getCurrentImageData: { -> imageData },
     getCurrentHierarchy: { -> imageData.hierarchy },  // pdl1_import_results.groovy's (a step's "script")
@@ -498,7 +532,7 @@ def binding = new Binding([
     // All the annotations, unless told: none, or a nucleus (a detection, which is no target), or a step's
     getSelectedObjects: { -> selection != null ? selection : setup.select == false ? [] : setup.select == "detection" ?
             [new PathObject(kind: "detection", name: "a nucleus")] : targets },
-    fireHierarchyUpdate: { -> },
+    fireHierarchyUpdate: { -> fired++ },
     getPathClass: classOf,
     // QP.createFullImageAnnotation(boolean): a rectangle over the image, added to the hierarchy (QP.java v0.4.4:1801)
     createFullImageAnnotation: { boolean selected ->
@@ -530,7 +564,8 @@ def records = []
 def aside = []
 def deleted = [:]  // ID: [the object, its parent]
 def saved = null  // [object, its children, its measurements] of each object the last "save" found
-for (step in (setup.steps ?: [[:]])) {
+def steps = setup.steps ?: [[:]]
+for (step in steps) {
     if (step.reopen) {
         for (kept in saved) {
             def (obj, kids, measured) = kept
@@ -566,18 +601,35 @@ for (step in (setup.steps ?: [[:]])) {
         imageData.hierarchy.grid = new TMAGrid(cores: cores)
     }
     selection = step.select == null ? null : step.select.collect { byId(it) }
-    new GroovyShell(this.class.classLoader, binding).evaluate(new File(step.script ?: setup.script))
+    def last = step.is(steps[-1])
+    try {
+        new GroovyShell(this.class.classLoader, binding).evaluate(new File(step.script ?: setup.script))
+    } catch (Throwable t) {
+        last = true
+        throw t
+    } finally {
+        if (stub != null && last) {
+            stub.stop(0)
+            stub.getExecutor().shutdownNow()
+        }
+    }
     def folder = setup.entry == null ? null :
             new File(new File(setup.project).getParentFile(), "pdl1/${setup.entry}/qupath_analyses")
     records << (folder?.listFiles()?.findAll { it.isFile() }*.getName()?.sort() ?: [])
     aside << (folder == null ? [] : (new File(folder, "removed").list()?.toList()?.sort() ?: []))
 }
+def planeOf = { obj -> [obj.roi.getZ(), obj.roi.getT()] }
 def seen = [reads: server.reads, children: root.children.collectEntries { t ->
     [(t.name): t.children.collect { [kind: t.kind, cls: it.pathClass?.toString(), geometry: it.geometry,
-                                     objectType: it.kind, measurements: it.measurements.values] }] }]
+                                     objectType: it.kind, measurements: it.measurements.values,
+                                     plane: planeOf(it)] }] }]
 if (setup.steps != null) {
     seen.records = records
     seen.aside = aside
+}
+if (setup.stub != null) {
+    seen.requests = requests
+    seen.fired = fired
 }
 println groovy.json.JsonOutput.toJson(seen)
 """
@@ -654,7 +706,7 @@ def test_the_script_sends_the_pixels_of_an_image_the_service_cannot_open(tmp_pat
     assert any(re.fullmatch(r"pdl1: \d+ objects under Tumor core(, predicted TPS .*)?", line) for line in log), log
     assert log[-1] == "pdl1: analysed 1 of 2 regions of scan.czi"
     # Only the octagon's bounds and context were rendered, at the downsample the models need, never the huge one.
-    assert seen["reads"] == [{"x": 0, "y": 0, "width": 2325, "height": 2325, "downsample": 2.0}]
+    assert seen["reads"] == [{"x": 0, "y": 0, "width": 2325, "height": 2325, "downsample": 2.0, "z": 0, "t": 0}]
     assert seen["children"]["whole section"] == []
     points = np.array([c["geometry"]["coordinates"] for c in seen["children"]["Tumor core"]
                        if c["geometry"]["type"] == "Point"])  # fmt: skip
@@ -715,7 +767,7 @@ def test_the_context_shrinks_where_the_upload_limits_would_refuse_the_region_wit
     ) in log, log
     assert any(re.fullmatch(r"pdl1: sending 779 x 757 px .* with 128 µm of context", line) for line in log), log
     # Rendered once: the larger margins were refused by their size before any pixels were read.
-    assert seen["reads"] == [{"x": 0, "y": 44, "width": 1557, "height": 1513, "downsample": 2.0}]
+    assert seen["reads"] == [{"x": 0, "y": 44, "width": 1557, "height": 1513, "downsample": 2.0, "z": 0, "t": 0}]
     assert log[-1] == f"pdl1: analysed 1 of 1 regions of {slide_path.name}"
     points = np.array([c["geometry"]["coordinates"] for c in seen["children"]["Tumor core"]
                        if c["geometry"]["type"] == "Point"])  # fmt: skip
@@ -868,6 +920,173 @@ def test_a_service_stopped_while_its_job_runs_is_said_and_a_missing_one_named_wi
         f"pdl1: no service at {client.base_url} (ConnectException, ClosedChannelException); start it with "
         "`pdl1 serve --allow-root <slides folder>`"
     )
+
+
+# ------------------------------------------------------------------- the whole script against a stand-in service
+
+SQUARE = {"name": "Tumor core", "vertices": [[40, 40], [200, 40], [200, 200], [40, 200]]}
+REASONS = [
+    {"reason": "fewer than 100 tumour cells", "value": 57, "limit": 100},
+    {"reason": "no tumour", "value": None, "limit": None},
+    {"reason": "segmentation uncertainty", "value": 0.0932, "limit": 0.0873},
+]
+STUB_RESULT = {  # one page of what GET /v1/jobs/{id}/result gives: a region and a nucleus of this tool
+    "type": "FeatureCollection",
+    "features": [
+        {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[[60, 60], [120, 60], [120, 120], [60, 120], [60, 60]]]},
+            "properties": {
+                "objectType": "annotation",
+                "classification": {"name": "PD-L1 positive"},
+                "measurements": {"PD-L1 probability mean": 0.9},
+            },
+        },
+        {
+            "type": "Feature",
+            "geometry": {"type": "Point", "coordinates": [90, 90]},
+            "properties": {
+                "objectType": "detection",
+                "classification": {"name": "Tumor: Positive"},
+                "measurements": {"PD-L1 positive probability": 0.8},
+            },
+        },
+    ],
+    "pdl1": {
+        "next_offset": None,
+        "parent_measurements": {"PD-L1: Uncertainty flag": 1, "PD-L1: TPS %": 57},
+        "metadata": {"PD-L1 TPS %": "57.0", "PD-L1 TPS category": ">=50%"},
+        "metadata_counts": {"tumour_positive": 57, "tumour_negative": 43},
+        "review_reasons": REASONS,
+        "domain": {"out_of_domain_score": 1.234567, "limit": 1.0, "stain_distance_deg": 12.0, "stain_limit_deg": 15},
+    },
+}
+
+
+def _stub_setup(
+    tmp_path: Path, *, server: str = "OpenslideImageServer", annotations: list, interrupt: list | None = None, **more
+) -> dict:
+    """The script's setup against a stand-in service in the stand-ins' JVM (RUN_SCRIPT's ``stub``): a 256 x 256 px
+    image at 0.5 µm/px, and the service's answers, job j1 done at once; ``interrupt``: [request, n], the nth such
+    request is where the script is stopped."""
+    level0 = tmp_path / "level0.png"
+    Image.new("RGB", (256, 256), (200, 150, 180)).save(level0)
+
+    def answer(body: dict, status: int = 200) -> dict:
+        return {"status": status, "body": json.dumps(body)}
+
+    answers = {
+        "GET /v1/health": answer({"status": "ok", "models": MODELS, "upload_limits": LIMITS}),
+        "POST /v1/jobs": answer({"job_id": "j1"}, 202),
+        "POST /v1/jobs/pixels": answer({"job_id": "j1"}, 202),
+        "GET /v1/jobs/j1": answer({"state": "done", "progress": 1.0, "tiles_done": 4, "tiles_total": 4}),
+        "GET /v1/jobs/j1/result": answer(STUB_RESULT),
+        "GET /v1/jobs/j1/record": answer({"outline": None}),
+        "DELETE /v1/jobs/j1": answer({"state": "done"}),
+    }
+    return {
+        "server": server, "image": str(tmp_path / "slide.svs"), "level0": str(level0), "width": 256, "height": 256,
+        "mpp": 0.5, "project": str(tmp_path / "project.qpproj"), "annotations": annotations,
+        "stub": {"answers": answers, "interrupt": interrupt}, **more,
+    }  # fmt: skip
+
+
+@needs_groovy
+@pytest.mark.parametrize(
+    ("server", "args", "z", "uploaded", "why"),
+    [
+        ("OpenslideImageServer", None, 2, True, "since it lies on the plane z=2, t=1 and the service reads a file's "
+         "first (z=0, t=0)"),
+        ("BioFormatsImageServer", ["--series", "2"], 0, True, "since QuPath shows series 2 of a multi-image file "
+         "(--series 2), and the service reads the file's first"),
+        ("BioFormatsImageServer", ["--series", "0"], 0, False, None),
+    ],
+    ids=["another z-slice and timepoint", "another series", "the first series"],
+)  # fmt: skip
+def test_a_region_on_another_plane_or_series_than_the_files_first_is_uploaded(tmp_path, server, args, z, uploaded, why):
+    # The path job names no plane and no series, and the service read the file's first: an annotation on z-slice 2
+    # (or series 2 of a .czi) was analysed on the pixels of another image; and the results, read from GeoJSON
+    # without a "plane", lay on z=0, t=0, where the viewer showed them with no annotation around them.
+    t = 1 if z else 0
+    setup = _stub_setup(tmp_path, server=server, annotations=[{**SQUARE, "z": z, "t": t}], builder_args=args)
+    log, seen = _run_script(tmp_path, setup)
+    posted = [r for r in seen["requests"] if r.startswith("POST")]
+    assert posted == (["POST /v1/jobs/pixels"] if uploaded else ["POST /v1/jobs"]), log
+    assert [(r["z"], r["t"]) for r in seen["reads"]] == ([(z, t)] if uploaded else [])
+    if z:
+        assert f"pdl1: sending the pixels of Tumor core as QuPath renders them, {why}" in log, log
+    elif uploaded:
+        assert f"pdl1: sending the pixels of each region as QuPath renders them, {why}" in log, log
+    # What came back is on the annotation's plane, and the log says which.
+    children = seen["children"]["Tumor core"]
+    assert [c["plane"] for c in children] == [[z, t], [z, t]]
+    assert [c["cls"] for c in children] == ["PD-L1 positive", "Tumor: Positive"]
+    assert children[0]["measurements"] == {"PD-L1 probability mean": 0.9}  # copied onto the new objects
+    on = f" (z={z}, t={t})" if z else ""
+    assert f"pdl1: 2 objects under Tumor core{on}, TPS 57.0% (>=50%)" in log, log
+    assert log[-1] == "pdl1: analysed 1 of 1 regions of slide.svs" and seen["fired"] == 1
+
+
+@needs_groovy
+def test_the_log_gives_the_review_reasons_and_the_domain_as_pdl1_writes_them(tmp_path):
+    # Gson reads every JSON number as a Double: the log said "(57.0, limit 100.0)", and "(null, limit null)" for a
+    # reason without a value.
+    from bridge.project import review_reason_text
+
+    log, _ = _run_script(tmp_path, _stub_setup(tmp_path, annotations=[SQUARE]))
+    reviews = [line for line in log if line.startswith("pdl1: review: ")]
+    assert reviews == [
+        "pdl1: review: fewer than 100 tumour cells (57, limit 100)",
+        "pdl1: review: no tumour",
+        "pdl1: review: segmentation uncertainty (0.0932, limit 0.0873)",
+    ]
+    assert reviews == [f"pdl1: review: {review_reason_text(r)}" for r in REASONS]
+    assert "pdl1: out-of-domain score 1.23 (limit 1), stain distance 12 deg (limit 15 deg)" in log, log
+
+
+TWO = [SQUARE, {"name": "second", "vertices": [[210, 210], [250, 210], [250, 250], [210, 250]]}]
+
+
+@needs_groovy
+@pytest.mark.parametrize(
+    ("interrupt", "server", "annotations", "said", "cancelled"),
+    [
+        (["POST /v1/jobs", 1], "OpenslideImageServer", [], "while sending PD-L1 analysis (a job the service took "
+         "meanwhile runs to its end there)", False),
+        (["POST /v1/jobs/pixels", 1], "RotatedImageServer", [SQUARE], "while sending Tumor core (a job the service "
+         "took meanwhile runs to its end there)", False),
+        (["GET /v1/jobs/j1", 1], "OpenslideImageServer", [], "while PD-L1 analysis was analysed", True),
+        (["GET /v1/jobs/j1/result", 1], "OpenslideImageServer", [SQUARE], "while Tumor core's result was fetched",
+         True),
+        (["GET /v1/jobs/j1/record", 1], "OpenslideImageServer", [SQUARE], "while Tumor core's record was fetched",
+         True),
+        (["POST /v1/jobs", 2], "OpenslideImageServer", TWO, "while sending second (a job the service took meanwhile "
+         "runs to its end there)", False),
+    ],
+    ids=["submitting", "uploading", "polling", "fetching the result", "fetching the record", "the second target"],
+)  # fmt: skip
+def test_stopping_the_script_at_any_request_cancels_its_job_and_shows_what_was_added(
+    tmp_path, interrupt, server, annotations, said, cancelled
+):
+    # QuPath's Kill running script interrupts the script's thread, and HttpClient.send throws InterruptedException.
+    # Only the polling handled it: stopped while submitting, uploading or fetching, the script ended with a stack
+    # trace, left its job running on the service and the "PD-L1 analysis" made for the run empty; stopped anywhere,
+    # the objects added since the last hierarchy event stayed off the viewer (no fireHierarchyUpdate).
+    setup = _stub_setup(tmp_path, server=server, annotations=annotations, interrupt=interrupt, entry="1")
+    if not annotations:
+        setup["select"] = False  # nothing selected, no annotation: the whole image
+    log, seen = _run_script(tmp_path, setup)
+    assert log[-1] == f"pdl1: stopped {said}" + ("; job j1 cancelled on the server" if cancelled else ""), log
+    deletes = [r for r in seen["requests"] if r.startswith("DELETE")]
+    # A job accepted is cancelled (the first target's DELETE releases its result, read).
+    assert deletes == ["DELETE /v1/jobs/j1"] * (cancelled + (interrupt[1] == 2))
+    assert seen["fired"] == 1
+    if not annotations:  # the whole image's "PD-L1 analysis", made for the run, is gone again
+        assert seen["children"] == {}
+    else:  # what an earlier target got stays, under it
+        assert {name: len(kids) for name, kids in seen["children"].items()} == {
+            a["name"]: 2 * (interrupt[1] == 2 and a is SQUARE) for a in annotations
+        }
 
 
 # ------------------------------------------------------------------- the upload against a path job on the same pixels

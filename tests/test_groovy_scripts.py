@@ -175,6 +175,7 @@ def test_the_helpers_use_no_qupath_class_and_the_script_imports_none_missing_on_
         "qupath.lib.io.GsonTools",
         "qupath.lib.io.PathIO",
         "qupath.lib.objects.PathObject",
+        "qupath.lib.objects.PathObjectTools",  # updatePlaneRecursive: PathObjectTools.java v0.4.4:396, v0.7.0:469
         "qupath.lib.regions.RegionRequest",  # RegionRequest.java v0.4.4:175, v0.7.0:174
         "java.net.URI",
         "java.net.http.HttpClient",
@@ -291,6 +292,225 @@ def test_the_groovy_reader_refuses_what_bridge_refuses_naming_file_and_line(tmp_
             with pytest.raises(ConfigError) as bridge_said:
                 read_project_config(path)
             assert result["error"] == str(bridge_said.value), (result["error"], str(bridge_said.value))
+
+
+@needs_groovy
+def test_a_backslash_that_starts_no_escape_is_refused_naming_file_line_and_the_fix(tmp_path):
+    # "C:\Users\me\seg" in double quotes: \U took the next 8 characters for hex digits, and the log showed only
+    # Integer.parseInt's NumberFormatException (For input string: "sers\me\" under radix 16), no file, no line.
+    fix = (
+        "a backslash in double quotes starts an escape: write a Windows path in single quotes ('C:\\Users\\me\\seg', "
+        'which keep backslashes as they are) or with forward slashes ("C:/Users/me/seg")'
+    )
+    cases = {
+        "users.toml": (
+            '"C:\\Users\\me\\seg"',
+            "\\U in a string starts a Unicode escape of 8 hex digits, got \\Users\\me\\",
+        ),
+        "short.toml": ('"D:\\u12"', "\\u in a string starts a Unicode escape of 4 hex digits, got \\u12"),
+        "surrogate.toml": ('"D:\\uD800"', "\\uD800 in a string is no Unicode character"),
+        "too_large.toml": ('"D:\\UFFFFFFFF"', "\\UFFFFFFFF in a string is no Unicode character"),
+        "unknown.toml": ('"C:\\models\\seg"', "unknown escape \\m in a string"),
+    }
+    files = []
+    for name, (value, _) in cases.items():
+        (tmp_path / name).write_text(f"[models]\nsegmentation = {value}\n", encoding="utf-8")
+        files.append(tmp_path / name)
+    results = read_with_groovy(tmp_path, files)
+    for path, result in zip(files, results, strict=True):
+        assert result == {"error": f"{path}, line 2: {cases[path.name][1]}; {fix}"}, result
+        with pytest.raises(ConfigError):  # bridge refuses each too (tomllib: "Invalid hex value", ...)
+            read_project_config(path)
+    # What the fix says reads, and as the path.
+    good = tmp_path / "good.toml"
+    good.write_text("[models]\nsegmentation = 'C:\\Users\\me\\seg'\nnuclei = \"C:/Users/me/nuclei\"\n")
+    (read,) = read_with_groovy(tmp_path, [good])
+    assert read == {"ok": {"models.segmentation": "C:\\Users\\me\\seg", "models.nuclei": "C:/Users/me/nuclei"}}
+
+
+@needs_groovy
+def test_another_series_of_a_multi_image_file_is_told_as_pdl1_run_tells_it(tmp_path):
+    # Bio-Formats' --series N (a .czi's or .vsi's other images) is in the DefaultImageServerBuilder's args, which the
+    # transformed-view check did not read: the path job analysed the file's first series.
+    from bridge.project import file_builder
+
+    argses = [None, [], ["--series", "0"], ["--series", "2"], ["--dims", "XYCZT", "--series", "11"], ["--series"]]
+    listed = ", ".join("null" if a is None else json.dumps(a) for a in argses)
+    driver = f"""
+class DefaultImageServerBuilder {{ String[] args; String[] getArgs() {{ args?.clone() }} }}  // v0.4.4:340, v0.7.0:356
+class PyramidGeneratingServerBuilder {{ }}
+class Server {{ def builder; def getBuilder() {{ builder }} }}
+for (args in [{listed}])
+    println JsonOutput.toJson([otherSeries(new Server(builder: new DefaultImageServerBuilder(args: args as String[])))])
+println JsonOutput.toJson([otherSeries(new Server(builder: null))])
+println JsonOutput.toJson([otherSeries(new Server(builder: new PyramidGeneratingServerBuilder()))])
+"""
+    said = [r[0] for r in run_groovy(tmp_path, driver)]
+    assert said == [None, None, None, "2", "11", None, None, None]
+    for args, series in zip(argses, said, strict=False):  # pdl1 run refuses the same entries
+        why = file_builder({"builderType": "uri", "uri": "file:/a.czi", "args": args})[1]
+        assert (why is None) == (series is None), (args, why)
+
+
+@needs_groovy
+def test_the_review_reasons_read_as_pdl1_writes_them(tmp_path):
+    # Gson reads every JSON number as a Double: the log said "(57.0, limit 100.0)", and "(null, limit null)".
+    import random
+
+    from bridge.project import review_reason_text
+
+    rng = random.Random(0)
+    numbers = [0.0, 57, 100, 57.0, 0.0932, 0.0873, 1e-5, 0.0001, 999.5, 1234.5, 12345.0, 123456, -0.5, 2.5e-7, 1e21,
+               1.125, 1.135, 2.675, 0.00012345, 99.95, 9.995]  # fmt: skip
+    numbers += [rng.uniform(1, 10) * 10.0 ** rng.randint(-7, 7) for _ in range(200)]
+    reasons = [{"reason": "r", "value": v, "limit": numbers[i - 1]} for i, v in enumerate(numbers)]
+    reasons += [
+        {"reason": "no tumour", "value": None, "limit": None},
+        {"reason": "half", "value": 0.5, "limit": None},
+        {"reason": "flag", "value": True, "limit": 1},
+        {"reason": "text", "value": "0.5", "limit": 1},
+        {"reason": "fewer than 100 tumour cells", "value": 40, "limit": 100, "target": "C-4"},
+    ]
+    (tmp_path / "reasons.json").write_text(json.dumps(reasons))
+    driver = f"""
+for (r in new groovy.json.JsonSlurper().parse(new File("{tmp_path / "reasons.json"}")))
+    println JsonOutput.toJson([reviewReasonText(r)])
+"""
+    said = [r[0] for r in run_groovy(tmp_path, driver)]
+    assert said == [review_reason_text(r) for r in reasons]
+    assert said[1:3] == ["r (57, limit 0)", "r (100, limit 57)"] and said[-5] == "no tumour"
+
+
+@needs_groovy
+def test_the_stand_in_hierarchy_removes_objects_as_qupath_does(tmp_path):
+    # The pixel tests' stand-in dropped the removed objects' children; QuPath's removeObjects(objects, true) adds them
+    # again under the root, not where they were (PathObjectHierarchy.java v0.4.4:483-496, v0.7.0:437-449), which
+    # the scripts' rehomeOthers must undo. Both whole-script tests run on this one stand-in now.
+    driver = """
+import qupath.lib.objects.PathObject
+import qupath.lib.objects.hierarchy.PathObjectHierarchy
+
+def tree = { ->
+    def h = new PathObjectHierarchy()
+    def n = [:]
+    [["A", "annotation", null], ["B", "annotation", "A"], ["c", "detection", "B"], ["d", "detection", "A"],
+     ["e", "annotation", null]].each { name, kind, parent ->
+        n[name] = new PathObject(kind: kind, name: name)
+        (parent == null ? h.getRootObject() : n[parent]).addChildObjects([n[name]])
+    }
+    return [h, n]
+}
+def shape
+shape = { PathObject o -> o.children.collectEntries { [(it.name): shape(it)] } }
+for (c in [[["B"], true], [["A", "B"], true], [["A"], false]]) {
+    def (h, n) = tree()
+    h.removeObjects(c[0].collect { n[it] }, c[1])
+    println groovy.json.JsonOutput.toJson([shape(h.getRootObject()), h.getAnnotationObjects()*.name,
+                                           h.getDetectionObjects()*.name.sort()])  // QuPath's order: a HashMap's
+}
+"""
+    out = _groovy_main(tmp_path, driver)
+    assert out.returncode == 0, out.stdout + out.stderr
+    said = [json.loads(line) for line in out.stdout.splitlines()]
+    assert said == [
+        [{"A": {"d": {}}, "e": {}, "c": {}}, ["A", "e"], ["c", "d"]],  # B's nucleus at the root, not in A
+        [{"e": {}, "c": {}, "d": {}}, ["e"], ["c", "d"]],
+        [{"e": {}}, ["e"], []],
+    ]
+
+
+EXPORT_RUN = r"""
+import qupath.lib.objects.PathObject
+import qupath.lib.objects.hierarchy.PathObjectHierarchy
+
+class Project { java.nio.file.Path path; java.nio.file.Path getPath() { path } }
+class Entry { String id; String getID() { id }; String getImageName() { "image.svs" } }
+
+def setup = new groovy.json.JsonSlurper().parseText(new File(args[0]).text)
+def hierarchy = new PathObjectHierarchy()
+def made = [hierarchy.getRootObject()]
+def big = setup.big ? "x" * setup.big : null  // one name, shared: the objects are small, their GeoJSON is not
+setup.objects.each { o ->
+    def obj = new PathObject(id: new UUID(0L, made.size()), kind: o.kind, name: big ?: o.name, geometry: o.geometry,
+            pathClass: o.cls == null ? null : new qupath.lib.objects.StandInPathClass(o.cls))
+    (o.measurements ?: [:]).each { k, v -> obj.measurements.put(k as String, v as double) }
+    made[o.parent].addChildObjects([obj])
+    made << obj
+}
+def binding = new Binding([
+    getProject: { -> new Project(path: java.nio.file.Paths.get(setup.project)) },
+    getProjectEntry: { -> new Entry(id: "7") },
+    getCurrentHierarchy: { -> hierarchy },
+])
+new GroovyShell(this.class.classLoader, binding).evaluate(new File(setup.script))
+if (!setup.big) {  // what the one-String export wrote: each object through Gson, joined
+    def gson = qupath.lib.io.GsonTools.getInstance()
+    def objects = hierarchy.getAnnotationObjects() + hierarchy.getDetectionObjects()
+    println groovy.json.JsonOutput.toJson([json: objects.collect { gson.toJson(it) }])
+}
+"""
+EXPORT = SCRIPTS / "pdl1_export_labels.groovy"
+EXPORTED = [  # [kind, name, class, geometry, measurements, parent (index into the made list: 0 is the root)]
+    ("annotation", "Tumour é", None, {"type": "Polygon", "coordinates": [[[0, 0], [9, 0], [9, 9], [0, 0]]]}, {}, 0),
+    ("detection", None, "Tumor: Positive", {"type": "Point", "coordinates": [1.5, 2]}, {"µ area": 0.25}, 1),
+    (
+        "annotation",
+        "PD-L1 positive",
+        "PD-L1 positive",
+        {"type": "Polygon", "coordinates": [[[1, 1], [2, 1], [1, 1]]]},
+        {"PD-L1 probability mean": 0.9},
+        1,
+    ),
+    ("detection", None, "Other", {"type": "Point", "coordinates": [1, 1]}, {}, 3),
+    ("annotation", "Ignore*", "Ignore*", {"type": "Polygon", "coordinates": [[[5, 5], [6, 5], [5, 5]]]}, {}, 0),
+]
+
+
+def _export(tmp_path: Path, objects: list, *, big: int = 0) -> subprocess.CompletedProcess:
+    keys = ("kind", "name", "cls", "geometry", "measurements", "parent")
+    setup = {"script": str(EXPORT), "project": str(tmp_path / "project.qpproj"), "big": big,
+             "objects": [dict(zip(keys, o, strict=True)) for o in objects]}  # fmt: skip
+    (tmp_path / "setup.json").write_text(json.dumps(setup))
+    (tmp_path / "export_run.groovy").write_text(EXPORT_RUN)
+    if not big:
+        return groovy_run(tmp_path / "export_run.groovy", str(tmp_path / "setup.json"), stand_ins=True)
+    # In a JVM of its own with a heap smaller than the export: as a slide with a million cells in QuPath's.
+    command = groovy_command(tmp_path / "export_run.groovy", str(tmp_path / "setup.json"), stand_ins=True)
+    command.insert(1, "-Xmx96m")
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+@needs_groovy
+@pytest.mark.parametrize("objects", [EXPORTED, []], ids=["objects", "none"])
+def test_the_label_export_writes_each_object_as_qupaths_gson_writes_it(tmp_path, objects):
+    out = _export(tmp_path, objects)
+    assert out.returncode == 0, out.stdout + out.stderr
+    target = tmp_path / "pdl1" / "labels" / "7.geojson"
+    assert out.stdout.splitlines()[0] == f"pdl1: exported {len(objects)} objects of image.svs to {target}"
+    # Byte for byte what the one-String export wrote (UTF-8, "[", the objects one a line, "]"); no .part left.
+    written = json.loads(out.stdout.splitlines()[-1])["json"]
+    assert target.read_bytes() == ("[\n" + ",\n".join(written) + "\n]\n").encode("utf-8")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["7.geojson"]
+    features = json.loads(target.read_text(encoding="utf-8"))
+    # Every annotation, then every detection, wherever it lies in the hierarchy.
+    assert [(f["properties"]["objectType"], f["properties"].get("name")) for f in features] == [
+        (o[0], o[1]) for kind in ("annotation", "detection") for o in objects if o[0] == kind
+    ]
+
+
+@needs_groovy
+def test_the_label_export_streams_an_export_larger_than_the_heap(tmp_path):
+    # The whole export was one String (and its bytes): GBs for a slide with QuPath's cell detection (0.5 to 1 million
+    # cells), and QuPath ran out of memory. 48 objects of 2 MB of GeoJSON each, in a 96 MB heap.
+    objects = [("detection", f"cell {i}", "Other", {"type": "Point", "coordinates": [i, i]}, {}, 0) for i in range(48)]
+    out = _export(tmp_path, objects, big=2 * 2**20)
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+    target = tmp_path / "pdl1" / "labels" / "7.geojson"
+    assert target.stat().st_size > 96 * 2**20
+    with target.open("rb") as f:
+        assert f.read(2) == b"[\n"
+        f.seek(-3, os.SEEK_END)
+        assert f.read() == b"\n]\n"
 
 
 @needs_groovy
@@ -543,8 +763,8 @@ println JsonOutput.toJson([analysable: analysable*.label, skipped: skipped*.labe
     body = ANALYZE.read_text().replace(helpers(), "")
     assert "splitByArea(targets)" in body
     # One target the service refuses does not stop the others: its submission failure is caught and the loop goes on.
-    post = body.index("accepted = uploadWhy == null ? submitPath(body) : null")
-    assert "try {" in body[post - 80 : post] and "continue" in body[post : post + 500]
+    post = body.index("accepted = uploadWhy == null && plane == null ? submitPath(body) : null")
+    assert "try {" in body[post - 80 : post] and "continue" in body[post : post + 800]
 
 
 @needs_groovy
@@ -738,19 +958,6 @@ println JsonOutput.toJson([found: ownDescendants(parent, { it.own }).collect { i
     (found,) = run_groovy(tmp_path, driver, script)
     assert found == {"found": ["nucleus 1", "nucleus 2", "nucleus 5", "nucleus 6", "region", "tile 2"]}
     assert "ownDescendants(parent, isOwn)" in script.read_text()
-
-
-def test_stopping_the_script_inside_a_status_request_cancels_the_job():
-    # Stopped while it slept between polls, the script cancelled the job; stopped inside the status request
-    # (HttpClient.send throws InterruptedException), it ended and left the job running on the server.
-    body = re.sub(r"//.*", "", ANALYZE.read_text())
-    poll = re.search(
-        r"try \{\s*status = send\(request\(statusPath\)\.GET\(\)\.build\(\)\)\s*\}"
-        r" catch \(InterruptedException e\) \{\s*cancel\(\)",
-        body,
-    )
-    assert poll, "the status request is not cancelled on InterruptedException"
-    assert body.count("cancel()") >= 3 and "Thread.interrupted()" in body
 
 
 def test_bridge_finds_the_same_objects_of_its_earlier_run_as_the_scripts(monkeypatch):
@@ -2008,13 +2215,8 @@ args.each { name ->
 
 IMPORT_RUN = r"""
 import qupath.lib.objects.PathObject
+import qupath.lib.objects.hierarchy.PathObjectHierarchy
 
-class Hierarchy {
-    PathObject root; def grid
-    List getAnnotationObjects() { root.children.findAll { it.isAnnotation() } }
-    def getTMAGrid() { grid }  // PathObjectHierarchy.getTMAGrid(): null without a grid
-    void removeObjects(Collection objects, boolean keepChildren) { objects.each { it.parent?.children?.remove(it) } }
-}
 class Entry {                                           // a ProjectImageEntry of QuPath 0.6+: getMetadata() is its map
     String id; String name; Map metadata
     String getID() { id }
@@ -2029,7 +2231,7 @@ class Project {
 
 def setup = new groovy.json.JsonSlurper().parseText(new File(args[0]).text)
 def root = new PathObject(kind: "root")
-def hierarchy = new Hierarchy(root: root, grid: setup.grid ? new Object() : null)
+def hierarchy = new PathObjectHierarchy(root: root, grid: setup.grid ? new Object() : null)
 def entry = new Entry(id: setup.entry, name: "tma.svs", metadata: new LinkedHashMap(setup.metadata))
 def project = new Project(path: java.nio.file.Paths.get(setup.project))
 def binding = new Binding([

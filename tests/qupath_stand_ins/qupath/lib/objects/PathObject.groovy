@@ -61,9 +61,12 @@ class StandInMeasurements {
 
 /** The ROI of an object read from GeoJSON, as far as the scripts read one they did not draw: its bounds and centroid
  * (ROI.getBoundsX/Y/Width/Height, getCentroidX/Y: ROI.java v0.4.4 to v0.7.0), a point's its coordinates, another
- * geometry's the mean of its vertices (not QuPath's area centroid: no script reads that of an area). */
+ * geometry's the mean of its vertices (not QuPath's area centroid: no script reads that of an area); its plane, the
+ * default one as QuPath reads GeoJSON without a "plane" (ROITypeAdapters.java v0.4.4:115-119, v0.7.0:122-126), and
+ * updatePlane(ImagePlane): a copy on another plane (ROI.java v0.4.4:321, v0.7.0:377). */
 class StandInFeatureROI {
     double x0, y0, x1, y1, cx, cy
+    qupath.lib.regions.ImagePlane plane = qupath.lib.regions.ImagePlane.getDefaultPlane()
 
     static StandInFeatureROI of(Map geometry) {
         def points = []
@@ -87,4 +90,10 @@ class StandInFeatureROI {
     double getBoundsHeight() { y1 - y0 }
     double getCentroidX() { cx }
     double getCentroidY() { cy }
+    qupath.lib.regions.ImagePlane getImagePlane() { plane }
+    int getZ() { plane.z }
+    int getT() { plane.t }
+    StandInFeatureROI updatePlane(qupath.lib.regions.ImagePlane plane) {
+        return new StandInFeatureROI(x0: x0, y0: y0, x1: x1, y1: y1, cx: cx, cy: cy, plane: plane)
+    }
 }

@@ -179,7 +179,14 @@ def run_batch_ray(
                 outcomes[job.key] = _failed(job, status, getattr(err, "cause", None) or err, t0)
             else:
                 outcomes[job.key] = outcome
-                status.record(job.key, state="done", image=job.name, run_id=outcome.run_id, seconds=outcome.seconds)
+                status.record(
+                    job.key,
+                    state="done",
+                    image=job.name,
+                    run_id=outcome.run_id,
+                    seconds=outcome.seconds,
+                    stated=job.stated(),
+                )
             if on_image is not None:
                 on_image(len(outcomes), len(jobs), job.name)
 

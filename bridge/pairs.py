@@ -23,6 +23,7 @@ import csv
 import json
 import logging
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 CASE_KEY = "case"
 PAIRS_FILE = "pairs.json"
 PAIRS_DIR = "pairs"  # <folder>/pdl1/pairs/<H&E key>.ihc_positive.geojson: the IHC's positive area on the H&E
+LABELS_SUFFIX = ".ihc_positive.geojson"
 # A measurement of the registered IHC area: 1 where the IHC's own analysis needs review (bridge.labels counts it).
 IHC_NEEDS_REVIEW = "IHC needs review"
 # A stain word leading or trailing a file name: what is left names the case.
@@ -86,6 +88,8 @@ class CaseImage:
     mpp: float
     case_in_metadata: bool = False
     """True when ``case`` is the entry's metadata (stated by a person), False when it came from the file name."""
+    stain_doubt: str | None = None
+    """Why its stain may be wrong (:func:`stain_doubt`): the likely cause when its case finds no partner."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,43 @@ def case_of(name: str, metadata: dict[str, str] | None, *, key: str = CASE_KEY) 
     return match.group("case") if match else None
 
 
+def _case_key(case: str) -> str:
+    """A case name as pairing compares it: without surrounding blanks, capitals or Unicode's spellings of one
+    letter (an é typed as one character or as e and an accent, as macOS writes file names).
+
+    >>> _case_key(" Café-7") == _case_key("cafe\u0301-7\u00a0")
+    True
+    """
+    return unicodedata.normalize("NFKC", case.strip()).casefold()
+
+
+def stain_doubt(name: str, summary: dict[str, Any]) -> str | None:
+    """Why an analysed image's stain may be wrong, from its summary: its colour says another stain than it was
+    analysed as (its stated image type or --stain against the colour), or the colour told it by a weak margin."""
+    details = summary.get("details") if isinstance(summary.get("details"), dict) else {}
+    colour = details.get("stain_from_colour")
+    if not isinstance(colour, dict) or colour.get("stain") not in ("H&E", "H-DAB"):
+        return None
+    stain, said = summary.get("stain"), summary.get("stain_source") or "its colour"
+    if colour["stain"] != stain:
+        return f"{name} was analysed as {stain} ({said}), but its colour says {colour['stain']}"
+    for reason in details.get("review_reasons") or ():
+        if isinstance(reason, dict) and str(reason.get("reason", "")).startswith("stain told from the colour"):
+            return f"{name}'s stain ({stain}) was told from its colour by a weak margin"
+    return None
+
+
+def _doubts(members: Sequence[CaseImage]) -> str:
+    """The case's images whose stain may be wrong, and the fix; empty where none."""
+    doubts = [m.stain_doubt for m in members if m.stain_doubt]
+    if not doubts:
+        return ""
+    return (
+        f"; {'; '.join(doubts)}: if a stain is wrong, set its image type in QuPath (Image tab: Image type) or pass "
+        "--stain, and run again"
+    )
+
+
 def pair_cases(
     images: Iterable[CaseImage], failed: Iterable[FailedImage] = ()
 ) -> tuple[dict[str, tuple[CaseImage, CaseImage]], dict[str, str]]:
@@ -140,18 +181,18 @@ def pair_cases(
     by_case: dict[str, list[CaseImage]] = {}
     for image in images:
         if image.case is not None and image.case.strip():
-            by_case.setdefault(image.case.strip().casefold(), []).append(image)
+            by_case.setdefault(_case_key(image.case), []).append(image)
     failed_by_case: dict[str, list[FailedImage]] = {}
     for image in sorted(failed, key=lambda i: i.name):
         if image.case is not None and image.case.strip():
-            failed_by_case.setdefault(image.case.strip().casefold(), []).append(image)
+            failed_by_case.setdefault(_case_key(image.case), []).append(image)
     pairs: dict[str, tuple[CaseImage, CaseImage]] = {}
     problems: dict[str, str] = {}
     for members in sorted(by_case.values(), key=lambda m: m[0].case.strip()):
         case = members[0].case.strip()
         he = [m for m in members if m.stain == "H&E"]
         ihc = [m for m in members if m.stain == "H-DAB"]
-        lost = failed_by_case.get(case.casefold())
+        lost = failed_by_case.get(_case_key(case))
         if lost:
             names = ", ".join(f"{m.name} ({m.stain})" for m in members)
             problems[case] = (
@@ -165,11 +206,28 @@ def pair_cases(
             names = ", ".join(f"{m.name} ({m.stain})" for m in members)
             problems[case] = (
                 f"case {case!r} has {len(he)} H&E and {len(ihc)} PD-L1 IHC images analysed ({names}); a pair is one "
-                f"of each: give each case its own '{CASE_KEY}' metadata value"
+                f"of each: {_one_pair_per_case(members)}{_doubts(members)}"
             )
         elif any(m.case_in_metadata for m in members) and len(stains) > 1:
-            problems[case] = _stated_without_partner(case, members)
+            problems[case] = _stated_without_partner(case, members) + _doubts(members)
+        elif len(members) > 1 and len(stains) > 1:  # two *_HE of one case, or an H&E and an IHC read as one stain
+            stain, other = ("H&E", "PD-L1 IHC") if he else ("PD-L1 IHC", "H&E")
+            names = ", ".join(m.name for m in members)
+            problems[case] = (
+                f"case {case!r} has {len(members)} {stain} images analysed ({names}) and no {other}; a pair is one of "
+                f"each: {_doubts(members)[2:] or _one_pair_per_case(members)}"
+            )
     return pairs, problems
+
+
+def _one_pair_per_case(members: Sequence[CaseImage]) -> str:
+    """How to make a case one H&E and one IHC, where its case is stated in metadata or comes from file names."""
+    if any(m.case_in_metadata for m in members):
+        return f"give each case its own '{CASE_KEY}' metadata value"
+    return (
+        "the case comes from the file names (without their stain word): rename the files so that each case has one "
+        f"H&E and one IHC, or, in a QuPath project, give each entry a '{CASE_KEY}' metadata value"
+    )
 
 
 def _stated_without_partner(case: str, members: list[CaseImage]) -> str:
@@ -236,6 +294,7 @@ def compare_case(
             "error_um": registration.error_um,
             "tissue_dice": registration.dice,
             "angle_deg": registration.angle_deg,
+            "mirrored": registration.mirrored,
             "matrix_ihc_to_he": np.asarray(registration.matrix).tolist(),
         },
     }
@@ -264,14 +323,14 @@ def compare_case(
     )
     if labels_dir is not None:
         area = cells_area(cells, radius_px=IHC_CELL_RADIUS_UM / he_summary["mpp"]).intersection(compared)
-        labels = labels_dir / f"{he.key}.ihc_positive.geojson"
+        labels = (labels_dir / f"{he.key}{LABELS_SUFFIX}").absolute()  # pairs.json is read from other folders
         labels_dir.mkdir(parents=True, exist_ok=True)
         obj = QuPathObject(
             area,
             "annotation",
             PDL1_IHC_POSITIVE.name,
             {"Area µm^2": comparison.positive_area_ihc_um2, IHC_NEEDS_REVIEW: float(bool(ihc_reasons))},
-            name=f"{ihc.name} registered (est. error {registration.error_um:.0f} µm)"
+            name=f"{ihc.name} registered (tissue outlines {registration.error_um:.0f} µm apart)"
             + ("; its IHC analysis needs review" if ihc_reasons else ""),
         )
         write_features(labels, [] if area.is_empty else [to_feature(obj)])
@@ -734,15 +793,16 @@ def write_pair_comparisons(
     pairs, problems = pair_cases(images, failed)
     path = folder / PDL1_DIR / PAIRS_FILE
     cores_path = folder / PDL1_DIR / CORES_FILE
+    labels_dir = folder / PDL1_DIR / PAIRS_DIR
     if not pairs and not problems:
         path.unlink(missing_ok=True)  # an earlier run's cases are not this run's
         cores_path.unlink(missing_ok=True)
+        _remove_labels_but(labels_dir, set())
         return None
     records: dict[str, Any] = {case: {"why_not_compared": why} for case, why in problems.items()}
     tma_cases = []
     for case, (he, ihc) in pairs.items():
         try:
-            labels_dir = folder / PDL1_DIR / PAIRS_DIR
             records[case] = compare_case(he, ihc, labels_dir=labels_dir, openslide_only=openslide_only)
         except (Pdl1Error, OSError, ValueError) as err:  # one case's failure leaves the others compared
             log.warning("case %s: not compared: %s", case, err)
@@ -757,4 +817,15 @@ def write_pair_comparisons(
     else:
         cores_path.unlink(missing_ok=True)
     write_json_atomic(path, {"case_key": CASE_KEY, "cases": records})
+    # pdl1 train --ihc-band-um reads every label file there: one of a case this run did not compare is stale.
+    _remove_labels_but(
+        labels_dir, {Path(r["ihc_positive_on_he"]).name for r in records.values() if "ihc_positive_on_he" in r}
+    )
     return path
+
+
+def _remove_labels_but(labels_dir: Path, kept: set[str]) -> None:
+    """Remove the registered IHC label files of ``labels_dir`` not named in ``kept`` (earlier runs' cases)."""
+    for stale in labels_dir.glob(f"*{LABELS_SUFFIX}") if labels_dir.is_dir() else ():
+        if stale.name not in kept:
+            stale.unlink(missing_ok=True)

@@ -752,7 +752,7 @@ def _pairs_html(pairs: dict) -> str:
         )
     return (
         "<section><h2>H&amp;E vs PD-L1 IHC, per case</h2><table><tr><th>case</th><th>predicted TPS (H&amp;E)</th>"
-        "<th>TPS (IHC)</th><th>Dice of positive areas</th><th>registration error µm (estimated)</th>"
+        "<th>TPS (IHC)</th><th>Dice of positive areas</th><th>registration: tissue outlines µm apart</th>"
         "<th>H&amp;E entropy where they disagree / agree</th><th>review</th></tr>"
         + "".join(rows)
         + "</table></section>"

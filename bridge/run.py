@@ -185,6 +185,13 @@ class _Job:
             config_mpp_source="--mpp",
         )
 
+    def stated(self) -> dict[str, Any]:
+        """What the project states of the image that decides its results (QuPath's image type: its stain; its
+        calibration: its µm/px), recorded with it done so that ``--resume`` analyses it again once they change."""
+        if self.entry is None:
+            return {}
+        return {"image_type": self.entry.image_type, "mpp": self.entry.mpp}
+
     def stain(self, config: RunConfig) -> tuple[str | None, str]:
         """The image's stain and where that comes from: ``--stain``, else QuPath's image type."""
         if config.stain is not None:
@@ -608,7 +615,8 @@ def _jobs(inputs: list[Path], config: RunConfig) -> tuple[list[_Job], Path | Non
             "earlier run's): give a folder path"
         )
     _refuse_shared_stems(inputs, config.out)
-    return [_Job(p.stem, p.name, p, None) for p in inputs], None, config.out
+    # Absolute: summaries and pairs.json name them, and are read from other folders (pdl1 report, a --resume).
+    return [_Job(p.stem, p.name, p.absolute(), None) for p in inputs], None, config.out
 
 
 def _refuse_shared_stems(slides: list[Path], out: Path) -> None:
@@ -723,7 +731,7 @@ def _compare_pairs(
     jobs: list[_Job], outcomes: list[ImageOutcome], project: Path | None, folder: Path, *, openslide_only: bool
 ) -> None:
     """Pair the run's analysed images by case and compare each H&E with its PD-L1 IHC (bridge.pairs)."""
-    from bridge.pairs import CaseImage, FailedImage, case_in_metadata, case_of, write_pair_comparisons
+    from bridge.pairs import CaseImage, FailedImage, case_in_metadata, case_of, stain_doubt, write_pair_comparisons
 
     images, failed = [], []
     for job, outcome in zip(jobs, outcomes, strict=True):
@@ -739,13 +747,14 @@ def _compare_pairs(
             CaseImage(
                 key=job.key,
                 name=job.name,
-                image=Path(summary["image"]),
+                image=job.image if job.image is not None else Path(summary["image"]),  # where this run found it
                 case=case_of(job.name, metadata),
                 stain=summary.get("stain", "H&E"),
                 summary_path=summary_path,
                 geojson_path=geojson,
                 mpp=summary["mpp"],
                 case_in_metadata=case_in_metadata(metadata) is not None,  # stated by a person: unpaired, it says so
+                stain_doubt=stain_doubt(job.name, summary),
             )
         )
     path = write_pair_comparisons(images, folder, failed=failed, openslide_only=openslide_only)
@@ -800,7 +809,9 @@ def _run_job(i, total, job, config, models, project, status, qp_session, on_imag
         outcome = ImageOutcome(job.key, job.name, "failed", time.perf_counter() - t0, error=message)
         status.record(job.key, state="failed", error=message, image=job.name)
     else:
-        status.record(job.key, state="done", image=job.name, run_id=outcome.run_id, seconds=outcome.seconds)
+        status.record(
+            job.key, state="done", image=job.name, run_id=outcome.run_id, seconds=outcome.seconds, stated=job.stated()
+        )
     return outcome
 
 
@@ -906,11 +917,33 @@ def resume_skips(job: _Job, status: RunStatus, project: Path | None, *, written_
             ", ".join(differ),
         )
         return False
+    restated = _restated(job, status)
+    if restated:  # a corrected image type or pixel size: its results are of the old one
+        log.warning(
+            "%s: done by an earlier run, but its project now states another %s; analysing it again",
+            job.name,
+            " and ".join(restated),
+        )
+        return False
     why = _results_problem(job, status, project, written_by_qupath=written_by_qupath)
     if why is None:
         return True
     log.warning("%s: recorded as done by an earlier run, but %s; analysing it again", job.name, why)
     return False
+
+
+def _restated(job: _Job, status: RunStatus) -> list[str]:
+    """What the project states of the image now and did not when it was done (``image type BRIGHTFIELD_H_DAB, now
+    BRIGHTFIELD_H_E``); nothing where the earlier run recorded none (an earlier version)."""
+    then, now = status.images.get(job.key, {}).get("stated"), job.stated()
+    if not isinstance(then, dict):
+        return []
+    words = {"image_type": "image type", "mpp": "pixel size (µm/px)"}
+    return [
+        f"{words[k]} ({then.get(k) or 'none'}, now {now.get(k) or 'none'})"
+        for k in words
+        if k in now and then.get(k) != now.get(k)
+    ]
 
 
 def skipped_outcome(job: _Job, project: Path | None, status_folder: Path) -> ImageOutcome:

@@ -2,6 +2,7 @@
 written for QuPath, and compared with the H&E of the same block."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -98,6 +99,37 @@ def test_a_run_over_a_case_analyses_each_image_on_its_path_and_compares_the_pair
     (label,) = read_features(case["ihc_positive_on_he"])
     assert label.classification == "PD-L1 IHC positive (registered)" and label.object_type == "annotation"
     assert label.geometry.area * 0.25 == pytest.approx(comparison["positive_area_ihc_um2"], rel=1e-6)
+
+
+def test_a_resumed_run_from_another_folder_compares_its_case_again_and_an_earlier_cases_labels_go(
+    models, ihc_pair, tmp_path, monkeypatch
+):
+    # Slides given relative to the folder of the first run: a --resume from another folder found the slides, then
+    # replaced the case's comparison with "slide not found" (pairs read the path the summary recorded). And the
+    # registered labels of a case no longer compared stayed for pdl1 train --ihc-band-um to read.
+    (tmp_path / "slides").mkdir()
+    for slide in ihc_pair:
+        (tmp_path / "slides" / slide.name).symlink_to(slide)
+    monkeypatch.chdir(tmp_path / "slides")
+    names = [Path(p.name) for p in ihc_pair]
+    assert [o.state for o in run_batch(names, RunConfig(out=Path("../out"), qupath="never"), models=models)] == [
+        "done",
+        "done",
+    ]
+    stale = tmp_path / "out" / "pdl1" / "pairs" / "B7_HE.ihc_positive.geojson"  # an earlier run's case
+    stale.write_text('{"type": "FeatureCollection", "features": []}')
+    monkeypatch.chdir(tmp_path)
+    again = run_batch(
+        [Path("slides") / n for n in names], RunConfig(out=Path("out"), qupath="never", resume=True), models=models
+    )
+    assert [o.state for o in again] == ["skipped", "skipped"]
+    case = json.loads((tmp_path / "out" / "pdl1" / "pairs.json").read_text())["cases"]["271"]
+    assert case["registration"]["ok"], case.get("why_not_compared")
+    labels = Path(case["ihc_positive_on_he"])
+    assert labels.is_absolute() and labels.is_file()  # pairs.json is read from other folders
+    assert sorted(p.name for p in labels.parent.iterdir()) == [labels.name]
+    summary = json.loads((tmp_path / "out" / "he_271.summary.json").read_text())
+    assert summary["image"] == str(tmp_path / "slides" / "he_271.svs")  # as given, made absolute
 
 
 def test_a_project_made_without_qupath_with_a_case_of_both_stains_is_run_and_compared(models, ihc_pair, tmp_path):

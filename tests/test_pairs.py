@@ -10,9 +10,18 @@ from bridge.pairs import CaseImage, FailedImage, case_of, pair_cases
 from inference.analysis.pairs import compare_pair
 
 
-def _image(name: str, stain: str, case: str | None, *, stated: bool = False) -> CaseImage:
+def _image(name: str, stain: str, case: str | None, *, stated: bool = False, doubt: str | None = None) -> CaseImage:
     return CaseImage(
-        name, name, Path(name), case, stain, Path(f"{name}.json"), Path(f"{name}.geojson"), 0.5, case_in_metadata=stated
+        name,
+        name,
+        Path(name),
+        case,
+        stain,
+        Path(f"{name}.json"),
+        Path(f"{name}.geojson"),
+        0.5,
+        case_in_metadata=stated,
+        stain_doubt=doubt,
     )
 
 
@@ -158,6 +167,42 @@ def test_a_case_spelt_with_other_capitals_or_blanks_is_one_case():
     assert list(pairs) == ["B12"]  # named as its first image by name (x_HE.svs) spells it
     assert [p.name for p in pairs["B12"]] == ["x_HE.svs", "x_PDL1.svs"]
     assert problems == {}
+
+
+def test_a_case_typed_in_other_unicode_spellings_of_one_letter_is_one_case():
+    # 'Café-7' typed on one entry and 'café-7' with a combining accent (as macOS writes names) on the other read
+    # as two cases, each "only an H&E" / "only a PD-L1 IHC", looking alike in the table.
+    pairs, problems = pair_cases(
+        [_image("a.svs", "H&E", "Café-7", stated=True), _image("b.svs", "H-DAB", "cafe\u0301-7\u00a0", stated=True)]
+    )
+    assert list(pairs) == ["Café-7"] and problems == {}
+
+
+def test_a_case_of_file_names_with_two_images_says_to_rename_them_and_a_doubtful_stain_is_named():
+    # Plain slides have no metadata: "give each case its own 'case' metadata value" was a fix they cannot follow.
+    # An H&E typed H-DAB in QuPath beside its IHC made a case of two IHCs, which vanished without a word.
+    doubt = "B12_HE.svs was analysed as H-DAB (QuPath's image type BRIGHTFIELD_H_DAB), but its colour says H&E"
+    pairs, problems = pair_cases(
+        [
+            _image("A_HE.svs", "H&E", "A"),
+            _image("A_IHC.svs", "H-DAB", "A"),
+            _image("A_PD-L1.svs", "H-DAB", "A"),
+            _image("B12_HE.svs", "H-DAB", "B12", doubt=doubt),
+            _image("B12_PD-L1.svs", "H-DAB", "B12"),
+            _image("C_HE.svs", "H&E", "C"),
+        ]
+    )
+    assert pairs == {}
+    assert problems["A"].endswith(
+        "a pair is one of each: the case comes from the file names (without their stain word): rename the files so "
+        "that each case has one H&E and one IHC, or, in a QuPath project, give each entry a 'case' metadata value"
+    )
+    assert problems["B12"] == (
+        "case 'B12' has 2 PD-L1 IHC images analysed (B12_HE.svs, B12_PD-L1.svs) and no H&E; a pair is one of each: "
+        f"{doubt}: if a stain is wrong, set its image type in QuPath (Image tab: Image type) or pass --stain, and "
+        "run again"
+    )
+    assert "C" not in problems  # one image of one stain: an H&E-only case, silent as before
 
 
 def test_a_case_one_of_whose_images_failed_says_so_instead_of_vanishing():
@@ -487,3 +532,20 @@ def test_a_summary_whose_targets_do_not_read_says_so_in_its_case_instead_of_endi
         "a summary's targets do not read: the outline of target 'A-1' is not a GeoJSON geometry ("
     )
     assert "cores" not in case
+
+
+def test_an_images_stain_is_in_doubt_where_its_colour_says_another_or_told_it_weakly():
+    from bridge.pairs import stain_doubt
+
+    def summary(stain, colour, source="", reasons=()):
+        details = {"stain_from_colour": {"stain": colour, "margin_deg": 30.6}, "review_reasons": list(reasons)}
+        return {"stain": stain, "stain_source": source, "details": details}
+
+    typed = summary("H&E", "H-DAB", "QuPath's image type BRIGHTFIELD_H_E")
+    assert stain_doubt("x2.svs", typed) == (
+        "x2.svs was analysed as H&E (QuPath's image type BRIGHTFIELD_H_E), but its colour says H-DAB"
+    )
+    weak = summary("H-DAB", "H-DAB", reasons=[{"reason": "stain told from the colour (H-DAB) by a weak margin"}])
+    assert stain_doubt("y.svs", weak) == "y.svs's stain (H-DAB) was told from its colour by a weak margin"
+    assert stain_doubt("z.svs", summary("H&E", "H&E")) is None
+    assert stain_doubt("old.svs", {"stain": "H&E", "details": {}}) is None  # no colour reading: no doubt

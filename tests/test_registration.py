@@ -90,6 +90,24 @@ def test_images_of_different_sizes(he5):
     assert np.median(np.linalg.norm(back.inverse().apply(pts) - pair.truth(pts), axis=1)) * MPP <= 10.0
 
 
+@pytest.mark.parametrize("laid", ["a quarter turn", "face down"])
+def test_a_section_laid_turned_or_face_down_is_registered(he5, laid):
+    # Only rotations within 15° were searched: such a pair was refused as "maybe not the same block".
+    pair = make_pair(he5, source_mpp=SOURCE_MPP, mpp=MPP, angle_deg=4.0, shift_um=(120.0, -80.0), ihc=IHC, seed=1)
+    width = pair.moving.shape[1]
+    if laid == "a quarter turn":  # np.rot90: (x, y) -> (y, width - x)
+        moving, laid_xy = np.rot90(pair.moving).copy(), lambda p: np.stack([p[:, 1], width - p[:, 0]], axis=1)
+    else:
+        moving, laid_xy = np.fliplr(pair.moving).copy(), lambda p: np.stack([width - p[:, 0], p[:, 1]], axis=1)
+    upright_only = register_pair(pair.fixed, moving, mpp=MPP, any_orientation=False)
+    assert not upright_only.ok
+    reg = register_pair(pair.fixed, moving, mpp=MPP)
+    assert reg.ok, reg.reason
+    assert reg.mirrored == (laid == "face down")
+    pts = pair.tissue_points()
+    assert np.median(np.linalg.norm(reg.apply(laid_xy(pts)) - pair.truth(pts), axis=1)) * MPP <= 10.0
+
+
 def test_unrelated_sections_are_not_ok(he5, he7):
     fixed = make_pair(he5, source_mpp=SOURCE_MPP, mpp=MPP).fixed
     moving = make_pair(he7, source_mpp=SOURCE_MPP, mpp=MPP, ihc=IHC).moving

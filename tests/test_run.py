@@ -186,6 +186,25 @@ def test_resume_analyses_again_an_image_done_with_other_settings(tmp_path, slide
     assert [o.state for o in run_batch(slides, faster, models=models)] == ["skipped", "skipped"]
 
 
+def test_resume_analyses_again_an_image_whose_project_now_states_another_image_type(tmp_path, slides, models, caplog):
+    # A pathologist corrects an image type in QuPath after a run (an IHC typed H&E): --resume skipped the image as
+    # done, keeping the results of the old type's path.
+    project = tmp_path / "project"
+    init_project_files(project, list(slides))
+    assert [o.state for o in run_batch([project], _config(), models=models)] == ["done", "done"]
+    first = read_project(project).entries[0]
+    (project / "data" / first.entry_id).mkdir(parents=True, exist_ok=True)
+    (project / "data" / first.entry_id / "summary.json").write_text('{"imageType": "BRIGHTFIELD_H_E"}')
+    with caplog.at_level("WARNING", logger="bridge.run"):
+        again = run_batch([project], _config(resume=True), models=models)
+    assert [o.state for o in again] == ["done", "skipped"]
+    assert (
+        f"{first.image_name}: done by an earlier run, but its project now states another image type (none, now "
+        "BRIGHTFIELD_H_E); analysing it again" in caplog.text
+    )
+    assert [o.state for o in run_batch([project], _config(resume=True), models=models)] == ["skipped", "skipped"]
+
+
 def test_project_sidecars_resume_after_a_crash_and_moved_slide(tmp_path, slides, models):
     project = tmp_path / "project"
     work = tmp_path / "work"

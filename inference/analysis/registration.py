@@ -34,7 +34,7 @@ spans [i, i + 1) x [j, j + 1), so its centre is (i + 0.5, j + 0.5).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -104,8 +104,14 @@ class Registration:
         return math.degrees(math.atan2(lin[1, 0], lin[0, 0]))
 
     @property
+    def mirrored(self) -> bool:
+        """True where the moving section lies mirrored on its slide (face down) against the fixed one."""
+        return bool(np.linalg.det(self.matrix[:, :2]) < 0)
+
+    @property
     def scale_xy(self) -> tuple[float, float]:
-        """Scale along the moving section's x and y after its rotation is taken out (1 = same size in µm)."""
+        """Scale along the moving section's x and y after its rotation is taken out (1 = same size in µm; y is
+        negative for a :attr:`mirrored` section)."""
         _, upper = _rotation_and_upper(self.linear_um)
         return float(upper[0, 0]), float(upper[1, 1])
 
@@ -363,6 +369,7 @@ def register_pair(
     mpp: float,
     max_rotation_deg: float = 15.0,
     rotation_step_deg: float = 2.0,
+    any_orientation: bool = True,
 ) -> Registration:
     """Register ``moving_rgb`` (e.g. the IHC) onto ``fixed_rgb`` (e.g. the H&E): rigid search, then affine.
 
@@ -375,6 +382,10 @@ def register_pair(
     max_rotation_deg, rotation_step_deg
         The coarse search tries rotations within ±``max_rotation_deg`` every ``rotation_step_deg``
         (180 searches every orientation); the refinement then moves freely.
+    any_orientation
+        Where no fit within ``max_rotation_deg`` is plausible, also search every rotation, and the moving
+        section mirrored (sections are laid turned on the slide, and now and then face down); the most
+        plausible fit of those is taken (:attr:`Registration.mirrored` says which).
 
     Returns
     -------
@@ -416,7 +427,24 @@ def register_pair(
                 f"at least {MIN_TISSUE_PX} needed): check the slide and the region read"
             )
             return Registration(identity, mpp, mpp, float("nan"), 0.0, 0.0, ok=False, reason=reason)
-    lin, offset, _ = _coarse(fixed, moving, max_rotation_deg=max_rotation_deg, step_deg=rotation_step_deg)
+    reg = _search(fixed, moving, mpp=mpp, max_rotation_deg=max_rotation_deg, step_deg=rotation_step_deg)
+    if reg.ok or not any_orientation:
+        return reg
+    # Judged as found (scale and shear of the unmirrored fit), then the mirroring composed in.
+    face_down = _Features(mask=moving.mask[:, ::-1].copy(), signals=moving.signals[:, :, ::-1].copy())
+    tries = [
+        _search(fixed, moving, mpp=mpp, max_rotation_deg=180.0, step_deg=rotation_step_deg),
+        _mirrored(_search(fixed, face_down, mpp=mpp, max_rotation_deg=180.0, step_deg=rotation_step_deg), moving),
+    ]
+    plausible = [r for r in tries if r.ok]
+    if plausible:
+        return max(plausible, key=lambda r: r.structure_ncc)
+    return replace(reg, reason=f"{reg.reason} (every rotation and the mirror image were searched too)")
+
+
+def _search(fixed: _Features, moving: _Features, *, mpp: float, max_rotation_deg: float, step_deg: float):
+    """One rotation search and its refinement, measured and judged: the moving -> fixed registration."""
+    lin, offset, _ = _coarse(fixed, moving, max_rotation_deg=max_rotation_deg, step_deg=step_deg)
     lin, offset = _refine(fixed, moving, lin, offset)
     dice, ncc, error_um = _fit_measures(fixed, moving, lin, offset, mpp=mpp)
     # The fitted map is fixed -> moving; the result is its inverse, moving -> fixed.
@@ -424,6 +452,13 @@ def register_pair(
     matrix = np.hstack([lin_mf, (-lin_mf @ offset)[:, None]])
     reg = Registration(matrix, mpp, mpp, error_um, dice, ncc, True)
     return Registration(matrix, mpp, mpp, error_um, dice, ncc, *_judge(reg))
+
+
+def _mirrored(reg: Registration, moving: _Features) -> Registration:
+    """``reg`` of the moving image mirrored left to right, as a map of the moving image itself: x' = width - x."""
+    width = moving.mask.shape[1]
+    flip = np.array([[-1.0, 0.0, width], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    return replace(reg, matrix=(np.vstack([reg.matrix, [0.0, 0.0, 1.0]]) @ flip)[:2])
 
 
 def _judge(reg: Registration) -> tuple[bool, str]:

@@ -79,7 +79,15 @@ from bridge.classes import (
 )
 from bridge.objects import OWN_ANNOTATION_SIGNATURE, OWN_DETECTION_SIGNATURE, TILE_NAME
 from bridge.pairs import IHC_NEEDS_REVIEW
-from bridge.project import ImageSearch, ProjectEntry, ProjectInfo, locate_image, read_project, sidecar_dir
+from bridge.project import (
+    ImageSearch,
+    ProjectEntry,
+    ProjectInfo,
+    annotation_class_counts,
+    locate_image,
+    read_project,
+    sidecar_dir,
+)
 from bridge.qupath_geojson import QuPathObject, read_features
 from bridge.run_lock import project_read_lock
 from bridge.targets import (
@@ -682,6 +690,26 @@ def _union(parts: list[BaseGeometry]) -> BaseGeometry:
     return shapely.union_all(parts) if parts else Polygon()
 
 
+def _refuse_results_without_measurements(objects: Sequence[QuPathObject], where: str) -> None:
+    """This tool's own nuclei and regions are told from a person's labels by their measurements (their signature,
+    :func:`_tool_written_class`). An export without measurements (QuPath's *Export objects* with "Exclude
+    measurements") made every nucleus and region the tool predicted a label; its uncertainty tiles and FN candidates,
+    which it always writes with measurements (and a person makes neither), tell such an export."""
+    own = [
+        o
+        for o in objects
+        if (o.object_type == "tile" and o.name == TILE_NAME)
+        or (o.object_type == "annotation" and o.classification == PDL1_FN_CANDIDATE.name)
+    ]
+    if own and not any(o.measurements for o in own):
+        raise LabelError(
+            f"{where}: it holds {len(own)} objects this tool writes (its '{TILE_NAME}' tiles or "
+            f"{PDL1_FN_CANDIDATE.name}s) without their measurements, by which its own nuclei and regions are told "
+            "from your labels: exported with 'Exclude measurements'? Export again with measurements "
+            "(qupath_scripts/pdl1_export_labels.groovy keeps them)"
+        )
+
+
 def labels_from_objects(
     objects: Iterable[QuPathObject],
     *,
@@ -712,6 +740,8 @@ def labels_from_objects(
     where = source or slide
     class_map = dict(rules.class_map or {})
     _check_class_map_targets(class_map, rules)
+    objects = list(objects)
+    _refuse_results_without_measurements(objects, where)
     counts: Counter[str] = Counter()
     regions: list[tuple[BaseGeometry, bool]] = []
     positive: list[BaseGeometry] = []
@@ -722,7 +752,6 @@ def labels_from_objects(
     point_cls: list[int] = []
     unknown_point_classes: Counter[str] = Counter()
     positive_looking: list[tuple[str, str, BaseGeometry]] = []  # areas of another class that say "positive"
-    objects = list(objects)
     in_image = None
     verdicts: dict[int, str | None] = {}  # by the object's place in objects: each tool nucleus's (with from_review)
     if written is not None and rules.from_review:
@@ -787,6 +816,8 @@ def labels_from_objects(
                 continue
             if not rules.from_review:
                 counts["skipped: reviewed pdl1 results (use --from-review)"] += 1
+                if cls == POSITIVE:  # confirmed positive by a person: never negative under a training region
+                    ignore.append(_area(obj.geometry, what))
                 continue
             (positive if cls == POSITIVE else negative).append(_area(obj.geometry, what))
             counts[f"reviewed: {cls}"] += 1
@@ -1026,12 +1057,27 @@ def choose_entries(info: ProjectInfo, wanted: Sequence[str] = ()) -> list[Projec
     """The entries named by ID or image name (all when none are named); an unknown name is refused."""
     if not wanted:
         return list(info.entries)
-    by_key = {e.entry_id: e for e in info.entries} | {e.image_name: e for e in info.entries}
-    missing = [w for w in wanted if w not in by_key]
+    missing = [w for w in wanted if _entry_named(info, w) is None]
     if missing:
         known = ", ".join(f"{e.entry_id} ({e.image_name})" for e in info.entries)
         raise LabelError(f"{info.path}: no entry {', '.join(map(repr, missing))}; the project has {known}")
-    return [by_key[w] for w in dict.fromkeys(wanted)]
+    chosen = [_entry_named(info, w) for w in wanted]
+    return [e for k, e in enumerate(chosen) if all(e is not c for c in chosen[:k])]  # each once, in the given order
+
+
+def _entry_named(info: ProjectInfo, name: str) -> ProjectEntry | None:
+    """The entry of ID ``name``, else the one entry of image name ``name``; None where none is. An image name
+    several entries share is refused, naming their IDs: one of them was taken in silence (the last)."""
+    for entry in info.entries:
+        if entry.entry_id == name:
+            return entry
+    named = [e for e in info.entries if e.image_name == name]
+    if len(named) > 1:
+        raise LabelError(
+            f"{info.path}: {len(named)} entries have the image name {name!r} (entries "
+            f"{', '.join(e.entry_id for e in named)}); name the one you mean by its entry ID"
+        )
+    return named[0] if named else None
 
 
 def read_project_labels(
@@ -1214,6 +1260,11 @@ def _entry_labels(
                 "qupath_scripts/pdl1_export_labels.groovy for the project in QuPath (Run for project), "
                 "or set PAQUO_QUPATH_DIR"
             )
+        export_again = (
+            f"export it again: run qupath_scripts/pdl1_export_labels.groovy on {entry.image_name} in QuPath (or Run "
+            "for project)"
+        )
+        _refuse_stale_export(exported, info.folder / "data" / entry.entry_id, source, export_again)
         labels = read_geojson_labels(
             exported,
             slide=slide,
@@ -1222,11 +1273,34 @@ def _entry_labels(
             project_classes=classes,
             mpp=mpp,
             written=written,
-            export_again=f"export it again: run qupath_scripts/pdl1_export_labels.groovy on {entry.image_name} in "
-            "QuPath (or Run for project)",
+            export_again=export_again,
         )
         labels = replace(labels, source=f"{source} from {exported}")
     return replace(labels, mpp=entry.mpp)
+
+
+def _refuse_stale_export(exported: Path, entry_folder: Path, source: str, export_again: str) -> None:
+    """Refuse labels exported before the entry's last save in QuPath where its annotations differ since: labelling
+    on after the export (export, label more, save, train) trained on the old labels without a word. QuPath's own
+    count of the entry's annotations by class (``summary.json``, written with each save) tells; a save that changed
+    no class's count (an outline moved) it does not. An export newer than the save is of what QuPath shows (labels
+    not saved yet), and stands."""
+    saved = annotation_class_counts(entry_folder)
+    summary = entry_folder / "summary.json"
+    try:
+        if saved is None or summary.stat().st_mtime <= exported.stat().st_mtime:
+            return
+        objects = list(read_features(exported))
+    except (OSError, ValueError, Pdl1Error):  # unreadable: read_geojson_labels says so, with its fix
+        return
+    in_export = Counter(o.classification or "Unclassified" for o in objects if o.object_type == "annotation")
+    differ = sorted(c for c in {*saved, *in_export} if saved.get(c, 0) != in_export.get(c, 0))
+    if differ:
+        said = ", ".join(f"{c}: {saved.get(c, 0)} saved, {in_export.get(c, 0)} exported" for c in differ)
+        raise LabelError(
+            f"{source}: QuPath saved the entry after {exported} was written, and its annotations changed since "
+            f"({said}), so the export holds old labels; {export_again}"
+        )
 
 
 def warn_unless_he(slide: str | Path | Slide, source: str) -> None:
@@ -1352,10 +1426,10 @@ def split_validation(
         n_held = min(len(labels) - 1, max(1, round(fraction * len(labels))))
         order = np.random.default_rng(seed).permutation(len(labels))
         held_idx = set(order[:n_held].tolist())
-        return (
-            [lab for i, lab in enumerate(labels) if i not in held_idx],
-            [lab for i, lab in enumerate(labels) if i in held_idx],
-        )
+        train = [lab for i, lab in enumerate(labels) if i not in held_idx]
+        held = [lab for i, lab in enumerate(labels) if i in held_idx]
+        _refuse_held_out_trained_on(train, held)
+        return train, held
     if not val:
         return list(labels), []
     wanted = set(val)
@@ -1370,7 +1444,23 @@ def split_validation(
         )
     if not train:
         raise LabelError("every labelled slide is held out for validation: leave at least one to train on")
+    _refuse_held_out_trained_on(train, held)
     return train, held
+
+
+def _refuse_held_out_trained_on(train: Sequence[SlideLabels], held: Sequence[SlideLabels]) -> None:
+    """A held-out slide whose image file is also trained on (two entries of one file): scored on its own training
+    data, its validation says nothing of other slides, and the thresholds fitted there are fitted on training data."""
+    by_file = {Path(lab.slide).resolve(): lab for lab in train}
+    for lab in held:
+        same = by_file.get(Path(lab.slide).resolve())
+        if same is not None:
+            raise LabelError(
+                f"{_val_name(lab)} is held out for validation, but its image {lab.slide} is also trained on (as "
+                f"{_val_name(same)}): scored on its own training data, its validation would say nothing of other "
+                "slides, and the thresholds fitted on it would be fitted on training data; hold out another slide, or "
+                "leave one of the two entries out (--entries)"
+            )
 
 
 def parse_class_map(items: Iterable[str]) -> dict[str, str | None]:
@@ -1403,6 +1493,20 @@ def label_summary(labels: Sequence[SlideLabels]) -> list[dict]:
     ]
 
 
+def _refuse_labelled_as_unlabeled(info: ProjectInfo, entry: ProjectEntry) -> None:
+    """An entry named ``--unlabeled`` that holds labels (QuPath's last save counts annotations of a label class):
+    its pseudo-labels replaced them without a word."""
+    saved = annotation_class_counts(info.folder / "data" / entry.entry_id) or {}
+    labels = {c: n for c, n in saved.items() if n and (c in _AREA_CLASSES or c == TRAINING_REGION.name)}
+    if labels:
+        said = ", ".join(f"{n} {c}" for c, n in sorted(labels.items()))
+        raise LabelError(
+            f"--unlabeled {entry.entry_id} ({entry.image_name}) has labels of its own ({said}, as QuPath last saved "
+            "it), which pseudo-labels would replace: train on it as a labelled entry (leave it out of --unlabeled), "
+            "or remove its labels in QuPath"
+        )
+
+
 def unlabeled_slides(
     items: Sequence[str],
     *,
@@ -1417,13 +1521,13 @@ def unlabeled_slides(
     neither a file nor an entry.
     """
     info = read_project(project) if project is not None else None
-    by_key = {} if info is None else {e.entry_id: e for e in info.entries} | {e.image_name: e for e in info.entries}
     out = []
     for item in dict.fromkeys(items):
+        entry = None if info is None or Path(item).is_file() else _entry_named(info, item)
         if Path(item).is_file():
             out.append(UnlabeledSlide(path=str(item), name=str(item)))
-        elif info is not None and item in by_key:
-            entry = by_key[item]
+        elif info is not None and entry is not None:
+            _refuse_labelled_as_unlabeled(info, entry)
             slide = locate_image(
                 entry, project_folder=info.folder, saved_folder=info.saved_folder, search=ImageSearch(search_dirs)
             )

@@ -1352,3 +1352,85 @@ def test_a_class_map_label_the_project_has_no_class_of_is_warned_of(labelled, tm
     assert f"--class-map names 'Lymphocyte', which is no class of {project / 'project.qpproj'}" in said
     assert "Tumor: Positive " not in said.split("--class-map names")[1].split("which")[0]  # held with spaces: known
     assert labels.counts["points: Tumor: Positive"] == 440
+
+
+def test_an_export_older_than_the_entrys_last_save_with_other_annotations_is_refused(labelled, tmp_path):
+    # Export, label on, save, train: the old labels trained without a word (QuPath's summary.json counted 4 positive
+    # areas, the export 3). An export newer than the save is of what QuPath shows, labels not saved yet: it stands.
+    import os
+
+    project = _exported_project_copy(labelled, tmp_path)
+    exported = export_path(project, "1")
+    features = json.loads(exported.read_text())
+    drawn = [f for f in features if (f["properties"].get("classification") or {}).get("name") == "PD-L1 positive"]
+    exported.write_text(json.dumps([f for f in features if f is not drawn[0]]))
+    saved_at = (project / "data" / "1" / "summary.json").stat().st_mtime
+    os.utime(exported, (saved_at - 600, saved_at - 600))
+    with pytest.raises(LabelError) as refused:
+        read_project_labels(project, rules=RULES, entries=["1"], qupath="never")
+    said = str(refused.value)
+    assert f"QuPath saved the entry after {exported} was written, and its annotations changed since" in said
+    assert "(PD-L1 positive: 4 saved, 3 exported), so the export holds old labels; export it again" in said
+    os.utime(exported, (saved_at + 600, saved_at + 600))
+    assert read_project_labels(project, rules=RULES, entries=["1"], qupath="never")
+
+
+def test_one_image_file_is_not_both_trained_on_and_held_out_nor_named_ambiguously(labelled, tmp_path):
+    # Entries 1 and 2 are one file: --val-entries 2 scored the model on its training slide (and fitted its threshold
+    # there), and --entries he-1357.svs took the last entry of that image name in silence.
+    from bridge.labels import split_validation
+
+    project = _two_he_entries(labelled, tmp_path)
+    labels = read_project_labels(project, rules=RULES, qupath="never")
+    with pytest.raises(LabelError) as refused:
+        split_validation(labels, ["2"])
+    assert str(refused.value).startswith(
+        f"entry 2 (he-1357.svs) is held out for validation, but its image {tmp_path / 'he-1357.svs'} is also "
+        "trained on (as entry 1 (he-1357.svs))"
+    )
+    with pytest.raises(LabelError, match=r"2 entries have the image name 'he-1357.svs' \(entries 1, 2\); name the"):
+        read_project_labels(project, rules=RULES, entries=["he-1357.svs"], qupath="never")
+
+
+def test_an_unlabeled_entry_with_labels_of_its_own_is_refused(labelled, tmp_path):
+    # --unlabeled 1 pseudo-labelled entry 1 and dropped its training regions and areas without a word.
+    from bridge.labels import unlabeled_slides
+
+    project = _exported_project_copy(labelled, tmp_path)
+    with pytest.raises(
+        LabelError, match=r"^--unlabeled 1 \(he-1357.svs\) has labels of its own \(2 PD-L1 negative, 4 PD-L1 positive,"
+    ):
+        unlabeled_slides(["1"], project=project)
+    assert [s.name for s in unlabeled_slides(["2"], project=project)] == [
+        f"{project / 'project.qpproj'} entry 2 (he-1357.svs)"
+    ]  # entry 2 holds no annotation
+
+
+def test_an_export_of_this_tools_results_without_their_measurements_is_refused():
+    # QuPath's Export objects with "Exclude measurements": the tool's own nuclei became point labels (1617 of them).
+    tile = QuPathObject(shapely.box(0, 0, 64, 64), "tile", None, {}, "PD-L1 uncertainty")
+    nucleus = QuPathObject(shapely.Point(30, 30), "detection", "Tumor: Positive", {})
+    region = QuPathObject(shapely.box(0, 0, 200, 200), "annotation", "Training region", {})
+    with pytest.raises(LabelError, match=r"1 objects this tool writes .* without their measurements"):
+        labels_from_objects([region, tile, nucleus], slide="s.svs", image_size_px=(256, 256), rules=RULES)
+    tile = QuPathObject(tile.geometry, "tile", None, {"Predictive entropy": 0.2}, "PD-L1 uncertainty")
+    labels = labels_from_objects([region, tile, nucleus], slide="s.svs", image_size_px=(256, 256), rules=RULES)
+    assert labels.counts["skipped: pdl1 uncertainty tiles (results, never labels)"] == 1
+
+
+def test_a_candidate_confirmed_positive_is_no_negative_label_without_from_review(labelled):
+    # Reclassified PD-L1 positive by the pathologist, inside Training region 2: without --from-review its pixels were
+    # negative (the region's rule), the opposite of what the person said. They are left out instead.
+    from bridge.objects import OWN_ANNOTATION_SIGNATURE
+    from bridge.qupath_geojson import read_features
+
+    objects = read_features(labelled / "objects-labelled-by-pathologist-0.4.4.geojson")
+    (confirmed,) = [
+        o.geometry
+        for o in objects
+        if o.classification == "PD-L1 positive" and OWN_ANNOTATION_SIGNATURE in o.measurements
+    ]
+    labels = _fixture_labels(labelled)
+    assert labels.ignore.intersection(confirmed).area == pytest.approx(confirmed.area)
+    reviewed = _fixture_labels(labelled, LabelRules(class_names=HE_CLASSES, from_review=True))
+    assert reviewed.positive.intersection(confirmed).area == pytest.approx(confirmed.area)

@@ -272,10 +272,11 @@ def test_pdl1_train_seg_pseudo_labels_the_rest_of_reviewed_slides_when_asked(lab
 
 
 def _nuclei_with_he_b_held_out(labelled: Path, tmp_path: Path) -> list[str]:
-    """`pdl1 train nuclei` arguments: the fixture's slide and labels twice, as he-a.svs and he-b.svs, he-b held out."""
+    """`pdl1 train nuclei` arguments: the fixture's slide and labels twice, as he-a.svs and he-b.svs, he-b held out.
+    Copies, not links: a held-out slide whose file is also trained on is refused."""
     geojson = labelled / "objects-labelled-by-pathologist-0.4.4.geojson"
     for name in ("he-a.svs", "he-b.svs"):
-        (tmp_path / name).symlink_to(labelled / "he-1357.svs")
+        shutil.copyfile(labelled / "he-1357.svs", tmp_path / name)
     args = ["train", "nuclei", str(tmp_path / "he-a.svs"), str(tmp_path / "he-b.svs")]
     return [*args, "--labels", str(geojson), "--labels", str(geojson), "--val-entries", "he-b.svs"]
 

@@ -160,10 +160,17 @@ def _left_by_interrupted_init(folder: Path) -> bool:
     """Whether ``folder`` holds only what :func:`init_project_files` writes before ``project.qpproj``, its last
     file: a kill (or a power cut) part way left it, and the folder, no project, was refused as not empty.
 
-    Only those names count (the template's files, ``data/<n>/server.json``, their temporary files), so a folder
-    holding anything of a user's is never taken for one.
+    Only those names count (the template's files, ``data/<n>/server.json``, their temporary files), and the
+    template's files only with the template's bytes (or the first of them: a copy cut short), so a folder holding
+    anything of a user's is never taken for one: a lab's own pdl1-config.toml, or its edited copy of a script, was
+    removed with the rest.
     """
-    scripts = {p.name for p in script_paths()}
+    scripts = {p.name: p for p in script_paths()}
+    templates = {
+        ("pdl1-config.toml",): PDL1_TEMPLATE / "config.toml",
+        ("classifiers", "classes.json"): PDL1_TEMPLATE / "classes.json",
+        **{("scripts", name): path for name, path in scripts.items()},
+    }
     for path in folder.rglob("*"):
         parts = path.relative_to(folder).parts
         if path.is_symlink() or not (path.is_dir() or path.is_file()):
@@ -183,6 +190,9 @@ def _left_by_interrupted_init(folder: Path) -> bool:
                 len(parts) == 2 and parts[0] == "scripts" and parts[1] in scripts
             )
         if not ours:
+            return False
+        template = templates.get(parts)
+        if template is not None and not template.read_bytes().startswith(path.read_bytes()):
             return False
     return True
 

@@ -751,6 +751,8 @@ def unwritable_fix(err: OSError) -> str:
     >>> import errno
     >>> unwritable_fix(OSError(errno.EROFS, "Read-only file system"))
     'the drive (or mount) is read-only: make it writable, or work on a copy on a writable drive'
+    >>> unwritable_fix(FileExistsError(errno.EEXIST, "File exists"))  # it said to free some space
+    'a file stands where a folder of that path goes: move it away'
     """
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return "free some space on that drive"
@@ -758,6 +760,8 @@ def unwritable_fix(err: OSError) -> str:
         return "the drive (or mount) is read-only: make it writable, or work on a copy on a writable drive"
     if err.errno in (errno.EACCES, errno.EPERM):
         return "fix its permissions (you may not write there)"
+    if err.errno in (errno.EEXIST, errno.ENOTDIR):  # a file where its folder goes (pdl1/2 a file, not a folder)
+        return "a file stands where a folder of that path goes: move it away"
     return "free some space on that drive (or fix its permissions)"
 
 
@@ -897,6 +901,12 @@ def summary_problem(summary: Any) -> str | None:
         for key, ok in _SUMMARY_FIELDS.items()
         if key in summary and not ok(summary[key])
     ]
+    details = summary.get("details") or {}
+    wrong += [
+        f"details.{key}: {_shorten(details[key])}"
+        for key, ok in _DETAILS_FIELDS.items()
+        if key in details and not ok(details[key])
+    ]
     if wrong:  # a hand-edited or damaged field: report and --resume stopped on it with a traceback
         return f"is not a pdl1 summary (fields of the wrong kind: {'; '.join(wrong)})"
     return None
@@ -915,6 +925,12 @@ _SUMMARY_FIELDS = {
     },
     "nuclei": lambda v: v is None or (isinstance(v, dict) and all(_number_or_none(n) for n in v.values())),
     **{key: lambda v: v is None or isinstance(v, dict) for key in ("details", "metadata", "parent_measurements")},
+    "targets": lambda v: v is None or (isinstance(v, list) and all(isinstance(t, dict) for t in v)),
+}
+# Within its details: each review reason an object (its reason, value and limit), the domain reading an object.
+_DETAILS_FIELDS = {
+    "review_reasons": lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
+    "domain": lambda v: v is None or isinstance(v, dict),
 }
 
 

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import shapely
@@ -233,17 +233,21 @@ def write_features(path: str | Path, features: Iterable[Mapping[str, Any]]) -> i
     Written to a temporary file beside ``path`` and renamed at the end, so a failure
     leaves no half-written file (an earlier one stays as it was).
     """
-    path = Path(path)
+    with replace_atomically(Path(path)) as fh:
+        return write_features_to(fh, features)
+
+
+def write_features_to(fh: TextIO, features: Iterable[Mapping[str, Any]]) -> int:
+    """Stream features into an open text file as one FeatureCollection, validating each; returns the count."""
     count = 0
-    with replace_atomically(path) as fh:
-        fh.write('{"type":"FeatureCollection","features":[\n')
-        for feature in features:
-            validate_feature(feature)
-            if count:
-                fh.write(",\n")
-            fh.write(json.dumps(feature, ensure_ascii=False, allow_nan=False, separators=(",", ":")))
-            count += 1
-        fh.write("\n]}\n")
+    fh.write('{"type":"FeatureCollection","features":[\n')
+    for feature in features:
+        validate_feature(feature)
+        if count:
+            fh.write(",\n")
+        fh.write(json.dumps(feature, ensure_ascii=False, allow_nan=False, separators=(",", ":")))
+        count += 1
+    fh.write("\n]}\n")
     return count
 
 

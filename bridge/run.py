@@ -27,6 +27,7 @@ from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
 from bridge.analysis_record import AFTER_ANALYSES, records_found
+from bridge.atomic import replaced_together
 from bridge.classes import PDL1_ANALYSIS
 from bridge.objects import (
     candidate_objects,
@@ -55,10 +56,9 @@ from bridge.project import (
     status_for_run,
     summary_problem,
     unwritable_fix,
-    write_json_atomic,
 )
 from bridge.project_config import ProjectConfig
-from bridge.qupath_geojson import QuPathObject, write_features
+from bridge.qupath_geojson import QuPathObject, write_features_to
 from bridge.run_lock import remove_orphan_parts, run_lock
 from bridge.targets import (
     MISSING,
@@ -82,7 +82,7 @@ from bridge.targets import (
     rows_to_json,
     run_target_regions,
     target_regions_path,
-    write_target_regions,
+    target_regions_record,
     write_target_table,
 )
 from inference import Models, Pdl1Error, PipelineConfig, SlideResult, __version__, analyse_slide
@@ -514,20 +514,24 @@ def write_result_files(
     path = geojson
     regions = target_regions_path(geojson)
     try:
-        write_features(geojson, result_features(result, include_tiles=include_tiles))
-        if len(targets) > 1:
-            path = regions
-            write_target_regions(
-                regions,
-                run_id=summary.get("run_id"),
-                targets=[(name, region_children(r, include_tiles=include_tiles)) for name, r in targets],
-                nuclei=[written_nuclei(r) for _, r in targets],
-            )
-        path = summary_path
-        if summary.get("entry_id") is not None:  # as late as can be: each record listed was saved before the summary
-            provenance = {**(summary.get("provenance") or {}), AFTER_ANALYSES: records_found(path.parent)}
-            summary = {**summary, "provenance": provenance}
-        write_json_atomic(summary_path, summary)
+        # Replaced together, the summary last (it says which run the others are of): a re-run stopped part-way
+        # replaced the GeoJSON and left the earlier summary beside it, and the report showed the earlier numbers
+        # over the new objects. Now the earlier files stay until every new one is written.
+        with replaced_together(summary_path) as open_new:
+            write_features_to(open_new(geojson), result_features(result, include_tiles=include_tiles))
+            if len(targets) > 1:
+                path = regions
+                record = target_regions_record(
+                    run_id=summary.get("run_id"),
+                    targets=[(name, region_children(r, include_tiles=include_tiles)) for name, r in targets],
+                    nuclei=[written_nuclei(r) for _, r in targets],
+                )
+                json.dump(record, open_new(regions), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+            path = summary_path
+            if summary.get("entry_id") is not None:  # as late as can be: each record listed was saved before it
+                provenance = {**(summary.get("provenance") or {}), AFTER_ANALYSES: records_found(path.parent)}
+                summary = {**summary, "provenance": provenance}
+            json.dump(summary, open_new(summary_path), indent=2, allow_nan=False)
         if len(targets) < 2:
             path = regions
             regions.unlink(missing_ok=True)
@@ -615,6 +619,7 @@ def _jobs(inputs: list[Path], config: RunConfig) -> tuple[list[_Job], Path | Non
             "earlier run's): give a folder path"
         )
     _refuse_shared_stems(inputs, config.out)
+    _refuse_replacing_others(inputs, config.out)
     # Absolute: summaries and pairs.json name them, and are read from other folders (pdl1 report, a --resume).
     return [_Job(p.stem, p.name, p.absolute(), None) for p in inputs], None, config.out
 
@@ -628,6 +633,26 @@ def _refuse_shared_stems(slides: list[Path], out: Path) -> None:
             f"{', '.join(map(str, same))} share the file name {stem!r}, so their outputs ({out / stem}.geojson and "
             f".summary.json) would overwrite each other; rename one, or run them into different --out folders"
         )
+
+
+def _refuse_replacing_others(slides: list[Path], out: Path) -> None:
+    """A ``OUT/<stem>.geojson`` no pdl1 run wrote (a user's export beside the slide, ``--labels slide.geojson`` as
+    the README trains from) was replaced by the run's results in silence. One of pdl1's has its summary beside it,
+    or begins with its ``PD-L1 analysis`` parent (a summary lost to a kill)."""
+    for slide in slides:
+        geojson = out / f"{slide.stem}.geojson"
+        if not geojson.is_file() or (out / f"{slide.stem}.summary.json").is_file():
+            continue
+        try:
+            with geojson.open("rb") as fh:
+                head = fh.read(2048)
+        except OSError:
+            head = b""
+        if b'"name":"PD-L1 analysis"' not in head:
+            raise ProjectError(
+                f"{geojson} is there and no pdl1 run wrote it (no {slide.stem}.summary.json beside it), and {slide}'s "
+                "results would replace it; move that file, or give another --out folder"
+            )
 
 
 def _use_qupath(config: RunConfig, project: Path | None) -> bool:
@@ -946,6 +971,22 @@ def _restated(job: _Job, status: RunStatus) -> list[str]:
     ]
 
 
+def _of_another_image(job: _Job, summary: dict[str, Any]) -> str | None:
+    """Why the results ``summary`` describes are of another image than the one this run analyses as ``job``: an entry
+    pointed at another file in QuPath since (its name or size), or a slide of the same name from another folder
+    into the same --out. A slide found moved (--search-dir) keeps its name and size, and stays done."""
+    then = Path(summary["image"])
+    if job.image is None:
+        return None
+    elsewhere = job.entry is None and then.is_absolute() and then.resolve() != job.image.resolve()
+    if then.name != job.image.name or elsewhere:
+        return f"its results are of {then}, not of {job.image}"
+    size, now = summary.get("image_size_px"), job.size_px
+    if now is not None and isinstance(size, list) and tuple(size) != tuple(now):
+        return f"its results are of an image of {size[0]} x {size[1]} px, the project's is {now[0]} x {now[1]} px"
+    return None
+
+
 def skipped_outcome(job: _Job, project: Path | None, status_folder: Path) -> ImageOutcome:
     """The outcome of an image ``--resume`` skipped: state ``skipped``, with the results the earlier run recorded
     in its summary (which :func:`resume_skips` has just read whole), so the closing table shows them rather than a
@@ -973,6 +1014,8 @@ def _results_problem(job: _Job, status: RunStatus, project: Path | None, *, writ
             return f"{path} holds no features"
         if path == summary and summary_problem(data) is not None:
             return f"{path} {summary_problem(data)}"
+        if path == summary and (other := _of_another_image(job, data)) is not None:
+            return other
     # Every target's output of an image of several: the report, review-queue and --from-review read it. Missing is a
     # run of an earlier version (its results stand); damaged or another run's is not whole.
     rows = data.get("targets")

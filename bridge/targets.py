@@ -465,6 +465,17 @@ def write_target_regions(
     """Write :data:`TARGET_REGIONS_FILE` atomically; each object is checked as QuPath's reader would.
 
     ``nuclei``: each target's, in the targets' order."""
+    record = target_regions_record(run_id=run_id, targets=targets, nuclei=nuclei)
+    with replace_atomically(path) as fh:
+        json.dump(record, fh, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return path
+
+
+def target_regions_record(
+    *, run_id: str | None, targets: Iterable[tuple[str, Iterable[QuPathObject]]], nuclei: Sequence[TargetNuclei]
+) -> dict[str, Any]:
+    """What :data:`TARGET_REGIONS_FILE` holds (:func:`write_target_regions`), each object checked as QuPath's reader
+    would."""
     record = {
         "run_id": run_id,
         "targets": [{"target": name, "features": [to_feature(o) for o in objects]} for name, objects in targets],
@@ -476,9 +487,7 @@ def write_target_regions(
     for target in record["targets"]:
         for feature in target["features"]:
             validate_feature(feature)
-    with replace_atomically(path) as fh:
-        json.dump(record, fh, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    return path
+    return record
 
 
 def read_target_regions(path: Path) -> TargetRegions:

@@ -681,6 +681,18 @@ def test_a_folder_holding_more_than_an_interrupted_init_project_is_still_refused
     assert (project / "notes.txt").read_text() == "a pathologist's"
 
 
+@pytest.mark.parametrize("own", ["pdl1-config.toml", "scripts/pdl1_analyze.groovy"])
+def test_a_folder_holding_a_users_own_config_or_script_is_no_interrupted_init_project(tmp_path, phantom_svs, own):
+    # The names were all that counted: a lab's own pdl1-config.toml (or its edited script) was taken for what an
+    # interrupted init-project wrote, removed, and replaced by the template.
+    project = tmp_path / "p"
+    (project / "scripts").mkdir(parents=True)
+    (project / own).write_text("# my lab's settings\n")
+    with pytest.raises(ProjectError, match="is not empty"):
+        init_project_files(project, [phantom_svs])
+    assert (project / own).read_text() == "# my lab's settings\n"
+
+
 def test_a_folder_init_project_refuses_is_named_with_what_it_holds_and_the_fix(tmp_path, phantom_svs):
     # Were "p is not empty; QuPath wants a new, empty folder" and "p/project.qpproj exists; init-project creates
     # new projects only": no fix, and nothing said what was in the way.

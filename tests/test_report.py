@@ -62,6 +62,25 @@ def test_a_summary_field_of_the_wrong_kind_leaves_that_image_out_with_the_fix(tm
     assert "with --resume" in rows[1]["left_out"]
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("targets", [1]), ("details", {"review_reasons": ["checked by Dr X"]}), ("details", {"domain": "within"})],
+)
+def test_a_summary_with_a_list_or_reading_of_the_wrong_kind_inside_is_left_out_with_the_fix(tmp_path, field, value):
+    # Each stopped pdl1 report (and pdl1 run --resume, review-queue) with an AttributeError traceback.
+    from bridge.project import summary_problem
+
+    summary = {**_summary(tmp_path / "b.svs"), field: value}
+    assert summary_problem(summary).startswith("is not a pdl1 summary (fields of the wrong kind: ")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.summary.json").write_text(json.dumps(_summary(tmp_path / "a.svs")))
+    (out / "b.summary.json").write_text(json.dumps(summary))
+    _, csv_path = write_report(out)
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["tps_percent"] for r in rows] == ["12.5", ""] and "with --resume" in rows[1]["left_out"]
+
+
 def _project(folder: Path, names: list[str]) -> None:
     images = [
         {"serverBuilder": {"builderType": "uri", "uri": f"file:{folder}/{n}"}, "entryID": i, "imageName": n}

@@ -292,6 +292,24 @@ def test_an_out_that_cannot_be_the_csv_or_the_report_folder_is_refused_before_an
     write_review_queue(project, out=project / "pdl1" / "review_queue.csv", qupath="never")  # its own name there
 
 
+def test_an_out_beside_a_users_file_of_the_provenances_name_is_refused_and_an_earlier_queue_replaced(project, tmp_path):
+    # --out notes/cases.csv replaced the user's notes/cases.json with the queue's provenance, naming only the CSV.
+    (tmp_path / "notes").mkdir()
+    notes = tmp_path / "notes" / "cases.json"
+    notes.write_text('{"my": "case notes"}')
+    with pytest.raises(ReviewQueueError, match=r"one of them is there and no review queue's, so it would be replaced"):
+        write_review_queue(project, out=tmp_path / "notes" / "cases.csv", qupath="never")
+    assert notes.read_text() == '{"my": "case notes"}' and not (tmp_path / "notes" / "cases.csv").exists()
+    table = tmp_path / "notes" / "table.csv"
+    table.write_text("patient,score\n1,3\n")  # a CSV of the user's own
+    with pytest.raises(ReviewQueueError, match=r"no review queue's"):
+        write_review_queue(project, out=table, qupath="never")
+    assert table.read_text() == "patient,score\n1,3\n"
+    queue = tmp_path / "notes" / "queue.csv"
+    write_review_queue(project, out=queue, qupath="never")
+    write_review_queue(project, out=queue, qupath="never")  # an earlier queue of its own is replaced
+
+
 @pytest.mark.parametrize("damage", ['{"cut short', '{"run_id": "x"}'], ids=["not JSON", "no mpp"])
 def test_a_damaged_summary_is_its_entry_s_problem_the_others_are_ranked(project, damage):
     # It stopped the whole queue; a report lists such an entry among those left out and goes on.

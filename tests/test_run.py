@@ -1208,23 +1208,29 @@ def test_a_rerun_through_qupath_replaces_what_resolve_hierarchy_moved_out_of_the
 
 
 def test_a_rerun_killed_between_an_images_two_files_is_not_skipped_by_resume(tmp_path, slides, models, monkeypatch):
-    # A re-run replaces an image's GeoJSON, then its summary; killed between, status.json still said "done" with the
-    # earlier run's ID and --resume skipped the image: its objects from the re-run beside the earlier run's numbers.
+    # A re-run replaced an image's GeoJSON, then its summary; killed between, status.json said "done" with the earlier
+    # run's ID and --resume skipped the image, and later (recorded "started") the report and review-queue showed the
+    # re-run's objects beside the earlier run's numbers. Now both are written first and replace theirs together:
+    # killed before, the earlier pair stands whole, and --resume analyses the image again.
     import bridge.run
 
     out = tmp_path / "out"
     first = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="never", out=out)
     assert [o.state for o in run_batch(slides[:1], first, models=models)] == ["done"]
+    earlier = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     changed = PipelineConfig(device="cpu", run_nuclei=False)  # the re-run's settings differ from the first run's
+    real = bridge.run.write_features_to
 
-    def killed(path, data):  # the GeoJSON is replaced; the process dies before the summary is
+    def killed(fh, features):  # the GeoJSON is written; the process dies before the summary is
+        real(fh, features)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bridge.run, "write_json_atomic", killed)
+    monkeypatch.setattr(bridge.run, "write_features_to", killed)
     with pytest.raises(KeyboardInterrupt):
         run_batch(slides[:1], RunConfig(pipeline=changed, qupath="never", out=out), models=models)
     monkeypatch.undo()
     assert not RunStatus(out).is_done("s31")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == earlier  # no .part, nothing replaced
     again = run_batch(slides[:1], RunConfig(pipeline=changed, qupath="never", out=out, resume=True), models=models)
     assert [o.state for o in again] == ["done"]
     summary = json.loads((out / "s31.summary.json").read_text())
@@ -1233,23 +1239,54 @@ def test_a_rerun_killed_between_an_images_two_files_is_not_skipped_by_resume(tmp
     assert summary["run_id"] == RunStatus(out).images["s31"]["run_id"] == again[0].run_id
 
 
+def test_resume_analyses_again_an_image_whose_results_are_of_another_file(tmp_path, slides, models, caplog):
+    # A slide of the same name from another folder into the same --out (or an entry pointed at another file in
+    # QuPath): --resume skipped it, keeping the other image's TPS under its name.
+    out = tmp_path / "out"
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never", out=out)
+    assert [o.state for o in run_batch(slides[:1], config, models=models)] == ["done"]
+    (tmp_path / "newbatch").mkdir()
+    other = Path(shutil.copy(slides[1], tmp_path / "newbatch" / slides[0].name))
+    with caplog.at_level("WARNING", logger="bridge.run"):
+        again = run_batch([other], replace(config, resume=True), models=models)
+    assert [o.state for o in again] == ["done"]
+    assert f"its results are of {slides[0]}, not of {other}; analysing it again" in caplog.text
+    assert json.loads((out / "s31.summary.json").read_text())["image"] == str(other)
+
+
+def test_a_geojson_of_the_users_where_the_results_go_is_not_replaced(tmp_path, slides, models):
+    # The README trains from `--labels slide.geojson` beside the slide: `pdl1 run slide.svs --out .` replaced it.
+    out = tmp_path / "out"
+    out.mkdir()
+    own = '{"type": "FeatureCollection", "features": [], "note": "Dr X tumour outline"}'
+    (out / "s31.geojson").write_text(own)
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never", out=out)
+    with pytest.raises(ProjectError, match=r"s31\.geojson is there and no pdl1 run wrote it .*; move that file"):
+        run_batch(slides[:1], config, models=models)
+    assert (out / "s31.geojson").read_text() == own
+    (out / "s31.geojson").unlink()
+    assert [o.state for o in run_batch(slides[:1], config, models=models)] == ["done"]
+    (out / "s31.summary.json").unlink()  # pdl1's own, its summary lost: analysed again
+    assert [o.state for o in run_batch(slides[:1], config, models=models)] == ["done"]
+
+
 def test_a_full_disk_fails_the_image_naming_the_file_and_the_fix_and_the_batch_goes_on(tmp_path, slides, models):
     import errno
     import os
 
     import bridge.run
 
-    real = bridge.run.write_features
+    real = bridge.run.write_features_to
 
-    def full_for_the_first(path, features):
-        if path.name == "s31.geojson":
+    def full_for_the_first(fh, features):
+        if Path(fh.name).name.startswith("s31.geojson."):  # its temporary file beside it
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write() says it: no file named
-        return real(path, features)
+        return real(fh, features)
 
     out = tmp_path / "out"
     config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never", out=out)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(bridge.run, "write_features", full_for_the_first)
+        patch.setattr(bridge.run, "write_features_to", full_for_the_first)
         outcomes = run_batch(slides, config, models=models)
     assert [o.state for o in outcomes] == ["failed", "done"]
     assert re.fullmatch(

@@ -433,12 +433,15 @@ def test_nuclei_training_is_resumable_and_loadable(small_phantom, tmp_path):
     assert ens.manifest.class_names == ["Tumor: Positive", "Tumor: Negative", "Other"]
     # A finished model is never trained over: its members would be replaced under its old manifest.
     before = _digests(tmp_path / "a")
-    with pytest.raises(FileExistsError, match=r"already holds a model \(manifest.json\).*\(resume=True continues"):
+    with pytest.raises(FileExistsError, match=r"already holds a model \(manifest.json\).*delete this one first$"):
         train_nuclei(replace(cfg(tmp_path / "a"), seed=6))
     assert _digests(tmp_path / "a") == before
-    # Resuming its own run is allowed (nothing left to train: the same members).
-    train_nuclei(cfg(tmp_path / "a"), resume=True)
-    assert _digests(tmp_path / "a") == before
+    # Nor is a finished run resumed: it wrote its members and manifest again, and what calibrate had written into the
+    # manifest was lost. Nothing is left to resume, and it says so.
+    manifest = (tmp_path / "a" / "manifest.json").read_bytes()
+    with pytest.raises(FileExistsError, match=r"its training run finished .* nothing is left to resume"):
+        train_nuclei(cfg(tmp_path / "a"), resume=True)
+    assert _digests(tmp_path / "a") == before and (tmp_path / "a" / "manifest.json").read_bytes() == manifest
 
 
 def test_a_model_folder_of_an_unfinished_run_advises_resuming_in_each_callers_words(small_phantom, tmp_path):
@@ -450,14 +453,13 @@ def test_a_model_folder_of_an_unfinished_run_advises_resuming_in_each_callers_wo
 
     out = tmp_path / "m"
     (out / "checkpoint").mkdir(parents=True)
-    (out / "checkpoint" / "state.safetensors").write_bytes(b"")
-    (out / "manifest.json").write_text("{}")
+    (out / "checkpoint" / "state.safetensors").write_bytes(b"")  # no manifest.json: the run did not finish
     with pytest.raises(FileExistsError) as err:
         check_out_dir(out, resume=False)
-    assert str(err.value).endswith("delete this one first (resume=True continues the run its checkpoint holds)")
+    assert "with resume=True, continue it; a new out_dir starts another run" in str(err.value)
     result = CliRunner().invoke(app, ["train", "seg", small_phantom, "--out", str(out)], env={"COLUMNS": "400"})
     said = " ".join(result.output.split())
-    assert result.exit_code == 1 and said.endswith("(--resume continues the run its checkpoint holds)"), said
+    assert result.exit_code == 1 and "with --resume, continue it" in said and "resume=True" not in said, said
 
 
 def test_a_schedule_whose_only_cycle_is_dropped_is_advised_as_the_configs_fields():

@@ -132,19 +132,25 @@ def check_out_dir(out_dir: str | Path, *, resume: bool, setting: SettingWords = 
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"{out_dir}: is a file; the model is written as a folder: give a new folder")
     checkpoints = run_checkpoints(out_dir)
+    finished = (out_dir / MANIFEST_NAME).is_file()  # written last, when the run ends
+    if resume and checkpoints and finished:  # it wrote the members and the manifest again: calibrate's were lost
+        raise FileExistsError(
+            f"{out_dir}: its training run finished (it holds the model, {MANIFEST_NAME}), so nothing is left to "
+            "resume; training it again would replace its members and its manifest, with what calibrate and "
+            "domain-stats wrote into it: give a new folder for another run"
+        )
     if resume and checkpoints:
         return
-    if (out_dir / MANIFEST_NAME).is_file():
+    if finished:  # its checkpoint, if kept, is of the finished run: nothing to resume
         raise FileExistsError(
             f"{out_dir}: already holds a model ({MANIFEST_NAME}); training would overwrite its members. Give a new "
             "folder, or delete this one first"
-            + (f" ({setting('resume', True)} continues the run its checkpoint holds)" if checkpoints else "")
         )
     if checkpoints and not resume:
         try:
             epochs = 1 + int(_checkpoint_meta(checkpoints[0])["epoch"])
             done = f" after {epochs} epoch{'s' if epochs != 1 else ''}"
-        except (OSError, ValueError, KeyError, TypeError):  # what is in it does not change the refusal
+        except Exception:  # a cut-short file raises safetensors' own error; what is in it does not change the refusal
             done = ""
         raise FileExistsError(
             f"{out_dir}: holds the checkpoint of an interrupted training run (stopped{done}); a new run would "

@@ -970,6 +970,9 @@ def labels_from_objects(
     for i, name in enumerate(rules.class_names):
         if (classes == i).any():
             counts[f"points: {name}"] += int((classes == i).sum())
+    if rules.points:
+        _refuse_contradicting_points(where, points, classes, rules.class_names)
+        _refuse_empty_exhaustive_regions(where, regions, points)
     pos_area, neg_area = _union(positive), _union(negative)
     overlap = pos_area.intersection(neg_area)
     if overlap.area > _OVERLAP_TOLERANCE_PX2:
@@ -999,6 +1002,41 @@ def labels_from_objects(
             "areas or nucleus points, or leave the entry out (--entries)"
         )
     return labels
+
+
+# Two points of a nucleus marked twice lie this close (level-0 px): QuPath keeps the coordinates clicked or copied.
+_SAME_POINT_PX = 2.0
+
+
+def _refuse_contradicting_points(where: str, points: np.ndarray, classes: np.ndarray, names: Sequence[str]) -> None:
+    """A nucleus marked twice with two classes (re-marked in QuPath without deleting the first point) trained both
+    classes at one spot without a word, as overlapping positive and negative areas are refused."""
+    if len(points) < 2:
+        return
+    pairs = cKDTree(points).query_pairs(_SAME_POINT_PX, output_type="ndarray")
+    differ = pairs[classes[pairs[:, 0]] != classes[pairs[:, 1]]] if len(pairs) else pairs
+    if len(differ):
+        i, j = differ[0]
+        raise LabelError(
+            f"{where}: {len(differ)} nuclei are marked twice with different classes (first at x={points[i, 0]:.1f}, "
+            f"y={points[i, 1]:.1f}: {names[classes[i]]} and {names[classes[j]]}); a nucleus is of one class: delete "
+            "one of its points in QuPath and export again"
+        )
+
+
+def _refuse_empty_exhaustive_regions(
+    where: str, regions: Sequence[tuple[BaseGeometry, bool]], points: np.ndarray
+) -> None:
+    """A training region named all nuclei marked holding no point: every nucleus in it would train as background
+    (its tissue "no nucleus"), most often the points were drawn in another region or not exported."""
+    for k, (region, exhaustive) in enumerate(regions, start=1):
+        if exhaustive and not (len(points) and shapely.contains_xy(region, points[:, 0], points[:, 1]).any()):
+            x0, y0, x1, y1 = (round(v) for v in region.bounds)
+            raise LabelError(
+                f"{where}: training region {k} (x {x0}-{x1}, y {y0}-{y1}) says all its nuclei are marked, and no "
+                "nucleus point lies in it, so every nucleus there would train as background; mark its nuclei, or "
+                f"take '{EXHAUSTIVE_MARK}' out of its name"
+            )
 
 
 def read_geojson_labels(

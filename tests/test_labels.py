@@ -1434,3 +1434,28 @@ def test_a_candidate_confirmed_positive_is_no_negative_label_without_from_review
     assert labels.ignore.intersection(confirmed).area == pytest.approx(confirmed.area)
     reviewed = _fixture_labels(labelled, LabelRules(class_names=HE_CLASSES, from_review=True))
     assert reviewed.positive.intersection(confirmed).area == pytest.approx(confirmed.area)
+
+
+def test_a_nucleus_marked_twice_with_two_classes_is_refused():
+    # Re-marked in QuPath without deleting the first point: both classes trained at one spot without a word.
+    region = QuPathObject(shapely.box(0, 0, 200, 200), "annotation", "Training region", {})
+    positive = QuPathObject(shapely.MultiPoint([(50, 50), (120, 80)]), "annotation", "Tumor: Positive", {})
+    negative = QuPathObject(shapely.MultiPoint([(50.5, 50.0), (150, 150)]), "annotation", "Tumor: Negative", {})
+    with pytest.raises(LabelError, match=r"1 nuclei are marked twice with different classes \(first at x=50\.0"):
+        labels_from_objects([region, positive, negative], slide="s.svs", image_size_px=(256, 256), rules=RULES)
+    apart = QuPathObject(shapely.MultiPoint([(60, 50), (150, 150)]), "annotation", "Tumor: Negative", {})
+    labels = labels_from_objects([region, positive, apart], slide="s.svs", image_size_px=(256, 256), rules=RULES)
+    assert len(labels.points_xy) == 4
+
+
+def test_a_region_saying_all_nuclei_are_marked_without_a_point_in_it_is_refused_for_nuclei():
+    # Its whole tissue trained as "no nucleus" without a word (the points were drawn in the other region).
+    marked = QuPathObject(
+        shapely.box(0, 0, 100, 100), "annotation", "Training region", {}, "Region (all nuclei marked)"
+    )
+    other = QuPathObject(shapely.box(120, 120, 250, 250), "annotation", "Training region", {})
+    points = QuPathObject(shapely.MultiPoint([(150, 150), (200, 200)]), "annotation", "Other", {})
+    with pytest.raises(LabelError, match=r"training region 1 \(x 0-100, y 0-100\) says all its nuclei are marked"):
+        labels_from_objects([marked, other, points], slide="s.svs", image_size_px=(256, 256), rules=RULES)
+    seg = LabelRules(class_names=HE_CLASSES, points=False)  # a segmentation run reads no points: nothing to refuse
+    assert labels_from_objects([marked, other, points], slide="s.svs", image_size_px=(256, 256), rules=seg)

@@ -462,6 +462,18 @@ def test_a_model_folder_of_an_unfinished_run_advises_resuming_in_each_callers_wo
     assert result.exit_code == 1 and "with --resume, continue it" in said and "resume=True" not in said, said
 
 
+def test_a_folder_holding_other_files_is_no_model_folder(tmp_path):
+    # --out PROJECT_FOLDER wrote the members, checkpoint and report among the project's files.
+    from inference import check_out_dir
+
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "project.qpproj").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"holds other files \(project.qpproj\) and no model or training run"):
+        check_out_dir(tmp_path / "project", resume=False)
+    (tmp_path / "empty").mkdir()
+    check_out_dir(tmp_path / "empty", resume=False)  # an empty folder is a new one
+
+
 def test_a_schedule_whose_only_cycle_is_dropped_is_advised_as_the_configs_fields():
     # The library said "in pdl1 train: --cycles 2 or more, or --no-drop-first-cycle" (pdl1 train says its own first).
     with pytest.raises(ValueError) as err:

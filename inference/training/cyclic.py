@@ -146,6 +146,13 @@ def check_out_dir(out_dir: str | Path, *, resume: bool, setting: SettingWords = 
             f"{out_dir}: already holds a model ({MANIFEST_NAME}); training would overwrite its members. Give a new "
             "folder, or delete this one first"
         )
+    if not checkpoints and out_dir.is_dir() and any(out_dir.iterdir()):  # a QuPath project's folder took the model
+        held = sorted(p.name for p in out_dir.iterdir())
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise FileExistsError(
+            f"{out_dir}: holds other files ({shown}) and no model or training run; the model is written into a new "
+            "or empty folder of its own: give one"
+        )
     if checkpoints and not resume:
         try:
             epochs = 1 + int(_checkpoint_meta(checkpoints[0])["epoch"])

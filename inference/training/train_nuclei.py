@@ -162,7 +162,10 @@ def load_labelled_slide(labels: SlideLabels, *, input_mpp: float, known_radius_u
         ds = input_mpp / slide.mpp.mean
     known = nuclei_known_mask(labels, shape_hw=rgb.shape[:2], downsample=ds, radius_px=known_radius_um / input_mpp)
     if not labels.has_points:
-        raise ValueError(f"{labels.source or labels.slide}: no nucleus points to train on")
+        raise ValueError(
+            f"{labels.source or labels.slide}: no nucleus points to train on ({labels.counts or 'nothing read'}); mark "
+            "nuclei with QuPath's Points tool (a class of the model's per point set), or leave the slide out"
+        )
     return _NucleiData(
         Path(labels.slide).name,
         rgb,

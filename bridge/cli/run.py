@@ -327,6 +327,7 @@ def run(
     Models, targets, outputs and device default to the project's pdl1-config.toml; options override it.
     Through QuPath a dearrayed TMA is analysed core by core (cores marked missing are left alone).
     Each analysed target's score (TMA core, annotation or whole image) goes to pdl1/targets.csv.
+    An H&E and its PD-L1 IHC (one 'case' in the entries' metadata, or B12_HE.svs, B12_PD-L1.svs) are compared: pairs.json.
 
     Exits non-zero when any image failed; the others are finished and written all the same.
     """

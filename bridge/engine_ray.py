@@ -179,20 +179,15 @@ def run_batch_ray(
                 outcomes[job.key] = _failed(job, status, getattr(err, "cause", None) or err, t0)
             else:
                 outcomes[job.key] = outcome
-                status.record(
-                    job.key,
-                    state="done",
-                    image=job.name,
-                    run_id=outcome.run_id,
-                    seconds=outcome.seconds,
-                    stated=job.stated(),
-                )
+                status.record(job.key, state="done", image=job.name, run_id=outcome.run_id, seconds=outcome.seconds)
             if on_image is not None:
                 on_image(len(outcomes), len(jobs), job.name)
 
         try:
             for job in jobs:
-                if config.resume and resume_skips(job, status, project, written_by_qupath=use_qupath):
+                if config.resume and resume_skips(
+                    job, status, project, written_by_qupath=use_qupath, stain_given=config.stain
+                ):
                     outcomes[job.key] = skipped_outcome(job, project, status_folder)
                     continue
                 t0 = time.perf_counter()

@@ -1027,16 +1027,26 @@ def _refuse_contradicting_points(where: str, points: np.ndarray, classes: np.nda
 def _refuse_empty_exhaustive_regions(
     where: str, regions: Sequence[tuple[BaseGeometry, bool]], points: np.ndarray
 ) -> None:
-    """A training region named all nuclei marked holding no point: every nucleus in it would train as background
-    (its tissue "no nucleus"), most often the points were drawn in another region or not exported."""
+    """A training region named all nuclei marked holding no point: every nucleus in it trains as background (its
+    tissue "no nucleus"). Refused where the slide has points outside every region (they were most often meant for
+    it); else it may be a region of mucin or lumen drawn as a hard negative, and it is warned of."""
+    outside = (
+        len(points) > 0 and not shapely.contains_xy(_union([r for r, _ in regions]), points[:, 0], points[:, 1]).all()
+    )
     for k, (region, exhaustive) in enumerate(regions, start=1):
-        if exhaustive and not (len(points) and shapely.contains_xy(region, points[:, 0], points[:, 1]).any()):
-            x0, y0, x1, y1 = (round(v) for v in region.bounds)
+        if not exhaustive or (len(points) and shapely.contains_xy(region, points[:, 0], points[:, 1]).any()):
+            continue
+        x0, y0, x1, y1 = (round(v) for v in region.bounds)
+        said = (
+            f"{where}: training region {k} (x {x0}-{x1}, y {y0}-{y1}) says all its nuclei are marked, and no "
+            "nucleus point lies in it, so every nucleus there trains as background"
+        )
+        if outside:
             raise LabelError(
-                f"{where}: training region {k} (x {x0}-{x1}, y {y0}-{y1}) says all its nuclei are marked, and no "
-                "nucleus point lies in it, so every nucleus there would train as background; mark its nuclei, or "
-                f"take '{EXHAUSTIVE_MARK}' out of its name"
+                f"{said}, while points lie outside every training region; draw the region around them, mark its "
+                f"nuclei, or take '{EXHAUSTIVE_MARK}' out of its name"
             )
+        log.warning("%s (a region of no nuclei, drawn as such?); if it has nuclei, mark them", said)
 
 
 def read_geojson_labels(
@@ -1328,17 +1338,34 @@ def _refuse_stale_export(exported: Path, entry_folder: Path, source: str, export
     try:
         if saved is None or summary.stat().st_mtime <= exported.stat().st_mtime:
             return
-        objects = list(read_features(exported))
-    except (OSError, ValueError, Pdl1Error):  # unreadable: read_geojson_labels says so, with its fix
+        raw = json.loads(exported.read_text(encoding="utf-8"))  # counted as JSON: no geometry built
+    except (OSError, ValueError):  # unreadable: read_geojson_labels says so, with its fix
         return
-    in_export = Counter(o.classification or "Unclassified" for o in objects if o.object_type == "annotation")
+    features = raw.get("features") if isinstance(raw, dict) else raw
+    in_export = Counter(
+        _class_text(f["properties"].get("classification"))
+        for f in (features if isinstance(features, list) else [])
+        if isinstance(f, dict)
+        and isinstance(f.get("properties"), dict)
+        and f["properties"].get("objectType") == "annotation"
+    )
     differ = sorted(c for c in {*saved, *in_export} if saved.get(c, 0) != in_export.get(c, 0))
     if differ:
         said = ", ".join(f"{c}: {saved.get(c, 0)} saved, {in_export.get(c, 0)} exported" for c in differ)
         raise LabelError(
             f"{source}: QuPath saved the entry after {exported} was written, and its annotations changed since "
-            f"({said}), so the export holds old labels; {export_again}"
+            f"({said}: labels drawn, or results added, since the export), so the export is out of date; {export_again}"
         )
+
+
+def _class_text(classification: object) -> str:
+    """A GeoJSON classification as QuPath's summary.json counts it: ``Tumor: Positive``, ``Unclassified``."""
+    if not isinstance(classification, dict):
+        return "Unclassified"
+    names = classification.get("names")
+    if isinstance(names, list) and names:
+        return ": ".join(str(n) for n in names)
+    return str(classification.get("name") or "Unclassified")
 
 
 def warn_unless_he(slide: str | Path | Slide, source: str) -> None:
@@ -1471,6 +1498,13 @@ def split_validation(
     if not val:
         return list(labels), []
     wanted = set(val)
+    for name in sorted(wanted):  # as --entries refuses an image name several entries share (one was taken in silence)
+        named = [lab for lab in labels if name in _names_of(lab)]
+        if len(named) > 1:
+            raise LabelError(
+                f"--val-entries {name} names {len(named)} labelled slides ({'; '.join(map(_val_name, named))}); name "
+                "the one you mean by its entry ID (or its path)"
+            )
     held = [lab for lab in labels if _names_of(lab) & wanted]
     train = [lab for lab in labels if not _names_of(lab) & wanted]
     unknown = wanted - set().union(*(_names_of(lab) for lab in held)) if held else wanted
@@ -1532,16 +1566,16 @@ def label_summary(labels: Sequence[SlideLabels]) -> list[dict]:
 
 
 def _refuse_labelled_as_unlabeled(info: ProjectInfo, entry: ProjectEntry) -> None:
-    """An entry named ``--unlabeled`` that holds labels (QuPath's last save counts annotations of a label class):
-    its pseudo-labels replaced them without a word."""
+    """An entry named ``--unlabeled`` that a person labelled (training regions, as QuPath last saved it): its
+    pseudo-labels replaced those labels without a word. Only training regions tell it by QuPath's counts alone:
+    this tool writes its own ``PD-L1 positive`` regions and candidates into an analysed entry."""
     saved = annotation_class_counts(info.folder / "data" / entry.entry_id) or {}
-    labels = {c: n for c, n in saved.items() if n and (c in _AREA_CLASSES or c == TRAINING_REGION.name)}
-    if labels:
-        said = ", ".join(f"{n} {c}" for c, n in sorted(labels.items()))
+    regions = saved.get(TRAINING_REGION.name, 0)
+    if regions:
         raise LabelError(
-            f"--unlabeled {entry.entry_id} ({entry.image_name}) has labels of its own ({said}, as QuPath last saved "
-            "it), which pseudo-labels would replace: train on it as a labelled entry (leave it out of --unlabeled), "
-            "or remove its labels in QuPath"
+            f"--unlabeled {entry.entry_id} ({entry.image_name}) has labels of its own ({regions} "
+            f"{TRAINING_REGION.name} annotations, as QuPath last saved it), which pseudo-labels would replace: train "
+            "on it as a labelled entry (leave it out of --unlabeled), or remove its training regions in QuPath"
         )
 
 

@@ -224,9 +224,9 @@ def _refuse_shared_names(images: list[ExportImage]) -> None:
             f"entry {i.entry_id} ({i.image_name})" if i.entry_id is not None else str(i.path) for i in same
         )
         if len({i.path.resolve() for i in same}) == 1:
-            if same[0].entry_id is None:
-                raise ValueError(f"{same[0].path} is given {len(same)} times: give each image once")
-            raise ValueError(f"{named} are one image ({same[0].path}): remove all but one of them in QuPath")
+            if all(i.entry_id is not None for i in same):
+                raise ValueError(f"{named} are one image ({same[0].path}): remove all but one of them in QuPath")
+            raise ValueError(f"{same[0].path} is given {len(same)} times ({named}): give each image once")
         raise ValueError(
             f"{named} share the file name {same[0].path.stem!r}, which names their cases (they would overwrite each "
             "other): rename one, or export them into different datasets"

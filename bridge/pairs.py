@@ -167,9 +167,10 @@ def pair_cases(
     images: Iterable[CaseImage], failed: Iterable[FailedImage] = ()
 ) -> tuple[dict[str, tuple[CaseImage, CaseImage]], dict[str, str]]:
     """Cases with one H&E and one IHC image, and for every case with both stains but not one of each, why it
-    is not paired. A case of one stain only (an H&E-only study named ``*_HE``) is no pair and says nothing,
-    unless one of its images states the case in its entry metadata (``case_in_metadata``) and the run has images
-    of the other stain: a person paired it, so its partner's ``case`` is misspelt or not set, and it says so.
+    is not paired. A case of one image of one stain (an H&E-only study named ``*_HE``) is no pair and says nothing,
+    unless it states the case in its entry metadata (``case_in_metadata``) and the run has images of the other
+    stain: a person paired it, so its partner's ``case`` is misspelt or not set, and it says so. A case of two or
+    more images of one stain in a run of both says so too, naming an image whose stain its colour doubts.
     A case with an analysed image and one in ``failed`` (a corrupt slide: its stain is unknown, so the case's
     pairing is too) is not paired either, and says which image failed and why.
 

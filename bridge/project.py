@@ -926,6 +926,11 @@ _SUMMARY_FIELDS = {
     "nuclei": lambda v: v is None or (isinstance(v, dict) and all(_number_or_none(n) for n in v.values())),
     **{key: lambda v: v is None or isinstance(v, dict) for key in ("details", "metadata", "parent_measurements")},
     "targets": lambda v: v is None or (isinstance(v, list) and all(isinstance(t, dict) for t in v)),
+    "image_size_px": lambda v: (
+        v is None
+        or (isinstance(v, list) and len(v) == 2 and all(isinstance(n, int) and not isinstance(n, bool) for n in v))
+    ),
+    "image_file_bytes": _number_or_none,
 }
 # Within its details: each review reason an object (its reason, value and limit), the domain reading an object.
 _DETAILS_FIELDS = {

@@ -819,21 +819,23 @@ def _refuse_replacing_others(out: Path) -> None:
     """Refuse an ``--out`` whose CSV, or the provenance JSON beside it, is there and no earlier queue's: ``--out
     notes/cases.csv`` replaced the user's ``notes/cases.json`` with the queue's provenance, in silence."""
     provenance = out.with_name(out.stem + ".json")
-    mine = True
-    try:
-        if out.is_file():
-            with out.open(encoding="utf-8", newline="") as fh:
-                mine = next(csv.reader(fh), None) == list(COLUMNS)
-        if mine and provenance.is_file():
-            earlier = json.loads(provenance.read_text(encoding="utf-8"))
-            mine = isinstance(earlier, dict) and {"formula", "entries"} <= earlier.keys()
-    except (OSError, ValueError):  # unreadable, not UTF-8 or JSON: no queue's either
-        mine = False
-    if not mine:
-        raise ReviewQueueError(
-            f"--out {out}: {out} and {provenance.name} beside it are written, and one of them is there and no review "
-            "queue's, so it would be replaced; give another --out name, or move that file"
-        )
+    for path in (out, provenance):
+        if not path.is_file():
+            continue
+        try:
+            if path == out:
+                with out.open(encoding="utf-8", newline="") as fh:
+                    mine = next(csv.reader(fh), None) == list(COLUMNS)
+            else:
+                earlier = json.loads(provenance.read_text(encoding="utf-8"))
+                mine = isinstance(earlier, dict) and {"formula", "entries"} <= earlier.keys()
+        except (OSError, ValueError):  # unreadable, not UTF-8 or JSON: no queue's either
+            mine = False
+        if not mine:
+            raise ReviewQueueError(
+                f"--out {out}: the queue writes {out.name} and its provenance {provenance.name}, and {path} is there "
+                "and no review queue's, so it would be replaced; give another --out name, or move that file"
+            )
 
 
 def _marker_text(marker: Path) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import time
 import traceback
@@ -85,7 +86,7 @@ from bridge.targets import (
     target_regions_record,
     write_target_table,
 )
-from inference import Models, Pdl1Error, PipelineConfig, SlideResult, __version__, analyse_slide
+from inference import Models, Pdl1Error, PipelineConfig, SlideResult, __version__, analyse_slide, is_finite_number
 
 log = logging.getLogger(__name__)
 
@@ -184,13 +185,6 @@ class _Job:
             mpp_advice=run_mpp_advice,
             config_mpp_source="--mpp",
         )
-
-    def stated(self) -> dict[str, Any]:
-        """What the project states of the image that decides its results (QuPath's image type: its stain; its
-        calibration: its µm/px), recorded with it done so that ``--resume`` analyses it again once they change."""
-        if self.entry is None:
-            return {}
-        return {"image_type": self.entry.image_type, "mpp": self.entry.mpp}
 
     def stain(self, config: RunConfig) -> tuple[str | None, str]:
         """The image's stain and where that comes from: ``--stain``, else QuPath's image type."""
@@ -304,12 +298,24 @@ def summary_of(result: SlideResult, *, entry_id: str | None, run_config: RunConf
     return {
         "entry_id": entry_id,
         **result_scores(result),
+        IMAGE_FILE_BYTES: _file_bytes(result.image_path),
         "provenance": {
             **model_provenance(result, analysed_at=datetime.now(timezone.utc)),
             "pipeline_config": _pipeline_record(run_config, result),
             "settings": None if run_config.settings is None else run_config.settings.run_record(),
         },
     }
+
+
+# A summary's size in bytes of the image file analysed: --resume tells by it a same-named file from another one.
+IMAGE_FILE_BYTES = "image_file_bytes"
+
+
+def _file_bytes(path: str | Path) -> int | None:
+    try:
+        return Path(path).stat().st_size
+    except (OSError, TypeError, ValueError):
+        return None
 
 
 def result_scores(result: SlideResult) -> dict[str, Any]:
@@ -646,8 +652,8 @@ def _refuse_replacing_others(slides: list[Path], out: Path) -> None:
         try:
             with geojson.open("rb") as fh:
                 head = fh.read(2048)
-        except OSError:
-            head = b""
+        except OSError:  # cannot tell: writing the results there says why, if it cannot
+            continue
         if b'"name":"PD-L1 analysis"' not in head:
             raise ProjectError(
                 f"{geojson} is there and no pdl1 run wrote it (no {slide.stem}.summary.json beside it), and {slide}'s "
@@ -816,7 +822,9 @@ def _run_jobs(jobs, config, models, project, status, qp_session, on_image, on_ti
 
 def _run_job(i, total, job, config, models, project, status, qp_session, on_image, on_tiles) -> ImageOutcome:
     """The ``i``-th image of :func:`_run_jobs`' ``total``: skipped by ``--resume``, analysed, or failed."""
-    if config.resume and resume_skips(job, status, project, written_by_qupath=qp_session is not None):
+    if config.resume and resume_skips(
+        job, status, project, written_by_qupath=qp_session is not None, stain_given=config.stain
+    ):
         return skipped_outcome(job, project, status.folder)
     if on_image is not None:  # after the skip: a run with nothing left to do draws no empty bar
         on_image(i, total, job.name)
@@ -834,9 +842,7 @@ def _run_job(i, total, job, config, models, project, status, qp_session, on_imag
         outcome = ImageOutcome(job.key, job.name, "failed", time.perf_counter() - t0, error=message)
         status.record(job.key, state="failed", error=message, image=job.name)
     else:
-        status.record(
-            job.key, state="done", image=job.name, run_id=outcome.run_id, seconds=outcome.seconds, stated=job.stated()
-        )
+        status.record(job.key, state="done", image=job.name, run_id=outcome.run_id, seconds=outcome.seconds)
     return outcome
 
 
@@ -925,7 +931,9 @@ def analysis_settings(config: RunConfig) -> dict[str, Any]:
     return json.loads(json.dumps(flat, default=str))  # as status.json holds it: lists, strings
 
 
-def resume_skips(job: _Job, status: RunStatus, project: Path | None, *, written_by_qupath: bool) -> bool:
+def resume_skips(
+    job: _Job, status: RunStatus, project: Path | None, *, written_by_qupath: bool, stain_given: str | None = None
+) -> bool:
     """Whether ``--resume`` may skip this image: recorded done, and what the run wrote is there and reads.
 
     ``status.json`` says an image was done; a kill or a full disk afterwards can still have damaged what
@@ -942,45 +950,49 @@ def resume_skips(job: _Job, status: RunStatus, project: Path | None, *, written_
             ", ".join(differ),
         )
         return False
-    restated = _restated(job, status)
-    if restated:  # a corrected image type or pixel size: its results are of the old one
-        log.warning(
-            "%s: done by an earlier run, but its project now states another %s; analysing it again",
-            job.name,
-            " and ".join(restated),
-        )
-        return False
-    why = _results_problem(job, status, project, written_by_qupath=written_by_qupath)
+    why = _results_problem(job, status, project, written_by_qupath=written_by_qupath, stain_given=stain_given)
     if why is None:
         return True
     log.warning("%s: recorded as done by an earlier run, but %s; analysing it again", job.name, why)
     return False
 
 
-def _restated(job: _Job, status: RunStatus) -> list[str]:
-    """What the project states of the image now and did not when it was done (``image type BRIGHTFIELD_H_DAB, now
-    BRIGHTFIELD_H_E``); nothing where the earlier run recorded none (an earlier version)."""
-    then, now = status.images.get(job.key, {}).get("stated"), job.stated()
-    if not isinstance(then, dict):
-        return []
-    words = {"image_type": "image type", "mpp": "pixel size (µm/px)"}
-    return [
-        f"{words[k]} ({then.get(k) or 'none'}, now {now.get(k) or 'none'})"
-        for k in words
-        if k in now and then.get(k) != now.get(k)
-    ]
+def _not_as_stated(job: _Job, summary: dict[str, Any], *, stain_given: str | None) -> str | None:
+    """Why results were made under another stain or pixel size than the project now states for the image (an image
+    type or calibration corrected in QuPath after the run); None where they agree, or where the project states none
+    (QuPath's UNSET: the colour told the stain, and tells it alike). ``stain_given``: the run's --stain, which the
+    image type then does not decide (the run's settings record it)."""
+    if job.entry is None:
+        return None
+    stain = job.entry.stain
+    if stain_given is None and stain is not None and summary.get("stain") != stain:
+        return (
+            f"its project now states the image type {job.entry.image_type} ({stain}), and its results are of "
+            f"{summary.get('stain')}"
+        )
+    mpp, then = job.entry.mpp, summary.get("mpp")
+    if mpp is not None and is_finite_number(then) and not math.isclose(mpp, then, rel_tol=1e-6):
+        return f"its project now states {mpp:g} µm/px, and its results were made at {then:g} µm/px"
+    return None
 
 
 def _of_another_image(job: _Job, summary: dict[str, Any]) -> str | None:
     """Why the results ``summary`` describes are of another image than the one this run analyses as ``job``: an entry
-    pointed at another file in QuPath since (its name or size), or a slide of the same name from another folder
-    into the same --out. A slide found moved (--search-dir) keeps its name and size, and stays done."""
+    pointed at another file in QuPath since (its name, file size or pixel size), or a slide of the same name from
+    another folder into the same --out (its file size). A slide moved, copied or reached by another path (another
+    drive letter, a share mounted elsewhere) keeps its name and file size, and stays done."""
     then = Path(summary["image"])
     if job.image is None:
         return None
-    elsewhere = job.entry is None and then.is_absolute() and then.resolve() != job.image.resolve()
-    if then.name != job.image.name or elsewhere:
+    if then.name != job.image.name:
         return f"its results are of {then}, not of {job.image}"
+    recorded = summary.get(IMAGE_FILE_BYTES)  # a slide's file keeps its size when moved, copied or reached elsewhere
+    try:
+        now_bytes = job.image.stat().st_size
+    except OSError:  # not there to compare: its analysis says why
+        now_bytes = recorded
+    if is_finite_number(recorded) and now_bytes != recorded:
+        return f"its results are of {then} ({recorded} bytes), not of {job.image} ({now_bytes} bytes)"
     size, now = summary.get("image_size_px"), job.size_px
     if now is not None and isinstance(size, list) and tuple(size) != tuple(now):
         return f"its results are of an image of {size[0]} x {size[1]} px, the project's is {now[0]} x {now[1]} px"
@@ -1001,7 +1013,9 @@ def skipped_outcome(job: _Job, project: Path | None, status_folder: Path) -> Ima
     return replace(done, state="skipped")
 
 
-def _results_problem(job: _Job, status: RunStatus, project: Path | None, *, written_by_qupath: bool) -> str | None:
+def _results_problem(
+    job: _Job, status: RunStatus, project: Path | None, *, written_by_qupath: bool, stain_given: str | None = None
+) -> str | None:
     geojson, summary = output_paths(job.key, project, status.folder)
     for path in (geojson, summary):
         try:
@@ -1015,6 +1029,8 @@ def _results_problem(job: _Job, status: RunStatus, project: Path | None, *, writ
         if path == summary and summary_problem(data) is not None:
             return f"{path} {summary_problem(data)}"
         if path == summary and (other := _of_another_image(job, data)) is not None:
+            return other
+        if path == summary and (other := _not_as_stated(job, data, stain_given=stain_given)) is not None:
             return other
     # Every target's output of an image of several: the report, review-queue and --from-review read it. Missing is a
     # run of an earlier version (its results stand); damaged or another run's is not whole.

@@ -1370,7 +1370,8 @@ def test_an_export_older_than_the_entrys_last_save_with_other_annotations_is_ref
         read_project_labels(project, rules=RULES, entries=["1"], qupath="never")
     said = str(refused.value)
     assert f"QuPath saved the entry after {exported} was written, and its annotations changed since" in said
-    assert "(PD-L1 positive: 4 saved, 3 exported), so the export holds old labels; export it again" in said
+    assert "(PD-L1 positive: 4 saved, 3 exported: labels drawn, or results added, since the export), so the " in said
+    assert "export is out of date; export it again" in said
     os.utime(exported, (saved_at + 600, saved_at + 600))
     assert read_project_labels(project, rules=RULES, entries=["1"], qupath="never")
 
@@ -1390,6 +1391,8 @@ def test_one_image_file_is_not_both_trained_on_and_held_out_nor_named_ambiguousl
     )
     with pytest.raises(LabelError, match=r"2 entries have the image name 'he-1357.svs' \(entries 1, 2\); name the"):
         read_project_labels(project, rules=RULES, entries=["he-1357.svs"], qupath="never")
+    with pytest.raises(LabelError, match=r"--val-entries he-1357.svs names 2 labelled slides \(entry 1 \(he-1357"):
+        split_validation(labels, ["he-1357.svs"])
 
 
 def test_an_unlabeled_entry_with_labels_of_its_own_is_refused(labelled, tmp_path):
@@ -1398,12 +1401,18 @@ def test_an_unlabeled_entry_with_labels_of_its_own_is_refused(labelled, tmp_path
 
     project = _exported_project_copy(labelled, tmp_path)
     with pytest.raises(
-        LabelError, match=r"^--unlabeled 1 \(he-1357.svs\) has labels of its own \(2 PD-L1 negative, 4 PD-L1 positive,"
+        LabelError, match=r"^--unlabeled 1 \(he-1357.svs\) has labels of its own \(2 Training region annotations,"
     ):
         unlabeled_slides(["1"], project=project)
     assert [s.name for s in unlabeled_slides(["2"], project=project)] == [
         f"{project / 'project.qpproj'} entry 2 (he-1357.svs)"
     ]  # entry 2 holds no annotation
+    # An entry this tool analysed holds its PD-L1 positive regions and candidates: those are no labels of a person's.
+    summary = project / "data" / "2" / "summary.json"
+    saved = json.loads(summary.read_text())
+    saved["hierarchy"]["annotationClassificationCounts"] = {"PD-L1 analysis": 1, "PD-L1 positive": 7}
+    summary.write_text(json.dumps(saved))
+    assert len(unlabeled_slides(["2"], project=project)) == 1
 
 
 def test_an_export_of_this_tools_results_without_their_measurements_is_refused():
@@ -1455,7 +1464,10 @@ def test_a_region_saying_all_nuclei_are_marked_without_a_point_in_it_is_refused_
     )
     other = QuPathObject(shapely.box(120, 120, 250, 250), "annotation", "Training region", {})
     points = QuPathObject(shapely.MultiPoint([(150, 150), (200, 200)]), "annotation", "Other", {})
+    stray = QuPathObject(shapely.MultiPoint([(110, 10)]), "annotation", "Other", {})  # outside every region
     with pytest.raises(LabelError, match=r"training region 1 \(x 0-100, y 0-100\) says all its nuclei are marked"):
-        labels_from_objects([marked, other, points], slide="s.svs", image_size_px=(256, 256), rules=RULES)
+        labels_from_objects([marked, other, points, stray], slide="s.svs", image_size_px=(256, 256), rules=RULES)
+    # Every point in a region: the empty one may be mucin or lumen drawn as a hard negative; warned of, not refused.
+    assert labels_from_objects([marked, other, points], slide="s.svs", image_size_px=(256, 256), rules=RULES)
     seg = LabelRules(class_names=HE_CLASSES, points=False)  # a segmentation run reads no points: nothing to refuse
     assert labels_from_objects([marked, other, points], slide="s.svs", image_size_px=(256, 256), rules=seg)

@@ -221,7 +221,7 @@ def test_an_image_given_twice_and_two_images_of_one_name_are_told_apart(phantoms
         ExportImage(a, entry_id="2", image_name="a.svs"),
     )
     for slides, said in (
-        ([a, a], f"{a} is given 2 times: give each image once"),
+        ([a, a], f"{a} is given 2 times ({a} and {a}): give each image once"),
         ([entry_1, entry_2], f"entry 1 (a.svs) and entry 2 (a.svs) are one image ({a}): remove all but one of them"),
         ([a, namesake], f"{a} and {namesake} share the file name 'a', which names their cases"),
     ):

@@ -297,7 +297,9 @@ def test_an_out_beside_a_users_file_of_the_provenances_name_is_refused_and_an_ea
     (tmp_path / "notes").mkdir()
     notes = tmp_path / "notes" / "cases.json"
     notes.write_text('{"my": "case notes"}')
-    with pytest.raises(ReviewQueueError, match=r"one of them is there and no review queue's, so it would be replaced"):
+    with pytest.raises(
+        ReviewQueueError, match=r"notes.cases\.json is there and no review queue's, so it would be replaced"
+    ):
         write_review_queue(project, out=tmp_path / "notes" / "cases.csv", qupath="never")
     assert notes.read_text() == '{"my": "case notes"}' and not (tmp_path / "notes" / "cases.csv").exists()
     table = tmp_path / "notes" / "table.csv"

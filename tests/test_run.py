@@ -186,23 +186,35 @@ def test_resume_analyses_again_an_image_done_with_other_settings(tmp_path, slide
     assert [o.state for o in run_batch(slides, faster, models=models)] == ["skipped", "skipped"]
 
 
-def test_resume_analyses_again_an_image_whose_project_now_states_another_image_type(tmp_path, slides, models, caplog):
-    # A pathologist corrects an image type in QuPath after a run (an IHC typed H&E): --resume skipped the image as
-    # done, keeping the results of the old type's path.
+def test_resume_analyses_again_an_image_whose_project_now_states_another_stain_or_pixel_size(
+    tmp_path, slides, models, caplog
+):
+    # A pathologist corrects an image type (an H&E typed H-DAB) or a pixel size in QuPath after a run: --resume
+    # skipped the image, keeping results of the old path or scale. A type that states what the run used (the H&E
+    # typed H&E) or none (QuPath's UNSET, which every save through QuPath writes for an untyped image) changes nothing.
     project = tmp_path / "project"
     init_project_files(project, list(slides))
     assert [o.state for o in run_batch([project], _config(), models=models)] == ["done", "done"]
-    first = read_project(project).entries[0]
-    (project / "data" / first.entry_id).mkdir(parents=True, exist_ok=True)
-    (project / "data" / first.entry_id / "summary.json").write_text('{"imageType": "BRIGHTFIELD_H_E"}')
+    first, second = read_project(project).entries
+    for entry, image_type in ((first, "UNSET"), (second, "BRIGHTFIELD_H_E")):
+        (project / "data" / entry.entry_id).mkdir(parents=True, exist_ok=True)
+        (project / "data" / entry.entry_id / "summary.json").write_text(json.dumps({"imageType": image_type}))
+    assert [o.state for o in run_batch([project], _config(resume=True), models=models)] == ["skipped", "skipped"]
+    (project / "data" / second.entry_id / "summary.json").write_text('{"imageType": "BRIGHTFIELD_H_DAB"}')
+    qpproj = json.loads((project / "project.qpproj").read_text())
+    calibration = qpproj["images"][0]["serverBuilder"]["metadata"]["pixelCalibration"]
+    for axis in ("pixelWidth", "pixelHeight"):
+        calibration[axis]["value"] = 0.6
+    (project / "project.qpproj").write_text(json.dumps(qpproj))
     with caplog.at_level("WARNING", logger="bridge.run"):
         again = run_batch([project], _config(resume=True), models=models)
-    assert [o.state for o in again] == ["done", "skipped"]
+    assert [o.state for o in again] == ["done", "done"]
+    said = " ".join(caplog.text.split())
+    assert f"{first.image_name}: recorded as done by an earlier run, but its project now states 0.6 µm/px" in said
     assert (
-        f"{first.image_name}: done by an earlier run, but its project now states another image type (none, now "
-        "BRIGHTFIELD_H_E); analysing it again" in caplog.text
+        f"{second.image_name}: recorded as done by an earlier run, but its project now states the image type " in said
     )
-    assert [o.state for o in run_batch([project], _config(resume=True), models=models)] == ["skipped", "skipped"]
+    assert "BRIGHTFIELD_H_DAB (H-DAB), and its results are of H&E; analysing it again" in said
 
 
 def test_project_sidecars_resume_after_a_crash_and_moved_slide(tmp_path, slides, models):
@@ -1250,7 +1262,12 @@ def test_resume_analyses_again_an_image_whose_results_are_of_another_file(tmp_pa
     with caplog.at_level("WARNING", logger="bridge.run"):
         again = run_batch([other], replace(config, resume=True), models=models)
     assert [o.state for o in again] == ["done"]
-    assert f"its results are of {slides[0]}, not of {other}; analysing it again" in caplog.text
+    size = slides[0].stat().st_size
+    said = f"its results are of {slides[0]} ({size} bytes), not of {other} ({other.stat().st_size} bytes); analysing"
+    assert said in caplog.text
+    moved = Path(shutil.copy(slides[1], tmp_path / "elsewhere.svs")).rename(tmp_path / "s32.svs")  # the same file
+    assert [o.state for o in run_batch([slides[1]], replace(config, resume=True), models=models)] == ["done"]
+    assert [o.state for o in run_batch([moved], replace(config, resume=True), models=models)] == ["skipped"]
     assert json.loads((out / "s31.summary.json").read_text())["image"] == str(other)
 
 

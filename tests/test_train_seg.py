@@ -472,6 +472,12 @@ def test_a_folder_holding_other_files_is_no_model_folder(tmp_path):
         check_out_dir(tmp_path / "project", resume=False)
     (tmp_path / "empty").mkdir()
     check_out_dir(tmp_path / "empty", resume=False)  # an empty folder is a new one
+    # A file manager's files, and the chain folder a run stopped before its first checkpoint made, are no one else's.
+    (tmp_path / "empty" / ".DS_Store").write_bytes(b"")
+    (tmp_path / "empty" / "Thumbs.db").write_bytes(b"")
+    (tmp_path / "empty" / "chain_0").mkdir()
+    check_out_dir(tmp_path / "empty", resume=False)
+    check_out_dir(tmp_path / "empty", resume=True)
 
 
 def test_a_schedule_whose_only_cycle_is_dropped_is_advised_as_the_configs_fields():

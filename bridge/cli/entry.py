@@ -7,8 +7,9 @@ Nothing has been done by then.
 The commands import torch when they first need it (a second or two). A KeyboardInterrupt raised inside torch's
 import can land in Python code that torch's C++ runs (pybind11), which aborts the process (exit 134, a C++
 ``error_already_set``), or in an import lock's callback, which drops it and lets the command run on. So a Ctrl-C
-during that import is held until the import is done, and then delivered as if it came just after it: the
-command's own Ctrl-C handling says what it stopped.
+during that import is held until torch's own code has run to its end, and then delivered there, at the end of the
+import: the command's own Ctrl-C handling says what it stopped. (Python then forgets the module, its submodules
+loaded: the command stops anyway, and nothing imports torch again.)
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class _InterruptHeld:
     def __exit__(self, *exc_info: object) -> None:
         signal.signal(signal.SIGINT, self._before)
         if self._came:
-            signal.raise_signal(signal.SIGINT)  # the handler before (Python's: KeyboardInterrupt) takes it now
+            signal.raise_signal(signal.SIGINT)  # the handler before (Python's: KeyboardInterrupt) takes it here
 
 
 class _HeldLoader(importlib.abc.Loader):

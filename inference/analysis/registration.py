@@ -432,10 +432,9 @@ def register_pair(
         return reg
     # Judged as found (scale and shear of the unmirrored fit), then the mirroring composed in.
     face_down = _Features(mask=moving.mask[:, ::-1].copy(), signals=moving.signals[:, :, ::-1].copy())
-    tries = [
-        _search(fixed, moving, mpp=mpp, max_rotation_deg=180.0, step_deg=rotation_step_deg),
-        _mirrored(_search(fixed, face_down, mpp=mpp, max_rotation_deg=180.0, step_deg=rotation_step_deg), moving),
-    ]
+    tries = [_mirrored(_search(fixed, face_down, mpp=mpp, max_rotation_deg=180.0, step_deg=rotation_step_deg), moving)]
+    if max_rotation_deg < 180:  # else the first search was this one
+        tries.append(_search(fixed, moving, mpp=mpp, max_rotation_deg=180.0, step_deg=rotation_step_deg))
     plausible = [r for r in tries if r.ok]
     if plausible:
         return max(plausible, key=lambda r: r.structure_ncc)

@@ -11,13 +11,14 @@ import dataclasses
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from inference.advice import SettingWords, library_setting
@@ -146,8 +147,9 @@ def check_out_dir(out_dir: str | Path, *, resume: bool, setting: SettingWords = 
             f"{out_dir}: already holds a model ({MANIFEST_NAME}); training would overwrite its members. Give a new "
             "folder, or delete this one first"
         )
-    if not checkpoints and out_dir.is_dir() and any(out_dir.iterdir()):  # a QuPath project's folder took the model
-        held = sorted(p.name for p in out_dir.iterdir())
+    others = sorted(p.name for p in out_dir.iterdir() if not _ours_or_clutter(p)) if out_dir.is_dir() else []
+    if not checkpoints and others:  # a QuPath project's folder took the model
+        held = others
         shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
         raise FileExistsError(
             f"{out_dir}: holds other files ({shown}) and no model or training run; the model is written into a new "
@@ -157,12 +159,23 @@ def check_out_dir(out_dir: str | Path, *, resume: bool, setting: SettingWords = 
         try:
             epochs = 1 + int(_checkpoint_meta(checkpoints[0])["epoch"])
             done = f" after {epochs} epoch{'s' if epochs != 1 else ''}"
-        except Exception:  # a cut-short file raises safetensors' own error; what is in it does not change the refusal
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError):  # what is in it does not change the refusal
             done = ""
         raise FileExistsError(
             f"{out_dir}: holds the checkpoint of an interrupted training run (stopped{done}); a new run would "
             f"overwrite it (delete the folder to start again): {_resume_advice(setting)}"
         )
+
+
+# What a file manager leaves in any folder it shows; not a user's files.
+_CLUTTER = frozenset({"Thumbs.db", "desktop.ini"})
+
+
+def _ours_or_clutter(path: Path) -> bool:
+    """A file that does not make a folder someone else's: a chain's folder a run made before its first checkpoint
+    (``chain_0``: stopped then, it is the same run's), a hidden file, or a file manager's."""
+    name = path.name
+    return name.startswith(".") or name in _CLUTTER or (path.is_dir() and re.fullmatch(r"chain_\d+", name) is not None)
 
 
 def _first_cycle_epochs(config: CyclicSchedule) -> int:

@@ -1224,12 +1224,18 @@ def _read_project_labels(
     return out
 
 
+# QuPath's own classes of positive cell detection (PathClass.StandardPathClasses: POSITIVE, NEGATIVE, ONE_PLUS, ...):
+# its cells carry them whether or not the project's class list names them.
+_QUPATH_INTENSITY_CLASSES = frozenset({"Positive", "Negative", "1+", "2+", "3+"})
+
+
 def _warn_class_map_unknown(class_map: Mapping[str, str | None], classes: frozenset[str] | None, where: Path) -> None:
     """Warn of a ``--class-map`` LABEL that is no class of the project (a misspelt one maps nothing, and the
     points of the class meant are then refused or skipped as unmapped); nothing where the project lists none."""
     if not classes:
         return
-    unknown = sorted(label for label in class_map if label not in classes and label.strip() not in classes)
+    known = classes | _QUPATH_INTENSITY_CLASSES
+    unknown = sorted(label for label in class_map if label not in known and label.strip() not in known)
     if unknown:
         log.warning(
             "--class-map names %s, which %s no class of %s (its classes: %s); check the spelling, as QuPath shows the "

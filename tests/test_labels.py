@@ -1471,3 +1471,15 @@ def test_a_region_saying_all_nuclei_are_marked_without_a_point_in_it_is_refused_
     assert labels_from_objects([marked, other, points], slide="s.svs", image_size_px=(256, 256), rules=RULES)
     seg = LabelRules(class_names=HE_CLASSES, points=False)  # a segmentation run reads no points: nothing to refuse
     assert labels_from_objects([marked, other, points], slide="s.svs", image_size_px=(256, 256), rules=seg)
+
+
+def test_a_class_map_of_qupaths_own_cell_classes_is_not_called_misspelt(caplog):
+    # QuPath's positive cell detection classes its cells Positive / Negative (or 1+, 2+, 3+) whatever the project's
+    # class list holds: --class-map 'Positive=Tumor: Positive' was warned of as "no class of the project".
+    from bridge.labels import _warn_class_map_unknown
+
+    with caplog.at_level("WARNING", logger="bridge.labels"):
+        _warn_class_map_unknown(
+            {"Positive": "Tumor: Positive", "2+": None, "Tumour": "Other"}, frozenset({"Tumor"}), Path("p")
+        )
+    assert "--class-map names 'Tumour', which is no class of p" in caplog.text and "Positive" not in caplog.text

@@ -88,7 +88,7 @@ from bridge.project import (
     read_project,
     sidecar_dir,
 )
-from bridge.qupath_geojson import QuPathObject, read_features
+from bridge.qupath_geojson import QuPathObject, class_name, read_features
 from bridge.run_lock import project_read_lock
 from bridge.targets import (
     MISSING,
@@ -1105,12 +1105,12 @@ def choose_entries(info: ProjectInfo, wanted: Sequence[str] = ()) -> list[Projec
     """The entries named by ID or image name (all when none are named); an unknown name is refused."""
     if not wanted:
         return list(info.entries)
-    missing = [w for w in wanted if _entry_named(info, w) is None]
+    chosen = {w: _entry_named(info, w) for w in dict.fromkeys(wanted)}
+    missing = [w for w, e in chosen.items() if e is None]
     if missing:
         known = ", ".join(f"{e.entry_id} ({e.image_name})" for e in info.entries)
         raise LabelError(f"{info.path}: no entry {', '.join(map(repr, missing))}; the project has {known}")
-    chosen = [_entry_named(info, w) for w in wanted]
-    return [e for k, e in enumerate(chosen) if all(e is not c for c in chosen[:k])]  # each once, in the given order
+    return list({e.entry_id: e for e in chosen.values()}.values())  # each once (by ID and by name too), in order
 
 
 def _entry_named(info: ProjectInfo, name: str) -> ProjectEntry | None:
@@ -1349,7 +1349,7 @@ def _refuse_stale_export(exported: Path, entry_folder: Path, source: str, export
         return
     features = raw.get("features") if isinstance(raw, dict) else raw
     in_export = Counter(
-        _class_text(f["properties"].get("classification"))
+        class_name(f["properties"].get("classification")) or "Unclassified"
         for f in (features if isinstance(features, list) else [])
         if isinstance(f, dict)
         and isinstance(f.get("properties"), dict)
@@ -1362,16 +1362,6 @@ def _refuse_stale_export(exported: Path, entry_folder: Path, source: str, export
             f"{source}: QuPath saved the entry after {exported} was written, and its annotations changed since "
             f"({said}: labels drawn, or results added, since the export), so the export is out of date; {export_again}"
         )
-
-
-def _class_text(classification: object) -> str:
-    """A GeoJSON classification as QuPath's summary.json counts it: ``Tumor: Positive``, ``Unclassified``."""
-    if not isinstance(classification, dict):
-        return "Unclassified"
-    names = classification.get("names")
-    if isinstance(names, list) and names:
-        return ": ".join(str(n) for n in names)
-    return str(classification.get("name") or "Unclassified")
 
 
 def warn_unless_he(slide: str | Path | Slide, source: str) -> None:

@@ -30,6 +30,7 @@ from PIL import Image
 from scipy.ndimage import distance_transform_edt
 
 from bridge.atomic import folder_replaced_whole
+from bridge.project import sharing_a_stem
 from inference import (
     IGNORE_LABEL,
     MppAdvice,
@@ -216,10 +217,7 @@ class ExportImage:
 def _refuse_shared_names(images: list[ExportImage]) -> None:
     """A case is named after its image's file stem: one file given twice, or two files of one stem, would
     overwrite each other's cases."""
-    by_stem: dict[str, list[ExportImage]] = {}
-    for image in images:
-        by_stem.setdefault(image.path.stem, []).append(image)
-    for same in (group for group in by_stem.values() if len(group) > 1):
+    for same in sharing_a_stem(images, path=lambda image: image.path):
         named = " and ".join(
             f"entry {i.entry_id} ({i.image_name})" if i.entry_id is not None else str(i.path) for i in same
         )

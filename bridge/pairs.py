@@ -158,9 +158,15 @@ def _doubts(members: Sequence[CaseImage]) -> str:
     if not doubts:
         return ""
     return (
-        f"; {'; '.join(doubts)}: if a stain is wrong, set its image type in QuPath (Image tab: Image type) or pass "
+        f"{'; '.join(doubts)}: if a stain is wrong, set its image type in QuPath (Image tab: Image type) or pass "
         "--stain, and run again"
     )
+
+
+def _and_doubts(said: str, members: Sequence[CaseImage]) -> str:
+    """``said``, then the case's images whose stain may be wrong (:func:`_doubts`) where any is."""
+    doubts = _doubts(members)
+    return f"{said}; {doubts}" if doubts else said
 
 
 def pair_cases(
@@ -205,18 +211,19 @@ def pair_cases(
             pairs[case] = (he[0], ihc[0])
         elif he and ihc:
             names = ", ".join(f"{m.name} ({m.stain})" for m in members)
-            problems[case] = (
+            problems[case] = _and_doubts(
                 f"case {case!r} has {len(he)} H&E and {len(ihc)} PD-L1 IHC images analysed ({names}); a pair is one "
-                f"of each: {_one_pair_per_case(members)}{_doubts(members)}"
+                f"of each: {_one_pair_per_case(members)}",
+                members,
             )
         elif any(m.case_in_metadata for m in members) and len(stains) > 1:
-            problems[case] = _stated_without_partner(case, members) + _doubts(members)
+            problems[case] = _and_doubts(_stated_without_partner(case, members), members)
         elif len(members) > 1 and len(stains) > 1:  # two *_HE of one case, or an H&E and an IHC read as one stain
             stain, other = ("H&E", "PD-L1 IHC") if he else ("PD-L1 IHC", "H&E")
             names = ", ".join(m.name for m in members)
             problems[case] = (
                 f"case {case!r} has {len(members)} {stain} images analysed ({names}) and no {other}; a pair is one of "
-                f"each: {_doubts(members)[2:] or _one_pair_per_case(members)}"
+                f"each: {_doubts(members) or _one_pair_per_case(members)}"
             )
     return pairs, problems
 

@@ -13,15 +13,17 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 from bridge.atomic import replace_atomically
 from inference import Pdl1Error, is_finite_number
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PDL1_DIR = "pdl1"
 STATUS_FILE = "status.json"
@@ -726,16 +728,17 @@ def distinct_inputs(paths: list[Path]) -> tuple[list[Path], dict[Path, Path]]:
     return kept, repeats
 
 
-def sharing_a_stem(slides: list[Path]) -> list[list[Path]]:
+def sharing_a_stem(slides: Sequence[T], *, path: Callable[[T], Path] = lambda slide: slide) -> list[list[T]]:
     """The groups of ``slides`` (each named once, :func:`distinct_inputs`) that share a file stem, which outputs
-    named after the stem cannot tell apart (``pdl1 run --out``'s ``<stem>.geojson``, the eval suite's overlays).
+    named after the stem cannot tell apart (``pdl1 run --out``'s ``<stem>.geojson``, the eval suite's overlays, an
+    nnU-Net export's cases). ``path``: a slide's file, for slides given as other objects than paths.
 
     >>> sharing_a_stem([Path("a/x.svs"), Path("b/x.tif"), Path("c/y.svs")])
     [[PosixPath('a/x.svs'), PosixPath('b/x.tif')]]
     """
-    by_stem: dict[str, list[Path]] = {}
+    by_stem: dict[str, list[T]] = {}
     for slide in slides:
-        by_stem.setdefault(slide.stem, []).append(slide)
+        by_stem.setdefault(path(slide).stem, []).append(slide)
     return [same for same in by_stem.values() if len(same) > 1]
 
 

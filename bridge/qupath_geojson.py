@@ -275,6 +275,21 @@ def _without_missing_measurements(feature: Mapping[str, Any]) -> Mapping[str, An
     return {**feature, "properties": {**props, "measurements": kept}}
 
 
+def class_name(classification: Any) -> str | None:
+    """The class a GeoJSON ``classification`` names, as QuPath shows it (a derived class's ``names`` joined:
+    ``Tumor: Positive``); None for no classification.
+
+    >>> class_name({"names": ["Tumor", "Positive"], "color": [200, 50, 50]}), class_name(None)
+    ('Tumor: Positive', None)
+    """
+    if not isinstance(classification, Mapping):
+        return None
+    if "names" in classification:
+        return ": ".join(str(n) for n in classification["names"])
+    name = classification.get("name")
+    return None if name is None else str(name)
+
+
 def from_feature(feature: Mapping[str, Any]) -> QuPathObject:
     """Parse one QuPath GeoJSON feature (as QuPath 0.4+ writes them); measurements QuPath wrote as missing ("NaN",
     "Infinity", or a bare NaN) are left out."""
@@ -282,11 +297,8 @@ def from_feature(feature: Mapping[str, Any]) -> QuPathObject:
     validate_feature(feature)
     props = feature["properties"]
     cls = props.get("classification")
-    name = None
-    color = None
-    if cls is not None:
-        name = ": ".join(cls["names"]) if "names" in cls else cls["name"]
-        color = tuple(cls["color"])
+    name = class_name(cls)
+    color = None if cls is None else tuple(cls["color"])
     try:  # the nesting and counts shapely needs: a ring of 4+ points, a line of 2+, a point of 2-3 numbers
         geometry = shapely.geometry.shape(feature["geometry"])
     except (ValueError, TypeError, IndexError, shapely.errors.ShapelyError) as err:

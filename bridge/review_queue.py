@@ -810,15 +810,20 @@ def _refuse_out_among_run_files(out: Path, folder: Path) -> None:
     if where.is_relative_to(results) and where != results / QUEUE_FILE:
         raise ReviewQueueError(
             f"--out {out} lies in {results}, which holds what pdl1 run writes (its status, tables and each entry's "
-            f"results), and the queue or its provenance ({where.with_suffix('.json').name}) could replace one of "
+            f"results), and the queue or its provenance ({_provenance_path(where).name}) could replace one of "
             f"them; give a CSV path outside it, or leave --out out for {results / QUEUE_FILE}"
         )
+
+
+def _provenance_path(csv_path: Path) -> Path:
+    """Where a queue's provenance goes: beside its CSV, of the same name (``review_queue.json``)."""
+    return csv_path.with_name(csv_path.stem + ".json")
 
 
 def _refuse_replacing_others(out: Path) -> None:
     """Refuse an ``--out`` whose CSV, or the provenance JSON beside it, is there and no earlier queue's: ``--out
     notes/cases.csv`` replaced the user's ``notes/cases.json`` with the queue's provenance, in silence."""
-    provenance = out.with_name(out.stem + ".json")
+    provenance = _provenance_path(out)
     for path in (out, provenance):
         if not path.is_file():
             continue
@@ -955,7 +960,7 @@ def write_review_queue(
                 marker,
                 _marker_text(marker),
             )
-        provenance_path = csv_path.with_name(csv_path.stem + ".json")
+        provenance_path = _provenance_path(csv_path)
         written_at = provenance["written_at"]
         # review.json of entries whose rank now goes into their summary.json: an earlier queue's, when they were
         # analysed in QuPath alone; removed with the renames (the import reads the summary's where there is one).

@@ -646,17 +646,17 @@ def _refuse_replacing_others(slides: list[Path], out: Path) -> None:
     the README trains from) was replaced by the run's results in silence. One of pdl1's has its summary beside it,
     or begins with its ``PD-L1 analysis`` parent (a summary lost to a kill)."""
     for slide in slides:
-        geojson = out / f"{slide.stem}.geojson"
-        if not geojson.is_file() or (out / f"{slide.stem}.summary.json").is_file():
+        geojson, summary = output_paths(slide.stem, None, out)
+        if not geojson.is_file() or summary.is_file():
             continue
         try:
             with geojson.open("rb") as fh:
                 head = fh.read(2048)
         except OSError:  # cannot tell: writing the results there says why, if it cannot
             continue
-        if b'"name":"PD-L1 analysis"' not in head:
+        if f'"name":"{PDL1_ANALYSIS.name}"'.encode() not in head:
             raise ProjectError(
-                f"{geojson} is there and no pdl1 run wrote it (no {slide.stem}.summary.json beside it), and {slide}'s "
+                f"{geojson} is there and no pdl1 run wrote it (no {summary.name} beside it), and {slide}'s "
                 "results would replace it; move that file, or give another --out folder"
             )
 
@@ -987,11 +987,8 @@ def _of_another_image(job: _Job, summary: dict[str, Any]) -> str | None:
     if then.name != job.image.name:
         return f"its results are of {then}, not of {job.image}"
     recorded = summary.get(IMAGE_FILE_BYTES)  # a slide's file keeps its size when moved, copied or reached elsewhere
-    try:
-        now_bytes = job.image.stat().st_size
-    except OSError:  # not there to compare: its analysis says why
-        now_bytes = recorded
-    if is_finite_number(recorded) and now_bytes != recorded:
+    now_bytes = _file_bytes(job.image)  # None: not there to compare (its analysis says why)
+    if is_finite_number(recorded) and now_bytes is not None and now_bytes != recorded:
         return f"its results are of {then} ({recorded} bytes), not of {job.image} ({now_bytes} bytes)"
     size, now = summary.get("image_size_px"), job.size_px
     if now is not None and isinstance(size, list) and tuple(size) != tuple(now):
@@ -1026,12 +1023,13 @@ def _results_problem(
             return f"{path} does not read ({err})"
         if path == geojson and not (isinstance(data, dict) and data.get("features")):
             return f"{path} holds no features"
-        if path == summary and summary_problem(data) is not None:
-            return f"{path} {summary_problem(data)}"
-        if path == summary and (other := _of_another_image(job, data)) is not None:
-            return other
-        if path == summary and (other := _not_as_stated(job, data, stain_given=stain_given)) is not None:
-            return other
+        if path == summary:
+            problem = summary_problem(data)
+            if problem is not None:
+                return f"{path} {problem}"
+            other = _of_another_image(job, data) or _not_as_stated(job, data, stain_given=stain_given)
+            if other is not None:
+                return other
     # Every target's output of an image of several: the report, review-queue and --from-review read it. Missing is a
     # run of an earlier version (its results stand); damaged or another run's is not whole.
     rows = data.get("targets")

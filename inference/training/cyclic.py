@@ -149,8 +149,7 @@ def check_out_dir(out_dir: str | Path, *, resume: bool, setting: SettingWords = 
         )
     others = sorted(p.name for p in out_dir.iterdir() if not _ours_or_clutter(p)) if out_dir.is_dir() else []
     if not checkpoints and others:  # a QuPath project's folder took the model
-        held = others
-        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         raise FileExistsError(
             f"{out_dir}: holds other files ({shown}) and no model or training run; the model is written into a new "
             "or empty folder of its own: give one"

@@ -222,7 +222,7 @@ def run_batch_ray(
         ordered = [outcomes[job.key] for job in jobs]
         write_targets(jobs, ordered, project, status_folder)
         if config.compare_pairs:
-            _compare_pairs(jobs, ordered, project, status_folder, openslide_only=config.pipeline.openslide_only)
+            _compare_pairs(jobs, ordered, project, status_folder, config)
         return ordered
 
 

@@ -1,9 +1,9 @@
 """Cases with an H&E and a PD-L1 IHC of the same block: paired, registered and compared after a run.
 
 A case is named by the entry metadata key ``case`` (QuPath: the entry's metadata, e.g. set with
-*Project > Edit metadata*); where an entry has none, or for plain slides, by the file name with a
-leading or trailing stain word taken off (``B12_HE.svs``, ``B12_PD-L1.svs`` and ``ihc_B12.svs`` are case
-``B12``). A case with
+*Project > Edit metadata*; another key with ``pdl1 run --case-key``); where an entry has none, or for plain
+slides, by the file name with its leading or trailing stain words taken off (``B12_HE.svs``,
+``B12_PD-L1_22C3.svs`` and ``ihc_B12.svs`` are case ``B12``). A case with
 exactly one analysed H&E and one analysed IHC is compared: the IHC is registered to the H&E, its
 positive tumour cells are mapped onto it, and the H&E's prediction is set against the IHC's
 measurement (:func:`inference.compare_pair`). The comparisons go to ``pdl1/pairs.json`` beside the run
@@ -61,10 +61,11 @@ PAIRS_DIR = "pairs"  # <folder>/pdl1/pairs/<H&E key>.ihc_positive.geojson: the I
 LABELS_SUFFIX = ".ihc_positive.geojson"
 # A measurement of the registered IHC area: 1 where the IHC's own analysis needs review (bridge.labels counts it).
 IHC_NEEDS_REVIEW = "IHC needs review"
-# A stain word leading or trailing a file name: what is left names the case.
-_STAIN_WORD = r"(?:h&e|he|hande|ihc|pd-?l1|22c3|sp263|sp142|28-8|dab)"
-_STAIN_SUFFIX = re.compile(rf"^(?P<case>.+?)[ _.-]+{_STAIN_WORD}$", re.I)
-_STAIN_PREFIX = re.compile(rf"^{_STAIN_WORD}[ _.-]+(?P<case>.+)$", re.I)
+# Stain words leading or trailing a file name (a stain and its antibody clone, B12_PD-L1_22C3): what is left names
+# the case.
+_STAIN_WORD = r"(?:h[&_-]?e|hes|hande|ihc|pd[-_ ]?l1|22c3|sp263|sp142|28-8|73-10|e1l3n|qr1|dab)"
+_STAIN_SUFFIX = re.compile(rf"^(?P<case>.+?)(?:[ _.-]+{_STAIN_WORD})+$", re.I)
+_STAIN_PREFIX = re.compile(rf"^(?:{_STAIN_WORD}[ _.-]+)+(?P<case>.+)$", re.I)
 _POSITIVE_CELL_CLASSES = frozenset({TUMOR_POSITIVE.name, *(c.name for c in INTENSITY_CLASSES)})
 # A TMA case's cores, one row each: <folder>/pdl1/pairs_cores.csv beside pairs.json.
 CORES_FILE = "pairs_cores.csv"
@@ -111,10 +112,12 @@ def case_in_metadata(metadata: dict[str, str] | None, *, key: str = CASE_KEY) ->
 
 
 def case_of(name: str, metadata: dict[str, str] | None, *, key: str = CASE_KEY) -> str | None:
-    """The case an image belongs to: its metadata's ``key``, else its file name without a stain word.
+    """The case an image belongs to: its metadata's ``key``, else its file name without its stain words.
 
     >>> case_of("B12_HE.svs", None), case_of("B12 PD-L1.ndpi", None), case_of("slide.svs", None)
     ('B12', 'B12', None)
+    >>> case_of("S22-1234 A1 PD-L1 22C3.svs", None), case_of("S22-1234 A1 H&E.svs", None)
+    ('S22-1234 A1', 'S22-1234 A1')
     >>> case_of("anything.svs", {"case": "C7"})
     'C7'
     """
@@ -170,7 +173,7 @@ def _and_doubts(said: str, members: Sequence[CaseImage]) -> str:
 
 
 def pair_cases(
-    images: Iterable[CaseImage], failed: Iterable[FailedImage] = ()
+    images: Iterable[CaseImage], failed: Iterable[FailedImage] = (), *, case_key: str = CASE_KEY
 ) -> tuple[dict[str, tuple[CaseImage, CaseImage]], dict[str, str]]:
     """Cases with one H&E and one IHC image, and for every case with both stains but not one of each, why it
     is not paired. A case of one image of one stain (an H&E-only study named ``*_HE``) is no pair and says nothing,
@@ -182,7 +185,8 @@ def pair_cases(
 
     Case names are compared without surrounding blanks and regardless of capitals: ``B12`` typed as ``b12 `` in
     the IHC's metadata (or ``B12_HE.svs`` beside ``b12_ihc.svs``) is the same case, not two of one stain each,
-    which would say nothing. A case is named as its first image (by name) spells it."""
+    which would say nothing. A case is named as its first image (by name) spells it. ``case_key``: the entry
+    metadata key the cases were read from, as the messages name it."""
     images = sorted(images, key=lambda i: i.name)
     stains = {image.stain for image in images}  # also of images without a case: an IHC named slide7.svs
     by_case: dict[str, list[CaseImage]] = {}
@@ -213,32 +217,32 @@ def pair_cases(
             names = ", ".join(f"{m.name} ({m.stain})" for m in members)
             problems[case] = _and_doubts(
                 f"case {case!r} has {len(he)} H&E and {len(ihc)} PD-L1 IHC images analysed ({names}); a pair is one "
-                f"of each: {_one_pair_per_case(members)}",
+                f"of each: {_one_pair_per_case(members, case_key)}",
                 members,
             )
         elif any(m.case_in_metadata for m in members) and len(stains) > 1:
-            problems[case] = _and_doubts(_stated_without_partner(case, members), members)
+            problems[case] = _and_doubts(_stated_without_partner(case, members, case_key), members)
         elif len(members) > 1 and len(stains) > 1:  # two *_HE of one case, or an H&E and an IHC read as one stain
             stain, other = ("H&E", "PD-L1 IHC") if he else ("PD-L1 IHC", "H&E")
             names = ", ".join(m.name for m in members)
             problems[case] = (
                 f"case {case!r} has {len(members)} {stain} images analysed ({names}) and no {other}; a pair is one of "
-                f"each: {_doubts(members) or _one_pair_per_case(members)}"
+                f"each: {_doubts(members) or _one_pair_per_case(members, case_key)}"
             )
     return pairs, problems
 
 
-def _one_pair_per_case(members: Sequence[CaseImage]) -> str:
+def _one_pair_per_case(members: Sequence[CaseImage], case_key: str) -> str:
     """How to make a case one H&E and one IHC, where its case is stated in metadata or comes from file names."""
     if any(m.case_in_metadata for m in members):
-        return f"give each case its own '{CASE_KEY}' metadata value"
+        return f"give each case its own '{case_key}' metadata value"
     return (
-        "the case comes from the file names (without their stain word): rename the files so that each case has one "
-        f"H&E and one IHC, or, in a QuPath project, give each entry a '{CASE_KEY}' metadata value"
+        "the case comes from the file names (without their stain words): rename the files so that each case has one "
+        f"H&E and one IHC, or, in a QuPath project, give each entry a '{case_key}' metadata value"
     )
 
 
-def _stated_without_partner(case: str, members: list[CaseImage]) -> str:
+def _stated_without_partner(case: str, members: list[CaseImage], case_key: str) -> str:
     """Why a case a person stated in the metadata, whose images are all of one stain, is not compared."""
     if members[0].stain == "H&E":
         an, stain, other, partner = "an", "H&E", "PD-L1 IHC", "IHC"
@@ -248,8 +252,8 @@ def _stated_without_partner(case: str, members: list[CaseImage]) -> str:
     names = ", ".join(m.name for m in members)
     which = f"only {an} {stain} ({names}) carries" if len(members) == 1 else f"only {stain} images ({names}) carry"
     return (
-        f"case {case!r} is not compared: {which} {CASE_KEY}={stated} (entry metadata); no {other} entry does: "
-        f"check the {partner}'s `{CASE_KEY}` value in QuPath (Project > Edit metadata)"
+        f"case {case!r} is not compared: {which} {case_key}={stated} (entry metadata); no {other} entry does: "
+        f"check the {partner}'s `{case_key}` value in QuPath (Project > Edit metadata)"
     )
 
 
@@ -792,13 +796,18 @@ def _cores_of_case(he: CaseImage, ihc: CaseImage) -> tuple[dict[str, Any], tuple
 
 
 def write_pair_comparisons(
-    images: list[CaseImage], folder: Path, *, failed: Iterable[FailedImage] = (), openslide_only: bool = False
+    images: list[CaseImage],
+    folder: Path,
+    *,
+    failed: Iterable[FailedImage] = (),
+    openslide_only: bool = False,
+    case_key: str = CASE_KEY,
 ) -> Path | None:
     """Pair the run's images by case, compare each pair and write ``folder/pdl1/pairs.json`` (beside the run
     status; ``folder`` is the project folder or a plain-slides run's ``--out``); None without cases, and
     then an earlier run's ``pairs.json`` is removed. ``failed``: the run's images that failed, whose cases
-    say so instead of being compared (:func:`pair_cases`)."""
-    pairs, problems = pair_cases(images, failed)
+    say so instead of being compared (:func:`pair_cases`); ``case_key``: the entry metadata key of the cases."""
+    pairs, problems = pair_cases(images, failed, case_key=case_key)
     path = folder / PDL1_DIR / PAIRS_FILE
     cores_path = folder / PDL1_DIR / CORES_FILE
     labels_dir = folder / PDL1_DIR / PAIRS_DIR
@@ -824,7 +833,7 @@ def write_pair_comparisons(
         write_core_table(cores_path, tma_cases)
     else:
         cores_path.unlink(missing_ok=True)
-    write_json_atomic(path, {"case_key": CASE_KEY, "cases": records})
+    write_json_atomic(path, {"case_key": case_key, "cases": records})
     # pdl1 train --ihc-band-um reads every label file there: one of a case this run did not compare is stale.
     _remove_labels_but(
         labels_dir, {Path(r["ihc_positive_on_he"]).name for r in records.values() if "ihc_positive_on_he" in r}

@@ -56,6 +56,9 @@ SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "nuclei": (_STRING, "nuclei_model"),
         "ihc_nuclei": (_STRING, "ihc_model"),
     },
+    "pairs": {
+        "case_key": (_STRING, "case_key"),
+    },
 }
 _KEY_OF = {attr: f"{table}.{key}" for table, keys in SCHEMA.items() for key, (_, attr) in keys.items()}
 # What `pdl1 run` uses (and records); the service keys are the Groovy scripts' (the token is never recorded).
@@ -63,7 +66,7 @@ RUN_KEYS = tuple(attr for attr in _KEY_OF if not attr.startswith("service_"))
 FROM_DEFAULT, FROM_COMMAND_LINE = "built-in default", "command line"
 
 
-_CHECKED = ("device", "runtime", "outputs", "uncertainty_tile_um", "min_region_area_um2")
+_CHECKED = ("device", "runtime", "outputs", "uncertainty_tile_um", "min_region_area_um2", "case_key")
 # The numbers' ranges, the same for the file and the command line (both are checked by problem_with).
 # Below 16 µm an uncertainty tile holds a cell or two and a few pixels of the model's maps (at 2 µm/px), and
 # there are 16 times the default's number of them; above 4 mm one tile covers a whole biopsy. Positive regions
@@ -78,6 +81,8 @@ def problem_with(name: str, value: Any) -> str | None:
     """What is wrong with a run setting's value (ProjectConfig field name), or None; for the file and the CLI."""
     if name == "device" and not _DEVICE.fullmatch(value):
         return f"expected auto, cpu, cuda or cuda:N, got {value!r}"
+    if name == "case_key" and not value.strip():
+        return "expected the entry metadata key that names each slide's case (case, Case ID, ...), got an empty one"
     if name == "runtime" and value not in RUNTIMES:
         return f"expected {', '.join(RUNTIMES)}, got {value!r}"
     if name == "outputs":
@@ -136,6 +141,7 @@ class ProjectConfig:
     seg_model: Path | None = None
     nuclei_model: Path | None = None
     ihc_model: Path | None = None
+    case_key: str = "case"
     from_file: frozenset[str] = field(default=frozenset(), compare=False)
     from_command_line: frozenset[str] = field(default=frozenset(), compare=False)
 

@@ -102,7 +102,8 @@ class RunConfig:
     project config with the command line over it, which each summary records (None: not recorded).
     ``stain``: the stain of every image ("H&E", "H-DAB"), over what QuPath's image types say (None:
     theirs, and the image's colour where the project states none). ``compare_pairs``: after the run, pair
-    each case's H&E with its PD-L1 IHC and compare them (``pairs.json``, see :mod:`bridge.pairs`).
+    each case's H&E with its PD-L1 IHC and compare them (``pairs.json``, see :mod:`bridge.pairs`); ``case_key``:
+    the entry metadata key that names each image's case there.
     ``pipeline``: how each image is analysed. ``out``: the results folder of plain slides (a project's are in
     it). ``resume``: leave the images a status file records as done. ``search_dirs``: folders to look for images
     the project does not find where it says. ``include_tiles``: write the uncertainty tiles.
@@ -119,6 +120,7 @@ class RunConfig:
     settings: ProjectConfig | None = None
     stain: str | None = None
     compare_pairs: bool = True
+    case_key: str = "case"
 
 
 @dataclass(frozen=True)
@@ -726,7 +728,7 @@ def run_batch(
                 qp_session.close()
         write_targets(jobs, outcomes, project, status.folder)
         if config.compare_pairs:
-            _compare_pairs(jobs, outcomes, project, status.folder, openslide_only=config.pipeline.openslide_only)
+            _compare_pairs(jobs, outcomes, project, status.folder, config)
         return outcomes
 
 
@@ -759,17 +761,19 @@ def write_targets(jobs: list[_Job], outcomes: list[ImageOutcome], project: Path 
 
 
 def _compare_pairs(
-    jobs: list[_Job], outcomes: list[ImageOutcome], project: Path | None, folder: Path, *, openslide_only: bool
+    jobs: list[_Job], outcomes: list[ImageOutcome], project: Path | None, folder: Path, config: RunConfig
 ) -> None:
     """Pair the run's analysed images by case and compare each H&E with its PD-L1 IHC (bridge.pairs)."""
     from bridge.pairs import CaseImage, FailedImage, case_in_metadata, case_of, stain_doubt, write_pair_comparisons
 
+    key = config.case_key
+    _warn_of_case_key_spelt_otherwise(jobs, key)
     images, failed = [], []
     for job, outcome in zip(jobs, outcomes, strict=True):
         geojson, summary_path = output_paths(job.key, project, folder)
         metadata = None if job.entry is None else job.entry.metadata
         if outcome.state == "failed":  # its case is incomplete: said in pairs.json, not compared without it
-            failed.append(FailedImage(job.name, case_of(job.name, metadata)))
+            failed.append(FailedImage(job.name, case_of(job.name, metadata, key=key)))
             continue
         if outcome.state not in ("done", "skipped") or not summary_path.is_file() or not geojson.is_file():
             continue
@@ -779,18 +783,37 @@ def _compare_pairs(
                 key=job.key,
                 name=job.name,
                 image=job.image if job.image is not None else Path(summary["image"]),  # where this run found it
-                case=case_of(job.name, metadata),
+                case=case_of(job.name, metadata, key=key),
                 stain=summary.get("stain", "H&E"),
                 summary_path=summary_path,
                 geojson_path=geojson,
                 mpp=summary["mpp"],
-                case_in_metadata=case_in_metadata(metadata) is not None,  # stated by a person: unpaired, it says so
+                case_in_metadata=case_in_metadata(metadata, key=key) is not None,  # stated by a person: unpaired, said
                 stain_doubt=stain_doubt(job.name, summary),
             )
         )
-    path = write_pair_comparisons(images, folder, failed=failed, openslide_only=openslide_only)
+    path = write_pair_comparisons(
+        images, folder, failed=failed, openslide_only=config.pipeline.openslide_only, case_key=key
+    )
     if path is not None:
         log.info("pair comparisons: %s", path)
+
+
+def _warn_of_case_key_spelt_otherwise(jobs: list[_Job], key: str) -> None:
+    """Warn where no entry has the metadata ``key`` but some have one that differs from it only in capitals or
+    blanks (``Case`` for ``case``): QuPath's metadata keys are exact, so those cases were not read, and entries
+    a person paired fell back on their file names."""
+    keys = [k for job in jobs if job.entry is not None for k in (job.entry.metadata or {})]
+    if key in keys:
+        return
+    near = sorted({k for k in keys if k.strip().casefold() == key.strip().casefold()})
+    if near:
+        log.warning(
+            "no entry has the metadata key %r, which names each image's case for pairing; %s: give that key instead "
+            "(--case-key or pdl1-config.toml's [pairs] case_key), or rename it in QuPath (Project > Edit metadata)",
+            key,
+            " and ".join(f"{sum(k == n for k in keys)} have {n!r}" for n in near),
+        )
 
 
 class RunInterrupted(KeyboardInterrupt):

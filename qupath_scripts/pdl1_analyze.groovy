@@ -37,7 +37,7 @@
  * Settings: the project's pdl1-config.toml (beside project.qpproj; `pdl1 init-project` writes it, and
  * `pdl1 run` reads the same file) when there is one: [service] url, token, model and [analysis] outputs,
  * target_classes, target_names (its other keys are `pdl1 run`'s: the service runs with its own models and sizes,
- * and the log says so where the file sets others). Without it, and for the keys it leaves out, the settings block
+ * and the log says so where the file sets others; [pairs] is the batch's pairing of H&E with IHC). Without it, and for the keys it leaves out, the settings block
  * below (PAGE_SIZE and POLL_MS always).
  *
  * Works from the script editor, "Run for project", and headless (-s is --save: write each image's data):
@@ -257,6 +257,7 @@ def CONFIG_KEYS = [
     "analysis.target_classes": "an array of strings", "analysis.target_names": "an array of strings",
     "analysis.uncertainty_tile_um": "a number", "analysis.min_region_area_um2": "a number",
     "models.segmentation": "a string", "models.nuclei": "a string", "models.ihc_nuclei": "a string",
+    "pairs.case_key": "a string",
 ]
 def KNOWN_OUTPUTS = ["regions", "uncertainty_tiles", "sua", "nuclei"]
 def readPdl1Config = { File file ->

@@ -465,6 +465,13 @@ def test_run_reads_a_config_given_with_config_also_for_slides(tmp_path, captured
     assert captured_run[0].settings.path == config_file
 
 
+def test_run_takes_the_case_key_from_the_config_and_the_option_over_it(tmp_path, captured_run):
+    project = _project(tmp_path, '[pairs]\ncase_key = "Case ID"\n')
+    assert runner.invoke(app, ["run", str(project), "--no-progress"]).exit_code == 0
+    assert runner.invoke(app, ["run", str(project), "--no-progress", "--case-key", "block"]).exit_code == 0
+    assert [c.case_key for c in captured_run] == ["Case ID", "block"]
+
+
 @pytest.mark.parametrize(
     "args, code, match",
     [
@@ -473,6 +480,7 @@ def test_run_reads_a_config_given_with_config_also_for_slides(tmp_path, captured
         (["--uncertainty-tile-um", "0"], 2, "expected a number above 0"),
         (["--config", "x.toml", "--no-config"], 2, "--config and --no-config exclude each other"),
         (["--output", "regions", "--refine"], 2, "--refine merges the SUA candidates in"),
+        (["--case-key", " "], 2, "expected the entry metadata key that names each slide's case"),
     ],
 )
 def test_run_refuses_bad_settings_options(tmp_path, captured_run, args, code, match):

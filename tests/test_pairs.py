@@ -36,12 +36,20 @@ def _image(name: str, stain: str, case: str | None, *, stated: bool = False, dou
         ("B12.ihc.svs", "B12"),
         ("ihc_231.svs", "231"),
         ("HE_B12.svs", "B12"),
+        # A stain and its clone, as labs name them: both words go.
+        ("S22-1234 A1 PD-L1 22C3.svs", "S22-1234 A1"),
+        ("S22-1234 A1 H&E.svs", "S22-1234 A1"),
+        ("B12_PD-L1_SP263.svs", "B12"),
+        ("B12_pd_l1.svs", "B12"),
+        ("B12_H_E.svs", "B12"),
+        ("B12_HES.svs", "B12"),
+        ("IHC_PD-L1_B12.svs", "B12"),
         ("HE.svs", None),
         ("slide_7.svs", None),
         ("theory.svs", None),
     ],
 )
-def test_the_case_comes_from_the_file_name_without_its_stain_word(name, case):
+def test_the_case_comes_from_the_file_name_without_its_stain_words(name, case):
     assert case_of(name, None) == case
 
 
@@ -194,7 +202,7 @@ def test_a_case_of_file_names_with_two_images_says_to_rename_them_and_a_doubtful
     )
     assert pairs == {}
     assert problems["A"].endswith(
-        "a pair is one of each: the case comes from the file names (without their stain word): rename the files so "
+        "a pair is one of each: the case comes from the file names (without their stain words): rename the files so "
         "that each case has one H&E and one IHC, or, in a QuPath project, give each entry a 'case' metadata value"
     )
     assert problems["B12"] == (

@@ -134,6 +134,11 @@ def test_an_empty_file_is_the_defaults(tmp_path):
             r"min_region_area_um2: expected a number from 0 to 1,000,000 µm², got -1",
         ),
         (
+            '[pairs]\ncase_key = " "\n',
+            r"line 2: \[pairs\] case_key: expected the entry metadata key that names each slide's case \(case, Case "
+            r"ID, \.\.\.\), got an empty one",
+        ),
+        (
             "[analysis]\nmin_region_area_um2 = 5e9\n",
             r"min_region_area_um2: expected a number from 0 to 1,000,000 µm², got 5,000,000,000",
         ),
@@ -173,6 +178,7 @@ def test_command_line_values_go_over_the_file_and_the_record_says_where_each_cam
         "models.segmentation": "built-in default",
         "models.nuclei": "built-in default",
         "models.ihc_nuclei": "built-in default",
+        "pairs.case_key": "built-in default",
     }
     assert "secret" not in json.dumps(record)  # the service token is the scripts' business, never recorded
 

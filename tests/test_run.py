@@ -1009,6 +1009,38 @@ def test_a_case_stated_in_qupath_whose_partner_does_not_carry_it_is_named_in_pai
     assert rows[0][0] == "phantom-1357" and " ".join(r[6] for r in rows) == why  # once, in the review column
 
 
+def test_the_case_key_is_the_runs_and_one_spelt_otherwise_in_the_entries_is_warned_of(
+    tmp_path, models, fixtures_dir, caplog
+):
+    # A lab whose entries say "Case" (QuPath's keys are exact): the run read no case from them and fell back on the
+    # file names without a word. It warns, naming the key; --case-key Case (pdl1-config.toml's [pairs] case_key)
+    # pairs by it, and pairs.json says which key it used.
+    study = tmp_path / "study"
+    shutil.copytree(fixtures_dir / "qupath-0.4.4-labels" / "project", study / "project")
+    shutil.copy(fixtures_dir / "qupath-0.4.4-labels" / "he-1357.svs", study / "he-1357.svs")
+    qpproj = study / "project" / "project.qpproj"
+    raw = json.loads(qpproj.read_text())
+    for image in raw["images"]:
+        image["metadata"]["Case"] = image["metadata"].pop("case")
+    qpproj.write_text(json.dumps(raw))
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never")
+    with caplog.at_level("WARNING", logger="bridge.run"):
+        assert [o.state for o in run_batch([study / "project"], config, models=models)] == ["done", "done"]
+    assert (
+        "no entry has the metadata key 'case', which names each image's case for pairing; 2 have 'Case': give that "
+        "key instead (--case-key or pdl1-config.toml's [pairs] case_key), or rename it in QuPath"
+    ) in caplog.text
+    pairs = study / "project" / "pdl1" / "pairs.json"
+    by_name = json.loads(pairs.read_text())
+    assert by_name["case_key"] == "case" and list(by_name["cases"]) == ["1357"]  # he-1357.svs, twice
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bridge.run"):  # pairing only: the images' results are kept
+        outcomes = run_batch([study / "project"], replace(config, resume=True, case_key="Case"), models=models)
+    assert [o.state for o in outcomes] == ["skipped", "skipped"] and "metadata key" not in caplog.text
+    by_key = json.loads(pairs.read_text())
+    assert by_key["case_key"] == "Case" and list(by_key["cases"]) == ["phantom-1357"]
+
+
 def test_the_report_warns_only_about_demo_models(tmp_path):
     from bridge.report import _demo_warning, _model_label
 

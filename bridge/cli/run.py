@@ -42,6 +42,7 @@ _OPTION_OF = {
     "seg_model": "--seg-model",
     "nuclei_model": "--nuclei-model",
     "ihc_model": "--ihc-model",
+    "case_key": "--case-key",
 }
 
 
@@ -167,6 +168,14 @@ def run(
             "--name",
             help="Analyse annotations with this name (repeatable; needs QuPath). Default: from pdl1-config.toml "
             "(target_names), else none.",
+        ),
+    ] = None,
+    case_key: Annotated[
+        str | None,
+        typer.Option(
+            help="The entry metadata key that names each image's case, to pair an H&E with its PD-L1 IHC (images "
+            "without it are paired by file name: B12_HE.svs, B12_PD-L1_22C3.svs). Default: from pdl1-config.toml "
+            "([pairs] case_key), else case.",
         ),
     ] = None,
     output: Annotated[
@@ -327,7 +336,8 @@ def run(
     Models, targets, outputs and device default to the project's pdl1-config.toml; options override it.
     Through QuPath a dearrayed TMA is analysed core by core (cores marked missing are left alone).
     Each analysed target's score (TMA core, annotation or whole image) goes to pdl1/targets.csv.
-    An H&E and its PD-L1 IHC (one 'case' in the entries' metadata, or B12_HE.svs, B12_PD-L1.svs) are compared: pairs.json.
+    An H&E and its PD-L1 IHC of one case (entry metadata 'case', or --case-key; else file names: B12_HE.svs,
+    B12_PD-L1.svs) are compared: pairs.json.
 
     Exits non-zero when any image failed; the others are finished and written all the same.
     """
@@ -355,6 +365,7 @@ def run(
         "seg_model": seg_model,
         "nuclei_model": nuclei_model,
         "ihc_model": ihc_model,
+        "case_key": case_key,
     }
     for name, value in given.items():
         problem = None if value is None else problem_with(name, value)
@@ -414,6 +425,7 @@ def run(
             include_tiles="uncertainty_tiles" in settings.outputs,
             settings=settings,
             stain=None if stain is None else STAIN_OPTION[stain],
+            case_key=settings.case_key,
         )
         if engine == "ray":
             outcomes = _run_ray_with_progress(inputs, run_config, address=address, progress=progress)

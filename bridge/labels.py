@@ -140,6 +140,13 @@ UNRECORDED_NUCLEI_FIX = (
     "to train on reviews of them, analyse the image again with the current pdl1_analyze.groovy or `pdl1 run`, which "
     "record what they write (the analysis replaces the objects it wrote, reviewed ones too), and review it after that"
 )
+# Counted (the number of annotations) where --from-review is given and an FN candidate or positive region the tool
+# wrote into a project entry is one no record of an analysis holds (as for the nuclei above): the candidates a person
+# deleted beside it cannot be told from its analysis's output, so none of them is a negative label.
+UNRECORDED_ANNOTATIONS_COUNT = (
+    "not read: pdl1 FN candidates and regions that no record of an analysis holds (deleted candidates beside them "
+    "cannot be told)"
+)
 # Counted (the number of candidates): an FN candidate gone from the image where an analysis newer than the one that
 # wrote it covers it; that analysis replaced what the older one wrote there, so a person deleting it cannot be told.
 OLDER_CANDIDATES_COUNT = "skipped: FN candidates of an older analysis, gone where a newer one analysed"
@@ -643,6 +650,21 @@ class _WrittenInImage:
             for j in range(len(xy))
         ]
 
+    def unrecorded_annotations(self) -> int:
+        """How many of the tool's candidates and regions in the image no analysis wrote (of an analysis with no
+        record: an earlier pdl1_analyze.groovy's, a record or the run's output deleted, another project's copy)."""
+        if not self.tool_annotations:
+            return 0
+        written = [c for a in self.written.analyses for c in a.candidates]
+        bounds = np.concatenate([np.zeros((0, 4)), *(a.region_bounds for a in self.written.analyses)])
+        left = _gone(self.tool_annotations, written) if written else self.tool_annotations
+        if not len(bounds) or not left:
+            return len(left)
+        distance, _ = cKDTree(bounds).query(
+            np.asarray([g.bounds for g in left], np.float64), distance_upper_bound=_SAME_REGION_BOUNDS_PX, p=np.inf
+        )
+        return int(np.isinf(distance).sum())
+
     def deleted_candidates(self, counts: Counter[str]) -> list[BaseGeometry]:
         """The FN candidates a person deleted: gone from the image, of an analysis whose output is still there and
         that no newer analysis covers (a newer analysis of the area replaced it; a person deleting it cannot be told
@@ -727,7 +749,9 @@ def labels_from_objects(
     a plain slide's GeoJSON, whose nuclei reviews are not read); with ``rules.from_review`` a reclassified nucleus
     and a deleted FN candidate become labels. A nucleus's class as written is the newest analysis's there whose
     output is still in the image (:class:`_WrittenInImage`); a tool-written nucleus that no analysis recorded is
-    counted (:data:`UNRECORDED_NUCLEI_COUNT`, with a warning), not taken as unreviewed. A candidate gone from the
+    counted (:data:`UNRECORDED_NUCLEI_COUNT`, with a warning), not taken as unreviewed; so are the tool's candidates
+    and regions that no analysis recorded (:data:`UNRECORDED_ANNOTATIONS_COUNT`): candidates deleted beside them cannot
+    be told. A candidate gone from the
     image is dismissed only where its analysis's output is still in the image (an image cleared of it was not
     reviewed) and no newer analysis covers it (:data:`OLDER_CANDIDATES_COUNT`, :data:`GONE_OUTPUT_CANDIDATES_COUNT`).
 
@@ -909,6 +933,9 @@ def labels_from_objects(
             )  # the area only: a difference can leave slivers of lines and points at the positive's edge
             if not dismissed.is_empty:
                 negative.append(dismissed)
+        unrecorded = in_image.unrecorded_annotations()
+        if unrecorded:
+            counts[UNRECORDED_ANNOTATIONS_COUNT] += unrecorded
         if counts[UNRECORDED_NUCLEI_COUNT]:
             log.warning(
                 "%s: %d nuclei pdl1-bridge wrote lie where no record of an analysis has them (analysed by an earlier "

@@ -711,6 +711,33 @@ def test_with_the_last_run_s_output_reclassified_nuclei_and_deleted_candidates_a
         labels_from_objects(odd, slide="s", image_size_px=(100, 100), rules=review, written=written)
 
 
+def test_candidates_no_record_holds_are_counted_since_deletions_beside_them_cannot_be_told():
+    # A project whose run output and records are gone (or never were: an export from another copy): --from-review
+    # took the reclassified candidates and said nothing of the deleted ones it could not see.
+    from bridge.labels import UNRECORDED_ANNOTATIONS_COUNT, WrittenAnalysis, WrittenObjects
+
+    kept, reclassified, other = shapely.box(10, 10, 30, 30), shapely.box(60, 60, 80, 80), shapely.box(40, 60, 50, 70)
+    image = [_candidate(kept), _candidate(reclassified, "PD-L1 negative")]
+    review = LabelRules(class_names=HE_CLASSES, from_review=True)
+
+    def counted(written):
+        labels = labels_from_objects(image, slide="s", image_size_px=(100, 100), rules=review, written=written)
+        # Reclassified is told from the object itself, record or not.
+        assert labels.negative.intersection(reclassified).area == reclassified.area
+        return labels.counts.get(UNRECORDED_ANNOTATIONS_COUNT, 0)
+
+    assert counted(WrittenObjects(())) == 2
+    assert counted(WrittenObjects.from_objects([_candidate(kept), _candidate(reclassified), _candidate(other)])) == 0
+    # A record of another analysis holds one of them; one recorded by its region's bounds counts as held.
+    assert counted(WrittenObjects.from_objects([_candidate(kept)])) == 1
+    regions = WrittenObjects((WrittenAnalysis(np.zeros((0, 2)), (), (), np.asarray([reclassified.bounds])),))
+    assert counted(regions) == 1
+    # Without --from-review nothing is read, so nothing is counted.
+    drawn = [*image, _obj(shapely.box(0, 0, 8, 8), "PD-L1 positive")]
+    plain = labels_from_objects(drawn, slide="s", image_size_px=(100, 100), rules=RULES, written=WrittenObjects(()))
+    assert UNRECORDED_ANNOTATIONS_COUNT not in plain.counts
+
+
 def test_a_deleted_candidate_yields_where_the_reviewer_drew_positive_area_over_it():
     """A reviewer who redrew a candidate's positive part as a PD-L1 positive area and deleted the candidate got
     'PD-L1 positive and PD-L1 negative labels overlap ...: fix one of them in QuPath', naming an object (the

@@ -477,6 +477,22 @@ def test_labels_from_a_paired_ihc_that_was_flagged_are_warned_of(capsys):
     assert "the paired IHC behind the labels of he_1.svs was flagged for review" in err and "he_2.svs" not in err
 
 
+def test_slides_whose_candidates_no_record_holds_are_warned_of_with_the_fix(capsys):
+    # The labelled fixture holds reviewed candidates and no record of the run that wrote them: deleted ones cannot be
+    # told, and `pdl1 train --from-review` says so, with what works without a record.
+    from bridge.cli.train import _echo_counts
+    from bridge.labels import UNRECORDED_ANNOTATIONS_COUNT
+    from inference import SlideLabels
+
+    region = (shapely.box(0, 0, 100, 100),)
+    unrecorded = SlideLabels("he_1.svs", (100, 100), region, (False,), counts={UNRECORDED_ANNOTATIONS_COUNT: 3})
+    recorded = SlideLabels("he_2.svs", (100, 100), region, (False,), counts={"reviewed: PD-L1 negative": 1})
+    _echo_counts([unrecorded], held_out=[recorded])
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("warning: he_1.svs (3): FN candidates or regions pdl1-bridge wrote that no record")
+    assert err.endswith("set its class to PD-L1 negative instead of deleting it") and "he_2.svs" not in err
+
+
 def test_slides_whose_other_targets_reviews_are_not_read_are_warned_of_with_the_fix(capsys):
     # A TMA run by an earlier version left the first core's output alone: the other cores' deleted candidates and
     # reclassified nuclei are no labels, which `pdl1 train` says, naming the slide and what to do.

@@ -592,6 +592,7 @@ def _echo_counts(slide_labels: list, *, held_out: Sequence = (), regions: bool =
         DOUBTFUL_IHC_COUNT,
         UNREAD_TARGETS_COUNT,
         UNREAD_TARGETS_FIX,
+        UNRECORDED_ANNOTATIONS_COUNT,
         UNRECORDED_NUCLEI_COUNT,
         UNRECORDED_NUCLEI_FIX,
     )
@@ -631,6 +632,20 @@ def _echo_counts(slide_labels: list, *, held_out: Sequence = (), regions: bool =
             f"warning: {', '.join(unrecorded)}: nuclei pdl1-bridge wrote that no record of an analysis holds (analysed "
             "by an earlier pdl1_analyze.groovy, or the record deleted): whether a person reclassified them cannot be "
             f"told, so they are no labels; {UNRECORDED_NUCLEI_FIX}",
+            err=True,
+        )
+    unrecorded = [
+        f"{lab.source or lab.slide} ({lab.counts[UNRECORDED_ANNOTATIONS_COUNT]})"
+        for lab in (*slide_labels, *held_out)
+        if lab.counts.get(UNRECORDED_ANNOTATIONS_COUNT)
+    ]
+    if unrecorded:
+        typer.echo(
+            f"warning: {', '.join(unrecorded)}: FN candidates or regions pdl1-bridge wrote that no record of an analysis "
+            "holds (no pdl1/<entry ID>/objects.geojson of the run, nor a record of pdl1_analyze.groovy's analysis; an "
+            "earlier version's, or deleted): FN candidates a person deleted beside them cannot be told, so no deleted "
+            "candidate is a negative label there (those reclassified still are); to dismiss a candidate there, set "
+            "its class to PD-L1 negative instead of deleting it",
             err=True,
         )
     if not regions or not slide_labels:

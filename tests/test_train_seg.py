@@ -289,15 +289,19 @@ def test_a_checkpoint_is_continued_only_with_its_settings_and_labels(tmp_path, m
     nuclei = NucleiTrainConfig(slides=("a.svs",), out_dir="m")
     assert run_identity(replace(nuclei, tta=True)) == run_identity(nuclei) != run_identity(replace(nuclei, seed=1))
     assert run_identity(replace(config, chains=3)) == run_identity(config)
-    with pytest.raises(ModelFileError, match=r"other labels \(the labels of 1 of 2 slides\)\. .*resume=True") as err:
+    with pytest.raises(
+        ModelFileError,
+        match=r"other labels \(the labels of 1 of 2 slides: objects drawn, changed or deleted in QuPath since, or read "
+        r"with another from_review, class_map or ihc_band_um\)\. .*resume=True",
+    ) as err:
         check_checkpoint_run(tmp_path, run_identity(config, ["1" * 64, "3" * 64]))
     assert str(err.value).endswith(
         ": the same config and labels, with resume=True, continue it; a new out_dir starts another run"
     )
     with pytest.raises(ModelFileError, match=r"other settings \(batch_size: 16 there, 8 now; cycles: 3 there, 4 now\)"):
         check_checkpoint_run(tmp_path, run_identity(replace(config, cycles=4, batch_size=8), ["1" * 64, "2" * 64]))
-    # In the caller's words: pdl1 train's are its command, --resume and --out.
-    with pytest.raises(ModelFileError) as err:
+    # In the caller's words: pdl1 train's are its command, --resume and --out, and its label options.
+    with pytest.raises(ModelFileError, match=r"read with another --from-review, --class-map or --ihc-band-um") as err:
         check_checkpoint_run(tmp_path, run_identity(config, []), setting=TRAIN_WORDS)
     assert str(err.value).endswith(
         ": the same command and labels, with --resume, continue it; a new --out starts another run"

@@ -139,6 +139,23 @@ def test_calibrate_on_a_slide_without_tumour_nuclei(small, tmp_path, monkeypatch
     assert "predicted TPS no tumour nuclei vs truth" in " ".join(result.output.split()), result.output
 
 
+def test_calibrate_where_the_rules_it_does_not_fit_alone_exceed_the_false_alarm_budget(tmp_path):
+    # helper-129: two of four correct slides flagged by the domain guard and the members' disagreement, which the fit
+    # cannot unflag: no limits kept the 20 % budget and calibrate stopped with "max() arg is an empty sequence".
+    slides = []
+    for i, (tps, shift, weak) in enumerate([(40, 0, 0), (2, 0.9, 0.4), (0.8, 0.5, 0.3), (60, 0.95, 0), (10, 0, 0)]):
+        slides.append(str(tmp_path / f"v{i + 1}.svs"))
+        args = ["phantom", slides[-1], "--size", "1024", "--seed", str(301 + i), "--tps", str(tps)]
+        assert runner.invoke(app, [*args, "--shift", str(shift), "--weak-fraction", str(weak)]).exit_code == 0
+    result = runner.invoke(app, ["calibrate", *slides, "--out", str(tmp_path / "cal"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "with false alarms on 50% of 4 others (target: at least 90% at most 20%: NOT met)" in said, said
+    assert "flag 2 of the 4 correct slides whatever these limits say, above the 20% allowed" in said, said
+    review = json.loads((tmp_path / "cal" / "manifest.json").read_text())["extra"]["review"]
+    assert review["calibrated_on"] == [f"v{i}.svs" for i in range(1, 6)]
+
+
 def test_calibrate_on_a_slide_named_twice_counts_it_once(small, tmp_path):
     # A glob and one of its files (or a symlink to it) counted the slide twice in the fit and in the review
     # limits' "0 of 2 validation slides", and recorded it twice as calibrated on.

@@ -832,6 +832,7 @@ def calibrate_ensemble(
             "limits stay; add slides with stain shifts beyond training, weak expression or extreme TPS"
         )
         return cal, ReviewCalibration(limits=None, fit=None, note=note, slides=tuple(rows))
+    already = np.array([r[6] or r[7] or r[8] for r in rows], bool)
     fit = fit_review_limits(
         {
             "review_entropy": np.array([r[1] for r in rows]),
@@ -839,7 +840,7 @@ def calibrate_ensemble(
             "review_positive_area_pct": np.array([r[5] for r in rows]),
         },
         failed,
-        already=np.array([r[6] or r[7] or r[8] for r in rows], bool),
+        already=already,
     )
     limits = {k: max(v, NEVER_BELOW) if k in FLAG_AT_OR_BELOW else min(v, REVIEW_NEVER) for k, v in fit.limits.items()}
     note = (
@@ -847,4 +848,12 @@ def calibrate_ensemble(
         f"{fit.successes} others (target: at least {TARGET_CATCH:.0%} at most {TARGET_FALSE_ALARM:.0%}: "
         f"{'met' if fit.met else 'NOT met'}), on the slides it was fitted on"
     )
+    alarms_anyway = int((already & ~failed).sum())
+    if alarms_anyway > TARGET_FALSE_ALARM * fit.successes:
+        note += (
+            f"; the rules not fitted here (domain guard, members' disagreement, unsettled positive area) flag "
+            f"{alarms_anyway} of the {fit.successes} correct slides whatever these limits say, above the "
+            f"{TARGET_FALSE_ALARM:.0%} allowed: these slides are far from the model's training (its domain "
+            "statistics, `pdl1 domain-stats`), or the model needs training on slides like them"
+        )
     return cal, ReviewCalibration(limits=limits, fit=fit, note=note, slides=tuple(rows))

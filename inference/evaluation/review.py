@@ -114,6 +114,14 @@ def fit_review_limits(
     >>> fit = fit_review_limits({"entropy": np.array([0.1, 0.2, 0.9, 0.3])}, np.array([0, 0, 1, 0], bool))
     >>> fit.limits, fit.catch, fit.false_alarm
     ({'entropy': 0.9}, 1.0, 0.0)
+
+    Where the slides in ``already`` alone raise more false alarms than ``max_false_alarm`` allows, the limits add
+    the fewest to them, and the target is not met:
+
+    >>> fit = fit_review_limits({"entropy": np.array([0.9, 0.2, 0.3])}, np.array([1, 0, 0], bool),
+    ...                         already=np.array([0, 1, 0], bool))
+    >>> fit.limits, fit.catch, fit.false_alarm, fit.met
+    ({'entropy': 0.9}, 1.0, 0.5, False)
     """
     failures = np.asarray(failures, bool)
     names = list(scores)
@@ -151,6 +159,12 @@ def fit_review_limits(
             best_at[alarms] = (caught, key, combo)
     budget = math.floor(max_false_alarm * n_ok + 1e-9)
     allowed = [(c, -a, key, combo) for a, (c, key, combo) in best_at.items() if a <= budget]
+    # The slides flagged whatever the limits (``already``) can alone exceed the budget: then the limits add the
+    # fewest false alarms to theirs, and the target is not met.
+    within_budget = bool(allowed)
+    if not within_budget:
+        fewest = min(best_at)
+        allowed = [(best_at[fewest][0], -fewest, *best_at[fewest][1:])]
     caught, neg_alarms, _, combo = max(allowed)
     roc, top = [], -1
     for alarms in sorted(best_at):
@@ -165,5 +179,5 @@ def fit_review_limits(
         failures=n_fail,
         successes=n_ok,
         roc=tuple(roc),
-        met=catch >= target_catch,
+        met=catch >= target_catch and within_budget,
     )

@@ -778,7 +778,14 @@ def write_core_table(path: Path, cases: Iterable[tuple[str, CaseImage, CaseImage
                     "ihc_image": ihc.name,
                     "tps_difference": core.tps_difference,
                 }
-                writer.writerow([csv_cell(values[c] if c in values else getattr(core, c)) for c in CORE_COLUMNS])
+                writer.writerow(
+                    [
+                        csv_cell(
+                            values[c] if c in values else getattr(core, c), tps=c in ("tps_he_predicted", "tps_ihc")
+                        )
+                        for c in CORE_COLUMNS
+                    ]
+                )
     return path
 
 

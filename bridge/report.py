@@ -55,7 +55,7 @@ from bridge.targets import (
     targets_review_reasons,
     write_target_table,
 )
-from inference import MIN_TUMOUR_NUCLEI, Pdl1Error, demo_model_checksums, open_slide
+from inference import MIN_TUMOUR_NUCLEI, Pdl1Error, demo_model_checksums, open_slide, tps_text
 
 log = logging.getLogger(__name__)
 
@@ -704,6 +704,11 @@ def _fmt(value) -> str:
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
+def _fmt_tps(value: float | None) -> str:
+    """A TPS as the run's metadata and tables show it (:func:`inference.tps_text`); n/a where there is none."""
+    return "n/a" if not isinstance(value, int | float) or isinstance(value, bool) else tps_text(value)
+
+
 def _fmt3(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -715,14 +720,14 @@ def _tps_row(r: dict) -> str:
     elif r["tps_low"] is None:
         spread = ""
     else:
-        spread = f"; members {_fmt(r['tps_low'])}-{_fmt(r['tps_high'])}%"
+        spread = f"; members {_fmt_tps(r['tps_low'])}-{_fmt_tps(r['tps_high'])}%"
     if r["stain"] == "H-DAB":
         return (
-            f"<tr><th>TPS (PD-L1 IHC)</th><td>{_fmt(r['tps_percent'])}% ({html.escape(_fmt(r['tps_category']))}"
+            f"<tr><th>TPS (PD-L1 IHC)</th><td>{_fmt_tps(r['tps_percent'])}% ({html.escape(_fmt(r['tps_category']))}"
             f"{spread})</td></tr><tr><th>CPS</th><td>{_fmt(r['cps'])}</td></tr>"
         )
     return (
-        f"<tr><th>Predicted TPS (H&amp;E)</th><td>{_fmt(r['tps_percent'])}% "
+        f"<tr><th>Predicted TPS (H&amp;E)</th><td>{_fmt_tps(r['tps_percent'])}% "
         f"({html.escape(_fmt(r['tps_category']))}{spread}); a prediction from morphology, not an IHC score</td></tr>"
     )
 
@@ -745,7 +750,7 @@ def _pairs_html(pairs: dict) -> str:
             for r in reasons
         )
         rows.append(
-            f"<tr><td>{html.escape(case)}</td><td>{_fmt(c['tps_he_predicted'])}</td><td>{_fmt(c['tps_ihc'])}</td>"
+            f"<tr><td>{html.escape(case)}</td><td>{_fmt_tps(c['tps_he_predicted'])}</td><td>{_fmt_tps(c['tps_ihc'])}</td>"
             f"<td>{_fmt3(c['dice'])}</td><td>{_fmt(record['registration']['error_um'])}</td>"
             f"<td>{_fmt3(c['entropy_disagree'])} / {_fmt3(c['entropy_agree'])}</td>"
             f"<td>{html.escape(review) if review else 'ok'}</td></tr>"
@@ -890,7 +895,7 @@ def _targets_html(r: dict) -> str:
         cells_class = " class='few'" if _few_cells(t) else ""
         body.append(
             f"<tr{row_class}><td>{html.escape(label)}</td>{kind}"
-            f"<td>{_fmt(t.tps_percent)}</td><td>{html.escape(_fmt(t.tps_category))}</td>"
+            f"<td>{_fmt_tps(t.tps_percent)}</td><td>{html.escape(_fmt(t.tps_category))}</td>"
             f"<td{cells_class}>{cells}</td>"
             + (f"<td>{_fmt(t.cps_percent)}</td>" if ihc else "")
             + f"<td>{verdict}</td></tr>"

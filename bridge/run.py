@@ -86,7 +86,16 @@ from bridge.targets import (
     target_regions_record,
     write_target_table,
 )
-from inference import Models, Pdl1Error, PipelineConfig, SlideResult, __version__, analyse_slide, is_finite_number
+from inference import (
+    Models,
+    Pdl1Error,
+    PipelineConfig,
+    SlideResult,
+    __version__,
+    analyse_slide,
+    is_finite_number,
+    tps_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -229,13 +238,19 @@ def _percent_text(percent: float | None) -> str:
     return "" if percent is None else f"{percent:.1f}"
 
 
+def _tps_text(percent: float | None) -> str:
+    """A TPS as entry metadata holds it (:func:`inference.tps_text`: more decimals where one would carry it across a
+    cut-off; empty where there is none), as the Groovy scripts write it."""
+    return "" if percent is None else tps_text(percent)
+
+
 def entry_metadata(result: SlideResult) -> dict[str, str]:
     """Project entry metadata (strings), DESIGN.md §3."""
     tps = result.tps
     model = result.seg_model or result.nuclei_model
     percent_key, category_key = tps_metadata_keys(result.stain)
     out = {
-        percent_key: _percent_text(None if tps is None else tps.percent),
+        percent_key: _tps_text(None if tps is None else tps.percent),
         category_key: "" if tps is None else tps.category,
         "PD-L1 model": "" if model is None else f"{model.name} {model.version} ({model.sha256[:12]})",
         "PD-L1 run": result.run_id,
@@ -1370,7 +1385,7 @@ def merge_entry_metadata(parts: list[tuple[dict[str, str], dict[str, int]]]) -> 
         return meta
     tps, cps = merged
     percent_key, category_key = tps_metadata_keys("H-DAB" if "PD-L1 TPS %" in meta else "H&E")
-    meta[percent_key] = _percent_text(tps.percent)
+    meta[percent_key] = _tps_text(tps.percent)
     meta[category_key] = tps.category
     if cps is not None:
         meta["PD-L1 CPS"] = _percent_text(cps.percent)

@@ -22,7 +22,7 @@ from shapely.geometry.base import BaseGeometry
 from bridge.atomic import replace_atomically
 from bridge.project import review_reason_text
 from bridge.qupath_geojson import QuPathObject, from_feature, to_feature, validate_feature
-from inference import is_finite_number
+from inference import is_finite_number, tps_text
 
 T = TypeVar("T")
 
@@ -334,15 +334,16 @@ COLUMNS = (
 )
 
 
-def csv_cell(value: Any) -> str:
-    """A CSV cell: empty for none, 1/0 for the review flag, reasons joined by "; ", a TPS to one decimal as QuPath's
-    metadata holds it."""
+def csv_cell(value: Any, *, tps: bool = False) -> str:
+    """A CSV cell: empty for none, 1/0 for the review flag, reasons joined by "; ", a number to one decimal, and a TPS
+    (``tps``) as QuPath's metadata holds it (:func:`inference.tps_text`: more decimals where one would carry it across
+    a cut-off)."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, float):
-        return f"{value:.1f}"
+        return tps_text(value) if tps else f"{value:.1f}"
     if isinstance(value, tuple):
         return "; ".join(value)
     return str(value)
@@ -355,7 +356,7 @@ def write_target_table(path: Path, rows: Iterable[TargetRow]) -> Path:
         writer = csv.writer(fh)
         writer.writerow(COLUMNS)
         for row in rows:
-            writer.writerow([csv_cell(getattr(row, c)) for c in COLUMNS])
+            writer.writerow([csv_cell(getattr(row, c), tps=c == "tps_percent") for c in COLUMNS])
     return path
 
 

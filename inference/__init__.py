@@ -39,6 +39,7 @@ _PUBLIC = {
     "NucleiConfig": "inference.analysis.nuclei",
     "tumour_proportion_score": "inference.analysis.points",
     "tps_category": "inference.analysis.points",
+    "tps_text": "inference.analysis.points",
     "TPS_CUTOFFS_PERCENT": "inference.analysis.points",
     "MIN_TUMOUR_NUCLEI": "inference.analysis.points",
     "combined_positive_score": "inference.analysis.ihc",

@@ -395,6 +395,17 @@ def putEntryMetadata = { entry, Map values ->
 // parts: [[metadata: Map, counts: Map], ...] in the order analysed.
 def MIN_TUMOUR_CELLS = 100  // inference/analysis/points.py: MIN_TUMOUR_NUCLEI
 def oneDecimal = { double v -> new BigDecimal(v).setScale(1, java.math.RoundingMode.HALF_EVEN).toPlainString() }
+// A TPS as pdl1 writes it (inference/analysis/points.py: tps_text; a test keeps the two equal): one decimal, more where
+// one would carry it across a cut-off (0.96 shown as 1.0 reads as 1-49%), cut down where five more would.
+def tpsText = { double v ->
+    def category = { double p -> p < 1.0d ? 0 : (p < 50.0d ? 1 : 2) }
+    for (int places = 1; places < 6; places++) {
+        def text = new BigDecimal(v).setScale(places, java.math.RoundingMode.HALF_EVEN).toPlainString()
+        if (category(text as double) == category(v))
+            return text
+    }
+    return new BigDecimal(v).setScale(1, java.math.RoundingMode.FLOOR).toPlainString()
+}
 def mergeEntryMetadata = { List parts ->
     def meta = new LinkedHashMap(parts[-1].metadata as Map)
     def counts = parts.collect { (it.counts ?: [:]) as Map }
@@ -407,7 +418,7 @@ def mergeEntryMetadata = { List parts ->
     def category = (total < MIN_TUMOUR_CELLS || percent == null) ? "insufficient tumour cells" :
             (percent < 1.0d ? "<1%" : (percent < 50.0d ? "1-49%" : ">=50%"))
     def ihc = meta.containsKey("PD-L1 TPS %")
-    meta.put(ihc ? "PD-L1 TPS %" : "PD-L1 Predicted TPS % (H&E)", percent == null ? "" : oneDecimal(percent))
+    meta.put(ihc ? "PD-L1 TPS %" : "PD-L1 Predicted TPS % (H&E)", percent == null ? "" : tpsText(percent))
     meta.put(ihc ? "PD-L1 TPS category" : "PD-L1 Predicted TPS category (H&E)", category)
     if (counts.every { it.containsKey("immune_positive") }) {
         long immune = counts.sum { it.immune_positive as long } as long

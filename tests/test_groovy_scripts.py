@@ -873,6 +873,21 @@ for (parts in cases)
 
 
 @needs_groovy
+def test_the_script_writes_a_tps_as_pdl1_does_never_rounded_across_a_cut_off(tmp_path):
+    # helper-129: 0.96 % was written as "1.0" beside the category "<1%", and 49.96 % as "50.0" beside "1-49%".
+    import numpy as np
+
+    from inference import tps_text
+
+    values = [0.0, 0.04, 0.95, 0.96, 0.999, 1.0, 12.34, 12.35, 49.94, 49.96, 49.9996, 50.0, 99.96, 100.0]
+    values.append(float(np.nextafter(1.0, 0.0)))
+    driver = f"println JsonOutput.toJson({json.dumps(values)}.collect {{ tpsText(it as double) }})"
+    (written,) = run_groovy(tmp_path, driver)
+    assert written == [tps_text(v) for v in values]
+    assert written[3] == "0.96" and written[9] == "49.96" and written[-1] == "0.9"
+
+
+@needs_groovy
 def test_the_log_names_each_targets_own_score(tmp_path):
     # With the cores of a TMA each analysed on its own, the log said only how many objects went under each core.
     he = _metadata_of("H&E", {"tumour_positive": 30, "tumour_negative": 70}, "r1")

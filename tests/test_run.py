@@ -1157,6 +1157,23 @@ def test_the_entry_metadata_of_several_annotations_sums_their_cells_for_tps_and_
     assert merge_entry_metadata([(first, {"tumour_positive": 1, "tumour_negative": 1}), (second, {})]) == second
 
 
+def test_a_tps_just_under_a_cut_off_is_never_shown_at_it():
+    # helper-129: 24 positive of 2500 tumour cells (0.96 %) read "1.0" beside its category "<1%" in the metadata, the
+    # run's table and targets.csv; 1249 of 2500 (49.96 %) read "50.0" beside "1-49%".
+    from bridge.report import _fmt_tps
+    from bridge.run import merge_entry_metadata
+    from bridge.targets import csv_cell
+
+    for positive, shown, category in [(24, "0.96", "<1%"), (1249, "49.96", "1-49%"), (25, "1.0", "1-49%")]:
+        counts = {"tumour_positive": positive, "tumour_negative": 2500 - positive}
+        meta = {"PD-L1 TPS %": "x", "PD-L1 TPS category": "x"}
+        merged = merge_entry_metadata([(meta, counts), (meta, {"tumour_positive": 0, "tumour_negative": 0})])
+        assert (merged["PD-L1 TPS %"], merged["PD-L1 TPS category"]) == (shown, category)
+        percent = 100 * positive / 2500
+        assert csv_cell(percent, tps=True) == _fmt_tps(percent) == shown
+    assert csv_cell(0.96) == "1.0"  # other numbers keep one decimal
+
+
 def _grey_png(path: Path) -> Path:
     """Grey shades on white: tissue of no stain the product knows (neither H&E nor haematoxylin-DAB)."""
     import numpy as np

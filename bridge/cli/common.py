@@ -209,6 +209,8 @@ def outcome_table(outcomes) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from inference import tps_text
+
     table = Table(title="pdl1 run")
     columns = ("image", "state", "stain", "TPS %", "category", "positive area %", "uncertainty", "candidates", "time s")
     for col in columns:
@@ -232,7 +234,9 @@ def outcome_table(outcomes) -> None:
             if o.stain is None
             else o.stain + (" (colour)" if (o.stain_source or "").startswith("its colour") else "")
         )
-        tps = num(o.tps_percent) + (" (pred.)" if o.stain == "H&E" and o.tps_percent is not None else "")
+        tps = ("" if o.tps_percent is None else tps_text(o.tps_percent)) + (
+            " (pred.)" if o.stain == "H&E" and o.tps_percent is not None else ""
+        )
         # A row --resume skipped shows the results the earlier run recorded (blank, they read as lost), and says so.
         state = {"failed": "[red]failed[/red]", "skipped": "skipped (done earlier)"}.get(o.state, o.state)
         table.add_row(
@@ -291,6 +295,7 @@ def pairs_table(path) -> None:
 
     from bridge.pairs import core_agreement_text
     from bridge.project import review_reason_text
+    from inference import tps_text
 
     cases = json.loads(path.read_text())["cases"]
     table = Table(title=f"H&E vs PD-L1 IHC, per case ({path})")
@@ -328,8 +333,8 @@ def pairs_table(path) -> None:
 
         table.add_row(
             escape(case),  # a case name is the user's metadata: brackets in it are no markup
-            num(c["tps_he_predicted"]),
-            num(c["tps_ihc"]),
+            "n/a" if c["tps_he_predicted"] is None else tps_text(c["tps_he_predicted"]),
+            "n/a" if c["tps_ihc"] is None else tps_text(c["tps_ihc"]),
             num(c["dice"], ".3f"),
             num(record["registration"]["error_um"]),
             f"{num(c['entropy_disagree'], '.3f')} / {num(c['entropy_agree'], '.3f')}",

@@ -72,7 +72,7 @@ def phantom(
     """
     from bridge.phantom_truth import write_truth_geojson
     from bridge.progress import progress_bar
-    from inference import IhcSpec, PhantomSpec, write_ihc_phantom, write_phantom
+    from inference import IhcSpec, PhantomSpec, tps_text, write_ihc_phantom, write_phantom
 
     if immune_positive is not None and ihc is None:
         raise typer.BadParameter("--immune-positive sets the IHC section's immune cells: add --ihc OUT_IHC.svs")
@@ -158,7 +158,7 @@ def phantom(
         typer.echo(
             f"truth in {written.truth_dir}: "
             + ", ".join(f"{k} {v}" for k, v in summary["nuclei_counts"].items())
-            + (f", TPS {tps_truth:.1f}%" if tps_truth is not None else ", no tumour nuclei")
+            + (f", TPS {tps_text(tps_truth)}%" if tps_truth is not None else ", no tumour nuclei")
             + (f", CPS {cps:.1f}" if cps is not None else "")
         )
 
@@ -208,7 +208,7 @@ def demo(
     from bridge.progress import progress_bar
     from bridge.report import write_report
     from bridge.run import RunConfig
-    from inference import PhantomSpec, truth_dir_for, write_ihc_phantom, write_phantom
+    from inference import PhantomSpec, tps_text, truth_dir_for, write_ihc_phantom, write_phantom
 
     # The file names make the two one case (a trailing stain word names the stain, the rest the case).
     he_path = out / "slides" / "phantom_HE.svs"
@@ -257,7 +257,7 @@ def demo(
         truth = json.loads((truth_dir_for(path) / "truth.json").read_text())
         if outcome.state == "done" and outcome.tps_percent is not None:
             typer.echo(
-                f"{what} {outcome.tps_percent:.1f}% vs truth {truth['tps_percent']:.1f}% "
+                f"{what} {tps_text(outcome.tps_percent)}% vs truth {tps_text(truth['tps_percent'])}% "
                 f"(error {abs(outcome.tps_percent - truth['tps_percent']):.1f} points)"
             )
     typer.echo(f"QuPath project: {project / 'project.qpproj'} (open it, then run scripts/pdl1_import_results.groovy)")

@@ -398,7 +398,7 @@ def eval_tps(
     ensemble's maps), against the truth: error, cut-off category, the members' range and the review flag."""
     from rich.table import Table
 
-    from inference import Models, load_truth, tumour_proportion_score
+    from inference import Models, load_truth, tps_text, tumour_proportion_score
 
     out = stdout()
     try:
@@ -434,8 +434,8 @@ def eval_tps(
             table.add_row(
                 slide.name,
                 f"{truth['spec']['shift']:g}",
-                f"{truth['tps_percent']:.1f}",
-                f"{r.tps.percent:.1f}",
+                tps_text(truth["tps_percent"]),
+                tps_text(r.tps.percent),
                 f"{err:.1f}",
                 "n/a" if low is None else f"{low:.1f}-{high:.1f}",
                 "yes" if within else "no",
@@ -849,6 +849,7 @@ def calibrate(
         demo_model_dir,
         sua_fitted,
         sua_params_for,
+        tps_text,
         write_manifest,
     )
 
@@ -955,11 +956,11 @@ def calibrate(
         name, mean_pe, cand_pct, error, failed, positive_pct, out_of_domain, disagree, unsettled = row[:9]
         tps, truth_tps, wrong_category = row[9:]
         # The TPS beside the area, so a slide failed on its category alone does not read as failed on its area.
-        predicted = "no tumour nuclei" if tps is None else f"{tps:.1f}%"
+        predicted = "no tumour nuclei" if tps is None else f"{tps_text(tps)}%"
         tps_said = (
             ""
             if truth_tps is None
-            else f", predicted TPS {predicted} vs truth {truth_tps:.1f}%{' (category wrong)' if wrong_category else ''}"
+            else f", predicted TPS {predicted} vs truth {tps_text(truth_tps)}%{' (category wrong)' if wrong_category else ''}"
         )
         typer.echo(
             f"  {name}: mean entropy {mean_pe:.3f}, SUA candidates {cand_pct:.2f}% of tissue, predicted positive "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import ROUND_FLOOR, Decimal
 
 import numpy as np
 from scipy import sparse
@@ -186,6 +187,23 @@ def tps_category(percent: float) -> str:
     if percent < high:
         return "1-49%"
     return ">=50%"
+
+
+def tps_text(percent: float, decimals: int = 1) -> str:
+    """A TPS as text: ``decimals`` decimals, more where rounding would carry it across a cut-off (0.96 % shown as
+    1.0 % reads as the 1-49 % category it is not; its category is told from the unrounded value), and cut down
+    (not rounded) where even five more decimals would carry it.
+
+    >>> [tps_text(p) for p in (12.34, 1.0, 0.96, 49.96, 49.9996, 0.0)]
+    ['12.3', '1.0', '0.96', '49.96', '49.9996', '0.0']
+    >>> tps_text(np.nextafter(1.0, 0.0))
+    '0.9'
+    """
+    for places in range(decimals, decimals + 5):
+        text = f"{percent:.{places}f}"
+        if tps_category(float(text)) == tps_category(percent):
+            return text
+    return str(Decimal(percent).quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_FLOOR))
 
 
 def tps_member_disagreement(percent: float | None, member_percents: Sequence[float | None]) -> float | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bridge.atomic import replaced_together
+from bridge.targets import spreadsheet_row
 from inference import SlideEvaluation, aurc, e_aurc, reliability, risk_coverage, spearman
 
 log = logging.getLogger(__name__)
@@ -240,12 +241,13 @@ def write_report(
             writer = csv.DictWriter(open_new(out / "metrics.csv", newline=""), fieldnames=COLUMNS)
             writer.writeheader()
             for row in rows(evaluations):
-                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+                cells = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+                writer.writerow(spreadsheet_row(cells))
             written["metrics"] = out / "metrics.csv"
         if ihc_rows is not None:
             writer = csv.DictWriter(open_new(out / "ihc_metrics.csv", newline=""), fieldnames=IHC_COLUMNS)
             writer.writeheader()
-            writer.writerows(ihc_rows)
+            writer.writerows(spreadsheet_row(row) for row in ihc_rows)
             written["ihc_metrics"] = out / "ihc_metrics.csv"
 
         def save(fig, path: Path, **savefig_kwargs) -> None:

@@ -50,6 +50,7 @@ from bridge.targets import (
     analysed_targets,
     rows_from_summary,
     run_target_regions,
+    spreadsheet_row,
     target_labels,
     target_regions_path,
     targets_review_reasons,
@@ -590,7 +591,7 @@ def _write(
     with replace_atomically(csv_path, newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore", restval="")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(spreadsheet_row(row) for row in rows)
     # Beside report.csv, from the same summaries as the HTML's tables, so a report written elsewhere (--out) carries
     # each target's row too; the run's pdl1/targets.csv has only the images that run analysed or kept.
     write_target_table(out / TARGETS_FILE, all_targets)

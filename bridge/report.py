@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 from shapely.geometry import Point
@@ -59,6 +60,9 @@ from bridge.targets import (
 from inference import MIN_TUMOUR_NUCLEI, Pdl1Error, demo_model_checksums, open_slide, tps_text
 
 log = logging.getLogger(__name__)
+
+# The head of every report.html: it tells a folder holding an earlier report (--out) from one of other files.
+REPORT_TITLE = "<title>pdl1-bridge report</title>"
 
 COLUMNS = (
     "image",
@@ -500,11 +504,28 @@ def write_report(
             "pdl1_analyze.groovy saves"
             + "".join(f"; {m}" for m in left_out)  # what the last run failed on, or left damaged
         )
-    out = Path(out) if out is not None else base / PDL1_DIR / "report"
+    given = out is not None
+    out = Path(out) if given else base / PDL1_DIR / "report"
     # Under the report folder's lock, so no other report writes there: the .part files a killed report left of
-    # its own files go first (bridge.run_lock.output_folder_lock says why a lock, not their age).
-    with output_folder_lock(out, command="report", own=_report_file):
+    # its own files go first (bridge.run_lock.output_folder_lock says why a lock, not their age). A folder given
+    # with --out that holds other files must hold an earlier report: its files of those names are replaced.
+    with output_folder_lock(
+        out,
+        command="report",
+        own=_report_file,
+        written_before=_holds_a_report if given else None,
+        writes="the report writes report.html, report.csv, targets.csv and a PNG per image",
+    ):
         return _write(out, items, base=base, source=source, left_out=left_out, running=running, on_progress=on_progress)
+
+
+def _holds_a_report(folder: Path) -> bool:
+    """Whether ``folder`` holds a report this command wrote (its report.html, by its title)."""
+    try:
+        with (folder / "report.html").open(encoding="utf-8", errors="replace") as fh:
+            return REPORT_TITLE in fh.read(500)
+    except OSError:
+        return False
 
 
 def _report_file(name: str) -> bool:
@@ -957,7 +978,8 @@ def _html(
     body = []
     for r in rows:
         thumb = (
-            f'<img src="{html.escape(r["thumbnail"].name)}" alt="overlay of {html.escape(r["image"])}">'
+            # A file name is a relative URL there: quoted, "Case #7.png" is not "Case " and a fragment.
+            f'<img src="{html.escape(quote(r["thumbnail"].name))}" alt="overlay of {html.escape(r["image"])}">'
             if r["thumbnail"]
             else "<p>slide not found: no thumbnail</p>"
         )
@@ -986,7 +1008,7 @@ def _html(
             + f"{thumb}{_overlay_note(r)}</section>"
         )
     return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>pdl1-bridge report</title><style>"
+        f"<!doctype html><html><head><meta charset='utf-8'>{REPORT_TITLE}<style>"
         "body{font-family:sans-serif;margin:2em}section{margin-bottom:2em}th{text-align:left;padding-right:1em}"
         "img{max-width:900px;border:1px solid #ccc}.warn{background:#fff3cd;border:1px solid #d39e00;padding:.6em}"
         "table.targets{border-collapse:collapse;font-size:.85em;margin-bottom:1em}"

@@ -396,7 +396,14 @@ _OUTPUT_LOCK_TMP = re.compile(re.escape(OUTPUT_LOCK_FILE) + r"\.\d+\.[0-9a-f]{8}
 
 
 @contextmanager
-def output_folder_lock(folder: Path, *, command: str, own: Callable[[str], bool]) -> Iterator[list[Path]]:
+def output_folder_lock(
+    folder: Path,
+    *,
+    command: str,
+    own: Callable[[str], bool],
+    written_before: Callable[[Path], bool] | None = None,
+    writes: str = "",
+) -> Iterator[list[Path]]:
     """Hold ``<folder>/.pdl1-output.lock`` while ``pdl1 <command>`` writes ``folder`` (made where missing), and
     first remove what a killed one left there: the staged files (``<name>.<12 hex>.part``) of the names
     ``own(name)`` says it writes, and lock holders older than a minute that never became the lock. Yields the
@@ -410,7 +417,13 @@ def output_folder_lock(folder: Path, *, command: str, own: Callable[[str], bool]
     stopped with Ctrl-Z, leaves its staged files unchanged for as long as it likes. Another process's files there
     (names ``own`` does not claim) are left alone. Folders this made are removed again where nothing was written
     into them (a refused eval leaves no empty ``--out``).
+
+    ``written_before(folder)``: whether the folder holds this command's earlier output (its own mark), which it
+    replaces; a folder holding other files and no such output is refused, naming them and ``writes`` (what it
+    writes there). Without it any folder is taken (the command's own default folder).
     """
+    if written_before is not None:
+        refuse_foreign_folder(folder, written_before=written_before, command=command, writes=writes)
     with empty_folders_removed(folder):
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -429,6 +442,24 @@ def output_folder_lock(folder: Path, *, command: str, own: Callable[[str], bool]
             lock=f"lock of {folder}",
         ):
             yield remove_orphan_outputs(folder, own=own)
+
+
+def refuse_foreign_folder(folder: Path, *, written_before: Callable[[Path], bool], command: str, writes: str) -> None:
+    """Refuse ``--out folder`` where it holds files (other than a lock or staged files) and no earlier output of
+    ``pdl1 command`` (``written_before``): its files of the names the command writes would be replaced. ``pdl1
+    report --out`` a folder of PNG slides replaced a slide with its thumbnail, and ``--out PROJECT/pdl1`` the
+    run's targets.csv; ``pdl1 eval --out`` a user's metrics.csv."""
+    try:
+        names = sorted(p.name for p in folder.iterdir() if p.name != OUTPUT_LOCK_FILE and not _PART.fullmatch(p.name))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if not names or written_before(folder):
+        return
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise ProjectError(
+        f"--out {folder} holds other files ({shown}) and no earlier pdl1 {command}; {writes} there, and would replace "
+        "files of those names: give a new or empty folder"
+    )
 
 
 def remove_orphan_outputs(folder: Path, *, own: Callable[[str], bool]) -> list[Path]:

@@ -399,3 +399,24 @@ def test_an_eval_into_a_folder_another_eval_is_writing_is_refused_before_its_com
     assert staged.read_text() == "being written" and sorted(p.name for p in out.iterdir()) == sorted(
         [OUTPUT_LOCK_FILE, staged.name]
     )
+
+
+def test_eval_out_that_holds_other_files_is_refused_and_an_earlier_evals_is_replaced(small_phantom, tmp_path):
+    # helper-130: a user's own metrics.csv and provenance.json in --out were replaced without a word.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.csv").write_text("my,own\n1,2\n")
+    result = runner.invoke(app, ["eval", str(small_phantom), "--out", str(mine), "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert (
+        f"--out {mine} holds other files (metrics.csv) and no earlier pdl1 eval; it writes metrics.csv, "
+        "ihc_metrics.csv, provenance.json and PNG plots there, and would replace files of those names: give a new or "
+        "empty folder"
+    ) in _said(result)
+    assert (mine / "metrics.csv").read_text() == "my,own\n1,2\n" and sorted(p.name for p in mine.iterdir()) == [
+        "metrics.csv"
+    ]
+    ours = tmp_path / "ours"
+    for _ in range(2):  # a new folder, then the same one again
+        result = runner.invoke(app, ["eval", str(small_phantom), "--out", str(ours), "--no-progress"])
+        assert result.exit_code == 0, result.output

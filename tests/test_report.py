@@ -808,3 +808,37 @@ def test_names_a_spreadsheet_would_run_as_formulas_are_written_as_text(tmp_path)
     queue = write_review_queue(project, qupath="never")
     images = {r["image"] for r in csv.DictReader(queue.csv_path.open(encoding="utf-8"))}
     assert images == {"'" + named}
+
+
+def test_out_that_holds_other_files_is_refused_and_an_earlier_reports_is_replaced(tmp_path):
+    # helper-129: `pdl1 report out --out pngs` replaced the slide pngs/scan1.png with its thumbnail, which a later run
+    # analysed; --out PROJECT/pdl1 replaced the run's targets.csv.
+    project = _tma_project(tmp_path, [])
+    slides = tmp_path / "pngs"
+    slides.mkdir()
+    (slides / "tma.png").write_bytes(b"a slide")
+    for out in (slides, project / "pdl1"):
+        with pytest.raises(ProjectError) as err:
+            write_report(project, out)
+        assert str(err.value).startswith(f"--out {out} holds other files (")
+        assert str(err.value).endswith(
+            "and no earlier pdl1 report; the report writes report.html, report.csv, targets.csv and a PNG per image "
+            "there, and would replace files of those names: give a new or empty folder"
+        )
+    assert (slides / "tma.png").read_bytes() == b"a slide" and not (project / "pdl1" / "report.html").exists()
+    report = tmp_path / "report"
+    for _ in range(2):  # a new folder, then the same one again
+        html_path, _ = write_report(project, report)
+    assert html_path == report / "report.html"
+
+
+def test_a_thumbnail_whose_name_holds_url_characters_is_linked_by_its_quoted_name(tmp_path):
+    # helper-129: <img src="case#1.png"> is "case" and a fragment to a browser.
+    project = _tma_project(tmp_path, [])
+    qpproj = project / "project.qpproj"
+    raw = json.loads(qpproj.read_text())
+    raw["images"][0]["imageName"] = "Case #7 50%?.tif"
+    qpproj.write_text(json.dumps(raw))
+    page = write_report(project)[0].read_text()
+    (src,) = [part.split('"')[1] for part in page.split("<img src=")[1:]]
+    assert src == "1-Case%20%237%2050%25%3F.png" and (project / "pdl1" / "report" / "1-Case #7 50%?.png").is_file()

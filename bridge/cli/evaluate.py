@@ -535,7 +535,7 @@ def eval_suite(
     against the truth and the review flag (a failure: the TPS in the wrong category or off by more than 5
     points), then the flag's catches and false alarms over both stains.
     """
-    from bridge.eval_report import is_report_file, write_report
+    from bridge.eval_report import holds_an_eval, is_report_file, write_report
     from bridge.progress import progress_bar
     from bridge.run_lock import output_folder_lock
     from inference import (
@@ -555,7 +555,13 @@ def eval_suite(
     try:
         # Under the --out folder's lock, held from the start so a second eval into it is refused before its
         # computing: the .part files a killed eval left of its own files go first (bridge.run_lock.output_folder_lock).
-        with output_folder_lock(out, command="eval", own=is_report_file):
+        with output_folder_lock(
+            out,
+            command="eval",
+            own=is_report_file,
+            written_before=holds_an_eval,
+            writes="it writes metrics.csv, ihc_metrics.csv, provenance.json and PNG plots",
+        ):
             ensemble = Ensemble.load(model or demo_model_dir("seg"), task="segmentation", device=device)
             nuclei = _nuclei_model(nuclei_model, device)
             manifest = ensemble.manifest

@@ -134,6 +134,7 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
         info = read_project(qpproj, unreadable_entries="keep")  # those have no results to report
         fix = f"run {_rerun(source)}, which analyses again the images whose results are damaged"
         failed = _failed_in_last_run(info.folder)
+        not_analysed: list[str] = []
         for entry in info.entries:
             folder = info.folder / PDL1_DIR / entry.entry_id
             name = f"{entry.image_name} (QuPath entry {entry.entry_id})"
@@ -149,6 +150,12 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
                     error = failed[entry.entry_id][1]
                     _leave_out(left_out, _failed_without_results(name, error, source))
                     items.append(_without_results(entry.image_name, folder / "objects.geojson", error, entry.entry_id))
+                else:  # a run stopped before it, or added since: a row saying so (the report read as the project's)
+                    not_analysed.append(name)
+                    why = f"not analysed: no results; run {_rerun(source)}, which analyses the images not done"
+                    items.append(
+                        _without_results(entry.image_name, folder / "objects.geojson", "", entry.entry_id, left_out=why)
+                    )
                 continue
             summary, why = _read_summary(folder / "summary.json", fix, left_out, records.summary is not None)
             source_kind, results_from = newer_source(summary, records)
@@ -174,6 +181,15 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
                     entry.entry_id,
                     results_from=results_from,
                 )
+            )
+        if not_analysed:
+            more = len(not_analysed) - 3
+            shown = ", ".join(not_analysed[:3]) + (f" and {more} more" if more > 0 else "")
+            _leave_out(
+                left_out,
+                f"{len(not_analysed)} of the project's {len(info.entries)} images have no results, not analysed (a run "
+                f"stopped before them, or they were added since): {shown}; run {_rerun(source)}, which analyses the "
+                "images not done",
             )
         return items
     fix = f"run {_rerun(source)}, which analyses again the slides whose results are damaged"

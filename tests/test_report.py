@@ -842,3 +842,25 @@ def test_a_thumbnail_whose_name_holds_url_characters_is_linked_by_its_quoted_nam
     page = write_report(project)[0].read_text()
     (src,) = [part.split('"')[1] for part in page.split("<img src=")[1:]]
     assert src == "1-Case%20%237%2050%25%3F.png" and (project / "pdl1" / "report" / "1-Case #7 50%?.png").is_file()
+
+
+def test_entries_not_analysed_yet_are_named_and_get_rows(tmp_path, caplog):
+    # helper-129: a run stopped after 8 of 29 images, then `pdl1 report`: 8 rows, no word of the other 21, and the
+    # page read as the whole project's.
+    project = _tma_project(tmp_path, [])
+    qpproj = project / "project.qpproj"
+    raw = json.loads(qpproj.read_text())
+    for i in range(2, 6):
+        raw["images"].append(dict(raw["images"][0], entryID=i, imageName=f"later{i}.tif"))
+    qpproj.write_text(json.dumps(raw))
+    with caplog.at_level("WARNING", logger="bridge.report"):
+        html_path, csv_path = write_report(project)
+    said = (
+        "4 of the project's 5 images have no results, not analysed (a run stopped before them, or they were added "
+        "since): later2.tif (QuPath entry 2), later3.tif (QuPath entry 3), later4.tif (QuPath entry 4) and 1 more; "
+        f"run `pdl1 run {project} --resume`, which analyses the images not done"
+    )
+    assert said in caplog.text and html.escape(said) in html_path.read_text()
+    rows = list(csv.DictReader(csv_path.open(encoding="utf-8")))
+    assert [r["image"] for r in rows] == ["tma.tif", "later2.tif", "later3.tif", "later4.tif", "later5.tif"]
+    assert rows[1]["left_out"].startswith("not analysed: no results; run `pdl1 run") and rows[1]["tps_percent"] == ""

@@ -245,6 +245,10 @@ def test_pdl1_domain_stats_writes_calibrated_statistics_and_leaves_the_weights(p
     result = runner.invoke(app, [*args, "--held-out", str(tmp_path / "held" / "*.svs")])
     assert result.exit_code == 0, result.output
     assert "h2.svs: out-of-domain score" in result.output
+    # A few tiles of one small slide: written, but said to rest on too little (helper-129: 3 tiles, 2 of 240
+    # directions, a limit of 22410, without a word).
+    flat = " ".join(result.output.split())
+    assert "feature directions, fewer than the guard keeps, so its limits rest on too little" in flat, flat
     manifest = read_manifest(out)  # verifies every member's sha256
     assert manifest.checksum == before.checksum
     stats, why = stats_of_manifest(manifest.extra)
@@ -261,6 +265,11 @@ def test_pdl1_domain_stats_writes_calibrated_statistics_and_leaves_the_weights(p
     assert not (tmp_path / "seg2").exists() and not list(tmp_path.glob(".seg2.*.part"))
     nothing = runner.invoke(app, [*args, "--held-out", str(tmp_path / "none*.svs")])
     assert nothing.exit_code == 2 and "matches no file" in " ".join(nothing.output.split())
+    # The shipped demo is never rewritten in place (every later run called it the shipped demo, with these limits).
+    shipped = runner.invoke(app, ["domain-stats", str(demo_model_dir("seg")), str(phantom_svs), "--no-progress"])
+    flat = re.sub(r"[│\s]+", " ", shipped.output)
+    assert shipped.exit_code == 2 and "is a shipped demo model, which is read-only: pass --out DIR" in flat, flat
+    assert read_manifest(demo_model_dir("seg")).extra == before.extra
 
 
 def test_domain_statistics_refuse_slides_of_another_stain_and_say_when_too_few_tiles(ihc_pair, tmp_path):

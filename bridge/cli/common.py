@@ -410,8 +410,16 @@ def _writable(path: Path) -> bool:
 def check_model_target(source: Path, out: Path | None, *, what: str = "a calibrated copy") -> None:
     """Refuse, before minutes of work, a model target that could not be written or would be wrongly overwritten:
     ``source`` itself (``out`` None or the same folder: its manifest is rewritten in place) or a new ``out``."""
+    from inference import demo_model_dir
+
     require_out_folder(out, what=what)
     if out is None or out.resolve() == source.resolve():
+        if source.resolve().is_relative_to(demo_model_dir("seg").resolve().parent):
+            # Rewritten in place, the shipped model kept its name and checksums: every later run reported "shipped
+            # demo" models with this command's statistics or limits.
+            raise typer.BadParameter(
+                f"{source} is a shipped demo model, which is read-only: pass --out DIR for {what}", param_hint="--out"
+            )
         if not _writable(source) or not _writable(source / "manifest.json"):
             raise typer.BadParameter(
                 f"{source} is not writable, so its manifest cannot be updated; pass --out DIR for {what}"

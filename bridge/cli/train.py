@@ -1158,6 +1158,15 @@ def domain_stats(
             f"  {row['slide']}: out-of-domain score {_num(row['score'])}, stain distance "
             f"{_num(row['stain_distance_deg'])}°"
         )
+    if stats.features.fitted_on_too_little:
+        # 3 tiles gave 2 of 240 directions and a limit of 22410: a guard that flags nothing, written without a word.
+        typer.echo(
+            f"warning: {stats.train_tiles} training tiles give {len(stats.features.components)} feature directions, "
+            "fewer than the guard keeps, so its limits rest on too little (the shipped "
+            "segmentation model's: 226 tiles of 10 slides) and may flag nothing or everything; run it again with "
+            "more or larger slides of the training domain",
+            err=True,
+        )
 
 
 def _domain_stats_mpp_advice(value: str) -> str:

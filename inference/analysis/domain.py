@@ -83,6 +83,12 @@ class FeatureModel:
     def dim(self) -> int:
         return len(self.mean)
 
+    @property
+    def fitted_on_too_little(self) -> bool:
+        """Fewer principal directions than the guard keeps (:data:`N_COMPONENTS`) where the features have more: too
+        few tiles to fit them (3 tiles gave 2 of 240 directions and a limit that flagged nothing)."""
+        return len(self.components) < min(N_COMPONENTS, self.dim - 1)
+
 
 @dataclass(frozen=True)
 class DomainStats:

@@ -935,10 +935,14 @@ _SUMMARY_FIELDS = {
     ),
     "image_file_bytes": _number_or_none,
 }
+# The domain reading's numbers (the report formats them).
+_DOMAIN_NUMBERS = ("out_of_domain_score", "limit", "stain_distance_deg", "stain_limit_deg")
 # Within its details: each review reason an object (its reason, value and limit), the domain reading an object.
 _DETAILS_FIELDS = {
     "review_reasons": lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
-    "domain": lambda v: v is None or isinstance(v, dict),
+    "domain": lambda v: v is None or (isinstance(v, dict) and all(_number_or_none(v.get(k)) for k in _DOMAIN_NUMBERS)),
+    "tps_low": _number_or_none,
+    "tps_high": _number_or_none,
 }
 
 

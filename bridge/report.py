@@ -590,21 +590,21 @@ def _write(
                 "entry_id": item.entry_id,
                 "stain": s.get("stain", "H&E"),
                 "mpp": s.get("mpp"),
-                "analysed_at": provenance.get("analysed_at"),
+                "analysed_at": None if provenance.get("analysed_at") is None else str(provenance["analysed_at"]),
                 "models": "; ".join(_model_label(m, demo_checksums) for m in models),
                 "demo_models": any(m.get("sha256") in demo_checksums for m in models),
                 "tps_percent": s.get("tps_percent"),
                 "tps_category": s.get("tps_category"),
-                "tps_low": s.get("details", {}).get("tps_low"),
-                "tps_high": s.get("details", {}).get("tps_high"),
+                "tps_low": _details(s).get("tps_low"),
+                "tps_high": _details(s).get("tps_high"),
                 "cps": s.get("cps"),
                 "review_reasons": "; ".join(_review_reasons(s, targets)),
                 "positive_area_pct": s.get("positive_area_pct"),
                 "uncertainty_flag": int(bool(s.get("uncertainty_flag"))),
-                "out_of_domain_score": (s.get("details", {}).get("domain") or {}).get("out_of_domain_score"),
-                "stain_distance_deg": (s.get("details", {}).get("domain") or {}).get("stain_distance_deg"),
-                "domain": _domain_text(s.get("details", {}).get("domain")),
-                "domain_target": (s.get("details", {}).get("domain") or {}).get("target"),
+                "out_of_domain_score": (_details(s).get("domain") or {}).get("out_of_domain_score"),
+                "stain_distance_deg": (_details(s).get("domain") or {}).get("stain_distance_deg"),
+                "domain": _domain_text(_details(s).get("domain")),
+                "domain_target": (_details(s).get("domain") or {}).get("target"),
                 "sua_candidates": s.get("sua_candidates"),
                 "tumor_positive": nuclei.get("Tumor: Positive"),
                 "tumor_negative": nuclei.get("Tumor: Negative"),
@@ -643,7 +643,7 @@ def _review_reasons(summary: dict, targets: Sequence[TargetRow]) -> tuple[str, .
     closing lines and ``pdl1 review-queue`` say them; else the summary's."""
     if len(_analysed(targets)) > 1:
         return targets_review_reasons(targets)
-    return tuple(review_reason_text(r) for r in summary.get("details", {}).get("review_reasons", []))
+    return tuple(review_reason_text(r) for r in _details(summary).get("review_reasons", []))
 
 
 def _targets_of(item: ReportItem, left_out: list[str]) -> list[TargetRow]:
@@ -664,18 +664,26 @@ def _thumbnail_or_none(item: ReportItem, out: Path, targets: list[TargetRow], le
     """A report row's ``thumbnail`` (the overlay's path; None, with a warning, when the slide or the GeoJSON does not
     read: one image's picture, not the report) and ``overlay_every_target``; a slide that is not where it was
     analysed is named, not only "slide not found" in the HTML."""
-    none = {"thumbnail": None, "overlay_every_target": False}
+
+    def none(why: str) -> dict:  # the HTML says why beside the numbers (it said "slide not found" for every cause)
+        return {"thumbnail": None, "overlay_every_target": False, "no_thumbnail": why}
+
     if item.slide is None:
         _leave_out(left_out, f"{item.image_name}: no thumbnail: {item.not_found}; its numbers are reported")
-        return none
+        return none(str(item.not_found))
     try:
         drawn = _thumbnail(item, out, targets)
     except (Pdl1Error, OSError, ValueError) as err:
         _leave_out(left_out, f"{item.image_name}: no thumbnail ({err}); its numbers are reported")
-        return none
+        return none(str(err))
     if drawn is None:
-        return none
+        return none(str(item.not_found or "no slide"))
     return {"thumbnail": drawn[0], "overlay_every_target": drawn[1]}
+
+
+def _details(summary: dict) -> dict:
+    """A summary's ``details`` ({} where it holds none, or null, which summaries may)."""
+    return summary.get("details") or {}
 
 
 def _read_pairs(path: Path, fix: str, left_out: list[str]) -> dict:
@@ -689,7 +697,15 @@ def _read_pairs(path: Path, fix: str, left_out: list[str]) -> dict:
         problem = f"does not read ({err})" if not isinstance(err, AttributeError) else "is not a JSON object"
     else:
         if isinstance(cases, dict) and all(isinstance(c, dict) for c in cases.values()):
-            return cases
+            readable = {}
+            for case, record in cases.items():  # a case edited by hand costs its row, not the report
+                try:
+                    _pair_row(case, record)
+                except (KeyError, TypeError, ValueError, AttributeError) as err:
+                    _leave_out(left_out, f"{path}: case {case!r} does not read ({err!r}), so it is left out; {fix}")
+                else:
+                    readable[case] = record
+            return readable
         problem = 'holds no cases (expected {"cases": {CASE: {...}}})'
     _leave_out(left_out, f"{path} {problem}, so the H&E vs IHC comparison is left out of the report; {fix}")
     return {}
@@ -773,32 +789,34 @@ def _tps_row(r: dict) -> str:
 def _pairs_html(pairs: dict) -> str:
     if not pairs:
         return ""
-    rows = []
-    for case, record in pairs.items():
-        c = record.get("comparison")
-        if not c:
-            why = html.escape(record.get("why_not_compared", ""))
-            rows.append(f"<tr><td>{html.escape(case)}</td><td colspan='6'>{why}</td></tr>")
-            continue
-        reasons = record.get("review_reasons", [])
-        review = "; ".join(
-            r["reason"]
-            if r.get("limit") is None
-            else f"{r['reason']} ({_fmt(r['value'])} points, cut-off {_fmt(r['limit'])}%)"
-            for r in reasons
-        )
-        rows.append(
-            f"<tr><td>{html.escape(case)}</td><td>{_fmt_tps(c['tps_he_predicted'])}</td><td>{_fmt_tps(c['tps_ihc'])}</td>"
-            f"<td>{_fmt3(c['dice'])}</td><td>{_fmt(record['registration']['error_um'])}</td>"
-            f"<td>{_fmt3(c['entropy_disagree'])} / {_fmt3(c['entropy_agree'])}</td>"
-            f"<td>{html.escape(review) if review else 'ok'}</td></tr>"
-        )
+    rows = [_pair_row(case, record) for case, record in pairs.items()]
     return (
         "<section><h2>H&amp;E vs PD-L1 IHC, per case</h2><table><tr><th>case</th><th>predicted TPS (H&amp;E)</th>"
         "<th>TPS (IHC)</th><th>Dice of positive areas</th><th>registration: tissue outlines µm apart</th>"
         "<th>H&amp;E entropy where they disagree / agree</th><th>review</th></tr>"
         + "".join(rows)
         + "</table></section>"
+    )
+
+
+def _pair_row(case: str, record: dict) -> str:
+    """A case's row of the report's table of cases."""
+    c = record.get("comparison")
+    if not c:
+        why = html.escape(str(record.get("why_not_compared", "")))
+        return f"<tr><td>{html.escape(case)}</td><td colspan='6'>{why}</td></tr>"
+    reasons = record.get("review_reasons", [])
+    review = "; ".join(
+        r["reason"]
+        if r.get("limit") is None
+        else f"{r['reason']} ({_fmt(r['value'])} points, cut-off {_fmt(r['limit'])}%)"
+        for r in reasons
+    )
+    return (
+        f"<tr><td>{html.escape(case)}</td><td>{_fmt_tps(c['tps_he_predicted'])}</td><td>{_fmt_tps(c['tps_ihc'])}</td>"
+        f"<td>{_fmt3(c['dice'])}</td><td>{_fmt(record['registration']['error_um'])}</td>"
+        f"<td>{_fmt3(c['entropy_disagree'])} / {_fmt3(c['entropy_agree'])}</td>"
+        f"<td>{html.escape(review) if review else 'ok'}</td></tr>"
     )
 
 
@@ -997,7 +1015,7 @@ def _html(
             # A file name is a relative URL there: quoted, "Case #7.png" is not "Case " and a fragment.
             f'<img src="{html.escape(quote(r["thumbnail"].name))}" alt="overlay of {html.escape(r["image"])}">'
             if r["thumbnail"]
-            else "<p>slide not found: no thumbnail</p>"
+            else f"<p>no thumbnail: {html.escape(r.get('no_thumbnail') or 'not drawn')}</p>"
         )
         flag = "needs review" if r["uncertainty_flag"] else "ok"
         domain_of = _domain_of(r)

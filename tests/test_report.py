@@ -64,7 +64,14 @@ def test_a_summary_field_of_the_wrong_kind_leaves_that_image_out_with_the_fix(tm
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("targets", [1]), ("details", {"review_reasons": ["checked by Dr X"]}), ("details", {"domain": "within"})],
+    [
+        ("targets", [1]),
+        ("details", {"review_reasons": ["checked by Dr X"]}),
+        ("details", {"domain": "within"}),
+        # helper-129: each stopped the report with a TypeError
+        ("details", {"domain": {"out_of_domain_score": "high"}}),
+        ("details", {"tps_low": "10"}),
+    ],
 )
 def test_a_summary_with_a_list_or_reading_of_the_wrong_kind_inside_is_left_out_with_the_fix(tmp_path, field, value):
     # Each stopped pdl1 report (and pdl1 run --resume, review-queue) with an AttributeError traceback.
@@ -115,6 +122,41 @@ def test_a_truncated_summary_or_pairs_file_of_a_project_leaves_out_only_that_par
         f"{project / 'pdl1' / 'pairs.json'} does not read" in caplog.text and "compares the cases again" in caplog.text
     )
     assert "H&amp;E vs PD-L1 IHC, per case" not in html_path.read_text()
+
+
+def test_a_summary_without_details_or_with_a_number_for_its_time_is_reported(tmp_path):
+    # helper-129: "details": null, which summaries may hold, and an analysed_at of another kind stopped the report.
+    out = tmp_path / "out"
+    out.mkdir()
+    summary = {**_summary(tmp_path / "a.svs"), "details": None, "provenance": {"analysed_at": 20261206}}
+    (out / "a.summary.json").write_text(json.dumps(summary))
+    html_path, csv_path = write_report(out)
+    (row,) = csv.DictReader(csv_path.open())
+    assert row["tps_percent"] == "12.5" and row["analysed_at"] == "20261206" and row["left_out"] == ""
+    assert "analysed 20261206" in html_path.read_text()
+    assert f"no thumbnail: no image at {tmp_path / 'a.svs'}" in html_path.read_text()  # not "slide not found"
+
+
+def test_a_case_of_pairs_json_that_does_not_read_costs_its_row_not_the_report(tmp_path, caplog):
+    # helper-129: a case with "registration": null, or a Dice that is text, stopped the report.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.summary.json").write_text(json.dumps(_summary(tmp_path / "a.svs")))
+    (out / "pdl1").mkdir()
+    comparison = {"tps_he_predicted": 10.0, "tps_ihc": 12.0, "dice": 0.8, "entropy_disagree": 0.2, "entropy_agree": 0.1}
+    cases = {
+        "A": {"comparison": comparison, "registration": {"error_um": 5.0}},
+        "B": {"comparison": comparison, "registration": None},
+        "C": {"comparison": {**comparison, "dice": "0.8"}, "registration": {"error_um": 5.0}},
+        "D": {"why_not_compared": "no IHC"},
+    }
+    (out / "pdl1" / "pairs.json").write_text(json.dumps({"cases": cases}))
+    with caplog.at_level("WARNING", logger="bridge.report"):
+        page = write_report(out)[0].read_text()
+    assert "<tr><td>A</td><td>10.0</td><td>12.0</td><td>0.800</td><td>5.0</td>" in page
+    assert "<td colspan='6'>no IHC</td>" in page and "<tr><td>B</td>" not in page and "<tr><td>C</td>" not in page
+    assert f"{out / 'pdl1' / 'pairs.json'}: case 'B' does not read (TypeError(" in caplog.text
+    assert f"{out / 'pdl1' / 'pairs.json'}: case 'C' does not read (ValueError(" in caplog.text
 
 
 @pytest.mark.parametrize("content", ["[]", '{"cases": [1]}', '{"cases": {"c1": "x"}}'])

@@ -372,6 +372,8 @@ def test_the_staged_files_a_killed_eval_left_are_removed_by_the_next_and_no_othe
     others = [out / "slides.txt.0123456789ab.part", out / "metrics.csv.part", out / "metrics.csv"]
     for path in ours + others:
         path.write_text("staged")
+    # An earlier eval's folder (a folder of other files and no eval is refused whole, before any of this).
+    (out / "provenance.json").write_text(json.dumps({"command": "pdl1 eval"}))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     holder = {"pid": int(dead.stdout), "host": socket.gethostname(), "started": "2024-01-01 00:00:00"}
     (out / OUTPUT_LOCK_FILE).write_text(json.dumps(holder))  # the killed eval's lock
@@ -420,3 +422,40 @@ def test_eval_out_that_holds_other_files_is_refused_and_an_earlier_evals_is_repl
     for _ in range(2):  # a new folder, then the same one again
         result = runner.invoke(app, ["eval", str(small_phantom), "--out", str(ours), "--no-progress"])
         assert result.exit_code == 0, result.output
+
+
+def test_the_truth_of_another_phantom_or_an_altered_mask_is_refused(small_phantom, tmp_path):
+    # helper-130: another phantom's truth beside a slide, or a changed positive_mask.tif, was scored (Dice 0.1997,
+    # 0.0000) and exported as nnU-Net labels without a word.
+    import numpy as np
+    import tifffile
+
+    other = tmp_path / "other.svs"
+    write_phantom(other, PhantomSpec(1024, 1024, seed=99, tps_percent=70))
+    larger = tmp_path / "larger.svs"
+    write_phantom(larger, PhantomSpec(1536, 1536, seed=1, tps_percent=30))
+    for truth_of, says in [
+        (other, r"phantom seed 1 \(its TIFF description\), but .*truth\.json is seed 99's; the truth beside it"),
+        (larger, r"1024 x 1024 px, but .*truth\.json describes a 1536 x 1536 px phantom; the truth beside it"),
+    ]:
+        slide = tmp_path / f"with_{truth_of.stem}" / "x.svs"
+        slide.parent.mkdir()
+        shutil.copy(small_phantom, slide)
+        shutil.copytree(truth_dir_for(truth_of), truth_dir_for(slide))
+        with pytest.raises(TruthFormatError, match=says):
+            load_truth(slide)
+    slide = tmp_path / "edited" / "x.svs"
+    slide.parent.mkdir()
+    shutil.copy(small_phantom, slide)
+    shutil.copytree(truth_dir_for(small_phantom), truth_dir_for(slide))
+    mask_path = truth_dir_for(slide) / "positive_mask.tif"
+    mask = tifffile.imread(mask_path)
+    mask[:4, :4] = 1 - mask[:4, :4]
+    tifffile.imwrite(mask_path, mask)
+    with pytest.raises(TruthFormatError, match=r"positive, but .*records .* \(mask_positive_fraction\): the mask is"):
+        load_truth(slide)
+    tifffile.imwrite(mask_path, np.zeros((192, 192), np.uint8))
+    with pytest.raises(TruthFormatError, match=r"192 x 192 px, but the 1024 x 1024 px phantom .* needs 128 x 128"):
+        load_truth(slide)
+    result = runner.invoke(app, ["eval", "seg", str(slide), "--no-progress"])
+    assert result.exit_code == 1 and "needs 128 x 128: the mask is another phantom's or altered" in _said(result)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,6 +231,8 @@ def load_truth(slide_path: str | Path) -> PhantomTruthData:
                 f"{truth_dir / 'nuclei.csv'}: {len(cls)} nuclei, but {summary_path} counts {expected} "
                 f"(nuclei_counts); the file is cut short or altered: {_REWRITE}"
             )
+    _check_mask(truth_dir, summary, mask)
+    _check_truth_is_the_slides(Path(slide_path), summary_path, summary)
     return PhantomTruthData(
         positive_mask=mask,
         mask_downsample=float(summary["mask_downsample"]),
@@ -239,6 +242,68 @@ def load_truth(slide_path: str | Path) -> PhantomTruthData:
         class_names=class_names,
         nuclei_intensity=np.array(intensity, np.int64),
     )
+
+
+def _spec_size(summary: dict) -> tuple[int, int] | None:
+    """The phantom's (width, height) px that truth.json's spec states; None where it states none."""
+    spec = summary.get("spec")
+    size = (spec.get("width_px"), spec.get("height_px")) if isinstance(spec, dict) else (None, None)
+    return size if all(isinstance(v, int) and not isinstance(v, bool) for v in size) else None
+
+
+def _check_mask(truth_dir: Path, summary: dict, mask: np.ndarray) -> None:
+    """The mask is the one truth.json describes: its shape that of the slide at ``mask_downsample``, and its positive
+    share the one recorded. A mask of another phantom, or an edited one, was scored (Dice 0.0000) or cropped and
+    padded into training labels without a word."""
+    path = truth_dir / "positive_mask.tif"
+    size, ds = _spec_size(summary), summary["mask_downsample"]
+    if size is not None and float(ds) == int(ds):
+        expected = (-(-size[1] // int(ds)), -(-size[0] // int(ds)))
+        if mask.shape != expected:
+            raise TruthFormatError(
+                f"{path}: {mask.shape[1]} x {mask.shape[0]} px, but the {size[0]} x {size[1]} px phantom of "
+                f"{truth_dir / 'truth.json'} at downsample {ds:g} needs {expected[1]} x {expected[0]}: the mask is "
+                f"another phantom's or altered; {_REWRITE}"
+            )
+    recorded = summary.get("mask_positive_fraction")
+    if is_finite_number(recorded) and abs(float(np.count_nonzero(mask)) / max(mask.size, 1) - recorded) > 1e-6:
+        raise TruthFormatError(
+            f"{path}: {np.count_nonzero(mask) / max(mask.size, 1):.4%} positive, but {truth_dir / 'truth.json'} "
+            f"records {recorded:.4%} (mask_positive_fraction): the mask is another phantom's or altered; {_REWRITE}"
+        )
+
+
+_SEED_IN_DESCRIPTION = re.compile(r"pdl1-bridge phantom seed ?= ?(\d+)")
+
+
+def _check_truth_is_the_slides(slide: Path, summary_path: Path, summary: dict) -> None:
+    """The truth beside ``slide`` is its own: the slide's size, and the phantom seed its TIFF description states,
+    are truth.json's. Another phantom's truth beside a slide (a copy renamed, a folder mixed up) was scored and
+    exported without a word. A slide that is no TIFF, or does not read, is left to the slide's own reader."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(slide) as tif:
+            page = tif.pages[0]
+            width, height, description = page.imagewidth, page.imagelength, page.description or ""
+    except Exception:  # any reader error: the slide's own reader says what is wrong with it
+        return
+    size = _spec_size(summary)
+    another = (
+        f"the truth beside it ({summary_path.parent}) is another slide's: give each slide its own truth, or {_REWRITE}"
+    )
+    if size is not None and (width, height) != size:
+        raise TruthFormatError(
+            f"{slide}: {width} x {height} px, but {summary_path} describes a {size[0]} x {size[1]} px phantom; "
+            f"{another}"
+        )
+    spec = summary.get("spec") if isinstance(summary.get("spec"), dict) else {}
+    found = _SEED_IN_DESCRIPTION.search(description)
+    if found and isinstance(spec.get("seed"), int) and int(found.group(1)) != spec["seed"]:
+        raise TruthFormatError(
+            f"{slide}: phantom seed {found.group(1)} (its TIFF description), but {summary_path} is seed "
+            f"{spec['seed']}'s; {another}"
+        )
 
 
 # The truth.json fields an evaluation reads beyond those every load checks, with what each is.

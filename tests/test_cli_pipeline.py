@@ -32,6 +32,18 @@ def test_eval_seg_prints_ensemble_and_members(small):
     assert "AUROC predictive entropy -> error" in result.output
 
 
+def test_eval_commands_score_a_slide_given_twice_once(small, tmp_path):
+    # helper-130: `pdl1 eval tps a.svs a.svs` counted a.svs twice in its means ("4 of 4" for two slides given twice).
+    link = tmp_path / "same.svs"
+    link.symlink_to(small)
+    (tmp_path / "same.truth").symlink_to(small.with_suffix(".truth"))
+    result = runner.invoke(app, ["eval", "seg", str(small), str(link), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert f"note: {small} is given twice (as {link}); it is scored once" in said, said
+    assert said.count("c.svs") == 2 and "same.svs" in said  # the note's name and the one row, not two
+
+
 def test_eval_seg_of_a_one_member_model_sets_no_member_beside_it(small, tmp_path):
     """A one-member model printed 'ensemble Dice >= every member's: yes (0.4312 vs best member 0.4312)'."""
     model = tmp_path / "one"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Annotated
 
@@ -84,6 +85,7 @@ def eval_seg(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Dice of the ensemble and of every member, and AUROC of uncertainty for pixel errors, on the truth's grid."""
+    slides = distinct_paths(slides, done="scored once")  # a glob and one of its files: counted once in the means
     from rich.table import Table
 
     from bridge.progress import progress_bar
@@ -213,6 +215,7 @@ def eval_nuclei(
     The TPS is the nuclei model's own classes' (on H&E its positive/negative head), not the predicted TPS of
     pdl1 run, whose PD-L1 call comes from the segmentation ensemble's maps: that one is pdl1 eval tps.
     """
+    slides = distinct_paths(slides, done="scored once")  # a glob and one of its files: counted once in the means
     from rich.table import Table
 
     from inference import Ensemble, demo_model_dir
@@ -323,6 +326,7 @@ def eval_ihc(
     H-DAB, and its review reasons are shown; a slide failed when its TPS is in the wrong category or off by
     more than 5 points, and the flag's catches and false alarms are counted.
     """
+    slides = distinct_paths(slides, done="scored once")  # a glob and one of its files: counted once in the means
     from rich.table import Table
 
     from inference import Ensemble, Models, demo_model_dir
@@ -396,6 +400,7 @@ def eval_tps(
 ) -> None:
     """The predicted TPS of H&E slides as pdl1 run gives it (nuclei typed by the nuclei model, PD-L1 from the
     ensemble's maps), against the truth: error, cut-off category, the members' range and the review flag."""
+    slides = distinct_paths(slides, done="scored once")  # a glob and one of its files: counted once in the means
     from rich.table import Table
 
     from inference import Models, load_truth, tps_text, tumour_proportion_score
@@ -459,6 +464,7 @@ def eval_registration(
     mpp: Annotated[float, typer.Option(min=1.0, max=64.0, help="Resolution registered at, µm/px.")] = 8.0,
 ) -> None:
     """Registration error of each IHC onto its H&E against the true section transform (median, p90, max µm)."""
+    slides = distinct_paths(slides, done="scored once")  # a glob and one of its files: counted once in the means
     from rich.table import Table
 
     from inference import evaluate_registration
@@ -489,7 +495,7 @@ def eval_registration(
         out.print(table)
         ordered = sorted(medians)
         out.print(
-            f"median of the slides' median errors {ordered[len(ordered) // 2]:.1f} µm; worst {ordered[-1]:.1f} µm"
+            f"median of the slides' median errors {statistics.median(ordered):.1f} µm; worst {ordered[-1]:.1f} µm"
         )
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err

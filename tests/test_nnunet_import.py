@@ -296,6 +296,20 @@ def test_missing_checkpoint_names_what_the_fold_has(tmp_path):
         import_nnunet(folder, tmp_path / "model", mpp=2.0, checkpoints=["checkpoint_best.pth"])
 
 
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        ({"folds": ["0", "0"]}, r"folds names 0 more than once; each becomes a member"),
+        ({"checkpoints": ["checkpoint_final.pth"] * 2}, r"checkpoints names checkpoint_final\.pth more than once"),
+    ],
+)
+def test_a_fold_or_checkpoint_named_twice_is_refused(tmp_path, given, says):
+    # helper-130: --folds 0 --folds 0 gave two identical members, which understate the ensemble's disagreement.
+    with pytest.raises(ModelFileError, match=says):
+        import_nnunet(_results(tmp_path), tmp_path / "model", mpp=2.0, **given)
+    assert not (tmp_path / "model").exists()
+
+
 @needs_dna
 @pytest.mark.parametrize("architecture", [PLAIN, RESENC])
 def test_imported_members_run_as_the_networks_do(tmp_path, architecture):

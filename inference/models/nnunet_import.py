@@ -423,6 +423,13 @@ def _labels(dataset: dict[str, Any], *, dataset_path: Path) -> list[str]:
 def _choose_checkpoints(
     folder: Path, *, folds: list[str] | None, checkpoints: list[str], setting: SettingWords
 ) -> list[Path]:
+    for given, what in ((folds or [], "folds"), (checkpoints, "checkpoints")):
+        twice = sorted({g for g in given if given.count(g) > 1})
+        if twice:  # each would be a member: identical members understate the ensemble's disagreement
+            raise ModelFileError(
+                f"{setting(what)} names {', '.join(twice)} more than once; each becomes a member, and identical "
+                f"members understate the ensemble's uncertainty: name each once"
+            )
     fold_dirs = sorted(p for p in folder.glob("fold_*") if p.is_dir())
     if folds:
         wanted = [folder / f"fold_{f}" for f in folds]

@@ -515,6 +515,27 @@ def test_cli_export_of_a_project_finds_a_moved_image_under_search_dir(labelled, 
     assert {c["slide"] for c in cases.values()} == {str(tmp_path / "archive" / "he-1357.svs")}
 
 
+def test_regions_not_a_whole_number_of_cases_give_no_sliver_cases(labelled, tmp_path):
+    # helper-130: the fixture's two training regions, cut into 204 px cases from their corners, gave 8 cases of
+    # 204 x 204, 1 x 204, 204 x 1, 1 x 1, ... px: nnU-Net trains on the slivers and plans its patch from them.
+    from bridge.labels import export_path
+
+    project = tmp_path / "project"
+    shutil.copytree(labelled / "project", project)
+    (tmp_path / "he-1357.svs").symlink_to(labelled / "he-1357.svs")
+    exported = export_path(project, "1")
+    exported.parent.mkdir(parents=True)
+    exported.write_text((labelled / "objects-labelled-by-pathologist-0.4.4.geojson").read_text())
+    out = tmp_path / "raw" / "Dataset543_S"
+    args = ["export", "nnunet", str(project), "--entries", "1", "--qupath", "never", "--case-px", "204"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    sizes = [Image.open(p).size for p in sorted((out / "imagesTr").iterdir())]
+    assert sizes == [(204, 204), (204, 204)]
+    regions = [c["region_xywh"] for c in json.loads((out / "cases.json").read_text()).values()]
+    assert all(w == h == 816 for _, _, w, h in regions)  # 204 px at 2 µm/px of a 0.5 µm/px slide
+
+
 def test_a_project_a_run_is_writing_is_not_exported_and_the_run_is_named(labelled, tmp_path):
     # `pdl1 export nnunet PROJECT` reads the project's labels as `pdl1 train` does, and under the same run lock: a
     # read while `pdl1 run` replaced the objects saw the run half-way.

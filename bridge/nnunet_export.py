@@ -145,8 +145,11 @@ class PhantomTruthLabels:
         x0, y0 = math.floor(x / ds), math.floor(y / ds)
         x1, y1 = math.ceil((x + w) / ds), math.ceil((y + h) / ds)
         crop = mask[y0:y1, x0:x1].astype(np.float32)
-        # Fraction of each exported pixel that is positive: the mask box resampled by area.
-        fraction = np.asarray(Image.fromarray(crop).resize(size_wh, resample=Image.Resampling.BOX))
+        # Fraction of each exported pixel that is positive: the mask resampled by area over the region exactly (the
+        # crop is whole mask pixels, wider than a region that does not start on the mask's grid; stretched whole
+        # onto the case, it put a few labels a fraction of a pixel off).
+        box = (x / ds - x0, y / ds - y0, (x + w) / ds - x0, (y + h) / ds - y0)
+        fraction = np.asarray(Image.fromarray(crop).resize(size_wh, resample=Image.Resampling.BOX, box=box))
         out = np.full(fraction.shape, UNLABELLED, np.uint8)
         for value, mask in ((1, fraction >= self.purity), (0, fraction <= 1 - self.purity)):
             if self.margin_px > 0:

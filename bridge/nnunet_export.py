@@ -345,6 +345,7 @@ def export_nnunet_dataset(
     test_slides: Sequence[Path | ExportImage] = (),
     on_progress: Callable[[int, int], None] | None = None,
     mpp_advice: MppAdvice | None = None,
+    stain: str = "H&E",
 ) -> ExportSummary:
     """Write an nnU-Net v2 raw dataset of ``slides``' labelled regions at ``mpp`` µm/px.
 
@@ -361,7 +362,8 @@ def export_nnunet_dataset(
 
     Each image is read at the µm/px its QuPath project states (an :class:`ExportImage`'s ``mpp``), else at its
     file's own; one that states none either way raises :class:`inference.MissingMppError`, its message ending
-    with ``mpp_advice`` (how the caller's user gives one; :func:`inference.open_slide`).
+    with ``mpp_advice`` (how the caller's user gives one; :func:`inference.open_slide`). ``stain``: the images'
+    (H&E or H-DAB), recorded in ``dataset.json`` (``pdl1_stain``), where ``pdl1 import nnunet`` takes it from.
     """
     out_dir = Path(out_dir)
     if not _DATASET_DIR.match(out_dir.name):
@@ -462,6 +464,7 @@ def export_nnunet_dataset(
             "name": out_dir.name.split("_", 1)[1],
             "description": f"exported by pdl1-bridge at {mpp:g} µm/px; cases.json maps cases to slides",
             "pdl1_mpp": mpp,
+            "pdl1_stain": stain,
         }
         (tmp / "dataset.json").write_text(json.dumps(dataset, indent=2))
         (tmp / "cases.json").write_text(json.dumps(mapping, indent=2))
@@ -469,6 +472,7 @@ def export_nnunet_dataset(
             "pdl1_bridge": __version__,
             "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "mpp": mpp,
+            "stain": stain,
             "case_size_px": case_size_px,
             "label_source": {"kind": type(source).__name__, **_describe(source)},
             "ignore_label": ignore,

@@ -84,6 +84,25 @@ def test_truth_labels_of_a_case_off_the_masks_grid_are_the_truth_cut_exactly(pha
     assert decided > 100_000 and wrong == 0
 
 
+def test_slides_of_two_stains_are_refused_and_the_stain_is_recorded(phantoms, tmp_path):
+    # helper-130: an H&E and an IHC phantom went into one dataset, and its stain was recorded nowhere.
+    from inference import write_ihc_phantom
+
+    ihc = tmp_path / "ihc.svs"
+    write_ihc_phantom(ihc, PhantomSpec(1024, 1024, seed=12))
+    args = ["export", "nnunet", "--case-px", "128"]
+    mixed = CliRunner().invoke(app, [*args, str(phantoms[0]), str(ihc), "--out", str(tmp_path / "raw/Dataset550_M")])
+    said = " ".join(mixed.output.split())
+    assert mixed.exit_code == 1 and "the slides are of more than one stain (H&E: a.svs; H-DAB: ihc.svs)" in said
+    assert not (tmp_path / "raw" / "Dataset550_M").exists()
+    for slide, stain, number in ((phantoms[0], "H&E", 551), (ihc, "H-DAB", 552)):
+        out = tmp_path / "raw" / f"Dataset{number}_One"
+        result = CliRunner().invoke(app, [*args, str(slide), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "dataset.json").read_text())["pdl1_stain"] == stain
+        assert json.loads((out / "pdl1_export.json").read_text())["stain"] == stain
+
+
 def test_margin_leaves_boundaries_to_the_ignore_label(phantoms, tmp_path):
     a, _ = phantoms
     source = PhantomTruthLabels(margin_px=2)

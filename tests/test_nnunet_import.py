@@ -296,6 +296,15 @@ def test_missing_checkpoint_names_what_the_fold_has(tmp_path):
         import_nnunet(folder, tmp_path / "model", mpp=2.0, checkpoints=["checkpoint_best.pth"])
 
 
+def test_a_stain_the_exported_dataset_contradicts_is_refused(tmp_path):
+    # helper-130: an IHC dataset imported as H&E (the default) without a word: pdl1 export records its stain now.
+    folder = _results(tmp_path)
+    (folder / "dataset.json").write_text(json.dumps({**DATASET, "pdl1_stain": "H-DAB"}))
+    with pytest.raises(ModelFileError, match=r"exported by pdl1 from H-DAB images, but stain='H&E' was given"):
+        import_nnunet(folder, tmp_path / "model", mpp=2.0, stain="H&E")
+    assert not (tmp_path / "model").exists()
+
+
 @pytest.mark.parametrize(
     ("given", "says"),
     [

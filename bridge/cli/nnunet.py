@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +19,8 @@ export_app = typer.Typer(help="Write training data for other tools.", no_args_is
 # How `pdl1 import nnunet` names import_nnunet's arguments in the advice of its messages: --out is out_dir, the
 # others are the arguments' names with dashes (--mpp, --folds, --checkpoints, --positive-label).
 IMPORT_WORDS = option_words(out_dir="--out")
+# --stain's words (pdl1 run's too) -> the stain a manifest names.
+STAIN_WORDS = {"h&e": "H&E", "he": "H&E", "h-dab": "H-DAB", "ihc": "H-DAB"}
 
 
 @import_app.command("nnunet")
@@ -50,8 +53,13 @@ def import_nnunet_cmd(
     ] = None,
     name: Annotated[str | None, typer.Option("--name", help="Model name (default: the dataset's).")] = None,
     stain: Annotated[
-        str, typer.Option("--stain", help="Stain it was trained on: H&E (or he) or H-DAB (or ihc, as pdl1 run's).")
-    ] = "H&E",
+        str | None,
+        typer.Option(
+            "--stain",
+            help="Stain it was trained on: H&E (or he) or H-DAB (or ihc, as pdl1 run's). Default: the stain `pdl1 "
+            "export nnunet` recorded in the dataset, else H&E.",
+        ),
+    ] = None,
 ) -> None:
     """Import an nnU-Net v2 2D model: its checkpoints become the members of a segmentation ensemble.
 
@@ -61,8 +69,8 @@ def import_nnunet_cmd(
     from bridge.project import not_a_folder
     from inference import import_nnunet
 
-    manifest_stain = {"h&e": "H&E", "he": "H&E", "h-dab": "H-DAB", "ihc": "H-DAB"}.get(stain.lower())
-    if manifest_stain is None:  # pdl1 run --stain's words were refused with "not one of ('H&E', 'H-DAB')"
+    manifest_stain = None if stain is None else STAIN_WORDS.get(stain.lower())
+    if stain is not None and manifest_stain is None:  # pdl1 run's words were refused: "not one of ('H&E', 'H-DAB')"
         raise typer.BadParameter(f"expected H&E (or he) or H-DAB (or ihc), got {stain!r}", param_hint="--stain")
     problem = not_a_folder(out.parent)  # --out itself a file or a full folder is said with the import's own checks
     if problem is not None:
@@ -97,6 +105,29 @@ def import_nnunet_cmd(
         console.print(
             f"  {member['file']}: {member['checkpoint']} (fold {member['fold']}, epoch {member['epoch']})", markup=False
         )
+
+
+def _one_stain(slides: list) -> str:
+    """The stain of phantom slides to export, from their truth (H&E where a slide has none): one model is trained on
+    one stain, so slides of both are refused. Mixed, they exported in silence, and the import took them for H&E."""
+    from inference import truth_dir_for
+
+    stains: dict[str, list[str]] = {}
+    for slide in slides:
+        path = Path(getattr(slide, "path", slide))
+        try:
+            summary = json.loads((truth_dir_for(path) / "truth.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # no truth (a test image), or damaged: the export's own reading says so
+            continue
+        stain = summary.get("stain", "H&E") if isinstance(summary, dict) else "H&E"
+        stains.setdefault(str(stain), []).append(path.name)
+    if len(stains) > 1:
+        listing = "; ".join(f"{stain}: {', '.join(names)}" for stain, names in sorted(stains.items()))
+        raise ValueError(
+            f"the slides are of more than one stain ({listing}); a model is trained on one stain: export each "
+            "stain's slides into a dataset of its own"
+        )
+    return next(iter(stains), "H&E")
 
 
 def _entry_mpp_advice(value: str) -> str:
@@ -268,8 +299,10 @@ def export_nnunet_cmd(
                     markup=False,
                 )
                 train = [t for t in train if t not in unlabelled]
+            stain = "H&E"  # H-DAB entries are refused as their labels are read
         else:
             source = PhantomTruthLabels(margin_px=margin_px)
+            stain = _one_stain([*train, *tests])
         summary = export_nnunet_dataset(
             train,
             out,
@@ -278,6 +311,7 @@ def export_nnunet_cmd(
             case_size_px=case_px,
             test_slides=tests,
             mpp_advice=advice,
+            stain=stain,
         )
     except (Pdl1Error, OSError, ValueError) as err:
         raise fail(err) from err

@@ -477,7 +477,7 @@ def import_nnunet(
     folds: list[str] | None = None,
     positive_label: str | None = None,
     name: str | None = None,
-    stain: str = "H&E",
+    stain: str | None = None,
     write_into: str | Path | None = None,
     setting: SettingWords = library_setting,
 ) -> Manifest:
@@ -502,7 +502,8 @@ def import_nnunet(
         The model's name in its manifest (default: the dataset's name).
     stain
         The stain of the images it was trained on, one of :data:`STAINS` (else :class:`ModelFileError`): it runs
-        on no other.
+        on no other. None: the one ``pdl1 export nnunet`` recorded in the dataset (``pdl1_stain``), else H&E; one
+        given that the dataset contradicts is refused.
     write_into
         An empty folder to write the model into instead of ``out_dir`` itself, which the caller then renames
         onto ``out_dir`` (``pdl1 import nnunet`` does, so that an interrupted import leaves no half a model);
@@ -518,7 +519,7 @@ def import_nnunet(
             f"{setting('mpp')} must be the training images' µm per pixel (a positive number), got {mpp!r}; "
             "nnU-Net keeps no unit for 2D images"
         )
-    if stain not in STAINS:
+    if stain is not None and stain not in STAINS:
         raise ModelFileError(f"stain {stain!r} is not one of {STAINS}")
     if not folder.is_dir():
         what = "a file, not a folder" if folder.exists() else "no such folder"
@@ -539,6 +540,14 @@ def import_nnunet(
     plans_path, dataset_path = folder / "plans.json", folder / "dataset.json"
     plans, dataset = _read_json(plans_path), _read_json(dataset_path)
     _check_dataset_format(dataset, dataset_path=dataset_path)  # before minutes of loading checkpoints
+    exported_stain = dataset.get("pdl1_stain")  # `pdl1 export nnunet` records the stain of its images
+    if exported_stain in STAINS and stain not in (None, exported_stain):
+        raise ModelFileError(
+            f"{dataset_path}: the dataset was exported by pdl1 from {exported_stain} images, but "
+            f"{setting('stain', stain)} was given; the model would be run on the other stain: give "
+            f"{setting('stain', exported_stain)}, or leave it out"
+        )
+    stain = stain or (exported_stain if exported_stain in STAINS else "H&E")
     exported_mpp = dataset.get("pdl1_mpp")  # `pdl1 export nnunet` records the µm/px its cases are at
     if is_finite_number(exported_mpp) and not math.isclose(float(exported_mpp), float(mpp), rel_tol=1e-6):
         raise ModelFileError(

@@ -100,8 +100,10 @@ def replaced_together(record: Path) -> Iterator[Callable[..., IO]]:
 @contextlib.contextmanager
 def folder_replaced_whole(path: Path) -> Iterator[Path]:
     """A new folder to fill that becomes ``path`` (absent, or an empty folder) when the ``with`` block ends
-    without error; after an error (or a crash) the half-filled folder is gone and ``path`` is as it was, and so
-    are the folders above it made for it (a refused `pdl1 import nnunet --out new/model` leaves no ``new/``).
+    without error; after an error, a Ctrl-C or a kill the process catches (``pdl1`` takes SIGTERM and SIGHUP as a
+    Ctrl-C) the half-filled folder is gone and ``path`` is as it was, and so are the folders above it made for it (a
+    refused `pdl1 import nnunet --out new/model` leaves no ``new/``). A process killed outright (SIGKILL, power
+    lost) leaves it, hidden, beside ``path``.
 
     Named with a leading dot, so tools that find folders by name (nnU-Net's ``DatasetNNN_*``) do not see it,
     and made with ``mkdir``, not ``tempfile.mkdtemp``, whose folders only their owner may open (colleagues on a

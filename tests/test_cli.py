@@ -885,6 +885,7 @@ def test_a_ctrl_c_while_pdl1_is_starting_says_so_and_exits_130(monkeypatch, caps
         return real_import(name, *args, **kwargs)
 
     monkeypatch.delitem(sys.modules, "bridge.cli.app")
+    monkeypatch.setattr(entry, "stop_on_termination", lambda: None)  # pytest's own SIGTERM handling stays
     monkeypatch.setattr(builtins, "__import__", interrupted)
     with pytest.raises(SystemExit) as stop:
         entry.main()
@@ -924,3 +925,57 @@ def test_a_ctrl_c_while_torch_imports_is_held_until_the_import_is_done(tmp_path)
         assert done.returncode == 0, done.stderr
         said[how] = done.stdout.strip()
     assert said == {"held": "interrupted; ran to the end: True", "plain": "interrupted; ran to the end: False"}
+
+
+def test_a_kill_or_a_closed_terminal_stops_a_command_as_a_ctrl_c_does_cleaning_up(tmp_path):
+    # helper-130: SIGTERM or SIGHUP during `pdl1 export nnunet` left its hidden .DatasetNNN_NAME.<hex>.part folder
+    # (GBs on real slides) for good: only a Ctrl-C removed it. pdl1 now takes both as a Ctrl-C.
+    probe = (
+        "import os, signal, sys, time\n"
+        "from pathlib import Path\n"
+        "from bridge.atomic import folder_replaced_whole\n"
+        "from bridge.cli.entry import stop_on_termination\n"
+        "stop_on_termination()\n"
+        "out = Path(sys.argv[1]) / 'Dataset501_A'\n"
+        "try:\n"
+        "    with folder_replaced_whole(out) as part:\n"
+        "        (part / 'case.png').write_text('half')\n"
+        "        os.kill(os.getpid(), getattr(signal, sys.argv[2]))\n"
+        "        time.sleep(30)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('stopped; left:', sorted(p.name for p in Path(sys.argv[1]).iterdir()))\n"
+    )
+    for name in ("SIGTERM", "SIGHUP"):
+        folder = tmp_path / name
+        folder.mkdir()
+        done = subprocess.run(
+            [sys.executable, "-c", probe, str(folder), name], capture_output=True, text=True, timeout=60
+        )
+        assert (done.returncode, done.stdout.strip()) == (0, "stopped; left: []"), done.stderr
+
+
+def test_a_ctrl_c_inside_openslides_ctypes_call_is_an_interrupt_not_a_traceback(monkeypatch, capsys):
+    # A SIGTERM (taken as a Ctrl-C) while openslide's ctypes call converted its arguments came out as
+    # "ctypes.ArgumentError: argument 1: KeyboardInterrupt:", a traceback and exit 1, past the command's handling.
+    import ctypes
+
+    import typer.main
+
+    from bridge.cli import entry
+
+    def reading(**kwargs):
+        raise ctypes.ArgumentError("argument 1: KeyboardInterrupt: ")
+
+    monkeypatch.setattr(entry, "stop_on_termination", lambda: None)  # pytest's own SIGTERM handling stays
+    monkeypatch.setattr(typer.main, "get_command", lambda app: reading)
+    with pytest.raises(SystemExit) as stop:
+        entry.main()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.startswith("pdl1: interrupted while reading a slide; what the command was writing")
+
+    def failing(**kwargs):
+        raise ctypes.ArgumentError("argument 1: TypeError: wrong type")
+
+    monkeypatch.setattr(typer.main, "get_command", lambda app: failing)
+    with pytest.raises(ctypes.ArgumentError):  # any other stays the error it is
+        entry.main()

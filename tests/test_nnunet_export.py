@@ -596,3 +596,17 @@ def test_a_project_a_run_is_writing_is_not_exported_and_the_run_is_named(labelle
         "nnunet reads the project only while no run writes it" in " ".join(result.output.split())
     )
     assert not out.exists()
+
+
+def test_a_ctrl_c_says_nothing_was_written(phantoms, tmp_path, monkeypatch):
+    # helper-130: Ctrl-C of the export exited 130 without a word, leaving the user to wonder about a half dataset.
+    import bridge.nnunet_export
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bridge.nnunet_export, "export_nnunet_dataset", stopped)
+    out = tmp_path / "raw" / "Dataset560_C"
+    result = CliRunner().invoke(app, ["export", "nnunet", str(phantoms[0]), "--out", str(out)])
+    assert result.exit_code == 130
+    assert "interrupted: nothing was written: the dataset is written beside" in " ".join(result.output.split())

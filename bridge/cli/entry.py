@@ -14,6 +14,7 @@ loaded: the command stops anyway, and nothing imports torch again.)
 
 from __future__ import annotations
 
+import ctypes
 import importlib.abc
 import importlib.machinery
 import signal
@@ -24,6 +25,12 @@ from importlib.machinery import ModuleSpec
 from types import ModuleType
 
 HELD_WHILE_IMPORTING = ("torch",)
+# Signals that stop a command as a Ctrl-C does: `kill`'s and a job scheduler's default (SIGTERM), a closed terminal
+# (SIGHUP). Each is delivered as a SIGINT, so what a Ctrl-C cleans up they clean up too (a half-written dataset or
+# model folder beside its target, staged files), held as it is while torch imports, and the command says what it
+# stopped; uncaught, they ended it where it stood and left a hidden half-written folder for good. `pdl1 serve`'s
+# uvicorn takes them over for its own graceful shutdown.
+STOPPING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class _InterruptHeld:
@@ -77,7 +84,18 @@ class HoldInterruptsWhileImporting(importlib.abc.MetaPathFinder):
         return spec
 
 
+def _as_interrupt(signum: int, frame: object) -> None:
+    signal.raise_signal(signal.SIGINT)  # the SIGINT handler of the moment: KeyboardInterrupt, or held while importing
+
+
+def stop_on_termination() -> None:
+    """Take :data:`STOPPING_SIGNALS` as a Ctrl-C from now on (main thread only, as every signal handler)."""
+    for signum in STOPPING_SIGNALS:
+        signal.signal(signum, _as_interrupt)
+
+
 def main() -> None:
+    stop_on_termination()
     sys.meta_path.insert(0, HoldInterruptsWhileImporting())
     try:
         import typer.main
@@ -88,4 +106,16 @@ def main() -> None:
     except KeyboardInterrupt:
         print("pdl1: interrupted while starting; nothing was done", file=sys.stderr)
         raise SystemExit(130) from None
-    command(prog_name="pdl1")  # Click's own handling from here: each command says what a Ctrl-C stopped
+    try:
+        command(prog_name="pdl1")  # Click's own handling from here: each command says what a Ctrl-C stopped
+    except ctypes.ArgumentError as err:
+        # A Ctrl-C (or a kill taken as one) while ctypes converted a call's arguments (openslide's reader) comes as
+        # "argument 1: KeyboardInterrupt", past the command's own Ctrl-C handling: a traceback, exit 1.
+        if "KeyboardInterrupt" not in str(err):
+            raise
+        print(
+            "pdl1: interrupted while reading a slide; what the command was writing then is not kept (an image "
+            "or model half-written is removed; what it had finished stays)",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None

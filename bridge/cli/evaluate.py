@@ -14,6 +14,7 @@ from bridge.cli.common import (
     check_model_target,
     distinct_paths,
     fail,
+    interrupted,
     pipeline_config,
     require_out_folder,
     stdout,
@@ -652,6 +653,11 @@ def eval_suite(
             written = write_report(evaluations, out, provenance=provenance, ihc_rows=None if ihc is None else ihc[1])
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
+    except KeyboardInterrupt:  # exit 130 without a word
+        raise interrupted(
+            f"{out} is as it was: the suite writes its tables and plots only when every slide is scored, and "
+            "replaces them together; run it again"
+        ) from None
     if evaluations:
         _print_suite(console_out, evaluations, manifest=manifest, sua=sua, nuclei=nuclei, written=written)
     if ihc is not None:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from bridge.cli.common import TIFF_WITH_RESOLUTION, console, fail, require_out_folder
+from bridge.cli.common import TIFF_WITH_RESOLUTION, console, fail, interrupted, require_out_folder
 from bridge.options import option_words
 from inference import Pdl1Error
 
@@ -95,6 +95,11 @@ def import_nnunet_cmd(
             )
     except (Pdl1Error, OSError, ValueError) as err:
         raise fail(err) from err
+    except KeyboardInterrupt:
+        raise interrupted(
+            f"nothing was written: the model is written beside {out} and renamed onto it when whole; run the import "
+            "again"
+        ) from None
     arch = manifest.architecture.rsplit(".", 1)[-1]
     console.print(
         f"{out}: {len(manifest.members)} members ({arch}, {manifest.tile_size_px} px tiles at {manifest.input_mpp:g} "
@@ -315,6 +320,11 @@ def export_nnunet_cmd(
         )
     except (Pdl1Error, OSError, ValueError) as err:
         raise fail(err) from err
+    except KeyboardInterrupt:  # exit 130 without a word: was the dataset half there?
+        raise interrupted(
+            f"nothing was written: the dataset is written beside {out} and renamed onto it when whole; run the export "
+            "again"
+        ) from None
     console.print(
         f"{summary.folder}: {summary.training_cases} training cases, {summary.test_cases} test cases; "
         f"{summary.labelled_fraction:.1%} of training pixels labelled, {summary.positive_fraction:.1%} of them positive",

@@ -300,7 +300,15 @@ def list_benchmarks() -> list[tuple[str, str]]:
 
 def run_benchmark(name: str, *, quick: bool = False) -> list[Result]:
     bench = benchmark_class(name)()
-    bench.setup(quick=quick)
+    try:
+        bench.setup(quick=quick)
+    except BaseException:
+        # A setup stopped half-way (an extra missing, Ctrl-C) has no state its teardown knows; the temporary folder
+        # it made (a phantom slide, MBs) was left in /tmp for good.
+        tmp = getattr(bench, "tmp", None)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         results = run_cases(bench)
         print_results(name, bench, results)

@@ -336,3 +336,23 @@ def test_a_stroma_setting_names_the_model_it_starts_from_and_earlier_cache_keys_
     assert _slug(other) == "it160_strong_s3.5_lr0.001_from-crc_nall_seed0"
     assert str(other).endswith(", from crc_nall_seed0")
     assert _config(other, out=tmp_path, seed=0).init_model == init
+
+
+def test_a_benchmark_whose_setup_fails_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    # helper-130: `pdl1 bench peers --quick` without nnunetv2 left its 4.2 MB phantom in /tmp/pdl1-bench-*: the
+    # setup wrote it, then stopped, and the teardown (after a whole setup only) never ran.
+    import benchmarks
+
+    made = tmp_path / "pdl1-bench-x"
+
+    class HalfSetUp(benchmarks.Benchmark):
+        def setup(self, *, quick: bool = False) -> None:
+            self.tmp = made
+            made.mkdir()
+            (made / "bench.svs").write_bytes(b"slide")
+            raise ModuleNotFoundError("nnunetv2")
+
+    monkeypatch.setattr(benchmarks, "benchmark_class", lambda name: HalfSetUp)
+    with pytest.raises(ModuleNotFoundError):
+        benchmarks.run_benchmark("peers", quick=True)
+    assert not made.exists()

@@ -573,6 +573,32 @@ def test_regions_not_a_whole_number_of_cases_give_no_sliver_cases(labelled, tmp_
     assert all(w == h == 816 for _, _, w, h in regions)  # 204 px at 2 µm/px of a 0.5 µm/px slide
 
 
+def test_a_projects_reviewed_results_are_labels_with_from_review_and_the_margin_is_truths_only(labelled, tmp_path):
+    # helper-130: pdl1_export.json said "skipped: reviewed pdl1 results (use --from-review)", an option the export
+    # did not have; --ignore-margin-px was ignored for a project's labels without a word.
+    from bridge.labels import export_path
+
+    project = tmp_path / "project"
+    shutil.copytree(labelled / "project", project)
+    (tmp_path / "he-1357.svs").symlink_to(labelled / "he-1357.svs")
+    exported = export_path(project, "1")
+    exported.parent.mkdir(parents=True)
+    exported.write_text((labelled / "objects-labelled-by-pathologist-0.4.4.geojson").read_text())
+    args = ["export", "nnunet", str(project), "--entries", "1", "--qupath", "never"]
+    margin = CliRunner().invoke(app, [*args, "--ignore-margin-px", "4", "--out", str(tmp_path / "raw/Dataset571_M")])
+    said = re.sub(r"[│\s]+", " ", margin.output)
+    assert margin.exit_code == 2 and "--ignore-margin-px applies to phantom truth" in said
+    counts = {}
+    for number, review in ((572, []), (573, ["--from-review"])):
+        out = tmp_path / "raw" / f"Dataset{number}_R"
+        result = CliRunner().invoke(app, [*args, *review, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        (slide,) = json.loads((out / "pdl1_export.json").read_text())["label_source"]["slides"].values()
+        counts[number] = slide["counts"]
+    assert counts[572]["skipped: reviewed pdl1 results (use --from-review)"] == 2
+    assert counts[573]["reviewed: PD-L1 positive"] == 1 and counts[573]["reviewed: PD-L1 negative"] == 1
+
+
 def test_a_project_a_run_is_writing_is_not_exported_and_the_run_is_named(labelled, tmp_path):
     # `pdl1 export nnunet PROJECT` reads the project's labels as `pdl1 train` does, and under the same run lock: a
     # read while `pdl1 run` replaced the objects saw the run half-way.

@@ -152,6 +152,18 @@ def test_checkpoint_with_code_is_refused_without_running_it(tmp_path):
     assert "weights_only" not in str(refused.value)
 
 
+def test_a_pickle_of_an_old_protocol_is_refused_unread_as_unsafe(tmp_path):
+    # helper-130: a protocol-0 pickle (cposix\nsystem...) was refused safely, but as "damaged ... copy it again".
+    import pickle
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "checkpoint_final.pth"
+    path.write_bytes(pickle.dumps(_RunsCode(marker), protocol=0))
+    with pytest.raises(ModelFileError, match=r"a pickle of protocol 0 or 1, which torch never writes; it is refused"):
+        load_nnunet_checkpoint(path)
+    assert not marker.exists()
+
+
 def test_checkpoint_with_a_foreign_class_is_refused(tmp_path):
     path = tmp_path / "c.pth"
     torch.save(_checkpoint({"w": torch.zeros(1)}, epoch=1, extra_obj=Fraction(1, 3)), path)

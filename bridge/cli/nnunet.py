@@ -218,6 +218,14 @@ def export_nnunet_cmd(
         list[str] | None,
         typer.Option("--entries", help="A project's entries to export (ID or image name; repeatable). Default: all."),
     ] = None,
+    from_review: Annotated[
+        bool,
+        typer.Option(
+            help="A project's labels: also what a person changed in pdl1 results (regions and FN candidates "
+            "reclassified PD-L1 positive or negative, deleted FN candidates as negative), as pdl1 train seg "
+            "--from-review takes them."
+        ),
+    ] = False,
 ) -> None:
     """Write an nnU-Net v2 raw dataset: imagesTr/, labelsTr/ (with nnU-Net's ignore label), dataset.json, cases.json.
 
@@ -243,6 +251,17 @@ def export_nnunet_cmd(
             )
     if labels == "qupath" and not is_project:
         raise typer.BadParameter("QuPath labels come from a project: give the project", param_hint="--labels")
+    if margin_px and is_project and labels != "truth":  # was ignored without a word
+        raise typer.BadParameter(
+            "--ignore-margin-px applies to phantom truth; a project's labels are the regions drawn in it, whose "
+            "edges are where a person drew them: leave it out (or draw Ignore* areas along uncertain edges)",
+            param_hint="--ignore-margin-px",
+        )
+    if from_review and not (is_project and labels != "truth"):
+        raise typer.BadParameter(
+            "--from-review reads a QuPath project's reviewed pdl1 results; phantom truth has none: leave it out",
+            param_hint="--from-review",
+        )
     if entries and not is_project:  # was ignored: every slide given was exported
         raise typer.BadParameter(
             "--entries chooses entries of a QuPath project; the images are slide files: give only the slides to export",
@@ -289,7 +308,7 @@ def export_nnunet_cmd(
             entries = tuple(t.entry_id for t in train if t.entry_id not in test_ids)
             drawn = read_project_labels(
                 images[0],
-                rules=LabelRules(points=False),
+                rules=LabelRules(points=False, from_review=from_review),
                 entries=entries,
                 qupath=qupath,
                 search_dirs=tuple(search_dir or ()),

@@ -178,6 +178,11 @@ def _why_not_a_torch_file(path: Path) -> str | None:
         head = fh.read(4)
     if head[:1] == b"\x80":  # the PROTO opcode a pickle starts with
         return None
+    if head[:1] in (b"(", b"c", b"]", b"}", b"I", b"N"):  # opcodes a pickle of protocol 0 or 1 starts with
+        return (
+            "it is a pickle of protocol 0 or 1, which torch never writes; it is refused unread, since unpickling "
+            "it could run code"
+        )
     if head != b"PK\x03\x04":
         return f"it is not a zip archive, as torch saves checkpoints (its first bytes are {head!r})"
     if not zipfile.is_zipfile(path):
@@ -193,6 +198,18 @@ def _why_not_a_torch_file(path: Path) -> str | None:
     if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         return "it is a zip archive without the data.pkl torch writes"
     return None
+
+
+def _state_dict_mismatch(message: str) -> str:
+    """What torch's load_state_dict error says is wrong, short: its first detail line (missing keys, unexpected
+    keys, a size mismatch), which its heading line ("Error(s) in loading state_dict for PlainConvUNet:") lacks.
+
+    >>> _state_dict_mismatch('Error(s) in loading state_dict for Net:\\n\\tMissing key(s) in state_dict: "a.w". ')
+    'Missing key(s) in state_dict: "a.w".'
+    """
+    details = [line.strip() for line in message.splitlines()[1:] if line.strip()]
+    text = details[0] if details else message.strip()
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _refusal_reason(message: str) -> str:
@@ -614,7 +631,7 @@ def import_nnunet(
         except RuntimeError as err:
             raise ModelFileError(
                 f"{ckpt.path}: weights do not fit {plans_path}'s {architecture.rsplit('.', 1)[-1]}: "
-                f"{str(err).splitlines()[0]}"
+                f"{_state_dict_mismatch(str(err))}"
             ) from err
         networks.append(network)
     target = out if write_into is None else Path(write_into)

@@ -717,7 +717,8 @@ def build_queue(
                 results_from=sources[entry.entry_id],
             )
         )
-    ranked.sort(key=lambda e: (-e.score, e.entry_id))
+    # Ties in the project's order of entries, by number (QuPath's IDs are numbers: "2" before "10").
+    ranked.sort(key=lambda e: (-e.score, int(e.entry_id) if e.entry_id.isdigit() else 1 << 62, e.entry_id))
     return ranked, not_ranked
 
 
@@ -899,6 +900,14 @@ def write_review_queue(
         problem = not_a_folder(out.parent)
         if problem is not None:
             raise ReviewQueueError(f"--out {out}: its folder {out.parent} {problem}; give a CSV path in a folder")
+    source = Path(source)
+    if source.is_dir() and not (source / "project.qpproj").exists() and any(source.glob("*.summary.json")):
+        # A plain-slides run's --out: "no QuPath project here" said what was missing, not what the command takes.
+        raise ReviewQueueError(
+            f"{source} holds the results of slides run without a project (*.summary.json); review-queue ranks a "
+            "QuPath project's entries, where it writes each one's rank: add the slides to a project (pdl1 "
+            "init-project), run it, and give the project; `pdl1 report` reports plain slides"
+        )
     info = read_project(source)  # the project file given, not only a project.qpproj beside it
     folder = info.folder
     if out is not None:

@@ -714,3 +714,37 @@ def test_a_run_started_while_the_queue_is_written_is_refused_naming_the_review_q
     (said,) = refused
     assert said.startswith(f"{project}: pdl1 review-queue is ranking the project here (pid ")
     assert said.endswith(f"; wait for it to finish, or delete {project / 'pdl1' / 'run.lock'} if it is no longer going")
+
+
+def test_entries_of_equal_score_are_ranked_in_the_order_of_their_ids_as_numbers(tmp_path):
+    # helper-129: ties were broken by the entry ID as text: 1, 10, 11, 2, ...
+    import numpy as np
+    import tifffile
+
+    from bridge.review_queue import write_review_queue
+
+    root = tmp_path / "project"
+    root.mkdir()
+    images = []
+    for i in range(1, 12):
+        tifffile.imwrite(root / f"s{i}.tif", np.full((64, 64, 3), 235, np.uint8))
+        uri = {"builderType": "uri", "uri": f"file:{root}/s{i}.tif"}
+        images.append({"serverBuilder": uri, "entryID": i, "imageName": f"s{i}.tif"})
+        folder = root / "pdl1" / str(i)
+        folder.mkdir(parents=True)
+        summary = {"image": str(root / f"s{i}.tif"), "mpp": 0.5, "run_id": "r1", "analysed_area_um2": 1000.0}
+        (folder / "summary.json").write_text(json.dumps(summary))
+        (folder / "objects.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    (root / "project.qpproj").write_text(json.dumps({"version": "0.4.4", "images": images}))
+    queue = write_review_queue(root, qupath="never")
+    ranked = [r["entry_id"] for r in _rows(queue.csv_path) if r["kind"] == "entry"]
+    assert ranked == [str(i) for i in range(1, 12)]
+
+
+def test_a_plain_slides_output_folder_is_told_what_the_command_takes(tmp_path):
+    # helper-129: it said only "no QuPath project here", not that review-queue ranks a project's entries.
+    from bridge.review_queue import ReviewQueueError, write_review_queue
+
+    (tmp_path / "a.summary.json").write_text(json.dumps({"image": str(tmp_path / "a.svs"), "mpp": 0.5}))
+    with pytest.raises(ReviewQueueError, match=r"holds the results of slides run without a project .* review-queue "):
+        write_review_queue(tmp_path, qupath="never")

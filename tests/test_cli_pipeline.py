@@ -56,8 +56,11 @@ def test_eval_seg_of_a_one_member_model_sets_no_member_beside_it(small, tmp_path
     assert "Dice, ensemble" in result.output and "ensemble Dice >= every member's" not in result.output
 
 
-def test_eval_seg_sums_up_several_slides(small):
-    result = runner.invoke(app, ["eval", "seg", str(small), str(small), "--device", "cpu", "--no-progress"])
+def test_eval_seg_sums_up_several_slides(small, tmp_path):
+    other = tmp_path / "d.svs"  # a copy: one slide given twice is scored once
+    shutil.copy(small, other)
+    shutil.copytree(small.with_suffix(".truth"), other.with_suffix(".truth"))
+    result = runner.invoke(app, ["eval", "seg", str(small), str(other), "--device", "cpu", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "Dice over 2 slides" in result.output
     assert "mean of slides" in result.output and "pooled pixels" in result.output

@@ -765,6 +765,8 @@ def unwritable_fix(err: OSError) -> str:
         return "fix its permissions (you may not write there)"
     if err.errno in (errno.EEXIST, errno.ENOTDIR):  # a file where its folder goes (pdl1/2 a file, not a folder)
         return "a file stands where a folder of that path goes: move it away"
+    if err.errno == errno.ENAMETOOLONG:  # it said to free some space, which could never help
+        return "the name is too long for the file system: give the slide (or the --out folder) a shorter name"
     return "free some space on that drive (or fix its permissions)"
 
 

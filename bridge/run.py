@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import time
 import traceback
@@ -644,7 +645,30 @@ def _jobs(inputs: list[Path], config: RunConfig) -> tuple[list[_Job], Path | Non
     _refuse_shared_stems(inputs, config.out)
     _refuse_replacing_others(inputs, config.out)
     # Absolute: summaries and pairs.json name them, and are read from other folders (pdl1 report, a --resume).
-    return [_Job(p.stem, p.name, p.absolute(), None) for p in inputs], None, config.out
+    return [_Job(p.stem, p.name, p.absolute(), None, _name_too_long(p, config.out)) for p in inputs], None, config.out
+
+
+# What a plain slide's longest output name adds to its stem: OUT/<stem>.summary.json, written as
+# <stem>.summary.json.<12 hex>.part first (bridge.atomic).
+_LONGEST_OUTPUT_SUFFIX = ".summary.json.0123456789ab.part"
+
+
+def _name_too_long(slide: Path, out: Path) -> ProjectError | None:
+    """Why a plain slide's results cannot be written under its name (None where they can): a stem the file system
+    takes as a slide's name can be too long with the results' suffixes. The image failed after its whole analysis,
+    told to free some space; now it fails before, told to rename it."""
+    try:
+        limit = os.pathconf(out if out.is_dir() else out.parent if out.parent.is_dir() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # Windows has no pathconf; NTFS allows 255 characters too
+        limit = 255
+    longest = len(os.fsencode(slide.stem + _LONGEST_OUTPUT_SUFFIX))
+    if longest <= limit:
+        return None
+    return ProjectError(
+        f"{slide.name}: the file name is too long for its results' names ({longest} bytes with "
+        f"{_LONGEST_OUTPUT_SUFFIX!r}; the file system allows {limit}): rename the slide to a shorter name (at most "
+        f"{limit - len(_LONGEST_OUTPUT_SUFFIX)} bytes before its extension) and run it again"
+    )
 
 
 def _refuse_shared_stems(slides: list[Path], out: Path) -> None:

@@ -506,7 +506,7 @@ def _stain_from_colour(name, colour: StainEstimate, *, advice: str = STAIN_ADVIC
     """The stain to analyse an image as when nobody stated it: the colour's, if it found one."""
     if colour.stain in STAINS:
         return colour.stain, f"its colour ({colour.reason}; margin {colour.margin_deg:.0f}°)"
-    if colour.tissue_px < MIN_TISSUE_PX:
+    if colour.tissue_px < MIN_TISSUE_PX and not colour.dark_background:  # a dark image was taken for empty glass
         # Nothing to analyse either way: the H&E analysis finds no tissue and says so in its numbers.
         return "H&E", "the default (no tissue to tell a stain by)"
     raise StainError(

@@ -1197,6 +1197,33 @@ def test_an_image_of_no_known_stain_is_told_how_pdl1_run_states_one(tmp_path, mo
     ), failed.error
 
 
+def test_a_dark_image_is_no_brightfield_stain_and_a_long_name_fails_before_its_analysis(tmp_path, models):
+    # helper-131: a fluorescence image (and an all-black one) was taken for empty glass, defaulted to H&E and given a
+    # TPS (88.5 %); a slide whose name the results' suffixes made too long failed after its whole analysis, told to
+    # free some space. The other images of the run are finished either way.
+    import numpy as np
+    from PIL import Image
+
+    dark = tmp_path / "fluo.png"
+    rgb = np.zeros((256, 256, 3), np.uint8)
+    rgb[64:192, 64:192, 1] = np.random.default_rng(0).integers(80, 255, (128, 128), dtype=np.uint8)
+    Image.fromarray(rgb).save(dark)
+    long_name = _grey_png(tmp_path / ("M" * 229 + ".png"))
+    fine = tmp_path / "fine.png"
+    Image.fromarray(np.full((64, 64, 3), 245, np.uint8)).save(fine)
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", mpp=0.5), qupath="never", out=tmp_path / "out")
+    outcomes = run_batch([dark, long_name, fine], config, models=models)
+    assert [o.state for o in outcomes] == ["failed", "failed", "done"]
+    said = outcomes[0].error
+    assert "dark background: median brightness 0 < 70 (fluorescence or dark field, not brightfield)" in said
+    assert "is not a brightfield H&E or haematoxylin-DAB stain" in said
+    assert outcomes[1].error.endswith(
+        "the file system allows 255): rename the slide to a shorter name (at most 224 bytes before its extension) and "
+        "run it again"
+    )
+    assert outcomes[1].seconds < 1  # refused before anything was analysed
+
+
 def test_through_qupath_a_target_annotation_without_an_area_is_skipped_and_named(
     tmp_path, slides, models, fake_qupath, monkeypatch, caplog
 ):

@@ -319,3 +319,89 @@ def test_a_named_pipe_is_said_to_be_one_not_missing(tmp_path):
     assert str(err.value) == (
         f"slide not found: {pipe} (not a regular file (a named pipe, socket or device); give the slide file itself)"
     )
+
+
+def _tissue_like(height: int = 64, width: int = 96) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    return rng.integers(60, 230, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("kind", ["cmyk", "palette", "planar", "rgb"])
+def test_a_plain_tiff_is_read_as_a_viewer_shows_it_whatever_its_colour_space_or_layout(tmp_path, kind):
+    # helper-131: tifffile's stored samples were taken as RGB: a CMYK TIFF's C, M, Y (K dropped), a palette TIFF's
+    # indices (refused as grey, and analysed so with --stain he: TPS 10.7 for 93), planar RGB refused as (3, H, W).
+    rgb = _tissue_like()
+    path = tmp_path / f"{kind}.tif"
+    if kind == "cmyk":
+        Image.fromarray(rgb).convert("CMYK").save(path, dpi=(50800, 50800))
+        expected = np.asarray(Image.fromarray(rgb).convert("CMYK").convert("RGB"))
+    elif kind == "palette":
+        image = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE)
+        image.save(path, dpi=(50800, 50800))
+        expected = np.asarray(image.convert("RGB"))
+    else:
+        stored = np.ascontiguousarray(rgb.transpose(2, 0, 1)) if kind == "planar" else rgb
+        tifffile.imwrite(
+            path,
+            stored,
+            photometric="rgb",
+            planarconfig="separate" if kind == "planar" else "contig",
+            resolution=(20000, 20000),
+            resolutionunit="CENTIMETER",
+        )
+        expected = rgb
+    with open_slide(path) as slide:
+        assert slide.mpp.mean == pytest.approx(0.5)
+        np.testing.assert_array_equal(slide.read_region((0, 0), 0, (96, 64)), expected)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_transparent_pixels_of_a_plain_image_are_white_glass_not_the_black_under_them(tmp_path, suffix):
+    # helper-131: half a tile transparent over black was analysed as dark tissue (positive area 48 % for 93 %).
+    rgba = np.dstack([_tissue_like(), np.full((64, 96), 255, np.uint8)])
+    rgba[:, :48] = 0
+    path = tmp_path / f"clear{suffix}"
+    if suffix == ".png":
+        Image.fromarray(rgba).save(path, dpi=(50800, 50800))
+    else:
+        tifffile.imwrite(
+            path, rgba, photometric="rgb", extrasamples=["unassalpha"], resolution=(20000, 20000), resolutionunit=3
+        )
+    with open_slide(path) as slide:
+        pixels = slide.read_region((0, 0), 0, (96, 64))
+    assert (pixels[:, :48] == 255).all()
+    np.testing.assert_array_equal(pixels[:, 48:], rgba[:, 48:, :3])
+
+
+def test_a_plain_tiff_of_several_full_size_images_is_refused_not_read_at_its_first(tmp_path):
+    # helper-131: page 1 of a stack was analysed without a word (an upload of the same file is refused).
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, np.stack([_tissue_like(), _tissue_like()[::-1]]), photometric="rgb")
+    with pytest.raises(SlideFormatError, match=r"2 images at full resolution .* only the first would be analysed"):
+        open_slide(path, mpp=0.5)
+
+
+def test_an_ome_tiff_states_its_pixel_size_in_its_ome_xml(tmp_path):
+    # helper-131: QuPath's OME-TIFF export states the pixel size only there, and the run said the file stated none.
+    path = tmp_path / "x.ome.tif"
+    tifffile.imwrite(
+        path,
+        _tissue_like(),
+        photometric="rgb",
+        tile=(32, 32),
+        metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25, "PhysicalSizeXUnit": "µm"},
+    )
+    with open_slide(path) as slide:
+        assert (slide.mpp.x, slide.mpp.y, slide.mpp.source) == (0.25, 0.25, "OME-XML PhysicalSizeX/Y")
+
+
+def test_a_16_bit_rgb_tiff_is_refused_not_cut_to_its_high_byte(tmp_path):
+    # helper-131: Pillow opens 16-bit RGB as "RGB" by its high byte: 12-bit camera data read nearly black.
+    from inference.slides.slide import unconvertible_samples
+
+    path = tmp_path / "rgb12.tif"
+    tifffile.imwrite(path, _tissue_like().astype(np.uint16) * 16, photometric="rgb")
+    with Image.open(path) as im:
+        assert unconvertible_samples(im).startswith("16-bit samples, of which only the high byte would be kept")
+    with pytest.raises(SlideFormatError, match=r"got uint16; save the image as 8-bit RGB"):
+        open_slide(path, mpp=0.5)

@@ -69,3 +69,23 @@ def test_pdl1_run_on_a_cut_off_slide_says_only_its_own_words(tmp_path, whole):
     assert "head.svs: neither OpenSlide nor Pillow can read it" in out.stderr
     assert "the file looks damaged or truncated" in out.stderr
     assert "Truncated File Read" not in out.stderr and "UserWarning" not in out.stderr, out.stderr
+
+
+def test_a_tile_whose_jpeg_data_was_overwritten_is_damaged_not_decoded_in_part(whole, tmp_path):
+    # helper-131: a tile's second half zeroed (a failed in-place copy; the file size unchanged) decoded without an
+    # error through the direct decoder, the rest of the tile grey, and the slide was analysed (TPS 33.2 for 29.2).
+    # OpenSlide refuses it ("Premature end of JPEG file").
+    import tifffile
+
+    damaged = tmp_path / "bad.svs"
+    data = bytearray(whole.read_bytes())
+    with tifffile.TiffFile(whole) as tif:
+        offset, count = tif.pages[0].dataoffsets[0], tif.pages[0].databytecounts[0]
+    data[offset + count // 2 : offset + count] = bytes(count - count // 2)
+    damaged.write_bytes(bytes(data))
+    with open_slide(damaged) as slide, pytest.raises(SlideFormatError) as err:
+        slide.read_region((0, 0), 0, (64, 64))
+    assert "tile 0 of level 0 cannot be decoded (ValueError: its JPEG data does not end as a JPEG stream does" in str(
+        err.value
+    )
+    assert str(err.value).endswith("the file is damaged: copy it again from the scanner or archive")

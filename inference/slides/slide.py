@@ -288,6 +288,43 @@ def _openslide_mpp(props: dict[str, str]) -> Mpp | None:
     return Mpp(*pair, "TIFF resolution tags") if pair else None
 
 
+# OME's length units, in µm (the OME schema's default unit is the micrometre).
+_OME_UNIT_UM = {"µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
+
+
+def _ome_mpp(path: Path) -> Mpp | None:
+    """The pixel size an OME-TIFF's OME-XML states (its first image's Pixels PhysicalSizeX/Y and their units); None
+    for another file, or one that states none. QuPath's OME-TIFF export states it there and in no TIFF tag.
+
+    >>> import tempfile, tifffile
+    >>> path = Path(tempfile.mkdtemp()) / "x.ome.tif"
+    >>> tifffile.imwrite(path, np.zeros((8, 8, 3), np.uint8), metadata={"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    >>> _ome_mpp(path)
+    Mpp(x=0.5, y=0.5, source='OME-XML PhysicalSizeX/Y')
+    """
+    import re
+
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            xml = tif.ome_metadata
+    except Exception:  # not a TIFF, or one tifffile does not read: its reader said so already, or will
+        return None
+    pixels = re.search(r"<(?:\w+:)?Pixels\b[^>]*>", xml or "")
+    if pixels is None:
+        return None
+    attrs = dict(re.findall(r'(\w+)="([^"]*)"', pixels.group(0)))
+    try:
+        sizes = [
+            float(attrs[f"PhysicalSize{axis}"]) * _OME_UNIT_UM[attrs.get(f"PhysicalSize{axis}Unit", "µm")]
+            for axis in "XY"
+        ]
+    except (KeyError, ValueError):
+        return None
+    return Mpp(sizes[0], sizes[1], "OME-XML PhysicalSizeX/Y") if min(sizes) > 0 else None
+
+
 def unconvertible_samples(im: Image.Image) -> str | None:
     """What an opened Pillow image holds that ``convert("RGB")`` would not keep, else None: 16/32-bit integer and
     floating-point samples (clipped at 255: an image of white) and TIFFs of other than 1-4 channels (read as one).
@@ -305,6 +342,12 @@ def unconvertible_samples(im: Image.Image) -> str | None:
     channels = im.tag_v2.get(277) if im.format == "TIFF" else None  # SamplesPerPixel
     if channels is not None and channels not in (1, 2, 3, 4):
         return f"{channels} channels (a multiplexed or spectral image), which would be read as one"
+    bits = im.tag_v2.get(258) if im.format == "TIFF" else None  # BitsPerSample: Pillow opens 16-bit RGB as "RGB"
+    if bits is not None and max(bits if isinstance(bits, tuple) else (bits,)) > 8:
+        return (
+            f"{max(bits if isinstance(bits, tuple) else (bits,))}-bit samples, of which only the high byte would be "
+            "kept (12-bit data in 16 bits read nearly black)"
+        )
     return None
 
 
@@ -325,7 +368,15 @@ def _plain_tiff_page(path: Path) -> Iterator[Any]:
             if (
                 page.dtype is not None and page.dtype != np.uint8
             ):  # known from the header: not decoded only to be refused
-                raise SlideFormatError(f"{path}: expected 8-bit RGB pixels, got {page.dtype}")
+                raise SlideFormatError(
+                    f"{path}: expected 8-bit RGB pixels, got {page.dtype}; save the image as 8-bit RGB"
+                )
+            same = [p for p in tif.pages if p.shape[:2] == page.shape[:2] and not p.is_reduced]
+            if len(same) > 1:  # page 1 alone was analysed; the rest of a stack, or other scans, dropped unsaid
+                raise SlideFormatError(
+                    f"{path}: {len(same)} images at full resolution (a stack, or several scans in one file), of which "
+                    "only the first would be analysed; save each as a file of its own"
+                )
             yield page
     except SlideFormatError:
         raise
@@ -360,11 +411,58 @@ def _is_tiff_name(path: Path) -> bool:
     return path.suffix.lower() in (".tif", ".tiff")
 
 
+def _over_white(pixels: np.ndarray) -> np.ndarray:
+    """Colour (or grey) samples with alpha last, laid over white: a transparent pixel is no tissue, as OpenSlide gives
+    it (read as it is, the black often under it was analysed as dark tissue).
+
+    >>> _over_white(np.array([[[0, 0, 0, 0], [10, 20, 30, 255], [0, 0, 0, 51]]], np.uint8)).tolist()
+    [[[255, 255, 255], [10, 20, 30], [204, 204, 204]]]
+    """
+    alpha = pixels[..., -1:].astype(np.float32) / 255.0
+    return np.round(pixels[..., :-1] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+
+
+def _pillow_rgb(im: Image.Image) -> np.ndarray:
+    """A Pillow image's pixels as RGB, transparent ones white (:func:`_over_white`); palette, CMYK and the other
+    modes converted as Pillow converts them."""
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        return _over_white(np.asarray(im.convert("RGBA")))
+    return np.asarray(im.convert("RGB"))
+
+
+# TIFF PhotometricInterpretation values tifffile's samples are as shown: grey (0 white is zero, 1 black is zero), RGB.
+_TIFF_AS_SHOWN = (0, 1, 2)
+
+
+def _tiff_pixels(page: Any, path: Path) -> np.ndarray:
+    """A plain TIFF page's pixels as a viewer shows them: RGB, or grey (H, W), transparent pixels white. tifffile
+    gives the stored samples, which are that only for grey and RGB: a palette TIFF's are indices (read as grey), a
+    CMYK one's C, M, Y (read as R, G, B), so those, and uncompressed YCbCr and Lab, are converted by Pillow; samples
+    stored plane by plane are put pixel by pixel."""
+    photometric, compression = int(page.photometric), int(page.compression)
+    if photometric not in _TIFF_AS_SHOWN and not (photometric == 6 and compression in (6, 7)):  # JPEG's YCbCr: RGB
+        with Image.open(path) as im:
+            return _pillow_rgb(im)
+    pixels = page.asarray()
+    if int(page.planarconfig) == 2 and pixels.ndim == 3:  # (samples, height, width)
+        pixels = np.moveaxis(pixels, 0, -1)
+    extra = tuple(int(e) for e in (page.extrasamples or ()))
+    if pixels.ndim == 3 and extra and extra[0] in (1, 2):  # associated or unassociated alpha, after the colour
+        pixels = _over_white(pixels[..., : pixels.shape[-1] - len(extra) + 1])
+    elif pixels.ndim == 3 and extra:  # unspecified extra samples: not shown
+        pixels = pixels[..., : pixels.shape[-1] - len(extra)]
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    if photometric == 0:
+        pixels = 255 - pixels
+    return pixels
+
+
 def _read_plain_image(path: Path) -> tuple[np.ndarray, Mpp | None]:
     """Read a small non-pyramidal TIFF/PNG/JPEG whole, with its resolution if stated."""
     if _is_tiff_name(path):
         with _plain_tiff_page(path) as page:
-            rgb = page.asarray()
+            rgb = _tiff_pixels(page, path)
             tags = page.tags
             mpp = None
             if "XResolution" in tags and "ResolutionUnit" in tags:
@@ -374,7 +472,7 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, Mpp | None]:
                 mpp = Mpp(*pair, "TIFF resolution tags") if pair else None
     else:
         with _plain_pillow_image(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
+            rgb = _pillow_rgb(im)
             dpi = im.info.get("dpi")
         mpp = None
         if dpi and dpi[0] > 0 and dpi[1] > 0:
@@ -382,7 +480,12 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, Mpp | None]:
     if rgb.ndim == 2:
         rgb = np.repeat(rgb[..., None], 3, axis=2)
     if rgb.dtype != np.uint8:
-        raise SlideFormatError(f"{path}: expected 8-bit RGB pixels, got {rgb.dtype}")
+        raise SlideFormatError(f"{path}: expected 8-bit RGB pixels, got {rgb.dtype}; save the image as 8-bit RGB")
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise SlideFormatError(
+            f"{path}: expected RGB or grey pixels, got {rgb.shape[-1] if rgb.ndim == 3 else 'no'} channels per pixel "
+            "(a multiplexed or spectral image?); save the image as 8-bit RGB"
+        )
     return rgb, mpp
 
 
@@ -547,6 +650,8 @@ def open_slide(
             reader.close()
             raise MissingMppError(f"{path}: microns per pixel must be positive, got {mpp:g} (from {mpp_source})")
         resolved = Mpp(mpp, mpp, mpp_source)
+    elif file_mpp is None and (ome := _ome_mpp(path)) is not None:
+        resolved = ome
     elif file_mpp is None:
         reader.close()
         raise MissingMppError(_no_mpp_message(path, whole_slide=whole_slide, advice=mpp_advice))

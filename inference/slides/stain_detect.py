@@ -213,6 +213,8 @@ class StainEstimate:
     dab_fraction: float
     spread_correlation: float = math.nan
     low_haem_second_od: float = math.nan
+    dark_background: bool = False
+    """A dark image (median brightness under :data:`DARK_MEDIAN`): fluorescence or dark field, not brightfield."""
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -312,6 +314,7 @@ def detect_stain(rgb: np.ndarray, *, tissue: np.ndarray | None = None) -> StainE
             background_rgb,
             f"dark background: median brightness {median_brightness:.0f} < {DARK_MEDIAN:g} "
             "(fluorescence or dark field, not brightfield)",
+            dark_background=True,
         )
     n_px = px.shape[0]
     # In place: the pixels are not needed after their optical density (a whole slide's thumbnail is large).
@@ -485,7 +488,9 @@ def _spread(od: np.ndarray, haem: np.ndarray, second: np.ndarray) -> tuple[float
     return float(h @ s_centred) / spread, low_mean
 
 
-def _undecided(n_px: int, n_tissue: int, background_rgb: tuple[float, ...], reason: str) -> StainEstimate:
+def _undecided(
+    n_px: int, n_tissue: int, background_rgb: tuple[float, ...], reason: str, *, dark_background: bool = False
+) -> StainEstimate:
     nan3 = np.full(3, math.nan)
     return StainEstimate(
         stain=OTHER,
@@ -502,6 +507,7 @@ def _undecided(n_px: int, n_tissue: int, background_rgb: tuple[float, ...], reas
         stain_angle_deg=math.nan,
         eosin_fraction=math.nan,
         dab_fraction=math.nan,
+        dark_background=dark_background,
     )
 
 

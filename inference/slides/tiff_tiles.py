@@ -91,6 +91,11 @@ class TiledLevel:
     def decode(self, data: bytes, index: int) -> np.ndarray:
         """(tile_h, tile_w, 3) uint8 pixels of tile ``index`` from its stored bytes."""
         if self.is_jpeg:
+            # libjpeg decodes a stream cut short (or its end overwritten with zeros by a failed copy) without an
+            # error, the rest of the tile grey: a damaged slide analysed as if whole. OpenSlide refuses it ("Premature
+            # end of JPEG file"); so does this, by the end-of-image marker every whole stream ends with.
+            if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+                raise ValueError("its JPEG data does not end as a JPEG stream does (cut short or overwritten)")
             # imagecodecs directly: tifffile's generic decode adds Python work per tile, and
             # with many reading threads that time is spent holding the GIL (measured on 14
             # threads: 280 vs 620 Mpx/s of decoded tiles).

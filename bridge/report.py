@@ -139,8 +139,9 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
             folder = info.folder / PDL1_DIR / entry.entry_id
             name = f"{entry.image_name} (QuPath entry {entry.entry_id})"
             records = entry_summary_from_records(folder, image=entry.image_name, entry_id=entry.entry_id)
-            for problem in records.problems():
-                _leave_out(left_out, f"{name}: {problem}")
+            problems = [f"{name}: {problem}" for problem in records.problems()]
+            for problem in problems:
+                _leave_out(left_out, problem)
             has_summary = (folder / "summary.json").is_file()
             if records.summary is not None and not has_summary:
                 items.append(_from_records(entry, records, info, newer_source(None, records)[1]))
@@ -150,6 +151,11 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
                     error = failed[entry.entry_id][1]
                     _leave_out(left_out, _failed_without_results(name, error, source))
                     items.append(_without_results(entry.image_name, folder / "objects.geojson", error, entry.entry_id))
+                elif problems:  # analysed in QuPath, its records named above as not reading
+                    why = "; ".join(problems)
+                    items.append(
+                        _without_results(entry.image_name, folder / "objects.geojson", "", entry.entry_id, left_out=why)
+                    )
                 else:  # a run stopped before it, or added since: a row saying so (the report read as the project's)
                     not_analysed.append(name)
                     why = f"not analysed: no results; run {_rerun(source)}, which analyses the images not done"

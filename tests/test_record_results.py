@@ -145,10 +145,11 @@ def test_records_set_aside_are_neither_reported_ranked_nor_listed_by_a_run(proje
         aside.parent.mkdir()
         path.rename(aside)
     html_path, csv_path = write_report(project)
-    (row,) = _rows(csv_path)
+    row, aside = _rows(csv_path)
     assert (row["entry_id"], row["results_from"]) == ("1", "pdl1_analyze.groovy's 1 analysis in QuPath")
+    assert aside["entry_id"] == "2" and aside["left_out"].startswith("not analysed: no results") and not aside["run_id"]
     assert [r["target"] for r in _rows(csv_path.with_name("targets.csv"))] == ["left"]
-    assert "Left out of this report" not in html_path.read_text(encoding="utf-8")
+    assert "1 of the project&#x27;s 2 images have no results, not analysed" in html_path.read_text(encoding="utf-8")
     ranked, not_ranked = build_queue(project)
     assert [e.entry_id for e in ranked] == ["1"]
     assert ranked[0].analysed_area_um2 == pytest.approx(analysed[1]["p-left"].analysed_area_um2)
@@ -311,8 +312,11 @@ def test_an_entry_whose_records_all_fail_to_read_or_lack_scores_is_named_not_ran
     (why,) = records.unreadable
     assert why.endswith("does not read (its 'scores' hold no summary (an object with 'mpp' and 'details'))"), why
     html_path, csv_path = write_report(project)
-    assert [r["entry_id"] for r in _rows(csv_path)] == ["1"]
+    rows = _rows(csv_path)
+    assert [r["entry_id"] for r in rows] == ["1", "2"] and rows[0]["left_out"] == "" and not rows[1]["run_id"]
+    assert "'scores' hold no summary" in rows[1]["left_out"]  # its row says why it has no numbers
     assert "does not read (its &#x27;scores&#x27; hold no summary" in html_path.read_text()
+    assert "have no results, not analysed" not in html_path.read_text()  # analysed: its records do not read
     ranked, not_ranked = build_queue(project)
     assert [e.entry_id for e in ranked] == ["1"]
     assert [(i, "'scores' hold no summary" in why) for i, _, why in not_ranked] == [("2", True)]
@@ -376,7 +380,8 @@ def test_records_that_do_not_add_up_are_named_not_a_crash(project):
         record["scores"]["summary"]["metadata"] = {}  # hand-edited: no "PD-L1 run" to merge by
         path.write_text(json.dumps(record))
     html_path, csv_path = write_report(project)
-    assert [r["entry_id"] for r in _rows(csv_path)] == ["2"]
+    rows = _rows(csv_path)
+    assert [r["entry_id"] for r in rows] == ["1", "2"] and "do not add up" in rows[0]["left_out"]
     assert "qupath_analyses do not add up as an image's results (KeyError(" in html.unescape(html_path.read_text())
     ranked, not_ranked = build_queue(project)
     assert [e.entry_id for e in ranked] == ["2"] and [i for i, _, _ in not_ranked] == ["1"]

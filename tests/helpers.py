@@ -230,3 +230,19 @@ def paquo_stand_ins(monkeypatch, remove_objects):
             yield self
 
     return Wrapper, SimpleNamespace(hierarchy=Hierarchy())
+
+
+def exported_labelled_project(labelled: Path, tmp_path: Path) -> Path:
+    """The labelled fixture project, its image beside it, with the pathologist's labels exported for entry 1 (as
+    pdl1_export_labels.groovy writes them); the project's folder."""
+    import shutil
+
+    from bridge.labels import export_path
+
+    project = tmp_path / "project"
+    shutil.copytree(labelled / "project", project)
+    (tmp_path / "he-1357.svs").symlink_to(labelled / "he-1357.svs")
+    exported = export_path(project, "1")
+    exported.parent.mkdir(parents=True)
+    exported.write_text((labelled / "objects-labelled-by-pathologist-0.4.4.geojson").read_text())
+    return project

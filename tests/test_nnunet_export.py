@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from bridge.cli.app import app
 from bridge.nnunet_export import UNLABELLED, ExportImage, PhantomTruthLabels, export_nnunet_dataset
 from inference import PhantomSpec, TruthFormatError, TruthNotFoundError, load_truth, open_slide, write_phantom
+from tests.helpers import exported_labelled_project
 
 
 @pytest.fixture(scope="module")
@@ -555,14 +556,7 @@ def test_cli_export_of_a_project_finds_a_moved_image_under_search_dir(labelled, 
 def test_regions_not_a_whole_number_of_cases_give_no_sliver_cases(labelled, tmp_path):
     # helper-130: the fixture's two training regions, cut into 204 px cases from their corners, gave 8 cases of
     # 204 x 204, 1 x 204, 204 x 1, 1 x 1, ... px: nnU-Net trains on the slivers and plans its patch from them.
-    from bridge.labels import export_path
-
-    project = tmp_path / "project"
-    shutil.copytree(labelled / "project", project)
-    (tmp_path / "he-1357.svs").symlink_to(labelled / "he-1357.svs")
-    exported = export_path(project, "1")
-    exported.parent.mkdir(parents=True)
-    exported.write_text((labelled / "objects-labelled-by-pathologist-0.4.4.geojson").read_text())
+    project = exported_labelled_project(labelled, tmp_path)
     out = tmp_path / "raw" / "Dataset543_S"
     args = ["export", "nnunet", str(project), "--entries", "1", "--qupath", "never", "--case-px", "204"]
     result = CliRunner().invoke(app, [*args, "--out", str(out)])
@@ -576,14 +570,7 @@ def test_regions_not_a_whole_number_of_cases_give_no_sliver_cases(labelled, tmp_
 def test_a_projects_reviewed_results_are_labels_with_from_review_and_the_margin_is_truths_only(labelled, tmp_path):
     # helper-130: pdl1_export.json said "skipped: reviewed pdl1 results (use --from-review)", an option the export
     # did not have; --ignore-margin-px was ignored for a project's labels without a word.
-    from bridge.labels import export_path
-
-    project = tmp_path / "project"
-    shutil.copytree(labelled / "project", project)
-    (tmp_path / "he-1357.svs").symlink_to(labelled / "he-1357.svs")
-    exported = export_path(project, "1")
-    exported.parent.mkdir(parents=True)
-    exported.write_text((labelled / "objects-labelled-by-pathologist-0.4.4.geojson").read_text())
+    project = exported_labelled_project(labelled, tmp_path)
     args = ["export", "nnunet", str(project), "--entries", "1", "--qupath", "never"]
     margin = CliRunner().invoke(app, [*args, "--ignore-margin-px", "4", "--out", str(tmp_path / "raw/Dataset571_M")])
     said = re.sub(r"[│\s]+", " ", margin.output)

@@ -979,6 +979,20 @@ def test_an_entry_qupath_types_as_an_immunostain_runs_the_ihc_model_and_is_flagg
     assert [json.loads(Path(o.outputs[1]).read_text())["stain"] for o in outcomes] == ["H&E", "H&E"]
 
 
+def _labels_study(tmp_path: Path, fixtures_dir: Path, edit_metadata) -> Path:
+    """The labelled 0.4.4 fixture's project (an H&E and an H-DAB entry of he-1357.svs) with its slide, each entry's
+    metadata changed by ``edit_metadata(index, metadata)``; the project's folder."""
+    study = tmp_path / "study"
+    shutil.copytree(fixtures_dir / "qupath-0.4.4-labels" / "project", study / "project")
+    shutil.copy(fixtures_dir / "qupath-0.4.4-labels" / "he-1357.svs", study / "he-1357.svs")
+    qpproj = study / "project" / "project.qpproj"
+    raw = json.loads(qpproj.read_text())
+    for index, image in enumerate(raw["images"]):
+        edit_metadata(index, image["metadata"])
+    qpproj.write_text(json.dumps(raw))
+    return study / "project"
+
+
 def test_a_case_stated_in_qupath_whose_partner_does_not_carry_it_is_named_in_pairs_json_and_the_table(
     tmp_path, models, fixtures_dir, capsys
 ):
@@ -987,16 +1001,14 @@ def test_a_case_stated_in_qupath_whose_partner_does_not_carry_it_is_named_in_pai
     # one stain, named by its file name, stays silent.
     from bridge.cli.common import pairs_table
 
-    study = tmp_path / "study"
-    shutil.copytree(fixtures_dir / "qupath-0.4.4-labels" / "project", study / "project")
-    shutil.copy(fixtures_dir / "qupath-0.4.4-labels" / "he-1357.svs", study / "he-1357.svs")
-    qpproj = study / "project" / "project.qpproj"
-    raw = json.loads(qpproj.read_text())
-    del raw["images"][1]["metadata"]["case"]  # entry 2, typed H-DAB
-    qpproj.write_text(json.dumps(raw))
+    def unset_ihc_case(index: int, metadata: dict) -> None:
+        if index == 1:  # entry 2, typed H-DAB
+            del metadata["case"]
+
+    project = _labels_study(tmp_path, fixtures_dir, unset_ihc_case)
     config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never")
-    assert [o.state for o in run_batch([study / "project"], config, models=models)] == ["done", "done"]
-    pairs = study / "project" / "pdl1" / "pairs.json"
+    assert [o.state for o in run_batch([project], config, models=models)] == ["done", "done"]
+    pairs = project / "pdl1" / "pairs.json"
     why = (
         "case 'phantom-1357' is not compared: only an H&E (he-1357.svs) carries case=phantom-1357 (entry metadata); "
         "no PD-L1 IHC entry does: check the IHC's `case` value in QuPath (Project > Edit metadata)"
@@ -1015,27 +1027,20 @@ def test_the_case_key_is_the_runs_and_one_spelt_otherwise_in_the_entries_is_warn
     # A lab whose entries say "Case" (QuPath's keys are exact): the run read no case from them and fell back on the
     # file names without a word. It warns, naming the key; --case-key Case (pdl1-config.toml's [pairs] case_key)
     # pairs by it, and pairs.json says which key it used.
-    study = tmp_path / "study"
-    shutil.copytree(fixtures_dir / "qupath-0.4.4-labels" / "project", study / "project")
-    shutil.copy(fixtures_dir / "qupath-0.4.4-labels" / "he-1357.svs", study / "he-1357.svs")
-    qpproj = study / "project" / "project.qpproj"
-    raw = json.loads(qpproj.read_text())
-    for image in raw["images"]:
-        image["metadata"]["Case"] = image["metadata"].pop("case")
-    qpproj.write_text(json.dumps(raw))
+    project = _labels_study(tmp_path, fixtures_dir, lambda _, metadata: metadata.update(Case=metadata.pop("case")))
     config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never")
     with caplog.at_level("WARNING", logger="bridge.run"):
-        assert [o.state for o in run_batch([study / "project"], config, models=models)] == ["done", "done"]
+        assert [o.state for o in run_batch([project], config, models=models)] == ["done", "done"]
     assert (
         "no entry has the metadata key 'case', which names each image's case for pairing; 2 have 'Case': give that "
         "key instead (--case-key or pdl1-config.toml's [pairs] case_key), or rename it in QuPath"
     ) in caplog.text
-    pairs = study / "project" / "pdl1" / "pairs.json"
+    pairs = project / "pdl1" / "pairs.json"
     by_name = json.loads(pairs.read_text())
     assert by_name["case_key"] == "case" and list(by_name["cases"]) == ["1357"]  # he-1357.svs, twice
     caplog.clear()
     with caplog.at_level("WARNING", logger="bridge.run"):  # pairing only: the images' results are kept
-        outcomes = run_batch([study / "project"], replace(config, resume=True, case_key="Case"), models=models)
+        outcomes = run_batch([project], replace(config, resume=True, case_key="Case"), models=models)
     assert [o.state for o in outcomes] == ["skipped", "skipped"] and "metadata key" not in caplog.text
     by_key = json.loads(pairs.read_text())
     assert by_key["case_key"] == "Case" and list(by_key["cases"]) == ["phantom-1357"]

@@ -24,6 +24,7 @@ from inference.training.train_nuclei import (
     masked_focal_loss,
     sample_nuclei_batch,
 )
+from tests.helpers import exported_labelled_project
 
 runner = CliRunner()
 TINY = ["--cycles", "2", "--epochs-per-cycle", "1", "--iterations", "1", "--batch-size", "2", "--patch-px", "32"]
@@ -815,24 +816,13 @@ def test_pdl1_train_finds_a_moved_project_image_under_search_dir(labelled, tmp_p
     assert training["config"]["slides"] == [str(slides / "he-1357.svs")]
 
 
-def _exported_project(labelled: Path, tmp_path: Path) -> Path:
-    """The labelled fixture project, its image beside it, with the pathologist's labels exported for entry 1."""
-    project = tmp_path / "project"
-    shutil.copytree(labelled / "project", project)
-    (tmp_path / "he-1357.svs").symlink_to(labelled / "he-1357.svs")
-    exported = export_path(project, "1")
-    exported.parent.mkdir(parents=True)
-    exported.write_text((labelled / "objects-labelled-by-pathologist-0.4.4.geojson").read_text())
-    return project
-
-
 def test_a_projects_labels_are_read_under_its_run_lock_released_before_training(labelled, tmp_path, monkeypatch):
     # `pdl1 train PROJECT` read the project's objects while a `pdl1 run` could be replacing them, and a run started
     # during the read was not refused. The read holds the project's run lock; training, which takes hours, does not.
     import inference
     from bridge.cli.train import _read_labels
 
-    project = _exported_project(labelled, tmp_path)
+    project = exported_labelled_project(labelled, tmp_path)
     lock = project / "pdl1" / "run.lock"
     held = []
     real = inference.open_slide
@@ -853,7 +843,7 @@ def test_pdl1_train_of_a_project_a_run_is_writing_is_refused_naming_the_run(labe
     import subprocess
     import sys
 
-    project = _exported_project(labelled, tmp_path)
+    project = exported_labelled_project(labelled, tmp_path)
     lock = project / "pdl1" / "run.lock"
     out = tmp_path / "model"
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as run:

@@ -585,6 +585,13 @@ def _check_phantom_sources(sources: list[Path]) -> None:
 ONE_SIDED_LABELS = 0.9
 
 
+def _warn_of_count(labels: Sequence, count: str, says: str) -> None:
+    """A warning naming each slide whose labels counted ``count``, with how many, then what that means."""
+    named = [f"{lab.source or lab.slide} ({lab.counts[count]})" for lab in labels if lab.counts.get(count)]
+    if named:
+        typer.echo(f"warning: {', '.join(named)}: {says}", err=True)
+
+
 def _echo_counts(slide_labels: list, *, held_out: Sequence = (), regions: bool = False) -> None:
     """What each label source gave, the held-out slides' too: nothing is trained or scored on silently dropped
     data. For a segmentation run (``regions``), a warning when the labelled area is almost all one class."""
@@ -622,32 +629,23 @@ def _echo_counts(slide_labels: list, *, held_out: Sequence = (), regions: bool =
             f"{UNREAD_TARGETS_FIX}",
             err=True,
         )
-    unrecorded = [
-        f"{lab.source or lab.slide} ({lab.counts[UNRECORDED_NUCLEI_COUNT]})"
-        for lab in (*slide_labels, *held_out)
-        if lab.counts.get(UNRECORDED_NUCLEI_COUNT)
-    ]
-    if unrecorded:
-        typer.echo(
-            f"warning: {', '.join(unrecorded)}: nuclei pdl1-bridge wrote that no record of an analysis holds (analysed "
-            "by an earlier pdl1_analyze.groovy, or the record deleted): whether a person reclassified them cannot be "
-            f"told, so they are no labels; {UNRECORDED_NUCLEI_FIX}",
-            err=True,
-        )
-    unrecorded = [
-        f"{lab.source or lab.slide} ({lab.counts[UNRECORDED_ANNOTATIONS_COUNT]})"
-        for lab in (*slide_labels, *held_out)
-        if lab.counts.get(UNRECORDED_ANNOTATIONS_COUNT)
-    ]
-    if unrecorded:
-        typer.echo(
-            f"warning: {', '.join(unrecorded)}: FN candidates or regions pdl1-bridge wrote that no record of an analysis "
-            "holds (no pdl1/<entry ID>/objects.geojson of the run, nor a record of pdl1_analyze.groovy's analysis; an "
-            "earlier version's, or deleted): FN candidates a person deleted beside them cannot be told, so no deleted "
-            "candidate is a negative label there (those reclassified still are); to dismiss a candidate there, set "
-            "its class to PD-L1 negative instead of deleting it",
-            err=True,
-        )
+    labels = (*slide_labels, *held_out)
+    _warn_of_count(
+        labels,
+        UNRECORDED_NUCLEI_COUNT,
+        "nuclei pdl1-bridge wrote that no record of an analysis holds (analysed by an earlier pdl1_analyze.groovy, or "
+        "the record deleted): whether a person reclassified them cannot be told, so they are no labels; "
+        f"{UNRECORDED_NUCLEI_FIX}",
+    )
+    _warn_of_count(
+        labels,
+        UNRECORDED_ANNOTATIONS_COUNT,
+        "FN candidates or regions pdl1-bridge wrote that no record of an analysis holds (no pdl1/<entry ID>/"
+        "objects.geojson of the run, nor a record of pdl1_analyze.groovy's analysis; an earlier version's, or "
+        "deleted): FN candidates a person deleted beside them cannot be told, so no deleted candidate is a negative "
+        "label there (those reclassified still are); to dismiss a candidate there, set its class to PD-L1 negative "
+        "instead of deleting it",
+    )
     if not regions or not slide_labels:
         return
     stats = [label_statistics(lab) for lab in slide_labels]

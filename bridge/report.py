@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 
 # The head of every report.html: it tells a folder holding an earlier report (--out) from one of other files.
 REPORT_TITLE = "<title>pdl1-bridge report</title>"
+# Made in a report's folder before its first file: a report stopped before its report.html is told by it.
+REPORT_MARK = ".pdl1-report"
 
 COLUMNS = (
     "image",
@@ -542,7 +544,10 @@ def write_report(
 
 
 def _holds_a_report(folder: Path) -> bool:
-    """Whether ``folder`` holds a report this command wrote (its report.html, by its title)."""
+    """Whether ``folder`` holds a report this command wrote (its report.html, by its title), or one it began (its
+    mark: a report stopped before its report.html leaves thumbnails, and was then refused its own folder)."""
+    if (folder / REPORT_MARK).is_file():
+        return True
     try:
         with (folder / "report.html").open(encoding="utf-8", errors="replace") as fh:
             return REPORT_TITLE in fh.read(500)
@@ -567,6 +572,7 @@ def _write(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Path, Path]:
     """write_report's files, in ``out`` (its lock held); ``running``: who was running ``pdl1 run`` there."""
+    (out / REPORT_MARK).touch()  # before the thumbnails: a report stopped among them can be made again here
     rows = []
     all_targets: list[TargetRow] = []  # the report folder's targets.csv
     demo_checksums = set(demo_model_checksums().values())

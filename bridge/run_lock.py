@@ -450,7 +450,7 @@ def refuse_foreign_folder(folder: Path, *, written_before: Callable[[Path], bool
     report --out`` a folder of PNG slides replaced a slide with its thumbnail, and ``--out PROJECT/pdl1`` the
     run's targets.csv; ``pdl1 eval --out`` a user's metrics.csv."""
     try:
-        names = sorted(p.name for p in folder.iterdir() if p.name != OUTPUT_LOCK_FILE and not _PART.fullmatch(p.name))
+        names = sorted(p.name for p in folder.iterdir() if not _own_or_system_file(p.name))
     except (FileNotFoundError, NotADirectoryError):
         return
     if not names or written_before(folder):
@@ -459,6 +459,20 @@ def refuse_foreign_folder(folder: Path, *, written_before: Callable[[Path], bool
     raise ProjectError(
         f"--out {folder} holds other files ({shown}) and no earlier pdl1 {command}; {writes} there, and would replace "
         "files of those names: give a new or empty folder"
+    )
+
+
+# What a file manager puts in any folder it shows: no user's file the output would replace.
+_SYSTEM_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+
+
+def _own_or_system_file(name: str) -> bool:
+    """The output lock, its holders' temporary files and staged files (a killed command's), a file manager's files."""
+    return (
+        name == OUTPUT_LOCK_FILE
+        or _OUTPUT_LOCK_TMP.fullmatch(name) is not None
+        or _PART.fullmatch(name) is not None
+        or name in _SYSTEM_FILES
     )
 
 

@@ -2,6 +2,7 @@ import errno
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -945,6 +946,23 @@ def test_a_kill_or_a_closed_terminal_stops_a_command_as_a_ctrl_c_does_cleaning_u
         "except KeyboardInterrupt:\n"
         "    print('stopped; left:', sorted(p.name for p in Path(sys.argv[1]).iterdir()))\n"
     )
+    # A command started in the background (SIGINT ignored) is ended by a kill as before, and one started under nohup
+    # (SIGHUP ignored) keeps ignoring it.
+    background = (
+        "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "if sys.argv[1] == 'SIGHUP':\n"
+        "    signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+        "from bridge.cli.entry import stop_on_termination\n"
+        "stop_on_termination()\n"
+        "os.kill(os.getpid(), getattr(signal, sys.argv[1]))\n"
+        "time.sleep(0.5)\n"
+        "print('still running')\n"
+    )
+    ended = subprocess.run([sys.executable, "-c", background, "SIGTERM"], capture_output=True, text=True, timeout=60)
+    assert ended.returncode == -signal.SIGTERM and ended.stdout == ""
+    ignored = subprocess.run([sys.executable, "-c", background, "SIGHUP"], capture_output=True, text=True, timeout=60)
+    assert ignored.returncode == 0 and ignored.stdout == "still running\n", ignored.stderr
     for name in ("SIGTERM", "SIGHUP"):
         folder = tmp_path / name
         folder.mkdir()

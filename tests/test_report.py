@@ -473,7 +473,7 @@ def test_the_staged_files_a_killed_report_left_are_removed_by_the_next_and_no_ot
     assert html_path.is_file() and not any(p.exists() for p in ours) and all(p.exists() for p in others)
     assert f"removed 4 unfinished file(s) an interrupted one left (first: {ours[2]})" in caplog.text
     assert sorted(p.name for p in report.iterdir()) == sorted(
-        ["old", "report.csv", "report.html", "targets.csv", *(p.name for p in others[:3])]
+        [".pdl1-report", "old", "report.csv", "report.html", "targets.csv", *(p.name for p in others[:3])]
     )
 
 
@@ -869,9 +869,14 @@ def test_out_that_holds_other_files_is_refused_and_an_earlier_reports_is_replace
         )
     assert (slides / "tma.png").read_bytes() == b"a slide" and not (project / "pdl1" / "report.html").exists()
     report = tmp_path / "report"
+    report.mkdir()
+    (report / ".DS_Store").write_bytes(b"finder")  # a file manager's file is no user's
     for _ in range(2):  # a new folder, then the same one again
         html_path, _ = write_report(project, report)
     assert html_path == report / "report.html"
+    # A report stopped among its thumbnails (no report.html yet) is made again in its own folder (helper-132).
+    (report / "report.html").unlink()
+    assert write_report(project, report)[0] == html_path
 
 
 def test_a_thumbnail_whose_name_holds_url_characters_is_linked_by_its_quoted_name(tmp_path):

@@ -89,3 +89,20 @@ def test_a_tile_whose_jpeg_data_was_overwritten_is_damaged_not_decoded_in_part(w
         err.value
     )
     assert str(err.value).endswith("the file is damaged: copy it again from the scanner or archive")
+
+
+def test_the_gpu_decoders_standalone_tiles_are_checked_as_the_cpu_decoder_checks_them(whole):
+    # helper-132: the end-of-image check covered libjpeg's path only; the GPU's batched decoder takes each tile as a
+    # standalone JPEG and decodes a cut-short one too. Bytes after the marker are allowed, as libjpeg allows them.
+    import tifffile
+
+    from inference.slides.tiff_tiles import TiledLevel
+
+    with tifffile.TiffFile(whole) as tif:
+        page = tif.pages[0]
+        level = TiledLevel(page)
+        tif.filehandle.seek(page.dataoffsets[0])
+        tile = tif.filehandle.read(page.databytecounts[0])
+    assert level.standalone_jpeg(tile + b"\0\0padding")[-9:] == b"\0\0padding"
+    with pytest.raises(ValueError, match="does not end as a JPEG stream does"):
+        level.standalone_jpeg(tile[: len(tile) // 2] + bytes(len(tile) - len(tile) // 2))

@@ -85,13 +85,21 @@ class HoldInterruptsWhileImporting(importlib.abc.MetaPathFinder):
 
 
 def _as_interrupt(signum: int, frame: object) -> None:
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+        # A command started in the background (`cmd &`) ignores SIGINT: forwarded there, a kill was lost. It ends
+        # the process as it would have without this handler.
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+        return
     signal.raise_signal(signal.SIGINT)  # the SIGINT handler of the moment: KeyboardInterrupt, or held while importing
 
 
 def stop_on_termination() -> None:
-    """Take :data:`STOPPING_SIGNALS` as a Ctrl-C from now on (main thread only, as every signal handler)."""
+    """Take :data:`STOPPING_SIGNALS` as a Ctrl-C from now on (main thread only, as every signal handler), those
+    left at their default only: one ignored (`nohup` ignores SIGHUP) stays ignored."""
     for signum in STOPPING_SIGNALS:
-        signal.signal(signum, _as_interrupt)
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, _as_interrupt)
 
 
 def main() -> None:

@@ -150,7 +150,9 @@ class DeviceBlockReader:
         width, height = region.size_wh
         pastes = self.reader.region_pastes(region.location_xy, self.level, region.size_wh)
         stored = [self.reader.tile_bytes(self.level, paste.index) for paste in pastes]
-        files = [self.tiled.standalone_jpeg(data) for data in stored if data is not None]
+        files = [
+            self._standalone(data, paste.index) for paste, data in zip(pastes, stored, strict=True) if data is not None
+        ]
         stream = self._stream()
         with torch.cuda.stream(stream):  # a no-op for None (the CPU)
             decoded = iter(self.decode(files, self.tiled.jpeg_rgb) if files else [])
@@ -195,6 +197,15 @@ class DeviceBlockReader:
 
     def _glass_tile(self) -> torch.Tensor:
         return self._background.expand(self.tiled.tile_h, self.tiled.tile_w, 3)
+
+    def _standalone(self, data: bytes, index: int) -> bytes:
+        try:
+            return self.tiled.standalone_jpeg(data)
+        except ValueError as err:  # a stream cut short or overwritten: the CPU reader's words
+            raise SlideFormatError(
+                f"{self.reader.path}: tile {index} of level {self.level} cannot be decoded (ValueError: {err}); the "
+                "file is damaged: copy it again from the scanner or archive"
+            ) from err
 
     def _checked(self, tile: torch.Tensor | None, index: int) -> torch.Tensor:
         expected = (self.tiled.tile_h, self.tiled.tile_w, 3)

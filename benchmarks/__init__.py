@@ -7,6 +7,7 @@ the conditions (device, tile size, batch size, MPP) the figures hold for.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import platform
@@ -303,8 +304,10 @@ def run_benchmark(name: str, *, quick: bool = False) -> list[Result]:
     try:
         bench.setup(quick=quick)
     except BaseException:
-        # A setup stopped half-way (an extra missing, Ctrl-C) has no state its teardown knows; the temporary folder
-        # it made (a phantom slide, MBs) was left in /tmp for good.
+        # A setup stopped half-way (an extra missing, Ctrl-C): its temporary folder (a phantom slide, MBs) was left
+        # in /tmp for good. Its teardown closes what it opened where it can; the folder goes either way.
+        with contextlib.suppress(Exception):
+            bench.teardown()
         tmp = getattr(bench, "tmp", None)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

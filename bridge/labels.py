@@ -147,6 +147,14 @@ UNRECORDED_ANNOTATIONS_COUNT = (
     "not read: pdl1 FN candidates and regions that no record of an analysis holds (deleted candidates beside them "
     "cannot be told)"
 )
+# What the commands reading reviews (pdl1 train, pdl1 export nnunet) say of them, after the slides and their counts.
+UNRECORDED_ANNOTATIONS_WARNING = (
+    "FN candidates or regions pdl1-bridge wrote that no record of an analysis holds (no pdl1/<entry ID>/"
+    "objects.geojson of the run, nor a record of pdl1_analyze.groovy's analysis; an earlier version's, or deleted): "
+    "FN candidates a person deleted beside them cannot be told, so no deleted candidate is a negative label there "
+    "(those reclassified still are); to dismiss a candidate there, set its class to PD-L1 negative instead of "
+    "deleting it"
+)
 # Counted (the number of candidates): an FN candidate gone from the image where an analysis newer than the one that
 # wrote it covers it; that analysis replaced what the older one wrote there, so a person deleting it cannot be told.
 OLDER_CANDIDATES_COUNT = "skipped: FN candidates of an older analysis, gone where a newer one analysed"

@@ -718,7 +718,13 @@ def build_queue(
             )
         )
     # Ties in the project's order of entries, by number (QuPath's IDs are numbers: "2" before "10").
-    ranked.sort(key=lambda e: (-e.score, int(e.entry_id) if e.entry_id.isdigit() else 1 << 62, e.entry_id))
+    ranked.sort(
+        key=lambda e: (
+            -e.score,
+            int(e.entry_id) if e.entry_id.isascii() and e.entry_id.isdigit() else 1 << 62,
+            e.entry_id,
+        )
+    )
     return ranked, not_ranked
 
 

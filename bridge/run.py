@@ -648,9 +648,9 @@ def _jobs(inputs: list[Path], config: RunConfig) -> tuple[list[_Job], Path | Non
     return [_Job(p.stem, p.name, p.absolute(), None, _name_too_long(p, config.out)) for p in inputs], None, config.out
 
 
-# What a plain slide's longest output name adds to its stem: OUT/<stem>.summary.json, written as
-# <stem>.summary.json.<12 hex>.part first (bridge.atomic).
-_LONGEST_OUTPUT_SUFFIX = ".summary.json.0123456789ab.part"
+# What a plain slide's longest output name adds to its stem: its registered IHC area when it is a case's H&E,
+# OUT/pdl1/pairs/<stem>.ihc_positive.geojson, written as <name>.<12 hex>.part first (bridge.atomic).
+_LONGEST_OUTPUT_SUFFIX = ".ihc_positive.geojson.0123456789ab.part"
 
 
 def _name_too_long(slide: Path, out: Path) -> ProjectError | None:
@@ -661,13 +661,16 @@ def _name_too_long(slide: Path, out: Path) -> ProjectError | None:
         limit = os.pathconf(out if out.is_dir() else out.parent if out.parent.is_dir() else ".", "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):  # Windows has no pathconf; NTFS allows 255 characters too
         limit = 255
-    longest = len(os.fsencode(slide.stem + _LONGEST_OUTPUT_SUFFIX))
+    # NTFS counts UTF-16 units, the others bytes (a CJK name is three bytes a character, one unit).
+    units, unit = (lambda name: len(name.encode("utf-16-le")) // 2, "characters") if os.name == "nt" else (
+        lambda name: len(os.fsencode(name)), "bytes")  # fmt: skip
+    longest = units(slide.stem + _LONGEST_OUTPUT_SUFFIX)
     if longest <= limit:
         return None
     return ProjectError(
-        f"{slide.name}: the file name is too long for its results' names ({longest} bytes with "
+        f"{slide.name}: the file name is too long for its results' names ({longest} {unit} with "
         f"{_LONGEST_OUTPUT_SUFFIX!r}; the file system allows {limit}): rename the slide to a shorter name (at most "
-        f"{limit - len(_LONGEST_OUTPUT_SUFFIX)} bytes before its extension) and run it again"
+        f"{limit - len(_LONGEST_OUTPUT_SUFFIX)} {unit} before its extension) and run it again"
     )
 
 

@@ -580,10 +580,13 @@ def test_a_projects_reviewed_results_are_labels_with_from_review_and_the_margin_
         out = tmp_path / "raw" / f"Dataset{number}_R"
         result = CliRunner().invoke(app, [*args, *review, "--out", str(out)])
         assert result.exit_code == 0, result.output
+        said_573 = " ".join(result.output.split())
         (slide,) = json.loads((out / "pdl1_export.json").read_text())["label_source"]["slides"].values()
         counts[number] = slide["counts"]
     assert counts[572]["skipped: reviewed pdl1 results (use --from-review)"] == 2
     assert counts[573]["reviewed: PD-L1 positive"] == 1 and counts[573]["reviewed: PD-L1 negative"] == 1
+    # No run output or record beside the fixture: deleted candidates cannot be told, and the export says so.
+    assert "(3): FN candidates or regions pdl1-bridge wrote that no record of an analysis holds" in said_573
 
 
 def test_a_project_a_run_is_writing_is_not_exported_and_the_run_is_named(labelled, tmp_path):

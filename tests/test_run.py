@@ -1213,7 +1213,7 @@ def test_a_dark_image_is_no_brightfield_stain_and_a_long_name_fails_before_its_a
     rgb = np.zeros((256, 256, 3), np.uint8)
     rgb[64:192, 64:192, 1] = np.random.default_rng(0).integers(80, 255, (128, 128), dtype=np.uint8)
     Image.fromarray(rgb).save(dark)
-    long_name = _grey_png(tmp_path / ("M" * 229 + ".png"))
+    long_name = _grey_png(tmp_path / ("M" * 220 + ".png"))  # its pairs label file would be 259 bytes
     fine = tmp_path / "fine.png"
     Image.fromarray(np.full((64, 64, 3), 245, np.uint8)).save(fine)
     config = RunConfig(pipeline=PipelineConfig(device="cpu", mpp=0.5), qupath="never", out=tmp_path / "out")
@@ -1223,10 +1223,10 @@ def test_a_dark_image_is_no_brightfield_stain_and_a_long_name_fails_before_its_a
     assert "dark background: median brightness 0 < 70 (fluorescence or dark field, not brightfield)" in said
     assert "is not a brightfield H&E or haematoxylin-DAB stain" in said
     assert outcomes[1].error.endswith(
-        "the file system allows 255): rename the slide to a shorter name (at most 224 bytes before its extension) and "
+        "the file system allows 255): rename the slide to a shorter name (at most 216 bytes before its extension) and "
         "run it again"
     )
-    assert outcomes[1].seconds < 1  # refused before anything was analysed
+    # Refused before its analysis: analysed, this grey image of no known stain would have failed on its colour.
 
 
 def test_through_qupath_a_target_annotation_without_an_area_is_skipped_and_named(

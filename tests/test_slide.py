@@ -405,3 +405,31 @@ def test_a_16_bit_rgb_tiff_is_refused_not_cut_to_its_high_byte(tmp_path):
         assert unconvertible_samples(im).startswith("16-bit samples, of which only the high byte would be kept")
     with pytest.raises(SlideFormatError, match=r"got uint16; save the image as 8-bit RGB"):
         open_slide(path, mpp=0.5)
+
+
+def test_a_48_bit_png_is_refused_and_ome_xml_goes_over_72_dpi_tags(tmp_path):
+    # helper-132: a 48-bit PNG opened as "RGB" by its high byte too; an OME-TIFF with the 72-dpi default tags was
+    # refused as 352.778 µm/px though its OME-XML states 0.5.
+    import zlib
+
+    from inference.slides.slide import unconvertible_samples
+
+    png = tmp_path / "rgb48.png"
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    rows = b"".join(b"\0" + (np.full((4, 3), 3000, ">u2")).tobytes() for _ in range(4))
+    header = (4).to_bytes(4, "big") * 2 + bytes([16, 2, 0, 0, 0])  # 4 x 4 px, 16-bit RGB
+    png.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
+    with Image.open(png) as im:
+        assert im.mode == "RGB" and unconvertible_samples(im).startswith("16-bit samples")
+    ome = tmp_path / "x.ome.tif"
+    tifffile.imwrite(
+        ome, _tissue_like(), photometric="rgb", resolution=(72, 72), resolutionunit="INCH",
+        metadata={"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5},
+    )  # fmt: skip
+    with open_slide(ome) as slide:
+        assert (slide.mpp.mean, slide.mpp.source) == (0.5, "OME-XML PhysicalSizeX/Y")

@@ -292,7 +292,8 @@ def test_a_checkpoint_is_continued_only_with_its_settings_and_labels(tmp_path, m
     with pytest.raises(
         ModelFileError,
         match=r"other labels \(the labels of 1 of 2 slides: objects drawn, changed or deleted in QuPath since, or read "
-        r"with another from_review, class_map or ihc_band_um\)\. .*resume=True",
+        r"with other label options \(such as from_review or class_map\), or phantom truth written again\)\. "
+        r".*resume=True",
     ) as err:
         check_checkpoint_run(tmp_path, run_identity(config, ["1" * 64, "3" * 64]))
     assert str(err.value).endswith(
@@ -301,7 +302,8 @@ def test_a_checkpoint_is_continued_only_with_its_settings_and_labels(tmp_path, m
     with pytest.raises(ModelFileError, match=r"other settings \(batch_size: 16 there, 8 now; cycles: 3 there, 4 now\)"):
         check_checkpoint_run(tmp_path, run_identity(replace(config, cycles=4, batch_size=8), ["1" * 64, "2" * 64]))
     # In the caller's words: pdl1 train's are its command, --resume and --out, and its label options.
-    with pytest.raises(ModelFileError, match=r"read with another --from-review, --class-map or --ihc-band-um") as err:
+    options = r"read with other label options \(such as --from-review or --class-map\)"
+    with pytest.raises(ModelFileError, match=options) as err:
         check_checkpoint_run(tmp_path, run_identity(config, []), setting=TRAIN_WORDS)
     assert str(err.value).endswith(
         ": the same command and labels, with --resume, continue it; a new --out starts another run"

@@ -449,3 +449,10 @@ def write_model_copy(source: Path, out: Path, manifest) -> None:
     with folder_replaced_whole(out) as part:
         shutil.copytree(source, part, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint", "*.part"))
         write_manifest(part, manifest)
+
+
+def warn_of_count(labels, count: str, says: str) -> None:
+    """A warning naming each slide whose labels (``SlideLabels``) counted ``count``, with how many, then ``says``."""
+    named = [f"{lab.source or lab.slide} ({lab.counts[count]})" for lab in labels if lab.counts.get(count)]
+    if named:
+        typer.echo(f"warning: {', '.join(named)}: {says}", err=True)

@@ -216,6 +216,8 @@ def eval_nuclei(
     The TPS is the nuclei model's own classes' (on H&E its positive/negative head), not the predicted TPS of
     pdl1 run, whose PD-L1 call comes from the segmentation ensemble's maps: that one is pdl1 eval tps.
     """
+    from inference import tps_text
+
     slides = distinct_paths(slides, done="scored once")  # a glob and one of its files: counted once in the means
     from rich.table import Table
 
@@ -232,7 +234,7 @@ def eval_nuclei(
             err = r.tps_abs_error
 
             def pct(t) -> str:
-                return "n/a" if t.percent is None else f"{t.percent:.1f}% ({t.category})"
+                return "n/a" if t.percent is None else f"{tps_text(t.percent)}% ({t.category})"
 
             rows = [("all", r.overall), *zip(r.class_names, r.per_class, strict=True)]
             for i, (name, sc) in enumerate(rows):
@@ -327,6 +329,8 @@ def eval_ihc(
     H-DAB, and its review reasons are shown; a slide failed when its TPS is in the wrong category or off by
     more than 5 points, and the flag's catches and false alarms are counted.
     """
+    from inference import tps_text
+
     slides = distinct_paths(slides, done="scored once")  # a glob and one of its files: counted once in the means
     from rich.table import Table
 
@@ -362,8 +366,8 @@ def eval_ihc(
 
             table.add_row(
                 slide.name,
-                num(r.tps_pred.percent),
-                num(r.tps_truth.percent),
+                "n/a" if r.tps_pred.percent is None else tps_text(r.tps_pred.percent),
+                "n/a" if r.tps_truth.percent is None else tps_text(r.tps_truth.percent),
                 num(r.tps_abs_error),
                 "right" if r.category_right else f"WRONG ({r.tps_pred.category} vs {r.tps_truth.category})",
                 num(None if r.cps_pred is None else r.cps_pred.percent),
@@ -443,7 +447,7 @@ def eval_tps(
                 tps_text(truth["tps_percent"]),
                 tps_text(r.tps.percent),
                 f"{err:.1f}",
-                "n/a" if low is None else f"{low:.1f}-{high:.1f}",
+                "n/a" if low is None else f"{tps_text(low)}-{tps_text(high)}",
                 "yes" if within else "no",
                 "right" if good else f"WRONG ({r.tps.category})",
                 "; ".join(x["reason"] for x in r.summary.get("review_reasons", [])) or "ok",

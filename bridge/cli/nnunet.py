@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from bridge.cli.common import TIFF_WITH_RESOLUTION, console, fail, interrupted, require_out_folder
+from bridge.cli.common import TIFF_WITH_RESOLUTION, console, fail, interrupted, require_out_folder, warn_of_count
 from bridge.options import option_words
 from inference import Pdl1Error
 
@@ -302,7 +302,12 @@ def export_nnunet_cmd(
         else:
             train, tests = list(images), [Path(t) for t in test or []]
         if is_project and labels != "truth":
-            from bridge.labels import LabelRules, read_project_labels
+            from bridge.labels import (
+                UNRECORDED_ANNOTATIONS_COUNT,
+                UNRECORDED_ANNOTATIONS_WARNING,
+                LabelRules,
+                read_project_labels,
+            )
 
             test_ids = {t.entry_id for t in tests}
             entries = tuple(t.entry_id for t in train if t.entry_id not in test_ids)
@@ -315,6 +320,10 @@ def export_nnunet_cmd(
                 mpp_advice=advice,
                 reader="pdl1 export nnunet",
             )
+            if (
+                from_review
+            ):  # the counts go to pdl1_export.json; what they cost a review is said here, as pdl1 train does
+                warn_of_count(drawn, UNRECORDED_ANNOTATIONS_COUNT, UNRECORDED_ANNOTATIONS_WARNING)
             source = QuPathRegionLabels({lab.slide: lab for lab in drawn if lab.has_regions})
             unlabelled = [t for t in train if t.path.resolve() not in {Path(p).resolve() for p in source.by_slide}]
             if unlabelled:

@@ -17,6 +17,7 @@ from bridge.cli.common import (
     check_training_device,
     fail,
     interrupted,
+    warn_of_count,
     write_model_copy,
 )
 from bridge.options import option_setting, option_words
@@ -585,13 +586,6 @@ def _check_phantom_sources(sources: list[Path]) -> None:
 ONE_SIDED_LABELS = 0.9
 
 
-def _warn_of_count(labels: Sequence, count: str, says: str) -> None:
-    """A warning naming each slide whose labels counted ``count``, with how many, then what that means."""
-    named = [f"{lab.source or lab.slide} ({lab.counts[count]})" for lab in labels if lab.counts.get(count)]
-    if named:
-        typer.echo(f"warning: {', '.join(named)}: {says}", err=True)
-
-
 def _echo_counts(slide_labels: list, *, held_out: Sequence = (), regions: bool = False) -> None:
     """What each label source gave, the held-out slides' too: nothing is trained or scored on silently dropped
     data. For a segmentation run (``regions``), a warning when the labelled area is almost all one class."""
@@ -600,6 +594,7 @@ def _echo_counts(slide_labels: list, *, held_out: Sequence = (), regions: bool =
         UNREAD_TARGETS_COUNT,
         UNREAD_TARGETS_FIX,
         UNRECORDED_ANNOTATIONS_COUNT,
+        UNRECORDED_ANNOTATIONS_WARNING,
         UNRECORDED_NUCLEI_COUNT,
         UNRECORDED_NUCLEI_FIX,
     )
@@ -630,22 +625,14 @@ def _echo_counts(slide_labels: list, *, held_out: Sequence = (), regions: bool =
             err=True,
         )
     labels = (*slide_labels, *held_out)
-    _warn_of_count(
+    warn_of_count(
         labels,
         UNRECORDED_NUCLEI_COUNT,
         "nuclei pdl1-bridge wrote that no record of an analysis holds (analysed by an earlier pdl1_analyze.groovy, or "
         "the record deleted): whether a person reclassified them cannot be told, so they are no labels; "
         f"{UNRECORDED_NUCLEI_FIX}",
     )
-    _warn_of_count(
-        labels,
-        UNRECORDED_ANNOTATIONS_COUNT,
-        "FN candidates or regions pdl1-bridge wrote that no record of an analysis holds (no pdl1/<entry ID>/"
-        "objects.geojson of the run, nor a record of pdl1_analyze.groovy's analysis; an earlier version's, or "
-        "deleted): FN candidates a person deleted beside them cannot be told, so no deleted candidate is a negative "
-        "label there (those reclassified still are); to dismiss a candidate there, set its class to PD-L1 negative "
-        "instead of deleting it",
-    )
+    warn_of_count(labels, UNRECORDED_ANNOTATIONS_COUNT, UNRECORDED_ANNOTATIONS_WARNING)
     if not regions or not slide_labels:
         return
     stats = [label_statistics(lab) for lab in slide_labels]

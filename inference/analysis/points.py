@@ -189,10 +189,10 @@ def tps_category(percent: float) -> str:
     return ">=50%"
 
 
-def tps_text(percent: float, decimals: int = 1) -> str:
+def tps_text(percent: float, *, decimals: int = 1) -> str:
     """A TPS as text: ``decimals`` decimals, more where rounding would carry it across a cut-off (0.96 % shown as
     1.0 % reads as the 1-49 % category it is not; its category is told from the unrounded value), and cut down
-    (not rounded) where even five more decimals would carry it.
+    (not rounded) where even four more decimals would carry it.
 
     >>> [tps_text(p) for p in (12.34, 1.0, 0.96, 49.96, 49.9996, 0.0)]
     ['12.3', '1.0', '0.96', '49.96', '49.9996', '0.0']

@@ -178,7 +178,7 @@ def _why_not_a_torch_file(path: Path) -> str | None:
         head = fh.read(4)
     if head[:1] == b"\x80":  # the PROTO opcode a pickle starts with
         return None
-    if head[:1] in (b"(", b"c", b"]", b"}", b"I", b"N"):  # opcodes a pickle of protocol 0 or 1 starts with
+    if head[:1] in (b"(", b"c", b"]", b"}", b"I", b"N") and _ends_with_stop(path):  # a pickle of protocol 0 or 1
         return (
             "it is a pickle of protocol 0 or 1, which torch never writes; it is refused unread, since unpickling "
             "it could run code"
@@ -198,6 +198,14 @@ def _why_not_a_torch_file(path: Path) -> str | None:
     if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         return "it is a zip archive without the data.pkl torch writes"
     return None
+
+
+def _ends_with_stop(path: Path) -> bool:
+    """Whether the file's last byte is a pickle's STOP opcode (a text file, an HTTP error page saved as the
+    checkpoint, starting with the same letters, is not called a pickle)."""
+    with path.open("rb") as fh:
+        fh.seek(-1, 2)
+        return fh.read(1) == b"."
 
 
 def _state_dict_mismatch(message: str) -> str:

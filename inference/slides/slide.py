@@ -343,11 +343,12 @@ def unconvertible_samples(im: Image.Image) -> str | None:
     if channels is not None and channels not in (1, 2, 3, 4):
         return f"{channels} channels (a multiplexed or spectral image), which would be read as one"
     bits = im.tag_v2.get(258) if im.format == "TIFF" else None  # BitsPerSample: Pillow opens 16-bit RGB as "RGB"
-    if bits is not None and max(bits if isinstance(bits, tuple) else (bits,)) > 8:
-        return (
-            f"{max(bits if isinstance(bits, tuple) else (bits,))}-bit samples, of which only the high byte would be "
-            "kept (12-bit data in 16 bits read nearly black)"
-        )
+    rawmodes = [t.args if isinstance(t.args, str) else (t.args or ("",))[0] for t in getattr(im, "tile", ())]
+    if (bits is not None and max(bits if isinstance(bits, tuple) else (bits,)) > 8) or any(
+        ";16" in str(raw)
+        for raw in rawmodes  # a 48-bit PNG opens as "RGB" too, its rawmode "RGB;16B"
+    ):
+        return "16-bit samples, of which only the high byte would be kept (12-bit data in 16 bits read nearly black)"
     return None
 
 
@@ -360,9 +361,9 @@ def _plain_tiff_page(path: Path) -> Iterator[Any]:
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
-            if page.shape[0] * page.shape[1] > MAX_PLAIN_IMAGE_PX:
+            if page.imagewidth * page.imagelength > MAX_PLAIN_IMAGE_PX:  # shape is (3, h, w) for planar samples
                 raise SlideFormatError(
-                    f"{path}: {page.shape[1]}x{page.shape[0]} px is too large to read whole; "
+                    f"{path}: {page.imagewidth}x{page.imagelength} px is too large to read whole; "
                     "convert it to a pyramidal tiled TIFF (e.g. with `vips tiffsave --tile --pyramid`)"
                 )
             if (
@@ -371,7 +372,8 @@ def _plain_tiff_page(path: Path) -> Iterator[Any]:
                 raise SlideFormatError(
                     f"{path}: expected 8-bit RGB pixels, got {page.dtype}; save the image as 8-bit RGB"
                 )
-            same = [p for p in tif.pages if p.shape[:2] == page.shape[:2] and not p.is_reduced]
+            size = (page.imagewidth, page.imagelength)
+            same = [p for p in tif.pages if (p.imagewidth, p.imagelength) == size and not p.is_reduced]
             if len(same) > 1:  # page 1 alone was analysed; the rest of a stack, or other scans, dropped unsaid
                 raise SlideFormatError(
                     f"{path}: {len(same)} images at full resolution (a stack, or several scans in one file), of which "
@@ -411,15 +413,20 @@ def _is_tiff_name(path: Path) -> bool:
     return path.suffix.lower() in (".tif", ".tiff")
 
 
-def _over_white(pixels: np.ndarray) -> np.ndarray:
+def _over_white(pixels: np.ndarray, *, premultiplied: bool = False) -> np.ndarray:
     """Colour (or grey) samples with alpha last, laid over white: a transparent pixel is no tissue, as OpenSlide gives
-    it (read as it is, the black often under it was analysed as dark tissue).
+    it (read as it is, the black often under it was analysed as dark tissue). ``premultiplied``: the colour is
+    already scaled by alpha (a TIFF's associated alpha).
 
     >>> _over_white(np.array([[[0, 0, 0, 0], [10, 20, 30, 255], [0, 0, 0, 51]]], np.uint8)).tolist()
     [[[255, 255, 255], [10, 20, 30], [204, 204, 204]]]
+    >>> _over_white(np.array([[[50, 50, 50, 127]]], np.uint8), premultiplied=True).tolist()
+    [[[178, 178, 178]]]
     """
     alpha = pixels[..., -1:].astype(np.float32) / 255.0
-    return np.round(pixels[..., :-1] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    colour = pixels[..., :-1].astype(np.float32)
+    shown = colour if premultiplied else colour * alpha
+    return np.clip(np.round(shown + 255.0 * (1.0 - alpha)), 0, 255).astype(np.uint8)
 
 
 def _pillow_rgb(im: Image.Image) -> np.ndarray:
@@ -447,14 +454,16 @@ def _tiff_pixels(page: Any, path: Path) -> np.ndarray:
     if int(page.planarconfig) == 2 and pixels.ndim == 3:  # (samples, height, width)
         pixels = np.moveaxis(pixels, 0, -1)
     extra = tuple(int(e) for e in (page.extrasamples or ()))
+    colours = pixels.shape[-1] - len(extra) if pixels.ndim == 3 else 1
+    if photometric == 0:  # white is zero: its grey turned before it is laid over white
+        pixels = pixels.copy()
+        pixels[..., :colours] = 255 - pixels[..., :colours]
     if pixels.ndim == 3 and extra and extra[0] in (1, 2):  # associated or unassociated alpha, after the colour
-        pixels = _over_white(pixels[..., : pixels.shape[-1] - len(extra) + 1])
+        pixels = _over_white(pixels[..., : colours + 1], premultiplied=extra[0] == 1)
     elif pixels.ndim == 3 and extra:  # unspecified extra samples: not shown
-        pixels = pixels[..., : pixels.shape[-1] - len(extra)]
+        pixels = pixels[..., :colours]
     if pixels.ndim == 3 and pixels.shape[-1] == 1:
         pixels = pixels[..., 0]
-    if photometric == 0:
-        pixels = 255 - pixels
     return pixels
 
 
@@ -650,8 +659,8 @@ def open_slide(
             reader.close()
             raise MissingMppError(f"{path}: microns per pixel must be positive, got {mpp:g} (from {mpp_source})")
         resolved = Mpp(mpp, mpp, mpp_source)
-    elif file_mpp is None and (ome := _ome_mpp(path)) is not None:
-        resolved = ome
+    elif (file_mpp is None or file_mpp.source == "TIFF resolution tags") and (ome := _ome_mpp(path)) is not None:
+        resolved = ome  # an OME-TIFF's own statement, over the 72-dpi default tags some writers add
     elif file_mpp is None:
         reader.close()
         raise MissingMppError(_no_mpp_message(path, whole_slide=whole_slide, advice=mpp_advice))

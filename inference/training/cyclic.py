@@ -335,8 +335,8 @@ def check_checkpoint_run(folder: Path, run: Mapping[str, Any], *, setting: Setti
         changed = sum(a != b for a, b in zip(was, now, strict=False)) + abs(len(was) - len(now))
         parts[differ.index("labels_sha256")] = (
             f"the labels of {changed} of {max(len(was), len(now))} slides: objects drawn, changed or deleted in "
-            f"QuPath since, or read with another {setting('from_review')}, {setting('class_map')} or "
-            f"{setting('ihc_band_um')}"
+            f"QuPath since, or read with other label options (such as {setting('from_review')} or "
+            f"{setting('class_map')}), or phantom truth written again"
         )
     listing = "; ".join(parts[:4]) + (f"; and {len(parts) - 4} more" if len(parts) > 4 else "")
     what = "labels" if differ == ["labels_sha256"] else "settings"

@@ -936,6 +936,10 @@ def test_a_kill_or_a_closed_terminal_stops_a_command_as_a_ctrl_c_does_cleaning_u
         "from pathlib import Path\n"
         "from bridge.atomic import folder_replaced_whole\n"
         "from bridge.cli.entry import stop_on_termination\n"
+        # As in a terminal, whatever this test runs under (nohup ignores SIGHUP, a background job SIGINT).
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "for name in ('SIGTERM', 'SIGHUP'):\n"
+        "    signal.signal(getattr(signal, name), signal.SIG_DFL)\n"
         "stop_on_termination()\n"
         "out = Path(sys.argv[1]) / 'Dataset501_A'\n"
         "try:\n"
@@ -951,8 +955,8 @@ def test_a_kill_or_a_closed_terminal_stops_a_command_as_a_ctrl_c_does_cleaning_u
     background = (
         "import os, signal, sys, time\n"
         "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-        "if sys.argv[1] == 'SIGHUP':\n"
-        "    signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_IGN if sys.argv[1] == 'SIGHUP' else signal.SIG_DFL)\n"
         "from bridge.cli.entry import stop_on_termination\n"
         "stop_on_termination()\n"
         "os.kill(os.getpid(), getattr(signal, sys.argv[1]))\n"

@@ -961,6 +961,19 @@ def test_an_upload_of_context_without_a_roi_pixel_is_refused_saying_what_alpha_m
     ), status["error"]
 
 
+def test_an_upload_of_transparent_pixels_only_is_refused_not_analysed_as_no_tissue(client):
+    # helper-131: alpha 0 everywhere was a finished job saying "almost no tissue".
+    rgb = np.full((64, 64, 3), 200, np.uint8)
+    r = client.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=_rgba_png(rgb, np.zeros((64, 64), np.uint8)))
+    assert r.status_code == 202, r.text
+    status = wait_for_job(client, r.json()["job_id"])
+    assert status["state"] == "failed"
+    assert status["error"].endswith(
+        "every pixel of the upload is transparent (alpha 0), so there is nothing to analyse; send the ROI's pixels "
+        "with alpha 255 (pdl1_analyze.groovy does)"
+    ), status["error"]
+
+
 def test_an_upload_s_context_is_seen_but_nothing_is_reported_there(client, slides_root):
     # The tissue around a 200 µm square ROI, sent as context (alpha 128): the analysis sees it (the domain guard
     # scores the upload, whose tile it fills, as a path job's tile holds the tissue around its ROI; amid transparent

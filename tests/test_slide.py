@@ -433,3 +433,18 @@ def test_a_48_bit_png_is_refused_and_ome_xml_goes_over_72_dpi_tags(tmp_path):
     )  # fmt: skip
     with open_slide(ome) as slide:
         assert (slide.mpp.mean, slide.mpp.source) == (0.5, "OME-XML PhysicalSizeX/Y")
+
+
+def test_non_square_pixels_are_warned_of_once_per_image(tmp_path, caplog):
+    # helper-131: 0.5 x 2 µm pixels were analysed at their mean, 1.25 µm/px, without a word.
+    path = tmp_path / "stretched.tif"
+    tifffile.imwrite(path, _tissue_like(), photometric="rgb", resolution=(20000, 5000), resolutionunit="CENTIMETER")
+    with caplog.at_level("WARNING", logger="inference.slides.slide"):
+        for _ in range(2):
+            with open_slide(path) as slide:
+                assert (slide.mpp.x, slide.mpp.y) == (0.5, 2.0)
+    said = [r.getMessage() for r in caplog.records if "not square" in r.getMessage()]
+    assert said == [
+        f"{path}: its pixels are not square (0.5 x 2 µm, from TIFF resolution tags); it is analysed at their mean, "
+        "1.25 µm/px, so lengths and areas along each axis are off by up to 60%: resample it to square pixels"
+    ]

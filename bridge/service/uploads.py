@@ -216,6 +216,11 @@ def _decoded(body: bytes) -> UploadPixels:
         ) from err
     alpha = rgba[..., 3]
     roi, known = alpha == ROI_ALPHA, alpha > 0
+    if not known.any():  # it was a finished job saying "almost no tissue"
+        raise SlideFormatError(
+            "every pixel of the upload is transparent (alpha 0), so there is nothing to analyse; send the ROI's "
+            "pixels with alpha 255 (pdl1_analyze.groovy does)"
+        )
     if known.any() and not roi.any():
         raise SlideFormatError(
             "the upload has context pixels (alpha 1 to 254) but none inside its ROI (alpha 255), so nothing in it "

@@ -75,6 +75,12 @@ class Mpp:
         return (self.x + self.y) / 2
 
 
+log = logging.getLogger(__name__)
+# Pixel sizes of x and y further apart than this share of their mean are said (the analysis takes the mean).
+NON_SQUARE_TOLERANCE = 0.01
+_SAID_NON_SQUARE: set[str] = set()
+
+
 class Slide:
     """An opened image with its pyramid and calibration.
 
@@ -102,6 +108,18 @@ class Slide:
         if opaque is not None and opaque.shape != reader.level_dimensions[0][::-1]:
             w, h = reader.level_dimensions[0]
             raise ValueError(f"opaque must be the image's level-0 (height, width) ({h}, {w}), got {opaque.shape}")
+        if abs(mpp.x - mpp.y) > NON_SQUARE_TOLERANCE * mpp.mean and str(path) not in _SAID_NON_SQUARE:
+            _SAID_NON_SQUARE.add(str(path))  # once per image: it is opened more than once an analysis
+            log.warning(
+                "%s: its pixels are not square (%g x %g µm, from %s); it is analysed at their mean, %g µm/px, so "
+                "lengths and areas along each axis are off by up to %.0f%%: resample it to square pixels",
+                path or "image",
+                mpp.x,
+                mpp.y,
+                mpp.source,
+                mpp.mean,
+                100 * abs(mpp.x - mpp.y) / (2 * mpp.mean),
+            )
         self.reader = reader
         self.mpp = mpp
         self.opaque = opaque

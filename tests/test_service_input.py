@@ -948,30 +948,32 @@ def test_an_upload_s_alpha_says_which_pixels_are_the_roi_which_its_context_and_w
         assert np.array_equal(up.slide.opaque, old == 255) and up.area.bounds == (0.0, 0.0, 2.0, 3.0)
 
 
-def test_an_upload_of_context_without_a_roi_pixel_is_refused_saying_what_alpha_means(client):
+def _failed_upload_error(client, alpha: int) -> str:
+    """The error of a job on a 64 x 64 grey upload whose every pixel has ``alpha``, which must fail."""
     rgb = np.full((64, 64, 3), 200, np.uint8)
-    r = client.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=_rgba_png(rgb, np.full((64, 64), 128, np.uint8)))
+    r = client.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=_rgba_png(rgb, np.full((64, 64), alpha, np.uint8)))
     assert r.status_code == 202, r.text
     status = wait_for_job(client, r.json()["job_id"])
     assert status["state"] == "failed"
-    assert status["error"].endswith(
+    return status["error"]
+
+
+def test_an_upload_of_context_without_a_roi_pixel_is_refused_saying_what_alpha_means(client):
+    error = _failed_upload_error(client, 128)
+    assert error.endswith(
         "the upload has context pixels (alpha 1 to 254) but none inside its ROI (alpha 255), so nothing in it would "
         "be reported; send the ROI's pixels with alpha 255 (pdl1_analyze.groovy does), the tissue around it with "
         "alpha 1 to 254 and absent pixels with alpha 0"
-    ), status["error"]
+    ), error
 
 
 def test_an_upload_of_transparent_pixels_only_is_refused_not_analysed_as_no_tissue(client):
     # helper-131: alpha 0 everywhere was a finished job saying "almost no tissue".
-    rgb = np.full((64, 64, 3), 200, np.uint8)
-    r = client.post("/v1/jobs/pixels", params={"mpp": 0.5}, content=_rgba_png(rgb, np.zeros((64, 64), np.uint8)))
-    assert r.status_code == 202, r.text
-    status = wait_for_job(client, r.json()["job_id"])
-    assert status["state"] == "failed"
-    assert status["error"].endswith(
+    error = _failed_upload_error(client, 0)
+    assert error.endswith(
         "every pixel of the upload is transparent (alpha 0), so there is nothing to analyse; send the ROI's pixels "
         "with alpha 255 (pdl1_analyze.groovy does)"
-    ), status["error"]
+    ), error
 
 
 def test_an_upload_s_context_is_seen_but_nothing_is_reported_there(client, slides_root):

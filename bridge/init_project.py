@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bridge.project import (
     ProjectError,
+    first_names,
     not_a_folder,
     path_to_uri,
     slide_file_problem,
@@ -146,7 +147,7 @@ def _refuse_existing(folder: Path) -> None:
             _empty(folder)
             return
         held = sorted(child.name for child in folder.iterdir())
-        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        shown = first_names(held)
         raise ProjectError(
             f"{folder} is not empty (it holds {shown}); QuPath wants a new, empty folder for a project: give a "
             "new folder (init-project makes it), or one that is empty"

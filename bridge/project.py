@@ -207,7 +207,7 @@ def find_project_file(path: str | Path) -> Path:
             )
         slides = [p.name for p in slide_files_in(path)] if path.is_dir() else []
         if slides:  # a folder of slides given for a project
-            shown = ", ".join(slides[:3]) + (f" and {len(slides) - 3} more" if len(slides) > 3 else "")
+            shown = first_names(slides)
             raise ProjectError(
                 f"{path}: no QuPath project here (expected a project folder or its project.qpproj), but slides "
                 f"({shown}): a folder of slides is no project; make one with `pdl1 init-project PROJECT "
@@ -890,6 +890,15 @@ def _shorten(value: Any, limit: int = 60) -> str:
     """
     text = json.dumps(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def first_names(names: Sequence[str], *, shown: int = 3) -> str:
+    """The first ``shown`` of ``names``, and how many more, as a message lists them.
+
+    >>> first_names(["a", "b"]), first_names(["a", "b", "c", "d", "e"])
+    ('a, b', 'a, b, c and 2 more')
+    """
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def summary_problem(summary: Any) -> str | None:

@@ -32,6 +32,7 @@ from bridge.project import (
     ProjectError,
     RunStatus,
     find_project_file,
+    first_names,
     locate_image,
     not_a_folder,
     read_project,
@@ -191,8 +192,7 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
                 )
             )
         if not_analysed:
-            more = len(not_analysed) - 3
-            shown = ", ".join(not_analysed[:3]) + (f" and {more} more" if more > 0 else "")
+            shown = first_names(not_analysed)
             _leave_out(
                 left_out,
                 f"{len(not_analysed)} of the project's {len(info.entries)} images have no results, not analysed (a run "

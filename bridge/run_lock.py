@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.atomic import empty_folders_removed
-from bridge.project import PDL1_DIR, ProjectError, not_a_folder, unwritable_fix
+from bridge.project import PDL1_DIR, ProjectError, first_names, not_a_folder, unwritable_fix
 
 log = logging.getLogger(__name__)
 
@@ -455,7 +455,7 @@ def refuse_foreign_folder(folder: Path, *, written_before: Callable[[Path], bool
         return
     if not names or written_before(folder):
         return
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    shown = first_names(names)
     raise ProjectError(
         f"--out {folder} holds other files ({shown}) and no earlier pdl1 {command}; {writes} there, and would replace "
         "files of those names: give a new or empty folder"

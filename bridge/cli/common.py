@@ -276,8 +276,10 @@ def nothing_left_to_do(outcomes, *, shown: int = 5) -> str:
     >>> nothing_left_to_do([ImageOutcome(n, n, "skipped") for n in "abcdefg"], shown=2)
     'nothing left to do: an earlier run finished all 7 images, so --resume skipped them: a, b and 5 more'
     """
+    from bridge.project import first_names
+
     names = [o.name for o in outcomes]
-    listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    listed = first_names(names, shown=shown)
     which = (
         "the 1 image, so --resume skipped it"
         if len(names) == 1

@@ -266,9 +266,10 @@ def _check_mask(truth_dir: Path, summary: dict, mask: np.ndarray) -> None:
                 f"another phantom's or altered; {_REWRITE}"
             )
     recorded = summary.get("mask_positive_fraction")
-    if is_finite_number(recorded) and abs(float(np.count_nonzero(mask)) / max(mask.size, 1) - recorded) > 1e-6:
+    positive = np.count_nonzero(mask) / max(mask.size, 1)
+    if is_finite_number(recorded) and abs(positive - recorded) > 1e-6:
         raise TruthFormatError(
-            f"{path}: {np.count_nonzero(mask) / max(mask.size, 1):.4%} positive, but {truth_dir / 'truth.json'} "
+            f"{path}: {positive:.4%} positive, but {truth_dir / 'truth.json'} "
             f"records {recorded:.4%} (mask_positive_fraction): the mask is another phantom's or altered; {_REWRITE}"
         )
 

@@ -13,7 +13,7 @@ import numpy as np
 import shapely
 from shapely.geometry.base import BaseGeometry
 
-from inference.analysis.points import TPS_CUTOFFS_PERCENT, tps_category
+from inference.analysis.tps import TPS_CUTOFFS_PERCENT, tps_category
 
 # A positive tumour cell of an IHC stands for this much tissue around its centre (µm): its positive area.
 IHC_CELL_RADIUS_UM = 8.0

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from decimal import ROUND_FLOOR, Decimal
 
 import numpy as np
 from scipy import sparse
@@ -15,6 +14,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from inference.analysis.tps import tps_category
 from inference.results import Tps
 
 INSUFFICIENT = "insufficient tumour cells"
@@ -170,40 +170,6 @@ def detection_scores(
         tp = int(((pred_cls[m.pred_index] == c) & (truth_cls[m.truth_index] == c)).sum())
         per_class.append(DetectionScores(tp, int((pred_cls == c).sum()) - tp, int((truth_cls == c).sum()) - tp))
     return overall, per_class
-
-
-TPS_CUTOFFS_PERCENT = (1.0, 50.0)  # the category boundaries of tps_category
-
-
-def tps_category(percent: float) -> str:
-    """``<1%``, ``1-49%`` or ``>=50%`` (the PD-L1 22C3 NSCLC cut-offs).
-
-    >>> [tps_category(p) for p in (0.5, 1.0, 49.9, 50.0)]
-    ['<1%', '1-49%', '1-49%', '>=50%']
-    """
-    low, high = TPS_CUTOFFS_PERCENT
-    if percent < low:
-        return "<1%"
-    if percent < high:
-        return "1-49%"
-    return ">=50%"
-
-
-def tps_text(percent: float, *, decimals: int = 1) -> str:
-    """A TPS as text: ``decimals`` decimals, more where rounding would carry it across a cut-off (0.96 % shown as
-    1.0 % reads as the 1-49 % category it is not; its category is told from the unrounded value), and cut down
-    (not rounded) where even four more decimals would carry it.
-
-    >>> [tps_text(p) for p in (12.34, 1.0, 0.96, 49.96, 49.9996, 0.0)]
-    ['12.3', '1.0', '0.96', '49.96', '49.9996', '0.0']
-    >>> tps_text(np.nextafter(1.0, 0.0))
-    '0.9'
-    """
-    for places in range(decimals, decimals + 5):
-        text = f"{percent:.{places}f}"
-        if tps_category(float(text)) == tps_category(percent):
-            return text
-    return str(Decimal(percent).quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_FLOOR))
 
 
 def tps_member_disagreement(percent: float | None, member_percents: Sequence[float | None]) -> float | None:

@@ -13,6 +13,11 @@ console = Console(stderr=True)
 TIFF_WITH_RESOLUTION = "tifffile: imwrite(path, rgb, resolution=(1e4 / MPP, 1e4 / MPP), resolutionunit='CENTIMETER')"
 
 
+# --stain's words (pdl1 run's and pdl1 import nnunet's) -> the stain a model manifest names. Also the names the run
+# prints ("H&E (colour)", "H-DAB (colour)").
+STAIN_WORDS = {"he": "H&E", "ihc": "H-DAB", "h&e": "H&E", "h-dab": "H-DAB"}
+
+
 def stdout() -> Console:
     """Tables go to stdout; piped or captured output gets a width that keeps class names on one line."""
     import sys

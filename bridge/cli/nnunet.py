@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from bridge.cli.common import TIFF_WITH_RESOLUTION, console, fail, interrupted, require_out_folder, warn_of_count
+from bridge.cli.common import (
+    STAIN_WORDS,
+    TIFF_WITH_RESOLUTION,
+    console,
+    fail,
+    interrupted,
+    require_out_folder,
+    warn_of_count,
+)
 from bridge.options import option_words
 from inference import Pdl1Error
 
@@ -19,8 +27,6 @@ export_app = typer.Typer(help="Write training data for other tools.", no_args_is
 # How `pdl1 import nnunet` names import_nnunet's arguments in the advice of its messages: --out is out_dir, the
 # others are the arguments' names with dashes (--mpp, --folds, --checkpoints, --positive-label).
 IMPORT_WORDS = option_words(out_dir="--out")
-# --stain's words (pdl1 run's too) -> the stain a manifest names.
-STAIN_WORDS = {"h&e": "H&E", "he": "H&E", "h-dab": "H-DAB", "ihc": "H-DAB"}
 
 
 @import_app.command("nnunet")

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from bridge.cli.common import (
+    STAIN_WORDS,
     check_device_from_file,
     console,
     distinct_paths,
@@ -26,10 +27,6 @@ from bridge.options import option_setting
 from bridge.project_config import ProjectConfig, config_path_for, problem_with, read_project_config
 from bridge.targets import TARGETS_FILE
 from inference import Pdl1Error
-
-# --stain's words -> the stain a model manifest names.
-# Also the names the run prints ("H&E (colour)", "H-DAB (colour)"), as `pdl1 import nnunet --stain` takes them.
-STAIN_OPTION = {"he": "H&E", "ihc": "H-DAB", "h&e": "H&E", "h-dab": "H-DAB"}
 
 _OPTION_OF = {
     "device": "--device",
@@ -346,7 +343,7 @@ def run(
     if qupath not in ("auto", "never", "always"):
         raise typer.BadParameter("expected auto, never or always", param_hint="--qupath")
     stain = None if stain is None else stain.lower()  # HE and IHC as readily as he and ihc
-    if stain is not None and stain not in STAIN_OPTION:
+    if stain is not None and stain not in STAIN_WORDS:
         raise typer.BadParameter(f"expected he or ihc (or H&E, H-DAB), got {stain!r}", param_hint="--stain")
     if engine not in ("local", "ray"):
         raise typer.BadParameter("expected local or ray", param_hint="--engine")
@@ -424,7 +421,7 @@ def run(
             search_dirs=tuple(search_dir or ()),
             include_tiles="uncertainty_tiles" in settings.outputs,
             settings=settings,
-            stain=None if stain is None else STAIN_OPTION[stain],
+            stain=None if stain is None else STAIN_WORDS[stain],
             case_key=settings.case_key,
         )
         if engine == "ray":

@@ -903,7 +903,8 @@ def test_a_ctrl_c_while_torch_imports_is_held_until_the_import_is_done(tmp_path)
         encoding="utf-8",
     )
     probe = (
-        "import sys\n"
+        "import signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal gives it, even in the background\n"
         "from bridge.cli.entry import HoldInterruptsWhileImporting\n"
         "if sys.argv[1] == 'held':\n"
         "    sys.meta_path.insert(0, HoldInterruptsWhileImporting(['slow_native']))\n"

@@ -480,3 +480,23 @@ def test_one_slide_without_held_out_ones_warns_that_the_guard_will_never_flag_an
         "measure images against this slide but never flag one as out of domain; give held-out in-domain slides "
         "(validation_slides), or train on two slides or more"
     ) in caplog.text
+
+
+def test_domain_stats_advice_for_a_folder_that_is_no_model_names_no_default(tmp_path, phantom_svs):
+    # Its MODEL has no default, so "leave the model option out to use the shipped demo" was advice it cannot take.
+    from typer.testing import CliRunner
+
+    from bridge.cli.app import app
+
+    (tmp_path / "empty").mkdir()
+    for model, said in [
+        (tmp_path / "missing", "no such model folder; give the folder that holds manifest.json and its members"),
+        (tmp_path / "empty", "no model manifest; a model folder holds manifest.json and its members' .safetensors"),
+    ]:
+        result = CliRunner().invoke(app, ["domain-stats", str(model), str(phantom_svs), "--no-progress"])
+        text = " ".join(result.output.split())
+        assert result.exit_code == 1 and said in text, result.output
+        assert "leave the model option out" not in text
+    # Where the model has a default, the advice stays.
+    result = CliRunner().invoke(app, ["calibrate", str(phantom_svs), "--model", str(tmp_path / "missing")])
+    assert "leave the model option out to use the shipped demo" in " ".join(result.output.split()), result.output

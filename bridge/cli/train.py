@@ -1104,7 +1104,9 @@ def domain_stats(
     try:
         # Each slide at the pixel size training read it at: the one its QuPath project stated, which the manifest
         # records by slide (a PNG a project calibrated states none itself), else its file's own.
-        slide_mpp = recorded_slide_mpp(read_manifest(model, verify=False), [*slides, *held])
+        # No "leave the model option out": MODEL has no default here (the shipped demo's statistics are refused).
+        manifest = read_manifest(model, verify=False, otherwise=None)
+        slide_mpp = recorded_slide_mpp(manifest, [*slides, *held])
         for path, value in slide_mpp.items():
             typer.echo(f"{path}: read at {value:g} µm/px, as its training recorded (training.config.slide_mpp)")
         with progress_bar("domain statistics", enabled=progress) as on_progress:

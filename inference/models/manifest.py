@@ -207,11 +207,18 @@ def _check_values(path: Path, raw: dict[str, Any]) -> None:
         )
 
 
-def read_manifest(folder: str | Path, *, task: str | None = None, verify: bool = True) -> Manifest:
+# How to do without a model folder that does not read, where the command has a demo to fall back on.
+USE_THE_DEMO = "leave the model option out to use the shipped demo"
+
+
+def read_manifest(
+    folder: str | Path, *, task: str | None = None, verify: bool = True, otherwise: str | None = USE_THE_DEMO
+) -> Manifest:
     """Read and check a model folder's manifest; with ``verify``, check every member's sha256.
 
     Raises :class:`ModelFileError` naming the file for a missing folder or manifest, malformed
-    JSON, missing keys, a task other than ``task``, a missing member or a checksum mismatch.
+    JSON, missing keys, a task other than ``task``, a missing member or a checksum mismatch. ``otherwise`` ends
+    the advice for a folder or manifest that is not there; None for a command whose model has no default.
     """
     folder = Path(folder)
     if folder.name == MANIFEST_NAME and folder.is_file():  # the manifest named instead of its folder
@@ -219,19 +226,19 @@ def read_manifest(folder: str | Path, *, task: str | None = None, verify: bool =
     path = folder / MANIFEST_NAME
     if not folder.exists():
         raise ModelFileError(
-            f"{folder}: no such model folder; give the folder that holds {MANIFEST_NAME} and its members, or "
-            "leave the model option out to use the shipped demo"
+            f"{folder}: no such model folder; give the folder that holds {MANIFEST_NAME} and its members"
+            + (f", or {otherwise}" if otherwise else "")
         )
     if folder.is_file():  # "text.svs/manifest.json: no model manifest" named a path that cannot exist
         hint = f"its folder {folder.parent}, if that is the model, or " if folder.suffix == ".safetensors" else ""
         raise ModelFileError(
             f"{folder} is a file, not a model folder; give {hint}the folder that holds {MANIFEST_NAME} and its "
-            "members' .safetensors files, or leave the model option out to use the shipped demo"
+            "members' .safetensors files" + (f", or {otherwise}" if otherwise else "")
         )
     if not path.is_file():
         raise ModelFileError(
             f"{path}: no model manifest; a model folder holds {MANIFEST_NAME} and its members' .safetensors "
-            "files (train one with `pdl1 train`, or leave the model option out to use the shipped demo)"
+            "files (train one with `pdl1 train`" + (f", or {otherwise})" if otherwise else ")")
         )
     try:
         raw = json.loads(path.read_text())

@@ -243,6 +243,7 @@ def write_report(
     written: dict[str, Path] = {}
     he = bool(evaluations) or ihc_rows is None
     kept = None
+    described_before = _described_files(out) if provenance is not None else set()
     if provenance is not None and he != (ihc_rows is not None):  # one of the two tables: the other may be there
         kept = _kept_from_earlier_run(out, "ihc_metrics.csv" if he else "metrics.csv")
     with replaced_together(out / "provenance.json") as open_new:
@@ -272,7 +273,28 @@ def write_report(
                 record[KEPT_FROM_EARLIER_RUN] = {**kept, "files": sorted(n for n in files if (out / n).is_file())}
             json.dump(record, open_new(out / "provenance.json"), indent=2, default=str)
             written["provenance"] = out / "provenance.json"
+    # An earlier run's files that no table describes now (the overlays of slides this run did not score) stayed as
+    # pictures of slides the folder no longer reports; only files an earlier provenance listed as its own go.
+    for name in sorted(described_before - _described_files(out)):
+        try:
+            (out / name).unlink(missing_ok=True)
+        except OSError as err:
+            log.warning(
+                "%s: an earlier run's file, described by no table now, could not be removed (%s)", out / name, err
+            )
     return written
+
+
+def _described_files(out: Path) -> set[str]:
+    """The files ``out``'s provenance.json lists as its run's, or the earlier run's it kept (none where it does not
+    read): the files a ``pdl1 eval`` wrote there."""
+    try:
+        record = json.loads((out / "provenance.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    runs = [record, record.get(KEPT_FROM_EARLIER_RUN)] if isinstance(record, dict) else []
+    names = {n for run in runs if isinstance(run, dict) and isinstance(run.get("files"), list) for n in run["files"]}
+    return {n for n in names if isinstance(n, str) and Path(n).name == n and is_report_file(n)}
 
 
 def _kept_from_earlier_run(out: Path, table: str) -> dict | None:

@@ -572,6 +572,7 @@ def _write(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Path, Path]:
     """write_report's files, in ``out`` (its lock held); ``running``: who was running ``pdl1 run`` there."""
+    drawn_before = _thumbnails_listed(out / REPORT_MARK)
     (out / REPORT_MARK).touch()  # before the thumbnails: a report stopped among them can be made again here
     rows = []
     all_targets: list[TargetRow] = []  # the report folder's targets.csv
@@ -646,7 +647,30 @@ def _write(
     write_target_table(out / TARGETS_FILE, all_targets)
     with replace_atomically(html_path) as fh:
         fh.write(page)
+    _forget_old_thumbnails(out, drawn_before, {row["thumbnail"].name for row in rows if row.get("thumbnail")})
     return html_path, csv_path
+
+
+def _thumbnails_listed(mark: Path) -> set[str]:
+    """The thumbnails an earlier report here drew, as its mark lists them (none in a mark written before the list)."""
+    try:
+        names = mark.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return set()
+    return {n for n in names if n.lower().endswith(".png") and Path(n).name == n}
+
+
+def _forget_old_thumbnails(out: Path, drawn_before: set[str], drawn: set[str]) -> None:
+    """List this report's thumbnails in its mark, then remove those an earlier report drew here that this one did
+    not (an entry removed from the project, or a slide no longer found): they stayed beside the report, pictures
+    of nothing it reports. Only files a report listed as its own go; a PNG of the user's is left alone."""
+    with replace_atomically(out / REPORT_MARK) as fh:
+        fh.write("".join(f"{name}\n" for name in sorted(drawn)))
+    for name in sorted(drawn_before - drawn):
+        try:
+            (out / name).unlink(missing_ok=True)
+        except OSError as err:  # one stale picture is not worth the report
+            log.warning("%s: an earlier report's thumbnail, not this one's, could not be removed (%s)", out / name, err)
 
 
 def _review_reasons(summary: dict, targets: Sequence[TargetRow]) -> tuple[str, ...]:

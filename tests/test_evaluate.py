@@ -298,10 +298,13 @@ def test_a_run_writing_one_table_keeps_the_provenance_of_the_other_left_there(tm
         "kept_from_earlier_run": {"run": 1, "files": ["a_overlay.png", *he_files]},
     }
 
-    # H&E again: run 2's IHC table is kept; run 1 is carried on no more (its a overlay, left there, is no table's).
+    # H&E again: run 2's IHC table is kept; run 1 is carried on no more, and its a overlay, which no table would
+    # describe, goes (it stayed, a picture of a slide the folder no longer reports). A PNG no run listed stays.
+    (out / "my notes.png").write_bytes(b"\x89PNG")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         write_report([], out, provenance={"run": 3})
+    assert not (out / "a_overlay.png").exists() and (out / "my notes.png").is_file()
     assert json.loads((out / "provenance.json").read_text()) == {
         "run": 3,
         "files": he_files,

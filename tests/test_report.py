@@ -911,3 +911,29 @@ def test_entries_not_analysed_yet_are_named_and_get_rows(tmp_path, caplog):
     rows = list(csv.DictReader(csv_path.open(encoding="utf-8")))
     assert [r["image"] for r in rows] == ["tma.tif", "later2.tif", "later3.tif", "later4.tif", "later5.tif"]
     assert rows[1]["left_out"].startswith("not analysed: no results; run `pdl1 run") and rows[1]["tps_percent"] == ""
+
+
+def test_thumbnails_of_entries_no_longer_reported_go_and_a_png_of_the_users_stays(tmp_path):
+    # helper-129: thumbnails of entries removed from the project stayed in pdl1/report/, pictures of nothing
+    # the report showed.
+    import numpy as np
+    import tifffile
+
+    project = tmp_path / "project"
+    _project(project, ["a.tif", "b.tif"])
+    for entry, name in (("1", "a.tif"), ("2", "b.tif")):
+        tifffile.imwrite(project / name, np.full((64, 64, 3), 235, np.uint8))
+        (project / "pdl1" / entry).mkdir(parents=True)
+        (project / "pdl1" / entry / "summary.json").write_text(json.dumps(_summary(project / name)))
+        (project / "pdl1" / entry / "objects.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    report = write_report(project)[0].parent
+    assert sorted(p.name for p in report.glob("*.png")) == ["1-a.png", "2-b.png"]
+    (report / "my notes.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # the user's, not listed by any report
+    raw = json.loads((project / "project.qpproj").read_text())
+    raw["images"] = raw["images"][:1]  # entry 2 removed in QuPath
+    (project / "project.qpproj").write_text(json.dumps(raw))
+    write_report(project)
+    assert sorted(p.name for p in report.glob("*.png")) == ["1-a.png", "my notes.png"]
+    (project / "a.tif").unlink()  # its slide moved away: no thumbnail now, so none of an earlier report either
+    write_report(project)
+    assert sorted(p.name for p in report.glob("*.png")) == ["my notes.png"]

@@ -557,8 +557,8 @@ def _holds_a_report(folder: Path) -> bool:
 
 def _report_file(name: str) -> bool:
     """Whether ``name`` is one of the files a report writes into its folder: report.html, report.csv, targets.csv,
-    thumbnails."""
-    return name in ("report.html", "report.csv", TARGETS_FILE) or name.lower().endswith(".png")
+    thumbnails and the mark listing them."""
+    return name in ("report.html", "report.csv", TARGETS_FILE, REPORT_MARK) or name.lower().endswith(".png")
 
 
 def _write(

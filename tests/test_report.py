@@ -929,11 +929,13 @@ def test_thumbnails_of_entries_no_longer_reported_go_and_a_png_of_the_users_stay
     report = write_report(project)[0].parent
     assert sorted(p.name for p in report.glob("*.png")) == ["1-a.png", "2-b.png"]
     (report / "my notes.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # the user's, not listed by any report
+    (report / ".pdl1-report.0123456789ab.part").write_text("1-a.png\n")  # the list's, left by a killed report
     raw = json.loads((project / "project.qpproj").read_text())
     raw["images"] = raw["images"][:1]  # entry 2 removed in QuPath
     (project / "project.qpproj").write_text(json.dumps(raw))
     write_report(project)
     assert sorted(p.name for p in report.glob("*.png")) == ["1-a.png", "my notes.png"]
+    assert not list(report.glob("*.part")) and (report / ".pdl1-report").read_text() == "1-a.png\n"
     (project / "a.tif").unlink()  # its slide moved away: no thumbnail now, so none of an earlier report either
     write_report(project)
     assert sorted(p.name for p in report.glob("*.png")) == ["my notes.png"]

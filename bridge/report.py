@@ -576,6 +576,7 @@ def _write(
     (out / REPORT_MARK).touch()  # before the thumbnails: a report stopped among them can be made again here
     rows = []
     all_targets: list[TargetRow] = []  # the report folder's targets.csv
+    failed_before: dict[int, str] = {}  # by id() of all_targets' rows: the last run's error on their image
     demo_checksums = set(demo_model_checksums().values())
     for done, item in enumerate(items):
         if on_progress is not None:
@@ -593,6 +594,7 @@ def _write(
         s = item.summary
         targets = _targets_of(item, left_out)
         all_targets.extend(targets)
+        failed_before.update((id(t), item.last_run_failed) for t in targets)
         nuclei = s.get("nuclei", {})
         provenance = s.get("provenance") if isinstance(s.get("provenance"), dict) else {}  # hand-edited: none
         models = [provenance.get(k) for k in ("seg_model", "nuclei_model")]
@@ -644,7 +646,7 @@ def _write(
         writer.writerows(spreadsheet_row(row) for row in rows)
     # Beside report.csv, from the same summaries as the HTML's tables, so a report written elsewhere (--out) carries
     # each target's row too; the run's pdl1/targets.csv has only the images that run analysed or kept.
-    write_target_table(out / TARGETS_FILE, all_targets)
+    write_target_table(out / TARGETS_FILE, all_targets, last_run_failed=lambda row: failed_before[id(row)])
     with replace_atomically(html_path) as fh:
         fh.write(page)
     _forget_old_thumbnails(out, drawn_before, {row["thumbnail"].name for row in rows if row.get("thumbnail")})

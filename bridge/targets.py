@@ -375,14 +375,18 @@ def csv_cell(value: Any, *, tps: bool = False) -> str:
     return spreadsheet_text(str(value))
 
 
-def write_target_table(path: Path, rows: Iterable[TargetRow]) -> Path:
+def write_target_table(
+    path: Path, rows: Iterable[TargetRow], *, last_run_failed: Callable[[TargetRow], str] | None = None
+) -> Path:
     """Write ``targets.csv`` (one row per analysed target, and per TMA core left alone as missing) atomically:
-    a reader sees the old table or the new one, never half of one."""
+    a reader sees the old table or the new one, never half of one. ``last_run_failed`` (the report's table) adds
+    that column: the error of the last run, which failed on the row's image, whose results are an earlier run's."""
     with replace_atomically(path, newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(COLUMNS)
+        writer.writerow([*COLUMNS, *(["last_run_failed"] if last_run_failed else [])])
         for row in rows:
-            writer.writerow([csv_cell(getattr(row, c), tps=c == "tps_percent") for c in COLUMNS])
+            cells = [csv_cell(getattr(row, c), tps=c == "tps_percent") for c in COLUMNS]
+            writer.writerow([*cells, *([csv_cell(last_run_failed(row) or None)] if last_run_failed else [])])
     return path
 
 

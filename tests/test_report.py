@@ -232,7 +232,9 @@ def test_results_of_an_image_the_last_run_failed_on_are_reported_as_an_earlier_r
     _project(project, ["a.svs", "b.svs"])
     for entry, name in (("1", "a.svs"), ("2", "b.svs")):
         (project / "pdl1" / entry).mkdir(parents=True)
-        (project / "pdl1" / entry / "summary.json").write_text(json.dumps(_summary(project / name)))
+        target = {"image": name, "entry_id": entry, "target": "whole image", "target_type": "whole image"}
+        summary = _summary(project / name) | {"targets": [target | {"state": "analysed", "tps_percent": 12.5}]}
+        (project / "pdl1" / entry / "summary.json").write_text(json.dumps(summary))
     error = "b.svs: slide not found"
     status = {"images": {"1": {"state": "done", "run_id": "r2"}, "2": {"state": "failed", "error": error}}}
     (project / "pdl1" / "status.json").write_text(json.dumps(status))
@@ -240,6 +242,12 @@ def test_results_of_an_image_the_last_run_failed_on_are_reported_as_an_earlier_r
         html_path, csv_path = write_report(project)
     rows = list(csv.DictReader(csv_path.open(encoding="utf-8")))
     assert [(r["image"], r["last_run_failed"]) for r in rows] == [("a.svs", ""), ("b.svs", error)]
+    # The report's targets.csv says so too (it had no such column: b's rows read as the last run's).
+    targets = list(csv.DictReader((csv_path.parent / "targets.csv").open(encoding="utf-8")))
+    assert [(r["image"], r["tps_percent"], r["last_run_failed"]) for r in targets] == [
+        ("a.svs", "12.5", ""),
+        ("b.svs", "12.5", error),
+    ]
     assert "failed on this image: b.svs: slide not found; the results below are an earlier run's (run r1)" in (
         html_path.read_text()
     )
@@ -769,7 +777,7 @@ def test_a_summary_written_before_targets_were_listed_is_reported_as_before(tmp_
     # The report folder's targets.csv: its header, no rows (nothing is made up for the image).
     assert (html_path.parent / "targets.csv").read_text().splitlines() == [
         "image,entry_id,target,target_type,state,stain,tps_percent,tps_category,tumour_cells,cps_percent,"
-        "needs_review,review_reasons"
+        "needs_review,review_reasons,last_run_failed"
     ]
 
 

@@ -88,7 +88,7 @@ from bridge.project import (
     read_project,
     sidecar_dir,
 )
-from bridge.qupath_geojson import QuPathObject, class_name, read_features
+from bridge.qupath_geojson import READ_ONLY_OBJECT_TYPES, QuPathObject, class_name, read_features
 from bridge.run_lock import project_read_lock
 from bridge.targets import (
     MISSING,
@@ -805,6 +805,9 @@ def labels_from_objects(
     for place, obj in enumerate(objects):
         cls = obj.classification
         what = f"{where}: {obj.object_type} {obj.name or obj.id or ''} ({cls or 'unclassified'})"
+        if obj.object_type in READ_ONLY_OBJECT_TYPES:  # "Export objects" of a TMA slide: its cores label nothing
+            counts["skipped: TMA cores"] += 1
+            continue
         if obj.geometry.is_empty:  # a hand-written "coordinates": [] (a Point's gave a GEOS traceback)
             counts[f"skipped: {obj.object_type} {obj.geometry.geom_type} without coordinates"] += 1
             continue

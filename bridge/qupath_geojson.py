@@ -8,9 +8,11 @@ Geometry is shapely inside ``bridge``; dicts exist only here, at the file/HTTP e
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import uuid
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,9 @@ from bridge.classes import BY_NAME, PathClassSpec
 from inference import Pdl1Error
 
 OBJECT_TYPES = ("annotation", "detection", "tile", "cell")
+# What QuPath's "Export objects" also writes (all objects, with nothing selected) and this product reads but never
+# writes: a TMA grid's cores, which carry no labels.
+READ_ONLY_OBJECT_TYPES = ("tmaCore",)
 _POINT_CHUNK = 4096
 _GEOMETRY_TYPES = ("Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon")
 
@@ -137,8 +142,12 @@ def point_features(
             }
 
 
-def validate_feature(feature: Mapping[str, Any]) -> None:
-    """Raise :class:`GeoJsonError` naming the problem if QuPath could not read ``feature``."""
+def validate_feature(feature: Mapping[str, Any], *, reading: bool = False) -> None:
+    """Raise :class:`GeoJsonError` naming the problem if QuPath could not read ``feature``.
+
+    ``reading``: a feature read from a file, held to what QuPath 0.4+ writes rather than to what this module writes:
+    a TMA core, a classification without a colour, a cell without a nucleus (cell detection without "Include cell
+    nucleus") pass."""
     if not isinstance(feature, Mapping):
         raise GeoJsonError(f"expected a Feature object, got {type(feature).__name__} {feature!r:.80}")
     if feature.get("type") != "Feature":
@@ -155,8 +164,9 @@ def validate_feature(feature: Mapping[str, Any]) -> None:
     props = feature.get("properties")
     if not isinstance(props, Mapping):
         raise GeoJsonError(f"feature {fid}: properties missing")
-    if props.get("objectType") not in OBJECT_TYPES:
-        raise GeoJsonError(f"feature {fid}: objectType must be one of {OBJECT_TYPES}, got {props.get('objectType')!r}")
+    types = (*OBJECT_TYPES, *READ_ONLY_OBJECT_TYPES) if reading else OBJECT_TYPES
+    if props.get("objectType") not in types:
+        raise GeoJsonError(f"feature {fid}: objectType must be one of {types}, got {props.get('objectType')!r}")
     cls = props.get("classification")
     if cls is not None:
         if not isinstance(cls, Mapping) or not ("name" in cls or "names" in cls):
@@ -166,7 +176,9 @@ def validate_feature(feature: Mapping[str, Any]) -> None:
             raise GeoJsonError(f"feature {fid}: a class name must be text (or 'names' a list of text), got {cls!r:.80}")
         color = cls.get("color")
         rgb_ok = isinstance(color, list) and len(color) == 3
-        if not (rgb_ok and all(isinstance(c, int) and 0 <= c <= 255 for c in color)):
+        if (color is not None or not reading) and not (
+            rgb_ok and all(isinstance(c, int) and 0 <= c <= 255 for c in color)
+        ):
             raise GeoJsonError(
                 f"feature {fid}: classification {cls!r} needs 'color': [r, g, b] (QuPath throws without it)"
             )
@@ -176,7 +188,7 @@ def validate_feature(feature: Mapping[str, Any]) -> None:
     for key, value in measurements.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise GeoJsonError(f"feature {fid}: measurement {key!r} must be a finite number, got {value!r}")
-    if props.get("objectType") == "cell" and "nucleusGeometry" not in feature:
+    if props.get("objectType") == "cell" and "nucleusGeometry" not in feature and not reading:
         raise GeoJsonError(f"feature {fid}: a cell carries 'nucleusGeometry' at the top level of the Feature")
 
 
@@ -290,15 +302,75 @@ def class_name(classification: Any) -> str | None:
     return None if name is None else str(name)
 
 
+# What QuPath 0.2 wrote as a feature's id: its object's Java class (0.3 wrote none, 0.4 on a UUID).
+_QUPATH_02_IDS = frozenset(
+    {"PathAnnotationObject", "PathDetectionObject", "PathCellObject", "PathTileObject", "TMACoreObject"}
+)
+# The namespace of the ids given to features read without one (uuid5 of the feature: the same file, the same ids).
+_READ_ID_NAMESPACE = uuid.UUID("5d1e3a52-8c0e-4f7e-9b8e-6a1f2c3d4e5f")
+
+
+def _written_before_04(feature: Mapping[str, Any]) -> str | None:
+    """What marks ``feature`` as QuPath 0.2's or 0.3's GeoJSON (PathObjectTypeAdapters, GsonTools v0.3.2), or None."""
+    props = feature.get("properties")
+    if isinstance(props, Mapping):
+        if "object_type" in props:
+            return "'object_type', not 'objectType'"
+        cls = props.get("classification")
+        if isinstance(cls, Mapping) and "colorRGB" in cls and "color" not in cls:
+            return "a classification's 'colorRGB', not 'color'"
+        if isinstance(props.get("measurements"), list):
+            return "measurements as a list of name and value, not an object"
+    if isinstance(feature.get("id"), str) and feature["id"] in _QUPATH_02_IDS:
+        return f"the id {feature['id']!r}, not a UUID"
+    return None
+
+
+def as_written_by_qupath(feature: Any) -> Any:
+    """``feature`` in the form QuPath 0.4+ writes, from the other forms QuPath's reader takes (GsonTools,
+    QuPathTypeAdapters v0.4.4 to v0.7.0): no ``objectType`` (an annotation), a classification given as its name
+    alone, a class colour with alpha (``[r, g, b, a]``), no id or one that is not a UUID (a uuid5 of the feature is
+    given, the same on every read). GeoJSON of QuPath 0.2 or 0.3 is refused, naming what marks it: its classes,
+    object types and measurements are written otherwise. Anything else is returned as it is, for
+    :func:`validate_feature` to name."""
+    if not isinstance(feature, Mapping) or feature.get("type") != "Feature":
+        return feature
+    old = _written_before_04(feature)
+    if old is not None:
+        who = "a feature" if feature.get("id") is None else f"feature {feature['id']}"
+        raise GeoJsonError(
+            f"{who}: GeoJSON of QuPath 0.3 or earlier ({old}); pdl1 reads what QuPath 0.4.4 "
+            "and later write: open the project (or import these objects) in QuPath 0.4.4 or later and export again"
+        )
+    props = feature.get("properties")
+    if not isinstance(props, Mapping):
+        return feature
+    props = {"objectType": "annotation", **props}  # QuPath's reader makes an object of no type an annotation
+    cls = props.get("classification")
+    if isinstance(cls, str):  # PathClass.fromString
+        props["classification"] = {"name": cls}
+    elif isinstance(cls, Mapping) and isinstance(cls.get("color"), list) and len(cls["color"]) == 4:
+        props["classification"] = {**cls, "color": cls["color"][:3]}
+    out = {**feature, "properties": props}
+    fid = feature.get("id")
+    try:
+        uuid.UUID(str(fid))
+    except ValueError:
+        text = json.dumps(feature, sort_keys=True, default=str)
+        out["id"] = str(uuid.uuid5(_READ_ID_NAMESPACE, text))
+    return out
+
+
 def from_feature(feature: Mapping[str, Any]) -> QuPathObject:
-    """Parse one QuPath GeoJSON feature (as QuPath 0.4+ writes them); measurements QuPath wrote as missing ("NaN",
-    "Infinity", or a bare NaN) are left out."""
-    feature = _without_missing_measurements(feature)
-    validate_feature(feature)
+    """Parse one QuPath GeoJSON feature (as QuPath 0.4+ writes them, and the other forms its reader takes:
+    :func:`as_written_by_qupath`); measurements QuPath wrote as missing ("NaN", "Infinity", or a bare NaN) are left
+    out. A TMA core (``objectType`` ``tmaCore``) is read as such: the caller passes over it."""
+    feature = as_written_by_qupath(_without_missing_measurements(feature))
+    validate_feature(feature, reading=True)
     props = feature["properties"]
     cls = props.get("classification")
     name = class_name(cls)
-    color = None if cls is None else tuple(cls["color"])
+    color = None if cls is None or cls.get("color") is None else tuple(cls["color"])
     try:  # the nesting and counts shapely needs: a ring of 4+ points, a line of 2+, a point of 2-3 numbers
         geometry = shapely.geometry.shape(feature["geometry"])
     except (ValueError, TypeError, IndexError, shapely.errors.ShapelyError) as err:
@@ -319,9 +391,35 @@ def from_feature(feature: Mapping[str, Any]) -> QuPathObject:
     )
 
 
+def read_geojson_text(path: str | Path) -> str:
+    """The text of a GeoJSON file as QuPath's *Export objects* writes it: plain, or compressed (``.gz``, or a
+    ``.zip`` holding one GeoJSON file; QuPath reads both back, PathIO v0.4.4)."""
+    path = Path(path)
+    kind = path.suffix.lower()
+    if kind not in (".gz", ".zip"):
+        return path.read_text(encoding="utf-8")
+    try:
+        if kind == ".gz":
+            with gzip.open(path, "rt", encoding="utf-8") as fh:
+                return fh.read()
+        with zipfile.ZipFile(path) as archive:
+            inside = [n for n in archive.namelist() if n.lower().endswith((".geojson", ".json"))]
+            if len(inside) != 1:
+                raise GeoJsonError(
+                    f"a .zip export holds one GeoJSON file; this one holds {len(inside)} "
+                    f"({', '.join(inside[:3]) or 'none'}): export again, or give the GeoJSON file itself"
+                )
+            return archive.read(inside[0]).decode("utf-8")
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, zipfile.BadZipFile) as err:  # cut short, or not compressed as its name says
+        raise GeoJsonError(f"not a readable {kind} file ({err}); export the objects again") from err
+
+
 def read_features(path: str | Path) -> Iterator[QuPathObject]:
-    """Read a QuPath GeoJSON file: a FeatureCollection, a list of features, or one feature."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    """Read a QuPath GeoJSON file (:func:`read_geojson_text`): a FeatureCollection, a list of features, or one
+    feature."""
+    data = json.loads(read_geojson_text(path))
     if isinstance(data, Mapping) and data.get("type") == "FeatureCollection":
         items = data.get("features", [])
         if not isinstance(items, list):

@@ -1510,3 +1510,42 @@ def test_a_class_map_of_qupaths_own_cell_classes_is_not_called_misspelt(caplog):
             {"Positive": "Tumor: Positive", "2+": None, "Tumour": "Other"}, frozenset({"Tumor"}), Path("p")
         )
     assert "--class-map names 'Tumour', which is no class of p" in caplog.text and "Positive" not in caplog.text
+
+
+def test_an_export_of_all_objects_with_tma_cores_and_cells_without_nuclei_gives_its_labels(labelled, tmp_path):
+    # helper-133: QuPath's "Export objects" of a TMA slide (all objects) holds its cores, and cell detection without
+    # "Include cell nucleus" writes cells with no nucleusGeometry; each refused the whole file, and exporting again
+    # wrote the same.
+    import json
+    import uuid
+
+    path = labelled / "objects-labelled-by-pathologist-0.4.4.geojson"
+    features = json.loads(path.read_text(encoding="utf-8"))
+    features = features["features"] if isinstance(features, dict) else features
+    square = {"type": "Polygon", "coordinates": [[[100, 100], [110, 100], [110, 110], [100, 110], [100, 100]]]}
+    extra = [
+        {"type": "Feature", "id": str(uuid.uuid4()), "geometry": square, "properties": {"objectType": "tmaCore"}},
+        {
+            "type": "Feature",
+            "id": str(uuid.uuid4()),
+            "geometry": square,
+            "properties": {"objectType": "cell", "classification": {"name": "Tumor: Negative", "color": [0, 0, 200]}},
+        },
+    ]
+    export = tmp_path / "all objects.geojson"
+    export.write_text(json.dumps({"type": "FeatureCollection", "features": [*features, *extra]}), encoding="utf-8")
+    labels = read_geojson_labels(
+        export,
+        slide=labelled / "he-1357.svs",
+        image_size_px=(2048, 2048),
+        rules=RULES,
+        project_classes=project_classes(labelled / "project"),
+    )
+    expected = _fixture_labels(labelled).counts
+    assert labels.counts == {
+        **expected,
+        "points: Tumor: Negative": expected["points: Tumor: Negative"] + 1,  # the cell's centroid
+        "skipped: TMA cores": 1,
+        "nuclei from cell polygons (their centroids)": 1,
+    }
+    assert [105.0, 105.0] in labels.points_xy.tolist()

@@ -140,7 +140,8 @@ def test_geojson_module_does_not_import_torch():
         ([{"type": "LineString", "coordinates": [[0, 0]]}], "not a valid LineString"),
         ([{"type": "Point", "coordinates": [1, 2, 3, 4]}], "not a valid Point"),
         ([{"type": "Point", "coordinates": [1, 2]}, {"name": 5, "color": [1, 2, 3]}], "a class name must be text"),
-        ([{"type": "Point", "coordinates": [1, 2]}, None, [1, 2]], "measurements must be an object"),
+        ([{"type": "Point", "coordinates": [1, 2]}, None, "1, 2"], "measurements must be an object"),
+        ([{"type": "Point", "coordinates": [1, 2]}, None, [{"name": "a", "value": 1}]], "GeoJSON of QuPath 0.3"),
         ([{"type": "Polygon", "coordinates": json.loads("[" * 900 + "]" * 900)}], "nested deeper than a MultiPolygon"),
         ([{"type": "Polygon", "coordinates": [[[0, 0], [None, 1], [1, 1], [0, 0]]]}], "malformed coordinates near"),
         (
@@ -182,3 +183,103 @@ def test_measurements_qupath_wrote_as_missing_are_read_as_missing(tmp_path):
     path.write_text(json.dumps([feature]))
     with pytest.raises(GeoJsonError, match="measurement 'e' must be a finite number, got 'high'"):
         list(read_features(path))
+
+
+def _export(tmp_path, features, name="export.geojson"):
+    path = tmp_path / name
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    return path
+
+
+def test_what_qupath_04_to_07_exports_and_reads_is_read(tmp_path):
+    # helper-133, from QuPath's sources (QuPathTypeAdapters, GsonTools v0.4.4 to v0.7.0): each of these was refused.
+    square = {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]]}
+    point = {"type": "Point", "coordinates": [5, 5]}
+    cell = {  # cell detection without "Include cell nucleus": no nucleusGeometry (WatershedCellDetection)
+        "type": "Feature",
+        "id": str(uuid.uuid4()),
+        "geometry": square,
+        "properties": {"objectType": "cell", "classification": {"name": "Tumor", "color": [200, 0, 0]}},
+    }
+    core = {  # "Export objects" with nothing selected exports all objects, a TMA slide's cores too
+        "type": "Feature",
+        "id": str(uuid.uuid4()),
+        "geometry": square,
+        "properties": {"objectType": "tmaCore", "name": "A-1", "isMissing": False},
+    }
+    rgba = {  # a class whose alpha is neither 0 nor 255 is written with 4 numbers (GsonTools 0.4.4:372-377)
+        "type": "Feature",
+        "id": str(uuid.uuid4()),
+        "geometry": square,
+        "properties": {"objectType": "annotation", "classification": {"name": "Ignore*", "color": [1, 2, 3, 128]}},
+    }
+    # A hand-made file QuPath reads: a class given as its name, no colour, no id, no objectType (an annotation).
+    bare = {"type": "Feature", "geometry": point, "properties": {"classification": "Tumor: Positive"}}
+    nameless = {"type": "Feature", "id": 7, "geometry": point, "properties": {"classification": {"name": "Other"}}}
+    objects = list(read_features(_export(tmp_path, [cell, core, rgba, bare, nameless])))
+    assert [(o.object_type, o.classification, o.color) for o in objects] == [
+        ("cell", "Tumor", (200, 0, 0)),
+        ("tmaCore", None, None),
+        ("annotation", "Ignore*", (1, 2, 3)),
+        ("annotation", "Tumor: Positive", None),
+        ("annotation", "Other", None),
+    ]
+    # Ids made for the features that had none are UUIDs, the same on every read (a label hash stays the same).
+    again = list(read_features(_export(tmp_path, [cell, core, rgba, bare, nameless], "again.geojson")))
+    assert [o.id for o in objects] == [o.id for o in again] and all(uuid.UUID(o.id) for o in objects)
+    assert objects[3].id != objects[4].id
+
+
+def test_compressed_exports_are_read_and_a_damaged_one_is_named(tmp_path):
+    # QuPath's Export objects can compress (gzip, or zip); QuPath reads both back. They were "not JSON".
+    import gzip
+    import zipfile
+
+    feature = to_feature(QuPathObject(Point(1, 2), "annotation", "Tumor: Positive"))
+    text = json.dumps({"type": "FeatureCollection", "features": [feature]})
+    (tmp_path / "a.geojson.gz").write_bytes(gzip.compress(text.encode()))
+    with zipfile.ZipFile(tmp_path / "a.zip", "w") as archive:
+        archive.writestr("slide 1.geojson", text)
+    for name in ("a.geojson.gz", "a.zip"):
+        assert [o.id for o in read_features(tmp_path / name)] == [feature["id"]]
+    (tmp_path / "cut.geojson.gz").write_bytes(gzip.compress(text.encode())[:20])
+    with pytest.raises(GeoJsonError, match=r"not a readable \.gz file \(.*\); export the objects again"):
+        list(read_features(tmp_path / "cut.geojson.gz"))
+    with zipfile.ZipFile(tmp_path / "two.zip", "w") as archive:
+        archive.writestr("a.geojson", text)
+        archive.writestr("b.geojson", text)
+    with pytest.raises(GeoJsonError, match=r"a \.zip export holds one GeoJSON file; this one holds 2"):
+        list(read_features(tmp_path / "two.zip"))
+
+
+@pytest.mark.parametrize(
+    ("feature", "mark"),
+    [
+        (  # 0.3: object_type, no id, colorRGB (PathObjectTypeAdapters, GsonTools v0.3.2)
+            {"properties": {"object_type": "annotation", "classification": {"name": "Tumor", "colorRGB": -3670016}}},
+            "'object_type', not 'objectType'",
+        ),
+        ({"id": "PathAnnotationObject", "properties": {}}, "the id 'PathAnnotationObject', not a UUID"),  # 0.2
+        (
+            {"id": str(uuid.uuid4()), "properties": {"classification": {"name": "Tumor", "colorRGB": -3670016}}},
+            "a classification's 'colorRGB', not 'color'",
+        ),
+    ],
+)
+def test_geojson_of_qupath_03_or_earlier_is_refused_naming_the_version(tmp_path, feature, mark):
+    # It was "feature id must be a UUID string, got None; export it again", and exporting again wrote the same.
+    feature = {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}, **feature}
+    with pytest.raises(GeoJsonError) as err:
+        list(read_features(_export(tmp_path, [feature])))
+    assert f"GeoJSON of QuPath 0.3 or earlier ({mark}); pdl1 reads what QuPath 0.4.4 and later write" in str(err.value)
+
+
+def test_writing_stays_as_strict_as_qupath_04_reads(tmp_path):
+    # What is read leniently is never written so: QuPath 0.4.4 throws on a class without a colour.
+    feature = to_feature(QuPathObject(Point(1, 2), "annotation", "Tumor: Positive"))
+    del feature["properties"]["classification"]["color"]
+    with pytest.raises(GeoJsonError, match="needs 'color'"):
+        write_features(tmp_path / "out.geojson", [feature])
+    core = {**feature, "properties": {"objectType": "tmaCore"}}
+    with pytest.raises(GeoJsonError, match="objectType must be one of"):
+        write_features(tmp_path / "out.geojson", [core])

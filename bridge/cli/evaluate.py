@@ -824,7 +824,11 @@ _SUA_MIN_FALSE_NEGATIVES = 5
 def calibrate(
     slides: Annotated[list[Path], typer.Argument(help="Validation phantom slides with truth (not the test slides).")],
     model: Annotated[
-        Path | None, typer.Option(help="Segmentation ensemble to calibrate; the shipped demo if omitted.")
+        Path | None,
+        typer.Option(
+            help="Segmentation ensemble to calibrate, in place unless --out; the shipped demo if omitted, which is "
+            "read-only (give --out)."
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Write a calibrated copy here instead of updating --model.")] = None,
     min_fraction: Annotated[

@@ -1056,7 +1056,12 @@ def _json_number(value):
 
 
 def domain_stats(
-    model: Annotated[Path, typer.Argument(help="Model folder whose manifest gets the statistics.")],
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="Model folder whose manifest gets the statistics (a shipped demo's is read-only: give --out)."
+        ),
+    ],
     slides: Annotated[
         list[Path],
         typer.Argument(

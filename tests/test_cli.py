@@ -2,7 +2,6 @@ import errno
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -951,23 +950,34 @@ def test_a_kill_or_a_closed_terminal_stops_a_command_as_a_ctrl_c_does_cleaning_u
         "except KeyboardInterrupt:\n"
         "    print('stopped; left:', sorted(p.name for p in Path(sys.argv[1]).iterdir()))\n"
     )
-    # A command started in the background (SIGINT ignored) is ended by a kill as before, and one started under nohup
-    # (SIGHUP ignored) keeps ignoring it.
+    # A command started in the background by a script (SIGINT ignored) is stopped by a kill as by a Ctrl-C too
+    # (helper-134: it was ended where it stood, its half-written folder left), and one started under nohup (SIGHUP
+    # ignored) keeps ignoring it.
     background = (
         "import os, signal, sys, time\n"
+        "from pathlib import Path\n"
+        "from bridge.atomic import folder_replaced_whole\n"
         "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
         "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
-        "signal.signal(signal.SIGHUP, signal.SIG_IGN if sys.argv[1] == 'SIGHUP' else signal.SIG_DFL)\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_IGN if sys.argv[2] == 'SIGHUP' else signal.SIG_DFL)\n"
         "from bridge.cli.entry import stop_on_termination\n"
         "stop_on_termination()\n"
-        "os.kill(os.getpid(), getattr(signal, sys.argv[1]))\n"
-        "time.sleep(0.5)\n"
-        "print('still running')\n"
+        "try:\n"
+        "    with folder_replaced_whole(Path(sys.argv[1]) / 'Dataset501_A') as part:\n"
+        "        (part / 'case.png').write_text('half')\n"
+        "        os.kill(os.getpid(), getattr(signal, sys.argv[2]))\n"
+        "        time.sleep(0.5)\n"
+        "    print('still running')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('stopped; left:', sorted(p.name for p in Path(sys.argv[1]).iterdir()))\n"
     )
-    ended = subprocess.run([sys.executable, "-c", background, "SIGTERM"], capture_output=True, text=True, timeout=60)
-    assert ended.returncode == -signal.SIGTERM and ended.stdout == ""
-    ignored = subprocess.run([sys.executable, "-c", background, "SIGHUP"], capture_output=True, text=True, timeout=60)
-    assert ignored.returncode == 0 and ignored.stdout == "still running\n", ignored.stderr
+    for name, said in (("SIGTERM", "stopped; left: []"), ("SIGHUP", "still running")):
+        folder = tmp_path / f"background-{name}"
+        folder.mkdir()
+        done = subprocess.run(
+            [sys.executable, "-c", background, str(folder), name], capture_output=True, text=True, timeout=60
+        )
+        assert (done.returncode, done.stdout.strip()) == (0, said), done.stderr
     for name in ("SIGTERM", "SIGHUP"):
         folder = tmp_path / name
         folder.mkdir()
@@ -1002,3 +1012,35 @@ def test_a_ctrl_c_inside_openslides_ctypes_call_is_an_interrupt_not_a_traceback(
     monkeypatch.setattr(typer.main, "get_command", lambda app: failing)
     with pytest.raises(ctypes.ArgumentError):  # any other stays the error it is
         entry.main()
+
+
+def test_a_kill_while_torch_imports_in_the_background_is_held_and_then_stops_the_command(tmp_path):
+    # SIGINT ignored (started with `&` by a script): the kill taken as a Ctrl-C was recorded while torch imported, then
+    # raised again as a SIGINT, which the process ignores, so the command ran on.
+    (tmp_path / "slow_native").mkdir()
+    (tmp_path / "slow_native" / "__init__.py").write_text(
+        "import builtins, os, signal\nos.kill(os.getpid(), signal.SIGTERM)\n"
+        "builtins.SLOW_NATIVE_RAN_TO_THE_END = True\n",
+        encoding="utf-8",
+    )
+    probe = (
+        "import builtins, signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+        "from bridge.cli.entry import HoldInterruptsWhileImporting, stop_on_termination\n"
+        "stop_on_termination()\n"
+        "sys.meta_path.insert(0, HoldInterruptsWhileImporting(['slow_native']))\n"
+        "try:\n"
+        "    import slow_native\n"
+        "    print('imported, no interrupt')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted; ran to the end:', getattr(builtins, 'SLOW_NATIVE_RAN_TO_THE_END', False))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "interrupted; ran to the end: True"), done.stderr

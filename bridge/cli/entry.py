@@ -38,14 +38,20 @@ class _InterruptHeld:
 
     def __enter__(self) -> None:
         self._came = False
+        self._terminated = False  # a kill taken as a Ctrl-C (_as_interrupt): a stop even where SIGINT is ignored
         self._before = signal.signal(signal.SIGINT, self._record)
 
     def _record(self, signum: int, frame: object) -> None:
         self._came = True
 
+    def terminate(self) -> None:
+        self._terminated = True
+
     def __exit__(self, *exc_info: object) -> None:
         signal.signal(signal.SIGINT, self._before)
-        if self._came:
+        if self._terminated and _sigint_ignored(self._before):
+            raise KeyboardInterrupt
+        if self._came or self._terminated:
             signal.raise_signal(signal.SIGINT)  # the handler before (Python's: KeyboardInterrupt) takes it here
 
 
@@ -84,14 +90,21 @@ class HoldInterruptsWhileImporting(importlib.abc.MetaPathFinder):
         return spec
 
 
+def _sigint_ignored(handler: object) -> bool:
+    return handler in (signal.SIG_IGN, signal.SIG_DFL, None)
+
+
 def _as_interrupt(signum: int, frame: object) -> None:
-    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
-        # A command started in the background (`cmd &`) ignores SIGINT: forwarded there, a kill was lost. It ends
-        # the process as it would have without this handler.
-        signal.signal(signum, signal.SIG_DFL)
-        signal.raise_signal(signum)
-        return
-    signal.raise_signal(signal.SIGINT)  # the SIGINT handler of the moment: KeyboardInterrupt, or held while importing
+    handler = signal.getsignal(signal.SIGINT)
+    held = getattr(handler, "__self__", None)
+    if isinstance(held, _InterruptHeld):  # torch importing: the stop comes at the end of the import
+        held.terminate()
+    elif _sigint_ignored(handler):
+        # A command started in the background (`cmd &` in a script) ignores SIGINT, so a kill forwarded as one was
+        # lost, and left at its default it ended the command where it stood, its half-written folders left for good.
+        raise KeyboardInterrupt
+    else:
+        signal.raise_signal(signal.SIGINT)  # the SIGINT handler of the moment: Python's raises KeyboardInterrupt
 
 
 def stop_on_termination() -> None:

@@ -118,13 +118,15 @@ def case_of(name: str, metadata: dict[str, str] | None, *, key: str = CASE_KEY) 
     ('B12', 'B12', None)
     >>> case_of("S22-1234 A1 PD-L1 22C3.svs", None), case_of("S22-1234 A1 H&E.svs", None)
     ('S22-1234 A1', 'S22-1234 A1')
-    >>> case_of("anything.svs", {"case": "C7"})
-    'C7'
+    >>> case_of("anything.svs", {"case": "C7"}), case_of("B7_HE.ome.tif", None)
+    ('C7', 'B7')
     """
     stated = case_in_metadata(metadata, key=key)
     if stated is not None:
         return stated
     stem = Path(name).stem
+    if stem.lower().endswith(".ome"):  # an OME-TIFF's double suffix (QuPath exports server images as such)
+        stem = stem[: -len(".ome")]
     match = _STAIN_SUFFIX.match(stem) or _STAIN_PREFIX.match(stem)
     return match.group("case") if match else None
 

@@ -44,6 +44,9 @@ def _image(name: str, stain: str, case: str | None, *, stated: bool = False, dou
         ("B12_H_E.svs", "B12"),
         ("B12_HES.svs", "B12"),
         ("IHC_PD-L1_B12.svs", "B12"),
+        # OME-TIFF, as QuPath exports a server's image (helper-134: 'B7_HE.ome' matched no stain word).
+        ("B7_HE.ome.tif", "B7"),
+        ("B7_PD-L1.OME.TIFF", "B7"),
         ("HE.svs", None),
         ("slide_7.svs", None),
         ("theory.svs", None),

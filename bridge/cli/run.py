@@ -172,7 +172,7 @@ def run(
         typer.Option(
             help="The entry metadata key that names each image's case, to pair an H&E with its PD-L1 IHC (images "
             "without it are paired by file name: B12_HE.svs, B12_PD-L1_22C3.svs). Default: from pdl1-config.toml "
-            "([pairs] case_key), else case.",
+            "(pairs.case_key), else case.",
         ),
     ] = None,
     output: Annotated[

@@ -459,3 +459,33 @@ def test_the_truth_of_another_phantom_or_an_altered_mask_is_refused(small_phanto
         load_truth(slide)
     result = runner.invoke(app, ["eval", "seg", str(slide), "--no-progress"])
     assert result.exit_code == 1 and "needs 128 x 128: the mask is another phantom's or altered" in _said(result)
+
+
+def test_calibration_fits_the_review_limits_on_the_candidates_of_the_sua_pdl1_run_will_use(small_phantom):
+    # helper-134: with nothing to fit (no NPR a false negative), the model's SUA thresholds are kept, but the review
+    # limits were fitted on the candidate areas of the first threshold tried, which pdl1 run never uses.
+    import dataclasses
+
+    import inference.evaluation.evaluate as evaluate
+    from inference import Ensemble
+    from inference.pipeline import PipelineConfig, sua_params_for
+
+    real_calibrate, real_find = evaluate.calibrate, evaluate.find_candidates
+    used = []
+
+    def unfitted(*args, **kwargs):
+        cal = real_calibrate(*args, **kwargs)
+        odd = dataclasses.replace(cal.params, threshold=0.0123)  # what a fit scoring F0.5 0 may leave
+        return dataclasses.replace(cal, params=odd, n_false_negative=0, f05=0.0)
+
+    def recording(maps, params, **kwargs):
+        used.append(params)
+        return real_find(maps, params, **kwargs)
+
+    ensemble = Ensemble.load(MODELS / "seg", task="segmentation", device="cpu")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluate, "calibrate", unfitted)
+        mp.setattr(evaluate, "find_candidates", recording)
+        cal, _ = evaluate.calibrate_ensemble([small_phantom], ensemble)
+    kept = sua_params_for(ensemble.manifest, PipelineConfig(), upper=cal.params.upper)
+    assert used == [kept] and kept.threshold != 0.0123

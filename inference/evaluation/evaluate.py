@@ -53,7 +53,7 @@ from inference.models.manifest import Manifest
 from inference.phantom.ihc import ihc_to_he_points
 from inference.phantom.truth import PhantomTruthData, load_truth, require_summary
 from inference.phantom.truth_tissue import truth_tissue_mask
-from inference.pipeline import review_rule_for
+from inference.pipeline import PipelineConfig, review_rule_for, sua_params_for
 from inference.results import Cps, Nuclei, Tps, UncertaintyMaps
 from inference.slides.slide import open_slide
 from inference.slides.stain_detect import detect_slide_stain
@@ -743,7 +743,8 @@ def calibrate_ensemble(
     A validation slide failed when its predicted positive area (over the truth's tissue) is off by
     more than ``max_area_error`` of the true one, or, with ``nuclei_model``, when its predicted TPS
     (as ``pdl1 run`` makes it) falls in another category than the truth's. The review flags a slide whose
-    mean predictive entropy or SUA candidate area (with the SUA just calibrated) reaches its limit, or whose predicted
+    mean predictive entropy or SUA candidate area (with the SUA just calibrated, or the model's own where there was
+    nothing to fit: the SUA pdl1 run will use) reaches its limit, or whose predicted
     positive area (% of the analysed tissue) falls to its limit, besides the slides the domain guard flags
     (its limits are set on in-domain slides, ``pdl1 domain-stats``, and taken as they are); the limits catch
     as many failures as they can with false alarms on at most 20 % of the correct slides. So do the slides
@@ -780,11 +781,14 @@ def calibrate_ensemble(
         min_fraction=min_fraction,
         objective=objective,
     )
+    # The SUA pdl1 run will use: the one just fitted, else the model's own, kept (helper-134: the limits were fitted
+    # on the candidate areas of the first threshold tried, which scored F0.5 0 and is never written).
+    sua = cal.params if sua_fitted(cal) else sua_params_for(ensemble.manifest, PipelineConfig(), upper=cal.params.upper)
     rows = []
     for path, s in zip(slides, scored, strict=True):
         analysed = s.analysed
         mean_pe = float(np.asarray(s.maps.predictive_entropy)[analysed].mean()) if analysed.any() else 0.0
-        candidates, _ = find_candidates(s.maps, cal.params, valid=analysed)
+        candidates, _ = find_candidates(s.maps, sua, valid=analysed)
         analysed_um2 = float(analysed.sum() * s.maps.mpp**2)
         cand_pct = 100 * sum(c.area_um2 for c in candidates) / max(analysed_um2, 1e-9)
         pred = np.asarray(s.maps.prob) >= upper

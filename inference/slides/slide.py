@@ -112,13 +112,16 @@ class Slide:
             _SAID_NON_SQUARE.add(str(path))  # once per image: it is opened more than once an analysis
             log.warning(
                 "%s: its pixels are not square (%g x %g µm, from %s); it is analysed at their mean, %g µm/px, so "
-                "lengths and areas along each axis are off by up to %.0f%%: resample it to square pixels",
+                "lengths along x come out x%.3g of the truth, along y x%.3g, and areas x%.3g: resample it to square "
+                "pixels",
                 path or "image",
                 mpp.x,
                 mpp.y,
                 mpp.source,
                 mpp.mean,
-                100 * abs(mpp.x - mpp.y) / (2 * mpp.mean),
+                mpp.mean / mpp.x,
+                mpp.mean / mpp.y,
+                mpp.mean**2 / (mpp.x * mpp.y),
             )
         self.reader = reader
         self.mpp = mpp

@@ -796,7 +796,10 @@ def unopenable(slides_root):
             "pdl1_analyze.groovy sends it with the job, so run the script again",
         ),
         # Its header reads: only the job finds the pixels cut short.
-        ("truncated.png", ": neither OpenSlide nor Pillow can read it (image file is truncated); expected"),
+        (
+            "truncated.png",
+            ": neither OpenSlide nor Pillow can read it (image file is truncated); the file looks damaged",
+        ),
     ],
 )
 def test_an_image_that_does_not_open_is_named_as_the_client_sent_it(client, unopenable, name, after):

@@ -106,3 +106,18 @@ def test_the_gpu_decoders_standalone_tiles_are_checked_as_the_cpu_decoder_checks
     assert level.standalone_jpeg(tile + b"\0\0padding")[-9:] == b"\0\0padding"
     with pytest.raises(ValueError, match="does not end as a JPEG stream does"):
         level.standalone_jpeg(tile[: len(tile) // 2] + bytes(len(tile) - len(tile) // 2))
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_a_png_or_jpeg_cut_short_is_named_as_damaged(tmp_path, suffix):
+    # helper-134: "image file is truncated; expected a whole-slide format (SVS, ...)", as if the format were wrong.
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (300, 300, 3)).astype(np.uint8)
+    path = tmp_path / f"cut{suffix}"
+    Image.fromarray(pixels).save(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(SlideFormatError, match=FIX) as err, open_slide(path, mpp=0.5) as slide:
+        slide.thumbnail(mpp=2.0)
+    assert "its data ends before the image does" in str(err.value) and "expected a whole-slide" not in str(err.value)

@@ -423,11 +423,18 @@ def _plain_pillow_image(path: Path) -> Iterator[Image.Image]:
     except SlideFormatError:
         raise
     except Exception as err:
+        cut_short = any(w in str(err).lower() for w in _PILLOW_CUT_SHORT)  # a PNG or JPEG whose copy stopped early
         expected = (
             damage_advice(path)
+            or (_damaged("its data ends before the image does") if cut_short else None)
             or "expected a whole-slide format (SVS, NDPI, MRXS, tiled TIFF, ...) or a small TIFF/PNG/JPEG"
         )
         raise SlideFormatError(f"{path}: neither OpenSlide nor Pillow can read it ({err}); {expected}") from err
+
+
+# What Pillow says of a PNG or JPEG that ends before its data does ("image file is truncated", a PNG's "broken data
+# stream", zlib's "incomplete or truncated stream").
+_PILLOW_CUT_SHORT = ("truncated", "broken data stream", "premature end", "unexpected end")
 
 
 def _is_tiff_name(path: Path) -> bool:
@@ -562,8 +569,10 @@ def damage_advice(path: Path) -> str | None:
     """For a file no reader opens: what says it looks damaged (:func:`damage_sign`) and the fix; None when
     nothing shows it, and the message then says which formats are expected."""
     sign = damage_sign(path)
-    if sign is None:
-        return None
+    return None if sign is None else _damaged(sign)
+
+
+def _damaged(sign: str) -> str:
     return (
         f"the file looks damaged or truncated, as an interrupted copy leaves it: {sign}; copy it again from the "
         "scanner or the archive, and check that the copy has the original's size"

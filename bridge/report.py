@@ -29,6 +29,7 @@ from bridge.classes import INTENSITY_CLASSES, PDL1_FN_CANDIDATE
 from bridge.pairs import PAIRS_FILE
 from bridge.project import (
     PDL1_DIR,
+    STATUS_FILE,
     ProjectError,
     RunStatus,
     find_project_file,
@@ -191,7 +192,11 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
                     results_from=results_from,
                 )
             )
-        if not_analysed:
+        never_run = not (info.folder / PDL1_DIR / STATUS_FILE).exists()
+        if not_analysed and len(not_analysed) == len(info.entries) and never_run:
+            # Never run here (no run's status): the "no results" error says so, not a warning of a run that stopped.
+            left_out.append(f"no image of the project has been analysed yet: run `pdl1 run {source}`")
+        elif not_analysed:
             shown = first_names(not_analysed)
             _leave_out(
                 left_out,

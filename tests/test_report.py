@@ -947,3 +947,15 @@ def test_thumbnails_of_entries_no_longer_reported_go_and_a_png_of_the_users_stay
     (project / "a.tif").unlink()  # its slide moved away: no thumbnail now, so none of an earlier report either
     write_report(project)
     assert sorted(p.name for p in report.glob("*.png")) == ["my notes.png"]
+
+
+def test_a_project_never_run_is_told_to_run_once_not_warned_of_a_stopped_run(tmp_path, caplog):
+    # helper-134: the warning "2 of the project's 2 images have no results, not analysed (a run stopped before them
+    # ...); run `pdl1 run P --resume`" came before the error, which repeated it, for a project never run.
+    project = tmp_path / "project"
+    _project(project, ["a.svs", "b.svs"])
+    (project / "pdl1" / "labels").mkdir(parents=True)  # pdl1_export_labels.groovy's, not a run's
+    with caplog.at_level("WARNING", logger="bridge.report"), pytest.raises(ProjectError) as err:
+        write_report(project)
+    assert str(err.value).endswith(f"; no image of the project has been analysed yet: run `pdl1 run {project}`")
+    assert "a run stopped" not in str(err.value) and not caplog.records

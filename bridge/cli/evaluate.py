@@ -525,7 +525,13 @@ def eval_suite(
     slides: Annotated[
         list[Path], typer.Argument(help="Phantom slides with truth beside them (H&E, and PD-L1 IHC from --ihc).")
     ],
-    out: Annotated[Path, typer.Option(help="Report folder: metrics.csv (ihc_metrics.csv) and PNG plots.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Report folder: metrics.csv (ihc_metrics.csv), PNG plots and provenance.json; new, empty or an "
+            "earlier eval's (a folder of other files is refused)."
+        ),
+    ],
     model: Annotated[Path | None, typer.Option(help="Segmentation ensemble; the shipped demo if omitted.")] = None,
     nuclei_model: NucleiModelOption = "demo",
     ihc_model: Annotated[

@@ -532,7 +532,13 @@ def report_cmd(
             "`pdl1 run`'s --out folder for slides."
         ),
     ],
-    out: Annotated[Path | None, typer.Option(help="Report folder (default: SOURCE/pdl1/report).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Report folder (default: SOURCE/pdl1/report): new, empty or an earlier report's; a folder of other "
+            "files is refused."
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar (images drawn).")] = True,
 ) -> None:
     """HTML and CSV report: thumbnails with the results overlaid, review reasons, each target's score, the cases.

@@ -18,6 +18,7 @@ import os
 import platform
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -842,20 +843,35 @@ def _compare_pairs(
 
 
 def _warn_of_case_key_spelt_otherwise(jobs: list[_Job], key: str) -> None:
-    """Warn where no entry has the metadata ``key`` but some have one that differs from it only in capitals or
-    blanks (``Case`` for ``case``): QuPath's metadata keys are exact, so those cases were not read, and entries
-    a person paired fell back on their file names."""
-    keys = [k for job in jobs if job.entry is not None for k in (job.entry.metadata or {})]
-    if key in keys:
+    """Warn where entries lack the metadata ``key`` but have one that differs from it only in capitals or blanks
+    (``Case`` for ``case``): QuPath's metadata keys are exact, so those cases were not read, and entries a person
+    paired fell back on their file names. Where no entry has ``key``, the fix may be the key given; where some do,
+    it is the others' spelling."""
+    entries = [job.entry for job in jobs if job.entry is not None]
+    wanted = key.strip().casefold()
+    near: Counter[str] = Counter()  # a spelling other than the key's, by the entries lacking the key that have it
+    for entry in entries:
+        metadata = entry.metadata or {}
+        if key not in metadata:
+            near.update({k for k in metadata if k.strip().casefold() == wanted and k != key})
+    if not near:
         return
-    near = sorted({k for k in keys if k.strip().casefold() == key.strip().casefold()})
-    if near:
+    spelt = " and ".join(f"{n} {'has' if n == 1 else 'have'} {k!r}" for k, n in sorted(near.items()))
+    if not any(key in (entry.metadata or {}) for entry in entries):
         log.warning(
             "no entry has the metadata key %r, which names each image's case for pairing; %s: give that key instead "
             "(--case-key or pdl1-config.toml's [pairs] case_key), or rename it in QuPath (Project > Edit metadata)",
             key,
-            " and ".join(f"{sum(k == n for k in keys)} have {n!r}" for n in near),
+            spelt,
         )
+        return
+    log.warning(
+        "some entries name their case under another spelling of the metadata key %r (%s), so their cases are read "
+        "from file names; rename that key to %r in QuPath (Project > Edit metadata)",
+        key,
+        spelt,
+        key,
+    )
 
 
 class RunInterrupted(KeyboardInterrupt):

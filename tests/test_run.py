@@ -1046,6 +1046,22 @@ def test_the_case_key_is_the_runs_and_one_spelt_otherwise_in_the_entries_is_warn
     assert by_key["case_key"] == "Case" and list(by_key["cases"]) == ["phantom-1357"]
 
 
+def test_entries_some_of_which_spell_the_case_key_otherwise_are_warned_of(tmp_path, models, fixtures_dir, caplog):
+    # helper-134: entry 1 says "case", entry 2 "Case": entry 2's case came from its file name, without a word.
+    def respell_ihc(index, metadata):
+        if index == 1:
+            metadata["Case"] = metadata.pop("case")
+
+    project = _labels_study(tmp_path, fixtures_dir, respell_ihc)
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never")
+    with caplog.at_level("WARNING", logger="bridge.run"):
+        assert [o.state for o in run_batch([project], config, models=models)] == ["done", "done"]
+    assert (
+        "some entries name their case under another spelling of the metadata key 'case' (1 has 'Case'), so their "
+        "cases are read from file names; rename that key to 'case' in QuPath (Project > Edit metadata)"
+    ) in caplog.text
+
+
 def test_the_report_warns_only_about_demo_models(tmp_path):
     from bridge.report import _demo_warning, _model_label
 

@@ -363,6 +363,11 @@ def test_eval_suite_scores_each_stain_and_counts_the_review_flag_over_both(ihc_p
     assert he_row["slide"] == he.name and ihc_row["slide"] == ihc.name
     assert abs(float(ihc_row["tps_predicted"]) - float(ihc_row["tps_truth"])) <= 5 and ihc_row["failed"] == "0"
     assert "review flag on PD-L1 IHC: caught 0 of 0 failed slides" in result.output
+    # The printed TPS as everywhere else (inference.tps_text: never rounded across a cut-off), not to 3 decimals.
+    from inference import tps_text
+
+    row_printed = next(line for line in result.output.splitlines() if ihc.name in line and "│" in line)
+    assert row_printed.split("│")[2].strip() == tps_text(float(ihc_row["tps_predicted"]))
     failed = [row["failed"] == "1" for row in (he_row, ihc_row)]
     flagged = [row["needs_review"] == "1" for row in (he_row, ihc_row)]
     caught = sum(f and g for f, g in zip(failed, flagged, strict=True))

@@ -793,12 +793,21 @@ def _print_ihc(console_out, model_name: str, records: list[dict], written: Path)
     from rich.table import Table
 
     from bridge.eval_report import IHC_COLUMNS
+    from inference.analysis.tps import tps_text
 
     table = Table(title=f"PD-L1 IHC slides ({model_name}): TPS and the review flag")
     for col in IHC_COLUMNS:
         table.add_column(col.replace("_", " "), justify="left" if col in ("slide", "review_reasons") else "right")
+
+    def cell(key: str, value) -> str:
+        if value is None:
+            return "n/a"
+        if isinstance(value, float):  # a TPS never rounded across a cut-off (1 %, 50 %)
+            return tps_text(value) if key in ("tps_predicted", "tps_truth") else f"{value:.3f}"
+        return str(value)
+
     for rec in records:
-        table.add_row(*("n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v) for v in rec.values()))
+        table.add_row(*(cell(k, v) for k, v in rec.items()))
     console_out.print(table)
     failed = [bool(rec["failed"]) for rec in records]
     flagged = [bool(rec["needs_review"]) for rec in records]

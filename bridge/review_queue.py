@@ -898,11 +898,6 @@ def write_review_queue(
         out = Path(out)
         if out.is_dir():
             raise ReviewQueueError(f"--out {out} is a folder; give the CSV file to write, e.g. {out / QUEUE_FILE}")
-        if out.suffix.lower() != ".csv":  # --out slide.svs replaced the slide with the queue
-            raise ReviewQueueError(
-                f"--out {out} does not end in .csv; give the CSV file to write, e.g. {out.with_suffix('.csv')} "
-                f"(its provenance goes beside it, as {out.with_suffix('.json').name})"
-            )
         problem = not_a_folder(out.parent)
         if problem is not None:
             raise ReviewQueueError(f"--out {out}: its folder {out.parent} {problem}; give a CSV path in a folder")
@@ -917,7 +912,12 @@ def write_review_queue(
     info = read_project(source)  # the project file given, not only a project.qpproj beside it
     folder = info.folder
     if out is not None:
-        _refuse_out_among_run_files(out, folder)
+        _refuse_out_among_run_files(out, folder)  # first: the .csv it would suggest there is refused here
+        if out.suffix.lower() != ".csv":  # --out slide.svs replaced the slide with the queue
+            raise ReviewQueueError(
+                f"--out {out} does not end in .csv; give the CSV file to write, e.g. {out.with_suffix('.csv')} "
+                f"(its provenance goes beside it, as {out.with_suffix('.json').name})"
+            )
         _refuse_replacing_others(out)
     analysed_entries(info)  # refused before the lock, which would create pdl1/
     use_qupath = False

@@ -283,7 +283,8 @@ def test_an_out_that_cannot_be_the_csv_or_the_report_folder_is_refused_before_an
         write_report(project, tmp_path / "notes")
     # In the project's pdl1/, --out targets.csv replaced the run's table with the queue, status.csv its status.json
     # with the queue's provenance, 1/summary.csv an entry's summary.
-    for name in ("targets.csv", "status.csv", "1/summary.csv"):
+    # So is a name not ending .csv there (helper-134: it suggested pdl1/rq.csv, which was then refused).
+    for name in ("targets.csv", "status.csv", "1/summary.csv", "rq.svs"):
         with pytest.raises(ReviewQueueError, match=r"--out .* lies in .*pdl1, which holds what pdl1 run writes"):
             write_review_queue(project, out=project / "pdl1" / name, qupath="never")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "notes", "project"]

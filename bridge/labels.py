@@ -808,6 +808,9 @@ def labels_from_objects(
         if obj.object_type in READ_ONLY_OBJECT_TYPES:  # "Export objects" of a TMA slide: its cores label nothing
             counts["skipped: TMA cores"] += 1
             continue
+        if obj.plane_zt != (0, 0):  # drawn on another z-slice or time point: not on the pixels training reads
+            counts["skipped: objects on another z-slice or time point than the first"] += 1
+            continue
         if obj.geometry.is_empty:  # a hand-written "coordinates": [] (a Point's gave a GEOS traceback)
             counts[f"skipped: {obj.object_type} {obj.geometry.geom_type} without coordinates"] += 1
             continue

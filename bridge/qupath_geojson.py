@@ -50,6 +50,7 @@ class QuPathObject:
     locked: bool = False
     id: str | None = None
     color: tuple[int, int, int] | None = None
+    plane_zt: tuple[int, int] = (0, 0)  # the z-slice and time point of a z-stack or time series (QuPath's ImagePlane)
 
 
 def classification_json(name: str, rgb: tuple[int, int, int] | None = None) -> dict[str, Any]:
@@ -96,10 +97,13 @@ def to_feature(obj: QuPathObject) -> dict[str, Any]:
     measurements = finite_measurements(obj.measurements)
     if measurements:
         properties["measurements"] = measurements
+    geometry = dict(shapely.geometry.mapping(obj.geometry))
+    if obj.plane_zt != (0, 0):  # QuPath writes a plane only where it is not the default (ROITypeAdapters)
+        geometry["plane"] = {"c": -1, "z": obj.plane_zt[0], "t": obj.plane_zt[1]}
     return {
         "type": "Feature",
         "id": obj.id or str(uuid.uuid4()),
-        "geometry": shapely.geometry.mapping(obj.geometry),
+        "geometry": geometry,
         "properties": properties,
     }
 
@@ -379,8 +383,14 @@ def from_feature(feature: Mapping[str, Any]) -> QuPathObject:
             f"feature {feature['id']}: not a valid {kind} ({why}); a Polygon is a list of rings, each a closed list "
             "of 4 or more [x, y] points, a LineString 2 or more points, a Point one [x, y]"
         ) from err
+    plane = feature["geometry"].get("plane")
+    plane_zt = (0, 0)
+    if isinstance(plane, Mapping):
+        z, t = plane.get("z", 0), plane.get("t", 0)
+        plane_zt = (z, t) if isinstance(z, int) and isinstance(t, int) else (0, 0)
     return QuPathObject(
         geometry=geometry,
+        plane_zt=plane_zt,
         object_type=props["objectType"],
         classification=name,
         measurements={k: float(v) for k, v in (props.get("measurements") or {}).items()},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -1549,3 +1550,18 @@ def test_an_export_of_all_objects_with_tma_cores_and_cells_without_nuclei_gives_
         "nuclei from cell polygons (their centroids)": 1,
     }
     assert [105.0, 105.0] in labels.points_xy.tolist()
+
+
+def test_labels_drawn_on_another_z_slice_or_time_point_are_counted_not_taken():
+    # QuPath writes "plane" (z, t) for an object drawn off the first plane of a z-stack; training reads the first,
+    # so such points fell on pixels they were never drawn on (helper-133).
+    from bridge.qupath_geojson import from_feature, to_feature
+
+    on_first = _obj(shapely.MultiPoint([(10, 10)]), "Tumor: Positive")
+    elsewhere = dataclasses.replace(_obj(shapely.MultiPoint([(20, 20)]), "Tumor: Positive"), plane_zt=(3, 0))
+    assert from_feature(to_feature(elsewhere)).plane_zt == (3, 0)  # as QuPath writes it: {"c": -1, "z": 3, "t": 0}
+    assert to_feature(elsewhere)["geometry"]["plane"] == {"c": -1, "z": 3, "t": 0}
+    assert "plane" not in to_feature(on_first)["geometry"]
+    labels = labels_from_objects([on_first, elsewhere], slide="s.svs", image_size_px=(100, 100), rules=RULES)
+    assert labels.points_xy.tolist() == [[10.0, 10.0]]
+    assert labels.counts["skipped: objects on another z-slice or time point than the first"] == 1

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -40,7 +41,7 @@ from bridge.project import (
     review_reason_text,
     summary_problem,
 )
-from bridge.qupath_geojson import GeoJsonError, QuPathObject, read_features
+from bridge.qupath_geojson import GeoJsonError, QuPathObject, class_name, raw_object_type, read_features
 from bridge.record_summary import RUN, SCRIPT, RecordsSummary, entry_summary_from_records, newer_source
 from bridge.run_lock import output_folder_lock, run_in_progress
 from bridge.targets import (
@@ -427,7 +428,7 @@ def _overlay_objects(item: ReportItem) -> tuple[list[QuPathObject], bool]:
     if item.overlay is not None:  # from pdl1_analyze.groovy's records: what they keep of every target
         return list(item.overlay), True
     try:
-        objects = list(read_features(item.geojson))
+        objects = list(read_features(item.geojson, keep=_drawn))
     except (OSError, ValueError) as err:  # was "no thumbnail (Invalid control character at: ...)", naming no file
         raise GeoJsonError(
             f"{item.geojson} does not read ({err}); run the image again (`pdl1 run` with --resume analyses again "
@@ -440,6 +441,15 @@ def _overlay_objects(item: ReportItem) -> tuple[list[QuPathObject], bool]:
         return objects, False
     record = found.record
     return _graded_cells(record.nuclei) + [o for _, target_objects in record.targets for o in target_objects], True
+
+
+def _drawn(feature: Any) -> bool:
+    """``keep`` for the thumbnail's objects: regions, candidates and tiles, and of the nuclei only an IHC's graded
+    positive cells (an H&E's, most of its file, are not drawn, so not parsed)."""
+    if raw_object_type(feature) not in ("detection", "cell"):
+        return True
+    props = feature.get("properties") or {}
+    return class_name(props.get("classification")) in _GRADE_COLOURS
 
 
 def _graded_cells(nuclei: Iterable[TargetNuclei]) -> list[QuPathObject]:

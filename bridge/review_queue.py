@@ -70,7 +70,7 @@ from bridge.project import (
     read_project,
     review_reason_text,
 )
-from bridge.qupath_geojson import QuPathObject, read_features
+from bridge.qupath_geojson import QuPathObject, not_detections, read_features
 from bridge.record_summary import RUN, SCRIPT, RecordsSummary, entry_summary_from_records, newer_source
 from bridge.run_lock import remove_orphan_parts, run_lock
 from bridge.targets import (
@@ -653,7 +653,8 @@ def build_queue(
             region_notes[entry.entry_id].append(note)
         geojson = pdl1 / entry.entry_id / "objects.geojson"
         try:
-            objects = list(read_features(geojson)) if geojson.is_file() else []
+            # Its regions and tiles: the nuclei, most of the file, are passed over unparsed.
+            objects = list(read_features(geojson, keep=not_detections)) if geojson.is_file() else []
         except (ValueError, Pdl1Error) as err:  # the entry is ranked by its summary, without regions; said
             region_notes[entry.entry_id].append(f"no regions listed: {geojson} does not read ({err}); {fix}")
             objects = []

@@ -46,6 +46,7 @@ from bridge.run import (
     write_image_files,
     write_result_files,
     write_targets,
+    written,
 )
 from bridge.run_lock import remove_orphan_parts, run_lock
 from inference import SlideResult
@@ -179,7 +180,14 @@ def run_batch_ray(
                 outcomes[job.key] = _failed(job, status, getattr(err, "cause", None) or err, t0)
             else:
                 outcomes[job.key] = outcome
-                status.record(job.key, state="done", image=job.name, run_id=outcome.run_id, seconds=outcome.seconds)
+                status.record(
+                    job.key,
+                    state="done",
+                    image=job.name,
+                    run_id=outcome.run_id,
+                    seconds=outcome.seconds,
+                    **written(outcome),
+                )
             if on_image is not None:
                 on_image(len(outcomes), len(jobs), job.name)
 

@@ -923,8 +923,20 @@ def _run_job(i, total, job, config, models, project, status, qp_session, on_imag
         outcome = ImageOutcome(job.key, job.name, "failed", time.perf_counter() - t0, error=message)
         status.record(job.key, state="failed", error=message, image=job.name)
     else:
-        status.record(job.key, state="done", image=job.name, run_id=outcome.run_id, seconds=outcome.seconds)
+        status.record(
+            job.key, state="done", image=job.name, run_id=outcome.run_id, seconds=outcome.seconds, **written(outcome)
+        )
     return outcome
+
+
+def written(outcome: ImageOutcome) -> dict[str, int]:
+    """What status.json keeps of an image's GeoJSON as the run wrote it, its size, so that ``--resume`` knows it
+    whole without parsing it again (seconds and hundreds of MB for a slide's nuclei, before anything new was
+    analysed); nothing where it cannot be seen from here."""
+    try:
+        return {"geojson_bytes": Path(outcome.outputs[0]).stat().st_size}
+    except (IndexError, OSError):
+        return {}
 
 
 def failure_message(err: BaseException) -> str:
@@ -1015,7 +1027,8 @@ def analysis_settings(config: RunConfig) -> dict[str, Any]:
 def resume_skips(
     job: _Job, status: RunStatus, project: Path | None, *, written_by_qupath: bool, stain_given: str | None = None
 ) -> bool:
-    """Whether ``--resume`` may skip this image: recorded done, and what the run wrote is there and reads.
+    """Whether ``--resume`` may skip this image: recorded done, and what the run wrote is there and reads (its
+    GeoJSON known whole by the size the run recorded, else parsed).
 
     ``status.json`` says an image was done; a kill or a full disk afterwards can still have damaged what
     it wrote, so that is checked here, and an image whose results are not whole is analysed again with a
@@ -1077,6 +1090,13 @@ def _of_another_image(job: _Job, summary: dict[str, Any]) -> str | None:
     return None
 
 
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
 def skipped_outcome(job: _Job, project: Path | None, status_folder: Path) -> ImageOutcome:
     """The outcome of an image ``--resume`` skipped: state ``skipped``, with the results the earlier run recorded
     in its summary (which :func:`resume_skips` has just read whole), so the closing table shows them rather than a
@@ -1095,7 +1115,10 @@ def _results_problem(
     job: _Job, status: RunStatus, project: Path | None, *, written_by_qupath: bool, stain_given: str | None = None
 ) -> str | None:
     geojson, summary = output_paths(job.key, project, status.folder)
+    recorded = status.images[job.key].get("geojson_bytes")
     for path in (geojson, summary):
+        if path == geojson and isinstance(recorded, int) and _size(path) == recorded:
+            continue  # the size the run wrote it at: whole, not parsed again (a copy cut short has another size)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:

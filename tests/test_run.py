@@ -523,6 +523,27 @@ def test_resume_runs_again_a_done_image_whose_files_were_damaged_and_says_why(tm
     assert re.search(r"s32\.svs: recorded as done .*s32\.summary\.json is not a pdl1 summary", caplog.text)
 
 
+def test_resume_knows_a_geojson_whole_by_its_recorded_size_without_parsing_it(tmp_path, slides, models, monkeypatch):
+    # helper-135: --resume parsed every finished image's whole GeoJSON (a slide's nuclei: seconds and hundreds of MB
+    # each) before analysing anything new. status.json keeps its size as written; a copy cut short has another.
+    import bridge.run
+
+    out = tmp_path / "out"
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never", out=out)
+    run_batch(slides[:1], config, models=models)
+    status = json.loads((out / "pdl1" / "status.json").read_text())
+    assert status["images"]["s31"]["geojson_bytes"] == (out / "s31.geojson").stat().st_size
+    parsed = []
+    real = bridge.run.json.loads
+    monkeypatch.setattr(bridge.run.json, "loads", lambda text, *a, **k: parsed.append(text[:40]) or real(text, *a, **k))
+    resume = RunConfig(pipeline=config.pipeline, qupath="never", out=out, resume=True)
+    assert [o.state for o in run_batch(slides[:1], resume, models=models)] == ["skipped"]
+    assert not any("FeatureCollection" in text for text in parsed)
+    data = (out / "s31.geojson").read_bytes()
+    (out / "s31.geojson").write_bytes(data[: len(data) // 2])  # as an interrupted copy leaves it
+    assert [o.state for o in run_batch(slides[:1], resume, models=models)] == ["done"]
+
+
 def test_a_damaged_run_status_stops_a_resume_and_is_set_aside_by_a_run_without_it(tmp_path, slides, models, caplog):
     # A run that resumes nothing was refused with "delete it" too, though it analyses every image anyway.
     out = tmp_path / "out"

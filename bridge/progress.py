@@ -1,19 +1,89 @@
-"""Progress bars for the CLI: library code reports through ``on_progress(done, total)``."""
+"""Progress for the CLI: library code reports through ``on_progress(done, total)``.
+
+In a terminal a rich bar; where stderr is no terminal (``nohup``, a job scheduler, ``2> log``) rich draws its bar
+only when it stops, so a log showed nothing of a run for hours: lines are written instead (:class:`ProgressLines`).
+"""
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TextIO
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+# At most one line per this many seconds in a log, besides the first and the last.
+LINE_EVERY_S = 30.0
+
+
+def writes_to_terminal(stream: TextIO | None = None) -> bool:
+    stream = sys.stderr if stream is None else stream
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # closed, or a stand-in without isatty
+        return False
+
+
+class ProgressLines:
+    """Progress as lines for a log: ``<description>: done/total (elapsed, about ETA left)``, at the first report, at
+    the last and at most every :data:`LINE_EVERY_S` seconds between (``always``: every report, as each image of a
+    run gets its line)."""
+
+    def __init__(self, description: str, *, stream: TextIO | None = None, every_s: float = LINE_EVERY_S) -> None:
+        self.description = description
+        self.stream = stream
+        self.every_s = every_s
+        self.started = time.monotonic()
+        self.last_line: float | None = None
+        self.last_done: int | None = None
+
+    def update(self, done: int, total: int | None, note: str = "", *, always: bool = False) -> None:
+        now = time.monotonic()
+        finished = total is not None and done >= total
+        due = self.last_line is None or now - self.last_line >= self.every_s
+        if (done == self.last_done and not always) or not (always or due or finished):
+            return
+        self.last_line, self.last_done = now, done
+        elapsed = now - self.started
+        where = f"{done}/{total}" if total is not None else str(done)
+        left = ""
+        if total is not None and 0 < done < total:
+            left = f", about {_duration(elapsed / done * (total - done))} left"
+        note = f" {note}" if note else ""
+        print(
+            f"{self.description}: {where}{note} ({_duration(elapsed)}{left})",
+            file=sys.stderr if self.stream is None else self.stream,
+            flush=True,
+        )
+
+
+def _duration(seconds: float) -> str:
+    """A duration as a person reads it in a log.
+
+    >>> _duration(5.2), _duration(75), _duration(3725)
+    ('5 s', '1 min 15 s', '1 h 2 min')
+    """
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 @contextmanager
 def progress_bar(description: str, *, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
-    """Yield an ``on_progress(done, total)`` callback drawing a rich bar (a no-op when disabled); a bar not
-    finished when the block ends (its work failed, or never reported) is taken away rather than left unfinished."""
+    """Yield an ``on_progress(done, total)`` callback drawing a rich bar (a no-op when disabled; lines where stderr
+    is no terminal); a bar not finished when the block ends (its work failed, or never reported) is taken away
+    rather than left unfinished."""
     if not enabled:
         yield lambda done, total: None
+        return
+    if not writes_to_terminal():
+        lines = ProgressLines(description)
+        yield lambda done, total: lines.update(done, total)
         return
     with Progress(
         TextColumn("{task.description}"),

@@ -703,7 +703,7 @@ def test_pdl1_report_draws_a_bar_of_the_images_unless_told_not_to(tmp_path):
         (out / f"{name}.summary.json").write_text(json.dumps(summary))
     shown = runner.invoke(app, ["report", str(out)])
     assert shown.exit_code == 0, shown.output
-    assert re.search(r"report .*2/2", shown.output), shown.output
+    assert re.search(r"report\b.*2/2", shown.output), shown.output
     quiet = runner.invoke(app, ["report", str(out), "--no-progress"])
     assert quiet.exit_code == 0 and "2/2" not in quiet.output, quiet.output
 
@@ -807,6 +807,7 @@ def test_no_unfinished_tiles_bar_is_left_at_the_end_of_a_run(monkeypatch, capsys
         return [ImageOutcome(str(i), f"{i}.svs", "done") for i in range(len(images))]
 
     monkeypatch.setattr(bridge.run, "run_batch", run_batch)
+    monkeypatch.setattr("bridge.progress.writes_to_terminal", lambda stream=None: True)  # the bars of a terminal
     run_with_progress([], None, progress=True)
     said = capsys.readouterr().err
     assert f"images ({len(images) - 1}.svs)" in said and f"{len(images)}/{len(images)}" in said, said
@@ -822,6 +823,8 @@ def test_a_tiles_bar_finished_by_the_last_image_stays(monkeypatch, capsys):
         on_image(0, 1, "a.svs")
         on_tiles(25, 25)
         return [ImageOutcome("a", "a.svs", "done")]
+
+    monkeypatch.setattr("bridge.progress.writes_to_terminal", lambda stream=None: True)  # the bars of a terminal
 
     monkeypatch.setattr(bridge.run, "run_batch", run_batch)
     run_with_progress([], None, progress=True)
@@ -1044,3 +1047,41 @@ def test_a_kill_while_torch_imports_in_the_background_is_held_and_then_stops_the
         env={**os.environ, "PYTHONPATH": str(tmp_path)},
     )
     assert (done.returncode, done.stdout.strip()) == (0, "interrupted; ran to the end: True"), done.stderr
+
+
+def test_a_run_logged_without_a_terminal_writes_a_line_as_each_image_starts(monkeypatch, capsys):
+    # helper-135: under nohup or a job scheduler rich draws its bar only when it stops: 40 s into a run of 160
+    # images its log held nothing, for hours on real slides.
+    import bridge.run
+    from bridge.cli.common import run_with_progress
+    from bridge.run import ImageOutcome
+
+    def run_batch(inputs, config, *, on_image, on_tiles=None):
+        for i in range(3):
+            on_image(i, 3, f"{i}.svs")
+        return [ImageOutcome(str(i), f"{i}.svs", "done") for i in range(3)]
+
+    monkeypatch.setattr(bridge.run, "run_batch", run_batch)
+    run_with_progress([], None, progress=True)
+    said = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0] for line in said] == [
+        "images: 0/3 next: 0.svs",
+        "images: 1/3 next: 1.svs",
+        "images: 2/3 next: 2.svs",
+        "images: 3/3",
+    ]
+    assert "left)" in said[1] and "━" not in "".join(said)
+
+
+def test_progress_lines_come_at_most_every_half_minute_besides_the_first_and_the_last(monkeypatch, capsys):
+    from bridge import progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(progress, "writes_to_terminal", lambda stream=None: False)
+    with progress.progress_bar("training") as on_progress:
+        for step in range(0, 101):
+            now[0] = step * 1.0  # a step a second
+            on_progress(step, 100)
+    said = [line.split(" (")[0] for line in capsys.readouterr().err.splitlines()]
+    assert said == ["training: 0/100", "training: 30/100", "training: 60/100", "training: 90/100", "training: 100/100"]

@@ -354,10 +354,23 @@ def pairs_table(path) -> None:
 def run_with_progress(inputs, run_config, *, progress: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from bridge.progress import ProgressLines, writes_to_terminal
     from bridge.run import run_batch
 
     if not progress:
         return run_batch(inputs, run_config)
+    if not writes_to_terminal(console.file):  # a log (nohup, a scheduler): a line as each image starts, and at the end
+        lines = ProgressLines("images")
+        total = [0]
+
+        def on_image_line(i: int, n: int, name: str) -> None:
+            total[0] = n
+            lines.update(i, n, f"next: {name}", always=True)
+
+        outcomes = run_batch(inputs, run_config, on_image=on_image_line)
+        if total[0]:
+            lines.update(total[0], total[0], always=True)
+        return outcomes
     bar = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
     )

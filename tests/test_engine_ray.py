@@ -125,6 +125,35 @@ def test_an_address_ray_cannot_use_says_what_it_takes(tmp_path, monkeypatch):
     assert not (tmp_path / "out" / "pdl1" / "run.lock").exists()
 
 
+def test_ray_init_leaves_the_commands_own_handler_of_a_kill(tmp_path, monkeypatch):
+    # helper-136: ray.init put its SIGTERM handler in, and a kill of `pdl1 run --engine ray` aborted in Ray's C++ core
+    # (exit -6, a stack) instead of stopping as a Ctrl-C does, its tasks left running.
+    import signal
+
+    from bridge.engine_ray import run_batch_ray
+    from bridge.project import ProjectError
+
+    def ours(signum, frame):
+        raise KeyboardInterrupt
+
+    def ray_init(address, **kwargs):
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)  # as Ray's own handler replaces the command's
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", ray_init)
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        slide = tmp_path / "s.svs"
+        write_phantom(slide, PhantomSpec(1024, 1024, seed=54, tps_percent=40))
+        config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="never", out=tmp_path / "out")
+        with pytest.raises(ProjectError, match="stop here"):
+            run_batch_ray([slide], config, address="auto")
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_an_address_where_nothing_listens_fails_in_seconds_naming_the_fix(tmp_path, monkeypatch):
     # Ray retried a closed HOST:PORT for minutes (20 tries of some 40 s) before it failed; the port is now
     # tried first, and ray.init is never reached.

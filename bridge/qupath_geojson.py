@@ -13,6 +13,7 @@ import json
 import math
 import uuid
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,7 +347,9 @@ def as_written_by_qupath(feature: Any) -> Any:
             f"{who}: GeoJSON of QuPath 0.3 or earlier ({old}); pdl1 reads what QuPath 0.4.4 "
             "and later write: open the project (or import these objects) in QuPath 0.4.4 or later and export again"
         )
-    props = feature.get("properties")
+    props = feature.get("properties", {})
+    if props is None:  # QuPath reads a feature of no properties as an unclassified annotation
+        props = {}
     if not isinstance(props, Mapping):
         return feature
     props = {"objectType": "annotation", **props}  # QuPath's reader makes an object of no type an annotation
@@ -354,7 +357,9 @@ def as_written_by_qupath(feature: Any) -> Any:
     if isinstance(cls, str):  # PathClass.fromString
         props["classification"] = {"name": cls}
     elif isinstance(cls, Mapping) and isinstance(cls.get("color"), list) and len(cls["color"]) == 4:
-        props["classification"] = {**cls, "color": cls["color"][:3]}
+        color = cls["color"]
+        if all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in color):
+            props["classification"] = {**cls, "color": color[:3]}  # its alpha: QuPath's class colour with alpha
     out = {**feature, "properties": props}
     fid = feature.get("id")
     try:
@@ -385,9 +390,14 @@ def from_feature(feature: Mapping[str, Any]) -> QuPathObject:
         ) from err
     plane = feature["geometry"].get("plane")
     plane_zt = (0, 0)
-    if isinstance(plane, Mapping):
-        z, t = plane.get("z", 0), plane.get("t", 0)
-        plane_zt = (z, t) if isinstance(z, int) and isinstance(t, int) else (0, 0)
+    if plane is not None:
+        z, t = (plane.get("z", 0), plane.get("t", 0)) if isinstance(plane, Mapping) else (None, None)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (z, t)):
+            raise GeoJsonError(
+                f"feature {feature['id']}: its geometry's plane must be an object of whole numbers z and t from 0, "
+                f'as QuPath writes it ({{"c": -1, "z": 0, "t": 0}}), got {plane!r:.80}'
+            )
+        plane_zt = (z, t)
     return QuPathObject(
         geometry=geometry,
         plane_zt=plane_zt,
@@ -402,8 +412,8 @@ def from_feature(feature: Mapping[str, Any]) -> QuPathObject:
 
 
 def read_geojson_text(path: str | Path) -> str:
-    """The text of a GeoJSON file as QuPath's *Export objects* writes it: plain, or compressed (``.gz``, or a
-    ``.zip`` holding one GeoJSON file; QuPath reads both back, PathIO v0.4.4)."""
+    """The text of a GeoJSON file as QuPath's *Export objects* writes it: plain, or compressed (a ``.zip`` holding
+    one GeoJSON file, which QuPath reads back, PathIO v0.4.4; also ``.gz``, as such files get compressed)."""
     path = Path(path)
     kind = path.suffix.lower()
     if kind not in (".gz", ".zip"):
@@ -413,7 +423,13 @@ def read_geojson_text(path: str | Path) -> str:
             with gzip.open(path, "rt", encoding="utf-8") as fh:
                 return fh.read()
         with zipfile.ZipFile(path) as archive:
-            inside = [n for n in archive.namelist() if n.lower().endswith((".geojson", ".json"))]
+            inside = [
+                n
+                for n in archive.namelist()
+                if n.lower().endswith((".geojson", ".json"))
+                and not n.startswith("__MACOSX/")  # what macOS's Finder adds to a zip it makes
+                and not Path(n).name.startswith("._")
+            ]
             if len(inside) != 1:
                 raise GeoJsonError(
                     f"a .zip export holds one GeoJSON file; this one holds {len(inside)} "
@@ -422,8 +438,8 @@ def read_geojson_text(path: str | Path) -> str:
             return archive.read(inside[0]).decode("utf-8")
     except FileNotFoundError:
         raise
-    except (OSError, EOFError, zipfile.BadZipFile) as err:  # cut short, or not compressed as its name says
-        raise GeoJsonError(f"not a readable {kind} file ({err}); export the objects again") from err
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:  # cut short, damaged, or not compressed
+        raise GeoJsonError(f"not a readable {kind} file ({err})") from err
 
 
 def read_features(path: str | Path, *, keep: Callable[[Any], bool] | None = None) -> Iterator[QuPathObject]:

@@ -216,16 +216,18 @@ def test_what_qupath_04_to_07_exports_and_reads_is_read(tmp_path):
     # A hand-made file QuPath reads: a class given as its name, no colour, no id, no objectType (an annotation).
     bare = {"type": "Feature", "geometry": point, "properties": {"classification": "Tumor: Positive"}}
     nameless = {"type": "Feature", "id": 7, "geometry": point, "properties": {"classification": {"name": "Other"}}}
-    objects = list(read_features(_export(tmp_path, [cell, core, rgba, bare, nameless])))
+    plain = {"type": "Feature", "geometry": point}  # no properties: an unclassified annotation to QuPath
+    objects = list(read_features(_export(tmp_path, [cell, core, rgba, bare, nameless, plain])))
     assert [(o.object_type, o.classification, o.color) for o in objects] == [
         ("cell", "Tumor", (200, 0, 0)),
         ("tmaCore", None, None),
         ("annotation", "Ignore*", (1, 2, 3)),
         ("annotation", "Tumor: Positive", None),
         ("annotation", "Other", None),
+        ("annotation", None, None),
     ]
     # Ids made for the features that had none are UUIDs, the same on every read (a label hash stays the same).
-    again = list(read_features(_export(tmp_path, [cell, core, rgba, bare, nameless], "again.geojson")))
+    again = list(read_features(_export(tmp_path, [cell, core, rgba, bare, nameless, plain], "again.geojson")))
     assert [o.id for o in objects] == [o.id for o in again] and all(uuid.UUID(o.id) for o in objects)
     assert objects[3].id != objects[4].id
 
@@ -243,8 +245,16 @@ def test_compressed_exports_are_read_and_a_damaged_one_is_named(tmp_path):
     for name in ("a.geojson.gz", "a.zip"):
         assert [o.id for o in read_features(tmp_path / name)] == [feature["id"]]
     (tmp_path / "cut.geojson.gz").write_bytes(gzip.compress(text.encode())[:20])
-    with pytest.raises(GeoJsonError, match=r"not a readable \.gz file \(.*\); export the objects again"):
-        list(read_features(tmp_path / "cut.geojson.gz"))
+    packed = bytearray(gzip.compress((text * 20).encode()))
+    packed[30:90] = bytes(60)  # damaged inside: zlib's own error, which is no OSError (helper-136: a traceback)
+    (tmp_path / "damaged.geojson.gz").write_bytes(bytes(packed))
+    for name in ("cut.geojson.gz", "damaged.geojson.gz"):
+        with pytest.raises(GeoJsonError, match=r"not a readable \.gz file \(.+\)$"):  # the caller says the fix
+            list(read_features(tmp_path / name))
+    with zipfile.ZipFile(tmp_path / "finder.zip", "w") as archive:  # as macOS's Finder compresses a file
+        archive.writestr("slide 1.geojson", text)
+        archive.writestr("__MACOSX/._slide 1.geojson", b"\x00\x05\x16\x07")
+    assert [o.id for o in read_features(tmp_path / "finder.zip")] == [feature["id"]]
     with zipfile.ZipFile(tmp_path / "two.zip", "w") as archive:
         archive.writestr("a.geojson", text)
         archive.writestr("b.geojson", text)
@@ -297,3 +307,25 @@ def test_a_reader_of_regions_and_tiles_passes_over_the_nuclei_unparsed(tmp_path)
     assert [o.id for o in read_features(path, keep=not_detections)] == [region["id"]]
     with pytest.raises(GeoJsonError, match="malformed coordinates"):  # read whole, every feature is checked
         list(read_features(path))
+
+
+@pytest.mark.parametrize(
+    ("geometry", "properties", "says"),
+    [
+        ({}, {"classification": {"name": "Other", "color": [1, 2, 3, 999]}}, "needs 'color': \\[r, g, b\\]"),
+        ({"plane": {"c": -1, "z": True, "t": 0}}, {}, "plane must be an object of whole numbers z and t"),
+        ({"plane": {"c": -1, "z": -1, "t": 0}}, {}, "plane must be an object of whole numbers z and t"),
+        ({"plane": {"c": -1, "z": 1.0, "t": 0}}, {}, "plane must be an object of whole numbers z and t"),
+        ({"plane": [0, 1]}, {}, "plane must be an object of whole numbers z and t"),
+    ],
+)
+def test_values_qupath_would_not_write_are_refused_by_the_lenient_reading_too(tmp_path, geometry, properties, says):
+    # helper-136: an alpha colour was cut to RGB before it was checked; a plane z of true, -1 or 1.0 read as a plane.
+    feature = {
+        "type": "Feature",
+        "id": str(uuid.uuid4()),
+        "geometry": {"type": "Point", "coordinates": [1, 2], **geometry},
+        "properties": {"objectType": "annotation", **properties},
+    }
+    with pytest.raises(GeoJsonError, match=says):
+        list(read_features(_export(tmp_path, [feature])))

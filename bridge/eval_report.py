@@ -269,7 +269,11 @@ def write_report(
             record = {**provenance, "files": sorted(p.name for p in written.values())}
             if kept is not None:
                 rewritten = set(record["files"]) | {"provenance.json"}
-                files = [name for name in kept["files"] if isinstance(name, str) and name not in rewritten]
+                # The kept table's own files: an IHC table has no plots, and an H&E table's overlays and plots
+                # are no IHC table's (helper-136: a run of both tables, then H&E again, kept its old overlays
+                # listed under the IHC table).
+                own = (lambda n: n == "ihc_metrics.csv") if he else (lambda n: n != "ihc_metrics.csv")
+                files = [n for n in kept["files"] if isinstance(n, str) and n not in rewritten and own(n)]
                 record[KEPT_FROM_EARLIER_RUN] = {**kept, "files": sorted(n for n in files if (out / n).is_file())}
             json.dump(record, open_new(out / "provenance.json"), indent=2, default=str)
             written["provenance"] = out / "provenance.json"

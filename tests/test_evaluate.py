@@ -382,3 +382,26 @@ def test_an_interrupted_plot_leaves_the_earlier_png_whole(tmp_path, monkeypatch)
             write_report([], out)
     assert written["reliability"].read_bytes() == before
     assert not [p for p in out.rglob("*") if p.name.endswith(".part")]
+
+
+def test_a_run_keeping_the_ihc_table_of_a_run_of_both_keeps_none_of_its_h_and_e_files(tmp_path):
+    # helper-136: after a run of both stains, an H&E run kept the earlier run under the IHC table with its H&E
+    # overlay of a slide no table reports, which stayed.
+    import warnings
+
+    from bridge.eval_report import write_report
+
+    out = tmp_path / "report"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no slides: empty legends and histograms
+        write_report([], out, provenance={"run": 1}, ihc_rows=[{"slide": "c.svs"}])
+    (out / "a_overlay.png").write_bytes(b"\x89PNG")
+    first = json.loads((out / "provenance.json").read_text())
+    first["files"] = sorted([*first["files"], "a_overlay.png"])  # as if run 1 had scored an H&E slide a
+    (out / "provenance.json").write_text(json.dumps(first))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        write_report([], out, provenance={"run": 2})  # H&E again, no slide a
+    record = json.loads((out / "provenance.json").read_text())
+    assert record["kept_from_earlier_run"] == {"run": 1, "files": ["ihc_metrics.csv"]}
+    assert not (out / "a_overlay.png").exists()

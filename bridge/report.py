@@ -588,6 +588,7 @@ def _write(
 ) -> tuple[Path, Path]:
     """write_report's files, in ``out`` (its lock held); ``running``: who was running ``pdl1 run`` there."""
     drawn_before = _thumbnails_listed(out / REPORT_MARK)
+    listed = set(drawn_before)  # the mark's list while drawing: the earlier report's and this one's so far
     (out / REPORT_MARK).touch()  # before the thumbnails: a report stopped among them can be made again here
     rows = []
     all_targets: list[TargetRow] = []  # the report folder's targets.csv
@@ -647,6 +648,10 @@ def _write(
                 "targets": targets,
             }
         )
+        thumbnail = rows[-1].get("thumbnail")
+        if thumbnail is not None and thumbnail.name not in listed:  # listed as drawn: a killed report's are known
+            listed.add(thumbnail.name)
+            _list_thumbnails(out, listed)
     if on_progress is not None:
         on_progress(len(items), len(items))
     html_path, csv_path = out / "report.html", out / "report.csv"
@@ -677,12 +682,16 @@ def _thumbnails_listed(mark: Path) -> set[str]:
     return {n for n in names if n.lower().endswith(".png") and Path(n).name == n}
 
 
+def _list_thumbnails(out: Path, names: set[str]) -> None:
+    with replace_atomically(out / REPORT_MARK) as fh:
+        fh.write("".join(f"{name}\n" for name in sorted(names)))
+
+
 def _forget_old_thumbnails(out: Path, drawn_before: set[str], drawn: set[str]) -> None:
     """List this report's thumbnails in its mark, then remove those an earlier report drew here that this one did
     not (an entry removed from the project, or a slide no longer found): they stayed beside the report, pictures
     of nothing it reports. Only files a report listed as its own go; a PNG of the user's is left alone."""
-    with replace_atomically(out / REPORT_MARK) as fh:
-        fh.write("".join(f"{name}\n" for name in sorted(drawn)))
+    _list_thumbnails(out, drawn)
     for name in sorted(drawn_before - drawn):
         try:
             (out / name).unlink(missing_ok=True)

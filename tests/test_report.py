@@ -959,3 +959,37 @@ def test_a_project_never_run_is_told_to_run_once_not_warned_of_a_stopped_run(tmp
         write_report(project)
     assert str(err.value).endswith(f"; no image of the project has been analysed yet: run `pdl1 run {project}`")
     assert "a run stopped" not in str(err.value) and not caplog.records
+
+
+def test_a_report_stopped_among_its_thumbnails_has_listed_those_drawn(tmp_path, monkeypatch):
+    # helper-136: the list was written after report.html, so thumbnails of a killed report were never removed.
+    import numpy as np
+    import tifffile
+
+    import bridge.report
+
+    project = tmp_path / "project"
+    _project(project, ["a.tif", "b.tif"])
+    for entry, name in (("1", "a.tif"), ("2", "b.tif")):
+        tifffile.imwrite(project / name, np.full((64, 64, 3), 235, np.uint8))
+        (project / "pdl1" / entry).mkdir(parents=True)
+        (project / "pdl1" / entry / "summary.json").write_text(json.dumps(_summary(project / name)))
+        (project / "pdl1" / entry / "objects.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    real = bridge.report._thumbnail
+
+    def stopped_at_b(item, out, *args, **kwargs):
+        if item.image_name == "b.tif":
+            raise KeyboardInterrupt
+        return real(item, out, *args, **kwargs)
+
+    monkeypatch.setattr(bridge.report, "_thumbnail", stopped_at_b)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(project)
+    report = project / "pdl1" / "report"
+    assert (report / ".pdl1-report").read_text() == "1-a.png\n" and (report / "1-a.png").is_file()
+    monkeypatch.setattr(bridge.report, "_thumbnail", real)
+    raw = json.loads((project / "project.qpproj").read_text())
+    raw["images"] = raw["images"][1:]  # entry 1 removed before the report is made again
+    (project / "project.qpproj").write_text(json.dumps(raw))
+    write_report(project)
+    assert sorted(p.name for p in report.glob("*.png")) == ["2-b.png"]

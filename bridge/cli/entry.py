@@ -49,7 +49,7 @@ class _InterruptHeld:
 
     def __exit__(self, *exc_info: object) -> None:
         signal.signal(signal.SIGINT, self._before)
-        if self._terminated and _sigint_ignored(self._before):
+        if self._terminated and _sigint_unhandled(self._before):
             raise KeyboardInterrupt
         if self._came or self._terminated:
             signal.raise_signal(signal.SIGINT)  # the handler before (Python's: KeyboardInterrupt) takes it here
@@ -90,7 +90,8 @@ class HoldInterruptsWhileImporting(importlib.abc.MetaPathFinder):
         return spec
 
 
-def _sigint_ignored(handler: object) -> bool:
+def _sigint_unhandled(handler: object) -> bool:
+    """Whether a SIGINT raises no KeyboardInterrupt here: ignored (a background job), default, or set outside Python."""
     return handler in (signal.SIG_IGN, signal.SIG_DFL, None)
 
 
@@ -99,7 +100,7 @@ def _as_interrupt(signum: int, frame: object) -> None:
     held = getattr(handler, "__self__", None)
     if isinstance(held, _InterruptHeld):  # torch importing: the stop comes at the end of the import
         held.terminate()
-    elif _sigint_ignored(handler):
+    elif _sigint_unhandled(handler):
         # A command started in the background (`cmd &` in a script) ignores SIGINT, so a kill forwarded as one was
         # lost, and left at its default it ended the command where it stood, its half-written folders left for good.
         raise KeyboardInterrupt

@@ -70,7 +70,7 @@ from bridge.project import (
     read_project,
     review_reason_text,
 )
-from bridge.qupath_geojson import QuPathObject, not_detections, read_features
+from bridge.qupath_geojson import READ_ONLY_OBJECT_TYPES, QuPathObject, not_detections, read_features
 from bridge.record_summary import RUN, SCRIPT, RecordsSummary, entry_summary_from_records, newer_source
 from bridge.run_lock import remove_orphan_parts, run_lock
 from bridge.targets import (
@@ -342,6 +342,8 @@ def labelled_area(objects: Iterable[QuPathObject]) -> BaseGeometry:
         if obj.geometry.is_empty or obj.geometry.geom_type not in ("Polygon", "MultiPolygon"):
             continue
         if is_own_object(obj.object_type, obj.classification, obj.name, obj.measurements):
+            continue
+        if obj.object_type in READ_ONLY_OBJECT_TYPES or obj.plane_zt != (0, 0):  # no labels to training either
             continue
         geometry = obj.geometry if obj.geometry.is_valid else shapely.make_valid(obj.geometry)
         if obj.classification in label_classes:

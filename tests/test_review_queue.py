@@ -749,3 +749,19 @@ def test_a_plain_slides_output_folder_is_told_what_the_command_takes(tmp_path):
     (tmp_path / "a.summary.json").write_text(json.dumps({"image": str(tmp_path / "a.svs"), "mpp": 0.5}))
     with pytest.raises(ReviewQueueError, match=r"holds the results of slides run without a project .* review-queue "):
         write_review_queue(tmp_path, qupath="never")
+
+
+def test_the_labelled_area_leaves_out_what_training_leaves_out():
+    # helper-136: training passes over TMA cores and objects on another z-slice, but the queue's "% already labelled"
+    # counted them.
+    import dataclasses
+
+    from shapely.geometry import box
+
+    from bridge.qupath_geojson import QuPathObject
+    from bridge.review_queue import labelled_area
+
+    region = QuPathObject(box(0, 0, 10, 10), "annotation", "Training region")
+    core = QuPathObject(box(20, 20, 30, 30), "tmaCore", "Training region")
+    elsewhere = dataclasses.replace(QuPathObject(box(40, 40, 50, 50), "annotation", "Training region"), plane_zt=(2, 0))
+    assert labelled_area([region, core, elsewhere]).area == 100

@@ -1085,3 +1085,21 @@ def test_progress_lines_come_at_most_every_half_minute_besides_the_first_and_the
             on_progress(step, 100)
     said = [line.split(" (")[0] for line in capsys.readouterr().err.splitlines()]
     assert said == ["training: 0/100", "training: 30/100", "training: 60/100", "training: 90/100", "training: 100/100"]
+
+
+def test_a_resume_of_a_long_batch_shows_the_images_it_analysed_not_those_done_earlier(capsys):
+    # helper-135: --resume with 1 of 160 images left printed 159 "skipped (done earlier)" rows and 80 review lines.
+    from bridge.cli.common import SKIPPED_ROWS_SHOWN, outcome_table
+    from bridge.run import ImageOutcome
+
+    done = [
+        ImageOutcome(str(i), f"s{i}.svs", "skipped", uncertainty_flag=True, review_reasons=("stain",))
+        for i in range(SKIPPED_ROWS_SHOWN)
+    ]
+    outcome_table([*done, ImageOutcome("new", "new.svs", "done", 3.0, tps_percent=12.0)])
+    said = capsys.readouterr().out
+    assert "new.svs" in said and "s0.svs" not in said and "skipped (done earlier)" not in said
+    assert f"{SKIPPED_ROWS_SHOWN} images done by an earlier run are left out of this table" in " ".join(said.split())
+    outcome_table([*done[:3], ImageOutcome("new", "new.svs", "done", 3.0)])  # a short batch keeps every row
+    said = capsys.readouterr().out
+    assert "s0.svs" in said and "left out of this table" not in said

@@ -208,6 +208,10 @@ def pipeline_config(
     )
 
 
+# Above this many images, a run's closing table leaves out those --resume skipped (done by an earlier run).
+SKIPPED_ROWS_SHOWN = 25
+
+
 def outcome_table(outcomes) -> None:
     from collections import Counter
 
@@ -227,6 +231,13 @@ def outcome_table(outcomes) -> None:
     def label(o) -> str:
         return f"{o.name} (entry {o.key})" if o.name in shared else o.name
 
+    # A --resume of a long batch: its rows of images done earlier buried the few this run analysed or failed on
+    # (159 of 160 rows, with their review lines; helper-135). Left out above a few, and counted.
+    skipped = [o for o in outcomes if o.state == "skipped"]
+    if len(outcomes) > SKIPPED_ROWS_SHOWN and skipped:
+        outcomes = [o for o in outcomes if o.state != "skipped"]
+    else:
+        skipped = []
     for o in outcomes:
 
         def num(v, fmt=".1f"):
@@ -255,7 +266,16 @@ def outcome_table(outcomes) -> None:
             num(o.candidates, "d"),
             "" if o.state == "skipped" else num(o.seconds),  # this run spent none on it
         )
-    stdout().print(table)
+    if outcomes:
+        stdout().print(table)
+    if skipped:
+        stdout().print(
+            f"{len(skipped)} image{'s' if len(skipped) > 1 else ''} done by an earlier run "
+            f"{'are' if len(skipped) > 1 else 'is'} left out of this table (their results are kept, in targets.csv "
+            "beside the run's status.json; `pdl1 report` shows every image)",
+            markup=False,
+            highlight=False,
+        )
     # Why each flagged image needs review, where a pathologist sees it (a stated stain its colour contradicts,
     # an image outside the model's domain): the table's "needs review" alone says not where to look.
     for o in outcomes:

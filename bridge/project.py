@@ -839,7 +839,12 @@ class RunStatus:
         if self.current is not None:
             self.settings[self.current[0]] = self.current[1]
         self.settings = {k: v for k, v in self.settings.items() if k in used}
-        write_json_atomic(self.path, {"images": self.images, "settings": self.settings})
+        # Written after every image: an image a line, by json's C encoder (indent=2 takes the pure-Python one, whose
+        # cost over a whole batch grows as its square: 162 ms an image at 10 000 images; helper-135).
+        images = ",\n".join(f"    {json.dumps(k)}: {json.dumps(v, allow_nan=False)}" for k, v in self.images.items())
+        settings = json.dumps(self.settings, indent=2, allow_nan=False).replace("\n", "\n  ")
+        with replace_atomically(self.path) as fh:
+            fh.write(f'{{\n  "images": {{\n{images}\n  }},\n  "settings": {settings}\n}}\n')
 
     def replacing(self, key: str, *, image: str) -> None:
         """Record an image an earlier run finished as being analysed again, before its results are replaced.

@@ -349,8 +349,8 @@ def test_two_entries_sharing_an_image_name_keep_their_own_thumbnail_row_and_reas
     assert [(r["image"], r["entry_id"]) for r in rows] == [("a.tif", "1"), ("a.tif", "2")]
     assert rows[0]["review_reasons"] == "segmentation uncertainty (0.0932, limit 0.0873)"
     page = html_path.read_text()
-    assert sorted(p.name for p in html_path.parent.glob("*.png")) == ["1-a.png", "2-a.png"]
-    assert 'src="1-a.png"' in page and 'src="2-a.png"' in page and "a.tif (QuPath entry 2)" in page
+    assert sorted(p.name for p in html_path.parent.glob("*.jpg")) == ["1-a.jpg", "2-a.jpg"]
+    assert 'src="1-a.jpg"' in page and 'src="2-a.jpg"' in page and "a.tif (QuPath entry 2)" in page
 
 
 def test_the_thumbnail_draws_each_uncertainty_tile_by_its_outline(tmp_path):
@@ -386,7 +386,7 @@ def test_the_thumbnail_draws_each_uncertainty_tile_by_its_outline(tmp_path):
         collection = {"type": "FeatureCollection", "features": drawn}
         (project / "pdl1" / entry / "objects.geojson").write_text(json.dumps(collection))
     html_path, _ = write_report(project)
-    with_tiles, plain = (np.asarray(Image.open(html_path.parent / f"{e}-a.png").convert("RGB"), float) for e in "12")
+    with_tiles, plain = (np.asarray(Image.open(html_path.parent / f"{e}-a.jpg").convert("RGB"), float) for e in "12")
     changed = np.abs(with_tiles - plain).sum(axis=2) > 30
     assert changed.shape == (64, 64)  # one thumbnail px per image px here
     assert changed[4:28, 2:36].mean() > 0.9  # the whole cell, and the trimmed tile's left part
@@ -420,7 +420,7 @@ def test_a_geojson_that_does_not_read_is_named_with_the_fix_and_the_numbers_repo
     assert "run the image again (`pdl1 run` with --resume analyses again an image whose results do not read)" in (
         caplog.text
     )
-    assert sorted(p.name for p in html_path.parent.glob("*.png")) == ["2-b.png"]
+    assert sorted(p.name for p in html_path.parent.glob("*.jpg")) == ["2-b.jpg"]
 
 
 def test_the_report_says_its_progress_image_by_image(tmp_path):
@@ -659,7 +659,7 @@ def test_the_thumbnail_draws_every_cores_regions_where_the_run_left_them_and_onl
             )
         html_path, _ = write_report(project)
         pages[name] = html_path.read_text()
-        picture[name] = np.asarray(Image.open(html_path.parent / "1-tma.png").convert("RGB"), float)
+        picture[name] = np.asarray(Image.open(html_path.parent / "1-tma.jpg").convert("RGB"), float)
     scale = picture["none"].shape[1] / 160
     edge = (round(115 * scale), round(95 * scale))  # on the region's left edge, inside core B-2
     assert np.abs(picture["this run"][edge] - picture["none"][edge]).sum() > 60
@@ -705,7 +705,7 @@ def test_the_thumbnail_draws_every_cores_graded_cells_where_the_run_kept_them(tm
             )
         html_path, _ = write_report(project)
         pages[name] = html_path.read_text()
-        picture[name] = np.asarray(Image.open(html_path.parent / "1-tma.png").convert("RGB"), float)
+        picture[name] = np.asarray(Image.open(html_path.parent / "1-tma.jpg").convert("RGB"), float)
     scale = picture["none"].shape[1] / 160
     inside = picture["this run"][round(112 * scale) : round(138 * scale), round(102 * scale) : round(128 * scale)]
     before = picture["none"][round(112 * scale) : round(138 * scale), round(102 * scale) : round(128 * scale)]
@@ -722,7 +722,7 @@ def test_the_thumbnail_outlines_each_core_where_the_summary_keeps_its_outline(tm
     picture = {}
     for name, targets in (("with", outlined), ("without", [{**t, "outline": None} for t in outlined])):
         html_path, _ = write_report(_tma_project(tmp_path / name, targets))
-        picture[name] = np.asarray(Image.open(html_path.parent / "1-tma.png").convert("RGB"), float)
+        picture[name] = np.asarray(Image.open(html_path.parent / "1-tma.jpg").convert("RGB"), float)
     changed = np.abs(picture["with"] - picture["without"]).sum(axis=2) > 30
     assert changed.shape == (160, 160)
     assert changed[70:130, 17:24].any(axis=1).all() and changed[70:130, 96:103].any(axis=1).all()  # its sides
@@ -758,7 +758,7 @@ def test_annotations_sharing_a_name_are_numbered_and_one_annotation_gets_no_tabl
     page = html_path.read_text()
     assert "Per target: 3 annotations (3 analysed), in the order analysed" in page
     assert [r.split("<td>", 2)[1].split("</td>")[0] for r in _section_table(page)] == ["Tumor #1", "Tumor #2", "$x_{$"]
-    assert (html_path.parent / "1-tma.png").is_file()  # a name that is no mathtext is drawn as it is
+    assert (html_path.parent / "1-tma.jpg").is_file()  # a name that is no mathtext is drawn as it is
     page = write_report(_tma_project(tmp_path / "one", targets[:1]))[0].read_text()
     assert "Per target" not in page  # its one row would repeat the section
 
@@ -872,7 +872,7 @@ def test_out_that_holds_other_files_is_refused_and_an_earlier_reports_is_replace
             write_report(project, out)
         assert str(err.value).startswith(f"--out {out} holds other files (")
         assert str(err.value).endswith(
-            "and no earlier pdl1 report; the report writes report.html, report.csv, targets.csv and a PNG per image "
+            "and no earlier pdl1 report; the report writes report.html, report.csv, targets.csv and a JPEG per image "
             "there, and would replace files of those names: give a new or empty folder"
         )
     assert (slides / "tma.png").read_bytes() == b"a slide" and not (project / "pdl1" / "report.html").exists()
@@ -896,7 +896,7 @@ def test_a_thumbnail_whose_name_holds_url_characters_is_linked_by_its_quoted_nam
     qpproj.write_text(json.dumps(raw))
     page = write_report(project)[0].read_text()
     (src,) = [part.split('"')[1] for part in page.split("<img src=")[1:]]
-    assert src == "1-Case%20%237%2050%25%3F.png" and (project / "pdl1" / "report" / "1-Case #7 50%?.png").is_file()
+    assert src == "1-Case%20%237%2050%25%3F.jpg" and (project / "pdl1" / "report" / "1-Case #7 50%?.jpg").is_file()
 
 
 def test_entries_not_analysed_yet_are_named_and_get_rows(tmp_path, caplog):
@@ -935,18 +935,18 @@ def test_thumbnails_of_entries_no_longer_reported_go_and_a_png_of_the_users_stay
         (project / "pdl1" / entry / "summary.json").write_text(json.dumps(_summary(project / name)))
         (project / "pdl1" / entry / "objects.geojson").write_text('{"type": "FeatureCollection", "features": []}')
     report = write_report(project)[0].parent
-    assert sorted(p.name for p in report.glob("*.png")) == ["1-a.png", "2-b.png"]
+    assert sorted(p.name for p in report.glob("*.jpg")) == ["1-a.jpg", "2-b.jpg"]
     (report / "my notes.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # the user's, not listed by any report
-    (report / ".pdl1-report.0123456789ab.part").write_text("1-a.png\n")  # the list's, left by a killed report
+    (report / ".pdl1-report.0123456789ab.part").write_text("1-a.jpg\n")  # the list's, left by a killed report
     raw = json.loads((project / "project.qpproj").read_text())
     raw["images"] = raw["images"][:1]  # entry 2 removed in QuPath
     (project / "project.qpproj").write_text(json.dumps(raw))
     write_report(project)
-    assert sorted(p.name for p in report.glob("*.png")) == ["1-a.png", "my notes.png"]
-    assert not list(report.glob("*.part")) and (report / ".pdl1-report").read_text() == "1-a.png\n"
+    assert sorted(p.name for p in report.glob("*.[jp][pn]g")) == ["1-a.jpg", "my notes.png"]
+    assert not list(report.glob("*.part")) and (report / ".pdl1-report").read_text() == "1-a.jpg\n"
     (project / "a.tif").unlink()  # its slide moved away: no thumbnail now, so none of an earlier report either
     write_report(project)
-    assert sorted(p.name for p in report.glob("*.png")) == ["my notes.png"]
+    assert sorted(p.name for p in report.glob("*.[jp][pn]g")) == ["my notes.png"]
 
 
 def test_a_project_never_run_is_told_to_run_once_not_warned_of_a_stopped_run(tmp_path, caplog):
@@ -986,10 +986,10 @@ def test_a_report_stopped_among_its_thumbnails_has_listed_those_drawn(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         write_report(project)
     report = project / "pdl1" / "report"
-    assert (report / ".pdl1-report").read_text() == "1-a.png\n" and (report / "1-a.png").is_file()
+    assert (report / ".pdl1-report").read_text() == "1-a.jpg\n" and (report / "1-a.jpg").is_file()
     monkeypatch.setattr(bridge.report, "_thumbnail", real)
     raw = json.loads((project / "project.qpproj").read_text())
     raw["images"] = raw["images"][1:]  # entry 1 removed before the report is made again
     (project / "project.qpproj").write_text(json.dumps(raw))
     write_report(project)
-    assert sorted(p.name for p in report.glob("*.png")) == ["2-b.png"]
+    assert sorted(p.name for p in report.glob("*.jpg")) == ["2-b.jpg"]

@@ -259,7 +259,7 @@ def test_project_sidecars_resume_after_a_crash_and_moved_slide(tmp_path, slides,
     moved_row = csv_path.read_text().splitlines()[3]
     assert moved_row.startswith("moved.svs,3,,,") and "has moved" in moved_row
     assert "Demo models." in html_path.read_text()  # Models(...) without folders: the shipped demos
-    assert [p.name for p in html_path.parent.glob("*s31.png")] == ["1-s31.png"]  # named by its QuPath entry too
+    assert [p.name for p in html_path.parent.glob("*s31.jpg")] == ["1-s31.jpg"]  # named by its QuPath entry too
 
 
 def test_a_project_summary_s_provenance_lists_the_script_s_records_found_beside_it(tmp_path, slides, models):

@@ -526,6 +526,16 @@ def test_init_project_checks_every_slide_first_and_creates_nothing_unless_all_ca
     assert [e.image_name for e in read_project(qpproj).entries] == ["p1.svs"]
 
 
+def test_init_project_says_a_reason_many_slides_share_once(tmp_path, phantom_svs):
+    # helper-135: 60 slides without a pixel size repeated one 350-character reason 60 times, a line of 21 KB.
+    missing = [tmp_path / f"gone{i}.svs" for i in range(5)]
+    with pytest.raises(ProjectError) as err:
+        init_project_files(tmp_path / "p", [phantom_svs, *missing])
+    said = str(err.value)
+    assert said.count("slide not found") == 1
+    assert f"5 slides ({missing[0]}, {missing[1]}, {missing[2]} and 2 more): " in said
+
+
 def test_init_project_can_add_the_readable_slides_and_name_the_others(tmp_path, phantom_svs, caplog):
     corrupt = tmp_path / "corrupt.svs"
     corrupt.write_bytes(b"not a slide")

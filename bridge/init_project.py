@@ -98,17 +98,17 @@ def settle_slides(slides: list[Path], problems: dict[Path, str], *, skip_unreada
 
 
 def _grouped(problems: dict[Path, str]) -> str:
-    """Each slide's problem, those of one reason said once (the slides named, the first few and how many more):
-    60 slides without a pixel size repeated one 350-character reason 60 times in a line of 21 KB (helper-135)."""
+    """Each slide's problem, a reason several share said once after their names: 60 slides without a pixel size
+    repeated one 350-character reason 60 times in a line of 21 KB (helper-135)."""
     groups: dict[str, list[Path]] = {}
     for slide, why in problems.items():
-        groups.setdefault(why.replace(str(slide), "SLIDE"), []).append(slide)
+        groups.setdefault(why.replace(str(slide), "<slide>"), []).append(slide)
     parts = []
     for generic, group in groups.items():
         if len(group) == 1:
             parts.append(f"{group[0]}: {problems[group[0]]}")
-        else:
-            parts.append(f"{len(group)} slides ({first_names([str(s) for s in group])}): {generic}")
+        else:  # every one named: a project made without them must say which (helper-137)
+            parts.append(f"{len(group)} slides ({', '.join(map(str, group))}): {generic}")
     return "; ".join(parts)
 
 

@@ -38,9 +38,12 @@ class ProgressLines:
         self.started = time.monotonic()
         self.last_line: float | None = None
         self.last_done: int | None = None
+        self.first: tuple[float, int] | None = None  # the first report: work done before it was done earlier
 
     def update(self, done: int, total: int | None, note: str = "", *, always: bool = False) -> None:
         now = time.monotonic()
+        if self.first is None:
+            self.first = (now, done)
         finished = total is not None and done >= total
         due = self.last_line is None or now - self.last_line >= self.every_s
         if (done == self.last_done and not always) or not (always or due or finished):
@@ -49,8 +52,10 @@ class ProgressLines:
         elapsed = now - self.started
         where = f"{done}/{total}" if total is not None else str(done)
         left = ""
-        if total is not None and 0 < done < total:
-            left = f", about {_duration(elapsed / done * (total - done))} left"
+        since, done_then = self.first
+        if total is not None and done_then < done < total:
+            # At this report's pace: images a --resume skipped, or a resumed training's steps, took no time here.
+            left = f", about {_duration((now - since) / (done - done_then) * (total - done))} left"
         note = f" {note}" if note else ""
         print(
             f"{self.description}: {where}{note} ({_duration(elapsed)}{left})",

@@ -656,7 +656,8 @@ def _write(
         thumbnail = rows[-1].get("thumbnail")
         if thumbnail is not None and thumbnail.name not in listed:  # listed as drawn: a killed report's are known
             listed.add(thumbnail.name)
-            _list_thumbnails(out, listed)
+            with (out / REPORT_MARK).open("a", encoding="utf-8") as fh:  # a line added, not the list written again
+                fh.write(f"{thumbnail.name}\n")
     if on_progress is not None:
         on_progress(len(items), len(items))
     html_path, csv_path = out / "report.html", out / "report.csv"

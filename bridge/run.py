@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import platform
+import re
 import time
 import traceback
 from collections import Counter
@@ -1090,6 +1091,19 @@ def _of_another_image(job: _Job, summary: dict[str, Any]) -> str | None:
     return None
 
 
+def _ends_whole(path: Path) -> bool:
+    """Whether a GeoJSON begins and ends as a FeatureCollection does, without NUL bytes there: a copy that sets the
+    file's full size first (Windows' CopyFile, rsync --preallocate) and stops leaves its end zeroed (helper-137)."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(64)
+            fh.seek(max(0, fh.seek(0, 2) - 64))
+            tail = fh.read()
+    except OSError:
+        return False
+    return b"\0" not in head + tail and head.lstrip().startswith(b"{") and re.search(rb"\]\s*\}\s*$", tail) is not None
+
+
 def _size(path: Path) -> int | None:
     try:
         return path.stat().st_size
@@ -1117,8 +1131,8 @@ def _results_problem(
     geojson, summary = output_paths(job.key, project, status.folder)
     recorded = status.images[job.key].get("geojson_bytes")
     for path in (geojson, summary):
-        if path == geojson and isinstance(recorded, int) and _size(path) == recorded:
-            continue  # the size the run wrote it at: whole, not parsed again (a copy cut short has another size)
+        if path == geojson and isinstance(recorded, int) and _size(path) == recorded and _ends_whole(path):
+            continue  # as the run wrote it: not parsed again (a copy cut short has another size or a zeroed end)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:

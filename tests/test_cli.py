@@ -1103,3 +1103,48 @@ def test_a_resume_of_a_long_batch_shows_the_images_it_analysed_not_those_done_ea
     outcome_table([*done[:3], ImageOutcome("new", "new.svs", "done", 3.0)])  # a short batch keeps every row
     said = capsys.readouterr().out
     assert "s0.svs" in said and "left out of this table" not in said
+
+
+def test_the_time_left_in_a_log_is_at_the_pace_of_this_run_not_of_the_work_done_before(monkeypatch, capsys):
+    # helper-137: 26 of 28 images skipped by --resume in no time gave "about 0 s left" for two 10-minute slides.
+    from bridge.progress import ProgressLines
+
+    now = [100.0]
+    monkeypatch.setattr("bridge.progress.time.monotonic", lambda: now[0])
+    lines = ProgressLines("images")
+    lines.update(26, 28, always=True)  # the first image this run analyses, after 26 done earlier
+    now[0] += 600
+    lines.update(27, 28, always=True)
+    said = capsys.readouterr().err.splitlines()
+    assert said[0] == "images: 26/28 (0 s)" and said[1] == "images: 27/28 (10 min 0 s, about 10 min 0 s left)"
+
+
+def test_a_long_slide_in_a_log_gets_tile_lines_and_a_stopped_resume_of_skips_only_shows_them(monkeypatch, capsys):
+    # helper-137: one long slide logged nothing between its start and its end; a Ctrl-C after 26 skipped images
+    # pointed at a table it had left out.
+    import bridge.run
+    from bridge.cli.common import outcome_table, run_with_progress
+    from bridge.run import ImageOutcome
+
+    now = [0.0]
+    monkeypatch.setattr("bridge.progress.time.monotonic", lambda: now[0])
+
+    def run_batch(inputs, config, *, on_image, on_tiles):
+        on_image(0, 1, "big.svs")
+        for done in range(0, 101):
+            now[0] = done * 1.0
+            on_tiles(done, 100)
+        return [ImageOutcome("big", "big.svs", "done")]
+
+    monkeypatch.setattr(bridge.run, "run_batch", run_batch)
+    run_with_progress([], None, progress=True)
+    said = [line.split(" (")[0] for line in capsys.readouterr().err.splitlines()]
+    assert said == [
+        "images: 0/1 next: big.svs",
+        *(f"tiles of big.svs: {done}/100" for done in (0, 30, 60, 90, 100)),
+        "images: 1/1",
+    ]
+    skipped = [ImageOutcome(str(i), f"s{i}.svs", "skipped") for i in range(26)]
+    outcome_table(skipped, batch=40)
+    said = capsys.readouterr().out
+    assert "s0.svs" in said and "left out of this table" not in said

@@ -542,6 +542,10 @@ def test_resume_knows_a_geojson_whole_by_its_recorded_size_without_parsing_it(tm
     data = (out / "s31.geojson").read_bytes()
     (out / "s31.geojson").write_bytes(data[: len(data) // 2])  # as an interrupted copy leaves it
     assert [o.state for o in run_batch(slides[:1], resume, models=models)] == ["done"]
+    # A copy that sets the full size first and stops leaves its end zeroed, at the recorded size (helper-137).
+    data = (out / "s31.geojson").read_bytes()
+    (out / "s31.geojson").write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))
+    assert [o.state for o in run_batch(slides[:1], resume, models=models)] == ["done"]
 
 
 def test_a_damaged_run_status_stops_a_resume_and_is_set_aside_by_a_run_without_it(tmp_path, slides, models, caplog):

@@ -212,7 +212,7 @@ def pipeline_config(
 SKIPPED_ROWS_SHOWN = 25
 
 
-def outcome_table(outcomes) -> None:
+def outcome_table(outcomes, *, batch: int | None = None) -> None:
     from collections import Counter
 
     from rich.markup import escape
@@ -233,8 +233,9 @@ def outcome_table(outcomes) -> None:
 
     # A --resume of a long batch: its rows of images done earlier buried the few this run analysed or failed on
     # (159 of 160 rows, with their review lines; helper-135). Left out above a few, and counted.
+    # ``batch``: the images of the run, of which ``outcomes`` are those finished (a run stopped part-way).
     skipped = [o for o in outcomes if o.state == "skipped"]
-    if len(outcomes) > SKIPPED_ROWS_SHOWN and skipped:
+    if (batch or len(outcomes)) > SKIPPED_ROWS_SHOWN and skipped and len(skipped) < len(outcomes):
         outcomes = [o for o in outcomes if o.state != "skipped"]
     else:
         skipped = []
@@ -381,13 +382,17 @@ def run_with_progress(inputs, run_config, *, progress: bool):
         return run_batch(inputs, run_config)
     if not writes_to_terminal(console.file):  # a log (nohup, a scheduler): a line as each image starts, and at the end
         lines = ProgressLines("images")
+        tiles = [ProgressLines("tiles")]  # a slide's own: a line at most every 30 s through a long one
         total = [0]
 
         def on_image_line(i: int, n: int, name: str) -> None:
             total[0] = n
             lines.update(i, n, f"next: {name}", always=True)
+            tiles[0] = ProgressLines(f"tiles of {name}")
 
-        outcomes = run_batch(inputs, run_config, on_image=on_image_line)
+        outcomes = run_batch(
+            inputs, run_config, on_image=on_image_line, on_tiles=lambda done, n: tiles[0].update(done, n)
+        )
         if total[0]:
             lines.update(total[0], total[0], always=True)
         return outcomes

@@ -74,6 +74,16 @@ def _run_ray_with_progress(inputs, run_config, *, address, progress: bool):
 
     if not progress:
         return run_batch_ray(inputs, run_config, address=address)
+    from bridge.progress import ProgressLines, writes_to_terminal
+
+    if not writes_to_terminal(console.file):  # a log: a line as each image finishes (rich's bar drew only at its end)
+        lines = ProgressLines("images (ray)")
+        return run_batch_ray(
+            inputs,
+            run_config,
+            address=address,
+            on_image=lambda done, n, name: lines.update(done, n, f"last: {name}", always=True),
+        )
     bar = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
     )
@@ -468,7 +478,7 @@ def _interrupted_text(stop: KeyboardInterrupt) -> str:
     if not isinstance(stop, RunInterrupted):
         return f"the images finished before it are written; {resume}"
     if stop.outcomes:
-        outcome_table(list(stop.outcomes))
+        outcome_table(list(stop.outcomes), batch=stop.total)
     finished = len(stop.outcomes)
     during = "" if stop.stopped is None else f" while analysing {stop.stopped}, which is left as it was"
     return (

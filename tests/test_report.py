@@ -395,9 +395,8 @@ def test_the_thumbnail_draws_each_uncertainty_tile_by_its_outline(tmp_path):
     assert changed[36:, :56].mean() < 0.1  # no tile
 
 
-@pytest.mark.parametrize("damage", ["cut short", "missing"])
-def test_a_geojson_that_does_not_read_is_named_with_the_fix_and_the_numbers_reported(tmp_path, caplog, damage):
-    # Was "a.tif: no thumbnail (Invalid control character at: line 1 column 36 (char 35))", naming no file nor fix.
+def _analysed_tif_project(tmp_path) -> Path:
+    """A project of two small TIFFs, a.tif and b.tif (entries 1 and 2), each with a summary and an empty GeoJSON."""
     import numpy as np
     import tifffile
 
@@ -408,6 +407,14 @@ def test_a_geojson_that_does_not_read_is_named_with_the_fix_and_the_numbers_repo
         (project / "pdl1" / entry).mkdir(parents=True)
         (project / "pdl1" / entry / "summary.json").write_text(json.dumps(_summary(project / name)))
         (project / "pdl1" / entry / "objects.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    return project
+
+
+@pytest.mark.parametrize("damage", ["cut short", "missing"])
+def test_a_geojson_that_does_not_read_is_named_with_the_fix_and_the_numbers_reported(tmp_path, caplog, damage):
+    # Was "a.tif: no thumbnail (Invalid control character at: line 1 column 36 (char 35))", naming no file nor fix.
+
+    project = _analysed_tif_project(tmp_path)
     geojson = project / "pdl1" / "1" / "objects.geojson"
     if damage == "missing":
         geojson.unlink()
@@ -924,16 +931,8 @@ def test_entries_not_analysed_yet_are_named_and_get_rows(tmp_path, caplog):
 def test_thumbnails_of_entries_no_longer_reported_go_and_a_png_of_the_users_stays(tmp_path):
     # helper-129: thumbnails of entries removed from the project stayed in pdl1/report/, pictures of nothing
     # the report showed.
-    import numpy as np
-    import tifffile
 
-    project = tmp_path / "project"
-    _project(project, ["a.tif", "b.tif"])
-    for entry, name in (("1", "a.tif"), ("2", "b.tif")):
-        tifffile.imwrite(project / name, np.full((64, 64, 3), 235, np.uint8))
-        (project / "pdl1" / entry).mkdir(parents=True)
-        (project / "pdl1" / entry / "summary.json").write_text(json.dumps(_summary(project / name)))
-        (project / "pdl1" / entry / "objects.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    project = _analysed_tif_project(tmp_path)
     report = write_report(project)[0].parent
     assert sorted(p.name for p in report.glob("*.jpg")) == ["1-a.jpg", "2-b.jpg"]
     (report / "my notes.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # the user's, not listed by any report
@@ -963,18 +962,10 @@ def test_a_project_never_run_is_told_to_run_once_not_warned_of_a_stopped_run(tmp
 
 def test_a_report_stopped_among_its_thumbnails_has_listed_those_drawn(tmp_path, monkeypatch):
     # helper-136: the list was written after report.html, so thumbnails of a killed report were never removed.
-    import numpy as np
-    import tifffile
 
     import bridge.report
 
-    project = tmp_path / "project"
-    _project(project, ["a.tif", "b.tif"])
-    for entry, name in (("1", "a.tif"), ("2", "b.tif")):
-        tifffile.imwrite(project / name, np.full((64, 64, 3), 235, np.uint8))
-        (project / "pdl1" / entry).mkdir(parents=True)
-        (project / "pdl1" / entry / "summary.json").write_text(json.dumps(_summary(project / name)))
-        (project / "pdl1" / entry / "objects.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    project = _analysed_tif_project(tmp_path)
     real = bridge.report._thumbnail
 
     def stopped_at_b(item, out, *args, **kwargs):

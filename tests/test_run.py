@@ -1046,16 +1046,24 @@ def test_a_case_stated_in_qupath_whose_partner_does_not_carry_it_is_named_in_pai
     assert rows[0][0] == "phantom-1357" and " ".join(r[6] for r in rows) == why  # once, in the review column
 
 
+def _study_run_logged(tmp_path, fixtures_dir, models, caplog, respell):
+    """The labelled study with its entries' metadata changed by ``respell``, run once (both images done), its
+    warnings in ``caplog``; the project and the run's config."""
+    project = _labels_study(tmp_path, fixtures_dir, respell)
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never")
+    with caplog.at_level("WARNING", logger="bridge.run"):
+        assert [o.state for o in run_batch([project], config, models=models)] == ["done", "done"]
+    return project, config
+
+
 def test_the_case_key_is_the_runs_and_one_spelt_otherwise_in_the_entries_is_warned_of(
     tmp_path, models, fixtures_dir, caplog
 ):
     # A lab whose entries say "Case" (QuPath's keys are exact): the run read no case from them and fell back on the
     # file names without a word. It warns, naming the key; --case-key Case (pdl1-config.toml's [pairs] case_key)
     # pairs by it, and pairs.json says which key it used.
-    project = _labels_study(tmp_path, fixtures_dir, lambda _, metadata: metadata.update(Case=metadata.pop("case")))
-    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never")
-    with caplog.at_level("WARNING", logger="bridge.run"):
-        assert [o.state for o in run_batch([project], config, models=models)] == ["done", "done"]
+    respell = lambda _, metadata: metadata.update(Case=metadata.pop("case"))  # noqa: E731
+    project, config = _study_run_logged(tmp_path, fixtures_dir, models, caplog, respell)
     assert (
         "no entry has the metadata key 'case', which names each image's case for pairing; 2 have 'Case': give that "
         "key instead (--case-key or pdl1-config.toml's [pairs] case_key), or rename it in QuPath"
@@ -1077,10 +1085,7 @@ def test_entries_some_of_which_spell_the_case_key_otherwise_are_warned_of(tmp_pa
         if index == 1:
             metadata["Case"] = metadata.pop("case")
 
-    project = _labels_study(tmp_path, fixtures_dir, respell_ihc)
-    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never")
-    with caplog.at_level("WARNING", logger="bridge.run"):
-        assert [o.state for o in run_batch([project], config, models=models)] == ["done", "done"]
+    _study_run_logged(tmp_path, fixtures_dir, models, caplog, respell_ihc)
     assert (
         "some entries name their case under another spelling of the metadata key 'case' (1 has 'Case'), so their "
         "cases are read from file names; rename that key to 'case' in QuPath (Project > Edit metadata)"

@@ -793,7 +793,7 @@ def _print_ihc(console_out, model_name: str, records: list[dict], written: Path)
     from rich.table import Table
 
     from bridge.eval_report import IHC_COLUMNS
-    from inference.analysis.tps import tps_text
+    from inference import tps_text
 
     table = Table(title=f"PD-L1 IHC slides ({model_name}): TPS and the review flag")
     for col in IHC_COLUMNS:

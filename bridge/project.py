@@ -790,6 +790,7 @@ class RunStatus:
         self.images: dict[str, dict[str, Any]] = {}
         self.settings: dict[str, dict[str, Any]] = {}  # digest -> settings, of the images recorded done
         self.current = None if settings is None else (_settings_digest(settings), settings)
+        self.said: set[str] = set()  # what a run has warned of about these images, said once (bridge.run)
         if self.path.is_file():
             fix = (
                 "run without --resume to start over (every image is analysed again, and the file is kept aside as "

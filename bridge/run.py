@@ -1039,10 +1039,16 @@ def resume_skips(
         return False
     differ = status.other_settings(job.key)
     if differ is not None:  # it was skipped, its results of other models or sizes kept under this run's
-        log.warning(
-            "%s: done by an earlier run with other settings (%s); analysing it again with this run's",
+        said = ", ".join(differ)
+        # Once a run for each set of settings: a batch of 320 done with other settings said it 320 times.
+        first = said not in status.said
+        status.said.add(said)
+        log.log(
+            logging.WARNING if first else logging.INFO,
+            "%s: done by an earlier run with other settings (%s); analysing it again with this run's"
+            + (", as every image done with them (said once)" if first else ""),
             job.name,
-            ", ".join(differ),
+            said,
         )
         return False
     why = _results_problem(job, status, project, written_by_qupath=written_by_qupath, stain_given=stain_given)

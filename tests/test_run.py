@@ -180,6 +180,11 @@ def test_resume_analyses_again_an_image_done_with_other_settings(tmp_path, slide
     assert [o.state for o in again] == ["skipped", "done"]
     assert again[1].tps_percent is not None
     assert "s32.svs: done by an earlier run with other settings (run_nuclei); analysing it again" in caplog.text
+    assert [o.state for o in run_batch(slides, without, models=models)] == ["done", "done"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bridge.run"):  # both done with other settings: said once (helper-135)
+        assert [o.state for o in run_batch(slides, replace(with_nuclei, resume=True), models=models)] == ["done"] * 2
+    assert caplog.text.count("other settings") == 1 and "as every image done with them (said once)" in caplog.text
     faster = replace(
         with_nuclei, resume=True, pipeline=PipelineConfig(device="cpu", segment=SegmentConfig(batch_size=2))
     )

@@ -1148,3 +1148,19 @@ def test_a_long_slide_in_a_log_gets_tile_lines_and_a_stopped_resume_of_skips_onl
     outcome_table(skipped, batch=40)
     said = capsys.readouterr().out
     assert "s0.svs" in said and "left out of this table" not in said
+
+
+def test_errors_alike_but_for_the_image_are_said_once_with_the_others_named(capsys):
+    # helper-135: a project whose slide folder moved printed 160 near-identical "has moved" lines after its table.
+    from bridge.cli.common import outcome_table
+    from bridge.run import ImageOutcome
+
+    def moved(i: int) -> ImageOutcome:
+        error = f"image of entry {i} (slide{i}.svs) has moved: not at /gone/slide{i}.svs; pass --search-dir"
+        return ImageOutcome(str(i), f"slide{i}.svs", "failed", error=error)
+
+    other = ImageOutcome("9", "odd.svs", "failed", error="odd.svs: not a readable TIFF")
+    outcome_table([moved(1), moved(2), other, moved(3)])
+    said = " ".join(capsys.readouterr().err.split())
+    assert said.count("has moved") == 1 and "image of entry 1 (slide1.svs) has moved" in said
+    assert "and 2 more failed alike: slide2.svs, slide3.svs" in said and "odd.svs: not a readable TIFF" in said

@@ -282,14 +282,32 @@ def outcome_table(outcomes, *, batch: int | None = None) -> None:
     for o in outcomes:
         if o.uncertainty_flag and o.review_reasons:
             stdout().print(f"{label(o)}: needs review: {'; '.join(o.review_reasons)}", markup=False, highlight=False)
+    # Errors alike but for the image's own name (a slide folder that moved: one line per image, 160 of them;
+    # helper-135) are said once, with the first image's, and the others named after it.
+    alike: dict[str, list] = {}
     for o in outcomes:
-        if not o.error:
-            continue
+        if o.error:
+            alike.setdefault(_error_shape(o), []).append(o)
+    for group in alike.values():
+        o = group[0]
         if o.name in o.error and o.name not in shared:  # our errors name their file already: say it once
             console.print(o.error, markup=False, highlight=False, soft_wrap=True)
         else:
             # Escaped: an error may hold brackets ("[models]" of a config, a path) that rich would take for markup.
             console.print(f"[red]{escape(label(o))}:[/red] {escape(o.error)}", highlight=False, soft_wrap=True)
+        if len(group) > 1:
+            others = ", ".join(label(x) for x in group[1:])
+            console.print(
+                f"and {len(group) - 1} more failed alike: {others}", markup=False, highlight=False, soft_wrap=True
+            )
+
+
+def _error_shape(outcome) -> str:
+    """An image's error less what names the image (its file name, stem and entry), which tells errors alike."""
+    stem = Path(outcome.name).stem
+    shape = outcome.error.replace(outcome.name, "\0")
+    shape = shape.replace(stem, "\0") if len(stem) > 2 else shape  # "a" would blank every a of the text
+    return shape.replace(f"entry {outcome.key}", "entry \0")
 
 
 def nothing_left_to_do(outcomes, *, shown: int = 5) -> str:

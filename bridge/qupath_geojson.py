@@ -467,12 +467,8 @@ def read_features(path: str | Path, *, keep: Callable[[Any], bool] | None = None
             yield from_feature(item)
 
 
-def raw_object_type(feature: Any) -> Any:
-    """A feature dict's ``properties.objectType`` before it is parsed (None where it has none)."""
-    props = feature.get("properties") if isinstance(feature, Mapping) else None
-    return props.get("objectType") if isinstance(props, Mapping) else None
-
-
 def not_detections(feature: Any) -> bool:
-    """``keep`` for :func:`read_features`: everything but detections and cells (nuclei)."""
-    return raw_object_type(feature) not in ("detection", "cell")
+    """``keep`` for :func:`read_features`: everything but detections and cells (nuclei), told from the feature dict
+    before it is parsed (a malformed one is kept, for the parse to name)."""
+    props = feature.get("properties") if isinstance(feature, Mapping) else None
+    return not isinstance(props, Mapping) or props.get("objectType") not in ("detection", "cell")

@@ -41,7 +41,7 @@ from bridge.project import (
     review_reason_text,
     summary_problem,
 )
-from bridge.qupath_geojson import GeoJsonError, QuPathObject, class_name, raw_object_type, read_features
+from bridge.qupath_geojson import GeoJsonError, QuPathObject, class_name, not_detections, read_features
 from bridge.record_summary import RUN, SCRIPT, RecordsSummary, entry_summary_from_records, newer_source
 from bridge.run_lock import output_folder_lock, run_in_progress
 from bridge.targets import (
@@ -451,7 +451,7 @@ def _overlay_objects(item: ReportItem) -> tuple[list[QuPathObject], bool]:
 def _drawn(feature: Any) -> bool:
     """``keep`` for the thumbnail's objects: regions, candidates and tiles, and of the nuclei only an IHC's graded
     positive cells (an H&E's, most of its file, are not drawn, so not parsed)."""
-    if raw_object_type(feature) not in ("detection", "cell"):
+    if not_detections(feature):
         return True
     props = feature.get("properties") or {}
     return class_name(props.get("classification")) in _GRADE_COLOURS

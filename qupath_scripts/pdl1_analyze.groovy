@@ -395,7 +395,7 @@ def putEntryMetadata = { entry, Map values ->
 // parts: [[metadata: Map, counts: Map], ...] in the order analysed.
 def MIN_TUMOUR_CELLS = 100  // inference/analysis/points.py: MIN_TUMOUR_NUCLEI
 def oneDecimal = { double v -> new BigDecimal(v).setScale(1, java.math.RoundingMode.HALF_EVEN).toPlainString() }
-// A TPS as pdl1 writes it (inference/analysis/points.py: tps_text; a test keeps the two equal): one decimal, more where
+// A TPS as pdl1 writes it (inference/analysis/tps.py: tps_text; a test keeps the two equal): one decimal, more where
 // one would carry it across a cut-off (0.96 shown as 1.0 reads as 1-49%), cut down where four more would.
 def tpsText = { double v ->
     def category = { double p -> p < 1.0d ? 0 : (p < 50.0d ? 1 : 2) }

@@ -189,6 +189,27 @@ class _Interrupt:
         raise KeyboardInterrupt
 
 
+def test_a_positive_area_under_a_percent_of_the_tissue_is_judged_against_that_floor(phantom_svs):
+    # A TPS-0 slide with a speck called positive failed by an infinite relative error, and a slide whose truth is a
+    # few cells by the error of a few more; below 1 % of the truth's tissue the error is now taken over that floor.
+    import dataclasses
+
+    review = {"review_entropy": 1.0, "review_candidate_area_pct": 100.0}
+    e = evaluate_slide_suite(
+        phantom_svs, pointwise_ensemble(2, input_mpp=2.0), sua=SuaParams(), pixel_threshold=0.4, review=review
+    )
+    assert e.tps_predicted is None  # no nuclei: the area alone decides
+    floor_um2 = np.count_nonzero(e.region) * e.maps.mpp**2 / 100
+    speck = dataclasses.replace(e, truth_positive_area_um2=0.0, positive_area_um2=0.2 * floor_um2)
+    assert speck.positive_area_error == pytest.approx(0.2) and not speck.failed()
+    assert dataclasses.replace(speck, positive_area_um2=0.3 * floor_um2).failed()
+    few = dataclasses.replace(e, truth_positive_area_um2=0.1 * floor_um2, positive_area_um2=0.3 * floor_um2)
+    assert few.positive_area_error == pytest.approx(0.2) and not few.failed()
+    # Over the floor the truth's own area counts, as before.
+    large = dataclasses.replace(e, truth_positive_area_um2=10 * floor_um2, positive_area_um2=13 * floor_um2)
+    assert large.positive_area_error == pytest.approx(0.3) and large.failed()
+
+
 @pytest.mark.parametrize("where", ["metrics", "provenance"])
 def test_an_interrupted_eval_report_leaves_the_earlier_files_whole(phantom_svs, tmp_path, monkeypatch, where):
     # metrics.csv and provenance.json were written in place: an interrupt left a table cut short that still read

@@ -545,7 +545,8 @@ def eval_suite(
 
     H&E slides are scored over the truth's tissue (tissue recall printed). Then: the ensemble against its
     members (mean over slides, rank per slide, wins); slide failure detection (a failure: the predicted TPS in
-    the wrong category, or the positive area off by more than 25 %) of each QC score as AURC / E-AURC, and the
+    the wrong category, or the positive area off by more than 25 % of the truth's, or of 1 % of the tissue where
+    the truth's is smaller) of each QC score as AURC / E-AURC, and the
     review flag's catches and false alarms; pixel-error AUROC of entropy and mutual information against their
     two baselines; SUA against the pixel baseline, wins counted. Slides whose truth is a PD-L1 IHC
     (pdl1 phantom --ihc) are analysed as pdl1 run analyses an image QuPath types H-DAB: TPS and CPS
@@ -873,7 +874,8 @@ def calibrate(
 
     The review limits (mean entropy, SUA candidate area, predicted positive area) are fitted to catch at
     least 90 % of the validation slides that failed (predicted TPS in the wrong category, or positive area
-    off by more than 25 %) at no more than 20 % false alarms on the others, besides what the domain guard
+    off by more than 25 % of the truth's, or of 1 % of the tissue where the truth's is smaller) at no more
+    than 20 % false alarms on the others, besides what the domain guard
     flags, the slides whose ensemble members disagree on the TPS category and those whose unsettled share of
     the positive area reaches its limit (these two limits are not fitted); the search's ROC and the chosen
     point are printed. Slides without both failures and correct results leave the model's review limits as

@@ -22,7 +22,12 @@ from inference.analysis.points import (
     tps_member_disagreement,
     tumour_proportion_score,
 )
-from inference.analysis.regions import mask_on_maps, positive_off_tumour_pct, unsettled_positive_area_pct
+from inference.analysis.regions import (
+    POSITIVE_AREA_FLOOR_PCT,
+    mask_on_maps,
+    positive_off_tumour_pct,
+    unsettled_positive_area_pct,
+)
 from inference.analysis.registration import register_slides
 from inference.analysis.segment import SegmentConfig, segment_slide
 from inference.analysis.sua import (
@@ -539,11 +544,23 @@ def _truth_tps(scored: _ScoredSlide) -> float:
 FAILED_AREA_ERROR = 0.25
 
 
-def area_error(predicted: float, true: float) -> float:
-    """|predicted - true| / true; 0 when both are 0, inf when only the truth is empty."""
-    if true > 0:
-        return abs(predicted - true) / true
+def area_error(predicted: float, true: float, *, floor: float = 0.0) -> float:
+    """|predicted - true| / max(true, floor); 0 when both are 0, inf when only the truth is empty and there is no
+    floor. ``floor``: :data:`~inference.analysis.regions.POSITIVE_AREA_FLOOR_PCT` of the truth's tissue, in the
+    same unit, so a truth of a few cells (a TPS-0 slide's none) is not failed by a speck called positive.
+
+    >>> area_error(125.0, 100.0), area_error(5.0, 0.0), area_error(5.0, 0.0, floor=100.0)
+    (0.25, inf, 0.05)
+    """
+    if max(true, floor) > 0:
+        return abs(predicted - true) / max(true, floor)
     return 0.0 if predicted == 0 else math.inf
+
+
+def area_error_floor(region: np.ndarray, px_area: float = 1.0) -> float:
+    """The floor :func:`area_error` takes: :data:`~inference.analysis.regions.POSITIVE_AREA_FLOOR_PCT` of the
+    truth's tissue (``region``), in ``px_area`` units."""
+    return POSITIVE_AREA_FLOOR_PCT / 100 * int(np.count_nonzero(region)) * px_area
 
 
 @dataclass(frozen=True)
@@ -590,8 +607,10 @@ class SlideEvaluation:
 
     @property
     def positive_area_error(self) -> float:
-        """|predicted - true| positive area over the true one (see :func:`area_error`)."""
-        return area_error(self.positive_area_um2, self.truth_positive_area_um2)
+        """|predicted - true| positive area over the true one, or over the floor where the truth is smaller (see
+        :func:`area_error`)."""
+        floor = area_error_floor(self.region, self.maps.mpp**2)
+        return area_error(self.positive_area_um2, self.truth_positive_area_um2, floor=floor)
 
     def failed(self, *, max_area_error: float = FAILED_AREA_ERROR) -> bool:
         """The slide's result is wrong (#32): its TPS category is wrong (where the nuclei were run) or its
@@ -792,7 +811,9 @@ def calibrate_ensemble(
         analysed_um2 = float(analysed.sum() * s.maps.mpp**2)
         cand_pct = 100 * sum(c.area_um2 for c in candidates) / max(analysed_um2, 1e-9)
         pred = np.asarray(s.maps.prob) >= upper
-        error = area_error(float(np.count_nonzero(pred & s.region)), float(np.count_nonzero(s.truth)))
+        error = area_error(
+            float(np.count_nonzero(pred & s.region)), float(np.count_nonzero(s.truth)), floor=area_error_floor(s.region)
+        )
         wrong_category, disagreement, tps, truth_tps = False, None, None, None
         if nuclei_model is not None:
             tps, _, disagreement = _predicted_tps(path, s, nuclei_model, threshold=upper)

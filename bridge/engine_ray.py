@@ -12,7 +12,6 @@ an image that fails is recorded and the batch goes on. Tasks ask for a GPU when 
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 import time
 import traceback
@@ -50,6 +49,7 @@ from bridge.run import (
     written,
 )
 from bridge.run_lock import remove_orphan_parts, run_lock
+from bridge.stopping import restore_handlers, termination_handlers
 from inference import SlideResult
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def run_batch_ray(
         if not ray.is_initialized():
             # ray.init puts its own SIGTERM handler in (its C++ core then aborts: exit -6, a stack, nothing said):
             # the command's own goes back, so a kill stops the run as Ctrl-C does (bridge.cli.entry).
-            handlers = _termination_handlers()
+            handlers = termination_handlers()
             try:
                 ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
             except (ValueError, ConnectionError, RuntimeError) as err:  # Ray's own words name no fix
@@ -153,7 +153,7 @@ def run_batch_ray(
                     "local cluster of this machine's cores"
                 ) from err
             finally:
-                _restore(handlers)
+                restore_handlers(handlers)
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         to_files = ray.remote(num_gpus=gpus, max_retries=max_retries, retry_exceptions=False)(analyse_to_files)
         to_results = ray.remote(num_gpus=gpus, max_retries=max_retries, retry_exceptions=False)(analyse_regions)
@@ -252,20 +252,3 @@ def _log_cores(job: _Job, found: EntryTargets) -> None:
     cores = [t.label for t in found.choice.targets if t.target_type == "TMA core"]
     if cores:
         log.info("%s: analysing TMA cores %s", job.name, ", ".join(cores))
-
-
-def _termination_handlers() -> dict[int, Any]:
-    """The handlers of a kill and a closed terminal now (main thread only: elsewhere none are set): those the command
-    takes as a Ctrl-C (bridge.cli.entry.STOPPING_SIGNALS)."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    names = ("SIGTERM", "SIGHUP")
-    return {getattr(signal, n): signal.getsignal(getattr(signal, n)) for n in names if hasattr(signal, n)}
-
-
-def _restore(handlers: dict[int, Any]) -> None:
-    for signum, handler in handlers.items():
-        if handler is not None:  # set from outside Python: left as Ray made it
-            signal.signal(signum, handler)

@@ -24,13 +24,9 @@ from collections.abc import Iterable
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 
+from bridge.stopping import STOPPING_SIGNALS
+
 HELD_WHILE_IMPORTING = ("torch",)
-# Signals that stop a command as a Ctrl-C does: `kill`'s and a job scheduler's default (SIGTERM), a closed terminal
-# (SIGHUP). Each is delivered as a SIGINT, so what a Ctrl-C cleans up they clean up too (a half-written dataset or
-# model folder beside its target, staged files), held as it is while torch imports, and the command says what it
-# stopped; uncaught, they ended it where it stood and left a hidden half-written folder for good. `pdl1 serve`'s
-# uvicorn takes them over for its own graceful shutdown.
-STOPPING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class _InterruptHeld:

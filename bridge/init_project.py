@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bridge.project import (
     ProjectError,
+    alike,
     first_names,
     not_a_folder,
     path_to_uri,
@@ -100,15 +101,12 @@ def settle_slides(slides: list[Path], problems: dict[Path, str], *, skip_unreada
 def _grouped(problems: dict[Path, str]) -> str:
     """Each slide's problem, a reason several share said once after their names: 60 slides without a pixel size
     repeated one 350-character reason 60 times in a line of 21 KB (helper-135)."""
-    groups: dict[str, list[Path]] = {}
-    for slide, why in problems.items():
-        groups.setdefault(why.replace(str(slide), "<slide>"), []).append(slide)
     parts = []
-    for generic, group in groups.items():
+    for generic, group in alike(problems, lambda slide: [str(slide)]).items():
         if len(group) == 1:
             parts.append(f"{group[0]}: {problems[group[0]]}")
         else:  # every one named: a project made without them must say which (helper-137)
-            parts.append(f"{len(group)} slides ({', '.join(map(str, group))}): {generic}")
+            parts.append(f"{len(group)} slides ({', '.join(map(str, group))}): {generic.replace(chr(0), '<slide>')}")
     return "; ".join(parts)
 
 

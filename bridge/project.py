@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, TypeVar
@@ -905,6 +905,22 @@ def first_names(names: Sequence[str], *, shown: int = 3) -> str:
     ('a, b', 'a, b, c and 2 more')
     """
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def alike(texts: Mapping[T, str], names: Callable[[T], Iterable[str]]) -> dict[str, list[T]]:
+    """The keys of ``texts`` grouped by their text less what names the key (each of ``names(key)`` blanked, the
+    longest first), in first-seen order: a message many items share but for their own names is said once.
+
+    >>> alike({"a.svs": "a.svs: no pixel size", "b.svs": "b.svs: no pixel size", "c.svs": "c.svs: damaged"},
+    ...       lambda k: [k])
+    {'\\x00: no pixel size': ['a.svs', 'b.svs'], '\\x00: damaged': ['c.svs']}
+    """
+    groups: dict[str, list[T]] = {}
+    for key, text in texts.items():
+        for name in sorted(names(key), key=len, reverse=True):
+            text = text.replace(name, "\0")
+        groups.setdefault(text, []).append(key)
+    return groups
 
 
 def summary_problem(summary: Any) -> str | None:

@@ -218,6 +218,7 @@ def outcome_table(outcomes, *, batch: int | None = None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from bridge.project import alike
     from inference import tps_text
 
     table = Table(title="pdl1 run")
@@ -284,12 +285,9 @@ def outcome_table(outcomes, *, batch: int | None = None) -> None:
             stdout().print(f"{label(o)}: needs review: {'; '.join(o.review_reasons)}", markup=False, highlight=False)
     # Errors alike but for the image's own name (a slide folder that moved: one line per image, 160 of them;
     # helper-135) are said once, with the first image's, and the others named after it.
-    alike: dict[str, list] = {}
-    for o in outcomes:
-        if o.error:
-            alike.setdefault(_error_shape(o), []).append(o)
-    for group in alike.values():
-        o = group[0]
+    failed = [o for o in outcomes if o.error]
+    for group in alike(dict(enumerate(o.error for o in failed)), lambda i: _own_names(failed[i])).values():
+        o, group = failed[group[0]], [failed[i] for i in group]
         if o.name in o.error and o.name not in shared:  # our errors name their file already: say it once
             console.print(o.error, markup=False, highlight=False, soft_wrap=True)
         else:
@@ -302,12 +300,10 @@ def outcome_table(outcomes, *, batch: int | None = None) -> None:
             )
 
 
-def _error_shape(outcome) -> str:
-    """An image's error less what names the image (its file name, stem and entry), which tells errors alike."""
+def _own_names(outcome) -> list[str]:
+    """What names an image in its error (its file name, stem and entry), left out to tell errors alike."""
     stem = Path(outcome.name).stem
-    shape = outcome.error.replace(outcome.name, "\0")
-    shape = shape.replace(stem, "\0") if len(stem) > 2 else shape  # "a" would blank every a of the text
-    return shape.replace(f"entry {outcome.key}", "entry \0")
+    return [outcome.name, f"entry {outcome.key}"] + ([stem] if len(stem) > 2 else [])  # "a" would blank every a
 
 
 def nothing_left_to_do(outcomes, *, shown: int = 5) -> str:

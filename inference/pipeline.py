@@ -149,8 +149,8 @@ class PipelineConfig:
 # reads is not settled, which is a reason to look whatever a phantom set scores (one member of five across a
 # cut-off is common on correct slides near 1 %: 2 of 15 correct validation phantoms c1600-c1629).
 # review_unsettled_positive_area_pct: the analysed area whose mean probability is within 0.2 of the threshold, as a
-# % of the predicted positive area, taken as at least 1 % of the analysed area (unsettled_positive_area_pct). Not
-# fitted: at 50 % the positive area could be a quarter larger or smaller, the error #32 counts as a failure.
+# % of the predicted positive area (unsettled_positive_area_pct). Not fitted: at 50 % the positive area could be a
+# quarter larger or smaller, the error #32 counts as a failure.
 DEFAULT_REVIEW_RULE = {
     "review_entropy": 0.45,
     "review_candidate_area_pct": 2.0,
@@ -168,7 +168,7 @@ REVIEW_REASONS = {
     "review_positive_off_tumour_pct": "predicted positive area away from tumour cells % (the TPS does not see it)",
     "review_tps_member_disagreement": "ensemble members disagree on the TPS category (share of members)",
     "review_unsettled_positive_area_pct": f"unsettled positive area (probability within {UNSETTLED_PROB_BAND:g} of the "
-    "threshold), % of the predicted positive area (at least 1 % of the analysed area)",
+    "threshold), % of the predicted positive area",
 }
 # An IHC slide is flagged for review when its cells' mean ensemble entropy (nats, of the class distribution)
 # reaches this, unless the model's manifest states a calibrated limit.

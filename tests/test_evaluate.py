@@ -426,3 +426,18 @@ def test_a_run_keeping_the_ihc_table_of_a_run_of_both_keeps_none_of_its_h_and_e_
     record = json.loads((out / "provenance.json").read_text())
     assert record["kept_from_earlier_run"] == {"run": 1, "files": ["ihc_metrics.csv"]}
     assert not (out / "a_overlay.png").exists()
+
+
+def test_a_fitted_positive_area_limit_is_said_to_flag_every_slide_rightly_called_negative():
+    # Fitted on phantoms of TPS 0.5-90 %, "predicted positive area <= 0.43 %" flagged 34 of 34 correct TPS-0
+    # phantoms; the calibration said nothing of it.
+    from inference.evaluation.evaluate import NEVER_BELOW, _negatives_note
+
+    def row(name, failed, positive_pct):
+        return (name, 0.05, 0.0, 0.1, failed, positive_pct, False, False, False, None, None, False)
+
+    rows = [row("negative", False, 0.0), row("missed", True, 0.2), row("positive", False, 5.0)]
+    note = _negatives_note(rows, 0.43)
+    assert "(0.43 % of the tissue) flags every slide called negative, correct ones too" in note
+    assert "1 of the 3 validation slides are such" in note and "--tps 0" in note
+    assert _negatives_note(rows, NEVER_BELOW) == ""

@@ -147,19 +147,11 @@ def test_the_unsettled_share_of_the_positive_area_counts_calls_near_the_threshol
     # Only the analysed tissue counts; the band follows the model's threshold.
     assert unsettled_positive_area_pct(prob, np.array([[1, 1, 1, 1, 0, 0, 0, 0]], bool), threshold=0.5) == 50.0
     assert unsettled_positive_area_pct(prob, analysed, threshold=0.8) == 100 * 3 / 2
-    # No positive pixel: the unsettled ones are counted against 1 % of the analysed area (at least one pixel), so a
-    # slide that is nearly positive over half a percent of its tissue still reaches the limit of 50, one with a few
-    # unsettled specks does not (a clean TPS-0 phantom scored 1000 % against one pixel), and one with nothing near
-    # the threshold scores 0.
+    # No positive pixel: the unsettled ones are counted against one pixel, so a slide that is nearly
+    # positive somewhere still reaches the limit, and one with nothing near the threshold scores 0. Measured against
+    # a floor of 1 % of the tissue instead, the demo's flag caught 22 of 36 held-out failures, not 36 of 40: weakly
+    # positive slides called negative, which this catches at 3 of 14 TPS-0 slides flagged (README, 2026-12-07).
     assert unsettled_positive_area_pct(np.array([[0.4, 0.1]]), np.ones((1, 2), bool), threshold=0.5) == 100.0
-    specks, nearly = np.zeros((40, 50)), np.zeros((40, 50))
-    specks[0, :3] = 0.4
-    nearly[0, :12] = 0.4
-    assert unsettled_positive_area_pct(specks, np.ones((40, 50), bool), threshold=0.5) == 100 * 3 / 20
-    assert unsettled_positive_area_pct(nearly, np.ones((40, 50), bool), threshold=0.5) == 100 * 12 / 20
-    # Over the floor the positive area itself counts: 30 positive pixels of 2000, 12 unsettled.
-    nearly[1, :30] = 0.9
-    assert unsettled_positive_area_pct(nearly, np.ones((40, 50), bool), threshold=0.5) == 100 * 12 / 30
     assert unsettled_positive_area_pct(np.zeros((2, 2)), np.ones((2, 2), bool), threshold=0.5) == 0.0
     # No analysed tissue: no share at all (pdl1 run and the suite leave the score out).
     assert unsettled_positive_area_pct(np.full((2, 2), 0.5), np.zeros((2, 2), bool), threshold=0.5) is None

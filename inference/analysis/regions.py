@@ -281,9 +281,10 @@ def positive_off_tumour_pct(
 
 # Half-width of the band of mean positive probability around the threshold counted as an unsettled call.
 UNSETTLED_PROB_BAND = 0.2
-# A positive area smaller than this share of the analysed tissue is a few cells: the unsettled share (and the
-# evaluation's area error) is taken over this floor, not over the specks, so a slide called negative is not
-# flagged for ten unsettled map pixels over none positive (1000 % on a clean TPS-0 phantom).
+# A positive area smaller than this share of the tissue is a few cells: the evaluation takes its error over this floor
+# (inference.evaluation.evaluate.area_error), so a TPS-0 slide with a speck called positive is not failed by an
+# infinite relative error. The unsettled share below keeps one map pixel as its floor: measured, that catches
+# weakly positive slides called negative (README, pdl1 calibrate, 2026-12-07).
 POSITIVE_AREA_FLOOR_PCT = 1.0
 
 
@@ -291,8 +292,7 @@ def unsettled_positive_area_pct(
     prob: np.ndarray, analysed: np.ndarray, *, threshold: float, band: float = UNSETTLED_PROB_BAND
 ) -> float | None:
     """The analysed area whose mean positive probability lies within ``band`` of ``threshold``, as a % of the
-    predicted positive area (probability >= ``threshold``), that area taken as at least
-    :data:`POSITIVE_AREA_FLOOR_PCT` of the analysed area (and one map pixel); None without analysed tissue.
+    predicted positive area (probability >= ``threshold``, at least one map pixel); None without analysed tissue.
 
     How far the positive area could move if the ensemble were a little more or less sure: at 50 % it could be
     a quarter larger or smaller, the error #32 counts as a failed slide.
@@ -300,12 +300,6 @@ def unsettled_positive_area_pct(
     >>> p = np.array([[0.9, 0.9, 0.6, 0.4, 0.1]])
     >>> unsettled_positive_area_pct(p, np.ones_like(p, bool), threshold=0.5)
     66.66666666666667
-
-    Nothing called positive, 1 pixel of 400 unsettled: a quarter of the floor's 4 pixels, not 100 times none.
-
-    >>> p = np.zeros((20, 20)); p[0, 0] = 0.4
-    >>> unsettled_positive_area_pct(p, np.ones_like(p, bool), threshold=0.5)
-    25.0
     """
     prob = np.asarray(prob)
     analysed = np.asarray(analysed, bool)
@@ -313,5 +307,4 @@ def unsettled_positive_area_pct(
         return None
     unsettled = (prob >= threshold - band) & (prob < threshold + band) & analysed
     positive = (prob >= threshold) & analysed
-    floor = POSITIVE_AREA_FLOOR_PCT / 100 * int(np.count_nonzero(analysed))
-    return 100 * int(np.count_nonzero(unsettled)) / max(int(np.count_nonzero(positive)), floor, 1)
+    return 100 * int(np.count_nonzero(unsettled)) / max(int(np.count_nonzero(positive)), 1)

@@ -281,11 +281,6 @@ def positive_off_tumour_pct(
 
 # Half-width of the band of mean positive probability around the threshold counted as an unsettled call.
 UNSETTLED_PROB_BAND = 0.2
-# A positive area smaller than this share of the tissue is a few cells: the evaluation takes its error over this floor
-# (inference.evaluation.evaluate.area_error), so a TPS-0 slide with a speck called positive is not failed by an
-# infinite relative error. The unsettled share below keeps one map pixel as its floor: measured, that catches
-# weakly positive slides called negative (README, pdl1 calibrate, 2026-12-07).
-POSITIVE_AREA_FLOOR_PCT = 1.0
 
 
 def unsettled_positive_area_pct(

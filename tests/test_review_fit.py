@@ -149,8 +149,9 @@ def test_the_unsettled_share_of_the_positive_area_counts_calls_near_the_threshol
     assert unsettled_positive_area_pct(prob, analysed, threshold=0.8) == 100 * 3 / 2
     # No positive pixel: the unsettled ones are counted against one pixel, so a slide that is nearly
     # positive somewhere still reaches the limit, and one with nothing near the threshold scores 0. Measured against
-    # a floor of 1 % of the tissue instead, the demo's flag caught 22 of 36 held-out failures, not 36 of 40: weakly
-    # positive slides called negative, which this catches at 3 of 14 TPS-0 slides flagged (README, 2026-12-07).
+    # a floor of 1 % of the tissue instead, the demo's flag caught 22 of 36 held-out failures, not 32: weakly
+    # positive slides called negative, which this catches at 6 of 17 held-out TPS-0 slides flagged, not 1 (README,
+    # "Truly negative slides").
     assert unsettled_positive_area_pct(np.array([[0.4, 0.1]]), np.ones((1, 2), bool), threshold=0.5) == 100.0
     assert unsettled_positive_area_pct(np.zeros((2, 2)), np.ones((2, 2), bool), threshold=0.5) == 0.0
     # No analysed tissue: no share at all (pdl1 run and the suite leave the score out).

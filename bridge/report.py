@@ -688,16 +688,12 @@ def _thumbnails_listed(mark: Path) -> set[str]:
     return {n for n in names if n.lower().endswith(_THUMBNAILS) and Path(n).name == n}
 
 
-def _list_thumbnails(out: Path, names: set[str]) -> None:
-    with replace_atomically(out / REPORT_MARK) as fh:
-        fh.write("".join(f"{name}\n" for name in sorted(names)))
-
-
 def _forget_old_thumbnails(out: Path, drawn_before: set[str], drawn: set[str]) -> None:
     """List this report's thumbnails in its mark, then remove those an earlier report drew here that this one did
     not (an entry removed from the project, or a slide no longer found): they stayed beside the report, pictures
     of nothing it reports. Only files a report listed as its own go; a PNG of the user's is left alone."""
-    _list_thumbnails(out, drawn)
+    with replace_atomically(out / REPORT_MARK) as fh:
+        fh.write("".join(f"{name}\n" for name in sorted(drawn)))
     for name in sorted(drawn_before - drawn):
         try:
             (out / name).unlink(missing_ok=True)

@@ -934,10 +934,8 @@ def written(outcome: ImageOutcome) -> dict[str, int]:
     """What status.json keeps of an image's GeoJSON as the run wrote it, its size, so that ``--resume`` knows it
     whole without parsing it again (seconds and hundreds of MB for a slide's nuclei, before anything new was
     analysed); nothing where it cannot be seen from here."""
-    try:
-        return {"geojson_bytes": Path(outcome.outputs[0]).stat().st_size}
-    except (IndexError, OSError):
-        return {}
+    size = _file_bytes(outcome.outputs[0]) if outcome.outputs else None
+    return {} if size is None else {"geojson_bytes": size}
 
 
 def failure_message(err: BaseException) -> str:
@@ -1110,13 +1108,6 @@ def _ends_whole(path: Path) -> bool:
     return b"\0" not in head + tail and head.lstrip().startswith(b"{") and re.search(rb"\]\s*\}\s*$", tail) is not None
 
 
-def _size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return None
-
-
 def skipped_outcome(job: _Job, project: Path | None, status_folder: Path) -> ImageOutcome:
     """The outcome of an image ``--resume`` skipped: state ``skipped``, with the results the earlier run recorded
     in its summary (which :func:`resume_skips` has just read whole), so the closing table shows them rather than a
@@ -1137,7 +1128,7 @@ def _results_problem(
     geojson, summary = output_paths(job.key, project, status.folder)
     recorded = status.images[job.key].get("geojson_bytes")
     for path in (geojson, summary):
-        if path == geojson and isinstance(recorded, int) and _size(path) == recorded and _ends_whole(path):
+        if path == geojson and isinstance(recorded, int) and _file_bytes(path) == recorded and _ends_whole(path):
             continue  # as the run wrote it: not parsed again (a copy cut short has another size or a zeroed end)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))

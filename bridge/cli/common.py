@@ -285,9 +285,8 @@ def outcome_table(outcomes, *, batch: int | None = None) -> None:
             stdout().print(f"{label(o)}: needs review: {'; '.join(o.review_reasons)}", markup=False, highlight=False)
     # Errors alike but for the image's own name (a slide folder that moved: one line per image, 160 of them;
     # helper-135) are said once, with the first image's, and the others named after it.
-    failed = [o for o in outcomes if o.error]
-    for group in alike(dict(enumerate(o.error for o in failed)), lambda i: _own_names(failed[i])).values():
-        o, group = failed[group[0]], [failed[i] for i in group]
+    for group in alike({o: o.error for o in outcomes if o.error}, _own_names).values():
+        o = group[0]
         if o.name in o.error and o.name not in shared:  # our errors name their file already: say it once
             console.print(o.error, markup=False, highlight=False, soft_wrap=True)
         else:

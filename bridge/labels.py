@@ -98,7 +98,7 @@ from bridge.targets import (
     rows_from_summary,
     run_target_regions,
 )
-from inference import IHC_CELL_RADIUS_UM, MppAdvice, Pdl1Error, Slide, SlideLabels, UnlabeledSlide
+from inference import IHC_CELL_RADIUS_UM, IHC_NUCLEUS_CLASSES, MppAdvice, Pdl1Error, Slide, SlideLabels, UnlabeledSlide
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,9 @@ class LabelRules:
     # Paired IHC: the registered IHC positive area labels the whole H&E, a band this wide around its edge ignored
     # (registration is never exact); None: such an area is skipped.
     ihc_band_um: float | None = None
+    # The stain of the slides labelled: "H&E" (the segmentation ensemble, the H&E nuclei model) or "H-DAB" (points
+    # on PD-L1 IHC slides, for the IHC nuclei model; class_names then the IHC classes).
+    stain: str = "H&E"
 
 
 def export_path(project_folder: Path, entry_id: str) -> Path:
@@ -972,6 +975,12 @@ def labels_from_objects(
             if meant
             else ""
         )
+        ihc = {_spelling(c) for c in IHC_NUCLEUS_CLASSES} - {_spelling(c) for c in rules.class_names}
+        if rules.stain == "H&E" and any(_spelling(c) in ihc for c in unknown_point_classes):
+            hint += (
+                "; the immune cell classes are the PD-L1 IHC nuclei model's: points on IHC slides train it with "
+                "--stain ihc"
+            )
         raise LabelError(
             f"{where}: points of classes the model does not have: {listing}; the model's classes are "
             f"{', '.join(rules.class_names)}: map each with --class-map 'LABEL=MODEL' (or 'LABEL=' to leave it out)"
@@ -1035,6 +1044,7 @@ def labels_from_objects(
         class_names=tuple(rules.class_names),
         counts=dict(sorted(counts.items())),
         source=source,
+        stain=rules.stain,
     )
     if not labels.has_regions and not labels.has_points:
         skipped = "; ".join(f"{k}: {v}" for k, v in labels.counts.items()) or "no objects"
@@ -1189,7 +1199,7 @@ def read_project_labels(
     one a user set in QuPath), which replaces the file's own, as ``pdl1 run`` reads the entry. Each image is
     opened once here: an image that states no pixel size either way raises
     :class:`~inference.errors.MissingMppError` (its message ends with ``mpp_advice``, how the caller's user
-    gives one), and one whose stain nobody states is warned of when its colour says another (:func:`warn_unless_he`).
+    gives one), and one whose stain nobody states is warned of when its colour says another (:func:`warn_unless_stain`).
     Every entry is read before anything is refused: one entry's error is raised as it is, those of several in one
     :class:`LabelError` naming each entry (a line each), so one run tells the user every fix.
 
@@ -1316,12 +1326,8 @@ def _entry_labels(
             "open it in QuPath and save the project"
         )
     source = f"{info.path} entry {entry.entry_id} ({entry.image_name})"
-    if entry.stain is not None and entry.stain != "H&E":
-        raise LabelError(
-            f"{source}: QuPath's image type {entry.image_type} says {entry.stain}; your own labels train the "
-            "H&E models (the segmentation ensemble and the H&E nuclei model). Leave the entry out with --entries, "
-            "or set its image type in QuPath (Image > Image type) if it is an H&E"
-        )
+    if entry.stain is not None and entry.stain != rules.stain:
+        raise LabelError(f"{source}: QuPath's image type {entry.image_type} says {entry.stain}; {_trains(rules)}")
     # At the pixel size QuPath saved, else the file's (as `pdl1 run` reads the entry, and as training reads it).
     with open_slide(slide, mpp=entry.mpp, mpp_source="QuPath project", mpp_advice=mpp_advice) as opened:
         mpp = opened.mpp.mean
@@ -1334,7 +1340,7 @@ def _entry_labels(
                 "point the entry at its image in QuPath (or with --search-dir), or leave it out with --entries"
             )
         if entry.stain is None:
-            warn_unless_he(opened, source)
+            warn_unless_stain(opened, source, rules)
     written = WrittenObjects.of_entry(sidecar_dir(info.folder, entry.entry_id)) if rules.from_review else None
     if objects_by_entry is not None:
         labels = labels_from_objects(
@@ -1405,9 +1411,23 @@ def _refuse_stale_export(exported: Path, entry_folder: Path, source: str, export
         )
 
 
-def warn_unless_he(slide: str | Path | Slide, source: str) -> None:
-    """Warn when a slide (a path, or one already open) whose stain nobody stated looks like another stain than
-    H&E by its colour.
+def _trains(rules: LabelRules) -> str:
+    """What labels of ``rules`` train, and how to leave out or retype an image of another stain (after "; ")."""
+    if rules.stain == "H-DAB":
+        return (
+            "these labels train the PD-L1 IHC nuclei model (--stain ihc). Leave the entry out with --entries, or set "
+            "its image type in QuPath (Image > Image type) to Brightfield (H-DAB) if it is a PD-L1 IHC"
+        )
+    return (
+        "these labels train the H&E models (the segmentation ensemble and the H&E nuclei model); for points on PD-L1 "
+        "IHC slides, train the IHC nuclei model with `pdl1 train nuclei --stain ihc`. Leave the entry out with "
+        "--entries, or set its image type in QuPath (Image > Image type) if it is an H&E"
+    )
+
+
+def warn_unless_stain(slide: str | Path | Slide, source: str, rules: LabelRules) -> None:
+    """Warn when a slide (a path, or one already open) whose stain nobody stated looks like another stain than the
+    one ``rules`` train (H&E, or H-DAB for the IHC nuclei model) by its colour.
 
     A warning, not a refusal: the colour can be wrong (README, stain detection), and without a QuPath image
     type there is nothing to override it with. Stated stains are checked by :func:`read_project_labels`.
@@ -1419,13 +1439,17 @@ def warn_unless_he(slide: str | Path | Slide, source: str) -> None:
     else:
         with open_slide(slide) as opened:
             colour = detect_slide_stain(opened)
-    if colour.stain != "H&E" and colour.margin_deg >= STAIN_WARNING_MARGIN_DEG:
+    if colour.stain != rules.stain and colour.margin_deg >= STAIN_WARNING_MARGIN_DEG:
+        model = "the PD-L1 IHC nuclei model" if rules.stain == "H-DAB" else "the H&E models"
         log.warning(
-            "%s: its colour says %s (%s), but your own labels train the H&E models; if it is a PD-L1 IHC or another "
-            "stain, leave it out; if it is an H&E, set its image type in QuPath to make that plain",
+            "%s: its colour says %s (%s), but these labels train %s; if it is another stain, leave it out (or give "
+            "`--stain %s`); if it is %s, set its image type in QuPath to make that plain",
             source,
             colour.stain,
             colour.reason,
+            model,
+            "he" if rules.stain == "H-DAB" else "ihc",
+            "a PD-L1 IHC" if rules.stain == "H-DAB" else "an H&E",
         )
 
 

@@ -26,7 +26,7 @@ from bridge.labels import (
     read_project_labels,
 )
 from bridge.qupath_geojson import QuPathObject
-from inference import IGNORE_LABEL, labels_digest, nuclei_known_mask, region_target
+from inference import IGNORE_LABEL, IHC_NUCLEUS_CLASSES, labels_digest, nuclei_known_mask, region_target
 
 HE_CLASSES = ("Tumor: Positive", "Tumor: Negative", "Other")
 RULES = LabelRules(class_names=HE_CLASSES)
@@ -411,24 +411,36 @@ def test_a_project_entry_without_an_export_names_the_script(labelled, tmp_path):
         read_project_labels(project, rules=RULES, entries=["nope"], qupath="never")
 
 
-def test_an_entry_qupath_types_as_another_stain_than_h_and_e_is_refused(labelled, tmp_path):
-    # Entry 2 is the same file typed BRIGHTFIELD_H_DAB: your own labels train the H&E models only.
+def test_an_entry_qupath_types_as_another_stain_than_the_labels_train_is_refused(labelled, tmp_path):
+    # Entry 2 is the same file typed BRIGHTFIELD_H_DAB: H&E labels (the default) refuse it, saying how an IHC trains.
     project = _project_copy(labelled, tmp_path)
-    with pytest.raises(LabelError, match=r"entry 2 \(he-1357.svs\): QuPath's image type BRIGHTFIELD_H_DAB says H-DAB"):
+    with pytest.raises(
+        LabelError, match=r"entry 2 \(he-1357.svs\): QuPath's image type BRIGHTFIELD_H_DAB says H-DAB; .*--stain ihc"
+    ):
         read_project_labels(project, rules=RULES, entries=["2"], qupath="never")
+    # Labels for the IHC nuclei model take entry 2, with the IHC classes and the stain, and refuse the H&E entry 1.
+    ihc_rules = dataclasses.replace(RULES, class_names=tuple(IHC_NUCLEUS_CLASSES), stain="H-DAB")
+    with pytest.raises(LabelError, match=r"entry 1 \(he-1357.svs\): QuPath's image type BRIGHTFIELD_H_E says H&E; "):
+        read_project_labels(project, rules=ihc_rules, entries=["1"], qupath="never")
+    with pytest.raises(LabelError, match=r"entry 2 .*pdl1_export_labels.groovy"):  # past the stain, to its labels
+        read_project_labels(project, rules=ihc_rules, entries=["2"], qupath="never")
 
 
 def test_a_slide_whose_colour_says_another_stain_is_warned_of(ihc_pair, caplog):
-    from bridge.labels import warn_unless_he
+    from bridge.labels import warn_unless_stain
 
     he, ihc = ihc_pair
+    ihc_rules = dataclasses.replace(RULES, class_names=tuple(IHC_NUCLEUS_CLASSES), stain="H-DAB")
+    for slide, rules in ((he, RULES), (ihc, ihc_rules)):
+        with caplog.at_level("WARNING", logger="bridge.labels"):
+            warn_unless_stain(slide, slide.name, rules)
+        assert not caplog.records
     with caplog.at_level("WARNING", logger="bridge.labels"):
-        warn_unless_he(he, "he_271.svs")
-    assert not caplog.records
-    with caplog.at_level("WARNING", logger="bridge.labels"):
-        warn_unless_he(ihc, "ihc_271.svs")
-    (record,) = caplog.records
-    assert record.getMessage().startswith("ihc_271.svs: its colour says H-DAB")
+        warn_unless_stain(ihc, "ihc_271.svs", RULES)
+        warn_unless_stain(he, "he_271.svs", ihc_rules)
+    first, second = (r.getMessage() for r in caplog.records)
+    assert first.startswith("ihc_271.svs: its colour says H-DAB") and "`--stain ihc`" in first
+    assert second.startswith("he_271.svs: its colour says H&E") and "train the PD-L1 IHC nuclei model" in second
 
 
 @pytest.mark.qupath

@@ -171,6 +171,66 @@ def test_pdl1_train_nuclei_on_a_project_from_its_exports_from_scratch(labelled, 
     assert training["config"]["slides"] == [str(tmp_path / "he-1357.svs")]
 
 
+def _ihc_points_geojson(ihc: Path, path: Path, box: tuple[int, int, int, int]) -> Path:
+    """A pathologist's labels of a PD-L1 IHC phantom as QuPath exports them: one 'Training region (all nuclei
+    marked)' over ``box`` (level-0 px) and a point annotation of the IHC class of every true nucleus inside it."""
+    from inference.phantom.truth import load_truth
+
+    truth = load_truth(ihc)
+    x0, y0, x1, y1 = box
+    inside = (truth.nuclei_xy[:, 0] > x0) & (truth.nuclei_xy[:, 0] < x1)
+    inside &= (truth.nuclei_xy[:, 1] > y0) & (truth.nuclei_xy[:, 1] < y1)
+    region = {
+        "type": "Feature",
+        "geometry": json.loads(shapely.to_geojson(shapely.box(*box))),
+        "properties": {
+            "objectType": "annotation",
+            "name": "Training region (all nuclei marked)",
+            "classification": {"name": "Training region"},
+        },
+    }
+    points = [
+        {
+            "type": "Feature",
+            "geometry": {"type": "Point", "coordinates": [float(x), float(y)]},
+            "properties": {"objectType": "annotation", "classification": {"name": truth.class_names[c]}},
+        }
+        for (x, y), c in zip(truth.nuclei_xy[inside], truth.nuclei_class[inside], strict=True)
+    ]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [region, *points]}))
+    return path
+
+
+@pytest.mark.slow
+def test_pdl1_train_nuclei_stain_ihc_fine_tunes_the_ihc_model_on_points_marked_on_an_ihc(ihc_pair, tmp_path):
+    _, ihc = ihc_pair
+    geojson = _ihc_points_geojson(ihc, tmp_path / "ihc_271.geojson", (512, 512, 1536, 1536))
+    out = tmp_path / "model"
+    args = ["train", "nuclei", str(ihc), "--labels", str(geojson), "--out", str(out), *TINY, "--no-progress"]
+    # As H&E labels (the default), the IHC classes are not the model's: refused, naming the way an IHC trains.
+    refused = runner.invoke(app, args, env={"COLUMNS": "400"})
+    assert refused.exit_code != 0 and not out.exists()
+    assert "points on IHC slides train it with --stain ihc" in " ".join(refused.output.split()), refused.output
+    result = runner.invoke(app, [*args, "--stain", "ihc"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "points: Tumor: Positive" in result.output and "points: Immune cells: PD-L1 negative" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    shipped = json.loads((demo_model_dir("nuclei-ihc") / "manifest.json").read_text())
+    assert manifest["stain"] == "H-DAB" and manifest["name"] == "pdl1-nuclei-ihc"
+    assert manifest["class_names"] == shipped["class_names"]
+    assert manifest["training"]["init"]["member_sha256"] == shipped["members"][-1]["sha256"]  # the IHC demo
+    # Points say positive or negative, not 1+/2+/3+: the grades' limits are the shipped model's, not refitted.
+    for key in ("intensity_1plus_od", "intensity_2plus_od", "intensity_3plus_od", "membrane_inner_um"):
+        assert manifest["thresholds"][key] == shipped["thresholds"][key]
+    # --stain is the labels': phantom truth states its own.
+    phantom_args = ["train", "nuclei", str(ihc), "--stain", "ihc", "--out", str(tmp_path / "p"), *TINY]
+    phantom = runner.invoke(app, phantom_args, env={"COLUMNS": "400"})
+    assert phantom.exit_code == 2 and "phantom truth states its own" in phantom.output
+    assert not (tmp_path / "p").exists()
+    bad = runner.invoke(app, [*args, "--stain", "dab"], env={"COLUMNS": "400"})
+    assert bad.exit_code == 2 and "expected he or ihc (or H&E, H-DAB), got 'dab'" in bad.output
+
+
 def test_pdl1_train_nuclei_usage_errors(labelled, tmp_path):
     slide = str(labelled / "he-1357.svs")
     result = runner.invoke(app, ["train", "nuclei", slide, slide, "--labels", slide, "--out", str(tmp_path / "m")])

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from bridge.cli.common import (
+    STAIN_WORDS,
     TIFF_WITH_RESOLUTION,
     check_device,
     check_model_target,
@@ -486,10 +487,12 @@ def _read_labels(
     points: bool,
     ihc_band_um: float | None = None,
     search_dirs: tuple[Path, ...] = (),
+    stain: str = "H&E",
 ) -> list:
     """The SlideLabels of a project, or of slides each with its GeoJSON (in order); [] for phantom slides.
 
-    ``points``: a nuclei run (the H&E nuclei classes); else a segmentation run, which reads the areas only.
+    ``points``: a nuclei run (the nuclei classes of ``stain``: H&E, or H-DAB for the PD-L1 IHC nuclei model); else
+    a segmentation run, which reads the areas only (H&E).
     A project's labels carry the pixel size QuPath states for each entry (it replaces the file's own, as in
     `pdl1 run`); a slide with its GeoJSON has only its file's. A slide that states none either way is refused
     here, before anything is trained, saying how to give one; so is one image file that two entries set to
@@ -501,18 +504,20 @@ def _read_labels(
         read_geojson_labels,
         read_project_labels,
         refuse_files_calibrated_twice,
-        warn_unless_he,
+        warn_unless_stain,
     )
-    from inference import NUCLEUS_CLASSES, open_slide
+    from inference import IHC_NUCLEUS_CLASSES, NUCLEUS_CLASSES, open_slide
 
     if qupath not in ("auto", "always", "never"):
         raise typer.BadParameter(f"--qupath must be auto, always or never, got {qupath!r}")
+    classes = IHC_NUCLEUS_CLASSES if stain == "H-DAB" else NUCLEUS_CLASSES
     rules = LabelRules(
-        class_names=tuple(NUCLEUS_CLASSES) if points else (),
+        class_names=tuple(classes) if points else (),
         class_map=parse_class_map(class_map),
         from_review=from_review,
         points=points,
         ihc_band_um=ihc_band_um,
+        stain=stain,
     )
     projects = [s for s in sources if _is_project(s)]
     if projects:
@@ -558,7 +563,7 @@ def _read_labels(
     for slide_path, labels_path in zip(sources, geojson, strict=True):
         with open_slide(slide_path, mpp_advice=_slide_mpp_advice) as slide:
             size, mpp = tuple(slide.dimensions), slide.mpp.mean
-            warn_unless_he(slide, str(slide_path))
+            warn_unless_stain(slide, str(slide_path), rules)
         out.append(read_geojson_labels(labels_path, slide=slide_path, image_size_px=size, rules=rules, mpp=mpp))
     return out
 
@@ -739,17 +744,27 @@ def train_nuclei_cmd(
     ] = False,
     anchor_weight: AnchorWeight = 0.0,
     freeze_batchnorm: FreezeBatchnorm = False,
+    stain: Annotated[
+        str,
+        typer.Option(
+            help="Your labels: the stain of the slides they mark, he (the H&E nuclei model) or ihc (points on "
+            "PD-L1 IHC slides, the IHC nuclei model and its classes). A project's entry QuPath types as the other "
+            "stain is refused. Phantom truth states its own stain.",
+        ),
+    ] = "he",
 ) -> None:
     """Train the point-based nuclei classifier from truth points, on the stain of the slides given.
 
     H&E phantoms: Tumor: Positive / Tumor: Negative / Other. PD-L1 IHC phantoms (pdl1 phantom --ihc): also
     Immune cells: PD-L1 positive / negative, and the 2+/3+ membrane DAB limits calibrated on the truth.
-    Your own labels (a QuPath project, or --labels GeoJSON per slide): H&E, the H&E classes; points of
-    other classes need --class-map; see the README, "Train on your own slides".
+    Your own labels (a QuPath project, or --labels GeoJSON per slide): the classes of --stain (H&E by default;
+    ihc: the IHC classes, from the shipped IHC model, keeping its 1+/2+/3+ limits); points of other classes
+    need --class-map; see the README, "Train on your own slides".
     """
     from inference import NucleiTrainConfig, train_nuclei
 
     lr_peak, lr_floor = _lr_range(optimizer, lr_max)
+    stain_name = _labels_stain(stain)
     _check_before_reading(out, resume=resume, cycles=cycles, drop_first_cycle=drop_first_cycle)
     try:
         slide_labels = _read_labels(
@@ -761,7 +776,13 @@ def train_nuclei_cmd(
             qupath=qupath,
             search_dirs=tuple(search_dir or ()),
             points=True,
+            stain=stain_name,
         )
+        if stain_name != "H&E" and not slide_labels:
+            raise typer.BadParameter(
+                "--stain chooses the stain of your labels; phantom truth states its own (pdl1 phantom --ihc)",
+                param_hint="--stain",
+            )
         slide_labels, held_out = _split_held_out(slide_labels, val_entries or [], val_fraction, seed=seed, points=True)
         init_model = None if init in (None, "none") else init
         if init is None and slide_labels:
@@ -769,7 +790,7 @@ def train_nuclei_cmd(
             if arch == _DEMO_NUCLEI_ARCH:
                 from inference import demo_model_dir
 
-                init_model = str(demo_model_dir("nuclei"))
+                init_model = str(demo_model_dir("nuclei-ihc" if stain_name == "H-DAB" else "nuclei"))
         _check_fine_tuning(anchor_weight, freeze_batchnorm, init_model)
         _echo_counts(slide_labels, held_out=held_out)
         sources = [lab.slide for lab in slide_labels] if slide_labels else [str(s) for s in slides]
@@ -828,6 +849,14 @@ def train_nuclei_cmd(
         fit,
         report,
     )
+
+
+def _labels_stain(stain: str) -> str:
+    """The manifest's stain name of ``pdl1 train nuclei --stain`` (he or ihc, as ``pdl1 run --stain``)."""
+    name = STAIN_WORDS.get(stain.lower())
+    if name is None:
+        raise typer.BadParameter(f"expected he or ihc (or H&E, H-DAB), got {stain!r}", param_hint="--stain")
+    return name
 
 
 def _check_fine_tuning(

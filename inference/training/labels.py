@@ -43,7 +43,8 @@ class SlideLabels:
     in QuPath); it replaces the file's own wherever the slide is read for these labels, as ``pdl1 run`` reads
     the entry (:func:`open_labelled_slide`). None: the file's own. ``image_size_px`` is the image's (width,
     height) as QuPath shows it; ``source`` says where the labels came from (a project's entry, a GeoJSON file),
-    as messages name them.
+    as messages name them. ``stain``: the stain of the slide the labels were drawn on, ``"H&E"`` or ``"H-DAB"``
+    (a PD-L1 IHC, whose points train the IHC nuclei model); the model trained on them is of that stain.
     """
 
     slide: str
@@ -59,6 +60,7 @@ class SlideLabels:
     counts: Mapping[str, int] = field(default_factory=dict)
     source: str = ""
     mpp: float | None = None
+    stain: str = "H&E"
 
     def __post_init__(self) -> None:
         if len(self.training_regions) != len(self.exhaustive):
@@ -127,6 +129,8 @@ def labels_digest(labels: SlideLabels) -> str:
     names = np.asarray(labels.class_names, dtype=object)[labels.points_class] if labels.has_points else []
     rows = sorted(zip(np.round(labels.points_xy, 3).tolist(), list(names), strict=True))
     h.update(repr(rows).encode())
+    if labels.stain != "H&E":  # H&E labels keep the digest they had before labels stated a stain
+        h.update(labels.stain.encode())
     return h.hexdigest()
 
 

@@ -28,7 +28,7 @@ from inference.analysis.ihc import DEFAULT_INTENSITY_LIMITS_OD, annulus_means, d
 from inference.analysis.nuclei import DEFAULT_MIN_SCORE, MEMBRANE_PERCENTILE, MEMBRANE_RING_UM, detect_nuclei
 from inference.analysis.points import gaussian_targets
 from inference.models.ensemble import Ensemble
-from inference.models.manifest import Manifest, Member, write_manifest
+from inference.models.manifest import Manifest, Member, read_manifest, write_manifest
 from inference.models.nuclei_model import DilatedResFCN
 from inference.phantom.truth import load_truth
 from inference.slides.slide import open_slide
@@ -171,7 +171,7 @@ def load_labelled_slide(labels: SlideLabels, *, input_mpp: float, known_radius_u
         rgb,
         labels.points_xy / ds - 0.5,
         labels.points_class,
-        {"stain": "H&E"},
+        {"stain": labels.stain},
         tuple(labels.class_names),
         np.zeros(len(labels.points_class), np.int64),
         known,
@@ -219,6 +219,30 @@ def calibrate_intensity_limits(data: list[_NucleiData], *, ring_px: tuple[float,
         "membrane_inner_um": MEMBRANE_RING_UM[0],
         "membrane_outer_um": MEMBRANE_RING_UM[1],
     }
+
+
+# The intensity thresholds of an IHC nuclei manifest: membrane DAB OD limits of 1+/2+/3+ and the ring they are read on.
+_INTENSITY_KEYS = (
+    "intensity_1plus_od",
+    "intensity_2plus_od",
+    "intensity_3plus_od",
+    "membrane_inner_um",
+    "membrane_outer_um",
+)
+
+
+def intensity_limits_of(init_model: str | Path | None) -> dict[str, float]:
+    """The 1+/2+/3+ membrane limits an IHC model trained on a lab's points keeps: its ``init_model``'s (calibrated
+    on graded truth), else QuPath's defaults. Points are marked positive or negative, with no grade to calibrate on.
+
+    >>> intensity_limits_of(None)["intensity_3plus_od"]
+    0.6
+    """
+    defaults = dict(zip(_INTENSITY_KEYS, (*DEFAULT_INTENSITY_LIMITS_OD, *MEMBRANE_RING_UM), strict=True))
+    if init_model is None:
+        return defaults
+    stated = read_manifest(init_model, task="nuclei", verify=False).thresholds
+    return {key: float(stated.get(key, value)) for key, value in defaults.items()}
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -327,7 +351,9 @@ def train_nuclei(
         check_patch_fits(d.name, d.rgb.shape[:2], patch_px=config.patch_px, input_mpp=config.input_mpp, setting=setting)
     class_names, stain = _one_kind(data)
     thresholds = {"min_score": DEFAULT_MIN_SCORE, "nms_radius_um": 2.5}
-    if stain == "H-DAB":
+    if stain == "H-DAB" and labels:  # a lab's points say positive or negative, not 1+/2+/3+
+        thresholds |= intensity_limits_of(config.init_model)
+    elif stain == "H-DAB":
         ring_px = (MEMBRANE_RING_UM[0] / config.input_mpp, MEMBRANE_RING_UM[1] / config.input_mpp)
         thresholds |= calibrate_intensity_limits(data, ring_px=ring_px)
     arch_kwargs = {
@@ -405,7 +431,7 @@ def train_nuclei(
     )
     write_manifest(out_dir, manifest)
     if stain == "H-DAB" and len(members) > 1:
-        limit = review_entropy_limit(out_dir, config.slides, device=config.device)
+        limit = review_entropy_limit(out_dir, config.slides, device=config.device, slide_mpp=config.slide_mpp)
         manifest = manifest.with_thresholds(review_nuclei_entropy=limit)
         write_manifest(out_dir, manifest)
     # The domain guard's statistics of these slides, limits by leaving one slide out (pdl1 domain-stats
@@ -443,12 +469,16 @@ def _data_record(data: list[_NucleiData], labels: Sequence[SlideLabels], sources
 REVIEW_ENTROPY_MARGIN = 1.1
 
 
-def review_entropy_limit(model_dir: str | Path, slides: tuple[str, ...], *, device: str = "cpu") -> float:
-    """The review limit of an IHC nuclei ensemble: its training slides' highest mean nuclei entropy x margin."""
+def review_entropy_limit(
+    model_dir: str | Path, slides: tuple[str, ...], *, device: str = "cpu", slide_mpp: Mapping[str, float] | None = None
+) -> float:
+    """The review limit of an IHC nuclei ensemble: its training slides' highest mean nuclei entropy x margin.
+    ``slide_mpp``: the µm/px a slide's project states, where it replaces the file's own (as training read it)."""
     ensemble = Ensemble.load(model_dir, task="nuclei", device=device)
     means = []
     for path in slides:
-        with open_slide(path) as slide:
+        mpp = (slide_mpp or {}).get(path)
+        with open_slide(path, mpp=mpp, mpp_source="QuPath project") as slide:
             tissue = tissue_mask_for_slide(slide, method=TISSUE_METHOD_OF_STAIN[ensemble.manifest.stain])
             nuclei = detect_nuclei(slide, ensemble, tissue=tissue)
         if nuclei.entropy is not None and len(nuclei):

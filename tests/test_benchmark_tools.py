@@ -356,3 +356,26 @@ def test_a_benchmark_whose_setup_fails_leaves_no_temporary_folder(tmp_path, monk
     with pytest.raises(ModuleNotFoundError):
         benchmarks.run_benchmark("peers", quick=True)
     assert not made.exists()
+
+
+def test_real_ihc_points_reads_a_deepliif_mask_and_scores_the_calls_over_matched_nuclei():
+    """benchmarks.real_ihc_points: each red or blue nucleus of a mask is a point at its centroid (specks under 30 px
+    left out), red positive; the calls are counted over the nuclei matched within 3 µm."""
+    import numpy as np
+
+    from benchmarks.real_ihc_points import Tile, mask_points, score_tile
+
+    mask = np.zeros((64, 64, 3), np.uint8)
+    mask[10:16, 10:16] = (255, 0, 0)  # 36 px, Ki67 positive
+    mask[40:46, 20:26] = (0, 0, 255)  # 36 px, negative
+    mask[50:52, 50:52] = (0, 0, 255)  # a 4 px speck
+    mask[30:36, 30:36] = (0, 255, 0)  # an outline colour, no nucleus
+    xy, positive = mask_points(mask)
+    assert xy.tolist() == [[13.0, 13.0], [23.0, 43.0]] and positive.tolist() == [True, False]
+    tile = Tile("t", "test", np.zeros((64, 64, 3), np.uint8), xy, positive)
+    pred = np.array([[13.5, 13.0], [23.0, 44.0], [60.0, 60.0]])  # two within 3 µm (12 px at 0.25 µm/px), one not
+    names = np.array(["Tumor: Positive", "Immune cells: PD-L1 positive", "Other"], dtype=object)
+    s = score_tile(tile, pred, names)
+    assert (s.detection.tp, s.detection.fp, s.detection.fn) == (2, 1, 0)
+    assert s.truth_positive_called_positive == (1, 1) and s.truth_negative_called_negative == (0, 1)
+    assert s.called_positive_share == (2, 2)  # "Other" is no tumour or immune cell

@@ -1095,17 +1095,32 @@ def _of_another_image(job: _Job, summary: dict[str, Any]) -> str | None:
     return None
 
 
+# Blocks of a GeoJSON checked for NUL bytes between its ends, evenly spaced: a zeroed hole of a sixteenth of the
+# file or more falls on one. JSON text holds no NUL byte (json.dumps escapes it), so one means damage.
+_SAMPLED_BLOCKS = 15
+_SAMPLED_BLOCK_BYTES = 4096
+
+
 def _ends_whole(path: Path) -> bool:
-    """Whether a GeoJSON begins and ends as a FeatureCollection does, without NUL bytes there: a copy that sets the
-    file's full size first (Windows' CopyFile, rsync --preallocate) and stops leaves its end zeroed (helper-137)."""
+    """Whether a GeoJSON begins and ends as a FeatureCollection does, without NUL bytes there or in blocks sampled
+    between: a copy that sets the file's full size first (Windows' CopyFile, rsync --preallocate) and stops leaves
+    its end zeroed (helper-137); one that copies parts in parallel (rclone's multi-thread streams, robocopy /MT on one
+    large file) leaves zeroed holes anywhere. Reads about 60 kB whatever the file's size: --resume stays quick."""
     try:
         with path.open("rb") as fh:
             head = fh.read(64)
-            fh.seek(max(0, fh.seek(0, 2) - 64))
+            size = fh.seek(0, 2)
+            fh.seek(max(0, size - 64))
             tail = fh.read()
+            middle = []
+            for k in range(1, _SAMPLED_BLOCKS + 1):
+                fh.seek(size * k // (_SAMPLED_BLOCKS + 1))
+                middle.append(fh.read(_SAMPLED_BLOCK_BYTES))
     except OSError:
         return False
-    return b"\0" not in head + tail and head.lstrip().startswith(b"{") and re.search(rb"\]\s*\}\s*$", tail) is not None
+    if any(b"\0" in block for block in (head, tail, *middle)):
+        return False
+    return head.lstrip().startswith(b"{") and re.search(rb"\]\s*\}\s*$", tail) is not None
 
 
 def skipped_outcome(job: _Job, project: Path | None, status_folder: Path) -> ImageOutcome:
@@ -1129,7 +1144,7 @@ def _results_problem(
     recorded = status.images[job.key].get("geojson_bytes")
     for path in (geojson, summary):
         if path == geojson and isinstance(recorded, int) and _file_bytes(path) == recorded and _ends_whole(path):
-            continue  # as the run wrote it: not parsed again (a copy cut short has another size or a zeroed end)
+            continue  # as the run wrote it: not parsed again (a copy cut short has another size or zeroed bytes)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:

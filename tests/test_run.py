@@ -551,6 +551,12 @@ def test_resume_knows_a_geojson_whole_by_its_recorded_size_without_parsing_it(tm
     data = (out / "s31.geojson").read_bytes()
     (out / "s31.geojson").write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))
     assert [o.state for o in run_batch(slides[:1], resume, models=models)] == ["done"]
+    # One that copies parts in parallel and stops leaves a zeroed hole inside, its ends whole.
+    data = (out / "s31.geojson").read_bytes()
+    hole = slice(len(data) // 3, len(data) // 3 + len(data) // 8)
+    (out / "s31.geojson").write_bytes(data[: hole.start] + bytes(hole.stop - hole.start) + data[hole.stop :])
+    assert [o.state for o in run_batch(slides[:1], resume, models=models)] == ["done"]
+    assert [o.state for o in run_batch(slides[:1], resume, models=models)] == ["skipped"]  # written whole again
 
 
 def test_a_damaged_run_status_stops_a_resume_and_is_set_aside_by_a_run_without_it(tmp_path, slides, models, caplog):

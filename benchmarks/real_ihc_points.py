@@ -1,7 +1,7 @@
 """The IHC path on real immunostains with nuclei marked: the shipped phantom-trained IHC nuclei ensemble, the LoG
 baseline and the ensemble fine-tuned on a lab's points (``pdl1 train nuclei --stain ihc``), on DeepLIIF's tiles.
 
-``python -m benchmarks.real_ihc_points DATA [--seeds 0,1] [--models DIR]``
+``python -m benchmarks.real_ihc_points DATA [--seeds 0,1] [--models DIR] [--train Lung1,Bladder1]``
 
 No real PD-L1 IHC with cells marked is at hand. The nearest is DeepLIIF's sample data (Ghahremani et al., Nature
 Machine Intelligence 2022; github.com/nadeemlab/DeepLIIF, Apache 2.0 with the Commons Clause, read from ``DATA``
@@ -166,9 +166,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("data", type=Path, help="DeepLIIF's Datasets/Sample_Dataset folder")
     parser.add_argument("--seeds", default="0,1", help="seeds of the fine-tuned models")
     parser.add_argument("--models", type=Path, help="folder keeping every model trained, reused by later runs")
+    parser.add_argument(
+        "--train", default="", help="the training tiles the models learn from, by name (default: all; the LoG: all)"
+    )
     args = parser.parse_args(argv)
     tiles = read_tiles(args.data)
     train, test = [t for t in tiles if t.split == "train"], [t for t in tiles if t.split == "test"]
+    chosen = [t for t in train if not args.train or t.name in args.train.split(",")]
+    if not chosen:
+        raise SystemExit(f"--train {args.train}: no such training tile ({', '.join(t.name for t in train)})")
     for t in tiles:
         print(f"{t.split} {t.name}: {len(t.xy)} nuclei, {int(t.positive.sum())} Ki67 positive", flush=True)
     truth_pos = sum(int(t.positive.sum()) for t in test), sum(len(t.xy) for t in test)
@@ -234,7 +240,9 @@ def main(argv: list[str] | None = None) -> None:
             time.perf_counter() - t0,
         )
 
-        labels = [tile_labels(t, slides[t.name]) for t in train]
+        labels = [tile_labels(t, slides[t.name]) for t in chosen]
+        n_chosen = sum(len(t.xy) for t in chosen)
+        tag = "" if len(chosen) == len(train) else "_" + "_".join(t.name for t in chosen)
         models = args.models or work / "models"
         for seed in stroma._csv(args.seeds, int):
             config = replace(
@@ -243,18 +251,13 @@ def main(argv: list[str] | None = None) -> None:
                 init_model=str(demo_model_dir("nuclei-ihc")),
                 tta=True,
             )
-            out = models / f"deepliif_seed{seed}_{stroma._slug(SETTING)}"
+            out = models / f"deepliif{tag}_seed{seed}_{stroma._slug(SETTING)}"
             model, seconds = stroma.trained_once(
                 out, lambda o, c=config: train_nuclei(replace(c, out_dir=str(o)), labels=labels)
             )
             s, per_tile = model_scores(model, tta=True, threshold=DEFAULT_MIN_SCORE)
-            row(
-                f"fine-tuned on the training tiles, seed {seed}, TTA",
-                str(n_train),
-                f"{DEFAULT_MIN_SCORE:g}",
-                s,
-                seconds,
-            )
+            what = f"fine-tuned on {', '.join(t.name for t in chosen)}, seed {seed}, TTA"
+            row(what, str(n_chosen), f"{DEFAULT_MIN_SCORE:g}", s, seconds)
             notes.append(f"seed {seed}: {', '.join(per_tile)}")
     print("\nPer test tile: " + "; ".join(notes))
 

@@ -724,6 +724,31 @@ def test_with_the_last_run_s_output_reclassified_nuclei_and_deleted_candidates_a
         labels_from_objects(odd, slide="s", image_size_px=(100, 100), rules=review, written=written)
 
 
+def test_on_an_ihc_the_nuclei_a_person_reclassified_are_ihc_labels_with_its_classes():
+    # pdl1 run writes an IHC's cells in the IHC classes; --stain ihc --from-review takes a pathologist's corrections.
+    from bridge.labels import WrittenObjects
+
+    written = WrittenObjects.from_objects(
+        [_nucleus(5, 5, "Tumor: Positive"), _nucleus(40, 8, "Immune cells: PD-L1 negative"), _nucleus(90, 90, "Other")]
+    )
+    image = [
+        _nucleus(5, 5, "Tumor: Negative"),  # no membrane staining: corrected
+        _nucleus(40, 8, "Immune cells: PD-L1 positive"),  # a stained macrophage: corrected
+        _nucleus(90, 90, "Other"),  # as written
+    ]
+    review = LabelRules(class_names=tuple(IHC_NUCLEUS_CLASSES), from_review=True, stain="H-DAB")
+    labels = labels_from_objects(image, slide="s", image_size_px=(100, 100), rules=review, written=written)
+    assert labels.stain == "H-DAB" and labels.class_names == tuple(IHC_NUCLEUS_CLASSES)
+    names = [labels.class_names[c] for c in labels.points_class]
+    assert labels.points_xy.tolist() == [[5.0, 5.0], [40.0, 8.0]]
+    assert names == ["Tumor: Negative", "Immune cells: PD-L1 positive"]
+    assert labels.counts["reviewed: nuclei reclassified"] == 2
+    # H&E labels do not take the immune classes: the message points at --stain ihc.
+    he_review = LabelRules(class_names=HE_CLASSES, from_review=True)
+    with pytest.raises(LabelError, match=r"Immune cells: PD-L1 positive \(1 points\).*train it with --stain ihc"):
+        labels_from_objects(image, slide="s", image_size_px=(100, 100), rules=he_review, written=written)
+
+
 def test_candidates_no_record_holds_are_counted_since_deletions_beside_them_cannot_be_told():
     # A project whose run output and records are gone (or never were: an export from another copy): --from-review
     # took the reclassified candidates and said nothing of the deleted ones it could not see.

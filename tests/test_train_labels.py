@@ -502,6 +502,32 @@ def test_nuclei_validation_scores_any_peak_threshold_from_one_detection_and_fits
         score_labelled_nuclei([n], min_score=0.05)
 
 
+def test_nuclei_validation_scores_the_classes_of_the_matched_nuclei_and_an_ihc_s_tps():
+    from bridge.cli.train import _classes_text
+    from inference import IHC_NUCLEUS_CLASSES, LabelledNuclei, score_labelled_nuclei
+
+    names = tuple(IHC_NUCLEUS_CLASSES)  # Tumor: Positive 0, Tumor: Negative 1, immune 2 and 3, Other 4
+    truth = np.array([[10.0, 10], [30, 10], [50, 10], [70, 10]])
+    truth_cls = np.array([0, 1, 1, 4])  # marked: one positive and two negative tumour cells, TPS 33 %
+    xy = np.array([[10.5, 10], [30, 11], [50, 9], [90, 10]])  # three matched, one found where nothing is marked
+    pred_cls = np.array([0, 0, 1, 1])  # one marked negative called positive; the spurious one negative
+    score = np.array([0.9, 0.8, 0.7, 0.6])
+    n = LabelledNuclei("s", truth, xy, score, (), radius_px=3.0, floor=0.1, truth_cls=truth_cls, pred_cls=pred_cls,
+                       class_names=names)  # fmt: skip
+    (row,) = score_labelled_nuclei([n], min_score=0.3)
+    assert row.n_matched == 3 and row.class_agreement == pytest.approx(2 / 3)
+    assert row.tps_marked_percent == pytest.approx(100 / 3) and row.tps_found_percent == pytest.approx(50.0)
+    (high,) = score_labelled_nuclei([n], min_score=0.75)  # only the two first found: both called positive
+    assert high.tps_found_percent == pytest.approx(100.0) and high.class_agreement == pytest.approx(0.5)
+    text = _classes_text({"class_agreement": 2 / 3, "tps_marked_percent": 100 / 3, "tps_found_percent": 50.0}, ihc=True)
+    assert text == "; classes right on 67% of the matched nuclei; TPS of the marked cells 33.3%, of those found 50.0%"
+    assert _classes_text({"class_agreement": 2 / 3, "tps_marked_percent": 100 / 3}, ihc=False).count("TPS") == 0
+    assert _classes_text({"class_agreement": None}, ihc=True) == ""  # nothing matched
+    # Without classes (an older caller's LabelledNuclei) detection is scored as before.
+    (plain,) = score_labelled_nuclei([LabelledNuclei("s", truth, xy, score, (), 3.0, 0.1)], min_score=0.3)
+    assert plain.f1 == row.f1 and plain.class_agreement != plain.class_agreement and plain.tps_marked_percent is None
+
+
 def test_slides_whose_region_labels_hold_no_positive_area_are_named(capsys):
     from bridge.cli.train import _echo_counts
     from inference import SlideLabels

@@ -843,7 +843,7 @@ def train_nuclei_cmd(
         [
             f"validation {row['slide']}: {row['n_labelled']} marked nuclei, {row['n_predicted']} found, "
             f"precision {_fmt(row['precision'])}, recall {_fmt(row['recall'])}, F1 {_fmt(row['f1'])}"
-            f"{_members_text(row, 'f1_members')}"
+            f"{_members_text(row, 'f1_members')}{_classes_text(row, ihc=manifest.stain == 'H-DAB')}"
             for row in validation
         ],
         fit,
@@ -966,6 +966,21 @@ def _echo_trained(out: Path, manifest, validation_lines: list[str], fit: dict | 
 
 def _fmt(value: float | None) -> str:
     return "undefined" if value is None else f"{value:.3f}"
+
+
+def _classes_text(row: dict, *, ihc: bool) -> str:
+    """ "; classes right on 94% of the matched nuclei" and, on an IHC, "; TPS of the marked cells 7.4%, of those
+    found 6.1%" for a nuclei validation row ("" where not measured)."""
+    text = (
+        ""
+        if row.get("class_agreement") is None
+        else f"; classes right on {row['class_agreement']:.0%} of the matched nuclei"
+    )
+    if ihc and row.get("tps_marked_percent") is not None:
+        found = row.get("tps_found_percent")
+        text += f"; TPS of the marked cells {row['tps_marked_percent']:.1f}%, of those found "
+        text += "-" if found is None else f"{found:.1f}%"
+    return text
 
 
 def _members_text(row: dict, key: str) -> str:

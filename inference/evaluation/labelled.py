@@ -10,7 +10,7 @@ import numpy as np
 import shapely
 
 from inference.analysis.nuclei import NucleiConfig, detect_nuclei
-from inference.analysis.points import DetectionScores, detection_scores
+from inference.analysis.points import DetectionScores, detection_scores, match_points
 from inference.analysis.segment import SegmentConfig, segment_slide
 from inference.models.ensemble import Ensemble
 from inference.models.manifest import read_manifest
@@ -26,7 +26,8 @@ def _rank(ensemble: float, members: Sequence[float]) -> int:
 
 @dataclass(frozen=True)
 class LabelledNucleiScore:
-    """Detection within ``radius_um`` of a slide's marked nuclei, inside its exhaustively marked regions."""
+    """Detection within ``radius_um`` of a slide's marked nuclei, inside its exhaustively marked regions, and the
+    classes the ensemble gives them."""
 
     slide: str
     n_labelled: int
@@ -36,6 +37,12 @@ class LabelledNucleiScore:
     recall: float
     f1: float
     f1_members: tuple[float, ...] = ()  # each member alone (its own heatmap peaks), same regions and radius
+    # Over the matched nuclei: the share the ensemble gives the marked class (NaN: none matched or no classes).
+    class_agreement: float = float("nan")
+    # Tumor: Positive over Tumor: Positive and Negative (%), of the marked nuclei and of those found: an IHC
+    # slide's TPS as the marks and the model give it, inside the marked regions (None: no tumour cell).
+    tps_marked_percent: float | None = None
+    tps_found_percent: float | None = None
 
     @property
     def rank(self) -> int:
@@ -59,6 +66,22 @@ class LabelledNuclei:
     member_pred: tuple[tuple[np.ndarray, np.ndarray], ...]  # each member alone: (xy, score)
     radius_px: float  # the matching radius in level-0 px
     floor: float
+    truth_cls: np.ndarray | None = None  # (N,) the marks' classes, indexing class_names
+    pred_cls: np.ndarray | None = None  # (P,) the ensemble's classes
+    class_names: tuple[str, ...] = ()
+
+
+def _tps_percent(cls: np.ndarray, class_names: Sequence[str]) -> float | None:
+    """Tumor: Positive over Tumor: Positive and Tumor: Negative, in %; None without either class or tumour cell.
+
+    >>> _tps_percent(np.array([0, 1, 1, 1, 2]), ("Tumor: Positive", "Tumor: Negative", "Other"))
+    25.0
+    """
+    if "Tumor: Positive" not in class_names or "Tumor: Negative" not in class_names:
+        return None
+    pos = int((cls == class_names.index("Tumor: Positive")).sum())
+    neg = int((cls == class_names.index("Tumor: Negative")).sum())
+    return None if pos + neg == 0 else 100.0 * pos / (pos + neg)
 
 
 def labelled_nuclei(
@@ -88,7 +111,14 @@ def labelled_nuclei(
                 "(its name containing 'all nuclei marked'); this slide has none"
             )
         area = shapely.union_all(regions).difference(lab.ignore)
-        truth = lab.points_xy[shapely.contains_xy(area, lab.points_xy[:, 0], lab.points_xy[:, 1])]
+        inside = shapely.contains_xy(area, lab.points_xy[:, 0], lab.points_xy[:, 1])
+        truth = lab.points_xy[inside]
+        names = tuple(ensemble.manifest.class_names)
+        # The marks' classes by name (the labels were read with the model's classes, in its order or another).
+        truth_cls = np.array(
+            [names.index(lab.class_names[c]) if lab.class_names[c] in names else -1 for c in lab.points_class[inside]],
+            np.int64,
+        )
         with open_labelled_slide(lab) as slide:
             found = [detect_nuclei(slide, model, roi=area, config=low) for model in (ensemble, *singles)]
             radius_px = radius_um / slide.mpp.mean
@@ -101,6 +131,9 @@ def labelled_nuclei(
                 tuple((n.xy, n.score) for n in found[1:]),
                 radius_px,
                 floor,
+                truth_cls,
+                found[0].cls,
+                names,
             )
         )
     return out
@@ -121,7 +154,29 @@ def score_labelled_nuclei(nuclei: Sequence[LabelledNuclei], *, min_score: float)
             raise ValueError(f"nuclei were found at peak threshold {n.floor:g} and up; {min_score:g} lies below")
         n_pred, s = _match(n.pred_xy, n.pred_score, n.truth_xy, n.radius_px, min_score)
         members = tuple(_match(xy, sc, n.truth_xy, n.radius_px, min_score)[1].f1 for xy, sc in n.member_pred)
-        out.append(LabelledNucleiScore(n.slide, len(n.truth_xy), n_pred, s.tp, s.precision, s.recall, s.f1, members))
+        agreement, tps_marked, tps_found = float("nan"), None, None
+        if n.truth_cls is not None and n.pred_cls is not None:
+            keep = n.pred_score >= min_score
+            m = match_points(n.pred_xy[keep], n.truth_xy, radius=n.radius_px)
+            if len(m.pred_index):
+                agreement = float((n.pred_cls[keep][m.pred_index] == n.truth_cls[m.truth_index]).mean())
+            tps_marked = _tps_percent(n.truth_cls, n.class_names)
+            tps_found = _tps_percent(n.pred_cls[keep], n.class_names)
+        out.append(
+            LabelledNucleiScore(
+                n.slide,
+                len(n.truth_xy),
+                n_pred,
+                s.tp,
+                s.precision,
+                s.recall,
+                s.f1,
+                members,
+                agreement,
+                tps_marked,
+                tps_found,
+            )
+        )
     return out
 
 

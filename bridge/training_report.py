@@ -315,6 +315,22 @@ def write_training_report(out: str | Path) -> Path:
             )
             for r in validation["slides"]
         ]
+        # The classes of the matched nuclei, and an IHC's TPS as marked and as found (validations that measured them).
+        extra_cols = [
+            (key, name)
+            for key, name in (
+                ("class_agreement", "classes right"),
+                ("tps_marked_percent", "TPS marked %"),
+                ("tps_found_percent", "TPS found %"),
+            )
+            if validation["task"] != "segmentation" and any(r.get(key) is not None for r in validation["slides"])
+        ]
+        if extra_cols:
+            headers = (*headers, *(name for _, name in extra_cols))
+            rows = [
+                (*row, *(_num(r.get(k)) for k, _ in extra_cols))
+                for row, r in zip(rows, validation["slides"], strict=True)
+            ]
         fit = validation.get("threshold_fit")
         fit_note = (
             ""

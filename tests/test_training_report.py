@@ -214,3 +214,22 @@ def test_held_out_counts_are_shown_whole(tmp_path):
     assert result.exit_code == 0, result.output
     page = (model / "training_report.html").read_text()
     assert "<td>a.svs</td><td>65,536</td><td>5,920</td><td>19,403</td><td>0.468</td><td>-</td><td>-</td>" in page
+
+
+def test_a_nuclei_validation_shows_the_classes_and_an_ihc_s_tps_where_measured(tmp_path):
+    import shutil
+
+    from inference import demo_model_dir
+
+    model = tmp_path / "m"
+    shutil.copytree(demo_model_dir("nuclei-ihc"), model)
+    row = {"slide": "/s/a.tif", "n_labelled": 136, "n_predicted": 129, "n_matched": 116, "precision": 0.899,
+           "recall": 0.853, "f1": 0.875, "f1_members": [], "rank": 0}  # fmt: skip
+    measured = {"class_agreement": 0.991, "tps_marked_percent": 7.35, "tps_found_percent": 8.53}
+    for rows, shown in (([{**row, **measured}], True), ([row], False)):  # an earlier version's validation: no columns
+        (model / "validation.json").write_text(json.dumps({"task": "nuclei", "slides": rows}))
+        result = runner.invoke(app, ["train", "report", str(model)])
+        assert result.exit_code == 0, result.output
+        page = (model / "training_report.html").read_text()
+        assert ("classes right" in page and "TPS marked %" in page and "8.530" in page) is shown
+        assert ("classes right" in page) is shown

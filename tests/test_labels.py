@@ -463,6 +463,18 @@ def test_through_qupath_an_entry_without_labels_is_refused(labelled, tmp_path):
         read_project_labels(project, rules=RULES, entries=["2"], qupath="always")
 
 
+@pytest.mark.qupath
+def test_through_qupath_an_ihc_entry_is_read_for_the_ihc_nuclei_model(labelled, tmp_path):
+    # Entry 2 is typed H-DAB in QuPath: IHC labels (--stain ihc) pass it on to QuPath's reader, which finds it holds
+    # no labels; H&E labels refuse it before QuPath reads anything.
+    project = _project_copy(labelled, tmp_path)
+    ihc_rules = dataclasses.replace(RULES, class_names=tuple(IHC_NUCLEUS_CLASSES), stain="H-DAB")
+    with pytest.raises(LabelError, match=r"entry 2 .*no labels"):
+        read_project_labels(project, rules=ihc_rules, entries=["2"], qupath="always")
+    with pytest.raises(LabelError, match=r"entry 2 .*says H-DAB; .*--stain ihc"):
+        read_project_labels(project, rules=RULES, entries=["2"], qupath="always")
+
+
 def test_labels_digest_ignores_object_order():
     a = [_obj(shapely.box(0, 0, 4, 4), "PD-L1 positive"), _obj(shapely.MultiPoint([(1, 1), (2, 2)]), "Other")]
     first = labels_from_objects(a, slide="s", image_size_px=(10, 10), rules=RULES)

@@ -45,6 +45,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import scipy.io
@@ -163,21 +164,30 @@ def per_image_counts(pred: Sequence[np.ndarray], truth: Sequence[np.ndarray], *,
     return np.array(counts, dtype=np.int64).reshape(-1, 3)
 
 
-def tune_log_pooled(images: Sequence[CrcImage]) -> LogParams:
-    """The LoG parameters of :data:`benchmarks.real_tile_labels.LOG_GRID` with the best F1 pooled over ``images``."""
+class PointImage(Protocol):
+    """An image with its marked nucleus centres (QuPath px): a :class:`CrcImage`, or another source's."""
+
+    rgb: np.ndarray
+    xy: np.ndarray
+
+
+def tune_log_pooled(images: Sequence[PointImage], *, mpp: float = MPP) -> LogParams:
+    """The LoG parameters of :data:`benchmarks.real_tile_labels.LOG_GRID` with the best F1 pooled over ``images``
+    (at ``mpp`` µm/px)."""
     best, best_f1 = LogParams(), -1.0
     for params in stroma.log_settings():
         total = DetectionScores(0, 0, 0)
         for im in images:
-            total += stroma._score(_log(im, params), im.xy, radius_px=stroma.RADIUS_UM / MPP)
+            total += stroma._score(log_points(im, params, mpp=mpp), im.xy, radius_px=stroma.RADIUS_UM / mpp)
         if total.f1 > best_f1:
             best, best_f1 = params, total.f1
     return best
 
 
-def _log(image: CrcImage, params: LogParams) -> np.ndarray:
+def log_points(image: PointImage, params: LogParams, *, mpp: float = MPP) -> np.ndarray:
+    """The LoG's nuclei of the whole image (QuPath px)."""
     h, w = image.rgb.shape[:2]
-    return stroma.run_log(image.rgb, mpp=MPP, box=(0, 0, w, h), params=params)
+    return stroma.run_log(image.rgb, mpp=mpp, box=(0, 0, w, h), params=params)
 
 
 def _config(slides: Sequence[Path], *, out: Path, seed: int) -> NucleiTrainConfig:
@@ -264,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
             box = (0, 0, stroma.SPLIT_X_PX, h)
             t0 = time.perf_counter()
             params = stroma.tune_log(s_rgb, s_xy, mpp=s_mpp, box=box)
-            log_counts = per_image_counts([_log(im, params) for im in test], test_truth, radius_px=radius_px)
+            log_counts = per_image_counts([log_points(im, params) for im in test], test_truth, radius_px=radius_px)
             s = DetectionScores(*map(int, log_counts.sum(0)))
             row(
                 f"LoG tuned on the stroma tile's training half {params}",
@@ -290,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         log_images = first_images(train, LOG_TUNE_POINTS)
         params = tune_log_pooled(log_images)
-        log_counts = per_image_counts([_log(im, params) for im in test], test_truth, radius_px=radius_px)
+        log_counts = per_image_counts([log_points(im, params) for im in test], test_truth, radius_px=radius_px)
         s = DetectionScores(*map(int, log_counts.sum(0)))
         log_on = f"{len(log_images)} ({sum(len(im.xy) for im in log_images)})"
         row(f"LoG tuned on the first training images {params}", log_on, "-", "-", s, time.perf_counter() - t0)

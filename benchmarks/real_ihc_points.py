@@ -40,6 +40,7 @@ import shapely
 from PIL import Image
 from scipy import ndimage as ndi
 
+from benchmarks import real_crc_points as crc
 from benchmarks import real_tile_labels as stroma
 from benchmarks.stain_real_images import write_tiff
 from bridge.labels import LabelRules, labels_from_objects
@@ -47,7 +48,6 @@ from bridge.qupath_geojson import QuPathObject
 from inference import IHC_NUCLEUS_CLASSES
 from inference.analysis.nuclei import DEFAULT_MIN_SCORE, NucleiConfig, detect_nuclei
 from inference.analysis.points import DetectionScores, match_points
-from inference.evaluation.baselines import LogParams
 from inference.models.ensemble import Ensemble, demo_model_dir
 from inference.slides.slide import open_slide
 from inference.training.train_nuclei import train_nuclei
@@ -220,17 +220,10 @@ def main(argv: list[str] | None = None) -> None:
         notes = [f"shipped: {', '.join(per_tile)}"]
 
         t0 = time.perf_counter()
-        best, best_f1 = LogParams(), -1.0
-        for params in stroma.log_settings():
-            total = DetectionScores(0, 0, 0)
-            for t in train:
-                pred = stroma.run_log(t.rgb, mpp=MPP, box=(0, 0, TILE_PX, TILE_PX), params=params)
-                total += stroma._score(pred, t.xy, radius_px=stroma.RADIUS_UM / MPP)
-            if total.f1 > best_f1:
-                best, best_f1 = params, total.f1
+        best = crc.tune_log_pooled(train, mpp=MPP)
         total = Scores(DetectionScores(0, 0, 0), (0, 0), (0, 0), (0, 0))
         for t in test:
-            total += score_tile(t, stroma.run_log(t.rgb, mpp=MPP, box=(0, 0, TILE_PX, TILE_PX), params=best), None)
+            total += score_tile(t, crc.log_points(t, best, mpp=MPP), None)
         n_train = sum(len(t.xy) for t in train)
         row(
             f"LoG on haematoxylin, tuned on the training tiles {best}",

@@ -18,6 +18,15 @@ TIFF_WITH_RESOLUTION = "tifffile: imwrite(path, rgb, resolution=(1e4 / MPP, 1e4 
 STAIN_WORDS = {"he": "H&E", "ihc": "H-DAB", "h&e": "H&E", "h-dab": "H-DAB"}
 
 
+def stain_option(value: str) -> str:
+    """A --stain value (he, ihc, H&E or H-DAB, in any case) as the stain a model manifest names; refused otherwise
+    (pdl1 run's and pdl1 train nuclei's)."""
+    word = value.lower()  # HE and IHC as readily as he and ihc
+    if word not in STAIN_WORDS:
+        raise typer.BadParameter(f"expected he or ihc (or H&E, H-DAB), got {word!r}", param_hint="--stain")
+    return STAIN_WORDS[word]
+
+
 def stdout() -> Console:
     """Tables go to stdout; piped or captured output gets a width that keeps class names on one line."""
     import sys

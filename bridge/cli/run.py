@@ -10,7 +10,6 @@ from typing import Annotated
 import typer
 
 from bridge.cli.common import (
-    STAIN_WORDS,
     check_device_from_file,
     console,
     distinct_paths,
@@ -21,6 +20,7 @@ from bridge.cli.common import (
     pairs_table,
     pipeline_config,
     run_with_progress,
+    stain_option,
     stdout,
 )
 from bridge.options import option_setting
@@ -352,9 +352,7 @@ def run(
 
     if qupath not in ("auto", "never", "always"):
         raise typer.BadParameter("expected auto, never or always", param_hint="--qupath")
-    stain = None if stain is None else stain.lower()  # HE and IHC as readily as he and ihc
-    if stain is not None and stain not in STAIN_WORDS:
-        raise typer.BadParameter(f"expected he or ihc (or H&E, H-DAB), got {stain!r}", param_hint="--stain")
+    stain_name = None if stain is None else stain_option(stain)
     if engine not in ("local", "ray"):
         raise typer.BadParameter("expected local or ray", param_hint="--engine")
     if address is not None and engine != "ray":
@@ -431,7 +429,7 @@ def run(
             search_dirs=tuple(search_dir or ()),
             include_tiles="uncertainty_tiles" in settings.outputs,
             settings=settings,
-            stain=None if stain is None else STAIN_WORDS[stain],
+            stain=stain_name,
             case_key=settings.case_key,
         )
         if engine == "ray":

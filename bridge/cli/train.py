@@ -11,13 +11,13 @@ from typing import Annotated, Any
 import typer
 
 from bridge.cli.common import (
-    STAIN_WORDS,
     TIFF_WITH_RESOLUTION,
     check_device,
     check_model_target,
     check_training_device,
     fail,
     interrupted,
+    stain_option,
     warn_of_count,
     write_model_copy,
 )
@@ -764,7 +764,7 @@ def train_nuclei_cmd(
     from inference import NucleiTrainConfig, train_nuclei
 
     lr_peak, lr_floor = _lr_range(optimizer, lr_max)
-    stain_name = _labels_stain(stain)
+    stain_name = stain_option(stain)
     _check_before_reading(out, resume=resume, cycles=cycles, drop_first_cycle=drop_first_cycle)
     try:
         slide_labels = _read_labels(
@@ -849,14 +849,6 @@ def train_nuclei_cmd(
         fit,
         report,
     )
-
-
-def _labels_stain(stain: str) -> str:
-    """The manifest's stain name of ``pdl1 train nuclei --stain`` (he or ihc, as ``pdl1 run --stain``)."""
-    name = STAIN_WORDS.get(stain.lower())
-    if name is None:
-        raise typer.BadParameter(f"expected he or ihc (or H&E, H-DAB), got {stain!r}", param_hint="--stain")
-    return name
 
 
 def _check_fine_tuning(

@@ -10,7 +10,7 @@ import numpy as np
 import shapely
 
 from inference.analysis.nuclei import NucleiConfig, detect_nuclei
-from inference.analysis.points import DetectionScores, detection_scores, match_points
+from inference.analysis.points import DetectionScores, detection_scores, tumour_proportion_score
 from inference.analysis.segment import SegmentConfig, segment_slide
 from inference.models.ensemble import Ensemble
 from inference.models.manifest import read_manifest
@@ -81,7 +81,7 @@ def _tps_percent(cls: np.ndarray, class_names: Sequence[str]) -> float | None:
         return None
     pos = int((cls == class_names.index("Tumor: Positive")).sum())
     neg = int((cls == class_names.index("Tumor: Negative")).sum())
-    return None if pos + neg == 0 else 100.0 * pos / (pos + neg)
+    return tumour_proportion_score(pos, neg).percent  # reported below the 100 cells its category needs too
 
 
 def labelled_nuclei(
@@ -139,11 +139,22 @@ def labelled_nuclei(
     return out
 
 
-def _match(xy: np.ndarray, score: np.ndarray, truth_xy: np.ndarray, radius_px: float, min_score: float):
+def _match(
+    xy: np.ndarray,
+    score: np.ndarray,
+    truth_xy: np.ndarray,
+    radius_px: float,
+    min_score: float,
+    classes: tuple[np.ndarray, np.ndarray, int] | None = None,
+) -> tuple[np.ndarray, DetectionScores, list[DetectionScores]]:
+    """The classes of the nuclei found at ``min_score`` (all 0 without ``classes``), their detection scores, and
+    per class; ``classes``: the found nuclei's and the marks' classes, and how many classes there are."""
     keep = score >= min_score
     pred = xy[keep]
-    zeros_p, zeros_t = np.zeros(len(pred), np.int64), np.zeros(len(truth_xy), np.int64)
-    return len(pred), detection_scores(pred, zeros_p, truth_xy, zeros_t, radius=radius_px, n_classes=1)[0]
+    pred_cls, truth_cls, n_classes = classes or (np.zeros(len(xy), np.int64), np.zeros(len(truth_xy), np.int64), 1)
+    found_cls = pred_cls[keep]
+    overall, per_class = detection_scores(pred, found_cls, truth_xy, truth_cls, radius=radius_px, n_classes=n_classes)
+    return found_cls, overall, per_class
 
 
 def score_labelled_nuclei(nuclei: Sequence[LabelledNuclei], *, min_score: float) -> list[LabelledNucleiScore]:
@@ -152,21 +163,21 @@ def score_labelled_nuclei(nuclei: Sequence[LabelledNuclei], *, min_score: float)
     for n in nuclei:
         if min_score < n.floor:
             raise ValueError(f"nuclei were found at peak threshold {n.floor:g} and up; {min_score:g} lies below")
-        n_pred, s = _match(n.pred_xy, n.pred_score, n.truth_xy, n.radius_px, min_score)
+        classed = n.truth_cls is not None and n.pred_cls is not None
+        classes = (n.pred_cls, n.truth_cls, len(n.class_names)) if classed else None
+        found_cls, s, per_class = _match(n.pred_xy, n.pred_score, n.truth_xy, n.radius_px, min_score, classes)
         members = tuple(_match(xy, sc, n.truth_xy, n.radius_px, min_score)[1].f1 for xy, sc in n.member_pred)
         agreement, tps_marked, tps_found = float("nan"), None, None
-        if n.truth_cls is not None and n.pred_cls is not None:
-            keep = n.pred_score >= min_score
-            m = match_points(n.pred_xy[keep], n.truth_xy, radius=n.radius_px)
-            if len(m.pred_index):
-                agreement = float((n.pred_cls[keep][m.pred_index] == n.truth_cls[m.truth_index]).mean())
+        if classed:
+            if s.tp:  # a match of the marked class counts for that class (a mark of no model class for none)
+                agreement = sum(c.tp for c in per_class) / s.tp
             tps_marked = _tps_percent(n.truth_cls, n.class_names)
-            tps_found = _tps_percent(n.pred_cls[keep], n.class_names)
+            tps_found = _tps_percent(found_cls, n.class_names)
         out.append(
             LabelledNucleiScore(
                 n.slide,
                 len(n.truth_xy),
-                n_pred,
+                len(found_cls),
                 s.tp,
                 s.precision,
                 s.recall,

@@ -150,6 +150,40 @@ def test_membrane_rings_are_brown_and_ordered_by_intensity():
     assert r > g > b
 
 
+def test_ihc_nuclear_morphology_does_not_tell_the_class():
+    # The H&E ties larger, oval, vesicular nuclei to PD-L1; the IHC's counterstain must not, or a model learns
+    # the nucleus instead of the DAB (it then called real DAB-free vesicular nuclei positive).
+    spec = PhantomSpec(2048, 2048, seed=2, tps_percent=50)
+    nuc = IhcScene(spec).nuclei(0, 0, 2048, 2048)
+    pos, neg = nuc["cls"] == POS, nuc["cls"] == NEG
+    for key in ("a", "s"):
+        assert nuc[key][pos].mean() == pytest.approx(nuc[key][neg].mean(), rel=0.05)
+    assert (nuc["s"][neg] > 0.8).mean() > 0.15 and (nuc["s"][pos] < 0.2).mean() > 0.15  # both looks in both
+    he = IhcScene(spec).he.nuclei(0, 0, 2048, 2048)
+    assert he["a"][he["cls"] == 0].mean() > 1.1 * he["a"][he["cls"] == 1].mean()  # the H&E keeps its link
+
+
+def test_tumour_nests_carry_a_non_specific_dab_drawn_per_slide():
+    levels, measured = [], []
+    for seed in range(30, 36):
+        scene = IhcScene(PhantomSpec(1024, 1024, seed=seed, tps_percent=0.1))
+        dab = _dab_od(scene, render_ihc(scene, 0, 0, 1024, 1024))
+        nuc = scene.nuclei(20, 20, 984, 984)
+        # Between the cells of negative tumour: 2.0-2.4 µm beyond the nucleus, inside the cell, off any ring.
+        neg = np.flatnonzero((nuc["cls"] == NEG) & (nuc["pattern"] == IHC_PATTERNS.index("none")))[:200]
+        if len(neg) < 50:
+            continue
+        r_px = (nuc["a"][neg] + 0.8) / scene.spec.mpp
+        cols = np.round(nuc["x"][neg] + r_px - 0.5).astype(int)
+        rows = np.round(nuc["y"][neg] - 0.5).astype(int)
+        levels.append(scene.stains.tumour_background_dab)
+        measured.append(float(np.median(dab[rows, cols])))
+    assert len(levels) >= 4 and max(levels) - min(levels) > 0.05 and max(levels) <= 0.2
+    assert np.corrcoef(levels, measured)[0, 1] > 0.9
+    # The cells stay negative whatever the background: the truth's classes are the zones', not the colour's.
+    assert np.allclose(measured, levels, atol=0.05)
+
+
 def _dice(a, b):
     return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
 

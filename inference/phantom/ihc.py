@@ -12,9 +12,11 @@ What is stained (see :func:`inference.phantom.render.render_ihc` for the pixels)
 * PD-L1 positive tumour cells: a DAB ring at the cell membrane, complete or partial (an arc of
   35-70 % of the circumference), intensity 1+/2+/3+ from a smooth field plus per-cell noise;
 * some negative tumour cells: a faint cytoplasmic blush, no membrane; they stay negative;
+* tumour nuclei range from solid to vesicular in both classes: unlike the H&E's, their morphology says nothing
+  of PD-L1, so only the DAB tells a positive cell;
 * immune cells: the stroma's lymphocytes and macrophages (and a few lymphocytes among tumour cells);
   ``immune_positive_fraction`` of them (varying smoothly in space) are PD-L1 positive;
-* spindle cells (fibroblasts) are ``Other``; stroma carries a faint background DAB.
+* spindle cells (fibroblasts) are ``Other``; stroma, and tumour nests less, carry a faint background DAB.
 """
 
 from __future__ import annotations
@@ -279,9 +281,12 @@ class IhcScene:
         keep = tumour & (site < 0.93)
         ii, jj = tum["i"][keep], tum["j"][keep]
         pos = positive[keep]
-        strength = self.he.strength(tx[keep], ty[keep], pos)
+        # Solid and vesicular nuclei in both classes, whatever the cell's PD-L1: the H&E ties morphology to PD-L1
+        # (what the H&E path learns), but a counterstain's nucleus must not tell the IHC model the call; tied here,
+        # it learnt the nucleus instead of the DAB and called real DAB-free vesicular nuclei positive.
+        strength = hash_uniform(seed, 114, ii, jj)
         u, v = hash_uniform(seed, 104, ii, jj), hash_uniform(seed, 105, ii, jj)
-        # The H&E's nuclear morphology, a little smaller: the membrane (4.3-4.8 µm out) stays clear of the nucleus.
+        # The H&E's range of nuclear morphology, a little smaller: the membrane (4.3-4.8 µm out) stays clear of it.
         radius_um = (1 - strength) * (2.7 + 0.8 * u) + strength * (3.3 + 0.9 * u)
         ratio = (1 - strength) * (0.86 + 0.14 * v) + strength * (0.62 + 0.2 * v)
         intensity = np.where(pos, self._intensity(tx[keep], ty[keep], hash_uniform(seed, 106, ii, jj)), 0)

@@ -176,7 +176,8 @@ def render_ihc(scene: IhcScene, x0: int, y0: int, width: int, height: int, downs
     fibres = 0.5 + (fibres - 0.5) * fade
     stroma = tissue & ~tumour
     haem = (stroma * (0.035 + 0.03 * fibres + 0.02 * grain) + tumour * (0.06 + 0.02 * grain)).astype(np.float32)
-    dab = (stroma * stains.background_dab * (0.6 + 0.8 * fibres) + tissue * 0.01 * grain).astype(np.float32)
+    dab = stroma * stains.background_dab * (0.6 + 0.8 * fibres) + tumour * stains.tumour_background_dab
+    dab = (dab + tissue * 0.01 * grain).astype(np.float32)
 
     _draw_ihc_cells(scene, haem, dab, ox, oy, w, h, ds)
     od = haem[..., None] * (stains.h_scale * 1.45 * stains.h_od) + dab[..., None] * (stains.dab_scale * stains.dab_od)

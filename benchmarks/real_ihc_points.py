@@ -2,6 +2,7 @@
 baseline and the ensemble fine-tuned on a lab's points (``pdl1 train nuclei --stain ihc``), on DeepLIIF's tiles.
 
 ``python -m benchmarks.real_ihc_points DATA [--seeds 0,1] [--models DIR] [--train Lung1,Bladder1]``
+``python -m benchmarks.real_ihc_points DATA --diagnose [--split train|test] [--model DIR]``
 
 No real PD-L1 IHC with cells marked is at hand. The nearest is DeepLIIF's sample data (Ghahremani et al., Nature
 Machine Intelligence 2022; github.com/nadeemlab/DeepLIIF, Apache 2.0 with the Commons Clause, read from ``DATA``
@@ -25,11 +26,17 @@ The protocol, fixed before any test tile was scored:
   tiles; the shipped IHC ensemble fine-tuned on the 2 training tiles' points (each one ``Training region (all
   nuclei marked)``) with the stroma tile's pick unchanged (160 it/epoch, strong jitter, sigma 3.5 µm, lr 0.001,
   3 cycles of 2 epochs, batch 8, TTA), at the default threshold 0.3: no tile is left to fit one on.
+
+``--diagnose`` asks what a model's positive call rests on, on one split (the training tiles by default: choices are
+judged there, the test tiles are scored once): its calls on the tiles as they are and with their DAB taken out by
+colour deconvolution (scikit-image's ``rgb2hed``, DAB set to 0, ``hed2rgb``), and the share of the truth's negatives
+it calls positive by the membrane DAB the pipeline measures on their ring (OD, the ring's 75th percentile).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -39,6 +46,7 @@ import numpy as np
 import shapely
 from PIL import Image
 from scipy import ndimage as ndi
+from skimage.color import hed2rgb, rgb2hed
 
 from benchmarks import real_crc_points as crc
 from benchmarks import real_tile_labels as stroma
@@ -157,6 +165,66 @@ def score_tile(tile: Tile, pred_xy: np.ndarray, pred_names: np.ndarray | None) -
     return Scores(detection, pos, neg, (int((called & cells).sum()), int(cells.sum())))
 
 
+def without_dab(rgb: np.ndarray) -> np.ndarray:
+    """The tile with its DAB taken out: colour deconvolution (scikit-image's H, E, DAB), DAB set to 0, recomposed."""
+    hed = rgb2hed(rgb)
+    hed[..., 2] = 0.0
+    return np.clip(hed2rgb(hed) * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
+def ring_dab_od(tile: Tile) -> np.ndarray:
+    """Membrane DAB OD of each truth nucleus as the pipeline measures it (the ring's 75th percentile, 3.5-5.5 µm)."""
+    from inference.analysis.ihc import annulus_means, dab_density
+    from inference.analysis.nuclei import MEMBRANE_PERCENTILE, MEMBRANE_RING_UM
+
+    inner, outer = (r / MPP for r in MEMBRANE_RING_UM)
+    return annulus_means(dab_density(tile.rgb), tile.xy, inner_px=inner, outer_px=outer, percentile=MEMBRANE_PERCENTILE)
+
+
+RING_BINS_OD = (0.0, 0.08, 0.10, 0.12, 0.15, np.inf)
+
+
+def diagnose(tiles: list[Tile], model: Path, work: Path) -> None:
+    """Print a model's calls on ``tiles`` as they are and without DAB, and its negatives' calls by ring DAB."""
+    ensemble = Ensemble.load(model, task="nuclei")
+    print(
+        "| tiles | F1 (3 µm) | truth positives called positive | truth negatives called negative "
+        "| share called positive |"
+    )
+    print("|---|---|---|---|---|")
+    called_by_ring: list[tuple[float, bool]] = []
+    for label, recolour in (("as they are", None), ("DAB removed", without_dab)):
+        total = Scores(DetectionScores(0, 0, 0), (0, 0), (0, 0), (0, 0))
+        for t in tiles:
+            rgb = t.rgb if recolour is None else recolour(t.rgb)
+            slide = write_tiff(rgb, work / f"diagnose_{t.name}.tif", MPP)
+            with open_slide(slide) as opened:
+                found = detect_nuclei(opened, ensemble, config=NucleiConfig(tta=False))
+            names = np.asarray(found.class_names, dtype=object)[found.cls]
+            total += score_tile(t, found.xy, names)
+            if recolour is None:
+                m = match_points(found.xy, t.xy, radius=stroma.RADIUS_UM / MPP)
+                ring = ring_dab_od(t)
+                called_by_ring += [
+                    (float(ring[ti]), names[pi] in CALLED_POSITIVE)
+                    for pi, ti in zip(m.pred_index, m.truth_index, strict=True)
+                    if not t.positive[ti]
+                ]
+        d = total.detection
+        print(
+            f"| {label} | {d.f1:.3f} | {_frac(total.truth_positive_called_positive)} | "
+            f"{_frac(total.truth_negative_called_negative)} | {_frac(total.called_positive_share)} |",
+            flush=True,
+        )
+    ring = np.array([r for r, _ in called_by_ring])
+    called = np.array([c for _, c in called_by_ring], bool)
+    parts = []
+    for lo, hi in itertools.pairwise(RING_BINS_OD):
+        sel = (ring >= lo) & (ring < hi)
+        parts.append(f"{lo:g}-{hi:g} OD: {_frac((int(called[sel].sum()), int(sel.sum())))}")
+    print("\nTruth negatives (matched) called positive, by their ring's DAB: " + "; ".join(parts))
+
+
 def _frac(pair: tuple[int, int]) -> str:
     return "-" if pair[1] == 0 else f"{pair[0] / pair[1]:.2f} ({pair[0]}/{pair[1]})"
 
@@ -169,8 +237,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--train", default="", help="the training tiles the models learn from, by name (default: all; the LoG: all)"
     )
+    parser.add_argument("--diagnose", action="store_true", help="what a model's positive call rests on (see above)")
+    parser.add_argument("--split", choices=("train", "test"), default="train", help="--diagnose's tiles")
+    parser.add_argument("--model", type=Path, help="--diagnose's model (default: the shipped IHC ensemble)")
     args = parser.parse_args(argv)
     tiles = read_tiles(args.data)
+    if args.diagnose:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = args.model or demo_model_dir("nuclei-ihc")
+            print(f"{model} on the {args.split} tiles")
+            diagnose([t for t in tiles if t.split == args.split], model, Path(tmp))
+        return
     train, test = [t for t in tiles if t.split == "train"], [t for t in tiles if t.split == "test"]
     chosen = [t for t in train if not args.train or t.name in args.train.split(",")]
     if not chosen:

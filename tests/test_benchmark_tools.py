@@ -379,3 +379,25 @@ def test_real_ihc_points_reads_a_deepliif_mask_and_scores_the_calls_over_matched
     assert (s.detection.tp, s.detection.fp, s.detection.fn) == (2, 1, 0)
     assert s.truth_positive_called_positive == (1, 1) and s.truth_negative_called_negative == (0, 1)
     assert s.called_positive_share == (2, 2)  # "Other" is no tumour or immune cell
+
+
+def test_real_ihc_points_takes_the_dab_out_and_measures_the_ring_as_the_pipeline_does():
+    """benchmarks.real_ihc_points --diagnose: a brown ring around a nucleus reads as membrane DAB, and not once the
+    DAB is taken out (the haematoxylin stays)."""
+    import numpy as np
+
+    from benchmarks.real_ihc_points import MPP, Tile, ring_dab_od, without_dab
+    from inference.analysis.ihc import dab_density
+
+    yy, xx = np.mgrid[0:64, 0:64]
+    r_um = np.hypot(xx + 0.5 - 32, yy + 0.5 - 32) * MPP
+    od = np.zeros((64, 64, 3))
+    od += (r_um < 3.0)[..., None] * 0.6 * np.array([0.65, 0.70, 0.29])  # a haematoxylin nucleus
+    od += ((r_um > 4.0) & (r_um < 5.0))[..., None] * 0.8 * np.array([0.27, 0.57, 0.78])  # a DAB membrane
+    rgb = np.clip(255 * 10.0 ** (-od) + 0.5, 0, 255).astype(np.uint8)
+    tile = Tile("t", "train", rgb, np.array([[32.0, 32.0]]), np.array([True]))
+    assert ring_dab_od(tile)[0] > 0.3
+    cleaned = without_dab(rgb)
+    assert ring_dab_od(Tile("t", "train", cleaned, tile.xy, tile.positive))[0] < 0.02
+    assert dab_density(cleaned).max() < 0.05
+    assert cleaned[32, 32].astype(int).sum() < 0.8 * 3 * 255  # the nucleus is still there

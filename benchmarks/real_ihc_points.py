@@ -165,6 +165,18 @@ def score_tile(tile: Tile, pred_xy: np.ndarray, pred_names: np.ndarray | None) -
     return Scores(detection, pos, neg, (int((called & cells).sum()), int(cells.sum())))
 
 
+NO_SCORES = Scores(DetectionScores(0, 0, 0), (0, 0), (0, 0), (0, 0))  # what a sum over tiles starts from
+
+
+def called_nuclei(
+    slide: Path, ensemble: Ensemble, *, tta: bool = False, threshold: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The nuclei ``ensemble`` finds on a tile written as ``slide``: their centres (QuPath px) and class names."""
+    with open_slide(slide) as opened:
+        found = detect_nuclei(opened, ensemble, config=NucleiConfig(tta=tta, min_score=threshold))
+    return found.xy, np.asarray(found.class_names, dtype=object)[found.cls]
+
+
 def without_dab(rgb: np.ndarray) -> np.ndarray:
     """The tile with its DAB taken out: colour deconvolution (scikit-image's H, E, DAB), DAB set to 0, recomposed."""
     hed = rgb2hed(rgb)
@@ -173,7 +185,8 @@ def without_dab(rgb: np.ndarray) -> np.ndarray:
 
 
 def ring_dab_od(tile: Tile) -> np.ndarray:
-    """Membrane DAB OD of each truth nucleus as the pipeline measures it (the ring's 75th percentile, 3.5-5.5 µm)."""
+    """Membrane DAB OD of each truth nucleus on the pipeline's ring (3.5-5.5 µm, its 75th percentile), read at the
+    tile's own 0.25 µm/px (the pipeline reads it at its model's input pixel size)."""
     from inference.analysis.ihc import annulus_means, dab_density
     from inference.analysis.nuclei import MEMBRANE_PERCENTILE, MEMBRANE_RING_UM
 
@@ -194,16 +207,13 @@ def diagnose(tiles: list[Tile], model: Path, work: Path) -> None:
     print("|---|---|---|---|---|")
     called_by_ring: list[tuple[float, bool]] = []
     for label, recolour in (("as they are", None), ("DAB removed", without_dab)):
-        total = Scores(DetectionScores(0, 0, 0), (0, 0), (0, 0), (0, 0))
+        total = NO_SCORES
         for t in tiles:
             rgb = t.rgb if recolour is None else recolour(t.rgb)
-            slide = write_tiff(rgb, work / f"diagnose_{t.name}.tif", MPP)
-            with open_slide(slide) as opened:
-                found = detect_nuclei(opened, ensemble, config=NucleiConfig(tta=False))
-            names = np.asarray(found.class_names, dtype=object)[found.cls]
-            total += score_tile(t, found.xy, names)
+            xy, names = called_nuclei(write_tiff(rgb, work / f"diagnose_{t.name}.tif", MPP), ensemble)
+            total += score_tile(t, xy, names)
             if recolour is None:
-                m = match_points(found.xy, t.xy, radius=stroma.RADIUS_UM / MPP)
+                m = match_points(xy, t.xy, radius=stroma.RADIUS_UM / MPP)
                 ring = ring_dab_od(t)
                 called_by_ring += [
                     (float(ring[ti]), names[pi] in CALLED_POSITIVE)
@@ -280,12 +290,9 @@ def main(argv: list[str] | None = None) -> None:
 
         def model_scores(model: Path, *, tta: bool, threshold: float | None) -> tuple[Scores, list[str]]:
             ensemble = Ensemble.load(model, task="nuclei")
-            total, per_tile = Scores(DetectionScores(0, 0, 0), (0, 0), (0, 0), (0, 0)), []
+            total, per_tile = NO_SCORES, []
             for t in test:
-                with open_slide(slides[t.name]) as slide:
-                    found = detect_nuclei(slide, ensemble, config=NucleiConfig(tta=tta, min_score=threshold))
-                names = np.asarray(found.class_names, dtype=object)[found.cls]
-                s = score_tile(t, found.xy, names)
+                s = score_tile(t, *called_nuclei(slides[t.name], ensemble, tta=tta, threshold=threshold))
                 total += s
                 per_tile.append(f"{t.name} F1 {s.detection.f1:.3f}")
             return total, per_tile
@@ -298,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
 
         t0 = time.perf_counter()
         best = crc.tune_log_pooled(train, mpp=MPP)
-        total = Scores(DetectionScores(0, 0, 0), (0, 0), (0, 0), (0, 0))
+        total = NO_SCORES
         for t in test:
             total += score_tile(t, crc.log_points(t, best, mpp=MPP), None)
         n_train = sum(len(t.xy) for t in train)

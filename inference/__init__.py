@@ -82,6 +82,7 @@ _PUBLIC = {
     "MppAdvice": "inference.slides.slide",
     "MPP_PLAUSIBLE_RANGE": "inference.slides.slide",
     "unconvertible_samples": "inference.slides.slide",
+    "has_alpha": "inference.slides.slide",
     "format_unlike_name": "inference.slides.slide",
     "ArrayReader": "inference.slides.reader",
     "StainEstimate": "inference.slides.stain_detect",

@@ -14,7 +14,15 @@ import numpy as np
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.ops import unary_union
 
-from inference import ArrayReader, Mpp, Slide, SlideFormatError, mask_to_polygons, unconvertible_samples
+from inference import (
+    ArrayReader,
+    Mpp,
+    Slide,
+    SlideFormatError,
+    has_alpha,
+    mask_to_polygons,
+    unconvertible_samples,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -206,7 +214,7 @@ def _decoded(body: bytes) -> UploadPixels:
 
     try:
         with Image.open(io.BytesIO(body), formats=UPLOAD_FORMATS) as im:
-            if not (im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info):
+            if not has_alpha(im):
                 return UploadPixels(np.asarray(im.convert("RGB")), None, None)
             # convert("RGB") drops alpha and keeps what lies under it, often black: analysed as dark tissue.
             rgba = np.asarray(im.convert("RGBA"))

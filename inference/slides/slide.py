@@ -457,10 +457,20 @@ def _over_white(pixels: np.ndarray, *, premultiplied: bool = False) -> np.ndarra
     return np.clip(np.round(shown + 255.0 * (1.0 - alpha)), 0, 255).astype(np.uint8)
 
 
+def has_alpha(im: Image.Image) -> bool:
+    """Whether an opened Pillow image says, per pixel, how transparent it is (an alpha band, or a palette or colour
+    key marked transparent), which ``convert("RGB")`` would drop, keeping what lies under it (often black).
+
+    >>> has_alpha(Image.new("RGBA", (2, 2))), has_alpha(Image.new("RGB", (2, 2)))
+    (True, False)
+    """
+    return im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
+
+
 def _pillow_rgb(im: Image.Image) -> np.ndarray:
     """A Pillow image's pixels as RGB, transparent ones white (:func:`_over_white`); palette, CMYK and the other
     modes converted as Pillow converts them."""
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+    if has_alpha(im):
         return _over_white(np.asarray(im.convert("RGBA")))
     return np.asarray(im.convert("RGB"))
 

@@ -401,3 +401,31 @@ def test_real_ihc_points_takes_the_dab_out_and_measures_the_ring_as_the_pipeline
     assert ring_dab_od(Tile("t", "train", cleaned, tile.xy, tile.positive))[0] < 0.02
     assert dab_density(cleaned).max() < 0.05
     assert cleaned[32, 32].astype(int).sum() < 0.8 * 3 * 255  # the nucleus is still there
+
+
+def test_membrane_gate_turns_positive_calls_under_the_limit_into_their_negative_class():
+    """benchmarks.membrane_gate: a positive call (tumour or immune) whose ring DAB lies under the limit becomes the
+    matching negative class; calls at or above it, negative calls and other classes stay."""
+    import numpy as np
+
+    from benchmarks.membrane_gate import gated
+    from inference import IHC_NUCLEUS_CLASSES
+    from inference.results import Nuclei
+
+    names = tuple(IHC_NUCLEUS_CLASSES)
+    calls = ("Tumor: Positive", "Tumor: Positive", "Immune cells: PD-L1 positive", "Tumor: Negative", "Other")
+    order = [names.index(n) for n in calls]
+    nuclei = Nuclei(
+        xy=np.zeros((5, 2)),
+        cls=np.array(order),
+        score=np.ones(5),
+        class_prob=np.ones(5),
+        positive_prob=np.ones(5),
+        entropy=None,
+        class_names=names,
+        membrane_dab_od=np.array([0.05, 0.10, 0.09, 0.01, 0.0]),
+    )
+    out = [names[c] for c in gated(nuclei, 0.10).cls]
+    assert out == ["Tumor: Negative", "Tumor: Positive", "Immune cells: PD-L1 negative", "Tumor: Negative", "Other"]
+    assert [names[c] for c in gated(nuclei, 0.0).cls] == [names[c] for c in order]  # no limit: the calls as they were
+    assert nuclei.cls.tolist() == order  # the input is left as it was

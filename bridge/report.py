@@ -43,6 +43,7 @@ from bridge.project import (
 )
 from bridge.qupath_geojson import GeoJsonError, QuPathObject, class_name, not_detections, read_features
 from bridge.record_summary import RUN, SCRIPT, RecordsSummary, entry_summary_from_records, newer_source
+from bridge.review_advice import review_advice
 from bridge.run_lock import output_folder_lock, run_in_progress
 from bridge.targets import (
     MISSING,
@@ -960,15 +961,22 @@ def _domain_of(r: dict) -> str:
 
 def _review_row(r: dict) -> str:
     """The review reasons; where several targets were analysed, the first one's would stand for the image's: the
-    count of targets to review instead, each one's reasons being in the table."""
+    count of targets to review instead, each one's reasons being in the table. Then, for a flagged image, what to
+    check for each kind of reason (:func:`bridge.review_advice.review_advice`)."""
     analysed = _analysed(r.get("targets", []))
     if len(analysed) < 2:
-        return f"<tr><th>Review</th><td>{html.escape(r['review_reasons'] or 'no reason')}</td></tr>"
-    flagged = sum(bool(t.needs_review) for t in analysed)
-    return (
-        f"<tr><th>Review</th><td>{flagged} of {len(analysed)} analysed {_kind(analysed)} need review "
-        "(the table below gives each one's reasons)</td></tr>"
-    )
+        row = f"<tr><th>Review</th><td>{html.escape(r['review_reasons'] or 'no reason')}</td></tr>"
+    else:
+        flagged = sum(bool(t.needs_review) for t in analysed)
+        row = (
+            f"<tr><th>Review</th><td>{flagged} of {len(analysed)} analysed {_kind(analysed)} need review "
+            "(the table below gives each one's reasons)</td></tr>"
+        )
+    advice = review_advice([r["review_reasons"]]) if r.get("uncertainty_flag") and r["review_reasons"] else []
+    if advice:
+        items = "".join(f"<li>{html.escape(line)}</li>" for line in advice)
+        row += f"<tr><th>What to check</th><td><ul>{items}</ul></td></tr>"
+    return row
 
 
 def _targets_html(r: dict) -> str:

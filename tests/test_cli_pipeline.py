@@ -218,7 +218,11 @@ def test_run_says_why_an_image_needs_review_under_its_table(small, tmp_path):
         app, ["run", str(small), "--stain", "ihc", "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"]
     )
     assert result.exit_code == 0, result.output
-    assert "c.svs: needs review: stain: --stain says H-DAB, the colour says H&E" in " ".join(result.output.split())
+    said = " ".join(result.output.split())
+    assert "c.svs: needs review: stain: --stain says H-DAB, the colour says H&E" in said
+    # and what to do about it, once, under the reasons: the stain first (the image is out of the IHC model's domain too)
+    assert "What to check: - stated stain contradicted by the colour: check the image type in QuPath" in said
+    assert said.count("stated stain contradicted by the colour") == 1
 
 
 def test_run_usage_errors(small, tmp_path):

@@ -984,3 +984,23 @@ def test_a_report_stopped_among_its_thumbnails_has_listed_those_drawn(tmp_path, 
     (project / "project.qpproj").write_text(json.dumps(raw))
     write_report(project)
     assert sorted(p.name for p in report.glob("*.jpg")) == ["2-b.jpg"]
+
+
+def test_a_flagged_image_says_what_to_check_for_each_kind_of_reason(tmp_path):
+    # The reasons say what tripped; the report says, once per kind, where to look and what fixes it. An image
+    # not flagged gets no such row, even with a reason recorded (a pathologist's own note).
+    out = tmp_path / "out"
+    out.mkdir()
+    reasons = [
+        {"reason": "nuclei uncertainty", "value": 0.99, "limit": 0.7},
+        {"reason": "out of the training domain of m: stain vectors (degrees)", "value": 30.0, "limit": 23.0},
+    ]
+    flagged = _summary(tmp_path / "a.svs") | {"uncertainty_flag": True, "details": {"review_reasons": reasons}}
+    (out / "a.summary.json").write_text(json.dumps(flagged))
+    calm = _summary(tmp_path / "b.svs") | {"uncertainty_flag": False, "details": {"review_reasons": reasons[:1]}}
+    (out / "b.summary.json").write_text(json.dumps(calm))
+    page = write_report(out)[0].read_text()
+    assert page.count("<th>What to check</th>") == 1
+    advice = page.split("<th>What to check</th>")[1].split("</tr>")[0]
+    assert advice.index("out of the model&#x27;s training domain:") < advice.index("nuclei uncertainty:")
+    assert "pdl1 train nuclei PROJECT --stain ihc --out DIR" in advice

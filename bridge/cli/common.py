@@ -228,6 +228,7 @@ def outcome_table(outcomes, *, batch: int | None = None) -> None:
     from rich.table import Table
 
     from bridge.project import alike
+    from bridge.review_advice import review_advice
     from inference import tps_text
 
     table = Table(title="pdl1 run")
@@ -289,9 +290,15 @@ def outcome_table(outcomes, *, batch: int | None = None) -> None:
         )
     # Why each flagged image needs review, where a pathologist sees it (a stated stain its colour contradicts,
     # an image outside the model's domain): the table's "needs review" alone says not where to look.
-    for o in outcomes:
-        if o.uncertainty_flag and o.review_reasons:
-            stdout().print(f"{label(o)}: needs review: {'; '.join(o.review_reasons)}", markup=False, highlight=False)
+    flagged = [o for o in outcomes if o.uncertainty_flag and o.review_reasons]
+    for o in flagged:
+        stdout().print(f"{label(o)}: needs review: {'; '.join(o.review_reasons)}", markup=False, highlight=False)
+    # And what to do about each kind of reason, once: the reason says what tripped, not where to look.
+    advice = review_advice(r for o in flagged for r in o.review_reasons)
+    if advice:
+        stdout().print("What to check:", markup=False, highlight=False)
+        for line in advice:
+            stdout().print(f"  - {line}", markup=False, highlight=False, soft_wrap=True)
     # Errors alike but for the image's own name (a slide folder that moved: one line per image, 160 of them;
     # helper-135) are said once, with the first image's, and the others named after it.
     for group in alike({o: o.error for o in outcomes if o.error}, _own_names).values():

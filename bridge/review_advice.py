@@ -1,0 +1,115 @@
+"""What a pathologist can do about each review reason: one line per kind of reason, said once under a run's table.
+
+A reason alone ("nuclei uncertainty (0.994, limit 0.698)") says what tripped, not where to look in QuPath or how to
+fix it for the next slides. The reasons are the analysis's own words (:data:`inference.pipeline.REVIEW_REASONS`,
+the nuclei, stain, tissue and domain checks); each kind is known here by words its text always holds, and a test
+keeps every reason the analysis can give covered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Advice:
+    """What to do about one kind of review reason: ``words`` its text always holds, ``kind`` its short name."""
+
+    words: str
+    kind: str
+    what_to_do: str
+
+
+# In the order said: the stain first (on the wrong stain every other number is meaningless, and the image out of the
+# model's domain for that reason alone), then the model's own trust, the tissue, and the maps.
+ADVICE: tuple[Advice, ...] = (
+    Advice(
+        "the colour says",
+        "stated stain contradicted by the colour",
+        "check the image type in QuPath (Image tab) or --stain: a model run on the wrong stain gives meaningless "
+        "numbers",
+    ),
+    Advice(
+        "by a weak margin",
+        "stain told from the colour by a weak margin",
+        "it could be wrong: set the image type in QuPath (Image tab: Brightfield H&E or H-DAB) or pass --stain he|ihc",
+    ),
+    Advice(
+        "out of the training domain of",
+        "out of the model's training domain",
+        "it has not seen slides like this one (stain, scanner, tissue) and may be wrong without knowing it: check "
+        "its results, and teach it your slides (README: Train on your own slides)",
+    ),
+    Advice(
+        "nuclei uncertainty",
+        "nuclei uncertainty",
+        "the IHC model is unsure of its cell calls: check some 'Tumor: Positive' and 'Tumor: Negative' cells (their "
+        "'Predictive entropy' measurement is highest where it is least sure); where it is wrong, mark points and "
+        "fine-tune it: `pdl1 train nuclei PROJECT --stain ihc --out DIR`, then `pdl1 run --ihc-model DIR`",
+    ),
+    Advice(
+        "fewer than 100 tumour cells",
+        "fewer than 100 tumour cells",
+        "a TPS needs at least 100 viable tumour cells: analyse a larger area, or report the sample as inadequate",
+    ),
+    Advice(
+        "suspect tissue detection",
+        "suspect tissue detection",
+        "the tissue found may not be all the tissue there: check the 'PD-L1 analysis' outline against the slide",
+    ),
+    Advice(
+        "segmentation uncertainty",
+        "segmentation uncertainty",
+        "the H&E ensemble disagrees with itself over much of the tissue: check the 'PD-L1 positive' regions where the "
+        "'PD-L1 uncertainty' tiles are brightest; corrected regions retrain it (`pdl1 train seg PROJECT "
+        "--from-review --out DIR`)",
+    ),
+    Advice(
+        "SUA candidate area",
+        "SUA candidate area",
+        "look at the 'PD-L1 FN candidate' annotations: areas called negative that may be positive",
+    ),
+    Advice(
+        "small predicted positive area",
+        "small predicted positive area",
+        "little or nothing was called positive: look for small positive nests missed near the 1 % cut-off",
+    ),
+    Advice(
+        "away from tumour cells",
+        "positive area away from tumour cells",
+        "the TPS counts tumour cells only: check the 'PD-L1 positive' regions outside the tumour (stroma, immune "
+        "cells?)",
+    ),
+    Advice(
+        "members disagree on the TPS category",
+        "members disagree on the TPS category",
+        "the predicted TPS lies near a cut-off (1 % or 50 %): score this case on its PD-L1 IHC",
+    ),
+    Advice(
+        "unsettled positive area",
+        "unsettled positive area",
+        "much of the positive area lies near the model's threshold: its extent is uncertain, check its edges",
+    ),
+)
+
+
+def review_advice(reasons: Iterable[str]) -> list[str]:
+    """What to do about ``reasons`` (review reason texts, as ``pdl1 run`` prints them): each kind's advice once, in
+    the order of :data:`ADVICE`; a reason of no known kind gets none.
+
+    >>> said = review_advice(["C-4: fewer than 100 tumour cells (40)", "nuclei uncertainty (0.9, limit 0.7)"])
+    >>> [line[:40] for line in said]
+    ['nuclei uncertainty: the IHC model is uns', 'fewer than 100 tumour cells: a TPS needs']
+    """
+    texts = list(reasons)
+    return [f"{a.kind}: {a.what_to_do}" for a in ADVICE if any(a.words in text for text in texts)]
+
+
+def kind_of(reason: str) -> str | None:
+    """The kind of review reason ``reason`` is (:attr:`Advice.kind`), or None for one this module does not know.
+
+    >>> kind_of("out of the training domain of pdl1-seg: stain vectors (degrees) (32.6, limit 24.6)")
+    "out of the model's training domain"
+    """
+    return next((a.kind for a in ADVICE if a.words in reason), None)

@@ -1,0 +1,64 @@
+"""What to do about each review reason (bridge.review_advice): every reason an image's analysis can give has advice."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from bridge.review_advice import ADVICE, kind_of, review_advice
+
+ROOT = Path(__file__).resolve().parents[1]
+# Where an image's review reasons are written (inference/analysis/pairs.py's are a pair's, said with the pair).
+REASON_SOURCES = ("inference/pipeline.py", "inference/analysis/domain.py", "inference/slides/tissue.py")
+
+
+def _written_reasons() -> list[str]:
+    """The reason texts these sources write as literals, each placeholder of an f-string filled with 'X'."""
+    texts = []
+    for source in REASON_SOURCES:
+        for literal in re.findall(r'"reason":\s*f?"([^"]*)"', (ROOT / source).read_text(encoding="utf-8")):
+            texts.append(re.sub(r"\{[^}]*\}", "X", literal))
+    return texts
+
+
+def test_the_sources_still_write_their_reasons_as_literals():
+    # Else the next test would pass on nothing: the scan found the reasons it was written against.
+    found = _written_reasons()
+    assert len(found) >= 7 and "nuclei uncertainty" in found
+    assert "out of the training domain of X: stain vectors (degrees)" in found
+
+
+@pytest.mark.parametrize("reason", _written_reasons())
+def test_every_written_review_reason_has_advice(reason):
+    assert kind_of(reason) is not None, f"no advice for the review reason {reason!r}: add it to ADVICE"
+
+
+def test_every_map_review_reason_has_advice():
+    from inference.pipeline import REVIEW_REASONS
+
+    for reason in REVIEW_REASONS.values():
+        assert kind_of(f"{reason} (0.1, limit 0.05)") is not None, f"no advice for {reason!r}: add it to ADVICE"
+
+
+def test_each_kind_is_said_once_in_the_order_of_advice_with_a_target_prefix_or_numbers():
+    reasons = [
+        "C-4: fewer than 100 tumour cells (40, limit 100)",
+        "out of the training domain of pdl1-nuclei-ihc: network features (3.1, limit 2.5)",
+        "C-5: fewer than 100 tumour cells (12, limit 100)",
+        "a reason no advice knows",
+    ]
+    said = review_advice(reasons)
+    kinds = [line.split(":")[0] for line in said]
+    assert kinds == ["out of the model's training domain", "fewer than 100 tumour cells"]
+    assert review_advice([]) == [] and review_advice(["a reason no advice knows"]) == []
+
+
+def test_no_two_kinds_claim_one_reason():
+    # A reason matched by two kinds would get the first's advice only, silently.
+    for advice in ADVICE:
+        others = [a.kind for a in ADVICE if a is not advice and a.words in advice.words]
+        assert not others, f"{advice.kind!r} also matches {others}"
+    for reason in _written_reasons():
+        assert sum(a.words in reason for a in ADVICE) == 1, reason

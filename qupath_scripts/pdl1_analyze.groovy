@@ -1635,6 +1635,8 @@ for (parent in targets) {
     }
     // Why a result needs a pathologist's look, each with its value and limit (the flag says only that it does).
     (pdl1.get("review_reasons") ?: []).each { r -> println "pdl1: review: ${reviewReasonText(r as Map)}" }
+    // And what to check for each kind of reason, once (bridge/review_advice.py; absent from a service before it).
+    (pdl1.get("review_advice") ?: []).each { a -> println "pdl1: what to check: ${a}" }
     // How far the image lies from what the model was trained on (over a limit, it is a review reason above).
     def domain = pdl1.get("domain")
     if (domain != null && domain.get("out_of_domain_score") != null)

@@ -958,6 +958,7 @@ STUB_RESULT = {  # one page of what GET /v1/jobs/{id}/result gives: a region and
         "metadata": {"PD-L1 TPS %": "57.0", "PD-L1 TPS category": ">=50%"},
         "metadata_counts": {"tumour_positive": 57, "tumour_negative": 43},
         "review_reasons": REASONS,
+        "review_advice": ["fewer than 100 tumour cells: a TPS needs at least 100", "segmentation uncertainty: check"],
         "domain": {"out_of_domain_score": 1.234567, "limit": 1.0, "stain_distance_deg": 12.0, "stain_limit_deg": 15},
     },
 }
@@ -1041,6 +1042,13 @@ def test_the_log_gives_the_review_reasons_and_the_domain_as_pdl1_writes_them(tmp
         "pdl1: review: segmentation uncertainty (0.0932, limit 0.0873)",
     ]
     assert reviews == [f"pdl1: review: {review_reason_text(r)}" for r in REASONS]
+    # then what to check, as the service gives it, after the reasons
+    advice = [line for line in log if line.startswith("pdl1: what to check: ")]
+    assert advice == [
+        "pdl1: what to check: fewer than 100 tumour cells: a TPS needs at least 100",
+        "pdl1: what to check: segmentation uncertainty: check",
+    ]
+    assert log.index(advice[0]) > log.index(reviews[-1])
     assert "pdl1: out-of-domain score 1.23 (limit 1), stain distance 12 deg (limit 15 deg)" in log, log
 
 

@@ -221,6 +221,8 @@ def test_an_image_qupath_types_as_an_immunostain_is_scored_by_the_ihc_model_and_
     assert pdl1["stain"] == "H-DAB" and "PD-L1: CPS" in pdl1["parent_measurements"]
     reasons = [r["reason"] for r in pdl1["review_reasons"]]
     assert "stain: QuPath's image type BRIGHTFIELD_H_DAB says H-DAB, the colour says H&E" in reasons
+    # and what to check, the stain first, as pdl1 run says it (pdl1_analyze.groovy prints it)
+    assert pdl1["review_advice"][0].startswith("stated stain contradicted by the colour: check the image type")
     assert pdl1["parent_measurements"]["PD-L1: Uncertainty flag"] == 1.0
     # An image of no stain pdl1-bridge knows is refused at submission, naming what it analyses.
     for image_type in ("FLUORESCENCE", "BRIGHTFIELD_OTHER", "OTHER"):
@@ -512,6 +514,7 @@ def test_every_endpoint_and_key_the_scripts_use_exists(service):
             "run_id",
             "stain",
             "review_reasons",
+            "review_advice",
             "domain",
         }, key
     # The pixel upload: what it reads of /v1/health and the models, and the query parameters it sends.

@@ -23,8 +23,9 @@ from starlette.types import Scope
 
 from bridge.analysis_record import AFTER_RUN_PATTERN
 from bridge.objects import feature_page, parent_measurements
-from bridge.project import stain_of_image_type
+from bridge.project import review_reason_text, stain_of_image_type
 from bridge.project_config import OUTPUTS
+from bridge.review_advice import review_advice
 from bridge.run import entry_metadata, metadata_counts
 from bridge.service.bodies import ThreadParsedRoute
 from bridge.service.errors import (
@@ -595,6 +596,9 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         )
         next_offset = offset + page if offset + page < total else None
         measurements = {k: v for k, v in parent_measurements(result).items() if math.isfinite(v)}
+        reasons = result.summary.get("review_reasons", [])
+        # What to check for each kind of reason, once (what pdl1 run says under its table).
+        advice = review_advice(review_reason_text(r) for r in reasons) if result.uncertainty_flag else []
         return dumps_in_steps(
             {
                 "type": "FeatureCollection",
@@ -610,7 +614,8 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
                     "metadata_counts": metadata_counts(result),
                     "run_id": result.run_id,
                     "stain": result.stain,
-                    "review_reasons": result.summary.get("review_reasons", []),
+                    "review_reasons": reasons,
+                    "review_advice": advice,
                     "domain": result.summary.get("domain"),
                 },
             },

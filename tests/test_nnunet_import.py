@@ -317,6 +317,21 @@ def test_a_stain_the_exported_dataset_contradicts_is_refused(tmp_path):
     assert not (tmp_path / "model").exists()
 
 
+def test_the_stain_defaults_to_the_one_pdl1_export_recorded_else_h_and_e():
+    # The import's default stain (no --stain): the tests that import a whole model need the nnunet extra, which CI
+    # lacks, so the default was tested nowhere.
+    from inference.models.nnunet_import import imported_stain
+
+    path = Path("dataset.json")
+    assert imported_stain(None, {**DATASET, "pdl1_stain": "H-DAB"}, dataset_path=path) == "H-DAB"
+    assert imported_stain(None, {**DATASET, "pdl1_stain": "H&E"}, dataset_path=path) == "H&E"
+    assert imported_stain(None, DATASET, dataset_path=path) == "H&E"  # an nnU-Net dataset pdl1 did not export
+    assert imported_stain("H-DAB", DATASET, dataset_path=path) == "H-DAB"  # stated, nothing recorded to contradict
+    assert imported_stain("H-DAB", {**DATASET, "pdl1_stain": "H-DAB"}, dataset_path=path) == "H-DAB"
+    with pytest.raises(ModelFileError, match=r"dataset\.json: the dataset was exported by pdl1 from H&E images"):
+        imported_stain("H-DAB", {**DATASET, "pdl1_stain": "H&E"}, dataset_path=path)
+
+
 @pytest.mark.parametrize(
     ("given", "says"),
     [

@@ -493,6 +493,28 @@ def _missing_checkpoint_fix(fold_dir: Path, fold_dirs: list[Path], name: str, se
     )
 
 
+def imported_stain(
+    given: str | None, dataset: dict, *, dataset_path: Path, setting: SettingWords = library_setting
+) -> str:
+    """The stain an imported model states: ``given``, else the one ``pdl1 export nnunet`` recorded in the dataset
+    (``pdl1_stain``), else H&E; a given stain the recorded one contradicts is refused (the model would run on the
+    other stain).
+
+    >>> imported_stain(None, {"pdl1_stain": "H-DAB"}, dataset_path=Path("dataset.json"))
+    'H-DAB'
+    >>> imported_stain(None, {}, dataset_path=Path("dataset.json")), imported_stain("H-DAB", {}, dataset_path=Path("d"))
+    ('H&E', 'H-DAB')
+    """
+    exported = dataset.get("pdl1_stain")  # `pdl1 export nnunet` records the stain of its images
+    if exported in STAINS and given not in (None, exported):
+        raise ModelFileError(
+            f"{dataset_path}: the dataset was exported by pdl1 from {exported} images, but "
+            f"{setting('stain', given)} was given; the model would be run on the other stain: give "
+            f"{setting('stain', exported)}, or leave it out"
+        )
+    return given or (exported if exported in STAINS else "H&E")
+
+
 def import_nnunet(
     results_folder: str | Path,
     out_dir: str | Path,
@@ -565,14 +587,7 @@ def import_nnunet(
     plans_path, dataset_path = folder / "plans.json", folder / "dataset.json"
     plans, dataset = _read_json(plans_path), _read_json(dataset_path)
     _check_dataset_format(dataset, dataset_path=dataset_path)  # before minutes of loading checkpoints
-    exported_stain = dataset.get("pdl1_stain")  # `pdl1 export nnunet` records the stain of its images
-    if exported_stain in STAINS and stain not in (None, exported_stain):
-        raise ModelFileError(
-            f"{dataset_path}: the dataset was exported by pdl1 from {exported_stain} images, but "
-            f"{setting('stain', stain)} was given; the model would be run on the other stain: give "
-            f"{setting('stain', exported_stain)}, or leave it out"
-        )
-    stain = stain or (exported_stain if exported_stain in STAINS else "H&E")
+    stain = imported_stain(stain, dataset, dataset_path=dataset_path, setting=setting)
     exported_mpp = dataset.get("pdl1_mpp")  # `pdl1 export nnunet` records the µm/px its cases are at
     if is_finite_number(exported_mpp) and not math.isclose(float(exported_mpp), float(mpp), rel_tol=1e-6):
         raise ModelFileError(

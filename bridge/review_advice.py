@@ -2,8 +2,8 @@
 
 A reason alone ("nuclei uncertainty (0.994, limit 0.698)") says what tripped, not where to look in QuPath or how to
 fix it for the next slides. The reasons are the analysis's own words (:data:`inference.pipeline.REVIEW_REASONS`,
-the nuclei, stain, tissue and domain checks); each kind is known here by words its text always holds, and a test
-keeps every reason the analysis can give covered.
+the nuclei, stain, tissue and domain checks, and a case's comparison of its H&E and IHC); each kind is known here by
+words its text always holds, and a test keeps every reason the analysis can give covered.
 """
 
 from __future__ import annotations
@@ -90,6 +90,19 @@ ADVICE: tuple[Advice, ...] = (
         "unsettled positive area",
         "unsettled positive area",
         "much of the positive area lies near the model's threshold: its extent is uncertain, check its edges",
+    ),
+    # A case's (an H&E and its PD-L1 IHC, pdl1/pairs.json), said under the case table.
+    Advice(
+        "no sure reference",
+        "the case's IHC needs review",
+        "the IHC the H&E is compared with is flagged itself: settle the IHC first (its reasons are above), then the "
+        "comparison",
+    ),
+    Advice(
+        "H&E-predicted TPS category",
+        "H&E and IHC in other TPS categories",
+        "the IHC's TPS is the measurement: compare the H&E's 'PD-L1 positive' regions with the IHC's positive area "
+        "mapped onto it (the H&E's .ihc_positive.geojson in pdl1/pairs/)",
     ),
 )
 

@@ -729,6 +729,35 @@ def test_a_case_not_compared_says_why_in_the_review_column_of_the_run_table(tmp_
     assert " ".join(r[6] for r in rows) == why  # wrapped within the review column, whole
 
 
+def test_the_case_table_says_what_to_check_for_its_cases_reasons_once(tmp_path, capsys):
+    # A case's reasons said what disagreed, not what to do: the IHC is the measurement, and a flagged IHC first.
+    from bridge.cli.common import pairs_table
+
+    registration = {"error_um": 12.0}
+    comparison = dict(tps_he_predicted=60.0, tps_ihc=35.0, dice=0.5, entropy_disagree=0.3, entropy_agree=0.1)
+    differs = {"reason": "H&E-predicted TPS category (>=50%) differs from the IHC's (1-49%)", "value": 25, "limit": 50}
+    flagged = {"reason": "the IHC's own analysis needs review, so it is no sure reference (nuclei uncertainty)"}
+    cases = {
+        "B1": {"registration": registration, "comparison": comparison, "review_reasons": [differs, flagged]},
+        "B2": {"registration": registration, "comparison": comparison, "review_reasons": [differs]},
+        "B3": {"registration": registration, "comparison": comparison, "review_reasons": []},
+    }
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps({"case_key": "case", "cases": cases}))
+    pairs_table(path)
+    said = capsys.readouterr().out
+    advice = [line.strip() for line in said.split("What to check (cases):")[1].splitlines() if line.strip()]
+    assert [line.split(":")[0] for line in advice] == [
+        "- nuclei uncertainty",  # the IHC's own reason, inside the case's
+        "- the case's IHC needs review",
+        "- H&E and IHC in other TPS categories",
+    ]
+    assert "the IHC's TPS is the measurement" in advice[2]
+    path.write_text(json.dumps({"case_key": "case", "cases": {"B3": cases["B3"]}}))
+    pairs_table(path)
+    assert "What to check" not in capsys.readouterr().out  # no reason, nothing to check
+
+
 def test_a_tma_case_shows_its_cores_agreement_in_a_column_of_its_own(tmp_path, capsys):
     # A TMA case's whole-image TPS mixes every core: the table showed only that. Its cores' agreement is in a
     # "TMA cores" column; a case without cores has that cell empty, and a run without TMAs has no such column.

@@ -352,6 +352,7 @@ def pairs_table(path) -> None:
 
     from bridge.pairs import core_agreement_text
     from bridge.project import review_reason_text
+    from bridge.review_advice import review_advice
     from inference import tps_text
 
     cases = json.loads(path.read_text())["cases"]
@@ -399,6 +400,11 @@ def pairs_table(path) -> None:
             *cores,
         )
     stdout().print(table)
+    advice = review_advice(r.get("reason", "") for record in cases.values() for r in record.get("review_reasons", []))
+    if advice:
+        stdout().print("What to check (cases):", markup=False, highlight=False)
+        for line in advice:
+            stdout().print(f"  - {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 def run_with_progress(inputs, run_config, *, progress: bool):

@@ -44,9 +44,10 @@ ADVICE: tuple[Advice, ...] = (
     Advice(
         "nuclei uncertainty",
         "nuclei uncertainty",
-        "the IHC model is unsure of its cell calls: check some 'Tumor: Positive' and 'Tumor: Negative' cells (their "
-        "'Predictive entropy' measurement is highest where it is least sure); where it is wrong, mark points and "
-        "fine-tune it: `pdl1 train nuclei PROJECT --stain ihc --out DIR`, then `pdl1 run --ihc-model DIR`",
+        "the IHC model is unsure of its cell calls: check some 'Tumor: 1+', '2+', '3+' and 'Tumor: Negative' cells "
+        "(their 'Predictive entropy' is highest where it is least sure; a positive call with a low 'DAB membrane OD "
+        "75th percentile' may be a negative cell in background DAB); where it is wrong, mark points and fine-tune it: "
+        "`pdl1 train nuclei PROJECT --stain ihc --out DIR`, then `pdl1 run --ihc-model DIR`",
     ),
     Advice(
         "fewer than 100 tumour cells",

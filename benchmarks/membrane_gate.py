@@ -61,17 +61,15 @@ def _gates(text: str) -> tuple[float, ...]:
 def real_rows(data: Path, ensemble: Ensemble, gates: tuple[float, ...]) -> None:
     from benchmarks import real_ihc_points as real
     from benchmarks.stain_real_images import write_tiff
-    from inference.slides.slide import open_slide
 
     tiles = [t for t in real.read_tiles(data) if t.split == "train"]
     totals = dict.fromkeys(gates, real.NO_SCORES)
     with tempfile.TemporaryDirectory() as work:
         for tile in tiles:
-            with open_slide(write_tiff(tile.rgb, Path(work) / f"{tile.name}.tif", real.MPP)) as slide:
-                found = detect_nuclei(slide, ensemble)
+            found = real.detected_nuclei(write_tiff(tile.rgb, Path(work) / f"{tile.name}.tif", real.MPP), ensemble)
             for g in gates:
                 n = gated(found, g)
-                totals[g] += real.score_tile(tile, n.xy, np.asarray(n.class_names, dtype=object)[n.cls])
+                totals[g] += real.score_tile(tile, n.xy, real.call_names(n))
     print(f"\nDeepLIIF's {len(tiles)} training tiles ({sum(len(t.xy) for t in tiles)} points)\n")
     print(
         "| membrane DAB limit (OD) | truth positives called positive | truth negatives called negative "

@@ -57,6 +57,7 @@ from inference import IHC_NUCLEUS_CLASSES
 from inference.analysis.nuclei import DEFAULT_MIN_SCORE, NucleiConfig, detect_nuclei
 from inference.analysis.points import DetectionScores, match_points
 from inference.models.ensemble import Ensemble, demo_model_dir
+from inference.results import Nuclei
 from inference.slides.slide import open_slide
 from inference.training.train_nuclei import train_nuclei
 
@@ -168,13 +169,23 @@ def score_tile(tile: Tile, pred_xy: np.ndarray, pred_names: np.ndarray | None) -
 NO_SCORES = Scores(DetectionScores(0, 0, 0), (0, 0), (0, 0), (0, 0))  # what a sum over tiles starts from
 
 
+def detected_nuclei(slide: Path, ensemble: Ensemble, config: NucleiConfig | None = None) -> Nuclei:
+    """The nuclei ``ensemble`` finds on a tile written as ``slide`` (``config`` None: the model's own settings)."""
+    with open_slide(slide) as opened:
+        return detect_nuclei(opened, ensemble, config=config)
+
+
+def call_names(nuclei: Nuclei) -> np.ndarray:
+    """Each nucleus's class name (an object array), as :func:`score_tile` takes the calls."""
+    return np.asarray(nuclei.class_names, dtype=object)[nuclei.cls]
+
+
 def called_nuclei(
     slide: Path, ensemble: Ensemble, *, tta: bool = False, threshold: float | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The nuclei ``ensemble`` finds on a tile written as ``slide``: their centres (QuPath px) and class names."""
-    with open_slide(slide) as opened:
-        found = detect_nuclei(opened, ensemble, config=NucleiConfig(tta=tta, min_score=threshold))
-    return found.xy, np.asarray(found.class_names, dtype=object)[found.cls]
+    found = detected_nuclei(slide, ensemble, NucleiConfig(tta=tta, min_score=threshold))
+    return found.xy, call_names(found)
 
 
 def without_dab(rgb: np.ndarray) -> np.ndarray:

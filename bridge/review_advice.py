@@ -118,12 +118,3 @@ def review_advice(reasons: Iterable[str]) -> list[str]:
     """
     texts = list(reasons)
     return [f"{a.kind}: {a.what_to_do}" for a in ADVICE if any(a.words in text for text in texts)]
-
-
-def kind_of(reason: str) -> str | None:
-    """The kind of review reason ``reason`` is (:attr:`Advice.kind`), or None for one this module does not know.
-
-    >>> kind_of("out of the training domain of pdl1-seg: stain vectors (degrees) (32.6, limit 24.6)")
-    "out of the model's training domain"
-    """
-    return next((a.kind for a in ADVICE if a.words in reason), None)

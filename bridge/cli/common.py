@@ -294,11 +294,7 @@ def outcome_table(outcomes, *, batch: int | None = None) -> None:
     for o in flagged:
         stdout().print(f"{label(o)}: needs review: {'; '.join(o.review_reasons)}", markup=False, highlight=False)
     # And what to do about each kind of reason, once: the reason says what tripped, not where to look.
-    advice = review_advice(r for o in flagged for r in o.review_reasons)
-    if advice:
-        stdout().print("What to check:", markup=False, highlight=False)
-        for line in advice:
-            stdout().print(f"  - {line}", markup=False, highlight=False, soft_wrap=True)
+    print_advice("What to check:", review_advice(r for o in flagged for r in o.review_reasons))
     # Errors alike but for the image's own name (a slide folder that moved: one line per image, 160 of them;
     # helper-135) are said once, with the first image's, and the others named after it.
     for group in alike({o: o.error for o in outcomes if o.error}, _own_names).values():
@@ -341,6 +337,15 @@ def nothing_left_to_do(outcomes, *, shown: int = 5) -> str:
         else f"all {len(names)} images, so --resume skipped them"
     )
     return f"nothing left to do: an earlier run finished {which}: {listed}"
+
+
+def print_advice(title: str, advice: list[str]) -> None:
+    """What to check (:func:`bridge.review_advice.review_advice`'s lines) under a table, after ``title``; nothing
+    when there is none."""
+    if advice:
+        stdout().print(title, markup=False, highlight=False)
+        for line in advice:
+            stdout().print(f"  - {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 def pairs_table(path) -> None:
@@ -400,11 +405,8 @@ def pairs_table(path) -> None:
             *cores,
         )
     stdout().print(table)
-    advice = review_advice(r.get("reason", "") for record in cases.values() for r in record.get("review_reasons", []))
-    if advice:
-        stdout().print("What to check (cases):", markup=False, highlight=False)
-        for line in advice:
-            stdout().print(f"  - {line}", markup=False, highlight=False, soft_wrap=True)
+    reasons = (r.get("reason", "") for record in cases.values() for r in record.get("review_reasons", []))
+    print_advice("What to check (cases):", review_advice(reasons))
 
 
 def run_with_progress(inputs, run_config, *, progress: bool):

@@ -25,6 +25,7 @@ from shapely.geometry.base import BaseGeometry
 from bridge.project import ProjectError, RunStatus, status_for_run
 from bridge.run import (
     EntryTargets,
+    ExportedTargets,
     ImageOutcome,
     RunConfig,
     RunInterrupted,
@@ -34,6 +35,7 @@ from bridge.run import (
     _QuPathSession,
     _use_qupath,
     analysis_settings,
+    exported_targets_of,
     failure_message,
     outcome_from_summary,
     output_paths,
@@ -43,6 +45,7 @@ from bridge.run import (
     summary_of,
     whole_image_row,
     with_targets,
+    write_exported,
     write_image_files,
     write_result_files,
     write_targets,
@@ -177,6 +180,8 @@ def run_batch_ray(
                 if qp_session is not None:
                     results, rows = qp_session.write(job, config, found, ray.get(ready[0]))
                     outcome = write_image_files(job, config, project, status_folder, results, rows, t0)
+                elif isinstance(found, ExportedTargets):
+                    outcome = write_exported(job, config, project, status_folder, found, ray.get(ready[0]), t0)
                 else:
                     summary = ray.get(ready[0])
                     outcome = outcome_from_summary(job.key, job.name, summary, time.perf_counter() - t0, found)
@@ -213,6 +218,9 @@ def run_batch_ray(
                         found = qp_session.read_targets(job, config)  # fails as the local engine fails the image
                         _log_cores(job, found)
                         pending[to_results.remote(job, found.rois, config)] = (job, t0, found)
+                    elif (exported := _exported_targets(job, config, project)) is not None:
+                        _log_cores(job, exported)
+                        pending[to_results.remote(job, exported.rois, config)] = (job, t0, exported)
                     else:
                         paths = output_paths(job.key, project, status_folder)
                         entry_id = job.key if project is not None else None
@@ -240,6 +248,13 @@ def run_batch_ray(
         return ordered
 
 
+def _exported_targets(job: _Job, config: RunConfig, project: Path | None) -> ExportedTargets | None:
+    """A project entry's targets read from its export where QuPath is not here (as the local engine reads them), None
+    where it has none (no export, or neither asked-for annotations nor a TMA grid in it): the whole image."""
+    found = None if project is None else exported_targets_of(job, config, project.parent)
+    return found if found is not None and found.choice.targets else None
+
+
 def _failed(job: _Job, status: RunStatus, err: BaseException, t0: float) -> ImageOutcome:
     """An image that failed (a Ray task's error unwrapped to its cause), recorded for the closing table and --resume."""
     message = failure_message(err)
@@ -248,7 +263,7 @@ def _failed(job: _Job, status: RunStatus, err: BaseException, t0: float) -> Imag
     return ImageOutcome(job.key, job.name, "failed", time.perf_counter() - t0, error=message)
 
 
-def _log_cores(job: _Job, found: EntryTargets) -> None:
+def _log_cores(job: _Job, found: EntryTargets | ExportedTargets) -> None:
     cores = [t.label for t in found.choice.targets if t.target_type == "TMA core"]
     if cores:
         log.info("%s: analysing TMA cores %s", job.name, ", ".join(cores))

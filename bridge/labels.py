@@ -1365,7 +1365,7 @@ def _entry_labels(
             f"export it again: run qupath_scripts/pdl1_export_labels.groovy on {entry.image_name} in QuPath (or Run "
             "for project)"
         )
-        _refuse_stale_export(exported, info.folder / "data" / entry.entry_id, source, export_again)
+        refuse_stale_export(exported, info.folder / "data" / entry.entry_id, source, export_again)
         labels = read_geojson_labels(
             exported,
             slide=slide,
@@ -1380,12 +1380,21 @@ def _entry_labels(
     return replace(labels, mpp=entry.mpp)
 
 
-def _refuse_stale_export(exported: Path, entry_folder: Path, source: str, export_again: str) -> None:
-    """Refuse labels exported before the entry's last save in QuPath where its annotations differ since: labelling
+def refuse_stale_export(
+    exported: Path,
+    entry_folder: Path,
+    source: str,
+    export_again: str,
+    *,
+    drawn: str = "labels",
+    error: type[Pdl1Error] = LabelError,
+) -> None:
+    """Refuse an export written before the entry's last save in QuPath where its annotations differ since: labelling
     on after the export (export, label more, save, train) trained on the old labels without a word. QuPath's own
     count of the entry's annotations by class (``summary.json``, written with each save) tells; a save that changed
     no class's count (an outline moved) it does not. An export newer than the save is of what QuPath shows (labels
-    not saved yet), and stands."""
+    not saved yet), and stands. ``drawn``: what the export is read for (``labels``; ``target annotations`` for
+    ``pdl1 run``), raised as ``error``."""
     saved = annotation_class_counts(entry_folder)
     summary = entry_folder / "summary.json"
     try:
@@ -1405,9 +1414,9 @@ def _refuse_stale_export(exported: Path, entry_folder: Path, source: str, export
     differ = sorted(c for c in {*saved, *in_export} if saved.get(c, 0) != in_export.get(c, 0))
     if differ:
         said = ", ".join(f"{c}: {saved.get(c, 0)} saved, {in_export.get(c, 0)} exported" for c in differ)
-        raise LabelError(
+        raise error(
             f"{source}: QuPath saved the entry after {exported} was written, and its annotations changed since "
-            f"({said}: labels drawn, or results added, since the export), so the export is out of date; {export_again}"
+            f"({said}: {drawn} drawn, or results added, since the export), so the export is out of date; {export_again}"
         )
 
 

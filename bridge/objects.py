@@ -313,10 +313,13 @@ def feature_page(
     return page, sum(count for count, _ in kinds)
 
 
-def result_features(result: SlideResult, *, include_tiles: bool = True) -> Iterator[dict[str, Any]]:
-    """The GeoJSON of one result, streamed: the ``PD-L1 analysis`` parent first, then its children."""
+def result_features(
+    result: SlideResult, *, include_tiles: bool = True, parent: QuPathObject | None = None
+) -> Iterator[dict[str, Any]]:
+    """The GeoJSON of one result, streamed: the ``PD-L1 analysis`` parent first (or ``parent``, what stands for the
+    annotation or TMA core analysed), then its children."""
     objects = itertools.chain(
-        (analysis_annotation(result),),
+        (analysis_annotation(result) if parent is None else parent,),
         region_objects(result),
         candidate_objects(result),
         tile_objects(result) if include_tiles else (),

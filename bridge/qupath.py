@@ -155,7 +155,12 @@ def tma_cores(entry: Any) -> list[Any]:
     v0.4.4:46, v0.7.0:44); its one annotation-only property, ``description``, is not used here. Built without an
     update callback, so writing a core's measurements changes the core only (see :func:`write_children`).
     """
-    grid = entry.hierarchy.java_object.getTMAGrid()
+    return _grid_cores(entry.hierarchy)
+
+
+def _grid_cores(hierarchy: Any) -> list[Any]:
+    """:func:`tma_cores` of a paquo hierarchy already read (reading ``entry.hierarchy`` again reads its data again)."""
+    grid = hierarchy.java_object.getTMAGrid()
     if grid is None:
         return []
     wrap = _paquo()["annotation"]
@@ -675,7 +680,7 @@ __all__ = [
 def read_entry_objects(
     project_path: str | Path, entry_ids: Iterable[str] | None = None
 ) -> dict[str, list[QuPathObject]]:
-    """Every annotation and detection of the project's entries (all, or ``entry_ids``), read-only.
+    """Every annotation, TMA core and detection of the project's entries (all, or ``entry_ids``), read-only.
 
     Each object goes through QuPath's own GeoJSON writer (``to_geojson``, GsonTools), so what comes
     back is exactly what ``pdl1_export_labels.groovy`` writes for the same entry: one reader of labels,
@@ -706,7 +711,7 @@ def read_entry_objects(
             entry_id = str(entry.entry_id)
             hierarchy = entry.hierarchy
             objects = []
-            for obj in [*hierarchy.annotations, *hierarchy.detections]:
+            for obj in [*hierarchy.annotations, *_grid_cores(hierarchy), *hierarchy.detections]:
                 feature = obj.to_geojson()
                 if "id" not in feature:  # a QuPath that leaves the id out of its JSON
                     feature["id"] = str(obj.java_object.getID())

@@ -52,6 +52,7 @@ class QuPathObject:
     id: str | None = None
     color: tuple[int, int, int] | None = None
     plane_zt: tuple[int, int] = (0, 0)  # the z-slice and time point of a z-stack or time series (QuPath's ImagePlane)
+    missing: bool = False  # a TMA core marked missing (QuPath writes "isMissing" for cores alone)
 
 
 def classification_json(name: str, rgb: tuple[int, int, int] | None = None) -> dict[str, Any]:
@@ -408,6 +409,7 @@ def from_feature(feature: Mapping[str, Any]) -> QuPathObject:
         locked=bool(props.get("isLocked", False)),
         id=str(feature["id"]),
         color=color,
+        missing=props["objectType"] == "tmaCore" and props.get("isMissing") is True,
     )
 
 

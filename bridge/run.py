@@ -30,9 +30,18 @@ import numpy as np
 from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
+from bridge import exported_targets
 from bridge.analysis_record import AFTER_ANALYSES, records_found
 from bridge.atomic import replaced_together
 from bridge.classes import PDL1_ANALYSIS
+from bridge.exported_targets import (
+    ExportedEntry,
+    export_again,
+    export_stamp,
+    read_exported_entry,
+    stamp_matches,
+    target_objects_path,
+)
 from bridge.objects import (
     candidate_objects,
     parent_measurements,
@@ -515,6 +524,25 @@ def merged_targets(
     return out
 
 
+# A summary's provenance key for the export its targets were read from (bridge.exported_targets.export_stamp), where
+# they were: pdl1_import_results.groovy then imports each target's file of target_objects/ under its annotation or core.
+TARGETS_EXPORT = "targets_export"
+
+
+def target_stand_in(target: Any, result: SlideResult) -> QuPathObject:
+    """What stands for an exported target (an annotation or TMA core) at the head of its results for the import: its
+    ID, outline and name as exported (the import checks the object of that ID still has that outline), and the
+    measurements the analysis puts on it. No class: the import keeps the object's own (a lab's class, whose colour
+    the export may not hold, would not read back)."""
+    return QuPathObject(
+        geometry=target.roi,
+        object_type="annotation",
+        measurements=parent_measurements(result),
+        name=target.name,
+        id=target.object_id,
+    )
+
+
 def write_result_files(
     result: SlideResult,
     geojson: Path,
@@ -523,8 +551,14 @@ def write_result_files(
     *,
     include_tiles: bool = True,
     targets: Sequence[tuple[str, SlideResult]] = (),
+    target_objects: Sequence[tuple[QuPathObject, SlideResult]] = (),
 ) -> None:
     """The QuPath GeoJSON (parent + children) and the summary JSON, each written atomically.
+
+    ``target_objects``: targets read from an export (each one's stand-in, :func:`target_stand_in`, and its result),
+    each written to ``target_objects/<ID>.geojson`` beside the GeoJSON (its stand-in, then its objects), which
+    ``pdl1_import_results.groovy`` puts under the annotation or core of that ID; such files of an earlier run that
+    this one does not write are removed after the summary.
 
     ``result`` is the first (or only) target's: the GeoJSON holds its results, as ``pdl1_import_results.groovy``
     imports them. Where several targets were analysed (``targets``: each one's name and result), every one's
@@ -545,6 +579,10 @@ def write_result_files(
         # over the new objects. Now the earlier files stay until every new one is written.
         with replaced_together(summary_path) as open_new:
             write_features_to(open_new(geojson), result_features(result, include_tiles=include_tiles))
+            for stand_in, target_result in target_objects:
+                path = target_objects_path(geojson.parent, str(stand_in.id))
+                features = result_features(target_result, include_tiles=include_tiles, parent=stand_in)
+                write_features_to(open_new(path), features)
             if len(targets) > 1:
                 path = regions
                 record = target_regions_record(
@@ -561,6 +599,11 @@ def write_result_files(
         if len(targets) < 2:
             path = regions
             regions.unlink(missing_ok=True)
+        path = target_objects_path(geojson.parent, "x").parent
+        kept = {target_objects_path(geojson.parent, str(o.id)).name for o, _ in target_objects}
+        for old in path.glob("*.geojson") if path.is_dir() else ():
+            if old.name not in kept:  # an earlier run's target, not analysed now: the import must not put it back
+                old.unlink(missing_ok=True)
     except OSError as err:
         if isinstance(err, Pdl1Error):
             raise
@@ -708,36 +751,30 @@ def _refuse_replacing_others(slides: list[Path], out: Path) -> None:
 
 
 def _use_qupath(config: RunConfig, project: Path | None) -> bool:
-    if project is None or config.qupath == "never":
-        if (config.target_classes or config.target_names) and project is not None:
-            # "need a QuPath project" said of a project: the annotations are in data.qpdata, which only QuPath reads.
-            raise ProjectError(
-                "annotation targets (--class/--name, or target_classes/target_names in pdl1-config.toml) are read "
-                "through QuPath, and --qupath never was given: run with --qupath auto (or always), or for whole "
-                "images leave the targets out (or run with --no-config)"
-            )
+    """Whether the run goes through QuPath (paquo). Without it a project's targets (annotations of the target classes
+    or names, TMA cores) are read from each entry's export by ``pdl1_export_labels.groovy``
+    (:func:`exported_targets_of`), and its results go to GeoJSON sidecars for ``pdl1_import_results.groovy``."""
+    if project is None:
         if config.target_classes or config.target_names:
             raise ProjectError(
                 "annotation targets (--class/--name, or target_classes/target_names in pdl1-config.toml) need a QuPath "
                 "project; for whole images leave them out (or run with --no-config)"
             )
         return False
+    if config.qupath == "never":
+        return False
     from bridge.qupath import qupath_available
 
     ok, why = qupath_available()
     if config.qupath == "always" and not ok:
         raise ProjectError(why)
-    if not ok and (config.target_classes or config.target_names):
-        raise ProjectError(
-            "annotation targets (--class/--name, or target_classes/target_names in pdl1-config.toml) are read from "
-            "data.qpdata, which only QuPath reads: " + why + ". Or, in QuPath itself (0.7 too), analyse them with "
-            "qupath_scripts/pdl1_analyze.groovy and `pdl1 serve`: it reads the same target_classes/target_names from "
-            "pdl1-config.toml"
-        )
     if not ok:
         log.warning(
-            "QuPath not found: writing GeoJSON sidecars under %s/ and analysing whole images; "
-            "import them with qupath_scripts/pdl1_import_results.groovy",
+            "QuPath not found: writing GeoJSON sidecars under %s/ for qupath_scripts/pdl1_import_results.groovy; "
+            "each image's annotation targets and TMA cores are read from its export by %s (%s/labels/<entry ID>"
+            ".geojson), and an image without one is analysed whole",
+            PDL1_DIR,
+            exported_targets.EXPORT_SCRIPT,
             PDL1_DIR,
         )
     return ok
@@ -953,10 +990,70 @@ def failure_message(err: BaseException) -> str:
 def _run_one(job, config, models, project, status_folder, qp_session, on_tiles, t0) -> ImageOutcome:
     if qp_session is not None:
         results, rows = qp_session.analyse_and_write(job, config, models, on_tiles)
-    else:
+        return write_image_files(job, config, project, status_folder, results, rows, t0)
+    found = None if project is None else exported_targets_of(job, config, project.parent)
+    if found is None or not found.choice.targets:
         results = [job.analyse(models, config, on_tiles)]
         rows = [whole_image_row(job, results[0], job.key if project is not None else None)]
-    return write_image_files(job, config, project, status_folder, results, rows, t0)
+        return write_image_files(job, config, project, status_folder, results, rows, t0)
+    results = []
+    for target in found.choice.targets:
+        log.info("%s: analysing %s %s", job.name, target.target_type, target.label)
+        results.append(job.analyse(models, config, on_tiles, roi=target.obj.roi))
+    return write_exported(job, config, project, status_folder, found, results, t0)
+
+
+def write_exported(
+    job: _Job,
+    config: RunConfig,
+    project: Path,
+    status_folder: Path,
+    found: ExportedTargets,
+    results: list[SlideResult],
+    t0: float,
+) -> ImageOutcome:
+    """Write the results of targets read from an export (``results``: one per target of ``found``, in their order):
+    the rows of ``targets.csv`` in the grid's order (the TMA cores marked missing among them), each analysed one with
+    its object's ID, and each target's objects in a file of their own for the import (:func:`write_image_files`)."""
+    targets = found.choice.targets
+    placed = [(t.position, missing_row(job.name, job.key, t.label, outline=t.obj.roi)) for t in found.choice.missing]
+    for target, result in zip(targets, results, strict=True):
+        row = analysed_row(job.name, job.key, target.label, target.target_type, result, outline=target.obj.roi)
+        placed.append((target.position, replace(row, object_id=target.obj.object_id)))
+    rows = [row for _, row in sorted(placed, key=lambda p: p[0])]  # the grid's order, missing cores in place
+    analysed = list(zip(targets, results, strict=True))
+    return write_image_files(job, config, project, status_folder, results, rows, t0, exported=(found.entry, analysed))
+
+
+@dataclass(frozen=True)
+class ExportedTargets:
+    """An entry's export and the targets chosen from it (:func:`entry_targets`, the rule QuPath's are chosen by)."""
+
+    entry: ExportedEntry
+    choice: TargetChoice[Target]
+
+    @property
+    def rois(self) -> list[BaseGeometry]:
+        """Each target's outline, in their order (none: the whole image)."""
+        return [t.obj.roi for t in self.choice.targets]
+
+
+def exported_targets_of(job: _Job, config: RunConfig, project_folder: Path) -> ExportedTargets | None:
+    """The targets of a project entry where QuPath is not here: read from its export by ``pdl1_export_labels.groovy``
+    (its annotations of the target classes or names, else its TMA cores, by :func:`entry_targets`' rule). None where
+    the entry has no export and no targets were asked for (the whole image is analysed, as before there were
+    exports); asked-for targets without an export fail the image, naming the script that writes it."""
+    found = read_exported_entry(project_folder, job.key, job.name)
+    if found is None:
+        if config.target_classes or config.target_names:
+            raise ProjectError(
+                f"{job.name}: its annotations of class {list(config.target_classes)} or name "
+                f"{list(config.target_names)} are in QuPath's data, which only QuPath reads, and QuPath is not here; "
+                f"they are read from the export of its objects, {exported_targets.export_path(project_folder, job.key)}"
+                f", which is not there: {export_again(job.name)}"
+            )
+        return None
+    return ExportedTargets(found, entry_targets(job.name, found, config, exported_targets))
 
 
 def write_image_files(
@@ -967,13 +1064,22 @@ def write_image_files(
     results: list[SlideResult],
     rows: list[TargetRow],
     t0: float,
+    *,
+    exported: tuple[ExportedEntry, list[tuple[Target, SlideResult]]] | None = None,
 ) -> ImageOutcome:
     """Write an analysed image's GeoJSON and summary (``results``: each analysed target's, in the order of ``rows``'
-    analysed ones); its outcome, timed from ``t0`` (``time.perf_counter()``)."""
+    analysed ones); its outcome, timed from ``t0`` (``time.perf_counter()``). ``exported``: the export the targets
+    were read from and each target with its result, whose objects go to a file of their own for the import
+    (:func:`write_result_files`' ``target_objects``), the export recorded in the summary's provenance."""
     entry_id = job.key if project is not None else None
     result = results[0]
     geojson, summary = output_paths(job.key, project, status_folder)
     summary_data = with_targets(summary_of(result, entry_id=entry_id, run_config=config), results, rows)
+    target_objects: list[tuple[QuPathObject, SlideResult]] = []
+    if exported is not None:
+        entry, analysed = exported
+        summary_data["provenance"][TARGETS_EXPORT] = export_stamp(entry, project.parent)
+        target_objects = [(target_stand_in(t.obj, r), r) for t, r in analysed]
     write_result_files(
         result,
         geojson,
@@ -981,6 +1087,7 @@ def write_image_files(
         summary_data,
         include_tiles=config.include_tiles,
         targets=[(label, r) for (_, label), r in zip(analysed_targets(rows), results, strict=True)],
+        target_objects=target_objects,
     )
     return outcome_from_summary(job.key, job.name, summary_data, time.perf_counter() - t0, (geojson, summary))
 
@@ -1167,6 +1274,15 @@ def _results_problem(
         regions = run_target_regions(target_regions_path(geojson), data)
         if regions.state in (UNREADABLE, OF_ANOTHER_RUN):
             return regions.why
+    export = (data.get("provenance") or {}).get(TARGETS_EXPORT) if isinstance(data, dict) else None
+    if export is not None and project is not None:
+        if not stamp_matches(export, project.parent, job.key):
+            return "the export its targets were read from has changed or gone since (exported again)"
+        for row in rows if isinstance(rows, list) else ():
+            object_id = row.get("object_id") if isinstance(row, dict) else None
+            part = None if object_id is None else target_objects_path(geojson.parent, str(object_id))
+            if part is not None and not (part.is_file() and _ends_whole(part)):
+                return f"{part}, the results of its target {row.get('target')}, is missing or not whole"
     if written_by_qupath and project is not None:
         data_file = project.parent / "data" / job.key / "data.qpdata"
         problem = qpdata_problem(data_file)

@@ -129,6 +129,9 @@ class TargetRow:
     out_of_domain_limit: float | None = None
     stain_distance_deg: float | None = None
     stain_limit_deg: float | None = None
+    # QuPath's ID of the annotation or core, where it was read from an export (pdl1_import_results.groovy finds it by
+    # it); None through QuPath, for a whole image, and in summaries written before.
+    object_id: str | None = None
 
 
 def analysed_row(

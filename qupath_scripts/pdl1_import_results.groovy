@@ -7,6 +7,9 @@
  * This script puts them into the open image, under the right parent, replacing what an earlier
  * pdl1-bridge run wrote and leaving every other object alone. Where `pdl1 run` went through QuPath and analysed
  * annotations or TMA cores, their results are in the image already: nothing is imported, and the log says so.
+ * Where it read them from pdl1_export_labels.groovy's export (no QuPath on its machine: QuPath 0.7), each one's
+ * results are in <project>/pdl1/<entryID>/target_objects/<object ID>.geojson, and go under the annotation or core of
+ * that ID, provided it is still where it was when exported.
  * `pdl1 review-queue PROJECT` ranks the entries for labelling: their "PD-L1 review rank" and "PD-L1 review score"
  * are in summary.json, and for an image analysed in QuPath alone (pdl1_analyze.groovy with `pdl1 serve`: no
  * objects.geojson) in <project>/pdl1/<entryID>/review.json; this script sets them as the entry's metadata (on
@@ -30,6 +33,9 @@ def OWN_DETECTION_CLASSES = ["Tumor: Positive", "Tumor: Negative", "Other", "Tum
 def TILE_NAME = "PD-L1 uncertainty"
 // pdl1_analyze.groovy's records of its analyses, in each entry's results folder (bridge/analysis_record.py)
 def RECORDS_FOLDER = "qupath_analyses"
+// Each exported target's results, by its object's ID, in an entry's results folder (bridge/exported_targets.py:
+// TARGET_OBJECTS_FOLDER)
+def TARGET_OBJECTS_FOLDER = "target_objects"
 // ------------------------------------------------------------------------------------------
 
 // ---- helpers: plain Groovy, no QuPath classes (tests/test_groovy_scripts.py runs this part) ----
@@ -280,16 +286,17 @@ def rehomeOthers = { List old, parent ->
     }
 }
 // What to say when whole-image results go into an image with a TMA grid (hierarchy.getTMAGrid(), null without one:
-// PathObjectHierarchy.java v0.4.4:183, v0.7.0:152): `pdl1 run` without QuPath cannot read the grid (it lives in
-// data.qpdata, which only QuPath reads), so it analysed the image as one region and its one TPS is over all cores.
-// null when there is no grid.
+// PathObjectHierarchy.java v0.4.4:183, v0.7.0:152): `pdl1 run` without QuPath cannot read the grid from data.qpdata
+// (only QuPath reads it) and found no export of the image's objects holding it, so it analysed the image as one
+// region and its one TPS is over all cores. null when there is no grid.
 def tmaGridNote = { grid, String image ->
     if (grid == null)
         return null
     return ("pdl1: ${image} has a TMA grid, but these results are of the whole image analysed as one region (`pdl1 " +
-            "run` without QuPath cannot see the grid), so the TPS is over all cores, not per core. To score each " +
-            "core on its own, run pdl1_analyze.groovy on this image with `pdl1 serve` running, or `pdl1 run` on the " +
-            "project with QuPath installed (paquo finds it through PAQUO_QUPATH_DIR)").toString()
+            "run` without QuPath saw no grid: the image's objects were not exported), so the TPS is over all cores, " +
+            "not per core. To score each core on its own, run pdl1_export_labels.groovy on this image and `pdl1 run` " +
+            "on the project again, or run pdl1_analyze.groovy on this image with `pdl1 serve` running, or `pdl1 run` " +
+            "on the project with QuPath installed (paquo finds it through PAQUO_QUPATH_DIR)").toString()
 }
 // The annotations and TMA cores a summary.json's run analysed (its "targets": bridge/targets.py's rows, target_type
 // "annotation" or "TMA core"), none where it analysed the whole image. Only `pdl1 run` through QuPath (paquo) reads
@@ -297,7 +304,8 @@ def tmaGridNote = { grid, String image ->
 // alone under a whole-image "PD-L1 analysis": imported, that target's objects went in twice, the second time on an
 // outline of the whole image carrying the first target's TPS. Their names, in the summary's order.
 def targetsInQuPath = { Map summary ->
-    return (summary.get("targets") ?: []).findAll { it.target_type != "whole image" }.collect { it.target as String }
+    return (summary.get("targets") ?: []).findAll { it.target_type != "whole image" && it.object_id == null }
+            .collect { it.target as String }
 }
 // Where a record set aside goes, in the entry's RECORDS_FOLDER: qupath_analyses/removed/<parent ID>.json, as
 // pdl1_analyze.groovy sets aside its stale records (bridge/analysis_record.py: SET_ASIDE), which `pdl1 report`,
@@ -338,6 +346,19 @@ def moveRecords = { java.nio.file.Path from, java.nio.file.Path to, List names -
         }
     }
     return [moved: moved, failed: failed]
+}
+// Whether an annotation's or core's ROI has the outline a run analysed (the ROI of its stand-in, the first object of
+// its results): the bounds within a pixel (ROI.getBoundsX/Y/Width/Height, 0.4.4 to 0.7). Moved or redrawn since the
+// export, the results would lie beside it, or cut off by its new edge.
+def sameBounds = { roi, analysed ->
+    def pairs = [[roi.getBoundsX(), analysed.getBoundsX()], [roi.getBoundsY(), analysed.getBoundsY()],
+                 [roi.getBoundsWidth(), analysed.getBoundsWidth()], [roi.getBoundsHeight(), analysed.getBoundsHeight()]]
+    return pairs.every { Math.abs((it[0] as double) - (it[1] as double)) <= 1.0 }
+}
+// The rows of a summary's targets whose results are in TARGET_OBJECTS_FOLDER: read from an export (each with the
+// object_id of its annotation or core), the TMA cores marked missing left out (no results).
+def exportedTargets = { Map summary ->
+    return (summary.get("targets") ?: []).findAll { it instanceof Map && it.object_id != null && it.state != "missing" }
 }
 // ---- end of helpers ------------------------------------------------------------------------
 
@@ -397,6 +418,26 @@ if (!inQuPath.isEmpty()) {
     return
 }
 
+// The entry metadata of the run's summary.json (none without one).
+def importMetadata = { ->
+    def metadata = summary?.get("metadata")
+    if (metadata == null)
+        return
+    def values = metadataToImport(metadata, folder.getParentFile())  // not `imported`: the objects' name below
+    if (values.size() < metadata.size())
+        println "pdl1: ${new File(folder.getParentFile(), REVIEW_UNFINISHED)}: a pdl1 review-queue was stopped " +
+                "while renaming its files, so the summaries' review ranks are part its, part older; they are not " +
+                "imported (QuPath keeps the ones it has): run pdl1 review-queue for the project again"
+    putEntryMetadata(entry, values)
+    // QuPath 0.4.4 and 0.5 do not save the project after a headless script (0.6+ do with -s): save it now.
+    try {
+        project.syncChanges()
+    } catch (IOException e) {
+        println "pdl1: the entry metadata is set but ${project.getPath()} could not be saved (${e.getMessage()}); " +
+                "save the project from QuPath"
+    }
+}
+
 // Objects this tool wrote carry its signature measurements (see bridge/objects.py: is_own_object).
 def isOwn = { PathObject obj ->
     def cls = obj.getPathClass() == null ? null : obj.getPathClass().toString()
@@ -408,6 +449,60 @@ def isOwn = { PathObject obj ->
     if (obj.isDetection())
         return cls in OWN_DETECTION_CLASSES && !Double.isNaN(obj.getMeasurementList().get("PD-L1 positive probability"))
     return false
+}
+
+def hierarchy = getCurrentHierarchy()
+def fromExport = summary == null ? [] : exportedTargets(summary)
+if (!fromExport.isEmpty()) {
+    // Each target's results under the annotation or core of its ID, as the whole image's go under 'PD-L1 analysis'.
+    def byId = [:]
+    hierarchy.getAnnotationObjects().each { byId[it.getID().toString()] = it }
+    hierarchy.getTMAGrid()?.getTMACoreList()?.each { byId[it.getID().toString()] = it }
+    def done = []
+    def notDone = []
+    def count = 0
+    fromExport.each { row ->
+        def file = new File(new File(folder, TARGET_OBJECTS_FOLDER), "${row.object_id}.geojson")
+        def target = byId[row.object_id as String]
+        if (target == null) {
+            notDone << "${row.target}: no annotation or TMA core of ID ${row.object_id} in the image (deleted since " +
+                    "the export?)"
+            return
+        }
+        def objects = file.isFile() ? PathIO.readObjects(file) : []
+        if (objects.isEmpty() || objects[0].getID().toString() != row.object_id) {
+            notDone << "${row.target}: ${file} is missing or not of this target; run `pdl1 run` on the project again"
+            return
+        }
+        if (!sameBounds(target.getROI(), objects[0].getROI())) {
+            notDone << "${row.target}: moved or redrawn since it was exported and analysed; export it again " +
+                    "(pdl1_export_labels.groovy) and run `pdl1 run` on the project again"
+            return
+        }
+        def old = ownDescendants(target, isOwn)
+        if (!old.isEmpty()) {
+            rehomeOthers(old, target)
+            hierarchy.removeObjects(old, true)
+        }
+        def written = objects[0].getMeasurementList()
+        setParentMeasurements(target.getMeasurementList(),
+                measurementNames(written).collectEntries { [(it): written.get(it)] })
+        target.addChildObjects(objects.subList(1, objects.size()))
+        count += objects.size() - 1
+        done << row.target
+    }
+    fireHierarchyUpdate()
+    notDone.each { println "pdl1: ${entry.getImageName()}: not imported: ${it}" }
+    def whole = hierarchy.getAnnotationObjects().find {
+        it.getPathClass() != null && it.getPathClass().toString() == ANALYSIS_CLASS && it.getName() == ANALYSIS_CLASS
+    }
+    if (whole != null && fromExport.any { it.target_type == "TMA core" })
+        println "pdl1: ${entry.getImageName()}: an earlier analysis of the whole image ('${ANALYSIS_CLASS}') is still " +
+                "in it, its TPS over all cores as one; delete that annotation and what lies under it"
+    importMetadata()
+    println "pdl1: imported ${count} objects under ${done.size()} of ${fromExport.size()} targets for " +
+            "${entry.getImageName()}${done.isEmpty() ? '' : ': ' + done.join(', ')}"
+    return
 }
 
 def imported = PathIO.readObjects(geojson)
@@ -422,7 +517,6 @@ if (newParent.getPathClass() == null || newParent.getPathClass().toString() != A
     return
 }
 
-def hierarchy = getCurrentHierarchy()
 def parent = hierarchy.getAnnotationObjects().find {
     it.getPathClass() != null && it.getPathClass().toString() == ANALYSIS_CLASS && it.getName() == ANALYSIS_CLASS
 }
@@ -471,22 +565,5 @@ def tmaNote = tmaGridNote(hierarchy.getTMAGrid(), entry.getImageName())
 if (tmaNote != null)
     println tmaNote
 
-if (summary != null) {
-    def metadata = summary.get("metadata")
-    if (metadata != null) {
-        def values = metadataToImport(metadata, folder.getParentFile())  // not `imported`: the objects' name above
-        if (values.size() < metadata.size())
-            println "pdl1: ${new File(folder.getParentFile(), REVIEW_UNFINISHED)}: a pdl1 review-queue was stopped " +
-                    "while renaming its files, so the summaries' review ranks are part its, part older; they are not " +
-                    "imported (QuPath keeps the ones it has): run pdl1 review-queue for the project again"
-        putEntryMetadata(entry, values)
-        // QuPath 0.4.4 and 0.5 do not save the project after a headless script (0.6+ do with -s): save it now.
-        try {
-            project.syncChanges()
-        } catch (IOException e) {
-            println "pdl1: the entry metadata is set but ${project.getPath()} could not be saved (${e.getMessage()}); " +
-                    "save the project from QuPath"
-        }
-    }
-}
+importMetadata()
 println "pdl1: imported ${children.size()} objects under '${ANALYSIS_CLASS}' for ${entry.getImageName()}"

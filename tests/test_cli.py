@@ -526,7 +526,8 @@ def test_run_names_its_per_target_table_and_its_help_says_where_that_goes(tmp_pa
     help_text = " ".join(runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"}).output.replace("│", " ").split())
     assert "Through QuPath a dearrayed TMA is analysed core by core (cores marked missing are left alone)." in help_text
     assert "goes to pdl1/targets.csv" in help_text
-    assert "each TMA core of an image with a TMA grid (through QuPath)" in help_text
+    assert "each TMA core of an image with a TMA grid (through QuPath or its export)" in help_text
+    assert "from each image's export by qupath_scripts/pdl1_export_labels.groovy" in help_text
 
 
 def test_an_interrupted_phantom_overwrite_leaves_no_slide_or_truth_of_two_phantoms(tmp_path, monkeypatch):

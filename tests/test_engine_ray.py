@@ -82,6 +82,38 @@ def test_ray_workers_analyse_in_the_frame_and_calibration_the_project_states(tmp
     assert "QuPath shows this image at 1024 x 512 px" in outcomes[1].error
 
 
+def test_without_qupath_ray_analyses_the_exported_targets_as_the_local_engine_does(tmp_path, local_cluster):
+    import uuid
+
+    from shapely.geometry import box
+
+    from bridge.engine_ray import run_batch_ray
+    from bridge.init_project import init_project_files
+    from bridge.qupath_geojson import QuPathObject, to_feature
+
+    (slide,) = _phantoms(tmp_path, "e", [54])
+    summaries, files = [], []
+    for engine in ("ray", "local"):
+        project = tmp_path / engine
+        init_project_files(project, [slide])
+        export = project / "pdl1" / "labels" / "1.geojson"
+        export.parent.mkdir(parents=True)
+        features = [
+            to_feature(QuPathObject(box(x, x, x + 400, x + 400), "annotation", "Tumor", {}, id=str(uuid.UUID(int=i)),
+                                    color=(200, 0, 0)))
+            for i, x in enumerate((50, 550), start=1)
+        ]  # fmt: skip
+        export.write_text(json.dumps(features))
+        config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="never", target_classes=("Tumor",))
+        (outcome,) = (run_batch_ray if engine == "ray" else run_batch)([project], config)
+        assert outcome.state == "done", outcome.error
+        summary = json.loads((project / "pdl1" / "1" / "summary.json").read_text())
+        summaries.append([(r["object_id"], r["tps_percent"], r["tumour_cells"]) for r in summary["targets"]])
+        files.append(sorted(p.name for p in (project / "pdl1" / "1" / "target_objects").iterdir()))
+    assert summaries[0] == summaries[1] and len(summaries[0]) == 2
+    assert files[0] == files[1] == [f"{uuid.UUID(int=i)}.geojson" for i in (1, 2)]
+
+
 def test_a_worker_caches_openvino_conversions_in_its_own_user_cache(tmp_path, monkeypatch):
     # The user cache folder is read from the environment in bridge: on a Ray worker, the worker's, not the driver's.
     from dataclasses import replace

@@ -443,7 +443,7 @@ class StandInRoi {
     def getGeometry() { [type: "Polygon", coordinates: [vertices + [vertices[0]]]] }
 }
 enum ImageType { BRIGHTFIELD_H_E }
-class TMACoreObject extends PathObject { boolean missing; boolean isMissing() { missing } }
+class TMACoreObject extends PathObject { }  // PathObject's stand-in has isMissing()
 class TMAGrid { List cores; List getTMACoreList() { cores } }
 class ImageData {
     def server; PathObjectHierarchy hierarchy
@@ -623,6 +623,8 @@ def seen = [reads: server.reads, children: root.children.collectEntries { t ->
     [(t.name): t.children.collect { [kind: t.kind, cls: it.pathClass?.toString(), geometry: it.geometry,
                                      objectType: it.kind, measurements: it.measurements.values,
                                      plane: planeOf(it)] }] }]
+if (setup.measured)  // the measurements of each object under the root (an analysed annotation's TPS and flag)
+    seen.measured = root.children.collectEntries { [(it.name): it.measurements.values] }
 if (setup.steps != null) {
     seen.records = records
     seen.aside = aside

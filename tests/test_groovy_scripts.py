@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import threading
+import uuid
 from pathlib import Path
 
 import pytest
@@ -425,6 +426,7 @@ import qupath.lib.objects.hierarchy.PathObjectHierarchy
 
 class Project { java.nio.file.Path path; java.nio.file.Path getPath() { path } }
 class Entry { String id; String getID() { id }; String getImageName() { "image.svs" } }
+class Grid { List cores; List getTMACoreList() { cores } }
 
 def setup = new groovy.json.JsonSlurper().parseText(new File(args[0]).text)
 def hierarchy = new PathObjectHierarchy()
@@ -437,6 +439,14 @@ setup.objects.each { o ->
     made[o.parent].addChildObjects([obj])
     made << obj
 }
+if (setup.cores) {  // a dearrayed TMA: its cores under the root, and the grid listing them
+    def cores = setup.cores.collect { c ->
+        new PathObject(id: UUID.fromString(c.id), kind: "tma core", name: c.name, geometry: c.geometry,
+                missing: c.missing)
+    }
+    hierarchy.getRootObject().addChildObjects(cores)
+    hierarchy.grid = new Grid(cores: cores)
+}
 def binding = new Binding([
     getProject: { -> new Project(path: java.nio.file.Paths.get(setup.project)) },
     getProjectEntry: { -> new Entry(id: "7") },
@@ -445,7 +455,8 @@ def binding = new Binding([
 new GroovyShell(this.class.classLoader, binding).evaluate(new File(setup.script))
 if (!setup.big) {  // what the one-String export wrote: each object through Gson, joined
     def gson = qupath.lib.io.GsonTools.getInstance()
-    def objects = hierarchy.getAnnotationObjects() + hierarchy.getDetectionObjects()
+    def objects = hierarchy.getAnnotationObjects() + (hierarchy.grid?.getTMACoreList() ?: []) +
+            hierarchy.getDetectionObjects()
     println groovy.json.JsonOutput.toJson([json: objects.collect { gson.toJson(it) }])
 }
 """
@@ -466,10 +477,10 @@ EXPORTED = [  # [kind, name, class, geometry, measurements, parent (index into t
 ]
 
 
-def _export(tmp_path: Path, objects: list, *, big: int = 0) -> subprocess.CompletedProcess:
+def _export(tmp_path: Path, objects: list, *, big: int = 0, cores: list = ()) -> subprocess.CompletedProcess:
     keys = ("kind", "name", "cls", "geometry", "measurements", "parent")
     setup = {"script": str(EXPORT), "project": str(tmp_path / "project.qpproj"), "big": big,
-             "objects": [dict(zip(keys, o, strict=True)) for o in objects]}  # fmt: skip
+             "objects": [dict(zip(keys, o, strict=True)) for o in objects], "cores": list(cores)}  # fmt: skip
     (tmp_path / "setup.json").write_text(json.dumps(setup))
     (tmp_path / "export_run.groovy").write_text(EXPORT_RUN)
     if not big:
@@ -496,6 +507,44 @@ def test_the_label_export_writes_each_object_as_qupaths_gson_writes_it(tmp_path,
     assert [(f["properties"]["objectType"], f["properties"].get("name")) for f in features] == [
         (o[0], o[1]) for kind in ("annotation", "detection") for o in objects if o[0] == kind
     ]
+
+
+def _square_geometry(x: float, y: float, size: float) -> dict:
+    return {"type": "Polygon", "coordinates": [[[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]]]}
+
+
+@needs_groovy
+def test_the_export_writes_the_tma_cores_in_the_grids_order_which_pdl1_run_reads_as_its_targets(tmp_path):
+    # `pdl1 run PROJECT` without QuPath (QuPath 0.7) reads its targets from this export: the annotations of the target
+    # classes, else the TMA cores, by the ID pdl1_import_results.groovy finds each one by again.
+    from bridge.exported_targets import annotation_targets, read_exported_entry, tma_cores
+
+    cores = [
+        {
+            "id": str(uuid.UUID(int=100 + i)),
+            "name": name,
+            "missing": missing,
+            "geometry": _square_geometry(i * 50, 0, 40),
+        }
+        for i, (name, missing) in enumerate([("A-1", False), ("A-2", True), ("B-1", False)])
+    ]
+    objects = [("annotation", "nest", "Tumor", _square_geometry(5, 5, 20), {}, 0), *EXPORTED[1:2]]
+    out = _export(tmp_path, objects, cores=cores)
+    assert out.returncode == 0, out.stdout + out.stderr
+    features = json.loads((tmp_path / "pdl1" / "labels" / "7.geojson").read_text(encoding="utf-8"))
+    assert [f["properties"]["objectType"] for f in features] == [
+        "annotation",
+        "tmaCore",
+        "tmaCore",
+        "tmaCore",
+        "detection",
+    ]
+    exported = read_exported_entry(tmp_path, "7", "image.svs")
+    assert [(c.name, c.missing, c.object_id) for c in tma_cores(exported)] == [
+        (c["name"], c["missing"], c["id"]) for c in cores
+    ]
+    (nest,) = annotation_targets(exported, classes=("Tumor",))
+    assert (nest.name, nest.object_id, nest.roi.bounds) == ("nest", str(uuid.UUID(int=1)), (5.0, 5.0, 25.0, 25.0))
 
 
 @needs_groovy
@@ -816,6 +865,7 @@ def test_the_import_says_when_whole_image_results_go_into_an_image_with_a_tma_gr
     assert said["none"] is None
     assert said["grid"].startswith("pdl1: tma.svs has a TMA grid, but these results are of the whole image")
     assert "pdl1_analyze.groovy" in said["grid"] and "`pdl1 run` on the project with QuPath installed" in said["grid"]
+    assert "run pdl1_export_labels.groovy on this image and `pdl1 run` on the project again" in said["grid"]
     code = re.sub(r"//.*", "", IMPORT.read_text().replace(helpers(IMPORT), ""))
     assert "tmaGridNote(hierarchy.getTMAGrid(), entry.getImageName())" in code
 

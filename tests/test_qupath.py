@@ -606,3 +606,56 @@ def test_ray_analyses_a_tma_core_by_core_as_the_local_engine_does(tmp_path, phan
     }
     for name, (_, measured, _) in cores.items():
         assert measured == pytest.approx(local[name][1], rel=1e-6, nan_ok=True)
+
+
+def test_targets_exported_from_a_real_qupath_are_analysed_without_it_under_qupaths_own_ids(
+    tmp_path, phantom_svs, models
+):
+    # QuPath 0.7 (which paquo does not reach) exports with pdl1_export_labels.groovy: each object through QuPath's Gson,
+    # the TMA cores among them. `pdl1 run --qupath never` must find the annotations and cores by their IDs as QuPath
+    # gives them, which pdl1_import_results.groovy finds them by again.
+    from paquo.classes import QuPathPathClass
+    from paquo.projects import QuPathProject
+
+    from bridge import qupath
+    from bridge.exported_targets import target_objects_path
+    from bridge.labels import export_path
+
+    project_dir = tmp_path / "qp"
+    init_project_qupath(project_dir, [phantom_svs])
+    with QuPathProject(project_dir, mode="r+") as qp:
+        hierarchy = qp.images[0].hierarchy
+        tumour = QuPathPathClass("Tumor")
+        drawn = [hierarchy.add_annotation(roi=box(x, x, x + 600, x + 600), path_class=tumour) for x in (200, 1200)]
+        drawn[0].name = "nest A"
+        _add_tma_grid(hierarchy, [("A-1", 550, 550, 900, False), ("A-2", 1500, 550, 900, True)])
+    with QuPathProject(project_dir, mode="r") as qp:
+        entry = qp.images[0]
+        annotations = [a for a in entry.hierarchy.annotations if a.path_class is not None]
+        cores = qupath.tma_cores(entry)
+        features = [o.to_geojson() for o in [*annotations, *cores]]  # what the export script writes of each
+        ids = {str(o.name): str(o.java_object.getID()) for o in [*annotations, *cores]}
+        entry_id = str(entry.entry_id)
+    export = export_path(project_dir, entry_id)
+    export.parent.mkdir(parents=True)
+    export.write_text(json.dumps(features), encoding="utf-8")
+    (labelled,) = qupath.read_entry_objects(project_dir).values()
+    assert [o.object_type for o in labelled].count("tmaCore") == 2  # paquo's reading holds the cores, as the export
+
+    config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="never", target_classes=("Tumor",))
+    (done,) = run_batch([project_dir], config, models=models)
+    assert done.state == "done", done.error
+    summary = json.loads((project_dir / "pdl1" / entry_id / "summary.json").read_text())
+    assert sorted((r["target"], r["object_id"]) for r in summary["targets"]) == [  # in QuPath's order of annotations
+        ("Tumor", ids["None"]),
+        ("nest A", ids["nest A"]),
+    ]
+    for row in summary["targets"]:
+        assert target_objects_path(project_dir / "pdl1" / entry_id, row["object_id"]).is_file()
+    (cored,) = run_batch([project_dir], replace(config, target_classes=()), models=models)
+    assert cored.state == "done", cored.error
+    summary = json.loads((project_dir / "pdl1" / entry_id / "summary.json").read_text())
+    assert [(r["target"], r["state"], r["object_id"]) for r in summary["targets"]] == [
+        ("A-1", "analysed", ids["A-1"]),
+        ("A-2", "missing", None),
+    ]

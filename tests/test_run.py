@@ -406,30 +406,6 @@ def test_annotation_targets_need_qupath(tmp_path, slides, models):
         run_batch([slides[0]], _config(out=tmp_path, target_classes=("Tumor",)), models=models)
 
 
-def test_annotation_targets_of_a_project_with_qupath_never_name_the_option(tmp_path, slides, models):
-    # It said the targets "need a QuPath project" of a project: what stood in the way was --qupath never.
-    project = tmp_path / "project"
-    init_project_files(project, [slides[0]])
-    with pytest.raises(ProjectError, match=r"are read through QuPath, and --qupath never was given: run with --qupath"):
-        run_batch([project], _config(target_classes=("Tumor",)), models=models)  # _config: --qupath never
-    assert not (project / "pdl1").exists()
-
-
-def test_annotation_targets_without_qupath_name_the_groovy_script(tmp_path, slides, models, monkeypatch):
-    # QuPath 0.7 users cannot install a QuPath paquo reaches; the message named only that: now the script path too.
-    from bridge import qupath
-
-    monkeypatch.setattr(qupath, "qupath_available", lambda: (False, "no valid qupath installation found"))
-    project = tmp_path / "project"
-    init_project_files(project, [slides[0]])
-    with pytest.raises(ProjectError) as err:
-        config = RunConfig(pipeline=PipelineConfig(device="cpu"), qupath="auto", target_classes=("Tumor",))
-        run_batch([project], config, models=models)
-    assert "only QuPath reads: no valid qupath installation found. Or, in QuPath itself (0.7 too)" in str(err.value)
-    assert "qupath_scripts/pdl1_analyze.groovy and `pdl1 serve`" in str(err.value)
-    assert not (project / "pdl1").exists()
-
-
 def test_plain_slides_need_out(slides, models):
     with pytest.raises(ProjectError, match="--out"):
         run_batch([slides[0]], _config(), models=models)
@@ -880,7 +856,8 @@ def test_reading_objects_through_qupath_refuses_damaged_data_before_qupath_reads
             if qupath.qpdata_problem(self.entry_path / "data.qpdata") not in (None, "it is missing"):
                 raise AssertionError(f"QuPath reads entry {self.entry_id}'s cut-short data.qpdata for ever")
             read.append(self.entry_id)
-            return SimpleNamespace(annotations=[], detections=[])
+            grid = SimpleNamespace(getTMAGrid=lambda: None)  # no TMA grid (PathObjectHierarchy.getTMAGrid(): null)
+            return SimpleNamespace(annotations=[], detections=[], java_object=grid)
 
     entries = [Entry("1", good), Entry("2", good[: len(good) // 2]), Entry("3", None), Entry("4", good[:-1])]
 

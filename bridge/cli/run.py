@@ -163,18 +163,19 @@ def run(
         list[str] | None,
         typer.Option(
             "--class",
-            help="Analyse annotations of this class (repeatable; needs QuPath; an image without any but with a TMA "
-            "grid has its cores analysed instead). Default: from pdl1-config.toml "
-            "(target_classes), else none: each TMA core of an image with a TMA grid (through QuPath), else the "
-            "whole tissue of each image.",
+            help="Analyse annotations of this class (repeatable; a project's, read through QuPath, or without it "
+            "from each image's export by qupath_scripts/pdl1_export_labels.groovy; an image without any but with a "
+            "TMA grid has its cores analysed instead). Default: from pdl1-config.toml (target_classes), else none: "
+            "each TMA core of an image with a TMA grid (through QuPath or its export), else the whole tissue of each "
+            "image.",
         ),
     ] = None,
     target_name: Annotated[
         list[str] | None,
         typer.Option(
             "--name",
-            help="Analyse annotations with this name (repeatable; needs QuPath). Default: from pdl1-config.toml "
-            "(target_names), else none.",
+            help="Analyse annotations with this name (repeatable; read as --class's are). Default: from "
+            "pdl1-config.toml (target_names), else none.",
         ),
     ] = None,
     case_key: Annotated[
@@ -342,6 +343,8 @@ def run(
 
     Models, targets, outputs and device default to the project's pdl1-config.toml; options override it.
     Through QuPath a dearrayed TMA is analysed core by core (cores marked missing are left alone).
+    Without QuPath (QuPath 0.7) annotations and TMA cores are read from each image's export by
+    pdl1_export_labels.groovy, and pdl1_import_results.groovy puts each one's results under it.
     Each analysed target's score (TMA core, annotation or whole image) goes to pdl1/targets.csv.
     An H&E and its PD-L1 IHC of one case (entry metadata 'case', or --case-key; else file names: B12_HE.svs,
     B12_PD-L1.svs) are compared: pairs.json.

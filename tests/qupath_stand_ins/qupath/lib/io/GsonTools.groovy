@@ -6,7 +6,8 @@ import qupath.lib.objects.PathObject
 /** GsonTools.getInstance(): a JSON reader and writer as QuPath's Gson (GsonTools.java v0.4.4:78-83, v0.7.0:80-84: no
  * number policy set, so Gson's own, ToNumberPolicy.DOUBLE): fromJson(String, Class) gives every number as a Double,
  * objects as Maps and arrays as Lists; toJson(Object) and toJson(Object, Appendable) write a Map or List as JSON, a
- * PathObject as a GeoJSON Feature (its ID, geometry, objectType, name, classification and measurements), non-ASCII
+ * PathObject as a GeoJSON Feature (its ID, geometry, objectType, name, classification and measurements; a TMA core's
+ * isMissing), non-ASCII
  * characters as they are. */
 class GsonTools {
     static StandInGson getInstance() {
@@ -42,8 +43,12 @@ class StandInGson {
         return value
     }
 
+    // A TMA core as QuPath's Gson writes one: objectType "tmaCore" and its "isMissing" (QuPathTypeAdapters.java
+    // v0.4.4:311, 398-400; v0.7.0:308, 390-392).
     private static Map feature(PathObject obj) {
-        def properties = new LinkedHashMap([objectType: obj.kind])
+        def properties = new LinkedHashMap([objectType: obj.isTMACore() ? "tmaCore" : obj.kind])
+        if (obj.isTMACore())
+            properties.isMissing = obj.isMissing()
         if (obj.name != null)
             properties.name = obj.name
         if (obj.pathClass != null)

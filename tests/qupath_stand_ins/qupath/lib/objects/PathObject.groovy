@@ -19,7 +19,11 @@ class PathObject {
         def props = feature.get("properties")
         def cls = props.classification == null ? null :
                 (props.classification.name ?: props.classification.names.join(": "))
-        def made = new PathObject(kind: props.objectType, pathClass: cls == null ? null : new StandInPathClass(cls),
+        // The feature's ID where it is a UUID, as QuPath 0.4+ reads it (QuPathTypeAdapters.java v0.4.4:475-486,
+        // v0.7.0:467-478, 591-592); else a new one.
+        def id = feature.get("id") instanceof String && feature.get("id") ==~ /\p{XDigit}{8}(-\p{XDigit}{4}){3}-\p{XDigit}{12}/ ?
+                UUID.fromString(feature.get("id")) : UUID.randomUUID()
+        def made = new PathObject(id: id, kind: props.objectType, pathClass: cls == null ? null : new StandInPathClass(cls),
                 name: props.name, geometry: feature.geometry, roi: StandInFeatureROI.of(feature.geometry))
         (props.measurements ?: [:]).each { name, value -> made.measurements.put(name as String, value as double) }
         return made
@@ -35,6 +39,8 @@ class PathObject {
     boolean isDetection() { kind in ["detection", "tile", "cell"] }
     boolean isTile() { kind == "tile" }
     boolean isTMACore() { kind == "tma core" }
+    boolean missing  // TMACoreObject.isMissing(), for a "tma core"
+    boolean isMissing() { missing }
     StandInMeasurements getMeasurementList() { measurements }
     PathObject getParent() { parent }
     PathObject[] getChildObjectsAsArray() { children as PathObject[] }

@@ -1,0 +1,88 @@
+"""pdl1_import_results.groovy run whole (QuPath stand-ins) on `pdl1 run`'s results of targets read from an export:
+each one's objects go under the annotation of its ID, a re-import replaces them, a moved or deleted target is said."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from shapely.geometry import Polygon
+
+from bridge.exported_targets import target_objects_path
+from bridge.init_project import init_project_files
+from bridge.qupath_geojson import QuPathObject, read_features, to_feature
+from bridge.run import RunConfig, run_batch
+from inference.phantom.pyramid import write_phantom
+from inference.phantom.scene import PhantomSpec
+from inference.pipeline import Models, PipelineConfig
+from tests.test_groovy_pixel_upload import _run_script, _square
+from tests.test_groovy_scripts import IMPORT, needs_groovy
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    """A project of one phantom whose two Tumor annotations `pdl1 run` analysed from their export, without QuPath."""
+    tmp = tmp_path_factory.mktemp("exported")
+    slide = tmp / "s51.svs"
+    write_phantom(slide, PhantomSpec(1536, 1536, seed=51, tps_percent=50))
+    qpproj = init_project_files(tmp / "project", [slide])
+    targets = [
+        {**_square("nest A", 100, 100, 500), "cls": "Tumor"},
+        {**_square("nest B", 800, 800, 500), "cls": "Tumor"},
+    ]
+    export = qpproj.parent / "pdl1" / "labels" / "1.geojson"
+    export.parent.mkdir(parents=True)
+    features = [
+        to_feature(QuPathObject(Polygon(t["vertices"]), "annotation", "Tumor", {}, name=t["name"], id=t["id"],
+                                color=(200, 0, 0)))
+        for t in targets
+    ]  # fmt: skip
+    export.write_text(json.dumps(features))
+    config = RunConfig(
+        pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never", target_classes=("Tumor",)
+    )
+    (outcome,) = run_batch([qpproj], config, models=Models(config.pipeline))
+    assert outcome.state == "done", outcome.error
+    png = tmp / "level0.png"
+    Image.fromarray(np.full((64, 64, 3), 240, np.uint8)).save(png)
+    return qpproj, targets, png
+
+
+def _setup(qpproj: Path, png: Path, annotations: list, steps: list) -> dict:
+    return {
+        "server": "OpenslideImageServer", "image": str(png), "level0": str(png), "width": 1536, "height": 1536,
+        "mpp": 0.5, "project": str(qpproj), "entry": "1", "annotations": annotations, "steps": steps, "measured": True,
+    }  # fmt: skip
+
+
+@needs_groovy
+def test_each_targets_results_go_under_the_annotation_of_its_id_and_a_reimport_replaces_them(tmp_path, analysed):
+    qpproj, targets, png = analysed
+    folder = qpproj.parent / "pdl1" / "1"
+    written = {t["name"]: list(read_features(target_objects_path(folder, t["id"]))) for t in targets}
+    steps = [{"script": str(IMPORT)}, {"script": str(IMPORT)}]  # imported twice: the second replaces the first
+    log, seen = _run_script(tmp_path, _setup(qpproj, png, targets, steps))
+    count = sum(len(objects) - 1 for objects in written.values())
+    assert count > 10  # regions and uncertainty tiles
+    assert log.count(f"pdl1: imported {count} objects under 2 of 2 targets for image 1: nest A, nest B") == 2, log
+    for name, objects in written.items():
+        children = seen["children"][name]
+        assert len(children) == len(objects) - 1  # once, not twice
+        assert sorted(c["cls"] or "" for c in children) == sorted(o.classification or "" for o in objects[1:])
+        assert seen["measured"][name] == pytest.approx(objects[0].measurements)  # the target's TPS and flag
+    assert set(seen["children"]) == {"nest A", "nest B"}  # no 'PD-L1 analysis' of the whole image beside them
+
+
+@needs_groovy
+def test_a_target_moved_or_deleted_since_the_export_is_not_imported_and_said_with_the_fix(tmp_path, analysed):
+    qpproj, targets, png = analysed
+    moved = {**targets[1], "vertices": [[x + 40, y] for x, y in targets[1]["vertices"]]}
+    log, seen = _run_script(tmp_path, _setup(qpproj, png, [moved], [{"script": str(IMPORT)}]))
+    assert "pdl1: image 1: not imported: nest A: no annotation or TMA core of ID " in "\n".join(log), log
+    assert (
+        "pdl1: image 1: not imported: nest B: moved or redrawn since it was exported and analysed; export it again "
+        "(pdl1_export_labels.groovy) and run `pdl1 run` on the project again"
+    ) in log
+    assert log[-1] == "pdl1: imported 0 objects under 0 of 2 targets for image 1"
+    assert seen["children"]["nest B"] == []

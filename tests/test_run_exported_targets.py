@@ -1,0 +1,214 @@
+"""`pdl1 run PROJECT` without QuPath: annotation targets and TMA cores read from pdl1_export_labels.groovy's export,
+their results written for pdl1_import_results.groovy by each object's ID."""
+
+import csv
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+from shapely.geometry import Point, box, mapping
+
+from bridge.exported_targets import read_exported_entry, target_objects_path
+from bridge.init_project import init_project_files
+from bridge.project import ProjectError
+from bridge.qupath_geojson import QuPathObject, read_features, to_feature
+from bridge.run import RunConfig, run_batch
+from inference.phantom.pyramid import write_phantom
+from inference.phantom.scene import PhantomSpec
+from inference.pipeline import Models, PipelineConfig
+
+EXPORT_SCRIPT = "qupath_scripts/pdl1_export_labels.groovy"
+
+
+@pytest.fixture(scope="module")
+def models():
+    return Models(PipelineConfig(device="cpu", run_nuclei=False))
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("slides")
+    paths = []
+    for seed, tps in ((41, 60), (42, 10)):
+        path = folder / f"s{seed}.svs"
+        write_phantom(path, PhantomSpec(1536, 1536, seed=seed, tps_percent=tps))
+        paths.append(path)
+    return paths
+
+
+def _config(**kw):
+    return RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never", **kw)
+
+
+def _annotation(geometry, cls=None, name=None, measurements=None) -> dict:
+    obj = QuPathObject(
+        geometry, "annotation", cls, measurements or {}, name=name, id=str(uuid.uuid4()), color=(9, 9, 9)
+    )
+    return to_feature(obj)
+
+
+def _core(geometry, name, missing=False) -> dict:
+    # As QuPath's Gson writes a TMA core (QuPathTypeAdapters.java v0.4.4:300-311, 398-400; v0.7.0:297-308, 390-392).
+    props = {"objectType": "tmaCore", "name": name, "isMissing": missing}
+    return {"type": "Feature", "id": str(uuid.uuid4()), "geometry": mapping(geometry), "properties": props}
+
+
+def _export(project: Path, entry_id: str, features: list[dict]) -> Path:
+    path = project / "pdl1" / "labels" / f"{entry_id}.geojson"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(features), encoding="utf-8")
+    return path
+
+
+def _project(tmp_path, slides) -> Path:
+    project = tmp_path / "project"
+    init_project_files(project, slides)
+    return project
+
+
+def test_annotation_targets_are_read_from_the_export_and_each_ones_results_written_under_its_id(
+    tmp_path, slides, models, caplog
+):
+    project = _project(tmp_path, slides[:1])
+    one, two = box(100, 100, 700, 700), box(800, 800, 1400, 1300)
+    tumour_a, tumour_b = _annotation(one, "Tumor", "nest A"), _annotation(two, "Tumor")
+    own = _annotation(box(120, 120, 200, 200), "PD-L1 positive", measurements={"PD-L1 probability mean": 0.9})
+    other = _annotation(box(0, 0, 50, 50), "Stroma")
+    cell = to_feature(QuPathObject(Point(300, 300), "detection", "Tumor", {}, color=(9, 9, 9)))
+    _export(project, "1", [tumour_a, own, other, tumour_b, cell])
+    with caplog.at_level(logging.INFO):
+        (outcome,) = run_batch([project], _config(target_classes=("Tumor",)), models=models)
+    assert outcome.state == "done", outcome.error
+    folder = project / "pdl1" / "1"
+    summary = json.loads((folder / "summary.json").read_text())
+    rows = summary["targets"]
+    assert [(r["target"], r["target_type"], r["object_id"]) for r in rows] == [
+        ("nest A", "annotation", tumour_a["id"]),
+        ("Tumor", "annotation", tumour_b["id"]),
+    ]
+    stamp = summary["provenance"]["targets_export"]
+    assert stamp["path"] == "pdl1/labels/1.geojson"  # in the project, which may move
+    for feature, outline in ((tumour_a, one), (tumour_b, two)):
+        objects = list(read_features(target_objects_path(folder, feature["id"])))
+        head, children = objects[0], objects[1:]
+        assert head.id == feature["id"] and head.geometry.equals(outline)
+        assert head.classification is None and "PD-L1: Uncertainty flag" in head.measurements
+        assert children, "a target's regions and tiles"
+        # Each target's own, in its outline to a pixel of the segmentation (2 µm/px: 4 px here), not its neighbour's.
+        assert all(outline.buffer(4).covers(c.geometry) for c in children)
+    assert sorted(p.name for p in (folder / "target_objects").iterdir()) == sorted(
+        f"{f['id']}.geojson" for f in (tumour_a, tumour_b)
+    )
+    table = list(csv.DictReader((project / "pdl1" / "targets.csv").open(encoding="utf-8")))
+    assert [r["target"] for r in table] == ["nest A", "Tumor"]
+    assert "s41.svs: analysing annotation nest A" in caplog.text
+
+    # --resume keeps it while its export is the same, and analyses it again once the export changed.
+    (again,) = run_batch([project], _config(target_classes=("Tumor",), resume=True), models=models)
+    assert again.state == "skipped"
+    _export(project, "1", [tumour_b])
+    (fresh,) = run_batch([project], _config(target_classes=("Tumor",), resume=True), models=models)
+    assert fresh.state == "done"
+    # The target no longer exported is no longer there for the import to put back.
+    assert [p.name for p in (folder / "target_objects").iterdir()] == [f"{tumour_b['id']}.geojson"]
+
+
+def test_asked_for_targets_without_an_export_fail_that_image_with_the_script_to_run(tmp_path, slides, models):
+    project = _project(tmp_path, slides)
+    _export(project, "2", [_annotation(box(100, 100, 600, 600), "Tumor")])
+    outcomes = run_batch([project], _config(target_classes=("Tumor",)), models=models)
+    assert [o.state for o in outcomes] == ["failed", "done"]
+    assert outcomes[0].error == (
+        "s41.svs: its annotations of class ['Tumor'] or name [] are in QuPath's data, which only QuPath reads, and "
+        f"QuPath is not here; they are read from the export of its objects, {project / 'pdl1' / 'labels' / '1.geojson'}"
+        f", which is not there: run {EXPORT_SCRIPT} on s41.svs in QuPath (or Run for project), then run again; or "
+        "install QuPath 0.4.4 to 0.6 here (paquo finds it through PAQUO_QUPATH_DIR), which reads the annotations "
+        "itself"
+    )
+
+
+def test_an_exported_tma_grid_is_analysed_core_by_core_without_asking_and_a_missing_core_is_left_alone(
+    tmp_path, slides, models
+):
+    project = _project(tmp_path, slides[:1])
+    cores = [_core(Point(400, 400).buffer(300), "A-1"), _core(Point(1100, 400).buffer(300), "A-2", missing=True),
+             _core(Point(400, 1100).buffer(300), "B-1")]  # fmt: skip
+    _export(project, "1", [_annotation(box(0, 0, 40, 40), "Stroma"), *cores])
+    (outcome,) = run_batch([project], _config(), models=models)
+    assert outcome.state == "done", outcome.error
+    summary = json.loads((project / "pdl1" / "1" / "summary.json").read_text())
+    assert [(r["target"], r["target_type"], r["state"]) for r in summary["targets"]] == [
+        ("A-1", "TMA core", "analysed"),
+        ("A-2", "TMA core", "missing"),
+        ("B-1", "TMA core", "analysed"),
+    ]
+    written = sorted(p.stem for p in (project / "pdl1" / "1" / "target_objects").iterdir())
+    assert written == sorted([cores[0]["id"], cores[2]["id"]])
+
+
+def test_an_export_without_targets_or_a_grid_leaves_the_whole_image_analysed_as_before(tmp_path, slides, models):
+    project = _project(tmp_path, slides[:1])
+    _export(project, "1", [_annotation(box(100, 100, 600, 600), "Training region")])
+    (outcome,) = run_batch([project], _config(), models=models)
+    assert outcome.state == "done", outcome.error
+    folder = project / "pdl1" / "1"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert [r["target_type"] for r in summary["targets"]] == ["whole image"]
+    assert "targets_export" not in summary["provenance"] and not (folder / "target_objects").exists()
+    assert next(iter(read_features(folder / "objects.geojson"))).classification == "PD-L1 analysis"
+
+
+def test_an_export_older_than_qupaths_last_save_of_other_annotations_is_refused(tmp_path, slides, models):
+    project = _project(tmp_path, slides[:1])
+    exported = _export(project, "1", [_annotation(box(100, 100, 600, 600), "Tumor")])
+    data = project / "data" / "1"
+    data.mkdir(parents=True, exist_ok=True)
+    counts = {"hierarchy": {"annotationClassificationCounts": {"Tumor": 2}}}  # one drawn after the export
+    (data / "summary.json").write_text(json.dumps(counts))
+    os.utime(exported, (1_000_000_000, 1_000_000_000))
+    (outcome,) = run_batch([project], _config(target_classes=("Tumor",)), models=models)
+    assert outcome.state == "failed"
+    assert "(Tumor: 2 saved, 1 exported: annotations drawn, or results added, since the export)" in outcome.error
+    assert f"run {EXPORT_SCRIPT} on s41.svs in QuPath" in outcome.error
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [('[{"type": "Feature"', "does not read"), ('{"entry_id": "1"}', "not GeoJSON objects")],
+    ids=["cut short", "another file"],
+)
+def test_an_export_that_does_not_read_is_named_with_the_fix(tmp_path, text, why):
+    project = tmp_path / "project"
+    path = project / "pdl1" / "labels" / "1.geojson"
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with pytest.raises(ProjectError) as err:
+        read_exported_entry(project, "1", "s.svs")
+    assert why in str(err.value) and "pdl1_export_labels.groovy on s.svs" in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_targets_of_a_plain_slide_still_need_a_project(tmp_path, slides, models):
+    with pytest.raises(ProjectError, match="need a QuPath project"):
+        run_batch([slides[0]], _config(out=tmp_path, target_classes=("Tumor",)), models=models)
+
+
+def test_without_qupath_a_run_asking_for_targets_goes_on_and_says_where_they_are_read_from(
+    tmp_path, slides, models, monkeypatch, caplog
+):
+    # It refused the whole run: QuPath 0.7 users, whom paquo cannot reach, had no batch run of their annotations.
+    from bridge import qupath
+
+    monkeypatch.setattr(qupath, "qupath_available", lambda: (False, "no valid qupath installation found"))
+    project = _project(tmp_path, slides[:1])
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="auto", target_classes=("T",))
+    (outcome,) = run_batch([project], config, models=models)
+    assert outcome.state == "failed" and f"run {EXPORT_SCRIPT} on s41.svs in QuPath" in outcome.error
+    assert (
+        "QuPath not found: writing GeoJSON sidecars under pdl1/ for "
+        "qupath_scripts/pdl1_import_results.groovy; each image's annotation targets and TMA cores are read from its "
+        f"export by {EXPORT_SCRIPT} (pdl1/labels/<entry ID>.geojson), and an image without one is analysed whole"
+    ) in caplog.text

@@ -240,6 +240,7 @@ _REGISTRY: dict[str, str] = {
     "nuclei_inference": "benchmarks.nuclei_inference:NucleiInference",
     "ihc_nuclei": "benchmarks.ihc_nuclei:IhcNuclei",
     "write_nuclei": "benchmarks.write_nuclei:WriteNuclei",
+    "export_targets": "benchmarks.export_targets:ExportTargets",
     "service_roi": "benchmarks.service_roi:ServiceRoi",
     "result_pages": "benchmarks.result_pages:ResultPages",
     "service_loop": "benchmarks.service_loop:ServiceLoop",

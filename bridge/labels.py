@@ -1388,29 +1388,34 @@ def refuse_stale_export(
     *,
     drawn: str = "labels",
     error: type[Pdl1Error] = LabelError,
+    exported_counts: Mapping[str, int] | None = None,
 ) -> None:
     """Refuse an export written before the entry's last save in QuPath where its annotations differ since: labelling
     on after the export (export, label more, save, train) trained on the old labels without a word. QuPath's own
     count of the entry's annotations by class (``summary.json``, written with each save) tells; a save that changed
     no class's count (an outline moved) it does not. An export newer than the save is of what QuPath shows (labels
-    not saved yet), and stands. ``drawn``: what the export is read for (``labels``; ``target annotations`` for
-    ``pdl1 run``), raised as ``error``."""
+    not saved yet), and stands. ``drawn``: what the export is read for (``labels``; ``annotations`` for
+    ``pdl1 run``'s targets), raised as ``error``. ``exported_counts``: the export's annotations by class where the
+    caller has read them (else the file is read here)."""
     saved = annotation_class_counts(entry_folder)
     summary = entry_folder / "summary.json"
     try:
         if saved is None or summary.stat().st_mtime <= exported.stat().st_mtime:
             return
-        raw = json.loads(exported.read_text(encoding="utf-8"))  # counted as JSON: no geometry built
+        raw = None if exported_counts is not None else json.loads(exported.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # unreadable: read_geojson_labels says so, with its fix
         return
-    features = raw.get("features") if isinstance(raw, dict) else raw
-    in_export = Counter(
-        class_name(f["properties"].get("classification")) or "Unclassified"
-        for f in (features if isinstance(features, list) else [])
-        if isinstance(f, dict)
-        and isinstance(f.get("properties"), dict)
-        and f["properties"].get("objectType") == "annotation"
-    )
+    if exported_counts is not None:
+        in_export = Counter(exported_counts)
+    else:  # counted as JSON: no geometry built
+        features = raw.get("features") if isinstance(raw, dict) else raw
+        in_export = Counter(
+            class_name(f["properties"].get("classification")) or "Unclassified"
+            for f in (features if isinstance(features, list) else [])
+            if isinstance(f, dict)
+            and isinstance(f.get("properties"), dict)
+            and f["properties"].get("objectType") == "annotation"
+        )
     differ = sorted(c for c in {*saved, *in_export} if saved.get(c, 0) != in_export.get(c, 0))
     if differ:
         said = ", ".join(f"{c}: {saved.get(c, 0)} saved, {in_export.get(c, 0)} exported" for c in differ)

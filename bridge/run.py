@@ -1016,7 +1016,12 @@ def write_exported(
     the rows of ``targets.csv`` in the grid's order (the TMA cores marked missing among them), each analysed one with
     its object's ID, and each target's objects in a file of their own for the import (:func:`write_image_files`)."""
     targets = found.choice.targets
-    placed = [(t.position, missing_row(job.name, job.key, t.label, outline=t.obj.roi)) for t in found.choice.missing]
+    # Every row with its object's ID, the missing cores' too: pdl1_import_results.groovy tells by it that the targets
+    # came from an export (it would take a row without one for a target written into the image through QuPath).
+    placed = [
+        (t.position, replace(missing_row(job.name, job.key, t.label, outline=t.obj.roi), object_id=t.obj.object_id))
+        for t in found.choice.missing
+    ]
     for target, result in zip(targets, results, strict=True):
         row = analysed_row(job.name, job.key, target.label, target.target_type, result, outline=target.obj.roi)
         placed.append((target.position, replace(row, object_id=target.obj.object_id)))

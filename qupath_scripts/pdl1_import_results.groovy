@@ -347,6 +347,22 @@ def moveRecords = { java.nio.file.Path from, java.nio.file.Path to, List names -
     }
     return [moved: moved, failed: failed]
 }
+// An earlier run's whole-image analysis (the "PD-L1 analysis" annotations in analyses) and this tool's objects under
+// it, removed when the cores of the image's TMA grid are analysed, as bridge's remove_whole_image_analysis: an
+// analysed annotation's results are its own, so the cores' analysis left it, and every nucleus in a core was there
+// twice, under the core and under "PD-L1 analysis", which kept its one TPS over all cores. Not what lies under
+// another analysed annotation inside it; your annotations and QuPath's detections under it go where it was
+// (rehomeOthers). Returns how many objects went.
+def removeWholeImageAnalysis = { List analyses, Closure own, hierarchy ->
+    def removed = 0
+    analyses.each { top ->
+        def going = [top] + ownUnder(top, own)
+        rehomeOthers(going, top.getParent())  // its parent stays: no area test
+        hierarchy.removeObjects(going, true)
+        removed += going.size()
+    }
+    return removed
+}
 // Whether an annotation's or core's ROI has the outline a run analysed (the ROI of its stand-in, the first object of
 // its results): the bounds within a pixel (ROI.getBoundsX/Y/Width/Height, 0.4.4 to 0.7). Moved or redrawn since the
 // export, the results would lie beside it, or cut off by its new edge.
@@ -418,6 +434,36 @@ if (!inQuPath.isEmpty()) {
     return
 }
 
+// Sets aside the records of pdl1_analyze.groovy's analyses of these parents whose output this import replaced (named
+// by the parent's ID): kept, pdl1 report and review-queue counted that analysis, newer than these results, in place of
+// what the image now holds. Set aside (qupath_analyses/removed/, as pdl1_analyze.groovy sets aside its stale records:
+// moveRecords, one that was there replaced), not deleted: close QuPath without saving and the parent holds that
+// analysis's output again, and a deleted record was gone for good (`pdl1 train --from-review` then counted its nuclei
+// as written by no recorded analysis). pdl1_analyze.groovy's next run on the image moves it back where that output is
+// under the parent (its recordOutputIn), and training takes it meanwhile where the labels exported hold the parent
+// (and tells by what lies under it which output is there).
+def setAsideRecordsOf = { List parents ->
+    def records = new File(folder, RECORDS_FOLDER).toPath()
+    def names = parents.collect { "${it.getID()}.json".toString() }.findAll {
+        java.nio.file.Files.isRegularFile(records.resolve(it))
+    }
+    if (names.isEmpty())
+        return
+    def aside = records.resolve(REMOVED_FOLDER)
+    def setAside = moveRecords(records, aside, names)
+    setAside.failed.each { name, why ->
+        println "pdl1: could not set aside ${records.resolve(name)}, the record of the pdl1_analyze.groovy analysis " +
+                "these results replaced, into ${aside} (${why}); move it there by hand, or pdl1 report and " +
+                "review-queue count that analysis in place of these results"
+    }
+    setAside.moved.each { name ->
+        println "pdl1: set aside ${records.resolve(name)}, the record of the pdl1_analyze.groovy analysis these " +
+                "results replaced, into ${aside}: pdl1 report and review-queue no longer read it. Close QuPath " +
+                "without saving and that analysis's objects are back: pdl1_analyze.groovy's next run on the image " +
+                "moves the record back"
+    }
+}
+
 // The entry metadata of the run's summary.json (none without one).
 def importMetadata = { ->
     def metadata = summary?.get("metadata")
@@ -459,6 +505,7 @@ if (!fromExport.isEmpty()) {
     hierarchy.getAnnotationObjects().each { byId[it.getID().toString()] = it }
     hierarchy.getTMAGrid()?.getTMACoreList()?.each { byId[it.getID().toString()] = it }
     def done = []
+    def placed = []  // the annotations and cores whose results were put in
     def notDone = []
     def count = 0
     fromExport.each { row ->
@@ -490,15 +537,24 @@ if (!fromExport.isEmpty()) {
         target.addChildObjects(objects.subList(1, objects.size()))
         count += objects.size() - 1
         done << row.target
+        placed << target
     }
     fireHierarchyUpdate()
+    setAsideRecordsOf(placed)
     notDone.each { println "pdl1: ${entry.getImageName()}: not imported: ${it}" }
-    def whole = hierarchy.getAnnotationObjects().find {
-        it.getPathClass() != null && it.getPathClass().toString() == ANALYSIS_CLASS && it.getName() == ANALYSIS_CLASS
+    if (placed.any { it.isTMACore() }) {  // as pdl1 run through QuPath and pdl1_analyze.groovy do for the cores
+        def analyses = hierarchy.getAnnotationObjects().findAll {
+            it.getPathClass() != null && it.getPathClass().toString() == ANALYSIS_CLASS &&
+                    it.getName() == ANALYSIS_CLASS
+        }
+        def gone = removeWholeImageAnalysis(analyses, isOwn, hierarchy)
+        if (gone > 0) {
+            fireHierarchyUpdate()
+            setAsideRecordsOf(analyses)
+            println "pdl1: removed the earlier whole-image analysis ('${ANALYSIS_CLASS}' and what this tool put under " +
+                    "it: ${gone} objects), which scored all TMA cores as one; each core's analysis replaces it"
+        }
     }
-    if (whole != null && fromExport.any { it.target_type == "TMA core" })
-        println "pdl1: ${entry.getImageName()}: an earlier analysis of the whole image ('${ANALYSIS_CLASS}') is still " +
-                "in it, its TPS over all cores as one; delete that annotation and what lies under it"
     importMetadata()
     println "pdl1: imported ${count} objects under ${done.size()} of ${fromExport.size()} targets for " +
             "${entry.getImageName()}${done.isEmpty() ? '' : ': ' + done.join(', ')}"
@@ -537,30 +593,10 @@ if (parent == null) {
 }
 parent.addChildObjects(children)
 fireHierarchyUpdate()
-// Where pdl1_analyze.groovy had analysed the whole image under this annotation, its record (named by the
-// annotation's ID) describes the output just replaced: kept, pdl1 report and review-queue counted that analysis,
-// newer than these results, in place of what the image now holds. Set aside (qupath_analyses/removed/, as
-// pdl1_analyze.groovy sets aside its stale records: moveRecords, one that was there replaced), not deleted: close
-// QuPath without saving and the annotation holds that analysis's output again, and a deleted record was gone for good
-// (`pdl1 train --from-review` then counted its nuclei as written by no recorded analysis). pdl1_analyze.groovy's next
-// run on the image moves it back where that output is under the annotation (its recordOutputIn), and training takes
-// it meanwhile where the labels exported hold the annotation (and tells by what lies under it which output is there).
-def records = new File(folder, RECORDS_FOLDER).toPath()
-def recordName = "${parent.getID()}.json".toString()
-if (replaced && java.nio.file.Files.isRegularFile(records.resolve(recordName))) {
-    def aside = records.resolve(REMOVED_FOLDER)
-    def setAside = moveRecords(records, aside, [recordName])
-    setAside.failed.each { name, why ->
-        println "pdl1: could not set aside ${records.resolve(name)}, the record of the pdl1_analyze.groovy analysis " +
-                "these results replaced, into ${aside} (${why}); move it there by hand, or pdl1 report and " +
-                "review-queue count that analysis in place of these results"
-    }
-    if (!setAside.moved.isEmpty())
-        println "pdl1: set aside ${records.resolve(recordName)}, the record of the pdl1_analyze.groovy analysis these " +
-                "results replaced, into ${aside}: pdl1 report and review-queue no longer read it. Close QuPath " +
-                "without saving and that analysis's objects are back: pdl1_analyze.groovy's next run on the image " +
-                "moves the record back"
-}
+// Where pdl1_analyze.groovy had analysed the whole image under this annotation, its record describes the output
+// just replaced (setAsideRecordsOf).
+if (replaced)
+    setAsideRecordsOf([parent])
 def tmaNote = tmaGridNote(hierarchy.getTMAGrid(), entry.getImageName())
 if (tmaNote != null)
     println tmaNote

@@ -429,3 +429,16 @@ def test_membrane_gate_turns_positive_calls_under_the_limit_into_their_negative_
     assert out == ["Tumor: Negative", "Tumor: Positive", "Immune cells: PD-L1 negative", "Tumor: Negative", "Other"]
     assert [names[c] for c in gated(nuclei, 0.0).cls] == [names[c] for c in order]  # no limit: the calls as they were
     assert nuclei.cls.tolist() == order  # the input is left as it was
+
+
+def test_the_export_benchmark_writes_the_scripts_layout_whose_targets_the_reader_finds(tmp_path):
+    from benchmarks.export_targets import write_export
+    from bridge.exported_targets import read_exported_entry
+
+    path = tmp_path / "pdl1" / "labels" / "1.geojson"
+    path.parent.mkdir(parents=True)
+    write_export(path, 25)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "[" and lines[-1] == "]" and len(lines) == 2 + 6 + 25  # one object a line, as the script
+    entry = read_exported_entry(tmp_path, "1", "bench.svs")
+    assert (len(entry.annotations), len(entry.cores)) == (2, 4)

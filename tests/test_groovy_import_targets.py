@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from shapely.geometry import Polygon
+from shapely.geometry import Polygon, mapping
 
 from bridge.exported_targets import target_objects_path
 from bridge.init_project import init_project_files
@@ -61,8 +61,16 @@ def test_each_targets_results_go_under_the_annotation_of_its_id_and_a_reimport_r
     qpproj, targets, png = analysed
     folder = qpproj.parent / "pdl1" / "1"
     written = {t["name"]: list(read_features(target_objects_path(folder, t["id"]))) for t in targets}
+    # nest A was analysed in QuPath too (pdl1_analyze.groovy's record of it): the import replaces that output, so its
+    # record is set aside, as the whole-image import sets aside the record of the analysis it replaces.
+    records = folder / "qupath_analyses"
+    records.mkdir(exist_ok=True)
+    record = f"{targets[0]['id']}.json"
+    (records / record).write_text("{}")
     steps = [{"script": str(IMPORT)}, {"script": str(IMPORT)}]  # imported twice: the second replaces the first
     log, seen = _run_script(tmp_path, _setup(qpproj, png, targets, steps))
+    assert seen["records"] == [[], []] and seen["aside"] == [[record], [record]]
+    assert log[0].startswith(f"pdl1: set aside {records / record}, the record of the pdl1_analyze.groovy analysis"), log
     count = sum(len(objects) - 1 for objects in written.values())
     assert count > 10  # regions and uncertainty tiles
     assert log.count(f"pdl1: imported {count} objects under 2 of 2 targets for image 1: nest A, nest B") == 2, log
@@ -86,3 +94,41 @@ def test_a_target_moved_or_deleted_since_the_export_is_not_imported_and_said_wit
     ) in log
     assert log[-1] == "pdl1: imported 0 objects under 0 of 2 targets for image 1"
     assert seen["children"]["nest B"] == []
+
+
+@needs_groovy
+def test_the_cores_results_go_under_each_core_and_replace_an_earlier_whole_image_analysis(tmp_path):
+    # As `pdl1 run` through QuPath and pdl1_analyze.groovy do: left, the whole image's TPS over all cores stayed on
+    # its 'PD-L1 analysis' and every nucleus in a core was there twice.
+    slide = tmp_path / "t52.svs"
+    write_phantom(slide, PhantomSpec(1536, 1536, seed=52, tps_percent=50))
+    qpproj = init_project_files(tmp_path / "project", [slide])
+    cores = [_square(name, x, y, 600) for name, x, y in (("A-1", 100, 100), ("A-2", 800, 100), ("B-1", 100, 800))]
+    export = qpproj.parent / "pdl1" / "labels" / "1.geojson"
+    export.parent.mkdir(parents=True)
+    features = [
+        {"type": "Feature", "id": c["id"], "geometry": mapping(Polygon(c["vertices"])),
+         "properties": {"objectType": "tmaCore", "name": c["name"], "isMissing": c["name"] == "A-2"}}
+        for c in cores
+    ]  # fmt: skip
+    export.write_text(json.dumps(features))
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never")
+    (outcome,) = run_batch([qpproj], config, models=Models(config.pipeline))
+    assert outcome.state == "done", outcome.error
+    whole = {**_square("PD-L1 analysis", 0, 0, 1536), "cls": "PD-L1 analysis",
+             "measurements": {"PD-L1: Uncertainty flag": 0.0, "PD-L1: Predicted TPS % (H&E)": 50.0}}  # fmt: skip
+    records = qpproj.parent / "pdl1" / "1" / "qupath_analyses"
+    records.mkdir()
+    (records / f"{whole['id']}.json").write_text("{}")  # pdl1_analyze.groovy had analysed the whole image
+    png = tmp_path / "level0.png"
+    Image.fromarray(np.full((64, 64, 3), 240, np.uint8)).save(png)
+    steps = [{"cores": cores, "script": str(IMPORT)}]
+    log, seen = _run_script(tmp_path, _setup(qpproj, png, [whole], steps))
+    assert (
+        "pdl1: removed the earlier whole-image analysis ('PD-L1 analysis' and what this tool put under it: 1 "
+        "objects), which scored all TMA cores as one; each core's analysis replaces it" in log
+    ), log
+    assert "PD-L1 analysis" not in seen["children"] and seen["aside"] == [[f"{whole['id']}.json"]]
+    assert log[-1].startswith("pdl1: imported ") and log[-1].endswith(" under 2 of 2 targets for image 1: A-1, B-1")
+    assert seen["children"]["A-1"] and seen["children"]["B-1"] and seen["children"]["A-2"] == []
+    assert "PD-L1: Uncertainty flag" in seen["measured"]["A-1"] and seen["measured"]["A-2"] == {}

@@ -657,5 +657,5 @@ def test_targets_exported_from_a_real_qupath_are_analysed_without_it_under_qupat
     summary = json.loads((project_dir / "pdl1" / entry_id / "summary.json").read_text())
     assert [(r["target"], r["state"], r["object_id"]) for r in summary["targets"]] == [
         ("A-1", "analysed", ids["A-1"]),
-        ("A-2", "missing", None),
+        ("A-2", "missing", ids["A-2"]),
     ]

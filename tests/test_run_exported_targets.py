@@ -140,10 +140,10 @@ def test_an_exported_tma_grid_is_analysed_core_by_core_without_asking_and_a_miss
     (outcome,) = run_batch([project], _config(), models=models)
     assert outcome.state == "done", outcome.error
     summary = json.loads((project / "pdl1" / "1" / "summary.json").read_text())
-    assert [(r["target"], r["target_type"], r["state"]) for r in summary["targets"]] == [
-        ("A-1", "TMA core", "analysed"),
-        ("A-2", "TMA core", "missing"),
-        ("B-1", "TMA core", "analysed"),
+    assert [(r["target"], r["target_type"], r["state"], r["object_id"]) for r in summary["targets"]] == [
+        ("A-1", "TMA core", "analysed", cores[0]["id"]),
+        ("A-2", "TMA core", "missing", cores[1]["id"]),  # from the export too, though not analysed
+        ("B-1", "TMA core", "analysed", cores[2]["id"]),
     ]
     written = sorted(p.stem for p in (project / "pdl1" / "1" / "target_objects").iterdir())
     assert written == sorted([cores[0]["id"], cores[2]["id"]])
@@ -212,3 +212,37 @@ def test_without_qupath_a_run_asking_for_targets_goes_on_and_says_where_they_are
         "qupath_scripts/pdl1_import_results.groovy; each image's annotation targets and TMA cores are read from its "
         f"export by {EXPORT_SCRIPT} (pdl1/labels/<entry ID>.geojson), and an image without one is analysed whole"
     ) in caplog.text
+
+
+def test_an_export_in_the_scripts_layout_is_read_without_parsing_its_cells_and_any_other_layout_whole(
+    tmp_path, monkeypatch
+):
+    # pdl1_export_labels.groovy writes "[", one object a line (QuPath's compact Gson), "]": a slide with QuPath's cell
+    # detection has a million cells, which the targets do not need.
+    from bridge import exported_targets
+
+    named = _annotation(box(0, 0, 90, 90), "Tumor", name='"objectType":"detection"')  # escaped inside the name
+    cells = [to_feature(QuPathObject(Point(i, i), "detection", "Tumor", {}, color=(9, 9, 9))) for i in range(3)]
+    core = _core(Point(50, 50).buffer(40), "A-1")
+    features = [named, *cells, core]
+    compact = [json.dumps(f, separators=(",", ":"), ensure_ascii=False) for f in features]
+    layouts = {
+        "script": "[\n" + ",\n".join(compact) + "\n]\n",
+        "one line": json.dumps(features),
+        "pretty": json.dumps(features, indent=2),
+    }
+    real = exported_targets.from_feature
+    parsed = []  # the objectType of each feature the fast path parsed
+    monkeypatch.setattr(
+        exported_targets, "from_feature", lambda f: parsed.append(f["properties"]["objectType"]) or real(f)
+    )
+    for layout, text in layouts.items():
+        path = tmp_path / layout / "pdl1" / "labels" / "1.geojson"
+        path.parent.mkdir(parents=True)
+        path.write_text(text, encoding="utf-8")
+        parsed.clear()
+        entry = read_exported_entry(tmp_path / layout, "1", "s.svs")
+        assert [a.object_id for a in entry.annotations] == [named["id"]], layout
+        assert [c.object_id for c in entry.cores] == [core["id"]], layout
+        # The script's layout: no cell parsed; another is read whole (read_features, which parses its own way).
+        assert parsed == (["annotation", "tmaCore"] if layout == "script" else []), layout

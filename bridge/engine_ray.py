@@ -205,7 +205,7 @@ def run_batch_ray(
         try:
             for job in jobs:
                 if config.resume and resume_skips(
-                    job, status, project, written_by_qupath=use_qupath, stain_given=config.stain
+                    job, status, project, written_by_qupath=use_qupath, stain_given=config.stain, config=config
                 ):
                     outcomes[job.key] = skipped_outcome(job, project, status_folder)
                     continue

@@ -118,8 +118,9 @@ class RunConfig:
 
     ``qupath``: ``auto`` writes into the project through paquo when QuPath is installed and
     sidecars otherwise; ``never`` always writes sidecars; ``always`` fails without QuPath.
-    ``target_classes``/``target_names`` choose annotations to analyse (QuPath needed); with
-    none, each image's tissue is analysed under a ``PD-L1 analysis`` annotation. ``settings``: the
+    ``target_classes``/``target_names`` choose annotations to analyse (read through QuPath, or from each image's
+    export by ``pdl1_export_labels.groovy``); with none, each TMA core of an image with a grid, else each image's
+    tissue under a ``PD-L1 analysis`` annotation. ``settings``: the
     project config with the command line over it, which each summary records (None: not recorded).
     ``stain``: the stain of every image ("H&E", "H-DAB"), over what QuPath's image types say (None:
     theirs, and the image's colour where the project states none). ``compare_pairs``: after the run, pair
@@ -601,7 +602,8 @@ def write_result_files(
             regions.unlink(missing_ok=True)
         path = target_objects_path(geojson.parent, "x").parent
         kept = {target_objects_path(geojson.parent, str(o.id)).name for o, _ in target_objects}
-        for old in path.glob("*.geojson") if path.is_dir() else ():
+        # A project entry's own folder only (plain slides share --out, and have no exported targets).
+        for old in path.glob("*.geojson") if summary.get("entry_id") is not None and path.is_dir() else ():
             if old.name not in kept:  # an earlier run's target, not analysed now: the import must not put it back
                 old.unlink(missing_ok=True)
     except OSError as err:
@@ -942,7 +944,7 @@ def _run_jobs(jobs, config, models, project, status, qp_session, on_image, on_ti
 def _run_job(i, total, job, config, models, project, status, qp_session, on_image, on_tiles) -> ImageOutcome:
     """The ``i``-th image of :func:`_run_jobs`' ``total``: skipped by ``--resume``, analysed, or failed."""
     if config.resume and resume_skips(
-        job, status, project, written_by_qupath=qp_session is not None, stain_given=config.stain
+        job, status, project, written_by_qupath=qp_session is not None, stain_given=config.stain, config=config
     ):
         return skipped_outcome(job, project, status.folder)
     if on_image is not None:  # after the skip: a run with nothing left to do draws no empty bar
@@ -1136,14 +1138,21 @@ def analysis_settings(config: RunConfig) -> dict[str, Any]:
 
 
 def resume_skips(
-    job: _Job, status: RunStatus, project: Path | None, *, written_by_qupath: bool, stain_given: str | None = None
+    job: _Job,
+    status: RunStatus,
+    project: Path | None,
+    *,
+    written_by_qupath: bool,
+    stain_given: str | None = None,
+    config: RunConfig | None = None,
 ) -> bool:
     """Whether ``--resume`` may skip this image: recorded done, and what the run wrote is there and reads (its
     GeoJSON known whole by the size the run recorded, else parsed).
 
     ``status.json`` says an image was done; a kill or a full disk afterwards can still have damaged what
     it wrote, so that is checked here, and an image whose results are not whole is analysed again with a
-    warning that says why.
+    warning that says why. ``config`` (the run's): an image analysed whole whose objects were exported since with
+    targets for it (asked-for annotations, a TMA grid) is analysed again.
     """
     if not status.is_done(job.key):
         return False
@@ -1161,7 +1170,9 @@ def resume_skips(
             said,
         )
         return False
-    why = _results_problem(job, status, project, written_by_qupath=written_by_qupath, stain_given=stain_given)
+    why = _results_problem(
+        job, status, project, written_by_qupath=written_by_qupath, stain_given=stain_given, config=config
+    )
     if why is None:
         return True
     log.warning("%s: recorded as done by an earlier run, but %s; analysing it again", job.name, why)
@@ -1250,7 +1261,13 @@ def skipped_outcome(job: _Job, project: Path | None, status_folder: Path) -> Ima
 
 
 def _results_problem(
-    job: _Job, status: RunStatus, project: Path | None, *, written_by_qupath: bool, stain_given: str | None = None
+    job: _Job,
+    status: RunStatus,
+    project: Path | None,
+    *,
+    written_by_qupath: bool,
+    stain_given: str | None = None,
+    config: RunConfig | None = None,
 ) -> str | None:
     geojson, summary = output_paths(job.key, project, status.folder)
     recorded = status.images[job.key].get("geojson_bytes")
@@ -1280,6 +1297,14 @@ def _results_problem(
         if regions.state in (UNREADABLE, OF_ANOTHER_RUN):
             return regions.why
     export = (data.get("provenance") or {}).get(TARGETS_EXPORT) if isinstance(data, dict) else None
+    if export is None and project is not None and not written_by_qupath and config is not None:
+        # Analysed whole, and its objects exported since: the export may name targets (asked-for annotations, cores).
+        try:
+            found = exported_targets_of(job, config, project.parent)
+        except Pdl1Error as err:  # the run says so, with the fix
+            return f"its export does not serve ({err})"
+        if found is not None and found.choice.targets:
+            return f"its objects were exported since, with {len(found.choice.targets)} targets to analyse"
     if export is not None and project is not None:
         if not stamp_matches(export, project.parent, job.key):
             return "the export its targets were read from has changed or gone since (exported again)"

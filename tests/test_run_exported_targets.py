@@ -149,7 +149,9 @@ def test_an_exported_tma_grid_is_analysed_core_by_core_without_asking_and_a_miss
     assert written == sorted([cores[0]["id"], cores[2]["id"]])
 
 
-def test_an_export_without_targets_or_a_grid_leaves_the_whole_image_analysed_as_before(tmp_path, slides, models):
+def test_an_export_without_targets_or_a_grid_leaves_the_whole_image_analysed_as_before(
+    tmp_path, slides, models, caplog
+):
     project = _project(tmp_path, slides[:1])
     _export(project, "1", [_annotation(box(100, 100, 600, 600), "Training region")])
     (outcome,) = run_batch([project], _config(), models=models)
@@ -159,6 +161,16 @@ def test_an_export_without_targets_or_a_grid_leaves_the_whole_image_analysed_as_
     assert [r["target_type"] for r in summary["targets"]] == ["whole image"]
     assert "targets_export" not in summary["provenance"] and not (folder / "target_objects").exists()
     assert next(iter(read_features(folder / "objects.geojson"))).classification == "PD-L1 analysis"
+    # --resume keeps it; once its objects are exported with a TMA grid, it analyses the cores.
+    (kept,) = run_batch([project], _config(resume=True), models=models)
+    assert kept.state == "skipped"
+    _export(project, "1", [_core(Point(400, 400).buffer(300), "A-1")])
+    with caplog.at_level(logging.WARNING):
+        (cored,) = run_batch([project], _config(resume=True), models=models)
+    assert cored.state == "done"
+    assert "its objects were exported since, with 1 targets to analyse; analysing it again" in caplog.text
+    summary = json.loads((folder / "summary.json").read_text())
+    assert [r["target"] for r in summary["targets"]] == ["A-1"]
 
 
 def test_an_export_older_than_qupaths_last_save_of_other_annotations_is_refused(tmp_path, slides, models):

@@ -258,3 +258,33 @@ def test_an_export_in_the_scripts_layout_is_read_without_parsing_its_cells_and_a
         assert [c.object_id for c in entry.cores] == [core["id"]], layout
         # The script's layout: no cell parsed; another is read whole (read_features, which parses its own way).
         assert parsed == (["annotation", "tmaCore"] if layout == "script" else []), layout
+
+
+def test_the_training_regions_of_a_project_a_real_qupath_wrote_are_analysed_from_its_own_export(
+    tmp_path, fixtures_dir, models
+):
+    # The labelled fixture: QuPath 0.4.4's project and its own GeoJSON of entry 1's objects (a FeatureCollection,
+    # pretty-printed: read whole), saved after the export as QuPath saves after a headless script. Its annotation
+    # counts by class are what QuPath's summary.json says, so the export is not out of date; the tool's own FN
+    # candidate is no target, the pathologist's Training regions are.
+    import shutil
+
+    fixture = fixtures_dir / "qupath-0.4.4-labels"
+    shutil.copytree(fixture / "project", tmp_path / "project")
+    shutil.copy(fixture / "he-1357.svs", tmp_path / "he-1357.svs")
+    project = tmp_path / "project"
+    export = project / "pdl1" / "labels" / "1.geojson"
+    export.parent.mkdir(parents=True)
+    shutil.copy(fixture / "objects-labelled-by-pathologist-0.4.4.geojson", export)
+    os.utime(export, (1_000_000_000, 1_000_000_000))  # older than QuPath's save of the entry
+    regions = [
+        f for f in json.loads(export.read_text())["features"] if f["properties"].get("name", "").startswith("Training")
+    ]
+    outcomes = run_batch([project], _config(target_classes=("Training region",)), models=models)
+    assert outcomes[0].state == "done", outcomes[0].error
+    summary = json.loads((project / "pdl1" / "1" / "summary.json").read_text())
+    assert [(r["target"], r["object_id"]) for r in summary["targets"]] == [
+        (f["properties"]["name"], f["id"]) for f in regions
+    ]
+    # Entry 2 (the same file typed H-DAB) has no export: named with the script to run, not analysed whole.
+    assert outcomes[1].state == "failed" and EXPORT_SCRIPT in outcomes[1].error

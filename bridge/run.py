@@ -1055,7 +1055,8 @@ def exported_targets_of(job: _Job, config: RunConfig, project_folder: Path) -> E
         if config.target_classes or config.target_names:
             raise ProjectError(
                 f"{job.name}: its annotations of class {list(config.target_classes)} or name "
-                f"{list(config.target_names)} are in QuPath's data, which only QuPath reads, and QuPath is not here; "
+                f"{list(config.target_names)} are in QuPath's data, which only QuPath reads, and this run does not go "
+                "through QuPath (none here, or --qupath never); "
                 f"they are read from the export of its objects, {exported_targets.export_path(project_folder, job.key)}"
                 f", which is not there: {export_again(job.name)}"
             )

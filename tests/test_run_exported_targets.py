@@ -123,8 +123,9 @@ def test_asked_for_targets_without_an_export_fail_that_image_with_the_script_to_
     assert [o.state for o in outcomes] == ["failed", "done"]
     assert outcomes[0].error == (
         "s41.svs: its annotations of class ['Tumor'] or name [] are in QuPath's data, which only QuPath reads, and "
-        f"QuPath is not here; they are read from the export of its objects, {project / 'pdl1' / 'labels' / '1.geojson'}"
-        f", which is not there: run {EXPORT_SCRIPT} on s41.svs in QuPath (or Run for project), then run again; or "
+        "this run does not go through QuPath (none here, or --qupath never); they are read from the export of its "
+        f"objects, {project / 'pdl1' / 'labels' / '1.geojson'}, which is not there: run {EXPORT_SCRIPT} on s41.svs "
+        "in QuPath (or Run for project), then run again; or "
         "install QuPath 0.4.4 to 0.6 here (paquo finds it through PAQUO_QUPATH_DIR), which reads the annotations "
         "itself"
     )

@@ -364,12 +364,16 @@ def removeWholeImageAnalysis = { List analyses, Closure own, hierarchy ->
     return removed
 }
 // Whether an annotation's or core's ROI has the outline a run analysed (the ROI of its stand-in, the first object of
-// its results): the bounds within a pixel (ROI.getBoundsX/Y/Width/Height, 0.4.4 to 0.7). Moved or redrawn since the
-// export, the results would lie beside it, or cut off by its new edge.
-def sameBounds = { roi, analysed ->
+// its results): the bounds within a pixel and the area within 0.5 % (ROI.getBoundsX/Y/Width/Height and getArea(),
+// 0.4.4 to 0.7; a core's ellipse against the 100-point polygon QuPath's GeoJSON gives it, JTS's GeometricShapeFactory
+// through GeometryTools v0.4.4:836-846: the same bounds, 0.07 % less area). Moved or redrawn since the export, the
+// results would lie beside it, or cut off by its new edge.
+def sameOutline = { roi, analysed ->
     def pairs = [[roi.getBoundsX(), analysed.getBoundsX()], [roi.getBoundsY(), analysed.getBoundsY()],
                  [roi.getBoundsWidth(), analysed.getBoundsWidth()], [roi.getBoundsHeight(), analysed.getBoundsHeight()]]
-    return pairs.every { Math.abs((it[0] as double) - (it[1] as double)) <= 1.0 }
+    def area = roi.getArea() as double
+    return pairs.every { Math.abs((it[0] as double) - (it[1] as double)) <= 1.0 } &&
+            Math.abs(area - (analysed.getArea() as double)) <= 0.005 * Math.max(area, 1.0)
 }
 // The rows of a summary's targets whose results are in TARGET_OBJECTS_FOLDER: read from an export (each with the
 // object_id of its annotation or core), the TMA cores marked missing left out (no results).
@@ -521,7 +525,7 @@ if (!fromExport.isEmpty()) {
             notDone << "${row.target}: ${file} is missing or not of this target; run `pdl1 run` on the project again"
             return
         }
-        if (!sameBounds(target.getROI(), objects[0].getROI())) {
+        if (!sameOutline(target.getROI(), objects[0].getROI())) {
             notDone << "${row.target}: moved or redrawn since it was exported and analysed; export it again " +
                     "(pdl1_export_labels.groovy) and run `pdl1 run` on the project again"
             return

@@ -86,6 +86,8 @@ def test_each_targets_results_go_under_the_annotation_of_its_id_and_a_reimport_r
 def test_a_target_moved_or_deleted_since_the_export_is_not_imported_and_said_with_the_fix(tmp_path, analysed):
     qpproj, targets, png = analysed
     moved = {**targets[1], "vertices": [[x + 40, y] for x, y in targets[1]["vertices"]]}
+    (x0, y0), (x1, _), (_, y1), _ = targets[0]["vertices"]  # nest A redrawn within its bounds: a corner cut off
+    redrawn = {**targets[0], "vertices": [[x0, y0], [x1, y0], [x1, y1 - 100], [x1 - 100, y1], [x0, y1]]}
     log, seen = _run_script(tmp_path, _setup(qpproj, png, [moved], [{"script": str(IMPORT)}]))
     assert "pdl1: image 1: not imported: nest A: no annotation or TMA core of ID " in "\n".join(log), log
     assert (
@@ -94,6 +96,9 @@ def test_a_target_moved_or_deleted_since_the_export_is_not_imported_and_said_wit
     ) in log
     assert log[-1] == "pdl1: imported 0 objects under 0 of 2 targets for image 1"
     assert seen["children"]["nest B"] == []
+    log, seen = _run_script(tmp_path, _setup(qpproj, png, [redrawn, targets[1]], [{"script": str(IMPORT)}]))
+    assert any(line.startswith("pdl1: image 1: not imported: nest A: moved or redrawn") for line in log), log
+    assert log[-1].endswith(" under 1 of 2 targets for image 1: nest B") and seen["children"]["nest A"] == []
 
 
 @needs_groovy

@@ -435,6 +435,7 @@ class StandInRoi {
     double getBoundsWidth() { shape.getBounds2D().getWidth() }
     double getBoundsHeight() { shape.getBounds2D().getHeight() }
     java.awt.Shape getShape() { shape }
+    double getArea() { qupath.lib.objects.StandInFeatureROI.areaOf(getGeometry()) }  // ROI.getArea()
     int getZ() { z }
     int getT() { t }
     qupath.lib.regions.ImagePlane getImagePlane() { qupath.lib.regions.ImagePlane.getPlane(z, t) }

@@ -71,7 +71,7 @@ class StandInMeasurements {
  * default one as QuPath reads GeoJSON without a "plane" (ROITypeAdapters.java v0.4.4:115-119, v0.7.0:122-126), and
  * updatePlane(ImagePlane): a copy on another plane (ROI.java v0.4.4:321, v0.7.0:377). */
 class StandInFeatureROI {
-    double x0, y0, x1, y1, cx, cy
+    double x0, y0, x1, y1, cx, cy, area
     qupath.lib.regions.ImagePlane plane = qupath.lib.regions.ImagePlane.getDefaultPlane()
 
     static StandInFeatureROI of(Map geometry) {
@@ -87,7 +87,20 @@ class StandInFeatureROI {
         if (points.isEmpty())
             return null
         return new StandInFeatureROI(x0: points*.get(0).min(), y0: points*.get(1).min(), x1: points*.get(0).max(),
-                y1: points*.get(1).max(), cx: points*.get(0).sum() / points.size(), cy: points*.get(1).sum() / points.size())
+                y1: points*.get(1).max(), cx: points*.get(0).sum() / points.size(), cy: points*.get(1).sum() / points.size(),
+                area: areaOf(geometry))
+    }
+
+    // ROI.getArea() of a Polygon or MultiPolygon (its outer rings less its holes, by the shoelace formula); 0 else.
+    static double areaOf(Map geometry) {
+        def ring = { List c -> Math.abs((0..<c.size() - 1).sum(0.0) { i ->
+            (c[i][0] as double) * (c[i + 1][1] as double) - (c[i + 1][0] as double) * (c[i][1] as double) } / 2) }
+        def polygon = { List rings -> rings.isEmpty() ? 0.0 : ring(rings[0]) - rings.drop(1).sum(0.0) { ring(it) } }
+        switch (geometry?.get("type")) {
+            case "Polygon": return polygon(geometry.get("coordinates"))
+            case "MultiPolygon": return geometry.get("coordinates").sum(0.0) { polygon(it) }
+            default: return 0.0
+        }
     }
 
     double getBoundsX() { x0 }
@@ -96,6 +109,7 @@ class StandInFeatureROI {
     double getBoundsHeight() { y1 - y0 }
     double getCentroidX() { cx }
     double getCentroidY() { cy }
+    double getArea() { area }
     qupath.lib.regions.ImagePlane getImagePlane() { plane }
     int getZ() { plane.z }
     int getT() { plane.t }

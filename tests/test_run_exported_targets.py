@@ -289,3 +289,36 @@ def test_the_training_regions_of_a_project_a_real_qupath_wrote_are_analysed_from
     ]
     # Entry 2 (the same file typed H-DAB) has no export: named with the script to run, not analysed whole.
     assert outcomes[1].state == "failed" and EXPORT_SCRIPT in outcomes[1].error
+
+
+def test_a_review_of_exported_targets_results_imported_and_exported_again_becomes_labels(tmp_path, slides):
+    # The review loop on QuPath 0.7: export, run, import (each target's objects under its annotation), reclassify a
+    # nucleus, export again, `pdl1 train --from-review`: the change is a label, what was left as written is not.
+    from bridge.labels import LabelRules, read_project_labels
+
+    project = _project(tmp_path, slides[:1])
+    nest = _annotation(box(200, 200, 900, 900), "Tumor", "nest")
+    _export(project, "1", [nest])
+    pipeline = PipelineConfig(device="cpu")
+    (outcome,) = run_batch([project], RunConfig(pipeline=pipeline, qupath="never", target_classes=("Tumor",)))
+    assert outcome.state == "done", outcome.error
+    written = json.loads(target_objects_path(project / "pdl1" / "1", nest["id"]).read_text(encoding="utf-8"))
+    stand_in, children = written["features"][0], written["features"][1:]
+    nuclei = [f for f in children if f["properties"]["objectType"] == "detection"]
+    assert len(nuclei) > 20
+    # What QuPath holds after the import and the review, exported: the annotation with the run's measurements, its
+    # objects, one nucleus reclassified.
+    changed = next(f for f in nuclei if f["properties"]["classification"]["name"] != "Tumor: Positive")
+    positive = {"names": ["Tumor", "Positive"], "color": [200, 50, 50]}
+    reviewed = {**changed, "properties": {**changed["properties"], "classification": positive}}
+    annotation = {**nest, "properties": {**nest["properties"], "measurements": stand_in["properties"]["measurements"]}}
+    _export(project, "1", [annotation, *(reviewed if f is changed else f for f in children)])
+    rules = LabelRules(class_names=("Tumor: Positive", "Tumor: Negative", "Other"), from_review=True)
+    (labels,) = read_project_labels(project, rules=rules, qupath="never")
+    assert labels.counts["reviewed: nuclei reclassified"] == 1
+    assert labels.points_xy.tolist() == [changed["geometry"]["coordinates"]]
+    # The other nuclei and the regions (and any FN candidates) as the run wrote them.
+    regions = [f for f in children if f["properties"]["objectType"] == "annotation"]
+    assert regions and labels.counts["skipped: pdl1 results as written (not reviewed)"] == len(nuclei) - 1 + len(
+        regions
+    )

@@ -211,7 +211,10 @@ def run(
     ] = None,
     qupath: Annotated[
         str,
-        typer.Option(help="auto: write into the project via paquo when QuPath is found, else sidecars; never; always."),
+        typer.Option(
+            help="auto: write into the project via paquo when QuPath is found, else sidecars for "
+            "pdl1_import_results.groovy (targets then read from pdl1_export_labels.groovy's export); never; always."
+        ),
     ] = "auto",
     seg_model: Annotated[
         Path | None,

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from inference.analysis.ihc import IMMUNE_NEGATIVE, IMMUNE_POSITIVE
-from inference.analysis.nuclei import Nuclei, detect_nuclei
+from inference.analysis.nuclei import Nuclei
 from inference.models.ensemble import Ensemble, demo_model_dir
 
 DEFAULT_GATES_OD = (0.0, 0.08, 0.10, 0.12, 0.15, 0.20)
@@ -86,16 +86,11 @@ def real_rows(data: Path, ensemble: Ensemble, gates: tuple[float, ...]) -> None:
 
 
 def phantom_rows(slides: list[Path], ensemble: Ensemble, gates: tuple[float, ...]) -> None:
-    from inference.evaluation.evaluate import TISSUE_METHOD_OF_STAIN, load_truth, score_nuclei_on_truth
-    from inference.slides.slide import open_slide
-    from inference.slides.tissue import tissue_mask_for_slide
+    from inference.evaluation.evaluate import load_truth, nuclei_in_tissue, score_nuclei_on_truth
 
     rows: list[tuple[float, dict[float, tuple[float, float | None, bool, float]]]] = []
     for path in slides:
-        with open_slide(path) as slide:
-            tissue = tissue_mask_for_slide(slide, method=TISSUE_METHOD_OF_STAIN[ensemble.manifest.stain])
-            found = detect_nuclei(slide, ensemble, tissue=tissue)
-            mpp_um = slide.mpp.mean
+        found, mpp_um = nuclei_in_tissue(path, ensemble)
         shift = float(load_truth(path).summary["spec"]["shift"])
         called = found.cls == list(found.class_names).index("Tumor: Positive")
         scored = {}

@@ -396,12 +396,24 @@ def evaluate_nuclei(
         tuple(ensemble.manifest.class_names),
         f"the model {ensemble.manifest.name!r} ({ensemble.manifest.stain})",
     )
+    nuclei, mpp_um = nuclei_in_tissue(slide_path, ensemble, config=config, mpp=mpp, on_progress=on_progress)
+    return score_nuclei_on_truth(slide_path, nuclei, mpp_um=mpp_um, radius_um=radius_um)
+
+
+def nuclei_in_tissue(
+    slide_path: str | Path,
+    ensemble: Ensemble,
+    *,
+    config: NucleiConfig | None = None,
+    mpp: float | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[Nuclei, float]:
+    """The nuclei ``ensemble`` finds in the tissue the pipeline analyses for its stain, and the slide's µm/px: what
+    :func:`evaluate_nuclei` scores (not checked against a truth: a benchmark that changes the calls scores them)."""
     with open_slide(slide_path, mpp=mpp) as slide:
-        # The tissue the pipeline analyses for this stain.
         tissue = tissue_mask_for_slide(slide, method=TISSUE_METHOD_OF_STAIN[ensemble.manifest.stain])
         nuclei = detect_nuclei(slide, ensemble, tissue=tissue, config=config, on_progress=on_progress)
-        mpp_um = slide.mpp.mean
-    return score_nuclei_on_truth(slide_path, nuclei, mpp_um=mpp_um, radius_um=radius_um)
+        return nuclei, slide.mpp.mean
 
 
 def _check_truth_classes(slide_path: str | Path, truth: PhantomTruthData, names: tuple[str, ...], what: str) -> None:

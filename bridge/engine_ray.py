@@ -218,7 +218,7 @@ def run_batch_ray(
                         found = qp_session.read_targets(job, config)  # fails as the local engine fails the image
                         _log_cores(job, found)
                         pending[to_results.remote(job, found.rois, config)] = (job, t0, found)
-                    elif (exported := _exported_targets(job, config, project)) is not None:
+                    elif project is not None and (exported := exported_targets_of(job, config, project.parent)):
                         _log_cores(job, exported)
                         pending[to_results.remote(job, exported.rois, config)] = (job, t0, exported)
                     else:
@@ -246,13 +246,6 @@ def run_batch_ray(
         if config.compare_pairs:
             _compare_pairs(jobs, ordered, project, status_folder, config)
         return ordered
-
-
-def _exported_targets(job: _Job, config: RunConfig, project: Path | None) -> ExportedTargets | None:
-    """A project entry's targets read from its export where QuPath is not here (as the local engine reads them), None
-    where it has none (no export, or neither asked-for annotations nor a TMA grid in it): the whole image."""
-    found = None if project is None else exported_targets_of(job, config, project.parent)
-    return found if found is not None and found.choice.targets else None
 
 
 def _failed(job: _Job, status: RunStatus, err: BaseException, t0: float) -> ImageOutcome:

@@ -10,7 +10,6 @@ annotation or core of that ID (:func:`target_objects_path`).
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -23,8 +22,6 @@ from bridge.labels import export_path, refuse_stale_export
 from bridge.objects import ANALYSED_SIGNATURE, is_own_object
 from bridge.project import ProjectError
 from bridge.qupath_geojson import QuPathObject, from_feature, not_detections, read_features
-
-log = logging.getLogger(__name__)
 
 EXPORT_SCRIPT = "qupath_scripts/pdl1_export_labels.groovy"
 # Where a run puts each exported target's results for pdl1_import_results.groovy: <entry folder>/<this>/<ID>.geojson,

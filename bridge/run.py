@@ -35,6 +35,7 @@ from bridge.analysis_record import AFTER_ANALYSES, records_found
 from bridge.atomic import replaced_together
 from bridge.classes import PDL1_ANALYSIS
 from bridge.exported_targets import (
+    TARGET_OBJECTS_FOLDER,
     ExportedEntry,
     export_again,
     export_stamp,
@@ -600,7 +601,7 @@ def write_result_files(
         if len(targets) < 2:
             path = regions
             regions.unlink(missing_ok=True)
-        path = target_objects_path(geojson.parent, "x").parent
+        path = geojson.parent / TARGET_OBJECTS_FOLDER
         kept = {target_objects_path(geojson.parent, str(o.id)).name for o, _ in target_objects}
         # A project entry's own folder only (plain slides share --out, and have no exported targets).
         for old in path.glob("*.geojson") if summary.get("entry_id") is not None and path.is_dir() else ():
@@ -994,7 +995,7 @@ def _run_one(job, config, models, project, status_folder, qp_session, on_tiles, 
         results, rows = qp_session.analyse_and_write(job, config, models, on_tiles)
         return write_image_files(job, config, project, status_folder, results, rows, t0)
     found = None if project is None else exported_targets_of(job, config, project.parent)
-    if found is None or not found.choice.targets:
+    if found is None:
         results = [job.analyse(models, config, on_tiles)]
         rows = [whole_image_row(job, results[0], job.key if project is not None else None)]
         return write_image_files(job, config, project, status_folder, results, rows, t0)
@@ -1017,19 +1018,28 @@ def write_exported(
     """Write the results of targets read from an export (``results``: one per target of ``found``, in their order):
     the rows of ``targets.csv`` in the grid's order (the TMA cores marked missing among them), each analysed one with
     its object's ID, and each target's objects in a file of their own for the import (:func:`write_image_files`)."""
-    targets = found.choice.targets
     # Every row with its object's ID, the missing cores' too: pdl1_import_results.groovy tells by it that the targets
     # came from an export (it would take a row without one for a target written into the image through QuPath).
-    placed = [
-        (t.position, replace(missing_row(job.name, job.key, t.label, outline=t.obj.roi), object_id=t.obj.object_id))
-        for t in found.choice.missing
-    ]
-    for target, result in zip(targets, results, strict=True):
-        row = analysed_row(job.name, job.key, target.label, target.target_type, result, outline=target.obj.roi)
-        placed.append((target.position, replace(row, object_id=target.obj.object_id)))
-    rows = [row for _, row in sorted(placed, key=lambda p: p[0])]  # the grid's order, missing cores in place
-    analysed = list(zip(targets, results, strict=True))
+    rows = target_rows(job, found.choice, results, with_ids=True)
+    analysed = list(zip(found.choice.targets, results, strict=True))
     return write_image_files(job, config, project, status_folder, results, rows, t0, exported=(found.entry, analysed))
+
+
+def target_rows(
+    job: _Job, choice: TargetChoice[Target], results: list[SlideResult], *, with_ids: bool = False
+) -> list[TargetRow]:
+    """The ``targets.csv`` rows of an entry's targets (``results``: one per target of ``choice``, in their order) in
+    the grid's order, the TMA cores marked missing in their places; each with its outline, so the report can draw
+    and name it on the thumbnail (the GeoJSON keeps none), and with ``with_ids`` its object's ID (read from an
+    export)."""
+
+    def placed(target: Target, row: TargetRow) -> tuple[int, TargetRow]:
+        return target.position, replace(row, object_id=target.obj.object_id) if with_ids else row
+
+    rows = [placed(t, missing_row(job.name, job.key, t.label, outline=t.obj.roi)) for t in choice.missing]
+    for t, result in zip(choice.targets, results, strict=True):
+        rows.append(placed(t, analysed_row(job.name, job.key, t.label, t.target_type, result, outline=t.obj.roi)))
+    return [row for _, row in sorted(rows, key=lambda p: p[0])]
 
 
 @dataclass(frozen=True)
@@ -1048,8 +1058,9 @@ class ExportedTargets:
 def exported_targets_of(job: _Job, config: RunConfig, project_folder: Path) -> ExportedTargets | None:
     """The targets of a project entry where QuPath is not here: read from its export by ``pdl1_export_labels.groovy``
     (its annotations of the target classes or names, else its TMA cores, by :func:`entry_targets`' rule). None where
-    the entry has no export and no targets were asked for (the whole image is analysed, as before there were
-    exports); asked-for targets without an export fail the image, naming the script that writes it."""
+    the whole image is analysed: the entry has no export and no targets were asked for (as before there were
+    exports), or its export holds neither asked-for annotations nor a grid; asked-for targets without an export fail
+    the image, naming the script that writes it."""
     found = read_exported_entry(project_folder, job.key, job.name)
     if found is None:
         if config.target_classes or config.target_names:
@@ -1061,7 +1072,8 @@ def exported_targets_of(job: _Job, config: RunConfig, project_folder: Path) -> E
                 f", which is not there: {export_again(job.name)}"
             )
         return None
-    return ExportedTargets(found, entry_targets(job.name, found, config, exported_targets))
+    choice = entry_targets(job.name, found, config, exported_targets)
+    return ExportedTargets(found, choice) if choice.targets else None
 
 
 def write_image_files(
@@ -1304,7 +1316,7 @@ def _results_problem(
             found = exported_targets_of(job, config, project.parent)
         except Pdl1Error as err:  # the run says so, with the fix
             return f"its export does not serve ({err})"
-        if found is not None and found.choice.targets:
+        if found is not None:
             return f"its objects were exported since, with {len(found.choice.targets)} targets to analyse"
     if export is not None and project is not None:
         if not stamp_matches(export, project.parent, job.key):
@@ -1423,21 +1435,13 @@ class _QuPathSession:
         from bridge.objects import result_objects as children
 
         entry, targets = found.entry, found.choice.targets
-        # Each with its outline, so the report can draw and name it on the thumbnail (the GeoJSON keeps none).
-        placed = [
-            (t.position, missing_row(job.name, job.key, t.label, outline=t.obj.roi)) for t in found.choice.missing
-        ]
-        results: list[tuple[Any, SlideResult]] = []
         if targets:
-            for target, result in zip(targets, analysed, strict=True):
-                results.append((target.obj, result))
-                row = analysed_row(job.name, job.key, target.label, target.target_type, result, outline=target.obj.roi)
-                placed.append((target.position, row))
-        rows = [row for _, row in sorted(placed, key=lambda p: p[0])]  # the grid's order, missing cores in place
-        if not targets:
+            results: list[tuple[Any, SlideResult]] = [(t.obj, r) for t, r in zip(targets, analysed, strict=True)]
+            rows = target_rows(job, found.choice, analysed)
+        else:
             (whole,) = analysed
-            results.append((None, whole))
-            rows.append(whole_image_row(job, whole, job.key))
+            results = [(None, whole)]
+            rows = [*target_rows(job, found.choice, []), whole_image_row(job, whole, job.key)]
         metadata_before = dict(entry.metadata)
         try:
             if found.choice.source == TMA_CORES:

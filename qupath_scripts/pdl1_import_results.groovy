@@ -502,6 +502,20 @@ def isOwn = { PathObject obj ->
 }
 
 def hierarchy = getCurrentHierarchy()
+// Replaces this tool's earlier objects under an analysed parent (and those Resolve hierarchy moved out of it) with a
+// run's: its measurements from what stood for it in the file (written), then its new children.
+def replaceResults = { parent, written, List children ->
+    def old = ownDescendants(parent, isOwn)
+    // The hierarchy's removeObjects(objects, keepChildren): the same on 0.4.4 to 0.7 (QP's two-argument
+    // removeObjects is deprecated since 0.6, its one-argument form is 0.6+).
+    if (!old.isEmpty()) {
+        rehomeOthers(old, parent)  // what is not ours inside them stays where it was, not at the root
+        hierarchy.removeObjects(old, true)
+    }
+    def measured = written.getMeasurementList()
+    setParentMeasurements(parent.getMeasurementList(), measurementNames(measured).collectEntries { [(it): measured.get(it)] })
+    parent.addChildObjects(children)
+}
 def fromExport = summary == null ? [] : exportedTargets(summary)
 if (!fromExport.isEmpty()) {
     // Each target's results under the annotation or core of its ID, as the whole image's go under 'PD-L1 analysis'.
@@ -530,15 +544,7 @@ if (!fromExport.isEmpty()) {
                     "(pdl1_export_labels.groovy) and run `pdl1 run` on the project again"
             return
         }
-        def old = ownDescendants(target, isOwn)
-        if (!old.isEmpty()) {
-            rehomeOthers(old, target)
-            hierarchy.removeObjects(old, true)
-        }
-        def written = objects[0].getMeasurementList()
-        setParentMeasurements(target.getMeasurementList(),
-                measurementNames(written).collectEntries { [(it): written.get(it)] })
-        target.addChildObjects(objects.subList(1, objects.size()))
+        replaceResults(target, objects[0], objects.subList(1, objects.size()))
         count += objects.size() - 1
         done << row.target
         placed << target
@@ -584,18 +590,10 @@ def replaced = parent != null
 if (parent == null) {
     parent = newParent
     addObjects([parent])
+    parent.addChildObjects(children)
 } else {
-    def old = ownDescendants(parent, isOwn)
-    // The hierarchy's removeObjects(objects, keepChildren): the same on 0.4.4 to 0.7 (QP's two-argument
-    // removeObjects is deprecated since 0.6, its one-argument form is 0.6+).
-    if (!old.isEmpty()) {
-        rehomeOthers(old, parent)  // what is not ours inside them stays where it was, not at the root
-        hierarchy.removeObjects(old, true)
-    }
-    def written = newParent.getMeasurementList()
-    setParentMeasurements(parent.getMeasurementList(), measurementNames(written).collectEntries { [(it): written.get(it)] })
+    replaceResults(parent, newParent, children)
 }
-parent.addChildObjects(children)
 fireHierarchyUpdate()
 // Where pdl1_analyze.groovy had analysed the whole image under this annotation, its record describes the output
 // just replaced (setAsideRecordsOf).

@@ -363,17 +363,34 @@ def removeWholeImageAnalysis = { List analyses, Closure own, hierarchy ->
     }
     return removed
 }
+// The area a java.awt.Shape covers: its outlines flattened to lines (within 0.05 px) and summed by the shoelace
+// formula, signed, so the holes of a java.awt.geom.Area (each outlined the other way round) count off.
+def shapeArea = { java.awt.Shape shape ->
+    double sum = 0, x0 = 0, y0 = 0, px = 0, py = 0
+    double[] c = new double[6]
+    for (def it = shape.getPathIterator(null, 0.05); !it.isDone(); it.next()) {
+        int type = it.currentSegment(c)
+        if (type == java.awt.geom.PathIterator.SEG_MOVETO) {
+            x0 = px = c[0]; y0 = py = c[1]
+        } else if (type == java.awt.geom.PathIterator.SEG_LINETO) {
+            sum += px * c[1] - c[0] * py; px = c[0]; py = c[1]
+        } else if (type == java.awt.geom.PathIterator.SEG_CLOSE) {
+            sum += px * y0 - x0 * py; px = x0; py = y0
+        }
+    }
+    return Math.abs(sum) / 2
+}
 // Whether an annotation's or core's ROI has the outline a run analysed (the ROI of its stand-in, the first object of
-// its results): the bounds within a pixel and the area within 0.5 % (ROI.getBoundsX/Y/Width/Height and getArea(),
-// 0.4.4 to 0.7; a core's ellipse against the 100-point polygon QuPath's GeoJSON gives it, JTS's GeometricShapeFactory
-// through GeometryTools v0.4.4:836-846: the same bounds, 0.07 % less area). Moved or redrawn since the export, the
-// results would lie beside it, or cut off by its new edge.
+// its results): the area inside one outline and not the other at most 0.5 % of the larger (ROI.getShape() and
+// getArea(), 0.4.4 to 0.7; a core's ellipse against the 100-point polygon QuPath's GeoJSON gives it, JTS's
+// GeometricShapeFactory through GeometryTools v0.4.4:836-846, differs by 0.07 %). Moved or redrawn since the export,
+// the results would lie beside it, or cut off by its new edge; an outline redrawn within the same bounds to the same
+// area is caught as well.
 def sameOutline = { roi, analysed ->
-    def pairs = [[roi.getBoundsX(), analysed.getBoundsX()], [roi.getBoundsY(), analysed.getBoundsY()],
-                 [roi.getBoundsWidth(), analysed.getBoundsWidth()], [roi.getBoundsHeight(), analysed.getBoundsHeight()]]
-    def area = roi.getArea() as double
-    return pairs.every { Math.abs((it[0] as double) - (it[1] as double)) <= 1.0 } &&
-            Math.abs(area - (analysed.getArea() as double)) <= 0.005 * Math.max(area, 1.0)
+    def differ = new java.awt.geom.Area(roi.getShape())
+    differ.exclusiveOr(new java.awt.geom.Area(analysed.getShape()))
+    def area = Math.max(roi.getArea() as double, analysed.getArea() as double)
+    return shapeArea(differ) <= Math.max(0.005 * area, 1.0)
 }
 // The rows of a summary's targets whose results are in TARGET_OBJECTS_FOLDER: read from an export (each with the
 // object_id of its annotation or core), the TMA cores marked missing left out (no results).

@@ -29,7 +29,8 @@ def analysed(tmp_path_factory):
     qpproj = init_project_files(tmp / "project", [slide])
     targets = [
         {**_square("nest A", 100, 100, 500), "cls": "Tumor"},
-        {**_square("nest B", 800, 800, 500), "cls": "Tumor"},
+        # a triangle, the top left half of its bounds: redrawn as the other half, it keeps bounds and area
+        {**_square("nest B", 800, 800, 500), "vertices": [[800, 800], [1300, 800], [800, 1300]], "cls": "Tumor"},
     ]
     export = qpproj.parent / "pdl1" / "labels" / "1.geojson"
     export.parent.mkdir(parents=True)
@@ -99,6 +100,12 @@ def test_a_target_moved_or_deleted_since_the_export_is_not_imported_and_said_wit
     log, seen = _run_script(tmp_path, _setup(qpproj, png, [redrawn, targets[1]], [{"script": str(IMPORT)}]))
     assert any(line.startswith("pdl1: image 1: not imported: nest A: moved or redrawn") for line in log), log
     assert log[-1].endswith(" under 1 of 2 targets for image 1: nest B") and seen["children"]["nest A"] == []
+    # nest B redrawn as the other half of its bounds: the same bounds and area, another outline (a check of bounds and
+    # area let it through)
+    flipped = {**targets[1], "vertices": [[1300, 800], [1300, 1300], [800, 1300]]}
+    log, seen = _run_script(tmp_path, _setup(qpproj, png, [targets[0], flipped], [{"script": str(IMPORT)}]))
+    assert any(line.startswith("pdl1: image 1: not imported: nest B: moved or redrawn") for line in log), log
+    assert log[-1].endswith(" under 1 of 2 targets for image 1: nest A") and seen["children"]["nest B"] == []
 
 
 @needs_groovy

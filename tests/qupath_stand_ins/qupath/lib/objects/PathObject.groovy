@@ -72,6 +72,7 @@ class StandInMeasurements {
  * updatePlane(ImagePlane): a copy on another plane (ROI.java v0.4.4:321, v0.7.0:377). */
 class StandInFeatureROI {
     double x0, y0, x1, y1, cx, cy, area
+    Map geometry
     qupath.lib.regions.ImagePlane plane = qupath.lib.regions.ImagePlane.getDefaultPlane()
 
     static StandInFeatureROI of(Map geometry) {
@@ -88,7 +89,21 @@ class StandInFeatureROI {
             return null
         return new StandInFeatureROI(x0: points*.get(0).min(), y0: points*.get(1).min(), x1: points*.get(0).max(),
                 y1: points*.get(1).max(), cx: points*.get(0).sum() / points.size(), cy: points*.get(1).sum() / points.size(),
-                area: areaOf(geometry))
+                area: areaOf(geometry), geometry: geometry)
+    }
+
+    // ROI.getShape(): a Polygon's or MultiPolygon's rings as one path, holes cut out (even-odd); empty else.
+    java.awt.Shape getShape() {
+        def path = new java.awt.geom.Path2D.Double(java.awt.geom.Path2D.WIND_EVEN_ODD)
+        def polygons = [Polygon: [geometry?.get("coordinates")], MultiPolygon: geometry?.get("coordinates")]
+        (polygons[geometry?.get("type")] ?: []).each { rings ->
+            rings.each { ring ->
+                path.moveTo(ring[0][0] as double, ring[0][1] as double)
+                ring.drop(1).each { path.lineTo(it[0] as double, it[1] as double) }
+                path.closePath()
+            }
+        }
+        return path
     }
 
     // ROI.getArea() of a Polygon or MultiPolygon (its outer rings less its holes, by the shoelace formula); 0 else.
@@ -114,6 +129,7 @@ class StandInFeatureROI {
     int getZ() { plane.z }
     int getT() { plane.t }
     StandInFeatureROI updatePlane(qupath.lib.regions.ImagePlane plane) {
-        return new StandInFeatureROI(x0: x0, y0: y0, x1: x1, y1: y1, cx: cx, cy: cy, plane: plane)
+        return new StandInFeatureROI(x0: x0, y0: y0, x1: x1, y1: y1, cx: cx, cy: cy, area: area, geometry: geometry,
+                plane: plane)
     }
 }

@@ -241,6 +241,7 @@ _REGISTRY: dict[str, str] = {
     "ihc_nuclei": "benchmarks.ihc_nuclei:IhcNuclei",
     "write_nuclei": "benchmarks.write_nuclei:WriteNuclei",
     "export_targets": "benchmarks.export_targets:ExportTargets",
+    "train_labels": "benchmarks.train_labels:TrainLabels",
     "service_roi": "benchmarks.service_roi:ServiceRoi",
     "result_pages": "benchmarks.result_pages:ResultPages",
     "service_loop": "benchmarks.service_loop:ServiceLoop",

@@ -9,19 +9,17 @@ annotation or core of that ID (:func:`target_objects_path`).
 
 from __future__ import annotations
 
-import json
 import os
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from shapely.geometry.base import BaseGeometry
 
-from bridge.labels import export_path, refuse_stale_export
+from bridge.labels import annotation_counts, export_path, refuse_stale_export
 from bridge.objects import ANALYSED_SIGNATURE, is_own_object
 from bridge.project import ProjectError
-from bridge.qupath_geojson import QuPathObject, from_feature, not_detections, read_features
+from bridge.qupath_geojson import DETECTION_LINE_TYPES, QuPathObject, not_detections, read_features
 
 EXPORT_SCRIPT = "qupath_scripts/pdl1_export_labels.groovy"
 # Where a run puts each exported target's results for pdl1_import_results.groovy: <entry folder>/<this>/<ID>.geojson,
@@ -82,7 +80,6 @@ def read_exported_entry(project_folder: Path, entry_id: str, image: str) -> Expo
         objects = _objects_but_detections(path)
     except (OSError, ValueError) as err:  # GeoJsonError is a ValueError; JSON cut short too
         raise ProjectError(f"{source}: {path} does not read ({err}); {export_again(image)}") from err
-    counts = Counter(o.classification or "Unclassified" for o in objects if o.object_type == "annotation")
     refuse_stale_export(
         path,
         project_folder / "data" / entry_id,
@@ -90,7 +87,7 @@ def read_exported_entry(project_folder: Path, entry_id: str, image: str) -> Expo
         export_again(image),
         drawn="annotations",
         error=ProjectError,
-        exported_counts=counts,
+        exported_counts=annotation_counts(objects),
     )
     annotations, cores = [], []
     for obj in objects:
@@ -101,28 +98,11 @@ def read_exported_entry(project_folder: Path, entry_id: str, image: str) -> Expo
     return ExportedEntry(path, tuple(annotations), tuple(cores))
 
 
-# How QuPath's Gson writes a detection's or cell's type (compact: no spaces). Inside a JSON string the quotes would be
-# escaped, so a line holding this is such an object's, whatever names and classes say.
-_DETECTION_TYPES = ('"objectType":"detection"', '"objectType":"cell"')
-
-
 def _objects_but_detections(path: Path) -> list[QuPathObject]:
-    """The export's objects but its detections and cells, without parsing those: ``pdl1_export_labels.groovy`` writes
-    ``[``, then one object per line, then ``]``, and a slide with QuPath's cell detection has a million cells (GBs
-    of JSON, which :func:`read_features` holds whole and parses). Any other layout (an export by hand, pretty-printed)
-    is read whole."""
-    with path.open(encoding="utf-8") as fh:
-        if fh.readline().strip() == "[":
-            kept: list[QuPathObject] = []
-            try:
-                for line in fh:
-                    text = line.strip().removesuffix(",")
-                    if text and text != "]" and not any(kind in text for kind in _DETECTION_TYPES):
-                        kept.append(from_feature(json.loads(text)))
-                return kept
-            except json.JSONDecodeError:  # not one object per line: read whole below
-                pass
-    return list(read_features(path, keep=not_detections))
+    """The export's objects but its detections and cells, without parsing those where the file is laid out as
+    ``pdl1_export_labels.groovy`` writes it (one object a line): a slide with QuPath's cell detection has a million
+    cells, GBs of JSON that say nothing of targets."""
+    return list(read_features(path, keep=not_detections, unparsed=DETECTION_LINE_TYPES))
 
 
 def export_stamp(entry: ExportedEntry, project_folder: Path) -> dict[str, object]:

@@ -88,7 +88,7 @@ from bridge.project import (
     read_project,
     sidecar_dir,
 )
-from bridge.qupath_geojson import READ_ONLY_OBJECT_TYPES, QuPathObject, class_name, read_features
+from bridge.qupath_geojson import READ_ONLY_OBJECT_TYPES, QuPathObject, read_features
 from bridge.run_lock import project_read_lock
 from bridge.targets import (
     MISSING,
@@ -1122,14 +1122,8 @@ def read_geojson_labels(
         )
     if not path.is_file():
         raise LabelError(f"{path}: no such GeoJSON file; export the image's objects from QuPath as GeoJSON")
-    try:
-        objects = list(read_features(path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LabelError(f"{path}: not JSON ({err}); {export_again}") from err
-    except Pdl1Error as err:
-        raise LabelError(f"{path}: {err}; {export_again}") from err
     return labels_from_objects(
-        objects,
+        read_label_objects(path, export_again),
         slide=str(slide),
         image_size_px=image_size_px,
         rules=rules,
@@ -1138,6 +1132,23 @@ def read_geojson_labels(
         mpp=mpp,
         written=written,
     )
+
+
+def read_label_objects(path: Path, export_again: str) -> list[QuPathObject]:
+    """The objects of a GeoJSON file of labels, refused (:class:`LabelError`, naming the file) where it does not read.
+    ``export_again``: how the file is made again."""
+    try:
+        return list(read_features(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LabelError(f"{path}: not JSON ({err}); {export_again}") from err
+    except Pdl1Error as err:
+        raise LabelError(f"{path}: {err}; {export_again}") from err
+
+
+def annotation_counts(objects: Iterable[QuPathObject]) -> Counter[str]:
+    """The annotations among ``objects`` by class, as QuPath counts them in an entry's ``summary.json``
+    (``Unclassified`` for none): what :func:`refuse_stale_export` compares."""
+    return Counter(o.classification or "Unclassified" for o in objects if o.object_type == "annotation")
 
 
 def project_classes(project_folder: Path) -> frozenset[str] | None:
@@ -1365,16 +1376,23 @@ def _entry_labels(
             f"export it again: run qupath_scripts/pdl1_export_labels.groovy on {entry.image_name} in QuPath (or Run "
             "for project)"
         )
-        refuse_stale_export(exported, info.folder / "data" / entry.entry_id, source, export_again)
-        labels = read_geojson_labels(
+        objects = read_label_objects(exported, export_again)  # read once: a slide's cells cost seconds
+        refuse_stale_export(
             exported,
-            slide=slide,
+            info.folder / "data" / entry.entry_id,
+            source,
+            export_again,
+            exported_counts=annotation_counts(objects),
+        )
+        labels = labels_from_objects(
+            objects,
+            slide=str(slide),
             image_size_px=entry.size_px,
             rules=rules,
             project_classes=classes,
+            source=str(exported),
             mpp=mpp,
             written=written,
-            export_again=export_again,
         )
         labels = replace(labels, source=f"{source} from {exported}")
     return replace(labels, mpp=entry.mpp)
@@ -1386,36 +1404,25 @@ def refuse_stale_export(
     source: str,
     export_again: str,
     *,
+    exported_counts: Mapping[str, int],
     drawn: str = "labels",
     error: type[Pdl1Error] = LabelError,
-    exported_counts: Mapping[str, int] | None = None,
 ) -> None:
     """Refuse an export written before the entry's last save in QuPath where its annotations differ since: labelling
     on after the export (export, label more, save, train) trained on the old labels without a word. QuPath's own
     count of the entry's annotations by class (``summary.json``, written with each save) tells; a save that changed
     no class's count (an outline moved) it does not. An export newer than the save is of what QuPath shows (labels
-    not saved yet), and stands. ``drawn``: what the export is read for (``labels``; ``annotations`` for
-    ``pdl1 run``'s targets), raised as ``error``. ``exported_counts``: the export's annotations by class where the
-    caller has read them (else the file is read here)."""
+    not saved yet), and stands. ``exported_counts``: the export's annotations by class (:func:`annotation_counts` of
+    what the caller read). ``drawn``: what the export is read for (``labels``; ``annotations`` for ``pdl1 run``'s
+    targets), raised as ``error``."""
     saved = annotation_class_counts(entry_folder)
     summary = entry_folder / "summary.json"
     try:
         if saved is None or summary.stat().st_mtime <= exported.stat().st_mtime:
             return
-        raw = None if exported_counts is not None else json.loads(exported.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # unreadable: read_geojson_labels says so, with its fix
+    except OSError:  # gone since it was read: the reader said what it found
         return
-    if exported_counts is not None:
-        in_export = Counter(exported_counts)
-    else:  # counted as JSON: no geometry built
-        features = raw.get("features") if isinstance(raw, dict) else raw
-        in_export = Counter(
-            class_name(f["properties"].get("classification")) or "Unclassified"
-            for f in (features if isinstance(features, list) else [])
-            if isinstance(f, dict)
-            and isinstance(f.get("properties"), dict)
-            and f["properties"].get("objectType") == "annotation"
-        )
+    in_export = Counter(exported_counts)
     differ = sorted(c for c in {*saved, *in_export} if saved.get(c, 0) != in_export.get(c, 0))
     if differ:
         said = ", ".join(f"{c}: {saved.get(c, 0)} saved, {in_export.get(c, 0)} exported" for c in differ)

@@ -38,7 +38,14 @@ from bridge.atomic import replace_atomically
 from bridge.classes import INTENSITY_CLASSES, PDL1_IHC_POSITIVE, PDL1_POSITIVE, TUMOR_POSITIVE
 from bridge.objects import TILE_NAME
 from bridge.project import PDL1_DIR, write_json_atomic
-from bridge.qupath_geojson import QuPathObject, read_features, to_feature, write_features
+from bridge.qupath_geojson import (
+    DETECTION_LINE_TYPES,
+    QuPathObject,
+    not_detections,
+    read_features,
+    to_feature,
+    write_features,
+)
 from bridge.targets import MISSING, RUN_IMAGE_AGAIN, TMA_CORE, TargetRow, csv_cell, rows_from_summary
 from inference import (
     IHC_CELL_RADIUS_UM,
@@ -261,7 +268,8 @@ def _stated_without_partner(case: str, members: list[CaseImage], case_key: str) 
 
 def _read_he(geojson: Path) -> tuple[Any, np.ndarray, np.ndarray]:
     regions, boxes, entropy = [], [], []
-    for obj in read_features(geojson):
+    # Its regions and tiles: the nuclei, most of the file, are passed over unparsed.
+    for obj in read_features(geojson, keep=not_detections, unparsed=DETECTION_LINE_TYPES):
         if obj.object_type == "annotation" and obj.classification == PDL1_POSITIVE.name:
             regions.append(obj.geometry)
         elif obj.object_type == "tile" and obj.name == TILE_NAME and "Predictive entropy" in obj.measurements:

@@ -8,9 +8,13 @@ Geometry is shapely inside ``bridge``; dicts exist only here, at the file/HTTP e
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import gzip
+import itertools
 import json
 import math
+import re
 import uuid
 import zipfile
 import zlib
@@ -33,6 +37,7 @@ OBJECT_TYPES = ("annotation", "detection", "tile", "cell")
 READ_ONLY_OBJECT_TYPES = ("tmaCore",)
 _POINT_CHUNK = 4096
 _GEOMETRY_TYPES = ("Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon")
+_NUMBER_TYPES = frozenset({float, int})  # JSON's numbers; its true and false (bool) are not
 
 
 class GeoJsonError(Pdl1Error, ValueError):
@@ -148,34 +153,53 @@ def point_features(
             }
 
 
+def _is_mapping(value: Any) -> bool:
+    """``isinstance(value, Mapping)``, a dict told first: an ABC's test costs more, millions of times per slide."""
+    return type(value) is dict or isinstance(value, Mapping)
+
+
+# The form QuPath writes an id in (java.util.UUID.toString): tested first, as uuid.UUID parses every id slowly.
+_CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def _is_uuid(fid: Any) -> bool:
+    """Whether ``str(fid)`` is a UUID as ``uuid.UUID`` reads one (QuPath's form, or braces, a URN, no dashes)."""
+    text = str(fid)
+    if _CANONICAL_UUID.fullmatch(text):
+        return True
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
 def validate_feature(feature: Mapping[str, Any], *, reading: bool = False) -> None:
     """Raise :class:`GeoJsonError` naming the problem if QuPath could not read ``feature``.
 
     ``reading``: a feature read from a file, held to what QuPath 0.4+ writes rather than to what this module writes:
     a TMA core, a classification without a colour, a cell without a nucleus (cell detection without "Include cell
     nucleus") pass."""
-    if not isinstance(feature, Mapping):
+    if not _is_mapping(feature):
         raise GeoJsonError(f"expected a Feature object, got {type(feature).__name__} {feature!r:.80}")
     if feature.get("type") != "Feature":
         raise GeoJsonError(f"expected type 'Feature', got {feature.get('type')!r}")
     fid = feature.get("id")
-    try:
-        uuid.UUID(str(fid))
-    except ValueError as err:
-        raise GeoJsonError(f"feature id must be a UUID string, got {fid!r}") from err
+    if not _is_uuid(fid):
+        raise GeoJsonError(f"feature id must be a UUID string, got {fid!r}")
     geometry = feature.get("geometry")
-    if not isinstance(geometry, Mapping) or geometry.get("type") not in _GEOMETRY_TYPES:
+    if not _is_mapping(geometry) or geometry.get("type") not in _GEOMETRY_TYPES:
         raise GeoJsonError(f"feature {fid}: geometry must be one of {_GEOMETRY_TYPES}, got {geometry!r:.80}")
-    _check_coordinates(geometry.get("coordinates"), fid)
+    _check_coordinates(geometry.get("coordinates"), fid, geometry.get("type"))
     props = feature.get("properties")
-    if not isinstance(props, Mapping):
+    if not _is_mapping(props):
         raise GeoJsonError(f"feature {fid}: properties missing")
     types = (*OBJECT_TYPES, *READ_ONLY_OBJECT_TYPES) if reading else OBJECT_TYPES
     if props.get("objectType") not in types:
         raise GeoJsonError(f"feature {fid}: objectType must be one of {types}, got {props.get('objectType')!r}")
     cls = props.get("classification")
     if cls is not None:
-        if not isinstance(cls, Mapping) or not ("name" in cls or "names" in cls):
+        if not _is_mapping(cls) or not ("name" in cls or "names" in cls):
             raise GeoJsonError(f"feature {fid}: classification needs 'name' or 'names', got {cls!r}")
         names = cls["names"] if "names" in cls else [cls["name"]]
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -189,11 +213,13 @@ def validate_feature(feature: Mapping[str, Any], *, reading: bool = False) -> No
                 f"feature {fid}: classification {cls!r} needs 'color': [r, g, b] (QuPath throws without it)"
             )
     measurements = props.get("measurements") or {}
-    if not isinstance(measurements, Mapping):
+    if not _is_mapping(measurements):
         raise GeoJsonError(f"feature {fid}: measurements must be an object of name: number, got {measurements!r:.80}")
-    for key, value in measurements.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise GeoJsonError(f"feature {fid}: measurement {key!r} must be a finite number, got {value!r}")
+    values = measurements.values()
+    if not (set(map(type, values)) <= _NUMBER_TYPES and math.isfinite(sum(values))):  # else find which, and say
+        for key, value in measurements.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise GeoJsonError(f"feature {fid}: measurement {key!r} must be a finite number, got {value!r}")
     if props.get("objectType") == "cell" and "nucleusGeometry" not in feature and not reading:
         raise GeoJsonError(f"feature {fid}: a cell carries 'nucleusGeometry' at the top level of the Feature")
 
@@ -235,7 +261,41 @@ def scan_coordinates(coordinates: Any) -> CoordinateScan:
     return CoordinateScan(depth, non_finite, stray)
 
 
-def _check_coordinates(coords: Any, fid: Any) -> None:
+# How many lists hold a geometry type's positions: a Polygon's coordinates are a list of rings, each a list of them.
+_POSITION_NESTING = {
+    "Point": 0,
+    "MultiPoint": 1,
+    "LineString": 1,
+    "MultiLineString": 2,
+    "Polygon": 2,
+    "MultiPolygon": 3,
+}
+
+
+def _plain_positions(coordinates: Any, kind: Any) -> list[list] | None:
+    """The positions of ``coordinates`` nested as GeoJSON nests a ``kind``, each 2 or 3 finite numbers; None for
+    anything else, which :func:`scan_coordinates` then names. What passes here passes that scan too: this is its
+    shortcut for the common case, type tests in C rather than a Python loop over every number (a slide's cells hold
+    millions)."""
+    nesting = _POSITION_NESTING.get(kind)
+    if nesting is None:
+        return None
+    level = [coordinates]
+    for _ in range(nesting):
+        if set(map(type, level)) != {list}:
+            return None
+        level = list(itertools.chain.from_iterable(level))
+    if not level or set(map(type, level)) != {list} or not set(map(len, level)) <= {2, 3}:
+        return None
+    numbers = list(itertools.chain.from_iterable(level))
+    if not set(map(type, numbers)) <= _NUMBER_TYPES or not math.isfinite(sum(numbers)):  # a sum past 1e308: scanned
+        return None
+    return level
+
+
+def _check_coordinates(coords: Any, fid: Any, kind: Any = None) -> None:
+    if _plain_positions(coords, kind) is not None:
+        return
     scan = scan_coordinates(coords)
     if scan.depth > 4:  # deeper than a MultiPolygon's: shapely would recurse past Python's limit
         raise GeoJsonError(f"feature {fid}: coordinates nested deeper than a MultiPolygon's (4 lists)")
@@ -278,9 +338,9 @@ def _without_missing_measurements(feature: Mapping[str, Any]) -> Mapping[str, An
     """``feature`` with the measurements QuPath wrote as missing (NaN, infinities) left out, as this module writes
     them: QuPath's own objects carry them (a cell detection's measurement of a stain the image lacks), and reading
     them must not fail where writing them would be refused."""
-    props = feature.get("properties") if isinstance(feature, Mapping) else None
-    measurements = props.get("measurements") if isinstance(props, Mapping) else None
-    if not isinstance(measurements, Mapping):
+    props = feature.get("properties") if _is_mapping(feature) else None
+    measurements = props.get("measurements") if _is_mapping(props) else None
+    if not _is_mapping(measurements):
         return feature
     kept = {
         key: value
@@ -300,7 +360,7 @@ def class_name(classification: Any) -> str | None:
     >>> class_name({"names": ["Tumor", "Positive"], "color": [200, 50, 50]}), class_name(None)
     ('Tumor: Positive', None)
     """
-    if not isinstance(classification, Mapping):
+    if not _is_mapping(classification):
         return None
     if "names" in classification:
         return ": ".join(str(n) for n in classification["names"])
@@ -319,11 +379,11 @@ _READ_ID_NAMESPACE = uuid.UUID("5d1e3a52-8c0e-4f7e-9b8e-6a1f2c3d4e5f")
 def _written_before_04(feature: Mapping[str, Any]) -> str | None:
     """What marks ``feature`` as QuPath 0.2's or 0.3's GeoJSON (PathObjectTypeAdapters, GsonTools v0.3.2), or None."""
     props = feature.get("properties")
-    if isinstance(props, Mapping):
+    if _is_mapping(props):
         if "object_type" in props:
             return "'object_type', not 'objectType'"
         cls = props.get("classification")
-        if isinstance(cls, Mapping) and "colorRGB" in cls and "color" not in cls:
+        if _is_mapping(cls) and "colorRGB" in cls and "color" not in cls:
             return "a classification's 'colorRGB', not 'color'"
         if isinstance(props.get("measurements"), list):
             return "measurements as a list of name and value, not an object"
@@ -339,7 +399,7 @@ def as_written_by_qupath(feature: Any) -> Any:
     given, the same on every read). GeoJSON of QuPath 0.2 or 0.3 is refused, naming what marks it: its classes,
     object types and measurements are written otherwise. Anything else is returned as it is, for
     :func:`validate_feature` to name."""
-    if not isinstance(feature, Mapping) or feature.get("type") != "Feature":
+    if not _is_mapping(feature) or feature.get("type") != "Feature":
         return feature
     old = _written_before_04(feature)
     if old is not None:
@@ -351,21 +411,19 @@ def as_written_by_qupath(feature: Any) -> Any:
     props = feature.get("properties", {})
     if props is None:  # QuPath reads a feature of no properties as an unclassified annotation
         props = {}
-    if not isinstance(props, Mapping):
+    if not _is_mapping(props):
         return feature
     props = {"objectType": "annotation", **props}  # QuPath's reader makes an object of no type an annotation
     cls = props.get("classification")
     if isinstance(cls, str):  # PathClass.fromString
         props["classification"] = {"name": cls}
-    elif isinstance(cls, Mapping) and isinstance(cls.get("color"), list) and len(cls["color"]) == 4:
+    elif _is_mapping(cls) and isinstance(cls.get("color"), list) and len(cls["color"]) == 4:
         color = cls["color"]
         if all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in color):
             props["classification"] = {**cls, "color": color[:3]}  # its alpha: QuPath's class colour with alpha
     out = {**feature, "properties": props}
     fid = feature.get("id")
-    try:
-        uuid.UUID(str(fid))
-    except ValueError:
+    if not _is_uuid(fid):
         text = json.dumps(feature, sort_keys=True, default=str)
         out["id"] = str(uuid.uuid5(_READ_ID_NAMESPACE, text))
     return out
@@ -382,7 +440,7 @@ def from_feature(feature: Mapping[str, Any]) -> QuPathObject:
     name = class_name(cls)
     color = None if cls is None or cls.get("color") is None else tuple(cls["color"])
     try:  # the nesting and counts shapely needs: a ring of 4+ points, a line of 2+, a point of 2-3 numbers
-        geometry = shapely.geometry.shape(feature["geometry"])
+        geometry = _polygon(feature["geometry"]) or shapely.geometry.shape(feature["geometry"])
     except (ValueError, TypeError, IndexError, shapely.errors.ShapelyError) as err:
         kind, why = feature["geometry"]["type"], str(err).strip()
         raise GeoJsonError(
@@ -392,7 +450,7 @@ def from_feature(feature: Mapping[str, Any]) -> QuPathObject:
     plane = feature["geometry"].get("plane")
     plane_zt = (0, 0)
     if plane is not None:
-        z, t = (plane.get("z", 0), plane.get("t", 0)) if isinstance(plane, Mapping) else (None, None)
+        z, t = (plane.get("z", 0), plane.get("t", 0)) if _is_mapping(plane) else (None, None)
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (z, t)):
             raise GeoJsonError(
                 f"feature {feature['id']}: its geometry's plane must be an object of whole numbers z and t from 0, "
@@ -411,6 +469,22 @@ def from_feature(feature: Mapping[str, Any]) -> QuPathObject:
         color=color,
         missing=props["objectType"] == "tmaCore" and props.get("isMissing") is True,
     )
+
+
+def _polygon(geometry: Mapping[str, Any]) -> BaseGeometry | None:
+    """A Polygon's shapely geometry built from arrays (the bulk of a slide's objects: cells, nuclei), as
+    ``shapely.geometry.shape`` builds it point by point in Python; None for any other geometry or one whose rings
+    are not each 4 or more positions of one dimension, left to ``shape`` and its errors."""
+    rings = geometry["coordinates"]
+    if geometry["type"] != "Polygon" or not rings or any(len(ring) < 4 for ring in rings):
+        return None
+    try:
+        arrays = [np.asarray(ring, dtype=np.float64) for ring in rings]
+    except ValueError:  # positions of 2 and 3 numbers mixed
+        return None
+    if any(a.ndim != 2 for a in arrays) or len({a.shape[1] for a in arrays}) != 1 or arrays[0].shape[1] not in (2, 3):
+        return None
+    return shapely.polygons(arrays[0], holes=arrays[1:] or None)
 
 
 def read_geojson_text(path: str | Path) -> str:
@@ -444,33 +518,122 @@ def read_geojson_text(path: str | Path) -> str:
         raise GeoJsonError(f"not a readable {kind} file ({err})") from err
 
 
-def read_features(path: str | Path, *, keep: Callable[[Any], bool] | None = None) -> Iterator[QuPathObject]:
+def read_features(
+    path: str | Path, *, keep: Callable[[Any], bool] | None = None, unparsed: Sequence[str] = ()
+) -> Iterator[QuPathObject]:
     """Read a QuPath GeoJSON file (:func:`read_geojson_text`): a FeatureCollection, a list of features, or one
     feature. ``keep(feature)``, given, passes over the feature dicts it rejects before they are parsed: a slide's
     hundreds of thousands of nuclei cost a reader that wants its regions and tiles seconds per image
-    (:func:`not_detections`)."""
-    data = json.loads(read_geojson_text(path))
-    if isinstance(data, Mapping) and data.get("type") == "FeatureCollection":
+    (:func:`not_detections`).
+
+    A file written one feature a line (this module's :func:`write_features`, ``pdl1_export_labels.groovy``) is read
+    a line at a time, never whole: a slide's cells are hundreds of MB of JSON, which parsed whole took five times
+    their size in memory. Lines holding one of the texts ``unparsed`` are passed over without parsing there; they
+    must be features ``keep`` rejects (such as :data:`DETECTION_LINE_TYPES` with :func:`not_detections`), so the
+    objects are the same whichever way the file is read. Any other layout is read whole."""
+    path = Path(path)
+    done = 0  # features of the line layout already passed on: a layout broken further on is read whole after them
+    if path.suffix.lower() not in (".gz", ".zip"):
+        try:
+            for item in _features_by_line(path, unparsed):
+                done += 1
+                if item is not _UNPARSED and (keep is None or keep(item)):
+                    yield from_feature(item)
+            return
+        except _NotByLineError:
+            pass
+    items = _features_whole(path)
+    for i in range(done, len(items)):
+        item, items[i] = items[i], None  # let go of each as it is read: less to hold, and for the collector to walk
+        if keep is None or keep(item):
+            yield from_feature(item)
+
+
+# How a feature line's object type reads where QuPath's Gson (compact: no spaces) or this module wrote it: inside a
+# JSON string the quotes would be escaped, so a line holding one is a detection's or a cell's, whatever names say.
+DETECTION_LINE_TYPES = ('"objectType":"detection"', '"objectType":"cell"')
+# The first and last line of a file written one feature a line: pdl1_export_labels.groovy's, write_features_to's.
+_LINE_LAYOUTS = {"[": "]", '{"type":"FeatureCollection","features":[': "]}"}
+_UNPARSED = object()  # a line passed over unparsed (``unparsed``)
+
+
+class _NotByLineError(Exception):
+    """The file is not in a line layout (from the line where that shows): read it whole."""
+
+
+def _features_by_line(path: Path, unparsed: Sequence[str]) -> Iterator[Any]:
+    """The feature dicts of a file in a :data:`_LINE_LAYOUTS` layout, one line at a time (:data:`_UNPARSED` for a
+    line holding one of ``unparsed``); raises :class:`_NotByLineError` where the file turns out to be laid out otherwise
+    (pretty-printed, one line, two objects on a line, a comma missing or extra, text after the end), so that what
+    this yields is exactly what parsing the whole file gives, in order."""
+    with path.open(encoding="utf-8") as fh:
+        closing = _LINE_LAYOUTS.get(fh.readline(64).strip())  # 64: not a whole one-line export of 1 GB
+        if closing is None:
+            raise _NotByLineError
+        comma = None  # whether the last feature line ended with a comma (None: no feature yet)
+        while line := fh.readline():
+            text = line.strip()
+            if not text:
+                continue
+            if text == closing:
+                if comma or fh.read().strip():  # "[{...},]" or text after the end: JSON's parser names it
+                    raise _NotByLineError
+                return
+            if comma is False:
+                raise _NotByLineError
+            comma = text.endswith(",")
+            text = text.removesuffix(",")
+            if any(marker in text for marker in unparsed):
+                yield _UNPARSED
+                continue
+            try:
+                item = json.loads(text)
+            except json.JSONDecodeError:
+                raise _NotByLineError from None
+            if not isinstance(item, dict):
+                raise _NotByLineError
+            yield item
+    raise _NotByLineError  # cut short: no closing line
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cycle collector paused: parsing a file of cells whole (lists and dicts by the million, none in a cycle)
+    set it off again and again over the growing tree, 40 % of reading a 260 MiB export of QuPath's."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _features_whole(path: Path) -> list[Any]:
+    """The feature dicts of a GeoJSON file parsed whole (any layout; compressed too)."""
+    text = read_geojson_text(path)
+    with _collector_paused():
+        data = json.loads(text)
+    del text
+    if _is_mapping(data) and data.get("type") == "FeatureCollection":
         items = data.get("features", [])
         if not isinstance(items, list):
             raise GeoJsonError(f"a FeatureCollection's 'features' must be a list, got {type(items).__name__}")
-    elif isinstance(data, list):
-        items = data
-    elif isinstance(data, Mapping) and data.get("type") == "Feature":
-        items = [data]
-    else:  # any other JSON (a run's summary, a config) said "expected type 'Feature', got None"
-        kind = f"an object of type {data.get('type')!r}" if isinstance(data, Mapping) else type(data).__name__
-        raise GeoJsonError(
-            f"not GeoJSON objects: the file holds {kind}; expected a FeatureCollection, a list of features or one "
-            "Feature, as QuPath exports them"
-        )
-    for item in items:
-        if keep is None or keep(item):
-            yield from_feature(item)
+        return items
+    if isinstance(data, list):
+        return data
+    if _is_mapping(data) and data.get("type") == "Feature":
+        return [data]
+    # any other JSON (a run's summary, a config) said "expected type 'Feature', got None"
+    kind = f"an object of type {data.get('type')!r}" if _is_mapping(data) else type(data).__name__
+    raise GeoJsonError(
+        f"not GeoJSON objects: the file holds {kind}; expected a FeatureCollection, a list of features or one "
+        "Feature, as QuPath exports them"
+    )
 
 
 def not_detections(feature: Any) -> bool:
     """``keep`` for :func:`read_features`: everything but detections and cells (nuclei), told from the feature dict
     before it is parsed (a malformed one is kept, for the parse to name)."""
-    props = feature.get("properties") if isinstance(feature, Mapping) else None
-    return not isinstance(props, Mapping) or props.get("objectType") not in ("detection", "cell")
+    props = feature.get("properties") if _is_mapping(feature) else None
+    return not _is_mapping(props) or props.get("objectType") not in ("detection", "cell")

@@ -70,7 +70,14 @@ from bridge.project import (
     read_project,
     review_reason_text,
 )
-from bridge.qupath_geojson import READ_ONLY_OBJECT_TYPES, QuPathObject, not_detections, read_features
+from bridge.qupath_geojson import (
+    DETECTION_LINE_TYPES,
+    READ_ONLY_OBJECT_TYPES,
+    QuPathObject,
+    class_name,
+    not_detections,
+    read_features,
+)
 from bridge.record_summary import RUN, SCRIPT, RecordsSummary, entry_summary_from_records, newer_source
 from bridge.run_lock import remove_orphan_parts, run_lock
 from bridge.targets import (
@@ -332,12 +339,27 @@ def target_score_parts(
     return parts, tuple(why)
 
 
+_LABEL_AREA_CLASSES = (TRAINING_REGION.name, PDL1_POSITIVE.name, PDL1_NEGATIVE.name)
+
+
+def _is_ignore(cls: str | None) -> bool:
+    return cls is not None and cls.startswith(IGNORE.name.rstrip("*"))
+
+
+def _may_label_area(feature: Any) -> bool:
+    """``keep`` for an export read for :func:`labelled_area`: everything but the detections and cells of other classes
+    (a slide's cells, most of the file, are not parsed into objects)."""
+    if not_detections(feature):
+        return True
+    cls = class_name((feature.get("properties") or {}).get("classification"))
+    return cls in _LABEL_AREA_CLASSES or _is_ignore(cls)
+
+
 def labelled_area(objects: Iterable[QuPathObject]) -> BaseGeometry:
     """The area a person labelled: training regions and drawn ``PD-L1 positive``/``negative`` areas, less
     ``Ignore*`` (the label classes of :mod:`bridge.labels`); this tool's own results are not labels."""
     keep: list[BaseGeometry] = []
     ignore: list[BaseGeometry] = []
-    label_classes = (TRAINING_REGION.name, PDL1_POSITIVE.name, PDL1_NEGATIVE.name)
     for obj in objects:
         if obj.geometry.is_empty or obj.geometry.geom_type not in ("Polygon", "MultiPolygon"):
             continue
@@ -346,9 +368,9 @@ def labelled_area(objects: Iterable[QuPathObject]) -> BaseGeometry:
         if obj.object_type in READ_ONLY_OBJECT_TYPES or obj.plane_zt != (0, 0):  # no labels to training either
             continue
         geometry = obj.geometry if obj.geometry.is_valid else shapely.make_valid(obj.geometry)
-        if obj.classification in label_classes:
+        if obj.classification in _LABEL_AREA_CLASSES:
             keep.append(geometry)
-        elif obj.classification is not None and obj.classification.startswith(IGNORE.name.rstrip("*")):
+        elif _is_ignore(obj.classification):
             ignore.append(geometry)
     if not keep:
         return shapely.Polygon()
@@ -462,7 +484,7 @@ def _entry_objects(
         exported = export_path(info_folder, entry.entry_id)
         if exported.is_file():
             try:
-                out[entry.entry_id] = (list(read_features(exported)), str(exported))
+                out[entry.entry_id] = (list(read_features(exported, keep=_may_label_area)), str(exported))
             except (ValueError, Pdl1Error) as err:
                 raise ReviewQueueError(
                     f"{exported}: not a QuPath GeoJSON export ({err}); run pdl1_export_labels.groovy again"
@@ -656,7 +678,11 @@ def build_queue(
         geojson = pdl1 / entry.entry_id / "objects.geojson"
         try:
             # Its regions and tiles: the nuclei, most of the file, are passed over unparsed.
-            objects = list(read_features(geojson, keep=not_detections)) if geojson.is_file() else []
+            objects = (
+                list(read_features(geojson, keep=not_detections, unparsed=DETECTION_LINE_TYPES))
+                if geojson.is_file()
+                else []
+            )
         except (ValueError, Pdl1Error) as err:  # the entry is ranked by its summary, without regions; said
             region_notes[entry.entry_id].append(f"no regions listed: {geojson} does not read ({err}); {fix}")
             objects = []

@@ -442,3 +442,23 @@ def test_the_export_benchmark_writes_the_scripts_layout_whose_targets_the_reader
     assert lines[0] == "[" and lines[-1] == "]" and len(lines) == 2 + 6 + 25  # one object a line, as the script
     entry = read_exported_entry(tmp_path, "1", "bench.svs")
     assert (len(entry.annotations), len(entry.cores)) == (2, 4)
+
+
+def test_the_train_labels_benchmark_writes_both_layouts_whose_cells_are_each_a_nucleus_label(tmp_path):
+    from benchmarks.export_targets import write_export
+    from benchmarks.train_labels import CLASSES
+    from bridge.labels import LabelRules, read_geojson_labels
+    from inference.phantom.truth import NUCLEUS_CLASSES
+
+    read = {}
+    for layout, one_line in (("script", False), ("export objects", True)):
+        path = tmp_path / f"{layout}.geojson"
+        write_export(path, 25, cell_classes=CLASSES, offset_px=10.0, one_line=one_line)
+        assert len(path.read_text(encoding="utf-8").splitlines()) == (1 if one_line else 2 + 6 + 25)
+        labels = read_geojson_labels(
+            path, slide="bench.svs", image_size_px=(20_000, 20_000), rules=LabelRules(class_names=NUCLEUS_CLASSES)
+        )
+        read[layout] = labels
+        assert len(labels.points_xy) == 25
+        assert [NUCLEUS_CLASSES[c] for c in labels.points_class[:2]] == list(CLASSES)
+    assert (read["script"].points_xy == read["export objects"].points_xy).all()

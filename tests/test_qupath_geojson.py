@@ -151,9 +151,11 @@ def test_geojson_module_does_not_import_torch():
         ([{"type": "Point", "coordinates": [0, float("nan")]}], "must be finite numbers, got NaN"),
     ],
 )
-def test_malformed_features_name_the_problem(tmp_path, features, says):
+@pytest.mark.parametrize("by_line", [False, True], ids=["one line", "a feature a line"])
+def test_malformed_features_name_the_problem(tmp_path, features, says, by_line):
     """Hand-written or hand-edited GeoJSON (labels for `pdl1 train`) gave a traceback or shapely's bare
-    'A linearring requires at least 4 coordinates.' without the feature or the fix."""
+    'A linearring requires at least 4 coordinates.' without the feature or the fix. The same whether the file is read
+    whole or a line at a time (the layout pdl1_export_labels.groovy writes)."""
     if isinstance(features, list) and features and isinstance(features[0], dict):
         geometry, cls, measurements = (*features, None, None)[:3]
         props = {"objectType": "annotation"}
@@ -163,7 +165,10 @@ def test_malformed_features_name_the_problem(tmp_path, features, says):
             props["measurements"] = measurements
         features = [{"type": "Feature", "id": str(uuid.uuid4()), "geometry": geometry, "properties": props}]
     path = tmp_path / "labels.geojson"
-    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    if by_line and isinstance(features, list):
+        path.write_text("[\n" + ",\n".join(json.dumps(f, separators=(",", ":")) for f in features) + "\n]\n")
+    else:
+        path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     with pytest.raises(GeoJsonError, match=says):
         list(read_features(path))
 
@@ -329,3 +334,127 @@ def test_values_qupath_would_not_write_are_refused_by_the_lenient_reading_too(tm
     }
     with pytest.raises(GeoJsonError, match=says):
         list(read_features(_export(tmp_path, [feature])))
+
+
+def _objects_parsed_whole(path):
+    """What read_features gives a file parsed at once, as it read every file before it read some a line at a time."""
+    from bridge.qupath_geojson import from_feature
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return [from_feature(f) for f in (data["features"] if isinstance(data, dict) else data)]
+
+
+def _same_objects(a, b):
+    return len(a) == len(b) and all(
+        x.geometry.equals_exact(y.geometry, 0) and {**vars(x), "geometry": None} == {**vars(y), "geometry": None}
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_a_file_written_a_feature_a_line_is_read_a_line_at_a_time(tmp_path, monkeypatch):
+    # A slide's cells are hundreds of MB of JSON; parsed whole they took five times that in memory (pdl1 train on an
+    # export beside QuPath's cells: 1.8 GB for 300 000). What this module and pdl1_export_labels.groovy write is read
+    # a line at a time: the same objects, and no whole-file parse.
+    from bridge import qupath_geojson
+
+    objects = [
+        QuPathObject(
+            Polygon([(0, 0), (9, 0), (9, 9), (0, 9)], [[(2, 2), (4, 2), (4, 4)]]), "annotation", "T", color=(1, 2, 3)
+        ),
+        QuPathObject(Point(1, 2), "detection", "Tumor: Positive", {"p": 0.5, "n": 3}),
+        QuPathObject(Polygon([(0, 0, 1), (5, 0, 1), (5, 5, 1)]), "detection", "Tumor: Negative"),
+    ]
+    ours = tmp_path / "ours.geojson"
+    write_features(ours, [to_feature(o) for o in objects])
+    script = tmp_path / "script.geojson"  # pdl1_export_labels.groovy: "[", a compact object a line, "]"
+    lines = [json.dumps(to_feature(o), separators=(",", ":")) for o in objects]
+    script.write_text("[\n" + ",\n".join(lines) + "\n]\n")
+    real = qupath_geojson.json.loads
+    texts = []
+    monkeypatch.setattr(qupath_geojson.json, "loads", lambda text, *a, **k: texts.append(text) or real(text, *a, **k))
+    for path in (ours, script):
+        texts.clear()
+        read = list(read_features(path))
+        assert len(texts) == 3 and all(t.startswith('{"type":"Feature"') for t in texts), path.name
+        assert _same_objects(read, _objects_parsed_whole(path)), path.name
+        assert read[0].geometry.equals(objects[0].geometry) and read[2].geometry.has_z
+    empty = tmp_path / "empty.geojson"
+    write_features(empty, [])
+    assert list(read_features(empty)) == []
+
+
+@pytest.mark.parametrize(
+    ("layout", "valid"),
+    [
+        ("[\n{a},\n{b}\n]\n", True),  # the script's layout
+        ("[\n{a},\n\n{b}\n\n]\n\n", True),  # blank lines
+        ("[\n{a}, {b}\n]\n", True),  # two on a line: read whole
+        ("[\n{a},\n{b}]\n", True),  # the end on the last object's line: read whole
+        ("[\n{a},\n{b}\n]", True),  # no newline at the end
+        ("[\n{a},\n{B}\n]\n", True),  # the second pretty-printed: read whole after the first, each once
+        ("[\n{a},\n{b}\n]\n\n  \n", True),
+        ("[\n{a}\n{b}\n]\n", False),  # a comma missing
+        ("[\n{a},\n{b},\n]\n", False),  # a comma too many
+        ("[\n{a},\n{b}\n]\n]\n", False),  # text after the end
+        ("[\n{a},\n{b}\n", False),  # cut short
+        ("[\n{a},\n{b", False),  # cut short inside an object
+        ("[\n{a},\n1\n]\n", False),  # not a feature: named as such
+    ],
+)
+def test_a_file_laid_out_otherwise_than_its_first_line_says_reads_as_json_reads_it(tmp_path, layout, valid):
+    # Whatever follows a first line of "[": the objects JSON's parser gives the file, once each and in order, or its
+    # error; never a partial read taken for the whole.
+    from bridge.qupath_geojson import from_feature
+
+    a, b = (to_feature(QuPathObject(Point(i, i), "detection", "Other", {"i": i})) for i in range(2))
+    compact = {"{a}": json.dumps(a, separators=(",", ":")), "{b}": json.dumps(b, separators=(",", ":"))}
+    text = layout.replace("{B}", json.dumps(b, indent=1))
+    for mark, feature in compact.items():
+        text = text.replace(mark, feature)
+    path = tmp_path / "f.geojson"
+    path.write_text(text)
+    try:
+        expected = [from_feature(f) for f in json.loads(text)]
+    except (json.JSONDecodeError, GeoJsonError) as err:
+        assert not valid
+        with pytest.raises(type(err)):
+            list(read_features(path))
+        return
+    assert valid
+    assert _same_objects(list(read_features(path)), expected)
+
+
+@pytest.mark.parametrize(
+    ("kind", "coordinates"),
+    [
+        ("Point", [1, 2.5]),
+        ("Point", [1e308, 1e308]),  # each finite, their sum not: the full scan decides
+        ("Point", [1, True]),
+        ("Point", [1, 2, 3, 4]),
+        ("MultiPoint", [[0, 0], [1, 1, 1]]),
+        ("LineString", [[0, 0], [1, "1"]]),
+        ("Polygon", [[[0, 0], [1, 0], [1, 1], [0, 0]], []]),
+        ("Polygon", [[[0, 0], [1, 0], [1, 1], [0, math.inf]]]),
+        ("Polygon", [[[0, 0], [1, 0], [1, [1]], [0, 0]]]),
+        ("Polygon", [[0, 0], [1, 0], [1, 1], [0, 0]]),
+        ("MultiPolygon", [[[[0, 0], [1, 0], [1, 1], [0, 0]]], [[[5, 5], [6, 5], [6, 6], [5, 5]]]]),
+        ("MultiPolygon", [[[[0, 0], [1, 0], [1, 1], [0, 0]]], [[[5, 5], [6, 5], [6, None], [5, 5]]]]),
+    ],
+)
+def test_the_shortcut_for_plain_coordinates_passes_nothing_the_full_scan_refuses(kind, coordinates):
+    # The check of each number in a Python loop cost a third of reading a slide's cells; the shortcut tests types
+    # in C and leaves anything else to the scan, which names the problem.
+    from bridge.qupath_geojson import _plain_positions, scan_coordinates
+
+    scan = scan_coordinates(coordinates)
+    if _plain_positions(coordinates, kind) is not None:
+        assert scan.depth <= 4 and scan.stray is None and scan.non_finite is None
+    feature = to_feature(QuPathObject(Point(0, 0), "annotation"))
+    feature["geometry"]["coordinates"] = coordinates
+    feature["geometry"]["type"] = kind
+    refused = scan.depth > 4 or scan.stray is not None or scan.non_finite is not None
+    if refused:
+        with pytest.raises(GeoJsonError, match="coordinates"):
+            validate_feature(feature)
+    else:
+        validate_feature(feature)

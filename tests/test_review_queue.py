@@ -765,3 +765,22 @@ def test_the_labelled_area_leaves_out_what_training_leaves_out():
     core = QuPathObject(box(20, 20, 30, 30), "tmaCore", "Training region")
     elsewhere = dataclasses.replace(QuPathObject(box(40, 40, 50, 50), "annotation", "Training region"), plane_zt=(2, 0))
     assert labelled_area([region, core, elsewhere]).area == 100
+
+
+def test_an_export_read_for_its_labelled_area_keeps_no_cells_but_those_of_label_classes(tmp_path):
+    # A slide's export holds its cells (a million with QuPath's cell detection), which the queue parsed into objects
+    # only to pass over them; a detection of a label class still counts, as training reads it.
+    from shapely.geometry import box
+
+    from bridge import review_queue
+    from bridge.qupath_geojson import read_features
+
+    region = QuPathObject(box(0, 0, 10, 10), "annotation", "Training region")
+    drawn = QuPathObject(box(20, 0, 30, 10), "detection", "Training region", color=(1, 2, 3))
+    ignore = QuPathObject(box(2, 2, 4, 4), "detection", "Ignore*", color=(1, 2, 3))
+    cells = [QuPathObject(box(i, 40, i + 1, 41), "detection", "Tumor: Positive") for i in range(5)]
+    path = tmp_path / "1.geojson"
+    write_features(path, [to_feature(o) for o in (region, drawn, ignore, *cells)])
+    kept = list(read_features(path, keep=review_queue._may_label_area))
+    assert [o.classification for o in kept] == ["Training region", "Training region", "Ignore*"]
+    assert review_queue.labelled_area(kept).area == review_queue.labelled_area(list(read_features(path))).area == 196

@@ -232,7 +232,7 @@ def test_an_export_in_the_scripts_layout_is_read_without_parsing_its_cells_and_a
 ):
     # pdl1_export_labels.groovy writes "[", one object a line (QuPath's compact Gson), "]": a slide with QuPath's cell
     # detection has a million cells, which the targets do not need.
-    from bridge import exported_targets
+    from bridge import qupath_geojson
 
     named = _annotation(box(0, 0, 90, 90), "Tumor", name='"objectType":"detection"')  # escaped inside the name
     cells = [to_feature(QuPathObject(Point(i, i), "detection", "Tumor", {}, color=(9, 9, 9))) for i in range(3)]
@@ -244,11 +244,15 @@ def test_an_export_in_the_scripts_layout_is_read_without_parsing_its_cells_and_a
         "one line": json.dumps(features),
         "pretty": json.dumps(features, indent=2),
     }
-    real = exported_targets.from_feature
-    parsed = []  # the objectType of each feature the fast path parsed
-    monkeypatch.setattr(
-        exported_targets, "from_feature", lambda f: parsed.append(f["properties"]["objectType"]) or real(f)
-    )
+    real = qupath_geojson.json.loads
+    parsed = []  # the objectType of each feature parsed on its own ("whole": the file parsed at once)
+
+    def loads(text, *args, **kwargs):
+        out = real(text, *args, **kwargs)
+        parsed.append(out["properties"]["objectType"] if isinstance(out, dict) else "whole")
+        return out
+
+    monkeypatch.setattr(qupath_geojson.json, "loads", loads)
     for layout, text in layouts.items():
         path = tmp_path / layout / "pdl1" / "labels" / "1.geojson"
         path.parent.mkdir(parents=True)
@@ -257,8 +261,8 @@ def test_an_export_in_the_scripts_layout_is_read_without_parsing_its_cells_and_a
         entry = read_exported_entry(tmp_path / layout, "1", "s.svs")
         assert [a.object_id for a in entry.annotations] == [named["id"]], layout
         assert [c.object_id for c in entry.cores] == [core["id"]], layout
-        # The script's layout: no cell parsed; another is read whole (read_features, which parses its own way).
-        assert parsed == (["annotation", "tmaCore"] if layout == "script" else []), layout
+        # The script's layout: a line at a time, no cell parsed; another is read whole.
+        assert parsed == (["annotation", "tmaCore"] if layout == "script" else ["whole"]), layout
 
 
 def test_the_training_regions_of_a_project_a_real_qupath_wrote_are_analysed_from_its_own_export(

@@ -1,0 +1,60 @@
+"""``pdl1 train``'s reading of an image's labels from its GeoJSON export where the image holds QuPath's cell detection:
+the cells classified ``Tumor: Positive`` and ``Tumor: Negative`` (QuPath's positive cell detection, reviewed by a
+person) are nucleus labels at their centroids, so every cell is parsed.
+
+The same objects in two layouts: as ``pdl1_export_labels.groovy`` writes them (``[``, one compact object a line,
+``]``), read a line at a time, and as QuPath's File > Export objects writes them (compact, one line), which can only
+be parsed whole. Each case runs in a fresh Python process so its peak RSS is its own (``ru_maxrss``); the time is the
+reading alone (``bridge.labels.read_geojson_labels``: parse, validate, build the labels).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from benchmarks.export_targets import ReadInChild, write_export
+
+_CHILD = r"""
+import json, resource, sys, time
+from bridge.labels import LabelRules, read_geojson_labels
+from inference.phantom.truth import NUCLEUS_CLASSES
+
+t0 = time.perf_counter()
+labels = read_geojson_labels(sys.argv[1], slide="bench.svs", image_size_px=(20_000, 20_000),
+                             rules=LabelRules(class_names=NUCLEUS_CLASSES))
+print(json.dumps({"seconds": time.perf_counter() - t0, "points": len(labels.points_xy),
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+CLASSES = ("Tumor: Positive", "Tumor: Negative")
+
+
+class TrainLabels(ReadInChild):
+    """``pdl1 train``'s reading of an image's labels beside QuPath's cells: k cells/s and peak RSS."""
+
+    child = _CHILD
+    modes = (
+        ("QuPath's File > Export objects (one line): parsed whole", "whole"),
+        ("ours: pdl1_export_labels.groovy's layout, read a line at a time", "lines"),
+    )
+
+    def setup(self, *, quick: bool) -> None:
+        self.cells = 20_000 if quick else 300_000
+        self.tmp = Path(tempfile.mkdtemp(prefix="pdl1-bench-"))
+        self.paths = {"lines": self.tmp / "script.geojson", "whole": self.tmp / "export-objects.geojson"}
+        self.bytes = write_export(self.paths["lines"], self.cells, cell_classes=CLASSES, offset_px=10.0)
+        write_export(self.paths["whole"], self.cells, cell_classes=CLASSES, offset_px=10.0, one_line=True)
+
+    def child_args(self, mode: str) -> list[str]:
+        return [str(self.paths[mode])]
+
+    def check(self, label: str, said: dict) -> None:
+        if said["points"] != self.cells:
+            raise RuntimeError(f"{label}: {said['points']} nucleus labels, expected one per cell ({self.cells})")
+
+    def conditions(self) -> dict[str, str]:
+        return {
+            "export": f"{self.cells} cells ({', '.join(CLASSES)} in turn; 16-vertex polygons, 5 measurements), "
+            f"2 annotations, 4 TMA cores: {self.bytes / 2**20:.0f} MiB",
+            **super().conditions(),
+        }

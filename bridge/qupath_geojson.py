@@ -565,7 +565,9 @@ def _features_by_line(path: Path, unparsed: Sequence[str]) -> Iterator[Any]:
     """The feature dicts of a file in a :data:`_LINE_LAYOUTS` layout, one line at a time (:data:`_UNPARSED` for a
     line holding one of ``unparsed``); raises :class:`_NotByLineError` where the file turns out to be laid out otherwise
     (pretty-printed, one line, two objects on a line, a comma missing or extra, text after the end), so that what
-    this yields is exactly what parsing the whole file gives, in order."""
+    this yields is exactly what parsing the whole file gives, in order. A file that ends without its closing line,
+    every object of it parsed, cannot be JSON: it is refused here (:class:`GeoJsonError`), not parsed whole again."""
+    count, passed_over = 0, False
     with path.open(encoding="utf-8") as fh:
         closing = _LINE_LAYOUTS.get(fh.readline(64).strip())  # 64: not a whole one-line export of 1 GB
         if closing is None:
@@ -583,7 +585,9 @@ def _features_by_line(path: Path, unparsed: Sequence[str]) -> Iterator[Any]:
                 raise _NotByLineError
             comma = text.endswith(",")
             text = text.removesuffix(",")
+            count += 1
             if any(marker in text for marker in unparsed):
+                passed_over = True
                 yield _UNPARSED
                 continue
             try:
@@ -593,7 +597,12 @@ def _features_by_line(path: Path, unparsed: Sequence[str]) -> Iterator[Any]:
             if not isinstance(item, dict):
                 raise _NotByLineError
             yield item
-    raise _NotByLineError  # cut short: no closing line
+    if passed_over:  # a line not parsed may hold the end itself ("{...}]"): JSON's parser decides
+        raise _NotByLineError
+    raise GeoJsonError(
+        f"cut short: the file ends after {count} object{'' if count == 1 else 's'} without the closing {closing!r} of "
+        "their list (an export or a copy interrupted, or the disk full?)"
+    )
 
 
 @contextlib.contextmanager

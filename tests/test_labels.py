@@ -369,6 +369,22 @@ def test_every_entry_s_bad_labels_are_named_in_one_refusal(labelled, tmp_path):
         read_project_labels(project, rules=RULES, qupath="never")
 
 
+def test_an_export_cut_short_is_refused_as_such_with_the_fix(labelled, tmp_path):
+    # The script's layout (one object a line) with its end missing (a copy interrupted, the disk full): read a line
+    # at a time, it is said to be cut short, not parsed again whole to fail with JSON's "Expecting ',' delimiter".
+    project = _two_he_entries(labelled, tmp_path)
+    features = json.loads(export_path(project, "2").read_text())
+    lines = [json.dumps(f, separators=(",", ":")) for f in features]
+    export_path(project, "2").write_text("[\n" + ",\n".join(lines[:-1]) + ",\n")
+    with pytest.raises(LabelError) as err:
+        read_project_labels(project, rules=RULES, qupath="never")
+    assert str(err.value) == (
+        f"{export_path(project, '2')}: cut short: the file ends after {len(lines) - 1} "
+        "objects without the closing ']' of their list (an export or a copy interrupted, or the disk full?); export "
+        "it again: run qupath_scripts/pdl1_export_labels.groovy on he-1357.svs in QuPath (or Run for project)"
+    )
+
+
 @pytest.mark.parametrize("qupath", ["never", "always"])
 def test_a_project_s_labels_carry_qupath_s_pixel_size_which_wins_over_the_file_s(
     labelled, tmp_path, monkeypatch, qupath

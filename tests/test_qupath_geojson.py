@@ -384,7 +384,7 @@ def test_a_file_written_a_feature_a_line_is_read_a_line_at_a_time(tmp_path, monk
 
 
 @pytest.mark.parametrize(
-    ("layout", "valid"),
+    ("layout", "outcome"),
     [
         ("[\n{a},\n{b}\n]\n", True),  # the script's layout
         ("[\n{a},\n\n{b}\n\n]\n\n", True),  # blank lines
@@ -396,14 +396,16 @@ def test_a_file_written_a_feature_a_line_is_read_a_line_at_a_time(tmp_path, monk
         ("[\n{a}\n{b}\n]\n", False),  # a comma missing
         ("[\n{a},\n{b},\n]\n", False),  # a comma too many
         ("[\n{a},\n{b}\n]\n]\n", False),  # text after the end
-        ("[\n{a},\n{b}\n", False),  # cut short
+        ("[\n{a},\n{b}\n", "cut short: the file ends after 2 objects without the closing ']'"),
+        ("[\n{a},\n", "cut short: the file ends after 1 object without"),  # and a comma: the same
         ("[\n{a},\n{b", False),  # cut short inside an object
         ("[\n{a},\n1\n]\n", False),  # not a feature: named as such
     ],
 )
-def test_a_file_laid_out_otherwise_than_its_first_line_says_reads_as_json_reads_it(tmp_path, layout, valid):
-    # Whatever follows a first line of "[": the objects JSON's parser gives the file, once each and in order, or its
-    # error; never a partial read taken for the whole.
+def test_a_file_laid_out_otherwise_than_its_first_line_says_reads_as_json_reads_it(tmp_path, layout, outcome):
+    # Whatever follows a first line of "[": the objects JSON's parser gives the file, once each and in order (outcome
+    # True), or its error (False), or where every object was read and the end is missing, that said (the message);
+    # never a partial read taken for the whole.
     from bridge.qupath_geojson import from_feature
 
     a, b = (to_feature(QuPathObject(Point(i, i), "detection", "Other", {"i": i})) for i in range(2))
@@ -416,11 +418,12 @@ def test_a_file_laid_out_otherwise_than_its_first_line_says_reads_as_json_reads_
     try:
         expected = [from_feature(f) for f in json.loads(text)]
     except (json.JSONDecodeError, GeoJsonError) as err:
-        assert not valid
-        with pytest.raises(type(err)):
+        assert outcome is not True
+        # Every object read and no end: said as such, not parsed again whole (a GB file cut short took GBs to fail).
+        with pytest.raises(GeoJsonError if outcome else type(err), match=outcome or None):
             list(read_features(path))
         return
-    assert valid
+    assert outcome is True
     assert _same_objects(list(read_features(path)), expected)
 
 

@@ -488,7 +488,10 @@ def _polygon(geometry: Mapping[str, Any]) -> BaseGeometry | None:
         return None
     if any(a.ndim != 2 for a in arrays) or len({a.shape[1] for a in arrays}) != 1 or arrays[0].shape[1] not in (2, 3):
         return None
-    return shapely.polygons(arrays[0], holes=arrays[1:] or None)
+    if len(arrays) == 1:
+        return shapely.polygons(arrays[0])
+    # Each hole a ring of its own: holes of different lengths do not stack into one array.
+    return shapely.polygons(shapely.linearrings(arrays[0]), holes=[shapely.linearrings(a) for a in arrays[1:]])
 
 
 def read_geojson_text(path: str | Path) -> str:
@@ -559,6 +562,8 @@ DETECTION_LINE_TYPES = ('"objectType":"detection"', '"objectType":"cell"')
 # The first and last line of a file written one feature a line: pdl1_export_labels.groovy's, write_features_to's.
 _LINE_LAYOUTS = {"[": "]", '{"type":"FeatureCollection","features":[': "]}"}
 _UNPARSED = object()  # a line passed over unparsed (``unparsed``)
+_FEATURE_START = '{"type":"Feature"'  # how QuPath's Gson and this module begin a feature
+_JSON_SPACE = " \t\r\n"  # JSON's whitespace (str.strip's default takes more: no-break spaces, form feeds)
 
 
 class _NotByLineError(Exception):
@@ -569,20 +574,22 @@ def _features_by_line(path: Path, unparsed: Sequence[str]) -> Iterator[Any]:
     """The feature dicts of a file in a :data:`_LINE_LAYOUTS` layout, one line at a time (:data:`_UNPARSED` for a
     line holding one of ``unparsed``); raises :class:`_NotByLineError` where the file turns out to be laid out otherwise
     (pretty-printed, one line, two objects on a line, a comma missing or extra, text after the end), so that what
-    this yields is exactly what parsing the whole file gives, in order. A file that ends without its closing line,
-    every object of it parsed, cannot be JSON: it is refused here (:class:`GeoJsonError`), not parsed whole again."""
+    this yields is what parsing the whole file gives, in order. A line passed over unparsed must begin as a compact
+    feature does and hold one, but is not checked further: a malformed one among them goes unnoticed. A file that
+    ends without its closing line, every object of it parsed, cannot be JSON: it is refused here
+    (:class:`GeoJsonError`), not parsed whole again."""
     count, passed_over = 0, False
     with path.open(encoding="utf-8") as fh:
-        closing = _LINE_LAYOUTS.get(fh.readline(64).strip())  # 64: not a whole one-line export of 1 GB
+        closing = _LINE_LAYOUTS.get(fh.readline(64).strip(_JSON_SPACE))  # 64: not a whole one-line export of 1 GB
         if closing is None:
             raise _NotByLineError
         comma = None  # whether the last feature line ended with a comma (None: no feature yet)
         while line := fh.readline():
-            text = line.strip()
+            text = line.strip(_JSON_SPACE)
             if not text:
                 continue
             if text == closing:
-                if comma or fh.read().strip():  # "[{...},]" or text after the end: JSON's parser names it
+                if comma or fh.read().strip(_JSON_SPACE):  # "[{...},]" or text after the end: JSON's parser names it
                     raise _NotByLineError
                 return
             if comma is False:
@@ -591,6 +598,9 @@ def _features_by_line(path: Path, unparsed: Sequence[str]) -> Iterator[Any]:
             text = text.removesuffix(",")
             count += 1
             if any(marker in text for marker in unparsed):
+                # One compact feature, whole, on the line (an unescaped '{"type":"Feature"' is JSON's, not a name's).
+                if not (text.startswith(_FEATURE_START) and text.count(_FEATURE_START) == 1 and text.endswith("}")):
+                    raise _NotByLineError
                 passed_over = True
                 yield _UNPARSED
                 continue
@@ -650,3 +660,22 @@ def not_detections(feature: Any) -> bool:
     before it is parsed (a malformed one is kept, for the parse to name)."""
     props = feature.get("properties") if _is_mapping(feature) else None
     return not _is_mapping(props) or props.get("objectType") not in ("detection", "cell")
+
+
+def keep_detections_of(wanted: Callable[[str | None], bool]) -> Callable[[Any], bool]:
+    """``keep`` for :func:`read_features`: everything but the detections and cells whose class (as :func:`from_feature`
+    reads it: a name alone too, as QuPath takes it) ``wanted`` rejects, told from the feature dict before it is parsed.
+    A malformed classification is kept, for the parse to name (it raised a TypeError here, or passed unnoticed)."""
+
+    def keep(feature: Any) -> bool:
+        if not_detections(feature):
+            return True
+        cls = feature["properties"].get("classification")
+        if cls is None or isinstance(cls, str):
+            return wanted(cls)
+        names = cls.get("names", [cls.get("name")]) if _is_mapping(cls) else None
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            return True
+        return wanted(": ".join(names))
+
+    return keep

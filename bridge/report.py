@@ -18,7 +18,6 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -41,7 +40,7 @@ from bridge.project import (
     review_reason_text,
     summary_problem,
 )
-from bridge.qupath_geojson import GeoJsonError, QuPathObject, class_name, not_detections, read_features
+from bridge.qupath_geojson import GeoJsonError, QuPathObject, keep_detections_of, read_features
 from bridge.record_summary import RUN, SCRIPT, RecordsSummary, entry_summary_from_records, newer_source
 from bridge.review_advice import review_advice
 from bridge.run_lock import output_folder_lock, run_in_progress
@@ -449,13 +448,9 @@ def _overlay_objects(item: ReportItem) -> tuple[list[QuPathObject], bool]:
     return _graded_cells(record.nuclei) + [o for _, target_objects in record.targets for o in target_objects], True
 
 
-def _drawn(feature: Any) -> bool:
-    """``keep`` for the thumbnail's objects: regions, candidates and tiles, and of the nuclei only an IHC's graded
-    positive cells (an H&E's, most of its file, are not drawn, so not parsed)."""
-    if not_detections(feature):
-        return True
-    props = feature.get("properties") or {}
-    return class_name(props.get("classification")) in _GRADE_COLOURS
+# ``keep`` for the thumbnail's objects: regions, candidates and tiles, and of the nuclei only an IHC's graded positive
+# cells (an H&E's, most of its file, are not drawn, so not parsed).
+_drawn = keep_detections_of(lambda cls: cls in _GRADE_COLOURS)
 
 
 def _graded_cells(nuclei: Iterable[TargetNuclei]) -> list[QuPathObject]:

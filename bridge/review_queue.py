@@ -74,7 +74,7 @@ from bridge.qupath_geojson import (
     DETECTION_LINE_TYPES,
     READ_ONLY_OBJECT_TYPES,
     QuPathObject,
-    class_name,
+    keep_detections_of,
     not_detections,
     read_features,
 )
@@ -346,13 +346,9 @@ def _is_ignore(cls: str | None) -> bool:
     return cls is not None and cls.startswith(IGNORE.name.rstrip("*"))
 
 
-def _may_label_area(feature: Any) -> bool:
-    """``keep`` for an export read for :func:`labelled_area`: everything but the detections and cells of other classes
-    (a slide's cells, most of the file, are not parsed into objects)."""
-    if not_detections(feature):
-        return True
-    cls = class_name((feature.get("properties") or {}).get("classification"))
-    return cls in _LABEL_AREA_CLASSES or _is_ignore(cls)
+# ``keep`` for an export read for labelled_area: everything but the detections and cells of other classes (a slide's
+# cells, most of the file, are not made objects).
+_may_label_area = keep_detections_of(lambda cls: cls in _LABEL_AREA_CLASSES or _is_ignore(cls))
 
 
 def labelled_area(objects: Iterable[QuPathObject]) -> BaseGeometry:

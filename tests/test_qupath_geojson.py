@@ -461,3 +461,78 @@ def test_the_shortcut_for_plain_coordinates_passes_nothing_the_full_scan_refuses
             validate_feature(feature)
     else:
         validate_feature(feature)
+
+
+def test_a_polygon_with_holes_of_different_lengths_reads_as_shapely_builds_it(tmp_path):
+    # Polygons are built from arrays; holes of 4 and 5 points did not stack into one and the file was refused.
+    from shapely.geometry import shape
+
+    rings = [
+        [[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]],
+        [[10, 10], [20, 10], [20, 20], [10, 10]],
+        [[50, 50], [60, 50], [60, 60], [50, 60], [50, 50]],
+    ]
+    feature = to_feature(QuPathObject(Point(0, 0), "annotation", "Ignore*"))
+    feature["geometry"] = {"type": "Polygon", "coordinates": rings}
+    path = tmp_path / "holes.geojson"
+    path.write_text("[\n" + json.dumps(feature, separators=(",", ":")) + "\n]\n")
+    (obj,) = read_features(path)
+    assert obj.geometry.wkt == shape(feature["geometry"]).wkt and obj.geometry.area == 9850
+
+
+@pytest.mark.parametrize(
+    ("layout", "kept"),
+    [
+        ("[\n{D},{A},\n{B}\n]\n", ["A", "B"]),  # a cell and an annotation on one line: read whole, none lost
+        ('[\n{A},\nnot json "objectType":"detection",\n{B}\n]\n', None),  # not a feature: JSON's error
+        ("[\n{A},\n{D}]\n", ["A"]),  # the end on a cell's line: read whole
+        ("[\n{A},\n{D}],\n{B}\n]\n", None),
+        ("[\n{A},\n{D},\n", None),  # cut short after a cell: JSON's parser decides (a cell's line is not read)
+        ("[\xa0\n{A}\n]\n", None),  # a no-break space is not JSON's whitespace
+        ("[\n{A}\n]\n\x0c", None),
+    ],
+)
+def test_lines_passed_over_unparsed_hold_one_compact_feature_each(tmp_path, layout, kept):
+    # A reader of regions and targets passes over the cells' lines unparsed; a line that is not one whole compact
+    # feature sends the file to JSON's parser, so no annotation beside a cell is lost and no broken file is read.
+    from bridge.qupath_geojson import DETECTION_LINE_TYPES, not_detections
+
+    features = {
+        "A": to_feature(QuPathObject(Point(1, 1), "annotation", "Other", name="A")),
+        "B": to_feature(QuPathObject(Point(2, 2), "annotation", "Other", name="B")),
+        "D": to_feature(QuPathObject(Point(3, 3), "detection", "Other")),
+    }
+    text = layout
+    for mark, feature in features.items():
+        text = text.replace("{" + mark + "}", json.dumps(feature, separators=(",", ":")))
+    path = tmp_path / "f.geojson"
+    path.write_text(text, encoding="utf-8")
+    read = lambda: [o.name for o in read_features(path, keep=not_detections, unparsed=DETECTION_LINE_TYPES)]  # noqa: E731
+    if kept is None:
+        with pytest.raises(json.JSONDecodeError):
+            read()
+    else:
+        assert read() == kept
+
+
+@pytest.mark.parametrize(
+    ("classification", "kept"),
+    [
+        ({"names": ["Tumor", "Positive"], "color": [1, 2, 3]}, True),
+        ({"name": "Tumor: Positive", "color": [1, 2, 3]}, True),
+        ("Tumor: Positive", True),  # a class by its name alone, as QuPath reads it (and from_feature)
+        ({"name": "Other", "color": [1, 2, 3]}, False),
+        (None, False),
+        ({"names": 5}, True),  # malformed: kept, for the parse to name (it raised a TypeError in the keep)
+        ({"names": [1, 2]}, True),
+        ({"color": [1, 2, 3]}, True),
+    ],
+)
+def test_a_keep_by_the_class_of_detections_reads_the_class_as_the_parse_does(classification, kept):
+    from bridge.qupath_geojson import keep_detections_of
+
+    keep = keep_detections_of(lambda cls: cls == "Tumor: Positive")
+    feature = to_feature(QuPathObject(Point(1, 1), "detection"))
+    feature["properties"]["classification"] = classification
+    assert keep(feature) is kept
+    assert keep(to_feature(QuPathObject(Point(1, 1), "annotation", "Other"))) is True  # not a detection: kept

@@ -435,6 +435,7 @@ class StandInRoi {
     double getBoundsWidth() { shape.getBounds2D().getWidth() }
     double getBoundsHeight() { shape.getBounds2D().getHeight() }
     java.awt.Shape getShape() { shape }
+    List getAllPoints() { vertices.collect { new java.awt.geom.Point2D.Double(it[0] as double, it[1] as double) } }
     double getArea() { qupath.lib.objects.StandInFeatureROI.areaOf(getGeometry()) }  // ROI.getArea()
     int getZ() { z }
     int getT() { t }

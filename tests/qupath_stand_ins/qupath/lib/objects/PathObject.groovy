@@ -92,6 +92,23 @@ class StandInFeatureROI {
                 area: areaOf(geometry), geometry: geometry)
     }
 
+    // ROI.getAllPoints(): a Polygon's outer ring without its closing point, as QuPath's PolygonROI holds it; every
+    // position of another geometry.
+    List<java.awt.geom.Point2D> getAllPoints() {
+        def positions = []
+        def stack = [geometry?.get("type") == "Polygon" ? geometry.get("coordinates")[0] : geometry?.get("coordinates")]
+        while (!stack.isEmpty()) {
+            def c = stack.remove(0)
+            if (c instanceof List && c.size() >= 2 && c[0] instanceof Number)
+                positions << new java.awt.geom.Point2D.Double(c[0] as double, c[1] as double)
+            else if (c instanceof List)
+                stack.addAll(0, c)
+        }
+        if (geometry?.get("type") == "Polygon" && positions.size() > 1 && positions[0] == positions[-1])
+            positions.remove(positions.size() - 1)
+        return positions
+    }
+
     // ROI.getShape(): a Polygon's or MultiPolygon's rings as one path, holes cut out (even-odd); empty else.
     java.awt.Shape getShape() {
         def path = new java.awt.geom.Path2D.Double(java.awt.geom.Path2D.WIND_EVEN_ODD)

@@ -574,7 +574,8 @@ def _features_by_line(path: Path, unparsed: Sequence[str]) -> Iterator[Any]:
     """The feature dicts of a file in a :data:`_LINE_LAYOUTS` layout, one line at a time (:data:`_UNPARSED` for a
     line holding one of ``unparsed``); raises :class:`_NotByLineError` where the file turns out to be laid out otherwise
     (pretty-printed, one line, two objects on a line, a comma missing or extra, text after the end), so that what
-    this yields is what parsing the whole file gives, in order. A line passed over unparsed must begin as a compact
+    this yields is what parsing the whole file gives, in order (a FeatureCollection that repeats its "features" key
+    after the first list aside: JSON keeps the last). A line passed over unparsed must begin as a compact
     feature does and hold one, but is not checked further: a malformed one among them goes unnoticed. A file that
     ends without its closing line, every object of it parsed, cannot be JSON: it is refused here
     (:class:`GeoJsonError`), not parsed whole again."""

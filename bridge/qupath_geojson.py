@@ -575,8 +575,10 @@ def _features_by_line(path: Path, unparsed: Sequence[str]) -> Iterator[Any]:
     line holding one of ``unparsed``); raises :class:`_NotByLineError` where the file turns out to be laid out otherwise
     (pretty-printed, one line, two objects on a line, a comma missing or extra, text after the end), so that what
     this yields is what parsing the whole file gives, in order (a FeatureCollection that repeats its "features" key
-    after the first list aside: JSON keeps the last). A line passed over unparsed must begin as a compact
-    feature does and hold one, but is not checked further: a malformed one among them goes unnoticed. A file that
+    after the first list aside: JSON keeps the last). A line passed over unparsed is taken for one feature as QuPath's
+    Gson and :func:`write_features` write them (it begins ``{"type":"Feature"``, ends ``}``, and names one Feature and
+    one ``objectType``) and is not checked further: a malformed one goes unnoticed, and JSON laid out otherwise on such
+    a line (two features, one spread over lines) could pass for one, which neither writer does. A file that
     ends without its closing line, every object of it parsed, cannot be JSON: it is refused here
     (:class:`GeoJsonError`), not parsed whole again."""
     count, passed_over = 0, False
@@ -599,8 +601,14 @@ def _features_by_line(path: Path, unparsed: Sequence[str]) -> Iterator[Any]:
             text = text.removesuffix(",")
             count += 1
             if any(marker in text for marker in unparsed):
-                # One compact feature, whole, on the line (an unescaped '{"type":"Feature"' is JSON's, not a name's).
-                if not (text.startswith(_FEATURE_START) and text.count(_FEATURE_START) == 1 and text.endswith("}")):
+                # One compact feature, whole, on the line, whose own type the marker is: unescaped, '"Feature"' and
+                # '"objectType":' are JSON's, not in a name's text.
+                if not (
+                    text.startswith(_FEATURE_START)
+                    and text.endswith("}")
+                    and text.count('"Feature"') == 1
+                    and text.count('"objectType":') == 1
+                ):
                     raise _NotByLineError
                 passed_over = True
                 yield _UNPARSED

@@ -484,6 +484,8 @@ def test_a_polygon_with_holes_of_different_lengths_reads_as_shapely_builds_it(tm
     ("layout", "kept"),
     [
         ("[\n{D},{A},\n{B}\n]\n", ["A", "B"]),  # a cell and an annotation on one line: read whole, none lost
+        ("[\n{D},{A id first}\n]\n", ["A"]),  # the annotation's keys in another order: the same
+        ("[\n{M}\n]\n", ["M"]),  # an annotation holding an object that says detection: not taken for a cell
         ('[\n{A},\nnot json "objectType":"detection",\n{B}\n]\n', None),  # not a feature: JSON's error
         ("[\n{A},\n{D}]\n", ["A"]),  # the end on a cell's line: read whole
         ("[\n{A},\n{D}],\n{B}\n]\n", None),
@@ -502,6 +504,9 @@ def test_lines_passed_over_unparsed_hold_one_compact_feature_each(tmp_path, layo
         "B": to_feature(QuPathObject(Point(2, 2), "annotation", "Other", name="B")),
         "D": to_feature(QuPathObject(Point(3, 3), "detection", "Other")),
     }
+    features["M"] = to_feature(QuPathObject(Point(4, 4), "annotation", "Other", name="M"))
+    features["M"]["properties"]["metadata"] = {"objectType": "detection"}
+    features["A id first"] = {"id": features["A"]["id"], **{k: v for k, v in features["A"].items() if k != "id"}}
     text = layout
     for mark, feature in features.items():
         text = text.replace("{" + mark + "}", json.dumps(feature, separators=(",", ":")))

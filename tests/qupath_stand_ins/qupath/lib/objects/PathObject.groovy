@@ -92,11 +92,12 @@ class StandInFeatureROI {
                 area: areaOf(geometry), geometry: geometry)
     }
 
-    // ROI.getAllPoints(): a Polygon's outer ring without its closing point, as QuPath's PolygonROI holds it; every
-    // position of another geometry.
+    // ROI.getAllPoints() of what QuPath makes of a GeoJSON geometry (GeometryTools.geometryToROI v0.7.0:1491-1507):
+    // a polygon's vertices with its closing point (a PolygonROI), every ring's of one with holes or of several parts
+    // (a GeometryROI), in order.
     List<java.awt.geom.Point2D> getAllPoints() {
         def positions = []
-        def stack = [geometry?.get("type") == "Polygon" ? geometry.get("coordinates")[0] : geometry?.get("coordinates")]
+        def stack = [geometry?.get("coordinates")]
         while (!stack.isEmpty()) {
             def c = stack.remove(0)
             if (c instanceof List && c.size() >= 2 && c[0] instanceof Number)
@@ -104,8 +105,6 @@ class StandInFeatureROI {
             else if (c instanceof List)
                 stack.addAll(0, c)
         }
-        if (geometry?.get("type") == "Polygon" && positions.size() > 1 && positions[0] == positions[-1])
-            positions.remove(positions.size() - 1)
         return positions
     }
 

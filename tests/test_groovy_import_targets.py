@@ -144,3 +144,50 @@ def test_the_cores_results_go_under_each_core_and_replace_an_earlier_whole_image
     assert log[-1].startswith("pdl1: imported ") and log[-1].endswith(" under 2 of 2 targets for image 1: A-1, B-1")
     assert seen["children"]["A-1"] and seen["children"]["B-1"] and seen["children"]["A-2"] == []
     assert "PD-L1: Uncertainty flag" in seen["measured"]["A-1"] and seen["measured"]["A-2"] == {}
+
+
+@needs_groovy
+def test_the_outline_check_takes_the_same_vertices_without_areas_and_else_compares_areas(tmp_path):
+    # sameOutline's helpers run in plain Groovy on ROIs of two calls: vertices (ROI.getAllPoints) and a shape
+    # (ROI.getShape). The same vertices, a closing point on one side only, need no shape (a brush annotation's
+    # java.awt.geom.Area took seconds); a ring with a hole against the same ring without it is told by its area.
+    from tests.test_groovy_scripts import run_groovy
+
+    driver = """
+class R {
+    List xy; List hole = []
+    List getAllPoints() {  // every ring's, as a GeometryROI's
+        (xy + hole).collect { new java.awt.geom.Point2D.Double(it[0] as double, it[1] as double) }
+    }
+    java.awt.Shape getShape() {
+        if (xy.size() > 400) throw new IllegalStateException("no shape for the same vertices")
+        def path = new java.awt.geom.Path2D.Double(java.awt.geom.Path2D.WIND_EVEN_ODD)
+        [xy, hole].findAll { !it.isEmpty() }.each { ring ->
+            path.moveTo(ring[0][0] as double, ring[0][1] as double)
+            ring.drop(1).each { path.lineTo(it[0] as double, it[1] as double) }
+            path.closePath()
+        }
+        return path
+    }
+    double area = Double.NaN  // ROI.getArea(): set below where the check may ask
+    double getArea() { area }
+}
+def measured = { R r -> r.area = shapeArea(new java.awt.geom.Area(r.getShape())); r }
+def circle = (0..<1000).collect { k ->
+    def a = 2 * Math.PI * k / 1000
+    [500 + 400 * Math.cos(a), 500 + 400 * Math.sin(a)]
+}
+def square = [[0, 0], [100, 0], [100, 100], [0, 100]]
+def holed = measured(new R(xy: square, hole: [[40, 40], [60, 40], [60, 60], [40, 60]]))
+println JsonOutput.toJson([
+    sameVertices: sameOutline(new R(xy: circle), new R(xy: circle + [circle[0]])),
+    square: sameOutline(measured(new R(xy: square)), measured(new R(xy: [[0, 0], [0, 100], [100, 100], [100, 0]]))),
+    flipped: sameOutline(measured(new R(xy: [[0, 0], [100, 0], [0, 100]])),
+                         measured(new R(xy: [[100, 0], [100, 100], [0, 100]]))),
+    hole: sameOutline(holed, measured(new R(xy: square))),
+    holeArea: holed.getArea(),
+])
+"""
+    (said,) = run_groovy(tmp_path, driver, IMPORT)
+    # the square's vertices in another order: the same outline, by area
+    assert said == {"sameVertices": True, "square": True, "flipped": False, "hole": False, "holeArea": 9600.0}

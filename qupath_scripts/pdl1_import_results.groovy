@@ -532,6 +532,11 @@ def isOwn = { PathObject obj ->
     return false
 }
 
+// The 'PD-L1 analysis' annotation a whole-image run puts its results under (bridge/objects.py: analysis_annotation).
+def isWholeImageAnalysis = { PathObject obj ->
+    obj.getPathClass() != null && obj.getPathClass().toString() == ANALYSIS_CLASS && obj.getName() == ANALYSIS_CLASS
+}
+
 def hierarchy = getCurrentHierarchy()
 // Replaces this tool's earlier objects under an analysed parent (and those Resolve hierarchy moved out of it) with a
 // run's: its measurements from what stood for it in the file (written), then its new children.
@@ -584,10 +589,7 @@ if (!fromExport.isEmpty()) {
     setAsideRecordsOf(placed)
     notDone.each { println "pdl1: ${entry.getImageName()}: not imported: ${it}" }
     if (placed.any { it.isTMACore() }) {  // as pdl1 run through QuPath and pdl1_analyze.groovy do for the cores
-        def analyses = hierarchy.getAnnotationObjects().findAll {
-            it.getPathClass() != null && it.getPathClass().toString() == ANALYSIS_CLASS &&
-                    it.getName() == ANALYSIS_CLASS
-        }
+        def analyses = hierarchy.getAnnotationObjects().findAll(isWholeImageAnalysis)
         def gone = removeWholeImageAnalysis(analyses, isOwn, hierarchy)
         if (gone > 0) {
             fireHierarchyUpdate()
@@ -614,9 +616,7 @@ if (newParent.getPathClass() == null || newParent.getPathClass().toString() != A
     return
 }
 
-def parent = hierarchy.getAnnotationObjects().find {
-    it.getPathClass() != null && it.getPathClass().toString() == ANALYSIS_CLASS && it.getName() == ANALYSIS_CLASS
-}
+def parent = hierarchy.getAnnotationObjects().find(isWholeImageAnalysis)
 def replaced = parent != null
 if (parent == null) {
     parent = newParent

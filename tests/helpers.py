@@ -25,14 +25,19 @@ TINY_TRAINING_ARGS = ["--cycles", "2", "--epochs-per-cycle", "2", "--iterations"
 TINY_TRAINING_ARGS += ["--patch-px", "32"]
 
 
-def two_ranked_phantoms(folder: Path) -> list[Path]:
-    """Two small H&E phantoms a report and a review queue rank apart: TPS 60 unshifted, TPS 20 at shift 0.6."""
+def small_phantoms(folder: Path, cases: list[tuple[int, float, float]]) -> list[Path]:
+    """A 1536² H&E phantom ``folder/s<seed>.svs`` for each (seed, TPS %, stain shift) of ``cases``, in their order."""
     paths = []
-    for seed, tps, shift in ((41, 60, 0.0), (42, 20, 0.6)):
+    for seed, tps, shift in cases:
         path = folder / f"s{seed}.svs"
         write_phantom(path, PhantomSpec(1536, 1536, seed=seed, tps_percent=tps, shift=shift))
         paths.append(path)
     return paths
+
+
+def two_ranked_phantoms(folder: Path) -> list[Path]:
+    """Two small H&E phantoms a report and a review queue rank apart: TPS 60 unshifted, TPS 20 at shift 0.6."""
+    return small_phantoms(folder, [(41, 60, 0.0), (42, 20, 0.6)])
 
 
 def finetune_config(slide: str, init_model: str, out, **changes):

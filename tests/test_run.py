@@ -19,7 +19,7 @@ from inference import SegmentConfig
 from inference.phantom.pyramid import write_phantom
 from inference.phantom.scene import PhantomSpec
 from inference.pipeline import Models, PipelineConfig
-from tests.helpers import JavaPathObject, paquo_stand_ins
+from tests.helpers import JavaPathObject, paquo_stand_ins, small_phantoms
 from tests.qupath_fakes import stand_in_core
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "qupath_scripts"
@@ -46,13 +46,7 @@ def models():
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("slides")
-    paths = []
-    for seed, tps in ((31, 60), (32, 10)):
-        path = folder / f"s{seed}.svs"
-        write_phantom(path, PhantomSpec(1536, 1536, seed=seed, tps_percent=tps))
-        paths.append(path)
-    return paths
+    return small_phantoms(tmp_path_factory.mktemp("slides"), [(31, 60, 0.0), (32, 10, 0.0)])
 
 
 def _config(**kw):

@@ -16,9 +16,8 @@ from bridge.init_project import init_project_files
 from bridge.project import ProjectError
 from bridge.qupath_geojson import QuPathObject, read_features, to_feature
 from bridge.run import RunConfig, run_batch
-from inference.phantom.pyramid import write_phantom
-from inference.phantom.scene import PhantomSpec
 from inference.pipeline import Models, PipelineConfig
+from tests.helpers import small_phantoms
 
 EXPORT_SCRIPT = "qupath_scripts/pdl1_export_labels.groovy"
 
@@ -30,13 +29,7 @@ def models():
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("slides")
-    paths = []
-    for seed, tps in ((41, 60), (42, 10)):
-        path = folder / f"s{seed}.svs"
-        write_phantom(path, PhantomSpec(1536, 1536, seed=seed, tps_percent=tps))
-        paths.append(path)
-    return paths
+    return small_phantoms(tmp_path_factory.mktemp("slides"), [(41, 60, 0.0), (42, 10, 0.0)])
 
 
 def _config(**kw):

@@ -2,10 +2,11 @@
 the cells classified ``Tumor: Positive`` and ``Tumor: Negative`` (QuPath's positive cell detection, reviewed by a
 person) are nucleus labels at their centroids, so every cell is parsed.
 
-The same objects in two layouts: as ``pdl1_export_labels.groovy`` writes them (``[``, one compact object a line,
-``]``), read a line at a time, and as QuPath's File > Export objects writes them (compact, one line), which can only
-be parsed whole. Each case runs in a fresh Python process so its peak RSS is its own (``ru_maxrss``); the time is the
-reading alone (``bridge.labels.read_geojson_labels``: parse, validate, build the labels).
+The same objects in two layouts: as QuPath's File > Export objects writes them (compact, one line), parsed whole (as
+they were before 2026-12-07: the baseline) and read a feature at a time, and as ``pdl1_export_labels.groovy`` writes
+them (``[``, one compact object a line, ``]``), read a line at a time. Each case runs in a fresh Python process so its
+peak RSS is its own (``ru_maxrss``); the time is the reading alone (``bridge.labels.read_geojson_labels``: parse,
+validate, build the labels).
 """
 
 from __future__ import annotations
@@ -17,8 +18,15 @@ from benchmarks.export_targets import ReadInChild, write_export
 
 _CHILD = r"""
 import json, resource, sys, time
+from bridge import qupath_geojson
 from bridge.labels import LabelRules, read_geojson_labels
 from inference.phantom.truth import NUCLEUS_CLASSES
+
+if sys.argv[2] == "whole":  # the reading a feature at a time turned off: parsed whole, as before 2026-12-07
+    def _off(fh, unparsed=()):
+        raise qupath_geojson._OtherLayoutError
+        yield
+    qupath_geojson._features_streamed = _off
 
 t0 = time.perf_counter()
 labels = read_geojson_labels(sys.argv[1], slide="bench.svs", image_size_px=(20_000, 20_000),
@@ -35,18 +43,20 @@ class TrainLabels(ReadInChild):
     child = _CHILD
     modes = (
         ("QuPath's File > Export objects (one line): parsed whole", "whole"),
+        ("ours: QuPath's File > Export objects (one line), read a feature at a time", "streamed"),
         ("ours: pdl1_export_labels.groovy's layout, read a line at a time", "lines"),
     )
 
     def setup(self, *, quick: bool) -> None:
         self.cells = 20_000 if quick else 300_000
         self.tmp = Path(tempfile.mkdtemp(prefix="pdl1-bench-"))
-        self.paths = {"lines": self.tmp / "script.geojson", "whole": self.tmp / "export-objects.geojson"}
+        one_line = self.tmp / "export-objects.geojson"
+        self.paths = {"lines": self.tmp / "script.geojson", "whole": one_line, "streamed": one_line}
         self.bytes = write_export(self.paths["lines"], self.cells, cell_classes=CLASSES, offset_px=10.0)
-        write_export(self.paths["whole"], self.cells, cell_classes=CLASSES, offset_px=10.0, one_line=True)
+        write_export(one_line, self.cells, cell_classes=CLASSES, offset_px=10.0, one_line=True)
 
     def child_args(self, mode: str) -> list[str]:
-        return [str(self.paths[mode])]
+        return [str(self.paths[mode]), mode]
 
     def check(self, label: str, said: dict) -> None:
         if said["points"] != self.cells:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import gzip
+import io
 import itertools
 import json
 import math
@@ -497,32 +498,49 @@ def _polygon(geometry: Mapping[str, Any]) -> BaseGeometry | None:
 def read_geojson_text(path: str | Path) -> str:
     """The text of a GeoJSON file as QuPath's *Export objects* writes it: plain, or compressed (a ``.zip`` holding
     one GeoJSON file, which QuPath reads back, PathIO v0.4.4; also ``.gz``, as such files get compressed)."""
-    path = Path(path)
+    with _open_text(Path(path)) as fh:
+        return fh.read()
+
+
+@contextlib.contextmanager
+def _open_text(path: Path) -> Iterator[TextIO]:
+    """``path``'s text as a stream, decompressed where it is a ``.gz`` or a ``.zip`` (:func:`read_geojson_text`); a
+    compressed file that is damaged or cut short, found so while it is read, raises :class:`GeoJsonError`."""
     kind = path.suffix.lower()
     if kind not in (".gz", ".zip"):
-        return path.read_text(encoding="utf-8")
+        with path.open(encoding="utf-8") as fh:
+            yield fh
+        return
     try:
-        if kind == ".gz":
-            with gzip.open(path, "rt", encoding="utf-8") as fh:
-                return fh.read()
-        with zipfile.ZipFile(path) as archive:
-            inside = [
-                n
-                for n in archive.namelist()
-                if n.lower().endswith((".geojson", ".json"))
-                and not n.startswith("__MACOSX/")  # what macOS's Finder adds to a zip it makes
-                and not Path(n).name.startswith("._")
-            ]
-            if len(inside) != 1:
-                raise GeoJsonError(
-                    f"a .zip export holds one GeoJSON file; this one holds {len(inside)} "
-                    f"({', '.join(inside[:3]) or 'none'}): export again, or give the GeoJSON file itself"
-                )
-            return archive.read(inside[0]).decode("utf-8")
+        with contextlib.ExitStack() as stack:
+            if kind == ".gz":
+                fh = stack.enter_context(gzip.open(path, "rt", encoding="utf-8"))
+            else:
+                archive = stack.enter_context(zipfile.ZipFile(path))
+                member = stack.enter_context(archive.open(_geojson_inside(archive)))
+                fh = stack.enter_context(io.TextIOWrapper(member, encoding="utf-8"))
+            yield fh
     except FileNotFoundError:
         raise
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:  # cut short, damaged, or not compressed
         raise GeoJsonError(f"not a readable {kind} file ({err})") from err
+
+
+def _geojson_inside(archive: zipfile.ZipFile) -> str:
+    """The name of the one GeoJSON file a ``.zip`` export holds."""
+    inside = [
+        n
+        for n in archive.namelist()
+        if n.lower().endswith((".geojson", ".json"))
+        and not n.startswith("__MACOSX/")  # what macOS's Finder adds to a zip it makes
+        and not Path(n).name.startswith("._")
+    ]
+    if len(inside) != 1:
+        raise GeoJsonError(
+            f"a .zip export holds one GeoJSON file; this one holds {len(inside)} "
+            f"({', '.join(inside[:3]) or 'none'}): export again, or give the GeoJSON file itself"
+        )
+    return inside[0]
 
 
 def read_features(
@@ -533,22 +551,28 @@ def read_features(
     hundreds of thousands of nuclei cost a reader that wants its regions and tiles seconds per image
     (:func:`not_detections`).
 
-    A file written one feature a line (this module's :func:`write_features`, ``pdl1_export_labels.groovy``) is read
-    a line at a time, never whole: a slide's cells are hundreds of MB of JSON, which parsed whole took five times
-    their size in memory. Lines holding one of the texts ``unparsed`` are passed over without parsing there; they
-    must be features ``keep`` rejects (such as :data:`DETECTION_LINE_TYPES` with :func:`not_detections`), so the
-    objects are the same whichever way the file is read. Any other layout is read whole."""
+    A slide's cells are hundreds of MB of JSON, which parsed whole took five times their size in memory, so a file
+    is read a piece at a time where its layout allows, compressed or not: one feature a line (this module's
+    :func:`write_features`, ``pdl1_export_labels.groovy``) a line at a time; a list of features or a
+    FeatureCollection whose ``"features"`` come first after its type (QuPath's *Export objects*, compact or
+    pretty-printed) a feature at a time. Lines holding one of the texts ``unparsed`` are passed over without parsing
+    in the first; they must be features ``keep`` rejects (such as :data:`DETECTION_LINE_TYPES` with
+    :func:`not_detections`), so the objects are the same whichever way the file is read. Any other layout (one
+    Feature, other keys first) is read whole, and so is a file that turns out to be no JSON, for JSON's own error."""
     path = Path(path)
-    done = 0  # features of the line layout already passed on: a layout broken further on is read whole after them
-    if path.suffix.lower() not in (".gz", ".zip"):
+    done = 0  # features already passed on: a layout broken further on is read another way after them
+    for reader in (_features_by_line, _features_streamed):
         try:
-            for item in _features_by_line(path, unparsed):
-                done += 1
-                if item is not _UNPARSED and (keep is None or keep(item)):
-                    yield from_feature(item)
+            with _open_text(path) as fh:
+                for k, item in enumerate(reader(fh, unparsed)):
+                    if k < done:
+                        continue
+                    done += 1
+                    if item is not _UNPARSED and (keep is None or keep(item)):
+                        yield from_feature(item)
             return
-        except _NotByLineError:
-            pass
+        except _OtherLayoutError:
+            continue
     items = _features_whole(path)
     for i in range(done, len(items)):
         item, items[i] = items[i], None  # let go of each as it is read: less to hold, and for the collector to walk
@@ -566,66 +590,140 @@ _FEATURE_START = '{"type":"Feature"'  # how QuPath's Gson and this module begin 
 _JSON_SPACE = " \t\r\n"  # JSON's whitespace (str.strip's default takes more: no-break spaces, form feeds)
 
 
-class _NotByLineError(Exception):
-    """The file is not in a line layout (from the line where that shows): read it whole."""
+class _OtherLayoutError(Exception):
+    """The file is not in the layout a reader reads (from where that shows): the next reader reads it."""
 
 
-def _features_by_line(path: Path, unparsed: Sequence[str]) -> Iterator[Any]:
+def _features_by_line(fh: TextIO, unparsed: Sequence[str]) -> Iterator[Any]:
     """The feature dicts of a file in a :data:`_LINE_LAYOUTS` layout, one line at a time (:data:`_UNPARSED` for a
-    line holding one of ``unparsed``); raises :class:`_NotByLineError` where the file turns out to be laid out otherwise
-    (pretty-printed, one line, two objects on a line, a comma missing or extra, text after the end), so that what
-    this yields is what parsing the whole file gives, in order (a FeatureCollection that repeats its "features" key
+    line holding one of ``unparsed``); raises :class:`_OtherLayoutError` where the file turns out to be laid out
+    otherwise (pretty-printed, one line, two objects on a line, a comma missing or extra, text after the end), so that
+    what this yields is what parsing the whole file gives, in order (a FeatureCollection that repeats its "features" key
     after the first list aside: JSON keeps the last). A line passed over unparsed is taken for one feature as QuPath's
     Gson and :func:`write_features` write them (it begins ``{"type":"Feature"``, ends ``}``, and names one Feature and
     one ``objectType``) and is not checked further: a malformed one goes unnoticed, and JSON laid out otherwise on such
-    a line (two features, one spread over lines) could pass for one, which neither writer does. A file that
-    ends without its closing line, every object of it parsed, cannot be JSON: it is refused here
-    (:class:`GeoJsonError`), not parsed whole again."""
+    a line (two features, one spread over lines) could pass for one, which neither writer does. A file that ends
+    without its closing line, every object of it parsed, cannot be JSON: it is refused here (:class:`GeoJsonError`),
+    not parsed whole again."""
     count, passed_over = 0, False
-    with path.open(encoding="utf-8") as fh:
-        closing = _LINE_LAYOUTS.get(fh.readline(64).strip(_JSON_SPACE))  # 64: not a whole one-line export of 1 GB
-        if closing is None:
-            raise _NotByLineError
-        comma = None  # whether the last feature line ended with a comma (None: no feature yet)
-        while line := fh.readline():
-            text = line.strip(_JSON_SPACE)
-            if not text:
-                continue
-            if text == closing:
-                if comma or fh.read().strip(_JSON_SPACE):  # "[{...},]" or text after the end: JSON's parser names it
-                    raise _NotByLineError
-                return
-            if comma is False:
-                raise _NotByLineError
-            comma = text.endswith(",")
-            text = text.removesuffix(",")
-            count += 1
-            if any(marker in text for marker in unparsed):
-                # One compact feature, whole, on the line, whose own type the marker is: unescaped, '"Feature"' and
-                # '"objectType":' are JSON's, not in a name's text.
-                if not (
-                    text.startswith(_FEATURE_START)
-                    and text.endswith("}")
-                    and text.count('"Feature"') == 1
-                    and text.count('"objectType":') == 1
-                ):
-                    raise _NotByLineError
-                passed_over = True
-                yield _UNPARSED
-                continue
-            try:
-                item = json.loads(text)
-            except json.JSONDecodeError:
-                raise _NotByLineError from None
-            if not isinstance(item, dict):
-                raise _NotByLineError
-            yield item
+    closing = _LINE_LAYOUTS.get(fh.readline(64).strip(_JSON_SPACE))  # 64: not a whole one-line export of 1 GB
+    if closing is None:
+        raise _OtherLayoutError
+    comma = None  # whether the last feature line ended with a comma (None: no feature yet)
+    while line := fh.readline():
+        text = line.strip(_JSON_SPACE)
+        if not text:
+            continue
+        if text == closing:
+            if comma or fh.read().strip(_JSON_SPACE):  # "[{...},]" or text after the end: JSON's parser names it
+                raise _OtherLayoutError
+            return
+        if comma is False:
+            raise _OtherLayoutError
+        comma = text.endswith(",")
+        text = text.removesuffix(",")
+        count += 1
+        if any(marker in text for marker in unparsed):
+            # One compact feature, whole, on the line, whose own type the marker is: unescaped, '"Feature"' and
+            # '"objectType":' are JSON's, not in a name's text.
+            if not (
+                text.startswith(_FEATURE_START)
+                and text.endswith("}")
+                and text.count('"Feature"') == 1
+                and text.count('"objectType":') == 1
+            ):
+                raise _OtherLayoutError
+            passed_over = True
+            yield _UNPARSED
+            continue
+        try:
+            item = json.loads(text)
+        except json.JSONDecodeError:
+            raise _OtherLayoutError from None
+        if not isinstance(item, dict):
+            raise _OtherLayoutError
+        yield item
     if passed_over:  # a line not parsed may hold the end itself ("{...}]"): JSON's parser decides
-        raise _NotByLineError
+        raise _OtherLayoutError
     raise GeoJsonError(
         f"cut short: the file ends after {count} object{'' if count == 1 else 's'} without the closing {closing!r} of "
         "their list (an export or a copy interrupted, or the disk full?)"
     )
+
+
+# A list of features, or a FeatureCollection whose features come first after its type, as QuPath's Gson writes them
+# (compact or pretty-printed): what :func:`_features_streamed` reads.
+_STREAM_OPENING = re.compile(
+    r'[ \t\n\r]*(?:(?P<list>\[)|\{[ \t\n\r]*"type"[ \t\n\r]*:[ \t\n\r]*"FeatureCollection"[ \t\n\r]*,'
+    r'[ \t\n\r]*"features"[ \t\n\r]*:[ \t\n\r]*\[)'
+)
+_SKIP_SPACE = re.compile(r"[ \t\n\r]*")
+_STREAM_CHUNK_CHARS = 1 << 22  # 4 Mi characters read at a time
+
+
+def _features_streamed(fh: TextIO, _unparsed: Sequence[str] = ()) -> Iterator[Any]:
+    """The feature dicts of a file in a :data:`_STREAM_OPENING` layout, one at a time, by the decoder ``json.loads``
+    uses: the same objects, holding a few MB of the text at a time rather than all of it and its whole tree. Raises
+    :class:`_OtherLayoutError` where the file turns out to be laid out otherwise (keys after the features, an item
+    that is no object) or not to be JSON (the whole-file parse names the problem as JSON does). A file that ends
+    between two objects, or after the last without the end of the list, is refused here (:class:`GeoJsonError`). One
+    case reads otherwise than JSON's parser: a FeatureCollection naming its "features" twice gives the first list's
+    objects, where JSON keeps the last (names in an object SHOULD be unique, RFC 8259; no writer of GeoJSON repeats
+    one)."""
+    decode = json.JSONDecoder().raw_decode
+    buf = fh.read(max(_STREAM_CHUNK_CHARS, 256))  # the opening whole, spaces and all, as any export writes it
+    opening = _STREAM_OPENING.match(buf)
+    if opening is None:
+        raise _OtherLayoutError
+    collection, pos, count = opening.group("list") is None, opening.end(), 0
+
+    def more(at_least: int) -> bool:
+        """Read on (at least ``at_least`` characters, so that an object longer than a chunk costs linear time)."""
+        nonlocal buf, pos
+        chunk = fh.read(max(at_least, _STREAM_CHUNK_CHARS))
+        if not chunk:
+            return False
+        buf, pos = buf[pos:] + chunk, 0
+        return True
+
+    def next_char() -> str | None:
+        """The next character that is not JSON's whitespace (None at the end of the file)."""
+        nonlocal pos
+        while True:
+            pos = _SKIP_SPACE.match(buf, pos).end()
+            if pos < len(buf):
+                return buf[pos]
+            if not more(0):
+                return None
+
+    while (c := next_char()) != "]":
+        if c is not None and count:
+            if c != ",":
+                raise _OtherLayoutError
+            pos += 1
+            c = next_char()
+        if c is None:
+            raise GeoJsonError(
+                f"cut short: the file ends after {count} object{'' if count == 1 else 's'} without the closing ']' of "
+                "their list (an export or a copy interrupted, or the disk full?)"
+            )
+        while True:
+            try:
+                item, pos = decode(buf, pos)
+                break
+            except json.JSONDecodeError as err:
+                # The text read so far ends inside the object (a string running to its end, or an error within a
+                # token of it): read on and decode again. Anything else is not JSON: parsed whole, JSON names it.
+                runs_on = err.msg.startswith("Unterminated string") or err.pos >= len(buf) - 16
+                if not (runs_on and more(len(buf) - pos)):
+                    raise _OtherLayoutError from None
+        if not isinstance(item, dict):
+            raise _OtherLayoutError
+        count += 1
+        yield item
+    rest = (buf[pos + 1 :] + fh.read()).strip(_JSON_SPACE)  # after the list: nothing, or the collection's "}"
+    if rest != ("}" if collection else ""):
+        raise _OtherLayoutError
 
 
 @contextlib.contextmanager

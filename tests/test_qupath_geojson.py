@@ -427,6 +427,152 @@ def test_a_file_laid_out_otherwise_than_its_first_line_says_reads_as_json_reads_
     assert _same_objects(list(read_features(path)), expected)
 
 
+def _cells_and_regions():
+    """Objects as an export beside QuPath's cells holds them: an annotation with a hole, cells with measurements and
+    a derived class, a 3-D polygon, a point with a name holding JSON's own characters."""
+    cells = [
+        QuPathObject(
+            Polygon([(i, 0), (i + 5, 0), (i + 5, 5), (i, 5)]), "cell", "Tumor: Positive", {"Nucleus: Area": i / 3}
+        )
+        for i in range(40)
+    ]
+    return [
+        QuPathObject(
+            Polygon([(0, 0), (90, 0), (90, 90), (0, 90)], [[(2, 2), (4, 2), (4, 4)]]),
+            "annotation",
+            "T",
+            color=(1, 2, 3),
+        ),
+        *cells,
+        QuPathObject(Polygon([(0, 0, 1), (5, 0, 1), (5, 5, 1)]), "detection", "Tumor: Negative"),
+        QuPathObject(Point(1, 2), "annotation", "Other", name='a "name" ], {with} \\ JSON\'s marks: \u00e9'),
+    ]
+
+
+def _count_whole_parses(monkeypatch):
+    from bridge import qupath_geojson
+
+    calls = []
+    real = qupath_geojson._features_whole
+    monkeypatch.setattr(qupath_geojson, "_features_whole", lambda path: calls.append(path) or real(path))
+    return calls
+
+
+@pytest.mark.parametrize("chunk_chars", [None, 1, 7, 300], ids=["4 Mi", "1", "7", "300"])
+@pytest.mark.parametrize(
+    "layout",
+    ["QuPath compact", "QuPath pretty-printed", "a list", "a list pretty-printed", "spaces everywhere"],
+)
+@pytest.mark.parametrize("compression", ["", ".gz", ".zip"])
+def test_qupaths_own_export_is_read_a_feature_at_a_time(tmp_path, monkeypatch, layout, chunk_chars, compression):
+    # QuPath's File > Export objects writes one line (or Gson's pretty-printing): parsed whole, a slide's cells took
+    # five times the file's size in memory (1.8 GB for 300 000). Read a feature at a time by json's own decoder: the
+    # same objects, no whole-file parse, whatever the chunks the text is read in and whether it is compressed.
+    import gzip
+    import zipfile
+
+    from bridge import qupath_geojson
+
+    if chunk_chars is not None:
+        monkeypatch.setattr(qupath_geojson, "_STREAM_CHUNK_CHARS", chunk_chars)
+    features = [to_feature(o) for o in _cells_and_regions()]
+    collection = {"type": "FeatureCollection", "features": features}
+    text = {
+        "QuPath compact": json.dumps(collection, separators=(",", ":")),
+        "QuPath pretty-printed": json.dumps(collection, indent=2),
+        "a list": json.dumps(features),
+        "a list pretty-printed": json.dumps(features, indent=1),
+        "spaces everywhere": '\r\n { "type" :\t"FeatureCollection" ,\n"features" : [ '
+        + " ,\n ".join(json.dumps(f) for f in features)
+        + " ] \n}\n\n",
+    }[layout]
+    plain = tmp_path / "export.geojson"
+    plain.write_text(text, encoding="utf-8")
+    expected = _objects_parsed_whole(plain)
+    path = tmp_path / f"export.geojson{compression}"
+    if compression == ".gz":
+        path.write_bytes(gzip.compress(text.encode()))
+    elif compression == ".zip":
+        path = tmp_path / "export.zip"
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("image 1.geojson", text)
+    whole = _count_whole_parses(monkeypatch)
+    assert _same_objects(list(read_features(path)), expected)
+    assert whole == []
+    from bridge.qupath_geojson import not_detections
+
+    assert [o.object_type for o in read_features(path, keep=not_detections)] == ["annotation", "annotation"]
+
+
+@pytest.mark.parametrize(
+    ("layout", "outcome"),
+    [
+        ('{"type":"FeatureCollection","features":[{a},{b}]}', True),
+        ('{"type":"FeatureCollection","features":[]}', True),
+        ("[]", True),
+        ("[ ]\n", True),
+        ('{"type":"FeatureCollection","features":[{a},{b}],"bbox":[0,0,1,1]}', True),  # keys after: whole, each once
+        ('{"features":[{a},{b}],"type":"FeatureCollection"}', True),  # keys in another order: read whole
+        ("{a}", True),  # one Feature: read whole
+        ("[{a},{b}]]", False),  # text after the end
+        ('{"type":"FeatureCollection","features":[{a},{b}]}}', False),
+        ("[{a},{b},]", False),  # a comma too many
+        ("[,{a}]", False),
+        ("[{a}{b}]", False),  # a comma missing
+        ("[{a},x,{b}]", False),  # not JSON in the middle
+        ("[{a},{b", False),  # cut short inside an object: JSON's error, as parsed whole
+        ("[{a},{b}", "cut short: the file ends after 2 objects without the closing ']'"),
+        ('{"type":"FeatureCollection","features":[{a},', "cut short: the file ends after 1 object without"),
+        ("[{a},1]", False),  # not a feature: named as such
+    ],
+)
+@pytest.mark.parametrize("chunk_chars", [None, 5], ids=["4 Mi", "5"])
+def test_qupaths_export_laid_out_otherwise_reads_as_json_reads_it(tmp_path, monkeypatch, layout, outcome, chunk_chars):
+    # Whatever the layout: the objects JSON's parser gives the file, once each and in order, or its error, or where
+    # every object was read and the end is missing, that said; never a partial read taken for the whole.
+    from bridge import qupath_geojson
+    from bridge.qupath_geojson import from_feature
+
+    if chunk_chars is not None:
+        monkeypatch.setattr(qupath_geojson, "_STREAM_CHUNK_CHARS", chunk_chars)
+    a, b = (to_feature(QuPathObject(Point(i, i), "detection", "Other", {"i": i})) for i in range(2))
+    text = layout.replace("{a}", json.dumps(a, separators=(",", ":"))).replace("{b}", json.dumps(b))
+    path = tmp_path / "f.geojson"
+    path.write_text(text)
+    try:
+        data = json.loads(text)
+        items = data["features"] if isinstance(data, dict) and "features" in data else data
+        expected = [from_feature(f) for f in (items if isinstance(items, list) else [items])]
+    except (json.JSONDecodeError, GeoJsonError) as err:
+        assert outcome is not True
+        with pytest.raises(GeoJsonError if outcome else type(err), match=outcome or None):
+            list(read_features(path))
+        return
+    assert outcome is True
+    assert _same_objects(list(read_features(path)), expected)
+
+
+def test_a_damaged_compressed_export_read_a_feature_at_a_time_is_named(tmp_path):
+    # Damage found while decompressing, after features were read, is the compressed file's, named as such.
+    import gzip
+    import zipfile
+
+    features = [to_feature(o) for o in _cells_and_regions()] * 50
+    text = json.dumps({"type": "FeatureCollection", "features": features}, separators=(",", ":"))
+    packed = gzip.compress(text.encode())
+    (tmp_path / "cut.geojson.gz").write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(GeoJsonError, match=r"not a readable \.gz file \(.+\)$"):
+        list(read_features(tmp_path / "cut.geojson.gz"))
+    with zipfile.ZipFile(tmp_path / "a.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("a.geojson", text)
+    raw = bytearray((tmp_path / "a.zip").read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 8] = bytes(8)
+    (tmp_path / "a.zip").write_bytes(bytes(raw))
+    with pytest.raises(GeoJsonError, match=r"not a readable \.zip file \(.+\)$"):
+        list(read_features(tmp_path / "a.zip"))
+
+
 @pytest.mark.parametrize(
     ("kind", "coordinates"),
     [
@@ -489,7 +635,8 @@ def test_a_polygon_with_holes_of_different_lengths_reads_as_shapely_builds_it(tm
         ('[\n{A},\nnot json "objectType":"detection",\n{B}\n]\n', None),  # not a feature: JSON's error
         ("[\n{A},\n{D}]\n", ["A"]),  # the end on a cell's line: read whole
         ("[\n{A},\n{D}],\n{B}\n]\n", None),
-        ("[\n{A},\n{D},\n", None),  # cut short after a cell: JSON's parser decides (a cell's line is not read)
+        # cut short after a cell (a cell's line is not read): read a feature at a time, which finds every object read
+        ("[\n{A},\n{D},\n", "cut short: the file ends after 2 objects"),
         ("[\xa0\n{A}\n]\n", None),  # a no-break space is not JSON's whitespace
         ("[\n{A}\n]\n\x0c", None),
     ],
@@ -515,6 +662,9 @@ def test_lines_passed_over_unparsed_hold_one_compact_feature_each(tmp_path, layo
     read = lambda: [o.name for o in read_features(path, keep=not_detections, unparsed=DETECTION_LINE_TYPES)]  # noqa: E731
     if kept is None:
         with pytest.raises(json.JSONDecodeError):
+            read()
+    elif isinstance(kept, str):
+        with pytest.raises(GeoJsonError, match=kept):
             read()
     else:
         assert read() == kept

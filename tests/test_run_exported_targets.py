@@ -220,11 +220,11 @@ def test_without_qupath_a_run_asking_for_targets_goes_on_and_says_where_they_are
     ) in caplog.text
 
 
-def test_an_export_in_the_scripts_layout_is_read_without_parsing_its_cells_and_any_other_layout_whole(
+def test_an_export_in_the_scripts_layout_is_read_without_parsing_its_cells_and_any_other_layout_a_feature_at_a_time(
     tmp_path, monkeypatch
 ):
     # pdl1_export_labels.groovy writes "[", one object a line (QuPath's compact Gson), "]": a slide with QuPath's cell
-    # detection has a million cells, which the targets do not need.
+    # detection has a million cells, which the targets do not need. QuPath's own export is read a feature at a time.
     from bridge import qupath_geojson
 
     named = _annotation(box(0, 0, 90, 90), "Tumor", name='"objectType":"detection"')  # escaped inside the name
@@ -246,6 +246,10 @@ def test_an_export_in_the_scripts_layout_is_read_without_parsing_its_cells_and_a
         return out
 
     monkeypatch.setattr(qupath_geojson.json, "loads", loads)
+    streamed = qupath_geojson._features_streamed
+    monkeypatch.setattr(
+        qupath_geojson, "_features_streamed", lambda fh, unparsed=(): (parsed.append("streamed"), *streamed(fh))[1:]
+    )
     for layout, text in layouts.items():
         path = tmp_path / layout / "pdl1" / "labels" / "1.geojson"
         path.parent.mkdir(parents=True)
@@ -254,8 +258,8 @@ def test_an_export_in_the_scripts_layout_is_read_without_parsing_its_cells_and_a
         entry = read_exported_entry(tmp_path / layout, "1", "s.svs")
         assert [a.object_id for a in entry.annotations] == [named["id"]], layout
         assert [c.object_id for c in entry.cores] == [core["id"]], layout
-        # The script's layout: a line at a time, no cell parsed; another is read whole.
-        assert parsed == (["annotation", "tmaCore"] if layout == "script" else ["whole"]), layout
+        # The script's layout: a line at a time, no cell parsed; another a feature at a time, never whole.
+        assert parsed == (["annotation", "tmaCore"] if layout == "script" else ["streamed"]), layout
 
 
 def test_the_training_regions_of_a_project_a_real_qupath_wrote_are_analysed_from_its_own_export(

@@ -401,10 +401,15 @@ def sameOutline = { roi, analysed ->
         Math.abs(mine[it].getX() - theirs[it].getX()) <= 0.01 && Math.abs(mine[it].getY() - theirs[it].getY()) <= 0.01
     })
         return true
+    double mineArea = roi.getArea(), theirArea = analysed.getArea()
+    def tolerance = Math.max(0.005 * Math.max(mineArea, theirArea), 1.0)
+    // The area inside one outline and not the other is at least the difference of their areas: an outline redrawn
+    // to another area is told without java.awt.geom.Area.
+    if (Math.abs(mineArea - theirArea) > tolerance)
+        return false
     def differ = new java.awt.geom.Area(roi.getShape())
     differ.exclusiveOr(new java.awt.geom.Area(analysed.getShape()))
-    def area = Math.max(roi.getArea() as double, analysed.getArea() as double)
-    return shapeArea(differ) <= Math.max(0.005 * area, 1.0)
+    return shapeArea(differ) <= tolerance
 }
 // The rows of a summary's targets whose results are in TARGET_OBJECTS_FOLDER: read from an export (each with the
 // object_id of its annotation or core), the TMA cores marked missing left out (no results).

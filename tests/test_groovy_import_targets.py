@@ -150,7 +150,8 @@ def test_the_cores_results_go_under_each_core_and_replace_an_earlier_whole_image
 def test_the_outline_check_takes_the_same_vertices_without_areas_and_else_compares_areas(tmp_path):
     # sameOutline's helpers run in plain Groovy on ROIs of two calls: vertices (ROI.getAllPoints) and a shape
     # (ROI.getShape). The same vertices, a closing point on one side only, need no shape (a brush annotation's
-    # java.awt.geom.Area took seconds); a ring with a hole against the same ring without it is told by its area.
+    # java.awt.geom.Area took seconds), nor do outlines of areas further apart than the tolerance; a triangle against
+    # its mirror image (the same area) is told by the area inside one and not the other.
     from tests.test_groovy_scripts import run_groovy
 
     driver = """
@@ -186,8 +187,18 @@ println JsonOutput.toJson([
                          measured(new R(xy: [[100, 0], [100, 100], [0, 100]]))),
     hole: sameOutline(holed, measured(new R(xy: square))),
     holeArea: holed.getArea(),
+    // another area, told by the areas alone (no shape asked of these 1000 vertices)
+    shrunk: sameOutline(new R(xy: circle, area: 502_000),
+                        new R(xy: circle.collect { [it[0] * 0.99, it[1]] }, area: 497_000)),
 ])
 """
     (said,) = run_groovy(tmp_path, driver, IMPORT)
     # the square's vertices in another order: the same outline, by area
-    assert said == {"sameVertices": True, "square": True, "flipped": False, "hole": False, "holeArea": 9600.0}
+    assert said == {
+        "sameVertices": True,
+        "square": True,
+        "flipped": False,
+        "hole": False,
+        "holeArea": 9600.0,
+        "shrunk": False,
+    }

@@ -1,3 +1,4 @@
+import gzip
 import json
 import math
 import os
@@ -5,6 +6,7 @@ import stat
 import subprocess
 import sys
 import uuid
+import zipfile
 
 import pytest
 from shapely.geometry import Point, Polygon
@@ -239,9 +241,6 @@ def test_what_qupath_04_to_07_exports_and_reads_is_read(tmp_path):
 
 def test_compressed_exports_are_read_and_a_damaged_one_is_named(tmp_path):
     # QuPath's Export objects can compress (gzip, or zip); QuPath reads both back. They were "not JSON".
-    import gzip
-    import zipfile
-
     feature = to_feature(QuPathObject(Point(1, 2), "annotation", "Tumor: Positive"))
     text = json.dumps({"type": "FeatureCollection", "features": [feature]})
     (tmp_path / "a.geojson.gz").write_bytes(gzip.compress(text.encode()))
@@ -369,14 +368,19 @@ def test_a_file_written_a_feature_a_line_is_read_a_line_at_a_time(tmp_path, monk
     script = tmp_path / "script.geojson"  # pdl1_export_labels.groovy: "[", a compact object a line, "]"
     lines = [json.dumps(to_feature(o), separators=(",", ":")) for o in objects]
     script.write_text("[\n" + ",\n".join(lines) + "\n]\n")
+    packed = tmp_path / "script.geojson.gz"  # compressed as a lab may keep it: decompressed a line at a time
+    packed.write_bytes(gzip.compress(script.read_bytes()))
+    zipped = tmp_path / "script.zip"
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.write(script, "script.geojson")
     real = qupath_geojson.json.loads
     texts = []
     monkeypatch.setattr(qupath_geojson.json, "loads", lambda text, *a, **k: texts.append(text) or real(text, *a, **k))
-    for path in (ours, script):
+    for path in (ours, script, packed, zipped):
         texts.clear()
         read = list(read_features(path))
         assert len(texts) == 3 and all(t.startswith('{"type":"Feature"') for t in texts), path.name
-        assert _same_objects(read, _objects_parsed_whole(path)), path.name
+        assert _same_objects(read, _objects_parsed_whole(script if path in (packed, zipped) else path)), path.name
         assert read[0].geometry.equals(objects[0].geometry) and read[2].geometry.has_z
     empty = tmp_path / "empty.geojson"
     write_features(empty, [])
@@ -468,9 +472,6 @@ def test_qupaths_own_export_is_read_a_feature_at_a_time(tmp_path, monkeypatch, l
     # QuPath's File > Export objects writes one line (or Gson's pretty-printing): parsed whole, a slide's cells took
     # five times the file's size in memory (1.8 GB for 300 000). Read a feature at a time by json's own decoder: the
     # same objects, no whole-file parse, whatever the chunks the text is read in and whether it is compressed.
-    import gzip
-    import zipfile
-
     from bridge import qupath_geojson
 
     if chunk_chars is not None:
@@ -554,9 +555,6 @@ def test_qupaths_export_laid_out_otherwise_reads_as_json_reads_it(tmp_path, monk
 
 def test_a_damaged_compressed_export_read_a_feature_at_a_time_is_named(tmp_path):
     # Damage found while decompressing, after features were read, is the compressed file's, named as such.
-    import gzip
-    import zipfile
-
     features = [to_feature(o) for o in _cells_and_regions()] * 50
     text = json.dumps({"type": "FeatureCollection", "features": features}, separators=(",", ":"))
     packed = gzip.compress(text.encode())

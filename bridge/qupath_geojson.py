@@ -505,7 +505,8 @@ def read_geojson_text(path: str | Path) -> str:
 @contextlib.contextmanager
 def _open_text(path: Path) -> Iterator[TextIO]:
     """``path``'s text as a stream, decompressed where it is a ``.gz`` or a ``.zip`` (:func:`read_geojson_text`); a
-    compressed file that is damaged or cut short, found so while it is read, raises :class:`GeoJsonError`."""
+    compressed file that is damaged or cut short, found so while it is read or by its checksums where what was read
+    does not parse, raises :class:`GeoJsonError`."""
     kind = path.suffix.lower()
     if kind not in (".gz", ".zip"):
         with path.open(encoding="utf-8") as fh:
@@ -524,6 +525,29 @@ def _open_text(path: Path) -> Iterator[TextIO]:
         raise
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:  # cut short, damaged, or not compressed
         raise GeoJsonError(f"not a readable {kind} file ({err})") from err
+    except ValueError as err:
+        # Text that does not decode or parse, or a feature that does not validate, read before the end of the file,
+        # where its checksum is tested: damage the checksum finds is named as such (a stored, uncompressed, member
+        # has no other check), else the error stands.
+        damage = _compressed_damage(path, kind)
+        if damage is not None:
+            raise GeoJsonError(f"not a readable {kind} file ({damage})") from err
+        raise
+
+
+def _compressed_damage(path: Path, kind: str) -> str | None:
+    """What is wrong with a ``.gz`` or ``.zip`` file read to its end, checksums tested; None where nothing is."""
+    try:
+        if kind == ".gz":
+            with gzip.open(path, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+            return None
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        return None if bad is None else f"a bad checksum in {bad}"
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        return str(err)
 
 
 def _geojson_inside(archive: zipfile.ZipFile) -> str:
@@ -558,7 +582,8 @@ def read_features(
     pretty-printed) a feature at a time. Lines holding one of the texts ``unparsed`` are passed over without parsing
     in the first; they must be features ``keep`` rejects (such as :data:`DETECTION_LINE_TYPES` with
     :func:`not_detections`), so the objects are the same whichever way the file is read. Any other layout (one
-    Feature, other keys first) is read whole, and so is a file that turns out to be no JSON, for JSON's own error."""
+    Feature, other keys first) is read whole, and so is a file that turns out to be no JSON, for JSON's own error
+    (a malformed feature before the fault is named first)."""
     path = Path(path)
     done = 0  # features already passed on: a layout broken further on is read another way after them
     for reader in (_features_by_line, _features_streamed):
@@ -663,13 +688,14 @@ _STREAM_CHUNK_CHARS = 1 << 22  # 4 Mi characters read at a time
 
 def _features_streamed(fh: TextIO, _unparsed: Sequence[str] = ()) -> Iterator[Any]:
     """The feature dicts of a file in a :data:`_STREAM_OPENING` layout, one at a time, by the decoder ``json.loads``
-    uses: the same objects, holding a few MB of the text at a time rather than all of it and its whole tree. Raises
-    :class:`_OtherLayoutError` where the file turns out to be laid out otherwise (keys after the features, an item
-    that is no object) or not to be JSON (the whole-file parse names the problem as JSON does). A file that ends
-    between two objects, or after the last without the end of the list, is refused here (:class:`GeoJsonError`). One
-    case reads otherwise than JSON's parser: a FeatureCollection naming its "features" twice gives the first list's
-    objects, where JSON keeps the last (names in an object SHOULD be unique, RFC 8259; no writer of GeoJSON repeats
-    one)."""
+    uses: the same objects, holding a chunk of the text (and the feature being read) at a time rather than all of it
+    and its whole tree. Raises :class:`_OtherLayoutError` where the file turns out to be laid out otherwise (an item
+    that is no object) or not to be JSON (the whole-file parse names the problem as JSON does, unless a feature before
+    it was malformed: that is named first). A file that ends between two objects, or after the last without the end
+    of the list, is refused here (:class:`GeoJsonError`), and so is a FeatureCollection that names "type" or
+    "features" again after its features, where JSON's parser keeps the last of each without a word (names in an
+    object SHOULD be unique, RFC 8259; no writer of GeoJSON repeats one). Other keys after the features (a "bbox")
+    are read and left, as QuPath leaves them."""
     decode = json.JSONDecoder().raw_decode
     buf = fh.read(max(_STREAM_CHUNK_CHARS, 256))  # the opening whole, spaces and all, as any export writes it
     opening = _STREAM_OPENING.match(buf)
@@ -711,10 +737,13 @@ def _features_streamed(fh: TextIO, _unparsed: Sequence[str] = ()) -> Iterator[An
             try:
                 item, pos = decode(buf, pos)
                 break
-            except json.JSONDecodeError as err:
+            except ValueError as err:
                 # The text read so far ends inside the object (a string running to its end, or an error within a
-                # token of it): read on and decode again. Anything else is not JSON: parsed whole, JSON names it.
-                runs_on = err.msg.startswith("Unterminated string") or err.pos >= len(buf) - 16
+                # token of it; or a number cut at its digits, over int's 4300-digit limit as read so far): read on and
+                # decode again. Anything else is not JSON: parsed whole, JSON names it.
+                runs_on = not isinstance(err, json.JSONDecodeError) or (
+                    err.msg.startswith("Unterminated string") or err.pos >= len(buf) - 16
+                )
                 if not (runs_on and more(len(buf) - pos)):
                     raise _OtherLayoutError from None
         if not isinstance(item, dict):
@@ -722,8 +751,22 @@ def _features_streamed(fh: TextIO, _unparsed: Sequence[str] = ()) -> Iterator[An
         count += 1
         yield item
     rest = (buf[pos + 1 :] + fh.read()).strip(_JSON_SPACE)  # after the list: nothing, or the collection's "}"
-    if rest != ("}" if collection else ""):
+    if rest == ("}" if collection else ""):
+        return
+    if not (collection and rest.startswith(",")):
+        raise _OtherLayoutError  # text after the end: JSON names it
+    try:  # the collection's other members, each (name, value)
+        members, end = json.JSONDecoder(object_pairs_hook=list).raw_decode("{" + rest[1:])
+    except ValueError:
+        raise _OtherLayoutError from None
+    if end != len(rest):
         raise _OtherLayoutError
+    again = [name for name, _ in members if name in ("type", "features")]
+    if again:
+        raise GeoJsonError(
+            f"the FeatureCollection names {again[0]!r} twice, the second time after its {count} features, so which "
+            "holds is a reader's guess (JSON keeps the last); export the objects again from QuPath"
+        )
 
 
 @contextlib.contextmanager

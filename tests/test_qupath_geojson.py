@@ -512,7 +512,11 @@ def test_qupaths_own_export_is_read_a_feature_at_a_time(tmp_path, monkeypatch, l
         ('{"type":"FeatureCollection","features":[]}', True),
         ("[]", True),
         ("[ ]\n", True),
-        ('{"type":"FeatureCollection","features":[{a},{b}],"bbox":[0,0,1,1]}', True),  # keys after: whole, each once
+        ('{"type":"FeatureCollection","features":[{a},{b}],"bbox":[0,0,1,1]}', True),  # other keys after: read, left
+        ('{"type":"FeatureCollection","features":[{a},{b}],"bbox":[0,0,1,1],"x":{"type":1}}', True),
+        ('{"type":"FeatureCollection","features":[{a}],"features":[{b}]}', "names 'features' twice"),  # JSON: b
+        ('{"type":"FeatureCollection","features":[{a},{b}],"type":"Feature"}', "names 'type' twice"),
+        ('{"type":"FeatureCollection","features":[{a},{b}],"bbox":[0,0,1,1]', False),  # the end missing
         ('{"features":[{a},{b}],"type":"FeatureCollection"}', True),  # keys in another order: read whole
         ("{a}", True),  # one Feature: read whole
         ("[{a},{b}]]", False),  # text after the end
@@ -540,6 +544,11 @@ def test_qupaths_export_laid_out_otherwise_reads_as_json_reads_it(tmp_path, monk
     text = layout.replace("{a}", json.dumps(a, separators=(",", ":"))).replace("{b}", json.dumps(b))
     path = tmp_path / "f.geojson"
     path.write_text(text)
+    whole = _count_whole_parses(monkeypatch)
+    if isinstance(outcome, str):  # refused, and said why
+        with pytest.raises(GeoJsonError, match=outcome):
+            list(read_features(path))
+        return
     try:
         data = json.loads(text)
         items = data["features"] if isinstance(data, dict) and "features" in data else data
@@ -551,6 +560,22 @@ def test_qupaths_export_laid_out_otherwise_reads_as_json_reads_it(tmp_path, monk
         return
     assert outcome is True
     assert _same_objects(list(read_features(path)), expected)
+    assert len(whole) == (0 if layout.startswith(('{"type"', "[")) else 1)  # a feature at a time where it can be
+
+
+def test_a_number_longer_than_ints_limit_cut_by_a_chunk_reads_as_json_reads_it(tmp_path, monkeypatch):
+    # A measurement written with 5000 digits before its exponent (helper-141): the digits read so far are no int
+    # Python makes (its 4300-digit limit), the whole number is a float; read on, as for any object a chunk cuts.
+    from bridge import qupath_geojson
+
+    a, b = (to_feature(QuPathObject(Point(i, i), "detection", "Other", {"i": i})) for i in range(2))
+    text = json.dumps([a, b]).replace('{"i": 1.0}', '{"i": 1' + "0" * 5000 + "e-5000}")
+    path = tmp_path / "f.geojson"
+    path.write_text(text)
+    monkeypatch.setattr(qupath_geojson, "_STREAM_CHUNK_CHARS", text.index("0" * 5000) + 4500)
+    whole = _count_whole_parses(monkeypatch)
+    assert [o.measurements["i"] for o in read_features(path)] == [0, 1]
+    assert whole == []
 
 
 def test_a_damaged_compressed_export_read_a_feature_at_a_time_is_named(tmp_path):
@@ -569,6 +594,23 @@ def test_a_damaged_compressed_export_read_a_feature_at_a_time_is_named(tmp_path)
     (tmp_path / "a.zip").write_bytes(bytes(raw))
     with pytest.raises(GeoJsonError, match=r"not a readable \.zip file \(.+\)$"):
         list(read_features(tmp_path / "a.zip"))
+    # Stored, not compressed (gzip -0, a zip's STORED member): damage reads as text that does not decode or parse
+    # before the checksum at the end is tested; the checksum names it (helper-141: a UnicodeDecodeError).
+    stored = bytearray(gzip.compress(text.encode(), compresslevel=0))
+    stored[20] = 0xFF
+    (tmp_path / "stored.geojson.gz").write_bytes(bytes(stored))
+    with zipfile.ZipFile(tmp_path / "stored.zip", "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("a.geojson", text)
+    raw = bytearray((tmp_path / "stored.zip").read_bytes())
+    raw[100] = 0xFF
+    (tmp_path / "stored.zip").write_bytes(bytes(raw))
+    for name, kind in (("stored.geojson.gz", "gz"), ("stored.zip", "zip")):
+        with pytest.raises(GeoJsonError, match=rf"not a readable \.{kind} file \(.+\)$"):
+            list(read_features(tmp_path / name))
+    # Intact but not UTF-8: the decoding error stands (the checksums found nothing).
+    (tmp_path / "latin.geojson.gz").write_bytes(gzip.compress(text.replace("Other", "Autre\xe9").encode("latin-1")))
+    with pytest.raises(UnicodeDecodeError):
+        list(read_features(tmp_path / "latin.geojson.gz"))
 
 
 @pytest.mark.parametrize(

@@ -497,7 +497,8 @@ def _polygon(geometry: Mapping[str, Any]) -> BaseGeometry | None:
 
 def read_geojson_text(path: str | Path) -> str:
     """The text of a GeoJSON file as QuPath's *Export objects* writes it: plain, or compressed (a ``.zip`` holding
-    one GeoJSON file, which QuPath reads back, PathIO v0.4.4; also ``.gz``, as such files get compressed)."""
+    one GeoJSON file, or a ``.gz``: what QuPath's PathIO writes for a name so ending and reads back, v0.4.4 to
+    v0.7.0)."""
     with _open_text(Path(path)) as fh:
         return fh.read()
 
@@ -677,7 +678,8 @@ def _features_by_line(fh: TextIO, unparsed: Sequence[str]) -> Iterator[Any]:
 
 
 # A list of features, or a FeatureCollection whose features come first after its type, as QuPath's Gson writes them
-# (compact or pretty-printed): what :func:`_features_streamed` reads.
+# (compact or pretty-printed; "type", then "features": QuPathTypeAdapters v0.7.0:218-223): what
+# :func:`_features_streamed` reads.
 _STREAM_OPENING = re.compile(
     r'[ \t\n\r]*(?:(?P<list>\[)|\{[ \t\n\r]*"type"[ \t\n\r]*:[ \t\n\r]*"FeatureCollection"[ \t\n\r]*,'
     r'[ \t\n\r]*"features"[ \t\n\r]*:[ \t\n\r]*\[)'

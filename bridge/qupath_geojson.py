@@ -579,12 +579,11 @@ def read_features(
     A slide's cells are hundreds of MB of JSON, which parsed whole took five times their size in memory, so a file
     is read a piece at a time where its layout allows, compressed or not: one feature a line (this module's
     :func:`write_features`, ``pdl1_export_labels.groovy``) a line at a time; a list of features or a
-    FeatureCollection whose ``"features"`` come first after its type (QuPath's *Export objects*, compact or
-    pretty-printed) a feature at a time. Lines holding one of the texts ``unparsed`` are passed over without parsing
-    in the first; they must be features ``keep`` rejects (such as :data:`DETECTION_LINE_TYPES` with
-    :func:`not_detections`), so the objects are the same whichever way the file is read. Any other layout (one
-    Feature, other keys first) is read whole, and so is a file that turns out to be no JSON, for JSON's own error
-    (a malformed feature before the fault is named first)."""
+    FeatureCollection (QuPath's *Export objects*, compact or pretty-printed; GDAL's) a feature at a time. Lines
+    holding one of the texts ``unparsed`` are passed over without parsing in the first; they must be features
+    ``keep`` rejects (such as :data:`DETECTION_LINE_TYPES` with :func:`not_detections`), so the objects are the same
+    whichever way the file is read. One Feature is read whole, and so is a file that turns out to be no JSON, for
+    JSON's own error (a malformed feature before the fault is named first)."""
     path = Path(path)
     done = 0  # features already passed on: a layout broken further on is read another way after them
     for reader in (_features_by_line, _features_streamed):
@@ -677,33 +676,59 @@ def _features_by_line(fh: TextIO, unparsed: Sequence[str]) -> Iterator[Any]:
     )
 
 
-# A list of features, or a FeatureCollection whose features come first after its type, as QuPath's Gson writes them
-# (compact or pretty-printed; "type", then "features": QuPathTypeAdapters v0.7.0:218-223): what
-# :func:`_features_streamed` reads.
-_STREAM_OPENING = re.compile(
-    r'[ \t\n\r]*(?:(?P<list>\[)|\{[ \t\n\r]*"type"[ \t\n\r]*:[ \t\n\r]*"FeatureCollection"[ \t\n\r]*,'
-    r'[ \t\n\r]*"features"[ \t\n\r]*:[ \t\n\r]*\[)'
-)
 _SKIP_SPACE = re.compile(r"[ \t\n\r]*")
 _STREAM_CHUNK_CHARS = 1 << 22  # 4 Mi characters read at a time
 
 
-def _features_streamed(fh: TextIO, _unparsed: Sequence[str] = ()) -> Iterator[Any]:
-    """The feature dicts of a file in a :data:`_STREAM_OPENING` layout, one at a time, by the decoder ``json.loads``
-    uses: the same objects, holding a chunk of the text (and the feature being read) at a time rather than all of it
-    and its whole tree. Raises :class:`_OtherLayoutError` where the file turns out to be laid out otherwise (an item
-    that is no object) or not to be JSON (the whole-file parse names the problem as JSON does, unless a feature before
-    it was malformed: that is named first). A file that ends between two objects, or after the last without the end
-    of the list, is refused here (:class:`GeoJsonError`), and so is a FeatureCollection that names "type" or
-    "features" again after its features, where JSON's parser keeps the last of each without a word (names in an
-    object SHOULD be unique, RFC 8259; no writer of GeoJSON repeats one). Other keys after the features (a "bbox")
-    are read and left, as QuPath leaves them."""
+def _collection_opening(buf: str) -> tuple[int, dict[str, Any] | None] | None:
+    """Where the features in ``buf`` begin (after the "[" of a list of them, or of a FeatureCollection's "features")
+    and the collection's members before them (None for a list): QuPath's Gson writes "type" then "features"
+    (QuPathTypeAdapters v0.7.0:218-223), GDAL's GeoJSON (geopandas, QGIS) "type", "name" and "crs" first. None where the
+    text begins otherwise, the opening runs past ``buf``, or "type" is named twice or as anything but a
+    FeatureCollection: parsed whole, JSON decides."""
     decode = json.JSONDecoder().raw_decode
-    buf = fh.read(max(_STREAM_CHUNK_CHARS, 256))  # the opening whole, spaces and all, as any export writes it
-    opening = _STREAM_OPENING.match(buf)
+    pos = _SKIP_SPACE.match(buf).end()
+    if buf.startswith("[", pos):
+        return pos + 1, None
+    if not buf.startswith("{", pos):
+        return None
+    before: dict[str, Any] = {}
+    while True:  # at the "{", then at each ","
+        try:
+            name, pos = decode(buf, _SKIP_SPACE.match(buf, pos + 1).end())
+            pos = _SKIP_SPACE.match(buf, pos).end()
+            if not (isinstance(name, str) and buf.startswith(":", pos)):
+                return None
+            pos = _SKIP_SPACE.match(buf, pos + 1).end()
+            if name == "features":
+                return (pos + 1, before) if buf.startswith("[", pos) else None
+            value, pos = decode(buf, pos)
+        except ValueError:  # not JSON, or the opening longer than buf
+            return None
+        if name == "type" and ("type" in before or value != "FeatureCollection"):
+            return None
+        before[name] = value
+        pos = _SKIP_SPACE.match(buf, pos).end()
+        if not buf.startswith(",", pos):
+            return None
+
+
+def _features_streamed(fh: TextIO, _unparsed: Sequence[str] = ()) -> Iterator[Any]:
+    """The feature dicts of a list of features, or of a FeatureCollection (:func:`_collection_opening`), one at a time,
+    by the decoder ``json.loads`` uses: the same objects, holding a chunk of the text (and the feature being read) at
+    a time rather than all of it and its whole tree. Raises :class:`_OtherLayoutError` where the file turns out to be
+    laid out otherwise (an item that is no object) or not to be JSON (the whole-file parse names the problem as JSON
+    does, unless a feature before it was malformed: that is named first). A file that ends between two objects, or
+    after the last without the end of the list, is refused here (:class:`GeoJsonError`), and so is an object whose
+    "type" is not FeatureCollection, or is named twice, or that names "features" twice, found after its features (JSON
+    keeps the last of a repeated name without a word: names in an object SHOULD be unique, RFC 8259; no writer of
+    GeoJSON repeats one). Other members (a "bbox", a "crs") are read and left, as QuPath leaves them."""
+    decode = json.JSONDecoder().raw_decode
+    buf = fh.read(max(_STREAM_CHUNK_CHARS, 4096))  # the opening whole, as any writer writes it
+    opening = _collection_opening(buf)
     if opening is None:
         raise _OtherLayoutError
-    collection, pos, count = opening.group("list") is None, opening.end(), 0
+    (pos, before), count = opening, 0
 
     def more(at_least: int) -> bool:
         """Read on (at least ``at_least`` characters, so that an object longer than a chunk costs linear time)."""
@@ -752,23 +777,31 @@ def _features_streamed(fh: TextIO, _unparsed: Sequence[str] = ()) -> Iterator[An
             raise _OtherLayoutError
         count += 1
         yield item
-    rest = (buf[pos + 1 :] + fh.read()).strip(_JSON_SPACE)  # after the list: nothing, or the collection's "}"
-    if rest == ("}" if collection else ""):
+    rest = (buf[pos + 1 :] + fh.read()).strip(_JSON_SPACE)  # after the list: nothing, or the collection's end
+    if before is None:
+        if rest:  # text after the end: JSON names it
+            raise _OtherLayoutError
         return
-    if not (collection and rest.startswith(",")):
-        raise _OtherLayoutError  # text after the end: JSON names it
-    try:  # the collection's other members, each (name, value)
-        members, end = json.JSONDecoder(object_pairs_hook=list).raw_decode("{" + rest[1:])
-    except ValueError:
-        raise _OtherLayoutError from None
-    if end != len(rest):
-        raise _OtherLayoutError
-    again = [name for name, _ in members if name in ("type", "features")]
-    if again:
+    after: list[tuple[str, Any]] = []  # the collection's members after its features
+    if rest != "}":
+        if not rest.startswith(","):  # the collection's end missing, or text after it: JSON names it
+            raise _OtherLayoutError
+        try:
+            after, end = json.JSONDecoder(object_pairs_hook=list).raw_decode("{" + rest[1:])
+        except ValueError:
+            raise _OtherLayoutError from None
+        if end != len(rest):
+            raise _OtherLayoutError
+    names = [*before, *(name for name, _ in after)]
+    again = "features" if "features" in names else "type" if names.count("type") > 1 else None
+    if again is not None:
         raise GeoJsonError(
-            f"the FeatureCollection names {again[0]!r} twice, the second time after its {count} features, so which "
+            f"the FeatureCollection names {again!r} twice, the second time after its {count} features, so which "
             "holds is a reader's guess (JSON keeps the last); export the objects again from QuPath"
         )
+    kind = before.get("type", next((value for name, value in after if name == "type"), None))
+    if kind != "FeatureCollection":
+        raise _not_geojson_objects(f"an object of type {kind!r}")
 
 
 @contextlib.contextmanager
@@ -800,8 +833,11 @@ def _features_whole(path: Path) -> list[Any]:
     if _is_mapping(data) and data.get("type") == "Feature":
         return [data]
     # any other JSON (a run's summary, a config) said "expected type 'Feature', got None"
-    kind = f"an object of type {data.get('type')!r}" if _is_mapping(data) else type(data).__name__
-    raise GeoJsonError(
+    raise _not_geojson_objects(f"an object of type {data.get('type')!r}" if _is_mapping(data) else type(data).__name__)
+
+
+def _not_geojson_objects(kind: str) -> GeoJsonError:
+    return GeoJsonError(
         f"not GeoJSON objects: the file holds {kind}; expected a FeatureCollection, a list of features or one "
         "Feature, as QuPath exports them"
     )

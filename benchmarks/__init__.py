@@ -242,6 +242,7 @@ _REGISTRY: dict[str, str] = {
     "write_nuclei": "benchmarks.write_nuclei:WriteNuclei",
     "export_targets": "benchmarks.export_targets:ExportTargets",
     "train_labels": "benchmarks.train_labels:TrainLabels",
+    "train_regions": "benchmarks.train_labels:TrainRegions",
     "service_roi": "benchmarks.service_roi:ServiceRoi",
     "result_pages": "benchmarks.result_pages:ResultPages",
     "service_loop": "benchmarks.service_loop:ServiceLoop",

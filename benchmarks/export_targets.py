@@ -56,9 +56,11 @@ def write_export(
     cell_classes: tuple[str, ...] = ("Tumor",),
     offset_px: float = 0.0,
     one_line: bool = False,
+    first_class: str = "Tumor",
 ) -> int:
     """An export in the script's layout (``one_line``: as QuPath's File > Export objects writes it, compact); its size
-    in bytes. The cells take ``cell_classes`` in turn, each centred ``offset_px`` right of and below its grid point."""
+    in bytes. The cells take ``cell_classes`` in turn, each centred ``offset_px`` right of and below its grid point;
+    the first of the two annotations is of ``first_class``."""
     import math
     import uuid
 
@@ -70,7 +72,7 @@ def write_export(
                 "properties": {"objectType": kind, **props}}  # fmt: skip
         return json.dumps(body, separators=(",", ":"))
 
-    lines = [feature("annotation", square(0, 0, 5000), {"classification": {"name": "Tumor", "color": [200, 0, 0]}})]
+    lines = [feature("annotation", square(0, 0, 5000), {"classification": {"name": first_class, "color": [200, 0, 0]}})]
     lines.append(feature("annotation", square(6000, 0, 5000), {"name": "nest 2"}))
     lines += [
         feature("tmaCore", square(i * 2000, 9000, 1800), {"name": f"A-{i + 1}", "isMissing": False}) for i in range(4)

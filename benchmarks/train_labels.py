@@ -68,3 +68,58 @@ class TrainLabels(ReadInChild):
             f"2 annotations, 4 TMA cores: {self.bytes / 2**20:.0f} MiB",
             **super().conditions(),
         }
+
+
+_REGIONS_CHILD = r"""
+import json, resource, sys, time
+from bridge.labels import LabelRules, labels_from_objects, read_geojson_labels
+from bridge.qupath_geojson import read_features
+
+rules, given = LabelRules((), points=False), dict(slide="bench.svs", image_size_px=(20_000, 20_000))
+t0 = time.perf_counter()
+if sys.argv[2] == "held":  # every object held, then labelled: as read_label_objects read before 2026-12-07
+    labels = labels_from_objects(list(read_features(sys.argv[1])), rules=rules, **given)
+else:
+    labels = read_geojson_labels(sys.argv[1], rules=rules, **given)
+print(json.dumps({"seconds": time.perf_counter() - t0, "skipped": sum(labels.counts.values()),
+                  "regions": len(labels.training_regions),
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+POSITIVE_CELL_DETECTION = ("Positive", "Negative")
+
+
+class TrainRegions(ReadInChild):
+    """``pdl1 train seg``'s reading of an image's labels beside QuPath's positive cell detection, whose cells label
+    nothing: k cells/s and peak RSS."""
+
+    child = _REGIONS_CHILD
+    modes = (
+        ("every object held, then labelled (as before)", "held"),
+        ("ours: the cells that label nothing counted and let go as read", "passed"),
+    )
+
+    def setup(self, *, quick: bool) -> None:
+        self.cells = 20_000 if quick else 300_000
+        self.tmp = Path(tempfile.mkdtemp(prefix="pdl1-bench-"))
+        self.path = self.tmp / "export-objects.geojson"
+        self.bytes = write_export(
+            self.path, self.cells, cell_classes=POSITIVE_CELL_DETECTION, one_line=True, first_class="Training region"
+        )
+
+    def child_args(self, mode: str) -> list[str]:
+        return [str(self.path), mode]
+
+    def check(self, label: str, said: dict) -> None:
+        # Every object counted (2 annotations, 4 TMA cores, the cells), the training region read.
+        if said["regions"] != 1 or said["skipped"] != self.cells + 6:
+            raise RuntimeError(f"{label}: {said['regions']} regions and {said['skipped']} objects counted")
+
+    def conditions(self) -> dict[str, str]:
+        return {
+            "export": f"QuPath's File > Export objects (one line): {self.cells} cells classed "
+            f"{' and '.join(POSITIVE_CELL_DETECTION)} in turn (QuPath's positive cell detection; 16-vertex polygons, "
+            "5 measurements), a Training region, an unclassified annotation, 4 TMA cores: "
+            f"{self.bytes / 2**20:.0f} MiB",
+            "labels": "a segmentation run (`pdl1 train seg`): no cell labels anything",
+            **super().conditions(),
+        }

@@ -288,6 +288,36 @@ def _tool_written_class(obj: QuPathObject) -> str | None:
     return None
 
 
+def _skipped_detection(obj: QuPathObject, rules: LabelRules, class_map: Mapping[str, str | None]) -> str | None:
+    """What :func:`labels_from_objects` counts a detection or cell polygon under where it labels nothing (QuPath's cell
+    detection unclassified, or of a class that is no nucleus label, or any in a segmentation run), else None. Told
+    from each object alone, so a reader passes over such objects as it reads them (:func:`read_label_objects`): a
+    slide's positive cell detection is a million of them, 2 GB held as objects."""
+    cls, geometry = obj.classification, obj.geometry
+    if (
+        obj.object_type not in ("detection", "cell")
+        or not isinstance(geometry, Polygon | MultiPolygon)
+        or obj.plane_zt != (0, 0)
+        or geometry.is_empty
+        or _tool_written_class(obj) is not None
+        or (cls is not None and (cls in _AREA_CLASSES or _is_ignore(cls)))
+    ):
+        return None
+    if not (rules.points and cls):
+        return f"skipped: {obj.object_type} {geometry.geom_type} ({cls or 'unclassified'})"
+    # QuPath's cell detection gives polygons, and a person classifies or reclassifies those cells: one of a nucleus
+    # class is a nucleus label at its centroid (labels_from_objects).
+    target = _mapped(class_map, cls, rules.class_names)
+    if target is None:
+        return f"skipped: {obj.object_type} polygons of {cls} (mapped to none)"
+    if target not in rules.class_names:
+        return (
+            f"skipped: {obj.object_type} polygons of {cls} (not a nucleus class: "
+            f"--class-map '{cls.strip()}=CLASS' takes their centroids)"
+        )
+    return None
+
+
 # A nucleus of an analysis's output and one in the image are the same where their points lie this close
 # (level-0 px): QuPath keeps the coordinates it imported.
 _SAME_NUCLEUS_PX = 1.0
@@ -753,8 +783,12 @@ def labels_from_objects(
     source: str = "",
     mpp: float | None = None,
     written: WrittenObjects | None = None,
+    skipped: Mapping[str, int] | None = None,
 ) -> SlideLabels:
     """The labels of one image from its QuPath objects (see the module docstring for the rules).
+
+    ``skipped``: the counts of objects the reader already passed over (:attr:`LabelObjects.skipped`), kept in the
+    labels' counts as if they had been given.
 
     ``written``: what the tool wrote into this image (a project entry's: :meth:`WrittenObjects.of_entry`; None for
     a plain slide's GeoJSON, whose nuclei reviews are not read); with ``rules.from_review`` a reclassified nucleus
@@ -777,7 +811,7 @@ def labels_from_objects(
     _check_class_map_targets(class_map, rules)
     objects = list(objects)
     _refuse_results_without_measurements(objects, where)
-    counts: Counter[str] = Counter()
+    counts: Counter[str] = Counter(skipped or {})
     regions: list[tuple[BaseGeometry, bool]] = []
     positive: list[BaseGeometry] = []
     negative: list[BaseGeometry] = []
@@ -806,6 +840,10 @@ def labels_from_objects(
         )
         verdicts = dict(zip((k for k, _, _ in nuclei), in_image.nuclei_verdicts(), strict=True))
     for place, obj in enumerate(objects):
+        passed_over = _skipped_detection(obj, rules, class_map)
+        if passed_over is not None:
+            counts[passed_over] += 1
+            continue
         cls = obj.classification
         what = f"{where}: {obj.object_type} {obj.name or obj.id or ''} ({cls or 'unclassified'})"
         if obj.object_type in READ_ONLY_OBJECT_TYPES:  # "Export objects" of a TMA slide: its cores label nothing
@@ -902,22 +940,13 @@ def labels_from_objects(
             and isinstance(geometry, Polygon | MultiPolygon)
             and cls
         ):
-            # QuPath's cell detection gives polygons, and a person classifies or reclassifies those cells: one of a
-            # nucleus class is a nucleus label at its centroid (a cell's boundary surrounds its nucleus, so the two
-            # centroids lie within a few px; the 3 µm matching radius allows that).
-            target = _mapped(class_map, cls, rules.class_names)
-            if target is None:
-                counts[f"skipped: {obj.object_type} polygons of {cls} (mapped to none)"] += 1
-            elif target not in rules.class_names:
-                counts[
-                    f"skipped: {obj.object_type} polygons of {cls} (not a nucleus class: "
-                    f"--class-map '{cls.strip()}=CLASS' takes their centroids)"
-                ] += 1
-            else:
-                centre = geometry.centroid
-                xy.append((centre.x, centre.y))
-                point_cls.append(rules.class_names.index(target))
-                counts[f"nuclei from {obj.object_type} polygons (their centroids)"] += 1
+            # A cell of a nucleus class (_skipped_detection passed over the others): a nucleus label at its centroid
+            # (a cell's boundary surrounds its nucleus, so the two centroids lie within a few px; the 3 µm matching
+            # radius allows that).
+            centre = geometry.centroid
+            xy.append((centre.x, centre.y))
+            point_cls.append(rules.class_names.index(_mapped(class_map, cls, rules.class_names)))
+            counts[f"nuclei from {obj.object_type} polygons (their centroids)"] += 1
         elif obj.object_type == "tile" and obj.name == TILE_NAME:
             counts["skipped: pdl1 uncertainty tiles (results, never labels)"] += 1
         else:
@@ -1122,8 +1151,9 @@ def read_geojson_labels(
         )
     if not path.is_file():
         raise LabelError(f"{path}: no such GeoJSON file; export the image's objects from QuPath as GeoJSON")
+    read = read_label_objects(path, export_again, rules)
     return labels_from_objects(
-        read_label_objects(path, export_again),
+        read.objects,
         slide=str(slide),
         image_size_px=image_size_px,
         rules=rules,
@@ -1131,18 +1161,37 @@ def read_geojson_labels(
         source=str(path),
         mpp=mpp,
         written=written,
+        skipped=read.skipped,
     )
 
 
-def read_label_objects(path: Path, export_again: str) -> list[QuPathObject]:
-    """The objects of a GeoJSON file of labels, refused (:class:`LabelError`, naming the file) where it does not read.
-    ``export_again``: how the file is made again."""
+@dataclass(frozen=True)
+class LabelObjects:
+    """The objects of a file of labels that may label something, and the counts of those passed over as read."""
+
+    objects: list[QuPathObject]
+    skipped: Counter[str]
+
+
+def read_label_objects(path: Path, export_again: str, rules: LabelRules) -> LabelObjects:
+    """The objects of a GeoJSON file of labels, but the detections and cells that label nothing under ``rules``
+    (:func:`_skipped_detection`), counted and let go as they are read; refused (:class:`LabelError`, naming the file)
+    where the file does not read. ``export_again``: how the file is made again."""
+    class_map = dict(rules.class_map or {})
+    kept: list[QuPathObject] = []
+    skipped: Counter[str] = Counter()
     try:
-        return list(read_features(path))
+        for obj in read_features(path):
+            passed_over = _skipped_detection(obj, rules, class_map)
+            if passed_over is None:
+                kept.append(obj)
+            else:
+                skipped[passed_over] += 1
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise LabelError(f"{path}: not JSON ({err}); {export_again}") from err
     except Pdl1Error as err:
         raise LabelError(f"{path}: {err}; {export_again}") from err
+    return LabelObjects(kept, skipped)
 
 
 def annotation_counts(objects: Iterable[QuPathObject]) -> Counter[str]:
@@ -1376,16 +1425,16 @@ def _entry_labels(
             f"export it again: run qupath_scripts/pdl1_export_labels.groovy on {entry.image_name} in QuPath (or Run "
             "for project)"
         )
-        objects = read_label_objects(exported, export_again)  # read once: a slide's cells cost seconds
+        read = read_label_objects(exported, export_again, rules)  # read once: a slide's cells cost seconds
         refuse_stale_export(
             exported,
             info.folder / "data" / entry.entry_id,
             source,
             export_again,
-            exported_counts=annotation_counts(objects),
+            exported_counts=annotation_counts(read.objects),  # annotations are never passed over
         )
         labels = labels_from_objects(
-            objects,
+            read.objects,
             slide=str(slide),
             image_size_px=entry.size_px,
             rules=rules,
@@ -1393,6 +1442,7 @@ def _entry_labels(
             source=str(exported),
             mpp=mpp,
             written=written,
+            skipped=read.skipped,
         )
         labels = replace(labels, source=f"{source} from {exported}")
     return replace(labels, mpp=entry.mpp)

@@ -444,6 +444,22 @@ def test_the_export_benchmark_writes_the_scripts_layout_whose_targets_the_reader
     assert (len(entry.annotations), len(entry.cores)) == (2, 4)
 
 
+def test_the_train_regions_benchmark_labels_with_its_training_region_and_none_of_its_cells(tmp_path):
+    from benchmarks.export_targets import write_export
+    from benchmarks.train_labels import POSITIVE_CELL_DETECTION
+    from bridge.labels import LabelRules, labels_from_objects, read_geojson_labels
+    from bridge.qupath_geojson import read_features
+
+    path = tmp_path / "export.geojson"
+    write_export(path, 30, cell_classes=POSITIVE_CELL_DETECTION, one_line=True, first_class="Training region")
+    given = dict(slide="bench.svs", image_size_px=(20_000, 20_000), rules=LabelRules((), points=False))
+    held = labels_from_objects(list(read_features(path)), **given)
+    passed = read_geojson_labels(path, **given)
+    assert passed.counts == held.counts
+    assert passed.counts["training regions"] == 1
+    assert passed.counts["skipped: cell Polygon (Positive)"] == passed.counts["skipped: cell Polygon (Negative)"] == 15
+
+
 def test_the_train_labels_benchmark_writes_both_layouts_whose_cells_are_each_a_nucleus_label(tmp_path):
     from benchmarks.export_targets import write_export
     from benchmarks.train_labels import CLASSES

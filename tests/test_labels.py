@@ -884,6 +884,61 @@ def test_an_object_without_coordinates_is_counted_as_skipped(geometry):
     assert labels.counts[f"skipped: annotation {geometry.geom_type} without coordinates"] == 1
 
 
+@pytest.mark.parametrize(
+    ("rules", "passed_over"),
+    [
+        (RULES, 6),  # the unclassified, Positive and Stroma cells and detections
+        (LabelRules(HE_CLASSES, class_map=parse_class_map(["Positive=Tumor: Positive", "Stroma="])), 4),
+        (LabelRules((), points=False), 8),  # and the two of nucleus classes
+    ],
+    ids=["nuclei", "nuclei, classes mapped", "segmentation"],
+)
+def test_the_reader_lets_go_of_cells_that_label_nothing_and_counts_them_the_same(tmp_path, rules, passed_over):
+    """QuPath's positive cell detection is a million cells a slide (2 GB as objects), classed Positive and Negative,
+    no nucleus label; a segmentation run labels with none of them. The reader passes over such cells as it reads them
+    and counts them; the labels are those of every object given at once."""
+    from bridge.labels import read_label_objects
+    from bridge.objects import OWN_DETECTION_SIGNATURE
+    from bridge.qupath_geojson import read_features, to_feature
+
+    cell = shapely.box(10, 10, 16, 16)
+    objects = [
+        _obj(shapely.box(0, 0, 90, 90), "Training region"),
+        _obj(shapely.box(40, 40, 50, 50), "PD-L1 positive"),
+        *(_obj(cell, cls, object_type=kind) for kind in ("cell", "detection") for cls in (None, "Positive", "Stroma")),
+        _obj(cell, "Tumor: Positive", object_type="cell"),  # a nucleus label
+        _obj(cell, "PD-L1 negative", object_type="detection"),  # an area, whatever its object type
+        _obj(cell, "Ignore*", object_type="cell"),
+        _obj(shapely.MultiPolygon([cell, shapely.box(30, 30, 33, 33)]), "Other", object_type="detection"),
+        _obj(shapely.Point(20, 20), "Tumor: Negative", object_type="detection"),  # a point
+        _obj(cell, "Tumor: Negative", measurements={OWN_DETECTION_SIGNATURE: 0.5}, object_type="detection"),
+        _obj(shapely.Polygon(), "Positive", object_type="cell"),
+        dataclasses.replace(_obj(cell, None, object_type="cell"), plane_zt=(1, 0)),
+    ]
+    path = tmp_path / "labels.geojson"
+
+    def feature(o):  # as QuPath exports a cell: its nucleus beside its outline
+        kind = "detection" if o.object_type == "cell" else o.object_type
+        out = to_feature(dataclasses.replace(o, object_type=kind, color=(9, 9, 9) if o.classification else None))
+        if o.object_type == "cell":
+            out["properties"]["objectType"], out["nucleusGeometry"] = "cell", out["geometry"]
+        return out
+
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature(o) for o in objects]}))
+    read = read_label_objects(path, "export again", rules)
+    kept_cells = [o for o in read.objects if o.object_type in ("cell", "detection")]
+    assert sum(read.skipped.values()) == len(objects) - len(read.objects) == passed_over
+    assert all(o.classification is not None or o.plane_zt != (0, 0) for o in kept_cells)  # none unclassified kept
+    given = dict(slide="s.svs", image_size_px=(100, 100), rules=rules)
+    whole = labels_from_objects(list(read_features(path)), **given)
+    passed_over = read_geojson_labels(path, **given)
+    assert passed_over.counts == whole.counts
+    assert passed_over.points_xy.tolist() == whole.points_xy.tolist()
+    assert passed_over.points_class.tolist() == whole.points_class.tolist()
+    assert passed_over.positive.equals(whole.positive) and passed_over.negative.equals(whole.negative)
+    assert passed_over.ignore.equals(whole.ignore)
+
+
 def test_labels_given_as_a_folder_say_a_file_is_wanted(tmp_path):
     """A folder of exports given as --labels was 'no such GeoJSON file', though it is there."""
     with pytest.raises(LabelError, match=r"is a folder; --labels takes one GeoJSON file per slide"):

@@ -1298,11 +1298,21 @@ def _read_project_labels(
         from bridge.qupath import qupath_available
 
         use_qupath = qupath_available()[0]
-    objects_by_entry: dict[str, list[QuPathObject]] | None = None
+    objects_by_entry: dict[str, LabelObjects] | None = None
     if use_qupath:
         from bridge.qupath import read_entry_objects
 
-        objects_by_entry = read_entry_objects(info.path, [e.entry_id for e in chosen])
+        class_map = dict(rules.class_map or {})
+        skipped: dict[str, Counter[str]] = {e.entry_id: Counter() for e in chosen}
+
+        def keep(entry_id: str, obj: QuPathObject) -> bool:  # every entry is read at once: hold only what may label
+            passed_over = _skipped_detection(obj, rules, class_map)
+            if passed_over is not None:
+                skipped[entry_id][passed_over] += 1
+            return passed_over is None
+
+        read = read_entry_objects(info.path, [e.entry_id for e in chosen], keep=keep)
+        objects_by_entry = {entry_id: LabelObjects(objects, skipped[entry_id]) for entry_id, objects in read.items()}
     search = ImageSearch(search_dirs)
     _check_class_map_targets(dict(rules.class_map or {}), rules)  # an option's error, said once, not per entry
     _warn_class_map_unknown(dict(rules.class_map or {}), classes, info.path)
@@ -1372,7 +1382,7 @@ def _entry_labels(
     *,
     rules: LabelRules,
     classes: frozenset[str],
-    objects_by_entry: dict[str, list[QuPathObject]] | None,
+    objects_by_entry: dict[str, LabelObjects] | None,
     search: ImageSearch,
     mpp_advice: MppAdvice | None,
 ) -> SlideLabels:
@@ -1403,8 +1413,9 @@ def _entry_labels(
             warn_unless_stain(opened, source, rules)
     written = WrittenObjects.of_entry(sidecar_dir(info.folder, entry.entry_id)) if rules.from_review else None
     if objects_by_entry is not None:
+        read = objects_by_entry.get(entry.entry_id, LabelObjects([], Counter()))
         labels = labels_from_objects(
-            objects_by_entry.get(entry.entry_id, []),
+            read.objects,
             slide=str(slide),
             image_size_px=entry.size_px,
             rules=rules,
@@ -1412,6 +1423,7 @@ def _entry_labels(
             source=source + " through QuPath",
             mpp=mpp,
             written=written,
+            skipped=read.skipped,
         )
     else:
         exported = export_path(info.folder, entry.entry_id)

@@ -678,9 +678,13 @@ __all__ = [
 
 
 def read_entry_objects(
-    project_path: str | Path, entry_ids: Iterable[str] | None = None
+    project_path: str | Path,
+    entry_ids: Iterable[str] | None = None,
+    keep: Callable[[str, QuPathObject], bool] | None = None,
 ) -> dict[str, list[QuPathObject]]:
-    """Every annotation, TMA core and detection of the project's entries (all, or ``entry_ids``), read-only.
+    """Every annotation, TMA core and detection of the project's entries (all, or ``entry_ids``), read-only; where
+    ``keep(entry ID, object)`` is given, those it keeps (a slide's cells are a million objects; what the caller passes
+    over it counts itself).
 
     Each object goes through QuPath's own GeoJSON writer (``to_geojson``, GsonTools), so what comes
     back is exactly what ``pdl1_export_labels.groovy`` writes for the same entry: one reader of labels,
@@ -715,7 +719,9 @@ def read_entry_objects(
                 feature = obj.to_geojson()
                 if "id" not in feature:  # a QuPath that leaves the id out of its JSON
                     feature["id"] = str(obj.java_object.getID())
-                objects.append(from_feature(feature))
+                read = from_feature(feature)
+                if keep is None or keep(entry_id, read):
+                    objects.append(read)
             out[entry_id] = objects
     return out
 

@@ -404,7 +404,9 @@ def test_a_project_s_labels_carry_qupath_s_pixel_size_which_wins_over_the_file_s
         calibration[key]["value"] = 1.0
     (project / "project.qpproj").write_text(json.dumps(qpproj))
     objects = list(read_features(labelled / "objects-labelled-by-pathologist-0.4.4.geojson"))
-    monkeypatch.setattr(qupath_module, "read_entry_objects", lambda path, ids: {"1": objects})
+    monkeypatch.setattr(
+        qupath_module, "read_entry_objects", lambda path, ids, keep: {"1": [o for o in objects if keep("1", o)]}
+    )
     (labels,) = read_project_labels(project, rules=RULES, entries=["1"], qupath=qupath)
     assert labels.mpp == 1.0 and labels.source.endswith(" through QuPath") == (qupath == "always")
     with open_labelled_slide(labels) as slide:

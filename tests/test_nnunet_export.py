@@ -360,7 +360,9 @@ def test_a_project_exports_its_images_at_the_pixel_size_set_in_qupath(
     from bridge.qupath_geojson import read_features
 
     objects = list(read_features(labelled / "objects-labelled-by-pathologist-0.4.4.geojson"))
-    monkeypatch.setattr(qupath_module, "read_entry_objects", lambda path, ids: {"1": objects})
+    monkeypatch.setattr(
+        qupath_module, "read_entry_objects", lambda path, ids, keep: {"1": [o for o in objects if keep("1", o)]}
+    )
     image = he_png if suffix == ".png" else labelled / "he-1357.svs"
     project = _project_of(labelled, image, tmp_path, calibration_um=(1.0, 1.0))
     out = tmp_path / "Dataset790_Calibrated"

@@ -321,6 +321,36 @@ def test_read_only_use_leaves_the_project_bytes_unchanged(tmp_path, phantom_svs)
     assert before == {p: p.read_bytes() for p in project_dir.rglob("*") if p.is_file()}
 
 
+def test_reading_an_entrys_objects_holds_only_those_kept(tmp_path, phantom_svs):
+    # pdl1 train reads every entry at once through QuPath: a slide's cell detection is a million objects, so the
+    # reader holds only what the caller keeps (bridge.labels passes over the cells that label nothing).
+    from paquo.classes import QuPathPathClass
+    from paquo.projects import QuPathProject
+
+    from bridge import qupath
+
+    project_dir = tmp_path / "qp"
+    init_project_qupath(project_dir, [phantom_svs])
+    with QuPathProject(project_dir, mode="r+") as qp:
+        hierarchy = qp.images[0].hierarchy
+        hierarchy.add_annotation(roi=box(10, 10, 90, 90), path_class=QuPathPathClass("Tumor"))
+        hierarchy.add_detection(roi=box(20, 20, 26, 26), path_class=QuPathPathClass("Positive"))
+        hierarchy.add_detection(roi=box(30, 30, 36, 36))
+        entry_id = str(qp.images[0].entry_id)
+    (every,) = qupath.read_entry_objects(project_dir).values()
+    assert sorted((o.object_type, o.classification) for o in every) == [
+        ("annotation", "Tumor"),
+        ("detection", None),
+        ("detection", "Positive"),
+    ]
+    asked = []
+    kept = qupath.read_entry_objects(
+        project_dir, keep=lambda entry, obj: asked.append(entry) or obj.object_type != "detection"
+    )
+    assert [(o.object_type, o.classification) for o in kept[entry_id]] == [("annotation", "Tumor")]
+    assert asked == [entry_id] * 3
+
+
 def test_init_project_creates_nothing_when_qupath_cannot_add_a_slide(tmp_path, phantom_svs):
     from paquo.projects import QuPathProject
 

@@ -47,7 +47,7 @@ import difflib
 import json
 import logging
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -290,7 +290,8 @@ def _tool_written_class(obj: QuPathObject) -> str | None:
 
 def _skipped_detection(obj: QuPathObject, rules: LabelRules, class_map: Mapping[str, str | None]) -> str | None:
     """What :func:`labels_from_objects` counts a detection or cell polygon under where it labels nothing (QuPath's cell
-    detection unclassified, or of a class that is no nucleus label, or any in a segmentation run), else None. Told
+    detection unclassified, or of a class that is no nucleus label, or in a segmentation run of any class but an
+    area's or ``Ignore*``; never the tool's own), else None. Told
     from each object alone, so a reader passes over such objects as it reads them (:func:`read_label_objects`): a
     slide's positive cell detection is a million of them, 2 GB held as objects."""
     cls, geometry = obj.classification, obj.geometry
@@ -468,8 +469,8 @@ class WrittenObjects:
         record says what was written only where its output is in the image (:class:`_WrittenInImage`), and otherwise
         the run's output the import put there does. Each one taken is logged (INFO); one that does not read raises
         :class:`LabelError`, as a record in the folder does. The others stay set aside: their parent is gone from the
-        image. A TMA core is no annotation or detection, which is all the export and paquo read, so a core's record
-        set aside is never taken here; the script moves it back on its next run on the image."""
+        image. A parent is an annotation or a TMA core (the export and paquo's reading hold the grid's cores); the
+        script also moves a core's record back on its next run on the image."""
         ids = {str(i).lower() for i in object_ids}
         back = [path for path in self.set_aside if path.stem.lower() in ids]
         if not back:
@@ -825,7 +826,10 @@ def labels_from_objects(
     verdicts: dict[int, str | None] = {}  # by the object's place in objects: each tool nucleus's (with from_review)
     if written is not None and rules.from_review:
         # A record the script set aside is the image's where these objects hold its parent (closed without saving).
-        written = written.taking_back((o.id for o in objects if o.id), where)
+        # A record's parent is an annotation or a TMA core, never a detection or cell (which a reader may have
+        # passed over: helper-142), so theirs are not asked.
+        parents = (o.id for o in objects if o.id and o.object_type not in ("detection", "cell"))
+        written = written.taking_back(parents, where)
         # What of the tool's output is in the image, before any of it is read: which analyses' output is still
         # there decides what a nucleus was written as.
         tool = [(k, o, _tool_written_class(o) is not None) for k, o in enumerate(objects) if not o.geometry.is_empty]
@@ -1167,7 +1171,8 @@ def read_geojson_labels(
 
 @dataclass(frozen=True)
 class LabelObjects:
-    """The objects of a file of labels that may label something, and the counts of those passed over as read."""
+    """The objects of an image's labels (a file's, or QuPath's through paquo) that may label something, and the counts
+    of those passed over as they were read."""
 
     objects: list[QuPathObject]
     skipped: Counter[str]
@@ -1303,7 +1308,7 @@ def _read_project_labels(
         from bridge.qupath import read_entry_objects
 
         class_map = dict(rules.class_map or {})
-        skipped: dict[str, Counter[str]] = {e.entry_id: Counter() for e in chosen}
+        skipped: defaultdict[str, Counter[str]] = defaultdict(Counter)
 
         def keep(entry_id: str, obj: QuPathObject) -> bool:  # every entry is read at once: hold only what may label
             passed_over = _skipped_detection(obj, rules, class_map)

@@ -1436,6 +1436,25 @@ def test_a_record_set_aside_is_taken_where_the_export_holds_its_annotation_and_l
     assert aside.is_file()  # training moves nothing
 
 
+def test_a_detection_is_never_the_parent_of_a_record_set_aside(tmp_path):
+    # A record's parent is an annotation or a TMA core. A detection bearing its ID (hand-edited) took the record back
+    # where every object was held, and not where the reader passed the detection over (helper-142): now in neither.
+    from bridge.labels import WrittenObjects
+    from bridge.qupath_geojson import read_features, to_feature
+
+    parent = "0f0e0d0c-0000-4000-8000-000000000001"
+    detection = dataclasses.replace(_obj(shapely.box(10, 10, 16, 16), object_type="detection"), id=parent)
+    objects = [_obj(shapely.box(0, 0, 90, 90), "Training region"), detection]
+    path = tmp_path / "labels.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [to_feature(o) for o in objects]}))
+    # A record that does not read: taken back, it would be refused.
+    written = WrittenObjects((), set_aside=(tmp_path / "removed" / f"{parent}.json",))
+    rules = LabelRules(HE_CLASSES, from_review=True)
+    given = dict(slide="s.svs", image_size_px=(100, 100), rules=rules, written=written)
+    for labels in (read_geojson_labels(path, **given), labels_from_objects(list(read_features(path)), **given)):
+        assert labels.counts == {"skipped: detection Polygon (unclassified)": 1, "training regions": 1}
+
+
 def test_a_record_set_aside_of_an_annotation_analysed_again_since_is_not_read(labelled, tmp_path):
     # The annotation came back and was analysed again: its record in the folder is the newer one, and the older copy
     # set aside (the script deletes it on its next run) is not read, damaged or not.

@@ -346,9 +346,19 @@ def _is_ignore(cls: str | None) -> bool:
     return cls is not None and cls.startswith(IGNORE.name.rstrip("*"))
 
 
+def _labels_area(cls: str | None) -> bool:
+    return cls in _LABEL_AREA_CLASSES or _is_ignore(cls)
+
+
 # ``keep`` for an export read for labelled_area: everything but the detections and cells of other classes (a slide's
 # cells, most of the file, are not made objects).
-_may_label_area = keep_detections_of(lambda cls: cls in _LABEL_AREA_CLASSES or _is_ignore(cls))
+_may_label_area = keep_detections_of(_labels_area)
+
+
+def _may_label_area_in_qupath(_entry_id: str, obj: QuPathObject) -> bool:
+    """``keep`` for :func:`bridge.qupath.read_entry_objects`: what :data:`_may_label_area` keeps of an export, of the
+    objects paquo gives (every entry is read at once there)."""
+    return obj.object_type not in ("detection", "cell") or _labels_area(obj.classification)
 
 
 def labelled_area(objects: Iterable[QuPathObject]) -> BaseGeometry:
@@ -648,7 +658,7 @@ def build_queue(
     if use_qupath:
         from bridge.qupath import read_entry_objects
 
-        qupath_objects = read_entry_objects(info.path, [e.entry_id for e in found])
+        qupath_objects = read_entry_objects(info.path, [e.entry_id for e in found], keep=_may_label_area_in_qupath)
     own = _entry_objects(info.folder, found, qupath_objects)
     references: dict[str, float] = {}
     for summary in summaries.values():

@@ -784,3 +784,7 @@ def test_an_export_read_for_its_labelled_area_keeps_no_cells_but_those_of_label_
     kept = list(read_features(path, keep=review_queue._may_label_area))
     assert [o.classification for o in kept] == ["Training region", "Training region", "Ignore*"]
     assert review_queue.labelled_area(kept).area == review_queue.labelled_area(list(read_features(path))).area == 196
+    # Through QuPath (every entry read at once) the same objects are kept, told from the objects paquo gives.
+    unclassified = QuPathObject(box(50, 50, 51, 51), "cell", None)
+    every = [*read_features(path), unclassified]
+    assert [o for o in every if review_queue._may_label_area_in_qupath("1", o)] == kept

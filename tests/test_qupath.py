@@ -338,9 +338,9 @@ def test_reading_an_entrys_objects_holds_only_those_kept(tmp_path, phantom_svs):
         hierarchy.add_detection(roi=box(30, 30, 36, 36))
         entry_id = str(qp.images[0].entry_id)
     (every,) = qupath.read_entry_objects(project_dir).values()
-    assert sorted((o.object_type, o.classification) for o in every) == [
+    assert sorted((o.object_type, o.classification or "") for o in every) == [
         ("annotation", "Tumor"),
-        ("detection", None),
+        ("detection", ""),
         ("detection", "Positive"),
     ]
     asked = []

@@ -48,7 +48,7 @@ import json
 import logging
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import cached_property, cmp_to_key
@@ -1178,20 +1178,28 @@ class LabelObjects:
     skipped: Counter[str]
 
 
+def _keeping_labels(rules: LabelRules, skipped: Counter[str]) -> Callable[[QuPathObject], bool]:
+    """Whether an object may label something under ``rules``; one that labels nothing (:func:`_skipped_detection`)
+    is counted into ``skipped`` instead."""
+    class_map = dict(rules.class_map or {})
+
+    def keeps(obj: QuPathObject) -> bool:
+        passed_over = _skipped_detection(obj, rules, class_map)
+        if passed_over is not None:
+            skipped[passed_over] += 1
+        return passed_over is None
+
+    return keeps
+
+
 def read_label_objects(path: Path, export_again: str, rules: LabelRules) -> LabelObjects:
     """The objects of a GeoJSON file of labels, but the detections and cells that label nothing under ``rules``
     (:func:`_skipped_detection`), counted and let go as they are read; refused (:class:`LabelError`, naming the file)
     where the file does not read. ``export_again``: how the file is made again."""
-    class_map = dict(rules.class_map or {})
-    kept: list[QuPathObject] = []
     skipped: Counter[str] = Counter()
+    keeps = _keeping_labels(rules, skipped)
     try:
-        for obj in read_features(path):
-            passed_over = _skipped_detection(obj, rules, class_map)
-            if passed_over is None:
-                kept.append(obj)
-            else:
-                skipped[passed_over] += 1
+        kept = [obj for obj in read_features(path) if keeps(obj)]
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise LabelError(f"{path}: not JSON ({err}); {export_again}") from err
     except Pdl1Error as err:
@@ -1307,16 +1315,12 @@ def _read_project_labels(
     if use_qupath:
         from bridge.qupath import read_entry_objects
 
-        class_map = dict(rules.class_map or {})
+        # Every entry is read at once there: each holds only what may label.
         skipped: defaultdict[str, Counter[str]] = defaultdict(Counter)
-
-        def keep(entry_id: str, obj: QuPathObject) -> bool:  # every entry is read at once: hold only what may label
-            passed_over = _skipped_detection(obj, rules, class_map)
-            if passed_over is not None:
-                skipped[entry_id][passed_over] += 1
-            return passed_over is None
-
-        read = read_entry_objects(info.path, [e.entry_id for e in chosen], keep=keep)
+        keeps = {e.entry_id: _keeping_labels(rules, skipped[e.entry_id]) for e in chosen}
+        read = read_entry_objects(
+            info.path, [e.entry_id for e in chosen], keep=lambda entry_id, obj: keeps[entry_id](obj)
+        )
         objects_by_entry = {entry_id: LabelObjects(objects, skipped[entry_id]) for entry_id, objects in read.items()}
     search = ImageSearch(search_dirs)
     _check_class_map_targets(dict(rules.class_map or {}), rules)  # an option's error, said once, not per entry

@@ -670,13 +670,19 @@ def _features_by_line(fh: TextIO, unparsed: Sequence[str]) -> Iterator[Any]:
         yield item
     if passed_over:  # a line not parsed may hold the end itself ("{...}]"): JSON's parser decides
         raise _OtherLayoutError
-    raise GeoJsonError(
+    raise _cut_short(count, closing)
+
+
+def _cut_short(count: int, closing: str) -> GeoJsonError:
+    """A file that ends after ``count`` objects without the ``closing`` of their list: no JSON, and not to be parsed
+    again whole to be told so (a GB file took GBs to fail)."""
+    return GeoJsonError(
         f"cut short: the file ends after {count} object{'' if count == 1 else 's'} without the closing {closing!r} of "
         "their list (an export or a copy interrupted, or the disk full?)"
     )
 
 
-_SKIP_SPACE = re.compile(r"[ \t\n\r]*")
+_SKIP_SPACE = re.compile(f"[{_JSON_SPACE}]*")
 _STREAM_CHUNK_CHARS = 1 << 22  # 4 Mi characters read at a time
 
 
@@ -756,10 +762,7 @@ def _features_streamed(fh: TextIO, _unparsed: Sequence[str] = ()) -> Iterator[An
             pos += 1
             c = next_char()
         if c is None:
-            raise GeoJsonError(
-                f"cut short: the file ends after {count} object{'' if count == 1 else 's'} without the closing ']' of "
-                "their list (an export or a copy interrupted, or the disk full?)"
-            )
+            raise _cut_short(count, "]")
         while True:
             try:
                 item, pos = decode(buf, pos)

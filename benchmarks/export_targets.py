@@ -98,8 +98,9 @@ def write_export(
 class ReadInChild(Benchmark):
     """A file of cells read in a fresh Python process per case (its peak RSS its own; the reading timed inside it):
     k cells/s over the best reading time, and peak RSS. Subclasses set ``child`` (Python code that prints a JSON line
-    with ``seconds`` and ``peak_mb``), ``modes`` (case label, the child's argument; the first is the baseline) and
-    ``self.cells`` and ``self.tmp`` in ``setup``, and check what the child said in :meth:`check`."""
+    with ``seconds`` and ``peak_mb``) and ``modes`` (case label, the child's argument; the first is the baseline),
+    write their inputs in :meth:`write_inputs` (``self.cells`` cells, under ``self.tmp``), and check what the child
+    said in :meth:`check`."""
 
     unit = "k cells/s"
     extra_columns = ("read s", "peak RSS MB")
@@ -109,6 +110,15 @@ class ReadInChild(Benchmark):
     modes: tuple[tuple[str, str], ...] = ()
     cells = 0
     tmp: Path | None = None
+
+    def setup(self, *, quick: bool) -> None:
+        self.cells = 20_000 if quick else 300_000
+        self.tmp = Path(tempfile.mkdtemp(prefix="pdl1-bench-"))
+        self.write_inputs()
+
+    def write_inputs(self) -> None:
+        """Write the files of ``self.cells`` cells under ``self.tmp`` that the cases read."""
+        raise NotImplementedError
 
     def child_args(self, mode: str) -> list[str]:
         return [mode]
@@ -162,9 +172,7 @@ class ExportTargets(ReadInChild):
         ("ours: line by line, cells passed over unparsed", "lines"),
     )
 
-    def setup(self, *, quick: bool) -> None:
-        self.cells = 20_000 if quick else 300_000
-        self.tmp = Path(tempfile.mkdtemp(prefix="pdl1-bench-"))
+    def write_inputs(self) -> None:
         export = self.tmp / "pdl1" / "labels" / "1.geojson"
         export.parent.mkdir(parents=True)
         self.bytes = write_export(export, self.cells)

@@ -11,9 +11,6 @@ validate, build the labels).
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 from benchmarks.export_targets import ReadInChild, write_export
 
 _CHILD = r"""
@@ -47,9 +44,7 @@ class TrainLabels(ReadInChild):
         ("ours: pdl1_export_labels.groovy's layout, read a line at a time", "lines"),
     )
 
-    def setup(self, *, quick: bool) -> None:
-        self.cells = 20_000 if quick else 300_000
-        self.tmp = Path(tempfile.mkdtemp(prefix="pdl1-bench-"))
+    def write_inputs(self) -> None:
         one_line = self.tmp / "export-objects.geojson"
         self.paths = {"lines": self.tmp / "script.geojson", "whole": one_line, "streamed": one_line}
         self.bytes = write_export(self.paths["lines"], self.cells, cell_classes=CLASSES, offset_px=10.0)
@@ -98,9 +93,7 @@ class TrainRegions(ReadInChild):
         ("ours: the cells that label nothing counted and let go as read", "passed"),
     )
 
-    def setup(self, *, quick: bool) -> None:
-        self.cells = 20_000 if quick else 300_000
-        self.tmp = Path(tempfile.mkdtemp(prefix="pdl1-bench-"))
+    def write_inputs(self) -> None:
         self.path = self.tmp / "export-objects.geojson"
         self.bytes = write_export(
             self.path, self.cells, cell_classes=POSITIVE_CELL_DETECTION, one_line=True, first_class="Training region"

@@ -410,7 +410,6 @@ def test_a_file_laid_out_otherwise_than_its_first_line_says_reads_as_json_reads_
     # Whatever follows a first line of "[": the objects JSON's parser gives the file, once each and in order (outcome
     # True), or its error (False), or where every object was read and the end is missing, that said (the message);
     # never a partial read taken for the whole.
-    from bridge.qupath_geojson import from_feature
 
     a, b = (to_feature(QuPathObject(Point(i, i), "detection", "Other", {"i": i})) for i in range(2))
     compact = {"{a}": json.dumps(a, separators=(",", ":")), "{b}": json.dumps(b, separators=(",", ":"))}
@@ -419,16 +418,27 @@ def test_a_file_laid_out_otherwise_than_its_first_line_says_reads_as_json_reads_
         text = text.replace(mark, feature)
     path = tmp_path / "f.geojson"
     path.write_text(text)
+    # Every object read and no end: said as such, not parsed again whole (a GB file cut short took GBs to fail).
+    _reads_as_json_reads(path, outcome)
+
+
+def _reads_as_json_reads(path, outcome):
+    """``read_features(path)`` against ``json.loads`` of its text: the same objects (``outcome`` True), or JSON's or
+    the objects' error (False), or where JSON fails, a GeoJsonError matching ``outcome``. Whether it read them."""
+    from bridge.qupath_geojson import from_feature
+
     try:
-        expected = [from_feature(f) for f in json.loads(text)]
+        data = json.loads(path.read_text())
+        items = data["features"] if isinstance(data, dict) and "features" in data else data
+        expected = [from_feature(f) for f in (items if isinstance(items, list) else [items])]
     except (json.JSONDecodeError, GeoJsonError) as err:
         assert outcome is not True
-        # Every object read and no end: said as such, not parsed again whole (a GB file cut short took GBs to fail).
         with pytest.raises(GeoJsonError if outcome else type(err), match=outcome or None):
             list(read_features(path))
-        return
+        return False
     assert outcome is True
     assert _same_objects(list(read_features(path)), expected)
+    return True
 
 
 def _cells_and_regions():
@@ -547,7 +557,6 @@ def test_qupaths_export_laid_out_otherwise_reads_as_json_reads_it(tmp_path, monk
     # Whatever the layout: the objects JSON's parser gives the file, once each and in order, or its error, or where
     # every object was read and the end is missing, that said; never a partial read taken for the whole.
     from bridge import qupath_geojson
-    from bridge.qupath_geojson import from_feature
 
     if chunk_chars is not None:
         monkeypatch.setattr(qupath_geojson, "_STREAM_CHUNK_CHARS", chunk_chars)
@@ -560,17 +569,8 @@ def test_qupaths_export_laid_out_otherwise_reads_as_json_reads_it(tmp_path, monk
         with pytest.raises(GeoJsonError, match=outcome):
             list(read_features(path))
         return
-    try:
-        data = json.loads(text)
-        items = data["features"] if isinstance(data, dict) and "features" in data else data
-        expected = [from_feature(f) for f in (items if isinstance(items, list) else [items])]
-    except (json.JSONDecodeError, GeoJsonError) as err:
-        assert outcome is not True
-        with pytest.raises(GeoJsonError if outcome else type(err), match=outcome or None):
-            list(read_features(path))
+    if not _reads_as_json_reads(path, outcome):
         return
-    assert outcome is True
-    assert _same_objects(list(read_features(path)), expected)
     # a feature at a time but for one Feature and a collection naming its type twice before its features
     assert len(whole) == (1 if layout == "{a}" or layout.count('"type":"FeatureCollection"') > 1 else 0)
 

@@ -1327,7 +1327,9 @@ def recordQuery = { obj, String source, String afterRun ->
     def type = obj.isTMACore() ? "TMA core" : (source == "whole image" ? "whole image" : "annotation")
     return "target=" + enc(name) + "&target_type=" + enc(type) + (afterRun == null ? "" : "&after_run=" + enc(afterRun))
 }
-def selected = getSelectedObjects().findAll { (it.isAnnotation() || it.isTMACore()) && !isOwn(it) }
+// QuPath's selection is an unmodifiable Set (PathObjectSelectionModel.java v0.4.4 to v0.7.0), and its findAll a Set,
+// which chooseTargets' List parameter refuses (MissingMethodException on every run): a List, in the selection's order.
+def selected = getSelectedObjects().findAll { (it.isAnnotation() || it.isTMACore()) && !isOwn(it) }.toList()
 def configured = (TARGET_CLASSES.isEmpty() && TARGET_NAMES.isEmpty()) ? [] : hierarchy.getAnnotationObjects().findAll {
     !isOwn(it) && ((it.getPathClass() != null && it.getPathClass().toString() in TARGET_CLASSES) ||
             (it.getName() != null && it.getName() in TARGET_NAMES))

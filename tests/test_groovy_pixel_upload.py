@@ -531,9 +531,11 @@ def binding = new Binding([
     addObjects: { List objects -> root.addChildObjects(objects) },
     getProject: { -> new Project(path: java.nio.file.Paths.get(setup.project)) },
     getProjectEntry: { -> entry },  // none unless the setup names the entry's ID
-    // All the annotations, unless told: none, or a nucleus (a detection, which is no target), or a step's
-    getSelectedObjects: { -> selection != null ? selection : setup.select == false ? [] : setup.select == "detection" ?
-            [new PathObject(kind: "detection", name: "a nucleus")] : targets },
+    // All the annotations, unless told: none, or a nucleus (a detection, which is no target), or a step's; as QuPath
+    // gives them, an unmodifiable Set (PathObjectSelectionModel.java v0.4.4 to v0.7.0:51, 87), whose findAll is a Set
+    getSelectedObjects: { -> Collections.unmodifiableSet(new LinkedHashSet(selection != null ? selection :
+            setup.select == false ? [] : setup.select == "detection" ?
+            [new PathObject(kind: "detection", name: "a nucleus")] : targets)) },
     fireHierarchyUpdate: { -> fired++ },
     getPathClass: classOf,
     // QP.createFullImageAnnotation(boolean): a rectangle over the image, added to the hierarchy (QP.java v0.4.4:1801)

@@ -846,7 +846,7 @@ def test_the_script_offers_the_selection_the_target_annotations_and_the_tma_grid
     code = re.sub(r"//.*", "", ANALYZE.read_text().replace(helpers(), ""))
     assert "def grid = hierarchy.getTMAGrid()" in code and "grid.getTMACoreList()" in code
     assert "def coreMissing = { obj -> obj.isTMACore() && obj.isMissing() }" in code
-    assert "getSelectedObjects().findAll { (it.isAnnotation() || it.isTMACore()) && !isOwn(it) }" in code
+    assert "getSelectedObjects().findAll { (it.isAnnotation() || it.isTMACore()) && !isOwn(it) }.toList()" in code
     assert "def choice = chooseTargets(selected, configured, cores, coreMissing)" in code
     assert "def targets = choice.targets" in code and "splitByArea(targets)" in code
     # A grid whose every core is missing is not analysed as one region: the script stops before the whole image.

@@ -178,7 +178,12 @@ def run_batch_ray(
             job, t0, found = pending.pop(ready[0])
             try:
                 if qp_session is not None:
-                    results, rows = qp_session.write(job, config, found, ray.get(ready[0]))
+                    try:
+                        analysed = ray.get(ready[0])
+                    except BaseException:
+                        qp_session.let_go(found)
+                        raise
+                    results, rows = qp_session.write(job, config, found, analysed)
                     outcome = write_image_files(job, config, project, status_folder, results, rows, t0)
                 elif isinstance(found, ExportedTargets):
                     outcome = write_exported(job, config, project, status_folder, found, ray.get(ready[0]), t0)

@@ -7,6 +7,7 @@ the paquo 0.9 API that works on QuPath 0.4.4 to 0.6.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import secrets
@@ -226,6 +227,20 @@ def _copy_checked(source: Path, target: Path) -> None:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# What paquo 0.9 caches of an entry on its wrapper (functools.cached_property: images.py's _image_data, hierarchy,
+# _image_server, _properties), which the project's list of entries keeps until the project closes.
+_ENTRY_CACHES = ("hierarchy", "_image_data", "_image_server", "_properties")
+
+
+def let_go(entry: Any) -> None:
+    """Drop what paquo holds of an entry's QuPath data (its ``ImageData``, hierarchy and image server): read on first
+    access and kept on the entry, which the project keeps until it closes, they held every image of a batch, with
+    all its objects, in the JVM. The next access reads ``data.qpdata`` again, so an entry is let go only once its
+    objects are saved or put back, never while objects read from it are still to be written."""
+    for name in _ENTRY_CACHES:
+        vars(entry).pop(name, None)
 
 
 def restore_data(entry: Any, backup: Path | None) -> None:
@@ -663,6 +678,7 @@ __all__ = [
     "core_is_missing",
     "ensure_classes",
     "find_or_create_analysis_parent",
+    "let_go",
     "open_project",
     "path_class",
     "qupath_available",
@@ -715,7 +731,7 @@ def read_entry_objects(
             entry_id = str(entry.entry_id)
             hierarchy = entry.hierarchy
             objects = []
-            for obj in [*hierarchy.annotations, *_grid_cores(hierarchy), *hierarchy.detections]:
+            for obj in itertools.chain(hierarchy.annotations, _grid_cores(hierarchy), hierarchy.detections):
                 feature = obj.to_geojson()
                 if "id" not in feature:  # a QuPath that leaves the id out of its JSON
                     feature["id"] = str(obj.java_object.getID())
@@ -723,6 +739,7 @@ def read_entry_objects(
                 if keep is None or keep(entry_id, read):
                     objects.append(read)
             out[entry_id] = objects
+            let_go(entry)
     return out
 
 

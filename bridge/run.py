@@ -1408,9 +1408,18 @@ class _QuPathSession:
     def read_targets(self, job: _Job, config: RunConfig) -> EntryTargets:
         """The entry's targets (:func:`entry_targets`), read after its ``data.qpdata`` is backed up."""
         entry = self._entry(job.key)
-        # Before QuPath reads the hierarchy: it would read a damaged data.qpdata as an empty one.
-        backup = self.qp.backup_data(entry)
-        return EntryTargets(entry, backup, entry_targets(job.name, entry, config, self.qp))
+        try:
+            # Before QuPath reads the hierarchy: it would read a damaged data.qpdata as an empty one.
+            backup = self.qp.backup_data(entry)
+            return EntryTargets(entry, backup, entry_targets(job.name, entry, config, self.qp))
+        except BaseException:
+            self.qp.let_go(entry)
+            raise
+
+    def let_go(self, found: EntryTargets) -> None:
+        """Drop what QuPath read of an entry whose targets will not be written (its image failed):
+        :func:`bridge.qupath.let_go`."""
+        self.qp.let_go(found.entry)
 
     def analyse_and_write(
         self, job: _Job, config: RunConfig, models: Models, on_tiles
@@ -1418,12 +1427,16 @@ class _QuPathSession:
         """Analyse the entry's targets and write each one's results under it (:meth:`write`)."""
         found = self.read_targets(job, config)
         analysed = []
-        for target in found.choice.targets:
-            if target.target_type == "TMA core":
-                log.info("%s: analysing TMA core %s", job.name, target.label)
-            analysed.append(job.analyse(models, config, on_tiles, roi=target.obj.roi))
-        if not analysed:
-            analysed.append(job.analyse(models, config, on_tiles))
+        try:
+            for target in found.choice.targets:
+                if target.target_type == "TMA core":
+                    log.info("%s: analysing TMA core %s", job.name, target.label)
+                analysed.append(job.analyse(models, config, on_tiles, roi=target.obj.roi))
+            if not analysed:
+                analysed.append(job.analyse(models, config, on_tiles))
+        except BaseException:
+            self.let_go(found)
+            raise
         return self.write(job, config, found, analysed)
 
     def write(
@@ -1470,6 +1483,9 @@ class _QuPathSession:
             _put_back(entry.metadata, metadata_before)
             self.qp.restore_data(entry, found.backup)
             raise
+        finally:
+            # Saved or put back: what QuPath read of it (all its objects, in the JVM) need not last the batch.
+            self.qp.let_go(entry)
         self._written()
         return [r for _, r in results], rows
 

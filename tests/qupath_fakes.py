@@ -50,10 +50,10 @@ class FakeProject:
 
 def fake_paquo(monkeypatch: pytest.MonkeyPatch, qpdata: bytes) -> dict[str, Any]:
     """paquo's side of :mod:`bridge.qupath` faked (entries with no targets and no TMA grid, whose saves write
-    ``qpdata``); returns the hierarchy reads and the projects opened."""
+    ``qpdata``); returns the hierarchy reads, the projects opened and the entries let go (their ids, in order)."""
     from bridge import qupath
 
-    seen: dict = {"read": [], "projects": [], "qpdata": qpdata}
+    seen: dict = {"read": [], "projects": [], "qpdata": qpdata, "let_go": []}
 
     @contextmanager
     def open_project(path, *, mode="r+"):
@@ -64,6 +64,13 @@ def fake_paquo(monkeypatch: pytest.MonkeyPatch, qpdata: bytes) -> dict[str, Any]
         seen["read"].append(entry.entry_id)  # QuPath reads data.qpdata here
         return []
 
+    let_go = qupath.let_go
+
+    def letting_go(entry):
+        seen["let_go"].append(entry.entry_id)  # what QuPath read of it is dropped
+        let_go(entry)
+
+    monkeypatch.setattr(qupath, "let_go", letting_go)
     monkeypatch.setattr(qupath, "qupath_available", lambda: (True, ""))
     monkeypatch.setattr(qupath, "open_project", open_project)
     monkeypatch.setattr(qupath, "ensure_classes", lambda project: None)

@@ -366,11 +366,14 @@ def test_through_qupath_an_image_failing_in_its_worker_or_its_writing_fails_alon
         project = tmp_path / engine
         init_project_files(project, [slide] * 3)
         restored.clear()
+        fake_qupath["let_go"].clear()
         outcomes = run([project], config)
         status = json.loads((project / "pdl1" / "status.json").read_text())
-        seen[engine] = ([(o.state, o.error) for o in outcomes], list(restored), status["images"].keys())
+        let_go = sorted(fake_qupath["let_go"])  # what QuPath read of each entry, dropped as it ends
+        seen[engine] = ([(o.state, o.error) for o in outcomes], list(restored), status["images"].keys(), let_go)
     assert seen["ray"] == seen["local"]
-    (first, second, third), restored_ray, _ = seen["ray"]
+    (first, second, third), restored_ray, _, let_go = seen["ray"]
+    assert let_go == ["1", "2", "3"]
     assert first == ("failed", "RuntimeError: the disk is full") and restored_ray == ["1"]
     assert second == (
         "failed",

@@ -627,6 +627,66 @@ def test_through_qupath_an_entry_whose_save_fails_keeps_its_metadata_as_it_was(
     assert second.metadata["PD-L1 run"] == outcomes[1].run_id
 
 
+def test_through_qupath_each_entry_read_is_let_go_once_saved_put_back_or_failed(
+    tmp_path, slides, models, fake_qupath, monkeypatch
+):
+    # paquo keeps what QuPath read of an entry (its ImageData and hierarchy: every object) until the project closes,
+    # so a batch held every image in the JVM. Each is let go as it ends: saved (2), put back after a failed save (1),
+    # or failed before anything was written (3: its targets did not read).
+    from bridge import qupath
+
+    project = tmp_path / "project"
+    init_project_files(project, [slides[0], slides[1], slides[0]])
+    save, targets = qupath.save_entries, qupath.annotation_targets
+
+    def save_entries(entries):
+        (entry,) = entries
+        assert fake_qupath["let_go"] == [str(n) for n in range(1, int(entry.entry_id))]  # this one after its save
+        if entry.entry_id == "1":
+            raise ProjectError("s31.svs: QuPath could not save its data (the disk is full)")
+        save(entries)
+
+    def annotation_targets(entry, **kwargs):
+        if entry.entry_id == "3":
+            raise ProjectError("s31.svs: its annotations do not read")
+        return targets(entry, **kwargs)
+
+    monkeypatch.setattr(qupath, "save_entries", save_entries)
+    monkeypatch.setattr(qupath, "annotation_targets", annotation_targets)
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="always")
+    outcomes = run_batch([project], config, models=models)
+    assert [o.state for o in outcomes] == ["failed", "done", "failed"]
+    assert fake_qupath["let_go"] == ["1", "2", "3"]
+
+
+def test_letting_an_entry_go_drops_what_paquo_cached_of_it():
+    from functools import cached_property
+
+    from bridge import qupath
+
+    class Entry:  # paquo 0.9's QuPathProjectImageEntry caches its data as these (images.py)
+        reads = 0
+
+        @cached_property
+        def hierarchy(self):
+            Entry.reads += 1
+            return object()
+
+        @cached_property
+        def _image_data(self):
+            return object()
+
+    entry = Entry()
+    first = entry.hierarchy
+    assert entry.hierarchy is first and Entry.reads == 1
+    entry._image_data  # noqa: B018
+    qupath.let_go(entry)
+    assert vars(entry) == {}
+    assert entry.hierarchy is not first and Entry.reads == 2  # read again on the next access
+    qupath.let_go(entry)
+    qupath.let_go(entry)  # nothing cached: nothing to drop
+
+
 def test_through_qupath_a_damaged_entry_keeps_its_backup_and_resume_checks_what_it_skips(
     tmp_path, slides, models, fake_qupath, caplog
 ):

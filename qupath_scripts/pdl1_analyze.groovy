@@ -228,7 +228,7 @@ def readToml = { File file ->
             table = header.group(1)
             if (!seenTables.add(table))
                 fail(n, "[${table}] appears twice")
-            lines["[" + table + "]"] = n
+            lines.put("[" + table + "]", n)
             continue
         }
         def kv = (line =~ /^([A-Za-z0-9_-]+|"[^"]*")\s*=(.*)$/)
@@ -244,8 +244,10 @@ def readToml = { File file ->
         def full = table.isEmpty() ? key : table + "." + key
         if (values.containsKey(full))
             fail(n, "${key} is set twice")
-        values[full] = value(text, n)
-        lines[full] = n
+        // put, not map[key] = ...: Groovy 5 (QuPath 0.7) sets a Map's own property for a key named as one
+        // (`properties`, `metaClass`), which a typo in the file may be, and the script failed with a stack trace.
+        values.put(full, value(text, n))
+        lines.put(full, n)
     }
     return [values: values, lines: lines]
 }
@@ -356,8 +358,13 @@ def transformedBy = { server ->
 // getArgs(), ImageServerBuilder.java v0.4.4:340, v0.7.0:356; BioFormatsImageServer.java v0.4.4:1707-1713) where it
 // is not the first; null for the first or a file of one image. The service reads a file's first series, as `pdl1 run`
 // does (it refuses another: bridge/project.py, file_builder), so a path job analysed another image than QuPath's.
+// A pyramid QuPath builds on import (a large image of one level) wraps the file's builder in a private field with no
+// getter (ImageServers.java v0.4.4:166-172, v0.7.0:188-194), read with Groovy's .@: a multi-image file's series there
+// went unseen.
 def otherSeries = { server ->
     def builder = server.getBuilder()
+    if (builder != null && builder.getClass().getSimpleName() == "PyramidGeneratingServerBuilder")
+        builder = builder.@builder
     if (builder == null || builder.getClass().getSimpleName() != "DefaultImageServerBuilder")
         return null
     def args = (builder.getArgs() ?: []).toList()

@@ -273,6 +273,9 @@ BAD = {
     "empty_outputs.toml": ('[analysis]\ndevice = "cpu"\noutputs = []\n', 3),
     "twice.toml": ('[service]\nurl = "a"\nurl = "b"\n', 3),
     "array_of_tables.toml": ('[service]\nurl = "a"\n\n[[analysis]]\ndevice = "cpu"\n', 4),
+    # keys named as a Groovy Map's own properties: Groovy 5 (QuPath 0.7) set those for map[key] = value
+    "properties_key.toml": ('properties = "x"\n', 1),
+    "metaclass_key.toml": ('[service]\nurl = "a"\nmetaClass = "x"\n', 3),
 }
 
 
@@ -339,15 +342,19 @@ def test_another_series_of_a_multi_image_file_is_told_as_pdl1_run_tells_it(tmp_p
     listed = ", ".join("null" if a is None else json.dumps(a) for a in argses)
     driver = f"""
 class DefaultImageServerBuilder {{ String[] args; String[] getArgs() {{ args?.clone() }} }}  // v0.4.4:340, v0.7.0:356
-class PyramidGeneratingServerBuilder {{ }}
+// The pyramid QuPath builds on import holds the file's builder in a private field (ImageServers.java v0.7.0:190)
+class PyramidGeneratingServerBuilder {{ private def builder }}
 class Server {{ def builder; def getBuilder() {{ builder }} }}
 for (args in [{listed}])
     println JsonOutput.toJson([otherSeries(new Server(builder: new DefaultImageServerBuilder(args: args as String[])))])
 println JsonOutput.toJson([otherSeries(new Server(builder: null))])
 println JsonOutput.toJson([otherSeries(new Server(builder: new PyramidGeneratingServerBuilder()))])
+for (args in [["--series", "3"], ["--series", "0"]])
+    println JsonOutput.toJson([otherSeries(new Server(builder: new PyramidGeneratingServerBuilder(
+            builder: new DefaultImageServerBuilder(args: args as String[]))))])
 """
     said = [r[0] for r in run_groovy(tmp_path, driver)]
-    assert said == [None, None, None, "2", "11", None, None, None]
+    assert said == [None, None, None, "2", "11", None, None, None, "3", None]
     for args, series in zip(argses, said, strict=False):  # pdl1 run refuses the same entries
         why = file_builder({"builderType": "uri", "uri": "file:/a.czi", "args": args})[1]
         assert (why is None) == (series is None), (args, why)

@@ -218,13 +218,12 @@ def test_cli_openvino_without_the_package_fails_before_any_image(tmp_path, captu
 @pytest.fixture
 def captured_serve(monkeypatch):
     """What `pdl1 serve` would start (its settings), without binding a port or serving."""
-    import uvicorn
-
     import bridge.service
+    import bridge.service.server
 
     seen = []
     monkeypatch.setattr(bridge.service, "create_app", lambda settings, **kwargs: seen.append(settings) or object())
-    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    monkeypatch.setattr(bridge.service.server, "run_service", lambda *args, **kwargs: None)
     return seen
 
 
@@ -444,13 +443,12 @@ def test_a_conversion_refused_during_a_run_is_advised_in_each_callers_words(
 
 def test_serve_loads_its_models_with_its_options_words(tmp_path, monkeypatch):
     """A job's conversion refused is advised as pdl1 serve's option, as its start-up check is."""
-    import uvicorn
-
     import bridge.service
+    import bridge.service.server
 
     loaded = []
     monkeypatch.setattr(bridge.service, "create_app", lambda settings, *, models: loaded.append(models) or object())
-    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    monkeypatch.setattr(bridge.service.server, "run_service", lambda *args, **kwargs: None)
     result, _ = _serve(tmp_path, "--runtime", "torch")
     assert result.exit_code == 0, result.output
     assert loaded[0].seg.setting is option_setting

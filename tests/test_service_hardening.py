@@ -530,7 +530,7 @@ def test_401_says_bearer(slides_root, models):
 @pytest.fixture
 def started(monkeypatch):
     """What `pdl1 serve` would start: its settings, without binding a port."""
-    import uvicorn as uvicorn_module
+    import bridge.service.server
 
     got: dict = {}
 
@@ -539,7 +539,7 @@ def started(monkeypatch):
         return object()
 
     monkeypatch.setattr(bridge.service, "create_app", fake_create_app)
-    monkeypatch.setattr(uvicorn_module, "run", lambda *args, **kwargs: None)
+    monkeypatch.setattr(bridge.service.server, "run_service", lambda *args, **kwargs: None)
     monkeypatch.delenv("PDL1_TOKEN", raising=False)
     return got
 
@@ -686,6 +686,69 @@ def test_shutdown_stops_the_running_job_and_starts_no_queued_one(tmp_path, monke
     assert not worker.thread.is_alive()
     assert started == ["job0"]  # the queue was not gone through
     assert [job.state for job in jobs] == ["cancelled"] * 4
+
+
+def test_a_job_submitted_while_the_service_stops_is_refused_not_left_queued(tmp_path):
+    from bridge.service import Job, Worker
+    from bridge.service.errors import ServiceStoppingError
+
+    worker = Worker(None, PipelineConfig(device="cpu"), allow_roots=(tmp_path,))
+    worker.halt()
+    job = Job(id="late", image=str(tmp_path / "x.svs"), roi=None, mpp=None, outputs=("regions",))
+    with pytest.raises(ServiceStoppingError, match="shutting down and starts no more jobs; submit the job again"):
+        worker.submit(job)
+    worker.stop()
+    assert not worker.thread.is_alive()
+
+
+def test_stopping_the_service_stops_its_worker_at_once_and_a_stalled_upload_only_delays_the_end(
+    slides_root, models, monkeypatch
+):
+    """A Ctrl-C or SIGTERM stops the worker as the shutdown begins, not once every connection has closed: a client
+    that stalled mid-upload kept uvicorn waiting for ever while the worker started queued jobs. Connections still
+    open after the drain time are closed."""
+    from bridge.service import Worker
+    from bridge.service.server import ServiceServer
+    from inference.errors import Cancelled
+
+    started: list[str] = []
+
+    def run(self, job):
+        started.append(job.id)
+        if not job.cancel.wait(20):
+            raise AssertionError("the running job was not asked to stop")
+        raise Cancelled("stopped")
+
+    monkeypatch.setattr(Worker, "_run", run)
+    port = free_port()
+    settings = ServiceSettings(port=port, allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"))
+    app = create_app(settings, models=models)
+    server = ServiceServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"), app=app, drain_s=2)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    _wait_for(lambda: server.started, "uvicorn to start", 30)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        body = {"image": str(slides_root / "small.svs"), "outputs": ["regions"]}
+        ids = [client.post("/v1/jobs", json=body).json()["job_id"] for _ in range(3)]
+    worker: Worker = app.state.worker
+    _wait_for(lambda: worker.jobs[ids[0]].state == "running", "the first job to start")
+    with socket.create_connection(("127.0.0.1", port)) as stalled:
+        stalled.sendall(
+            b"POST /v1/jobs/pixels?mpp=0.5 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 100000\r\n\r\n" + b"\x89PNG" * 10
+        )
+        _wait_for(lambda: server.server_state.tasks, "the upload's request to begin")
+        stopped_at = time.monotonic()
+        server.should_exit = True  # what uvicorn's handler of SIGINT and SIGTERM does
+        _wait_for(lambda: all(worker.jobs[i].state == "cancelled" for i in ids), "the jobs to be cancelled", 5)
+        assert server.server_state.connections, "the worker stopped only once the stalled upload's connection closed"
+        assert started == [ids[0]]  # no queued job started
+        stalled.settimeout(10)
+        assert stalled.recv(1024) == b""  # closed by the service after the drain time, unanswered
+        thread.join(10)
+    assert not thread.is_alive()
+    assert 1.5 < time.monotonic() - stopped_at < 8
+    assert not worker.thread.is_alive()
 
 
 # ------------------------------------------------------------------- the stain, in the service's words

@@ -74,7 +74,7 @@ def serve(
 ) -> None:
     """Start the HTTP service the QuPath scripts call (FastAPI + uvicorn; OpenAPI at /docs)."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - the serve extra's: missing, said now
 
         from bridge.service import LOOPBACK, ServiceSettings, create_app
     except ImportError as err:
@@ -133,7 +133,10 @@ def serve(
     console.print(
         f"pdl1 serve on http://{host}:{port} (images under {', '.join(str(r) for r in settings.allow_roots)})"
     )
-    uvicorn.run(create_app(settings, models=loaded), host=host, port=port, log_level="info")
+    from bridge.service.server import run_service
+
+    # Not uvicorn.run: its worker stopped only once every connection had closed, which a stalled client never did.
+    run_service(create_app(settings, models=loaded), host=host, port=port)
 
 
 def check_models_folder(models: Path) -> None:

@@ -13,7 +13,7 @@ By concern: :mod:`.app` (routes, error handlers, lifespan), :mod:`.jobs` (jobs a
 :mod:`.uploads`, :mod:`.guards` (token, body size), :mod:`.bodies` (a job request's JSON parsed off the event
 loop), :mod:`.json_text` (large JSON in and out in short steps), :mod:`.validation` (bad requests in the client's
 terms), :mod:`.errors`, :mod:`.messages` (how answers repeat a client's values), :mod:`.ihc_model`,
-:mod:`.settings`.
+:mod:`.settings`, :mod:`.server` (uvicorn's server, stopping the worker first).
 """
 
 from bridge.project_config import OUTPUTS

@@ -351,7 +351,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
     @app.post(
         "/v1/jobs",
         status_code=202,
-        responses={202: {"model": JobAccepted}, **error_responses(400, 403, 404, 409, 413, 422, 429)},
+        responses={202: {"model": JobAccepted}, **error_responses(400, 403, 404, 409, 413, 422, 429, 503)},
     )
     def submit(req: JobRequest, w: Worker = Depends(worker)) -> JSONResponse:
         # A def endpoint: FastAPI runs it in a worker thread, so reading the image's header below keeps no other
@@ -400,7 +400,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
     @app.post(
         UPLOAD_PATH,
         status_code=202,
-        responses={202: {"model": JobAccepted}, **error_responses(409, 413, 422, 429)},  # 409: an unknown model
+        responses={202: {"model": JobAccepted}, **error_responses(409, 413, 422, 429, 503)},  # 409: an unknown model
         openapi_extra={
             "requestBody": {
                 "required": True,

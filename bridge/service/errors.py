@@ -46,6 +46,10 @@ class QueueFullError(Pdl1Error, RuntimeError):
     """As many jobs wait as ``--max-queued`` allows."""
 
 
+class ServiceStoppingError(Pdl1Error, RuntimeError):
+    """A job submitted while the service shuts down (``Worker.halt``)."""
+
+
 HTTP_STATUS = {
     SlideNotFoundError: 404,
     JobNotFoundError: 404,
@@ -59,4 +63,5 @@ HTTP_STATUS = {
     ResultReleasedError: 410,
     RequestTooLargeError: 413,
     QueueFullError: 429,
+    ServiceStoppingError: 503,
 }

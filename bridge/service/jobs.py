@@ -15,7 +15,7 @@ from shapely.geometry.base import BaseGeometry
 
 from bridge.project import stain_of_image_type
 from bridge.run import failure_message
-from bridge.service.errors import JobNotFoundError, QueueFullError
+from bridge.service.errors import JobNotFoundError, QueueFullError, ServiceStoppingError
 from bridge.service.ihc_model import ihc_folder_problem
 from bridge.service.messages import quoted
 from bridge.service.paths import open_allowed
@@ -116,11 +116,17 @@ class Worker:
         self.finished: deque[str] = deque()  # ids, oldest first
         self.queue: queue.Queue[str | None] = queue.Queue()
         self.lock = threading.Lock()
+        self.stopping = False  # set once, by halt(), under the lock
         self.thread = threading.Thread(target=self._loop, name="pdl1-worker", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> None:
         with self.lock:
+            if self.stopping:  # it would wait behind the worker's end of queue forever
+                raise ServiceStoppingError(
+                    "the service is shutting down and starts no more jobs; submit the job again once it has been "
+                    "started again (pdl1 serve)"
+                )
             # A cancelled job still in the queue holds nothing (its upload is dropped) and does not count.
             waiting = sum(j.state == "queued" and not j.cancel.is_set() for j in self.jobs.values())
             if waiting >= self.max_queued:
@@ -159,15 +165,24 @@ class Worker:
         job.result, job.area = None, None
         return True
 
-    def stop(self) -> None:
-        """Stop the worker at shutdown: the running job stops at its next tile and the queued ones do not start
-        (jobs do not survive a restart); before, the worker went on through the whole queue, and the service
-        waited for it until the join timed out and then exited mid-analysis."""
+    def halt(self) -> None:
+        """Tell the worker to stop, without waiting for it: the running job stops at its next tile, the queued ones
+        do not start, and a job submitted from now on is refused (jobs do not survive a restart). The server calls
+        it as its shutdown begins, before it waits for open connections (``bridge.service.server``); calling it
+        again does nothing more."""
         with self.lock:
+            if self.stopping:
+                return
+            self.stopping = True
             unfinished = [job for job in self.jobs.values() if job.state in ("queued", "running")]
         for job in unfinished:
             self.cancel(job)
         self.queue.put(None)
+
+    def stop(self) -> None:
+        """Stop the worker at shutdown (:meth:`halt`) and wait for it; before, the worker went on through the whole
+        queue, and the service waited for it until the join timed out and then exited mid-analysis."""
+        self.halt()
         self.thread.join(timeout=30)
 
     def _retire(self, job: Job) -> None:

@@ -151,5 +151,6 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         "upload over 64 MiB (upload_limits.max_bytes of GET /v1/health).",
         422: "The request is malformed (its body or parameters), or a job's names an image that cannot be analysed.",
         429: "The queue is full (--max-queued); retry later.",
+        503: "The service is shutting down and starts no more jobs; submit again once it has been started again.",
     }
     return {code: {"model": ErrorDetail, "description": meaning[code]} for code in codes}

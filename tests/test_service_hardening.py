@@ -243,6 +243,27 @@ def test_queued_uploads_wait_compressed_the_queue_is_bounded_and_cancel_frees(sl
         served.close()
 
 
+def test_an_upload_to_a_full_queue_is_refused_before_its_body_is_parsed(slides_root, models, held_worker, monkeypatch):
+    # Its header was parsed first (a PNG without eXIf decoded whole): a 429 took 1.5 s for an 8192² RGBA PNG.
+    settings = ServiceSettings(
+        port=free_port(), allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"), max_queued=1
+    )
+    served = Served(settings, models)
+    try:
+        client, params = served.client, {"mpp": 0.5, "outputs": ["regions"]}
+        running = client.post("/v1/jobs/pixels", params=params, content=_png()).json()["job_id"]
+        _wait_for(lambda: client.get(f"/v1/jobs/{running}").json()["state"] == "running", "the first job to start")
+        assert client.post("/v1/jobs/pixels", params=params, content=_png()).status_code == 202
+        parsed: list[bytes] = []
+        monkeypatch.setattr(bridge.service.app, "check_upload", lambda body, **kwargs: parsed.append(body))
+        full = client.post("/v1/jobs/pixels", params=params, content=_png())
+        assert (full.status_code, parsed) == (429, [])
+        assert full.json()["detail"].startswith("1 jobs are waiting, the most this service queues (--max-queued 1)")
+    finally:
+        held_worker.set()
+        served.close()
+
+
 def test_max_queued_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="--max-queued must be at least 1, got 0"):
         ServiceSettings(allow_roots=(tmp_path,), max_queued=0)

@@ -450,6 +450,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         refuse_unknown_parameters(request, submit_pixels, UPLOAD)
         _check_model(model)  # as a path job's: an upload ran the loaded models whatever model it named
         _check_image_type(image_type)  # before the body is read: no model runs on it
+        w.check_room()  # a full queue before the body is read and its header parsed (submit checks again)
         # BodyLimit stops the read past max_request_bytes, stated length or not.
         try:
             body = await request.body()

@@ -122,20 +122,29 @@ class Worker:
 
     def submit(self, job: Job) -> None:
         with self.lock:
-            if self.stopping:  # it would wait behind the worker's end of queue forever
-                raise ServiceStoppingError(
-                    "the service is shutting down and starts no more jobs; submit the job again once it has been "
-                    "started again (pdl1 serve)"
-                )
-            # A cancelled job still in the queue holds nothing (its upload is dropped) and does not count.
-            waiting = sum(j.state == "queued" and not j.cancel.is_set() for j in self.jobs.values())
-            if waiting >= self.max_queued:
-                raise QueueFullError(
-                    f"{waiting} jobs are waiting, the most this service queues (--max-queued {self.max_queued}); "
-                    "retry when one has finished, or cancel one you no longer need (DELETE /v1/jobs/{id})"
-                )
+            self._refuse_another()
             self.jobs[job.id] = job
         self.queue.put(job.id)
+
+    def check_room(self) -> None:
+        """Refuse now a job that :meth:`submit` would refuse (a full queue, a shutdown), before its request is read
+        and checked: an upload refused with 429 was decoded first."""
+        with self.lock:
+            self._refuse_another()
+
+    def _refuse_another(self) -> None:
+        if self.stopping:  # it would wait behind the worker's end of queue forever
+            raise ServiceStoppingError(
+                "the service is shutting down and starts no more jobs; submit the job again once it has been "
+                "started again (pdl1 serve)"
+            )
+        # A cancelled job still in the queue holds nothing (its upload is dropped) and does not count.
+        waiting = sum(j.state == "queued" and not j.cancel.is_set() for j in self.jobs.values())
+        if waiting >= self.max_queued:
+            raise QueueFullError(
+                f"{waiting} jobs are waiting, the most this service queues (--max-queued {self.max_queued}); "
+                "retry when one has finished, or cancel one you no longer need (DELETE /v1/jobs/{id})"
+            )
 
     def get(self, job_id: str) -> Job:
         with self.lock:

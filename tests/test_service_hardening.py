@@ -709,6 +709,35 @@ def test_shutdown_stops_the_running_job_and_starts_no_queued_one(tmp_path, monke
     assert [job.state for job in jobs] == ["cancelled"] * 4
 
 
+def test_only_jobs_done_count_toward_keep_results_failed_ones_release_no_result(tmp_path, monkeypatch):
+    # With --keep-results 2, one job done and two failed uploads released the done job's result unfetched (410).
+    from bridge.service import Job, Worker
+    from inference import Pdl1Error
+
+    def run(self, job):
+        if job.id.startswith("fails"):
+            raise Pdl1Error("not an image")
+        return f"result of {job.id}"
+
+    monkeypatch.setattr(Worker, "_run", run)
+    worker = Worker(None, PipelineConfig(device="cpu"), allow_roots=(tmp_path,), keep_results=2)
+
+    def finish(job_id: str) -> Job:
+        job = Job(id=job_id, image="upload", roi=None, mpp=0.5, outputs=("regions",))
+        worker.submit(job)
+        _wait_for(lambda: job.finished is not None and job.id in worker.finished, f"{job_id} to finish")
+        return job
+
+    done = finish("done0")
+    failed = [finish(f"fails{i}") for i in range(3)]
+    assert [job.state for job in failed] == ["failed"] * 3
+    assert (done.result, done.released) == ("result of done0", False)
+    later = [finish(f"done{i}") for i in (1, 2)]
+    assert (done.result, done.released) == (None, True)  # two newer results push it out
+    assert [job.result for job in later] == ["result of done1", "result of done2"]
+    worker.stop()
+
+
 def test_a_job_submitted_while_the_service_stops_is_refused_not_left_queued(tmp_path):
     from bridge.service import Job, Worker
     from bridge.service.errors import ServiceStoppingError

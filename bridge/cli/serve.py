@@ -60,7 +60,9 @@ def serve(
     keep_results: Annotated[
         int,
         typer.Option(
-            min=1, help="Results of this many finished jobs are held for clients to fetch; older ones are released."
+            min=1,
+            help="Results of this many jobs done are held for clients to fetch; older ones are released (failed and "
+            "cancelled jobs hold none and do not count).",
         ),
     ] = 16,
     max_queued: Annotated[

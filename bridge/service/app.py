@@ -501,7 +501,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         if result is None and job.released:
             raise ResultReleasedError(
                 f"job {job_id}'s result was released: the service holds the results of the last "
-                f"{settings.keep_results} finished jobs (--keep-results); submit the job again"
+                f"{settings.keep_results} jobs done (--keep-results); submit the job again"
             )
         if result is None and state == "done":  # forgotten by a DELETE since it was looked up: was "done, not done"
             raise JobNotFoundError(

@@ -92,8 +92,9 @@ class Worker:
     """The one thread that runs inference; jobs wait in a FIFO queue.
 
     A service runs for weeks, so it must not grow with every slide it has analysed: the
-    results of the newest ``keep_results`` finished jobs are held (a client fetches its
-    result within seconds of ``done``), older ones are released, and the records of all but
+    results of the newest ``keep_results`` jobs done are held (a client fetches its result
+    within seconds of ``done``; failed and cancelled jobs hold none and do not count), older
+    ones are released, and the records (results or not) of all but
     the newest :data:`KEEP_RECORDS` finished jobs are forgotten. At most ``max_queued`` jobs
     wait; uploads wait compressed.
     """
@@ -197,10 +198,11 @@ class Worker:
     def _retire(self, job: Job) -> None:
         with self.lock:
             self.finished.append(job.id)
-            for old_id in list(self.finished)[: -self.keep_results]:
+            # Only jobs that hold a result count: failed and cancelled ones released the results nobody had fetched.
+            holding = [old_id for old_id in self.finished if self.jobs[old_id].result is not None]
+            for old_id in holding[: -self.keep_results]:
                 old = self.jobs[old_id]
-                if old.result is not None:
-                    old.result, old.area, old.released = None, None, True
+                old.result, old.area, old.released = None, None, True
             while len(self.finished) > KEEP_RECORDS:
                 del self.jobs[self.finished.popleft()]
 

@@ -181,11 +181,25 @@ def test_a_pixel_upload_at_an_implausible_mpp_says_which_parameter(service):
     }
 
 
-@pytest.mark.parametrize(("param", "value"), [("origin_x", 3e9), ("origin_y", -3e9), ("downsample", 1e16)])
+@pytest.mark.parametrize(("param", "value"), [("origin_x", 3e9), ("origin_y", -3e9)])
 def test_a_pixel_upload_placed_beyond_any_image_is_a_422(service, param, value):
     r = service.client.post("/v1/jobs/pixels", params={"mpp": 0.5, param: value}, content=_png())
     assert r.status_code == 422, r.text
     assert r.json()["detail"].startswith(f"bad request: query.{param}: Input should be")
+
+
+@pytest.mark.parametrize("value", ["5e-324", "1e-300", "0.001", "0", "-2", "1e16"])
+def test_a_pixel_upload_at_a_downsample_no_image_is_read_at_is_a_422_naming_the_range(service, value):
+    # 5e-324 and 1e-300 were accepted: the job failed on "cannot convert float NaN to integer" or answered vertices
+    # around 8e-298 px.
+    r = service.client.post("/v1/jobs/pixels", params={"mpp": 0.5, "downsample": value}, content=_png())
+    assert (r.status_code, r.json()) == (
+        422,
+        {
+            "detail": f"bad request: query.downsample: {value} is outside 0.01-4096; send the level-0 px per uploaded "
+            "px: the downsample the region was read at (1 at full resolution)"
+        },
+    )
 
 
 def test_a_pixel_upload_naming_a_model_the_service_lacks_is_refused_as_a_path_job_is(service):

@@ -56,6 +56,7 @@ from bridge.service.schemas import (
     IMAGE_TYPE_DESCRIPTION,
     MAX_COORDINATE_PX,
     MAX_DOWNSAMPLE,
+    MIN_DOWNSAMPLE,
     Health,
     ImageType,
     JobAccepted,
@@ -431,7 +432,11 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
             description="Level-0 y of the region's top-left corner.",
         ),
         downsample: float = Query(
-            1.0, gt=0, le=MAX_DOWNSAMPLE, allow_inf_nan=False, description="Level-0 px per uploaded px."
+            1.0,
+            ge=MIN_DOWNSAMPLE,
+            le=MAX_DOWNSAMPLE,
+            allow_inf_nan=False,
+            description="Level-0 px per uploaded px: the downsample the region was read at.",
         ),
         outputs: list[Literal["regions", "uncertainty_tiles", "sua", "nuclei"]] = Query(list(OUTPUTS)),
         image_type: ImageType | None = Query(None, description=IMAGE_TYPE_DESCRIPTION),

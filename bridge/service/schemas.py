@@ -19,8 +19,11 @@ ROI_EXPECTED = (
 )
 
 # Bounds on where an uploaded region sits and how it was scaled: QuPath's images are at most 2^31 px a side,
-# and a region sent at a coarser downsample than this holds nothing a model can use.
+# a region sent at a coarser downsample than the largest holds nothing a model can use, and one below the smallest
+# (QuPath reads regions at 1 or more) is no read of an image: 1e-300 made the grid padding NaN (origin / downsample
+# overflowed) and the results' vertices 1e-298 px. Within both, origin / downsample stays finite.
 MAX_COORDINATE_PX = 2.0**31
+MIN_DOWNSAMPLE = 0.01
 MAX_DOWNSAMPLE = 4096.0
 
 # QuPath's image types (ImageData.ImageType), as a job on an image path or an upload states them.

@@ -12,7 +12,7 @@ from fastapi import params
 from fastapi.exceptions import RequestValidationError
 
 from bridge.service.messages import clipped, quoted
-from bridge.service.schemas import ROI_EXPECTED, ErrorDetail, JobRequest
+from bridge.service.schemas import MAX_DOWNSAMPLE, MIN_DOWNSAMPLE, ROI_EXPECTED, ErrorDetail, JobRequest
 from inference import MPP_PLAUSIBLE_RANGE
 
 # Whose parameters an unknown one is told against (refuse_unknown_parameters).
@@ -122,6 +122,11 @@ def validation_problem(error: dict[str, Any], content_type: str | None) -> str:
             else "QuPath reports for the image"
         )
         return f"{where}: {shown} µm/px is outside {low:g}-{high:g}; send the µm/px {pixels}"
+    if loc == ("query", "downsample") and error["type"] in ("greater_than_equal", "less_than_equal"):
+        return (
+            f"{where}: {clipped(str(error.get('input')))} is outside {MIN_DOWNSAMPLE:g}-{MAX_DOWNSAMPLE:g}; send the "
+            "level-0 px per uploaded px: the downsample the region was read at (1 at full resolution)"
+        )
     if loc == ("body", "roi") and error["type"] == "dict_type":  # pydantic's "Input should be a valid dictionary"
         return f"{where}: {ROI_EXPECTED}; got {clipped(json.dumps(error.get('input')))}"
     if error["type"] == "value_error":  # our validators' words, without pydantic's "Value error, " before them

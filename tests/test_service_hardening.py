@@ -630,6 +630,40 @@ def test_a_token_is_stripped_as_a_token_file_is_and_a_blank_one_is_no_token(star
     assert result.exit_code == 0 and started["settings"].token is None
 
 
+@pytest.mark.parametrize(
+    ("token", "what"),
+    [
+        ("s\u00e9cret-long-enough-token", "a character outside ASCII (character 2 of 24)"),
+        ("first-line-of-it\nsecond-line-of-it", "a line break (character 17 of 34)"),
+        ("two words-long-enough", "white space (character 4 of 21)"),
+    ],
+)
+@pytest.mark.parametrize("source", ["--token-file", "PDL1_TOKEN"])
+def test_a_token_no_http_client_can_send_is_refused_at_start_up_without_showing_it(
+    started, tmp_path, token, what, source
+):
+    # Accepted, each made every request a 401: a header is read as latin-1 and the token compared as UTF-8, and a
+    # --token-file of two lines was stripped only at its ends.
+    args, env = ["--allow-root", str(tmp_path)], None
+    if source == "--token-file":
+        token_file = tmp_path / "token"
+        token_file.write_text(f"{token}\n")
+        token_file.chmod(0o600)
+        args += ["--token-file", str(token_file)]
+        fix = "write only the token into the file, on one line"
+    else:
+        env = {"PDL1_TOKEN": token}
+        fix = "give --token (or PDL1_TOKEN) such a token"
+    result, output = _serve(args, env=env)
+    assert result.exit_code == 2, output
+    assert (
+        f"the token holds {what}; a token may hold only printable ASCII characters without white space (letters, "
+        "digits and punctuation such as - _ . ~), which every HTTP client can send: make one with "
+        f'`python -c "import secrets; print(secrets.token_urlsafe(32))"`; {fix}'
+    ) in output
+    assert all(part not in output for part in token.split()) and "settings" not in started
+
+
 def test_an_empty_token_file_is_a_usage_error(started, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("\n")

@@ -79,6 +79,7 @@ def serve(
         import uvicorn  # noqa: F401 - the serve extra's: missing, said now
 
         from bridge.service import LOOPBACK, ServiceSettings, create_app
+        from bridge.service.settings import token_characters_problem
     except ImportError as err:
         raise fail(Pdl1Error(f"the service needs the 'serve' extra: pip install 'pdl1-bridge[serve]' ({err})")) from err
     if token is not None:
@@ -100,6 +101,13 @@ def serve(
         if not token:
             raise typer.BadParameter(f"{token_file} is empty; write the token into it", param_hint="--token-file")
         warn_if_others_may_read(token_file)
+    problem = None if token is None else token_characters_problem(token)
+    if problem is not None and token_file is not None:
+        raise typer.BadParameter(
+            f"{token_file}: {problem}; write only the token into the file, on one line", param_hint="--token-file"
+        )
+    if problem is not None:
+        raise typer.BadParameter(f"{problem}; give --token (or PDL1_TOKEN) such a token", param_hint="--token")
     seg = nuclei = ihc = None
     if models is not None:
         check_models_folder(models)

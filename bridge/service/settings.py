@@ -27,6 +27,36 @@ MIN_PUBLIC_TOKEN_CHARS = 16
 MAKE_A_TOKEN = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 
 
+def token_characters_problem(token: str) -> str | None:
+    """Why no HTTP client can send ``token`` in its ``Authorization`` header, else None. A header carries
+    printable ASCII: Starlette reads one as latin-1 while the token is compared as UTF-8, so a non-ASCII token never
+    matched, and white space inside it (a --token-file of two lines, stripped only at its ends) is no part of a
+    Bearer credential; either way every request was a 401. The character is not shown: it is part of a secret.
+
+    >>> token_characters_problem("s3cret-token_x.y~z") is None
+    True
+    >>> token_characters_problem("two\\nlines")[:56]
+    'the token holds a line break (character 4 of 9); a token'
+    """
+    for index, char in enumerate(token):
+        if "!" <= char <= "~":
+            continue
+        if char in "\r\n":
+            what = "a line break"
+        elif char.isspace():
+            what = "white space"
+        elif char.isascii():
+            what = "a control character"
+        else:
+            what = "a character outside ASCII"
+        return (
+            f"the token holds {what} (character {index + 1} of {len(token)}); a token may hold only printable "
+            "ASCII characters without white space (letters, digits and punctuation such as - _ . ~), which every "
+            f"HTTP client can send: make one with `{MAKE_A_TOKEN}`"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class ServiceSettings:
     """How the service runs; built by the CLI (or by tests) and never read from the environment below it."""
@@ -54,6 +84,9 @@ class ServiceSettings:
                 f"binding {self.host} exposes the service beyond this machine: pass --token (every request "
                 "must then send it) or keep the default --host 127.0.0.1"
             )
+        problem = None if self.token is None else token_characters_problem(self.token)
+        if problem is not None:
+            raise ValueError(problem)
         if self.host not in LOOPBACK and self.token is not None and len(self.token) < MIN_PUBLIC_TOKEN_CHARS:
             # Refused, not warned of: a warning scrolls by in a service's log while the short token stays in use.
             raise ValueError(

@@ -262,6 +262,17 @@ def test_a_path_the_service_cannot_place_says_it_must_be_absolute_here(client, i
     assert "absolute path" in detail and "file: URI" in detail and "outside the folders" not in detail
 
 
+@pytest.mark.parametrize("scheme", ["FILE", "File"])
+def test_a_file_uri_s_scheme_is_case_insensitive(client, slides_root, scheme):
+    # FILE:///… was refused as "a FILE: URL"; schemes are case-insensitive (RFC 3986).
+    image = f"{scheme}://{(slides_root / 'small.svs').as_posix()}"
+    r = client.post("/v1/jobs", json={"image": image, "outputs": ["regions"]})
+    assert r.status_code == 202, r.text
+    status = client.get(f"/v1/jobs/{r.json()['job_id']}").json()
+    assert status["image"] == str(slides_root / "small.svs")
+    client.delete(f"/v1/jobs/{r.json()['job_id']}")
+
+
 @pytest.mark.parametrize("host", ["localhost", "LOCALHOST"])
 def test_a_file_uri_naming_localhost_is_this_machine_s_file(client, slides_root, host):
     # RFC 8089's file://localhost/path, as file:///path: it was taken for another machine's share ("a Windows path").
@@ -1125,11 +1136,21 @@ def test_empty_outputs_are_refused_naming_those_there_are(client, slides_root):
     }
 
 
-def test_a_path_pasted_with_a_line_end_says_so(client, slides_root):
-    """Said "image not found: /…/small.svs" with the newline invisible, of a file that is there."""
-    r = client.post("/v1/jobs", json={"image": f"{slides_root / 'small.svs'}\n"})
-    assert r.status_code == 404, r.text
-    assert "ends or starts with white space (a line end copied with the path?)" in r.json()["detail"]
+@pytest.mark.parametrize("image", ["{path}\n", " {path}", "\t{uri}"])
+def test_a_path_pasted_with_white_space_at_either_end_says_so(client, slides_root, image):
+    """Said "image not found: /…/small.svs" with the newline invisible, of a file that is there; white space before
+    the path said it "is relative"."""
+    path = slides_root / "small.svs"
+    image = image.format(path=path, uri=path.as_uri())
+    r = client.post("/v1/jobs", json={"image": image})
+    assert (r.status_code, r.json()) == (
+        404,
+        {
+            "detail": f"image not found: {image!r}, which ends or starts with white space (a line "
+            "end copied with the path?); send the path without it",
+            "cannot_open": True,
+        },
+    )
 
 
 def test_an_roi_nested_too_deep_is_a_422_not_a_500(client, slides_root):

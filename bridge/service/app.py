@@ -49,6 +49,7 @@ from bridge.service.paths import (
     is_file,
     not_a_regular_file,
     require_absolute,
+    stray_white_space,
 )
 from bridge.service.record import analysis_record
 from bridge.service.roi import parse_roi, refuse_outside
@@ -335,10 +336,7 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
             if path.exists():  # "image not found" for a named pipe or device that is there
                 raise not_a_regular_file(requested)
             if str(requested) != str(requested).strip():  # pasted with a line end: the shown name looks right
-                raise SlideNotFoundError(
-                    f"image not found: {quoted(str(requested))}, which ends or starts with white space (a line end "
-                    "copied with the path?); send the path without it"
-                )
+                raise stray_white_space(str(requested))
             raise SlideNotFoundError(f"image not found: {clipped(str(requested))}")
         return path
 

@@ -59,8 +59,26 @@ def check_allowed(path: Path, roots: tuple[Path, ...]) -> Path:
     return real
 
 
+def is_file_uri(image: str) -> bool:
+    """Whether a request's ``image`` is a ``file:`` URI; a scheme is case-insensitive (RFC 3986), so ``FILE:///x``
+    is one too (it was refused as "a FILE: URL").
+
+    >>> is_file_uri("FILE:///data/a.svs"), is_file_uri("/data/file:a.svs")
+    (True, False)
+    """
+    return image[:5].lower() == "file:"
+
+
+def stray_white_space(image: str) -> SlideNotFoundError:
+    """The 404 of an image path that names no file and starts or ends with white space."""
+    return SlideNotFoundError(
+        f"image not found: {quoted(image)}, which ends or starts with white space (a line end copied with the "
+        "path?); send the path without it"
+    )
+
+
 def image_path(image: str) -> Path:
-    if image.startswith("file:"):
+    if is_file_uri(image):
         try:
             return Path(str(uri_to_path(image)))
         except ValueError as err:  # urlparse: e.g. an unclosed IPv6 bracket in the host
@@ -75,13 +93,15 @@ def require_absolute(image: str, path: Path) -> Path:
     service's working folder, and a URL or another machine's Windows path names nothing here."""
     if path.is_absolute():
         return path
-    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", image) and not image.startswith("file:"):
+    if image != image.lstrip() and image_path(image.strip()).is_absolute():  # "is relative" hid the white space
+        raise stray_white_space(image)
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", image) and not is_file_uri(image):
         raise ImagePathError(
             f"image {quoted(image)} is a {clipped(image.split(':', 1)[0], limit_chars=20)}: URL; the service opens "
             "image files on its own machine: send the file's absolute path there (or its file: URI), or upload the "
             "region's pixels (POST /v1/jobs/pixels)"
         )
-    if image.startswith("file:") and str(path).startswith("\\\\"):  # file://server/...: a share's URI
+    if is_file_uri(image) and str(path).startswith("\\\\"):  # file://server/...: a share's URI
         host = PureWindowsPath(str(path)).drive.lstrip("\\").split("\\")[0]
         raise ImagePathError(
             f"image URI {quoted(image)} names a file on the machine {quoted(host, limit_chars=60)} (a network "
@@ -95,7 +115,7 @@ def require_absolute(image: str, path: Path) -> Path:
             "absolute path at which that machine sees the file (for a share: under the folder it is mounted at), "
             "or its file: URI"
         )
-    if image.startswith("file:"):  # "is relative" would puzzle: it is a URI, one that names no absolute path
+    if is_file_uri(image):  # "is relative" would puzzle: it is a URI, one that names no absolute path
         raise ImagePathError(
             f"image URI {quoted(image)} names no absolute path; expected a file: URI such as "
             "file:/data/slides/case.svs (as QuPath's server reports it), or the absolute path of the image file on "

@@ -418,6 +418,28 @@ def test_an_upload_sent_as_a_form_says_to_send_the_image_as_the_body(client, how
     )
 
 
+@pytest.mark.parametrize("fmt", ["BMP", "WEBP"])
+def test_an_image_of_another_format_sent_with_curl_s_default_content_type_is_no_png_or_tiff_not_a_form(client, fmt):
+    # curl --data-binary @region.bmp without -H labels it a URL-encoded form: it was told to use --data-binary,
+    # which it had; a form's body looks like one (name=value in URL-safe bytes, or a multipart boundary).
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(buf, format=fmt)
+    content = buf.getvalue()
+    r = client.post(
+        "/v1/jobs/pixels",
+        params={"mpp": 0.5},
+        content=content,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert (r.status_code, r.json()) == (
+        422,
+        {
+            "detail": f"the request body ({len(content)} bytes, starting {content[:8]!r}) is not a PNG or TIFF "
+            "image; expected the region's PNG or TIFF bytes (Content-Type: image/png or image/tiff)"
+        },
+    )
+
+
 def test_an_image_sent_with_curl_s_default_form_content_type_is_taken_as_the_image(client):
     # curl --data-binary @region.png without -H labels the PNG application/x-www-form-urlencoded.
     png = _encoded(np.full((8, 8, 3), 200, np.uint8), "PNG")

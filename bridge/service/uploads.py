@@ -85,8 +85,9 @@ def check_upload(body: bytes, *, mpp: float, max_px: int, content_type: str | No
             ) from err
         form = (content_type or "").split(";")[0].strip().lower()
         # curl -F, requests' files= or data=dict, a browser form (curl --data-binary's own default Content-Type
-        # is the urlencoded one, so a form's type with the image's bytes is taken as the image above)
-        if form in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        # is the urlencoded one, so a form's type with the image's bytes is taken as the image above, and with
+        # other bytes, a BMP's say, is told that they are no PNG or TIFF, not to use --data-binary)
+        if _looks_like_form(body, form):
             raise SlideFormatError(
                 f"the request body is a form (Content-Type: {form}), not the image itself; {expected}, sent as the "
                 "whole body: curl --data-binary @region.png -H 'Content-Type: image/png', requests.post(url, "
@@ -126,6 +127,28 @@ def check_upload(body: bytes, *, mpp: float, max_px: int, content_type: str | No
         mpp=Mpp(mpp, mpp, _UPLOAD_MPP_SOURCE),
         mpp_advice=_upload_mpp_advice,
     ).close()
+
+
+# What a URL-encoded form's body is made of (RFC 3986's unreserved characters, percent escapes, + for a space, and the
+# separators and sub-delimiters clients leave unescaped).
+_URLENCODED = re.compile(rb"[A-Za-z0-9\-._~%+=&;*!'(),/:@$?\[\]]*")
+
+
+def _looks_like_form(body: bytes, content_type: str) -> bool:
+    """Whether a body that is no image is a form, as its Content-Type says and its start agrees: a multipart
+    form's starts with its boundary (``--``), a URL-encoded form's holds ``name=value`` in URL-safe bytes.
+
+    >>> _looks_like_form(b"image=x&mpp=0.5", "application/x-www-form-urlencoded")
+    True
+    >>> _looks_like_form(b"BM6\\x00\\x00\\x00", "application/x-www-form-urlencoded")
+    False
+    """
+    start = body[:4096]
+    if content_type == "multipart/form-data":
+        return start.lstrip(b"\r\n").startswith(b"--")
+    if content_type == "application/x-www-form-urlencoded":
+        return b"=" in start and _URLENCODED.fullmatch(start) is not None
+    return False
 
 
 def _damaged_header(body: bytes) -> str | None:

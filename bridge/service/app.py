@@ -457,8 +457,8 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         # BodyLimit stops the read past max_request_bytes, stated length or not.
         try:
             body = await request.body()
-        except ClientDisconnect:  # nobody is left to answer; one line, not a traceback
-            log.info("client %s disconnected during an upload; nothing queued", request.client)
+        except ClientDisconnect:  # nobody is left to answer; one line, not a traceback (a warning: shown by default)
+            log.warning("client %s disconnected during an upload; nothing queued", request.client)
             return Response(status_code=400)
         # In a thread, as a def endpoint's work is: reading a header is quick, but not for every file a client
         # may send, and on the event loop no other request is answered meanwhile.

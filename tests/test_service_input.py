@@ -478,6 +478,21 @@ def test_an_upload_s_unknown_parameter_is_refused_not_ignored(client, params, ca
     assert (r.status_code, r.json()) == (422, {"detail": f"bad request: {came}"})
 
 
+def test_a_query_parameter_sent_twice_is_refused_not_resolved_to_the_last(client):
+    # ?mpp=0.5&mpp=0.6 was analysed at 0.6 without a word: which value the client meant cannot be told.
+    png = _encoded(np.full((8, 8, 3), 200, np.uint8), "PNG")
+    r = client.post("/v1/jobs/pixels?mpp=0.5&origin_x=3&mpp=0.6", content=png, headers={"Content-Type": "image/png"})
+    assert (r.status_code, r.json()) == (
+        422,
+        {"detail": "bad request: query.mpp: sent 2 times ('0.5', '0.6'); send it once"},
+    )
+    r = client.get("/v1/jobs/nope/result?offset=0&offset=0")
+    assert (r.status_code, r.json()) == (
+        422,
+        {"detail": "bad request: query.offset: sent 2 times ('0', '0'); send it once"},
+    )
+
+
 def test_a_record_s_unknown_parameter_is_refused_not_ignored(client):
     # Ignored, a misspelt after_run left the record to be ordered by two machines' clocks, without a word.
     r = client.get("/v1/jobs/nope/record", params={"afterrun": "none"})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+from collections import Counter
 from typing import Any
 
 from fastapi import params
@@ -36,7 +37,10 @@ def refuse_unknown_parameters(request: Any, endpoint: Any, whose: str) -> None:
     and a misspelt one silently took its default."""
     known = query_parameters(endpoint)
     unknown = [name for name in request.query_params if name not in known]
-    if unknown:
+    # A parameter sent twice (?mpp=0.5&mpp=0.6) took the last value without a word: which one was meant is unknown.
+    sent = Counter(name for name, _ in request.query_params.multi_items())
+    repeated = [name for name in request.query_params if name in known and sent[name] > 1]
+    if unknown or repeated:
         raise RequestValidationError(
             [
                 {
@@ -46,6 +50,15 @@ def refuse_unknown_parameters(request: Any, endpoint: Any, whose: str) -> None:
                     "ctx": {"parameters": known, "whose": whose},
                 }
                 for name in unknown
+            ]
+            + [
+                {
+                    "type": "repeated",
+                    "loc": ("query", name),
+                    "msg": "repeated",
+                    "ctx": {"values": request.query_params.getlist(name)},
+                }
+                for name in repeated
             ]
         )
 
@@ -94,6 +107,9 @@ def validation_problem(error: dict[str, Any], content_type: str | None) -> str:
             close = difflib.get_close_matches(str(loc[1]), fields, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
         return f"{where}: unknown parameter {quoted(str(loc[1]))}; {hint}{whose} parameters are {', '.join(fields)}"
+    if error["type"] == "repeated" and len(loc) == 2 and loc[0] == "query":
+        values = [quoted(str(v)) for v in (error.get("ctx") or {}).get("values", ())]
+        return f"{where}: sent {len(values)} times ({', '.join(values)}); send it once"
     if error["type"] == "missing" and loc in _MISSING:  # pydantic's "Field required" said neither what nor how
         return f"{where}: missing; expected {_MISSING[loc]}"
     if loc == ("query", "target_type") and error["type"] == "string_pattern_mismatch":  # it showed its regex

@@ -3,7 +3,7 @@ package qupath.lib.objects
 /** A path object as the script uses it: its ID, ROI, class, name, measurements, parent and children. */
 class PathObject {
     UUID id = UUID.randomUUID()  // PathObject.getID(): a random UUID unless set
-    String kind = "annotation"  // annotation, detection, tile
+    String kind = "annotation"  // annotation, detection, tile, cell, tma core
     def roi
     def pathClass
     String name
@@ -27,6 +27,12 @@ class PathObject {
                 name: props.name, geometry: feature.geometry, roi: StandInFeatureROI.of(feature.geometry))
         (props.measurements ?: [:]).each { name, value -> made.measurements.put(name as String, value as double) }
         return made
+    }
+
+    // A detection's measurements are floats (StandInMeasurements); set with its kind, as QuPath's class fixes it.
+    void setKind(String kind) {
+        this.kind = kind
+        measurements.floats = isDetection()
     }
 
     UUID getID() { id }
@@ -56,12 +62,19 @@ class StandInPathClass {
     String toString() { name }
 }
 
-/** MeasurementList as on QuPath 0.4.4 and 0.5: getMeasurementNames(), removeMeasurements(String...), put, get. */
+/** MeasurementList as on QuPath 0.4.4 and 0.5: getMeasurementNames(), removeMeasurements(String...), put, get (NaN
+ * for a name it does not hold: MeasurementList.java v0.4.4:296-303, v0.7.0:207-214). The names an unmodifiable list
+ * (DefaultMeasurementList.java v0.4.4:64-69, NumericMeasurementList.java v0.4.4:181-196; List.copyOf and toList on
+ * 0.6+): add or remove on it throws. A detection's list holds floats (PathDetectionObject.createEmptyMeasurementList:
+ * MeasurementListType.FLOAT, PathDetectionObject.java v0.4.4:90-91, v0.7.0:86-87; also one read from GeoJSON, put into
+ * the object's own list: QuPathTypeAdapters.java v0.4.4:602-604, v0.7.0:594-596): a value comes back as the float
+ * nearest it; an annotation's or TMA core's (GENERAL) doubles. */
 class StandInMeasurements {
     Map<String, Double> values = [:]
-    List<String> getMeasurementNames() { values.keySet().toList() }
+    boolean floats  // a detection's (FloatList)
+    List<String> getMeasurementNames() { Collections.unmodifiableList(new ArrayList(values.keySet())) }
     void removeMeasurements(String... names) { names.each { values.remove(it) } }
-    void put(String name, double value) { values[name] = value }
+    void put(String name, double value) { values[name] = floats ? (double) (float) value : value }
     double get(String name) { values.containsKey(name) ? values[name] : Double.NaN }
 }
 

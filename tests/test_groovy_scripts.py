@@ -393,7 +393,8 @@ for (r in new groovy.json.JsonSlurper().parse(new File("{tmp_path / "reasons.jso
 def test_the_stand_in_hierarchy_removes_objects_as_qupath_does(tmp_path):
     # The pixel tests' stand-in dropped the removed objects' children; QuPath's removeObjects(objects, true) adds them
     # again under the root, not where they were (PathObjectHierarchy.java v0.4.4:483-496, v0.7.0:437-449), which
-    # the scripts' rehomeOthers must undo. Both whole-script tests run on this one stand-in now.
+    # the scripts' rehomeOthers must undo. Both whole-script tests run on this one stand-in now. Only those with a
+    # ROI: addPathObjectImpl refuses one without (v0.4.4:632-636, v0.7.0:527-531), so "f" is gone with its parent.
     driver = """
 import qupath.lib.objects.PathObject
 import qupath.lib.objects.hierarchy.PathObjectHierarchy
@@ -402,8 +403,8 @@ def tree = { ->
     def h = new PathObjectHierarchy()
     def n = [:]
     [["A", "annotation", null], ["B", "annotation", "A"], ["c", "detection", "B"], ["d", "detection", "A"],
-     ["e", "annotation", null]].each { name, kind, parent ->
-        n[name] = new PathObject(kind: kind, name: name)
+     ["e", "annotation", null], ["f", "detection", "B"]].each { name, kind, parent ->
+        n[name] = new PathObject(kind: kind, name: name, roi: name == "f" ? null : [name])
         (parent == null ? h.getRootObject() : n[parent]).addChildObjects([n[name]])
     }
     return [h, n]
@@ -413,7 +414,7 @@ shape = { PathObject o -> o.children.collectEntries { [(it.name): shape(it)] } }
 for (c in [[["B"], true], [["A", "B"], true], [["A"], false]]) {
     def (h, n) = tree()
     h.removeObjects(c[0].collect { n[it] }, c[1])
-    println groovy.json.JsonOutput.toJson([shape(h.getRootObject()), h.getAnnotationObjects()*.name,
+    println groovy.json.JsonOutput.toJson([shape(h.getRootObject()), h.getAnnotationObjects()*.name.sort(),
                                            h.getDetectionObjects()*.name.sort()])  // QuPath's order: a HashMap's
 }
 """
@@ -421,7 +422,7 @@ for (c in [[["B"], true], [["A", "B"], true], [["A"], false]]) {
     assert out.returncode == 0, out.stdout + out.stderr
     said = [json.loads(line) for line in out.stdout.splitlines()]
     assert said == [
-        [{"A": {"d": {}}, "e": {}, "c": {}}, ["A", "e"], ["c", "d"]],  # B's nucleus at the root, not in A
+        [{"A": {"d": {}}, "e": {}, "c": {}}, ["A", "e"], ["c", "d"]],  # B's nucleus at the root, not in A; f gone
         [{"e": {}, "c": {}, "d": {}}, ["e"], ["c", "d"]],
         [{"e": {}}, ["e"], []],
     ]
@@ -433,7 +434,7 @@ import qupath.lib.objects.hierarchy.PathObjectHierarchy
 
 class Project { java.nio.file.Path path; java.nio.file.Path getPath() { path } }
 class Entry { String id; String getID() { id }; String getImageName() { "image.svs" } }
-class Grid { List cores; List getTMACoreList() { cores } }
+class Grid { List cores; List getTMACoreList() { new ArrayList(cores) } }  // a copy: DefaultTMAGrid.java v0.4.4:110-114
 
 def setup = new groovy.json.JsonSlurper().parseText(new File(args[0]).text)
 def hierarchy = new PathObjectHierarchy()
@@ -510,10 +511,13 @@ def test_the_label_export_writes_each_object_as_qupaths_gson_writes_it(tmp_path,
     assert target.read_bytes() == ("[\n" + ",\n".join(written) + "\n]\n").encode("utf-8")
     assert sorted(p.name for p in target.parent.iterdir()) == ["7.geojson"]
     features = json.loads(target.read_text(encoding="utf-8"))
-    # Every annotation, then every detection, wherever it lies in the hierarchy.
-    assert [(f["properties"]["objectType"], f["properties"].get("name")) for f in features] == [
-        (o[0], o[1]) for kind in ("annotation", "detection") for o in objects if o[0] == kind
-    ]
+    # Every annotation, then every detection, wherever it lies in the hierarchy: the detections depth first, the
+    # annotations in the order QuPath's getAnnotationObjects() gives (its tile cache's, spatial: the stand-in's is not
+    # the hierarchy's either), which the export keeps.
+    said = [(f["properties"]["objectType"], f["properties"].get("name")) for f in features]
+    annotations = [(o[0], o[1]) for o in objects if o[0] == "annotation"]
+    assert said[len(annotations) :] == [(o[0], o[1]) for o in objects if o[0] == "detection"]
+    assert sorted(said[: len(annotations)], key=str) == sorted(annotations, key=str)
 
 
 def _square_geometry(x: float, y: float, size: float) -> dict:
@@ -618,7 +622,7 @@ class OldEntry {                                        // QuPath 0.4.4, 0.5: no
     String removeMetadataValue(String key) { stored.remove(key) }
 }
 class NewEntry {                                        // QuPath 0.6+: getMetadata() is the entry's mutable map
-    Map metadata = new java.util.concurrent.ConcurrentHashMap()
+    Map metadata = Collections.synchronizedMap(new LinkedHashMap())  // DefaultProject.java v0.7.0:445, 611-613
     Map getMetadata() { metadata }
     String putMetadataValue(String key, String value) { throw new IllegalStateException("deprecated call used") }
     String removeMetadataValue(String key) { throw new IllegalStateException("deprecated call used") }
@@ -764,13 +768,14 @@ def test_a_rerun_removes_the_parent_measurements_of_the_earlier_run_it_does_not_
     driver = """
 class OldList {                                         // QuPath 0.4.4, 0.5: removeMeasurements, getMeasurementNames
     Map values = new LinkedHashMap()
-    List<String> getMeasurementNames() { new ArrayList(values.keySet()) }
+    // unmodifiable: DefaultMeasurementList.java v0.4.4:64-69 (0.6+: toList(), v0.7.0:66-70)
+    List<String> getMeasurementNames() { Collections.unmodifiableList(new ArrayList(values.keySet())) }
     void removeMeasurements(String... names) { names.each { values.remove(it) } }
     void put(String name, double value) { values.put(name, value) }
 }
 class NewList extends OldList {                         // QuPath 0.6+: removeAll, getNames; the old two deprecated
     void removeAll(String... names) { names.each { values.remove(it) } }
-    List<String> getNames() { new ArrayList(values.keySet()) }
+    List<String> getNames() { List.copyOf(values.keySet()) }
     void removeMeasurements(String... names) { throw new IllegalStateException("deprecated call used") }
     List<String> getMeasurementNames() { throw new IllegalStateException("deprecated call used") }
 }
@@ -1641,7 +1646,7 @@ for (n in new groovy.json.JsonSlurper().parseText('''{listed}''')) {{
         nodes[n.parent].addChildObjects([node])
 }}
 def root = nodes["root"]
-def hierarchy = [removeObjects: {{ List objects, boolean keepChildren ->  // v0.4.4:458-497
+def hierarchy = [removeObjects: {{ Collection objects, boolean keepChildren ->  // v0.4.4:458-497
     def kept = objects.collectMany {{ o -> o.kids.findAll {{ k -> !objects.any {{ it.is(k) }} }} }}
     objects.each {{ o -> o.up.kids.removeIf {{ it.is(o) }} }}
     if (keepChildren)
@@ -1810,7 +1815,7 @@ for (n in new groovy.json.JsonSlurper().parseText('''{listed}''')) {{
 }}
 def root = nodes["root"]
 def removed = []
-def hierarchy = [removeObjects: {{ List objects, boolean keepChildren ->  // v0.4.4:458-497
+def hierarchy = [removeObjects: {{ Collection objects, boolean keepChildren ->  // v0.4.4:458-497
     removed.addAll(objects)
     def kept = objects.collectMany {{ o -> o.kids.findAll {{ k -> !objects.any {{ it.is(k) }} }} }}
     objects.each {{ o -> o.up.kids.removeIf {{ it.is(o) }} }}
@@ -2310,7 +2315,7 @@ def binding = new Binding([
     getProject: { -> project },
     getProjectEntry: { -> entry },
     getCurrentHierarchy: { -> hierarchy },
-    addObjects: { List objects -> root.addChildObjects(objects) },
+    addObjects: { Collection objects -> root.addChildObjects(objects) },  // QP.addObjects: QP.java v0.4.4:1084
     fireHierarchyUpdate: { -> },
 ])
 setup.runs.times { run ->

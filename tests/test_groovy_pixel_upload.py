@@ -446,7 +446,7 @@ class StandInRoi {
 }
 enum ImageType { BRIGHTFIELD_H_E }
 class TMACoreObject extends PathObject { }  // PathObject's stand-in has isMissing()
-class TMAGrid { List cores; List getTMACoreList() { cores } }
+class TMAGrid { List cores; List getTMACoreList() { new ArrayList(cores) } }  // a copy: DefaultTMAGrid v0.4.4:110
 class ImageData {
     def server; PathObjectHierarchy hierarchy
     def getServer() { server }
@@ -491,6 +491,10 @@ def entry = setup.entry == null ? null : new Entry(id: setup.entry)
 root.addChildObjects(targets)
 def imageData = new ImageData(server: server, hierarchy: new PathObjectHierarchy(root: root))
 def selection = null  // a step's (the objects of its "select")
+// The selection model's set: getSelectedObjects() is an unmodifiable view of it, the same each call, that follows the
+// selection (PathObjectSelectionModel.java v0.4.4 to v0.7.0:50-51, 87-88); a Set, whose findAll is a Set.
+def selectedSet = Collections.synchronizedSet(new LinkedHashSet())
+def selectedView = Collections.unmodifiableSet(selectedSet)
 def fired = 0  // fireHierarchyUpdate() calls: without one after the last objects went in, the viewer does not show them
 // A stand-in service in this JVM (setup.stub), for what the real one cannot be made to do at a given moment: each
 // request ("METHOD /path", no query) is answered with its canned status and body (stub.answers), and recorded; at the
@@ -528,14 +532,14 @@ if (setup.stub != null) {
 def binding = new Binding([
     getCurrentImageData: { -> imageData },
     getCurrentHierarchy: { -> imageData.hierarchy },  // pdl1_import_results.groovy's (a step's "script")
-    addObjects: { List objects -> root.addChildObjects(objects) },
+    // QP.addObjects(Collection): the hierarchy's addObjects, each under the root (QP.java v0.4.4:1084-1089,
+    // v0.7.0:1152-1157; PathObjectHierarchy.java v0.4.4:646-663, v0.7.0:539-556)
+    addObjects: { Collection objects -> root.addChildObjects(objects) },
     getProject: { -> new Project(path: java.nio.file.Paths.get(setup.project)) },
     getProjectEntry: { -> entry },  // none unless the setup names the entry's ID
     // All the annotations, unless told: none, or a nucleus (a detection, which is no target), or a step's; as QuPath
     // gives them, an unmodifiable Set (PathObjectSelectionModel.java v0.4.4 to v0.7.0:51, 87), whose findAll is a Set
-    getSelectedObjects: { -> Collections.unmodifiableSet(new LinkedHashSet(selection != null ? selection :
-            setup.select == false ? [] : setup.select == "detection" ?
-            [new PathObject(kind: "detection", name: "a nucleus")] : targets)) },
+    getSelectedObjects: { -> selectedView },
     fireHierarchyUpdate: { -> fired++ },
     getPathClass: classOf,
     // QP.createFullImageAnnotation(boolean): a rectangle over the image, added to the hierarchy (QP.java v0.4.4:1801)
@@ -605,6 +609,9 @@ for (step in steps) {
         imageData.hierarchy.grid = new TMAGrid(cores: cores)
     }
     selection = step.select == null ? null : step.select.collect { byId(it) }
+    selectedSet.clear()
+    selectedSet.addAll(selection != null ? selection : setup.select == false ? [] : setup.select == "detection" ?
+            [new PathObject(kind: "detection", name: "a nucleus")] : targets)
     def last = step.is(steps[-1])
     try {
         new GroovyShell(this.class.classLoader, binding).evaluate(new File(step.script ?: setup.script))

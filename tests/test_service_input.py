@@ -486,6 +486,11 @@ def test_a_query_parameter_sent_twice_is_refused_not_resolved_to_the_last(client
         422,
         {"detail": "bad request: query.mpp: sent 2 times ('0.5', '0.6'); send it once"},
     )
+    # A list is sent once per value.
+    r = client.post(
+        "/v1/jobs/pixels?mpp=0.5&outputs=regions&outputs=nuclei", content=png, headers={"Content-Type": "image/png"}
+    )
+    assert r.status_code == 202, r.text
     r = client.get("/v1/jobs/nope/result?offset=0&offset=0")
     assert (r.status_code, r.json()) == (
         422,

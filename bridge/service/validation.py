@@ -7,7 +7,7 @@ import difflib
 import inspect
 import json
 from collections import Counter
-from typing import Any
+from typing import Any, get_origin
 
 from fastapi import params
 from fastapi.exceptions import RequestValidationError
@@ -31,6 +31,17 @@ def query_parameters(endpoint: Any) -> tuple[str, ...]:
     )
 
 
+def list_parameters(endpoint: Any) -> tuple[str, ...]:
+    """The query parameters of :func:`query_parameters` that take a list, sent once per value."""
+    lists = []
+    for name, p in inspect.signature(endpoint).parameters.items():
+        annotation = p.annotation  # a string where the module defers its annotations
+        text = annotation if isinstance(annotation, str) else ""
+        if isinstance(p.default, params.Query) and (get_origin(annotation) is list or text.startswith("list[")):
+            lists.append(name)
+    return tuple(lists)
+
+
 def refuse_unknown_parameters(request: Any, endpoint: Any, whose: str) -> None:
     """Raise the 422 of every query parameter ``request`` sends that ``endpoint`` does not declare
     (:func:`query_parameters`), ``whose`` naming the endpoint's in the answer ("the upload's"): FastAPI ignores them,
@@ -38,8 +49,10 @@ def refuse_unknown_parameters(request: Any, endpoint: Any, whose: str) -> None:
     known = query_parameters(endpoint)
     unknown = [name for name in request.query_params if name not in known]
     # A parameter sent twice (?mpp=0.5&mpp=0.6) took the last value without a word: which one was meant is unknown.
+    # A list is sent once per value (?outputs=regions&outputs=nuclei).
     sent = Counter(name for name, _ in request.query_params.multi_items())
-    repeated = [name for name in request.query_params if name in known and sent[name] > 1]
+    lists = set(list_parameters(endpoint))
+    repeated = [name for name in request.query_params if name in known and name not in lists and sent[name] > 1]
     if unknown or repeated:
         raise RequestValidationError(
             [

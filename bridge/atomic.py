@@ -69,12 +69,15 @@ def replaced_together(record: Path) -> Iterator[Callable[..., IO]]:
     Permissions as :func:`replace_atomically` gives them.
     """
     staged: list[tuple[Path, Path, IO]] = []
+    # Every temporary file's name, taken before it is made: a Ctrl-C between its open and its place in staged left it.
+    temporary: list[Path] = []
 
     def open_new(path: Path, *, newline: str | None = None, binary: bool = False) -> IO:
         if any(path == target for target, _, _ in staged):
             raise ValueError(f"{path} is opened twice among the files replaced together; write it once")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.part")
+        temporary.append(tmp)
         fh = open(tmp, "xb") if binary else open(tmp, "x", encoding="utf-8", newline=newline)  # noqa: SIM115
         staged.append((path, tmp, fh))
         return fh
@@ -91,9 +94,14 @@ def replaced_together(record: Path) -> Iterator[Callable[..., IO]]:
         for path, tmp, _ in sorted(staged, key=lambda s: s[0] == record):  # a stable sort: the record last
             os.replace(tmp, path)
     except BaseException:
-        for _, tmp, fh in staged:
-            fh.close()
-            tmp.unlink(missing_ok=True)
+        for _, _, fh in staged:
+            # Closing flushes what is still buffered, which on a full disk fails again (the file is closed all the
+            # same): raised here, it left every temporary file on the disk that had no room.
+            with contextlib.suppress(OSError):
+                fh.close()
+        for tmp in temporary:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         raise
 
 

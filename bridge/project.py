@@ -299,8 +299,9 @@ def read_project(path: str | Path, *, unreadable_entries: str = "raise") -> Proj
             problem = f"lacks {err}" if isinstance(err, KeyError) else f"is malformed ({err})"
             if isinstance(err, _EntryIdError):  # one such as ../x named folders
                 problem = str(err)
+            # Counted from 1, as a person counts the project's images (#0 read as a first image that was fine).
             error = ProjectError(
-                f"{qpproj}: image #{i}{name} {problem} (expected entryID and serverBuilder.uri); remove it in "
+                f"{qpproj}: image #{i + 1}{name} {problem} (expected entryID and serverBuilder.uri); remove it in "
                 "QuPath and add the image again (File > Project > Add images)"
             )
             if unreadable_entries == "raise":
@@ -310,7 +311,7 @@ def read_project(path: str | Path, *, unreadable_entries: str = "raise") -> Proj
                     index=i,
                     # one that is no whole number is no key either: it would name another folder
                     entry_id=None if entry_id is None or isinstance(err, _EntryIdError) else str(entry_id),
-                    image_name=named if isinstance(named, str) else f"image #{i}",
+                    image_name=named if isinstance(named, str) else f"image #{i + 1}",
                     error=error,
                 )
             )

@@ -654,7 +654,7 @@ def _jobs(inputs: list[Path], config: RunConfig) -> tuple[list[_Job], Path | Non
             except Pdl1Error as err:
                 jobs.append(_Job(entry.entry_id, entry.image_name, None, entry, err))
         for broken in info.unreadable:  # each fails alone, in its place in the project's order
-            key = broken.entry_id if broken.entry_id is not None else f"#{broken.index}"
+            key = broken.entry_id if broken.entry_id is not None else f"#{broken.index + 1}"
             jobs.insert(broken.index, _Job(key, broken.image_name, None, None, broken.error))
         elsewhere = [j for j in jobs if j.image is not None and j.entry and str(j.image) != str(j.entry.path)]
         if elsewhere:
@@ -1590,13 +1590,20 @@ def _annotation_label(annotation: Any) -> str:
     return annotation.name or (annotation.path_class.id if annotation.path_class is not None else "annotation")
 
 
+def _is_area(roi: BaseGeometry) -> bool:
+    """Whether an annotation's ROI is an area (QuPath's ``ROI.isArea()``): a polygon is, also one whose area sums to 0
+    (a bow-tie's two halves, wound opposite ways, cancel), which the ROI check then names as invalid; before, it was
+    said to be no area, to a user who had drawn a polygon."""
+    return roi.area > 0 or (roi.geom_type in ("Polygon", "MultiPolygon") and not roi.is_empty)
+
+
 def _with_area(image: str, targets: list[Any]) -> list[Any]:
     """The target annotations an analysis can use; those without an area (a Points annotation of a target class, a
     line) are named in the log and left out, as pdl1_analyze.groovy leaves them out: their ROI was refused, and
     that failed the image's other targets too. None with an area is a :class:`ProjectError`."""
-    kept = [t for t in targets if t.roi.area > 0]
+    kept = [t for t in targets if _is_area(t.roi)]
     for t in targets:
-        if t.roi.area <= 0:
+        if not _is_area(t.roi):
             what = t.name or (t.path_class.id if t.path_class is not None else "an annotation")
             log.warning(
                 "%s: skipped %s: a %s annotation has no area to analyse; draw an area annotation (rectangle, "

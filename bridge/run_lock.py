@@ -58,6 +58,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _process_start(pid: int) -> str | None:
+    """Which start of process ``pid`` runs now, where the system says (Linux: the boot's id and the start time in
+    clock ticks since boot, from /proc), else None. A lock naming a pid alive now but started otherwise was left by a
+    run that died, its pid since given to another process (after a reboot, often), which kept every run out."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()  # after the command's name, which may hold spaces and parentheses
+    return f"{boot}/{fields[19]}" if len(fields) > 19 else None  # field 22, starttime
+
+
 def _holder(path: Path) -> dict[str, Any]:
     try:
         holder = json.loads(path.read_text(encoding="utf-8"))
@@ -128,7 +141,10 @@ def _stale(path: Path, holder: dict[str, Any], host: str) -> bool:
     that died before writing it; one writing it right now would have finished within the minute)."""
     pid = holder.get("pid")
     if holder:
-        return holder.get("host") == host and isinstance(pid, int) and not _alive(pid)
+        if holder.get("host") != host or not isinstance(pid, int):
+            return False
+        started = holder.get("process_start")  # absent in a lock of an earlier version, or where /proc is not
+        return not _alive(pid) or (isinstance(started, str) and _process_start(pid) not in (None, started))
     try:
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
@@ -282,6 +298,7 @@ def _held(
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(sys.argv),
         **({} if doing is None else {"doing": doing}),
+        **({} if (started := _process_start(os.getpid())) is None else {"process_start": started}),
     }
     try:
         tmp = _write_holder(path, me)

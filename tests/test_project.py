@@ -195,10 +195,10 @@ def test_reading_is_read_only(fixtures_dir, tmp_path):
         ('{"images": {}}', r"not a QuPath project: its 'images' is \{\}, not a list"),
         ("{}", r"not a QuPath project: it has no 'images' key .*re-create the project.*pdl1 init-project"),
         ("[1]", r"not a QuPath project: its JSON is \[1\], not an object"),
-        ('{"images": [{"imageName": "x"}]}', r"image #0 \(x\) lacks 'serverBuilder'.*add the image again"),
-        # Said "image #0 lacks 'int' object has no attribute 'get'".
-        ('{"images": [{"serverBuilder": 5}]}', r"image #0 is malformed \('int' object .*add the image again"),
-        ('{"images": [7]}', r"image #0 is malformed \(.*add the image again"),
+        ('{"images": [{"imageName": "x"}]}', r"image #1 \(x\) lacks 'serverBuilder'.*add the image again"),
+        # Said "image #1 lacks 'int' object has no attribute 'get'".
+        ('{"images": [{"serverBuilder": 5}]}', r"image #1 is malformed \('int' object .*add the image again"),
+        ('{"images": [7]}', r"image #1 is malformed \(.*add the image again"),
     ],
 )
 def test_malformed_projects_say_what_is_wrong(tmp_path, content, match):
@@ -575,7 +575,7 @@ def test_an_image_record_without_its_server_can_be_kept_apart_from_the_readable_
     good = _image_record("a.svs", 1)
     broken = {"entryID": 2, "imageName": "b.svs"}  # no serverBuilder
     (tmp_path / "project.qpproj").write_text(json.dumps({"images": [broken, good]}))
-    with pytest.raises(ProjectError, match=r"image #0 \(b\.svs\) lacks 'serverBuilder'"):
+    with pytest.raises(ProjectError, match=r"image #1 \(b\.svs\) lacks 'serverBuilder'"):
         read_project(tmp_path)
     info = read_project(tmp_path, unreadable_entries="keep")
     assert [e.image_name for e in info.entries] == ["a.svs"]
@@ -594,7 +594,7 @@ def test_an_entry_id_that_is_no_whole_number_is_refused_not_taken_for_a_folder(t
     good = _image_record("a.svs", 1)
     bad = _image_record("b.svs", entry_id)
     (tmp_path / "project.qpproj").write_text(json.dumps({"images": [good, bad]}))
-    with pytest.raises(ProjectError, match=rf"image #1 \(b\.svs\) has entryID {re.escape(said)}, not the whole number"):
+    with pytest.raises(ProjectError, match=rf"image #2 \(b\.svs\) has entryID {re.escape(said)}, not the whole number"):
         read_project(tmp_path)
     info = read_project(tmp_path, unreadable_entries="keep")
     assert [e.entry_id for e in info.entries] == ["1"]

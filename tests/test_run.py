@@ -360,9 +360,24 @@ def test_an_entry_without_a_server_builder_fails_alone(tmp_path, slides, models)
     config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never")
     outcomes = run_batch([project], config, models=models)
     assert [(o.name, o.state) for o in outcomes] == [("s31.svs", "failed"), ("s32.svs", "done")]
-    assert "image #0 (s31.svs) lacks 'serverBuilder'" in outcomes[0].error
+    assert "image #1 (s31.svs) lacks 'serverBuilder'" in outcomes[0].error
     assert "add the image again" in outcomes[0].error
     assert not RunStatus(project).is_done("1") and RunStatus(project).is_done("2")
+
+
+def test_an_unreadable_entry_is_counted_from_1_as_a_person_counts_the_images(tmp_path, slides, models):
+    # The second image of the list was named "image #1", in the error, the closing table and the run's status.
+    project = tmp_path / "project"
+    init_project_files(project, [slides[0], slides[1]])
+    qpproj = project / "project.qpproj"
+    raw = json.loads(qpproj.read_text())
+    raw["images"][1] = None
+    qpproj.write_text(json.dumps(raw))
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="never")
+    outcomes = run_batch([project], config, models=models)
+    assert [(o.name, o.state) for o in outcomes] == [("s31.svs", "done"), ("image #2", "failed")]
+    assert f"{qpproj}: image #2 is malformed" in outcomes[1].error
+    assert set(json.loads((project / "pdl1" / "status.json").read_text())["images"]) == {"1", "#2"}
 
 
 def test_an_entry_id_naming_another_folder_fails_alone_and_nothing_is_written_outside(tmp_path, slides, models):
@@ -1351,6 +1366,15 @@ def test_through_qupath_a_target_annotation_without_an_area_is_skipped_and_named
     (failed,) = run_batch([project], replace(config, target_classes=("Tumor",)), models=models)
     assert failed.state == "failed"
     assert "nothing analysed: none of the 1 target annotations has an area" in failed.error
+
+    # A polygon is an area also where its area sums to 0 (a bow-tie's halves cancel): what is wrong with it is said.
+    bow_tie = shapely.Polygon([(200, 200), (700, 700), (700, 200), (200, 700)])
+    assert bow_tie.area == 0
+    tie = SimpleNamespace(name="tie", path_class=SimpleNamespace(id="Tumor"), roi=bow_tie)
+    monkeypatch.setattr(qupath, "annotation_targets", lambda entry, *, classes=(), names=(): [tie])
+    (failed,) = run_batch([project], replace(config, target_classes=("Tumor",)), models=models)
+    assert failed.state == "failed"
+    assert "has an area" not in failed.error and "Self-intersection" in failed.error, failed.error
 
 
 def test_a_rerun_through_qupath_replaces_what_resolve_hierarchy_moved_out_of_the_roi(monkeypatch):

@@ -90,6 +90,30 @@ def test_a_lock_left_by_a_run_that_died_here_is_taken_over(tmp_path):
     assert not path.exists()
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="a process's start is read from Linux's /proc")
+def test_a_lock_whose_pid_went_to_another_process_is_taken_over_and_a_live_runs_is_not(tmp_path):
+    # The run died and its pid went to another process (after a reboot, often): "another pdl1 run is writing here"
+    # kept every run out until someone deleted the lock.
+    from bridge.run_lock import _process_start
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = _process_start(other.pid)
+        assert started is not None and started != _process_start(os.getpid())
+        _lock_file(tmp_path, pid=other.pid, process_start=started)  # the live run's own
+        with pytest.raises(ProjectError, match=rf"pid {other.pid} on .* since 2026-11-23"), run_lock(tmp_path):
+            pass
+        _lock_file(tmp_path, pid=other.pid, process_start=started.split("/")[0] + "/1")  # a pid's earlier process
+        with run_lock(tmp_path) as path:
+            assert json.loads(path.read_text())["process_start"] == _process_start(os.getpid())
+        _lock_file(tmp_path, pid=other.pid)  # a lock written before the start was kept: the pid alone decides
+        with pytest.raises(ProjectError), run_lock(tmp_path):
+            pass
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_a_lock_from_another_machine_is_not_second_guessed(tmp_path):
     path = _lock_file(tmp_path, pid=_dead_pid(), host="scanner-pc-07")
     theirs = r"pid \d+ on scanner-pc-07 since 2026-11-23 09:00:00.*delete"

@@ -17,7 +17,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from urllib.parse import quote
 
 import numpy as np
@@ -184,6 +184,15 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
             slide, not_found = _slide(entry, info)
             error = failed.get(entry.entry_id, ("", ""))[1]
             _warn_earlier_results(entry.image_name, error, summary, source)
+            other = _analysed_another_file(summary, entry)
+            if other is not None:
+                # The entry was pointed at another file since (Project > Set image URI): its thumbnail with those
+                # results drawn over it showed the other file's regions and cells on this one.
+                slide, not_found = None, (
+                    f"the results are of {other}, analysed before the entry was pointed at {entry.path.name}; "
+                    f"run {_rerun(source)}, which analyses it again"
+                )
+                log.warning("%s: %s", entry.image_name, not_found)
             items.append(
                 ReportItem(
                     entry.image_name,
@@ -296,6 +305,20 @@ def _failed_without_results(name: str, error: str, source: Path) -> str:
         f"{name}: the last run failed on it ({error}) and it has no earlier results, so this report has no results "
         f"for it; fix the cause and run {_rerun(source)}"
     )
+
+
+def _analysed_another_file(summary: dict, entry) -> str | None:
+    """The name of the file a project entry's results were analysed from where it is not the entry's file now (the
+    entry pointed at another since), else None. By name: a project moved with its slides finds them elsewhere."""
+    analysed = summary.get("image")
+    if not isinstance(analysed, str) or not analysed:
+        return None
+    try:
+        now = entry.path.name
+    except (ProjectError, ValueError):  # a URI that is no file: nothing to compare
+        return None
+    then = PureWindowsPath(analysed).name  # either separator: a project made on Windows states Windows paths
+    return then if then != now else None
 
 
 def _warn_earlier_results(name: str, error: str, summary: dict, source: Path) -> None:

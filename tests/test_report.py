@@ -261,6 +261,21 @@ def test_results_of_an_image_the_last_run_failed_on_are_reported_as_an_earlier_r
     assert "unreadable run status" in caplog.text and "cannot tell which images the last run failed on" in caplog.text
 
 
+def test_results_of_another_file_than_the_entrys_now_are_said_to_be_and_not_drawn_over_it(tmp_path, caplog):
+    # The entry was pointed at another file since its run (Project > Set image URI): the report showed the first
+    # file's TPS and drew its regions over the new file's thumbnail, under the entry's new name.
+    project = tmp_path / "project"
+    _project(project, ["a.svs", "b.svs"])
+    for entry, analysed in (("1", "a.svs"), ("2", "old_b.svs")):
+        (project / "pdl1" / entry).mkdir(parents=True)
+        (project / "pdl1" / entry / "summary.json").write_text(json.dumps(_summary(project / analysed)))
+    with caplog.at_level("WARNING", logger="bridge.report"):
+        html_path, _ = write_report(project)
+    said = "the results are of old_b.svs, analysed before the entry was pointed at b.svs; run `pdl1 run"
+    assert f"b.svs: {said}" in caplog.text and "a.svs: the results" not in caplog.text
+    assert html.escape(said) in html_path.read_text()
+
+
 def test_an_image_the_last_run_failed_on_without_earlier_results_is_named_not_passed_over(tmp_path, caplog):
     # A corrupt slide in a batch: the others finished, the report showed them and said nothing of the one that
     # failed, so "9 of 9 images" read as the whole project.

@@ -359,12 +359,18 @@ def transformedBy = { server ->
 // is not the first; null for the first or a file of one image. The service reads a file's first series, as `pdl1 run`
 // does (it refuses another: bridge/project.py, file_builder), so a path job analysed another image than QuPath's.
 // A pyramid QuPath builds on import (a large image of one level) wraps the file's builder in a private field with no
-// getter (ImageServers.java v0.4.4:166-172, v0.7.0:188-194), read with Groovy's .@: a multi-image file's series there
-// went unseen.
+// getter (ImageServers.java v0.4.4:166-172, v0.7.0:188-194), read with Groovy's .@ (QuPath's classes are on the class
+// path, no module closes them): a multi-image file's series there went unseen. A QuPath whose field is another's
+// is read as before.
 def otherSeries = { server ->
     def builder = server.getBuilder()
-    if (builder != null && builder.getClass().getSimpleName() == "PyramidGeneratingServerBuilder")
-        builder = builder.@builder
+    if (builder != null && builder.getClass().getSimpleName() == "PyramidGeneratingServerBuilder") {
+        try {
+            builder = builder.@builder
+        } catch (RuntimeException ignored) {  // a MissingFieldException, or access refused
+            return null
+        }
+    }
     if (builder == null || builder.getClass().getSimpleName() != "DefaultImageServerBuilder")
         return null
     def args = (builder.getArgs() ?: []).toList()

@@ -252,6 +252,36 @@ def test_symlink_out_of_the_allowed_root_is_refused(service, slides_root, tmp_pa
         link.unlink()
 
 
+def test_a_multi_file_slide_whose_other_files_lie_outside_the_allowed_root_is_refused(service, slides_root, tmp_path):
+    # Only the file named was checked: a .vms under the root naming ../outside/secret.jpg had that file analysed.
+    (tmp_path / "secret.jpg").write_bytes(b"not for this service")
+    made = []
+    try:
+        vms = slides_root / "case.vms"
+        vms.write_text(f"[Virtual Microscope Specimen]\nNoLayers=1\nImageFile={tmp_path / 'secret.jpg'}\n")
+        mrxs, folder = slides_root / "case.mrxs", slides_root / "case"
+        mrxs.write_text("")
+        folder.mkdir()
+        (folder / "Slidedat.ini").write_text("[DATAFILE]\nFILE_COUNT=1\nFILE_0=../../outside/Data0000.dat\n")
+        linked = slides_root / "linked.mrxs"
+        linked.write_text("")
+        (slides_root / "linked").symlink_to(tmp_path)  # the data folder itself a link out
+        made = [vms, mrxs, folder / "Slidedat.ini", folder, linked, slides_root / "linked"]
+        for image, named in ((vms, "secret.jpg"), (mrxs, "Data0000.dat"), (linked, "linked")):
+            r = service.post("/v1/jobs", json={"image": str(image)})
+            assert r.status_code == 403, (image, r.text)
+            assert named in r.json()["detail"] and "keep a slide's files together" in r.json()["detail"]
+        vms.write_text("[Virtual Microscope Specimen]\nNoLayers=1\nImageFile=case.jpg\n")  # its own folder: let by
+        r = service.post("/v1/jobs", json={"image": str(vms)})
+        assert r.status_code != 403, r.text
+    finally:
+        for path in made:
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                path.rmdir()
+
+
 def test_unknown_job_and_result_before_done(service):
     assert service.get("/v1/jobs/nope").status_code == 404
     assert "no job" in service.get("/v1/jobs/nope/result").json()["detail"]

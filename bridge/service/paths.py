@@ -56,7 +56,56 @@ def check_allowed(path: Path, roots: tuple[Path, ...]) -> Path:
         raise _unusable_path(path, err) from err
     if not _under(real, roots):
         raise _not_allowed(path, roots)
+    if real.suffix.lower() in _MULTI_FILE_SUFFIXES:
+        _refuse_companions_outside(path, real, roots)
     return real
+
+
+# The most of a multi-file slide's index file read for the files it names (a Hamamatsu .vms is a few hundred bytes,
+# a MIRAX Slidedat.ini tens of KB).
+_INDEX_MAX_BYTES = 4 * 1024 * 1024
+
+
+def _index_values(index: Path) -> list[str]:
+    """Every value of an INI file's ``key = value`` lines (the files it names among them)."""
+    try:
+        with open(index, "rb") as fh:
+            text = fh.read(_INDEX_MAX_BYTES).decode("utf-8", errors="replace")
+    except OSError:
+        return []  # not readable here: the reader fails on it, naming it
+    return [value.strip() for key, eq, value in (line.partition("=") for line in text.splitlines()) if eq]
+
+
+def _companions(real: Path) -> list[Path]:
+    """The other files a multi-file slide (:data:`_MULTI_FILE_SUFFIXES`) is read from, as OpenSlide finds them: a
+    Hamamatsu .vms/.vmu's image and map files, named in it relative to its folder; a MIRAX .mrxs's folder of the
+    same name, what it holds and the data files its Slidedat.ini names; the other .dcm files of a DICOM slide's folder.
+    Every value of an index file is taken for a name (a number names a file in the folder, which is harmless)."""
+    suffix = real.suffix.lower()
+    if suffix in (".vms", ".vmu"):
+        return [real.parent / value for value in _index_values(real) if value]
+    if suffix == ".mrxs":
+        folder = real.with_suffix("")
+        if not folder.is_dir():
+            return [folder]
+        return [folder, *folder.iterdir(), *(folder / v for v in _index_values(folder / "Slidedat.ini") if v)]
+    return [p for p in real.parent.iterdir() if p.suffix.lower() == ".dcm"]
+
+
+def _refuse_companions_outside(path: Path, real: Path, roots: tuple[Path, ...]) -> None:
+    """A 403 where a file a multi-file slide is read from lies outside ``roots``: its index named ``../x`` or a
+    symlink led out, and OpenSlide read what the check of the named file alone let by (found by a review: a .vms
+    under the root had a file outside it analysed)."""
+    try:
+        outside = [c for c in _companions(real) if not _under(c.resolve(), roots)]
+    except (OSError, ValueError, RuntimeError) as err:
+        raise _unusable_path(path, err) from err
+    if outside:
+        raise PathNotAllowedError(
+            f"{clipped(str(path))} is read from {clipped(str(outside[0]))} too, which is outside the folders this "
+            f"service may open ({', '.join(str(r) for r in roots)}); keep a slide's files together under an "
+            "--allow-root folder"
+        )
 
 
 def is_file_uri(image: str) -> bool:

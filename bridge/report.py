@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -835,10 +836,12 @@ def _fmt2(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
-def _fmt(value) -> str:
+def _fmt(value: Any) -> str:
+    """A float to one decimal; other values as they are, as text for the page: a pairs.json's string was written
+    into it as markup."""
     if value is None:
         return "n/a"
-    return f"{value:.1f}" if isinstance(value, float) else str(value)
+    return f"{value:.1f}" if isinstance(value, float) else html.escape(str(value))
 
 
 def _fmt_tps(value: float | None) -> str:
@@ -860,12 +863,12 @@ def _tps_row(r: dict) -> str:
         spread = f"; members {_fmt_tps(r['tps_low'])}-{_fmt_tps(r['tps_high'])}%"
     if r["stain"] == "H-DAB":
         return (
-            f"<tr><th>TPS (PD-L1 IHC)</th><td>{_fmt_tps(r['tps_percent'])}% ({html.escape(_fmt(r['tps_category']))}"
+            f"<tr><th>TPS (PD-L1 IHC)</th><td>{_fmt_tps(r['tps_percent'])}% ({_fmt(r['tps_category'])}"
             f"{spread})</td></tr><tr><th>CPS</th><td>{_fmt(r['cps'])}</td></tr>"
         )
     return (
         f"<tr><th>Predicted TPS (H&amp;E)</th><td>{_fmt_tps(r['tps_percent'])}% "
-        f"({html.escape(_fmt(r['tps_category']))}{spread}); a prediction from morphology, not an IHC score</td></tr>"
+        f"({_fmt(r['tps_category'])}{spread}); a prediction from morphology, not an IHC score</td></tr>"
     )
 
 
@@ -952,7 +955,8 @@ def _per_target(targets: Sequence[TargetRow]) -> bool:
 
 
 def _few_cells(t: TargetRow) -> bool:
-    return t.tumour_cells is not None and t.tumour_cells < MIN_TUMOUR_NUCLEI
+    cells = t.tumour_cells  # a number, unless a damaged summary says otherwise (that crashed the whole report)
+    return isinstance(cells, int | float) and not isinstance(cells, bool) and cells < MIN_TUMOUR_NUCLEI
 
 
 def _first_label(targets: Sequence[TargetRow]) -> str | None:
@@ -1041,7 +1045,7 @@ def _targets_html(r: dict) -> str:
         cells_class = " class='few'" if _few_cells(t) else ""
         body.append(
             f"<tr{row_class}><td>{html.escape(label)}</td>{kind}"
-            f"<td>{_fmt_tps(t.tps_percent)}</td><td>{html.escape(_fmt(t.tps_category))}</td>"
+            f"<td>{_fmt_tps(t.tps_percent)}</td><td>{_fmt(t.tps_category)}</td>"
             f"<td{cells_class}>{cells}</td>"
             + (f"<td>{_fmt(t.cps_percent)}</td>" if ihc else "")
             + f"<td>{verdict}</td></tr>"

@@ -266,7 +266,8 @@ def write_training_report(out: str | Path) -> Path:
     count = f"{len(members)} member{'' if len(members) == 1 else 's'}"
     sections.append(
         f"<h2>Model</h2><p>{html.escape(str(manifest.get('name')))} {html.escape(str(manifest.get('version')))}, "
-        f"{html.escape(str(manifest.get('task')))}, {count}, input {manifest.get('input_mpp')} µm/px, "
+        f"{html.escape(str(manifest.get('task')))}, {count}, "
+        f"input {html.escape(str(manifest.get('input_mpp')))} µm/px, "
         f"stain {html.escape(str(manifest.get('stain', 'H&E')))}</p>"
         + _table(("member", "chain", "cycle", "epoch", "learning rate", "training loss (epoch mean)"), rows)
     )
@@ -275,9 +276,9 @@ def write_training_report(out: str | Path) -> Path:
     if curves:
         _curves_png(curves, folder / "curves.png")
         notes = "".join(
-            f"<p>chain {c.chain}: {c.epoch.size} epochs, {c.step.size} iterations"
+            f"<p>chain {html.escape(str(c.chain))}: {c.epoch.size} epochs, {c.step.size} iterations"
             + (
-                f"; epochs {', '.join(map(str, c.missing_epochs))} were run before the history was kept"
+                f"; epochs {html.escape(', '.join(map(str, c.missing_epochs)))} were run before the history was kept"
                 if c.missing_epochs
                 else ""
             )
@@ -335,9 +336,10 @@ def write_training_report(out: str | Path) -> Path:
         fit_note = (
             ""
             if not fit
-            else f"<p>{'Peak' if fit.get('metric') == 'F1' else 'Segmentation'} threshold {fit['before']:g} -> "
-            f"{fit['after']:g} (pooled {fit.get('metric', 'Dice')} {_num(fit['score_before'])} -> "
-            f"{_num(fit['score_after'])}"
+            else f"<p>{'Peak' if fit.get('metric') == 'F1' else 'Segmentation'} threshold "
+            f"{html.escape(_num(fit['before'], 'g'))} -> {html.escape(_num(fit['after'], 'g'))} (pooled "
+            f"{html.escape(str(fit.get('metric', 'Dice')))} {html.escape(_num(fit['score_before']))} -> "
+            f"{html.escape(_num(fit['score_after']))}"
             + ("" if fit["adopted"] else ", gain under 0.005: kept")
             + "), fit on these slides: their scores here are not an independent estimate.</p>"
         )

@@ -159,6 +159,23 @@ def test_a_case_of_pairs_json_that_does_not_read_costs_its_row_not_the_report(tm
     assert f"{out / 'pdl1' / 'pairs.json'}: case 'C' does not read (ValueError(" in caplog.text
 
 
+def test_text_where_a_number_belongs_is_shown_as_text_not_markup_and_costs_no_report(tmp_path):
+    # A registration error in pairs.json given as text went into the page as markup; a target's tumour cells given
+    # as text stopped the whole report (TypeError comparing it with 100).
+    out = tmp_path / "out"
+    out.mkdir()
+    target = {"image": "a.svs", "entry_id": None, "target": "A-1", "target_type": "TMA core", "state": "analysed"}
+    target["tumour_cells"] = "<b>many</b>"
+    (out / "a.summary.json").write_text(json.dumps(_summary(tmp_path / "a.svs") | {"targets": [target, target]}))
+    (out / "pdl1").mkdir()
+    comparison = {"tps_he_predicted": 10.0, "tps_ihc": 12.0, "dice": 0.8, "entropy_disagree": 0.2, "entropy_agree": 0.1}
+    cases = {"A": {"comparison": comparison, "registration": {"error_um": "<script>alert(1)</script>"}}}
+    (out / "pdl1" / "pairs.json").write_text(json.dumps({"cases": cases}))
+    page = write_report(out)[0].read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<b>many</b>" not in page and "&lt;b&gt;many&lt;/b&gt;" in page
+
+
 @pytest.mark.parametrize("content", ["[]", '{"cases": [1]}', '{"cases": {"c1": "x"}}'])
 def test_a_pairs_file_of_the_wrong_shape_is_left_out(tmp_path, caplog, content):
     out = tmp_path / "out"

@@ -115,6 +115,33 @@ def test_the_report_of_an_imported_nnunet_model_says_where_its_curves_are(tmp_pa
     assert "trained by nnU-Net and imported" in page and "before the history was kept" not in page
 
 
+def test_a_model_folders_text_is_written_into_the_report_as_text_not_markup(tmp_path):
+    # A model folder from elsewhere put its manifest's input_mpp and its validation's threshold fit into the page
+    # unescaped: <img src=x onerror=...> ran when the report was opened.
+    import shutil
+
+    from bridge.training_report import write_training_report
+    from inference import demo_model_dir
+
+    model = tmp_path / "m"
+    shutil.copytree(demo_model_dir("seg"), model)
+    payload = "<img src=x onerror=alert(1)>"
+    manifest = json.loads((model / "manifest.json").read_text())
+    (model / "manifest.json").write_text(json.dumps({**manifest, "input_mpp": payload}))
+    fit = {
+        "metric": payload,
+        "before": 0.5,
+        "after": 0.45,
+        "score_before": payload,
+        "score_after": 0.8,
+        "adopted": True,
+    }
+    validation = {"task": "segmentation", "slides": [], "threshold_fit": fit}
+    (model / "validation.json").write_text(json.dumps(validation))
+    page = write_training_report(model).read_text()
+    assert "<img src=x" not in page and page.count("&lt;img src=x onerror=alert(1)&gt;") == 3
+
+
 def test_resume_keeps_the_history_of_the_epochs_before_the_interrupt(phantom, tmp_path):
     def config(out):
         return SegTrainConfig(

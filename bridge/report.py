@@ -15,10 +15,12 @@ import csv
 import html
 import json
 import logging
+import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import quote
 
 import numpy as np
@@ -189,9 +191,12 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
             if other is not None:
                 # The entry was pointed at another file since (Project > Set image URI): its thumbnail with those
                 # results drawn over it showed the other file's regions and cells on this one.
-                slide, not_found = None, (
-                    f"the results are of {other}, analysed before the entry was pointed at {entry.path.name}; "
-                    f"run {_rerun(source)}, which analyses it again"
+                slide, not_found = (
+                    None,
+                    (
+                        f"the results are of {other}, analysed before the entry was pointed at {entry.path.name}; "
+                        f"run {_rerun(source)}, which analyses it again"
+                    ),
                 )
                 log.warning("%s: %s", entry.image_name, not_found)
             items.append(
@@ -434,7 +439,8 @@ def _thumbnail(
         bar.tick_params(labelsize=6)
     # Per entry in a project: QuPath lets two entries share an image name (one file typed H&E and H-DAB, or
     # 1.svs from two cases' folders), and the second picture replaced the first.
-    stem = Path(item.image_name).stem
+    # Control characters (a newline in an image name) out: the mark lists the thumbnails a line each.
+    stem = re.sub(r"[\x00-\x1f\x7f]", "_", Path(item.image_name).stem)
     # JPEG: a slide's picture, a tenth of a PNG's bytes and encoded in a tenth of its time (a PNG took half a
     # second and 1 MB an image: a report of 1000 images, minutes and a GB; helper-135).
     path = out / (f"{item.entry_id}-{stem}.jpg" if item.entry_id else f"{stem}.jpg")
@@ -614,7 +620,7 @@ def _write(
     """write_report's files, in ``out`` (its lock held); ``running``: who was running ``pdl1 run`` there."""
     drawn_before = _thumbnails_listed(out / REPORT_MARK)
     listed = set(drawn_before)  # the mark's list while drawing: the earlier report's and this one's so far
-    (out / REPORT_MARK).touch()  # before the thumbnails: a report stopped among them can be made again here
+    _own_mark(out / REPORT_MARK).close()  # before the thumbnails: a report stopped among them can be made again here
     rows = []
     all_targets: list[TargetRow] = []  # the report folder's targets.csv
     failed_before: dict[int, str] = {}  # by id() of all_targets' rows: the last run's error on their image
@@ -676,7 +682,7 @@ def _write(
         thumbnail = rows[-1].get("thumbnail")
         if thumbnail is not None and thumbnail.name not in listed:  # listed as drawn: a killed report's are known
             listed.add(thumbnail.name)
-            with (out / REPORT_MARK).open("a", encoding="utf-8") as fh:  # a line added, not the list written again
+            with _own_mark(out / REPORT_MARK) as fh:  # a line added, not the list written again
                 fh.write(f"{thumbnail.name}\n")
     if on_progress is not None:
         on_progress(len(items), len(items))
@@ -697,6 +703,15 @@ def _write(
         fh.write(page)
     _forget_old_thumbnails(out, drawn_before, {row["thumbnail"].name for row in rows if row.get("thumbnail")})
     return html_path, csv_path
+
+
+def _own_mark(mark: Path) -> TextIO:
+    """The report's mark opened to add to, made where there is none; never a file a link there leads to: a link
+    planted in the report folder had each thumbnail's name added to the file it led to (a shell's start-up file)."""
+    if mark.is_symlink():
+        mark.unlink()
+    fd = os.open(mark, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    return open(fd, "a", encoding="utf-8")
 
 
 def _thumbnails_listed(mark: Path) -> set[str]:

@@ -980,6 +980,24 @@ def test_thumbnails_of_entries_no_longer_reported_go_and_a_png_of_the_users_stay
     assert sorted(p.name for p in report.glob("*.[jp][pn]g")) == ["my notes.png"]
 
 
+def test_a_link_in_place_of_the_reports_mark_is_replaced_not_written_through(tmp_path):
+    # A link planted as pdl1/report/.pdl1-report had each thumbnail's name added to the file it led to, and an image
+    # named with a newline put a line of its choosing there (a shell's start-up file, say).
+    project = _analysed_tif_project(tmp_path)
+    raw = json.loads((project / "project.qpproj").read_text())
+    raw["images"][1]["imageName"] = "b\necho pwned\n#.tif"
+    (project / "project.qpproj").write_text(json.dumps(raw))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine\n")
+    report = project / "pdl1" / "report"
+    report.mkdir()
+    (report / ".pdl1-report").symlink_to(victim)
+    write_report(project)
+    assert victim.read_text() == "mine\n"
+    mark = report / ".pdl1-report"
+    assert not mark.is_symlink() and mark.read_text().splitlines() == ["1-a.jpg", "2-b_echo pwned_#.jpg"]
+
+
 def test_a_project_never_run_is_told_to_run_once_not_warned_of_a_stopped_run(tmp_path, caplog):
     # helper-134: the warning "2 of the project's 2 images have no results, not analysed (a run stopped before them
     # ...); run `pdl1 run P --resume`" came before the error, which repeated it, for a project never run.

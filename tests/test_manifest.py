@@ -86,7 +86,20 @@ def test_unknown_architecture(model_dir):
         Ensemble.load(model_dir, task="segmentation")
 
 
-@pytest.mark.parametrize("file", ["../member_00.safetensors", "/etc/passwd", "chain_0/../../x.safetensors", ""])
+@pytest.mark.parametrize(
+    "file",
+    [
+        "../member_00.safetensors",
+        "/etc/passwd",
+        "chain_0/../../x.safetensors",
+        "",
+        # out of the folder on Windows, one name here
+        "..\\member_00.safetensors",
+        "C:/x.safetensors",
+        "C:x.safetensors",
+        "\\\\server\\share\\x.safetensors",
+    ],
+)
 def test_a_member_outside_the_model_folder_is_refused(model_dir, file):
     raw = json.loads((model_dir / "manifest.json").read_text())
     _edit_manifest(model_dir, members=[{**raw["members"][0], "file": file}, raw["members"][1]])

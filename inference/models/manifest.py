@@ -12,7 +12,7 @@ import json
 import secrets
 import shutil
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from inference.atomic import write_text_whole
@@ -285,8 +285,9 @@ def read_manifest(
     if not manifest.members:
         raise ModelFileError(f"{path}: lists no members")
     for member in manifest.members:
-        rel = PurePosixPath(member.file)
-        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        # Read both ways: on Windows "..\\x" and "C:/x" lead out of the folder though they read as one name here.
+        rel, as_windows = PurePosixPath(member.file), PureWindowsPath(member.file)
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts or as_windows.anchor or ".." in as_windows.parts:
             raise ModelFileError(
                 f"{path}: member file {member.file!r} is not a path inside the model folder; "
                 "members are named relative to it, e.g. member_00.safetensors"

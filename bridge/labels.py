@@ -906,6 +906,12 @@ def labels_from_objects(
             counts[f"reviewed: {cls}"] += 1
             continue
         geometry = obj.geometry
+        area_label = cls in (TRAINING_REGION.name, POSITIVE, NEGATIVE, PDL1_IHC_POSITIVE.name) or _is_ignore(cls)
+        if area_label and isinstance(geometry, Polygon | MultiPolygon) and _area(geometry, what).area == 0:
+            # Corners on one line (a ring of 3 positions, first and last the same): it labels no pixel, and was
+            # counted as a label used (helper-150).
+            counts[f"skipped: {cls} areas of no area (their corners on one line)"] += 1
+            continue
         if cls == TRAINING_REGION.name:
             exhaustive = EXHAUSTIVE_MARK in (obj.name or "").lower()
             regions.append((_area(geometry, what), exhaustive))
@@ -1081,6 +1087,12 @@ def labels_from_objects(
     )
     if not labels.has_regions and not labels.has_points:
         skipped = "; ".join(f"{k}: {v}" for k, v in labels.counts.items()) or "no objects"
+        if labels.drew_regions:  # drawn, but nothing of them is a label: trained on, they gave no pixel
+            raise LabelError(
+                f"{where}: no labelled pixels ({skipped}): the Training regions and PD-L1 areas have no area, or "
+                "Ignore* areas cover them; draw them again around tissue, shrink the Ignore* areas, or leave the "
+                "entry out (--entries)"
+            )
         raise LabelError(
             f"{where}: no labels ({skipped}); draw 'Training region', 'PD-L1 positive' or 'PD-L1 negative' "
             "areas or nucleus points, or leave the entry out (--entries)"
@@ -1699,7 +1711,13 @@ def parse_class_map(items: Iterable[str]) -> dict[str, str | None]:
         label, sep, target = item.partition("=")
         if not sep or not label.strip():
             raise LabelError(f"--class-map expects LABEL=MODEL (or LABEL= to leave it out), got {item!r}")
-        out[label.strip()] = target.strip() or None
+        mapped = target.strip() or None
+        if label.strip() in out and out[label.strip()] != mapped:  # the last one won without a word
+            raise LabelError(
+                f"--class-map maps {label.strip()!r} twice, to {out[label.strip()] or 'nothing'} and to "
+                f"{mapped or 'nothing'}; give one --class-map for each label class"
+            )
+        out[label.strip()] = mapped
     return out
 
 

@@ -298,6 +298,12 @@ def test_points_under_ignore_are_left_out_and_counted():
 def test_a_bad_class_map_entry_is_a_usage_error():
     with pytest.raises(LabelError, match="LABEL=MODEL"):
         parse_class_map(["connective"])
+    # One label two ways took the last without a word (helper-150): Other trained as Tumor: Negative.
+    with pytest.raises(LabelError, match=r"maps 'Other' twice, to Tumor: Positive and to Tumor: Negative; give one"):
+        parse_class_map(["Other=Tumor: Positive", "Other=Tumor: Negative"])
+    with pytest.raises(LabelError, match=r"maps 'junk' twice, to nothing and to Other"):
+        parse_class_map(["junk=", "junk=Other"])
+    assert parse_class_map(["Other=Other", "Other=Other"]) == {"Other": "Other"}  # the same twice says one thing
 
 
 def _project_copy(labelled: Path, tmp_path: Path) -> Path:
@@ -993,6 +999,32 @@ def test_a_class_map_onto_no_class_of_the_model_names_the_mistyped_target():
     area = [_obj(shapely.box(0, 0, 5, 5), "PD-L1 positive")]
     seg = LabelRules((), class_map=parse_class_map(["Tumor=Tumour: Positive"]), points=False)
     assert labels_from_objects(area, slide="s.svs", image_size_px=(10, 10), rules=seg).has_regions
+
+
+@pytest.mark.parametrize(
+    ("objects", "said"),
+    [
+        (
+            [_obj(shapely.box(0, 0, 10, 10), "Training region"), _obj(shapely.box(0, 0, 10, 10), "Ignore*")],
+            r"no labelled pixels \(.*Ignore\* areas cover them",
+        ),
+        (
+            [_obj(shapely.box(0, 0, 6, 6), "PD-L1 positive"), _obj(shapely.box(0, 0, 8, 8), "Ignore*")],
+            r"no labelled pixels \(.*Ignore\* areas cover them",
+        ),
+        (  # its corners on one line: no area, counted as skipped, not as a Training region
+            [_obj(shapely.Polygon([(2, 2), (8, 8), (5, 5)]), "Training region")],
+            r"no labels \(skipped: Training region areas of no area \(their corners on one line\): 1\)",
+        ),
+    ],
+    ids=["all-ignored", "positive-ignored", "no-area"],
+)
+def test_region_labels_that_leave_no_labelled_pixel_are_refused_not_trained_on(objects, said):
+    # An Ignore* over everything, or a Training region of no area: pdl1 train seg trained on no pixel (its loss 0)
+    # and counted the labels as used.
+    seg = LabelRules((), points=False)
+    with pytest.raises(LabelError, match=r"s\.svs: " + said):
+        labels_from_objects(objects, slide="s.svs", image_size_px=(10, 10), rules=seg)
 
 
 def _two_core_run(project: Path, *, regions_file: str = "this run") -> dict:

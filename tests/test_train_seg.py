@@ -261,6 +261,24 @@ def test_cli_ctrl_c_before_the_first_checkpoint_says_there_is_none(small_phantom
     assert _train_seg_cli(small_phantom, tmp_path / "m").exit_code == 0  # and it does
 
 
+def test_cli_ctrl_c_after_the_model_is_written_says_it_is_complete(small_phantom, tmp_path, monkeypatch):
+    # Stopped while the report was drawn (or held-out slides scored), it said "the same command with --resume goes
+    # on from it", which then refused the finished run (helper-150); the model was complete.
+    import bridge.training_report
+
+    def stopped_drawing(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bridge.training_report, "write_training_report", stopped_drawing)
+    result = _train_seg_cli(small_phantom, tmp_path / "m")
+    assert result.exit_code == 130, result.output
+    said = " ".join(result.output.split())
+    assert f"interrupted: {tmp_path / 'm'}: the model is complete (its manifest.json was written before the stop);" in (
+        said
+    )
+    assert f"`pdl1 train report {tmp_path / 'm'}` draws its training report" in said and "--resume" not in said
+
+
 def test_a_checkpoint_is_continued_only_with_its_settings_and_labels(tmp_path, monkeypatch):
     from bridge.cli.train import TRAIN_WORDS
     from inference.errors import ModelFileError

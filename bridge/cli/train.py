@@ -48,6 +48,15 @@ def _kept_after_interrupt(out: Path) -> str:
     first epoch were under way) nothing, which the same command starts again."""
     from inference import run_checkpoints
 
+    if (out / "manifest.json").is_file():
+        # Stopped after the model was written (while the held-out slides were scored or the report drawn): --resume
+        # refuses a finished run, and the advice to use it left a complete model looking lost.
+        scored = (out / "validation.json").is_file()
+        return (
+            f"{out}: the model is complete (its manifest.json was written before the stop); "
+            + ("" if scored else "its held-out slides, if any, were not scored (no validation.json); ")
+            + f"`pdl1 train report {out}` draws its training report from what is there"
+        )
     if run_checkpoints(out):
         return _TRAINING_KEPT.format(out=out)
     return f"{out}: stopped before the first epoch finished, so there is no checkpoint to resume; the same command starts again"

@@ -70,8 +70,25 @@ class SlideLabels:
 
     @property
     def has_regions(self) -> bool:
-        """Whether the labels say anything about PD-L1 areas (segmentation targets)."""
+        """Whether the labels say anything about PD-L1 areas (segmentation targets): an area of a Training region
+        or a drawn positive or negative area that ``Ignore*`` leaves (an Ignore over everything, or a Training
+        region of no area, trained on no pixel, its loss 0, while the labels were counted as used)."""
+        return self.labelled_area_px2 > 0
+
+    @property
+    def drew_regions(self) -> bool:
+        """Whether region labels were drawn at all (a Training region, a positive or negative area), whatever
+        ``Ignore*`` leaves of them."""
         return bool(self.training_regions) or not self.positive.is_empty or not self.negative.is_empty
+
+    @property
+    def labelled_area_px2(self) -> float:
+        """The level-0 px² that :func:`region_target` labels: Training regions and drawn positive and negative
+        areas, less ``Ignore*``."""
+        if not self.drew_regions:
+            return 0.0
+        drawn = shapely.union_all([*self.training_regions, self.positive, self.negative])
+        return float(drawn.difference(self.ignore).area)
 
     @property
     def has_points(self) -> bool:

@@ -80,6 +80,29 @@ def test_wrong_architecture_names_the_file(model_dir):
     assert "copy the whole folder again, or retrain" in str(err.value)
 
 
+def test_an_architecture_far_larger_than_its_weights_is_refused_before_it_is_built(model_dir, monkeypatch):
+    # A crafted manifest's widths (features [8, 16, 32, 40000]) had 57.6 GB allocated before its weights were compared.
+    import inference.models.ensemble as ensemble_module
+
+    _edit_manifest(model_dir, architecture_kwargs={**KWARGS, "features": [8, 16, 32, 40000]})
+    monkeypatch.setattr(ensemble_module, "_BUILT_BEFORE_COMPARED", 10_000)  # this fixture's models are tiny
+    real_build = ensemble_module.build_model
+    calls = []
+
+    def counting_build(*args):
+        calls.append(str(torch.get_default_device()))
+        return real_build(*args)
+
+    monkeypatch.setattr(ensemble_module, "build_model", counting_build)
+    with pytest.raises(
+        ModelFileError,
+        match=r"member_00\.safetensors: weights do not fit PlainConvUNet .* the "
+        r"architecture holds [\d,]+ values, the member file [\d,]+; .*copy the whole folder again",
+    ):
+        Ensemble.load(model_dir, task="segmentation")
+    assert calls == ["meta"]  # counted on the meta device, never built for real
+
+
 def test_unknown_architecture(model_dir):
     _edit_manifest(model_dir, architecture="ResNet9000")
     with pytest.raises(ModelFileError, match=r"ResNet9000.*cannot be built.*builds PlainConvUNet, DilatedResFCN"):

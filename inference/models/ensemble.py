@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model
 from torch import nn
 
@@ -96,6 +97,36 @@ class Precision:
         return cls(None)
 
 
+# A member of more values than this (256 MB of float32) is built only where its file holds as many.
+_BUILT_BEFORE_COMPARED = 2**26
+
+
+def _values_to_build(folder: Path, manifest: Manifest) -> int:
+    """How many values a member of ``manifest``'s architecture holds (parameters and buffers, each shared one once),
+    counted on the meta device: nothing is allocated. A manifest that cannot be built is named as the load names it."""
+    try:
+        with torch.device("meta"):
+            model = build_model(manifest.architecture, manifest.architecture_kwargs)
+    except (KeyError, TypeError) as err:
+        raise ModelFileError(
+            f"{folder / 'manifest.json'}: architecture {manifest.architecture!r} with "
+            f"{manifest.architecture_kwargs} cannot be built ({err}); this pdl1-bridge builds "
+            f"{', '.join(KNOWN_ARCHITECTURES)} and nnU-Net v2 networks (the nnunet extra): is the model "
+            "from a newer pdl1-bridge?"
+        ) from err
+    return sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+
+
+def _values_in_file(path: Path) -> int | None:
+    """How many values a safetensors file holds, from its header alone; None where it does not read (the load
+    names what is wrong with it)."""
+    try:
+        with safe_open(path, framework="pt") as fh:
+            return sum(math.prod(fh.get_slice(key).get_shape()) for key in fh.keys())  # noqa: SIM118 - no __iter__
+    except (SafetensorError, OSError):
+        return None
+
+
 class Ensemble:
     """The members of a model folder, loaded once, in eval mode on one device.
 
@@ -167,8 +198,18 @@ class Ensemble:
         dev = resolve_device(device) if isinstance(device, str) else device
         members = []
         n_folded = 0
+        needs = _values_to_build(folder, manifest)
         for member in manifest.members:
             path = folder / member.file
+            held = _values_in_file(path)
+            if held is not None and needs > max(held, _BUILT_BEFORE_COMPARED):
+                # Built first, a crafted manifest's widths asked for tens of GB before its weights were compared; a
+                # smaller model is built and compared by torch, whose message names the first tensor that differs.
+                raise ModelFileError(
+                    f"{path}: weights do not fit {manifest.architecture} {manifest.architecture_kwargs}: the "
+                    f"architecture holds {needs:,} values, the member file {held:,}; the manifest and its members "
+                    "are from different models: copy the whole folder again, or retrain"
+                )
             try:
                 model = build_model(manifest.architecture, manifest.architecture_kwargs)
             except (KeyError, TypeError) as err:

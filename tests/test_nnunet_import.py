@@ -561,6 +561,8 @@ def test_plans_of_the_wrong_shape_are_refused_naming_the_entry(tmp_path, path, v
         ("2d.inherits_from", "nope", r"inherits from unknown or circular 'nope'; plan the dataset again"),
         ("2d.normalization_schemes", ["RGBTo01Normalization"], r"1 normalization_schemes for 3 .*from one results"),
         ("2d.normalization_schemes", ["CTNormalization"] * 3, r"CTNormalization of channel 0 .*plan the dataset again"),
+        # imported, it failed every command with a 75 GiB allocation
+        ("2d.patch_size", [100000, 100000], r"patch size \[100000, 100000\] is larger than the 4096 px .*plan the"),
     ],
 )
 def test_plans_the_sliding_window_cannot_run_are_refused_with_the_fix(tmp_path, path, value, message):
@@ -713,8 +715,13 @@ def test_a_json_file_cut_short_is_refused_with_the_fix(tmp_path, name):
         ({"labels": ["background", "positive"]}, r"dataset\.json: 'labels' is a list; nnU-Net v2's"),
         ({"labels": {"0": "background", "1": "positive"}}, r"dataset\.json: nnU-Net v1's format"),
         ({"channel_names": None, "modality": {"0": "RGB"}}, r"dataset\.json: nnU-Net v1's format"),
+        # two names of one value: the last one was the positive class, unsaid
+        (
+            {"labels": {"background": 0, "PD-L1 positive": 1, "x": 1}},
+            r"dataset\.json: labels 'PD-L1 positive', 'x' share the value 1; each class has a value of its own",
+        ),
     ],
-    ids=["no-labels", "no-channel-names", "empty-labels", "labels-a-list", "v1-labels", "v1-modality"],
+    ids=["no-labels", "no-channel-names", "empty-labels", "labels-a-list", "v1-labels", "v1-modality", "shared-value"],
 )
 def test_a_dataset_json_without_labels_or_of_nnunet_v1_is_said_as_such(tmp_path, change, said):
     # Was "no 'labels'" with no fix, "0 input channels; the slides give RGB", or, for v1's {"0": "background"},

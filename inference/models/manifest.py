@@ -28,6 +28,11 @@ FORMAT_VERSION = 1
 BLENDS = ("probabilities", "nnunet")
 
 
+# The largest tile a model may run on (px a side): one 4096 px tile's Gaussian weights and three channels are 270 MB;
+# a plans.json's patch_size of 100000 asked the sliding window for 75 GiB and failed every command with a traceback.
+MAX_TILE_SIZE_PX = 4096
+
+
 @dataclass(frozen=True)
 class Member:
     """One ensemble member: its weight file, checksum and provenance.
@@ -192,8 +197,10 @@ def _check_values(path: Path, raw: dict[str, Any]) -> None:
             f"{path}: input_mpp must be a positive number (µm/px), got {raw['input_mpp']!r:.60}; {fix}"
         )
     tile = raw["tile_size_px"]
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
-        raise ModelFileError(f"{path}: tile_size_px must be a positive whole number, got {tile!r:.60}; {fix}")
+    if isinstance(tile, bool) or not isinstance(tile, int) or not 1 <= tile <= MAX_TILE_SIZE_PX:
+        raise ModelFileError(
+            f"{path}: tile_size_px must be a whole number from 1 to {MAX_TILE_SIZE_PX}, got {tile!r:.60}; {fix}"
+        )
     names = raw["class_names"]
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ModelFileError(f"{path}: class_names must be a list of names (text), got {names!r:.60}; {fix}")

@@ -43,6 +43,7 @@ from inference.advice import SettingWords, library_setting
 from inference.errors import ModelFileError
 from inference.models.manifest import (
     MANIFEST_NAME,
+    MAX_TILE_SIZE_PX,
     STAINS,
     Manifest,
     Member,
@@ -317,6 +318,11 @@ def _check_configuration(config: dict[str, Any], name: str, plans: dict[str, Any
             f"{plans_path}: patch size {patch} is not square; the sliding window runs square tiles "
             "(set a square patch_size in the plans and train again)"
         )
+    if patch[0] > MAX_TILE_SIZE_PX:
+        raise ModelFileError(
+            f"{plans_path}: patch size {patch} is larger than the {MAX_TILE_SIZE_PX} px a side the sliding window "
+            "runs; is plans.json damaged? Copy it again from the results folder, or plan the dataset again"
+        )
     transpose = _expect(plans.get("transpose_forward", [0, 1, 2]), list, "'transpose_forward'", plans_path=plans_path)
     if transpose != [0, 1, 2]:
         raise ModelFileError(
@@ -440,6 +446,13 @@ def _labels(dataset: dict[str, Any], *, dataset_path: Path) -> list[str]:
             f"{dataset_path}: region-based labels cannot be imported; the ensemble needs one softmax over classes"
         )
     by_value = {v: k for k, v in labels.items() if k != "ignore"}
+    if len(by_value) != sum(k != "ignore" for k in labels):  # two names of one value: the last one won unsaid
+        shared = sorted({v for k, v in labels.items() if k != "ignore" and list(labels.values()).count(v) > 1})
+        names = [k for k, v in labels.items() if v == shared[0]]
+        raise ModelFileError(
+            f"{dataset_path}: labels {', '.join(map(repr, names))} share the value {shared[0]}; each class has a "
+            "value of its own: copy dataset.json again from the results folder"
+        )
     if sorted(by_value) != list(range(len(by_value))):
         raise ModelFileError(f"{dataset_path}: labels {labels} are not consecutive from 0")
     return [by_value[i] for i in range(len(by_value))]

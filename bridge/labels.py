@@ -223,9 +223,15 @@ _NEAR_MISS_HARM = {
 }
 
 
+# A class name that says positive: the word, or PD-L1 with a "+" or "pos" (PD-L1+, Tumour PDL1+, PDL1 pos), or
+# QuPath's intensity classes 1+ to 3+ (another marker's, CD8+, says nothing of PD-L1).
+_SAYS_POSITIVE = re.compile(r"positive|pd-?\s*l1\s*(\+|pos\b)|^\s*[123]\s*\+")
+
+
 def _says_positive(cls: str | None) -> bool:
-    """A class other than the label class whose name says positive: QuPath's own ``Positive``, ``Tumor: Positive``."""
-    return cls is not None and cls != POSITIVE and "positive" in cls.lower()
+    """A class other than the label class whose name says positive: QuPath's own ``Positive``, ``Tumor: Positive``,
+    a lab's ``PD-L1+`` (which went through as a negative area of a training region without a word)."""
+    return cls is not None and cls != POSITIVE and _SAYS_POSITIVE.search(cls.lower()) is not None
 
 
 def _refuse_positive_looking_areas(areas: list[tuple[str, str, BaseGeometry]], regions: list[BaseGeometry]) -> None:

@@ -231,7 +231,8 @@ def test_a_near_miss_says_what_it_would_have_done_and_that_training_stops(meant)
     assert f"As it is, it labels nothing ({harm}), so these labels are refused. Set its class to {meant!r}" in said
 
 
-@pytest.mark.parametrize("cls", ["Positive", "Tumor: Positive"])
+# PD-L1+ and Tumour PDL1+ went through as negative areas of the region without a word (helper-151)
+@pytest.mark.parametrize("cls", ["Positive", "Tumor: Positive", "PD-L1+", "Tumour PDL1+", "2+", "PDL1 pos"])
 def test_an_area_whose_class_says_positive_inside_a_training_region_is_refused(cls):
     # QuPath's built-in "Positive" (or a nucleus class) drawn as an area in a training region was skipped, and its
     # pixels trained as negative: the seg run only warned "97% of the labelled area is negative".
@@ -246,6 +247,10 @@ def test_an_area_whose_class_says_positive_inside_a_training_region_is_refused(c
         "PD-L1 positive tissue; otherwise give it a class that does not say positive, or move it out of the training "
         "region"
     )
+    # Another marker's positive area says nothing of PD-L1: skipped, not refused.
+    other = _obj(shapely.box(40, 40, 60, 60), "CD8+")
+    labels = labels_from_objects([region, other], slide="s.svs", image_size_px=(100, 100), rules=RULES)
+    assert labels.counts["training regions"] == 1
     # Points of that class are nuclei, and a 'PD-L1 positive' area is the label itself.
     points = _obj(shapely.MultiPoint([(10, 10)]), "Tumor: Positive")
     area = _obj(shapely.box(40, 40, 60, 60), "PD-L1 positive")

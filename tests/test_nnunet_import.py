@@ -381,6 +381,25 @@ def test_imported_members_run_as_the_networks_do(tmp_path, architecture):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
+def test_a_dataset_json_of_other_classes_than_the_checkpoints_is_named_as_such(tmp_path):
+    # Four labels on a two-class model was "weights do not fit ...: size mismatch for decoder.seg_layers.0.weight",
+    # naming neither dataset.json nor the classes.
+    heads = {
+        "decoder.seg_layers.0.weight": torch.zeros(2, 8, 1, 1),
+        "decoder.seg_layers.1.weight": torch.zeros(2, 4, 1, 1),
+    }
+    folder = _results(tmp_path, checkpoints={"checkpoint_final.pth": _checkpoint(heads, epoch=1)})
+    labels = {"background": 0, "tumor": 1, "stroma": 2, "ignore": 3}
+    (folder / "dataset.json").write_text(json.dumps({**DATASET, "labels": labels}))
+    with pytest.raises(
+        ModelFileError,
+        match=r"dataset\.json: names 3 classes \(background, tumor, stroma\), but .*checkpoint_final\.pth outputs 2; "
+        r"is dataset\.json another dataset's\? Copy it again",
+    ):
+        import_nnunet(folder, tmp_path / "model", mpp=2.0, positive_label="tumor")
+    assert not (tmp_path / "model").exists()
+
+
 @needs_dna
 def test_weights_of_another_network_are_refused(tmp_path):
     net = _network(PLAIN)

@@ -661,6 +661,15 @@ def import_nnunet(
     # Every member is checked before anything is written: a refusal leaves no half-written model folder.
     networks = []
     for ckpt in loaded:
+        # nnU-Net's segmentation heads (decoder.seg_layers.N) output one channel per class: another count means a
+        # dataset.json of another dataset, which torch's size mismatch of a seg layer did not say.
+        heads = {int(v.shape[0]) for k, v in ckpt.weights.items() if ".seg_layers." in k and k.endswith(".weight")}
+        if heads and heads != {len(class_names)}:
+            raise ModelFileError(
+                f"{dataset_path}: names {len(class_names)} classes ({', '.join(class_names)}), but {ckpt.path} "
+                f"outputs {', '.join(map(str, sorted(heads)))}; is dataset.json another dataset's? Copy it again from "
+                "the results folder the checkpoints came from"
+            )
         network = build_nnunet_network(architecture, kwargs, given_in=f"{plans_path} (configuration {configuration!r})")
         try:
             network.load_state_dict(ckpt.weights, strict=True)

@@ -101,12 +101,11 @@ class Precision:
 _BUILT_BEFORE_COMPARED = 2**26
 
 
-def _values_to_build(folder: Path, manifest: Manifest) -> int:
-    """How many values a member of ``manifest``'s architecture holds (parameters and buffers, each shared one once),
-    counted on the meta device: nothing is allocated. A manifest that cannot be built is named as the load names it."""
+def _built(folder: Path, manifest: Manifest) -> nn.Module:
+    """A member of ``manifest``'s architecture, its weights as initialised (on the default device, the meta device
+    where the caller sets it); :class:`ModelFileError` naming the manifest where it cannot be built."""
     try:
-        with torch.device("meta"):
-            model = build_model(manifest.architecture, manifest.architecture_kwargs)
+        return build_model(manifest.architecture, manifest.architecture_kwargs)
     except (KeyError, TypeError) as err:
         raise ModelFileError(
             f"{folder / 'manifest.json'}: architecture {manifest.architecture!r} with "
@@ -114,6 +113,13 @@ def _values_to_build(folder: Path, manifest: Manifest) -> int:
             f"{', '.join(KNOWN_ARCHITECTURES)} and nnU-Net v2 networks (the nnunet extra): is the model "
             "from a newer pdl1-bridge?"
         ) from err
+
+
+def _values_to_build(folder: Path, manifest: Manifest) -> int:
+    """How many values a member of ``manifest``'s architecture holds (parameters and buffers, each shared one once),
+    counted on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        model = _built(folder, manifest)
     return sum(t.numel() for t in (*model.parameters(), *model.buffers()))
 
 
@@ -210,15 +216,7 @@ class Ensemble:
                     f"architecture holds {needs:,} values, the member file {held:,}; the manifest and its members "
                     "are from different models: copy the whole folder again, or retrain"
                 )
-            try:
-                model = build_model(manifest.architecture, manifest.architecture_kwargs)
-            except (KeyError, TypeError) as err:
-                raise ModelFileError(
-                    f"{folder / 'manifest.json'}: architecture {manifest.architecture!r} with "
-                    f"{manifest.architecture_kwargs} cannot be built ({err}); this pdl1-bridge builds "
-                    f"{', '.join(KNOWN_ARCHITECTURES)} and nnU-Net v2 networks (the nnunet extra): is the model "
-                    "from a newer pdl1-bridge?"
-                ) from err
+            model = _built(folder, manifest)
             try:
                 if is_nnunet_architecture(manifest.architecture):
                     # nnU-Net's conv blocks hold each convolution under two names; the file keeps one.

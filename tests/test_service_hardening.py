@@ -730,10 +730,9 @@ def test_a_models_option_that_is_no_folder_of_model_folders_is_a_usage_error(sta
 # ------------------------------------------------------------------- shutdown with jobs waiting
 
 
-def test_shutdown_stops_the_running_job_and_starts_no_queued_one(tmp_path, monkeypatch):
-    """Jobs do not survive a restart: at shutdown the worker stops the running job and starts no queued one
-    (it went on through the queue while the service waited, then exited mid-analysis when the join timed out)."""
-    from bridge.service import Job, Worker
+def _jobs_run_until_stopped(monkeypatch) -> list[str]:
+    """The worker's jobs made to run until they are asked to stop, then end cancelled; the ids of those started."""
+    from bridge.service import Worker
     from inference.errors import Cancelled
 
     started: list[str] = []
@@ -745,6 +744,15 @@ def test_shutdown_stops_the_running_job_and_starts_no_queued_one(tmp_path, monke
         raise Cancelled("stopped")
 
     monkeypatch.setattr(Worker, "_run", run)
+    return started
+
+
+def test_shutdown_stops_the_running_job_and_starts_no_queued_one(tmp_path, monkeypatch):
+    """Jobs do not survive a restart: at shutdown the worker stops the running job and starts no queued one
+    (it went on through the queue while the service waited, then exited mid-analysis when the join timed out)."""
+    from bridge.service import Job, Worker
+
+    started = _jobs_run_until_stopped(monkeypatch)
     worker = Worker(None, PipelineConfig(device="cpu"), allow_roots=(tmp_path,))
     jobs = [
         Job(id=f"job{i}", image=str(tmp_path / "x.svs"), roi=None, mpp=None, outputs=("regions",)) for i in range(4)
@@ -808,17 +816,8 @@ def test_stopping_the_service_stops_its_worker_at_once_and_a_stalled_upload_only
     open after the drain time are closed."""
     from bridge.service import Worker
     from bridge.service.server import ServiceServer
-    from inference.errors import Cancelled
 
-    started: list[str] = []
-
-    def run(self, job):
-        started.append(job.id)
-        if not job.cancel.wait(20):
-            raise AssertionError("the running job was not asked to stop")
-        raise Cancelled("stopped")
-
-    monkeypatch.setattr(Worker, "_run", run)
+    started = _jobs_run_until_stopped(monkeypatch)
     port = free_port()
     settings = ServiceSettings(port=port, allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"))
     app = create_app(settings, models=models)

@@ -913,11 +913,13 @@ def labels_from_objects(
             continue
         geometry = obj.geometry
         area_label = cls in (TRAINING_REGION.name, POSITIVE, NEGATIVE, PDL1_IHC_POSITIVE.name) or _is_ignore(cls)
-        if area_label and isinstance(geometry, Polygon | MultiPolygon) and _area(geometry, what).area == 0:
-            # Corners on one line (a ring of 3 positions, first and last the same): it labels no pixel, and was
-            # counted as a label used (helper-150).
-            counts[f"skipped: {cls} areas of no area (their corners on one line)"] += 1
-            continue
+        if area_label and isinstance(geometry, Polygon | MultiPolygon):
+            geometry = _area(geometry, what)  # made valid once: the branches below take it as it is
+            if geometry.area == 0:
+                # Corners on one line (a ring of 3 positions, first and last the same): it labels no pixel, and was
+                # counted as a label used (helper-150).
+                counts[f"skipped: {cls} areas of no area (their corners on one line)"] += 1
+                continue
         if cls == TRAINING_REGION.name:
             exhaustive = EXHAUSTIVE_MARK in (obj.name or "").lower()
             regions.append((_area(geometry, what), exhaustive))

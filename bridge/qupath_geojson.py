@@ -498,9 +498,17 @@ def _polygon(geometry: Mapping[str, Any]) -> BaseGeometry | None:
 def read_geojson_text(path: str | Path) -> str:
     """The text of a GeoJSON file as QuPath's *Export objects* writes it: plain, or compressed (a ``.zip`` holding
     one GeoJSON file, or a ``.gz``: what QuPath's PathIO writes for a name so ending and reads back, v0.4.4 to
-    v0.7.0)."""
+    v0.7.0). Refused past :data:`MAX_FEATURE_CHARS` (:func:`read_features` reads a larger export a feature at a
+    time)."""
     with _open_text(Path(path)) as fh:
-        return fh.read()
+        text = fh.read(MAX_FEATURE_CHARS + 1)
+    if len(text) > MAX_FEATURE_CHARS:
+        raise GeoJsonError(
+            f"{Path(path).name} is over {MAX_FEATURE_CHARS / 2**20:g} Mi characters and not laid out as QuPath exports "
+            "objects (a list of features or a FeatureCollection, which are read a feature at a time), so it would be "
+            "read whole: it is no export of QuPath's, or a damaged one (is it valid JSON?); export the objects again"
+        )
+    return text
 
 
 @contextlib.contextmanager
@@ -517,12 +525,15 @@ def _open_text(path: Path) -> Iterator[TextIO]:
         with contextlib.ExitStack() as stack:
             if kind == ".gz":
                 fh = stack.enter_context(gzip.open(path, "rt", encoding="utf-8"))
+                packed_bytes = path.stat().st_size
             else:
                 archive = stack.enter_context(zipfile.ZipFile(path))
-                member = stack.enter_context(archive.open(_geojson_inside(archive)))
+                inside = _geojson_inside(archive)
+                member = stack.enter_context(archive.open(inside))
                 fh = stack.enter_context(io.TextIOWrapper(member, encoding="utf-8"))
-            yield fh
-    except FileNotFoundError:
+                packed_bytes = archive.getinfo(inside).compress_size
+            yield _BoundedText(fh, path, packed_bytes)
+    except (FileNotFoundError, ExpandsTooFarError):  # the latter: not to be decompressed again for its checksum
         raise
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:  # cut short, damaged, or not compressed
         raise GeoJsonError(f"not a readable {kind} file ({err})") from err
@@ -549,6 +560,53 @@ def _compressed_damage(path: Path, kind: str) -> str | None:
         return None if bad is None else f"a bad checksum in {bad}"
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         return str(err)
+
+
+# Past what a GeoJSON export is, a file is refused rather than read into memory (a small .gz or .zip can hold GBs of
+# white space or one string: 1 MB of zip held 1 GiB of white space, read whole into 2.1 GB of memory).
+MAX_FEATURE_CHARS = 1 << 28  # one feature (a line, or one object of the list), or a file read whole: 256 Mi characters
+# QuPath's exports compress 5 to 8 times (pretty-printed 13 to 19); beyond this many times, plus the allowance, they
+# are not what they claim.
+MAX_EXPANSION = 64
+_EXPANSION_ALLOWANCE_CHARS = 1 << 26
+
+
+class ExpandsTooFarError(GeoJsonError):
+    """A compressed GeoJSON file that decompresses to far more than any export does (a compression bomb)."""
+
+
+class _BoundedText(io.TextIOBase):
+    """A decompressed text stream that refuses to give more than :data:`MAX_EXPANSION` times its compressed size (and
+    the allowance): what reads it reads no further than that, whatever it asks for."""
+
+    def __init__(self, fh: TextIO, path: Path, packed_bytes: int) -> None:
+        self._fh, self._path, self._packed_bytes = fh, path, packed_bytes
+        self._limit = MAX_EXPANSION * packed_bytes + _EXPANSION_ALLOWANCE_CHARS
+        self._given = 0
+
+    def _counted(self, text: str) -> str:
+        self._given += len(text)
+        if self._given > self._limit:
+            raise ExpandsTooFarError(
+                f"{self._path.name} decompresses to more than {self._limit / 2**20:.0f} Mi characters from "
+                f"{self._packed_bytes} bytes, over {MAX_EXPANSION} times its size (QuPath's GeoJSON exports compress 5 "
+                "to 20 times): not an export, or one made to fill the memory. Decompress it yourself and give the "
+                "GeoJSON file, if you know where it comes from"
+            )
+        return text
+
+    def _room(self, size: int | None) -> int:
+        room = self._limit - self._given + 1  # one past the limit, to tell reaching it from passing it
+        return room if size is None or size < 0 else min(size, room)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> str:
+        return self._counted(self._fh.read(self._room(size)))
+
+    def readline(self, size: int | None = -1) -> str:
+        return self._counted(self._fh.readline(self._room(size)))
 
 
 def _geojson_inside(archive: zipfile.ZipFile) -> str:
@@ -635,12 +693,14 @@ def _features_by_line(fh: TextIO, unparsed: Sequence[str]) -> Iterator[Any]:
     if closing is None:
         raise _OtherLayoutError
     comma = None  # whether the last feature line ended with a comma (None: no feature yet)
-    while line := fh.readline():
+    while line := fh.readline(MAX_FEATURE_CHARS + 1):
+        if len(line) > MAX_FEATURE_CHARS:
+            raise _too_long(f"feature {count + 1}")
         text = line.strip(_JSON_SPACE)
         if not text:
             continue
         if text == closing:
-            if comma or fh.read().strip(_JSON_SPACE):  # "[{...},]" or text after the end: JSON's parser names it
+            if comma or _rest(fh).strip(_JSON_SPACE):  # "[{...},]" or text after the end: JSON's parser names it
                 raise _OtherLayoutError
             return
         if comma is False:
@@ -671,6 +731,24 @@ def _features_by_line(fh: TextIO, unparsed: Sequence[str]) -> Iterator[Any]:
     if passed_over:  # a line not parsed may hold the end itself ("{...}]"): JSON's parser decides
         raise _OtherLayoutError
     raise _cut_short(count, closing)
+
+
+def _rest(fh: TextIO) -> str:
+    """What follows the list of features, to its end: the end of a collection and its members after the features, a
+    feature's worth at most."""
+    rest = fh.read(MAX_FEATURE_CHARS + 1)
+    if len(rest) > MAX_FEATURE_CHARS:
+        raise _too_long("what follows the features")
+    return rest
+
+
+def _too_long(where: str) -> GeoJsonError:
+    """A feature, or a file to be read whole, longer than :data:`MAX_FEATURE_CHARS`: refused before it fills memory."""
+    return GeoJsonError(
+        f"{where} runs past {MAX_FEATURE_CHARS / 2**20:g} Mi characters, more than one QuPath object takes (a whole "
+        "slide's outline of millions of vertices is tens of MB): not an export of QuPath's; export the objects again, "
+        "or split such an object in QuPath (Objects > Annotations > Split annotations)"
+    )
 
 
 def _cut_short(count: int, closing: str) -> GeoJsonError:
@@ -774,13 +852,16 @@ def _features_streamed(fh: TextIO, _unparsed: Sequence[str] = ()) -> Iterator[An
                 runs_on = not isinstance(err, json.JSONDecodeError) or (
                     err.msg.startswith("Unterminated string") or err.pos >= len(buf) - 16
                 )
-                if not (runs_on and more(len(buf) - pos)):
+                if runs_on and len(buf) - pos > MAX_FEATURE_CHARS:
+                    raise _too_long(f"feature {count + 1}") from None
+                # Read on as much again (linear time for a long object), to one past the limit at most.
+                if not (runs_on and more(min(len(buf) - pos, MAX_FEATURE_CHARS + 1 - (len(buf) - pos)))):
                     raise _OtherLayoutError from None
         if not isinstance(item, dict):
             raise _OtherLayoutError
         count += 1
         yield item
-    rest = (buf[pos + 1 :] + fh.read()).strip(_JSON_SPACE)  # after the list: nothing, or the collection's end
+    rest = (buf[pos + 1 :] + _rest(fh)).strip(_JSON_SPACE)  # after the list: nothing, or the collection's end
     if before is None:
         if rest:  # text after the end: JSON names it
             raise _OtherLayoutError

@@ -1,3 +1,4 @@
+import contextlib
 import gzip
 import json
 import math
@@ -5,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+import tracemalloc
 import uuid
 import zipfile
 
@@ -743,3 +745,87 @@ def test_a_keep_by_the_class_of_detections_reads_the_class_as_the_parse_does(cla
     feature["properties"]["classification"] = classification
     assert keep(feature) is kept
     assert keep(to_feature(QuPathObject(Point(1, 1), "annotation", "Other"))) is True  # not a detection: kept
+
+
+def _bomb(path, opening: bytes, filler: bytes, filler_bytes: int, closing: bytes) -> None:
+    """A small .gz or .zip of ``opening``, ``filler_bytes`` of ``filler`` and ``closing`` (helper-149: a 1 MB .zip of
+    1 GiB of white space took 2.1 GB to read)."""
+    block = filler * ((1 << 20) // len(filler))
+    with contextlib.ExitStack() as stack:
+        if path.suffix == ".gz":
+            fh = stack.enter_context(gzip.open(path, "wb"))
+        else:
+            archive = stack.enter_context(zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED))
+            fh = stack.enter_context(archive.open("a.geojson", "w"))
+        fh.write(opening)
+        for _ in range(filler_bytes // len(block)):
+            fh.write(block)
+        fh.write(closing)
+
+
+@pytest.mark.parametrize("name", ["bomb.geojson.gz", "bomb.zip"])
+@pytest.mark.parametrize("filler", ["white space", "one string"])
+def test_a_compressed_file_that_decompresses_far_beyond_its_size_is_refused_early(tmp_path, monkeypatch, name, filler):
+    # Read whole, white space or a string took twice the decompressed size in memory; now no more than 64 times the
+    # compressed size (and an allowance) is read before the file is refused, and it is not decompressed again to test
+    # its checksum (a GB more of work for nothing).
+    from bridge import qupath_geojson
+
+    monkeypatch.setattr(qupath_geojson, "_EXPANSION_ALLOWANCE_CHARS", 1 << 20, raising=False)
+    feature = json.dumps(to_feature(QuPathObject(Point(1, 2), "annotation", "Tumor: Positive"))).encode()
+    if filler == "white space":
+        parts = (b'{"type":"FeatureCollection","features":[' + feature, b" \n", b"]}")
+    else:
+        parts = (b'{"type":"FeatureCollection","features":[' + feature[:-2] + b',"name":"', b"A", b'"}}]}')
+    path = tmp_path / name
+    _bomb(path, parts[0], parts[1], 64 << 20, parts[2])
+    packed = path.stat().st_size if name.endswith(".gz") else zipfile.ZipFile(path).infolist()[0].compress_size
+    limit = 64 * packed + (1 << 20)
+    assert limit < 8 << 20
+    monkeypatch.setattr(qupath_geojson, "_compressed_damage", lambda *a: pytest.fail("decompressed again"))
+    tracemalloc.start()
+    try:
+        with pytest.raises(GeoJsonError, match=r"decompresses to more than \d+ Mi characters from \d+ bytes, over 64"):
+            list(read_features(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * limit, (peak, limit)  # the limit's text, and its copies while read on
+
+
+def test_compressed_exports_as_pretty_printed_as_qupaths_are_well_within_the_expansion_limit(tmp_path, monkeypatch):
+    # QuPath's exports compress 5-8 times, 13-19 pretty-printed: they must read, with no allowance at all, at 64.
+    from bridge import qupath_geojson
+
+    monkeypatch.setattr(qupath_geojson, "_EXPANSION_ALLOWANCE_CHARS", 0, raising=False)
+    features = [to_feature(o) for o in _cells_and_regions()] * 50
+    text = json.dumps({"type": "FeatureCollection", "features": features}, indent=8)
+    packed = gzip.compress(text.encode(), compresslevel=9)
+    assert len(text) / len(packed) > 20  # more than any export of QuPath's
+    (tmp_path / "pretty.geojson.gz").write_bytes(packed)
+    assert len(list(read_features(tmp_path / "pretty.geojson.gz"))) == len(features)
+
+
+@pytest.mark.parametrize("layout", ["a line each", "one line", "one Feature"])
+def test_a_feature_longer_than_any_qupath_object_is_refused_before_it_fills_memory(tmp_path, monkeypatch, layout):
+    # An uncompressed file holding one string of a GB was read whole, in every layout, into several GB.
+    from bridge import qupath_geojson
+
+    monkeypatch.setattr(qupath_geojson, "MAX_FEATURE_CHARS", 1 << 16, raising=False)
+    monkeypatch.setattr(qupath_geojson, "_STREAM_CHUNK_CHARS", 1 << 10)
+    small = to_feature(QuPathObject(Point(1, 2), "annotation", "Tumor: Positive", name="A" * 1000))
+    large = to_feature(QuPathObject(Point(1, 2), "annotation", "Tumor: Positive", name="A" * (1 << 16)))
+    for features, refused in (([small, small], False), ([small, large], True)):
+        text = {
+            "a line each": "[\n" + ",\n".join(json.dumps(f) for f in features) + "\n]\n",
+            "one line": json.dumps({"type": "FeatureCollection", "features": features}),
+            "one Feature": json.dumps(features[-1]),
+        }[layout]
+        path = tmp_path / "a.geojson"
+        path.write_text(text)
+        if not refused:
+            assert len(list(read_features(path))) == (1 if layout == "one Feature" else 2)
+            continue
+        expected = r"over 0.0625 Mi characters and not laid out" if layout == "one Feature" else r"feature 2 runs past"
+        with pytest.raises(GeoJsonError, match=expected):
+            list(read_features(path))

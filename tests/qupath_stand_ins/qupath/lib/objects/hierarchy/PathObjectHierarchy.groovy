@@ -21,17 +21,36 @@ class PathObjectHierarchy {
     Collection<PathObject> getAnnotationObjects() { new ArrayList(descendants().findAll { it.isAnnotation() }.reverse()) }
     Collection<PathObject> getDetectionObjects() { new ArrayList(descendants().findAll { it.isDetection() }) }
 
+    // QuPath takes the objects deepest first, groups them by parent in a HashMap and adds the kept children back in the
+    // order of its entries, identity hashes (v0.7.0:413-449): the stand-in takes the parents in the reverse of the
+    // order they are met in, so that nothing here can rely on the order the children come back in.
     void removeObjects(Collection<? extends PathObject> objects, boolean keepChildren) {
         def going = Collections.newSetFromMap(new IdentityHashMap())
         going.addAll(objects)
+        def byParent = []  // [parent, [its objects removed]], by identity
+        new ArrayList(objects).sort { -level(it) }.findAll { it.parent != null }.each { obj ->
+            def group = byParent.find { it[0].is(obj.parent) }
+            if (group == null)
+                byParent << (group = [obj.parent, []])
+            group[1] << obj
+        }
         def kept = []
-        objects.findAll { it.parent != null }.each { obj ->
-            obj.parent.children.removeIf { it.is(obj) }
-            obj.parent = null
-            if (keepChildren)
-                kept.addAll(obj.children.findAll { !going.contains(it) })
+        byParent.reverse().each { parent, children ->
+            children.each { obj ->
+                parent.children.removeIf { it.is(obj) }
+                obj.parent = null
+                if (keepChildren)
+                    kept.addAll(obj.children.findAll { !going.contains(it) && !kept.any { k -> k.is(it) } })
+            }
         }
         root.addChildObjects(kept.findAll { it.getROI() != null })
+    }
+
+    private static int level(PathObject obj) {
+        def n = 0
+        for (def up = obj.parent; up != null; up = up.parent)
+            n++
+        return n
     }
 
     private List<PathObject> descendants() {

@@ -212,6 +212,27 @@ def test_a_damaged_checkpoint_is_told_from_a_refused_one(tmp_path, kind, why):
     assert "refused" not in str(err.value) and "run code" not in str(err.value)
 
 
+def test_a_checkpoint_with_a_compressed_member_is_refused_before_torch_unpacks_it(tmp_path):
+    # torch.load unpacks a deflated member into the size its header claims: a 1 MB re-packed checkpoint of zeros
+    # loaded as a 1 GB tensor. torch.save stores every member as it is.
+    import zipfile
+
+    stored, packed = tmp_path / "stored.pth", tmp_path / "packed.pth"
+    torch.save(_checkpoint({"w": torch.zeros(256, 1024)}, epoch=1), stored)
+    with zipfile.ZipFile(stored) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            assert info.compress_type == zipfile.ZIP_STORED  # as torch writes it
+            dst.writestr(info.filename, src.read(info.filename))
+    assert packed.stat().st_size < stored.stat().st_size // 50
+    assert load_nnunet_checkpoint(stored).weights["w"].shape == (256, 1024)
+    with pytest.raises(
+        ModelFileError,
+        match=r"packed\.pth: damaged or not a torch checkpoint: its member stored/data\.pkl is compressed \(\d+ bytes "
+        r"said to unpack to \d+\), which torch\.save never writes.*refused unread",
+    ):
+        load_nnunet_checkpoint(packed)
+
+
 def test_a_legacy_checkpoint_cut_short_is_damaged_not_a_traceback(tmp_path):
     path = tmp_path / "c.pth"
     torch.save(_checkpoint({"w": torch.zeros(3)}, epoch=1), path, _use_new_zipfile_serialization=False)

@@ -191,9 +191,18 @@ def _why_not_a_torch_file(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-            bad = archive.testzip()
+            # torch.save stores every member as it is, to be read in place; torch.load also unpacks a compressed one
+            # into what its header claims (a 1 MB re-packed file loaded 1 GB), so one is refused before it is read.
+            packed = next((i for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED), None)
+            bad = None if packed is not None else archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
         return f"its zip archive is damaged ({err})"
+    if packed is not None:
+        return (
+            f"its member {packed.filename} is compressed ({packed.compress_size} bytes said to unpack to "
+            f"{packed.file_size}), which torch.save never writes: a checkpoint re-packed by another tool, or one made "
+            "to fill the memory, refused unread; use the file nnU-Net's trainer wrote"
+        )
     if bad is not None:
         return f"its member {bad} fails its CRC check"
     if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):

@@ -764,37 +764,43 @@ _SKIP_SPACE = re.compile(f"[{_JSON_SPACE}]*")
 _STREAM_CHUNK_CHARS = 1 << 22  # 4 Mi characters read at a time
 
 
-def _collection_opening(buf: str) -> tuple[int, dict[str, Any] | None] | None:
+_RUNS_ON = object()  # what _collection_opening says of an opening that runs past the text read so far
+
+
+def _collection_opening(buf: str) -> tuple[int, dict[str, Any] | None] | object | None:
     """Where the features in ``buf`` begin (after the "[" of a list of them, or of a FeatureCollection's "features")
     and the collection's members before them (None for a list): QuPath's Gson writes "type" then "features"
-    (QuPathTypeAdapters v0.7.0:218-223), GDAL's GeoJSON (geopandas, QGIS) "type", "name" and "crs" first. None where the
-    text begins otherwise, the opening runs past ``buf``, or "type" is named twice or as anything but a
-    FeatureCollection: parsed whole, JSON decides."""
+    (QuPathTypeAdapters v0.7.0:218-223), GDAL's GeoJSON (geopandas, QGIS) "type", "name" and "crs" first.
+    :data:`_RUNS_ON` where the opening runs past ``buf`` (a large member before the features: read on); None where the
+    text begins otherwise, or "type" is named twice or as anything but a FeatureCollection: parsed whole, JSON
+    decides."""
     decode = json.JSONDecoder().raw_decode
     pos = _SKIP_SPACE.match(buf).end()
     if buf.startswith("[", pos):
         return pos + 1, None
     if not buf.startswith("{", pos):
-        return None
+        return _RUNS_ON if pos >= len(buf) else None
     before: dict[str, Any] = {}
     while True:  # at the "{", then at each ","
         try:
             name, pos = decode(buf, _SKIP_SPACE.match(buf, pos + 1).end())
             pos = _SKIP_SPACE.match(buf, pos).end()
             if not (isinstance(name, str) and buf.startswith(":", pos)):
-                return None
+                return _RUNS_ON if pos >= len(buf) else None
             pos = _SKIP_SPACE.match(buf, pos + 1).end()
             if name == "features":
-                return (pos + 1, before) if buf.startswith("[", pos) else None
+                return (pos + 1, before) if buf.startswith("[", pos) else _RUNS_ON if pos >= len(buf) else None
             value, pos = decode(buf, pos)
-        except ValueError:  # not JSON, or the opening longer than buf
+        except json.JSONDecodeError as err:  # not JSON, or the opening longer than buf
+            return _RUNS_ON if err.msg.startswith("Unterminated string") or err.pos >= len(buf) - 16 else None
+        except ValueError:  # a number over int's digit limit: parsed whole, JSON names it
             return None
         if name == "type" and ("type" in before or value != "FeatureCollection"):
             return None
         before[name] = value
         pos = _SKIP_SPACE.match(buf, pos).end()
         if not buf.startswith(",", pos):
-            return None
+            return _RUNS_ON if pos >= len(buf) else None
 
 
 def _features_streamed(fh: TextIO, _unparsed: Sequence[str] = ()) -> Iterator[Any]:
@@ -809,8 +815,12 @@ def _features_streamed(fh: TextIO, _unparsed: Sequence[str] = ()) -> Iterator[An
     GeoJSON repeats one). Other members (a "bbox", a "crs") are read and left, as QuPath leaves them."""
     decode = json.JSONDecoder().raw_decode
     buf = fh.read(max(_STREAM_CHUNK_CHARS, 4096))  # the opening whole, as any writer writes it
-    opening = _collection_opening(buf)
-    if opening is None:
+    while (opening := _collection_opening(buf)) is _RUNS_ON and len(buf) <= MAX_FEATURE_CHARS:
+        more_text = fh.read(min(len(buf), MAX_FEATURE_CHARS + 1 - len(buf)))  # as much again: linear time
+        if not more_text:
+            break
+        buf += more_text
+    if not isinstance(opening, tuple):
         raise _OtherLayoutError
     (pos, before), count = opening, 0
 

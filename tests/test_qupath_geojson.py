@@ -829,3 +829,26 @@ def test_a_feature_longer_than_any_qupath_object_is_refused_before_it_fills_memo
         expected = r"over 0.0625 Mi characters and not laid out" if layout == "one Feature" else r"feature 2 runs past"
         with pytest.raises(GeoJsonError, match=expected):
             list(read_features(path))
+
+
+def test_a_collection_whose_members_before_its_features_run_past_a_chunk_is_still_read_a_feature_at_a_time(
+    tmp_path, monkeypatch
+):
+    # A "crs" or "bbox" (or any member) longer than the first chunk sent the file to the whole parse, which is refused
+    # past 256 Mi characters: now the opening is read on until it ends.
+    from bridge import qupath_geojson
+
+    monkeypatch.setattr(qupath_geojson, "_STREAM_CHUNK_CHARS", 1000)
+    features = [to_feature(o) for o in _cells_and_regions()]
+    long_member = {"name": "x" * 5000, "bbox": list(range(2000))}
+    text = json.dumps({"type": "FeatureCollection", "crs": long_member, "features": features}, separators=(",", ":"))
+    path = tmp_path / "gdal.geojson"
+    path.write_text(text)
+    whole = _count_whole_parses(monkeypatch)
+    assert _same_objects(list(read_features(path)), _objects_parsed_whole(path))
+    assert whole == []
+    for cut in (text[:3000], "{" + " " * 5000):  # no JSON: still told as JSON tells it, by the whole parse
+        path.write_text(cut)
+        with pytest.raises(ValueError):
+            list(read_features(path))
+    assert len(whole) == 2

@@ -77,6 +77,7 @@ _PUBLIC = {
     # images
     "open_slide": "inference.slides.slide",
     "slide_size": "inference.slides.slide",
+    "header_mpp": "inference.slides.slide",
     "Slide": "inference.slides.slide",
     "Mpp": "inference.slides.slide",
     "MppAdvice": "inference.slides.slide",

@@ -414,6 +414,41 @@ def test_pdl1_domain_stats_says_how_a_slide_gets_a_pixel_size_without_naming_opt
     assert (model / "manifest.json").read_bytes() == before
 
 
+def test_pdl1_domain_stats_names_every_slide_of_implausible_pixel_size_before_reading_any(tmp_path, monkeypatch):
+    """A phantom (its stain from its truth, so not opened for its colour) whose file states an implausible pixel
+    size was found when its turn came, after the slides before it were read; the next such slide on the run after."""
+    from typer.testing import CliRunner
+
+    import inference.training.domain_stats as domain_stats
+    from bridge.cli.app import app
+    from inference.phantom.pyramid import write_phantom
+    from inference.phantom.scene import PhantomSpec
+    from inference.phantom.truth import truth_dir_for
+
+    good = tmp_path / "good.svs"
+    write_phantom(good, PhantomSpec(1024, 1024, seed=1, tps_percent=30))
+    bad = []
+    for name in ("bad1", "bad2"):
+        bad.append(tmp_path / f"{name}.svs")
+        bad[-1].write_bytes(good.read_bytes().replace(b"MPP = 0.5", b"MPP = 900"))  # same length: offsets stay
+        shutil.copytree(truth_dir_for(good), truth_dir_for(bad[-1]))
+    read = []
+    real = domain_stats.domain_sample
+    monkeypatch.setattr(domain_stats, "domain_sample", lambda path, *a, **k: read.append(path) or real(path, *a, **k))
+    out = tmp_path / "copy"
+    args = ["domain-stats", str(demo_model_dir("seg")), str(good), str(bad[0]), "--held-out", str(bad[1])]
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--no-progress"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert "2 of 3 slides have no usable pixel size, so none was read:" in text, text
+    for path in bad:
+        assert (
+            f"{path}: microns per pixel 900 (from openslide.mpp-x/y) is outside the plausible range (0.05, 50.0); "
+            "`pdl1 domain-stats` reads a slide at the pixel size the model's training recorded for it"
+        ) in text
+    assert read == [] and not out.exists() and "as mpp" not in text
+
+
 def test_a_damaged_slide_mpp_record_is_refused_saying_what_was_expected():
     from inference import recorded_slide_mpp
 

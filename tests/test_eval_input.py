@@ -489,3 +489,77 @@ def test_calibration_fits_the_review_limits_on_the_candidates_of_the_sua_pdl1_ru
         cal, _ = evaluate.calibrate_ensemble([small_phantom], ensemble)
     kept = sua_params_for(ensemble.manifest, PipelineConfig(), upper=cal.params.upper)
     assert used == [kept] and kept.threshold != 0.0123
+
+
+# --- pixel sizes: checked for every slide before any is scored, in the words of the command -----------------------
+
+
+def _stating_mpp(slide: Path, copy: Path, mpp: bytes) -> Path:
+    """``slide`` (an SVS phantom at 0.5 µm/px) copied to ``copy`` with its truth, its header stating ``mpp`` (three
+    characters, as "0.5": the TIFF's offsets stay right)."""
+    data = slide.read_bytes()
+    if data.count(b"MPP = 0.5") != 1 or len(mpp) != 3:
+        raise ValueError(f"{slide}: not an SVS phantom at 0.5 µm/px, or {mpp!r} not of three characters")
+    copy.write_bytes(data.replace(b"MPP = 0.5", b"MPP = " + mpp))
+    shutil.copytree(truth_dir_for(slide), truth_dir_for(copy))
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("command", "stain", "words"),
+    [
+        (["eval", "seg"], "he", "`pdl1 eval`"),
+        (["eval", "nuclei"], "he", "`pdl1 eval`"),
+        (["eval", "tps"], "he", "`pdl1 eval`"),
+        (["eval", "ihc"], "ihc", "`pdl1 eval`"),
+        (["eval", "ihc", "--no-review"], "ihc", "`pdl1 eval`"),
+        (["eval", "--out", "{tmp}/rep"], "he", "`pdl1 eval`"),
+        (
+            ["eval", "registration"],
+            "ihc",
+            "`pdl1 eval registration` (whose --mpp is the resolution it registers at, not the slides')",
+        ),
+        (["calibrate", "--out", "{tmp}/cal"], "he", "`pdl1 calibrate`"),
+    ],
+)
+def test_slides_of_implausible_pixel_size_are_all_named_before_any_is_scored(pair, tmp_path, command, stain, words):
+    """A slide whose file states an implausible pixel size was found when its turn came, after the slides before it
+    were scored (minutes each), and the advice, the library's "pass ... as mpp", named an argument none of these
+    commands takes."""
+    he, ihc = pair
+    for slide in pair:  # the IHC's H&E beside it, for the registration
+        shutil.copy(slide, tmp_path / slide.name)
+        shutil.copytree(truth_dir_for(slide), truth_dir_for(tmp_path / slide.name))
+    good = tmp_path / (he if stain == "he" else ihc).name
+    bad = [_stating_mpp(good, tmp_path / f"{name}.svs", b"900") for name in ("bad1", "bad2")]
+    args = [a.format(tmp=tmp_path) for a in command]
+    options = [] if "registration" in args else ["--device", "cpu", "--no-progress"]
+    result = runner.invoke(app, [*args, str(good), *map(str, bad), *options])
+    assert result.exit_code == 1, result.output
+    said = _said(result)
+    assert "2 of 3 slides cannot be evaluated, so none was:" in said, said
+    for path in bad:
+        assert (
+            f"{path.name}: microns per pixel 900 (from openslide.mpp-x/y) is outside the plausible range (0.05, 50.0); "
+            f"{words} reads each phantom at the pixel size its file states, and takes none: write the phantom again "
+            "with `pdl1 phantom ... --overwrite` at the --mpp its truth.json records (spec.mpp)"
+        ) in said
+    assert "as mpp" not in said and "Dice" not in said and "F1" not in said and "median" not in said
+    assert not (tmp_path / "rep").exists() and not (tmp_path / "cal").exists()
+
+
+def test_an_h_and_e_partner_without_a_plausible_pixel_size_is_told_in_the_registrations_words(pair, tmp_path):
+    # The IHC's H&E is opened when its pair is registered: the library's advice reached the user there.
+    he, ihc = pair
+    _stating_mpp(he, tmp_path / he.name, b"900")
+    shutil.copy(ihc, tmp_path / ihc.name)
+    shutil.copytree(truth_dir_for(ihc), truth_dir_for(tmp_path / ihc.name))
+    result = runner.invoke(app, ["eval", "registration", str(tmp_path / ihc.name)])
+    assert result.exit_code == 1, result.output
+    said = _said(result)
+    assert (
+        "he.svs: microns per pixel 900 (from openslide.mpp-x/y) is outside the plausible range (0.05, 50.0); "
+        "`pdl1 eval registration` (whose --mpp is the resolution it registers at, not the slides') reads each "
+        "phantom at the pixel size its file states, and takes none"
+    ) in said, said
+    assert "as mpp" not in said

@@ -449,3 +449,42 @@ def test_non_square_pixels_are_warned_of_once_per_image(tmp_path, caplog):
         "1.25 µm/px, so lengths along x come out x2.5 of the truth, along y x0.625, and areas x1.56: resample it to "
         "square pixels"
     ]
+
+
+def test_header_mpp_is_the_pixel_size_open_slide_opens_at_read_without_a_pixel(phantom_svs, tmp_path, monkeypatch):
+    # eval, calibrate and domain-stats found a slide without a usable pixel size only when its turn came, after
+    # minutes on the slides before it; header_mpp lets them check every slide first, from its header alone.
+    import inference.slides.slide as slide_module
+    from inference.slides.slide import header_mpp
+
+    png, tif, jpeg = tmp_path / "dpi.png", tmp_path / "tags.tif", tmp_path / "none.jpg"
+    screen = tmp_path / "screen.png"
+    rgb = np.full((64, 80, 3), 200, np.uint8)
+    Image.fromarray(rgb).save(png, dpi=(50_800, 50_800))  # 0.5 µm/px
+    tifffile.imwrite(tif, rgb, resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+    Image.fromarray(rgb).save(jpeg)
+    Image.fromarray(rgb).save(screen, dpi=(72, 72))  # 352.8 µm/px: a screen's resolution, not a scan's
+    cases = [(phantom_svs, {}), (png, {}), (tif, {}), (jpeg, {"mpp": 0.7, "mpp_source": "--mpp"})]
+    opened = []
+    for path, given in cases:
+        with open_slide(path, **given) as slide:
+            opened.append(slide.mpp)
+    assert [m.source for m in opened] == ["openslide.mpp-x/y", "image dpi", "TIFF resolution tags", "--mpp"]
+
+    def advice(value: str) -> str:
+        return f"give {value} somehow"
+
+    refused = {}  # what open_slide refuses for the pixel size (none; 352.8 µm/px), in the caller's words
+    for path in (jpeg, screen):
+        with pytest.raises(MissingMppError) as err:
+            open_slide(path, mpp_advice=advice)
+        refused[path] = str(err.value)
+    monkeypatch.setattr(slide_module, "_tiff_pixels", lambda *a: pytest.fail("a TIFF's pixels were read"))
+    monkeypatch.setattr(slide_module, "_pillow_rgb", lambda *a: pytest.fail("an image's pixels were decoded"))
+    assert [header_mpp(path, **given) for path, given in cases] == opened
+    for path, message in refused.items():
+        with pytest.raises(MissingMppError) as err:
+            header_mpp(path, mpp_advice=advice)
+        assert str(err.value) == message and message.endswith(" somehow") and "as mpp" not in message
+    with pytest.raises(MissingMppError, match=r"none\.jpg: microns per pixel must be positive, got 0 \(from --mpp\)"):
+        header_mpp(jpeg, mpp=0, mpp_source="--mpp")

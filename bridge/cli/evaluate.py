@@ -52,12 +52,37 @@ def _require_model_stain(manifest, stain: str, *, option: str, folder, command: 
         )
 
 
-def _check_truths(slides: list[Path], models_by_stain: dict, *, needs: tuple[str, ...] = ()) -> list:
-    """Every slide's truth checked against its models before any runs: a bad slide fails the batch at once, named
-    with all the others (:func:`inference.evaluation.evaluate.check_truths`)."""
+def _phantom_mpp_advice(command: str):
+    """How a user of ``command`` gives a slide a pixel size, in the messages of one it finds none (or an implausible
+    one) for (:data:`inference.MppAdvice`): it reads a phantom at its file's own and has no option for it, so the
+    library's advice, "pass ... as mpp", named an argument it does not take. A phantom's pixel size is the one it
+    was written at, which its truth records, not a scanner's (the ``value`` the library offers)."""
+
+    def advice(value: str) -> str:
+        return (
+            f"{command} reads each phantom at the pixel size its file states, and takes none: write the phantom "
+            "again with `pdl1 phantom ... --overwrite` at the --mpp its truth.json records (spec.mpp), which the "
+            "file then states; or leave the slide out"
+        )
+
+    return advice
+
+
+EVAL_MPP_ADVICE = _phantom_mpp_advice("`pdl1 eval`")
+REGISTRATION_MPP_ADVICE = _phantom_mpp_advice(
+    "`pdl1 eval registration` (whose --mpp is the resolution it registers at, not the slides')"
+)
+CALIBRATE_MPP_ADVICE = _phantom_mpp_advice("`pdl1 calibrate`")
+
+
+def _check_truths(
+    slides: list[Path], models_by_stain: dict, *, needs: tuple[str, ...] = (), mpp_advice=EVAL_MPP_ADVICE
+) -> list:
+    """Every slide's truth checked against its models, and its pixel size (from its header), before any runs: a bad
+    slide fails the batch at once, named with all the others (:func:`inference.evaluation.evaluate.check_truths`)."""
     from inference import check_truths
 
-    return check_truths(slides, models_by_stain, needs=needs)
+    return check_truths(slides, models_by_stain, needs=needs, mpp_advice=mpp_advice)
 
 
 NucleiModelOption = Annotated[
@@ -101,7 +126,9 @@ def eval_seg(
         pooled = len({m.chain for m in members}) > 1
         for slide in slides:
             with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
-                result, maps = evaluate_segmentation(slide, ensemble, threshold=threshold, on_progress=on_progress)
+                result, maps = evaluate_segmentation(
+                    slide, ensemble, threshold=threshold, on_progress=on_progress, mpp_advice=EVAL_MPP_ADVICE
+                )
             results.append(result)
             table = Table(
                 title=f"{slide.name}: segmentation vs truth ({result.pixels} truth tissue px at {maps.mpp:g} µm/px)"
@@ -200,7 +227,12 @@ def _nuclei_evaluations(slides: list[Path], ensemble, *, radius_um: float, progr
 
     for slide in slides:
         with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
-            yield slide, evaluate_nuclei(slide, ensemble, radius_um=radius_um, on_progress=on_progress)
+            yield (
+                slide,
+                evaluate_nuclei(
+                    slide, ensemble, radius_um=radius_um, on_progress=on_progress, mpp_advice=EVAL_MPP_ADVICE
+                ),
+            )
 
 
 @app.command("nuclei")
@@ -292,6 +324,7 @@ def _analysed_as(slide: Path, stain: str, *, models, config, progress: bool):
             image_stain=stain,
             image_stain_source="pdl1 eval",
             stain_advice=EVAL_STAIN_ADVICE,
+            mpp_advice=EVAL_MPP_ADVICE,
             on_progress=on_progress,
         )
 
@@ -481,10 +514,10 @@ def eval_registration(
         )
         for col in ("IHC", "H&E", "at µm/px", "median µm", "p90 µm", "max µm", "estimated µm", "angle °", "ok"):
             table.add_column(col, justify="left" if col in ("IHC", "H&E", "ok") else "right")
-        _check_truths(slides, {"H-DAB": []})
+        _check_truths(slides, {"H-DAB": []}, mpp_advice=REGISTRATION_MPP_ADVICE)
         medians = []
         for slide in slides:
-            r = evaluate_registration(slide, mpp=mpp)
+            r = evaluate_registration(slide, mpp=mpp, mpp_advice=REGISTRATION_MPP_ADVICE)
             medians.append(r.error_median_um)
             table.add_row(
                 r.ihc_slide,
@@ -617,6 +650,7 @@ def eval_suite(
                             review=review_rule_for(manifest),
                             nuclei_model=nuclei,
                             on_progress=on_progress,
+                            mpp_advice=EVAL_MPP_ADVICE,
                         )
                     )
             ihc = _suite_ihc(ihc_slides, ihc_model=ihc_model, device=device, progress=progress)
@@ -919,6 +953,7 @@ def calibrate(
                 min_fraction=min_fraction,
                 objective=objective,
                 on_progress=on_progress,
+                mpp_advice=CALIBRATE_MPP_ADVICE,
             )
         fitted = sua_fitted(cal)
         kept = sua_params_for(ensemble.manifest, PipelineConfig(), upper=cal.params.upper)

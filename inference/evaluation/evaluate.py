@@ -55,7 +55,7 @@ from inference.phantom.truth import PhantomTruthData, load_truth, require_summar
 from inference.phantom.truth_tissue import truth_tissue_mask
 from inference.pipeline import PipelineConfig, review_rule_for, sua_params_for
 from inference.results import Cps, Nuclei, Tps, UncertaintyMaps
-from inference.slides.slide import open_slide
+from inference.slides.slide import MppAdvice, header_mpp, open_slide
 from inference.slides.stain_detect import detect_slide_stain
 from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, TissueMask, tissue_mask_for_slide
 
@@ -181,14 +181,17 @@ def check_truths(
     models_by_stain: Mapping[str, Sequence[tuple[str, Manifest]]],
     *,
     needs: Sequence[str] = (),
+    mpp_advice: MppAdvice | None = None,
 ) -> list[PhantomTruthData]:
-    """Load every slide's truth and check its stain against the models that will score it, before any model runs.
+    """Load every slide's truth and check its stain against the models that will score it, and the slide's pixel
+    size, before any model runs.
 
     ``models_by_stain`` maps each phantom stain the evaluation takes to the (role, manifest) of the models that
     score those slides; ``needs``, the truth.json fields the evaluation reads (keys of
-    :data:`inference.phantom.truth.SUMMARY_FIELDS`). A bad slide (no truth, damaged truth, another stain) does
-    not end a batch half-way: all are named in one error (of their common class, else :class:`Pdl1Error`), so they
-    can be fixed together.
+    :data:`inference.phantom.truth.SUMMARY_FIELDS`). A bad slide (no truth, damaged truth, another stain, or a
+    file that states no plausible pixel size: its header alone is read, :func:`~inference.slides.slide.header_mpp`,
+    whose message ends with ``mpp_advice``) does not end a batch half-way: all are named in one error (of their
+    common class, else :class:`Pdl1Error`), so they can be fixed together.
     """
     truths, errors = [], []
     for slide in slides:
@@ -205,6 +208,8 @@ def check_truths(
                 )
             for role, manifest in models_by_stain[stain]:
                 check_truth_stain(slide, truth, manifest, role)
+            # Found when the slide's turn came, after minutes of work on those before it.
+            header_mpp(slide, mpp_advice=mpp_advice)
             truths.append(truth)
         except Pdl1Error as err:
             errors.append(err)
@@ -239,14 +244,22 @@ def evaluate_segmentation(
     threshold: float | None = None,
     mpp: float | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    mpp_advice: MppAdvice | None = None,
 ) -> tuple[SegEvaluation, UncertaintyMaps]:
     """Segment a phantom slide's tissue with per-member maps and score it against its truth.
 
     Without a ``config`` the maps are made on the truth's own grid (:func:`truth_map_downsample`),
-    so every map pixel is scored against the one truth pixel it covers.
+    so every map pixel is scored against the one truth pixel it covers. ``mpp_advice``: how the caller's user
+    gives the slide a pixel size, for the messages of one it has none for (:func:`~inference.open_slide`'s).
     """
     scored = _segment_against_truth(
-        slide_path, ensemble, config=config, threshold=threshold, mpp=mpp, on_progress=on_progress
+        slide_path,
+        ensemble,
+        config=config,
+        threshold=threshold,
+        mpp=mpp,
+        on_progress=on_progress,
+        mpp_advice=mpp_advice,
     )
     return scored.seg, scored.maps
 
@@ -275,10 +288,11 @@ def _segment_against_truth(
     threshold: float | None,
     mpp: float | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    mpp_advice: MppAdvice | None = None,
 ) -> _ScoredSlide:
     truth_data = load_truth(slide_path)  # fail early, before inference, without truth
     check_truth_stain(slide_path, truth_data, ensemble.manifest, "segmentation")
-    with open_slide(slide_path, mpp=mpp) as slide:
+    with open_slide(slide_path, mpp=mpp, mpp_advice=mpp_advice) as slide:
         if config is None:
             truth_mpp = truth_data.mask_downsample * slide.mpp.mean
             config = SegmentConfig(map_downsample=truth_map_downsample(truth_mpp, ensemble.manifest.input_mpp))
@@ -382,11 +396,12 @@ def evaluate_nuclei(
     config: NucleiConfig | None = None,
     mpp: float | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    mpp_advice: MppAdvice | None = None,
 ) -> NucleiEvaluation:
     """Detect nuclei in a phantom slide's tissue and score them against the truth points.
 
     The truth's classes are matched to the model's by name, so a model of the other stain (H&E
-    classes against an IHC truth) is refused with both lists.
+    classes against an IHC truth) is refused with both lists. ``mpp_advice`` as :func:`evaluate_segmentation`'s.
     """
     truth = load_truth(slide_path)
     check_truth_stain(slide_path, truth, ensemble.manifest, "nuclei")
@@ -396,7 +411,9 @@ def evaluate_nuclei(
         tuple(ensemble.manifest.class_names),
         f"the model {ensemble.manifest.name!r} ({ensemble.manifest.stain})",
     )
-    nuclei, mpp_um = nuclei_in_tissue(slide_path, ensemble, config=config, mpp=mpp, on_progress=on_progress)
+    nuclei, mpp_um = nuclei_in_tissue(
+        slide_path, ensemble, config=config, mpp=mpp, on_progress=on_progress, mpp_advice=mpp_advice
+    )
     return score_nuclei_on_truth(slide_path, nuclei, mpp_um=mpp_um, radius_um=radius_um)
 
 
@@ -407,10 +424,11 @@ def nuclei_in_tissue(
     config: NucleiConfig | None = None,
     mpp: float | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    mpp_advice: MppAdvice | None = None,
 ) -> tuple[Nuclei, float]:
     """The nuclei ``ensemble`` finds in the tissue the pipeline analyses for its stain, and the slide's µm/px: what
     :func:`evaluate_nuclei` scores (not checked against a truth: a benchmark that changes the calls scores them)."""
-    with open_slide(slide_path, mpp=mpp) as slide:
+    with open_slide(slide_path, mpp=mpp, mpp_advice=mpp_advice) as slide:
         tissue = tissue_mask_for_slide(slide, method=TISSUE_METHOD_OF_STAIN[ensemble.manifest.stain])
         nuclei = detect_nuclei(slide, ensemble, tissue=tissue, config=config, on_progress=on_progress)
         return nuclei, slide.mpp.mean
@@ -487,8 +505,14 @@ class RegistrationEvaluation:
     registered_mpp: float  # µm/px registered at: finer than asked for small images (register_slides)
 
 
-def evaluate_registration(ihc_slide_path: str | Path, *, mpp: float = 8.0) -> RegistrationEvaluation:
-    """Register a phantom IHC (``pdl1 phantom --ihc``) onto the H&E it was written with and score it."""
+def evaluate_registration(
+    ihc_slide_path: str | Path, *, mpp: float = 8.0, mpp_advice: MppAdvice | None = None
+) -> RegistrationEvaluation:
+    """Register a phantom IHC (``pdl1 phantom --ihc``) onto the H&E it was written with and score it.
+
+    ``mpp`` is the resolution registered at; ``mpp_advice`` how the caller's user gives either slide a pixel size,
+    for the messages of one it has none for (:func:`~inference.open_slide`'s).
+    """
     ihc_path = Path(ihc_slide_path)
     truth = load_truth(ihc_path)
     partner = truth.summary.get("paired_with")
@@ -503,7 +527,10 @@ def evaluate_registration(ihc_slide_path: str | Path, *, mpp: float = 8.0) -> Re
             f"{he_path}: the H&E that {ihc_path.name} was written with (its truth's paired_with) is not beside it; "
             "keep the pair in one folder under the names `pdl1 phantom --ihc` gave them, or write them again"
         )
-    with open_slide(he_path) as he_slide, open_slide(ihc_path) as ihc_slide:
+    with (
+        open_slide(he_path, mpp_advice=mpp_advice) as he_slide,
+        open_slide(ihc_path, mpp_advice=mpp_advice) as ihc_slide,
+    ):
         registration = register_slides(he_slide, ihc_slide, mpp=mpp)
         mpp_he = he_slide.mpp.mean
     xy = truth.nuclei_xy
@@ -523,7 +550,12 @@ def evaluate_registration(ihc_slide_path: str | Path, *, mpp: float = 8.0) -> Re
 
 
 def _predicted_tps(
-    slide_path: str | Path, scored: _ScoredSlide, nuclei_model: Ensemble, *, threshold: float
+    slide_path: str | Path,
+    scored: _ScoredSlide,
+    nuclei_model: Ensemble,
+    *,
+    threshold: float,
+    mpp_advice: MppAdvice | None = None,
 ) -> tuple[float | None, float, float | None]:
     """The H&E's predicted TPS as ``pdl1 run`` makes it (tumour nuclei of the nuclei model in the product's
     tissue, PD-L1 from the segmentation maps at their position, :func:`pdl1_from_maps`), the share of the
@@ -531,7 +563,7 @@ def _predicted_tps(
     members whose own TPS is in another category (:func:`tps_member_disagreement`; the maps hold each
     member's, :func:`_segment_against_truth`)."""
     check_truth_stain(slide_path, scored.truth_data, nuclei_model.manifest, "nuclei")
-    with open_slide(slide_path) as slide:
+    with open_slide(slide_path, mpp_advice=mpp_advice) as slide:
         nuclei = detect_nuclei(slide, nuclei_model, tissue=scored.tissue)
         mpp = slide.mpp.mean
     nuclei = pdl1_from_maps(nuclei, scored.maps, threshold=threshold)
@@ -641,15 +673,22 @@ def evaluate_slide_suite(
     config: SegmentConfig | None = None,
     nuclei_model: Ensemble | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    mpp_advice: MppAdvice | None = None,
 ) -> SlideEvaluation:
     """Segmentation, calibration, uncertainty ranking and SUA vs the pixel baseline on one phantom slide.
 
     Scored on the maps ``pdl1 run`` makes (``config``, by default :class:`SegmentConfig`'s grid),
     since that is where SUA's calibrated thresholds are applied. With ``nuclei_model``, also the
-    predicted TPS as ``pdl1 run`` makes it, so a wrong TPS category counts as a failure.
+    predicted TPS as ``pdl1 run`` makes it, so a wrong TPS category counts as a failure. ``mpp_advice`` as
+    :func:`evaluate_segmentation`'s.
     """
     scored = _segment_against_truth(
-        slide_path, ensemble, config=config or SegmentConfig(), threshold=sua.upper, on_progress=on_progress
+        slide_path,
+        ensemble,
+        config=config or SegmentConfig(),
+        threshold=sua.upper,
+        on_progress=on_progress,
+        mpp_advice=mpp_advice,
     )
     seg, maps, truth, region, analysed = scored.seg, scored.maps, scored.truth, scored.region, scored.analysed
     prob = np.asarray(maps.prob)
@@ -673,7 +712,9 @@ def evaluate_slide_suite(
     unsettled = unsettled_positive_area_pct(prob, analysed, threshold=sua.upper)
     tps_predicted = off_tumour = disagreement = None
     if nuclei_model is not None:
-        tps_predicted, off_tumour, disagreement = _predicted_tps(slide_path, scored, nuclei_model, threshold=sua.upper)
+        tps_predicted, off_tumour, disagreement = _predicted_tps(
+            slide_path, scored, nuclei_model, threshold=sua.upper, mpp_advice=mpp_advice
+        )
     qc_scores = slide_review_scores(
         mean_entropy=mean_pe,
         candidate_area_pct=100 * cand_area / max(analysed_um2, 1e-9),
@@ -768,6 +809,7 @@ def calibrate_ensemble(
     max_area_error: float = FAILED_AREA_ERROR,
     nuclei_model: Ensemble | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    mpp_advice: MppAdvice | None = None,
 ) -> tuple[Calibration, ReviewCalibration]:
     """Calibrate SUA (F0.5 on validation NPRs), then the slide "needs review" limits to #32's target.
 
@@ -783,6 +825,9 @@ def calibrate_ensemble(
     not fitted: its limit is the failure's own 25 % either way), and, with ``nuclei_model``, the slides whose
     ensemble members disagree on the TPS category at the rule's limit (``review_tps_member_disagreement``, not
     fitted: it says the category is unsettled).
+
+    Every slide's truth and pixel size are checked before the first is segmented (:func:`check_truths`);
+    ``mpp_advice`` is how the caller's user gives a slide a pixel size, for the messages of one it has none for.
     """
     upper = ensemble.manifest.thresholds.get("segmentation", 0.5)
     # The limits taken as the manifest states them (pdl1 run's rule), not fitted here.
@@ -796,12 +841,19 @@ def calibrate_ensemble(
         scorers.append(("nuclei", nuclei_model.manifest))
     # Every slide, before the first is segmented; the true TPS is read when the nuclei model predicts one.
     needs = ("spec",) if nuclei_model is None else ("spec", "tps_percent")
-    check_truths(slides, {ensemble.manifest.stain: scorers}, needs=needs)
+    check_truths(slides, {ensemble.manifest.stain: scorers}, needs=needs, mpp_advice=mpp_advice)
     scored = []
     for path in slides:
         # On the pipeline's grid, where the thresholds will be applied (not the truth's finer one).
         scored.append(
-            _segment_against_truth(path, ensemble, config=SegmentConfig(), threshold=upper, on_progress=on_progress)
+            _segment_against_truth(
+                path,
+                ensemble,
+                config=SegmentConfig(),
+                threshold=upper,
+                on_progress=on_progress,
+                mpp_advice=mpp_advice,
+            )
         )
     cal = calibrate(
         [(s.maps, s.truth, s.analysed) for s in scored],
@@ -828,7 +880,7 @@ def calibrate_ensemble(
         )
         wrong_category, disagreement, tps, truth_tps = False, None, None, None
         if nuclei_model is not None:
-            tps, _, disagreement = _predicted_tps(path, s, nuclei_model, threshold=upper)
+            tps, _, disagreement = _predicted_tps(path, s, nuclei_model, threshold=upper, mpp_advice=mpp_advice)
             truth_tps = _truth_tps(s)
             # No tumour nucleus found: no TPS to judge, as the suite counts it (SlideEvaluation.tps_category_wrong).
             wrong_category = tps is not None and tps_category(tps) != tps_category(truth_tps)

@@ -99,12 +99,7 @@ class Slide:
         mpp_advice: MppAdvice | None = None,
         opaque: np.ndarray | None = None,
     ):
-        if not (MPP_PLAUSIBLE_RANGE[0] <= mpp.mean <= MPP_PLAUSIBLE_RANGE[1]):
-            advice = (mpp_advice or library_mpp_advice)(SCANNER_MPP)
-            raise MissingMppError(
-                f"{path or 'image'}: microns per pixel {mpp.mean:g} (from {mpp.source}) is outside the "
-                f"plausible range {MPP_PLAUSIBLE_RANGE}; {advice}"
-            )
+        _require_plausible_mpp(mpp, path, mpp_advice)
         if opaque is not None and opaque.shape != reader.level_dimensions[0][::-1]:
             w, h = reader.level_dimensions[0]
             raise ValueError(f"opaque must be the image's level-0 (height, width) ({h}, {w}), got {opaque.shape}")
@@ -505,25 +500,35 @@ def _tiff_pixels(page: Any, path: Path) -> np.ndarray:
     return pixels
 
 
+def _tiff_page_mpp(page: Any) -> Mpp | None:
+    """The pixel size a plain TIFF page's resolution tags state (tifffile's page; its pixels are not read)."""
+    tags = page.tags
+    if "XResolution" not in tags or "ResolutionUnit" not in tags:
+        return None
+    xr, yr = tags["XResolution"].value, tags["YResolution"].value
+    unit = {2: "inch", 3: "centimeter"}.get(int(tags["ResolutionUnit"].value), "none")
+    pair = _mpp_from_resolution(xr[0] / xr[1], yr[0] / yr[1], unit)
+    return Mpp(*pair, "TIFF resolution tags") if pair else None
+
+
+def _pillow_mpp(im: Image.Image) -> Mpp | None:
+    """The pixel size an opened Pillow image's dpi states (its header's; the pixels are not decoded)."""
+    dpi = im.info.get("dpi")
+    if dpi and dpi[0] > 0 and dpi[1] > 0:
+        return Mpp(25_400.0 / dpi[0], 25_400.0 / dpi[1], "image dpi")
+    return None
+
+
 def _read_plain_image(path: Path) -> tuple[np.ndarray, Mpp | None]:
     """Read a small non-pyramidal TIFF/PNG/JPEG whole, with its resolution if stated."""
     if _is_tiff_name(path):
         with _plain_tiff_page(path) as page:
             rgb = _tiff_pixels(page, path)
-            tags = page.tags
-            mpp = None
-            if "XResolution" in tags and "ResolutionUnit" in tags:
-                xr, yr = tags["XResolution"].value, tags["YResolution"].value
-                unit = {2: "inch", 3: "centimeter"}.get(int(tags["ResolutionUnit"].value), "none")
-                pair = _mpp_from_resolution(xr[0] / xr[1], yr[0] / yr[1], unit)
-                mpp = Mpp(*pair, "TIFF resolution tags") if pair else None
+            mpp = _tiff_page_mpp(page)
     else:
         with _plain_pillow_image(path) as im:
             rgb = _pillow_rgb(im)
-            dpi = im.info.get("dpi")
-        mpp = None
-        if dpi and dpi[0] > 0 and dpi[1] > 0:
-            mpp = Mpp(25_400.0 / dpi[0], 25_400.0 / dpi[1], "image dpi")
+            mpp = _pillow_mpp(im)
     if rgb.ndim == 2:
         rgb = np.repeat(rgb[..., None], 3, axis=2)
     if rgb.dtype != np.uint8:
@@ -694,23 +699,89 @@ def open_slide(
             reader = TiffTileReader.open(OpenSlideReader(osr), path)
         file_mpp = _openslide_mpp(dict(osr.properties))
         whole_slide = True
-    if mpp is not None:
-        if mpp <= 0:
-            reader.close()
-            raise MissingMppError(f"{path}: microns per pixel must be positive, got {mpp:g} (from {mpp_source})")
-        resolved = Mpp(mpp, mpp, mpp_source)
-    elif (file_mpp is None or file_mpp.source == "TIFF resolution tags") and (ome := _ome_mpp(path)) is not None:
-        resolved = ome  # an OME-TIFF's own statement, over the 72-dpi default tags some writers add
-    elif file_mpp is None:
-        reader.close()
-        raise MissingMppError(_no_mpp_message(path, whole_slide=whole_slide, advice=mpp_advice))
-    else:
-        resolved = file_mpp
     try:
+        resolved = _resolved_mpp(
+            path, file_mpp, whole_slide=whole_slide, mpp=mpp, mpp_source=mpp_source, mpp_advice=mpp_advice
+        )
         return Slide(reader, mpp=resolved, path=path, mpp_advice=mpp_advice)
     except MissingMppError:
         reader.close()
         raise
+
+
+def header_mpp(
+    path: str | Path,
+    *,
+    mpp: float | None = None,
+    mpp_source: str = "the mpp given",
+    mpp_advice: MppAdvice | None = None,
+) -> Mpp:
+    """The µm/px at which :func:`open_slide`, given the same arguments, opens an image, read from its header alone.
+
+    For a caller about to read many images, to refuse those that state no usable pixel size (none, or one outside
+    :data:`MPP_PLAUSIBLE_RANGE`) before the first is analysed, not when each one's turn comes: it raises what
+    ``open_slide`` raises for the pixel size, with the same messages (``mpp_advice`` as there), and what it
+    raises for the file itself (missing, no reader opens it, a plain image too large to read whole or of other
+    than 8-bit samples). No pixel is read.
+
+    Raises
+    ------
+    SlideNotFoundError, SlideFormatError, MissingMppError
+    """
+    path = Path(path)
+    osr = _openslide_or_none(path)
+    if osr is None:
+        whole_slide = False
+        if _is_tiff_name(path):
+            with _plain_tiff_page(path) as page:
+                file_mpp = _tiff_page_mpp(page)
+        else:
+            with _plain_pillow_image(path) as im:
+                file_mpp = _pillow_mpp(im)
+    else:
+        whole_slide = True
+        try:
+            file_mpp = _openslide_mpp(dict(osr.properties))
+        finally:
+            osr.close()
+    resolved = _resolved_mpp(
+        path, file_mpp, whole_slide=whole_slide, mpp=mpp, mpp_source=mpp_source, mpp_advice=mpp_advice
+    )
+    _require_plausible_mpp(resolved, path, mpp_advice)
+    return resolved
+
+
+def _resolved_mpp(
+    path: Path,
+    file_mpp: Mpp | None,
+    *,
+    whole_slide: bool,
+    mpp: float | None,
+    mpp_source: str,
+    mpp_advice: MppAdvice | None,
+) -> Mpp:
+    """The pixel size an image is opened at: ``mpp`` where given, else the file's own (``file_mpp``, or an
+    OME-TIFF's statement); :class:`MissingMppError` where ``mpp`` is not positive or neither states one."""
+    if mpp is not None:
+        if mpp <= 0:
+            raise MissingMppError(f"{path}: microns per pixel must be positive, got {mpp:g} (from {mpp_source})")
+        return Mpp(mpp, mpp, mpp_source)
+    if (file_mpp is None or file_mpp.source == "TIFF resolution tags") and (ome := _ome_mpp(path)) is not None:
+        return ome  # an OME-TIFF's own statement, over the 72-dpi default tags some writers add
+    if file_mpp is None:
+        raise MissingMppError(_no_mpp_message(path, whole_slide=whole_slide, advice=mpp_advice))
+    return file_mpp
+
+
+def _require_plausible_mpp(mpp: Mpp, path: Path | None, advice: MppAdvice | None) -> None:
+    """:class:`MissingMppError` where ``mpp`` lies outside :data:`MPP_PLAUSIBLE_RANGE` (NaN too), its message
+    ending with ``advice`` (None: :func:`library_mpp_advice`)."""
+    if not (MPP_PLAUSIBLE_RANGE[0] <= mpp.mean <= MPP_PLAUSIBLE_RANGE[1]):
+        told = (advice or library_mpp_advice)(SCANNER_MPP)
+        raise MissingMppError(
+            f"{path or 'image'}: microns per pixel {mpp.mean:g} (from {mpp.source}) is outside the "
+            f"plausible range {MPP_PLAUSIBLE_RANGE}; {told}"
+        )
 
 
 def slide_size(path: str | Path) -> tuple[int, int]:

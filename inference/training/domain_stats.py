@@ -31,11 +31,11 @@ from inference.analysis.domain import (
 )
 from inference.analysis.nuclei import detect_nuclei
 from inference.analysis.segment import segment_slide
-from inference.errors import StainError
+from inference.errors import MissingMppError, StainError
 from inference.models.ensemble import Ensemble
 from inference.models.features import capture_tile_features, feature_layers
 from inference.models.manifest import Manifest, read_manifest, write_manifest
-from inference.slides.slide import MppAdvice, open_slide
+from inference.slides.slide import MppAdvice, header_mpp, open_slide
 from inference.slides.stain_detect import detect_slide_stain
 from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
 from inference.values import is_finite_number
@@ -122,8 +122,10 @@ def compute_domain_stats(
     training slide alone: no limits, so the guard measures but never flags). ``slide_mpp``: µm/px by slide
     path (as given) that replace those files' own, the pixel size their QuPath project states (as training
     read them, :func:`recorded_slide_mpp`); a slide not in it is read at its file's own, and one whose file states
-    none raises :class:`~inference.errors.MissingMppError`, its message ending with ``mpp_advice`` (how the
-    caller's user gives one). A warning of too few slides to calibrate on names ``held_out`` in ``setting``'s words.
+    none (or one outside the plausible range) raises :class:`~inference.errors.MissingMppError`, its message ending
+    with ``mpp_advice`` (how the caller's user gives one): every slide's is checked, from its header alone, before
+    any slide is read, and all such slides are named in one error. A warning of too few slides to calibrate on
+    names ``held_out`` in ``setting``'s words.
     """
     slide_mpp = dict(slide_mpp or {})
     manifest = read_manifest(model_dir)
@@ -146,6 +148,7 @@ def compute_domain_stats(
             f"{sorted(str(p) for p in overlap)} are both training and held-out slides; the limits must be "
             "calibrated on slides the statistics did not see"
         )
+    _check_pixel_sizes([*train_slides, *held_out], slide_mpp, mpp_advice)
     for path in [*train_slides, *held_out]:
         _check_stain(path, manifest.stain, model_dir, mpp=slide_mpp.get(path), mpp_advice=mpp_advice)
     layers = ", ".join(name for name, _ in feature_layers(ensemble.members[0]))
@@ -204,6 +207,24 @@ def compute_domain_stats(
 MIN_CALIBRATION_SLIDES = 3
 # A colour call this clear against the model's stain refuses a slide that has no phantom truth to say its stain.
 STAIN_REFUSAL_MARGIN_DEG = 10.0
+
+
+def _check_pixel_sizes(paths: Sequence[str], slide_mpp: Mapping[str, float], mpp_advice: MppAdvice | None) -> None:
+    """Refuse, before any slide is read, every slide that states no plausible pixel size (its header alone read):
+    one was found when its turn came, after minutes of work on those before it, and the next on the run after."""
+    errors = []
+    for path in paths:
+        try:
+            header_mpp(path, mpp=slide_mpp.get(path), mpp_source="QuPath project", mpp_advice=mpp_advice)
+        except MissingMppError as err:
+            errors.append(err)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        lines = "\n".join(f"  {err}" for err in errors)
+        raise MissingMppError(
+            f"{len(errors)} of {len(paths)} slides have no usable pixel size, so none was read:\n{lines}"
+        ) from errors[0]
 
 
 def _check_stain(

@@ -628,3 +628,20 @@ def test_a_ctrl_c_says_nothing_was_written(phantoms, tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["export", "nnunet", str(phantoms[0]), "--out", str(out)])
     assert result.exit_code == 130
     assert "interrupted: nothing was written: the dataset is written beside" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("nan", "nan is not a number; give one from 0.05 to 64"),
+        ("inf", "Input should be less than or equal to 64"),
+        ("0", "Input should be greater than or equal to 0.05"),
+    ],
+)
+def test_an_mpp_of_nan_is_said_to_be_no_number_and_one_out_of_range_out_of_range(tmp_path, value, said):
+    # `--mpp nan` was "less than or equal to 64", as if it were too large: NaN fails every comparison.
+    args = ["export", "nnunet", str(tmp_path / "s.svs"), "--out", str(tmp_path / "Dataset501_X"), f"--mpp={value}"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '--mpp': {said} " in result.output
+    assert not (tmp_path / "Dataset501_X").exists()

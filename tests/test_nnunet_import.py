@@ -323,6 +323,28 @@ def test_cli_requires_mpp(tmp_path):
     assert "--mpp" in result.output and "Missing option" in result.output
 
 
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("nan", "nan is not a number; give one from 0.05 to 64"),
+        ("NaN", "NaN is not a number; give one from 0.05 to 64"),
+        ("inf", "Input should be less than or equal to 64"),
+        ("100", "Input should be less than or equal to 64"),
+        ("-inf", "Input should be greater than or equal to 0.05"),
+        ("-1", "Input should be greater than or equal to 0.05"),
+        ("0", "Input should be greater than or equal to 0.05"),
+        ("two", "Input should be a valid number, unable to parse string as a number"),
+    ],
+)
+def test_cli_says_an_mpp_of_nan_is_not_a_number_and_one_out_of_range_is(tmp_path, value, said):
+    # `--mpp nan` was "less than or equal to 64", as if it were too large: NaN fails every comparison.
+    args = ["import", "nnunet", str(tmp_path), "--out", str(tmp_path / "m"), f"--mpp={value}"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '--mpp': {said} " in result.output
+    assert not (tmp_path / "m").exists()
+
+
 def test_missing_checkpoint_names_what_the_fold_has(tmp_path):
     folder = _results(tmp_path)
     with pytest.raises(ModelFileError, match=r"checkpoint_best\.pth: checkpoint not found.*checkpoint_final\.pth"):

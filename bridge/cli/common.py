@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -25,6 +26,30 @@ def stain_option(value: str) -> str:
     if word not in STAIN_WORDS:
         raise typer.BadParameter(f"expected he or ihc (or H&E, H-DAB), got {word!r}", param_hint="--stain")
     return STAIN_WORDS[word]
+
+
+def number_range(low: float, high: float) -> dict:
+    """``min``, ``max`` and ``parser`` of a float option, to pass as ``typer.Option(..., **number_range(low, high))``.
+
+    Typer shows the range in --help and checks it, but said NaN was out of it, in the words of whichever bound it
+    compared first ("--mpp nan": "Input should be less than or equal to 64"); here NaN is refused as not a number,
+    and anything else is checked as Typer checks a range, in its words (inf: "less than or equal to"). Typer checks
+    no range itself for an option with a parser, so the check is all here.
+    """
+    import math
+
+    def parse(value: object) -> float:
+        from pydantic import Field, TypeAdapter, ValidationError
+
+        try:
+            number = TypeAdapter(float).validate_python(value)
+            if math.isnan(number):
+                raise typer.BadParameter(f"{value} is not a number; give one from {low:g} to {high:g}")
+            return TypeAdapter(Annotated[float, Field(ge=low, le=high)]).validate_python(number)
+        except ValidationError as err:
+            raise typer.BadParameter(str(err.errors()[0]["msg"])) from None
+
+    return {"min": low, "max": high, "parser": parse}
 
 
 def stdout() -> Console:

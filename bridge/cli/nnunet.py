@@ -14,6 +14,7 @@ from bridge.cli.common import (
     console,
     fail,
     interrupted,
+    number_range,
     require_out_folder,
     warn_of_count,
 )
@@ -39,7 +40,9 @@ def import_nnunet_cmd(
     mpp: Annotated[
         float,
         typer.Option(
-            "--mpp", min=0.05, max=64.0, help="µm/px of the training images (nnU-Net keeps no unit for 2D images)."
+            "--mpp",
+            **number_range(0.05, 64.0),
+            help="µm/px of the training images (nnU-Net keeps no unit for 2D images).",
         ),
     ],
     checkpoints: Annotated[
@@ -177,8 +180,7 @@ def export_nnunet_cmd(
         float,
         typer.Option(
             "--mpp",
-            min=0.05,
-            max=64.0,
+            **number_range(0.05, 64.0),
             help="µm/px of the exported tiles (not the images': a project's come from QuPath, else from the file).",
         ),
     ] = 2.0,

@@ -328,12 +328,12 @@ def test_cli_requires_mpp(tmp_path):
     [
         ("nan", "nan is not a number; give one from 0.05 to 64"),
         ("NaN", "NaN is not a number; give one from 0.05 to 64"),
-        ("inf", "Input should be less than or equal to 64"),
-        ("100", "Input should be less than or equal to 64"),
-        ("-inf", "Input should be greater than or equal to 0.05"),
-        ("-1", "Input should be greater than or equal to 0.05"),
-        ("0", "Input should be greater than or equal to 0.05"),
-        ("two", "Input should be a valid number, unable to parse string as a number"),
+        ("inf", "inf is outside 0.05 to 64"),
+        ("100", "100 is outside 0.05 to 64"),
+        ("-inf", "-inf is outside 0.05 to 64"),
+        ("-1", "-1 is outside 0.05 to 64"),
+        ("0", "0 is outside 0.05 to 64"),
+        ("two", "two is not a number; give one from 0.05 to 64"),
     ],
 )
 def test_cli_says_an_mpp_of_nan_is_not_a_number_and_one_out_of_range_is(tmp_path, value, said):

@@ -180,6 +180,7 @@ _PUBLIC = {
     "write_ihc_phantom": "inference.phantom.pyramid",
     "ihc_to_he_points": "inference.phantom.ihc",
     "load_truth": "inference.phantom.truth",
+    "phantom_mpp_advice": "inference.phantom.truth",
     "PhantomTruthData": "inference.phantom.truth",
     "NUCLEUS_CLASSES": "inference.phantom.truth",
     "IHC_NUCLEUS_CLASSES": "inference.phantom.truth",

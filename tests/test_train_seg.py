@@ -587,3 +587,30 @@ def test_a_nuclei_training_refused_for_its_slides_leaves_no_out_folder(tmp_path)
     with pytest.raises(ValueError, match="different stains or classes"):
         train_nuclei(config)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["seg", "nuclei"])
+def test_a_phantom_of_implausible_pixel_size_is_told_in_the_training_commands_words(small_phantom, tmp_path, command):
+    # The library's advice, "pass ... as mpp", named an argument neither command takes (helper-152).
+    import shutil
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from bridge.cli.app import app
+    from inference.phantom.truth import truth_dir_for
+
+    data = Path(small_phantom).read_bytes()
+    assert data.count(b"MPP = 0.5") == 1
+    bad = tmp_path / "bad.svs"
+    bad.write_bytes(data.replace(b"MPP = 0.5", b"MPP = 900"))  # as many characters: the TIFF's offsets stay right
+    shutil.copytree(truth_dir_for(Path(small_phantom)), truth_dir_for(bad))
+    result = CliRunner().invoke(app, ["train", command, str(bad), "--out", str(tmp_path / "m")], env={"COLUMNS": "400"})
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1, said
+    assert (
+        f"bad.svs: microns per pixel 900 (from openslide.mpp-x/y) is outside the plausible range (0.05, 50.0); `pdl1 "
+        f"train {command}` (whose --input-mpp is the model's resolution, not the slides') reads each phantom at the "
+        "pixel size its file states, and takes none"
+    ) in said, said
+    assert "as mpp" not in said

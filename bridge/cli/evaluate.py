@@ -20,7 +20,7 @@ from bridge.cli.common import (
     stdout,
     write_model_copy,
 )
-from inference import Pdl1Error, __version__
+from inference import Pdl1Error, __version__, phantom_mpp_advice
 
 
 class _DefaultSuiteGroup(TyperGroup):
@@ -52,27 +52,11 @@ def _require_model_stain(manifest, stain: str, *, option: str, folder, command: 
         )
 
 
-def _phantom_mpp_advice(command: str):
-    """How a user of ``command`` gives a slide a pixel size, in the messages of one it finds none (or an implausible
-    one) for (:data:`inference.MppAdvice`): it reads a phantom at its file's own and has no option for it, so the
-    library's advice, "pass ... as mpp", named an argument it does not take. A phantom's pixel size is the one it
-    was written at, which its truth records, not a scanner's (the ``value`` the library offers)."""
-
-    def advice(value: str) -> str:
-        return (
-            f"{command} reads each phantom at the pixel size its file states, and takes none: write the phantom "
-            "again with `pdl1 phantom ... --overwrite` at the --mpp its truth.json records (spec.mpp), which the "
-            "file then states; or leave the slide out"
-        )
-
-    return advice
-
-
-EVAL_MPP_ADVICE = _phantom_mpp_advice("`pdl1 eval`")
-REGISTRATION_MPP_ADVICE = _phantom_mpp_advice(
+EVAL_MPP_ADVICE = phantom_mpp_advice("`pdl1 eval`")
+REGISTRATION_MPP_ADVICE = phantom_mpp_advice(
     "`pdl1 eval registration` (whose --mpp is the resolution it registers at, not the slides')"
 )
-CALIBRATE_MPP_ADVICE = _phantom_mpp_advice("`pdl1 calibrate`")
+CALIBRATE_MPP_ADVICE = phantom_mpp_advice("`pdl1 calibrate`")
 
 
 def _check_truths(

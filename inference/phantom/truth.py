@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,6 +174,27 @@ def combined_positive_score(tumour_positive: int, immune_positive: int, tumour: 
     if tumour <= 0:
         return None
     return float(min(100.0, 100.0 * (tumour_positive + immune_positive) / tumour))
+
+
+def phantom_mpp_advice(command: str) -> Callable[[str], str]:
+    """How a user of ``command`` gives a phantom a pixel size, for the messages of one whose file states none or an
+    implausible one (:data:`inference.slides.slide.MppAdvice`): the command reads each phantom at the pixel size its
+    file states and takes none, so the library's advice, "pass ... as mpp", names an argument it does not take. A
+    phantom's pixel size is the one it was written at, which its truth records, not a scanner's (the ``value`` the
+    library offers).
+
+    >>> phantom_mpp_advice("`pdl1 eval`")("0.5")[:60]
+    '`pdl1 eval` reads each phantom at the pixel size its file st'
+    """
+
+    def advice(value: str) -> str:
+        return (
+            f"{command} reads each phantom at the pixel size its file states, and takes none: write the phantom "
+            "again with `pdl1 phantom ... --overwrite` at the --mpp its truth.json records (spec.mpp), which the "
+            "file then states; or leave the slide out"
+        )
+
+    return advice
 
 
 @dataclass(frozen=True)

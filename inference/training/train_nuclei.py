@@ -30,7 +30,7 @@ from inference.analysis.points import gaussian_targets
 from inference.models.ensemble import Ensemble
 from inference.models.manifest import Manifest, Member, read_manifest, write_manifest
 from inference.models.nuclei_model import DilatedResFCN
-from inference.phantom.truth import load_truth
+from inference.phantom.truth import load_truth, phantom_mpp_advice
 from inference.slides.slide import open_slide
 from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
 from inference.training.anchor import WeightAnchor, check_fine_tuning
@@ -135,7 +135,9 @@ class _NucleiData:
 
 def load_nuclei_slide(path: str | Path, *, input_mpp: float) -> _NucleiData:
     truth = load_truth(path)
-    with open_slide(path) as slide:
+    # The library's advice ("pass ... as mpp") names no option of the command; its --input-mpp is the model's.
+    advice = phantom_mpp_advice("`pdl1 train nuclei` (whose --input-mpp is the model's resolution, not the slides')")
+    with open_slide(path, mpp_advice=advice) as slide:
         rgb = slide.whole_at_mpp(input_mpp, reader="nuclei training")
         ds = input_mpp / slide.mpp.mean
     return _NucleiData(

@@ -32,7 +32,7 @@ from inference import __version__
 from inference.advice import SettingWords, library_setting, renamed
 from inference.models.manifest import Manifest, Member, write_manifest
 from inference.models.unet import PlainConvUNet
-from inference.phantom.truth import load_truth
+from inference.phantom.truth import load_truth, phantom_mpp_advice
 from inference.slides.slide import open_slide
 from inference.slides.tissue import detect_tissue
 from inference.training.anchor import WeightAnchor, check_fine_tuning
@@ -213,7 +213,9 @@ def _refuse_ihc_truth(slides: Sequence[str | Path]) -> None:
 def load_training_slide(path: str | Path, *, input_mpp: float, patch_px: int) -> _SlideData:
     """Read a phantom slide whole at ``input_mpp`` with its truth mask on the same grid."""
     truth = load_truth(path)
-    with open_slide(path) as slide:
+    # The library's advice ("pass ... as mpp") names no option of the command; its --input-mpp is the model's.
+    advice = phantom_mpp_advice("`pdl1 train seg` (whose --input-mpp is the model's resolution, not the slides')")
+    with open_slide(path, mpp_advice=advice) as slide:
         rgb = slide.whole_at_mpp(input_mpp, reader="segmentation training")
         ds = input_mpp / slide.mpp.mean
     h, w = rgb.shape[:2]

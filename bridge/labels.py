@@ -115,6 +115,10 @@ _OVERLAP_TOLERANCE_PX2 = 1.0
 
 # The count of paired IHC areas whose IHC's own analysis was flagged for review (pdl1 train warns of them).
 DOUBTFUL_IHC_COUNT = "paired IHC positive areas whose IHC analysis needs review"
+# The counts of paired IHC areas passed over: without a band (``LabelRules.ihc_band_um``), which only `pdl1 train
+# seg` gives (`pdl1 export nnunet` reads labels without one), and by a nuclei run, which trains on points.
+IHC_AREA_SKIPPED = "skipped: paired IHC area (`pdl1 train seg --ihc-band-um` trains on it)"
+IHC_AREA_SKIPPED_POINTS = "skipped: paired IHC area (a nuclei run)"
 # Counted (the number of targets) where the last run analysed several targets of an image (TMA cores, annotations)
 # but left no record of every target's output of the summary's run (target_regions.json; an earlier version): the
 # first target's alone is at hand, so the FN candidates a person deleted and the nuclei a person reclassified in the
@@ -181,6 +185,9 @@ class LabelRules:
     # The stain of the slides labelled: "H&E" (the segmentation ensemble, the H&E nuclei model) or "H-DAB" (points
     # on PD-L1 IHC slides, for the IHC nuclei model; class_names then the IHC classes).
     stain: str = "H&E"
+    # The caller's option that sets ``stain`` (``pdl1 train nuclei``'s --stain, he or ihc), offered in advice; empty
+    # where the command has none (``pdl1 train seg``, ``pdl1 export nnunet``: their labels are H&E's).
+    stain_option: str = ""
 
 
 def export_path(project_folder: Path, entry_id: str) -> Path:
@@ -791,11 +798,13 @@ def labels_from_objects(
     mpp: float | None = None,
     written: WrittenObjects | None = None,
     skipped: Mapping[str, int] | None = None,
+    leave_out: str = "leave the entry out (--entries)",
 ) -> SlideLabels:
     """The labels of one image from its QuPath objects (see the module docstring for the rules).
 
     ``skipped``: the counts of objects the reader already passed over (:attr:`LabelObjects.skipped`), kept in the
-    labels' counts as if they had been given.
+    labels' counts as if they had been given. ``leave_out``: how the caller's user leaves the image out, the last
+    fix of an image without labels (a project entry's by default; a slide given with its GeoJSON has no entry).
 
     ``written``: what the tool wrote into this image (a project entry's: :meth:`WrittenObjects.of_entry`; None for
     a plain slide's GeoJSON, whose nuclei reviews are not read); with ``rules.from_review`` a reclassified nucleus
@@ -929,7 +938,7 @@ def labels_from_objects(
             counts[f"areas: {cls}"] += 1
         elif cls == PDL1_IHC_POSITIVE.name:
             if rules.ihc_band_um is None:
-                counts["skipped: paired IHC area (use --ihc-band-um)"] += 1
+                counts[IHC_AREA_SKIPPED_POINTS if rules.points else IHC_AREA_SKIPPED] += 1
                 continue
             ihc.append(_area(geometry, what))
             counts["paired IHC positive areas"] += 1
@@ -1098,12 +1107,11 @@ def labels_from_objects(
         if labels.drew_regions:  # drawn, but nothing of them is a label: trained on, they gave no pixel
             raise LabelError(
                 f"{where}: no labelled pixels ({skipped}): the Training regions and PD-L1 areas have no area, or "
-                "Ignore* areas cover them; draw them again around tissue, shrink the Ignore* areas, or leave the "
-                "entry out (--entries)"
+                f"Ignore* areas cover them; draw them again around tissue, shrink the Ignore* areas, or {leave_out}"
             )
         raise LabelError(
             f"{where}: no labels ({skipped}); draw 'Training region', 'PD-L1 positive' or 'PD-L1 negative' "
-            "areas or nucleus points, or leave the entry out (--entries)"
+            f"areas or nucleus points, or {leave_out}"
         )
     return labels
 
@@ -1163,10 +1171,12 @@ def read_geojson_labels(
     mpp: float | None = None,
     written: WrittenObjects | None = None,
     export_again: str = "export the objects again from QuPath as GeoJSON",
+    leave_out: str = "leave the slide and its GeoJSON (--labels) out",
 ) -> SlideLabels:
     """Labels from a QuPath GeoJSON export (QuPath's *Export objects*, ``pdl1_export_labels.groovy``, or the
     ``pdl1/pairs/<H&E key>.ihc_positive.geojson`` of a paired IHC). ``export_again``: the fix for a file that
-    does not read (how the file at hand is made again)."""
+    does not read (how the file at hand is made again); ``leave_out``: how the slide is left out, for a file that
+    holds no labels (:func:`labels_from_objects`; a slide given with its file, not a project's entry)."""
     path = Path(path)
     if path.is_dir():  # "no such GeoJSON file" of a folder that is there
         raise LabelError(
@@ -1186,6 +1196,7 @@ def read_geojson_labels(
         mpp=mpp,
         written=written,
         skipped=read.skipped,
+        leave_out=leave_out,
     )
 
 
@@ -1553,14 +1564,16 @@ def warn_unless_stain(slide: str | Path | Slide, source: str, rules: LabelRules)
             colour = detect_slide_stain(opened)
     if colour.stain != rules.stain and colour.margin_deg >= STAIN_WARNING_MARGIN_DEG:
         model = "the PD-L1 IHC nuclei model" if rules.stain == "H-DAB" else "the H&E models"
+        # The other stain's labels train where the command has an option for it (rules.stain_option), else nowhere.
+        other = f" (or give `{rules.stain_option} {'he' if rules.stain == 'H-DAB' else 'ihc'}`)"
         log.warning(
-            "%s: its colour says %s (%s), but these labels train %s; if it is another stain, leave it out (or give "
-            "`--stain %s`); if it is %s, set its image type in QuPath to make that plain",
+            "%s: its colour says %s (%s), but these labels train %s; if it is another stain, leave it out%s; if it "
+            "is %s, set its image type in QuPath to make that plain",
             source,
             colour.stain,
             colour.reason,
             model,
-            "he" if rules.stain == "H-DAB" else "ihc",
+            other if rules.stain_option else "",
             "a PD-L1 IHC" if rules.stain == "H-DAB" else "an H&E",
         )
 

@@ -464,12 +464,19 @@ def test_a_slide_whose_colour_says_another_stain_is_warned_of(ihc_pair, caplog):
         with caplog.at_level("WARNING", logger="bridge.labels"):
             warn_unless_stain(slide, slide.name, rules)
         assert not caplog.records
+    # --stain is offered only where the command has it (pdl1 train nuclei); pdl1 train seg and pdl1 export nnunet,
+    # which read H&E labels, were told to give it too.
+    nuclei_rules = dataclasses.replace(RULES, stain_option="--stain")
     with caplog.at_level("WARNING", logger="bridge.labels"):
-        warn_unless_stain(ihc, "ihc_271.svs", RULES)
-        warn_unless_stain(he, "he_271.svs", ihc_rules)
-    first, second = (r.getMessage() for r in caplog.records)
-    assert first.startswith("ihc_271.svs: its colour says H-DAB") and "`--stain ihc`" in first
+        warn_unless_stain(ihc, "ihc_271.svs", nuclei_rules)
+        warn_unless_stain(he, "he_271.svs", dataclasses.replace(ihc_rules, stain_option="--stain"))
+        warn_unless_stain(ihc, "ihc_271.svs", LabelRules(points=False))
+    first, second, third = (r.getMessage() for r in caplog.records)
+    assert first.startswith("ihc_271.svs: its colour says H-DAB") and "(or give `--stain ihc`)" in first
     assert second.startswith("he_271.svs: its colour says H&E") and "train the PD-L1 IHC nuclei model" in second
+    assert "(or give `--stain he`)" in second
+    assert third.startswith("ihc_271.svs: its colour says H-DAB") and "--stain" not in third
+    assert "if it is another stain, leave it out; if it is an H&E, set its image type in QuPath" in third
 
 
 @pytest.mark.qupath
@@ -582,8 +589,14 @@ def test_a_paired_ihc_area_labels_the_whole_he_with_a_band_around_its_edge_ignor
     # 10 µm at 0.5 µm/px: 20 px either side of the edge at x = 100 are not labels.
     assert (target[200, 81:119] == IGNORE_LABEL).all()
     assert target[200, 78] == 0 and target[200, 122] == 1
-    with pytest.raises(LabelError, match=r"no labels \(skipped: paired IHC area \(use --ihc-band-um\): 1\)"):
-        read_geojson_labels(path, slide="he_1.svs", image_size_px=(400, 400), rules=LabelRules(()), mpp=0.5)
+    # Skipped, the count says what trains on it: only pdl1 train seg has --ihc-band-um (pdl1 export nnunet reads
+    # regions without one), and a nuclei run trains on points (both were told "use --ihc-band-um").
+    for without_band, why in (
+        (LabelRules((), points=False), r"\(`pdl1 train seg --ihc-band-um` trains on it\)"),
+        (LabelRules(HE_CLASSES), r"\(a nuclei run\)"),
+    ):
+        with pytest.raises(LabelError, match=rf"no labels \(skipped: paired IHC area {why}: 1\)"):
+            read_geojson_labels(path, slide="he_1.svs", image_size_px=(400, 400), rules=without_band, mpp=0.5)
     # The area is positive cells' discs (8 µm around each): a gap narrower than two cells between them lies in a
     # positive nest and is closed before the band is cut, so the band does not eat the nest from inside.
     cells = shapely.union_all([shapely.Point(x, 200).buffer(16) for x in (100, 136, 172, 208, 244, 280)])
@@ -1024,12 +1037,21 @@ def test_a_class_map_onto_no_class_of_the_model_names_the_mistyped_target():
     ],
     ids=["all-ignored", "positive-ignored", "no-area"],
 )
-def test_region_labels_that_leave_no_labelled_pixel_are_refused_not_trained_on(objects, said):
+def test_region_labels_that_leave_no_labelled_pixel_are_refused_not_trained_on(objects, said, tmp_path):
     # An Ignore* over everything, or a Training region of no area: pdl1 train seg trained on no pixel (its loss 0)
     # and counted the labels as used.
     seg = LabelRules((), points=False)
-    with pytest.raises(LabelError, match=r"s\.svs: " + said):
+    with pytest.raises(LabelError, match=r"s\.svs: " + said + r".*or leave the entry out \(--entries\)$"):
         labels_from_objects(objects, slide="s.svs", image_size_px=(10, 10), rules=seg)
+    # A slide given with its GeoJSON (--labels) is no project entry, and --entries is refused there: it was told
+    # to leave "the entry" out with --entries all the same.
+    from bridge.qupath_geojson import to_feature, write_features
+
+    path = tmp_path / "s.geojson"
+    write_features(path, [to_feature(o) for o in objects])
+    with pytest.raises(LabelError, match=said + r".*or leave the slide and its GeoJSON \(--labels\) out$") as err:
+        read_geojson_labels(path, slide="s.svs", image_size_px=(10, 10), rules=seg)
+    assert "--entries" not in str(err.value)
 
 
 def _two_core_run(project: Path, *, regions_file: str = "this run") -> dict:

@@ -209,6 +209,30 @@ def test_pdl1_train_seg_refuses_unlabeled_slides_it_cannot_pseudo_label(phantoms
     assert f"unlabelled slide {ihc} is H-DAB" in text and "was trained on H&E" in text
 
 
+def test_the_rest_of_a_labelled_slide_it_cannot_pseudo_label_is_told_to_leave_out_pseudo_label_rest(tmp_path):
+    # --pseudo-label-rest adds the labelled slides themselves, never given with --unlabeled: "Leave it out of
+    # --unlabeled" named an option the user had not used.
+    ihc = tmp_path / "ihc.svs"
+    write_ihc_phantom(ihc, PhantomSpec(1024, 1024, seed=25, tps_percent=40))
+    box = [[100, 100], [900, 100], [900, 900], [100, 900], [100, 100]]
+    region = {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [box]},
+        "properties": {"objectType": "annotation", "classification": {"name": "Training region"}},
+    }
+    labels = tmp_path / "ihc.geojson"
+    labels.write_text(json.dumps({"type": "FeatureCollection", "features": [region]}))
+    args = ["train", "seg", str(ihc), "--labels", str(labels), "--pseudo-label-rest", "--out", str(tmp_path / "m")]
+    result = runner.invoke(app, [*args, *TINY, "--no-progress"], env={"COLUMNS": "400"})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, text
+    assert f"unlabelled slide {ihc} (the rest of its labels) is H-DAB" in text
+    assert (
+        "only slides of that stain: leave out --pseudo-label-rest (or the slide and its labels); if it is H&E" in text
+    )
+    assert "out of --unlabeled" not in text and not (tmp_path / "m" / "manifest.json").exists()
+
+
 def test_unlabeled_names_files_or_entries_of_the_project_trained_on(fixtures_dir, tmp_path):
     import shutil
 

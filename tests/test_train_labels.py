@@ -105,11 +105,11 @@ def test_fine_tuning_refuses_a_model_of_other_classes():
 
 
 def test_fine_tuning_refusals_name_pdl1_trains_options_in_its_words():
-    from bridge.cli.train import TRAIN_WORDS
+    from bridge.cli.train import NUCLEI_TRAIN_WORDS
 
     kwargs = {"in_channels": 3, "n_classes": 3, "width": 32, "dilations": [1, 2, 4, 8]}
     model = DilatedResFCN(**{**kwargs, "dilations": (1, 2, 4, 8)})
-    common = {"task": "nuclei", "architecture": "DilatedResFCN", "stain": "H&E", "setting": TRAIN_WORDS}
+    common = {"task": "nuclei", "architecture": "DilatedResFCN", "stain": "H&E", "setting": NUCLEI_TRAIN_WORDS}
     said = r"--init has the classes .*; map the label classes onto the model's \(--class-map\) or train from scratch"
     with pytest.raises(ModelFileError, match=said + r" \(--init none\)$"):
         init_weights(model, demo_model_dir("nuclei"), **common, arch_kwargs=kwargs, class_names=("a", "b", "c"))
@@ -119,8 +119,36 @@ def test_fine_tuning_refusals_name_pdl1_trains_options_in_its_words():
         )
 
 
+def test_fine_tuning_a_segmentation_model_of_other_classes_offers_no_class_map():
+    # pdl1 train seg has no --class-map (a segmentation's classes are fixed), and was told to map its labels with it.
+    from bridge.cli.train import SEG_TRAIN_WORDS
+    from inference.models.manifest import read_manifest
+    from inference.models.unet import PlainConvUNet
+
+    demo = demo_model_dir("seg")
+    kwargs = read_manifest(demo, verify=False).architecture_kwargs
+    model = PlainConvUNet(**{**kwargs, "features": tuple(kwargs["features"])})
+    with pytest.raises(ModelFileError) as err:
+        init_weights(
+            model,
+            demo,
+            task="segmentation",
+            architecture="PlainConvUNet",
+            arch_kwargs=kwargs,
+            class_names=("background", "tumour"),
+            stain="H&E",
+            setting=SEG_TRAIN_WORDS,
+        )
+    said = str(err.value)
+    assert said.endswith(
+        "the labels ['background', 'tumour']; give a model of the classes ['background', 'tumour'] or train from "
+        "scratch (--init none)"
+    ), said
+    assert "--class-map" not in said
+
+
 def test_pdl1_train_nuclei_fine_tuning_a_model_of_another_stain_names_init(finetune_phantom, tmp_path):
-    # Deep in the training library, after the slides are read: the CLI passes its words down (TRAIN_WORDS).
+    # Deep in the training library, after the slides are read: the CLI passes its words down (NUCLEI_TRAIN_WORDS).
     ihc = str(demo_model_dir("nuclei-ihc"))
     args = ["train", "nuclei", finetune_phantom, "--init", ihc, "--out", str(tmp_path / "m"), *TINY, "--no-progress"]
     result = runner.invoke(app, args, env={"COLUMNS": "400"})
@@ -250,6 +278,67 @@ def test_pdl1_train_nuclei_usage_errors(labelled, tmp_path):
     assert result.exit_code == 1 and "already holds a model (manifest.json)" in " ".join(result.output.split())
     result = runner.invoke(app, ["train", "seg", slide, "--cycles", "1", "--out", str(tmp_path / "m")])
     assert result.exit_code == 2 and "--no-drop-first-cycle" in result.output
+
+
+@pytest.mark.parametrize("task", ["seg", "nuclei"])
+def test_a_slide_whose_geojson_holds_no_labels_is_told_to_leave_the_slide_out_not_an_entry(labelled, tmp_path, task):
+    # `pdl1 train seg|nuclei SLIDE --labels X.geojson` was told "or leave the entry out (--entries)", an option
+    # refused for slide files ("--entries chooses entries of a QuPath project").
+    empty = tmp_path / "empty.geojson"
+    empty.write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    args = ["train", task, str(labelled / "he-1357.svs"), "--labels", str(empty), "--out", str(tmp_path / "m")]
+    result = runner.invoke(app, args, env={"COLUMNS": "400"})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, text
+    assert f"{empty}: no labels (no objects); draw 'Training region'" in text
+    assert "or leave the slide and its GeoJSON (--labels) out" in text and "--entries" not in text
+
+
+@pytest.mark.parametrize(
+    ("task", "offered"),
+    [("seg", None), ("nuclei", "(or give `--stain ihc`)")],
+)
+def test_a_labelled_slide_of_the_other_stain_is_offered_stain_only_where_the_command_has_it(
+    ihc_pair, tmp_path, caplog, task, offered
+):
+    # pdl1 train seg (and pdl1 export nnunet) have no --stain, and were told "leave it out (or give `--stain ihc`)".
+    _, ihc = ihc_pair
+    empty = tmp_path / "empty.geojson"
+    empty.write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    args = ["train", task, str(ihc), "--labels", str(empty), "--out", str(tmp_path / "m")]
+    with caplog.at_level("WARNING", logger="bridge.labels"):
+        result = runner.invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 1, result.output  # no labels in the file: refused after the warning
+    (said,) = [r.getMessage() for r in caplog.records if "its colour says H-DAB" in r.getMessage()]
+    if offered is None:
+        assert "--stain" not in said and "if it is another stain, leave it out; if it is an H&E" in said, said
+    else:
+        assert f"if it is another stain, leave it out {offered}; if it is an H&E" in said, said
+
+
+@pytest.mark.parametrize(
+    ("args", "named", "not_named"),
+    [
+        (["seg", "--from-review"], "--from-review applies", ["--class-map", "--ihc-band-um"]),
+        (["seg", "--ihc-band-um", "20", "--from-review"], "--from-review and --ihc-band-um apply", ["--class-map"]),
+        (["nuclei", "--class-map", "Lymphocyte=Other"], "--class-map applies", ["--from-review", "--ihc-band-um"]),
+    ],
+    ids=["seg-review", "seg-band-and-review", "nuclei-class-map"],
+)
+def test_label_options_on_phantom_truth_name_only_those_given(tmp_path, args, named, not_named):
+    # Both commands said "--from-review, --class-map and --ihc-band-um apply to QuPath labels": seg has no
+    # --class-map, nuclei no --ihc-band-um.
+    task, *options = args
+    result = runner.invoke(
+        app,
+        ["train", task, str(tmp_path / "phantom.svs"), *options, "--out", str(tmp_path / "m")],
+        env={"COLUMNS": "400"},
+    )
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2, text
+    assert f"{named} to QuPath labels (a project or --labels), not to phantom truth" in text, text
+    for option in not_named:
+        assert option not in text
 
 
 def _point_feature(x: float, y: float) -> dict:

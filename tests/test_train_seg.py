@@ -219,7 +219,8 @@ def test_cli_an_interrupted_run_is_continued_only_by_its_own_command(small_phant
     other = _train_seg_cli(small_phantom, out, "--resume", "--seed", "4")
     said = "".join(other.output.split())  # the rich error box breaks lines inside the long path
     assert other.exit_code == 1, other.output
-    assert "".join(f"{state}: was written by a run with other settings (seed: 0 there, 4 now)".split()) in said
+    # Named by its option, as given (the config's field names were said: iterations_per_epoch for --iterations).
+    assert "".join(f"{state}: was written by a run with other settings (--seed: 0 there, 4 now)".split()) in said
     assert "--resume" in said and state.read_bytes() == before and not (out / "manifest.json").exists()
     assert _train_seg_cli(small_phantom, out, "--resume").exit_code == 0
     assert _train_seg_cli(small_phantom, tmp_path / "whole").exit_code == 0
@@ -280,7 +281,7 @@ def test_cli_ctrl_c_after_the_model_is_written_says_it_is_complete(small_phantom
 
 
 def test_a_checkpoint_is_continued_only_with_its_settings_and_labels(tmp_path, monkeypatch):
-    from bridge.cli.train import TRAIN_WORDS
+    from bridge.cli.train import NUCLEI_TRAIN_WORDS, SEG_TRAIN_WORDS
     from inference.errors import ModelFileError
     from inference.training.cyclic import check_checkpoint_run, run_identity, save_checkpoint
 
@@ -310,7 +311,7 @@ def test_a_checkpoint_is_continued_only_with_its_settings_and_labels(tmp_path, m
     with pytest.raises(
         ModelFileError,
         match=r"other labels \(the labels of 1 of 2 slides: objects drawn, changed or deleted in QuPath since, or read "
-        r"with other label options \(such as from_review or class_map\), or phantom truth written again\)\. "
+        r"with other label_rules, or phantom truth written again\)\. "
         r".*resume=True",
     ) as err:
         check_checkpoint_run(tmp_path, run_identity(config, ["1" * 64, "3" * 64]))
@@ -319,13 +320,29 @@ def test_a_checkpoint_is_continued_only_with_its_settings_and_labels(tmp_path, m
     )
     with pytest.raises(ModelFileError, match=r"other settings \(batch_size: 16 there, 8 now; cycles: 3 there, 4 now\)"):
         check_checkpoint_run(tmp_path, run_identity(replace(config, cycles=4, batch_size=8), ["1" * 64, "2" * 64]))
-    # In the caller's words: pdl1 train's are its command, --resume and --out, and its label options.
-    options = r"read with other label options \(such as --from-review or --class-map\)"
-    with pytest.raises(ModelFileError, match=options) as err:
-        check_checkpoint_run(tmp_path, run_identity(config, []), setting=TRAIN_WORDS)
-    assert str(err.value).endswith(
-        ": the same command and labels, with --resume, continue it; a new --out starts another run"
+    # In the caller's words: pdl1 train's are its command, --resume and --out, and each command's own label options
+    # (train seg has no --class-map, which it was told of; train nuclei no --ihc-band-um).
+    for words, options in (
+        (SEG_TRAIN_WORDS, "such as --from-review or --ihc-band-um"),
+        (NUCLEI_TRAIN_WORDS, "such as --from-review, --class-map or --stain"),
+    ):
+        with pytest.raises(ModelFileError, match=rf"read with other label options \({options}\)") as err:
+            check_checkpoint_run(tmp_path, run_identity(config, []), setting=words)
+        assert str(err.value).endswith(
+            ": the same command and labels, with --resume, continue it; a new --out starts another run"
+        )
+    # The settings that differ by the options that set them, not the config's fields (iterations_per_epoch, lr_min,
+    # tile_size_px and slides were named as such).
+    other = replace(config, iterations_per_epoch=7, lr_min=1e-6, tile_size_px=512, slides=(str(tmp_path / "b.svs"),))
+    with pytest.raises(ModelFileError) as err:
+        check_checkpoint_run(tmp_path, run_identity(other, ["1" * 64, "2" * 64]), setting=SEG_TRAIN_WORDS)
+    said = str(err.value)
+    assert "other settings (--iterations: 10 there, 7 now; the lowest learning rate (a hundredth of --lr-max): " in said
+    assert (
+        "the slides trained on: [" in said and "the tile size, which pdl1 train sets itself: 256 there, 512 now" in said
     )
+    for field in ("iterations_per_epoch", "lr_min", "tile_size_px", "slides:"):
+        assert field not in said, said
 
 
 def test_losses():

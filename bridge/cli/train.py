@@ -28,16 +28,39 @@ app = typer.Typer(help="Train models on phantom slides with truth, or on your ow
 
 _TRAINING_KEPT = "{out} holds a checkpoint of the last finished epoch; the same command with --resume goes on from it"
 # How `pdl1 train` sets the trainers' settings, for the advice of their messages (the library's own name the configs'
-# fields): --init is init_model, --class-map maps the labels' class_names, --val-entries and --val-fraction choose
-# the validation_slides, --out is out_dir, and the command gives the config, every setting at once (an interrupted
-# run is continued by the same command and labels); the others are the fields' names with dashes (--patch-px,
-# --resume).
-TRAIN_WORDS = option_words(
-    init_model="--init",
+# fields): --init is init_model, --val-entries and --val-fraction choose the validation_slides, --out is out_dir,
+# --iterations is iterations_per_epoch, --lr-max sets lr_min too (a hundredth of it), and the command gives the
+# config, every setting at once (an interrupted run is continued by the same command and labels); the slides and
+# their µm/px come from the sources, and a few fields no option sets (a checkpoint of another version may differ
+# there); the others are the fields' names with dashes (--patch-px, --resume).
+_FIXED = "which pdl1 train sets itself"
+_TRAIN_RENAMES = {
+    "init_model": "--init",
+    "validation_slides": "--val-entries or --val-fraction",
+    "out_dir": "--out",
+    "config": "command",
+    "iterations_per_epoch": "--iterations",
+    "lr_min": "the lowest learning rate (a hundredth of --lr-max)",
+    "slides": "the slides trained on",
+    "slide_mpp": "the slides' µm/px (a project's: QuPath's Pixel width/height)",
+    "pseudo_model": "the pseudo-labelling model (--init)",
+    "tile_size_px": f"the tile size, {_FIXED}",
+    "weight_decay": f"the weight decay, {_FIXED}",
+    "threshold": f"the threshold, {_FIXED}",
+    "dilations": f"the dilations, {_FIXED}",
+}
+TRAIN_WORDS = option_words(**_TRAIN_RENAMES)
+# Each command's own: the label options it reads the labels with (the library's label_rules), and seg's unlabeled
+# slides, which --pseudo-label-rest adds to; nuclei's --class-map maps the labels' class_names, seg has none.
+SEG_TRAIN_WORDS = option_words(
+    **_TRAIN_RENAMES,
+    unlabeled="the pseudo-labelled slides (--unlabeled, --pseudo-label-rest)",
+    label_rules="label options (such as --from-review or --ihc-band-um)",
+)
+NUCLEI_TRAIN_WORDS = option_words(
+    **_TRAIN_RENAMES,
     class_names="--class-map",
-    validation_slides="--val-entries or --val-fraction",
-    out_dir="--out",
-    config="command",
+    label_rules="label options (such as --from-review, --class-map or --stain)",
 )
 # pseudo_label_slides' slides are `pdl1 train seg`'s --unlabeled.
 _PSEUDO_WORDS = option_words(slides="--unlabeled")
@@ -408,7 +431,18 @@ def _pseudo_labels(
 
     items = unlabeled_slides(unlabeled, project=project, labelled=[*labelled, *held_out], search_dirs=search_dirs)
     # A labelled slide is read at the µm/px its labels are trained at (its project's, else its file's own).
-    items += [UnlabeledSlide(path=lab.slide, mpp=lab.mpp, name=f"{lab.slide} (the rest of its labels)") for lab in rest]
+    rest_items = [
+        UnlabeledSlide(path=lab.slide, mpp=lab.mpp, name=f"{lab.slide} (the rest of its labels)") for lab in rest
+    ]
+    items += rest_items
+
+    def leave_out(item: UnlabeledSlide) -> str:
+        """How a slide is left out of the pseudo-labels: --pseudo-label-rest added the labelled ones, never given
+        with --unlabeled."""
+        if item in rest_items:
+            return "leave out --pseudo-label-rest (or the slide and its labels)"
+        return "leave it out of --unlabeled"
+
     teacher = init_model or str(demo_model_dir("seg"))
     rule = PseudoLabelRule(margin=margin, mi_limit=mi_limit, weight=weight)
     with progress_bar("pseudo-labels", enabled=progress) as on_progress:
@@ -421,6 +455,7 @@ def _pseudo_labels(
             on_progress=on_progress,
             mpp_advice=_pseudo_mpp_advice,
             setting=_PSEUDO_WORDS,
+            leave_out=leave_out,
         )
     typer.echo(
         f"pseudo-labels by {teacher}: mean probability >= {1 - margin:g} positive, <= {margin:g} negative, "
@@ -496,12 +531,13 @@ def _read_labels(
     points: bool,
     ihc_band_um: float | None = None,
     search_dirs: tuple[Path, ...] = (),
-    stain: str = "H&E",
+    stain: str | None = None,
 ) -> list:
     """The SlideLabels of a project, or of slides each with its GeoJSON (in order); [] for phantom slides.
 
     ``points``: a nuclei run (the nuclei classes of ``stain``: H&E, or H-DAB for the PD-L1 IHC nuclei model); else
-    a segmentation run, which reads the areas only (H&E).
+    a segmentation run, which reads the areas only (H&E). ``stain``: --stain's (``pdl1 train nuclei``); None for a
+    command without it, whose labels are H&E's.
     A project's labels carry the pixel size QuPath states for each entry (it replaces the file's own, as in
     `pdl1 run`); a slide with its GeoJSON has only its file's. A slide that states none either way is refused
     here, before anything is trained, saying how to give one; so is one image file that two entries set to
@@ -526,7 +562,8 @@ def _read_labels(
         from_review=from_review,
         points=points,
         ihc_band_um=ihc_band_um,
-        stain=stain,
+        stain=stain or "H&E",
+        stain_option="" if stain is None else "--stain",
     )
     projects = [s for s in sources if _is_project(s)]
     if projects:
@@ -558,9 +595,20 @@ def _read_labels(
     if entries:
         raise typer.BadParameter("--entries chooses entries of a QuPath project; the sources are slides")
     if not geojson:
-        if from_review or class_map or ihc_band_um is not None:
+        # Only the options given are named: seg has no --class-map, nuclei no --ihc-band-um.
+        given = [
+            option
+            for option, value in (
+                ("--from-review", from_review),
+                ("--class-map", class_map),
+                ("--ihc-band-um", ihc_band_um is not None),
+            )
+            if value
+        ]
+        if given:
             raise typer.BadParameter(
-                "--from-review, --class-map and --ihc-band-um apply to QuPath labels (a project or --labels)"
+                f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} to QuPath labels (a project or "
+                "--labels), not to phantom truth"
             )
         _check_phantom_sources(sources)
         return []
@@ -941,7 +989,7 @@ def _train_and_validate(
             label_sources=label_summary(labels) if labels else None,
             resume=resume,
             on_progress=on_progress,
-            setting=TRAIN_WORDS,
+            setting=SEG_TRAIN_WORDS if task == "segmentation" else NUCLEI_TRAIN_WORDS,
             **train_kwargs,
         )
     out, device = Path(config.out_dir), config.device

@@ -264,9 +264,15 @@ def init_weights(
             f"{manifest.architecture_kwargs}; train with its architecture, or from scratch ({scratch})"
         )
     if list(manifest.class_names) != list(class_names):
+        # A segmentation's classes are fixed (background and PD-L1 positive): nothing maps labels onto others.
+        fix = (
+            f"give a model of the classes {list(class_names)}"
+            if task == "segmentation"
+            else f"map the label classes onto the model's ({setting('class_names')})"
+        )
         raise ModelFileError(
             f"{folder}: {init} has the classes {manifest.class_names}, the labels {list(class_names)}; "
-            f"map the label classes onto the model's ({setting('class_names')}) or train from scratch ({scratch})"
+            f"{fix} or train from scratch ({scratch})"
         )
     member = manifest.members[-1]
     state = load_file(str(Path(folder) / member.file))  # fp16 on disk (save_member), fp32 to train
@@ -321,7 +327,9 @@ def check_checkpoint_run(folder: Path, run: Mapping[str, Any], *, setting: Setti
     """Raise :class:`ModelFileError` where the checkpoint in ``folder`` was written by a run of other settings or
     labels than ``run`` (:func:`run_identity`); a checkpoint written before runs were recorded is not checked.
 
-    The message ends with how the run is continued, in ``setting``'s words (:func:`_resume_advice`).
+    The settings that differ are named in ``setting``'s words (the config's fields; ``label_rules``: how the caller
+    read the labels, ``bridge.labels.LabelRules``), and the message ends with how the run is continued
+    (:func:`_resume_advice`).
     """
     saved = _checkpoint_meta(folder).get("run")
     if saved is None:
@@ -329,14 +337,15 @@ def check_checkpoint_run(folder: Path, run: Mapping[str, Any], *, setting: Setti
     differ = sorted(k for k in saved.keys() | run.keys() if saved.get(k) != run.get(k))
     if not differ:
         return
-    parts = [f"{k}: {_short(saved.get(k, 'absent'))} there, {_short(run.get(k, 'absent'))} now" for k in differ]
+    parts = [
+        f"{setting(k)}: {_short(saved.get(k, 'absent'))} there, {_short(run.get(k, 'absent'))} now" for k in differ
+    ]
     if "labels_sha256" in differ:  # digests say nothing to a reader: how many slides' labels changed
         was, now = saved.get("labels_sha256") or [], run.get("labels_sha256") or []
         changed = sum(a != b for a, b in zip(was, now, strict=False)) + abs(len(was) - len(now))
         parts[differ.index("labels_sha256")] = (
             f"the labels of {changed} of {max(len(was), len(now))} slides: objects drawn, changed or deleted in "
-            f"QuPath since, or read with other label options (such as {setting('from_review')} or "
-            f"{setting('class_map')}), or phantom truth written again"
+            f"QuPath since, or read with other {setting('label_rules')}, or phantom truth written again"
         )
     listing = "; ".join(parts[:4]) + (f"; and {len(parts) - 4} more" if len(parts) > 4 else "")
     what = "labels" if differ == ["labels_sha256"] else "settings"

@@ -196,6 +196,7 @@ def pseudo_label_slides(
     on_progress: Callable[[int, int], None] | None = None,
     mpp_advice: MppAdvice | None = None,
     setting: SettingWords = library_setting,
+    leave_out: Callable[[UnlabeledSlide], str] | None = None,
 ) -> list[PseudoLabels]:
     """Run the segmentation ensemble in ``model_dir`` over the tissue of each slide and keep its confident
     pixels (:func:`pseudo_label_target`), placed on the slide's grid at ``input_mpp``.
@@ -205,7 +206,9 @@ def pseudo_label_slides(
     slide that cannot be opened or states no pixel size, :class:`~inference.errors.StainError` for one
     not of the ensemble's stain, :class:`~inference.errors.ResolutionError` for one too coarse. Their advice
     is the caller's user's: ``mpp_advice`` how to give a slide's µm/px (:func:`~inference.slides.slide.open_slide`'s;
-    by default an :class:`UnlabeledSlide`'s ``mpp``), ``setting`` how to name ``slides`` (to leave one out).
+    by default an :class:`UnlabeledSlide`'s ``mpp``), ``setting`` how to name ``slides`` (to leave one out), and
+    ``leave_out`` how to leave out a slide the caller added otherwise (``pdl1 train seg --pseudo-label-rest``'s
+    labelled slides; by default: "leave it out of ``setting('slides')``").
     """
     from inference.analysis.segment import SegmentConfig, segment_slide
     from inference.errors import MissingMppError, SlideFormatError, SlideNotFoundError, StainError
@@ -219,12 +222,11 @@ def pseudo_label_slides(
     reader = f"the pseudo-labelling ensemble {manifest.name!r}"
     checked: list[tuple[UnlabeledSlide, str, str]] = []
     for item in slides:  # every slide checked before the first is segmented
+        leave = leave_out(item) if leave_out is not None else f"leave it out of {setting('slides')}"
         try:
             slide = open_slide(item.path, mpp=item.mpp, mpp_source="QuPath project", mpp_advice=mpp_advice)
         except (SlideNotFoundError, SlideFormatError) as err:
-            raise type(err)(
-                f"unlabelled slide {item.label}: {err}; leave it out of {setting('slides')} or fix the file"
-            ) from err
+            raise type(err)(f"unlabelled slide {item.label}: {err}; {leave} or fix the file") from err
         except MissingMppError as err:
             raise MissingMppError(f"unlabelled slide {item.label}: {err}") from err
         with slide:
@@ -238,7 +240,7 @@ def pseudo_label_slides(
         if stain != manifest.stain:
             raise StainError(
                 f"unlabelled slide {item.label} is {stain} ({source}), but {reader} was trained on {manifest.stain} "
-                f"and pseudo-labels only slides of that stain. Leave it out of {setting('slides')}; if it is "
+                f"and pseudo-labels only slides of that stain: {leave}; if it is "
                 f"{manifest.stain}, set its image type in QuPath (Image tab: Image type) and give it as a project entry"
             )
         checked.append((item, stain, source))

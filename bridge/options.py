@@ -12,9 +12,16 @@ from collections.abc import Callable
 
 
 def _given(option: str, value: object) -> str:
-    """``option`` alone (no value, or a flag's True), else with its value as typed (None is ``none``)."""
+    """``option`` alone (no value, or a flag's True), else with its value as typed (None is ``none``); a list or
+    tuple is the option repeated, once a value (Typer's repeatable options take no comma-separated list).
+
+    >>> _given("--folds", ["0", "1"])
+    '--folds 0 --folds 1'
+    """
     if value is ... or value is True:
         return option
+    if isinstance(value, list | tuple):
+        return " ".join(_given(option, v) for v in value)
     return f"{option} {'none' if value is None else value}"
 
 

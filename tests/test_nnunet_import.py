@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 from fractions import Fraction
 from pathlib import Path
 
@@ -358,6 +359,22 @@ def test_a_stain_the_exported_dataset_contradicts_is_refused(tmp_path):
     with pytest.raises(ModelFileError, match=r"exported by pdl1 from H-DAB images, but stain='H&E' was given"):
         import_nnunet(folder, tmp_path / "model", mpp=2.0, stain="H&E")
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize(("given", "typed"), [("he", "he"), ("H&E", "he"), ("h&e", "he")])
+def test_pdl1_import_nnunet_names_the_stain_as_its_option_takes_it(tmp_path, given, typed):
+    # Was "--stain H&E was given; ...: give --stain H-DAB": pasted into a shell, `--stain H-DAB` passes, but
+    # `--stain H&E` runs `pdl1 ... --stain H` in the background; the option's own words are he and ihc.
+    folder = _results(tmp_path)
+    (folder / "dataset.json").write_text(json.dumps({**DATASET, "pdl1_stain": "H-DAB"}))
+    args = ["import", "nnunet", str(folder), "--mpp", "2", "--out", str(tmp_path / "m"), "--stain", given]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 1, text
+    assert text.endswith(
+        f"but --stain {typed} was given; the model would be run on the other stain: give --stain ihc, or leave it out"
+    ), text
+    assert not (tmp_path / "m").exists()
 
 
 def test_the_stain_defaults_to_the_one_pdl1_export_recorded_else_h_and_e():
@@ -800,18 +817,20 @@ def test_a_dataset_json_without_labels_or_of_nnunet_v1_is_said_as_such(tmp_path,
 def test_a_fold_copied_in_part_is_said_with_the_fix(tmp_path):
     # A fold whose copy had not finished was "fold_1/checkpoint_final.pth: checkpoint not found; ... has []".
     folder = _results(tmp_path)
+    shutil.copytree(folder / "fold_0", folder / "fold_2")
     (folder / "fold_1").mkdir()
     with pytest.raises(ModelFileError) as err:
         import_nnunet(folder, tmp_path / "model", mpp=2.0)
     assert str(err.value) == (
         f"{folder / 'fold_1' / 'checkpoint_final.pth'}: checkpoint not found; {folder / 'fold_1'} holds no "
         "checkpoint: its training saved none yet, or the copy of the fold is not finished: copy the fold again "
-        "from nnUNet_results, or take the folds that have it with folds (0)"
+        "from nnUNet_results, or take the folds that have it with folds=['0', '2']"
     )
     assert not (tmp_path / "model").exists()
-    # `pdl1 import nnunet` passes its options' names.
+    # `pdl1 import nnunet` passes its options' names: --folds is repeated, one fold each ("--folds (0, 2)" read as
+    # `--folds 0,2`, which names no fold).
     args = ["import", "nnunet", str(folder), "--mpp", "2", "--out", str(tmp_path / "model")]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
     text = " ".join(result.output.replace("│", " ").split())
-    assert result.exit_code == 1 and text.endswith("or take the folds that have it with --folds (0)"), text
+    assert result.exit_code == 1 and text.endswith("or take the folds that have it with --folds 0 --folds 2"), text
     assert not (tmp_path / "model").exists()

@@ -26,8 +26,24 @@ import_app = typer.Typer(
 )
 export_app = typer.Typer(help="Write training data for other tools.", no_args_is_help=True)
 # How `pdl1 import nnunet` names import_nnunet's arguments in the advice of its messages: --out is out_dir, the
-# others are the arguments' names with dashes (--mpp, --folds, --checkpoints, --positive-label).
-IMPORT_WORDS = option_words(out_dir="--out")
+# others are the arguments' names with dashes (--mpp, --folds, --checkpoints, --positive-label); a stain is given
+# as he or ihc (the library's H&E and H-DAB: `--stain H&E` pasted into a shell runs `--stain H` in the background).
+_IMPORT_OPTIONS = option_words(out_dir="--out")
+_STAIN_OPTION_VALUES = {"H&E": "he", "H-DAB": "ihc"}
+
+
+def _import_words(name: str, value: object = ..., /) -> str:
+    """import_nnunet's setting ``name`` (given ``value``) as `pdl1 import nnunet` takes it.
+
+    >>> _import_words("stain", "H&E"), _import_words("out_dir"), _import_words("folds", ["0", "1"])
+    ('--stain he', '--out', '--folds 0 --folds 1')
+    """
+    if name == "stain" and isinstance(value, str):
+        value = _STAIN_OPTION_VALUES.get(value, value)
+    return _IMPORT_OPTIONS(name, value)
+
+
+IMPORT_WORDS = _import_words
 
 
 @import_app.command("nnunet")

@@ -503,7 +503,7 @@ def _missing_checkpoint_fix(fold_dir: Path, fold_dirs: list[Path], name: str, se
     "has []" for a fold copied in part."""
     have = sorted(p.name for p in fold_dir.glob("*.pth"))
     complete = [f.name.removeprefix("fold_") for f in fold_dirs if (f / name).is_file()]
-    others = f"take the folds that have it with {setting('folds')} ({', '.join(complete)})" if complete else ""
+    others = f"take the folds that have it with {setting('folds', complete)}" if complete else ""
     if not have:
         return (
             f"{fold_dir} holds no checkpoint: its training saved none yet, or the copy of the fold is not finished: "

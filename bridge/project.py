@@ -560,19 +560,31 @@ class ImageSearch:
                 self._index(Path(child.path), depth - 1)
 
 
+# How a user of a command with --search-dir (pdl1 run, train, export nnunet) finds a moved image: locate_image's
+# find_it.
+SEARCH_DIR_FIX = "pass --search-dir with a folder that holds it (or fix the URI in QuPath)"
+# The same without --search-dir: QuPath's own fix, which asks for moved images when the project opens.
+QUPATH_URI_FIX = (
+    "point the entry at the image in QuPath (File > Project... > Check project URIs) and save the project, or put "
+    "the image back where the project says"
+)
+
+
 def locate_image(
     entry: ProjectEntry,
     *,
     project_folder: Path,
     saved_folder: PurePosixPath | PureWindowsPath | None = None,
     search: ImageSearch | None = None,
+    find_it: str = SEARCH_DIR_FIX,
 ) -> Path:
     """The entry's image on this machine, for a project made on a pathologist's PC and opened elsewhere.
 
     In this order: its URI; the same place relative to the project, if the project was saved in
     ``saved_folder`` and moved with its slides; the same file name anywhere under ``search``'s folders
     (refused if two files there share it); the project folder or its parent. A path found elsewhere is
-    made absolute (symbolic links kept), since it is recorded in the run's summaries.
+    made absolute (symbolic links kept), since it is recorded in the run's summaries. ``find_it``: how the
+    caller's user points it at an image found nowhere (:data:`SEARCH_DIR_FIX` for a command with --search-dir).
     """
     try:
         original = entry.path
@@ -603,7 +615,7 @@ def locate_image(
     relative = "" if saved_folder is None else " nor at the same place relative to the project,"
     raise ImageMovedError(
         f"image of entry {entry.entry_id} ({entry.image_name}) has moved: not at {original},{relative} and no "
-        f"{name} in {', '.join(looked)}; pass --search-dir with a folder that holds it (or fix the URI in QuPath)"
+        f"{name} in {', '.join(looked)}; {find_it}"
     )
 
 

@@ -32,6 +32,7 @@ from bridge.classes import INTENSITY_CLASSES, PDL1_FN_CANDIDATE
 from bridge.pairs import PAIRS_FILE
 from bridge.project import (
     PDL1_DIR,
+    QUPATH_URI_FIX,
     STATUS_FILE,
     ProjectError,
     RunStatus,
@@ -259,7 +260,14 @@ def _slide(entry, info) -> tuple[Path | None, str]:
     """A project entry's image file, or None and why not (``ReportItem.not_found``): moved, or not a file (a
     server's URI), which costs that image its thumbnail, not the report."""
     try:
-        return locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder), ""
+        # pdl1 report has no --search-dir: the image is found where the project says, or its fix is in QuPath.
+        found = locate_image(
+            entry,
+            project_folder=info.folder,
+            saved_folder=info.saved_folder,
+            find_it=f"{QUPATH_URI_FIX}, then run pdl1 report again",
+        )
+        return found, ""
     except (FileNotFoundError, ProjectError) as err:
         return None, str(err)
 

@@ -442,6 +442,21 @@ def _analysed_tif_project(tmp_path) -> Path:
     return project
 
 
+def test_an_entry_image_that_moved_is_told_a_fix_pdl1_report_has(tmp_path, caplog):
+    # pdl1 report has no --search-dir, and was told "pass --search-dir with a folder that holds it".
+    project = _analysed_tif_project(tmp_path)
+    (project / "a.tif").unlink()
+    with caplog.at_level("WARNING", logger="bridge.report"):
+        write_report(project)
+    (said,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("a.tif: no thumbnail")]
+    assert "image of entry 1 (a.tif) has moved: not at " in said
+    assert (
+        "; point the entry at the image in QuPath (File > Project... > Check project URIs) and save the project, or "
+        "put the image back where the project says, then run pdl1 report again; its numbers are reported"
+    ) in said, said
+    assert "--search-dir" not in said
+
+
 @pytest.mark.parametrize("damage", ["cut short", "missing"])
 def test_a_geojson_that_does_not_read_is_named_with_the_fix_and_the_numbers_reported(tmp_path, caplog, damage):
     # Was "a.tif: no thumbnail (Invalid control character at: line 1 column 36 (char 35))", naming no file nor fix.

@@ -46,6 +46,7 @@ from bridge.qupath_geojson import (
     to_feature,
     write_features,
 )
+from bridge.review_advice import CASE_STAIN_FIX
 from bridge.targets import MISSING, RUN_IMAGE_AGAIN, TMA_CORE, TargetRow, csv_cell, rows_from_summary
 from inference import (
     IHC_CELL_RADIUS_UM,
@@ -169,10 +170,7 @@ def _doubts(members: Sequence[CaseImage]) -> str:
     doubts = [m.stain_doubt for m in members if m.stain_doubt]
     if not doubts:
         return ""
-    return (
-        f"{'; '.join(doubts)}: if a stain is wrong, set its image type in QuPath (Image tab: Image type) or pass "
-        "--stain, and run again"
-    )
+    return f"{'; '.join(doubts)}: if a stain is wrong, {CASE_STAIN_FIX}"
 
 
 def _and_doubts(said: str, members: Sequence[CaseImage]) -> str:

@@ -46,7 +46,7 @@ from bridge.project import (
 )
 from bridge.qupath_geojson import GeoJsonError, QuPathObject, keep_detections_of, read_features
 from bridge.record_summary import RUN, SCRIPT, RecordsSummary, entry_summary_from_records, newer_source
-from bridge.review_advice import review_advice
+from bridge.review_advice import RUN_STAIN_FIX, SCRIPT_STAIN_FIX, review_advice
 from bridge.run_lock import output_folder_lock, run_in_progress
 from bridge.targets import (
     MISSING,
@@ -1017,7 +1017,13 @@ def _review_row(r: dict) -> str:
             f"<tr><th>Review</th><td>{flagged} of {len(analysed)} analysed {_kind(analysed)} need review "
             "(the table below gives each one's reasons)</td></tr>"
         )
-    advice = review_advice([r["review_reasons"]]) if r.get("uncertainty_flag") and r["review_reasons"] else []
+    # Results of pdl1_analyze.groovy were analysed in QuPath, which has no --stain: the stain is its image type there.
+    stain_fix = SCRIPT_STAIN_FIX if str(r.get("results_from", "")).startswith(SCRIPT) else RUN_STAIN_FIX
+    advice = (
+        review_advice([r["review_reasons"]], stain_fix=stain_fix)
+        if r.get("uncertainty_flag") and r["review_reasons"]
+        else []
+    )
     if advice:
         items = "".join(f"<li>{html.escape(line)}</li>" for line in advice)
         row += f"<tr><th>What to check</th><td><ul>{items}</ul></td></tr>"

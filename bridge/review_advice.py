@@ -14,11 +14,27 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Advice:
-    """What to do about one kind of review reason: ``words`` its text always holds, ``kind`` its short name."""
+    """What to do about one kind of review reason: ``words`` its text always holds, ``kind`` its short name;
+    ``{stain_fix}`` in ``what_to_do`` is how the reader states an image's stain (:func:`review_advice`)."""
 
     words: str
     kind: str
     what_to_do: str
+
+
+# How a reader of the advice states one image's stain (review_advice's stain_fix), by where the results come from.
+# pdl1 run: its --stain states every image's stain at once, right only where the run is of one stain.
+RUN_STAIN_FIX = (
+    "set its image type in QuPath (Image tab: Image type), or pass --stain he|ihc where every image of the run is of "
+    "that stain (it states them all), and run again"
+)
+# An image of a case of both stains (pdl1 run's pairs): --stain would state its partner's stain too.
+CASE_STAIN_FIX = (
+    "set that image's type in QuPath (Image tab: Image type; plain slides have none: analyse them as entries of a "
+    "QuPath project) and run again; --stain would state every image's stain, its partner's too"
+)
+# pdl1_analyze.groovy in QuPath (the service's results, the script's records in the report): no --stain there.
+SCRIPT_STAIN_FIX = "set its image type in QuPath (Image tab: Image type) and run pdl1_analyze.groovy again"
 
 
 # In the order said: the stain first (on the wrong stain every other number is meaningless, and the image out of the
@@ -27,13 +43,13 @@ ADVICE: tuple[Advice, ...] = (
     Advice(
         "the colour says",
         "stated stain contradicted by the colour",
-        "check the image type in QuPath (Image tab) or --stain: a model run on the wrong stain gives meaningless "
-        "numbers",
+        "check the stain stated against the slide: a model run on the wrong stain gives meaningless numbers; if it "
+        "is wrong: {stain_fix}",
     ),
     Advice(
         "by a weak margin",
         "stain told from the colour by a weak margin",
-        "it could be wrong: set the image type in QuPath (Image tab: Brightfield H&E or H-DAB) or pass --stain he|ihc",
+        "it could be wrong (H&E or H-DAB); if it is: {stain_fix}",
     ),
     Advice(
         "out of the training domain of",
@@ -108,13 +124,19 @@ ADVICE: tuple[Advice, ...] = (
 )
 
 
-def review_advice(reasons: Iterable[str]) -> list[str]:
+def review_advice(reasons: Iterable[str], *, stain_fix: str) -> list[str]:
     """What to do about ``reasons`` (review reason texts, as ``pdl1 run`` prints them): each kind's advice once, in
-    the order of :data:`ADVICE`; a reason of no known kind gets none.
+    the order of :data:`ADVICE`; a reason of no known kind gets none. ``stain_fix``: how the reader states an
+    image's stain (:data:`RUN_STAIN_FIX`, :data:`CASE_STAIN_FIX`, :data:`SCRIPT_STAIN_FIX`).
 
-    >>> said = review_advice(["C-4: fewer than 100 tumour cells (40)", "nuclei uncertainty (0.9, limit 0.7)"])
+    >>> said = review_advice(["C-4: fewer than 100 tumour cells (40)", "nuclei uncertainty (0.9, limit 0.7)"],
+    ...                      stain_fix=RUN_STAIN_FIX)
     >>> [line[:40] for line in said]
     ['nuclei uncertainty: the IHC model is uns', 'fewer than 100 tumour cells: a TPS needs']
+    >>> (weak,) = review_advice(["stain told from the colour (H&E) by a weak margin"], stain_fix=SCRIPT_STAIN_FIX)
+    >>> weak.endswith("if it is: " + SCRIPT_STAIN_FIX)
+    True
     """
     texts = list(reasons)
-    return [f"{a.kind}: {a.what_to_do}" for a in ADVICE if any(a.words in text for text in texts)]
+    said = [a for a in ADVICE if any(a.words in text for text in texts)]
+    return [f"{a.kind}: {a.what_to_do.format(stain_fix=stain_fix)}" for a in said]

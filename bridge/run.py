@@ -73,6 +73,7 @@ from bridge.project import (
 )
 from bridge.project_config import ProjectConfig
 from bridge.qupath_geojson import QuPathObject, write_features_to
+from bridge.review_advice import RUN_STAIN_FIX
 from bridge.run_lock import remove_orphan_parts, run_lock
 from bridge.targets import (
     MISSING,
@@ -221,8 +222,9 @@ class _Job:
 
 
 # How a user of `pdl1 run` states an image's stain, in the messages that refuse one (analyse_slide's stain_advice;
-# the library's own words name no program's option, and the service passes its clients').
-RUN_STAIN_ADVICE = "set its image type in QuPath (Image tab: Image type) or pass --stain he|ihc"
+# the library's own words name no program's option, and the service passes its clients'): --stain states every
+# image's, so it is the fix only where the run is of one stain.
+RUN_STAIN_ADVICE = RUN_STAIN_FIX
 
 
 def run_models(config: RunConfig) -> Models:

@@ -210,8 +210,10 @@ def test_a_case_of_file_names_with_two_images_says_to_rename_them_and_a_doubtful
     )
     assert problems["B12"] == (
         "case 'B12' has 2 PD-L1 IHC images analysed (B12_HE.svs, B12_PD-L1.svs) and no H&E; a pair is one of each: "
-        f"{doubt}: if a stain is wrong, set its image type in QuPath (Image tab: Image type) or pass --stain, and "
-        "run again"
+        # One image of a case: --stain would state its partner's stain too (it was offered as the fix).
+        f"{doubt}: if a stain is wrong, set that image's type in QuPath (Image tab: Image type; plain slides have "
+        "none: analyse them as entries of a QuPath project) and run again; --stain would state every image's stain, "
+        "its partner's too"
     )
     assert "C" not in problems  # one image of one stain: an H&E-only case, silent as before
 

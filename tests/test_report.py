@@ -1051,6 +1051,31 @@ def test_a_report_stopped_among_its_thumbnails_has_listed_those_drawn(tmp_path, 
     assert sorted(p.name for p in report.glob("*.jpg")) == ["2-b.jpg"]
 
 
+@pytest.mark.parametrize(
+    ("results_from", "fix"),
+    [
+        ("pdl1_analyze.groovy's 1 analysis in QuPath", "and run pdl1_analyze.groovy again"),
+        ("pdl1 run", "or pass --stain he|ihc where every image of the run is of that stain (it states them all)"),
+    ],
+    ids=["script", "run"],
+)
+def test_a_flagged_image_s_stain_advice_is_the_fix_of_who_analysed_it(results_from, fix):
+    # An image analysed in QuPath by pdl1_analyze.groovy was told to "pass --stain he|ihc", which QuPath has not;
+    # pdl1 run's --stain states every image's stain, not one image's.
+    from bridge.report import _review_row
+
+    row = {
+        "review_reasons": "stain told from the colour (H&E) by a weak margin: state it in QuPath",
+        "uncertainty_flag": True,
+        "results_from": results_from,
+    }
+    advice = html.unescape(_review_row(row).split("<th>What to check</th>")[1])
+    assert "it could be wrong (H&E or H-DAB); if it is: set its image type in QuPath (Image tab: Image type)" in advice
+    assert fix in advice
+    if results_from != "pdl1 run":
+        assert "--stain" not in advice
+
+
 def test_a_flagged_image_says_what_to_check_for_each_kind_of_reason(tmp_path):
     # The reasons say what tripped; the report says, once per kind, where to look and what fixes it. An image
     # not flagged gets no such row, even with a reason recorded (a pathologist's own note).

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.review_advice import ADVICE, review_advice
+from bridge.review_advice import ADVICE, CASE_STAIN_FIX, RUN_STAIN_FIX, SCRIPT_STAIN_FIX, review_advice
 
 ROOT = Path(__file__).resolve().parents[1]
 # Where an image's review reasons are written (inference/analysis/pairs.py's are a pair's, said with the pair).
@@ -32,14 +32,17 @@ def test_the_sources_still_write_their_reasons_as_literals():
 
 @pytest.mark.parametrize("reason", _written_reasons())
 def test_every_written_review_reason_has_advice(reason):
-    assert review_advice([reason]), f"no advice for the review reason {reason!r}: add it to ADVICE"
+    assert review_advice([reason], stain_fix=RUN_STAIN_FIX), (
+        f"no advice for the review reason {reason!r}: add it to ADVICE"
+    )
 
 
 def test_every_map_review_reason_has_advice():
     from inference.pipeline import REVIEW_REASONS
 
     for reason in REVIEW_REASONS.values():
-        assert review_advice([f"{reason} (0.1, limit 0.05)"]), f"no advice for {reason!r}: add it to ADVICE"
+        said = review_advice([f"{reason} (0.1, limit 0.05)"], stain_fix=RUN_STAIN_FIX)
+        assert said, f"no advice for {reason!r}: add it to ADVICE"
 
 
 def test_each_kind_is_said_once_in_the_order_of_advice_with_a_target_prefix_or_numbers():
@@ -49,10 +52,10 @@ def test_each_kind_is_said_once_in_the_order_of_advice_with_a_target_prefix_or_n
         "C-5: fewer than 100 tumour cells (12, limit 100)",
         "a reason no advice knows",
     ]
-    said = review_advice(reasons)
+    said = review_advice(reasons, stain_fix=RUN_STAIN_FIX)
     kinds = [line.split(":")[0] for line in said]
     assert kinds == ["out of the model's training domain", "fewer than 100 tumour cells"]
-    assert review_advice([]) == [] and review_advice(["a reason no advice knows"]) == []
+    assert review_advice([], stain_fix="") == [] and review_advice(["a reason no advice knows"], stain_fix="") == []
 
 
 def test_no_two_kinds_claim_one_reason():
@@ -62,3 +65,19 @@ def test_no_two_kinds_claim_one_reason():
         assert not others, f"{advice.kind!r} also matches {others}"
     for reason in _written_reasons():
         assert sum(a.words in reason for a in ADVICE) == 1, reason
+
+
+@pytest.mark.parametrize("fix", [RUN_STAIN_FIX, CASE_STAIN_FIX, SCRIPT_STAIN_FIX])
+def test_the_stain_advice_is_the_readers_own_fix(fix):
+    # It said "or --stain" and "pass --stain he|ihc" to everyone: a QuPath user of pdl1_analyze.groovy has no
+    # --stain, and for one image of a case (pdl1 run's pairs) --stain states its partner's stain too.
+    reasons = [
+        "stain: QuPath's image type BRIGHTFIELD_H_DAB says H-DAB, the colour says H&E",
+        "stain told from the colour (H&E) by a weak margin: state it in QuPath",
+    ]
+    contradicted, weak = review_advice(reasons, stain_fix=fix)
+    assert contradicted.startswith("stated stain contradicted by the colour: check the stain stated against")
+    assert contradicted.endswith(f"; if it is wrong: {fix}") and weak.endswith(f"; if it is: {fix}")
+    assert ("--stain he|ihc where every image of the run is of that stain" in fix) == (fix == RUN_STAIN_FIX)
+    if fix == SCRIPT_STAIN_FIX:
+        assert "--stain" not in contradicted + weak

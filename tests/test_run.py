@@ -1300,8 +1300,10 @@ def test_an_image_of_no_known_stain_is_told_how_pdl1_run_states_one(tmp_path, mo
     (failed,) = run_batch([grey], config, models=models)
     assert failed.state == "failed"
     assert "is not a brightfield H&E or haematoxylin-DAB stain" in failed.error
+    # --stain states every image's stain: it was offered as the fix for one image of any run.
     assert failed.error.rstrip(".").endswith(
-        "say which: set its image type in QuPath (Image tab: Image type) or pass --stain he|ihc"
+        "say which: set its image type in QuPath (Image tab: Image type), or pass --stain he|ihc where every image of "
+        "the run is of that stain (it states them all), and run again"
     ), failed.error
 
 

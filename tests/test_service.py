@@ -222,7 +222,13 @@ def test_an_image_qupath_types_as_an_immunostain_is_scored_by_the_ihc_model_and_
     reasons = [r["reason"] for r in pdl1["review_reasons"]]
     assert "stain: QuPath's image type BRIGHTFIELD_H_DAB says H-DAB, the colour says H&E" in reasons
     # and what to check, the stain first, as pdl1 run says it (pdl1_analyze.groovy prints it)
-    assert pdl1["review_advice"][0].startswith("stated stain contradicted by the colour: check the image type")
+    # in the words of a QuPath user, who has no --stain (it said "check the image type in QuPath (Image tab) or
+    # --stain")
+    assert pdl1["review_advice"][0] == (
+        "stated stain contradicted by the colour: check the stain stated against the slide: a model run on the wrong "
+        "stain gives meaningless numbers; if it is wrong: set its image type in QuPath (Image tab: Image type) and run "
+        "pdl1_analyze.groovy again"
+    )
     assert pdl1["parent_measurements"]["PD-L1: Uncertainty flag"] == 1.0
     # An image of no stain pdl1-bridge knows is refused at submission, naming what it analyses.
     for image_type in ("FLUORESCENCE", "BRIGHTFIELD_OTHER", "OTHER"):

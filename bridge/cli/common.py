@@ -252,7 +252,7 @@ def outcome_table(outcomes, *, batch: int | None = None) -> None:
     from rich.table import Table
 
     from bridge.project import alike
-    from bridge.review_advice import review_advice
+    from bridge.review_advice import RUN_STAIN_FIX, review_advice
     from inference import tps_text
 
     table = Table(title="pdl1 run")
@@ -318,7 +318,9 @@ def outcome_table(outcomes, *, batch: int | None = None) -> None:
     for o in flagged:
         stdout().print(f"{label(o)}: needs review: {'; '.join(o.review_reasons)}", markup=False, highlight=False)
     # And what to do about each kind of reason, once: the reason says what tripped, not where to look.
-    print_advice("What to check:", review_advice(r for o in flagged for r in o.review_reasons))
+    print_advice(
+        "What to check:", review_advice((r for o in flagged for r in o.review_reasons), stain_fix=RUN_STAIN_FIX)
+    )
     # Errors alike but for the image's own name (a slide folder that moved: one line per image, 160 of them;
     # helper-135) are said once, with the first image's, and the others named after it.
     for group in alike({o: o.error for o in outcomes if o.error}, _own_names).values():
@@ -381,7 +383,7 @@ def pairs_table(path) -> None:
 
     from bridge.pairs import core_agreement_text
     from bridge.project import review_reason_text
-    from bridge.review_advice import review_advice
+    from bridge.review_advice import CASE_STAIN_FIX, review_advice
     from inference import tps_text
 
     cases = json.loads(path.read_text())["cases"]
@@ -430,7 +432,8 @@ def pairs_table(path) -> None:
         )
     stdout().print(table)
     reasons = (r.get("reason", "") for record in cases.values() for r in record.get("review_reasons", []))
-    print_advice("What to check (cases):", review_advice(reasons))
+    # A case's images are of both stains: --stain would state its partner's too, so the fix is that image's type.
+    print_advice("What to check (cases):", review_advice(reasons, stain_fix=CASE_STAIN_FIX))
 
 
 def run_with_progress(inputs, run_config, *, progress: bool):

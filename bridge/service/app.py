@@ -39,7 +39,7 @@ from bridge.service.errors import (
 )
 from bridge.service.guards import UPLOAD_PATH, BodyLimit, BodyLimits, cross_site_problem, token_problem
 from bridge.service.ihc_model import ihc_manifest
-from bridge.service.jobs import Job, Worker
+from bridge.service.jobs import Job, Worker, stain_advice
 from bridge.service.json_text import collector_paused, dumps_in_steps
 from bridge.service.messages import MAX_DETAIL_CHARS, clipped, quoted
 from bridge.service.paths import (
@@ -601,8 +601,13 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         next_offset = offset + page if offset + page < total else None
         measurements = {k: v for k, v in parent_measurements(result).items() if math.isfinite(v)}
         reasons = result.summary.get("review_reasons", [])
-        # What to check for each kind of reason, once (what pdl1 run says under its table).
-        advice = review_advice(review_reason_text(r) for r in reasons) if result.uncertainty_flag else []
+        # What to check for each kind of reason, once (what pdl1 run says under its table), the stain stated as the
+        # client can: in QuPath (pdl1_analyze.groovy prints it), not with pdl1 run's --stain.
+        advice = (
+            review_advice((review_reason_text(r) for r in reasons), stain_fix=stain_advice(job))
+            if result.uncertainty_flag
+            else []
+        )
         return dumps_in_steps(
             {
                 "type": "FeatureCollection",

@@ -14,6 +14,7 @@ from pathlib import Path
 from shapely.geometry.base import BaseGeometry
 
 from bridge.project import stain_of_image_type
+from bridge.review_advice import SCRIPT_STAIN_FIX
 from bridge.run import failure_message
 from bridge.service.errors import JobNotFoundError, QueueFullError, ServiceStoppingError
 from bridge.service.ihc_model import ihc_folder_problem
@@ -282,8 +283,6 @@ class Worker:
         roi: BaseGeometry | None,
         on_progress: Callable[[int, int], None],
     ) -> SlideResult:
-        # Told how to state the stain: in QuPath, unless an upload came without QuPath's image type.
-        unstated = job.image == "upload" and job.image_type is None
         return analyse_slide(
             slide,
             models=self.models,
@@ -294,16 +293,22 @@ class Worker:
             image_size_px=job.image_size_px,
             image_stain=stain_of_image_type(job.image_type),
             image_stain_source=f"QuPath's image type {job.image_type}",
-            stain_advice=UPLOAD_STAIN_ADVICE if unstated else PATH_STAIN_ADVICE,
+            stain_advice=stain_advice(job),
         )
 
 
-# How a client of the service states an image's stain, in the messages that refuse one (the library's default
-# names pdl1 run's --stain, which a client cannot pass): pdl1_analyze.groovy sends QuPath's image type with a job
-# on an image path and with an upload; an upload sent without one has only its colour to tell its stain.
-PATH_STAIN_ADVICE = "set its image type in QuPath (Image tab: Image type) and run pdl1_analyze.groovy again"
+# How a client of the service states an image's stain, in the messages that refuse one and in a result's review
+# advice (pdl1 run's --stain, which a client cannot pass, is not it): pdl1_analyze.groovy sends QuPath's image type
+# with a job on an image path and with an upload; an upload sent without one has only its colour to tell its stain.
+PATH_STAIN_ADVICE = SCRIPT_STAIN_FIX
 UPLOAD_STAIN_ADVICE = (
     "the upload stated no image_type, so its colour alone tells its stain: send image_type=BRIGHTFIELD_H_E or "
     "BRIGHTFIELD_H_DAB with it (pdl1_analyze.groovy sends QuPath's: set it in the Image tab, Image type), or a "
     "region with more of the stained tissue"
 )
+
+
+def stain_advice(job: Job) -> str:
+    """How the client of ``job`` states its image's stain: in QuPath, unless an upload came without QuPath's image
+    type."""
+    return UPLOAD_STAIN_ADVICE if job.image == "upload" and job.image_type is None else PATH_STAIN_ADVICE

@@ -18,7 +18,7 @@
  * /v1/jobs/pixels; the log says so, and why), and the results go on the region's plane. In a project, a record of
  * what each analysis put under its annotation or core (GET /v1/jobs/{id}/record: when, the outline, the FN
  * candidates, the nuclei, and its scores) is saved as <project>/pdl1/<entry ID>/qupath_analyses/<parent ID>.json,
- * replaced when the parent is analysed again: `pdl1 train ... PROJECT --from-review` tells by it the nuclei you
+ * replaced when the parent is analysed again: `pdl1 train seg|nuclei PROJECT --from-review` tells by it the nuclei you
  * reclassified and the FN candidates you deleted (export the labels with pdl1_export_labels.groovy), and `pdl1 report
  * PROJECT` and `pdl1 review-queue PROJECT` report and rank the project by these records as by `pdl1 run`'s results
  * (the newer of the two for an image that has both). Not saved, it is named in the log. Once it has written an
@@ -27,12 +27,12 @@
  * commands do not read, and says how many and why; not one while objects this tool wrote lie in its area under no
  * analysed annotation or core (you deleted its annotation keeping them: the log names it), nor the folder's other
  * files. Close QuPath without saving (or undo) and the annotation is back: the next run moves its record back (or
- * deletes it, where the annotation was analysed again), and says which; meanwhile `pdl1 train --from-review` takes it
- * where the labels exported hold the annotation. pdl1_import_results.groovy sets aside there the record of the
- * whole-image analysis whose output it replaces: that one comes back only with the analysis's output (QuPath closed
- * without saving the import), not while `pdl1 run`'s results are under the annotation. Records set aside are kept
- * until then (or until their annotation is analysed again). One that cannot be moved is named in the log, and the
- * analysis stands.
+ * deletes it, where the annotation was analysed again), and says which; meanwhile `pdl1 train seg|nuclei PROJECT
+ * --from-review` takes it where the labels exported hold the annotation. pdl1_import_results.groovy sets aside there
+ * the record of the whole-image analysis whose output it replaces: that one comes back only with the analysis's output
+ * (QuPath closed without saving the import), not while `pdl1 run`'s results are under the annotation. Records set aside
+ * are kept until then (or until their annotation is analysed again). One that cannot be moved is named in the log, and
+ * the analysis stands.
  *
  * Settings: the project's pdl1-config.toml (beside project.qpproj; `pdl1 init-project` writes it, and
  * `pdl1 run` reads the same file) when there is one: [service] url, token, model and [analysis] outputs,
@@ -293,11 +293,14 @@ def readPdl1Config = { File file ->
 // pipeline.py: PipelineConfig, for which pdl1 serve has no option; a test keeps the numbers equal). A file naming other
 // models or sizes was followed by `pdl1 run` and silently not here. The lines to log, one per such key.
 def SERVICE_SIZES = ["analysis.uncertainty_tile_um": [64.0d, "64 \u00b5m"], "analysis.min_region_area_um2": [200.0d, "200 \u00b5m\u00b2"]]
+// pdl1 serve --models takes the folder that holds the models, each in a folder of its own by these names.
+def SERVE_MODEL_FOLDERS = ["models.segmentation": "seg", "models.nuclei": "nuclei", "models.ihc_nuclei": "nuclei-ihc"]
 def runOnlyNotes = { Map values ->
     def notes = []
-    ["models.segmentation", "models.nuclei", "models.ihc_nuclei"].findAll { values[it] }.each { key ->
+    SERVE_MODEL_FOLDERS.findAll { key, folder -> values[key] }.each { key, folder ->
         notes << ("pdl1: pdl1-config.toml's ${key} (${values[key]}) is `pdl1 run`'s; this analysis runs the models " +
-                "`pdl1 serve` loaded (start it with --models for others)").toString()
+                "`pdl1 serve` loaded: to run it, start pdl1 serve with --models DIR, DIR holding it as ${folder}/ " +
+                "(DIR holds seg/, nuclei/ and nuclei-ihc/ model folders, as the shipped demo's)").toString()
     }
     SERVICE_SIZES.each { key, size ->
         if (values.containsKey(key) && (values[key] as double) != (size[0] as double))
@@ -991,7 +994,8 @@ def staleRecords = { List names, Map lookup, Set replaced, Closure outlineOf ->
                 def one = inside == 1
                 out.kept[name] = ("${inside} object${one ? '' : 's'} this tool wrote ${one ? 'lies' : 'lie'} in its " +
                         "area under no analysed annotation or TMA core (kept when its parent was deleted, or moved by " +
-                        "Resolve hierarchy), and `pdl1 train --from-review` needs it to tell your review of " +
+                        "Resolve hierarchy), and `pdl1 train seg|nuclei PROJECT --from-review` needs it to tell " +
+                        "your review of " +
                         "${one ? 'it' : 'them'}; delete ${one ? 'it' : 'them'}, or analyse an annotation around " +
                         "${one ? 'it' : 'them'}, and a later run sets the record aside").toString()
                 return
@@ -1471,6 +1475,10 @@ def stop = { String what, jobId ->
         println "pdl1: stopped ${what}; job ${jobId} could not be cancelled on the server (${whyFailed(e)})"
     }
 }
+// What an analysis without its record costs the review loop: a reclassified nucleus trains the nuclei model, a deleted
+// FN candidate the segmentation ensemble.
+def NO_RECORD_NO_REVIEW = "`pdl1 train nuclei PROJECT --from-review` cannot tell its nuclei reclassified, nor " +
+        "`pdl1 train seg PROJECT --from-review` its FN candidates deleted"
 eachTarget:
 for (parent in targets) {
     def body = new LinkedHashMap()
@@ -1596,9 +1604,8 @@ for (parent in targets) {
                 stop("while ${label(parent)}'s record was fetched", jobId)
                 return
             }
-            println "pdl1: ${label(parent)}: no record of what this analysis writes (${whyFailed(e)}); `pdl1 train " +
-                    "--from-review` cannot tell its nuclei reclassified and FN candidates deleted (update pdl1-bridge " +
-                    "and analyse it again)"
+            println "pdl1: ${label(parent)}: no record of what this analysis writes (${whyFailed(e)}); " +
+                    "${NO_RECORD_NO_REVIEW} (update pdl1-bridge and analyse it again)"
         }
     }
     try {
@@ -1644,8 +1651,7 @@ for (parent in targets) {
             saveRecord(recordsFolder, parent.getID().toString(), record as byte[])
         } catch (Exception e) {  // a full drive, a read-only project: said; the analysis is in QuPath all the same
             println "pdl1: ${label(parent)}: the record of what this analysis wrote could not be saved in " +
-                    "${recordsFolder} (${whyFailed(e)}); " +
-                    "`pdl1 train --from-review` cannot tell its nuclei reclassified and FN candidates deleted"
+                    "${recordsFolder} (${whyFailed(e)}); ${NO_RECORD_NO_REVIEW}"
         }
     }
     // Why a result needs a pathologist's look, each with its value and limit (the flag says only that it does).
@@ -1716,7 +1722,7 @@ def tidyRecords = { java.nio.file.Path folder ->
                 "${plural(again, 'its', 'their')} annotation or TMA core is in the image again (QuPath closed without " +
                 "saving, or an undo, after an earlier run set ${plural(again, 'it', 'them')} aside): " +
                 restored.moved.collect { it[0..-6] }.join(", ") + "; `pdl1 report`, `pdl1 review-queue` and " +
-                "`pdl1 train --from-review` read ${plural(again, 'it', 'them')} again"
+                "`pdl1 train seg|nuclei PROJECT --from-review` read ${plural(again, 'it', 'them')} again"
     def outlineOf = { String name ->
         outlineShape(gson.fromJson(folder.resolve(name).toFile().getText("UTF-8"), Map.class).get("outline"))
     }

@@ -1,5 +1,5 @@
 /*
- * pdl1_export_labels.groovy - export an image's labels for `pdl1 train ... PROJECT` (QuPath 0.4.4 to 0.7).
+ * pdl1_export_labels.groovy - export an image's labels for `pdl1 train seg|nuclei PROJECT` (QuPath 0.4.4 to 0.7).
  *
  * Writes every annotation, TMA core and detection of the open image, as QuPath's own GeoJSON, to
  * <project>/pdl1/labels/<entryID>.geojson. `pdl1 train seg|nuclei PROJECT` reads these files where

@@ -817,8 +817,11 @@ def test_the_log_tells_a_wrong_token_and_an_address_it_cannot_call_from_no_servi
             )
             said[case] = _run_script(tmp_path, setup)[0]
     notes = [
+        # --models takes the folder that holds the models by name (it said "start it with --models", as if it took
+        # the model folder).
         "pdl1: pdl1-config.toml's models.nuclei (my-nuclei) is `pdl1 run`'s; this analysis runs the models "
-        "`pdl1 serve` loaded (start it with --models for others)",
+        "`pdl1 serve` loaded: to run it, start pdl1 serve with --models DIR, DIR holding it as nuclei/ (DIR holds "
+        "seg/, nuclei/ and nuclei-ihc/ model folders, as the shipped demo's)",
         "pdl1: pdl1-config.toml's analysis.uncertainty_tile_um = 32 is `pdl1 run`'s; the service analyses with 64 µm "
         "(pdl1 serve has no option for it)",
     ]
@@ -1233,7 +1236,9 @@ def test_a_record_that_cannot_be_saved_is_said_and_the_analysis_stands(tmp_path,
     assert _logged(
         log,
         f"pdl1: Tumor core: the record of what this analysis wrote could not be saved in {folder} (",
-        "`pdl1 train --from-review` cannot tell its nuclei reclassified and FN candidates deleted",
+        # Each half of the review in the command that trains on it: bare `pdl1 train --from-review` was refused.
+        "`pdl1 train nuclei PROJECT --from-review` cannot tell its nuclei reclassified, nor `pdl1 train seg PROJECT "
+        "--from-review` its FN candidates deleted",
     ), log
     assert log[-1] == f"pdl1: analysed 1 of 1 regions of {slide_path.name}"
     assert len(seen["children"]["Tumor core"]) > 100
@@ -1323,8 +1328,8 @@ def test_a_deleted_annotations_record_is_removed_and_others_and_other_files_are_
     said_kept = (
         f"pdl1: kept the record {kept}, whose annotation or TMA core is no longer in the image: 1 object this tool "
         "wrote lies in its area under no analysed annotation or TMA core (kept when its parent was deleted, or moved "
-        "by Resolve hierarchy), and `pdl1 train --from-review` needs it to tell your review of it; delete it, or "
-        "analyse an annotation around it, and a later run sets the record aside"
+        "by Resolve hierarchy), and `pdl1 train seg|nuclei PROJECT --from-review` needs it to tell your review of "
+        "it; delete it, or analyse an annotation around it, and a later run sets the record aside"
     )
     assert log.count(said_kept) == 2, log  # in each run
     assert {name: (folder / name).read_text() for name in others} == others
@@ -1375,7 +1380,8 @@ def test_records_set_aside_come_back_when_qupath_closed_without_saving_brings_th
     assert (
         f"pdl1: moved 1 record back from {folder / 'removed'} into {folder}: its annotation or TMA core is in the "
         "image again (QuPath closed without saving, or an undo, after an earlier run set it aside): "
-        f"{back['id']}; `pdl1 report`, `pdl1 review-queue` and `pdl1 train --from-review` read it again"
+        f"{back['id']}; `pdl1 report`, `pdl1 review-queue` and `pdl1 train seg|nuclei PROJECT --from-review` read it "
+        "again"
     ) in log, log
     # The one back is the first run's record, as it was; the one analysed again is the third run's.
     written = {a["name"]: read_analysis_record(folder / f"{a['id']}.json").written_at for a in (back, again, other)}

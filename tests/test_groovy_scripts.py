@@ -208,6 +208,40 @@ def test_the_sizes_the_script_says_the_service_analyses_with_are_the_pipelines()
 
 
 @needs_groovy
+def test_a_model_pdl1_config_names_is_said_how_pdl1_serve_would_run_it(tmp_path):
+    # "start it with --models for others" read as giving the model folder itself, which pdl1 serve refuses
+    # ("it is a model folder itself"): --models takes the folder holding seg/, nuclei/ and nuclei-ihc/.
+    from inference.models.manifest import DEMO_MODEL_KINDS
+
+    driver = """
+println JsonOutput.toJson(runOnlyNotes(["models.segmentation": "my-seg", "models.nuclei": "my-nuclei",
+        "models.ihc_nuclei": "my-ihc"]))
+"""
+    (notes,) = run_groovy(tmp_path, driver)
+    named = (("models.segmentation", "my-seg", "seg"), ("models.nuclei", "my-nuclei", "nuclei"))
+    named += (("models.ihc_nuclei", "my-ihc", "nuclei-ihc"),)
+    assert tuple(folder for _, _, folder in named) == DEMO_MODEL_KINDS  # the folders pdl1 serve --models reads
+    assert notes == [
+        f"pdl1: pdl1-config.toml's {key} ({model}) is `pdl1 run`'s; this analysis runs the models `pdl1 serve` "
+        f"loaded: to run it, start pdl1 serve with --models DIR, DIR holding it as {folder}/ (DIR holds seg/, "
+        "nuclei/ and nuclei-ihc/ model folders, as the shipped demo's)"
+        for key, model, folder in named
+    ]
+
+
+def test_the_scripts_name_the_pdl1_train_subcommand_they_mean():
+    # `pdl1 train --from-review`, as the scripts told a QuPath user, is refused: pdl1 train needs seg or nuclei.
+    # Their code comments (after //) speak to developers; the header comment and the messages to users.
+    said = [
+        (script.name, line.strip())
+        for script in sorted(SCRIPTS.glob("*.groovy"))
+        for line in script.read_text(encoding="utf-8").splitlines()
+        if re.search(r"pdl1 train (?!seg\b|nuclei\b|report\b)", re.split(r"(?:^|\s)//", line)[0])
+    ]
+    assert said == []
+
+
+@needs_groovy
 def test_what_went_wrong_is_said_without_null(tmp_path):
     # Java's HttpClient throws a ConnectException without a message where nothing listens: "no service at ... (null)".
     driver = """
@@ -1960,8 +1994,8 @@ println JsonOutput.toJson(staleRecords(names, [ids: lookup.ids, leftovers: []], 
     assert sorted(kept) == ["deleted, objects kept", "touching", "two parts", "unreadable", "whole image"]
     assert kept["deleted, objects kept"] == (
         "1 object this tool wrote lies in its area under no analysed annotation or TMA core (kept when its parent was "
-        "deleted, or moved by Resolve hierarchy), and `pdl1 train --from-review` needs it to tell your review of it; "
-        "delete it, or analyse an annotation around it, and a later run sets the record aside"
+        "deleted, or moved by Resolve hierarchy), and `pdl1 train seg|nuclei PROJECT --from-review` needs it to tell "
+        "your review of it; delete it, or analyse an annotation around it, and a later run sets the record aside"
     )
     assert kept["whole image"].startswith("4 objects this tool wrote lie in its area")
     assert kept["unreadable"] == (

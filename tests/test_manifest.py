@@ -161,6 +161,14 @@ def test_wrong_task(model_dir):
 def test_no_manifest(tmp_path):
     with pytest.raises(ModelFileError, match="no model manifest"):
         read_manifest(tmp_path)
+    # The command that trains one, by the task asked for: `pdl1 train` alone is refused (it needs seg or nuclei).
+    for task, train in (
+        ("segmentation", "`pdl1 train seg`,"),
+        ("nuclei", "`pdl1 train nuclei`,"),
+        (None, "`pdl1 train seg` or `pdl1 train nuclei`,"),
+    ):
+        with pytest.raises(ModelFileError, match=re.escape(f"(train one with {train} or leave the model option out")):
+            read_manifest(tmp_path, task=task)
     with pytest.raises(ModelFileError, match="no such model folder"):
         read_manifest(tmp_path / "nope")
 

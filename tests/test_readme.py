@@ -43,3 +43,10 @@ def test_every_link_within_the_readme_reaches_an_anchor():
     assert len(links) >= 40
     anchors = readme_anchors(markdown)
     assert sorted({link for link in links if link not in anchors}) == []
+
+
+def test_a_pdl1_train_command_names_its_subcommand():
+    # `pdl1 train --from-review` (six times) and `pdl1 train ... PROJECT --from-review`: pdl1 train alone is refused,
+    # it needs seg, nuclei or report.
+    markdown = README.read_text(encoding="utf-8")
+    assert re.findall(r"pdl1 train (?!seg\b|nuclei\b|report\b)\S+", markdown) == []

@@ -1150,6 +1150,8 @@ def test_serve_models_without_nuclei_ihc_says_to_add_it_there_not_to_leave_an_op
         assert ihc_manifest(pipeline) is None
     [record] = caplog.records
     assert fix in record.getMessage() and "leave the model option out" not in record.getMessage()
+    # The command that trains one: `pdl1 train` alone is refused, and an H&E nuclei model is no IHC one.
+    assert "or put a model trained with `pdl1 train nuclei --stain ihc` there" in record.getMessage()
 
     settings = ServiceSettings(port=free_port(), allow_roots=(slides_root,), pipeline=pipeline)
     with served(settings, Models(pipeline)) as c:

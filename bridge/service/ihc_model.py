@@ -46,5 +46,5 @@ def ihc_folder_problem(pipeline: PipelineConfig) -> str | None:
     return (
         f"{folder} {what}, so the service has no PD-L1 IHC nuclei model: add a nuclei-ihc/ model folder to the "
         f"--models folder {folder.parent} (copy the shipped {demo_model_dir('nuclei-ihc')}, or put a model "
-        "trained with `pdl1 train` there); the next H-DAB job loads it, no restart needed"
+        "trained with `pdl1 train nuclei --stain ihc` there); the next H-DAB job loads it, no restart needed"
     )

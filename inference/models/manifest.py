@@ -243,9 +243,13 @@ def read_manifest(
             "members' .safetensors files" + (f", or {otherwise}" if otherwise else "")
         )
     if not path.is_file():
+        # `pdl1 train` alone is refused: it needs the subcommand of the model's task.
+        train = {"segmentation": "`pdl1 train seg`", "nuclei": "`pdl1 train nuclei`"}.get(
+            task or "", "`pdl1 train seg` or `pdl1 train nuclei`"
+        )
         raise ModelFileError(
             f"{path}: no model manifest; a model folder holds {MANIFEST_NAME} and its members' .safetensors "
-            "files (train one with `pdl1 train`" + (f", or {otherwise})" if otherwise else ")")
+            f"files (train one with {train}" + (f", or {otherwise})" if otherwise else ")")
         )
     try:
         raw = json.loads(path.read_text())

@@ -1194,3 +1194,41 @@ def test_errors_alike_but_for_the_image_are_said_once_with_the_others_named(caps
     said = " ".join(capsys.readouterr().err.split())
     assert said.count("has moved") == 1 and "image of entry 1 (slide1.svs) has moved" in said
     assert "and 2 more failed alike: slide2.svs, slide3.svs" in said and "odd.svs: not a readable TIFF" in said
+
+
+def _float_options():
+    """(command words, option name, OptionInfo) of every float option of every ``pdl1`` command."""
+    import typing
+
+    import typer
+
+    def commands(typer_app, path=()):
+        for command in typer_app.registered_commands:
+            yield (*path, command.name or command.callback.__name__.replace("_", "-")), command.callback
+        for group in typer_app.registered_groups:
+            yield from commands(group.typer_instance, (*path, group.name))
+
+    for path, function in commands(app):
+        for name, hint in typing.get_type_hints(function, include_extras=True).items():
+            if typing.get_origin(hint) is not typing.Annotated:
+                continue
+            base, *extra = typing.get_args(hint)
+            info = next((e for e in extra if isinstance(e, typer.models.OptionInfo)), None)
+            if info is not None and float in {base, *typing.get_args(base)}:
+                yield path, name, info
+
+
+def test_every_float_option_refuses_nan_and_infinities_as_such():
+    # Typer took `--radius-um inf` (every pair matched: F1 0.98) and said `--mpp nan` was below or above a bound:
+    # every float option goes through number_range, which says what is wrong (helper-152).
+    options = list(_float_options())
+    assert len(options) > 30
+    assert [(" ".join(p), n) for p, n, info in options if info.parser is None] == []
+    for value, said in (("nan", "nan is not a number"), ("inf", "inf is outside the range"), ("-inf", "-inf is out")):
+        for path, name, info in options:
+            with pytest.raises(Exception, match=said):
+                info.parser(value)
+                pytest.fail(f"pdl1 {' '.join(path)} --{name.replace('_', '-')} {value} was taken")
+    result = CliRunner().invoke(app, ["eval", "nuclei", "x.svs", "--radius-um", "inf"], env={"COLUMNS": "400"})
+    assert result.exit_code == 2
+    assert "Invalid value for '--radius-um': inf is outside the range; give a number of 0.1 or more" in result.output

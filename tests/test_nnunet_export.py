@@ -634,8 +634,8 @@ def test_a_ctrl_c_says_nothing_was_written(phantoms, tmp_path, monkeypatch):
     ("value", "said"),
     [
         ("nan", "nan is not a number; give one from 0.05 to 64"),
-        ("inf", "inf is outside 0.05 to 64"),
-        ("0", "0 is outside 0.05 to 64"),
+        ("inf", "inf is outside the range; give a number from 0.05 to 64"),
+        ("0", "0 is outside the range; give a number from 0.05 to 64"),
     ],
 )
 def test_an_mpp_of_nan_is_said_to_be_no_number_and_one_out_of_range_out_of_range(tmp_path, value, said):

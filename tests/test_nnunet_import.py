@@ -329,11 +329,11 @@ def test_cli_requires_mpp(tmp_path):
     [
         ("nan", "nan is not a number; give one from 0.05 to 64"),
         ("NaN", "NaN is not a number; give one from 0.05 to 64"),
-        ("inf", "inf is outside 0.05 to 64"),
-        ("100", "100 is outside 0.05 to 64"),
-        ("-inf", "-inf is outside 0.05 to 64"),
-        ("-1", "-1 is outside 0.05 to 64"),
-        ("0", "0 is outside 0.05 to 64"),
+        ("inf", "inf is outside the range; give a number from 0.05 to 64"),
+        ("100", "100 is outside the range; give a number from 0.05 to 64"),
+        ("-inf", "-inf is outside the range; give a number from 0.05 to 64"),
+        ("-1", "-1 is outside the range; give a number from 0.05 to 64"),
+        ("0", "0 is outside the range; give a number from 0.05 to 64"),
         ("two", "two is not a number; give one from 0.05 to 64"),
     ],
 )

@@ -27,15 +27,30 @@ def stain_option(value: str) -> str:
     return STAIN_WORDS[word]
 
 
-def number_range(low: float, high: float) -> dict:
-    """``min``, ``max`` and ``parser`` of a float option, to pass as ``typer.Option(..., **number_range(low, high))``.
+def number_range(low: float | None = None, high: float | None = None) -> dict:
+    """``min``, ``max`` and ``parser`` of a float option, to pass as ``typer.Option(..., **number_range(low, high))``;
+    either bound may be left out, and with neither the option still takes finite numbers only.
 
     Typer shows the range in --help and checks it, but said NaN was out of it, in the words of whichever bound it
-    compared first ("--mpp nan": "Input should be less than or equal to 64"); here text that is no number, NaN
-    included, is said to be none, and a number outside the range (infinities too) to be outside it. Typer checks no
-    range itself for an option with a parser, so the check is all here.
+    compared first ("--mpp nan": "Input should be less than or equal to 64"), and took an infinity beyond a bound it
+    lacked (``pdl1 eval nuclei --radius-um inf`` matched every pair, and scored F1 0.98); here text that is no
+    number, NaN included, is said to be none, an infinity to be no finite number, and a number outside the range to be
+    outside it. Typer checks no range itself for an option with a parser, so the check is all here.
+
+    >>> number_range(0.05, 64)["parser"]("0.5"), number_range(low=0.1)["min"]
+    (0.5, 0.1)
     """
     import math
+
+    wanted = (
+        f"from {low:g} to {high:g}"
+        if low is not None and high is not None
+        else f"of {low:g} or more"
+        if low is not None
+        else f"of {high:g} or less"
+        if high is not None
+        else "that is finite"
+    )
 
     def parse(value: object) -> float:
         try:
@@ -43,12 +58,13 @@ def number_range(low: float, high: float) -> dict:
         except (TypeError, ValueError):
             number = math.nan
         if math.isnan(number):
-            raise typer.BadParameter(f"{value} is not a number; give one from {low:g} to {high:g}")
-        if not low <= number <= high:
-            raise typer.BadParameter(f"{value} is outside {low:g} to {high:g}")
+            raise typer.BadParameter(f"{value} is not a number; give one {wanted}")
+        if math.isinf(number) or (low is not None and number < low) or (high is not None and number > high):
+            raise typer.BadParameter(f"{value} is outside the range; give a number {wanted}")
         return number
 
-    return {"min": low, "max": high, "parser": parse}
+    bounds = {"min": low, "max": high}
+    return {**{k: v for k, v in bounds.items() if v is not None}, "parser": parse}
 
 
 def stdout() -> Console:

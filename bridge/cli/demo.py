@@ -11,6 +11,7 @@ from bridge.cli.common import (
     check_device,
     fail,
     interrupted,
+    number_range,
     outcome_table,
     pairs_table,
     pipeline_config,
@@ -25,16 +26,15 @@ def phantom(
     size: Annotated[int, typer.Option(min=1024, max=100_000, help="Edge length in level-0 px.")] = 8192,
     height: Annotated[int | None, typer.Option(min=1024, max=100_000, help="Height in px when not square.")] = None,
     seed: Annotated[int, typer.Option(min=0, help="Random seed; the same seed gives the same bytes.")] = 1,
-    tps: Annotated[float, typer.Option(min=0, max=100, help="Wanted tumour proportion score, %.")] = 30.0,
+    tps: Annotated[float, typer.Option(**number_range(0, 100), help="Wanted tumour proportion score, %.")] = 30.0,
     shift: Annotated[
-        float, typer.Option(min=0, max=1, help="Domain shift: stain, colour, blur and JPEG quality.")
+        float, typer.Option(**number_range(0, 1), help="Domain shift: stain, colour, blur and JPEG quality.")
     ] = 0.0,
-    mpp: Annotated[float, typer.Option(min=0.1, max=2.0, help="Microns per level-0 pixel.")] = 0.5,
+    mpp: Annotated[float, typer.Option(**number_range(0.1, 2.0), help="Microns per level-0 pixel.")] = 0.5,
     weak_fraction: Annotated[
         float,
         typer.Option(
-            min=0,
-            max=0.95,
+            **number_range(0, 0.95),
             help="Fraction of the positive area that expresses weakly (faint morphology, still positive).",
         ),
     ] = 0.0,
@@ -48,8 +48,7 @@ def phantom(
     immune_positive: Annotated[
         float | None,
         typer.Option(
-            min=0,
-            max=1,
+            **number_range(0, 1),
             help="With --ihc: mean share of PD-L1 positive immune cells (varies in space); 0.3 when not given.",
         ),
     ] = None,
@@ -191,7 +190,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo slides, project and report.")] = Path("pdl1-demo"),
     size: Annotated[int, typer.Option(min=1024, max=100_000, help="Phantom edge length in px.")] = 4096,
     seed: Annotated[int, typer.Option(min=0, help="Phantom seed (the demo models never saw 7).")] = 7,
-    tps: Annotated[float, typer.Option(min=0, max=100)] = 40.0,
+    tps: Annotated[float, typer.Option(**number_range(0, 100))] = 40.0,
     ihc: Annotated[
         bool, typer.Option(help="Also the PD-L1 IHC of the same tissue: scored by its cells, compared with the H&E.")
     ] = True,

@@ -15,6 +15,7 @@ from bridge.cli.common import (
     distinct_paths,
     fail,
     interrupted,
+    number_range,
     pipeline_config,
     require_out_folder,
     stdout,
@@ -91,7 +92,9 @@ def eval_seg(
         Path | None, typer.Option(help="Segmentation ensemble folder; the shipped demo if omitted.")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", callback=check_device)] = "auto",
-    threshold: Annotated[float | None, typer.Option(min=0, max=1, help="Override the manifest's threshold.")] = None,
+    threshold: Annotated[
+        float | None, typer.Option(**number_range(0, 1), help="Override the manifest's threshold.")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Dice of the ensemble and of every member, and AUROC of uncertainty for pixel errors, on the truth's grid."""
@@ -223,7 +226,9 @@ def _nuclei_evaluations(slides: list[Path], ensemble, *, radius_um: float, progr
 def eval_nuclei(
     slides: Annotated[list[Path], typer.Argument(help="Phantom slides with truth beside them.")],
     model: Annotated[Path | None, typer.Option(help="Nuclei model folder; the shipped demo if omitted.")] = None,
-    radius_um: Annotated[float, typer.Option(min=0.1, help="Matching radius; pairs beyond it never match.")] = 3.0,
+    radius_um: Annotated[
+        float, typer.Option(**number_range(0.1), help="Matching radius; pairs beyond it never match.")
+    ] = 3.0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", callback=check_device)] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -333,7 +338,9 @@ def _ihc_failure() -> str:
 def eval_ihc(
     slides: Annotated[list[Path], typer.Argument(help="Phantom PD-L1 IHC slides (pdl1 phantom --ihc) with truth.")],
     model: Annotated[Path | None, typer.Option(help="IHC nuclei model folder; the shipped demo if omitted.")] = None,
-    radius_um: Annotated[float, typer.Option(min=0.1, help="Matching radius; pairs beyond it never match.")] = 3.0,
+    radius_um: Annotated[
+        float, typer.Option(**number_range(0.1), help="Matching radius; pairs beyond it never match.")
+    ] = 3.0,
     review: Annotated[
         bool, typer.Option(help="Also analyse each slide as pdl1 run does (stated H-DAB) for its review flag.")
     ] = True,
@@ -483,7 +490,7 @@ def eval_registration(
     slides: Annotated[
         list[Path], typer.Argument(help="Phantom PD-L1 IHC slides written with --ihc; each is registered to its H&E.")
     ],
-    mpp: Annotated[float, typer.Option(min=1.0, max=64.0, help="Resolution registered at, µm/px.")] = 8.0,
+    mpp: Annotated[float, typer.Option(**number_range(1.0, 64.0), help="Resolution registered at, µm/px.")] = 8.0,
 ) -> None:
     """Registration error of each IHC onto its H&E against the true section transform (median, p90, max µm)."""
     slides = distinct_paths(slides, done="scored once")  # a glob and one of its files: counted once in the means
@@ -868,7 +875,7 @@ def calibrate(
     min_fraction: Annotated[
         float,
         typer.Option(
-            min=0.5, max=1.0, help="An NPR is a false negative when this share of its pixels is truly positive."
+            **number_range(0.5, 1.0), help="An NPR is a false negative when this share of its pixels is truly positive."
         ),
     ] = 0.9,
     uncertainty: Annotated[

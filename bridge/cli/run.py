@@ -16,6 +16,7 @@ from bridge.cli.common import (
     fail,
     interrupted,
     nothing_left_to_do,
+    number_range,
     outcome_table,
     pairs_table,
     pipeline_config,
@@ -248,13 +249,14 @@ def run(
     uncertainty_tile_um: Annotated[
         float | None,
         typer.Option(
+            **number_range(),
             help="Edge of the uncertainty tiles in µm, 16 to 4,096. Default: from pdl1-config.toml, else 64.",
         ),
     ] = None,
     min_region_area_um2: Annotated[
         float | None,
         typer.Option(
-            min=0.0,
+            **number_range(0.0),
             help="Positive regions and SUA candidates smaller than this (µm², 0 to 1,000,000) are dropped. Default: "
             "from pdl1-config.toml, else 200.",
         ),
@@ -263,7 +265,8 @@ def run(
     mpp: Annotated[
         float | None,
         typer.Option(
-            min=0.05, help="Microns per pixel of every image, instead of what the project or the files state."
+            **number_range(0.05),
+            help="Microns per pixel of every image, instead of what the project or the files state.",
         ),
     ] = None,
     stain: Annotated[

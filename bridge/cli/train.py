@@ -17,6 +17,7 @@ from bridge.cli.common import (
     check_training_device,
     fail,
     interrupted,
+    number_range,
     stain_option,
     warn_of_count,
     write_model_copy,
@@ -119,8 +120,7 @@ _QUPATH_HELP = "Read a project through QuPath: auto, always or never."
 ValFraction = Annotated[
     float,
     typer.Option(
-        min=0,
-        max=0.9,
+        **number_range(0, 0.9),
         help="Your labels: hold out this share of the labelled slides (whole slides, drawn with --seed; at least "
         "one) instead of naming them with --val-entries.",
     ),
@@ -134,7 +134,7 @@ _ANCHOR_HELP = (
     "weights move only as far as your labels pay for, against forgetting what they do not show (0: off; needs an "
     'initial model). Measured in the README, "Fine-tuning against forgetting".'
 )
-AnchorWeight = Annotated[float, typer.Option("--anchor-weight", min=0, help=_ANCHOR_HELP)]
+AnchorWeight = Annotated[float, typer.Option("--anchor-weight", **number_range(0), help=_ANCHOR_HELP)]
 _FREEZE_BN_HELP = (
     "Fine-tuning: BatchNorm keeps the --init model's running statistics instead of taking those of your slides' "
     "patches, which the model would then apply to every slide (needs an initial model)."
@@ -183,15 +183,15 @@ def train_seg(
     members_per_cycle: Annotated[int, typer.Option(min=1, help="Members from the low-LR end of each cycle.")] = 1,
     drop_first_cycle: Annotated[bool, typer.Option(help="Leave out the first cycle's members.")] = True,
     optimizer: Annotated[str, typer.Option(help="adamw, or sgd (Nesterov momentum 0.99, as nnU-Net).")] = "adamw",
-    lr_max: Annotated[float | None, typer.Option(min=0, help=LR_MAX_HELP, show_default=False)] = None,
-    restart_lr: Annotated[float, typer.Option(min=0, help=RESTART_LR_HELP)] = 0.0,
+    lr_max: Annotated[float | None, typer.Option(**number_range(0), help=LR_MAX_HELP, show_default=False)] = None,
+    restart_lr: Annotated[float, typer.Option(**number_range(0), help=RESTART_LR_HELP)] = 0.0,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     patch_px: Annotated[int, typer.Option(min=16, help="Training patch edge in model px.")] = 128,
     positive_fraction: Annotated[
-        float, typer.Option(min=0, max=1, help="Share of patches centred on positive pixels (class balance).")
+        float, typer.Option(**number_range(0, 1), help="Share of patches centred on positive pixels (class balance).")
     ] = 0.5,
     features: Annotated[str, typer.Option(help="U-Net stage widths.")] = "8,16,32,64",
-    input_mpp: Annotated[float, typer.Option(min=0.1, help="Model input resolution, µm/px.")] = 2.0,
+    input_mpp: Annotated[float, typer.Option(**number_range(0.1), help="Model input resolution, µm/px.")] = 2.0,
     stain_jitter: Annotated[
         str,
         typer.Option(help="Colour augmentation: light (HED scale) or strong (also stain vectors and a colour cast)."),
@@ -243,7 +243,7 @@ def train_seg(
     ihc_band_um: Annotated[
         float | None,
         typer.Option(
-            min=0,
+            **number_range(0),
             help="Train on a paired IHC's registered positive area (pdl1/pairs/<H&E>.ihc_positive.geojson as "
             "--labels): the whole H&E is labelled, a band this wide around the area's edge ignored.",
             show_default=False,
@@ -253,19 +253,20 @@ def train_seg(
     pseudo_margin: Annotated[
         float,
         typer.Option(
-            min=0.001,
-            max=0.499,
+            **number_range(0.001, 0.499),
             help="Pseudo-labels: positive where the ensemble's mean probability is >= 1 - this, negative where <= this.",
         ),
     ] = 0.1,
     pseudo_mi_limit: Annotated[
         float,
         typer.Option(
-            min=0.0001, help="Pseudo-labels: only where the members' mutual information (nats) is below this."
+            **number_range(0.0001),
+            help="Pseudo-labels: only where the members' mutual information (nats) is below this.",
         ),
     ] = 0.05,
     pseudo_weight: Annotated[
-        float, typer.Option(min=0.01, max=1.0, help="Loss weight of a pseudo-labelled pixel (a label weighs 1).")
+        float,
+        typer.Option(**number_range(0.01, 1.0), help="Loss weight of a pseudo-labelled pixel (a label weighs 1)."),
     ] = 0.3,
     pseudo_label_rest: Annotated[
         bool,
@@ -277,9 +278,9 @@ def train_seg(
     ] = False,
     anchor_weight: AnchorWeight = 0.0,
     freeze_batchnorm: FreezeBatchnorm = False,
-    distill_weight: Annotated[float, typer.Option("--distill-weight", min=0, help=_DISTILL_HELP)] = 0.0,
+    distill_weight: Annotated[float, typer.Option("--distill-weight", **number_range(0), help=_DISTILL_HELP)] = 0.0,
     distill_temperature: Annotated[
-        float, typer.Option("--distill-temperature", min=0.01, help=_DISTILL_TEMPERATURE_HELP)
+        float, typer.Option("--distill-temperature", **number_range(0.01), help=_DISTILL_TEMPERATURE_HELP)
     ] = 2.0,  # inference.training.distill.DEFAULT_TEMPERATURE (not imported: torch is not needed to parse options)
 ) -> None:
     """Train a segmentation ensemble the nnUNet-B way (cyclic LR, members at the low ends).
@@ -740,13 +741,13 @@ def train_nuclei_cmd(
     members_per_cycle: Annotated[int, typer.Option(min=1)] = 1,
     drop_first_cycle: Annotated[bool, typer.Option(help="Leave out the first cycle's members.")] = True,
     optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
-    lr_max: Annotated[float | None, typer.Option(min=0, help=LR_MAX_HELP, show_default=False)] = None,
-    restart_lr: Annotated[float, typer.Option(min=0, help=RESTART_LR_HELP)] = 0.0,
+    lr_max: Annotated[float | None, typer.Option(**number_range(0), help=LR_MAX_HELP, show_default=False)] = None,
+    restart_lr: Annotated[float, typer.Option(**number_range(0), help=RESTART_LR_HELP)] = 0.0,
     batch_size: Annotated[int, typer.Option(min=1)] = 12,
     patch_px: Annotated[int, typer.Option(min=16, help="Training patch edge in model px (even).")] = 96,
     width: Annotated[int, typer.Option(min=4, help="Backbone channels.")] = 32,
-    sigma_um: Annotated[float, typer.Option(min=0.1, help="Gaussian target sigma, µm.")] = 1.5,
-    input_mpp: Annotated[float, typer.Option(min=0.1, help="Model input resolution, µm/px.")] = 1.0,
+    sigma_um: Annotated[float, typer.Option(**number_range(0.1), help="Gaussian target sigma, µm.")] = 1.5,
+    input_mpp: Annotated[float, typer.Option(**number_range(0.1), help="Model input resolution, µm/px.")] = 1.0,
     stain_jitter: Annotated[
         str,
         typer.Option(help="Colour augmentation: light (HED scale) or strong (also stain vectors and a colour cast)."),
@@ -771,7 +772,8 @@ def train_nuclei_cmd(
         ),
     ] = None,
     known_radius_um: Annotated[
-        float, typer.Option(min=0.5, help="Your labels: pixels this near a marked point have a known target.")
+        float,
+        typer.Option(**number_range(0.5), help="Your labels: pixels this near a marked point have a known target."),
     ] = 6.0,
     qupath: Annotated[str, typer.Option(help=_QUPATH_HELP)] = "auto",
     search_dir: SearchDir = None,

@@ -189,6 +189,10 @@ def collect(source: Path, left_out: list[str] | None = None) -> list[ReportItem]
             error = failed.get(entry.entry_id, ("", ""))[1]
             _warn_earlier_results(entry.image_name, error, summary, source)
             other = _analysed_another_file(summary, entry)
+            if slide is None and other is None:
+                # The file the run analysed, where it found a moved image (--search-dir, which the report lacks).
+                slide = _analysed_file(summary)
+                not_found = "" if slide is not None else not_found
             if other is not None:
                 # The entry was pointed at another file since (Project > Set image URI): its thumbnail with those
                 # results drawn over it showed the other file's regions and cells on this one.
@@ -319,6 +323,17 @@ def _failed_without_results(name: str, error: str, source: Path) -> str:
         f"{name}: the last run failed on it ({error}) and it has no earlier results, so this report has no results "
         f"for it; fix the cause and run {_rerun(source)}"
     )
+
+
+def _analysed_file(summary: dict) -> Path | None:
+    """The file a run analysed (its summary's ``image``) where it is one here, else None."""
+    analysed = summary.get("image")
+    if not isinstance(analysed, str) or not analysed:
+        return None
+    try:
+        return Path(analysed) if Path(analysed).is_file() else None
+    except (OSError, ValueError):  # a path this system cannot state (a NUL, a name too long)
+        return None
 
 
 def _analysed_another_file(summary: dict, entry) -> str | None:

@@ -457,6 +457,25 @@ def test_an_entry_image_that_moved_is_told_a_fix_pdl1_report_has(tmp_path, caplo
     assert "--search-dir" not in said
 
 
+def test_an_entry_image_a_run_found_elsewhere_is_drawn_from_the_file_it_analysed(tmp_path, caplog):
+    # helper-155: `pdl1 run --search-dir` found a moved image; the report, which has no --search-dir, lost every
+    # such image's thumbnail, warning to pass one.
+    project = _analysed_tif_project(tmp_path)
+    elsewhere = tmp_path / "scans" / "a.tif"
+    elsewhere.parent.mkdir()
+    (project / "a.tif").rename(elsewhere)
+    summary = project / "pdl1" / "1" / "summary.json"
+    summary.write_text(json.dumps(_summary(elsewhere)))  # as pdl1 run --search-dir records it
+    with caplog.at_level("WARNING", logger="bridge.report"):
+        write_report(project)
+    assert "no thumbnail" not in caplog.text, caplog.text
+    assert sorted(p.name for p in (project / "pdl1" / "report").glob("*.jpg")) == ["1-a.jpg", "2-b.jpg"]
+    elsewhere.unlink()  # gone from there too: told as before
+    with caplog.at_level("WARNING", logger="bridge.report"):
+        write_report(project)
+    assert "a.tif: no thumbnail: image of entry 1 (a.tif) has moved" in caplog.text
+
+
 @pytest.mark.parametrize("damage", ["cut short", "missing"])
 def test_a_geojson_that_does_not_read_is_named_with_the_fix_and_the_numbers_reported(tmp_path, caplog, damage):
     # Was "a.tif: no thumbnail (Invalid control character at: line 1 column 36 (char 35))", naming no file nor fix.

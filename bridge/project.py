@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -107,6 +108,8 @@ def uri_to_path(uri: str) -> PurePosixPath | PureWindowsPath:
     '/data/slides/a.svs'
     >>> str(uri_to_path("file://localhost/data/slides/a.svs"))  # RFC 8089: this machine, as file:///
     '/data/slides/a.svs'
+    >>> uri_to_path("file:////server/share/a.svs") == uri_to_path("file://server/share/a.svs")  # a UNC share, twice
+    True
     """
     parsed = urlparse(uri)
     if parsed.scheme != "file":
@@ -114,6 +117,10 @@ def uri_to_path(uri: str) -> PurePosixPath | PureWindowsPath:
     path = unquote(parsed.path)
     if parsed.netloc and parsed.netloc.lower() != "localhost":  # UNC share: file://server/share/x.svs
         return PureWindowsPath(f"//{parsed.netloc}{path}")
+    if path.startswith("//") and not path.startswith("///"):
+        # The same share as Java's File.toURI writes it (file:////server/share/x.svs): QuPath writes a project's own
+        # URI so, and an image it located again by Path.toUri with two slashes.
+        return PureWindowsPath(path)
     if len(path) >= 3 and path[0] == "/" and path[2] == ":":
         return PureWindowsPath(path[1:])
     return PurePosixPath(path)
@@ -539,11 +546,16 @@ class ImageSearch:
         self._by_name: dict[str, list[Path]] | None = None
 
     def matches(self, name: str) -> list[Path]:
+        """The files called ``name`` (compared in Unicode's NFC: macOS writes names decomposed, Java's URIs and Linux
+        tools composed), each file once however many links lead to it (the first found, by name)."""
         if self._by_name is None:
             self._by_name = {}
             for folder in self.folders:
                 self._index(folder, self.MAX_DEPTH)
-        return self._by_name.get(name, [])
+        found: dict[tuple, Path] = {}
+        for path in self._by_name.get(unicodedata.normalize("NFC", name), []):
+            found.setdefault(same_file_key(path), path)
+        return list(found.values())
 
     def _index(self, folder: Path, depth: int) -> None:
         assert self._by_name is not None
@@ -555,7 +567,7 @@ class ImageSearch:
             if child.name.startswith("."):
                 continue
             if child.is_file():
-                self._by_name.setdefault(child.name, []).append(Path(child.path))
+                self._by_name.setdefault(unicodedata.normalize("NFC", child.name), []).append(Path(child.path))
             elif child.is_dir() and depth > 1:
                 self._index(Path(child.path), depth - 1)
 
@@ -590,33 +602,125 @@ def locate_image(
         original = entry.path
     except ProjectError as err:  # a non-file URI: was named without its entry, and stopped `pdl1 report` whole
         raise ProjectError(f"image of entry {entry.entry_id} ({entry.image_name}): {err}") from err
-    if (os.name == "nt") == isinstance(original, PureWindowsPath) and Path(str(original)).is_file():
-        return Path(str(original))
+    which = f"image of entry {entry.entry_id} ({entry.image_name})"
+    here = [Path(str(original))] if (os.name == "nt") == isinstance(original, PureWindowsPath) else []
     if saved_folder is not None:
         moved = moved_with_project(original, saved_folder, Path(os.path.abspath(project_folder)))
-        if moved is not None and moved.is_file():
-            return moved
+        here += [] if moved is None else [moved]
+    for place in here:
+        found_here = _file_named(place.parent, place.name)
+        if found_here is not None:
+            return found_here if found_here == place else Path(os.path.abspath(found_here))
+        if place.is_dir():
+            raise ProjectError(
+                f"{which} is a folder, {place} (an image QuPath opens as a folder, such as OME-Zarr), which pdl1 "
+                "cannot read; export it from QuPath (File > Export images... > OME TIFF) and add that file to the "
+                "project instead"
+            )
     name = original.name
     search = search or ImageSearch()
     found = search.matches(name)
     if len(found) > 1:
+        # Files of one name in several folders (a scanner's per-case folders): the one under the folders the URI
+        # names, read from the end, where one alone is.
+        score = {path: _folders_in_common(original, path) for path in found}
+        best = max(score.values())
+        if best > 0 and list(score.values()).count(best) == 1:
+            return Path(os.path.abspath(max(found, key=score.__getitem__)))
         raise ImageMovedError(
-            f"image of entry {entry.entry_id} ({entry.image_name}) has moved, and {len(found)} files under "
-            f"--search-dir are called {name}: {', '.join(map(str, found))}; pass the --search-dir that holds "
-            "only the right one (or fix the URI in QuPath)"
+            f"{which} has moved, and {len(found)} files under --search-dir are called {name}: "
+            f"{', '.join(map(str, found))}, none under more of the folders its URI names ({original.parent}) than the "
+            "others; pass the --search-dir that holds only the right one (or fix the URI in QuPath)"
         )
     if found:
         return Path(os.path.abspath(found[0]))
     for folder in (project_folder, project_folder.parent):
-        candidate = folder / name
-        if candidate.is_file():
+        candidate = _file_named(folder, name)
+        if candidate is not None:
             return Path(os.path.abspath(candidate))
     looked = [*(f"{d} (and below)" for d in search.folders), str(project_folder), str(project_folder.parent)]
     relative = "" if saved_folder is None else " nor at the same place relative to the project,"
     raise ImageMovedError(
-        f"image of entry {entry.entry_id} ({entry.image_name}) has moved: not at {original},{relative} and no "
-        f"{name} in {', '.join(looked)}; {find_it}"
+        f"{which} has moved: not at {original},{relative} and no {name} in {', '.join(looked)}; {find_it}"
     )
+
+
+def _file_named(folder: Path, name: str) -> Path | None:
+    """The file ``name`` in ``folder``, or the one whose name is the same in Unicode's NFC (a name macOS wrote
+    decomposed, given composed in a URI), else None."""
+    candidate = folder / name
+    if candidate.is_file():
+        return candidate
+    wanted = unicodedata.normalize("NFC", name)
+    if wanted == name and name.isascii():
+        return None  # no other spelling of an ASCII name
+    try:
+        names = os.listdir(folder)
+    except OSError:  # no such folder, or unreadable: nothing there
+        return None
+    for other in sorted(names):
+        if unicodedata.normalize("NFC", other) == wanted and (folder / other).is_file():
+            return folder / other
+    return None
+
+
+def _folders_in_common(original: PurePosixPath | PureWindowsPath, found: Path) -> int:
+    """How many folders ``found`` and ``original`` lie in alike, read from the file's own up (Windows' names in any
+    case, every name in NFC).
+
+    >>> _folders_in_common(PureWindowsPath("C:/scans/caseA/slide.svs"), Path("/data/CASEA/slide.svs"))
+    1
+    """
+    windows = isinstance(original, PureWindowsPath)
+
+    def key(part: str) -> str:
+        part = unicodedata.normalize("NFC", part)
+        return part.casefold() if windows else part
+
+    count = 0
+    for a, b in zip(reversed(original.parent.parts), reversed(found.parent.parts), strict=False):
+        if key(a) != key(b):
+            break
+        count += 1
+    return count
+
+
+def _stated_path(entry: ProjectEntry) -> str:
+    """The file ``entry``'s URI names, as a key (a Windows path in any case)."""
+    try:
+        path = entry.path
+    except ProjectError:
+        return entry.uri
+    return str(path).casefold() if isinstance(path, PureWindowsPath) else str(path)
+
+
+def claimed_twice(located: Sequence[tuple[ProjectEntry, Path]]) -> dict[str, str]:
+    """Entry ID → why, for each entry found away from its URI (by its file name) at a file that an entry of the
+    project whose URI names another file is found at too: one scan analysed as two images (caseA/slide.svs and
+    caseB/slide.svs, only caseA's under --search-dir), whose results would both be reported done. Never named: an entry
+    found at its URI, the one alone found under more of the folders its URI names (caseA's), nor entries whose URIs
+    name one file (one image added twice). Entries whose URIs are no file paths are not located, so not given."""
+    by_file: dict[tuple, list[tuple[ProjectEntry, Path]]] = {}
+    for entry, path in located:
+        by_file.setdefault(same_file_key(path), []).append((entry, path))
+    out = {}
+    for sharing in by_file.values():
+        if len({_stated_path(entry) for entry, _ in sharing}) < 2:  # one image added twice (QuPath allows it)
+            continue
+        # The file is the one entry's whose URI it lies at, else the one's under more of the folders its URI names.
+        score = {entry.entry_id: _folders_in_common(entry.path, path) for entry, path in sharing}
+        best = max(score.values())
+        owner = next(k for k, v in score.items() if v == best) if list(score.values()).count(best) == 1 else None
+        for entry, path in sharing:
+            if str(path) == str(entry.path) or (owner == entry.entry_id and best > 0):
+                continue
+            others = ", ".join(f"entry {e.entry_id} ({e.image_name})" for e, _ in sharing if e is not entry)
+            out[entry.entry_id] = (
+                f"image of entry {entry.entry_id} ({entry.image_name}) has moved, and the only file found for it, "
+                f"{path}, is {others}'s too: not analysed as two images; pass a --search-dir that holds its own file "
+                "(or fix the URI in QuPath)"
+            )
+    return out
 
 
 # A data.qpdata is a Java serialisation stream (QuPath's ObjectOutputStream): it starts with the

@@ -54,10 +54,12 @@ from bridge.objects import (
 from bridge.options import option_setting
 from bridge.project import (
     PDL1_DIR,
+    ImageMovedError,
     ImageSearch,
     ProjectEntry,
     ProjectError,
     RunStatus,
+    claimed_twice,
     distinct_inputs,
     locate_image,
     not_a_folder,
@@ -655,6 +657,10 @@ def _jobs(inputs: list[Path], config: RunConfig) -> tuple[list[_Job], Path | Non
                 jobs.append(_Job(entry.entry_id, entry.image_name, image, entry))
             except Pdl1Error as err:
                 jobs.append(_Job(entry.entry_id, entry.image_name, None, entry, err))
+        twice = claimed_twice([(j.entry, j.image) for j in jobs if j.image is not None])
+        jobs = [
+            _Job(j.key, j.name, None, j.entry, ImageMovedError(twice[j.key])) if j.key in twice else j for j in jobs
+        ]
         for broken in info.unreadable:  # each fails alone, in its place in the project's order
             key = broken.entry_id if broken.entry_id is not None else f"#{broken.index + 1}"
             jobs.insert(broken.index, _Job(key, broken.image_name, None, None, broken.error))

@@ -1232,3 +1232,16 @@ def test_every_float_option_refuses_nan_and_infinities_as_such():
     result = CliRunner().invoke(app, ["eval", "nuclei", "x.svs", "--radius-um", "inf"], env={"COLUMNS": "400"})
     assert result.exit_code == 2
     assert "Invalid value for '--radius-um': inf is outside the range; give a number of 0.1 or more" in result.output
+
+
+@pytest.mark.parametrize(
+    "command", [["run", "x.svs", "--out", "o"], ["train", "seg", "x.svs"], ["export", "nnunet", "p"]]
+)
+def test_a_search_dir_that_is_no_folder_is_refused_as_such(tmp_path, command):
+    # helper-155: a --search-dir that did not exist, or was a file, was passed over: "no x.svs in DIR (and below)".
+    a_file = tmp_path / "slide.svs"
+    a_file.write_bytes(b"x")
+    for given, said in ((tmp_path / "nowhere", "does not exist"), (a_file, "is a file")):
+        result = runner.invoke(app, [*command, "--search-dir", str(given)], env={"COLUMNS": "400"})
+        assert result.exit_code == 2, result.output
+        assert f"Invalid value for '--search-dir': dir '{given}' {said}" in " ".join(result.output.split())

@@ -15,9 +15,11 @@ from bridge.project import (
     ProjectEntry,
     ProjectError,
     RunStatus,
+    claimed_twice,
     find_project_file,
     locate_image,
     moved_with_project,
+    path_to_uri,
     qpdata_problem,
     read_project,
     slide_files_in,
@@ -770,3 +772,72 @@ def test_qupaths_image_type_is_read_and_a_summary_that_does_not_read_is_named(tm
     damaged = project / "data" / "2" / "summary.json"
     assert f"{damaged} does not read (" in caplog.text and "its stain is told from its colour" in caplog.text
     assert "data/3" not in caplog.text  # never saved with data in QuPath: nothing to say
+
+
+def test_a_unc_share_named_in_both_forms_qupath_writes_is_one_share(tmp_path):
+    # helper-155: QuPath writes the project's URI by File.toURI (file:////server/share/...) and an image it located
+    # again by Path.toUri (file://server/share/...); the two were a POSIX and a Windows path, and the study moved
+    # whole was "moved".
+    saved = uri_to_path("file:////server/share/Study/project/project.qpproj").parent
+    image = uri_to_path("file://server/share/Study/slides/a.svs")
+    assert moved_with_project(image, saved, tmp_path / "Study" / "project") == tmp_path / "Study" / "slides" / "a.svs"
+
+
+def test_a_name_macos_wrote_decomposed_is_found_by_the_composed_name_of_its_uri(tmp_path):
+    # helper-155: "no Müller é.svs in DIR", listing a file that looked the same (NFD on disk, NFC in the URI).
+    import unicodedata
+
+    composed = "M\u00fcller \u00e9.svs"
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert composed != decomposed
+    entry = ProjectEntry("1", composed, "file:/Users/x/slides/M%C3%BCller%20%C3%A9.svs")
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / decomposed).write_bytes(b"x")
+    found = locate_image(entry, project_folder=tmp_path / "p", search=ImageSearch((tmp_path / "local",)))
+    assert found == tmp_path / "local" / decomposed
+    assert locate_image(entry, project_folder=tmp_path / "local" / "project") == tmp_path / "local" / decomposed
+    here = ProjectEntry("2", composed, path_to_uri(tmp_path / "local" / composed))  # its own folder, named composed
+    assert locate_image(here, project_folder=tmp_path / "p") == tmp_path / "local" / decomposed
+
+
+def test_one_file_reached_through_a_link_too_is_one_file(tmp_path):
+    # helper-155: sd/latest -> 2024 made 2024/x.svs "2 files called x.svs", and the image was refused.
+    (tmp_path / "sd" / "2024").mkdir(parents=True)
+    (tmp_path / "sd" / "2024" / "x.svs").write_bytes(b"x")
+    (tmp_path / "sd" / "latest").symlink_to("2024")
+    entry = ProjectEntry("1", "x.svs", "file:/gone/x.svs")
+    found = locate_image(entry, project_folder=tmp_path / "p", search=ImageSearch((tmp_path / "sd",)))
+    assert found == tmp_path / "sd" / "2024" / "x.svs"
+
+
+def test_an_image_that_is_a_folder_is_said_to_be_one_not_to_have_moved(tmp_path):
+    # helper-155: an OME-Zarr folder where the URI says was "moved: not at ...; pass --search-dir".
+    (tmp_path / "x.ome.zarr").mkdir()
+    entry = ProjectEntry("4", "x.ome.zarr", path_to_uri(tmp_path / "x.ome.zarr"))
+    with pytest.raises(ProjectError, match=r"image of entry 4 \(x.ome.zarr\) is a folder, \S+ \(an image QuPath "):
+        locate_image(entry, project_folder=tmp_path / "p")
+
+
+def test_slides_of_one_name_in_case_folders_are_told_apart_by_the_folders_their_uris_name(tmp_path):
+    # helper-155: entries C:/scans/caseA/slide.svs and caseB/slide.svs; with both under --search-dir both were
+    # refused, and with caseA's alone both were analysed from it and reported done.
+    a = ProjectEntry("1", "slide.svs", "file:/C:/scans/caseA/slide.svs")
+    b = ProjectEntry("2", "slide.svs", "file:/C:/scans/CASEB/slide.svs")
+    local = tmp_path / "local"
+    for case in ("caseA", "caseB"):
+        (local / case).mkdir(parents=True)
+        (local / case / "slide.svs").write_bytes(case.encode())
+    search = ImageSearch((local,))
+    assert locate_image(a, project_folder=tmp_path / "p", search=search) == local / "caseA" / "slide.svs"
+    assert locate_image(b, project_folder=tmp_path / "p", search=search) == local / "caseB" / "slide.svs"
+    (local / "caseB" / "slide.svs").unlink()
+    search = ImageSearch((local,))
+    located = [(e, locate_image(e, project_folder=tmp_path / "p", search=search)) for e in (a, b)]
+    assert [path for _, path in located] == [local / "caseA" / "slide.svs"] * 2
+    assert list(claimed_twice(located)) == ["2"]
+    assert claimed_twice(located)["2"].startswith(
+        f"image of entry 2 (slide.svs) has moved, and the only file found for it, {local / 'caseA' / 'slide.svs'}, "
+        "is entry 1 (slide.svs)'s too: not analysed as two images"
+    )
+    twice = ProjectEntry("3", "slide again", a.uri)  # one image added twice: both analysed
+    assert claimed_twice([located[0], (twice, located[0][1])]) == {}

@@ -1788,3 +1788,22 @@ def test_through_qupath_a_tma_case_is_compared_core_by_core_in_pairs_json_its_cs
     rows = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines()]
     rows = [r for r in rows if r]
     assert rows[0][0] == "271" and " ".join(r[7] for r in rows if r[7]).startswith("1 of 5 cores compared: ")
+
+
+def test_two_entries_of_one_file_name_are_not_both_analysed_from_one_scan_found_for_them(tmp_path, slides):
+    # helper-155: entries caseA/slide.svs and caseB/slide.svs, moved, only caseA's under --search-dir: both were
+    # analysed from it and reported done, with one TPS.
+    from bridge.run import _jobs
+
+    made = tmp_path / "made"
+    for case in ("caseA", "caseB"):
+        (made / case).mkdir(parents=True)
+        shutil.copy(slides[0], made / case / "slide.svs")
+    project = tmp_path / "project"
+    init_project_files(project, [made / "caseA" / "slide.svs", made / "caseB" / "slide.svs"])
+    (tmp_path / "local").mkdir()
+    (made / "caseA").rename(tmp_path / "local" / "caseA")
+    shutil.rmtree(made)
+    jobs, _, _ = _jobs([project], _config(search_dirs=(tmp_path / "local",)))
+    assert [(j.key, j.image) for j in jobs] == [("1", tmp_path / "local" / "caseA" / "slide.svs"), ("2", None)]
+    assert str(jobs[1].error).startswith("image of entry 2 (slide.svs) has moved, and the only file found for it")

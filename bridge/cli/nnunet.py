@@ -235,7 +235,9 @@ def export_nnunet_cmd(
         list[Path] | None,
         typer.Option(
             help="A project's images: folder to search, with its subfolders, for images that are not where the "
-            "project says (repeatable, as for pdl1 run)."
+            "project says (repeatable, as for pdl1 run).",
+            exists=True,
+            file_okay=False,
         ),
     ] = None,
     entries: Annotated[

@@ -208,7 +208,11 @@ def run(
     ] = False,
     search_dir: Annotated[
         list[Path] | None,
-        typer.Option(help="Folder to search, with its subfolders, for slides that moved (repeatable)."),
+        typer.Option(
+            help="Folder to search, with its subfolders, for slides that moved (repeatable).",
+            exists=True,
+            file_okay=False,
+        ),
     ] = None,
     qupath: Annotated[
         str,

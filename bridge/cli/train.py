@@ -156,7 +156,9 @@ _SEARCH_DIR_HELP = (
     "images that are not where the project says (moved, or the project made on another machine); repeatable, as "
     "for pdl1 run."
 )
-SearchDir = Annotated[list[Path] | None, typer.Option("--search-dir", help=_SEARCH_DIR_HELP)]
+SearchDir = Annotated[
+    list[Path] | None, typer.Option("--search-dir", help=_SEARCH_DIR_HELP, exists=True, file_okay=False)
+]
 
 
 _RESUME_HELP = (

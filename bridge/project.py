@@ -142,12 +142,13 @@ def not_a_file_uri(uri: str) -> str:
 
 
 def path_to_uri(path: str | Path) -> str:
-    """QuPath's form of a file URI (``file:/abs/path``).
+    """QuPath's form of a file URI (``file:/abs/path``): absolute, links kept, as QuPath writes the path it was given
+    (``File.toURI``); a link resolved would name where it leads on this machine, which another may not have.
 
     >>> path_to_uri("/data/a b.svs")
     'file:/data/a%20b.svs'
     """
-    return "file:" + Path(path).resolve().as_uri()[len("file://") :]
+    return "file:" + Path(os.path.abspath(path)).as_uri()[len("file://") :]
 
 
 # Whole-slide and plain image files a folder given for a project may hold instead (to say so).

@@ -841,3 +841,15 @@ def test_slides_of_one_name_in_case_folders_are_told_apart_by_the_folders_their_
     )
     twice = ProjectEntry("3", "slide again", a.uri)  # one image added twice: both analysed
     assert claimed_twice([located[0], (twice, located[0][1])]) == {}
+
+
+def test_init_project_names_a_slide_by_the_path_given_keeping_its_links(tmp_path, phantom_svs):
+    # helper-155: lab -> vol1 gave file:/.../vol1/x.svs: where the link leads on this machine, which QuPath (File.toURI
+    # of the path it is given) does not write, and another machine mounting lab elsewhere would not find.
+    (tmp_path / "vol1").mkdir()
+    shutil.copy(phantom_svs, tmp_path / "vol1" / "x.svs")
+    (tmp_path / "lab").symlink_to("vol1")
+    init_project_files(tmp_path / "p", [tmp_path / "lab" / "x.svs"])
+    (entry,) = read_project(tmp_path / "p").entries
+    assert entry.uri == path_to_uri(tmp_path / "lab" / "x.svs") == "file:" + str(tmp_path / "lab" / "x.svs")
+    assert read_project(tmp_path / "p").saved_folder == PurePosixPath(tmp_path / "p")

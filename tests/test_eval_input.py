@@ -563,3 +563,17 @@ def test_an_h_and_e_partner_without_a_plausible_pixel_size_is_told_in_the_regist
         "phantom at the pixel size its file states, and takes none"
     ) in said, said
     assert "as mpp" not in said
+
+
+def test_a_phantom_stating_another_pixel_size_than_its_truth_was_written_at_is_named(pair, tmp_path):
+    # A header stating 9 µm/px over a 0.5 µm/px phantom failed on "the model's tile size 256 is not a multiple of
+    # map_downsample 36", naming neither the slide's pixel size nor its truth; one stating 2.0 was scored at 4 times
+    # its scale.
+    he, _ = pair
+    bad = _stating_mpp(he, tmp_path / "bad.svs", b"2.0")
+    result = runner.invoke(app, ["eval", "seg", str(bad), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert (
+        f"{bad}: its file states 2 µm/px, but its truth.json describes a phantom written at 0.5 µm/px, so its truth "
+        "would be scored at another scale; write the phantom again with `pdl1 phantom ... --overwrite`"
+    ) in _said(result), _said(result)

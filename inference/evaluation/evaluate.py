@@ -36,7 +36,7 @@ from inference.analysis.sua import (
     pixel_baseline,
     region_scores,
 )
-from inference.errors import Pdl1Error, SlideNotFoundError, StainError, TruthNotFoundError
+from inference.errors import Pdl1Error, SlideNotFoundError, StainError, TruthFormatError, TruthNotFoundError
 from inference.evaluation.metrics import auprc, auroc, brier, dice, ece, fbeta_score, iou
 from inference.evaluation.review import (
     FLAG_AT_OR_BELOW,
@@ -209,7 +209,8 @@ def check_truths(
             for role, manifest in models_by_stain[stain]:
                 check_truth_stain(slide, truth, manifest, role)
             # Found when the slide's turn came, after minutes of work on those before it.
-            header_mpp(slide, mpp_advice=mpp_advice)
+            stated = header_mpp(slide, mpp_advice=mpp_advice)
+            _check_truth_mpp(slide, truth, stated.mean)
             truths.append(truth)
         except Pdl1Error as err:
             errors.append(err)
@@ -221,6 +222,22 @@ def check_truths(
         lines = "\n".join(f"  {err}" for err in errors)
         raise kind(f"{len(errors)} of {len(slides)} slides cannot be evaluated, so none was:\n{lines}") from errors[0]
     return truths
+
+
+def _check_truth_mpp(slide: str | Path, truth: PhantomTruthData, mpp_um: float) -> None:
+    """The pixel size ``slide`` states is the one its phantom was written at (truth.json's spec): a header edited or
+    a truth mixed up was scored at another scale, or failed on a grid error that named neither ("the model's tile
+    size 256 is not a multiple of map_downsample 36" for a phantom of 0.5 µm/px stating 9)."""
+    spec = truth.summary.get("spec")
+    written = spec.get("mpp") if isinstance(spec, dict) else None
+    if not isinstance(written, int | float) or isinstance(written, bool) or not written > 0:
+        return  # an older truth states none: nothing to compare
+    if abs(mpp_um - written) > 0.01 * written:
+        raise TruthFormatError(
+            f"{slide}: its file states {mpp_um:g} µm/px, but its truth.json describes a phantom written at "
+            f"{written:g} µm/px, so its truth would be scored at another scale; write the phantom again with "
+            "`pdl1 phantom ... --overwrite` (its file then states the --mpp it is written at)"
+        )
 
 
 def truth_map_downsample(truth_mpp: float, input_mpp: float) -> int:

@@ -94,6 +94,7 @@ from bridge.targets import (
     core_label,
     furthest_domain,
     missing_row,
+    nested_targets,
     numbered,
     rows_from_summary,
     rows_to_json,
@@ -469,7 +470,8 @@ def with_targets(summary: dict[str, Any], results: list[SlideResult], rows: list
     table and the report the first one's TPS while QuPath's metadata held the image's, and recorded the first one's
     run id while the metadata held the last one's, so ``--resume`` took the image for unsaved and ran it again. The
     TPS, its category, the CPS and the flag (set where any target's is) are the image's here, and so are what adds
-    up over the targets (the analysed and positive area, the SUA candidates and regions, the nuclei per class). So
+    up over the targets (the analysed and positive area, the SUA candidates and regions, the nuclei per class), a
+    target within another's outline left out of these sums, since that one holds its cells (:func:`nested_targets`). So
     are ``details.review_reasons``: every target's, each with its name (``target``, as the report's table names it;
     :func:`bridge.project.review_reason_text` leads with it), so they say why the image is flagged (the first
     target's alone said nothing of a core C-4 out of domain); and ``details.domain``: the target's furthest from the
@@ -517,12 +519,15 @@ def merged_targets(
     if furthest is not None:
         out["details"]["domain"] = furthest
     counts = [part.get("metadata_counts") or {} for part in parts]
-    metadata = merge_entry_metadata([(part["metadata"], c) for part, c in zip(parts, counts, strict=True)])
+    nested = nested_targets([row.outline for row, _ in analysed_targets(rows)])
+    metadata = merge_entry_metadata(
+        [(part["metadata"], c) for part, c in zip(parts, counts, strict=True)], nested=nested
+    )
     out["metadata"] = metadata
     out["run_id"] = metadata["PD-L1 run"]
     out["uncertainty_flag"] = any(part.get("uncertainty_flag") for part in parts)
-    out.update(added_numbers(parts))
-    merged = summed_scores(counts)
+    out.update(added_numbers([part for part, inside in zip(parts, nested, strict=True) if not inside]))
+    merged = summed_scores([c for c, inside in zip(counts, nested, strict=True) if not inside])
     if merged is not None:
         tps, cps = merged
         out["tps_percent"], out["tps_category"] = tps.percent, tps.category
@@ -1483,7 +1488,7 @@ class _QuPathSession:
                 self.qp.write_children(
                     entry, parent, children(result, include_tiles=config.include_tiles), parent_measurements(result)
                 )
-            set_entry_metadata(entry.metadata, _merge_metadata([r for _, r in results]))
+            set_entry_metadata(entry.metadata, _merge_metadata(results))
             self.qp.save_entries([entry])
         except BaseException:
             # The metadata too: paquo sets it on QuPath's entry at once, and the next project save wrote the failed
@@ -1640,11 +1645,14 @@ def metadata_counts(result: SlideResult) -> dict[str, int]:
     return counts
 
 
-def merge_entry_metadata(parts: list[tuple[dict[str, str], dict[str, int]]]) -> dict[str, str]:
+def merge_entry_metadata(
+    parts: list[tuple[dict[str, str], dict[str, int]]], *, nested: Sequence[bool] | None = None
+) -> dict[str, str]:
     """The entry metadata over every analysed annotation of an image, from each one's ``(entry_metadata,
     metadata_counts)`` in the order analysed: the last one's, with the TPS, its category and the CPS computed
     from the summed counts where every part has them (``pdl1_analyze.groovy`` does the same, a test keeps them
-    equal).
+    equal). ``nested``: which parts lie within another (:func:`bridge.targets.nested_targets`), whose cells that one
+    counts: left out of the sums.
 
     >>> he = {"PD-L1 Predicted TPS % (H&E)": "40.0", "PD-L1 Predicted TPS category (H&E)": "insufficient tumour cells"}
     >>> merged = merge_entry_metadata([(he, {"tumour_positive": 40, "tumour_negative": 60}),
@@ -1654,7 +1662,8 @@ def merge_entry_metadata(parts: list[tuple[dict[str, str], dict[str, int]]]) -> 
     ('33.3', '1-49%')
     """
     meta = dict(parts[-1][0])
-    merged = summed_scores([c for _, c in parts]) if len(parts) > 1 else None
+    counted = [c for (_, c), inside in zip(parts, nested or [False] * len(parts), strict=True) if not inside]
+    merged = summed_scores(counted) if len(parts) > 1 else None
     if merged is None:
         return meta
     tps, cps = merged
@@ -1682,9 +1691,11 @@ def summed_scores(counts: list[dict[str, int]]) -> tuple[Any, Any] | None:
     return tps, cps
 
 
-def _merge_metadata(results: list[SlideResult]) -> dict[str, str]:
-    """Entry metadata over all analysed parents: TPS and CPS from the summed nuclei counts."""
-    return merge_entry_metadata([(entry_metadata(r), metadata_counts(r)) for r in results])
+def _merge_metadata(results: list[tuple[Any, SlideResult]]) -> dict[str, str]:
+    """Entry metadata over all analysed parents (each ``(annotation or None, result)``): TPS and CPS from the summed
+    nuclei counts of those not nested in another."""
+    nested = nested_targets([None if ann is None else ann.roi for ann, _ in results])
+    return merge_entry_metadata([(entry_metadata(r), metadata_counts(r)) for _, r in results], nested=nested)
 
 
 def iter_failed(outcomes: list[ImageOutcome]) -> Iterator[ImageOutcome]:

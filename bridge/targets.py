@@ -243,6 +243,37 @@ def numbered(names: Sequence[str]) -> list[str]:
     return labels
 
 
+# How far outside another target's outline a target may reach and still lie within it, in level-0 px: QuPath keeps an
+# outline's vertices to 0.01 px, and one drawn along another's edge crosses it by such amounts.
+NESTED_TOLERANCE_PX = 0.5
+
+
+def nested_targets(outlines: Sequence[BaseGeometry | None]) -> list[bool]:
+    """Which of an image's analysed targets lie within another of them (a hotspot analysed inside an analysed tissue
+    outline): the image's score counts each cell once, so over the outer one only; of two of one outline, the first.
+    None (a whole image, or an outline not kept) lies within none. ``pdl1_analyze.groovy``'s ``nestedTargets`` does
+    the same.
+
+    >>> from shapely.geometry import box
+    >>> nested_targets([box(0, 0, 100, 100), box(10, 10, 20, 20), box(90, 90, 120, 120), box(0, 0, 100, 100), None])
+    [False, True, False, True, False]
+    """
+    areas = [None if g is None or g.is_empty else g.area for g in outlines]
+    out = []
+    for i, inner in enumerate(outlines):
+        out.append(
+            areas[i] is not None
+            and any(
+                j != i
+                and areas[j] is not None
+                and (areas[j] > areas[i] or (areas[j] == areas[i] and j < i))
+                and outer.buffer(NESTED_TOLERANCE_PX).covers(inner)
+                for j, outer in enumerate(outlines)
+            )
+        )
+    return out
+
+
 def analysed_targets(rows: Sequence[TargetRow]) -> list[tuple[TargetRow, str]]:
     """The analysed targets among ``rows`` (not the cores marked missing), each with its name as
     :func:`target_labels` gives it (numbered among all the rows, so a name matches the table's and the picture's).

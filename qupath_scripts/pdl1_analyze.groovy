@@ -422,9 +422,24 @@ def tpsText = { double v ->
     }
     return new BigDecimal(v).setScale(1, java.math.RoundingMode.FLOOR).toPlainString()
 }
+// Which of this run's targets lie within another's outline (a hotspot analysed inside an analysed tissue outline),
+// whose cells that one counts: the image's score counts each cell once (bridge/targets.py: nested_targets, 0.5 px of
+// tolerance); of two of one outline, the first. outlines: JTS geometries (ROI.getGeometry()), null for none.
+def NESTED_TOLERANCE_PX = 0.5d
+def nestedTargets = { List outlines ->
+    def areas = outlines.collect { it == null || it.isEmpty() ? null : (it.getArea() as double) }
+    return (0..<outlines.size()).collect { int i ->
+        areas[i] != null && (0..<outlines.size()).any { int j ->
+            j != i && areas[j] != null && (areas[j] > areas[i] || (areas[j] == areas[i] && j < i)) &&
+                    outlines[j].buffer(NESTED_TOLERANCE_PX).covers(outlines[i])
+        }
+    }
+}
+// The entry metadata over the parts ([metadata:, counts:, nested:]) as bridge/run.py's merge_entry_metadata: the last
+// part's, with the TPS, its category and the CPS from the counts summed over the parts not nested in another.
 def mergeEntryMetadata = { List parts ->
     def meta = new LinkedHashMap(parts[-1].metadata as Map)
-    def counts = parts.collect { (it.counts ?: [:]) as Map }
+    def counts = parts.findAll { !it.nested }.collect { (it.counts ?: [:]) as Map }
     if (parts.size() < 2 || counts.any { it.isEmpty() })
         return meta
     long positive = counts.sum { it.tumour_positive as long } as long
@@ -1638,9 +1653,15 @@ for (parent in targets) {
     parent.addChildObjects(objects)
     setParentMeasurements(parent.getMeasurementList(), pdl1.get("parent_measurements"))
     if (entry != null) {
-        metadataParts << [metadata: pdl1.get("metadata"), counts: pdl1.get("metadata_counts")]
+        // JTS's geometry in QuPath; a Map's metaClass would be its key, so the type is asked first.
+        def outline = parent.getROI() == null ? null : parent.getROI().getGeometry()
+        def jts = outline != null && !(outline instanceof Map) && outline.respondsTo("covers")
+        metadataParts << [metadata: pdl1.get("metadata"), counts: pdl1.get("metadata_counts"),
+                          outline: jts ? outline : null]
+        def nested = nestedTargets(metadataParts.collect { it.outline })
+        def parts = [metadataParts, nested].transpose().collect { part, inside -> part + [nested: inside] }
         def immune = ((metadataParts[-1].counts ?: [:]) as Map).containsKey("immune_positive")
-        putEntryMetadata(entry, mergeEntryMetadata(otherCoreParts(otherCores, targets, immune) + metadataParts))
+        putEntryMetadata(entry, mergeEntryMetadata(otherCoreParts(otherCores, targets, immune) + parts))
         metadataWritten = true
     }
     done++

@@ -221,7 +221,7 @@ def test_run_says_why_an_image_needs_review_under_its_table(small, tmp_path):
     said = " ".join(result.output.split())
     assert "c.svs: needs review: stain: --stain says H-DAB, the colour says H&E" in said
     # and what to do about it, once, under the reasons: the stain first (the image is out of the IHC model's domain too)
-    assert "What to check: - stated stain contradicted by the colour: check the image type in QuPath" in said
+    assert "What to check: - stated stain contradicted by the colour: check the stain stated against the slide" in said
     assert said.count("stated stain contradicted by the colour") == 1
 
 

@@ -969,6 +969,50 @@ for (parts in cases)
 
 
 @needs_groovy
+def test_the_script_counts_the_cells_of_a_target_nested_in_another_once_as_pdl1_run_does(tmp_path):
+    # helper-156: a hotspot analysed inside an analysed tissue outline had its cells counted twice in the image's
+    # TPS (49.1 % over the outline, written 44.3 %). Which targets lie within another (a stand-in of JTS's geometry
+    # for boxes), and the merge leaving them out, as bridge's nested_targets and merge_entry_metadata.
+    from shapely.geometry import box
+
+    from bridge.run import merge_entry_metadata
+    from bridge.targets import nested_targets
+
+    boxes = [(0, 0, 2048, 2048), (512, 512, 1024, 1024), (2000, 2000, 2049, 2048.3), (0, 0, 2048, 2048), None]
+    counts = [
+        {"tumour_positive": 1401, "tumour_negative": 1454, "immune_positive": 105},
+        {"tumour_positive": 123, "tumour_negative": 461, "immune_positive": 20},
+        {"tumour_positive": 1, "tumour_negative": 1, "immune_positive": 0},
+        {"tumour_positive": 1401, "tumour_negative": 1454, "immune_positive": 105},
+        {"tumour_positive": 7, "tumour_negative": 3, "immune_positive": 0},
+    ]
+    parts = [(_metadata_of("H-DAB", c, f"r{i}"), c) for i, c in enumerate(counts)]
+    listed = json.dumps([{"metadata": m, "counts": c} for m, c in parts])
+    driver = (
+        "class Box {\n"
+        "    double x0, y0, x1, y1\n"
+        "    boolean isEmpty() { false }\n"
+        "    double getArea() { (x1 - x0) * (y1 - y0) }\n"
+        "    Box buffer(double d) { new Box(x0: x0 - d, y0: y0 - d, x1: x1 + d, y1: y1 + d) }\n"
+        "    boolean covers(Box o) { x0 <= o.x0 && y0 <= o.y0 && o.x1 <= x1 && o.y1 <= y1 }\n"
+        "}\n"
+        f"def boxes = new groovy.json.JsonSlurper().parseText('{json.dumps(boxes)}')\n"
+        "def outlines = boxes.collect { it == null ? null : new Box(x0: it[0], y0: it[1], x1: it[2], y1: it[3]) }\n"
+        "def nested = nestedTargets(outlines)\n"
+        f"def parts = new groovy.json.JsonSlurper().parseText('{listed}')\n"
+        "def flagged = [parts, nested].transpose().collect { p, n -> p + [nested: n] }\n"
+        "println JsonOutput.toJson([nested: nested, merged: mergeEntryMetadata(flagged)])\n"
+    )
+    (groovy,) = run_groovy(tmp_path, driver)
+    nested = nested_targets([None if b is None else box(*b) for b in boxes])
+    assert groovy["nested"] == nested == [False, True, False, True, False]
+    merged = merge_entry_metadata(parts, nested=nested)
+    assert groovy["merged"] == merged
+    assert merged["PD-L1 TPS %"] == "49.1"  # the outline's 1401 of 2855, the corner's 1 of 2 and the 7 of 10
+    assert merge_entry_metadata(parts)["PD-L1 TPS %"] != "49.1"  # every part summed: the nested ones twice
+
+
+@needs_groovy
 def test_the_script_writes_a_tps_as_pdl1_does_never_rounded_across_a_cut_off(tmp_path):
     # helper-129: 0.96 % was written as "1.0" beside the category "<1%", and 49.96 % as "50.0" beside "1-49%".
     import numpy as np
@@ -2217,10 +2261,8 @@ println JsonOutput.toJson([merged: mergeEntryMetadata(parts), others: parts.size
 def test_the_script_merges_the_cores_a_selection_left_out_into_the_entrys_score():
     code = re.sub(r"//.*", "", ANALYZE.read_text().replace(helpers(ANALYZE), ""))
     assert 'def otherCores = (choice.source == "selection" && targets.every { it.isTMACore() }) ? cores : []' in code
-    assert (
-        "putEntryMetadata(entry, mergeEntryMetadata(otherCoreParts(otherCores, targets, immune) + metadataParts))"
-        in (code)
-    )
+    assert "putEntryMetadata(entry, mergeEntryMetadata(otherCoreParts(otherCores, targets, immune) + parts))" in code
+    assert "def parts = [metadataParts, nested].transpose().collect { part, inside -> part + [nested: inside] }" in code
 
 
 def test_the_script_says_when_a_core_marked_missing_keeps_an_earlier_runs_results():

@@ -1807,3 +1807,46 @@ def test_two_entries_of_one_file_name_are_not_both_analysed_from_one_scan_found_
     jobs, _, _ = _jobs([project], _config(search_dirs=(tmp_path / "local",)))
     assert [(j.key, j.image) for j in jobs] == [("1", tmp_path / "local" / "caseA" / "slide.svs"), ("2", None)]
     assert str(jobs[1].error).startswith("image of entry 2 (slide.svs) has moved, and the only file found for it")
+
+
+def test_the_image_score_counts_the_cells_of_a_target_nested_in_another_once(tmp_path):
+    # helper-156: a hotspot analysed inside an analysed outline of the whole image: 1401 of 2855 tumour cells over the
+    # outline (TPS 49.1 %), 123 of 584 in the hotspot; the image's TPS was written 44.3 %, the hotspot's cells twice.
+    from shapely.geometry import box
+
+    from bridge.run import entry_metadata, merged_targets
+    from bridge.targets import TargetRow
+    from inference import Cps, tumour_proportion_score
+
+    class Result:  # what entry_metadata reads of a SlideResult
+        seg_model = nuclei_model = None
+        stain = "H-DAB"
+
+    def part(positive, negative, immune, area_um2, run):
+        result = Result()
+        result.run_id, result.tps = run, tumour_proportion_score(positive, negative)
+        result.cps = Cps(positive, immune, positive + negative, None)
+        counts = {"tumour_positive": positive, "tumour_negative": negative, "immune_positive": immune}
+        return {
+            "metadata": entry_metadata(result),
+            "metadata_counts": counts,
+            "details": {"review_reasons": []},
+            "uncertainty_flag": False,
+            "nuclei": {"Tumor: Positive": positive, "Tumor: Negative": negative},
+            "analysed_area_um2": area_um2,
+        }
+
+    rows = [
+        TargetRow("ihc.svs", "1", "Tissue", "annotation", "analysed", outline=box(0, 0, 2048, 2048)),
+        TargetRow("ihc.svs", "1", "Hotspot", "annotation", "analysed", outline=box(512, 512, 1024, 1024)),
+    ]
+    parts = [part(1401, 1454, 105, 1e6, "r1"), part(123, 461, 20, 6.5e4, "r2")]
+    summary = merged_targets({"details": {}}, parts, rows)
+    assert (summary["tps_percent"], summary["metadata"]["PD-L1 TPS %"]) == (pytest.approx(100 * 1401 / 2855), "49.1")
+    assert summary["metadata"]["PD-L1 CPS"] == "52.7" and summary["cps"] == pytest.approx(100 * 1506 / 2855)
+    assert summary["analysed_area_um2"] == 1e6 and summary["nuclei"] == {
+        "Tumor: Positive": 1401,
+        "Tumor: Negative": 1454,
+    }
+    apart = [replace(rows[1], outline=box(2048, 0, 2560, 512))]  # beside it: both count
+    assert merged_targets({"details": {}}, parts, [rows[0], *apart])["tps_percent"] == pytest.approx(100 * 1524 / 3439)

@@ -64,7 +64,7 @@ from bridge.targets import (
     targets_review_reasons,
     write_target_table,
 )
-from inference import MIN_TUMOUR_NUCLEI, Pdl1Error, demo_model_checksums, open_slide, tps_text
+from inference import MIN_TUMOUR_NUCLEI, Pdl1Error, cps_text, demo_model_checksums, open_slide, tps_text
 
 log = logging.getLogger(__name__)
 
@@ -887,6 +887,11 @@ def _fmt_tps(value: float | None) -> str:
     return "n/a" if not isinstance(value, int | float) or isinstance(value, bool) else tps_text(value)
 
 
+def _fmt_cps(value: float | None) -> str:
+    """A CPS as the run's metadata and tables show it (:func:`inference.cps_text`); n/a where there is none."""
+    return "n/a" if not isinstance(value, int | float) or isinstance(value, bool) else cps_text(value)
+
+
 def _fmt3(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -902,7 +907,7 @@ def _tps_row(r: dict) -> str:
     if r["stain"] == "H-DAB":
         return (
             f"<tr><th>TPS (PD-L1 IHC)</th><td>{_fmt_tps(r['tps_percent'])}% ({_fmt(r['tps_category'])}"
-            f"{spread})</td></tr><tr><th>CPS</th><td>{_fmt(r['cps'])}</td></tr>"
+            f"{spread})</td></tr><tr><th>CPS</th><td>{_fmt_cps(r['cps'])}</td></tr>"
         )
     return (
         f"<tr><th>Predicted TPS (H&amp;E)</th><td>{_fmt_tps(r['tps_percent'])}% "
@@ -1091,7 +1096,7 @@ def _targets_html(r: dict) -> str:
             f"<tr{row_class}><td>{html.escape(label)}</td>{kind}"
             f"<td>{_fmt_tps(t.tps_percent)}</td><td>{_fmt(t.tps_category)}</td>"
             f"<td{cells_class}>{cells}</td>"
-            + (f"<td>{_fmt(t.cps_percent)}</td>" if ihc else "")
+            + (f"<td>{_fmt_cps(t.cps_percent)}</td>" if ihc else "")
             + f"<td>{verdict}</td></tr>"
         )
     return (

@@ -110,6 +110,7 @@ from inference import (
     SlideResult,
     __version__,
     analyse_slide,
+    cps_text,
     is_finite_number,
     tps_text,
 )
@@ -252,9 +253,10 @@ def tps_metadata_keys(stain: str) -> tuple[str, str]:
     return "PD-L1 Predicted TPS % (H&E)", "PD-L1 Predicted TPS category (H&E)"
 
 
-def _percent_text(percent: float | None) -> str:
-    """A score as entry metadata holds it (one decimal; empty where there is none), as the Groovy scripts write it."""
-    return "" if percent is None else f"{percent:.1f}"
+def _cps_text(percent: float | None) -> str:
+    """A CPS as entry metadata holds it (:func:`inference.cps_text`: one decimal, more where one would carry it to a
+    whole number, a cut-off, it lies below; empty where there is none), as the Groovy scripts write it."""
+    return "" if percent is None else cps_text(percent)
 
 
 def _tps_text(percent: float | None) -> str:
@@ -275,7 +277,7 @@ def entry_metadata(result: SlideResult) -> dict[str, str]:
         "PD-L1 run": result.run_id,
     }
     if result.cps is not None:
-        out["PD-L1 CPS"] = _percent_text(result.cps.percent)
+        out["PD-L1 CPS"] = _cps_text(result.cps.percent)
     if result.stain != "H&E":
         out["PD-L1 stain"] = result.stain
     return out
@@ -1671,7 +1673,7 @@ def merge_entry_metadata(
     meta[percent_key] = _tps_text(tps.percent)
     meta[category_key] = tps.category
     if cps is not None:
-        meta["PD-L1 CPS"] = _percent_text(cps.percent)
+        meta["PD-L1 CPS"] = _cps_text(cps.percent)
     return meta
 
 

@@ -22,7 +22,7 @@ from shapely.geometry.base import BaseGeometry
 from bridge.atomic import replace_atomically
 from bridge.project import review_reason_text
 from bridge.qupath_geojson import QuPathObject, from_feature, to_feature, validate_feature
-from inference import is_finite_number, tps_text
+from inference import cps_text, is_finite_number, tps_text
 
 T = TypeVar("T")
 
@@ -394,16 +394,16 @@ def spreadsheet_row(row: dict[str, Any]) -> dict[str, Any]:
     return {k: spreadsheet_text(v) for k, v in row.items()}
 
 
-def csv_cell(value: Any, *, tps: bool = False) -> str:
+def csv_cell(value: Any, *, tps: bool = False, cps: bool = False) -> str:
     """A CSV cell: empty for none, 1/0 for the review flag, reasons joined by "; ", a number to one decimal, and a TPS
-    (``tps``) as QuPath's metadata holds it (:func:`inference.tps_text`: more decimals where one would carry it across
-    a cut-off)."""
+    (``tps``) or CPS (``cps``) as QuPath's metadata holds it (:func:`inference.tps_text`, :func:`inference.cps_text`:
+    more decimals where one would carry it across a cut-off)."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, float):
-        return tps_text(value) if tps else f"{value:.1f}"
+        return tps_text(value) if tps else cps_text(value) if cps else f"{value:.1f}"
     if isinstance(value, tuple):
         return spreadsheet_text("; ".join(value))
     return spreadsheet_text(str(value))
@@ -419,7 +419,7 @@ def write_target_table(
         writer = csv.writer(fh)
         writer.writerow([*COLUMNS, *(["last_run_failed"] if last_run_failed else [])])
         for row in rows:
-            cells = [csv_cell(getattr(row, c), tps=c == "tps_percent") for c in COLUMNS]
+            cells = [csv_cell(getattr(row, c), tps=c == "tps_percent", cps=c == "cps_percent") for c in COLUMNS]
             writer.writerow([*cells, *([csv_cell(last_run_failed(row) or None)] if last_run_failed else [])])
     return path
 

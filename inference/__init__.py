@@ -40,6 +40,7 @@ _PUBLIC = {
     "tumour_proportion_score": "inference.analysis.points",
     "tps_category": "inference.analysis.tps",
     "tps_text": "inference.analysis.tps",
+    "cps_text": "inference.analysis.tps",
     "TPS_CUTOFFS_PERCENT": "inference.analysis.tps",
     "MIN_TUMOUR_NUCLEI": "inference.analysis.points",
     "combined_positive_score": "inference.analysis.ihc",

@@ -410,7 +410,18 @@ def putEntryMetadata = { entry, Map values ->
 // part has them (the service's metadata_counts), so two tumour annotations give the image's TPS, not the last one's.
 // parts: [[metadata: Map, counts: Map], ...] in the order analysed.
 def MIN_TUMOUR_CELLS = 100  // inference/analysis/points.py: MIN_TUMOUR_NUCLEI
-def oneDecimal = { double v -> new BigDecimal(v).setScale(1, java.math.RoundingMode.HALF_EVEN).toPlainString() }
+// A CPS as pdl1 writes it (inference/analysis/tps.py: cps_text; a test keeps the two equal): one decimal, more where
+// one would carry it to a whole number it lies below (the CPS cut-offs: 9.96 shown as 10.0 reads as CPS >= 10), cut
+// down where four more would.
+def cpsText = { double v ->
+    def whole = Math.floor(v)
+    for (int places = 1; places < 6; places++) {
+        def text = new BigDecimal(v).setScale(places, java.math.RoundingMode.HALF_EVEN).toPlainString()
+        if (Math.floor(text as double) == whole)
+            return text
+    }
+    return new BigDecimal(v).setScale(1, java.math.RoundingMode.FLOOR).toPlainString()
+}
 // A TPS as pdl1 writes it (inference/analysis/tps.py: tps_text; a test keeps the two equal): one decimal, more where
 // one would carry it across a cut-off (0.96 shown as 1.0 reads as 1-49%), cut down where four more would.
 def tpsText = { double v ->
@@ -453,7 +464,7 @@ def mergeEntryMetadata = { List parts ->
     meta.put(ihc ? "PD-L1 TPS category" : "PD-L1 Predicted TPS category (H&E)", category)
     if (counts.every { it.containsKey("immune_positive") }) {
         long immune = counts.sum { it.immune_positive as long } as long
-        meta.put("PD-L1 CPS", total == 0 ? "" : oneDecimal(Math.min(100.0d, 100.0d * (positive + immune) / total)))
+        meta.put("PD-L1 CPS", total == 0 ? "" : cpsText(Math.min(100.0d, 100.0d * (positive + immune) / total)))
     }
     return meta
 }

@@ -1013,6 +1013,24 @@ def test_the_script_counts_the_cells_of_a_target_nested_in_another_once_as_pdl1_
 
 
 @needs_groovy
+def test_the_script_writes_a_cps_as_pdl1_does_never_rounded_up_to_a_whole_number(tmp_path):
+    # helper-156: a CPS of 9.96 was written "10.0" (and 0.952 "1.0", 19.96 "20.0"), across the whole-number cut-offs
+    # CPS is read at, by pdl1 and the script alike.
+    import numpy as np
+
+    from inference import cps_text
+
+    values = [0.0, 0.952, 0.96, 1.0, 4.96, 9.949, 9.96, 19.96, 19.9996, 52.749, 99.96, 100.0]
+    values += [float(np.nextafter(10.0, 0.0)), *np.random.default_rng(3).uniform(0, 100, 500).tolist()]
+    driver = f"println JsonOutput.toJson({json.dumps(values)}.collect {{ cpsText(it as double) }})"
+    (written,) = run_groovy(tmp_path, driver)
+    assert written == [cps_text(v) for v in values]
+    shown = ["0.0", "0.95", "0.96", "1.0", "4.96", "9.9", "9.96", "19.96", "19.9996", "52.7", "99.96", "100.0"]
+    assert written[:12] == shown
+    assert written[12] == "9.9"
+
+
+@needs_groovy
 def test_the_script_writes_a_tps_as_pdl1_does_never_rounded_across_a_cut_off(tmp_path):
     # helper-129: 0.96 % was written as "1.0" beside the category "<1%", and 49.96 % as "50.0" beside "1-49%".
     import numpy as np

@@ -71,7 +71,7 @@ def phantom(
     """
     from bridge.phantom_truth import write_truth_geojson
     from bridge.progress import progress_bar
-    from inference import IhcSpec, PhantomSpec, tps_text, write_ihc_phantom, write_phantom
+    from inference import IhcSpec, PhantomSpec, cps_text, tps_text, write_ihc_phantom, write_phantom
 
     if immune_positive is not None and ihc is None:
         raise typer.BadParameter("--immune-positive sets the IHC section's immune cells: add --ihc OUT_IHC.svs")
@@ -158,7 +158,7 @@ def phantom(
             f"truth in {written.truth_dir}: "
             + ", ".join(f"{k} {v}" for k, v in summary["nuclei_counts"].items())
             + (f", TPS {tps_text(tps_truth)}%" if tps_truth is not None else ", no tumour nuclei")
-            + (f", CPS {cps:.1f}" if cps is not None else "")
+            + (f", CPS {cps_text(cps)}" if cps is not None else "")
         )
 
 

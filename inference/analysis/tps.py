@@ -1,8 +1,10 @@
-"""A TPS's category and its text: pure functions of a number, apart from :mod:`inference.analysis.points` so
-that every ``pdl1`` command (its tables and CSVs) can show a TPS without importing SciPy at start-up."""
+"""A TPS's category and its text, and a CPS's text: pure functions of a number, apart from
+:mod:`inference.analysis.points` so that every ``pdl1`` command (its tables and CSVs) can show a score without
+importing SciPy at start-up."""
 
 from __future__ import annotations
 
+import math
 from decimal import ROUND_FLOOR, Decimal
 
 TPS_CUTOFFS_PERCENT = (1.0, 50.0)  # the category boundaries of tps_category
@@ -36,5 +38,21 @@ def tps_text(percent: float, *, decimals: int = 1) -> str:
     for places in range(decimals, decimals + 5):
         text = f"{percent:.{places}f}"
         if tps_category(float(text)) == tps_category(percent):
+            return text
+    return str(Decimal(percent).quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_FLOOR))
+
+
+def cps_text(percent: float, *, decimals: int = 1) -> str:
+    """A CPS as text: ``decimals`` decimals, more where rounding would carry it to a whole number it lies below (the
+    CPS cut-offs, 1, 5, 10 or 20 by indication, are whole numbers: 9.96 shown as 10.0 reads as CPS >= 10), and cut
+    down (not rounded) where even four more decimals would.
+
+    >>> [cps_text(p) for p in (52.749, 10.0, 9.96, 0.952, 19.9996, 100.0)]
+    ['52.7', '10.0', '9.96', '0.95', '19.9996', '100.0']
+    """
+    whole = math.floor(percent)
+    for places in range(decimals, decimals + 5):
+        text = f"{percent:.{places}f}"
+        if math.floor(float(text)) == whole:
             return text
     return str(Decimal(percent).quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_FLOOR))

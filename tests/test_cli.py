@@ -1245,3 +1245,29 @@ def test_a_search_dir_that_is_no_folder_is_refused_as_such(tmp_path, command):
         result = runner.invoke(app, [*command, "--search-dir", str(given)], env={"COLUMNS": "400"})
         assert result.exit_code == 2, result.output
         assert f"Invalid value for '--search-dir': dir '{given}' {said}" in " ".join(result.output.split())
+
+
+def test_every_commands_help_names_its_options_whole_in_an_80_column_terminal():
+    # helper-157: Rich's help tables cut option names at 80 columns ("--min-region-are…", "--epochs-per-c…"): a user
+    # could not read the option off the help. Click's plain help wraps the text instead.
+    import typer
+
+    def commands(typer_app, path=()):
+        for command in typer_app.registered_commands:
+            yield (*path, command.name or command.callback.__name__.replace("_", "-"))
+        for group in typer_app.registered_groups:
+            yield from commands(group.typer_instance, (*path, group.name))
+
+    paths = list(commands(app))
+    assert len(paths) > 20
+    for path in paths:
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80"})
+        assert result.exit_code == 0, (path, result.output)
+        assert "…" not in result.output, (path, result.output)
+        options = typer.main.get_command(app)
+        for word in path:
+            options = options.commands[word]
+        for param in options.params:
+            for name in getattr(param, "opts", []):
+                if name.startswith("--"):
+                    assert name in result.output, (path, name)

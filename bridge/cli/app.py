@@ -16,6 +16,7 @@ from bridge.cli.common import fail
 from inference import __version__, tune_allocator, tune_openmp
 
 app = typer.Typer(
+    rich_markup_mode=None,
     name="pdl1",
     help="Uncertainty-aware PD-L1 deep learning for QuPath: phantom data, models, batch runs and the service.",
     no_args_is_help=True,

@@ -79,6 +79,7 @@ NucleiModelOption = Annotated[
 ]
 
 app = typer.Typer(
+    rich_markup_mode=None,
     cls=_DefaultSuiteGroup,
     no_args_is_help=True,
     help="Evaluate on phantom slides against their truth. `pdl1 eval SLIDE... --out DIR` runs the full suite.",

@@ -22,9 +22,11 @@ from bridge.options import option_words
 from inference import Pdl1Error
 
 import_app = typer.Typer(
-    help="Bring models trained elsewhere in as model folders of this product.", no_args_is_help=True
+    rich_markup_mode=None,
+    help="Bring models trained elsewhere in as model folders of this product.",
+    no_args_is_help=True,
 )
-export_app = typer.Typer(help="Write training data for other tools.", no_args_is_help=True)
+export_app = typer.Typer(rich_markup_mode=None, help="Write training data for other tools.", no_args_is_help=True)
 # How `pdl1 import nnunet` names import_nnunet's arguments in the advice of its messages: --out is out_dir, the
 # others are the arguments' names with dashes (--mpp, --folds, --checkpoints, --positive-label); a stain is given
 # as he or ihc (the library's H&E and H-DAB: `--stain H&E` pasted into a shell runs `--stain H` in the background).

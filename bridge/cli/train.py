@@ -25,7 +25,11 @@ from bridge.cli.common import (
 from bridge.options import option_setting, option_words
 from inference import Pdl1Error
 
-app = typer.Typer(help="Train models on phantom slides with truth, or on your own QuPath labels.", no_args_is_help=True)
+app = typer.Typer(
+    rich_markup_mode=None,
+    help="Train models on phantom slides with truth, or on your own QuPath labels.",
+    no_args_is_help=True,
+)
 
 _TRAINING_KEPT = "{out} holds a checkpoint of the last finished epoch; the same command with --resume goes on from it"
 # How `pdl1 train` sets the trainers' settings, for the advice of their messages (the library's own name the configs'

@@ -153,8 +153,9 @@ UNRECORDED_ANNOTATIONS_COUNT = (
 )
 # What the commands reading reviews (pdl1 train, pdl1 export nnunet) say of them, after the slides and their counts.
 UNRECORDED_ANNOTATIONS_WARNING = (
-    "FN candidates or regions pdl1-bridge wrote that no record of an analysis holds (no pdl1/<entry ID>/"
-    "objects.geojson of the run, nor a record of pdl1_analyze.groovy's analysis; an earlier version's, or deleted): "
+    "FN candidates or regions pdl1-bridge wrote that no record of an analysis holds (neither pdl1/<entry ID>/"
+    "objects.geojson of a run nor a record of pdl1_analyze.groovy's analysis holds them: written by another run than "
+    "the one recorded there, by an earlier version, or the record deleted): "
     "FN candidates a person deleted beside them cannot be told, so no deleted candidate is a negative label there "
     "(those reclassified still are); to dismiss a candidate there, set its class to PD-L1 negative instead of "
     "deleting it"

@@ -259,16 +259,26 @@ def nested_targets(outlines: Sequence[BaseGeometry | None]) -> list[bool]:
     [False, True, False, True, False]
     """
     areas = [None if g is None or g.is_empty else g.area for g in outlines]
+    # Each outline grown once, and its bounds, so that a TMA's hundreds of cores cost n buffers, not n² of them.
+    grown = [None if a is None else g.buffer(NESTED_TOLERANCE_PX) for g, a in zip(outlines, areas, strict=True)]
+    bounds = [None if g is None else g.bounds for g in grown]
     out = []
     for i, inner in enumerate(outlines):
+        if areas[i] is None:
+            out.append(False)
+            continue
+        x0, y0, x1, y1 = inner.bounds
         out.append(
-            areas[i] is not None
-            and any(
+            any(
                 j != i
                 and areas[j] is not None
                 and (areas[j] > areas[i] or (areas[j] == areas[i] and j < i))
-                and outer.buffer(NESTED_TOLERANCE_PX).covers(inner)
-                for j, outer in enumerate(outlines)
+                and bounds[j][0] <= x0
+                and bounds[j][1] <= y0
+                and x1 <= bounds[j][2]
+                and y1 <= bounds[j][3]
+                and grown[j].covers(inner)
+                for j in range(len(outlines))
             )
         )
     return out

@@ -439,10 +439,11 @@ def tpsText = { double v ->
 def NESTED_TOLERANCE_PX = 0.5d
 def nestedTargets = { List outlines ->
     def areas = outlines.collect { it == null || it.isEmpty() ? null : (it.getArea() as double) }
+    def grown = [outlines, areas].transpose().collect { g, a -> a == null ? null : g.buffer(NESTED_TOLERANCE_PX) }
     return (0..<outlines.size()).collect { int i ->
         areas[i] != null && (0..<outlines.size()).any { int j ->
             j != i && areas[j] != null && (areas[j] > areas[i] || (areas[j] == areas[i] && j < i)) &&
-                    outlines[j].buffer(NESTED_TOLERANCE_PX).covers(outlines[i])
+                    grown[j].covers(outlines[i])
         }
     }
 }
@@ -1666,7 +1667,9 @@ for (parent in targets) {
     if (entry != null) {
         // JTS's geometry in QuPath; a Map's metaClass would be its key, so the type is asked first.
         def outline = parent.getROI() == null ? null : parent.getROI().getGeometry()
-        def jts = outline != null && !(outline instanceof Map) && outline.respondsTo("covers")
+        // TMA cores lie side by side, never within one another: no outline, no n² tests over a grid's cores.
+        def jts = choice.source != "TMA cores" && outline != null && !(outline instanceof Map) &&
+                outline.respondsTo("covers")
         metadataParts << [metadata: pdl1.get("metadata"), counts: pdl1.get("metadata_counts"),
                           outline: jts ? outline : null]
         def nested = nestedTargets(metadataParts.collect { it.outline })

@@ -82,6 +82,7 @@ from bridge.targets import (
     OF_ANOTHER_RUN,
     RUN_IMAGE_AGAIN,
     TARGETS_FILE,
+    TMA_CORE,
     TMA_CORES,
     UNREADABLE,
     WHOLE_IMAGE,
@@ -521,7 +522,8 @@ def merged_targets(
     if furthest is not None:
         out["details"]["domain"] = furthest
     counts = [part.get("metadata_counts") or {} for part in parts]
-    nested = nested_targets([row.outline for row, _ in analysed_targets(rows)])
+    # TMA cores lie side by side (pdl1_analyze.groovy tests no core either).
+    nested = nested_targets([None if row.target_type == TMA_CORE else row.outline for row, _ in analysed_targets(rows)])
     metadata = merge_entry_metadata(
         [(part["metadata"], c) for part, c in zip(parts, counts, strict=True)], nested=nested
     )
@@ -1490,7 +1492,8 @@ class _QuPathSession:
                 self.qp.write_children(
                     entry, parent, children(result, include_tiles=config.include_tiles), parent_measurements(result)
                 )
-            set_entry_metadata(entry.metadata, _merge_metadata(results))
+            cores = found.choice.source == TMA_CORES  # side by side, never within one another
+            set_entry_metadata(entry.metadata, _merge_metadata([(None if cores else a, r) for a, r in results]))
             self.qp.save_entries([entry])
         except BaseException:
             # The metadata too: paquo sets it on QuPath's entry at once, and the next project save wrote the failed

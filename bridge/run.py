@@ -167,6 +167,7 @@ class ImageOutcome:
     candidates: int | None = None
     error: str | None = None
     run_id: str | None = None
+    cps_percent: float | None = None  # a PD-L1 IHC's (the image's, over its targets)
     outputs: tuple[str, ...] = ()
     stain: str | None = None
     stain_source: str | None = None
@@ -1372,6 +1373,7 @@ def outcome_from_summary(
         seconds=seconds,
         tps_percent=summary["tps_percent"],
         tps_category=summary["tps_category"],
+        cps_percent=summary.get("cps"),
         positive_area_pct=summary["positive_area_pct"],
         uncertainty_flag=summary["uncertainty_flag"],
         candidates=summary["sua_candidates"],

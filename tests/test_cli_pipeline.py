@@ -406,3 +406,28 @@ def test_calibrate_warns_when_sua_is_fitted_on_too_little(tmp_path):
     said = " ".join(result.output.split())
     assert "SUA: NPR" in said  # fitted: the case the warning is for
     assert "warning: SUA's thresholds rest on" in said and "of 1 slide: one odd region can set them" in said
+
+
+def test_the_run_table_shows_a_pd_l1_ihcs_cps_beside_its_tps(tmp_path):
+    # helper-156: the closing table had no CPS, which a PD-L1 IHC is scored by beside its TPS; an H&E has none.
+    import json
+    import re
+
+    from inference import cps_text, write_ihc_phantom
+
+    he, ihc = tmp_path / "he.svs", tmp_path / "ihc.svs"
+    spec = PhantomSpec(1024, 1024, seed=5, tps_percent=30)
+    write_phantom(he, spec)
+    write_ihc_phantom(ihc, spec, paired_with=he)
+    out = tmp_path / "o"
+    args = ["run", str(he), str(ihc), "--out", str(out), "--device", "cpu", "--no-progress"]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    cps = json.loads((out / "ihc.summary.json").read_text())["cps"]
+    assert re.search(r"┃ category +┃ +CPS ┃ positive area %", result.output), result.output
+    assert re.search(rf"│ ihc\.svs .*│ 1-49% +│ +{re.escape(cps_text(cps))} │", result.output), result.output
+    assert re.search(r"│ he\.svs .*│ 1-49% +│ +│", result.output), result.output
+    h_and_e_only = runner.invoke(
+        app, ["run", str(he), "--out", str(tmp_path / "o2"), "--device", "cpu", "--no-progress"]
+    )
+    assert "CPS" not in h_and_e_only.output

@@ -269,10 +269,13 @@ def outcome_table(outcomes, *, batch: int | None = None) -> None:
 
     from bridge.project import alike
     from bridge.review_advice import RUN_STAIN_FIX, review_advice
-    from inference import tps_text
+    from inference import cps_text, tps_text
 
     table = Table(title="pdl1 run")
     columns = ("image", "state", "stain", "TPS %", "category", "positive area %", "uncertainty", "candidates", "time s")
+    ihc = any(o.cps_percent is not None for o in outcomes)
+    if ihc:  # a PD-L1 IHC's CPS beside its TPS (an H&E has none: the column only where an image has one)
+        columns = (*columns[:5], "CPS", *columns[5:])
     for col in columns:
         table.add_column(col, justify="left" if col in ("image", "state", "stain", "category") else "right")
     # QuPath lets two entries share an image name (one file typed H&E and H-DAB, 1.svs of two cases): those rows,
@@ -313,6 +316,7 @@ def outcome_table(outcomes, *, batch: int | None = None) -> None:
             stain,
             tps,
             o.tps_category or "",
+            *([] if not ihc else ["" if o.cps_percent is None else cps_text(o.cps_percent)]),
             num(o.positive_area_pct),
             flag,
             num(o.candidates, "d"),

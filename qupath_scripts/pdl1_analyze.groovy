@@ -410,29 +410,22 @@ def putEntryMetadata = { entry, Map values ->
 // part has them (the service's metadata_counts), so two tumour annotations give the image's TPS, not the last one's.
 // parts: [[metadata: Map, counts: Map], ...] in the order analysed.
 def MIN_TUMOUR_CELLS = 100  // inference/analysis/points.py: MIN_TUMOUR_NUCLEI
-// A CPS as pdl1 writes it (inference/analysis/tps.py: cps_text; a test keeps the two equal): one decimal, more where
-// one would carry it to a whole number it lies below (the CPS cut-offs: 9.96 shown as 10.0 reads as CPS >= 10), cut
-// down where four more would.
-def cpsText = { double v ->
-    def whole = Math.floor(v)
+// v as pdl1 writes a score (inference/analysis/tps.py: _text_keeping): one decimal, more while the rounded number lies
+// on another side of a cut-off than v (side: which side of them a number lies on), cut down where four more would.
+def textKeeping = { double v, Closure side ->
     for (int places = 1; places < 6; places++) {
         def text = new BigDecimal(v).setScale(places, java.math.RoundingMode.HALF_EVEN).toPlainString()
-        if (Math.floor(text as double) == whole)
+        if (side(text as double) == side(v))
             return text
     }
     return new BigDecimal(v).setScale(1, java.math.RoundingMode.FLOOR).toPlainString()
 }
-// A TPS as pdl1 writes it (inference/analysis/tps.py: tps_text; a test keeps the two equal): one decimal, more where
-// one would carry it across a cut-off (0.96 shown as 1.0 reads as 1-49%), cut down where four more would.
-def tpsText = { double v ->
-    def category = { double p -> p < 1.0d ? 0 : (p < 50.0d ? 1 : 2) }
-    for (int places = 1; places < 6; places++) {
-        def text = new BigDecimal(v).setScale(places, java.math.RoundingMode.HALF_EVEN).toPlainString()
-        if (category(text as double) == category(v))
-            return text
-    }
-    return new BigDecimal(v).setScale(1, java.math.RoundingMode.FLOOR).toPlainString()
-}
+// A CPS as pdl1 writes it (tps.py: cps_text; a test keeps the two equal): never rounded up to a whole number it lies
+// below (the CPS cut-offs: 9.96 shown as 10.0 reads as CPS >= 10).
+def cpsText = { double v -> textKeeping(v, { double p -> Math.floor(p) }) }
+// A TPS as pdl1 writes it (tps.py: tps_text; a test keeps the two equal): never rounded across a cut-off (0.96 shown
+// as 1.0 reads as 1-49%).
+def tpsText = { double v -> textKeeping(v, { double p -> p < 1.0d ? 0 : (p < 50.0d ? 1 : 2) }) }
 // Which of this run's targets lie within another's outline (a hotspot analysed inside an analysed tissue outline),
 // whose cells that one counts: the image's score counts each cell once (bridge/targets.py: nested_targets, 0.5 px of
 // tolerance); of two of one outline, the first. outlines: JTS geometries (ROI.getGeometry()), null for none.

@@ -5,6 +5,7 @@ importing SciPy at start-up."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from decimal import ROUND_FLOOR, Decimal
 
 TPS_CUTOFFS_PERCENT = (1.0, 50.0)  # the category boundaries of tps_category
@@ -35,11 +36,7 @@ def tps_text(percent: float, *, decimals: int = 1) -> str:
     >>> tps_text(math.nextafter(1.0, 0.0))
     '0.9'
     """
-    for places in range(decimals, decimals + 5):
-        text = f"{percent:.{places}f}"
-        if tps_category(float(text)) == tps_category(percent):
-            return text
-    return str(Decimal(percent).quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_FLOOR))
+    return _text_keeping(percent, tps_category, decimals)
 
 
 def cps_text(percent: float, *, decimals: int = 1) -> str:
@@ -50,9 +47,14 @@ def cps_text(percent: float, *, decimals: int = 1) -> str:
     >>> [cps_text(p) for p in (52.749, 10.0, 9.96, 0.952, 19.9996, 100.0)]
     ['52.7', '10.0', '9.96', '0.95', '19.9996', '100.0']
     """
-    whole = math.floor(percent)
+    return _text_keeping(percent, math.floor, decimals)
+
+
+def _text_keeping(percent: float, side: Callable[[float], object], decimals: int) -> str:
+    """``percent`` to ``decimals`` decimals, more while the rounded number lies on another ``side`` of a cut-off than
+    the number itself, and cut down (not rounded) where even four more would carry it across."""
     for places in range(decimals, decimals + 5):
         text = f"{percent:.{places}f}"
-        if math.floor(float(text)) == whole:
+        if side(float(text)) == side(percent):
             return text
     return str(Decimal(percent).quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_FLOOR))

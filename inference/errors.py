@@ -10,6 +10,8 @@ expected, what came, and the fix.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class Pdl1Error(Exception):
     """Base class of every pdl1-bridge error."""
@@ -64,3 +66,16 @@ class TruthFormatError(Pdl1Error, ValueError):
 
 class Cancelled(Exception):  # noqa: N818 - reads as what happened; not an error, so not a Pdl1Error
     """Raised between batches when ``should_cancel()`` answers True."""
+
+
+def raise_together(errors: Sequence[Pdl1Error], heading: str) -> None:
+    """Raise what every input of a batch checked before any work found, so that all are fixed at once: the error
+    itself where there is one, else one of their common class (:class:`Pdl1Error` where they differ) led by
+    ``heading`` ("2 of 5 slides ...:"), each on its own indented line; nothing where there is none."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        kinds = {type(err) for err in errors}
+        kind = kinds.pop() if len(kinds) == 1 else Pdl1Error
+        lines = "\n".join(f"  {err}" for err in errors)
+        raise kind(f"{heading}\n{lines}") from errors[0]

@@ -36,7 +36,14 @@ from inference.analysis.sua import (
     pixel_baseline,
     region_scores,
 )
-from inference.errors import Pdl1Error, SlideNotFoundError, StainError, TruthFormatError, TruthNotFoundError
+from inference.errors import (
+    Pdl1Error,
+    SlideNotFoundError,
+    StainError,
+    TruthFormatError,
+    TruthNotFoundError,
+    raise_together,
+)
 from inference.evaluation.metrics import auprc, auroc, brier, dice, ece, fbeta_score, iou
 from inference.evaluation.review import (
     FLAG_AT_OR_BELOW,
@@ -214,13 +221,7 @@ def check_truths(
             truths.append(truth)
         except Pdl1Error as err:
             errors.append(err)
-    if len(errors) == 1:
-        raise errors[0]
-    if errors:
-        kinds = {type(err) for err in errors}
-        kind = kinds.pop() if len(kinds) == 1 else Pdl1Error
-        lines = "\n".join(f"  {err}" for err in errors)
-        raise kind(f"{len(errors)} of {len(slides)} slides cannot be evaluated, so none was:\n{lines}") from errors[0]
+    raise_together(errors, f"{len(errors)} of {len(slides)} slides cannot be evaluated, so none was:")
     return truths
 
 

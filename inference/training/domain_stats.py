@@ -31,7 +31,7 @@ from inference.analysis.domain import (
 )
 from inference.analysis.nuclei import detect_nuclei
 from inference.analysis.segment import segment_slide
-from inference.errors import MissingMppError, StainError
+from inference.errors import MissingMppError, StainError, raise_together
 from inference.models.ensemble import Ensemble
 from inference.models.features import capture_tile_features, feature_layers
 from inference.models.manifest import Manifest, read_manifest, write_manifest
@@ -218,13 +218,7 @@ def _check_pixel_sizes(paths: Sequence[str], slide_mpp: Mapping[str, float], mpp
             header_mpp(path, mpp=slide_mpp.get(path), mpp_source="QuPath project", mpp_advice=mpp_advice)
         except MissingMppError as err:
             errors.append(err)
-    if len(errors) == 1:
-        raise errors[0]
-    if errors:
-        lines = "\n".join(f"  {err}" for err in errors)
-        raise MissingMppError(
-            f"{len(errors)} of {len(paths)} slides have no usable pixel size, so none was read:\n{lines}"
-        ) from errors[0]
+    raise_together(errors, f"{len(errors)} of {len(paths)} slides have no usable pixel size, so none was read:")
 
 
 def _check_stain(

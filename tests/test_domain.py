@@ -449,6 +449,45 @@ def test_pdl1_domain_stats_names_every_slide_of_implausible_pixel_size_before_re
     assert read == [] and not out.exists() and "as mpp" not in text
 
 
+def test_pdl1_domain_stats_names_every_slide_too_coarse_for_the_model_before_reading_any(tmp_path, monkeypatch):
+    """A slide whose pixels are coarser than the model reads by more than twice was read enlarged, into detail the
+    model never saw (`pdl1 run` refuses it), after the slides before it; now named, with a slide of implausible
+    pixel size, before any is read."""
+    from typer.testing import CliRunner
+
+    import inference.training.domain_stats as domain_stats
+    from bridge.cli.app import app
+    from inference.phantom.pyramid import write_phantom
+    from inference.phantom.scene import PhantomSpec
+    from inference.phantom.truth import truth_dir_for
+
+    model = tmp_path / "model"
+    shutil.copytree(demo_model_dir("seg"), model)
+    manifest = json.loads((model / "manifest.json").read_text())
+    (model / "manifest.json").write_text(json.dumps(manifest | {"input_mpp": 0.25}))
+    good, coarse, bad = tmp_path / "good.svs", tmp_path / "coarse.svs", tmp_path / "bad.svs"
+    write_phantom(good, PhantomSpec(1024, 1024, seed=1, tps_percent=30))  # 0.5 µm/px: twice, allowed
+    write_phantom(coarse, PhantomSpec(1024, 1024, seed=2, tps_percent=30, mpp=1.0))
+    bad.write_bytes(good.read_bytes().replace(b"MPP = 0.5", b"MPP = 900"))  # same length: offsets stay
+    shutil.copytree(truth_dir_for(good), truth_dir_for(bad))
+    read = []
+    real = domain_stats.domain_sample
+    monkeypatch.setattr(domain_stats, "domain_sample", lambda path, *a, **k: read.append(path) or real(path, *a, **k))
+    out = tmp_path / "copy"
+    args = ["domain-stats", str(model), str(good), str(coarse), "--held-out", str(bad)]
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--no-progress"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert "2 of 3 slides have no usable pixel size or one too coarse for the model, so none was read:" in text, text
+    assert (
+        f"{coarse}: its pixels are 1 µm (from openslide.mpp-x/y), but the model 'pdl1-seg' reads 0.25 µm/px: it "
+        "would enlarge the image 4 times (at most 2 is allowed). Check the pixel size; if it is wrong, `pdl1 "
+        "domain-stats` reads a slide at the pixel size the model's training recorded for it"
+    ) in text
+    assert f"{bad}: microns per pixel 900 (from openslide.mpp-x/y) is outside the plausible range" in text
+    assert read == [] and not out.exists()
+
+
 def test_a_damaged_slide_mpp_record_is_refused_saying_what_was_expected():
     from inference import recorded_slide_mpp
 

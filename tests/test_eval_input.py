@@ -577,3 +577,76 @@ def test_a_phantom_stating_another_pixel_size_than_its_truth_was_written_at_is_n
         f"{bad}: its file states 2 µm/px, but its truth.json describes a phantom written at 0.5 µm/px, so its truth "
         "would be scored at another scale; write the phantom again with `pdl1 phantom ... --overwrite`"
     ) in _said(result), _said(result)
+
+
+# --- resolutions: a slide too coarse for a model that scores it, named with the others before any is scored --------
+
+
+@pytest.fixture(scope="module")
+def coarse_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """An H&E phantom and its PD-L1 IHC written at 1 µm/px: too coarse for a model that reads 0.25 µm/px."""
+    from inference.phantom.pyramid import write_ihc_phantom
+
+    folder = tmp_path_factory.mktemp("coarse")
+    spec = PhantomSpec(1024, 1024, seed=2, tps_percent=30, mpp=1.0)
+    he = write_phantom(folder / "coarse_he.svs", spec)
+    write_ihc_phantom(folder / "coarse_ihc.svs", spec, paired_with=he.slide_path)
+    return folder / "coarse_he.svs", folder / "coarse_ihc.svs"
+
+
+def _reading_at(kind: str, folder: Path, mpp: float) -> Path:
+    """The shipped demo model of ``kind`` copied to ``folder``, its manifest stating it reads ``mpp`` µm/px."""
+    shutil.copytree(MODELS / kind, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["input_mpp"] = mpp
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("command", "kind", "stain", "role"),
+    [
+        (["eval", "seg", "--model", "{model}"], "seg", "he", "segmentation"),
+        (["eval", "nuclei", "--model", "{model}"], "nuclei", "he", "nuclei"),
+        (["eval", "tps", "--seg-model", "{model}"], "seg", "he", "segmentation"),
+        (["eval", "tps", "--nuclei-model", "{model}"], "nuclei", "he", "nuclei"),
+        (["eval", "ihc", "--model", "{model}"], "nuclei-ihc", "ihc", "PD-L1 IHC nuclei"),
+        (["eval", "ihc", "--no-review", "--model", "{model}"], "nuclei-ihc", "ihc", "PD-L1 IHC nuclei"),
+        (["eval", "--out", "{tmp}/rep", "--model", "{model}"], "seg", "he", "segmentation"),
+        (["eval", "--out", "{tmp}/rep", "--ihc-model", "{model}"], "nuclei-ihc", "ihc", "PD-L1 IHC nuclei"),
+        (["calibrate", "--out", "{tmp}/cal", "--model", "{model}"], "seg", "he", "segmentation"),
+    ],
+)
+def test_slides_too_coarse_for_a_model_are_named_with_the_others_before_any_is_scored(
+    pair, coarse_pair, tmp_path, monkeypatch, command, kind, stain, role
+):
+    """A slide whose pixels are coarser than a model reads by more than twice was enlarged and scored (eval seg,
+    nuclei, calibrate, the suite's H&E), or refused when its turn came (eval tps, ihc), after the slides before it
+    were scored; here one of implausible pixel size is named with it, in the words `pdl1 run` refuses it in."""
+    from inference.slides.slide import Slide
+
+    model = _reading_at(kind, tmp_path / "model", 0.25)
+    good = (pair[0] if stain == "he" else pair[1]).name
+    for slide in (*pair, *coarse_pair):  # the IHC's H&E beside it
+        shutil.copy(slide, tmp_path / slide.name)
+        shutil.copytree(truth_dir_for(slide), truth_dir_for(tmp_path / slide.name))
+    coarse = tmp_path / (coarse_pair[0] if stain == "he" else coarse_pair[1]).name
+    implausible = _stating_mpp(tmp_path / good, tmp_path / "bad.svs", b"900")
+    opened = []
+    real_init = Slide.__init__
+    monkeypatch.setattr(
+        Slide, "__init__", lambda self, *a, **k: opened.append(k.get("path")) or real_init(self, *a, **k)
+    )
+    args = [a.format(tmp=tmp_path, model=model) for a in command]
+    slides = [str(tmp_path / good), str(coarse), str(implausible)]
+    result = runner.invoke(app, [*args, *slides, "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 1, result.output
+    said = _said(result)
+    assert "2 of 3 slides cannot be evaluated, so none was:" in said, said
+    assert (
+        f"{coarse.name}: its pixels are 1 µm (from openslide.mpp-x/y), but the {role} model reads 0.25 µm/px: it "
+        "would enlarge the image 4 times (at most 2 is allowed). Check the pixel size; if it is wrong, `pdl1 "
+    ) in said, said
+    assert "bad.svs: microns per pixel 900 (from openslide.mpp-x/y) is outside the plausible range" in said
+    assert opened == [] and "Dice" not in said and "F1" not in said
+    assert not (tmp_path / "rep").exists() and not (tmp_path / "cal").exists()

@@ -324,3 +324,54 @@ def test_pseudo_label_slides_advises_in_the_library_arguments_words(tmp_path):
     with pytest.raises(MissingMppError) as err:
         pseudo_label_slides(demo_model_dir("seg"), [UnlabeledSlide(path=str(png))], rule=rule, input_mpp=2.0)
     assert "--" not in str(err.value) and "QuPath" not in str(err.value) and str(err.value).endswith(" as mpp")
+
+
+def test_pdl1_train_seg_names_a_training_slide_too_coarse_before_pseudo_labelling_any(phantoms, tmp_path, monkeypatch):
+    """A training slide too coarse for --input-mpp was found as the training slides were read, after every
+    unlabelled slide had been segmented for its pseudo-labels (minutes each) and the slides before it read."""
+    import inference.analysis.segment as segment
+    import inference.training.train_seg as train_seg
+
+    coarse = tmp_path / "coarse.svs"
+    write_phantom(coarse, PhantomSpec(1024, 1024, seed=26, tps_percent=40, mpp=2.0))
+    work = []
+    for module, name in ((segment, "segment_slide"), (train_seg, "load_training_slide")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: work.append(_name) or _real(*a, **k))
+    args = [
+        "train",
+        "seg",
+        str(phantoms / "labelled.svs"),
+        str(coarse),
+        "--unlabeled",
+        str(phantoms / "unlabelled.svs"),
+    ]
+    result = runner.invoke(app, [*args, "--input-mpp", "0.5", "--out", str(tmp_path / "m"), *TINY, "--no-progress"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, text
+    assert (
+        f"{coarse}: its pixels are 2 µm (from openslide.mpp-x/y), but segmentation training reads 0.5 µm/px: it would "
+        "enlarge the image 4 times (at most 2 is allowed). Check the pixel size; if it is wrong, `pdl1 train seg` "
+        "(whose --input-mpp is the model's resolution, not the slides') reads each phantom at the pixel size"
+    ) in text
+    assert work == [] and not (tmp_path / "m").exists()
+
+
+def test_pseudo_label_slides_names_every_unlabelled_slide_it_refuses_together(tmp_path):
+    """The first refused unlabelled slide ended the check, and the next was found on the run after."""
+    from inference import Pdl1Error, UnlabeledSlide, demo_model_dir, pseudo_label_slides
+
+    broken, coarse = tmp_path / "broken.svs", tmp_path / "coarse.png"
+    broken.write_bytes(b"not an image")
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(coarse, dpi=(5080, 5080))  # 5 µm/px
+    items = [UnlabeledSlide(path=str(broken)), UnlabeledSlide(path=str(coarse))]
+    rule = PseudoLabelRule(margin=0.1, mi_limit=0.05, weight=1.0)
+    with pytest.raises(Pdl1Error) as err:  # two kinds: their common base
+        pseudo_label_slides(demo_model_dir("seg"), items, rule=rule, input_mpp=2.0)
+    text = str(err.value)
+    assert type(err.value) is Pdl1Error
+    assert text.startswith("2 of 2 unlabelled slides cannot be pseudo-labelled, so none was:\n"), text
+    assert f"unlabelled slide {broken}:" in text
+    assert (
+        f"{coarse}: its pixels are 5 µm (from image dpi), but the pseudo-labelling ensemble 'pdl1-seg' reads 2 µm/px"
+    ) in text

@@ -1100,3 +1100,52 @@ def test_a_held_out_slide_validation_cannot_score_is_refused_before_training(lab
     # The segmentation scores its labelled pixels, which these entries have: it trains.
     seg = ["train", "seg", str(project), *hold_out, "--qupath", "never", "--out", str(tmp_path / "s")]
     assert runner.invoke(app, [*seg, *TINY, "--no-progress"]).exit_code == 0
+
+
+def test_pdl1_train_nuclei_names_every_slide_too_coarse_before_reading_any(tmp_path, monkeypatch):
+    """A slide too coarse for --input-mpp was found when its turn came to be read whole, after those before it."""
+    import inference.training.train_nuclei as train_nuclei
+    from inference.phantom.pyramid import write_phantom
+    from inference.phantom.scene import PhantomSpec
+
+    good, coarse = tmp_path / "good.svs", tmp_path / "coarse.svs"
+    write_phantom(good, PhantomSpec(1024, 1024, seed=1, tps_percent=30))
+    write_phantom(coarse, PhantomSpec(1024, 1024, seed=2, tps_percent=30, mpp=2.0))
+    read = []
+    real = train_nuclei.load_nuclei_slide
+    monkeypatch.setattr(train_nuclei, "load_nuclei_slide", lambda *a, **k: read.append(a) or real(*a, **k))
+    args = ["train", "nuclei", str(good), str(coarse), "--input-mpp", "0.5", "--out", str(tmp_path / "m")]
+    result = runner.invoke(app, [*args, *TINY, "--no-progress"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, text
+    assert (
+        f"{coarse}: its pixels are 2 µm (from openslide.mpp-x/y), but nuclei training reads 0.5 µm/px: it would "
+        "enlarge the image 4 times (at most 2 is allowed). Check the pixel size; if it is wrong, `pdl1 train nuclei`"
+    ) in text
+    assert read == [] and not (tmp_path / "m").exists()
+
+
+def test_training_checks_every_slide_at_its_projects_pixel_size_and_names_all_it_cannot_read(tmp_path):
+    """A validation slide too coarse was scored enlarged after training (hours), a training slide refused when its
+    turn came to be read; each is read at its project's pixel size where that is given (slide_mpp)."""
+    from PIL import Image
+
+    from inference import Pdl1Error
+    from inference.training.cyclic import check_slide_resolution
+
+    rgb = np.full((64, 64, 3), 200, np.uint8)
+    fine, calibrated, none = tmp_path / "fine.png", tmp_path / "calibrated.png", tmp_path / "none.png"
+    Image.fromarray(rgb).save(fine, dpi=(25400, 25400))  # 1 µm/px
+    Image.fromarray(rgb).save(calibrated, dpi=(25400, 25400))  # 1 µm/px in its file, 4 in its project
+    Image.fromarray(rgb).save(none)
+    slides = [str(fine), str(calibrated), str(none)]
+    check_slide_resolution(slides[:2], input_mpp=0.5, slide_mpp={}, reader="nuclei training")
+    with pytest.raises(Pdl1Error) as err:
+        check_slide_resolution(slides, input_mpp=0.5, slide_mpp={str(calibrated): 4.0}, reader="nuclei training")
+    lines = str(err.value).splitlines()
+    assert lines[0] == "2 of 3 slides cannot be read for nuclei training, so none was:"
+    assert lines[1].startswith(
+        f"  {calibrated}: its pixels are 4 µm (from QuPath project), but nuclei training reads 0.5 µm/px: it would "
+        "enlarge the image 8 times"
+    )
+    assert lines[2].startswith(f"  {none}: ") and "microns per pixel" in lines[2] and len(lines) == 3

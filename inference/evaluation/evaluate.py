@@ -62,7 +62,7 @@ from inference.phantom.truth import PhantomTruthData, load_truth, require_summar
 from inference.phantom.truth_tissue import truth_tissue_mask
 from inference.pipeline import PipelineConfig, review_rule_for, sua_params_for
 from inference.results import Cps, Nuclei, Tps, UncertaintyMaps
-from inference.slides.slide import MppAdvice, header_mpp, open_slide
+from inference.slides.slide import MppAdvice, header_mpp, open_slide, require_resolution
 from inference.slides.stain_detect import detect_slide_stain
 from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, TissueMask, tissue_mask_for_slide
 
@@ -195,10 +195,11 @@ def check_truths(
 
     ``models_by_stain`` maps each phantom stain the evaluation takes to the (role, manifest) of the models that
     score those slides; ``needs``, the truth.json fields the evaluation reads (keys of
-    :data:`inference.phantom.truth.SUMMARY_FIELDS`). A bad slide (no truth, damaged truth, another stain, or a
+    :data:`inference.phantom.truth.SUMMARY_FIELDS`). A bad slide (no truth, damaged truth, another stain, a
     file that states no plausible pixel size: its header alone is read, :func:`~inference.slides.slide.header_mpp`,
-    whose message ends with ``mpp_advice``) does not end a batch half-way: all are named in one error (of their
-    common class, else :class:`Pdl1Error`), so they can be fixed together.
+    whose message ends with ``mpp_advice``, or one too coarse for a model that scores it, "the <role> model" as
+    ``pdl1 run`` names it: :func:`~inference.slides.slide.require_resolution`) does not end a batch half-way: all
+    are named in one error (of their common class, else :class:`Pdl1Error`), so they can be fixed together.
     """
     truths, errors = [], []
     for slide in slides:
@@ -218,6 +219,9 @@ def check_truths(
             # Found when the slide's turn came, after minutes of work on those before it.
             stated = header_mpp(slide, mpp_advice=mpp_advice)
             _check_truth_mpp(slide, truth, stated.mean)
+            for role, manifest in models_by_stain[stain]:  # else scored enlarged, or refused when its turn came
+                reader = f"the {role} model"  # pdl1 run's words
+                require_resolution(stated, manifest.input_mpp, reader=reader, path=slide, mpp_advice=mpp_advice)
             truths.append(truth)
         except Pdl1Error as err:
             errors.append(err)

@@ -252,16 +252,10 @@ class Slide:
     def require_resolution(self, mpp: float, *, reader: str) -> None:
         """Raise :class:`ResolutionError` where reading at ``mpp`` enlarges the image more than :data:`MAX_ENLARGEMENT`.
 
-        ``reader`` names what reads at ``mpp`` ("the segmentation model"), for the message.
+        ``reader`` names what reads at ``mpp`` ("the segmentation model"), for the message
+        (:func:`require_resolution`, with the image's own pixel size, path and advice).
         """
-        enlargement = self.mpp.mean / mpp
-        if enlargement > MAX_ENLARGEMENT:
-            check = f"Check the pixel size; if it is wrong, {(self.mpp_advice or library_mpp_advice)(SCANNER_MPP)}"
-            raise ResolutionError(
-                f"{self.path or 'image'}: its pixels are {self.mpp.mean:g} µm (from {self.mpp.source}), but "
-                f"{reader} reads {mpp:g} µm/px: it would enlarge the image {enlargement:.6g} times (at most "
-                f"{MAX_ENLARGEMENT:g} is allowed). {check}. An image truly this coarse cannot be analysed"
-            )
+        require_resolution(self.mpp, mpp, reader=reader, path=self.path, mpp_advice=self.mpp_advice)
 
     def close(self) -> None:
         self.reader.close()
@@ -275,6 +269,39 @@ class Slide:
     def __repr__(self) -> str:
         w, h = self.dimensions
         return f"Slide({self.path}, {w}x{h}, levels={self.level_count}, mpp={self.mpp.mean:g})"
+
+
+def require_resolution(
+    image_mpp: Mpp,
+    mpp: float,
+    *,
+    reader: str,
+    path: str | Path | None = None,
+    mpp_advice: MppAdvice | None = None,
+) -> None:
+    """Raise :class:`ResolutionError` where reading an image of ``image_mpp`` at ``mpp`` µm/px enlarges it more than
+    :data:`MAX_ENLARGEMENT`: :meth:`Slide.require_resolution`'s rule and message, for a caller that has the pixel size
+    from a header alone (:func:`header_mpp`) and checks many images before it reads any.
+
+    ``reader`` names what reads at ``mpp`` ("the segmentation model"); ``path`` the image; ``mpp_advice`` how the
+    caller's user corrects a wrong pixel size (None: :func:`library_mpp_advice`).
+
+    >>> require_resolution(Mpp(1.0, 1.0, "header"), 0.5, reader="the nuclei model")  # twice: allowed
+    >>> require_resolution(Mpp(2.0, 2.0, "header"), 0.5, reader="the nuclei model", path="a.svs")
+    Traceback (most recent call last):
+    ...
+    inference.errors.ResolutionError: a.svs: its pixels are 2 µm (from header), but the nuclei model reads 0.5 µm/px: \
+it would enlarge the image 4 times (at most 2 is allowed). Check the pixel size; if it is wrong, pass the scanner's \
+µm/px (0.25 at 40x, 0.5 at 20x) as mpp. An image truly this coarse cannot be analysed
+    """
+    enlargement = image_mpp.mean / mpp
+    if enlargement > MAX_ENLARGEMENT:
+        check = f"Check the pixel size; if it is wrong, {(mpp_advice or library_mpp_advice)(SCANNER_MPP)}"
+        raise ResolutionError(
+            f"{path or 'image'}: its pixels are {image_mpp.mean:g} µm (from {image_mpp.source}), but "
+            f"{reader} reads {mpp:g} µm/px: it would enlarge the image {enlargement:.6g} times (at most "
+            f"{MAX_ENLARGEMENT:g} is allowed). {check}. An image truly this coarse cannot be analysed"
+        )
 
 
 def _integer_step(scale: float) -> int | None:

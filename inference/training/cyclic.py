@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from inference.advice import SettingWords, library_setting
 from inference.atomic import write_text_whole
-from inference.errors import ModelFileError
+from inference.errors import ModelFileError, Pdl1Error, raise_together
 from inference.models.manifest import (
     MANIFEST_NAME,
     give_new_file_mode,
@@ -31,6 +31,7 @@ from inference.models.manifest import (
     sha256_file,
     wrong_model_message,
 )
+from inference.slides.slide import MppAdvice, header_mpp, require_resolution
 from inference.training.anchor import WeightAnchor, freeze_batchnorm
 from inference.training.distill import Distiller
 from inference.training.report import HISTORY_FILE
@@ -96,6 +97,33 @@ def check_patch_fits(
             f"patch of {patch_px} px ({setting('patch_px')}): give a smaller {setting('patch_px')}, or leave out "
             "slides this small"
         )
+
+
+def check_slide_resolution(
+    slides: Sequence[str],
+    *,
+    input_mpp: float,
+    slide_mpp: Mapping[str, float],
+    reader: str,
+    mpp_advice: MppAdvice | None = None,
+) -> None:
+    """Refuse, before any slide is read, every training or validation slide that cannot be read at ``input_mpp``
+    (the model's): a file missing or unreadable, one that states no plausible pixel size, or one too coarse
+    (:func:`~inference.slides.slide.require_resolution`, ``reader`` naming the training as the message does when the
+    slide is read). Each is read at ``slide_mpp``'s µm/px where that names it (its project's), else its file's own;
+    its header alone is read (:func:`~inference.slides.slide.header_mpp`). Found as each slide was read, a training
+    slide ended the run after those before it were read, and a validation slide was scored enlarged after training;
+    all are named in one error, so they can be fixed together. ``mpp_advice``: how the caller's user gives a slide's
+    µm/px (:func:`~inference.slides.slide.open_slide`'s).
+    """
+    errors = []
+    for path in slides:
+        try:
+            mpp = header_mpp(path, mpp=slide_mpp.get(path), mpp_source="QuPath project", mpp_advice=mpp_advice)
+            require_resolution(mpp, input_mpp, reader=reader, path=path, mpp_advice=mpp_advice)
+        except Pdl1Error as err:
+            errors.append(err)
+    raise_together(errors, f"{len(errors)} of {len(slides)} slides cannot be read for {reader}, so none was:")
 
 
 def run_checkpoints(out_dir: str | Path) -> list[Path]:

@@ -31,11 +31,11 @@ from inference.analysis.domain import (
 )
 from inference.analysis.nuclei import detect_nuclei
 from inference.analysis.segment import segment_slide
-from inference.errors import MissingMppError, StainError, raise_together
+from inference.errors import MissingMppError, ResolutionError, StainError, raise_together
 from inference.models.ensemble import Ensemble
 from inference.models.features import capture_tile_features, feature_layers
 from inference.models.manifest import Manifest, read_manifest, write_manifest
-from inference.slides.slide import MppAdvice, header_mpp, open_slide
+from inference.slides.slide import MppAdvice, header_mpp, open_slide, require_resolution
 from inference.slides.stain_detect import detect_slide_stain
 from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
 from inference.values import is_finite_number
@@ -148,7 +148,7 @@ def compute_domain_stats(
             f"{sorted(str(p) for p in overlap)} are both training and held-out slides; the limits must be "
             "calibrated on slides the statistics did not see"
         )
-    _check_pixel_sizes([*train_slides, *held_out], slide_mpp, mpp_advice)
+    _check_pixel_sizes([*train_slides, *held_out], slide_mpp, manifest, mpp_advice)
     for path in [*train_slides, *held_out]:
         _check_stain(path, manifest.stain, model_dir, mpp=slide_mpp.get(path), mpp_advice=mpp_advice)
     layers = ", ".join(name for name, _ in feature_layers(ensemble.members[0]))
@@ -209,16 +209,24 @@ MIN_CALIBRATION_SLIDES = 3
 STAIN_REFUSAL_MARGIN_DEG = 10.0
 
 
-def _check_pixel_sizes(paths: Sequence[str], slide_mpp: Mapping[str, float], mpp_advice: MppAdvice | None) -> None:
-    """Refuse, before any slide is read, every slide that states no plausible pixel size (its header alone read):
-    one was found when its turn came, after minutes of work on those before it, and the next on the run after."""
+def _check_pixel_sizes(
+    paths: Sequence[str], slide_mpp: Mapping[str, float], manifest: Manifest, mpp_advice: MppAdvice | None
+) -> None:
+    """Refuse, before any slide is read, every slide that states no plausible pixel size, or one too coarse for
+    ``manifest``'s model (its header alone read): one was found when its turn came, after minutes of work on those
+    before it, and the next on the run after; a slide too coarse was read enlarged into detail the model never saw,
+    where `pdl1 run` refuses it."""
     errors = []
     for path in paths:
         try:
-            header_mpp(path, mpp=slide_mpp.get(path), mpp_source="QuPath project", mpp_advice=mpp_advice)
-        except MissingMppError as err:
+            mpp = header_mpp(path, mpp=slide_mpp.get(path), mpp_source="QuPath project", mpp_advice=mpp_advice)
+            require_resolution(
+                mpp, manifest.input_mpp, reader=f"the model {manifest.name!r}", path=path, mpp_advice=mpp_advice
+            )
+        except (MissingMppError, ResolutionError) as err:
             errors.append(err)
-    raise_together(errors, f"{len(errors)} of {len(paths)} slides have no usable pixel size, so none was read:")
+    coarse = "" if all(isinstance(err, MissingMppError) for err in errors) else " or one too coarse for the model"
+    raise_together(errors, f"{len(errors)} of {len(paths)} slides have no usable pixel size{coarse}, so none was read:")
 
 
 def _check_stain(

@@ -201,7 +201,8 @@ def pseudo_label_slides(
     """Run the segmentation ensemble in ``model_dir`` over the tissue of each slide and keep its confident
     pixels (:func:`pseudo_label_target`), placed on the slide's grid at ``input_mpp``.
 
-    Raises (before any slide is segmented) :class:`~inference.errors.SlideNotFoundError`,
+    Raises (before any slide is segmented; every slide's error, all in one, :func:`~inference.errors.raise_together`)
+    :class:`~inference.errors.SlideNotFoundError`,
     :class:`~inference.errors.SlideFormatError` or :class:`~inference.errors.MissingMppError` for a
     slide that cannot be opened or states no pixel size, :class:`~inference.errors.StainError` for one
     not of the ensemble's stain, :class:`~inference.errors.ResolutionError` for one too coarse. Their advice
@@ -211,7 +212,14 @@ def pseudo_label_slides(
     labelled slides; by default: "leave it out of ``setting('slides')``").
     """
     from inference.analysis.segment import SegmentConfig, segment_slide
-    from inference.errors import MissingMppError, SlideFormatError, SlideNotFoundError, StainError
+    from inference.errors import (
+        MissingMppError,
+        Pdl1Error,
+        SlideFormatError,
+        SlideNotFoundError,
+        StainError,
+        raise_together,
+    )
     from inference.models.ensemble import Ensemble
     from inference.slides.slide import open_slide
     from inference.slides.stain_detect import detect_slide_stain
@@ -221,29 +229,35 @@ def pseudo_label_slides(
     manifest = ensemble.manifest
     reader = f"the pseudo-labelling ensemble {manifest.name!r}"
     checked: list[tuple[UnlabeledSlide, str, str]] = []
-    for item in slides:  # every slide checked before the first is segmented
+    errors: list[Pdl1Error] = []
+    for item in slides:  # every slide checked before the first is segmented, all refused ones named together
         leave = leave_out(item) if leave_out is not None else f"leave it out of {setting('slides')}"
         try:
-            slide = open_slide(item.path, mpp=item.mpp, mpp_source="QuPath project", mpp_advice=mpp_advice)
-        except (SlideNotFoundError, SlideFormatError) as err:
-            raise type(err)(f"unlabelled slide {item.label}: {err}; {leave} or fix the file") from err
-        except MissingMppError as err:
-            raise MissingMppError(f"unlabelled slide {item.label}: {err}") from err
-        with slide:
-            slide.require_resolution(manifest.input_mpp, reader=reader)
-            slide.require_resolution(input_mpp, reader="segmentation training")
-            if item.stain is not None:
-                stain, source = item.stain, "QuPath's image type"
-            else:
-                colour = detect_slide_stain(slide, mpp=tissue_mpp)
-                stain, source = colour.stain, f"its colour ({colour.reason})"
-        if stain != manifest.stain:
-            raise StainError(
-                f"unlabelled slide {item.label} is {stain} ({source}), but {reader} was trained on {manifest.stain} "
-                f"and pseudo-labels only slides of that stain: {leave}; if it is "
-                f"{manifest.stain}, set its image type in QuPath (Image tab: Image type) and give it as a project entry"
-            )
-        checked.append((item, stain, source))
+            try:
+                slide = open_slide(item.path, mpp=item.mpp, mpp_source="QuPath project", mpp_advice=mpp_advice)
+            except (SlideNotFoundError, SlideFormatError) as err:
+                raise type(err)(f"unlabelled slide {item.label}: {err}; {leave} or fix the file") from err
+            except MissingMppError as err:
+                raise MissingMppError(f"unlabelled slide {item.label}: {err}") from err
+            with slide:
+                slide.require_resolution(manifest.input_mpp, reader=reader)
+                slide.require_resolution(input_mpp, reader="segmentation training")
+                if item.stain is not None:
+                    stain, source = item.stain, "QuPath's image type"
+                else:
+                    colour = detect_slide_stain(slide, mpp=tissue_mpp)
+                    stain, source = colour.stain, f"its colour ({colour.reason})"
+            if stain != manifest.stain:
+                raise StainError(
+                    f"unlabelled slide {item.label} is {stain} ({source}), but {reader} was trained on "
+                    f"{manifest.stain} and pseudo-labels only slides of that stain: {leave}; if it is "
+                    f"{manifest.stain}, set its image type in QuPath (Image tab: Image type) and give it as a "
+                    "project entry"
+                )
+            checked.append((item, stain, source))
+        except Pdl1Error as err:
+            errors.append(err)
+    raise_together(errors, f"{len(errors)} of {len(slides)} unlabelled slides cannot be pseudo-labelled, so none was:")
     out = []
     for i, (item, stain, source) in enumerate(checked):
         with open_slide(item.path, mpp=item.mpp, mpp_source="QuPath project") as slide:

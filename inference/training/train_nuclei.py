@@ -39,6 +39,7 @@ from inference.training.cyclic import (
     check_out_dir,
     check_patch_fits,
     check_schedule,
+    check_slide_resolution,
     init_record,
     init_weights,
     run_identity,
@@ -133,11 +134,16 @@ class _NucleiData:
         return self.summary.get("stain", "H&E")
 
 
+# How a phantom is given a pixel size: the library's advice ("pass ... as mpp") names no option of the command; its
+# --input-mpp is the model's.
+PHANTOM_MPP_ADVICE = phantom_mpp_advice(
+    "`pdl1 train nuclei` (whose --input-mpp is the model's resolution, not the slides')"
+)
+
+
 def load_nuclei_slide(path: str | Path, *, input_mpp: float) -> _NucleiData:
     truth = load_truth(path)
-    # The library's advice ("pass ... as mpp") names no option of the command; its --input-mpp is the model's.
-    advice = phantom_mpp_advice("`pdl1 train nuclei` (whose --input-mpp is the model's resolution, not the slides')")
-    with open_slide(path, mpp_advice=advice) as slide:
+    with open_slide(path, mpp_advice=PHANTOM_MPP_ADVICE) as slide:
         rgb = slide.whole_at_mpp(input_mpp, reader="nuclei training")
         ds = input_mpp / slide.mpp.mean
     return _NucleiData(
@@ -340,9 +346,17 @@ def train_nuclei(
     rng = np.random.default_rng(config.seed)
     device = torch.device(config.device)
     check_slide_mpp(labels, config.slide_mpp, validation_slides=config.validation_slides)
+    if labels and tuple(lab.slide for lab in labels) != tuple(config.slides):
+        raise ValueError("config.slides must be the labelled slides, in the order of the labels")
+    # Every slide from its header, before any is read (check_slide_resolution).
+    check_slide_resolution(
+        [*config.slides, *config.validation_slides],
+        input_mpp=config.input_mpp,
+        slide_mpp=config.slide_mpp,
+        reader="nuclei training",
+        mpp_advice=None if labels else PHANTOM_MPP_ADVICE,
+    )
     if labels:
-        if tuple(lab.slide for lab in labels) != tuple(config.slides):
-            raise ValueError("config.slides must be the labelled slides, in the order of the labels")
         data = [
             load_labelled_slide(lab, input_mpp=config.input_mpp, known_radius_um=config.known_radius_um)
             for lab in labels

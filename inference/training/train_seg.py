@@ -41,6 +41,7 @@ from inference.training.cyclic import (
     check_out_dir,
     check_patch_fits,
     check_schedule,
+    check_slide_resolution,
     init_record,
     init_weights,
     run_identity,
@@ -210,12 +211,33 @@ def _refuse_ihc_truth(slides: Sequence[str | Path]) -> None:
         )
 
 
+# How a phantom is given a pixel size: the library's advice ("pass ... as mpp") names no option of the command; its
+# --input-mpp is the model's.
+PHANTOM_MPP_ADVICE = phantom_mpp_advice(
+    "`pdl1 train seg` (whose --input-mpp is the model's resolution, not the slides')"
+)
+
+
+def check_seg_slides(
+    slides: Sequence[str], *, input_mpp: float, slide_mpp: Mapping[str, float], phantoms: bool
+) -> None:
+    """Every training and validation slide of a segmentation run readable at ``input_mpp``, checked from its header
+    before any slide is read (:func:`~inference.training.cyclic.check_slide_resolution`): :func:`train_segmentation`
+    checks them first, and a caller that pseudo-labels slides before training (``pdl1 train seg``) checks them
+    before that. ``phantoms``: the slides are phantoms with truth (their advice is :data:`PHANTOM_MPP_ADVICE`)."""
+    check_slide_resolution(
+        slides,
+        input_mpp=input_mpp,
+        slide_mpp=slide_mpp,
+        reader="segmentation training",
+        mpp_advice=PHANTOM_MPP_ADVICE if phantoms else None,
+    )
+
+
 def load_training_slide(path: str | Path, *, input_mpp: float, patch_px: int) -> _SlideData:
     """Read a phantom slide whole at ``input_mpp`` with its truth mask on the same grid."""
     truth = load_truth(path)
-    # The library's advice ("pass ... as mpp") names no option of the command; its --input-mpp is the model's.
-    advice = phantom_mpp_advice("`pdl1 train seg` (whose --input-mpp is the model's resolution, not the slides')")
-    with open_slide(path, mpp_advice=advice) as slide:
+    with open_slide(path, mpp_advice=PHANTOM_MPP_ADVICE) as slide:
         rgb = slide.whole_at_mpp(input_mpp, reader="segmentation training")
         ds = input_mpp / slide.mpp.mean
     h, w = rgb.shape[:2]
@@ -424,9 +446,15 @@ def train_segmentation(
         _refuse_ihc_truth(config.slides)
     device = torch.device(config.device)
     check_slide_mpp(labels, config.slide_mpp, validation_slides=config.validation_slides)
+    if labels and tuple(lab.slide for lab in labels) != tuple(config.slides):
+        raise ValueError("config.slides must be the labelled slides, in the order of the labels")
+    check_seg_slides(
+        [*config.slides, *config.validation_slides],
+        input_mpp=config.input_mpp,
+        slide_mpp=config.slide_mpp,
+        phantoms=not labels,
+    )
     if labels:
-        if tuple(lab.slide for lab in labels) != tuple(config.slides):
-            raise ValueError("config.slides must be the labelled slides, in the order of the labels")
         data = [load_labelled_seg_slide(lab, input_mpp=config.input_mpp, patch_px=config.patch_px) for lab in labels]
     else:
         data = [load_training_slide(p, input_mpp=config.input_mpp, patch_px=config.patch_px) for p in config.slides]

@@ -1149,3 +1149,26 @@ def test_training_checks_every_slide_at_its_projects_pixel_size_and_names_all_it
         "enlarge the image 8 times"
     )
     assert lines[2].startswith(f"  {none}: ") and "microns per pixel" in lines[2] and len(lines) == 3
+
+
+def test_a_labelled_slide_too_coarse_is_told_where_its_pixel_size_is_set(tmp_path):
+    """A lab's slide too coarse for the model ended with the library's "pass ... as mpp", an argument training does not
+    take: a project's entry is told to set its pixel size in QuPath, a slide given with a labels file to state it in
+    its file."""
+    from PIL import Image
+
+    from inference import Pdl1Error
+    from inference.training.cyclic import check_slide_resolution
+
+    entry, file = tmp_path / "entry.png", tmp_path / "file.png"
+    for path in (entry, file):
+        Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(path, dpi=(25400 / 4, 25400 / 4))  # 4 µm/px
+    slides = [str(entry), str(file)]
+    with pytest.raises(Pdl1Error) as err:
+        check_slide_resolution(
+            slides, input_mpp=0.5, slide_mpp={str(entry): 4.0}, reader="segmentation training", labelled=True
+        )
+    lines = str(err.value).splitlines()
+    assert "as mpp" not in str(err.value)
+    assert "set the image's pixel size in QuPath (Image tab: Pixel width/height)" in lines[1]
+    assert lines[2].startswith(f"  {file}: ") and "save it as a TIFF whose resolution tags state" in lines[2]

@@ -34,6 +34,7 @@ from inference.models.manifest import (
 from inference.slides.slide import MppAdvice, header_mpp, require_resolution
 from inference.training.anchor import WeightAnchor, freeze_batchnorm
 from inference.training.distill import Distiller
+from inference.training.labels import labelled_mpp_advice
 from inference.training.report import HISTORY_FILE
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ def check_slide_resolution(
     slide_mpp: Mapping[str, float],
     reader: str,
     mpp_advice: MppAdvice | None = None,
+    labelled: bool = False,
 ) -> None:
     """Refuse, before any slide is read, every training or validation slide that cannot be read at ``input_mpp``
     (the model's): a file missing or unreadable, one that states no plausible pixel size, or one too coarse
@@ -114,13 +116,18 @@ def check_slide_resolution(
     its header alone is read (:func:`~inference.slides.slide.header_mpp`). Found as each slide was read, a training
     slide ended the run after those before it were read, and a validation slide was scored enlarged after training;
     all are named in one error, so they can be fixed together. ``mpp_advice``: how the caller's user gives a slide's
-    µm/px (:func:`~inference.slides.slide.open_slide`'s).
+    µm/px (:func:`~inference.slides.slide.open_slide`'s); ``labelled``: the slides are a lab's, whose advice says
+    where each one's pixel size is set (:func:`~inference.training.labels.labelled_mpp_advice`) unless
+    ``mpp_advice`` is given.
     """
     errors = []
     for path in slides:
+        advice = mpp_advice
+        if advice is None and labelled:
+            advice = labelled_mpp_advice(from_project=path in slide_mpp)
         try:
-            mpp = header_mpp(path, mpp=slide_mpp.get(path), mpp_source="QuPath project", mpp_advice=mpp_advice)
-            require_resolution(mpp, input_mpp, reader=reader, path=path, mpp_advice=mpp_advice)
+            mpp = header_mpp(path, mpp=slide_mpp.get(path), mpp_source="QuPath project", mpp_advice=advice)
+            require_resolution(mpp, input_mpp, reader=reader, path=path, mpp_advice=advice)
         except Pdl1Error as err:
             errors.append(err)
     raise_together(errors, f"{len(errors)} of {len(slides)} slides cannot be read for {reader}, so none was:")

@@ -95,6 +95,30 @@ class SlideLabels:
         return len(self.points_class) > 0
 
 
+def labelled_mpp_advice(from_project: bool) -> MppAdvice:
+    """How whoever labelled a slide corrects its pixel size, for the messages of a slide that states an implausible
+    one or one too coarse for the model (:data:`~inference.slides.slide.MppAdvice`): training takes no pixel size of
+    its own, so the library's "pass ... as mpp" names an argument nobody can give. ``from_project``: the pixel size
+    is its QuPath project's (the slide's ``SlideLabels.mpp``), else its file's own.
+
+    >>> labelled_mpp_advice(True)("0.5")[:52]
+    "set the image's pixel size in QuPath (Image tab: Pix"
+    """
+
+    def advice(value: str) -> str:
+        if from_project:
+            return (
+                f"set the image's pixel size in QuPath (Image tab: Pixel width/height) to {value} and save the project"
+            )
+        return (
+            f"a slide given with a labels file is read at its file's own pixel size: save it as a TIFF whose "
+            f"resolution tags state {value}, or train from its QuPath project with the pixel size set there (Image "
+            "tab: Pixel width/height)"
+        )
+
+    return advice
+
+
 def open_labelled_slide(labels: SlideLabels, *, mpp_advice: MppAdvice | None = None) -> Slide:
     """The slide of ``labels``, at the pixel size its project states (``labels.mpp``), else at its file's own.
 

@@ -355,6 +355,7 @@ def train_nuclei(
         slide_mpp=config.slide_mpp,
         reader="nuclei training",
         mpp_advice=None if labels else PHANTOM_MPP_ADVICE,
+        labelled=bool(labels),
     )
     if labels:
         data = [

@@ -224,13 +224,15 @@ def check_seg_slides(
     """Every training and validation slide of a segmentation run readable at ``input_mpp``, checked from its header
     before any slide is read (:func:`~inference.training.cyclic.check_slide_resolution`): :func:`train_segmentation`
     checks them first, and a caller that pseudo-labels slides before training (``pdl1 train seg``) checks them
-    before that. ``phantoms``: the slides are phantoms with truth (their advice is :data:`PHANTOM_MPP_ADVICE`)."""
+    before that. ``phantoms``: the slides are phantoms with truth (their advice is :data:`PHANTOM_MPP_ADVICE`),
+    else a lab's labelled slides."""
     check_slide_resolution(
         slides,
         input_mpp=input_mpp,
         slide_mpp=slide_mpp,
         reader="segmentation training",
         mpp_advice=PHANTOM_MPP_ADVICE if phantoms else None,
+        labelled=not phantoms,
     )
 
 

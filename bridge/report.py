@@ -64,7 +64,17 @@ from bridge.targets import (
     targets_review_reasons,
     write_target_table,
 )
-from inference import MIN_TUMOUR_NUCLEI, Pdl1Error, cps_text, demo_model_checksums, open_slide, tps_text
+from inference import (
+    INSUFFICIENT,
+    MIN_TUMOUR_NUCLEI,
+    Pdl1Error,
+    cps_shown,
+    cps_text,
+    demo_model_checksums,
+    open_slide,
+    tps_range_text,
+    tps_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +95,7 @@ COLUMNS = (
     "tps_percent",
     "tps_category",
     "cps",
+    "cps_category",
     "positive_area_pct",
     "uncertainty_flag",
     "review_reasons",
@@ -683,6 +694,7 @@ def _write(
                 "tps_low": _details(s).get("tps_low"),
                 "tps_high": _details(s).get("tps_high"),
                 "cps": s.get("cps"),
+                "cps_category": _image_cps_category(s),
                 "review_reasons": "; ".join(_review_reasons(s, targets)),
                 "positive_area_pct": s.get("positive_area_pct"),
                 "uncertainty_flag": int(bool(s.get("uncertainty_flag"))),
@@ -892,6 +904,15 @@ def _fmt_cps(value: float | None) -> str:
     return "n/a" if not isinstance(value, int | float) or isinstance(value, bool) else cps_text(value)
 
 
+def _image_cps_category(s: dict) -> str | None:
+    """An IHC image's CPS category (``insufficient tumour cells``, :func:`inference.cps_category`) from its summary
+    (or its row of the report):
+    its TPS's where that is insufficient, the CPS's denominator being the TPS's tumour cells (an image's over its
+    targets too: both from the summed cells). None on H&E, and for a summary without a CPS."""
+    ihc = s.get("stain") == "H-DAB" and "cps" in s
+    return INSUFFICIENT if ihc and s.get("tps_category") == INSUFFICIENT else None
+
+
 def _fmt3(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -900,14 +921,15 @@ def _tps_row(r: dict) -> str:
     analysed = _analysed(r.get("targets", []))
     if len(analysed) > 1:  # the image's score from the targets' summed cells; the members' range is the first one's
         spread = f"; over the {len(analysed)} analysed {_kind(analysed)}, from their summed tumour cells"
-    elif r["tps_low"] is None:
+    elif r["tps_low"] is None or r["tps_high"] is None:
         spread = ""
     else:
-        spread = f"; members {_fmt_tps(r['tps_low'])}-{_fmt_tps(r['tps_high'])}%"
+        # Where the range crosses a cut-off, and where the ensemble's TPS lies outside it (tps_range_text).
+        spread = f"; members {tps_range_text(r['tps_low'], r['tps_high'], percent=r['tps_percent'])}"
     if r["stain"] == "H-DAB":
         return (
             f"<tr><th>TPS (PD-L1 IHC)</th><td>{_fmt_tps(r['tps_percent'])}% ({_fmt(r['tps_category'])}"
-            f"{spread})</td></tr><tr><th>CPS</th><td>{_fmt_cps(r['cps'])}</td></tr>"
+            f"{spread})</td></tr><tr><th>CPS</th><td>{cps_shown(_fmt_cps(r['cps']), _image_cps_category(r))}</td></tr>"
         )
     return (
         f"<tr><th>Predicted TPS (H&amp;E)</th><td>{_fmt_tps(r['tps_percent'])}% "
@@ -1096,7 +1118,7 @@ def _targets_html(r: dict) -> str:
             f"<tr{row_class}><td>{html.escape(label)}</td>{kind}"
             f"<td>{_fmt_tps(t.tps_percent)}</td><td>{_fmt(t.tps_category)}</td>"
             f"<td{cells_class}>{cells}</td>"
-            + (f"<td>{_fmt_cps(t.cps_percent)}</td>" if ihc else "")
+            + (f"<td>{cps_shown(_fmt_cps(t.cps_percent), t.cps_category)}</td>" if ihc else "")
             + f"<td>{verdict}</td></tr>"
         )
     return (

@@ -105,12 +105,14 @@ from bridge.targets import (
     write_target_table,
 )
 from inference import (
+    Cps,
     Models,
     Pdl1Error,
     PipelineConfig,
     SlideResult,
     __version__,
     analyse_slide,
+    cps_category,
     cps_text,
     is_finite_number,
     tps_text,
@@ -248,6 +250,10 @@ def run_mpp_advice(value: str) -> str:
     )
 
 
+# A CPS's category, written only where it has one: "insufficient tumour cells" (fewer than 100 tumour cells).
+CPS_CATEGORY_KEY = "PD-L1 CPS category"
+
+
 def tps_metadata_keys(stain: str) -> tuple[str, str]:
     """The entry metadata keys of the TPS and its category: measured on an IHC, predicted on an H&E."""
     if stain == "H-DAB":
@@ -259,6 +265,13 @@ def _cps_text(percent: float | None) -> str:
     """A CPS as entry metadata holds it (:func:`inference.cps_text`: one decimal, more where one would carry it to a
     whole number, a cut-off, it lies below; empty where there is none), as the Groovy scripts write it."""
     return "" if percent is None else cps_text(percent)
+
+
+def _cps_metadata(cps: Cps) -> dict[str, str]:
+    """A CPS's entry metadata: ``PD-L1 CPS``, and ``PD-L1 CPS category`` where it has one (under 100 tumour cells,
+    ``insufficient tumour cells``, as the TPS's category beside it; :func:`inference.cps_category`)."""
+    category = cps_category(cps.tumour)
+    return {"PD-L1 CPS": _cps_text(cps.percent), **({CPS_CATEGORY_KEY: category} if category else {})}
 
 
 def _tps_text(percent: float | None) -> str:
@@ -279,7 +292,7 @@ def entry_metadata(result: SlideResult) -> dict[str, str]:
         "PD-L1 run": result.run_id,
     }
     if result.cps is not None:
-        out["PD-L1 CPS"] = _cps_text(result.cps.percent)
+        out |= _cps_metadata(result.cps)
     if result.stain != "H&E":
         out["PD-L1 stain"] = result.stain
     return out
@@ -292,6 +305,7 @@ RUN_METADATA_KEYS = (
     *tps_metadata_keys("H-DAB"),
     *tps_metadata_keys("H&E"),
     "PD-L1 CPS",
+    CPS_CATEGORY_KEY,
     "PD-L1 stain",
     "PD-L1 model",
     "PD-L1 run",
@@ -1678,7 +1692,8 @@ def merge_entry_metadata(
     meta[percent_key] = _tps_text(tps.percent)
     meta[category_key] = tps.category
     if cps is not None:
-        meta["PD-L1 CPS"] = _cps_text(cps.percent)
+        meta.pop(CPS_CATEGORY_KEY, None)  # the last part's: the summed cells may be enough
+        meta |= _cps_metadata(cps)
     return meta
 
 

@@ -22,7 +22,7 @@ from shapely.geometry.base import BaseGeometry
 from bridge.atomic import replace_atomically
 from bridge.project import review_reason_text
 from bridge.qupath_geojson import QuPathObject, from_feature, to_feature, validate_feature
-from inference import cps_text, is_finite_number, tps_text
+from inference import cps_category, cps_text, is_finite_number, tps_text
 
 T = TypeVar("T")
 
@@ -95,8 +95,8 @@ def core_label(name: str | None, index: int) -> str:
 class TargetRow:
     """One analysed target of an image (or a TMA core left alone as missing): a row of ``targets.csv``.
 
-    ``tumour_cells``: the tumour nuclei the TPS counts (under 100 is a review reason and the category
-    "insufficient tumour cells"). ``cps_percent``: PD-L1 IHC only. ``review_reasons``: each with value and limit.
+    ``tumour_cells``: the tumour nuclei the TPS and the CPS count (under 100 is a review reason and the category
+    "insufficient tumour cells" of both). ``cps_percent``: IHC only. ``review_reasons``: each with value and limit.
     ``outline``: the annotation's or core's ROI in level-0 px, for the report's thumbnail (not a column of
     ``targets.csv``); None for a whole image, and in summaries written before outlines were kept.
 
@@ -132,6 +132,14 @@ class TargetRow:
     # QuPath's ID of the annotation or core, where it was read from an export (pdl1_import_results.groovy finds it by
     # it); None through QuPath, for a whole image, and in summaries written before.
     object_id: str | None = None
+
+    @property
+    def cps_category(self) -> str | None:
+        """The CPS's category (a PD-L1 IHC's): ``insufficient tumour cells`` under 100 tumour cells, as its TPS's
+        (:func:`inference.cps_category`), else None; a column of ``targets.csv`` beside ``cps_percent``."""
+        if self.stain != "H-DAB" or self.state != "analysed" or self.tumour_cells is None:
+            return None
+        return cps_category(self.tumour_cells)
 
 
 def analysed_row(
@@ -373,6 +381,7 @@ COLUMNS = (
     "tps_category",
     "tumour_cells",
     "cps_percent",
+    "cps_category",
     "needs_review",
     "review_reasons",
 )

@@ -385,7 +385,8 @@ def otherSeries = { server ->
 // keeps the two equal). A list, not every "PD-L1 ..." key: a pathologist's own "PD-L1 TPS (manual)" stays, and so
 // do the "PD-L1 review ..." keys of `pdl1 review-queue`.
 def RUN_METADATA_KEYS = ["PD-L1 TPS %", "PD-L1 TPS category", "PD-L1 Predicted TPS % (H&E)",
-        "PD-L1 Predicted TPS category (H&E)", "PD-L1 CPS", "PD-L1 stain", "PD-L1 model", "PD-L1 run"]
+        "PD-L1 Predicted TPS category (H&E)", "PD-L1 CPS", "PD-L1 CPS category", "PD-L1 stain", "PD-L1 model",
+        "PD-L1 run"]
 // Entry metadata: the entry's own map where it has one (QuPath 0.6+: getMetadata() returns it, mutable),
 // else putMetadataValue and removeMetadataValue (0.4.4 and 0.5; deprecated since 0.6). This tool's keys that an
 // earlier run wrote and this run has not are removed first (bridge/run.py: stale_entry_metadata): after the stain
@@ -459,6 +460,10 @@ def mergeEntryMetadata = { List parts ->
     if (counts.every { it.containsKey("immune_positive") }) {
         long immune = counts.sum { it.immune_positive as long } as long
         meta.put("PD-L1 CPS", total == 0 ? "" : cpsText(Math.min(100.0d, 100.0d * (positive + immune) / total)))
+        // The CPS's category where it has one (bridge/run.py: _cps_metadata): the last part's may not hold.
+        meta.remove("PD-L1 CPS category")
+        if (total < MIN_TUMOUR_CELLS)
+            meta.put("PD-L1 CPS category", "insufficient tumour cells")
     }
     return meta
 }
@@ -506,7 +511,8 @@ def chooseTargets = { List selected, List annotations, List cores, Closure isMis
     return [source: "whole image", targets: [], missing: []]
 }
 // One target's score for the log, from its result's metadata (bridge/run.py: entry_metadata): ", TPS 12.0% (1-49%)",
-// the predicted TPS on H&E, the CPS too on an IHC; "" without nuclei. Each core's is its own (the entry's is merged).
+// the predicted TPS on H&E, the CPS too on an IHC (with its category under 100 tumour cells, as the TPS's: ", CPS 12.5
+// (insufficient tumour cells)"); "" without nuclei. Each core's is its own (the entry's is merged).
 def targetScore = { Map metadata ->
     def ihc = metadata.containsKey("PD-L1 TPS %")
     def percent = metadata.get(ihc ? "PD-L1 TPS %" : "PD-L1 Predicted TPS % (H&E)")
@@ -514,7 +520,9 @@ def targetScore = { Map metadata ->
         return ""
     def category = metadata.get(ihc ? "PD-L1 TPS category" : "PD-L1 Predicted TPS category (H&E)")
     def cps = metadata.get("PD-L1 CPS")
-    return ", ${ihc ? 'TPS' : 'predicted TPS (H&E)'} ${percent}% (${category})${cps ? ', CPS ' + cps : ''}".toString()
+    def cpsCategory = metadata.get("PD-L1 CPS category")  // under 100 tumour cells, as the TPS's (bridge: cps_shown)
+    def cpsShown = cps ? ", CPS ${cps}${cpsCategory ? ' (' + cpsCategory + ')' : ''}" : ""
+    return ", ${ihc ? 'TPS' : 'predicted TPS (H&E)'} ${percent}% (${category})${cpsShown}".toString()
 }
 // A number as Python writes f"{value:.3g}": three significant digits, no trailing zeros ("57", "0.0932", "1.23e+04").
 // Gson reads every JSON number as a Double, and the log said "(57.0, limit 100.0)".

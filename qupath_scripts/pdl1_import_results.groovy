@@ -43,7 +43,8 @@ def TARGET_OBJECTS_FOLDER = "target_objects"
 // keeps the two equal). A list, not every "PD-L1 ..." key: a pathologist's own "PD-L1 TPS (manual)" stays, and so
 // do the "PD-L1 review ..." keys of `pdl1 review-queue`.
 def RUN_METADATA_KEYS = ["PD-L1 TPS %", "PD-L1 TPS category", "PD-L1 Predicted TPS % (H&E)",
-        "PD-L1 Predicted TPS category (H&E)", "PD-L1 CPS", "PD-L1 stain", "PD-L1 model", "PD-L1 run"]
+        "PD-L1 Predicted TPS category (H&E)", "PD-L1 CPS", "PD-L1 CPS category", "PD-L1 stain", "PD-L1 model",
+        "PD-L1 run"]
 // Entry metadata: the entry's own map where it has one (QuPath 0.6+: getMetadata() returns it, mutable),
 // else putMetadataValue and removeMetadataValue (0.4.4 and 0.5; deprecated since 0.6). This tool's keys that an
 // earlier run wrote and this run has not are removed first (bridge/run.py: stale_entry_metadata): after the stain

@@ -659,6 +659,24 @@ def test_the_closing_table_tells_apart_entries_sharing_a_name_and_prints_bracket
     assert "a[1].svs (entry 2): bad [models] section in C:[/x]/pdl1-config.toml" in " ".join(captured.err.split())
 
 
+def test_the_closing_table_says_a_cps_of_under_100_tumour_cells_is_insufficient_as_its_tps(capsys):
+    # The TPS's category column said "insufficient tumour cells"; the CPS of the same 40 cells was a plain number.
+    from bridge.cli.common import outcome_table
+    from bridge.run import ImageOutcome
+    from inference import INSUFFICIENT
+
+    outcome_table(
+        [
+            ImageOutcome("1", "few.svs", "done", 1.0, 10.0, INSUFFICIENT, cps_percent=15.0, stain="H-DAB"),
+            ImageOutcome("2", "many.svs", "done", 1.0, 5.0, "1-49%", cps_percent=8.0, stain="H-DAB"),
+        ]
+    )
+    said = [" ".join(line.replace("│", " ").split()) for line in capsys.readouterr().out.splitlines()]
+    few = " ".join(line for line in said if "few.svs" in line or "cells)" in line)
+    assert "15.0 (insufficient" in few and few.count("insufficient") == 2, said
+    assert any(line.startswith("many.svs done H-DAB 5.0 1-49% 8.0 ") for line in said), said
+
+
 def test_an_image_without_a_pixel_size_is_told_of_mpp_in_each_callers_words(tmp_path):
     # The library's messages advised --mpp, an option of `pdl1 run`, to every caller of analyse_slide (a Python
     # user has none); `pdl1 run` passes its own advice, as the service passes its clients'.

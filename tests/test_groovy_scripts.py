@@ -931,6 +931,22 @@ MERGE_CASES = [
         ],
     ),
     ("H-DAB", [{"tumour_positive": 1, "tumour_negative": 199, "immune_positive": 0}]),
+    # Under 100 tumour cells each, 110 summed: no CPS category (the last one's "insufficient tumour cells" goes).
+    (
+        "H-DAB",
+        [
+            {"tumour_positive": 30, "tumour_negative": 40, "immune_positive": 5},
+            {"tumour_positive": 10, "tumour_negative": 30, "immune_positive": 2},
+        ],
+    ),
+    # 65 summed: the CPS's category is "insufficient tumour cells", as the TPS's.
+    (
+        "H-DAB",
+        [
+            {"tumour_positive": 3, "tumour_negative": 7, "immune_positive": 1},
+            {"tumour_positive": 5, "tumour_negative": 50, "immune_positive": 2},
+        ],
+    ),
 ]
 
 
@@ -966,6 +982,8 @@ for (parts in cases)
     assert merged == [merge_entry_metadata(parts) for parts in cases]
     assert merged[0]["PD-L1 Predicted TPS % (H&E)"] == "33.3" and merged[1]["PD-L1 Predicted TPS % (H&E)"] == "0.2"
     assert merged[5]["PD-L1 TPS %"] == "31.0" and merged[5]["PD-L1 CPS"] == "76.5"
+    assert "PD-L1 CPS category" not in merged[5] and "PD-L1 CPS category" not in merged[7]
+    assert merged[8]["PD-L1 CPS category"] == merged[8]["PD-L1 TPS category"] == "insufficient tumour cells"
 
 
 @needs_groovy
@@ -1059,7 +1077,7 @@ def test_the_log_names_each_targets_own_score(tmp_path):
     )
     assert run_groovy(tmp_path, driver) == [
         [", predicted TPS (H&E) 30.0% (1-49%)"],
-        [", TPS 5.0% (insufficient tumour cells), CPS 15.0"],
+        [", TPS 5.0% (insufficient tumour cells), CPS 15.0 (insufficient tumour cells)"],  # the CPS's 40 cells too
         [""],
     ]
     assert "${targetScore(pdl1.get('metadata'))}" in ANALYZE.read_text()

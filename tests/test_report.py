@@ -822,6 +822,53 @@ def test_an_ihc_tma_core_beside_a_missing_one_and_names_of_user_text(tmp_path):
     assert "the first target" not in page and "The overlay shows" not in page
 
 
+def test_a_cps_of_under_100_tumour_cells_is_reported_as_insufficient_as_its_tps_is(tmp_path):
+    # The TPS of a core of 40 tumour cells read "insufficient tumour cells"; the CPS beside it was a plain "15.0", in
+    # the image's lines, the per-target table and report.csv alike.
+    import csv
+
+    few = {"stain": "H-DAB", "tps_category": "insufficient tumour cells", "tumour_cells": 40}
+    targets = [
+        _core("A-1", **few, tps_percent=10.0, cps_percent=15.0),
+        _core("A-2", stain="H-DAB", tps_percent=5.0, tps_category="1-49%", tumour_cells=120, cps_percent=8.0),
+    ]
+    image = {"stain": "H-DAB", "tps_percent": 6.25, "tps_category": "1-49%", "cps": 9.4}
+    html_path, csv_path = write_report(_tma_project(tmp_path / "core", targets, **image))
+    rows = _section_table(html_path.read_text())
+    assert "<td>10.0</td><td>insufficient tumour cells</td>" in rows[0]
+    assert "<td>15.0 (insufficient tumour cells)</td>" in rows[0] and "<td>8.0</td>" in rows[1]
+    (line,) = csv.DictReader(csv_path.open(encoding="utf-8"))
+    assert (line["cps"], line["cps_category"]) == ("9.4", "")  # the image's 160 cells are enough
+    one = {"stain": "H-DAB", "tps_percent": 10.0, "tps_category": "insufficient tumour cells", "cps": 15.0}
+    html_path, csv_path = write_report(_tma_project(tmp_path / "image", [], **one))
+    page = html_path.read_text()
+    assert "<th>TPS (PD-L1 IHC)</th><td>10.0% (insufficient tumour cells)" in page
+    assert "<th>CPS</th><td>15.0 (insufficient tumour cells)</td>" in page
+    (line,) = csv.DictReader(csv_path.open(encoding="utf-8"))
+    assert (line["cps"], line["cps_category"]) == ("15.0", "insufficient tumour cells")  # the number stays a number
+
+
+@pytest.mark.parametrize(
+    ("tps", "low", "high", "shown"),
+    [
+        # The members' range across the 50 % cut-off, under the review rule's share of members: said nowhere.
+        (48.0, 45.1, 52.3, "48.0% (1-49%; members 45.1-52.3%, either side of 50%)"),
+        (0.9, 0.6, 1.3, "0.9% (&lt;1%; members 0.6-1.3%, either side of 1%)"),
+        # The ensemble's TPS (from its mean map) outside its members' own (each from its map): read as an interval.
+        (44.0, 41.2, 43.5, "44.0% (1-49%; members 41.2-43.5%; the ensemble's TPS is above all of them)"),
+        (12.0, 10.0, 14.0, "12.0% (1-49%; members 10.0-14.0%)"),
+    ],
+)
+def test_the_members_range_of_a_predicted_tps_says_where_it_crosses_a_cut_off_or_misses_the_tps(
+    tmp_path, tps, low, high, shown
+):
+    from inference import tps_category
+
+    summary = {"tps_percent": tps, "tps_category": tps_category(tps), "details": {"tps_low": low, "tps_high": high}}
+    page = write_report(_tma_project(tmp_path, [], **summary))[0].read_text()
+    assert f"<th>Predicted TPS (H&amp;E)</th><td>{shown}; a prediction from morphology" in page
+
+
 def test_annotations_sharing_a_name_are_numbered_and_one_annotation_gets_no_table(tmp_path):
     from shapely.geometry import box, mapping
 
@@ -850,7 +897,7 @@ def test_a_summary_written_before_targets_were_listed_is_reported_as_before(tmp_
     # The report folder's targets.csv: its header, no rows (nothing is made up for the image).
     assert (html_path.parent / "targets.csv").read_text().splitlines() == [
         "image,entry_id,target,target_type,state,stain,tps_percent,tps_category,tumour_cells,cps_percent,"
-        "needs_review,review_reasons,last_run_failed"
+        "cps_category,needs_review,review_reasons,last_run_failed"
     ]
 
 

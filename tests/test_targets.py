@@ -163,6 +163,8 @@ def test_the_target_table_has_a_row_per_core_with_its_own_score_and_the_missing_
         ("", "", "", ""),
         ("H-DAB", "15.0", "1", "few tumour cells (40, limit 100)"),
     ]
+    # A CPS of 40 tumour cells: the number kept, its category beside it as the TPS's (it read as a plain "15.0").
+    assert [r["cps_category"] for r in table] == ["", "", "insufficient tumour cells"]
     assert [p.name for p in path.parent.iterdir()] == ["targets.csv"]  # written aside and renamed: no .part left
 
 
@@ -329,3 +331,33 @@ def test_a_cps_is_never_shown_rounded_up_to_a_whole_number_a_cut_off_is_read_at(
     for value, shown in ((9.96, "9.96"), (0.952, "0.95"), (19.96, "19.96"), (52.749, "52.7"), (10.0, "10.0")):
         assert csv_cell(value, cps=True) == _cps_text(value) == _fmt_cps(value) == shown
     assert csv_cell(9.96) == "10.0"  # any other number: one decimal
+
+
+def test_a_cps_from_under_100_tumour_cells_says_so_wherever_its_tps_does():
+    # The TPS of 40 tumour cells read "insufficient tumour cells" in the entry metadata, targets.csv, the report and
+    # the run's table; the CPS of the same cells was a plain "15.0" beside it (a CPS too needs 100 tumour cells).
+    from bridge.report import _image_cps_category
+    from bridge.run import CPS_CATEGORY_KEY, RUN_METADATA_KEYS, entry_metadata, merge_entry_metadata, metadata_counts
+    from inference import INSUFFICIENT, cps_category, cps_shown
+
+    def meta(positive, negative, immune):
+        result = _result(positive, negative, stain="H-DAB", immune=immune)
+        result.run_id, result.seg_model, result.nuclei_model = "r", None, None
+        return entry_metadata(result), metadata_counts(result)
+
+    few, enough = meta(4, 36, 2), meta(60, 40, 9)
+    assert few[0]["PD-L1 CPS"] == "15.0" and few[0][CPS_CATEGORY_KEY] == INSUFFICIENT == few[0]["PD-L1 TPS category"]
+    assert enough[0]["PD-L1 CPS"] == "69.0" and CPS_CATEGORY_KEY not in enough[0]  # a CPS has no category else
+    assert CPS_CATEGORY_KEY in RUN_METADATA_KEYS  # a re-run with enough cells removes an earlier run's
+    # Several annotations: the category of the summed cells, not the last annotation's.
+    assert CPS_CATEGORY_KEY not in merge_entry_metadata([enough, few])  # 140 cells, the last one's 40
+    assert merge_entry_metadata([few, meta(5, 20, 0)])[CPS_CATEGORY_KEY] == INSUFFICIENT  # 65 cells
+    assert cps_category(99) == INSUFFICIENT and cps_category(100) is None
+    assert cps_shown("15.0", INSUFFICIENT) == "15.0 (insufficient tumour cells)" and cps_shown("69.0", None) == "69.0"
+    row = analysed_row("ihc.svs", "1", "A-1", "TMA core", _result(4, 36, stain="H-DAB", immune=2))
+    assert row.cps_category == INSUFFICIENT and row.tps_category == INSUFFICIENT
+    assert analysed_row("he.svs", "1", "A-1", "TMA core", _result(4, 36)).cps_category is None  # an H&E has no CPS
+    ihc = {"stain": "H-DAB", "cps": 15.0}
+    assert _image_cps_category(ihc | {"tps_category": INSUFFICIENT}) == INSUFFICIENT
+    assert _image_cps_category(ihc | {"tps_category": "1-49%"}) is None
+    assert _image_cps_category({"stain": "H&E", "cps": None, "tps_category": INSUFFICIENT}) is None

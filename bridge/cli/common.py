@@ -269,7 +269,7 @@ def outcome_table(outcomes, *, batch: int | None = None) -> None:
 
     from bridge.project import alike
     from bridge.review_advice import RUN_STAIN_FIX, review_advice
-    from inference import cps_text, tps_text
+    from inference import INSUFFICIENT, cps_shown, cps_text, tps_text
 
     table = Table(title="pdl1 run")
     columns = ("image", "state", "stain", "TPS %", "category", "positive area %", "uncertainty", "candidates", "time s")
@@ -293,6 +293,13 @@ def outcome_table(outcomes, *, batch: int | None = None) -> None:
         outcomes = [o for o in outcomes if o.state != "skipped"]
     else:
         skipped = []
+
+    def cps_cell(o) -> str:
+        # Under 100 tumour cells with its category, as the TPS's category column says (the TPS's cells are the CPS's).
+        if o.cps_percent is None:
+            return ""
+        return cps_shown(cps_text(o.cps_percent), INSUFFICIENT if o.tps_category == INSUFFICIENT else None)
+
     for o in outcomes:
 
         def num(v, fmt=".1f"):
@@ -316,7 +323,7 @@ def outcome_table(outcomes, *, batch: int | None = None) -> None:
             stain,
             tps,
             o.tps_category or "",
-            *([] if not ihc else ["" if o.cps_percent is None else cps_text(o.cps_percent)]),
+            *([] if not ihc else [cps_cell(o)]),
             num(o.positive_area_pct),
             flag,
             num(o.candidates, "d"),

@@ -433,7 +433,7 @@ def eval_tps(
     slides = distinct_paths(slides, done="scored once")  # a glob and one of its files: counted once in the means
     from rich.table import Table
 
-    from inference import Models, load_truth, tps_text, tumour_proportion_score
+    from inference import Models, load_truth, tps_range_text, tps_text, tumour_proportion_score
 
     out = stdout()
     try:
@@ -472,7 +472,7 @@ def eval_tps(
                 tps_text(truth["tps_percent"]),
                 tps_text(r.tps.percent),
                 f"{err:.1f}",
-                "n/a" if low is None else f"{tps_text(low)}-{tps_text(high)}",
+                "n/a" if low is None else tps_range_text(low, high, percent=r.tps.percent),
                 "yes" if within else "no",
                 "right" if good else f"WRONG ({r.tps.category})",
                 "; ".join(x["reason"] for x in r.summary.get("review_reasons", [])) or "ok",

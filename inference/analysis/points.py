@@ -14,11 +14,9 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from inference.analysis.tps import tps_category
+# INSUFFICIENT and MIN_TUMOUR_NUCLEI live in inference.analysis.tps (no SciPy there), which a CPS's category uses too.
+from inference.analysis.tps import INSUFFICIENT, MIN_TUMOUR_NUCLEI, tps_category
 from inference.results import Tps
-
-INSUFFICIENT = "insufficient tumour cells"
-MIN_TUMOUR_NUCLEI = 100
 
 
 def gaussian_targets(

@@ -9,6 +9,9 @@ from collections.abc import Callable
 from decimal import ROUND_FLOOR, Decimal
 
 TPS_CUTOFFS_PERCENT = (1.0, 50.0)  # the category boundaries of tps_category
+# A TPS and a CPS need this many viable tumour cells (their denominator); under it either's category is INSUFFICIENT.
+MIN_TUMOUR_NUCLEI = 100
+INSUFFICIENT = "insufficient tumour cells"
 
 
 def tps_category(percent: float) -> str:
@@ -48,6 +51,49 @@ def cps_text(percent: float, *, decimals: int = 1) -> str:
     ['52.7', '10.0', '9.96', '0.95', '19.9996', '100.0']
     """
     return _text_keeping(percent, math.floor, decimals)
+
+
+def cps_category(tumour_cells: int) -> str | None:
+    """A CPS's category: :data:`INSUFFICIENT` under :data:`MIN_TUMOUR_NUCLEI` tumour cells (a CPS, as a TPS, is scored
+    on at least 100 viable tumour cells, its denominator), else None: a CPS has no category of its own here (its
+    cut-offs, 1, 5, 10 or 20, are by indication).
+
+    >>> cps_category(57), cps_category(100)
+    ('insufficient tumour cells', None)
+    """
+    return INSUFFICIENT if tumour_cells < MIN_TUMOUR_NUCLEI else None
+
+
+def cps_shown(text: str, category: str | None) -> str:
+    """A CPS's text (:func:`cps_text`) as a table or a line shows it beside a TPS: with its category in brackets
+    where it has one, as the TPS beside it (``40.0% (insufficient tumour cells)``).
+
+    >>> cps_shown("12.5", cps_category(57)), cps_shown("12.5", None)
+    ('12.5 (insufficient tumour cells)', '12.5')
+    """
+    return f"{text} ({category})" if category else text
+
+
+def tps_range_text(low: float, high: float, *, percent: float | None = None) -> str:
+    """The ensemble members' own TPS, lowest to highest, as text (:func:`tps_text`), saying where the range crosses a
+    cut-off (its members fall in different categories; the review rule flags that only from a share of members on)
+    and where the ensemble's ``percent`` lies outside it: the ensemble calls each cell from its members' mean map,
+    each member from its own, so members positive on different cells can all lie below or above it.
+
+    >>> tps_range_text(45.1, 52.3, percent=48.0)
+    '45.1-52.3%, either side of 50%'
+    >>> tps_range_text(0.8, 52.3)
+    '0.8-52.3%, either side of 1% and 50%'
+    >>> tps_range_text(41.2, 43.5, percent=44.0), tps_range_text(12.0, 12.0, percent=12.0)
+    ("41.2-43.5%; the ensemble's TPS is above all of them", '12.0-12.0%')
+    """
+    text = f"{tps_text(low)}-{tps_text(high)}%"
+    crossed = [f"{c:g}%" for c in TPS_CUTOFFS_PERCENT if low < c <= high]
+    if crossed:
+        text += ", either side of " + " and ".join(crossed)
+    if percent is not None and not low <= percent <= high:
+        text += f"; the ensemble's TPS is {'below' if percent < low else 'above'} all of them"
+    return text
 
 
 def _text_keeping(percent: float, side: Callable[[float], object], decimals: int) -> str:

@@ -184,7 +184,10 @@ def run_batch_ray(
                         qp_session.let_go(found)
                         raise
                     results, rows = qp_session.write(job, config, found, analysed)
-                    outcome = write_image_files(job, config, project, status_folder, results, rows, t0)
+                    repointed = qp_session.repointed.get(job.key)
+                    outcome = write_image_files(
+                        job, config, project, status_folder, results, rows, t0, repointed=repointed
+                    )
                 elif isinstance(found, ExportedTargets):
                     outcome = write_exported(job, config, project, status_folder, found, ray.get(ready[0]), t0)
                 else:

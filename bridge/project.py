@@ -545,16 +545,26 @@ class ImageSearch:
     def __init__(self, folders: tuple[Path, ...] = ()):
         self.folders = tuple(Path(f) for f in folders)
         self._by_name: dict[str, list[Path]] | None = None
+        self._by_case_key: dict[str, list[Path]] = {}
 
-    def matches(self, name: str) -> list[Path]:
+    def matches(self, name: str, *, any_case: bool = False) -> list[Path]:
         """The files called ``name`` (compared in Unicode's NFC: macOS writes names decomposed, Java's URIs and Linux
-        tools composed), each file once however many links lead to it (the first found, by name)."""
+        tools composed), each file once however many links lead to it (the first found, by name).
+
+        Where none is called exactly that, those called so in another case (``case1.svs`` for ``Case1.SVS``): with
+        ``any_case`` (the name is a Windows path's, whose case Windows ignores), or where the file's own folder
+        opens it under ``name`` (a file system that ignores case, as macOS's and Windows' do by default). A name of
+        a Linux or macOS path searched on a file system that tells case names one file: another case is another file.
+        """
         if self._by_name is None:
             self._by_name = {}
             for folder in self.folders:
                 self._index(folder, self.MAX_DEPTH)
+        paths = self._by_name.get(unicodedata.normalize("NFC", name), [])
+        if not paths:
+            paths = [p for p in self._by_case_key.get(_case_key(name), []) if any_case or _opens_as(p, name)]
         found: dict[tuple, Path] = {}
-        for path in self._by_name.get(unicodedata.normalize("NFC", name), []):
+        for path in paths:
             found.setdefault(same_file_key(path), path)
         return list(found.values())
 
@@ -569,8 +579,25 @@ class ImageSearch:
                 continue
             if child.is_file():
                 self._by_name.setdefault(unicodedata.normalize("NFC", child.name), []).append(Path(child.path))
+                self._by_case_key.setdefault(_case_key(child.name), []).append(Path(child.path))
             elif child.is_dir() and depth > 1:
                 self._index(Path(child.path), depth - 1)
+
+
+def _case_key(name: str) -> str:
+    """A file name as a file system that ignores case compares it: in NFC, each character in its simple upper case,
+    as Windows' upcase table maps it (``str.casefold`` made ``straße.svs`` and ``STRASSE.SVS`` one name, two files
+    on Windows).
+
+    >>> _case_key("Case1.svs") == _case_key("CASE1.SVS"), _case_key("straße") == _case_key("STRASSE")
+    (True, False)
+    """
+    return "".join(up if len(up := c.upper()) == 1 else c for c in unicodedata.normalize("NFC", name))
+
+
+def _opens_as(path: Path, name: str) -> bool:
+    """Whether ``path``'s folder opens it under ``name`` too (its file system ignores case)."""
+    return same_file_key(path.with_name(name)) == same_file_key(path)
 
 
 # How a user of a command with --search-dir (pdl1 run, train, export nnunet) finds a moved image: locate_image's
@@ -583,6 +610,23 @@ QUPATH_URI_FIX = (
 )
 
 
+# How find_image found an image (FoundImage.how).
+AT_URI = "at its URI"
+WITH_PROJECT = "where it lies relative to the moved project"
+UNDER_SEARCH_DIR = "under --search-dir"
+BESIDE_PROJECT = "beside the project"
+
+
+@dataclass(frozen=True)
+class FoundImage:
+    """Where :func:`find_image` found an entry's image, and how: :data:`AT_URI` (its name there perhaps spelt
+    otherwise: composed, or in another case), :data:`WITH_PROJECT`, :data:`UNDER_SEARCH_DIR` or
+    :data:`BESIDE_PROJECT`."""
+
+    path: Path
+    how: str
+
+
 def locate_image(
     entry: ProjectEntry,
     *,
@@ -591,11 +635,29 @@ def locate_image(
     search: ImageSearch | None = None,
     find_it: str = SEARCH_DIR_FIX,
 ) -> Path:
-    """The entry's image on this machine, for a project made on a pathologist's PC and opened elsewhere.
+    """The entry's image on this machine, for a project made on a pathologist's PC and opened elsewhere
+    (:func:`find_image`'s path)."""
+    return find_image(
+        entry, project_folder=project_folder, saved_folder=saved_folder, search=search, find_it=find_it
+    ).path
+
+
+def find_image(
+    entry: ProjectEntry,
+    *,
+    project_folder: Path,
+    saved_folder: PurePosixPath | PureWindowsPath | None = None,
+    search: ImageSearch | None = None,
+    find_it: str = SEARCH_DIR_FIX,
+) -> FoundImage:
+    """The entry's image on this machine, and how it was found, for a project made on a pathologist's PC and opened
+    elsewhere.
 
     In this order: its URI; the same place relative to the project, if the project was saved in
     ``saved_folder`` and moved with its slides; the same file name anywhere under ``search``'s folders
-    (refused if two files there share it); the project folder or its parent. A path found elsewhere is
+    (refused if two files there share it); the project folder or its parent. A name is matched exactly (in Unicode's
+    NFC), else, for a project whose URI is a Windows path, in any case (``Case1.SVS`` for ``case1.svs``; two files
+    differing only in case are refused, naming both): see :meth:`ImageSearch.matches`. A path found elsewhere is
     made absolute (symbolic links kept), since it is recorded in the run's summaries. ``find_it``: how the
     caller's user points it at an image found nowhere (:data:`SEARCH_DIR_FIX` for a command with --search-dir).
     """
@@ -604,14 +666,18 @@ def locate_image(
     except ProjectError as err:  # a non-file URI: was named without its entry, and stopped `pdl1 report` whole
         raise ProjectError(f"image of entry {entry.entry_id} ({entry.image_name}): {err}") from err
     which = f"image of entry {entry.entry_id} ({entry.image_name})"
-    here = [Path(str(original))] if (os.name == "nt") == isinstance(original, PureWindowsPath) else []
+    # Windows ignores case in names, so a project made there may name a file in another case than the one it has
+    # here (a scanner's CASE1.SVS copied as case1.svs). A Linux (or macOS) path is matched exactly on a file system
+    # that tells case: there Case1.svs and case1.svs are two slides, and the project named its own.
+    any_case = isinstance(original, PureWindowsPath)
+    here = [(Path(str(original)), AT_URI)] if (os.name == "nt") == any_case else []
     if saved_folder is not None:
         moved = moved_with_project(original, saved_folder, Path(os.path.abspath(project_folder)))
-        here += [] if moved is None else [moved]
-    for place in here:
-        found_here = _file_named(place.parent, place.name)
+        here += [] if moved is None else [(moved, WITH_PROJECT)]
+    for place, how in here:
+        found_here = _file_named(place.parent, place.name, any_case=any_case, which=which)
         if found_here is not None:
-            return found_here if found_here == place else Path(os.path.abspath(found_here))
+            return FoundImage(found_here if found_here == place else Path(os.path.abspath(found_here)), how)
         if place.is_dir():
             raise ProjectError(
                 f"{which} is a folder, {place} (an image QuPath opens as a folder, such as OME-Zarr), which pdl1 "
@@ -620,25 +686,27 @@ def locate_image(
             )
     name = original.name
     search = search or ImageSearch()
-    found = search.matches(name)
+    found = search.matches(name, any_case=any_case)
     if len(found) > 1:
         # Files of one name in several folders (a scanner's per-case folders): the one under the folders the URI
         # names, read from the end, where one alone is.
         score = {path: _folders_in_common(original, path) for path in found}
         best = max(score.values())
         if best > 0 and list(score.values()).count(best) == 1:
-            return Path(os.path.abspath(max(found, key=score.__getitem__)))
+            return FoundImage(Path(os.path.abspath(max(found, key=score.__getitem__))), UNDER_SEARCH_DIR)
+        exactly = all(unicodedata.normalize("NFC", p.name) == unicodedata.normalize("NFC", name) for p in found)
         raise ImageMovedError(
-            f"{which} has moved, and {len(found)} files under --search-dir are called {name}: "
-            f"{', '.join(map(str, found))}, none under more of the folders its URI names ({original.parent}) than the "
-            "others; pass the --search-dir that holds only the right one (or fix the URI in QuPath)"
+            f"{which} has moved, and {len(found)} files under --search-dir are called {name}"
+            f"{'' if exactly else ' but for case'}: {', '.join(map(str, found))}, none under more of the folders its "
+            f"URI names ({original.parent}) than the others; pass the --search-dir that holds only the right one (or "
+            "fix the URI in QuPath)"
         )
     if found:
-        return Path(os.path.abspath(found[0]))
+        return FoundImage(Path(os.path.abspath(found[0])), UNDER_SEARCH_DIR)
     for folder in (project_folder, project_folder.parent):
-        candidate = _file_named(folder, name)
+        candidate = _file_named(folder, name, any_case=any_case, which=which)
         if candidate is not None:
-            return Path(os.path.abspath(candidate))
+            return FoundImage(Path(os.path.abspath(candidate)), BESIDE_PROJECT)
     looked = [*(f"{d} (and below)" for d in search.folders), str(project_folder), str(project_folder.parent)]
     relative = "" if saved_folder is None else " nor at the same place relative to the project,"
     raise ImageMovedError(
@@ -646,23 +714,38 @@ def locate_image(
     )
 
 
-def _file_named(folder: Path, name: str) -> Path | None:
+def _file_named(folder: Path, name: str, *, any_case: bool = False, which: str = "the image") -> Path | None:
     """The file ``name`` in ``folder``, or the one whose name is the same in Unicode's NFC (a name macOS wrote
-    decomposed, given composed in a URI), else None."""
+    decomposed, given composed in a URI), else, with ``any_case`` (a Windows path's name), the one whose name is the
+    same but for case; else None. Two files there that differ only in case are refused (:class:`ImageMovedError`,
+    naming ``which`` and both): neither is more the one a Windows path names."""
     candidate = folder / name
     if candidate.is_file():
         return candidate
     wanted = unicodedata.normalize("NFC", name)
-    if wanted == name and name.isascii():
+    if wanted == name and name.isascii() and not any_case:
         return None  # no other spelling of an ASCII name
     try:
-        names = os.listdir(folder)
+        names = sorted(os.listdir(folder))
     except OSError:  # no such folder, or unreadable: nothing there
         return None
-    for other in sorted(names):
+    for other in names:
         if unicodedata.normalize("NFC", other) == wanted and (folder / other).is_file():
             return folder / other
-    return None
+    if not any_case:
+        return None
+    key = _case_key(name)
+    files: dict[tuple, Path] = {}  # each file once (a link in another case to it is the same file)
+    for other in names:
+        if _case_key(other) == key and (folder / other).is_file():
+            files.setdefault(same_file_key(folder / other), folder / other)
+    alike = list(files.values())
+    if len(alike) > 1:
+        raise ImageMovedError(
+            f"{which}: {len(alike)} files in {folder} are called {name} but for case: {', '.join(map(str, alike))}; "
+            "its project's Windows path, which ignores case, cannot tell which one it is: rename or move the others"
+        )
+    return alike[0] if alike else None
 
 
 def _folders_in_common(original: PurePosixPath | PureWindowsPath, found: Path) -> int:

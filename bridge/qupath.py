@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -38,6 +39,7 @@ from bridge.project import (
     not_a_file_uri,
     qpdata_problem,
     slide_file_problem,
+    uri_to_path,
 )
 from bridge.qupath_geojson import QuPathObject, finite_measurements
 from inference import Pdl1Error
@@ -52,6 +54,8 @@ class QuPathUnavailableError(Pdl1Error, RuntimeError):
 def _paquo() -> dict[str, Any]:
     try:
         from paquo.classes import QuPathPathClass
+        from paquo.images import ImageProvider
+        from paquo.java import URI, JClass
         from paquo.pathobjects import QuPathPathAnnotationObject, QuPathPathDetectionObject, QuPathPathTileObject
         from paquo.projects import QuPathProject
     # paquo raises ValueError("no valid qupath installation found") when it finds none, FileNotFoundError("qupath
@@ -71,6 +75,9 @@ def _paquo() -> dict[str, Any]:
         "annotation": QuPathPathAnnotationObject,
         "detection": QuPathPathDetectionObject,
         "tile": QuPathPathTileObject,
+        "ImageProvider": ImageProvider,
+        "URI": URI,
+        "HashMap": JClass("java.util.HashMap"),
     }
 
 
@@ -616,7 +623,9 @@ def check_saveable(entry: Any) -> None:
 
     paquo's ``entry.save()`` skips, with only a log line, an entry whose image file it cannot find at the
     entry's URI; the run found the image elsewhere (:func:`~bridge.project.locate_image`), analysed it and
-    reported it done while its objects were never written. An entry whose URI paquo does not read as a file (an
+    reported it done while its objects were never written. ``pdl1 run`` first points such an entry at the file it
+    found (:func:`point_entry_at`) where ``--search-dir`` was given or the project moved with its images; the entries
+    it does not point anywhere are refused here. An entry whose URI paquo does not read as a file (an
     OMERO or web server's image; one QuPath makes of several files) is refused naming the entry and the fix, as
     :func:`~bridge.project.uri_to_path` refuses it, not with paquo's own error.
     """
@@ -632,9 +641,94 @@ def check_saveable(entry: Any) -> None:
     if not readable:
         raise ProjectError(
             f"{entry.image_name}: QuPath saves an entry's objects only while its image is where the project says "
-            f"({entry.uri}), and it is not there; open the project in QuPath and point it to the image (it asks "
-            "for moved images when the project opens), or run with --qupath never to write sidecars instead"
+            f"({entry.uri}), and it is not there; run again with --search-dir naming a folder that holds it (the run "
+            "then points the entry at the file it finds there, as QuPath's File > Project... > Check project URIs "
+            "does), or point the entry at it in QuPath yourself, or run with --qupath never to write sidecars instead"
         )
+
+
+@dataclass(frozen=True)
+class UriChange:
+    """A project entry pointed at its image where a run found it (:func:`point_entry_at`): its URI before and
+    after, as QuPath writes them."""
+
+    entry_id: str
+    image_name: str
+    before: str
+    after: str
+
+
+def point_entry_at(entry: Any, image: Path) -> UriChange | None:
+    """Point a project entry at ``image``, its file where the run found it, as QuPath's File > Project... > Check
+    project URIs does; the change, or None where the entry's URI names that file already. The change is QuPath's
+    entry's, in memory: ``project.qpproj`` has it once :func:`save_project` saves it (QuPath writes the file aside and
+    renames it into place), and :func:`put_back_uri` undoes it before then.
+
+    The URI is written as paquo adds an image (``ImageProvider.uri_from_path``: ``file:/abs/path``, links kept as the
+    run found it). What paquo read of the entry is dropped first (:func:`let_go`), and nothing of it may be read
+    before: QuPath builds the image of an entry's data from the URI the entry has when its data is read, and saving
+    that data gives the entry that URI back (DefaultProject ``readImageData``, ``saveImageData``), so a change made
+    after a read was undone by the save. The entry's own ``updateURIs`` (``updateServerURIs`` before QuPath 0.6, as
+    paquo's ``update_image_paths`` calls them; asked of the entry, which a stand-in is too) replaces its one URI:
+    ``update_image_paths`` reads every entry's ``uri`` first, which raises for an image QuPath makes of several files,
+    so one such image anywhere in the project stopped every other from being pointed at its file.
+    """
+    p = _paquo()
+    after = str(p["ImageProvider"].uri_from_path(Path(os.path.abspath(image))))
+    java = entry.java_object
+    uris = list(java.getURIs() if hasattr(java, "getURIs") else java.getServerURIs())
+    if len(uris) != 1:
+        raise ProjectError(_unreadable_uri(entry, ValueError(f"{len(uris)} URIs")))
+    before = str(uris[0].toString())
+    if uri_to_path(before) == uri_to_path(after):
+        return None
+    let_go(entry)
+    if not _replace_uri(entry, uris[0], p["URI"](after)):
+        raise ProjectError(
+            f"{entry.image_name}: QuPath did not change the entry's URI ({before}) to its image's place here "
+            f"({after}); point the entry at it in QuPath (File > Project... > Check project URIs) and save the "
+            "project, or run with --qupath never to write sidecars instead"
+        )
+    change = UriChange(str(entry.entry_id), str(entry.image_name), before, after)
+    if not entry.is_readable():  # what paquo's save asks (check_saveable): never left half-done
+        put_back_uri(entry, change)
+        raise ProjectError(
+            f"{entry.image_name}: pointed at {image}, QuPath's entry still does not read it as a file ({after}); "
+            "point the entry at it in QuPath (File > Project... > Check project URIs) and save the project, or run "
+            "with --qupath never to write sidecars instead"
+        )
+    return change
+
+
+def put_back_uri(entry: Any, change: UriChange) -> None:
+    """Undo :func:`point_entry_at` on an entry whose results were not saved (the project file has not been saved
+    since): the next save of ``project.qpproj`` leaves its URI as it was. What paquo read of it is dropped too."""
+    p = _paquo()
+    let_go(entry)
+    if not _replace_uri(entry, p["URI"](change.after), p["URI"](change.before)):  # said, not raised: a failure's path
+        log.warning(
+            "%s: its URI could not be put back to %s (QuPath's entry no longer has %s); check it in QuPath (File > "
+            "Project... > Check project URIs) before saving the project there",
+            change.image_name,
+            change.before,
+            change.after,
+        )
+
+
+def _replace_uri(entry: Any, before: Any, after: Any) -> bool:
+    """Replace the entry's URI ``before`` with ``after`` (Java URIs, which compare by their parts); whether QuPath
+    changed it. Java's reasons (an IOException) are said as a :class:`~bridge.project.ProjectError`."""
+    replacements = _paquo()["HashMap"]()
+    replacements.put(before, after)
+    java = entry.java_object
+    update = java.updateURIs if hasattr(java, "updateURIs") else java.updateServerURIs
+    try:
+        return bool(update(replacements))
+    except Exception as err:  # Java's exceptions come through JPype as various exceptions
+        raise ProjectError(
+            f"{entry.image_name}: QuPath could not change the entry's URI from {before} to {after} "
+            f"({type(err).__name__}: {err}); point the entry at it in QuPath (File > Project... > Check project URIs)"
+        ) from err
 
 
 def _unreadable_uri(entry: Any, err: Exception) -> str:
@@ -670,6 +764,7 @@ def save_project(project: Any) -> None:
 __all__ = [
     "TILE_NAME",
     "QuPathUnavailableError",
+    "UriChange",
     "add_image",
     "annotation_targets",
     "backup_data",
@@ -681,6 +776,8 @@ __all__ = [
     "let_go",
     "open_project",
     "path_class",
+    "point_entry_at",
+    "put_back_uri",
     "qupath_available",
     "remove_whole_image_analysis",
     "restore_data",

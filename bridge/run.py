@@ -54,6 +54,7 @@ from bridge.objects import (
 from bridge.options import option_setting
 from bridge.project import (
     PDL1_DIR,
+    WITH_PROJECT,
     ImageMovedError,
     ImageSearch,
     ProjectEntry,
@@ -61,7 +62,7 @@ from bridge.project import (
     RunStatus,
     claimed_twice,
     distinct_inputs,
-    locate_image,
+    find_image,
     not_a_folder,
     qpdata_problem,
     read_project,
@@ -137,7 +138,9 @@ class RunConfig:
     the entry metadata key that names each image's case there.
     ``pipeline``: how each image is analysed. ``out``: the results folder of plain slides (a project's are in
     it). ``resume``: leave the images a status file records as done. ``search_dirs``: folders to look for images
-    the project does not find where it says. ``include_tiles``: write the uncertainty tiles.
+    the project does not find where it says; through QuPath, each entry written whose image was found away from its
+    URI (there, or relative to the moved project) is pointed at it first (:func:`bridge.qupath.point_entry_at`).
+    ``include_tiles``: write the uncertainty tiles.
     """
 
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -183,6 +186,9 @@ class _Job:
     image: Path | None
     entry: ProjectEntry | None
     error: Exception | None = None
+    # Whether a run through QuPath points the entry at ``image`` before writing into it: found away from its URI,
+    # where the run was given --search-dir or the project moved with its images (_jobs).
+    repoint: bool = False
 
     @property
     def size_px(self) -> tuple[int, int] | None:
@@ -677,8 +683,14 @@ def _jobs(inputs: list[Path], config: RunConfig) -> tuple[list[_Job], Path | Non
                         f"{entry.image_name}: {entry.not_analysable}, so results would land in the wrong place; add "
                         "the file to the project as it is, or export the image from QuPath as OME-TIFF and add that"
                     )
-                image = locate_image(entry, project_folder=info.folder, saved_folder=info.saved_folder, search=search)
-                jobs.append(_Job(entry.entry_id, entry.image_name, image, entry))
+                found = find_image(entry, project_folder=info.folder, saved_folder=info.saved_folder, search=search)
+                # What QuPath's Check project URIs does, done by a run through QuPath (it saves an entry's objects
+                # only while its image is at its URI): where the user named folders to look in, or where the image
+                # lies as it did relative to the project (the two moved together). A file found beside the project
+                # by its name alone is not taken for the entry's without --search-dir saying where to look.
+                away = str(found.path) != str(entry.path)
+                repoint = away and (bool(config.search_dirs) or found.how == WITH_PROJECT)
+                jobs.append(_Job(entry.entry_id, entry.image_name, found.path, entry, repoint=repoint))
             except Pdl1Error as err:
                 jobs.append(_Job(entry.entry_id, entry.image_name, None, entry, err))
         twice = claimed_twice([(j.entry, j.image) for j in jobs if j.image is not None])
@@ -693,7 +705,8 @@ def _jobs(inputs: list[Path], config: RunConfig) -> tuple[list[_Job], Path | Non
             log.warning(
                 "%d of %d images are not where the project says and were found elsewhere (first: %s at %s; each "
                 "summary.json names the file analysed); QuPath's File > Project... > Check project URIs fixes "
-                "the project",
+                "the project (a run through QuPath does it for each entry it writes, where it was given "
+                "--search-dir or the image moved with the project)",
                 len(elsewhere),
                 len(jobs),
                 elsewhere[0].name,
@@ -1025,7 +1038,8 @@ def failure_message(err: BaseException) -> str:
 def _run_one(job, config, models, project, status_folder, qp_session, on_tiles, t0) -> ImageOutcome:
     if qp_session is not None:
         results, rows = qp_session.analyse_and_write(job, config, models, on_tiles)
-        return write_image_files(job, config, project, status_folder, results, rows, t0)
+        repointed = qp_session.repointed.get(job.key)
+        return write_image_files(job, config, project, status_folder, results, rows, t0, repointed=repointed)
     found = None if project is None else exported_targets_of(job, config, project.parent)
     if found is None:
         results = [job.analyse(models, config, on_tiles)]
@@ -1108,6 +1122,11 @@ def exported_targets_of(job: _Job, config: RunConfig, project_folder: Path) -> E
     return ExportedTargets(found, choice) if choice.targets else None
 
 
+# A summary's provenance key for the entry's URI as the run changed it ({"from": URI, "to": URI}): the image was found
+# elsewhere and the entry pointed at it (bridge.qupath.point_entry_at); absent where the run changed none.
+ENTRY_URI_CHANGED = "entry_uri_changed"
+
+
 def write_image_files(
     job: _Job,
     config: RunConfig,
@@ -1118,15 +1137,20 @@ def write_image_files(
     t0: float,
     *,
     exported: tuple[ExportedEntry, list[tuple[Target, SlideResult]]] | None = None,
+    repointed: Any = None,
 ) -> ImageOutcome:
     """Write an analysed image's GeoJSON and summary (``results``: each analysed target's, in the order of ``rows``'
     analysed ones); its outcome, timed from ``t0`` (``time.perf_counter()``). ``exported``: the export the targets
     were read from and each target with its result, whose objects go to a file of their own for the import
-    (:func:`write_result_files`' ``target_objects``), the export recorded in the summary's provenance."""
+    (:func:`write_result_files`' ``target_objects``), the export recorded in the summary's provenance.
+    ``repointed``: the entry's URI as this run changed it (:class:`bridge.qupath.UriChange`), recorded in the
+    summary's provenance as :data:`ENTRY_URI_CHANGED`."""
     entry_id = job.key if project is not None else None
     result = results[0]
     geojson, summary = output_paths(job.key, project, status_folder)
     summary_data = with_targets(summary_of(result, entry_id=entry_id, run_config=config), results, rows)
+    if repointed is not None:
+        summary_data["provenance"][ENTRY_URI_CHANGED] = {"from": repointed.before, "to": repointed.after}
     target_objects: list[tuple[QuPathObject, SlideResult]] = []
     if exported is not None:
         entry, analysed = exported
@@ -1430,6 +1454,8 @@ class _QuPathSession:
         self._cm = qupath.open_project(project, mode="r+")
         self.project = self._cm.__enter__()
         self._unsaved = 0  # entries written since project.qpproj was last saved
+        # Entry ID -> its URI as this run changed it (point_entry_at), for the entries written: each summary records it
+        self.repointed: dict[str, Any] = {}
         qupath.ensure_classes(self.project)
 
     def _entry(self, entry_id: str):
@@ -1439,19 +1465,31 @@ class _QuPathSession:
         raise ProjectError(f"entry {entry_id} not in the project any more")
 
     def read_targets(self, job: _Job, config: RunConfig) -> EntryTargets:
-        """The entry's targets (:func:`entry_targets`), read after its ``data.qpdata`` is backed up."""
+        """The entry's targets (:func:`entry_targets`), read after its ``data.qpdata`` is backed up.
+
+        An entry whose image the run found elsewhere (``job.repoint``) is first pointed at it
+        (:func:`bridge.qupath.point_entry_at`), before QuPath reads its data: QuPath saves an entry's objects only while
+        its image is at its URI. Put back where the image then fails, so a failed image leaves the project as it was.
+        """
         entry = self._entry(job.key)
+        moved = None
         try:
+            if job.repoint and job.image is not None:
+                moved = self.qp.point_entry_at(entry, job.image)
             # Before QuPath reads the hierarchy: it would read a damaged data.qpdata as an empty one.
             backup = self.qp.backup_data(entry)
-            return EntryTargets(entry, backup, entry_targets(job.name, entry, config, self.qp))
+            return EntryTargets(entry, backup, entry_targets(job.name, entry, config, self.qp), moved)
         except BaseException:
+            if moved is not None:
+                self.qp.put_back_uri(entry, moved)
             self.qp.let_go(entry)
             raise
 
     def let_go(self, found: EntryTargets) -> None:
         """Drop what QuPath read of an entry whose targets will not be written (its image failed):
-        :func:`bridge.qupath.let_go`."""
+        :func:`bridge.qupath.let_go`; and its URI as it was, where this run had pointed it elsewhere."""
+        if found.moved is not None:
+            self.qp.put_back_uri(found.entry, found.moved)
         self.qp.let_go(found.entry)
 
     def analyse_and_write(
@@ -1513,13 +1551,27 @@ class _QuPathSession:
             self.qp.save_entries([entry])
         except BaseException:
             # The metadata too: paquo sets it on QuPath's entry at once, and the next project save wrote the failed
-            # image's TPS into project.qpproj beside its restored objects.
+            # image's TPS into project.qpproj beside its restored objects. So does its URI, where the run changed it.
             _put_back(entry.metadata, metadata_before)
             self.qp.restore_data(entry, found.backup)
+            if found.moved is not None:
+                self.qp.put_back_uri(entry, found.moved)
             raise
         finally:
             # Saved or put back: what QuPath read of it (all its objects, in the JVM) need not last the batch.
             self.qp.let_go(entry)
+        if found.moved is not None:
+            self.repointed[job.key] = found.moved
+            log.warning(
+                "%s (entry %s): pointed at its image where this run found it, %s (the project said %s), as QuPath's "
+                "File > Project... > Check project URIs does; project.qpproj has it once the run saves it (every %d "
+                "images and at its end)",
+                job.name,
+                job.key,
+                found.moved.after,
+                found.moved.before,
+                self.SAVE_PROJECT_EVERY,
+            )
         self._written()
         return [r for _, r in results], rows
 
@@ -1550,6 +1602,7 @@ class EntryTargets:
     entry: Any
     backup: Path | None
     choice: TargetChoice[Target]
+    moved: Any = None  # the entry's URI as pointed at its image here (bridge.qupath.UriChange), to put back on failure
 
     @property
     def rois(self) -> list[BaseGeometry]:

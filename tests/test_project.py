@@ -10,12 +10,15 @@ import pytest
 from bridge.init_project import init_project_files
 from bridge.project import (
     QPDATA_HEADER,
+    UNDER_SEARCH_DIR,
+    WITH_PROJECT,
     ImageMovedError,
     ImageSearch,
     ProjectEntry,
     ProjectError,
     RunStatus,
     claimed_twice,
+    find_image,
     find_project_file,
     locate_image,
     moved_with_project,
@@ -798,6 +801,67 @@ def test_a_name_macos_wrote_decomposed_is_found_by_the_composed_name_of_its_uri(
     assert locate_image(entry, project_folder=tmp_path / "local" / "project") == tmp_path / "local" / decomposed
     here = ProjectEntry("2", composed, path_to_uri(tmp_path / "local" / composed))  # its own folder, named composed
     assert locate_image(here, project_folder=tmp_path / "p") == tmp_path / "local" / decomposed
+
+
+def _ignores_case(folder: Path) -> bool:
+    probe = folder / "CaseProbe"
+    probe.write_bytes(b"")
+    try:
+        return (folder / "caseprobe").exists()
+    finally:
+        probe.unlink()
+
+
+def test_a_windows_projects_name_is_found_in_another_case_and_two_such_files_are_refused(tmp_path):
+    # A project made on Windows names Case1.SVS; the file copied here is case1.svs: it was "no Case1.SVS in ...".
+    windows = ProjectEntry("1", "Case1.SVS", "file:/C:/Scans/Case1.SVS")
+    local = tmp_path / "local"
+    (local / "a").mkdir(parents=True)
+    (local / "a" / "case1.svs").write_bytes(b"x")
+    found = find_image(windows, project_folder=tmp_path / "p", search=ImageSearch((local,)))
+    assert (found.path, found.how) == (local / "a" / "case1.svs", UNDER_SEARCH_DIR)
+    # A Linux path names its file exactly: on a file system that tells case, case1.svs is another slide.
+    linux = ProjectEntry("2", "Case1.SVS", "file:/gone/Case1.SVS")
+    if not _ignores_case(local / "a"):
+        with pytest.raises(ImageMovedError, match=r"no Case1.SVS in "):
+            locate_image(linux, project_folder=tmp_path / "p", search=ImageSearch((local,)))
+    # A file of the exact name is taken over one in another case, with no doubt between them.
+    (local / "b").mkdir()
+    (local / "b" / "Case1.SVS").write_bytes(b"y")
+    assert (
+        locate_image(windows, project_folder=tmp_path / "p", search=ImageSearch((local,))) == local / "b" / "Case1.SVS"
+    )
+    if _ignores_case(local / "a"):
+        return  # two files that differ only in case cannot lie in one folder here
+    # Two files that differ only in case, neither of the exact name: refused, naming both.
+    (local / "b" / "Case1.SVS").unlink()
+    (local / "a" / "CASE1.svs").write_bytes(b"z")
+    refused = (
+        rf"image of entry 1 \(Case1.SVS\) has moved, and 2 files under --search-dir are called Case1.SVS but for case: "
+        rf"{re.escape(str(local / 'a' / 'CASE1.svs'))}, {re.escape(str(local / 'a' / 'case1.svs'))}, none under more"
+    )
+    with pytest.raises(ImageMovedError, match=refused):
+        locate_image(windows, project_folder=tmp_path / "p", search=ImageSearch((local,)))
+
+
+def test_a_windows_study_moved_with_its_slides_finds_a_slide_in_another_case_beside_it(tmp_path):
+    entry = ProjectEntry("1", "Case1.SVS", "file:/C:/Study/slides/Case1.SVS")
+    saved = PureWindowsPath("C:/Study/project")
+    study = tmp_path / "Study"
+    (study / "slides").mkdir(parents=True)
+    (study / "slides" / "case1.svs").write_bytes(b"x")
+    found = find_image(entry, project_folder=study / "project", saved_folder=saved)
+    assert (found.path, found.how) == (study / "slides" / "case1.svs", WITH_PROJECT)
+    if _ignores_case(study / "slides"):
+        return
+    (study / "slides" / "CASE1.SVS").write_bytes(b"y")
+    with pytest.raises(ImageMovedError) as err:
+        find_image(entry, project_folder=study / "project", saved_folder=saved)
+    assert str(err.value) == (
+        f"image of entry 1 (Case1.SVS): 2 files in {study / 'slides'} are called Case1.SVS but for case: "
+        f"{study / 'slides' / 'CASE1.SVS'}, {study / 'slides' / 'case1.svs'}; its project's Windows path, which "
+        "ignores case, cannot tell which one it is: rename or move the others"
+    )
 
 
 def test_one_file_reached_through_a_link_too_is_one_file(tmp_path):

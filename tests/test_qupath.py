@@ -465,6 +465,48 @@ def test_an_entry_of_a_servers_image_fails_alone_named_with_the_fix_not_paquos_e
     assert (failed.state, failed.error) == ("failed", said)
 
 
+def test_an_image_search_dir_finds_elsewhere_has_its_entry_pointed_at_it_and_its_objects_saved(
+    tmp_path, phantom_svs, models
+):
+    # A project whose slide moved since it was made (another machine's folders): QuPath saves an entry's objects only
+    # while its image is at its URI, so the run points the entry at the file --search-dir found, as QuPath's File >
+    # Project... > Check project URIs does, and project.qpproj is saved with it.
+    from paquo.images import ImageProvider
+    from paquo.projects import QuPathProject
+
+    from bridge.project import uri_to_path
+
+    (tmp_path / "made").mkdir()
+    slide = Path(shutil.copy(phantom_svs, tmp_path / "made" / "p1.svs"))
+    project_dir = tmp_path / "qp"
+    init_project_qupath(project_dir, [slide])
+    before = read_project(project_dir).entries[0].uri
+    (tmp_path / "local" / "2026").mkdir(parents=True)
+    now = slide.rename(tmp_path / "local" / "2026" / "p1.svs")
+    config = RunConfig(
+        pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="always", search_dirs=(tmp_path / "local",)
+    )
+    (outcome,) = run_batch([project_dir], config, models=models)
+    assert outcome.state == "done", outcome.error
+    after = ImageProvider.uri_from_path(now)
+    changed = json.loads(Path(outcome.outputs[1]).read_text())["provenance"]["entry_uri_changed"]
+    assert changed["to"] == after and uri_to_path(changed["from"]) == uri_to_path(before)
+    assert uri_to_path(read_project(project_dir).entries[0].uri) == uri_to_path(after)  # project.qpproj saved so
+    with QuPathProject(project_dir, mode="r") as qp:
+        (entry,) = qp.images
+        assert ImageProvider.compare_uris(entry.uri, after) and entry.is_readable()
+        assert entry.metadata["PD-L1 run"] == outcome.run_id
+        annotations = entry.hierarchy.annotations
+        parent = next(a for a in annotations if a.name == "PD-L1 analysis")
+        assert "PD-L1: Positive area %" in parent.measurements
+        assert any(a.path_class is not None and a.path_class.id == "PD-L1 positive" for a in annotations)
+        assert entry.hierarchy.tiles
+    # The image is where the entry says now: a run without --search-dir finds it there and changes nothing.
+    (again,) = run_batch([project_dir], replace(config, search_dirs=()), models=models)
+    assert again.state == "done", again.error
+    assert "entry_uri_changed" not in json.loads(Path(again.outputs[1]).read_text())["provenance"]
+
+
 def test_a_case_of_an_h_and_e_and_its_ihc_is_analysed_each_on_its_path_and_compared(tmp_path, ihc_pair, models):
     from paquo.images import QuPathImageType
     from paquo.projects import QuPathProject

@@ -10,7 +10,7 @@ import pytest
 
 from bridge.init_project import init_project_files
 from bridge.objects import is_own_object
-from bridge.project import DamagedDataError, ProjectError, RunStatus, read_project
+from bridge.project import DamagedDataError, ProjectError, RunStatus, path_to_uri, read_project
 from bridge.qupath_geojson import read_features
 from bridge.report import write_report
 from bridge.run import RunConfig, RunInterrupted, run_batch
@@ -1012,6 +1012,145 @@ def test_an_entry_whose_image_is_not_at_its_uri_is_refused_before_its_analysis(t
         qupath.backup_data(entry)
     with pytest.raises(ProjectError, match="--qupath never"):
         qupath.save_entries([entry])
+
+
+def _moved_project(tmp_path, slides):
+    """A project of two images, the first moved from made/ to local/ since (the second where its URI says); the
+    project's folder, the first entry's URI and its image's place now."""
+    (tmp_path / "made").mkdir()
+    moved = Path(shutil.copy(slides[0], tmp_path / "made" / "s31.svs"))
+    project = tmp_path / "project"
+    init_project_files(project, [moved, slides[1]])
+    (tmp_path / "local").mkdir()
+    now = moved.rename(tmp_path / "local" / "s31.svs")
+    return project, read_project(project).entries[0].uri, now
+
+
+def test_through_qupath_an_image_search_dir_found_has_its_entry_pointed_at_it_and_saved_once(
+    tmp_path, slides, models, fake_qupath, caplog
+):
+    # QuPath saves an entry's objects only while its image is at its URI: an image --search-dir found was refused
+    # (check_saveable), and a project moved between machines could be analysed through QuPath only with --qupath
+    # never. The run now points the entry at the file, as QuPath's File > Project... > Check project URIs does.
+    project, before, now = _moved_project(tmp_path, slides)
+    kept = read_project(project).entries[1].uri
+    config = RunConfig(
+        pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="always", search_dirs=(tmp_path / "local",)
+    )
+    with caplog.at_level("WARNING", logger="bridge.run"):
+        outcomes = run_batch([project], config, models=models)
+    assert [o.state for o in outcomes] == ["done", "done"], outcomes
+    after = path_to_uri(now)
+    assert [e.uri for e in read_project(project).entries] == [after, kept]  # the other entry untouched
+    (fake,) = fake_qupath["projects"]
+    assert fake.saves == 1  # with the run's metadata, at its end
+    assert [len(e.java_object.updates) for e in fake.images] == [1, 0]
+    assert (project / "data" / "1" / "data.qpdata").read_bytes() == fake_qupath["qpdata"]  # saved: readable now
+    first, second = (json.loads(Path(o.outputs[1]).read_text()) for o in outcomes)
+    assert first["image"] == str(now)
+    assert first["provenance"]["entry_uri_changed"] == {"from": before, "to": after}
+    assert "entry_uri_changed" not in second["provenance"]
+    said = f"s31.svs (entry 1): pointed at its image where this run found it, {after} (the project said {before})"
+    assert said in caplog.text
+
+    # Run again: the image is where the URI says, and nothing is changed.
+    again = run_batch([project], config, models=models)
+    assert [o.state for o in again] == ["done", "done"]
+    assert [len(e.java_object.updates) for e in fake_qupath["projects"][1].images] == [0, 0]
+    assert "entry_uri_changed" not in json.loads(Path(again[0].outputs[1]).read_text())["provenance"]
+
+
+def test_through_qupath_an_entry_moved_with_its_project_is_pointed_at_its_image_without_search_dir(
+    tmp_path, slides, models, fake_qupath
+):
+    # The saved_folder case: a study folder (project and slides) moved to a server, as QuPath itself suggests.
+    study = tmp_path / "study"
+    (study / "slides").mkdir(parents=True)
+    shutil.copy(slides[0], study / "slides" / "s31.svs")
+    init_project_files(study / "project", [study / "slides" / "s31.svs"])
+    (tmp_path / "server").mkdir()
+    study.rename(tmp_path / "server" / "study")
+    project = tmp_path / "server" / "study" / "project"
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="always")
+    (outcome,) = run_batch([project], config, models=models)
+    assert outcome.state == "done", outcome.error
+    assert read_project(project).entries[0].uri == path_to_uri(tmp_path / "server" / "study" / "slides" / "s31.svs")
+
+
+def test_through_qupath_an_image_found_beside_the_project_without_search_dir_is_refused_and_left_as_it_was(
+    tmp_path, slides, models, fake_qupath
+):
+    # Found by its name alone, where nobody said to look: the entry is not pointed at it, and the refusal says how.
+    project, before, now = _moved_project(tmp_path, slides)
+    now.rename(tmp_path / "s31.svs")  # the project folder's parent
+    config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="always")
+    failed, done = run_batch([project], config, models=models)
+    assert (failed.state, done.state) == ("failed", "done")
+    assert "is where the project says" in failed.error and "run again with --search-dir" in failed.error
+    assert read_project(project).entries[0].uri == before
+
+
+def test_through_qupath_a_failed_image_has_its_entry_pointed_back_at_its_uri(
+    tmp_path, slides, models, fake_qupath, monkeypatch
+):
+    # A failure halfway leaves the project as it was: its URI too, else the run's project save wrote the new one.
+    from bridge import qupath
+
+    project, before, _ = _moved_project(tmp_path, slides)
+    save = qupath.save_entries
+
+    def save_entries(entries):
+        if [e.entry_id for e in entries] == ["1"]:
+            raise ProjectError("s31.svs: QuPath could not save its data (the disk is full)")
+        save(entries)
+
+    monkeypatch.setattr(qupath, "save_entries", save_entries)
+    config = RunConfig(
+        pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="always", search_dirs=(tmp_path / "local",)
+    )
+    outcomes = run_batch([project], config, models=models)
+    assert [o.state for o in outcomes] == ["failed", "done"]
+    assert read_project(project).entries[0].uri == before
+    assert fake_qupath["projects"][0].images[0].uri == before
+
+
+def test_pointing_an_entry_at_its_file_uses_qupaths_update_of_its_version_and_checks_it_took(monkeypatch, tmp_path):
+    # QuPath before 0.6 has getServerURIs/updateServerURIs (paquo's update_image_paths chooses so too).
+    from types import SimpleNamespace
+
+    from bridge import qupath
+    from tests.qupath_fakes import FakeURI, fake_uris
+
+    fake_uris(monkeypatch)
+    image = tmp_path / "a b.svs"
+    image.write_bytes(b"x")
+    replaced = []
+
+    def entry_at(uri, *, takes=True):
+        entry = SimpleNamespace(entry_id="4", image_name="a b.svs", uri=uri)
+
+        def update(replacements):
+            replaced.append(replacements)
+            [(old, new)] = replacements.items()
+            if takes and old.toString() == entry.uri:
+                entry.uri = new.toString()
+                return True
+            return False
+
+        entry.java_object = SimpleNamespace(getServerURIs=lambda: [FakeURI(entry.uri)], updateServerURIs=update)
+        entry.is_readable = lambda: Path(str(qupath.uri_to_path(entry.uri))).is_file()
+        return entry
+
+    entry = entry_at("file:/C:/Slides/a%20b.svs")
+    change = qupath.point_entry_at(entry, image)
+    assert (change.before, change.after) == ("file:/C:/Slides/a%20b.svs", path_to_uri(image))
+    assert entry.uri == path_to_uri(image) and entry.is_readable()
+    qupath.put_back_uri(entry, change)
+    assert entry.uri == "file:/C:/Slides/a%20b.svs"
+    replaced.clear()
+    assert qupath.point_entry_at(entry_at(path_to_uri(image)), image) is None and not replaced  # already there
+    with pytest.raises(ProjectError, match=r"QuPath did not change the entry's URI \(file:/gone/a%20b.svs\)"):
+        qupath.point_entry_at(entry_at("file:/gone/a%20b.svs", takes=False), image)
 
 
 class _JavaIOError(Exception):  # what JPype raises for java.io.IOException: no OSError

@@ -209,7 +209,9 @@ def run(
     search_dir: Annotated[
         list[Path] | None,
         typer.Option(
-            help="Folder to search, with its subfolders, for slides that moved (repeatable).",
+            help="Folder to search, with its subfolders, for slides that moved (repeatable). Written through "
+            "QuPath, each entry whose slide is found away from its URI is pointed at it (as QuPath's Check project "
+            "URIs does).",
             exists=True,
             file_okay=False,
         ),

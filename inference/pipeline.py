@@ -23,7 +23,13 @@ from shapely.geometry.base import BaseGeometry
 from inference.advice import SettingWords, library_setting
 from inference.analysis.domain import DomainAssessment, assess_domain, slide_stain, stats_of_manifest
 from inference.analysis.ihc import IMMUNE_POSITIVE, combined_positive_score, h_score
-from inference.analysis.nuclei import NucleiConfig, detect_nuclei, intensity_limits_od, pdl1_from_maps
+from inference.analysis.nuclei import (
+    NucleiConfig,
+    detect_nuclei,
+    intensity_limits_od,
+    pdl1_from_maps,
+    plan_nuclei_tiles,
+)
 from inference.analysis.pairs import IHC_CELL_RADIUS_UM, cells_area
 from inference.analysis.points import (
     INSUFFICIENT,
@@ -563,6 +569,11 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
     if config.use_tissue:
         tissue = tissue_mask_for_slide(slide, mpp=config.tissue_mpp, method=TISSUE_METHOD_OF_STAIN["H&E"])
     seg_tiles = nuclei_tiles = 0
+    if on_progress is not None and nuclei_model is not None:
+        # Counted before the segmentation: its total alone made the bar (and a service job's progress) reach 100 %
+        # at the segmentation's end, then fall back when the nuclei began (helper-161: 'running 100% (9/9 tiles)',
+        # then '22% (9/41 tiles)' in QuPath's log).
+        nuclei_tiles = len(plan_nuclei_tiles(slide, nuclei_model, roi=roi, tissue=tissue, config=config.nuclei))
 
     def progress(part: str) -> Callable[[int, int], None] | None:
         # One bar over both models: segmentation tiles first, then nuclei tiles.

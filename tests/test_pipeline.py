@@ -237,3 +237,25 @@ def test_the_uncertainty_tiles_of_an_roi_lie_within_it(models, phantom_svs, roi)
     assert all(0 < t.tissue_fraction <= 1 for t in result.tiles)
     if roi.equals(roi.envelope):  # a rectangle's trimmed tiles are the rectangles of box ∩ ROI
         assert all(t.outline.equals(t.outline.envelope) for t in trimmed)
+
+
+def test_an_h_and_e_analysis_counts_its_nuclei_tiles_from_its_first_progress_report(models, phantom_svs):
+    # The segmentation reported its own total first: a bar (and a service job's progress) reached 100 % when it
+    # ended, then fell back to 22 % as the nuclei began ('running 100% (9/9 tiles)' in QuPath's log).
+    from inference.slides.slide import open_slide
+
+    reports = []
+    with open_slide(phantom_svs) as slide:
+        analyse_slide(
+            slide,
+            models=models,
+            config=PipelineConfig(device="cpu"),
+            image_stain="H&E",
+            roi=shapely.box(0, 0, 1024, 1024),
+            on_progress=lambda done, total: reports.append((done, total)),
+        )
+    totals = {total for _, total in reports}
+    assert len(totals) == 1, reports
+    done = [d for d, _ in reports]
+    assert done == sorted(done) and done[0] == 0 and done[-1] == totals.pop()
+    assert [d for d, t in reports if d == t] == [done[-1]] * done.count(done[-1])  # whole once, at the end

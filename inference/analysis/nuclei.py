@@ -22,7 +22,7 @@ from shapely.geometry.base import BaseGeometry
 from inference.allocator import release_every
 from inference.analysis.ihc import DEFAULT_INTENSITY_LIMITS_OD, annulus_means, dab_density, intensity_grades
 from inference.analysis.points import radius_nms
-from inference.analysis.tiling import read_grid_tiles, tile_grid, validate_roi
+from inference.analysis.tiling import TileGrid, read_grid_tiles, tile_grid, validate_roi
 from inference.errors import Cancelled
 from inference.models.ensemble import Ensemble, Precision
 from inference.models.openvino_engine import validate_runtime
@@ -127,6 +127,33 @@ def class_probabilities(values: np.ndarray) -> np.ndarray:
     return values / np.clip(values.sum(axis=1, keepdims=True), 1e-12, None)
 
 
+def plan_nuclei_tiles(
+    slide: Slide,
+    ensemble: Ensemble,
+    *,
+    roi: BaseGeometry | None,
+    tissue: TissueMask | None,
+    config: NucleiConfig,
+) -> TileGrid:
+    """The tiles :func:`detect_nuclei` reads (``roi`` already validated): known before any is read, so a caller
+    running the segmentation first can count them in one progress total."""
+    manifest = ensemble.manifest
+    tile = manifest.tile_size_px
+    downsample = manifest.input_mpp / slide.mpp.mean
+    # Tiles reach past the ROI by half the overlap, so nuclei on its boundary keep their context.
+    grid_area = None if roi is None else roi.buffer(config.overlap_px / 2 * downsample, join_style="mitre")
+    return tile_grid(
+        image_size_wh=slide.dimensions,
+        tile_size_px=tile,
+        overlap_px=min(config.overlap_px, tile - 2),
+        downsample=downsample,
+        roi=grid_area,
+        tissue_mask=None if tissue is None else tissue.mask,
+        tissue_downsample=None if tissue is None else tissue.downsample,
+        align_px=2,
+    )
+
+
 def detect_nuclei(
     slide: Slide,
     ensemble: Ensemble,
@@ -143,20 +170,7 @@ def detect_nuclei(
     names = tuple(manifest.class_names)
     if roi is not None:
         roi = validate_roi(roi, image_size_wh=slide.dimensions)
-    tile = manifest.tile_size_px
-    downsample = manifest.input_mpp / slide.mpp.mean
-    # Tiles reach past the ROI by half the overlap, so nuclei on its boundary keep their context.
-    grid_area = None if roi is None else roi.buffer(config.overlap_px / 2 * downsample, join_style="mitre")
-    grid = tile_grid(
-        image_size_wh=slide.dimensions,
-        tile_size_px=tile,
-        overlap_px=min(config.overlap_px, tile - 2),
-        downsample=downsample,
-        roi=grid_area,
-        tissue_mask=None if tissue is None else tissue.mask,
-        tissue_downsample=None if tissue is None else tissue.downsample,
-        align_px=2,
-    )
+    grid = plan_nuclei_tiles(slide, ensemble, roi=roi, tissue=tissue, config=config)
     cores = grid.cores_model_px()
     batch_size = config.batch_for(ensemble.device)
     radius_px = max(1, round(config.nms_radius_um / manifest.input_mpp))

@@ -421,6 +421,8 @@ def export_nnunet_dataset(
             _case_labels(source, image.path, regions[0], size_wh=size_wh, names=names)
         planned.append((image, train, regions))
     total = sum(len(r) for _, _, r in planned)
+    if on_progress is not None:  # the first case of a whole slide takes its read: the count is shown before it
+        on_progress(0, total)
     # Written beside out_dir and renamed into place (hidden from nnU-Net, which finds dataset NNN by the prefix
     # "DatasetNNN" among nnUNet_raw's folders).
     with folder_replaced_whole(out_dir) as tmp:

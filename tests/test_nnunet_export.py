@@ -274,8 +274,17 @@ def test_cli_export(phantoms, tmp_path):
     result = CliRunner().invoke(app, [*args, "--ignore-margin-px", "1"])
     assert result.exit_code == 0, result.output
     assert "16 training cases, 0 test cases" in " ".join(result.output.split())  # the console wraps
+    # Each case read from its slide and written said nothing till the end: minutes for a project of whole slides.
+    assert re.search(r"^cases: 0/16 .*^cases: 16/16 ", result.output, re.M | re.S), result.output
     labels = np.concatenate([np.asarray(Image.open(p)).ravel() for p in (out / "labelsTr").iterdir()])
     assert set(np.unique(labels)) <= {0, 1, 2}
+
+
+def test_cli_export_without_progress_says_only_what_it_wrote(phantoms, tmp_path):
+    args = ["export", "nnunet", str(phantoms[1]), "--out", str(tmp_path / "Dataset781_Quiet"), "--case-px", "64"]
+    result = CliRunner().invoke(app, [*args, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "cases:" not in result.output, result.output
 
 
 @pytest.mark.skipif(importlib.util.find_spec("nnunetv2") is None, reason="nnU-Net v2 not installed (benchmarks/README)")

@@ -254,12 +254,14 @@ def export_nnunet_cmd(
             "--from-review takes them."
         ),
     ] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar (cases written).")] = True,
 ) -> None:
     """Write an nnU-Net v2 raw dataset: imagesTr/, labelsTr/ (with nnU-Net's ignore label), dataset.json, cases.json.
 
     Takes a QuPath project's images or slide files. A project's labels are the regions drawn in it (training regions, PD-L1 positive/negative areas, Ignore*; read through QuPath or from the pdl1/labels/ exports of qupath_scripts/pdl1_export_labels.groovy): pixels they do not decide get the ignore label. Slide files take phantom truth (<slide>.truth/): pixels the truth does not decide (mixed at --mpp), and with --ignore-margin-px those near a class boundary, get the ignore label. A project's images are read at the pixel size QuPath states for them (Image tab: Pixel width/height), else at their file's own, as `pdl1 run` reads them; slide files at their own. cases.json maps every case to its image (and project entry) and level-0 region; pdl1_export.json records the export (version, µm/px, label source and its settings, images); --test images go to imagesTs/ whole. Train it as the README's nnU-Net section says, then `pdl1 import nnunet`.
     """
     from bridge.nnunet_export import PhantomTruthLabels, QuPathRegionLabels, export_nnunet_dataset, project_images
+    from bridge.progress import progress_bar
 
     if len(images) > 1 and any(p.is_dir() or p.suffix == ".qpproj" for p in images):
         raise typer.BadParameter("give one project, or slide files, not both", param_hint="IMAGES")
@@ -364,16 +366,19 @@ def export_nnunet_cmd(
         else:
             source = PhantomTruthLabels(margin_px=margin_px)
             stain = _one_stain([*train, *tests])
-        summary = export_nnunet_dataset(
-            train,
-            out,
-            source=source,
-            mpp=mpp,
-            case_size_px=case_px,
-            test_slides=tests,
-            mpp_advice=advice,
-            stain=stain,
-        )
+        # Every case read from its slide and written: minutes for a project of whole slides, said nothing till the end.
+        with progress_bar("cases", enabled=progress) as on_progress:
+            summary = export_nnunet_dataset(
+                train,
+                out,
+                source=source,
+                mpp=mpp,
+                case_size_px=case_px,
+                test_slides=tests,
+                mpp_advice=advice,
+                stain=stain,
+                on_progress=on_progress,
+            )
     except (Pdl1Error, OSError, ValueError) as err:
         raise fail(err) from err
     except KeyboardInterrupt:  # exit 130 without a word: was the dataset half there?

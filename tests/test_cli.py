@@ -554,6 +554,25 @@ def test_an_interrupted_phantom_overwrite_leaves_no_slide_or_truth_of_two_phanto
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_demo_counts_its_reports_thumbnails_and_says_what_a_ctrl_c_kept(tmp_path, monkeypatch):
+    # The report's thumbnails (each reads its slide) were drawn without a bar after the run's, and Ctrl-C anywhere in
+    # the demo ended it with exit 130 and not a word.
+    import inference
+
+    args = ["demo", "--out", str(tmp_path / "demo"), "--size", "1024", "--no-ihc", "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^report: 0/1 .*^report: 1/1 ", result.output, re.M | re.S), result.output
+
+    def stopped(path, spec, *, on_progress=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inference, "write_phantom", stopped)
+    result = runner.invoke(app, [*args, "--seed", "8"], env={"COLUMNS": "400"})  # a new phantom: drawn again
+    assert result.exit_code == 130, result.output
+    assert "interrupted: the demo was not finished; the phantoms written whole in" in result.output
+
+
 def test_a_phantom_being_drawn_has_no_truth_json_of_the_one_it_replaces(tmp_path):
     # truth.json, written last, says a phantom is whole; the earlier one's stayed while its successor was drawn.
     from inference.phantom.pyramid import write_phantom

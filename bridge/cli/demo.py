@@ -242,9 +242,17 @@ def demo(
         init_project_files(project, [he_path, ihc_path] if ihc else [he_path])
         run_config = RunConfig(pipeline=pipeline_config(device, None, None, None), qupath="never")
         outcomes = run_with_progress([project], run_config, progress=progress)
-        html_path, _ = write_report(project)
+        # Each thumbnail reads its slide: the demo's largest sizes drew them in silence after the run's bars.
+        with progress_bar("report", enabled=progress) as on_progress:
+            html_path, _ = write_report(project, on_progress=on_progress)
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
+    except KeyboardInterrupt:  # ended the demo without a word (exit 130)
+        raise interrupted(
+            f"the demo was not finished; the phantoms written whole in {out / 'slides'} are kept for the next "
+            "demo of the same --size, --seed and --tps (one cut short is written again), the project is made anew. "
+            "Run pdl1 demo again"
+        ) from None
     outcome_table(outcomes)
     pairs = project / "pdl1" / "pairs.json"
     if pairs.is_file():

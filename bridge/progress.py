@@ -40,8 +40,15 @@ class ProgressLines:
         self.last_done: int | None = None
         self.first: tuple[float, int] | None = None  # the first report: work done before it was done earlier
 
-    def update(self, done: int, total: int | None, note: str = "", *, always: bool = False) -> None:
+    def update(
+        self, done: int, total: int | None, note: str = "", *, always: bool = False, stage: str | None = None
+    ) -> None:
+        """``stage``: the description from this report on (a long command's next stage, such as training's
+        domain statistics after its steps): its first report gets a line, its time and pace are its own."""
         now = time.monotonic()
+        if stage is not None and stage != self.description:
+            self.description, self.started = stage, now
+            self.last_line = self.last_done = self.first = None
         if self.first is None:
             self.first = (now, done)
         finished = total is not None and done >= total
@@ -79,16 +86,18 @@ def _duration(seconds: float) -> str:
 
 
 @contextmanager
-def progress_bar(description: str, *, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
+def progress_bar(description: str, *, enabled: bool = True) -> Iterator[Callable[..., None]]:
     """Yield an ``on_progress(done, total)`` callback drawing a rich bar (a no-op when disabled; lines where stderr
     is no terminal); a bar not finished when the block ends (its work failed, or never reported) is taken away
-    rather than left unfinished."""
+    rather than left unfinished. ``on_progress(done, total, stage="...")`` reports a next stage of the work (a
+    bar of its own below, in a log lines of its own description, count and time left), for library code that
+    reports a second stage through a second callback."""
     if not enabled:
-        yield lambda done, total: None
+        yield lambda done, total, stage=None: None
         return
     if not writes_to_terminal():
         lines = ProgressLines(description)
-        yield lambda done, total: lines.update(done, total)
+        yield lambda done, total, stage=None: lines.update(done, total, stage=stage)
         return
     with Progress(
         TextColumn("{task.description}"),
@@ -97,14 +106,20 @@ def progress_bar(description: str, *, enabled: bool = True) -> Iterator[Callable
         TimeRemainingColumn(),
         transient=False,
     ) as progress:
-        task = progress.add_task(description, total=None)
+        tasks = {description: progress.add_task(description, total=None)}
+        current = [description]
 
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+        def update(done: int, total: int, stage: str | None = None) -> None:
+            if stage is not None and stage not in tasks:  # a bar of its own below the stage before, which stays
+                tasks[stage] = progress.add_task(stage, total=total)
+            if stage is not None:
+                current[0] = stage
+            progress.update(tasks[current[0]], completed=done, total=total)
 
         try:
             yield update
         finally:
             # A bar whose work failed, or reported nothing, would stay an empty 'name 0/?' above the error.
-            if not progress.tasks[0].finished:
-                progress.update(task, visible=False)
+            for task in progress.tasks:
+                if not task.finished:
+                    progress.update(task.id, visible=False)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import html
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -45,24 +45,36 @@ def record_training_data(
     held_out: Sequence[Any] = (),
     truth_slides: Sequence[str] = (),
     device: str = "cpu",
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Keep what only training has at hand: label statistics per slide and example tiles with predictions.
 
     ``labels``/``held_out``: the :class:`~inference.SlideLabels` trained on and held out; ``truth_slides``:
     phantom slides trained on their truth (no ``labels``). Example tiles come from the held-out slides when
-    there are any, else from the training slides.
+    there are any, else from the training slides. ``on_progress(done, total)`` counts the slides whose
+    statistics are read, and the example tiles last, as one.
     """
     from inference import example_tiles, label_statistics, open_labelled_slide, truth_statistics
 
     folder = Path(out) / REPORT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     stats: list[tuple[str, LabelStatistics]] = []
+    total = len(labels) + len(held_out) + len(truth_slides) + 1
+
+    def count() -> None:
+        if on_progress is not None:
+            on_progress(len(stats), total)
+
+    count()
     for role, group in (("training", labels), ("validation", held_out)):
         for lab in group:
             with open_labelled_slide(lab) as slide:  # at the pixel size training read it at
                 mpp = slide.mpp.mean
             stats.append((role, label_statistics(lab, mpp=mpp)))
-    stats += [("training", truth_statistics(s)) for s in truth_slides]
+            count()
+    for s in truth_slides:
+        stats.append(("training", truth_statistics(s)))
+        count()
     write_json_atomic(folder / LABELS_FILE, {"slides": [{"role": role} | asdict(s) for role, s in stats]})
     if held_out:
         tiles = example_tiles(out, task=task, labels=held_out, role="validation", device=device)
@@ -71,6 +83,8 @@ def record_training_data(
     else:
         tiles = example_tiles(out, task=task, truth_slides=truth_slides, role="training", device=device)
     _save_examples(folder / EXAMPLES_FILE, tiles)
+    if on_progress is not None:
+        on_progress(total, total)
 
 
 def _save_examples(path: Path, tiles: Sequence[ExampleTile]) -> None:

@@ -912,6 +912,27 @@ def test_a_progress_bar_whose_work_failed_is_taken_away(capsys):
     assert "x.svs" not in said and "eval y.svs" in said, said
 
 
+@pytest.mark.parametrize("terminal", [True, False], ids=["bars", "lines"])
+def test_a_progress_bars_next_stage_is_shown_below_the_one_before_and_taken_away_if_it_fails(
+    capsys, monkeypatch, terminal
+):
+    # Training's domain statistics and report read every slide after the training bar had ended, in silence.
+    from bridge.progress import progress_bar
+
+    monkeypatch.setattr("bridge.progress.writes_to_terminal", lambda stream=None: terminal)
+    with pytest.raises(OSError), progress_bar("training") as on_progress:
+        on_progress(4, 4)
+        on_progress(0, 2, stage="domain statistics")
+        on_progress(2, 2, stage="domain statistics")
+        on_progress(0, 3, stage="training report")
+        raise OSError("a slide went away")
+    captured = capsys.readouterr()
+    said = captured.out + captured.err
+    assert re.search(r"training\b.*4/4.*domain statistics\b.*2/2", said, re.S), said
+    if terminal:  # the unfinished stage's bar is taken away; lines once written stay
+        assert "training report" not in said, said
+
+
 def test_a_project_file_another_program_holds_open_is_explained_with_that_fix(fixtures_dir, tmp_path, monkeypatch):
     """Windows refuses to read a file another program holds open (PermissionError, as a permission); `pdl1 train`
     then said only to choose a folder it can write to, for a file it was reading."""

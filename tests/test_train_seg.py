@@ -280,6 +280,17 @@ def test_cli_ctrl_c_after_the_model_is_written_says_it_is_complete(small_phantom
     assert f"`pdl1 train report {tmp_path / 'm'}` draws its training report" in said and "--resume" not in said
 
 
+def test_cli_progress_goes_on_through_the_stages_after_the_last_step(small_phantom, tmp_path):
+    # After 'training: 8/8' the domain statistics and the report's label statistics read every slide again, and a
+    # log said nothing of them (minutes for a lab's slides).
+    import re
+
+    result = _train_seg_cli(small_phantom, tmp_path / "m", "--progress")  # lines: the runner's stderr is no terminal
+    assert result.exit_code == 0, result.output
+    stages = r"^training: (\d+)/\1 .*^domain statistics: 0/1 .*^domain statistics: 1/1 .*^training report: 0/2 .*"
+    assert re.search(stages + r"^training report: 2/2 .*^wrote ", result.output, re.M | re.S), result.output
+
+
 def test_a_checkpoint_is_continued_only_with_its_settings_and_labels(tmp_path, monkeypatch):
     from bridge.cli.train import NUCLEI_TRAIN_WORDS, SEG_TRAIN_WORDS
     from inference.errors import ModelFileError

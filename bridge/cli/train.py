@@ -998,6 +998,9 @@ def _train_and_validate(
     from bridge.labels import label_summary
     from bridge.progress import progress_bar
 
+    out, device = Path(config.out_dir), config.device
+    # The stages after the last step read every slide again (domain statistics, the report's label statistics):
+    # minutes for a lab's slides, which said nothing after the training bar had ended.
     with progress_bar("training", enabled=progress) as on_progress:
         manifest = train(
             config,
@@ -1005,14 +1008,22 @@ def _train_and_validate(
             label_sources=label_summary(labels) if labels else None,
             resume=resume,
             on_progress=on_progress,
+            on_domain_progress=lambda done, total: on_progress(done, total, stage="domain statistics"),
             setting=SEG_TRAIN_WORDS if task == "segmentation" else NUCLEI_TRAIN_WORDS,
             **train_kwargs,
         )
-    out, device = Path(config.out_dir), config.device
-    validation, fit = (
-        _validate(out, held_out, device=device, task=task, recalibrate=recalibrate) if held_out else ([], None)
-    )
-    report = _training_report(out, task=task, labels=labels, held_out=held_out, truth=config.slides, device=device)
+        validation, fit = (
+            _validate(out, held_out, device=device, task=task, recalibrate=recalibrate) if held_out else ([], None)
+        )
+        report = _training_report(
+            out,
+            task=task,
+            labels=labels,
+            held_out=held_out,
+            truth=config.slides,
+            device=device,
+            on_progress=lambda done, total: on_progress(done, total, stage="training report"),
+        )
     return manifest, validation, fit, report
 
 
@@ -1056,13 +1067,28 @@ def _members_text(row: dict, key: str) -> str:
     return f", members {' / '.join(_fmt(m) for m in members)} (ensemble rank {row['rank']} of {len(members) + 1})"
 
 
-def _training_report(out: Path, *, task: str, labels: list, held_out: list, truth: tuple[str, ...], device: str) -> str:
+def _training_report(
+    out: Path,
+    *,
+    task: str,
+    labels: list,
+    held_out: list,
+    truth: tuple[str, ...],
+    device: str,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> str:
     """Write OUT/training_report.html; the model is already written, so a failure here is a warning, not an error."""
     from bridge.training_report import record_training_data, write_training_report
 
     try:
         record_training_data(
-            out, task=task, labels=labels, held_out=held_out, truth_slides=() if labels else truth, device=device
+            out,
+            task=task,
+            labels=labels,
+            held_out=held_out,
+            truth_slides=() if labels else truth,
+            device=device,
+            on_progress=on_progress,
         )
         return f"training report: {write_training_report(out)}"
     except (Pdl1Error, ValueError, OSError) as err:

@@ -148,11 +148,13 @@ def compute_domain_stats(
             f"{sorted(str(p) for p in overlap)} are both training and held-out slides; the limits must be "
             "calibrated on slides the statistics did not see"
         )
+    total = len(train_slides) + len(held_out)
+    if on_progress is not None:  # before the checks, which read every slide's stain, and the first slide's tiles
+        on_progress(0, total)
     _check_pixel_sizes([*train_slides, *held_out], slide_mpp, manifest, mpp_advice)
     for path in [*train_slides, *held_out]:
         _check_stain(path, manifest.stain, model_dir, mpp=slide_mpp.get(path), mpp_advice=mpp_advice)
     layers = ", ".join(name for name, _ in feature_layers(ensemble.members[0]))
-    total = len(train_slides) + len(held_out)
     samples = []
     for i, path in enumerate([*train_slides, *held_out]):
         samples.append(domain_sample(path, ensemble, mpp=slide_mpp.get(path), mpp_advice=mpp_advice))
@@ -289,11 +291,12 @@ def write_training_domain_stats(
     device: str = "cpu",
     slide_mpp: Mapping[str, float] | None = None,
     setting: SettingWords = library_setting,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Manifest:
     """After training: the statistics of the training slides in the manifest, their limits calibrated on the
     ``held_out`` validation slides (in-domain, not trained on), or without them by leaving one slide out;
     each slide read at the pixel size training read it at (``slide_mpp``, see :func:`compute_domain_stats`);
-    ``setting``: the words of :func:`compute_domain_stats`' advice.
+    ``setting``: the words of :func:`compute_domain_stats`' advice; ``on_progress(done, total)``: its slides.
 
     Training never fails for them: where they cannot be computed (slides too small for two tiles), the
     manifest stays without (the guard then says "not measured") and a warning says why. A model the guard never
@@ -305,13 +308,21 @@ def write_training_domain_stats(
     try:
         try:
             stats = compute_domain_stats(
-                model_dir, slides, held_out=held_out, device=device, slide_mpp=slide_mpp, setting=setting
+                model_dir,
+                slides,
+                held_out=held_out,
+                device=device,
+                slide_mpp=slide_mpp,
+                setting=setting,
+                on_progress=on_progress,
             )
         except ValueError as err:
             if not held_out:
                 raise
             log.warning("%s: domain limits not set on the validation slides (%s); leaving one out", model_dir, err)
-            stats = compute_domain_stats(model_dir, slides, device=device, slide_mpp=slide_mpp, setting=setting)
+            stats = compute_domain_stats(
+                model_dir, slides, device=device, slide_mpp=slide_mpp, setting=setting, on_progress=on_progress
+            )
     except ValueError as err:
         log.warning("%s: no domain statistics (%s); compute them later with `pdl1 domain-stats`", model_dir, err)
         return read_manifest(model_dir, verify=False)

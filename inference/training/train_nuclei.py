@@ -329,6 +329,7 @@ def train_nuclei(
     resume: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
     setting: SettingWords = library_setting,
+    on_domain_progress: Callable[[int, int], None] | None = None,
 ) -> Manifest:
     """Train and write a nuclei model folder (``config.out_dir``); returns its manifest.
 
@@ -339,6 +340,8 @@ def train_nuclei(
     labelled slides (in the same order) and training honours where the labels are sparse.
     ``label_sources`` (project, entries, counts: ``bridge.labels.label_summary``) go into the manifest.
     The messages' advice names the settings (``config``'s fields, ``resume``) in ``setting``'s words.
+    ``on_progress(done, total)`` counts the training steps, ``on_domain_progress`` the slides of the domain
+    statistics computed after them (:func:`~inference.training.domain_stats.write_training_domain_stats`).
     """
     out_dir = Path(config.out_dir)
     check_out_dir(out_dir, resume=resume, setting=setting)
@@ -460,6 +463,7 @@ def train_nuclei(
         device=config.device,
         slide_mpp=config.slide_mpp,
         setting=renamed(setting, held_out="validation_slides"),
+        on_progress=on_domain_progress,
     )
 
 

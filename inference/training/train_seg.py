@@ -431,6 +431,7 @@ def train_segmentation(
     resume: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
     setting: SettingWords = library_setting,
+    on_domain_progress: Callable[[int, int], None] | None = None,
 ) -> Manifest:
     """Train and write an ensemble folder (``config.out_dir``); returns its manifest.
 
@@ -441,6 +442,8 @@ def train_segmentation(
     ``label_sources`` go into the manifest. ``pseudo``: the pseudo-labels of ``config.unlabeled``, in
     their order, when the caller made them already (to show their counts); else they are made here.
     The messages' advice names the settings (``config``'s fields, ``resume``) in ``setting``'s words.
+    ``on_progress(done, total)`` counts the training steps, ``on_domain_progress`` the slides of the domain
+    statistics computed after them (:func:`~inference.training.domain_stats.write_training_domain_stats`).
     """
     out_dir = Path(config.out_dir)
     check_out_dir(out_dir, resume=resume, setting=setting)
@@ -541,6 +544,7 @@ def train_segmentation(
         device=config.device,
         slide_mpp=config.slide_mpp,
         setting=renamed(setting, held_out="validation_slides"),
+        on_progress=on_domain_progress,
     )
 
 

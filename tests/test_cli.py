@@ -933,6 +933,17 @@ def test_a_progress_bars_next_stage_is_shown_below_the_one_before_and_taken_away
         assert "training report" not in said, said
 
 
+def test_each_eval_slides_bar_says_which_slide_of_how_many_it_is(capsys, monkeypatch):
+    # 'eval a.svs: 25/25', a bar per slide naming it alone: a log of 40 slides never said how far the evaluation was.
+    import inference
+    from bridge.cli.evaluate import _nuclei_evaluations
+
+    monkeypatch.setattr(inference, "evaluate_nuclei", lambda slide, ensemble, *, on_progress, **_: on_progress(1, 1))
+    list(_nuclei_evaluations([Path("a.svs"), Path("b.svs")], None, radius_um=3.0, progress=True))
+    said = capsys.readouterr().err
+    assert "eval a.svs (slide 1 of 2): 1/1" in said and "eval b.svs (slide 2 of 2): 1/1" in said, said
+
+
 def test_a_project_file_another_program_holds_open_is_explained_with_that_fix(fixtures_dir, tmp_path, monkeypatch):
     """Windows refuses to read a file another program holds open (PermissionError, as a permission); `pdl1 train`
     then said only to choose a folder it can write to, for a file it was reading."""

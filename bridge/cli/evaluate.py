@@ -112,8 +112,8 @@ def eval_seg(
         members = ensemble.manifest.members
         _check_truths(slides, {ensemble.manifest.stain: [("segmentation", ensemble.manifest)]}, needs=("spec",))
         pooled = len({m.chain for m in members}) > 1
-        for slide in slides:
-            with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
+        for i, slide in enumerate(slides, start=1):
+            with progress_bar(eval_bar(slide, i, len(slides)), enabled=progress) as on_progress:
                 result, maps = evaluate_segmentation(
                     slide, ensemble, threshold=threshold, on_progress=on_progress, mpp_advice=EVAL_MPP_ADVICE
                 )
@@ -213,8 +213,8 @@ def _nuclei_evaluations(slides: list[Path], ensemble, *, radius_um: float, progr
     from bridge.progress import progress_bar
     from inference import evaluate_nuclei
 
-    for slide in slides:
-        with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
+    for i, slide in enumerate(slides, start=1):
+        with progress_bar(eval_bar(slide, i, len(slides)), enabled=progress) as on_progress:
             yield (
                 slide,
                 evaluate_nuclei(
@@ -275,6 +275,16 @@ def eval_nuclei(
         raise fail(err) from err
 
 
+def eval_bar(slide: Path, i: int, n: int) -> str:
+    """The description of slide ``i`` of ``n``'s bar: each slide's bar named it alone, so a log of an evaluation of
+    40 slides never said how far it was.
+
+    >>> eval_bar(Path("a.svs"), 2, 40), eval_bar(Path("a.svs"), 1, 1)
+    ('eval a.svs (slide 2 of 40)', 'eval a.svs')
+    """
+    return f"eval {slide.name}" + (f" (slide {i} of {n})" if n > 1 else "")
+
+
 def _reviewed_ihc(slides: list[Path], ensemble, *, models, config, radius_um: float, progress: bool):
     """Each IHC slide with its evaluation against the truth and, with ``models``, the review reasons and flag of
     ``pdl1 run`` on it as an image QuPath types H-DAB (else None, None).
@@ -289,8 +299,8 @@ def _reviewed_ihc(slides: list[Path], ensemble, *, models, config, radius_um: fl
             for slide, r in _nuclei_evaluations(slides, ensemble, radius_um=radius_um, progress=progress)
         )
         return
-    for slide in slides:
-        run = _analysed_as(slide, "H-DAB", models=models, config=config, progress=progress)
+    for i, slide in enumerate(slides, start=1):
+        run = _analysed_as(slide, "H-DAB", models=models, config=config, progress=progress, of=(i, len(slides)))
         r = score_nuclei_on_truth(slide, run.nuclei, mpp_um=run.mpp, radius_um=radius_um)
         yield slide, r, [x["reason"] for x in run.summary["review_reasons"]], run.uncertainty_flag
 
@@ -301,12 +311,13 @@ EVAL_STAIN_ADVICE = (
 )
 
 
-def _analysed_as(slide: Path, stain: str, *, models, config, progress: bool):
-    """``pdl1 run``'s analysis of an eval slide as an image QuPath types ``stain``, under a progress bar."""
+def _analysed_as(slide: Path, stain: str, *, models, config, progress: bool, of: tuple[int, int] = (1, 1)):
+    """``pdl1 run``'s analysis of an eval slide as an image QuPath types ``stain``, under a progress bar (``of``:
+    the slide's place among those evaluated, :func:`eval_bar`)."""
     from bridge.progress import progress_bar
     from inference import analyse_slide
 
-    with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
+    with progress_bar(eval_bar(slide, *of), enabled=progress) as on_progress:
         return analyse_slide(
             slide,
             models=models,
@@ -451,9 +462,9 @@ def eval_tps(
             table.add_column(col, justify="left" if col == "slide" else "right")
         table.add_column("review")
         errors, inside, right = [], 0, 0
-        for slide in slides:
+        for i, slide in enumerate(slides, start=1):
             truth = load_truth(slide).summary
-            r = _analysed_as(slide, "H&E", models=models, config=config, progress=progress)
+            r = _analysed_as(slide, "H&E", models=models, config=config, progress=progress, of=(i, len(slides)))
             low, high = r.summary.get("tps_low"), r.summary.get("tps_high")
             err = abs(r.tps.percent - truth["tps_percent"])
             errors.append(err)
@@ -631,8 +642,8 @@ def eval_suite(
             sua = sua_params_for(manifest, PipelineConfig(), upper=upper)
             pixel_threshold = manifest.thresholds.get("pixel_baseline_threshold", sua.threshold)
             evaluations = []
-            for slide in he_slides:
-                with progress_bar(f"eval {slide.name}", enabled=progress) as on_progress:
+            for i, slide in enumerate(he_slides, start=1):
+                with progress_bar(eval_bar(slide, i, len(he_slides)), enabled=progress) as on_progress:
                     evaluations.append(
                         evaluate_slide_suite(
                             slide,

@@ -108,12 +108,18 @@ def progress_bar(description: str, *, enabled: bool = True) -> Iterator[Callable
     ) as progress:
         tasks = {description: progress.add_task(description, total=None)}
         current = [description]
+        reported: set[str] = set()
 
         def update(done: int, total: int, stage: str | None = None) -> None:
-            if stage is not None and stage not in tasks:  # a bar of its own below the stage before, which stays
-                tasks[stage] = progress.add_task(stage, total=total)
+            if stage is not None and stage not in tasks:
+                if current[0] in reported:  # a bar of its own below the stage before, which stays
+                    tasks[stage] = progress.add_task(stage, total=total)
+                else:  # the first report is of a stage: the bar named, not an empty 'name 0/?' above it
+                    tasks[stage] = tasks.pop(current[0])
+                    progress.update(tasks[stage], description=stage)
             if stage is not None:
                 current[0] = stage
+            reported.add(current[0])
             progress.update(tasks[current[0]], completed=done, total=total)
 
         try:

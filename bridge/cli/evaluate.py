@@ -946,7 +946,17 @@ def calibrate(
     try:
         ensemble = Ensemble.load(source, task="segmentation", device=device)
         nuclei = _nuclei_model(nuclei_model, device)
-        with progress_bar("calibrating", enabled=progress) as on_progress:
+        with progress_bar("calibrating", enabled=progress) as bar:
+            # A bar per slide and pass: one bar of every slide's tiles, each from 0 and naming none, then the
+            # predicted TPS of every slide again in silence.
+            stage = ["calibrating"]
+
+            def on_slide(i: int, n: int, name: str, part: str) -> None:
+                stage[0] = f"{part} {name} (slide {i} of {n})"
+
+            def on_progress(done: int, total: int) -> None:
+                bar(done, total, stage=stage[0])
+
             cal, review_cal = calibrate_ensemble(
                 slides,
                 ensemble,
@@ -957,6 +967,7 @@ def calibrate(
                 objective=objective,
                 on_progress=on_progress,
                 mpp_advice=CALIBRATE_MPP_ADVICE,
+                on_slide=on_slide,
             )
         fitted = sua_fitted(cal)
         kept = sua_params_for(ensemble.manifest, PipelineConfig(), upper=cal.params.upper)

@@ -578,6 +578,7 @@ def _predicted_tps(
     *,
     threshold: float,
     mpp_advice: MppAdvice | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[float | None, float, float | None]:
     """The H&E's predicted TPS as ``pdl1 run`` makes it (tumour nuclei of the nuclei model in the product's
     tissue, PD-L1 from the segmentation maps at their position, :func:`pdl1_from_maps`), the share of the
@@ -586,7 +587,7 @@ def _predicted_tps(
     member's, :func:`_segment_against_truth`)."""
     check_truth_stain(slide_path, scored.truth_data, nuclei_model.manifest, "nuclei")
     with open_slide(slide_path, mpp_advice=mpp_advice) as slide:
-        nuclei = detect_nuclei(slide, nuclei_model, tissue=scored.tissue)
+        nuclei = detect_nuclei(slide, nuclei_model, tissue=scored.tissue, on_progress=on_progress)
         mpp = slide.mpp.mean
     nuclei = pdl1_from_maps(nuclei, scored.maps, threshold=threshold)
     tps = tumour_proportion_score(nuclei.count("Tumor: Positive"), nuclei.count("Tumor: Negative")).percent
@@ -832,6 +833,7 @@ def calibrate_ensemble(
     nuclei_model: Ensemble | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     mpp_advice: MppAdvice | None = None,
+    on_slide: Callable[[int, int, str, str], None] | None = None,
 ) -> tuple[Calibration, ReviewCalibration]:
     """Calibrate SUA (F0.5 on validation NPRs), then the slide "needs review" limits to #32's target.
 
@@ -850,6 +852,9 @@ def calibrate_ensemble(
 
     Every slide's truth and pixel size are checked before the first is segmented (:func:`check_truths`);
     ``mpp_advice`` is how the caller's user gives a slide a pixel size, for the messages of one it has none for.
+    ``on_progress(done, total)`` counts the tiles of each slide's pass, ``on_slide(i, n, name, part)`` says which
+    before it: slide ``i`` of ``n``, ``part`` "segmentation" (every slide first), then "nuclei" (with
+    ``nuclei_model``, the predicted TPS of every slide).
     """
     upper = ensemble.manifest.thresholds.get("segmentation", 0.5)
     # The limits taken as the manifest states them (pdl1 run's rule), not fitted here.
@@ -865,7 +870,9 @@ def calibrate_ensemble(
     needs = ("spec",) if nuclei_model is None else ("spec", "tps_percent")
     check_truths(slides, {ensemble.manifest.stain: scorers}, needs=needs, mpp_advice=mpp_advice)
     scored = []
-    for path in slides:
+    for i, path in enumerate(slides, start=1):
+        if on_slide is not None:
+            on_slide(i, len(slides), Path(path).name, "segmentation")
         # On the pipeline's grid, where the thresholds will be applied (not the truth's finer one).
         scored.append(
             _segment_against_truth(
@@ -890,7 +897,7 @@ def calibrate_ensemble(
     # on the candidate areas of the first threshold tried, which scored F0.5 0 and is never written).
     sua = cal.params if sua_fitted(cal) else sua_params_for(ensemble.manifest, PipelineConfig(), upper=cal.params.upper)
     rows = []
-    for path, s in zip(slides, scored, strict=True):
+    for i, (path, s) in enumerate(zip(slides, scored, strict=True), start=1):
         analysed = s.analysed
         mean_pe = float(np.asarray(s.maps.predictive_entropy)[analysed].mean()) if analysed.any() else 0.0
         candidates, _ = find_candidates(s.maps, sua, valid=analysed)
@@ -902,7 +909,11 @@ def calibrate_ensemble(
         )
         wrong_category, disagreement, tps, truth_tps = False, None, None, None
         if nuclei_model is not None:
-            tps, _, disagreement = _predicted_tps(path, s, nuclei_model, threshold=upper, mpp_advice=mpp_advice)
+            if on_slide is not None:  # a pass over every slide again: it said nothing, after the tiles' bar ended
+                on_slide(i, len(slides), Path(path).name, "nuclei")
+            tps, _, disagreement = _predicted_tps(
+                path, s, nuclei_model, threshold=upper, mpp_advice=mpp_advice, on_progress=on_progress
+            )
             truth_tps = _truth_tps(s)
             # No tumour nucleus found: no TPS to judge, as the suite counts it (SlideEvaluation.tps_category_wrong).
             wrong_category = tps is not None and tps_category(tps) != tps_category(truth_tps)

@@ -746,6 +746,21 @@ def test_pdl1_report_draws_a_bar_of_the_images_unless_told_not_to(tmp_path):
     assert quiet.exit_code == 0 and "2/2" not in quiet.output, quiet.output
 
 
+def test_a_report_stopped_by_ctrl_c_says_what_it_left(tmp_path, monkeypatch):
+    # Ctrl-C among the thumbnails ended `pdl1 report` with exit 130 and not a word.
+    import bridge.report
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bridge.report, "write_report", stopped)
+    result = runner.invoke(app, ["report", str(tmp_path)], env={"COLUMNS": "400"})
+    assert result.exit_code == 130, result.output
+    assert "interrupted: the report was not finished: its report.html and report.csv are still the earlier" in (
+        result.output
+    )
+
+
 def _cells(line: str) -> list[str]:
     """The cells of one line of a rich table, stripped: ``│ a │ b │`` -> ``["a", "b"]``."""
     return [c.strip() for c in line.split("│")[1:-1]]

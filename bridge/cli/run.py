@@ -478,8 +478,17 @@ def run(
             from rich.markup import escape
 
             console.print(f"[yellow]no report:[/yellow] {escape(str(err))}", soft_wrap=True)
+        except KeyboardInterrupt:  # after the table: the images are written, only the report is stopped
+            raise interrupted(f"the images are analysed and written (above); {REPORT_INTERRUPTED}") from None
     if any(True for _ in iter_failed(outcomes)):
         raise typer.Exit(code=1)
+
+
+# What a Ctrl-C while a report is drawn leaves: report.html and report.csv are each replaced whole at the end.
+REPORT_INTERRUPTED = (
+    "the report was not finished: its report.html and report.csv are still the earlier report's (or none); "
+    "`pdl1 report` makes it"
+)
 
 
 def _interrupted_text(stop: KeyboardInterrupt) -> str:
@@ -576,6 +585,8 @@ def report_cmd(
             html_path, csv_path = write_report(source, out, on_progress=on_progress)
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
+    except KeyboardInterrupt:  # ended with exit 130 and not a word
+        raise interrupted(REPORT_INTERRUPTED) from None
     typer.echo(f"wrote {html_path}, {csv_path} and {csv_path.parent / TARGETS_FILE}")
 
 

@@ -571,8 +571,8 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
     seg_tiles = nuclei_tiles = 0
     if on_progress is not None and nuclei_model is not None:
         # Counted before the segmentation: its total alone made the bar (and a service job's progress) reach 100 %
-        # at the segmentation's end, then fall back when the nuclei began (helper-161: 'running 100% (9/9 tiles)',
-        # then '22% (9/41 tiles)' in QuPath's log).
+        # at the segmentation's end, then fall back when the nuclei began ('running 100% (9/9 tiles)', then
+        # '22% (9/41 tiles)' in QuPath's log).
         nuclei_tiles = len(plan_nuclei_tiles(slide, nuclei_model, roi=roi, tissue=tissue, config=config.nuclei))
 
     def progress(part: str) -> Callable[[int, int], None] | None:

@@ -893,7 +893,7 @@ def calibrate_ensemble(
         min_fraction=min_fraction,
         objective=objective,
     )
-    # The SUA pdl1 run will use: the one just fitted, else the model's own, kept (helper-134: the limits were fitted
+    # The SUA pdl1 run will use: the one just fitted, else the model's own, kept (the limits were fitted
     # on the candidate areas of the first threshold tried, which scored F0.5 0 and is never written).
     sua = cal.params if sua_fitted(cal) else sua_params_for(ensemble.manifest, PipelineConfig(), upper=cal.params.upper)
     rows = []

@@ -794,10 +794,11 @@ def read_entry_objects(
     project_path: str | Path,
     entry_ids: Iterable[str] | None = None,
     keep: Callable[[str, QuPathObject], bool] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, list[QuPathObject]]:
     """Every annotation, TMA core and detection of the project's entries (all, or ``entry_ids``), read-only; where
     ``keep(entry ID, object)`` is given, those it keeps (a slide's cells are a million objects; what the caller passes
-    over it counts itself).
+    over it counts itself). ``on_progress(done, total)`` counts the entries read.
 
     Each object goes through QuPath's own GeoJSON writer (``to_geojson``, GsonTools), so what comes
     back is exactly what ``pdl1_export_labels.groovy`` writes for the same entry: one reader of labels,
@@ -824,7 +825,9 @@ def read_entry_objects(
             raise damaged[0]
         if damaged:
             raise ProjectError(f"{len(damaged)} entries' QuPath data is damaged:\n" + "\n".join(map(str, damaged)))
-        for entry in entries:
+        if on_progress is not None:
+            on_progress(0, len(entries))
+        for done, entry in enumerate(entries, start=1):
             entry_id = str(entry.entry_id)
             hierarchy = entry.hierarchy
             objects = []
@@ -837,6 +840,8 @@ def read_entry_objects(
                     objects.append(read)
             out[entry_id] = objects
             let_go(entry)
+            if on_progress is not None:
+                on_progress(done, len(entries))
     return out
 
 

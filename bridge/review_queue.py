@@ -45,7 +45,8 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -476,28 +477,45 @@ def _read_json(path: Path, fix: str) -> Any:
         raise ReviewQueueError(f"{path} does not read ({err}); {fix}") from err
 
 
-def _entry_objects(
-    info_folder: Path, entries: Sequence[ProjectEntry], qupath_objects: dict[str, list[QuPathObject]] | None
-) -> dict[str, tuple[list[QuPathObject], str]]:
-    """Each entry's own objects, for its labels: through QuPath, else the export of pdl1_export_labels.groovy."""
+def _exported_objects(info_folder: Path, entry_id: str) -> tuple[list[QuPathObject], str]:
+    """An entry's own objects, for its labels, from the export of pdl1_export_labels.groovy (none where there is
+    none), and where they came from."""
     from bridge.labels import export_path
 
-    out: dict[str, tuple[list[QuPathObject], str]] = {}
-    for entry in entries:
-        if qupath_objects is not None:
-            out[entry.entry_id] = (qupath_objects.get(entry.entry_id, []), "QuPath")
-            continue
-        exported = export_path(info_folder, entry.entry_id)
-        if exported.is_file():
-            try:
-                out[entry.entry_id] = (list(read_features(exported, keep=_may_label_area)), str(exported))
-            except (ValueError, Pdl1Error) as err:
-                raise ReviewQueueError(
-                    f"{exported}: not a QuPath GeoJSON export ({err}); run pdl1_export_labels.groovy again"
-                ) from err
-        else:
-            out[entry.entry_id] = ([], "")
-    return out
+    exported = export_path(info_folder, entry_id)
+    if not exported.is_file():
+        return [], ""
+    try:
+        return list(read_features(exported, keep=_may_label_area)), str(exported)
+    except (ValueError, Pdl1Error) as err:
+        raise ReviewQueueError(
+            f"{exported}: not a QuPath GeoJSON export ({err}); run pdl1_export_labels.groovy again"
+        ) from err
+
+
+def _entry_regions(
+    folder: Path, summary: dict, records: RecordsSummary | None, notes: list[str], fix: str
+) -> list[RegionItem]:
+    """An entry's regions, not yet scored, from its records where it is ranked from them, else from the run's
+    files in its ``folder``; why some are missing is added to ``notes``."""
+    mpp = float(summary["mpp"])
+    if records is not None:
+        return _record_regions(records, mpp=mpp)
+    targets = _analysed_targets(summary)
+    if len(targets) > 1:
+        regions, note = _target_regions(folder, summary, targets, mpp=mpp)
+        if regions is not None:
+            return regions
+        notes.append(note)
+    geojson = folder / "objects.geojson"
+    if not geojson.is_file():
+        return []
+    try:  # its regions and tiles: the nuclei, most of the file, are passed over unparsed
+        objects = list(read_features(geojson, keep=not_detections, unparsed=DETECTION_LINE_TYPES))
+    except (ValueError, Pdl1Error) as err:  # the entry is ranked by its summary, without regions; said
+        notes.append(f"no regions listed: {geojson} does not read ({err}); {fix}")
+        objects = []
+    return candidate_regions(objects, mpp=mpp)
 
 
 # Label classes only a person draws (the run writes PD-L1 positive regions too, so their count says nothing).
@@ -605,9 +623,19 @@ def _record_regions(records: RecordsSummary, *, mpp: float) -> list[RegionItem]:
 
 
 def build_queue(
-    project: str | Path, *, regions_per_entry: int = 5, use_qupath: bool = False
+    project: str | Path,
+    *,
+    regions_per_entry: int = 5,
+    use_qupath: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+    on_labels_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[EntryItem], list[tuple[str, str, str]]]:
-    """Rank a run project's entries and their regions; nothing is written. Returns (ranked, not ranked)."""
+    """Rank a run project's entries and their regions; nothing is written. Returns (ranked, not ranked).
+
+    ``on_progress(done, total)`` counts the analysed entries whose results are read (summary or records, regions,
+    and without QuPath the export of their labels); with ``use_qupath``, ``on_labels_progress(done, total)`` then
+    counts the entries whose objects QuPath read for their labels (a slide's cells pass through QuPath one by one).
+    """
     qpproj = find_project_file(project)
     info = read_project(qpproj)
     pdl1 = info.folder / PDL1_DIR
@@ -622,7 +650,14 @@ def build_queue(
     sources: dict[str, str] = {}
     record_notes: dict[str, list[str]] = {}
     summary_paths: dict[str, Path] = {}  # the summary.json of each entry whose summary reads: where its rank goes
-    for entry in found:
+    region_lists: dict[str, list[RegionItem]] = {}
+    region_notes: dict[str, list[str]] = {}  # why regions are missing, in order
+    exported: dict[str, tuple[list[QuPathObject], str]] = {}  # without QuPath: each entry's labels export
+    # Each entry's files read in one pass, counted: a project of whole slides read for minutes in silence (a run's
+    # objects.geojson holds every nucleus).
+    if on_progress is not None:
+        on_progress(0, len(found))
+    for done, entry in enumerate(found, start=1):
         folder = pdl1 / entry.entry_id
         records = entry_summary_from_records(folder, image=entry.image_name, entry_id=entry.entry_id)
         record_notes[entry.entry_id] = records.problems()
@@ -644,6 +679,15 @@ def build_queue(
             from_records[entry.entry_id] = records
         elif summary is not None:
             summaries[entry.entry_id] = summary
+        if entry.entry_id in summaries:
+            region_notes[entry.entry_id] = []
+            region_lists[entry.entry_id] = _entry_regions(
+                folder, summaries[entry.entry_id], from_records.get(entry.entry_id), region_notes[entry.entry_id], fix
+            )
+            if not use_qupath:
+                exported[entry.entry_id] = _exported_objects(info.folder, entry.entry_id)
+        if on_progress is not None:
+            on_progress(done, len(found))
     for entry in found:  # records that do not read, and no summary: named, not ranked
         if entry.entry_id not in summaries:
             why = "; ".join(record_notes[entry.entry_id]) or "no analysis recorded with its scores"
@@ -654,45 +698,21 @@ def build_queue(
             state = status.get(entry.entry_id, {})
             why = f"failed in the last run: {state.get('error')}" if state.get("state") == "failed" else "not analysed"
             not_ranked.append((entry.entry_id, entry.image_name, why))
-    qupath_objects = None
     if use_qupath:
         from bridge.qupath import read_entry_objects
 
-        qupath_objects = read_entry_objects(info.path, [e.entry_id for e in found], keep=_may_label_area_in_qupath)
-    own = _entry_objects(info.folder, found, qupath_objects)
+        qupath_objects = read_entry_objects(
+            info.path, [e.entry_id for e in found], keep=_may_label_area_in_qupath, on_progress=on_labels_progress
+        )
+        own = {e.entry_id: (qupath_objects.get(e.entry_id, []), "QuPath") for e in found}
+    else:
+        own = exported
     references: dict[str, float] = {}
     for summary in summaries.values():
         u = entry_uncertainty(summary)
         stain = summary.get("stain", "H&E")
         if u is not None:
             references[stain] = max(references.get(stain, 0.0), u)
-    region_lists: dict[str, list[RegionItem]] = {}
-    region_notes: dict[str, list[str]] = {e.entry_id: [] for e in found}  # why regions are missing, in order
-    for entry in found:
-        summary = summaries[entry.entry_id]
-        mpp = float(summary["mpp"])
-        if entry.entry_id in from_records:
-            region_lists[entry.entry_id] = _record_regions(from_records[entry.entry_id], mpp=mpp)
-            continue
-        targets = _analysed_targets(summary)
-        if len(targets) > 1:
-            regions, note = _target_regions(pdl1 / entry.entry_id, summary, targets, mpp=mpp)
-            if regions is not None:
-                region_lists[entry.entry_id] = regions
-                continue
-            region_notes[entry.entry_id].append(note)
-        geojson = pdl1 / entry.entry_id / "objects.geojson"
-        try:
-            # Its regions and tiles: the nuclei, most of the file, are passed over unparsed.
-            objects = (
-                list(read_features(geojson, keep=not_detections, unparsed=DETECTION_LINE_TYPES))
-                if geojson.is_file()
-                else []
-            )
-        except (ValueError, Pdl1Error) as err:  # the entry is ranked by its summary, without regions; said
-            region_notes[entry.entry_id].append(f"no regions listed: {geojson} does not read ({err}); {fix}")
-            objects = []
-        region_lists[entry.entry_id] = candidate_regions(objects, mpp=mpp)
     region_reference = max(
         (r.mutual_information for rs in region_lists.values() for r in rs if r.mutual_information is not None),
         default=None,
@@ -904,6 +924,8 @@ def write_review_queue(
     top: int | None = None,
     regions_per_entry: int = 5,
     qupath: str = "auto",
+    on_progress: Callable[[int, int], None] | None = None,
+    on_labels_progress: Callable[[int, int], None] | None = None,
 ) -> ReviewQueue:
     """Rank, then write the CSV, its provenance JSON and every ranked entry's review metadata.
 
@@ -920,7 +942,8 @@ def write_review_queue(
     (a kill, a power cut, a rename refused), some entries carry the new rank and some an older one: the marker stays
     and says so, to pdl1_import_results.groovy (it then leaves QuPath's review keys alone) and to the next
     review-queue (it warns, writes every entry's again and removes it). Holds the project's run lock, so no ``pdl1
-    run`` writes meanwhile.
+    run`` writes meanwhile. A Ctrl-C while it holds the lock raises :class:`ReviewQueueInterrupted`, saying which of
+    those states it left. ``on_progress``, ``on_labels_progress``: :func:`build_queue`'s.
     """
     if qupath not in ("auto", "always", "never"):
         raise ReviewQueueError(f"--qupath must be auto, always or never, got {qupath!r}")
@@ -962,12 +985,21 @@ def write_review_queue(
         use_qupath, why = qupath_available()
         if qupath == "always" and not use_qupath:
             raise ReviewQueueError(why)
-    with run_lock(folder, doing="pdl1 review-queue is ranking the project here"):
+    csv_path = Path(out) if out is not None else folder / PDL1_DIR / QUEUE_FILE
+    with (
+        _says_what_a_ctrl_c_left(folder, csv_path),  # outside the lock: told once the staged files are gone
+        run_lock(folder, doing="pdl1 review-queue is ranking the project here"),
+    ):
         # What a killed review-queue (or run) left: staged copies of every summary, as pdl1 run removes them.
         remove_orphan_parts(folder, plain_slides=False)
-        entries, not_ranked = build_queue(folder, regions_per_entry=regions_per_entry, use_qupath=use_qupath)
+        entries, not_ranked = build_queue(
+            folder,
+            regions_per_entry=regions_per_entry,
+            use_qupath=use_qupath,
+            on_progress=on_progress,
+            on_labels_progress=on_labels_progress,
+        )
         metadata = entry_metadata(entries)
-        csv_path = Path(out) if out is not None else folder / PDL1_DIR / QUEUE_FILE
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
@@ -1021,6 +1053,7 @@ def write_review_queue(
             if path.is_file()
         ]
         cleared = 0
+        saving = False
         try:
             # The summaries and review.json files first and the CSV, then review_queue.json (the record of the CSV),
             # last: renamed in that order, a review_queue.json beside its CSV says every sidecar carries its rank.
@@ -1055,11 +1088,14 @@ def write_review_queue(
                 from bridge.qupath import set_entry_metadata
 
                 stale = {entry_id: {RANK_KEY: None, SCORE_KEY: None} for entry_id, _, _ in not_ranked}
+                saving = True
                 set_entry_metadata(find_project_file(folder), {**stale, **metadata})
-        except BaseException:
+        except BaseException as err:
             for tmp, _ in staged:
                 tmp.unlink(missing_ok=True)
-            if not earlier_unfinished:  # nothing was replaced (a failed save leaves project.qpproj as it was)
+            # Nothing was replaced: a failed save leaves project.qpproj as it was. A Ctrl-C during the save is seen
+            # when QuPath's call returns, which may be after it wrote project.qpproj: the marker stays.
+            if not earlier_unfinished and not (saving and isinstance(err, KeyboardInterrupt)):
                 marker.unlink(missing_ok=True)
             raise
         provenance_path.unlink(missing_ok=True)  # the record: gone before the first rename, back after the last
@@ -1083,6 +1119,42 @@ def write_review_queue(
         not_ranked=tuple(not_ranked),
         csv_path=csv_path,
         metadata_written_to=_metadata_written_to(entries, use_qupath=use_qupath, cleared=cleared),
+    )
+
+
+class ReviewQueueInterrupted(KeyboardInterrupt):
+    """Ctrl-C while ``pdl1 review-queue`` held the project (a KeyboardInterrupt, so what stops on one stops on it):
+    ``left`` says in which state it left the queue's CSV and the entries' review metadata."""
+
+    def __init__(self, left: str) -> None:
+        super().__init__(left)
+        self.left = left
+
+
+@contextmanager
+def _says_what_a_ctrl_c_left(folder: Path, csv_path: Path) -> Iterator[None]:
+    """Turn a Ctrl-C into :class:`ReviewQueueInterrupted` saying what it left (:func:`interrupted_text`)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise ReviewQueueInterrupted(interrupted_text(folder, csv_path)) from None
+
+
+def interrupted_text(folder: Path, csv_path: Path) -> str:
+    """What a review-queue of the project in ``folder`` stopped by a Ctrl-C left, as its user is told it: the files
+    are staged and renamed into place at the end (:func:`write_review_queue`), so nothing where it stopped before,
+    else what :data:`UNFINISHED_FILE` says."""
+    marker = folder / PDL1_DIR / UNFINISHED_FILE
+    if marker.is_file():
+        return (
+            "some entries' review rank is the newest queue's and others' an older one's (a review-queue was stopped "
+            f"while its files were replaced one at a time), and {csv_path} may be either's; {marker} says so, and "
+            "pdl1_import_results.groovy leaves QuPath's review keys as they are while it is there; run `pdl1 "
+            "review-queue` again, which writes every entry's and removes it"
+        )
+    return (
+        f"the review queue was not written: {csv_path}, its {_provenance_path(csv_path).name} and the entries' "
+        "review metadata are as they were (an earlier queue's, or none); run `pdl1 review-queue` again"
     )
 
 

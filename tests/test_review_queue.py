@@ -788,3 +788,91 @@ def test_an_export_read_for_its_labelled_area_keeps_no_cells_but_those_of_label_
     unclassified = QuPathObject(box(50, 50, 51, 51), "cell", None)
     every = [*read_features(path), unclassified]
     assert [o for o in every if review_queue._may_label_area_in_qupath("1", o)] == kept
+
+
+def test_the_cli_counts_the_entries_read_unless_told_not_to(project):
+    # Every entry's results were read (a run's objects.geojson holds every nucleus) without a word until the table.
+    result = runner.invoke(app, ["review-queue", str(project), "--qupath", "never"])  # lines: stderr is no terminal
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^entries: 0/2 .*^entries: 2/2 .*review queue", result.output, re.M | re.S), result.output
+    quiet = runner.invoke(app, ["review-queue", str(project), "--qupath", "never", "--no-progress"])
+    assert quiet.exit_code == 0 and "entries:" not in quiet.output, quiet.output
+
+
+def test_through_qupath_the_labels_read_are_a_stage_of_their_own(project, monkeypatch):
+    import bridge.qupath
+
+    def read_entry_objects(path, ids, *, keep, on_progress):
+        on_progress(0, len(ids))
+        on_progress(len(ids), len(ids))
+        return {}
+
+    monkeypatch.setattr(bridge.qupath, "qupath_available", lambda: (True, ""))
+    monkeypatch.setattr(bridge.qupath, "read_entry_objects", read_entry_objects)
+    monkeypatch.setattr(bridge.qupath, "set_entry_metadata", lambda path, values: None)
+    result = runner.invoke(app, ["review-queue", str(project)])
+    assert result.exit_code == 0, result.output
+    stages = r"^entries: 2/2 .*^labels in QuPath: 0/2 .*^labels in QuPath: 2/2 "
+    assert re.search(stages, result.output, re.M | re.S), result.output
+
+
+def _ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_a_ctrl_c_while_the_entries_are_read_says_nothing_was_written(project):
+    import bridge.review_queue as rq
+
+    before = {p: p.read_bytes() for p in (project / "pdl1").rglob("*") if p.is_file()}
+    # The second entry's results stop it (it ended with exit 130 and not a word).
+    read = rq.entry_summary_from_records
+    calls = []
+
+    def stopped_at_the_second(folder, **kwargs):
+        calls.append(folder)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return read(folder, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rq, "entry_summary_from_records", stopped_at_the_second)
+        result = runner.invoke(app, ["review-queue", str(project), "--qupath", "never"], env={"COLUMNS": "400"})
+    assert result.exit_code == 130, result.output
+    said = " ".join(result.output.split())
+    assert f"interrupted: the review queue was not written: {project / 'pdl1' / 'review_queue.csv'}, its " in said
+    assert "review_queue.json and the entries' review metadata are as they were" in said
+    assert {p: p.read_bytes() for p in (project / "pdl1").rglob("*") if p.is_file()} == before
+
+
+def test_a_ctrl_c_while_the_files_are_renamed_says_the_ranks_are_mixed(project, monkeypatch):
+    import bridge.review_queue as rq
+
+    replace = rq.os.replace
+    done = []
+
+    def stopped_at_the_second_summary(src, dst):
+        if Path(dst).name == "summary.json" and done:
+            raise KeyboardInterrupt
+        done.append(dst)
+        return replace(src, dst)
+
+    monkeypatch.setattr(rq.os, "replace", stopped_at_the_second_summary)
+    result = runner.invoke(app, ["review-queue", str(project), "--qupath", "never"], env={"COLUMNS": "400"})
+    assert result.exit_code == 130, result.output
+    said = " ".join(result.output.split())
+    assert "interrupted: some entries' review rank is the newest queue's and others' an older one's" in said
+    assert f"{project / 'pdl1' / UNFINISHED_FILE} says so" in said
+    assert (project / "pdl1" / UNFINISHED_FILE).is_file() and not list((project / "pdl1").rglob("*.part"))
+
+
+def test_a_ctrl_c_during_qupaths_save_keeps_the_marker(project, monkeypatch):
+    # Python sees a Ctrl-C when QuPath's call returns, which may be after project.qpproj was written with the new
+    # ranks: the marker was removed, as if nothing had been replaced.
+    import bridge.qupath
+
+    monkeypatch.setattr(bridge.qupath, "qupath_available", lambda: (True, ""))
+    monkeypatch.setattr(bridge.qupath, "read_entry_objects", lambda path, ids, **kwargs: {})
+    monkeypatch.setattr(bridge.qupath, "set_entry_metadata", _ctrl_c)
+    with pytest.raises(KeyboardInterrupt, match="some entries' review rank is the newest queue's"):
+        write_review_queue(project)
+    assert (project / "pdl1" / UNFINISHED_FILE).is_file() and not list((project / "pdl1").rglob("*.part"))

@@ -936,7 +936,10 @@ def test_reading_objects_through_qupath_refuses_damaged_data_before_qupath_reads
         yield SimpleNamespace(images=entries)
 
     monkeypatch.setattr(qupath, "open_project", open_project)
-    assert qupath.read_entry_objects(tmp_path, ["1", "3"]) == {"1": [], "3": []}  # no data.qpdata: none saved yet
+    counted = []
+    got = qupath.read_entry_objects(tmp_path, ["1", "3"], on_progress=lambda done, total: counted.append((done, total)))
+    assert got == {"1": [], "3": []}  # no data.qpdata: none saved yet
+    assert counted == [(0, 2), (1, 2), (2, 2)]  # the entries read (pdl1 review-queue's bar through QuPath)
     with pytest.raises(
         ProjectError, match=r"2 entries' QuPath data is damaged:\nslide-2.svs: .* is damaged, it is cut"
     ):

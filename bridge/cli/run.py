@@ -608,6 +608,9 @@ def review_queue_cmd(
     qupath: Annotated[
         str, typer.Option(help="auto: write the entry metadata through paquo when QuPath is found; never; always.")
     ] = "auto",
+    progress: Annotated[
+        bool, typer.Option(help="Show a progress bar (entries read; through QuPath, then their labels).")
+    ] = True,
 ) -> None:
     """Rank entries and regions by what labelling them would teach the model (uncertainty, SUA, domain).
 
@@ -623,12 +626,27 @@ def review_queue_cmd(
     from rich.table import Table
 
     from bridge.cli.common import stdout
-    from bridge.review_queue import write_review_queue
+    from bridge.progress import progress_bar
+    from bridge.review_queue import ReviewQueueInterrupted, write_review_queue
 
     try:
-        queue = write_review_queue(project, out=out, top=top, regions_per_entry=regions, qupath=qupath)
+        # Every entry's results are read (a run's objects.geojson holds every nucleus): minutes for a project of
+        # whole slides, which said nothing until the table.
+        with progress_bar("entries", enabled=progress) as on_progress:
+            queue = write_review_queue(
+                project,
+                out=out,
+                top=top,
+                regions_per_entry=regions,
+                qupath=qupath,
+                on_progress=on_progress,
+                on_labels_progress=lambda done, total: on_progress(done, total, stage="labels in QuPath"),
+            )
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
+    except KeyboardInterrupt as stop:  # exit 130 and not a word: were the ranks half written?
+        left = stop.left if isinstance(stop, ReviewQueueInterrupted) else REVIEW_QUEUE_NOT_WRITTEN
+        raise interrupted(left) from None
     table = Table(title="review queue (label first at the top)")
     for column in ("rank", "image", "score", "regions", "first region (x, y, w, h px)", "reasons"):
         table.add_column(column)
@@ -652,6 +670,13 @@ def review_queue_cmd(
     for entry_id, name, why in queue.not_ranked:
         typer.echo(f"not ranked: {name} (entry {entry_id}): {why}")
     typer.echo(f"wrote {queue.csv_path}; entry metadata in the {queue.metadata_written_to}")
+
+
+# A Ctrl-C before the project was held (its checks, looking for QuPath): nothing written.
+REVIEW_QUEUE_NOT_WRITTEN = (
+    "the review queue was not written: its CSV and the entries' review metadata are as they were (an earlier "
+    "queue's, or none); run `pdl1 review-queue` again"
+)
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int, int] | None:

@@ -959,6 +959,33 @@ def test_each_eval_slides_bar_says_which_slide_of_how_many_it_is(capsys, monkeyp
     assert "eval a.svs (slide 1 of 2): 1/1" in said and "eval b.svs (slide 2 of 2): 1/1" in said, said
 
 
+def test_pdl1_eval_registration_draws_a_bar_per_pair_saying_which_of_how_many(tmp_path, monkeypatch):
+    # About a second a pair, and not a word until the table: minutes for a lab's 100 pairs.
+    from types import SimpleNamespace
+
+    import bridge.cli.evaluate
+    import inference
+
+    pairs = [tmp_path / "a_ihc.svs", tmp_path / "b_ihc.svs"]
+    for path in pairs:
+        path.write_bytes(b"")
+
+    def registered(slide, **_):
+        numbers = dict.fromkeys(("error_median_um", "error_p90_um", "error_max_um", "estimated_error_um"), 1.0)
+        return SimpleNamespace(
+            ihc_slide=Path(slide).name, he_slide="he.svs", registered_mpp=8.0, angle_deg=0.0, ok=True, **numbers
+        )
+
+    monkeypatch.setattr(bridge.cli.evaluate, "_check_truths", lambda *a, **k: None)
+    monkeypatch.setattr(inference, "evaluate_registration", registered)
+    result = runner.invoke(app, ["eval", "registration", *map(str, pairs)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    said = r"^eval a_ihc.svs \(pair 1 of 2\): 1/1 .*^eval b_ihc.svs \(pair 2 of 2\): 1/1 .*IHC -> H&E registration"
+    assert re.search(said, result.output, re.M | re.S), result.output
+    quiet = runner.invoke(app, ["eval", "registration", *map(str, pairs), "--no-progress"], env={"COLUMNS": "400"})
+    assert quiet.exit_code == 0 and "(pair 1 of 2)" not in quiet.output, quiet.output
+
+
 def test_a_project_file_another_program_holds_open_is_explained_with_that_fix(fixtures_dir, tmp_path, monkeypatch):
     """Windows refuses to read a file another program holds open (PermissionError, as a permission); `pdl1 train`
     then said only to choose a folder it can write to, for a file it was reading."""

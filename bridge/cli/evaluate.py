@@ -275,14 +275,14 @@ def eval_nuclei(
         raise fail(err) from err
 
 
-def eval_bar(slide: Path, i: int, n: int) -> str:
-    """The description of slide ``i`` of ``n``'s bar: each slide's bar named it alone, so a log of an evaluation of
-    40 slides never said how far it was.
+def eval_bar(slide: Path, i: int, n: int, *, unit: str = "slide") -> str:
+    """The description of slide ``i`` of ``n``'s bar (``unit``: what is counted, ``pair`` for registration's IHC
+    and H&E): each slide's bar named it alone, so a log of an evaluation of 40 slides never said how far it was.
 
-    >>> eval_bar(Path("a.svs"), 2, 40), eval_bar(Path("a.svs"), 1, 1)
-    ('eval a.svs (slide 2 of 40)', 'eval a.svs')
+    >>> eval_bar(Path("a.svs"), 2, 40), eval_bar(Path("a.svs"), 1, 1), eval_bar(Path("a.svs"), 2, 40, unit="pair")
+    ('eval a.svs (slide 2 of 40)', 'eval a.svs', 'eval a.svs (pair 2 of 40)')
     """
-    return f"eval {slide.name}" + (f" (slide {i} of {n})" if n > 1 else "")
+    return f"eval {slide.name}" + (f" ({unit} {i} of {n})" if n > 1 else "")
 
 
 def _reviewed_ihc(slides: list[Path], ensemble, *, models, config, radius_um: float, progress: bool):
@@ -503,11 +503,13 @@ def eval_registration(
         list[Path], typer.Argument(help="Phantom PD-L1 IHC slides written with --ihc; each is registered to its H&E.")
     ],
     mpp: Annotated[float, typer.Option(**number_range(1.0, 64.0), help="Resolution registered at, µm/px.")] = 8.0,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar per pair.")] = True,
 ) -> None:
     """Registration error of each IHC onto its H&E against the true section transform (median, p90, max µm)."""
     slides = distinct_paths(slides, done="scored once")  # a glob and one of its files: counted once in the means
     from rich.table import Table
 
+    from bridge.progress import progress_bar
     from inference import evaluate_registration
 
     out = stdout()
@@ -519,8 +521,12 @@ def eval_registration(
             table.add_column(col, justify="left" if col in ("IHC", "H&E", "ok") else "right")
         _check_truths(slides, {"H-DAB": []}, mpp_advice=REGISTRATION_MPP_ADVICE)
         medians = []
-        for slide in slides:
-            r = evaluate_registration(slide, mpp=mpp, mpp_advice=REGISTRATION_MPP_ADVICE)
+        for i, slide in enumerate(slides, start=1):
+            # About a second a pair, said nothing until the table: minutes for a lab's 100 pairs.
+            with progress_bar(eval_bar(slide, i, len(slides), unit="pair"), enabled=progress) as on_progress:
+                on_progress(0, 1)
+                r = evaluate_registration(slide, mpp=mpp, mpp_advice=REGISTRATION_MPP_ADVICE)
+                on_progress(1, 1)
             medians.append(r.error_median_um)
             table.add_row(
                 r.ihc_slide,

@@ -253,8 +253,9 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def write_training_report(out: str | Path) -> Path:
-    """Draw and write ``OUT/training_report.html`` (pictures in ``OUT/training_report/``); returns its path."""
+def write_training_report(out: str | Path, *, on_progress: Callable[[int, int], None] | None = None) -> Path:
+    """Draw and write ``OUT/training_report.html`` (pictures in ``OUT/training_report/``); returns its path.
+    ``on_progress(done, total)`` counts the pictures drawn (the curves, the validation plot, each example tile)."""
     out = Path(out)
     if out.name == "manifest.json" and out.is_file():  # the manifest named for its folder, as read_manifest takes
         out = out.parent
@@ -270,7 +271,19 @@ def write_training_report(out: str | Path) -> Path:
     folder = out / REPORT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     sections = []
+    curves = read_training_curves(out, members)
+    validation_path = out / "validation.json"
+    tiles = _load_examples(folder / EXAMPLES_FILE)
+    # Each picture is drawn with matplotlib: seconds for a report of many example tiles, after the training's bars.
+    total = bool(curves) + validation_path.is_file() + len(tiles)
+    drawn = [0]
 
+    def drew(pictures: int) -> None:
+        drawn[0] += pictures
+        if on_progress is not None:
+            on_progress(drawn[0], total)
+
+    drew(0)
     rows = [
         (m.get("file"), m.get("chain", 0), m.get("cycle"), m.get("epoch"), _num(m.get("learning_rate"), ".2e"))
         for m in members
@@ -286,9 +299,9 @@ def write_training_report(out: str | Path) -> Path:
         + _table(("member", "chain", "cycle", "epoch", "learning rate", "training loss (epoch mean)"), rows)
     )
 
-    curves = read_training_curves(out, members)
     if curves:
         _curves_png(curves, folder / "curves.png")
+        drew(1)
         notes = "".join(
             f"<p>chain {html.escape(str(c.chain))}: {c.epoch.size} epochs, {c.step.size} iterations"
             + (
@@ -309,10 +322,10 @@ def write_training_report(out: str | Path) -> Path:
         )
         sections.append(f"<h2>Loss and learning rate</h2><p>No training_history.json: {html.escape(why)}.</p>")
 
-    validation_path = out / "validation.json"
     if validation_path.is_file():
         validation = _read_json(validation_path)
         _validation_png(validation, folder / "validation.png")
+        drew(1)
         if validation["task"] == "segmentation":
             headers = ("slide", "labelled px", "positive px", "predicted px", "Dice", "members' Dice", "rank")
             keys = ("labelled_px", "positive_px", "predicted_px", "dice")
@@ -411,11 +424,11 @@ def write_training_report(out: str | Path) -> Path:
             "<h2>Label sources (manifest)</h2>" + _table(("slide", "source", "counts", "labels sha256"), rows)
         )
 
-    tiles = _load_examples(folder / EXAMPLES_FILE)
     if tiles:
         imgs = []
         for i, tile in enumerate(tiles):
             _example_png(tile, folder / f"example_{i}.png")
+            drew(1)
             imgs.append(f"<img src='{REPORT_DIR}/example_{i}.png'>")
         sections.append("<h2>Example tiles</h2>" + "".join(imgs))
 

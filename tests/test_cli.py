@@ -948,6 +948,44 @@ def test_a_progress_bars_next_stage_is_shown_below_the_one_before_and_taken_away
         assert "training report" not in said, said
 
 
+@pytest.mark.parametrize("task", ["nuclei", "segmentation"])
+def test_trainings_review_entropy_and_validation_are_stages_of_its_progress(tmp_path, monkeypatch, task):
+    # An IHC nuclei model's review entropy and the held-out slides' scoring read every slide after 'training: N/N',
+    # and said nothing.
+    from types import SimpleNamespace
+
+    import bridge.cli.train as train_cli
+    from bridge.progress import ProgressLines
+
+    said = []
+    monkeypatch.setattr(ProgressLines, "update", lambda self, done, total, stage=None: said.append((stage, done)))
+    monkeypatch.setattr("bridge.progress.writes_to_terminal", lambda stream=None: False)
+
+    def train(config, *, on_progress, on_domain_progress, **kwargs):
+        on_progress(1, 1)
+        if task == "nuclei":
+            kwargs["on_review_progress"](1, 1)
+        else:  # train_segmentation takes none
+            assert "on_review_progress" not in kwargs
+        on_domain_progress(1, 1)
+
+    def validate(out, held_out, *, on_progress, **_):
+        on_progress(1, 1)
+        return [], None
+
+    def report(out, *, on_drawing_progress, **_):
+        on_drawing_progress(1, 1)
+        return "training report: drawn"
+
+    monkeypatch.setattr(train_cli, "_validate", validate)
+    monkeypatch.setattr(train_cli, "_training_report", report)
+    config = SimpleNamespace(out_dir=str(tmp_path), device="cpu", slides=())
+    common = {"labels": [], "held_out": ["held.svs"], "recalibrate": False, "resume": False, "progress": True}
+    train_cli._train_and_validate(train, config, task=task, **common)
+    stages = [None, "review entropy"] if task == "nuclei" else [None]
+    assert said == [(s, 1) for s in [*stages, "domain statistics", "validation", "drawing the training report"]]
+
+
 def test_each_eval_slides_bar_says_which_slide_of_how_many_it_is(capsys, monkeypatch):
     # 'eval a.svs: 25/25', a bar per slide naming it alone: a log of 40 slides never said how far the evaluation was.
     import inference

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -460,6 +461,28 @@ def test_pdl1_train_nuclei_holds_validation_slides_out_whole_and_scores_them(lab
     bad = runner.invoke(app, [*args[:-4], "--val-entries", "nope.svs", "--out", str(tmp_path / "other"), *TINY])
     assert bad.exit_code == 1
     assert "--val-entries names nope.svs, which no labelled slide is" in " ".join(bad.output.split())
+
+
+@pytest.mark.slow
+def test_pdl1_train_nuclei_shows_the_held_out_slides_scored_and_the_report_drawn_as_stages(labelled, tmp_path):
+    # After 'training: N/N' the held-out slides were scored (every member over each one) and the report's pictures
+    # drawn in silence: minutes for a lab's slides.
+    args = [*_nuclei_with_he_b_held_out(labelled, tmp_path), "--init", "none", "--no-recalibrate"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "model"), *TINY_2_MEMBERS, "--progress"])
+    assert result.exit_code == 0, result.output  # lines: the runner's stderr is no terminal
+    stages = r"^training: (\d+)/\1 .*^validation: 0/1 .*^validation: 1/1 .*"  # a nuclei model has no domain guard
+    stages += r"^training report: 3/3 .*^drawing the training report: 0/(\d+) .*^drawing the training report: \2/\2 "
+    assert re.search(stages, result.output, re.M | re.S), result.output
+
+
+def test_the_review_entropy_limit_counts_the_slides_it_reads(finetune_phantom):
+    # Of a PD-L1 IHC nuclei ensemble, after its last step: the ensemble over every training slide, in silence.
+    from inference.training.train_nuclei import review_entropy_limit
+
+    counted = []
+    slides = (finetune_phantom, finetune_phantom)
+    review_entropy_limit(demo_model_dir("nuclei-ihc"), slides, on_progress=lambda *report: counted.append(report))
+    assert counted == [(0, 2), (1, 2), (2, 2)]
 
 
 @pytest.mark.slow

@@ -288,7 +288,11 @@ def test_cli_progress_goes_on_through_the_stages_after_the_last_step(small_phant
     result = _train_seg_cli(small_phantom, tmp_path / "m", "--progress")  # lines: the runner's stderr is no terminal
     assert result.exit_code == 0, result.output
     stages = r"^training: (\d+)/\1 .*^domain statistics: 0/1 .*^domain statistics: 1/1 .*^training report: 0/2 .*"
-    assert re.search(stages + r"^training report: 2/2 .*^wrote ", result.output, re.M | re.S), result.output
+    # Then its pictures drawn (the curves, each example tile), which said nothing either.
+    drawn = r"^drawing the training report: 0/(\d+) .*^drawing the training report: \2/\2 "
+    assert re.search(stages + r"^training report: 2/2 .*" + drawn + ".*^wrote ", result.output, re.M | re.S), (
+        result.output
+    )
 
 
 def test_a_checkpoint_is_continued_only_with_its_settings_and_labels(tmp_path, monkeypatch):

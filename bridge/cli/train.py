@@ -999,21 +999,30 @@ def _train_and_validate(
     from bridge.progress import progress_bar
 
     out, device = Path(config.out_dir), config.device
-    # The stages after the last step read every slide again (domain statistics, the report's label statistics):
-    # minutes for a lab's slides, which said nothing after the training bar had ended.
+    # The stages after the last step read every slide again (an IHC nuclei model's review entropy, domain
+    # statistics, validation on the held-out slides, the report's label statistics) and draw the report: minutes
+    # for a lab's slides, which said nothing after the training bar had ended.
     with progress_bar("training", enabled=progress) as on_progress:
+
+        def stage(name: str) -> Callable[[int, int], None]:
+            return lambda done, total: on_progress(done, total, stage=name)
+
+        if task == "nuclei":
+            train_kwargs["on_review_progress"] = stage("review entropy")
         manifest = train(
             config,
             labels=labels,
             label_sources=label_summary(labels) if labels else None,
             resume=resume,
             on_progress=on_progress,
-            on_domain_progress=lambda done, total: on_progress(done, total, stage="domain statistics"),
+            on_domain_progress=stage("domain statistics"),
             setting=SEG_TRAIN_WORDS if task == "segmentation" else NUCLEI_TRAIN_WORDS,
             **train_kwargs,
         )
         validation, fit = (
-            _validate(out, held_out, device=device, task=task, recalibrate=recalibrate) if held_out else ([], None)
+            _validate(out, held_out, device=device, task=task, recalibrate=recalibrate, on_progress=stage("validation"))
+            if held_out
+            else ([], None)
         )
         report = _training_report(
             out,
@@ -1022,7 +1031,8 @@ def _train_and_validate(
             held_out=held_out,
             truth=config.slides,
             device=device,
-            on_progress=lambda done, total: on_progress(done, total, stage="training report"),
+            on_progress=stage("training report"),
+            on_drawing_progress=stage("drawing the training report"),
         )
     return manifest, validation, fit, report
 
@@ -1076,8 +1086,11 @@ def _training_report(
     truth: tuple[str, ...],
     device: str,
     on_progress: Callable[[int, int], None] | None = None,
+    on_drawing_progress: Callable[[int, int], None] | None = None,
 ) -> str:
-    """Write OUT/training_report.html; the model is already written, so a failure here is a warning, not an error."""
+    """Write OUT/training_report.html; the model is already written, so a failure here is a warning, not an error.
+    ``on_progress`` counts the slides read for it (:func:`bridge.training_report.record_training_data`),
+    ``on_drawing_progress`` the pictures drawn (:func:`bridge.training_report.write_training_report`)."""
     from bridge.training_report import record_training_data, write_training_report
 
     try:
@@ -1090,7 +1103,7 @@ def _training_report(
             device=device,
             on_progress=on_progress,
         )
-        return f"training report: {write_training_report(out)}"
+        return f"training report: {write_training_report(out, on_progress=on_drawing_progress)}"
     except (Pdl1Error, ValueError, OSError) as err:
         return f"no training report ({err}); the model is complete; `pdl1 train report {out}` draws what is there"
 
@@ -1110,9 +1123,16 @@ def report_cmd(
 
 
 def _validate(
-    out: Path, held_out: list, *, device: str, task: str, recalibrate: bool = False
+    out: Path,
+    held_out: list,
+    *,
+    device: str,
+    task: str,
+    recalibrate: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[dict], dict | None]:
-    """Score the new model on the held-out slides (rows, and the threshold fit or None); OUT/validation.json.
+    """Score the new model on the held-out slides (rows, and the threshold fit or None); OUT/validation.json;
+    ``on_progress(done, total)`` counts the slides the model runs over.
 
     With ``recalibrate`` the threshold with the best pooled score on these slides goes into the manifest
     first, and the slides are scored at it: a segmentation's on its mean probability (Dice over the labelled
@@ -1138,7 +1158,9 @@ def _validate(
     if task == "nuclei":
         manifest = read_manifest(out, task="nuclei")
         min_score = float(manifest.thresholds.get("min_score", DEFAULT_MIN_SCORE))
-        found = labelled_nuclei(out, held_out, radius_um=3.0, floor=min(min_score, 0.1), device=device)
+        found = labelled_nuclei(
+            out, held_out, radius_um=3.0, floor=min(min_score, 0.1), device=device, on_progress=on_progress
+        )
         if recalibrate:
             min_score = _adopt(fit_min_score(found, current=min_score), out, manifest, "min_score", extra)
         scores = score_labelled_nuclei(found, min_score=min_score)
@@ -1146,7 +1168,7 @@ def _validate(
     else:
         manifest = read_manifest(out, task="segmentation")
         threshold = manifest.thresholds.get("segmentation", 0.5)
-        pixels = labelled_region_pixels(out, held_out, device=device)
+        pixels = labelled_region_pixels(out, held_out, device=device, on_progress=on_progress)
         if recalibrate:
             threshold = _adopt(fit_threshold(pixels, current=threshold), out, manifest, "segmentation", extra)
         scores = score_labelled_pixels(pixels, threshold=threshold)

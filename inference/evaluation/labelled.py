@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -92,17 +92,20 @@ def labelled_nuclei(
     config: NucleiConfig | None = None,
     floor: float = 0.1,
     device: str = "cpu",
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[LabelledNuclei]:
     """Per slide: the ensemble's (and each member's) nuclei at peak threshold ``floor`` against the marked points.
 
     Only inside training regions whose nuclei are all marked (``exhaustive``): elsewhere an unmarked
     nucleus says nothing, so a detection there could not be called wrong. Points under ``Ignore*``
-    were left out of the labels; predictions there are left out too.
+    were left out of the labels; predictions there are left out too. ``on_progress(done, total)`` counts the slides.
     """
     ensemble = Ensemble.load(model_dir, task="nuclei", device=device)
     singles = [ensemble.member(i) for i in range(len(ensemble.members))] if len(ensemble.members) > 1 else []
     low = replace(config or NucleiConfig(), min_score=floor)
     out = []
+    if on_progress is not None:
+        on_progress(0, len(labels))
     for lab in labels:
         regions = [r for r, e in zip(lab.training_regions, lab.exhaustive, strict=True) if e]
         if not regions:
@@ -136,6 +139,8 @@ def labelled_nuclei(
                 names,
             )
         )
+        if on_progress is not None:
+            on_progress(len(out), len(labels))
     return out
 
 
@@ -293,16 +298,23 @@ class ThresholdFit:
 
 
 def labelled_region_pixels(
-    model_dir: str | Path, labels: Sequence[SlideLabels], *, device: str = "cpu"
+    model_dir: str | Path,
+    labels: Sequence[SlideLabels],
+    *,
+    device: str = "cpu",
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[LabelledPixels]:
     """Per slide: the ensemble's mean and per-member probabilities on the region labels' pixels.
 
     Only labelled pixels (inside training regions, drawn areas; not ``Ignore*``) that a tile
     covered: elsewhere a prediction can be neither right nor wrong. The ensemble runs only over the
-    labels' bounds, at its own resolution (the grid it was trained on).
+    labels' bounds, at its own resolution (the grid it was trained on). ``on_progress(done, total)`` counts the
+    slides.
     """
     ensemble = Ensemble.load(model_dir, task="segmentation", device=device)
     out = []
+    if on_progress is not None:
+        on_progress(0, len(labels))
     for lab in labels:
         labelled = shapely.union_all([*lab.training_regions, lab.positive, lab.negative])
         if labelled.is_empty:
@@ -326,6 +338,8 @@ def labelled_region_pixels(
                 np.stack(member_prob) if member_prob else np.zeros((0, int(known.sum())), np.float32),
             )
         )
+        if on_progress is not None:
+            on_progress(len(out), len(labels))
     return out
 
 

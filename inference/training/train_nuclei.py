@@ -330,6 +330,7 @@ def train_nuclei(
     on_progress: Callable[[int, int], None] | None = None,
     setting: SettingWords = library_setting,
     on_domain_progress: Callable[[int, int], None] | None = None,
+    on_review_progress: Callable[[int, int], None] | None = None,
 ) -> Manifest:
     """Train and write a nuclei model folder (``config.out_dir``); returns its manifest.
 
@@ -341,7 +342,9 @@ def train_nuclei(
     ``label_sources`` (project, entries, counts: ``bridge.labels.label_summary``) go into the manifest.
     The messages' advice names the settings (``config``'s fields, ``resume``) in ``setting``'s words.
     ``on_progress(done, total)`` counts the training steps, ``on_domain_progress`` the slides of the domain
-    statistics computed after them (:func:`~inference.training.domain_stats.write_training_domain_stats`).
+    statistics computed after them (:func:`~inference.training.domain_stats.write_training_domain_stats`), and
+    before those, of a PD-L1 IHC ensemble, ``on_review_progress`` the slides of its review limit
+    (:func:`review_entropy_limit`).
     """
     out_dir = Path(config.out_dir)
     check_out_dir(out_dir, resume=resume, setting=setting)
@@ -451,7 +454,9 @@ def train_nuclei(
     )
     write_manifest(out_dir, manifest)
     if stain == "H-DAB" and len(members) > 1:
-        limit = review_entropy_limit(out_dir, config.slides, device=config.device, slide_mpp=config.slide_mpp)
+        limit = review_entropy_limit(
+            out_dir, config.slides, device=config.device, slide_mpp=config.slide_mpp, on_progress=on_review_progress
+        )
         manifest = manifest.with_thresholds(review_nuclei_entropy=limit)
         write_manifest(out_dir, manifest)
     # The domain guard's statistics of these slides, limits by leaving one slide out (pdl1 domain-stats
@@ -491,17 +496,27 @@ REVIEW_ENTROPY_MARGIN = 1.1
 
 
 def review_entropy_limit(
-    model_dir: str | Path, slides: tuple[str, ...], *, device: str = "cpu", slide_mpp: Mapping[str, float] | None = None
+    model_dir: str | Path,
+    slides: tuple[str, ...],
+    *,
+    device: str = "cpu",
+    slide_mpp: Mapping[str, float] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> float:
     """The review limit of an IHC nuclei ensemble: its training slides' highest mean nuclei entropy x margin.
-    ``slide_mpp``: the µm/px a slide's project states, where it replaces the file's own (as training read it)."""
+    ``slide_mpp``: the µm/px a slide's project states, where it replaces the file's own (as training read it);
+    ``on_progress(done, total)`` counts the slides (the ensemble runs over each one's tissue)."""
     ensemble = Ensemble.load(model_dir, task="nuclei", device=device)
     means = []
-    for path in slides:
+    if on_progress is not None:
+        on_progress(0, len(slides))
+    for done, path in enumerate(slides, start=1):
         mpp = (slide_mpp or {}).get(path)
         with open_slide(path, mpp=mpp, mpp_source="QuPath project") as slide:
             tissue = tissue_mask_for_slide(slide, method=TISSUE_METHOD_OF_STAIN[ensemble.manifest.stain])
             nuclei = detect_nuclei(slide, ensemble, tissue=tissue)
         if nuclei.entropy is not None and len(nuclei):
             means.append(float(nuclei.entropy.mean()))
+        if on_progress is not None:
+            on_progress(done, len(slides))
     return max(means) * REVIEW_ENTROPY_MARGIN

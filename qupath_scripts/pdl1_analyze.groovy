@@ -270,7 +270,9 @@ def readPdl1Config = { File file ->
             throw new IllegalArgumentException("${file}, line ${n}: unknown table ${key}; expected ${tables.collect { '[' + it + ']' }.join(', ')}".toString())
     }
     toml.values.each { key, value ->
-        def where = "${file}, line ${toml.lines[key]}: ${key}"
+        // get, not a subscript: Groovy 5 (QuPath 0.7) reads a String subscript of a Map as a property, and a top-level
+        // key named `properties` was named by the map's own meta-properties, not its line (GROOVY-12024).
+        def where = "${file}, line ${toml.lines.get(key)}: ${key}"
         if (!CONFIG_KEYS.containsKey(key))
             throw new IllegalArgumentException("${where}: unknown key; pdl1-config.toml holds ${CONFIG_KEYS.keySet().join(', ')}".toString())
         def expected = CONFIG_KEYS[key]

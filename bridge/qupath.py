@@ -702,16 +702,25 @@ def point_entry_at(entry: Any, image: Path) -> UriChange | None:
 
 def put_back_uri(entry: Any, change: UriChange) -> None:
     """Undo :func:`point_entry_at` on an entry whose results were not saved (the project file has not been saved
-    since): the next save of ``project.qpproj`` leaves its URI as it was. What paquo read of it is dropped too."""
+    since): the next save of ``project.qpproj`` leaves its URI as it was. What paquo read of it is dropped too.
+
+    Said, never raised: it runs on a failure's path (a Ctrl-C, a failed save), whose own error must go on; a Java
+    error here replaced it, and a Ctrl-C became one image's failure while the run went on.
+    """
     p = _paquo()
     let_go(entry)
-    if not _replace_uri(entry, p["URI"](change.after), p["URI"](change.before)):  # said, not raised: a failure's path
+    try:
+        replaced = _replace_uri(entry, p["URI"](change.after), p["URI"](change.before))
+        why = f"QuPath's entry no longer has {change.after}"
+    except ProjectError as err:
+        replaced, why = False, f"QuPath refused: {type(err.__cause__).__name__}: {err.__cause__}"
+    if not replaced:
         log.warning(
-            "%s: its URI could not be put back to %s (QuPath's entry no longer has %s); check it in QuPath (File > "
-            "Project... > Check project URIs) before saving the project there",
+            "%s: its URI could not be put back to %s (%s); check it in QuPath (File > Project... > Check project "
+            "URIs) before saving the project there",
             change.image_name,
             change.before,
-            change.after,
+            why,
         )
 
 

@@ -1117,6 +1117,41 @@ def test_through_qupath_a_failed_image_has_its_entry_pointed_back_at_its_uri(
     assert fake_qupath["projects"][0].images[0].uri == before
 
 
+def test_a_ctrl_c_stops_the_run_even_where_qupath_refuses_to_put_an_entrys_uri_back(
+    tmp_path, slides, models, fake_qupath, monkeypatch, caplog
+):
+    # Putting the URI back runs on a failure's path: a Java error there replaced the Ctrl-C, which became the image's
+    # failure, and the run went on to the next image.
+    from bridge import qupath
+    from tests.qupath_fakes import FakeJavaEntry
+
+    project, before, _ = _moved_project(tmp_path, slides)
+    update = FakeJavaEntry.updateURIs
+
+    def refusing_the_second(self, replacements):
+        if self.updates:  # the first pointed the entry at its image; this one puts it back
+            raise RuntimeError("java.io.IOException: the project folder is read-only")
+        return update(self, replacements)
+
+    monkeypatch.setattr(FakeJavaEntry, "updateURIs", refusing_the_second)
+    save = qupath.save_entries
+
+    def stopped_at_the_first(entries):
+        if [e.entry_id for e in entries] == ["1"]:
+            raise KeyboardInterrupt
+        save(entries)
+
+    monkeypatch.setattr(qupath, "save_entries", stopped_at_the_first)
+    config = RunConfig(
+        pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="always", search_dirs=(tmp_path / "local",)
+    )
+    with caplog.at_level("WARNING", logger="bridge.qupath"), pytest.raises(RunInterrupted) as stop:
+        run_batch([project], config, models=models)
+    assert stop.value.outcomes == () and stop.value.stopped == "s31.svs"
+    said = f"s31.svs: its URI could not be put back to {before} (QuPath refused: RuntimeError: java.io.IOException"
+    assert said in caplog.text
+
+
 def test_pointing_an_entry_at_its_file_uses_qupaths_update_of_its_version_and_checks_it_took(monkeypatch, tmp_path):
     # QuPath before 0.6 has getServerURIs/updateServerURIs (paquo's update_image_paths chooses so too).
     from types import SimpleNamespace

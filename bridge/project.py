@@ -522,7 +522,7 @@ def moved_with_project(
     windows = isinstance(image, PureWindowsPath)
 
     def key(part: str) -> str:
-        return part.casefold() if windows else part  # Windows paths ignore case
+        return _case_key(part) if windows else part  # Windows paths ignore case
 
     if key(image.anchor) != key(saved_folder.anchor):
         return None
@@ -758,8 +758,7 @@ def _folders_in_common(original: PurePosixPath | PureWindowsPath, found: Path) -
     windows = isinstance(original, PureWindowsPath)
 
     def key(part: str) -> str:
-        part = unicodedata.normalize("NFC", part)
-        return part.casefold() if windows else part
+        return _case_key(part) if windows else unicodedata.normalize("NFC", part)
 
     count = 0
     for a, b in zip(reversed(original.parent.parts), reversed(found.parent.parts), strict=False):
@@ -775,7 +774,7 @@ def _stated_path(entry: ProjectEntry) -> str:
         path = entry.path
     except ProjectError:
         return entry.uri
-    return str(path).casefold() if isinstance(path, PureWindowsPath) else str(path)
+    return _case_key(str(path)) if isinstance(path, PureWindowsPath) else str(path)
 
 
 def claimed_twice(located: Sequence[tuple[ProjectEntry, Path]]) -> dict[str, str]:

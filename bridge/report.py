@@ -908,7 +908,8 @@ def _image_cps_category(s: dict) -> str | None:
     """An IHC image's CPS category (``insufficient tumour cells``, :func:`inference.cps_category`) from its summary
     (or its row of the report):
     its TPS's where that is insufficient, the CPS's denominator being the TPS's tumour cells (an image's over its
-    targets too: both from the summed cells). None on H&E, and for a summary without a CPS."""
+    targets too: both from the summed cells; a CPS of none, from no tumour cell, is insufficient too). None on H&E,
+    and for a summary with no ``cps`` key (one written before the CPS was recorded)."""
     ihc = s.get("stain") == "H-DAB" and "cps" in s
     return INSUFFICIENT if ihc and s.get("tps_category") == INSUFFICIENT else None
 

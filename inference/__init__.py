@@ -115,7 +115,7 @@ _PUBLIC = {
     "run_checkpoints": "inference.training.cyclic",
     "SegTrainConfig": "inference.training.train_seg",
     "train_segmentation": "inference.training.train_seg",
-    "check_seg_slides": "inference.training.train_seg",
+    "check_training_slides": "inference.training.cyclic",
     "NucleiTrainConfig": "inference.training.train_nuclei",
     "train_nuclei": "inference.training.train_nuclei",
     "SlideLabels": "inference.training.labels",

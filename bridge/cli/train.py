@@ -294,7 +294,7 @@ def train_seg(
     On phantom truth, or on your own region labels (a QuPath project, or --labels GeoJSON per slide):
     see the README, "Train on your own slides".
     """
-    from inference import SegTrainConfig, check_seg_slides, train_segmentation
+    from inference import SegTrainConfig, check_training_slides, train_segmentation
 
     lr_peak, lr_floor = _lr_range(optimizer, lr_max)
     _check_before_reading(out, resume=resume, cycles=cycles, drop_first_cycle=drop_first_cycle)
@@ -327,8 +327,9 @@ def train_seg(
             )
         if unlabeled or pseudo_label_rest:
             # Training checks its slides before reading any, but pseudo-labelling segments slides before it.
-            check_seg_slides(
+            check_training_slides(
                 [lab.slide for lab in [*slide_labels, *held_out]] if slide_labels else [str(s) for s in slides],
+                task="seg",
                 input_mpp=input_mpp,
                 slide_mpp=_slide_mpp([*slide_labels, *held_out]),
                 phantoms=not slide_labels,

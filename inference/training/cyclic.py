@@ -31,6 +31,7 @@ from inference.models.manifest import (
     sha256_file,
     wrong_model_message,
 )
+from inference.phantom.truth import phantom_mpp_advice
 from inference.slides.slide import MppAdvice, header_mpp, require_resolution
 from inference.training.anchor import WeightAnchor, freeze_batchnorm
 from inference.training.distill import Distiller
@@ -131,6 +132,34 @@ def check_slide_resolution(
         except Pdl1Error as err:
             errors.append(err)
     raise_together(errors, f"{len(errors)} of {len(slides)} slides cannot be read for {reader}, so none was:")
+
+
+# What reads a trainer's slides, as its messages name it; and its command's words for a phantom's pixel size (the
+# library's "pass ... as mpp" names no option of the command, whose --input-mpp is the model's).
+TRAINING_READER = {"seg": "segmentation training", "nuclei": "nuclei training"}
+
+
+def phantom_training_advice(task: str) -> MppAdvice:
+    """How a user of ``pdl1 train <task>`` gives a phantom its pixel size
+    (:func:`~inference.phantom.truth.phantom_mpp_advice`)."""
+    return phantom_mpp_advice(f"`pdl1 train {task}` (whose --input-mpp is the model's resolution, not the slides')")
+
+
+def check_training_slides(
+    slides: Sequence[str], *, task: str, input_mpp: float, slide_mpp: Mapping[str, float], phantoms: bool
+) -> None:
+    """Every training and validation slide of a ``task`` run (``seg`` or ``nuclei``) readable at ``input_mpp``,
+    checked from its header before any slide is read (:func:`check_slide_resolution`): the trainers check them first,
+    and a caller that pseudo-labels slides before training (``pdl1 train seg``) checks them before that.
+    ``phantoms``: the slides are phantoms with truth (:func:`phantom_training_advice`), else a lab's labelled slides."""
+    check_slide_resolution(
+        slides,
+        input_mpp=input_mpp,
+        slide_mpp=slide_mpp,
+        reader=TRAINING_READER[task],
+        mpp_advice=phantom_training_advice(task) if phantoms else None,
+        labelled=not phantoms,
+    )
 
 
 def run_checkpoints(out_dir: str | Path) -> list[Path]:

@@ -30,7 +30,7 @@ from inference.analysis.points import gaussian_targets
 from inference.models.ensemble import Ensemble
 from inference.models.manifest import Manifest, Member, read_manifest, write_manifest
 from inference.models.nuclei_model import DilatedResFCN
-from inference.phantom.truth import load_truth, phantom_mpp_advice
+from inference.phantom.truth import load_truth
 from inference.slides.slide import open_slide
 from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
 from inference.training.anchor import WeightAnchor, check_fine_tuning
@@ -39,9 +39,10 @@ from inference.training.cyclic import (
     check_out_dir,
     check_patch_fits,
     check_schedule,
-    check_slide_resolution,
+    check_training_slides,
     init_record,
     init_weights,
+    phantom_training_advice,
     run_identity,
     total_epochs,
     train_cyclic,
@@ -134,11 +135,7 @@ class _NucleiData:
         return self.summary.get("stain", "H&E")
 
 
-# How a phantom is given a pixel size: the library's advice ("pass ... as mpp") names no option of the command; its
-# --input-mpp is the model's.
-PHANTOM_MPP_ADVICE = phantom_mpp_advice(
-    "`pdl1 train nuclei` (whose --input-mpp is the model's resolution, not the slides')"
-)
+PHANTOM_MPP_ADVICE = phantom_training_advice("nuclei")
 
 
 def load_nuclei_slide(path: str | Path, *, input_mpp: float) -> _NucleiData:
@@ -354,14 +351,12 @@ def train_nuclei(
     check_slide_mpp(labels, config.slide_mpp, validation_slides=config.validation_slides)
     if labels and tuple(lab.slide for lab in labels) != tuple(config.slides):
         raise ValueError("config.slides must be the labelled slides, in the order of the labels")
-    # Every slide from its header, before any is read (check_slide_resolution).
-    check_slide_resolution(
+    check_training_slides(
         [*config.slides, *config.validation_slides],
+        task="nuclei",
         input_mpp=config.input_mpp,
         slide_mpp=config.slide_mpp,
-        reader="nuclei training",
-        mpp_advice=None if labels else PHANTOM_MPP_ADVICE,
-        labelled=bool(labels),
+        phantoms=not labels,
     )
     if labels:
         data = [

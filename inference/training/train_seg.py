@@ -32,7 +32,7 @@ from inference import __version__
 from inference.advice import SettingWords, library_setting, renamed
 from inference.models.manifest import Manifest, Member, write_manifest
 from inference.models.unet import PlainConvUNet
-from inference.phantom.truth import load_truth, phantom_mpp_advice
+from inference.phantom.truth import load_truth
 from inference.slides.slide import open_slide
 from inference.slides.tissue import detect_tissue
 from inference.training.anchor import WeightAnchor, check_fine_tuning
@@ -41,9 +41,10 @@ from inference.training.cyclic import (
     check_out_dir,
     check_patch_fits,
     check_schedule,
-    check_slide_resolution,
+    check_training_slides,
     init_record,
     init_weights,
+    phantom_training_advice,
     run_identity,
     total_epochs,
     train_cyclic,
@@ -211,29 +212,7 @@ def _refuse_ihc_truth(slides: Sequence[str | Path]) -> None:
         )
 
 
-# How a phantom is given a pixel size: the library's advice ("pass ... as mpp") names no option of the command; its
-# --input-mpp is the model's.
-PHANTOM_MPP_ADVICE = phantom_mpp_advice(
-    "`pdl1 train seg` (whose --input-mpp is the model's resolution, not the slides')"
-)
-
-
-def check_seg_slides(
-    slides: Sequence[str], *, input_mpp: float, slide_mpp: Mapping[str, float], phantoms: bool
-) -> None:
-    """Every training and validation slide of a segmentation run readable at ``input_mpp``, checked from its header
-    before any slide is read (:func:`~inference.training.cyclic.check_slide_resolution`): :func:`train_segmentation`
-    checks them first, and a caller that pseudo-labels slides before training (``pdl1 train seg``) checks them
-    before that. ``phantoms``: the slides are phantoms with truth (their advice is :data:`PHANTOM_MPP_ADVICE`),
-    else a lab's labelled slides."""
-    check_slide_resolution(
-        slides,
-        input_mpp=input_mpp,
-        slide_mpp=slide_mpp,
-        reader="segmentation training",
-        mpp_advice=PHANTOM_MPP_ADVICE if phantoms else None,
-        labelled=not phantoms,
-    )
+PHANTOM_MPP_ADVICE = phantom_training_advice("seg")
 
 
 def load_training_slide(path: str | Path, *, input_mpp: float, patch_px: int) -> _SlideData:
@@ -453,8 +432,9 @@ def train_segmentation(
     check_slide_mpp(labels, config.slide_mpp, validation_slides=config.validation_slides)
     if labels and tuple(lab.slide for lab in labels) != tuple(config.slides):
         raise ValueError("config.slides must be the labelled slides, in the order of the labels")
-    check_seg_slides(
+    check_training_slides(
         [*config.slides, *config.validation_slides],
+        task="seg",
         input_mpp=config.input_mpp,
         slide_mpp=config.slide_mpp,
         phantoms=not labels,

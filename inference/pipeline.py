@@ -569,11 +569,13 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
     if config.use_tissue:
         tissue = tissue_mask_for_slide(slide, mpp=config.tissue_mpp, method=TISSUE_METHOD_OF_STAIN["H&E"])
     seg_tiles = nuclei_tiles = 0
-    if on_progress is not None and nuclei_model is not None:
+    nuclei_grid = None
+    if nuclei_model is not None:
         # Counted before the segmentation: its total alone made the bar (and a service job's progress) reach 100 %
         # at the segmentation's end, then fall back when the nuclei began ('running 100% (9/9 tiles)', then
         # '22% (9/41 tiles)' in QuPath's log).
-        nuclei_tiles = len(plan_nuclei_tiles(slide, nuclei_model, roi=roi, tissue=tissue, config=config.nuclei))
+        nuclei_grid = plan_nuclei_tiles(slide, nuclei_model, roi=roi, tissue=tissue, config=config.nuclei)
+        nuclei_tiles = len(nuclei_grid)
 
     def progress(part: str) -> Callable[[int, int], None] | None:
         # One bar over both models: segmentation tiles first, then nuclei tiles.
@@ -613,6 +615,7 @@ def _analyse(slide, *, models, config, roi, on_progress, should_cancel) -> Slide
             config=config.nuclei,
             on_progress=progress("nuclei"),
             should_cancel=should_cancel,
+            grid=nuclei_grid,
         )
     manifest = models.seg.manifest
     threshold = config.threshold if config.threshold is not None else manifest.thresholds.get("segmentation", 0.5)

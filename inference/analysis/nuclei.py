@@ -163,14 +163,18 @@ def detect_nuclei(
     config: NucleiConfig | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    grid: TileGrid | None = None,
 ) -> Nuclei:
-    """Find nuclei in the ROI (or tissue, or whole image); positions in level-0 px."""
+    """Find nuclei in the ROI (or tissue, or whole image); positions in level-0 px. ``grid``: the tiles where the
+    caller planned them already (:func:`plan_nuclei_tiles` of the same slide, ensemble, ROI, tissue and config; a
+    slide's grid takes about a second to plan)."""
     config = config or NucleiConfig()
     manifest = ensemble.manifest
     names = tuple(manifest.class_names)
     if roi is not None:
         roi = validate_roi(roi, image_size_wh=slide.dimensions)
-    grid = plan_nuclei_tiles(slide, ensemble, roi=roi, tissue=tissue, config=config)
+    if grid is None:
+        grid = plan_nuclei_tiles(slide, ensemble, roi=roi, tissue=tissue, config=config)
     cores = grid.cores_model_px()
     batch_size = config.batch_for(ensemble.device)
     radius_px = max(1, round(config.nms_radius_um / manifest.input_mpp))

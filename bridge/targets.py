@@ -196,6 +196,7 @@ def rows_to_json(rows: Iterable[TargetRow]) -> list[dict[str, Any]]:
     return [
         {
             **{f.name: getattr(r, f.name) for f in fields(TargetRow)},
+            "cps_category": r.cps_category,  # targets.csv's column (a property of the row, so not a field)
             "review_reasons": list(r.review_reasons),
             "outline": None if r.outline is None else mapping(r.outline),
         }

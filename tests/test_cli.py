@@ -1420,3 +1420,33 @@ def test_every_commands_help_names_its_options_whole_in_an_80_column_terminal():
             for name in getattr(param, "opts", []):
                 if name.startswith("--"):
                     assert name in result.output, (path, name)
+
+
+@pytest.mark.parametrize("command", ["seg", "nuclei", "ihc", "tps", "registration"])
+def test_a_ctrl_c_in_an_eval_command_says_nothing_was_written(tmp_path, monkeypatch, command):
+    """Five eval commands ended a Ctrl-C with exit 130 and not a word (only the suite and calibrate said anything)."""
+    import bridge.cli.evaluate as evaluate
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "_check_truths", stop)
+    slide = tmp_path / "a.svs"
+    slide.write_bytes(b"")
+    result = runner.invoke(app, ["eval", command, str(slide), "--no-progress"])
+    assert result.exit_code == 130, result.output
+    assert "nothing was written (the scores are printed once every slide is scored); run it again" in result.output
+
+
+def test_a_ctrl_c_before_a_command_began_its_work_is_said(tmp_path, monkeypatch):
+    """A Ctrl-C while a command loaded its libraries (before its own Ctrl-C handling) reached Typer, which ended with
+    exit 130 and not a word: pdl1 run, demo, train, eval and calibrate said nothing in their first second or two."""
+    import bridge.cli.evaluate as evaluate
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "distinct_paths", stop)  # eval tps's first step, before its try
+    result = runner.invoke(app, ["eval", "tps", str(tmp_path / "a.svs"), "--no-progress"])
+    assert result.exit_code == 130, result.output
+    assert "interrupted: while starting, before the command began its work; nothing was written" in result.output

@@ -357,6 +357,10 @@ def test_a_cps_from_under_100_tumour_cells_says_so_wherever_its_tps_does():
     row = analysed_row("ihc.svs", "1", "A-1", "TMA core", _result(4, 36, stain="H-DAB", immune=2))
     assert row.cps_category == INSUFFICIENT and row.tps_category == INSUFFICIENT
     assert analysed_row("he.svs", "1", "A-1", "TMA core", _result(4, 36)).cps_category is None  # an H&E has no CPS
+    # summary.json's targets are targets.csv's rows (the README says so): its column was missing there.
+    from bridge.targets import rows_to_json
+
+    assert rows_to_json([row])[0]["cps_category"] == INSUFFICIENT
     ihc = {"stain": "H-DAB", "cps": 15.0}
     assert _image_cps_category(ihc | {"tps_category": INSUFFICIENT}) == INSUFFICIENT
     assert _image_cps_category(ihc | {"tps_category": "1-49%"}) is None

@@ -1146,6 +1146,9 @@ def test_pdl1_train_nuclei_names_every_slide_too_coarse_before_reading_any(tmp_p
         "enlarge the image 4 times (at most 2 is allowed). Check the pixel size; if it is wrong, `pdl1 train nuclei`"
     ) in text
     assert read == [] and not (tmp_path / "m").exists()
+    # Truly that coarse, it trains at a coarser --input-mpp: the phantom advice alone went in a circle (the phantom
+    # is already at the --mpp its truth records).
+    assert "An image truly this coarse is read at 1 µm/px or coarser (--input-mpp), or left out" in text
 
 
 def test_training_checks_every_slide_at_its_projects_pixel_size_and_names_all_it_cannot_read(tmp_path):

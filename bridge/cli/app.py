@@ -9,13 +9,32 @@ import logging
 import warnings
 from typing import Annotated
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from bridge.cli import demo, evaluate, nnunet, run, serve, train
-from bridge.cli.common import fail
+from bridge.cli.common import fail, interrupted
 from inference import __version__, tune_allocator, tune_openmp
 
+
+class _Pdl1Group(TyperGroup):
+    """The root group: says what a Ctrl-C that no command caught stopped. Each command says what its own work
+    kept; one that comes before that work (while the command loads its libraries, torch taking a second or two, and
+    checks its input) reached Typer, which ends with exit 130 and not a word."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise interrupted(STARTING_INTERRUPTED) from None
+
+
+# What a Ctrl-C that no command caught stopped: every command that writes catches its own around its work.
+STARTING_INTERRUPTED = "while starting, before the command began its work; nothing was written"
+
 app = typer.Typer(
+    cls=_Pdl1Group,
     rich_markup_mode=None,
     name="pdl1",
     help="Uncertainty-aware PD-L1 deep learning for QuPath: phantom data, models, batch runs and the service.",

@@ -286,6 +286,8 @@ def bench(
         return
     try:
         run_benchmark(name, quick=quick)
+    except KeyboardInterrupt:
+        raise interrupted("the benchmark was stopped; its table is printed only when it ends") from None
     except KeyError as err:  # an unknown name: str(KeyError) would quote the message
         raise fail(RuntimeError(err.args[0] if err.args else name)) from err
     except RuntimeError as err:  # a benchmark this machine cannot run

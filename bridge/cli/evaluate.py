@@ -60,6 +60,10 @@ REGISTRATION_MPP_ADVICE = phantom_mpp_advice(
 CALIBRATE_MPP_ADVICE = phantom_mpp_advice("`pdl1 calibrate`")
 
 
+# What a Ctrl-C leaves of an eval command that writes nothing (its table is printed once every slide is scored).
+EVAL_INTERRUPTED = "nothing was written (the scores are printed once every slide is scored); run it again"
+
+
 def _check_truths(
     slides: list[Path], models_by_stain: dict, *, needs: tuple[str, ...] = (), mpp_advice=EVAL_MPP_ADVICE
 ) -> list:
@@ -156,6 +160,8 @@ def eval_seg(
                 )
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
+    except KeyboardInterrupt:  # exit 130 without a word
+        raise interrupted(EVAL_INTERRUPTED) from None
     if len(results) > 1 and all(r.dice_members for r in results):
         _print_dice_summary(results, out)
     if results:
@@ -273,6 +279,8 @@ def eval_nuclei(
         out.print(table)
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
+    except KeyboardInterrupt:  # exit 130 without a word
+        raise interrupted(EVAL_INTERRUPTED) from None
 
 
 def eval_bar(slide: Path, i: int, n: int, *, unit: str = "slide") -> str:
@@ -429,6 +437,8 @@ def eval_ihc(
             out.print(f"review flag (as pdl1 run sets it): {_review_line(failed, flagged, _ihc_failure())}")
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
+    except KeyboardInterrupt:  # exit 130 without a word
+        raise interrupted(EVAL_INTERRUPTED) from None
 
 
 @app.command("tps")
@@ -495,6 +505,8 @@ def eval_tps(
         )
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
+    except KeyboardInterrupt:  # exit 130 without a word
+        raise interrupted(EVAL_INTERRUPTED) from None
 
 
 @app.command("registration")
@@ -546,6 +558,8 @@ def eval_registration(
         )
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
+    except KeyboardInterrupt:  # exit 130 without a word
+        raise interrupted(EVAL_INTERRUPTED) from None
 
 
 def _refuse_shared_stems(slides: list[Path], out: Path) -> None:

@@ -504,7 +504,9 @@ def _interrupted_text(stop: KeyboardInterrupt) -> str:
     finished = len(stop.outcomes)
     during = "" if stop.stopped is None else f" while analysing {stop.stopped}, which is left as it was"
     return (
-        f"stopped{during}; {finished} of {stop.total} images finished before it and are written"
+        f"stopped{during}; {finished} of {stop.total} images finished before it and "
+        + ("is" if finished == 1 else "are")
+        + " written"
         + (" (above)" if finished else "")
         + f"; {resume}"
     )

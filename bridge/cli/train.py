@@ -1120,6 +1120,11 @@ def report_cmd(
         path = write_training_report(out)
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
+    except KeyboardInterrupt:
+        raise interrupted(
+            f"{out / 'training_report.html'} is the earlier report (or none; it is replaced whole at the end), some of "
+            "its pictures may be drawn anew; run `pdl1 train report` again"
+        ) from None
     typer.echo(f"wrote {path}")
 
 

@@ -278,13 +278,16 @@ def require_resolution(
     reader: str,
     path: str | Path | None = None,
     mpp_advice: MppAdvice | None = None,
+    coarser_reader: str | None = None,
 ) -> None:
     """Raise :class:`ResolutionError` where reading an image of ``image_mpp`` at ``mpp`` µm/px enlarges it more than
     :data:`MAX_ENLARGEMENT`: :meth:`Slide.require_resolution`'s rule and message, for a caller that has the pixel size
     from a header alone (:func:`header_mpp`) and checks many images before it reads any.
 
     ``reader`` names what reads at ``mpp`` ("the segmentation model"); ``path`` the image; ``mpp_advice`` how the
-    caller's user corrects a wrong pixel size (None: :func:`library_mpp_advice`).
+    caller's user corrects a wrong pixel size (None: :func:`library_mpp_advice`). ``coarser_reader``: where the caller
+    can read at another µm/px (training's --input-mpp), how it is given, for an image truly this coarse: the message
+    names the finest µm/px that reads it (:data:`MAX_ENLARGEMENT` times finer than its pixels).
 
     >>> require_resolution(Mpp(1.0, 1.0, "header"), 0.5, reader="the nuclei model")  # twice: allowed
     >>> require_resolution(Mpp(2.0, 2.0, "header"), 0.5, reader="the nuclei model", path="a.svs")
@@ -293,14 +296,25 @@ def require_resolution(
     inference.errors.ResolutionError: a.svs: its pixels are 2 µm (from header), but the nuclei model reads 0.5 µm/px: \
 it would enlarge the image 4 times (at most 2 is allowed). Check the pixel size; if it is wrong, pass the scanner's \
 µm/px (0.25 at 40x, 0.5 at 20x) as mpp. An image truly this coarse cannot be analysed
+    >>> require_resolution(Mpp(2.0, 2.0, "header"), 0.5, reader="training", coarser_reader="--input-mpp")
+    Traceback (most recent call last):
+    ...
+    inference.errors.ResolutionError: image: its pixels are 2 µm (from header), but training reads 0.5 µm/px: it would \
+enlarge the image 4 times (at most 2 is allowed). Check the pixel size; if it is wrong, pass the scanner's µm/px (0.25 \
+at 40x, 0.5 at 20x) as mpp. An image truly this coarse is read at 1 µm/px or coarser (--input-mpp), or left out
     """
     enlargement = image_mpp.mean / mpp
     if enlargement > MAX_ENLARGEMENT:
         check = f"Check the pixel size; if it is wrong, {(mpp_advice or library_mpp_advice)(SCANNER_MPP)}"
+        truly = (
+            "cannot be analysed"
+            if coarser_reader is None
+            else f"is read at {image_mpp.mean / MAX_ENLARGEMENT:g} µm/px or coarser ({coarser_reader}), or left out"
+        )
         raise ResolutionError(
             f"{path or 'image'}: its pixels are {image_mpp.mean:g} µm (from {image_mpp.source}), but "
             f"{reader} reads {mpp:g} µm/px: it would enlarge the image {enlargement:.6g} times (at most "
-            f"{MAX_ENLARGEMENT:g} is allowed). {check}. An image truly this coarse cannot be analysed"
+            f"{MAX_ENLARGEMENT:g} is allowed). {check}. An image truly this coarse {truly}"
         )
 
 

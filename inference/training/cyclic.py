@@ -128,7 +128,9 @@ def check_slide_resolution(
             advice = labelled_mpp_advice(from_project=path in slide_mpp)
         try:
             mpp = header_mpp(path, mpp=slide_mpp.get(path), mpp_source="QuPath project", mpp_advice=advice)
-            require_resolution(mpp, input_mpp, reader=reader, path=path, mpp_advice=advice)
+            require_resolution(
+                mpp, input_mpp, reader=reader, path=path, mpp_advice=advice, coarser_reader="--input-mpp"
+            )
         except Pdl1Error as err:
             errors.append(err)
     raise_together(errors, f"{len(errors)} of {len(slides)} slides cannot be read for {reader}, so none was:")

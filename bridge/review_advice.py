@@ -52,6 +52,13 @@ ADVICE: tuple[Advice, ...] = (
         "it could be wrong (H&E or H-DAB); if it is: {stain_fix}",
     ),
     Advice(
+        "pixel size: ",
+        "pixel size unlike the file's",
+        "the image was analysed at the pixel size QuPath has for it, which differs from the one its file states: cell "
+        "sizes, counts and areas follow it; if QuPath's is wrong, set it right (Image tab: Pixel width/height) and run "
+        "again",
+    ),
+    Advice(
         "out of the training domain of",
         "out of the model's training domain",
         "it has not seen slides like this one (stain, scanner, tissue) and may be wrong without knowing it: check "

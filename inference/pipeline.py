@@ -182,6 +182,10 @@ DEFAULT_IHC_REVIEW_ENTROPY = 0.35
 # A stated stain (QuPath's image type, --stain) the colour contradicts by at least this margin (degrees of
 # the detector's deciding angle) is a review reason; weaker calls are not worth a pathologist's look.
 STAIN_DISAGREEMENT_MARGIN_DEG = 10.0
+# A pixel size the caller gives (QuPath's calibration) that differs from the file's own by more than this ratio either
+# way is a review reason: cell sizes, counts and areas follow it (a 4x wrong one found 8 times the tumour cells), and
+# scanners' own statements of one objective differ by a few per cent.
+MPP_DISAGREEMENT_RATIO = 1.1
 # A stain told from the colour alone by less than this margin is a review reason: held-out phantoms at shift
 # 0.4-0.8 were told right by 0.1-1.4° (benchmarks/stain_detect.py); state the stain in QuPath to be sure.
 WEAK_STAIN_MARGIN_DEG = 5.0
@@ -439,6 +443,8 @@ def analyse_slide(
                     "limit": WEAK_STAIN_MARGIN_DEG,
                 }
             )
+    if not isinstance(image, Slide) and config.mpp is None and image_mpp is not None:
+        reasons += _mpp_disagreement(slide)
     if domain is not None:
         summary["domain"] = domain.summary()
         reasons.extend(domain.reasons)
@@ -450,6 +456,25 @@ def analyse_slide(
         summary=summary,
         uncertainty_flag=result.uncertainty_flag or bool(reasons),
     )
+
+
+def _mpp_disagreement(slide: Slide) -> list[dict]:
+    """A review reason where the pixel size the image was analysed at (its caller's, QuPath's) and the one its file
+    states differ by more than :data:`MPP_DISAGREEMENT_RATIO` either way; none where the file states none."""
+    own = slide.file_mpp
+    if own is None:
+        return []
+    ratio = max(slide.mpp.mean, own.mean) / min(slide.mpp.mean, own.mean)
+    if ratio <= MPP_DISAGREEMENT_RATIO:
+        return []
+    return [
+        {
+            "reason": f"pixel size: {slide.mpp.source} says {slide.mpp.mean:g} µm/px, the file says {own.mean:g} "
+            f"({own.source}); cell sizes, counts and areas follow the first: check it in QuPath (Image tab)",
+            "value": ratio,
+            "limit": MPP_DISAGREEMENT_RATIO,
+        }
+    ]
 
 
 def _assess_domain(

@@ -323,7 +323,7 @@ def test_an_interrupted_run_keeps_what_it_finished_and_resumes(small, tmp_path, 
     said = " ".join(result.output.split())
     assert re.search(r"│ c\.svs +│ done +│", result.output), result.output
     assert (
-        "stopped while analysing d.svs, which is left as it was; 1 of 2 images finished before it and are written"
+        "stopped while analysing d.svs, which is left as it was; 1 of 2 images finished before it and is written"
         in said
     )
 

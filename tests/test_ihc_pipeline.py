@@ -11,6 +11,7 @@ from bridge.run import RunConfig, run_batch
 from inference import Models, PipelineConfig, analyse_slide
 from inference.errors import StainError
 from inference.phantom.truth import load_truth
+from inference.pipeline import _mpp_disagreement
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,25 @@ def test_a_stated_stain_is_obeyed_but_a_colour_that_contradicts_it_is_a_review_r
     assert any(r["reason"].startswith("stain: --stain says H-DAB") for r in result.summary["review_reasons"])
     with pytest.raises(StainError, match="pdl1-bridge analyses H&E"):
         analyse_slide(he, models=models, config=PipelineConfig(device="cpu"), image_stain="other")
+
+
+def test_a_pixel_size_from_qupath_unlike_the_files_is_a_review_reason(models, ihc_pair):
+    # QuPath's calibration is obeyed (it may correct a wrong header), but one 4x the file's found 8 times the tumour
+    # cells, TPS 22.9 % for 40, without a word (a service client's mpp of 2.0 for a 0.5 µm/px file).
+    from inference.slides.slide import open_slide
+
+    _, ihc = ihc_pair
+    config = PipelineConfig(device="cpu")
+    result = analyse_slide(ihc, models=models, config=config, image_mpp=1.0, image_stain="H-DAB")
+    (said,) = [r for r in result.summary["review_reasons"] if r["reason"].startswith("pixel size: ")]
+    assert said["reason"].startswith("pixel size: QuPath project says 1 µm/px, the file says 0.5 (openslide.mpp-x/y)")
+    assert said["value"] == pytest.approx(2.0) and result.uncertainty_flag
+    # Within a tenth either way (scanners' own statements of one objective differ by a few per cent): no reason.
+    with open_slide(ihc, mpp=0.53, mpp_source="QuPath project") as slide:
+        assert _mpp_disagreement(slide) == [] and slide.file_mpp.mean == pytest.approx(0.5)
+    # An explicit --mpp (config.mpp) and a file stating none are not compared.
+    with open_slide(ihc) as slide:
+        assert slide.file_mpp is None and _mpp_disagreement(slide) == []
 
 
 def test_a_run_over_a_case_analyses_each_image_on_its_path_and_compares_the_pair(models, ihc_pair, tmp_path):

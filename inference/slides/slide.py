@@ -87,7 +87,8 @@ class Slide:
     Use :func:`open_slide` to open a file; construct directly to wrap any :class:`RegionReader`.
     ``opaque`` (bool, level-0 (height, width)) says which pixels are the image's where some are not: an uploaded
     region's transparent pixels, read as white but no glass: their tissue is not known (:meth:`opaque_share`).
-    None: all.
+    None: all. ``file_mpp``: the pixel size the file itself states, where ``mpp`` is another's (a caller's, QuPath's)
+    and the file's is plausible (:func:`open_slide`); None otherwise.
     """
 
     def __init__(
@@ -98,6 +99,7 @@ class Slide:
         path: Path | None = None,
         mpp_advice: MppAdvice | None = None,
         opaque: np.ndarray | None = None,
+        file_mpp: Mpp | None = None,
     ):
         _require_plausible_mpp(mpp, path, mpp_advice)
         if opaque is not None and opaque.shape != reader.level_dimensions[0][::-1]:
@@ -123,6 +125,7 @@ class Slide:
         self.opaque = opaque
         self.path = path
         self.mpp_advice = mpp_advice
+        self.file_mpp = file_mpp
         self._thumbnail: tuple[float, np.ndarray] | None = None  # the last one read: (mpp, read-only RGB)
 
     @property
@@ -744,7 +747,9 @@ def open_slide(
         resolved = _resolved_mpp(
             path, file_mpp, whole_slide=whole_slide, mpp=mpp, mpp_source=mpp_source, mpp_advice=mpp_advice
         )
-        return Slide(reader, mpp=resolved, path=path, mpp_advice=mpp_advice)
+        # The file's own statement beside a caller's, where it is plausible (a plain TIFF's default 72 dpi is not).
+        own = file_mpp if mpp is not None and file_mpp is not None and _plausible(file_mpp) else None
+        return Slide(reader, mpp=resolved, path=path, mpp_advice=mpp_advice, file_mpp=own)
     except MissingMppError:
         reader.close()
         raise
@@ -814,10 +819,14 @@ def _resolved_mpp(
     return file_mpp
 
 
+def _plausible(mpp: Mpp) -> bool:
+    return MPP_PLAUSIBLE_RANGE[0] <= mpp.mean <= MPP_PLAUSIBLE_RANGE[1]  # False for NaN too
+
+
 def _require_plausible_mpp(mpp: Mpp, path: Path | None, advice: MppAdvice | None) -> None:
     """:class:`MissingMppError` where ``mpp`` lies outside :data:`MPP_PLAUSIBLE_RANGE` (NaN too), its message
     ending with ``advice`` (None: :func:`library_mpp_advice`)."""
-    if not (MPP_PLAUSIBLE_RANGE[0] <= mpp.mean <= MPP_PLAUSIBLE_RANGE[1]):
+    if not _plausible(mpp):
         told = (advice or library_mpp_advice)(SCANNER_MPP)
         raise MissingMppError(
             f"{path or 'image'}: microns per pixel {mpp.mean:g} (from {mpp.source}) is outside the "

@@ -518,13 +518,15 @@ def chooseTargets = { List selected, List annotations, List cores, Closure isMis
 def targetScore = { Map metadata ->
     def ihc = metadata.containsKey("PD-L1 TPS %")
     def percent = metadata.get(ihc ? "PD-L1 TPS %" : "PD-L1 Predicted TPS % (H&E)")
-    if (!percent)
-        return ""
     def category = metadata.get(ihc ? "PD-L1 TPS category" : "PD-L1 Predicted TPS category (H&E)")
+    if (!category)  // no nuclei run: no TPS
+        return ""
+    // No tumour cell at all: no number, its category said all the same (the log said nothing of the score).
+    percent = percent ? "${percent}%" : "n/a"
     def cps = metadata.get("PD-L1 CPS")
     def cpsCategory = metadata.get("PD-L1 CPS category")  // under 100 tumour cells, as the TPS's (bridge: cps_shown)
     def cpsShown = cps ? ", CPS ${cps}${cpsCategory ? ' (' + cpsCategory + ')' : ''}" : ""
-    return ", ${ihc ? 'TPS' : 'predicted TPS (H&E)'} ${percent}% (${category})${cpsShown}".toString()
+    return ", ${ihc ? 'TPS' : 'predicted TPS (H&E)'} ${percent} (${category})${cpsShown}".toString()
 }
 // A number as Python writes f"{value:.3g}": three significant digits, no trailing zeros ("57", "0.0932", "1.23e+04").
 // Gson reads every JSON number as a Double, and the log said "(57.0, limit 100.0)".

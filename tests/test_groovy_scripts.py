@@ -1079,7 +1079,8 @@ def test_the_log_names_each_targets_own_score(tmp_path):
     ihc = _metadata_of("H-DAB", {"tumour_positive": 2, "tumour_negative": 38, "immune_positive": 4}, "r2")
     ihc["PD-L1 CPS"] = "15.0"  # (2 + 4) / 40 cells; _metadata_of leaves the CPS's percent out
     none = _metadata_of("H&E", {}, "r3")  # no nuclei: no TPS
-    listed = json.dumps([he, ihc, none])
+    empty = _metadata_of("H-DAB", {"tumour_positive": 0, "tumour_negative": 0, "immune_positive": 0}, "r4")
+    listed = json.dumps([he, ihc, none, empty])
     driver = (
         "for (m in new groovy.json.JsonSlurper().parseText('" + listed + "'))\n"
         "    println JsonOutput.toJson([targetScore(m)])\n"
@@ -1088,6 +1089,8 @@ def test_the_log_names_each_targets_own_score(tmp_path):
         [", predicted TPS (H&E) 30.0% (1-49%)"],
         [", TPS 5.0% (insufficient tumour cells), CPS 15.0 (insufficient tumour cells)"],  # the CPS's 40 cells too
         [""],
+        # No tumour cell: the log said nothing of the score; its category is said.
+        [", TPS n/a (insufficient tumour cells)"],
     ]
     assert "${targetScore(pdl1.get('metadata'))}" in ANALYZE.read_text()
 

@@ -4,6 +4,7 @@ out of --allow-root, and the OpenAPI schema says what the service answers."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -806,6 +807,44 @@ def test_a_job_submitted_while_the_service_stops_is_refused_not_left_queued(tmp_
         worker.submit(job)
     worker.stop()
     assert not worker.thread.is_alive()
+
+
+def test_a_job_submitted_just_after_sigterm_gets_the_503_of_a_stopping_service(slides_root, models, monkeypatch):
+    """uvicorn sees a SIGTERM at its next tick (0.1 s) and only then shuts down: a job sent 17 ms after one was
+    accepted (202), then cancelled with the service, its client never told (helper-166)."""
+    import signal
+
+    from bridge.service.server import ServiceServer
+
+    _jobs_run_until_stopped(monkeypatch)
+    port = free_port()
+    settings = ServiceSettings(port=port, allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"))
+    app = create_app(settings, models=models)
+    server = ServiceServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"), app=app, drain_s=2)
+    # The shutdown held back, as uvicorn's tick may: only the signal's own effect is seen by the next request.
+    real_shutdown = server.shutdown
+    release = threading.Event()
+
+    async def held_shutdown(sockets=None):
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        await real_shutdown(sockets)
+
+    monkeypatch.setattr(server, "shutdown", held_shutdown)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    _wait_for(lambda: server.started, "uvicorn to start", 30)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            server.handle_exit(signal.SIGTERM, None)  # what the signal calls
+            _wait_for(lambda: app.state.worker.stopping, "the worker to be halted", 5)
+            r = client.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "outputs": ["regions"]})
+            assert r.status_code == 503, r.text
+            assert "shutting down and starts no more jobs" in r.json()["detail"]
+    finally:
+        release.set()
+        thread.join(15)
+    assert not thread.is_alive()
 
 
 def test_stopping_the_service_stops_its_worker_at_once_and_a_stalled_upload_only_delays_the_end(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
@@ -40,6 +41,20 @@ class ServiceServer(uvicorn.Server):
         worker = getattr(self.app.state, "worker", None)  # None: the lifespan has not started one
         if worker is not None:
             worker.halt()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()  # for handle_exit, which runs in a signal handler
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """uvicorn's handler of SIGINT and SIGTERM, which sets ``should_exit``; its main loop sees that at its next
+        tick (0.1 s) and only then shuts down: a job submitted meanwhile was accepted (202), then cancelled with the
+        service, its client never told. The worker is halted on the event loop at once (not here: a signal handler
+        may interrupt a request holding the worker's lock), so such a job gets the 503 of a stopping service."""
+        super().handle_exit(sig, frame)
+        loop = getattr(self, "_loop", None)
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._halt_worker)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._halt_worker()

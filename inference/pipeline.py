@@ -443,7 +443,7 @@ def analyse_slide(
                     "limit": WEAK_STAIN_MARGIN_DEG,
                 }
             )
-    if not isinstance(image, Slide) and config.mpp is None and image_mpp is not None:
+    if isinstance(image, Slide) or config.mpp is None:  # not against an explicit --mpp (config.mpp), which is meant
         reasons += _mpp_disagreement(slide)
     if domain is not None:
         summary["domain"] = domain.summary()
@@ -459,8 +459,9 @@ def analyse_slide(
 
 
 def _mpp_disagreement(slide: Slide) -> list[dict]:
-    """A review reason where the pixel size the image was analysed at (its caller's, QuPath's) and the one its file
-    states differ by more than :data:`MPP_DISAGREEMENT_RATIO` either way; none where the file states none."""
+    """A review reason where the pixel size the image was analysed at (its caller's: QuPath's, a service request's)
+    and the one its file states differ by more than :data:`MPP_DISAGREEMENT_RATIO` either way; none where the file
+    states none or the image was opened at its own (:attr:`Slide.file_mpp` is None)."""
     own = slide.file_mpp
     if own is None:
         return []

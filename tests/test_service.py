@@ -210,6 +210,18 @@ def test_an_immunostain_job_returns_the_cells_its_tps_counts_whatever_its_output
     assert all(f["properties"]["objectType"] == "detection" for f in result["features"])
 
 
+def test_a_pixel_size_sent_unlike_the_files_is_a_review_reason(service, slides_root):
+    # A 0.5 µm/px file sent with mpp 2.0 (QuPath's calibration, set wrong) found 8 times the tumour cells, TPS 22.9 %
+    # for 40, without a word (helper-166 on a live service).
+    small = str(slides_root / "small.svs")
+    job_id = service.post("/v1/jobs", json={"image": small, "mpp": 1.0, "outputs": ["regions"]}).json()["job_id"]
+    assert wait_for_job(service, job_id)["state"] == "done"
+    pdl1 = service.get(f"/v1/jobs/{job_id}/result").json()["pdl1"]
+    (said,) = [r for r in pdl1["review_reasons"] if r["reason"].startswith("pixel size: ")]
+    assert said["reason"].startswith("pixel size: the request's mpp says 1 µm/px, the file says 0.5")
+    assert any(a.startswith("pixel size unlike the file's: ") for a in pdl1["review_advice"])
+
+
 def test_an_image_qupath_types_as_an_immunostain_is_scored_by_the_ihc_model_and_flagged_when_its_colour_disagrees(
     service, slides_root
 ):

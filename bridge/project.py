@@ -1195,9 +1195,25 @@ def review_reason_text(reason: dict[str, Any]) -> str:
     'C-4: fewer than 100 tumour cells (40, limit 100)'
     """
     value, limit = reason.get("value"), reason.get("limit")
-    numbers = f" ({value:.3g}, limit {limit:.3g})" if is_finite_number(value) and is_finite_number(limit) else ""
+    numbers = (
+        f" ({_three_digits(value)}, limit {_three_digits(limit)})"
+        if is_finite_number(value) and is_finite_number(limit)
+        else ""
+    )
     target = reason.get("target")
     return f"{'' if target is None else f'{target}: '}{reason.get('reason')}{numbers}"
+
+
+def _three_digits(value: float) -> str:
+    """``value`` to three significant digits, in plain digits below a billion (a share of a tiny positive area read
+    "5.7e+03"), else as ``:.3g`` writes it.
+
+    >>> _three_digits(0.0932), _three_digits(5739.2), _three_digits(123456), _three_digits(2.5e-7), _three_digits(1e21)
+    ('0.0932', '5740', '123000', '2.5e-07', '1e+21')
+    """
+    text = f"{value:.3g}"
+    rounded = float(text)  # the billion is the rounded number's, as the Groovy script's threeDigits decides it
+    return f"{rounded:.0f}" if "e+" in text and abs(rounded) < 1e9 else text
 
 
 def sidecar_dir(project_folder: Path, entry_id: str) -> Path:

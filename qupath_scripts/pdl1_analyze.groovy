@@ -528,7 +528,8 @@ def targetScore = { Map metadata ->
     def cpsShown = cps ? ", CPS ${cps}${cpsCategory ? ' (' + cpsCategory + ')' : ''}" : ""
     return ", ${ihc ? 'TPS' : 'predicted TPS (H&E)'} ${percent} (${category})${cpsShown}".toString()
 }
-// A number as Python writes f"{value:.3g}": three significant digits, no trailing zeros ("57", "0.0932", "1.23e+04").
+// A number to three significant digits as bridge/project.py's _three_digits writes it: no trailing zeros, plain digits
+// below a billion ("57", "0.0932", "12300", "1.23e+09").
 // Gson reads every JSON number as a Double, and the log said "(57.0, limit 100.0)".
 def threeDigits = { double v ->
     if (v == 0.0d)
@@ -536,7 +537,7 @@ def threeDigits = { double v ->
     def rounded = new BigDecimal(v).round(new java.math.MathContext(3, java.math.RoundingMode.HALF_EVEN))
     int exponent = rounded.precision() - rounded.scale() - 1
     def digits = rounded.stripTrailingZeros()
-    if (exponent >= -4 && exponent < 3)
+    if (exponent >= -4 && exponent < 9)  // plain digits below a billion, as bridge/project.py's _three_digits
         return digits.toPlainString()
     def unscaled = digits.unscaledValue().abs().toString()
     return (v < 0 ? "-" : "") + unscaled[0] + (unscaled.length() > 1 ? "." + unscaled.substring(1) : "") + "e" +

@@ -412,7 +412,8 @@ def test_the_review_reasons_read_as_pdl1_writes_them(tmp_path):
 
     rng = random.Random(0)
     numbers = [0.0, 57, 100, 57.0, 0.0932, 0.0873, 1e-5, 0.0001, 999.5, 1234.5, 12345.0, 123456, -0.5, 2.5e-7, 1e21,
-               1.125, 1.135, 2.675, 0.00012345, 99.95, 9.995]  # fmt: skip
+               1.125, 1.135, 2.675, 0.00012345, 99.95, 9.995, 5739.2, -5739.2, 999999999.9, 999499999.0,
+               123456789.0]  # fmt: skip
     numbers += [rng.uniform(1, 10) * 10.0 ** rng.randint(-7, 7) for _ in range(200)]
     reasons = [{"reason": "r", "value": v, "limit": numbers[i - 1]} for i, v in enumerate(numbers)]
     reasons += [
@@ -430,6 +431,8 @@ for (r in new groovy.json.JsonSlurper().parse(new File("{tmp_path / "reasons.jso
     said = [r[0] for r in run_groovy(tmp_path, driver)]
     assert said == [review_reason_text(r) for r in reasons]
     assert said[1:3] == ["r (57, limit 0)", "r (100, limit 57)"] and said[-5] == "no tumour"
+    # Plain digits below a billion: a share of a tiny positive area read "5.74e+03".
+    assert "r (5740, limit 9.99)" in said and "r (1e+09, limit -5740)" in said
 
 
 @needs_groovy

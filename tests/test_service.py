@@ -413,6 +413,12 @@ def test_a_job_s_record_says_what_its_pages_put_into_qupath_where_qupath_shows_i
     after_none = service.get(f"/v1/jobs/{job_id}/record", params={"after_run": "none"}).json()
     assert "after_run" in after_none and after_none["after_run"] is None and "after_run" not in record
     assert service.get(f"/v1/jobs/{job_id}/record", params={"after_run": "run 7"}).status_code == 422
+    # An ROI over the image's edge is analysed within the image, and the record's outline is that part (it kept the
+    # part outside, 1400-2600 px on a 1024 px image: helper-166).
+    over = {"type": "Polygon", "coordinates": [[[600, 600], [1400, 600], [1400, 1400], [600, 1400], [600, 600]]]}
+    job_id = service.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "roi": over}).json()["job_id"]
+    assert wait_for_job(service, job_id)["state"] == "done"
+    assert shape(service.get(f"/v1/jobs/{job_id}/record").json()["outline"]).bounds == (600, 600, 1024, 1024)
     # A whole-image job's area is the image.
     job_id = service.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), "outputs": ["sua"]}).json()[
         "job_id"

@@ -55,7 +55,8 @@ def analysis_record(
     def level0(geometry: BaseGeometry) -> BaseGeometry:
         return affinity.affine_transform(geometry, matrix) if (scale, *origin_xy) != (1.0, 0.0, 0.0) else geometry
 
-    outline = level0(area if area is not None else box(0, 0, result.image_width_px, result.image_height_px))
+    image = box(0, 0, result.image_width_px, result.image_height_px)
+    outline = level0(image if area is None else _within(area, image))
     candidates = [_rounded(level0(c.polygon)) for c in result.candidates] if "sua" in outputs else []
     regions = [level0(r.polygon).bounds for r in result.regions] if "regions" in outputs else []
     with_nuclei = result.nuclei is not None and ("nuclei" in outputs or result.stain == "H-DAB")
@@ -122,3 +123,12 @@ def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _within(area: BaseGeometry, image: BaseGeometry) -> BaseGeometry:
+    """``area``'s polygons within the image: the analysis clips an ROI over the image's edge to it, and the record's
+    outline (which `pdl1 report` draws) kept the part outside."""
+    polygons = [g for g in shapely.get_parts(area.intersection(image)) if g.geom_type == "Polygon" and g.area > 0]
+    if not polygons:
+        return area
+    return polygons[0] if len(polygons) == 1 else shapely.MultiPolygon(polygons)

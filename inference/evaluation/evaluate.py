@@ -219,7 +219,9 @@ def check_truths(
             # Found when the slide's turn came, after minutes of work on those before it.
             stated = header_mpp(slide, mpp_advice=mpp_advice)
             _check_truth_mpp(slide, truth, stated.mean)
-            for role, manifest in models_by_stain[stain]:  # else scored enlarged, or refused when its turn came
+            # Else scored enlarged, or refused when its turn came; the finest-reading model first, so the message
+            # names the largest enlargement (the segmentation's 2.25x came before the nuclei model's 4.5x).
+            for role, manifest in sorted(models_by_stain[stain], key=lambda rm: rm[1].input_mpp):
                 reader = f"the {role} model"  # pdl1 run's words
                 require_resolution(stated, manifest.input_mpp, reader=reader, path=slide, mpp_advice=mpp_advice)
             truths.append(truth)

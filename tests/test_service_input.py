@@ -1220,3 +1220,21 @@ def test_json_nested_past_the_parser_s_depth_is_a_422_saying_so(client, slides_r
             "send the annotation's outline as QuPath gives it"
         },
     )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        ("mpp", "0.5", 'mpp must be a number (the image\'s µm/px, e.g. 0.25), got "0.5"'),
+        ("image_size_px", ["1024", "1024"], 'image_size_px must be two whole JSON numbers (width, height in px), got'),
+        ("roi", {"type": "Polygon", "coordinates": [[["0", "0"], ["9", "0"], ["9", "9"], ["0", "0"]]]},
+         "roi is not a readable GeoJSON Polygon (a vertex holds text, '0'); expected rings of [x, y] vertices as "
+         "JSON numbers"),
+    ],
+)  # fmt: skip
+def test_numbers_sent_as_text_are_refused_not_converted(client, slides_root, field, value, said):
+    """pydantic (and shapely, for an ROI's vertices) took "0.5" and ["1024", "1024"] as the numbers (helper-166): a
+    client that sends text has other numbers wrong as likely."""
+    r = client.post("/v1/jobs", json={"image": str(slides_root / "small.svs"), field: value})
+    assert r.status_code == 422, r.text
+    assert said in r.json()["detail"]

@@ -32,7 +32,8 @@ def parse_roi(roi: dict[str, Any] | None, *, image_size_px: tuple[int, int] | No
             f"level-0 px under 'coordinates', the first repeated last: send the annotation's outline as QuPath "
             f"gives it, {whole}"
         )
-    depth = scan_coordinates(roi["coordinates"]).depth
+    scan = scan_coordinates(roi["coordinates"])
+    depth = scan.depth
     if depth > 4:  # shapely recursed into it: a RecursionError, a 500
         expected = "3 (rings of [x, y] vertices)" if kind == "Polygon" else "4 (polygons of rings of [x, y] vertices)"
         raise RoiError(
@@ -47,6 +48,11 @@ def parse_roi(roi: dict[str, Any] | None, *, image_size_px: tuple[int, int] | No
             "vertices in level-0 px, the first repeated last: send the annotation's outline as QuPath gives it, "
             f"{whole}"
         ) from err
+    if scan.stray is not None:  # shapely took ["0", "0"] as the numbers: a client that sends text may send others
+        raise RoiError(
+            f"roi is not a readable GeoJSON {kind} (a vertex holds text, {scan.stray}); expected rings of [x, y] "
+            f"vertices as JSON numbers in level-0 px: send the annotation's outline as QuPath gives it, {whole}"
+        )
     if geometry.is_empty:
         raise RoiError(f"roi is an empty {kind} (no vertices); send the annotation's outline in level-0 px, {whole}")
     if max(abs(v) for v in geometry.bounds) > MAX_COORDINATE_PX:

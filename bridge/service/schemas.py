@@ -95,12 +95,24 @@ class JobRequest(BaseModel):
 
     @field_validator("mpp", mode="before")
     @classmethod
-    def _mpp_is_no_boolean(cls, value: Any) -> Any:
-        # pydantic takes true as 1.0 µm/px: a wrong scale for every result, silently.
-        if isinstance(value, bool):
+    def _mpp_is_a_number(cls, value: Any) -> Any:
+        # pydantic takes true as 1.0 µm/px, a wrong scale for every result, silently; and "0.5" as 0.5, where a
+        # client that sends text has another number wrong as likely.
+        if isinstance(value, bool | str):
             raise ValueError(
-                f"mpp must be a number (the image's µm/px, e.g. 0.25), got {json.dumps(value)}; send the pixel "
-                "size QuPath reports, or omit mpp to use the file's"
+                f"mpp must be a number (the image's µm/px, e.g. 0.25), got {clipped(json.dumps(value))}; send the "
+                "pixel size QuPath reports as a JSON number, or omit mpp to use the file's"
+            )
+        return value
+
+    @field_validator("image_size_px", mode="before")
+    @classmethod
+    def _image_size_is_numbers(cls, value: Any) -> Any:
+        # pydantic takes ["2048", "2048"] as whole numbers, and true as 1.
+        if isinstance(value, list | tuple) and any(isinstance(v, bool | str) for v in value):
+            raise ValueError(
+                f"image_size_px must be two whole JSON numbers (width, height in px), got "
+                f"{clipped(json.dumps(value))}; send the size QuPath shows the image at"
             )
         return value
 
@@ -114,11 +126,11 @@ class JobRequest(BaseModel):
             feature = " (of a GeoJSON Feature, send its geometry)" if given == "Feature" else ""
             raise ValueError(f"{ROI_EXPECTED}; got {came}{feature}")
         if value is not None:
-            bad = scan_coordinates(value.get("coordinates")).non_finite
-            if bad is not None:
+            scan = scan_coordinates(value.get("coordinates"))
+            if scan.non_finite is not None:
                 raise ValueError(
-                    f"roi coordinates must be finite numbers, got {json.dumps(bad)}; send the ROI's vertices in "
-                    "level-0 px"
+                    f"roi coordinates must be finite numbers, got {json.dumps(scan.non_finite)}; send the ROI's "
+                    "vertices in level-0 px"
                 )
         return value
 

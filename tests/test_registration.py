@@ -224,7 +224,7 @@ def test_evaluating_an_ihc_phantom_whose_h_and_e_is_not_beside_it_names_the_pair
     write_ihc_phantom(tmp_path / "pair" / "ihc.svs", spec, paired_with=tmp_path / "pair" / "he.svs")
     (tmp_path / "pair" / "he.svs").rename(tmp_path / "he.svs")
     result = CliRunner().invoke(
-        app, ["eval", "registration", str(tmp_path / "pair" / "ihc.svs")], env={"COLUMNS": "400"}
+        app, ["eval", "registration", str(tmp_path / "pair" / "ihc.svs"), "--no-progress"], env={"COLUMNS": "400"}
     )
     text = " ".join(result.output.split())
     assert result.exit_code == 1, result.output

@@ -1191,9 +1191,7 @@ def test_a_labelled_slide_too_coarse_is_told_where_its_pixel_size_is_set(tmp_pat
         Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(path, dpi=(25400 / 4, 25400 / 4))  # 4 µm/px
     slides = [str(entry), str(file)]
     with pytest.raises(Pdl1Error) as err:
-        check_slide_resolution(
-            slides, input_mpp=0.5, slide_mpp={str(entry): 4.0}, reader="segmentation training", labelled=True
-        )
+        check_slide_resolution(slides, input_mpp=0.5, slide_mpp={str(entry): 4.0}, reader="segmentation training")
     lines = str(err.value).splitlines()
     assert "as mpp" not in str(err.value)
     assert "set the image's pixel size in QuPath (Image tab: Pixel width/height)" in lines[1]

@@ -35,7 +35,7 @@ from inference.phantom.truth import phantom_mpp_advice
 from inference.slides.slide import MppAdvice, header_mpp, require_resolution
 from inference.training.anchor import WeightAnchor, freeze_batchnorm
 from inference.training.distill import Distiller
-from inference.training.labels import labelled_mpp_advice
+from inference.training.labels import SlideLabels, check_slide_mpp, labelled_mpp_advice
 from inference.training.report import HISTORY_FILE
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,7 @@ def check_slide_resolution(
     input_mpp: float,
     slide_mpp: Mapping[str, float],
     reader: str,
-    mpp_advice: MppAdvice | None = None,
-    labelled: bool = False,
+    phantom_advice: MppAdvice | None = None,
 ) -> None:
     """Refuse, before any slide is read, every training or validation slide that cannot be read at ``input_mpp``
     (the model's): a file missing or unreadable, one that states no plausible pixel size, or one too coarse
@@ -116,16 +115,13 @@ def check_slide_resolution(
     slide is read). Each is read at ``slide_mpp``'s µm/px where that names it (its project's), else its file's own;
     its header alone is read (:func:`~inference.slides.slide.header_mpp`). Found as each slide was read, a training
     slide ended the run after those before it were read, and a validation slide was scored enlarged after training;
-    all are named in one error, so they can be fixed together. ``mpp_advice``: how the caller's user gives a slide's
-    µm/px (:func:`~inference.slides.slide.open_slide`'s); ``labelled``: the slides are a lab's, whose advice says
-    where each one's pixel size is set (:func:`~inference.training.labels.labelled_mpp_advice`) unless
-    ``mpp_advice`` is given.
+    all are named in one error, so they can be fixed together. ``phantom_advice``: how the command's user gives a
+    phantom its µm/px (:func:`phantom_training_advice`); None: the slides are a lab's, each told where its pixel size
+    is set (:func:`~inference.training.labels.labelled_mpp_advice`).
     """
     errors = []
     for path in slides:
-        advice = mpp_advice
-        if advice is None and labelled:
-            advice = labelled_mpp_advice(from_project=path in slide_mpp)
+        advice = phantom_advice or labelled_mpp_advice(from_project=path in slide_mpp)
         try:
             mpp = header_mpp(path, mpp=slide_mpp.get(path), mpp_source="QuPath project", mpp_advice=advice)
             require_resolution(
@@ -151,16 +147,41 @@ def check_training_slides(
     slides: Sequence[str], *, task: str, input_mpp: float, slide_mpp: Mapping[str, float], phantoms: bool
 ) -> None:
     """Every training and validation slide of a ``task`` run (``seg`` or ``nuclei``) readable at ``input_mpp``,
-    checked from its header before any slide is read (:func:`check_slide_resolution`): the trainers check them first,
-    and a caller that pseudo-labels slides before training (``pdl1 train seg``) checks them before that.
-    ``phantoms``: the slides are phantoms with truth (:func:`phantom_training_advice`), else a lab's labelled slides."""
+    checked from its header before any slide is read (:func:`check_slide_resolution`): the trainers check them first
+    (:func:`check_training_input`), and a caller that pseudo-labels slides before training (``pdl1 train seg``)
+    checks them before that. ``phantoms``: the slides are phantoms with truth (:func:`phantom_training_advice`), else
+    a lab's labelled slides."""
     check_slide_resolution(
         slides,
         input_mpp=input_mpp,
         slide_mpp=slide_mpp,
         reader=TRAINING_READER[task],
-        mpp_advice=phantom_training_advice(task) if phantoms else None,
-        labelled=not phantoms,
+        phantom_advice=phantom_training_advice(task) if phantoms else None,
+    )
+
+
+class _TrainingSlides(Protocol):
+    """What :func:`check_training_input` reads of a trainer's config (SegTrainConfig's, NucleiTrainConfig's)."""
+
+    slides: Sequence[str]
+    validation_slides: Sequence[str]
+    slide_mpp: Mapping[str, float]
+    input_mpp: float
+
+
+def check_training_input(config: _TrainingSlides, labels: Sequence[SlideLabels], *, task: str) -> None:
+    """What a ``task`` trainer (``seg`` or ``nuclei``) checks of its ``config``'s slides before reading any: the pixel
+    sizes it records against its labels' (:func:`~inference.training.labels.check_slide_mpp`), the labels in the
+    order of ``config.slides``, and every slide readable at ``config.input_mpp`` (:func:`check_training_slides`)."""
+    check_slide_mpp(labels, config.slide_mpp, validation_slides=config.validation_slides)
+    if labels and tuple(lab.slide for lab in labels) != tuple(config.slides):
+        raise ValueError("config.slides must be the labelled slides, in the order of the labels")
+    check_training_slides(
+        [*config.slides, *config.validation_slides],
+        task=task,
+        input_mpp=config.input_mpp,
+        slide_mpp=config.slide_mpp,
+        phantoms=not labels,
     )
 
 

@@ -39,7 +39,7 @@ from inference.training.cyclic import (
     check_out_dir,
     check_patch_fits,
     check_schedule,
-    check_training_slides,
+    check_training_input,
     init_record,
     init_weights,
     phantom_training_advice,
@@ -50,7 +50,6 @@ from inference.training.cyclic import (
 from inference.training.domain_stats import write_training_domain_stats
 from inference.training.labels import (
     SlideLabels,
-    check_slide_mpp,
     labels_digest,
     nuclei_known_mask,
     open_labelled_slide,
@@ -348,16 +347,7 @@ def train_nuclei(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     device = torch.device(config.device)
-    check_slide_mpp(labels, config.slide_mpp, validation_slides=config.validation_slides)
-    if labels and tuple(lab.slide for lab in labels) != tuple(config.slides):
-        raise ValueError("config.slides must be the labelled slides, in the order of the labels")
-    check_training_slides(
-        [*config.slides, *config.validation_slides],
-        task="nuclei",
-        input_mpp=config.input_mpp,
-        slide_mpp=config.slide_mpp,
-        phantoms=not labels,
-    )
+    check_training_input(config, labels, task="nuclei")
     if labels:
         data = [
             load_labelled_slide(lab, input_mpp=config.input_mpp, known_radius_um=config.known_radius_um)

@@ -41,7 +41,7 @@ from inference.training.cyclic import (
     check_out_dir,
     check_patch_fits,
     check_schedule,
-    check_training_slides,
+    check_training_input,
     init_record,
     init_weights,
     phantom_training_advice,
@@ -54,7 +54,6 @@ from inference.training.domain_stats import write_training_domain_stats
 from inference.training.labels import (
     IGNORE_LABEL,
     SlideLabels,
-    check_slide_mpp,
     labels_digest,
     open_labelled_slide,
     region_target,
@@ -429,16 +428,7 @@ def train_segmentation(
     if not labels:
         _refuse_ihc_truth(config.slides)
     device = torch.device(config.device)
-    check_slide_mpp(labels, config.slide_mpp, validation_slides=config.validation_slides)
-    if labels and tuple(lab.slide for lab in labels) != tuple(config.slides):
-        raise ValueError("config.slides must be the labelled slides, in the order of the labels")
-    check_training_slides(
-        [*config.slides, *config.validation_slides],
-        task="seg",
-        input_mpp=config.input_mpp,
-        slide_mpp=config.slide_mpp,
-        phantoms=not labels,
-    )
+    check_training_input(config, labels, task="seg")
     if labels:
         data = [load_labelled_seg_slide(lab, input_mpp=config.input_mpp, patch_px=config.patch_px) for lab in labels]
     else:

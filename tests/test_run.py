@@ -613,12 +613,28 @@ def test_a_projects_orphans_include_backup_copies_and_stale_lock_holders(tmp_pat
     assert all(p.exists() for p in kept)
 
 
+def _save_of_entry_1_raises(monkeypatch, error: BaseException) -> None:
+    """QuPath's save of entry 1's data raises ``error`` (a full disk, a Ctrl-C); the other entries save."""
+    from bridge import qupath
+
+    save = qupath.save_entries
+
+    def save_entries(entries):
+        if [e.entry_id for e in entries] == ["1"]:
+            raise error
+        save(entries)
+
+    monkeypatch.setattr(qupath, "save_entries", save_entries)
+
+
+DISK_FULL = ProjectError("s31.svs: QuPath could not save its data (the disk is full)")
+
+
 def test_through_qupath_an_entry_whose_save_fails_keeps_its_metadata_as_it_was(
     tmp_path, slides, models, fake_qupath, monkeypatch
 ):
     # Its data was restored from the backup, but its metadata, set on QuPath's entry before the save, stayed: the
     # run's next project save wrote the failed image's TPS into project.qpproj beside its old objects.
-    from bridge import qupath
 
     project = tmp_path / "project"
     init_project_files(project, [slides[0], slides[1]])
@@ -626,14 +642,7 @@ def test_through_qupath_an_entry_whose_save_fails_keeps_its_metadata_as_it_was(
     earlier = {"case": "A", "PD-L1 TPS %": "12.0", "PD-L1 TPS category": "1-49%"}
     raw["images"][0]["metadata"] = earlier
     (project / "project.qpproj").write_text(json.dumps(raw))
-    save = qupath.save_entries
-
-    def save_entries(entries):
-        if [e.entry_id for e in entries] == ["1"]:
-            raise ProjectError("s31.svs: QuPath could not save its data (the disk is full)")
-        save(entries)
-
-    monkeypatch.setattr(qupath, "save_entries", save_entries)
+    _save_of_entry_1_raises(monkeypatch, DISK_FULL)
     config = RunConfig(pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="always")
     outcomes = run_batch([project], config, models=models)
     assert [o.state for o in outcomes] == ["failed", "done"]
@@ -1097,17 +1106,9 @@ def test_through_qupath_a_failed_image_has_its_entry_pointed_back_at_its_uri(
     tmp_path, slides, models, fake_qupath, monkeypatch
 ):
     # A failure halfway leaves the project as it was: its URI too, else the run's project save wrote the new one.
-    from bridge import qupath
 
     project, before, _ = _moved_project(tmp_path, slides)
-    save = qupath.save_entries
-
-    def save_entries(entries):
-        if [e.entry_id for e in entries] == ["1"]:
-            raise ProjectError("s31.svs: QuPath could not save its data (the disk is full)")
-        save(entries)
-
-    monkeypatch.setattr(qupath, "save_entries", save_entries)
+    _save_of_entry_1_raises(monkeypatch, DISK_FULL)
     config = RunConfig(
         pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="always", search_dirs=(tmp_path / "local",)
     )
@@ -1122,7 +1123,6 @@ def test_a_ctrl_c_stops_the_run_even_where_qupath_refuses_to_put_an_entrys_uri_b
 ):
     # Putting the URI back runs on a failure's path: a Java error there replaced the Ctrl-C, which became the image's
     # failure, and the run went on to the next image.
-    from bridge import qupath
     from tests.qupath_fakes import FakeJavaEntry
 
     project, before, _ = _moved_project(tmp_path, slides)
@@ -1134,14 +1134,7 @@ def test_a_ctrl_c_stops_the_run_even_where_qupath_refuses_to_put_an_entrys_uri_b
         return update(self, replacements)
 
     monkeypatch.setattr(FakeJavaEntry, "updateURIs", refusing_the_second)
-    save = qupath.save_entries
-
-    def stopped_at_the_first(entries):
-        if [e.entry_id for e in entries] == ["1"]:
-            raise KeyboardInterrupt
-        save(entries)
-
-    monkeypatch.setattr(qupath, "save_entries", stopped_at_the_first)
+    _save_of_entry_1_raises(monkeypatch, KeyboardInterrupt())
     config = RunConfig(
         pipeline=PipelineConfig(device="cpu", run_nuclei=False), qupath="always", search_dirs=(tmp_path / "local",)
     )

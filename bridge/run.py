@@ -111,6 +111,7 @@ from inference import (
     Pdl1Error,
     PipelineConfig,
     SlideResult,
+    Tps,
     __version__,
     analyse_slide,
     cps_category,
@@ -267,34 +268,43 @@ def tps_metadata_keys(stain: str) -> tuple[str, str]:
     return "PD-L1 Predicted TPS % (H&E)", "PD-L1 Predicted TPS category (H&E)"
 
 
-def _cps_text(percent: float | None) -> str:
-    """A CPS as entry metadata holds it (:func:`inference.cps_text`: one decimal, more where one would carry it to a
-    whole number, a cut-off, it lies below; empty where there is none), as the Groovy scripts write it."""
-    return "" if percent is None else cps_text(percent)
-
-
 def _cps_metadata(cps: Cps) -> dict[str, str]:
-    """A CPS's entry metadata: ``PD-L1 CPS``, and ``PD-L1 CPS category`` where it has one (under 100 tumour cells,
-    ``insufficient tumour cells``, as the TPS's category beside it; :func:`inference.cps_category`)."""
+    """A CPS's entry metadata: ``PD-L1 CPS`` (:func:`inference.cps_text`: one decimal, more where one would carry it
+    to a whole number, a cut-off, it lies below) where there is one, and ``PD-L1 CPS category`` where it has one
+    (under 100 tumour cells, ``insufficient tumour cells``, as the TPS's category beside it;
+    :func:`inference.cps_category`). Without a tumour cell there is no CPS: its key is left out, never written
+    empty (an empty value in QuPath's metadata reads as a fault), and the category says why."""
     category = cps_category(cps.tumour)
-    return {"PD-L1 CPS": _cps_text(cps.percent), **({CPS_CATEGORY_KEY: category} if category else {})}
+    return {
+        **({} if cps.percent is None else {"PD-L1 CPS": cps_text(cps.percent)}),
+        **({CPS_CATEGORY_KEY: category} if category else {}),
+    }
 
 
-def _tps_text(percent: float | None) -> str:
-    """A TPS as entry metadata holds it (:func:`inference.tps_text`: more decimals where one would carry it across a
-    cut-off; empty where there is none), as the Groovy scripts write it."""
-    return "" if percent is None else tps_text(percent)
+def _tps_metadata(tps: Tps | None, stain: str) -> dict[str, str]:
+    """A TPS's entry metadata (:func:`tps_metadata_keys`): its text (:func:`inference.tps_text`: more decimals where
+    one would carry it across a cut-off) where there is a number, and its category where there is a TPS. Without a
+    tumour cell the number's key is left out, never written empty (an empty value in QuPath's metadata reads as a
+    fault), and the category, ``insufficient tumour cells``, says why; without nuclei both are left out.
+
+    >>> from inference import tumour_proportion_score
+    >>> _tps_metadata(tumour_proportion_score(0, 0), "H-DAB")
+    {'PD-L1 TPS category': 'insufficient tumour cells'}
+    >>> _tps_metadata(tumour_proportion_score(30, 70), "H&E")
+    {'PD-L1 Predicted TPS % (H&E)': '30.0', 'PD-L1 Predicted TPS category (H&E)': '1-49%'}
+    """
+    if tps is None:
+        return {}
+    percent_key, category_key = tps_metadata_keys(stain)
+    return {**({} if tps.percent is None else {percent_key: tps_text(tps.percent)}), category_key: tps.category}
 
 
 def entry_metadata(result: SlideResult) -> dict[str, str]:
-    """Project entry metadata (strings), DESIGN.md §3."""
-    tps = result.tps
+    """Project entry metadata (strings), DESIGN.md §3: a key with no value is left out, never written empty."""
     model = result.seg_model or result.nuclei_model
-    percent_key, category_key = tps_metadata_keys(result.stain)
     out = {
-        percent_key: _tps_text(None if tps is None else tps.percent),
-        category_key: "" if tps is None else tps.category,
-        "PD-L1 model": "" if model is None else f"{model.name} {model.version} ({model.sha256[:12]})",
+        **_tps_metadata(result.tps, result.stain),
+        **({} if model is None else {"PD-L1 model": f"{model.name} {model.version} ({model.sha256[:12]})"}),
         "PD-L1 run": result.run_id,
     }
     if result.cps is not None:
@@ -1741,10 +1751,13 @@ def merge_entry_metadata(
     if merged is None:
         return meta
     tps, cps = merged
-    percent_key, category_key = tps_metadata_keys("H-DAB" if "PD-L1 TPS %" in meta else "H&E")
-    meta[percent_key] = _tps_text(tps.percent)
-    meta[category_key] = tps.category
+    # The measured TPS's keys, either of them (its number is left out without a tumour cell), tell an IHC.
+    stain = "H-DAB" if any(key in meta for key in tps_metadata_keys("H-DAB")) else "H&E"
+    for key in tps_metadata_keys(stain):  # the last part's: the summed cells may have a number where it had none
+        meta.pop(key, None)
+    meta |= _tps_metadata(tps, stain)
     if cps is not None:
+        meta.pop("PD-L1 CPS", None)  # the last part's, as the TPS's
         meta.pop(CPS_CATEGORY_KEY, None)  # the last part's: the summed cells may be enough
         meta |= _cps_metadata(cps)
     return meta

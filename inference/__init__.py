@@ -56,6 +56,7 @@ _PUBLIC = {
     "cells_area": "inference.analysis.pairs",
     "IHC_CELL_RADIUS_UM": "inference.analysis.pairs",
     "Cps": "inference.results",
+    "Tps": "inference.results",
     # results
     "SlideResult": "inference.results",
     "Nuclei": "inference.results",

@@ -443,6 +443,11 @@ def nestedTargets = { List outlines ->
         }
     }
 }
+// Whether metadata holds an IHC's measured TPS, not an H&E's predicted one: either of its keys (its number is left out
+// without a tumour cell), as bridge/run.py's merge_entry_metadata tells them.
+def isMeasuredTps = { Map metadata ->
+    return metadata.containsKey("PD-L1 TPS %") || metadata.containsKey("PD-L1 TPS category")
+}
 // The entry metadata over the parts ([metadata:, counts:, nested:]) as bridge/run.py's merge_entry_metadata: the last
 // part's, with the TPS, its category and the CPS from the counts summed over the parts not nested in another.
 def mergeEntryMetadata = { List parts ->
@@ -456,12 +461,19 @@ def mergeEntryMetadata = { List parts ->
     Double percent = total > 0 ? 100.0d * positive / total : null
     def category = (total < MIN_TUMOUR_CELLS || percent == null) ? "insufficient tumour cells" :
             (percent < 1.0d ? "<1%" : (percent < 50.0d ? "1-49%" : ">=50%"))
-    def ihc = meta.containsKey("PD-L1 TPS %")
-    meta.put(ihc ? "PD-L1 TPS %" : "PD-L1 Predicted TPS % (H&E)", percent == null ? "" : tpsText(percent))
+    // Without a tumour cell there is no number: its key is left out, never written empty (an empty value in QuPath's
+    // metadata reads as a fault), and the category says why (bridge/run.py: _tps_metadata, _cps_metadata).
+    def ihc = isMeasuredTps(meta)
+    def percentKey = ihc ? "PD-L1 TPS %" : "PD-L1 Predicted TPS % (H&E)"
+    meta.remove(percentKey)  // the last part's: the summed cells may have no tumour cell
+    if (percent != null)
+        meta.put(percentKey, tpsText(percent))
     meta.put(ihc ? "PD-L1 TPS category" : "PD-L1 Predicted TPS category (H&E)", category)
     if (counts.every { it.containsKey("immune_positive") }) {
         long immune = counts.sum { it.immune_positive as long } as long
-        meta.put("PD-L1 CPS", total == 0 ? "" : cpsText(Math.min(100.0d, 100.0d * (positive + immune) / total)))
+        meta.remove("PD-L1 CPS")
+        if (total > 0)
+            meta.put("PD-L1 CPS", cpsText(Math.min(100.0d, 100.0d * (positive + immune) / total)))
         // The CPS's category where it has one (bridge/run.py: _cps_metadata): the last part's may not hold.
         meta.remove("PD-L1 CPS category")
         if (total < MIN_TUMOUR_CELLS)
@@ -516,7 +528,7 @@ def chooseTargets = { List selected, List annotations, List cores, Closure isMis
 // the predicted TPS on H&E, the CPS too on an IHC (with its category under 100 tumour cells, as the TPS's: ", CPS 12.5
 // (insufficient tumour cells)"); "" without nuclei. Each core's is its own (the entry's is merged).
 def targetScore = { Map metadata ->
-    def ihc = metadata.containsKey("PD-L1 TPS %")
+    def ihc = isMeasuredTps(metadata)
     def percent = metadata.get(ihc ? "PD-L1 TPS %" : "PD-L1 Predicted TPS % (H&E)")
     def category = metadata.get(ihc ? "PD-L1 TPS category" : "PD-L1 Predicted TPS category (H&E)")
     if (!category)  // no nuclei run: no TPS

@@ -959,12 +959,28 @@ MERGE_CASES = [
             {"tumour_positive": 5, "tumour_negative": 50, "immune_positive": 2},
         ],
     ),
+    # No tumour cell in any: no TPS or CPS number (never an empty one), the categories say why.
+    (
+        "H-DAB",
+        [
+            {"tumour_positive": 0, "tumour_negative": 0, "immune_positive": 4},
+            {"tumour_positive": 0, "tumour_negative": 0, "immune_positive": 0},
+        ],
+    ),
+    # The last one without a tumour cell (no number of its own), the sum with 150: the numbers are written.
+    (
+        "H-DAB",
+        [
+            {"tumour_positive": 60, "tumour_negative": 90, "immune_positive": 15},
+            {"tumour_positive": 0, "tumour_negative": 0, "immune_positive": 0},
+        ],
+    ),
 ]
 
 
 def _metadata_of(stain: str, counts: dict, run: str) -> dict:
     from bridge.run import entry_metadata
-    from inference import Cps, tumour_proportion_score
+    from inference import combined_positive_score, tumour_proportion_score
 
     class Result:  # what entry_metadata reads of a SlideResult
         pass
@@ -974,7 +990,7 @@ def _metadata_of(stain: str, counts: dict, run: str) -> dict:
     result.tps = tumour_proportion_score(counts["tumour_positive"], counts["tumour_negative"]) if counts else None
     positive, negative = counts.get("tumour_positive", 0), counts.get("tumour_negative", 0)
     immune = counts.get("immune_positive")
-    result.cps = None if immune is None else Cps(positive, immune, positive + negative, None)
+    result.cps = None if immune is None else combined_positive_score(positive, immune, positive + negative)
     return entry_metadata(result)
 
 
@@ -996,6 +1012,50 @@ for (parts in cases)
     assert merged[5]["PD-L1 TPS %"] == "31.0" and merged[5]["PD-L1 CPS"] == "76.5"
     assert "PD-L1 CPS category" not in merged[5] and "PD-L1 CPS category" not in merged[7]
     assert merged[8]["PD-L1 CPS category"] == merged[8]["PD-L1 TPS category"] == "insufficient tumour cells"
+    # 0 tumour cells wrote the numbers as empty text (a blank in QuPath's Project > metadata reads as a fault).
+    assert all(value for m in merged for value in m.values())
+    assert "PD-L1 Predicted TPS % (H&E)" not in merged[3] and merged[3]["PD-L1 Predicted TPS category (H&E)"]
+    assert "PD-L1 TPS %" not in merged[9] and "PD-L1 CPS" not in merged[9]
+    assert merged[9]["PD-L1 TPS category"] == merged[9]["PD-L1 CPS category"] == "insufficient tumour cells"
+    assert (merged[10]["PD-L1 TPS %"], merged[10]["PD-L1 CPS"]) == ("40.0", "50.0")
+    assert "PD-L1 CPS category" not in merged[10]
+
+
+@needs_groovy
+def test_a_rerun_with_tumour_cells_writes_the_scores_a_run_without_them_left_out_as_pdl1_run_does(tmp_path):
+    # An image analysed with enough tumour cells, then with none, then with enough again: the script and pdl1 run
+    # (bridge.run's set_entry_metadata) leave the same keys, on either QuPath's entry, and the numbers come back.
+    from bridge.run import merge_entry_metadata, set_entry_metadata
+
+    runs = [
+        {"tumour_positive": 60, "tumour_negative": 90, "immune_positive": 15},
+        {"tumour_positive": 0, "tumour_negative": 0, "immune_positive": 2},
+        {"tumour_positive": 30, "tumour_negative": 120, "immune_positive": 0},
+    ]
+    parts = [[(_metadata_of("H-DAB", c, f"r{i}"), c)] for i, c in enumerate(runs)]
+    listed = json.dumps([[{"metadata": m, "counts": c} for m, c in run] for run in parts])
+    driver = (
+        "for (entry in [new OldEntry(), new NewEntry()]) {\n"
+        "    def store = entry instanceof NewEntry ? entry.metadata : entry.stored\n"
+        '    store.put("case", "B12")\n'
+        f"    for (run in new groovy.json.JsonSlurper().parseText('{listed}')) {{\n"
+        "        putEntryMetadata(entry, mergeEntryMetadata(run))\n"
+        "        println JsonOutput.toJson(new TreeMap(store))\n"
+        "    }\n"
+        "}\n"
+    )
+    written = run_groovy(tmp_path, ENTRIES + driver)
+    expected = []
+    metadata = {"case": "B12"}
+    for run in parts:
+        set_entry_metadata(metadata, merge_entry_metadata(run))
+        expected.append(dict(sorted(metadata.items())))
+    assert written == expected + expected  # QuPath 0.4.4/0.5's entry, then 0.6+'s
+    enough, none, again = expected
+    assert "PD-L1 TPS %" not in none and "PD-L1 CPS" not in none
+    assert none["PD-L1 TPS category"] == none["PD-L1 CPS category"] == "insufficient tumour cells"
+    assert (enough["PD-L1 TPS %"], again["PD-L1 TPS %"], again["PD-L1 TPS category"]) == ("40.0", "20.0", "1-49%")
+    assert "PD-L1 CPS category" not in again and "PD-L1 CPS" in again
 
 
 @needs_groovy
@@ -1080,7 +1140,7 @@ def test_the_log_names_each_targets_own_score(tmp_path):
     # With the cores of a TMA each analysed on its own, the log said only how many objects went under each core.
     he = _metadata_of("H&E", {"tumour_positive": 30, "tumour_negative": 70}, "r1")
     ihc = _metadata_of("H-DAB", {"tumour_positive": 2, "tumour_negative": 38, "immune_positive": 4}, "r2")
-    ihc["PD-L1 CPS"] = "15.0"  # (2 + 4) / 40 cells; _metadata_of leaves the CPS's percent out
+    assert ihc["PD-L1 CPS"] == "15.0"  # (2 + 4) / 40 cells
     none = _metadata_of("H&E", {}, "r3")  # no nuclei: no TPS
     empty = _metadata_of("H-DAB", {"tumour_positive": 0, "tumour_negative": 0, "immune_positive": 0}, "r4")
     listed = json.dumps([he, ihc, none, empty])

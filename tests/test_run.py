@@ -772,12 +772,8 @@ def test_through_qupath_a_rerun_removes_the_entry_metadata_of_the_earlier_run_it
     assert {k: metadata[k] for k in theirs} == theirs
     assert not set(earlier) & set(metadata), metadata
     assert metadata["PD-L1 run"] == done.run_id
-    assert set(metadata) == set(theirs) | {
-        "PD-L1 Predicted TPS % (H&E)",
-        "PD-L1 Predicted TPS category (H&E)",
-        "PD-L1 model",
-        "PD-L1 run",
-    }
+    # Run without nuclei: no TPS, so no TPS key (an empty one reads as a fault in QuPath's Project > metadata).
+    assert set(metadata) == set(theirs) | {"PD-L1 model", "PD-L1 run"}
 
 
 SERVER_URI = "https://omero.example.org/webclient/?show=image-7"
@@ -1433,6 +1429,50 @@ def test_the_entry_metadata_of_several_annotations_sums_their_cells_for_tps_and_
     # One annotation, or one without cells counted (no nuclei): its own metadata as it is.
     assert merge_entry_metadata([(second, {})]) == second
     assert merge_entry_metadata([(first, {"tumour_positive": 1, "tumour_negative": 1}), (second, {})]) == second
+
+
+def test_an_image_without_a_tumour_cell_gets_no_empty_score_in_its_entry_metadata():
+    # 0 tumour cells wrote "PD-L1 TPS %" and "PD-L1 CPS" as empty text, which QuPath's Project > metadata shows as a
+    # blank that reads as a fault. The numbers' keys are left out and the categories say why; a re-run with enough
+    # cells writes the numbers again, and one without removes them.
+    from types import SimpleNamespace
+
+    from bridge.run import entry_metadata, merge_entry_metadata, metadata_counts, set_entry_metadata
+    from inference import INSUFFICIENT, combined_positive_score, tumour_proportion_score
+
+    def result(stain, positive, negative, immune=None):
+        cps = None if immune is None else combined_positive_score(positive, immune, positive + negative)
+        tps = tumour_proportion_score(positive, negative)
+        return SimpleNamespace(tps=tps, cps=cps, stain=stain, run_id="r", seg_model=None, nuclei_model=None)
+
+    zero_ihc = entry_metadata(result("H-DAB", 0, 0, immune=0))
+    assert zero_ihc == {
+        "PD-L1 TPS category": INSUFFICIENT,
+        "PD-L1 run": "r",
+        "PD-L1 CPS category": INSUFFICIENT,
+        "PD-L1 stain": "H-DAB",
+    }
+    zero_he = entry_metadata(result("H&E", 0, 0))
+    assert zero_he == {"PD-L1 Predicted TPS category (H&E)": INSUFFICIENT, "PD-L1 run": "r"}
+    no_nuclei = entry_metadata(
+        SimpleNamespace(tps=None, cps=None, stain="H&E", run_id="r", seg_model=None, nuclei_model=None)
+    )
+    assert no_nuclei == {"PD-L1 run": "r"}  # no TPS at all: neither key, never an empty one
+    # Several annotations, none with a tumour cell: still no number; the last one without, the sum has one.
+    enough = result("H-DAB", 60, 90, immune=15)
+    zero_part = (zero_ihc, metadata_counts(result("H-DAB", 0, 0, immune=0)))
+    assert merge_entry_metadata([zero_part, zero_part]) == zero_ihc
+    summed = merge_entry_metadata([(entry_metadata(enough), metadata_counts(enough)), zero_part])
+    assert (summed["PD-L1 TPS %"], summed["PD-L1 TPS category"], summed["PD-L1 CPS"]) == ("40.0", "1-49%", "50.0")
+    assert "PD-L1 CPS category" not in summed  # 150 tumour cells
+    # Re-runs of one entry: the numbers go with the cells and come back with them; the user's key stays.
+    metadata = {"case": "B12"}
+    set_entry_metadata(metadata, entry_metadata(enough))
+    set_entry_metadata(metadata, zero_ihc)
+    assert metadata == {"case": "B12", **zero_ihc}
+    set_entry_metadata(metadata, entry_metadata(enough))
+    assert metadata == {"case": "B12", **entry_metadata(enough)} and metadata["PD-L1 TPS %"] == "40.0"
+    assert all(value for value in metadata.values())
 
 
 def test_a_tps_just_under_a_cut_off_is_never_shown_at_it():

@@ -325,11 +325,13 @@ def test_the_furthest_target_from_the_domain_counts_a_stain_measured_alone():
 def test_a_cps_is_never_shown_rounded_up_to_a_whole_number_a_cut_off_is_read_at():
     # helper-156: a CPS of 9.96 was "10.0" in targets.csv, the entry metadata and the report (CPS >= 10 is a cut-off).
     from bridge.report import _fmt_cps
-    from bridge.run import _cps_text
+    from bridge.run import _cps_metadata
     from bridge.targets import csv_cell
+    from inference import Cps
 
     for value, shown in ((9.96, "9.96"), (0.952, "0.95"), (19.96, "19.96"), (52.749, "52.7"), (10.0, "10.0")):
-        assert csv_cell(value, cps=True) == _cps_text(value) == _fmt_cps(value) == shown
+        metadata = _cps_metadata(Cps(0, 0, 200, value))["PD-L1 CPS"]
+        assert csv_cell(value, cps=True) == metadata == _fmt_cps(value) == shown
     assert csv_cell(9.96) == "10.0"  # any other number: one decimal
 
 

@@ -678,6 +678,75 @@ def test_the_closing_table_tells_apart_entries_sharing_a_name_and_prints_bracket
     assert "a[1].svs (entry 2): bad [models] section in C:[/x]/pdl1-config.toml" in " ".join(captured.err.split())
 
 
+# A slide name longer than any terminal, and a review reason of several clauses: a log cut them at 160 columns.
+LONG_NAME = "LUNG-2024-000123_PD-L1_22C3_block-A3_level2_rescan_" + "x" * 110 + "_final.svs"
+LONG_REASON = (
+    "nuclei uncertainty: mean predictive entropy of tumour nuclei 0.61 (limit 0.45) across the whole analysed region "
+    "of the slide, 4 of 5 members disagreeing on the category of more than a third of the tumour cells"
+)
+
+
+def _long_outcomes():
+    from bridge.run import ImageOutcome
+
+    return [
+        ImageOutcome(
+            "1", LONG_NAME, "done", 12.3, 45.6, "1-49%", 12.0, True, 3, stain="H-DAB", cps_percent=50.0,
+            review_reasons=(LONG_REASON,),
+        ),
+        ImageOutcome("2", "short.svs", "done", 1.0, 2.0, "1-49%", 1.0, False, 0, stain="H&E"),
+    ]  # fmt: skip
+
+
+def test_the_closing_table_keeps_long_names_and_reasons_whole_where_the_output_is_not_a_terminal(capsys):
+    # Piped to a log (CI, a batch run), the table was cut at a fixed width: "LUNG-2024-..._rescan_x…" and the review
+    # reason broken over lines. Output that is not a terminal is never cut or wrapped.
+    from bridge.cli.common import outcome_table
+
+    outcome_table(_long_outcomes())
+    lines = capsys.readouterr().out.splitlines()
+    assert "…" not in "\n".join(lines)
+    (row,) = [line for line in lines if line.startswith("│") and LONG_NAME in line]  # whole, on one line
+    assert " ".join(row.replace("│", " ").split()).startswith(
+        f"{LONG_NAME} done H-DAB 45.6 1-49% 50.0 12.0 needs review"
+    )
+    assert f"{LONG_NAME}: needs review: {LONG_REASON}" in lines
+    assert not any("the terminal is" in line for line in lines)  # no note: nothing was folded
+
+
+def test_the_closing_table_folds_cells_on_a_narrow_terminal_and_says_where_they_are_whole(monkeypatch):
+    # On an 80-column terminal rich cut the image name and the scores with "…" (the numbers read "45…", "1-…").
+    # Each cell is folded onto more lines instead, the table says so, and the reason lines wrap whole.
+    import io
+    import shutil
+
+    from bridge.cli.common import outcome_table
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda *args, **kwargs: os.terminal_size((80, 24)))
+    monkeypatch.setenv("NO_COLOR", "1")
+    outcome_table(_long_outcomes())
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in terminal.getvalue().splitlines()]
+    table_and_reasons = lines[: lines.index("What to check:")]  # the advice's lines are soft-wrapped by the terminal
+    assert max(len(line) for line in table_and_reasons) <= 80, lines
+    assert "…" not in "\n".join(lines)
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines if line.startswith("│")]
+    assert LONG_NAME in "".join(row[0] for row in rows)  # folded, every character kept
+    first = rows[0]
+    assert (first[1], first[2], first[3], first[4], first[5]) == ("done", "H-DAB", "45.6", "1-49%", "50.0")
+    text = " ".join(" ".join(lines).split())
+    assert "the terminal is 80 columns, this table" in text and "none is cut" in text
+    assert "every value is also in pdl1/targets.csv and each image's summary.json" in text
+    # The name is longer than the terminal, so the reason's line folds it: every character kept, in order.
+    reason = f"{LONG_NAME}: needs review: {LONG_REASON}"
+    assert "".join(reason.split()) in "".join(text.split())
+
+
 def test_the_closing_table_says_a_cps_of_under_100_tumour_cells_is_insufficient_as_its_tps(capsys):
     # The TPS's category column said "insufficient tumour cells"; the CPS of the same 40 cells was a plain number.
     from bridge.cli.common import outcome_table

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -67,11 +68,50 @@ def number_range(low: float | None = None, high: float | None = None) -> dict:
     return {**{k: v for k, v in bounds.items() if v is not None}, "parser": parse}
 
 
+# The width of output that is not a terminal (a log, CI, a batch run's capture): wider than any table or line, so
+# none is wrapped or cut. A table stays as wide as its cells (rich does not stretch one that does not expand).
+UNCUT_WIDTH = 1_000_000
+
+
 def stdout() -> Console:
-    """Tables go to stdout; piped or captured output gets a width that keeps class names on one line."""
+    """Tables go to stdout: at the terminal's width where it is one, else never wrapped or cut (:data:`UNCUT_WIDTH`;
+    a log cut at 80 or 160 columns lost long image names and review reasons)."""
+    import shutil
     import sys
 
-    return Console(width=None if sys.stdout.isatty() else 160)
+    return Console(width=shutil.get_terminal_size().columns if sys.stdout.isatty() else UNCUT_WIDTH)
+
+
+def folded_note(width: int, needed: int, whole_in: str | None = None) -> str:
+    """What a table too wide for the terminal says under it: its cells are folded, none cut, and how to get one line
+    a row (a file) or where every value also is (``whole_in``, a file the command wrote).
+
+    >>> folded_note(80, 131)
+    'the terminal is 80 columns, this table 131: cells are folded onto more lines, none is cut; for one line a row, widen the terminal or send the output to a file (> out.txt)'
+    >>> folded_note(80, 131, "pdl1/targets.csv")[-52:]
+    '(> out.txt); every value is also in pdl1/targets.csv'
+    """
+    note = (
+        f"the terminal is {width} columns, this table {needed}: cells are folded onto more lines, none is cut; for one "
+        "line a row, widen the terminal or send the output to a file (> out.txt)"
+    )
+    return note if whole_in is None else f"{note}; every value is also in {whole_in}"
+
+
+def print_table(table: Any, *, whole_in: str | None = None) -> None:
+    """Print a rich ``table`` to :func:`stdout`, never cutting a cell: on a terminal narrower than the table a cell is
+    wrapped, and a word too long for its column (an image name, a path) folded onto more lines, where rich would cut
+    it with …; the table's caption then says so (:func:`folded_note`). Output that is not a terminal is never
+    narrower than a table (:data:`UNCUT_WIDTH`)."""
+    out = stdout()
+    for column in table.columns:
+        column.overflow = "fold"
+        column.no_wrap = False
+    needed = out.measure(table, options=out.options.update_width(UNCUT_WIDTH)).maximum
+    if needed > out.width:
+        table.caption = folded_note(out.width, needed, whole_in)
+        table.caption_justify = "left"
+    out.print(table)
 
 
 def fail(err: Exception) -> typer.Exit:
@@ -330,7 +370,7 @@ def outcome_table(outcomes, *, batch: int | None = None) -> None:
             "" if o.state == "skipped" else num(o.seconds),  # this run spent none on it
         )
     if outcomes:
-        stdout().print(table)
+        print_table(table, whole_in="pdl1/targets.csv and each image's summary.json")
     if skipped:
         stdout().print(
             f"{len(skipped)} image{'s' if len(skipped) > 1 else ''} done by an earlier run "
@@ -457,7 +497,7 @@ def pairs_table(path) -> None:
             escape("; ".join(review_reason_text(r) for r in record.get("review_reasons", []))) or "ok",
             *cores,
         )
-    stdout().print(table)
+    print_table(table, whole_in=str(path))
     reasons = (r.get("reason", "") for record in cases.values() for r in record.get("review_reasons", []))
     # A case's images are of both stains: --stain would state its partner's too, so the fix is that image's type.
     print_advice("What to check (cases):", review_advice(reasons, stain_fix=CASE_STAIN_FIX))

@@ -17,6 +17,7 @@ from bridge.cli.common import (
     interrupted,
     number_range,
     pipeline_config,
+    print_table,
     require_out_folder,
     stdout,
     write_model_copy,
@@ -151,7 +152,7 @@ def eval_seg(
                 "mutual information, wrong / right", f"{result.mi_wrong_mean:.4f} / {result.mi_right_mean:.4f}"
             )
             table.add_row("mutual information, min", f"{result.mi_min:.2e}")
-            out.print(table)
+            print_table(table)
             if len(result.dice_members) > 1:  # one member is the model itself: nothing to set beside it
                 best = max(result.dice_members)
                 verdict = "yes" if result.dice_ensemble >= best else "no"
@@ -206,7 +207,7 @@ def _print_dice_summary(results, out) -> None:
     row("mean of slides", mean_ens, mean_members)
     pooled_ens, pooled_members = pooled_dice(results)
     row("pooled pixels", pooled_ens, pooled_members)
-    out.print(table)
+    print_table(table)
     wins = sum(r.dice_ensemble >= max(r.dice_members) for r in results)
     out.print(
         f"ensemble Dice >= every member's: {wins} of {len(results)} slides; mean of slides "
@@ -251,7 +252,6 @@ def eval_nuclei(
 
     from inference import Ensemble, demo_model_dir
 
-    out = stdout()
     try:
         ensemble = Ensemble.load(model or demo_model_dir("nuclei"), task="nuclei", device=device)
         _check_truths(slides, {ensemble.manifest.stain: [("nuclei", ensemble.manifest)]})
@@ -276,7 +276,7 @@ def eval_nuclei(
                     pct(r.tps_truth) if i == 0 else "",
                     ("n/a" if err is None else f"{err:.1f}") if i == 0 else "",
                 )
-        out.print(table)
+        print_table(table)
     except (Pdl1Error, ValueError, OSError) as err:
         raise fail(err) from err
     except KeyboardInterrupt:  # exit 130 without a word
@@ -422,7 +422,7 @@ def eval_ihc(
                 num(r.nuclei_entropy_mean, 3),
                 *(() if reasons is None else ("; ".join(reasons) or "ok",)),
             )
-        out.print(table)
+        print_table(table)
         tps_errors = [r.tps_abs_error for r in results if r.tps_abs_error is not None]
         cps_errors = [r.cps_abs_error for r in results if r.cps_abs_error is not None]
         if tps_errors:
@@ -498,7 +498,7 @@ def eval_tps(
                 "right" if good else f"WRONG ({r.tps.category})",
                 "; ".join(x["reason"] for x in r.summary.get("review_reasons", [])) or "ok",
             )
-        out.print(table)
+        print_table(table)
         out.print(
             f"mean absolute error {sum(errors) / len(errors):.2f} points (max {max(errors):.2f}); category right "
             f"on {right} of {len(errors)}; truth within the members' range on {inside} of {len(errors)}"
@@ -551,7 +551,7 @@ def eval_registration(
                 f"{r.angle_deg:.2f}",
                 "yes" if r.ok else f"no: {r.reason}",
             )
-        out.print(table)
+        print_table(table)
         ordered = sorted(medians)
         out.print(
             f"median of the slides' median errors {statistics.median(ordered):.1f} µm; worst {ordered[-1]:.1f} µm"
@@ -772,7 +772,7 @@ def _print_suite(console_out, evaluations, *, manifest, sua, nuclei, written) ->
         table.add_column(col.replace("_", " "), justify="left" if col == "slide" else "right")
     for row in rows(evaluations):
         table.add_row(*(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in shown))
-    console_out.print(table)
+    print_table(table, whole_in=", ".join(str(p) for p in written.values()))
     console_out.print(f"Spearman(slide mean entropy, 1 - Dice) = {slide_uncertainty_correlation(evaluations):.3f}")
     versus = ensemble_vs_members(evaluations)
     members = ", ".join(f"{d:.4f}" for d in versus["member_mean_dice"])
@@ -791,7 +791,7 @@ def _print_suite(console_out, evaluations, *, manifest, sua, nuclei, written) ->
             d["score"], f"{d['aurc']:.3f}", f"{d['e_aurc']:.3f}", f"{d['random_aurc']:.3f}", f"{d['optimal_aurc']:.3f}"
         )
     flag = detections[-1]  # the review flag's row comes last
-    console_out.print(detection)
+    print_table(detection)
     console_out.print(
         f"review flag: caught {flag['caught']} of {flag['failures']} failed slides; "
         f"false alarms on {flag['false_alarms']} of {flag['successes']} others"
@@ -866,7 +866,7 @@ def _print_ihc(console_out, model_name: str, records: list[dict], written: Path)
 
     for rec in records:
         table.add_row(*(cell(k, v) for k, v in rec.items()))
-    console_out.print(table)
+    print_table(table, whole_in=str(written))
     failed = [bool(rec["failed"]) for rec in records]
     flagged = [bool(rec["needs_review"]) for rec in records]
     console_out.print(f"review flag on PD-L1 IHC: {_review_line(failed, flagged, _ihc_failure())}")

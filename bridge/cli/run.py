@@ -627,7 +627,7 @@ def review_queue_cmd(
     from rich.markup import escape
     from rich.table import Table
 
-    from bridge.cli.common import stdout
+    from bridge.cli.common import print_table
     from bridge.progress import progress_bar
     from bridge.review_queue import ReviewQueueInterrupted, write_review_queue
 
@@ -668,7 +668,7 @@ def review_queue_cmd(
             where,
             escape("; ".join(entry.reasons)),
         )
-    stdout().print(table)
+    print_table(table, whole_in=str(queue.csv_path))
     for entry_id, name, why in queue.not_ranked:
         typer.echo(f"not ranked: {name} (entry {entry_id}): {why}")
     typer.echo(f"wrote {queue.csv_path}; entry metadata in the {queue.metadata_written_to}")

@@ -956,6 +956,78 @@ def test_a_named_pipe_in_the_images_place_is_refused_not_waited_on(service, slid
         pipe.unlink()
 
 
+def _made_multi_file_pipe(folder: Path, case: str) -> tuple[Path, Path]:
+    """A multi-file slide under ``folder`` with a named pipe where the service reads one of its files: the
+    image to submit and the pipe."""
+    if case == "vms-itself":
+        pipe = image = folder / "piped.vms"
+    elif case == "vms-names-a-pipe":
+        image, pipe = folder / "piped.vms", folder / "piped.jpg"
+        image.write_text("[Virtual Microscope Specimen]\nNoLayers=1\nImageFile=piped.jpg\n")
+    elif case == "mrxs-slidedat":
+        image, pipe = folder / "piped.mrxs", folder / "piped" / "Slidedat.ini"
+        image.write_text("")
+        pipe.parent.mkdir()
+    else:  # a DICOM slide's folder: OpenSlide opens each .dcm in it
+        image, pipe = folder / "piped" / "level_0.dcm", folder / "piped" / "level_1.dcm"
+        pipe.parent.mkdir()
+        image.write_bytes(b"\0" * 128 + b"DICM")
+    os.mkfifo(pipe)
+    return image, pipe
+
+
+@pytest.mark.parametrize("case", ["vms-itself", "vms-names-a-pipe", "mrxs-slidedat", "dicom-folder"])
+def test_a_named_pipe_among_a_multi_file_slide_s_files_is_refused_not_waited_on(service, tmp_path, case):
+    # The check of a .vms, .mrxs or DICOM slide's other files read its index with a blocking open(): a pipe named
+    # piped.vms, or a Slidedat.ini that was one, held the request's thread for good, and 40 such requests (their
+    # clients long gone) left the service answering nothing, /v1/health included.
+    root = tmp_path / "root"
+    root.mkdir()
+    image, pipe = _made_multi_file_pipe(root, case)
+    outcome: list[BaseException | str] = []
+
+    def check_it():
+        try:
+            bridge.service.check_allowed(image, (root,))
+            outcome.append("let by")
+        except BaseException as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=check_it, daemon=True)
+    thread.start()
+    thread.join(10)
+    try:
+        assert outcome, "checking the slide's files blocked on the pipe"
+        if case == "vms-itself":  # the file named: the submission's own check refuses it
+            assert outcome == ["let by"]
+        else:
+            assert isinstance(outcome[0], bridge.service.ImagePathError), outcome
+            assert str(outcome[0]) == (
+                f"{image} is read from {pipe} too, which is not a regular file (a named pipe, socket or device); "
+                "a slide's files are the regular files its scanner wrote: copy the slide again"
+            )
+    finally:
+        with contextlib.suppress(OSError):  # a reader still blocked in open() is let go
+            os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_a_multi_file_slide_named_as_a_pipe_is_a_422_at_submission(service, slides_root):
+    pipe = slides_root / "pipe.vms"
+    os.mkfifo(pipe)
+    try:
+        r = service.client.post("/v1/jobs", json={"image": str(pipe)}, timeout=10)
+        assert r.status_code == 422, r.text
+        assert r.json() == {
+            "detail": f"{pipe} is not a regular file (a named pipe, socket or device); expected an image file (e.g. "
+            "a .svs, .ndpi or .tif): send the path of the image file itself",
+            "cannot_open": True,
+        }
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        pipe.unlink()
+
+
 def test_a_result_asked_for_while_its_job_is_deleted_says_so(service, slides_root, monkeypatch):
     # A DELETE between the lookup and the read of the result answered 409 "job … is done, not done".
     client = service.client

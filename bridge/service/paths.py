@@ -67,9 +67,18 @@ _INDEX_MAX_BYTES = 4 * 1024 * 1024
 
 
 def _index_values(index: Path) -> list[str]:
-    """Every value of an INI file's ``key = value`` lines (the files it names among them)."""
+    """Every value of an INI file's ``key = value`` lines (the files it names among them); none from a file that is
+    not a regular one.
+
+    Opened without blocking: a named pipe in the index's place held the request's thread for good (no client's
+    going away reaches an open()), and enough such requests left the service answering nothing. A pipe or device
+    is refused by the checks of the file named (:func:`not_a_regular_file`) or of the slide's other files.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        with open(index, "rb") as fh:
+        with os.fdopen(os.open(index, flags), "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return []
             text = fh.read(_INDEX_MAX_BYTES).decode("utf-8", errors="replace")
     except OSError:
         return []  # not readable here: the reader fails on it, naming it
@@ -97,7 +106,9 @@ def _refuse_companions_outside(path: Path, real: Path, roots: tuple[Path, ...]) 
     symlink led out, and OpenSlide read what the check of the named file alone let by (found by a review: a .vms
     under the root had a file outside it analysed)."""
     try:
-        outside = [c for c in _companions(real) if not _under(c.resolve(), roots)]
+        companions = _companions(real)
+        outside = [c for c in companions if not _under(c.resolve(), roots)]
+        special = [c for c in companions if not outside and _is_special(c)]
     except (OSError, ValueError, RuntimeError) as err:
         raise _unusable_path(path, err) from err
     if outside:
@@ -106,6 +117,21 @@ def _refuse_companions_outside(path: Path, real: Path, roots: tuple[Path, ...]) 
             f"service may open ({', '.join(str(r) for r in roots)}); keep a slide's files together under an "
             "--allow-root folder"
         )
+    if special:  # OpenSlide would block opening a pipe, the request's thread or the worker with it, for good
+        raise ImagePathError(
+            f"{clipped(str(path))} is read from {clipped(str(special[0]))} too, which is not a regular file (a named "
+            "pipe, socket or device); a slide's files are the regular files its scanner wrote: copy the slide again"
+        )
+
+
+def _is_special(path: Path) -> bool:
+    """Whether ``path`` (symlinks followed) is there and neither a regular file nor a folder: a pipe, socket or
+    device."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return False  # not there: the reader says so
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def is_file_uri(image: str) -> bool:

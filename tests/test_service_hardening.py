@@ -279,6 +279,46 @@ def test_an_upload_to_a_full_queue_is_refused_before_its_body_is_parsed(slides_r
         served.close()
 
 
+def test_uploads_still_arriving_hold_room_in_the_queue(slides_root, models, held_worker):
+    # Only queued jobs counted: any number of uploads could be read at once, each held whole in memory before the
+    # full queue refused it (30 uploads of 32 MiB, sent together, took the service from 0.36 to 2.3 GB).
+    settings = ServiceSettings(
+        port=free_port(), allow_roots=(slides_root,), pipeline=PipelineConfig(device="cpu"), max_queued=2
+    )
+    served = Served(settings, models)
+    arriving: list[socket.socket] = []
+    try:
+        client, params = served.client, {"mpp": 0.5, "outputs": ["regions"]}
+        running = client.post("/v1/jobs/pixels", params=params, content=_png()).json()["job_id"]
+        _wait_for(lambda: client.get(f"/v1/jobs/{running}").json()["state"] == "running", "the first job to start")
+        png = _png()
+        for _ in range(2):  # each sends its header and a part of its body, then nothing more for now
+            sock = socket.create_connection(("127.0.0.1", served.port))
+            sock.sendall(
+                f"POST /v1/jobs/pixels?mpp=0.5 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                f"Content-Length: {len(png) + 2**20}\r\n\r\n".encode()
+                + png
+            )
+            arriving.append(sock)
+        _wait_for(lambda: served.worker.receiving == 2, "both uploads to be read")
+        full = client.post("/v1/jobs/pixels", params=params, content=png)
+        assert full.status_code == 429, full.text
+        assert full.json()["detail"] == (
+            "2 jobs are waiting (2 of them uploads still arriving), the most this service queues (--max-queued 2); "
+            "retry when one has finished, or cancel one you no longer need (DELETE /v1/jobs/{id})"
+        )
+        assert client.post("/v1/jobs", json={"image": str(slides_root / "small.svs")}).status_code == 429
+        for sock in arriving:  # their clients give up: the room they held is free again
+            sock.close()
+        _wait_for(lambda: served.worker.receiving == 0, "the uploads given up to let go of their room")
+        assert client.post("/v1/jobs/pixels", params=params, content=png).status_code == 202
+    finally:
+        for sock in arriving:
+            sock.close()
+        held_worker.set()
+        served.close()
+
+
 def test_max_queued_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="--max-queued must be at least 1, got 0"):
         ServiceSettings(allow_roots=(tmp_path,), max_queued=0)

@@ -69,8 +69,8 @@ def serve(
         int,
         typer.Option(
             min=1,
-            help="Jobs that may wait for the worker; more are refused with 429 until one finishes. A queued "
-            "upload holds its compressed bytes (at most the 64 MiB upload limit).",
+            help="Jobs that may wait for the worker, uploads still arriving among them; more are refused with 429 "
+            "until one finishes. A queued upload holds its compressed bytes (at most the 64 MiB upload limit).",
         ),
     ] = 16,
 ) -> None:

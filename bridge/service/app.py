@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -340,8 +341,8 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
             raise SlideNotFoundError(f"image not found: {clipped(str(requested))}")
         return path
 
-    def accept(job: Job, w: Worker) -> JSONResponse:
-        w.submit(job)
+    def accept(job: Job, w: Worker, *, submit: Callable[[Job], None] | None = None) -> JSONResponse:
+        (submit or w.submit)(job)
         body = JobAccepted(
             job_id=job.id, state=job.state, status_url=f"/v1/jobs/{job.id}", result_url=f"/v1/jobs/{job.id}/result"
         )
@@ -453,30 +454,36 @@ def create_app(settings: ServiceSettings, *, models: Models | None = None) -> Fa
         refuse_unknown_parameters(request, submit_pixels, UPLOAD)
         _check_model(model)  # as a path job's: an upload ran the loaded models whatever model it named
         _check_image_type(image_type)  # before the body is read: no model runs on it
-        w.check_room()  # a full queue before the body is read and its header parsed (submit checks again)
-        # BodyLimit stops the read past max_request_bytes, stated length or not.
-        try:
-            body = await request.body()
-        except ClientDisconnect:  # nobody is left to answer; one line, not a traceback (a warning: shown by default)
-            log.warning("client %s disconnected during an upload; nothing queued", request.client)
-            return Response(status_code=400)
-        # In a thread, as a def endpoint's work is: reading a header is quick, but not for every file a client
-        # may send, and on the event loop no other request is answered meanwhile.
-        await run_in_threadpool(
-            check_upload, body, mpp=mpp, max_px=settings.max_upload_px, content_type=request.headers.get("content-type")
-        )
-        job = Job(
-            id=uuid.uuid4().hex,
-            image="upload",
-            roi=None,
-            mpp=mpp,
-            outputs=tuple(dict.fromkeys(outputs)),
-            upload=body,
-            origin_xy=(origin_x, origin_y),
-            scale=downsample,
-            image_type=image_type,
-        )
-        return accept(job, w)
+        # Room in the queue is taken before the body is read and its header parsed, and held while they are: a full
+        # queue is a 429 at once, and no more uploads are in memory at a time than the queue takes.
+        with w.upload_room() as submit:
+            # BodyLimit stops the read past max_request_bytes, stated length or not.
+            try:
+                body = await request.body()
+            except ClientDisconnect:  # nobody is left to answer; one line, not a traceback (a warning: shown)
+                log.warning("client %s disconnected during an upload; nothing queued", request.client)
+                return Response(status_code=400)
+            # In a thread, as a def endpoint's work is: reading a header is quick, but not for every file a client
+            # may send, and on the event loop no other request is answered meanwhile.
+            await run_in_threadpool(
+                check_upload,
+                body,
+                mpp=mpp,
+                max_px=settings.max_upload_px,
+                content_type=request.headers.get("content-type"),
+            )
+            job = Job(
+                id=uuid.uuid4().hex,
+                image="upload",
+                roi=None,
+                mpp=mpp,
+                outputs=tuple(dict.fromkeys(outputs)),
+                upload=body,
+                origin_xy=(origin_x, origin_y),
+                scale=downsample,
+                image_type=image_type,
+            )
+            return accept(job, w, submit=submit)
 
     @app.get("/v1/jobs/{job_id}", responses=error_responses(404, 422))  # FastAPI lists a 422 anyway
     def job_status(job_id: str, w: Worker = Depends(worker)) -> JobStatus:

@@ -5,6 +5,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+import inference.slides.slide as slide_mod
 from inference.errors import MissingMppError, ResolutionError, SlideFormatError, SlideNotFoundError
 from inference.phantom.pyramid import write_phantom
 from inference.phantom.scene import PhantomSpec
@@ -379,6 +380,30 @@ def test_a_plain_tiff_of_several_full_size_images_is_refused_not_read_at_its_fir
     tifffile.imwrite(path, np.stack([_tissue_like(), _tissue_like()[::-1]]), photometric="rgb")
     with pytest.raises(SlideFormatError, match=r"2 images at full resolution .* only the first would be analysed"):
         open_slide(path, mpp=0.5)
+
+
+def test_a_plain_tiff_of_more_pages_than_an_image_has_is_refused_without_walking_them_all(tmp_path, monkeypatch):
+    # Every page was parsed to count the full-size ones: a 5 MB file of 20 000 tiny pages under --allow-root took
+    # 6 s of the service's request thread at each submission, and the pages a file may hold grow with its size.
+    path = tmp_path / "pages.tif"
+    with tifffile.TiffWriter(path) as writer:
+        for _ in range(slide_mod.MAX_PLAIN_TIFF_PAGES + 5):
+            writer.write(np.zeros((2, 2, 3), np.uint8), photometric="rgb")
+    parsed = []
+    page_init = tifffile.TiffPage.__init__
+
+    def counted(self, *args, **kwargs):
+        parsed.append(1)
+        page_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(tifffile.TiffPage, "__init__", counted)
+    with pytest.raises(SlideFormatError) as refused:
+        open_slide(path, mpp=0.5)
+    assert str(refused.value) == (
+        f"{path}: more than {slide_mod.MAX_PLAIN_TIFF_PAGES} pages, more than an image and its reduced-resolution "
+        "levels hold (a stack, or several scans in one file); save each image as a file of its own"
+    )
+    assert len(parsed) <= slide_mod.MAX_PLAIN_TIFF_PAGES + 1
 
 
 def test_an_ome_tiff_states_its_pixel_size_in_its_ome_xml(tmp_path):

@@ -11,6 +11,7 @@ Positions are (x, y) in level-0 pixels, sizes (width, height), as in openslide.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -56,6 +57,10 @@ def library_mpp_advice(value: str) -> str:
 
 # Images opened without OpenSlide are read whole; beyond this they need a pyramidal format.
 MAX_PLAIN_IMAGE_PX = 20_000 * 20_000
+# The most pages of a TIFF opened without OpenSlide that are looked at: an image and its reduced-resolution levels
+# are a few. Each page is parsed to be looked at (0.3 ms): a 5 MB file of 20 000 tiny pages held the service's
+# request thread 6 s at each submission, and a larger file more.
+MAX_PLAIN_TIFF_PAGES = 64
 # The first bytes of a TIFF (classic and BigTIFF, either byte order), and the whole-slide formats built on
 # TIFF: a file with either that no reader opens was most likely damaged on its way here.
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -433,7 +438,13 @@ def _plain_tiff_page(path: Path) -> Iterator[Any]:
                     f"{path}: expected 8-bit RGB pixels, got {page.dtype}; save the image as 8-bit RGB"
                 )
             size = (page.imagewidth, page.imagelength)
-            same = [p for p in tif.pages if (p.imagewidth, p.imagelength) == size and not p.is_reduced]
+            pages = list(itertools.islice(tif.pages, MAX_PLAIN_TIFF_PAGES + 1))
+            if len(pages) > MAX_PLAIN_TIFF_PAGES:
+                raise SlideFormatError(
+                    f"{path}: more than {MAX_PLAIN_TIFF_PAGES} pages, more than an image and its reduced-resolution "
+                    "levels hold (a stack, or several scans in one file); save each image as a file of its own"
+                )
+            same = [p for p in pages if (p.imagewidth, p.imagelength) == size and not p.is_reduced]
             if len(same) > 1:  # page 1 alone was analysed; the rest of a stack, or other scans, dropped unsaid
                 raise SlideFormatError(
                     f"{path}: {len(same)} images at full resolution (a stack, or several scans in one file), of which "
@@ -610,7 +621,7 @@ def damage_sign(path: Path) -> str | None:
             end = max(
                 (
                     offset + count
-                    for page in tif.pages
+                    for page in itertools.islice(tif.pages, MAX_PLAIN_TIFF_PAGES)  # as many as are looked at
                     for offset, count in zip(page.dataoffsets, page.databytecounts, strict=False)
                 ),
                 default=0,

@@ -159,6 +159,18 @@ def test_pdl1_train_nuclei_fine_tuning_a_model_of_another_stain_names_init(finet
     assert text.endswith("(--init none)") and "init_model" not in text, text
 
 
+def test_pdl1_train_seg_refuses_an_init_model_of_another_kind_before_making_its_folder(finetune_phantom, tmp_path):
+    # Checked as each chain loaded it, after the slides were read and the folder made: an empty folder was left.
+    out = tmp_path / "m"
+    nuclei = str(demo_model_dir("nuclei"))
+    args = ["train", "seg", finetune_phantom, "--init", nuclei, "--out", str(out), *TINY, "--no-progress"]
+    result = runner.invoke(app, args, env={"COLUMNS": "400"})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, text
+    assert "but an H&E segmentation model is needed to fine-tune from (--init); give one, or train from" in text
+    assert not out.exists()
+
+
 @pytest.fixture(scope="module")
 def labelled(fixtures_dir) -> Path:
     return fixtures_dir / "qupath-0.4.4-labels"

@@ -26,6 +26,7 @@ from inference.atomic import write_text_whole
 from inference.errors import ModelFileError, Pdl1Error, raise_together
 from inference.models.manifest import (
     MANIFEST_NAME,
+    Manifest,
     give_new_file_mode,
     read_manifest,
     sha256_file,
@@ -315,8 +316,7 @@ def init_record(init_model: str | Path, member_sha256: str) -> dict[str, str]:
     return {"model": str(Path(init_model).absolute()), "member_sha256": member_sha256}
 
 
-def init_weights(
-    model: torch.nn.Module,
+def check_init_model(
     folder: str | Path,
     *,
     task: str,
@@ -325,12 +325,13 @@ def init_weights(
     class_names: list[str] | tuple[str, ...],
     stain: str,
     setting: SettingWords = library_setting,
-) -> str:
-    """Start ``model`` from the last member of a model folder (fine-tuning); returns that member's sha256.
+) -> Manifest:
+    """The manifest of a model folder to fine-tune from, once it is found fit: raise :class:`ModelFileError` else.
 
-    The folder's checksums are verified first; its task, the stain of the slides (``stain``), its architecture
-    and its classes must be the run's. The advice names the settings (``init_model``, the labels'
-    ``class_names``) in ``setting``'s words.
+    Its checksums are verified; its task, the stain of the slides (``stain``), its architecture and its classes
+    must be the run's. A trainer calls this before it reads any slide or makes its output folder, so a wrong
+    ``init_model`` is said at once and leaves nothing behind. The advice names the settings (``init_model``, the
+    labels' ``class_names``) in ``setting``'s words.
     """
     init, scratch = setting("init_model"), setting("init_model", None)
     manifest = read_manifest(folder, verify=True)
@@ -361,6 +362,33 @@ def init_weights(
             f"{folder}: {init} has the classes {manifest.class_names}, the labels {list(class_names)}; "
             f"{fix} or train from scratch ({scratch})"
         )
+    return manifest
+
+
+def init_weights(
+    model: torch.nn.Module,
+    folder: str | Path,
+    *,
+    task: str,
+    architecture: str,
+    arch_kwargs: dict,
+    class_names: list[str] | tuple[str, ...],
+    stain: str,
+    setting: SettingWords = library_setting,
+) -> str:
+    """Start ``model`` from the last member of a model folder (fine-tuning); returns that member's sha256.
+
+    The folder is checked first (:func:`check_init_model`, the same arguments).
+    """
+    manifest = check_init_model(
+        folder,
+        task=task,
+        architecture=architecture,
+        arch_kwargs=arch_kwargs,
+        class_names=class_names,
+        stain=stain,
+        setting=setting,
+    )
     member = manifest.members[-1]
     state = load_file(str(Path(folder) / member.file))  # fp16 on disk (save_member), fp32 to train
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)

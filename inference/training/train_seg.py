@@ -38,6 +38,7 @@ from inference.slides.tissue import detect_tissue
 from inference.training.anchor import WeightAnchor, check_fine_tuning
 from inference.training.augment import STAIN_JITTERS, augment_batch
 from inference.training.cyclic import (
+    check_init_model,
     check_out_dir,
     check_patch_fits,
     check_schedule,
@@ -400,6 +401,17 @@ def weighted_seg_loss(logits: torch.Tensor, target: torch.Tensor, *, pseudo_weig
 WEIGHTED_SEG_LOSSES = {"ce+dice": weighted_seg_loss, "ce": weighted_ce_loss}
 
 
+def _seg_init_kind(arch_kwargs: dict) -> dict:
+    """What a segmentation run's ``init_model`` must be (:func:`~inference.training.cyclic.check_init_model`)."""
+    return {
+        "task": "segmentation",
+        "architecture": "PlainConvUNet",
+        "arch_kwargs": arch_kwargs,
+        "class_names": CLASS_NAMES,
+        "stain": "H&E",
+    }
+
+
 def train_segmentation(
     config: SegTrainConfig,
     *,
@@ -429,6 +441,15 @@ def train_segmentation(
         _refuse_ihc_truth(config.slides)
     device = torch.device(config.device)
     check_training_input(config, labels, task="seg")
+    arch_kwargs = {
+        "in_channels": 3,
+        "n_classes": 2,
+        "features": list(config.features),
+        "n_conv_per_stage": 2,
+        "norm": "batch",
+    }
+    if config.init_model is not None:  # before any slide is read or the folder made: each chain loads it later
+        check_init_model(config.init_model, **_seg_init_kind(arch_kwargs), setting=setting)
     if labels:
         data = [load_labelled_seg_slide(lab, input_mpp=config.input_mpp, patch_px=config.patch_px) for lab in labels]
     else:
@@ -447,13 +468,6 @@ def train_segmentation(
             for path, d in zip(paths, data, strict=True)
         ]
         pseudo_data = list(rest.values())
-    arch_kwargs = {
-        "in_channels": 3,
-        "n_classes": 2,
-        "features": list(config.features),
-        "n_conv_per_stage": 2,
-        "norm": "batch",
-    }
     steps_per_chain = config.total_epochs * config.iterations_per_epoch
     run = run_identity(config, [labels_digest(lab) for lab in labels])
     # Made once the slides, labels and pseudo-labels have been read: a refused run leaves no empty folder.
@@ -607,16 +621,7 @@ def _train_chain(
     model = PlainConvUNet(**{**arch_kwargs, "features": tuple(config.features)})
     init_sha256 = None
     if config.init_model is not None:
-        init_sha256 = init_weights(
-            model,
-            config.init_model,
-            task="segmentation",
-            architecture="PlainConvUNet",
-            arch_kwargs=arch_kwargs,
-            class_names=CLASS_NAMES,
-            stain="H&E",
-            setting=setting,
-        )
+        init_sha256 = init_weights(model, config.init_model, **_seg_init_kind(arch_kwargs), setting=setting)
     model = model.to(device)
     anchor = WeightAnchor(model, weight=config.anchor_weight) if config.anchor_weight else None
     # The teacher is the initial model as loaded (a resumed run loads its checkpoint into the student only).

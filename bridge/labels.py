@@ -221,6 +221,28 @@ def _label_class_meant(cls: str) -> str | None:
     return wanted[close[0]] if close else None
 
 
+def _not_a_project_class(what: str, cls: str, project_classes: frozenset[str]) -> str:
+    """Why a label class missing from the project's class list is refused, and the fix: the project's class it is a
+    near miss of (``other`` for ``Other``, ``Tumor:Positive``), else how the class gets into the list.
+
+    The fix said was "Add the class in QuPath", also for a class the project holds spelt otherwise.
+    """
+    listed = ", ".join(sorted(project_classes))
+    spelt = {_spelling(c): c for c in sorted(project_classes)}
+    close = difflib.get_close_matches(_spelling(cls), list(spelt), n=1, cutoff=0.85)
+    meant = spelt.get(_spelling(cls)) or (spelt[close[0]] if close else None)
+    if meant is not None:
+        return (
+            f"{what}: class {cls!r} is not in the project's class list ({listed}); did you mean {meant!r}? Set "
+            f"its class to {meant!r} in QuPath and export again"
+        )
+    return (
+        f"{what}: class {cls!r} is not in the project's class list ({listed}); is this export from another "
+        "project? Export this project's labels again; or, if the class is meant, add it to the project's class "
+        "list in QuPath (the Annotations tab's class list) and save the project"
+    )
+
+
 # What an area of a near-miss class would have done to training, by the label class it was meant as.
 _NEAR_MISS_HARM = {
     POSITIVE: "inside a training region its pixels would train as negative",
@@ -879,10 +901,7 @@ def labels_from_objects(
             cls in _AREA_CLASSES or _is_ignore(cls) or isinstance(obj.geometry, Point | MultiPoint)
         )
         if project_classes is not None and is_label and cls not in project_classes:
-            raise LabelError(
-                f"{what}: class {cls!r} is not in the project's class list ({', '.join(sorted(project_classes))}); "
-                "is this export from another project? Add the class in QuPath or export again"
-            )
+            raise LabelError(_not_a_project_class(what, cls, project_classes))
         original = _tool_written_class(obj)
         if original is not None and obj.object_type != "annotation" and in_image is not None:
             point = obj.geometry.centroid

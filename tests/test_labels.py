@@ -192,6 +192,40 @@ def test_a_class_not_in_the_project_is_refused():
         )
 
 
+@pytest.mark.parametrize(
+    ("cls", "meant"), [("other", "Other"), ("Tumor:Positive", "Tumor: Positive"), ("Tumor: Negativ", "Tumor: Negative")]
+)
+def test_a_class_not_in_the_project_names_the_project_class_it_misspells(cls, meant):
+    # It said "is this export from another project? Add the class in QuPath", adding a second spelling of one class.
+    classes = frozenset({"Training region", "Other", "Tumor: Positive", "Tumor: Negative"})
+    with pytest.raises(LabelError) as err:
+        labels_from_objects(
+            [_obj(shapely.box(0, 0, 10, 10), "Training region"), _obj(shapely.MultiPoint([(1, 1)]), cls)],
+            slide="s.svs",
+            image_size_px=(100, 100),
+            rules=RULES,
+            project_classes=classes,
+        )
+    said = str(err.value)
+    assert said.endswith(f"did you mean {meant!r}? Set its class to {meant!r} in QuPath and export again"), said
+    assert "another project" not in said
+
+
+def test_a_class_not_in_the_project_and_like_none_of_its_classes_says_how_to_add_it():
+    with pytest.raises(LabelError) as err:
+        labels_from_objects(
+            [_obj(shapely.MultiPoint([(1, 1)]), "Lymphocyte")],
+            slide="s.svs",
+            image_size_px=(100, 100),
+            rules=RULES,
+            project_classes=frozenset({"Training region", "Other"}),
+        )
+    assert str(err.value).endswith(
+        "is this export from another project? Export this project's labels again; or, if the class is meant, add it "
+        "to the project's class list in QuPath (the Annotations tab's class list) and save the project"
+    )
+
+
 NEAR_MISSES = [
     ("PDL1 positive", "PD-L1 positive"),
     ("training region", "Training region"),

@@ -418,8 +418,9 @@ def image_type_of(entry_folder: Path) -> str | None:
         return None
     except (OSError, ValueError) as err:
         log.warning(
-            "%s does not read (%s), so QuPath's image type of that entry is not known and its stain is told from its "
-            "colour; open the image in QuPath and save it (QuPath writes the file again), or give --stain",
+            "%s does not read (%s), so QuPath's image type of that entry is not known (its stain is told from its "
+            "colour), nor whether QuPath saved it after its objects were exported; open the image in QuPath and save "
+            "it (QuPath writes the file again; for pdl1 run, --stain also states the stain)",
             path,
             err,
         )

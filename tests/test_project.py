@@ -774,6 +774,11 @@ def test_qupaths_image_type_is_read_and_a_summary_that_does_not_read_is_named(tm
     assert [e.image_type for e in entries] == ["BRIGHTFIELD_H_DAB", None, None]
     damaged = project / "data" / "2" / "summary.json"
     assert f"{damaged} does not read (" in caplog.text and "its stain is told from its colour" in caplog.text
+    # pdl1 train and pdl1 export nnunet read projects too, and have no --stain to give.
+    assert caplog.text.rstrip().endswith(
+        "nor whether QuPath saved it after its objects were exported; open the image in QuPath and save it (QuPath "
+        "writes the file again; for pdl1 run, --stain also states the stain)"
+    ), caplog.text
     assert "data/3" not in caplog.text  # never saved with data in QuPath: nothing to say
 
 

@@ -19,6 +19,7 @@ from bridge.qupath_geojson import QuPathObject
 from inference import ModelFileError, demo_model_dir
 from inference.models.nuclei_model import DilatedResFCN
 from inference.training.cyclic import init_weights
+from inference.training.labels import SlideLabels
 from inference.training.train_nuclei import (
     _NucleiData,
     focal_loss,
@@ -169,6 +170,29 @@ def test_pdl1_train_seg_refuses_an_init_model_of_another_kind_before_making_its_
     assert result.exit_code == 1, text
     assert "but an H&E segmentation model is needed to fine-tune from (--init); give one, or train from" in text
     assert not out.exists()
+
+
+def _points_of(*classes: int) -> SlideLabels:
+    return SlideLabels(
+        "s.svs",
+        (100, 100),
+        points_xy=np.full((len(classes), 2), 5.0),
+        points_class=np.asarray(classes, np.int64),
+        class_names=HE_CLASSES,
+    )
+
+
+def test_nuclei_labels_all_of_one_class_are_warned_of():
+    # Points of one class trained without a word, where region labels 90 % one class are warned of.
+    from bridge.cli.train import one_class_points_warning
+
+    assert one_class_points_warning([_points_of(0, 0), _points_of(0)]) == (
+        "warning: all 3 nucleus points are Tumor: Positive: a model trained on them is taught that every nucleus is "
+        "Tumor: Positive. Mark nuclei of the other classes too (Tumor: Negative, Other)"
+    )
+    assert one_class_points_warning([_points_of(0, 0), _points_of(2)]) is None  # two classes over the slides
+    assert one_class_points_warning([_points_of(1, *[0] * 99)]) is None  # lopsided, as a slide with TPS 99 %
+    assert one_class_points_warning([_points_of()]) is None
 
 
 @pytest.fixture(scope="module")

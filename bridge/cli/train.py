@@ -4,6 +4,7 @@ their training report again (``train report``); ``pdl1 domain-stats``: a model's
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -664,6 +665,25 @@ def _check_phantom_sources(sources: list[Path]) -> None:
 ONE_SIDED_LABELS = 0.9
 
 
+def one_class_points_warning(slide_labels: Sequence) -> str | None:
+    """A warning when every nucleus point of the training slides' labels (``SlideLabels``) is of one class of a
+    model of several, else None: the model then learns to give every nucleus that class, as the segmentation
+    learns one side from labels 90 % one class. A lopsided share of classes is a slide's truth (TPS near 0 or
+    100 %) and no warning."""
+    found: Counter[int] = Counter()
+    for lab in slide_labels:
+        found.update(int(c) for c in lab.points_class)
+    names = next((lab.class_names for lab in slide_labels if len(lab.class_names)), ())
+    if len(found) != 1 or len(names) < 2:
+        return None
+    ((only, n),) = found.items()
+    others = ", ".join(c for i, c in enumerate(names) if i != only)
+    return (
+        f"warning: all {n} nucleus point{'s' if n != 1 else ''} are {names[only]}: a model trained on them is taught "
+        f"that every nucleus is {names[only]}. Mark nuclei of the other classes too ({others})"
+    )
+
+
 def _echo_counts(slide_labels: list, *, held_out: Sequence = (), regions: bool = False) -> None:
     """What each label source gave, the held-out slides' too: nothing is trained or scored on silently dropped
     data. For a segmentation run (``regions``), a warning when the labelled area is almost all one class."""
@@ -711,7 +731,12 @@ def _echo_counts(slide_labels: list, *, held_out: Sequence = (), regions: bool =
         f"{UNRECORDED_NUCLEI_FIX}",
     )
     warn_of_count(labels, UNRECORDED_ANNOTATIONS_COUNT, UNRECORDED_ANNOTATIONS_WARNING)
-    if not regions or not slide_labels:
+    if not regions:
+        one_class = one_class_points_warning(slide_labels)
+        if one_class is not None:
+            typer.echo(one_class, err=True)
+        return
+    if not slide_labels:
         return
     stats = [label_statistics(lab) for lab in slide_labels]
     positive, negative = sum(s.positive_px2 for s in stats), sum(s.negative_px2 for s in stats)

@@ -1098,7 +1098,7 @@ def labels_from_objects(
             counts[f"points: {name}"] += int((classes == i).sum())
     if rules.points:
         _refuse_contradicting_points(where, points, classes, rules.class_names)
-        _refuse_empty_exhaustive_regions(where, regions, points)
+        _refuse_empty_exhaustive_regions(where, regions, points, ignore_area)
     pos_area, neg_area = _union(positive), _union(negative)
     overlap = pos_area.intersection(neg_area)
     if overlap.area > _OVERLAP_TOLERANCE_PX2:
@@ -1157,16 +1157,20 @@ def _refuse_contradicting_points(where: str, points: np.ndarray, classes: np.nda
 
 
 def _refuse_empty_exhaustive_regions(
-    where: str, regions: Sequence[tuple[BaseGeometry, bool]], points: np.ndarray
+    where: str, regions: Sequence[tuple[BaseGeometry, bool]], points: np.ndarray, ignore_area: BaseGeometry
 ) -> None:
     """A training region named all nuclei marked holding no point: every nucleus in it trains as background (its
     tissue "no nucleus"). Refused where the slide has points outside every region (they were most often meant for
-    it); else it may be a region of mucin or lumen drawn as a hard negative, and it is warned of."""
+    it); else it may be a region of mucin or lumen drawn as a hard negative, and it is warned of. ``points`` are
+    those left by ``Ignore*`` (``ignore_area``); a region it covers whole trains nothing, and is passed over (its
+    points, under it, were taken for missing: the region was refused or warned of as unmarked)."""
     outside = (
         len(points) > 0 and not shapely.contains_xy(_union([r for r, _ in regions]), points[:, 0], points[:, 1]).all()
     )
     for k, (region, exhaustive) in enumerate(regions, start=1):
         if not exhaustive or (len(points) and shapely.contains_xy(region, points[:, 0], points[:, 1]).any()):
+            continue
+        if region.difference(ignore_area).area <= 0:
             continue
         x0, y0, x1, y1 = (round(v) for v in region.bounds)
         said = (

@@ -226,6 +226,22 @@ def test_a_class_not_in_the_project_and_like_none_of_its_classes_says_how_to_add
     )
 
 
+def test_an_all_nuclei_marked_region_under_ignore_is_not_taken_for_unmarked(caplog):
+    # Its points, under Ignore*, were taken for missing: the labels were refused, telling to draw the region around
+    # the points outside it, or (all points inside regions) warned that its nuclei would train as background.
+    marked = shapely.box(0, 0, 40, 40)
+    objects = [
+        _obj(marked, "Training region", name="Training region (all nuclei marked)"),
+        _obj(shapely.MultiPoint([(10, 10), (20, 20)]), "Tumor: Negative"),
+        _obj(shapely.box(0, 0, 45, 45), "Ignore*"),
+        _obj(shapely.MultiPoint([(70, 70)]), "Other"),
+    ]
+    with caplog.at_level("WARNING", logger="bridge.labels"):
+        labels = labels_from_objects(objects, slide="s.svs", image_size_px=(100, 100), rules=RULES)
+    assert labels.counts["skipped: points under Ignore*"] == 2 and len(labels.points_class) == 1
+    assert "says all its nuclei are marked" not in caplog.text
+
+
 NEAR_MISSES = [
     ("PDL1 positive", "PD-L1 positive"),
     ("training region", "Training region"),

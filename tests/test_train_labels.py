@@ -195,6 +195,25 @@ def test_nuclei_labels_all_of_one_class_are_warned_of():
     assert one_class_points_warning([_points_of()]) is None
 
 
+def test_a_run_on_labels_says_what_it_starts_from():
+    # With --features or --input-mpp other than the demo's, --init's default went from scratch without a word.
+    from bridge.cli.train import starting_point
+
+    words = {"demo": "features 8,16,32,64 at 2 µm/px", "options": "--features and --input-mpp"}
+    assert starting_point(None, "demo/seg", run="x", **words) == (
+        "starting from demo/seg (its last member; --init none trains from scratch)"
+    )
+    assert starting_point(None, None, run="features 4,8 at 2 µm/px", **words) == (
+        "starting from scratch: the shipped demo model is features 8,16,32,64 at 2 µm/px, this run features 4,8 at "
+        "2 µm/px; to fine-tune it, train at its architecture (the defaults of --features and --input-mpp), or give "
+        "--init MODEL of this run's"
+    )
+    assert starting_point("none", None, run="x", **words) == "starting from scratch (--init none)"
+    assert starting_point(None, "demo/seg", run="x", resuming=Path("m"), **words) == (
+        "continuing the interrupted run in m from its checkpoint (it started from demo/seg)"
+    )
+
+
 @pytest.fixture(scope="module")
 def labelled(fixtures_dir) -> Path:
     return fixtures_dir / "qupath-0.4.4-labels"

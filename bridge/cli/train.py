@@ -317,10 +317,22 @@ def train_seg(
         slide_labels, held_out = _split_held_out(slide_labels, val_entries or [], val_fraction, seed=seed, points=False)
         _echo_counts(slide_labels, held_out=held_out, regions=True)
         init_model = None if init in (None, "none") else init
-        if init is None and slide_labels and (_features(features), input_mpp) == _DEMO_SEG_ARCH:
+        run_arch = (_features(features), input_mpp)
+        if init is None and slide_labels and run_arch == _DEMO_SEG_ARCH:
             from inference import demo_model_dir
 
             init_model = str(demo_model_dir("seg"))
+        if slide_labels:
+            typer.echo(
+                starting_point(
+                    init,
+                    init_model,
+                    demo=_seg_arch_words(_DEMO_SEG_ARCH),
+                    run=_seg_arch_words(run_arch),
+                    options="--features and --input-mpp",
+                    resuming=_resuming(out, resume=resume),
+                )
+            )
         _check_fine_tuning(anchor_weight, freeze_batchnorm, init_model, distill_weight=distill_weight)
         if pseudo_label_rest and not slide_labels:
             raise typer.BadParameter(
@@ -535,6 +547,44 @@ def _is_project(path: Path) -> bool:
 # The shipped demo models' architectures: --init defaults to the demo when the run's matches.
 _DEMO_NUCLEI_ARCH = {"width": 32, "dilations": (1, 2, 4, 8), "input_mpp": 1.0}
 _DEMO_SEG_ARCH = ((8, 16, 32, 64), 2.0)
+
+
+def _seg_arch_words(arch: tuple[tuple[int, ...], float]) -> str:
+    return f"features {','.join(map(str, arch[0]))} at {arch[1]:g} µm/px"
+
+
+def _nuclei_arch_words(width: int, input_mpp: float) -> str:
+    return f"width {width} at {input_mpp:g} µm/px"
+
+
+def _resuming(out: Path, *, resume: bool) -> Path | None:
+    """``out`` where ``--resume`` continues a run from its checkpoint there, else None (a new run)."""
+    from inference import run_checkpoints
+
+    return out if resume and run_checkpoints(out) else None
+
+
+def starting_point(
+    init: str | None, init_model: str | None, *, demo: str, run: str, options: str, resuming: Path | None = None
+) -> str:
+    """The line a run on a lab's labels prints on the weights it starts from: ``init_model`` (``--init``, or the
+    shipped demo model it defaults to), or none; or the checkpoint of the interrupted run in ``resuming`` that
+    ``--resume`` continues. Where ``--init`` was left out and the run's architecture (``run``, set by ``options``)
+    is not the demo's (``demo``), training went from scratch without a word.
+
+    >>> print(starting_point(None, None, demo="width 32 at 1 µm/px", run="width 16 at 1 µm/px", options="--width"))
+    starting from scratch: the shipped demo model is width 32 at 1 µm/px, this run width 16 at 1 µm/px; to fine-tune it, train at its architecture (the defaults of --width), or give --init MODEL of this run's
+    """
+    if resuming is not None:
+        return f"continuing the interrupted run in {resuming} from its checkpoint (it started from {init_model or 'scratch'})"
+    if init_model is not None:
+        return f"starting from {init_model} (its last member; --init none trains from scratch)"
+    if init is None:
+        return (
+            f"starting from scratch: the shipped demo model is {demo}, this run {run}; to fine-tune it, train at its "
+            f"architecture (the defaults of {options}), or give --init MODEL of this run's"
+        )
+    return "starting from scratch (--init none)"
 
 
 def _read_labels(
@@ -892,6 +942,17 @@ def train_nuclei_cmd(
                 init_model = str(demo_model_dir("nuclei-ihc" if stain_name == "H-DAB" else "nuclei"))
         _check_fine_tuning(anchor_weight, freeze_batchnorm, init_model)
         _echo_counts(slide_labels, held_out=held_out)
+        if slide_labels:
+            typer.echo(
+                starting_point(
+                    init,
+                    init_model,
+                    demo=_nuclei_arch_words(_DEMO_NUCLEI_ARCH["width"], _DEMO_NUCLEI_ARCH["input_mpp"]),
+                    run=_nuclei_arch_words(width, input_mpp),
+                    options="--width and --input-mpp",
+                    resuming=_resuming(out, resume=resume),
+                )
+            )
         sources = [lab.slide for lab in slide_labels] if slide_labels else [str(s) for s in slides]
         config = NucleiTrainConfig(
             slides=tuple(sources),

@@ -824,6 +824,13 @@ def test_a_project_beside_other_sources_is_refused_saying_what_came(tmp_path, ex
         ),
         # The folder the project sits in (beside its slides) was "is a folder; give phantom slide files".
         ("labs", "labs: no QuPath project here, but in labs/project: give that folder (or its project.qpproj)"),
+        # A lab's slide without --labels was "no truth beside ...; this command takes phantom slides".
+        (
+            "labs/a.svs",
+            "labs/a.svs: no labels given and no phantom truth beside it (labs/a.truth/truth.json); to train on your "
+            "labels, give the slide's QuPath GeoJSON export with --labels (one per slide, in the slides' order), or "
+            "give its QuPath project instead of the slide",
+        ),
     ],
 )
 def test_a_mistyped_project_or_the_folder_around_it_is_told_as_a_project(tmp_path, monkeypatch, task, given, says):

@@ -697,6 +697,7 @@ def _check_phantom_sources(sources: list[Path]) -> None:
     not there is refused here, saying what training takes. The phantom reader's own words ("no such slide; give
     phantom slides") misled whoever mistyped their project's folder or gave the folder the project is in."""
     from bridge.project import ProjectError, find_project_file
+    from inference import truth_dir_for
 
     for source in sources:
         if source.is_dir():
@@ -706,6 +707,14 @@ def _check_phantom_sources(sources: list[Path]) -> None:
                 f"{source}: no such file or folder; training takes a QuPath project (its folder or project.qpproj), "
                 "slide files with --labels (a QuPath GeoJSON export each), or phantom slides with their truth beside "
                 "them (pdl1 phantom)"
+            )
+        elif not (truth_dir_for(source) / "truth.json").is_file():
+            # A lab's slide given without its labels was told "this command takes phantom slides", as if training
+            # took nothing else.
+            raise ProjectError(
+                f"{source}: no labels given and no phantom truth beside it ({truth_dir_for(source) / 'truth.json'}); "
+                "to train on your labels, give the slide's QuPath GeoJSON export with --labels (one per slide, in the "
+                "slides' order), or give its QuPath project instead of the slide"
             )
 
 

@@ -78,8 +78,12 @@ def test_a_damaged_mask_is_a_truth_error(phantom_copy):
 def test_a_missing_slide_or_a_folder_is_named_as_such_not_as_missing_truth(tmp_path):
     # Training reads truth too: the message is not evaluation's alone.
     (tmp_path / "plain.svs").write_bytes(b"II*\x00")
-    with pytest.raises(Pdl1Error, match=r"no truth beside .*plain\.svs: .*; this command takes phantom slides"):
+    with pytest.raises(Pdl1Error, match=r"no truth beside .*plain\.svs: .*; this command takes phantom slides") as err:
         load_truth(tmp_path / "plain.svs")
+    assert str(err.value).endswith(
+        "A slide a lab labelled in QuPath scores a model as a held-out slide of `pdl1 train` (--val-entries; "
+        "OUT/validation.json)"
+    )
     # Both said "no truth beside X", as if the slide were there.
     with pytest.raises(Pdl1Error) as err:
         load_truth(tmp_path / "nope.svs")

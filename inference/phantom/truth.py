@@ -235,9 +235,11 @@ def load_truth(slide_path: str | Path) -> PhantomTruthData:
                 f"{slide}: no such slide; give phantom slides written by `pdl1 phantom`, with their truth beside "
                 f"them ({summary_path})"
             )
+        # A lab's slide given to `pdl1 eval` was told only that phantoms are wanted: its labels score a model too.
         raise TruthNotFoundError(
             f"no truth beside {slide_path}: expected {summary_path} (written by `pdl1 phantom`); "
-            "this command takes phantom slides (or slides with truth in that layout)"
+            "this command takes phantom slides (or slides with truth in that layout). A slide a lab labelled in "
+            "QuPath scores a model as a held-out slide of `pdl1 train` (--val-entries; OUT/validation.json)"
         )
     summary = _read_summary(summary_path)
     mask = _read_mask(truth_dir / "positive_mask.tif")

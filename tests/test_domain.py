@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 import shutil
@@ -284,6 +285,26 @@ def test_domain_statistics_refuse_slides_of_another_stain_and_say_when_too_few_t
     write_phantom(tiny, PhantomSpec(1024, 1024, seed=5, tps_percent=40))
     with pytest.raises(ValueError, match=r"too few tiles for domain statistics \(tiny.svs: 1 .*give larger slides"):
         compute_domain_stats(demo_model_dir("seg"), [tiny])
+
+
+def test_training_that_cannot_compute_domain_statistics_keeps_its_model_and_says_to_mend_the_cause(tmp_path, caplog):
+    # Training never fails for its statistics; the warning's advice must not send the user to `pdl1 domain-stats`
+    # on the same slides, which refuses them for the same reason.
+    from inference.phantom.pyramid import write_phantom
+    from inference.phantom.scene import PhantomSpec
+    from inference.training.domain_stats import write_training_domain_stats
+
+    model = tmp_path / "seg"
+    shutil.copytree(demo_model_dir("seg"), model)
+    before = read_manifest(model).extra
+    tiny = tmp_path / "tiny.svs"
+    write_phantom(tiny, PhantomSpec(1024, 1024, seed=5, tps_percent=40))
+    with caplog.at_level(logging.WARNING, logger="inference.training.domain_stats"):
+        manifest = write_training_domain_stats(model, [tiny])
+    assert manifest.extra == before == read_manifest(model).extra
+    text = caplog.text
+    assert "no domain statistics (too few tiles" in text and "mend that, then compute them with" in text, text
+    assert "on the same slides it refuses them again" in text, text
 
 
 def test_domain_statistics_are_refused_for_a_model_the_guard_never_reads(phantom_svs, tmp_path):

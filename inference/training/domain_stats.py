@@ -324,6 +324,12 @@ def write_training_domain_stats(
                 model_dir, slides, device=device, slide_mpp=slide_mpp, setting=setting, on_progress=on_progress
             )
     except ValueError as err:
-        log.warning("%s: no domain statistics (%s); compute them later with `pdl1 domain-stats`", model_dir, err)
+        # `pdl1 domain-stats` on the same slides would refuse them for the same reason: the advice says so.
+        log.warning(
+            "%s: no domain statistics (%s); mend that, then compute them with `pdl1 domain-stats` (on the same slides "
+            "it refuses them again)",
+            model_dir,
+            err,
+        )
         return read_manifest(model_dir, verify=False)
     return read_manifest(write_domain_stats(model_dir, stats).parent, verify=False)

@@ -50,3 +50,30 @@ def test_a_pdl1_train_command_names_its_subcommand():
     # it needs seg, nuclei or report.
     markdown = README.read_text(encoding="utf-8")
     assert re.findall(r"pdl1 train (?!seg\b|nuclei\b|report\b)\S+", markdown) == []
+
+
+def architecture_tree(markdown: str) -> str:
+    """The code block under ``## Architecture``: the folders and what each holds."""
+    section = markdown.split("\n## Architecture\n", 1)[1]
+    return section.split("```", 2)[1]
+
+
+def test_the_architecture_tree_names_every_module_of_bridge_and_inferences_top():
+    # A module added (bridge/stopping.py, bridge/exported_targets.py) was missing from the tree for good; inference's
+    # subpackages are described by what they hold, so only its top-level modules are held here.
+    tree = architecture_tree(README.read_text(encoding="utf-8"))
+    root = README.parent
+    modules = [*(root / "bridge").rglob("*.py"), *(root / "inference").glob("*.py")]
+    named = set(re.findall(r"[\w.]+\.py\b", tree))
+    assert len(modules) >= 40
+    missing = [str(path.relative_to(root)) for path in modules if path.name != "__init__.py" and path.name not in named]
+    assert sorted(missing) == []
+
+
+def test_every_module_the_architecture_tree_names_exists():
+    tree = architecture_tree(README.read_text(encoding="utf-8"))
+    root = README.parent
+    files = {path.name for folder in ("bridge", "inference") for path in (root / folder).rglob("*.py")}
+    named = set(re.findall(r"[\w.]+\.py\b", tree))
+    assert len(named) >= 40
+    assert sorted(named - files) == []

@@ -292,11 +292,13 @@ def benchmark_class(name: str) -> type[Benchmark]:
 
 
 def list_benchmarks() -> list[tuple[str, str]]:
-    """(name, first docstring line) of every benchmark, or why it cannot be imported here."""
+    """(name, its docstring's first paragraph on one line) of every benchmark, or why it cannot be imported here."""
     rows = []
     for name in _REGISTRY:
         try:
-            rows.append((name, benchmark_class(name).__doc__.strip().splitlines()[0]))
+            # The whole first paragraph: a first line alone stopped some mid-sentence ("k cells/s and").
+            summary = benchmark_class(name).__doc__.strip().split("\n\n", 1)[0]
+            rows.append((name, " ".join(summary.split())))
         except BenchmarkUnavailableError as err:
             rows.append((name, f"({err})"))
     return rows

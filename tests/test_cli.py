@@ -224,9 +224,13 @@ def test_a_folder_the_command_cannot_write_is_explained(tmp_path, monkeypatch, c
 
 
 def test_bench_lists_benchmarks():
-    result = runner.invoke(app, ["bench"])
+    result = runner.invoke(app, ["bench"], env={"COLUMNS": "400"})
     assert result.exit_code == 0
     assert "tile_read" in result.output
+    # Each one's summary whole: the docstring's first line alone stopped two mid-sentence ("k cells/s and").
+    rows = result.output.splitlines()
+    assert len(rows) >= 20 and all(row.endswith((".", ")")) for row in rows), rows
+    assert any(row.startswith("export_targets ") and row.endswith("k cells/s and peak RSS.") for row in rows)
 
 
 def test_an_unknown_benchmark_is_named_with_the_known_ones():

@@ -190,7 +190,9 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo slides, project and report.")] = Path("pdl1-demo"),
     size: Annotated[int, typer.Option(min=1024, max=100_000, help="Phantom edge length in px.")] = 4096,
     seed: Annotated[int, typer.Option(min=0, help="Phantom seed (the demo models never saw 7).")] = 7,
-    tps: Annotated[float, typer.Option(**number_range(0, 100))] = 40.0,
+    tps: Annotated[
+        float, typer.Option(**number_range(0, 100), help="Phantom's wanted tumour proportion score, %.")
+    ] = 40.0,
     ihc: Annotated[
         bool, typer.Option(help="Also the PD-L1 IHC of the same tissue: scored by its cells, compared with the H&E.")
     ] = True,

@@ -16,7 +16,7 @@ def serve(
     host: Annotated[
         str, typer.Option(help="Address to bind; anything but loopback needs a --token of at least 16 characters.")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535)] = 8765,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8765,
     token: Annotated[
         str | None,
         typer.Option(

@@ -154,6 +154,9 @@ _DISTILL_HELP = (
 )
 _DISTILL_TEMPERATURE_HELP = "Fine-tuning with --distill-weight: the softmax temperature of the distillation."
 FIRST_CYCLE_HELP = "Length of the first cycle in epochs (0: as --epochs-per-cycle); a long first cycle converges before members are kept."
+EPOCHS_PER_CYCLE_HELP = "Length of each cycle in epochs (the first's too, unless --first-cycle-epochs)."
+BATCH_SIZE_HELP = "Patches per iteration."
+SEED_HELP = "Random seed of the initial weights, patch draws and augmentation (and of --val-fraction's draw)."
 
 
 _SEARCH_DIR_HELP = (
@@ -184,7 +187,7 @@ def train_seg(
     ],
     out: Annotated[Path, typer.Option(help="Model folder to write (manifest + members).")],
     cycles: Annotated[int, typer.Option(min=1, help="Cosine cycles (warm restarts).")] = 5,
-    epochs_per_cycle: Annotated[int, typer.Option(min=1)] = 4,
+    epochs_per_cycle: Annotated[int, typer.Option(min=1, help=EPOCHS_PER_CYCLE_HELP)] = 4,
     first_cycle_epochs: Annotated[int, typer.Option(min=0, help=FIRST_CYCLE_HELP)] = 0,
     iterations: Annotated[int, typer.Option(min=1, help="Iterations per epoch.")] = 40,
     members_per_cycle: Annotated[int, typer.Option(min=1, help="Members from the low-LR end of each cycle.")] = 1,
@@ -192,7 +195,7 @@ def train_seg(
     optimizer: Annotated[str, typer.Option(help="adamw, or sgd (Nesterov momentum 0.99, as nnU-Net).")] = "adamw",
     lr_max: Annotated[float | None, typer.Option(**number_range(0), help=LR_MAX_HELP, show_default=False)] = None,
     restart_lr: Annotated[float, typer.Option(**number_range(0), help=RESTART_LR_HELP)] = 0.0,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    batch_size: Annotated[int, typer.Option(min=1, help=BATCH_SIZE_HELP)] = 16,
     patch_px: Annotated[int, typer.Option(min=16, help="Training patch edge in model px.")] = 128,
     positive_fraction: Annotated[
         float, typer.Option(**number_range(0, 1), help="Share of patches centred on positive pixels (class balance).")
@@ -206,7 +209,7 @@ def train_seg(
     loss: Annotated[
         str, typer.Option(help="ce+dice (nnU-Net's compound loss) or ce (cross-entropy alone, calibrated).")
     ] = "ce+dice",
-    seed: Annotated[int, typer.Option(min=0)] = 0,
+    seed: Annotated[int, typer.Option(min=0, help=SEED_HELP)] = 0,
     chains: Annotated[
         int,
         typer.Option(
@@ -834,15 +837,15 @@ def train_nuclei_cmd(
     ],
     out: Annotated[Path, typer.Option(help="Model folder to write (manifest + members).")],
     cycles: Annotated[int, typer.Option(min=1, help="Cosine cycles (warm restarts).")] = 3,
-    epochs_per_cycle: Annotated[int, typer.Option(min=1)] = 3,
+    epochs_per_cycle: Annotated[int, typer.Option(min=1, help=EPOCHS_PER_CYCLE_HELP)] = 3,
     first_cycle_epochs: Annotated[int, typer.Option(min=0, help=FIRST_CYCLE_HELP)] = 0,
     iterations: Annotated[int, typer.Option(min=1, help="Iterations per epoch.")] = 40,
-    members_per_cycle: Annotated[int, typer.Option(min=1)] = 1,
+    members_per_cycle: Annotated[int, typer.Option(min=1, help="Members from the low-LR end of each cycle.")] = 1,
     drop_first_cycle: Annotated[bool, typer.Option(help="Leave out the first cycle's members.")] = True,
     optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
     lr_max: Annotated[float | None, typer.Option(**number_range(0), help=LR_MAX_HELP, show_default=False)] = None,
     restart_lr: Annotated[float, typer.Option(**number_range(0), help=RESTART_LR_HELP)] = 0.0,
-    batch_size: Annotated[int, typer.Option(min=1)] = 12,
+    batch_size: Annotated[int, typer.Option(min=1, help=BATCH_SIZE_HELP)] = 12,
     patch_px: Annotated[int, typer.Option(min=16, help="Training patch edge in model px (even).")] = 96,
     width: Annotated[int, typer.Option(min=4, help="Backbone channels.")] = 32,
     sigma_um: Annotated[float, typer.Option(**number_range(0.1), help="Gaussian target sigma, µm.")] = 1.5,
@@ -851,7 +854,7 @@ def train_nuclei_cmd(
         str,
         typer.Option(help="Colour augmentation: light (HED scale) or strong (also stain vectors and a colour cast)."),
     ] = "light",
-    seed: Annotated[int, typer.Option(min=0)] = 0,
+    seed: Annotated[int, typer.Option(min=0, help=SEED_HELP)] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.", callback=check_training_device)] = "cpu",
     resume: Annotated[bool, typer.Option(help=_RESUME_HELP)] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,

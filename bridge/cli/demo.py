@@ -73,6 +73,10 @@ def phantom(
     from bridge.progress import progress_bar
     from inference import IhcSpec, PhantomSpec, cps_text, tps_text, write_ihc_phantom, write_phantom
 
+    if reduced_levels not in ("rendered", "averaged"):  # the library's own check names its argument, not the option
+        raise typer.BadParameter(
+            f"expected rendered or averaged, got {reduced_levels!r}", param_hint="--reduced-levels"
+        )
     if immune_positive is not None and ihc is None:
         raise typer.BadParameter("--immune-positive sets the IHC section's immune cells: add --ihc OUT_IHC.svs")
     if ihc is not None and ihc.resolve().with_suffix("") == out.resolve().with_suffix(""):

@@ -366,10 +366,10 @@ def run(
     from bridge.run import RunConfig, iter_failed
 
     if qupath not in ("auto", "never", "always"):
-        raise typer.BadParameter("expected auto, never or always", param_hint="--qupath")
+        raise typer.BadParameter(f"expected auto, never or always, got {qupath!r}", param_hint="--qupath")
     stain_name = None if stain is None else stain_option(stain)
     if engine not in ("local", "ray"):
-        raise typer.BadParameter("expected local or ray", param_hint="--engine")
+        raise typer.BadParameter(f"expected local or ray, got {engine!r}", param_hint="--engine")
     if address is not None and engine != "ray":
         raise typer.BadParameter("--address goes with --engine ray", param_hint="--address")
     if config is not None and no_config:
@@ -631,6 +631,8 @@ def review_queue_cmd(
     from bridge.progress import progress_bar
     from bridge.review_queue import ReviewQueueInterrupted, write_review_queue
 
+    if qupath not in ("auto", "never", "always"):  # a usage error before any entry is read, as run's
+        raise typer.BadParameter(f"expected auto, never or always, got {qupath!r}", param_hint="--qupath")
     try:
         # Every entry's results are read (a run's objects.geojson holds every nucleus): minutes for a project of
         # whole slides, which said nothing until the table.

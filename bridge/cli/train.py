@@ -624,7 +624,7 @@ def _read_labels(
     from inference import IHC_NUCLEUS_CLASSES, NUCLEUS_CLASSES, open_slide
 
     if qupath not in ("auto", "always", "never"):
-        raise typer.BadParameter(f"--qupath must be auto, always or never, got {qupath!r}")
+        raise typer.BadParameter(f"expected auto, always or never, got {qupath!r}", param_hint="--qupath")
     classes = IHC_NUCLEUS_CLASSES if stain == "H-DAB" else NUCLEUS_CLASSES
     rules = LabelRules(
         class_names=tuple(classes) if points else (),

@@ -50,6 +50,38 @@ def test_the_readmes_command_headings_name_real_options_with_their_defaults():
             if default is not None:
                 same = shown == str(default) or (shown.count(".") < 2 and float(shown) == float(default))
                 assert same, f"{synopsis}: {option} defaults to {default}, not {shown}"
+        # A lower-case word is a default too ([--device cpu], [--out pdl1-demo]); upper case is a placeholder (DIR).
+        for option, shown in re.findall(r"\[(--[a-z][\w-]*) ([a-z][\w.-]*)\]", synopsis):
+            default = params[option].default
+            if default is not None:
+                assert shown == str(default), f"{synopsis}: {option} defaults to {default}, not {shown}"
+
+
+def test_the_readmes_command_headings_name_every_option():
+    # A new option was in `--help` only. The README's Commands section says what the headings leave out:
+    # --device and --no-progress (but for a few), and `pdl1 train`'s options, which its text gives.
+    import typer.main
+
+    left_out = {"--help", "--device", "--progress"}
+    for synopsis in _readme_synopses():
+        command = typer.main.get_command(app)
+        for word in synopsis.split()[1:]:
+            if not hasattr(command, "commands") or word not in command.commands:
+                break
+            command = command.commands[word]
+        if hasattr(command, "commands"):
+            command = command.commands["suite"]
+        if synopsis.startswith("pdl1 train ") or synopsis.endswith(command.name):  # a name alone (nnU-Net v2: ...)
+            continue
+        named = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", synopsis))
+        missing = [
+            param.opts[0]
+            for param in command.params
+            if param.opts[0].startswith("--")
+            and param.opts[0] not in left_out
+            and not named & {*param.opts, *param.secondary_opts}
+        ]
+        assert missing == [], f"{synopsis}: leaves out {missing}"
 
 
 def test_every_option_and_argument_of_every_command_has_a_help_text():

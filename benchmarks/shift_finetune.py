@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.shift_finetune [--work DIR] [--size 2048] [--iterations 20] [--seed 0] [--runs ...]
 [--shift 0.8] [--weak-fraction 0] [--anchor-weight 0,...] [--distill-weight 0,...] [--stain-jitter strong,...]
-[--batchnorm-stats model,...] [--interpolate 1,...] [--extremes]``
+[--batchnorm-stats model,...] [--interpolate 1,...] [--extremes] [--domain-levels rendered]``
 
 Acceptance: fine-tuning the shipped demo segmentation ensemble with sparse labels on 3 slides of a
 shifted stain domain (``pdl1 phantom --shift 0.8``) raises held-out Dice in that domain by >= 0.10 and
@@ -40,6 +40,13 @@ slides (same seeds) to another domain, for one where the demo actually fails: at
 scores about 0.96, so +0.10 cannot be reached there. Such phantoms are named with the domain
 (``train_841_s0.5_w0.5.svs``); the unshifted ones stay as they are.
 
+``--domain-levels averaged`` writes those domain slides (same seeds, the same level 0 and truth) with a
+scanner's pyramid (``pdl1 phantom --reduced-levels averaged``: the 2 µm/px level the models read box-averaged
+from level 0), named ``..._avg``: a lab's own slides at that stain shift, where the demo does worse. The
+unshifted slides stay rendered, as before, so the unshifted limit is measured on the same slides; the held-out
+unshifted slides (861-864) are also written averaged (``held_861_avg.svs``) and scored as an extra column: what
+the scanner's pyramid alone costs.
+
 ``--anchor-weight`` (comma-separated) trains every run once per weight with L2-SP toward the demo's weights
 (``pdl1 train seg --anchor-weight``; 0: without, as before), against forgetting the unshifted domain;
 ``--freeze-batchnorm`` keeps the demo's BatchNorm running statistics (``pdl1 train seg --freeze-batchnorm``). Each
@@ -75,7 +82,7 @@ import argparse
 import json
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -173,21 +180,41 @@ class Phantoms:
     held_unshifted: list[Path]
     extreme_shifted: list[Path]
     extreme_unshifted: list[Path]
+    # 861-864 with a scanner's pyramid (--domain-levels averaged only).
+    held_unshifted_averaged: list[Path] = field(default_factory=list)
+
+
+# How the domain's reduced levels are made (PhantomSpec.reduced_levels); the unshifted slides stay rendered.
+DOMAIN_LEVELS = ("rendered", "averaged")
 
 
 def make_phantoms(
-    work: Path, *, size: int, shift: float = SHIFT, weak_fraction: float = 0.0, extremes: bool = False
+    work: Path,
+    *,
+    size: int,
+    shift: float = SHIFT,
+    weak_fraction: float = 0.0,
+    extremes: bool = False,
+    domain_levels: str = "rendered",
 ) -> Phantoms:
     """The phantoms of the module docstring under ``work`` (kept: a second run reuses them); the domain's
-    slides at ``shift`` and ``weak_fraction``, named with them unless they are the default domain."""
-    tag = "" if (shift, weak_fraction) == (SHIFT, 0.0) else f"_s{shift:g}_w{weak_fraction:g}"
+    slides at ``shift`` and ``weak_fraction`` with ``domain_levels``, named with them unless they are the
+    default domain."""
+    if domain_levels not in DOMAIN_LEVELS:
+        raise ValueError(f"domain_levels must be one of {DOMAIN_LEVELS}, got {domain_levels!r}")
+    averaged = domain_levels == "averaged"
+    tag = ("" if (shift, weak_fraction) == (SHIFT, 0.0) else f"_s{shift:g}_w{weak_fraction:g}") + (
+        "_avg" if averaged else ""
+    )
 
-    def phantom(name: str, seed: int, tps: int, shift: float, weak: float = 0.0) -> Path:
-        spec = PhantomSpec(size, size, seed=seed, tps_percent=tps, shift=shift, weak_fraction=weak)
+    def phantom(name: str, seed: int, tps: int, shift: float, weak: float = 0.0, levels: str = "rendered") -> Path:
+        spec = PhantomSpec(
+            size, size, seed=seed, tps_percent=tps, shift=shift, weak_fraction=weak, reduced_levels=levels
+        )
         return phantom_once(work / f"{name}.svs", spec)
 
     def domain(name: str, seed: int, tps: int) -> Path:
-        return phantom(f"{name}{tag}", seed, tps, shift, weak_fraction)
+        return phantom(f"{name}{tag}", seed, tps, shift, weak_fraction, domain_levels)
 
     return Phantoms(
         train=[domain(f"train_{s}", s, t) for s, t in TRAIN],
@@ -199,6 +226,9 @@ def make_phantoms(
         held_unshifted=[phantom(f"held_{861 + i}", 861 + i, t, 0.0) for t, i in HELD_OUT],
         extreme_shifted=[domain(f"held_{851 + i}", 851 + i, t) for t, i in EXTREMES] if extremes else [],
         extreme_unshifted=[phantom(f"held_{861 + i}", 861 + i, t, 0.0) for t, i in EXTREMES] if extremes else [],
+        held_unshifted_averaged=[
+            phantom(f"held_{861 + i}_avg", 861 + i, t, 0.0, levels="averaged") for t, i in HELD_OUT if averaged
+        ],
     )
 
 
@@ -226,7 +256,15 @@ def mean_dice(model_dir: Path, slides: list[Path]) -> tuple[float, list[float]]:
     return float(np.mean(per_slide)), per_slide
 
 
-SETS = ("val_shifted", "val_unshifted", "held_shifted", "held_unshifted", "extreme_shifted", "extreme_unshifted")
+SETS = (
+    "val_shifted",
+    "val_unshifted",
+    "held_shifted",
+    "held_unshifted",
+    "extreme_shifted",
+    "extreme_unshifted",
+    "held_unshifted_averaged",
+)
 _TILES: dict[Path, list[np.ndarray]] = {}
 
 
@@ -439,6 +477,13 @@ def main() -> None:
         action="store_true",
         help="score the validation slides only (to choose among runs, e.g. anchor weights, with the held-out unseen)",
     )
+    parser.add_argument(
+        "--domain-levels",
+        default="rendered",
+        choices=DOMAIN_LEVELS,
+        help="how the domain's slides' reduced levels are made (pdl1 phantom --reduced-levels): averaged, a "
+        "scanner's pyramid, also scores held-out unshifted slides written so; the unshifted slides stay rendered",
+    )
     args = parser.parse_args()
     try:
         anchors = [float(a) for a in args.anchor_weight.split(",")]
@@ -479,9 +524,19 @@ def main() -> None:
         parser.error(f"--interpolate: weights must be in [0, 1] (1: the model as trained), got {args.interpolate!r}")
 
     phantoms = make_phantoms(
-        args.work, size=args.size, shift=args.shift, weak_fraction=args.weak_fraction, extremes=args.extremes
+        args.work,
+        size=args.size,
+        shift=args.shift,
+        weak_fraction=args.weak_fraction,
+        extremes=args.extremes,
+        domain_levels=args.domain_levels,
     )
-    where = f"shift {args.shift:g}" + (f", weak {args.weak_fraction:g}" if args.weak_fraction else "")
+    where = (
+        f"shift {args.shift:g}"
+        + (f", weak {args.weak_fraction:g}" if args.weak_fraction else "")
+        + (", averaged levels" if args.domain_levels == "averaged" else "")
+    )
+    averaged_column = bool(phantoms.held_unshifted_averaged)
     labels = [
         sparse_truth_labels(p, regions=args.regions, region_um=args.region_um, seed=args.seed + i)
         for i, p in enumerate(phantoms.train)
@@ -497,9 +552,11 @@ def main() -> None:
     )
     print(
         f"| model | BatchNorm statistics | validation, {where} (2) | validation, unshifted (2) | "
-        f"held-out, {where} (4) | change | held-out, unshifted (4) | change | train s |"
+        f"held-out, {where} (4) | change | held-out, unshifted (4) | change | "
+        + ("held-out, unshifted, averaged levels (4) | change | " if averaged_column else "")
+        + "train s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|" if averaged_column else ""), flush=True)
     demo = demo_model_dir("seg")
     per_slide: dict[str, dict[str, list[float]]] = {}
     choices: dict[str, list[str]] = {}
@@ -545,7 +602,14 @@ def main() -> None:
         print(
             f"| {name} | {variant} | {d['val_shifted']:.4f} | {d['val_unshifted']:.4f} | "
             f"{d['held_shifted']:.4f} | {d['held_shifted'] - base['held_shifted']:+.4f} | "
-            f"{d['held_unshifted']:.4f} | {d['held_unshifted'] - base['held_unshifted']:+.4f} | {took} |",
+            f"{d['held_unshifted']:.4f} | {d['held_unshifted'] - base['held_unshifted']:+.4f} | "
+            + (
+                f"{d['held_unshifted_averaged']:.4f} | "
+                f"{d['held_unshifted_averaged'] - base['held_unshifted_averaged']:+.4f} | "
+                if averaged_column
+                else ""
+            )
+            + f"{took} |",
             flush=True,
         )
 
@@ -665,6 +729,7 @@ def main() -> None:
     print(
         "per slide (validation 881-882 | 891-892; held out 851-854 | 861-864"
         + ("; TPS 5, 90: 855-856 | 865-866" if args.extremes else "")
+        + ("; unshifted, averaged levels: 861-864" if averaged_column else "")
         + "):"
     )
     for name, scores in per_slide.items():

@@ -78,3 +78,40 @@ def test_controls_label_the_unshifted_slides_alone(recorded):
     assert run_labels(RUNS["3sp0"], phantoms, regions=3, region_um=200.0, seed=0) == [
         ("sparse", f"unlabeled_{s}", 3, 200.0, 3 + i) for i, s in enumerate((874, 875, 876))
     ]
+
+
+@pytest.fixture
+def written(monkeypatch) -> dict[str, object]:
+    """phantom_once that records each slide's spec by file name instead of writing it."""
+    specs: dict[str, object] = {}
+
+    def record(path: Path, spec: object) -> Path:
+        specs[path.name] = spec
+        return path
+
+    monkeypatch.setattr(shift_finetune, "phantom_once", record)
+    return specs
+
+
+def test_averaged_domain_levels_give_the_domain_a_scanners_pyramid_and_leave_unshifted_slides_rendered(written):
+    phantoms = shift_finetune.make_phantoms(Path("w"), size=1024, domain_levels="averaged")
+    assert [p.name for p in phantoms.train] == ["train_841_avg.svs", "train_842_avg.svs", "train_843_avg.svs"]
+    assert [p.name for p in phantoms.held_unshifted] == [f"held_{s}.svs" for s in (861, 862, 863, 864)]
+    assert [p.name for p in phantoms.held_unshifted_averaged] == [f"held_{s}_avg.svs" for s in (861, 862, 863, 864)]
+    for name, spec in written.items():
+        domain = name.endswith("_avg.svs") and not name.startswith("held_86")
+        assert spec.shift == (0.8 if domain else 0.0), name
+        assert spec.reduced_levels == ("averaged" if name.endswith("_avg.svs") else "rendered"), name
+    assert written["held_861_avg.svs"].seed == written["held_861.svs"].seed == 861
+
+
+def test_rendered_domain_levels_write_the_slides_as_before(written):
+    phantoms = shift_finetune.make_phantoms(Path("w"), size=1024)
+    assert phantoms.held_unshifted_averaged == []
+    assert phantoms.train[0].name == "train_841.svs"
+    assert {spec.reduced_levels for spec in written.values()} == {"rendered"}
+
+
+def test_unknown_domain_levels_are_refused(written):
+    with pytest.raises(ValueError, match="domain_levels must be one of"):
+        shift_finetune.make_phantoms(Path("w"), size=1024, domain_levels="scanned")

@@ -118,6 +118,7 @@ from inference.training.report import HISTORY_FILE
 from inference.training.train_seg import SegTrainConfig
 
 SHIFT = 0.8
+ITERATIONS = 20  # per epoch; other counts are named in the model folder, which would otherwise be retrained over
 TRAIN = ((841, 30), (842, 50), (843, 70))
 UNLABELED = ((871, 40), (872, 60), (873, 20))
 UNLABELED_UNSHIFTED = ((874, 40), (875, 60), (876, 20))
@@ -417,7 +418,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048, help="phantom edge, level-0 px at 0.5 µm/px")
     parser.add_argument("--regions", type=int, default=3, help="training regions per labelled slide")
     parser.add_argument("--region-um", type=float, default=200.0, help="training region edge, µm")
-    parser.add_argument("--iterations", type=int, default=20, help="iterations per epoch")
+    parser.add_argument("--iterations", type=int, default=ITERATIONS, help="iterations per epoch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"))
     parser.add_argument("--lr-max", type=float, default=1e-3, help="peak learning rate; the floor is a hundredth")
@@ -639,6 +640,7 @@ def main() -> None:
         out = args.work / (
             f"model_{run}_seed{args.seed}_{args.optimizer}_{args.lr_max:g}_pf{args.positive_fraction:g}"
             f"_r{args.regions}x{args.region_um:g}{phantoms.train[0].stem.removeprefix(f'train_{TRAIN[0][0]}')}"
+            + (f"_it{args.iterations}" if args.iterations != ITERATIONS else "")
             + (f"_anchor{anchor_weight:g}" if anchor_weight else "")
             + (f"_kd{distill_weight:g}" if distill_weight else "")
             + (

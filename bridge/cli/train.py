@@ -854,6 +854,14 @@ def train_nuclei_cmd(
         str,
         typer.Option(help="Colour augmentation: light (HED scale) or strong (also stain vectors and a colour cast)."),
     ] = "light",
+    haematoxylin_turn_deg: Annotated[
+        float,
+        typer.Option(
+            **number_range(0, 90),
+            help="Colour augmentation: also turn the haematoxylin's optical-density vector by up to this many "
+            "degrees, the other stain left as it is (0: never).",
+        ),
+    ] = 0.0,
     seed: Annotated[int, typer.Option(min=0, help=SEED_HELP)] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.", callback=check_training_device)] = "cpu",
     resume: Annotated[bool, typer.Option(help=_RESUME_HELP)] = False,
@@ -987,6 +995,7 @@ def train_nuclei_cmd(
             sigma_um=sigma_um,
             input_mpp=input_mpp,
             stain_jitter=stain_jitter,
+            haematoxylin_turn_deg=haematoxylin_turn_deg,
             seed=seed,
             device=device,
             validation_slides=tuple(lab.slide for lab in held_out),

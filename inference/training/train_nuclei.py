@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ from inference.phantom.truth import load_truth
 from inference.slides.slide import open_slide
 from inference.slides.tissue import TISSUE_METHOD_OF_STAIN, tissue_mask_for_slide
 from inference.training.anchor import WeightAnchor, check_fine_tuning
-from inference.training.augment import STAIN_JITTERS, augment_batch
+from inference.training.augment import STAIN_JITTERS, StainJitter, augment_batch
 from inference.training.cyclic import (
     check_out_dir,
     check_patch_fits,
@@ -86,6 +86,8 @@ class NucleiTrainConfig:
     lr_min: float = 3e-5
     weight_decay: float = 1e-4
     stain_jitter: str = "light"
+    # Up to this many degrees the haematoxylin's OD vector is turned in augmentation (StainJitter); 0: never.
+    haematoxylin_turn_deg: float = 0.0
     seed: int = 0
     device: str = "cpu"
     init_model: str | None = None  # a nuclei model folder whose last member the training starts from
@@ -110,12 +112,19 @@ class NucleiTrainConfig:
         check_fine_tuning(self.anchor_weight, self.freeze_batchnorm, init_model=self.init_model)
         if self.stain_jitter not in STAIN_JITTERS:
             raise ValueError(f"stain_jitter must be one of {', '.join(STAIN_JITTERS)}, got {self.stain_jitter!r}")
+        if not 0 <= self.haematoxylin_turn_deg <= 90:
+            raise ValueError(f"haematoxylin_turn_deg must lie in 0-90 degrees, got {self.haematoxylin_turn_deg}")
         if self.patch_px % 2 or self.tile_size_px % 2:
             raise ValueError("patch_px and tile_size_px must be even (the FCN works at stride 2 inside)")
 
     @property
     def total_epochs(self) -> int:
         return total_epochs(self)
+
+    @property
+    def jitter(self) -> StainJitter:
+        """The colour augmentation: the ``stain_jitter`` preset, haematoxylin turned up to ``haematoxylin_turn_deg``."""
+        return replace(STAIN_JITTERS[self.stain_jitter], haematoxylin_turn_deg=self.haematoxylin_turn_deg)
 
 
 @dataclass
@@ -395,7 +404,7 @@ def train_nuclei(
         images, targets = sample_nuclei_batch(
             data, rng, batch_size=config.batch_size, patch_px=config.patch_px, sigma_px=sigma_px
         )
-        images, targets = augment_batch(images, targets, rng, jitter=STAIN_JITTERS[config.stain_jitter])
+        images, targets = augment_batch(images, targets, rng, jitter=config.jitter)
         x = (torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255 - mean) / std
         return x, torch.from_numpy(np.ascontiguousarray(targets)).to(device).permute(0, 3, 1, 2)
 

@@ -58,6 +58,17 @@ def hed_jitter(rgb: np.ndarray, rng: np.random.Generator, *, sigma: float = 0.08
 MIN_TURNED_OD = 0.02
 
 
+def _optical_density(rgb: np.ndarray, dtype: type) -> np.ndarray:
+    """Natural-log optical density of uint8 RGB, with a white of 256 and 1 added so that black stays finite (the
+    form :func:`_rgb_of_density` inverts); ``dtype`` kept as each caller computed it, its draws unchanged."""
+    return -np.log((rgb.astype(dtype) + 1) / 256)
+
+
+def _rgb_of_density(od: np.ndarray) -> np.ndarray:
+    """uint8 RGB of an optical density as :func:`_optical_density` gives it, rounded and clipped."""
+    return np.clip(256 * np.exp(-od) - 1 + 0.5, 0, 255).astype(np.uint8)
+
+
 def turned_unit_vector(v: np.ndarray, rng: np.random.Generator, *, max_deg: float) -> np.ndarray:
     """``v`` as a unit vector turned by an angle drawn uniformly from [0, ``max_deg``] degrees, towards a
     direction drawn uniformly around it; each component is clipped to at least :data:`MIN_TURNED_OD`, then the
@@ -86,13 +97,12 @@ def turn_haematoxylin(rgb: np.ndarray, rng: np.random.Generator, *, max_deg: flo
     Ruifrok's keeps its offset, turned with it. The light HED jitter only rescales the stains, so a model trained
     with it alone has seen the haematoxylin hues of its training slides and no others.
     """
-    od = -np.log((rgb.astype(np.float64) + 1) / 256)
+    od = _optical_density(rgb, np.float64)
     amounts = od @ np.linalg.inv(rgb_from_hed)
     haematoxylin = np.clip(amounts[..., 0], 0, None)
     h_od = rgb_from_hed[0]
     turned = turned_unit_vector(h_od, rng, max_deg=max_deg) * np.linalg.norm(h_od)
-    out = 256 * np.exp(-(od + haematoxylin[..., None] * (turned - h_od))) - 1
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    return _rgb_of_density(od + haematoxylin[..., None] * (turned - h_od))
 
 
 def stain_jitter(rgb: np.ndarray, rng: np.random.Generator, jitter: StainJitter) -> np.ndarray:
@@ -100,9 +110,8 @@ def stain_jitter(rgb: np.ndarray, rng: np.random.Generator, jitter: StainJitter)
     if jitter.haematoxylin_turn_deg > 0:  # drawn first, and only when asked: the other draws stay as they were
         rgb = turn_haematoxylin(rgb, rng, max_deg=jitter.haematoxylin_turn_deg)
     if jitter.od_mix_sd > 0:
-        od = -np.log((rgb.astype(np.float32) + 1) / 256)
         mix = np.eye(3, dtype=np.float32) + rng.normal(0, jitter.od_mix_sd, (3, 3)).astype(np.float32)
-        rgb = np.clip(256 * np.exp(-(od @ mix)) - 1 + 0.5, 0, 255).astype(np.uint8)
+        rgb = _rgb_of_density(_optical_density(rgb, np.float32) @ mix)
     out = hed_jitter(rgb, rng, sigma=jitter.hed_scale_sd, bias=jitter.hed_bias_sd)
     if jitter.cast_sd_rgb > 0:
         cast = rng.normal(0, jitter.cast_sd_rgb, 3)
